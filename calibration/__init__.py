@@ -1,0 +1,1 @@
+"""Threshold calibration: thresholds files with versions, provenance and history, and `inspectd calibrate`."""

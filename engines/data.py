@@ -1,0 +1,110 @@
+"""The one image loader: decoding image files and walking MVTec-layout dataset folders.
+
+Layout: `train/good/*`, `test/<type>/*` (`good` is defect-free), `ground_truth/<type>/<stem>_mask.png` (optional).
+Images keep their own size and channel count (grayscale stays 2-D); colour images come back RGB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from engines.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
+    """Decode encoded bytes (JPEG, PNG, ...) to uint8 HxW (grayscale) or HxWx3 (RGB)."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if buf.size == 0:
+        raise DataError(f"{what}: empty file, expected an encoded image (JPEG, PNG, ...)")
+    image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise DataError(f"{what}: cannot decode, expected a JPEG/PNG/BMP/TIFF image")
+    return as_uint8_gray_or_rgb(image, what)
+
+
+def as_uint8_gray_or_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    if image.dtype != np.uint8:
+        raise DataError(f"{what}: dtype {image.dtype}, expected 8- or 16-bit pixels")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    elif image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.ndim != 2:
+        raise DataError(f"{what}: shape {image.shape}, expected HxW or HxWx3")
+    return image
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return decode_image(data, what=str(path))
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a directory, expected a folder of images")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+@dataclasses.dataclass(frozen=True)
+class TestItem:
+    path: Path
+    defect_type: str          # "good" for defect-free
+    mask_path: Path | None    # None when the dataset has no mask for it (or it is good)
+
+    @property
+    def is_defective(self) -> bool:
+        return self.defect_type != "good"
+
+
+class MvtecFolder:
+    """An MVTec-layout dataset root."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not (self.root / "train" / "good").is_dir() and not (self.root / "test").is_dir():
+            raise DataError(f"{self.root}: expected an MVTec-layout folder with train/good/ and/or test/<type>/")
+
+    def train_good(self) -> list[Path]:
+        return list_images(self.root / "train" / "good")
+
+    def defect_types(self) -> list[str]:
+        test = self.root / "test"
+        return sorted(p.name for p in test.iterdir() if p.is_dir()) if test.is_dir() else []
+
+    def test_items(self) -> list[TestItem]:
+        items = []
+        for defect_type in self.defect_types():
+            for path in list_images(self.root / "test" / defect_type):
+                mask = None
+                if defect_type != "good":
+                    candidate = self.root / "ground_truth" / defect_type / f"{path.stem}_mask.png"
+                    mask = candidate if candidate.is_file() else None
+                items.append(TestItem(path, defect_type, mask))
+        return items
+
+
+def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    """Binary mask (bool HxW) for a test item; all False when there is none."""
+    if path is None:
+        return np.zeros(shape, dtype=bool)
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise DataError(f"{path}: cannot decode mask, expected a PNG")
+    if mask.shape != shape:
+        mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return mask > 127

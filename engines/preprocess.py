@@ -1,0 +1,70 @@
+"""Fitting a frame of any size and channel count to the model's input, and mapping results back.
+
+The graph takes uint8 [N, H, W, C] at the bundle's input size; normalisation happens inside the graph. What stays on
+the host is only the geometric fit (OpenCV resize, optionally keeping the aspect ratio with padding) and channel
+conversion, done into a caller-owned buffer so the hot path allocates nothing per frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+RESIZE_POLICIES = ("stretch", "pad")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a frame landed inside the model input: the region [top:top+height, left:left+width]."""
+
+    frame_height: int
+    frame_width: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def map_to_frame(self, model_map: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+        """Crop the padding away and resize a model-size map (H x W, float or uint8) to the frame's own size."""
+        region = model_map[self.top:self.top + self.height, self.left:self.left + self.width]
+        if region.shape == (self.frame_height, self.frame_width):
+            return region
+        return cv2.resize(region, (self.frame_width, self.frame_height), interpolation=interpolation)
+
+
+def placement_for(frame_shape: tuple[int, ...], input_hw: tuple[int, int], policy: str) -> Placement:
+    fh, fw = frame_shape[:2]
+    h, w = input_hw
+    if policy == "stretch":
+        return Placement(fh, fw, 0, 0, h, w)
+    if policy == "pad":
+        scale = min(h / fh, w / fw)
+        rh, rw = max(1, round(fh * scale)), max(1, round(fw * scale))
+        return Placement(fh, fw, (h - rh) // 2, (w - rw) // 2, rh, rw)
+    raise ValueError(f"resize policy {policy!r}: expected one of {', '.join(RESIZE_POLICIES)}")
+
+
+def fit_frame(frame: np.ndarray, input_shape: tuple[int, int, int], policy: str = "stretch",
+              out: np.ndarray | None = None) -> tuple[np.ndarray, Placement]:
+    """Write `frame` (uint8 HxW or HxWx3, RGB) into `out` (uint8 H x W x C of the model input) and say where.
+
+    With policy "pad" the border is filled with the frame's mean grey so padding looks like neither defect nor edge.
+    """
+    h, w, c = input_shape
+    if out is None:
+        out = np.empty((h, w, c), dtype=np.uint8)
+    placement = placement_for(frame.shape, (h, w), policy)
+    if frame.ndim == 3 and c == 1:
+        frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+    elif frame.ndim == 2 and c == 3:
+        frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
+    if placement.height != frame.shape[0] or placement.width != frame.shape[1]:
+        interpolation = cv2.INTER_AREA if placement.height < frame.shape[0] else cv2.INTER_LINEAR
+        frame = cv2.resize(frame, (placement.width, placement.height), interpolation=interpolation)
+    target = out[placement.top:placement.top + placement.height, placement.left:placement.left + placement.width]
+    if policy == "pad" and (placement.height, placement.width) != (h, w):
+        out[...] = int(frame.mean())
+    target[...] = frame.reshape(target.shape)
+    return out, placement

@@ -1,0 +1,40 @@
+"""Runtime backends that run a bundle's graph: uint8 NHWC pixels in, image scores and anomaly maps out.
+
+Every backend is one module with one class implementing `engines.runtime.base.Engine` and declaring its own options
+as a dataclass (`Options`). Adding a backend is that module plus one line in BACKENDS. Backends are imported only when
+chosen, so a station without torch or TensorRT never imports them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from engines.errors import EngineError
+from engines.runtime.base import Engine, InferenceResult
+
+# backend name -> "module:Class"
+BACKENDS: dict[str, str] = {
+    "onnxruntime": "engines.runtime.onnxruntime_backend:OnnxRuntimeEngine",
+    "torch": "engines.runtime.torch_backend:TorchEngine",
+    "tensorrt": "engines.runtime.tensorrt_backend:TensorRTEngine",
+}
+
+
+def backend_class(name: str) -> type[Engine]:
+    if name not in BACKENDS:
+        raise EngineError(f"engine backend {name!r}: expected one of {', '.join(sorted(BACKENDS))}")
+    module_name, class_name = BACKENDS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EngineError(f"engine backend {name!r}: cannot import {exc.name or module_name} ({exc})") from exc
+    return getattr(module, class_name)
+
+
+def open_engine(bundle, backend: str = "onnxruntime", options: dict | None = None, max_batch: int = 8) -> Engine:
+    """Open `bundle` (an `engines.bundle.Bundle`) on `backend` with that backend's options given as a plain dict."""
+    cls = backend_class(backend)
+    return cls(bundle, cls.parse_options(options or {}, where=f"engine.options"), max_batch=max_batch)
+
+
+__all__ = ["BACKENDS", "Engine", "InferenceResult", "backend_class", "open_engine"]

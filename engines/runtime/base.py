@@ -1,0 +1,78 @@
+"""The one small interface every runtime backend implements."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from engines.errors import EngineError
+
+
+class InferenceResult(NamedTuple):
+    scores: np.ndarray  # float32 [N]: image anomaly score per frame
+    maps: np.ndarray    # float32 [N, H, W]: anomaly map at the model's input size
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Engine(ABC):
+    """Runs one bundle's graph. Subclasses set `name` and `Options` (a frozen dataclass with defaults)."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, bundle, options, max_batch: int = 8) -> None:
+        self.bundle = bundle
+        self.options = options
+        self.max_batch = max_batch
+
+    @classmethod
+    def parse_options(cls, raw: dict[str, Any], where: str = "options"):
+        """Validate a plain dict (from YAML) against `Options`; errors name the key."""
+        if not isinstance(raw, dict):
+            raise EngineError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+        for key in raw:
+            if key not in fields:
+                known = ", ".join(sorted(fields)) or "none"
+                raise EngineError(f"{where}.{key}: unknown option for backend {cls.name!r} (known: {known})")
+        values = {}
+        for key, value in raw.items():
+            expected = fields[key].type if isinstance(fields[key].type, type) else None
+            default = fields[key].default
+            kind = expected or (type(default) if default is not dataclasses.MISSING and default is not None else None)
+            if kind is not None and kind in (int, float, bool, str):
+                if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                    value = float(value)
+                if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                    raise EngineError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+            values[key] = value
+        return cls.Options(**values)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the uint8 frames `infer` takes."""
+        return self.bundle.input_shape
+
+    @abstractmethod
+    def infer(self, pixels: np.ndarray) -> InferenceResult:
+        """pixels: uint8 [N, H, W, C] with N <= max_batch, C-contiguous."""
+
+    @abstractmethod
+    def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:
+        """Swap the scorer parameters (references, Gaussian mean and precision) without rebuilding anything."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

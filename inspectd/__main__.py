@@ -1,0 +1,5 @@
+import sys
+
+from inspectd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""The single `inspectd` console entry point.
+
+Each subcommand lives in the module that owns its work. That module exposes `add_arguments(parser)` and
+`run(args) -> int`; adding a subcommand is one line in SUBCOMMANDS. Modules are imported lazily, one at a time, so a
+runtime-only station without torch still gets `inspectd run` and is told what to install for `inspectd train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command, module, one-line help) in the order `inspectd --help` lists them.
+SUBCOMMANDS = [
+    ("train", "engines.train", "train a model bundle from defect-free images"),
+    ("eval", "engines.evaluate", "measure a bundle on an MVTec-layout folder"),
+    ("export", "engines.export", "export a bundle's ONNX graph (uint8 pixels -> score and map)"),
+    ("build-engine", "engines.build_engine", "build a TensorRT plan for a bundle (GPU station)"),
+    ("run", "inspectd.daemon", "run the inspection daemon"),
+    ("subscribe", "inspectd.subscribe", "tail results published by a daemon"),
+    ("calibrate", "calibration.calibrate", "set, apply or roll back thresholds"),
+    ("bench", "inspectd.bench", "benchmark the engine, the daemon and a naive loop"),
+    ("demo", "inspectd.demo", "train on the synthetic line, run the daemon, show verdicts arriving"),
+    ("keys", "inspectd.keys", "generate CurveZMQ key pairs"),
+    ("bridge", "inspectd.bridge", "bridge results to a PLC (Modbus TCP)"),
+]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Only the chosen command's module is imported: `inspectd run` never pays for torch."""
+    parser = argparse.ArgumentParser(
+        prog="inspectd", description="Streaming line-inspection daemon for unsupervised surface-defect detection."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in SUBCOMMANDS:
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name != command:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            sub.set_defaults(func=_needs(exc.name))
+            continue
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
+    return parser
+
+
+def _needs(dependency: str | None):
+    def run(_args) -> int:
+        print(f"inspectd: this command needs the Python package {dependency!r}: pip install 'inspectd[train]'",
+              file=sys.stderr)
+        return 2
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
