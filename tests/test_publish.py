@@ -1,0 +1,220 @@
+"""Wire format, publisher and `inspectd subscribe` over real ZeroMQ sockets (ipc in a tmp dir, tcp on loopback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from inspectd.errors import MessageError
+from inspectd.frames import Frame
+from inspectd.inference import Judged
+from inspectd.messages import (Region, decode, decode_result, decode_status, encode_mask, encode_result,
+                               encode_status)
+from inspectd.publish import Publisher
+from inspectd.subscribe import GapTracker, Subscriber
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_result(**overrides):
+    fields = dict(station="line1", camera="cam0", seq=5, frame_id="f5.png", t_capture=1.5, t_publish=2.5,
+                  verdict="defect", score=0.9, threshold=0.5, model_id="frozen-lite0-abc", thresholds_version=2,
+                  regions=[Region(1, 2, 3, 4, 10, 0.8)], latency_ms=12.25, width=6, height=5)
+    fields.update(overrides)
+    return fields
+
+
+def test_result_round_trip_with_mask():
+    mask = np.zeros((5, 6), bool)
+    mask[2:4, 1:4] = True
+    frames = encode_result(**make_result(truth=True, mask_png=encode_mask(mask)))
+    assert frames[0] == b"inspect.line1.cam0.result"
+    result = decode_result(frames)
+    assert (result.camera, result.seq, result.verdict, result.thresholds_version) == ("cam0", 5, "defect", 2)
+    assert result.regions == (Region(1, 2, 3, 4, 10, 0.8),) and result.truth is True and result.has_mask
+    np.testing.assert_array_equal(result.mask(), mask)
+    assert json.loads(frames[1])["has_mask"] is True
+
+
+def test_error_result_has_reason_and_no_score():
+    frames = encode_result(**make_result(verdict="error", score=None, threshold=None, regions=[], width=None,
+                                         height=None, error="decode: not a JPEG"))
+    result = decode(frames)
+    assert result.verdict == "error" and result.error == "decode: not a JPEG" and result.score is None
+    assert result.mask() is None
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda f: f[:1], "expected [topic, header]"),
+    (lambda f: [f[0], b"\xff\xfe", *f[2:]], "not UTF-8 JSON"),
+    (lambda f: [f[0], b"[1]"], "expected a JSON object"),
+    (lambda f: [b"inspect.line1.cam9.result", f[1]], "topic"),
+    (lambda f: [f[0], _patch(f[1], schema=2)], "schema"),
+    (lambda f: [f[0], _patch(f[1], seq="5")], "header.seq: expected int"),
+    (lambda f: [f[0], _patch(f[1], verdict="maybe")], "header.verdict"),
+    (lambda f: [f[0], _patch(f[1], score=True)], "header.score"),
+    (lambda f: [f[0], _patch(f[1], has_mask=True)], "has_mask is true but 2 frames"),
+    (lambda f: [f[0], _patch(f[1], error="x")], "exactly when verdict is 'error'"),
+    (lambda f: [f[0], _patch(f[1], regions=[{"x": 1}])], "regions[0]: missing"),
+    (lambda f: [f[0], _patch(f[1], colour="red")], "unknown field 'colour'"),
+    (lambda f: [f[0], _drop(f[1], "frame_id")], "missing field 'frame_id'"),
+])
+def test_malformed_results_are_refused_by_name(mutate, message):
+    frames = encode_result(**make_result())
+    with pytest.raises(MessageError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        decode_result(mutate(frames))
+
+
+def test_mask_of_wrong_size_is_refused():
+    frames = encode_result(**make_result(mask_png=encode_mask(np.ones((7, 7), bool))))
+    with pytest.raises(MessageError, match="expected the frame's 6x5"):
+        decode_result(frames).mask()
+
+
+def _patch(header: bytes, **changes) -> bytes:
+    return json.dumps({**json.loads(header), **changes}).encode()
+
+
+def _drop(header: bytes, key: str) -> bytes:
+    doc = json.loads(header)
+    doc.pop(key)
+    return json.dumps(doc).encode()
+
+
+def test_status_round_trip():
+    status = {"t": 1.0, "uptime_s": 3.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
+              "throughput_fps": 10.0, "cameras": {"cam0": {"frames_in": 3, "dropped": 0, "errors": 0,
+                                                           "published": 3}}}
+    frames = encode_status("line1", status)
+    assert frames[0] == b"inspect.line1.status"
+    assert decode(frames)["cameras"]["cam0"]["published"] == 3
+    with pytest.raises(MessageError, match="missing field 'healthy'"):
+        encode_status("line1", {k: v for k, v in status.items() if k != "healthy"})
+    with pytest.raises(MessageError, match="status topic"):
+        decode_status([b"inspect.other.status", frames[1]])
+
+
+def judged(seq: int, verdict: str = "ok", size=(48, 64), camera: str = "cam0") -> Judged:
+    image = np.zeros(size, np.uint8)
+    frame = Frame(camera, seq, f"{camera}-{seq}", time.time(), image, truth=verdict == "defect",
+                  t_ingest=time.monotonic())
+    mask = None
+    regions = []
+    if verdict == "defect":
+        mask = np.zeros(size, bool)
+        mask[10:20, 30:40] = True
+        regions = [Region(30, 10, 10, 10, 100, 0.9)]
+    return Judged(frame, verdict, 0.9 if verdict == "defect" else 0.1, 0.5, "m-1", 1, regions, mask)
+
+
+def test_publisher_sends_every_result_in_order_with_masks(tmp_path):
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    publisher = Publisher(endpoint, "line1", status_interval_s=0.2, status=lambda: {
+        "t": time.time(), "uptime_s": 1.0, "healthy": True, "model_id": "m-1", "thresholds_version": 1,
+        "throughput_fps": 0.0, "cameras": {}}).start()
+    with Subscriber(endpoint) as sub:
+        _wait_connected(sub, publisher)
+        for seq in range(1, 41):
+            publisher.submit(judged(seq, "defect" if seq % 4 == 0 else "ok"))
+        results = sub.results(40, timeout_s=10)
+    assert publisher.stop(timeout=5)
+    assert [r.seq for r in results if r.seq >= 1][:40] == list(range(1, 41))
+    defects = [r for r in results if r.verdict == "defect"]
+    assert len(defects) == 10 and all(r.has_mask for r in defects)
+    assert not any(r.has_mask for r in results if r.verdict == "ok")
+    mask = defects[0].mask()
+    assert mask.shape == (48, 64) and mask.sum() == 100 and mask[10:20, 30:40].all()
+    assert all(r.latency_ms >= 0 and r.truth is (r.verdict == "defect") for r in results)
+    assert publisher.cameras["cam0"].defect == 10
+
+
+def _wait_connected(sub: Subscriber, publisher: Publisher) -> None:
+    """PUB/SUB joins late: probe with seq-0 results until one arrives so the test's own results are not lost."""
+    for _ in range(100):
+        publisher.submit(judged(0))
+        message = sub.recv(0.05)
+        if message is not None:
+            break
+    else:
+        raise AssertionError("subscriber never connected")
+    while sub.recv(0.05) is not None:
+        pass
+
+
+def test_stuck_subscriber_never_blocks_the_publisher(tmp_path):
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    publisher = Publisher(endpoint, "line1", sndhwm=10, queue_size=8, status=None).start()
+    ctx = zmq.Context.instance()
+    stuck = ctx.socket(zmq.SUB)
+    stuck.setsockopt(zmq.RCVHWM, 10)
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.setsockopt_string(zmq.SUBSCRIBE, "")
+    stuck.connect(endpoint)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    for seq in range(3000):  # never read: the publisher must drop, not wait
+        publisher.submit(judged(seq, "defect", size=(120, 160)))
+    assert publisher.stop(timeout=10)
+    assert time.monotonic() - t0 < 10
+    received = 0
+    while stuck.poll(100):
+        stuck.recv_multipart()
+        received += 1
+    stuck.close(0)
+    assert publisher.published == 3000 and received < 3000
+
+
+def test_gap_tracker_reports_missing_ranges():
+    gaps = GapTracker()
+    assert gaps.see("cam0", 3) is None
+    assert gaps.see("cam0", 4) is None
+    assert gaps.see("cam0", 8) == (5, 7)
+    assert gaps.see("cam1", 0) is None
+    assert gaps.missed == {"cam0": 3}
+
+
+def test_subscribe_command_prints_results_gaps_and_saves_masks(tmp_path):
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    masks = tmp_path / "masks"
+    proc = subprocess.Popen([sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"tcp://127.0.0.1:{port}",
+                             "--count", "3", "--timeout", "20", "--save-masks", str(masks)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mask = np.zeros((5, 6), bool)
+    mask[1, 1] = True
+    stop = threading.Event()
+
+    def send():  # repeat until the subscriber has joined; it counts the three distinct results
+        while not stop.is_set():
+            for seq in (1, 2, 5):
+                pub.send_multipart(encode_result(**make_result(seq=seq, mask_png=encode_mask(mask))))
+            time.sleep(0.05)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop.set()
+        sender.join(2)
+        pub.close(0)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(line.startswith("cam0 seq=") and "defect" in line for line in lines)
+    if [int(line.split()[1][4:]) for line in lines] == [1, 2, 5]:
+        assert "gap: cam0 missed seq 3..4" in err
+    saved = sorted(masks.glob("cam0_*.png"))
+    assert saved and decode_result(encode_result(**make_result(mask_png=saved[0].read_bytes()))).mask()[1, 1]
+
+
+def test_subscribe_command_json_and_timeout(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"ipc://{tmp_path}/none",
+                           "--count", "1", "--timeout", "0.5", "--json"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "0 of 1 results" in proc.stderr
