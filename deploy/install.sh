@@ -1,0 +1,179 @@
+#!/bin/sh
+# Installs inspectd on a station: service user, virtualenv under /opt/inspectd, config in /etc/inspectd, state in
+# /var/lib/inspectd, systemd units. Idempotent: a second run with the same source changes nothing on disk.
+#
+#   sudo deploy/install.sh                    runtime only (no torch): inspectd run/subscribe/calibrate/bridge
+#   sudo deploy/install.sh --with-train       also the training stack (torch, timm, onnx)
+#   sudo deploy/install.sh --with-plc         also pymodbus for `inspectd bridge modbus`
+#   deploy/install.sh --prefix /tmp/root --no-venv
+#                                             a scratch root for tests: no useradd, chown or systemctl; every path
+#                                             lands under the prefix; no pip run
+set -eu
+
+usage() {
+    cat <<'EOF'
+usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with-gpu] [--python PY]
+
+  --prefix DIR   install into DIR as if it were / (no useradd, chown, systemctl)
+  --no-venv      do not create the virtualenv or run pip
+  --with-train   add the [train] extra (torch, timm, onnx, ...)
+  --with-plc     add the [plc] extra (pymodbus) for `inspectd bridge modbus`
+  --with-gpu     add the [gpu] extra (cuda-python) for TensorRT stations
+  --python PY    interpreter that creates the virtualenv (default: python3)
+EOF
+}
+
+die() { echo "install.sh: $*" >&2; exit 2; }
+
+PREFIX=""
+MAKE_VENV=1
+EXTRAS=""
+PYTHON=python3
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) [ $# -ge 2 ] || die "--prefix: expected a directory"; PREFIX="$2"; shift 2 ;;
+        --prefix=*) PREFIX="${1#--prefix=}"; shift ;;
+        --no-venv) MAKE_VENV=0; shift ;;
+        --with-train) EXTRAS="${EXTRAS:+$EXTRAS,}train"; shift ;;
+        --with-plc) EXTRAS="${EXTRAS:+$EXTRAS,}plc"; shift ;;
+        --with-gpu) EXTRAS="${EXTRAS:+$EXTRAS,}gpu"; shift ;;
+        --python) [ $# -ge 2 ] || die "--python: expected an interpreter"; PYTHON="$2"; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown argument $1" ;;
+    esac
+done
+
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+[ -f "$SRC/pyproject.toml" ] || die "$SRC: expected the inspectd source tree (pyproject.toml) above deploy/"
+
+if [ -n "$PREFIX" ]; then
+    mkdir -p "$PREFIX"
+    ROOT=$(cd "$PREFIX" && pwd)
+    SYSTEM=0
+else
+    ROOT=""
+    SYSTEM=1
+    [ "$(id -u)" -eq 0 ] || die "must run as root (or pass --prefix DIR for a scratch install)"
+fi
+
+USER_NAME=inspectd
+OPT="$ROOT/opt/inspectd"
+ETC="$ROOT/etc/inspectd"
+STATE="$ROOT/var/lib/inspectd"
+UNITS="$ROOT/etc/systemd/system"
+CHANGED=0
+
+say() { echo "install.sh: $*"; }
+
+# Directory with mode and owner; an existing one is only corrected, never recreated (keeps mtimes stable).
+ensure_dir() {  # path mode owner:group
+    if [ ! -d "$1" ]; then
+        mkdir -p "$1"
+        say "created $1"
+        CHANGED=1
+    fi
+    if [ "$(stat -c %a "$1")" != "$(echo "$2" | sed 's/^0*//')" ]; then
+        chmod "$2" "$1"
+        CHANGED=1
+    fi
+    [ "$SYSTEM" -eq 0 ] || chown "$3" "$1"
+}
+
+# Copy a file only when its content or mode differs, so a rerun leaves it untouched.
+ensure_file() {  # src dst mode owner:group
+    if [ ! -f "$2" ] || ! cmp -s "$1" "$2"; then
+        install -m "$3" "$1" "$2"
+        say "installed $2"
+        CHANGED=1
+    elif [ "$(stat -c %a "$2")" != "$(echo "$3" | sed 's/^0*//')" ]; then
+        chmod "$3" "$2"
+        CHANGED=1
+    fi
+    [ "$SYSTEM" -eq 0 ] || chown "$4" "$2"
+}
+
+# --- service user -----------------------------------------------------------------------------------------------
+if [ "$SYSTEM" -eq 1 ]; then
+    if ! getent passwd "$USER_NAME" >/dev/null; then
+        useradd --system --user-group --home-dir /var/lib/inspectd --no-create-home \
+            --shell /usr/sbin/nologin --comment "inspectd line inspection" "$USER_NAME"
+        say "created system user $USER_NAME"
+    fi
+    # Cameras are group video, GPU render nodes group render; stations without them simply lack the group.
+    for group in video render; do
+        if getent group "$group" >/dev/null && ! id -nG "$USER_NAME" | tr ' ' '\n' | grep -qx "$group"; then
+            usermod -a -G "$group" "$USER_NAME"
+            say "added $USER_NAME to group $group"
+        fi
+    done
+fi
+
+# --- program ----------------------------------------------------------------------------------------------------
+ensure_dir "$ROOT/opt" 0755 root:root
+ensure_dir "$OPT" 0755 root:root
+ensure_dir "$OPT/share" 0755 root:root
+ensure_dir "$OPT/share/doc" 0755 root:root
+for doc in DEPLOY.md PLC.md; do
+    [ ! -f "$SRC/docs/$doc" ] || ensure_file "$SRC/docs/$doc" "$OPT/share/doc/$doc" 0644 root:root
+done
+
+if [ "$MAKE_VENV" -eq 1 ]; then
+    VENV="$OPT/venv"
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PYTHON" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        say "created virtualenv $VENV"
+    fi
+    # pip reinstalls a source directory on every run; the stamp (hash of sources and extras) makes reruns no-ops.
+    STAMP=$(cd "$SRC" && { echo "extras=$EXTRAS"; find pyproject.toml inspectd engines calibration -name '*.py' \
+        -o -name pyproject.toml | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$VENV/.inspectd-stamp" 2>/dev/null || true)" != "$STAMP" ]; then
+        "$VENV/bin/python" -m pip install -q "$SRC${EXTRAS:+[$EXTRAS]}"
+        echo "$STAMP" > "$VENV/.inspectd-stamp"
+        say "installed inspectd${EXTRAS:+[$EXTRAS]} into $VENV"
+        CHANGED=1
+    fi
+fi
+
+# --- config: root owns it, the service reads it ------------------------------------------------------------------
+ensure_dir "$ROOT/etc" 0755 root:root
+ensure_dir "$ETC" 0750 "root:$USER_NAME"
+for example in "$SRC"/deploy/*.example.yaml; do
+    [ -f "$example" ] || continue
+    target="$ETC/$(basename "$example" .example.yaml).yaml"
+    # An operator's config is never overwritten; the shipped example sits next to it for comparison.
+    if [ ! -f "$target" ]; then
+        ensure_file "$example" "$target" 0640 "root:$USER_NAME"
+    fi
+    ensure_file "$example" "$target.example" 0640 "root:$USER_NAME"
+done
+
+# --- state: the service owns it ---------------------------------------------------------------------------------
+ensure_dir "$ROOT/var" 0755 root:root
+ensure_dir "$ROOT/var/lib" 0755 root:root
+ensure_dir "$STATE" 0750 "$USER_NAME:$USER_NAME"
+# bundles/ holds model bundles (each with its own thresholds.json), engines/ built TensorRT plans, journal/ the
+# per-camera sequence journal.
+for sub in bundles engines journal; do
+    ensure_dir "$STATE/$sub" 0750 "$USER_NAME:$USER_NAME"
+done
+
+# --- systemd units ----------------------------------------------------------------------------------------------
+ensure_dir "$ROOT/etc/systemd" 0755 root:root
+ensure_dir "$UNITS" 0755 root:root
+UNITS_BEFORE=$CHANGED
+CHANGED=0
+for unit in inspectd.service inspectd@.service; do
+    ensure_file "$SRC/systemd/$unit" "$UNITS/$unit" 0644 root:root
+done
+if [ "$SYSTEM" -eq 1 ] && [ "$CHANGED" -eq 1 ] && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    say "systemctl daemon-reload"
+fi
+[ "$UNITS_BEFORE" -eq 0 ] || CHANGED=1
+
+if [ "$CHANGED" -eq 0 ]; then
+    say "nothing to do, ${ROOT:-/} is up to date"
+else
+    say "done; next: edit $ETC/inspectd.yaml, then systemctl enable --now inspectd (see docs/DEPLOY.md)"
+fi

@@ -1,0 +1,132 @@
+"""deploy/install.sh into a scratch root (twice: the second run must change nothing) and the systemd units."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+INSTALL = REPO / "deploy" / "install.sh"
+UNITS = ("inspectd.service", "inspectd@.service")
+
+
+def _install(prefix: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(INSTALL), "--prefix", str(prefix), "--no-venv", *extra],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root with its mode, mtime and content hash: what "changes nothing" is checked against."""
+    tree = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        tree[str(path.relative_to(root))] = (stat.filemode(st.st_mode), st.st_mtime_ns, digest)
+    return tree
+
+
+def test_install_twice_into_prefix_builds_the_tree_and_the_rerun_changes_nothing(tmp_path):
+    root = tmp_path / "root"
+    first = _install(root)
+    assert first.returncode == 0, first.stderr
+    tree = _snapshot(root)
+
+    for directory, mode in [("etc/inspectd", "drwxr-x---"), ("var/lib/inspectd", "drwxr-x---"),
+                            ("var/lib/inspectd/bundles", "drwxr-x---"), ("var/lib/inspectd/engines", "drwxr-x---"),
+                            ("var/lib/inspectd/journal", "drwxr-x---"), ("opt/inspectd", "drwxr-xr-x"),
+                            ("etc/systemd/system", "drwxr-xr-x")]:
+        assert tree[directory][0] == mode, directory
+    for unit in UNITS:
+        installed = root / "etc/systemd/system" / unit
+        assert installed.read_bytes() == (REPO / "systemd" / unit).read_bytes()
+        assert tree[f"etc/systemd/system/{unit}"][0] == "-rw-r--r--"
+    # --no-venv: no pip run, no virtualenv
+    assert not (root / "opt/inspectd/venv").exists()
+    example = REPO / "deploy" / "inspectd.example.yaml"
+    if example.exists():
+        assert (root / "etc/inspectd/inspectd.yaml").read_bytes() == example.read_bytes()
+        assert tree["etc/inspectd/inspectd.yaml"][0] == "-rw-r-----"
+
+    second = _install(root)
+    assert second.returncode == 0, second.stderr
+    assert "nothing to do" in second.stdout
+    assert _snapshot(root) == tree
+
+
+def test_operator_config_survives_a_reinstall_and_a_wrong_mode_is_repaired(tmp_path):
+    root = tmp_path / "root"
+    assert _install(root).returncode == 0
+    config = root / "etc/inspectd/inspectd.yaml"
+    config.write_text("station: edited-by-operator\n")
+    os.chmod(root / "var/lib/inspectd", 0o777)
+    rerun = _install(root)
+    assert rerun.returncode == 0, rerun.stderr
+    assert config.read_text() == "station: edited-by-operator\n"
+    assert stat.S_IMODE((root / "var/lib/inspectd").stat().st_mode) == 0o750
+    assert "nothing to do" not in rerun.stdout
+
+
+def test_install_refuses_an_unknown_argument(tmp_path):
+    result = _install(tmp_path / "root", "--frobnicate")
+    assert result.returncode == 2
+    assert "unknown argument --frobnicate" in result.stderr
+
+
+def _verify_reason() -> str | None:
+    if shutil.which("systemd-analyze") is None:
+        return "systemd-analyze not installed (apt-get install systemd)"
+    return None
+
+
+@pytest.mark.skipif(_verify_reason() is not None, reason=str(_verify_reason()))
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    # verify insists ExecStart exists and is executable; a stub stands in for the virtualenv's console script.
+    stub = tmp_path / "inspectd"
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    paths = []
+    for unit in UNITS:
+        text = (REPO / "systemd" / unit).read_text().replace("/opt/inspectd/venv/bin/inspectd", str(stub))
+        name = unit.replace("@.", "@line1.")  # a template is verified as one of its instances
+        (tmp_path / name).write_text(text)
+        paths.append(str(tmp_path / name))
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", *paths], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "inspectd" not in result.stderr, result.stderr  # no warnings about our units either
+
+
+@pytest.mark.skipif(_verify_reason() is not None, reason=str(_verify_reason()))
+@pytest.mark.parametrize("unit", UNITS)
+def test_units_offline_security_exposure_is_below_4(unit):
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(REPO / "systemd" / unit)],
+                            capture_output=True, text=True, timeout=60)
+    last = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
+    assert last, result.stdout + result.stderr
+    score = float(last[0].split(":")[1].split()[0])
+    assert score < 4.0, last[0]
+
+
+def test_service_unit_declares_what_the_daemon_relies_on():
+    text = (REPO / "systemd" / "inspectd.service").read_text()
+    settings = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    assert settings["Type"] == ["notify"]
+    assert settings["NotifyAccess"] == ["main"]
+    assert settings["WatchdogSec"] == ["30"]
+    assert settings["ExecStart"] == ["/opt/inspectd/venv/bin/inspectd run --config /etc/inspectd/inspectd.yaml"]
+    assert settings["ReadWritePaths"] == ["/var/lib/inspectd"]
+    assert settings["CapabilityBoundingSet"] == [""]
+    assert settings["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    template = (REPO / "systemd" / "inspectd@.service").read_text()
+    assert "--config /etc/inspectd/%i.yaml" in template
+    assert "StateDirectory=inspectd/%i" in template
