@@ -1,0 +1,204 @@
+"""Metrics against independent references: scikit-learn for AUROC, brute force for F1-max, hand-made maps for AUPRO."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from engines.metrics import PixelHistograms, auroc, bin_floor, f1_max, order_keys, partial_area
+
+
+def _two_class(rng, n, p=0.4):
+    labels = rng.random(n) < p
+    labels[:2] = [True, False]
+    return labels
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_image_auroc_matches_sklearn_on_continuous_scores(seed):
+    rng = np.random.default_rng(seed)
+    labels = _two_class(rng, 300)
+    scores = rng.normal(size=300) + labels * rng.uniform(0, 2)
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_image_auroc_counts_ties_as_half(seed):
+    rng = np.random.default_rng(seed)
+    labels = _two_class(rng, 200)
+    scores = rng.integers(0, 4, size=200) + labels  # few distinct values: many ties across the classes
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert auroc([0, 1, 0, 1], [1.0, 1.0, 1.0, 1.0]) == 0.5
+
+
+def test_auroc_refuses_one_class_and_nan():
+    with pytest.raises(ValueError, match="both defective and defect-free"):
+        auroc([1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([0, 1], [0.1, float("nan")])
+    with pytest.raises(ValueError, match="one label per score"):
+        auroc([0, 1, 1], [0.1, 0.2])
+
+
+def _f1_brute_force(labels, scores):
+    best = (-1.0, None)
+    for t in sorted(set(scores.tolist())):
+        flagged = scores >= t
+        tp = np.sum(flagged & labels)
+        fp = np.sum(flagged & ~labels)
+        fn = np.sum(~flagged & labels)
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        if f1 > best[0] + 1e-15:  # ascending thresholds: a tie keeps the lowest threshold, as f1_max does
+            best = (f1, t)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_f1_max_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    labels = _two_class(rng, 120)
+    scores = np.round(rng.normal(size=120) + labels, 1 if seed % 2 else 6)  # odd seeds: heavy ties
+    f1, threshold = f1_max(labels, scores)
+    ref_f1, ref_threshold = _f1_brute_force(labels, scores)
+    assert f1 == pytest.approx(ref_f1, abs=1e-12)
+    assert threshold == ref_threshold
+    flagged = scores >= threshold
+    assert 2 * np.sum(flagged & labels) / (np.sum(flagged) + np.sum(labels)) == pytest.approx(f1)
+
+
+def test_f1_max_perfect_separation():
+    assert f1_max([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == (1.0, pytest.approx(0.8))
+
+
+def test_order_keys_are_monotonic_and_bins_floor_their_values():
+    rng = np.random.default_rng(0)
+    values = np.sort(np.concatenate([rng.normal(0, 1, 5000), rng.normal(0, 1e4, 100), [-0.0, 0.0, 1e-38]]))
+    values = values.astype(np.float32)
+    keys = order_keys(values).astype(np.int64)
+    assert np.all(np.diff(keys) >= 0)
+    floors = bin_floor(keys.astype(np.uint32))
+    assert np.all(floors <= values)
+    # A bin is 2^-11 wide relative to its value.
+    big = np.abs(values) > 1e-30
+    assert np.all(np.abs(values[big] - floors[big]) <= np.abs(values[big]) * 2.0 ** -10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pixel_auroc_matches_sklearn_over_all_pixels(seed):
+    rng = np.random.default_rng(seed)
+    hist = PixelHistograms()
+    all_scores, all_labels = [], []
+    for i in range(12):
+        h, w = rng.integers(20, 60, size=2)
+        mask = np.zeros((h, w), bool)
+        if i % 3:
+            y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+            mask[y:y + 8, x:x + 8] = True
+        amap = (rng.gamma(2.0, 1.0, size=(h, w)) + 1.5 * mask).astype(np.float32)
+        hist.add(amap, mask if mask.any() else None)
+        all_scores.append(amap.ravel())
+        all_labels.append(mask.ravel())
+    reference = roc_auc_score(np.concatenate(all_labels), np.concatenate(all_scores))
+    assert hist.auroc() == pytest.approx(reference, abs=2e-4)
+    assert hist.n_normal + hist.n_defect == sum(s.size for s in all_scores)
+
+
+def test_pixel_auroc_exact_on_tied_maps():
+    rng = np.random.default_rng(7)
+    hist = PixelHistograms()
+    scores, labels = [], []
+    for _ in range(5):
+        mask = rng.random((30, 40)) < 0.2
+        amap = (rng.integers(0, 5, size=(30, 40)) + mask).astype(np.float32)  # integers: exact ties
+        hist.add(amap, mask)
+        scores.append(amap.ravel())
+        labels.append(mask.ravel())
+    assert hist.auroc() == pytest.approx(roc_auc_score(np.concatenate(labels), np.concatenate(scores)), abs=1e-12)
+
+
+def _two_region_image():
+    mask = np.zeros((64, 64), bool)
+    mask[5:15, 5:15] = True       # region A
+    mask[40:60, 30:50] = True     # region B (larger: weights must not favour it)
+    return mask
+
+
+def test_aupro_perfect_map_is_one():
+    mask = _two_region_image()
+    hist = PixelHistograms()
+    hist.add(mask.astype(np.float32), mask)
+    hist.add(np.zeros((64, 64), np.float32))  # a good image
+    assert hist.n_regions == 2
+    assert hist.aupro() == pytest.approx(1.0)
+    assert hist.auroc() == pytest.approx(1.0)
+
+
+def test_aupro_missing_one_of_two_regions_is_one_half():
+    mask = _two_region_image()
+    amap = np.zeros((64, 64), np.float32)
+    amap[5:15, 5:15] = 1.0     # region A found
+    amap[40:60, 30:50] = -1.0  # region B scored below all background: never found before FPR 1
+    hist = PixelHistograms()
+    hist.add(amap, mask)
+    assert hist.aupro() == pytest.approx(0.5)
+
+
+def test_aupro_missed_region_like_background_follows_fpr():
+    # Region B scores like the background: its overlap grows with the FPR, PRO(fpr) = 0.5 + 0.5 fpr,
+    # so the normalised area up to 0.3 is 0.5 + 0.075.
+    rng = np.random.default_rng(1)
+    mask = _two_region_image()
+    amap = rng.random((64, 64)).astype(np.float32)
+    amap[5:15, 5:15] = 2.0
+    hist = PixelHistograms()
+    hist.add(amap, mask)
+    assert hist.aupro() == pytest.approx(0.575, abs=0.02)
+
+
+def test_aupro_averages_regions_not_pixels():
+    # Finding only the small region is worth the same as finding only the big one.
+    mask = _two_region_image()
+    results = []
+    for found in ((slice(5, 15), slice(5, 15)), (slice(40, 60), slice(30, 50))):
+        amap = np.zeros((64, 64), np.float32)
+        amap[mask] = -1.0
+        amap[found] = 1.0
+        hist = PixelHistograms()
+        hist.add(amap, mask)
+        results.append(hist.aupro())
+    assert results[0] == pytest.approx(results[1]) == pytest.approx(0.5)
+
+
+def test_histograms_add_up_like_one_stream():
+    rng = np.random.default_rng(3)
+    maps = [rng.random((20, 20)).astype(np.float32) for _ in range(4)]
+    masks = [None, rng.random((20, 20)) < 0.3, None, rng.random((20, 20)) < 0.3]
+    one, a, b = PixelHistograms(), PixelHistograms(), PixelHistograms()
+    for i, (m, k) in enumerate(zip(maps, masks)):
+        one.add(m, k)
+        (a if i % 2 else b).add(m, k)
+    merged = a + b
+    assert merged.auroc() == one.auroc()
+    assert merged.aupro() == one.aupro()
+    assert merged.n_regions == one.n_regions
+
+
+def test_pixel_histograms_refuse_bad_input():
+    hist = PixelHistograms()
+    with pytest.raises(ValueError, match="2-D"):
+        hist.add(np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="mask shape"):
+        hist.add(np.zeros((2, 2), np.float32), np.zeros((3, 3), bool))
+    with pytest.raises(ValueError, match="NaN"):
+        hist.add(np.full((2, 2), np.nan, np.float32))
+    hist.add(np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match="needs defect and defect-free"):
+        hist.auroc()
+
+
+def test_partial_area_interpolates_at_the_limit():
+    x = np.array([0.0, 0.2, 0.6, 1.0])
+    y = np.array([0.0, 0.4, 0.8, 1.0])
+    # Up to 0.3: triangle to (0.2, 0.4), then trapezoid to (0.3, 0.5).
+    assert partial_area(x, y, 0.3) == pytest.approx(0.2 * 0.4 / 2 + 0.1 * (0.4 + 0.5) / 2)
