@@ -1,0 +1,81 @@
+"""ONNX export of an inference graph, and `inspectd export BUNDLE`, which (re)writes a bundle's model.onnx.
+
+The exported graph takes `pixels` uint8 [N, H, W, C] (N dynamic) then the scorer parameters by name, and gives
+`score` float32 [N] and `anomaly_map` float32 [N, H, W]. The legacy TorchScript exporter (dynamo=False) is used: with
+torch 2.14 it exports timm's TF-"same"-padded convolutions and the reflect padding cleanly and in about a second,
+where the dynamo exporter takes far longer here for the same graph (measured in tests/test_export.py's notes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+from engines.bundle import GRAPH, Bundle, load_bundle
+from engines.errors import BundleError
+from engines.graph import InferenceGraph, build_graph, load_state_arrays
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 17
+
+
+def export_graph(graph: InferenceGraph, scorer_params: dict[str, np.ndarray], opset: int = DEFAULT_OPSET) -> bytes:
+    """The ONNX model of `graph` as bytes; `scorer_params` only give the example shapes (K references may change
+    later: every scorer dimension is exported dynamic)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"--opset {opset}: expected {MIN_OPSET} or higher")
+    graph = graph.eval()
+    height, width, channels = graph.input_shape
+    example_pixels = torch.zeros((2, height, width, channels), dtype=torch.uint8)
+    names = list(graph.scorer_inputs)
+    params = tuple(torch.from_numpy(np.ascontiguousarray(scorer_params[n], dtype=np.float32)) for n in names)
+    dynamic_axes = {"pixels": {0: "batch"}, "score": {0: "batch"}, "anomaly_map": {0: "batch"}}
+    if "references" in names:
+        dynamic_axes["references"] = {0: "references"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode():
+        # The TorchScript exporter warns about its own deprecation and about traced shape arithmetic in timm; both
+        # are expected here and would only bury real problems in the training log.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (example_pixels, *params), buffer, input_names=["pixels", *names],
+                          output_names=["score", "anomaly_map"], dynamic_axes=dynamic_axes, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+    return buffer.getvalue()
+
+
+def graph_from_bundle(bundle: Bundle) -> InferenceGraph:
+    """Rebuild the torch graph of `bundle` from its manifest and weights.npz (no pickle, no ImageNet file needed)."""
+    try:
+        graph = build_graph(bundle.architecture, pretrained=False)
+        load_state_arrays(graph, bundle.weights())
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise BundleError(f"{bundle.path / 'weights.npz'}: does not fit the manifest's architecture "
+                          f"({str(exc).splitlines()[0]})") from exc
+    return graph.eval()
+
+
+def export_bundle(path, opset: int = DEFAULT_OPSET) -> Bundle:
+    bundle = load_bundle(path)
+    graph = graph_from_bundle(bundle)
+    bundle.replace_file(GRAPH, export_graph(graph, bundle.scorer_params(), opset))
+    return bundle
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory whose model.onnx to (re)write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        bundle = export_bundle(args.bundle, args.opset)
+    except (BundleError, ValueError) as exc:
+        print(f"inspectd export: {exc}", file=sys.stderr)
+        return 2
+    print(f"{bundle.graph_path} ({bundle.graph_path.stat().st_size / 1e6:.1f} MB, opset {args.opset})")
+    return 0

@@ -1,0 +1,249 @@
+"""The inference graph: uint8 NHWC pixels -> (image score [N], anomaly map [N, H, W]), one torch module per bundle.
+
+    pixels -> Preprocess (to float, grey replicated to 3 channels, the backbone's normalisation)
+           -> Backbone taps -> method head (frozen: TapConcat; CSE: embedding; SLA: its features) -> features [N,D,h,w]
+           -> scorer (nearest reference or Gaussian) -> low-resolution map [N,h,w] (+ a global score for some scorers)
+           -> bilinear upsampling to H x W -> Gaussian smoothing (sigma 4) -> anomaly map; image score.
+
+Scorer parameters (references; Gaussian mean and precision) are graph INPUTS, not weights, so a refit or reload never
+needs a re-export. Every frame is scored on its own: nothing is normalised across frames.
+
+A graph is described by a JSON-able `architecture` dict (stored in the bundle manifest) from which `build_graph`
+rebuilds it; the weights come from the backbone's ImageNet file (training) or the bundle's weights.npz (runtime).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.backbones import Backbone, create_backbone
+
+SMOOTHING_SIGMA = 4.0
+
+
+class Preprocess(nn.Module):
+    """uint8 [N,H,W,C] -> normalised float [N,3,H,W]; (x/255 - mean)/std folded into one multiply-add."""
+
+    def __init__(self, channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"input channels {channels}: expected 1 (grey) or 3 (RGB)")
+        self.channels = channels
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32)
+        if self.channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return x * self.scale + self.shift
+
+
+class TapConcat(nn.Module):
+    """All taps upsampled (bilinear) to the finest tap's grid and concatenated along channels: the frozen head, and
+    the first step of learned heads."""
+
+    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        size = taps[0].shape[-2:]
+        return torch.cat([taps[0]] + [F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+                                      for t in taps[1:]], dim=1)
+
+
+class GaussianSmoothing(nn.Module):
+    """Fixed separable Gaussian blur (radius 4 sigma, reflected borders) of a [N,H,W] map."""
+
+    def __init__(self, sigma: float = SMOOTHING_SIGMA) -> None:
+        super().__init__()
+        radius = max(1, int(math.ceil(4 * sigma)))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+        kernel /= kernel.sum()
+        self.radius = radius
+        self.register_buffer("kernel_y", kernel.view(1, 1, -1, 1), persistent=False)
+        self.register_buffer("kernel_x", kernel.view(1, 1, 1, -1), persistent=False)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        x = maps.unsqueeze(1)
+        r = self.radius
+        x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), self.kernel_y)
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), self.kernel_x)
+        return x.squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------------- scorers
+class NearestReferenceScorer(nn.Module):
+    """CSE's scorer. Input `references` [K,D,h,w]: real training feature maps nearest to k-means centroids.
+
+    Image score: 1 - cosine(flattened features, nearest reference). Map: per-location squared distance to that same
+    reference, summed over channels.
+    """
+
+    kind = "kmeans"
+    input_names = ("references",)
+    has_global_score = True
+
+    def forward(self, features: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = F.normalize(features.flatten(1), dim=1)
+        refs = F.normalize(references.flatten(1), dim=1)
+        best, index = (flat @ refs.T).max(dim=1)
+        nearest = references.index_select(0, index)
+        return 1.0 - best, (features - nearest).pow(2).sum(dim=1)
+
+    @staticmethod
+    def fit(features: torch.Tensor, k: int = 1, seed: int = 0, iterations: int = 50) -> dict[str, np.ndarray]:
+        """Spherical k-means (k-means++ start) on the flattened, L2-normalised feature maps; each centroid is then
+        replaced by the real training sample nearest to it, as CSE's reference implementation does."""
+        if features.shape[0] == 0:
+            raise ValueError("k-means: no training features")
+        k = max(1, min(k, features.shape[0]))
+        flat = F.normalize(features.flatten(1).float(), dim=1)
+        generator = torch.Generator().manual_seed(seed)
+        centroids = _kmeans_plus_plus(flat, k, generator)
+        for _ in range(iterations):
+            assignment = (flat @ centroids.T).argmax(dim=1)
+            sums = torch.zeros_like(centroids).index_add_(0, assignment, flat)
+            counts = torch.bincount(assignment, minlength=k)
+            # An emptied cluster keeps its old centroid instead of collapsing to zero.
+            updated = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), centroids)
+            if torch.allclose(updated, centroids):
+                break
+            centroids = updated
+        nearest = torch.unique((centroids @ flat.T).argmax(dim=1))
+        return {"references": features[nearest].float().contiguous().numpy()}
+
+
+def _kmeans_plus_plus(flat: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    chosen = [int(torch.randint(flat.shape[0], (1,), generator=generator))]
+    distance = 1.0 - flat @ flat[chosen[0]]
+    for _ in range(1, k):
+        weights = distance.clamp_min(0)
+        if float(weights.sum()) <= 0:
+            break
+        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
+        distance = torch.minimum(distance, 1.0 - flat @ flat[chosen[-1]])
+    return flat[chosen]
+
+
+class GaussianScorer(nn.Module):
+    """Mahalanobis distance per location. Inputs `gauss_mean` [D,h,w] (a mean per location) and `gauss_precision`
+    [D,D] (the inverse of ONE covariance shared by all locations, Ledoit-Wolf shrunk).
+
+    Why shared: a full covariance per location (PaDiM) costs h*w*D^2 floats -- 191 MB for Lite0's 432 channels on a
+    16x16 grid -- and needs far more images than a line usually has to be well conditioned; the shared one is D^2
+    floats (0.75 MB) estimated from N*h*w samples and keeps every channel. Image score: the maximum of the smoothed map.
+    """
+
+    kind = "gaussian"
+    input_names = ("gauss_mean", "gauss_precision")
+    has_global_score = False
+
+    def forward(self, features: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> tuple[None, torch.Tensor]:
+        n, d, h, w = features.shape
+        centred = (features - mean.unsqueeze(0)).reshape(n, d, h * w)
+        squared = (centred * torch.matmul(precision, centred)).sum(dim=1)
+        return None, squared.clamp_min(0).sqrt().reshape(n, h, w)
+
+    @staticmethod
+    def fit(features: torch.Tensor, **_unused) -> dict[str, np.ndarray]:
+        if features.shape[0] == 0:
+            raise ValueError("gaussian: no training features")
+        feats = features.double()
+        mean = feats.mean(dim=0)
+        d = feats.shape[1]
+        residuals = (feats - mean).permute(0, 2, 3, 1).reshape(-1, d)
+        covariance = ledoit_wolf(residuals)
+        precision = torch.linalg.inv(covariance)
+        precision = 0.5 * (precision + precision.T)  # exact symmetry, so Mahalanobis distances are never negative
+        return {"gauss_mean": mean.float().contiguous().numpy(), "gauss_precision": precision.float().numpy()}
+
+
+def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf shrunk covariance of centred samples x [n, p] (the estimator sklearn's `ledoit_wolf` computes
+    with assume_centered=True): (1 - s) * S + s * mu * I with the shrinkage s that minimises the expected error."""
+    n, p = x.shape
+    emp_cov = x.T @ x / n
+    mu = torch.trace(emp_cov) / p
+    x2 = x * x
+    beta_sum = (x2.T @ x2).sum()
+    delta_sum = (emp_cov * emp_cov).sum()          # = sum((X^T X)^2) / n^2
+    beta = (beta_sum / n - delta_sum) / (p * n)
+    delta = (delta_sum - 2 * mu * torch.trace(emp_cov) + p * mu * mu) / p
+    beta = torch.minimum(beta, delta)
+    shrinkage = torch.where(delta > 0, beta / delta, torch.zeros_like(delta))
+    return (1 - shrinkage) * emp_cov + shrinkage * mu * torch.eye(p, dtype=x.dtype)
+
+
+SCORERS: dict[str, type[nn.Module]] = {"kmeans": NearestReferenceScorer, "gaussian": GaussianScorer}
+
+
+def scorer_class(kind: str) -> type[nn.Module]:
+    if kind not in SCORERS:
+        raise ValueError(f"scorer {kind!r}: expected one of {', '.join(SCORERS)}")
+    return SCORERS[kind]
+
+
+# --------------------------------------------------------------------------------------------------- the graph
+class InferenceGraph(nn.Module):
+    """forward(pixels uint8 [N,H,W,C], *scorer_params) -> (score float32 [N], anomaly_map float32 [N,H,W])."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, scorer: nn.Module, input_shape: tuple[int, int, int],
+                 sigma: float = SMOOTHING_SIGMA) -> None:
+        super().__init__()
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.preprocess = Preprocess(self.input_shape[2], backbone.spec.mean, backbone.spec.std)
+        self.backbone = backbone
+        self.head = head
+        self.scorer = scorer
+        self.smoothing = GaussianSmoothing(sigma)
+
+    @property
+    def scorer_inputs(self) -> tuple[str, ...]:
+        return tuple(self.scorer.input_names)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Features [N,D,h,w] that the scorer compares: what training fits the scorer on."""
+        return self.head(self.backbone(self.preprocess(pixels)))
+
+    def forward(self, pixels: torch.Tensor, *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        global_score, low = self.scorer(self.embed(pixels), *scorer_params)
+        height, width = self.input_shape[:2]
+        full = F.interpolate(low.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+        anomaly_map = self.smoothing(full.squeeze(1))
+        score = global_score if global_score is not None else anomaly_map.flatten(1).amax(dim=1)
+        return score, anomaly_map
+
+
+def build_graph(architecture: dict, pretrained: bool = True, weights: str | None = None) -> InferenceGraph:
+    """Rebuild a graph from its manifest description. `pretrained=False` leaves the weights to the caller
+    (a bundle's weights.npz); `weights` is the user's --weights for the backbone."""
+    from engines.methods import get_method
+
+    method = get_method(architecture["method"])
+    backbone = create_backbone(architecture["backbone"], weights=weights, pretrained=pretrained,
+                               taps=tuple(architecture["taps"]))
+    head = method.build_head(backbone, architecture.get("head", {}))
+    scorer = scorer_class(architecture["scorer"])()
+    return InferenceGraph(backbone, head, scorer, tuple(architecture["input_shape"]),
+                          architecture.get("smoothing_sigma", SMOOTHING_SIGMA))
+
+
+def architecture_of(method: str, backbone: str, taps: tuple[int, ...], head: dict, scorer: str,
+                    input_shape: tuple[int, int, int]) -> dict:
+    return {"method": method, "backbone": backbone, "taps": list(taps), "head": head, "scorer": scorer,
+            "input_shape": list(input_shape), "smoothing_sigma": SMOOTHING_SIGMA}
+
+
+def state_arrays(graph: nn.Module) -> dict[str, np.ndarray]:
+    """The graph's weights as plain arrays for weights.npz."""
+    return {k: v.detach().cpu().numpy() for k, v in graph.state_dict().items()}
+
+
+def load_state_arrays(graph: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    graph.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, strict=True)

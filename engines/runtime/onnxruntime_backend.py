@@ -1,0 +1,114 @@
+"""The ONNX Runtime backend: runs a bundle's model.onnx on the CPU (or CUDA when ONNX Runtime has it).
+
+Everything that does not change per call is done once: the session, the I/O binding, the scorer parameters bound as
+OrtValues, the output bindings. `infer` binds the pixel buffer, runs, and copies the two outputs out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import onnxruntime as ort
+
+from engines.errors import EngineError
+from engines.runtime.base import Engine, InferenceResult
+
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+OUTPUTS = ("score", "anomaly_map")
+
+
+def check_pixels(pixels, input_shape: tuple[int, int, int], max_batch: int) -> None:
+    """One-line EngineError unless `pixels` is C-contiguous uint8 [N, H, W, C] with 1 <= N <= max_batch."""
+    if not isinstance(pixels, np.ndarray):
+        raise EngineError(f"pixels: {type(pixels).__name__}, expected a numpy array uint8 [N, H, W, C]")
+    if pixels.dtype != np.uint8:
+        raise EngineError(f"pixels: dtype {pixels.dtype}, expected uint8")
+    expected = (*input_shape,)
+    if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+        raise EngineError(f"pixels: shape {tuple(pixels.shape)}, expected [N, {', '.join(map(str, expected))}]")
+    if not 1 <= pixels.shape[0] <= max_batch:
+        raise EngineError(f"pixels: batch {pixels.shape[0]}, expected 1..{max_batch} (max_batch)")
+    if not pixels.flags.c_contiguous:
+        raise EngineError("pixels: not C-contiguous, expected a contiguous batch buffer")
+
+
+def check_scorer_params(params: dict[str, np.ndarray], expected: dict[str, list]) -> dict[str, np.ndarray]:
+    """float32 contiguous copies-if-needed of `params`, checked against the graph's input shapes (str = dynamic)."""
+    checked = {}
+    for name, shape in expected.items():
+        if name not in params:
+            raise EngineError(f"scorer params: {name!r} missing, expected {', '.join(expected)}")
+        value = np.ascontiguousarray(params[name], dtype=np.float32)
+        if value.ndim != len(shape) or any(isinstance(d, int) and d != v for d, v in zip(shape, value.shape)):
+            raise EngineError(f"scorer params: {name} has shape {tuple(value.shape)}, expected {list(shape)}")
+        checked[name] = value
+    return checked
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    intra_op_threads: int = 0   # 0: ONNX Runtime's default (one per core)
+    inter_op_threads: int = 1
+    providers: str = "auto"     # auto: CUDA when this ONNX Runtime build has it, else CPU
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+    Options = Options
+
+    def __init__(self, bundle, options: Options, max_batch: int = 8) -> None:
+        super().__init__(bundle, options, max_batch)
+        if options.intra_op_threads < 0 or options.inter_op_threads < 0:
+            raise EngineError("engine.options.intra_op_threads/inter_op_threads: expected integers >= 0")
+        if options.providers not in PROVIDER_CHOICES:
+            raise EngineError(f"engine.options.providers: {options.providers!r}, expected one of "
+                              f"{', '.join(PROVIDER_CHOICES)}")
+        available = ort.get_available_providers()
+        want_cuda = options.providers == "cuda" or (options.providers == "auto"
+                                                     and "CUDAExecutionProvider" in available)
+        if want_cuda and "CUDAExecutionProvider" not in available:
+            raise EngineError("engine.options.providers: 'cuda' but this onnxruntime has no CUDAExecutionProvider")
+        providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
+        self.device = "cuda" if want_cuda else "cpu"
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = options.inter_op_threads
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(bundle.graph_path), session_options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for an unreadable graph
+            raise EngineError(f"{bundle.graph_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        expected_names = ["pixels", *bundle.scorer_inputs]
+        if list(inputs) != expected_names or [o.name for o in self.session.get_outputs()] != list(OUTPUTS):
+            raise EngineError(f"{bundle.graph_path}: graph inputs {list(inputs)}, expected {expected_names} "
+                              f"and outputs {list(OUTPUTS)}")
+        self._param_shapes = {name: inputs[name] for name in bundle.scorer_inputs}
+        self._lock = threading.Lock()  # one binding per engine: serialise callers
+        self._binding = self.session.io_binding()
+        for output in OUTPUTS:
+            self._binding.bind_output(output, "cpu")
+        self._param_values: dict[str, ort.OrtValue] = {}
+        self.set_scorer_params(bundle.scorer_params())
+
+    def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:
+        checked = check_scorer_params(params, self._param_shapes)
+        values = {name: ort.OrtValue.ortvalue_from_numpy(value, self.device, 0) for name, value in checked.items()}
+        with self._lock:
+            for name, value in values.items():
+                self._binding.bind_ortvalue_input(name, value)
+            self._param_values = values  # the binding does not own them: keep them alive
+
+    def infer(self, pixels: np.ndarray) -> InferenceResult:
+        check_pixels(pixels, self.input_shape, self.max_batch)
+        with self._lock:
+            self._binding.bind_cpu_input("pixels", pixels)
+            self.session.run_with_iobinding(self._binding)
+            score, anomaly_map = self._binding.copy_outputs_to_cpu()
+        return InferenceResult(score, anomaly_map)
+
+    def close(self) -> None:
+        self._binding = None
+        self.session = None
