@@ -105,6 +105,9 @@ class OnnxRuntimeEngine(Engine):
         check_pixels(pixels, self.input_shape, self.max_batch)
         with self._lock:
             self._binding.bind_cpu_input("pixels", pixels)
+            # Rebound per call: a bound output keeps the shape of the run that allocated it, and N varies.
+            for output in OUTPUTS:
+                self._binding.bind_output(output, "cpu")
             self.session.run_with_iobinding(self._binding)
             score, anomaly_map = self._binding.copy_outputs_to_cpu()
         return InferenceResult(score, anomaly_map)
