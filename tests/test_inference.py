@@ -1,0 +1,183 @@
+"""The inference stage on a real bundle and a real ONNX Runtime session: verdicts, frame-space masks and regions,
+error frames, engine faults and health, and reload swapping the model state between batches."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from calibration import thresholds as thresholds_doc
+from engines.bundle import load_bundle, write_bundle
+from engines.runtime import open_engine
+from inspectd.frames import Frame
+from inspectd.inference import InferenceStage, ModelState
+
+pytestmark = pytest.mark.timeout(60)
+
+H = W = 32
+
+
+def brightness_graph() -> bytes:
+    """uint8 [N,H,W,1] -> anomaly_map = |pixel - centre| / 128, score = max of the map: a real graph with the
+    bundle contract's inputs and outputs, small enough to build in milliseconds."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Squeeze", ["x", "axis3"], ["x2"]),
+        helper.make_node("Sub", ["x2", "centre"], ["d"]),
+        helper.make_node("Abs", ["d"], ["a"]),
+        helper.make_node("Div", ["a", "scale"], ["anomaly_map"]),
+        helper.make_node("ReduceMax", ["anomaly_map", "axes12"], ["score"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "brightness",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", H, W, 1]),
+         helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", H, W])],
+        initializer=[helper.make_tensor("axis3", TensorProto.INT64, [1], [3]),
+                     helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
+                     helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle") / "brightness"
+    write_bundle(path, {"method": "test", "backbone": "none", "input": {"height": H, "width": W, "channels": 1,
+                                                                        "resize": "stretch"},
+                        "scorer_inputs": ["centre"], "score_kind": "max"},
+                 brightness_graph(), {"centre": np.array([128.0], np.float32)}, {},
+                 thresholds_doc.first_version(0.5, 0.5, {"tool": "test"}))
+    return path
+
+
+def open_state(bundle_path, max_batch=4) -> ModelState:
+    return ModelState.open(bundle_path, "onnxruntime", {}, max_batch)
+
+
+def grey(h: int, w: int, blob=None, value=250) -> np.ndarray:
+    image = np.full((h, w), 128, np.uint8)
+    if blob is not None:
+        y, x, s = blob
+        image[y:y + s, x:x + s] = value
+    return image
+
+
+def frame(seq, image, camera="cam0", error=None) -> Frame:
+    return Frame(camera, seq, f"f{seq}", time.time(), image, error=error, t_ingest=time.monotonic())
+
+
+def test_verdicts_masks_and_regions_in_frame_coordinates(bundle_path):
+    stage = InferenceStage(open_state(bundle_path), max_batch=4)
+    frames = [frame(0, grey(96, 160)), frame(1, grey(96, 160, blob=(30, 100, 24))),
+              frame(2, grey(64, 64, blob=(0, 0, 16))), frame(3, grey(40, 40))]
+    results = stage.run_batch(frames)
+    assert [r.verdict for r in results] == ["ok", "defect", "defect", "ok"]
+    assert results[0].mask is None and results[0].regions == []  # ok frames skip the mask work
+    defect = results[1]
+    assert defect.mask.shape == (96, 160) and defect.mask.dtype == bool
+    (region,) = defect.regions
+    # The blob is at x 100..124, y 30..54 in the frame; the model saw it at 32x32 and mapped it back.
+    assert abs(region.x - 100) <= 5 and abs(region.y - 30) <= 5
+    assert abs(region.w - 24) <= 8 and abs(region.h - 24) <= 8
+    assert region.area == int(defect.mask.sum()) and region.peak > 0.9
+    assert defect.score >= defect.threshold == 0.5
+    assert defect.model_id == stage.state.model_id and defect.thresholds_version == 1
+    assert results[2].regions[0].x == 0 and results[2].mask.shape == (64, 64)
+
+
+def test_masks_always_and_never(bundle_path):
+    state = open_state(bundle_path)
+    always = InferenceStage(state, max_batch=4, masks="always").run_batch([frame(0, grey(50, 70))])[0]
+    assert always.verdict == "ok" and always.mask.shape == (50, 70) and not always.mask.any()
+    never = InferenceStage(state, max_batch=4, masks="never").run_batch([frame(0, grey(50, 70, (5, 5, 20)))])[0]
+    assert never.verdict == "defect" and never.mask is None and len(never.regions) == 1
+
+
+def test_error_frames_skip_the_engine_and_bad_frames_fail_alone(bundle_path):
+    stage = InferenceStage(open_state(bundle_path), max_batch=4)
+    results = stage.run_batch([frame(0, None, error="decode: not a JPEG"), frame(1, grey(32, 32)),
+                               frame(2, np.zeros((4, 4, 5), np.uint8))])
+    assert [r.verdict for r in results] == ["error", "ok", "error"]
+    assert results[0].error == "decode: not a JPEG" and results[2].error.startswith("preprocess:")
+    assert stage.healthy
+
+
+class FailingEngine:
+    """Wraps the real engine and raises on demand, as a GPU fault or a corrupt model would."""
+
+    def __init__(self, engine):
+        self.engine, self.fail = engine, True
+
+    def infer(self, pixels):
+        if self.fail:
+            raise RuntimeError("CUDA error: an illegal memory access\nmore detail")
+        return self.engine.infer(pixels)
+
+    def close(self):
+        self.engine.close()
+
+
+def test_engine_faults_fail_the_batch_then_mark_unhealthy(bundle_path):
+    state = open_state(bundle_path)
+    failing = FailingEngine(state.engine)
+    stage = InferenceStage(ModelState(state.bundle, failing, state.thresholds), max_batch=4, unhealthy_after=3)
+    for i in range(3):
+        assert stage.healthy
+        results = stage.run_batch([frame(i, grey(32, 32)), frame(i + 10, grey(32, 32))])
+        assert all(r.verdict == "error" for r in results)
+        assert results[0].error == "engine: RuntimeError: CUDA error: an illegal memory access"
+    assert not stage.healthy and stage.failed_batches == 3
+    failing.fail = False
+    assert stage.run_batch([frame(9, grey(32, 32))])[0].verdict == "ok"
+    assert stage.healthy
+
+
+def test_thresholds_swap_between_batches(bundle_path):
+    state = open_state(bundle_path)
+    stage = InferenceStage(state, max_batch=4)
+    image = grey(32, 32, blob=(4, 4, 8), value=200)  # score (200-128)/128 = 0.5625
+    assert stage.run_batch([frame(0, image)])[0].verdict == "defect"
+    stricter = thresholds_doc.next_version(state.thresholds, image_threshold=0.7,
+                                           per_camera={"cam1": {"image_threshold": 0.3}})
+    old = stage.swap(state.with_thresholds(stricter))
+    assert old is state
+    results = stage.run_batch([frame(1, image), frame(2, image, camera="cam1")])
+    assert [(r.verdict, r.threshold, r.thresholds_version) for r in results] == [
+        ("ok", 0.7, 2), ("defect", 0.3, 2)]
+
+
+def test_swap_while_running_never_mixes_states(bundle_path):
+    state = open_state(bundle_path)
+    stage = InferenceStage(state, max_batch=4)
+    versions, thresholds = [], state.thresholds
+    for v in range(2, 22):  # versions 2..21 with image threshold 0.5 + (version - 1) / 100
+        thresholds = thresholds_doc.next_version(thresholds, image_threshold=0.5 + (v - 1) / 100)
+        versions.append(state.with_thresholds(thresholds))
+    stop = threading.Event()
+
+    def swapper():
+        i = 0
+        while not stop.is_set():
+            stage.swap(versions[i % len(versions)])
+            i += 1
+            time.sleep(0.001)
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    try:
+        for i in range(50):
+            batch = stage.run_batch([frame(j, grey(32, 32)) for j in range(4)])
+            assert len({(r.thresholds_version, r.threshold) for r in batch}) == 1
+            version = batch[0].thresholds_version
+            assert batch[0].threshold == pytest.approx(0.5 + (version - 1) / 100)
+    finally:
+        stop.set()
+        thread.join(5)
