@@ -212,7 +212,12 @@ class InferenceGraph(nn.Module):
         return self.head(self.backbone(self.preprocess(pixels)))
 
     def forward(self, pixels: torch.Tensor, *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        global_score, low = self.scorer(self.embed(pixels), *scorer_params)
+        return self.score_features(self.embed(pixels), *scorer_params)
+
+    def score_features(self, features: torch.Tensor,
+                       *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second half of forward, for callers that computed the features once (evaluating several scorers)."""
+        global_score, low = self.scorer(features, *scorer_params)
         height, width = self.input_shape[:2]
         full = F.interpolate(low.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
         anomaly_map = self.smoothing(full.squeeze(1))

@@ -1,0 +1,85 @@
+"""Backbones: the Lite0 weight mapping classifies a real photo correctly; taps have the documented shapes; missing or
+wrong weights are refused with one line naming the options; nothing is downloaded."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from engines.backbones import (create_backbone, create_classifier, hub_checkpoint_dir, load_weights_file,
+                               map_in_order, resolve_weights)
+from engines.errors import WeightsError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_lite0_mapped_weights_classify_the_cat():
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) provides the cat photo")
+    cat = skimage_data.chelsea()  # RGB, 300x451: ImageNet tabby/tiger/Persian/Siamese/Egyptian cat = 281..285
+    x = cv2.resize(cat, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    x = torch.from_numpy((x - 0.5) / 0.5).permute(2, 0, 1).unsqueeze(0)  # Lite0 wants [-1, 1]
+    with torch.inference_mode():
+        top3 = create_classifier("lite0")(x).topk(3).indices[0].tolist()
+    assert set(top3) & set(range(281, 286)), f"top-3 ImageNet classes {top3}, expected a cat (281-285)"
+
+
+def test_lite0_taps_are_stride_16_and_32():
+    backbone = create_backbone("lite0").eval()
+    assert backbone.channels == [112, 320] and backbone.strides == [16, 32]
+    with torch.inference_mode():
+        taps = backbone(torch.zeros(2, 3, 64, 96))
+    assert [tuple(t.shape) for t in taps] == [(2, 112, 4, 6), (2, 320, 2, 3)]
+
+
+def test_in_order_mapping_refuses_a_shape_mismatch():
+    target = {"a.weight": torch.zeros(4, 3), "b.weight": torch.zeros(2)}
+    good = {"x": torch.ones(4, 3), "y": torch.ones(2)}
+    assert list(map_in_order(good, target, "w")) == ["a.weight", "b.weight"]
+    with pytest.raises(WeightsError, match=r"tensor y has shape \(3,\), expected \(2,\) for b.weight"):
+        map_in_order({"x": torch.ones(4, 3), "y": torch.ones(3)}, target, "w")
+    with pytest.raises(WeightsError, match="1 tensors, expected 2"):
+        map_in_order({"x": torch.ones(4, 3)}, target, "w")
+
+
+def test_b3_without_weights_names_both_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with pytest.raises(WeightsError) as info:
+        create_backbone("efficientnet_b3")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "--weights" in message and str(tmp_path / "empty-torch-home" / "hub" / "checkpoints") in message
+    assert "efficientnet_b3_ra2-cf984f9c.pth" in message
+
+
+def test_b3_weights_from_the_hub_cache_and_from_a_path(tmp_path, monkeypatch):
+    import timm
+
+    # A real timm b3 state dict (random init: what matters is that it is found, loaded and wired to the taps).
+    state = timm.create_model("efficientnet_b3", pretrained=False).state_dict()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = hub_checkpoint_dir()
+    cache.mkdir(parents=True)
+    torch.save(state, cache / "efficientnet_b3_ra2-cf984f9c.pth")
+    assert resolve_weights("efficientnet_b3", None) == cache / "efficientnet_b3_ra2-cf984f9c.pth"
+    backbone = create_backbone("efficientnet_b3")
+    assert backbone.channels == [136, 384] and backbone.strides == [16, 32]
+    stem = backbone.features.state_dict()["conv_stem.weight"]
+    assert torch.equal(stem, state["conv_stem.weight"])
+
+    given = tmp_path / "mine.pth"
+    torch.save({"state_dict": state}, given)  # a training checkpoint wrapper is unwrapped
+    assert torch.equal(load_weights_file(given)["conv_stem.weight"], state["conv_stem.weight"])
+    with pytest.raises(WeightsError, match="no such file"):
+        resolve_weights("efficientnet_b3", tmp_path / "nope.pth")
+
+
+def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match="cannot load as a torch state dict"):
+        load_weights_file(junk)
+    torch.save({"a": torch.zeros(1)}, tmp_path / "small.pth")
+    with pytest.raises(WeightsError, match="tensors, expected"):
+        create_backbone("resnet18", weights=tmp_path / "small.pth")
