@@ -157,6 +157,7 @@ def evaluate(bundle, data: str | Path, backend: str = "onnxruntime", batch: int 
     picker = _OverlayPicker(n_overlays if overlay_dir is not None else 0)
     maskless_pixels = metrics.PixelHistograms()  # only for the overlay colour scale
 
+    per_image: list[dict] = []
     scoring_seconds = 0.0
     scored_images = score_images(bundle, [item.path for item in items], backend=backend, batch=batch, options=options)
     while True:
@@ -168,6 +169,7 @@ def evaluate(bundle, data: str | Path, backend: str = "onnxruntime", batch: int 
         item = by_path[scored.path]
         tally = tallies[item.defect_type]
         tally.scores.append(scored.score)
+        per_image.append({"path": str(item.path), "type": item.defect_type, "score": scored.score})
         mask = None
         if item.is_defective and item.mask_path is None:
             tally.without_mask += 1   # unknown ground truth: its pixels are neither defect nor defect-free
@@ -197,6 +199,7 @@ def evaluate(bundle, data: str | Path, backend: str = "onnxruntime", batch: int 
         "per_type": {},
         "pixel_metrics": "every pixel at frame size, streamed into 2^20-bin float histograms (engines.metrics)",
         "overlays": [],
+        "images": per_image,
     }
     good = tallies.get("good", _TypeTally())
     defect_types = [t for t in tallies if t != "good"]
@@ -272,6 +275,7 @@ def overlay_image(image: np.ndarray, frame_map: np.ndarray, mask: np.ndarray | N
     truth = np.zeros_like(frame)
     if mask is not None:
         truth[mask] = 255
+    cv2.rectangle(truth, (0, 0), (truth.shape[1] - 1, truth.shape[0] - 1), (80, 80, 80), 1)  # shows an empty mask's extent
     h, w = frame.shape[:2]
     gap = np.full((h, 4, 3), 128, np.uint8)
     panels = np.hstack([frame, gap, heat, gap, truth])

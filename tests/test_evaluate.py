@@ -1,0 +1,155 @@
+"""`inspectd eval` and `score_images` end to end: real magnetic-tile images, a tiny frozen Lite0 bundle trained at
+64x64, real ONNX Runtime sessions, the CLI in a subprocess, overlays decoded by OpenCV."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from engines.data import MvtecFolder, load_image, load_mask
+from engines.errors import EngineError
+from engines.evaluate import score_images
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
+TYPES = {"good": 5, "blowhole": 3, "crack": 3}
+N_IMAGES = sum(TYPES.values())
+
+if not (DATA / "test").is_dir():
+    pytest.skip(f"magnetic_tile data not found at {DATA}: evaluation tests need real images", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """An MVTec-like folder of real files: 10 train goods, a few test goods and defects with masks (varying sizes)."""
+    root = tmp_path_factory.mktemp("tile")
+    (root / "train" / "good").mkdir(parents=True)
+    for path in sorted((DATA / "train" / "good").glob("*.jpg"))[:10]:
+        shutil.copy(path, root / "train" / "good")
+    for defect_type, n in TYPES.items():
+        (root / "test" / defect_type).mkdir(parents=True)
+        for path in sorted((DATA / "test" / defect_type).glob("*.jpg"))[:n]:
+            shutil.copy(path, root / "test" / defect_type)
+            if defect_type != "good":
+                (root / "ground_truth" / defect_type).mkdir(parents=True, exist_ok=True)
+                shutil.copy(DATA / "ground_truth" / defect_type / f"{path.stem}_mask.png",
+                            root / "ground_truth" / defect_type)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
+    from engines.train import Progress, train_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "frozen64"
+    train_bundle(tiny_data, out, method="frozen", size=(64, 64), progress=Progress(enabled=False))
+    return out
+
+
+def _eval(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inspectd", "eval", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def report_and_overlays(tiny_data, tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    proc = _eval(str(tiny_bundle), "--data", str(tiny_data), "--json", str(out / "report.json"),
+                 "--overlays", str(out / "overlays"), "--n-overlays", "6", "--batch", "4")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((out / "report.json").read_text()), out / "overlays", proc.stdout
+
+
+def test_eval_cli_reports_every_metric_in_unit_range(report_and_overlays):
+    report, _, stdout = report_and_overlays
+    assert report["n_images"] == N_IMAGES and len(report["images"]) == N_IMAGES
+    assert set(report["per_type"]) == {"blowhole", "crack"}
+    for row in [report["overall"], *report["per_type"].values()]:
+        for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+            assert 0.0 <= row[key] <= 1.0, (key, row)
+    assert report["overall"]["n_good"] == TYPES["good"]
+    assert report["overall"]["n_defective"] == TYPES["blowhole"] + TYPES["crack"]
+    assert report["images_per_s"] > 0
+    # The printed table carries the same figures.
+    assert "overall" in stdout and f"{report['overall']['image_auroc']:.4f}" in stdout
+
+
+def test_image_metrics_agree_with_sklearn_on_reported_scores(report_and_overlays):
+    report, _, _ = report_and_overlays
+    images = report["images"]
+    labels = [i["type"] != "good" for i in images]
+    scores = [i["score"] for i in images]
+    assert report["overall"]["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    crack = [i for i in images if i["type"] in ("good", "crack")]
+    assert report["per_type"]["crack"]["image_auroc"] == pytest.approx(
+        roc_auc_score([i["type"] == "crack" for i in crack], [i["score"] for i in crack]))
+    flagged = np.array(scores) >= report["overall"]["f1_threshold"]
+    labels = np.array(labels)
+    f1 = 2 * np.sum(flagged & labels) / (flagged.sum() + labels.sum())
+    assert f1 == pytest.approx(report["overall"]["f1_max"])
+
+
+def test_pixel_auroc_matches_sklearn_over_frame_size_maps(tiny_data, tiny_bundle, report_and_overlays):
+    report, _, _ = report_and_overlays
+    items = MvtecFolder(tiny_data).test_items()
+    values, truth = [], []
+    for item, scored in zip(items, score_images(tiny_bundle, [i.path for i in items], batch=3)):
+        values.append(scored.frame_map.ravel())
+        truth.append(load_mask(item.mask_path, scored.frame_map.shape).ravel())
+    assert report["overall"]["pixel_auroc"] == pytest.approx(
+        roc_auc_score(np.concatenate(truth), np.concatenate(values)), abs=1e-3)
+
+
+def test_overlays_are_decodable_and_pick_the_worst_goods(report_and_overlays):
+    report, overlay_dir, _ = report_and_overlays
+    written = sorted(overlay_dir.glob("*.png"))
+    assert [str(p) for p in written] == sorted(report["overlays"]) and len(written) == 6
+    for path in written:
+        picture = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        assert picture is not None and picture.ndim == 3
+        stem = path.stem.split("_", 3)[3]
+        source = next(Path(report["data"]).glob(f"test/*/{stem}.jpg"))
+        frame = load_image(source)
+        # Three panels of the frame's width plus two 4-pixel gaps; the caption sits on top.
+        assert picture.shape[1] == 3 * frame.shape[1] + 8 and picture.shape[0] > frame.shape[0]
+    goods = sorted((i for i in report["images"] if i["type"] == "good"), key=lambda i: -i["score"])
+    worst_goods = {Path(p).stem.split("_", 3)[3] for p in report["overlays"] if "_worst-good_" in p}
+    assert worst_goods == {Path(i["path"]).stem for i in goods[:2]}
+
+
+def test_score_images_maps_are_frame_sized_and_batch_independent(tiny_data, tiny_bundle):
+    paths = sorted((tiny_data / "test").glob("*/*.jpg"))
+    one = list(score_images(tiny_bundle, paths, batch=1))
+    many = list(score_images(tiny_bundle, paths, batch=4))  # 11 images: the last batch is partial
+    assert [s.path for s in one] == paths == [s.path for s in many]
+    for a, b in zip(one, many):
+        assert a.frame_map.dtype == np.float32 and a.frame_map.shape == a.image.shape[:2]
+        assert a.image.dtype == np.uint8
+        assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-5)
+        np.testing.assert_allclose(a.frame_map, b.frame_map, rtol=1e-3, atol=1e-3 * float(np.abs(a.frame_map).max()))
+    assert len({round(s.score, 6) for s in one}) > 1  # scores depend on the image
+
+
+def test_score_images_refuses_bad_batch_and_unreadable_image(tiny_bundle, tmp_path):
+    with pytest.raises(EngineError, match="batch"):
+        list(score_images(tiny_bundle, [], batch=0))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(EngineError, match="broken.jpg"):
+        list(score_images(tiny_bundle, [broken]))
+
+
+def test_eval_cli_errors_are_one_line(tiny_bundle, tmp_path):
+    proc = _eval(str(tiny_bundle), "--data", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and str(tmp_path) in proc.stderr and "MVTec" in proc.stderr
+    proc = _eval(str(tmp_path / "missing"), "--data", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing" in proc.stderr
