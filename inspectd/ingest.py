@@ -41,6 +41,9 @@ log = structlog.get_logger("inspectd.ingest")
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 READ_TIMEOUT_S = 0.1  # longest a source read blocks, so stop() and pause are noticed promptly
+# A folder file that looks cut short is taken as still being written (a writer that paused for longer than a poll)
+# until it has been left alone this long; only then is it published as a truncated frame.
+WRITE_GRACE_S = 2.0
 
 
 class FrameQueue:
@@ -254,10 +257,14 @@ def encoded_dims(data: bytes | memoryview) -> tuple[str, int, int] | None:
     return None
 
 
+class IncompleteImage(DataError):
+    """Empty or cut short: for a file, possibly one still being written."""
+
+
 def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int) -> np.ndarray:
     """Decode an encoded frame, refusing (DataError) empty, truncated, unknown-format and oversized ones first."""
     if len(data) == 0:
-        raise DataError(f"{what}: empty (0 bytes), expected an encoded JPEG/PNG image")
+        raise IncompleteImage(f"{what}: empty (0 bytes), expected an encoded JPEG/PNG image")
     dims = encoded_dims(data)
     if dims is None:
         raise DataError(f"{what}: no JPEG SOF or PNG IHDR header found, expected a complete JPEG or PNG image")
@@ -270,9 +277,9 @@ def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int) -> np
     # Decoders fill a truncated image with grey and report success; the missing trailer is the reliable sign.
     tail = bytes(memoryview(data)[-16:]).rstrip(b"\0")
     if fmt == "jpeg" and not tail.endswith(b"\xff\xd9"):
-        raise DataError(f"{what}: truncated JPEG (no end-of-image marker), expected a complete file")
+        raise IncompleteImage(f"{what}: truncated JPEG (no end-of-image marker), expected a complete file")
     if fmt == "png" and not tail.endswith(PNG_IEND):
-        raise DataError(f"{what}: truncated PNG (no IEND chunk), expected a complete file")
+        raise IncompleteImage(f"{what}: truncated PNG (no IEND chunk), expected a complete file")
     return decode_image(np.frombuffer(data, dtype=np.uint8), what=what)
 
 
@@ -381,11 +388,16 @@ class FolderWatcher(Source):
             data = path.read_bytes()
         except FileNotFoundError:
             return None  # taken away by someone else between the scan and now
-        self.done.add(name)
         try:
             image, error = check_and_decode(data, name, self.camera.max_pixels), None
+        except IncompleteImage as exc:
+            if time.time() - mtime_ns / 1e9 < WRITE_GRACE_S:
+                self.sizes.pop(name, None)  # must hold still over another poll before it is tried again
+                return None
+            image, error = None, str(exc)
         except DataError as exc:
             image, error = None, str(exc)
+        self.done.add(name)
         self._dispose(path)
         return self.frame(name, mtime_ns / 1e9, image, error)
 
@@ -483,7 +495,9 @@ class ZmqPullSource(Source):
         encoding = header.get("encoding", "raw")
         if encoding not in cfg.ENCODINGS:
             raise DataError(f"{what}: encoding {encoding!r}, expected one of {'|'.join(cfg.ENCODINGS)}")
-        dtype = header.get("dtype", "uint8" if encoding != "raw" else None)
+        if encoding == "raw" and "dtype" not in header:
+            raise DataError(f"{what}: raw frame without dtype, expected dtype \"uint8\"")
+        dtype = header.get("dtype", "uint8")
         if dtype != "uint8":
             raise DataError(f"{what}: dtype {dtype!r}, expected \"uint8\" (float and 16-bit frames are refused)")
         shape = header.get("shape")

@@ -1,0 +1,424 @@
+"""Camera ingest against real things: files in a tmp folder, a real ZeroMQ PUSH socket, a real MJPG video file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from engines.synthline import SyntheticLine
+from inspectd.config import parse_config
+from inspectd.frames import Frame
+from inspectd.ingest import CameraIngest, FrameQueue, encoded_dims
+
+DATA = Path("/work/shared/data/magnetic_tile/train/good")
+FAST_BACKOFF = (0.05, 0.2)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def camera(source: dict, **extra):
+    return parse_config({"station": "s", "model": {"bundle": "b"},
+                         "cameras": [{"id": "cam0", "source": source, **extra}]}).cameras[0]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def drain(queue: FrameQueue) -> list[Frame]:
+    frames = []
+    while (frame := queue.get_nowait()) is not None:
+        frames.append(frame)
+    return frames
+
+
+def real_jpegs(n: int) -> list[Path]:
+    paths = sorted(DATA.glob("*.jpg"))[:n]
+    if len(paths) < n:  # the shared dataset is absent on this machine: fall back to the synthetic line
+        pytest.skip(f"needs {n} JPEGs in {DATA}")
+    return paths
+
+
+@pytest.fixture
+def ingest_threads():
+    started = []
+    yield started
+    for ingest in started:
+        ingest.stop()
+    for ingest in started:
+        ingest.join(5)
+        assert not ingest.is_alive()
+
+
+def start(ingest_threads, cam, queue, **kwargs) -> CameraIngest:
+    ingest = CameraIngest(cam, queue, backoff_s=FAST_BACKOFF, **kwargs)
+    ingest_threads.append(ingest)
+    ingest.start()
+    return ingest
+
+
+def frame(i: int) -> Frame:
+    return Frame("cam0", i, str(i), 0.0, None)
+
+
+# --- the queue ------------------------------------------------------------------------------------------------------
+
+def test_drop_oldest_keeps_newest_counts_drops_and_notifies():
+    ready = threading.Condition()
+    queue = FrameQueue(3, "drop_oldest", ready)
+    woken = []
+
+    def waiter():
+        with ready:
+            woken.append(ready.wait_for(lambda: len(queue) > 0, timeout=5))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.05)
+    for i in range(5):
+        assert queue.put(frame(i))
+    thread.join(5)
+    assert woken == [True]
+    assert queue.dropped == 2 and len(queue) == 3
+    assert [f.seq for f in drain(queue)] == [2, 3, 4]
+    assert queue.get_nowait() is None and len(queue) == 0
+
+
+def test_block_waits_for_room_and_gives_up_on_stop():
+    queue = FrameQueue(2, "block")
+    queue.put(frame(0))
+    queue.put(frame(1))
+    done = threading.Event()
+    results = []
+
+    def producer():
+        results.append(queue.put(frame(2)))
+        done.set()
+
+    threading.Thread(target=producer, daemon=True).start()
+    assert not done.wait(0.3), "put returned while the queue was full"
+    assert queue.get_nowait().seq == 0
+    assert done.wait(5) and results == [True]
+    assert [f.seq for f in drain(queue)] == [1, 2] and queue.dropped == 0
+
+    queue.put(frame(3))
+    queue.put(frame(4))
+    stop = threading.Event()
+    timer = threading.Timer(0.2, stop.set)
+    timer.start()
+    t0 = time.monotonic()
+    assert queue.put(frame(5), stop) is False
+    assert 0.15 < time.monotonic() - t0 < 3
+    assert len(queue) == 2
+
+
+def test_bad_queue_arguments():
+    with pytest.raises(ValueError, match="queue policy"):
+        FrameQueue(4, "lifo")
+    with pytest.raises(ValueError, match="queue size"):
+        FrameQueue(0)
+
+
+# --- folder ---------------------------------------------------------------------------------------------------------
+
+def test_folder_picks_up_real_jpegs_in_arrival_order_each_once(tmp_path, ingest_threads):
+    inbox, done = tmp_path / "in", tmp_path / "done"
+    inbox.mkdir()
+    sources = real_jpegs(4)
+    # Arrival order (mtime) deliberately opposite to name order; two files share an mtime, so name breaks the tie.
+    names = ["d.jpg", "c.jpg", "b.jpg", "a.jpg"]
+    base = time.time() - 100
+    for i, (src, name) in enumerate(zip(sources, names)):
+        shutil.copy(src, inbox / name)
+        stamp = base + min(i, 2)
+        os.utime(inbox / name, (stamp, stamp))
+    (inbox / "empty.jpg").write_bytes(b"")
+    os.utime(inbox / "empty.jpg", (base + 10, base + 10))
+    (inbox / "notes.txt").write_text("not an image")
+
+    queue = FrameQueue(16, "block")
+    cam = camera({"kind": "folder", "path": str(inbox), "pattern": "*.jpg", "poll_ms": 20, "done_dir": str(done)})
+    ingest = start(ingest_threads, cam, queue, first_seq=100)
+    assert wait_for(lambda: len(queue) == 5)
+    time.sleep(0.2)  # more polls: nothing is picked up twice
+    frames = drain(queue)
+    assert [f.frame_id for f in frames] == ["d.jpg", "c.jpg", "a.jpg", "b.jpg", "empty.jpg"]
+    assert [f.seq for f in frames] == [100, 101, 102, 103, 104]
+    for f, src in zip(frames[:4], sources[:2] + sources[3:4] + sources[2:3]):
+        assert f.error is None and f.camera == "cam0"
+        assert np.array_equal(f.image, cv2.imread(str(src), cv2.IMREAD_GRAYSCALE))
+    assert frames[4].image is None and "empty (0 bytes)" in frames[4].error
+    assert abs(frames[0].t_capture - base) < 1
+    assert sorted(p.name for p in done.iterdir()) == sorted(names + ["empty.jpg"])
+    assert sorted(p.name for p in inbox.iterdir()) == ["notes.txt"]
+    stats = ingest.stats()
+    assert stats["frames_in"] == 5 and stats["errors"] == 1 and stats["state"] == "running"
+
+
+def test_folder_waits_for_a_file_still_being_written(tmp_path, ingest_threads):
+    data = real_jpegs(1)[0].read_bytes()
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 50, "delete_after": True}),
+          queue)
+    with open(tmp_path / "slow.jpg", "wb") as f:
+        for i in range(0, len(data), len(data) // 4 + 1):
+            f.write(data[i:i + len(data) // 4 + 1])
+            f.flush()
+            time.sleep(0.12)  # longer than a poll: only the size-stability check keeps it from being read half-done
+    assert wait_for(lambda: len(queue) == 1)
+    got = queue.get_nowait()
+    assert got.error is None and got.image.shape == cv2.imdecode(np.frombuffer(data, np.uint8), 0).shape
+    assert wait_for(lambda: not (tmp_path / "slow.jpg").exists())
+
+
+def test_folder_that_disappears_is_reopened_when_it_comes_back(tmp_path, ingest_threads):
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    queue = FrameQueue(8, "block")
+    line = SyntheticLine(64, 48, seed=1)
+    cam = camera({"kind": "folder", "path": str(inbox), "poll_ms": 20, "delete_after": True})
+    ingest = start(ingest_threads, cam, queue)
+    line.write_folder(tmp_path / "batch1", 1)
+    os.replace(tmp_path / "batch1" / "000000.png", inbox / "first.png")
+    assert wait_for(lambda: len(queue) == 1)
+    shutil.rmtree(inbox)
+    assert wait_for(lambda: ingest.stats()["state"] == "reopening")
+    assert "in" in ingest.stats()["last_error"]
+    inbox.mkdir()
+    line.write_folder(tmp_path / "batch2", 1)
+    os.replace(tmp_path / "batch2" / "000000.png", inbox / "second.png")
+    assert wait_for(lambda: len(queue) == 2)
+    assert ingest.stats()["state"] == "running" and ingest.stats()["reopen_count"] >= 1
+    assert [f.frame_id for f in drain(queue)] == ["first.png", "second.png"]
+
+
+def test_folder_is_not_read_while_paused(tmp_path, ingest_threads):
+    queue = FrameQueue(8, "block")
+    ingest = start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 20}), queue)
+    ingest.paused = True
+    assert wait_for(lambda: ingest.stats()["state"] == "paused")
+    SyntheticLine(32, 32).write_folder(tmp_path, 2)
+    time.sleep(0.3)
+    assert len(queue) == 0
+    ingest.paused = False
+    assert wait_for(lambda: len(queue) == 2)
+    assert ingest.stats()["discarded"] == 0
+
+
+# --- ZeroMQ ---------------------------------------------------------------------------------------------------------
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A syntactically valid PNG start whose IHDR declares width x height: a decompression bomb's calling card."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def jpeg_with_sof(data: bytes, width: int, height: int) -> bytes:
+    """A real JPEG with its SOF dimensions rewritten."""
+    buf = bytearray(data)
+    pos = 2
+    while True:
+        marker, length = buf[pos + 1], struct.unpack(">H", buf[pos + 2:pos + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2):
+            buf[pos + 5:pos + 9] = struct.pack(">HH", height, width)
+            return bytes(buf)
+        pos += 2 + length
+
+
+def test_encoded_dims_reads_headers_without_decoding():
+    jpeg = real_jpegs(1)[0].read_bytes()
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert encoded_dims(jpeg) == ("jpeg", image.shape[0], image.shape[1])
+    ok, png = cv2.imencode(".png", np.zeros((17, 31), np.uint8))
+    assert encoded_dims(png.tobytes()) == ("png", 17, 31)
+    assert encoded_dims(png_with_header(50_000, 40_000)) == ("png", 40_000, 50_000)
+    assert encoded_dims(jpeg_with_sof(jpeg, 50_000, 50_000)) == ("jpeg", 50_000, 50_000)
+    assert encoded_dims(b"GIF89a....") is None
+    assert encoded_dims(jpeg[:10]) is None
+
+
+def test_zmq_frames_good_and_bad(tmp_path, ingest_threads):
+    endpoint = f"ipc://{tmp_path}/cam0.sock"
+    queue = FrameQueue(64, "block")
+    ingest = start(ingest_threads, camera({"kind": "zmq", "endpoint": endpoint}, max_pixels=10_000_000), queue)
+    jpeg = real_jpegs(1)[0].read_bytes()
+    jpeg_image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    gray = np.arange(48 * 64, dtype=np.uint8).reshape(48, 64)
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+    def header(frame_id, **fields):
+        return json.dumps({"frame_id": frame_id, "t_capture": 1700000000.5, **fields}).encode()
+
+    messages = [
+        ("raw-gray", [header("raw-gray", shape=[48, 64], dtype="uint8", encoding="raw"), gray.tobytes()], None),
+        ("raw-rgb", [header("raw-rgb", shape=[20, 30, 3], dtype="uint8", camera="cam0"), rgb.tobytes()], None),
+        ("jpeg", [header("jpeg", shape=list(jpeg_image.shape), encoding="jpeg"), jpeg], None),
+        ("png", [header("png", encoding="png"), png.tobytes()], None),
+        ("zero", [header("zero", encoding="jpeg"), b""], "empty (0 bytes)"),
+        ("trunc", [header("trunc", encoding="jpeg"), jpeg[: len(jpeg) // 2]], "truncated JPEG"),
+        ("headless", [header("headless", encoding="jpeg"), jpeg[:1] + jpeg[5:]], "no JPEG SOF or PNG IHDR"),
+        ("size", [header("size", shape=[48, 64], dtype="uint8"), gray.tobytes()[:-7]],
+         "payload 3065 bytes, expected 3072 for shape [48, 64]"),
+        ("bomb-png", [header("bomb-png", encoding="png"), png_with_header(50_000, 50_000)],
+         "declares 50000x50000 = 2500000000 pixels, expected at most max_pixels=10000000"),
+        ("bomb-jpeg", [header("bomb-jpeg", encoding="jpeg"), jpeg_with_sof(jpeg, 50_000, 50_000)],
+         "jpeg header declares 50000x50000"),
+        ("bomb-raw", [header("bomb-raw", shape=[50_000, 50_000], dtype="uint8"), b"x"], "expected at most max_pixels"),
+        ("float", [header("float", shape=[4, 4], dtype="float32"), np.full((4, 4), np.nan, np.float32).tobytes()],
+         "dtype 'float32', expected \"uint8\""),
+        ("rgba", [header("rgba", shape=[4, 4, 4], dtype="uint8"), bytes(64)], "4 channels, expected 1 or 3"),
+        ("shape-mismatch", [header("shape-mismatch", shape=[10, 10], encoding="jpeg"), jpeg],
+         "expected header shape [10, 10]"),
+        ("extra", [header("extra", shape=[4, 4], dtype="uint8", exposure=3), bytes(16)],
+         "unknown header field 'exposure'"),
+        ("othercam", [header("othercam", shape=[4, 4], dtype="uint8", camera="cam9"), bytes(16)],
+         "header camera 'cam9'"),
+        ("nodtype", [header("nodtype", shape=[4, 4]), bytes(16)], "raw frame without dtype"),
+        (None, [b"{not json", bytes(16)], "header: not JSON"),
+        (None, [header("one-part")], "message of 1 parts, expected 2"),
+    ]
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(endpoint)
+    try:
+        for _, parts, _ in messages:
+            push.send_multipart(parts)
+        assert wait_for(lambda: len(queue) == len(messages)), ingest.stats()
+    finally:
+        push.close()
+    frames = drain(queue)
+    assert [f.seq for f in frames] == list(range(len(messages)))
+    for (frame_id, _, error), f in zip(messages, frames):
+        if frame_id is not None:
+            assert f.frame_id == frame_id
+        if error is None:
+            assert f.error is None and f.image is not None and f.image.dtype == np.uint8, f.error
+            assert f.t_capture == 1700000000.5
+        else:
+            assert f.image is None and error in f.error, (frame_id, f.error)
+            assert "\n" not in f.error
+    assert np.array_equal(frames[0].image, gray)
+    assert np.array_equal(frames[1].image, rgb)
+    assert np.array_equal(frames[2].image, jpeg_image)
+    assert np.array_equal(frames[3].image, rgb)
+    stats = ingest.stats()
+    assert stats["errors"] == len(messages) - 4 and stats["frames_in"] == len(messages)
+
+
+def test_zmq_endpoint_in_use_keeps_retrying_then_binds(tmp_path, ingest_threads):
+    ctx = zmq.Context.instance()
+    blocker = ctx.socket(zmq.PULL)
+    blocker.linger = 0
+    port = blocker.bind_to_random_port("tcp://127.0.0.1")
+    queue = FrameQueue(4)
+    ingest = start(ingest_threads, camera({"kind": "zmq", "endpoint": f"tcp://127.0.0.1:{port}"}), queue)
+    try:
+        assert wait_for(lambda: ingest.stats()["state"] == "reopening")
+        assert "Address already in use" in ingest.stats()["last_error"]
+    finally:
+        blocker.close()
+    assert wait_for(lambda: ingest.stats()["state"] == "running" and ingest.stats()["reopen_count"] >= 1)
+
+
+# --- OpenCV and the synthetic line ------------------------------------------------------------------------------------
+
+def test_video_file_plays_through_and_ends(tmp_path, ingest_threads):
+    path = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    assert writer.isOpened()
+    for i in range(12):
+        image = np.full((48, 64, 3), 0, np.uint8)
+        image[:, :, 2] = 200  # red in BGR: must come out as red in RGB
+        image[:, : 4 + 4 * i, 1] = 255  # a growing green bar tells the frames apart
+        writer.write(image)
+    writer.release()
+    queue = FrameQueue(32, "block")
+    ingest = start(ingest_threads, camera({"kind": "opencv", "url": str(path)}), queue)
+    assert wait_for(lambda: ingest.stats()["state"] == "ended")
+    frames = drain(queue)
+    assert [f.frame_id for f in frames] == [str(i) for i in range(12)]
+    assert all(f.image.shape == (48, 64, 3) and f.error is None for f in frames)
+    assert frames[0].image[:, 32:, 0].mean() > 150 and frames[0].image[:, 32:, 2].mean() < 50
+    bars = [int((f.image[24, :, 1] > 128).sum()) for f in frames]
+    assert bars == sorted(bars) and bars[-1] > bars[0] + 30
+    assert ingest.stats()["reopen_count"] == 0
+
+
+def test_missing_video_file_is_retried_not_ended(tmp_path, ingest_threads):
+    queue = FrameQueue(4)
+    ingest = start(ingest_threads, camera({"kind": "opencv", "url": str(tmp_path / "none.avi")}), queue)
+    assert wait_for(lambda: ingest.stats()["reopen_count"] >= 2)
+    assert ingest.stats()["state"] == "reopening" and "video file not found" in ingest.stats()["last_error"]
+
+
+def test_synthetic_source_paces_counts_and_knows_the_truth(ingest_threads):
+    queue = FrameQueue(64, "block")
+    t0 = time.monotonic()
+    ingest = start(ingest_threads, camera({"kind": "synthetic", "rate_hz": 50, "count": 20, "width": 96,
+                                           "height": 64, "defect_rate": 0.5, "seed": 3, "encoding": "png"}), queue)
+    assert wait_for(lambda: ingest.stats()["state"] == "ended")
+    elapsed = time.monotonic() - t0
+    assert 0.3 < elapsed < 5, elapsed  # 20 frames at 50 Hz: ~0.38 s
+    frames = drain(queue)
+    assert len(frames) == 20 and all(f.image.shape == (64, 96) for f in frames)
+    truths = [f.truth for f in frames]
+    assert set(truths) == {True, False}
+
+
+def test_live_source_is_read_and_discarded_while_paused(ingest_threads):
+    queue = FrameQueue(64)
+    ingest = start(ingest_threads, camera({"kind": "synthetic", "rate_hz": 100, "width": 32, "height": 32}), queue)
+    ingest.paused = True
+    drain(queue)
+    assert wait_for(lambda: ingest.stats()["discarded"] >= 5)
+    stats = ingest.stats()
+    assert stats["state"] == "paused" and len(queue) <= 1
+    ingest.paused = False
+    assert wait_for(lambda: len(queue) >= 3)
+
+
+def test_synthetic_line_frames_masks_and_speed(tmp_path):
+    line = SyntheticLine(256, 256, channels=1, defect_rate=1.0, seed=0)
+    a, mask_a = line.next()
+    b, mask_b = line.next()
+    assert a.dtype == np.uint8 and a.shape == (256, 256) and not np.array_equal(a, b)
+    assert mask_a.dtype == bool and 0 < mask_a.sum() < 0.05 * mask_a.size
+    # The defect is visible: its pixels differ clearly from the rest of the frame.
+    assert abs(float(a[mask_a].mean()) - float(a[~mask_a].mean())) > 25
+    assert SyntheticLine(64, 64, defect_rate=0.0).next()[1] is None
+    rgb, _ = SyntheticLine(64, 48, channels=3).next()
+    assert rgb.shape == (48, 64, 3)
+
+    line = SyntheticLine(256, 256, defect_rate=0.2, seed=1)
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        line.next()
+    per_frame_ms = (time.perf_counter() - t0) / n * 1e3
+    assert per_frame_ms < 2.0 * 3, per_frame_ms  # budget 2 ms; slack for a CPU shared with other jobs
+
+    paths = SyntheticLine(64, 64, seed=2).write_folder(tmp_path / "good", 5, defect_rate=0.0)
+    assert [p.name for p in paths] == [f"{i:06d}.png" for i in range(5)]
+    assert cv2.imread(str(paths[0]), cv2.IMREAD_UNCHANGED).shape == (64, 64)
+    assert not (tmp_path / "good" / "masks").exists()
+    SyntheticLine(64, 64, seed=2).write_folder(tmp_path / "mixed", 4, defect_rate=1.0)
+    assert len(list((tmp_path / "mixed" / "masks").glob("*_mask.png"))) == 4
