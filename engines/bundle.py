@@ -192,11 +192,13 @@ class Bundle:
         except thresholds_doc.ThresholdsError as exc:
             raise BundleError(str(exc)) from exc
 
-    def replace_file(self, name: str, data: bytes) -> None:
-        """Atomically rewrite one listed file (e.g. thresholds.json after calibration) and its checksum."""
+    def replace_file(self, name: str, data: bytes, add: bool = False) -> None:
+        """Atomically rewrite one listed file (e.g. thresholds.json after calibration) and its checksum; with
+        `add=True` the file may be new and is listed (a TensorRT plan under engines/ from inspectd build-engine)."""
         member = _safe_member(self.path, name)
-        if name not in self.manifest["files"]:
+        if name not in self.manifest["files"] and not add:
             raise BundleError(f"{member}: not listed in the manifest, expected one of {', '.join(self.manifest['files'])}")
+        member.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(member, data)
         manifest = json.loads(json.dumps(self.manifest))
         manifest["files"][name] = hashlib.sha256(data).hexdigest()
