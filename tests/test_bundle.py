@@ -1,0 +1,179 @@
+"""Bundles on disk: a real trained bundle loads; every kind of damage is refused with one BundleError line naming the
+file; thresholds are replaced atomically with their checksum; nothing is ever unpickled."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration import thresholds as thresholds_doc
+from engines.bundle import load_bundle, write_bundle
+from engines.errors import BundleError
+from tiny_dataset import make_tiny_mvtec
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    from engines.train import Progress, train_bundle
+
+    root = make_tiny_mvtec(tmp_path_factory.mktemp("data"), n_train=8)
+    out = tmp_path_factory.mktemp("bundles") / "frozen"
+    train_bundle(root, out, size=(64, 64), k=2, progress=Progress(enabled=False))
+    return out
+
+
+@pytest.fixture()
+def bundle_dir(trained, tmp_path) -> Path:
+    """A fresh copy of the trained bundle for a test to damage."""
+    return Path(shutil.copytree(trained, tmp_path / "bundle"))
+
+
+def rewrite_manifest(bundle_dir: Path, change) -> None:
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    change(manifest)
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def refusal(bundle_dir: Path) -> str:
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle_dir)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_trained_bundle_loads_with_its_contract(trained):
+    bundle = load_bundle(trained)
+    assert re.fullmatch(r"frozen-lite0-[0-9a-f]{8}", bundle.model_id)
+    assert (bundle.method, bundle.backbone, bundle.input_shape, bundle.resize_policy) == \
+        ("frozen", "lite0", (64, 64, 1), "stretch")
+    assert bundle.graph_path == trained / "model.onnx" and bundle.graph_path.is_file()
+    assert bundle.scorer_inputs == ("references",)
+    references = bundle.scorer_params()["references"]
+    assert references.dtype == np.float32 and references.ndim == 4 and 1 <= references.shape[0] <= 2
+    assert "backbone.features.conv_stem.weight" in bundle.weights()
+    thresholds = bundle.thresholds()
+    assert thresholds.version == 1 and thresholds.image_threshold > 0 and thresholds.pixel_threshold > 0
+    assert thresholds.provenance["n_fit"] + thresholds.provenance["n_holdout"] == 8
+    assert bundle.manifest["interrupted"] is False
+
+
+def test_missing_file_is_refused(bundle_dir):
+    (bundle_dir / "scorer.npz").unlink()
+    message = refusal(bundle_dir)
+    assert "scorer.npz" in message and "missing" in message
+
+
+def test_file_missing_from_the_manifest_is_refused(bundle_dir):
+    rewrite_manifest(bundle_dir, lambda m: m["files"].pop("weights.npz"))
+    assert "weights.npz" in refusal(bundle_dir)
+
+
+def test_tampered_file_is_refused(bundle_dir):
+    data = bytearray((bundle_dir / "weights.npz").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle_dir / "weights.npz").write_bytes(bytes(data))
+    message = refusal(bundle_dir)
+    assert "weights.npz" in message and "does not match" in message
+
+
+def test_thresholds_edited_by_hand_are_refused(bundle_dir):
+    doc = json.loads((bundle_dir / "thresholds.json").read_text())
+    doc["image_threshold"] = 1e9
+    (bundle_dir / "thresholds.json").write_text(json.dumps(doc))
+    assert "thresholds.json" in refusal(bundle_dir)
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/hostname", "sub/../../outside.bin"])
+def test_manifest_paths_escaping_the_directory_are_refused(bundle_dir, name):
+    outside = bundle_dir.parent / "outside.bin"
+    outside.write_bytes(b"x")
+    digest = hashlib.sha256(b"x").hexdigest()
+    rewrite_manifest(bundle_dir, lambda m: m["files"].__setitem__(name, digest))
+    message = refusal(bundle_dir)
+    assert name in message and "escapes" in message
+
+
+def test_symlinked_file_is_refused_even_with_the_right_checksum(bundle_dir, tmp_path):
+    real = tmp_path / "elsewhere.json"
+    shutil.copy(bundle_dir / "thresholds.json", real)
+    (bundle_dir / "thresholds.json").unlink()
+    (bundle_dir / "thresholds.json").symlink_to(real)
+    message = refusal(bundle_dir)
+    assert "thresholds.json" in message and "symlink" in message
+
+
+def test_unknown_format_version_is_refused(bundle_dir):
+    rewrite_manifest(bundle_dir, lambda m: m.__setitem__("format_version", 2))
+    message = refusal(bundle_dir)
+    assert "format_version 2" in message and "expected 1" in message
+
+
+def test_not_a_bundle_is_refused(tmp_path):
+    assert "not a directory" in refusal(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    assert "manifest.json" in refusal(tmp_path / "empty")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "manifest.json").write_text("{not json")
+    assert "not valid JSON" in refusal(tmp_path / "junk")
+
+
+def _replace_with_pickled_npz(bundle_dir: Path, name: str, arrays: dict) -> None:
+    path = bundle_dir / name
+    np.savez(path, **arrays)  # an object array is stored pickled
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    rewrite_manifest(bundle_dir, lambda m: m["files"].__setitem__(name, digest))
+
+
+def test_pickled_scorer_npz_is_refused_at_load(bundle_dir):
+    _replace_with_pickled_npz(bundle_dir, "scorer.npz",
+                              {"references": np.array([{"evil": "object"}], dtype=object)})
+    message = refusal(bundle_dir)
+    assert "scorer.npz" in message and "pickled" in message
+
+
+def test_pickled_weights_npz_is_refused_when_read(bundle_dir):
+    _replace_with_pickled_npz(bundle_dir, "weights.npz", {"w": np.array([print], dtype=object)})
+    bundle = load_bundle(bundle_dir)  # checksums fine; weights are read only by the torch backend and export
+    with pytest.raises(BundleError, match=r"weights.npz: holds pickled objects"):
+        bundle.weights()
+
+
+def test_replace_file_rewrites_thresholds_and_checksum_atomically(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    newer = thresholds_doc.next_version(bundle.thresholds(), image_threshold=0.123, provenance={"tool": "test"})
+    before = set(p.name for p in bundle_dir.iterdir())
+    bundle.replace_file("thresholds.json", thresholds_doc.dumps(newer))
+    assert set(p.name for p in bundle_dir.iterdir()) == before  # no temp files left behind
+    reloaded = load_bundle(bundle_dir)
+    assert reloaded.thresholds().version == 2 and reloaded.thresholds().image_threshold == 0.123
+    assert reloaded.manifest["files"]["thresholds.json"] == \
+        hashlib.sha256((bundle_dir / "thresholds.json").read_bytes()).hexdigest()
+    assert reloaded.model_id == bundle.model_id  # thresholds do not change what the model computes
+    with pytest.raises(BundleError, match="not listed in the manifest"):
+        bundle.replace_file("notes.txt", b"x")
+    with pytest.raises(BundleError, match="escapes"):
+        bundle.replace_file("../thresholds.json", b"x")
+
+
+def test_write_bundle_replaces_an_existing_bundle_whole(bundle_dir):
+    old = load_bundle(bundle_dir)
+    params = {"references": old.scorer_params()["references"][:1] * 2}
+    write_bundle(bundle_dir, {k: old.manifest[k] for k in ("method", "backbone", "input", "scorer_inputs",
+                                                           "architecture")},
+                 old.graph_path.read_bytes(), params, old.weights(), old.thresholds())
+    new = load_bundle(bundle_dir)
+    assert new.model_id != old.model_id and new.model_id.startswith("frozen-lite0-")
+    np.testing.assert_array_equal(new.scorer_params()["references"], params["references"])
+    assert not [p for p in bundle_dir.parent.iterdir() if p.name.startswith(f".{bundle_dir.name}.")]
+    with pytest.raises(BundleError, match="scorer params lack references"):
+        write_bundle(bundle_dir, {k: old.manifest[k] for k in ("method", "backbone", "input", "scorer_inputs")},
+                     b"", {}, {}, old.thresholds())
