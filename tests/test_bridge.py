@@ -1,0 +1,348 @@
+"""`inspectd bridge modbus` as a real subprocess between a real ZeroMQ PUB socket and a real pymodbus TCP server.
+
+The server's registers are the PLC's memory; a small PLC-side loop (its own Modbus client, as a PLC program would
+act on its own memory) watches result_valid, records each handed-over result and acknowledges it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+pytest.importorskip("pymodbus", reason="the PLC bridge needs the [plc] extra (pymodbus)")
+from pymodbus.client import ModbusTcpClient  # noqa: E402
+from pymodbus.server import ModbusTcpServer  # noqa: E402
+from pymodbus.simulator import SimData, SimDevice  # noqa: E402
+from pymodbus.simulator.simutils import DataType  # noqa: E402
+
+from inspectd.errors import ConfigError  # noqa: E402
+from inspectd.messages import Region, encode_result, encode_status  # noqa: E402
+from inspectd.plc import DEFAULT_BITS, DEFAULT_REGISTERS, parse_bridge_config, scaled_score  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+REG = DEFAULT_REGISTERS
+BIT = {name: 1 << bit for name, bit in DEFAULT_BITS.items()}
+STATION, CAMERA = "st1", "cam0"
+pytestmark = pytest.mark.timeout(60)
+logging.getLogger("pymodbus").setLevel(logging.WARNING)  # it traces every packet at debug
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Plc:
+    """A pymodbus TCP server on 127.0.0.1 (the PLC's memory) plus the PLC program that acknowledges results."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.loop = asyncio.new_event_loop()
+        self.server = None
+        device = SimDevice(id=1, simdata=[SimData(0, count=32, values=0, datatype=DataType.REGISTERS)])
+
+        async def serve():
+            self.server = ModbusTcpServer(device, address=("127.0.0.1", self.port))
+            await self.server.serve_forever()
+
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(serve(),), daemon=True)
+        self.thread.start()
+        self.client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=2)
+        _wait(self.client.connect, 5, "the Modbus server to listen", interval=0.05)
+        self.received: list[dict] = []  # every result seen with result_valid raised, in order
+        self.acking = threading.Event()
+        self.acking.set()
+        self._stop = threading.Event()
+        self._program = threading.Thread(target=self._scan, daemon=True)
+        self._program.start()
+
+    def registers(self) -> list[int]:
+        reply = self.client.read_holding_registers(0, count=14, device_id=1)
+        assert not reply.isError(), reply
+        return reply.registers
+
+    def field(self, name: str) -> int:
+        regs = self.registers()
+        address = REG[name]
+        return regs[address] << 16 | regs[address + 1] if name in ("inspection_id", "ack") else regs[address]
+
+    def write(self, name: str, value: int) -> None:
+        words = [value >> 16, value & 0xFFFF] if name in ("inspection_id", "ack") else [value]
+        assert not self.client.write_registers(REG[name], words, device_id=1).isError()
+
+    def _scan(self) -> None:
+        # A PLC scan cycle: on result_valid with an id it has not consumed yet, latch the result and echo its id.
+        last = None
+        while not self._stop.is_set():
+            try:
+                regs = self.registers()
+            except Exception:  # noqa: BLE001 - server shutting down at the end of a test
+                return
+            status = regs[REG["status"]]
+            inspection_id = regs[REG["inspection_id"]] << 16 | regs[REG["inspection_id"] + 1]
+            if status & BIT["result_valid"] and inspection_id != last and self.acking.is_set():
+                self.received.append({"id": inspection_id, "code": regs[REG["result_code"]],
+                                      "score": regs[REG["score"]], "regions": regs[REG["region_count"]],
+                                      "pass": bool(status & BIT["pass"]), "fail": bool(status & BIT["fail"]),
+                                      "defect": bool(status & BIT["defect"])})
+                self.write("ack", inspection_id)
+                last = inspection_id
+            time.sleep(0.003)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._program.join(5)
+        self.client.close()
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(5)
+        self.thread.join(5)
+
+
+class Daemon:
+    """The publishing side: a real PUB socket sending encoded results and 1 Hz-style status messages."""
+
+    def __init__(self) -> None:
+        self.context = zmq.Context()
+        self.pub = self.context.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    def status(self) -> None:
+        self.pub.send_multipart(encode_status(STATION, {
+            "t": time.time(), "uptime_s": 1.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
+            "throughput_fps": 10.0, "cameras": {}}))
+
+    def result(self, seq: int, verdict: str = "ok", score: float = 0.2, regions: int = 0,
+               camera: str = CAMERA) -> None:
+        self.pub.send_multipart(encode_result(
+            station=STATION, camera=camera, seq=seq, frame_id=f"f{seq}", t_capture=time.time(),
+            t_publish=time.time(), verdict=verdict, score=None if verdict == "error" else score,
+            threshold=0.5, model_id="m", thresholds_version=1,
+            regions=[Region(1, 2, 3, 4, 12, 0.9)] * regions, latency_ms=1.0, width=64, height=64,
+            error="camera timeout" if verdict == "error" else None))
+
+    def close(self) -> None:
+        self.pub.close()
+        self.context.term()
+
+
+@pytest.fixture
+def plc():
+    station = Plc()
+    yield station
+    station.close()
+
+
+@pytest.fixture
+def daemon():
+    publisher = Daemon()
+    yield publisher
+    publisher.close()
+
+
+@pytest.fixture
+def bridge_config(tmp_path):
+    path = tmp_path / "bridge.yaml"
+    path.write_text("ack_timeout_ms: 300\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 32\n")
+    return path
+
+
+class Bridge:
+    def __init__(self, daemon: Daemon, plc: Plc, config: Path, topic: str = f"inspect.{STATION}.{CAMERA}.") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint", daemon.endpoint,
+             "--plc", f"127.0.0.1:{plc.port}", "--config", str(config), "--topic", topic],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        # Subscribed once the daemon's status messages reach it: trigger_ready rises.
+        def ready():
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            daemon.status()
+            return plc.field("status") & BIT["trigger_ready"]
+        _wait(ready, 20, "the bridge to subscribe (trigger_ready)", interval=0.05)
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=10)
+        assert self.proc.returncode == 0, out
+        return out
+
+
+def test_every_verdict_lands_in_the_registers_in_order(plc, daemon, bridge_config):
+    bridge = Bridge(daemon, plc, bridge_config, topic=f"inspect.{STATION}.")  # the station's every camera
+    try:
+        beat = plc.field("heartbeat")
+        sent = []
+        for seq in range(1, 13):
+            verdict = ("ok", "defect", "error")[seq % 3]
+            daemon.result(seq, verdict, score=seq / 10, regions=seq % 4 if verdict == "defect" else 0)
+            sent.append((seq, verdict))
+        _wait(lambda: len(plc.received) >= len(sent), 15, "12 acknowledged results")
+        assert [r["id"] for r in plc.received] == [seq for seq, _ in sent]
+        for record, (seq, verdict) in zip(plc.received, sent):
+            assert record["code"] == {"ok": 0, "defect": 1, "error": 2}[verdict]
+            assert record["score"] == (0 if verdict == "error" else round(seq / 10 * 1000))
+            assert record["regions"] == (seq % 4 if verdict == "defect" else 0)
+            assert (record["pass"], record["fail"], record["defect"]) == (
+                verdict == "ok", verdict != "ok", verdict == "defect")
+        # After the last ack result_valid falls; nothing missed, no gaps, no alarm; the heartbeat moves.
+        _wait(lambda: not plc.field("status") & BIT["result_valid"], 5, "result_valid to fall after the ack")
+        assert plc.field("missed_acks") == 0 and plc.field("sequence_gaps") == 0
+        assert not plc.field("status") & BIT["alarm"]
+        assert plc.field("heartbeat") > beat
+        # The bridge serves the first camera it saw; another camera's result never reaches this block.
+        daemon.result(13, camera="cam1")
+        daemon.result(13)
+        _wait(lambda: len(plc.received) == 13, 5, "result 13")
+        assert plc.received[-1]["id"] == 13
+    finally:
+        out = bridge.stop()
+    assert "result_refused" in out and "camera=cam1" in out
+
+
+def test_a_plc_that_stops_acking_counts_missed_acks_and_raises_the_alarm(plc, daemon, bridge_config):
+    bridge = Bridge(daemon, plc, bridge_config)
+    try:
+        daemon.result(1)
+        _wait(lambda: len(plc.received) == 1, 5, "the first acknowledged result")
+        plc.acking.clear()
+        daemon.result(2, "defect", regions=1)
+        daemon.result(3)
+        # Each unacknowledged result waits ack_timeout_ms (300 ms), then counts and the bridge moves on.
+        _wait(lambda: plc.field("missed_acks") == 2, 5, "two missed acks")
+        status = plc.field("status")
+        assert status & BIT["alarm"]
+        assert plc.field("inspection_id") == 3
+        # The alarm is latched until the PLC resets it; acking again keeps results flowing.
+        plc.acking.set()
+        daemon.result(4)
+        _wait(lambda: plc.received and plc.received[-1]["id"] == 4, 5, "result 4 after acking resumed")
+        assert plc.field("status") & BIT["alarm"]
+        plc.write("alarm_reset", 1)
+        _wait(lambda: not plc.field("status") & BIT["alarm"], 5, "the alarm to clear after alarm_reset")
+        assert plc.field("alarm_reset") == 0
+        assert plc.field("missed_acks") == 2
+    finally:
+        bridge.stop()
+
+
+def test_a_sequence_gap_is_counted_and_raises_the_alarm(plc, daemon, bridge_config):
+    bridge = Bridge(daemon, plc, bridge_config)
+    try:
+        for seq in (1, 2, 5):
+            daemon.result(seq)
+        _wait(lambda: len(plc.received) == 3, 5, "three results")
+        assert [r["id"] for r in plc.received] == [1, 2, 5]
+        assert plc.field("sequence_gaps") == 2
+        assert plc.field("status") & BIT["alarm"]
+        assert plc.field("missed_acks") == 0
+    finally:
+        bridge.stop()
+
+
+def test_queue_overflow_drops_the_oldest_waiting_results_and_counts_them_as_gaps(plc, daemon, tmp_path):
+    config = tmp_path / "small-queue.yaml"
+    config.write_text("ack_timeout_ms: 3000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 2\n")
+    bridge = Bridge(daemon, plc, config)
+    try:
+        plc.acking.clear()
+        daemon.result(1)
+        _wait(lambda: plc.field("inspection_id") == 1, 5, "result 1 handed over")
+        for seq in range(2, 7):  # arrive while the bridge waits for the ack of 1: only the newest two stay queued
+            daemon.result(seq)
+        time.sleep(0.3)
+        plc.acking.set()
+        _wait(lambda: len(plc.received) == 3, 5, "three results")
+        assert [r["id"] for r in plc.received] == [1, 5, 6]
+        assert plc.field("sequence_gaps") == 3
+        assert plc.field("status") & BIT["alarm"]
+        assert plc.field("missed_acks") == 0
+    finally:
+        out = bridge.stop()
+    assert "overflow_drops=3" in out
+
+
+def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
+    bridge = Bridge(daemon, plc, bridge_config)
+    for seq in (1, 2, 3):
+        daemon.result(seq, "defect", regions=2)
+    _wait(lambda: len(plc.received) == 3, 5, "three results")
+    bridge.stop()
+    assert not plc.field("status") & BIT["result_valid"]
+
+    # The PLC program forgets what it consumed (a PLC restart of its own), so only the bridge's rule prevents a repeat.
+    plc.received.clear()
+    plc.write("status", BIT["result_valid"] | BIT["defect"])  # a stale result_valid from before, as after a crash
+    bridge = Bridge(daemon, plc, bridge_config)
+    try:
+        assert not plc.field("status") & BIT["result_valid"], "result_valid must stay down until a fresh result"
+        for seq in (2, 3):  # replayed, already handed over
+            daemon.result(seq, "ok")
+        daemon.result(4, "ok")
+        _wait(lambda: len(plc.received) >= 1, 5, "the fresh result")
+        time.sleep(0.2)
+        assert [r["id"] for r in plc.received] == [4]
+        assert plc.received[0]["pass"]
+        assert plc.field("sequence_gaps") == 0
+    finally:
+        out = bridge.stop()
+    assert "stale_skipped=2 written=1" in out
+
+
+def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
+    bad = tmp_path / "bridge.yaml"
+    bad.write_text("registers:\n  score: 2\n")
+    for args, expected in [(["--plc", "nohost"], "--plc 'nohost': expected HOST:PORT"),
+                           (["--plc", "127.0.0.1:502", "--config", str(bad)], "registers.score: address 2 overlaps")]:
+        result = subprocess.run([sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint",
+                                 "tcp://127.0.0.1:1", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2
+        assert expected in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bridge_config_errors_name_the_key():
+    cases = [({"registers": {"scroe": 3}}, "bridge.registers.scroe: unknown name"),
+             ({"registers": {"ack": 65535}}, "bridge.registers.ack: a 32-bit register needs two addresses"),
+             ({"status_bits": {"alarm": 1}}, "bridge.status_bits.alarm: bit 1 is already result_valid"),
+             ({"ack_timeout_ms": 0}, "bridge.ack_timeout_ms: expected a number"),
+             ({"queue_size": 0}, "bridge.queue_size: expected an integer"),
+             ({"speed": 1}, "bridge.speed: unknown key"),
+             ({"camera": ""}, "bridge.camera: expected a camera id")]
+    for raw, message in cases:
+        with pytest.raises(ConfigError) as err:
+            parse_bridge_config(raw)
+        assert message in str(err.value), (raw, str(err.value))
+    moved = parse_bridge_config({"registers": {"status": 100, "inspection_id": 101}})
+    assert moved.registers["status"] == 100 and moved.registers["result_code"] == REG["result_code"]
+
+
+def test_scaled_score_is_clamped_to_a_register():
+    assert scaled_score(0.4567, 1000) == 457
+    assert scaled_score(-1.0, 1000) == 0
+    assert scaled_score(1e9, 1000) == 65535
+    assert scaled_score(None, 1000) == 0
+    assert scaled_score(float("nan"), 1000) == 0
