@@ -1,0 +1,80 @@
+"""sd_notify against real AF_UNIX datagram sockets (a path in tmp_path and the abstract namespace)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from inspectd.notify import Notifier
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def listener(tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify.sock"
+    sock.bind(str(path))
+    sock.settimeout(3)
+    yield sock, str(path)
+    sock.close()
+
+
+def test_messages_arrive_on_the_socket(listener):
+    sock, path = listener
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000"})
+    assert notifier.enabled and notifier.watchdog_interval_s() == 3.0
+    assert notifier.ready()
+    assert notifier.status("12.5 frames/s,\n3 published")
+    assert notifier.watchdog()
+    assert notifier.stopping()
+    received = [sock.recv(4096) for _ in range(4)]
+    assert received == [b"READY=1", b"STATUS=12.5 frames/s, 3 published", b"WATCHDOG=1", b"STOPPING=1"]
+    assert notifier.sent == 4
+    notifier.close()
+
+
+def test_abstract_namespace_socket():
+    name = f"inspectd-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(3)
+    try:
+        notifier = Notifier.from_env({"NOTIFY_SOCKET": "@" + name})
+        assert notifier.ready()
+        assert sock.recv(64) == b"READY=1"
+    finally:
+        sock.close()
+
+
+def test_unset_is_a_no_op_and_a_vanished_socket_is_not_fatal(tmp_path):
+    quiet = Notifier.from_env({})
+    assert not quiet.enabled and quiet.watchdog_interval_s() is None
+    assert quiet.ready() is False and quiet.watchdog() is False
+    gone = Notifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "absent.sock")})
+    assert gone.ready() is False and gone.watchdog() is False  # logged once, never raised
+
+
+def test_watchdog_belongs_to_the_named_pid_only():
+    assert Notifier.from_env({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}) \
+        .watchdog_interval_s() == 2.0
+    assert Notifier.from_env({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid() + 1)}) \
+        .watchdog_interval_s() is None
+    assert Notifier.from_env({"WATCHDOG_USEC": "soon"}).watchdog_interval_s() is None
+    assert Notifier.from_env({"WATCHDOG_USEC": "0"}).watchdog_interval_s() is None
+
+
+def test_a_real_child_process_notifies_through_its_environment(listener):
+    sock, path = listener
+    code = ("from inspectd.notify import Notifier; n = Notifier.from_env(); "
+            "n.ready(); n.status('warming up'); n.watchdog() if n.watchdog_interval_s() == 0.5 else None")
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "500000"}
+    env.pop("WATCHDOG_PID", None)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=20,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert [sock.recv(64) for _ in range(3)] == [b"READY=1", b"STATUS=warming up", b"WATCHDOG=1"]
