@@ -34,7 +34,7 @@ class DefectPool:
     source: np.ndarray   # int64 [M]: index of the clean image each variant was made from
     kind: np.ndarray     # int64 [M]: index into `kinds`
     label: np.ndarray    # float32 [M]: SLA soft label of the variant against its clean image
-    changed: np.ndarray  # float32 [M, H, W]: 1 where the pixel changed by more than SLA's eps, else 0
+    changed: np.ndarray  # bool [M, H, W]: pixels that changed by more than SLA's eps (what the label counts)
     kinds: tuple[str, ...]
 
     @classmethod
@@ -44,7 +44,7 @@ class DefectPool:
         m = n * per_image
         kinds = tuple(mix)
         out = np.empty((m,) + images.shape[1:], dtype=np.uint8)
-        changed = np.empty((m,) + images.shape[1:3], dtype=np.float32)
+        changed = np.empty((m,) + images.shape[1:3], dtype=bool)
         source = np.repeat(np.arange(n), per_image)
         kind = np.empty(m, dtype=np.int64)
         label = np.empty(m, dtype=np.float32)
@@ -54,13 +54,6 @@ class DefectPool:
             out[i] = defect.image
             kind[i] = kinds.index(name)
             label[i] = defects.soft_label(images[src], defect.image, defect.region_wh)
-            delta = np.abs(images[src].astype(np.int16) - defect.image).sum(axis=2)
-            changed[i] = delta > eps
+            np.greater(np.abs(images[src].astype(np.int16) - defect.image).sum(axis=2), eps, out=changed[i])
         return cls(out, source, kind, label, changed, kinds)
 
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"{text!r}: expected an integer >= 1")
-    return value
