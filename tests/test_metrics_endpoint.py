@@ -1,0 +1,167 @@
+"""The metrics endpoint scraped over real HTTP (urllib), fed by real camera ingest threads."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from inspectd.config import parse_config
+from inspectd.ingest import CameraIngest, FrameQueue
+from inspectd.metrics import Metrics
+
+pytestmark = pytest.mark.timeout(60)
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(url: str) -> tuple[dict, dict]:
+    """({(name, ((label, value), ...)): value}, {name: type}) from a Prometheus text exposition."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    samples, types = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+            continue
+        if not line or line.startswith("#"):
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not an exposition line: {line!r}"
+        name, labels, value = match.groups()
+        samples[(name, tuple(sorted(LABEL.findall(labels or ""))))] = float(value)
+    return samples, types
+
+
+class Station:
+    """What the daemon gives Metrics: status() with health, engine failures and each camera's ingest stats."""
+
+    def __init__(self, ingests: dict[str, CameraIngest]) -> None:
+        self.ingests = ingests
+        self.failed_batches = 0
+        self.healthy = True
+
+    def status(self) -> dict:
+        return {"healthy": self.healthy, "failed_batches": self.failed_batches,
+                "cameras": {cam: ingest.stats() for cam, ingest in self.ingests.items()}}
+
+
+@pytest.fixture
+def station():
+    config = parse_config({"station": "s", "model": {"bundle": "b"}, "cameras": [
+        {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 1000, "count": 30, "width": 32, "height": 32},
+         "queue": {"size": 10}},
+        {"id": "cam1", "source": {"kind": "synthetic", "rate_hz": 1000, "count": 5, "width": 32, "height": 32},
+         "queue": {"size": 10}},
+    ]})
+    ready = threading.Condition()
+    ingests = {cam.id: CameraIngest(cam, FrameQueue(cam.queue.size, cam.queue.policy, ready))
+               for cam in config.cameras}
+    for ingest in ingests.values():
+        ingest.start()
+    for ingest in ingests.values():
+        ingest.join(10)
+        assert ingest.stats()["state"] == "ended"
+    return Station(ingests)
+
+
+def test_scrape_counters_histograms_and_gauges(station):
+    metrics = Metrics(("127.0.0.1", 0), station)
+    url = metrics.url
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        for _ in range(3):
+            metrics.observe_batch(3, 0.004)
+        metrics.observe_batch(8, 0.02)
+        for latency in (0.003, 0.04, 0.04, 7.0):
+            metrics.observe_result("cam0", "ok", latency)
+        metrics.observe_result("cam0", "defect", 0.2)
+        metrics.observe_result("cam1", "error", 0.001)
+        station.failed_batches = 2
+        samples, types = scrape(metrics.url)
+
+        assert samples[("inspectd_frames_in_total", (("camera", "cam0"),))] == 30
+        assert samples[("inspectd_frames_in_total", (("camera", "cam1"),))] == 5
+        # 30 frames into a queue of 10 that nobody drains: exactly 20 dropped, oldest first.
+        assert samples[("inspectd_frames_dropped_total", (("camera", "cam0"),))] == 20
+        assert samples[("inspectd_frames_dropped_total", (("camera", "cam1"),))] == 0
+        assert samples[("inspectd_frames_error_total", (("camera", "cam0"),))] == 0
+        assert samples[("inspectd_camera_reopen_total", (("camera", "cam1"),))] == 0
+        assert samples[("inspectd_verdicts_total", (("camera", "cam0"), ("verdict", "ok")))] == 4
+        assert samples[("inspectd_verdicts_total", (("camera", "cam0"), ("verdict", "defect")))] == 1
+        assert samples[("inspectd_verdicts_total", (("camera", "cam1"), ("verdict", "error")))] == 1
+        assert samples[("inspectd_engine_failures_total", ())] == 2
+        assert samples[("inspectd_healthy", ())] == 1
+
+        assert samples[("inspectd_batch_size_bucket", (("le", "2"),))] == 0
+        assert samples[("inspectd_batch_size_bucket", (("le", "4"),))] == 3
+        assert samples[("inspectd_batch_size_bucket", (("le", "8"),))] == 4
+        assert samples[("inspectd_batch_size_bucket", (("le", "+Inf"),))] == 4
+        assert samples[("inspectd_batch_size_sum", ())] == 17
+        assert samples[("inspectd_batch_size_count", ())] == 4
+        assert samples[("inspectd_batch_seconds_count", ())] == 4
+        assert samples[("inspectd_batch_seconds_sum", ())] == pytest.approx(0.032)
+
+        cam0 = lambda le: samples[("inspectd_latency_seconds_bucket", (("camera", "cam0"), ("le", le)))]  # noqa
+        assert cam0("0.005") == 1 and cam0("0.05") == 3 and cam0("0.25") == 4 and cam0("5.0") == 4
+        assert cam0("+Inf") == 5
+        assert samples[("inspectd_latency_seconds_count", (("camera", "cam0"),))] == 5
+        assert samples[("inspectd_latency_seconds_count", (("camera", "cam1"),))] == 1
+
+        assert types["inspectd_frames_in_total"] == "counter" and types["inspectd_healthy"] == "gauge"
+        assert types["inspectd_latency_seconds"] == "histogram"
+
+        # Counters only grow between scrapes; health follows the station.
+        station.healthy = False
+        metrics.observe_result("cam0", "ok", 0.01)
+        again, _ = scrape(metrics.url)
+        assert again[("inspectd_verdicts_total", (("camera", "cam0"), ("verdict", "ok")))] == 5
+        assert again[("inspectd_healthy", ())] == 0
+    finally:
+        metrics.stop()
+    assert metrics.url is None
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=2)
+
+
+def test_hot_path_is_thread_safe_and_cheap():
+    metrics = Metrics(None)
+    threads = [threading.Thread(target=lambda: [metrics.observe_result("cam0", "ok", 0.01) for _ in range(20000)])
+               for _ in range(4)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    per_call_us = (time.perf_counter() - t0) / 80000 * 1e6
+    text = metrics.render()
+    assert 'inspectd_verdicts_total{camera="cam0",verdict="ok"} 80000' in text
+    assert 'inspectd_latency_seconds_count{camera="cam0"} 80000' in text
+    assert per_call_us < 50, per_call_us
+
+
+def test_unknown_path_is_404_and_a_busy_port_fails_clearly():
+    metrics = Metrics(("127.0.0.1", 0))
+    try:
+        host, port = metrics.address
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://{host}:{port}/", timeout=5)
+        assert info.value.code == 404
+        with pytest.raises(OSError, match=rf"^metrics.listen 127.0.0.1:{port}: cannot listen"):
+            Metrics(("127.0.0.1", port))
+    finally:
+        metrics.stop()
+
+
+def test_label_values_are_escaped():
+    metrics = Metrics(None)
+    metrics.observe_result('cam"1\\x', "ok", 0.1)
+    assert 'inspectd_verdicts_total{camera="cam\\"1\\\\x",verdict="ok"} 1' in metrics.render()
