@@ -39,9 +39,9 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     backend: str = "onnxruntime"
-    # The backend's own Options dataclass when its module imports at config time; otherwise the raw mapping, which
-    # the daemon validates (and fails on, clearly) when it opens the engine.
-    options: Any = dataclasses.field(default_factory=dict)
+    # A plain mapping, as engines.runtime.open_engine takes it. Validated here by the backend's own parse_options
+    # when its module imports at config time; otherwise the daemon fails on it, clearly, when it opens the engine.
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,12 +279,12 @@ def _parse_engine(r: _Reader, raw: Any) -> EngineConfig:
             return EngineConfig(backend=backend, options=dict(options))
         raise ConfigError(f"engine.backend: {exc}") from None
     try:
-        parsed = cls.parse_options(options, where="engine.options")
+        cls.parse_options(options, where="engine.options")
     except EngineError as exc:
         raise ConfigError(str(exc)) from None
     except TypeError as exc:  # a required option missing: the dataclass constructor says which
         raise ConfigError(f"engine.options: {exc}") from None
-    return EngineConfig(backend=backend, options=parsed)
+    return EngineConfig(backend=backend, options=dict(options))
 
 
 def _parse_camera(r: _Reader, raw: Any, where: str) -> CameraConfig:

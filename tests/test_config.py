@@ -68,6 +68,8 @@ BAD_VALUES = [
     (["model", "bundle"], 3, "model.bundle"),
     (["engine", "backend"], "cuda", "engine.backend"),
     (["engine", "options"], [1], "engine.options"),
+    (["engine", "options"], {"intra_op_threads": "two"}, "engine.options.intra_op_threads"),
+    (["engine", "options"], {"bogus": 1}, "engine.options.bogus"),
     (["batching", "max_batch"], 0, "batching.max_batch"),
     (["batching", "max_batch"], 257, "batching.max_batch"),
     (["batching", "max_batch"], True, "batching.max_batch"),
@@ -185,6 +187,13 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     assert config.cameras[0].source.done_dir == tmp_path / "conf" / "done"
     assert config.publish.journal.path == tmp_path / "conf" / "j.log"
     assert config.control.endpoint == f"ipc://{tmp_path / 'conf' / 'state'}/control.sock"
+
+
+def test_engine_options_are_validated_by_the_backend_and_kept_as_a_mapping():
+    config = parse_config(with_value(["engine"], {"backend": "onnxruntime", "options": {"intra_op_threads": 2}}))
+    assert config.engine.options == {"intra_op_threads": 2}
+    with pytest.raises(ConfigError, match=r"^engine.options.providers: expected str, got 5$"):
+        parse_config(with_value(["engine"], {"backend": "onnxruntime", "options": {"providers": 5}}))
 
 
 def test_config_is_frozen():
