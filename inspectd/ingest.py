@@ -44,6 +44,7 @@ READ_TIMEOUT_S = 0.1  # longest a source read blocks, so stop() and pause are no
 # A folder file that looks cut short is taken as still being written (a writer that paused for longer than a poll)
 # until it has been left alone this long; only then is it published as a truncated frame.
 WRITE_GRACE_S = 2.0
+STREAM_TIMEOUT_MS = 5000  # network video streams: how long open and each read may block
 
 
 class FrameQueue:
@@ -543,8 +544,15 @@ class VideoCaptureSource(Source):
         target = self.spec.target
         if self.finite and not Path(target).is_file():
             raise FileNotFoundError(f"{target}: video file not found")
-        cap = cv2.VideoCapture(target, cv2.CAP_GSTREAMER) if self.spec.pipeline is not None \
-            else cv2.VideoCapture(target)
+        if self.spec.pipeline is not None:
+            cap = cv2.VideoCapture(target, cv2.CAP_GSTREAMER)
+        elif self.spec.url is not None and not self.finite:
+            # A dead RTSP/HTTP peer would otherwise block open/read for FFmpeg's default (tens of seconds), and with
+            # it stop() and the reopen backoff.
+            cap = cv2.VideoCapture(target, cv2.CAP_ANY, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
+                                                         cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS])
+        else:
+            cap = cv2.VideoCapture(target)
         if not cap.isOpened():
             cap.release()
             raise OSError(f"{target}: cv2.VideoCapture cannot open it")
