@@ -115,7 +115,12 @@ class SourceFatal(Exception):
 
 
 class CameraIngest:
-    """The thread that keeps one camera's frames flowing into its queue."""
+    """The thread that keeps one camera's frames flowing into its queue.
+
+    `stats()["state"]`: running | reopening (failed, waiting out the backoff) | paused | ended (a finite source is
+    done) | failed (misconfigured beyond retrying) | stopped (after stop()). `reopen_count` counts reopen attempts.
+    Frames get `seq` from `first_seq` up, with no gaps among the frames queued.
+    """
 
     def __init__(self, camera: cfg.CameraConfig, queue: FrameQueue, first_seq: int = 0,
                  clock: Callable[[], float] = time.time, backoff_s: tuple[float, float] = (BACKOFF_FIRST_S,
@@ -196,10 +201,6 @@ class CameraIngest:
                     if self._stop.wait(delay):
                         break
                     self.reopen_count += 1
-        except BaseException as exc:  # a bug in ingest itself: say so once, leave the thread visibly failed
-            self.last_error = _one_line(exc)
-            self._set_state("failed", error=self.last_error)
-            raise
         finally:
             self._source.close()
             if self.state not in ("ended", "failed"):
