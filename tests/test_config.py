@@ -41,7 +41,7 @@ def test_example_file_loads_with_every_source_kind():
     assert config.station == "line1"
     kinds = [type(c.source) for c in config.cameras]
     assert kinds == [SyntheticSource, FolderSource, ZmqSource, OpenCVSource]
-    assert config.model.bundle == EXAMPLE.parent.parent / "runs" / "bundle"
+    assert config.model.bundle == Path("/var/lib/inspectd/bundles/current")
     assert config.cameras[1].queue.policy == "block"
     assert config.metrics.address == ("127.0.0.1", 9108)
 
