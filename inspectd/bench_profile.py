@@ -1,0 +1,57 @@
+"""Run an `inspectd` command under cProfile in every thread, writing one merged pstats file.
+
+`python -m cProfile -o OUT -m inspectd run ...` profiles only the main thread, which in the daemon just waits for
+signals: the work happens on the ingest, inference and publish threads. This launcher installs a profiler in each
+thread as it starts (threading.setprofile) and merges them all when the command returns.
+
+    python -m inspectd.bench_profile OUT.pstats run --config inspectd.yaml
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+import threading
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print("usage: python -m inspectd.bench_profile OUT.pstats COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    out, command = argv[0], argv[1:]
+    profilers: list[cProfile.Profile] = []
+    lock = threading.Lock()
+
+    def start_in_thread(*_):
+        # Called once as each new thread starts: hand the thread over to its own C-level profiler.
+        profiler = cProfile.Profile()
+        with lock:
+            profilers.append(profiler)
+        sys.setprofile(None)
+        profiler.enable()
+
+    threading.setprofile(start_in_thread)
+    main_profiler = cProfile.Profile()
+    main_profiler.enable()
+    try:
+        from inspectd.cli import main as cli_main
+
+        code = cli_main(command)
+    finally:
+        main_profiler.disable()
+        threading.setprofile(None)
+        stats = pstats.Stats(main_profiler)
+        with lock:
+            for profiler in profilers:
+                profiler.disable()  # stops only this thread's hook; a finished thread's data is complete
+                try:
+                    stats.add(profiler)
+                except TypeError:   # a thread that never made a call has no stats yet
+                    pass
+        stats.dump_stats(out)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,82 @@
+"""Smoke tests of `inspectd bench engine` and `inspectd bench naive` on a tiny real bundle (64x64, trained on a few
+magnetic-tile images): each prints a Markdown table of positive figures and writes valid JSON. No speed is asserted:
+speed goals are met in benchmark runs that print figures (docs/PERFORMANCE.md), never in timed tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_dataset import require_data
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    from engines.train import Progress, train_bundle
+
+    data = require_data()
+    images = tmp_path_factory.mktemp("good")
+    for path in sorted((data / "train" / "good").iterdir())[:4]:
+        (images / path.name).symlink_to(path)
+    result = train_bundle(images, tmp_path_factory.mktemp("bundle") / "b64", method="frozen", backbone="lite0",
+                          size=(64, 64), progress=Progress(enabled=False))
+    return result.bundle
+
+
+def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inspectd", "bench", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """Body rows of the first Markdown table printed."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+    assert len(lines) >= 3, f"no Markdown table in:\n{stdout}"
+    assert set(lines[1].replace("|", "")) == {"-"}
+    return [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines[2:]]
+
+
+def test_bench_engine_prints_table_and_json(tiny_bundle, tmp_path):
+    out = tmp_path / "engine.json"
+    proc = bench("engine", str(tiny_bundle), "--batch", "1,2", "--windows", "1", "--window-s", "0.2",
+                 "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = table_rows(proc.stdout)
+    assert [r[1] for r in rows] == ["1", "2"]
+    for row in rows:
+        assert row[0] == "64x64x1"
+        assert float(row[2]) > 0 and float(row[4]) > 0 and float(row[6]) > 0  # frames/s, latency, CPU per frame
+    report = json.loads(out.read_text())
+    assert report["kind"] == "engine" and report["peak_rss_mb"] > 0
+    (size,) = report["sizes"]
+    assert size["input"] == [64, 64, 1] and size["trained_for_bench"] is False
+    for row in size["rows"]:
+        assert row["fps"]["median"] > 0 and row["latency_ms"]["p50"] > 0 and row["frames"] >= row["batch"]
+        assert row["fps"]["min"] <= row["fps"]["median"] <= row["fps"]["max"]
+    assert report["best"]["batch"] in (1, 2)
+
+
+def test_bench_naive_on_five_synthetic_frames(tiny_bundle):
+    proc = bench("naive", str(tiny_bundle), "--synthetic", "5", "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    table, _, json_text = proc.stdout.partition("\n{")
+    (row,) = table_rows(table)
+    assert row[0].startswith("naive") and row[1] == "5"
+    assert float(row[2]) > 0 and float(row[3]) > 0
+    report = json.loads("{" + json_text)
+    assert report["frames"] == 5 and report["fps"] > 0 and report["latency_ms"]["n"] == 5
+    assert report["received"] == 5  # every published result reached the subscriber
+
+
+def test_bench_naive_refuses_an_empty_frames_folder(tiny_bundle, tmp_path):
+    proc = bench("naive", str(tiny_bundle), "--frames", str(tmp_path), timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and str(tmp_path) in proc.stderr and "expected" in proc.stderr
