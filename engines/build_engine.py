@@ -32,8 +32,7 @@ import numpy as np
 from engines import cuda_buffers
 from engines.bundle import Bundle, load_bundle
 from engines.errors import EngineError
-from engines.trt_plan import (INSTALL_HINT, PlanInfo, import_tensorrt, plan_name, sidecar_name, slug,
-                              tensorrt_major)
+from engines.trt_plan import INSTALL_HINT, PlanInfo, import_tensorrt, plan_name, sidecar_name, slug, tensorrt_major
 
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto data types
 PIXELS = "pixels"
@@ -72,16 +71,17 @@ def cast_pixels_first(model, to: int):
     return model
 
 
-def prepare_graph(bundle: Bundle, precision: str, destination: Path) -> tuple[Path, set[str]]:
-    """Write the graph TensorRT parses; also return the names of the backbone/head nodes (the feature region)."""
+def prepare_graph(bundle: Bundle, variant: str, destination: Path) -> tuple[Path, set[str]]:
+    """Write the graph TensorRT parses (`variant` "fp32" or "fp16"); also return the names of the backbone/head
+    nodes (the feature region)."""
     onnx = import_onnx()
     from engines.half_precision import feature_region, to_fp16_variant
 
     model = onnx.load(str(bundle.graph_path))
     region = {model.graph.node[i].name for i in feature_region(model, PIXELS, bundle.scorer_inputs)}
-    if precision == "fp16":
+    if variant == "fp16":
         model = to_fp16_variant(model, PIXELS, bundle.scorer_inputs)
-    model = cast_pixels_first(model, FLOAT16 if precision == "fp16" else FLOAT)
+    model = cast_pixels_first(model, FLOAT16 if variant == "fp16" else FLOAT)
     onnx.checker.check_model(model)
     onnx.save(model, str(destination))
     return destination, region
@@ -170,6 +170,24 @@ def _pin_outside_region_to_fp32(trt, network, region: set[str]) -> int:
     return pinned
 
 
+def precision_recipe(tensorrt_version: str, precision: str) -> tuple[bool, str]:
+    """(strongly typed network?, graph variant "fp32"/"fp16") for `precision` on this TensorRT, or EngineError.
+
+    Pure: the TensorRT 10 vs 11 decision is testable without TensorRT."""
+    major = tensorrt_major(tensorrt_version)
+    if major < 10:
+        raise EngineError(f"TensorRT {tensorrt_version}: expected 10 or 11")
+    if precision == "int8":
+        if major >= 11:
+            raise EngineError(f"--int8: TensorRT {tensorrt_version} removed implicit INT8 calibration "
+                              "(int8_calibrator) in favour of Q/DQ nodes in the graph, which inspectd does not "
+                              "export: use --fp16, or TensorRT 10")
+        return False, "fp32"
+    if precision not in ("fp32", "fp16"):
+        raise EngineError(f"precision {precision!r}: expected fp32, fp16 or int8")
+    return True, precision
+
+
 def build_plan(bundle_path: str | Path, precision: str = "fp32", max_batch: int = 8, opt_batch: int | None = None,
                streams: int = 2, workspace_mb: int = DEFAULT_WORKSPACE_MB, timing_cache: str | Path | None = None,
                calibration_data: str | Path | None = None, device: int = 0, log=print) -> Path:
@@ -188,12 +206,7 @@ def build_plan(bundle_path: str | Path, precision: str = "fp32", max_batch: int 
 
     trt = import_tensorrt()
     version = trt.__version__
-    major = tensorrt_major(version)
-    if major < 10:
-        raise EngineError(f"TensorRT {version}: expected 10 or 11")
-    if precision == "int8" and major >= 11:
-        raise EngineError(f"--int8: TensorRT {version} removed implicit INT8 calibration (int8_calibrator) in favour "
-                          "of Q/DQ nodes in the graph, which inspectd does not export: use --fp16, or TensorRT 10")
+    strongly_typed, graph_variant = precision_recipe(version, precision)
     cuda_buffers.import_cudart()
     gpu_name, capability = cuda_buffers.select_device(device)
     bundle = load_bundle(bundle_path)
@@ -206,12 +219,11 @@ def build_plan(bundle_path: str | Path, precision: str = "fp32", max_batch: int 
     started = time.monotonic()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    weakly_typed = precision == "int8"
-    flags = 0 if weakly_typed else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     with tempfile.TemporaryDirectory(prefix="inspectd-trt-") as tmp:
-        graph, region = prepare_graph(bundle, precision, Path(tmp) / "model.onnx")
+        graph, region = prepare_graph(bundle, graph_variant, Path(tmp) / "model.onnx")
         if not parser.parse_from_file(str(graph)):
             errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
             raise EngineError(f"{bundle.graph_path}: TensorRT's ONNX parser refused it ({errors})")
@@ -228,7 +240,7 @@ def build_plan(bundle_path: str | Path, precision: str = "fp32", max_batch: int 
             raise EngineError("TensorRT add_optimization_profile refused the batch profile (see the log above)")
 
     calibrator = None
-    if weakly_typed:
+    if precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)

@@ -56,8 +56,10 @@ class _Slot:
         self.context = engine.create_execution_context()
         if self.context is None:
             raise EngineError("TensorRT create_execution_context failed (out of GPU memory?)")
-        if index and not self.context.set_optimization_profile_async(index, self.stream.address):
-            raise EngineError(f"TensorRT set_optimization_profile_async({index}) refused")
+        if index:
+            if not self.context.set_optimization_profile_async(index, self.stream.address):
+                raise EngineError(f"TensorRT set_optimization_profile_async({index}) refused")
+            self.stream.synchronize()
         self.host_pixels = cuda_buffers.PinnedBuffer((max_batch, *input_shape), np.uint8)
         self.host_score = cuda_buffers.PinnedBuffer((max_batch,), np.float32)
         self.host_map = cuda_buffers.PinnedBuffer((max_batch, height, width), np.float32)
