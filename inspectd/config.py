@@ -396,7 +396,8 @@ class _Reader:
             raise ConfigError(f"{where or '<top>'}: expected a mapping, got {_show(raw)}")
         for key in raw:
             if key not in allowed:
-                raise ConfigError(f"{self.key_path(where, str(key))}: unknown key (known: {', '.join(sorted(allowed))})")
+                known = ", ".join(sorted(allowed))
+                raise ConfigError(f"{self.key_path(where, str(key))}: unknown key (known: {known})")
         return raw
 
     def _get(self, d: dict, key: str, where: str, default: Any, nullable: bool) -> tuple[bool, Any]:

@@ -179,7 +179,8 @@ class ControlTimeout(InspectdError):
 class ControlClient:
     """REQ client. After a timeout the REQ socket is stuck mid-exchange, so it is replaced by a fresh one."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 5.0, curve: Callable[[zmq.Socket], None] | None = None) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = 5.0,
+                 curve: Callable[[zmq.Socket], None] | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.curve = curve

@@ -231,46 +231,98 @@ JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0x
 
 
 def encoded_dims(data: bytes | memoryview) -> tuple[str, int, int] | None:
-    """(format, height, width) from a PNG IHDR or JPEG SOF header without decoding anything; None if neither."""
+    """(format, height, width) read from a PNG, JPEG, BMP or TIFF header without decoding anything; None if none."""
     view = memoryview(data)
-    if len(view) >= 24 and view[:8] == PNG_SIGNATURE and view[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", view[16:24])
-        return "png", height, width
-    if len(view) >= 4 and view[0] == 0xFF and view[1] == 0xD8:
-        pos = 2
-        while pos + 4 <= len(view):
-            if view[pos] != 0xFF:
-                return None
-            marker = view[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # standalone markers carry no length
-                pos += 2
-                continue
-            (length,) = struct.unpack(">H", view[pos + 2:pos + 4])
-            if marker in JPEG_SOF:
-                if pos + 9 > len(view):
-                    return None
-                height, width = struct.unpack(">HH", view[pos + 5:pos + 9])
-                return "jpeg", height, width
-            pos += 2 + length
-        return None
+    if view[:8] == PNG_SIGNATURE:
+        return _png_dims(view)
+    if view[:2] == b"\xff\xd8":
+        return _jpeg_dims(view)
+    if view[:2] == b"BM":
+        return _bmp_dims(view)
+    if view[:4] in (b"II*\0", b"MM\0*"):
+        return _tiff_dims(view)
     return None
+
+
+def _png_dims(view: memoryview) -> tuple[str, int, int] | None:
+    if len(view) < 24 or view[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", view[16:24])
+    return "png", height, width
+
+
+def _jpeg_dims(view: memoryview) -> tuple[str, int, int] | None:
+    pos = 2
+    while pos + 4 <= len(view):
+        if view[pos] != 0xFF:
+            return None
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers carry no length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", view[pos + 2:pos + 4])
+        if marker in JPEG_SOF:
+            if pos + 9 > len(view):
+                return None
+            height, width = struct.unpack(">HH", view[pos + 5:pos + 9])
+            return "jpeg", height, width
+        pos += 2 + length
+    return None
+
+
+def _bmp_dims(view: memoryview) -> tuple[str, int, int] | None:
+    if len(view) < 26:
+        return None
+    (header_size,) = struct.unpack("<I", view[14:18])
+    if header_size == 12:  # OS/2 BITMAPCOREHEADER
+        width, height = struct.unpack("<HH", view[18:22])
+    else:
+        width, height = struct.unpack("<ii", view[18:26])
+    return "bmp", abs(height), abs(width)  # negative height: rows stored top-down
+
+
+def _tiff_dims(view: memoryview) -> tuple[str, int, int] | None:
+    """Width and length tags of the first image file directory."""
+    order = "<" if view[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "I", view[4:8])
+    if ifd + 2 > len(view):
+        return None
+    (entries,) = struct.unpack(order + "H", view[ifd:ifd + 2])
+    dims: dict[int, int] = {}
+    for i in range(entries):
+        at = ifd + 2 + 12 * i
+        if at + 12 > len(view):
+            return None
+        tag, kind = struct.unpack(order + "HH", view[at:at + 4])
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            fmt, size = ("H", 2) if kind == 3 else ("I", 4)
+            (dims[tag],) = struct.unpack(order + fmt, view[at + 8:at + 8 + size])
+    if 256 not in dims or 257 not in dims:
+        return None
+    return "tiff", dims[257], dims[256]
 
 
 class IncompleteImage(DataError):
     """Empty or cut short: for a file, possibly one still being written."""
 
 
-def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int) -> np.ndarray:
-    """Decode an encoded frame, refusing (DataError) empty, truncated, unknown-format and oversized ones first."""
+def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int,
+                     expected: str | None = None) -> np.ndarray:
+    """Decode an encoded frame, refusing (DataError) empty, truncated, unknown-format and oversized ones first.
+
+    `expected` ("jpeg", "png"): the format the sender declared; anything else is refused."""
     if len(data) == 0:
-        raise IncompleteImage(f"{what}: empty (0 bytes), expected an encoded JPEG/PNG image")
+        raise IncompleteImage(f"{what}: empty (0 bytes), expected an encoded {expected or 'JPEG/PNG/BMP/TIFF'} image")
     dims = encoded_dims(data)
     if dims is None:
-        raise DataError(f"{what}: no JPEG SOF or PNG IHDR header found, expected a complete JPEG or PNG image")
+        raise DataError(f"{what}: no image header found (JPEG SOF, PNG IHDR, BMP or TIFF), expected a complete "
+                        f"{expected or 'JPEG/PNG/BMP/TIFF'} image")
     fmt, height, width = dims
+    if expected is not None and fmt != expected:
+        raise DataError(f"{what}: payload is {fmt}, expected {expected} as the header's encoding says")
     if height * width > max_pixels:
         raise DataError(f"{what}: {fmt} header declares {width}x{height} = {width * height} pixels, "
                         f"expected at most max_pixels={max_pixels}")
@@ -282,6 +334,8 @@ def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int) -> np
         raise IncompleteImage(f"{what}: truncated JPEG (no end-of-image marker), expected a complete file")
     if fmt == "png" and not tail.endswith(PNG_IEND):
         raise IncompleteImage(f"{what}: truncated PNG (no IEND chunk), expected a complete file")
+    if fmt == "bmp" and len(data) < struct.unpack("<I", memoryview(data)[2:6])[0]:
+        raise IncompleteImage(f"{what}: truncated BMP (shorter than its header's file size), expected a complete file")
     return decode_image(np.frombuffer(data, dtype=np.uint8), what=what)
 
 
@@ -481,7 +535,8 @@ class ZmqPullSource(Source):
         what = f"frame {frame_id}"
         unknown = sorted(set(header) - HEADER_FIELDS)
         if unknown:
-            raise DataError(f"{what}: unknown header field {unknown[0]!r}, expected only {', '.join(sorted(HEADER_FIELDS))}")
+            known = ", ".join(sorted(HEADER_FIELDS))
+            raise DataError(f"{what}: unknown header field {unknown[0]!r}, expected only {known}")
         if "frame_id" not in header:
             raise DataError(f"{what}: header has no frame_id, expected a string or integer")
         if not isinstance(header["frame_id"], (str, int)) or isinstance(header["frame_id"], bool):
@@ -521,7 +576,7 @@ class ZmqPullSource(Source):
             # Zero-copy: the array views the received message, which it keeps alive.
             image = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
             return image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-        image = check_and_decode(payload, what, self.camera.max_pixels)
+        image = check_and_decode(payload, what, self.camera.max_pixels, expected=encoding)
         if shape is not None:
             h, w = shape[0], shape[1]
             c = shape[2] if len(shape) == 3 else 1

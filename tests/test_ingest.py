@@ -250,6 +250,11 @@ def test_encoded_dims_reads_headers_without_decoding():
     assert encoded_dims(png.tobytes()) == ("png", 17, 31)
     assert encoded_dims(png_with_header(50_000, 40_000)) == ("png", 40_000, 50_000)
     assert encoded_dims(jpeg_with_sof(jpeg, 50_000, 50_000)) == ("jpeg", 50_000, 50_000)
+    ok, bmp = cv2.imencode(".bmp", np.zeros((13, 21, 3), np.uint8))
+    assert encoded_dims(bmp.tobytes()) == ("bmp", 13, 21)
+    for size in ((9, 300), (700, 5)):  # SHORT and LONG dimension tags
+        ok, tiff = cv2.imencode(".tiff", np.zeros(size, np.uint8))
+        assert encoded_dims(tiff.tobytes()) == ("tiff", *size)
     assert encoded_dims(b"GIF89a....") is None
     assert encoded_dims(jpeg[:10]) is None
 
@@ -274,13 +279,14 @@ def test_zmq_frames_good_and_bad(tmp_path, ingest_threads):
         ("png", [header("png", encoding="png"), png.tobytes()], None),
         ("zero", [header("zero", encoding="jpeg"), b""], "empty (0 bytes)"),
         ("trunc", [header("trunc", encoding="jpeg"), jpeg[: len(jpeg) // 2]], "truncated JPEG"),
-        ("headless", [header("headless", encoding="jpeg"), jpeg[:1] + jpeg[5:]], "no JPEG SOF or PNG IHDR"),
+        ("headless", [header("headless", encoding="jpeg"), jpeg[:1] + jpeg[5:]], "no image header found"),
         ("size", [header("size", shape=[48, 64], dtype="uint8"), gray.tobytes()[:-7]],
          "payload 3065 bytes, expected 3072 for shape [48, 64]"),
         ("bomb-png", [header("bomb-png", encoding="png"), png_with_header(50_000, 50_000)],
          "declares 50000x50000 = 2500000000 pixels, expected at most max_pixels=10000000"),
         ("bomb-jpeg", [header("bomb-jpeg", encoding="jpeg"), jpeg_with_sof(jpeg, 50_000, 50_000)],
          "jpeg header declares 50000x50000"),
+        ("png-as-jpeg", [header("png-as-jpeg", encoding="jpeg"), png.tobytes()], "payload is png, expected jpeg"),
         ("bomb-raw", [header("bomb-raw", shape=[50_000, 50_000], dtype="uint8"), b"x"], "expected at most max_pixels"),
         ("float", [header("float", shape=[4, 4], dtype="float32"), np.full((4, 4), np.nan, np.float32).tobytes()],
          "dtype 'float32', expected \"uint8\""),
@@ -337,6 +343,27 @@ def test_zmq_endpoint_in_use_keeps_retrying_then_binds(tmp_path, ingest_threads)
     finally:
         blocker.close()
     assert wait_for(lambda: ingest.stats()["state"] == "running" and ingest.stats()["reopen_count"] >= 1)
+
+
+def test_folder_decodes_bmp_and_tiff_and_refuses_bad_files(tmp_path, ingest_threads):
+    image = SyntheticLine(40, 30, channels=3, seed=4).next()[0]
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    assert cv2.imwrite(str(tmp_path / "a.bmp"), bgr) and cv2.imwrite(str(tmp_path / "b.tiff"), bgr)
+    ok, png = cv2.imencode(".png", bgr)
+    (tmp_path / "c.png").write_bytes(png.tobytes()[:-30])
+    (tmp_path / "d.png").write_bytes(png_with_header(60_000, 60_000))
+    (tmp_path / "e.gif").write_bytes(b"GIF89a" + bytes(64))
+    old = time.time() - 60  # long untouched: a cut-short file here is broken, not still being written
+    for i, name in enumerate(["a.bmp", "b.tiff", "c.png", "d.png", "e.gif"]):
+        os.utime(tmp_path / name, (old + i, old + i))
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 20}), queue)
+    assert wait_for(lambda: len(queue) == 5)
+    a, b, c, d, e = drain(queue)
+    assert np.array_equal(a.image, image) and np.array_equal(b.image, image)
+    assert c.image is None and c.error == "c.png: truncated PNG (no IEND chunk), expected a complete file"
+    assert d.image is None and "expected at most max_pixels=50000000" in d.error
+    assert e.image is None and e.error.startswith("e.gif: no image header found")
 
 
 # --- OpenCV and the synthetic line ------------------------------------------------------------------------------------
