@@ -1,0 +1,360 @@
+"""The daemon as a real process: `python -m inspectd run --config ...` with real sources, a real SUB socket, a real
+REQ control socket, real signals and a real systemd notify socket.
+
+A tiny frozen bundle (64x64) is trained once per session on the synthetic line and calibrated so planted defects
+(dark blobs pasted into line frames) score above the image threshold and plain line frames below it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+import zmq
+
+from inspectd.control import ControlClient
+from inspectd.messages import Result
+from inspectd.subscribe import Subscriber
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+FRAME = 128
+MODEL = 64
+REPO = Path(__file__).resolve().parents[1]
+
+
+def blob(image: np.ndarray, seed: int) -> np.ndarray:
+    """A dark spot (a pit or stain) pasted at a seeded place."""
+    rng = np.random.default_rng(seed)
+    y, x = (int(v) for v in rng.integers(16, FRAME - 40, 2))
+    out = image.copy()
+    out[y:y + 24, x:x + 24] = 10
+    return out
+
+
+@pytest.fixture(scope="session")
+def line_frames():
+    from engines.synthline import SyntheticLine
+
+    line = SyntheticLine(FRAME, FRAME, defect_rate=0.0, seed=7)
+    return [line.next()[0] for _ in range(80)]
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory, line_frames):
+    from calibration import thresholds as thresholds_doc
+    from engines.bundle import load_bundle
+    from engines.train import Progress, train_bundle
+    from inspectd.frames import Frame
+    from inspectd.inference import InferenceStage, ModelState
+
+    root = tmp_path_factory.mktemp("model")
+    good = root / "good"
+    good.mkdir()
+    for i, image in enumerate(line_frames[:32]):
+        cv2.imwrite(str(good / f"{i:03d}.png"), image)
+    path = train_bundle(good, root / "bundle", method="frozen", size=(MODEL, MODEL), holdout=0.0,
+                        progress=Progress(enabled=False)).bundle
+    # Calibrate on frames the model did not train on: halfway between the worst good and the mildest blob.
+    stage = InferenceStage(ModelState.open(path, "onnxruntime", {}, 8), max_batch=8)
+    frames = [Frame("c", i, "", 0.0, img) for i, img in enumerate(line_frames[32:48])]
+    frames += [Frame("c", i, "", 0.0, blob(img, i)) for i, img in enumerate(line_frames[48:56])]
+    scores = [j.score for k in range(0, len(frames), 8) for j in stage.run_batch(frames[k:k + 8])]
+    worst_good, mildest_blob = max(scores[:16]), min(scores[16:])
+    assert mildest_blob > worst_good, (worst_good, mildest_blob)
+    b = load_bundle(path)
+    v1 = b.thresholds()
+    b.replace_file("thresholds.json", thresholds_doc.dumps(
+        thresholds_doc.next_version(v1, image_threshold=(worst_good + mildest_blob) / 2)))
+    return path
+
+
+class Station:
+    """One daemon process with its config, SUB socket, notify socket and log."""
+
+    def __init__(self, tmp: Path, bundle: Path, cameras: list[dict], **overrides) -> None:
+        self.tmp = tmp
+        self.publish = f"ipc://{tmp}/pub.sock"
+        self.control_endpoint = f"ipc://{tmp}/control.sock"
+        config = {
+            "station": "t1", "model": {"bundle": str(bundle)},
+            "engine": {"backend": "onnxruntime", "options": {"intra_op_threads": 1}},
+            "batching": {"max_batch": 8, "max_wait_ms": 20}, "cameras": cameras,
+            "publish": {"endpoint": self.publish, "masks": "defects", "status_interval_s": 0.2},
+            "control": {"endpoint": self.control_endpoint}, "metrics": {"listen": None},
+            "state_dir": str(tmp / "state"), "shutdown_timeout_s": 15.0,
+        }
+        config.update(overrides)
+        self.config_path = tmp / "inspectd.yaml"
+        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(tmp / "notify.sock"))
+        self.notify.settimeout(0.1)
+        self.notes: list[str] = []
+        self.sub = Subscriber(self.publish)
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp / "notify.sock"), "WATCHDOG_USEC": "2000000",
+               "PYTHONPATH": str(REPO)}
+        env.pop("WATCHDOG_PID", None)
+        self.log_path = tmp / "daemon.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """READY=1 on the notify socket, then a status message on SUB (the subscription is live)."""
+        deadline = time.monotonic() + timeout
+        while "READY=1" not in self.notes:
+            assert time.monotonic() < deadline, f"no READY=1; log:\n{self.log_tail()}"
+            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}; log:\n{self.log_tail()}"
+            self.read_notes()
+        while True:
+            assert time.monotonic() < deadline, "no status message on the PUB socket"
+            if isinstance(self.sub.recv(0.2), dict):
+                return
+
+    def read_notes(self) -> None:
+        try:
+            while True:
+                self.notes.extend(self.notify.recv(4096).decode().splitlines())
+        except (socket.timeout, BlockingIOError):
+            pass
+
+    def results(self, count: int, timeout: float) -> list[Result]:
+        return self.sub.results(count, timeout)
+
+    def until_exit(self, timeout: float) -> list[Result]:
+        """Every result until the process has exited and the socket has gone quiet."""
+        deadline = time.monotonic() + timeout
+        out: list[Result] = []
+        while time.monotonic() < deadline:
+            message = self.sub.recv(0.5)
+            if isinstance(message, Result):
+                out.append(message)
+            elif message is None and self.proc.poll() is not None:
+                break
+        self.proc.wait(max(0.1, deadline - time.monotonic()))
+        return out
+
+    def control(self, request: dict, timeout: float = 30.0) -> dict:
+        with ControlClient(self.control_endpoint, timeout_s=timeout) as client:
+            return client.request(request)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.read_notes()
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.sub.close()
+        self.notify.close()
+        self._log.close()
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+
+@pytest.fixture
+def station(tmp_path, bundle):
+    stations = []
+
+    def start(cameras, model=None, **overrides):
+        s = Station(tmp_path, model or bundle, cameras, **overrides)
+        stations.append(s)
+        return s
+    yield start
+    for s in stations:
+        s.close()
+
+
+def assert_contiguous(results: list[Result], camera: str, first: int = 0) -> list[int]:
+    seqs = [r.seq for r in results if r.camera == camera]
+    assert seqs == list(range(first, first + len(seqs))), f"{camera} seq gaps or disorder: {seqs}"
+    return seqs
+
+
+def test_folder_source_every_frame_judged_with_masks(station, tmp_path, line_frames):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    s = station([{"id": "cam0", "source": {"kind": "folder", "path": str(inbox), "poll_ms": 20}}])
+    s.wait_ready()
+    planted = set()
+    for i, image in enumerate(line_frames[56:72]):
+        name = f"{i:03d}.png"
+        if i % 4 == 1:
+            image = blob(image, 100 + i)
+            planted.add(name)
+        cv2.imwrite(str(tmp_path / f".{name}"), image)
+        os.replace(tmp_path / f".{name}", inbox / name)  # appears whole, as a camera's FTP upload would
+    (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    results = s.results(17, timeout=60)
+    assert s.stop() == 0, s.log_tail()
+    assert len(results) == 17, f"{len(results)} results; log:\n{s.log_tail()}"
+    assert_contiguous(results, "cam0")
+    by_name = {r.frame_id: r for r in results}
+    assert by_name["broken.png"].verdict == "error" and "broken.png" in by_name["broken.png"].error
+    for name, r in by_name.items():
+        if name == "broken.png":
+            continue
+        assert r.verdict == ("defect" if name in planted else "ok"), (name, r.score, r.threshold)
+        assert r.model_id.startswith("frozen-") and r.thresholds_version == 2 and r.latency_ms > 0
+        assert (r.width, r.height) == (FRAME, FRAME)
+        if r.verdict == "defect":
+            mask = r.mask()
+            assert mask.shape == (FRAME, FRAME) and mask.any() and r.regions
+    assert "READY=1" in s.notes and any(n.startswith("WATCHDOG=1") for n in s.notes)
+    assert any(n.startswith("STATUS=") and "frames/s" in n for n in s.notes)
+    assert "STOPPING=1" in s.notes
+
+
+def push_frames(push: zmq.Socket, frames: list[tuple[str, np.ndarray]], encoding: str = "raw") -> None:
+    for frame_id, image in frames:
+        header = {"frame_id": frame_id, "t_capture": time.time(), "dtype": "uint8", "encoding": encoding,
+                  "shape": list(image.shape)}
+        payload = image.tobytes() if encoding == "raw" else cv2.imencode(".png", image)[1].tobytes()
+        push.send_multipart([json.dumps(header).encode(), payload])
+
+
+def test_zmq_source_results_for_every_frame_and_bad_frames_are_errors(station, tmp_path, line_frames):
+    endpoint = f"ipc://{tmp_path}/frames.sock"
+    s = station([{"id": "cam0", "source": {"kind": "zmq", "endpoint": endpoint}, "queue": {"policy": "block"}}])
+    s.wait_ready()
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(endpoint)
+    try:
+        frames = [(f"z{i}", blob(img, i) if i % 3 == 0 else img) for i, img in enumerate(line_frames[56:68])]
+        push_frames(push, frames[:6])
+        push_frames(push, frames[6:], encoding="png")
+        push.send_multipart([b'{"frame_id": "bad", "dtype": "float32", "shape": [2, 2]}', b"x" * 16])
+        results = s.results(13, timeout=60)
+    finally:
+        push.close()
+    assert s.stop() == 0, s.log_tail()
+    assert len(results) == 13, f"{len(results)} results; log:\n{s.log_tail()}"
+    assert_contiguous(results, "cam0")
+    by_id = {r.frame_id: r for r in results}
+    assert by_id["bad"].verdict == "error" and "dtype" in by_id["bad"].error and not by_id["bad"].has_mask
+    for i in range(12):
+        r = by_id[f"z{i}"]
+        assert r.verdict == ("defect" if i % 3 == 0 else "ok"), (i, r.score, r.threshold)
+        if r.verdict == "defect":
+            assert r.mask().shape == (FRAME, FRAME)
+            # The mask marks the pasted blob: its largest region overlaps the blob's 24x24 square.
+            region = r.regions[0]
+            rng = np.random.default_rng(i)
+            y, x = (int(v) for v in rng.integers(16, FRAME - 40, 2))
+            assert region.x < x + 24 and x < region.x + region.w and region.y < y + 24 and y < region.y + region.h
+
+
+def test_sigterm_mid_stream_loses_no_accepted_frame(station):
+    # A fast synthetic camera with a blocking queue: at SIGTERM there is a backlog queued and a batch in flight.
+    s = station([{"id": f"cam{i}", "source": {"kind": "synthetic", "rate_hz": 400, "width": FRAME, "height": FRAME,
+                                               "defect_rate": 0.2, "seed": i}, "queue": {"size": 32,
+                                                                                         "policy": "block"}}
+                 for i in range(2)])
+    s.wait_ready()
+    early = s.results(10, timeout=30)
+    assert len(early) == 10
+    s.proc.send_signal(signal.SIGTERM)
+    results = early + s.until_exit(timeout=20)
+    assert s.proc.returncode == 0, s.log_tail()
+    stopped = [e for e in s.events() if e.get("event") == "stopped"]
+    assert stopped and stopped[0]["clean"], s.log_tail()
+    for camera in ("cam0", "cam1"):
+        # Results published before the subscription took hold are not ours to see; from the first one on, every
+        # frame the camera accepted (gave a seq) was published before exit.
+        first = min(r.seq for r in results if r.camera == camera)
+        seqs = assert_contiguous(results, camera, first)
+        assert seqs[-1] == stopped[0]["frames_in"][camera] - 1, (camera, seqs[-1], stopped[0])
+    s.close()
+
+
+def test_set_thresholds_and_reload_mid_stream_without_gaps(station, bundle, tmp_path):
+    from calibration import thresholds as thresholds_doc
+    from engines.bundle import load_bundle
+
+    bundle = Path(shutil.copytree(bundle, tmp_path / "bundle"))  # this test rewrites its thresholds
+    s = station(model=bundle, cameras=[{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 40, "width": FRAME, "height": FRAME,
+                                            "defect_rate": 0.0, "seed": 3}, "queue": {"policy": "block"}}])
+    s.wait_ready()
+    before = s.results(5, timeout=30)
+    assert len(before) == 5
+    status = s.control({"cmd": "status"})
+    assert status["ok"] and status["thresholds_version"] == 2 and status["healthy"]
+    assert status["cameras"]["cam0"]["frames_in"] >= 5
+
+    current = load_bundle(bundle).thresholds()
+    strict = thresholds_doc.next_version(current, image_threshold=123.0)
+    reply = s.control({"cmd": "set_thresholds", "thresholds": strict.to_dict()})
+    assert reply == {"ok": True, "thresholds_version": 3}, reply
+    stale = s.control({"cmd": "set_thresholds", "thresholds": current.to_dict()})
+    assert stale["ok"] is False and "thresholds.version" in stale["error"]
+    bad = s.control({"cmd": "set_thresholds", "thresholds": {"version": 9, "image_threshold": "high"}})
+    assert bad["ok"] is False and "image_threshold" in bad["error"]
+    middle = s.results(10, timeout=30)
+
+    s.proc.send_signal(signal.SIGHUP)  # reload from disk: the bundle now holds version 3
+    reply = s.control({"cmd": "reload"})
+    assert reply["ok"] and reply["thresholds_version"] == 3
+    after = s.results(5, timeout=30)
+    assert s.control({"cmd": "pause", "camera": "cam9"})["ok"] is False
+    assert s.stop() == 0, s.log_tail()
+
+    results = before + middle + after
+    assert_contiguous(results, "cam0", first=before[0].seq)
+    versions = [r.thresholds_version for r in results]
+    assert versions[0] == 2 and versions[-1] == 3 and versions == sorted(versions)
+    assert all(r.threshold == 123.0 for r in results if r.thresholds_version == 3)
+    assert load_bundle(bundle).thresholds().version == 3  # written into the bundle, checksum updated
+    events = [e["event"] for e in s.events()]
+    assert "thresholds_set" in events and events.count("reloaded") == 2
+
+
+def test_pause_and_resume_a_camera(station):
+    s = station([{"id": f"cam{i}", "source": {"kind": "synthetic", "rate_hz": 30, "width": FRAME, "height": FRAME,
+                                               "defect_rate": 0.0, "seed": i}} for i in range(2)])
+    s.wait_ready()
+    assert s.control({"cmd": "pause", "camera": "cam1"}) == {"ok": True, "camera": "cam1", "paused": True}
+    time.sleep(0.3)  # let what cam1 had queued go through
+    s.results(1000, timeout=0.5)
+    paused = s.results(20, timeout=30)
+    assert {r.camera for r in paused} == {"cam0"}
+    assert s.control({"cmd": "resume", "camera": "cam1"})["paused"] is False
+    resumed = s.results(40, timeout=30)
+    assert "cam1" in {r.camera for r in resumed}
+    assert s.stop() == 0, s.log_tail()
+
+
+def test_bad_config_fails_with_one_line_naming_the_key(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("station: t1\nmodel: {bundle: /nonexistent}\ncameras: []\n")
+    proc = subprocess.run([sys.executable, "-m", "inspectd", "run", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and "cameras" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
