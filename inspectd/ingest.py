@@ -407,7 +407,8 @@ class FolderWatcher(Source):
         super().__init__(camera, clock)
         self.spec: cfg.FolderSource = camera.source
         self.poll_s = self.spec.poll_ms / 1000.0
-        self.done: set[str] = set()                         # names already inspected (when files stay in place)
+        # name -> mtime_ns when inspected (files left in place): a file rewritten under the same name is new again.
+        self.done: dict[str, int] = {}
         self.sizes: dict[str, tuple[int, int]] = {}         # name -> (size, mtime_ns) at the previous scan
         self.pending: list[tuple[int, str]] = []            # ready (mtime_ns, name), oldest last, popped from the end
 
@@ -425,10 +426,11 @@ class FolderWatcher(Source):
                 st = entry.stat()
                 current[name] = (st.st_size, st.st_mtime_ns)
         ready = [(stamp[1], name) for name, stamp in current.items()
-                 if name not in self.done and self.sizes.get(name) == stamp]
+                 if self.done.get(name) != stamp[1] and self.sizes.get(name) == stamp]
         # A file is ready when its size and mtime held still over one poll interval: the writer is done with it.
         self.sizes = current
-        self.done &= current.keys()  # forget files that left the folder, so memory follows the folder's content
+        # Forget files that left the folder, so memory follows the folder's content.
+        self.done = {name: mtime for name, mtime in self.done.items() if name in current}
         ready.sort(reverse=True)
         self.pending = ready
 
@@ -453,7 +455,7 @@ class FolderWatcher(Source):
             image, error = None, str(exc)
         except DataError as exc:
             image, error = None, str(exc)
-        self.done.add(name)
+        self.done[name] = mtime_ns
         self._dispose(path)
         return self.frame(name, mtime_ns / 1e9, image, error)
 

@@ -171,6 +171,25 @@ def test_folder_picks_up_real_jpegs_in_arrival_order_each_once(tmp_path, ingest_
     assert stats["frames_in"] == 5 and stats["errors"] == 1 and stats["state"] == "running"
 
 
+def test_files_left_in_place_are_read_once_unless_rewritten(tmp_path, ingest_threads):
+    line = SyntheticLine(32, 32, seed=5)
+    line.write_folder(tmp_path, 2)
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "pattern": "*.png", "poll_ms": 20}),
+          queue)
+    assert wait_for(lambda: len(queue) == 2)
+    time.sleep(0.2)
+    assert len(queue) == 2
+    first = drain(queue)
+    later = time.time() + 5
+    os.utime(tmp_path / "000001.png", (later, later))  # rewritten in place: a new frame under an old name
+    assert wait_for(lambda: len(queue) == 1)
+    again = queue.get_nowait()
+    assert again.frame_id == "000001.png" and np.array_equal(again.image, first[1].image)
+    time.sleep(0.2)
+    assert len(queue) == 0
+
+
 def test_folder_waits_for_a_file_still_being_written(tmp_path, ingest_threads):
     data = real_jpegs(1)[0].read_bytes()
     queue = FrameQueue(8, "block")
