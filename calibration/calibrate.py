@@ -1,0 +1,444 @@
+"""`inspectd calibrate`: choose thresholds from scored images, version them into the bundle, apply them to a daemon.
+
+Owns the statistics of threshold choice (all numpy, on score arrays, so they are tested without a model):
+  - good frames only: the image threshold is an order statistic of the held-out good scores at the target
+    false-reject rate p: just above the (n-k)-th lowest score, with k the most exceedances whose one-sided 95 %
+    Clopper-Pearson upper bound on the false-reject rate is still <= p. The bound that the observed exceedances
+    support is reported with the number of good frames that p needs (zero exceedances: n >= ln(0.05)/ln(1-p));
+    too few frames is a WARNING (threshold above the highest good score), not a silent pass;
+  - with labelled defects: the highest threshold whose escape rate (defective frames scored below it) meets the
+    target, or the F1-max threshold (engines.metrics.f1_max); the confusion matrix is printed. Without defects these
+    two targets are refused: a threshold chosen "from defects" with no defects would flag everything;
+  - pixel threshold: the quantile of good frames' pixel scores at a target pixel false-positive rate, or the pixel
+    F1-max over ground-truth masks when the defective folders have them (both streamed through
+    engines.metrics.PixelHistograms, so maps are never held).
+Scoring is engines.evaluate.score_images; the document is calibration.thresholds (next_version, rollback); the bundle
+file is rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol (set_thresholds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from calibration import thresholds as thresholds_doc
+
+CONFIDENCE = 0.95
+DEFAULT_FALSE_REJECT = 0.001
+DEFAULT_PIXEL_FPR = 0.01
+
+
+class CalibrationError(ValueError):
+    """The request cannot be met with the data given; the message says why and what is expected."""
+
+
+# --- statistics on score arrays -------------------------------------------------------------------------------
+
+def _finite_scores(scores, what: str) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if scores.size == 0:
+        raise CalibrationError(f"{what}: no scores, expected at least one scored image")
+    if not np.isfinite(scores).all():
+        raise CalibrationError(f"{what}: scores contain NaN or infinity, expected finite numbers")
+    return scores
+
+
+def _rate(value: float, what: str) -> float:
+    if not 0.0 < value < 1.0:
+        raise CalibrationError(f"{what}: {value}, expected a rate strictly between 0 and 1")
+    return value
+
+
+def _just_above(value: float) -> float:
+    """The smallest threshold that a score equal to `value` does not reach. Engines emit float32 scores, so the step
+    is a float32 one: every float32 score <= value stays below it after widening to float64."""
+    return float(np.nextafter(np.float32(value), np.float32(np.inf)))
+
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (no scipy on a runtime-only station)."""
+    if p <= 0.0 or k >= n:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    i = np.arange(1, k + 1, dtype=np.float64)
+    log_choose = np.concatenate(([0.0], np.cumsum(np.log(n - i + 1) - np.log(i))))  # log C(n, 0..k)
+    j = np.arange(0, k + 1, dtype=np.float64)
+    log_terms = log_choose + j * math.log(p) + (n - j) * math.log1p(-p)
+    top = log_terms.max()
+    return float(min(1.0, math.exp(top) * np.exp(log_terms - top).sum()))
+
+
+def clopper_pearson_upper(k: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided upper confidence bound on a rate after k events in n trials (exact, Clopper-Pearson)."""
+    if n <= 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    alpha = 1.0 - confidence
+    if k == 0:
+        return 1.0 - alpha ** (1.0 / n)
+    lo, hi = k / n, 1.0
+    for _ in range(100):  # bisection: binom_cdf(k, n, p) falls as p rises
+        mid = (lo + hi) / 2
+        if binom_cdf(k, n, mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def frames_needed(rate: float, confidence: float = CONFIDENCE) -> int:
+    """Good frames needed so that zero false rejects bound the rate below `rate` at `confidence`."""
+    return math.ceil(math.log(1.0 - confidence) / math.log1p(-rate))
+
+
+@dataclasses.dataclass(frozen=True)
+class FalseRejectChoice:
+    threshold: float
+    n_good: int
+    allowed: int            # exceedances whose 95 % bound still meets the target (0 when n is too small)
+    exceedances: int        # good frames at or above the threshold
+    observed_rate: float
+    upper_bound: float      # one-sided 95 % Clopper-Pearson bound on the false-reject rate
+    needed: int             # good frames the target needs with zero exceedances
+    enough: bool            # upper_bound <= target
+
+    def warning(self, target: float) -> str | None:
+        if self.enough:
+            return None
+        return (f"WARNING: {self.n_good} good frames support a false-reject rate of at most {self.upper_bound:.4g} "
+                f"(95% upper bound), not the target {target:g}; the target needs >= {self.needed} good frames "
+                "with none rejected")
+
+
+def threshold_for_false_reject(good_scores, target: float) -> FalseRejectChoice:
+    """An order statistic of the good scores chosen so the false-reject rate is <= target with 95 % confidence.
+
+    The plain quantile (floor(target * n) exceedances) would meet the target only on average; here the threshold
+    allows the most exceedances k whose Clopper-Pearson upper bound is still <= target, i.e. it sits just above the
+    (n-k)-th lowest good score. When even k = 0 cannot support the target (n < frames_needed) it sits just above the
+    highest good score and the choice says it is not enough.
+    """
+    target = _rate(target, "--target-false-reject")
+    scores = np.sort(_finite_scores(good_scores, "good scores"))
+    n = scores.size
+    lo, hi = 0, int(math.floor(target * n))  # above target * n exceedances the bound exceeds the target
+    if clopper_pearson_upper(0, n) > target:
+        hi = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if clopper_pearson_upper(mid, n) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    allowed = lo
+    threshold = _just_above(scores[n - allowed - 1])
+    exceedances = int(np.count_nonzero(scores >= threshold))
+    upper = clopper_pearson_upper(exceedances, n)
+    return FalseRejectChoice(threshold, n, allowed, exceedances, exceedances / n, upper, frames_needed(target),
+                             upper <= target)
+
+
+def threshold_for_escape(defect_scores, target: float) -> float:
+    """Highest threshold with at most floor(target * n) defective frames below it (escapes): the (m+1)-th lowest."""
+    target = _rate(target, "--target-escape")
+    scores = np.sort(_finite_scores(defect_scores, "defective scores"))
+    return float(scores[int(math.floor(target * scores.size))])
+
+
+def threshold_for_f1(good_scores, defect_scores) -> tuple[float, float]:
+    """(F1, threshold) at the F1 maximum, defects as the positive class."""
+    from engines.metrics import f1_max
+
+    good = _finite_scores(good_scores, "good scores")
+    defect = _finite_scores(defect_scores, "defective scores")
+    labels = np.concatenate([np.zeros(good.size, bool), np.ones(defect.size, bool)])
+    f1, threshold = f1_max(labels, np.concatenate([good, defect]))
+    return f1, threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class Confusion:
+    true_defect: int   # defective, flagged
+    escaped: int       # defective, passed
+    false_reject: int  # good, flagged
+    true_ok: int       # good, passed
+
+    def table(self) -> str:
+        return ("                 judged defect   judged ok\n"
+                f"  defective      {self.true_defect:>13d}   {self.escaped:>9d}   escape rate "
+                f"{_share(self.escaped, self.true_defect + self.escaped)}\n"
+                f"  good           {self.false_reject:>13d}   {self.true_ok:>9d}   false-reject rate "
+                f"{_share(self.false_reject, self.false_reject + self.true_ok)}")
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.4f}" if whole else "n/a"
+
+
+def confusion(good_scores, defect_scores, threshold: float) -> Confusion:
+    good = np.asarray(good_scores, dtype=np.float64)
+    defect = np.asarray(defect_scores, dtype=np.float64)
+    flagged_defect = int(np.count_nonzero(defect >= threshold))
+    flagged_good = int(np.count_nonzero(good >= threshold))
+    return Confusion(flagged_defect, defect.size - flagged_defect, flagged_good, good.size - flagged_good)
+
+
+def pixel_threshold_for_fpr(histograms, fpr: float) -> float:
+    """Lowest histogram-bin floor with at most floor(fpr * n) good pixels at or above it (bins are 0.05 % wide)."""
+    from engines.metrics import bin_floor
+
+    fpr = _rate(fpr, "--pixel-fpr")
+    total = histograms.n_normal  # flushes pending pixels into the histogram
+    if not total:
+        raise CalibrationError("pixel threshold: no good pixels were scored")
+    normal = histograms.normal
+    from_top = np.cumsum(normal[::-1])  # from_top[j]: good pixels in the top j+1 bins
+    top_bins = int(np.searchsorted(from_top, math.floor(fpr * total), side="right"))
+    if top_bins == 0:
+        raise CalibrationError("pixel threshold: good pixels in the highest representable bin, expected finite maps")
+    return float(bin_floor(np.array([normal.size - top_bins]))[0])
+
+
+def pixel_threshold_for_f1(histograms) -> tuple[float, float]:
+    """(pixel F1, threshold) at the pixel F1 maximum over ground-truth masks, thresholds at histogram-bin floors."""
+    from engines.metrics import bin_floor
+
+    if not histograms.n_defect or not histograms.n_normal:
+        raise CalibrationError("pixel F1: needs defect pixels (masks) and good pixels")
+    used = np.flatnonzero((histograms.normal > 0) | (histograms.defect > 0))[::-1]
+    tp = np.cumsum(histograms.defect[used])
+    fp = np.cumsum(histograms.normal[used])
+    f1 = 2.0 * tp / (tp + fp + histograms.n_defect)
+    best = int(np.flatnonzero(f1 == f1.max())[-1])
+    return float(f1[best]), float(bin_floor(np.array([used[best]]))[0])
+
+
+# --- the command --------------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", metavar="BUNDLE", help="model bundle directory whose thresholds.json is versioned")
+    parser.add_argument("--good", metavar="DIR",
+                        help="held-out defect-free images (a folder, or an MVTec root: its test/good)")
+    parser.add_argument("--defective", metavar="DIR", action="append", default=[],
+                        help="labelled defective images: a folder (an MVTec test/<type> finds its ground_truth masks),"
+                             " or an MVTec root (every test/<type> but good); repeatable")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--target-false-reject", type=float, metavar="P", default=None,
+                        help=f"image threshold at this good-frame false-reject rate (default {DEFAULT_FALSE_REJECT})")
+    target.add_argument("--target-escape", type=float, metavar="E", default=None,
+                        help="image threshold letting at most this fraction of defective frames pass (needs defects)")
+    target.add_argument("--max-f1", action="store_true", help="image threshold at the F1 maximum (needs defects)")
+    parser.add_argument("--pixel", action="store_true",
+                        help="also set the pixel threshold: pixel F1-max over masks when the defects have them, "
+                             "else the good pixels' quantile at --pixel-fpr")
+    parser.add_argument("--pixel-fpr", type=float, default=DEFAULT_PIXEL_FPR, metavar="R",
+                        help=f"good-pixel false-positive rate for --pixel without masks (default {DEFAULT_PIXEL_FPR})")
+    parser.add_argument("--camera", metavar="ID", help="write the result as this camera's override only")
+    parser.add_argument("--apply", metavar="ENDPOINT",
+                        help="send the new thresholds to a running daemon's control socket (tcp://host:port, ipc://)")
+    parser.add_argument("--rollback", type=int, metavar="VERSION",
+                        help="write a new version with the values of an earlier VERSION (no scoring)")
+    parser.add_argument("--dry-run", action="store_true", help="compute and print; write and apply nothing")
+    parser.add_argument("--backend", default="onnxruntime", help="runtime backend that scores (default onnxruntime)")
+    parser.add_argument("--batch", type=int, default=8, help="images per inference batch (default 8)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon with --apply")
+
+
+@dataclasses.dataclass
+class _Scored:
+    good: np.ndarray
+    defect: np.ndarray
+    pixels: object | None  # engines.metrics.PixelHistograms when --pixel
+    has_masks: bool
+
+
+def _good_paths(folder: Path) -> list[Path]:
+    from engines.data import list_images
+
+    # train/good of an MVTec root fitted the model; only test/good is held out.
+    return list_images(folder / "test" / "good" if (folder / "test" / "good").is_dir() else folder)
+
+
+def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
+    """(image, mask or None) for every defective image named by --defective."""
+    from engines.data import MvtecFolder, list_images
+
+    items: list[tuple[Path, Path | None]] = []
+    for name in folders:
+        folder = Path(name)
+        if (folder / "test").is_dir():
+            items += [(i.path, i.mask_path) for i in MvtecFolder(folder).test_items() if i.is_defective]
+            continue
+        # An MVTec test/<type> folder: its masks live in ../../ground_truth/<type>/<stem>_mask.png.
+        masks = folder.parent.parent / "ground_truth" / folder.name
+        for path in list_images(folder):
+            mask = masks / f"{path.stem}_mask.png"
+            items.append((path, mask if mask.is_file() else None))
+    return items
+
+
+def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | None]]) -> _Scored:
+    from engines.data import load_mask
+    from engines.evaluate import score_images
+    from engines.metrics import PixelHistograms
+
+    pixels = PixelHistograms() if args.pixel else None
+    has_masks = bool(defective) and all(mask is not None for _, mask in defective)
+    good_scores = []
+    for scored in score_images(bundle, good, backend=args.backend, batch=args.batch):
+        good_scores.append(scored.score)
+        if pixels is not None:
+            pixels.add(scored.frame_map, None, what=str(scored.path))
+    defect_scores = []
+    masks = dict(defective)
+    for scored in score_images(bundle, [p for p, _ in defective], backend=args.backend, batch=args.batch) \
+            if defective else ():
+        defect_scores.append(scored.score)
+        if pixels is not None and has_masks:
+            pixels.add(scored.frame_map, load_mask(masks[scored.path], scored.frame_map.shape), what=str(scored.path))
+    return _Scored(np.array(good_scores), np.array(defect_scores), pixels, has_masks)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("inspectd")
+    except Exception:  # noqa: BLE001 - a source checkout without metadata still calibrates
+        return "unknown"
+
+
+def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
+    """(image threshold, pixel threshold or None, provenance target/observed) and the report lines on `out`."""
+    good, defect = scored.good, scored.defect
+    fr_target = DEFAULT_FALSE_REJECT if args.target_false_reject is None else args.target_false_reject
+    fr = threshold_for_false_reject(good, fr_target)
+    if args.target_escape is not None:
+        image = threshold_for_escape(defect, args.target_escape)
+        target = {"kind": "escape", "value": args.target_escape}
+        print(f"image threshold {image:.6g}: at most {args.target_escape:g} of {defect.size} defective frames "
+              "scored below it", file=out)
+    elif args.max_f1:
+        f1, image = threshold_for_f1(good, defect)
+        target = {"kind": "max_f1", "f1": round(f1, 6)}
+        print(f"image threshold {image:.6g}: F1-max {f1:.4f} over {good.size} good and {defect.size} defective",
+              file=out)
+    else:
+        image = fr.threshold
+        target = {"kind": "false_reject", "value": fr_target}
+        print(f"image threshold {image:.6g}: {fr.exceedances} of {fr.n_good} good frames at or above it "
+              f"(allowed {fr.allowed})", file=out)
+    exceed = int(np.count_nonzero(good >= image))
+    upper = clopper_pearson_upper(exceed, good.size)
+    print(f"false-reject rate on good frames: observed {exceed}/{good.size}, 95% upper bound {upper:.4g}", file=out)
+    observed = {"false_reject_observed": exceed / good.size, "false_reject_upper_95": upper}
+    if target["kind"] == "false_reject":
+        print(f"target {target['value']:g} needs >= {fr.needed} good frames with none rejected "
+              f"(have {fr.n_good})", file=out)
+        if fr.warning(target["value"]):
+            print(fr.warning(target["value"]), file=out)
+            observed["warning"] = "too few good frames for the target"
+    if defect.size:
+        matrix = confusion(good, defect, image)
+        print("confusion matrix at this threshold:\n" + matrix.table(), file=out)
+        observed["confusion"] = dataclasses.asdict(matrix)
+
+    pixel = None
+    if scored.pixels is not None:
+        if scored.has_masks:
+            f1, pixel = pixel_threshold_for_f1(scored.pixels)
+            target["pixel"] = {"kind": "max_f1", "f1": round(f1, 6)}
+            print(f"pixel threshold {pixel:.6g}: pixel F1-max {f1:.4f} over ground-truth masks", file=out)
+        else:
+            pixel = pixel_threshold_for_fpr(scored.pixels, args.pixel_fpr)
+            target["pixel"] = {"kind": "good_pixel_fpr", "value": args.pixel_fpr}
+            print(f"pixel threshold {pixel:.6g}: at most {args.pixel_fpr:g} of {scored.pixels.n_normal} good pixels "
+                  "at or above it", file=out)
+    return image, pixel, {"target": target, "observed": observed}
+
+
+def run(args: argparse.Namespace) -> int:
+    from engines.bundle import load_bundle
+    from engines.errors import EngineError
+
+    out = sys.stdout
+    try:
+        bundle = load_bundle(args.bundle)
+        current = bundle.thresholds()
+        if args.rollback is not None:
+            if args.good or args.defective or args.pixel or args.camera:
+                raise CalibrationError("--rollback restores an earlier version as a whole: give no --good, "
+                                       "--defective, --pixel or --camera with it")
+            new = thresholds_doc.rollback(current, args.rollback)
+            print(f"rollback to the values of version {args.rollback}: image {new.image_threshold:.6g}, "
+                  f"pixel {new.pixel_threshold:.6g}", file=out)
+        else:
+            new = _calibrate(bundle, current, args, out)
+    except (CalibrationError, thresholds_doc.ThresholdsError, EngineError, ValueError) as exc:
+        print(f"inspectd calibrate: {exc}", file=sys.stderr)
+        return 2
+
+    if args.dry_run:
+        print(f"dry run: version {new.version} not written, not applied", file=out)
+        return 0
+    bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
+    print(f"wrote thresholds version {new.version} (was {current.version}) to {bundle.path / thresholds_doc.FILE_NAME}",
+          file=out)
+    if args.apply:
+        return _apply(args.apply, new, args.timeout, out)
+    return 0
+
+
+def _calibrate(bundle, current, args, out):
+    from engines.errors import DataError
+
+    if not args.good:
+        raise CalibrationError("--good DIR is required: held-out defect-free images to set the threshold from")
+    good = _good_paths(Path(args.good))
+    defective = _defective_items(args.defective)
+    if (args.target_escape is not None or args.max_f1) and not defective:
+        flag = "--target-escape" if args.target_escape is not None else "--max-f1"
+        raise CalibrationError(f"{flag} needs labelled defective images (--defective DIR); without them the threshold "
+                               "would flag everything. Use --target-false-reject with good images only")
+    if not good:
+        raise DataError(f"{args.good}: no images found, expected held-out defect-free images")
+    if args.defective and not defective:
+        raise DataError(f"{', '.join(args.defective)}: no defective images found")
+    scored = _score(bundle, args, good, defective)
+    image, pixel, chosen = _choose(args, scored, out)
+    provenance = {"tool": f"inspectd calibrate {_version()}", "good_dir": str(Path(args.good).resolve()),
+                  "n_good": int(scored.good.size), "defective_dirs": [str(Path(d).resolve()) for d in args.defective],
+                  "n_defective": int(scored.defect.size), "model_id": bundle.model_id, **chosen}
+    if args.camera:
+        provenance["camera"] = args.camera
+        override = {"image_threshold": image, **({"pixel_threshold": pixel} if pixel is not None else {})}
+        per_camera = {**current.per_camera, args.camera: override}
+        return thresholds_doc.next_version(current, per_camera=per_camera, provenance=provenance)
+    return thresholds_doc.next_version(current, image_threshold=image, pixel_threshold=pixel, provenance=provenance)
+
+
+def _apply(endpoint: str, new, timeout: float, out) -> int:
+    # The daemon's control protocol (docs/PROTOCOL.md); imported here so calibrating never needs the daemon.
+    from inspectd.control import ControlClient
+    from inspectd.errors import InspectdError
+
+    try:
+        with ControlClient(endpoint, timeout_s=timeout) as client:
+            reply = client.request({"cmd": "set_thresholds", "thresholds": new.to_dict()})
+    except InspectdError as exc:
+        print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"inspectd calibrate: --apply {endpoint}: the daemon refused: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"applied: the daemon at {endpoint} now judges with thresholds version "
+          f"{reply.get('thresholds_version', '?')}", file=out)
+    return 0

@@ -1,0 +1,282 @@
+"""Threshold calibration: the statistics on synthetic score arrays, then `inspectd calibrate` on a tiny real bundle
+(trained on magnetic-tile images at 64x64) with versions, rollback, refusals, and --apply to a running daemon."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from calibration import thresholds as thresholds_doc
+from calibration.calibrate import (CalibrationError, binom_cdf, clopper_pearson_upper, confusion, frames_needed,
+                                   pixel_threshold_for_f1, pixel_threshold_for_fpr, threshold_for_escape,
+                                   threshold_for_f1, threshold_for_false_reject)
+from engines.metrics import PixelHistograms
+from inspectd.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(180)
+
+
+# --- statistics -------------------------------------------------------------------------------------------------
+
+def test_clopper_pearson_bound_matches_scipy_and_the_zero_event_formula():
+    stats = pytest.importorskip("scipy.stats")
+    for k, n in [(0, 50), (1, 100), (3, 1000), (10, 500), (948, 100_000)]:
+        expected = stats.beta.ppf(0.95, k + 1, n - k)
+        assert clopper_pearson_upper(k, n) == pytest.approx(expected, rel=1e-6)
+    assert clopper_pearson_upper(0, 2995) == pytest.approx(1 - 0.05 ** (1 / 2995))
+    assert binom_cdf(5, 1000, 0.004) == pytest.approx(stats.binom.cdf(5, 1000, 0.004), rel=1e-9)
+
+
+def test_frames_needed_is_the_zero_exceedance_rule():
+    assert frames_needed(0.001) == math.ceil(math.log(0.05) / math.log(1 - 0.001)) == 2995
+    assert frames_needed(0.01) == 299
+    # With that many frames and none rejected, the bound just meets the target; one frame fewer does not.
+    assert clopper_pearson_upper(0, 2995) <= 0.001 < clopper_pearson_upper(0, 2994)
+
+
+def test_false_reject_threshold_is_an_order_statistic_with_a_confident_bound():
+    scores = np.random.default_rng(0).normal(size=20_000).astype(np.float32)
+    choice = threshold_for_false_reject(scores, 0.01)
+    ordered = np.sort(scores)
+    # Just above the (n-k)-th lowest score: exactly k good frames at or above it.
+    assert ordered[-choice.allowed - 1] < choice.threshold <= ordered[-choice.allowed]
+    assert choice.exceedances == choice.allowed == int(np.count_nonzero(scores >= choice.threshold))
+    assert choice.enough and choice.upper_bound <= 0.01
+    # One more allowed exceedance would break the 95 % bound: the choice is the most permissive that holds.
+    assert clopper_pearson_upper(choice.allowed + 1, scores.size) > 0.01
+    assert choice.allowed < 0.01 * scores.size  # stricter than the plain quantile
+    assert choice.warning(0.01) is None
+
+
+def test_too_few_good_frames_warn_and_the_threshold_sits_above_every_good_score():
+    scores = np.random.default_rng(1).random(500)
+    choice = threshold_for_false_reject(scores, 0.001)
+    assert choice.allowed == 0 and choice.exceedances == 0
+    assert choice.threshold > scores.max()
+    assert not choice.enough
+    assert choice.upper_bound == pytest.approx(1 - 0.05 ** (1 / 500))
+    warning = choice.warning(0.001)
+    assert warning.startswith("WARNING: 500 good frames") and ">= 2995 good frames" in warning
+
+
+def test_a_float32_score_equal_to_the_highest_good_is_not_flagged():
+    scores = np.array([0.1, 0.25, 0.3], np.float32)
+    choice = threshold_for_false_reject(scores, 0.01)
+    assert float(np.float32(0.3)) < choice.threshold
+    assert choice.threshold - float(np.float32(0.3)) < 1e-7
+
+
+def test_escape_threshold_lets_at_most_the_target_share_of_defects_pass():
+    defects = np.arange(100, dtype=np.float64) / 100  # 0.00 .. 0.99
+    threshold = threshold_for_escape(defects, 0.05)
+    assert threshold == 0.05
+    assert np.count_nonzero(defects < threshold) == 5
+    assert threshold_for_escape(defects, 0.001) == 0.0  # floor(0.1) = 0 escapes allowed: the lowest defect score
+    with pytest.raises(CalibrationError, match="--target-escape: 1.5, expected a rate"):
+        threshold_for_escape(defects, 1.5)
+
+
+def test_f1_max_and_the_confusion_matrix():
+    good = np.array([0.1, 0.2, 0.3, 0.4, 0.6])
+    defect = np.array([0.5, 0.7, 0.8, 0.15])
+    f1, threshold = threshold_for_f1(good, defect)
+    # At 0.5: 3 of 4 defects flagged, 1 good (0.6) flagged: F1 = 6 / (6 + 1 + 1) = 0.75; at 0.15 and 0.7: 2/3.
+    assert threshold == 0.5 and f1 == pytest.approx(0.75)
+    matrix = confusion(good, defect, threshold)
+    assert (matrix.true_defect, matrix.escaped, matrix.false_reject, matrix.true_ok) == (3, 1, 1, 4)
+    table = matrix.table()
+    assert "escape rate 0.2500" in table and "false-reject rate 0.2000" in table
+
+
+def test_pixel_thresholds_from_good_pixels_and_from_masks():
+    rng = np.random.default_rng(2)
+    good = PixelHistograms()
+    maps = [rng.random((64, 64)).astype(np.float32) for _ in range(4)]
+    for m in maps:
+        good.add(m)
+    threshold = pixel_threshold_for_fpr(good, 0.01)
+    share = np.mean([np.mean(m >= threshold) for m in maps])
+    assert share <= 0.01 and share > 0.009  # the quantile, to histogram-bin precision
+    masked = PixelHistograms()
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 10:20] = True
+    defect_map = rng.random((64, 64)).astype(np.float32) * 0.5
+    defect_map[mask] = 0.8 + rng.random(100).astype(np.float32) * 0.2
+    masked.add(defect_map, mask)
+    f1, pixel = pixel_threshold_for_f1(masked)
+    assert f1 == 1.0
+    assert np.array_equal(defect_map >= pixel, mask)  # the threshold reproduces the ground truth exactly
+
+
+# --- the command on a real bundle ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tiny_dataset import make_tiny_mvtec
+
+    return make_tiny_mvtec(tmp_path_factory.mktemp("data"), n_train=8, n_test_good=6, n_test_defect=4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    from engines.train import Progress, train_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "frozen"
+    train_bundle(data / "train" / "good", out, size=(64, 64), k=2, holdout=0.0, progress=Progress(enabled=False))
+    return out
+
+
+@pytest.fixture
+def bundle(trained, tmp_path):
+    return Path(shutil.copytree(trained, tmp_path / "bundle"))
+
+
+def calibrate(capsys, *args) -> tuple[int, str, str]:
+    code = main(["calibrate", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_good_only_calibration_writes_the_next_version_with_provenance(bundle, data, capsys):
+    from engines.bundle import load_bundle
+    from engines.evaluate import score_images
+
+    before = load_bundle(bundle).thresholds()
+    code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.01", "--pixel")
+    assert code == 0, err
+    after = load_bundle(bundle).thresholds()  # load_bundle verifies the rewritten file's checksum
+    assert after.version == before.version + 1
+    assert after.history[0]["version"] == before.version
+    good = [s.score for s in score_images(bundle, sorted((data / "test" / "good").iterdir()))]
+    assert after.image_threshold > max(good)  # 6 frames cannot support 1 %: zero exceedances allowed
+    assert after.pixel_threshold != before.pixel_threshold
+    assert "WARNING: 6 good frames" in out and "needs >= 299 good frames" in out
+    prov = after.provenance
+    assert prov["n_good"] == 6 and prov["good_dir"] == str(data.resolve())
+    assert prov["target"]["kind"] == "false_reject" and prov["target"]["value"] == 0.01
+    assert prov["tool"].startswith("inspectd calibrate") and prov["time"]
+    assert prov["observed"]["warning"] == "too few good frames for the target"
+
+
+def test_defects_give_escape_and_f1_thresholds_with_a_confusion_matrix(bundle, data, capsys):
+    from engines.bundle import load_bundle
+
+    code, out, err = calibrate(capsys, bundle, "--good", data, "--defective", data / "test" / "blowhole",
+                               "--max-f1", "--pixel")
+    assert code == 0, err
+    assert "confusion matrix at this threshold" in out and "judged defect" in out
+    assert "pixel F1-max" in out  # blowhole has ground-truth masks
+    doc = load_bundle(bundle).thresholds()
+    assert doc.provenance["target"]["kind"] == "max_f1" and doc.provenance["n_defective"] == 4
+    matrix = doc.provenance["observed"]["confusion"]
+    assert matrix["true_defect"] + matrix["escaped"] == 4 and matrix["false_reject"] + matrix["true_ok"] == 6
+
+    code, out, err = calibrate(capsys, bundle, "--good", data, "--defective", data, "--target-escape", "0.25")
+    assert code == 0, err
+    escaped = load_bundle(bundle).thresholds().provenance["observed"]["confusion"]["escaped"]
+    assert escaped <= 1  # floor(0.25 * 4)
+
+
+def test_escape_and_f1_targets_are_refused_without_defects(bundle, data, capsys):
+    from engines.bundle import load_bundle
+
+    version = load_bundle(bundle).thresholds().version
+    for flags in (["--target-escape", "0.01"], ["--max-f1"]):
+        code, out, err = calibrate(capsys, bundle, "--good", data, *flags)
+        assert code == 2
+        assert f"{flags[0]} needs labelled defective images" in err and "flag everything" in err
+        assert len(err.strip().splitlines()) == 1
+    assert load_bundle(bundle).thresholds().version == version
+
+
+def test_camera_override_then_rollback_restores_values_at_a_higher_version(bundle, data, capsys):
+    from engines.bundle import load_bundle
+
+    v1 = load_bundle(bundle).thresholds()
+    assert calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2")[0] == 0
+    v2 = load_bundle(bundle).thresholds()
+    assert calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.7", "--camera", "cam7")[0] == 0
+    v3 = load_bundle(bundle).thresholds()
+    assert v3.version == v2.version + 1 == v1.version + 2
+    assert v3.image_threshold == v2.image_threshold  # the global value is untouched
+    assert v3.for_camera("cam7")[0] < v2.image_threshold  # 70 % allows one of 6 good frames above it: lower
+    assert v3.for_camera("cam0") == (v2.image_threshold, v2.pixel_threshold)
+
+    code, out, err = calibrate(capsys, bundle, "--rollback", v1.version)
+    assert code == 0, err
+    v4 = load_bundle(bundle).thresholds()
+    assert v4.version == v3.version + 1
+    assert (v4.image_threshold, v4.pixel_threshold, v4.per_camera) == \
+        (v1.image_threshold, v1.pixel_threshold, v1.per_camera)
+    assert v4.provenance["rollback_to"] == v1.version
+
+    code, out, err = calibrate(capsys, bundle, "--rollback", 99)
+    assert code == 2 and "no version 99 in history" in err
+    code, out, err = calibrate(capsys, bundle, "--good", data, "--dry-run")
+    assert code == 0 and f"dry run: version {v4.version + 1} not written" in out
+    assert load_bundle(bundle).thresholds().version == v4.version
+
+
+def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
+    """--apply against a real `inspectd run` process: its control socket answers with the version it now uses."""
+    control = f"ipc://{tmp_path}/control.sock"
+    config = {
+        "station": "t1", "model": {"bundle": str(bundle)},
+        "engine": {"backend": "onnxruntime", "options": {"intra_op_threads": 1}},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 5, "width": 64, "height": 64}}],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"}, "control": {"endpoint": control},
+        "metrics": {"listen": None}, "state_dir": str(tmp_path / "state"), "logging": {"level": "warning"},
+    }
+    (tmp_path / "inspectd.yaml").write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "daemon.log", "wb")
+    daemon = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(tmp_path / "inspectd.yaml")],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        from inspectd.control import ControlClient, ControlTimeout
+
+        deadline = time.monotonic() + 60
+        with ControlClient(control, timeout_s=2) as client:
+            while True:
+                assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "the daemon never answered status"
+                try:
+                    before = client.request({"cmd": "status"})
+                    break
+                except ControlTimeout:
+                    continue
+        code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2",
+                                   "--apply", control)
+        assert code == 0, err
+        from engines.bundle import load_bundle
+
+        written = load_bundle(bundle).thresholds().version
+        assert f"now judges with thresholds version {written}" in out
+        with ControlClient(control, timeout_s=10) as client:
+            status = client.request({"cmd": "status"})
+        assert status["thresholds_version"] == written == before["thresholds_version"] + 1
+
+        # No daemon behind the endpoint: one line and exit 1 (the new version is still written to the bundle).
+        code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--apply", "ipc://" + str(tmp_path / "none.sock"),
+                                   "--timeout", "0.5")
+        assert code == 1 and "no reply within 0.5 s" in err
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait(10)
+        log.close()
