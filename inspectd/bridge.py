@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     modbus.add_argument("--config", default=None, help="bridge YAML: register map and handshake (docs/PLC.md)")
     modbus.add_argument("--topic", default="inspect.",
                         help="topic prefix to subscribe to, e.g. inspect.line1.cam0. (default: every result)")
+    modbus.add_argument("--log-format", choices=("json", "console"), default="json",
+                        help="log lines on stdout: json (for journald | jq, the default) or console")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"inspectd bridge: {exc}", file=sys.stderr)
         return 2
+    from inspectd.daemon import configure_logging  # the daemon's log format, so one jq filter reads both
+
+    configure_logging("info", args.log_format)
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # it logs every refused request as a traceback
     try:
         return asyncio.run(_serve(args.endpoint, host, port, args.topic, config))

@@ -7,6 +7,7 @@ act on its own memory) watches result_valid, records each handed-over result and
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -185,11 +186,18 @@ class Bridge:
             return plc.field("status") & BIT["trigger_ready"]
         _wait(ready, 20, "the bridge to subscribe (trigger_ready)", interval=0.05)
 
-    def stop(self) -> str:
+    def stop(self) -> dict[str, dict]:
+        """SIGTERM, a clean exit, and the bridge's JSON log events by name (the last of each)."""
         self.proc.send_signal(signal.SIGTERM)
         out, _ = self.proc.communicate(timeout=10)
         assert self.proc.returncode == 0, out
-        return out
+        events = {}
+        for line in out.splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                events[event["event"]] = event
+        assert "bridge_stopped" in events, out
+        return events
 
 
 def test_every_verdict_lands_in_the_registers_in_order(plc, daemon, bridge_config):
@@ -220,8 +228,8 @@ def test_every_verdict_lands_in_the_registers_in_order(plc, daemon, bridge_confi
         _wait(lambda: len(plc.received) == 13, 5, "result 13")
         assert plc.received[-1]["id"] == 13
     finally:
-        out = bridge.stop()
-    assert "result_refused" in out and "camera=cam1" in out
+        events = bridge.stop()
+    assert events["result_refused"]["camera"] == "cam1" and events["bridge_stopped"]["other_camera"] == 1
 
 
 def test_a_plc_that_stops_acking_counts_missed_acks_and_raises_the_alarm(plc, daemon, tmp_path):
@@ -284,8 +292,8 @@ def test_queue_overflow_drops_the_oldest_waiting_results_and_counts_them_as_gaps
         assert plc.field("status") & BIT["alarm"]
         assert plc.field("missed_acks") == 0
     finally:
-        out = bridge.stop()
-    assert "overflow_drops=3" in out
+        events = bridge.stop()
+    assert events["bridge_stopped"]["overflow_drops"] == 3
 
 
 def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
@@ -311,8 +319,8 @@ def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
         assert plc.received[0]["pass"]
         assert plc.field("sequence_gaps") == 0
     finally:
-        out = bridge.stop()
-    assert "stale_skipped=2 written=1" in out
+        events = bridge.stop()
+    assert events["bridge_stopped"]["stale_skipped"] == 2 and events["bridge_stopped"]["written"] == 1
 
 
 def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
