@@ -41,8 +41,10 @@ class SyntheticLine:
         self._gain = np.empty((height, width), dtype=np.float32)
         self._grain = np.empty((height, width), dtype=np.float32)
         self._mask = np.zeros((height, width), dtype=np.uint8)
-        # A faint fixed colour cast so RGB frames are not three identical planes.
-        self._tint = np.array([1.0, 0.97, 0.92], dtype=np.float32)
+        # A faint fixed colour cast so RGB frames are not three identical planes; lookup tables are the cheapest way
+        # to scale a uint8 plane.
+        self._tint_g = (np.arange(256) * 0.97).astype(np.uint8)
+        self._tint_b = (np.arange(256) * 0.92).astype(np.uint8)
 
     def _make_texture_bank(self, h: int, w: int) -> np.ndarray:
         rng = self.rng
@@ -82,8 +84,8 @@ class SyntheticLine:
         np.clip(self._work, 0.0, 255.0, out=self._work)
         if self.channels == 1:
             return self._work.astype(np.uint8), mask
-        rgb = (self._work[:, :, None] * self._tint).astype(np.uint8)
-        return rgb, mask
+        grey = self._work.astype(np.uint8)
+        return cv2.merge([grey, cv2.LUT(grey, self._tint_g), cv2.LUT(grey, self._tint_b)]), mask
 
     def _inject_defect(self) -> np.ndarray:
         rng, h, w = self.rng, self.height, self.width

@@ -393,7 +393,7 @@ class SyntheticLineSource(Source):
         if self.spec.encoding != "raw":
             # Exercise the same decode path real encoded cameras take.
             ext = ".jpg" if self.spec.encoding == "jpeg" else ".png"
-            ok, buf = cv2.imencode(ext, image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            _, buf = cv2.imencode(ext, image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             image = decode_image(buf, what=frame_id)
         return self.frame(frame_id, self.clock(), image, truth=mask is not None)
 
