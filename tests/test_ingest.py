@@ -48,11 +48,18 @@ def drain(queue: FrameQueue) -> list[Frame]:
     return frames
 
 
-def real_jpegs(n: int) -> list[Path]:
-    paths = sorted(DATA.glob("*.jpg"))[:n]
-    if len(paths) < n:  # the shared dataset is absent on this machine: fall back to the synthetic line
-        pytest.skip(f"needs {n} JPEGs in {DATA}")
-    return paths
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> list[Path]:
+    """Four real magnetic-tile JPEGs (varying sizes); where the shared dataset is absent, JPEGs of the synthetic
+    line written by OpenCV's encoder, so the tests still run on real files."""
+    paths = sorted(DATA.glob("*.jpg"))[:4]
+    if len(paths) == 4:
+        return paths
+    folder = tmp_path_factory.mktemp("jpegs")
+    line = SyntheticLine(120, 90, seed=7)
+    for i in range(4):
+        assert cv2.imwrite(str(folder / f"{i}.jpg"), line.next()[0])
+    return sorted(folder.glob("*.jpg"))
 
 
 @pytest.fixture
@@ -137,10 +144,10 @@ def test_bad_queue_arguments():
 
 # --- folder ---------------------------------------------------------------------------------------------------------
 
-def test_folder_picks_up_real_jpegs_in_arrival_order_each_once(tmp_path, ingest_threads):
+def test_folder_picks_up_real_jpegs_in_arrival_order_each_once(tmp_path, ingest_threads, jpegs):
     inbox, done = tmp_path / "in", tmp_path / "done"
     inbox.mkdir()
-    sources = real_jpegs(4)
+    sources = jpegs
     # Arrival order (mtime) deliberately opposite to name order; two files share an mtime, so name breaks the tie.
     names = ["d.jpg", "c.jpg", "b.jpg", "a.jpg"]
     base = time.time() - 100
@@ -190,8 +197,8 @@ def test_files_left_in_place_are_read_once_unless_rewritten(tmp_path, ingest_thr
     assert len(queue) == 0
 
 
-def test_folder_waits_for_a_file_still_being_written(tmp_path, ingest_threads):
-    data = real_jpegs(1)[0].read_bytes()
+def test_folder_waits_for_a_file_still_being_written(tmp_path, ingest_threads, jpegs):
+    data = jpegs[0].read_bytes()
     queue = FrameQueue(8, "block")
     start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 50, "delete_after": True}),
           queue)
@@ -261,8 +268,8 @@ def jpeg_with_sof(data: bytes, width: int, height: int) -> bytes:
         pos += 2 + length
 
 
-def test_encoded_dims_reads_headers_without_decoding():
-    jpeg = real_jpegs(1)[0].read_bytes()
+def test_encoded_dims_reads_headers_without_decoding(jpegs):
+    jpeg = jpegs[0].read_bytes()
     image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
     assert encoded_dims(jpeg) == ("jpeg", image.shape[0], image.shape[1])
     ok, png = cv2.imencode(".png", np.zeros((17, 31), np.uint8))
@@ -278,11 +285,11 @@ def test_encoded_dims_reads_headers_without_decoding():
     assert encoded_dims(jpeg[:10]) is None
 
 
-def test_zmq_frames_good_and_bad(tmp_path, ingest_threads):
+def test_zmq_frames_good_and_bad(tmp_path, ingest_threads, jpegs):
     endpoint = f"ipc://{tmp_path}/cam0.sock"
     queue = FrameQueue(64, "block")
     ingest = start(ingest_threads, camera({"kind": "zmq", "endpoint": endpoint}, max_pixels=10_000_000), queue)
-    jpeg = real_jpegs(1)[0].read_bytes()
+    jpeg = jpegs[0].read_bytes()
     jpeg_image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
     gray = np.arange(48 * 64, dtype=np.uint8).reshape(48, 64)
     rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
