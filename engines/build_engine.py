@@ -60,6 +60,7 @@ def cast_pixels_first(model, to: int):
 
     Exact: every uint8 value is representable in float16 and float32, so the graph computes the same thing; the
     exported Cast that followed the transpose becomes a no-op cast."""
+    onnx = import_onnx()
     from onnx import helper
 
     cast_output = f"{PIXELS}__as_float"
@@ -68,7 +69,9 @@ def cast_pixels_first(model, to: int):
             if name == PIXELS:
                 node.input[slot] = cast_output
     model.graph.node.insert(0, helper.make_node("Cast", [PIXELS], [cast_output], to=to, name=f"{cast_output}/Cast"))
-    return model
+    # Tensors between the input and the old Cast were annotated uint8: drop the annotations and infer them again.
+    del model.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
 def prepare_graph(bundle: Bundle, variant: str, destination: Path) -> tuple[Path, set[str]]:
@@ -280,7 +283,7 @@ def build_plan(bundle_path: str | Path, precision: str = "fp32", max_batch: int 
     bundle.replace_file(name, plan, add=True)
     bundle.replace_file(sidecar_name(name), info.to_json().encode(), add=True)
     log(f"{bundle.path / name}: {len(plan) / 1e6:.1f} MB, {precision}, batch 1..{max_batch} (opt {opt_batch}), "
-        f"{streams} profiles, {gpu_name} sm {capability}, TensorRT {version}, built in "
+        f"{streams} profile(s), {gpu_name} sm {capability}, TensorRT {version}, built in "
         f"{time.monotonic() - started:.0f} s; timing cache {cache_path}")
     return bundle.path / name
 

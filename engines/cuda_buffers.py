@@ -9,6 +9,7 @@ failure into one EngineError line naming the CUDA function and the error.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import numpy as np
 
@@ -56,6 +57,21 @@ def select_device(index: int) -> tuple[str, str]:
     props = call(cudart.cudaGetDeviceProperties(index), f"cudaGetDeviceProperties({index})")
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     return name.rstrip("\x00").strip(), f"{props.major}.{props.minor}"
+
+
+class DeviceBinding:
+    """Keeps `index` the current device of every thread that uses it. CUDA's current device is per thread, and the
+    daemon opens the engine in one thread and infers in another: a stream of device 1 used from a thread still on
+    device 0 fails. One cudaSetDevice per thread, then nothing."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self._local = threading.local()
+
+    def ensure(self) -> None:
+        if not getattr(self._local, "bound", False):
+            call(import_cudart().cudaSetDevice(self.index), f"cudaSetDevice({self.index})")
+            self._local.bound = True
 
 
 class PinnedBuffer:

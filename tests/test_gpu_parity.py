@@ -122,14 +122,19 @@ def test_fp16_variant_runs_on_onnxruntime_cpu_and_agrees_with_fp32(bundles, fram
 
 
 def test_pixels_cast_first_graph_is_exact(bundles, frames):
+    """TensorRT gets the graph with `pixels` cast before the transpose: same numbers, in both variants."""
     bundle = load_bundle(bundles["gaussian"])
-    model = cast_pixels_first(onnx.load(str(bundle.graph_path)), onnx.TensorProto.FLOAT)
-    first = model.graph.node[0]
-    assert first.op_type == "Cast" and list(first.input) == ["pixels"]
-    assert all("pixels" not in node.input for node in model.graph.node[1:])
     params = bundle.scorer_params()
-    for got, want in zip(ort_run(model, frames, params), ort_run(bundle.graph_path, frames, params)):
-        np.testing.assert_array_equal(got, want)
+    fp32 = onnx.load(str(bundle.graph_path))
+    fp16 = to_fp16_variant(fp32, "pixels", bundle.scorer_inputs)
+    for original, to in ((fp32, onnx.TensorProto.FLOAT), (fp16, onnx.TensorProto.FLOAT16)):
+        want = ort_run(original, frames, params)
+        model = cast_pixels_first(onnx.load_from_string(original.SerializeToString()), to)
+        first = model.graph.node[0]
+        assert first.op_type == "Cast" and list(first.input) == ["pixels"]
+        assert all("pixels" not in node.input for node in model.graph.node[1:])
+        for got, expected in zip(ort_run(model, frames, params), want):
+            np.testing.assert_array_equal(got, expected)
 
 
 # ------------------------------------------------------------------------------ runs here: plan compatibility checks

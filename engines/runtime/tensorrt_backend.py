@@ -52,32 +52,43 @@ class _Slot:
 
     def __init__(self, engine, index: int, max_batch: int, input_shape: tuple[int, int, int]) -> None:
         height, width, _ = input_shape
+        self.buffers: list = []
+        self.context = None
         self.stream = cuda_buffers.Stream()
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise EngineError("TensorRT create_execution_context failed (out of GPU memory?)")
-        if index:
-            if not self.context.set_optimization_profile_async(index, self.stream.address):
-                raise EngineError(f"TensorRT set_optimization_profile_async({index}) refused")
-            self.stream.synchronize()
-        self.host_pixels = cuda_buffers.PinnedBuffer((max_batch, *input_shape), np.uint8)
-        self.host_score = cuda_buffers.PinnedBuffer((max_batch,), np.float32)
-        self.host_map = cuda_buffers.PinnedBuffer((max_batch, height, width), np.float32)
-        self.pixels = cuda_buffers.DeviceBuffer(self.host_pixels.nbytes)
-        self.score = cuda_buffers.DeviceBuffer(self.host_score.nbytes)
-        self.anomaly_map = cuda_buffers.DeviceBuffer(self.host_map.nbytes)
-        for name, buffer in ((PIXELS, self.pixels), (OUTPUTS[0], self.score), (OUTPUTS[1], self.anomaly_map)):
-            if not self.context.set_tensor_address(name, buffer.ptr):
-                raise EngineError(f"TensorRT set_tensor_address({name!r}) refused")
+        try:
+            self.context = engine.create_execution_context()
+            if self.context is None:
+                raise EngineError("TensorRT create_execution_context failed (out of GPU memory?)")
+            if index:
+                if not self.context.set_optimization_profile_async(index, self.stream.address):
+                    raise EngineError(f"TensorRT set_optimization_profile_async({index}) refused")
+                self.stream.synchronize()
+            self.host_pixels = self._own(cuda_buffers.PinnedBuffer((max_batch, *input_shape), np.uint8))
+            self.host_score = self._own(cuda_buffers.PinnedBuffer((max_batch,), np.float32))
+            self.host_map = self._own(cuda_buffers.PinnedBuffer((max_batch, height, width), np.float32))
+            self.pixels = self._own(cuda_buffers.DeviceBuffer(self.host_pixels.nbytes))
+            self.score = self._own(cuda_buffers.DeviceBuffer(self.host_score.nbytes))
+            self.anomaly_map = self._own(cuda_buffers.DeviceBuffer(self.host_map.nbytes))
+            for name, buffer in ((PIXELS, self.pixels), (OUTPUTS[0], self.score), (OUTPUTS[1], self.anomaly_map)):
+                if not self.context.set_tensor_address(name, buffer.ptr):
+                    raise EngineError(f"TensorRT set_tensor_address({name!r}) refused")
+        except BaseException:
+            self.close()
+            raise
         self.generation = 0
         self.pending: Ticket | None = None
+
+    def _own(self, buffer):
+        self.buffers.append(buffer)
+        return buffer
 
     def close(self) -> None:
         if self.stream.handle is not None:
             self.stream.synchronize()
         self.context = None
-        for buffer in (self.host_pixels, self.host_score, self.host_map, self.pixels, self.score, self.anomaly_map):
+        for buffer in self.buffers:
             buffer.close()
+        self.buffers = []
         self.stream.close()
 
 
@@ -97,6 +108,8 @@ class TensorRTEngine(Engine):
         trt = import_tensorrt()
         cuda_buffers.import_cudart()
         gpu_name, capability = cuda_buffers.select_device(options.device)
+        self._device = cuda_buffers.DeviceBinding(options.device)
+        self._device.ensure()
         self.plan_path, self.plan_info = self._choose_plan(trt.__version__, gpu_name, capability)
         if self.plan_info.profiles < options.streams:
             raise BundleError(f"{self.plan_path}: has {self.plan_info.profiles} optimisation profile(s), "
@@ -155,6 +168,7 @@ class TensorRTEngine(Engine):
     # ------------------------------------------------------------------------------------------------ parameters
     def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:
         checked = check_scorer_params(params, self._param_shapes)
+        self._device.ensure()
         with self._lock:
             # Every in-flight batch reads the old parameters: let them finish before overwriting.
             for slot in self._slots:
@@ -185,6 +199,7 @@ class TensorRTEngine(Engine):
     def submit(self, pixels: np.ndarray) -> Ticket:
         """Enqueue one batch (upload, execute, download) on the next stream and return at once."""
         check_pixels(pixels, self.input_shape, self.max_batch)
+        self._device.ensure()
         count = pixels.shape[0]
         with self._lock:
             index = self._next
@@ -222,6 +237,9 @@ class TensorRTEngine(Engine):
         return self.collect(self.submit(pixels))
 
     def close(self) -> None:
+        if not self._slots and not self._params:
+            return
+        self._device.ensure()
         with self._lock:
             for slot in self._slots:
                 slot.close()
