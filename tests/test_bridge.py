@@ -113,6 +113,8 @@ class Plc:
             time.sleep(0.003)
 
     def close(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._program.join(5)
         self.client.close()
@@ -357,3 +359,22 @@ def test_scaled_score_is_clamped_to_a_register():
     assert scaled_score(1e9, 1000) == 65535
     assert scaled_score(None, 1000) == 0
     assert scaled_score(float("nan"), 1000) == 0
+
+
+def test_the_shipped_example_config_is_the_defaults():
+    from inspectd.plc import load_bridge_config
+
+    assert load_bridge_config(REPO / "deploy" / "bridge.example.yaml") == parse_bridge_config({})
+
+
+def test_a_plc_that_goes_away_ends_the_bridge_with_one_line_for_the_service_manager(plc, daemon, bridge_config):
+    bridge = Bridge(daemon, plc, bridge_config)
+    plc.close()  # the PLC's server shuts down: the next heartbeat write fails
+    try:
+        bridge.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        bridge.proc.kill()
+        raise AssertionError("the bridge kept running without its PLC")
+    out = bridge.proc.stdout.read()
+    assert bridge.proc.returncode == 1, out
+    assert out.strip().splitlines()[-1].startswith("inspectd bridge: PLC"), out

@@ -48,10 +48,10 @@ def test_install_twice_into_prefix_builds_the_tree_and_the_rerun_changes_nothing
         assert tree[f"etc/systemd/system/{unit}"][0] == "-rw-r--r--"
     # --no-venv: no pip run, no virtualenv
     assert not (root / "opt/inspectd/venv").exists()
-    example = REPO / "deploy" / "inspectd.example.yaml"
-    if example.exists():
-        assert (root / "etc/inspectd/inspectd.yaml").read_bytes() == example.read_bytes()
-        assert tree["etc/inspectd/inspectd.yaml"][0] == "-rw-r-----"
+    for name in ("inspectd", "bridge"):  # every deploy/*.example.yaml becomes /etc/inspectd/<name>.yaml
+        example = REPO / "deploy" / f"{name}.example.yaml"
+        assert (root / f"etc/inspectd/{name}.yaml").read_bytes() == example.read_bytes()
+        assert tree[f"etc/inspectd/{name}.yaml"][0] == "-rw-r-----"
 
     second = _install(root)
     assert second.returncode == 0, second.stderr
