@@ -223,7 +223,7 @@ def test_every_verdict_lands_in_the_registers_in_order(plc, daemon, bridge_confi
         _wait(lambda: not plc.field("status") & BIT["result_valid"], 5, "result_valid to fall after the ack")
         assert plc.field("missed_acks") == 0 and plc.field("sequence_gaps") == 0
         assert not plc.field("status") & BIT["alarm"]
-        assert plc.field("heartbeat") > beat
+        _wait(lambda: plc.field("heartbeat") > beat, 5, "the heartbeat to move (every 100 ms)")
         # The bridge serves the first camera it saw; another camera's result never reaches this block.
         daemon.result(13, camera="cam1")
         daemon.result(13)
