@@ -21,6 +21,9 @@ from inspectd.bench_measure import MB, cpu_model, fmt, markdown_table, peak_rss_
 # Goals of issue #6 (2 CPU cores): name -> (what, comparison, target).
 GOALS = {
     "daemon_vs_engine_raw": ("daemon saturated frames/s (zmq raw) / engine-only best frames/s", ">=", 0.90),
+    "daemon_vs_engine_raw_cpu": ("the same from CPU time: engine CPU ms/frame (at the daemon's mean batch) / daemon "
+                                 "CPU ms/frame (zmq raw, saturated); the throughput ratio on 2 cores of its own",
+                                 ">=", 0.90),
     "daemon_vs_engine_jpeg": ("daemon saturated frames/s (zmq JPEG) / engine-only best frames/s", "info", None),
     "daemon_vs_naive": ("daemon saturated frames/s (zmq JPEG) / naive loop frames/s, same JPEG frames", ">=", 1.5),
     "p99_at_half_load": ("p99 latency at 50% of saturation / (2 x (max_wait + one batch's engine time))", "<=", 1.0),
@@ -114,7 +117,8 @@ def _daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=_positive(int), default=8, help="daemon batching.max_batch (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="daemon batching.max_wait_ms (default 10)")
     p.add_argument("--profile", type=Path, default=None,
-                   help="run the first saturated zmq-raw daemon under cProfile (all threads) into this pstats file")
+                   help="run one saturated daemon (zmq-raw if chosen, else the first source; the first camera "
+                        "count) under cProfile in every thread, into this pstats file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -192,7 +196,10 @@ def run_engine(args) -> dict:
     report = bench_engine.bench_engine(args.bundle, args.backend, args.options, args.batch, args.size,
                                        args.windows, args.window_s, args.train_data)
     print(_table(bench_engine, report))
-    print(f"\npeak RSS {report['peak_rss_mb']:.0f} MB; median of {args.windows} windows of {args.window_s:g}s "
+    for r in report["sizes"]:
+        print(f"\n{'x'.join(map(str, r['input']))}: opening the engine added {r['rss_engine_mb']:.0f} MB resident, "
+              f"the larger batches {r['rss_batches_mb']:.0f} MB more; {r['rss_end_mb']:.0f} MB at the end")
+    print(f"peak RSS {report['peak_rss_mb']:.0f} MB; median of {args.windows} windows of {args.window_s:g}s "
           f"after {bench_engine.WARMUP_S:g}s warm-up")
     return report
 
@@ -235,7 +242,8 @@ def run_daemon(args, engine_rows: list[dict] | None = None, paths: list[Path] | 
 
 
 def summarize_profile(path: Path, top: int = 20) -> dict:
-    """The functions with the most own time, and the inspectd functions with the most cumulative time."""
+    """The functions with the most own CPU time, and our own functions with the most cumulative CPU time, per
+    published frame (the publisher's `_send_result` calls count the frames)."""
     import pstats
 
     stats = pstats.Stats(str(path))
@@ -243,16 +251,28 @@ def summarize_profile(path: Path, top: int = 20) -> dict:
     for (filename, line, name), (cc, nc, tt, ct, _) in stats.stats.items():
         entries.append({"function": f"{Path(filename).name}:{line}({name})", "file": filename, "calls": nc,
                         "own_s": tt, "cumulative_s": ct})
+    frames = sum(e["calls"] for e in entries if e["file"].endswith("publish.py") and "_send_result" in e["function"])
+    for e in entries:
+        e["own_us_per_frame"] = e["own_s"] / frames * 1e6 if frames else None
+        e["cumulative_us_per_frame"] = e["cumulative_s"] / frames * 1e6 if frames else None
     own = sorted(entries, key=lambda e: -e["own_s"])[:top]
     ours = sorted((e for e in entries if "/inspectd/" in e["file"] or "/engines/" in e["file"]),
                   key=lambda e: -e["cumulative_s"])[:top]
-    return {"path": str(path), "total_own_s": sum(e["own_s"] for e in entries), "top_own": own,
-            "top_inspectd_cumulative": ours}
+    return {"path": str(path), "frames": frames, "total_own_s": sum(e["own_s"] for e in entries),
+            "top_own": own, "top_inspectd_cumulative": ours}
 
 
 def profile_table(profile: dict) -> str:
-    rows = [[e["function"], e["calls"], e["own_s"], e["cumulative_s"]] for e in profile["top_own"]]
-    return markdown_table(["function (most own time)", "calls", "own s", "cumulative s"], rows)
+    def rows(entries):
+        return [[e["function"], e["calls"], e["own_s"], e["cumulative_s"], e["own_us_per_frame"],
+                 e["cumulative_us_per_frame"]] for e in entries]
+
+    headers = ["calls", "own CPU s", "cumulative CPU s", "own us/frame", "cumulative us/frame"]
+    return "\n".join([
+        f"{profile['frames']} frames published; CPU time of every thread but the main one (cProfile, thread_time)",
+        "", markdown_table(["function (most own CPU)", *headers], rows(profile["top_own"])),
+        "", markdown_table(["inspectd/engines function (most cumulative CPU)", *headers],
+                           rows(profile["top_inspectd_cumulative"]))])
 
 
 def ratios(engine: dict, naive: dict, daemon: dict, max_wait_ms: float, max_batch: int) -> dict[str, Any]:
@@ -271,6 +291,9 @@ def ratios(engine: dict, naive: dict, daemon: dict, max_wait_ms: float, max_batc
     bound_ms = 2 * (max_wait_ms + full_batch["latency_ms"]["p50"]) if full_batch else None
     out: dict[str, Any] = {}
     out["daemon_vs_engine_raw"] = raw["delivered_fps"] / best if raw else None
+    out["daemon_vs_engine_raw_cpu"] = (raw["engine_cpu_ms_per_frame"] / raw["daemon_cpu_ms_per_frame"]
+                                       if raw and raw["engine_cpu_ms_per_frame"] and raw["daemon_cpu_ms_per_frame"]
+                                       else None)
     out["daemon_vs_engine_jpeg"] = jpeg["delivered_fps"] / best if jpeg else None
     out["daemon_vs_naive"] = jpeg["delivered_fps"] / naive["fps"] if jpeg and naive else None
     out["p99_at_half_load"] = (max(r["latency_ms"]["p99"] for r in half) / bound_ms) if half and bound_ms else None

@@ -99,7 +99,10 @@ def naive_loop(bundle_path: str | Path, paths: list[Path], duration_s: float = 0
         pub.send_multipart([b"probe", b""])
         time.sleep(0.01)
 
+    defects = 0
+
     def one(path: Path, seq: int) -> float:
+        nonlocal defects
         t0 = time.perf_counter()
         t_capture = time.time()
         image = cv2.imread(str(path), read_flag)
@@ -113,6 +116,7 @@ def naive_loop(bundle_path: str | Path, paths: list[Path], duration_s: float = 0
         verdict = "defect" if score >= image_thr else "ok"
         regions, frames = [], []
         if verdict == "defect":
+            defects += seq >= 0
             fh, fw = image.shape[:2]
             frame_map = cv2.resize(amap[0], (fw, fh), interpolation=cv2.INTER_LINEAR)
             mask = (frame_map >= pixel_thr).astype(np.uint8)
@@ -152,7 +156,7 @@ def naive_loop(bundle_path: str | Path, paths: list[Path], duration_s: float = 0
         "kind": "naive", "bundle": str(bundle.path), "model_id": bundle.model_id, "input": [h, w, c],
         "frames": seq, "distinct_frames": len(paths), "seconds": wall, "fps": seq / wall,
         "latency_ms": latency_ms(latencies), "cpu_ms_per_frame": cpu_s / seq * 1000.0,
-        "cpu_cores_used": cpu_s / wall, "received": max(0, receiver.received - 1),  # minus the warm-up frame
+        "cpu_cores_used": cpu_s / wall, "defects": defects, "received": max(0, receiver.received - 1),  # minus the warm-up frame
         "rss_growth_mb": (rss_end - rss_start) / MB,
     }
 
@@ -171,7 +175,9 @@ def frames_from(frames_dir: str | Path | None, synthetic: int | None, workdir: P
 
 
 def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
-    headers = ["loop", "frames", "frames/s", "latency p50 ms", "p99 ms", "CPU ms/frame", "cores", "received"]
+    headers = ["loop", "frames", "frames/s", "latency p50 ms", "p99 ms", "CPU ms/frame", "cores", "defect %",
+               "received"]
     lat = report["latency_ms"]
     return headers, [["naive (1 thread, batch 1)", report["frames"], report["fps"], lat["p50"], lat["p99"],
-                      report["cpu_ms_per_frame"], report["cpu_cores_used"], report["received"]]]
+                      report["cpu_ms_per_frame"], report["cpu_cores_used"],
+                      100.0 * report["defects"] / report["frames"], report["received"]]]
