@@ -73,14 +73,16 @@ def create_backbone(name: str, weights: str | Path | None = None, pretrained: bo
     import timm
 
     spec = spec_for(name)
-    full = timm.create_model(spec.timm_name, pretrained=False)
-    if pretrained:
-        full.load_state_dict(imagenet_state_dict(name, weights, full))
     features = timm.create_model(spec.timm_name, pretrained=False, features_only=True,
                                  out_indices=taps or spec.taps)
-    missing, _unused_head = features.load_state_dict(full.state_dict(), strict=False)
-    if missing:
-        raise WeightsError(f"backbone {name!r}: feature extractor has tensors the classifier lacks: {missing[:3]}")
+    if pretrained:
+        # The ImageNet files are keyed (and, for Lite0, ordered) like the full classifier: load it, then keep its
+        # feature part.
+        full = timm.create_model(spec.timm_name, pretrained=False)
+        full.load_state_dict(imagenet_state_dict(name, weights, full))
+        missing, _unused_head = features.load_state_dict(full.state_dict(), strict=False)
+        if missing:
+            raise WeightsError(f"backbone {name!r}: feature extractor has tensors the classifier lacks: {missing[:3]}")
     return Backbone(spec, features)
 
 

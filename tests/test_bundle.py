@@ -15,9 +15,9 @@ import pytest
 from calibration import thresholds as thresholds_doc
 from engines.bundle import load_bundle, write_bundle
 from engines.errors import BundleError
-from tiny_dataset import make_tiny_mvtec
+from tiny_dataset import make_tiny_mvtec, one_torch_thread  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

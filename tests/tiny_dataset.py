@@ -34,3 +34,15 @@ def make_tiny_mvtec(root: Path, n_train: int = 12, n_test_good: int = 2, n_test_
                 (root / "ground_truth" / defect_type).mkdir(parents=True, exist_ok=True)
                 shutil.copy(mask, root / "ground_truth" / defect_type / mask.name)
     return root
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_torch_thread():
+    """Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`. CI and dev boxes have two shared
+    cores: torch's two intra-op threads then wait on each other at every small op (measured 30x slower under load)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,181 @@
+"""ONNX export and the two runtime backends: the exported graph (uint8 pixels -> score, map; scorer params as inputs;
+dynamic batch) agrees with torch on real frames at batch 1 and 3, for both scorers; `inspectd export` rewrites a
+bundle's graph; swapping scorer params needs no export; bad input is refused with one line."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from engines.bundle import load_bundle
+from engines.errors import EngineError
+from engines.runtime import open_engine
+from tiny_dataset import make_tiny_mvtec, one_torch_thread  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_tiny_mvtec(tmp_path_factory.mktemp("data"), n_train=8, n_test_good=1, n_test_defect=2)
+
+
+@pytest.fixture(scope="module", params=["kmeans", "gaussian"])
+def bundle(request, data, tmp_path_factory):
+    from engines.train import Progress, train_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / request.param
+    train_bundle(data, out, size=(SIZE, SIZE), scorer=request.param, k=2, progress=Progress(enabled=False))
+    return load_bundle(out)
+
+
+@pytest.fixture(scope="module")
+def engines(bundle):
+    """Both backends on the same bundle, opened once per module (max_batch 3)."""
+    with open_engine(bundle, "torch", {}, max_batch=3) as reference, \
+            open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=3) as engine:
+        yield {"torch": reference, "onnxruntime": engine}
+
+
+@pytest.fixture(scope="module")
+def frames(data) -> np.ndarray:
+    """Three real frames (one good, two with blowholes) fitted the way the daemon fits them."""
+    from engines.data import load_image
+    from engines.preprocess import fit_frame
+
+    paths = sorted((data / "test").glob("*/*.jpg"))[:3]
+    batch = np.empty((3, SIZE, SIZE, 1), np.uint8)
+    for i, path in enumerate(paths):
+        fit_frame(load_image(path), (SIZE, SIZE, 1), "stretch", out=batch[i])
+    return batch
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Agreement to 1e-4 of the quantity's scale (map values are sums of squares in the hundreds)."""
+    scale = max(1.0, float(np.abs(expected).max()))
+    assert np.abs(actual - expected).max() <= 1e-4 * scale, (np.abs(actual - expected).max(), scale)
+
+
+def test_graph_contract(bundle):
+    model = onnx.load(str(bundle.graph_path))
+    onnx.checker.check_model(model)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    inputs = [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input]
+    assert inputs == [("pixels", onnx.TensorProto.UINT8)] + [(n, onnx.TensorProto.FLOAT) for n in bundle.scorer_inputs]
+    pixel_dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert pixel_dims[0].dim_param and [d.dim_value for d in pixel_dims[1:]] == [SIZE, SIZE, 1]
+    assert [o.name for o in model.graph.output] == ["score", "anomaly_map"]
+    assert not any(i.name in bundle.scorer_inputs for i in model.graph.initializer)  # params are inputs, not weights
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnxruntime_agrees_with_torch(engines, frames, batch):
+    pixels = np.ascontiguousarray(frames[:batch])
+    expected = engines["torch"].infer(pixels)
+    actual = engines["onnxruntime"].infer(pixels)
+    assert actual.scores.shape == (batch,) and actual.maps.shape == (batch, SIZE, SIZE)
+    assert actual.scores.dtype == np.float32 and actual.maps.dtype == np.float32
+    assert_close(actual.scores, expected.scores)
+    assert_close(actual.maps, expected.maps)
+
+
+def test_each_frame_is_scored_on_its_own(engines, frames):
+    engine = engines["onnxruntime"]
+    together = engine.infer(frames)
+    for i in range(3):
+        single = engine.infer(np.ascontiguousarray(frames[i:i + 1]))
+        assert_close(single.scores, together.scores[i:i + 1])
+        assert_close(single.maps, together.maps[i:i + 1])
+
+
+def test_scorer_params_swap_without_export(bundle, engines, frames):
+    """Make frame 0 its own k-means reference (or the Gaussian's mean): its map must drop to ~0."""
+    import torch
+
+    with torch.inference_mode():
+        features = engines["torch"].graph.embed(torch.from_numpy(frames[:1]))[0].numpy()
+    original = bundle.scorer_params()
+    params = dict(original)
+    if "references" in params:
+        params["references"] = features[None]
+    else:
+        params["gauss_mean"] = features
+    for backend, engine in engines.items():
+        before = engine.infer(frames)
+        engine.set_scorer_params(params)
+        try:
+            after = engine.infer(frames)
+        finally:
+            engine.set_scorer_params(original)
+        assert after.maps[0].max() <= 1e-3 * max(1.0, float(before.maps[0].max())), backend
+        assert after.scores[0] < before.scores[0], backend
+        assert after.maps[1].max() > 10 * after.maps[0].max(), backend  # other frames still differ from it
+        bad = {name: value[..., :1] for name, value in original.items()}
+        with pytest.raises(EngineError, match=r"scorer params: \w+ has shape"):
+            engine.set_scorer_params(bad)
+        assert_close(engine.infer(frames).maps, before.maps)  # a refused swap leaves the old params in place
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_bad_pixels_are_refused_in_one_line(engines, frames, backend):
+    engine = engines[backend]
+    cases = [
+        (frames[:1].astype(np.float32), "dtype float32, expected uint8"),
+        (frames[:1, :32], f"shape (1, 32, {SIZE}, 1), expected [N, {SIZE}, {SIZE}, 1]"),
+        (frames[0], f"expected [N, {SIZE}, {SIZE}, 1]"),
+        (np.concatenate([frames, frames[:1]]), "batch 4, expected 1..3"),
+        (np.asfortranarray(frames[:2]), "not C-contiguous"),
+        ([[0]], "expected a numpy array"),
+    ]
+    for pixels, expected in cases:
+        with pytest.raises(EngineError) as info:
+            engine.infer(pixels)
+        assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_backend_options_are_validated(bundle):
+    with pytest.raises(EngineError, match=r"engine.options.providers: 'tpu'"):
+        open_engine(bundle, "onnxruntime", {"providers": "tpu"})
+    with pytest.raises(EngineError, match=r"engine.options.intra_op_threads: expected int"):
+        open_engine(bundle, "onnxruntime", {"intra_op_threads": "4"})
+    with pytest.raises(EngineError, match=r"engine.options.device: 'gpu0'"):
+        open_engine(bundle, "torch", {"device": "gpu0"})
+
+
+def test_export_cli_rewrites_the_graph_and_its_checksum(bundle, tmp_path, capsys):
+    copy = Path(shutil.copytree(bundle.path, tmp_path / "copy"))
+    # An empty graph whose checksum is consistent: the bundle loads, but only export can make it runnable again.
+    (copy / "model.onnx").write_bytes(b"")
+    doc = json.loads((copy / "manifest.json").read_text())
+    doc["files"]["model.onnx"] = hashlib.sha256(b"").hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(EngineError, match="ONNX Runtime cannot load it"):
+        open_engine(load_bundle(copy), "onnxruntime", {})
+    done = subprocess.run([sys.executable, "-m", "inspectd", "export", str(copy), "--opset", "18"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    rebuilt = load_bundle(copy)
+    model = onnx.load(str(rebuilt.graph_path))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
+    with open_engine(rebuilt, "onnxruntime", {}, max_batch=1) as a, open_engine(bundle, "onnxruntime", {},
+                                                                                max_batch=1) as b:
+        probe = np.full((1, SIZE, SIZE, 1), 120, np.uint8)
+        assert_close(a.infer(probe).maps, b.infer(probe).maps)
+    from engines.export import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args([str(copy), "--opset", "13"])) == 2
+    assert "--opset 13: expected 17 or higher" in capsys.readouterr().err
