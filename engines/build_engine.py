@@ -60,8 +60,10 @@ def cast_pixels_first(model, to: int):
 
     Exact: every uint8 value is representable in float16 and float32, so the graph computes the same thing; the
     exported Cast that followed the transpose becomes a no-op cast."""
-    onnx = import_onnx()
+    import_onnx()
     from onnx import helper
+
+    from engines.half_precision import infer_types
 
     cast_output = f"{PIXELS}__as_float"
     for node in model.graph.node:
@@ -71,7 +73,7 @@ def cast_pixels_first(model, to: int):
     model.graph.node.insert(0, helper.make_node("Cast", [PIXELS], [cast_output], to=to, name=f"{cast_output}/Cast"))
     # Tensors between the input and the old Cast were annotated uint8: drop the annotations and infer them again.
     del model.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    return infer_types(model, "graph for TensorRT")
 
 
 def prepare_graph(bundle: Bundle, variant: str, destination: Path) -> tuple[Path, set[str]]:
@@ -85,7 +87,6 @@ def prepare_graph(bundle: Bundle, variant: str, destination: Path) -> tuple[Path
     if variant == "fp16":
         model = to_fp16_variant(model, PIXELS, bundle.scorer_inputs)
     model = cast_pixels_first(model, FLOAT16 if variant == "fp16" else FLOAT)
-    onnx.checker.check_model(model)
     onnx.save(model, str(destination))
     return destination, region
 
@@ -270,7 +271,10 @@ def build_plan(bundle_path: str | Path, precision: str = "fp32", max_batch: int 
         raise EngineError(f"{bundle.path}: TensorRT failed to build the {precision} plan (see the log above)")
     plan = bytes(serialized)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    # Written aside and renamed: two builds on one station must not leave a half-written cache behind.
+    partial = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
+    partial.write_bytes(bytes(config.get_timing_cache().serialize()))
+    os.replace(partial, cache_path)
 
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     if engine is None or engine.num_optimization_profiles != streams:

@@ -62,9 +62,20 @@ def feature_region(model, pixel_input: str, scorer_inputs: tuple[str, ...]) -> l
     return sorted(i for i in from_pixels - from_scorer if nodes[i].op_type not in SHAPE_OPS)
 
 
+def infer_types(model, what: str):
+    """`model` with its value types inferred (strictly) and checked; BundleError in one line if they do not fit."""
+    import onnx
+
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise BundleError(f"{what}: the ONNX graph does not type-check ({str(exc).strip().splitlines()[0]})") from exc
+    return model
+
+
 def to_fp16_variant(model, pixel_input: str = "pixels", scorer_inputs: tuple[str, ...] = ()):
     """A new ModelProto: `model` with its feature region in float16 (see the module docstring)."""
-    import onnx
     from onnx import helper, numpy_helper
 
     graph_inputs = {i.name for i in model.graph.input}
@@ -72,7 +83,7 @@ def to_fp16_variant(model, pixel_input: str = "pixels", scorer_inputs: tuple[str
     if missing:
         raise BundleError(f"FP16 variant: graph inputs {', '.join(missing)} missing, expected {pixel_input!r} and the "
                           f"scorer inputs {', '.join(scorer_inputs) or '(none)'}")
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    model = infer_types(model, "FP16 variant (source graph)")
     graph = model.graph
     elem_type = {v.name: v.type.tensor_type.elem_type
                  for v in (*graph.input, *graph.output, *graph.value_info)}
@@ -165,9 +176,7 @@ def to_fp16_variant(model, pixel_input: str = "pixels", scorer_inputs: tuple[str
     graph.initializer.extend(kept)
     # Stale float32 annotations would contradict the new types; let inference redo them.
     del graph.value_info[:]
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    onnx.checker.check_model(model)
-    return model
+    return infer_types(model, "FP16 variant")
 
 
 def write_fp16_variant(source: str | Path, destination: str | Path, pixel_input: str = "pixels",
