@@ -1,0 +1,357 @@
+"""The results journal: a bounded, append-only on-disk record of every published result, per camera.
+
+It serves two needs. A subscriber that was away (a PLC bridge restarting) fetches what it missed by seq
+(`inspectd subscribe --since SEQ --journal DIR`, or `read_since`). A daemon killed with SIGKILL resumes each camera's
+seq after the last journalled result (`last_seq`), so a seq is never published twice.
+
+Layout: `<dir>/<camera>/<first seq, 12 digits>.seg`, one active segment per camera. A record is
+
+    magic "IJR1" | u32 body length | u64 seq | u32 crc32(body) | body
+    body = u16 frame count, then per frame: u32 length | bytes      (the multipart message exactly as published)
+
+so a record torn by a kill mid-write is recognised (short or bad CRC) and cut off when the journal is reopened, and
+readers stop at it. A segment is closed at `segment_bytes`; when the whole journal exceeds `max_bytes` the oldest
+closed segments (any camera) are deleted, so the journal holds the most recent results within its cap.
+
+fsync policy: every record is written to the OS before the result is sent (survives the process dying at any
+point); the active segment is fsynced at most once per `fsync_interval_s`, at rotation and at close, so a power loss
+can cost up to that interval of records, never the journal's consistency.
+
+A write that fails (disk full: ENOSPC, quota, file-size limit, I/O error) never stops publishing: the partial
+record is cut off, the journal is marked `degraded` with the reason (an alarm in status and the log), the record is
+counted in `lost`, and writing is retried after `RETRY_S`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import structlog
+
+from inspectd.errors import InspectdError
+
+log = structlog.get_logger("inspectd.journal")
+
+MAGIC = b"IJR1"
+RECORD = struct.Struct("<4sIQI")     # magic, body length, seq, crc32(body)
+COUNT = struct.Struct("<H")
+LENGTH = struct.Struct("<I")
+SEGMENT_RE = re.compile(r"(\d{12})\.seg")
+CAMERA_RE = re.compile(r"[a-zA-Z0-9_-]+")
+MAX_BODY = 256 << 20                 # a result with its mask is kB; anything bigger is a corrupt length field
+RETRY_S = 5.0
+CLEAN_MARK = "clean"                 # present only while no writer has the journal open: absent at open = a crash
+
+
+class JournalError(InspectdError):
+    """The journal directory cannot be used (not a directory, unreadable, a camera id that is not a name)."""
+
+
+def _segments(camera_dir: Path) -> list[tuple[int, Path]]:
+    """(first seq, path) of a camera's segments, oldest first."""
+    try:
+        names = os.listdir(camera_dir)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), camera_dir / name) for name in names if (m := SEGMENT_RE.fullmatch(name))]
+    return sorted(found)
+
+
+def _records(path: Path) -> Iterator[tuple[int, int, list[bytes]]]:
+    """(end offset, seq, frames) of each complete record; stops at the first torn or corrupt one."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return  # rotated away while we were getting to it
+    with f:
+        offset = 0
+        while True:
+            head = f.read(RECORD.size)
+            if len(head) < RECORD.size:
+                return
+            magic, length, seq, crc = RECORD.unpack(head)
+            if magic != MAGIC or length > MAX_BODY:
+                return
+            body = f.read(length)
+            if len(body) < length or zlib.crc32(body) != crc:
+                return
+            offset += RECORD.size + length
+            yield offset, seq, _split(body)
+
+
+def _split(body: bytes) -> list[bytes]:
+    view = memoryview(body)
+    (count,) = COUNT.unpack_from(view, 0)
+    at = COUNT.size
+    frames = []
+    for _ in range(count):
+        (n,) = LENGTH.unpack_from(view, at)
+        at += LENGTH.size
+        frames.append(bytes(view[at:at + n]))
+        at += n
+    return frames
+
+
+def _encode(seq: int, frames: list) -> bytes:
+    parts = [COUNT.pack(len(frames))]
+    for frame in frames:
+        data = bytes(frame)
+        parts.append(LENGTH.pack(len(data)))
+        parts.append(data)
+    body = b"".join(parts)
+    return RECORD.pack(MAGIC, len(body), seq, zlib.crc32(body)) + body
+
+
+def _check_camera(camera: str) -> None:
+    if not isinstance(camera, str) or not CAMERA_RE.fullmatch(camera):
+        raise JournalError(f"journal camera {camera!r}: expected a camera id of characters {CAMERA_RE.pattern}")
+
+
+def read_since(directory: str | Path, camera: str, seq: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(seq, frames) of every journalled result of `camera` with a seq greater than `seq`, in order.
+
+    Works on a journal another process is writing: a record still being written ends the iteration."""
+    _check_camera(camera)
+    segments = _segments(Path(directory) / camera)
+    # Skip whole segments that end before `seq`: a segment ends where the next one begins.
+    start = 0
+    for i in range(len(segments) - 1):
+        if segments[i + 1][0] <= seq + 1:
+            start = i + 1
+    for _, path in segments[start:]:
+        for _, record_seq, frames in _records(path):
+            if record_seq > seq:
+                yield record_seq, frames
+
+
+def cameras(directory: str | Path) -> list[str]:
+    """Camera ids that have a journal under `directory`."""
+    try:
+        return sorted(e.name for e in os.scandir(directory) if e.is_dir() and CAMERA_RE.fullmatch(e.name))
+    except FileNotFoundError:
+        return []
+
+
+def oldest_seq(directory: str | Path, camera: str) -> int | None:
+    """The first seq still held for `camera` (older ones were rotated away), or None when there is none."""
+    _check_camera(camera)
+    for _, path in _segments(Path(directory) / camera):
+        for _, seq, _ in _records(path):
+            return seq
+    return None
+
+
+class _Active:
+    __slots__ = ("path", "file", "size")
+
+    def __init__(self, path: Path, file, size: int) -> None:
+        self.path, self.file, self.size = path, file, size
+
+
+class Journal:
+    """The writer. One per daemon; `append` is called from the publisher thread, the rest from any thread."""
+
+    def __init__(self, directory: str | Path, max_bytes: int, segment_bytes: int | None = None,
+                 fsync_interval_s: float = 1.0) -> None:
+        self.directory = Path(directory)
+        if max_bytes <= 0:
+            raise JournalError(f"publish.journal.max_mb: {max_bytes / 2**20:g}, expected a size > 0")
+        self.max_bytes = int(max_bytes)
+        # Eight segments under the cap: rotation frees an eighth at a time and the newest results are never trimmed.
+        self.segment_bytes = min(self.max_bytes,
+                                 int(segment_bytes or max(64 << 10, min(64 << 20, self.max_bytes // 8))))
+        self.fsync_interval_s = fsync_interval_s
+        self.degraded: str | None = None   # the alarm: why the last write failed, None while writing works
+        self.lost = 0                      # results published without being journalled
+        self.written = 0
+        self.unclean = False               # the previous writer did not close the journal (crash, SIGKILL)
+        self._lock = threading.Lock()
+        self._active: dict[str, _Active] = {}
+        self._last: dict[str, int] = {}
+        self._closed: list[tuple[float, Path, int]] = []  # (mtime, path, size) of closed segments
+        self._total = 0
+        self._last_sync = time.monotonic()
+        self._retry_at = 0.0
+        self._dirty = False
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            mark = self.directory / CLEAN_MARK
+            self.unclean = not mark.exists() and bool(cameras(self.directory))
+            mark.unlink(missing_ok=True)
+            for camera in cameras(self.directory):
+                self._recover(camera)
+        except OSError as exc:
+            raise JournalError(f"publish.journal.path {self.directory}: cannot use it ({exc.strerror or exc}), "
+                               f"expected a writable directory") from None
+
+    def _recover(self, camera: str) -> None:
+        """Account for a camera's segments and cut a torn record off its newest one (left by a kill mid-write)."""
+        segments = _segments(self.directory / camera)
+        for i, (_, path) in enumerate(segments):
+            size = path.stat().st_size
+            if i < len(segments) - 1:
+                self._closed.append((path.stat().st_mtime, path, size))
+                self._total += size
+                continue
+            end = 0
+            last = None
+            for end, seq, _ in _records(path):
+                last = seq
+            if end < size:
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+                log.warning("journal_torn_record_cut", camera=camera, segment=path.name, bytes=size - end)
+            if last is None and i > 0:
+                # An empty newest segment: the last seq is in the one before it.
+                for _, seq, _ in _records(segments[i - 1][1]):
+                    last = seq
+            if last is not None:
+                self._last[camera] = last
+            self._closed.append((path.stat().st_mtime, path, end))
+            self._total += end
+        self._closed.sort()
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+
+    def last_seq(self, camera: str) -> int | None:
+        """The seq of the last result journalled for `camera`, None if none ever was."""
+        return self._last.get(camera)
+
+    def read_since(self, camera: str, seq: int) -> Iterator[tuple[int, list[bytes]]]:
+        with self._lock:
+            active = self._active.get(camera)
+            if active is not None:
+                active.file.flush()
+        return read_since(self.directory, camera, seq)
+
+    def status(self) -> dict:
+        return {"path": str(self.directory), "bytes": self._total + sum(a.size for a in self._active.values()),
+                "written": self.written, "lost": self.lost, "degraded": self.degraded is not None,
+                "error": self.degraded}
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+
+    def append(self, camera: str, seq: int, frames: list) -> None:
+        """Journal one published result. Never raises for disk trouble: that degrades the journal instead."""
+        record = _encode(seq, frames)
+        with self._lock:
+            now = time.monotonic()
+            if self.degraded is not None and now < self._retry_at:
+                self.lost += 1
+                return
+            active = None
+            try:
+                active = self._segment_for(camera, seq, len(record))
+                active.file.write(record)
+                active.file.flush()  # into the OS now: a SIGKILL right after loses nothing
+            except OSError as exc:
+                self._failed(camera, active, exc, now)
+                return
+            active.size += len(record)
+            self._last[camera] = seq
+            self.written += 1
+            self._dirty = True
+            if self.degraded is not None:
+                log.warning("journal_recovered", lost=self.lost)
+                self.degraded = None
+            if now - self._last_sync >= self.fsync_interval_s:
+                self._sync()
+
+    def _segment_for(self, camera: str, seq: int, size: int) -> _Active:
+        active = self._active.get(camera)
+        if active is not None and active.size + size <= self.segment_bytes:
+            return active
+        if active is not None:
+            self._close_segment(camera)
+        _check_camera(camera)
+        camera_dir = self.directory / camera
+        camera_dir.mkdir(exist_ok=True)
+        segments = _segments(camera_dir)
+        if segments and active is None and segments[-1][1].stat().st_size + size <= self.segment_bytes:
+            # Carry on in the newest segment left by the previous run.
+            path = segments[-1][1]
+            self._closed = [c for c in self._closed if c[1] != path]
+            self._total -= path.stat().st_size
+        else:
+            path = camera_dir / f"{seq:012d}.seg"
+        self._trim(self.segment_bytes)  # room for this segment to fill up
+        file = open(path, "ab")
+        active = self._active[camera] = _Active(path, file, file.tell())
+        return active
+
+    def _close_segment(self, camera: str) -> None:
+        active = self._active.pop(camera)
+        active.file.flush()
+        os.fsync(active.file.fileno())
+        active.file.close()
+        self._closed.append((time.time(), active.path, active.size))
+        self._total += active.size
+
+    def _trim(self, incoming: int) -> None:
+        """Delete the oldest closed segments until the journal plus `incoming` bytes fits its cap."""
+        live = sum(a.size for a in self._active.values())
+        self._closed.sort()
+        while self._closed and self._total + live + incoming > self.max_bytes:
+            _, path, size = self._closed.pop(0)
+            path.unlink(missing_ok=True)
+            self._total -= size
+
+    def _failed(self, camera: str, active: _Active | None, exc: OSError, now: float) -> None:
+        self.lost += 1
+        self._retry_at = now + RETRY_S
+        if active is not None:
+            try:
+                # Cut the partial record off, so every reader still sees whole records only.
+                active.file.flush()
+            except OSError:
+                pass
+            try:
+                active.file.truncate(active.size)
+                active.file.seek(active.size)
+            except OSError:
+                # Cannot even restore the file: give it up, the next append starts a fresh segment.
+                self._active.pop(camera, None)
+                try:
+                    active.file.close()
+                except OSError:
+                    pass
+        reason = f"{type(exc).__name__}: {exc.strerror or exc} (errno {exc.errno})"
+        if self.degraded is None:
+            log.error("journal_degraded", camera=camera, error=reason,
+                      effect="results are still published but not journalled until the write succeeds again")
+        self.degraded = reason
+
+    def _sync(self) -> None:
+        if self._dirty:
+            for active in self._active.values():
+                try:
+                    os.fsync(active.file.fileno())
+                except OSError:
+                    pass
+            self._dirty = False
+        self._last_sync = time.monotonic()
+
+    def flush(self) -> None:
+        with self._lock:
+            for active in self._active.values():
+                active.file.flush()
+            self._sync()
+
+    def close(self) -> None:
+        with self._lock:
+            for camera in list(self._active):
+                try:
+                    self._close_segment(camera)
+                except OSError:
+                    pass
+            try:
+                (self.directory / CLEAN_MARK).touch()
+            except OSError:
+                pass

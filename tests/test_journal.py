@@ -1,0 +1,152 @@
+"""The results journal on a real directory: read back by seq, resume after a real SIGKILL mid-write, bounded size
+with rotation, and a real write failure (the kernel's file-size limit, EFBIG, standing in for a full disk) that
+degrades to an alarm while appends keep returning."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from inspectd import journal as journal_mod
+from inspectd.journal import Journal, JournalError, read_since
+from inspectd.messages import decode_result, encode_result
+
+pytestmark = pytest.mark.timeout(60)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def result(camera: str, seq: int, mask: bytes | None = None) -> list[bytes]:
+    return encode_result(station="s", camera=camera, seq=seq, frame_id=f"f{seq}", t_capture=1.0, t_publish=2.0,
+                         verdict="defect" if mask else "ok", score=0.5, threshold=0.4, model_id="m",
+                         thresholds_version=1, regions=[], latency_ms=1.0, width=4, height=4, mask_png=mask)
+
+
+def test_read_since_returns_exactly_the_later_results_as_published(tmp_path):
+    j = Journal(tmp_path / "j", max_bytes=1 << 20)
+    for seq in range(20):
+        j.append("cam0", seq, result("cam0", seq, mask=b"PNG" * seq if seq % 5 == 0 else None))
+        if seq % 2:
+            j.append("cam1", seq // 2, result("cam1", seq // 2))
+    got = list(j.read_since("cam0", 11))
+    assert [s for s, _ in got] == list(range(12, 20))
+    assert got[3][1] == result("cam0", 15, b"PNG" * 15)  # every multipart frame back, byte for byte
+    assert decode_result(got[3][1]).mask_png == b"PNG" * 15
+    assert [s for s, _ in j.read_since("cam1", -1)] == list(range(10))
+    assert list(j.read_since("cam0", 19)) == []
+    assert j.last_seq("cam0") == 19 and j.last_seq("cam1") == 9 and j.last_seq("cam9") is None
+    j.close()
+    # A second process (subscribe --since) reads the same directory without a writer.
+    assert [s for s, _ in read_since(tmp_path / "j", "cam0", 16)] == [17, 18, 19]
+    reopened = Journal(tmp_path / "j", max_bytes=1 << 20)
+    assert reopened.last_seq("cam0") == 19 and not reopened.unclean
+    with pytest.raises(JournalError, match="camera '../x'"):
+        list(read_since(tmp_path / "j", "../x", 0))
+
+
+def test_rotation_keeps_the_journal_under_its_cap_and_the_newest_results(tmp_path):
+    cap = 256 << 10
+    j = Journal(tmp_path / "j", max_bytes=cap, segment_bytes=32 << 10)
+    payload = b"m" * 900
+    for seq in range(2000):
+        j.append("cam0", seq, result("cam0", seq, payload))
+    j.flush()
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "j").rglob("*.seg"))
+    assert on_disk <= cap, on_disk
+    assert on_disk > cap // 2  # it did not throw away more than it had to
+    seqs = [s for s, _ in j.read_since("cam0", -1)]
+    assert seqs[-1] == 1999 and seqs == list(range(seqs[0], 2000)), "a hole inside what is kept"
+    assert journal_mod.oldest_seq(tmp_path / "j", "cam0") == seqs[0] > 0
+    j.close()
+
+
+WRITER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from inspectd.journal import Journal
+from inspectd.messages import encode_result
+j = Journal(sys.argv[1], max_bytes=64 << 20, fsync_interval_s=0.05)
+start = (j.last_seq("cam0") or -1) + 1
+for seq in range(start, start + 10**7):
+    j.append("cam0", seq, encode_result(station="s", camera="cam0", seq=seq, frame_id="f", t_capture=1.0,
+             t_publish=2.0, verdict="defect", score=0.5, threshold=0.4, model_id="m", thresholds_version=1,
+             regions=[], latency_ms=1.0, width=4, height=4, mask_png=b"x" * 3000))
+    if seq == start + 200:
+        print("going", flush=True)
+"""
+
+
+def test_sigkill_mid_append_then_reopen_resumes_after_the_last_whole_record(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(repo=str(REPO)))
+    for round_ in range(2):
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "j")], stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"going\n"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        j = Journal(tmp_path / "j", max_bytes=64 << 20)
+        assert j.unclean, "a killed writer must be noticed"
+        seqs = [s for s, _ in j.read_since("cam0", -1)]
+        # Every record up to the last one survived, in order, without a hole or a repeat across both kills.
+        assert seqs == list(range(len(seqs))) and len(seqs) > 200 * (round_ + 1)
+        assert j.last_seq("cam0") == seqs[-1]
+        j.append("cam0", seqs[-1] + 1, result("cam0", seqs[-1] + 1))
+        assert [s for s, _ in j.read_since("cam0", seqs[-1])] == [seqs[-1] + 1]
+        j.close()
+
+
+FULL_DISK = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from inspectd.journal import Journal
+from inspectd.messages import encode_result
+import inspectd.journal as jm
+jm.RETRY_S = 0.0
+j = Journal(sys.argv[1], max_bytes=64 << 20)
+def res(seq):
+    return encode_result(station="s", camera="cam0", seq=seq, frame_id="f", t_capture=1.0, t_publish=2.0,
+                         verdict="defect", score=0.5, threshold=0.4, model_id="m", thresholds_version=1,
+                         regions=[], latency_ms=1.0, width=4, height=4, mask_png=b"x" * 1000)
+states = []
+for seq in range(300):
+    j.append("cam0", seq, res(seq))
+    states.append(j.degraded is not None)
+print(json.dumps({{"first_degraded": states.index(True), "status": j.status(), "last": j.last_seq("cam0")}}))
+"""
+
+
+def test_a_failing_disk_degrades_to_an_alarm_and_keeps_whole_records(tmp_path):
+    script = tmp_path / "full.py"
+    script.write_text(FULL_DISK.format(repo=str(REPO)))
+    limit = 100_000  # bytes any one file may grow to: the kernel refuses the write beyond (EFBIG), as a full disk would
+
+    def cap_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "j")], capture_output=True, timeout=30,
+                         preexec_fn=cap_file_size)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    report = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    status = report["status"]
+    assert status["degraded"] and "errno" in status["error"] and status["lost"] > 0
+    assert status["written"] + status["lost"] == 300
+    assert 0 < report["first_degraded"] < 300
+    assert b"journal_degraded" in out.stdout
+    # What did get written is whole: readable up to the last record the journal claims.
+    seqs = [s for s, _ in read_since(tmp_path / "j", "cam0", -1)]
+    assert seqs == list(range(report["last"] + 1)) and len(seqs) == status["written"]
+    assert all(p.stat().st_size <= limit for p in (tmp_path / "j").rglob("*.seg"))
+
+
+def test_an_unusable_directory_is_refused_naming_the_key(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(JournalError, match=r"^publish.journal.path .*file: cannot use it"):
+        Journal(tmp_path / "file", max_bytes=1 << 20)
