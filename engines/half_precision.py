@@ -4,9 +4,12 @@ TensorRT 11 builds only strongly typed networks (no FP16 builder flag), so reduc
 the graph itself. This module rewrites the exported FP32 graph rather than re-exporting from torch, so any bundle's
 model.onnx can be converted without the training stack's torch graph and the two variants cannot drift apart.
 
-Which nodes become float16 is decided from the data flow, not from node names:
-- the *feature region* is every node whose value derives from the `pixels` input and from none of the scorer inputs
-  (Shape/Size stop the walk: shape arithmetic stays integer/float32 as exported);
+Which nodes become float16 is decided from the data flow and the operator, not from node names:
+- the *feature region* holds the nodes whose value derives from the `pixels` input and from none of the scorer
+  inputs (Shape/Size stop the walk: shape arithmetic stays as exported), whose operator is one a CNN backbone is
+  made of (FP16_OPS), and whose pixel-derived inputs all come from the region. Reductions that can overflow or lose
+  the result in float16 (ReduceL2/ReduceSum, MatMul, Pow, Sqrt, Softmax, ...) are not FP16_OPS, so the nearest-
+  reference scorer's L2 normalisation of the features, which depends on no scorer input, still runs in float32;
 - float32 tensors produced there become float16, Casts to float32 there cast to float16 instead, float32 constants
   and initializers they read get float16 copies;
 - where a float16 tensor leaves the region (the features entering the scorer) a Cast back to float32 is inserted.
@@ -33,16 +36,27 @@ SHAPE_OPS = {"Shape", "Size"}
 FLOAT32_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
 # Control flow carries subgraphs this rewrite does not descend into.
 UNSUPPORTED_OPS = {"If", "Loop", "Scan"}
+# What a convolutional backbone and its head are made of, and safe in float16: element-wise maths with bounded
+# activations, convolutions and pooling (TensorRT and cuDNN accumulate them in float32), data movement.
+FP16_OPS = {
+    "Conv", "ConvTranspose", "BatchNormalization", "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Tanh", "Erf", "Mul", "Add", "Sub", "Div", "Neg", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "ReduceMean", "Pad", "Resize", "Upsample", "Concat", "Transpose", "Cast", "Expand", "Reshape", "Flatten",
+    "Squeeze", "Unsqueeze", "Slice", "Split", "Identity",
+}
 
 
 def feature_region(model, pixel_input: str, scorer_inputs: tuple[str, ...]) -> list[int]:
-    """Indices of the nodes of `model.graph` that derive from `pixel_input` and from none of `scorer_inputs`."""
+    """Indices of the nodes of `model.graph` that make up the feature region (see the module docstring)."""
     nodes = model.graph.node
     consumers: dict[str, list[int]] = {}
+    producer: dict[str, int] = {}
     for index, node in enumerate(nodes):
         for name in node.input:
             if name:
                 consumers.setdefault(name, []).append(index)
+        for name in node.output:
+            producer[name] = index
 
     def reach(sources, stop_ops=frozenset()) -> set[int]:
         seen: set[int] = set()
@@ -59,7 +73,17 @@ def feature_region(model, pixel_input: str, scorer_inputs: tuple[str, ...]) -> l
 
     from_pixels = reach([pixel_input], SHAPE_OPS)
     from_scorer = reach(scorer_inputs)
-    return sorted(i for i in from_pixels - from_scorer if nodes[i].op_type not in SHAPE_OPS)
+    data = {i for i in from_pixels if nodes[i].op_type not in SHAPE_OPS}
+    region = {i for i in data - from_scorer if nodes[i].op_type in FP16_OPS}
+    # Closure: a node whose pixel-derived input is computed outside the region (in float32) stays outside too.
+    changed = True
+    while changed:
+        changed = False
+        for i in sorted(region):
+            if any(producer.get(name) in data and producer[name] not in region for name in nodes[i].input):
+                region.discard(i)
+                changed = True
+    return sorted(region)
 
 
 def infer_types(model, what: str):
