@@ -9,11 +9,13 @@ needs neither torch nor onnx, so a runtime-only station can load bundles.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +44,14 @@ def sha256_file(path: Path) -> str:
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    import io
-
+    """An .npz np.load reads, written byte-for-byte reproducibly (fixed zip timestamps, so the same arrays give the
+    same checksums and model_id) and refusing object arrays (allow_pickle=False)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, value in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                              force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(value), allow_pickle=False)
     return buffer.getvalue()
 
 

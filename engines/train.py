@@ -143,12 +143,12 @@ def extract_features(graph: InferenceGraph, images: np.ndarray, batch: int,
         for start in range(0, len(images), batch):
             try:
                 chunks.append(graph.embed(torch.from_numpy(images[start:start + batch])))
+                progress.update(min(start + batch, len(images)))
             except KeyboardInterrupt:
                 interrupted = True
                 if not chunks:  # nothing to fit a scorer on yet: finish this one batch first
                     chunks.append(graph.embed(torch.from_numpy(images[start:start + batch])))
                 break
-            progress.update(min(start + batch, len(images)))
     progress.finish()
     return torch.cat(chunks), interrupted
 
@@ -211,6 +211,7 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
     progress.finish()
     features, stopped = extract_features(graph, fit_images, batch, progress)
     interrupted = interrupted or stopped
+    n_scored = int(features.shape[0])
     params = graph.scorer.fit(features, k=k, seed=seed)
     del features
 
@@ -235,7 +236,7 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
         "architecture": architecture,
         "interrupted": interrupted,
         "training": {"data": str(Path(data).resolve()), "n_fit": int(len(fit_images)),
-                     "n_holdout": int(len(hold_images)), "epochs": epochs, "batch": batch, "seed": seed,
+                     "n_holdout": int(len(hold_images)), "n_scorer_fit": n_scored, "epochs": epochs, "batch": batch, "seed": seed,
                      "k": k if scorer == "kmeans" else None, "scorer": scorer,
                      "seconds": round(time.monotonic() - started, 1)},
         "versions": {"inspectd": _version(), "torch": torch.__version__, "timm": timm.__version__, "opset": opset},

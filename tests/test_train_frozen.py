@@ -1,0 +1,195 @@
+"""`inspectd train --method frozen` end to end on real magnetic-tile images: a complete, loadable, runnable bundle;
+first thresholds from held-out images; repeatable with --seed; Ctrl-C still leaves a usable bundle (exit 130); the
+scorers' fitting (k-means picks real samples, Ledoit-Wolf matches sklearn); one-line errors for bad arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from engines.bundle import load_bundle
+from engines.runtime import open_engine
+from engines.train import Progress, add_arguments, run, train_bundle
+from tiny_dataset import make_tiny_mvtec, one_torch_thread, require_data  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see tiny_dataset.one_torch_thread
+
+
+def cli(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inspectd", "train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_tiny_mvtec(tmp_path_factory.mktemp("data"), n_train=12, n_test_good=2, n_test_defect=2)
+
+
+@pytest.fixture(scope="module")
+def cli_bundle(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "frozen"
+    done = cli("--method", "frozen", "--data", str(data), "--out", str(out), "--size", "64", "--k", "2",
+               "--seed", "3", "--batch", "4")
+    return out, done
+
+
+def test_cli_writes_a_complete_bundle(cli_bundle, data):
+    out, done = cli_bundle
+    assert done.returncode == 0, done.stderr
+    bundle = load_bundle(out)
+    assert bundle.model_id in done.stdout and "11 images fitted, 1 held out" in done.stdout
+    assert "features 11/11" in done.stderr and "ETA" in done.stderr  # the progress line
+    assert bundle.manifest["interrupted"] is False
+    training = bundle.manifest["training"]
+    assert (training["n_fit"], training["n_holdout"], training["n_scorer_fit"], training["seed"], training["k"]) == \
+        (11, 1, 11, 3, 2)
+    thresholds = bundle.thresholds()
+    assert thresholds.provenance["good_dir"] == str(data.resolve())
+    assert thresholds.provenance["images"] == "held-out" and thresholds.provenance["n_good"] == 1
+    assert "max held-out" in thresholds.provenance["rule"]["image"]
+    with open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=2) as engine:
+        assert engine.input_shape == (64, 64, 1)
+        result = engine.infer(np.full((2, 64, 64, 1), 128, np.uint8))
+    assert result.scores.shape == (2,) and np.isfinite(result.maps).all()
+
+
+def test_painted_defect_scores_higher_and_is_localised(cli_bundle, data):
+    from engines.data import load_image
+    from engines.preprocess import fit_frame
+
+    out, _ = cli_bundle
+    bundle = load_bundle(out)
+    clean = fit_frame(load_image(sorted((data / "test" / "good").iterdir())[0]), bundle.input_shape)[0]
+    damaged = clean.copy()
+    cv2.circle(damaged, (46, 18), 7, 0, thickness=-1)  # a dark hole, like a blowhole, off centre
+    with open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=2) as engine:
+        result = engine.infer(np.stack([clean, damaged]))
+    assert result.scores[1] > result.scores[0]
+    peak_y, peak_x = np.unravel_index(np.argmax(result.maps[1] - result.maps[0]), (64, 64))
+    assert abs(peak_x - 46) <= 12 and abs(peak_y - 18) <= 12, (peak_x, peak_y)
+
+
+def test_same_seed_same_bundle(data, tmp_path):
+    quiet = Progress(enabled=False)
+    first = train_bundle(data, tmp_path / "a", size=(64, 64), k=2, seed=5, progress=quiet)
+    second = train_bundle(data, tmp_path / "b", size=(64, 64), k=2, seed=5, progress=quiet)
+    assert first.model_id == second.model_id
+    assert (first.image_threshold, first.pixel_threshold) == (second.image_threshold, second.pixel_threshold)
+    assert (tmp_path / "a" / "scorer.npz").read_bytes() == (tmp_path / "b" / "scorer.npz").read_bytes()
+
+
+def test_gaussian_scorer_plain_folder_colour_and_padding(data, tmp_path):
+    """A plain folder (no MVTec layout) with one colour image: 3 channels, non-square input, pad policy, no holdout."""
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for path in sorted((data / "train" / "good").iterdir())[:6]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    grey = cv2.imread(str(sorted(folder.iterdir())[0]), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(folder / "tinted.png"), cv2.merge([grey, grey // 2, grey]))
+    result = train_bundle(folder, tmp_path / "g", size=(64, 96), resize="pad", scorer="gaussian", holdout=0.0,
+                          progress=Progress(enabled=False))
+    bundle = load_bundle(result.bundle)
+    assert bundle.input_shape == (64, 96, 3) and bundle.resize_policy == "pad"
+    assert bundle.scorer_inputs == ("gauss_mean", "gauss_precision")
+    params = bundle.scorer_params()
+    d = params["gauss_mean"].shape[0]
+    assert params["gauss_mean"].shape == (d, 4, 6) and params["gauss_precision"].shape == (d, d)
+    np.testing.assert_allclose(params["gauss_precision"], params["gauss_precision"].T, rtol=0, atol=1e-5)
+    assert bundle.thresholds().provenance["images"] == "training" and result.n_holdout == 0
+    with open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=1) as engine:
+        assert engine.infer(np.zeros((1, 64, 96, 3), np.uint8)).maps.shape == (1, 64, 96)
+
+
+def test_ctrl_c_leaves_a_usable_interrupted_bundle(tmp_path):
+    source = sorted((require_data() / "train" / "good").iterdir())[:4]
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(240):
+        (folder / f"{i:04d}{source[i % 4].suffix}").write_bytes(source[i % 4].read_bytes())
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "inspectd", "train", "--data", str(folder), "--out", str(out),
+                             "--size", "96", "--batch", "1", "--k", "2"], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while not line.startswith("features") and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "trainer exited before extracting features"
+        assert line.startswith("features"), "no progress line within 120 s"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "INTERRUPTED" in stdout
+    bundle = load_bundle(out)
+    assert bundle.manifest["interrupted"] is True
+    training = bundle.manifest["training"]
+    assert 1 <= training["n_scorer_fit"] < training["n_fit"] == 216
+    with open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=1) as engine:
+        assert np.isfinite(engine.infer(np.full((1, 96, 96, 1), 100, np.uint8)).scores).all()
+
+
+def test_kmeans_references_are_real_samples_one_per_cluster():
+    from engines.graph import NearestReferenceScorer
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 8, 2, 2, generator=generator)
+    b = -a
+    features = torch.cat([a + 0.05 * torch.randn(6, 8, 2, 2, generator=generator),
+                          b + 0.05 * torch.randn(5, 8, 2, 2, generator=generator)])
+    references = torch.from_numpy(NearestReferenceScorer.fit(features, k=2, seed=1)["references"])
+    assert references.shape == (2, 8, 2, 2)
+    rows = [int(torch.nonzero((features == r).flatten(1).all(dim=1))[0]) for r in references]
+    assert sorted(row < 6 for row in rows) == [False, True]  # one from each cluster, each a real training sample
+    assert NearestReferenceScorer.fit(features, k=50)["references"].shape[0] <= 11
+
+
+def test_ledoit_wolf_matches_sklearn():
+    covariance = pytest.importorskip("sklearn.covariance", reason="scikit-learn (test extra) is the reference")
+    from engines.graph import ledoit_wolf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40)) * 0.3
+    x -= x.mean(axis=0)
+    expected, _shrinkage = covariance.ledoit_wolf(x, assume_centered=True)
+    np.testing.assert_allclose(ledoit_wolf(torch.from_numpy(x)).numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_bad_arguments_are_one_line_errors(data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--data", str(data), "--out", str(tmp_path / "x"), "--size", "10"], "--size '10': expected each side"),
+        (["--data", str(data), "--out", str(tmp_path / "x"), "--size", "64x"], "expected N or HxW"),
+        (["--data", str(data), "--out", str(tmp_path / "x"), "--holdout", "1.5"], "--holdout 1.5: expected"),
+        (["--data", str(empty), "--out", str(tmp_path / "x")], "no images"),
+        (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "not a directory"),
+    ]
+    for argv, expected in cases:
+        assert run(parse(*argv)) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
