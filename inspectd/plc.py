@@ -242,9 +242,10 @@ class Handshake:
         self.counters = Counters()
         self.camera = config.camera
         self.last_id: int | None = None  # inspection id last handed over (or read from the PLC at start)
-        self.status = 0
+        self.showing: str | None = None  # verdict of the result flagged valid right now, None when none is
         self.alarm = False
         self.daemon_alive = False
+        self.written_status: int | None = None
 
     def _bit(self, name: str) -> int:
         return 1 << self.config.status_bits[name]
@@ -255,8 +256,7 @@ class Handshake:
         self.last_id = plc_id or None
         status = await self.plc.read("status")
         self.alarm = bool(status & self._bit("alarm"))  # a latched alarm survives a bridge restart
-        self.status = self._status_bits(verdict=None)
-        await self.plc.write({"status": self.status})
+        await self._write_status(force=True)
         self.log("plc_adopted", inspection_id=plc_id, alarm=self.alarm)
 
     def offer(self, result) -> None:
@@ -276,30 +276,32 @@ class Handshake:
         self.queue.append(result)
         self._arrived.set()
 
-    def _status_bits(self, verdict: str | None) -> int:
+    def status(self) -> int:
         bits = 0
         if self.daemon_alive:
             bits |= self._bit("trigger_ready")
-        if verdict is not None:
+        if self.showing is not None:
             bits |= self._bit("result_valid")
-            bits |= self._bit("pass") if verdict == "ok" else self._bit("fail")
-            if verdict == "defect":
+            bits |= self._bit("pass") if self.showing == "ok" else self._bit("fail")
+            if self.showing == "defect":
                 bits |= self._bit("defect")
         if self.alarm:
             bits |= self._bit("alarm")
         return bits
 
+    async def _write_status(self, force: bool = False) -> None:
+        status = self.status()
+        if force or status != self.written_status:
+            self.written_status = status
+            await self.plc.write({"status": status})
+
     async def set_status(self, *, daemon_alive: bool | None = None, alarm: bool | None = None) -> None:
-        """Change trigger_ready / alarm while keeping the result bits as they are."""
+        """Change trigger_ready / alarm; the result bits stay as they are."""
         if daemon_alive is not None:
             self.daemon_alive = daemon_alive
         if alarm is not None:
             self.alarm = alarm
-        keep = self.status & (self._bit("result_valid") | self._bit("pass") | self._bit("fail") | self._bit("defect"))
-        status = keep | (self._bit("trigger_ready") if self.daemon_alive else 0) | (self._bit("alarm") if self.alarm else 0)
-        if status != self.status:
-            self.status = status
-            await self.plc.write({"status": status})
+        await self._write_status()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -324,9 +326,10 @@ class Handshake:
             self.alarm = True
             self.log("sequence_gap", after=self.last_id, seq=seq, missing=seq - self.last_id - 1)
         self.last_id = seq
-        self.status = self._status_bits(result.verdict)
+        self.showing = result.verdict
+        self.written_status = self.status()
         await self.plc.write({
-            "status": self.status,
+            "status": self.written_status,
             "inspection_id": seq,
             "result_code": RESULT_CODES[result.verdict],
             "score": scaled_score(result.score, self.config.score_scale),
@@ -343,8 +346,8 @@ class Handshake:
             self.log("ack_missed", seq=seq, ack_timeout_ms=self.config.ack_timeout_ms)
             await self.plc.write({"missed_acks": self.counters.missed_acks & U16})
         # Falling edge of result_valid: the next result is a fresh rising edge for the PLC.
-        self.status = self._status_bits(None)
-        await self.plc.write({"status": self.status})
+        self.showing = None
+        await self._write_status(force=True)
 
     async def _wait_ack(self, seq: int, stop: asyncio.Event) -> bool:
         deadline = time.monotonic() + self.config.ack_timeout_ms / 1000
@@ -360,8 +363,8 @@ class Handshake:
     async def shutdown(self) -> None:
         """Leave the PLC nothing to act on: no valid result, not ready; a latched alarm stays."""
         self.daemon_alive = False
-        self.status = self._status_bits(None)
-        await self.plc.write({"status": self.status})
+        self.showing = None
+        await self._write_status(force=True)
 
     async def service(self, heartbeat: int) -> None:
         """Once per heartbeat period: heartbeat register, and the PLC's alarm reset request."""
