@@ -110,6 +110,9 @@ def test_fp16_variant_runs_on_onnxruntime_cpu_and_agrees_with_fp32(bundles, fram
     # The backbone's convolutions are float16; the two smoothing convolutions after the scorer are not.
     assert len(half_convs) >= len(convs) - 2 and len(half_convs) > 20
     assert any(n.name.endswith("__fp32/Cast") for n in variant.graph.node), "no cast back at the scorer boundary"
+    # Sums of squares and products would overflow or lose the result in float16: the scorer keeps them float32.
+    sensitive = [n for n in variant.graph.node if n.op_type in ("ReduceL2", "ReduceSum", "MatMul", "Pow", "Sqrt")]
+    assert sensitive and all(types.get(n.output[0]) == onnx.TensorProto.FLOAT for n in sensitive)
     assert [i.name for i in variant.graph.input] == [i.name for i in fp32.graph.input]
     assert [o.type.tensor_type.elem_type for o in variant.graph.output] == [onnx.TensorProto.FLOAT] * 2
 
