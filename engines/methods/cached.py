@@ -15,14 +15,19 @@ import torch
 from engines import defects
 
 
-def backbone_taps(graph, images: np.ndarray, batch: int = 16) -> list[torch.Tensor]:
+def backbone_taps(graph, images: np.ndarray, batch: int = 16, progress=None,
+                  what: str = "taps") -> list[torch.Tensor]:
     """Frozen taps [N, C_i, h_i, w_i] of uint8 [N, H, W, C] images, through the graph's own preprocessing."""
     graph.backbone.eval()
     chunks: list[list[torch.Tensor]] = []
+    if progress is not None:
+        progress.start(len(images), what)
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             pixels = torch.from_numpy(np.ascontiguousarray(images[start:start + batch]))
             chunks.append(graph.backbone(graph.preprocess(pixels)))
+            if progress is not None:
+                progress.update(min(start + batch, len(images)))
     return [torch.cat(level).clone() for level in zip(*chunks)]
 
 

@@ -16,7 +16,8 @@ head trains, which is what makes this practical on a CPU. `--cse-regenerate` red
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -106,71 +107,94 @@ class CseMethod(Method):
         return CseHead(channels, head_widths(sum(channels)), int(config.get("pool_stride", 2)))
 
     def train(self, graph: nn.Module, images: np.ndarray, settings: TrainSettings, progress) -> None:
-        args = settings.args
-        lr = float(getattr(args, "cse_lr", LEARNING_RATE))
-        mix = defects.parse_mix(getattr(args, "cse_defects", DEFAULT_MIX))
-        fraction = float(getattr(args, "cse_defect_fraction", 0.5))
-        per_image = int(getattr(args, "cse_pool", 2))
-        regenerate = bool(getattr(args, "cse_regenerate", False))
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"--cse-defect-fraction {fraction}: expected a fraction in [0, 1]")
-        if per_image < 1:
-            raise ValueError(f"--cse-pool {per_image}: expected an integer >= 1")
-        if lr <= 0:
-            raise ValueError(f"--cse-lr {lr}: expected a positive learning rate")
-        head: CseHead = graph.head
+        options = CseOptions.from_args(settings.args)
         for p in graph.backbone.parameters():
             p.requires_grad_(False)
         graph.eval()
-        rng = np.random.default_rng(settings.seed)
-        n = len(images)
-        if settings.epochs == 0 or n == 0:
+        if settings.epochs == 0 or len(images) == 0:
             return
+        rng = np.random.default_rng(settings.seed)
 
-        clean = backbone_taps(graph, images, settings.batch * 2)
-        pool_taps = backbone_taps(graph, DefectPool.draw(images, rng, mix, per_image).images, settings.batch * 2)
-        batch = min(settings.batch, n)
-        steps_per_epoch = -(-n // batch)
-        total = steps_per_epoch * settings.epochs
-        optimizer = torch.optim.Adam(head.parameters(), lr=lr)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total)
-        progress.start(total, "cse")
-        step = 0
+        def draw_pool() -> list[torch.Tensor]:
+            variants = DefectPool.draw(images, rng, options.mix, options.per_image).images
+            return backbone_taps(graph, variants, settings.batch * 2, progress, "defect taps")
+
+        clean = backbone_taps(graph, images, settings.batch * 2, progress, "clean taps")
         try:
-            for epoch in range(settings.epochs):
-                if regenerate and epoch > 0:
-                    pool_taps = backbone_taps(graph, DefectPool.draw(images, rng, mix, per_image).images,
-                                              settings.batch * 2)
-                head.train()
-                order = torch.from_numpy(rng.permutation(n))
-                for start in range(0, n, batch):
-                    anchor = order[start:start + batch]
-                    defective = torch.from_numpy(rng.random(len(anchor)) < fraction)
-                    # Clean partner: another training image; defective partner: a variant of the anchor itself.
-                    partner = torch.from_numpy(rng.integers(0, n, len(anchor)))
-                    variant = anchor * per_image + torch.from_numpy(rng.integers(0, per_image, len(anchor)))
-                    first = [t[anchor] for t in clean]
-                    second = [torch.where(defective.view(-1, 1, 1, 1), p[variant], c[partner])
-                              for c, p in zip(clean, pool_taps)]
-                    loss = self._loss(head, first, second, defective)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    step += 1
-                    progress.update(step, float(loss))
+            fit_head(graph.head, clean, draw_pool, options, settings.epochs, settings.batch, rng, progress)
         finally:
             graph.eval()
 
-    @staticmethod
-    def _loss(head: CseHead, first: list[torch.Tensor], second: list[torch.Tensor],
-              defective: torch.Tensor) -> torch.Tensor:
-        # One pass over both halves so BatchNorm sees clean and defective samples together.
-        b = len(defective)
-        taps = [torch.cat([a, c]) for a, c in zip(first, second)]
-        full = head.embed_full(taps)
-        pooled = head.pool(full).flatten(1)
-        cos = F.cosine_similarity(pooled[:b], pooled[b:], dim=1)
-        intra = torch.where(defective, (1 + cos) / 2, 1 - cos).mean()
-        return INTRA_WEIGHT * intra + head.reconstruction_loss(full, taps)
 
+
+
+@dataclasses.dataclass(frozen=True)
+class CseOptions:
+    lr: float = LEARNING_RATE
+    mix: dict = dataclasses.field(default_factory=lambda: defects.parse_mix(DEFAULT_MIX))
+    fraction: float = 0.5      # share of pairs whose second image is defective
+    per_image: int = 2         # defect variants per training image in the pool
+    regenerate: bool = False   # redraw the pool every epoch
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | None) -> "CseOptions":
+        options = cls(lr=float(getattr(args, "cse_lr", LEARNING_RATE)),
+                      mix=defects.parse_mix(getattr(args, "cse_defects", DEFAULT_MIX)),
+                      fraction=float(getattr(args, "cse_defect_fraction", 0.5)),
+                      per_image=int(getattr(args, "cse_pool", 2)),
+                      regenerate=bool(getattr(args, "cse_regenerate", False)))
+        if not 0.0 <= options.fraction <= 1.0:
+            raise ValueError(f"--cse-defect-fraction {options.fraction}: expected a fraction in [0, 1]")
+        if options.per_image < 1:
+            raise ValueError(f"--cse-pool {options.per_image}: expected an integer >= 1")
+        if options.lr <= 0:
+            raise ValueError(f"--cse-lr {options.lr}: expected a positive learning rate")
+        return options
+
+
+def fit_head(head: CseHead, clean: list[torch.Tensor], draw_pool: Callable[[], list[torch.Tensor]],
+             options: CseOptions, epochs: int, batch: int, rng: np.random.Generator, progress) -> None:
+    """Train `head` on cached taps: `clean` [N, ...] per tap, and `draw_pool()` giving the taps of
+    options.per_image defect variants per clean image (variant v of image i at row i * per_image + v)."""
+    n = len(clean[0])
+    pool = draw_pool()
+    batch = min(batch, n)
+    total = -(-n // batch) * epochs
+    optimizer = torch.optim.Adam(head.parameters(), lr=options.lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=options.lr, total_steps=total)
+    progress.start(total, "cse")
+    step = 0
+    for epoch in range(epochs):
+        if options.regenerate and epoch > 0:
+            pool = draw_pool()
+        head.train()
+        order = torch.from_numpy(rng.permutation(n))
+        for start in range(0, n, batch):
+            anchor = order[start:start + batch]
+            defective = torch.from_numpy(rng.random(len(anchor)) < options.fraction)
+            # Clean partner: another training image; defective partner: a variant of the anchor itself.
+            partner = torch.from_numpy(rng.integers(0, n, len(anchor)))
+            variant = anchor * options.per_image + torch.from_numpy(rng.integers(0, options.per_image, len(anchor)))
+            first = [t[anchor] for t in clean]
+            second = [torch.where(defective.view(-1, 1, 1, 1), p[variant], c[partner]) for c, p in zip(clean, pool)]
+            loss = pair_loss(head, first, second, defective)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            progress.update(step, loss.item())
+    head.eval()
+
+
+def pair_loss(head: CseHead, first: list[torch.Tensor], second: list[torch.Tensor],
+              defective: torch.Tensor) -> torch.Tensor:
+    """10 L_intra + L_extra for a batch of pairs; one pass over both halves so BatchNorm sees clean and defective
+    samples together."""
+    b = len(defective)
+    taps = [torch.cat([a, c]) for a, c in zip(first, second)]
+    full = head.embed_full(taps)
+    pooled = head.pool(full).flatten(1)
+    cos = F.cosine_similarity(pooled[:b], pooled[b:], dim=1)
+    intra = torch.where(defective, (1 + cos) / 2, 1 - cos).mean()
+    return INTRA_WEIGHT * intra + head.reconstruction_loss(full, taps)

@@ -127,9 +127,9 @@ class SlaMethod(Method):
         rng = np.random.default_rng(settings.seed)
         mix = {name: 1.0 / (len(CLASSES) - 1) for name in CLASSES[1:]}
 
-        clean = backbone_taps(graph, images, 32)
+        clean = backbone_taps(graph, images, 32, progress, "clean taps")
         grid = tuple(clean[0].shape[-2:])
-        pool = self._pool(graph, images, rng, mix, per_image, grid, hard)
+        pool = self._pool(graph, images, rng, mix, per_image, grid, hard, progress)
         # Half of every batch transformed: each step takes `half` clean images and `half` pool variants.
         half = max(1, min(settings.batch // 2, n))
         steps_per_epoch = -(-n // half)
@@ -145,7 +145,7 @@ class SlaMethod(Method):
         try:
             for epoch in range(settings.epochs):
                 if regenerate and epoch > 0:
-                    pool = self._pool(graph, images, rng, mix, per_image, grid, hard)
+                    pool = self._pool(graph, images, rng, mix, per_image, grid, hard, progress)
                 head.train()
                 order = torch.from_numpy(rng.permutation(n))
                 for start in range(0, n, half):
@@ -163,13 +163,13 @@ class SlaMethod(Method):
                     optimizer.step()
                     schedule.step()
                     step += 1
-                    progress.update(step, float(loss))
+                    progress.update(step, loss.item())
         finally:
             graph.eval()
 
     @staticmethod
     def _pool(graph, images: np.ndarray, rng: np.random.Generator, mix: dict[str, float], per_image: int,
-              grid: tuple[int, int], hard: bool) -> dict[str, torch.Tensor]:
+              grid: tuple[int, int], hard: bool, progress) -> dict[str, torch.Tensor]:
         """Draw the transformed pool, cache its taps and its image- and cell-level soft targets."""
         pool = DefectPool.draw(images, rng, mix, per_image)
         kind = torch.from_numpy(np.array([CLASSES.index(pool.kinds[k]) for k in pool.kind]))
@@ -179,7 +179,7 @@ class SlaMethod(Method):
             cells = (cells > 0).float()
         dense_kind = kind.view(-1, 1, 1).expand_as(cells)
         return {
-            "taps": backbone_taps(graph, pool.images, 32),
+            "taps": backbone_taps(graph, pool.images, 32, progress, "transformed taps"),
             "kind": kind,
             "image_target": soft_targets(kind, label),
             # [M, 3, h, w]: class axis where cross-entropy over a conv's logits wants it.

@@ -1,0 +1,120 @@
+"""CSE and SLA end to end: tiny `inspectd train` runs whose ONNX graph agrees with torch, and a trained CSE head that
+separates clean frames from synthetic defects it has not seen."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from engines import defects
+from engines.bundle import load_bundle
+from engines.graph import architecture_of, build_graph
+from engines.methods import TrainSettings, get_method
+from engines.metrics import auroc
+from engines.runtime import open_engine
+from engines.synthline import SyntheticLine
+from engines.train import Progress
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def line_frames(n: int, size: int, seed: int) -> np.ndarray:
+    line = SyntheticLine(width=size, height=size, channels=1, defect_rate=0.0, seed=seed)
+    return np.stack([line.next()[0] for _ in range(n)])[..., None]
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("good")
+    for i, frame in enumerate(line_frames(8, 64, seed=1)):
+        assert cv2.imwrite(str(folder / f"good_{i:02d}.png"), frame)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["cse", "sla"])
+def test_train_cli_writes_a_bundle_whose_onnx_graph_agrees_with_torch(method, good_dir, tmp_path):
+    out = tmp_path / f"{method}_bundle"
+    proc = subprocess.run(
+        [sys.executable, "-m", "inspectd", "train", "--method", method, "--data", str(good_dir), "--out", str(out),
+         "--size", "64", "--epochs", "1", "--batch", "4", "--holdout", "0.25", f"--{method}-pool", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = load_bundle(out)
+    assert bundle.method == method and bundle.input_shape == (64, 64, 1)
+    expected_inputs = ("references",) if method == "cse" else ("gauss_mean", "gauss_precision")
+    assert bundle.scorer_inputs == expected_inputs
+
+    pixels = np.ascontiguousarray(line_frames(3, 64, seed=7))
+    pixels[2] = defects.perlin(pixels[2], np.random.default_rng(0)).image
+    with open_engine(bundle, "onnxruntime", max_batch=4) as onnx, open_engine(bundle, "torch", max_batch=4) as ref:
+        got, want = onnx.infer(pixels), ref.infer(pixels)
+    assert got.scores.shape == (3,) and got.maps.shape == (3, 64, 64)
+    assert np.isfinite(got.scores).all() and np.isfinite(got.maps).all()
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(got.maps, want.maps, rtol=1e-3, atol=1e-3 * float(np.abs(want.maps).max()))
+    # A map that varies at all: a constant output would agree trivially.
+    assert float(want.maps.std()) > 0
+
+
+def _trained_cse(images: np.ndarray, epochs: int) -> torch.nn.Module:
+    method = get_method("cse")
+    args = argparse.Namespace(cse_lr=4e-3, cse_defects="perlin", cse_defect_fraction=0.5, cse_pool=2,
+                              cse_regenerate=False, cse_pool_stride=2)
+    arch = architecture_of("cse", "lite0", (3, 4), method.head_config(args), "kmeans", images.shape[1:])
+    torch.manual_seed(0)
+    graph = build_graph(arch, pretrained=True)
+    method.train(graph, images, TrainSettings(epochs=epochs, batch=8, seed=0, args=args), Progress(enabled=False))
+    return graph
+
+
+def test_trained_cse_head_separates_clean_from_held_out_synthetic_defects():
+    train = line_frames(16, 128, seed=3)
+    held_out = line_frames(12, 128, seed=99)
+    rng = np.random.default_rng(123)
+    defective = np.stack([defects.perlin(x, rng).image for x in held_out])
+    graph = _trained_cse(train, epochs=6)
+    with torch.inference_mode():
+        features = graph.embed(torch.from_numpy(train))
+        references = torch.from_numpy(graph.scorer.fit(features, k=1)["references"])
+        clean_scores = graph(torch.from_numpy(held_out), references)[0].numpy()
+        defect_scores = graph(torch.from_numpy(defective), references)[0].numpy()
+    labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(defect_scores))]
+    separation = auroc(labels, np.r_[clean_scores, defect_scores])
+    assert separation > 0.75, f"trained CSE head: AUROC {separation:.3f} between clean and synthetic defects"
+    # The decoder is a training-only regulariser: it has weights but the graph's output does not depend on it.
+    with torch.inference_mode():
+        before = graph(torch.from_numpy(held_out[:2]), references)[0]
+        for p in graph.head.decoder.parameters():
+            p.add_(1.0)
+        after = graph(torch.from_numpy(held_out[:2]), references)[0]
+    assert torch.equal(before, after)
+
+
+def test_sla_targets_put_the_soft_label_on_the_class_and_the_rest_on_normal():
+    from engines.methods.sla import cell_labels, soft_targets
+
+    target = soft_targets(torch.tensor([0, 1, 2]), torch.tensor([0.0, 0.9, 0.25]))
+    expected = torch.tensor([[1.0, 0.0, 0.0], [0.1, 0.9, 0.0], [0.75, 0.0, 0.25]])
+    assert torch.allclose(target, expected)
+    changed = np.zeros((1, 32, 32), bool)
+    changed[0, :8, :4] = True  # half of the top-left 8x8 cell, nothing elsewhere
+    cells = cell_labels(changed, (4, 4))
+    assert cells[0, 0, 0].item() == pytest.approx(2 / (1 + np.exp(-5)) - 1, abs=1e-6)
+    assert cells[0].flatten()[1:].abs().max().item() == 0.0
+
+
+def test_bad_method_flags_are_refused_naming_the_flag(good_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "inspectd", "train", "--method", "cse", "--data", str(good_dir), "--out",
+         str(tmp_path / "x"), "--size", "64", "--epochs", "1", "--cse-defects", "perlin:1,blob:2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown defect 'blob'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
