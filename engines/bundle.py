@@ -203,7 +203,8 @@ class Bundle:
         `add=True` the file may be new and is listed (a TensorRT plan under engines/ from inspectd build-engine)."""
         member = _safe_member(self.path, name)
         if name not in self.manifest["files"] and not add:
-            raise BundleError(f"{member}: not listed in the manifest, expected one of {', '.join(self.manifest['files'])}")
+            raise BundleError(f"{member}: not listed in the manifest, expected one of "
+                              f"{', '.join(self.manifest['files'])}")
         member.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(member, data)
         manifest = json.loads(json.dumps(self.manifest))

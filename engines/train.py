@@ -236,8 +236,8 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
         "architecture": architecture,
         "interrupted": interrupted,
         "training": {"data": str(Path(data).resolve()), "n_fit": int(len(fit_images)),
-                     "n_holdout": int(len(hold_images)), "n_scorer_fit": n_scored, "epochs": epochs, "batch": batch, "seed": seed,
-                     "k": k if scorer == "kmeans" else None, "scorer": scorer,
+                     "n_holdout": int(len(hold_images)), "n_scorer_fit": n_scored, "epochs": epochs,
+                     "batch": batch, "seed": seed, "k": k if scorer == "kmeans" else None, "scorer": scorer,
                      "seconds": round(time.monotonic() - started, 1)},
         "versions": {"inspectd": _version(), "torch": torch.__version__, "timm": timm.__version__, "opset": opset},
     }

@@ -88,8 +88,6 @@ class OnnxRuntimeEngine(Engine):
         self._param_shapes = {name: inputs[name] for name in bundle.scorer_inputs}
         self._lock = threading.Lock()  # one binding per engine: serialise callers
         self._binding = self.session.io_binding()
-        for output in OUTPUTS:
-            self._binding.bind_output(output, "cpu")
         self._param_values: dict[str, ort.OrtValue] = {}
         self.set_scorer_params(bundle.scorer_params())
 
