@@ -114,8 +114,16 @@ class CameraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class JournalConfig:
-    path: Path | None = None
+    path: Path | None = None  # a directory (inspectd.journal); None: no journal, seq restarts at 0 after a restart
     max_mb: float = 256.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveConfig:
+    """CurveZMQ for a server socket: the daemon's key pair and the directory of client public keys let in."""
+
+    server_secret_key: Path
+    allowed_clients_dir: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +133,13 @@ class PublishConfig:
     sndhwm: int = 1000
     status_interval_s: float = 1.0
     journal: JournalConfig = JournalConfig()
+    curve: CurveConfig | None = None  # None: results published in the clear
 
 
 @dataclasses.dataclass(frozen=True)
 class ControlConfig:
     endpoint: str
-    curve: None = None  # CurveZMQ keys go here once supported; only null is accepted today
+    curve: CurveConfig | None = None  # required when the endpoint is a network (non-loopback) address
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,11 +228,17 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: str | Path | None =
         seen[camera.id] = i
 
     publish = r.section(top.get("publish", {}), "publish", {"endpoint", "masks", "sndhwm", "status_interval_s",
-                                                            "journal"})
+                                                            "journal", "curve"})
     journal = r.section(publish.get("journal", {}), "publish.journal", {"path", "max_mb"})
     control = r.section(top.get("control", {}), "control", {"endpoint", "curve"})
-    if control.get("curve") is not None:
-        raise ConfigError(f"control.curve: CurveZMQ is not supported yet, expected null, got {_show(control['curve'])}")
+    control_endpoint = r.endpoint(control, "endpoint", "control", default=f"ipc://{state_dir}/control.sock")
+    control_curve = _parse_curve(r, control.get("curve"), "control.curve")
+    if control_curve is None:
+        from inspectd.security import is_local_endpoint
+        if not is_local_endpoint(control_endpoint):
+            raise ConfigError(f"control.curve: required when control.endpoint is a network address "
+                              f"({control_endpoint}), expected {{server_secret_key: PATH, allowed_clients_dir: DIR}} "
+                              f"or a loopback/ipc endpoint")
     logging = r.section(top.get("logging", {}), "logging", {"level", "format"})
     metrics = r.section(top.get("metrics", {}), "metrics", {"listen"})
 
@@ -245,10 +260,9 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: str | Path | None =
                 path=r.path(journal, "path", "publish.journal", default=None, nullable=True),
                 max_mb=r.number(journal, "max_mb", "publish.journal", default=256.0, lo=0.0, lo_open=True),
             ),
+            curve=_parse_curve(r, publish.get("curve"), "publish.curve"),
         ),
-        control=ControlConfig(
-            endpoint=r.endpoint(control, "endpoint", "control", default=f"ipc://{state_dir}/control.sock"),
-        ),
+        control=ControlConfig(endpoint=control_endpoint, curve=control_curve),
         logging=LoggingConfig(
             level=r.string(logging, "level", "logging", default="info", choices=LOG_LEVELS),
             format=r.string(logging, "format", "logging", default="json", choices=LOG_FORMATS),
@@ -357,6 +371,17 @@ def _parse_source(r: _Reader, raw: Any, where: str) -> Source:
         device=r.integer(s, "device", where, default=None, lo=0, nullable=True),
         pipeline=r.string(s, "pipeline", where, default=None, nullable=True),
     )
+
+
+def _parse_curve(r: _Reader, raw: Any, where: str) -> CurveConfig | None:
+    if raw is None:
+        return None
+    keys = ("server_secret_key", "allowed_clients_dir")
+    if not isinstance(raw, dict) or set(raw) != set(keys):
+        raise ConfigError(f"{where}: expected null or a mapping with exactly server_secret_key and "
+                          f"allowed_clients_dir, got {_show(raw)}")
+    return CurveConfig(server_secret_key=r.path(raw, "server_secret_key", where),
+                       allowed_clients_dir=r.path(raw, "allowed_clients_dir", where))
 
 
 def _parse_listen(r: _Reader, metrics: dict) -> str | None:

@@ -73,6 +73,10 @@ class Daemon:
         self._frames_done = 0
         self._rate = (time.monotonic(), 0, 0.0)  # (when, frames_done then, fps) for throughput
 
+        # Key material (and its file permissions) and the journal first: a refusal there costs no model load.
+        self.publish_curve = self._curve("publish", config.publish.curve)
+        self.control_curve = self._curve("control", config.control.curve)
+        self.journal = self._open_journal()
         state = ModelState.open(config.model.bundle, config.engine.backend, config.engine.options,
                                 config.batching.max_batch)
         self.stage = InferenceStage(state, config.batching.max_batch, config.publish.masks)
@@ -89,8 +93,10 @@ class Daemon:
         self.metrics = self._open_metrics()
         self.publisher = Publisher(config.publish.endpoint, config.station, sndhwm=config.publish.sndhwm,
                                    status_interval_s=config.publish.status_interval_s, status=self.status_message,
-                                   linger_ms=PUB_LINGER_MS, on_published=self._on_published)
-        self.ingest = {cam.id: CameraIngest(cam, self.queues[cam.id], first_seq=0) for cam in config.cameras}
+                                   linger_ms=PUB_LINGER_MS, on_published=self._on_published, journal=self.journal,
+                                   socket_options=self.publish_curve)
+        self.ingest = {cam.id: CameraIngest(cam, self.queues[cam.id], first_seq=self._first_seq(cam.id))
+                       for cam in config.cameras}
         self._inference_thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         self.control = None
 
@@ -101,7 +107,7 @@ class Daemon:
 
         self.publisher.start()
         self._inference_thread.start()
-        self.control = ControlServer(self.config.control.endpoint, self)
+        self.control = ControlServer(self.config.control.endpoint, self, curve=self.control_curve)
         self.control.start()
         for ingest in self.ingest.values():
             ingest.start()
@@ -172,6 +178,32 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.observe_result(judged.frame.camera, judged.verdict, latency_ms / 1000.0)
 
+    def _open_journal(self):
+        if self.config.publish.journal.path is None:
+            return None
+        from inspectd.journal import Journal
+
+        return Journal(self.config.publish.journal.path, int(self.config.publish.journal.max_mb * 2**20))
+
+    def _first_seq(self, camera: str) -> int:
+        """Seq numbering resumes after the last journalled result, so no seq is ever published twice."""
+        last = self.journal.last_seq(camera) if self.journal is not None else None
+        if last is None:
+            return 0
+        # After a crash the frames that were queued or in flight had seqs past `last` and no result: subscribers see
+        # those seqs reused by new frames, not skipped; the log says where numbering resumed and why.
+        self.log.info("seq_resumed", camera=camera, last_journalled=last, next_seq=last + 1,
+                      unclean_shutdown=self.journal.unclean)
+        return last + 1
+
+    @staticmethod
+    def _curve(role: str, curve_config):
+        if curve_config is None:
+            return None
+        from inspectd.security import CurveServer
+
+        return CurveServer(role, curve_config.server_secret_key, curve_config.allowed_clients_dir)
+
     def _open_metrics(self):
         if self.config.metrics.address is None:
             return None
@@ -217,7 +249,10 @@ class Daemon:
                 "thresholds_version": state.thresholds_version, "uptime_s": round(time.monotonic() - self.t_start, 3),
                 "throughput_fps": round(self.throughput(), 3), "published": self.publisher.published,
                 "batches": self.stage.batches, "failed_batches": self.stage.failed_batches,
-                "last_error": self.stage.last_error, "cameras": self.camera_stats()}
+                "last_error": self.stage.last_error, "cameras": self.camera_stats(),
+                "journal": self.journal.status() if self.journal is not None else None,
+                "auth_refused": {role: curve.refused for role, curve in
+                                 (("control", self.control_curve), ("publish", self.publish_curve)) if curve}}
 
     def status_message(self) -> dict[str, Any]:
         """The periodic status on the PUB socket (see messages.STATUS_FIELDS)."""
@@ -225,7 +260,8 @@ class Daemon:
         return {"t": time.time(), "uptime_s": round(time.monotonic() - self.t_start, 3),
                 "healthy": self.stage.healthy, "model_id": state.model_id,
                 "thresholds_version": state.thresholds_version, "throughput_fps": round(self.throughput(), 3),
-                "cameras": self.camera_stats()}
+                "cameras": self.camera_stats(),
+                "journal": self.journal.status() if self.journal is not None else None}
 
     def reload(self) -> dict[str, Any]:
         with self._reload_lock:
@@ -278,7 +314,13 @@ def run(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
     from inspectd.config import load_config
     from inspectd.notify import Notifier
+    from inspectd.security import SecurityError, refuse_root
 
+    try:
+        refuse_root()
+    except SecurityError as exc:
+        print(f"inspectd run: {exc}", file=sys.stderr)
+        return 1
     try:
         config = load_config(args.config)
     except InspectdError as exc:

@@ -1,5 +1,8 @@
 """`inspectd subscribe`: tail the results a daemon publishes, report sequence gaps, optionally save masks.
 
+With `--since SEQ --journal DIR` it first fetches, from the daemon's on-disk journal, every result after SEQ that
+it missed while away, then carries on live without a duplicate or a hole (a restarting PLC bridge loses nothing).
+
 Also the Python-side subscriber (`Subscriber`, `GapTracker`) that the demo, bridges and tests use, so every consumer
 decodes through inspectd.messages and counts gaps the same way.
 """
@@ -11,11 +14,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import zmq
 
-from inspectd.errors import MessageError
+from inspectd.errors import InspectdError, MessageError
 from inspectd.messages import Result, decode
 
 
@@ -40,9 +43,11 @@ class Subscriber:
     """A SUB socket connected to a daemon's publish endpoint; `recv` returns decoded messages."""
 
     def __init__(self, endpoint: str, topic: str = "inspect.", context: zmq.Context | None = None,
-                 rcvhwm: int = 10000) -> None:
+                 rcvhwm: int = 10000, curve: Callable[[zmq.Socket], None] | None = None) -> None:
         self._context = context or zmq.Context.instance()
         self.socket = self._context.socket(zmq.SUB)
+        if curve is not None:
+            curve(self.socket)  # CurveZMQ client keys (inspectd.security.curve_client), before connect
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt_string(zmq.SUBSCRIBE, topic)
@@ -98,11 +103,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write each result's mask to DIR/<camera>_<seq>.png")
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
                         help="stop after S seconds; exit 1 if --count was not reached")
+    parser.add_argument("--since", type=int, default=None, metavar="SEQ",
+                        help="first replay every result after SEQ from the journal (--journal), then go live")
+    parser.add_argument("--journal", type=Path, default=None, metavar="DIR",
+                        help="the daemon's journal directory (publish.journal.path), read for --since")
+    parser.add_argument("--camera", action="append", default=None, metavar="ID",
+                        help="with --since: replay only this camera (repeatable; default every journalled camera)")
+    parser.add_argument("--server-key", type=Path, default=None, metavar="PATH",
+                        help="CurveZMQ: the daemon's public key file (with --client-key)")
+    parser.add_argument("--client-key", type=Path, default=None, metavar="PATH",
+                        help="CurveZMQ: this subscriber's .key_secret file, listed in the daemon's allow-list")
+
+
+SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
+
+
+def _replay(directory: Path, cameras: list[str] | None, since: int, topic: str) -> Iterator[Result]:
+    """Journalled results after `since`, camera by camera, decoded and checked like live ones."""
+    from inspectd import journal
+
+    for camera in cameras or journal.cameras(directory):
+        for _, frames in journal.read_since(directory, camera, since):
+            if bytes(frames[0]).decode("ascii", "replace").startswith(topic):
+                yield decode(frames)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         print("inspectd subscribe: --count: expected an integer >= 1", file=sys.stderr)
+        return 2
+    if (args.since is None) != (args.journal is None):
+        print("inspectd subscribe: --since and --journal: expected both (replay from the journal) or neither",
+              file=sys.stderr)
+        return 2
+    if args.since is not None and args.since < -1:
+        print("inspectd subscribe: --since: expected a seq >= -1 (-1: everything the journal holds)", file=sys.stderr)
+        return 2
+    if (args.server_key is None) != (args.client_key is None):
+        print("inspectd subscribe: --server-key and --client-key: expected both (CurveZMQ) or neither",
+              file=sys.stderr)
         return 2
     if args.save_masks is not None:
         args.save_masks.mkdir(parents=True, exist_ok=True)
@@ -110,27 +149,58 @@ def run(args: argparse.Namespace) -> int:
     received = 0
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     try:
-        subscriber = Subscriber(args.endpoint, args.topic)
+        curve = None
+        if args.server_key is not None:
+            from inspectd.security import curve_client
+            curve = curve_client(args.server_key, args.client_key)
+        subscriber = Subscriber(args.endpoint, args.topic, curve=curve)
+    except InspectdError as exc:
+        print(f"inspectd subscribe: {exc}", file=sys.stderr)
+        return 2
     except zmq.ZMQError as exc:
         print(f"inspectd subscribe: --endpoint {args.endpoint!r}: {exc}", file=sys.stderr)
         return 2
+    backlog: list = []  # journalled results (and the first live message) to print before reading the socket again
     with subscriber:
         try:
-            while args.count is None or received < args.count:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
+            if args.since is not None:
+                # Subscribe first and wait for the first live message, so every result journalled after the replay
+                # below has already been queued for us: nothing falls between the journal and the live stream.
                 try:
-                    message = subscriber.recv(left)
-                except MessageError as exc:
-                    print(f"inspectd subscribe: skipped a malformed message: {exc}", file=sys.stderr)
-                    continue
+                    first = subscriber.recv(min(SETTLE_S, args.timeout or SETTLE_S))
+                except MessageError:
+                    first = None  # malformed, but the subscription is live: that is all this wait is for
+                if first is not None:
+                    backlog.append(first)
+                try:
+                    backlog.extend(_replay(args.journal, args.camera, args.since, args.topic))
+                except InspectdError as exc:
+                    print(f"inspectd subscribe: --journal {args.journal}: {exc}", file=sys.stderr)
+                    return 2
+                if first is not None:
+                    backlog.append(backlog.pop(0))  # the live message goes after the replay
+            while args.count is None or received < args.count:
+                if backlog:
+                    message = backlog.pop(0)
+                else:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    try:
+                        message = subscriber.recv(left)
+                    except MessageError as exc:
+                        print(f"inspectd subscribe: skipped a malformed message: {exc}", file=sys.stderr)
+                        continue
                 if message is None:
                     continue
                 if not isinstance(message, Result):
                     if args.status:
                         print(json.dumps(message, separators=(",", ":")), flush=True)
                     continue
+                if args.since is not None and message.seq <= gaps.last.get(message.camera, args.since):
+                    continue  # printed from the journal already, or not after --since
+                if args.since is not None:
+                    gaps.last.setdefault(message.camera, args.since)  # a hole right after SEQ is a gap too
                 received += 1
                 missed = gaps.see(message.camera, message.seq)
                 if missed:

@@ -1,0 +1,203 @@
+"""Who gets in, over real sockets: CurveZMQ control and publish sockets with an allow-list, wrong and missing keys
+refused (and logged), key-file permission checks, `inspectd keys generate`, control on a network address refused
+without CURVE, and the daemon refusing to run as root."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from inspectd import keys
+from inspectd.config import parse_config
+from inspectd.control import ControlClient, ControlServer, ControlTimeout
+from inspectd.errors import ConfigError, InspectdError
+from inspectd.frames import Frame
+from inspectd.inference import Judged
+from inspectd.publish import Publisher
+from inspectd.security import ALLOW_ROOT_ENV, CurveServer, curve_client, is_local_endpoint, refuse_root
+from inspectd.subscribe import Subscriber
+
+pytestmark = pytest.mark.timeout(60)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A server pair, an allowed client pair (its public key in the allow-list) and an intruder pair."""
+    d = tmp_path / "keys"
+    server = keys.generate(d / "server", "server")
+    allowed = keys.generate(d / "clients-own", "bridge1")
+    intruder = keys.generate(d / "intruder", "intruder")
+    allow_dir = d / "allowed"
+    allow_dir.mkdir(mode=0o755)
+    os.chmod(allow_dir, 0o755)
+    (allow_dir / "bridge1.key").write_bytes(allowed[0].read_bytes())
+    return {"server": server, "allowed": allowed, "intruder": intruder, "allow_dir": allow_dir}
+
+
+class Handler:
+    def status(self):
+        return {"healthy": True}
+
+
+def test_keys_generate_cli_writes_a_private_pair_and_never_overwrites(tmp_path):
+    cmd = [sys.executable, "-m", "inspectd", "keys", "generate", "--out", str(tmp_path / "k"), "--name", "server"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert first.returncode == 0, first.stderr
+    secret, public = tmp_path / "k" / "server.key_secret", tmp_path / "k" / "server.key"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and stat.S_IMODE(public.stat().st_mode) == 0o644
+    pub, sec = keys.load_secret(secret)
+    assert keys.load_public(public) == pub and len(sec) == 40
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert keys.load_secret(secret) == (pub, sec)  # untouched
+
+
+def test_key_files_with_loose_permissions_are_refused(pki, tmp_path):
+    secret = pki["server"][1]
+    os.chmod(secret, 0o640)
+    with pytest.raises(keys.KeysError, match=r"mode 0640 lets group/others read it, expected 0600"):
+        keys.load_secret(secret, "control.curve.server_secret_key")
+    os.chmod(secret, 0o600)
+    with pytest.raises(keys.KeysError, match="holds no secret key"):
+        keys.load_secret(_as_secret_copy(pki["server"][0]))
+    os.chmod(pki["allow_dir"], 0o775)
+    with pytest.raises(keys.KeysError, match="lets group/others add keys"):
+        keys.load_allow_list(pki["allow_dir"])
+    os.chmod(pki["allow_dir"], 0o755)
+    (pki["allow_dir"] / "oops.key_secret").write_bytes(pki["intruder"][1].read_bytes())
+    with pytest.raises(keys.KeysError, match="a secret key in the allow-list"):
+        keys.load_allow_list(pki["allow_dir"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(keys.KeysError, match=r"no \*\.key files"):
+        keys.load_allow_list(empty)
+
+
+def _as_secret_copy(public: Path) -> Path:
+    """A public key file under a secret key's name, mode 0600: the mix-up an operator can make."""
+    copy = public.parent / "mixup.key_secret"
+    copy.write_bytes(public.read_bytes())
+    os.chmod(copy, 0o600)
+    return copy
+
+
+def test_curve_control_lets_in_only_listed_keys_and_logs_refusals(pki, capsys):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    try:
+        good = curve_client(pki["server"][0], pki["allowed"][1])
+        with ControlClient(endpoint, timeout_s=5, curve=good) as client:
+            assert client.request({"cmd": "status"}) == {"ok": True, "healthy": True}
+        intruder = curve_client(pki["server"][0], pki["intruder"][1])
+        with ControlClient(endpoint, timeout_s=1.5, curve=intruder) as client:
+            with pytest.raises(ControlTimeout):
+                client.request({"cmd": "status"})
+        with ControlClient(endpoint, timeout_s=1.5) as plain:  # no CURVE at all
+            with pytest.raises(ControlTimeout):
+                plain.request({"cmd": "reload"})
+        deadline = time.monotonic() + 5
+        while guard.refused < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert guard.refused >= 2
+        assert server.requests == 1  # neither refused client got a request through to the handler
+    finally:
+        server.stop()
+        guard.stop()
+    out = capsys.readouterr().out
+    intruder_key = keys.load_public(pki["intruder"][0]).decode()
+    assert "auth_refused" in out and intruder_key in out and "does not speak CURVE" in out
+
+
+def test_curve_publish_reaches_only_allowed_subscribers(pki, tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("publish", pki["server"][1], pki["allow_dir"])
+    pub = Publisher(endpoint, "s1", status_interval_s=0.1, socket_options=guard,
+                    status=lambda: {"t": 0.0, "uptime_s": 0.0, "healthy": True, "model_id": "m",
+                                    "thresholds_version": 1, "throughput_fps": 0.0, "cameras": {}}).start()
+    good = Subscriber(endpoint, curve=curve_client(pki["server"][0], pki["allowed"][1]))
+    bad = Subscriber(endpoint, curve=curve_client(pki["server"][0], pki["intruder"][1]))
+    plain = Subscriber(endpoint)
+    try:
+        assert isinstance(good.recv(5.0), dict)  # status arrives: the subscription is live
+        for seq in range(5):
+            pub.submit(Judged(Frame("cam0", seq, f"f{seq}", time.time(), None, error="x"), "error", None, None,
+                              "m", 1, [], None, "x"))
+        assert [r.seq for r in good.results(5, timeout_s=5)] == list(range(5))
+        assert bad.recv(1.0) is None and plain.recv(0.5) is None
+        assert guard.refused >= 2
+    finally:
+        for s in (good, bad, plain):
+            s.close()
+        pub.stop(5)
+        guard.stop()
+
+
+def test_network_control_endpoint_requires_curve_and_curve_config_is_typed(tmp_path):
+    base = {"station": "s", "model": {"bundle": "b"}, "cameras": [{"id": "c", "source": {"kind": "synthetic"}}]}
+    for endpoint in ("tcp://0.0.0.0:5570", "tcp://192.0.2.4:5570", "tcp://eth0:5570", "tcp://*:5570"):
+        with pytest.raises(ConfigError, match=r"^control.curve: required when control.endpoint is a network"):
+            parse_config({**base, "control": {"endpoint": endpoint}})
+    for endpoint in ("tcp://127.0.0.1:5570", "tcp://localhost:1", "tcp://[::1]:5570", "ipc:///x/c.sock"):
+        assert is_local_endpoint(endpoint)
+        parse_config({**base, "control": {"endpoint": endpoint}})
+    curve = {"server_secret_key": "k/server.key_secret", "allowed_clients_dir": "allowed"}
+    config = parse_config({**base, "control": {"endpoint": "tcp://0.0.0.0:5570", "curve": curve},
+                           "publish": {"curve": curve}}, base_dir=tmp_path)
+    assert config.control.curve.server_secret_key == tmp_path / "k" / "server.key_secret"
+    assert config.publish.curve.allowed_clients_dir == tmp_path / "allowed"
+    with pytest.raises(ConfigError, match=r"^publish.curve: expected null or a mapping with exactly"):
+        parse_config({**base, "publish": {"curve": {"server_secret_key": "x"}}})
+    with pytest.raises(ConfigError, match=r"^control.curve.allowed_clients_dir: expected a path string"):
+        parse_config({**base, "control": {"curve": {**curve, "allowed_clients_dir": 5}}})
+
+
+def test_daemon_start_refuses_loose_key_permissions(pki, tmp_path):
+    """`inspectd run` checks key material at start, before it loads a model or binds anything."""
+    os.chmod(pki["server"][1], 0o644)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "station: s\nmodel: {bundle: nowhere}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
+        f"control: {{endpoint: 'tcp://0.0.0.0:{free_port()}', curve: {{server_secret_key: '{pki['server'][1]}', "
+        f"allowed_clients_dir: '{pki['allow_dir']}'}}}}\nmetrics: {{listen: null}}\nstate_dir: '{tmp_path}/state'\n")
+    out = subprocess.run([sys.executable, "-m", "inspectd", "run", "--config", str(config)], capture_output=True,
+                         text=True, timeout=30, cwd=REPO)
+    assert out.returncode == 1
+    assert f"control.curve.server_secret_key {pki['server'][1]}: mode 0644 lets group/others read it" in out.stderr
+
+
+def test_the_daemon_refuses_to_run_as_root(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != ALLOW_ROOT_ENV}
+    env["PYTHONPATH"] = str(REPO)
+    config = tmp_path / "c.yaml"
+    config.write_text("station: s\nmodel: {bundle: b}\ncameras: [{id: c, source: {kind: synthetic}}]\n")
+    out = subprocess.run([sys.executable, "-m", "inspectd", "run", "--config", str(config)], capture_output=True,
+                         text=True, timeout=30, env=env, cwd=tmp_path)
+    if os.geteuid() == 0:
+        assert out.returncode == 1 and "refusing to run as root (uid 0)" in out.stderr, out.stderr
+        os.environ.pop(ALLOW_ROOT_ENV, None)
+        try:
+            with pytest.raises(InspectdError, match="refusing to run as root"):
+                refuse_root()
+        finally:
+            os.environ[ALLOW_ROOT_ENV] = "1"
+    else:
+        # Not root: the check lets it through, and the run fails later for the missing bundle instead.
+        refuse_root()
+        assert "refusing to run as root" not in out.stderr and out.returncode != 0
