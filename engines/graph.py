@@ -151,33 +151,56 @@ class GaussianScorer(nn.Module):
         return None, squared.clamp_min(0).sqrt().reshape(n, h, w)
 
     @staticmethod
-    def fit(features: torch.Tensor, **_unused) -> dict[str, np.ndarray]:
+    def fit(features: torch.Tensor, chunk: int = 64, **_unused) -> dict[str, np.ndarray]:
+        """Per-location mean and one Ledoit-Wolf covariance of the residuals, accumulated `chunk` images at a time
+        in float64 (a float64 copy of all residuals at 256x256 would be ~0.6 GB)."""
         if features.shape[0] == 0:
             raise ValueError("gaussian: no training features")
-        feats = features.double()
-        mean = feats.mean(dim=0)
-        d = feats.shape[1]
-        residuals = (feats - mean).permute(0, 2, 3, 1).reshape(-1, d)
-        covariance = ledoit_wolf(residuals)
-        precision = torch.linalg.inv(covariance)
+        n, d = features.shape[:2]
+        mean = features.sum(dim=0, dtype=torch.float64) / n
+        moments = _SecondMoments(d)
+        for start in range(0, n, chunk):
+            residuals = features[start:start + chunk].double() - mean
+            moments.add(residuals.permute(0, 2, 3, 1).reshape(-1, d))
+        precision = torch.linalg.inv(moments.ledoit_wolf())
         precision = 0.5 * (precision + precision.T)  # exact symmetry, so Mahalanobis distances are never negative
         return {"gauss_mean": mean.float().contiguous().numpy(), "gauss_precision": precision.float().numpy()}
 
 
+class _SecondMoments:
+    """X^T X and (X*X)^T (X*X) of centred samples, summed over chunks: all that Ledoit-Wolf needs."""
+
+    def __init__(self, p: int) -> None:
+        self.n = 0
+        self.xtx = torch.zeros(p, p, dtype=torch.float64)
+        self.x2tx2 = torch.zeros(p, p, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.n += x.shape[0]
+        self.xtx += x.T @ x
+        x2 = x * x
+        self.x2tx2 += x2.T @ x2
+
+    def ledoit_wolf(self) -> torch.Tensor:
+        """(1 - s) * S + s * mu * I with the shrinkage s minimising the expected error: the estimator sklearn's
+        `ledoit_wolf(X, assume_centered=True)` computes."""
+        n, p = self.n, self.xtx.shape[0]
+        emp_cov = self.xtx / n
+        mu = torch.trace(emp_cov) / p
+        delta_sum = (emp_cov * emp_cov).sum()          # = sum((X^T X)^2) / n^2
+        beta = (self.x2tx2.sum() / n - delta_sum) / (p * n)
+        delta = (delta_sum - 2 * mu * torch.trace(emp_cov) + p * mu * mu) / p
+        beta = torch.minimum(beta, delta)
+        shrinkage = torch.where(delta > 0, beta / delta, torch.zeros_like(delta))
+        return (1 - shrinkage) * emp_cov + shrinkage * mu * torch.eye(p, dtype=torch.float64)
+
+
 def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
-    """Ledoit-Wolf shrunk covariance of centred samples x [n, p] (the estimator sklearn's `ledoit_wolf` computes
-    with assume_centered=True): (1 - s) * S + s * mu * I with the shrinkage s that minimises the expected error."""
-    n, p = x.shape
-    emp_cov = x.T @ x / n
-    mu = torch.trace(emp_cov) / p
-    x2 = x * x
-    beta_sum = (x2.T @ x2).sum()
-    delta_sum = (emp_cov * emp_cov).sum()          # = sum((X^T X)^2) / n^2
-    beta = (beta_sum / n - delta_sum) / (p * n)
-    delta = (delta_sum - 2 * mu * torch.trace(emp_cov) + p * mu * mu) / p
-    beta = torch.minimum(beta, delta)
-    shrinkage = torch.where(delta > 0, beta / delta, torch.zeros_like(delta))
-    return (1 - shrinkage) * emp_cov + shrinkage * mu * torch.eye(p, dtype=x.dtype)
+    """Ledoit-Wolf shrunk covariance of centred samples x [n, p]."""
+    moments = _SecondMoments(x.shape[1])
+    moments.add(x)
+    return moments.ledoit_wolf()
 
 
 SCORERS: dict[str, type[nn.Module]] = {"kmeans": NearestReferenceScorer, "gaussian": GaussianScorer}

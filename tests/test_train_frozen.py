@@ -193,3 +193,14 @@ def test_bad_arguments_are_one_line_errors(data, tmp_path, capsys):
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_gaussian_fit_does_not_depend_on_its_chunking():
+    from engines.graph import GaussianScorer
+
+    features = torch.randn(9, 12, 3, 3, generator=torch.Generator().manual_seed(2))
+    whole = GaussianScorer.fit(features, chunk=100)
+    chunked = GaussianScorer.fit(features, chunk=2)
+    for name in whole:
+        np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole["gauss_mean"], features.mean(dim=0).numpy(), rtol=1e-5, atol=1e-6)
