@@ -138,9 +138,12 @@ def run(args: argparse.Namespace) -> int:
             stop_at = None
             while True:
                 now = time.monotonic()
-                if started is None and now > first_deadline:
-                    print(f"inspectd demo: no result within {START_TIMEOUT_S:.0f} s; see {log_path}",
-                          file=sys.stderr)
+                if started is None and (now > first_deadline or daemon.poll() is not None):
+                    reason = (f"daemon exited with status {daemon.returncode}" if daemon.poll() is not None
+                              else f"no result within {START_TIMEOUT_S:.0f} s")
+                    log.flush()
+                    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                    print(f"inspectd demo: {reason}; last lines of {log_path}:", *tail, sep="\n", file=sys.stderr)
                     return 1
                 if stop_at is not None and now >= stop_at and daemon.poll() is None:
                     daemon.send_signal(signal.SIGTERM)  # drains: every accepted frame still gets its result
