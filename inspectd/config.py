@@ -197,6 +197,8 @@ def load_config(path: str | Path) -> Config:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed YAML: nested too deeply, expected a config mapping") from None
     return parse_config(raw, source=str(path), base_dir=path.resolve().parent)
 
 

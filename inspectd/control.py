@@ -54,8 +54,9 @@ def parse_request(data: bytes) -> Request:
     """One control request; MessageError (one line) for anything that is not exactly a known command."""
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else \
+            "nested too deeply" if isinstance(exc, RecursionError) else "not UTF-8"
         raise MessageError(f"request: not JSON ({reason}), expected an object like {{\"cmd\": \"status\"}}") from None
     if not isinstance(doc, dict):
         raise MessageError(f"request: JSON {type(doc).__name__}, expected an object like {{\"cmd\": \"status\"}}")

@@ -286,6 +286,8 @@ def _bmp_dims(view: memoryview) -> tuple[str, int, int] | None:
 
 def _tiff_dims(view: memoryview) -> tuple[str, int, int] | None:
     """Width and length tags of the first image file directory."""
+    if len(view) < 8:
+        return None
     order = "<" if view[:2] == b"II" else ">"
     (ifd,) = struct.unpack(order + "I", view[4:8])
     if ifd + 2 > len(view):
@@ -516,7 +518,7 @@ class ZmqPullSource(Source):
                                                       f"[JSON header, payload]")
         try:
             header = json.loads(bytes(parts[0].buffer))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return self.frame(fallback_id, now, None, "header: not JSON, expected a JSON object "
                                                       "{frame_id, t_capture, shape, dtype, encoding}")
         if not isinstance(header, dict):

@@ -173,7 +173,7 @@ def _region(doc: Any, i: int) -> Region:
 def _header(frames: Sequence[bytes], what: str) -> dict:
     try:
         header = json.loads(bytes(frames[1]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MessageError(f"{what} header: not UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
         raise MessageError(f"{what} header: expected a JSON object, got {type(header).__name__}")
