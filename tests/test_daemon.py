@@ -358,3 +358,81 @@ def test_bad_config_fails_with_one_line_naming_the_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "inspectd", "run", "--config", str(config)], capture_output=True,
                           text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and "cameras" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def single_frame_graph(size: int) -> bytes:
+    """A real graph that runs for a batch of one and fails for more (a fixed Reshape): an engine that breaks under
+    load, as a GPU running out of memory would, while the warm-up inference (one frame) still succeeds."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["x", "one"], ["x1"]),
+        helper.make_node("Sub", ["x1", "centre"], ["d"]),
+        helper.make_node("Abs", ["d"], ["a"]),
+        helper.make_node("Div", ["a", "scale"], ["anomaly_map"]),
+        helper.make_node("ReduceMax", ["anomaly_map", "axes12"], ["score"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "single",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", size, size, 1]),
+         helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", size, size])],
+        initializer=[helper.make_tensor("one", TensorProto.INT64, [3], [1, size, size]),
+                     helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
+                     helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_path, line_frames):
+    from calibration import thresholds as thresholds_doc
+    from engines.bundle import write_bundle
+
+    model = write_bundle(tmp_path / "single", {
+        "method": "test", "backbone": "none", "input": {"height": 32, "width": 32, "channels": 1, "resize": "stretch"},
+        "scorer_inputs": ["centre"]}, single_frame_graph(32), {"centre": np.array([128.0], np.float32)}, {},
+        thresholds_doc.first_version(0.9, 0.9, {"tool": "test"}))
+    endpoint = f"ipc://{tmp_path}/frames.sock"
+    s = station(model=model, cameras=[{"id": "cam0", "source": {"kind": "zmq", "endpoint": endpoint},
+                                       "queue": {"policy": "block"}}],
+                batching={"max_batch": 8, "max_wait_ms": 300}, metrics={"listen": "127.0.0.1:0"})
+    s.wait_ready()
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(endpoint)
+    try:
+        # Three full batches at once: three failed batches in a row make the stage unhealthy.
+        push_frames(push, [(f"burst{i}", line_frames[i]) for i in range(24)])
+        failed = s.results(24, timeout=30)
+        assert [r.verdict for r in failed] == ["error"] * 24
+        assert failed[0].error.startswith("engine: ") and failed[0].model_id.startswith("test-")
+        status = s.control({"cmd": "status"})
+        assert status["healthy"] is False and status["failed_batches"] == 3 and status["last_error"]
+        s.read_notes()
+        mark = len(s.notes)
+        time.sleep(2.5)  # more than two watchdog ticks (WATCHDOG_USEC is 2 s: a tick each second)
+        s.read_notes()
+        unhealthy = s.notes[mark:]
+        assert not any(n == "WATCHDOG=1" for n in unhealthy), unhealthy
+        assert any(n.startswith("STATUS=") and "UNHEALTHY" in n for n in unhealthy), unhealthy
+
+        metrics_url = next(e["url"] for e in s.events() if e.get("event") == "metrics_listening")
+        import urllib.request
+        text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+        assert "inspectd_healthy 0" in text and 'inspectd_verdicts_total{camera="cam0",verdict="error"} 24' in text
+
+        # One frame alone is a batch the engine can run: the stage recovers and the watchdog beats again.
+        push_frames(push, [("single", line_frames[30])])
+        (ok,) = s.results(1, timeout=30)
+        assert ok.verdict in ("ok", "defect") and ok.seq == 24
+        assert s.control({"cmd": "status"})["healthy"] is True
+        mark = len(s.notes)
+        time.sleep(1.5)
+        s.read_notes()
+        assert "WATCHDOG=1" in s.notes[mark:]
+    finally:
+        push.close()
+    assert s.stop() == 0, s.log_tail()
