@@ -17,12 +17,14 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
+import structlog
 import zmq
 
 from inspectd.inference import Judged
 from inspectd.messages import encode_mask, encode_result, encode_status
 
 _STOP = object()
+log = structlog.get_logger("inspectd.publish")
 
 
 class Journal(Protocol):
@@ -68,6 +70,7 @@ class Publisher:
         self.bound_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.cameras: dict[str, CameraCounters] = {}
         self.published = 0
+        self.failed = 0
         self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
 
     def start(self) -> "Publisher":
@@ -98,7 +101,12 @@ class Publisher:
             if item is _STOP:
                 break
             if item is not None:
-                self._send_result(item)
+                try:
+                    self._send_result(item)
+                except Exception as exc:  # one unsendable result must not end publishing for every camera
+                    self.failed += 1
+                    log.error("publish_failed", camera=item.frame.camera, seq=item.frame.seq,
+                              error=f"{type(exc).__name__}: {exc}".splitlines()[0])
             if self._status and time.monotonic() >= next_status:
                 self.send_status()
                 next_status = time.monotonic() + self.status_interval_s
@@ -107,7 +115,14 @@ class Publisher:
 
     def _send_result(self, judged: Judged) -> None:
         frame = judged.frame
-        mask_png = encode_mask(judged.mask) if judged.mask is not None else None
+        mask_png = None
+        if judged.mask is not None:
+            try:
+                mask_png = encode_mask(judged.mask)
+            except Exception as exc:  # the verdict matters more than its picture: send it without the mask
+                self.failed += 1
+                log.error("mask_encode_failed", camera=frame.camera, seq=frame.seq,
+                          error=f"{type(exc).__name__}: {exc}".splitlines()[0])
         height, width = frame.image.shape[:2] if frame.image is not None else (None, None)
         t_publish = time.time()
         latency_ms = (time.monotonic() - frame.t_ingest) * 1000.0 if frame.t_ingest else 0.0

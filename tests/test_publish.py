@@ -218,3 +218,18 @@ def test_subscribe_command_json_and_timeout(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"ipc://{tmp_path}/none",
                            "--count", "1", "--timeout", "0.5", "--json"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and "0 of 1 results" in proc.stderr
+
+
+def test_an_unencodable_mask_still_publishes_the_verdict(tmp_path):
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    publisher = Publisher(endpoint, "line1", status=None).start()
+    with Subscriber(endpoint) as sub:
+        _wait_connected(sub, publisher)
+        broken = judged(1, "defect")
+        broken.mask = np.zeros((4, 4, 7), np.float64)  # no PNG can hold this
+        publisher.submit(broken)
+        publisher.submit(judged(2, "defect"))
+        results = sub.results(2, timeout_s=10)
+    assert publisher.stop(timeout=5)
+    assert [(r.seq, r.verdict, r.has_mask) for r in results] == [(1, "defect", False), (2, "defect", True)]
+    assert publisher.failed == 1
