@@ -286,25 +286,26 @@ def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
 
 
 def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | None]]) -> _Scored:
+    """One pass of engines.evaluate.score_images over good then defective images (one engine, one batch buffer)."""
     from engines.data import load_mask
     from engines.evaluate import score_images
     from engines.metrics import PixelHistograms
 
     pixels = PixelHistograms() if args.pixel else None
     has_masks = bool(defective) and all(mask is not None for _, mask in defective)
-    good_scores = []
-    for scored in score_images(bundle, good, backend=args.backend, batch=args.batch):
-        good_scores.append(scored.score)
-        if pixels is not None:
+    masks = [mask for _, mask in defective]
+    scores = np.empty(len(good) + len(defective), dtype=np.float64)
+    paths = good + [path for path, _ in defective]
+    for i, scored in enumerate(score_images(bundle, paths, backend=args.backend, batch=args.batch)):
+        scores[i] = scored.score
+        if pixels is None:
+            continue
+        if i < len(good):
             pixels.add(scored.frame_map, None, what=str(scored.path))
-    defect_scores = []
-    masks = dict(defective)
-    for scored in score_images(bundle, [p for p, _ in defective], backend=args.backend, batch=args.batch) \
-            if defective else ():
-        defect_scores.append(scored.score)
-        if pixels is not None and has_masks:
-            pixels.add(scored.frame_map, load_mask(masks[scored.path], scored.frame_map.shape), what=str(scored.path))
-    return _Scored(np.array(good_scores), np.array(defect_scores), pixels, has_masks)
+        elif has_masks:
+            pixels.add(scored.frame_map, load_mask(masks[i - len(good)], scored.frame_map.shape),
+                       what=str(scored.path))
+    return _Scored(scores[:len(good)], scores[len(good):], pixels, has_masks)
 
 
 def _version() -> str:
@@ -402,6 +403,13 @@ def _calibrate(bundle, current, args, out):
 
     if not args.good:
         raise CalibrationError("--good DIR is required: held-out defect-free images to set the threshold from")
+    # Refuse bad numbers before minutes of scoring, not after.
+    for flag, value in (("--target-false-reject", args.target_false_reject), ("--target-escape", args.target_escape),
+                        ("--pixel-fpr", args.pixel_fpr)):
+        if value is not None:
+            _rate(value, flag)
+    if args.batch < 1:
+        raise CalibrationError(f"--batch {args.batch}: expected an integer >= 1")
     good = _good_paths(Path(args.good))
     defective = _defective_items(args.defective)
     if (args.target_escape is not None or args.max_f1) and not defective:

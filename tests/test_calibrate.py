@@ -259,14 +259,15 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
                     continue
         code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2",
                                    "--apply", control)
-        assert code == 0, err
+        daemon_log = (tmp_path / "daemon.log").read_text(errors="replace")[-2000:]
+        assert code == 0, err + daemon_log
         from engines.bundle import load_bundle
 
         written = load_bundle(bundle).thresholds().version
-        assert f"now judges with thresholds version {written}" in out
+        assert f"now judges with thresholds version {written}" in out, out + daemon_log
         with ControlClient(control, timeout_s=10) as client:
             status = client.request({"cmd": "status"})
-        assert status["thresholds_version"] == written == before["thresholds_version"] + 1
+        assert status["thresholds_version"] == written == before["thresholds_version"] + 1, (status, before)
 
         # No daemon behind the endpoint: one line and exit 1 (the new version is still written to the bundle).
         code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--apply", "ipc://" + str(tmp_path / "none.sock"),
