@@ -99,9 +99,14 @@ if [ "$SYSTEM" -eq 1 ]; then
             --shell /usr/sbin/nologin --comment "inspectd line inspection" "$USER_NAME"
         say "created system user $USER_NAME"
     fi
-    # Cameras are group video, GPU render nodes group render; stations without them simply lack the group.
+    # Cameras are group video, GPU render nodes group render. The units name both in SupplementaryGroups= and systemd
+    # refuses to start a service whose group does not exist (216/GROUP), so a station without one gets it empty.
     for group in video render; do
-        if getent group "$group" >/dev/null && ! id -nG "$USER_NAME" | tr ' ' '\n' | grep -qx "$group"; then
+        if ! getent group "$group" >/dev/null; then
+            groupadd --system "$group"
+            say "created system group $group (no device uses it on this station yet)"
+        fi
+        if ! id -nG "$USER_NAME" | tr ' ' '\n' | grep -qx "$group"; then
             usermod -a -G "$group" "$USER_NAME"
             say "added $USER_NAME to group $group"
         fi

@@ -130,3 +130,55 @@ def test_service_unit_declares_what_the_daemon_relies_on():
     template = (REPO / "systemd" / "inspectd@.service").read_text()
     assert "--config /etc/inspectd/%i.yaml" in template
     assert "StateDirectory=inspectd/%i" in template
+
+
+def _namespace_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the system install path needs root (useradd, chown) in a private mount namespace"
+    for tool in ("unshare", "mount", "useradd", "groupadd", "usermod"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed"
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return f"unshare -m not permitted here: {probe.stderr.strip()}"
+    return None
+
+
+@pytest.mark.skipif(_namespace_reason() is not None, reason=str(_namespace_reason()))
+def test_system_install_creates_user_groups_and_owners_and_is_idempotent(tmp_path):
+    """The real (non --prefix) path, run twice inside a private mount namespace over copies of /etc, /opt and
+    /var/lib, so useradd/groupadd/chown happen for real without touching this machine."""
+    etc, opt, var_lib, run_systemd = (tmp_path / n for n in ("etc", "opt", "var-lib", "run-systemd"))
+    subprocess.run(["cp", "-a", "/etc", str(etc)], check=True, timeout=60)
+    for d in (opt, var_lib, run_systemd):
+        d.mkdir()
+    (etc / ".inspectd-test-copy").write_text("")
+    script = f"""set -e
+mount --bind {etc} /etc
+mount --bind {opt} /opt
+mount --bind {var_lib} /var/lib
+if [ -d /run/systemd ]; then mount --bind {run_systemd} /run/systemd; fi
+test -f /etc/.inspectd-test-copy  # never run the install unless /etc is the copy
+sh {INSTALL} --no-venv
+echo '--- second run'
+sh {INSTALL} --no-venv
+echo '--- state'
+id -nG inspectd
+getent passwd inspectd | cut -d: -f6,7
+stat -c '%U:%G %a %n' /etc/inspectd /etc/inspectd/inspectd.yaml /var/lib/inspectd /var/lib/inspectd/journal \
+    /opt/inspectd /etc/systemd/system/inspectd.service
+"""
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first, rest = result.stdout.split("--- second run\n")
+    second, state = rest.split("--- state\n")
+    assert "created system user inspectd" in first or "added inspectd to group" in first
+    assert second.strip() == "install.sh: nothing to do, / is up to date"
+    lines = state.strip().splitlines()
+    assert {"inspectd", "video", "render"} <= set(lines[0].split())
+    assert lines[1] == "/var/lib/inspectd:/usr/sbin/nologin"
+    assert lines[2:] == ["root:inspectd 750 /etc/inspectd", "root:inspectd 640 /etc/inspectd/inspectd.yaml",
+                         "inspectd:inspectd 750 /var/lib/inspectd", "inspectd:inspectd 750 /var/lib/inspectd/journal",
+                         "root:root 755 /opt/inspectd", "root:root 644 /etc/systemd/system/inspectd.service"]
+    # The copy's marker is not visible outside: the mounts stayed inside the namespace.
+    assert not Path("/etc/.inspectd-test-copy").exists()
