@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 
@@ -28,7 +29,7 @@ from pymodbus.simulator import SimData, SimDevice  # noqa: E402
 from pymodbus.simulator.simutils import DataType  # noqa: E402
 
 from inspectd.errors import ConfigError  # noqa: E402
-from inspectd.messages import Region, encode_result, encode_status  # noqa: E402
+from inspectd.messages import Region, encode_mask, encode_result, encode_status  # noqa: E402
 from inspectd.plc import DEFAULT_BITS, DEFAULT_REGISTERS, parse_bridge_config, scaled_score  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +132,9 @@ class Daemon:
         self.pub = self.context.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+        mask = np.zeros((64, 64), bool)
+        mask[2:6, 1:4] = True
+        self.mask = encode_mask(mask)
         self.endpoint = f"tcp://127.0.0.1:{port}"
 
     def status(self) -> None:
@@ -145,7 +149,8 @@ class Daemon:
             t_publish=time.time(), verdict=verdict, score=None if verdict == "error" else score,
             threshold=0.5, model_id="m", thresholds_version=1,
             regions=[Region(1, 2, 3, 4, 12, 0.9)] * regions, latency_ms=1.0, width=64, height=64,
-            error="camera timeout" if verdict == "error" else None))
+            error="camera timeout" if verdict == "error" else None,
+            mask_png=self.mask if verdict == "defect" else None))  # as the daemon sends defects: with a mask
 
     def close(self) -> None:
         self.pub.close()
