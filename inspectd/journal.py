@@ -277,8 +277,9 @@ class Journal:
         if segments and active is None and segments[-1][1].stat().st_size + size <= self.segment_bytes:
             # Carry on in the newest segment left by the previous run.
             path = segments[-1][1]
-            self._closed = [c for c in self._closed if c[1] != path]
-            self._total -= path.stat().st_size
+            kept = [c for c in self._closed if c[1] != path]
+            self._total -= sum(c[2] for c in self._closed if c[1] == path)
+            self._closed = kept
         else:
             path = camera_dir / f"{seq:012d}.seg"
         self._trim(self.segment_bytes)  # room for this segment to fill up

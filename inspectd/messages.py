@@ -83,7 +83,7 @@ class Result:
         return _decode_mask(self.mask_png, self.height, self.width)
 
     def header(self) -> dict[str, Any]:
-        doc = {f: getattr(self, f) for f in RESULT_FIELDS}
+        doc = {f: SCHEMA if f == "schema" else getattr(self, f) for f in RESULT_FIELDS}
         doc["regions"] = [r.to_dict() for r in self.regions]
         if self.truth is not None:
             doc["truth"] = self.truth

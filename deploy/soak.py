@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Soak run: a real daemon on the synthetic line at a fixed fraction of its saturation, reloaded periodically, for a
+long time; reports the daemon's memory trend (RSS slope) and whether any frame was lost.
+
+    python deploy/soak.py --bundle BUNDLE --duration 3600 --load 0.8 --reload-every 60
+    python deploy/soak.py --bundle BUNDLE --duration 150 --rate 80 --cameras 2 --json
+
+Without --rate it first measures saturation (cameras flat out for --saturation-s seconds, frames dropped freely) and
+then runs each camera at load * saturation / cameras frames per second.
+
+Nothing lost means: every frame the daemon accepted (gave a seq) has a journalled result, the subscriber saw no seq
+gap from its first result on, and no queue dropped a frame (queues are drop_oldest, so falling behind shows as drops).
+The RSS slope is a least-squares fit of the daemon's VmRSS over time after a warm-up (the first 20% of the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from inspectd.control import ControlClient  # noqa: E402
+from inspectd.journal import read_since  # noqa: E402
+from inspectd.messages import Result  # noqa: E402
+from inspectd.subscribe import GapTracker, Subscriber  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", required=True, type=Path, help="model bundle the daemon runs")
+    p.add_argument("--duration", type=float, default=3600.0, help="seconds of soak after start-up [3600]")
+    p.add_argument("--cameras", type=int, default=2, help="synthetic cameras [2]")
+    p.add_argument("--size", type=int, default=128, help="frame width and height [128]")
+    p.add_argument("--rate", type=float, default=None, help="frames/s per camera; default: load x measured saturation")
+    p.add_argument("--load", type=float, default=0.8, help="fraction of saturation when --rate is not given [0.8]")
+    p.add_argument("--saturation-s", type=float, default=15.0, help="seconds to measure saturation [15]")
+    p.add_argument("--reload-every", type=float, default=60.0, help="seconds between control reloads [60]")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--workdir", type=Path, default=Path("runs/soak"))
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line at the end")
+    return p.parse_args(argv)
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace, workdir: Path, rate: float, tag: str) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.publish = f"ipc://{workdir}/pub.sock"
+        self.control_endpoint = f"ipc://{workdir}/control.sock"
+        self.journal = workdir / "state" / "journal"
+        config = {
+            "station": "soak", "model": {"bundle": str(args.bundle.resolve())},
+            "engine": {"backend": args.backend},
+            "batching": {"max_batch": args.max_batch, "max_wait_ms": 10},
+            "cameras": [{"id": f"cam{i}", "source": {"kind": "synthetic", "rate_hz": rate, "width": args.size,
+                                                      "height": args.size, "defect_rate": 0.2, "seed": i},
+                         "queue": {"size": 64, "policy": "drop_oldest"}} for i in range(args.cameras)],
+            "publish": {"endpoint": self.publish, "status_interval_s": 1.0, "sndhwm": 100000,
+                        "journal": {"path": str(self.journal), "max_mb": 256}},
+            "control": {"endpoint": self.control_endpoint}, "metrics": {"listen": None},
+            "state_dir": str(workdir / "state"), "shutdown_timeout_s": 30,
+        }
+        config_path = workdir / f"{tag}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"{tag}.log"
+        self._log = open(self.log_path, "wb")
+        # Subscribed before the daemon binds, so the subscription is live from (nearly) its first result.
+        self.sub = Subscriber(self.publish, topic="inspect.soak.", rcvhwm=1_000_000)
+        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def control(self, request: dict) -> dict:
+        with ControlClient(self.control_endpoint, timeout_s=30) as client:
+            return client.request(request)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"soak: daemon exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                self.control({"cmd": "status"})
+                return
+            except Exception:
+                time.sleep(0.2)
+        raise SystemExit(f"soak: daemon not answering after {timeout:g} s:\n{self.log_tail()}")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+        return float("nan")
+
+    def stop(self) -> dict:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        self._log.close()
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "stopped":
+                return event
+        raise SystemExit(f"soak: no 'stopped' event (exit {self.proc.returncode}):\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def measure_saturation(args: argparse.Namespace) -> float:
+    d = Daemon(args, args.workdir / "saturation", rate=5000.0, tag="saturation")
+    d.wait_ready()
+    time.sleep(3.0)  # warm-up
+    t0, n0 = time.monotonic(), d.control({"cmd": "status"})["published"]
+    time.sleep(args.saturation_s)
+    fps = (d.control({"cmd": "status"})["published"] - n0) / (time.monotonic() - t0)
+    d.stop()
+    d.sub.close()
+    return fps
+
+
+def soak(args: argparse.Namespace) -> dict:
+    saturation = None
+    rate = args.rate
+    if rate is None:
+        saturation = measure_saturation(args)
+        rate = args.load * saturation / args.cameras
+        print(f"saturation {saturation:.1f} frames/s -> {rate:.1f} frames/s per camera", file=sys.stderr)
+    workdir = args.workdir / "run"
+    d = Daemon(args, workdir, rate=rate, tag="soak")
+    gaps = GapTracker()
+    first: dict[str, int] = {}
+    received = 0
+    samples: list[tuple[float, float]] = []
+    reloads = 0
+    reload_failures = 0
+    dropped = 0
+    d.wait_ready()
+    t_start = time.monotonic()
+    next_sample = next_reload = t_start
+    next_reload += args.reload_every
+
+    def drain(until: float) -> None:
+        nonlocal received
+        while True:
+            left = until - time.monotonic()
+            message = d.sub.recv(max(0.0, left))
+            if message is None:
+                return
+            if isinstance(message, Result):
+                received += 1
+                first.setdefault(message.camera, message.seq)
+                gaps.see(message.camera, message.seq)
+
+    while time.monotonic() - t_start < args.duration:
+        now = time.monotonic()
+        if now >= next_sample:
+            samples.append((now - t_start, d.rss_mb()))
+            dropped = sum(cam["dropped"] for cam in d.control({"cmd": "status"})["cameras"].values())
+            next_sample += 1.0
+        if now >= next_reload:
+            reply = d.control({"cmd": "reload"})
+            reloads += 1
+            reload_failures += 0 if reply.get("ok") else 1
+            next_reload += args.reload_every
+        drain(min(next_sample, next_reload, t_start + args.duration))
+    dropped = sum(cam["dropped"] for cam in d.control({"cmd": "status"})["cameras"].values())
+    stopped = d.stop()
+    drain(time.monotonic() + 2.0)  # what the shutdown drain published
+    d.sub.close()
+
+    frames_in = stopped["frames_in"]
+    journalled = {cam: [seq for seq, _ in read_since(d.journal, cam, -1)] for cam in frames_in}
+    not_journalled = sum(n - len(set(journalled[cam]) & set(range(n))) for cam, n in frames_in.items())
+    t = np.array([s[0] for s in samples]) / 3600.0
+    rss = np.array([s[1] for s in samples])
+    keep = t >= 0.2 * t[-1] if len(t) else t
+    slope = float(np.polyfit(t[keep], rss[keep], 1)[0]) if keep.sum() >= 3 else float("nan")
+    return {
+        "duration_s": round(time.monotonic() - t_start, 1), "cameras": args.cameras, "rate_per_camera": rate,
+        "saturation_fps": saturation, "frames_in": sum(frames_in.values()), "published": stopped["published"],
+        "journalled": sum(len(v) for v in journalled.values()), "results_received": received,
+        "missed_before_subscription": sum(first.values()), "seq_gaps": sum(gaps.missed.values()),
+        "dropped": dropped, "frames_lost": not_journalled + dropped,
+        "clean_shutdown": bool(stopped.get("clean")), "reloads": reloads, "reload_failures": reload_failures,
+        "rss_start_mb": round(float(rss[keep][0]), 1) if keep.any() else None,
+        "rss_end_mb": round(float(rss[-1]), 1) if len(rss) else None,
+        "rss_max_mb": round(float(rss.max()), 1) if len(rss) else None,
+        "rss_slope_mb_per_hour": round(slope, 2),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = soak(args)
+    for key, value in report.items():
+        print(f"{key:28s} {value}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report))
+    return 0 if report["frames_lost"] == 0 and report["seq_gaps"] == 0 and report["reload_failures"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
