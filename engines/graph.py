@@ -162,7 +162,11 @@ class GaussianScorer(nn.Module):
         for start in range(0, n, chunk):
             residuals = features[start:start + chunk].double() - mean
             moments.add(residuals.permute(0, 2, 3, 1).reshape(-1, d))
-        precision = torch.linalg.inv(moments.ledoit_wolf())
+        covariance = moments.ledoit_wolf()
+        # A small ridge keeps it invertible when the residuals carry no information (a single image, or images
+        # identical at every location): the distance then degrades to a scaled Euclidean one instead of failing.
+        ridge = 1e-4 * float(torch.trace(covariance)) / d + 1e-6
+        precision = torch.linalg.inv(covariance + ridge * torch.eye(d, dtype=torch.float64))
         precision = 0.5 * (precision + precision.T)  # exact symmetry, so Mahalanobis distances are never negative
         return {"gauss_mean": mean.float().contiguous().numpy(), "gauss_precision": precision.float().numpy()}
 

@@ -26,7 +26,7 @@ def trained(tmp_path_factory) -> Path:
 
     root = make_tiny_mvtec(tmp_path_factory.mktemp("data"), n_train=8)
     out = tmp_path_factory.mktemp("bundles") / "frozen"
-    train_bundle(root, out, size=(64, 64), k=2, progress=Progress(enabled=False))
+    train_bundle(root, out, size=(64, 64), scorer="kmeans", k=2, progress=Progress(enabled=False))
     return out
 
 

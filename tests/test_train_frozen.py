@@ -41,8 +41,8 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cli_bundle(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "frozen"
-    done = cli("--method", "frozen", "--data", str(data), "--out", str(out), "--size", "64", "--k", "2",
-               "--seed", "3", "--batch", "4")
+    done = cli("--method", "frozen", "--data", str(data), "--out", str(out), "--size", "64", "--seed", "3",
+               "--batch", "4")
     return out, done
 
 
@@ -54,8 +54,8 @@ def test_cli_writes_a_complete_bundle(cli_bundle, data):
     assert "features 11/11" in done.stderr and "ETA" in done.stderr  # the progress line
     assert bundle.manifest["interrupted"] is False
     training = bundle.manifest["training"]
-    assert (training["n_fit"], training["n_holdout"], training["n_scorer_fit"], training["seed"], training["k"]) == \
-        (11, 1, 11, 3, 2)
+    assert (training["n_fit"], training["n_holdout"], training["n_scorer_fit"], training["seed"]) == (11, 1, 11, 3)
+    assert training["scorer"] == "gaussian" and bundle.scorer_inputs == ("gauss_mean", "gauss_precision")
     thresholds = bundle.thresholds()
     assert thresholds.provenance["good_dir"] == str(data.resolve())
     assert thresholds.provenance["images"] == "held-out" and thresholds.provenance["n_good"] == 1
@@ -84,14 +84,14 @@ def test_painted_defect_scores_higher_and_is_localised(cli_bundle, data):
 
 def test_same_seed_same_bundle(data, tmp_path):
     quiet = Progress(enabled=False)
-    first = train_bundle(data, tmp_path / "a", size=(64, 64), k=2, seed=5, progress=quiet)
-    second = train_bundle(data, tmp_path / "b", size=(64, 64), k=2, seed=5, progress=quiet)
+    first = train_bundle(data, tmp_path / "a", size=(64, 64), scorer="kmeans", k=3, seed=5, progress=quiet)
+    second = train_bundle(data, tmp_path / "b", size=(64, 64), scorer="kmeans", k=3, seed=5, progress=quiet)
     assert first.model_id == second.model_id
     assert (first.image_threshold, first.pixel_threshold) == (second.image_threshold, second.pixel_threshold)
     assert (tmp_path / "a" / "scorer.npz").read_bytes() == (tmp_path / "b" / "scorer.npz").read_bytes()
 
 
-def test_gaussian_scorer_plain_folder_colour_and_padding(data, tmp_path):
+def test_plain_folder_colour_and_padding(data, tmp_path):
     """A plain folder (no MVTec layout) with one colour image: 3 channels, non-square input, pad policy, no holdout."""
     folder = tmp_path / "plain"
     folder.mkdir()
@@ -121,7 +121,7 @@ def test_ctrl_c_leaves_a_usable_interrupted_bundle(tmp_path):
         (folder / f"{i:04d}{source[i % 4].suffix}").write_bytes(source[i % 4].read_bytes())
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "inspectd", "train", "--data", str(folder), "--out", str(out),
-                             "--size", "96", "--batch", "1", "--k", "2"], cwd=REPO, env=ENV,
+                             "--size", "96", "--batch", "1"], cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -204,3 +204,5 @@ def test_gaussian_fit_does_not_depend_on_its_chunking():
     for name in whole:
         np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(whole["gauss_mean"], features.mean(dim=0).numpy(), rtol=1e-5, atol=1e-6)
+    single = GaussianScorer.fit(features[:1])  # no spread at all: still a finite, usable precision
+    assert np.isfinite(single["gauss_precision"]).all() and np.diag(single["gauss_precision"]).min() > 0
