@@ -26,6 +26,8 @@ GOALS = {
                                  ">=", 0.90),
     "daemon_vs_engine_jpeg": ("daemon saturated frames/s (zmq JPEG) / engine-only best frames/s", "info", None),
     "daemon_vs_naive": ("daemon saturated frames/s (zmq JPEG) / naive loop frames/s, same JPEG frames", ">=", 1.5),
+    "daemon_vs_naive_cpu": ("the same from CPU time: naive CPU ms/frame / daemon CPU ms/frame (zmq JPEG, saturated)",
+                            "info", None),
     "p99_at_half_load": ("p99 latency at 50% of saturation / (2 x (max_wait + one batch's engine time))", "<=", 1.0),
     "outside_engine_cpu": ("daemon CPU per frame outside the engine / engine CPU per frame", "<", 0.10),
 }
@@ -217,7 +219,9 @@ def run_naive(args) -> dict:
 def run_daemon(args, engine_rows: list[dict] | None = None, paths: list[Path] | None = None) -> dict:
     from engines.bundle import load_bundle
     from inspectd import bench_daemon, bench_engine
+    from inspectd.security import refuse_root
 
+    refuse_root()  # the daemon subprocess would refuse: say so before minutes of measuring
     if engine_rows is None:
         # CPU per frame outside the engine needs the engine's own CPU per frame, measured in this run.
         _log("bench daemon: measuring the engine alone first (for CPU outside the engine)")
@@ -278,7 +282,7 @@ def profile_table(profile: dict) -> str:
 def ratios(engine: dict, naive: dict, daemon: dict, max_wait_ms: float, max_batch: int) -> dict[str, Any]:
     """The report's ratios against GOALS (None where a scenario needed for it was not run)."""
     best = engine["best"]["fps"]["median"]
-    rows = daemon["rows"]
+    rows = [r for r in daemon["rows"] if "error" not in r]
 
     def find(source: str, saturation: bool):
         candidates = [r for r in rows if r["source"] == source and (r["load"] == "saturation") == saturation]
@@ -296,6 +300,8 @@ def ratios(engine: dict, naive: dict, daemon: dict, max_wait_ms: float, max_batc
                                        else None)
     out["daemon_vs_engine_jpeg"] = jpeg["delivered_fps"] / best if jpeg else None
     out["daemon_vs_naive"] = jpeg["delivered_fps"] / naive["fps"] if jpeg and naive else None
+    out["daemon_vs_naive_cpu"] = (naive["cpu_ms_per_frame"] / jpeg["daemon_cpu_ms_per_frame"]
+                                  if jpeg and naive and jpeg["daemon_cpu_ms_per_frame"] else None)
     out["p99_at_half_load"] = (max(r["latency_ms"]["p99"] for r in half) / bound_ms) if half and bound_ms else None
     outside = [r for r in rows if r["source"] == "zmq-raw" and r["load"] == "saturation"
                and r["outside_engine_cpu_ms_per_frame"] is not None]
@@ -325,6 +331,9 @@ def run_all(args) -> dict:
     from engines.bundle import load_bundle
     from inspectd import bench_daemon, bench_engine, bench_naive
 
+    from inspectd.security import refuse_root
+
+    refuse_root()
     started = time.time()
     bundle = load_bundle(args.bundle)
     if args.max_batch not in args.batch:
@@ -389,11 +398,12 @@ def markdown_report(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
+    from inspectd.errors import InspectdError
 
     runners = {"engine": run_engine, "naive": run_naive, "daemon": run_daemon, "all": run_all}
     try:
         report = runners[args.mode](args)
-    except (EngineError, ValueError, OSError, RuntimeError) as exc:
+    except (EngineError, InspectdError, ValueError, OSError, RuntimeError) as exc:
         print(f"inspectd bench {args.mode}: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     if args.json is not None:
