@@ -333,9 +333,16 @@ def run(args: argparse.Namespace) -> int:
     # Signals only set flags; the main loop below does the work outside the handler.
     stop = threading.Event()
     reload_requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    wake = threading.Event()  # either signal wakes the main loop at once instead of at its next tick
+
+    def on_signal(flag: threading.Event):
+        def handler(*_):
+            flag.set()
+            wake.set()
+        return handler
+    signal.signal(signal.SIGTERM, on_signal(stop))
+    signal.signal(signal.SIGINT, on_signal(stop))
+    signal.signal(signal.SIGHUP, on_signal(reload_requested))
 
     try:
         daemon = Daemon(config, log)
@@ -366,8 +373,9 @@ def run(args: argparse.Namespace) -> int:
             log.warning("pipeline_progress", progressing=progressing, healthy=daemon.stage.healthy)
         notifier.status(f"{daemon.throughput():.1f} frames/s, {daemon.publisher.published} published, "
                         f"{'healthy' if progressing else 'UNHEALTHY'}")
-        if stop.wait(tick):
+        if stop.is_set() or (wake.wait(tick) and stop.is_set()):
             break
+        wake.clear()
     notifier.stopping()
     clean = daemon.shutdown()
     return 0 if clean else 1

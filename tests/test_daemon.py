@@ -321,6 +321,10 @@ def test_set_thresholds_and_reload_mid_stream_without_gaps(station, bundle, tmp_
     middle = s.results(10, timeout=30)
 
     s.proc.send_signal(signal.SIGHUP)  # reload from disk: the bundle now holds version 3
+    deadline = time.monotonic() + 30
+    while not any(e.get("event") == "reloaded" for e in s.events()):
+        assert time.monotonic() < deadline, f"SIGHUP did not reload; log:\n{s.log_tail()}"
+        time.sleep(0.1)
     reply = s.control({"cmd": "reload"})
     assert reply["ok"] and reply["thresholds_version"] == 3
     after = s.results(5, timeout=30)
