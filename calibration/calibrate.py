@@ -250,6 +250,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="onnxruntime", help="runtime backend that scores (default onnxruntime)")
     parser.add_argument("--batch", type=int, default=8, help="images per inference batch (default 8)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon with --apply")
+    parser.add_argument("--server-key", type=Path, default=None, metavar="PATH",
+                        help="CurveZMQ for --apply: the daemon's control public key file (with --client-key)")
+    parser.add_argument("--client-key", type=Path, default=None, metavar="PATH",
+                        help="CurveZMQ for --apply: this operator's .key_secret file, in the daemon's allow-list")
 
 
 @dataclasses.dataclass
@@ -372,6 +376,10 @@ def run(args: argparse.Namespace) -> int:
 
     out = sys.stdout
     try:
+        if (args.server_key is None) != (args.client_key is None):
+            raise CalibrationError("--server-key and --client-key: expected both (CurveZMQ) or neither")
+        if args.server_key is not None and not args.apply:
+            raise CalibrationError("--server-key/--client-key are for --apply: give the daemon's control endpoint")
         bundle = load_bundle(args.bundle)
         current = bundle.thresholds()
         if args.rollback is not None:
@@ -394,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote thresholds version {new.version} (was {current.version}) to {bundle.path / thresholds_doc.FILE_NAME}",
           file=out)
     if args.apply:
-        return _apply(args.apply, new, args.timeout, out)
+        return _apply(args, new, out)
     return 0
 
 
@@ -433,13 +441,19 @@ def _calibrate(bundle, current, args, out):
     return thresholds_doc.next_version(current, image_threshold=image, pixel_threshold=pixel, provenance=provenance)
 
 
-def _apply(endpoint: str, new, timeout: float, out) -> int:
+def _apply(args, new, out) -> int:
     # The daemon's control protocol (docs/PROTOCOL.md); imported here so calibrating never needs the daemon.
     from inspectd.control import ControlClient
     from inspectd.errors import InspectdError
 
+    endpoint = args.apply
     try:
-        with ControlClient(endpoint, timeout_s=timeout) as client:
+        curve = None
+        if args.server_key is not None:
+            from inspectd.security import curve_client
+
+            curve = curve_client(args.server_key, args.client_key)
+        with ControlClient(endpoint, timeout_s=args.timeout, curve=curve) as client:
             reply = client.request({"cmd": "set_thresholds", "thresholds": new.to_dict()})
     except InspectdError as exc:
         print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)

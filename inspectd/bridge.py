@@ -13,12 +13,13 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 import structlog
 import zmq
 import zmq.asyncio
 
-from inspectd.errors import ConfigError, MessageError
+from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.messages import Result, decode
 
 log = structlog.get_logger("inspectd.bridge")
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     modbus.add_argument("--config", default=None, help="bridge YAML: register map and handshake (docs/PLC.md)")
     modbus.add_argument("--topic", default="inspect.",
                         help="topic prefix to subscribe to, e.g. inspect.line1.cam0. (default: every result)")
+    modbus.add_argument("--server-key", type=Path, default=None, metavar="PATH",
+                        help="CurveZMQ: the daemon's publish public key file (with --client-key)")
+    modbus.add_argument("--client-key", type=Path, default=None, metavar="PATH",
+                        help="CurveZMQ: this bridge's .key_secret file, in the daemon's allow-list")
     modbus.add_argument("--log-format", choices=("json", "console"), default="json",
                         help="log lines on stdout: json (for journald | jq, the default) or console")
 
@@ -56,7 +61,14 @@ def run(args: argparse.Namespace) -> int:
         host, port = _host_port(args.plc)
         if not args.topic.startswith("inspect."):
             raise ConfigError(f"--topic {args.topic!r}: expected a prefix of inspect.<station>.<camera>.result")
-    except ConfigError as exc:
+        if (args.server_key is None) != (args.client_key is None):
+            raise ConfigError("--server-key and --client-key: expected both (CurveZMQ) or neither")
+        curve = None
+        if args.server_key is not None:
+            from inspectd.security import curve_client
+
+            curve = curve_client(args.server_key, args.client_key)
+    except InspectdError as exc:
         print(f"inspectd bridge: {exc}", file=sys.stderr)
         return 2
     from inspectd.daemon import configure_logging  # the daemon's log format, so one jq filter reads both
@@ -64,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging("info", args.log_format)
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # it logs every refused request as a traceback
     try:
-        return asyncio.run(_serve(args.endpoint, host, port, args.topic, config))
+        return asyncio.run(_serve(args.endpoint, host, port, args.topic, config, curve))
     except (plc.PlcError, OSError) as exc:
         print(f"inspectd bridge: {exc}", file=sys.stderr)
         return 1
@@ -86,7 +98,7 @@ def _subscriptions(prefix: str) -> list[bytes]:
     return topics
 
 
-async def _serve(endpoint: str, host: str, port: int, prefix: str, config) -> int:
+async def _serve(endpoint: str, host: str, port: int, prefix: str, config, curve) -> int:
     from pymodbus.client import AsyncModbusTcpClient
 
     from inspectd.plc import Handshake, Plc, PlcError
@@ -100,6 +112,8 @@ async def _serve(endpoint: str, host: str, port: int, prefix: str, config) -> in
     context = zmq.asyncio.Context()
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve(sub)  # CurveZMQ client keys, before connect
     for topic in _subscriptions(prefix):
         sub.setsockopt(zmq.SUBSCRIBE, topic)
     sub.connect(endpoint)

@@ -127,10 +127,12 @@ class Plc:
 class Daemon:
     """The publishing side: a real PUB socket sending encoded results and 1 Hz-style status messages."""
 
-    def __init__(self) -> None:
+    def __init__(self, curve=None) -> None:
         self.context = zmq.Context()
         self.pub = self.context.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve(self.pub)  # inspectd.security.CurveServer: the daemon's publish.curve
         port = self.pub.bind_to_random_port("tcp://127.0.0.1")
         mask = np.zeros((64, 64), bool)
         mask[2:6, 1:4] = True
@@ -180,10 +182,11 @@ def bridge_config(tmp_path):
 
 
 class Bridge:
-    def __init__(self, daemon: Daemon, plc: Plc, config: Path, topic: str = f"inspect.{STATION}.{CAMERA}.") -> None:
+    def __init__(self, daemon: Daemon, plc: Plc, config: Path, topic: str = f"inspect.{STATION}.{CAMERA}.",
+                 extra: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint", daemon.endpoint,
-             "--plc", f"127.0.0.1:{plc.port}", "--config", str(config), "--topic", topic],
+             "--plc", f"127.0.0.1:{plc.port}", "--config", str(config), "--topic", topic, *extra],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
         # Subscribed once the daemon's status messages reach it: trigger_ready rises.
@@ -330,11 +333,35 @@ def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
     assert events["bridge_stopped"]["stale_skipped"] == 2 and events["bridge_stopped"]["written"] == 1
 
 
+def test_curve_encrypted_results_reach_the_plc_with_the_bridge_keys(plc, tmp_path, bridge_config):
+    from inspectd import keys
+    from inspectd.security import CurveServer
+
+    server_public, server_secret = keys.generate(tmp_path / "keys", "server")
+    bridge_public, bridge_secret = keys.generate(tmp_path / "keys", "bridge1")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "bridge1.key").write_bytes(bridge_public.read_bytes())
+    daemon = Daemon(curve=CurveServer("publish", server_secret, allowed))
+    try:
+        bridge = Bridge(daemon, plc, bridge_config,
+                        extra=("--server-key", str(server_public), "--client-key", str(bridge_secret)))
+        try:
+            daemon.result(1, "defect", regions=2)
+            _wait(lambda: len(plc.received) == 1, 5, "the result over CURVE")
+            assert plc.received[0]["id"] == 1 and plc.received[0]["defect"] and plc.received[0]["regions"] == 2
+        finally:
+            bridge.stop()
+    finally:
+        daemon.close()
+
+
 def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
     bad = tmp_path / "bridge.yaml"
     bad.write_text("registers:\n  score: 2\n")
     for args, expected in [(["--plc", "nohost"], "--plc 'nohost': expected HOST:PORT"),
-                           (["--plc", "127.0.0.1:502", "--config", str(bad)], "registers.score: address 2 overlaps")]:
+                           (["--plc", "127.0.0.1:502", "--config", str(bad)], "registers.score: address 2 overlaps"),
+                           (["--plc", "127.0.0.1:502", "--server-key", str(bad)], "expected both (CurveZMQ) or neither")]:
         result = subprocess.run([sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint",
                                  "tcp://127.0.0.1:1", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
         assert result.returncode == 2

@@ -281,3 +281,50 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
             daemon.kill()
             daemon.wait(10)
         log.close()
+
+
+def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_path, capsys):
+    """A remote daemon's control socket requires CurveZMQ: --apply with the operator's keys gets in, others do not."""
+    import socket
+
+    from inspectd import keys
+    from inspectd.control import ControlServer
+    from inspectd.security import CurveServer
+
+    server_public, server_secret = keys.generate(tmp_path / "keys", "server")
+    operator_public, operator_secret = keys.generate(tmp_path / "keys", "operator")
+    _, stranger_secret = keys.generate(tmp_path / "keys", "stranger")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "operator.key").write_bytes(operator_public.read_bytes())
+
+    class Daemon:
+        """The control handler's set_thresholds contract: validate, require a higher version, answer with it."""
+        version = 1
+
+        def set_thresholds(self, doc):
+            new = thresholds_doc.parse(doc)
+            if new.version <= self.version:
+                raise ValueError(f"thresholds.version: {new.version}, expected more than the current {self.version}")
+            self.version = new.version
+            return {"thresholds_version": new.version}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    handler = Daemon()
+    server = ControlServer(endpoint, handler, curve=CurveServer("control", server_secret, allowed))
+    server.start()
+    try:
+        code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--apply", endpoint,
+                                   "--server-key", server_public, "--client-key", operator_secret)
+        assert code == 0, err
+        assert f"now judges with thresholds version {handler.version}" in out and handler.version == 2
+        code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--apply", endpoint, "--timeout", "1",
+                                   "--server-key", server_public, "--client-key", stranger_secret)
+        assert code == 1 and "no reply within 1 s" in err
+        assert handler.version == 2
+        code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--server-key", server_public)
+        assert code == 2 and "expected both (CurveZMQ) or neither" in err
+    finally:
+        server.stop()
