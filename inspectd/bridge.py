@@ -31,7 +31,8 @@ DAEMON_SILENT_S = 3.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="bridge_kind", metavar="KIND", required=True)
     modbus = kinds.add_parser("modbus", help="write verdicts to holding registers of a Modbus TCP PLC")
-    modbus.add_argument("--endpoint", required=True, help="the daemon's result PUB endpoint (tcp://host:port, ipc://...)")
+    modbus.add_argument("--endpoint", required=True,
+                        help="the daemon's result PUB endpoint (tcp://host:port, ipc://...)")
     modbus.add_argument("--plc", required=True, metavar="HOST:PORT", help="the PLC's Modbus TCP address")
     modbus.add_argument("--unit", type=int, default=None, help="Modbus unit (device) id; overrides the config's unit")
     modbus.add_argument("--config", default=None, help="bridge YAML: register map and handshake (docs/PLC.md)")

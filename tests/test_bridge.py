@@ -361,7 +361,8 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
     bad.write_text("registers:\n  score: 2\n")
     for args, expected in [(["--plc", "nohost"], "--plc 'nohost': expected HOST:PORT"),
                            (["--plc", "127.0.0.1:502", "--config", str(bad)], "registers.score: address 2 overlaps"),
-                           (["--plc", "127.0.0.1:502", "--server-key", str(bad)], "expected both (CurveZMQ) or neither")]:
+                           (["--plc", "127.0.0.1:502", "--server-key", str(bad)],
+                            "expected both (CurveZMQ) or neither")]:
         result = subprocess.run([sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint",
                                  "tcp://127.0.0.1:1", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
         assert result.returncode == 2

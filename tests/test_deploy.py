@@ -105,8 +105,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
 @pytest.mark.skipif(_verify_reason() is not None, reason=str(_verify_reason()))
 @pytest.mark.parametrize("unit", UNITS)
 def test_units_offline_security_exposure_is_below_4(unit):
-    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(REPO / "systemd" / unit)],
-                            capture_output=True, text=True, timeout=60)
+    command = ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(REPO / "systemd" / unit)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     last = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
     assert last, result.stdout + result.stderr
     score = float(last[0].split(":")[1].split()[0])
