@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
 from calibration import thresholds as thresholds_doc
 from engines.backbones import BACKBONES, spec_for
-from engines.bundle import write_bundle
+from engines.bundle import load_bundle, write_bundle
 from engines.data import MvtecFolder, list_images, load_image
 from engines.errors import DataError, EngineError
 from engines.export import DEFAULT_OPSET, export_graph
@@ -223,8 +224,6 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
         "images": check_kind, "n_fit": int(len(fit_images)), "n_holdout": int(len(hold_images)),
     })
 
-    import timm
-
     manifest = {
         "method": method,
         "backbone": backbone,
@@ -243,9 +242,7 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
     }
     graph_bytes = export_graph(graph, params, opset)
     path = write_bundle(out, manifest, graph_bytes, params, state_arrays(graph), thresholds)
-    from engines.bundle import load_bundle
-
-    bundle = load_bundle(path)
+    bundle = load_bundle(path)  # what the daemon will do first: verify it
     return TrainResult(path, bundle.model_id, interrupted, len(fit_images), len(hold_images),
                        thresholds.image_threshold, thresholds.pixel_threshold, time.monotonic() - started)
 

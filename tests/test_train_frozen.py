@@ -5,7 +5,6 @@ scorers' fitting (k-means picks real samples, Ledoit-Wolf matches sklearn); one-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
