@@ -199,6 +199,7 @@ def soak(args: argparse.Namespace) -> dict:
         "rss_start_mb": round(float(rss[keep][0]), 1) if keep.any() else None,
         "rss_end_mb": round(float(rss[-1]), 1) if len(rss) else None,
         "rss_max_mb": round(float(rss.max()), 1) if len(rss) else None,
+        "rss_growth_mb": round(float(rss[-1] - rss[keep][0]), 1) if keep.any() else None,
         "rss_slope_mb_per_hour": round(slope, 2),
     }
 

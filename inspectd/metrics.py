@@ -154,8 +154,17 @@ class Metrics:
                                     buckets=BATCH_SECONDS_BUCKETS)
         self.latency = family("inspectd_latency_seconds", "Ingest to publish latency per frame.", "histogram",
                               ("camera",), buckets=LATENCY_BUCKETS)
+        self.camera_up = family("inspectd_camera_up", "1 while the camera's source delivers (state running), 0 during "
+                                "an outage.", "gauge", ("camera",))
+        self.journal_degraded = family("inspectd_journal_degraded", "1 while journal writes fail (disk full, I/O "
+                                       "error): results are published but not journalled.", "gauge")
+        self.journal_lost = family("inspectd_journal_lost_total", "Results published without being journalled.",
+                                   "counter")
+        self.auth_refused = family("inspectd_auth_refused_total", "CurveZMQ connection attempts refused per socket.",
+                                   "counter", ("socket",))
         self.families = [self.frames_in, self.frames_dropped, self.frames_error, self.reopens, self.verdicts,
-                         self.engine_failures, self.healthy, self.batch_size, self.batch_seconds, self.latency]
+                         self.engine_failures, self.healthy, self.batch_size, self.batch_seconds, self.latency,
+                         self.camera_up, self.journal_degraded, self.journal_lost, self.auth_refused]
         self._batch_size = self.batch_size.labels()
         self._batch_seconds = self.batch_seconds.labels()
         self._verdict_children: dict[str, dict[str, _Value]] = {}
@@ -199,6 +208,14 @@ class Metrics:
                              (self.frames_error, "errors"), (self.reopens, "reopen_count")):
                 if key in stats:
                     fam.labels(camera).set(int(stats[key]))
+            if "state" in stats:
+                self.camera_up.labels(camera).set(1 if stats["state"] in ("running", "paused") else 0)
+        journal = status.get("journal")
+        if journal:
+            self.journal_degraded.labels().set(1 if journal["degraded"] else 0)
+            self.journal_lost.labels().set(int(journal["lost"]))
+        for role, count in (status.get("auth_refused") or {}).items():
+            self.auth_refused.labels(role).set(int(count))
 
     def render(self) -> str:
         try:

@@ -382,7 +382,9 @@ def test_camera_folder_removed_and_restored_other_camera_keeps_going(station, tm
     assert status["cameras"]["cam0"]["state"] == "reopening" and status["healthy"]
     reopens = status["cameras"]["cam0"]["reopen_count"]
     assert reopens >= 2
-    assert 'inspectd_camera_reopen_total{camera="cam0"}' in s.metrics()
+    scrape = s.metrics()
+    assert 'inspectd_camera_reopen_total{camera="cam0"}' in scrape
+    assert 'inspectd_camera_up{camera="cam0"} 0' in scrape and 'inspectd_camera_up{camera="cam1"} 1' in scrape
 
     inbox.mkdir()  # and comes back
     drop("b.png", grey(blob=True))
@@ -468,6 +470,7 @@ def test_disk_full_while_journaling_degrades_with_an_alarm_and_keeps_publishing(
     status = wait_for(lambda: (st := s.control({"cmd": "status"}))["journal"]["degraded"] and st, 30,
                       "the journal alarm")
     assert "errno" in status["journal"]["error"] and status["healthy"]
+    assert "inspectd_journal_degraded 1" in s.metrics()
     lost_then = status["journal"]["lost"]
     results = s.results(100, timeout=20)  # still publishing, without a gap
     assert [r.seq for r in results] == list(range(results[0].seq, results[0].seq + 100))
@@ -495,4 +498,6 @@ def test_short_soak_flat_memory_no_frame_lost(bundle, tmp_path):
     assert report["frames_lost"] == 0 and report["seq_gaps"] == 0 and report["dropped"] == 0, report
     assert report["published"] >= 0.8 * report["frames_in"] > 0 and report["reloads"] >= 2
     assert report["results_received"] == report["published"], report
-    assert abs(report["rss_slope_mb_per_hour"]) < 200, report  # 25 s is short: this only catches a gross leak
+    # 25 s is too short for a meaningful slope (deploy/soak.py runs long for that); this catches a gross leak, e.g.
+    # one retained frame or mask per result (~4000 results here).
+    assert report["rss_growth_mb"] < 25, report
