@@ -26,7 +26,7 @@ from engines.bundle import load_bundle, write_bundle
 from engines.data import MvtecFolder, list_images, load_image
 from engines.errors import DataError, EngineError
 from engines.export import DEFAULT_OPSET, export_graph
-from engines.graph import InferenceGraph, architecture_of, build_graph, state_arrays
+from engines.graph import SCORERS, InferenceGraph, architecture_of, build_graph, state_arrays
 from engines.methods import METHODS, TrainSettings, available_methods, get_method
 from engines.preprocess import RESIZE_POLICIES, fit_frame
 
@@ -230,13 +230,13 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
         "input": {"height": size[0], "width": size[1], "channels": input_shape[2], "resize": resize},
         "preprocessing": {"layout": "NHWC uint8", "grey": "replicated to 3 channels in the graph",
                           "normalise": "(x / 255 - mean) / std", "mean": list(spec.mean), "std": list(spec.std)},
-        "score_kind": SCORE_KINDS[scorer],
+        "score_kind": SCORE_KINDS.get(scorer, scorer),
         "scorer_inputs": list(graph.scorer_inputs),
         "architecture": architecture,
         "interrupted": interrupted,
         "training": {"data": str(Path(data).resolve()), "n_fit": int(len(fit_images)),
                      "n_holdout": int(len(hold_images)), "n_scorer_fit": n_scored, "epochs": epochs,
-                     "batch": batch, "seed": seed, "k": k if scorer == "kmeans" else None, "scorer": scorer,
+                     "batch": batch, "seed": seed, "k": k if "references" in graph.scorer_inputs else None, "scorer": scorer,
                      "seconds": round(time.monotonic() - started, 1)},
         "versions": {"inspectd": _version(), "torch": torch.__version__, "timm": timm.__version__, "opset": opset},
     }
@@ -271,8 +271,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="256", help="model input: N or HxW (default 256)")
     parser.add_argument("--resize", choices=RESIZE_POLICIES, default="stretch", help="fit frames by stretching "
                         "or by keeping the aspect ratio with padding (default stretch)")
-    parser.add_argument("--scorer", choices=["kmeans", "gaussian"], default=None,
-                        help="nearest k-means reference or Gaussian/Mahalanobis (default: the method's)")
+    parser.add_argument("--scorer", choices=list(SCORERS), default=None,
+                        help="k-means references or Gaussian/Mahalanobis (default: the method's)")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"k-means references (default {DEFAULT_K})")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the method's)")
