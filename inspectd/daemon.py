@@ -179,10 +179,16 @@ class Daemon:
             self.metrics.observe_result(judged.frame.camera, judged.verdict, latency_ms / 1000.0)
 
     def _open_journal(self):
-        if self.config.publish.journal.path is None:
+        path = self.config.publish.journal.path
+        if path is None:
             return None
         from inspectd.journal import Journal
 
+        state_dir = self.config.state_dir.resolve()
+        if not path.resolve().is_relative_to(state_dir):
+            # The service may write only its state dir (systemd ReadWritePaths); say so before systemd's EROFS does.
+            raise InspectdError(f"publish.journal.path {path}: outside state_dir {state_dir}, expected a directory "
+                                f"under it (the daemon writes only under its state directory)")
         return Journal(self.config.publish.journal.path, int(self.config.publish.journal.max_mb * 2**20))
 
     def _first_seq(self, camera: str) -> int:

@@ -39,7 +39,7 @@ REPEAT_LOG_S = 60.0
 _REFUSALS = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "client key not in the allow-list",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed: the client does not speak CURVE with our key",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed: the client broke it off (no CURVE, or not our key)",
 }
 
 

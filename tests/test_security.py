@@ -4,7 +4,9 @@ without CURVE, and the daemon refusing to run as root."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -12,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-import zmq
+import yaml
 
 from inspectd import keys
 from inspectd.config import parse_config
@@ -122,7 +125,7 @@ def test_curve_control_lets_in_only_listed_keys_and_logs_refusals(pki, capsys):
         guard.stop()
     out = capsys.readouterr().out
     intruder_key = keys.load_public(pki["intruder"][0]).decode()
-    assert "auth_refused" in out and intruder_key in out and "does not speak CURVE" in out
+    assert "auth_refused" in out and intruder_key in out and "handshake failed: " in out
 
 
 def test_curve_publish_reaches_only_allowed_subscribers(pki, tmp_path):
@@ -201,3 +204,76 @@ def test_the_daemon_refuses_to_run_as_root(tmp_path):
         # Not root: the check lets it through, and the run fails later for the missing bundle instead.
         refuse_root()
         assert "refusing to run as root" not in out.stderr and out.returncode != 0
+
+
+def _daemon(tmp_path: Path, config: dict) -> tuple[subprocess.Popen, Path]:
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = tmp_path / "daemon.log"
+    proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(path)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    return proc, log
+
+
+def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
+    from test_faults import M, poison_graph  # the same hand-built model as the fault tests
+    from calibration import thresholds as thresholds_doc
+    from engines.bundle import write_bundle
+
+    bundle = tmp_path / "bundle"
+    write_bundle(bundle, {"method": "test", "backbone": "none",
+                          "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
+                          "scorer_inputs": ["centre"], "score_kind": "max"},
+                 poison_graph(), {"centre": np.array([128.0], np.float32)}, {},
+                 thresholds_doc.first_version(0.5, 0.5, {"tool": "test_security"}))
+    curve = {"server_secret_key": str(pki["server"][1]), "allowed_clients_dir": str(pki["allow_dir"])}
+    control = f"tcp://127.0.0.1:{free_port()}"
+    publish = f"tcp://127.0.0.1:{free_port()}"
+    proc, log = _daemon(tmp_path, {
+        "station": "sec", "model": {"bundle": str(bundle)},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}],
+        "publish": {"endpoint": publish, "status_interval_s": 0.2, "curve": curve},
+        "control": {"endpoint": control, "curve": curve}, "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state")})
+    good = curve_client(pki["server"][0], pki["allowed"][1])
+    bad = curve_client(pki["server"][0], pki["intruder"][1])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                with ControlClient(control, timeout_s=2, curve=good) as client:
+                    status = client.request({"cmd": "status"})
+                break
+            except ControlTimeout:
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+        assert status["ok"] and status["station"] == "sec"
+        with ControlClient(control, timeout_s=1.5, curve=bad) as client, pytest.raises(ControlTimeout):
+            client.request({"cmd": "reload"})
+        with ControlClient(control, timeout_s=1.5) as client, pytest.raises(ControlTimeout):
+            client.request({"cmd": "reload"})
+        with Subscriber(publish, curve=good) as ok_sub, Subscriber(publish, curve=bad) as bad_sub:
+            assert len(ok_sub.results(3, timeout_s=20)) == 3
+            assert bad_sub.recv(1.0) is None
+        with ControlClient(control, timeout_s=5, curve=good) as client:
+            refused = client.request({"cmd": "status"})["auth_refused"]
+        assert refused["control"] >= 2 and refused["publish"] >= 1, refused
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    reasons = {(e["domain"], e["reason"]) for e in events if e.get("event") == "auth_refused"}
+    assert ("control", "client key not in the allow-list") in reasons
+    assert any(d == "control" and r.startswith("handshake failed: ") for d, r in reasons), reasons
+    assert ("publish", "client key not in the allow-list") in reasons
+
+
+def test_journal_outside_the_state_dir_is_refused_at_start(tmp_path):
+    proc, log = _daemon(tmp_path, {
+        "station": "s", "model": {"bundle": "nowhere"},
+        "cameras": [{"id": "c", "source": {"kind": "synthetic"}}], "metrics": {"listen": None},
+        "publish": {"journal": {"path": str(tmp_path / "elsewhere")}}, "state_dir": str(tmp_path / "state")})
+    assert proc.wait(30) == 1
+    assert "publish.journal.path" in log.read_text() and "outside state_dir" in log.read_text()
+    assert not (tmp_path / "elsewhere").exists()
