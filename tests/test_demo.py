@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_short_demo_catches_planted_defects(tmp_path):
     workdir = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "inspectd", "demo", "--workdir", str(workdir), "--duration", "4",
-                           "--rate", "8", "--cameras", "2", "--size", "64", "--train-frames", "48"],
+                           "--rate", "8", "--cameras", "2", "--size", "96", "--train-frames", "48"],
                           capture_output=True, text=True, timeout=220, cwd=REPO)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
