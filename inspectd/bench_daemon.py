@@ -40,6 +40,7 @@ SATURATION_RATE_HZ = 5000.0   # synthetic source rate standing in for "as fast a
 START_TIMEOUT_S = 90.0        # imports, bundle checksums, ONNX Runtime session, warm-up on a busy 2-core box
 STOP_TIMEOUT_S = 20.0
 WARMUP_S = 1.5
+BURST_GAP_MIN_S = 0.02
 FOLDER_FPS_CEILING = 300     # a folder backlog holds this many frames/s of the run, more than the engine can do
 
 
@@ -157,17 +158,23 @@ def write_config(workdir: Path, bundle: Path, source: str, cameras: int, saturat
     return path, publish, ingest
 
 
-def arrival_rate(arrivals: list[float], burst_s: float = 0.005) -> float | None:
-    """Frames/s from arrival times, free of the window's edges: results come in bursts (one per batch), so count
-    the frames before the last burst over the time from the first burst to the last one. Counting whole batches in a
-    fixed window would be off by up to a batch (10% at 10 frames/s in batches of 8 over 8 s)."""
-    if len(arrivals) < 2:
+def arrival_rate(arrivals: list[float], max_batch: int) -> float | None:
+    """Frames/s from arrival times, free of the window's edges. Results arrive in bursts, one per batch, so count
+    the frames before the last burst over the time from the first arrival to the first of the last burst; counting
+    whole batches in a fixed window would be off by up to a batch (10% at 10 frames/s in batches of 8 over 8 s).
+    A burst ends at a gap longer than a fifth of the mean interval between full batches (and than BURST_GAP_MIN_S, as
+    a descheduled publisher can pause inside a batch). None with fewer than three bursts: the caller then divides
+    by the window, which is exact for steady arrivals."""
+    n = len(arrivals)
+    if n < 2 or arrivals[-1] <= arrivals[0]:
         return None
-    first, last = arrivals[0], arrivals[-1]
-    if last - first <= burst_s:
+    times = np.asarray(arrivals)
+    gap_floor = max(BURST_GAP_MIN_S, 0.2 * (times[-1] - times[0]) / max(1.0, n / max_batch))
+    breaks = np.nonzero(np.diff(times) > gap_floor)[0]
+    if breaks.size < 2:
         return None
-    in_last_burst = len(arrivals) - int(np.searchsorted(arrivals, last - burst_s, side="left"))
-    return (len(arrivals) - in_last_burst) / (last - first)
+    last_burst = int(breaks[-1]) + 1
+    return last_burst / (times[last_burst] - times[0])
 
 
 def control_status(endpoint: str, timeout_ms: int = 2000) -> dict | None:
@@ -296,7 +303,7 @@ class Scenario:
         bench_cpu = own_cpu.elapsed()
         after = control_status(self.control)
         pushed = (pusher.sent - sent0) / wall if pusher else None
-        fps = arrival_rate(arrivals) or delivered / wall
+        fps = arrival_rate(arrivals, self.max_batch) or delivered / wall
         frames_in_window = fps * wall  # continuous, like the CPU seconds it divides
         batches = published = None
         if before and after:

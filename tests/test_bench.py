@@ -80,3 +80,15 @@ def test_bench_naive_refuses_an_empty_frames_folder(tiny_bundle, tmp_path):
     proc = bench("naive", str(tiny_bundle), "--frames", str(tmp_path), timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and str(tmp_path) in proc.stderr and "expected" in proc.stderr
+
+
+def test_arrival_rate_counts_whole_batches_only():
+    from inspectd.bench_daemon import arrival_rate
+
+    # 10 frames/s in batches of 8 (one every 0.8 s, results 2 ms apart), the window opening mid-way between batches:
+    # a plain count over the window would say 96 / 9.5 s = 10.1, and 8 frames more or less moves it by 8%.
+    arrivals = [0.3 + 0.8 * k + 0.002 * j for k in range(12) for j in range(8)]
+    assert arrival_rate(arrivals, max_batch=8) == pytest.approx(10.0)
+    # Steady single-frame arrivals and a lone burst have no bursts to count: the caller divides by its window.
+    assert arrival_rate([0.2 * i for i in range(50)], max_batch=8) is None
+    assert arrival_rate([1.0, 1.001], max_batch=8) is None
