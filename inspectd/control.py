@@ -191,6 +191,8 @@ class ControlClient:
         if self._sock is None:
             sock = zmq.Context.instance().socket(zmq.REQ)
             sock.linger = 0
+            # With no peer to queue to (e.g. its CURVE handshake was refused) REQ send blocks: bound it too.
+            sock.sndtimeo = max(1, int(self.timeout_s * 1000))
             if self.curve is not None:
                 self.curve(sock)
             sock.connect(self.endpoint)
@@ -199,8 +201,12 @@ class ControlClient:
 
     def request(self, doc: dict) -> dict:
         sock = self._socket()
-        sock.send(json.dumps(doc).encode())
-        if not sock.poll(int(self.timeout_s * 1000)):
+        try:
+            sock.send(json.dumps(doc).encode())
+            answered = sock.poll(int(self.timeout_s * 1000))
+        except zmq.Again:
+            answered = False
+        if not answered:
             self._sock = None
             sock.close(linger=0)
             raise ControlTimeout(f"control {self.endpoint}: no reply within {self.timeout_s:g} s to "
