@@ -95,6 +95,8 @@ class Daemon:
                                    status_interval_s=config.publish.status_interval_s, status=self.status_message,
                                    linger_ms=PUB_LINGER_MS, on_published=self._on_published, journal=self.journal,
                                    socket_options=self.publish_curve)
+        for cam in config.cameras:  # created here, before the threads that read and update them start
+            self.publisher.counters(cam.id)
         self.ingest = {cam.id: CameraIngest(cam, self.queues[cam.id], first_seq=self._first_seq(cam.id))
                        for cam in config.cameras}
         self._inference_thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
@@ -143,6 +145,8 @@ class Daemon:
                 batch = self.batcher.next_batch(timeout=IDLE_TICK_S)
                 if batch:
                     self._run(batch)
+                if self._retired:
+                    self._close_retired()
                 self._last_progress = time.monotonic()
             # Ingest has stopped: everything still queued was accepted and gets its result.
             while batch := self.batcher.drain():
@@ -164,8 +168,6 @@ class Daemon:
             self.metrics.observe_batch(len(results), time.monotonic() - t0)
         if was_healthy != self.stage.healthy:
             self.log.warning("health_changed", healthy=self.stage.healthy, last_error=self.stage.last_error)
-        if self._retired:
-            self._close_retired()
 
     def _close_retired(self) -> None:
         """Close engines a reload replaced; called between batches, so none is in use."""

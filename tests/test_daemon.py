@@ -298,7 +298,7 @@ def test_sigterm_mid_stream_loses_no_accepted_frame(station):
 
 def test_set_thresholds_and_reload_mid_stream_without_gaps(station, bundle, tmp_path):
     from calibration import thresholds as thresholds_doc
-    from engines.bundle import load_bundle
+    from engines.bundle import load_bundle, write_bundle
 
     bundle = Path(shutil.copytree(bundle, tmp_path / "bundle"))  # this test rewrites its thresholds
     s = station(model=bundle, cameras=[{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 40, "width": FRAME, "height": FRAME,
@@ -329,16 +329,32 @@ def test_set_thresholds_and_reload_mid_stream_without_gaps(station, bundle, tmp_
     assert reply["ok"] and reply["thresholds_version"] == 3
     after = s.results(5, timeout=30)
     assert s.control({"cmd": "pause", "camera": "cam9"})["ok"] is False
+
+    # A different model (another input size too) replaces the bundle on disk; reload swaps it in mid-stream.
+    trained_id = after[-1].model_id
+    write_bundle(bundle, {"method": "test", "backbone": "none", "scorer_inputs": ["centre"],
+                          "input": {"height": 48, "width": 48, "channels": 1, "resize": "stretch"}},
+                 brightness_graph(48), {"centre": np.array([128.0], np.float32)}, {},
+                 thresholds_doc.next_version(strict, image_threshold=0.99))
+    reply = s.control({"cmd": "reload"})
+    assert reply["ok"] and reply["model_id"].startswith("test-") and reply["thresholds_version"] == 4, reply
+    swapped: list[Result] = []  # results already on their way when the reply came are still on the old model
+    deadline = time.monotonic() + 30
+    while sum(r.thresholds_version == 4 for r in swapped) < 5 and time.monotonic() < deadline:
+        swapped += s.results(1, timeout=1)
     assert s.stop() == 0, s.log_tail()
 
-    results = before + middle + after
+    results = before + middle + after + swapped
     assert_contiguous(results, "cam0", first=before[0].seq)
     versions = [r.thresholds_version for r in results]
-    assert versions[0] == 2 and versions[-1] == 3 and versions == sorted(versions)
+    assert versions[0] == 2 and versions[-1] == 4 and versions == sorted(versions)
     assert all(r.threshold == 123.0 for r in results if r.thresholds_version == 3)
-    assert load_bundle(bundle).thresholds().version == 3  # written into the bundle, checksum updated
+    assert {r.model_id for r in results if r.thresholds_version < 4} == {trained_id}
+    assert {r.model_id for r in swapped if r.thresholds_version == 4} == {reply["model_id"]}
+    assert all(r.verdict in ("ok", "defect") for r in results)  # no frame failed across the swaps
+    assert load_bundle(bundle).thresholds().version == 4
     events = [e["event"] for e in s.events()]
-    assert "thresholds_set" in events and events.count("reloaded") == 2
+    assert "thresholds_set" in events and events.count("reloaded") == 3
 
 
 def test_pause_and_resume_a_camera(station):
@@ -364,9 +380,10 @@ def test_bad_config_fails_with_one_line_naming_the_key(tmp_path):
     assert proc.returncode == 2 and "cameras" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def single_frame_graph(size: int) -> bytes:
-    """A real graph that runs for a batch of one and fails for more (a fixed Reshape): an engine that breaks under
-    load, as a GPU running out of memory would, while the warm-up inference (one frame) still succeeds."""
+def brightness_graph(size: int, single_frame: bool = False) -> bytes:
+    """A real graph scoring |pixel - centre| / 128. With `single_frame` it runs for a batch of one and fails for
+    more (a fixed Reshape): an engine that breaks under load, as a GPU running out of memory would, while the
+    warm-up inference (one frame) still succeeds."""
     from onnx import TensorProto, helper
 
     nodes = [
@@ -383,7 +400,7 @@ def single_frame_graph(size: int) -> bytes:
          helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
          helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", size, size])],
-        initializer=[helper.make_tensor("one", TensorProto.INT64, [3], [1, size, size]),
+        initializer=[helper.make_tensor("one", TensorProto.INT64, [3], [1 if single_frame else -1, size, size]),
                      helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
                      helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -397,7 +414,7 @@ def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_pat
 
     model = write_bundle(tmp_path / "single", {
         "method": "test", "backbone": "none", "input": {"height": 32, "width": 32, "channels": 1, "resize": "stretch"},
-        "scorer_inputs": ["centre"]}, single_frame_graph(32), {"centre": np.array([128.0], np.float32)}, {},
+        "scorer_inputs": ["centre"]}, brightness_graph(32, single_frame=True), {"centre": np.array([128.0], np.float32)}, {},
         thresholds_doc.first_version(0.9, 0.9, {"tool": "test"}))
     endpoint = f"ipc://{tmp_path}/frames.sock"
     s = station(model=model, cameras=[{"id": "cam0", "source": {"kind": "zmq", "endpoint": endpoint},
