@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 
 from inspectd.batching import MicroBatcher
@@ -80,11 +79,10 @@ class Daemon:
         state = ModelState.open(config.model.bundle, config.engine.backend, config.engine.options,
                                 config.batching.max_batch)
         self.stage = InferenceStage(state, config.batching.max_batch, config.publish.masks)
-        # One warm-up inference so READY=1 means the first real frame pays no lazy initialisation.
-        h, w, c = state.bundle.input_shape
-        state.engine.infer(np.zeros((1, h, w, c), np.uint8))
+        state.warm_up()  # READY=1 then means the engine is warm
         self.log.info("model_loaded", model_id=state.model_id, thresholds_version=state.thresholds_version,
-                      backend=config.engine.backend, input_shape=[h, w, c], bundle=str(config.model.bundle))
+                      backend=config.engine.backend, input_shape=list(state.bundle.input_shape),
+                      bundle=str(config.model.bundle))
 
         self.ready = threading.Condition()
         self.queues = {cam.id: FrameQueue(cam.queue.size, cam.queue.policy, self.ready) for cam in config.cameras}
@@ -276,8 +274,7 @@ class Daemon:
             old = self.stage.state
             new = ModelState.open(self.config.model.bundle, self.config.engine.backend, self.config.engine.options,
                                   self.config.batching.max_batch)
-            h, w, c = new.bundle.input_shape
-            new.engine.infer(np.zeros((1, h, w, c), np.uint8))
+            new.warm_up()  # beside the running model: the swap costs the line nothing
             self._retired.append(self.stage.swap(new))
         self.log.info("reloaded", model_id=new.model_id, thresholds_version=new.thresholds_version,
                       previous_model_id=old.model_id, previous_thresholds_version=old.thresholds_version)

@@ -58,6 +58,11 @@ class ModelState:
         engine = open_engine(bundle, backend, options or {}, max_batch=max_batch)
         return cls(bundle, engine, bundle.thresholds())
 
+    def warm_up(self) -> None:
+        """One inference on a blank frame, so the first real batch pays no lazy initialisation."""
+        h, w, c = self.bundle.input_shape
+        self.engine.infer(np.zeros((1, h, w, c), np.uint8))
+
     def with_thresholds(self, thresholds) -> "ModelState":
         """Same model and engine, new thresholds: a threshold change costs no engine rebuild."""
         return dataclasses.replace(self, thresholds=thresholds)

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from calibration import thresholds as thresholds_doc
-from engines.bundle import load_bundle, write_bundle
-from engines.runtime import open_engine
+from engines.bundle import write_bundle
 from inspectd.frames import Frame
 from inspectd.inference import InferenceStage, ModelState
 
@@ -23,7 +22,6 @@ H = W = 32
 def brightness_graph() -> bytes:
     """uint8 [N,H,W,1] -> anomaly_map = |pixel - centre| / 128, score = max of the map: a real graph with the
     bundle contract's inputs and outputs, small enough to build in milliseconds."""
-    import onnx
     from onnx import TensorProto, helper
 
     nodes = [
