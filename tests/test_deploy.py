@@ -37,7 +37,8 @@ def test_install_twice_into_prefix_builds_the_tree_and_the_rerun_changes_nothing
     assert first.returncode == 0, first.stderr
     tree = _snapshot(root)
 
-    for directory, mode in [("etc/inspectd", "drwxr-x---"), ("var/lib/inspectd", "drwxr-x---"),
+    for directory, mode in [("etc/inspectd", "drwxr-x---"), ("etc/inspectd/keys", "drwx------"),
+                            ("etc/inspectd/clients", "drwxr-x---"), ("var/lib/inspectd", "drwxr-x---"),
                             ("var/lib/inspectd/bundles", "drwxr-x---"), ("var/lib/inspectd/engines", "drwxr-x---"),
                             ("var/lib/inspectd/journal", "drwxr-x---"), ("opt/inspectd", "drwxr-xr-x"),
                             ("etc/systemd/system", "drwxr-xr-x")]:
@@ -165,7 +166,8 @@ sh {INSTALL} --no-venv
 echo '--- state'
 id -nG inspectd
 getent passwd inspectd | cut -d: -f6,7
-stat -c '%U:%G %a %n' /etc/inspectd /etc/inspectd/inspectd.yaml /var/lib/inspectd /var/lib/inspectd/journal \
+stat -c '%U:%G %a %n' /etc/inspectd /etc/inspectd/inspectd.yaml /etc/inspectd/keys /etc/inspectd/clients \
+    /var/lib/inspectd /var/lib/inspectd/journal \
     /opt/inspectd /etc/systemd/system/inspectd.service
 """
     result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
@@ -178,6 +180,7 @@ stat -c '%U:%G %a %n' /etc/inspectd /etc/inspectd/inspectd.yaml /var/lib/inspect
     assert {"inspectd", "video", "render"} <= set(lines[0].split())
     assert lines[1] == "/var/lib/inspectd:/usr/sbin/nologin"
     assert lines[2:] == ["root:inspectd 750 /etc/inspectd", "root:inspectd 640 /etc/inspectd/inspectd.yaml",
+                         "inspectd:inspectd 700 /etc/inspectd/keys", "root:inspectd 750 /etc/inspectd/clients",
                          "inspectd:inspectd 750 /var/lib/inspectd", "inspectd:inspectd 750 /var/lib/inspectd/journal",
                          "root:root 755 /opt/inspectd", "root:root 644 /etc/systemd/system/inspectd.service"]
     # The copy's marker is not visible outside: the mounts stayed inside the namespace.
