@@ -119,6 +119,27 @@ class NearestReferenceScorer(nn.Module):
         return {"references": features[nearest].float().contiguous().numpy()}
 
 
+class LocalReferenceScorer(nn.Module):
+    """CSE's references scored per location, for surfaces that are not aligned from frame to frame (magnetic tiles
+    vary in size and position): each location's distance is the squared distance to its nearest location in ANY
+    reference map (a memory of K*h*w vectors), not to the same location of one whole-image reference. Same input
+    `references` [K,D,h,w] and the same k-means fit as `NearestReferenceScorer`; image score: max of the map."""
+
+    kind = "kmeans_local"
+    input_names = ("references",)
+    has_global_score = False
+
+    def forward(self, features: torch.Tensor, references: torch.Tensor) -> tuple[None, torch.Tensor]:
+        n, d, h, w = features.shape
+        memory = references.permute(0, 2, 3, 1).reshape(-1, d)
+        query = features.permute(0, 2, 3, 1).reshape(n, h * w, d)
+        # |q - m|^2 expanded so the (h*w) x (K*h*w) distance matrix is one matmul.
+        squared = (query.pow(2).sum(-1, keepdim=True) - 2.0 * query @ memory.T + memory.pow(2).sum(-1)).amin(-1)
+        return None, squared.clamp_min(0).reshape(n, h, w)
+
+    fit = staticmethod(NearestReferenceScorer.fit)
+
+
 def _kmeans_plus_plus(flat: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     chosen = [int(torch.randint(flat.shape[0], (1,), generator=generator))]
     distance = 1.0 - flat @ flat[chosen[0]]
@@ -207,7 +228,8 @@ def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
     return moments.ledoit_wolf()
 
 
-SCORERS: dict[str, type[nn.Module]] = {"kmeans": NearestReferenceScorer, "gaussian": GaussianScorer}
+SCORERS: dict[str, type[nn.Module]] = {"kmeans": NearestReferenceScorer, "kmeans_local": LocalReferenceScorer,
+                                       "gaussian": GaussianScorer}
 
 
 def scorer_class(kind: str) -> type[nn.Module]:

@@ -249,6 +249,7 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
 
 SCORE_KINDS = {
     "kmeans": "image: 1 - cosine to the nearest k-means reference; map: squared feature distance to it",
+    "kmeans_local": "image: max of the map; map: squared distance to the nearest location of any k-means reference",
     "gaussian": "image: max of the map; map: Mahalanobis distance (per-location mean, shared covariance)",
 }
 
