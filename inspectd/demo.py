@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from inspectd.messages import Result
+from inspectd.security import ALLOW_ROOT_ENV
 from inspectd.subscribe import GapTracker, Subscriber, format_result
 
 MODEL_SIZE = (128, 128)
@@ -127,11 +128,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo: starting the daemon (config {config_path}, log {log_path}); results on {endpoint}", flush=True)
     print(f"demo: in another shell: inspectd subscribe --endpoint {endpoint}", flush=True)
 
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if os.geteuid() == 0 and env.get(ALLOW_ROOT_ENV) != "1":
+        # A fresh development container is often root; the demo's daemon lives in a throwaway workdir, so it may.
+        # A station's daemon still refuses root (inspectd run).
+        print("demo: running as root, so the demo's own daemon is allowed to; a station's daemon refuses root",
+              flush=True)
+        env[ALLOW_ROOT_ENV] = "1"
+
     results: list[Result] = []
     gaps = GapTracker()
     with open(log_path, "wb") as log, Subscriber(endpoint, topic="inspect.demo.") as subscriber:
         daemon = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(config_path)],
-                                  stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             first_deadline = time.monotonic() + START_TIMEOUT_S
             started = None
