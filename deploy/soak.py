@@ -10,7 +10,8 @@ then runs each camera at load * saturation / cameras frames per second.
 
 Nothing lost means: every frame the daemon accepted (gave a seq) has a journalled result, the subscriber saw no seq
 gap from its first result on, and no queue dropped a frame (queues are drop_oldest, so falling behind shows as drops).
-The RSS slope is a least-squares fit of the daemon's VmRSS over time after a warm-up (the first 20% of the run).
+The RSS slope is a least-squares fit of the daemon's VmRSS over time after a warm-up (the first 20% of the run); the
+samples are written to <workdir>/run/rss.csv.
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def soak(args: argparse.Namespace) -> dict:
     frames_in = stopped["frames_in"]
     journalled = {cam: [seq for seq, _ in read_since(d.journal, cam, -1)] for cam in frames_in}
     not_journalled = sum(n - len(set(journalled[cam]) & set(range(n))) for cam, n in frames_in.items())
+    (workdir / "rss.csv").write_text("t_s,rss_mb\n" + "".join(f"{t:.1f},{m:.1f}\n" for t, m in samples))
     t = np.array([s[0] for s in samples]) / 3600.0
     rss = np.array([s[1] for s in samples])
     keep = t >= 0.2 * t[-1] if len(t) else t

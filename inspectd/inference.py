@@ -15,6 +15,7 @@ batches in a row mark the stage unhealthy until a batch succeeds again.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import threading
 import time
@@ -69,6 +70,19 @@ class ModelState:
 
     def close(self) -> None:
         self.engine.close()
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap a closed engine freed back to the OS.
+
+    glibc keeps freed memory in its per-thread arenas: without this, every reload (session built on the control
+    thread, closed on the inference thread) left ~10 MB more RSS with a Lite0 bundle (soak: 198 -> 265 MB over 7
+    reloads; with the trim the daemon stays flat)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (musl, macOS): nothing to trim this way
 
 
 @dataclasses.dataclass(slots=True)

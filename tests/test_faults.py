@@ -438,7 +438,9 @@ def test_sigkill_restart_resumes_seq_and_subscribe_since_fetches_what_was_missed
 
 
 def test_stuck_subscriber_never_blocks_inference(station, tmp_path):
-    s = station([synthetic("cam0", rate=150, size=32, queue="drop_oldest")], publish={"sndhwm": 20})
+    camera = synthetic("cam0", rate=150, size=32, queue="drop_oldest")
+    camera["queue"]["size"] = 256  # 1.7 s of slack for a busy CI machine; a blocked pipeline fills it in 2 s
+    s = station([camera], publish={"sndhwm": 20})
     s.wait_ready()
     stuck = zmq.Context.instance().socket(zmq.SUB)  # subscribes, then never reads a message
     stuck.setsockopt(zmq.RCVHWM, 5)
