@@ -1,5 +1,5 @@
 """ONNX export and the two runtime backends: the exported graph (uint8 pixels -> score, map; scorer params as inputs;
-dynamic batch) agrees with torch on real frames at batch 1 and 3, for both scorers; `inspectd export` rewrites a
+dynamic batch) agrees with torch on real frames at batch 1 and 3, for every scorer; `inspectd export` rewrites a
 bundle's graph; swapping scorer params needs no export; bad input is refused with one line."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 
 from engines.bundle import load_bundle
 from engines.errors import EngineError
+from engines.graph import SCORERS
 from engines.runtime import open_engine
 from tiny_dataset import make_tiny_mvtec, one_torch_thread  # noqa: F401 (fixture)
 
@@ -32,7 +33,7 @@ def data(tmp_path_factory) -> Path:
     return make_tiny_mvtec(tmp_path_factory.mktemp("data"), n_train=8, n_test_good=1, n_test_defect=2)
 
 
-@pytest.fixture(scope="module", params=["kmeans", "gaussian"])
+@pytest.fixture(scope="module", params=list(SCORERS))
 def bundle(request, data, tmp_path_factory):
     from engines.train import Progress, train_bundle
 
