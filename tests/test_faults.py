@@ -41,7 +41,6 @@ FRAME = 64      # frame size sent by the tests
 
 
 def poison_graph() -> bytes:
-    import onnx
     from onnx import TensorProto, helper
 
     nodes = [
@@ -497,9 +496,11 @@ def test_short_soak_flat_memory_no_frame_lost(bundle, tmp_path):
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["frames_lost"] == 0 and report["seq_gaps"] == 0 and report["dropped"] == 0, report
+    assert report["frames_lost"] == 0 and report["seq_gaps"] == 0 and report["dropped"] == 0, json.dumps(report)
     assert report["published"] >= 0.8 * report["frames_in"] > 0 and report["reloads"] >= 2
-    assert report["results_received"] == report["published"], report
+    # Results published before the soak's subscription took hold are in the journal (frames_lost counts that).
+    received = report["results_received"] + report["missed_before_subscription"]
+    assert received == report["published"], json.dumps(report)
     # 25 s is too short for a meaningful slope (deploy/soak.py runs long for that); this catches a gross leak, e.g.
     # one retained frame or mask per result (~4000 results here).
-    assert report["rss_growth_mb"] < 25, report
+    assert report["rss_growth_mb"] < 25, json.dumps(report)

@@ -5,7 +5,6 @@ degrades to an alarm while appends keep returning."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
