@@ -31,7 +31,7 @@ import numpy as np
 import zmq
 
 from engines.bundle import load_bundle
-from inspectd.bench_measure import MB, CpuClock, latency_ms, proc_cpu_s, proc_peak_rss_bytes
+from inspectd.bench_measure import MB, CpuClock, latency_ms, proc_peak_rss_bytes
 from inspectd.errors import MessageError
 from inspectd.subscribe import GapTracker, Subscriber
 
