@@ -158,7 +158,8 @@ def naive_loop(bundle_path: str | Path, paths: list[Path], duration_s: float = 0
         "kind": "naive", "bundle": str(bundle.path), "model_id": bundle.model_id, "input": [h, w, c],
         "frames": seq, "distinct_frames": len(paths), "seconds": wall, "fps": seq / wall,
         "latency_ms": latency_ms(latencies), "cpu_ms_per_frame": cpu_s / seq * 1000.0,
-        "cpu_cores_used": cpu_s / wall, "defects": defects, "received": max(0, receiver.received - 1),  # minus the warm-up frame
+        "cpu_cores_used": cpu_s / wall, "defects": defects,
+        "received": max(0, receiver.received - 1),  # less the warm-up frame's message
         "rss_growth_mb": (rss_end - rss_start) / MB,
     }
 
