@@ -118,3 +118,20 @@ def test_bad_method_flags_are_refused_naming_the_flag(good_dir, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown defect 'blob'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_local_reference_scorer_is_the_nearest_location_of_any_reference():
+    from engines.graph import LocalReferenceScorer
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 4, 5, generator=generator)
+    references = torch.randn(3, 8, 4, 5, generator=generator)
+    # A location copied from the third reference's far corner: distance 0 there, although not at the same place.
+    features[1, :, 0, 0] = references[2, :, 3, 4]
+    score, low = LocalReferenceScorer()(features, references)
+    memory = references.permute(0, 2, 3, 1).reshape(-1, 8)
+    query = features.permute(0, 2, 3, 1).reshape(2, 20, 8)
+    brute = torch.cdist(query, memory).pow(2).amin(-1).reshape(2, 4, 5)
+    assert score is None
+    assert torch.allclose(low, brute, atol=1e-4)
+    assert low[1, 0, 0].item() == pytest.approx(0.0, abs=1e-4) and low[0].min().item() > 0.1
