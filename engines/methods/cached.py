@@ -28,7 +28,7 @@ def backbone_taps(graph, images: np.ndarray, batch: int = 16, progress=None,
             chunks.append(graph.backbone(graph.preprocess(pixels)))
             if progress is not None:
                 progress.update(min(start + batch, len(images)))
-    return [torch.cat(level).clone() for level in zip(*chunks)]
+    return [torch.cat(level) for level in zip(*chunks)]
 
 
 @dataclasses.dataclass

@@ -11,6 +11,10 @@ defective ones, on the flattened pooled embeddings; L_extra = 0.5 ||normalise(de
 location; loss = 10 L_intra + L_extra; Adam 4e-4 under a OneCycle schedule. The backbone is frozen, so its taps are
 computed once for the clean images and once for a fixed pool of defect variants (engines.methods.cached); only the
 head trains, which is what makes this practical on a CPU. `--cse-regenerate` redraws the pool every epoch.
+
+Scoring is the graph's: `--scorer kmeans` is the paper's (nearest whole-image reference, per-location difference to
+it). Surfaces that are not aligned from frame to frame (magnetic tiles vary in size and position) do better with
+`--scorer kmeans_local --k 16`: the same references, each location compared with its nearest location in any of them.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ class CseMethod(Method):
     name = "cse"
     default_scorer = "kmeans"
     default_backbone = "lite0"
-    default_epochs = 30
+    default_epochs = 5  # CPU budget: 5 epochs on cached taps (the paper trains 50-100 on a GPU)
     default_batch = 8
 
     @classmethod

@@ -82,7 +82,7 @@ class SlaMethod(Method):
     name = "sla"
     default_scorer = "gaussian"
     default_backbone = "lite0"
-    default_epochs = 20
+    default_epochs = 5  # CPU budget (the paper: 256 epochs on a GPU)
     default_batch = 64
 
     @classmethod
