@@ -97,7 +97,8 @@ class NearestReferenceScorer(nn.Module):
         return 1.0 - best, (features - nearest).pow(2).sum(dim=1)
 
     @staticmethod
-    def fit(features: torch.Tensor, k: int = 1, seed: int = 0, iterations: int = 50) -> dict[str, np.ndarray]:
+    def fit(features: torch.Tensor, k: int = 1, seed: int = 0, iterations: int = 50,
+            **_unused) -> dict[str, np.ndarray]:
         """Spherical k-means (k-means++ start) on the flattened, L2-normalised feature maps; each centroid is then
         replaced by the real training sample nearest to it, as CSE's reference implementation does."""
         if features.shape[0] == 0:
@@ -150,6 +151,89 @@ def _kmeans_plus_plus(flat: torch.Tensor, k: int, generator: torch.Generator) ->
         chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
         distance = torch.minimum(distance, 1.0 - flat @ flat[chosen[-1]])
     return flat[chosen]
+
+
+DEFAULT_MEMORY_SIZE = 16384
+CORESET_PROJECTION = 16
+# Neighbourhood averaged into each patch, in locations of the finest tap's grid. PatchCore uses 3x3; magnetic tile
+# wants far more context because its worst defect (uneven) is a diffuse shading. Screened on magnetic_tile (Lite0
+# taps 3+4 = a 16x16 grid at 256 stretched, 16 384 randomly chosen patches, maps at model size), image / pixel AUROC:
+# 3x3 0.885/0.819, 5x5 0.910/0.829, 7x7 0.923/0.833, 9x9 0.935/0.833, 11x11 0.943/0.833, 15x15 0.950/0.827.
+AGGREGATION = 15
+
+
+class MemoryBankScorer(nn.Module):
+    """PatchCore's scorer (Roth et al., "Towards total recall in industrial anomaly detection", CVPR 2022). Input
+    `memory_bank` [M,D]: patch features of ALL training images, locally aggregated and cut to M by greedy k-center
+    coreset selection. Map: per location, the Euclidean distance from its aggregated feature to the nearest memory
+    vector (any position of any training image, so tiles need not be aligned); image score: max of the smoothed map.
+    It uses the backbone's default taps (Lite0 strides 16+32): strides 8+16 screened worse, image/pixel AUROC
+    0.701/0.766 against 0.885/0.819 with 3x3 aggregation, for 4x the locations.
+
+    Features are averaged over each AGGREGATION x AGGREGATION neighbourhood first (PatchCore's local aggregation,
+    widened): a patch then carries its surroundings, which denoises the memory and lets diffuse defects (magnetic
+    tile's `uneven`) stand out. The nearest-neighbour search is one matmul per batch; its [N, h*w, M] matrix is the
+    scorer's transient memory (N*h*w*M*4 bytes: 17 MB per frame for 16x16 locations and M = 16 384) and its cost
+    h*w*M*D*2 FLOP (3.6 GFLOP per frame at 256x256 with Lite0's 432 channels, several times the backbone's).
+    """
+
+    kind = "memory"
+    input_names = ("memory_bank",)
+    has_global_score = False
+
+    def forward(self, features: torch.Tensor, memory_bank: torch.Tensor) -> tuple[None, torch.Tensor]:
+        n, d, h, w = features.shape
+        query = aggregate_patches(features).permute(0, 2, 3, 1).reshape(n, h * w, d)
+        # The search ranks |m|^2 - 2 q.m (|q - m|^2 less |q|^2): one matmul. Its cancellation error is too large
+        # for the distance itself (a patch in the memory came out at 0.05, not 0), so that is recomputed exactly
+        # against the one nearest vector.
+        nearest = (memory_bank.pow(2).sum(-1) - 2.0 * query @ memory_bank.T).argmin(-1)
+        difference = query - memory_bank[nearest]
+        return None, difference.pow(2).sum(-1).sqrt().reshape(n, h, w)
+
+    @staticmethod
+    def fit(features: torch.Tensor, memory_size: int = DEFAULT_MEMORY_SIZE, seed: int = 0,
+            projection: int = CORESET_PROJECTION, chunk: int = 64, **_unused) -> dict[str, np.ndarray]:
+        """Aggregate every training patch, then keep `memory_size` of them by greedy k-center selection: each step
+        adds the patch farthest from everything kept so far, so rare good patterns survive the cut where random
+        sampling would drop them. Distances for the selection are taken in a random `projection`-dimensional space
+        (Johnson-Lindenstrauss), as PatchCore does, which makes each step a pass over N*h*w x `projection` floats."""
+        if features.shape[0] == 0:
+            raise ValueError("memory: no training features")
+        if memory_size < 1:
+            raise ValueError(f"memory_size {memory_size}: expected >= 1")
+        d = features.shape[1]
+        patches = torch.cat([aggregate_patches(features[s:s + chunk].float()).permute(0, 2, 3, 1).reshape(-1, d)
+                             for s in range(0, features.shape[0], chunk)])
+        if patches.shape[0] <= memory_size:
+            return {"memory_bank": patches.contiguous().numpy()}
+        generator = torch.Generator().manual_seed(seed)
+        projected = patches @ torch.randn(d, min(projection, d), generator=generator) if projection < d else patches
+        chosen = greedy_coreset(projected, memory_size, generator)
+        return {"memory_bank": patches[chosen].contiguous().numpy()}
+
+
+def aggregate_patches(features: torch.Tensor, size: int = AGGREGATION) -> torch.Tensor:
+    """size x size mean of each location's neighbourhood, borders averaged over the locations that exist."""
+    return F.avg_pool2d(features, kernel_size=size, stride=1, padding=size // 2, count_include_pad=False)
+
+
+def greedy_coreset(points: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of `size` rows of `points` [P, d] chosen by greedy k-center (farthest-point) selection from a random
+    start; squared distances, so each step is one matrix-vector product over the points."""
+    norms = points.pow(2).sum(1)
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = int(torch.randint(points.shape[0], (1,), generator=generator))
+    nearest = torch.full_like(norms, float("inf"))
+    candidate = torch.empty_like(norms)
+    for i in range(size):
+        if i:
+            chosen[i] = torch.argmax(nearest)
+        # |p|^2 - 2 p.c (+ |c|^2, the same for every p, added after) into one reused buffer: a step is one pass.
+        torch.addmv(norms, points, points[chosen[i]], alpha=-2.0, out=candidate)
+        candidate += norms[chosen[i]]
+        torch.minimum(nearest, candidate, out=nearest)
+    return chosen
 
 
 class GaussianScorer(nn.Module):
@@ -229,7 +313,7 @@ def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
 
 
 SCORERS: dict[str, type[nn.Module]] = {"kmeans": NearestReferenceScorer, "kmeans_local": LocalReferenceScorer,
-                                       "gaussian": GaussianScorer}
+                                       "gaussian": GaussianScorer, "memory": MemoryBankScorer}
 
 
 def scorer_class(kind: str) -> type[nn.Module]:

@@ -26,7 +26,7 @@ from engines.bundle import load_bundle, write_bundle
 from engines.data import MvtecFolder, list_images, load_image
 from engines.errors import DataError, EngineError
 from engines.export import DEFAULT_OPSET, export_graph
-from engines.graph import SCORERS, InferenceGraph, architecture_of, build_graph, state_arrays
+from engines.graph import DEFAULT_MEMORY_SIZE, SCORERS, InferenceGraph, architecture_of, build_graph, state_arrays
 from engines.methods import METHODS, TrainSettings, available_methods, get_method
 from engines.preprocess import RESIZE_POLICIES, fit_frame
 
@@ -178,7 +178,8 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
                  size: tuple[int, int] = (256, 256), resize: str = "stretch", scorer: str | None = None,
                  k: int = DEFAULT_K, epochs: int | None = None, batch: int | None = None, seed: int = 0,
                  weights: str | Path | None = None, holdout: float = 0.1, opset: int = DEFAULT_OPSET,
-                 progress: Progress | None = None, method_args: argparse.Namespace | None = None) -> TrainResult:
+                 progress: Progress | None = None, method_args: argparse.Namespace | None = None,
+                 memory_size: int = DEFAULT_MEMORY_SIZE) -> TrainResult:
     """Train and write a complete bundle at `out`. Python API of `inspectd train` (the demo calls it)."""
     started = time.monotonic()
     progress = progress or Progress()
@@ -192,6 +193,8 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
         raise ValueError(f"--resize {resize!r}: expected one of {', '.join(RESIZE_POLICIES)}")
     if k < 1 or batch < 1 or epochs < 0:
         raise ValueError("--k and --batch must be >= 1 and --epochs >= 0")
+    if memory_size < 1:
+        raise ValueError(f"--memory-size {memory_size}: expected >= 1")
     spec = spec_for(backbone)
 
     paths = training_images(data)
@@ -213,7 +216,7 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
     features, stopped = extract_features(graph, fit_images, batch, progress)
     interrupted = interrupted or stopped
     n_scored = int(features.shape[0])
-    params = graph.scorer.fit(features, k=k, seed=seed)
+    params = graph.scorer.fit(features, k=k, seed=seed, memory_size=memory_size)
     del features
 
     # Without held-out images the first thresholds come from the fitting images (and provenance says so).
@@ -237,6 +240,7 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
         "training": {"data": str(Path(data).resolve()), "n_fit": int(len(fit_images)),
                      "n_holdout": int(len(hold_images)), "n_scorer_fit": n_scored, "epochs": epochs,
                      "batch": batch, "seed": seed, "k": k if "references" in graph.scorer_inputs else None, "scorer": scorer,
+                     "memory_size": int(params["memory_bank"].shape[0]) if "memory_bank" in params else None,
                      "seconds": round(time.monotonic() - started, 1)},
         "versions": {"inspectd": _version(), "torch": torch.__version__, "timm": timm.__version__, "opset": opset},
     }
@@ -251,6 +255,7 @@ SCORE_KINDS = {
     "kmeans": "image: 1 - cosine to the nearest k-means reference; map: squared feature distance to it",
     "kmeans_local": "image: max of the map; map: squared distance to the nearest location of any k-means reference",
     "gaussian": "image: max of the map; map: Mahalanobis distance (per-location mean, shared covariance)",
+    "memory": "image: max of the map; map: distance of the aggregated patch to its nearest memory-bank patch",
 }
 
 
@@ -275,6 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorer", choices=list(SCORERS), default=None,
                         help="k-means references or Gaussian/Mahalanobis (default: the method's)")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"k-means references (default {DEFAULT_K})")
+    parser.add_argument("--memory-size", type=int, default=DEFAULT_MEMORY_SIZE,
+                        help=f"memory scorer: patches kept in the memory bank (default {DEFAULT_MEMORY_SIZE})")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the method's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random (default 0)")
@@ -291,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         result = train_bundle(args.data, args.out, method=args.method, backbone=args.backbone,
                               size=parse_size(args.size), resize=args.resize, scorer=args.scorer, k=args.k,
                               epochs=args.epochs, batch=args.batch, seed=args.seed, weights=args.weights,
-                              holdout=args.holdout, opset=args.opset, method_args=args)
+                              holdout=args.holdout, opset=args.opset, method_args=args, memory_size=args.memory_size)
     except (EngineError, ValueError) as exc:
         print(f"inspectd train: {exc}", file=sys.stderr)
         return 2

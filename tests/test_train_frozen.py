@@ -184,6 +184,7 @@ def test_bad_arguments_are_one_line_errors(data, tmp_path, capsys):
         (["--data", str(data), "--out", str(tmp_path / "x"), "--size", "10"], "--size '10': expected each side"),
         (["--data", str(data), "--out", str(tmp_path / "x"), "--size", "64x"], "expected N or HxW"),
         (["--data", str(data), "--out", str(tmp_path / "x"), "--holdout", "1.5"], "--holdout 1.5: expected"),
+        (["--data", str(data), "--out", str(tmp_path / "x"), "--memory-size", "0"], "--memory-size 0: expected"),
         (["--data", str(empty), "--out", str(tmp_path / "x")], "no images"),
         (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "not a directory"),
     ]
@@ -205,3 +206,49 @@ def test_gaussian_fit_does_not_depend_on_its_chunking():
     np.testing.assert_allclose(whole["gauss_mean"], features.mean(dim=0).numpy(), rtol=1e-5, atol=1e-6)
     single = GaussianScorer.fit(features[:1])  # no spread at all: still a finite, usable precision
     assert np.isfinite(single["gauss_precision"]).all() and np.diag(single["gauss_precision"]).min() > 0
+
+
+def test_memory_scorer_bundle_finds_a_painted_defect(data, tmp_path):
+    out = tmp_path / "memory"
+    done = cli("--method", "frozen", "--scorer", "memory", "--memory-size", "40", "--data", str(data), "--out",
+               str(out), "--size", "64", "--batch", "4")
+    assert done.returncode == 0, done.stderr
+    bundle = load_bundle(out)
+    assert bundle.scorer_inputs == ("memory_bank",) and bundle.manifest["training"]["memory_size"] == 40
+    bank = bundle.scorer_params()["memory_bank"]
+    assert bank.shape == (40, 432) and np.isfinite(bank).all()  # 11 images x 4x4 patches cut to 40
+    from engines.data import load_image
+    from engines.preprocess import fit_frame
+
+    clean = fit_frame(load_image(sorted((data / "test" / "good").iterdir())[0]), bundle.input_shape)[0]
+    damaged = clean.copy()
+    cv2.circle(damaged, (46, 18), 7, 0, thickness=-1)
+    with open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=2) as engine:
+        result = engine.infer(np.stack([clean, damaged]))
+    # At 64x64 the 4x4 grid lies wholly inside one 15x15 aggregation window, so the map cannot localise here: the
+    # whole frame must score higher instead.
+    assert result.scores[1] > result.scores[0]
+    assert float((result.maps[1] - result.maps[0]).mean()) > 0
+
+
+def test_greedy_coreset_keeps_rare_patterns_and_memory_scores_its_own_patches_zero():
+    from engines.graph import MemoryBankScorer, greedy_coreset
+
+    generator = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(500, 4, generator=generator), 10 + torch.randn(500, 4, generator=generator),
+                        torch.full((2, 4), 100.0)])
+    chosen = greedy_coreset(points, 3, generator)
+    assert sorted(int(i) // 500 for i in chosen) == [0, 1, 2]  # the 2-point outlier cluster is never dropped
+    assert len(set(chosen.tolist())) == 3
+
+    features = torch.randn(3, 6, 4, 4, generator=generator)
+    everything = torch.from_numpy(MemoryBankScorer.fit(features, memory_size=1000)["memory_bank"])
+    assert everything.shape == (48, 6)  # fewer patches than memory_size: all of them, no selection
+    _, own = MemoryBankScorer()(features, everything)
+    assert own.shape == (3, 4, 4) and float(own.max()) < 1e-2
+    _, shifted = MemoryBankScorer()(features + 5.0, everything)
+    assert float(shifted.min()) > 1.0
+    cut = MemoryBankScorer.fit(features, memory_size=10, seed=1)["memory_bank"]
+    assert cut.shape == (10, 6) and all(any(np.allclose(row, e) for e in everything.numpy()) for row in cut)
+    with pytest.raises(ValueError, match="memory_size 0"):
+        MemoryBankScorer.fit(features, memory_size=0)
