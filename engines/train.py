@@ -278,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", choices=RESIZE_POLICIES, default="stretch", help="fit frames by stretching "
                         "or by keeping the aspect ratio with padding (default stretch)")
     parser.add_argument("--scorer", choices=list(SCORERS), default=None,
-                        help="k-means references or Gaussian/Mahalanobis (default: the method's)")
+                        help="k-means references, Gaussian/Mahalanobis or memory bank (default: the method's)")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"k-means references (default {DEFAULT_K})")
     parser.add_argument("--memory-size", type=int, default=DEFAULT_MEMORY_SIZE,
                         help=f"memory scorer: patches kept in the memory bank (default {DEFAULT_MEMORY_SIZE})")
