@@ -71,12 +71,13 @@ import sys, time
 sys.path.insert(0, {repo!r})
 from inspectd.journal import Journal
 from inspectd.messages import encode_result
-j = Journal(sys.argv[1], max_bytes=64 << 20, fsync_interval_s=0.05)
+# The cap is far above what the writer can write before it is killed, so nothing is rotated away.
+j = Journal(sys.argv[1], max_bytes=1 << 30, fsync_interval_s=0.05)
 start = (j.last_seq("cam0") or -1) + 1
 for seq in range(start, start + 10**7):
     j.append("cam0", seq, encode_result(station="s", camera="cam0", seq=seq, frame_id="f", t_capture=1.0,
              t_publish=2.0, verdict="defect", score=0.5, threshold=0.4, model_id="m", thresholds_version=1,
-             regions=[], latency_ms=1.0, width=4, height=4, mask_png=b"x" * 3000))
+             regions=[], latency_ms=1.0, width=4, height=4, mask_png=b"x" * 300))
     if seq == start + 200:
         print("going", flush=True)
 """
@@ -91,7 +92,7 @@ def test_sigkill_mid_append_then_reopen_resumes_after_the_last_whole_record(tmp_
         time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        j = Journal(tmp_path / "j", max_bytes=64 << 20)
+        j = Journal(tmp_path / "j", max_bytes=1 << 30)
         assert j.unclean, "a killed writer must be noticed"
         seqs = [s for s, _ in j.read_since("cam0", -1)]
         # Every record up to the last one survived, in order, without a hole or a repeat across both kills.
