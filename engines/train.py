@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import random
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -293,7 +294,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         method_class.add_arguments(parser)
 
 
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
+    # A run started in the background (nohup, a script, a job runner) ignores SIGINT and is stopped with SIGTERM:
+    # that must leave the same usable checkpoint Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = train_bundle(args.data, args.out, method=args.method, backbone=args.backbone,
                               size=parse_size(args.size), resize=args.resize, scorer=args.scorer, k=args.k,

@@ -112,7 +112,8 @@ def test_plain_folder_colour_and_padding(data, tmp_path):
         assert engine.infer(np.zeros((1, 64, 96, 3), np.uint8)).maps.shape == (1, 64, 96)
 
 
-def test_ctrl_c_leaves_a_usable_interrupted_bundle(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_leaves_a_usable_interrupted_bundle(tmp_path, signum):
     source = sorted((require_data() / "train" / "good").iterdir())[:4]
     folder = tmp_path / "many"
     folder.mkdir()
@@ -129,7 +130,7 @@ def test_ctrl_c_leaves_a_usable_interrupted_bundle(tmp_path):
             line = proc.stderr.readline()
             assert line or proc.poll() is None, "trainer exited before extracting features"
         assert line.startswith("features"), "no progress line within 120 s"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
