@@ -31,8 +31,8 @@ from engines.half_precision import FLOAT16, to_fp16_variant
 from engines.preprocess import fit_frame
 from engines.runtime import backend_class, open_engine
 from engines.trt_plan import PlanInfo, check_compatible, parse_sidecar, pick_plan, plan_name, sidecar_name
+from tiny_dataset import DATA
 
-DATA = Path("/work/shared/data/magnetic_tile")
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (64, 64)
 FP32_ATOL, FP32_RTOL = 1e-3, 1e-4

@@ -20,8 +20,9 @@ from engines.synthline import SyntheticLine
 from inspectd.config import parse_config
 from inspectd.frames import Frame
 from inspectd.ingest import CameraIngest, FrameQueue, encoded_dims
+from tiny_dataset import DATA as TILES
 
-DATA = Path("/work/shared/data/magnetic_tile/train/good")
+DATA = TILES / "train" / "good"
 FAST_BACKOFF = (0.05, 0.2)
 
 pytestmark = pytest.mark.timeout(60)
