@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +19,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import yaml
 import zmq
 
-from inspectd.control import ControlClient
 from inspectd.messages import Result
-from inspectd.subscribe import Subscriber
+from daemon_harness import Station
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -80,106 +77,6 @@ def bundle(tmp_path_factory, line_frames):
     return path
 
 
-class Station:
-    """One daemon process with its config, SUB socket, notify socket and log."""
-
-    def __init__(self, tmp: Path, bundle: Path, cameras: list[dict], **overrides) -> None:
-        self.tmp = tmp
-        self.publish = f"ipc://{tmp}/pub.sock"
-        self.control_endpoint = f"ipc://{tmp}/control.sock"
-        config = {
-            "station": "t1", "model": {"bundle": str(bundle)},
-            "engine": {"backend": "onnxruntime", "options": {"intra_op_threads": 1}},
-            "batching": {"max_batch": 8, "max_wait_ms": 20}, "cameras": cameras,
-            "publish": {"endpoint": self.publish, "masks": "defects", "status_interval_s": 0.2},
-            "control": {"endpoint": self.control_endpoint}, "metrics": {"listen": None},
-            "state_dir": str(tmp / "state"), "shutdown_timeout_s": 15.0,
-        }
-        config.update(overrides)
-        self.config_path = tmp / "inspectd.yaml"
-        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(tmp / "notify.sock"))
-        self.notify.settimeout(0.1)
-        self.notes: list[str] = []
-        self.sub = Subscriber(self.publish)
-        env = {**os.environ, "NOTIFY_SOCKET": str(tmp / "notify.sock"), "WATCHDOG_USEC": "2000000",
-               "PYTHONPATH": str(REPO)}
-        env.pop("WATCHDOG_PID", None)
-        self.log_path = tmp / "daemon.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """READY=1 on the notify socket, then a status message on SUB (the subscription is live)."""
-        deadline = time.monotonic() + timeout
-        while "READY=1" not in self.notes:
-            assert time.monotonic() < deadline, f"no READY=1; log:\n{self.log_tail()}"
-            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}; log:\n{self.log_tail()}"
-            self.read_notes()
-        while True:
-            assert time.monotonic() < deadline, "no status message on the PUB socket"
-            if isinstance(self.sub.recv(0.2), dict):
-                return
-
-    def read_notes(self) -> None:
-        try:
-            while True:
-                self.notes.extend(self.notify.recv(4096).decode().splitlines())
-        except (socket.timeout, BlockingIOError):
-            pass
-
-    def results(self, count: int, timeout: float) -> list[Result]:
-        return self.sub.results(count, timeout)
-
-    def until_exit(self, timeout: float) -> list[Result]:
-        """Every result until the process has exited and the socket has gone quiet."""
-        deadline = time.monotonic() + timeout
-        out: list[Result] = []
-        while time.monotonic() < deadline:
-            message = self.sub.recv(0.5)
-            if isinstance(message, Result):
-                out.append(message)
-            elif message is None and self.proc.poll() is not None:
-                break
-        self.proc.wait(max(0.1, deadline - time.monotonic()))
-        return out
-
-    def control(self, request: dict, timeout: float = 30.0) -> dict:
-        with ControlClient(self.control_endpoint, timeout_s=timeout) as client:
-            return client.request(request)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.read_notes()
-            self.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.sub.close()
-        self.notify.close()
-        self._log.close()
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def events(self) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return out
-
-
 @pytest.fixture
 def station(tmp_path, bundle):
     stations = []
@@ -228,9 +125,10 @@ def test_folder_source_every_frame_judged_with_masks(station, tmp_path, line_fra
         if r.verdict == "defect":
             mask = r.mask()
             assert mask.shape == (FRAME, FRAME) and mask.any() and r.regions
-    assert "READY=1" in s.notes and any(n.startswith("WATCHDOG=1") for n in s.notes)
-    assert any(n.startswith("STATUS=") and "frames/s" in n for n in s.notes)
-    assert "STOPPING=1" in s.notes
+    notes = s.note_lines
+    assert "READY=1" in notes and any(n.startswith("WATCHDOG=1") for n in notes)
+    assert any(n.startswith("STATUS=") and "frames/s" in n for n in notes)
+    assert "STOPPING=1" in notes
 
 
 def push_frames(push: zmq.Socket, frames: list[tuple[str, np.ndarray]], encoding: str = "raw") -> None:
@@ -436,7 +334,7 @@ def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_pat
         mark = len(s.notes)
         time.sleep(2.5)  # more than two watchdog ticks (WATCHDOG_USEC is 2 s: a tick each second)
         s.read_notes()
-        unhealthy = s.notes[mark:]
+        unhealthy = s.note_lines[mark:]
         assert not any(n == "WATCHDOG=1" for n in unhealthy), unhealthy
         assert any(n.startswith("STATUS=") and "UNHEALTHY" in n for n in unhealthy), unhealthy
 
@@ -453,7 +351,7 @@ def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_pat
         mark = len(s.notes)
         time.sleep(1.5)
         s.read_notes()
-        assert "WATCHDOG=1" in s.notes[mark:]
+        assert "WATCHDOG=1" in s.note_lines[mark:]
     finally:
         push.close()
     assert s.stop() == 0, s.log_tail()

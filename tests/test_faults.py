@@ -14,24 +14,18 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import yaml
 import zmq
 
-from inspectd.control import ControlClient
 from inspectd.journal import read_since
-from inspectd.messages import Result
-from inspectd.subscribe import Subscriber
+from daemon_harness import Station, free_port
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -99,130 +93,19 @@ def grey(blob: bool = False, poison: bool = False) -> np.ndarray:
     return image
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Station:
-    """One daemon process: config, SUB socket, notify socket, log, and helpers to read its state."""
-
-    def __init__(self, tmp: Path, bundle: Path, cameras: list[dict], preexec_fn=None, **overrides) -> None:
-        self.tmp = tmp
-        self.publish = f"ipc://{tmp}/pub.sock"
-        self.control_endpoint = f"ipc://{tmp}/control.sock"
-        self.journal = tmp / "state" / "journal"
-        self.metrics_port = free_port()
-        config = {
-            "station": "f1", "model": {"bundle": str(bundle)},
-            "engine": {"backend": "onnxruntime", "options": {"intra_op_threads": 1}},
-            "batching": {"max_batch": 4, "max_wait_ms": 5}, "cameras": cameras,
-            "publish": {"endpoint": self.publish, "masks": "defects", "status_interval_s": 0.2,
-                        "journal": {"path": str(self.journal), "max_mb": 64}},
-            "control": {"endpoint": self.control_endpoint},
-            "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
-            "state_dir": str(tmp / "state"), "shutdown_timeout_s": 10.0,
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(config.get(key), dict):
-                config[key] = {**config[key], **value}
-            else:
-                config[key] = value
-        self.config_path = tmp / "inspectd.yaml"
-        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        notify_path = tmp / "notify.sock"
-        notify_path.unlink(missing_ok=True)
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(notify_path))
-        self.notify.settimeout(0.05)
-        self.notes: list[tuple[float, str]] = []
-        # Drained all the time, as systemd does: the kernel queues only ~10 datagrams per unix socket.
-        self._closing = threading.Event()
-        self._notes_thread = threading.Thread(target=self._drain_notes, daemon=True)
-        self._notes_thread.start()
-        self.sub = Subscriber(self.publish)
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000",
-               "PYTHONPATH": str(REPO)}
-        env.pop("WATCHDOG_PID", None)
-        self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
-                                     preexec_fn=preexec_fn)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(n == "READY=1" for _, n in self.notes):
-            assert time.monotonic() < deadline, f"no READY=1; log:\n{self.log_tail()}"
-            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}; log:\n{self.log_tail()}"
-            self.read_notes()
-        while not isinstance(self.sub.recv(0.2), dict):
-            assert time.monotonic() < deadline, "no status message on the PUB socket"
-
-    def _drain_notes(self) -> None:
-        while not self._closing.is_set():
-            try:
-                data = self.notify.recv(4096).decode()
-            except (socket.timeout, BlockingIOError):
-                continue
-            except OSError:
-                return
-            self.notes.extend((time.monotonic(), n) for n in data.splitlines())
-
-    def read_notes(self) -> None:
-        time.sleep(0.06)  # the drain thread's poll interval
-
-    def results(self, count: int, timeout: float) -> list[Result]:
-        return self.sub.results(count, timeout)
-
-    def control(self, request: dict, timeout: float = 20.0) -> dict:
-        with ControlClient(self.control_endpoint, timeout_s=timeout) as client:
-            return client.request(request)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
-            return reply.read().decode()
-
-    def events(self, name: str) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if event.get("event") == name:
-                out.append(event)
-        return out
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.sub.close()
-        self._closing.set()
-        self._notes_thread.join(1)
-        self.notify.close()
-        self._log.close()
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-
 @pytest.fixture
 def station(tmp_path, bundle):
     stations = []
 
     def start(cameras, **overrides):
-        s = Station(tmp_path, bundle, cameras, **overrides)
+        journal = tmp_path / "state" / "journal"
+        defaults = {"station": "f1", "batching": {"max_batch": 4, "max_wait_ms": 5},
+                    "publish": {"journal": {"path": str(journal), "max_mb": 64}},
+                    "metrics": {"listen": f"127.0.0.1:{free_port()}"}, "shutdown_timeout_s": 10.0}
+        for key, value in overrides.items():
+            defaults[key] = {**defaults[key], **value} if isinstance(defaults.get(key), dict) else value
+        s = Station(tmp_path, bundle, cameras, watchdog_usec=1_000_000, **defaults)
+        s.journal = journal
         stations.append(s)
         return s
     yield start

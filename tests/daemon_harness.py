@@ -1,0 +1,163 @@
+"""One daemon process under test: `python -m inspectd run` with its config, SUB socket, systemd notify socket and log.
+
+Shared by the daemon tests and the fault-injection tests (not itself a test module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from inspectd.control import ControlClient
+from inspectd.messages import Result
+from inspectd.subscribe import Subscriber
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Station:
+    """`overrides` are merged into the base config one level deep (a dict value updates the section)."""
+
+    def __init__(self, tmp: Path, bundle: Path, cameras: list[dict], preexec_fn=None,
+                 watchdog_usec: int = 2_000_000, **overrides) -> None:
+        self.tmp = tmp
+        self.publish = f"ipc://{tmp}/pub.sock"
+        self.control_endpoint = f"ipc://{tmp}/control.sock"
+        config = {
+            "station": "t1", "model": {"bundle": str(bundle)},
+            "engine": {"backend": "onnxruntime", "options": {"intra_op_threads": 1}},
+            "batching": {"max_batch": 8, "max_wait_ms": 20}, "cameras": cameras,
+            "publish": {"endpoint": self.publish, "masks": "defects", "status_interval_s": 0.2},
+            "control": {"endpoint": self.control_endpoint}, "metrics": {"listen": None},
+            "state_dir": str(tmp / "state"), "shutdown_timeout_s": 15.0,
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key] = {**config[key], **value}
+            else:
+                config[key] = value
+        self.config = config
+        self.config_path = tmp / "inspectd.yaml"
+        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        notify_path = tmp / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(notify_path))
+        self.notify.settimeout(0.05)
+        self.notes: list[tuple[float, str]] = []  # (time.monotonic() received, line)
+        # Drained all the time, as systemd does: the kernel queues only ~10 datagrams per unix socket.
+        self._closing = threading.Event()
+        self._notes_thread = threading.Thread(target=self._drain_notes, daemon=True)
+        self._notes_thread.start()
+        self.sub = Subscriber(self.publish)
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": str(watchdog_usec),
+               "PYTHONPATH": str(REPO)}
+        env.pop("WATCHDOG_PID", None)
+        self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
+                                     preexec_fn=preexec_fn)
+
+    @property
+    def note_lines(self) -> list[str]:
+        return [line for _, line in self.notes]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """READY=1 on the notify socket, then a status message on SUB (the subscription is live)."""
+        deadline = time.monotonic() + timeout
+        while "READY=1" not in self.note_lines:
+            assert time.monotonic() < deadline, f"no READY=1; log:\n{self.log_tail()}"
+            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}; log:\n{self.log_tail()}"
+            self.read_notes()
+        while not isinstance(self.sub.recv(0.2), dict):
+            assert time.monotonic() < deadline, "no status message on the PUB socket"
+
+    def _drain_notes(self) -> None:
+        while not self._closing.is_set():
+            try:
+                data = self.notify.recv(4096).decode()
+            except (socket.timeout, BlockingIOError):
+                continue
+            except OSError:
+                return
+            self.notes.extend((time.monotonic(), n) for n in data.splitlines())
+
+    def read_notes(self) -> None:
+        time.sleep(0.06)  # the drain thread's poll interval
+
+    def results(self, count: int, timeout: float) -> list[Result]:
+        return self.sub.results(count, timeout)
+
+    def until_exit(self, timeout: float) -> list[Result]:
+        """Every result until the process has exited and the socket has gone quiet."""
+        deadline = time.monotonic() + timeout
+        out: list[Result] = []
+        while time.monotonic() < deadline:
+            message = self.sub.recv(0.5)
+            if isinstance(message, Result):
+                out.append(message)
+            elif message is None and self.proc.poll() is not None:
+                break
+        self.proc.wait(max(0.1, deadline - time.monotonic()))
+        return out
+
+    def control(self, request: dict, timeout: float = 30.0) -> dict:
+        with ControlClient(self.control_endpoint, timeout_s=timeout) as client:
+            return client.request(request)
+
+    def metrics(self) -> str:
+        listen = self.config["metrics"]["listen"]
+        assert listen, "this station was started without a metrics endpoint"
+        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    def events(self, name: str | None = None) -> list[dict]:
+        """The daemon's JSON log events, all or those named `name`."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if name is None or event.get("event") == name:
+                out.append(event)
+        return out
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.read_notes()
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.sub.close()
+        self._closing.set()
+        self._notes_thread.join(1)
+        self.notify.close()
+        self._log.close()
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
