@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from pymodbus.exceptions import ModbusException
 
+from inspectd.config import key_path, read_yaml
 from inspectd.errors import ConfigError
 
 RESULT_CODES = {"ok": 0, "defect": 1, "error": 2}
@@ -87,7 +87,7 @@ def parse_bridge_config(raw: Any, where: str = "bridge") -> BridgeConfig:
     known = {f.name for f in dataclasses.fields(BridgeConfig)}
     for key in raw:
         if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{key_path(where, key)}: unknown key (known: {', '.join(sorted(known))})")
 
     registers = _int_map(raw.get("registers", {}), f"{where}.registers", REGISTERS, 0, U16)
     registers = {**DEFAULT_REGISTERS, **registers}
@@ -128,14 +128,7 @@ def parse_bridge_config(raw: Any, where: str = "bridge") -> BridgeConfig:
 
 
 def load_bridge_config(path: str | Path) -> BridgeConfig:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    return parse_bridge_config(raw, where=str(path))
+    return parse_bridge_config(read_yaml(path, expected="a bridge config file"), where=str(path))
 
 
 def _int_map(raw: Any, where: str, names: tuple[str, ...], lo: int, hi: int) -> dict[str, int]:
@@ -144,7 +137,7 @@ def _int_map(raw: Any, where: str, names: tuple[str, ...], lo: int, hi: int) -> 
     out = {}
     for name, value in raw.items():
         if name not in names:
-            raise ConfigError(f"{where}.{name}: unknown name (known: {', '.join(names)})")
+            raise ConfigError(f"{key_path(where, name)}: unknown name (known: {', '.join(names)})")
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise ConfigError(f"{where}.{name}: expected an integer in [{lo}, {hi}], got {value!r}")
         out[name] = value

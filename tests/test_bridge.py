@@ -400,6 +400,21 @@ def test_the_shipped_example_config_is_the_defaults():
     assert load_bridge_config(REPO / "deploy" / "bridge.example.yaml") == parse_bridge_config({})
 
 
+def test_unreadable_bridge_yaml_is_one_config_error_naming_the_file(tmp_path):
+    from inspectd.errors import ConfigError
+    from inspectd.plc import load_bridge_config
+
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("registers: {status: 0\n", encoding="utf-8")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("[" * 100_000, encoding="utf-8")
+    for path in (malformed, nested, tmp_path / "absent.yaml"):
+        with pytest.raises(ConfigError) as refused:
+            load_bridge_config(path)
+        message = str(refused.value)
+        assert message.startswith(str(path)) and "\n" not in message, message
+
+
 def test_a_plc_that_goes_away_ends_the_bridge_with_one_line_for_the_service_manager(plc, daemon, bridge_config):
     bridge = Bridge(daemon, plc, bridge_config)
     plc.close()  # the PLC's server shuts down: the next heartbeat write fails
