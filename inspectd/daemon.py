@@ -18,6 +18,7 @@ Lifecycle:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -95,7 +96,8 @@ class Daemon:
                                    socket_options=self.publish_curve)
         for cam in config.cameras:  # created here, before the threads that read and update them start
             self.publisher.counters(cam.id)
-        self.ingest = {cam.id: CameraIngest(cam, self.queues[cam.id], first_seq=self._first_seq(cam.id))
+        self.ingest = {cam.id: CameraIngest(cam, self.queues[cam.id], first_seq=self._first_seq(cam.id),
+                                            mark_seq=self._seq_marker(cam.id))
                        for cam in config.cameras}
         self._inference_thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         self.control = None
@@ -192,15 +194,22 @@ class Daemon:
         return Journal(self.config.publish.journal.path, int(self.config.publish.journal.max_mb * 2**20))
 
     def _first_seq(self, camera: str) -> int:
-        """Seq numbering resumes after the last journalled result, so no seq is ever published twice."""
-        last = self.journal.last_seq(camera) if self.journal is not None else None
-        if last is None:
+        """Seq numbering resumes after the last seq given out, so no seq is ever published twice; seqs given to
+        frames that got no journalled result (in flight at a crash) are skipped, and subscribers see them as a gap."""
+        if self.journal is None:
             return 0
-        # After a crash the frames that were queued or in flight had seqs past `last` and no result: subscribers see
-        # those seqs reused by new frames, not skipped; the log says where numbering resumed and why.
-        self.log.info("seq_resumed", camera=camera, last_journalled=last, next_seq=last + 1,
-                      unclean_shutdown=self.journal.unclean)
-        return last + 1
+        next_seq, skipped = self.journal.resume(camera)
+        if next_seq == 0:
+            return 0
+        event = self.log.warning if skipped else self.log.info
+        event("seq_resumed", camera=camera, last_journalled=self.journal.last_seq(camera), next_seq=next_seq,
+              skipped=[skipped.start, skipped.stop - 1] if skipped else None, unclean_shutdown=self.journal.unclean)
+        return next_seq
+
+    def _seq_marker(self, camera: str):
+        if self.journal is None:
+            return None
+        return functools.partial(self.journal.mark_accepted, camera)
 
     @staticmethod
     def _curve(role: str, curve_config):

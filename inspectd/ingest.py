@@ -119,13 +119,16 @@ class CameraIngest:
 
     `stats()["state"]`: running | reopening (failed, waiting out the backoff) | paused | ended (a finite source is
     done) | failed (misconfigured beyond retrying) | stopped (after stop()). `reopen_count` counts reopen attempts.
-    Frames get `seq` from `first_seq` up, with no gaps among the frames queued.
+    Frames get `seq` from `first_seq` up, with no gaps among the frames queued. `mark_seq(seq)` is told each seq
+    before its frame is queued (the daemon records it in the journal, so a crash shows in-flight frames as a gap).
     """
 
     def __init__(self, camera: cfg.CameraConfig, queue: FrameQueue, first_seq: int = 0,
                  clock: Callable[[], float] = time.time, backoff_s: tuple[float, float] = (BACKOFF_FIRST_S,
-                                                                                           BACKOFF_MAX_S)) -> None:
+                                                                                           BACKOFF_MAX_S),
+                 mark_seq: Callable[[int], None] | None = None) -> None:
         self.camera = camera
+        self.mark_seq = mark_seq
         self.queue = queue
         self.clock = clock
         self.backoff_s = backoff_s
@@ -212,9 +215,13 @@ class CameraIngest:
         if frame.error is not None:
             self.errors += 1
             self.last_error = frame.error
+        if self.mark_seq is not None:
+            self.mark_seq(frame.seq)
         if self.queue.put(frame, self._stop):
             self.next_seq += 1
             self.frames_in += 1
+        elif self.mark_seq is not None:
+            self.mark_seq(frame.seq - 1)  # stopping: the frame was never queued, its seq is not used
 
 
 def _one_line(exc: BaseException) -> str:

@@ -2,7 +2,8 @@
 
 It serves two needs. A subscriber that was away (a PLC bridge restarting) fetches what it missed by seq
 (`inspectd subscribe --since SEQ --journal DIR`, or `read_since`). A daemon killed with SIGKILL resumes each camera's
-seq after the last journalled result (`last_seq`), so a seq is never published twice.
+seq after the last one it gave out (`resume`), so a seq is never published twice and the frames the kill cost show
+as a gap.
 
 Layout: `<dir>/<camera>/<first seq, 12 digits>.seg`, one active segment per camera. A record is
 
@@ -12,6 +13,11 @@ Layout: `<dir>/<camera>/<first seq, 12 digits>.seg`, one active segment per came
 so a record torn by a kill mid-write is recognised (short or bad CRC) and cut off when the journal is reopened, and
 readers stop at it. A segment is closed at `segment_bytes`; when the whole journal exceeds `max_bytes` the oldest
 closed segments (any camera) are deleted, so the journal holds the most recent results within its cap.
+
+Beside the segments each camera has an `accepted` mark: the seq most recently given to a frame (8 bytes, rewritten in
+place by the ingest thread before the frame can reach the engine). Frames queued or in flight when the process dies
+have a seq but no result; at the next start `resume` puts numbering after the mark, so those seqs show up as a gap
+that subscribers and PLC bridges report (the line learns parts went uninspected) instead of being silently reused.
 
 fsync policy: every record is written to the OS before the result is sent (survives the process dying at any
 point); the active segment is fsynced at most once per `fsync_interval_s`, at rotation and at close, so a power loss
@@ -48,6 +54,8 @@ CAMERA_RE = re.compile(r"[a-zA-Z0-9_-]+")
 MAX_BODY = 256 << 20                 # a result with its mask is kB; anything bigger is a corrupt length field
 RETRY_S = 5.0
 CLEAN_MARK = "clean"                 # present only while no writer has the journal open: absent at open = a crash
+ACCEPTED_MARK = "accepted"
+ACCEPTED = struct.Struct("<q")
 
 
 class JournalError(InspectdError):
@@ -175,6 +183,9 @@ class Journal:
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._last: dict[str, int] = {}
+        self._accepted: dict[str, int] = {}      # each camera's accepted mark as found at open
+        self._accepted_fd: dict[str, int] = {}
+        self._accepted_failed = False
         self._closed: list[tuple[float, Path, int]] = []  # (mtime, path, size) of closed segments
         self._total = 0
         self._last_sync = time.monotonic()
@@ -193,6 +204,12 @@ class Journal:
 
     def _recover(self, camera: str) -> None:
         """Account for a camera's segments and cut a torn record off its newest one (left by a kill mid-write)."""
+        try:
+            mark = (self.directory / camera / ACCEPTED_MARK).read_bytes()
+            if len(mark) == ACCEPTED.size:
+                self._accepted[camera] = ACCEPTED.unpack(mark)[0]
+        except FileNotFoundError:
+            pass
         segments = _segments(self.directory / camera)
         for i, (_, path) in enumerate(segments):
             size = path.stat().st_size
@@ -224,6 +241,13 @@ class Journal:
         """The seq of the last result journalled for `camera`, None if none ever was."""
         return self._last.get(camera)
 
+    def resume(self, camera: str) -> tuple[int, range]:
+        """Where `camera`'s numbering goes on, and the seqs before it that have no journalled result: frames that were
+        queued or in flight when the last run died, or results published while the journal could not write."""
+        last = self._last.get(camera, -1)
+        next_seq = max(last, self._accepted.get(camera, -1)) + 1
+        return next_seq, range(last + 1, next_seq)
+
     def read_since(self, camera: str, seq: int) -> Iterator[tuple[int, list[bytes]]]:
         with self._lock:
             active = self._active.get(camera)
@@ -237,6 +261,25 @@ class Journal:
                 "error": self.degraded}
 
     # -- writing ---------------------------------------------------------------------------------------------------
+
+    def mark_accepted(self, camera: str, seq: int) -> None:
+        """Record that frames up to `seq` have been given their seq. Called per frame from the camera's ingest
+        thread: one 8-byte pwrite into the page cache, which a SIGKILL cannot undo. Never raises: a mark that
+        cannot be written only costs the gap report after a crash (logged once)."""
+        fd = self._accepted_fd.get(camera)
+        try:
+            if fd is None:
+                _check_camera(camera)
+                with self._lock:
+                    (self.directory / camera).mkdir(exist_ok=True)
+                    fd = self._accepted_fd[camera] = os.open(self.directory / camera / ACCEPTED_MARK,
+                                                             os.O_WRONLY | os.O_CREAT, 0o600)
+            os.pwrite(fd, ACCEPTED.pack(seq), 0)
+        except OSError as exc:
+            if not self._accepted_failed:
+                self._accepted_failed = True
+                log.error("journal_accepted_mark_failed", camera=camera, error=f"{exc.strerror or exc}",
+                          effect="frames in flight at a crash will not show as a seq gap after the restart")
 
     def append(self, camera: str, seq: int, frames: list) -> None:
         """Journal one published result. Never raises for disk trouble: that degrades the journal instead."""
@@ -347,6 +390,9 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
+            for fd in self._accepted_fd.values():
+                os.close(fd)
+            self._accepted_fd.clear()
             for camera in list(self._active):
                 try:
                     self._close_segment(camera)

@@ -103,6 +103,57 @@ def test_sigkill_mid_append_then_reopen_resumes_after_the_last_whole_record(tmp_
         j.close()
 
 
+
+IN_FLIGHT = """
+import sys
+sys.path.insert(0, {repo!r})
+from inspectd.journal import Journal
+from inspectd.messages import encode_result
+j = Journal(sys.argv[1], max_bytes=1 << 30)
+def res(seq):
+    return encode_result(station="s", camera="cam0", seq=seq, frame_id="f", t_capture=1.0, t_publish=2.0,
+                         verdict="ok", score=0.5, threshold=0.4, model_id="m", thresholds_version=1,
+                         regions=[], latency_ms=1.0, width=4, height=4)
+next_seq, _ = j.resume("cam0")
+for seq in range(next_seq, next_seq + 50):   # 50 results published and journalled
+    j.mark_accepted("cam0", seq)
+    j.append("cam0", seq, res(seq))
+for seq in range(next_seq + 50, next_seq + 57):   # 7 frames given a seq, still in flight
+    j.mark_accepted("cam0", seq)
+print(next_seq, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_frames_in_flight_at_a_sigkill_are_skipped_after_the_restart_not_reused(tmp_path):
+    script = tmp_path / "in_flight.py"
+    script.write_text(IN_FLIGHT.format(repo=str(REPO)))
+    starts = []
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "j")], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+        starts.append(int(proc.stdout.readline()))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    # First run: seqs 0..49 journalled, 50..56 in flight. The second run resumes at 57, not 50.
+    assert starts == [0, 57]
+    j = Journal(tmp_path / "j", max_bytes=1 << 30)
+    assert j.unclean and j.last_seq("cam0") == 57 + 49
+    next_seq, skipped = j.resume("cam0")
+    assert (next_seq, skipped) == (114, range(107, 114))
+    journalled = [s for s, _ in j.read_since("cam0", -1)]
+    assert journalled == list(range(50)) + list(range(57, 107))  # the gap is exactly the frames lost in flight
+    j.close()
+
+    clean = Journal(tmp_path / "j2", max_bytes=1 << 20)
+    for seq in range(5):
+        clean.mark_accepted("cam0", seq)
+        clean.append("cam0", seq, result("cam0", seq))
+    clean.close()
+    reopened = Journal(tmp_path / "j2", max_bytes=1 << 20)
+    assert not reopened.unclean and reopened.resume("cam0") == (5, range(5, 5))  # a clean stop skips nothing
+    assert reopened.resume("cam9") == (0, range(0, 0))
+
 FULL_DISK = """
 import json, sys
 sys.path.insert(0, {repo!r})
