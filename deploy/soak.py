@@ -10,8 +10,10 @@ then runs each camera at load * saturation / cameras frames per second.
 
 Nothing lost means: every frame the daemon accepted (gave a seq) has a journalled result, the subscriber saw no seq
 gap from its first result on, and no queue dropped a frame (queues are drop_oldest, so falling behind shows as drops).
-The RSS slope is a least-squares fit of the daemon's VmRSS over time after a warm-up (the first 20% of the run); the
-samples are written to <workdir>/run/rss.csv.
+The RSS slope is a least-squares fit of the daemon's VmRSS over time after a warm-up (the first 20% of the run). Each
+second's sample also records the machine's CPU steal (the hypervisor running someone else on our cores, from
+/proc/stat) and the daemon's cumulative queue drops, so a drop can be put beside what the machine was doing; the
+samples are written to <workdir>/run/rss.csv. The workdir's previous state (journal) is removed first: seqs start at 0.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,12 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--workdir", type=Path, default=Path("runs/soak"))
+    p.add_argument("--journal-mb", type=float, default=1024.0,
+                   help="journal cap; it must hold every result of the run for the no-loss check [1024]")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line at the end")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.workdir = args.workdir.resolve()  # the daemon resolves relative config paths against the config's folder
+    return args
 
 
 class Daemon:
     def __init__(self, args: argparse.Namespace, workdir: Path, rate: float, tag: str) -> None:
+        shutil.rmtree(workdir / "state", ignore_errors=True)
         workdir.mkdir(parents=True, exist_ok=True)
         self.publish = f"ipc://{workdir}/pub.sock"
         self.control_endpoint = f"ipc://{workdir}/control.sock"
@@ -68,7 +76,7 @@ class Daemon:
                                                       "height": args.size, "defect_rate": 0.2, "seed": i},
                          "queue": {"size": 64, "policy": "drop_oldest"}} for i in range(args.cameras)],
             "publish": {"endpoint": self.publish, "status_interval_s": 1.0, "sndhwm": 100000,
-                        "journal": {"path": str(self.journal), "max_mb": 256}},
+                        "journal": {"path": str(self.journal), "max_mb": args.journal_mb}},
             "control": {"endpoint": self.control_endpoint}, "metrics": {"listen": None},
             "state_dir": str(workdir / "state"), "shutdown_timeout_s": 30,
         }
@@ -121,6 +129,12 @@ class Daemon:
         return self.log_path.read_text(errors="replace")[-3000:]
 
 
+def cpu_steal_jiffies() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+
 def measure_saturation(args: argparse.Namespace) -> float:
     d = Daemon(args, args.workdir / "saturation", rate=5000.0, tag="saturation")
     d.wait_ready()
@@ -145,7 +159,8 @@ def soak(args: argparse.Namespace) -> dict:
     gaps = GapTracker()
     first: dict[str, int] = {}
     received = 0
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, float, int]] = []   # t, RSS MB, CPU steal % over the last second, drops
+    last_steal = cpu_steal_jiffies()
     reloads = 0
     reload_failures = 0
     dropped = 0
@@ -169,8 +184,11 @@ def soak(args: argparse.Namespace) -> dict:
     while time.monotonic() - t_start < args.duration:
         now = time.monotonic()
         if now >= next_sample:
-            samples.append((now - t_start, d.rss_mb()))
             dropped = sum(cam["dropped"] for cam in d.control({"cmd": "status"})["cameras"].values())
+            steal = cpu_steal_jiffies()
+            steal_pct = 100.0 * (steal[0] - last_steal[0]) / max(1, steal[1] - last_steal[1])
+            last_steal = steal
+            samples.append((now - t_start, d.rss_mb(), steal_pct, dropped))
             next_sample += 1.0
         if now >= next_reload:
             reply = d.control({"cmd": "reload"})
@@ -186,7 +204,14 @@ def soak(args: argparse.Namespace) -> dict:
     frames_in = stopped["frames_in"]
     journalled = {cam: [seq for seq, _ in read_since(d.journal, cam, -1)] for cam in frames_in}
     not_journalled = sum(n - len(set(journalled[cam]) & set(range(n))) for cam, n in frames_in.items())
-    (workdir / "rss.csv").write_text("t_s,rss_mb\n" + "".join(f"{t:.1f},{m:.1f}\n" for t, m in samples))
+    (workdir / "rss.csv").write_text("t_s,rss_mb,cpu_steal_pct,dropped\n"
+                                     + "".join(f"{t:.1f},{m:.1f},{st:.1f},{dr}\n" for t, m, st, dr in samples))
+    steal_pct = np.array([s[2] for s in samples])
+    drops = np.array([s[3] for s in samples])
+    # Seconds in which the drop count rose, with the steal of that second and the one before.
+    drop_seconds = [{"t_s": round(samples[i][0], 1), "dropped": int(drops[i] - drops[i - 1]),
+                     "cpu_steal_pct": round(float(steal_pct[max(0, i - 1):i + 1].max()), 1)}
+                    for i in range(1, len(samples)) if drops[i] > drops[i - 1]]
     t = np.array([s[0] for s in samples]) / 3600.0
     rss = np.array([s[1] for s in samples])
     keep = t >= 0.2 * t[-1] if len(t) else t
@@ -203,6 +228,9 @@ def soak(args: argparse.Namespace) -> dict:
         "rss_max_mb": round(float(rss.max()), 1) if len(rss) else None,
         "rss_growth_mb": round(float(rss[-1] - rss[keep][0]), 1) if keep.any() else None,
         "rss_slope_mb_per_hour": round(slope, 2),
+        "cpu_steal_pct_mean": round(float(steal_pct.mean()), 2) if len(steal_pct) else None,
+        "cpu_steal_pct_max_1s": round(float(steal_pct.max()), 1) if len(steal_pct) else None,
+        "drop_seconds": drop_seconds,
     }
 
 
