@@ -128,7 +128,7 @@ class CameraIngest:
                                                                                            BACKOFF_MAX_S),
                  mark_seq: Callable[[int], None] | None = None) -> None:
         self.camera = camera
-        self.mark_seq = mark_seq
+        self.mark_seq = mark_seq or (lambda seq: None)
         self.queue = queue
         self.clock = clock
         self.backoff_s = backoff_s
@@ -215,12 +215,11 @@ class CameraIngest:
         if frame.error is not None:
             self.errors += 1
             self.last_error = frame.error
-        if self.mark_seq is not None:
-            self.mark_seq(frame.seq)
+        self.mark_seq(frame.seq)
         if self.queue.put(frame, self._stop):
             self.next_seq += 1
             self.frames_in += 1
-        elif self.mark_seq is not None:
+        else:
             self.mark_seq(frame.seq - 1)  # stopping: the frame was never queued, its seq is not used
 
 
