@@ -8,6 +8,7 @@ Transformations (all numpy + OpenCV, drawn from a caller's `numpy.random.Generat
 - `perlin`        a thresholded Perlin-noise blob filled with a foreign texture (DRAEM / CSE style). No texture
                   dataset exists offline, so the texture is the image itself rotated/rescaled/re-toned or a
                   procedural multi-octave noise.
+- `shading`       a large region brighter or darker with its grain amplified: an uneven finish, nothing pasted.
 
 Each takes a uint8 image HxW or HxWxC (C = 1 or 3; shape and dtype are kept) and returns a `Defect`: the transformed
 image, the destination region's bounding box, the destination region's own size (what SLA normalises by) and the
@@ -251,11 +252,47 @@ def perlin(image: np.ndarray, rng: np.random.Generator, opacity: tuple[float, fl
     return Defect(_like(out, image), (x, y, w, h), (w, h), mask)
 
 
+def shading(image: np.ndarray, rng: np.random.Generator, coverage: tuple[float, float] = (0.1, 0.5),
+            gain: tuple[float, float] = (1.15, 1.7), texture_gain: tuple[float, float] = (1.3, 2.5)) -> Defect:
+    """An uneven finish: a large region (10-50 % of the frame, a low-frequency Perlin blob or a band across the
+    frame) whose tone is brighter or darker and whose fine texture (the image minus its 9x9 mean) is amplified, with
+    the region's own grain kept. Nothing foreign is pasted, so only the region's level and contrast against the rest
+    of the same part give it away -- the defects that patch-sized transformations never produce."""
+    hwc = _as_hwc(image)
+    height, width = hwc.shape[:2]
+    target = rng.uniform(*coverage)
+    if rng.random() < 0.5:
+        noise = perlin_noise((height, width), (int(rng.integers(1, 3)), int(rng.integers(1, 3))), rng)
+        mask = noise >= np.quantile(noise, 1.0 - target)
+    else:  # a band from one edge, as a grinding or coating pass that stopped short
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        wobble = perlin_noise((height, width), (1, 2), rng) * 0.05
+        along = (yy / height if rng.random() < 0.5 else xx / width) + wobble
+        mask = along < target if rng.random() < 0.5 else along > 1.0 - target
+    if not mask.any():
+        mask[:max(1, height // 4)] = True
+    level = rng.uniform(*gain)
+    if rng.random() < 0.3:
+        level = 1.0 / level
+    x = hwc.astype(np.float32)
+    local_mean = cv2.blur(x, (9, 9)).reshape(x.shape)
+    changed = local_mean * level + (x - local_mean) * rng.uniform(*texture_gain)
+    # A soft edge a few pixels wide: a hard seam would be a scar, which the other transformations already teach.
+    alpha = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), rng.uniform(1.0, 4.0))
+    alpha[alpha < 0.02] = 0.0
+    written = alpha > 0.0
+    alpha = alpha[..., None]
+    out = np.clip(x * (1.0 - alpha) + changed * alpha, 0, 255).astype(np.uint8)
+    x0, y0, w, h = _mask_box(written)
+    return Defect(_like(out, image), (x0, y0, w, h), (w, h), written)
+
+
 DEFECTS: dict[str, Callable[[np.ndarray, np.random.Generator], Defect]] = {
     "cutpaste": cutpaste,
     "scar": cutpaste_scar,
     "cutout": cutout,
     "perlin": perlin,
+    "shading": shading,
 }
 
 

@@ -142,6 +142,19 @@ def test_perlin_mask_is_never_empty_and_noise_is_bounded():
     assert np.abs(noise).max() <= 1.5 and noise.std() > 0.05
 
 
+def test_shading_changes_a_large_region_in_tone_and_grain():
+    image = surface(1, size=128)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        result = defects.shading(image, rng)
+        inside = result.mask
+        assert 0.05 <= inside.mean() <= 0.7, "an uneven finish covers a large share of the part"
+        before, after = image[inside].astype(np.float32), result.image[inside].astype(np.float32)
+        tone = after.mean() / before.mean()
+        grain = after.std() / max(before.std(), 1e-6)
+        assert abs(tone - 1.0) > 0.05 or grain > 1.1, (tone, grain)
+
+
 def test_defect_mix_parses_and_draws_by_weight():
     mix = defects.parse_mix("perlin:3, cutpaste")
     assert mix == {"perlin": 0.75, "cutpaste": 0.25}
