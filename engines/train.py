@@ -299,9 +299,12 @@ def _interrupt(signum, _frame):
 
 
 def run(args: argparse.Namespace) -> int:
-    # A run started in the background (nohup, a script, a job runner) ignores SIGINT and is stopped with SIGTERM:
-    # that must leave the same usable checkpoint Ctrl-C does.
+    # A run started in the background (nohup, a script, a job runner) is stopped with SIGTERM: that must leave the
+    # same usable checkpoint Ctrl-C does. SIGINT is claimed explicitly too, because a shell without job control
+    # starts background commands with SIGINT ignored and Python then never installs its own handler: a deliberate
+    # `kill -INT` would otherwise be dropped and the run would go on to the end.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         result = train_bundle(args.data, args.out, method=args.method, backbone=args.backbone,
                               size=parse_size(args.size), resize=args.resize, scorer=args.scorer, k=args.k,
