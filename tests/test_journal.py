@@ -66,18 +66,25 @@ def test_rotation_keeps_the_journal_under_its_cap_and_the_newest_results(tmp_pat
     j.close()
 
 
-WRITER = """
-import sys, time
+# What the journal subprocesses below start with: the repository on the path and `res`, the same result as `result`.
+SCRIPT_PRELUDE = """
+import sys
 sys.path.insert(0, {repo!r})
 from inspectd.journal import Journal
 from inspectd.messages import encode_result
+def res(seq, mask=None):
+    return encode_result(station="s", camera="cam0", seq=seq, frame_id="f", t_capture=1.0, t_publish=2.0,
+                         verdict="defect" if mask else "ok", score=0.5, threshold=0.4, model_id="m",
+                         thresholds_version=1, regions=[], latency_ms=1.0, width=4, height=4, mask_png=mask)
+"""
+
+WRITER = SCRIPT_PRELUDE + """
+import time
 # The cap is far above what the writer can write before it is killed, so nothing is rotated away.
 j = Journal(sys.argv[1], max_bytes=1 << 30, fsync_interval_s=0.05)
 start = (j.last_seq("cam0") or -1) + 1
 for seq in range(start, start + 10**7):
-    j.append("cam0", seq, encode_result(station="s", camera="cam0", seq=seq, frame_id="f", t_capture=1.0,
-             t_publish=2.0, verdict="defect", score=0.5, threshold=0.4, model_id="m", thresholds_version=1,
-             regions=[], latency_ms=1.0, width=4, height=4, mask_png=b"x" * 300))
+    j.append("cam0", seq, res(seq, mask=b"x" * 300))
     if seq == start + 200:
         print("going", flush=True)
 """
@@ -103,17 +110,8 @@ def test_sigkill_mid_append_then_reopen_resumes_after_the_last_whole_record(tmp_
         j.close()
 
 
-
-IN_FLIGHT = """
-import sys
-sys.path.insert(0, {repo!r})
-from inspectd.journal import Journal
-from inspectd.messages import encode_result
+IN_FLIGHT = SCRIPT_PRELUDE + """
 j = Journal(sys.argv[1], max_bytes=1 << 30)
-def res(seq):
-    return encode_result(station="s", camera="cam0", seq=seq, frame_id="f", t_capture=1.0, t_publish=2.0,
-                         verdict="ok", score=0.5, threshold=0.4, model_id="m", thresholds_version=1,
-                         regions=[], latency_ms=1.0, width=4, height=4)
 next_seq, _ = j.resume("cam0")
 for seq in range(next_seq, next_seq + 50):   # 50 results published and journalled
     j.mark_accepted("cam0", seq)
@@ -154,21 +152,15 @@ def test_frames_in_flight_at_a_sigkill_are_skipped_after_the_restart_not_reused(
     assert not reopened.unclean and reopened.resume("cam0") == (5, range(5, 5))  # a clean stop skips nothing
     assert reopened.resume("cam9") == (0, range(0, 0))
 
-FULL_DISK = """
-import json, sys
-sys.path.insert(0, {repo!r})
-from inspectd.journal import Journal
-from inspectd.messages import encode_result
+
+FULL_DISK = SCRIPT_PRELUDE + """
+import json
 import inspectd.journal as jm
 jm.RETRY_S = 0.0
 j = Journal(sys.argv[1], max_bytes=64 << 20)
-def res(seq):
-    return encode_result(station="s", camera="cam0", seq=seq, frame_id="f", t_capture=1.0, t_publish=2.0,
-                         verdict="defect", score=0.5, threshold=0.4, model_id="m", thresholds_version=1,
-                         regions=[], latency_ms=1.0, width=4, height=4, mask_png=b"x" * 1000)
 states = []
 for seq in range(300):
-    j.append("cam0", seq, res(seq))
+    j.append("cam0", seq, res(seq, mask=b"x" * 1000))
     states.append(j.degraded is not None)
 print(json.dumps({{"first_degraded": states.index(True), "status": j.status(), "last": j.last_seq("cam0")}}))
 """
