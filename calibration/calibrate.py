@@ -7,12 +7,12 @@ Owns the statistics of threshold choice (all numpy, on score arrays, so they are
     support is reported with the number of good frames that p needs (zero exceedances: n >= ln(0.05)/ln(1-p));
     too few frames is a WARNING (threshold above the highest good score), not a silent pass;
   - with labelled defects: the highest threshold whose escape rate (defective frames scored below it) meets the
-    target, or the F1-max threshold (engines.metrics.f1_max); the confusion matrix is printed. Without defects these
+    target, or the F1-max threshold (engines.training.metrics.f1_max); the confusion matrix is printed. Without defects these
     two targets are refused: a threshold chosen "from defects" with no defects would flag everything;
   - pixel threshold: the quantile of good frames' pixel scores at a target pixel false-positive rate, or the pixel
     F1-max over ground-truth masks when the defective folders have them (both streamed through
-    engines.metrics.PixelHistograms, so maps are never held).
-Scoring is engines.evaluate.score_images; the document is calibration.thresholds (next_version, rollback); the bundle
+    engines.training.metrics.PixelHistograms, so maps are never held).
+Scoring is engines.training.evaluate.score_images; the document is engines.bundle.thresholds (next_version, rollback); the bundle
 file is rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol (set_thresholds).
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import thresholds as thresholds_doc
+from engines.bundle import thresholds as thresholds_doc
 
 CONFIDENCE = 0.95
 DEFAULT_FALSE_REJECT = 0.001
@@ -154,7 +154,7 @@ def threshold_for_escape(defect_scores, target: float) -> float:
 
 def threshold_for_f1(good_scores, defect_scores) -> tuple[float, float]:
     """(F1, threshold) at the F1 maximum, defects as the positive class."""
-    from engines.metrics import f1_max
+    from engines.training.metrics import f1_max
 
     good = _finite_scores(good_scores, "good scores")
     defect = _finite_scores(defect_scores, "defective scores")
@@ -192,7 +192,7 @@ def confusion(good_scores, defect_scores, threshold: float) -> Confusion:
 
 def pixel_threshold_for_fpr(histograms, fpr: float) -> float:
     """Lowest histogram-bin floor with at most floor(fpr * n) good pixels at or above it (bins are 0.05 % wide)."""
-    from engines.metrics import bin_floor
+    from engines.training.metrics import bin_floor
 
     fpr = _rate(fpr, "--pixel-fpr")
     total = histograms.n_normal  # flushes pending pixels into the histogram
@@ -208,7 +208,7 @@ def pixel_threshold_for_fpr(histograms, fpr: float) -> float:
 
 def pixel_threshold_for_f1(histograms) -> tuple[float, float]:
     """(pixel F1, threshold) at the pixel F1 maximum over ground-truth masks, thresholds at histogram-bin floors."""
-    from engines.metrics import bin_floor
+    from engines.training.metrics import bin_floor
 
     if not histograms.n_defect or not histograms.n_normal:
         raise CalibrationError("pixel F1: needs defect pixels (masks) and good pixels")
@@ -259,12 +259,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class _Scored:
     good: np.ndarray
     defect: np.ndarray
-    pixels: object | None  # engines.metrics.PixelHistograms when --pixel
+    pixels: object | None  # engines.training.metrics.PixelHistograms when --pixel
     has_masks: bool
 
 
 def _good_paths(folder: Path) -> list[Path]:
-    from engines.data import list_images
+    from engines.data.images import list_images
 
     # train/good of an MVTec root fitted the model; only test/good is held out.
     return list_images(folder / "test" / "good" if (folder / "test" / "good").is_dir() else folder)
@@ -272,7 +272,7 @@ def _good_paths(folder: Path) -> list[Path]:
 
 def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
     """(image, mask or None) for every defective image named by --defective."""
-    from engines.data import MvtecFolder, list_images
+    from engines.data.images import MvtecFolder, list_images
 
     items: list[tuple[Path, Path | None]] = []
     for name in folders:
@@ -289,10 +289,10 @@ def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
 
 
 def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | None]]) -> _Scored:
-    """One pass of engines.evaluate.score_images over good then defective images (one engine, one batch buffer)."""
-    from engines.data import load_mask
-    from engines.evaluate import score_images
-    from engines.metrics import PixelHistograms
+    """One pass of engines.training.evaluate.score_images over good then defective images (one engine, one batch buffer)."""
+    from engines.data.images import load_mask
+    from engines.training.evaluate import score_images
+    from engines.training.metrics import PixelHistograms
 
     pixels = PixelHistograms() if args.pixel else None
     has_masks = bool(defective) and all(mask is not None for _, mask in defective)
@@ -370,7 +370,7 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engines.bundle import load_bundle
+    from engines.bundle.store import load_bundle
     from engines.errors import EngineError
 
     out = sys.stdout
@@ -442,14 +442,14 @@ def _calibrate(bundle, current, args, out):
 
 def _apply(args, new, out) -> int:
     # The daemon's control protocol (docs/PROTOCOL.md); imported here so calibrating never needs the daemon.
-    from inspectd.control import ControlClient
+    from inspectd.protocol.control import ControlClient
     from inspectd.errors import InspectdError
 
     endpoint = args.apply
     try:
         curve = None
         if args.server_key is not None:
-            from inspectd.security import curve_client
+            from inspectd.protocol.keys import curve_client
 
             curve = curve_client(args.server_key, args.client_key)
         with ControlClient(endpoint, timeout_s=args.timeout, curve=curve) as client:

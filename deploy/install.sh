@@ -143,7 +143,7 @@ fi
 # --- config: root owns it, the service reads it ------------------------------------------------------------------
 ensure_dir "$ROOT/etc" 0755 root:root
 ensure_dir "$ETC" 0750 "root:$USER_NAME"
-# CurveZMQ: the daemon's own key pair must be owned by the service user and private (inspectd.keys refuses
+# CurveZMQ: the daemon's own key pair must be owned by the service user and private (inspectd.protocol.keys refuses
 # anything else); the allow-list of client public keys is root's to edit and must not be group/other-writable.
 ensure_dir "$ETC/keys" 0700 "$USER_NAME:$USER_NAME"
 ensure_dir "$ETC/clients" 0750 "root:$USER_NAME"

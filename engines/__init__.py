@@ -1,4 +1,13 @@
-"""Model side of inspectd: backbones, synthetic defects, training, evaluation, export, bundles and runtime backends.
+"""Model side of inspectd, in layers that import only downwards:
 
-Nothing here imports from the daemon (`inspectd`): a training workstation needs only this package.
+    errors     error types (imports nothing)
+    bundle     the bundle on disk: format constants, writing and verified loading, thresholds, TensorRT plan files
+    data       images in: decoding files, MVTec-layout folders, synthetic defects, the synthetic line
+    runtime    running a bundle: the Engine interface, one module per backend, fitting frames to the input
+    model      the torch side: backbones, graph, methods, ONNX export, the FP16 graph, TensorRT plan building
+    training   train, evaluate, metrics
+
+bundle and data import only errors; runtime imports bundle; model imports runtime, bundle and data; training imports
+the rest. Nothing here imports `inspectd` or `calibration` (tests/test_layering.py holds the whole rule). A
+runtime-only station (no torch) needs only errors, bundle, data and runtime.
 """

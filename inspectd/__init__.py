@@ -1,3 +1,5 @@
-"""The inspectd daemon: ingest, micro-batching, inference stage, publishing and control, wired by `daemon`."""
+"""inspectd: the daemon (daemon/), the protocol it shares with its clients (protocol/), the clients (clients/), the
+tools around it (tools/), and `cli`, the single `inspectd` entry point. errors, configfile and logs are shared by
+all of them and import nothing else of the package."""
 
 __version__ = "0.1.0"

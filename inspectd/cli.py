@@ -13,17 +13,17 @@ import sys
 
 # (command, module, one-line help) in the order `inspectd --help` lists them.
 SUBCOMMANDS = [
-    ("train", "engines.train", "train a model bundle from defect-free images"),
-    ("eval", "engines.evaluate", "measure a bundle on an MVTec-layout folder"),
-    ("export", "engines.export", "export a bundle's ONNX graph (uint8 pixels -> score and map)"),
-    ("build-engine", "engines.build_engine", "build a TensorRT plan for a bundle (GPU station)"),
-    ("run", "inspectd.daemon", "run the inspection daemon"),
-    ("subscribe", "inspectd.subscribe", "tail results published by a daemon"),
+    ("train", "engines.training.train", "train a model bundle from defect-free images"),
+    ("eval", "engines.training.evaluate", "measure a bundle on an MVTec-layout folder"),
+    ("export", "engines.model.export", "export a bundle's ONNX graph (uint8 pixels -> score and map)"),
+    ("build-engine", "engines.model.build_engine", "build a TensorRT plan for a bundle (GPU station)"),
+    ("run", "inspectd.daemon.service", "run the inspection daemon"),
+    ("subscribe", "inspectd.clients.subscribe", "tail results published by a daemon"),
     ("calibrate", "calibration.calibrate", "set, apply or roll back thresholds"),
-    ("bench", "inspectd.bench", "benchmark the engine, the daemon and a naive loop"),
-    ("demo", "inspectd.demo", "train on the synthetic line, run the daemon, show verdicts arriving"),
-    ("keys", "inspectd.keys", "generate CurveZMQ key pairs"),
-    ("bridge", "inspectd.bridge", "bridge results to a PLC (Modbus TCP)"),
+    ("bench", "inspectd.tools.bench.command", "benchmark the engine, the daemon and a naive loop"),
+    ("demo", "inspectd.tools.demo", "train on the synthetic line, run the daemon, show verdicts arriving"),
+    ("keys", "inspectd.protocol.keys", "generate CurveZMQ key pairs"),
+    ("bridge", "inspectd.clients.bridge", "bridge results to a PLC (Modbus TCP)"),
 ]
 
 

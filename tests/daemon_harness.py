@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from inspectd.control import ControlClient
-from inspectd.messages import Result
-from inspectd.subscribe import Subscriber
+from inspectd.protocol.control import ControlClient
+from inspectd.protocol.messages import Result
+from inspectd.clients.subscribe import Subscriber
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from inspectd.batching import MicroBatcher
-from inspectd.frames import Frame
-from inspectd.ingest import FrameQueue
+from inspectd.daemon.batching import MicroBatcher
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.ingest.queue import FrameQueue
 
 pytestmark = pytest.mark.timeout(30)
 

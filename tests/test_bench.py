@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from engines.train import Progress, train_bundle
+    from engines.training.train import Progress, train_bundle
 
     data = require_data()
     images = tmp_path_factory.mktemp("good")
@@ -83,7 +83,7 @@ def test_bench_naive_refuses_an_empty_frames_folder(tiny_bundle, tmp_path):
 
 
 def test_arrival_rate_counts_whole_batches_only():
-    from inspectd.bench_daemon import arrival_rate
+    from inspectd.tools.bench.daemon import arrival_rate
 
     # 10 frames/s in batches of 8 (one every 0.8 s, results 2 ms apart), the window opening mid-way between batches:
     # a plain count over the window would say 96 / 9.5 s = 10.1, and 8 frames more or less moves it by 8%.

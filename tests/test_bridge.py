@@ -29,8 +29,8 @@ from pymodbus.simulator import SimData, SimDevice  # noqa: E402
 from pymodbus.simulator.simutils import DataType  # noqa: E402
 
 from inspectd.errors import ConfigError  # noqa: E402
-from inspectd.messages import Region, encode_mask, encode_result, encode_status  # noqa: E402
-from inspectd.plc import DEFAULT_BITS, DEFAULT_REGISTERS, parse_bridge_config, scaled_score  # noqa: E402
+from inspectd.protocol.messages import Region, encode_mask, encode_result, encode_status  # noqa: E402
+from inspectd.clients.plc import DEFAULT_BITS, DEFAULT_REGISTERS, parse_bridge_config, scaled_score  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REG = DEFAULT_REGISTERS
@@ -132,7 +132,7 @@ class Daemon:
         self.pub = self.context.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         if curve is not None:
-            curve(self.pub)  # inspectd.security.CurveServer: the daemon's publish.curve
+            curve(self.pub)  # inspectd.daemon.security.CurveServer: the daemon's publish.curve
         port = self.pub.bind_to_random_port("tcp://127.0.0.1")
         mask = np.zeros((64, 64), bool)
         mask[2:6, 1:4] = True
@@ -334,8 +334,8 @@ def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
 
 
 def test_curve_encrypted_results_reach_the_plc_with_the_bridge_keys(plc, tmp_path, bridge_config):
-    from inspectd import keys
-    from inspectd.security import CurveServer
+    from inspectd.protocol import keys
+    from inspectd.daemon.security import CurveServer
 
     server_public, server_secret = keys.generate(tmp_path / "keys", "server")
     bridge_public, bridge_secret = keys.generate(tmp_path / "keys", "bridge1")
@@ -395,14 +395,14 @@ def test_scaled_score_is_clamped_to_a_register():
 
 
 def test_the_shipped_example_config_is_the_defaults():
-    from inspectd.plc import load_bridge_config
+    from inspectd.clients.plc import load_bridge_config
 
     assert load_bridge_config(REPO / "deploy" / "bridge.example.yaml") == parse_bridge_config({})
 
 
 def test_unreadable_bridge_yaml_is_one_config_error_naming_the_file(tmp_path):
     from inspectd.errors import ConfigError
-    from inspectd.plc import load_bridge_config
+    from inspectd.clients.plc import load_bridge_config
 
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text("registers: {status: 0\n", encoding="utf-8")

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration import thresholds as thresholds_doc
-from engines.bundle import load_bundle, write_bundle
+from engines.bundle import thresholds as thresholds_doc
+from engines.bundle.store import load_bundle, write_bundle
 from engines.errors import BundleError
 from tiny_dataset import make_tiny_mvtec, one_torch_thread  # noqa: F401 (fixture)
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_threa
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    from engines.train import Progress, train_bundle
+    from engines.training.train import Progress, train_bundle
 
     root = make_tiny_mvtec(tmp_path_factory.mktemp("data"), n_train=8)
     out = tmp_path_factory.mktemp("bundles") / "frozen"

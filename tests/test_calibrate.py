@@ -16,11 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration import thresholds as thresholds_doc
-from calibration.calibrate import (CalibrationError, binom_cdf, clopper_pearson_upper, confusion, frames_needed,
-                                   pixel_threshold_for_f1, pixel_threshold_for_fpr, threshold_for_escape,
-                                   threshold_for_f1, threshold_for_false_reject)
-from engines.metrics import PixelHistograms
+from engines.bundle import thresholds as thresholds_doc
+from calibration.calibrate import CalibrationError, binom_cdf, clopper_pearson_upper, confusion, frames_needed, pixel_threshold_for_f1, pixel_threshold_for_fpr, threshold_for_escape, threshold_for_f1, threshold_for_false_reject
+from engines.training.metrics import PixelHistograms
 from inspectd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +128,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data):
-    from engines.train import Progress, train_bundle
+    from engines.training.train import Progress, train_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "frozen"
     train_bundle(data / "train" / "good", out, size=(64, 64), k=2, holdout=0.0, progress=Progress(enabled=False))
@@ -149,8 +147,8 @@ def calibrate(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_good_only_calibration_writes_the_next_version_with_provenance(bundle, data, capsys):
-    from engines.bundle import load_bundle
-    from engines.evaluate import score_images
+    from engines.bundle.store import load_bundle
+    from engines.training.evaluate import score_images
 
     before = load_bundle(bundle).thresholds()
     code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.01", "--pixel")
@@ -170,7 +168,7 @@ def test_good_only_calibration_writes_the_next_version_with_provenance(bundle, d
 
 
 def test_defects_give_escape_and_f1_thresholds_with_a_confusion_matrix(bundle, data, capsys):
-    from engines.bundle import load_bundle
+    from engines.bundle.store import load_bundle
 
     code, out, err = calibrate(capsys, bundle, "--good", data, "--defective", data / "test" / "blowhole",
                                "--max-f1", "--pixel")
@@ -189,7 +187,7 @@ def test_defects_give_escape_and_f1_thresholds_with_a_confusion_matrix(bundle, d
 
 
 def test_escape_and_f1_targets_are_refused_without_defects(bundle, data, capsys):
-    from engines.bundle import load_bundle
+    from engines.bundle.store import load_bundle
 
     version = load_bundle(bundle).thresholds().version
     for flags in (["--target-escape", "0.01"], ["--max-f1"]):
@@ -201,7 +199,7 @@ def test_escape_and_f1_targets_are_refused_without_defects(bundle, data, capsys)
 
 
 def test_camera_override_then_rollback_restores_values_at_a_higher_version(bundle, data, capsys):
-    from engines.bundle import load_bundle
+    from engines.bundle.store import load_bundle
 
     v1 = load_bundle(bundle).thresholds()
     assert calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2")[0] == 0
@@ -244,7 +242,7 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
                               stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        from inspectd.control import ControlClient, ControlTimeout
+        from inspectd.protocol.control import ControlClient, ControlTimeout
 
         deadline = time.monotonic() + 60
         with ControlClient(control, timeout_s=2) as client:
@@ -260,7 +258,7 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
                                    "--apply", control)
         daemon_log = (tmp_path / "daemon.log").read_text(errors="replace")[-2000:]
         assert code == 0, err + daemon_log
-        from engines.bundle import load_bundle
+        from engines.bundle.store import load_bundle
 
         written = load_bundle(bundle).thresholds().version
         assert f"now judges with thresholds version {written}" in out, out + daemon_log
@@ -286,9 +284,9 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_p
     """A remote daemon's control socket requires CurveZMQ: --apply with the operator's keys gets in, others do not."""
     import socket
 
-    from inspectd import keys
-    from inspectd.control import ControlServer
-    from inspectd.security import CurveServer
+    from inspectd.protocol import keys
+    from inspectd.daemon.control import ControlServer
+    from inspectd.daemon.security import CurveServer
 
     server_public, server_secret = keys.generate(tmp_path / "keys", "server")
     operator_public, operator_secret = keys.generate(tmp_path / "keys", "operator")

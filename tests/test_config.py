@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from inspectd.config import FolderSource, OpenCVSource, SyntheticSource, ZmqSource, load_config, parse_config
+from inspectd.daemon.config import FolderSource, OpenCVSource, SyntheticSource, ZmqSource, load_config, parse_config
 from inspectd.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "inspectd.example.yaml"

@@ -10,7 +10,8 @@ import time
 import pytest
 import zmq
 
-from inspectd.control import ControlClient, ControlServer, ControlTimeout, Request, parse_request
+from inspectd.protocol.control import ControlClient, ControlTimeout, Request, parse_request
+from inspectd.daemon.control import ControlServer
 from inspectd.errors import InspectdError, MessageError
 
 pytestmark = pytest.mark.timeout(60)

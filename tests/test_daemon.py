@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import zmq
 
-from inspectd.messages import Result
+from inspectd.protocol.messages import Result
 from daemon_harness import Station
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -42,7 +42,7 @@ def blob(image: np.ndarray, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def line_frames():
-    from engines.synthline import SyntheticLine
+    from engines.data.synthline import SyntheticLine
 
     line = SyntheticLine(FRAME, FRAME, defect_rate=0.0, seed=7)
     return [line.next()[0] for _ in range(80)]
@@ -50,11 +50,11 @@ def line_frames():
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory, line_frames):
-    from calibration import thresholds as thresholds_doc
-    from engines.bundle import load_bundle
-    from engines.train import Progress, train_bundle
-    from inspectd.frames import Frame
-    from inspectd.inference import InferenceStage, ModelState
+    from engines.bundle import thresholds as thresholds_doc
+    from engines.bundle.store import load_bundle
+    from engines.training.train import Progress, train_bundle
+    from inspectd.daemon.frames import Frame
+    from inspectd.daemon.inference import InferenceStage, ModelState
 
     root = tmp_path_factory.mktemp("model")
     good = root / "good"
@@ -195,8 +195,8 @@ def test_sigterm_mid_stream_loses_no_accepted_frame(station):
 
 
 def test_set_thresholds_and_reload_mid_stream_without_gaps(station, bundle, tmp_path):
-    from calibration import thresholds as thresholds_doc
-    from engines.bundle import load_bundle, write_bundle
+    from engines.bundle import thresholds as thresholds_doc
+    from engines.bundle.store import load_bundle, write_bundle
 
     bundle = Path(shutil.copytree(bundle, tmp_path / "bundle"))  # this test rewrites its thresholds
     s = station(model=bundle, cameras=[{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 40, "width": FRAME, "height": FRAME,
@@ -307,8 +307,8 @@ def brightness_graph(size: int, single_frame: bool = False) -> bytes:
 
 
 def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_path, line_frames):
-    from calibration import thresholds as thresholds_doc
-    from engines.bundle import write_bundle
+    from engines.bundle import thresholds as thresholds_doc
+    from engines.bundle.store import write_bundle
 
     model = write_bundle(tmp_path / "single", {
         "method": "test", "backbone": "none", "input": {"height": 32, "width": 32, "channels": 1, "resize": "stretch"},

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from engines import defects
-from engines.data import decode_image
-from engines.synthline import SyntheticLine
+from engines.data import defects
+from engines.data.images import decode_image
+from engines.data.synthline import SyntheticLine
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from engines.data import MvtecFolder, load_image, load_mask
+from engines.data.images import MvtecFolder, load_image, load_mask
 from engines.errors import EngineError
-from engines.evaluate import score_images
+from engines.training.evaluate import score_images
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
@@ -47,7 +47,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
-    from engines.train import Progress, train_bundle
+    from engines.training.train import Progress, train_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "frozen64"
     train_bundle(tiny_data, out, method="frozen", size=(64, 64), progress=Progress(enabled=False))

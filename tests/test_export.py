@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import pytest
 
-from engines.bundle import load_bundle
+from engines.bundle.store import load_bundle
 from engines.errors import EngineError
-from engines.graph import SCORERS
+from engines.model.graph import SCORERS
 from engines.runtime import open_engine
 from tiny_dataset import make_tiny_mvtec, one_torch_thread  # noqa: F401 (fixture)
 
@@ -35,7 +35,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=list(SCORERS))
 def bundle(request, data, tmp_path_factory):
-    from engines.train import Progress, train_bundle
+    from engines.training.train import Progress, train_bundle
 
     out = tmp_path_factory.mktemp("bundles") / request.param
     train_bundle(data, out, size=(SIZE, SIZE), scorer=request.param, k=2, progress=Progress(enabled=False))
@@ -53,8 +53,8 @@ def engines(bundle):
 @pytest.fixture(scope="module")
 def frames(data) -> np.ndarray:
     """Three real frames (one good, two with blowholes) fitted the way the daemon fits them."""
-    from engines.data import load_image
-    from engines.preprocess import fit_frame
+    from engines.data.images import load_image
+    from engines.runtime.preprocess import fit_frame
 
     paths = sorted((data / "test").glob("*/*.jpg"))[:3]
     batch = np.empty((3, SIZE, SIZE, 1), np.uint8)
@@ -108,7 +108,7 @@ def test_scorer_params_swap_without_export(bundle, engines, frames):
     """Make frame 0 its own k-means reference (or the Gaussian's mean, or the memory bank): its map must drop to ~0."""
     import torch
 
-    from engines.graph import aggregate_patches
+    from engines.model.graph import aggregate_patches
 
     with torch.inference_mode():
         features = engines["torch"].graph.embed(torch.from_numpy(frames[:1]))[0].numpy()
@@ -182,7 +182,7 @@ def test_export_cli_rewrites_the_graph_and_its_checksum(bundle, tmp_path, capsys
                                                                                 max_batch=1) as b:
         probe = np.full((1, SIZE, SIZE, 1), 120, np.uint8)
         assert_close(a.infer(probe).maps, b.infer(probe).maps)
-    from engines.export import add_arguments, run
+    from engines.model.export import add_arguments, run
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import zmq
 
-from inspectd.journal import read_since
+from inspectd.protocol.journal import read_since
 from daemon_harness import Station, free_port
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -72,8 +72,8 @@ def poison_graph() -> bytes:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from calibration import thresholds as thresholds_doc
-    from engines.bundle import write_bundle
+    from engines.bundle import thresholds as thresholds_doc
+    from engines.bundle.store import write_bundle
 
     path = tmp_path_factory.mktemp("bundle") / "poisonable"
     write_bundle(path, {"method": "test", "backbone": "none",

@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from engines.errors import EngineError
-from inspectd import config as cfg
-from inspectd.control import parse_request
+from inspectd.daemon import config as cfg
 from inspectd.errors import ConfigError, InspectdError, MessageError
-from inspectd.ingest import PNG_SIGNATURE, ZmqPullSource, check_and_decode, encoded_dims
-from inspectd.messages import decode, encode_result
+from inspectd.daemon.ingest.headers import PNG_SIGNATURE, check_and_decode, encoded_dims
+from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
+from inspectd.protocol.control import parse_request
+from inspectd.protocol.messages import decode, encode_result
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,14 +23,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engines.build_engine import cast_pixels_first, precision_recipe
-from engines.bundle import load_bundle
-from engines.data import load_image
+from engines.model.build_engine import cast_pixels_first, precision_recipe
+from engines.bundle.store import load_bundle
+from engines.data.images import load_image
 from engines.errors import BundleError, EngineError
-from engines.half_precision import FLOAT16, to_fp16_variant
-from engines.preprocess import fit_frame
+from engines.model.half_precision import FLOAT16, to_fp16_variant
+from engines.runtime.preprocess import fit_frame
 from engines.runtime import backend_class, open_engine
-from engines.trt_plan import PlanInfo, check_compatible, parse_sidecar, pick_plan, plan_name, sidecar_name
+from engines.bundle.plans import PlanInfo, check_compatible, parse_sidecar, pick_plan, plan_name, sidecar_name
 from tiny_dataset import DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not present")
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """Tiny real bundles (frozen Lite0 at 64x64 on 8 defect-free tiles), one per scorer kind."""
-    from engines.train import Progress, train_bundle
+    from engines.training.train import Progress, train_bundle
 
     root = tmp_path_factory.mktemp("gpu")
     good = root / "good"
@@ -266,7 +266,7 @@ def test_registry_reports_the_tensorrt_backends_missing_dependency(bundles):
 
 def test_no_cuda_device_is_one_line():
     pytest.importorskip("cuda.bindings", reason="cuda-python not installed")
-    from engines.cuda_buffers import select_device
+    from engines.runtime.cuda_buffers import select_device
 
     try:
         name, capability = select_device(0)
@@ -281,7 +281,7 @@ def require_tensorrt_gpu() -> None:
     if not tensorrt_installed():
         pytest.skip("TensorRT not installed")
     try:
-        from engines.cuda_buffers import select_device
+        from engines.runtime.cuda_buffers import select_device
 
         select_device(0)
     except EngineError as exc:
@@ -296,7 +296,7 @@ def plans(bundles, tmp_path_factory) -> dict[tuple[str, str], Path]:
 
     def get(scorer: str, precision: str) -> Path:
         if (scorer, precision) not in built:
-            from engines.build_engine import build_plan
+            from engines.model.build_engine import build_plan
 
             path = shutil.copytree(bundles[scorer], root / f"{scorer}-{precision}")
             build_plan(path, precision, max_batch=4, streams=2, timing_cache=root / "timing.cache")

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from calibration import thresholds as thresholds_doc
-from engines.bundle import write_bundle
-from inspectd.frames import Frame
-from inspectd.inference import InferenceStage, ModelState
+from engines.bundle import thresholds as thresholds_doc
+from engines.bundle.store import write_bundle
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.inference import InferenceStage, ModelState
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import zmq
 
-from engines.synthline import SyntheticLine
-from inspectd.config import parse_config
-from inspectd.frames import Frame
-from inspectd.ingest import CameraIngest, FrameQueue, encoded_dims
+from engines.data.synthline import SyntheticLine
+from inspectd.daemon.config import parse_config
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.ingest.supervisor import CameraIngest
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.headers import encoded_dims
 from tiny_dataset import DATA as TILES
 
 DATA = TILES / "train" / "good"

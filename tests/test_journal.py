@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from inspectd import journal as journal_mod
-from inspectd.journal import Journal, JournalError, read_since
-from inspectd.messages import decode_result, encode_result
+from inspectd.protocol import journal as journal_format
+from inspectd.daemon.journal import Journal
+from inspectd.protocol.journal import JournalError, read_since
+from inspectd.protocol.messages import decode_result, encode_result
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def test_rotation_keeps_the_journal_under_its_cap_and_the_newest_results(tmp_pat
     assert on_disk > cap // 2  # it did not throw away more than it had to
     seqs = [s for s, _ in j.read_since("cam0", -1)]
     assert seqs[-1] == 1999 and seqs == list(range(seqs[0], 2000)), "a hole inside what is kept"
-    assert journal_mod.oldest_seq(tmp_path / "j", "cam0") == seqs[0] > 0
+    assert journal_format.oldest_seq(tmp_path / "j", "cam0") == seqs[0] > 0
     j.close()
 
 
@@ -70,8 +71,8 @@ def test_rotation_keeps_the_journal_under_its_cap_and_the_newest_results(tmp_pat
 SCRIPT_PRELUDE = """
 import sys
 sys.path.insert(0, {repo!r})
-from inspectd.journal import Journal
-from inspectd.messages import encode_result
+from inspectd.daemon.journal import Journal
+from inspectd.protocol.messages import encode_result
 def res(seq, mask=None):
     return encode_result(station="s", camera="cam0", seq=seq, frame_id="f", t_capture=1.0, t_publish=2.0,
                          verdict="defect" if mask else "ok", score=0.5, threshold=0.4, model_id="m",
@@ -155,7 +156,7 @@ def test_frames_in_flight_at_a_sigkill_are_skipped_after_the_restart_not_reused(
 
 FULL_DISK = SCRIPT_PRELUDE + """
 import json
-import inspectd.journal as jm
+import inspectd.daemon.journal as jm
 jm.RETRY_S = 0.0
 j = Journal(sys.argv[1], max_bytes=64 << 20)
 states = []

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from engines import defects
-from engines.bundle import load_bundle
-from engines.graph import architecture_of, build_graph
-from engines.methods import TrainSettings, get_method
-from engines.metrics import auroc
+from engines.data import defects
+from engines.bundle.store import load_bundle
+from engines.model.graph import architecture_of, build_graph
+from engines.model.methods import TrainSettings, get_method
+from engines.training.metrics import auroc
 from engines.runtime import open_engine
-from engines.synthline import SyntheticLine
-from engines.train import Progress
+from engines.data.synthline import SyntheticLine
+from engines.training.train import Progress
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_trained_cse_head_separates_clean_from_held_out_synthetic_defects():
 
 
 def test_sla_targets_put_the_soft_label_on_the_class_and_the_rest_on_normal():
-    from engines.methods.sla import cell_labels, soft_targets
+    from engines.model.methods.sla import cell_labels, soft_targets
 
     target = soft_targets(torch.tensor([0, 1, 2]), torch.tensor([0.0, 0.9, 0.25]))
     expected = torch.tensor([[1.0, 0.0, 0.0], [0.1, 0.9, 0.0], [0.75, 0.0, 0.25]])
@@ -121,7 +121,7 @@ def test_bad_method_flags_are_refused_naming_the_flag(good_dir, tmp_path):
 
 
 def test_local_reference_scorer_is_the_nearest_location_of_any_reference():
-    from engines.graph import LocalReferenceScorer
+    from engines.model.graph import LocalReferenceScorer
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(2, 8, 4, 5, generator=generator)

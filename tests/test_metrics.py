@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from engines.metrics import PixelHistograms, auroc, bin_floor, f1_max, order_keys, partial_area
+from engines.training.metrics import PixelHistograms, auroc, bin_floor, f1_max, order_keys, partial_area
 
 
 def _two_class(rng, n, p=0.4):

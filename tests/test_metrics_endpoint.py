@@ -10,9 +10,10 @@ import urllib.request
 
 import pytest
 
-from inspectd.config import parse_config
-from inspectd.ingest import CameraIngest, FrameQueue
-from inspectd.metrics import Metrics
+from inspectd.daemon.config import parse_config
+from inspectd.daemon.ingest.supervisor import CameraIngest
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(60)
 

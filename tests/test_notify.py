@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from inspectd.notify import Notifier
+from inspectd.daemon.notify import Notifier
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -71,7 +71,7 @@ def test_watchdog_belongs_to_the_named_pid_only():
 
 def test_a_real_child_process_notifies_through_its_environment(listener):
     sock, path = listener
-    code = ("from inspectd.notify import Notifier; n = Notifier.from_env(); "
+    code = ("from inspectd.daemon.notify import Notifier; n = Notifier.from_env(); "
             "n.ready(); n.status('warming up'); n.watchdog() if n.watchdog_interval_s() == 0.5 else None")
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "500000"}
     env.pop("WATCHDOG_PID", None)

@@ -13,12 +13,11 @@ import pytest
 import zmq
 
 from inspectd.errors import MessageError
-from inspectd.frames import Frame
-from inspectd.inference import Judged
-from inspectd.messages import (Region, decode, decode_result, decode_status, encode_mask, encode_result,
-                               encode_status)
-from inspectd.publish import Publisher
-from inspectd.subscribe import GapTracker, Subscriber
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.inference import Judged
+from inspectd.protocol.messages import Region, decode, decode_result, decode_status, encode_mask, encode_result, encode_status
+from inspectd.daemon.publish import Publisher
+from inspectd.clients.subscribe import GapTracker, Subscriber
 
 pytestmark = pytest.mark.timeout(60)
 

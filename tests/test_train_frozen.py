@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from engines.bundle import load_bundle
+from engines.bundle.store import load_bundle
 from engines.runtime import open_engine
-from engines.train import Progress, add_arguments, run, train_bundle
+from engines.training.train import Progress, add_arguments, run, train_bundle
 from tiny_dataset import make_tiny_mvtec, one_torch_thread, require_data  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
@@ -66,8 +66,8 @@ def test_cli_writes_a_complete_bundle(cli_bundle, data):
 
 
 def test_painted_defect_scores_higher_and_is_localised(cli_bundle, data):
-    from engines.data import load_image
-    from engines.preprocess import fit_frame
+    from engines.data.images import load_image
+    from engines.runtime.preprocess import fit_frame
 
     out, _ = cli_bundle
     bundle = load_bundle(out)
@@ -147,7 +147,7 @@ def test_ctrl_c_or_sigterm_leaves_a_usable_interrupted_bundle(tmp_path, signum):
 
 
 def test_kmeans_references_are_real_samples_one_per_cluster():
-    from engines.graph import NearestReferenceScorer
+    from engines.model.graph import NearestReferenceScorer
 
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(1, 8, 2, 2, generator=generator)
@@ -163,7 +163,7 @@ def test_kmeans_references_are_real_samples_one_per_cluster():
 
 def test_ledoit_wolf_matches_sklearn():
     covariance = pytest.importorskip("sklearn.covariance", reason="scikit-learn (test extra) is the reference")
-    from engines.graph import ledoit_wolf
+    from engines.model.graph import ledoit_wolf
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40)) * 0.3
@@ -197,7 +197,7 @@ def test_bad_arguments_are_one_line_errors(data, tmp_path, capsys):
 
 
 def test_gaussian_fit_does_not_depend_on_its_chunking():
-    from engines.graph import GaussianScorer
+    from engines.model.graph import GaussianScorer
 
     features = torch.randn(9, 12, 3, 3, generator=torch.Generator().manual_seed(2))
     whole = GaussianScorer.fit(features, chunk=100)
@@ -218,8 +218,8 @@ def test_memory_scorer_bundle_finds_a_painted_defect(data, tmp_path):
     assert bundle.scorer_inputs == ("memory_bank",) and bundle.manifest["training"]["memory_size"] == 40
     bank = bundle.scorer_params()["memory_bank"]
     assert bank.shape == (40, 432) and np.isfinite(bank).all()  # 11 images x 4x4 patches cut to 40
-    from engines.data import load_image
-    from engines.preprocess import fit_frame
+    from engines.data.images import load_image
+    from engines.runtime.preprocess import fit_frame
 
     clean = fit_frame(load_image(sorted((data / "test" / "good").iterdir())[0]), bundle.input_shape)[0]
     damaged = clean.copy()
@@ -233,7 +233,7 @@ def test_memory_scorer_bundle_finds_a_painted_defect(data, tmp_path):
 
 
 def test_greedy_coreset_keeps_rare_patterns_and_memory_scores_its_own_patches_zero():
-    from engines.graph import MemoryBankScorer, greedy_coreset
+    from engines.model.graph import MemoryBankScorer, greedy_coreset
 
     generator = torch.Generator().manual_seed(0)
     points = torch.cat([torch.randn(500, 4, generator=generator), 10 + torch.randn(500, 4, generator=generator),

@@ -1,8 +1,14 @@
-"""Runtime backends that run a bundle's graph: uint8 NHWC pixels in, image scores and anomaly maps out.
+"""Running a bundle's graph: uint8 NHWC pixels in, image scores and anomaly maps out.
+
+    base        the Engine interface every backend implements, and the checks they share
+    preprocess  fitting a frame to the model input (fit_frame) and mapping results back (Placement)
+    onnxruntime_backend, tensorrt_backend, torch_backend   one module per backend
+    cuda_buffers   CUDA memory, streams and events for the TensorRT backend
 
 Every backend is one module with one class implementing `engines.runtime.base.Engine` and declaring its own options
 as a dataclass (`Options`). Adding a backend is that module plus one line in BACKENDS. Backends are imported only when
-chosen, so a station without torch or TensorRT never imports them.
+chosen, so a station without torch or TensorRT never imports them. The runtime imports only engines.bundle (and
+engines.errors); the torch backend alone reaches into engines.model, for the torch graph it runs.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ def backend_class(name: str) -> type[Engine]:
 
 
 def open_engine(bundle, backend: str = "onnxruntime", options: dict | None = None, max_batch: int = 8) -> Engine:
-    """Open `bundle` (an `engines.bundle.Bundle`) on `backend` with that backend's options given as a plain dict."""
+    """Open `bundle` (an engines.bundle.store.Bundle) on `backend` with that backend's options as a plain dict."""
     cls = backend_class(backend)
     return cls(bundle, cls.parse_options(options or {}, where=f"engine.options"), max_batch=max_batch)
 

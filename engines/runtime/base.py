@@ -1,4 +1,4 @@
-"""The one small interface every runtime backend implements."""
+"""The one small interface every runtime backend implements, and the argument checks they share."""
 
 from __future__ import annotations
 
@@ -76,3 +76,31 @@ class Engine(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_pixels(pixels, input_shape: tuple[int, int, int], max_batch: int) -> None:
+    """One-line EngineError unless `pixels` is C-contiguous uint8 [N, H, W, C] with 1 <= N <= max_batch."""
+    if not isinstance(pixels, np.ndarray):
+        raise EngineError(f"pixels: {type(pixels).__name__}, expected a numpy array uint8 [N, H, W, C]")
+    if pixels.dtype != np.uint8:
+        raise EngineError(f"pixels: dtype {pixels.dtype}, expected uint8")
+    expected = (*input_shape,)
+    if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+        raise EngineError(f"pixels: shape {tuple(pixels.shape)}, expected [N, {', '.join(map(str, expected))}]")
+    if not 1 <= pixels.shape[0] <= max_batch:
+        raise EngineError(f"pixels: batch {pixels.shape[0]}, expected 1..{max_batch} (max_batch)")
+    if not pixels.flags.c_contiguous:
+        raise EngineError("pixels: not C-contiguous, expected a contiguous batch buffer")
+
+
+def check_scorer_params(params: dict[str, np.ndarray], expected: dict[str, list]) -> dict[str, np.ndarray]:
+    """float32 contiguous copies-if-needed of `params`, checked against the graph's input shapes (str = dynamic)."""
+    checked = {}
+    for name, shape in expected.items():
+        if name not in params:
+            raise EngineError(f"scorer params: {name!r} missing, expected {', '.join(expected)}")
+        value = np.ascontiguousarray(params[name], dtype=np.float32)
+        if value.ndim != len(shape) or any(isinstance(d, int) and d != v for d, v in zip(shape, value.shape)):
+            raise EngineError(f"scorer params: {name} has shape {tuple(value.shape)}, expected {list(shape)}")
+        checked[name] = value
+    return checked

@@ -12,39 +12,11 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
+from engines.bundle.format import OUTPUTS, PIXELS
 from engines.errors import EngineError
-from engines.runtime.base import Engine, InferenceResult
+from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
-OUTPUTS = ("score", "anomaly_map")
-
-
-def check_pixels(pixels, input_shape: tuple[int, int, int], max_batch: int) -> None:
-    """One-line EngineError unless `pixels` is C-contiguous uint8 [N, H, W, C] with 1 <= N <= max_batch."""
-    if not isinstance(pixels, np.ndarray):
-        raise EngineError(f"pixels: {type(pixels).__name__}, expected a numpy array uint8 [N, H, W, C]")
-    if pixels.dtype != np.uint8:
-        raise EngineError(f"pixels: dtype {pixels.dtype}, expected uint8")
-    expected = (*input_shape,)
-    if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
-        raise EngineError(f"pixels: shape {tuple(pixels.shape)}, expected [N, {', '.join(map(str, expected))}]")
-    if not 1 <= pixels.shape[0] <= max_batch:
-        raise EngineError(f"pixels: batch {pixels.shape[0]}, expected 1..{max_batch} (max_batch)")
-    if not pixels.flags.c_contiguous:
-        raise EngineError("pixels: not C-contiguous, expected a contiguous batch buffer")
-
-
-def check_scorer_params(params: dict[str, np.ndarray], expected: dict[str, list]) -> dict[str, np.ndarray]:
-    """float32 contiguous copies-if-needed of `params`, checked against the graph's input shapes (str = dynamic)."""
-    checked = {}
-    for name, shape in expected.items():
-        if name not in params:
-            raise EngineError(f"scorer params: {name!r} missing, expected {', '.join(expected)}")
-        value = np.ascontiguousarray(params[name], dtype=np.float32)
-        if value.ndim != len(shape) or any(isinstance(d, int) and d != v for d, v in zip(shape, value.shape)):
-            raise EngineError(f"scorer params: {name} has shape {tuple(value.shape)}, expected {list(shape)}")
-        checked[name] = value
-    return checked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +60,7 @@ class OnnxRuntimeEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own untyped errors for an unreadable graph
             raise EngineError(f"{bundle.graph_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
-        expected_names = ["pixels", *bundle.scorer_inputs]
+        expected_names = [PIXELS, *bundle.scorer_inputs]
         if list(inputs) != expected_names or [o.name for o in self.session.get_outputs()] != list(OUTPUTS):
             raise EngineError(f"{bundle.graph_path}: graph inputs {list(inputs)}, expected {expected_names} "
                               f"and outputs {list(OUTPUTS)}")
@@ -109,7 +81,7 @@ class OnnxRuntimeEngine(Engine):
     def infer(self, pixels: np.ndarray) -> InferenceResult:
         check_pixels(pixels, self.input_shape, self.max_batch)
         with self._lock:
-            self._binding.bind_cpu_input("pixels", pixels)
+            self._binding.bind_cpu_input(PIXELS, pixels)
             # Rebound per call: a bound output keeps the shape of the run that allocated it, and N varies.
             for output in OUTPUTS:
                 self._binding.bind_output(output, "cpu")

@@ -20,14 +20,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from engines import cuda_buffers
+from engines.runtime import cuda_buffers
+from engines.bundle.format import OUTPUTS, PIXELS
 from engines.errors import BundleError, EngineError
-from engines.runtime.base import Engine, InferenceResult
-from engines.runtime.onnxruntime_backend import check_pixels, check_scorer_params
-from engines.trt_plan import PRECISIONS, check_compatible, import_tensorrt, pick_plan, read_sidecar, sidecar_name
+from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
+from engines.bundle.plans import PRECISIONS, check_compatible, import_tensorrt, pick_plan, read_sidecar, sidecar_name
 
-PIXELS = "pixels"
-OUTPUTS = ("score", "anomaly_map")
 MAX_STREAMS = 8
 
 

@@ -1,6 +1,11 @@
 """The torch backend: rebuilds a bundle's graph from its manifest and weights.npz (nothing unpickled) and runs it
 under torch.inference_mode. The reference the ONNX graph is checked against, and a fallback where ONNX Runtime is not
-an option."""
+an option.
+
+The one runtime module that imports upwards, into engines.model, because it runs the torch graph itself rather than an
+exported one. It is imported only when a config or command chooses backend `torch` (engines.runtime.BACKENDS), never
+by the rest of the runtime, so a runtime-only station without torch never loads it (tests/test_layering.py).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,10 @@ import dataclasses
 import numpy as np
 import torch
 
+from engines.bundle.format import VARIABLE_ROWS
 from engines.errors import EngineError
-from engines.export import graph_from_bundle
-from engines.runtime.base import Engine, InferenceResult
-from engines.runtime.onnxruntime_backend import check_pixels, check_scorer_params
+from engines.model.export import graph_from_bundle
+from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +44,10 @@ class TorchEngine(Engine):
             torch.set_num_threads(options.threads)
         self.graph = graph_from_bundle(bundle).to(self.device)
         example = bundle.scorer_params()
-        self._param_shapes = {n: ["dynamic" if n == "references" and i == 0 else d for i, d in enumerate(v.shape)]
-                              for n, v in example.items()}
+        # Shapes as the exported graph declares them: the row count of a VARIABLE_ROWS input may change on a refit.
+        self._param_shapes = {n: ["dynamic" if n in VARIABLE_ROWS and i == 0 else d
+                                  for i, d in enumerate(example[n].shape)]
+                              for n in bundle.scorer_inputs}
         self.set_scorer_params(example)
 
     def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,270 @@
+"""Model bundles on disk: writing them, and loading them only after every file's checksum is verified.
+
+A bundle is a directory (docs/ARCHITECTURE.md): manifest.json, model.onnx, scorer.npz, weights.npz, thresholds.json.
+The manifest lists every other file with its SHA-256; loading refuses anything missing, tampered, of an unknown format
+version, or outside the directory. Arrays are read with allow_pickle=False: nothing is ever unpickled. This module
+needs neither torch nor onnx, so a runtime-only station can load bundles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.bundle import thresholds as thresholds_doc
+from engines.bundle.format import (FORMAT, FORMAT_VERSION, GRAPH, MANIFEST, REQUIRED_FILES, REQUIRED_KEYS, SCORER,
+                                   THRESHOLDS, WEIGHTS)
+from engines.errors import BundleError
+
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz np.load reads, written byte-for-byte reproducibly (fixed zip timestamps, so the same arrays give the
+    same checksums and model_id) and refusing object arrays (allow_pickle=False)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, value in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                              force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(value), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_bundle(path: str | Path, manifest_fields: dict[str, Any], graph: bytes | str | Path,
+                 scorer_params: dict[str, np.ndarray], weights: dict[str, np.ndarray],
+                 thresholds: thresholds_doc.Thresholds) -> Path:
+    """Write a complete bundle at `path`, replacing any bundle already there only once the new one is whole.
+
+    `manifest_fields` must hold at least method, backbone, input {height, width, channels, resize} and scorer_inputs;
+    format, model_id (method-backbone-shorthash over the files), graph, created and files are filled in here.
+    """
+    path = Path(path)
+    for key in ("method", "backbone", "input", "scorer_inputs"):
+        if key not in manifest_fields:
+            raise BundleError(f"write_bundle: manifest field {key!r} missing")
+    missing = [name for name in manifest_fields["scorer_inputs"] if name not in scorer_params]
+    if missing:
+        raise BundleError(f"write_bundle: scorer params lack {', '.join(missing)} named in scorer_inputs")
+    graph_bytes = graph if isinstance(graph, (bytes, bytearray)) else Path(graph).read_bytes()
+    contents = {
+        GRAPH: bytes(graph_bytes),
+        SCORER: _npz_bytes(scorer_params),
+        WEIGHTS: _npz_bytes(weights),
+        THRESHOLDS: thresholds_doc.dumps(thresholds),
+    }
+    files = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    # The id names what decides the outputs: the graph's weights and the scorer (not thresholds, which calibrate).
+    short = hashlib.sha256((files[WEIGHTS] + files[SCORER]).encode()).hexdigest()[:8]
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_id": f"{manifest_fields['method']}-{manifest_fields['backbone']}-{short}",
+        "graph": GRAPH,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **{k: v for k, v in manifest_fields.items() if k not in ("format", "format_version", "files")},
+        "files": files,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a daemon running as another user
+        for name, data in contents.items():
+            (staging / name).write_bytes(data)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _safe_member(root: Path, name: Any) -> Path:
+    """The path of manifest entry `name` inside `root`, refusing anything that could point elsewhere."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise BundleError(f"{root}: manifest file entry {name!r}: expected a plain file name inside the bundle")
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        raise BundleError(f"{root}/{name}: path escapes the bundle directory, expected a name inside it")
+    member = root / name
+    if member.is_symlink():
+        raise BundleError(f"{member}: is a symlink, expected a regular file inside the bundle")
+    if not member.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{member}: resolves outside the bundle directory, expected a file inside it")
+    return member
+
+
+class Bundle:
+    """A verified bundle. Construct with `load_bundle`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._scorer_params: dict[str, np.ndarray] | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def backbone(self) -> str:
+        return self.manifest["backbone"]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        spec = self.manifest["input"]
+        return int(spec["height"]), int(spec["width"]), int(spec["channels"])
+
+    @property
+    def resize_policy(self) -> str:
+        return self.manifest["input"].get("resize", "stretch")
+
+    @property
+    def graph_path(self) -> Path:
+        return self.path / self.manifest["graph"]
+
+    @property
+    def scorer_inputs(self) -> tuple[str, ...]:
+        return tuple(self.manifest["scorer_inputs"])
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """What engines.model.graph.build_graph needs to rebuild the torch graph."""
+        return self.manifest["architecture"]
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.manifest.get("interrupted", False))
+
+    def _arrays(self, name: str) -> dict[str, np.ndarray]:
+        member = self.path / name
+        try:
+            with np.load(member, allow_pickle=False) as npz:
+                return {key: npz[key] for key in npz.files}
+        except ValueError as exc:
+            raise BundleError(f"{member}: holds pickled objects, expected plain numeric arrays") from exc
+        except (OSError, EOFError) as exc:
+            raise BundleError(f"{member}: cannot read as .npz ({exc})") from exc
+
+    def scorer_params(self) -> dict[str, np.ndarray]:
+        """Arrays named in scorer_inputs (a fresh dict each call; the arrays are shared, treat them as read-only)."""
+        if self._scorer_params is None:
+            params = self._arrays(SCORER)
+            missing = [n for n in self.scorer_inputs if n not in params]
+            if missing:
+                raise BundleError(f"{self.path / SCORER}: lacks {', '.join(missing)}, expected every scorer input")
+            self._scorer_params = {n: np.ascontiguousarray(params[n], dtype=np.float32) for n in self.scorer_inputs}
+        return dict(self._scorer_params)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return self._arrays(WEIGHTS)
+
+    def thresholds(self) -> thresholds_doc.Thresholds:
+        try:
+            return thresholds_doc.read(self.path / THRESHOLDS)
+        except thresholds_doc.ThresholdsError as exc:
+            raise BundleError(str(exc)) from exc
+
+    def replace_file(self, name: str, data: bytes, add: bool = False) -> None:
+        """Atomically rewrite one listed file (e.g. thresholds.json after calibration) and its checksum; with
+        `add=True` the file may be new and is listed (a TensorRT plan under engines/ from inspectd build-engine)."""
+        member = _safe_member(self.path, name)
+        if name not in self.manifest["files"] and not add:
+            raise BundleError(f"{member}: not listed in the manifest, expected one of "
+                              f"{', '.join(self.manifest['files'])}")
+        member.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(member, data)
+        manifest = json.loads(json.dumps(self.manifest))
+        manifest["files"][name] = hashlib.sha256(data).hexdigest()
+        _atomic_write(self.path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        self.manifest = manifest
+        if name == SCORER:
+            self._scorer_params = None
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, model_id={self.model_id!r})"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Open and verify the bundle at `path`; BundleError (one line naming the file) if anything is off."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a directory, expected a model bundle (directory with {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{manifest_path}: missing, expected the bundle manifest") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
+                          f", expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected "
+                          f"{FORMAT_VERSION}")
+    for key in REQUIRED_KEYS:
+        if key not in manifest:
+            raise BundleError(f"{manifest_path}: key {key!r} missing")
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise BundleError(f"{manifest_path}: files: expected a mapping of file name to sha256")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise BundleError(f"{manifest_path}: files lacks {name!r}, expected every bundle file listed")
+    if manifest["graph"] not in files:
+        raise BundleError(f"{manifest_path}: graph {manifest['graph']!r} is not among the checksummed files")
+    for name, expected in files.items():
+        member = _safe_member(path, name)
+        if not member.is_file():
+            raise BundleError(f"{member}: missing, expected a file with sha256 {str(expected)[:12]}...")
+        actual = sha256_file(member)
+        if actual != expected:
+            raise BundleError(f"{member}: sha256 {actual[:12]}... does not match the manifest's {str(expected)[:12]}..."
+                              " (file changed or corrupt)")
+    shape = manifest["input"]
+    if not isinstance(shape, dict) or not all(isinstance(shape.get(k), int) and shape[k] > 0
+                                              for k in ("height", "width", "channels")):
+        raise BundleError(f"{manifest_path}: input: expected {{height, width, channels}} positive integers")
+    bundle = Bundle(path, manifest)
+    bundle.scorer_params()  # refuses a pickled or incomplete scorer.npz now, not at the first frame
+    return bundle

@@ -1,0 +1,142 @@
+"""The thresholds file: what turns a score into a verdict and a map into a mask, with its version and history.
+
+It lives with the bundle, at the bottom layer (no torch, nothing of the daemon), because training writes the first
+version, the daemon reads it on every reload and `inspectd calibrate` writes the next ones. Versions only go up; each new version carries the
+previous ones in `history` (without their own history) so an operator can roll back.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from engines.bundle.format import THRESHOLDS
+
+FILE_NAME = THRESHOLDS
+MAX_HISTORY = 50
+
+
+class ThresholdsError(ValueError):
+    """A thresholds document is malformed; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """The parsed, validated document."""
+
+    version: int
+    image_threshold: float
+    pixel_threshold: float
+    per_camera: dict[str, dict[str, float]]
+    provenance: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    def for_camera(self, camera: str) -> tuple[float, float]:
+        """(image threshold, pixel threshold) for `camera`, its override first."""
+        override = self.per_camera.get(camera, {})
+        return (override.get("image_threshold", self.image_threshold),
+                override.get("pixel_threshold", self.pixel_threshold))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _number(doc: dict, key: str, where: str) -> float:
+    value = doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ThresholdsError(f"{where}{key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def parse(doc: Any, where: str = "thresholds") -> Thresholds:
+    if not isinstance(doc, dict):
+        raise ThresholdsError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    known = {f.name for f in dataclasses.fields(Thresholds)}
+    for key in doc:
+        if key not in known:
+            raise ThresholdsError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ThresholdsError(f"{where}.version: expected an integer >= 1, got {version!r}")
+    per_camera = doc.get("per_camera", {})
+    if not isinstance(per_camera, dict):
+        raise ThresholdsError(f"{where}.per_camera: expected a mapping of camera id to overrides")
+    clean_per_camera: dict[str, dict[str, float]] = {}
+    for camera, override in per_camera.items():
+        if not isinstance(override, dict) or not override:
+            raise ThresholdsError(f"{where}.per_camera.{camera}: expected image_threshold and/or pixel_threshold")
+        for key in override:
+            if key not in ("image_threshold", "pixel_threshold"):
+                raise ThresholdsError(f"{where}.per_camera.{camera}.{key}: unknown key "
+                                      "(known: image_threshold, pixel_threshold)")
+        clean_per_camera[str(camera)] = {k: _number(override, k, f"{where}.per_camera.{camera}.") for k in override}
+    provenance = doc.get("provenance", {})
+    history = doc.get("history", [])
+    if not isinstance(provenance, dict):
+        raise ThresholdsError(f"{where}.provenance: expected a mapping")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise ThresholdsError(f"{where}.history: expected a list of earlier thresholds documents")
+    return Thresholds(version, _number(doc, "image_threshold", f"{where}."), _number(doc, "pixel_threshold", f"{where}."),
+                      clean_per_camera, provenance, history)
+
+
+def read(path: str | Path) -> Thresholds:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ThresholdsError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ThresholdsError(f"{path}: not valid JSON ({exc})") from exc
+    return parse(doc, where=str(path))
+
+
+def dumps(thresholds: Thresholds) -> bytes:
+    return (json.dumps(thresholds.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def first_version(image_threshold: float, pixel_threshold: float, provenance: dict[str, Any]) -> Thresholds:
+    return parse({"version": 1, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
+                  "provenance": {"time": _now(), **provenance}})
+
+
+def next_version(current: Thresholds, *, image_threshold: float | None = None, pixel_threshold: float | None = None,
+                 per_camera: dict[str, dict[str, float]] | None = None,
+                 provenance: dict[str, Any] | None = None) -> Thresholds:
+    """A new version on top of `current`, which goes into history. Unset values are carried over."""
+    doc = {
+        "version": current.version + 1,
+        "image_threshold": current.image_threshold if image_threshold is None else image_threshold,
+        "pixel_threshold": current.pixel_threshold if pixel_threshold is None else pixel_threshold,
+        "per_camera": copy.deepcopy(current.per_camera if per_camera is None else per_camera),
+        "provenance": {"time": _now(), **(provenance or {})},
+        "history": ([_without_history(current)] + copy.deepcopy(current.history))[:MAX_HISTORY],
+    }
+    return parse(doc)
+
+
+def rollback(current: Thresholds, version: int) -> Thresholds:
+    """A new version (numbers never go down) whose values are those of the earlier `version`."""
+    for old in current.history:
+        if old.get("version") == version:
+            earlier = parse({**old, "history": []}, where=f"thresholds.history[version {version}]")
+            return next_version(current, image_threshold=earlier.image_threshold,
+                                pixel_threshold=earlier.pixel_threshold, per_camera=earlier.per_camera,
+                                provenance={"rollback_to": version, "rolled_back_provenance": earlier.provenance})
+    known = ", ".join(str(h.get("version")) for h in current.history) or "none"
+    raise ThresholdsError(f"thresholds: no version {version} in history (known: {known})")
+
+
+def _without_history(thresholds: Thresholds) -> dict[str, Any]:
+    doc = thresholds.to_dict()
+    doc.pop("history")
+    return doc
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,388 @@
+"""The inference graph: uint8 NHWC pixels -> (image score [N], anomaly map [N, H, W]), one torch module per bundle.
+
+    pixels -> Preprocess (to float, grey replicated to 3 channels, the backbone's normalisation)
+           -> Backbone taps -> method head (frozen: TapConcat; CSE: embedding; SLA: its features) -> features [N,D,h,w]
+           -> scorer (nearest reference or Gaussian) -> low-resolution map [N,h,w] (+ a global score for some scorers)
+           -> bilinear upsampling to H x W -> Gaussian smoothing (sigma 4) -> anomaly map; image score.
+
+Scorer parameters (references; Gaussian mean and precision) are graph INPUTS, not weights, so a refit or reload never
+needs a re-export. Every frame is scored on its own: nothing is normalised across frames.
+
+A graph is described by a JSON-able `architecture` dict (stored in the bundle manifest) from which `build_graph`
+rebuilds it; the weights come from the backbone's ImageNet file (training) or the bundle's weights.npz (runtime).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.model.backbones import Backbone, create_backbone
+
+SMOOTHING_SIGMA = 4.0
+
+
+class Preprocess(nn.Module):
+    """uint8 [N,H,W,C] -> normalised float [N,3,H,W]; (x/255 - mean)/std folded into one multiply-add."""
+
+    def __init__(self, channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"input channels {channels}: expected 1 (grey) or 3 (RGB)")
+        self.channels = channels
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32)
+        if self.channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return x * self.scale + self.shift
+
+
+class TapConcat(nn.Module):
+    """All taps upsampled (bilinear) to the finest tap's grid and concatenated along channels: the frozen head, and
+    the first step of learned heads."""
+
+    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        size = taps[0].shape[-2:]
+        return torch.cat([taps[0]] + [F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+                                      for t in taps[1:]], dim=1)
+
+
+class GaussianSmoothing(nn.Module):
+    """Fixed separable Gaussian blur (radius 4 sigma, reflected borders) of a [N,H,W] map."""
+
+    def __init__(self, sigma: float = SMOOTHING_SIGMA) -> None:
+        super().__init__()
+        radius = max(1, int(math.ceil(4 * sigma)))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+        kernel /= kernel.sum()
+        self.radius = radius
+        self.register_buffer("kernel_y", kernel.view(1, 1, -1, 1), persistent=False)
+        self.register_buffer("kernel_x", kernel.view(1, 1, 1, -1), persistent=False)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        x = maps.unsqueeze(1)
+        r = self.radius
+        x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), self.kernel_y)
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), self.kernel_x)
+        return x.squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------------- scorers
+class NearestReferenceScorer(nn.Module):
+    """CSE's scorer. Input `references` [K,D,h,w]: real training feature maps nearest to k-means centroids.
+
+    Image score: 1 - cosine(flattened features, nearest reference). Map: per-location squared distance to that same
+    reference, summed over channels.
+    """
+
+    kind = "kmeans"
+    input_names = ("references",)
+    has_global_score = True
+
+    def forward(self, features: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = F.normalize(features.flatten(1), dim=1)
+        refs = F.normalize(references.flatten(1), dim=1)
+        best, index = (flat @ refs.T).max(dim=1)
+        nearest = references.index_select(0, index)
+        return 1.0 - best, (features - nearest).pow(2).sum(dim=1)
+
+    @staticmethod
+    def fit(features: torch.Tensor, k: int = 1, seed: int = 0, iterations: int = 50,
+            **_unused) -> dict[str, np.ndarray]:
+        """Spherical k-means (k-means++ start) on the flattened, L2-normalised feature maps; each centroid is then
+        replaced by the real training sample nearest to it, as CSE's reference implementation does."""
+        if features.shape[0] == 0:
+            raise ValueError("k-means: no training features")
+        k = max(1, min(k, features.shape[0]))
+        flat = F.normalize(features.flatten(1).float(), dim=1)
+        generator = torch.Generator().manual_seed(seed)
+        centroids = _kmeans_plus_plus(flat, k, generator)
+        for _ in range(iterations):
+            assignment = (flat @ centroids.T).argmax(dim=1)
+            sums = torch.zeros_like(centroids).index_add_(0, assignment, flat)
+            counts = torch.bincount(assignment, minlength=k)
+            # An emptied cluster keeps its old centroid instead of collapsing to zero.
+            updated = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), centroids)
+            if torch.allclose(updated, centroids):
+                break
+            centroids = updated
+        nearest = torch.unique((centroids @ flat.T).argmax(dim=1))
+        return {"references": features[nearest].float().contiguous().numpy()}
+
+
+class LocalReferenceScorer(nn.Module):
+    """CSE's references scored per location, for surfaces that are not aligned from frame to frame (magnetic tiles
+    vary in size and position): each location's distance is the squared distance to its nearest location in ANY
+    reference map (a memory of K*h*w vectors), not to the same location of one whole-image reference. Same input
+    `references` [K,D,h,w] and the same k-means fit as `NearestReferenceScorer`; image score: max of the map."""
+
+    kind = "kmeans_local"
+    input_names = ("references",)
+    has_global_score = False
+
+    def forward(self, features: torch.Tensor, references: torch.Tensor) -> tuple[None, torch.Tensor]:
+        n, d, h, w = features.shape
+        memory = references.permute(0, 2, 3, 1).reshape(-1, d)
+        query = features.permute(0, 2, 3, 1).reshape(n, h * w, d)
+        # |q - m|^2 expanded so the (h*w) x (K*h*w) distance matrix is one matmul.
+        squared = (query.pow(2).sum(-1, keepdim=True) - 2.0 * query @ memory.T + memory.pow(2).sum(-1)).amin(-1)
+        return None, squared.clamp_min(0).reshape(n, h, w)
+
+    fit = staticmethod(NearestReferenceScorer.fit)
+
+
+def _kmeans_plus_plus(flat: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    chosen = [int(torch.randint(flat.shape[0], (1,), generator=generator))]
+    distance = 1.0 - flat @ flat[chosen[0]]
+    for _ in range(1, k):
+        weights = distance.clamp_min(0)
+        if float(weights.sum()) <= 0:
+            break
+        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
+        distance = torch.minimum(distance, 1.0 - flat @ flat[chosen[-1]])
+    return flat[chosen]
+
+
+DEFAULT_MEMORY_SIZE = 16384
+CORESET_PROJECTION = 16
+# Neighbourhood averaged into each patch, in locations of the finest tap's grid. PatchCore uses 3x3; magnetic tile
+# wants far more context because its worst defect (uneven) is a diffuse shading. Screened on magnetic_tile (Lite0
+# taps 3+4 = a 16x16 grid at 256 stretched, 16 384 randomly chosen patches, maps at model size), image / pixel AUROC:
+# 3x3 0.885/0.819, 5x5 0.910/0.829, 7x7 0.923/0.833, 9x9 0.935/0.833, 11x11 0.943/0.833, 15x15 0.950/0.827; with
+# the coreset instead of random patches 11x11 0.950/0.836, 15x15 0.956/0.828 (docs/ACCURACY.md).
+AGGREGATION = 15
+
+
+class MemoryBankScorer(nn.Module):
+    """PatchCore's scorer (Roth et al., "Towards total recall in industrial anomaly detection", CVPR 2022). Input
+    `memory_bank` [M,D]: patch features of ALL training images, locally aggregated and cut to M by greedy k-center
+    coreset selection. Map: per location, the Euclidean distance from its aggregated feature to the nearest memory
+    vector (any position of any training image, so tiles need not be aligned); image score: max of the smoothed map.
+    It uses the backbone's default taps (Lite0 strides 16+32): strides 8+16 screened worse, image/pixel AUROC
+    0.701/0.766 against 0.885/0.819 with 3x3 aggregation, for 4x the locations.
+
+    Features are averaged over each AGGREGATION x AGGREGATION neighbourhood first (PatchCore's local aggregation,
+    widened): a patch then carries its surroundings, which denoises the memory and lets diffuse defects (magnetic
+    tile's `uneven`) stand out. The nearest-neighbour search is one matmul per batch; its [N, h*w, M] matrix is the
+    scorer's transient memory (N*h*w*M*4 bytes: 17 MB per frame for 16x16 locations and M = 16 384) and its cost
+    h*w*M*D*2 FLOP (3.6 GFLOP per frame at 256x256 with Lite0's 432 channels, several times the backbone's).
+    """
+
+    kind = "memory"
+    input_names = ("memory_bank",)
+    has_global_score = False
+
+    def forward(self, features: torch.Tensor, memory_bank: torch.Tensor) -> tuple[None, torch.Tensor]:
+        n, d, h, w = features.shape
+        query = aggregate_patches(features).permute(0, 2, 3, 1).reshape(n, h * w, d)
+        # The search ranks |m|^2 - 2 q.m (|q - m|^2 less |q|^2): one matmul. Its cancellation error is too large
+        # for the distance itself (a patch in the memory came out at 0.05, not 0), so that is recomputed exactly
+        # against the one nearest vector.
+        nearest = (memory_bank.pow(2).sum(-1) - 2.0 * query @ memory_bank.T).argmin(-1)
+        difference = query - memory_bank[nearest]
+        return None, difference.pow(2).sum(-1).sqrt().reshape(n, h, w)
+
+    @staticmethod
+    def fit(features: torch.Tensor, memory_size: int = DEFAULT_MEMORY_SIZE, seed: int = 0,
+            projection: int = CORESET_PROJECTION, chunk: int = 64, **_unused) -> dict[str, np.ndarray]:
+        """Aggregate every training patch, then keep `memory_size` of them by greedy k-center selection: each step
+        adds the patch farthest from everything kept so far, so rare good patterns survive the cut where random
+        sampling would drop them. Distances for the selection are taken in a random `projection`-dimensional space
+        (Johnson-Lindenstrauss), as PatchCore does, which makes each step a pass over N*h*w x `projection` floats."""
+        if features.shape[0] == 0:
+            raise ValueError("memory: no training features")
+        if memory_size < 1:
+            raise ValueError(f"memory_size {memory_size}: expected >= 1")
+        d = features.shape[1]
+        patches = torch.cat([aggregate_patches(features[s:s + chunk].float()).permute(0, 2, 3, 1).reshape(-1, d)
+                             for s in range(0, features.shape[0], chunk)])
+        if patches.shape[0] <= memory_size:
+            return {"memory_bank": patches.contiguous().numpy()}
+        generator = torch.Generator().manual_seed(seed)
+        projected = patches @ torch.randn(d, min(projection, d), generator=generator) if projection < d else patches
+        chosen = greedy_coreset(projected, memory_size, generator)
+        return {"memory_bank": patches[chosen].contiguous().numpy()}
+
+
+def aggregate_patches(features: torch.Tensor, size: int = AGGREGATION) -> torch.Tensor:
+    """size x size mean of each location's neighbourhood, borders averaged over the locations that exist."""
+    return F.avg_pool2d(features, kernel_size=size, stride=1, padding=size // 2, count_include_pad=False)
+
+
+def greedy_coreset(points: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of `size` rows of `points` [P, d] chosen by greedy k-center (farthest-point) selection from a random
+    start; squared distances, so each step is one matrix-vector product over the points."""
+    norms = points.pow(2).sum(1)
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = int(torch.randint(points.shape[0], (1,), generator=generator))
+    nearest = torch.full_like(norms, float("inf"))
+    candidate = torch.empty_like(norms)
+    for i in range(size):
+        if i:
+            chosen[i] = torch.argmax(nearest)
+        # |p|^2 - 2 p.c (+ |c|^2, the same for every p, added after) into one reused buffer: a step is one pass.
+        torch.addmv(norms, points, points[chosen[i]], alpha=-2.0, out=candidate)
+        candidate += norms[chosen[i]]
+        torch.minimum(nearest, candidate, out=nearest)
+    return chosen
+
+
+class GaussianScorer(nn.Module):
+    """Mahalanobis distance per location. Inputs `gauss_mean` [D,h,w] (a mean per location) and `gauss_precision`
+    [D,D] (the inverse of ONE covariance shared by all locations, Ledoit-Wolf shrunk).
+
+    Why shared: a full covariance per location (PaDiM) costs h*w*D^2 floats -- 191 MB for Lite0's 432 channels on a
+    16x16 grid -- and needs far more images than a line usually has to be well conditioned; the shared one is D^2
+    floats (0.75 MB) estimated from N*h*w samples and keeps every channel. Image score: the maximum of the smoothed map.
+    """
+
+    kind = "gaussian"
+    input_names = ("gauss_mean", "gauss_precision")
+    has_global_score = False
+
+    def forward(self, features: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> tuple[None, torch.Tensor]:
+        n, d, h, w = features.shape
+        centred = (features - mean.unsqueeze(0)).reshape(n, d, h * w)
+        squared = (centred * torch.matmul(precision, centred)).sum(dim=1)
+        return None, squared.clamp_min(0).sqrt().reshape(n, h, w)
+
+    @staticmethod
+    def fit(features: torch.Tensor, chunk: int = 64, **_unused) -> dict[str, np.ndarray]:
+        """Per-location mean and one Ledoit-Wolf covariance of the residuals, accumulated `chunk` images at a time
+        in float64 (a float64 copy of all residuals at 256x256 would be ~0.6 GB)."""
+        if features.shape[0] == 0:
+            raise ValueError("gaussian: no training features")
+        n, d = features.shape[:2]
+        mean = features.sum(dim=0, dtype=torch.float64) / n
+        moments = _SecondMoments(d)
+        for start in range(0, n, chunk):
+            residuals = features[start:start + chunk].double() - mean
+            moments.add(residuals.permute(0, 2, 3, 1).reshape(-1, d))
+        covariance = moments.ledoit_wolf()
+        # A small ridge keeps it invertible when the residuals carry no information (a single image, or images
+        # identical at every location): the distance then degrades to a scaled Euclidean one instead of failing.
+        ridge = 1e-4 * float(torch.trace(covariance)) / d + 1e-6
+        precision = torch.linalg.inv(covariance + ridge * torch.eye(d, dtype=torch.float64))
+        precision = 0.5 * (precision + precision.T)  # exact symmetry, so Mahalanobis distances are never negative
+        return {"gauss_mean": mean.float().contiguous().numpy(), "gauss_precision": precision.float().numpy()}
+
+
+class _SecondMoments:
+    """X^T X and (X*X)^T (X*X) of centred samples, summed over chunks: all that Ledoit-Wolf needs."""
+
+    def __init__(self, p: int) -> None:
+        self.n = 0
+        self.xtx = torch.zeros(p, p, dtype=torch.float64)
+        self.x2tx2 = torch.zeros(p, p, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.n += x.shape[0]
+        self.xtx += x.T @ x
+        x2 = x * x
+        self.x2tx2 += x2.T @ x2
+
+    def ledoit_wolf(self) -> torch.Tensor:
+        """(1 - s) * S + s * mu * I with the shrinkage s minimising the expected error: the estimator sklearn's
+        `ledoit_wolf(X, assume_centered=True)` computes."""
+        n, p = self.n, self.xtx.shape[0]
+        emp_cov = self.xtx / n
+        mu = torch.trace(emp_cov) / p
+        delta_sum = (emp_cov * emp_cov).sum()          # = sum((X^T X)^2) / n^2
+        beta = (self.x2tx2.sum() / n - delta_sum) / (p * n)
+        delta = (delta_sum - 2 * mu * torch.trace(emp_cov) + p * mu * mu) / p
+        beta = torch.minimum(beta, delta)
+        shrinkage = torch.where(delta > 0, beta / delta, torch.zeros_like(delta))
+        return (1 - shrinkage) * emp_cov + shrinkage * mu * torch.eye(p, dtype=torch.float64)
+
+
+def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf shrunk covariance of centred samples x [n, p]."""
+    moments = _SecondMoments(x.shape[1])
+    moments.add(x)
+    return moments.ledoit_wolf()
+
+
+SCORERS: dict[str, type[nn.Module]] = {"kmeans": NearestReferenceScorer, "kmeans_local": LocalReferenceScorer,
+                                       "gaussian": GaussianScorer, "memory": MemoryBankScorer}
+
+
+def scorer_class(kind: str) -> type[nn.Module]:
+    if kind not in SCORERS:
+        raise ValueError(f"scorer {kind!r}: expected one of {', '.join(SCORERS)}")
+    return SCORERS[kind]
+
+
+# --------------------------------------------------------------------------------------------------- the graph
+class InferenceGraph(nn.Module):
+    """forward(pixels uint8 [N,H,W,C], *scorer_params) -> (score float32 [N], anomaly_map float32 [N,H,W])."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, scorer: nn.Module, input_shape: tuple[int, int, int],
+                 sigma: float = SMOOTHING_SIGMA) -> None:
+        super().__init__()
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.preprocess = Preprocess(self.input_shape[2], backbone.spec.mean, backbone.spec.std)
+        self.backbone = backbone
+        self.head = head
+        self.scorer = scorer
+        self.smoothing = GaussianSmoothing(sigma)
+
+    @property
+    def scorer_inputs(self) -> tuple[str, ...]:
+        return tuple(self.scorer.input_names)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Features [N,D,h,w] that the scorer compares: what training fits the scorer on."""
+        return self.head(self.backbone(self.preprocess(pixels)))
+
+    def forward(self, pixels: torch.Tensor, *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score_features(self.embed(pixels), *scorer_params)
+
+    def score_features(self, features: torch.Tensor,
+                       *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second half of forward, for callers that computed the features once (evaluating several scorers)."""
+        global_score, low = self.scorer(features, *scorer_params)
+        height, width = self.input_shape[:2]
+        full = F.interpolate(low.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+        anomaly_map = self.smoothing(full.squeeze(1))
+        score = global_score if global_score is not None else anomaly_map.flatten(1).amax(dim=1)
+        return score, anomaly_map
+
+
+def build_graph(architecture: dict, pretrained: bool = True, weights: str | None = None) -> InferenceGraph:
+    """Rebuild a graph from its manifest description. `pretrained=False` leaves the weights to the caller
+    (a bundle's weights.npz); `weights` is the user's --weights for the backbone."""
+    from engines.model.methods import get_method
+
+    method = get_method(architecture["method"])
+    backbone = create_backbone(architecture["backbone"], weights=weights, pretrained=pretrained,
+                               taps=tuple(architecture["taps"]))
+    head = method.build_head(backbone, architecture.get("head", {}))
+    scorer = scorer_class(architecture["scorer"])()
+    return InferenceGraph(backbone, head, scorer, tuple(architecture["input_shape"]),
+                          architecture.get("smoothing_sigma", SMOOTHING_SIGMA))
+
+
+def architecture_of(method: str, backbone: str, taps: tuple[int, ...], head: dict, scorer: str,
+                    input_shape: tuple[int, int, int]) -> dict:
+    return {"method": method, "backbone": backbone, "taps": list(taps), "head": head, "scorer": scorer,
+            "input_shape": list(input_shape), "smoothing_sigma": SMOOTHING_SIGMA}
+
+
+def state_arrays(graph: nn.Module) -> dict[str, np.ndarray]:
+    """The graph's weights as plain arrays for weights.npz."""
+    return {k: v.detach().cpu().numpy() for k, v in graph.state_dict().items()}
+
+
+def load_state_arrays(graph: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    graph.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, strict=True)

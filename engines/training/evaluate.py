@@ -1,0 +1,354 @@
+"""`inspectd eval`: score a bundle on an MVTec-layout folder, report metrics, draw overlays.
+
+Owns `score_images`, the one way to run a bundle over a list of image files (the calibration tool uses it too): each
+image is decoded by engines.data.images.load_image, fitted into one preallocated uint8 batch buffer with
+engines.runtime.preprocess.fit_frame, run through a runtime backend (engines.runtime.open_engine), and its anomaly map mapped
+back to the frame's own size with Placement.map_to_frame. Metrics come from engines.training.metrics: image AUROC and F1-max
+over image scores, pixel AUROC and AUPRO (FPR <= 0.3) over every pixel at frame size, streamed into histograms so
+nothing but a few overlay candidates is held. Per-defect-type rows compare that type against the good images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import heapq
+import itertools
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from engines.training import metrics
+from engines.data.images import MvtecFolder, TestItem, load_image, load_mask
+from engines.errors import EngineError
+from engines.runtime.preprocess import fit_frame
+
+OVERLAY_GROUPS = ("worst-good", "best-defect", "worst-defect")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredImage:
+    path: Path
+    image: np.ndarray      # uint8 HxW or HxWx3 as loaded (RGB)
+    score: float
+    frame_map: np.ndarray  # float32 HxW anomaly map in the frame's own coordinates
+
+
+def score_images(bundle, paths: Iterable[str | Path], backend: str = "onnxruntime", batch: int = 8,
+                 options: dict | None = None) -> Iterator[ScoredImage]:
+    """Score image files with `bundle` (an engines.bundle.store.Bundle, or a bundle directory), in order, `batch` at a time.
+
+    The engine is opened on the first item and closed when the iterator is exhausted or closed. Decoding of the next
+    batch overlaps inference of the current one.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise EngineError(f"batch: {batch!r}, expected an integer >= 1")
+    if isinstance(bundle, (str, Path)):
+        from engines.bundle.store import load_bundle
+
+        bundle = load_bundle(bundle)
+    from engines.runtime import open_engine
+
+    input_shape = bundle.input_shape
+    policy = bundle.resize_policy
+    chunks = _chunks((Path(p) for p in paths), batch)
+    pixels = np.empty((batch, *input_shape), dtype=np.uint8)
+    with open_engine(bundle, backend, options, max_batch=batch) as engine, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
+        pending = _submit_decode(decoder, next(chunks, None))
+        while pending is not None:
+            chunk, images = pending[0], pending[1].result()
+            pending = _submit_decode(decoder, next(chunks, None))
+            placements = [fit_frame(image, input_shape, policy, out=pixels[i])[1] for i, image in enumerate(images)]
+            result = engine.infer(pixels[:len(images)])
+            for i, (path, image, placement) in enumerate(zip(chunk, images, placements)):
+                frame_map = placement.map_to_frame(result.maps[i])
+                # A map that needed no resize is a view into the engine's output, which the next batch may reuse.
+                if np.shares_memory(frame_map, result.maps):
+                    frame_map = frame_map.copy()
+                yield ScoredImage(path, image, float(result.scores[i]), frame_map.astype(np.float32, copy=False))
+
+
+def _chunks(items: Iterator[Path], size: int) -> Iterator[list[Path]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def _submit_decode(decoder, chunk):
+    if chunk is None:
+        return None
+    return chunk, decoder.submit(lambda: [load_image(p) for p in chunk])
+
+
+# --- evaluation -----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _TypeTally:
+    """What one test sub-folder (defect type or good) contributes: image scores and its pixel histograms."""
+
+    scores: list[float] = dataclasses.field(default_factory=list)
+    pixels: metrics.PixelHistograms | None = None   # created on the first image with a usable ground truth
+    without_mask: int = 0
+
+
+@dataclasses.dataclass(order=True)
+class _Candidate:
+    key: float
+    order: int
+    group: str = dataclasses.field(compare=False)
+    item: TestItem = dataclasses.field(compare=False)
+    scored: ScoredImage = dataclasses.field(compare=False)
+    mask: np.ndarray | None = dataclasses.field(compare=False)
+
+
+class _OverlayPicker:
+    """Keeps the k highest-scored goods, k highest- and k lowest-scored defects seen so far (bounded heaps)."""
+
+    def __init__(self, n: int) -> None:
+        base, extra = divmod(n, len(OVERLAY_GROUPS))
+        self.sizes = {g: base + (i < extra) for i, g in enumerate(OVERLAY_GROUPS)}
+        self.heaps: dict[str, list[_Candidate]] = {g: [] for g in OVERLAY_GROUPS}
+        self.counter = itertools.count()
+
+    def offer(self, item: TestItem, scored: ScoredImage, mask: np.ndarray | None) -> None:
+        if item.is_defective:
+            offers = (("best-defect", scored.score), ("worst-defect", -scored.score))
+        else:
+            offers = (("worst-good", scored.score),)
+        for group, key in offers:
+            heap, size = self.heaps[group], self.sizes[group]
+            if not size:
+                continue
+            candidate = _Candidate(key, next(self.counter), group, item, scored, mask)
+            if len(heap) < size:
+                heapq.heappush(heap, candidate)
+            elif candidate.key > heap[0].key:
+                heapq.heapreplace(heap, candidate)
+
+    def picked(self) -> list[_Candidate]:
+        seen, out = set(), []
+        for group in OVERLAY_GROUPS:
+            for candidate in sorted(self.heaps[group], reverse=True):
+                if candidate.item.path not in seen:
+                    seen.add(candidate.item.path)
+                    out.append(candidate)
+        return out
+
+
+def evaluate(bundle, data: str | Path, backend: str = "onnxruntime", batch: int = 8, options: dict | None = None,
+             n_overlays: int = 0, overlay_dir: str | Path | None = None) -> dict:
+    """Score every test image of an MVTec-layout folder and return the report (a JSON-ready dict)."""
+    if isinstance(bundle, (str, Path)):
+        from engines.bundle.store import load_bundle
+
+        bundle = load_bundle(bundle)
+    folder = MvtecFolder(data)
+    items = folder.test_items()
+    if not items:
+        raise EngineError(f"{folder.root / 'test'}: no test images, expected test/<type>/ folders with images")
+    by_path = {item.path: item for item in items}
+    tallies = {t: _TypeTally() for t in folder.defect_types()}
+    picker = _OverlayPicker(n_overlays if overlay_dir is not None else 0)
+    maskless_pixels = metrics.PixelHistograms()  # only for the overlay colour scale
+
+    per_image: list[dict] = []
+    scoring_seconds = 0.0
+    scored_images = score_images(bundle, [item.path for item in items], backend=backend, batch=batch, options=options)
+    while True:
+        start = time.perf_counter()
+        scored = next(scored_images, None)
+        scoring_seconds += time.perf_counter() - start
+        if scored is None:
+            break
+        item = by_path[scored.path]
+        tally = tallies[item.defect_type]
+        tally.scores.append(scored.score)
+        per_image.append({"path": str(item.path), "type": item.defect_type, "score": scored.score})
+        mask = None
+        if item.is_defective and item.mask_path is None:
+            tally.without_mask += 1   # unknown ground truth: its pixels are neither defect nor defect-free
+            maskless_pixels.add(scored.frame_map, what=str(item.path))
+        else:
+            if item.is_defective:
+                mask = load_mask(item.mask_path, scored.frame_map.shape)
+            if tally.pixels is None:
+                tally.pixels = metrics.PixelHistograms()
+            tally.pixels.add(scored.frame_map, mask, what=str(item.path))
+        picker.offer(item, scored, mask)
+
+    report = {
+        "bundle": str(bundle.path),
+        "model_id": bundle.model_id,
+        "method": bundle.method,
+        "backbone": bundle.backbone,
+        "input": list(bundle.input_shape),
+        "resize": bundle.resize_policy,
+        "backend": backend,
+        "batch": batch,
+        "data": str(folder.root),
+        "n_images": len(items),
+        "seconds": round(scoring_seconds, 3),
+        "images_per_s": round(len(items) / scoring_seconds, 2) if scoring_seconds > 0 else None,
+        "overall": None,
+        "per_type": {},
+        "pixel_metrics": "every pixel at frame size, streamed into 2^20-bin float histograms (engines.training.metrics)",
+        "overlays": [],
+        "images": per_image,
+    }
+    good = tallies.get("good", _TypeTally())
+    defect_types = [t for t in tallies if t != "good"]
+    report["overall"] = _row([good] + [tallies[t] for t in defect_types], n_good=len(good.scores))
+    for defect_type in defect_types:
+        report["per_type"][defect_type] = _row([good, tallies[defect_type]], n_good=len(good.scores))
+
+    if overlay_dir is not None and n_overlays > 0:
+        histograms = [t.pixels for t in tallies.values() if t.pixels is not None] + [maskless_pixels]
+        everything = sum(histograms[1:], histograms[0])
+        scale = (everything.quantile(0.01), everything.quantile(0.999))
+        try:
+            pixel_threshold = bundle.thresholds().pixel_threshold
+        except EngineError:
+            pixel_threshold = None
+        report["overlays"] = [str(p) for p in write_overlays(picker.picked(), overlay_dir, scale, pixel_threshold)]
+        report["overlay_scale"] = list(scale)
+    return report
+
+
+def _row(tallies: list[_TypeTally], n_good: int) -> dict:
+    """Metrics of the images in `tallies` (the first is the good images); None where a metric is undefined."""
+    scores = np.array([s for t in tallies for s in t.scores], dtype=np.float64)
+    labels = np.concatenate([np.full(len(t.scores), i > 0) for i, t in enumerate(tallies)]) if len(scores) else \
+        np.zeros(0, bool)
+    row = {"n_good": n_good, "n_defective": int(labels.sum()), "image_auroc": None, "f1_max": None,
+           "f1_threshold": None, "pixel_auroc": None, "aupro": None,
+           "n_without_mask": sum(t.without_mask for t in tallies)}
+    if labels.any() and not labels.all():
+        row["image_auroc"] = metrics.auroc(labels, scores)
+        row["f1_max"], row["f1_threshold"] = metrics.f1_max(labels, scores)
+    histograms = [t.pixels for t in tallies if t.pixels is not None]
+    if histograms:
+        pixels = sum(histograms[1:], histograms[0])
+        if pixels.n_defect and pixels.n_normal:
+            row["pixel_auroc"] = pixels.auroc()
+            row["aupro"] = pixels.aupro()
+    return row
+
+
+# --- overlays -------------------------------------------------------------------------------------------------------
+
+def write_overlays(candidates: list[_Candidate], out_dir: str | Path, scale: tuple[float, float],
+                   pixel_threshold: float | None = None) -> list[Path]:
+    """One PNG per candidate: frame | anomaly map (inferno, `scale` for all) | ground truth, with a caption."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for rank, candidate in enumerate(candidates):
+        item, scored = candidate.item, candidate.scored
+        path = out_dir / f"{rank:02d}_{candidate.group}_{item.defect_type}_{item.path.stem}.png"
+        caption = [f"{candidate.group}: {item.defect_type}/{item.path.name}",
+                   f"score {scored.score:.4g}  map scale {scale[0]:.3g}..{scale[1]:.3g}"]
+        if not cv2.imwrite(str(path), overlay_image(scored.image, scored.frame_map, candidate.mask, scale,
+                                                    pixel_threshold, caption)):
+            raise EngineError(f"{path}: cannot write overlay PNG")
+        written.append(path)
+    return written
+
+
+def overlay_image(image: np.ndarray, frame_map: np.ndarray, mask: np.ndarray | None, scale: tuple[float, float],
+                  pixel_threshold: float | None, caption: list[str]) -> np.ndarray:
+    """BGR uint8 picture: frame | colour-mapped map (pixel-threshold contour in cyan) | mask, caption above."""
+    frame = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    lo, hi = scale
+    span = hi - lo if hi > lo else 1.0
+    levels = np.clip((frame_map - lo) * (255.0 / span), 0, 255).astype(np.uint8)
+    heat = cv2.applyColorMap(levels, cv2.COLORMAP_INFERNO)
+    if pixel_threshold is not None:
+        contours, _ = cv2.findContours((frame_map >= pixel_threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(heat, contours, -1, (255, 255, 0), 1)
+    truth = np.zeros_like(frame)
+    if mask is not None:
+        truth[mask] = 255
+    cv2.rectangle(truth, (0, 0), (truth.shape[1] - 1, truth.shape[0] - 1), (80, 80, 80), 1)  # shows an empty mask's extent
+    h, w = frame.shape[:2]
+    gap = np.full((h, 4, 3), 128, np.uint8)
+    panels = np.hstack([frame, gap, heat, gap, truth])
+    line_height = 16
+    header = np.zeros((line_height * len(caption) + 6, panels.shape[1], 3), np.uint8)
+    for i, text in enumerate(caption):
+        cv2.putText(header, text, (4, line_height * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+    return np.vstack([header, panels])
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from engines.runtime import BACKENDS
+
+    parser.add_argument("bundle", metavar="BUNDLE", help="model bundle directory")
+    parser.add_argument("--data", required=True, metavar="DIR", help="MVTec-layout folder (test/<type>/, ground_truth/)")
+    parser.add_argument("--json", metavar="OUT", help="write the report as JSON here")
+    parser.add_argument("--overlays", metavar="DIR", help="write overlay PNGs (frame | map | ground truth) here")
+    parser.add_argument("--n-overlays", type=_non_negative_int, default=8, metavar="N",
+                        help="overlays to write: worst-scored goods, best- and worst-scored defects (default 8)")
+    parser.add_argument("--backend", default="onnxruntime", choices=sorted(BACKENDS), help="runtime backend")
+    parser.add_argument("--batch", type=_positive_int, default=8, help="images per inference call (default 8)")
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from engines.bundle.store import load_bundle
+
+    try:
+        bundle = load_bundle(args.bundle)
+        report = evaluate(bundle, args.data, backend=args.backend, batch=args.batch, n_overlays=args.n_overlays,
+                          overlay_dir=args.overlays)
+    except EngineError as exc:
+        print(f"inspectd eval: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def format_table(report: dict) -> str:
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = [f"{report['model_id']} ({report['method']}, {report['backbone']}, input "
+             f"{'x'.join(map(str, report['input']))}) on {report['data']}: {report['n_images']} images, "
+             f"{report['images_per_s']} images/s ({report['backend']}, batch {report['batch']})",
+             f"{'':<14}{'good':>6}{'defect':>8}{'img AUROC':>11}{'pix AUROC':>11}{'AUPRO':>9}{'F1-max':>9}"]
+    rows = [("overall", report["overall"])] + list(report["per_type"].items())
+    for name, row in rows:
+        lines.append(f"{name:<14}{row['n_good']:>6}{row['n_defective']:>8}{cell(row['image_auroc']):>11}"
+                     f"{cell(row['pixel_auroc']):>11}{cell(row['aupro']):>9}{cell(row['f1_max']):>9}")
+    if report["overlays"]:
+        lines.append(f"overlays: {len(report['overlays'])} in {Path(report['overlays'][0]).parent}")
+    return "\n".join(lines)

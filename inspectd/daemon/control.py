@@ -1,0 +1,123 @@
+"""The daemon's control server: a ZeroMQ REP socket on its own thread, answering one JSON object per request.
+
+The request grammar and the client live in inspectd.protocol.control. A malformed request or a failing handler gets an
+ok:false reply and the server keeps answering: REP sockets must reply to every request, and a control channel that one
+bad message can wedge would leave the line unsteerable.
+
+The default endpoint is IPC under the state dir (file permissions are the access control) or loopback TCP. CurveZMQ
+plugs in through the `curve` hook: a callable that configures the socket before it binds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+import zmq
+
+from inspectd.errors import InspectdError, MessageError
+from inspectd.protocol.control import MAX_REQUEST_BYTES, parse_request
+
+log = structlog.get_logger("inspectd.control")
+
+POLL_MS = 100
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    # Errors we raise on purpose already read as a sentence; anything else is a bug worth naming by type.
+    return text if isinstance(exc, (InspectdError, ValueError)) else f"{type(exc).__name__}: {text}"
+
+
+def _prepare_ipc(endpoint: str) -> Path | None:
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = Path(endpoint[len("ipc://"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class ControlServer:
+    """REP socket on its own thread. `handler` has status(), reload(), set_thresholds(doc), pause(camera),
+    resume(camera), each returning a dict merged into the ok:true reply."""
+
+    def __init__(self, endpoint: str, handler: Any, curve: Callable[[zmq.Socket], None] | None = None) -> None:
+        self.endpoint = endpoint
+        self.handler = handler
+        self.curve = curve
+        self.requests = 0
+        self.refused = 0
+        self._sock: zmq.Socket | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+
+    def start(self) -> None:
+        """Bind here, in the caller's thread, so a bad or busy endpoint fails the daemon's start, not a thread."""
+        sock = zmq.Context.instance().socket(zmq.REP)
+        sock.linger = 0
+        sock.maxmsgsize = MAX_REQUEST_BYTES
+        if self.curve is not None:
+            self.curve(sock)
+        ipc_path = _prepare_ipc(self.endpoint)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise OSError(f"control.endpoint {self.endpoint}: cannot bind ({exc})") from None
+        if ipc_path is not None:
+            # Whoever can connect can reload models and change thresholds: owner and group only.
+            os.chmod(ipc_path, 0o660)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock = sock
+        self._thread.start()  # the socket moves to the server thread; only it touches the socket from now on
+        log.info("control_listening", endpoint=self.endpoint)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _serve(self) -> None:
+        sock = self._sock
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(POLL_MS):
+                    continue
+                data = sock.recv()
+                reply = self.handle(data)
+                sock.send(reply)
+        finally:
+            sock.close(linger=0)
+
+    def handle(self, data: bytes) -> bytes:
+        """One request in, one reply out (bytes); never raises."""
+        self.requests += 1
+        try:
+            request = parse_request(data)
+        except MessageError as exc:
+            self.refused += 1
+            return _dumps({"ok": False, "error": str(exc)})
+        try:
+            if request.cmd in ("pause", "resume"):
+                result = getattr(self.handler, request.cmd)(request.camera)
+            elif request.cmd == "set_thresholds":
+                result = self.handler.set_thresholds(request.thresholds)
+            else:
+                result = getattr(self.handler, request.cmd)()
+            reply = {"ok": True, **(result or {})}
+        except Exception as exc:  # the handler's failure is the client's answer, never the server's end
+            self.refused += 1
+            error = _one_line(exc)
+            log.warning("control_request_failed", cmd=request.cmd, error=error)
+            reply = {"ok": False, "error": error}
+        return _dumps(reply)
+
+
+def _dumps(reply: dict) -> bytes:
+    # default=str: a handler returning a Path or numpy scalar must still produce a reply, not a dead REP socket.
+    return json.dumps(reply, default=str).encode()

@@ -1,0 +1,23 @@
+"""Camera ingest: one thread per camera reads its source, stamps Frames and puts them into that camera's queue.
+
+A camera's frames go source -> `supervisor.CameraIngest` (the thread that keeps the camera alive) -> `queue.FrameQueue`
+(bounded, drained by the batcher). One module per part:
+
+    queue       the bounded per-camera FrameQueue
+    supervisor  CameraIngest: the thread per camera, reopening a failed source with capped exponential backoff
+    headers     image dimensions read from PNG/JPEG/BMP/TIFF headers, and check_and_decode
+    source      the Source interface every frame source implements
+    synthetic, folder, zmq_pull, opencv   one frame source each
+
+A source that fails (camera unplugged, RTSP drop, folder gone, socket error) is reopened with capped exponential
+backoff while the other cameras keep going; a finite source (synthetic with a count, a video file) ends cleanly.
+
+A bad frame is never dropped silently: it becomes a Frame with image=None and a one-line `error` naming what was wrong
+and what was expected, so the pipeline publishes verdict "error" for it. Encoded frames have their dimensions read from
+the PNG IHDR / JPEG SOF header and checked against `max_pixels` before anything is decoded, because the decoder
+would otherwise allocate whatever a (hostile or broken) header asks for.
+
+Pausing: live sources (synthetic, zmq, opencv) keep being read while paused and their frames are discarded (counted
+as `discarded`), so a resumed camera delivers current frames rather than a stale backlog; a folder is not read while
+paused, so its files wait on disk and are all inspected after resume.
+"""

@@ -1,0 +1,89 @@
+"""A watched folder as a camera: each new image file once, oldest first."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from engines.errors import DataError
+from inspectd.daemon import config as cfg
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode
+from inspectd.daemon.ingest.source import Source
+
+# A folder file that looks cut short is taken as still being written (a writer that paused for longer than a poll)
+# until it has been left alone this long; only then is it published as a truncated frame.
+WRITE_GRACE_S = 2.0
+
+
+class FolderWatcher(Source):
+    """New image files in a folder, each once, oldest first (mtime, then name); half-written files are waited for."""
+
+    live = False
+
+    def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
+        super().__init__(camera, clock)
+        self.spec: cfg.FolderSource = camera.source
+        self.poll_s = self.spec.poll_ms / 1000.0
+        # name -> mtime_ns when inspected (files left in place): a file rewritten under the same name is new again.
+        self.done: dict[str, int] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}         # name -> (size, mtime_ns) at the previous scan
+        self.pending: list[tuple[int, str]] = []            # ready (mtime_ns, name), oldest last, popped from the end
+
+    def open(self, stop: threading.Event) -> None:
+        if not self.spec.path.is_dir():
+            raise FileNotFoundError(f"{self.spec.path}: folder not found, expected a directory to watch")
+
+    def _scan(self) -> None:
+        current: dict[str, tuple[int, int]] = {}
+        with os.scandir(self.spec.path) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or not fnmatch.fnmatch(name, self.spec.pattern) or not entry.is_file():
+                    continue
+                st = entry.stat()
+                current[name] = (st.st_size, st.st_mtime_ns)
+        ready = [(stamp[1], name) for name, stamp in current.items()
+                 if self.done.get(name) != stamp[1] and self.sizes.get(name) == stamp]
+        # A file is ready when its size and mtime held still over one poll interval: the writer is done with it.
+        self.sizes = current
+        # Forget files that left the folder, so memory follows the folder's content.
+        self.done = {name: mtime for name, mtime in self.done.items() if name in current}
+        ready.sort(reverse=True)
+        self.pending = ready
+
+    def read(self, stop: threading.Event) -> Frame | None:
+        if not self.pending:
+            self._scan()
+            if not self.pending:
+                stop.wait(self.poll_s)
+                return None
+        mtime_ns, name = self.pending.pop()
+        path = self.spec.path / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None  # taken away by someone else between the scan and now
+        try:
+            image, error = check_and_decode(data, name, self.camera.max_pixels), None
+        except IncompleteImage as exc:
+            if time.time() - mtime_ns / 1e9 < WRITE_GRACE_S:
+                self.sizes.pop(name, None)  # must hold still over another poll before it is tried again
+                return None
+            image, error = None, str(exc)
+        except DataError as exc:
+            image, error = None, str(exc)
+        self.done[name] = mtime_ns
+        self._dispose(path)
+        return self.frame(name, mtime_ns / 1e9, image, error)
+
+    def _dispose(self, path: Path) -> None:
+        if self.spec.delete_after:
+            path.unlink(missing_ok=True)
+        elif self.spec.done_dir is not None:
+            self.spec.done_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(path, self.spec.done_dir / path.name)

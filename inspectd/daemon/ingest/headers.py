@@ -1,0 +1,127 @@
+"""Refusing bad encoded frames before decoding: image dimensions read from the PNG IHDR, JPEG SOF, BMP or TIFF header,
+checked against max_pixels, and truncated files recognised by their missing trailer."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from engines.data.images import decode_image
+from engines.errors import DataError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND = b"IEND\xaeB`\x82"
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8, CC are not frames.
+JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def encoded_dims(data: bytes | memoryview) -> tuple[str, int, int] | None:
+    """(format, height, width) read from a PNG, JPEG, BMP or TIFF header without decoding anything; None if none."""
+    view = memoryview(data)
+    if view[:8] == PNG_SIGNATURE:
+        return _png_dims(view)
+    if view[:2] == b"\xff\xd8":
+        return _jpeg_dims(view)
+    if view[:2] == b"BM":
+        return _bmp_dims(view)
+    if view[:4] in (b"II*\0", b"MM\0*"):
+        return _tiff_dims(view)
+    return None
+
+
+def _png_dims(view: memoryview) -> tuple[str, int, int] | None:
+    if len(view) < 24 or view[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", view[16:24])
+    return "png", height, width
+
+
+def _jpeg_dims(view: memoryview) -> tuple[str, int, int] | None:
+    pos = 2
+    while pos + 4 <= len(view):
+        if view[pos] != 0xFF:
+            return None
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers carry no length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", view[pos + 2:pos + 4])
+        if marker in JPEG_SOF:
+            if pos + 9 > len(view):
+                return None
+            height, width = struct.unpack(">HH", view[pos + 5:pos + 9])
+            return "jpeg", height, width
+        pos += 2 + length
+    return None
+
+
+def _bmp_dims(view: memoryview) -> tuple[str, int, int] | None:
+    if len(view) < 26:
+        return None
+    (header_size,) = struct.unpack("<I", view[14:18])
+    if header_size == 12:  # OS/2 BITMAPCOREHEADER
+        width, height = struct.unpack("<HH", view[18:22])
+    else:
+        width, height = struct.unpack("<ii", view[18:26])
+    return "bmp", abs(height), abs(width)  # negative height: rows stored top-down
+
+
+def _tiff_dims(view: memoryview) -> tuple[str, int, int] | None:
+    """Width and length tags of the first image file directory."""
+    if len(view) < 8:
+        return None
+    order = "<" if view[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "I", view[4:8])
+    if ifd + 2 > len(view):
+        return None
+    (entries,) = struct.unpack(order + "H", view[ifd:ifd + 2])
+    dims: dict[int, int] = {}
+    for i in range(entries):
+        at = ifd + 2 + 12 * i
+        if at + 12 > len(view):
+            return None
+        tag, kind = struct.unpack(order + "HH", view[at:at + 4])
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            fmt, size = ("H", 2) if kind == 3 else ("I", 4)
+            (dims[tag],) = struct.unpack(order + fmt, view[at + 8:at + 8 + size])
+    if 256 not in dims or 257 not in dims:
+        return None
+    return "tiff", dims[257], dims[256]
+
+
+class IncompleteImage(DataError):
+    """Empty or cut short: for a file, possibly one still being written."""
+
+
+def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int,
+                     expected: str | None = None) -> np.ndarray:
+    """Decode an encoded frame, refusing (DataError) empty, truncated, unknown-format and oversized ones first.
+
+    `expected` ("jpeg", "png"): the format the sender declared; anything else is refused."""
+    if len(data) == 0:
+        raise IncompleteImage(f"{what}: empty (0 bytes), expected an encoded {expected or 'JPEG/PNG/BMP/TIFF'} image")
+    dims = encoded_dims(data)
+    if dims is None:
+        raise DataError(f"{what}: no image header found (JPEG SOF, PNG IHDR, BMP or TIFF), expected a complete "
+                        f"{expected or 'JPEG/PNG/BMP/TIFF'} image")
+    fmt, height, width = dims
+    if expected is not None and fmt != expected:
+        raise DataError(f"{what}: payload is {fmt}, expected {expected} as the header's encoding says")
+    if height * width > max_pixels:
+        raise DataError(f"{what}: {fmt} header declares {width}x{height} = {width * height} pixels, "
+                        f"expected at most max_pixels={max_pixels}")
+    if height == 0 or width == 0:
+        raise DataError(f"{what}: {fmt} header declares {width}x{height}, expected a non-empty image")
+    # Decoders fill a truncated image with grey and report success; the missing trailer is the reliable sign.
+    tail = bytes(memoryview(data)[-16:]).rstrip(b"\0")
+    if fmt == "jpeg" and not tail.endswith(b"\xff\xd9"):
+        raise IncompleteImage(f"{what}: truncated JPEG (no end-of-image marker), expected a complete file")
+    if fmt == "png" and not tail.endswith(PNG_IEND):
+        raise IncompleteImage(f"{what}: truncated PNG (no IEND chunk), expected a complete file")
+    if fmt == "bmp" and len(data) < struct.unpack("<I", memoryview(data)[2:6])[0]:
+        raise IncompleteImage(f"{what}: truncated BMP (shorter than its header's file size), expected a complete file")
+    return decode_image(np.frombuffer(data, dtype=np.uint8), what=what)

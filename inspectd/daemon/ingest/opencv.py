@@ -1,0 +1,68 @@
+"""OpenCV VideoCapture as a camera: a video file, an RTSP/HTTP stream, a device or a GStreamer pipeline."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+import cv2
+
+from engines.data.images import as_uint8_gray_or_rgb
+from engines.errors import DataError
+from inspectd.daemon import config as cfg
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.ingest.source import Source, SourceEnded
+
+STREAM_TIMEOUT_MS = 5000  # network video streams: how long open and each read may block
+
+
+class VideoCaptureSource(Source):
+    """cv2.VideoCapture on a video file (finite), an RTSP/HTTP URL, a device index or a GStreamer pipeline."""
+
+    def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
+        super().__init__(camera, clock)
+        self.spec: cfg.OpenCVSource = camera.source
+        self.finite = self.spec.url is not None and "://" not in self.spec.url
+        self.cap = None
+        self.counter = 0
+
+    def open(self, stop: threading.Event) -> None:
+        target = self.spec.target
+        if self.finite and not Path(target).is_file():
+            raise FileNotFoundError(f"{target}: video file not found")
+        if self.spec.pipeline is not None:
+            cap = cv2.VideoCapture(target, cv2.CAP_GSTREAMER)
+        elif self.spec.url is not None and not self.finite:
+            # A dead RTSP/HTTP peer would otherwise block open/read for FFmpeg's default (tens of seconds), and with
+            # it stop() and the reopen backoff.
+            cap = cv2.VideoCapture(target, cv2.CAP_ANY, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
+                                                         cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS])
+        else:
+            cap = cv2.VideoCapture(target)
+        if not cap.isOpened():
+            cap.release()
+            raise OSError(f"{target}: cv2.VideoCapture cannot open it")
+        self.cap = cap
+
+    def close(self) -> None:
+        if self.cap is not None:
+            self.cap.release()
+            self.cap = None
+
+    def read(self, stop: threading.Event) -> Frame | None:
+        ok, image = self.cap.read()
+        if not ok:
+            if self.finite:
+                raise SourceEnded()
+            raise OSError(f"{self.spec.target}: no frame (stream dropped or device unplugged)")
+        frame_id = str(self.counter)
+        self.counter += 1
+        now = self.clock()
+        if image.shape[0] * image.shape[1] > self.camera.max_pixels:
+            return self.frame(frame_id, now, None, f"frame {frame_id}: {image.shape[1]}x{image.shape[0]} pixels, "
+                                                   f"expected at most max_pixels={self.camera.max_pixels}")
+        try:
+            return self.frame(frame_id, now, as_uint8_gray_or_rgb(image, what=f"frame {frame_id}"))
+        except DataError as exc:
+            return self.frame(frame_id, now, None, str(exc))

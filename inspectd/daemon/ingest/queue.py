@@ -1,0 +1,68 @@
+"""The bounded per-camera queue between a camera's ingest thread and the batcher."""
+
+from __future__ import annotations
+
+import threading
+
+from inspectd.daemon import config as cfg
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.ingest.source import READ_TIMEOUT_S
+
+
+class FrameQueue:
+    """Bounded FIFO of Frames between one camera and the batcher.
+
+    Every put notifies the shared `ready` Condition, the one the batcher waits on for all cameras. The slots are a
+    preallocated ring, so steady-state operation allocates nothing.
+    """
+
+    def __init__(self, size: int, policy: str = "drop_oldest", ready: threading.Condition | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"queue size {size}: expected >= 1")
+        if policy not in cfg.QUEUE_POLICIES:
+            raise ValueError(f"queue policy {policy!r}: expected one of {', '.join(cfg.QUEUE_POLICIES)}")
+        self.size = size
+        self.policy = policy
+        self.ready = ready if ready is not None else threading.Condition()
+        self.dropped = 0
+        self._slots: list[Frame | None] = [None] * size
+        self._head = 0   # index of the oldest frame
+        self._count = 0
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+
+    def put(self, frame: Frame, stop: threading.Event | None = None) -> bool:
+        """Queue `frame`. Policy block waits for room; returns False (frame not queued) if `stop` is set meanwhile."""
+        with self._lock:
+            if self._count == self.size:
+                if self.policy == "drop_oldest":
+                    self._slots[self._head] = None
+                    self._head = (self._head + 1) % self.size
+                    self._count -= 1
+                    self.dropped += 1
+                else:
+                    while self._count == self.size:
+                        if stop is not None and stop.is_set():
+                            return False
+                        self._room.wait(READ_TIMEOUT_S)
+            self._slots[(self._head + self._count) % self.size] = frame
+            self._count += 1
+        # Appended before taking `ready`: a batcher that checked lengths under `ready` and found nothing is already
+        # waiting by the time this notify can run, so no wake-up is lost.
+        with self.ready:
+            self.ready.notify_all()
+        return True
+
+    def get_nowait(self) -> Frame | None:
+        with self._lock:
+            if self._count == 0:
+                return None
+            frame = self._slots[self._head]
+            self._slots[self._head] = None
+            self._head = (self._head + 1) % self.size
+            self._count -= 1
+            self._room.notify()
+            return frame
+
+    def __len__(self) -> int:
+        return self._count

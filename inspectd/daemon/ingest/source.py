@@ -1,0 +1,44 @@
+"""The interface every frame source implements, and the exceptions a source ends with."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import numpy as np
+
+from inspectd.daemon import config as cfg
+from inspectd.daemon.frames import Frame
+
+READ_TIMEOUT_S = 0.1  # longest a source read blocks, so stop() and pause are noticed promptly
+
+
+class SourceEnded(Exception):
+    """A finite source has delivered everything: end cleanly, do not reopen."""
+
+
+class SourceFatal(Exception):
+    """The source can never work as configured (e.g. an endpoint ZeroMQ refuses): stop retrying."""
+
+
+class Source:
+    """One camera's frame source. `read` blocks at most ~READ_TIMEOUT_S and returns None when nothing came."""
+
+    live = True  # read and discard while paused (see inspectd.daemon.ingest)
+
+    def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
+        self.camera = camera
+        self.clock = clock
+
+    def open(self, stop: threading.Event) -> None:
+        pass
+
+    def read(self, stop: threading.Event) -> Frame | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def frame(self, frame_id: str, t_capture: float, image: np.ndarray | None, error: str | None = None,
+              truth: bool | None = None) -> Frame:
+        return Frame(self.camera.id, -1, frame_id, t_capture, image, error, truth)

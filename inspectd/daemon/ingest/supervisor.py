@@ -1,0 +1,149 @@
+"""The ingest thread per camera: reads its source, stamps Frames with seq, queues them, and keeps the camera alive."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import structlog
+
+from inspectd.daemon import config as cfg
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.ingest.folder import FolderWatcher
+from inspectd.daemon.ingest.opencv import VideoCaptureSource
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceEnded, SourceFatal
+from inspectd.daemon.ingest.synthetic import SyntheticLineSource
+from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
+
+log = structlog.get_logger("inspectd.ingest")
+
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+class CameraIngest:
+    """The thread that keeps one camera's frames flowing into its queue.
+
+    `stats()["state"]`: running | reopening (failed, waiting out the backoff) | paused | ended (a finite source is
+    done) | failed (misconfigured beyond retrying) | stopped (after stop()). `reopen_count` counts reopen attempts.
+    Frames get `seq` from `first_seq` up, with no gaps among the frames queued. `mark_seq(seq)` is told each seq
+    before its frame is queued (the daemon records it in the journal, so a crash shows in-flight frames as a gap).
+    """
+
+    def __init__(self, camera: cfg.CameraConfig, queue: FrameQueue, first_seq: int = 0,
+                 clock: Callable[[], float] = time.time, backoff_s: tuple[float, float] = (BACKOFF_FIRST_S,
+                                                                                           BACKOFF_MAX_S),
+                 mark_seq: Callable[[int], None] | None = None) -> None:
+        self.camera = camera
+        self.mark_seq = mark_seq or (lambda seq: None)
+        self.queue = queue
+        self.clock = clock
+        self.backoff_s = backoff_s
+        self.paused = False
+        self.next_seq = first_seq
+        self.frames_in = 0
+        self.errors = 0
+        self.discarded = 0
+        self.reopen_count = 0
+        self.state = "running"
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._source = make_source(camera, clock)
+        self._log = log.bind(camera=camera.id, source=camera.source.kind)
+        self._thread = threading.Thread(target=self._run, name=f"ingest-{camera.id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> dict:
+        return {"frames_in": self.frames_in, "dropped": self.queue.dropped, "errors": self.errors,
+                "discarded": self.discarded, "reopen_count": self.reopen_count,
+                "state": "paused" if self.paused and self.state == "running" else self.state,
+                "last_error": self.last_error, "queued": len(self.queue), "next_seq": self.next_seq}
+
+    def _set_state(self, state: str, **fields) -> None:
+        if state != self.state:
+            self.state = state
+            self._log.info("camera_state", state=state, **fields)
+
+    def _run(self) -> None:
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._source.open(self._stop)
+                    if self.state != "running":
+                        self._set_state("running", reopen_count=self.reopen_count)
+                    while not self._stop.is_set():
+                        if self.paused and not self._source.live:
+                            self._stop.wait(READ_TIMEOUT_S)
+                            continue
+                        frame = self._source.read(self._stop)
+                        if frame is None:
+                            continue
+                        failures = 0
+                        if self.paused:
+                            self.discarded += 1
+                            continue
+                        self._emit(frame)
+                except SourceEnded:
+                    self._set_state("ended", frames_in=self.frames_in)
+                    return
+                except SourceFatal as exc:
+                    self.last_error = str(exc)
+                    self._set_state("failed", error=self.last_error)
+                    return
+                except Exception as exc:  # any source failure: the camera is reopened, the others never notice
+                    self.last_error = _one_line(exc)
+                    self._set_state("reopening", error=self.last_error)
+                    delay = min(self.backoff_s[1], self.backoff_s[0] * 2 ** failures)
+                    failures += 1
+                    self._source.close()
+                    if self._stop.wait(delay):
+                        break
+                    self.reopen_count += 1
+        finally:
+            self._source.close()
+            if self.state not in ("ended", "failed"):
+                self._set_state("stopped")
+
+    def _emit(self, frame: Frame) -> None:
+        frame.seq = self.next_seq
+        frame.t_ingest = time.monotonic()
+        if frame.error is not None:
+            self.errors += 1
+            self.last_error = frame.error
+        self.mark_seq(frame.seq)
+        if self.queue.put(frame, self._stop):
+            self.next_seq += 1
+            self.frames_in += 1
+        else:
+            self.mark_seq(frame.seq - 1)  # stopping: the frame was never queued, its seq is not used
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+SOURCES: dict[str, type[Source]] = {
+    "synthetic": SyntheticLineSource,
+    "folder": FolderWatcher,
+    "zmq": ZmqPullSource,
+    "opencv": VideoCaptureSource,
+}
+
+
+def make_source(camera: cfg.CameraConfig, clock: Callable[[], float] = time.time) -> Source:
+    return SOURCES[camera.source.kind](camera, clock)

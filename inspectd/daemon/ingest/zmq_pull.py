@@ -1,0 +1,136 @@
+"""A ZeroMQ PULL socket as a camera: producers send multipart [JSON header, payload] (docs/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from typing import Callable
+
+import numpy as np
+
+from engines.errors import DataError
+from inspectd.daemon import config as cfg
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.ingest.headers import check_and_decode
+from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
+
+HEADER_FIELDS = {"camera", "frame_id", "t_capture", "shape", "dtype", "encoding"}
+
+
+class ZmqPullSource(Source):
+    """A PULL socket the daemon binds; producers send multipart [JSON header, payload]."""
+
+    def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
+        super().__init__(camera, clock)
+        self.endpoint = camera.source.endpoint
+        self.sock = None
+        self.poller = None
+        self.received = 0
+
+    def open(self, stop: threading.Event) -> None:
+        import zmq
+        sock = zmq.Context.instance().socket(zmq.PULL)
+        sock.linger = 0
+        sock.rcvhwm = max(2 * self.camera.queue.size, 16)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            if exc.errno in (zmq.EPROTONOSUPPORT, zmq.EINVAL):
+                raise SourceFatal(f"{self.endpoint}: cannot bind ({exc}), expected a bindable ZeroMQ endpoint")
+            raise  # address in use, ipc dir missing, ...: may clear up, retry with backoff
+        self.sock = sock
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def read(self, stop: threading.Event) -> Frame | None:
+        if not self.poller.poll(int(READ_TIMEOUT_S * 1000)):
+            return None
+        parts = self.sock.recv_multipart(copy=False)
+        self.received += 1
+        return self.parse(parts)
+
+    def parse(self, parts: list) -> Frame:
+        fallback_id = f"msg{self.received}"
+        now = self.clock()
+        if len(parts) != 2:
+            return self.frame(fallback_id, now, None, f"message of {len(parts)} parts, expected 2: "
+                                                      f"[JSON header, payload]")
+        try:
+            header = json.loads(bytes(parts[0].buffer))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            return self.frame(fallback_id, now, None, "header: not JSON, expected a JSON object "
+                                                      "{frame_id, t_capture, shape, dtype, encoding}")
+        if not isinstance(header, dict):
+            return self.frame(fallback_id, now, None, f"header: {type(header).__name__}, expected a JSON object")
+        frame_id = header.get("frame_id")
+        frame_id = str(frame_id) if isinstance(frame_id, (str, int)) and not isinstance(frame_id, bool) \
+            else fallback_id
+        t_capture = header.get("t_capture")
+        t_capture = float(t_capture) if isinstance(t_capture, (int, float)) and not isinstance(t_capture, bool) \
+            and math.isfinite(t_capture) else now
+        try:
+            image = self._decode(header, frame_id, parts[1].buffer)
+        except DataError as exc:
+            return self.frame(frame_id, t_capture, None, str(exc))
+        return self.frame(frame_id, t_capture, image)
+
+    def _decode(self, header: dict, frame_id: str, payload: memoryview) -> np.ndarray:
+        what = f"frame {frame_id}"
+        unknown = sorted(set(header) - HEADER_FIELDS)
+        if unknown:
+            known = ", ".join(sorted(HEADER_FIELDS))
+            raise DataError(f"{what}: unknown header field {unknown[0]!r}, expected only {known}")
+        if "frame_id" not in header:
+            raise DataError(f"{what}: header has no frame_id, expected a string or integer")
+        if not isinstance(header["frame_id"], (str, int)) or isinstance(header["frame_id"], bool):
+            raise DataError(f"{what}: frame_id {header['frame_id']!r}, expected a string or integer")
+        if "t_capture" in header and not (isinstance(header["t_capture"], (int, float))
+                                          and not isinstance(header["t_capture"], bool)
+                                          and math.isfinite(header["t_capture"])):
+            raise DataError(f"{what}: t_capture {header['t_capture']!r}, expected epoch seconds (a number)")
+        camera = header.get("camera")
+        if camera is not None and camera != self.camera.id:
+            raise DataError(f"{what}: header camera {camera!r} sent to camera {self.camera.id!r}'s endpoint, "
+                            f"expected {self.camera.id!r} or no camera field")
+        encoding = header.get("encoding", "raw")
+        if encoding not in cfg.ENCODINGS:
+            raise DataError(f"{what}: encoding {encoding!r}, expected one of {'|'.join(cfg.ENCODINGS)}")
+        if encoding == "raw" and "dtype" not in header:
+            raise DataError(f"{what}: raw frame without dtype, expected dtype \"uint8\"")
+        dtype = header.get("dtype", "uint8")
+        if dtype != "uint8":
+            raise DataError(f"{what}: dtype {dtype!r}, expected \"uint8\" (float and 16-bit frames are refused)")
+        shape = header.get("shape")
+        if shape is not None:
+            if (not isinstance(shape, list) or len(shape) not in (2, 3)
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+                raise DataError(f"{what}: shape {shape!r}, expected [height, width] or [height, width, channels]")
+            if len(shape) == 3 and shape[2] not in (1, 3):
+                raise DataError(f"{what}: shape {shape} has {shape[2]} channels, expected 1 or 3")
+            if shape[0] * shape[1] > self.camera.max_pixels:
+                raise DataError(f"{what}: shape {shape} is {shape[0] * shape[1]} pixels, "
+                                f"expected at most max_pixels={self.camera.max_pixels}")
+        if encoding == "raw":
+            if shape is None:
+                raise DataError(f"{what}: raw frame without shape, expected shape [height, width(, channels)]")
+            expected = math.prod(shape)
+            if len(payload) != expected:
+                raise DataError(f"{what}: payload {len(payload)} bytes, expected {expected} for shape {shape} uint8")
+            # Zero-copy: the array views the received message, which it keeps alive.
+            image = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+            return image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        image = check_and_decode(payload, what, self.camera.max_pixels, expected=encoding)
+        if shape is not None:
+            h, w = shape[0], shape[1]
+            c = shape[2] if len(shape) == 3 else 1
+            got_c = image.shape[2] if image.ndim == 3 else 1
+            if image.shape[:2] != (h, w) or got_c != c:
+                raise DataError(f"{what}: decoded {encoding} is {list(image.shape)}, expected header shape {shape}")
+        return image

@@ -1,0 +1,167 @@
+"""The publisher: sends judged frames and periodic status over a ZeroMQ PUB socket, on its own thread.
+
+The inference stage hands results over through a bounded queue and goes back to the engine; PNG encoding of masks
+and the socket work happen here. The PUB socket has a bounded send high-water mark: when a subscriber is slow or
+stuck ZeroMQ drops messages for that subscriber instead of blocking, so a consumer can never stall inference
+(subscribers see the loss as a gap in `seq`).
+
+Journal: every encoded result passes through `Journal.append` before it is sent, so a journal that writes the frames
+to disk (for `subscribe --since SEQ` and for resuming seq after a restart) plugs in here without touching the send
+path. None is configured by default.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+import structlog
+import zmq
+
+from inspectd.daemon.inference import Judged
+from inspectd.protocol.messages import encode_mask, encode_result, encode_status
+
+_STOP = object()
+log = structlog.get_logger("inspectd.daemon.publish")
+
+
+class Journal(Protocol):
+    def append(self, camera: str, seq: int, frames: list[bytes]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CameraCounters:
+    __slots__ = ("published", "ok", "defect", "error")
+
+    def __init__(self) -> None:
+        self.published = self.ok = self.defect = self.error = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"published": self.published, "ok": self.ok, "defect": self.defect, "error": self.error}
+
+
+class Publisher:
+    def __init__(self, endpoint: str, station: str, *, sndhwm: int = 1000, queue_size: int = 256,
+                 status_interval_s: float = 1.0, status: Callable[[], dict[str, Any]] | None = None,
+                 linger_ms: int = 500, journal: Journal | None = None,
+                 context: zmq.Context | None = None, socket_options: Callable[[zmq.Socket], None] | None = None,
+                 on_published: Callable[[Judged, float], None] | None = None) -> None:
+        self.endpoint = endpoint
+        self.station = station
+        self.status_interval_s = status_interval_s
+        self._status = status
+        self._journal = journal
+        self._on_published = on_published
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.PUB)
+        self._socket.setsockopt(zmq.SNDHWM, sndhwm)
+        self._socket.setsockopt(zmq.LINGER, linger_ms)
+        if socket_options is not None:
+            socket_options(self._socket)  # e.g. CurveZMQ server keys, set before bind
+        try:
+            self._socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._socket.close(0)
+            raise OSError(f"publish.endpoint {endpoint!r}: cannot bind ({exc})") from None
+        self.bound_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.cameras: dict[str, CameraCounters] = {}
+        self.published = 0
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
+
+    def start(self) -> "Publisher":
+        self._thread.start()
+        return self
+
+    def submit(self, judged: Judged) -> None:
+        """Queue a result for sending; blocks only while the queue is full (the send path itself never blocks)."""
+        self._queue.put(judged)
+
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def counters(self, camera: str) -> CameraCounters:
+        counters = self.cameras.get(camera)
+        if counters is None:
+            counters = self.cameras[camera] = CameraCounters()
+        return counters
+
+    def _run(self) -> None:
+        next_status = time.monotonic() + self.status_interval_s
+        while True:
+            wait = max(0.0, next_status - time.monotonic()) if self._status else None
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                break
+            if item is not None:
+                try:
+                    self._send_result(item)
+                except Exception as exc:  # one unsendable result must not end publishing for every camera
+                    self.failed += 1
+                    log.error("publish_failed", camera=item.frame.camera, seq=item.frame.seq,
+                              error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            if self._status and time.monotonic() >= next_status:
+                self.send_status()
+                next_status = time.monotonic() + self.status_interval_s
+        if self._status:
+            self.send_status()  # a last status so subscribers see the final counters
+
+    def _send_result(self, judged: Judged) -> None:
+        frame = judged.frame
+        mask_png = None
+        if judged.mask is not None:
+            try:
+                mask_png = encode_mask(judged.mask)
+            except Exception as exc:  # the verdict matters more than its picture: send it without the mask
+                self.failed += 1
+                log.error("mask_encode_failed", camera=frame.camera, seq=frame.seq,
+                          error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        height, width = frame.image.shape[:2] if frame.image is not None else (None, None)
+        t_publish = time.time()
+        latency_ms = (time.monotonic() - frame.t_ingest) * 1000.0 if frame.t_ingest else 0.0
+        frames = encode_result(
+            station=self.station, camera=frame.camera, seq=frame.seq, frame_id=frame.frame_id,
+            t_capture=frame.t_capture, t_publish=t_publish, verdict=judged.verdict, score=judged.score,
+            threshold=judged.threshold, model_id=judged.model_id, thresholds_version=judged.thresholds_version,
+            regions=judged.regions, latency_ms=latency_ms, width=width, height=height, error=judged.error,
+            truth=frame.truth, mask_png=mask_png)
+        if self._journal is not None:
+            self._journal.append(frame.camera, frame.seq, frames)
+        self._socket.send_multipart(frames, copy=False)
+        counters = self.counters(frame.camera)
+        counters.published += 1
+        if judged.verdict == "ok":
+            counters.ok += 1
+        elif judged.verdict == "defect":
+            counters.defect += 1
+        else:
+            counters.error += 1
+        self.published += 1
+        if self._on_published is not None:
+            self._on_published(judged, latency_ms)
+
+    def send_status(self) -> None:
+        if self._status is not None:
+            self._socket.send_multipart(encode_status(self.station, self._status()))
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Send everything queued so far, then close the socket (lingering so the last messages leave).
+
+        Returns False when the thread did not finish within `timeout`.
+        """
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+        done = not self._thread.is_alive()
+        if done:
+            self._socket.close()
+            if self._journal is not None:
+                self._journal.close()
+        return done

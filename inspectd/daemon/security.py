@@ -1,0 +1,178 @@
+"""Who gets in: CurveZMQ on the control and publish sockets, the allow-list of client keys, and the never-root rule.
+
+`CurveServer` is the socket hook that ControlServer (`curve=`) and Publisher (`socket_options=`) call before bind: it
+makes the socket a CURVE server with the daemon's secret key and a ZAP domain whose only accepted clients are the
+public keys in an allow-list directory. One ZAP authenticator thread serves every domain of the process. Each refused
+attempt (unknown key, or a client that does not speak CURVE at all) is counted and logged as `auth_refused` with the
+reason; repeats of the same refusal are summarised once a minute, because a refused REQ client reconnects every
+100 ms and would otherwise flood the log.
+
+The matching hook for clients (ControlClient, Subscriber) is inspectd.protocol.keys.curve_client: the server's public
+key and the client's own key pair.
+
+A control socket on a network address without CURVE is refused by the config (`control.curve`); loopback and IPC
+are left to the host's own access control (IPC socket file mode 0660 under the state dir).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+import time
+from pathlib import Path
+
+import structlog
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
+
+from inspectd.protocol import keys
+from inspectd.errors import InspectdError
+
+log = structlog.get_logger("inspectd.daemon.security")
+
+# Tests and throwaway containers run everything as root; a station never should. Set only where root is the sandbox.
+ALLOW_ROOT_ENV = "INSPECTD_ALLOW_ROOT"
+REPEAT_LOG_S = 60.0
+_REFUSALS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "client key not in the allow-list",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed: the client does not speak CURVE with our key",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed: the client broke it off (no CURVE, or not our key)",
+}
+
+
+class SecurityError(InspectdError):
+    """A security rule refuses to start (running as root, CURVE without keys)."""
+
+
+def refuse_root() -> None:
+    """The daemon never runs as root: a compromised decoder or model file would own the station."""
+    if os.geteuid() == 0 and os.environ.get(ALLOW_ROOT_ENV) != "1":
+        raise SecurityError("refusing to run as root (uid 0): a bug in image decoding or a hostile model file "
+                            "would own the whole station; run as the inspectd service user (User=inspectd in the "
+                            f"systemd unit), or set {ALLOW_ROOT_ENV}=1 in a throwaway test container only")
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """IPC, inproc and loopback TCP endpoints: reachable from this host only."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or '*': a network address
+
+
+class _Refusals:
+    """Counts refused attempts and logs each distinct reason once per REPEAT_LOG_S."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self.count = 0
+        self._last: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def refused(self, reason: str, **fields) -> None:
+        with self._lock:
+            self.count += 1
+            when, repeats = self._last.get(reason, (0.0, 0))
+            now = time.monotonic()
+            if now - when < REPEAT_LOG_S:
+                self._last[reason] = (when, repeats + 1)
+                return
+            self._last[reason] = (now, 0)
+        log.warning("auth_refused", domain=self.domain, reason=reason, repeats_since_last_log=repeats, **fields)
+
+
+class _AllowList:
+    """ZAP credentials provider: a client is let in exactly when its public key is listed."""
+
+    def __init__(self, allowed: frozenset[bytes], refusals: _Refusals) -> None:
+        self.allowed = allowed
+        self.refusals = refusals
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.allowed:
+            return True
+        self.refusals.refused("client key not in the allow-list", client_key=key.decode("ascii", "replace"))
+        return False
+
+
+_auth_lock = threading.Lock()
+_authenticator: ThreadAuthenticator | None = None
+
+
+def _zap(context: zmq.Context) -> ThreadAuthenticator:
+    """The process's one ZAP handler (ZeroMQ sends every CURVE handshake of the context to it)."""
+    global _authenticator
+    with _auth_lock:
+        if _authenticator is None or not _authenticator.is_alive():
+            _authenticator = ThreadAuthenticator(context)
+            _authenticator.start()
+        return _authenticator
+
+
+class CurveServer:
+    """The hook for one server socket role ("control", "publish"): CURVE keys, ZAP domain, allow-list, refusal log.
+
+    Keys are loaded (and their permissions checked) here, so a bad key fails the daemon's start with its path."""
+
+    def __init__(self, domain: str, secret_key: str | Path, allowed_clients_dir: str | Path,
+                 context: zmq.Context | None = None, where: str | None = None) -> None:
+        where = where or domain
+        self.domain = domain
+        self.context = context or zmq.Context.instance()
+        self.public, self.secret = keys.load_secret(secret_key, f"{where}.curve.server_secret_key")
+        self.allowed = keys.load_allow_list(allowed_clients_dir, f"{where}.curve.allowed_clients_dir")
+        self.refusals = _Refusals(domain)
+        _zap(self.context).configure_curve_callback(domain, _AllowList(self.allowed, self.refusals))
+        self._monitors: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    @property
+    def refused(self) -> int:
+        return self.refusals.count
+
+    def __call__(self, sock: zmq.Socket) -> None:
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+        sock.zap_domain = self.domain.encode()
+        events = 0
+        for event in _REFUSALS:
+            events |= event
+        monitor = sock.get_monitor_socket(events)
+        thread = threading.Thread(target=self._watch, args=(monitor,), name=f"auth-{self.domain}", daemon=True)
+        self._monitors.append(thread)
+        thread.start()
+
+    def _watch(self, monitor: zmq.Socket) -> None:
+        """Handshake failures on the socket, with the peer's endpoint: the refusals a ZAP callback never sees."""
+        try:
+            while not self._stop.is_set():
+                if not monitor.poll(200):
+                    continue
+                event = recv_monitor_message(monitor)
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    continue  # the allow-list callback already counted and logged it, with the key
+                self.refusals.refused(_REFUSALS.get(event["event"], "handshake failed"),
+                                      endpoint=event["endpoint"].decode(errors="replace"),
+                                      detail=int(event["value"]))
+        except zmq.ZMQError:
+            return
+        finally:
+            monitor.close(linger=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._monitors:
+            thread.join(1.0)
+

@@ -1,0 +1,384 @@
+"""`inspectd run`: wires the stages together and owns the process lifecycle. No model code lives here.
+
+Threads: one ingest thread per camera -> per-camera bounded queues -> one batcher+inference thread -> publisher
+thread (ZeroMQ PUB); the control server answers on its own thread; the main thread handles signals, the systemd
+watchdog and reloads requested by SIGHUP.
+
+Lifecycle:
+  start    load config, open bundle + engine, one warm-up inference, bind publish/control/metrics, start ingest,
+           then READY=1.
+  reload   (SIGHUP or control `reload`) build a new model state beside the running one and swap it between batches;
+           the engine it replaced is closed by the inference thread once its last batch has finished.
+  stop     (SIGTERM/SIGINT) stop ingest, drain every queued and in-flight frame through the engine, publish the
+           results, close the PUB socket with a short linger, exit 0, all within shutdown_timeout_s.
+  watchdog WATCHDOG=1 is sent only while the pipeline makes progress (a batch finished recently, or nothing is waiting)
+           and the inference stage is healthy; a stuck engine therefore gets the service restarted by systemd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from inspectd.daemon.batching import MicroBatcher
+from inspectd.errors import InspectdError
+from inspectd.logs import configure_logging
+from inspectd.daemon.inference import InferenceStage, Judged, ModelState
+from inspectd.daemon.publish import Publisher
+
+PUB_LINGER_MS = 1000        # long enough for the last results to leave on shutdown, short enough to never hang
+IDLE_TICK_S = 0.5           # how often an idle inference thread reports progress
+STUCK_AFTER_S = 10.0        # a batch older than this without finishing means the pipeline is stuck
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="the daemon's YAML config file")
+
+
+class Daemon:
+    """The running pipeline; also the control handler (status/reload/set_thresholds/pause/resume)."""
+
+    def __init__(self, config, log=None) -> None:
+        from inspectd.daemon.ingest.supervisor import CameraIngest
+        from inspectd.daemon.ingest.queue import FrameQueue
+
+        self.config = config
+        self.log = log or structlog.get_logger("inspectd")
+        self.t_start = time.monotonic()
+        self._reload_lock = threading.Lock()
+        self._retired: list[ModelState] = []
+        self._stopping = threading.Event()
+        self._inference_done = threading.Event()
+        self._last_progress = time.monotonic()
+        self._batch_started: float | None = None
+        self._frames_done = 0
+        self._rate = (time.monotonic(), 0, 0.0)  # (when, frames_done then, fps) for throughput
+
+        # Key material (and its file permissions) and the journal first: a refusal there costs no model load.
+        self.publish_curve = self._curve("publish", config.publish.curve)
+        self.control_curve = self._curve("control", config.control.curve)
+        self.journal = self._open_journal()
+        state = ModelState.open(config.model.bundle, config.engine.backend, config.engine.options,
+                                config.batching.max_batch)
+        self.stage = InferenceStage(state, config.batching.max_batch, config.publish.masks)
+        state.warm_up()  # READY=1 then means the engine is warm
+        self.log.info("model_loaded", model_id=state.model_id, thresholds_version=state.thresholds_version,
+                      backend=config.engine.backend, input_shape=list(state.bundle.input_shape),
+                      bundle=str(config.model.bundle))
+
+        self.ready = threading.Condition()
+        self.queues = {cam.id: FrameQueue(cam.queue.size, cam.queue.policy, self.ready) for cam in config.cameras}
+        self.batcher = MicroBatcher(list(self.queues.values()), self.ready, config.batching.max_batch,
+                                    config.batching.max_wait_ms)
+        self.metrics = self._open_metrics()
+        self.publisher = Publisher(config.publish.endpoint, config.station, sndhwm=config.publish.sndhwm,
+                                   status_interval_s=config.publish.status_interval_s, status=self.status_message,
+                                   linger_ms=PUB_LINGER_MS, on_published=self._on_published, journal=self.journal,
+                                   socket_options=self.publish_curve)
+        for cam in config.cameras:  # created here, before the threads that read and update them start
+            self.publisher.counters(cam.id)
+        self.ingest = {cam.id: CameraIngest(cam, self.queues[cam.id], first_seq=self._first_seq(cam.id),
+                                            mark_seq=self._seq_marker(cam.id))
+                       for cam in config.cameras}
+        self._inference_thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
+        self.control = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from inspectd.daemon.control import ControlServer
+
+        self.publisher.start()
+        self._inference_thread.start()
+        self.control = ControlServer(self.config.control.endpoint, self, curve=self.control_curve)
+        self.control.start()
+        for ingest in self.ingest.values():
+            ingest.start()
+        self.log.info("started", station=self.config.station, cameras=list(self.ingest),
+                      publish=self.publisher.bound_endpoint, control=self.config.control.endpoint)
+
+    def shutdown(self) -> bool:
+        """Stop ingest, drain, publish, close. True when everything finished within shutdown_timeout_s."""
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        self.log.info("stopping", pending=self.batcher.pending())
+        for ingest in self.ingest.values():
+            ingest.stop()
+        for ingest in self.ingest.values():
+            ingest.join(max(0.0, deadline - time.monotonic()))
+        self._stopping.set()
+        self.batcher.stop()
+        drained = self._inference_done.wait(max(0.0, deadline - time.monotonic()))
+        published = self.publisher.stop(max(0.1, deadline - time.monotonic()))
+        if self.control is not None:
+            self.control.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+        if drained:
+            self._close_retired()
+            self.stage.state.close()
+        self.log.info("stopped", published=self.publisher.published, drained=drained, clean=drained and published,
+                      frames_in={cam: ingest.frames_in for cam, ingest in self.ingest.items()})
+        return drained and published
+
+    def _inference_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                batch = self.batcher.next_batch(timeout=IDLE_TICK_S)
+                if batch:
+                    self._run(batch)
+                if self._retired:
+                    self._close_retired()
+                self._last_progress = time.monotonic()
+            # Ingest has stopped: everything still queued was accepted and gets its result.
+            while batch := self.batcher.drain():
+                self._run(batch)
+        except Exception:
+            self.log.exception("inference_thread_failed")
+        finally:
+            self._inference_done.set()
+
+    def _run(self, batch: list) -> None:
+        t0 = self._batch_started = time.monotonic()
+        was_healthy = self.stage.healthy
+        results = self.stage.run_batch(batch)
+        self._batch_started = None
+        for judged in results:
+            self.publisher.submit(judged)
+        self._frames_done += len(results)
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(results), time.monotonic() - t0)
+        if was_healthy != self.stage.healthy:
+            self.log.warning("health_changed", healthy=self.stage.healthy, last_error=self.stage.last_error)
+
+    def _close_retired(self) -> None:
+        """Close engines a reload replaced; called between batches, so none is in use."""
+        while self._retired:
+            old = self._retired.pop()
+            if old.engine is not self.stage.state.engine:
+                old.close()
+
+    def _on_published(self, judged: Judged, latency_ms: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_result(judged.frame.camera, judged.verdict, latency_ms / 1000.0)
+
+    def _open_journal(self):
+        path = self.config.publish.journal.path
+        if path is None:
+            return None
+        from inspectd.daemon.journal import Journal
+
+        state_dir = self.config.state_dir.resolve()
+        if not path.resolve().is_relative_to(state_dir):
+            # The service may write only its state dir (systemd ReadWritePaths); say so before systemd's EROFS does.
+            raise InspectdError(f"publish.journal.path {path}: outside state_dir {state_dir}, expected a directory "
+                                f"under it (the daemon writes only under its state directory)")
+        return Journal(self.config.publish.journal.path, int(self.config.publish.journal.max_mb * 2**20))
+
+    def _first_seq(self, camera: str) -> int:
+        """Seq numbering resumes after the last seq given out, so no seq is ever published twice; seqs given to
+        frames that got no journalled result (in flight at a crash) are skipped, and subscribers see them as a gap."""
+        if self.journal is None:
+            return 0
+        next_seq, skipped = self.journal.resume(camera)
+        if next_seq == 0:
+            return 0
+        event = self.log.warning if skipped else self.log.info
+        event("seq_resumed", camera=camera, last_journalled=self.journal.last_seq(camera), next_seq=next_seq,
+              skipped=[skipped.start, skipped.stop - 1] if skipped else None, unclean_shutdown=self.journal.unclean)
+        return next_seq
+
+    def _seq_marker(self, camera: str):
+        if self.journal is None:
+            return None
+        return functools.partial(self.journal.mark_accepted, camera)
+
+    @staticmethod
+    def _curve(role: str, curve_config):
+        if curve_config is None:
+            return None
+        from inspectd.daemon.security import CurveServer
+
+        return CurveServer(role, curve_config.server_secret_key, curve_config.allowed_clients_dir)
+
+    def _open_metrics(self):
+        if self.config.metrics.address is None:
+            return None
+        from inspectd.daemon.metrics import Metrics
+
+        return Metrics(self.config.metrics.address, self)
+
+    # -- health ------------------------------------------------------------------------------------------------
+
+    def progressing(self) -> bool:
+        """The pipeline moved recently: a batch finished or the inference thread found nothing waiting."""
+        if not self.stage.healthy or self._inference_done.is_set():
+            return False
+        started = self._batch_started
+        if started is not None and time.monotonic() - started > STUCK_AFTER_S:
+            return False
+        return time.monotonic() - self._last_progress < STUCK_AFTER_S
+
+    def throughput(self) -> float:
+        """Frames per second over the last few seconds."""
+        when, done, fps = self._rate
+        now = time.monotonic()
+        if now - when >= 2.0:
+            fps = (self._frames_done - done) / (now - when)
+            self._rate = (now, self._frames_done, fps)
+        return fps
+
+    # -- control handler ---------------------------------------------------------------------------------------
+
+    def camera_stats(self) -> dict[str, dict[str, Any]]:
+        cameras = {}
+        for cam_id, ingest in self.ingest.items():
+            stats = dict(ingest.stats())
+            counters = self.publisher.counters(cam_id)
+            stats.update(queued=len(self.queues[cam_id]), dropped=self.queues[cam_id].dropped,
+                         published=counters.published, defects=counters.defect, errors=counters.error)
+            cameras[cam_id] = stats
+        return cameras
+
+    def status(self) -> dict[str, Any]:
+        state = self.stage.state
+        return {"station": self.config.station, "healthy": self.stage.healthy, "model_id": state.model_id,
+                "thresholds_version": state.thresholds_version, "uptime_s": round(time.monotonic() - self.t_start, 3),
+                "throughput_fps": round(self.throughput(), 3), "published": self.publisher.published,
+                "batches": self.stage.batches, "failed_batches": self.stage.failed_batches,
+                "last_error": self.stage.last_error, "cameras": self.camera_stats(),
+                "journal": self.journal.status() if self.journal is not None else None,
+                "auth_refused": {role: curve.refused for role, curve in
+                                 (("control", self.control_curve), ("publish", self.publish_curve)) if curve}}
+
+    def status_message(self) -> dict[str, Any]:
+        """The periodic status on the PUB socket (see messages.STATUS_FIELDS)."""
+        state = self.stage.state
+        return {"t": time.time(), "uptime_s": round(time.monotonic() - self.t_start, 3),
+                "healthy": self.stage.healthy, "model_id": state.model_id,
+                "thresholds_version": state.thresholds_version, "throughput_fps": round(self.throughput(), 3),
+                "cameras": self.camera_stats(),
+                "journal": self.journal.status() if self.journal is not None else None}
+
+    def reload(self) -> dict[str, Any]:
+        with self._reload_lock:
+            old = self.stage.state
+            new = ModelState.open(self.config.model.bundle, self.config.engine.backend, self.config.engine.options,
+                                  self.config.batching.max_batch)
+            new.warm_up()  # beside the running model: the swap costs the line nothing
+            self._retired.append(self.stage.swap(new))
+        self.log.info("reloaded", model_id=new.model_id, thresholds_version=new.thresholds_version,
+                      previous_model_id=old.model_id, previous_thresholds_version=old.thresholds_version)
+        return {"model_id": new.model_id, "thresholds_version": new.thresholds_version}
+
+    def set_thresholds(self, doc: Any) -> dict[str, Any]:
+        from engines.bundle import thresholds as thresholds_doc
+
+        try:
+            new = thresholds_doc.parse(doc)
+        except thresholds_doc.ThresholdsError as exc:
+            raise InspectdError(str(exc)) from None
+        with self._reload_lock:
+            state = self.stage.state
+            if new.version <= state.thresholds_version:
+                raise InspectdError(f"thresholds.version: {new.version}, expected more than the current "
+                                    f"{state.thresholds_version}")
+            # On disk first, so a restart or reload keeps what the line is now judged with.
+            state.bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
+            self.stage.swap(state.with_thresholds(new))
+        self.log.info("thresholds_set", thresholds_version=new.version, image_threshold=new.image_threshold,
+                      pixel_threshold=new.pixel_threshold, previous_version=state.thresholds_version)
+        return {"thresholds_version": new.version}
+
+    def _ingest_for(self, camera: Any):
+        if camera not in self.ingest:
+            raise InspectdError(f"camera {camera!r}: unknown, expected one of {', '.join(self.ingest)}")
+        return self.ingest[camera]
+
+    def pause(self, camera: Any) -> dict[str, Any]:
+        self._ingest_for(camera).paused = True
+        self.log.info("camera_paused", camera=camera)
+        return {"camera": camera, "paused": True}
+
+    def resume(self, camera: Any) -> dict[str, Any]:
+        self._ingest_for(camera).paused = False
+        self.log.info("camera_resumed", camera=camera)
+        return {"camera": camera, "paused": False}
+
+
+def run(args: argparse.Namespace) -> int:
+    from engines.errors import EngineError
+    from inspectd.daemon.config import load_config
+    from inspectd.daemon.notify import Notifier
+    from inspectd.daemon.security import SecurityError, refuse_root
+
+    try:
+        refuse_root()
+    except SecurityError as exc:
+        print(f"inspectd run: {exc}", file=sys.stderr)
+        return 1
+    try:
+        config = load_config(args.config)
+    except InspectdError as exc:
+        print(f"inspectd run: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.logging.level, config.logging.format)
+    log = structlog.get_logger("inspectd")
+    notifier = Notifier.from_env()
+
+    # Signals only set flags; the main loop below does the work outside the handler.
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    wake = threading.Event()  # either signal wakes the main loop at once instead of at its next tick
+
+    def on_signal(flag: threading.Event):
+        def handler(*_):
+            flag.set()
+            wake.set()
+        return handler
+    signal.signal(signal.SIGTERM, on_signal(stop))
+    signal.signal(signal.SIGINT, on_signal(stop))
+    signal.signal(signal.SIGHUP, on_signal(reload_requested))
+
+    try:
+        daemon = Daemon(config, log)
+        daemon.start()
+    except (InspectdError, EngineError, OSError, ValueError) as exc:
+        log.error("start_failed", error=str(exc))
+        print(f"inspectd run: {exc}", file=sys.stderr)
+        return 1
+    notifier.ready()
+    log.info("ready")
+
+    # Ping at least twice per WatchdogSec, and look at progress often enough to notice a stuck pipeline.
+    interval = notifier.watchdog_interval_s()
+    tick = min(1.0, interval / 2) if interval else 1.0
+    healthy = True
+    while True:
+        if reload_requested.is_set():
+            reload_requested.clear()
+            try:
+                daemon.reload()
+            except Exception as exc:  # a bad bundle on disk must not take the running line down
+                log.error("reload_failed", error=str(exc).splitlines()[0])
+        progressing = daemon.progressing()
+        if progressing:
+            notifier.watchdog()
+        if progressing != healthy:
+            healthy = progressing
+            log.warning("pipeline_progress", progressing=progressing, healthy=daemon.stage.healthy)
+        notifier.status(f"{daemon.throughput():.1f} frames/s, {daemon.publisher.published} published, "
+                        f"{'healthy' if progressing else 'UNHEALTHY'}")
+        if stop.is_set() or (wake.wait(tick) and stop.is_set()):
+            break
+        wake.clear()
+    notifier.stopping()
+    clean = daemon.shutdown()
+    return 0 if clean else 1

@@ -1,0 +1,125 @@
+"""The control channel's protocol: the request grammar (`parse_request`) and `ControlClient`.
+
+One JSON object each way over a ZeroMQ REQ/REP pair. Requests:
+
+    {"cmd": "status"}  {"cmd": "reload"}  {"cmd": "set_thresholds", "thresholds": {...}}
+    {"cmd": "pause", "camera": "cam0"}  {"cmd": "resume", "camera": "cam0"}
+
+Replies are `{"ok": true, ...handler result...}` or `{"ok": false, "error": "one line"}`. The server that answers them
+is the daemon's (inspectd.daemon.control); the client is used by `inspectd calibrate --apply`, operators' scripts and
+tests, which therefore need nothing of the daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable
+
+import zmq
+
+from inspectd.errors import InspectdError, MessageError
+
+MAX_REQUEST_BYTES = 1 << 20  # a thresholds document with history is a few kB; anything near this is not a request
+
+# cmd -> {field: (type, description)}; every field listed is required, any other is refused.
+COMMANDS: dict[str, dict[str, tuple[type, str]]] = {
+    "status": {},
+    "reload": {},
+    "set_thresholds": {"thresholds": (dict, "a thresholds document (JSON object)")},
+    "pause": {"camera": (str, "a camera id (string)")},
+    "resume": {"camera": (str, "a camera id (string)")},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    cmd: str
+    camera: str | None = None
+    thresholds: dict | None = None
+
+
+def parse_request(data: bytes) -> Request:
+    """One control request; MessageError (one line) for anything that is not exactly a known command."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else \
+            "nested too deeply" if isinstance(exc, RecursionError) else "not UTF-8"
+        raise MessageError(f"request: not JSON ({reason}), expected an object like {{\"cmd\": \"status\"}}") from None
+    if not isinstance(doc, dict):
+        raise MessageError(f"request: JSON {type(doc).__name__}, expected an object like {{\"cmd\": \"status\"}}")
+    cmd = doc.get("cmd")
+    if cmd not in COMMANDS:
+        shown = repr(cmd) if cmd is not None else "missing"
+        raise MessageError(f"cmd: {shown[:60]}, expected one of {', '.join(COMMANDS)}")
+    fields = COMMANDS[cmd]
+    for key in doc:
+        if key != "cmd" and key not in fields:
+            allowed = ", ".join(fields) or "no other field"
+            raise MessageError(f"{cmd}.{str(key)[:40]}: unknown field, expected {allowed}")
+    for key, (kind, description) in fields.items():
+        if key not in doc:
+            raise MessageError(f"{cmd}.{key}: missing, expected {description}")
+        if not isinstance(doc[key], kind):
+            raise MessageError(f"{cmd}.{key}: got {type(doc[key]).__name__}, expected {description}")
+    return Request(cmd=cmd, **{key: doc[key] for key in fields})
+
+
+class ControlTimeout(InspectdError):
+    """The daemon did not answer a control request in time."""
+
+
+class ControlClient:
+    """REQ client. After a timeout the REQ socket is stuck mid-exchange, so it is replaced by a fresh one."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 5.0,
+                 curve: Callable[[zmq.Socket], None] | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.curve = curve
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = zmq.Context.instance().socket(zmq.REQ)
+            sock.linger = 0
+            # With no peer to queue to (e.g. its CURVE handshake was refused) REQ send blocks: bound it too.
+            sock.sndtimeo = max(1, int(self.timeout_s * 1000))
+            if self.curve is not None:
+                self.curve(sock)
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def request(self, doc: dict) -> dict:
+        sock = self._socket()
+        try:
+            sock.send(json.dumps(doc).encode())
+            answered = sock.poll(int(self.timeout_s * 1000))
+        except zmq.Again:
+            answered = False
+        if not answered:
+            self._sock = None
+            sock.close(linger=0)
+            raise ControlTimeout(f"control {self.endpoint}: no reply within {self.timeout_s:g} s to "
+                                 f"{str(doc.get('cmd', '?'))[:40]!r}, expected a running inspectd")
+        data = sock.recv()
+        try:
+            reply = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise MessageError(f"control {self.endpoint}: reply is not JSON, expected {{\"ok\": ...}}") from None
+        if not isinstance(reply, dict) or "ok" not in reply:
+            raise MessageError(f"control {self.endpoint}: reply {str(reply)[:60]}, expected an object with \"ok\"")
+        return reply
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,136 @@
+"""The results journal's on-disk format and its readers: a bounded, append-only record of every published result,
+per camera, written by the daemon (inspectd.daemon.journal) and read by anyone on the station.
+
+It serves two needs. A subscriber that was away (a PLC bridge restarting) fetches what it missed by seq
+(`inspectd subscribe --since SEQ --journal DIR`, or `read_since`). A daemon killed with SIGKILL resumes each camera's
+seq after the last one it gave out, so a seq is never published twice and the frames the kill cost show as a gap.
+
+Layout: `<dir>/<camera>/<first seq, 12 digits>.seg`, one active segment per camera. A record is
+
+    magic "IJR1" | u32 body length | u64 seq | u32 crc32(body) | body
+    body = u16 frame count, then per frame: u32 length | bytes      (the multipart message exactly as published)
+
+so a record torn by a kill mid-write is recognised (short or bad CRC) and readers stop at it. Beside the segments each
+camera has an `accepted` mark: the seq most recently given to a frame (8 bytes, little-endian), and the directory
+holds a `clean` mark while no writer has it open.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+from inspectd.errors import InspectdError
+
+MAGIC = b"IJR1"
+RECORD = struct.Struct("<4sIQI")     # magic, body length, seq, crc32(body)
+COUNT = struct.Struct("<H")
+LENGTH = struct.Struct("<I")
+SEGMENT_RE = re.compile(r"(\d{12})\.seg")
+CAMERA_RE = re.compile(r"[a-zA-Z0-9_-]+")
+MAX_BODY = 256 << 20                 # a result with its mask is kB; anything bigger is a corrupt length field
+CLEAN_MARK = "clean"                 # present only while no writer has the journal open: absent at open = a crash
+ACCEPTED_MARK = "accepted"
+ACCEPTED = struct.Struct("<q")
+
+
+class JournalError(InspectdError):
+    """The journal directory cannot be used (not a directory, unreadable, a camera id that is not a name)."""
+
+
+def segment_files(camera_dir: Path) -> list[tuple[int, Path]]:
+    """(first seq, path) of a camera's segments, oldest first."""
+    try:
+        names = os.listdir(camera_dir)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), camera_dir / name) for name in names if (m := SEGMENT_RE.fullmatch(name))]
+    return sorted(found)
+
+
+def read_records(path: Path) -> Iterator[tuple[int, int, list[bytes]]]:
+    """(end offset, seq, frames) of each complete record; stops at the first torn or corrupt one."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return  # rotated away while we were getting to it
+    with f:
+        offset = 0
+        while True:
+            head = f.read(RECORD.size)
+            if len(head) < RECORD.size:
+                return
+            magic, length, seq, crc = RECORD.unpack(head)
+            if magic != MAGIC or length > MAX_BODY:
+                return
+            body = f.read(length)
+            if len(body) < length or zlib.crc32(body) != crc:
+                return
+            offset += RECORD.size + length
+            yield offset, seq, _split(body)
+
+
+def _split(body: bytes) -> list[bytes]:
+    view = memoryview(body)
+    (count,) = COUNT.unpack_from(view, 0)
+    at = COUNT.size
+    frames = []
+    for _ in range(count):
+        (n,) = LENGTH.unpack_from(view, at)
+        at += LENGTH.size
+        frames.append(bytes(view[at:at + n]))
+        at += n
+    return frames
+
+
+def encode_record(seq: int, frames: list) -> bytes:
+    parts = [COUNT.pack(len(frames))]
+    for frame in frames:
+        data = bytes(frame)
+        parts.append(LENGTH.pack(len(data)))
+        parts.append(data)
+    body = b"".join(parts)
+    return RECORD.pack(MAGIC, len(body), seq, zlib.crc32(body)) + body
+
+
+def check_camera(camera: str) -> None:
+    if not isinstance(camera, str) or not CAMERA_RE.fullmatch(camera):
+        raise JournalError(f"journal camera {camera!r}: expected a camera id of characters {CAMERA_RE.pattern}")
+
+
+def read_since(directory: str | Path, camera: str, seq: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(seq, frames) of every journalled result of `camera` with a seq greater than `seq`, in order.
+
+    Works on a journal another process is writing: a record still being written ends the iteration."""
+    check_camera(camera)
+    segments = segment_files(Path(directory) / camera)
+    # Skip whole segments that end before `seq`: a segment ends where the next one begins.
+    start = 0
+    for i in range(len(segments) - 1):
+        if segments[i + 1][0] <= seq + 1:
+            start = i + 1
+    for _, path in segments[start:]:
+        for _, record_seq, frames in read_records(path):
+            if record_seq > seq:
+                yield record_seq, frames
+
+
+def cameras(directory: str | Path) -> list[str]:
+    """Camera ids that have a journal under `directory`."""
+    try:
+        return sorted(e.name for e in os.scandir(directory) if e.is_dir() and CAMERA_RE.fullmatch(e.name))
+    except FileNotFoundError:
+        return []
+
+
+def oldest_seq(directory: str | Path, camera: str) -> int | None:
+    """The first seq still held for `camera` (older ones were rotated away), or None when there is none."""
+    check_camera(camera)
+    for _, path in segment_files(Path(directory) / camera):
+        for _, seq, _ in read_records(path):
+            return seq
+    return None

@@ -1,0 +1,158 @@
+"""CurveZMQ key material: `inspectd keys generate`, loading key files, checking who may read them, and `curve_client`,
+the hook a client socket (ControlClient, Subscriber, the PLC bridge) authenticates with.
+
+A key pair is two files written by zmq.auth.create_certificates: `<name>.key` (public, shareable) and
+`<name>.key_secret` (public + secret). Secret key files must be owned by the user reading them and unreadable by
+group and others (0600): a secret anyone on the station can read authenticates nobody. An allow-list is a directory
+of client public key files (`*.key`); it must not be writable by group or others either, since whoever can drop a
+file there can let themselves in.
+
+    inspectd keys generate --out /etc/inspectd/keys --name server
+    inspectd keys generate --out ./plc-bridge --name bridge1      # then copy bridge1.key into allowed_clients_dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Callable
+
+import zmq
+import zmq.auth
+
+from inspectd.errors import InspectdError
+
+PUBLIC_SUFFIX = ".key"
+SECRET_SUFFIX = ".key_secret"
+
+
+class KeysError(InspectdError):
+    """Key material is missing, malformed or readable by more than its owner."""
+
+
+def generate(out: str | Path, name: str) -> tuple[Path, Path]:
+    """Write `<out>/<name>.key` (0644) and `<out>/<name>.key_secret` (0600); never overwrites an existing pair."""
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise KeysError(f"--name {name!r}: expected letters, digits, '-' or '_'")
+    out = Path(out)
+    public, secret = out / f"{name}{PUBLIC_SUFFIX}", out / f"{name}{SECRET_SUFFIX}"
+    for path in (public, secret):
+        if path.exists():
+            raise KeysError(f"{path}: already exists, expected a new key name (keys are never overwritten)")
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # The secret file must never exist with looser permissions, not even for a moment: umask covers the write.
+    old = os.umask(0o077)
+    try:
+        made_public, made_secret = zmq.auth.create_certificates(str(out), name)
+    finally:
+        os.umask(old)
+    os.chmod(made_secret, 0o600)
+    os.chmod(made_public, 0o644)
+    return Path(made_public), Path(made_secret)
+
+
+def check_secret_file(path: str | Path, what: str) -> None:
+    """Refuse a secret key file that is missing, not a regular file, not ours, or readable by group or others."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise KeysError(f"{what} {path}: cannot read ({exc.strerror or exc}), expected a .key_secret file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise KeysError(f"{what} {path}: not a regular file, expected a .key_secret file")
+    if st.st_uid != os.geteuid():
+        raise KeysError(f"{what} {path}: owned by uid {st.st_uid}, expected the daemon's own user (uid "
+                        f"{os.geteuid()})")
+    if st.st_mode & 0o077:
+        raise KeysError(f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others read it, expected "
+                        f"0600 (chmod 600 {path})")
+
+
+def load_secret(path: str | Path, what: str = "secret key") -> tuple[bytes, bytes]:
+    """(public, secret) z85 keys from a `.key_secret` file, after the permission check."""
+    check_secret_file(path, what)
+    public, secret = _load(path, what)
+    if secret is None:
+        raise KeysError(f"{what} {path}: holds no secret key, expected the .key_secret file of a pair")
+    return public, secret
+
+
+def load_public(path: str | Path, what: str = "public key") -> bytes:
+    return _load(path, what)[0]
+
+
+def _load(path: str | Path, what: str) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise KeysError(f"{what} {path}: cannot load ({exc}), expected a key file from `inspectd keys generate`") \
+            from None
+    if public is None or len(public) != 40:
+        raise KeysError(f"{what} {path}: no 40-character public key, expected a key file from `inspectd keys "
+                        "generate`")
+    return public, secret
+
+
+def load_allow_list(directory: str | Path, what: str = "allowed_clients_dir") -> frozenset[bytes]:
+    """The z85 public keys of every `*.key` file in `directory`; refuses an empty or loosely writable directory."""
+    directory = Path(directory)
+    try:
+        st = directory.stat()
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise KeysError(f"{what} {directory}: cannot read ({exc.strerror or exc}), expected a directory of client "
+                        f"public keys (*.key)") from None
+    if st.st_mode & 0o022:
+        raise KeysError(f"{what} {directory}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others add keys, "
+                        f"expected at most 0755")
+    keys = set()
+    for name in names:
+        path = directory / name
+        if name.endswith(SECRET_SUFFIX):
+            raise KeysError(f"{what} {path}: a secret key in the allow-list, expected client public keys only")
+        if name.endswith(PUBLIC_SUFFIX):
+            keys.add(load_public(path, what))
+    if not keys:
+        raise KeysError(f"{what} {directory}: no *.key files, expected at least one client public key")
+    return frozenset(keys)
+
+
+
+def curve_client(server_public_key: str | Path, client_secret_key: str | Path) -> Callable[[zmq.Socket], None]:
+    """Hook for a client socket: authenticate with our key pair and require the server's key."""
+    server = load_public(server_public_key, "server public key")
+    public, secret = load_secret(client_secret_key, "client secret key")
+
+    def configure(sock: zmq.Socket) -> None:
+        sock.curve_serverkey = server
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+
+    return configure
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="keys_command", metavar="ACTION")
+    gen = sub.add_parser("generate", help="write a new CurveZMQ key pair (NAME.key and NAME.key_secret)")
+    gen.add_argument("--out", required=True, type=Path, help="directory to write the pair into")
+    gen.add_argument("--name", required=True, help="file name stem, e.g. server or bridge1")
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "keys_command", None) != "generate":
+        print("inspectd keys: expected an action: generate --out DIR --name NAME", file=sys.stderr)
+        return 2
+    if not zmq.has("curve"):
+        print("inspectd keys: this libzmq has no CURVE support, expected libzmq built with libsodium",
+              file=sys.stderr)
+        return 1
+    try:
+        public, secret = generate(args.out, args.name)
+    except (KeysError, OSError) as exc:
+        print(f"inspectd keys: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key  {public}  (give this to the other side / put it in an allow-list)")
+    print(f"secret key  {secret}  (mode 0600, keep it on this machine)")
+    return 0

@@ -1,0 +1,1 @@
+"""Tools around the daemon: `inspectd demo` and `inspectd bench` (bench/). They may use every other part."""

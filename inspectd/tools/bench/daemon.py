@@ -1,0 +1,423 @@
+"""`inspectd bench daemon`: the real daemon as a subprocess, fed at saturation and at a fixed offered rate.
+
+Each scenario (source kind x camera count x load) writes a config, starts `python -m inspectd run --config ...`, waits
+for its first status message, feeds it, and measures for a fixed window with a real SUB subscriber: end-to-end latency
+(t_capture -> received here), delivered frames/s, drops (queue drops from the status messages and seq gaps seen by
+the subscriber), and the daemon's CPU seconds (utime + stime from /proc/<pid>/stat) per delivered frame.
+
+Sources: `synthetic` (the daemon renders the synthetic line itself), `folder` (a backlog of JPEG files, drained as fast
+as the daemon can: saturation only; t_capture is the file's mtime, so no latency), `zmq-raw` and `zmq-jpeg` (this
+process PUSHes raw uint8 frames or JPEG bytes of the same frames with the ingest header). Saturation runs use queue
+policy `block`, so the daemon takes frames only as fast as it judges them and no CPU goes to frames it would drop;
+fixed-rate runs use the default `drop_oldest` with the offered rate split evenly over the cameras.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import zmq
+
+from engines.bundle.store import load_bundle
+from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, proc_peak_rss_bytes
+from inspectd.errors import MessageError
+from inspectd.clients.subscribe import GapTracker, Subscriber
+
+SOURCES = ("synthetic", "folder", "zmq-raw", "zmq-jpeg")
+SATURATION_RATE_HZ = 5000.0   # synthetic source rate standing in for "as fast as possible"
+START_TIMEOUT_S = 90.0        # imports, bundle checksums, ONNX Runtime session, warm-up on a busy 2-core box
+STOP_TIMEOUT_S = 20.0
+WARMUP_S = 1.5
+BURST_GAP_MIN_S = 0.02
+FOLDER_FPS_CEILING = 300     # a folder backlog holds this many frames/s of the run, more than the engine can do
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FrameSet:
+    """The frames every scenario is fed: JPEG file bytes and their decoded raw arrays, in the same order."""
+
+    def __init__(self, paths: list[Path], channels: int) -> None:
+        self.paths = paths
+        self.jpeg = [p.read_bytes() for p in paths]
+        flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+        self.raw = []
+        for data in self.jpeg:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+            if image.ndim == 3:
+                image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+            self.raw.append(np.ascontiguousarray(image))
+
+
+class Pusher(threading.Thread):
+    """PUSHes frames round-robin to each zmq camera's endpoint; paced at `rate_hz` in total, or as fast as the
+    daemon takes them when `rate_hz` is None (the PUSH socket blocks at its high-water mark)."""
+
+    def __init__(self, endpoints: list[str], frames: FrameSet, encoding: str, rate_hz: float | None) -> None:
+        super().__init__(name="bench-push", daemon=True)
+        self.ctx = zmq.Context.instance()
+        self.socks = []
+        for endpoint in endpoints:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.sndhwm = 16
+            sock.sndtimeo = 100
+            sock.linger = 0
+            sock.connect(endpoint)
+            self.socks.append(sock)
+        self.frames = frames
+        self.encoding = encoding
+        self.rate_hz = rate_hz
+        self.sent = 0
+        self.stop = threading.Event()
+
+    def _message(self, i: int) -> list:
+        k = i % len(self.frames.raw)
+        image = self.frames.raw[k]
+        header = {"frame_id": str(i), "t_capture": time.time(), "shape": list(image.shape), "dtype": "uint8",
+                  "encoding": self.encoding}
+        payload = image if self.encoding == "raw" else self.frames.jpeg[k]
+        return [json.dumps(header).encode(), payload]
+
+    def run(self) -> None:
+        period = 1.0 / self.rate_hz if self.rate_hz else 0.0
+        next_t = time.monotonic()
+        i = 0
+        while not self.stop.is_set():
+            if period:
+                delay = next_t - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                next_t = max(next_t + period, time.monotonic() - period)
+            sock = self.socks[i % len(self.socks)]
+            try:
+                sock.send_multipart(self._message(i), copy=False)
+            except zmq.Again:
+                continue  # the daemon is full: try this camera again (saturation)
+            i += 1
+            self.sent = i
+        for sock in self.socks:
+            sock.close(0)
+
+
+def write_config(workdir: Path, bundle: Path, source: str, cameras: int, saturate: bool, rate_hz: float | None,
+                 frames: FrameSet, max_batch: int, max_wait_ms: float, backend: str, options: dict,
+                 frame_hw: tuple[int, int], channels: int, duration_s: float) -> tuple[Path, str, list[str]]:
+    """The daemon config for one scenario; returns (path, publish endpoint, zmq ingest endpoints)."""
+    publish = f"tcp://127.0.0.1:{free_port()}"
+    cams, ingest = [], []
+    for k in range(cameras):
+        if source == "synthetic":
+            per_camera = SATURATION_RATE_HZ if saturate else rate_hz / cameras
+            src = {"kind": "synthetic", "rate_hz": per_camera, "width": frame_hw[1], "height": frame_hw[0],
+                   "channels": channels, "seed": k}
+        elif source == "folder":
+            folder = workdir / f"cam{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            # Hard links: thousands of files cost no disk, and the backlog must outlast warm-up and window.
+            for i in range(int(FOLDER_FPS_CEILING * (WARMUP_S + duration_s + 5) / cameras)):
+                os.link(frames.paths[i % len(frames.paths)], folder / f"{i:06d}.jpg")
+            # The watcher waits one poll for a file's size to hold still; the files are complete, so keep it short.
+            src = {"kind": "folder", "path": str(folder), "pattern": "*.jpg", "poll_ms": 20}
+        else:
+            endpoint = f"tcp://127.0.0.1:{free_port()}"
+            ingest.append(endpoint)
+            src = {"kind": "zmq", "endpoint": endpoint}
+        cams.append({"id": f"cam{k}", "source": src, "queue": {"size": 64, "policy": "block" if saturate
+                                                                else "drop_oldest"}})
+    config = {
+        "station": "bench",
+        "model": {"bundle": str(bundle)},
+        "engine": {"backend": backend, "options": options},
+        "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms},
+        "cameras": cams,
+        "publish": {"endpoint": publish, "masks": "defects", "sndhwm": 10000, "status_interval_s": 0.5},
+        "control": {"endpoint": f"ipc://{workdir}/control.sock"},
+        "logging": {"level": "warning", "format": "json"},
+        "metrics": {"listen": None},
+        "state_dir": str(workdir / "state"),
+        "shutdown_timeout_s": 10,
+    }
+    path = workdir / "inspectd.yaml"
+    path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+    return path, publish, ingest
+
+
+def arrival_rate(arrivals: list[float], max_batch: int) -> float | None:
+    """Frames/s from arrival times, free of the window's edges. Results arrive in bursts, one per batch, so count
+    the frames before the last burst over the time from the first arrival to the first of the last burst; counting
+    whole batches in a fixed window would be off by up to a batch (10% at 10 frames/s in batches of 8 over 8 s).
+    A burst ends at a gap longer than a fifth of the mean interval between full batches (and than BURST_GAP_MIN_S, as
+    a descheduled publisher can pause inside a batch). None with fewer than three bursts: the caller then divides
+    by the window, which is exact for steady arrivals."""
+    n = len(arrivals)
+    if n < 2 or arrivals[-1] <= arrivals[0]:
+        return None
+    times = np.asarray(arrivals)
+    gap_floor = max(BURST_GAP_MIN_S, 0.2 * (times[-1] - times[0]) / max(1.0, n / max_batch))
+    breaks = np.nonzero(np.diff(times) > gap_floor)[0]
+    if breaks.size < 2:
+        return None
+    last_burst = int(breaks[-1]) + 1
+    return last_burst / (times[last_burst] - times[0])
+
+
+def control_status(endpoint: str, timeout_ms: int = 2000) -> dict | None:
+    """The daemon's `{"cmd": "status"}` reply (None if it does not answer in time)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.linger = 0
+    sock.rcvtimeo = sock.sndtimeo = timeout_ms
+    try:
+        sock.connect(endpoint)
+        sock.send_json({"cmd": "status"})
+        reply = sock.recv_json()
+        return reply if reply.get("ok", True) else None
+    except zmq.ZMQError:
+        return None
+    finally:
+        sock.close(0)
+
+
+class Scenario:
+    """One daemon subprocess, fed and measured."""
+
+    def __init__(self, bundle: Path, source: str, cameras: int, frames: FrameSet, workdir: Path, *,
+                 saturate: bool, rate_hz: float | None = None, max_batch: int = 8, max_wait_ms: float = 10.0,
+                 backend: str = "onnxruntime", options: dict | None = None, profile: Path | None = None,
+                 duration_s: float = 10.0) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"--source {source!r}: expected one of {', '.join(SOURCES)}")
+        if not saturate and (rate_hz is None or rate_hz <= 0):
+            raise ValueError(f"offered rate {rate_hz!r}: expected frames/s > 0")
+        if not saturate and source == "folder":
+            raise ValueError("--source folder: a backlog of files measures saturation only, not a fixed rate")
+        h, w, c = load_bundle(bundle).input_shape
+        self.source, self.cameras, self.saturate, self.rate_hz = source, cameras, saturate, rate_hz
+        self.frames, self.workdir, self.profile = frames, workdir, profile
+        self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
+        frame_hw = frames.raw[0].shape[:2]
+        self.config, self.publish, self.ingest = write_config(
+            workdir, bundle, source, cameras, saturate, rate_hz, frames, max_batch, max_wait_ms, backend,
+            options or {}, frame_hw, c, duration_s)
+        self.control = f"ipc://{workdir}/control.sock"
+
+    def command(self) -> list[str]:
+        if self.profile is not None:
+            return [sys.executable, "-m", "inspectd.tools.bench.profiling", str(self.profile), "run", "--config",
+                    str(self.config)]
+        return [sys.executable, "-m", "inspectd", "run", "--config", str(self.config)]
+
+    def run(self, duration_s: float) -> dict[str, Any]:
+        log_path = self.workdir / "daemon.log"
+        # The daemon imports this very checkout, installed or not.
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=str(self.workdir))
+        sub = Subscriber(self.publish, topic="inspect.bench.", context=zmq.Context.instance(), rcvhwm=100000)
+        pusher = None
+        try:
+            self._wait_ready(proc, sub, log_path)
+            if self.ingest:
+                pusher = Pusher(self.ingest, self.frames, "raw" if self.source == "zmq-raw" else "jpeg",
+                                None if self.saturate else self.rate_hz)
+                pusher.start()
+            return self._measure(proc, sub, duration_s, pusher)
+        finally:
+            if pusher is not None:
+                pusher.stop.set()
+                pusher.join(2.0)
+            sub.socket.close(0)
+            self._stop(proc, log_path)
+
+    def _wait_ready(self, proc: subprocess.Popen, sub: Subscriber, log_path: Path) -> None:
+        """A status message means the PUB socket is bound, ingest started and the SUB has joined."""
+        give_up = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < give_up:
+            if proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {proc.returncode} before it was ready: "
+                                   f"{_tail(log_path)}")
+            try:
+                msg = sub.recv(0.2)
+            except MessageError:
+                continue
+            if isinstance(msg, dict):
+                return
+        raise RuntimeError(f"daemon sent no status within {START_TIMEOUT_S:.0f}s: {_tail(log_path)}")
+
+    def _measure(self, proc: subprocess.Popen, sub: Subscriber, duration_s: float, pusher: Pusher | None) -> dict:
+        """Discard the warm-up, then count what arrives in the window."""
+        gaps = GapTracker()
+        t_warm_end = time.monotonic() + WARMUP_S
+        while time.monotonic() < t_warm_end:
+            msg = sub.recv(0.05)
+            if msg is not None and not isinstance(msg, dict):
+                gaps.see(msg.camera, msg.seq)
+        before = control_status(self.control)
+        cpu = CpuClock(proc.pid).start()
+        own_cpu = CpuClock().start()
+        sent0 = pusher.sent if pusher else 0
+        t0 = time.monotonic()
+        end = t0 + duration_s
+        latencies, arrivals, delivered, errors, defects = [], [], 0, 0, 0
+        last_status, first_status = None, None
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            msg = sub.recv(end - now)
+            t_recv = time.time()
+            if msg is None:
+                continue
+            if isinstance(msg, dict):
+                first_status = first_status or msg
+                last_status = msg
+                continue
+            delivered += 1
+            arrivals.append(time.monotonic())
+            errors += msg.verdict == "error"
+            defects += msg.verdict == "defect"
+            gaps.see(msg.camera, msg.seq)
+            if self.source != "folder":
+                latencies.append(t_recv - msg.t_capture)
+        wall = time.monotonic() - t0
+        daemon_cpu = cpu.elapsed()
+        bench_cpu = own_cpu.elapsed()
+        after = control_status(self.control)
+        pushed = (pusher.sent - sent0) / wall if pusher else None
+        fps = arrival_rate(arrivals, self.max_batch) or delivered / wall
+        frames_in_window = fps * wall  # continuous, like the CPU seconds it divides
+        batches = published = None
+        if before and after:
+            batches = after["batches"] - before["batches"]
+            published = after["published"] - before["published"]
+        dropped = None
+        if first_status and last_status:
+            dropped = sum(cam.get("dropped", 0) for cam in last_status["cameras"].values()) - \
+                sum(cam.get("dropped", 0) for cam in first_status["cameras"].values())
+        return {
+            "source": self.source, "cameras": self.cameras, "load": "saturation" if self.saturate else "fixed",
+            "offered_fps": None if self.saturate else self.rate_hz, "pushed_fps": pushed,
+            "delivered_fps": fps, "delivered": delivered, "seconds": wall,
+            "latency_ms": latency_ms(latencies), "dropped_in_queue": dropped,
+            "seq_gaps": sum(gaps.missed.values()), "errors": errors, "defects": defects,
+            # The two counters are read a moment apart: clamp the skew.
+            "mean_batch": min(published / batches, self.max_batch) if batches else None,
+            "daemon_cpu_ms_per_frame": daemon_cpu / frames_in_window * 1000.0 if delivered else None,
+            "daemon_cpu_cores": daemon_cpu / wall, "bench_cpu_cores": bench_cpu / wall,
+            "daemon_peak_rss_mb": proc_peak_rss_bytes(proc.pid) / MB,
+            "max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms,
+        }
+
+    def _stop(self, proc: subprocess.Popen, log_path: Path) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def engine_cpu_at(engine_rows: list[dict], batch: float) -> float | None:
+    """Engine CPU ms per frame at a (mean) batch size, interpolated between the measured batch sizes."""
+    if not engine_rows or batch is None:
+        return None
+    rows = sorted(engine_rows, key=lambda r: r["batch"])
+    xs = [r["batch"] for r in rows]
+    ys = [r["cpu_ms_per_frame"] for r in rows]
+    return float(np.interp(batch, xs, ys))
+
+
+def bench_daemon(bundle: str | Path, frames: FrameSet, sources: list[str], cameras: list[int], duration_s: float,
+                 loads: list[str], engine_rows: list[dict] | None = None, max_batch: int = 8,
+                 max_wait_ms: float = 10.0, backend: str = "onnxruntime", options: dict | None = None,
+                 profile: Path | None = None, log=print) -> dict[str, Any]:
+    """Every (source, cameras) at saturation, then at each fractional load of the saturated rate just measured."""
+    bundle = Path(bundle).resolve()
+    rows = []
+    # The profile shows the hot path best where the daemon does the least besides inference: raw frames over ZeroMQ.
+    profiled = ("zmq-raw" if "zmq-raw" in sources else sources[0], cameras[0])
+    with tempfile.TemporaryDirectory(prefix="inspectd-bench-daemon-") as tmp:
+        k = 0
+        for source in sources:
+            for n_cameras in cameras:
+                saturated = None
+                for load in loads:
+                    saturate = load == "sat"
+                    if not saturate and (source == "folder" or saturated is None):
+                        continue  # a fixed rate is a fraction of a measured saturation; folders have none
+                    rate = None if saturate else float(load) * saturated
+                    workdir = Path(tmp) / f"s{k}"
+                    workdir.mkdir()
+                    k += 1
+                    prof = None
+                    if profile is not None and saturate and (source, n_cameras) == profiled:
+                        prof = profile
+                    scenario = Scenario(bundle, source, n_cameras, frames, workdir, saturate=saturate,
+                                        rate_hz=rate, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                        backend=backend, options=options, profile=prof, duration_s=duration_s)
+                    try:
+                        row = scenario.run(duration_s)
+                    except RuntimeError as exc:  # one scenario failing must not lose the others' figures
+                        log(f"bench daemon: {source} x{n_cameras} {load}: FAILED: {exc}")
+                        rows.append({"source": source, "cameras": n_cameras, "load": load, "error": str(exc)})
+                        continue
+                    row["load"] = "saturation" if saturate else f"{float(load):.0%} of saturation"
+                    row["profiled"] = prof is not None
+                    if saturate:
+                        saturated = row["delivered_fps"]
+                    engine_cpu = engine_cpu_at(engine_rows or [], row["mean_batch"] or max_batch)
+                    row["engine_cpu_ms_per_frame"] = engine_cpu
+                    if engine_cpu is not None and row["daemon_cpu_ms_per_frame"] is not None:
+                        row["outside_engine_cpu_ms_per_frame"] = row["daemon_cpu_ms_per_frame"] - engine_cpu
+                    else:
+                        row["outside_engine_cpu_ms_per_frame"] = None
+                    log(f"bench daemon: {source} x{n_cameras} {row['load']}: {row['delivered_fps']:.1f} frames/s, "
+                        f"p99 {row['latency_ms']['p99']:.1f} ms")
+                    rows.append(row)
+    return {"kind": "daemon", "bundle": str(bundle), "duration_s": duration_s, "rows": rows}
+
+
+def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
+    headers = ["source", "cameras", "load", "offered/s", "delivered/s", "latency p50 ms", "p99 ms", "max ms",
+               "dropped", "seq gaps", "defect %", "mean batch", "daemon CPU ms/frame", "outside engine ms/frame",
+               "cores"]
+    rows = []
+    for r in report["rows"]:
+        if "error" in r:
+            rows.append([r["source"], r["cameras"], r["load"], "FAILED: " + r["error"][:80]] + [None] * 11)
+            continue
+        lat = r["latency_ms"]
+        has_lat = lat["n"] > 0
+        rows.append([r["source"], r["cameras"], r["load"], r["offered_fps"], r["delivered_fps"],
+                     lat["p50"] if has_lat else None, lat["p99"] if has_lat else None,
+                     lat["max"] if has_lat else None, r["dropped_in_queue"], r["seq_gaps"],
+                     100.0 * r["defects"] / r["delivered"] if r["delivered"] else None, r["mean_batch"],
+                     r["daemon_cpu_ms_per_frame"], r["outside_engine_cpu_ms_per_frame"], r["daemon_cpu_cores"]])
+    return headers, rows
