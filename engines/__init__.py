@@ -3,7 +3,7 @@
     errors     error types (imports nothing)
     bundle     the bundle on disk: format constants, writing and verified loading, thresholds, TensorRT plan files
     data       images in: decoding files, MVTec-layout folders, synthetic defects, the synthetic line
-    runtime    running a bundle: the Engine interface, one module per backend, fitting frames to the input
+    runtime    running a bundle: the Engine interface, one module per backend, Predictor (frames in, results out)
     model      the torch side: backbones, graph, methods, ONNX export, the FP16 graph, TensorRT plan building
     training   train, evaluate, metrics
 

@@ -100,6 +100,28 @@ def test_masks_always_and_never(bundle_path):
     assert never.verdict == "defect" and never.mask is None and len(never.regions) == 1
 
 
+def test_predictor_fits_frames_into_one_buffer_and_maps_back_to_each_frame(bundle_path):
+    from engines.errors import EngineError
+    from engines.runtime.predictor import Predictor
+
+    state = open_state(bundle_path, max_batch=2)
+    predictor = Predictor(state.engine)
+    buffer = predictor.pixels
+    predictor.clear()
+    assert predictor.add(grey(96, 160, blob=(30, 100, 24))) == 0
+    with pytest.raises(Exception):
+        predictor.add(np.zeros((4, 4, 5), np.uint8))  # cannot be fitted: the row stays free
+    assert predictor.add(grey(32, 32)) == 1
+    with pytest.raises(EngineError, match="batch full"):
+        predictor.add(grey(32, 32))
+    result = predictor.infer()
+    assert result.scores.shape == (2,) and predictor.batch.shape == (2, H, W, 1)
+    assert predictor.frame_map(result, 0).shape == (96, 160) and predictor.frame_map(result, 1).shape == (32, 32)
+    assert result.scores[0] > 0.9 > result.scores[1]
+    again = predictor.predict([grey(40, 40)])
+    assert again.scores.shape == (1,) and predictor.pixels is buffer  # one buffer, reused batch after batch
+
+
 def test_error_frames_skip_the_engine_and_bad_frames_fail_alone(bundle_path):
     stage = InferenceStage(open_state(bundle_path), max_batch=4)
     results = stage.run_batch([frame(0, None, error="decode: not a JPEG"), frame(1, grey(32, 32)),

@@ -1,6 +1,7 @@
 """Running a bundle's graph: uint8 NHWC pixels in, image scores and anomaly maps out.
 
     base        the Engine interface every backend implements, and the checks they share
+    predictor   Predictor: frames of any size in, scores and frame-sized maps out, through one preallocated batch
     preprocess  fitting a frame to the model input (fit_frame) and mapping results back (Placement)
     onnxruntime_backend, tensorrt_backend, torch_backend   one module per backend
     cuda_buffers   CUDA memory, streams and events for the TensorRT backend

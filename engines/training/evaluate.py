@@ -1,9 +1,9 @@
 """`inspectd eval`: score a bundle on an MVTec-layout folder, report metrics, draw overlays.
 
 Owns `score_images`, the one way to run a bundle over a list of image files (the calibration tool uses it too): each
-image is decoded by engines.data.images.load_image, fitted into one preallocated uint8 batch buffer with
-engines.runtime.preprocess.fit_frame, run through a runtime backend (engines.runtime.open_engine), and its anomaly map mapped
-back to the frame's own size with Placement.map_to_frame. Metrics come from engines.training.metrics: image AUROC and F1-max
+image is decoded by engines.data.images.load_image and run through a runtime backend (engines.runtime.open_engine) by
+an engines.runtime Predictor, which fits it into one preallocated batch buffer and maps its anomaly map back to the
+frame's own size. Metrics come from engines.training.metrics: image AUROC and F1-max
 over image scores, pixel AUROC and AUPRO (FPR <= 0.3) over every pixel at frame size, streamed into histograms so
 nothing but a few overlay candidates is held. Per-defect-type rows compare that type against the good images.
 """
@@ -27,7 +27,7 @@ import numpy as np
 from engines.training import metrics
 from engines.data.images import MvtecFolder, TestItem, load_image, load_mask
 from engines.errors import EngineError
-from engines.runtime.preprocess import fit_frame
+from engines.runtime.predictor import Predictor
 
 OVERLAY_GROUPS = ("worst-good", "best-defect", "worst-defect")
 
@@ -55,20 +55,17 @@ def score_images(bundle, paths: Iterable[str | Path], backend: str = "onnxruntim
         bundle = load_bundle(bundle)
     from engines.runtime import open_engine
 
-    input_shape = bundle.input_shape
-    policy = bundle.resize_policy
     chunks = _chunks((Path(p) for p in paths), batch)
-    pixels = np.empty((batch, *input_shape), dtype=np.uint8)
     with open_engine(bundle, backend, options, max_batch=batch) as engine, \
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
+        predictor = Predictor(engine)
         pending = _submit_decode(decoder, next(chunks, None))
         while pending is not None:
             chunk, images = pending[0], pending[1].result()
             pending = _submit_decode(decoder, next(chunks, None))
-            placements = [fit_frame(image, input_shape, policy, out=pixels[i])[1] for i, image in enumerate(images)]
-            result = engine.infer(pixels[:len(images)])
-            for i, (path, image, placement) in enumerate(zip(chunk, images, placements)):
-                frame_map = placement.map_to_frame(result.maps[i])
+            result = predictor.predict(images)
+            for i, (path, image) in enumerate(zip(chunk, images)):
+                frame_map = predictor.frame_map(result, i)
                 # A map that needed no resize is a view into the engine's output, which the next batch may reuse.
                 if np.shares_memory(frame_map, result.maps):
                     frame_map = frame_map.copy()

@@ -1,7 +1,7 @@
 """The inference stage: turns a batch of frames into judged results with one engine call.
 
-It owns the engine and the model state (bundle, engine, thresholds). Per batch: each frame is fitted into one
-preallocated uint8 [max_batch, H, W, C] buffer (engines.runtime.preprocess.fit_frame), the engine runs once on buffer[:n],
+It owns the engine and the model state (bundle, engine, thresholds). Per batch, through an engines.runtime Predictor:
+each frame is fitted into one preallocated uint8 [max_batch, H, W, C] buffer, the engine runs once on the rows filled,
 then each frame gets its verdict (score >= its camera's image threshold) and, only where needed (a defect, or
 masks "always"), the pixel mask in the frame's own coordinates and its connected regions.
 
@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engines.runtime.preprocess import fit_frame
+from engines.runtime.predictor import Predictor
 from inspectd.daemon.frames import Frame
 from inspectd.protocol.messages import Region
 
@@ -109,17 +109,13 @@ class InferenceStage:
         self.unhealthy_after = unhealthy_after
         self._state = state
         self._swap_lock = threading.Lock()
-        self._buffer = self._buffer_for(state)
+        self._predictor = Predictor(state.engine, state.bundle, max_batch)
         self.batches = 0
         self.failed_batches = 0
         self.consecutive_failures = 0
         self.frames_judged = 0
         self.last_error: str | None = None
         self.last_batch_done = time.monotonic()
-
-    def _buffer_for(self, state: ModelState) -> np.ndarray:
-        h, w, c = state.bundle.input_shape
-        return np.empty((self.max_batch, h, w, c), dtype=np.uint8)
 
     @property
     def state(self) -> ModelState:
@@ -138,28 +134,26 @@ class InferenceStage:
     def run_batch(self, frames: list[Frame]) -> list[Judged]:
         with self._swap_lock:
             state = self._state
-        buffer = self._buffer
-        if buffer.shape[1:] != tuple(state.bundle.input_shape):
-            # A reload brought a model of another input size: allocate once for it, not per batch.
-            buffer = self._buffer = self._buffer_for(state)
+        predictor = self._predictor
+        if predictor.engine is not state.engine:
+            # A reload brought another engine (perhaps of another input size): a batch buffer for it, once per reload.
+            predictor = self._predictor = Predictor(state.engine, state.bundle, self.max_batch)
         results: list[Judged | None] = [None] * len(frames)
-        placements = []
-        slots = []  # index into `frames` of each buffer row
-        policy = state.bundle.resize_policy
+        slots = []  # index into `frames` of each batch row
+        predictor.clear()
         for i, frame in enumerate(frames):
             if frame.error is not None:
                 results[i] = self._error(frame, state, frame.error)
                 continue
             try:
-                _, placement = fit_frame(frame.image, state.bundle.input_shape, policy, out=buffer[len(slots)])
+                predictor.add(frame.image)
             except Exception as exc:  # a frame that cannot be fitted fails alone, not its batch
                 results[i] = self._error(frame, state, f"preprocess: {exc}")
                 continue
-            placements.append(placement)
             slots.append(i)
         if slots:
             try:
-                scores, maps = state.engine.infer(buffer[:len(slots)])
+                output = predictor.infer()
             except Exception as exc:
                 reason = f"engine: {type(exc).__name__}: {exc}".splitlines()[0]
                 self.failed_batches += 1
@@ -169,8 +163,8 @@ class InferenceStage:
                     results[i] = self._error(frames[i], state, reason)
             else:
                 self.consecutive_failures = 0
-                for row, (i, placement) in enumerate(zip(slots, placements)):
-                    results[i] = self._judge(frames[i], state, float(scores[row]), maps[row], placement)
+                for row, i in enumerate(slots):
+                    results[i] = self._judge(frames[i], state, predictor, output, row)
         self.batches += 1
         self.frames_judged += len(frames)
         self.last_batch_done = time.monotonic()
@@ -179,13 +173,14 @@ class InferenceStage:
     def _error(self, frame: Frame, state: ModelState, reason: str) -> Judged:
         return Judged(frame, "error", None, None, state.model_id, state.thresholds_version, [], None, reason)
 
-    def _judge(self, frame: Frame, state: ModelState, score: float, model_map: np.ndarray, placement) -> Judged:
+    def _judge(self, frame: Frame, state: ModelState, predictor: Predictor, output, row: int) -> Judged:
+        score = float(output.scores[row])
         image_thr, pixel_thr = state.thresholds.for_camera(frame.camera)
         verdict = "defect" if score >= image_thr else "ok"
         regions: list[Region] = []
         mask = None
         if verdict == "defect" or self.masks == "always":
-            frame_map = placement.map_to_frame(model_map)
+            frame_map = predictor.frame_map(output, row)
             binary = (frame_map >= pixel_thr).view(np.uint8)
             regions = _regions(binary, frame_map)
             if self.masks == "always" or (self.masks == "defects" and verdict == "defect"):

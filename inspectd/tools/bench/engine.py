@@ -1,8 +1,9 @@
 """`inspectd bench engine`: what the engine alone can do, the ceiling every other figure is compared with.
 
 For each input size and batch size: warm up, then several timed windows of back-to-back `engine.infer` calls on one
-preallocated batch of synthetic-line frames. Reports frames/s (median and range of the windows), per-call latency,
-CPU seconds per frame (all threads of this process, so ONNX Runtime's intra-op threads count) and resident memory.
+preallocated batch of synthetic-line frames (fitted by an engines.runtime Predictor; only the engine is timed).
+Reports frames/s (median and range of the windows), per-call latency, CPU seconds per frame (all threads of this
+process, so ONNX Runtime's intra-op threads count) and resident memory.
 
 A bundle's graph is exported at one input size. A size other than the bundle's gets a bundle of its own, trained by the
 frozen method (seconds) into a temporary directory on a few of the original bundle's training images.
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from engines.bundle.store import Bundle, load_bundle
-from engines.runtime.preprocess import fit_frame
+from engines.runtime.predictor import Predictor
 from engines.runtime import open_engine
 from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, peak_rss_bytes, rss_bytes, spread
 
@@ -27,16 +28,16 @@ WARMUP_S = 0.5
 SIZED_TRAIN_IMAGES = 24
 
 
-def batch_of_frames(input_shape: tuple[int, int, int], n: int, seed: int = 0) -> np.ndarray:
-    """uint8 [n, H, W, C] of synthetic-line frames (some defective) fitted to the model input."""
+def batch_of_frames(predictor: Predictor, n: int, seed: int = 0) -> np.ndarray:
+    """uint8 [n, H, W, C] of synthetic-line frames (some defective) fitted into `predictor`'s batch buffer (a view)."""
     from engines.data.synthline import SyntheticLine
 
-    h, w, c = input_shape
+    h, w, c = predictor.input_shape
     line = SyntheticLine(width=w, height=h, channels=1 if c == 1 else 3, defect_rate=0.2, seed=seed)
-    batch = np.empty((n, h, w, c), dtype=np.uint8)
-    for i in range(n):
-        fit_frame(line.next()[0], input_shape, "stretch", out=batch[i])
-    return batch
+    predictor.clear()
+    for _ in range(n):
+        predictor.add(line.next()[0])
+    return predictor.batch
 
 
 def bench_batch(engine, pixels: np.ndarray, windows: int, window_s: float, warmup_s: float = WARMUP_S) -> dict:
@@ -83,7 +84,7 @@ def bench_bundle(bundle: Bundle, backend: str, options: dict | None, batches: li
     rss_open = rss_bytes()
     engine = open_engine(bundle, backend, options or {}, max_batch=max(batches))
     try:
-        frames = batch_of_frames(bundle.input_shape, max(batches))
+        frames = batch_of_frames(Predictor(engine), max(batches))
         engine.infer(frames[:1])
         rss_start = rss_bytes()
         rows = [bench_batch(engine, frames[:b], windows, window_s, warmup_s) for b in batches]
