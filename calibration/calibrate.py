@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
+from engines.bundle.format import inspectd_version
 
 CONFIDENCE = 0.95
 DEFAULT_FALSE_REJECT = 0.001
@@ -311,15 +312,6 @@ def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | No
     return _Scored(scores[:len(good)], scores[len(good):], pixels, has_masks)
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("inspectd")
-    except Exception:  # noqa: BLE001 - a source checkout without metadata still calibrates
-        return "unknown"
-
-
 def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
     """(image threshold, pixel threshold or None, provenance target/observed) and the report lines on `out`."""
     good, defect = scored.good, scored.defect
@@ -429,7 +421,7 @@ def _calibrate(bundle, current, args, out):
         raise DataError(f"{', '.join(args.defective)}: no defective images found")
     scored = _score(bundle, args, good, defective)
     image, pixel, chosen = _choose(args, scored, out)
-    provenance = {"tool": f"inspectd calibrate {_version()}", "good_dir": str(Path(args.good).resolve()),
+    provenance = {"tool": f"inspectd calibrate {inspectd_version()}", "good_dir": str(Path(args.good).resolve()),
                   "n_good": int(scored.good.size), "defective_dirs": [str(Path(d).resolve()) for d in args.defective],
                   "n_defective": int(scored.defect.size), "model_id": bundle.model_id, **chosen}
     if args.camera:

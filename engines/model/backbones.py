@@ -37,8 +37,8 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {
     # Lite0 was trained on inputs scaled to [-1, 1]. Taps at stride 16 and 32, like CSE's b3 taps. A stride-8 tap
-    # (index 2) was measured and not kept: frozen Gaussian on magnetic_tile at 256x256, image/pixel AUROC 0.851/0.736
-    # with it against 0.859/0.736 without, for 4x the scorer's locations.
+    # (index 2) is not used: with the frozen Gaussian on magnetic tile it scored no better, for 4x the scorer's
+    # locations.
     "lite0": BackboneSpec("lite0", "tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), (3, 4)),
     "efficientnet_b3": BackboneSpec("efficientnet_b3", "efficientnet_b3", IMAGENET_MEAN, IMAGENET_STD, (3, 4),
                                     ("efficientnet_b3_ra2-cf984f9c.pth",)),

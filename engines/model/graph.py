@@ -156,10 +156,8 @@ def _kmeans_plus_plus(flat: torch.Tensor, k: int, generator: torch.Generator) ->
 DEFAULT_MEMORY_SIZE = 16384
 CORESET_PROJECTION = 16
 # Neighbourhood averaged into each patch, in locations of the finest tap's grid. PatchCore uses 3x3; magnetic tile
-# wants far more context because its worst defect (uneven) is a diffuse shading. Screened on magnetic_tile (Lite0
-# taps 3+4 = a 16x16 grid at 256 stretched, 16 384 randomly chosen patches, maps at model size), image / pixel AUROC:
-# 3x3 0.885/0.819, 5x5 0.910/0.829, 7x7 0.923/0.833, 9x9 0.935/0.833, 11x11 0.943/0.833, 15x15 0.950/0.827; with
-# the coreset instead of random patches 11x11 0.950/0.836, 15x15 0.956/0.828 (docs/ACCURACY.md).
+# wants far more context because its worst defect (uneven) is a diffuse shading: in the screening (docs/ACCURACY.md)
+# image AUROC rises with the window up to 15x15 while pixel AUROC stays level from 7x7 on.
 AGGREGATION = 15
 
 
@@ -168,8 +166,8 @@ class MemoryBankScorer(nn.Module):
     `memory_bank` [M,D]: patch features of ALL training images, locally aggregated and cut to M by greedy k-center
     coreset selection. Map: per location, the Euclidean distance from its aggregated feature to the nearest memory
     vector (any position of any training image, so tiles need not be aligned); image score: max of the smoothed map.
-    It uses the backbone's default taps (Lite0 strides 16+32): strides 8+16 screened worse, image/pixel AUROC
-    0.701/0.766 against 0.885/0.819 with 3x3 aggregation, for 4x the locations.
+    It uses the backbone's default taps (Lite0 strides 16+32): strides 8+16 screened far worse, for 4x the locations
+    (docs/ACCURACY.md).
 
     Features are averaged over each AGGREGATION x AGGREGATION neighbourhood first (PatchCore's local aggregation,
     widened): a patch then carries its surroundings, which denoises the memory and lets diffuse defects (magnetic

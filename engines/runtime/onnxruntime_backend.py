@@ -25,7 +25,7 @@ class Options:
     inter_op_threads: int = 1
     providers: str = "auto"     # auto: CUDA when this ONNX Runtime build has it, else CPU
     # ONNX Runtime's workers busy-wait between runs by default. In a daemon that waits for frames, and on a station
-    # whose cores ingest and decode too, that spinning measured 33.7 -> 18.1 CPU ms/frame at batch 1 when turned off
+    # whose cores ingest and decode too, that spinning nearly doubles the CPU time per frame at batch 1
     # (docs/PERFORMANCE.md). Turn it on only on a dedicated machine running back-to-back batches.
     allow_spinning: bool = False
 

@@ -23,6 +23,7 @@ import torch
 
 from engines.bundle import thresholds as thresholds_doc
 from engines.model.backbones import BACKBONES, spec_for
+from engines.bundle.format import inspectd_version
 from engines.bundle.store import load_bundle, write_bundle
 from engines.data.images import MvtecFolder, list_images, load_image
 from engines.errors import DataError, EngineError
@@ -155,7 +156,7 @@ def extract_features(graph: InferenceGraph, images: np.ndarray, batch: int,
     return torch.cat(chunks), interrupted
 
 
-def score_images(graph: InferenceGraph, images: np.ndarray, params: dict[str, np.ndarray],
+def score_with_graph(graph: InferenceGraph, images: np.ndarray, params: dict[str, np.ndarray],
                  batch: int) -> tuple[np.ndarray, np.ndarray]:
     tensors = [torch.from_numpy(params[name]) for name in graph.scorer_inputs]
     scores, maps = [], []
@@ -222,7 +223,7 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
 
     # Without held-out images the first thresholds come from the fitting images (and provenance says so).
     check_images, check_kind = (hold_images, "held-out") if len(hold_images) else (fit_images, "training")
-    scores, maps = score_images(graph, check_images, params, batch)
+    scores, maps = score_with_graph(graph, check_images, params, batch)
     thresholds = first_thresholds(scores, maps, {
         "tool": "inspectd train", "good_dir": str(Path(data).resolve()), "n_good": int(len(check_images)),
         "images": check_kind, "n_fit": int(len(fit_images)), "n_holdout": int(len(hold_images)),
@@ -243,7 +244,7 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
                      "batch": batch, "seed": seed, "k": k if "references" in graph.scorer_inputs else None, "scorer": scorer,
                      "memory_size": int(params["memory_bank"].shape[0]) if "memory_bank" in params else None,
                      "seconds": round(time.monotonic() - started, 1)},
-        "versions": {"inspectd": _version(), "torch": torch.__version__, "timm": timm.__version__, "opset": opset},
+        "versions": {"inspectd": inspectd_version(), "torch": torch.__version__, "timm": timm.__version__, "opset": opset},
     }
     graph_bytes = export_graph(graph, params, opset)
     path = write_bundle(out, manifest, graph_bytes, params, state_arrays(graph), thresholds)
@@ -258,15 +259,6 @@ SCORE_KINDS = {
     "gaussian": "image: max of the map; map: Mahalanobis distance (per-location mean, shared covariance)",
     "memory": "image: max of the map; map: distance of the aggregated patch to its nearest memory-bank patch",
 }
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("inspectd")
-    except Exception:
-        return "unknown"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -77,8 +77,8 @@ def _return_freed_memory() -> None:
     """Hand the heap a closed engine freed back to the OS.
 
     glibc keeps freed memory in its per-thread arenas: without this, every reload (session built on the control
-    thread, closed on the inference thread) left ~10 MB more RSS with a Lite0 bundle (soak: 198 -> 265 MB over 7
-    reloads; with the trim the daemon stays flat)."""
+    thread, closed on the inference thread) leaves the old engine's memory resident and RSS grows reload after reload
+    (figures in docs/RELIABILITY.md)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
@@ -113,7 +113,6 @@ class InferenceStage:
         self.batches = 0
         self.failed_batches = 0
         self.consecutive_failures = 0
-        self.frames_judged = 0
         self.last_error: str | None = None
         self.last_batch_done = time.monotonic()
 
@@ -166,7 +165,6 @@ class InferenceStage:
                 for row, i in enumerate(slots):
                     results[i] = self._judge(frames[i], state, predictor, output, row)
         self.batches += 1
-        self.frames_judged += len(frames)
         self.last_batch_done = time.monotonic()
         return results  # type: ignore[return-value]
 

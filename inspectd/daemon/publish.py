@@ -81,9 +81,6 @@ class Publisher:
         """Queue a result for sending; blocks only while the queue is full (the send path itself never blocks)."""
         self._queue.put(judged)
 
-    def backlog(self) -> int:
-        return self._queue.qsize()
-
     def counters(self, camera: str) -> CameraCounters:
         counters = self.cameras.get(camera)
         if counters is None:

@@ -35,7 +35,7 @@ FRAME_SIZE = (256, 256)     # frames are larger than the model input, as on a re
 DEFECT_RATE = 0.25
 MAX_CAMERAS = 4             # camera i shows the surface of synthetic-line seed FIRST_SEED + i; training sees them all
 FIRST_SEED = 1000
-START_TIMEOUT_S = 120.0     # first result after start: engine load and warm-up on a busy 2-core machine
+START_TIMEOUT_S = 120.0     # first result after start: engine load and warm-up, with room for a small, loaded machine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -83,8 +83,8 @@ class CseMethod(Method):
     name = "cse"
     default_scorer = "kmeans"
     default_backbone = "lite0"
-    # 30 epochs on cached taps are 5 minutes on two cores for ~700 images at 256 px; on magnetic tile they lift image
-    # AUROC 0.860 -> 0.911 over 5 epochs, and 100 epochs (the paper's range is 50-100) add only 0.005 (ACCURACY.md).
+    # On magnetic tile image AUROC rises with the epochs up to about 30 and barely moves beyond, up to the paper's
+    # 50-100 (docs/ACCURACY.md); on cached taps 30 epochs take minutes on a CPU.
     default_epochs = 30
     default_batch = 8
 

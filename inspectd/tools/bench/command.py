@@ -1,8 +1,8 @@
 """`inspectd bench engine|naive|daemon|all`: throughput, latency, CPU and memory of the engine alone, of the loop a user
-would write without inspectd, and of the real daemon, side by side (issue #6; figures in docs/PERFORMANCE.md).
+would write without inspectd, and of the real daemon, side by side (figures in docs/PERFORMANCE.md).
 
-This module owns the command line and the combined report with its goals; the measuring lives in bench_engine,
-bench_naive, bench_daemon (and bench_measure, bench_profile). Every mode prints a Markdown table and, with --json,
+This module owns the command line and the combined report with its goals; the measuring lives in the modules engine,
+naive and daemon beside it (and measure, profiling). Every mode prints a Markdown table and, with --json,
 writes its full figures as JSON ('-' for stdout).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from inspectd.tools.bench.measure import MB, cpu_model, fmt, markdown_table, peak_rss_bytes
 
-# Goals of issue #6 (2 CPU cores): name -> (what, comparison, target).
+# What the daemon is held to, set for a CPU station with 2 cores: name -> (what, comparison, target).
 GOALS = {
     "daemon_vs_engine_raw": ("daemon saturated frames/s (zmq raw) / engine-only best frames/s", ">=", 0.90),
     "daemon_vs_engine_raw_cpu": ("the same from CPU time: engine CPU ms/frame (at the daemon's mean batch) / daemon "

@@ -37,7 +37,7 @@ from inspectd.clients.subscribe import GapTracker, Subscriber
 
 SOURCES = ("synthetic", "folder", "zmq-raw", "zmq-jpeg")
 SATURATION_RATE_HZ = 5000.0   # synthetic source rate standing in for "as fast as possible"
-START_TIMEOUT_S = 90.0        # imports, bundle checksums, ONNX Runtime session, warm-up on a busy 2-core box
+START_TIMEOUT_S = 90.0        # imports, bundle checksums, ONNX Runtime session, warm-up, on a small loaded machine
 STOP_TIMEOUT_S = 20.0
 WARMUP_S = 1.5
 BURST_GAP_MIN_S = 0.02

@@ -1,6 +1,6 @@
 """What every benchmark measures with: timed windows, latency percentiles, CPU time, resident memory, tables.
 
-Figures from the shared, noisy 2-core machines are only comparable inside one run, so each benchmark reports the median
+Figures from a shared, noisy machine are only comparable inside one run, so each benchmark reports the median
 of several windows with their spread, and `inspectd bench all` reports ratios of figures taken minutes apart.
 """
 
