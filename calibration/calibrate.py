@@ -40,6 +40,7 @@ class CalibrationError(ValueError):
 
 # --- statistics on score arrays -------------------------------------------------------------------------------
 
+
 def _finite_scores(scores, what: str) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if scores.size == 0:
@@ -103,19 +104,21 @@ def frames_needed(rate: float, confidence: float = CONFIDENCE) -> int:
 class FalseRejectChoice:
     threshold: float
     n_good: int
-    allowed: int            # exceedances whose 95 % bound still meets the target (0 when n is too small)
-    exceedances: int        # good frames at or above the threshold
+    allowed: int  # exceedances whose 95 % bound still meets the target (0 when n is too small)
+    exceedances: int  # good frames at or above the threshold
     observed_rate: float
-    upper_bound: float      # one-sided 95 % Clopper-Pearson bound on the false-reject rate
-    needed: int             # good frames the target needs with zero exceedances
-    enough: bool            # upper_bound <= target
+    upper_bound: float  # one-sided 95 % Clopper-Pearson bound on the false-reject rate
+    needed: int  # good frames the target needs with zero exceedances
+    enough: bool  # upper_bound <= target
 
     def warning(self, target: float) -> str | None:
         if self.enough:
             return None
-        return (f"WARNING: {self.n_good} good frames support a false-reject rate of at most {self.upper_bound:.4g} "
-                f"(95% upper bound), not the target {target:g}; the target needs >= {self.needed} good frames "
-                "with none rejected")
+        return (
+            f"WARNING: {self.n_good} good frames support a false-reject rate of at most {self.upper_bound:.4g} "
+            f"(95% upper bound), not the target {target:g}; the target needs >= {self.needed} good frames "
+            "with none rejected"
+        )
 
 
 def threshold_for_false_reject(good_scores, target: float) -> FalseRejectChoice:
@@ -142,8 +145,9 @@ def threshold_for_false_reject(good_scores, target: float) -> FalseRejectChoice:
     threshold = _just_above(scores[n - allowed - 1])
     exceedances = int(np.count_nonzero(scores >= threshold))
     upper = clopper_pearson_upper(exceedances, n)
-    return FalseRejectChoice(threshold, n, allowed, exceedances, exceedances / n, upper, frames_needed(target),
-                             upper <= target)
+    return FalseRejectChoice(
+        threshold, n, allowed, exceedances, exceedances / n, upper, frames_needed(target), upper <= target
+    )
 
 
 def threshold_for_escape(defect_scores, target: float) -> float:
@@ -166,17 +170,19 @@ def threshold_for_f1(good_scores, defect_scores) -> tuple[float, float]:
 
 @dataclasses.dataclass(frozen=True)
 class Confusion:
-    true_defect: int   # defective, flagged
-    escaped: int       # defective, passed
+    true_defect: int  # defective, flagged
+    escaped: int  # defective, passed
     false_reject: int  # good, flagged
-    true_ok: int       # good, passed
+    true_ok: int  # good, passed
 
     def table(self) -> str:
-        return ("                 judged defect   judged ok\n"
-                f"  defective      {self.true_defect:>13d}   {self.escaped:>9d}   escape rate "
-                f"{_share(self.escaped, self.true_defect + self.escaped)}\n"
-                f"  good           {self.false_reject:>13d}   {self.true_ok:>9d}   false-reject rate "
-                f"{_share(self.false_reject, self.false_reject + self.true_ok)}")
+        return (
+            "                 judged defect   judged ok\n"
+            f"  defective      {self.true_defect:>13d}   {self.escaped:>9d}   escape rate "
+            f"{_share(self.escaped, self.true_defect + self.escaped)}\n"
+            f"  good           {self.false_reject:>13d}   {self.true_ok:>9d}   false-reject rate "
+            f"{_share(self.false_reject, self.false_reject + self.true_ok)}"
+        )
 
 
 def _share(part: int, whole: int) -> str:
@@ -223,37 +229,79 @@ def pixel_threshold_for_f1(histograms) -> tuple[float, float]:
 
 # --- the command --------------------------------------------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", metavar="BUNDLE", help="model bundle directory whose thresholds.json is versioned")
-    parser.add_argument("--good", metavar="DIR",
-                        help="held-out defect-free images (a folder, or an MVTec root: its test/good)")
-    parser.add_argument("--defective", metavar="DIR", action="append", default=[],
-                        help="labelled defective images: a folder (an MVTec test/<type> finds its ground_truth masks),"
-                             " or an MVTec root (every test/<type> but good); repeatable")
+    parser.add_argument(
+        "--good", metavar="DIR", help="held-out defect-free images (a folder, or an MVTec root: its test/good)"
+    )
+    parser.add_argument(
+        "--defective",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="labelled defective images: a folder (an MVTec test/<type> finds its ground_truth masks),"
+        " or an MVTec root (every test/<type> but good); repeatable",
+    )
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--target-false-reject", type=float, metavar="P", default=None,
-                        help=f"image threshold at this good-frame false-reject rate (default {DEFAULT_FALSE_REJECT})")
-    target.add_argument("--target-escape", type=float, metavar="E", default=None,
-                        help="image threshold letting at most this fraction of defective frames pass (needs defects)")
+    target.add_argument(
+        "--target-false-reject",
+        type=float,
+        metavar="P",
+        default=None,
+        help=f"image threshold at this good-frame false-reject rate (default {DEFAULT_FALSE_REJECT})",
+    )
+    target.add_argument(
+        "--target-escape",
+        type=float,
+        metavar="E",
+        default=None,
+        help="image threshold letting at most this fraction of defective frames pass (needs defects)",
+    )
     target.add_argument("--max-f1", action="store_true", help="image threshold at the F1 maximum (needs defects)")
-    parser.add_argument("--pixel", action="store_true",
-                        help="also set the pixel threshold: pixel F1-max over masks when the defects have them, "
-                             "else the good pixels' quantile at --pixel-fpr")
-    parser.add_argument("--pixel-fpr", type=float, default=DEFAULT_PIXEL_FPR, metavar="R",
-                        help=f"good-pixel false-positive rate for --pixel without masks (default {DEFAULT_PIXEL_FPR})")
+    parser.add_argument(
+        "--pixel",
+        action="store_true",
+        help="also set the pixel threshold: pixel F1-max over masks when the defects have them, "
+        "else the good pixels' quantile at --pixel-fpr",
+    )
+    parser.add_argument(
+        "--pixel-fpr",
+        type=float,
+        default=DEFAULT_PIXEL_FPR,
+        metavar="R",
+        help=f"good-pixel false-positive rate for --pixel without masks (default {DEFAULT_PIXEL_FPR})",
+    )
     parser.add_argument("--camera", metavar="ID", help="write the result as this camera's override only")
-    parser.add_argument("--apply", metavar="ENDPOINT",
-                        help="send the new thresholds to a running daemon's control socket (tcp://host:port, ipc://)")
-    parser.add_argument("--rollback", type=int, metavar="VERSION",
-                        help="write a new version with the values of an earlier VERSION (no scoring)")
+    parser.add_argument(
+        "--apply",
+        metavar="ENDPOINT",
+        help="send the new thresholds to a running daemon's control socket (tcp://host:port, ipc://)",
+    )
+    parser.add_argument(
+        "--rollback",
+        type=int,
+        metavar="VERSION",
+        help="write a new version with the values of an earlier VERSION (no scoring)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="compute and print; write and apply nothing")
     parser.add_argument("--backend", default="onnxruntime", help="runtime backend that scores (default onnxruntime)")
     parser.add_argument("--batch", type=int, default=8, help="images per inference batch (default 8)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon with --apply")
-    parser.add_argument("--server-key", type=Path, default=None, metavar="PATH",
-                        help="CurveZMQ for --apply: the daemon's control public key file (with --client-key)")
-    parser.add_argument("--client-key", type=Path, default=None, metavar="PATH",
-                        help="CurveZMQ for --apply: this operator's .key_secret file, in the daemon's allow-list")
+    parser.add_argument(
+        "--server-key",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="CurveZMQ for --apply: the daemon's control public key file (with --client-key)",
+    )
+    parser.add_argument(
+        "--client-key",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="CurveZMQ for --apply: this operator's .key_secret file, in the daemon's allow-list",
+    )
 
 
 @dataclasses.dataclass
@@ -307,9 +355,8 @@ def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | No
         if i < len(good):
             pixels.add(scored.frame_map, None, what=str(scored.path))
         elif has_masks:
-            pixels.add(scored.frame_map, load_mask(masks[i - len(good)], scored.frame_map.shape),
-                       what=str(scored.path))
-    return _Scored(scores[:len(good)], scores[len(good):], pixels, has_masks)
+            pixels.add(scored.frame_map, load_mask(masks[i - len(good)], scored.frame_map.shape), what=str(scored.path))
+    return _Scored(scores[: len(good)], scores[len(good) :], pixels, has_masks)
 
 
 def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
@@ -320,25 +367,34 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
     if args.target_escape is not None:
         image = threshold_for_escape(defect, args.target_escape)
         target = {"kind": "escape", "value": args.target_escape}
-        print(f"image threshold {image:.6g}: at most {args.target_escape:g} of {defect.size} defective frames "
-              "scored below it", file=out)
+        print(
+            f"image threshold {image:.6g}: at most {args.target_escape:g} of {defect.size} defective frames "
+            "scored below it",
+            file=out,
+        )
     elif args.max_f1:
         f1, image = threshold_for_f1(good, defect)
         target = {"kind": "max_f1", "f1": round(f1, 6)}
-        print(f"image threshold {image:.6g}: F1-max {f1:.4f} over {good.size} good and {defect.size} defective",
-              file=out)
+        print(
+            f"image threshold {image:.6g}: F1-max {f1:.4f} over {good.size} good and {defect.size} defective", file=out
+        )
     else:
         image = fr.threshold
         target = {"kind": "false_reject", "value": fr_target}
-        print(f"image threshold {image:.6g}: {fr.exceedances} of {fr.n_good} good frames at or above it "
-              f"(allowed {fr.allowed})", file=out)
+        print(
+            f"image threshold {image:.6g}: {fr.exceedances} of {fr.n_good} good frames at or above it "
+            f"(allowed {fr.allowed})",
+            file=out,
+        )
     exceed = int(np.count_nonzero(good >= image))
     upper = clopper_pearson_upper(exceed, good.size)
     print(f"false-reject rate on good frames: observed {exceed}/{good.size}, 95% upper bound {upper:.4g}", file=out)
     observed = {"false_reject_observed": exceed / good.size, "false_reject_upper_95": upper}
     if target["kind"] == "false_reject":
-        print(f"target {target['value']:g} needs >= {fr.needed} good frames with none rejected "
-              f"(have {fr.n_good})", file=out)
+        print(
+            f"target {target['value']:g} needs >= {fr.needed} good frames with none rejected (have {fr.n_good})",
+            file=out,
+        )
         if fr.warning(target["value"]):
             print(fr.warning(target["value"]), file=out)
             observed["warning"] = "too few good frames for the target"
@@ -356,8 +412,11 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
         else:
             pixel = pixel_threshold_for_fpr(scored.pixels, args.pixel_fpr)
             target["pixel"] = {"kind": "good_pixel_fpr", "value": args.pixel_fpr}
-            print(f"pixel threshold {pixel:.6g}: at most {args.pixel_fpr:g} of {scored.pixels.n_normal} good pixels "
-                  "at or above it", file=out)
+            print(
+                f"pixel threshold {pixel:.6g}: at most {args.pixel_fpr:g} of {scored.pixels.n_normal} good pixels "
+                "at or above it",
+                file=out,
+            )
     return image, pixel, {"target": target, "observed": observed}
 
 
@@ -375,11 +434,16 @@ def run(args: argparse.Namespace) -> int:
         current = bundle.thresholds()
         if args.rollback is not None:
             if args.good or args.defective or args.pixel or args.camera:
-                raise CalibrationError("--rollback restores an earlier version as a whole: give no --good, "
-                                       "--defective, --pixel or --camera with it")
+                raise CalibrationError(
+                    "--rollback restores an earlier version as a whole: give no --good, "
+                    "--defective, --pixel or --camera with it"
+                )
             new = thresholds_doc.rollback(current, args.rollback)
-            print(f"rollback to the values of version {args.rollback}: image {new.image_threshold:.6g}, "
-                  f"pixel {new.pixel_threshold:.6g}", file=out)
+            print(
+                f"rollback to the values of version {args.rollback}: image {new.image_threshold:.6g}, "
+                f"pixel {new.pixel_threshold:.6g}",
+                file=out,
+            )
         else:
             new = _calibrate(bundle, current, args, out)
     except (CalibrationError, thresholds_doc.ThresholdsError, EngineError, ValueError) as exc:
@@ -390,8 +454,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"dry run: version {new.version} not written, not applied", file=out)
         return 0
     bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
-    print(f"wrote thresholds version {new.version} (was {current.version}) to {bundle.path / thresholds_doc.FILE_NAME}",
-          file=out)
+    print(
+        f"wrote thresholds version {new.version} (was {current.version}) to {bundle.path / thresholds_doc.FILE_NAME}",
+        file=out,
+    )
     if args.apply:
         return _apply(args, new, out)
     return 0
@@ -403,8 +469,11 @@ def _calibrate(bundle, current, args, out):
     if not args.good:
         raise CalibrationError("--good DIR is required: held-out defect-free images to set the threshold from")
     # Refuse bad numbers before minutes of scoring, not after.
-    for flag, value in (("--target-false-reject", args.target_false_reject), ("--target-escape", args.target_escape),
-                        ("--pixel-fpr", args.pixel_fpr)):
+    for flag, value in (
+        ("--target-false-reject", args.target_false_reject),
+        ("--target-escape", args.target_escape),
+        ("--pixel-fpr", args.pixel_fpr),
+    ):
         if value is not None:
             _rate(value, flag)
     if args.batch < 1:
@@ -413,17 +482,25 @@ def _calibrate(bundle, current, args, out):
     defective = _defective_items(args.defective)
     if (args.target_escape is not None or args.max_f1) and not defective:
         flag = "--target-escape" if args.target_escape is not None else "--max-f1"
-        raise CalibrationError(f"{flag} needs labelled defective images (--defective DIR); without them the threshold "
-                               "would flag everything. Use --target-false-reject with good images only")
+        raise CalibrationError(
+            f"{flag} needs labelled defective images (--defective DIR); without them the threshold "
+            "would flag everything. Use --target-false-reject with good images only"
+        )
     if not good:
         raise DataError(f"{args.good}: no images found, expected held-out defect-free images")
     if args.defective and not defective:
         raise DataError(f"{', '.join(args.defective)}: no defective images found")
     scored = _score(bundle, args, good, defective)
     image, pixel, chosen = _choose(args, scored, out)
-    provenance = {"tool": f"inspectd calibrate {inspectd_version()}", "good_dir": str(Path(args.good).resolve()),
-                  "n_good": int(scored.good.size), "defective_dirs": [str(Path(d).resolve()) for d in args.defective],
-                  "n_defective": int(scored.defect.size), "model_id": bundle.model_id, **chosen}
+    provenance = {
+        "tool": f"inspectd calibrate {inspectd_version()}",
+        "good_dir": str(Path(args.good).resolve()),
+        "n_good": int(scored.good.size),
+        "defective_dirs": [str(Path(d).resolve()) for d in args.defective],
+        "n_defective": int(scored.defect.size),
+        "model_id": bundle.model_id,
+        **chosen,
+    }
     if args.camera:
         provenance["camera"] = args.camera
         override = {"image_threshold": image, **({"pixel_threshold": pixel} if pixel is not None else {})}
@@ -452,6 +529,8 @@ def _apply(args, new, out) -> int:
     if not reply.get("ok"):
         print(f"inspectd calibrate: --apply {endpoint}: the daemon refused: {reply.get('error')}", file=sys.stderr)
         return 1
-    print(f"applied: the daemon at {endpoint} now judges with thresholds version "
-          f"{reply.get('thresholds_version', '?')}", file=out)
+    print(
+        f"applied: the daemon at {endpoint} now judges with thresholds version {reply.get('thresholds_version', '?')}",
+        file=out,
+    )
     return 0

@@ -53,8 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--workdir", type=Path, default=Path("runs/soak"))
-    p.add_argument("--journal-mb", type=float, default=1024.0,
-                   help="journal cap; it must hold every result of the run for the no-loss check [1024]")
+    p.add_argument(
+        "--journal-mb",
+        type=float,
+        default=1024.0,
+        help="journal cap; it must hold every result of the run for the no-loss check [1024]",
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON line at the end")
     args = p.parse_args(argv)
     args.workdir = args.workdir.resolve()  # the daemon resolves relative config paths against the config's folder
@@ -69,16 +73,35 @@ class Daemon:
         self.control_endpoint = f"ipc://{workdir}/control.sock"
         self.journal = workdir / "state" / "journal"
         config = {
-            "station": "soak", "model": {"bundle": str(args.bundle.resolve())},
+            "station": "soak",
+            "model": {"bundle": str(args.bundle.resolve())},
             "engine": {"backend": args.backend},
             "batching": {"max_batch": args.max_batch, "max_wait_ms": 10},
-            "cameras": [{"id": f"cam{i}", "source": {"kind": "synthetic", "rate_hz": rate, "width": args.size,
-                                                      "height": args.size, "defect_rate": 0.2, "seed": i},
-                         "queue": {"size": 64, "policy": "drop_oldest"}} for i in range(args.cameras)],
-            "publish": {"endpoint": self.publish, "status_interval_s": 1.0, "sndhwm": 100000,
-                        "journal": {"path": str(self.journal), "max_mb": args.journal_mb}},
-            "control": {"endpoint": self.control_endpoint}, "metrics": {"listen": None},
-            "state_dir": str(workdir / "state"), "shutdown_timeout_s": 30,
+            "cameras": [
+                {
+                    "id": f"cam{i}",
+                    "source": {
+                        "kind": "synthetic",
+                        "rate_hz": rate,
+                        "width": args.size,
+                        "height": args.size,
+                        "defect_rate": 0.2,
+                        "seed": i,
+                    },
+                    "queue": {"size": 64, "policy": "drop_oldest"},
+                }
+                for i in range(args.cameras)
+            ],
+            "publish": {
+                "endpoint": self.publish,
+                "status_interval_s": 1.0,
+                "sndhwm": 100000,
+                "journal": {"path": str(self.journal), "max_mb": args.journal_mb},
+            },
+            "control": {"endpoint": self.control_endpoint},
+            "metrics": {"listen": None},
+            "state_dir": str(workdir / "state"),
+            "shutdown_timeout_s": 30,
         }
         config_path = workdir / f"{tag}.yaml"
         config_path.write_text(yaml.safe_dump(config))
@@ -86,9 +109,13 @@ class Daemon:
         self._log = open(self.log_path, "wb")
         # Subscribed before the daemon binds, so the subscription is live from (nearly) its first result.
         self.sub = Subscriber(self.publish, topic="inspect.soak.", rcvhwm=1_000_000)
-        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
-                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "run", "--config", str(config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
 
     def control(self, request: dict) -> dict:
         with ControlClient(self.control_endpoint, timeout_s=30) as client:
@@ -159,7 +186,7 @@ def soak(args: argparse.Namespace) -> dict:
     gaps = GapTracker()
     first: dict[str, int] = {}
     received = 0
-    samples: list[tuple[float, float, float, int]] = []   # t, RSS MB, CPU steal % over the last second, drops
+    samples: list[tuple[float, float, float, int]] = []  # t, RSS MB, CPU steal % over the last second, drops
     last_steal = cpu_steal_jiffies()
     reloads = 0
     reload_failures = 0
@@ -204,25 +231,41 @@ def soak(args: argparse.Namespace) -> dict:
     frames_in = stopped["frames_in"]
     journalled = {cam: [seq for seq, _ in read_since(d.journal, cam, -1)] for cam in frames_in}
     not_journalled = sum(n - len(set(journalled[cam]) & set(range(n))) for cam, n in frames_in.items())
-    (workdir / "rss.csv").write_text("t_s,rss_mb,cpu_steal_pct,dropped\n"
-                                     + "".join(f"{t:.1f},{m:.1f},{st:.1f},{dr}\n" for t, m, st, dr in samples))
+    (workdir / "rss.csv").write_text(
+        "t_s,rss_mb,cpu_steal_pct,dropped\n" + "".join(f"{t:.1f},{m:.1f},{st:.1f},{dr}\n" for t, m, st, dr in samples)
+    )
     steal_pct = np.array([s[2] for s in samples])
     drops = np.array([s[3] for s in samples])
     # Seconds in which the drop count rose, with the steal of that second and the one before.
-    drop_seconds = [{"t_s": round(samples[i][0], 1), "dropped": int(drops[i] - drops[i - 1]),
-                     "cpu_steal_pct": round(float(steal_pct[max(0, i - 1):i + 1].max()), 1)}
-                    for i in range(1, len(samples)) if drops[i] > drops[i - 1]]
+    drop_seconds = [
+        {
+            "t_s": round(samples[i][0], 1),
+            "dropped": int(drops[i] - drops[i - 1]),
+            "cpu_steal_pct": round(float(steal_pct[max(0, i - 1) : i + 1].max()), 1),
+        }
+        for i in range(1, len(samples))
+        if drops[i] > drops[i - 1]
+    ]
     t = np.array([s[0] for s in samples]) / 3600.0
     rss = np.array([s[1] for s in samples])
     keep = t >= 0.2 * t[-1] if len(t) else t
     slope = float(np.polyfit(t[keep], rss[keep], 1)[0]) if keep.sum() >= 3 else float("nan")
     return {
-        "duration_s": round(time.monotonic() - t_start, 1), "cameras": args.cameras, "rate_per_camera": rate,
-        "saturation_fps": saturation, "frames_in": sum(frames_in.values()), "published": stopped["published"],
-        "journalled": sum(len(v) for v in journalled.values()), "results_received": received,
-        "missed_before_subscription": sum(first.values()), "seq_gaps": sum(gaps.missed.values()),
-        "dropped": dropped, "frames_lost": not_journalled + dropped,
-        "clean_shutdown": bool(stopped.get("clean")), "reloads": reloads, "reload_failures": reload_failures,
+        "duration_s": round(time.monotonic() - t_start, 1),
+        "cameras": args.cameras,
+        "rate_per_camera": rate,
+        "saturation_fps": saturation,
+        "frames_in": sum(frames_in.values()),
+        "published": stopped["published"],
+        "journalled": sum(len(v) for v in journalled.values()),
+        "results_received": received,
+        "missed_before_subscription": sum(first.values()),
+        "seq_gaps": sum(gaps.missed.values()),
+        "dropped": dropped,
+        "frames_lost": not_journalled + dropped,
+        "clean_shutdown": bool(stopped.get("clean")),
+        "reloads": reloads,
+        "reload_failures": reload_failures,
         "rss_start_mb": round(float(rss[keep][0]), 1) if keep.any() else None,
         "rss_end_mb": round(float(rss[-1]), 1) if len(rss) else None,
         "rss_max_mb": round(float(rss.max()), 1) if len(rss) else None,

@@ -49,9 +49,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _needs(dependency: str | None):
     def run(_args) -> int:
-        print(f"inspectd: this command needs the Python package {dependency!r}: pip install 'inspectd[train]'",
-              file=sys.stderr)
+        print(
+            f"inspectd: this command needs the Python package {dependency!r}: pip install 'inspectd[train]'",
+            file=sys.stderr,
+        )
         return 2
+
     return run
 
 

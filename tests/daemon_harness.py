@@ -34,18 +34,23 @@ def free_port() -> int:
 class Station:
     """`overrides` are merged into the base config one level deep (a dict value updates the section)."""
 
-    def __init__(self, tmp: Path, bundle: Path, cameras: list[dict], preexec_fn=None,
-                 watchdog_usec: int = 2_000_000, **overrides) -> None:
+    def __init__(
+        self, tmp: Path, bundle: Path, cameras: list[dict], preexec_fn=None, watchdog_usec: int = 2_000_000, **overrides
+    ) -> None:
         self.tmp = tmp
         self.publish = f"ipc://{tmp}/pub.sock"
         self.control_endpoint = f"ipc://{tmp}/control.sock"
         config = {
-            "station": "t1", "model": {"bundle": str(bundle)},
+            "station": "t1",
+            "model": {"bundle": str(bundle)},
             "engine": {"backend": "onnxruntime", "options": {"intra_op_threads": 1}},
-            "batching": {"max_batch": 8, "max_wait_ms": 20}, "cameras": cameras,
+            "batching": {"max_batch": 8, "max_wait_ms": 20},
+            "cameras": cameras,
             "publish": {"endpoint": self.publish, "masks": "defects", "status_interval_s": 0.2},
-            "control": {"endpoint": self.control_endpoint}, "metrics": {"listen": None},
-            "state_dir": str(tmp / "state"), "shutdown_timeout_s": 15.0,
+            "control": {"endpoint": self.control_endpoint},
+            "metrics": {"listen": None},
+            "state_dir": str(tmp / "state"),
+            "shutdown_timeout_s": 15.0,
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -66,14 +71,23 @@ class Station:
         self._notes_thread = threading.Thread(target=self._drain_notes, daemon=True)
         self._notes_thread.start()
         self.sub = Subscriber(self.publish)
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": str(watchdog_usec),
-               "PYTHONPATH": str(REPO)}
+        env = {
+            **os.environ,
+            "NOTIFY_SOCKET": str(notify_path),
+            "WATCHDOG_USEC": str(watchdog_usec),
+            "PYTHONPATH": str(REPO),
+        }
         env.pop("WATCHDOG_PID", None)
         self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
-                                     preexec_fn=preexec_fn)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "run", "--config", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp,
+            preexec_fn=preexec_fn,
+        )
 
     @property
     def note_lines(self) -> list[str]:

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from engines.model.backbones import create_backbone, create_classifier, hub_checkpoint_dir, load_weights_file, map_in_order, resolve_weights
+from engines.model.backbones import (
+    create_backbone,
+    create_classifier,
+    hub_checkpoint_dir,
+    load_weights_file,
+    map_in_order,
+    resolve_weights,
+)
 from engines.errors import WeightsError
 
 pytestmark = pytest.mark.timeout(120)

@@ -26,14 +26,21 @@ def tiny_bundle(tmp_path_factory) -> Path:
     images = tmp_path_factory.mktemp("good")
     for path in sorted((data / "train" / "good").iterdir())[:4]:
         (images / path.name).symlink_to(path)
-    result = train_bundle(images, tmp_path_factory.mktemp("bundle") / "b64", method="frozen", backbone="lite0",
-                          size=(64, 64), progress=Progress(enabled=False))
+    result = train_bundle(
+        images,
+        tmp_path_factory.mktemp("bundle") / "b64",
+        method="frozen",
+        backbone="lite0",
+        size=(64, 64),
+        progress=Progress(enabled=False),
+    )
     return result.bundle
 
 
 def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "inspectd", "bench", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def table_rows(stdout: str) -> list[list[str]]:
@@ -46,8 +53,9 @@ def table_rows(stdout: str) -> list[list[str]]:
 
 def test_bench_engine_prints_table_and_json(tiny_bundle, tmp_path):
     out = tmp_path / "engine.json"
-    proc = bench("engine", str(tiny_bundle), "--batch", "1,2", "--windows", "1", "--window-s", "0.2",
-                 "--json", str(out))
+    proc = bench(
+        "engine", str(tiny_bundle), "--batch", "1,2", "--windows", "1", "--window-s", "0.2", "--json", str(out)
+    )
     assert proc.returncode == 0, proc.stderr
     rows = table_rows(proc.stdout)
     assert [r[1] for r in rows] == ["1", "2"]

@@ -105,10 +105,17 @@ class Plc:
             status = regs[REG["status"]]
             inspection_id = regs[REG["inspection_id"]] << 16 | regs[REG["inspection_id"] + 1]
             if status & BIT["result_valid"] and inspection_id != last and self.acking.is_set():
-                self.received.append({"id": inspection_id, "code": regs[REG["result_code"]],
-                                      "score": regs[REG["score"]], "regions": regs[REG["region_count"]],
-                                      "pass": bool(status & BIT["pass"]), "fail": bool(status & BIT["fail"]),
-                                      "defect": bool(status & BIT["defect"])})
+                self.received.append(
+                    {
+                        "id": inspection_id,
+                        "code": regs[REG["result_code"]],
+                        "score": regs[REG["score"]],
+                        "regions": regs[REG["region_count"]],
+                        "pass": bool(status & BIT["pass"]),
+                        "fail": bool(status & BIT["fail"]),
+                        "defect": bool(status & BIT["defect"]),
+                    }
+                )
                 self.write("ack", inspection_id)
                 last = inspection_id
             time.sleep(0.003)
@@ -140,19 +147,43 @@ class Daemon:
         self.endpoint = f"tcp://127.0.0.1:{port}"
 
     def status(self) -> None:
-        self.pub.send_multipart(encode_status(STATION, {
-            "t": time.time(), "uptime_s": 1.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
-            "throughput_fps": 10.0, "cameras": {}}))
+        self.pub.send_multipart(
+            encode_status(
+                STATION,
+                {
+                    "t": time.time(),
+                    "uptime_s": 1.0,
+                    "healthy": True,
+                    "model_id": "m",
+                    "thresholds_version": 1,
+                    "throughput_fps": 10.0,
+                    "cameras": {},
+                },
+            )
+        )
 
-    def result(self, seq: int, verdict: str = "ok", score: float = 0.2, regions: int = 0,
-               camera: str = CAMERA) -> None:
-        self.pub.send_multipart(encode_result(
-            station=STATION, camera=camera, seq=seq, frame_id=f"f{seq}", t_capture=time.time(),
-            t_publish=time.time(), verdict=verdict, score=None if verdict == "error" else score,
-            threshold=0.5, model_id="m", thresholds_version=1,
-            regions=[Region(1, 2, 3, 4, 12, 0.9)] * regions, latency_ms=1.0, width=64, height=64,
-            error="camera timeout" if verdict == "error" else None,
-            mask_png=self.mask if verdict == "defect" else None))  # as the daemon sends defects: with a mask
+    def result(self, seq: int, verdict: str = "ok", score: float = 0.2, regions: int = 0, camera: str = CAMERA) -> None:
+        self.pub.send_multipart(
+            encode_result(
+                station=STATION,
+                camera=camera,
+                seq=seq,
+                frame_id=f"f{seq}",
+                t_capture=time.time(),
+                t_publish=time.time(),
+                verdict=verdict,
+                score=None if verdict == "error" else score,
+                threshold=0.5,
+                model_id="m",
+                thresholds_version=1,
+                regions=[Region(1, 2, 3, 4, 12, 0.9)] * regions,
+                latency_ms=1.0,
+                width=64,
+                height=64,
+                error="camera timeout" if verdict == "error" else None,
+                mask_png=self.mask if verdict == "defect" else None,
+            )
+        )  # as the daemon sends defects: with a mask
 
     def close(self) -> None:
         self.pub.close()
@@ -182,18 +213,44 @@ def bridge_config(tmp_path):
 
 
 class Bridge:
-    def __init__(self, daemon: Daemon, plc: Plc, config: Path, topic: str = f"inspect.{STATION}.{CAMERA}.",
-                 extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        plc: Plc,
+        config: Path,
+        topic: str = f"inspect.{STATION}.{CAMERA}.",
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint", daemon.endpoint,
-             "--plc", f"127.0.0.1:{plc.port}", "--config", str(config), "--topic", topic, *extra],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
+            [
+                sys.executable,
+                "-m",
+                "inspectd",
+                "bridge",
+                "modbus",
+                "--endpoint",
+                daemon.endpoint,
+                "--plc",
+                f"127.0.0.1:{plc.port}",
+                "--config",
+                str(config),
+                "--topic",
+                topic,
+                *extra,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
         # Subscribed once the daemon's status messages reach it: trigger_ready rises.
         def ready():
             assert self.proc.poll() is None, self.proc.stdout.read()
             daemon.status()
             return plc.field("status") & BIT["trigger_ready"]
+
         _wait(ready, 20, "the bridge to subscribe (trigger_ready)", interval=0.05)
 
     def stop(self) -> dict[str, dict]:
@@ -226,7 +283,10 @@ def test_every_verdict_lands_in_the_registers_in_order(plc, daemon, bridge_confi
             assert record["score"] == (0 if verdict == "error" else round(seq / 10 * 1000))
             assert record["regions"] == (seq % 4 if verdict == "defect" else 0)
             assert (record["pass"], record["fail"], record["defect"]) == (
-                verdict == "ok", verdict != "ok", verdict == "defect")
+                verdict == "ok",
+                verdict != "ok",
+                verdict == "defect",
+            )
         # After the last ack result_valid falls; nothing missed, no gaps, no alarm; the heartbeat moves.
         _wait(lambda: not plc.field("status") & BIT["result_valid"], 5, "result_valid to fall after the ack")
         assert plc.field("missed_acks") == 0 and plc.field("sequence_gaps") == 0
@@ -344,8 +404,9 @@ def test_curve_encrypted_results_reach_the_plc_with_the_bridge_keys(plc, tmp_pat
     (allowed / "bridge1.key").write_bytes(bridge_public.read_bytes())
     daemon = Daemon(curve=CurveServer("publish", server_secret, allowed))
     try:
-        bridge = Bridge(daemon, plc, bridge_config,
-                        extra=("--server-key", str(server_public), "--client-key", str(bridge_secret)))
+        bridge = Bridge(
+            daemon, plc, bridge_config, extra=("--server-key", str(server_public), "--client-key", str(bridge_secret))
+        )
         try:
             daemon.result(1, "defect", regions=2)
             _wait(lambda: len(plc.received) == 1, 5, "the result over CURVE")
@@ -359,25 +420,33 @@ def test_curve_encrypted_results_reach_the_plc_with_the_bridge_keys(plc, tmp_pat
 def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
     bad = tmp_path / "bridge.yaml"
     bad.write_text("registers:\n  score: 2\n")
-    for args, expected in [(["--plc", "nohost"], "--plc 'nohost': expected HOST:PORT"),
-                           (["--plc", "127.0.0.1:502", "--config", str(bad)], "registers.score: address 2 overlaps"),
-                           (["--plc", "127.0.0.1:502", "--server-key", str(bad)],
-                            "expected both (CurveZMQ) or neither")]:
-        result = subprocess.run([sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint",
-                                 "tcp://127.0.0.1:1", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+    for args, expected in [
+        (["--plc", "nohost"], "--plc 'nohost': expected HOST:PORT"),
+        (["--plc", "127.0.0.1:502", "--config", str(bad)], "registers.score: address 2 overlaps"),
+        (["--plc", "127.0.0.1:502", "--server-key", str(bad)], "expected both (CurveZMQ) or neither"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint", "tcp://127.0.0.1:1", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 2
         assert expected in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_bridge_config_errors_name_the_key():
-    cases = [({"registers": {"scroe": 3}}, "bridge.registers.scroe: unknown name"),
-             ({"registers": {"ack": 65535}}, "bridge.registers.ack: a 32-bit register needs two addresses"),
-             ({"status_bits": {"alarm": 1}}, "bridge.status_bits.alarm: bit 1 is already result_valid"),
-             ({"ack_timeout_ms": 0}, "bridge.ack_timeout_ms: expected a number"),
-             ({"queue_size": 0}, "bridge.queue_size: expected an integer"),
-             ({"speed": 1}, "bridge.speed: unknown key"),
-             ({"camera": ""}, "bridge.camera: expected a camera id")]
+    cases = [
+        ({"registers": {"scroe": 3}}, "bridge.registers.scroe: unknown name"),
+        ({"registers": {"ack": 65535}}, "bridge.registers.ack: a 32-bit register needs two addresses"),
+        ({"status_bits": {"alarm": 1}}, "bridge.status_bits.alarm: bit 1 is already result_valid"),
+        ({"ack_timeout_ms": 0}, "bridge.ack_timeout_ms: expected a number"),
+        ({"queue_size": 0}, "bridge.queue_size: expected an integer"),
+        ({"speed": 1}, "bridge.speed: unknown key"),
+        ({"camera": ""}, "bridge.camera: expected a camera id"),
+    ]
     for raw, message in cases:
         with pytest.raises(ConfigError) as err:
             parse_bridge_config(raw)

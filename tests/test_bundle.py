@@ -53,8 +53,12 @@ def refusal(bundle_dir: Path) -> str:
 def test_trained_bundle_loads_with_its_contract(trained):
     bundle = load_bundle(trained)
     assert re.fullmatch(r"frozen-lite0-[0-9a-f]{8}", bundle.model_id)
-    assert (bundle.method, bundle.backbone, bundle.input_shape, bundle.resize_policy) == \
-        ("frozen", "lite0", (64, 64, 1), "stretch")
+    assert (bundle.method, bundle.backbone, bundle.input_shape, bundle.resize_policy) == (
+        "frozen",
+        "lite0",
+        (64, 64, 1),
+        "stretch",
+    )
     assert bundle.graph_path == trained / "model.onnx" and bundle.graph_path.is_file()
     assert bundle.scorer_inputs == ("references",)
     references = bundle.scorer_params()["references"]
@@ -134,8 +138,7 @@ def _replace_with_pickled_npz(bundle_dir: Path, name: str, arrays: dict) -> None
 
 
 def test_pickled_scorer_npz_is_refused_at_load(bundle_dir):
-    _replace_with_pickled_npz(bundle_dir, "scorer.npz",
-                              {"references": np.array([{"evil": "object"}], dtype=object)})
+    _replace_with_pickled_npz(bundle_dir, "scorer.npz", {"references": np.array([{"evil": "object"}], dtype=object)})
     message = refusal(bundle_dir)
     assert "scorer.npz" in message and "pickled" in message
 
@@ -155,8 +158,10 @@ def test_replace_file_rewrites_thresholds_and_checksum_atomically(bundle_dir):
     assert set(p.name for p in bundle_dir.iterdir()) == before  # no temp files left behind
     reloaded = load_bundle(bundle_dir)
     assert reloaded.thresholds().version == 2 and reloaded.thresholds().image_threshold == 0.123
-    assert reloaded.manifest["files"]["thresholds.json"] == \
-        hashlib.sha256((bundle_dir / "thresholds.json").read_bytes()).hexdigest()
+    assert (
+        reloaded.manifest["files"]["thresholds.json"]
+        == hashlib.sha256((bundle_dir / "thresholds.json").read_bytes()).hexdigest()
+    )
     assert reloaded.model_id == bundle.model_id  # thresholds do not change what the model computes
     with pytest.raises(BundleError, match="not listed in the manifest"):
         bundle.replace_file("notes.txt", b"x")
@@ -167,13 +172,24 @@ def test_replace_file_rewrites_thresholds_and_checksum_atomically(bundle_dir):
 def test_write_bundle_replaces_an_existing_bundle_whole(bundle_dir):
     old = load_bundle(bundle_dir)
     params = {"references": old.scorer_params()["references"][:1] * 2}
-    write_bundle(bundle_dir, {k: old.manifest[k] for k in ("method", "backbone", "input", "scorer_inputs",
-                                                           "architecture")},
-                 old.graph_path.read_bytes(), params, old.weights(), old.thresholds())
+    write_bundle(
+        bundle_dir,
+        {k: old.manifest[k] for k in ("method", "backbone", "input", "scorer_inputs", "architecture")},
+        old.graph_path.read_bytes(),
+        params,
+        old.weights(),
+        old.thresholds(),
+    )
     new = load_bundle(bundle_dir)
     assert new.model_id != old.model_id and new.model_id.startswith("frozen-lite0-")
     np.testing.assert_array_equal(new.scorer_params()["references"], params["references"])
     assert not [p for p in bundle_dir.parent.iterdir() if p.name.startswith(f".{bundle_dir.name}.")]
     with pytest.raises(BundleError, match="scorer params lack references"):
-        write_bundle(bundle_dir, {k: old.manifest[k] for k in ("method", "backbone", "input", "scorer_inputs")},
-                     b"", {}, {}, old.thresholds())
+        write_bundle(
+            bundle_dir,
+            {k: old.manifest[k] for k in ("method", "backbone", "input", "scorer_inputs")},
+            b"",
+            {},
+            {},
+            old.thresholds(),
+        )

@@ -17,7 +17,18 @@ import pytest
 import yaml
 
 from engines.bundle import thresholds as thresholds_doc
-from calibration.calibrate import CalibrationError, binom_cdf, clopper_pearson_upper, confusion, frames_needed, pixel_threshold_for_f1, pixel_threshold_for_fpr, threshold_for_escape, threshold_for_f1, threshold_for_false_reject
+from calibration.calibrate import (
+    CalibrationError,
+    binom_cdf,
+    clopper_pearson_upper,
+    confusion,
+    frames_needed,
+    pixel_threshold_for_f1,
+    pixel_threshold_for_fpr,
+    threshold_for_escape,
+    threshold_for_f1,
+    threshold_for_false_reject,
+)
 from engines.training.metrics import PixelHistograms
 from inspectd.cli import main
 
@@ -26,6 +37,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 # --- statistics -------------------------------------------------------------------------------------------------
+
 
 def test_clopper_pearson_bound_matches_scipy_and_the_zero_event_formula():
     stats = pytest.importorskip("scipy.stats")
@@ -119,6 +131,7 @@ def test_pixel_thresholds_from_good_pixels_and_from_masks():
 
 # --- the command on a real bundle ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from tiny_dataset import make_tiny_mvtec
@@ -170,8 +183,9 @@ def test_good_only_calibration_writes_the_next_version_with_provenance(bundle, d
 def test_defects_give_escape_and_f1_thresholds_with_a_confusion_matrix(bundle, data, capsys):
     from engines.bundle.store import load_bundle
 
-    code, out, err = calibrate(capsys, bundle, "--good", data, "--defective", data / "test" / "blowhole",
-                               "--max-f1", "--pixel")
+    code, out, err = calibrate(
+        capsys, bundle, "--good", data, "--defective", data / "test" / "blowhole", "--max-f1", "--pixel"
+    )
     assert code == 0, err
     assert "confusion matrix at this threshold" in out and "judged defect" in out
     assert "pixel F1-max" in out  # blowhole has ground-truth masks
@@ -215,8 +229,11 @@ def test_camera_override_then_rollback_restores_values_at_a_higher_version(bundl
     assert code == 0, err
     v4 = load_bundle(bundle).thresholds()
     assert v4.version == v3.version + 1
-    assert (v4.image_threshold, v4.pixel_threshold, v4.per_camera) == \
-        (v1.image_threshold, v1.pixel_threshold, v1.per_camera)
+    assert (v4.image_threshold, v4.pixel_threshold, v4.per_camera) == (
+        v1.image_threshold,
+        v1.pixel_threshold,
+        v1.per_camera,
+    )
     assert v4.provenance["rollback_to"] == v1.version
 
     code, out, err = calibrate(capsys, bundle, "--rollback", 99)
@@ -230,17 +247,25 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
     """--apply against a real `inspectd run` process: its control socket answers with the version it now uses."""
     control = f"ipc://{tmp_path}/control.sock"
     config = {
-        "station": "t1", "model": {"bundle": str(bundle)},
+        "station": "t1",
+        "model": {"bundle": str(bundle)},
         "engine": {"backend": "onnxruntime", "options": {"intra_op_threads": 1}},
         "cameras": [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 5, "width": 64, "height": 64}}],
-        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"}, "control": {"endpoint": control},
-        "metrics": {"listen": None}, "state_dir": str(tmp_path / "state"), "logging": {"level": "warning"},
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+        "control": {"endpoint": control},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+        "logging": {"level": "warning"},
     }
     (tmp_path / "inspectd.yaml").write_text(yaml.safe_dump(config))
     log = open(tmp_path / "daemon.log", "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(tmp_path / "inspectd.yaml")],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "run", "--config", str(tmp_path / "inspectd.yaml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         from inspectd.protocol.control import ControlClient, ControlTimeout
 
@@ -254,8 +279,7 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
                     break
                 except ControlTimeout:
                     continue
-        code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2",
-                                   "--apply", control)
+        code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--apply", control)
         daemon_log = (tmp_path / "daemon.log").read_text(errors="replace")[-2000:]
         assert code == 0, err + daemon_log
         from engines.bundle.store import load_bundle
@@ -267,8 +291,9 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
         assert status["thresholds_version"] == written == before["thresholds_version"] + 1, (status, before)
 
         # No daemon behind the endpoint: one line and exit 1 (the new version is still written to the bundle).
-        code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--apply", "ipc://" + str(tmp_path / "none.sock"),
-                                   "--timeout", "0.5")
+        code, out, err = calibrate(
+            capsys, bundle, "--rollback", 1, "--apply", "ipc://" + str(tmp_path / "none.sock"), "--timeout", "0.5"
+        )
         assert code == 1 and "no reply within 0.5 s" in err
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -297,6 +322,7 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_p
 
     class Daemon:
         """The control handler's set_thresholds contract: validate, require a higher version, answer with it."""
+
         version = 1
 
         def set_thresholds(self, doc):
@@ -313,12 +339,36 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_p
     server = ControlServer(endpoint, handler, curve=CurveServer("control", server_secret, allowed))
     server.start()
     try:
-        code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--apply", endpoint,
-                                   "--server-key", server_public, "--client-key", operator_secret)
+        code, out, err = calibrate(
+            capsys,
+            bundle,
+            "--good",
+            data,
+            "--target-false-reject",
+            "0.2",
+            "--apply",
+            endpoint,
+            "--server-key",
+            server_public,
+            "--client-key",
+            operator_secret,
+        )
         assert code == 0, err
         assert f"now judges with thresholds version {handler.version}" in out and handler.version == 2
-        code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--apply", endpoint, "--timeout", "1",
-                                   "--server-key", server_public, "--client-key", stranger_secret)
+        code, out, err = calibrate(
+            capsys,
+            bundle,
+            "--rollback",
+            1,
+            "--apply",
+            endpoint,
+            "--timeout",
+            "1",
+            "--server-key",
+            server_public,
+            "--client-key",
+            stranger_secret,
+        )
         assert code == 1 and "no reply within 1 s" in err
         assert handler.version == 2
         code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--server-key", server_public)

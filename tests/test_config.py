@@ -129,20 +129,26 @@ def test_bad_value_names_its_key_path(path, value, key):
 
 
 def test_url_error_message_says_what_was_expected():
-    with pytest.raises(ConfigError, match=r"^cameras\[3\]\.source\.url: expected a string \(rtsp://, http://, "
-                                          r"file path\), got 5$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^cameras\[3\]\.source\.url: expected a string \(rtsp://, http://, "
+        r"file path\), got 5$",
+    ):
         parse_config(with_value(["cameras", 3, "source", "url"], 5))
 
 
-@pytest.mark.parametrize("path,key", [
-    (["colour"], "colour"),
-    (["batching", "max_batches"], "batching.max_batches"),
-    (["cameras", 0, "source", "fps"], "cameras[0].source.fps"),
-    (["cameras", 1, "source", "rate_hz"], "cameras[1].source.rate_hz"),  # a synthetic key on a folder source
-    (["cameras", 0, "queue", "length"], "cameras[0].queue.length"),
-    (["publish", "journal", "max_files"], "publish.journal.max_files"),
-    (["metrics", "port"], "metrics.port"),
-])
+@pytest.mark.parametrize(
+    "path,key",
+    [
+        (["colour"], "colour"),
+        (["batching", "max_batches"], "batching.max_batches"),
+        (["cameras", 0, "source", "fps"], "cameras[0].source.fps"),
+        (["cameras", 1, "source", "rate_hz"], "cameras[1].source.rate_hz"),  # a synthetic key on a folder source
+        (["cameras", 0, "queue", "length"], "cameras[0].queue.length"),
+        (["publish", "journal", "max_files"], "publish.journal.max_files"),
+        (["metrics", "port"], "metrics.port"),
+    ],
+)
 def test_unknown_keys_are_refused(path, key):
     with pytest.raises(ConfigError, match=rf"^{key.replace('[', '.').replace(']', '.')}: unknown key"):
         parse_config(with_value(path, 1))
@@ -179,9 +185,11 @@ def test_missing_file_and_empty_file(tmp_path):
 def test_relative_paths_resolve_against_the_config_file(tmp_path):
     (tmp_path / "conf").mkdir()
     path = tmp_path / "conf" / "c.yaml"
-    path.write_text("station: s\nmodel: {bundle: ../b}\ncameras:\n"
-                    "  - {id: c, source: {kind: folder, path: in, done_dir: done}}\n"
-                    "publish: {journal: {path: j.log}}\nstate_dir: state\n")
+    path.write_text(
+        "station: s\nmodel: {bundle: ../b}\ncameras:\n"
+        "  - {id: c, source: {kind: folder, path: in, done_dir: done}}\n"
+        "publish: {journal: {path: j.log}}\nstate_dir: state\n"
+    )
     config = load_config(path)
     assert config.model.bundle == tmp_path / "b"
     assert config.cameras[0].source.done_dir == tmp_path / "conf" / "done"

@@ -26,8 +26,10 @@ class LineHandler:
         self.reloads = 0
 
     def status(self) -> dict:
-        return {"cameras": {k: {"paused": v} for k, v in self.paused.items()},
-                "thresholds_version": self.thresholds_version}
+        return {
+            "cameras": {k: {"paused": v} for k, v in self.paused.items()},
+            "thresholds_version": self.thresholds_version,
+        }
 
     def reload(self) -> dict:
         self.reloads += 1
@@ -37,8 +39,9 @@ class LineHandler:
 
     def set_thresholds(self, doc: dict) -> dict:
         if doc.get("version", 0) <= self.thresholds_version:
-            raise InspectdError(f"thresholds.version: {doc.get('version')}, expected more than "
-                                f"{self.thresholds_version}")
+            raise InspectdError(
+                f"thresholds.version: {doc.get('version')}, expected more than {self.thresholds_version}"
+            )
         self.thresholds_version = doc["version"]
         return {"thresholds_version": self.thresholds_version}
 
@@ -72,19 +75,24 @@ def client(server):
 
 def test_commands_reach_the_handler(server, client):
     srv, handler = server
-    assert client.request({"cmd": "status"}) == {"ok": True, "thresholds_version": 1,
-                                                 "cameras": {"cam0": {"paused": False}, "cam1": {"paused": False}}}
+    assert client.request({"cmd": "status"}) == {
+        "ok": True,
+        "thresholds_version": 1,
+        "cameras": {"cam0": {"paused": False}, "cam1": {"paused": False}},
+    }
     assert client.request({"cmd": "pause", "camera": "cam1"}) == {"ok": True, "camera": "cam1", "paused": True}
     assert handler.paused["cam1"] is True
     assert client.request({"cmd": "resume", "camera": "cam1"})["paused"] is False
-    assert client.request({"cmd": "set_thresholds", "thresholds": {"version": 2}}) == \
-        {"ok": True, "thresholds_version": 2}
+    assert client.request({"cmd": "set_thresholds", "thresholds": {"version": 2}}) == {
+        "ok": True,
+        "thresholds_version": 2,
+    }
     assert client.request({"cmd": "reload"}) == {"ok": True, "reloads": 1}
     assert srv.requests == 5 and srv.refused == 0
 
 
 def test_ipc_socket_is_created_owner_and_group_only(server):
-    path = server[0].endpoint[len("ipc://"):]
+    path = server[0].endpoint[len("ipc://") :]
     mode = stat.S_IMODE(os.stat(path).st_mode)
     assert mode & 0o007 == 0
 
@@ -116,8 +124,9 @@ def test_parse_request_refuses_with_one_line(data, error):
 def test_parse_request_accepts_each_command():
     assert parse_request(b'{"cmd": "status"}') == Request("status")
     assert parse_request(b'{"cmd": "pause", "camera": "cam0"}') == Request("pause", camera="cam0")
-    assert parse_request(b'{"cmd": "set_thresholds", "thresholds": {"version": 3}}') == \
-        Request("set_thresholds", thresholds={"version": 3})
+    assert parse_request(b'{"cmd": "set_thresholds", "thresholds": {"version": 3}}') == Request(
+        "set_thresholds", thresholds={"version": 3}
+    )
 
 
 def test_malformed_and_failing_requests_get_ok_false_and_the_server_keeps_answering(server, tmp_path):

@@ -36,7 +36,7 @@ def blob(image: np.ndarray, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = (int(v) for v in rng.integers(16, FRAME - 40, 2))
     out = image.copy()
-    out[y:y + 24, x:x + 24] = 10
+    out[y : y + 24, x : x + 24] = 10
     return out
 
 
@@ -61,19 +61,22 @@ def bundle(tmp_path_factory, line_frames):
     good.mkdir()
     for i, image in enumerate(line_frames[:32]):
         cv2.imwrite(str(good / f"{i:03d}.png"), image)
-    path = train_bundle(good, root / "bundle", method="frozen", size=(MODEL, MODEL), holdout=0.0,
-                        progress=Progress(enabled=False)).bundle
+    path = train_bundle(
+        good, root / "bundle", method="frozen", size=(MODEL, MODEL), holdout=0.0, progress=Progress(enabled=False)
+    ).bundle
     # Calibrate on frames the model did not train on: halfway between the worst good and the mildest blob.
     stage = InferenceStage(ModelState.open(path, "onnxruntime", {}, 8), max_batch=8)
     frames = [Frame("c", i, "", 0.0, img) for i, img in enumerate(line_frames[32:48])]
     frames += [Frame("c", i, "", 0.0, blob(img, i)) for i, img in enumerate(line_frames[48:56])]
-    scores = [j.score for k in range(0, len(frames), 8) for j in stage.run_batch(frames[k:k + 8])]
+    scores = [j.score for k in range(0, len(frames), 8) for j in stage.run_batch(frames[k : k + 8])]
     worst_good, mildest_blob = max(scores[:16]), min(scores[16:])
     assert mildest_blob > worst_good, (worst_good, mildest_blob)
     b = load_bundle(path)
     v1 = b.thresholds()
-    b.replace_file("thresholds.json", thresholds_doc.dumps(
-        thresholds_doc.next_version(v1, image_threshold=(worst_good + mildest_blob) / 2)))
+    b.replace_file(
+        "thresholds.json",
+        thresholds_doc.dumps(thresholds_doc.next_version(v1, image_threshold=(worst_good + mildest_blob) / 2)),
+    )
     return path
 
 
@@ -85,6 +88,7 @@ def station(tmp_path, bundle):
         s = Station(tmp_path, model or bundle, cameras, **overrides)
         stations.append(s)
         return s
+
     yield start
     for s in stations:
         s.close()
@@ -133,8 +137,13 @@ def test_folder_source_every_frame_judged_with_masks(station, tmp_path, line_fra
 
 def push_frames(push: zmq.Socket, frames: list[tuple[str, np.ndarray]], encoding: str = "raw") -> None:
     for frame_id, image in frames:
-        header = {"frame_id": frame_id, "t_capture": time.time(), "dtype": "uint8", "encoding": encoding,
-                  "shape": list(image.shape)}
+        header = {
+            "frame_id": frame_id,
+            "t_capture": time.time(),
+            "dtype": "uint8",
+            "encoding": encoding,
+            "shape": list(image.shape),
+        }
         payload = image.tobytes() if encoding == "raw" else cv2.imencode(".png", image)[1].tobytes()
         push.send_multipart([json.dumps(header).encode(), payload])
 
@@ -173,10 +182,23 @@ def test_zmq_source_results_for_every_frame_and_bad_frames_are_errors(station, t
 
 def test_sigterm_mid_stream_loses_no_accepted_frame(station):
     # A fast synthetic camera with a blocking queue: at SIGTERM there is a backlog queued and a batch in flight.
-    s = station([{"id": f"cam{i}", "source": {"kind": "synthetic", "rate_hz": 400, "width": FRAME, "height": FRAME,
-                                               "defect_rate": 0.2, "seed": i}, "queue": {"size": 32,
-                                                                                         "policy": "block"}}
-                 for i in range(2)])
+    s = station(
+        [
+            {
+                "id": f"cam{i}",
+                "source": {
+                    "kind": "synthetic",
+                    "rate_hz": 400,
+                    "width": FRAME,
+                    "height": FRAME,
+                    "defect_rate": 0.2,
+                    "seed": i,
+                },
+                "queue": {"size": 32, "policy": "block"},
+            }
+            for i in range(2)
+        ]
+    )
     s.wait_ready()
     early = s.results(10, timeout=30)
     assert len(early) == 10
@@ -199,8 +221,23 @@ def test_set_thresholds_and_reload_mid_stream_without_gaps(station, bundle, tmp_
     from engines.bundle.store import load_bundle, write_bundle
 
     bundle = Path(shutil.copytree(bundle, tmp_path / "bundle"))  # this test rewrites its thresholds
-    s = station(model=bundle, cameras=[{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 40, "width": FRAME, "height": FRAME,
-                                            "defect_rate": 0.0, "seed": 3}, "queue": {"policy": "block"}}])
+    s = station(
+        model=bundle,
+        cameras=[
+            {
+                "id": "cam0",
+                "source": {
+                    "kind": "synthetic",
+                    "rate_hz": 40,
+                    "width": FRAME,
+                    "height": FRAME,
+                    "defect_rate": 0.0,
+                    "seed": 3,
+                },
+                "queue": {"policy": "block"},
+            }
+        ],
+    )
     s.wait_ready()
     before = s.results(5, timeout=30)
     assert len(before) == 5
@@ -230,10 +267,19 @@ def test_set_thresholds_and_reload_mid_stream_without_gaps(station, bundle, tmp_
 
     # A different model (another input size too) replaces the bundle on disk; reload swaps it in mid-stream.
     trained_id = after[-1].model_id
-    write_bundle(bundle, {"method": "test", "backbone": "none", "scorer_inputs": ["centre"],
-                          "input": {"height": 48, "width": 48, "channels": 1, "resize": "stretch"}},
-                 brightness_graph(48), {"centre": np.array([128.0], np.float32)}, {},
-                 thresholds_doc.next_version(strict, image_threshold=0.99))
+    write_bundle(
+        bundle,
+        {
+            "method": "test",
+            "backbone": "none",
+            "scorer_inputs": ["centre"],
+            "input": {"height": 48, "width": 48, "channels": 1, "resize": "stretch"},
+        },
+        brightness_graph(48),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.next_version(strict, image_threshold=0.99),
+    )
     reply = s.control({"cmd": "reload"})
     assert reply["ok"] and reply["model_id"].startswith("test-") and reply["thresholds_version"] == 4, reply
     swapped: list[Result] = []  # results already on their way when the reply came are still on the old model
@@ -256,8 +302,22 @@ def test_set_thresholds_and_reload_mid_stream_without_gaps(station, bundle, tmp_
 
 
 def test_pause_and_resume_a_camera(station):
-    s = station([{"id": f"cam{i}", "source": {"kind": "synthetic", "rate_hz": 30, "width": FRAME, "height": FRAME,
-                                               "defect_rate": 0.0, "seed": i}} for i in range(2)])
+    s = station(
+        [
+            {
+                "id": f"cam{i}",
+                "source": {
+                    "kind": "synthetic",
+                    "rate_hz": 30,
+                    "width": FRAME,
+                    "height": FRAME,
+                    "defect_rate": 0.0,
+                    "seed": i,
+                },
+            }
+            for i in range(2)
+        ]
+    )
     s.wait_ready()
     assert s.control({"cmd": "pause", "camera": "cam1"}) == {"ok": True, "camera": "cam1", "paused": True}
     time.sleep(0.3)  # let what cam1 had queued go through
@@ -273,8 +333,13 @@ def test_pause_and_resume_a_camera(station):
 def test_bad_config_fails_with_one_line_naming_the_key(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("station: t1\nmodel: {bundle: /nonexistent}\ncameras: []\n")
-    proc = subprocess.run([sys.executable, "-m", "inspectd", "run", "--config", str(config)], capture_output=True,
-                          text=True, timeout=60, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "inspectd", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert proc.returncode == 2 and "cameras" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -293,14 +358,22 @@ def brightness_graph(size: int, single_frame: bool = False) -> bytes:
         helper.make_node("ReduceMax", ["anomaly_map", "axes12"], ["score"], keepdims=0),
     ]
     graph = helper.make_graph(
-        nodes, "single",
-        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", size, size, 1]),
-         helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", size, size])],
-        initializer=[helper.make_tensor("one", TensorProto.INT64, [3], [1 if single_frame else -1, size, size]),
-                     helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
-                     helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0])])
+        nodes,
+        "single",
+        [
+            helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", size, size, 1]),
+            helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", size, size]),
+        ],
+        initializer=[
+            helper.make_tensor("one", TensorProto.INT64, [3], [1 if single_frame else -1, size, size]),
+            helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
+            helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0]),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -310,14 +383,26 @@ def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_pat
     from engines.bundle import thresholds as thresholds_doc
     from engines.bundle.store import write_bundle
 
-    model = write_bundle(tmp_path / "single", {
-        "method": "test", "backbone": "none", "input": {"height": 32, "width": 32, "channels": 1, "resize": "stretch"},
-        "scorer_inputs": ["centre"]}, brightness_graph(32, single_frame=True), {"centre": np.array([128.0], np.float32)}, {},
-        thresholds_doc.first_version(0.9, 0.9, {"tool": "test"}))
+    model = write_bundle(
+        tmp_path / "single",
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": 32, "width": 32, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+        },
+        brightness_graph(32, single_frame=True),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.first_version(0.9, 0.9, {"tool": "test"}),
+    )
     endpoint = f"ipc://{tmp_path}/frames.sock"
-    s = station(model=model, cameras=[{"id": "cam0", "source": {"kind": "zmq", "endpoint": endpoint},
-                                       "queue": {"policy": "block"}}],
-                batching={"max_batch": 8, "max_wait_ms": 300}, metrics={"listen": "127.0.0.1:0"})
+    s = station(
+        model=model,
+        cameras=[{"id": "cam0", "source": {"kind": "zmq", "endpoint": endpoint}, "queue": {"policy": "block"}}],
+        batching={"max_batch": 8, "max_wait_ms": 300},
+        metrics={"listen": "127.0.0.1:0"},
+    )
     s.wait_ready()
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 1000)
@@ -340,6 +425,7 @@ def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_pat
 
         metrics_url = next(e["url"] for e in s.events() if e.get("event") == "metrics_listening")
         import urllib.request
+
         text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
         assert "inspectd_healthy 0" in text and 'inspectd_verdicts_total{camera="cam0",verdict="error"} 24' in text
 

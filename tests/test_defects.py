@@ -39,7 +39,7 @@ def test_changes_at_or_below_eps_count_zero():
     transformed = original.copy()
     transformed[:10, :10] = 105  # 5/255 = 0.0196 < 0.02: imperceptible, not counted
     assert defects.soft_label(original, transformed, (10, 10)) == 0.0
-    transformed[:1, :10] = 106   # 6/255 = 0.0235 > 0.02: these 10 pixels count -> V' = 0.1
+    transformed[:1, :10] = 106  # 6/255 = 0.0235 > 0.02: these 10 pixels count -> V' = 0.1
     assert defects.soft_label(original, transformed, (10, 10)) == pytest.approx(2 / (1 + math.exp(-1)) - 1)
 
 

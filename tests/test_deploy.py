@@ -17,8 +17,9 @@ UNITS = ("inspectd.service", "inspectd@.service")
 
 
 def _install(prefix: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["sh", str(INSTALL), "--prefix", str(prefix), "--no-venv", *extra],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["sh", str(INSTALL), "--prefix", str(prefix), "--no-venv", *extra], capture_output=True, text=True, timeout=60
+    )
 
 
 def _snapshot(root: Path) -> dict[str, tuple]:
@@ -37,11 +38,17 @@ def test_install_twice_into_prefix_builds_the_tree_and_the_rerun_changes_nothing
     assert first.returncode == 0, first.stderr
     tree = _snapshot(root)
 
-    for directory, mode in [("etc/inspectd", "drwxr-x---"), ("etc/inspectd/keys", "drwx------"),
-                            ("etc/inspectd/clients", "drwxr-x---"), ("var/lib/inspectd", "drwxr-x---"),
-                            ("var/lib/inspectd/bundles", "drwxr-x---"), ("var/lib/inspectd/engines", "drwxr-x---"),
-                            ("var/lib/inspectd/journal", "drwxr-x---"), ("opt/inspectd", "drwxr-xr-x"),
-                            ("etc/systemd/system", "drwxr-xr-x")]:
+    for directory, mode in [
+        ("etc/inspectd", "drwxr-x---"),
+        ("etc/inspectd/keys", "drwx------"),
+        ("etc/inspectd/clients", "drwxr-x---"),
+        ("var/lib/inspectd", "drwxr-x---"),
+        ("var/lib/inspectd/bundles", "drwxr-x---"),
+        ("var/lib/inspectd/engines", "drwxr-x---"),
+        ("var/lib/inspectd/journal", "drwxr-x---"),
+        ("opt/inspectd", "drwxr-xr-x"),
+        ("etc/systemd/system", "drwxr-xr-x"),
+    ]:
         assert tree[directory][0] == mode, directory
     for unit in UNITS:
         installed = root / "etc/systemd/system" / unit
@@ -97,8 +104,9 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
         name = unit.replace("@.", "@line1.")  # a template is verified as one of its instances
         (tmp_path / name).write_text(text)
         paths.append(str(tmp_path / name))
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", *paths], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *paths], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "inspectd" not in result.stderr, result.stderr  # no warnings about our units either
 
@@ -179,9 +187,15 @@ stat -c '%U:%G %a %n' /etc/inspectd /etc/inspectd/inspectd.yaml /etc/inspectd/ke
     lines = state.strip().splitlines()
     assert {"inspectd", "video", "render"} <= set(lines[0].split())
     assert lines[1] == "/var/lib/inspectd:/usr/sbin/nologin"
-    assert lines[2:] == ["root:inspectd 750 /etc/inspectd", "root:inspectd 640 /etc/inspectd/inspectd.yaml",
-                         "inspectd:inspectd 700 /etc/inspectd/keys", "root:inspectd 750 /etc/inspectd/clients",
-                         "inspectd:inspectd 750 /var/lib/inspectd", "inspectd:inspectd 750 /var/lib/inspectd/journal",
-                         "root:root 755 /opt/inspectd", "root:root 644 /etc/systemd/system/inspectd.service"]
+    assert lines[2:] == [
+        "root:inspectd 750 /etc/inspectd",
+        "root:inspectd 640 /etc/inspectd/inspectd.yaml",
+        "inspectd:inspectd 700 /etc/inspectd/keys",
+        "root:inspectd 750 /etc/inspectd/clients",
+        "inspectd:inspectd 750 /var/lib/inspectd",
+        "inspectd:inspectd 750 /var/lib/inspectd/journal",
+        "root:root 755 /opt/inspectd",
+        "root:root 644 /etc/systemd/system/inspectd.service",
+    ]
     # The copy's marker is not visible outside: the mounts stayed inside the namespace.
     assert not Path("/etc/.inspectd-test-copy").exists()

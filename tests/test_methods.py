@@ -43,9 +43,33 @@ def good_dir(tmp_path_factory) -> Path:
 def test_train_cli_writes_a_bundle_whose_onnx_graph_agrees_with_torch(method, good_dir, tmp_path):
     out = tmp_path / f"{method}_bundle"
     proc = subprocess.run(
-        [sys.executable, "-m", "inspectd", "train", "--method", method, "--data", str(good_dir), "--out", str(out),
-         "--size", "64", "--epochs", "1", "--batch", "4", "--holdout", "0.25", f"--{method}-pool", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "inspectd",
+            "train",
+            "--method",
+            method,
+            "--data",
+            str(good_dir),
+            "--out",
+            str(out),
+            "--size",
+            "64",
+            "--epochs",
+            "1",
+            "--batch",
+            "4",
+            "--holdout",
+            "0.25",
+            f"--{method}-pool",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     bundle = load_bundle(out)
     assert bundle.method == method and bundle.input_shape == (64, 64, 1)
@@ -66,8 +90,9 @@ def test_train_cli_writes_a_bundle_whose_onnx_graph_agrees_with_torch(method, go
 
 def _trained_cse(images: np.ndarray, epochs: int) -> torch.nn.Module:
     method = get_method("cse")
-    args = argparse.Namespace(cse_lr=4e-3, cse_defects="perlin", cse_defect_fraction=0.5, cse_pool=2,
-                              cse_regenerate=False, cse_pool_stride=2)
+    args = argparse.Namespace(
+        cse_lr=4e-3, cse_defects="perlin", cse_defect_fraction=0.5, cse_pool=2, cse_regenerate=False, cse_pool_stride=2
+    )
     arch = architecture_of("cse", "lite0", (3, 4), method.head_config(args), "kmeans", images.shape[1:])
     torch.manual_seed(0)
     graph = build_graph(arch, pretrained=True)
@@ -113,9 +138,29 @@ def test_sla_targets_put_the_soft_label_on_the_class_and_the_rest_on_normal():
 
 def test_bad_method_flags_are_refused_naming_the_flag(good_dir, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "inspectd", "train", "--method", "cse", "--data", str(good_dir), "--out",
-         str(tmp_path / "x"), "--size", "64", "--epochs", "1", "--cse-defects", "perlin:1,blob:2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "inspectd",
+            "train",
+            "--method",
+            "cse",
+            "--data",
+            str(good_dir),
+            "--out",
+            str(tmp_path / "x"),
+            "--size",
+            "64",
+            "--epochs",
+            "1",
+            "--cse-defects",
+            "perlin:1,blob:2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "unknown defect 'blob'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 

@@ -81,7 +81,7 @@ def test_order_keys_are_monotonic_and_bins_floor_their_values():
     assert np.all(floors <= values)
     # A bin is 2^-11 wide relative to its value.
     big = np.abs(values) > 1e-30
-    assert np.all(np.abs(values[big] - floors[big]) <= np.abs(values[big]) * 2.0 ** -10)
+    assert np.all(np.abs(values[big] - floors[big]) <= np.abs(values[big]) * 2.0**-10)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -94,7 +94,7 @@ def test_pixel_auroc_matches_sklearn_over_all_pixels(seed):
         mask = np.zeros((h, w), bool)
         if i % 3:
             y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
-            mask[y:y + 8, x:x + 8] = True
+            mask[y : y + 8, x : x + 8] = True
         amap = (rng.gamma(2.0, 1.0, size=(h, w)) + 1.5 * mask).astype(np.float32)
         hist.add(amap, mask if mask.any() else None)
         all_scores.append(amap.ravel())
@@ -119,8 +119,8 @@ def test_pixel_auroc_exact_on_tied_maps():
 
 def _two_region_image():
     mask = np.zeros((64, 64), bool)
-    mask[5:15, 5:15] = True       # region A
-    mask[40:60, 30:50] = True     # region B (larger: weights must not favour it)
+    mask[5:15, 5:15] = True  # region A
+    mask[40:60, 30:50] = True  # region B (larger: weights must not favour it)
     return mask
 
 
@@ -137,7 +137,7 @@ def test_aupro_perfect_map_is_one():
 def test_aupro_missing_one_of_two_regions_is_one_half():
     mask = _two_region_image()
     amap = np.zeros((64, 64), np.float32)
-    amap[5:15, 5:15] = 1.0     # region A found
+    amap[5:15, 5:15] = 1.0  # region A found
     amap[40:60, 30:50] = -1.0  # region B scored below all background: never found before FPR 1
     hist = PixelHistograms()
     hist.add(amap, mask)

@@ -17,7 +17,7 @@ from inspectd.daemon.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(60)
 
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -51,21 +51,35 @@ class Station:
         self.healthy = True
 
     def status(self) -> dict:
-        return {"healthy": self.healthy, "failed_batches": self.failed_batches,
-                "cameras": {cam: ingest.stats() for cam, ingest in self.ingests.items()}}
+        return {
+            "healthy": self.healthy,
+            "failed_batches": self.failed_batches,
+            "cameras": {cam: ingest.stats() for cam, ingest in self.ingests.items()},
+        }
 
 
 @pytest.fixture
 def station():
-    config = parse_config({"station": "s", "model": {"bundle": "b"}, "cameras": [
-        {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 1000, "count": 30, "width": 32, "height": 32},
-         "queue": {"size": 10}},
-        {"id": "cam1", "source": {"kind": "synthetic", "rate_hz": 1000, "count": 5, "width": 32, "height": 32},
-         "queue": {"size": 10}},
-    ]})
+    config = parse_config(
+        {
+            "station": "s",
+            "model": {"bundle": "b"},
+            "cameras": [
+                {
+                    "id": "cam0",
+                    "source": {"kind": "synthetic", "rate_hz": 1000, "count": 30, "width": 32, "height": 32},
+                    "queue": {"size": 10},
+                },
+                {
+                    "id": "cam1",
+                    "source": {"kind": "synthetic", "rate_hz": 1000, "count": 5, "width": 32, "height": 32},
+                    "queue": {"size": 10},
+                },
+            ],
+        }
+    )
     ready = threading.Condition()
-    ingests = {cam.id: CameraIngest(cam, FrameQueue(cam.queue.size, cam.queue.policy, ready))
-               for cam in config.cameras}
+    ingests = {cam.id: CameraIngest(cam, FrameQueue(cam.queue.size, cam.queue.policy, ready)) for cam in config.cameras}
     for ingest in ingests.values():
         ingest.start()
     for ingest in ingests.values():
@@ -135,8 +149,10 @@ def test_scrape_counters_histograms_and_gauges(station):
 
 def test_hot_path_is_thread_safe_and_cheap():
     metrics = Metrics(None)
-    threads = [threading.Thread(target=lambda: [metrics.observe_result("cam0", "ok", 0.01) for _ in range(20000)])
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: [metrics.observe_result("cam0", "ok", 0.01) for _ in range(20000)])
+        for _ in range(4)
+    ]
     t0 = time.perf_counter()
     for t in threads:
         t.start()

@@ -61,20 +61,30 @@ def test_unset_is_a_no_op_and_a_vanished_socket_is_not_fatal(tmp_path):
 
 
 def test_watchdog_belongs_to_the_named_pid_only():
-    assert Notifier.from_env({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}) \
-        .watchdog_interval_s() == 2.0
-    assert Notifier.from_env({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid() + 1)}) \
-        .watchdog_interval_s() is None
+    assert (
+        Notifier.from_env({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}).watchdog_interval_s() == 2.0
+    )
+    assert (
+        Notifier.from_env({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid() + 1)}).watchdog_interval_s()
+        is None
+    )
     assert Notifier.from_env({"WATCHDOG_USEC": "soon"}).watchdog_interval_s() is None
     assert Notifier.from_env({"WATCHDOG_USEC": "0"}).watchdog_interval_s() is None
 
 
 def test_a_real_child_process_notifies_through_its_environment(listener):
     sock, path = listener
-    code = ("from inspectd.daemon.notify import Notifier; n = Notifier.from_env(); "
-            "n.ready(); n.status('warming up'); n.watchdog() if n.watchdog_interval_s() == 0.5 else None")
+    code = (
+        "from inspectd.daemon.notify import Notifier; n = Notifier.from_env(); "
+        "n.ready(); n.status('warming up'); n.watchdog() if n.watchdog_interval_s() == 0.5 else None"
+    )
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "500000"}
     env.pop("WATCHDOG_PID", None)
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=20,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        check=True,
+        timeout=20,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert [sock.recv(64) for _ in range(3)] == [b"READY=1", b"STATUS=warming up", b"WATCHDOG=1"]

@@ -15,7 +15,15 @@ import zmq
 from inspectd.errors import MessageError
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.inference import Judged
-from inspectd.protocol.messages import Region, decode, decode_result, decode_status, encode_mask, encode_result, encode_status
+from inspectd.protocol.messages import (
+    Region,
+    decode,
+    decode_result,
+    decode_status,
+    encode_mask,
+    encode_result,
+    encode_status,
+)
 from inspectd.daemon.publish import Publisher
 from inspectd.clients.subscribe import GapTracker, Subscriber
 
@@ -23,9 +31,23 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def make_result(**overrides):
-    fields = dict(station="line1", camera="cam0", seq=5, frame_id="f5.png", t_capture=1.5, t_publish=2.5,
-                  verdict="defect", score=0.9, threshold=0.5, model_id="frozen-lite0-abc", thresholds_version=2,
-                  regions=[Region(1, 2, 3, 4, 10, 0.8)], latency_ms=12.25, width=6, height=5)
+    fields = dict(
+        station="line1",
+        camera="cam0",
+        seq=5,
+        frame_id="f5.png",
+        t_capture=1.5,
+        t_publish=2.5,
+        verdict="defect",
+        score=0.9,
+        threshold=0.5,
+        model_id="frozen-lite0-abc",
+        thresholds_version=2,
+        regions=[Region(1, 2, 3, 4, 10, 0.8)],
+        latency_ms=12.25,
+        width=6,
+        height=5,
+    )
     fields.update(overrides)
     return fields
 
@@ -43,28 +65,34 @@ def test_result_round_trip_with_mask():
 
 
 def test_error_result_has_reason_and_no_score():
-    frames = encode_result(**make_result(verdict="error", score=None, threshold=None, regions=[], width=None,
-                                         height=None, error="decode: not a JPEG"))
+    frames = encode_result(
+        **make_result(
+            verdict="error", score=None, threshold=None, regions=[], width=None, height=None, error="decode: not a JPEG"
+        )
+    )
     result = decode(frames)
     assert result.verdict == "error" and result.error == "decode: not a JPEG" and result.score is None
     assert result.mask() is None
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda f: f[:1], "expected [topic, header]"),
-    (lambda f: [f[0], b"\xff\xfe", *f[2:]], "not UTF-8 JSON"),
-    (lambda f: [f[0], b"[1]"], "expected a JSON object"),
-    (lambda f: [b"inspect.line1.cam9.result", f[1]], "topic"),
-    (lambda f: [f[0], _patch(f[1], schema=2)], "schema"),
-    (lambda f: [f[0], _patch(f[1], seq="5")], "header.seq: expected int"),
-    (lambda f: [f[0], _patch(f[1], verdict="maybe")], "header.verdict"),
-    (lambda f: [f[0], _patch(f[1], score=True)], "header.score"),
-    (lambda f: [f[0], _patch(f[1], has_mask=True)], "has_mask is true but 2 frames"),
-    (lambda f: [f[0], _patch(f[1], error="x")], "exactly when verdict is 'error'"),
-    (lambda f: [f[0], _patch(f[1], regions=[{"x": 1}])], "regions[0]: missing"),
-    (lambda f: [f[0], _patch(f[1], colour="red")], "unknown field 'colour'"),
-    (lambda f: [f[0], _drop(f[1], "frame_id")], "missing field 'frame_id'"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda f: f[:1], "expected [topic, header]"),
+        (lambda f: [f[0], b"\xff\xfe", *f[2:]], "not UTF-8 JSON"),
+        (lambda f: [f[0], b"[1]"], "expected a JSON object"),
+        (lambda f: [b"inspect.line1.cam9.result", f[1]], "topic"),
+        (lambda f: [f[0], _patch(f[1], schema=2)], "schema"),
+        (lambda f: [f[0], _patch(f[1], seq="5")], "header.seq: expected int"),
+        (lambda f: [f[0], _patch(f[1], verdict="maybe")], "header.verdict"),
+        (lambda f: [f[0], _patch(f[1], score=True)], "header.score"),
+        (lambda f: [f[0], _patch(f[1], has_mask=True)], "has_mask is true but 2 frames"),
+        (lambda f: [f[0], _patch(f[1], error="x")], "exactly when verdict is 'error'"),
+        (lambda f: [f[0], _patch(f[1], regions=[{"x": 1}])], "regions[0]: missing"),
+        (lambda f: [f[0], _patch(f[1], colour="red")], "unknown field 'colour'"),
+        (lambda f: [f[0], _drop(f[1], "frame_id")], "missing field 'frame_id'"),
+    ],
+)
 def test_malformed_results_are_refused_by_name(mutate, message):
     frames = encode_result(**make_result())
     with pytest.raises(MessageError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -88,9 +116,15 @@ def _drop(header: bytes, key: str) -> bytes:
 
 
 def test_status_round_trip():
-    status = {"t": 1.0, "uptime_s": 3.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
-              "throughput_fps": 10.0, "cameras": {"cam0": {"frames_in": 3, "dropped": 0, "errors": 0,
-                                                           "published": 3}}}
+    status = {
+        "t": 1.0,
+        "uptime_s": 3.0,
+        "healthy": True,
+        "model_id": "m",
+        "thresholds_version": 1,
+        "throughput_fps": 10.0,
+        "cameras": {"cam0": {"frames_in": 3, "dropped": 0, "errors": 0, "published": 3}},
+    }
     frames = encode_status("line1", status)
     assert frames[0] == b"inspect.line1.status"
     assert decode(frames)["cameras"]["cam0"]["published"] == 3
@@ -102,8 +136,9 @@ def test_status_round_trip():
 
 def judged(seq: int, verdict: str = "ok", size=(48, 64), camera: str = "cam0") -> Judged:
     image = np.zeros(size, np.uint8)
-    frame = Frame(camera, seq, f"{camera}-{seq}", time.time(), image, truth=verdict == "defect",
-                  t_ingest=time.monotonic())
+    frame = Frame(
+        camera, seq, f"{camera}-{seq}", time.time(), image, truth=verdict == "defect", t_ingest=time.monotonic()
+    )
     mask = None
     regions = []
     if verdict == "defect":
@@ -115,9 +150,20 @@ def judged(seq: int, verdict: str = "ok", size=(48, 64), camera: str = "cam0") -
 
 def test_publisher_sends_every_result_in_order_with_masks(tmp_path):
     endpoint = f"ipc://{tmp_path}/pub.sock"
-    publisher = Publisher(endpoint, "line1", status_interval_s=0.2, status=lambda: {
-        "t": time.time(), "uptime_s": 1.0, "healthy": True, "model_id": "m-1", "thresholds_version": 1,
-        "throughput_fps": 0.0, "cameras": {}}).start()
+    publisher = Publisher(
+        endpoint,
+        "line1",
+        status_interval_s=0.2,
+        status=lambda: {
+            "t": time.time(),
+            "uptime_s": 1.0,
+            "healthy": True,
+            "model_id": "m-1",
+            "thresholds_version": 1,
+            "throughput_fps": 0.0,
+            "cameras": {},
+        },
+    ).start()
     with Subscriber(endpoint) as sub:
         _wait_connected(sub, publisher)
         for seq in range(1, 41):
@@ -184,9 +230,25 @@ def test_subscribe_command_prints_results_gaps_and_saves_masks(tmp_path):
     pub = ctx.socket(zmq.PUB)
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     masks = tmp_path / "masks"
-    proc = subprocess.Popen([sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"tcp://127.0.0.1:{port}",
-                             "--count", "3", "--timeout", "20", "--save-masks", str(masks)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "inspectd",
+            "subscribe",
+            "--endpoint",
+            f"tcp://127.0.0.1:{port}",
+            "--count",
+            "3",
+            "--timeout",
+            "20",
+            "--save-masks",
+            str(masks),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     mask = np.zeros((5, 6), bool)
     mask[1, 1] = True
     stop = threading.Event()
@@ -196,6 +258,7 @@ def test_subscribe_command_prints_results_gaps_and_saves_masks(tmp_path):
             for seq in (1, 2, 5):
                 pub.send_multipart(encode_result(**make_result(seq=seq, mask_png=encode_mask(mask))))
             time.sleep(0.05)
+
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     try:
@@ -214,8 +277,24 @@ def test_subscribe_command_prints_results_gaps_and_saves_masks(tmp_path):
 
 
 def test_subscribe_command_json_and_timeout(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"ipc://{tmp_path}/none",
-                           "--count", "1", "--timeout", "0.5", "--json"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inspectd",
+            "subscribe",
+            "--endpoint",
+            f"ipc://{tmp_path}/none",
+            "--count",
+            "1",
+            "--timeout",
+            "0.5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1 and "0 of 1 results" in proc.stderr
 
 

@@ -133,17 +133,40 @@ def test_curve_control_lets_in_only_listed_keys_and_logs_refusals(pki, capsys):
 def test_curve_publish_reaches_only_allowed_subscribers(pki, tmp_path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     guard = CurveServer("publish", pki["server"][1], pki["allow_dir"])
-    pub = Publisher(endpoint, "s1", status_interval_s=0.1, socket_options=guard,
-                    status=lambda: {"t": 0.0, "uptime_s": 0.0, "healthy": True, "model_id": "m",
-                                    "thresholds_version": 1, "throughput_fps": 0.0, "cameras": {}}).start()
+    pub = Publisher(
+        endpoint,
+        "s1",
+        status_interval_s=0.1,
+        socket_options=guard,
+        status=lambda: {
+            "t": 0.0,
+            "uptime_s": 0.0,
+            "healthy": True,
+            "model_id": "m",
+            "thresholds_version": 1,
+            "throughput_fps": 0.0,
+            "cameras": {},
+        },
+    ).start()
     good = Subscriber(endpoint, curve=curve_client(pki["server"][0], pki["allowed"][1]))
     bad = Subscriber(endpoint, curve=curve_client(pki["server"][0], pki["intruder"][1]))
     plain = Subscriber(endpoint)
     try:
         assert isinstance(good.recv(5.0), dict)  # status arrives: the subscription is live
         for seq in range(5):
-            pub.submit(Judged(Frame("cam0", seq, f"f{seq}", time.time(), None, error="x"), "error", None, None,
-                              "m", 1, [], None, "x"))
+            pub.submit(
+                Judged(
+                    Frame("cam0", seq, f"f{seq}", time.time(), None, error="x"),
+                    "error",
+                    None,
+                    None,
+                    "m",
+                    1,
+                    [],
+                    None,
+                    "x",
+                )
+            )
         assert [r.seq for r in good.results(5, timeout_s=5)] == list(range(5))
         assert bad.recv(1.0) is None and plain.recv(0.5) is None
         assert guard.refused >= 2
@@ -163,8 +186,10 @@ def test_network_control_endpoint_requires_curve_and_curve_config_is_typed(tmp_p
         assert is_local_endpoint(endpoint)
         parse_config({**base, "control": {"endpoint": endpoint}})
     curve = {"server_secret_key": "k/server.key_secret", "allowed_clients_dir": "allowed"}
-    config = parse_config({**base, "control": {"endpoint": "tcp://0.0.0.0:5570", "curve": curve},
-                           "publish": {"curve": curve}}, base_dir=tmp_path)
+    config = parse_config(
+        {**base, "control": {"endpoint": "tcp://0.0.0.0:5570", "curve": curve}, "publish": {"curve": curve}},
+        base_dir=tmp_path,
+    )
     assert config.control.curve.server_secret_key == tmp_path / "k" / "server.key_secret"
     assert config.publish.curve.allowed_clients_dir == tmp_path / "allowed"
     with pytest.raises(ConfigError, match=r"^publish.curve: expected null or a mapping with exactly"):
@@ -180,9 +205,15 @@ def test_daemon_start_refuses_loose_key_permissions(pki, tmp_path):
     config.write_text(
         "station: s\nmodel: {bundle: nowhere}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
         f"control: {{endpoint: 'tcp://0.0.0.0:{free_port()}', curve: {{server_secret_key: '{pki['server'][1]}', "
-        f"allowed_clients_dir: '{pki['allow_dir']}'}}}}\nmetrics: {{listen: null}}\nstate_dir: '{tmp_path}/state'\n")
-    out = subprocess.run([sys.executable, "-m", "inspectd", "run", "--config", str(config)], capture_output=True,
-                         text=True, timeout=30, cwd=REPO)
+        f"allowed_clients_dir: '{pki['allow_dir']}'}}}}\nmetrics: {{listen: null}}\nstate_dir: '{tmp_path}/state'\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "inspectd", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
     assert out.returncode == 1
     assert f"control.curve.server_secret_key {pki['server'][1]}: mode 0644 lets group/others read it" in out.stderr
 
@@ -192,8 +223,14 @@ def test_the_daemon_refuses_to_run_as_root(tmp_path):
     env["PYTHONPATH"] = str(REPO)
     config = tmp_path / "c.yaml"
     config.write_text("station: s\nmodel: {bundle: b}\ncameras: [{id: c, source: {kind: synthetic}}]\n")
-    out = subprocess.run([sys.executable, "-m", "inspectd", "run", "--config", str(config)], capture_output=True,
-                         text=True, timeout=30, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "inspectd", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        cwd=tmp_path,
+    )
     if os.geteuid() == 0:
         assert out.returncode == 1 and "refusing to run as root (uid 0)" in out.stderr, out.stderr
         os.environ.pop(ALLOW_ROOT_ENV, None)
@@ -212,9 +249,13 @@ def _daemon(tmp_path: Path, config: dict) -> tuple[subprocess.Popen, Path]:
     path = tmp_path / "inspectd.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "daemon.log"
-    proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(path)],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "run", "--config", str(path)],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     return proc, log
 
 
@@ -224,20 +265,35 @@ def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
     from engines.bundle.store import write_bundle
 
     bundle = tmp_path / "bundle"
-    write_bundle(bundle, {"method": "test", "backbone": "none",
-                          "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
-                          "scorer_inputs": ["centre"], "score_kind": "max"},
-                 poison_graph(), {"centre": np.array([128.0], np.float32)}, {},
-                 thresholds_doc.first_version(0.5, 0.5, {"tool": "test_security"}))
+    write_bundle(
+        bundle,
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+            "score_kind": "max",
+        },
+        poison_graph(),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.first_version(0.5, 0.5, {"tool": "test_security"}),
+    )
     curve = {"server_secret_key": str(pki["server"][1]), "allowed_clients_dir": str(pki["allow_dir"])}
     control = f"tcp://127.0.0.1:{free_port()}"
     publish = f"tcp://127.0.0.1:{free_port()}"
-    proc, log = _daemon(tmp_path, {
-        "station": "sec", "model": {"bundle": str(bundle)},
-        "cameras": [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}],
-        "publish": {"endpoint": publish, "status_interval_s": 0.2, "curve": curve},
-        "control": {"endpoint": control, "curve": curve}, "metrics": {"listen": None},
-        "state_dir": str(tmp_path / "state")})
+    proc, log = _daemon(
+        tmp_path,
+        {
+            "station": "sec",
+            "model": {"bundle": str(bundle)},
+            "cameras": [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}],
+            "publish": {"endpoint": publish, "status_interval_s": 0.2, "curve": curve},
+            "control": {"endpoint": control, "curve": curve},
+            "metrics": {"listen": None},
+            "state_dir": str(tmp_path / "state"),
+        },
+    )
     good = curve_client(pki["server"][0], pki["allowed"][1])
     bad = curve_client(pki["server"][0], pki["intruder"][1])
     try:
@@ -272,10 +328,17 @@ def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
 
 
 def test_journal_outside_the_state_dir_is_refused_at_start(tmp_path):
-    proc, log = _daemon(tmp_path, {
-        "station": "s", "model": {"bundle": "nowhere"},
-        "cameras": [{"id": "c", "source": {"kind": "synthetic"}}], "metrics": {"listen": None},
-        "publish": {"journal": {"path": str(tmp_path / "elsewhere")}}, "state_dir": str(tmp_path / "state")})
+    proc, log = _daemon(
+        tmp_path,
+        {
+            "station": "s",
+            "model": {"bundle": "nowhere"},
+            "cameras": [{"id": "c", "source": {"kind": "synthetic"}}],
+            "metrics": {"listen": None},
+            "publish": {"journal": {"path": str(tmp_path / "elsewhere")}},
+            "state_dir": str(tmp_path / "state"),
+        },
+    )
     assert proc.wait(30) == 1
     assert "publish.journal.path" in log.read_text() and "outside state_dir" in log.read_text()
     assert not (tmp_path / "elsewhere").exists()

@@ -28,8 +28,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see tiny_dataset.one_torch_threa
 
 
 def cli(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "inspectd", "train", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", "train", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +46,9 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cli_bundle(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "frozen"
-    done = cli("--method", "frozen", "--data", str(data), "--out", str(out), "--size", "64", "--seed", "3",
-               "--batch", "4")
+    done = cli(
+        "--method", "frozen", "--data", str(data), "--out", str(out), "--size", "64", "--seed", "3", "--batch", "4"
+    )
     return out, done
 
 
@@ -98,8 +105,15 @@ def test_plain_folder_colour_and_padding(data, tmp_path):
         (folder / path.name).write_bytes(path.read_bytes())
     grey = cv2.imread(str(sorted(folder.iterdir())[0]), cv2.IMREAD_GRAYSCALE)
     cv2.imwrite(str(folder / "tinted.png"), cv2.merge([grey, grey // 2, grey]))
-    result = train_bundle(folder, tmp_path / "g", size=(64, 96), resize="pad", scorer="gaussian", holdout=0.0,
-                          progress=Progress(enabled=False))
+    result = train_bundle(
+        folder,
+        tmp_path / "g",
+        size=(64, 96),
+        resize="pad",
+        scorer="gaussian",
+        holdout=0.0,
+        progress=Progress(enabled=False),
+    )
     bundle = load_bundle(result.bundle)
     assert bundle.input_shape == (64, 96, 3) and bundle.resize_policy == "pad"
     assert bundle.scorer_inputs == ("gauss_mean", "gauss_precision")
@@ -120,9 +134,27 @@ def test_ctrl_c_or_sigterm_leaves_a_usable_interrupted_bundle(tmp_path, signum):
     for i in range(240):
         (folder / f"{i:04d}{source[i % 4].suffix}").write_bytes(source[i % 4].read_bytes())
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "-m", "inspectd", "train", "--data", str(folder), "--out", str(out),
-                             "--size", "96", "--batch", "1"], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "inspectd",
+            "train",
+            "--data",
+            str(folder),
+            "--out",
+            str(out),
+            "--size",
+            "96",
+            "--batch",
+            "1",
+        ],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         line = ""
@@ -152,8 +184,12 @@ def test_kmeans_references_are_real_samples_one_per_cluster():
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(1, 8, 2, 2, generator=generator)
     b = -a
-    features = torch.cat([a + 0.05 * torch.randn(6, 8, 2, 2, generator=generator),
-                          b + 0.05 * torch.randn(5, 8, 2, 2, generator=generator)])
+    features = torch.cat(
+        [
+            a + 0.05 * torch.randn(6, 8, 2, 2, generator=generator),
+            b + 0.05 * torch.randn(5, 8, 2, 2, generator=generator),
+        ]
+    )
     references = torch.from_numpy(NearestReferenceScorer.fit(features, k=2, seed=1)["references"])
     assert references.shape == (2, 8, 2, 2)
     rows = [int(torch.nonzero((features == r).flatten(1).all(dim=1))[0]) for r in references]
@@ -211,8 +247,22 @@ def test_gaussian_fit_does_not_depend_on_its_chunking():
 
 def test_memory_scorer_bundle_finds_a_painted_defect(data, tmp_path):
     out = tmp_path / "memory"
-    done = cli("--method", "frozen", "--scorer", "memory", "--memory-size", "40", "--data", str(data), "--out",
-               str(out), "--size", "64", "--batch", "4")
+    done = cli(
+        "--method",
+        "frozen",
+        "--scorer",
+        "memory",
+        "--memory-size",
+        "40",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--size",
+        "64",
+        "--batch",
+        "4",
+    )
     assert done.returncode == 0, done.stderr
     bundle = load_bundle(out)
     assert bundle.scorer_inputs == ("memory_bank",) and bundle.manifest["training"]["memory_size"] == 40
@@ -236,8 +286,13 @@ def test_greedy_coreset_keeps_rare_patterns_and_memory_scores_its_own_patches_ze
     from engines.model.graph import MemoryBankScorer, greedy_coreset
 
     generator = torch.Generator().manual_seed(0)
-    points = torch.cat([torch.randn(500, 4, generator=generator), 10 + torch.randn(500, 4, generator=generator),
-                        torch.full((2, 4), 100.0)])
+    points = torch.cat(
+        [
+            torch.randn(500, 4, generator=generator),
+            10 + torch.randn(500, 4, generator=generator),
+            torch.full((2, 4), 100.0),
+        ]
+    )
     chosen = greedy_coreset(points, 3, generator)
     assert sorted(int(i) // 500 for i in chosen) == [0, 1, 2]  # the 2-point outlier cluster is never dropped
     assert len(set(chosen.tolist())) == 3

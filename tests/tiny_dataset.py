@@ -19,13 +19,16 @@ def require_data() -> Path:
     return DATA
 
 
-def make_tiny_mvtec(root: Path, n_train: int = 12, n_test_good: int = 2, n_test_defect: int = 2,
-                    defect_type: str = "blowhole") -> Path:
+def make_tiny_mvtec(
+    root: Path, n_train: int = 12, n_test_good: int = 2, n_test_defect: int = 2, defect_type: str = "blowhole"
+) -> Path:
     """root/train/good (n_train images), root/test/good, root/test/<defect_type> and its ground_truth masks."""
     data = require_data()
-    for sub, source, count in (("train/good", data / "train" / "good", n_train),
-                               ("test/good", data / "test" / "good", n_test_good),
-                               (f"test/{defect_type}", data / "test" / defect_type, n_test_defect)):
+    for sub, source, count in (
+        ("train/good", data / "train" / "good", n_train),
+        ("test/good", data / "test" / "good", n_test_good),
+        (f"test/{defect_type}", data / "test" / defect_type, n_test_defect),
+    ):
         (root / sub).mkdir(parents=True, exist_ok=True)
         for path in sorted(source.iterdir())[:count]:
             shutil.copy(path, root / sub / path.name)

@@ -21,8 +21,10 @@ SIDECAR_FORMAT = "inspectd-trt-plan"
 PRECISIONS = ("fp32", "fp16", "int8")
 # TensorRT is not in the gpu extra on purpose: its wheel must match the station's CUDA major and a plan loads only on
 # the exact version that built it, so the station pins it, not a `pip install -U`.
-INSTALL_HINT = ("pip install 'inspectd[gpu]' (cuda-python, onnx) plus TensorRT 10 or 11 for the station's CUDA "
-                "(e.g. pip install tensorrt-cu12==10.*)")
+INSTALL_HINT = (
+    "pip install 'inspectd[gpu]' (cuda-python, onnx) plus TensorRT 10 or 11 for the station's CUDA "
+    "(e.g. pip install tensorrt-cu12==10.*)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +33,12 @@ class PlanInfo:
 
     tensorrt_version: str
     gpu_name: str
-    compute_capability: str      # "9.0"
-    precision: str               # one of PRECISIONS
+    compute_capability: str  # "9.0"
+    precision: str  # one of PRECISIONS
     max_batch: int
     opt_batch: int
-    graph_sha256: str            # checksum of the model.onnx it was built from (the bundle manifest's)
-    profiles: int = 1            # optimisation profiles: one per stream the runtime may run concurrently
+    graph_sha256: str  # checksum of the model.onnx it was built from (the bundle manifest's)
+    profiles: int = 1  # optimisation profiles: one per stream the runtime may run concurrently
     created: str = ""
     workspace_mb: int = 0
 
@@ -68,8 +70,9 @@ def parse_sidecar(text: str, where: str) -> PlanInfo:
     except json.JSONDecodeError as exc:
         raise BundleError(f"{where}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict) or raw.get("format") != SIDECAR_FORMAT:
-        raise BundleError(f"{where}: format {raw.get('format') if isinstance(raw, dict) else None!r}, "
-                          f"expected {SIDECAR_FORMAT!r}")
+        raise BundleError(
+            f"{where}: format {raw.get('format') if isinstance(raw, dict) else None!r}, expected {SIDECAR_FORMAT!r}"
+        )
     values: dict[str, Any] = {}
     for field in dataclasses.fields(PlanInfo):
         kind = int if field.type in (int, "int") else str
@@ -103,15 +106,25 @@ def rebuild_command(bundle_path: str | Path, info: PlanInfo, max_batch: int | No
     return f"inspectd build-engine {bundle_path} --max-batch {max_batch or info.max_batch}{flags}"
 
 
-def check_compatible(info: PlanInfo, plan: str | Path, bundle_path: str | Path, *, tensorrt_version: str,
-                     gpu_name: str, compute_capability: str, graph_sha256: str, max_batch: int) -> None:
+def check_compatible(
+    info: PlanInfo,
+    plan: str | Path,
+    bundle_path: str | Path,
+    *,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    graph_sha256: str,
+    max_batch: int,
+) -> None:
     """Refuse (BundleError, one line ending in the exact rebuild command) a plan this station must not load."""
     problems = []
     if info.tensorrt_version != tensorrt_version:
         problems.append(f"TensorRT {info.tensorrt_version} (this station: {tensorrt_version})")
     if info.gpu_name != gpu_name or info.compute_capability != compute_capability:
-        problems.append(f"GPU {info.gpu_name!r} sm {info.compute_capability} "
-                        f"(this station: {gpu_name!r} sm {compute_capability})")
+        problems.append(
+            f"GPU {info.gpu_name!r} sm {info.compute_capability} (this station: {gpu_name!r} sm {compute_capability})"
+        )
     if info.graph_sha256 != graph_sha256:
         problems.append(f"model.onnx {info.graph_sha256[:12]}... (the bundle's is now {graph_sha256[:12]}...)")
     if info.max_batch < max_batch:
@@ -123,24 +136,32 @@ def check_compatible(info: PlanInfo, plan: str | Path, bundle_path: str | Path, 
 
 def listed_plans(manifest: dict) -> list[str]:
     """Plan files the manifest lists (and so checksums), in name order."""
-    return sorted(name for name in manifest.get("files", {})
-                  if name.startswith(f"{PLAN_DIR}/") and name.endswith(".plan"))
+    return sorted(
+        name for name in manifest.get("files", {}) if name.startswith(f"{PLAN_DIR}/") and name.endswith(".plan")
+    )
 
 
-def pick_plan(bundle, *, tensorrt_version: str, gpu_name: str, compute_capability: str, max_batch: int,
-              precision: str = "") -> tuple[Path, PlanInfo]:
+def pick_plan(
+    bundle, *, tensorrt_version: str, gpu_name: str, compute_capability: str, max_batch: int, precision: str = ""
+) -> tuple[Path, PlanInfo]:
     """The bundle's plan this station should load: compatible, of `precision` if given, the smallest max batch that
     covers `max_batch`, the newest among equals. Refuses with the reason of the closest miss and the rebuild command."""
     graph_sha = bundle.manifest["files"][bundle.manifest["graph"]]
-    station = dict(tensorrt_version=tensorrt_version, gpu_name=gpu_name, compute_capability=compute_capability,
-                   graph_sha256=graph_sha, max_batch=max_batch)
+    station = dict(
+        tensorrt_version=tensorrt_version,
+        gpu_name=gpu_name,
+        compute_capability=compute_capability,
+        graph_sha256=graph_sha,
+        max_batch=max_batch,
+    )
     names = listed_plans(bundle.manifest)
     candidates, refusal = [], None
     for name in names:
         side = sidecar_name(name)
         if side not in bundle.manifest["files"]:
-            refusal = refusal or BundleError(f"{bundle.path / name}: sidecar {side} not listed in the manifest, "
-                                             "expected every plan to have one")
+            refusal = refusal or BundleError(
+                f"{bundle.path / name}: sidecar {side} not listed in the manifest, expected every plan to have one"
+            )
             continue
         info = read_sidecar(bundle.path / side)
         if precision and info.precision != precision:
@@ -158,8 +179,10 @@ def pick_plan(bundle, *, tensorrt_version: str, gpu_name: str, compute_capabilit
         raise refusal
     wanted = f" {precision}" if precision else ""
     flag = {"": "", "fp32": "", "fp16": " --fp16", "int8": " --int8 --calibration-data DIR"}[precision]
-    raise BundleError(f"{bundle.path}: no{wanted} TensorRT plan in the bundle: build one with "
-                      f"`inspectd build-engine {bundle.path} --max-batch {max_batch}{flag}`")
+    raise BundleError(
+        f"{bundle.path}: no{wanted} TensorRT plan in the bundle: build one with "
+        f"`inspectd build-engine {bundle.path} --max-batch {max_batch}{flag}`"
+    )
 
 
 def _negated(created: str) -> tuple[int, ...]:

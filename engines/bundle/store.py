@@ -22,10 +22,18 @@ from typing import Any
 import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
-from engines.bundle.format import (FORMAT, FORMAT_VERSION, GRAPH, MANIFEST, REQUIRED_FILES, REQUIRED_KEYS, SCORER,
-                                   THRESHOLDS, WEIGHTS)
+from engines.bundle.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH,
+    MANIFEST,
+    REQUIRED_FILES,
+    REQUIRED_KEYS,
+    SCORER,
+    THRESHOLDS,
+    WEIGHTS,
+)
 from engines.errors import BundleError
-
 
 
 def sha256_file(path: Path) -> str:
@@ -42,15 +50,21 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, value in arrays.items():
-            with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
-                              force_zip64=True) as member:
+            with archive.open(
+                zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True
+            ) as member:
                 np.lib.format.write_array(member, np.ascontiguousarray(value), allow_pickle=False)
     return buffer.getvalue()
 
 
-def write_bundle(path: str | Path, manifest_fields: dict[str, Any], graph: bytes | str | Path,
-                 scorer_params: dict[str, np.ndarray], weights: dict[str, np.ndarray],
-                 thresholds: thresholds_doc.Thresholds) -> Path:
+def write_bundle(
+    path: str | Path,
+    manifest_fields: dict[str, Any],
+    graph: bytes | str | Path,
+    scorer_params: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray],
+    thresholds: thresholds_doc.Thresholds,
+) -> Path:
     """Write a complete bundle at `path`, replacing any bundle already there only once the new one is whole.
 
     `manifest_fields` must hold at least method, backbone, input {height, width, channels, resize} and scorer_inputs;
@@ -196,8 +210,9 @@ class Bundle:
         `add=True` the file may be new and is listed (a TensorRT plan under engines/ from inspectd build-engine)."""
         member = _safe_member(self.path, name)
         if name not in self.manifest["files"] and not add:
-            raise BundleError(f"{member}: not listed in the manifest, expected one of "
-                              f"{', '.join(self.manifest['files'])}")
+            raise BundleError(
+                f"{member}: not listed in the manifest, expected one of {', '.join(self.manifest['files'])}"
+            )
         member.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(member, data)
         manifest = json.loads(json.dumps(self.manifest))
@@ -237,11 +252,14 @@ def load_bundle(path: str | Path) -> Bundle:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{manifest_path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
-                          f", expected {FORMAT!r}")
+        raise BundleError(
+            f"{manifest_path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
+            f", expected {FORMAT!r}"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected "
-                          f"{FORMAT_VERSION}")
+        raise BundleError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     for key in REQUIRED_KEYS:
         if key not in manifest:
             raise BundleError(f"{manifest_path}: key {key!r} missing")
@@ -259,11 +277,14 @@ def load_bundle(path: str | Path) -> Bundle:
             raise BundleError(f"{member}: missing, expected a file with sha256 {str(expected)[:12]}...")
         actual = sha256_file(member)
         if actual != expected:
-            raise BundleError(f"{member}: sha256 {actual[:12]}... does not match the manifest's {str(expected)[:12]}..."
-                              " (file changed or corrupt)")
+            raise BundleError(
+                f"{member}: sha256 {actual[:12]}... does not match the manifest's {str(expected)[:12]}..."
+                " (file changed or corrupt)"
+            )
     shape = manifest["input"]
-    if not isinstance(shape, dict) or not all(isinstance(shape.get(k), int) and shape[k] > 0
-                                              for k in ("height", "width", "channels")):
+    if not isinstance(shape, dict) or not all(
+        isinstance(shape.get(k), int) and shape[k] > 0 for k in ("height", "width", "channels")
+    ):
         raise BundleError(f"{manifest_path}: input: expected {{height, width, channels}} positive integers")
     bundle = Bundle(path, manifest)
     bundle.scorer_params()  # refuses a pickled or incomplete scorer.npz now, not at the first frame

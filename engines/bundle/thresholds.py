@@ -39,8 +39,10 @@ class Thresholds:
     def for_camera(self, camera: str) -> tuple[float, float]:
         """(image threshold, pixel threshold) for `camera`, its override first."""
         override = self.per_camera.get(camera, {})
-        return (override.get("image_threshold", self.image_threshold),
-                override.get("pixel_threshold", self.pixel_threshold))
+        return (
+            override.get("image_threshold", self.image_threshold),
+            override.get("pixel_threshold", self.pixel_threshold),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,8 +74,9 @@ def parse(doc: Any, where: str = "thresholds") -> Thresholds:
             raise ThresholdsError(f"{where}.per_camera.{camera}: expected image_threshold and/or pixel_threshold")
         for key in override:
             if key not in ("image_threshold", "pixel_threshold"):
-                raise ThresholdsError(f"{where}.per_camera.{camera}.{key}: unknown key "
-                                      "(known: image_threshold, pixel_threshold)")
+                raise ThresholdsError(
+                    f"{where}.per_camera.{camera}.{key}: unknown key (known: image_threshold, pixel_threshold)"
+                )
         clean_per_camera[str(camera)] = {k: _number(override, k, f"{where}.per_camera.{camera}.") for k in override}
     provenance = doc.get("provenance", {})
     history = doc.get("history", [])
@@ -81,8 +84,14 @@ def parse(doc: Any, where: str = "thresholds") -> Thresholds:
         raise ThresholdsError(f"{where}.provenance: expected a mapping")
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
         raise ThresholdsError(f"{where}.history: expected a list of earlier thresholds documents")
-    return Thresholds(version, _number(doc, "image_threshold", f"{where}."), _number(doc, "pixel_threshold", f"{where}."),
-                      clean_per_camera, provenance, history)
+    return Thresholds(
+        version,
+        _number(doc, "image_threshold", f"{where}."),
+        _number(doc, "pixel_threshold", f"{where}."),
+        clean_per_camera,
+        provenance,
+        history,
+    )
 
 
 def read(path: str | Path) -> Thresholds:
@@ -101,13 +110,24 @@ def dumps(thresholds: Thresholds) -> bytes:
 
 
 def first_version(image_threshold: float, pixel_threshold: float, provenance: dict[str, Any]) -> Thresholds:
-    return parse({"version": 1, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
-                  "provenance": {"time": _now(), **provenance}})
+    return parse(
+        {
+            "version": 1,
+            "image_threshold": image_threshold,
+            "pixel_threshold": pixel_threshold,
+            "provenance": {"time": _now(), **provenance},
+        }
+    )
 
 
-def next_version(current: Thresholds, *, image_threshold: float | None = None, pixel_threshold: float | None = None,
-                 per_camera: dict[str, dict[str, float]] | None = None,
-                 provenance: dict[str, Any] | None = None) -> Thresholds:
+def next_version(
+    current: Thresholds,
+    *,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    per_camera: dict[str, dict[str, float]] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Thresholds:
     """A new version on top of `current`, which goes into history. Unset values are carried over."""
     doc = {
         "version": current.version + 1,
@@ -125,9 +145,13 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
     for old in current.history:
         if old.get("version") == version:
             earlier = parse({**old, "history": []}, where=f"thresholds.history[version {version}]")
-            return next_version(current, image_threshold=earlier.image_threshold,
-                                pixel_threshold=earlier.pixel_threshold, per_camera=earlier.per_camera,
-                                provenance={"rollback_to": version, "rolled_back_provenance": earlier.provenance})
+            return next_version(
+                current,
+                image_threshold=earlier.image_threshold,
+                pixel_threshold=earlier.pixel_threshold,
+                per_camera=earlier.per_camera,
+                provenance={"rollback_to": version, "rolled_back_provenance": earlier.provenance},
+            )
     known = ", ".join(str(h.get("version")) for h in current.history) or "none"
     raise ThresholdsError(f"thresholds: no version {version} in history (known: {known})")
 

@@ -31,14 +31,19 @@ SLA_ALPHA = 10.0
 
 
 class Defect(NamedTuple):
-    image: np.ndarray               # transformed copy, same shape and dtype as the input
+    image: np.ndarray  # transformed copy, same shape and dtype as the input
     box: tuple[int, int, int, int]  # destination bounding box (x, y, w, h) in pixels
-    region_wh: tuple[int, int]      # destination region's own width and height (a rotated scar's sides, not its box)
-    mask: np.ndarray                # bool HxW: pixels the transformation wrote
+    region_wh: tuple[int, int]  # destination region's own width and height (a rotated scar's sides, not its box)
+    mask: np.ndarray  # bool HxW: pixels the transformation wrote
 
 
-def soft_label(original: np.ndarray, transformed: np.ndarray, region_wh: tuple[int, int],
-               eps: float = SLA_EPS, alpha: float = SLA_ALPHA) -> float:
+def soft_label(
+    original: np.ndarray,
+    transformed: np.ndarray,
+    region_wh: tuple[int, int],
+    eps: float = SLA_EPS,
+    alpha: float = SLA_ALPHA,
+) -> float:
     """SLA soft label y = 2 / (1 + exp(-alpha V')) - 1 with V' = V / (w' h') and V the number of pixels whose
     channel-summed absolute change exceeds eps. uint8 images are read on [0, 1] (divided by 255); float images are
     taken to be on [0, 1] already. An unchanged image (an invalid transformation) gets exactly 0."""
@@ -81,21 +86,22 @@ def colour_jitter(patch: np.ndarray, rng: np.random.Generator, strength: float) 
     if strength <= 0:
         return patch
     x = patch.astype(np.float32)
-    x *= rng.uniform(1 - strength, 1 + strength)                           # brightness
+    x *= rng.uniform(1 - strength, 1 + strength)  # brightness
     grey_mean = x.mean()
     x = (x - grey_mean) * rng.uniform(1 - strength, 1 + strength) + grey_mean  # contrast
     if patch.shape[2] == 3:
         grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
         x = (x - grey[..., None]) * rng.uniform(1 - strength, 1 + strength) + grey[..., None]  # saturation
         hsv = cv2.cvtColor(np.clip(x, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV)
-        shift = int(round(rng.uniform(-strength, strength) * 180))          # OpenCV hue is 0..179
+        shift = int(round(rng.uniform(-strength, strength) * 180))  # OpenCV hue is 0..179
         hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
         return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
-def _rect_size(rng: np.random.Generator, height: int, width: int, area_ratio: tuple[float, float],
-               aspect_ratio: float) -> tuple[int, int]:
+def _rect_size(
+    rng: np.random.Generator, height: int, width: int, area_ratio: tuple[float, float], aspect_ratio: float
+) -> tuple[int, int]:
     """CutPaste's patch: area a fraction of the image's, aspect ratio log-uniform in [aspect, 1/aspect]."""
     area = rng.uniform(*area_ratio) * height * width
     aspect = _uniform_log(rng, aspect_ratio, 1.0 / aspect_ratio)
@@ -111,8 +117,13 @@ def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 # --------------------------------------------------------------------------------------------------- CutPaste family
-def cutpaste(image: np.ndarray, rng: np.random.Generator, area_ratio: tuple[float, float] = (0.02, 0.15),
-             aspect_ratio: float = 0.3, jitter: float = 0.1) -> Defect:
+def cutpaste(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    area_ratio: tuple[float, float] = (0.02, 0.15),
+    aspect_ratio: float = 0.3,
+    jitter: float = 0.1,
+) -> Defect:
     """CutPaste: a rectangle of 2-15 % of the image, aspect ratio in [0.3, 3.3], colour-jittered, pasted at a
     random place (possibly overlapping its source, as in the paper)."""
     hwc = _as_hwc(image)
@@ -120,17 +131,23 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator, area_ratio: tuple[floa
     w, h = _rect_size(rng, height, width, area_ratio, aspect_ratio)
     sx, sy = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
     dx, dy = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-    patch = colour_jitter(hwc[sy:sy + h, sx:sx + w], rng, jitter)
+    patch = colour_jitter(hwc[sy : sy + h, sx : sx + w], rng, jitter)
     out = hwc.copy()
-    out[dy:dy + h, dx:dx + w] = patch
+    out[dy : dy + h, dx : dx + w] = patch
     mask = np.zeros((height, width), dtype=bool)
-    mask[dy:dy + h, dx:dx + w] = True
+    mask[dy : dy + h, dx : dx + w] = True
     return Defect(_like(out, image), (dx, dy, w, h), (w, h), mask)
 
 
-def cutpaste_scar(image: np.ndarray, rng: np.random.Generator, width_range: tuple[float, float] = (2, 16),
-                  height_range: tuple[float, float] = (10, 25), rotation: tuple[float, float] = (-45, 45),
-                  jitter: float = 0.1, reference_size: int = 256) -> Defect:
+def cutpaste_scar(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    width_range: tuple[float, float] = (2, 16),
+    height_range: tuple[float, float] = (10, 25),
+    rotation: tuple[float, float] = (-45, 45),
+    jitter: float = 0.1,
+    reference_size: int = 256,
+) -> Defect:
     """CutPaste-Scar: a thin rectangle (2-16 x 10-25 pixels at 256 px, scaled with the image), jittered, rotated by
     -45..45 degrees and pasted; only the rotated rectangle itself is written."""
     hwc = _as_hwc(image)
@@ -139,7 +156,7 @@ def cutpaste_scar(image: np.ndarray, rng: np.random.Generator, width_range: tupl
     w = int(np.clip(round(rng.uniform(*width_range) * scale), 1, width))
     h = int(np.clip(round(rng.uniform(*height_range) * scale), 1, height))
     sx, sy = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-    patch = colour_jitter(hwc[sy:sy + h, sx:sx + w], rng, jitter)
+    patch = colour_jitter(hwc[sy : sy + h, sx : sx + w], rng, jitter)
     angle = float(rng.uniform(*rotation))
     # Rotate into a canvas large enough for any angle; nearest-neighbour keeps pasted values real pixel values.
     side = int(math.ceil(math.hypot(w, h))) + 2
@@ -150,29 +167,33 @@ def cutpaste_scar(image: np.ndarray, rng: np.random.Generator, width_range: tupl
     inside = cv2.warpAffine(np.ones((h, w), np.uint8), rot, (side, side), flags=cv2.INTER_NEAREST) > 0
     ys, xs = np.nonzero(inside)
     y0, x0 = ys.min(), xs.min()
-    rotated, inside = rotated[y0:ys.max() + 1, x0:xs.max() + 1], inside[y0:ys.max() + 1, x0:xs.max() + 1]
+    rotated, inside = rotated[y0 : ys.max() + 1, x0 : xs.max() + 1], inside[y0 : ys.max() + 1, x0 : xs.max() + 1]
     bh, bw = inside.shape
     bh, bw = min(bh, height), min(bw, width)
     rotated, inside = rotated[:bh, :bw], inside[:bh, :bw]
     dx, dy = int(rng.integers(0, width - bw + 1)), int(rng.integers(0, height - bh + 1))
     out = hwc.copy()
-    np.copyto(out[dy:dy + bh, dx:dx + bw], rotated, where=inside[..., None])
+    np.copyto(out[dy : dy + bh, dx : dx + bw], rotated, where=inside[..., None])
     mask = np.zeros((height, width), dtype=bool)
-    mask[dy:dy + bh, dx:dx + bw] = inside
+    mask[dy : dy + bh, dx : dx + bw] = inside
     return Defect(_like(out, image), (dx, dy, bw, bh), (w, h), mask)
 
 
-def cutout(image: np.ndarray, rng: np.random.Generator, area_ratio: tuple[float, float] = (0.02, 0.15),
-           aspect_ratio: float = 0.3) -> Defect:
+def cutout(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    area_ratio: tuple[float, float] = (0.02, 0.15),
+    aspect_ratio: float = 0.3,
+) -> Defect:
     """Cutout: a CutPaste-sized rectangle filled with one random colour."""
     hwc = _as_hwc(image)
     height, width = hwc.shape[:2]
     w, h = _rect_size(rng, height, width, area_ratio, aspect_ratio)
     dx, dy = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
     out = hwc.copy()
-    out[dy:dy + h, dx:dx + w] = rng.integers(0, 256, size=hwc.shape[2], dtype=np.uint8)
+    out[dy : dy + h, dx : dx + w] = rng.integers(0, 256, size=hwc.shape[2], dtype=np.uint8)
     mask = np.zeros((height, width), dtype=bool)
-    mask[dy:dy + h, dx:dx + w] = True
+    mask[dy : dy + h, dx : dx + w] = True
     return Defect(_like(out, image), (dx, dy, w, h), (w, h), mask)
 
 
@@ -202,8 +223,14 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
     return (math.sqrt(2) * (top * (1 - v) + bottom * v)).astype(np.float32)
 
 
-def perlin_mask(shape: tuple[int, int], rng: np.random.Generator, max_scale: int = 6, threshold: float = 0.5,
-                min_fraction: float = 0.002, tries: int = 8) -> np.ndarray:
+def perlin_mask(
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    max_scale: int = 6,
+    threshold: float = 0.5,
+    min_fraction: float = 0.002,
+    tries: int = 8,
+) -> np.ndarray:
     """DRAEM's blob: Perlin noise at 2^a x 2^b cells (a, b < max_scale), rotated, thresholded. Never empty: after
     `tries` draws too small, the top 3 % of the last noise is taken."""
     height, width = shape
@@ -231,7 +258,7 @@ def foreign_texture(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     octaves = np.zeros((height, width), np.float32)
     base = 2 ** int(rng.integers(2, 5))
     for octave in range(3):
-        octaves += perlin_noise((height, width), (base << octave, base << octave), rng) / (2 ** octave)
+        octaves += perlin_noise((height, width), (base << octave, base << octave), rng) / (2**octave)
     level = rng.uniform(0, 255, size=channels).astype(np.float32)
     amplitude = rng.uniform(20, 120)
     texture = level + amplitude * octaves[..., None]
@@ -252,8 +279,13 @@ def perlin(image: np.ndarray, rng: np.random.Generator, opacity: tuple[float, fl
     return Defect(_like(out, image), (x, y, w, h), (w, h), mask)
 
 
-def shading(image: np.ndarray, rng: np.random.Generator, coverage: tuple[float, float] = (0.1, 0.5),
-            gain: tuple[float, float] = (1.15, 1.7), texture_gain: tuple[float, float] = (1.3, 2.5)) -> Defect:
+def shading(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    coverage: tuple[float, float] = (0.1, 0.5),
+    gain: tuple[float, float] = (1.15, 1.7),
+    texture_gain: tuple[float, float] = (1.3, 2.5),
+) -> Defect:
     """An uneven finish: a large region (10-50 % of the frame, a low-frequency Perlin blob or a band across the
     frame) whose tone is brighter or darker and whose fine texture (the image minus its 9x9 mean) is amplified, with
     the region's own grain kept. Nothing foreign is pasted, so only the region's level and contrast against the rest
@@ -270,7 +302,7 @@ def shading(image: np.ndarray, rng: np.random.Generator, coverage: tuple[float, 
         along = (yy / height if rng.random() < 0.5 else xx / width) + wobble
         mask = along < target if rng.random() < 0.5 else along > 1.0 - target
     if not mask.any():
-        mask[:max(1, height // 4)] = True
+        mask[: max(1, height // 4)] = True
     level = rng.uniform(*gain)
     if rng.random() < 0.3:
         level = 1.0 / level

@@ -63,8 +63,8 @@ def list_images(folder: str | Path) -> list[Path]:
 @dataclasses.dataclass(frozen=True)
 class TestItem:
     path: Path
-    defect_type: str          # "good" for defect-free
-    mask_path: Path | None    # None when the dataset has no mask for it (or it is good)
+    defect_type: str  # "good" for defect-free
+    mask_path: Path | None  # None when the dataset has no mask for it (or it is good)
 
     @property
     def is_defective(self) -> bool:

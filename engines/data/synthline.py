@@ -22,8 +22,9 @@ DEFECT_KINDS = ("scratch", "spot", "hole")
 class SyntheticLine:
     """`next()` -> (uint8 HxW or HxWx3 image, bool HxW defect mask or None when the frame is defect-free)."""
 
-    def __init__(self, width: int = 256, height: int = 256, channels: int = 1, defect_rate: float = 0.2,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, width: int = 256, height: int = 256, channels: int = 1, defect_rate: float = 0.2, seed: int = 0
+    ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels {channels}: expected 1 or 3")
         if not 0.0 <= defect_rate <= 1.0:
@@ -63,7 +64,7 @@ class SyntheticLine:
     def _sample(self, defect_rate: float) -> tuple[np.ndarray, np.ndarray | None]:
         rng, h, w = self.rng, self.height, self.width
         oy, ox = rng.integers(0, h + 1), rng.integers(0, w + 1)
-        base = self._bank[oy:oy + h, ox:ox + w]
+        base = self._bank[oy : oy + h, ox : ox + w]
         flip = rng.integers(0, 4)
         if flip & 1:
             base = base[::-1]

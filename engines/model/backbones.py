@@ -31,8 +31,8 @@ class BackboneSpec:
     timm_name: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    taps: tuple[int, ...]              # timm feature indices (0..4 = stride 2..32)
-    hub_files: tuple[str, ...] = ()    # file names timm uses in the torch hub cache, newest first
+    taps: tuple[int, ...]  # timm feature indices (0..4 = stride 2..32)
+    hub_files: tuple[str, ...] = ()  # file names timm uses in the torch hub cache, newest first
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -40,11 +40,18 @@ BACKBONES: dict[str, BackboneSpec] = {
     # (index 2) is not used: with the frozen Gaussian on magnetic tile it scored no better, for 4x the scorer's
     # locations.
     "lite0": BackboneSpec("lite0", "tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), (3, 4)),
-    "efficientnet_b3": BackboneSpec("efficientnet_b3", "efficientnet_b3", IMAGENET_MEAN, IMAGENET_STD, (3, 4),
-                                    ("efficientnet_b3_ra2-cf984f9c.pth",)),
+    "efficientnet_b3": BackboneSpec(
+        "efficientnet_b3", "efficientnet_b3", IMAGENET_MEAN, IMAGENET_STD, (3, 4), ("efficientnet_b3_ra2-cf984f9c.pth",)
+    ),
     # layer2 (stride 8) and layer3 (stride 16): layer4 at stride 32 is too coarse for SLA's patch-level maps.
-    "resnet18": BackboneSpec("resnet18", "resnet18", IMAGENET_MEAN, IMAGENET_STD, (2, 3),
-                             ("resnet18_a1_0-d63eafa0.pth", "resnet18-f37072fd.pth", "resnet18-5c106cde.pth")),
+    "resnet18": BackboneSpec(
+        "resnet18",
+        "resnet18",
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        (2, 3),
+        ("resnet18_a1_0-d63eafa0.pth", "resnet18-f37072fd.pth", "resnet18-5c106cde.pth"),
+    ),
 }
 
 
@@ -68,15 +75,15 @@ def spec_for(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
-def create_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True,
-                    taps: tuple[int, ...] | None = None) -> Backbone:
+def create_backbone(
+    name: str, weights: str | Path | None = None, pretrained: bool = True, taps: tuple[int, ...] | None = None
+) -> Backbone:
     """Build backbone `name` with its ImageNet weights (or uninitialised with `pretrained=False`, for a graph whose
     weights come from a bundle's weights.npz)."""
     import timm
 
     spec = spec_for(name)
-    features = timm.create_model(spec.timm_name, pretrained=False, features_only=True,
-                                 out_indices=taps or spec.taps)
+    features = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=taps or spec.taps)
     if pretrained:
         # The ImageNet files are keyed (and, for Lite0, ordered) like the full classifier: load it, then keep its
         # feature part.
@@ -113,16 +120,19 @@ def imagenet_state_dict(name: str, weights: str | Path | None, model: nn.Module)
     return map_in_order(source, target, what=str(path))
 
 
-def map_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-                 what: str) -> dict[str, torch.Tensor]:
+def map_in_order(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
     """Pair `source` tensors with `target` keys position by position; every pair must have the same shape."""
     if len(source) != len(target):
         raise WeightsError(f"{what}: {len(source)} tensors, expected {len(target)} to map in order")
     mapped = OrderedDict()
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
         if tensor.shape != expected.shape:
-            raise WeightsError(f"{what}: tensor {src_key} has shape {tuple(tensor.shape)}, expected "
-                               f"{tuple(expected.shape)} for {dst_key}")
+            raise WeightsError(
+                f"{what}: tensor {src_key} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(expected.shape)} for {dst_key}"
+            )
         mapped[dst_key] = tensor
     return mapped
 
@@ -164,5 +174,7 @@ def resolve_weights(name: str, weights: str | Path | None) -> Path:
         if (cache / file_name).is_file():
             return cache / file_name
     expected = " or ".join(spec.hub_files) or f"{spec.timm_name}.pth"
-    raise WeightsError(f"backbone {name!r}: no ImageNet weights; pass --weights PATH or put {expected} in {cache} "
-                       "(nothing is downloaded)")
+    raise WeightsError(
+        f"backbone {name!r}: no ImageNet weights; pass --weights PATH or put {expected} in {cache} "
+        "(nothing is downloaded)"
+    )

@@ -144,8 +144,9 @@ def make_calibrator(trt, batches: np.ndarray, params: dict[str, np.ndarray]):
     return Calibrator()
 
 
-def _set_profile_shapes(network, profile, input_shape, min_batch: int, opt_batch: int, max_batch: int,
-                        params: dict[str, np.ndarray]) -> None:
+def _set_profile_shapes(
+    network, profile, input_shape, min_batch: int, opt_batch: int, max_batch: int, params: dict[str, np.ndarray]
+) -> None:
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         if tensor.name == PIXELS:
@@ -183,18 +184,29 @@ def precision_recipe(tensorrt_version: str, precision: str) -> tuple[bool, str]:
         raise EngineError(f"TensorRT {tensorrt_version}: expected 10 or 11")
     if precision == "int8":
         if major >= 11:
-            raise EngineError(f"--int8: TensorRT {tensorrt_version} removed implicit INT8 calibration "
-                              "(int8_calibrator) in favour of Q/DQ nodes in the graph, which inspectd does not "
-                              "export: use --fp16, or TensorRT 10")
+            raise EngineError(
+                f"--int8: TensorRT {tensorrt_version} removed implicit INT8 calibration "
+                "(int8_calibrator) in favour of Q/DQ nodes in the graph, which inspectd does not "
+                "export: use --fp16, or TensorRT 10"
+            )
         return False, "fp32"
     if precision not in ("fp32", "fp16"):
         raise EngineError(f"precision {precision!r}: expected fp32, fp16 or int8")
     return True, precision
 
 
-def build_plan(bundle_path: str | Path, precision: str = "fp32", max_batch: int = 8, opt_batch: int | None = None,
-               streams: int = 2, workspace_mb: int = DEFAULT_WORKSPACE_MB, timing_cache: str | Path | None = None,
-               calibration_data: str | Path | None = None, device: int = 0, log=print) -> Path:
+def build_plan(
+    bundle_path: str | Path,
+    precision: str = "fp32",
+    max_batch: int = 8,
+    opt_batch: int | None = None,
+    streams: int = 2,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    timing_cache: str | Path | None = None,
+    calibration_data: str | Path | None = None,
+    device: int = 0,
+    log=print,
+) -> Path:
     """Build and store a plan for the bundle at `bundle_path`; returns the plan's path. Python API of the command."""
     opt_batch = max_batch if opt_batch is None else opt_batch
     if max_batch < 1:
@@ -217,8 +229,11 @@ def build_plan(bundle_path: str | Path, precision: str = "fp32", max_batch: int 
     params = bundle.scorer_params()
     input_shape = bundle.input_shape
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(gpu_name, version)
-    batches = (calibration_frames(calibration_data, input_shape, bundle.resize_policy, opt_batch)
-               if precision == "int8" else None)
+    batches = (
+        calibration_frames(calibration_data, input_shape, bundle.resize_policy, opt_batch)
+        if precision == "int8"
+        else None
+    )
 
     started = time.monotonic()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -254,8 +269,10 @@ def build_plan(bundle_path: str | Path, precision: str = "fp32", max_batch: int 
         config.set_calibration_profile(calibration_profile)
         calibrator = make_calibrator(trt, batches, params)
         config.int8_calibrator = calibrator
-        log(f"int8: calibrating on {batches.shape[0] * batches.shape[1]} frames from {calibration_data}; "
-            f"{pinned} layers outside the backbone kept in float32")
+        log(
+            f"int8: calibrating on {batches.shape[0] * batches.shape[1]} frames from {calibration_data}; "
+            f"{pinned} layers outside the backbone kept in float32"
+        )
 
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
@@ -279,16 +296,26 @@ def build_plan(bundle_path: str | Path, precision: str = "fp32", max_batch: int 
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     if engine is None or engine.num_optimization_profiles != streams:
         raise EngineError(f"{bundle.path}: the plan TensorRT just built does not deserialize with {streams} profiles")
-    info = PlanInfo(tensorrt_version=version, gpu_name=gpu_name, compute_capability=capability, precision=precision,
-                    max_batch=max_batch, opt_batch=opt_batch, graph_sha256=bundle.manifest["files"][
-                        bundle.manifest["graph"]], profiles=streams,
-                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), workspace_mb=workspace_mb)
+    info = PlanInfo(
+        tensorrt_version=version,
+        gpu_name=gpu_name,
+        compute_capability=capability,
+        precision=precision,
+        max_batch=max_batch,
+        opt_batch=opt_batch,
+        graph_sha256=bundle.manifest["files"][bundle.manifest["graph"]],
+        profiles=streams,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        workspace_mb=workspace_mb,
+    )
     name = plan_name(gpu_name, version, max_batch, precision)
     bundle.replace_file(name, plan, add=True)
     bundle.replace_file(sidecar_name(name), info.to_json().encode(), add=True)
-    log(f"{bundle.path / name}: {len(plan) / 1e6:.1f} MB, {precision}, batch 1..{max_batch} (opt {opt_batch}), "
+    log(
+        f"{bundle.path / name}: {len(plan) / 1e6:.1f} MB, {precision}, batch 1..{max_batch} (opt {opt_batch}), "
         f"{streams} profile(s), {gpu_name} sm {capability}, TensorRT {version}, built in "
-        f"{time.monotonic() - started:.0f} s; timing cache {cache_path}")
+        f"{time.monotonic() - started:.0f} s; timing cache {cache_path}"
+    )
     return bundle.path / name
 
 
@@ -297,24 +324,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="backbone in float16, scorer in float32")
     precision.add_argument("--int8", action="store_true", help="INT8 with entropy calibration (TensorRT 10 only)")
-    parser.add_argument("--calibration-data", metavar="DIR", default=None,
-                        help=f"defect-free images for --int8 (at most {MAX_CALIBRATION_FRAMES} used)")
+    parser.add_argument(
+        "--calibration-data",
+        metavar="DIR",
+        default=None,
+        help=f"defect-free images for --int8 (at most {MAX_CALIBRATION_FRAMES} used)",
+    )
     parser.add_argument("--max-batch", type=int, default=8, help="largest batch the plan accepts (default 8)")
     parser.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default: max batch)")
-    parser.add_argument("--streams", type=int, default=2,
-                        help="optimisation profiles = batches the runtime may have in flight (default 2)")
-    parser.add_argument("--workspace-mb", type=int, default=DEFAULT_WORKSPACE_MB,
-                        help=f"TensorRT workspace limit in MiB (default {DEFAULT_WORKSPACE_MB})")
-    parser.add_argument("--timing-cache", metavar="PATH", default=None,
-                        help="timing cache to load and save (default ~/.cache/inspectd/trt-timing-<gpu>-trt<v>.cache)")
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=2,
+        help="optimisation profiles = batches the runtime may have in flight (default 2)",
+    )
+    parser.add_argument(
+        "--workspace-mb",
+        type=int,
+        default=DEFAULT_WORKSPACE_MB,
+        help=f"TensorRT workspace limit in MiB (default {DEFAULT_WORKSPACE_MB})",
+    )
+    parser.add_argument(
+        "--timing-cache",
+        metavar="PATH",
+        default=None,
+        help="timing cache to load and save (default ~/.cache/inspectd/trt-timing-<gpu>-trt<v>.cache)",
+    )
     parser.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     try:
-        build_plan(args.bundle, precision, args.max_batch, args.opt_batch, args.streams, args.workspace_mb,
-                   args.timing_cache, args.calibration_data, args.device)
+        build_plan(
+            args.bundle,
+            precision,
+            args.max_batch,
+            args.opt_batch,
+            args.streams,
+            args.workspace_mb,
+            args.timing_cache,
+            args.calibration_data,
+            args.device,
+        )
     except EngineError as exc:
         print(f"inspectd build-engine: {exc}", file=sys.stderr)
         return 2

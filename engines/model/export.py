@@ -47,9 +47,17 @@ def export_graph(graph: InferenceGraph, scorer_params: dict[str, np.ndarray], op
         # The TorchScript exporter warns about its own deprecation and about traced shape arithmetic in timm; both
         # are expected here and would only bury real problems in the training log.
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (example_pixels, *params), buffer, input_names=[PIXELS, *names],
-                          output_names=[SCORE, ANOMALY_MAP], dynamic_axes=dynamic_axes, opset_version=opset,
-                          do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            graph,
+            (example_pixels, *params),
+            buffer,
+            input_names=[PIXELS, *names],
+            output_names=[SCORE, ANOMALY_MAP],
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     return buffer.getvalue()
 
 
@@ -59,8 +67,9 @@ def graph_from_bundle(bundle: Bundle) -> InferenceGraph:
         graph = build_graph(bundle.architecture, pretrained=False)
         load_state_arrays(graph, bundle.weights())
     except (KeyError, RuntimeError, ValueError) as exc:
-        raise BundleError(f"{bundle.path / WEIGHTS}: does not fit the manifest's architecture "
-                          f"({str(exc).splitlines()[0]})") from exc
+        raise BundleError(
+            f"{bundle.path / WEIGHTS}: does not fit the manifest's architecture ({str(exc).splitlines()[0]})"
+        ) from exc
     return graph.eval()
 
 

@@ -52,8 +52,9 @@ class TapConcat(nn.Module):
 
     def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
         size = taps[0].shape[-2:]
-        return torch.cat([taps[0]] + [F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-                                      for t in taps[1:]], dim=1)
+        return torch.cat(
+            [taps[0]] + [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in taps[1:]], dim=1
+        )
 
 
 class GaussianSmoothing(nn.Module):
@@ -97,8 +98,9 @@ class NearestReferenceScorer(nn.Module):
         return 1.0 - best, (features - nearest).pow(2).sum(dim=1)
 
     @staticmethod
-    def fit(features: torch.Tensor, k: int = 1, seed: int = 0, iterations: int = 50,
-            **_unused) -> dict[str, np.ndarray]:
+    def fit(
+        features: torch.Tensor, k: int = 1, seed: int = 0, iterations: int = 50, **_unused
+    ) -> dict[str, np.ndarray]:
         """Spherical k-means (k-means++ start) on the flattened, L2-normalised feature maps; each centroid is then
         replaced by the real training sample nearest to it, as CSE's reference implementation does."""
         if features.shape[0] == 0:
@@ -191,8 +193,14 @@ class MemoryBankScorer(nn.Module):
         return None, difference.pow(2).sum(-1).sqrt().reshape(n, h, w)
 
     @staticmethod
-    def fit(features: torch.Tensor, memory_size: int = DEFAULT_MEMORY_SIZE, seed: int = 0,
-            projection: int = CORESET_PROJECTION, chunk: int = 64, **_unused) -> dict[str, np.ndarray]:
+    def fit(
+        features: torch.Tensor,
+        memory_size: int = DEFAULT_MEMORY_SIZE,
+        seed: int = 0,
+        projection: int = CORESET_PROJECTION,
+        chunk: int = 64,
+        **_unused,
+    ) -> dict[str, np.ndarray]:
         """Aggregate every training patch, then keep `memory_size` of them by greedy k-center selection: each step
         adds the patch farthest from everything kept so far, so rare good patterns survive the cut where random
         sampling would drop them. Distances for the selection are taken in a random `projection`-dimensional space
@@ -202,8 +210,12 @@ class MemoryBankScorer(nn.Module):
         if memory_size < 1:
             raise ValueError(f"memory_size {memory_size}: expected >= 1")
         d = features.shape[1]
-        patches = torch.cat([aggregate_patches(features[s:s + chunk].float()).permute(0, 2, 3, 1).reshape(-1, d)
-                             for s in range(0, features.shape[0], chunk)])
+        patches = torch.cat(
+            [
+                aggregate_patches(features[s : s + chunk].float()).permute(0, 2, 3, 1).reshape(-1, d)
+                for s in range(0, features.shape[0], chunk)
+            ]
+        )
         if patches.shape[0] <= memory_size:
             return {"memory_bank": patches.contiguous().numpy()}
         generator = torch.Generator().manual_seed(seed)
@@ -264,7 +276,7 @@ class GaussianScorer(nn.Module):
         mean = features.sum(dim=0, dtype=torch.float64) / n
         moments = _SecondMoments(d)
         for start in range(0, n, chunk):
-            residuals = features[start:start + chunk].double() - mean
+            residuals = features[start : start + chunk].double() - mean
             moments.add(residuals.permute(0, 2, 3, 1).reshape(-1, d))
         covariance = moments.ledoit_wolf()
         # A small ridge keeps it invertible when the residuals carry no information (a single image, or images
@@ -296,7 +308,7 @@ class _SecondMoments:
         n, p = self.n, self.xtx.shape[0]
         emp_cov = self.xtx / n
         mu = torch.trace(emp_cov) / p
-        delta_sum = (emp_cov * emp_cov).sum()          # = sum((X^T X)^2) / n^2
+        delta_sum = (emp_cov * emp_cov).sum()  # = sum((X^T X)^2) / n^2
         beta = (self.x2tx2.sum() / n - delta_sum) / (p * n)
         delta = (delta_sum - 2 * mu * torch.trace(emp_cov) + p * mu * mu) / p
         beta = torch.minimum(beta, delta)
@@ -311,8 +323,12 @@ def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
     return moments.ledoit_wolf()
 
 
-SCORERS: dict[str, type[nn.Module]] = {"kmeans": NearestReferenceScorer, "kmeans_local": LocalReferenceScorer,
-                                       "gaussian": GaussianScorer, "memory": MemoryBankScorer}
+SCORERS: dict[str, type[nn.Module]] = {
+    "kmeans": NearestReferenceScorer,
+    "kmeans_local": LocalReferenceScorer,
+    "gaussian": GaussianScorer,
+    "memory": MemoryBankScorer,
+}
 
 
 def scorer_class(kind: str) -> type[nn.Module]:
@@ -325,8 +341,14 @@ def scorer_class(kind: str) -> type[nn.Module]:
 class InferenceGraph(nn.Module):
     """forward(pixels uint8 [N,H,W,C], *scorer_params) -> (score float32 [N], anomaly_map float32 [N,H,W])."""
 
-    def __init__(self, backbone: Backbone, head: nn.Module, scorer: nn.Module, input_shape: tuple[int, int, int],
-                 sigma: float = SMOOTHING_SIGMA) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        scorer: nn.Module,
+        input_shape: tuple[int, int, int],
+        sigma: float = SMOOTHING_SIGMA,
+    ) -> None:
         super().__init__()
         self.input_shape = tuple(int(v) for v in input_shape)
         self.preprocess = Preprocess(self.input_shape[2], backbone.spec.mean, backbone.spec.std)
@@ -346,8 +368,7 @@ class InferenceGraph(nn.Module):
     def forward(self, pixels: torch.Tensor, *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score_features(self.embed(pixels), *scorer_params)
 
-    def score_features(self, features: torch.Tensor,
-                       *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_features(self, features: torch.Tensor, *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The second half of forward, for callers that computed the features once (evaluating several scorers)."""
         global_score, low = self.scorer(features, *scorer_params)
         height, width = self.input_shape[:2]
@@ -363,18 +384,28 @@ def build_graph(architecture: dict, pretrained: bool = True, weights: str | None
     from engines.model.methods import get_method
 
     method = get_method(architecture["method"])
-    backbone = create_backbone(architecture["backbone"], weights=weights, pretrained=pretrained,
-                               taps=tuple(architecture["taps"]))
+    backbone = create_backbone(
+        architecture["backbone"], weights=weights, pretrained=pretrained, taps=tuple(architecture["taps"])
+    )
     head = method.build_head(backbone, architecture.get("head", {}))
     scorer = scorer_class(architecture["scorer"])()
-    return InferenceGraph(backbone, head, scorer, tuple(architecture["input_shape"]),
-                          architecture.get("smoothing_sigma", SMOOTHING_SIGMA))
+    return InferenceGraph(
+        backbone, head, scorer, tuple(architecture["input_shape"]), architecture.get("smoothing_sigma", SMOOTHING_SIGMA)
+    )
 
 
-def architecture_of(method: str, backbone: str, taps: tuple[int, ...], head: dict, scorer: str,
-                    input_shape: tuple[int, int, int]) -> dict:
-    return {"method": method, "backbone": backbone, "taps": list(taps), "head": head, "scorer": scorer,
-            "input_shape": list(input_shape), "smoothing_sigma": SMOOTHING_SIGMA}
+def architecture_of(
+    method: str, backbone: str, taps: tuple[int, ...], head: dict, scorer: str, input_shape: tuple[int, int, int]
+) -> dict:
+    return {
+        "method": method,
+        "backbone": backbone,
+        "taps": list(taps),
+        "head": head,
+        "scorer": scorer,
+        "input_shape": list(input_shape),
+        "smoothing_sigma": SMOOTHING_SIGMA,
+    }
 
 
 def state_arrays(graph: nn.Module) -> dict[str, np.ndarray]:

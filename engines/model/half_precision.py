@@ -26,8 +26,8 @@ import numpy as np
 
 from engines.errors import BundleError
 
-FLOAT = 1       # onnx.TensorProto.FLOAT
-FLOAT16 = 10    # onnx.TensorProto.FLOAT16
+FLOAT = 1  # onnx.TensorProto.FLOAT
+FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
 
 # Nodes through which "derives from the pixels" does not flow: their outputs describe a tensor's shape, not its data.
@@ -39,10 +39,40 @@ UNSUPPORTED_OPS = {"If", "Loop", "Scan"}
 # What a convolutional backbone and its head are made of, and safe in float16: element-wise maths with bounded
 # activations, convolutions and pooling (TensorRT and cuDNN accumulate them in float32), data movement.
 FP16_OPS = {
-    "Conv", "ConvTranspose", "BatchNormalization", "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid",
-    "HardSwish", "Tanh", "Erf", "Mul", "Add", "Sub", "Div", "Neg", "MaxPool", "AveragePool", "GlobalAveragePool",
-    "ReduceMean", "Pad", "Resize", "Upsample", "Concat", "Transpose", "Cast", "Expand", "Reshape", "Flatten",
-    "Squeeze", "Unsqueeze", "Slice", "Split", "Identity",
+    "Conv",
+    "ConvTranspose",
+    "BatchNormalization",
+    "Relu",
+    "LeakyRelu",
+    "Clip",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Erf",
+    "Mul",
+    "Add",
+    "Sub",
+    "Div",
+    "Neg",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "ReduceMean",
+    "Pad",
+    "Resize",
+    "Upsample",
+    "Concat",
+    "Transpose",
+    "Cast",
+    "Expand",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Split",
+    "Identity",
 }
 
 
@@ -105,15 +135,19 @@ def to_fp16_variant(model, pixel_input: str = "pixels", scorer_inputs: tuple[str
     graph_inputs = {i.name for i in model.graph.input}
     missing = [n for n in (pixel_input, *scorer_inputs) if n not in graph_inputs]
     if missing:
-        raise BundleError(f"FP16 variant: graph inputs {', '.join(missing)} missing, expected {pixel_input!r} and the "
-                          f"scorer inputs {', '.join(scorer_inputs) or '(none)'}")
+        raise BundleError(
+            f"FP16 variant: graph inputs {', '.join(missing)} missing, expected {pixel_input!r} and the "
+            f"scorer inputs {', '.join(scorer_inputs) or '(none)'}"
+        )
     model = infer_types(model, "FP16 variant (source graph)")
     graph = model.graph
-    elem_type = {v.name: v.type.tensor_type.elem_type
-                 for v in (*graph.input, *graph.output, *graph.value_info)}
+    elem_type = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
     initializers = {t.name: t for t in graph.initializer}
-    constants = {node.output[0]: node for node in graph.node
-                 if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"}
+    constants = {
+        node.output[0]: node
+        for node in graph.node
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
+    }
     for t in graph.initializer:
         elem_type.setdefault(t.name, t.data_type)
     for name, node in constants.items():
@@ -123,21 +157,26 @@ def to_fp16_variant(model, pixel_input: str = "pixels", scorer_inputs: tuple[str
     region_set = set(region)
     for index in region:
         if graph.node[index].op_type in UNSUPPORTED_OPS:
-            raise BundleError(f"FP16 variant: node {graph.node[index].name!r} is {graph.node[index].op_type}, "
-                              "expected a graph without control flow in the backbone")
+            raise BundleError(
+                f"FP16 variant: node {graph.node[index].name!r} is {graph.node[index].op_type}, "
+                "expected a graph without control flow in the backbone"
+            )
     half = {out for i in region for out in graph.node[i].output if elem_type.get(out) == FLOAT}
 
     new_initializers = []
-    fp16_copy: dict[str, str] = {}   # float32 constant/initializer name -> its float16 copy
-    input_casts = []                 # Casts float32 -> float16 for float32 activations entering the region
+    fp16_copy: dict[str, str] = {}  # float32 constant/initializer name -> its float16 copy
+    input_casts = []  # Casts float32 -> float16 for float32 activations entering the region
 
     def as_half(name: str) -> str:
         if name in fp16_copy:
             return fp16_copy[name]
         copy = f"{name}__fp16"
         if name in initializers or name in constants:
-            array = (numpy_helper.to_array(initializers[name]) if name in initializers
-                     else numpy_helper.to_array(constants[name].attribute[0].t))
+            array = (
+                numpy_helper.to_array(initializers[name])
+                if name in initializers
+                else numpy_helper.to_array(constants[name].attribute[0].t)
+            )
             # Saturate rather than overflow to inf: an out-of-range weight would otherwise poison every feature.
             clipped = np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16)
             new_initializers.append(numpy_helper.from_array(clipped, copy))
@@ -169,13 +208,16 @@ def to_fp16_variant(model, pixel_input: str = "pixels", scorer_inputs: tuple[str
             if name in half:
                 if name not in fp32_copy:
                     fp32_copy[name] = f"{name}__fp32"
-                    output_casts.append(helper.make_node("Cast", [name], [fp32_copy[name]], to=FLOAT,
-                                                         name=f"{name}__fp32/Cast"))
+                    output_casts.append(
+                        helper.make_node("Cast", [name], [fp32_copy[name]], to=FLOAT, name=f"{name}__fp32/Cast")
+                    )
                 node.input[slot] = fp32_copy[name]
     for output in graph.output:
         if output.name in half:
-            raise BundleError(f"FP16 variant: graph output {output.name!r} comes straight from the backbone, "
-                              "expected outputs computed by the float32 scorer")
+            raise BundleError(
+                f"FP16 variant: graph output {output.name!r} comes straight from the backbone, "
+                "expected outputs computed by the float32 scorer"
+            )
 
     # Rebuild the node list in a valid topological order: every added Cast right after the producer of what it
     # reads (or first, when that is a graph input).
@@ -203,8 +245,9 @@ def to_fp16_variant(model, pixel_input: str = "pixels", scorer_inputs: tuple[str
     return infer_types(model, "FP16 variant")
 
 
-def write_fp16_variant(source: str | Path, destination: str | Path, pixel_input: str = "pixels",
-                       scorer_inputs: tuple[str, ...] = ()) -> Path:
+def write_fp16_variant(
+    source: str | Path, destination: str | Path, pixel_input: str = "pixels", scorer_inputs: tuple[str, ...] = ()
+) -> Path:
     """Read the FP32 graph at `source`, write its FP16 variant to `destination`."""
     import onnx
 

@@ -13,7 +13,7 @@ from engines.errors import EngineError
 
 class InferenceResult(NamedTuple):
     scores: np.ndarray  # float32 [N]: image anomaly score per frame
-    maps: np.ndarray    # float32 [N, H, W]: anomaly map at the model's input size
+    maps: np.ndarray  # float32 [N, H, W]: anomaly map at the model's input size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,13 +118,21 @@ class Stream:
 
     def upload(self, device: DeviceBuffer, host: np.ndarray, nbytes: int) -> None:
         cudart = import_cudart()
-        call(cudart.cudaMemcpyAsync(device.ptr, host.ctypes.data, nbytes,
-                                    cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.handle), "cudaMemcpyAsync H2D")
+        call(
+            cudart.cudaMemcpyAsync(
+                device.ptr, host.ctypes.data, nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.handle
+            ),
+            "cudaMemcpyAsync H2D",
+        )
 
     def download(self, host: np.ndarray, device: DeviceBuffer, nbytes: int) -> None:
         cudart = import_cudart()
-        call(cudart.cudaMemcpyAsync(host.ctypes.data, device.ptr, nbytes,
-                                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.handle), "cudaMemcpyAsync D2H")
+        call(
+            cudart.cudaMemcpyAsync(
+                host.ctypes.data, device.ptr, nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.handle
+            ),
+            "cudaMemcpyAsync D2H",
+        )
 
     def mark_done(self) -> None:
         call(import_cudart().cudaEventRecord(self.done, self.handle), "cudaEventRecord")
@@ -151,8 +159,10 @@ def upload_blocking(device: DeviceBuffer, host: np.ndarray) -> None:
     host = np.ascontiguousarray(host)
     if host.nbytes > device.nbytes:
         raise EngineError(f"upload of {host.nbytes} bytes into a {device.nbytes}-byte device buffer")
-    call(cudart.cudaMemcpy(device.ptr, host.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice),
-         "cudaMemcpy H2D")
+    call(
+        cudart.cudaMemcpy(device.ptr, host.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice),
+        "cudaMemcpy H2D",
+    )
     # From pageable memory cudaMemcpy may return before the DMA lands, and the engine's non-blocking streams do not
     # order against it: wait, so the next batch reads the new parameters.
     call(cudart.cudaDeviceSynchronize(), "cudaDeviceSynchronize")

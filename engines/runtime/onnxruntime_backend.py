@@ -21,9 +21,9 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    intra_op_threads: int = 0   # 0: ONNX Runtime's default (one per core)
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
     inter_op_threads: int = 1
-    providers: str = "auto"     # auto: CUDA when this ONNX Runtime build has it, else CPU
+    providers: str = "auto"  # auto: CUDA when this ONNX Runtime build has it, else CPU
     # ONNX Runtime's workers busy-wait between runs by default. In a daemon that waits for frames, and on a station
     # whose cores ingest and decode too, that spinning nearly doubles the CPU time per frame at batch 1
     # (docs/PERFORMANCE.md). Turn it on only on a dedicated machine running back-to-back batches.
@@ -39,11 +39,13 @@ class OnnxRuntimeEngine(Engine):
         if options.intra_op_threads < 0 or options.inter_op_threads < 0:
             raise EngineError("engine.options.intra_op_threads/inter_op_threads: expected integers >= 0")
         if options.providers not in PROVIDER_CHOICES:
-            raise EngineError(f"engine.options.providers: {options.providers!r}, expected one of "
-                              f"{', '.join(PROVIDER_CHOICES)}")
+            raise EngineError(
+                f"engine.options.providers: {options.providers!r}, expected one of {', '.join(PROVIDER_CHOICES)}"
+            )
         available = ort.get_available_providers()
-        want_cuda = options.providers == "cuda" or (options.providers == "auto"
-                                                     and "CUDAExecutionProvider" in available)
+        want_cuda = options.providers == "cuda" or (
+            options.providers == "auto" and "CUDAExecutionProvider" in available
+        )
         if want_cuda and "CUDAExecutionProvider" not in available:
             raise EngineError("engine.options.providers: 'cuda' but this onnxruntime has no CUDAExecutionProvider")
         providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
@@ -62,8 +64,10 @@ class OnnxRuntimeEngine(Engine):
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         expected_names = [PIXELS, *bundle.scorer_inputs]
         if list(inputs) != expected_names or [o.name for o in self.session.get_outputs()] != list(OUTPUTS):
-            raise EngineError(f"{bundle.graph_path}: graph inputs {list(inputs)}, expected {expected_names} "
-                              f"and outputs {list(OUTPUTS)}")
+            raise EngineError(
+                f"{bundle.graph_path}: graph inputs {list(inputs)}, expected {expected_names} "
+                f"and outputs {list(OUTPUTS)}"
+            )
         self._param_shapes = {name: inputs[name] for name in bundle.scorer_inputs}
         self._lock = threading.Lock()  # one binding per engine: serialise callers
         self._binding = self.session.io_binding()

@@ -56,11 +56,11 @@ class Predictor:
     @property
     def batch(self) -> np.ndarray:
         """The rows filled so far: uint8 [count, H, W, C], a view into the buffer."""
-        return self.pixels[:self.count]
+        return self.pixels[: self.count]
 
     def infer(self) -> InferenceResult:
         """Run the engine once on the rows filled; scores [count] and model-size maps [count, H, W]."""
-        return self.engine.infer(self.pixels[:self.count])
+        return self.engine.infer(self.pixels[: self.count])
 
     def predict(self, frames) -> InferenceResult:
         """clear, add every frame (at most max_batch), infer."""

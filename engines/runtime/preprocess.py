@@ -28,7 +28,7 @@ class Placement:
 
     def map_to_frame(self, model_map: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
         """Crop the padding away and resize a model-size map (H x W, float or uint8) to the frame's own size."""
-        region = model_map[self.top:self.top + self.height, self.left:self.left + self.width]
+        region = model_map[self.top : self.top + self.height, self.left : self.left + self.width]
         if region.shape == (self.frame_height, self.frame_width):
             return region
         return cv2.resize(region, (self.frame_width, self.frame_height), interpolation=interpolation)
@@ -46,8 +46,9 @@ def placement_for(frame_shape: tuple[int, ...], input_hw: tuple[int, int], polic
     raise ValueError(f"resize policy {policy!r}: expected one of {', '.join(RESIZE_POLICIES)}")
 
 
-def fit_frame(frame: np.ndarray, input_shape: tuple[int, int, int], policy: str = "stretch",
-              out: np.ndarray | None = None) -> tuple[np.ndarray, Placement]:
+def fit_frame(
+    frame: np.ndarray, input_shape: tuple[int, int, int], policy: str = "stretch", out: np.ndarray | None = None
+) -> tuple[np.ndarray, Placement]:
     """Write `frame` (uint8 HxW or HxWx3, RGB) into `out` (uint8 H x W x C of the model input) and say where.
 
     With policy "pad" the border is filled with the frame's mean grey so padding looks like neither defect nor edge.
@@ -63,7 +64,7 @@ def fit_frame(frame: np.ndarray, input_shape: tuple[int, int, int], policy: str 
     if placement.height != frame.shape[0] or placement.width != frame.shape[1]:
         interpolation = cv2.INTER_AREA if placement.height < frame.shape[0] else cv2.INTER_LINEAR
         frame = cv2.resize(frame, (placement.width, placement.height), interpolation=interpolation)
-    target = out[placement.top:placement.top + placement.height, placement.left:placement.left + placement.width]
+    target = out[placement.top : placement.top + placement.height, placement.left : placement.left + placement.width]
     if policy == "pad" and (placement.height, placement.width) != (h, w):
         out[...] = int(frame.mean())
     target[...] = frame.reshape(target.shape)

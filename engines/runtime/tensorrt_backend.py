@@ -31,10 +31,10 @@ MAX_STREAMS = 8
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    plan: str = ""        # plan file (relative to the bundle or absolute); "" picks the bundle's best match
-    precision: str = ""   # with plan "": only plans of this precision (fp32, fp16, int8); "" any
-    device: int = 0       # CUDA device index
-    streams: int = 2      # batches in flight; the plan needs at least this many optimisation profiles
+    plan: str = ""  # plan file (relative to the bundle or absolute); "" picks the bundle's best match
+    precision: str = ""  # with plan "": only plans of this precision (fp32, fp16, int8); "" any
+    device: int = 0  # CUDA device index
+    streams: int = 2  # batches in flight; the plan needs at least this many optimisation profiles
 
 
 class Ticket(NamedTuple):
@@ -99,8 +99,9 @@ class TensorRTEngine(Engine):
         if not 1 <= options.streams <= MAX_STREAMS:
             raise EngineError(f"engine.options.streams: {options.streams}, expected 1..{MAX_STREAMS}")
         if options.precision not in ("", *PRECISIONS):
-            raise EngineError(f"engine.options.precision: {options.precision!r}, expected one of "
-                              f"{', '.join(PRECISIONS)} or '' (any)")
+            raise EngineError(
+                f"engine.options.precision: {options.precision!r}, expected one of {', '.join(PRECISIONS)} or '' (any)"
+            )
         if options.device < 0:
             raise EngineError(f"engine.options.device: {options.device}, expected a CUDA device index >= 0")
         trt = import_tensorrt()
@@ -110,9 +111,11 @@ class TensorRTEngine(Engine):
         self._device.ensure()
         self.plan_path, self.plan_info = self._choose_plan(trt.__version__, gpu_name, capability)
         if self.plan_info.profiles < options.streams:
-            raise BundleError(f"{self.plan_path}: has {self.plan_info.profiles} optimisation profile(s), "
-                              f"engine.options.streams is {options.streams}: rebuild with `inspectd build-engine "
-                              f"{bundle.path} --max-batch {self.plan_info.max_batch} --streams {options.streams}`")
+            raise BundleError(
+                f"{self.plan_path}: has {self.plan_info.profiles} optimisation profile(s), "
+                f"engine.options.streams is {options.streams}: rebuild with `inspectd build-engine "
+                f"{bundle.path} --max-batch {self.plan_info.max_batch} --streams {options.streams}`"
+            )
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -120,8 +123,10 @@ class TensorRTEngine(Engine):
         if self.engine is None:
             raise EngineError(f"{self.plan_path}: TensorRT could not deserialize the plan (see the log above)")
         self._check_io(trt)
-        self._param_shapes = {name: [d if d >= 0 else "dynamic" for d in self.engine.get_tensor_shape(name)]
-                              for name in bundle.scorer_inputs}
+        self._param_shapes = {
+            name: [d if d >= 0 else "dynamic" for d in self.engine.get_tensor_shape(name)]
+            for name in bundle.scorer_inputs
+        }
         self._params: dict[str, cuda_buffers.DeviceBuffer] = {}
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
@@ -135,8 +140,12 @@ class TensorRTEngine(Engine):
             raise
 
     def _choose_plan(self, tensorrt_version: str, gpu_name: str, capability: str):
-        station = dict(tensorrt_version=tensorrt_version, gpu_name=gpu_name, compute_capability=capability,
-                       max_batch=self.max_batch)
+        station = dict(
+            tensorrt_version=tensorrt_version,
+            gpu_name=gpu_name,
+            compute_capability=capability,
+            max_batch=self.max_batch,
+        )
         if not self.options.plan:
             return pick_plan(self.bundle, precision=self.options.precision, **station)
         plan = Path(self.options.plan)
@@ -155,13 +164,16 @@ class TensorRTEngine(Engine):
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         expected = [PIXELS, *self.bundle.scorer_inputs]
         if sorted(inputs) != sorted(expected) or sorted(outputs) != sorted(OUTPUTS):
-            raise EngineError(f"{self.plan_path}: engine tensors in {inputs} out {outputs}, expected in {expected} "
-                              f"out {list(OUTPUTS)}")
+            raise EngineError(
+                f"{self.plan_path}: engine tensors in {inputs} out {outputs}, expected in {expected} "
+                f"out {list(OUTPUTS)}"
+            )
         for name in names:
             want = trt.uint8 if name == PIXELS else trt.float32
             if engine.get_tensor_dtype(name) != want:
-                raise EngineError(f"{self.plan_path}: tensor {name!r} is {engine.get_tensor_dtype(name)}, "
-                                  f"expected {want}")
+                raise EngineError(
+                    f"{self.plan_path}: tensor {name!r} is {engine.get_tensor_dtype(name)}, expected {want}"
+                )
 
     # ------------------------------------------------------------------------------------------------ parameters
     def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:
@@ -187,9 +199,11 @@ class TensorRTEngine(Engine):
         if "dynamic" in self._param_shapes[name]:
             low, _, high = self.engine.get_tensor_profile_shape(name, index)
             if any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
-                raise BundleError(f"scorer params: {name} has shape {tuple(shape)}, the plan accepts {tuple(low)}.."
-                                  f"{tuple(high)}: rebuild with `inspectd build-engine {self.bundle.path} "
-                                  f"--max-batch {self.plan_info.max_batch}`")
+                raise BundleError(
+                    f"scorer params: {name} has shape {tuple(shape)}, the plan accepts {tuple(low)}.."
+                    f"{tuple(high)}: rebuild with `inspectd build-engine {self.bundle.path} "
+                    f"--max-batch {self.plan_info.max_batch}`"
+                )
             if not slot.context.set_input_shape(name, tuple(shape)):
                 raise EngineError(f"TensorRT set_input_shape({name!r}, {tuple(shape)}) refused")
 
@@ -225,8 +239,9 @@ class TensorRTEngine(Engine):
         if slot.pending != ticket:
             raise EngineError(f"ticket {tuple(ticket)}: not pending (already collected or from another engine)")
         slot.stream.wait_done()
-        result = InferenceResult(slot.host_score.array[:ticket.count].copy(),
-                                 slot.host_map.array[:ticket.count].copy())
+        result = InferenceResult(
+            slot.host_score.array[: ticket.count].copy(), slot.host_map.array[: ticket.count].copy()
+        )
         with self._lock:
             slot.pending = None
         return result

@@ -23,7 +23,7 @@ from engines.runtime.base import Engine, InferenceResult, check_pixels, check_sc
 @dataclasses.dataclass(frozen=True)
 class Options:
     device: str = "cpu"
-    threads: int = 0   # > 0 sets torch's intra-op threads for the whole process
+    threads: int = 0  # > 0 sets torch's intra-op threads for the whole process
 
 
 class TorchEngine(Engine):
@@ -45,9 +45,10 @@ class TorchEngine(Engine):
         self.graph = graph_from_bundle(bundle).to(self.device)
         example = bundle.scorer_params()
         # Shapes as the exported graph declares them: the row count of a VARIABLE_ROWS input may change on a refit.
-        self._param_shapes = {n: ["dynamic" if n in VARIABLE_ROWS and i == 0 else d
-                                  for i, d in enumerate(example[n].shape)]
-                              for n in bundle.scorer_inputs}
+        self._param_shapes = {
+            n: ["dynamic" if n in VARIABLE_ROWS and i == 0 else d for i, d in enumerate(example[n].shape)]
+            for n in bundle.scorer_inputs
+        }
         self.set_scorer_params(example)
 
     def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:

@@ -35,13 +35,14 @@ OVERLAY_GROUPS = ("worst-good", "best-defect", "worst-defect")
 @dataclasses.dataclass(frozen=True)
 class ScoredImage:
     path: Path
-    image: np.ndarray      # uint8 HxW or HxWx3 as loaded (RGB)
+    image: np.ndarray  # uint8 HxW or HxWx3 as loaded (RGB)
     score: float
     frame_map: np.ndarray  # float32 HxW anomaly map in the frame's own coordinates
 
 
-def score_images(bundle, paths: Iterable[str | Path], backend: str = "onnxruntime", batch: int = 8,
-                 options: dict | None = None) -> Iterator[ScoredImage]:
+def score_images(
+    bundle, paths: Iterable[str | Path], backend: str = "onnxruntime", batch: int = 8, options: dict | None = None
+) -> Iterator[ScoredImage]:
     """Score image files with `bundle` (an engines.bundle.store.Bundle, or a bundle directory), in order, `batch` at a time.
 
     The engine is opened on the first item and closed when the iterator is exhausted or closed. Decoding of the next
@@ -56,8 +57,10 @@ def score_images(bundle, paths: Iterable[str | Path], backend: str = "onnxruntim
     from engines.runtime import open_engine
 
     chunks = _chunks((Path(p) for p in paths), batch)
-    with open_engine(bundle, backend, options, max_batch=batch) as engine, \
-            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
+    with (
+        open_engine(bundle, backend, options, max_batch=batch) as engine,
+        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder,
+    ):
         predictor = Predictor(engine)
         pending = _submit_decode(decoder, next(chunks, None))
         while pending is not None:
@@ -85,12 +88,13 @@ def _submit_decode(decoder, chunk):
 
 # --- evaluation -----------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class _TypeTally:
     """What one test sub-folder (defect type or good) contributes: image scores and its pixel histograms."""
 
     scores: list[float] = dataclasses.field(default_factory=list)
-    pixels: metrics.PixelHistograms | None = None   # created on the first image with a usable ground truth
+    pixels: metrics.PixelHistograms | None = None  # created on the first image with a usable ground truth
     without_mask: int = 0
 
 
@@ -138,8 +142,15 @@ class _OverlayPicker:
         return out
 
 
-def evaluate(bundle, data: str | Path, backend: str = "onnxruntime", batch: int = 8, options: dict | None = None,
-             n_overlays: int = 0, overlay_dir: str | Path | None = None) -> dict:
+def evaluate(
+    bundle,
+    data: str | Path,
+    backend: str = "onnxruntime",
+    batch: int = 8,
+    options: dict | None = None,
+    n_overlays: int = 0,
+    overlay_dir: str | Path | None = None,
+) -> dict:
     """Score every test image of an MVTec-layout folder and return the report (a JSON-ready dict)."""
     if isinstance(bundle, (str, Path)):
         from engines.bundle.store import load_bundle
@@ -169,7 +180,7 @@ def evaluate(bundle, data: str | Path, backend: str = "onnxruntime", batch: int 
         per_image.append({"path": str(item.path), "type": item.defect_type, "score": scored.score})
         mask = None
         if item.is_defective and item.mask_path is None:
-            tally.without_mask += 1   # unknown ground truth: its pixels are neither defect nor defect-free
+            tally.without_mask += 1  # unknown ground truth: its pixels are neither defect nor defect-free
             maskless_pixels.add(scored.frame_map, what=str(item.path))
         else:
             if item.is_defective:
@@ -220,11 +231,21 @@ def evaluate(bundle, data: str | Path, backend: str = "onnxruntime", batch: int 
 def _row(tallies: list[_TypeTally], n_good: int) -> dict:
     """Metrics of the images in `tallies` (the first is the good images); None where a metric is undefined."""
     scores = np.array([s for t in tallies for s in t.scores], dtype=np.float64)
-    labels = np.concatenate([np.full(len(t.scores), i > 0) for i, t in enumerate(tallies)]) if len(scores) else \
-        np.zeros(0, bool)
-    row = {"n_good": n_good, "n_defective": int(labels.sum()), "image_auroc": None, "f1_max": None,
-           "f1_threshold": None, "pixel_auroc": None, "aupro": None,
-           "n_without_mask": sum(t.without_mask for t in tallies)}
+    labels = (
+        np.concatenate([np.full(len(t.scores), i > 0) for i, t in enumerate(tallies)])
+        if len(scores)
+        else np.zeros(0, bool)
+    )
+    row = {
+        "n_good": n_good,
+        "n_defective": int(labels.sum()),
+        "image_auroc": None,
+        "f1_max": None,
+        "f1_threshold": None,
+        "pixel_auroc": None,
+        "aupro": None,
+        "n_without_mask": sum(t.without_mask for t in tallies),
+    }
     if labels.any() and not labels.all():
         row["image_auroc"] = metrics.auroc(labels, scores)
         row["f1_max"], row["f1_threshold"] = metrics.f1_max(labels, scores)
@@ -239,8 +260,10 @@ def _row(tallies: list[_TypeTally], n_good: int) -> dict:
 
 # --- overlays -------------------------------------------------------------------------------------------------------
 
-def write_overlays(candidates: list[_Candidate], out_dir: str | Path, scale: tuple[float, float],
-                   pixel_threshold: float | None = None) -> list[Path]:
+
+def write_overlays(
+    candidates: list[_Candidate], out_dir: str | Path, scale: tuple[float, float], pixel_threshold: float | None = None
+) -> list[Path]:
     """One PNG per candidate: frame | anomaly map (inferno, `scale` for all) | ground truth, with a caption."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,17 +271,26 @@ def write_overlays(candidates: list[_Candidate], out_dir: str | Path, scale: tup
     for rank, candidate in enumerate(candidates):
         item, scored = candidate.item, candidate.scored
         path = out_dir / f"{rank:02d}_{candidate.group}_{item.defect_type}_{item.path.stem}.png"
-        caption = [f"{candidate.group}: {item.defect_type}/{item.path.name}",
-                   f"score {scored.score:.4g}  map scale {scale[0]:.3g}..{scale[1]:.3g}"]
-        if not cv2.imwrite(str(path), overlay_image(scored.image, scored.frame_map, candidate.mask, scale,
-                                                    pixel_threshold, caption)):
+        caption = [
+            f"{candidate.group}: {item.defect_type}/{item.path.name}",
+            f"score {scored.score:.4g}  map scale {scale[0]:.3g}..{scale[1]:.3g}",
+        ]
+        if not cv2.imwrite(
+            str(path), overlay_image(scored.image, scored.frame_map, candidate.mask, scale, pixel_threshold, caption)
+        ):
             raise EngineError(f"{path}: cannot write overlay PNG")
         written.append(path)
     return written
 
 
-def overlay_image(image: np.ndarray, frame_map: np.ndarray, mask: np.ndarray | None, scale: tuple[float, float],
-                  pixel_threshold: float | None, caption: list[str]) -> np.ndarray:
+def overlay_image(
+    image: np.ndarray,
+    frame_map: np.ndarray,
+    mask: np.ndarray | None,
+    scale: tuple[float, float],
+    pixel_threshold: float | None,
+    caption: list[str],
+) -> np.ndarray:
     """BGR uint8 picture: frame | colour-mapped map (pixel-threshold contour in cyan) | mask, caption above."""
     frame = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     lo, hi = scale
@@ -266,35 +298,47 @@ def overlay_image(image: np.ndarray, frame_map: np.ndarray, mask: np.ndarray | N
     levels = np.clip((frame_map - lo) * (255.0 / span), 0, 255).astype(np.uint8)
     heat = cv2.applyColorMap(levels, cv2.COLORMAP_INFERNO)
     if pixel_threshold is not None:
-        contours, _ = cv2.findContours((frame_map >= pixel_threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                       cv2.CHAIN_APPROX_SIMPLE)
+        contours, _ = cv2.findContours(
+            (frame_map >= pixel_threshold).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+        )
         cv2.drawContours(heat, contours, -1, (255, 255, 0), 1)
     truth = np.zeros_like(frame)
     if mask is not None:
         truth[mask] = 255
-    cv2.rectangle(truth, (0, 0), (truth.shape[1] - 1, truth.shape[0] - 1), (80, 80, 80), 1)  # shows an empty mask's extent
+    cv2.rectangle(
+        truth, (0, 0), (truth.shape[1] - 1, truth.shape[0] - 1), (80, 80, 80), 1
+    )  # shows an empty mask's extent
     h, w = frame.shape[:2]
     gap = np.full((h, 4, 3), 128, np.uint8)
     panels = np.hstack([frame, gap, heat, gap, truth])
     line_height = 16
     header = np.zeros((line_height * len(caption) + 6, panels.shape[1], 3), np.uint8)
     for i, text in enumerate(caption):
-        cv2.putText(header, text, (4, line_height * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (255, 255, 255), 1,
-                    cv2.LINE_AA)
+        cv2.putText(
+            header, text, (4, line_height * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (255, 255, 255), 1, cv2.LINE_AA
+        )
     return np.vstack([header, panels])
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from engines.runtime import BACKENDS
 
     parser.add_argument("bundle", metavar="BUNDLE", help="model bundle directory")
-    parser.add_argument("--data", required=True, metavar="DIR", help="MVTec-layout folder (test/<type>/, ground_truth/)")
+    parser.add_argument(
+        "--data", required=True, metavar="DIR", help="MVTec-layout folder (test/<type>/, ground_truth/)"
+    )
     parser.add_argument("--json", metavar="OUT", help="write the report as JSON here")
     parser.add_argument("--overlays", metavar="DIR", help="write overlay PNGs (frame | map | ground truth) here")
-    parser.add_argument("--n-overlays", type=_non_negative_int, default=8, metavar="N",
-                        help="overlays to write: worst-scored goods, best- and worst-scored defects (default 8)")
+    parser.add_argument(
+        "--n-overlays",
+        type=_non_negative_int,
+        default=8,
+        metavar="N",
+        help="overlays to write: worst-scored goods, best- and worst-scored defects (default 8)",
+    )
     parser.add_argument("--backend", default="onnxruntime", choices=sorted(BACKENDS), help="runtime backend")
     parser.add_argument("--batch", type=_positive_int, default=8, help="images per inference call (default 8)")
 
@@ -321,8 +365,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         bundle = load_bundle(args.bundle)
-        report = evaluate(bundle, args.data, backend=args.backend, batch=args.batch, n_overlays=args.n_overlays,
-                          overlay_dir=args.overlays)
+        report = evaluate(
+            bundle,
+            args.data,
+            backend=args.backend,
+            batch=args.batch,
+            n_overlays=args.n_overlays,
+            overlay_dir=args.overlays,
+        )
     except EngineError as exc:
         print(f"inspectd eval: {exc}", file=sys.stderr)
         return 2
@@ -338,14 +388,18 @@ def format_table(report: dict) -> str:
     def cell(value) -> str:
         return "-" if value is None else f"{value:.4f}"
 
-    lines = [f"{report['model_id']} ({report['method']}, {report['backbone']}, input "
-             f"{'x'.join(map(str, report['input']))}) on {report['data']}: {report['n_images']} images, "
-             f"{report['images_per_s']} images/s ({report['backend']}, batch {report['batch']})",
-             f"{'':<14}{'good':>6}{'defect':>8}{'img AUROC':>11}{'pix AUROC':>11}{'AUPRO':>9}{'F1-max':>9}"]
+    lines = [
+        f"{report['model_id']} ({report['method']}, {report['backbone']}, input "
+        f"{'x'.join(map(str, report['input']))}) on {report['data']}: {report['n_images']} images, "
+        f"{report['images_per_s']} images/s ({report['backend']}, batch {report['batch']})",
+        f"{'':<14}{'good':>6}{'defect':>8}{'img AUROC':>11}{'pix AUROC':>11}{'AUPRO':>9}{'F1-max':>9}",
+    ]
     rows = [("overall", report["overall"])] + list(report["per_type"].items())
     for name, row in rows:
-        lines.append(f"{name:<14}{row['n_good']:>6}{row['n_defective']:>8}{cell(row['image_auroc']):>11}"
-                     f"{cell(row['pixel_auroc']):>11}{cell(row['aupro']):>9}{cell(row['f1_max']):>9}")
+        lines.append(
+            f"{name:<14}{row['n_good']:>6}{row['n_defective']:>8}{cell(row['image_auroc']):>11}"
+            f"{cell(row['pixel_auroc']):>11}{cell(row['aupro']):>9}{cell(row['f1_max']):>9}"
+        )
     if report["overlays"]:
         lines.append(f"overlays: {len(report['overlays'])} in {Path(report['overlays'][0]).parent}")
     return "\n".join(lines)

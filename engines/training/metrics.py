@@ -45,8 +45,10 @@ def _as_labels_and_scores(labels, scores, what: str) -> tuple[np.ndarray, np.nda
         raise ValueError(f"{what}: scores contain NaN or infinity, expected finite numbers")
     labels = labels.astype(bool)
     if labels.all() or not labels.any():
-        raise ValueError(f"{what}: needs both defective and defect-free samples, got only "
-                         f"{'defective' if labels.all() else 'defect-free'} ({labels.size})")
+        raise ValueError(
+            f"{what}: needs both defective and defect-free samples, got only "
+            f"{'defective' if labels.all() else 'defect-free'} ({labels.size})"
+        )
     return labels, scores
 
 
@@ -160,8 +162,12 @@ class PixelHistograms:
     def __add__(self, other: PixelHistograms) -> PixelHistograms:
         self._flush()
         other._flush()
-        return PixelHistograms(self.normal + other.normal, self.defect + other.defect,
-                               self.region_weight + other.region_weight, self.n_regions + other.n_regions)
+        return PixelHistograms(
+            self.normal + other.normal,
+            self.defect + other.defect,
+            self.region_weight + other.region_weight,
+            self.n_regions + other.n_regions,
+        )
 
     @property
     def n_normal(self) -> int:
@@ -177,16 +183,20 @@ class PixelHistograms:
         """Pixel AUROC over every pixel added (ties within one bin count one half)."""
         self._flush()
         if not self.n_defect or not self.n_normal:
-            raise ValueError(f"pixel auroc: needs defect and defect-free pixels, got {self.n_defect} defect and "
-                             f"{self.n_normal} defect-free")
+            raise ValueError(
+                f"pixel auroc: needs defect and defect-free pixels, got {self.n_defect} defect and "
+                f"{self.n_normal} defect-free"
+            )
         return _auc_from_histograms(self.defect, self.normal)
 
     def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """(FPR, mean per-region overlap) for every bin threshold from the highest down, starting at (0, 0)."""
         self._flush()
         if not self.n_regions or not self.n_normal:
-            raise ValueError(f"aupro: needs ground-truth regions and defect-free pixels, got {self.n_regions} regions "
-                             f"and {self.n_normal} defect-free pixels")
+            raise ValueError(
+                f"aupro: needs ground-truth regions and defect-free pixels, got {self.n_regions} regions "
+                f"and {self.n_normal} defect-free pixels"
+            )
         used = np.flatnonzero((self.normal > 0) | (self.defect > 0))[::-1]
         fpr = np.concatenate(([0.0], np.cumsum(self.normal[used]) / self.n_normal))
         pro = np.concatenate(([0.0], np.cumsum(self.region_weight[used]) / self.n_regions))

@@ -136,8 +136,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def extract_features(graph: InferenceGraph, images: np.ndarray, batch: int,
-                     progress: Progress) -> tuple[torch.Tensor, bool]:
+def extract_features(
+    graph: InferenceGraph, images: np.ndarray, batch: int, progress: Progress
+) -> tuple[torch.Tensor, bool]:
     """Features of every image, batched. On Ctrl-C returns what exists (at least the first batch) and True."""
     chunks, interrupted = [], False
     progress.start(len(images), "features")
@@ -145,24 +146,25 @@ def extract_features(graph: InferenceGraph, images: np.ndarray, batch: int,
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             try:
-                chunks.append(graph.embed(torch.from_numpy(images[start:start + batch])))
+                chunks.append(graph.embed(torch.from_numpy(images[start : start + batch])))
                 progress.update(min(start + batch, len(images)))
             except KeyboardInterrupt:
                 interrupted = True
                 if not chunks:  # nothing to fit a scorer on yet: finish this one batch first
-                    chunks.append(graph.embed(torch.from_numpy(images[start:start + batch])))
+                    chunks.append(graph.embed(torch.from_numpy(images[start : start + batch])))
                 break
     progress.finish()
     return torch.cat(chunks), interrupted
 
 
-def score_with_graph(graph: InferenceGraph, images: np.ndarray, params: dict[str, np.ndarray],
-                 batch: int) -> tuple[np.ndarray, np.ndarray]:
+def score_with_graph(
+    graph: InferenceGraph, images: np.ndarray, params: dict[str, np.ndarray], batch: int
+) -> tuple[np.ndarray, np.ndarray]:
     tensors = [torch.from_numpy(params[name]) for name in graph.scorer_inputs]
     scores, maps = [], []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            score, anomaly_map = graph(torch.from_numpy(images[start:start + batch]), *tensors)
+            score, anomaly_map = graph(torch.from_numpy(images[start : start + batch]), *tensors)
             scores.append(score.numpy())
             maps.append(anomaly_map.numpy())
     return np.concatenate(scores), np.concatenate(maps)
@@ -172,16 +174,30 @@ def first_thresholds(scores: np.ndarray, maps: np.ndarray, provenance: dict) -> 
     top, bottom = float(scores.max()), float(scores.min())
     image_threshold = top + 0.1 * (top - bottom) + 1e-6 * max(1.0, abs(top))
     pixel_threshold = float(np.quantile(maps, PIXEL_QUANTILE))
-    return thresholds_doc.first_version(image_threshold, pixel_threshold,
-                                        {**provenance, "rule": {"image": IMAGE_RULE, "pixel": PIXEL_RULE}})
+    return thresholds_doc.first_version(
+        image_threshold, pixel_threshold, {**provenance, "rule": {"image": IMAGE_RULE, "pixel": PIXEL_RULE}}
+    )
 
 
-def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", backbone: str | None = None,
-                 size: tuple[int, int] = (256, 256), resize: str = "stretch", scorer: str | None = None,
-                 k: int = DEFAULT_K, epochs: int | None = None, batch: int | None = None, seed: int = 0,
-                 weights: str | Path | None = None, holdout: float = 0.1, opset: int = DEFAULT_OPSET,
-                 progress: Progress | None = None, method_args: argparse.Namespace | None = None,
-                 memory_size: int = DEFAULT_MEMORY_SIZE) -> TrainResult:
+def train_bundle(
+    data: str | Path,
+    out: str | Path,
+    method: str = "frozen",
+    backbone: str | None = None,
+    size: tuple[int, int] = (256, 256),
+    resize: str = "stretch",
+    scorer: str | None = None,
+    k: int = DEFAULT_K,
+    epochs: int | None = None,
+    batch: int | None = None,
+    seed: int = 0,
+    weights: str | Path | None = None,
+    holdout: float = 0.1,
+    opset: int = DEFAULT_OPSET,
+    progress: Progress | None = None,
+    method_args: argparse.Namespace | None = None,
+    memory_size: int = DEFAULT_MEMORY_SIZE,
+) -> TrainResult:
     """Train and write a complete bundle at `out`. Python API of `inspectd train` (the demo calls it)."""
     started = time.monotonic()
     progress = progress or Progress()
@@ -205,8 +221,7 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
     fit_images, hold_images = images[fit_idx], images[hold_idx]
     input_shape = (size[0], size[1], images.shape[3])
 
-    architecture = architecture_of(method, backbone, spec.taps, trainer.head_config(method_args), scorer,
-                                   input_shape)
+    architecture = architecture_of(method, backbone, spec.taps, trainer.head_config(method_args), scorer, input_shape)
     graph = build_graph(architecture, pretrained=True, weights=str(weights) if weights else None)
     settings = TrainSettings(epochs=epochs, batch=batch, seed=seed, args=method_args)
     interrupted = False
@@ -224,33 +239,67 @@ def train_bundle(data: str | Path, out: str | Path, method: str = "frozen", back
     # Without held-out images the first thresholds come from the fitting images (and provenance says so).
     check_images, check_kind = (hold_images, "held-out") if len(hold_images) else (fit_images, "training")
     scores, maps = score_with_graph(graph, check_images, params, batch)
-    thresholds = first_thresholds(scores, maps, {
-        "tool": "inspectd train", "good_dir": str(Path(data).resolve()), "n_good": int(len(check_images)),
-        "images": check_kind, "n_fit": int(len(fit_images)), "n_holdout": int(len(hold_images)),
-    })
+    thresholds = first_thresholds(
+        scores,
+        maps,
+        {
+            "tool": "inspectd train",
+            "good_dir": str(Path(data).resolve()),
+            "n_good": int(len(check_images)),
+            "images": check_kind,
+            "n_fit": int(len(fit_images)),
+            "n_holdout": int(len(hold_images)),
+        },
+    )
 
     manifest = {
         "method": method,
         "backbone": backbone,
         "input": {"height": size[0], "width": size[1], "channels": input_shape[2], "resize": resize},
-        "preprocessing": {"layout": "NHWC uint8", "grey": "replicated to 3 channels in the graph",
-                          "normalise": "(x / 255 - mean) / std", "mean": list(spec.mean), "std": list(spec.std)},
+        "preprocessing": {
+            "layout": "NHWC uint8",
+            "grey": "replicated to 3 channels in the graph",
+            "normalise": "(x / 255 - mean) / std",
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+        },
         "score_kind": SCORE_KINDS.get(scorer, scorer),
         "scorer_inputs": list(graph.scorer_inputs),
         "architecture": architecture,
         "interrupted": interrupted,
-        "training": {"data": str(Path(data).resolve()), "n_fit": int(len(fit_images)),
-                     "n_holdout": int(len(hold_images)), "n_scorer_fit": n_scored, "epochs": epochs,
-                     "batch": batch, "seed": seed, "k": k if "references" in graph.scorer_inputs else None, "scorer": scorer,
-                     "memory_size": int(params["memory_bank"].shape[0]) if "memory_bank" in params else None,
-                     "seconds": round(time.monotonic() - started, 1)},
-        "versions": {"inspectd": inspectd_version(), "torch": torch.__version__, "timm": timm.__version__, "opset": opset},
+        "training": {
+            "data": str(Path(data).resolve()),
+            "n_fit": int(len(fit_images)),
+            "n_holdout": int(len(hold_images)),
+            "n_scorer_fit": n_scored,
+            "epochs": epochs,
+            "batch": batch,
+            "seed": seed,
+            "k": k if "references" in graph.scorer_inputs else None,
+            "scorer": scorer,
+            "memory_size": int(params["memory_bank"].shape[0]) if "memory_bank" in params else None,
+            "seconds": round(time.monotonic() - started, 1),
+        },
+        "versions": {
+            "inspectd": inspectd_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "opset": opset,
+        },
     }
     graph_bytes = export_graph(graph, params, opset)
     path = write_bundle(out, manifest, graph_bytes, params, state_arrays(graph), thresholds)
     bundle = load_bundle(path)  # what the daemon will do first: verify it
-    return TrainResult(path, bundle.model_id, interrupted, len(fit_images), len(hold_images),
-                       thresholds.image_threshold, thresholds.pixel_threshold, time.monotonic() - started)
+    return TrainResult(
+        path,
+        bundle.model_id,
+        interrupted,
+        len(fit_images),
+        len(hold_images),
+        thresholds.image_threshold,
+        thresholds.pixel_threshold,
+        time.monotonic() - started,
+    )
 
 
 SCORE_KINDS = {
@@ -263,24 +312,44 @@ SCORE_KINDS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=list(METHODS), default="frozen", help="training method (default frozen)")
-    parser.add_argument("--backbone", choices=list(BACKBONES), default=None,
-                        help="ImageNet backbone (default: the method's, lite0 for frozen)")
+    parser.add_argument(
+        "--backbone",
+        choices=list(BACKBONES),
+        default=None,
+        help="ImageNet backbone (default: the method's, lite0 for frozen)",
+    )
     parser.add_argument("--data", required=True, help="MVTec-layout root (uses train/good) or a folder of images")
     parser.add_argument("--out", required=True, help="bundle directory to write (replaced when complete)")
     parser.add_argument("--size", default="256", help="model input: N or HxW (default 256)")
-    parser.add_argument("--resize", choices=RESIZE_POLICIES, default="stretch", help="fit frames by stretching "
-                        "or by keeping the aspect ratio with padding (default stretch)")
-    parser.add_argument("--scorer", choices=list(SCORERS), default=None,
-                        help="k-means references, Gaussian/Mahalanobis or memory bank (default: the method's)")
+    parser.add_argument(
+        "--resize",
+        choices=RESIZE_POLICIES,
+        default="stretch",
+        help="fit frames by stretching or by keeping the aspect ratio with padding (default stretch)",
+    )
+    parser.add_argument(
+        "--scorer",
+        choices=list(SCORERS),
+        default=None,
+        help="k-means references, Gaussian/Mahalanobis or memory bank (default: the method's)",
+    )
     parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"k-means references (default {DEFAULT_K})")
-    parser.add_argument("--memory-size", type=int, default=DEFAULT_MEMORY_SIZE,
-                        help=f"memory scorer: patches kept in the memory bank (default {DEFAULT_MEMORY_SIZE})")
+    parser.add_argument(
+        "--memory-size",
+        type=int,
+        default=DEFAULT_MEMORY_SIZE,
+        help=f"memory scorer: patches kept in the memory bank (default {DEFAULT_MEMORY_SIZE})",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the method's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random (default 0)")
     parser.add_argument("--weights", default=None, help="backbone ImageNet weights file (else the torch hub cache)")
-    parser.add_argument("--holdout", type=float, default=0.1,
-                        help="fraction of good images held out for the first thresholds (default 0.1)")
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=0.1,
+        help="fraction of good images held out for the first thresholds (default 0.1)",
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     for method_class in available_methods():
         method_class.add_arguments(parser)
@@ -298,10 +367,24 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        result = train_bundle(args.data, args.out, method=args.method, backbone=args.backbone,
-                              size=parse_size(args.size), resize=args.resize, scorer=args.scorer, k=args.k,
-                              epochs=args.epochs, batch=args.batch, seed=args.seed, weights=args.weights,
-                              holdout=args.holdout, opset=args.opset, method_args=args, memory_size=args.memory_size)
+        result = train_bundle(
+            args.data,
+            args.out,
+            method=args.method,
+            backbone=args.backbone,
+            size=parse_size(args.size),
+            resize=args.resize,
+            scorer=args.scorer,
+            k=args.k,
+            epochs=args.epochs,
+            batch=args.batch,
+            seed=args.seed,
+            weights=args.weights,
+            holdout=args.holdout,
+            opset=args.opset,
+            method_args=args,
+            memory_size=args.memory_size,
+        )
     except (EngineError, ValueError) as exc:
         print(f"inspectd train: {exc}", file=sys.stderr)
         return 2
@@ -309,7 +392,9 @@ def run(args: argparse.Namespace) -> int:
         print("inspectd train: interrupted before anything could be written", file=sys.stderr)
         return INTERRUPTED_EXIT
     state = " (INTERRUPTED: weights so far)" if result.interrupted else ""
-    print(f"{result.bundle}: {result.model_id}{state}, {result.n_fit} images fitted, {result.n_holdout} held out, "
-          f"image threshold {result.image_threshold:.4g}, pixel threshold {result.pixel_threshold:.4g}, "
-          f"{result.seconds:.1f}s")
+    print(
+        f"{result.bundle}: {result.model_id}{state}, {result.n_fit} images fitted, {result.n_holdout} held out, "
+        f"image threshold {result.image_threshold:.4g}, pixel threshold {result.pixel_threshold:.4g}, "
+        f"{result.seconds:.1f}s"
+    )
     return INTERRUPTED_EXIT if result.interrupted else 0

@@ -31,19 +31,37 @@ DAEMON_SILENT_S = 3.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="bridge_kind", metavar="KIND", required=True)
     modbus = kinds.add_parser("modbus", help="write verdicts to holding registers of a Modbus TCP PLC")
-    modbus.add_argument("--endpoint", required=True,
-                        help="the daemon's result PUB endpoint (tcp://host:port, ipc://...)")
+    modbus.add_argument(
+        "--endpoint", required=True, help="the daemon's result PUB endpoint (tcp://host:port, ipc://...)"
+    )
     modbus.add_argument("--plc", required=True, metavar="HOST:PORT", help="the PLC's Modbus TCP address")
     modbus.add_argument("--unit", type=int, default=None, help="Modbus unit (device) id; overrides the config's unit")
     modbus.add_argument("--config", default=None, help="bridge YAML: register map and handshake (docs/PLC.md)")
-    modbus.add_argument("--topic", default="inspect.",
-                        help="topic prefix to subscribe to, e.g. inspect.line1.cam0. (default: every result)")
-    modbus.add_argument("--server-key", type=Path, default=None, metavar="PATH",
-                        help="CurveZMQ: the daemon's publish public key file (with --client-key)")
-    modbus.add_argument("--client-key", type=Path, default=None, metavar="PATH",
-                        help="CurveZMQ: this bridge's .key_secret file, in the daemon's allow-list")
-    modbus.add_argument("--log-format", choices=("json", "console"), default="json",
-                        help="log lines on stdout: json (for journald | jq, the default) or console")
+    modbus.add_argument(
+        "--topic",
+        default="inspect.",
+        help="topic prefix to subscribe to, e.g. inspect.line1.cam0. (default: every result)",
+    )
+    modbus.add_argument(
+        "--server-key",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="CurveZMQ: the daemon's publish public key file (with --client-key)",
+    )
+    modbus.add_argument(
+        "--client-key",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="CurveZMQ: this bridge's .key_secret file, in the daemon's allow-list",
+    )
+    modbus.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default="json",
+        help="log lines on stdout: json (for journald | jq, the default) or console",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,12 +50,32 @@ RESULT_CODES = {"ok": 0, "defect": 1, "error": 2}
 STATUS_BITS = ("trigger_ready", "result_valid", "pass", "fail", "defect", "alarm")
 # Registers that are two words wide (32-bit, high word first).
 WIDE = ("inspection_id", "ack")
-REGISTERS = ("status", "inspection_id", "result_code", "score", "region_count", "missed_acks", "sequence_gaps",
-             "heartbeat", "ack", "alarm_reset")
+REGISTERS = (
+    "status",
+    "inspection_id",
+    "result_code",
+    "score",
+    "region_count",
+    "missed_acks",
+    "sequence_gaps",
+    "heartbeat",
+    "ack",
+    "alarm_reset",
+)
 # Defaults after the layout vision sensors expose to PLCs: status/control word first, then the inspection id and the
 # result code, then counters, then what the PLC writes.
-DEFAULT_REGISTERS = {"status": 0, "inspection_id": 1, "result_code": 3, "score": 4, "region_count": 5,
-                     "missed_acks": 6, "sequence_gaps": 7, "heartbeat": 8, "ack": 10, "alarm_reset": 12}
+DEFAULT_REGISTERS = {
+    "status": 0,
+    "inspection_id": 1,
+    "result_code": 3,
+    "score": 4,
+    "region_count": 5,
+    "missed_acks": 6,
+    "sequence_gaps": 7,
+    "heartbeat": 8,
+    "ack": 10,
+    "alarm_reset": 12,
+}
 DEFAULT_BITS = {name: i for i, name in enumerate(STATUS_BITS)}
 U16 = 0xFFFF
 
@@ -120,11 +140,18 @@ def parse_bridge_config(raw: Any, where: str = "bridge") -> BridgeConfig:
     camera = raw.get("camera")
     if camera is not None and (not isinstance(camera, str) or not camera):
         raise ConfigError(f"{where}.camera: expected a camera id or null, got {camera!r}")
-    return BridgeConfig(registers=registers, status_bits=bits, unit=integer("unit", 0, 255),
-                        score_scale=number("score_scale", 1e-9), ack_timeout_ms=number("ack_timeout_ms", 1),
-                        poll_ms=number("poll_ms", 1, 10_000), queue_size=integer("queue_size", 1, 1_000_000),
-                        heartbeat_ms=number("heartbeat_ms", 10), request_timeout_ms=number("request_timeout_ms", 10),
-                        camera=camera)
+    return BridgeConfig(
+        registers=registers,
+        status_bits=bits,
+        unit=integer("unit", 0, 255),
+        score_scale=number("score_scale", 1e-9),
+        ack_timeout_ms=number("ack_timeout_ms", 1),
+        poll_ms=number("poll_ms", 1, 10_000),
+        queue_size=integer("queue_size", 1, 1_000_000),
+        heartbeat_ms=number("heartbeat_ms", 10),
+        request_timeout_ms=number("request_timeout_ms", 10),
+        camera=camera,
+    )
 
 
 def load_bridge_config(path: str | Path) -> BridgeConfig:
@@ -194,8 +221,9 @@ class Plc:
         for run in runs:
             async with self._lock:
                 try:
-                    reply = await self.client.write_registers(run[0], [words[a] for a in run],
-                                                              device_id=self.config.unit)
+                    reply = await self.client.write_registers(
+                        run[0], [words[a] for a in run], device_id=self.config.unit
+                    )
                 except ModbusException as exc:
                     raise PlcError(f"PLC write of registers {run[0]}..{run[-1]}: {exc}") from exc
             if reply.isError():
@@ -259,8 +287,12 @@ class Handshake:
         if result.camera != self.camera:
             self.counters.other_camera += 1
             if self.counters.other_camera == 1:
-                self.log("result_refused", camera=result.camera, serving=self.camera,
-                         reason="one bridge serves one camera's register block")
+                self.log(
+                    "result_refused",
+                    camera=result.camera,
+                    serving=self.camera,
+                    reason="one bridge serves one camera's register block",
+                )
             return
         if len(self.queue) >= self.config.queue_size:
             dropped = self.queue.popleft()
@@ -321,15 +353,18 @@ class Handshake:
         self.last_id = seq
         self.showing = result.verdict
         self.written_status = self.status()
-        await self.plc.write({
-            "status": self.written_status,
-            "inspection_id": seq,
-            "result_code": RESULT_CODES[result.verdict],
-            "score": scaled_score(result.score, self.config.score_scale),
-            "region_count": min(len(result.regions), U16),
-            "missed_acks": self.counters.missed_acks & U16,
-            "sequence_gaps": self.counters.sequence_gaps & U16,
-        }, last="status")
+        await self.plc.write(
+            {
+                "status": self.written_status,
+                "inspection_id": seq,
+                "result_code": RESULT_CODES[result.verdict],
+                "score": scaled_score(result.score, self.config.score_scale),
+                "region_count": min(len(result.regions), U16),
+                "missed_acks": self.counters.missed_acks & U16,
+                "sequence_gaps": self.counters.sequence_gaps & U16,
+            },
+            last="status",
+        )
         self.counters.written += 1
         if await self._wait_ack(seq, stop):
             self.counters.acked += 1

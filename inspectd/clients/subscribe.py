@@ -42,8 +42,14 @@ class GapTracker:
 class Subscriber:
     """A SUB socket connected to a daemon's publish endpoint; `recv` returns decoded messages."""
 
-    def __init__(self, endpoint: str, topic: str = "inspect.", context: zmq.Context | None = None,
-                 rcvhwm: int = 10000, curve: Callable[[zmq.Socket], None] | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        topic: str = "inspect.",
+        context: zmq.Context | None = None,
+        rcvhwm: int = 10000,
+        curve: Callable[[zmq.Socket], None] | None = None,
+    ) -> None:
         self._context = context or zmq.Context.instance()
         self.socket = self._context.socket(zmq.SUB)
         if curve is not None:
@@ -86,8 +92,10 @@ class Subscriber:
 
 def format_result(result: Result) -> str:
     score = "-" if result.score is None else f"{result.score:.4f}"
-    line = (f"{result.camera} seq={result.seq} {result.verdict:<6} score={score} regions={len(result.regions)} "
-            f"latency={result.latency_ms:.1f}ms frame={result.frame_id}")
+    line = (
+        f"{result.camera} seq={result.seq} {result.verdict:<6} score={score} regions={len(result.regions)} "
+        f"latency={result.latency_ms:.1f}ms frame={result.frame_id}"
+    )
     if result.error:
         line += f" error={result.error}"
     return line
@@ -99,20 +107,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=None, help="exit after this many results")
     parser.add_argument("--json", action="store_true", help="print each message's raw JSON header")
     parser.add_argument("--status", action="store_true", help="also print status messages")
-    parser.add_argument("--save-masks", type=Path, default=None, metavar="DIR",
-                        help="write each result's mask to DIR/<camera>_<seq>.png")
-    parser.add_argument("--timeout", type=float, default=None, metavar="S",
-                        help="stop after S seconds; exit 1 if --count was not reached")
-    parser.add_argument("--since", type=int, default=None, metavar="SEQ",
-                        help="first replay every result after SEQ from the journal (--journal), then go live")
-    parser.add_argument("--journal", type=Path, default=None, metavar="DIR",
-                        help="the daemon's journal directory (publish.journal.path), read for --since")
-    parser.add_argument("--camera", action="append", default=None, metavar="ID",
-                        help="with --since: replay only this camera (repeatable; default every journalled camera)")
-    parser.add_argument("--server-key", type=Path, default=None, metavar="PATH",
-                        help="CurveZMQ: the daemon's public key file (with --client-key)")
-    parser.add_argument("--client-key", type=Path, default=None, metavar="PATH",
-                        help="CurveZMQ: this subscriber's .key_secret file, listed in the daemon's allow-list")
+    parser.add_argument(
+        "--save-masks",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write each result's mask to DIR/<camera>_<seq>.png",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop after S seconds; exit 1 if --count was not reached",
+    )
+    parser.add_argument(
+        "--since",
+        type=int,
+        default=None,
+        metavar="SEQ",
+        help="first replay every result after SEQ from the journal (--journal), then go live",
+    )
+    parser.add_argument(
+        "--journal",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the daemon's journal directory (publish.journal.path), read for --since",
+    )
+    parser.add_argument(
+        "--camera",
+        action="append",
+        default=None,
+        metavar="ID",
+        help="with --since: replay only this camera (repeatable; default every journalled camera)",
+    )
+    parser.add_argument(
+        "--server-key",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="CurveZMQ: the daemon's public key file (with --client-key)",
+    )
+    parser.add_argument(
+        "--client-key",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="CurveZMQ: this subscriber's .key_secret file, listed in the daemon's allow-list",
+    )
 
 
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
@@ -133,15 +176,16 @@ def run(args: argparse.Namespace) -> int:
         print("inspectd subscribe: --count: expected an integer >= 1", file=sys.stderr)
         return 2
     if (args.since is None) != (args.journal is None):
-        print("inspectd subscribe: --since and --journal: expected both (replay from the journal) or neither",
-              file=sys.stderr)
+        print(
+            "inspectd subscribe: --since and --journal: expected both (replay from the journal) or neither",
+            file=sys.stderr,
+        )
         return 2
     if args.since is not None and args.since < -1:
         print("inspectd subscribe: --since: expected a seq >= -1 (-1: everything the journal holds)", file=sys.stderr)
         return 2
     if (args.server_key is None) != (args.client_key is None):
-        print("inspectd subscribe: --server-key and --client-key: expected both (CurveZMQ) or neither",
-              file=sys.stderr)
+        print("inspectd subscribe: --server-key and --client-key: expected both (CurveZMQ) or neither", file=sys.stderr)
         return 2
     if args.save_masks is not None:
         args.save_masks.mkdir(parents=True, exist_ok=True)
@@ -152,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         curve = None
         if args.server_key is not None:
             from inspectd.protocol.keys import curve_client
+
             curve = curve_client(args.server_key, args.client_key)
         subscriber = Subscriber(args.endpoint, args.topic, curve=curve)
     except InspectdError as exc:
@@ -204,12 +249,18 @@ def run(args: argparse.Namespace) -> int:
                 received += 1
                 missed = gaps.see(message.camera, message.seq)
                 if missed:
-                    print(f"gap: {message.camera} missed seq {missed[0]}..{missed[1]} "
-                          f"({missed[1] - missed[0] + 1} results)", file=sys.stderr, flush=True)
+                    print(
+                        f"gap: {message.camera} missed seq {missed[0]}..{missed[1]} "
+                        f"({missed[1] - missed[0] + 1} results)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if args.save_masks is not None and message.mask_png is not None:
                     (args.save_masks / f"{message.camera}_{message.seq}.png").write_bytes(message.mask_png)
-                print(json.dumps(message.header(), separators=(",", ":")) if args.json else format_result(message),
-                      flush=True)
+                print(
+                    json.dumps(message.header(), separators=(",", ":")) if args.json else format_result(message),
+                    flush=True,
+                )
         except KeyboardInterrupt:
             pass
     if gaps.missed:

@@ -27,8 +27,14 @@ class FrameSource(Protocol):
 
 
 class MicroBatcher:
-    def __init__(self, queues: Sequence[FrameSource], ready: threading.Condition, max_batch: int,
-                 max_wait_ms: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        queues: Sequence[FrameSource],
+        ready: threading.Condition,
+        max_batch: int,
+        max_wait_ms: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"batching.max_batch: expected an integer >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -38,7 +44,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self._clock = clock
-        self._start = 0          # camera that gets the first pick of the next batch
+        self._start = 0  # camera that gets the first pick of the next batch
         self._stopping = False
         # The batch list is reused: the caller consumes a batch before asking for the next one.
         self._batch: list[Frame] = []

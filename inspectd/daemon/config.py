@@ -58,7 +58,7 @@ class SyntheticSource:
     defect_rate: float = 0.2
     seed: int = 0
     count: int | None = None  # None: endless
-    encoding: str = "raw"     # raw frames, or encode+decode each one to exercise the decoder path
+    encoding: str = "raw"  # raw frames, or encode+decode each one to exercise the decoder path
     kind: str = "synthetic"
 
 
@@ -80,9 +80,9 @@ class ZmqSource:
 
 @dataclasses.dataclass(frozen=True)
 class OpenCVSource:
-    url: str | None = None        # rtsp://, http://, or a (resolved) video file path
-    device: int | None = None     # /dev/videoN index
-    pipeline: str | None = None   # GStreamer pipeline string
+    url: str | None = None  # rtsp://, http://, or a (resolved) video file path
+    device: int | None = None  # /dev/videoN index
+    pipeline: str | None = None  # GStreamer pipeline string
     kind: str = "opencv"
 
     @property
@@ -113,7 +113,9 @@ class CameraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class JournalConfig:
-    path: Path | None = None  # a directory (inspectd.protocol.journal); None: no journal, seq restarts at 0 after a restart
+    path: Path | None = (
+        None  # a directory (inspectd.protocol.journal); None: no journal, seq restarts at 0 after a restart
+    )
     max_mb: float = 256.0
 
 
@@ -191,8 +193,23 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: str | Path | None =
     r = _Reader(Path(base_dir) if base_dir is not None else Path.cwd())
     if raw is None:
         raise ConfigError(f"{source}: empty config, expected a mapping with at least station, model and cameras")
-    top = r.section(raw, "", {"station", "model", "engine", "batching", "cameras", "publish", "control", "logging",
-                              "metrics", "state_dir", "shutdown_timeout_s"})
+    top = r.section(
+        raw,
+        "",
+        {
+            "station",
+            "model",
+            "engine",
+            "batching",
+            "cameras",
+            "publish",
+            "control",
+            "logging",
+            "metrics",
+            "state_dir",
+            "shutdown_timeout_s",
+        },
+    )
     station = r.string(top, "station", "", pattern=STATION_RE)
     state_dir = r.path(top, "state_dir", "", default=Path("/var/lib/inspectd"))
 
@@ -209,22 +226,27 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: str | Path | None =
     seen: dict[str, int] = {}
     for i, camera in enumerate(cameras):
         if camera.id in seen:
-            raise ConfigError(f"cameras[{i}].id: {camera.id!r} is already used by cameras[{seen[camera.id]}], "
-                              f"expected unique ids")
+            raise ConfigError(
+                f"cameras[{i}].id: {camera.id!r} is already used by cameras[{seen[camera.id]}], expected unique ids"
+            )
         seen[camera.id] = i
 
-    publish = r.section(top.get("publish", {}), "publish", {"endpoint", "masks", "sndhwm", "status_interval_s",
-                                                            "journal", "curve"})
+    publish = r.section(
+        top.get("publish", {}), "publish", {"endpoint", "masks", "sndhwm", "status_interval_s", "journal", "curve"}
+    )
     journal = r.section(publish.get("journal", {}), "publish.journal", {"path", "max_mb"})
     control = r.section(top.get("control", {}), "control", {"endpoint", "curve"})
     control_endpoint = r.endpoint(control, "endpoint", "control", default=f"ipc://{state_dir}/control.sock")
     control_curve = _parse_curve(r, control.get("curve"), "control.curve")
     if control_curve is None:
         from inspectd.daemon.security import is_local_endpoint
+
         if not is_local_endpoint(control_endpoint):
-            raise ConfigError(f"control.curve: required when control.endpoint is a network address "
-                              f"({control_endpoint}), expected {{server_secret_key: PATH, allowed_clients_dir: DIR}} "
-                              f"or a loopback/ipc endpoint")
+            raise ConfigError(
+                f"control.curve: required when control.endpoint is a network address "
+                f"({control_endpoint}), expected {{server_secret_key: PATH, allowed_clients_dir: DIR}} "
+                f"or a loopback/ipc endpoint"
+            )
     logging = r.section(top.get("logging", {}), "logging", {"level", "format"})
     metrics = r.section(top.get("metrics", {}), "metrics", {"listen"})
 
@@ -270,6 +292,7 @@ def _parse_engine(r: _Reader, raw: Any) -> EngineConfig:
         raise ConfigError(f"engine.options: expected a mapping of {backend} options, got {_show(options)}")
     from engines.errors import EngineError
     from engines.runtime import backend_class
+
     try:
         cls = backend_class(backend)
     except EngineError as exc:
@@ -313,8 +336,9 @@ def _parse_source(r: _Reader, raw: Any, where: str) -> Source:
         raise ConfigError(f"{where}: expected a mapping with kind synthetic|folder|zmq|opencv, got {_show(raw)}")
     kind = r.string(raw, "kind", where, choices=("synthetic", "folder", "zmq", "opencv"))
     if kind == "synthetic":
-        s = r.section(raw, where, {"kind", "rate_hz", "width", "height", "channels", "defect_rate", "seed", "count",
-                                   "encoding"})
+        s = r.section(
+            raw, where, {"kind", "rate_hz", "width", "height", "channels", "defect_rate", "seed", "count", "encoding"}
+        )
         return SyntheticSource(
             rate_hz=r.number(s, "rate_hz", where, default=10.0, lo=0.0, lo_open=True),
             width=r.integer(s, "width", where, default=256, lo=8, hi=16384),
@@ -344,8 +368,9 @@ def _parse_source(r: _Reader, raw: Any, where: str) -> Source:
     s = r.section(raw, where, {"kind", "url", "device", "pipeline"})
     given = [k for k in ("url", "device", "pipeline") if s.get(k) is not None]
     if len(given) != 1:
-        raise ConfigError(f"{where}: expected exactly one of url, device, pipeline, got "
-                          f"{', '.join(given) if given else 'none'}")
+        raise ConfigError(
+            f"{where}: expected exactly one of url, device, pipeline, got {', '.join(given) if given else 'none'}"
+        )
     url = s.get("url")
     if url is not None:
         if not isinstance(url, str) or not url:
@@ -364,10 +389,14 @@ def _parse_curve(r: _Reader, raw: Any, where: str) -> CurveConfig | None:
         return None
     keys = ("server_secret_key", "allowed_clients_dir")
     if not isinstance(raw, dict) or set(raw) != set(keys):
-        raise ConfigError(f"{where}: expected null or a mapping with exactly server_secret_key and "
-                          f"allowed_clients_dir, got {_show(raw)}")
-    return CurveConfig(server_secret_key=r.path(raw, "server_secret_key", where),
-                       allowed_clients_dir=r.path(raw, "allowed_clients_dir", where))
+        raise ConfigError(
+            f"{where}: expected null or a mapping with exactly server_secret_key and "
+            f"allowed_clients_dir, got {_show(raw)}"
+        )
+    return CurveConfig(
+        server_secret_key=r.path(raw, "server_secret_key", where),
+        allowed_clients_dir=r.path(raw, "allowed_clients_dir", where),
+    )
 
 
 def _parse_listen(r: _Reader, metrics: dict) -> str | None:
@@ -376,7 +405,7 @@ def _parse_listen(r: _Reader, metrics: dict) -> str | None:
         return None
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"metrics.listen: expected \"host:port\" (e.g. 127.0.0.1:9108) or null, got {listen!r}")
+        raise ConfigError(f'metrics.listen: expected "host:port" (e.g. 127.0.0.1:9108) or null, got {listen!r}')
     return listen
 
 
@@ -422,8 +451,16 @@ class _Reader:
             raise ConfigError(f"{self.key_path(where, key)}: expected a value, got null")
         return value is not None, value
 
-    def string(self, d: dict, key: str, where: str, default: Any = REQUIRED, choices: tuple | None = None,
-               pattern: re.Pattern | None = None, nullable: bool = False) -> Any:
+    def string(
+        self,
+        d: dict,
+        key: str,
+        where: str,
+        default: Any = REQUIRED,
+        choices: tuple | None = None,
+        pattern: re.Pattern | None = None,
+        nullable: bool = False,
+    ) -> Any:
         present, value = self._get(d, key, where, default, nullable)
         if not present:
             return value
@@ -436,8 +473,17 @@ class _Reader:
             raise ConfigError(f"{path}: expected characters {pattern.pattern}, got {value!r}")
         return value
 
-    def integer(self, d: dict, key: str, where: str, default: Any = REQUIRED, lo: int | None = None,
-                hi: int | None = None, choices: tuple | None = None, nullable: bool = False) -> Any:
+    def integer(
+        self,
+        d: dict,
+        key: str,
+        where: str,
+        default: Any = REQUIRED,
+        lo: int | None = None,
+        hi: int | None = None,
+        choices: tuple | None = None,
+        nullable: bool = False,
+    ) -> Any:
         present, value = self._get(d, key, where, default, nullable)
         if not present:
             return value
@@ -450,8 +496,16 @@ class _Reader:
             raise ConfigError(f"{path}: expected an integer in {_range(lo, hi)}, got {value}")
         return value
 
-    def number(self, d: dict, key: str, where: str, default: Any = REQUIRED, lo: float | None = None,
-               hi: float | None = None, lo_open: bool = False) -> Any:
+    def number(
+        self,
+        d: dict,
+        key: str,
+        where: str,
+        default: Any = REQUIRED,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+    ) -> Any:
         present, value = self._get(d, key, where, default, False)
         if not present:
             return value
@@ -482,8 +536,10 @@ class _Reader:
         if not present:
             return value
         if not isinstance(value, str) or not value.startswith(ZMQ_SCHEMES) or value.endswith("://"):
-            raise ConfigError(f"{self.key_path(where, key)}: expected a ZeroMQ endpoint "
-                              f"(tcp://host:port or ipc://path), got {_show(value)}")
+            raise ConfigError(
+                f"{self.key_path(where, key)}: expected a ZeroMQ endpoint "
+                f"(tcp://host:port or ipc://path), got {_show(value)}"
+            )
         return value
 
     def resolve(self, value: str) -> Path:

@@ -37,7 +37,7 @@ def _one_line(exc: BaseException) -> str:
 def _prepare_ipc(endpoint: str) -> Path | None:
     if not endpoint.startswith("ipc://"):
         return None
-    path = Path(endpoint[len("ipc://"):])
+    path = Path(endpoint[len("ipc://") :])
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -90,13 +90,13 @@ class Judged:
     """One frame's outcome, handed to the publisher (which encodes the mask off the engine thread)."""
 
     frame: Frame
-    verdict: str                  # ok | defect | error
+    verdict: str  # ok | defect | error
     score: float | None
     threshold: float | None
     model_id: str | None
     thresholds_version: int | None
     regions: list[Region]
-    mask: np.ndarray | None       # bool [frame H, frame W] when it is to be published
+    mask: np.ndarray | None  # bool [frame H, frame W] when it is to be published
     error: str | None = None
 
 
@@ -195,7 +195,7 @@ def _regions(binary: np.ndarray, frame_map: np.ndarray) -> list[Region]:
     regions = []
     for label in order:
         x, y, w, h, area = (int(v) for v in stats[label, :5])
-        window = frame_map[y:y + h, x:x + w]
-        peak = float(window[labels[y:y + h, x:x + w] == label].max())
+        window = frame_map[y : y + h, x : x + w]
+        peak = float(window[labels[y : y + h, x : x + w] == label].max())
         regions.append(Region(x, y, w, h, area, round(peak, 6)))
     return regions

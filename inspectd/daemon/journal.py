@@ -26,8 +26,18 @@ from typing import Iterator
 
 import structlog
 
-from inspectd.protocol.journal import (ACCEPTED, ACCEPTED_MARK, CLEAN_MARK, JournalError, cameras, check_camera,
-                                       encode_record, read_records, read_since, segment_files)
+from inspectd.protocol.journal import (
+    ACCEPTED,
+    ACCEPTED_MARK,
+    CLEAN_MARK,
+    JournalError,
+    cameras,
+    check_camera,
+    encode_record,
+    read_records,
+    read_since,
+    segment_files,
+)
 
 log = structlog.get_logger("inspectd.journal")
 
@@ -44,24 +54,26 @@ class _Active:
 class Journal:
     """The writer. One per daemon; `append` is called from the publisher thread, the rest from any thread."""
 
-    def __init__(self, directory: str | Path, max_bytes: int, segment_bytes: int | None = None,
-                 fsync_interval_s: float = 1.0) -> None:
+    def __init__(
+        self, directory: str | Path, max_bytes: int, segment_bytes: int | None = None, fsync_interval_s: float = 1.0
+    ) -> None:
         self.directory = Path(directory)
         if max_bytes <= 0:
             raise JournalError(f"publish.journal.max_mb: {max_bytes / 2**20:g}, expected a size > 0")
         self.max_bytes = int(max_bytes)
         # Eight segments under the cap: rotation frees an eighth at a time and the newest results are never trimmed.
-        self.segment_bytes = min(self.max_bytes,
-                                 int(segment_bytes or max(64 << 10, min(64 << 20, self.max_bytes // 8))))
+        self.segment_bytes = min(
+            self.max_bytes, int(segment_bytes or max(64 << 10, min(64 << 20, self.max_bytes // 8)))
+        )
         self.fsync_interval_s = fsync_interval_s
-        self.degraded: str | None = None   # the alarm: why the last write failed, None while writing works
-        self.lost = 0                      # results published without being journalled
+        self.degraded: str | None = None  # the alarm: why the last write failed, None while writing works
+        self.lost = 0  # results published without being journalled
         self.written = 0
-        self.unclean = False               # the previous writer did not close the journal (crash, SIGKILL)
+        self.unclean = False  # the previous writer did not close the journal (crash, SIGKILL)
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._last: dict[str, int] = {}
-        self._accepted: dict[str, int] = {}      # each camera's accepted mark as found at open
+        self._accepted: dict[str, int] = {}  # each camera's accepted mark as found at open
         self._accepted_fd: dict[str, int] = {}
         self._accepted_failed = False
         self._closed: list[tuple[float, Path, int]] = []  # (mtime, path, size) of closed segments
@@ -77,8 +89,10 @@ class Journal:
             for camera in cameras(self.directory):
                 self._recover(camera)
         except OSError as exc:
-            raise JournalError(f"publish.journal.path {self.directory}: cannot use it ({exc.strerror or exc}), "
-                               f"expected a writable directory") from None
+            raise JournalError(
+                f"publish.journal.path {self.directory}: cannot use it ({exc.strerror or exc}), "
+                f"expected a writable directory"
+            ) from None
 
     def _recover(self, camera: str) -> None:
         """Account for a camera's segments and cut a torn record off its newest one (left by a kill mid-write)."""
@@ -134,9 +148,14 @@ class Journal:
         return read_since(self.directory, camera, seq)
 
     def status(self) -> dict:
-        return {"path": str(self.directory), "bytes": self._total + sum(a.size for a in self._active.values()),
-                "written": self.written, "lost": self.lost, "degraded": self.degraded is not None,
-                "error": self.degraded}
+        return {
+            "path": str(self.directory),
+            "bytes": self._total + sum(a.size for a in self._active.values()),
+            "written": self.written,
+            "lost": self.lost,
+            "degraded": self.degraded is not None,
+            "error": self.degraded,
+        }
 
     # -- writing ---------------------------------------------------------------------------------------------------
 
@@ -150,14 +169,19 @@ class Journal:
                 check_camera(camera)
                 with self._lock:
                     (self.directory / camera).mkdir(exist_ok=True)
-                    fd = self._accepted_fd[camera] = os.open(self.directory / camera / ACCEPTED_MARK,
-                                                             os.O_WRONLY | os.O_CREAT, 0o600)
+                    fd = self._accepted_fd[camera] = os.open(
+                        self.directory / camera / ACCEPTED_MARK, os.O_WRONLY | os.O_CREAT, 0o600
+                    )
             os.pwrite(fd, ACCEPTED.pack(seq), 0)
         except OSError as exc:
             if not self._accepted_failed:
                 self._accepted_failed = True
-                log.error("journal_accepted_mark_failed", camera=camera, error=f"{exc.strerror or exc}",
-                          effect="frames in flight at a crash will not show as a seq gap after the restart")
+                log.error(
+                    "journal_accepted_mark_failed",
+                    camera=camera,
+                    error=f"{exc.strerror or exc}",
+                    effect="frames in flight at a crash will not show as a seq gap after the restart",
+                )
 
     def append(self, camera: str, seq: int, frames: list) -> None:
         """Journal one published result. Never raises for disk trouble: that degrades the journal instead."""
@@ -246,8 +270,12 @@ class Journal:
                     pass
         reason = f"{type(exc).__name__}: {exc.strerror or exc} (errno {exc.errno})"
         if self.degraded is None:
-            log.error("journal_degraded", camera=camera, error=reason,
-                      effect="results are still published but not journalled until the write succeeds again")
+            log.error(
+                "journal_degraded",
+                camera=camera,
+                error=reason,
+                effect="results are still published but not journalled until the write succeeds again",
+            )
         self.degraded = reason
 
     def _sync(self) -> None:

@@ -77,8 +77,15 @@ class _Buckets:
 class Family:
     """One metric name with its label names; `labels(*values)` gives the child to keep and update."""
 
-    def __init__(self, name: str, help_text: str, kind: str, labelnames: tuple[str, ...] = (),
-                 buckets: tuple[float, ...] = (), lock: threading.Lock | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        kind: str,
+        labelnames: tuple[str, ...] = (),
+        buckets: tuple[float, ...] = (),
+        lock: threading.Lock | None = None,
+    ) -> None:
         self.name, self.help, self.kind = name, help_text, kind
         self.labelnames = labelnames
         self.buckets = tuple(buckets)
@@ -87,8 +94,10 @@ class Family:
 
     def labels(self, *values: str) -> Any:
         if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: {len(values)} label values, expected {len(self.labelnames)} "
-                             f"({', '.join(self.labelnames)})")
+            raise ValueError(
+                f"{self.name}: {len(values)} label values, expected {len(self.labelnames)} "
+                f"({', '.join(self.labelnames)})"
+            )
         child = self._children.get(values)
         if child is None:
             with self._lock:
@@ -103,8 +112,7 @@ class Family:
         out.append(f"# TYPE {self.name} {self.kind}")
         with self._lock:
             items = sorted(self._children.items())
-            snapshot = [(k, (list(c.counts), c.sum, c.count) if isinstance(c, _Buckets) else c.value)
-                        for k, c in items]
+            snapshot = [(k, (list(c.counts), c.sum, c.count) if isinstance(c, _Buckets) else c.value) for k, c in items]
         for values, data in snapshot:
             pairs = [f'{n}="{_escape(v)}"' for n, v in zip(self.labelnames, values)]
             if self.kind != "histogram":
@@ -138,33 +146,69 @@ class Metrics:
             return Family(name, help_text, kind, labelnames, buckets, lock)
 
         self.frames_in = family("inspectd_frames_in_total", "Frames taken in per camera.", "counter", ("camera",))
-        self.frames_dropped = family("inspectd_frames_dropped_total",
-                                     "Frames dropped by a full queue (drop_oldest) per camera.", "counter", ("camera",))
-        self.frames_error = family("inspectd_frames_error_total", "Frames with verdict error per camera.", "counter",
-                                   ("camera",))
-        self.reopens = family("inspectd_camera_reopen_total", "Attempts to reopen a failed camera source.",
-                              "counter", ("camera",))
-        self.verdicts = family("inspectd_verdicts_total", "Published results per camera and verdict.", "counter",
-                               ("camera", "verdict"))
+        self.frames_dropped = family(
+            "inspectd_frames_dropped_total",
+            "Frames dropped by a full queue (drop_oldest) per camera.",
+            "counter",
+            ("camera",),
+        )
+        self.frames_error = family(
+            "inspectd_frames_error_total", "Frames with verdict error per camera.", "counter", ("camera",)
+        )
+        self.reopens = family(
+            "inspectd_camera_reopen_total", "Attempts to reopen a failed camera source.", "counter", ("camera",)
+        )
+        self.verdicts = family(
+            "inspectd_verdicts_total", "Published results per camera and verdict.", "counter", ("camera", "verdict")
+        )
         self.engine_failures = family("inspectd_engine_failures_total", "Batches the engine failed.", "counter")
         self.healthy = family("inspectd_healthy", "1 while the inference stage is healthy.", "gauge")
-        self.batch_size = family("inspectd_batch_size", "Frames per engine batch.", "histogram",
-                                 buckets=BATCH_SIZE_BUCKETS)
-        self.batch_seconds = family("inspectd_batch_seconds", "Engine time per batch.", "histogram",
-                                    buckets=BATCH_SECONDS_BUCKETS)
-        self.latency = family("inspectd_latency_seconds", "Ingest to publish latency per frame.", "histogram",
-                              ("camera",), buckets=LATENCY_BUCKETS)
-        self.camera_up = family("inspectd_camera_up", "1 while the camera's source delivers (state running), 0 during "
-                                "an outage.", "gauge", ("camera",))
-        self.journal_degraded = family("inspectd_journal_degraded", "1 while journal writes fail (disk full, I/O "
-                                       "error): results are published but not journalled.", "gauge")
-        self.journal_lost = family("inspectd_journal_lost_total", "Results published without being journalled.",
-                                   "counter")
-        self.auth_refused = family("inspectd_auth_refused_total", "CurveZMQ connection attempts refused per socket.",
-                                   "counter", ("socket",))
-        self.families = [self.frames_in, self.frames_dropped, self.frames_error, self.reopens, self.verdicts,
-                         self.engine_failures, self.healthy, self.batch_size, self.batch_seconds, self.latency,
-                         self.camera_up, self.journal_degraded, self.journal_lost, self.auth_refused]
+        self.batch_size = family(
+            "inspectd_batch_size", "Frames per engine batch.", "histogram", buckets=BATCH_SIZE_BUCKETS
+        )
+        self.batch_seconds = family(
+            "inspectd_batch_seconds", "Engine time per batch.", "histogram", buckets=BATCH_SECONDS_BUCKETS
+        )
+        self.latency = family(
+            "inspectd_latency_seconds",
+            "Ingest to publish latency per frame.",
+            "histogram",
+            ("camera",),
+            buckets=LATENCY_BUCKETS,
+        )
+        self.camera_up = family(
+            "inspectd_camera_up",
+            "1 while the camera's source delivers (state running), 0 during an outage.",
+            "gauge",
+            ("camera",),
+        )
+        self.journal_degraded = family(
+            "inspectd_journal_degraded",
+            "1 while journal writes fail (disk full, I/O error): results are published but not journalled.",
+            "gauge",
+        )
+        self.journal_lost = family(
+            "inspectd_journal_lost_total", "Results published without being journalled.", "counter"
+        )
+        self.auth_refused = family(
+            "inspectd_auth_refused_total", "CurveZMQ connection attempts refused per socket.", "counter", ("socket",)
+        )
+        self.families = [
+            self.frames_in,
+            self.frames_dropped,
+            self.frames_error,
+            self.reopens,
+            self.verdicts,
+            self.engine_failures,
+            self.healthy,
+            self.batch_size,
+            self.batch_seconds,
+            self.latency,
+            self.camera_up,
+            self.journal_degraded,
+            self.journal_lost,
+            self.auth_refused,
+        ]
         self._batch_size = self.batch_size.labels()
         self._batch_seconds = self.batch_seconds.labels()
         self._verdict_children: dict[str, dict[str, _Value]] = {}
@@ -204,8 +248,12 @@ class Metrics:
         if "failed_batches" in status:
             self.engine_failures.labels().set(int(status["failed_batches"]))
         for camera, stats in (status.get("cameras") or {}).items():
-            for fam, key in ((self.frames_in, "frames_in"), (self.frames_dropped, "dropped"),
-                             (self.frames_error, "errors"), (self.reopens, "reopen_count")):
+            for fam, key in (
+                (self.frames_in, "frames_in"),
+                (self.frames_dropped, "dropped"),
+                (self.frames_error, "errors"),
+                (self.reopens, "reopen_count"),
+            ):
                 if key in stats:
                     fam.labels(camera).set(int(stats[key]))
             if "state" in stats:
@@ -253,8 +301,9 @@ class Metrics:
             raise OSError(f"metrics.listen {address[0]}:{address[1]}: cannot listen ({exc.strerror or exc})") from None
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="metrics-http", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="metrics-http", daemon=True
+        )
         self._thread.start()
         log.info("metrics_listening", url=self.url)
 

@@ -68,8 +68,9 @@ class Notifier:
                 if self._sock is None:
                     # Non-blocking: a notify reader that stops reading must never stall the main loop (the
                     # datagram is dropped and counted as a failed send instead).
-                    self._sock = socket.socket(socket.AF_UNIX,
-                                               socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+                    self._sock = socket.socket(
+                        socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                    )
                 self._sock.sendto(message.encode(), target)
             except OSError as exc:
                 if not self._warned:

@@ -44,11 +44,21 @@ class CameraCounters:
 
 
 class Publisher:
-    def __init__(self, endpoint: str, station: str, *, sndhwm: int = 1000, queue_size: int = 256,
-                 status_interval_s: float = 1.0, status: Callable[[], dict[str, Any]] | None = None,
-                 linger_ms: int = 500, journal: Journal | None = None,
-                 context: zmq.Context | None = None, socket_options: Callable[[zmq.Socket], None] | None = None,
-                 on_published: Callable[[Judged, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        station: str,
+        *,
+        sndhwm: int = 1000,
+        queue_size: int = 256,
+        status_interval_s: float = 1.0,
+        status: Callable[[], dict[str, Any]] | None = None,
+        linger_ms: int = 500,
+        journal: Journal | None = None,
+        context: zmq.Context | None = None,
+        socket_options: Callable[[zmq.Socket], None] | None = None,
+        on_published: Callable[[Judged, float], None] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.station = station
         self.status_interval_s = status_interval_s
@@ -102,8 +112,12 @@ class Publisher:
                     self._send_result(item)
                 except Exception as exc:  # one unsendable result must not end publishing for every camera
                     self.failed += 1
-                    log.error("publish_failed", camera=item.frame.camera, seq=item.frame.seq,
-                              error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+                    log.error(
+                        "publish_failed",
+                        camera=item.frame.camera,
+                        seq=item.frame.seq,
+                        error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                    )
             if self._status and time.monotonic() >= next_status:
                 self.send_status()
                 next_status = time.monotonic() + self.status_interval_s
@@ -118,17 +132,35 @@ class Publisher:
                 mask_png = encode_mask(judged.mask)
             except Exception as exc:  # the verdict matters more than its picture: send it without the mask
                 self.failed += 1
-                log.error("mask_encode_failed", camera=frame.camera, seq=frame.seq,
-                          error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+                log.error(
+                    "mask_encode_failed",
+                    camera=frame.camera,
+                    seq=frame.seq,
+                    error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                )
         height, width = frame.image.shape[:2] if frame.image is not None else (None, None)
         t_publish = time.time()
         latency_ms = (time.monotonic() - frame.t_ingest) * 1000.0 if frame.t_ingest else 0.0
         frames = encode_result(
-            station=self.station, camera=frame.camera, seq=frame.seq, frame_id=frame.frame_id,
-            t_capture=frame.t_capture, t_publish=t_publish, verdict=judged.verdict, score=judged.score,
-            threshold=judged.threshold, model_id=judged.model_id, thresholds_version=judged.thresholds_version,
-            regions=judged.regions, latency_ms=latency_ms, width=width, height=height, error=judged.error,
-            truth=frame.truth, mask_png=mask_png)
+            station=self.station,
+            camera=frame.camera,
+            seq=frame.seq,
+            frame_id=frame.frame_id,
+            t_capture=frame.t_capture,
+            t_publish=t_publish,
+            verdict=judged.verdict,
+            score=judged.score,
+            threshold=judged.threshold,
+            model_id=judged.model_id,
+            thresholds_version=judged.thresholds_version,
+            regions=judged.regions,
+            latency_ms=latency_ms,
+            width=width,
+            height=height,
+            error=judged.error,
+            truth=frame.truth,
+            mask_png=mask_png,
+        )
         if self._journal is not None:
             self._journal.append(frame.camera, frame.seq, frames)
         self._socket.send_multipart(frames, copy=False)

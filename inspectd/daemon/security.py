@@ -49,9 +49,11 @@ class SecurityError(InspectdError):
 def refuse_root() -> None:
     """The daemon never runs as root: a compromised decoder or model file would own the station."""
     if os.geteuid() == 0 and os.environ.get(ALLOW_ROOT_ENV) != "1":
-        raise SecurityError("refusing to run as root (uid 0): a bug in image decoding or a hostile model file "
-                            "would own the whole station; run as the inspectd service user (User=inspectd in the "
-                            f"systemd unit), or set {ALLOW_ROOT_ENV}=1 in a throwaway test container only")
+        raise SecurityError(
+            "refusing to run as root (uid 0): a bug in image decoding or a hostile model file "
+            "would own the whole station; run as the inspectd service user (User=inspectd in the "
+            f"systemd unit), or set {ALLOW_ROOT_ENV}=1 in a throwaway test container only"
+        )
 
 
 def is_local_endpoint(endpoint: str) -> bool:
@@ -60,7 +62,7 @@ def is_local_endpoint(endpoint: str) -> bool:
         return True
     if not endpoint.startswith("tcp://"):
         return False
-    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
     if host == "localhost":
         return True
     try:
@@ -123,8 +125,14 @@ class CurveServer:
 
     Keys are loaded (and their permissions checked) here, so a bad key fails the daemon's start with its path."""
 
-    def __init__(self, domain: str, secret_key: str | Path, allowed_clients_dir: str | Path,
-                 context: zmq.Context | None = None, where: str | None = None) -> None:
+    def __init__(
+        self,
+        domain: str,
+        secret_key: str | Path,
+        allowed_clients_dir: str | Path,
+        context: zmq.Context | None = None,
+        where: str | None = None,
+    ) -> None:
         where = where or domain
         self.domain = domain
         self.context = context or zmq.Context.instance()
@@ -163,9 +171,11 @@ class CurveServer:
                     return
                 if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     continue  # the allow-list callback already counted and logged it, with the key
-                self.refusals.refused(_REFUSALS.get(event["event"], "handshake failed"),
-                                      endpoint=event["endpoint"].decode(errors="replace"),
-                                      detail=int(event["value"]))
+                self.refusals.refused(
+                    _REFUSALS.get(event["event"], "handshake failed"),
+                    endpoint=event["endpoint"].decode(errors="replace"),
+                    detail=int(event["value"]),
+                )
         except zmq.ZMQError:
             return
         finally:
@@ -175,4 +185,3 @@ class CurveServer:
         self._stop.set()
         for thread in self._monitors:
             thread.join(1.0)
-

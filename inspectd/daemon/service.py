@@ -34,9 +34,9 @@ from inspectd.logs import configure_logging
 from inspectd.daemon.inference import InferenceStage, Judged, ModelState
 from inspectd.daemon.publish import Publisher
 
-PUB_LINGER_MS = 1000        # long enough for the last results to leave on shutdown, short enough to never hang
-IDLE_TICK_S = 0.5           # how often an idle inference thread reports progress
-STUCK_AFTER_S = 10.0        # a batch older than this without finishing means the pipeline is stuck
+PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, short enough to never hang
+IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
+STUCK_AFTER_S = 10.0  # a batch older than this without finishing means the pipeline is stuck
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,28 +66,45 @@ class Daemon:
         self.publish_curve = self._curve("publish", config.publish.curve)
         self.control_curve = self._curve("control", config.control.curve)
         self.journal = self._open_journal()
-        state = ModelState.open(config.model.bundle, config.engine.backend, config.engine.options,
-                                config.batching.max_batch)
+        state = ModelState.open(
+            config.model.bundle, config.engine.backend, config.engine.options, config.batching.max_batch
+        )
         self.stage = InferenceStage(state, config.batching.max_batch, config.publish.masks)
         state.warm_up()  # READY=1 then means the engine is warm
-        self.log.info("model_loaded", model_id=state.model_id, thresholds_version=state.thresholds_version,
-                      backend=config.engine.backend, input_shape=list(state.bundle.input_shape),
-                      bundle=str(config.model.bundle))
+        self.log.info(
+            "model_loaded",
+            model_id=state.model_id,
+            thresholds_version=state.thresholds_version,
+            backend=config.engine.backend,
+            input_shape=list(state.bundle.input_shape),
+            bundle=str(config.model.bundle),
+        )
 
         self.ready = threading.Condition()
         self.queues = {cam.id: FrameQueue(cam.queue.size, cam.queue.policy, self.ready) for cam in config.cameras}
-        self.batcher = MicroBatcher(list(self.queues.values()), self.ready, config.batching.max_batch,
-                                    config.batching.max_wait_ms)
+        self.batcher = MicroBatcher(
+            list(self.queues.values()), self.ready, config.batching.max_batch, config.batching.max_wait_ms
+        )
         self.metrics = self._open_metrics()
-        self.publisher = Publisher(config.publish.endpoint, config.station, sndhwm=config.publish.sndhwm,
-                                   status_interval_s=config.publish.status_interval_s, status=self.status_message,
-                                   linger_ms=PUB_LINGER_MS, on_published=self._on_published, journal=self.journal,
-                                   socket_options=self.publish_curve)
+        self.publisher = Publisher(
+            config.publish.endpoint,
+            config.station,
+            sndhwm=config.publish.sndhwm,
+            status_interval_s=config.publish.status_interval_s,
+            status=self.status_message,
+            linger_ms=PUB_LINGER_MS,
+            on_published=self._on_published,
+            journal=self.journal,
+            socket_options=self.publish_curve,
+        )
         for cam in config.cameras:  # created here, before the threads that read and update them start
             self.publisher.counters(cam.id)
-        self.ingest = {cam.id: CameraIngest(cam, self.queues[cam.id], first_seq=self._first_seq(cam.id),
-                                            mark_seq=self._seq_marker(cam.id))
-                       for cam in config.cameras}
+        self.ingest = {
+            cam.id: CameraIngest(
+                cam, self.queues[cam.id], first_seq=self._first_seq(cam.id), mark_seq=self._seq_marker(cam.id)
+            )
+            for cam in config.cameras
+        }
         self._inference_thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         self.control = None
 
@@ -102,8 +119,13 @@ class Daemon:
         self.control.start()
         for ingest in self.ingest.values():
             ingest.start()
-        self.log.info("started", station=self.config.station, cameras=list(self.ingest),
-                      publish=self.publisher.bound_endpoint, control=self.config.control.endpoint)
+        self.log.info(
+            "started",
+            station=self.config.station,
+            cameras=list(self.ingest),
+            publish=self.publisher.bound_endpoint,
+            control=self.config.control.endpoint,
+        )
 
     def shutdown(self) -> bool:
         """Stop ingest, drain, publish, close. True when everything finished within shutdown_timeout_s."""
@@ -124,8 +146,13 @@ class Daemon:
         if drained:
             self._close_retired()
             self.stage.state.close()
-        self.log.info("stopped", published=self.publisher.published, drained=drained, clean=drained and published,
-                      frames_in={cam: ingest.frames_in for cam, ingest in self.ingest.items()})
+        self.log.info(
+            "stopped",
+            published=self.publisher.published,
+            drained=drained,
+            clean=drained and published,
+            frames_in={cam: ingest.frames_in for cam, ingest in self.ingest.items()},
+        )
         return drained and published
 
     def _inference_loop(self) -> None:
@@ -178,8 +205,10 @@ class Daemon:
         state_dir = self.config.state_dir.resolve()
         if not path.resolve().is_relative_to(state_dir):
             # The service may write only its state dir (systemd ReadWritePaths); say so before systemd's EROFS does.
-            raise InspectdError(f"publish.journal.path {path}: outside state_dir {state_dir}, expected a directory "
-                                f"under it (the daemon writes only under its state directory)")
+            raise InspectdError(
+                f"publish.journal.path {path}: outside state_dir {state_dir}, expected a directory "
+                f"under it (the daemon writes only under its state directory)"
+            )
         return Journal(self.config.publish.journal.path, int(self.config.publish.journal.max_mb * 2**20))
 
     def _first_seq(self, camera: str) -> int:
@@ -191,8 +220,14 @@ class Daemon:
         if next_seq == 0:
             return 0
         event = self.log.warning if skipped else self.log.info
-        event("seq_resumed", camera=camera, last_journalled=self.journal.last_seq(camera), next_seq=next_seq,
-              skipped=[skipped.start, skipped.stop - 1] if skipped else None, unclean_shutdown=self.journal.unclean)
+        event(
+            "seq_resumed",
+            camera=camera,
+            last_journalled=self.journal.last_seq(camera),
+            next_seq=next_seq,
+            skipped=[skipped.start, skipped.stop - 1] if skipped else None,
+            unclean_shutdown=self.journal.unclean,
+        )
         return next_seq
 
     def _seq_marker(self, camera: str):
@@ -242,40 +277,70 @@ class Daemon:
         for cam_id, ingest in self.ingest.items():
             stats = dict(ingest.stats())
             counters = self.publisher.counters(cam_id)
-            stats.update(queued=len(self.queues[cam_id]), dropped=self.queues[cam_id].dropped,
-                         published=counters.published, defects=counters.defect, errors=counters.error)
+            stats.update(
+                queued=len(self.queues[cam_id]),
+                dropped=self.queues[cam_id].dropped,
+                published=counters.published,
+                defects=counters.defect,
+                errors=counters.error,
+            )
             cameras[cam_id] = stats
         return cameras
 
     def status(self) -> dict[str, Any]:
         state = self.stage.state
-        return {"station": self.config.station, "healthy": self.stage.healthy, "model_id": state.model_id,
-                "thresholds_version": state.thresholds_version, "uptime_s": round(time.monotonic() - self.t_start, 3),
-                "throughput_fps": round(self.throughput(), 3), "published": self.publisher.published,
-                "batches": self.stage.batches, "failed_batches": self.stage.failed_batches,
-                "last_error": self.stage.last_error, "cameras": self.camera_stats(),
-                "journal": self.journal.status() if self.journal is not None else None,
-                "auth_refused": {role: curve.refused for role, curve in
-                                 (("control", self.control_curve), ("publish", self.publish_curve)) if curve}}
+        return {
+            "station": self.config.station,
+            "healthy": self.stage.healthy,
+            "model_id": state.model_id,
+            "thresholds_version": state.thresholds_version,
+            "uptime_s": round(time.monotonic() - self.t_start, 3),
+            "throughput_fps": round(self.throughput(), 3),
+            "published": self.publisher.published,
+            "batches": self.stage.batches,
+            "failed_batches": self.stage.failed_batches,
+            "last_error": self.stage.last_error,
+            "cameras": self.camera_stats(),
+            "journal": self.journal.status() if self.journal is not None else None,
+            "auth_refused": {
+                role: curve.refused
+                for role, curve in (("control", self.control_curve), ("publish", self.publish_curve))
+                if curve
+            },
+        }
 
     def status_message(self) -> dict[str, Any]:
         """The periodic status on the PUB socket (see messages.STATUS_FIELDS)."""
         state = self.stage.state
-        return {"t": time.time(), "uptime_s": round(time.monotonic() - self.t_start, 3),
-                "healthy": self.stage.healthy, "model_id": state.model_id,
-                "thresholds_version": state.thresholds_version, "throughput_fps": round(self.throughput(), 3),
-                "cameras": self.camera_stats(),
-                "journal": self.journal.status() if self.journal is not None else None}
+        return {
+            "t": time.time(),
+            "uptime_s": round(time.monotonic() - self.t_start, 3),
+            "healthy": self.stage.healthy,
+            "model_id": state.model_id,
+            "thresholds_version": state.thresholds_version,
+            "throughput_fps": round(self.throughput(), 3),
+            "cameras": self.camera_stats(),
+            "journal": self.journal.status() if self.journal is not None else None,
+        }
 
     def reload(self) -> dict[str, Any]:
         with self._reload_lock:
             old = self.stage.state
-            new = ModelState.open(self.config.model.bundle, self.config.engine.backend, self.config.engine.options,
-                                  self.config.batching.max_batch)
+            new = ModelState.open(
+                self.config.model.bundle,
+                self.config.engine.backend,
+                self.config.engine.options,
+                self.config.batching.max_batch,
+            )
             new.warm_up()  # beside the running model: the swap costs the line nothing
             self._retired.append(self.stage.swap(new))
-        self.log.info("reloaded", model_id=new.model_id, thresholds_version=new.thresholds_version,
-                      previous_model_id=old.model_id, previous_thresholds_version=old.thresholds_version)
+        self.log.info(
+            "reloaded",
+            model_id=new.model_id,
+            thresholds_version=new.thresholds_version,
+            previous_model_id=old.model_id,
+            previous_thresholds_version=old.thresholds_version,
+        )
         return {"model_id": new.model_id, "thresholds_version": new.thresholds_version}
 
     def set_thresholds(self, doc: Any) -> dict[str, Any]:
@@ -288,13 +353,19 @@ class Daemon:
         with self._reload_lock:
             state = self.stage.state
             if new.version <= state.thresholds_version:
-                raise InspectdError(f"thresholds.version: {new.version}, expected more than the current "
-                                    f"{state.thresholds_version}")
+                raise InspectdError(
+                    f"thresholds.version: {new.version}, expected more than the current {state.thresholds_version}"
+                )
             # On disk first, so a restart or reload keeps what the line is now judged with.
             state.bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
             self.stage.swap(state.with_thresholds(new))
-        self.log.info("thresholds_set", thresholds_version=new.version, image_threshold=new.image_threshold,
-                      pixel_threshold=new.pixel_threshold, previous_version=state.thresholds_version)
+        self.log.info(
+            "thresholds_set",
+            thresholds_version=new.version,
+            image_threshold=new.image_threshold,
+            pixel_threshold=new.pixel_threshold,
+            previous_version=state.thresholds_version,
+        )
         return {"thresholds_version": new.version}
 
     def _ingest_for(self, camera: Any):
@@ -342,7 +413,9 @@ def run(args: argparse.Namespace) -> int:
         def handler(*_):
             flag.set()
             wake.set()
+
         return handler
+
     signal.signal(signal.SIGTERM, on_signal(stop))
     signal.signal(signal.SIGINT, on_signal(stop))
     signal.signal(signal.SIGHUP, on_signal(reload_requested))
@@ -374,8 +447,10 @@ def run(args: argparse.Namespace) -> int:
         if progressing != healthy:
             healthy = progressing
             log.warning("pipeline_progress", progressing=progressing, healthy=daemon.stage.healthy)
-        notifier.status(f"{daemon.throughput():.1f} frames/s, {daemon.publisher.published} published, "
-                        f"{'healthy' if progressing else 'UNHEALTHY'}")
+        notifier.status(
+            f"{daemon.throughput():.1f} frames/s, {daemon.publisher.published} published, "
+            f"{'healthy' if progressing else 'UNHEALTHY'}"
+        )
         if stop.is_set() or (wake.wait(tick) and stop.is_set()):
             break
         wake.clear()

@@ -44,11 +44,16 @@ def parse_request(data: bytes) -> Request:
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else \
-            "nested too deeply" if isinstance(exc, RecursionError) else "not UTF-8"
-        raise MessageError(f"request: not JSON ({reason}), expected an object like {{\"cmd\": \"status\"}}") from None
+        reason = (
+            exc.msg
+            if isinstance(exc, json.JSONDecodeError)
+            else "nested too deeply"
+            if isinstance(exc, RecursionError)
+            else "not UTF-8"
+        )
+        raise MessageError(f'request: not JSON ({reason}), expected an object like {{"cmd": "status"}}') from None
     if not isinstance(doc, dict):
-        raise MessageError(f"request: JSON {type(doc).__name__}, expected an object like {{\"cmd\": \"status\"}}")
+        raise MessageError(f'request: JSON {type(doc).__name__}, expected an object like {{"cmd": "status"}}')
     cmd = doc.get("cmd")
     if cmd not in COMMANDS:
         shown = repr(cmd) if cmd is not None else "missing"
@@ -73,8 +78,9 @@ class ControlTimeout(InspectdError):
 class ControlClient:
     """REQ client. After a timeout the REQ socket is stuck mid-exchange, so it is replaced by a fresh one."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 5.0,
-                 curve: Callable[[zmq.Socket], None] | None = None) -> None:
+    def __init__(
+        self, endpoint: str, timeout_s: float = 5.0, curve: Callable[[zmq.Socket], None] | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.curve = curve
@@ -102,15 +108,17 @@ class ControlClient:
         if not answered:
             self._sock = None
             sock.close(linger=0)
-            raise ControlTimeout(f"control {self.endpoint}: no reply within {self.timeout_s:g} s to "
-                                 f"{str(doc.get('cmd', '?'))[:40]!r}, expected a running inspectd")
+            raise ControlTimeout(
+                f"control {self.endpoint}: no reply within {self.timeout_s:g} s to "
+                f"{str(doc.get('cmd', '?'))[:40]!r}, expected a running inspectd"
+            )
         data = sock.recv()
         try:
             reply = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise MessageError(f"control {self.endpoint}: reply is not JSON, expected {{\"ok\": ...}}") from None
+            raise MessageError(f'control {self.endpoint}: reply is not JSON, expected {{"ok": ...}}') from None
         if not isinstance(reply, dict) or "ok" not in reply:
-            raise MessageError(f"control {self.endpoint}: reply {str(reply)[:60]}, expected an object with \"ok\"")
+            raise MessageError(f'control {self.endpoint}: reply {str(reply)[:60]}, expected an object with "ok"')
         return reply
 
     def close(self) -> None:

@@ -27,13 +27,13 @@ from typing import Iterator
 from inspectd.errors import InspectdError
 
 MAGIC = b"IJR1"
-RECORD = struct.Struct("<4sIQI")     # magic, body length, seq, crc32(body)
+RECORD = struct.Struct("<4sIQI")  # magic, body length, seq, crc32(body)
 COUNT = struct.Struct("<H")
 LENGTH = struct.Struct("<I")
 SEGMENT_RE = re.compile(r"(\d{12})\.seg")
 CAMERA_RE = re.compile(r"[a-zA-Z0-9_-]+")
-MAX_BODY = 256 << 20                 # a result with its mask is kB; anything bigger is a corrupt length field
-CLEAN_MARK = "clean"                 # present only while no writer has the journal open: absent at open = a crash
+MAX_BODY = 256 << 20  # a result with its mask is kB; anything bigger is a corrupt length field
+CLEAN_MARK = "clean"  # present only while no writer has the journal open: absent at open = a crash
 ACCEPTED_MARK = "accepted"
 ACCEPTED = struct.Struct("<q")
 
@@ -82,7 +82,7 @@ def _split(body: bytes) -> list[bytes]:
     for _ in range(count):
         (n,) = LENGTH.unpack_from(view, at)
         at += LENGTH.size
-        frames.append(bytes(view[at:at + n]))
+        frames.append(bytes(view[at : at + n]))
         at += n
     return frames
 

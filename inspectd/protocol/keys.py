@@ -64,11 +64,12 @@ def check_secret_file(path: str | Path, what: str) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise KeysError(f"{what} {path}: not a regular file, expected a .key_secret file")
     if st.st_uid != os.geteuid():
-        raise KeysError(f"{what} {path}: owned by uid {st.st_uid}, expected the daemon's own user (uid "
-                        f"{os.geteuid()})")
+        raise KeysError(f"{what} {path}: owned by uid {st.st_uid}, expected the daemon's own user (uid {os.geteuid()})")
     if st.st_mode & 0o077:
-        raise KeysError(f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others read it, expected "
-                        f"0600 (chmod 600 {path})")
+        raise KeysError(
+            f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others read it, expected "
+            f"0600 (chmod 600 {path})"
+        )
 
 
 def load_secret(path: str | Path, what: str = "secret key") -> tuple[bytes, bytes]:
@@ -88,11 +89,11 @@ def _load(path: str | Path, what: str) -> tuple[bytes, bytes | None]:
     try:
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise KeysError(f"{what} {path}: cannot load ({exc}), expected a key file from `inspectd keys generate`") \
-            from None
+        raise KeysError(
+            f"{what} {path}: cannot load ({exc}), expected a key file from `inspectd keys generate`"
+        ) from None
     if public is None or len(public) != 40:
-        raise KeysError(f"{what} {path}: no 40-character public key, expected a key file from `inspectd keys "
-                        "generate`")
+        raise KeysError(f"{what} {path}: no 40-character public key, expected a key file from `inspectd keys generate`")
     return public, secret
 
 
@@ -103,11 +104,14 @@ def load_allow_list(directory: str | Path, what: str = "allowed_clients_dir") ->
         st = directory.stat()
         names = sorted(os.listdir(directory))
     except OSError as exc:
-        raise KeysError(f"{what} {directory}: cannot read ({exc.strerror or exc}), expected a directory of client "
-                        f"public keys (*.key)") from None
+        raise KeysError(
+            f"{what} {directory}: cannot read ({exc.strerror or exc}), expected a directory of client "
+            f"public keys (*.key)"
+        ) from None
     if st.st_mode & 0o022:
-        raise KeysError(f"{what} {directory}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others add keys, "
-                        f"expected at most 0755")
+        raise KeysError(
+            f"{what} {directory}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others add keys, expected at most 0755"
+        )
     keys = set()
     for name in names:
         path = directory / name
@@ -118,7 +122,6 @@ def load_allow_list(directory: str | Path, what: str = "allowed_clients_dir") ->
     if not keys:
         raise KeysError(f"{what} {directory}: no *.key files, expected at least one client public key")
     return frozenset(keys)
-
 
 
 def curve_client(server_public_key: str | Path, client_secret_key: str | Path) -> Callable[[zmq.Socket], None]:
@@ -133,6 +136,7 @@ def curve_client(server_public_key: str | Path, client_secret_key: str | Path) -
 
     return configure
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="keys_command", metavar="ACTION")
     gen = sub.add_parser("generate", help="write a new CurveZMQ key pair (NAME.key and NAME.key_secret)")
@@ -145,8 +149,7 @@ def run(args: argparse.Namespace) -> int:
         print("inspectd keys: expected an action: generate --out DIR --name NAME", file=sys.stderr)
         return 2
     if not zmq.has("curve"):
-        print("inspectd keys: this libzmq has no CURVE support, expected libzmq built with libsodium",
-              file=sys.stderr)
+        print("inspectd keys: this libzmq has no CURVE support, expected libzmq built with libsodium", file=sys.stderr)
         return 1
     try:
         public, secret = generate(args.out, args.name)

@@ -91,9 +91,26 @@ class Result:
 
 
 # Header fields in the order they are written; `truth` is optional and written only when the source knows it.
-RESULT_FIELDS = ("schema", "station", "camera", "seq", "frame_id", "t_capture", "t_publish", "verdict", "score",
-                 "threshold", "model_id", "thresholds_version", "regions", "latency_ms", "width", "height",
-                 "has_mask", "error")
+RESULT_FIELDS = (
+    "schema",
+    "station",
+    "camera",
+    "seq",
+    "frame_id",
+    "t_capture",
+    "t_publish",
+    "verdict",
+    "score",
+    "threshold",
+    "model_id",
+    "thresholds_version",
+    "regions",
+    "latency_ms",
+    "width",
+    "height",
+    "has_mask",
+    "error",
+)
 OPTIONAL_FIELDS = ("truth",)
 
 
@@ -116,22 +133,49 @@ def _decode_mask(png: bytes, height: int | None, width: int | None) -> np.ndarra
     return mask > 127
 
 
-def encode_result(*, station: str, camera: str, seq: int, frame_id: str, t_capture: float, t_publish: float,
-                  verdict: str, score: float | None, threshold: float | None, model_id: str | None,
-                  thresholds_version: int | None, regions: Sequence[Region], latency_ms: float,
-                  width: int | None, height: int | None, error: str | None = None, truth: bool | None = None,
-                  mask_png: bytes | None = None) -> list[bytes]:
+def encode_result(
+    *,
+    station: str,
+    camera: str,
+    seq: int,
+    frame_id: str,
+    t_capture: float,
+    t_publish: float,
+    verdict: str,
+    score: float | None,
+    threshold: float | None,
+    model_id: str | None,
+    thresholds_version: int | None,
+    regions: Sequence[Region],
+    latency_ms: float,
+    width: int | None,
+    height: int | None,
+    error: str | None = None,
+    truth: bool | None = None,
+    mask_png: bytes | None = None,
+) -> list[bytes]:
     """The multipart frames of one result message."""
     if verdict not in VERDICTS:
         raise MessageError(f"result verdict {verdict!r}: expected one of {', '.join(VERDICTS)}")
     header = {
-        "schema": SCHEMA, "station": station, "camera": camera, "seq": seq, "frame_id": frame_id,
-        "t_capture": t_capture, "t_publish": t_publish, "verdict": verdict,
+        "schema": SCHEMA,
+        "station": station,
+        "camera": camera,
+        "seq": seq,
+        "frame_id": frame_id,
+        "t_capture": t_capture,
+        "t_publish": t_publish,
+        "verdict": verdict,
         "score": None if score is None else round(float(score), 6),
         "threshold": None if threshold is None else float(threshold),
-        "model_id": model_id, "thresholds_version": thresholds_version,
-        "regions": [r.to_dict() for r in regions], "latency_ms": round(latency_ms, 3),
-        "width": width, "height": height, "has_mask": mask_png is not None, "error": error,
+        "model_id": model_id,
+        "thresholds_version": thresholds_version,
+        "regions": [r.to_dict() for r in regions],
+        "latency_ms": round(latency_ms, 3),
+        "width": width,
+        "height": height,
+        "has_mask": mask_png is not None,
+        "error": error,
     }
     if truth is not None:
         header["truth"] = bool(truth)
@@ -202,8 +246,10 @@ def decode_result(frames: Sequence[bytes]) -> Result:
     station = _field(header, "station", (str,))
     camera = _field(header, "camera", (str,))
     if topic != result_topic(station, camera).decode("ascii"):
-        raise MessageError(f"result topic {topic!r}: expected {result_topic(station, camera).decode()!r} "
-                           "for the header's station and camera")
+        raise MessageError(
+            f"result topic {topic!r}: expected {result_topic(station, camera).decode()!r} "
+            "for the header's station and camera"
+        )
     verdict = _field(header, "verdict", (str,))
     if verdict not in VERDICTS:
         raise MessageError(f"result header.verdict: {verdict!r}, expected one of {', '.join(VERDICTS)}")
@@ -222,7 +268,9 @@ def decode_result(frames: Sequence[bytes]) -> Result:
         raise MessageError(f"result header.truth: expected true, false or absent, got {truth!r}")
     number = (int, float)
     return Result(
-        station=station, camera=camera, seq=seq,
+        station=station,
+        camera=camera,
+        seq=seq,
         frame_id=_field(header, "frame_id", (str,)),
         t_capture=float(_field(header, "t_capture", number)),
         t_publish=float(_field(header, "t_publish", number)),
@@ -235,7 +283,9 @@ def decode_result(frames: Sequence[bytes]) -> Result:
         latency_ms=float(_field(header, "latency_ms", number)),
         width=_field(header, "width", (int,), nullable=True),
         height=_field(header, "height", (int,), nullable=True),
-        has_mask=has_mask, error=error, truth=truth,
+        has_mask=has_mask,
+        error=error,
+        truth=truth,
         mask_png=bytes(frames[2]) if has_mask else None,
     )
 
@@ -245,8 +295,17 @@ def _opt_float(value: Any) -> float | None:
 
 
 # Status message: station-wide counters; see docs/PROTOCOL.md for each field.
-STATUS_FIELDS = ("schema", "station", "t", "uptime_s", "healthy", "model_id", "thresholds_version", "throughput_fps",
-                 "cameras")
+STATUS_FIELDS = (
+    "schema",
+    "station",
+    "t",
+    "uptime_s",
+    "healthy",
+    "model_id",
+    "thresholds_version",
+    "throughput_fps",
+    "cameras",
+)
 
 
 def encode_status(station: str, status: dict[str, Any]) -> list[bytes]:
@@ -283,5 +342,6 @@ def decode(frames: Sequence[bytes]) -> Result | dict[str, Any]:
         return decode_result(frames)
     if topic.endswith(STATUS_SUFFIX):
         return decode_status(frames)
-    raise MessageError(f"message topic {topic!r}: expected inspect.<station>.<camera>.result or "
-                       "inspect.<station>.status")
+    raise MessageError(
+        f"message topic {topic!r}: expected inspect.<station>.<camera>.result or inspect.<station>.status"
+    )

@@ -31,11 +31,11 @@ TRAIN_FRAMES = 400
 # A quarter held out sets the first threshold: 16 frames (10 % of 160) let about 4 % of good frames through as
 # false alarms; 100 frames bring that under 1 % at a few seconds more training.
 HOLDOUT = 0.25
-FRAME_SIZE = (256, 256)     # frames are larger than the model input, as on a real line
+FRAME_SIZE = (256, 256)  # frames are larger than the model input, as on a real line
 DEFECT_RATE = 0.25
-MAX_CAMERAS = 4             # camera i shows the surface of synthetic-line seed FIRST_SEED + i; training sees them all
+MAX_CAMERAS = 4  # camera i shows the surface of synthetic-line seed FIRST_SEED + i; training sees them all
 FIRST_SEED = 1000
-START_TIMEOUT_S = 120.0     # first result after start: engine load and warm-up, with room for a small, loaded machine
+START_TIMEOUT_S = 120.0  # first result after start: engine load and warm-up, with room for a small, loaded machine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,10 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=5.0, metavar="HZ", help="frames per second per camera [5]")
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="model, config, logs [runs/demo]")
     parser.add_argument("--cameras", type=int, default=2, metavar="N", help=f"synthetic cameras, 1..{MAX_CAMERAS} [2]")
-    parser.add_argument("--size", type=int, default=MODEL_SIZE[0], metavar="N",
-                        help=f"model input N x N when a model is trained [{MODEL_SIZE[0]}]")
-    parser.add_argument("--train-frames", type=int, default=TRAIN_FRAMES, metavar="N",
-                        help=f"defect-free frames to train on when a model is trained [{TRAIN_FRAMES}]")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=MODEL_SIZE[0],
+        metavar="N",
+        help=f"model input N x N when a model is trained [{MODEL_SIZE[0]}]",
+    )
+    parser.add_argument(
+        "--train-frames",
+        type=int,
+        default=TRAIN_FRAMES,
+        metavar="N",
+        help=f"defect-free frames to train on when a model is trained [{TRAIN_FRAMES}]",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the summary, not a line per verdict")
 
 
@@ -71,10 +81,14 @@ def build_model(workdir: Path, size: int = MODEL_SIZE[0], frames: int = TRAIN_FR
             path.replace(good / f"cam{i}_{path.name}")
         (good / f"cam{i}").rmdir()
     print(f"demo: training a frozen EfficientNet-Lite0 model at {size}x{size}", flush=True)
-    result = train_bundle(good, bundle, method="frozen", size=(size, size), holdout=HOLDOUT,
-                          progress=Progress(stream=sys.stdout))
-    print(f"demo: model {result.model_id} written to {bundle} in {result.seconds:.0f} s "
-          f"(image threshold {result.image_threshold:.4f})", flush=True)
+    result = train_bundle(
+        good, bundle, method="frozen", size=(size, size), holdout=HOLDOUT, progress=Progress(stream=sys.stdout)
+    )
+    print(
+        f"demo: model {result.model_id} written to {bundle} in {result.seconds:.0f} s "
+        f"(image threshold {result.image_threshold:.4f})",
+        flush=True,
+    )
     return bundle
 
 
@@ -86,10 +100,20 @@ def write_config(workdir: Path, bundle: Path, cameras: int, rate: float) -> tupl
         "model": {"bundle": str(bundle.resolve())},
         "engine": {"backend": "onnxruntime"},
         "batching": {"max_batch": 8, "max_wait_ms": 20},
-        "cameras": [{"id": f"cam{i}", "source": {"kind": "synthetic", "rate_hz": rate, "width": FRAME_SIZE[1],
-                                                  "height": FRAME_SIZE[0], "defect_rate": DEFECT_RATE,
-                                                  "seed": FIRST_SEED + i}}
-                    for i in range(cameras)],
+        "cameras": [
+            {
+                "id": f"cam{i}",
+                "source": {
+                    "kind": "synthetic",
+                    "rate_hz": rate,
+                    "width": FRAME_SIZE[1],
+                    "height": FRAME_SIZE[0],
+                    "defect_rate": DEFECT_RATE,
+                    "seed": FIRST_SEED + i,
+                },
+            }
+            for i in range(cameras)
+        ],
         "publish": {"endpoint": endpoint, "masks": "defects", "status_interval_s": 1.0},
         "control": {"endpoint": f"ipc://{workdir.resolve()}/control.sock"},
         "metrics": {"listen": None},
@@ -108,11 +132,17 @@ def summarise(results: list[Result], gaps: GapTracker, wall_s: float) -> dict:
     false_alarms = [r for r in judged if r.truth is False and r.verdict == "defect"]
     latencies = np.array([r.latency_ms for r in results]) if results else np.zeros(1)
     return {
-        "frames": len(results), "errors": len(results) - len(judged), "planted": len(planted), "caught": len(caught),
-        "false_alarms": len(false_alarms), "good": sum(1 for r in judged if r.truth is False),
+        "frames": len(results),
+        "errors": len(results) - len(judged),
+        "planted": len(planted),
+        "caught": len(caught),
+        "false_alarms": len(false_alarms),
+        "good": sum(1 for r in judged if r.truth is False),
         "catch_rate": len(caught) / len(planted) if planted else float("nan"),
-        "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
-        "fps": len(results) / wall_s if wall_s > 0 else 0.0, "missed_seq": sum(gaps.missed.values()),
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "fps": len(results) / wall_s if wall_s > 0 else 0.0,
+        "missed_seq": sum(gaps.missed.values()),
     }
 
 
@@ -121,8 +151,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd demo: --cameras {args.cameras}: expected 1..{MAX_CAMERAS}", file=sys.stderr)
         return 2
     if args.rate <= 0 or args.duration <= 0 or args.size < 32 or args.train_frames < MAX_CAMERAS:
-        print(f"inspectd demo: --rate and --duration: expected positive numbers, --size at least 32, "
-              f"--train-frames at least {MAX_CAMERAS}", file=sys.stderr)
+        print(
+            f"inspectd demo: --rate and --duration: expected positive numbers, --size at least 32, "
+            f"--train-frames at least {MAX_CAMERAS}",
+            file=sys.stderr,
+        )
         return 2
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -136,15 +169,20 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() == 0 and env.get(ALLOW_ROOT_ENV) != "1":
         # A fresh development container is often root; the demo's daemon lives in a throwaway workdir, so it may.
         # A station's daemon still refuses root (inspectd run).
-        print("demo: running as root, so the demo's own daemon is allowed to; a station's daemon refuses root",
-              flush=True)
+        print(
+            "demo: running as root, so the demo's own daemon is allowed to; a station's daemon refuses root", flush=True
+        )
         env[ALLOW_ROOT_ENV] = "1"
 
     results: list[Result] = []
     gaps = GapTracker()
     with open(log_path, "wb") as log, Subscriber(endpoint, topic="inspect.demo.") as subscriber:
-        daemon = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(config_path)],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "run", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         try:
             first_deadline = time.monotonic() + START_TIMEOUT_S
             started = None
@@ -152,8 +190,11 @@ def run(args: argparse.Namespace) -> int:
             while True:
                 now = time.monotonic()
                 if started is None and (now > first_deadline or daemon.poll() is not None):
-                    reason = (f"daemon exited with status {daemon.returncode}" if daemon.poll() is not None
-                              else f"no result within {START_TIMEOUT_S:.0f} s")
+                    reason = (
+                        f"daemon exited with status {daemon.returncode}"
+                        if daemon.poll() is not None
+                        else f"no result within {START_TIMEOUT_S:.0f} s"
+                    )
                     log.flush()
                     tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
                     print(f"inspectd demo: {reason}; last lines of {log_path}:", *tail, sep="\n", file=sys.stderr)
@@ -189,10 +230,14 @@ def run(args: argparse.Namespace) -> int:
     wall = time.monotonic() - started if started else 0.0
     s = summarise(results, gaps, wall)
     print()
-    print(f"summary: {s['frames']} frames from {args.cameras} camera(s) in {wall:.1f} s ({s['fps']:.1f} frames/s), "
-          f"{s['errors']} errors, {s['missed_seq']} lost")
-    print(f"summary: defects planted {s['planted']}, caught {s['caught']} "
-          f"(catch rate {s['catch_rate']:.0%}), false alarms {s['false_alarms']} of {s['good']} good frames")
+    print(
+        f"summary: {s['frames']} frames from {args.cameras} camera(s) in {wall:.1f} s ({s['fps']:.1f} frames/s), "
+        f"{s['errors']} errors, {s['missed_seq']} lost"
+    )
+    print(
+        f"summary: defects planted {s['planted']}, caught {s['caught']} "
+        f"(catch rate {s['catch_rate']:.0%}), false alarms {s['false_alarms']} of {s['good']} good frames"
+    )
     print(f"summary: latency p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms (ingest to publish)")
     print(f"summary: daemon exit status {daemon.returncode}; log {log_path}")
     return 0 if daemon.returncode == 0 and s["frames"] > 0 else 1

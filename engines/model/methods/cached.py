@@ -15,8 +15,7 @@ import torch
 from engines.data import defects
 
 
-def backbone_taps(graph, images: np.ndarray, batch: int = 16, progress=None,
-                  what: str = "taps") -> list[torch.Tensor]:
+def backbone_taps(graph, images: np.ndarray, batch: int = 16, progress=None, what: str = "taps") -> list[torch.Tensor]:
     """Frozen taps [N, C_i, h_i, w_i] of uint8 [N, H, W, C] images, through the graph's own preprocessing."""
     graph.backbone.eval()
     chunks: list[list[torch.Tensor]] = []
@@ -24,7 +23,7 @@ def backbone_taps(graph, images: np.ndarray, batch: int = 16, progress=None,
         progress.start(len(images), what)
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            pixels = torch.from_numpy(np.ascontiguousarray(images[start:start + batch]))
+            pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))
             chunks.append(graph.backbone(graph.preprocess(pixels)))
             if progress is not None:
                 progress.update(min(start + batch, len(images)))
@@ -35,16 +34,17 @@ def backbone_taps(graph, images: np.ndarray, batch: int = 16, progress=None,
 class DefectPool:
     """`per_image` synthetic-defect variants of every clean image, drawn once."""
 
-    images: np.ndarray   # uint8 [M, H, W, C]
-    source: np.ndarray   # int64 [M]: index of the clean image each variant was made from
-    kind: np.ndarray     # int64 [M]: index into `kinds`
-    label: np.ndarray    # float32 [M]: SLA soft label of the variant against its clean image
+    images: np.ndarray  # uint8 [M, H, W, C]
+    source: np.ndarray  # int64 [M]: index of the clean image each variant was made from
+    kind: np.ndarray  # int64 [M]: index into `kinds`
+    label: np.ndarray  # float32 [M]: SLA soft label of the variant against its clean image
     changed: np.ndarray  # bool [M, H, W]: pixels that changed by more than SLA's eps (what the label counts)
     kinds: tuple[str, ...]
 
     @classmethod
-    def draw(cls, images: np.ndarray, rng: np.random.Generator, mix: dict[str, float],
-             per_image: int = 1) -> "DefectPool":
+    def draw(
+        cls, images: np.ndarray, rng: np.random.Generator, mix: dict[str, float], per_image: int = 1
+    ) -> "DefectPool":
         n = len(images)
         m = n * per_image
         kinds = tuple(mix)
@@ -61,4 +61,3 @@ class DefectPool:
             label[i] = defects.soft_label(images[src], defect.image, defect.region_wh)
             np.greater(np.abs(images[src].astype(np.int16) - defect.image).sum(axis=2), eps, out=changed[i])
         return cls(out, source, kind, label, changed, kinds)
-

@@ -92,18 +92,34 @@ class CseMethod(Method):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("cse")
         group.add_argument("--cse-lr", type=float, default=LEARNING_RATE, help="Adam peak learning rate (4e-4)")
-        group.add_argument("--cse-defects", default=DEFAULT_MIX,
-                           help=f"synthetic defect mix name:weight,... of {', '.join(defects.DEFECTS)} "
-                                f"(default {DEFAULT_MIX})")
-        group.add_argument("--cse-defect-fraction", type=float, default=0.5,
-                           help="share of pairs whose second image is defective (default 0.5)")
-        group.add_argument("--cse-pool", type=int, default=2,
-                           help="defect variants drawn per training image, taps cached once (default 2)")
-        group.add_argument("--cse-regenerate", action="store_true",
-                           help="redraw the defect pool (and recompute its taps) every epoch")
-        group.add_argument("--cse-pool-stride", type=int, choices=(1, 2), default=2,
-                           help="stride of the 2x2 average pool of the embedding: 2 as the paper, 1 keeps the "
-                                "stride-16 grid for finer maps (default 2)")
+        group.add_argument(
+            "--cse-defects",
+            default=DEFAULT_MIX,
+            help=f"synthetic defect mix name:weight,... of {', '.join(defects.DEFECTS)} (default {DEFAULT_MIX})",
+        )
+        group.add_argument(
+            "--cse-defect-fraction",
+            type=float,
+            default=0.5,
+            help="share of pairs whose second image is defective (default 0.5)",
+        )
+        group.add_argument(
+            "--cse-pool",
+            type=int,
+            default=2,
+            help="defect variants drawn per training image, taps cached once (default 2)",
+        )
+        group.add_argument(
+            "--cse-regenerate", action="store_true", help="redraw the defect pool (and recompute its taps) every epoch"
+        )
+        group.add_argument(
+            "--cse-pool-stride",
+            type=int,
+            choices=(1, 2),
+            default=2,
+            help="stride of the 2x2 average pool of the embedding: 2 as the paper, 1 keeps the "
+            "stride-16 grid for finer maps (default 2)",
+        )
 
     def head_config(self, args: argparse.Namespace | None) -> dict[str, Any]:
         return {"pool_stride": int(getattr(args, "cse_pool_stride", 2) or 2)}
@@ -132,23 +148,23 @@ class CseMethod(Method):
             graph.eval()
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class CseOptions:
     lr: float = LEARNING_RATE
     mix: dict = dataclasses.field(default_factory=lambda: defects.parse_mix(DEFAULT_MIX))
-    fraction: float = 0.5      # share of pairs whose second image is defective
-    per_image: int = 2         # defect variants per training image in the pool
-    regenerate: bool = False   # redraw the pool every epoch
+    fraction: float = 0.5  # share of pairs whose second image is defective
+    per_image: int = 2  # defect variants per training image in the pool
+    regenerate: bool = False  # redraw the pool every epoch
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | None) -> "CseOptions":
-        options = cls(lr=float(getattr(args, "cse_lr", LEARNING_RATE)),
-                      mix=defects.parse_mix(getattr(args, "cse_defects", DEFAULT_MIX)),
-                      fraction=float(getattr(args, "cse_defect_fraction", 0.5)),
-                      per_image=int(getattr(args, "cse_pool", 2)),
-                      regenerate=bool(getattr(args, "cse_regenerate", False)))
+        options = cls(
+            lr=float(getattr(args, "cse_lr", LEARNING_RATE)),
+            mix=defects.parse_mix(getattr(args, "cse_defects", DEFAULT_MIX)),
+            fraction=float(getattr(args, "cse_defect_fraction", 0.5)),
+            per_image=int(getattr(args, "cse_pool", 2)),
+            regenerate=bool(getattr(args, "cse_regenerate", False)),
+        )
         if not 0.0 <= options.fraction <= 1.0:
             raise ValueError(f"--cse-defect-fraction {options.fraction}: expected a fraction in [0, 1]")
         if options.per_image < 1:
@@ -158,8 +174,16 @@ class CseOptions:
         return options
 
 
-def fit_head(head: CseHead, clean: list[torch.Tensor], draw_pool: Callable[[], list[torch.Tensor]],
-             options: CseOptions, epochs: int, batch: int, rng: np.random.Generator, progress) -> None:
+def fit_head(
+    head: CseHead,
+    clean: list[torch.Tensor],
+    draw_pool: Callable[[], list[torch.Tensor]],
+    options: CseOptions,
+    epochs: int,
+    batch: int,
+    rng: np.random.Generator,
+    progress,
+) -> None:
     """Train `head` on cached taps: `clean` [N, ...] per tap, and `draw_pool()` giving the taps of
     options.per_image defect variants per clean image (variant v of image i at row i * per_image + v)."""
     n = len(clean[0])
@@ -176,7 +200,7 @@ def fit_head(head: CseHead, clean: list[torch.Tensor], draw_pool: Callable[[], l
         head.train()
         order = torch.from_numpy(rng.permutation(n))
         for start in range(0, n, batch):
-            anchor = order[start:start + batch]
+            anchor = order[start : start + batch]
             defective = torch.from_numpy(rng.random(len(anchor)) < options.fraction)
             # Clean partner: another training image; defective partner: a variant of the anchor itself.
             partner = torch.from_numpy(rng.integers(0, n, len(anchor)))
@@ -193,8 +217,9 @@ def fit_head(head: CseHead, clean: list[torch.Tensor], draw_pool: Callable[[], l
     head.eval()
 
 
-def pair_loss(head: CseHead, first: list[torch.Tensor], second: list[torch.Tensor],
-              defective: torch.Tensor) -> torch.Tensor:
+def pair_loss(
+    head: CseHead, first: list[torch.Tensor], second: list[torch.Tensor], defective: torch.Tensor
+) -> torch.Tensor:
     """10 L_intra + L_extra for a batch of pairs; one pass over both halves so BatchNorm sees clean and defective
     samples together."""
     b = len(defective)

@@ -50,8 +50,12 @@ class SlaHead(nn.Module):
         self.concat = TapConcat()
         in_channels = sum(tap_channels)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 2 * dim, 1, bias=False), nn.BatchNorm2d(2 * dim), nn.ReLU(inplace=True),
-            nn.Conv2d(2 * dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, 2 * dim, 1, bias=False),
+            nn.BatchNorm2d(2 * dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(2 * dim, dim, 1, bias=False),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(inplace=True),
         )
         self.image_classifier = nn.Linear(dim, len(CLASSES))
         self.dense_classifier = nn.Conv2d(dim, len(CLASSES), 1)
@@ -89,14 +93,25 @@ class SlaMethod(Method):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("sla")
         group.add_argument("--sla-lr", type=float, default=LEARNING_RATE, help="SGD learning rate (0.03)")
-        group.add_argument("--sla-dim", type=int, default=FEATURE_DIM,
-                           help=f"learned feature channels (default {FEATURE_DIM})")
-        group.add_argument("--sla-pool", type=int, default=2,
-                           help="transformed variants drawn per training image, taps cached once (default 2)")
-        group.add_argument("--sla-regenerate", action="store_true",
-                           help="redraw the transformed pool (and recompute its taps) every epoch")
-        group.add_argument("--sla-hard-labels", action="store_true",
-                           help="ablation: hard labels (y = 1 for every transformed sample) instead of SLA")
+        group.add_argument(
+            "--sla-dim", type=int, default=FEATURE_DIM, help=f"learned feature channels (default {FEATURE_DIM})"
+        )
+        group.add_argument(
+            "--sla-pool",
+            type=int,
+            default=2,
+            help="transformed variants drawn per training image, taps cached once (default 2)",
+        )
+        group.add_argument(
+            "--sla-regenerate",
+            action="store_true",
+            help="redraw the transformed pool (and recompute its taps) every epoch",
+        )
+        group.add_argument(
+            "--sla-hard-labels",
+            action="store_true",
+            help="ablation: hard labels (y = 1 for every transformed sample) instead of SLA",
+        )
 
     def head_config(self, args: argparse.Namespace | None) -> dict[str, Any]:
         dim = int(getattr(args, "sla_dim", FEATURE_DIM) or FEATURE_DIM)
@@ -138,8 +153,9 @@ class SlaMethod(Method):
         optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         normal_image = soft_targets(torch.zeros(half, dtype=torch.long), torch.zeros(half))
-        normal_dense = soft_targets(torch.zeros((half,) + grid, dtype=torch.long),
-                                    torch.zeros((half,) + grid)).permute(0, 3, 1, 2)
+        normal_dense = soft_targets(torch.zeros((half,) + grid, dtype=torch.long), torch.zeros((half,) + grid)).permute(
+            0, 3, 1, 2
+        )
         progress.start(total, "sla")
         step = 0
         try:
@@ -149,15 +165,16 @@ class SlaMethod(Method):
                 head.train()
                 order = torch.from_numpy(rng.permutation(n))
                 for start in range(0, n, half):
-                    clean_idx = order[start:start + half]
+                    clean_idx = order[start : start + half]
                     variant = torch.from_numpy(rng.integers(0, len(pool["kind"]), len(clean_idx)))
                     b = len(clean_idx)
                     taps = [torch.cat([c[clean_idx], p[variant]]) for c, p in zip(clean, pool["taps"])]
                     features = head(taps)
                     image_target = torch.cat([normal_image[:b], pool["image_target"][variant]])
                     dense_target = torch.cat([normal_dense[:b], pool["dense_target"][variant]])
-                    loss = (soft_cross_entropy(head.image_classifier(features.mean(dim=(2, 3))), image_target, 1)
-                            + soft_cross_entropy(head.dense_classifier(features), dense_target, 1))
+                    loss = soft_cross_entropy(
+                        head.image_classifier(features.mean(dim=(2, 3))), image_target, 1
+                    ) + soft_cross_entropy(head.dense_classifier(features), dense_target, 1)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -168,8 +185,16 @@ class SlaMethod(Method):
             graph.eval()
 
     @staticmethod
-    def _pool(graph, images: np.ndarray, rng: np.random.Generator, mix: dict[str, float], per_image: int,
-              grid: tuple[int, int], hard: bool, progress) -> dict[str, torch.Tensor]:
+    def _pool(
+        graph,
+        images: np.ndarray,
+        rng: np.random.Generator,
+        mix: dict[str, float],
+        per_image: int,
+        grid: tuple[int, int],
+        hard: bool,
+        progress,
+    ) -> dict[str, torch.Tensor]:
         """Draw the transformed pool, cache its taps and its image- and cell-level soft targets."""
         pool = DefectPool.draw(images, rng, mix, per_image)
         kind = torch.from_numpy(np.array([CLASSES.index(pool.kinds[k]) for k in pool.kind]))

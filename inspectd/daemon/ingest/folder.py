@@ -31,8 +31,8 @@ class FolderWatcher(Source):
         self.poll_s = self.spec.poll_ms / 1000.0
         # name -> mtime_ns when inspected (files left in place): a file rewritten under the same name is new again.
         self.done: dict[str, int] = {}
-        self.sizes: dict[str, tuple[int, int]] = {}         # name -> (size, mtime_ns) at the previous scan
-        self.pending: list[tuple[int, str]] = []            # ready (mtime_ns, name), oldest last, popped from the end
+        self.sizes: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) at the previous scan
+        self.pending: list[tuple[int, str]] = []  # ready (mtime_ns, name), oldest last, popped from the end
 
     def open(self, stop: threading.Event) -> None:
         if not self.spec.path.is_dir():
@@ -47,8 +47,11 @@ class FolderWatcher(Source):
                     continue
                 st = entry.stat()
                 current[name] = (st.st_size, st.st_mtime_ns)
-        ready = [(stamp[1], name) for name, stamp in current.items()
-                 if self.done.get(name) != stamp[1] and self.sizes.get(name) == stamp]
+        ready = [
+            (stamp[1], name)
+            for name, stamp in current.items()
+            if self.done.get(name) != stamp[1] and self.sizes.get(name) == stamp
+        ]
         # A file is ready when its size and mtime held still over one poll interval: the writer is done with it.
         self.sizes = current
         # Forget files that left the folder, so memory follows the folder's content.

@@ -49,11 +49,11 @@ def _jpeg_dims(view: memoryview) -> tuple[str, int, int] | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers carry no length
             pos += 2
             continue
-        (length,) = struct.unpack(">H", view[pos + 2:pos + 4])
+        (length,) = struct.unpack(">H", view[pos + 2 : pos + 4])
         if marker in JPEG_SOF:
             if pos + 9 > len(view):
                 return None
-            height, width = struct.unpack(">HH", view[pos + 5:pos + 9])
+            height, width = struct.unpack(">HH", view[pos + 5 : pos + 9])
             return "jpeg", height, width
         pos += 2 + length
     return None
@@ -78,16 +78,16 @@ def _tiff_dims(view: memoryview) -> tuple[str, int, int] | None:
     (ifd,) = struct.unpack(order + "I", view[4:8])
     if ifd + 2 > len(view):
         return None
-    (entries,) = struct.unpack(order + "H", view[ifd:ifd + 2])
+    (entries,) = struct.unpack(order + "H", view[ifd : ifd + 2])
     dims: dict[int, int] = {}
     for i in range(entries):
         at = ifd + 2 + 12 * i
         if at + 12 > len(view):
             return None
-        tag, kind = struct.unpack(order + "HH", view[at:at + 4])
+        tag, kind = struct.unpack(order + "HH", view[at : at + 4])
         if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
             fmt, size = ("H", 2) if kind == 3 else ("I", 4)
-            (dims[tag],) = struct.unpack(order + fmt, view[at + 8:at + 8 + size])
+            (dims[tag],) = struct.unpack(order + fmt, view[at + 8 : at + 8 + size])
     if 256 not in dims or 257 not in dims:
         return None
     return "tiff", dims[257], dims[256]
@@ -97,8 +97,7 @@ class IncompleteImage(DataError):
     """Empty or cut short: for a file, possibly one still being written."""
 
 
-def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int,
-                     expected: str | None = None) -> np.ndarray:
+def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int, expected: str | None = None) -> np.ndarray:
     """Decode an encoded frame, refusing (DataError) empty, truncated, unknown-format and oversized ones first.
 
     `expected` ("jpeg", "png"): the format the sender declared; anything else is refused."""
@@ -106,14 +105,18 @@ def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int,
         raise IncompleteImage(f"{what}: empty (0 bytes), expected an encoded {expected or 'JPEG/PNG/BMP/TIFF'} image")
     dims = encoded_dims(data)
     if dims is None:
-        raise DataError(f"{what}: no image header found (JPEG SOF, PNG IHDR, BMP or TIFF), expected a complete "
-                        f"{expected or 'JPEG/PNG/BMP/TIFF'} image")
+        raise DataError(
+            f"{what}: no image header found (JPEG SOF, PNG IHDR, BMP or TIFF), expected a complete "
+            f"{expected or 'JPEG/PNG/BMP/TIFF'} image"
+        )
     fmt, height, width = dims
     if expected is not None and fmt != expected:
         raise DataError(f"{what}: payload is {fmt}, expected {expected} as the header's encoding says")
     if height * width > max_pixels:
-        raise DataError(f"{what}: {fmt} header declares {width}x{height} = {width * height} pixels, "
-                        f"expected at most max_pixels={max_pixels}")
+        raise DataError(
+            f"{what}: {fmt} header declares {width}x{height} = {width * height} pixels, "
+            f"expected at most max_pixels={max_pixels}"
+        )
     if height == 0 or width == 0:
         raise DataError(f"{what}: {fmt} header declares {width}x{height}, expected a non-empty image")
     # Decoders fill a truncated image with grey and report success; the missing trailer is the reliable sign.

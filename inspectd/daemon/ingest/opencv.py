@@ -36,8 +36,11 @@ class VideoCaptureSource(Source):
         elif self.spec.url is not None and not self.finite:
             # A dead RTSP/HTTP peer would otherwise block open/read for FFmpeg's default (tens of seconds), and with
             # it stop() and the reopen backoff.
-            cap = cv2.VideoCapture(target, cv2.CAP_ANY, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
-                                                         cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS])
+            cap = cv2.VideoCapture(
+                target,
+                cv2.CAP_ANY,
+                [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS],
+            )
         else:
             cap = cv2.VideoCapture(target)
         if not cap.isOpened():
@@ -60,8 +63,13 @@ class VideoCaptureSource(Source):
         self.counter += 1
         now = self.clock()
         if image.shape[0] * image.shape[1] > self.camera.max_pixels:
-            return self.frame(frame_id, now, None, f"frame {frame_id}: {image.shape[1]}x{image.shape[0]} pixels, "
-                                                   f"expected at most max_pixels={self.camera.max_pixels}")
+            return self.frame(
+                frame_id,
+                now,
+                None,
+                f"frame {frame_id}: {image.shape[1]}x{image.shape[0]} pixels, "
+                f"expected at most max_pixels={self.camera.max_pixels}",
+            )
         try:
             return self.frame(frame_id, now, as_uint8_gray_or_rgb(image, what=f"frame {frame_id}"))
         except DataError as exc:

@@ -26,7 +26,7 @@ class FrameQueue:
         self.ready = ready if ready is not None else threading.Condition()
         self.dropped = 0
         self._slots: list[Frame | None] = [None] * size
-        self._head = 0   # index of the oldest frame
+        self._head = 0  # index of the oldest frame
         self._count = 0
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)

@@ -39,6 +39,12 @@ class Source:
     def close(self) -> None:
         pass
 
-    def frame(self, frame_id: str, t_capture: float, image: np.ndarray | None, error: str | None = None,
-              truth: bool | None = None) -> Frame:
+    def frame(
+        self,
+        frame_id: str,
+        t_capture: float,
+        image: np.ndarray | None,
+        error: str | None = None,
+        truth: bool | None = None,
+    ) -> Frame:
         return Frame(self.camera.id, -1, frame_id, t_capture, image, error, truth)

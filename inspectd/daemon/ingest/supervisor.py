@@ -32,10 +32,15 @@ class CameraIngest:
     before its frame is queued (the daemon records it in the journal, so a crash shows in-flight frames as a gap).
     """
 
-    def __init__(self, camera: cfg.CameraConfig, queue: FrameQueue, first_seq: int = 0,
-                 clock: Callable[[], float] = time.time, backoff_s: tuple[float, float] = (BACKOFF_FIRST_S,
-                                                                                           BACKOFF_MAX_S),
-                 mark_seq: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        camera: cfg.CameraConfig,
+        queue: FrameQueue,
+        first_seq: int = 0,
+        clock: Callable[[], float] = time.time,
+        backoff_s: tuple[float, float] = (BACKOFF_FIRST_S, BACKOFF_MAX_S),
+        mark_seq: Callable[[int], None] | None = None,
+    ) -> None:
         self.camera = camera
         self.mark_seq = mark_seq or (lambda seq: None)
         self.queue = queue
@@ -67,10 +72,17 @@ class CameraIngest:
         return self._thread.is_alive()
 
     def stats(self) -> dict:
-        return {"frames_in": self.frames_in, "dropped": self.queue.dropped, "errors": self.errors,
-                "discarded": self.discarded, "reopen_count": self.reopen_count,
-                "state": "paused" if self.paused and self.state == "running" else self.state,
-                "last_error": self.last_error, "queued": len(self.queue), "next_seq": self.next_seq}
+        return {
+            "frames_in": self.frames_in,
+            "dropped": self.queue.dropped,
+            "errors": self.errors,
+            "discarded": self.discarded,
+            "reopen_count": self.reopen_count,
+            "state": "paused" if self.paused and self.state == "running" else self.state,
+            "last_error": self.last_error,
+            "queued": len(self.queue),
+            "next_seq": self.next_seq,
+        }
 
     def _set_state(self, state: str, **fields) -> None:
         if state != self.state:
@@ -107,7 +119,7 @@ class CameraIngest:
                 except Exception as exc:  # any source failure: the camera is reopened, the others never notice
                     self.last_error = _one_line(exc)
                     self._set_state("reopening", error=self.last_error)
-                    delay = min(self.backoff_s[1], self.backoff_s[0] * 2 ** failures)
+                    delay = min(self.backoff_s[1], self.backoff_s[0] * 2**failures)
                     failures += 1
                     self._source.close()
                     if self._stop.wait(delay):

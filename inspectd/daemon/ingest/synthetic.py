@@ -18,6 +18,7 @@ class SyntheticLineSource(Source):
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         super().__init__(camera, clock)
         from engines.data.synthline import SyntheticLine
+
         s: cfg.SyntheticSource = camera.source
         self.spec = s
         self.line = SyntheticLine(s.width, s.height, s.channels, s.defect_rate, s.seed)

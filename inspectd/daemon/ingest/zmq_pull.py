@@ -30,6 +30,7 @@ class ZmqPullSource(Source):
 
     def open(self, stop: threading.Event) -> None:
         import zmq
+
         sock = zmq.Context.instance().socket(zmq.PULL)
         sock.linger = 0
         sock.rcvhwm = max(2 * self.camera.queue.size, 16)
@@ -60,21 +61,28 @@ class ZmqPullSource(Source):
         fallback_id = f"msg{self.received}"
         now = self.clock()
         if len(parts) != 2:
-            return self.frame(fallback_id, now, None, f"message of {len(parts)} parts, expected 2: "
-                                                      f"[JSON header, payload]")
+            return self.frame(
+                fallback_id, now, None, f"message of {len(parts)} parts, expected 2: [JSON header, payload]"
+            )
         try:
             header = json.loads(bytes(parts[0].buffer))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            return self.frame(fallback_id, now, None, "header: not JSON, expected a JSON object "
-                                                      "{frame_id, t_capture, shape, dtype, encoding}")
+            return self.frame(
+                fallback_id,
+                now,
+                None,
+                "header: not JSON, expected a JSON object {frame_id, t_capture, shape, dtype, encoding}",
+            )
         if not isinstance(header, dict):
             return self.frame(fallback_id, now, None, f"header: {type(header).__name__}, expected a JSON object")
         frame_id = header.get("frame_id")
-        frame_id = str(frame_id) if isinstance(frame_id, (str, int)) and not isinstance(frame_id, bool) \
-            else fallback_id
+        frame_id = str(frame_id) if isinstance(frame_id, (str, int)) and not isinstance(frame_id, bool) else fallback_id
         t_capture = header.get("t_capture")
-        t_capture = float(t_capture) if isinstance(t_capture, (int, float)) and not isinstance(t_capture, bool) \
-            and math.isfinite(t_capture) else now
+        t_capture = (
+            float(t_capture)
+            if isinstance(t_capture, (int, float)) and not isinstance(t_capture, bool) and math.isfinite(t_capture)
+            else now
+        )
         try:
             image = self._decode(header, frame_id, parts[1].buffer)
         except DataError as exc:
@@ -91,32 +99,41 @@ class ZmqPullSource(Source):
             raise DataError(f"{what}: header has no frame_id, expected a string or integer")
         if not isinstance(header["frame_id"], (str, int)) or isinstance(header["frame_id"], bool):
             raise DataError(f"{what}: frame_id {header['frame_id']!r}, expected a string or integer")
-        if "t_capture" in header and not (isinstance(header["t_capture"], (int, float))
-                                          and not isinstance(header["t_capture"], bool)
-                                          and math.isfinite(header["t_capture"])):
+        if "t_capture" in header and not (
+            isinstance(header["t_capture"], (int, float))
+            and not isinstance(header["t_capture"], bool)
+            and math.isfinite(header["t_capture"])
+        ):
             raise DataError(f"{what}: t_capture {header['t_capture']!r}, expected epoch seconds (a number)")
         camera = header.get("camera")
         if camera is not None and camera != self.camera.id:
-            raise DataError(f"{what}: header camera {camera!r} sent to camera {self.camera.id!r}'s endpoint, "
-                            f"expected {self.camera.id!r} or no camera field")
+            raise DataError(
+                f"{what}: header camera {camera!r} sent to camera {self.camera.id!r}'s endpoint, "
+                f"expected {self.camera.id!r} or no camera field"
+            )
         encoding = header.get("encoding", "raw")
         if encoding not in cfg.ENCODINGS:
             raise DataError(f"{what}: encoding {encoding!r}, expected one of {'|'.join(cfg.ENCODINGS)}")
         if encoding == "raw" and "dtype" not in header:
-            raise DataError(f"{what}: raw frame without dtype, expected dtype \"uint8\"")
+            raise DataError(f'{what}: raw frame without dtype, expected dtype "uint8"')
         dtype = header.get("dtype", "uint8")
         if dtype != "uint8":
-            raise DataError(f"{what}: dtype {dtype!r}, expected \"uint8\" (float and 16-bit frames are refused)")
+            raise DataError(f'{what}: dtype {dtype!r}, expected "uint8" (float and 16-bit frames are refused)')
         shape = header.get("shape")
         if shape is not None:
-            if (not isinstance(shape, list) or len(shape) not in (2, 3)
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+            if (
+                not isinstance(shape, list)
+                or len(shape) not in (2, 3)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+            ):
                 raise DataError(f"{what}: shape {shape!r}, expected [height, width] or [height, width, channels]")
             if len(shape) == 3 and shape[2] not in (1, 3):
                 raise DataError(f"{what}: shape {shape} has {shape[2]} channels, expected 1 or 3")
             if shape[0] * shape[1] > self.camera.max_pixels:
-                raise DataError(f"{what}: shape {shape} is {shape[0] * shape[1]} pixels, "
-                                f"expected at most max_pixels={self.camera.max_pixels}")
+                raise DataError(
+                    f"{what}: shape {shape} is {shape[0] * shape[1]} pixels, "
+                    f"expected at most max_pixels={self.camera.max_pixels}"
+                )
         if encoding == "raw":
             if shape is None:
                 raise DataError(f"{what}: raw frame without shape, expected shape [height, width(, channels)]")

@@ -21,13 +21,19 @@ from inspectd.tools.bench.measure import MB, cpu_model, fmt, markdown_table, pea
 # What the daemon is held to, set for a CPU station with 2 cores: name -> (what, comparison, target).
 GOALS = {
     "daemon_vs_engine_raw": ("daemon saturated frames/s (zmq raw) / engine-only best frames/s", ">=", 0.90),
-    "daemon_vs_engine_raw_cpu": ("the same from CPU time: engine CPU ms/frame (at the daemon's mean batch) / daemon "
-                                 "CPU ms/frame (zmq raw, saturated); the throughput ratio on 2 cores of its own",
-                                 ">=", 0.90),
+    "daemon_vs_engine_raw_cpu": (
+        "the same from CPU time: engine CPU ms/frame (at the daemon's mean batch) / daemon "
+        "CPU ms/frame (zmq raw, saturated); the throughput ratio on 2 cores of its own",
+        ">=",
+        0.90,
+    ),
     "daemon_vs_engine_jpeg": ("daemon saturated frames/s (zmq JPEG) / engine-only best frames/s", "info", None),
     "daemon_vs_naive": ("daemon saturated frames/s (zmq JPEG) / naive loop frames/s, same JPEG frames", ">=", 1.5),
-    "daemon_vs_naive_cpu": ("the same from CPU time: naive CPU ms/frame / daemon CPU ms/frame (zmq JPEG, saturated)",
-                            "info", None),
+    "daemon_vs_naive_cpu": (
+        "the same from CPU time: naive CPU ms/frame / daemon CPU ms/frame (zmq JPEG, saturated)",
+        "info",
+        None,
+    ),
     "p99_at_half_load": ("p99 latency at 50% of saturation / (2 x (max_wait + one batch's engine time))", "<=", 1.0),
     "outside_engine_cpu": ("daemon CPU per frame outside the engine / engine CPU per frame", "<", 0.10),
 }
@@ -74,8 +80,9 @@ def _options(text: str) -> dict:
     except json.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of engine options, e.g. "
-                                         "'{\"intra_op_threads\": 2}'")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a JSON object of engine options, e.g. '{{\"intra_op_threads\": 2}}'"
+        )
     return value
 
 
@@ -88,6 +95,7 @@ def _positive(kind):
         if value is None or value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a {kind.__name__} > 0")
         return value
+
     return parse
 
 
@@ -108,19 +116,31 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _frame_args(p: argparse.ArgumentParser, default_synthetic: int | None) -> None:
     group = p.add_mutually_exclusive_group(required=default_synthetic is None)
     group.add_argument("--frames", type=Path, help="a folder of JPEG/PNG frames")
-    group.add_argument("--synthetic", type=_positive(int), default=default_synthetic,
-                       help="write this many synthetic-line JPEG frames and use them"
-                            + (f" (default {default_synthetic})" if default_synthetic else ""))
-    p.add_argument("--frame-size", type=_size, default=None,
-                   help="size of --synthetic frames, N or HxW (default: the bundle's input size)")
+    group.add_argument(
+        "--synthetic",
+        type=_positive(int),
+        default=default_synthetic,
+        help="write this many synthetic-line JPEG frames and use them"
+        + (f" (default {default_synthetic})" if default_synthetic else ""),
+    )
+    p.add_argument(
+        "--frame-size",
+        type=_size,
+        default=None,
+        help="size of --synthetic frames, N or HxW (default: the bundle's input size)",
+    )
 
 
 def _daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=_positive(int), default=8, help="daemon batching.max_batch (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="daemon batching.max_wait_ms (default 10)")
-    p.add_argument("--profile", type=Path, default=None,
-                   help="run one saturated daemon (zmq-raw if chosen, else the first source; the first camera "
-                        "count) under cProfile in every thread, into this pstats file")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="run one saturated daemon (zmq-raw if chosen, else the first source; the first camera "
+        "count) under cProfile in every thread, into this pstats file",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,10 +150,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path)
     _engine_args(p)
     p.add_argument("--batch", type=_ints, default=[1, 4, 8, 16], help="batch sizes (default 1,4,8,16)")
-    p.add_argument("--size", type=_size, nargs="+", default=None,
-                   help="input sizes (N or HxW); others than the bundle's train a frozen bundle for the bench")
-    p.add_argument("--train-data", type=Path, default=None,
-                   help="defect-free images for --size bundles (default: the bundle's own training data)")
+    p.add_argument(
+        "--size",
+        type=_size,
+        nargs="+",
+        default=None,
+        help="input sizes (N or HxW); others than the bundle's train a frozen bundle for the bench",
+    )
+    p.add_argument(
+        "--train-data",
+        type=Path,
+        default=None,
+        help="defect-free images for --size bundles (default: the bundle's own training data)",
+    )
     p.add_argument("--windows", type=_positive(int), default=5, help="timed windows per batch size (default 5)")
     p.add_argument("--window-s", type=_positive(float), default=2.0, help="seconds per window (default 2)")
     p.add_argument("--json", default=None, help="write the figures as JSON to this file ('-': stdout)")
@@ -141,8 +170,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = modes.add_parser("naive", help="the single-threaded loop a user would write without inspectd")
     p.add_argument("bundle", type=Path)
     _frame_args(p, None)
-    p.add_argument("--duration", type=float, default=0.0,
-                   help="repeat the frames until this many seconds have passed (default: one pass)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="repeat the frames until this many seconds have passed (default: one pass)",
+    )
     p.add_argument("--json", default=None, help="write the figures as JSON to this file ('-': stdout)")
 
     p = modes.add_parser("daemon", help="the real daemon as a subprocess, at saturation and a fixed rate")
@@ -150,10 +183,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _engine_args(p)
     _frame_args(p, 32)
     p.add_argument("--cameras", type=_ints, default=[1, 4], help="camera counts (default 1,4)")
-    p.add_argument("--source", type=_sources, default=["synthetic", "folder", "zmq-raw", "zmq-jpeg"],
-                   help="sources (default synthetic,folder,zmq-raw,zmq-jpeg)")
-    p.add_argument("--load", type=_loads, default=["sat", "0.5"],
-                   help="'sat' and fractions of the measured saturation to offer (default sat,0.5)")
+    p.add_argument(
+        "--source",
+        type=_sources,
+        default=["synthetic", "folder", "zmq-raw", "zmq-jpeg"],
+        help="sources (default synthetic,folder,zmq-raw,zmq-jpeg)",
+    )
+    p.add_argument(
+        "--load",
+        type=_loads,
+        default=["sat", "0.5"],
+        help="'sat' and fractions of the measured saturation to offer (default sat,0.5)",
+    )
     p.add_argument("--duration", type=_positive(float), default=8.0, help="measured seconds per scenario (default 8)")
     _daemon_args(p)
     p.add_argument("--json", default=None, help="write the figures as JSON to this file ('-': stdout)")
@@ -166,10 +207,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=_positive(int), default=5, help="engine windows per batch size (default 5)")
     p.add_argument("--window-s", type=_positive(float), default=2.0, help="seconds per engine window (default 2)")
     p.add_argument("--cameras", type=_ints, default=[1, 4], help="daemon camera counts (default 1,4)")
-    p.add_argument("--source", type=_sources, default=["zmq-raw", "zmq-jpeg", "synthetic", "folder"],
-                   help="daemon sources (default zmq-raw,zmq-jpeg,synthetic,folder)")
-    p.add_argument("--duration", type=_positive(float), default=8.0,
-                   help="measured seconds per daemon scenario and for the naive loop (default 8)")
+    p.add_argument(
+        "--source",
+        type=_sources,
+        default=["zmq-raw", "zmq-jpeg", "synthetic", "folder"],
+        help="daemon sources (default zmq-raw,zmq-jpeg,synthetic,folder)",
+    )
+    p.add_argument(
+        "--duration",
+        type=_positive(float),
+        default=8.0,
+        help="measured seconds per daemon scenario and for the naive loop (default 8)",
+    )
     _daemon_args(p)
     p.add_argument("--json", default=None, help="write the whole report as JSON to this file ('-': stdout)")
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown report to this file")
@@ -195,14 +244,19 @@ def _table(module, report: dict) -> str:
 def run_engine(args) -> dict:
     from inspectd.tools.bench import engine as bench_engine
 
-    report = bench_engine.bench_engine(args.bundle, args.backend, args.options, args.batch, args.size,
-                                       args.windows, args.window_s, args.train_data)
+    report = bench_engine.bench_engine(
+        args.bundle, args.backend, args.options, args.batch, args.size, args.windows, args.window_s, args.train_data
+    )
     print(_table(bench_engine, report))
     for r in report["sizes"]:
-        print(f"\n{'x'.join(map(str, r['input']))}: opening the engine added {r['rss_engine_mb']:.0f} MB resident, "
-              f"the larger batches {r['rss_batches_mb']:.0f} MB more; {r['rss_end_mb']:.0f} MB at the end")
-    print(f"peak RSS {report['peak_rss_mb']:.0f} MB; median of {args.windows} windows of {args.window_s:g}s "
-          f"after {bench_engine.WARMUP_S:g}s warm-up")
+        print(
+            f"\n{'x'.join(map(str, r['input']))}: opening the engine added {r['rss_engine_mb']:.0f} MB resident, "
+            f"the larger batches {r['rss_batches_mb']:.0f} MB more; {r['rss_end_mb']:.0f} MB at the end"
+        )
+    print(
+        f"peak RSS {report['peak_rss_mb']:.0f} MB; median of {args.windows} windows of {args.window_s:g}s "
+        f"after {bench_engine.WARMUP_S:g}s warm-up"
+    )
     return report
 
 
@@ -226,15 +280,28 @@ def run_daemon(args, engine_rows: list[dict] | None = None, paths: list[Path] | 
         # CPU per frame outside the engine needs the engine's own CPU per frame, measured in this run.
         _log("bench daemon: measuring the engine alone first (for CPU outside the engine)")
         batches = sorted({1, max(1, args.max_batch // 2), args.max_batch})
-        engine = bench_engine.bench_bundle(load_bundle(args.bundle), args.backend, args.options, batches,
-                                           windows=2, window_s=1.0)
+        engine = bench_engine.bench_bundle(
+            load_bundle(args.bundle), args.backend, args.options, batches, windows=2, window_s=1.0
+        )
         engine_rows = engine["rows"]
     with tempfile.TemporaryDirectory(prefix="inspectd-bench-") as tmp:
         paths = paths or _frames(args, args.bundle, Path(tmp))
         frames = bench_daemon.FrameSet(paths, load_bundle(args.bundle).input_shape[2])
-        report = bench_daemon.bench_daemon(args.bundle, frames, args.source, args.cameras, args.duration,
-                                           getattr(args, "load", ["sat", "0.5"]), engine_rows, args.max_batch,
-                                           args.max_wait_ms, args.backend, args.options, args.profile, log=_log)
+        report = bench_daemon.bench_daemon(
+            args.bundle,
+            frames,
+            args.source,
+            args.cameras,
+            args.duration,
+            getattr(args, "load", ["sat", "0.5"]),
+            engine_rows,
+            args.max_batch,
+            args.max_wait_ms,
+            args.backend,
+            args.options,
+            args.profile,
+            log=_log,
+        )
     report["engine_rows"] = engine_rows
     if args.profile is not None:
         report["profile"] = summarize_profile(args.profile)
@@ -253,30 +320,58 @@ def summarize_profile(path: Path, top: int = 20) -> dict:
     stats = pstats.Stats(str(path))
     entries = []
     for (filename, line, name), (cc, nc, tt, ct, _) in stats.stats.items():
-        entries.append({"function": f"{Path(filename).name}:{line}({name})", "file": filename, "calls": nc,
-                        "own_s": tt, "cumulative_s": ct})
+        entries.append(
+            {
+                "function": f"{Path(filename).name}:{line}({name})",
+                "file": filename,
+                "calls": nc,
+                "own_s": tt,
+                "cumulative_s": ct,
+            }
+        )
     frames = sum(e["calls"] for e in entries if e["file"].endswith("publish.py") and "_send_result" in e["function"])
     for e in entries:
         e["own_us_per_frame"] = e["own_s"] / frames * 1e6 if frames else None
         e["cumulative_us_per_frame"] = e["cumulative_s"] / frames * 1e6 if frames else None
     own = sorted(entries, key=lambda e: -e["own_s"])[:top]
-    ours = sorted((e for e in entries if "/inspectd/" in e["file"] or "/engines/" in e["file"]),
-                  key=lambda e: -e["cumulative_s"])[:top]
-    return {"path": str(path), "frames": frames, "total_own_s": sum(e["own_s"] for e in entries),
-            "top_own": own, "top_inspectd_cumulative": ours}
+    ours = sorted(
+        (e for e in entries if "/inspectd/" in e["file"] or "/engines/" in e["file"]), key=lambda e: -e["cumulative_s"]
+    )[:top]
+    return {
+        "path": str(path),
+        "frames": frames,
+        "total_own_s": sum(e["own_s"] for e in entries),
+        "top_own": own,
+        "top_inspectd_cumulative": ours,
+    }
 
 
 def profile_table(profile: dict) -> str:
     def rows(entries):
-        return [[e["function"], e["calls"], e["own_s"], e["cumulative_s"], e["own_us_per_frame"],
-                 e["cumulative_us_per_frame"]] for e in entries]
+        return [
+            [
+                e["function"],
+                e["calls"],
+                e["own_s"],
+                e["cumulative_s"],
+                e["own_us_per_frame"],
+                e["cumulative_us_per_frame"],
+            ]
+            for e in entries
+        ]
 
     headers = ["calls", "own CPU s", "cumulative CPU s", "own us/frame", "cumulative us/frame"]
-    return "\n".join([
-        f"{profile['frames']} frames published; CPU time of every thread but the main one (cProfile, thread_time)",
-        "", markdown_table(["function (most own CPU)", *headers], rows(profile["top_own"])),
-        "", markdown_table(["inspectd/engines function (most cumulative CPU)", *headers],
-                           rows(profile["top_inspectd_cumulative"]))])
+    return "\n".join(
+        [
+            f"{profile['frames']} frames published; CPU time of every thread but the main one (cProfile, thread_time)",
+            "",
+            markdown_table(["function (most own CPU)", *headers], rows(profile["top_own"])),
+            "",
+            markdown_table(
+                ["inspectd/engines function (most cumulative CPU)", *headers], rows(profile["top_inspectd_cumulative"])
+            ),
+        ]
+    )
 
 
 def ratios(engine: dict, naive: dict, daemon: dict, max_wait_ms: float, max_batch: int) -> dict[str, Any]:
@@ -290,25 +385,35 @@ def ratios(engine: dict, naive: dict, daemon: dict, max_wait_ms: float, max_batc
 
     raw, jpeg = find("zmq-raw", True), find("zmq-jpeg", True)
     half = [r for r in rows if r["source"] == "zmq-raw" and r["load"].startswith("50%")]
-    full_batch = next((r for s in engine["sizes"] if not s["trained_for_bench"] for r in s["rows"]
-                       if r["batch"] == max_batch), None)
+    full_batch = next(
+        (r for s in engine["sizes"] if not s["trained_for_bench"] for r in s["rows"] if r["batch"] == max_batch), None
+    )
     bound_ms = 2 * (max_wait_ms + full_batch["latency_ms"]["p50"]) if full_batch else None
     out: dict[str, Any] = {}
     out["daemon_vs_engine_raw"] = raw["delivered_fps"] / best if raw else None
-    out["daemon_vs_engine_raw_cpu"] = (raw["engine_cpu_ms_per_frame"] / raw["daemon_cpu_ms_per_frame"]
-                                       if raw and raw["engine_cpu_ms_per_frame"] and raw["daemon_cpu_ms_per_frame"]
-                                       else None)
+    out["daemon_vs_engine_raw_cpu"] = (
+        raw["engine_cpu_ms_per_frame"] / raw["daemon_cpu_ms_per_frame"]
+        if raw and raw["engine_cpu_ms_per_frame"] and raw["daemon_cpu_ms_per_frame"]
+        else None
+    )
     out["daemon_vs_engine_jpeg"] = jpeg["delivered_fps"] / best if jpeg else None
     out["daemon_vs_naive"] = jpeg["delivered_fps"] / naive["fps"] if jpeg and naive else None
-    out["daemon_vs_naive_cpu"] = (naive["cpu_ms_per_frame"] / jpeg["daemon_cpu_ms_per_frame"]
-                                  if jpeg and naive and jpeg["daemon_cpu_ms_per_frame"] else None)
+    out["daemon_vs_naive_cpu"] = (
+        naive["cpu_ms_per_frame"] / jpeg["daemon_cpu_ms_per_frame"]
+        if jpeg and naive and jpeg["daemon_cpu_ms_per_frame"]
+        else None
+    )
     out["p99_at_half_load"] = (max(r["latency_ms"]["p99"] for r in half) / bound_ms) if half and bound_ms else None
-    outside = [r for r in rows if r["source"] == "zmq-raw" and r["load"] == "saturation"
-               and r["outside_engine_cpu_ms_per_frame"] is not None]
+    outside = [
+        r
+        for r in rows
+        if r["source"] == "zmq-raw" and r["load"] == "saturation" and r["outside_engine_cpu_ms_per_frame"] is not None
+    ]
     if outside:
         # A difference of two noisy CPU figures: the mean over the saturated zmq-raw runs (1 and 4 cameras).
-        out["outside_engine_cpu"] = (sum(r["outside_engine_cpu_ms_per_frame"] for r in outside)
-                                     / sum(r["engine_cpu_ms_per_frame"] for r in outside))
+        out["outside_engine_cpu"] = sum(r["outside_engine_cpu_ms_per_frame"] for r in outside) / sum(
+            r["engine_cpu_ms_per_frame"] for r in outside
+        )
     else:
         out["outside_engine_cpu"] = None
     out["p99_bound_ms"] = bound_ms
@@ -340,8 +445,9 @@ def run_all(args) -> dict:
     if args.max_batch not in args.batch:
         args.batch = sorted(set(args.batch) | {args.max_batch})
     _log("bench all: engine")
-    engine = bench_engine.bench_engine(args.bundle, args.backend, args.options, args.batch, None, args.windows,
-                                       args.window_s)
+    engine = bench_engine.bench_engine(
+        args.bundle, args.backend, args.options, args.batch, None, args.windows, args.window_s
+    )
     with tempfile.TemporaryDirectory(prefix="inspectd-bench-") as tmp:
         paths = _frames(args, args.bundle, Path(tmp))
         _log(f"bench all: naive loop on {len(paths)} frames")
@@ -351,12 +457,22 @@ def run_all(args) -> dict:
         daemon = run_daemon(args, engine["sizes"][0]["rows"], paths)
     values = ratios(engine, naive, daemon, args.max_wait_ms, args.max_batch)
     report = {
-        "kind": "all", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "seconds": time.time() - started, "machine": machine(), "bundle": str(args.bundle),
-        "model_id": bundle.model_id, "input": list(bundle.input_shape), "frames": len(paths),
+        "kind": "all",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": time.time() - started,
+        "machine": machine(),
+        "bundle": str(args.bundle),
+        "model_id": bundle.model_id,
+        "input": list(bundle.input_shape),
+        "frames": len(paths),
         "frame_sizes": frame_sizes(paths),
-        "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "ratios": values,
-        "engine": engine, "naive": naive, "daemon": daemon, "bench_peak_rss_mb": peak_rss_bytes() / MB,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "ratios": values,
+        "engine": engine,
+        "naive": naive,
+        "daemon": daemon,
+        "bench_peak_rss_mb": peak_rss_bytes() / MB,
     }
     text = markdown_report(report)
     print(text)
@@ -373,7 +489,7 @@ def frame_sizes(paths: list[Path]) -> str:
     if not dims:
         return "sizes unknown"
     if len(dims) == 1:
-        (h, w), = dims
+        ((h, w),) = dims
         return f"{h}x{w}"
     hs, ws = [d[0] for d in dims], [d[1] for d in dims]
     return f"{min(hs)}..{max(hs)} x {min(ws)}..{max(ws)}"
@@ -385,8 +501,13 @@ def machine() -> dict[str, Any]:
 
     import onnxruntime
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "load_avg_at_start": os.getloadavg()}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "load_avg_at_start": os.getloadavg(),
+    }
 
 
 def markdown_report(report: dict) -> str:
@@ -399,15 +520,32 @@ def markdown_report(report: dict) -> str:
         f"Bundle {report['model_id']} (input {'x'.join(map(str, report['input']))}), {report['frames']} frames "
         f"({report['frame_sizes']}); daemon max_batch {report['max_batch']}, "
         f"max_wait_ms {report['max_wait_ms']:g}.",
-        "", "### Goals", "", goals_table(report["ratios"]),
-        "", f"p99 bound at 50% load: {fmt(report['ratios']['p99_bound_ms'])} ms.",
-        "", "### Engine only", "", _table(bench_engine, report["engine"]),
-        "", "### Naive loop", "", _table(bench_naive, report["naive"]),
-        "", "### Daemon", "", _table(bench_daemon, report["daemon"]),
+        "",
+        "### Goals",
+        "",
+        goals_table(report["ratios"]),
+        "",
+        f"p99 bound at 50% load: {fmt(report['ratios']['p99_bound_ms'])} ms.",
+        "",
+        "### Engine only",
+        "",
+        _table(bench_engine, report["engine"]),
+        "",
+        "### Naive loop",
+        "",
+        _table(bench_naive, report["naive"]),
+        "",
+        "### Daemon",
+        "",
+        _table(bench_daemon, report["daemon"]),
     ]
     if "profile" in report["daemon"]:
-        parts += ["", "### Daemon profile (saturated zmq-raw, cProfile in every thread)", "",
-                  profile_table(report["daemon"]["profile"])]
+        parts += [
+            "",
+            "### Daemon profile (saturated zmq-raw, cProfile in every thread)",
+            "",
+            profile_table(report["daemon"]["profile"]),
+        ]
     return "\n".join(parts)
 
 

@@ -36,12 +36,12 @@ from inspectd.errors import MessageError
 from inspectd.clients.subscribe import GapTracker, Subscriber
 
 SOURCES = ("synthetic", "folder", "zmq-raw", "zmq-jpeg")
-SATURATION_RATE_HZ = 5000.0   # synthetic source rate standing in for "as fast as possible"
-START_TIMEOUT_S = 90.0        # imports, bundle checksums, ONNX Runtime session, warm-up, on a small loaded machine
+SATURATION_RATE_HZ = 5000.0  # synthetic source rate standing in for "as fast as possible"
+START_TIMEOUT_S = 90.0  # imports, bundle checksums, ONNX Runtime session, warm-up, on a small loaded machine
 STOP_TIMEOUT_S = 20.0
 WARMUP_S = 1.5
 BURST_GAP_MIN_S = 0.02
-FOLDER_FPS_CEILING = 300     # a folder backlog holds this many frames/s of the run, more than the engine can do
+FOLDER_FPS_CEILING = 300  # a folder backlog holds this many frames/s of the run, more than the engine can do
 
 
 def free_port() -> int:
@@ -89,8 +89,13 @@ class Pusher(threading.Thread):
     def _message(self, i: int) -> list:
         k = i % len(self.frames.raw)
         image = self.frames.raw[k]
-        header = {"frame_id": str(i), "t_capture": time.time(), "shape": list(image.shape), "dtype": "uint8",
-                  "encoding": self.encoding}
+        header = {
+            "frame_id": str(i),
+            "t_capture": time.time(),
+            "shape": list(image.shape),
+            "dtype": "uint8",
+            "encoding": self.encoding,
+        }
         payload = image if self.encoding == "raw" else self.frames.jpeg[k]
         return [json.dumps(header).encode(), payload]
 
@@ -115,17 +120,36 @@ class Pusher(threading.Thread):
             sock.close(0)
 
 
-def write_config(workdir: Path, bundle: Path, source: str, cameras: int, saturate: bool, rate_hz: float | None,
-                 frames: FrameSet, max_batch: int, max_wait_ms: float, backend: str, options: dict,
-                 frame_hw: tuple[int, int], channels: int, duration_s: float) -> tuple[Path, str, list[str]]:
+def write_config(
+    workdir: Path,
+    bundle: Path,
+    source: str,
+    cameras: int,
+    saturate: bool,
+    rate_hz: float | None,
+    frames: FrameSet,
+    max_batch: int,
+    max_wait_ms: float,
+    backend: str,
+    options: dict,
+    frame_hw: tuple[int, int],
+    channels: int,
+    duration_s: float,
+) -> tuple[Path, str, list[str]]:
     """The daemon config for one scenario; returns (path, publish endpoint, zmq ingest endpoints)."""
     publish = f"tcp://127.0.0.1:{free_port()}"
     cams, ingest = [], []
     for k in range(cameras):
         if source == "synthetic":
             per_camera = SATURATION_RATE_HZ if saturate else rate_hz / cameras
-            src = {"kind": "synthetic", "rate_hz": per_camera, "width": frame_hw[1], "height": frame_hw[0],
-                   "channels": channels, "seed": k}
+            src = {
+                "kind": "synthetic",
+                "rate_hz": per_camera,
+                "width": frame_hw[1],
+                "height": frame_hw[0],
+                "channels": channels,
+                "seed": k,
+            }
         elif source == "folder":
             folder = workdir / f"cam{k}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -138,8 +162,9 @@ def write_config(workdir: Path, bundle: Path, source: str, cameras: int, saturat
             endpoint = f"tcp://127.0.0.1:{free_port()}"
             ingest.append(endpoint)
             src = {"kind": "zmq", "endpoint": endpoint}
-        cams.append({"id": f"cam{k}", "source": src, "queue": {"size": 64, "policy": "block" if saturate
-                                                                else "drop_oldest"}})
+        cams.append(
+            {"id": f"cam{k}", "source": src, "queue": {"size": 64, "policy": "block" if saturate else "drop_oldest"}}
+        )
     config = {
         "station": "bench",
         "model": {"bundle": str(bundle)},
@@ -197,10 +222,23 @@ def control_status(endpoint: str, timeout_ms: int = 2000) -> dict | None:
 class Scenario:
     """One daemon subprocess, fed and measured."""
 
-    def __init__(self, bundle: Path, source: str, cameras: int, frames: FrameSet, workdir: Path, *,
-                 saturate: bool, rate_hz: float | None = None, max_batch: int = 8, max_wait_ms: float = 10.0,
-                 backend: str = "onnxruntime", options: dict | None = None, profile: Path | None = None,
-                 duration_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        source: str,
+        cameras: int,
+        frames: FrameSet,
+        workdir: Path,
+        *,
+        saturate: bool,
+        rate_hz: float | None = None,
+        max_batch: int = 8,
+        max_wait_ms: float = 10.0,
+        backend: str = "onnxruntime",
+        options: dict | None = None,
+        profile: Path | None = None,
+        duration_s: float = 10.0,
+    ) -> None:
         if source not in SOURCES:
             raise ValueError(f"--source {source!r}: expected one of {', '.join(SOURCES)}")
         if not saturate and (rate_hz is None or rate_hz <= 0):
@@ -213,32 +251,60 @@ class Scenario:
         self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
         frame_hw = frames.raw[0].shape[:2]
         self.config, self.publish, self.ingest = write_config(
-            workdir, bundle, source, cameras, saturate, rate_hz, frames, max_batch, max_wait_ms, backend,
-            options or {}, frame_hw, c, duration_s)
+            workdir,
+            bundle,
+            source,
+            cameras,
+            saturate,
+            rate_hz,
+            frames,
+            max_batch,
+            max_wait_ms,
+            backend,
+            options or {},
+            frame_hw,
+            c,
+            duration_s,
+        )
         self.control = f"ipc://{workdir}/control.sock"
 
     def command(self) -> list[str]:
         if self.profile is not None:
-            return [sys.executable, "-m", "inspectd.tools.bench.profiling", str(self.profile), "run", "--config",
-                    str(self.config)]
+            return [
+                sys.executable,
+                "-m",
+                "inspectd.tools.bench.profiling",
+                str(self.profile),
+                "run",
+                "--config",
+                str(self.config),
+            ]
         return [sys.executable, "-m", "inspectd", "run", "--config", str(self.config)]
 
     def run(self, duration_s: float) -> dict[str, Any]:
         log_path = self.workdir / "daemon.log"
         # The daemon imports this very checkout, installed or not.
         root = str(Path(__file__).resolve().parents[1])
-        env = dict(os.environ, PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        )
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=str(self.workdir))
+            proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir)
+            )
         sub = Subscriber(self.publish, topic="inspect.bench.", context=zmq.Context.instance(), rcvhwm=100000)
         pusher = None
         try:
             self._wait_ready(proc, sub, log_path)
             if self.ingest:
-                pusher = Pusher(self.ingest, self.frames, "raw" if self.source == "zmq-raw" else "jpeg",
-                                None if self.saturate else self.rate_hz)
+                pusher = Pusher(
+                    self.ingest,
+                    self.frames,
+                    "raw" if self.source == "zmq-raw" else "jpeg",
+                    None if self.saturate else self.rate_hz,
+                )
                 pusher.start()
             return self._measure(proc, sub, duration_s, pusher)
         finally:
@@ -253,8 +319,7 @@ class Scenario:
         give_up = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < give_up:
             if proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {proc.returncode} before it was ready: "
-                                   f"{_tail(log_path)}")
+                raise RuntimeError(f"daemon exited with {proc.returncode} before it was ready: {_tail(log_path)}")
             try:
                 msg = sub.recv(0.2)
             except MessageError:
@@ -311,20 +376,31 @@ class Scenario:
             published = after["published"] - before["published"]
         dropped = None
         if first_status and last_status:
-            dropped = sum(cam.get("dropped", 0) for cam in last_status["cameras"].values()) - \
-                sum(cam.get("dropped", 0) for cam in first_status["cameras"].values())
+            dropped = sum(cam.get("dropped", 0) for cam in last_status["cameras"].values()) - sum(
+                cam.get("dropped", 0) for cam in first_status["cameras"].values()
+            )
         return {
-            "source": self.source, "cameras": self.cameras, "load": "saturation" if self.saturate else "fixed",
-            "offered_fps": None if self.saturate else self.rate_hz, "pushed_fps": pushed,
-            "delivered_fps": fps, "delivered": delivered, "seconds": wall,
-            "latency_ms": latency_ms(latencies), "dropped_in_queue": dropped,
-            "seq_gaps": sum(gaps.missed.values()), "errors": errors, "defects": defects,
+            "source": self.source,
+            "cameras": self.cameras,
+            "load": "saturation" if self.saturate else "fixed",
+            "offered_fps": None if self.saturate else self.rate_hz,
+            "pushed_fps": pushed,
+            "delivered_fps": fps,
+            "delivered": delivered,
+            "seconds": wall,
+            "latency_ms": latency_ms(latencies),
+            "dropped_in_queue": dropped,
+            "seq_gaps": sum(gaps.missed.values()),
+            "errors": errors,
+            "defects": defects,
             # The two counters are read a moment apart: clamp the skew.
             "mean_batch": min(published / batches, self.max_batch) if batches else None,
             "daemon_cpu_ms_per_frame": daemon_cpu / frames_in_window * 1000.0 if delivered else None,
-            "daemon_cpu_cores": daemon_cpu / wall, "bench_cpu_cores": bench_cpu / wall,
+            "daemon_cpu_cores": daemon_cpu / wall,
+            "bench_cpu_cores": bench_cpu / wall,
             "daemon_peak_rss_mb": proc_peak_rss_bytes(proc.pid) / MB,
-            "max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms,
+            "max_batch": self.max_batch,
+            "max_wait_ms": self.max_wait_ms,
         }
 
     def _stop(self, proc: subprocess.Popen, log_path: Path) -> None:
@@ -354,10 +430,21 @@ def engine_cpu_at(engine_rows: list[dict], batch: float) -> float | None:
     return float(np.interp(batch, xs, ys))
 
 
-def bench_daemon(bundle: str | Path, frames: FrameSet, sources: list[str], cameras: list[int], duration_s: float,
-                 loads: list[str], engine_rows: list[dict] | None = None, max_batch: int = 8,
-                 max_wait_ms: float = 10.0, backend: str = "onnxruntime", options: dict | None = None,
-                 profile: Path | None = None, log=print) -> dict[str, Any]:
+def bench_daemon(
+    bundle: str | Path,
+    frames: FrameSet,
+    sources: list[str],
+    cameras: list[int],
+    duration_s: float,
+    loads: list[str],
+    engine_rows: list[dict] | None = None,
+    max_batch: int = 8,
+    max_wait_ms: float = 10.0,
+    backend: str = "onnxruntime",
+    options: dict | None = None,
+    profile: Path | None = None,
+    log=print,
+) -> dict[str, Any]:
     """Every (source, cameras) at saturation, then at each fractional load of the saturated rate just measured."""
     bundle = Path(bundle).resolve()
     rows = []
@@ -379,9 +466,21 @@ def bench_daemon(bundle: str | Path, frames: FrameSet, sources: list[str], camer
                     prof = None
                     if profile is not None and saturate and (source, n_cameras) == profiled:
                         prof = profile
-                    scenario = Scenario(bundle, source, n_cameras, frames, workdir, saturate=saturate,
-                                        rate_hz=rate, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                        backend=backend, options=options, profile=prof, duration_s=duration_s)
+                    scenario = Scenario(
+                        bundle,
+                        source,
+                        n_cameras,
+                        frames,
+                        workdir,
+                        saturate=saturate,
+                        rate_hz=rate,
+                        max_batch=max_batch,
+                        max_wait_ms=max_wait_ms,
+                        backend=backend,
+                        options=options,
+                        profile=prof,
+                        duration_s=duration_s,
+                    )
                     try:
                         row = scenario.run(duration_s)
                     except RuntimeError as exc:  # one scenario failing must not lose the others' figures
@@ -398,16 +497,32 @@ def bench_daemon(bundle: str | Path, frames: FrameSet, sources: list[str], camer
                         row["outside_engine_cpu_ms_per_frame"] = row["daemon_cpu_ms_per_frame"] - engine_cpu
                     else:
                         row["outside_engine_cpu_ms_per_frame"] = None
-                    log(f"bench daemon: {source} x{n_cameras} {row['load']}: {row['delivered_fps']:.1f} frames/s, "
-                        f"p99 {row['latency_ms']['p99']:.1f} ms")
+                    log(
+                        f"bench daemon: {source} x{n_cameras} {row['load']}: {row['delivered_fps']:.1f} frames/s, "
+                        f"p99 {row['latency_ms']['p99']:.1f} ms"
+                    )
                     rows.append(row)
     return {"kind": "daemon", "bundle": str(bundle), "duration_s": duration_s, "rows": rows}
 
 
 def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
-    headers = ["source", "cameras", "load", "offered/s", "delivered/s", "latency p50 ms", "p99 ms", "max ms",
-               "dropped", "seq gaps", "defect %", "mean batch", "daemon CPU ms/frame", "outside engine ms/frame",
-               "cores"]
+    headers = [
+        "source",
+        "cameras",
+        "load",
+        "offered/s",
+        "delivered/s",
+        "latency p50 ms",
+        "p99 ms",
+        "max ms",
+        "dropped",
+        "seq gaps",
+        "defect %",
+        "mean batch",
+        "daemon CPU ms/frame",
+        "outside engine ms/frame",
+        "cores",
+    ]
     rows = []
     for r in report["rows"]:
         if "error" in r:
@@ -415,9 +530,23 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
             continue
         lat = r["latency_ms"]
         has_lat = lat["n"] > 0
-        rows.append([r["source"], r["cameras"], r["load"], r["offered_fps"], r["delivered_fps"],
-                     lat["p50"] if has_lat else None, lat["p99"] if has_lat else None,
-                     lat["max"] if has_lat else None, r["dropped_in_queue"], r["seq_gaps"],
-                     100.0 * r["defects"] / r["delivered"] if r["delivered"] else None, r["mean_batch"],
-                     r["daemon_cpu_ms_per_frame"], r["outside_engine_cpu_ms_per_frame"], r["daemon_cpu_cores"]])
+        rows.append(
+            [
+                r["source"],
+                r["cameras"],
+                r["load"],
+                r["offered_fps"],
+                r["delivered_fps"],
+                lat["p50"] if has_lat else None,
+                lat["p99"] if has_lat else None,
+                lat["max"] if has_lat else None,
+                r["dropped_in_queue"],
+                r["seq_gaps"],
+                100.0 * r["defects"] / r["delivered"] if r["delivered"] else None,
+                r["mean_batch"],
+                r["daemon_cpu_ms_per_frame"],
+                r["outside_engine_cpu_ms_per_frame"],
+                r["daemon_cpu_cores"],
+            ]
+        )
     return headers, rows

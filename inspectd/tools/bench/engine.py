@@ -79,8 +79,15 @@ def bench_batch(engine, pixels: np.ndarray, windows: int, window_s: float, warmu
     }
 
 
-def bench_bundle(bundle: Bundle, backend: str, options: dict | None, batches: list[int], windows: int,
-                 window_s: float, warmup_s: float = WARMUP_S) -> dict:
+def bench_bundle(
+    bundle: Bundle,
+    backend: str,
+    options: dict | None,
+    batches: list[int],
+    windows: int,
+    window_s: float,
+    warmup_s: float = WARMUP_S,
+) -> dict:
     rss_open = rss_bytes()
     engine = open_engine(bundle, backend, options or {}, max_batch=max(batches))
     try:
@@ -92,24 +99,35 @@ def bench_bundle(bundle: Bundle, backend: str, options: dict | None, batches: li
     finally:
         engine.close()
     return {
-        "bundle": str(bundle.path), "model_id": bundle.model_id, "method": bundle.method,
-        "backbone": bundle.backbone, "input": list(bundle.input_shape), "backend": backend,
+        "bundle": str(bundle.path),
+        "model_id": bundle.model_id,
+        "method": bundle.method,
+        "backbone": bundle.backbone,
+        "input": list(bundle.input_shape),
+        "backend": backend,
         "rows": rows,
-        "rss_engine_mb": (rss_start - rss_open) / MB,   # what opening the engine and one inference added
-        "rss_batches_mb": (rss_end - rss_start) / MB,   # what the larger batches' buffers added after that
+        "rss_engine_mb": (rss_start - rss_open) / MB,  # what opening the engine and one inference added
+        "rss_batches_mb": (rss_end - rss_start) / MB,  # what the larger batches' buffers added after that
         "rss_end_mb": rss_end / MB,
     }
 
 
-def bundle_at_size(bundle: Bundle, size: tuple[int, int], workdir: Path, train_data: str | Path | None = None,
-                   n_images: int = SIZED_TRAIN_IMAGES) -> Bundle:
+def bundle_at_size(
+    bundle: Bundle,
+    size: tuple[int, int],
+    workdir: Path,
+    train_data: str | Path | None = None,
+    n_images: int = SIZED_TRAIN_IMAGES,
+) -> Bundle:
     """A frozen-method bundle like `bundle` (backbone, resize policy) exported at `size`, trained into `workdir`."""
     from engines.training.train import Progress, train_bundle, training_images
 
     data = train_data or bundle.manifest.get("training", {}).get("data")
     if not data or not Path(data).exists():
-        raise ValueError(f"--size {size[0]}x{size[1]}: the bundle's training data {data!r} is not here; "
-                         "give --train-data DIR (a folder of defect-free images)")
+        raise ValueError(
+            f"--size {size[0]}x{size[1]}: the bundle's training data {data!r} is not here; "
+            "give --train-data DIR (a folder of defect-free images)"
+        )
     images = workdir / "images"
     images.mkdir(parents=True, exist_ok=True)
     # A few images suffice: the figures measure the graph's cost at this size, not its accuracy.
@@ -117,15 +135,29 @@ def bundle_at_size(bundle: Bundle, size: tuple[int, int], workdir: Path, train_d
         link = images / path.name
         if not link.exists():
             os.symlink(path.resolve(), link)
-    result = train_bundle(images, workdir / "bundle", method="frozen", backbone=bundle.backbone, size=size,
-                          resize=bundle.resize_policy, progress=Progress(enabled=False))
+    result = train_bundle(
+        images,
+        workdir / "bundle",
+        method="frozen",
+        backbone=bundle.backbone,
+        size=size,
+        resize=bundle.resize_policy,
+        progress=Progress(enabled=False),
+    )
     return load_bundle(result.bundle)
 
 
-def bench_engine(bundle_path: str | Path, backend: str = "onnxruntime", options: dict | None = None,
-                 batches: list[int] = (1, 4, 8, 16), sizes: list[tuple[int, int]] | None = None,
-                 windows: int = 5, window_s: float = 2.0, train_data: str | Path | None = None,
-                 warmup_s: float = WARMUP_S) -> dict[str, Any]:
+def bench_engine(
+    bundle_path: str | Path,
+    backend: str = "onnxruntime",
+    options: dict | None = None,
+    batches: list[int] = (1, 4, 8, 16),
+    sizes: list[tuple[int, int]] | None = None,
+    windows: int = 5,
+    window_s: float = 2.0,
+    train_data: str | Path | None = None,
+    warmup_s: float = WARMUP_S,
+) -> dict[str, Any]:
     """Engine-only figures for the bundle (and for a trained-on-the-spot bundle at each other size)."""
     bundle = load_bundle(bundle_path)
     own = tuple(bundle.input_shape[:2])
@@ -138,21 +170,48 @@ def bench_engine(bundle_path: str | Path, backend: str = "onnxruntime", options:
             result = bench_bundle(sized, backend, options, list(batches), windows, window_s, warmup_s)
             result["trained_for_bench"] = sized is not bundle
             results.append(result)
-    best = max((row for r in results if not r["trained_for_bench"] for row in r["rows"]),
-               key=lambda row: row["fps"]["median"], default=None)
-    return {"kind": "engine", "sizes": results, "best": best, "peak_rss_mb": peak_rss_bytes() / MB,
-            "windows": windows, "window_s": window_s}
+    best = max(
+        (row for r in results if not r["trained_for_bench"] for row in r["rows"]),
+        key=lambda row: row["fps"]["median"],
+        default=None,
+    )
+    return {
+        "kind": "engine",
+        "sizes": results,
+        "best": best,
+        "peak_rss_mb": peak_rss_bytes() / MB,
+        "windows": windows,
+        "window_s": window_s,
+    }
 
 
 def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
-    headers = ["input HxWxC", "batch", "frames/s median", "min..max", "latency p50 ms", "p99 ms", "CPU ms/frame",
-               "cores", "RSS growth in windows MB"]
+    headers = [
+        "input HxWxC",
+        "batch",
+        "frames/s median",
+        "min..max",
+        "latency p50 ms",
+        "p99 ms",
+        "CPU ms/frame",
+        "cores",
+        "RSS growth in windows MB",
+    ]
     rows = []
     for r in report["sizes"]:
         shape = "x".join(map(str, r["input"])) + (" (trained for bench)" if r["trained_for_bench"] else "")
         for row in r["rows"]:
-            rows.append([shape, row["batch"], row["fps"]["median"],
-                         f"{row['fps']['min']:.1f}..{row['fps']['max']:.1f}", row["latency_ms"]["p50"],
-                         row["latency_ms"]["p99"], row["cpu_ms_per_frame"], row["cpu_cores_used"],
-                         row["rss_growth_mb"]])
+            rows.append(
+                [
+                    shape,
+                    row["batch"],
+                    row["fps"]["median"],
+                    f"{row['fps']['min']:.1f}..{row['fps']['max']:.1f}",
+                    row["latency_ms"]["p50"],
+                    row["latency_ms"]["p99"],
+                    row["cpu_ms_per_frame"],
+                    row["cpu_cores_used"],
+                    row["rss_growth_mb"],
+                ]
+            )
     return headers, rows

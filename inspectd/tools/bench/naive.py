@@ -30,8 +30,9 @@ from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, rss_bytes
 SUB_READY_TIMEOUT_S = 5.0
 
 
-def write_synthetic_jpegs(folder: str | Path, n: int, width: int = 256, height: int = 256, channels: int = 1,
-                          seed: int = 0) -> list[Path]:
+def write_synthetic_jpegs(
+    folder: str | Path, n: int, width: int = 256, height: int = 256, channels: int = 1, seed: int = 0
+) -> list[Path]:
     """`n` synthetic-line frames as JPEG files (quality 90), the frame set the naive loop and the daemon share."""
     from engines.data.synthline import SyntheticLine
 
@@ -125,8 +126,16 @@ def naive_loop(bundle_path: str | Path, paths: list[Path], duration_s: float = 0
             count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
             regions = [dict(zip(("x", "y", "w", "h", "area"), map(int, s))) for s in stats[1:]]
             frames.append(cv2.imencode(".png", mask * 255)[1].tobytes())
-        message = {"frame_id": path.name, "seq": seq, "t_capture": t_capture, "t_publish": time.time(),
-                   "verdict": verdict, "score": score, "threshold": image_thr, "regions": regions}
+        message = {
+            "frame_id": path.name,
+            "seq": seq,
+            "t_capture": t_capture,
+            "t_publish": time.time(),
+            "verdict": verdict,
+            "score": score,
+            "threshold": image_thr,
+            "regions": regions,
+        }
         pub.send_multipart([b"naive.result", json.dumps(message).encode(), *frames])
         return time.perf_counter() - t0
 
@@ -155,17 +164,30 @@ def naive_loop(bundle_path: str | Path, paths: list[Path], duration_s: float = 0
         pub.close()
         ctx.term()
     return {
-        "kind": "naive", "bundle": str(bundle.path), "model_id": bundle.model_id, "input": [h, w, c],
-        "frames": seq, "distinct_frames": len(paths), "seconds": wall, "fps": seq / wall,
-        "latency_ms": latency_ms(latencies), "cpu_ms_per_frame": cpu_s / seq * 1000.0,
-        "cpu_cores_used": cpu_s / wall, "defects": defects,
+        "kind": "naive",
+        "bundle": str(bundle.path),
+        "model_id": bundle.model_id,
+        "input": [h, w, c],
+        "frames": seq,
+        "distinct_frames": len(paths),
+        "seconds": wall,
+        "fps": seq / wall,
+        "latency_ms": latency_ms(latencies),
+        "cpu_ms_per_frame": cpu_s / seq * 1000.0,
+        "cpu_cores_used": cpu_s / wall,
+        "defects": defects,
         "received": max(0, receiver.received - 1),  # less the warm-up frame's message
         "rss_growth_mb": (rss_end - rss_start) / MB,
     }
 
 
-def frames_from(frames_dir: str | Path | None, synthetic: int | None, workdir: Path,
-                size: tuple[int, int] = (256, 256), channels: int = 1) -> list[Path]:
+def frames_from(
+    frames_dir: str | Path | None,
+    synthetic: int | None,
+    workdir: Path,
+    size: tuple[int, int] = (256, 256),
+    channels: int = 1,
+) -> list[Path]:
     """The frame files of `--frames DIR` or `--synthetic N` (written as JPEGs into `workdir`)."""
     if frames_dir is not None:
         paths = list_images(frames_dir)
@@ -178,9 +200,28 @@ def frames_from(frames_dir: str | Path | None, synthetic: int | None, workdir: P
 
 
 def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
-    headers = ["loop", "frames", "frames/s", "latency p50 ms", "p99 ms", "CPU ms/frame", "cores", "defect %",
-               "received"]
+    headers = [
+        "loop",
+        "frames",
+        "frames/s",
+        "latency p50 ms",
+        "p99 ms",
+        "CPU ms/frame",
+        "cores",
+        "defect %",
+        "received",
+    ]
     lat = report["latency_ms"]
-    return headers, [["naive (1 thread, batch 1)", report["frames"], report["fps"], lat["p50"], lat["p99"],
-                      report["cpu_ms_per_frame"], report["cpu_cores_used"],
-                      100.0 * report["defects"] / report["frames"], report["received"]]]
+    return headers, [
+        [
+            "naive (1 thread, batch 1)",
+            report["frames"],
+            report["fps"],
+            lat["p50"],
+            lat["p99"],
+            report["cpu_ms_per_frame"],
+            report["cpu_cores_used"],
+            100.0 * report["defects"] / report["frames"],
+            report["received"],
+        ]
+    ]

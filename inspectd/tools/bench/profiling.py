@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
                         stats = pstats.Stats(profiler)
                     else:
                         stats.add(profiler)
-                except TypeError:   # a thread that never made a call has no stats yet
+                except TypeError:  # a thread that never made a call has no stats yet
                     pass
         if stats is not None:
             stats.dump_stats(out)
