@@ -15,7 +15,12 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/inspectd demo
 
+# Lint and format check first: a style slip fails in seconds, not after the suite.
+LINTED := inspectd engines calibration tests deploy
+
 test: venv
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(PY) -m pytest -q tests
 
 clean:

@@ -7,13 +7,14 @@ Owns the statistics of threshold choice (all numpy, on score arrays, so they are
     support is reported with the number of good frames that p needs (zero exceedances: n >= ln(0.05)/ln(1-p));
     too few frames is a WARNING (threshold above the highest good score), not a silent pass;
   - with labelled defects: the highest threshold whose escape rate (defective frames scored below it) meets the
-    target, or the F1-max threshold (engines.training.metrics.f1_max); the confusion matrix is printed. Without defects these
-    two targets are refused: a threshold chosen "from defects" with no defects would flag everything;
+    target, or the F1-max threshold (engines.training.metrics.f1_max); the confusion matrix is printed. Without
+    defects these two targets are refused: a threshold chosen "from defects" with no defects would flag everything;
   - pixel threshold: the quantile of good frames' pixel scores at a target pixel false-positive rate, or the pixel
     F1-max over ground-truth masks when the defective folders have them (both streamed through
     engines.training.metrics.PixelHistograms, so maps are never held).
-Scoring is engines.training.evaluate.score_images; the document is engines.bundle.thresholds (next_version, rollback); the bundle
-file is rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol (set_thresholds).
+Scoring is engines.training.evaluate.score_images; the document is engines.bundle.thresholds (next_version,
+rollback); the bundle file is rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol
+(set_thresholds) through inspectd.protocol, so calibrating needs nothing of the daemon itself.
 """
 
 from __future__ import annotations
@@ -338,7 +339,8 @@ def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
 
 
 def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | None]]) -> _Scored:
-    """One pass of engines.training.evaluate.score_images over good then defective images (one engine, one batch buffer)."""
+    """One pass of engines.training.evaluate.score_images over good then defective images (one engine, one batch
+    buffer)."""
     from engines.data.images import load_mask
     from engines.training.evaluate import score_images
     from engines.training.metrics import PixelHistograms
@@ -511,8 +513,8 @@ def _calibrate(bundle, current, args, out):
 
 def _apply(args, new, out) -> int:
     # The daemon's control protocol (docs/PROTOCOL.md); imported here so calibrating never needs the daemon.
-    from inspectd.protocol.control import ControlClient
     from inspectd.errors import InspectdError
+    from inspectd.protocol.control import ControlClient
 
     endpoint = args.apply
     try:

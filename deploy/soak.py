@@ -34,10 +34,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from inspectd.clients.subscribe import GapTracker, Subscriber  # noqa: E402
 from inspectd.protocol.control import ControlClient  # noqa: E402
 from inspectd.protocol.journal import read_since  # noqa: E402
 from inspectd.protocol.messages import Result  # noqa: E402
-from inspectd.clients.subscribe import GapTracker, Subscriber  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from inspectd.clients.subscribe import Subscriber
 from inspectd.protocol.control import ControlClient
 from inspectd.protocol.messages import Result
-from inspectd.clients.subscribe import Subscriber
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ class Station:
         while not self._closing.is_set():
             try:
                 data = self.notify.recv(4096).decode()
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 continue
             except OSError:
                 return

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from engines.errors import WeightsError
 from engines.model.backbones import (
     create_backbone,
     create_classifier,
@@ -16,7 +17,6 @@ from engines.model.backbones import (
     map_in_order,
     resolve_weights,
 )
-from engines.errors import WeightsError
 
 pytestmark = pytest.mark.timeout(120)
 

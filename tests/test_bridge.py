@@ -28,9 +28,9 @@ from pymodbus.server import ModbusTcpServer  # noqa: E402
 from pymodbus.simulator import SimData, SimDevice  # noqa: E402
 from pymodbus.simulator.simutils import DataType  # noqa: E402
 
+from inspectd.clients.plc import DEFAULT_BITS, DEFAULT_REGISTERS, parse_bridge_config, scaled_score  # noqa: E402
 from inspectd.errors import ConfigError  # noqa: E402
 from inspectd.protocol.messages import Region, encode_mask, encode_result, encode_status  # noqa: E402
-from inspectd.clients.plc import DEFAULT_BITS, DEFAULT_REGISTERS, parse_bridge_config, scaled_score  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REG = DEFAULT_REGISTERS
@@ -394,8 +394,8 @@ def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
 
 
 def test_curve_encrypted_results_reach_the_plc_with_the_bridge_keys(plc, tmp_path, bridge_config):
-    from inspectd.protocol import keys
     from inspectd.daemon.security import CurveServer
+    from inspectd.protocol import keys
 
     server_public, server_secret = keys.generate(tmp_path / "keys", "server")
     bridge_public, bridge_secret = keys.generate(tmp_path / "keys", "bridge1")
@@ -470,8 +470,8 @@ def test_the_shipped_example_config_is_the_defaults():
 
 
 def test_unreadable_bridge_yaml_is_one_config_error_naming_the_file(tmp_path):
-    from inspectd.errors import ConfigError
     from inspectd.clients.plc import load_bridge_config
+    from inspectd.errors import ConfigError
 
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text("registers: {status: 0\n", encoding="utf-8")
@@ -491,7 +491,7 @@ def test_a_plc_that_goes_away_ends_the_bridge_with_one_line_for_the_service_mana
         bridge.proc.wait(15)
     except subprocess.TimeoutExpired:
         bridge.proc.kill()
-        raise AssertionError("the bridge kept running without its PLC")
+        raise AssertionError("the bridge kept running without its PLC") from None
     out = bridge.proc.stdout.read()
     assert bridge.proc.returncode == 1, out
     assert out.strip().splitlines()[-1].startswith("inspectd bridge: PLC"), out

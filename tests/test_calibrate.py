@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import yaml
 
-from engines.bundle import thresholds as thresholds_doc
 from calibration.calibrate import (
     CalibrationError,
     binom_cdf,
@@ -29,6 +28,7 @@ from calibration.calibrate import (
     threshold_for_f1,
     threshold_for_false_reject,
 )
+from engines.bundle import thresholds as thresholds_doc
 from engines.training.metrics import PixelHistograms
 from inspectd.cli import main
 
@@ -309,9 +309,9 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_p
     """A remote daemon's control socket requires CurveZMQ: --apply with the operator's keys gets in, others do not."""
     import socket
 
-    from inspectd.protocol import keys
     from inspectd.daemon.control import ControlServer
     from inspectd.daemon.security import CurveServer
+    from inspectd.protocol import keys
 
     server_public, server_secret = keys.generate(tmp_path / "keys", "server")
     operator_public, operator_secret = keys.generate(tmp_path / "keys", "operator")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -206,5 +207,5 @@ def test_engine_options_are_validated_by_the_backend_and_kept_as_a_mapping():
 
 def test_config_is_frozen():
     config = parse_config(MINIMAL)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.station = "other"  # type: ignore[misc]

@@ -10,9 +10,9 @@ import time
 import pytest
 import zmq
 
-from inspectd.protocol.control import ControlClient, ControlTimeout, Request, parse_request
 from inspectd.daemon.control import ControlServer
 from inspectd.errors import InspectdError, MessageError
+from inspectd.protocol.control import ControlClient, ControlTimeout, Request, parse_request
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import zmq
 
-from inspectd.protocol.messages import Result
 from daemon_harness import Station
+from inspectd.protocol.messages import Result
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 

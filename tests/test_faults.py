@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import zmq
 
-from inspectd.protocol.journal import read_since
 from daemon_harness import Station, free_port
+from inspectd.protocol.journal import read_since
 
 pytestmark = [pytest.mark.timeout(120)]
 

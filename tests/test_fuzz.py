@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from engines.errors import EngineError
 from inspectd.daemon import config as cfg
-from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.daemon.ingest.headers import PNG_SIGNATURE, check_and_decode, encoded_dims
 from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
+from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.protocol.control import parse_request
 from inspectd.protocol.messages import decode, encode_result
 

@@ -23,14 +23,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engines.model.build_engine import cast_pixels_first, precision_recipe
+from engines.bundle.plans import PlanInfo, check_compatible, parse_sidecar, pick_plan, plan_name, sidecar_name
 from engines.bundle.store import load_bundle
 from engines.data.images import load_image
 from engines.errors import BundleError, EngineError
+from engines.model.build_engine import cast_pixels_first, precision_recipe
 from engines.model.half_precision import FLOAT16, to_fp16_variant
-from engines.runtime.preprocess import fit_frame
 from engines.runtime import backend_class, open_engine
-from engines.bundle.plans import PlanInfo, check_compatible, parse_sidecar, pick_plan, plan_name, sidecar_name
+from engines.runtime.preprocess import fit_frame
 from tiny_dataset import DATA
 
 REPO = Path(__file__).resolve().parents[1]

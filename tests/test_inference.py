@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -130,7 +131,7 @@ def test_predictor_fits_frames_into_one_buffer_and_maps_back_to_each_frame(bundl
     buffer = predictor.pixels
     predictor.clear()
     assert predictor.add(grey(96, 160, blob=(30, 100, 24))) == 0
-    with pytest.raises(Exception):
+    with pytest.raises(cv2.error):
         predictor.add(np.zeros((4, 4, 5), np.uint8))  # cannot be fitted: the row stays free
     assert predictor.add(grey(32, 32)) == 1
     with pytest.raises(EngineError, match="batch full"):
@@ -216,7 +217,7 @@ def test_swap_while_running_never_mixes_states(bundle_path):
     thread = threading.Thread(target=swapper)
     thread.start()
     try:
-        for i in range(50):
+        for _ in range(50):
             batch = stage.run_batch([frame(j, grey(32, 32)) for j in range(4)])
             assert len({(r.thresholds_version, r.threshold) for r in batch}) == 1
             version = batch[0].thresholds_version

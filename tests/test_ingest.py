@@ -19,9 +19,9 @@ import zmq
 from engines.data.synthline import SyntheticLine
 from inspectd.daemon.config import parse_config
 from inspectd.daemon.frames import Frame
-from inspectd.daemon.ingest.supervisor import CameraIngest
-from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.headers import encoded_dims
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.supervisor import CameraIngest
 from tiny_dataset import DATA as TILES
 
 DATA = TILES / "train" / "good"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from inspectd.protocol import journal as journal_format
 from inspectd.daemon.journal import Journal
+from inspectd.protocol import journal as journal_format
 from inspectd.protocol.journal import JournalError, read_since
 from inspectd.protocol.messages import decode_result, encode_result
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from engines.data import defects
 from engines.bundle.store import load_bundle
+from engines.data import defects
+from engines.data.synthline import SyntheticLine
 from engines.model.graph import architecture_of, build_graph
 from engines.model.methods import TrainSettings, get_method
-from engines.training.metrics import auroc
 from engines.runtime import open_engine
-from engines.data.synthline import SyntheticLine
+from engines.training.metrics import auroc
 from engines.training.train import Progress
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]

@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from inspectd.daemon.config import parse_config
-from inspectd.daemon.ingest.supervisor import CameraIngest
 from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.supervisor import CameraIngest
 from inspectd.daemon.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import zmq
 
-from inspectd.errors import MessageError
+from inspectd.clients.subscribe import GapTracker, Subscriber
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.inference import Judged
+from inspectd.daemon.publish import Publisher
+from inspectd.errors import MessageError
 from inspectd.protocol.messages import (
     Region,
     decode,
@@ -24,8 +26,6 @@ from inspectd.protocol.messages import (
     encode_result,
     encode_status,
 )
-from inspectd.daemon.publish import Publisher
-from inspectd.clients.subscribe import GapTracker, Subscriber
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 import yaml
 
-from inspectd.protocol import keys
+from inspectd.clients.subscribe import Subscriber
 from inspectd.daemon.config import parse_config
-from inspectd.protocol.control import ControlClient, ControlTimeout
 from inspectd.daemon.control import ControlServer
-from inspectd.errors import ConfigError, InspectdError
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.inference import Judged
 from inspectd.daemon.publish import Publisher
 from inspectd.daemon.security import ALLOW_ROOT_ENV, CurveServer, is_local_endpoint, refuse_root
+from inspectd.errors import ConfigError, InspectdError
+from inspectd.protocol import keys
+from inspectd.protocol.control import ControlClient, ControlTimeout
 from inspectd.protocol.keys import curve_client
-from inspectd.clients.subscribe import Subscriber
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
@@ -260,9 +260,9 @@ def _daemon(tmp_path: Path, config: dict) -> tuple[subprocess.Popen, Path]:
 
 
 def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
-    from test_faults import M, poison_graph  # the same hand-built model as the fault tests
     from engines.bundle import thresholds as thresholds_doc
     from engines.bundle.store import write_bundle
+    from test_faults import M, poison_graph  # the same hand-built model as the fault tests
 
     bundle = tmp_path / "bundle"
     write_bundle(

@@ -1,8 +1,8 @@
 """The thresholds file: what turns a score into a verdict and a map into a mask, with its version and history.
 
 It lives with the bundle, at the bottom layer (no torch, nothing of the daemon), because training writes the first
-version, the daemon reads it on every reload and `inspectd calibrate` writes the next ones. Versions only go up; each new version carries the
-previous ones in `history` (without their own history) so an operator can roll back.
+version, the daemon reads it on every reload and `inspectd calibrate` writes the next ones. Versions only go up; each
+new version carries the previous ones in `history` (without their own history) so an operator can roll back.
 """
 
 from __future__ import annotations

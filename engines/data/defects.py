@@ -21,7 +21,8 @@ more than eps (summed over channels, on [0, 1] images), squashed by a shifted lo
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import cv2
 import numpy as np

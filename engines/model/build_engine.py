@@ -2,8 +2,8 @@
 
 The plan gets one optimisation profile per runtime stream (batch 1..max, tuned for --opt-batch), a workspace limit, and
 a timing cache shared by every build on the station (loaded before, saved after: rebuilds take seconds, not minutes).
-It is written to `engines/<gpu>-trt<version>-b<max>[-fp16|-int8].plan` with a JSON sidecar (engines.bundle.plans) and both
-are listed with their checksums in the manifest.
+It is written to `engines/<gpu>-trt<version>-b<max>[-fp16|-int8].plan` with a JSON sidecar (engines.bundle.plans)
+and both are listed with their checksums in the manifest.
 
 Precision, TensorRT 10 vs 11:
 - fp32: strongly typed network from model.onnx; TF32 is switched off so the scorer is real FP32.
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.runtime import cuda_buffers
 from engines.bundle.format import GRAPH, PIXELS
+from engines.bundle.plans import INSTALL_HINT, PlanInfo, import_tensorrt, plan_name, sidecar_name, slug, tensorrt_major
 from engines.bundle.store import Bundle, load_bundle
 from engines.errors import EngineError
-from engines.bundle.plans import INSTALL_HINT, PlanInfo, import_tensorrt, plan_name, sidecar_name, slug, tensorrt_major
+from engines.runtime import cuda_buffers
 
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto data types
 MAX_CALIBRATION_FRAMES = 512

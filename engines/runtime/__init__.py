@@ -41,7 +41,7 @@ def backend_class(name: str) -> type[Engine]:
 def open_engine(bundle, backend: str = "onnxruntime", options: dict | None = None, max_batch: int = 8) -> Engine:
     """Open `bundle` (an engines.bundle.store.Bundle) on `backend` with that backend's options as a plain dict."""
     cls = backend_class(backend)
-    return cls(bundle, cls.parse_options(options or {}, where=f"engine.options"), max_batch=max_batch)
+    return cls(bundle, cls.parse_options(options or {}, where="engine.options"), max_batch=max_batch)
 
 
 __all__ = ["BACKENDS", "Engine", "InferenceResult", "backend_class", "open_engine"]

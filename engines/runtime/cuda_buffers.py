@@ -13,8 +13,8 @@ import threading
 
 import numpy as np
 
-from engines.errors import EngineError
 from engines.bundle.plans import INSTALL_HINT
+from engines.errors import EngineError
 
 _cudart = None
 

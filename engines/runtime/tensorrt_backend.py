@@ -20,11 +20,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from engines.runtime import cuda_buffers
 from engines.bundle.format import OUTPUTS, PIXELS
-from engines.errors import BundleError, EngineError
-from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
 from engines.bundle.plans import PRECISIONS, check_compatible, import_tensorrt, pick_plan, read_sidecar, sidecar_name
+from engines.errors import BundleError, EngineError
+from engines.runtime import cuda_buffers
+from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
 
 MAX_STREAMS = 8
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engines.training import metrics
 from engines.data.images import MvtecFolder, TestItem, load_image, load_mask
 from engines.errors import EngineError
 from engines.runtime.predictor import Predictor
+from engines.training import metrics
 
 OVERLAY_GROUPS = ("worst-good", "best-defect", "worst-defect")
 
@@ -43,7 +43,8 @@ class ScoredImage:
 def score_images(
     bundle, paths: Iterable[str | Path], backend: str = "onnxruntime", batch: int = 8, options: dict | None = None
 ) -> Iterator[ScoredImage]:
-    """Score image files with `bundle` (an engines.bundle.store.Bundle, or a bundle directory), in order, `batch` at a time.
+    """Score image files with `bundle` (an engines.bundle.store.Bundle, or a bundle directory), in order, `batch` at a
+    time.
 
     The engine is opened on the first item and closed when the iterator is exhausted or closed. Decoding of the next
     batch overlaps inference of the current one.
@@ -205,7 +206,9 @@ def evaluate(
         "images_per_s": round(len(items) / scoring_seconds, 2) if scoring_seconds > 0 else None,
         "overall": None,
         "per_type": {},
-        "pixel_metrics": "every pixel at frame size, streamed into 2^20-bin float histograms (engines.training.metrics)",
+        "pixel_metrics": (
+            "every pixel at frame size, streamed into 2^20-bin float histograms (engines.training.metrics)"
+        ),
         "overlays": [],
         "images": per_image,
     }

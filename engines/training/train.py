@@ -1,7 +1,7 @@
 """`inspectd train` and `train_bundle`: defect-free images in, a complete model bundle out.
 
-The same steps for every method (engines.model.methods): load and fit the images to the input size, hold some out, let the
-method train its head, compute features once, fit the scorer (k-means references or a Gaussian), score the held-out
+The same steps for every method (engines.model.methods): load and fit the images to the input size, hold some out, let
+the method train its head, compute features once, fit the scorer (k-means references or a Gaussian), score the held-out
 images for the first thresholds, export the ONNX graph, write the bundle. Ctrl-C during training or feature
 extraction still writes a usable bundle from what exists so far, marked `"interrupted": true`, and exits 130.
 """
@@ -22,11 +22,11 @@ import timm
 import torch
 
 from engines.bundle import thresholds as thresholds_doc
-from engines.model.backbones import BACKBONES, spec_for
 from engines.bundle.format import inspectd_version
 from engines.bundle.store import load_bundle, write_bundle
 from engines.data.images import MvtecFolder, list_images, load_image
 from engines.errors import DataError, EngineError
+from engines.model.backbones import BACKBONES, spec_for
 from engines.model.export import DEFAULT_OPSET, export_graph
 from engines.model.graph import DEFAULT_MEMORY_SIZE, SCORERS, InferenceGraph, architecture_of, build_graph, state_arrays
 from engines.model.methods import METHODS, TrainSettings, available_methods, get_method

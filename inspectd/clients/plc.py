@@ -38,8 +38,9 @@ import collections
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pymodbus.exceptions import ModbusException
 

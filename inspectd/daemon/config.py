@@ -13,7 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from inspectd.configfile import key_path, read_yaml
 from inspectd.errors import ConfigError
@@ -93,7 +93,7 @@ class OpenCVSource:
         return self.url if self.url is not None else self.pipeline
 
 
-Source = Union[SyntheticSource, FolderSource, ZmqSource, OpenCVSource]
+Source = SyntheticSource | FolderSource | ZmqSource | OpenCVSource
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,7 +50,7 @@ class ModelState:
         return self.thresholds.version
 
     @classmethod
-    def open(cls, bundle_path: str | Path, backend: str, options: dict | None, max_batch: int) -> "ModelState":
+    def open(cls, bundle_path: str | Path, backend: str, options: dict | None, max_batch: int) -> ModelState:
         # Imported here so importing the stage (e.g. for its types) does not load the bundle machinery.
         from engines.bundle.store import load_bundle
         from engines.runtime import open_engine
@@ -64,7 +64,7 @@ class ModelState:
         h, w, c = self.bundle.input_shape
         self.engine.infer(np.zeros((1, h, w, c), np.uint8))
 
-    def with_thresholds(self, thresholds) -> "ModelState":
+    def with_thresholds(self, thresholds) -> ModelState:
         """Same model and engine, new thresholds: a threshold change costs no engine rebuild."""
         return dataclasses.replace(self, thresholds=thresholds)
 

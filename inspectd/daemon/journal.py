@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import structlog
 
@@ -111,7 +111,7 @@ class Journal:
                 continue
             end = 0
             last = None
-            for end, seq, _ in read_records(path):
+            for end, seq, _ in read_records(path):  # noqa: B007 - `end` after the loop: where the last whole record ends
                 last = seq
             if end < size:
                 with open(path, "r+b") as f:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import structlog
 import zmq
@@ -83,7 +84,7 @@ class Publisher:
         self.failed = 0
         self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
 
-    def start(self) -> "Publisher":
+    def start(self) -> Publisher:
         self._thread.start()
         return self
 

@@ -27,8 +27,8 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from inspectd.protocol import keys
 from inspectd.errors import InspectdError
+from inspectd.protocol import keys
 
 log = structlog.get_logger("inspectd.daemon.security")
 

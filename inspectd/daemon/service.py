@@ -29,10 +29,10 @@ from typing import Any
 import structlog
 
 from inspectd.daemon.batching import MicroBatcher
-from inspectd.errors import InspectdError
-from inspectd.logs import configure_logging
 from inspectd.daemon.inference import InferenceStage, Judged, ModelState
 from inspectd.daemon.publish import Publisher
+from inspectd.errors import InspectdError
+from inspectd.logs import configure_logging
 
 PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, short enough to never hang
 IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
@@ -47,8 +47,8 @@ class Daemon:
     """The running pipeline; also the control handler (status/reload/set_thresholds/pause/resume)."""
 
     def __init__(self, config, log=None) -> None:
-        from inspectd.daemon.ingest.supervisor import CameraIngest
         from inspectd.daemon.ingest.queue import FrameQueue
+        from inspectd.daemon.ingest.supervisor import CameraIngest
 
         self.config = config
         self.log = log or structlog.get_logger("inspectd")

@@ -21,8 +21,8 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from inspectd.errors import InspectdError
 

@@ -17,8 +17,8 @@ import argparse
 import os
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import zmq
 import zmq.auth

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from inspectd.protocol.messages import Result
-from inspectd.daemon.security import ALLOW_ROOT_ENV
 from inspectd.clients.subscribe import GapTracker, Subscriber, format_result
+from inspectd.daemon.security import ALLOW_ROOT_ENV
+from inspectd.protocol.messages import Result
 
 MODEL_SIZE = (128, 128)
 TRAIN_FRAMES = 400

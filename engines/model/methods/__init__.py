@@ -2,7 +2,8 @@
 
 A method turns backbone taps into the feature map the scorer compares ([N, D, h, w]) and, if it learns anything,
 trains that head (and optionally the backbone) from defect-free images. Everything else -- data loading, holding out
-images, fitting the scorer, thresholds, the bundle, ONNX export -- is `engines.training.train`'s, identical for every method.
+images, fitting the scorer, thresholds, the bundle, ONNX export -- is `engines.training.train`'s, identical for every
+method.
 
 Contract (see `Method`):
 - `build_head(backbone, config)` -> nn.Module mapping `list[Tensor]` taps to features [N, D, h, w]. It is called both
@@ -10,9 +11,9 @@ Contract (see `Method`):
   `head_config(args)` returned). Modules used only for training (a decoder, a classifier) may live in the head; they
   are saved with the weights but must not be used by `forward`.
 - `train(graph, images, settings, progress)` trains `graph` in place from `images` (uint8 [N, H, W, C] at the model's
-  input size, already fitted with engines.runtime.preprocess.fit_frame). It must leave `graph.eval()`-ready weights when it
-  returns or when KeyboardInterrupt escapes from it (train.py then fits the scorer with the weights so far and marks
-  the bundle interrupted). Report with `progress.update(step, loss)`; `progress.total` is set by the method via
+  input size, already fitted with engines.runtime.preprocess.fit_frame). It must leave `graph.eval()`-ready weights
+  when it returns or when KeyboardInterrupt escapes from it (train.py then fits the scorer with the weights so far and
+  marks the bundle interrupted). Report with `progress.update(step, loss)`; `progress.total` is set by the method via
   `progress.start(total_steps)`.
 """
 

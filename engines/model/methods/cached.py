@@ -44,7 +44,7 @@ class DefectPool:
     @classmethod
     def draw(
         cls, images: np.ndarray, rng: np.random.Generator, mix: dict[str, float], per_image: int = 1
-    ) -> "DefectPool":
+    ) -> DefectPool:
         n = len(images)
         m = n * per_image
         kinds = tuple(mix)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,7 +158,7 @@ class CseOptions:
     regenerate: bool = False  # redraw the pool every epoch
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace | None) -> "CseOptions":
+    def from_args(cls, args: argparse.Namespace | None) -> CseOptions:
         options = cls(
             lr=float(getattr(args, "cse_lr", LEARNING_RATE)),
             mix=defects.parse_mix(getattr(args, "cse_defects", DEFAULT_MIX)),

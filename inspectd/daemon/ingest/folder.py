@@ -6,8 +6,8 @@ import fnmatch
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from engines.errors import DataError
 from inspectd.daemon import config as cfg

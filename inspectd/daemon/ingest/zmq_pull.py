@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class ZmqPullSource(Source):
         except zmq.ZMQError as exc:
             sock.close()
             if exc.errno in (zmq.EPROTONOSUPPORT, zmq.EINVAL):
-                raise SourceFatal(f"{self.endpoint}: cannot bind ({exc}), expected a bindable ZeroMQ endpoint")
+                raise SourceFatal(f"{self.endpoint}: cannot bind ({exc}), expected a bindable ZeroMQ endpoint") from exc
             raise  # address in use, ipc dir missing, ...: may clear up, retry with backoff
         self.sock = sock
         self.poller = zmq.Poller()

@@ -272,8 +272,9 @@ def run_naive(args) -> dict:
 
 def run_daemon(args, engine_rows: list[dict] | None = None, paths: list[Path] | None = None) -> dict:
     from engines.bundle.store import load_bundle
-    from inspectd.tools.bench import daemon as bench_daemon, engine as bench_engine
     from inspectd.daemon.security import refuse_root
+    from inspectd.tools.bench import daemon as bench_daemon
+    from inspectd.tools.bench import engine as bench_engine
 
     refuse_root()  # the daemon subprocess would refuse: say so before minutes of measuring
     if engine_rows is None:
@@ -319,7 +320,7 @@ def summarize_profile(path: Path, top: int = 20) -> dict:
 
     stats = pstats.Stats(str(path))
     entries = []
-    for (filename, line, name), (cc, nc, tt, ct, _) in stats.stats.items():
+    for (filename, line, name), (_cc, nc, tt, ct, _) in stats.stats.items():
         entries.append(
             {
                 "function": f"{Path(filename).name}:{line}({name})",
@@ -435,9 +436,9 @@ def goals_table(values: dict[str, Any]) -> str:
 
 def run_all(args) -> dict:
     from engines.bundle.store import load_bundle
-    from inspectd.tools.bench import daemon as bench_daemon, engine as bench_engine, naive as bench_naive
-
     from inspectd.daemon.security import refuse_root
+    from inspectd.tools.bench import engine as bench_engine
+    from inspectd.tools.bench import naive as bench_naive
 
     refuse_root()
     started = time.time()
@@ -511,7 +512,9 @@ def machine() -> dict[str, Any]:
 
 
 def markdown_report(report: dict) -> str:
-    from inspectd.tools.bench import daemon as bench_daemon, engine as bench_engine, naive as bench_naive
+    from inspectd.tools.bench import daemon as bench_daemon
+    from inspectd.tools.bench import engine as bench_engine
+    from inspectd.tools.bench import naive as bench_naive
 
     m = report["machine"]
     parts = [

@@ -31,9 +31,9 @@ import numpy as np
 import zmq
 
 from engines.bundle.store import load_bundle
-from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, proc_peak_rss_bytes
-from inspectd.errors import MessageError
 from inspectd.clients.subscribe import GapTracker, Subscriber
+from inspectd.errors import MessageError
+from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, proc_peak_rss_bytes
 
 SOURCES = ("synthetic", "folder", "zmq-raw", "zmq-jpeg")
 SATURATION_RATE_HZ = 5000.0  # synthetic source rate standing in for "as fast as possible"

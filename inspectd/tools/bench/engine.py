@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from engines.bundle.store import Bundle, load_bundle
-from engines.runtime.predictor import Predictor
 from engines.runtime import open_engine
+from engines.runtime.predictor import Predictor
 from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, peak_rss_bytes, rss_bytes, spread
 
 WARMUP_S = 0.5

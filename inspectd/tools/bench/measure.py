@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import resource
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class CpuClock:
     def now(self) -> float:
         return time.process_time() if self.pid is None else proc_cpu_s(self.pid)
 
-    def start(self) -> "CpuClock":
+    def start(self) -> CpuClock:
         self.t0 = self.now()
         return self
 
