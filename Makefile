@@ -15,12 +15,14 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/inspectd demo
 
-# Lint and format check first: a style slip fails in seconds, not after the suite.
+# Lint, format and type checks first: a slip fails in seconds, not after the suite. mypy reads its package list and
+# settings from pyproject.toml.
 LINTED := inspectd engines calibration tests deploy
 
 test: venv
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests
 
 clean:

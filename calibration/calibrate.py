@@ -24,11 +24,15 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import inspectd_version
+
+if TYPE_CHECKING:
+    from engines.training.metrics import PixelHistograms
 
 CONFIDENCE = 0.95
 DEFAULT_FALSE_REJECT = 0.001
@@ -309,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class _Scored:
     good: np.ndarray
     defect: np.ndarray
-    pixels: object | None  # engines.training.metrics.PixelHistograms when --pixel
+    pixels: PixelHistograms | None  # when --pixel
     has_masks: bool
 
 
@@ -368,7 +372,7 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
     fr = threshold_for_false_reject(good, fr_target)
     if args.target_escape is not None:
         image = threshold_for_escape(defect, args.target_escape)
-        target = {"kind": "escape", "value": args.target_escape}
+        target: dict[str, Any] = {"kind": "escape", "value": args.target_escape}
         print(
             f"image threshold {image:.6g}: at most {args.target_escape:g} of {defect.size} defective frames "
             "scored below it",
@@ -391,7 +395,7 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
     exceed = int(np.count_nonzero(good >= image))
     upper = clopper_pearson_upper(exceed, good.size)
     print(f"false-reject rate on good frames: observed {exceed}/{good.size}, 95% upper bound {upper:.4g}", file=out)
-    observed = {"false_reject_observed": exceed / good.size, "false_reject_upper_95": upper}
+    observed: dict[str, Any] = {"false_reject_observed": exceed / good.size, "false_reject_upper_95": upper}
     if target["kind"] == "false_reject":
         print(
             f"target {target['value']:g} needs >= {fr.needed} good frames with none rejected (have {fr.n_good})",

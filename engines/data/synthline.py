@@ -75,7 +75,8 @@ class SyntheticLine:
         self._gain += self._xs * b
         self._gain += level
         np.multiply(base, self._gain, out=self._work)
-        cv2.randn(self._grain, 0.0, 3.0)
+        # OpenCV's stubs want arrays for mean and stddev; scalars are what its docs show and what works.
+        cv2.randn(self._grain, 0.0, 3.0)  # type: ignore[call-overload]
         self._work += self._grain
 
         mask = None

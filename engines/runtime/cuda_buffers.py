@@ -87,7 +87,7 @@ class PinnedBuffer:
 
     def close(self) -> None:
         if self.ptr:
-            self.array = None
+            del self.array  # the view must not outlive the pinned memory it points into
             call(import_cudart().cudaFreeHost(self.ptr), "cudaFreeHost")
             self.ptr = 0
 

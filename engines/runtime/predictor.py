@@ -72,4 +72,6 @@ class Predictor:
     def frame_map(self, result: InferenceResult, row: int) -> np.ndarray:
         """Row `row`'s anomaly map in its frame's own coordinates: padding cropped away, resized to the frame's size.
         A map that needed no resize is a view into `result.maps`."""
-        return self.placements[row].map_to_frame(result.maps[row])
+        placement = self.placements[row]
+        assert placement is not None, f"row {row}: no frame added since clear()"
+        return placement.map_to_frame(result.maps[row])

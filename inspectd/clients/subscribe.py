@@ -162,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
 
 
-def _replay(directory: Path, cameras: list[str] | None, since: int, topic: str) -> Iterator[Result]:
+def _replay(directory: Path, cameras: list[str] | None, since: int, topic: str) -> Iterator[Result | dict[str, Any]]:
     """Journalled results after `since`, camera by camera, decoded and checked like live ones."""
     from inspectd.protocol import journal
 

@@ -85,6 +85,7 @@ class ControlServer:
 
     def _serve(self) -> None:
         sock = self._sock
+        assert sock is not None, "the thread starts only after start() has bound the socket"
         try:
             while not self._stop.is_set():
                 if not sock.poll(POLL_MS):

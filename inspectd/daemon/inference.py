@@ -145,6 +145,7 @@ class InferenceStage:
                 results[i] = self._error(frame, state, frame.error)
                 continue
             try:
+                assert frame.image is not None, "a frame without an error carries an image"
                 predictor.add(frame.image)
             except Exception as exc:  # a frame that cannot be fitted fails alone, not its batch
                 results[i] = self._error(frame, state, f"preprocess: {exc}")

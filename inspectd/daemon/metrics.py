@@ -112,7 +112,10 @@ class Family:
         out.append(f"# TYPE {self.name} {self.kind}")
         with self._lock:
             items = sorted(self._children.items())
-            snapshot = [(k, (list(c.counts), c.sum, c.count) if isinstance(c, _Buckets) else c.value) for k, c in items]
+            # (label values, a histogram's (counts, sum, count) or a counter's/gauge's value)
+            snapshot: list[tuple[tuple[str, ...], Any]] = [
+                (k, (list(c.counts), c.sum, c.count) if isinstance(c, _Buckets) else c.value) for k, c in items
+            ]
         for values, data in snapshot:
             pairs = [f'{n}="{_escape(v)}"' for n, v in zip(self.labelnames, values)]
             if self.kind != "histogram":
@@ -309,11 +312,14 @@ class Metrics:
 
     @property
     def address(self) -> tuple[str, int] | None:
-        return self._server.server_address[:2] if self._server is not None else None
+        if self._server is None:
+            return None
+        host, port = self._server.server_address[:2]
+        return str(host), port
 
     @property
     def url(self) -> str | None:
-        if self._server is None:
+        if self.address is None:
             return None
         host, port = self.address
         return f"http://{host}:{port}/metrics"
@@ -322,5 +328,6 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            self._thread.join(2)
+            if self._thread is not None:
+                self._thread.join(2)
             self._server = None

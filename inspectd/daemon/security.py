@@ -35,7 +35,8 @@ log = structlog.get_logger("inspectd.daemon.security")
 # Tests and throwaway containers run everything as root; a station never should. Set only where root is the sandbox.
 ALLOW_ROOT_ENV = "INSPECTD_ALLOW_ROOT"
 REPEAT_LOG_S = 60.0
-_REFUSALS = {
+# Keyed by plain int: the monitor hands event numbers over as ints.
+_REFUSALS: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "client key not in the allow-list",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed: the client does not speak CURVE with our key",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed: the client broke it off (no CURVE, or not our key)",

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -33,6 +33,9 @@ from inspectd.daemon.inference import InferenceStage, Judged, ModelState
 from inspectd.daemon.publish import Publisher
 from inspectd.errors import InspectdError
 from inspectd.logs import configure_logging
+
+if TYPE_CHECKING:
+    from inspectd.daemon.control import ControlServer
 
 PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, short enough to never hang
 IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
@@ -106,7 +109,7 @@ class Daemon:
             for cam in config.cameras
         }
         self._inference_thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
-        self.control = None
+        self.control: ControlServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from engines.errors import DataError
 from inspectd.daemon import config as cfg
@@ -27,7 +28,7 @@ class FolderWatcher(Source):
 
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         super().__init__(camera, clock)
-        self.spec: cfg.FolderSource = camera.source
+        self.spec = cast("cfg.FolderSource", camera.source)  # the supervisor builds this class for kind folder only
         self.poll_s = self.spec.poll_ms / 1000.0
         # name -> mtime_ns when inspected (files left in place): a file rewritten under the same name is new again.
         self.done: dict[str, int] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import cv2
 
@@ -22,14 +23,14 @@ class VideoCaptureSource(Source):
 
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         super().__init__(camera, clock)
-        self.spec: cfg.OpenCVSource = camera.source
+        self.spec = cast("cfg.OpenCVSource", camera.source)  # the supervisor builds this class for kind opencv only
         self.finite = self.spec.url is not None and "://" not in self.spec.url
-        self.cap = None
+        self.cap: cv2.VideoCapture | None = None
         self.counter = 0
 
     def open(self, stop: threading.Event) -> None:
         target = self.spec.target
-        if self.finite and not Path(target).is_file():
+        if self.finite and not Path(str(target)).is_file():
             raise FileNotFoundError(f"{target}: video file not found")
         if self.spec.pipeline is not None:
             cap = cv2.VideoCapture(target, cv2.CAP_GSTREAMER)
@@ -54,6 +55,7 @@ class VideoCaptureSource(Source):
             self.cap = None
 
     def read(self, stop: threading.Event) -> Frame | None:
+        assert self.cap is not None, "read() before open()"
         ok, image = self.cap.read()
         if not ok:
             if self.finite:

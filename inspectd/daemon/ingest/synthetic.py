@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import cast
 
 import cv2
 
@@ -19,7 +20,7 @@ class SyntheticLineSource(Source):
         super().__init__(camera, clock)
         from engines.data.synthline import SyntheticLine
 
-        s: cfg.SyntheticSource = camera.source
+        s = cast("cfg.SyntheticSource", camera.source)  # the supervisor builds this class for kind synthetic only
         self.spec = s
         self.line = SyntheticLine(s.width, s.height, s.channels, s.defect_rate, s.seed)
         self.period = 1.0 / s.rate_hz

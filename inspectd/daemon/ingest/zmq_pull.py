@@ -6,6 +6,7 @@ import json
 import math
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -15,6 +16,9 @@ from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import check_and_decode
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
 
+if TYPE_CHECKING:
+    import zmq
+
 HEADER_FIELDS = {"camera", "frame_id", "t_capture", "shape", "dtype", "encoding"}
 
 
@@ -23,9 +27,9 @@ class ZmqPullSource(Source):
 
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         super().__init__(camera, clock)
-        self.endpoint = camera.source.endpoint
-        self.sock = None
-        self.poller = None
+        self.endpoint = cast("cfg.ZmqSource", camera.source).endpoint
+        self.sock: zmq.Socket | None = None
+        self.poller: zmq.Poller | None = None
         self.received = 0
 
     def open(self, stop: threading.Event) -> None:
@@ -51,6 +55,7 @@ class ZmqPullSource(Source):
             self.sock = None
 
     def read(self, stop: threading.Event) -> Frame | None:
+        assert self.sock is not None and self.poller is not None, "read() before open()"
         if not self.poller.poll(int(READ_TIMEOUT_S * 1000)):
             return None
         parts = self.sock.recv_multipart(copy=False)
@@ -141,7 +146,7 @@ class ZmqPullSource(Source):
             if len(payload) != expected:
                 raise DataError(f"{what}: payload {len(payload)} bytes, expected {expected} for shape {shape} uint8")
             # Zero-copy: the array views the received message, which it keeps alive.
-            image = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+            image: np.ndarray = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
             return image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
         image = check_and_decode(payload, what, self.camera.max_pixels, expected=encoding)
         if shape is not None:

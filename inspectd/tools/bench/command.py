@@ -320,7 +320,8 @@ def summarize_profile(path: Path, top: int = 20) -> dict:
 
     stats = pstats.Stats(str(path))
     entries = []
-    for (filename, line, name), (_cc, nc, tt, ct, _) in stats.stats.items():
+    # Stats.stats is the raw table pstats itself reads; typeshed leaves it out.
+    for (filename, line, name), (_cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
         entries.append(
             {
                 "function": f"{Path(filename).name}:{line}({name})",

@@ -58,8 +58,10 @@ class FrameSet:
         self.jpeg = [p.read_bytes() for p in paths]
         flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
         self.raw = []
-        for data in self.jpeg:
+        for path, data in zip(paths, self.jpeg):
             image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+            if image is None:
+                raise ValueError(f"{path}: OpenCV cannot decode it")
             if image.ndim == 3:
                 image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
             self.raw.append(np.ascontiguousarray(image))
@@ -141,7 +143,11 @@ def write_config(
     cams, ingest = [], []
     for k in range(cameras):
         if source == "synthetic":
-            per_camera = SATURATION_RATE_HZ if saturate else rate_hz / cameras
+            if saturate:
+                per_camera = SATURATION_RATE_HZ
+            else:
+                assert rate_hz is not None, "a fixed-rate scenario has a rate"
+                per_camera = rate_hz / cameras
             src = {
                 "kind": "synthetic",
                 "rate_hz": per_camera,
@@ -212,7 +218,7 @@ def control_status(endpoint: str, timeout_ms: int = 2000) -> dict | None:
         sock.connect(endpoint)
         sock.send_json({"cmd": "status"})
         reply = sock.recv_json()
-        return reply if reply.get("ok", True) else None
+        return reply if isinstance(reply, dict) and reply.get("ok", True) else None
     except zmq.ZMQError:
         return None
     finally:
@@ -454,12 +460,14 @@ def bench_daemon(
         k = 0
         for source in sources:
             for n_cameras in cameras:
-                saturated = None
+                saturated: float | None = None
                 for load in loads:
                     saturate = load == "sat"
-                    if not saturate and (source == "folder" or saturated is None):
-                        continue  # a fixed rate is a fraction of a measured saturation; folders have none
-                    rate = None if saturate else float(load) * saturated
+                    rate: float | None = None
+                    if not saturate:
+                        if source == "folder" or saturated is None:
+                            continue  # a fixed rate is a fraction of a measured saturation; folders have none
+                        rate = float(load) * saturated
                     workdir = Path(tmp) / f"s{k}"
                     workdir.mkdir()
                     k += 1

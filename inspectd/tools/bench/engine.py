@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ def bench_engine(
     bundle_path: str | Path,
     backend: str = "onnxruntime",
     options: dict | None = None,
-    batches: list[int] = (1, 4, 8, 16),
+    batches: Sequence[int] = (1, 4, 8, 16),
     sizes: list[tuple[int, int]] | None = None,
     windows: int = 5,
     window_s: float = 2.0,
@@ -160,13 +161,13 @@ def bench_engine(
 ) -> dict[str, Any]:
     """Engine-only figures for the bundle (and for a trained-on-the-spot bundle at each other size)."""
     bundle = load_bundle(bundle_path)
-    own = tuple(bundle.input_shape[:2])
+    own = (bundle.input_shape[0], bundle.input_shape[1])
     results = []
     with tempfile.TemporaryDirectory(prefix="inspectd-bench-") as tmp:
         for size in sizes or [own]:
             sized = bundle
             if tuple(size) != own:
-                sized = bundle_at_size(bundle, tuple(size), Path(tmp) / f"{size[0]}x{size[1]}", train_data)
+                sized = bundle_at_size(bundle, (size[0], size[1]), Path(tmp) / f"{size[0]}x{size[1]}", train_data)
             result = bench_bundle(sized, backend, options, list(batches), windows, window_s, warmup_s)
             result["trained_for_bench"] = sized is not bundle
             results.append(result)
