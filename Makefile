@@ -2,12 +2,31 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+EXTRAS := train,test,plc
+# The exact versions the tests passed with; every install goes through them (see `constraints` below).
+CONSTRAINTS := constraints.txt
+# The oldest Python those versions install on, as `make constraints` recorded it in the file's header.
+PYTHON_MIN := $(shell sed -n 's/^. requires-python: >=\([0-9.]*\).*/\1/p' $(CONSTRAINTS))
+# Where torch and torchvision come from. Empty: PyPI, whose Linux wheels carry CUDA (most of the venv's ~6 GB). A
+# machine without an NVIDIA GPU can take the CPU-only wheels instead (after `make clean`):
+#     make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test constraints clean
 
-$(VENV)/.installed: pyproject.toml
+# Checked before anything is created, each failure in one line: the interpreter, its version, its venv module.
+CHECK_VERSION = import sys; need = tuple(int(p) for p in "$(PYTHON_MIN)".split(".")); \
+    sys.exit(0 if sys.version_info[:2] >= need else "make: $(PYTHON) is Python " + sys.version.split()[0] + \
+    "; $(CONSTRAINTS) needs Python >= $(PYTHON_MIN): make PYTHON=python$(PYTHON_MIN) ...")
+NO_VENV = make: $(PYTHON) cannot create a virtualenv; install its venv module (Debian/Ubuntu: apt install python3-venv)
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; needs Python >= $(PYTHON_MIN)" >&2; exit 1; }
+	@$(PYTHON) -c '$(CHECK_VERSION)'
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { echo "$(NO_VENV)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[train,test,plc]'
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q -c $(CONSTRAINTS) --index-url $(TORCH_INDEX) torch torchvision)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -24,6 +43,14 @@ test: venv
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests
+
+# Rewrite constraints.txt from what the venv holds now. To move a version: install it into the venv (or change
+# pyproject.toml and `$(PY) -m pip install -e '.[$(EXTRAS)]'`, without -c), run make test, then make constraints.
+# ALSO="NAME ...": distributions to pin with their dependencies that pyproject.toml does not list yet.
+constraints:
+	@test -x $(PY) || { echo "make: no $(VENV) to read versions from; run make venv first" >&2; exit 1; }
+	$(PY) deploy/freeze_constraints.py --extras $(EXTRAS) $(ALSO) > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) runs

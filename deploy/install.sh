@@ -5,14 +5,20 @@
 #   sudo deploy/install.sh                    runtime only (no torch): inspectd run/subscribe/calibrate/bridge
 #   sudo deploy/install.sh --with-train       also the training stack (torch, timm, onnx)
 #   sudo deploy/install.sh --with-plc         also pymodbus for `inspectd bridge modbus`
+#   sudo deploy/install.sh --with-train --torch-index https://download.pytorch.org/whl/cpu
+#                                             the training stack with CPU-only torch (no CUDA wheels, GBs smaller)
 #   deploy/install.sh --prefix /tmp/root --no-venv
 #                                             a scratch root for tests: no useradd, chown or systemctl; every path
 #                                             lands under the prefix; no pip run
+#
+# pip installs the versions pinned in constraints.txt (the ones the tests passed with), which need the Python named
+# in its header; --no-constraints takes the newest versions pyproject.toml's ranges allow instead.
 set -eu
 
 usage() {
     cat <<'EOF'
 usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with-gpu] [--python PY]
+                  [--torch-index URL] [--no-constraints]
 
   --prefix DIR   install into DIR as if it were / (no useradd, chown, systemctl)
   --no-venv      do not create the virtualenv or run pip
@@ -20,6 +26,12 @@ usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with
   --with-plc     add the [plc] extra (pymodbus) for `inspectd bridge modbus`
   --with-gpu     add the [gpu] extra (cuda-python) for TensorRT stations
   --python PY    interpreter that creates the virtualenv (default: python3)
+  --torch-index URL
+                 take torch and torchvision from this index, e.g. https://download.pytorch.org/whl/cpu for the
+                 CPU-only wheels (default: PyPI, whose Linux wheels carry CUDA)
+  --no-constraints
+                 install within pyproject.toml's ranges instead of the versions pinned in constraints.txt
+                 (e.g. on a Python older than the pins need)
 EOF
 }
 
@@ -29,6 +41,8 @@ PREFIX=""
 MAKE_VENV=1
 EXTRAS=""
 PYTHON=python3
+TORCH_INDEX=""
+USE_CONSTRAINTS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) [ $# -ge 2 ] || die "--prefix: expected a directory"; PREFIX="$2"; shift 2 ;;
@@ -38,6 +52,9 @@ while [ $# -gt 0 ]; do
         --with-plc) EXTRAS="${EXTRAS:+$EXTRAS,}plc"; shift ;;
         --with-gpu) EXTRAS="${EXTRAS:+$EXTRAS,}gpu"; shift ;;
         --python) [ $# -ge 2 ] || die "--python: expected an interpreter"; PYTHON="$2"; shift 2 ;;
+        --torch-index) [ $# -ge 2 ] || die "--torch-index: expected an index URL"; TORCH_INDEX="$2"; shift 2 ;;
+        --torch-index=*) TORCH_INDEX="${1#--torch-index=}"; shift ;;
+        --no-constraints) USE_CONSTRAINTS=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument $1" ;;
     esac
@@ -92,6 +109,29 @@ ensure_file() {  # src dst mode owner:group
     [ "$SYSTEM" -eq 0 ] || chown "$4" "$2"
 }
 
+# --- interpreter: checked before anything is created -----------------------------------------------------------
+VENV="$OPT/venv"
+CONSTRAINTS="$SRC/constraints.txt"
+if [ "$MAKE_VENV" -eq 1 ] && [ "$USE_CONSTRAINTS" -eq 1 ]; then
+    [ -f "$CONSTRAINTS" ] || die "$CONSTRAINTS: missing (or pass --no-constraints)"
+    # The pinned versions install only on the Python the file's header names (what make constraints recorded).
+    NEED=$(sed -n 's/^# requires-python: >=\([0-9.]*\).*/\1/p' "$CONSTRAINTS")
+    CHECKED="$PYTHON"
+    [ ! -x "$VENV/bin/python" ] || CHECKED="$VENV/bin/python"
+    HAVE=$("$CHECKED" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || die "$CHECKED: cannot run it"
+    "$CHECKED" -c "import sys; sys.exit(sys.version_info[:2] < tuple(int(p) for p in '$NEED'.split('.')))" ||
+        die "$CHECKED is Python $HAVE; the versions in constraints.txt need >= $NEED" \
+            "(--python python$NEED, or --no-constraints)"
+fi
+
+pip_install() {
+    if [ "$USE_CONSTRAINTS" -eq 1 ]; then
+        "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" "$@"
+    else
+        "$VENV/bin/python" -m pip install -q "$@"
+    fi
+}
+
 # --- service user -----------------------------------------------------------------------------------------------
 if [ "$SYSTEM" -eq 1 ]; then
     if ! getent passwd "$USER_NAME" >/dev/null; then
@@ -123,17 +163,20 @@ for doc in DEPLOY.md PLC.md; do
 done
 
 if [ "$MAKE_VENV" -eq 1 ]; then
-    VENV="$OPT/venv"
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip
         say "created virtualenv $VENV"
     fi
     # pip reinstalls a source directory on every run; the stamp (hash of sources and extras) makes reruns no-ops.
-    STAMP=$(cd "$SRC" && { echo "extras=$EXTRAS"; find pyproject.toml inspectd engines calibration -name '*.py' \
-        -o -name pyproject.toml | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -d' ' -f1)
+    STAMP=$(cd "$SRC" && { echo "extras=$EXTRAS pin=$USE_CONSTRAINTS torch-index=$TORCH_INDEX"
+        find pyproject.toml constraints.txt inspectd engines calibration -name '*.py' -o -name pyproject.toml \
+            -o -name constraints.txt | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -d' ' -f1)
     if [ "$(cat "$VENV/.inspectd-stamp" 2>/dev/null || true)" != "$STAMP" ]; then
-        "$VENV/bin/python" -m pip install -q "$SRC${EXTRAS:+[$EXTRAS]}"
+        case ",$EXTRAS," in
+            *,train,*) [ -z "$TORCH_INDEX" ] || pip_install --index-url "$TORCH_INDEX" torch torchvision ;;
+        esac
+        pip_install "$SRC${EXTRAS:+[$EXTRAS]}"
         echo "$STAMP" > "$VENV/.inspectd-stamp"
         say "installed inspectd${EXTRAS:+[$EXTRAS]} into $VENV"
         CHANGED=1
