@@ -1,28 +1,92 @@
-"""Reading inspectd's YAML files (the daemon's config, the PLC bridge's): the file itself, and the key paths every
-refusal starts with."""
+"""inspectd's config files (the daemon's, the PLC bridge's): reading the YAML, checking it against a declaration, and
+the field types both declare with.
+
+Owns the one YAML reader (a safe loader that also refuses a key given twice in one mapping, which PyYAML would settle
+silently by keeping the last), `parse` (plain data against a declaration from engines.schema, every refusal one
+ConfigError line starting with the key path), and the field types of inspectd's settings: ZeroMQ endpoints, paths
+(relative ones resolve against the config file's directory) and camera ids.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
+from pydantic import PlainValidator, ValidationInfo
 
+from engines import schema
 from inspectd.errors import ConfigError
+from inspectd.protocol.journal import CAMERA_RE
+
+T = TypeVar("T")
+
+ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
 
 
-def key_path(where: str, key: Any) -> str:
-    """`where.key` for error messages. A key from the file is outside input: one with a newline or other unprintable
-    text is shown quoted, so the error stays one line."""
-    key = str(key)
-    if not key.isprintable():
-        key = repr(key)
-    return f"{where}.{key}" if where else key
+def _endpoint(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(ZMQ_SCHEMES) or value.endswith("://"):
+        raise schema.invalid(f"expected a ZeroMQ endpoint (tcp://host:port or ipc://path), got {schema.show(value)}")
+    return value
+
+
+def resolve(path: str | Path, info: ValidationInfo) -> Path:
+    """`path` with ~ expanded, relative to the config file's directory (`base_dir` in the validation context; the
+    working directory when there is none)."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    base_dir = (info.context or {}).get("base_dir") or Path.cwd()
+    return Path(os.path.normpath(Path(base_dir) / path))
+
+
+def _path(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise schema.invalid(f"expected a path string, got {schema.show(value)}")
+    return resolve(value, info)
+
+
+Endpoint = Annotated[str, PlainValidator(_endpoint)]
+ConfigPath = Annotated[Path, PlainValidator(_path)]
+CameraId = Annotated[str, schema.matching(CAMERA_RE, f"a camera id ({CAMERA_RE.pattern})")]
+
+
+def parse(declaration: type[T], raw: Any, where: str = "", base_dir: str | Path | None = None) -> T:
+    """`raw` (as YAML gives it) as a `declaration`, or ConfigError naming the first refused key after the prefix
+    `where`. Relative paths resolve against `base_dir` (default: the working directory)."""
+    context = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd()}
+    return schema.validate(declaration, raw, where=where, error=ConfigError, context=context)
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    def __init__(self, mapping: yaml.MappingNode, key: yaml.Node, first: yaml.Node) -> None:
+        super().__init__(problem="duplicate key", problem_mark=key.start_mark)
+        self.mapping, self.key, self.first = mapping, key, first
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one silently, and a
+    pasted-in second `queue:` quietly replacing the first is a config bug nobody sees."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: the mapping's own keys override merged ones, as YAML intends
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: the base constructor refuses it with its own message
+            if first is not key_node:
+                raise _DuplicateKey(node, key_node, first)
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: str | Path, expected: str = "a YAML config file") -> Any:
-    """The one YAML reader for the daemon's config files (the daemon's, the PLC bridge's): every failure is one
-    ConfigError line naming the file (and the line, where YAML says it)."""
+    """The one YAML reader for inspectd's config files: every failure is one ConfigError line naming the file (and
+    the line, where YAML says it)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -30,8 +94,17 @@ def read_yaml(path: str | Path, expected: str = "a YAML config file") -> Any:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text, expected {expected}") from exc
+    loader, root = None, None
     try:
-        return yaml.safe_load(text)
+        loader = _Loader(text)  # reads the whole text at once: refuses unprintable characters here
+        root = loader.get_single_node()
+        return None if root is None else loader.construct_document(root)
+    except _DuplicateKey as exc:
+        where = schema.key_path(_path_to(root, exc.mapping), exc.key.value)
+        raise ConfigError(
+            f"{path}:{exc.key.start_mark.line + 1}: {where}: duplicate key "
+            f"(first on line {exc.first.start_mark.line + 1}), expected each key once"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -39,3 +112,24 @@ def read_yaml(path: str | Path, expected: str = "a YAML config file") -> Any:
         raise ConfigError(f"{where}: malformed YAML: {problem}") from None
     except RecursionError:
         raise ConfigError(f"{path}: malformed YAML: nested too deeply, expected {expected}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _path_to(root: yaml.Node | None, target: yaml.Node) -> str:
+    """The key path of `target` in the document under `root` (depth-first, each node once: aliases can loop)."""
+    stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    visited: set[int] = set()
+    while stack:
+        node, where = stack.pop()
+        if node is target:
+            return where
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((value, schema.key_path(where, key.value)) for key, value in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((value, f"{where}[{i}]") for i, value in enumerate(node.value))
+    return ""

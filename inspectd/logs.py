@@ -8,6 +8,9 @@ import sys
 
 import structlog
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "console")
+
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """structlog JSON (or console) lines on stdout; one event per state change, never per frame."""

@@ -439,13 +439,18 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
 
 def test_bridge_config_errors_name_the_key():
     cases = [
-        ({"registers": {"scroe": 3}}, "bridge.registers.scroe: unknown name"),
+        ({"registers": {"scroe": 3}}, "bridge.registers.scroe: unknown key (known: status, inspection_id,"),
+        ({"registers": {"score": "4"}}, "bridge.registers.score: expected an integer, got '4'"),
         ({"registers": {"ack": 65535}}, "bridge.registers.ack: a 32-bit register needs two addresses"),
         ({"status_bits": {"alarm": 1}}, "bridge.status_bits.alarm: bit 1 is already result_valid"),
-        ({"ack_timeout_ms": 0}, "bridge.ack_timeout_ms: expected a number"),
-        ({"queue_size": 0}, "bridge.queue_size: expected an integer"),
+        ({"ack_timeout_ms": 0}, "bridge.ack_timeout_ms: expected at least 1, got 0"),
+        ({"poll_ms": "10"}, "bridge.poll_ms: expected a number, got '10'"),
+        ({"queue_size": 0}, "bridge.queue_size: expected at least 1, got 0"),
+        ({"queue_size": 1.5}, "bridge.queue_size: expected an integer, got 1.5"),
+        ({"status_bits": {"pass": 16}}, "bridge.status_bits.pass: expected at most 15, got 16"),
         ({"speed": 1}, "bridge.speed: unknown key"),
         ({"camera": ""}, "bridge.camera: expected a camera id"),
+        ({"camera": "cam 0"}, "bridge.camera: expected a camera id ([a-zA-Z0-9_-]+), got 'cam 0'"),
     ]
     for raw, message in cases:
         with pytest.raises(ConfigError) as err:
@@ -467,6 +472,20 @@ def test_the_shipped_example_config_is_the_defaults():
     from inspectd.clients.plc import load_bridge_config
 
     assert load_bridge_config(REPO / "deploy" / "bridge.example.yaml") == parse_bridge_config({})
+
+
+def test_bridge_config_file_errors_name_the_file_and_the_key(tmp_path):
+    from inspectd.clients.plc import load_bridge_config
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text("unit: 1\nstatus_bits:\n  alarm: 7\n  fail: 7\n")
+    with pytest.raises(ConfigError) as refused:
+        load_bridge_config(path)
+    assert str(refused.value) == f"{path}.status_bits.alarm: bit 7 is already fail"
+    path.write_text("unit: 1\nregisters:\n  score: 20\n  score: 21\n")
+    with pytest.raises(ConfigError) as refused:
+        load_bridge_config(path)
+    assert str(refused.value) == f"{path}:4: registers.score: duplicate key (first on line 3), expected each key once"
 
 
 def test_unreadable_bridge_yaml_is_one_config_error_naming_the_file(tmp_path):

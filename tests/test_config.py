@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from inspectd.daemon.config import FolderSource, OpenCVSource, SyntheticSource, ZmqSource, load_config, parse_config
+from inspectd.daemon.config import load_config, parse_config
+from inspectd.daemon.ingest import SOURCES
+from inspectd.daemon.ingest.folder import FolderSource
+from inspectd.daemon.ingest.opencv import OpenCVSource
+from inspectd.daemon.ingest.synthetic import SyntheticSource
+from inspectd.daemon.ingest.zmq_pull import ZmqSource
 from inspectd.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "inspectd.example.yaml"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "deploy" / "inspectd.example.yaml"
 
 MINIMAL = {
     "station": "line1",
@@ -201,8 +209,135 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
 def test_engine_options_are_validated_by_the_backend_and_kept_as_a_mapping():
     config = parse_config(with_value(["engine"], {"backend": "onnxruntime", "options": {"intra_op_threads": 2}}))
     assert config.engine.options == {"intra_op_threads": 2}
-    with pytest.raises(ConfigError, match=r"^engine.options.providers: expected str, got 5$"):
+    with pytest.raises(ConfigError, match=r"^engine.options.providers: expected one of auto\|cpu\|cuda, got 5$"):
         parse_config(with_value(["engine"], {"backend": "onnxruntime", "options": {"providers": 5}}))
+
+
+@pytest.mark.parametrize(
+    "backend,options,message",
+    [
+        ("onnxruntime", {"providers": "gpu"}, "engine.options.providers: expected one of auto|cpu|cuda, got 'gpu'"),
+        ("onnxruntime", {"intra_op_threads": -1}, "engine.options.intra_op_threads: expected at least 0, got -1"),
+        ("onnxruntime", {"allow_spinning": "no"}, "engine.options.allow_spinning: expected true or false, got 'no'"),
+        ("torch", {"device": "gpu0"}, "engine.options.device: expected cpu, cuda or cuda:N, got 'gpu0'"),
+        ("torch", {"threads": "4"}, "engine.options.threads: expected an integer, got '4'"),
+        ("tensorrt", {"streams": 0}, "engine.options.streams: expected at least 1, got 0"),
+        ("tensorrt", {"precision": "fp8"}, "engine.options.precision: expected one of \"\"|fp32|fp16|int8, got 'fp8'"),
+        (
+            "tensorrt",
+            {"plan_file": "x"},
+            "engine.options.plan_file: unknown key (known: device, plan, precision, streams)",
+        ),
+    ],
+)
+def test_engine_options_are_refused_at_load_by_the_backends_own_declaration(backend, options, message):
+    """Before, `providers: gpu` loaded fine and failed only when the daemon opened the engine."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(["engine"], {"backend": backend, "options": options}))
+    assert str(refused.value) == message
+
+
+def test_engine_options_are_checked_where_the_backends_library_is_missing():
+    """A runtime-only station has no torch; its config naming the torch backend is still checked in full."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "from inspectd.daemon.config import parse_config\n"
+        "from inspectd.errors import ConfigError\n"
+        f"doc = {MINIMAL!r}\n"
+        "config = parse_config({**doc, 'engine': {'backend': 'torch', 'options': {'threads': 2}}})\n"
+        "assert config.engine.options == {'threads': 2}\n"
+        "try:\n"
+        "    parse_config({**doc, 'engine': {'backend': 'torch', 'options': {'device': 'gpu0'}}})\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "engine.options.device: expected cpu, cuda or cuda:N, got 'gpu0'"
+
+
+@pytest.mark.parametrize("kind", sorted(SOURCES))
+def test_each_camera_source_is_checked_by_its_own_declaration(kind):
+    """The registry's kinds, each with the declaration in its own module: an unknown key names that declaration's
+    keys (so a key of another kind is refused too), and a bad value of each of its fields names the field."""
+    declaration = SOURCES[kind].Options
+    assert declaration.__module__ == SOURCES[kind].__module__
+    fields = [f.name for f in dataclasses.fields(declaration)]
+    assert declaration.__dataclass_fields__["kind"].default == kind
+    source = {"synthetic": {}, "folder": {"path": "in"}, "zmq": {"endpoint": "ipc:///tmp/x"}}.get(kind, {"device": 0})
+    doc = with_value(["cameras", 0, "source"], {"kind": kind, **source, "colour": 1})
+    with pytest.raises(ConfigError) as refused:
+        parse_config(doc)
+    assert str(refused.value) == f"cameras[0].source.colour: unknown key (known: {', '.join(sorted(fields))})"
+    for field in fields:
+        if field == "kind":
+            continue
+        with pytest.raises(ConfigError) as refused:
+            parse_config(with_value(["cameras", 0, "source"], {"kind": kind, **source, field: [1]}))
+        assert str(refused.value).startswith(f"cameras[0].source.{field}: expected "), str(refused.value)
+
+
+def test_source_kind_is_required_and_checked():
+    for source, message in [
+        ({"rate_hz": 5}, "cameras[0].source.kind: required, expected one of synthetic|folder|zmq|opencv"),
+        ({"kind": "usb"}, "cameras[0].source.kind: expected one of synthetic|folder|zmq|opencv, got 'usb'"),
+        ({"kind": ["zmq"]}, "cameras[0].source.kind: expected one of synthetic|folder|zmq|opencv, got ['zmq']"),
+        (None, "cameras[0].source: expected a mapping with kind synthetic|folder|zmq|opencv, got None"),
+    ]:
+        with pytest.raises(ConfigError) as refused:
+            parse_config(with_value(["cameras", 0, "source"], source))
+        assert str(refused.value) == message
+
+
+def test_resize_is_no_longer_a_camera_key():
+    """It was parsed and documented but never read: the bundle's manifest decides the resize policy."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(["cameras", 0, "resize"], "pad"))
+    assert str(refused.value) == "cameras[0].resize: unknown key (known: id, max_pixels, queue, source)"
+
+
+def test_a_section_left_empty_takes_its_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "station: s\nmodel: {bundle: b}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
+        "publish:\n  # endpoint: tcp://127.0.0.1:5556\nmetrics:\nengine: {options: null}\n"
+    )
+    config = load_config(path)
+    assert config.publish.endpoint == "tcp://127.0.0.1:5556" and config.metrics.listen == "127.0.0.1:9108"
+    assert config.engine.options == {}
+
+
+@pytest.mark.parametrize(
+    "text,line,message",
+    [
+        ("station: a\nstation: b\n", 2, "station: duplicate key (first on line 1)"),
+        (
+            "cameras:\n  - id: c\n    source:\n      kind: zmq\n      kind: folder\n",
+            5,
+            "cameras[0].source.kind: duplicate key (first on line 4)",
+        ),
+        ("publish: {masks: always, sndhwm: 1, masks: never}\n", 1, "publish.masks: duplicate key (first on line 1)"),
+        ("metrics:\n  listen: null\n\n\nmetrics: {}\n", 5, "metrics: duplicate key (first on line 1)"),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused_with_key_path_and_line(tmp_path, text, line, message):
+    """PyYAML alone keeps the last of two equal keys without a word."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == f"{path}:{line}: {message}, expected each key once"
+
+
+def test_yaml_merge_keys_may_be_overridden_without_counting_as_duplicates(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "station: s\nmodel: {bundle: b}\n"
+        "cameras:\n  - &first {id: a, source: {kind: synthetic, rate_hz: 5}}\n"
+        "  - <<: *first\n    id: b\n"
+    )
+    assert [c.id for c in load_config(path).cameras] == ["a", "b"]
 
 
 def test_config_is_frozen():

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from engines.errors import EngineError
 from inspectd.daemon import config as cfg
 from inspectd.daemon.ingest.headers import PNG_SIGNATURE, check_and_decode, encoded_dims
-from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
+from inspectd.daemon.ingest.zmq_pull import ZmqPullSource, ZmqSource
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.protocol.control import parse_request
 from inspectd.protocol.messages import decode, encode_result
@@ -74,7 +74,6 @@ MINIMAL = {
             "id": "cam0",
             "source": {"kind": "synthetic", "rate_hz": 5, "count": 3},
             "queue": {"size": 4, "policy": "block"},
-            "resize": "pad",
             "max_pixels": 100,
         },
         {"id": "cam1", "source": {"kind": "folder", "path": "in", "pattern": "*.png", "done_dir": "d"}},
@@ -112,7 +111,8 @@ PATHS = [p for p in key_paths(MINIMAL) if p]
 
 
 def test_minimal_config_is_valid():
-    parse_config_ok(MINIMAL)
+    """So the edits below start from a config that loads: each one is then the only thing wrong."""
+    cfg.parse_config(MINIMAL, base_dir="/tmp")
 
 
 def parse_config_ok(doc):
@@ -199,7 +199,7 @@ class _Part:
 
 
 def _source() -> ZmqPullSource:
-    camera = cfg.CameraConfig(id="cam0", source=cfg.ZmqSource(endpoint="ipc:///tmp/unused"), max_pixels=4096)
+    camera = cfg.CameraConfig(id="cam0", source=ZmqSource(endpoint="ipc:///tmp/unused"), max_pixels=4096)
     return ZmqPullSource(camera, clock=lambda: 1.0)
 
 

@@ -3,22 +3,27 @@
 Every import counts, at module level or inside a function (a lazy import is still a dependency). The layers, each
 allowed to import only the ones listed for it (and itself):
 
-    engines.errors                      nothing
+    engines.errors, engines.schema      nothing
     engines.bundle, engines.data        engines.errors
-    engines.runtime                     + engines.bundle
+    engines.runtime                     + engines.bundle, engines.schema
     engines.model                       + engines.runtime, engines.data
     engines.training                    + engines.model
-    inspectd.errors, .configfile, .logs, inspectd.protocol    only each other (protocol: inspectd.errors)
-    inspectd.daemon                     engines' errors, bundle, data, runtime; inspectd.protocol and the shared modules
-    inspectd.clients                    inspectd.protocol and the shared modules
+    inspectd.errors, .configfile, .logs, inspectd.protocol    only each other (protocol: inspectd.errors), and
+                                        .configfile engines.schema
+    inspectd.daemon                     engines' errors, schema, bundle, data, runtime; inspectd.protocol and the
+                                        shared modules
+    inspectd.clients                    inspectd.protocol and the shared modules (engines.schema among them)
     calibration                         engines (not engines.model), inspectd.protocol
     inspectd.tools                      all of the above
     inspectd.cli                        anything (the entry point; it imports commands by name), and so may
     inspectd.tools.bench.profiling      (which runs a command under cProfile)
 
 so nothing in engines imports inspectd or calibration, the daemon never imports model or training code, and clients
-and calibration reach the daemon only through its protocol. What a runtime-only station runs (the daemon, clients,
-calibration, the runtime) must also never reach torch or the rest of the training stack, through any chain of imports.
+and calibration reach the daemon only through its protocol. engines.schema (how settings are declared, and their
+one-line errors) is the one piece of engines the clients use: the backends declare their options with it and
+inspectd's config files are declared with it, so it sits below both. What a runtime-only station runs (the daemon,
+clients, calibration, the runtime) must also never reach torch or the rest of the training stack, through any chain
+of imports.
 """
 
 from __future__ import annotations
@@ -32,19 +37,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("engines", "inspectd", "calibration")
 
-ENGINES_LOW = {"engines.errors", "engines.bundle", "engines.data", "engines.runtime"}
-SHARED = {"inspectd.errors", "inspectd.configfile", "inspectd.logs"}
+ENGINES_LOW = {"engines.errors", "engines.schema", "engines.bundle", "engines.data", "engines.runtime"}
+SHARED = {"inspectd.errors", "inspectd.configfile", "inspectd.logs", "engines.schema"}
 LAYERS: dict[str, set[str]] = {
     "engines": set(),
     "engines.errors": set(),
+    "engines.schema": set(),
     "engines.bundle": {"engines.errors"},
     "engines.data": {"engines.errors"},
-    "engines.runtime": {"engines.errors", "engines.bundle"},
+    "engines.runtime": {"engines.errors", "engines.schema", "engines.bundle"},
     "engines.model": ENGINES_LOW,
     "engines.training": ENGINES_LOW | {"engines.model"},
     "inspectd": set(),
     "inspectd.errors": set(),
-    "inspectd.configfile": {"inspectd.errors"},
+    "inspectd.configfile": {"inspectd.errors", "inspectd.protocol", "engines.schema"},
     "inspectd.logs": set(),
     "inspectd.protocol": {"inspectd.errors"},
     "inspectd.daemon": ENGINES_LOW | SHARED | {"inspectd.protocol"},
@@ -70,6 +76,7 @@ TRAINING_STACK = {"torch", "torchvision", "timm", "efficientnet_lite0_pytorch_mo
 # Run on a runtime-only station (pip install . : no torch, no onnx).
 RUNTIME_STATION = (
     "engines.errors",
+    "engines.schema",
     "engines.bundle",
     "engines.data",
     "engines.runtime",

@@ -7,9 +7,11 @@
     cuda_buffers   CUDA memory, streams and events for the TensorRT backend
 
 Every backend is one module with one class implementing `engines.runtime.base.Engine` and declaring its own options
-as a dataclass (`Options`). Adding a backend is that module plus one line in BACKENDS. Backends are imported only when
-chosen, so a station without torch or TensorRT never imports them. The runtime imports only engines.bundle (and
-engines.errors); the torch backend alone reaches into engines.model, for the torch graph it runs.
+(`Options`, an engines.schema declaration). Adding a backend is that module plus one line in BACKENDS. Backends are
+imported only when chosen (the daemon's config imports the one it names, to check its options), and a backend module
+imports its heavy library (torch, TensorRT) only when an engine opens, so a station without them can still load and
+check a config that names them. The runtime imports only engines.bundle and engines.schema (and engines.errors); the
+torch backend alone reaches into engines.model, for the torch graph it runs.
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from engines.errors import EngineError
+from engines.schema import declared, validate
 
 
 class InferenceResult(NamedTuple):
@@ -16,13 +16,15 @@ class InferenceResult(NamedTuple):
     maps: np.ndarray  # float32 [N, H, W]: anomaly map at the model's input size
 
 
-@dataclasses.dataclass(frozen=True)
+@declared
 class NoOptions:
     pass
 
 
 class Engine(ABC):
-    """Runs one bundle's graph. Subclasses set `name` and `Options` (a frozen dataclass with defaults)."""
+    """Runs one bundle's graph. Subclasses set `name` and `Options`: the declaration (engines.schema.declared) of
+    their options, each with a default, so that a config's `engine.options` is checked by the backend it names when
+    the config loads, not when the engine opens."""
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
@@ -33,27 +35,9 @@ class Engine(ABC):
         self.max_batch = max_batch
 
     @classmethod
-    def parse_options(cls, raw: dict[str, Any], where: str = "options"):
-        """Validate a plain dict (from YAML) against `Options`; errors name the key."""
-        if not isinstance(raw, dict):
-            raise EngineError(f"{where}: expected a mapping, got {type(raw).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-        for key in raw:
-            if key not in fields:
-                known = ", ".join(sorted(fields)) or "none"
-                raise EngineError(f"{where}.{key}: unknown option for backend {cls.name!r} (known: {known})")
-        values = {}
-        for key, value in raw.items():
-            expected = fields[key].type if isinstance(fields[key].type, type) else None
-            default = fields[key].default
-            kind = expected or (type(default) if default is not dataclasses.MISSING and default is not None else None)
-            if kind is not None and kind in (int, float, bool, str):
-                if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                    value = float(value)
-                if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                    raise EngineError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
-            values[key] = value
-        return cls.Options(**values)
+    def parse_options(cls, raw: dict[str, Any], where: str = "options") -> Any:
+        """`raw` (a plain mapping, as YAML gives it) as this backend's `Options`; EngineError naming the key."""
+        return validate(cls.Options, raw, where=where, error=EngineError)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

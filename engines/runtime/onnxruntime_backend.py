@@ -6,42 +6,38 @@ OrtValues, the output bindings. `infer` binds the pixel buffer, runs, and copies
 
 from __future__ import annotations
 
-import dataclasses
 import threading
+from typing import Annotated
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import Field
 
 from engines.bundle.format import OUTPUTS, PIXELS
 from engines.errors import EngineError
 from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
+from engines.schema import Flag, Int, declared, one_of
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
-    inter_op_threads: int = 1
-    providers: str = "auto"  # auto: CUDA when this ONNX Runtime build has it, else CPU
-    # ONNX Runtime's workers busy-wait between runs by default. In a daemon that waits for frames, and on a station
-    # whose cores ingest and decode too, that spinning nearly doubles the CPU time per frame at batch 1
-    # (docs/PERFORMANCE.md). Turn it on only on a dedicated machine running back-to-back batches.
-    allow_spinning: bool = False
-
-
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
-    Options = Options
+
+    @declared
+    class Options:
+        """`engine.options` when `engine.backend` is onnxruntime."""
+
+        intra_op_threads: Annotated[Int, Field(ge=0)] = 0  # 0: ONNX Runtime's default (one per core)
+        inter_op_threads: Annotated[Int, Field(ge=0)] = 1
+        providers: Annotated[str, one_of(PROVIDER_CHOICES)] = "auto"  # auto: CUDA when this build has it, else CPU
+        # ONNX Runtime's workers busy-wait between runs by default. In a daemon that waits for frames, and on a station
+        # whose cores ingest and decode too, that spinning nearly doubles the CPU time per frame at batch 1
+        # (docs/PERFORMANCE.md). Turn it on only on a dedicated machine running back-to-back batches.
+        allow_spinning: Flag = False
 
     def __init__(self, bundle, options: Options, max_batch: int = 8) -> None:
         super().__init__(bundle, options, max_batch)
-        if options.intra_op_threads < 0 or options.inter_op_threads < 0:
-            raise EngineError("engine.options.intra_op_threads/inter_op_threads: expected integers >= 0")
-        if options.providers not in PROVIDER_CHOICES:
-            raise EngineError(
-                f"engine.options.providers: {options.providers!r}, expected one of {', '.join(PROVIDER_CHOICES)}"
-            )
         available = ort.get_available_providers()
         want_cuda = options.providers == "cuda" or (
             options.providers == "auto" and "CUDAExecutionProvider" in available

@@ -13,28 +13,21 @@ and has not run on real hardware.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import numpy as np
+from pydantic import Field
 
 from engines.bundle.format import OUTPUTS, PIXELS
 from engines.bundle.plans import PRECISIONS, check_compatible, import_tensorrt, pick_plan, read_sidecar, sidecar_name
 from engines.errors import BundleError, EngineError
 from engines.runtime import cuda_buffers
 from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
+from engines.schema import Int, declared, one_of
 
 MAX_STREAMS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    plan: str = ""  # plan file (relative to the bundle or absolute); "" picks the bundle's best match
-    precision: str = ""  # with plan "": only plans of this precision (fp32, fp16, int8); "" any
-    device: int = 0  # CUDA device index
-    streams: int = 2  # batches in flight; the plan needs at least this many optimisation profiles
 
 
 class Ticket(NamedTuple):
@@ -92,18 +85,21 @@ class _Slot:
 
 class TensorRTEngine(Engine):
     name = "tensorrt"
-    Options = Options
+
+    @declared
+    class Options:
+        """`engine.options` when `engine.backend` is tensorrt."""
+
+        # plan file (relative to the bundle or absolute); "" picks the bundle's best match
+        plan: Annotated[str, Field(strict=True)] = ""
+        # with plan "": only plans of this precision (fp32, fp16, int8); "" any
+        precision: Annotated[str, one_of(("", *PRECISIONS))] = ""
+        device: Annotated[Int, Field(ge=0)] = 0  # CUDA device index
+        # batches in flight; the plan needs at least this many optimisation profiles
+        streams: Annotated[Int, Field(ge=1, le=MAX_STREAMS)] = 2
 
     def __init__(self, bundle, options: Options, max_batch: int = 8) -> None:
         super().__init__(bundle, options, max_batch)
-        if not 1 <= options.streams <= MAX_STREAMS:
-            raise EngineError(f"engine.options.streams: {options.streams}, expected 1..{MAX_STREAMS}")
-        if options.precision not in ("", *PRECISIONS):
-            raise EngineError(
-                f"engine.options.precision: {options.precision!r}, expected one of {', '.join(PRECISIONS)} or '' (any)"
-            )
-        if options.device < 0:
-            raise EngineError(f"engine.options.device: {options.device}, expected a CUDA device index >= 0")
         trt = import_tensorrt()
         cuda_buffers.import_cudart()
         gpu_name, capability = cuda_buffers.select_device(options.device)

@@ -4,42 +4,47 @@ an option.
 
 The one runtime module that imports upwards, into engines.model, because it runs the torch graph itself rather than an
 exported one. It is imported only when a config or command chooses backend `torch` (engines.runtime.BACKENDS), never
-by the rest of the runtime, so a runtime-only station without torch never loads it (tests/test_layering.py).
+by the rest of the runtime, and it imports torch and engines.model only when an engine opens: the daemon imports this
+module at config load to check its `Options`, on a runtime-only station too, which has no torch
+(tests/test_layering.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Annotated
 
 import numpy as np
-import torch
+from pydantic import Field
 
 from engines.bundle.format import VARIABLE_ROWS
 from engines.errors import EngineError
-from engines.model.export import graph_from_bundle
 from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    device: str = "cpu"
-    threads: int = 0  # > 0 sets torch's intra-op threads for the whole process
+from engines.schema import Int, declared, matching
 
 
 class TorchEngine(Engine):
     name = "torch"
-    Options = Options
+
+    @declared
+    class Options:
+        """`engine.options` when `engine.backend` is torch."""
+
+        device: Annotated[str, matching(r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N")] = "cpu"
+        threads: Annotated[Int, Field(ge=0)] = 0  # > 0 sets torch's intra-op threads for the whole process
 
     def __init__(self, bundle, options: Options, max_batch: int = 8) -> None:
         super().__init__(bundle, options, max_batch)
         try:
-            self.device = torch.device(options.device)
-        except RuntimeError as exc:
-            raise EngineError(f"engine.options.device: {options.device!r}, expected cpu, cuda or cuda:N") from exc
+            import torch
+
+            from engines.model.export import graph_from_bundle
+        except ImportError as exc:
+            raise EngineError(
+                f"engine backend 'torch': cannot import {exc.name} ({exc}); pip install 'inspectd[train]'"
+            ) from exc
+        self.device = torch.device(options.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError(f"engine.options.device: {options.device!r} but torch sees no CUDA device")
-        if options.threads < 0:
-            raise EngineError(f"engine.options.threads: {options.threads}, expected an integer >= 0")
         if options.threads:
             torch.set_num_threads(options.threads)
         self.graph = graph_from_bundle(bundle).to(self.device)
@@ -52,10 +57,14 @@ class TorchEngine(Engine):
         self.set_scorer_params(example)
 
     def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:
+        import torch  # imported by __init__ already: a dictionary lookup
+
         checked = check_scorer_params(params, self._param_shapes)
         self._params = tuple(torch.from_numpy(checked[n]).to(self.device) for n in self.bundle.scorer_inputs)
 
     def infer(self, pixels: np.ndarray) -> InferenceResult:
+        import torch
+
         check_pixels(pixels, self.input_shape, self.max_batch)
         with torch.inference_mode():
             score, anomaly_map = self.graph(torch.from_numpy(pixels).to(self.device), *self._params)

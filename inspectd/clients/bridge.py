@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from inspectd.errors import ConfigError, InspectdError, MessageError
+from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.messages import Result, decode
 
 log = structlog.get_logger("inspectd.clients.bridge")
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     modbus.add_argument(
         "--log-format",
-        choices=("json", "console"),
+        choices=LOG_FORMATS,
         default="json",
         help="log lines on stdout: json (for journald | jq, the default) or console",
     )
@@ -90,9 +91,7 @@ def run(args: argparse.Namespace) -> int:
     except InspectdError as exc:
         print(f"inspectd bridge: {exc}", file=sys.stderr)
         return 2
-    from inspectd.logs import configure_logging  # the daemon's log format, so one jq filter reads both
-
-    configure_logging("info", args.log_format)
+    configure_logging("info", args.log_format)  # the daemon's log format, so one jq filter reads both
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # it logs every refused request as a traceback
     try:
         return asyncio.run(_serve(args.endpoint, host, port, args.topic, config, curve))

@@ -40,29 +40,18 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BeforeValidator, Field, field_validator
 from pymodbus.exceptions import ModbusException
 
-from inspectd.configfile import key_path, read_yaml
-from inspectd.errors import ConfigError
+from engines.schema import Int, Number, declared, invalid, refuse, show
+from inspectd.configfile import CameraId, parse, read_yaml
 
 RESULT_CODES = {"ok": 0, "defect": 1, "error": 2}
 STATUS_BITS = ("trigger_ready", "result_valid", "pass", "fail", "defect", "alarm")
 # Registers that are two words wide (32-bit, high word first).
 WIDE = ("inspection_id", "ack")
-REGISTERS = (
-    "status",
-    "inspection_id",
-    "result_code",
-    "score",
-    "region_count",
-    "missed_acks",
-    "sequence_gaps",
-    "heartbeat",
-    "ack",
-    "alarm_reset",
-)
 # Defaults after the layout vision sensors expose to PLCs: status/control word first, then the inspection id and the
 # result code, then counters, then what the PLC writes.
 DEFAULT_REGISTERS = {
@@ -77,99 +66,76 @@ DEFAULT_REGISTERS = {
     "ack": 10,
     "alarm_reset": 12,
 }
+REGISTERS = tuple(DEFAULT_REGISTERS)
 DEFAULT_BITS = {name: i for i, name in enumerate(STATUS_BITS)}
 U16 = 0xFFFF
 
 
-@dataclasses.dataclass(frozen=True)
+def _over(defaults: dict[str, int]) -> BeforeValidator:
+    """Field metadata: a mapping of some of `defaults`' names to numbers, filled up with the defaults. A mapping
+    rather than a declaration because one of the status bits is called `pass`."""
+
+    def fill(raw: Any) -> Any:
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise invalid(f"expected a mapping of name to number, got {show(raw)}")
+        for name in raw:
+            if name not in defaults:
+                refuse(str(name), f"unknown key (known: {', '.join(defaults)})", raw[name])
+        return {**defaults, **raw}
+
+    return BeforeValidator(fill)
+
+
+@declared
 class BridgeConfig:
-    registers: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_REGISTERS))
-    status_bits: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_BITS))
-    unit: int = 1
-    score_scale: float = 1000.0
-    ack_timeout_ms: float = 1000.0
-    poll_ms: float = 10.0
-    queue_size: int = 64
-    heartbeat_ms: float = 1000.0
-    request_timeout_ms: float = 1000.0
-    camera: str | None = None  # None: serve the first camera whose result arrives
+    registers: Annotated[dict[str, Annotated[Int, Field(ge=0, le=U16)]], _over(DEFAULT_REGISTERS)] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_REGISTERS)
+    )
+    status_bits: Annotated[dict[str, Annotated[Int, Field(ge=0, le=15)]], _over(DEFAULT_BITS)] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_BITS)
+    )
+    unit: Annotated[Int, Field(ge=0, le=255)] = 1
+    score_scale: Annotated[Number, Field(ge=1e-9)] = 1000.0
+    ack_timeout_ms: Annotated[Number, Field(ge=1)] = 1000.0
+    poll_ms: Annotated[Number, Field(ge=1, le=10_000)] = 10.0
+    queue_size: Annotated[Int, Field(ge=1, le=1_000_000)] = 64
+    heartbeat_ms: Annotated[Number, Field(ge=10)] = 1000.0
+    request_timeout_ms: Annotated[Number, Field(ge=10)] = 1000.0
+    camera: CameraId | None = None  # None: serve the first camera whose result arrives
 
     def width(self, name: str) -> int:
         return 2 if name in WIDE else 1
 
+    @field_validator("registers", mode="after")
+    @classmethod
+    def _no_overlap(cls, registers: dict[str, int]) -> dict[str, int]:
+        spans = sorted((addr, addr + (2 if name in WIDE else 1) - 1, name) for name, addr in registers.items())
+        for (lo1, hi1, n1), (lo2, _, n2) in zip(spans, spans[1:]):
+            if lo2 <= hi1:
+                refuse(n2, f"address {lo2} overlaps {n1} ({lo1}..{hi1})", lo2)
+        if spans[-1][1] > U16:
+            refuse(spans[-1][2], "a 32-bit register needs two addresses below 65536", spans[-1][0])
+        return registers
+
+    @field_validator("status_bits", mode="after")
+    @classmethod
+    def _distinct_bits(cls, bits: dict[str, int]) -> dict[str, int]:
+        seen: dict[int, str] = {}
+        for name, bit in bits.items():
+            if bit in seen:
+                refuse(name, f"bit {bit} is already {seen[bit]}", bit)
+            seen[bit] = name
+        return bits
+
 
 def parse_bridge_config(raw: Any, where: str = "bridge") -> BridgeConfig:
     """Validate a plain mapping (from YAML); every error starts with the key path."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    defaults = BridgeConfig()
-    known = {f.name for f in dataclasses.fields(BridgeConfig)}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"{key_path(where, key)}: unknown key (known: {', '.join(sorted(known))})")
-
-    registers = _int_map(raw.get("registers", {}), f"{where}.registers", REGISTERS, 0, U16)
-    registers = {**DEFAULT_REGISTERS, **registers}
-    spans = sorted((addr, addr + (2 if name in WIDE else 1) - 1, name) for name, addr in registers.items())
-    for (lo1, hi1, n1), (lo2, _, n2) in zip(spans, spans[1:]):
-        if lo2 <= hi1:
-            raise ConfigError(f"{where}.registers.{n2}: address {lo2} overlaps {n1} ({lo1}..{hi1})")
-    if spans[-1][1] > U16:
-        raise ConfigError(f"{where}.registers.{spans[-1][2]}: a 32-bit register needs two addresses below 65536")
-
-    bits = {**DEFAULT_BITS, **_int_map(raw.get("status_bits", {}), f"{where}.status_bits", STATUS_BITS, 0, 15)}
-    seen: dict[int, str] = {}
-    for name, bit in bits.items():
-        if bit in seen:
-            raise ConfigError(f"{where}.status_bits.{name}: bit {bit} is already {seen[bit]}")
-        seen[bit] = name
-
-    def number(key: str, lo: float, hi: float = math.inf) -> float:
-        value = raw.get(key, getattr(defaults, key))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-            raise ConfigError(f"{where}.{key}: expected a number in [{lo}, {hi}], got {value!r}")
-        return float(value)
-
-    def integer(key: str, lo: int, hi: int) -> int:
-        value = raw.get(key, getattr(defaults, key))
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ConfigError(f"{where}.{key}: expected an integer in [{lo}, {hi}], got {value!r}")
-        return value
-
-    camera = raw.get("camera")
-    if camera is not None and (not isinstance(camera, str) or not camera):
-        raise ConfigError(f"{where}.camera: expected a camera id or null, got {camera!r}")
-    return BridgeConfig(
-        registers=registers,
-        status_bits=bits,
-        unit=integer("unit", 0, 255),
-        score_scale=number("score_scale", 1e-9),
-        ack_timeout_ms=number("ack_timeout_ms", 1),
-        poll_ms=number("poll_ms", 1, 10_000),
-        queue_size=integer("queue_size", 1, 1_000_000),
-        heartbeat_ms=number("heartbeat_ms", 10),
-        request_timeout_ms=number("request_timeout_ms", 10),
-        camera=camera,
-    )
+    return parse(BridgeConfig, raw, where=where)
 
 
 def load_bridge_config(path: str | Path) -> BridgeConfig:
     return parse_bridge_config(read_yaml(path, expected="a bridge config file"), where=str(path))
-
-
-def _int_map(raw: Any, where: str, names: tuple[str, ...], lo: int, hi: int) -> dict[str, int]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of name to number, got {type(raw).__name__}")
-    out = {}
-    for name, value in raw.items():
-        if name not in names:
-            raise ConfigError(f"{key_path(where, name)}: unknown name (known: {', '.join(names)})")
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ConfigError(f"{where}.{name}: expected an integer in [{lo}, {hi}], got {value!r}")
-        out[name] = value
-    return out
 
 
 def scaled_score(score: float | None, scale: float) -> int:

@@ -7,7 +7,10 @@ A camera's frames go source -> `supervisor.CameraIngest` (the thread that keeps 
     supervisor  CameraIngest: the thread per camera, reopening a failed source with capped exponential backoff
     headers     image dimensions read from PNG/JPEG/BMP/TIFF headers, and check_and_decode
     source      the Source interface every frame source implements
-    synthetic, folder, zmq_pull, opencv   one frame source each
+    synthetic, folder, zmq_pull, opencv   one frame source each, with the declaration of its options (`Options`)
+
+SOURCES below maps a config's `kind` to its source class; the config's camera `source` is the union of their
+`Options`, so adding a kind is its module plus one line there.
 
 A source that fails (camera unplugged, RTSP drop, folder gone, socket error) is reopened with capped exponential
 backoff while the other cameras keep going; a finite source (synthetic with a count, a video file) ends cleanly.
@@ -21,3 +24,18 @@ Pausing: live sources (synthetic, zmq, opencv) keep being read while paused and 
 as `discarded`), so a resumed camera delivers current frames rather than a stale backlog; a folder is not read while
 paused, so its files wait on disk and are all inspected after resume.
 """
+
+from __future__ import annotations
+
+from inspectd.daemon.ingest.folder import FolderWatcher
+from inspectd.daemon.ingest.opencv import VideoCaptureSource
+from inspectd.daemon.ingest.source import Source
+from inspectd.daemon.ingest.synthetic import SyntheticLineSource
+from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
+
+SOURCES: dict[str, type[Source]] = {
+    "synthetic": SyntheticLineSource,
+    "folder": FolderWatcher,
+    "zmq": ZmqPullSource,
+    "opencv": VideoCaptureSource,
+}

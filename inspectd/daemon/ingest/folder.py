@@ -8,27 +8,52 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Annotated, Literal, cast
+
+from pydantic import Field, model_validator
 
 from engines.errors import DataError
-from inspectd.daemon import config as cfg
+from engines.schema import Flag, Number, Text, declared, refuse
+from inspectd.configfile import ConfigPath
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode
 from inspectd.daemon.ingest.source import Source
+
+if TYPE_CHECKING:
+    from inspectd.daemon import config as cfg
 
 # A folder file that looks cut short is taken as still being written (a writer that paused for longer than a poll)
 # until it has been left alone this long; only then is it published as a truncated frame.
 WRITE_GRACE_S = 2.0
 
 
+@declared
+class FolderSource:
+    """A camera `source` of `kind: folder`."""
+
+    path: ConfigPath
+    pattern: Text = "*"
+    poll_ms: Annotated[Number, Field(gt=0)] = 100.0
+    delete_after: Flag = False
+    done_dir: ConfigPath | None = None
+    kind: Literal["folder"] = "folder"
+
+    @model_validator(mode="after")
+    def _one_way_out(self) -> FolderSource:
+        if self.delete_after and self.done_dir is not None:
+            refuse("done_dir", "set together with delete_after: true, expected one or the other", str(self.done_dir))
+        return self
+
+
 class FolderWatcher(Source):
     """New image files in a folder, each once, oldest first (mtime, then name); half-written files are waited for."""
 
     live = False
+    Options = FolderSource
 
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         super().__init__(camera, clock)
-        self.spec = cast("cfg.FolderSource", camera.source)  # the supervisor builds this class for kind folder only
+        self.spec = cast(FolderSource, camera.source)  # the supervisor builds this class for kind folder only
         self.poll_s = self.spec.poll_ms / 1000.0
         # name -> mtime_ns when inspected (files left in place): a file rewritten under the same name is new again.
         self.done: dict[str, int] = {}

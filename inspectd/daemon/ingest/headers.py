@@ -10,6 +10,8 @@ import numpy as np
 from engines.data.images import decode_image
 from engines.errors import DataError
 
+# How a frame's pixels travel: raw uint8 arrays, or an encoded image decoded here.
+ENCODINGS = ("raw", "jpeg", "png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_IEND = b"IEND\xaeB`\x82"
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8, CC are not frames.

@@ -5,25 +5,62 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import cv2
+from pydantic import Field, PlainValidator, ValidationInfo, model_validator
 
 from engines.data.images import as_uint8_gray_or_rgb
 from engines.errors import DataError
-from inspectd.daemon import config as cfg
+from engines.schema import Int, Text, declared, invalid, show
+from inspectd.configfile import resolve
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.source import Source, SourceEnded
 
+if TYPE_CHECKING:
+    from inspectd.daemon import config as cfg
+
 STREAM_TIMEOUT_MS = 5000  # network video streams: how long open and each read may block
+
+
+def _url(value: Any, info: ValidationInfo) -> str:
+    if not isinstance(value, str) or not value:
+        raise invalid(f"expected a string (rtsp://, http://, file path), got {show(value)}")
+    return value if "://" in value else str(resolve(value, info))  # a video file, relative to the config file
+
+
+@declared
+class OpenCVSource:
+    """A camera `source` of `kind: opencv`: exactly one of url, device, pipeline."""
+
+    url: Annotated[str, PlainValidator(_url)] | None = None  # rtsp://, http://, or a (resolved) video file path
+    device: Annotated[Int, Field(ge=0)] | None = None  # /dev/videoN index
+    pipeline: Text | None = None  # GStreamer pipeline string
+    kind: Literal["opencv"] = "opencv"
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> OpenCVSource:
+        given = [key for key in ("url", "device", "pipeline") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise invalid(f"expected exactly one of url, device, pipeline, got {', '.join(given) or 'none'}")
+        return self
+
+    @property
+    def target(self) -> str | int:
+        """What cv2.VideoCapture is opened with."""
+        target = self.device if self.device is not None else self.url if self.url is not None else self.pipeline
+        assert target is not None  # the declaration holds exactly one of them
+        return target
 
 
 class VideoCaptureSource(Source):
     """cv2.VideoCapture on a video file (finite), an RTSP/HTTP URL, a device index or a GStreamer pipeline."""
 
+    Options = OpenCVSource
+
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         super().__init__(camera, clock)
-        self.spec = cast("cfg.OpenCVSource", camera.source)  # the supervisor builds this class for kind opencv only
+        self.spec = cast(OpenCVSource, camera.source)  # the supervisor builds this class for kind opencv only
         self.finite = self.spec.url is not None and "://" not in self.spec.url
         self.cap: cv2.VideoCapture | None = None
         self.counter = 0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 
-from inspectd.daemon import config as cfg
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S
+
+# drop_oldest: a live camera's newest frames matter most; block: every frame must be judged (a folder's backlog).
+QUEUE_POLICIES = ("drop_oldest", "block")
 
 
 class FrameQueue:
@@ -19,8 +21,8 @@ class FrameQueue:
     def __init__(self, size: int, policy: str = "drop_oldest", ready: threading.Condition | None = None) -> None:
         if size < 1:
             raise ValueError(f"queue size {size}: expected >= 1")
-        if policy not in cfg.QUEUE_POLICIES:
-            raise ValueError(f"queue policy {policy!r}: expected one of {', '.join(cfg.QUEUE_POLICIES)}")
+        if policy not in QUEUE_POLICIES:
+            raise ValueError(f"queue policy {policy!r}: expected one of {', '.join(QUEUE_POLICIES)}")
         self.size = size
         self.policy = policy
         self.ready = ready if ready is not None else threading.Condition()

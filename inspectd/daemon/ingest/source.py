@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from inspectd.daemon import config as cfg
 from inspectd.daemon.frames import Frame
+
+if TYPE_CHECKING:
+    from inspectd.daemon import config as cfg  # the config imports the sources, for their declarations
 
 READ_TIMEOUT_S = 0.1  # longest a source read blocks, so stop() and pause are noticed promptly
 
@@ -22,9 +25,12 @@ class SourceFatal(Exception):
 
 
 class Source:
-    """One camera's frame source. `read` blocks at most ~READ_TIMEOUT_S and returns None when nothing came."""
+    """One camera's frame source. `read` blocks at most ~READ_TIMEOUT_S and returns None when nothing came.
+
+    Subclasses set `Options`: the declaration (engines.schema.declared) of their camera `source` mapping."""
 
     live = True  # read and discard while paused (see inspectd.daemon.ingest)
+    Options: ClassVar[type]
 
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         self.camera = camera

@@ -10,12 +10,9 @@ import structlog
 
 from inspectd.daemon import config as cfg
 from inspectd.daemon.frames import Frame
-from inspectd.daemon.ingest.folder import FolderWatcher
-from inspectd.daemon.ingest.opencv import VideoCaptureSource
+from inspectd.daemon.ingest import SOURCES
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceEnded, SourceFatal
-from inspectd.daemon.ingest.synthetic import SyntheticLineSource
-from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
 
 log = structlog.get_logger("inspectd.ingest")
 
@@ -147,14 +144,6 @@ class CameraIngest:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-SOURCES: dict[str, type[Source]] = {
-    "synthetic": SyntheticLineSource,
-    "folder": FolderWatcher,
-    "zmq": ZmqPullSource,
-    "opencv": VideoCaptureSource,
-}
 
 
 def make_source(camera: cfg.CameraConfig, clock: Callable[[], float] = time.time) -> Source:

@@ -5,22 +5,45 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 import cv2
+from pydantic import Field
 
 from engines.data.images import decode_image
-from inspectd.daemon import config as cfg
+from engines.schema import Int, Number, declared, one_of
 from inspectd.daemon.frames import Frame
+from inspectd.daemon.ingest.headers import ENCODINGS
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceEnded
+
+if TYPE_CHECKING:
+    from inspectd.daemon import config as cfg
+
+
+@declared
+class SyntheticSource:
+    """A camera `source` of `kind: synthetic`."""
+
+    rate_hz: Annotated[Number, Field(gt=0)] = 10.0
+    width: Annotated[Int, Field(ge=8, le=16384)] = 256
+    height: Annotated[Int, Field(ge=8, le=16384)] = 256
+    channels: Annotated[int, one_of((1, 3))] = 1
+    defect_rate: Annotated[Number, Field(ge=0, le=1)] = 0.2
+    seed: Annotated[Int, Field(ge=0)] = 0  # numpy's generator takes no negative seed
+    count: Annotated[Int, Field(ge=0)] | None = None  # None: endless
+    # raw frames, or encode+decode each one to exercise the decoder path
+    encoding: Annotated[str, one_of(ENCODINGS)] = "raw"
+    kind: Literal["synthetic"] = "synthetic"
 
 
 class SyntheticLineSource(Source):
+    Options = SyntheticSource
+
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         super().__init__(camera, clock)
         from engines.data.synthline import SyntheticLine
 
-        s = cast("cfg.SyntheticSource", camera.source)  # the supervisor builds this class for kind synthetic only
+        s = cast(SyntheticSource, camera.source)  # the supervisor builds this class for kind synthetic only
         self.spec = s
         self.line = SyntheticLine(s.width, s.height, s.channels, s.defect_rate, s.seed)
         self.period = 1.0 / s.rate_hz

@@ -6,28 +6,41 @@ import json
 import math
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 
 from engines.errors import DataError
-from inspectd.daemon import config as cfg
+from engines.schema import declared
+from inspectd.configfile import Endpoint
 from inspectd.daemon.frames import Frame
-from inspectd.daemon.ingest.headers import check_and_decode
+from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
 
 if TYPE_CHECKING:
     import zmq
 
+    from inspectd.daemon import config as cfg
+
 HEADER_FIELDS = {"camera", "frame_id", "t_capture", "shape", "dtype", "encoding"}
+
+
+@declared
+class ZmqSource:
+    """A camera `source` of `kind: zmq`."""
+
+    endpoint: Endpoint  # bound by the daemon; producers connect PUSH sockets to it
+    kind: Literal["zmq"] = "zmq"
 
 
 class ZmqPullSource(Source):
     """A PULL socket the daemon binds; producers send multipart [JSON header, payload]."""
 
+    Options = ZmqSource
+
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         super().__init__(camera, clock)
-        self.endpoint = cast("cfg.ZmqSource", camera.source).endpoint
+        self.endpoint = cast(ZmqSource, camera.source).endpoint
         self.sock: zmq.Socket | None = None
         self.poller: zmq.Poller | None = None
         self.received = 0
@@ -117,8 +130,8 @@ class ZmqPullSource(Source):
                 f"expected {self.camera.id!r} or no camera field"
             )
         encoding = header.get("encoding", "raw")
-        if encoding not in cfg.ENCODINGS:
-            raise DataError(f"{what}: encoding {encoding!r}, expected one of {'|'.join(cfg.ENCODINGS)}")
+        if encoding not in ENCODINGS:
+            raise DataError(f"{what}: encoding {encoding!r}, expected one of {'|'.join(ENCODINGS)}")
         if encoding == "raw" and "dtype" not in header:
             raise DataError(f'{what}: raw frame without dtype, expected dtype "uint8"')
         dtype = header.get("dtype", "uint8")
