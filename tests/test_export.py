@@ -110,17 +110,14 @@ def test_scorer_params_swap_without_export(bundle, engines, frames):
     """Make frame 0 its own k-means reference (or the Gaussian's mean, or the memory bank): its map must drop to ~0."""
     import torch
 
-    from engines.model.graph import aggregate_patches
-
     with torch.inference_mode():
         features = engines["torch"].graph.embed(torch.from_numpy(frames[:1]))[0].numpy()
     original = bundle.scorer_params()
     params = dict(original)
     if "references" in params:
         params["references"] = features[None]
-    elif "memory_bank" in params:  # frame 0's own (aggregated) patches, repeated to the bank's size, as the memory
-        patches = aggregate_patches(torch.from_numpy(features[None]))[0].flatten(1).T.numpy()
-        params["memory_bank"] = np.resize(patches, original["memory_bank"].shape)
+    elif "memory_bank" in params:  # frame 0's own patches as the whole memory: a bank of another size, too
+        params["memory_bank"] = np.ascontiguousarray(features.reshape(features.shape[0], -1).T)
     else:
         params["gauss_mean"] = features
     for backend, engine in engines.items():

@@ -16,8 +16,9 @@ import torch
 from engines.bundle.store import load_bundle
 from engines.data import defects
 from engines.data.synthline import SyntheticLine
-from engines.model.graph import architecture_of, build_graph
+from engines.model.graph import build_graph
 from engines.model.methods import TrainSettings, get_method
+from engines.model.recipes import Recipe
 from engines.runtime import open_engine
 from engines.training.metrics import auroc
 from engines.training.train import Progress
@@ -93,7 +94,8 @@ def _trained_cse(images: np.ndarray, epochs: int) -> torch.nn.Module:
     args = argparse.Namespace(
         cse_lr=4e-3, cse_defects="perlin", cse_defect_fraction=0.5, cse_pool=2, cse_regenerate=False, cse_pool_stride=2
     )
-    arch = architecture_of("cse", "lite0", (3, 4), method.head_config(args), "kmeans", images.shape[1:])
+    recipe = Recipe("cse", method="cse", taps=(16, 32), size=images.shape[1:3], scorer="kmeans")
+    arch = recipe.architecture(method.head_config(args), images.shape[3])
     torch.manual_seed(0)
     graph = build_graph(arch, pretrained=True)
     method.train(graph, images, TrainSettings(epochs=epochs, batch=8, seed=0, args=args), Progress(enabled=False))

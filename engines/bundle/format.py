@@ -23,9 +23,57 @@ SCORE = "score"
 ANOMALY_MAP = "anomaly_map"
 OUTPUTS = (SCORE, ANOMALY_MAP)
 
-# Scorer inputs whose first dimension is a number of rows that a refit may change (the k-means references): the
-# graph is exported with that dimension dynamic, and backends accept any row count there.
-VARIABLE_ROWS = ("references",)
+# Scorer inputs whose first dimension is a number of rows that a refit may change (the k-means references, the
+# memory bank): the graph is exported with that dimension dynamic, and backends accept any row count there.
+VARIABLE_ROWS = ("references", "memory_bank")
+
+# A bundle written before recipes were recorded aggregated 15x15 in its memory scorer and nowhere else.
+LEGACY_MEMORY_AGGREGATION = 15
+
+
+def aggregation_of(architecture: dict) -> int:
+    """The patch-aggregation window of a manifest's architecture (older bundles: what their scorer did)."""
+    if "aggregation" in architecture:
+        return int(architecture["aggregation"])
+    return LEGACY_MEMORY_AGGREGATION if architecture.get("scorer") == "memory" else 1
+
+
+def recipe_of(manifest: dict) -> dict:
+    """The recipe a bundle was trained with: the manifest's own record, or for a bundle written before recipes were
+    recorded, the same fields read back from its architecture and training sections."""
+    if "recipe" in manifest:
+        return dict(manifest["recipe"])
+    architecture = manifest.get("architecture", {})
+    training = manifest.get("training", {})
+    shape = architecture.get("input_shape") or [manifest["input"]["height"], manifest["input"]["width"], 1]
+    return {
+        "name": "legacy",
+        "method": manifest.get("method"),
+        "backbone": manifest.get("backbone"),
+        "taps": [2 ** (int(i) + 1) for i in architecture.get("taps", [])],
+        "size": [int(shape[0]), int(shape[1])],
+        "resize": manifest.get("input", {}).get("resize", "stretch"),
+        "scorer": architecture.get("scorer"),
+        "aggregation": aggregation_of(architecture),
+        "memory_size": training.get("memory_size"),
+        "k": training.get("k"),
+        "smoothing_sigma": architecture.get("smoothing_sigma", 4.0),
+    }
+
+
+def describe_recipe(recipe: dict) -> str:
+    """One line: 'patchcore: frozen lite0 taps 8+16 320x320 stretch, memory bank 16384, window 3, sigma 4'."""
+    scorer = recipe.get("scorer")
+    if scorer == "memory":
+        scorer = f"memory bank {recipe.get('memory_size')}"
+    elif scorer in ("kmeans", "kmeans_local"):
+        scorer = f"{scorer} k={recipe.get('k')}"
+    size = recipe.get("size") or ["?", "?"]
+    taps = "+".join(str(t) for t in recipe.get("taps", []))
+    return (
+        f"{recipe.get('name')}: {recipe.get('method')} {recipe.get('backbone')} taps {taps} {size[0]}x{size[1]} "
+        f"{recipe.get('resize')}, {scorer}, window {recipe.get('aggregation')}, sigma {recipe.get('smoothing_sigma'):g}"
+    )
 
 
 def inspectd_version() -> str:

@@ -32,6 +32,7 @@ from engines.bundle.format import (
     SCORER,
     THRESHOLDS,
     WEIGHTS,
+    recipe_of,
 )
 from engines.errors import BundleError
 
@@ -171,6 +172,11 @@ class Bundle:
     def architecture(self) -> dict[str, Any]:
         """What engines.model.graph.build_graph needs to rebuild the torch graph."""
         return self.manifest["architecture"]
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The recipe it was trained with (engines.model.recipes), as recorded or read back from an older manifest."""
+        return recipe_of(self.manifest)
 
     @property
     def interrupted(self) -> bool:

@@ -1,9 +1,13 @@
 """The inference graph: uint8 NHWC pixels -> (image score [N], anomaly map [N, H, W]), one torch module per bundle.
 
     pixels -> Preprocess (to float, grey replicated to 3 channels, the backbone's normalisation)
-           -> Backbone taps -> method head (frozen: TapConcat; CSE: embedding; SLA: its features) -> features [N,D,h,w]
-           -> scorer (nearest reference or Gaussian) -> low-resolution map [N,h,w] (+ a global score for some scorers)
-           -> bilinear upsampling to H x W -> Gaussian smoothing (sigma 4) -> anomaly map; image score.
+           -> Backbone taps -> method head (frozen: TapConcat; CSE: embedding; SLA: its features)
+           -> patch aggregation (mean over a window x window neighbourhood; 1 = none) -> features [N,D,h,w]
+           -> scorer (nearest reference, memory bank or Gaussian) -> low-resolution map [N,h,w] (+ a global score
+              for some scorers)
+           -> bilinear upsampling to H x W -> Gaussian smoothing (the recipe's sigma) -> anomaly map; image score.
+
+The recipe (engines.model.recipes) decides taps, window, sigma, size and scorer; nothing here is tuned to a dataset.
 
 Scorer parameters (references; Gaussian mean and precision) are graph INPUTS, not weights, so a refit or reload never
 needs a re-export. Every frame is scored on its own: nothing is normalised across frames.
@@ -21,13 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.bundle.format import aggregation_of
 from engines.model.backbones import Backbone, create_backbone
 
 SMOOTHING_SIGMA = 4.0
+# The coreset is drawn from a random pool this many times the bank's size: greedy selection over every patch of
+# hundreds of images costs minutes, and a pool of 16x already holds the rare patterns the selection is for.
+CORESET_POOL = 16
 
 
 class Preprocess(nn.Module):
     """uint8 [N,H,W,C] -> normalised float [N,3,H,W]; (x/255 - mean)/std folded into one multiply-add."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def __init__(self, channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
@@ -57,8 +68,29 @@ class TapConcat(nn.Module):
         )
 
 
+class PatchAggregation(nn.Module):
+    """Mean of each location's window x window neighbourhood (PatchCore's local aggregation), borders averaged over
+    the locations that exist. A patch then carries its surroundings: wide windows let diffuse defects stand out and
+    blur small ones, which is why the window is a recipe field and not a constant."""
+
+    def __init__(self, window: int = 1) -> None:
+        super().__init__()
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"aggregation window {window}: expected an odd number >= 1")
+        self.window = int(window)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.window == 1:
+            return features
+        w = self.window
+        return F.avg_pool2d(features, kernel_size=w, stride=1, padding=w // 2, count_include_pad=False)
+
+
 class GaussianSmoothing(nn.Module):
     """Fixed separable Gaussian blur (radius 4 sigma, reflected borders) of a [N,H,W] map."""
+
+    kernel_y: torch.Tensor
+    kernel_x: torch.Tensor
 
     def __init__(self, sigma: float = SMOOTHING_SIGMA) -> None:
         super().__init__()
@@ -79,7 +111,20 @@ class GaussianSmoothing(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- scorers
-class NearestReferenceScorer(nn.Module):
+class Scorer(nn.Module):
+    """What every scorer declares: its graph inputs (in order), whether it gives an image score of its own (else the
+    map's maximum is the score), and `fit(features, **settings)` -> those inputs as arrays."""
+
+    kind: str
+    input_names: tuple[str, ...]
+    has_global_score: bool
+
+    @staticmethod
+    def fit(features: torch.Tensor, **settings) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class NearestReferenceScorer(Scorer):
     """CSE's scorer. Input `references` [K,D,h,w]: real training feature maps nearest to k-means centroids.
 
     Image score: 1 - cosine(flattened features, nearest reference). Map: per-location squared distance to that same
@@ -122,7 +167,7 @@ class NearestReferenceScorer(nn.Module):
         return {"references": features[nearest].float().contiguous().numpy()}
 
 
-class LocalReferenceScorer(nn.Module):
+class LocalReferenceScorer(Scorer):
     """CSE's references scored per location, for surfaces that are not aligned from frame to frame (magnetic tiles
     vary in size and position): each location's distance is the squared distance to its nearest location in ANY
     reference map (a memory of K*h*w vectors), not to the same location of one whole-image reference. Same input
@@ -157,25 +202,18 @@ def _kmeans_plus_plus(flat: torch.Tensor, k: int, generator: torch.Generator) ->
 
 DEFAULT_MEMORY_SIZE = 16384
 CORESET_PROJECTION = 16
-# Neighbourhood averaged into each patch, in locations of the finest tap's grid. PatchCore uses 3x3; magnetic tile
-# wants far more context because its worst defect (uneven) is a diffuse shading: in the screening (docs/ACCURACY.md)
-# image AUROC rises with the window up to 15x15 while pixel AUROC stays level from 7x7 on.
-AGGREGATION = 15
 
 
-class MemoryBankScorer(nn.Module):
+class MemoryBankScorer(Scorer):
     """PatchCore's scorer (Roth et al., "Towards total recall in industrial anomaly detection", CVPR 2022). Input
     `memory_bank` [M,D]: patch features of ALL training images, locally aggregated and cut to M by greedy k-center
     coreset selection. Map: per location, the Euclidean distance from its aggregated feature to the nearest memory
     vector (any position of any training image, so tiles need not be aligned); image score: max of the smoothed map.
-    It uses the backbone's default taps (Lite0 strides 16+32): strides 8+16 screened far worse, for 4x the locations
-    (docs/ACCURACY.md).
+    The features arrive already aggregated (the graph's PatchAggregation, the recipe's window).
 
-    Features are averaged over each AGGREGATION x AGGREGATION neighbourhood first (PatchCore's local aggregation,
-    widened): a patch then carries its surroundings, which denoises the memory and lets diffuse defects (magnetic
-    tile's `uneven`) stand out. The nearest-neighbour search is one matmul per batch; its [N, h*w, M] matrix is the
-    scorer's transient memory (N*h*w*M*4 bytes: 17 MB per frame for 16x16 locations and M = 16 384) and its cost
-    h*w*M*D*2 FLOP (3.6 GFLOP per frame at 256x256 with Lite0's 432 channels, several times the backbone's).
+    The nearest-neighbour search is one matmul per batch; its [N, h*w, M] matrix is the scorer's transient memory
+    (N*h*w*M*4 bytes: 17 MB per frame for 16x16 locations and M = 16 384) and its cost h*w*M*D*2 FLOP (3.6 GFLOP per
+    frame at 256x256 with Lite0's 432 channels at strides 16+32, several times the backbone's).
     """
 
     kind = "memory"
@@ -184,7 +222,7 @@ class MemoryBankScorer(nn.Module):
 
     def forward(self, features: torch.Tensor, memory_bank: torch.Tensor) -> tuple[None, torch.Tensor]:
         n, d, h, w = features.shape
-        query = aggregate_patches(features).permute(0, 2, 3, 1).reshape(n, h * w, d)
+        query = features.permute(0, 2, 3, 1).reshape(n, h * w, d)
         # The search ranks |m|^2 - 2 q.m (|q - m|^2 less |q|^2): one matmul. Its cancellation error is too large
         # for the distance itself (a patch in the memory came out at 0.05, not 0), so that is recomputed exactly
         # against the one nearest vector.
@@ -201,32 +239,26 @@ class MemoryBankScorer(nn.Module):
         chunk: int = 64,
         **_unused,
     ) -> dict[str, np.ndarray]:
-        """Aggregate every training patch, then keep `memory_size` of them by greedy k-center selection: each step
-        adds the patch farthest from everything kept so far, so rare good patterns survive the cut where random
-        sampling would drop them. Distances for the selection are taken in a random `projection`-dimensional space
-        (Johnson-Lindenstrauss), as PatchCore does, which makes each step a pass over N*h*w x `projection` floats."""
+        """Keep `memory_size` of the training patches by greedy k-center selection: each step adds the patch farthest
+        from everything kept so far, so rare good patterns survive the cut where random sampling would drop them.
+        The selection runs over a random pool of CORESET_POOL x `memory_size` patches, with distances taken in a
+        random `projection`-dimensional space (Johnson-Lindenstrauss), as PatchCore does."""
         if features.shape[0] == 0:
             raise ValueError("memory: no training features")
         if memory_size < 1:
             raise ValueError(f"memory_size {memory_size}: expected >= 1")
         d = features.shape[1]
-        patches = torch.cat(
-            [
-                aggregate_patches(features[s : s + chunk].float()).permute(0, 2, 3, 1).reshape(-1, d)
-                for s in range(0, features.shape[0], chunk)
-            ]
-        )
+        chunks = range(0, features.shape[0], chunk)
+        patches = torch.cat([features[s : s + chunk].float().permute(0, 2, 3, 1).reshape(-1, d) for s in chunks])
         if patches.shape[0] <= memory_size:
             return {"memory_bank": patches.contiguous().numpy()}
         generator = torch.Generator().manual_seed(seed)
+        if patches.shape[0] > CORESET_POOL * memory_size:
+            pool = torch.randperm(patches.shape[0], generator=generator)[: CORESET_POOL * memory_size]
+            patches = patches[pool.sort().values]
         projected = patches @ torch.randn(d, min(projection, d), generator=generator) if projection < d else patches
         chosen = greedy_coreset(projected, memory_size, generator)
         return {"memory_bank": patches[chosen].contiguous().numpy()}
-
-
-def aggregate_patches(features: torch.Tensor, size: int = AGGREGATION) -> torch.Tensor:
-    """size x size mean of each location's neighbourhood, borders averaged over the locations that exist."""
-    return F.avg_pool2d(features, kernel_size=size, stride=1, padding=size // 2, count_include_pad=False)
 
 
 def greedy_coreset(points: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -247,7 +279,7 @@ def greedy_coreset(points: torch.Tensor, size: int, generator: torch.Generator) 
     return chosen
 
 
-class GaussianScorer(nn.Module):
+class GaussianScorer(Scorer):
     """Mahalanobis distance per location. Inputs `gauss_mean` [D,h,w] (a mean per location) and `gauss_precision`
     [D,D] (the inverse of ONE covariance shared by all locations, Ledoit-Wolf shrunk).
 
@@ -323,7 +355,7 @@ def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
     return moments.ledoit_wolf()
 
 
-SCORERS: dict[str, type[nn.Module]] = {
+SCORERS: dict[str, type[Scorer]] = {
     "kmeans": NearestReferenceScorer,
     "kmeans_local": LocalReferenceScorer,
     "gaussian": GaussianScorer,
@@ -331,7 +363,7 @@ SCORERS: dict[str, type[nn.Module]] = {
 }
 
 
-def scorer_class(kind: str) -> type[nn.Module]:
+def scorer_class(kind: str) -> type[Scorer]:
     if kind not in SCORERS:
         raise ValueError(f"scorer {kind!r}: expected one of {', '.join(SCORERS)}")
     return SCORERS[kind]
@@ -345,15 +377,17 @@ class InferenceGraph(nn.Module):
         self,
         backbone: Backbone,
         head: nn.Module,
-        scorer: nn.Module,
+        scorer: Scorer,
         input_shape: tuple[int, int, int],
         sigma: float = SMOOTHING_SIGMA,
+        aggregation: int = 1,
     ) -> None:
         super().__init__()
         self.input_shape = tuple(int(v) for v in input_shape)
         self.preprocess = Preprocess(self.input_shape[2], backbone.spec.mean, backbone.spec.std)
         self.backbone = backbone
         self.head = head
+        self.aggregation = PatchAggregation(aggregation)
         self.scorer = scorer
         self.smoothing = GaussianSmoothing(sigma)
 
@@ -363,7 +397,11 @@ class InferenceGraph(nn.Module):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features [N,D,h,w] that the scorer compares: what training fits the scorer on."""
-        return self.head(self.backbone(self.preprocess(pixels)))
+        return self.embed_taps(self.backbone(self.preprocess(pixels)))
+
+    def embed_taps(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """The part of `embed` after the backbone, for callers that computed the taps once (recipe selection)."""
+        return self.aggregation(self.head(taps))
 
     def forward(self, pixels: torch.Tensor, *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score_features(self.embed(pixels), *scorer_params)
@@ -390,22 +428,13 @@ def build_graph(architecture: dict, pretrained: bool = True, weights: str | None
     head = method.build_head(backbone, architecture.get("head", {}))
     scorer = scorer_class(architecture["scorer"])()
     return InferenceGraph(
-        backbone, head, scorer, tuple(architecture["input_shape"]), architecture.get("smoothing_sigma", SMOOTHING_SIGMA)
+        backbone,
+        head,
+        scorer,
+        tuple(architecture["input_shape"]),
+        architecture.get("smoothing_sigma", SMOOTHING_SIGMA),
+        aggregation_of(architecture),
     )
-
-
-def architecture_of(
-    method: str, backbone: str, taps: tuple[int, ...], head: dict, scorer: str, input_shape: tuple[int, int, int]
-) -> dict:
-    return {
-        "method": method,
-        "backbone": backbone,
-        "taps": list(taps),
-        "head": head,
-        "scorer": scorer,
-        "input_shape": list(input_shape),
-        "smoothing_sigma": SMOOTHING_SIGMA,
-    }
 
 
 def state_arrays(graph: nn.Module) -> dict[str, np.ndarray]:

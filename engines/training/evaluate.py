@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from engines.bundle.format import describe_recipe
 from engines.data.images import MvtecFolder, TestItem, load_image, load_mask
 from engines.errors import EngineError
 from engines.runtime.predictor import Predictor
@@ -119,6 +120,7 @@ class _OverlayPicker:
         self.counter = itertools.count()
 
     def offer(self, item: TestItem, scored: ScoredImage, mask: np.ndarray | None) -> None:
+        offers: tuple[tuple[str, float], ...]
         if item.is_defective:
             offers = (("best-defect", scored.score), ("worst-defect", -scored.score))
         else:
@@ -198,6 +200,8 @@ def evaluate(
         "backbone": bundle.backbone,
         "input": list(bundle.input_shape),
         "resize": bundle.resize_policy,
+        "recipe": bundle.recipe,
+        "recipe_choice": (bundle.manifest.get("recipe_selection") or {}).get("reason"),
         "backend": backend,
         "batch": batch,
         "data": str(folder.root),
@@ -239,7 +243,7 @@ def _row(tallies: list[_TypeTally], n_good: int) -> dict:
         if len(scores)
         else np.zeros(0, bool)
     )
-    row = {
+    row: dict[str, float | int | None] = {
         "n_good": n_good,
         "n_defective": int(labels.sum()),
         "image_auroc": None,
@@ -395,6 +399,8 @@ def format_table(report: dict) -> str:
         f"{report['model_id']} ({report['method']}, {report['backbone']}, input "
         f"{'x'.join(map(str, report['input']))}) on {report['data']}: {report['n_images']} images, "
         f"{report['images_per_s']} images/s ({report['backend']}, batch {report['batch']})",
+        f"recipe {describe_recipe(report['recipe'])}"
+        + (f" (auto: {report['recipe_choice']})" if report.get("recipe_choice") else ""),
         f"{'':<14}{'good':>6}{'defect':>8}{'img AUROC':>11}{'pix AUROC':>11}{'AUPRO':>9}{'F1-max':>9}",
     ]
     rows = [("overall", report["overall"])] + list(report["per_type"].items())

@@ -1,9 +1,13 @@
 """`inspectd train` and `train_bundle`: defect-free images in, a complete model bundle out.
 
-The same steps for every method (engines.model.methods): load and fit the images to the input size, hold some out, let
-the method train its head, compute features once, fit the scorer (k-means references or a Gaussian), score the held-out
-images for the first thresholds, export the ONNX graph, write the bundle. Ctrl-C during training or feature
-extraction still writes a usable bundle from what exists so far, marked `"interrupted": true`, and exits 130.
+First the recipe (engines.model.recipes): by default `auto` chooses one on the images themselves
+(engines.training.select); `--recipe NAME` takes a catalogue recipe; recipe flags (--taps, --aggregation, --scorer,
+--size, ...) change the named or auto recipes, or without --recipe describe a custom one from the method's defaults.
+Then the same steps for every method (engines.model.methods): fit the images to the input size, hold some out, let
+the method train its head, compute features once, fit the scorer, score the held-out images for the first
+thresholds, export the ONNX graph, write the bundle with the recipe (and auto's table) in its manifest. Ctrl-C
+during training or feature extraction still writes a usable bundle from what exists so far, marked
+`"interrupted": true`, and exits 130.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from engines.data.images import MvtecFolder, list_images, load_image
 from engines.errors import DataError, EngineError
 from engines.model.backbones import BACKBONES, spec_for
 from engines.model.export import DEFAULT_OPSET, export_graph
-from engines.model.graph import DEFAULT_MEMORY_SIZE, SCORERS, InferenceGraph, architecture_of, build_graph, state_arrays
+from engines.model.graph import SCORERS, InferenceGraph, build_graph, state_arrays
 from engines.model.methods import METHODS, TrainSettings, available_methods, get_method
-from engines.runtime.preprocess import RESIZE_POLICIES, fit_frame
+from engines.model.recipes import AUTO, CATALOGUE, DEFAULT_MEMORY_SIZE, Recipe, auto_candidates, catalogue_recipe
+from engines.runtime.preprocess import RESIZE_POLICIES
+from engines.training.select import Selection, fit_all, select_recipe
 
 INTERRUPTED_EXIT = 130
 # First thresholds from held-out good images (say so in provenance; `inspectd calibrate` refines them later).
@@ -38,6 +44,20 @@ IMAGE_RULE = "max held-out image score + 10% of the held-out score range"
 PIXEL_QUANTILE = 0.999
 PIXEL_RULE = f"{PIXEL_QUANTILE:.1%} quantile of held-out anomaly-map values"
 DEFAULT_K = 2  # k = 1/2/4/8 gave image AUROC 0.678/0.711/0.709/0.691 (frozen Lite0, magnetic_tile, 256)
+CUSTOM_SIZE = (256, 256)
+# The fields a recipe flag may set; None means "not given".
+RECIPE_FIELDS = (
+    "method",
+    "backbone",
+    "taps",
+    "size",
+    "resize",
+    "scorer",
+    "aggregation",
+    "memory_size",
+    "k",
+    "smoothing_sigma",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +70,45 @@ class TrainResult:
     image_threshold: float
     pixel_threshold: float
     seconds: float
+    recipe: Recipe
+
+
+def resolve_recipe(name: str | None, overrides: dict) -> list[Recipe]:
+    """The candidate recipes: one when forced, the auto candidates otherwise. `overrides` maps RECIPE_FIELDS to
+    values from flags (None = not given). No --recipe and no flags: auto. No --recipe but flags: a custom recipe
+    from the method's defaults (its backbone's default taps, 256x256, window 3 for a memory bank, else none)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - set(RECIPE_FIELDS)
+    if unknown:
+        raise ValueError(f"recipe fields {sorted(unknown)}: expected some of {', '.join(RECIPE_FIELDS)}")
+    for field, flag in (("memory_size", "--memory-size"), ("k", "--k")):
+        if field in given and given[field] < 1:
+            raise ValueError(f"{flag} {given[field]}: expected >= 1")
+    if name is None and given:
+        method = get_method(given.get("method", "frozen"))
+        backbone = given.get("backbone", method.default_backbone)
+        scorer = given.get("scorer", method.default_scorer)
+        base = Recipe(
+            "custom",
+            method=method.name,
+            backbone=backbone,
+            taps=tuple(2 ** (i + 1) for i in spec_for(backbone).taps),
+            size=CUSTOM_SIZE,
+            scorer=scorer,
+            aggregation=3 if scorer == "memory" else 1,
+            k=DEFAULT_K,
+            description="from flags",
+        )
+        return [base.replace(**given).validate()]
+    if name is None or name == AUTO:
+        candidates = [r.replace(**given).validate() for r in auto_candidates()]
+        if any(r.method != "frozen" for r in candidates):
+            raise ValueError("--recipe auto: chooses among frozen-backbone recipes; give --method with other flags")
+        return candidates
+    recipe = catalogue_recipe(name)
+    if not given:
+        return [recipe]
+    return [recipe.replace(**given, description=recipe.description + " (changed by flags)").validate()]
 
 
 class Progress:
@@ -109,16 +168,6 @@ def training_images(data: str | Path) -> list[Path]:
     if not paths:
         raise DataError(f"{data}: no images, expected train/good/*.png|jpg or a folder of images")
     return paths
-
-
-def load_fitted(paths: list[Path], size: tuple[int, int], resize: str) -> np.ndarray:
-    """uint8 [N, H, W, C] of all images fitted to the input size; C is 3 if any image has colour, else 1."""
-    images = [load_image(p) for p in paths]
-    channels = 3 if any(im.ndim == 3 for im in images) else 1
-    batch = np.empty((len(images), size[0], size[1], channels), dtype=np.uint8)
-    for i, image in enumerate(images):
-        fit_frame(image, (size[0], size[1], channels), resize, out=batch[i])
-    return batch
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,12 +231,17 @@ def first_thresholds(scores: np.ndarray, maps: np.ndarray, provenance: dict) -> 
 def train_bundle(
     data: str | Path,
     out: str | Path,
-    method: str = "frozen",
+    recipe: str | None = None,
+    method: str | None = None,
     backbone: str | None = None,
-    size: tuple[int, int] = (256, 256),
-    resize: str = "stretch",
+    size: tuple[int, int] | None = None,
+    resize: str | None = None,
     scorer: str | None = None,
-    k: int = DEFAULT_K,
+    k: int | None = None,
+    memory_size: int | None = None,
+    taps: tuple[int, ...] | None = None,
+    aggregation: int | None = None,
+    smoothing_sigma: float | None = None,
     epochs: int | None = None,
     batch: int | None = None,
     seed: int = 0,
@@ -196,66 +250,104 @@ def train_bundle(
     opset: int = DEFAULT_OPSET,
     progress: Progress | None = None,
     method_args: argparse.Namespace | None = None,
-    memory_size: int = DEFAULT_MEMORY_SIZE,
+    report=None,
 ) -> TrainResult:
-    """Train and write a complete bundle at `out`. Python API of `inspectd train` (the demo calls it)."""
+    """Train and write a complete bundle at `out`. Python API of `inspectd train` (the demo calls it). `recipe` and
+    the recipe fields resolve as resolve_recipe says; `report(line)` receives auto's table (default: nothing)."""
     started = time.monotonic()
     progress = progress or Progress()
+    report = report or (lambda _line: None)
     seed_everything(seed)
-    trainer = get_method(method)
-    backbone = backbone or trainer.default_backbone
-    scorer = scorer or trainer.default_scorer
-    epochs = trainer.default_epochs if epochs is None else epochs
-    batch = trainer.default_batch if batch is None else batch
-    if resize not in RESIZE_POLICIES:
-        raise ValueError(f"--resize {resize!r}: expected one of {', '.join(RESIZE_POLICIES)}")
-    if k < 1 or batch < 1 or epochs < 0:
-        raise ValueError("--k and --batch must be >= 1 and --epochs >= 0")
-    if memory_size < 1:
-        raise ValueError(f"--memory-size {memory_size}: expected >= 1")
-    spec = spec_for(backbone)
+    overrides = dict(
+        method=method,
+        backbone=backbone,
+        taps=taps,
+        size=size,
+        resize=resize,
+        scorer=scorer,
+        aggregation=aggregation,
+        memory_size=memory_size,
+        k=k,
+        smoothing_sigma=smoothing_sigma,
+    )
+    candidates = resolve_recipe(recipe, overrides)
+    if batch is not None and batch < 1 or epochs is not None and epochs < 0:
+        raise ValueError("--batch must be >= 1 and --epochs >= 0")
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"--holdout {holdout}: expected a fraction in [0, 1)")
 
     paths = training_images(data)
-    images = load_fitted(paths, size, resize)
-    fit_idx, hold_idx = split_holdout(len(images), holdout, seed)
-    fit_images, hold_images = images[fit_idx], images[hold_idx]
-    input_shape = (size[0], size[1], images.shape[3])
+    frames = [load_image(p) for p in paths]
+    channels = 3 if any(f.ndim == 3 for f in frames) else 1
+    selection: Selection | None = None
+    auto = recipe == AUTO or (recipe is None and all(v is None for v in overrides.values()))
+    if not auto:
+        chosen = candidates[0]
+    else:
+        selection = select_recipe(
+            frames, candidates, channels, holdout, seed, batch or 16, str(weights) if weights else None, report
+        )
+        chosen = selection.chosen.recipe
+    trainer = get_method(chosen.method)
+    epochs = trainer.default_epochs if epochs is None else epochs
+    batch = trainer.default_batch if batch is None else batch
+    spec = spec_for(chosen.backbone)
+    input_shape = (chosen.size[0], chosen.size[1], channels)
+    images = fit_all(frames, input_shape, chosen.resize)
+    del frames
 
-    architecture = architecture_of(method, backbone, spec.taps, trainer.head_config(method_args), scorer, input_shape)
+    architecture = chosen.architecture(trainer.head_config(method_args), channels)
     graph = build_graph(architecture, pretrained=True, weights=str(weights) if weights else None)
-    settings = TrainSettings(epochs=epochs, batch=batch, seed=seed, args=method_args)
     interrupted = False
-    try:
-        trainer.train(graph, fit_images, settings, progress)
-    except KeyboardInterrupt:
-        interrupted = True
-    progress.finish()
-    features, stopped = extract_features(graph, fit_images, batch, progress)
-    interrupted = interrupted or stopped
-    n_scored = int(features.shape[0])
-    params = graph.scorer.fit(features, k=k, seed=seed, memory_size=memory_size)
-    del features
-
-    # Without held-out images the first thresholds come from the fitting images (and provenance says so).
-    check_images, check_kind = (hold_images, "held-out") if len(hold_images) else (fit_images, "training")
-    scores, maps = score_with_graph(graph, check_images, params, batch)
+    if selection is not None and len(selection.folds) == 1:
+        # One held-out share: the chosen candidate was fitted on exactly the fitting images; reuse that fit.
+        fold = selection.folds[0]
+        n_fit, n_hold, n_scored = len(fold.fit), len(fold.held), len(fold.fit)
+        params = selection.chosen.params
+        scores, maps, check_kind = selection.chosen.clean_scores, selection.chosen.clean_maps, "held-out"
+    else:
+        if selection is not None:  # cross-fitted: fit on every image, thresholds from out-of-fold scores
+            fit_idx, hold_idx = np.arange(len(images)), np.zeros(0, np.int64)
+        else:
+            fit_idx, hold_idx = split_holdout(len(images), holdout, seed)
+        fit_images, hold_images = images[fit_idx], images[hold_idx]
+        settings = TrainSettings(epochs=epochs, batch=batch, seed=seed, args=method_args)
+        try:
+            trainer.train(graph, fit_images, settings, progress)
+        except KeyboardInterrupt:
+            interrupted = True
+        progress.finish()
+        features, stopped = extract_features(graph, fit_images, batch, progress)
+        interrupted = interrupted or stopped
+        n_scored = int(features.shape[0])
+        params = graph.scorer.fit(features, k=chosen.k, seed=seed, memory_size=chosen.memory_size)
+        del features
+        n_fit, n_hold = len(fit_images), len(hold_images)
+        if selection is not None:
+            scores, maps, check_kind = selection.chosen.clean_scores, selection.chosen.clean_maps, "out-of-fold"
+            n_hold = len(scores)
+        else:
+            # Without held-out images the first thresholds come from the fitting images (and provenance says so).
+            check_images, check_kind = (hold_images, "held-out") if len(hold_images) else (fit_images, "training")
+            scores, maps = score_with_graph(graph, check_images, params, batch)
+    assert params is not None
     thresholds = first_thresholds(
         scores,
         maps,
         {
             "tool": "inspectd train",
             "good_dir": str(Path(data).resolve()),
-            "n_good": int(len(check_images)),
+            "n_good": int(len(scores)),
             "images": check_kind,
-            "n_fit": int(len(fit_images)),
-            "n_holdout": int(len(hold_images)),
+            "n_fit": int(n_fit),
+            "n_holdout": int(n_hold),
         },
     )
 
     manifest = {
-        "method": method,
-        "backbone": backbone,
-        "input": {"height": size[0], "width": size[1], "channels": input_shape[2], "resize": resize},
+        "method": chosen.method,
+        "backbone": chosen.backbone,
+        "input": {"height": input_shape[0], "width": input_shape[1], "channels": channels, "resize": chosen.resize},
         "preprocessing": {
             "layout": "NHWC uint8",
             "grey": "replicated to 3 channels in the graph",
@@ -263,20 +355,22 @@ def train_bundle(
             "mean": list(spec.mean),
             "std": list(spec.std),
         },
-        "score_kind": SCORE_KINDS.get(scorer, scorer),
+        "score_kind": SCORE_KINDS.get(chosen.scorer, chosen.scorer),
         "scorer_inputs": list(graph.scorer_inputs),
         "architecture": architecture,
+        "recipe": chosen.to_json(),
+        "recipe_selection": selection.to_json() if selection else None,
         "interrupted": interrupted,
         "training": {
             "data": str(Path(data).resolve()),
-            "n_fit": int(len(fit_images)),
-            "n_holdout": int(len(hold_images)),
-            "n_scorer_fit": n_scored,
+            "n_fit": int(n_fit),
+            "n_holdout": int(n_hold),
+            "n_scorer_fit": int(n_scored),
             "epochs": epochs,
             "batch": batch,
             "seed": seed,
-            "k": k if "references" in graph.scorer_inputs else None,
-            "scorer": scorer,
+            "k": chosen.k if "references" in graph.scorer_inputs else None,
+            "scorer": chosen.scorer,
             "memory_size": int(params["memory_bank"].shape[0]) if "memory_bank" in params else None,
             "seconds": round(time.monotonic() - started, 1),
         },
@@ -294,11 +388,12 @@ def train_bundle(
         path,
         bundle.model_id,
         interrupted,
-        len(fit_images),
-        len(hold_images),
+        n_fit,
+        n_hold,
         thresholds.image_threshold,
         thresholds.pixel_threshold,
         time.monotonic() - started,
+        chosen,
     )
 
 
@@ -310,36 +405,44 @@ SCORE_KINDS = {
 }
 
 
+def _odd_window(text: str) -> int:
+    value = int(text)
+    if value < 1 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected an odd window >= 1 (1, 3, 5, ...)")
+    return value
+
+
+def _strides(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.replace(",", "+").split("+"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected backbone strides joined by +, e.g. 8+16") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=list(METHODS), default="frozen", help="training method (default frozen)")
-    parser.add_argument(
-        "--backbone",
-        choices=list(BACKBONES),
-        default=None,
-        help="ImageNet backbone (default: the method's, lite0 for frozen)",
-    )
+    catalogue = "; ".join(f"{name}: {r.description}" for name, r in CATALOGUE.items())
     parser.add_argument("--data", required=True, help="MVTec-layout root (uses train/good) or a folder of images")
     parser.add_argument("--out", required=True, help="bundle directory to write (replaced when complete)")
-    parser.add_argument("--size", default="256", help="model input: N or HxW (default 256)")
     parser.add_argument(
-        "--resize",
-        choices=RESIZE_POLICIES,
-        default="stretch",
-        help="fit frames by stretching or by keeping the aspect ratio with padding (default stretch)",
-    )
-    parser.add_argument(
-        "--scorer",
-        choices=list(SCORERS),
+        "--recipe",
         default=None,
-        help="k-means references, Gaussian/Mahalanobis or memory bank (default: the method's)",
+        metavar="auto|NAME",
+        help=f"auto (the default without recipe flags) chooses on planted defects in held-out good images; or one of: "
+        f"{catalogue}. Recipe flags below change it; recipe flags without --recipe describe a custom recipe",
     )
-    parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"k-means references (default {DEFAULT_K})")
-    parser.add_argument(
-        "--memory-size",
-        type=int,
-        default=DEFAULT_MEMORY_SIZE,
-        help=f"memory scorer: patches kept in the memory bank (default {DEFAULT_MEMORY_SIZE})",
+    group = parser.add_argument_group("recipe fields (default: the recipe's own)")
+    group.add_argument("--method", choices=list(METHODS), default=None, help="training method (frozen, cse, sla)")
+    group.add_argument("--backbone", choices=list(BACKBONES), default=None, help="ImageNet backbone")
+    group.add_argument("--taps", type=_strides, default=None, help="backbone strides to tap, e.g. 8+16")
+    group.add_argument("--size", default=None, help="model input: N or HxW")
+    group.add_argument("--resize", choices=RESIZE_POLICIES, default=None, help="fit frames by stretching or letterbox")
+    group.add_argument("--scorer", choices=list(SCORERS), default=None, help="kmeans, kmeans_local, gaussian or memory")
+    group.add_argument("--aggregation", type=_odd_window, default=None, help="patch aggregation window (odd, 1 = none)")
+    group.add_argument("--k", type=int, default=None, help=f"k-means references (custom default {DEFAULT_K})")
+    group.add_argument(
+        "--memory-size", type=int, default=None, help=f"memory bank patches (default {DEFAULT_MEMORY_SIZE})"
     )
+    group.add_argument("--sigma", type=float, default=None, help="smoothing sigma of the map, in pixels")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the method's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random (default 0)")
@@ -348,7 +451,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--holdout",
         type=float,
         default=0.1,
-        help="fraction of good images held out for the first thresholds (default 0.1)",
+        help="fraction of good images held out for the first thresholds and for auto's planted defects (default 0.1)",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     for method_class in available_methods():
@@ -370,12 +473,17 @@ def run(args: argparse.Namespace) -> int:
         result = train_bundle(
             args.data,
             args.out,
+            recipe=args.recipe,
             method=args.method,
             backbone=args.backbone,
-            size=parse_size(args.size),
+            size=parse_size(args.size) if args.size is not None else None,
             resize=args.resize,
             scorer=args.scorer,
             k=args.k,
+            memory_size=args.memory_size,
+            taps=args.taps,
+            aggregation=args.aggregation,
+            smoothing_sigma=args.sigma,
             epochs=args.epochs,
             batch=args.batch,
             seed=args.seed,
@@ -383,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
             holdout=args.holdout,
             opset=args.opset,
             method_args=args,
-            memory_size=args.memory_size,
+            report=lambda line: print(line, flush=True),
         )
     except (EngineError, ValueError) as exc:
         print(f"inspectd train: {exc}", file=sys.stderr)
@@ -395,6 +503,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{result.bundle}: {result.model_id}{state}, {result.n_fit} images fitted, {result.n_holdout} held out, "
         f"image threshold {result.image_threshold:.4g}, pixel threshold {result.pixel_threshold:.4g}, "
-        f"{result.seconds:.1f}s"
+        f"{result.seconds:.1f}s\nrecipe {result.recipe.summary()}"
     )
     return INTERRUPTED_EXIT if result.interrupted else 0

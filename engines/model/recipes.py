@@ -1,0 +1,143 @@
+"""Recipes: every choice that shapes a detector, as data.
+
+A recipe names the method, backbone, taps, input size and resize policy, scorer, patch-aggregation window, memory
+size, k and smoothing sigma. `inspectd train` writes the recipe it used into the bundle manifest ("recipe"), the
+graph is rebuilt from it, and `inspectd eval` prints it. Nothing that shapes a detector is a module constant tuned on
+one dataset: the catalogue below holds the named recipes, and `--recipe auto` (engines.training.select) chooses among
+the AUTO_CANDIDATES by scoring them on synthetic defects planted in held-out good images, without labels.
+
+The catalogue spans what surfaces need rather than what one dataset rewarded: fine taps and small windows keep small
+sharp defects (scratches, pits, contamination on an object) sharp; coarse taps and wide windows let diffuse defects
+(shading, uneven texture) stand out and suppress texture noise. A window that fits one kind of surface collapses on
+the other, which is why the choice is made per station, on its own images.
+
+This module needs no torch: evaluation and the manifest read it on a runtime-only station.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from engines.runtime.preprocess import RESIZE_POLICIES
+
+AUTO = "auto"
+DEFAULT_MEMORY_SIZE = 16384
+DEFAULT_SIGMA = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    method: str = "frozen"
+    backbone: str = "lite0"
+    taps: tuple[int, ...] = (16, 32)  # strides of the backbone's taps, shallowest first
+    size: tuple[int, int] = (320, 320)  # model input, height x width
+    resize: str = "stretch"
+    scorer: str = "memory"
+    aggregation: int = 1  # window x window mean of the features before scoring; 1 = none
+    memory_size: int = DEFAULT_MEMORY_SIZE
+    k: int = 2
+    smoothing_sigma: float = DEFAULT_SIGMA
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "smoothing_sigma", float(self.smoothing_sigma))
+
+    def validate(self) -> Recipe:
+        """Raise ValueError naming the field and what was expected; return self."""
+        if not self.taps or any(t < 2 or t & (t - 1) for t in self.taps) or list(self.taps) != sorted(set(self.taps)):
+            raise ValueError(f"recipe {self.name}: taps {list(self.taps)}, expected increasing strides from 2,4,..,32")
+        if max(self.taps) > 32:
+            raise ValueError(f"recipe {self.name}: taps {list(self.taps)}, expected strides up to 32")
+        if len(self.size) != 2 or not all(32 <= v <= 4096 for v in self.size):
+            raise ValueError(f"recipe {self.name}: size {list(self.size)}, expected height and width in 32..4096")
+        if self.resize not in RESIZE_POLICIES:
+            expected = ", ".join(RESIZE_POLICIES)
+            raise ValueError(f"recipe {self.name}: resize {self.resize!r}, expected one of {expected}")
+        if self.aggregation < 1 or self.aggregation % 2 == 0:
+            raise ValueError(f"recipe {self.name}: aggregation {self.aggregation}, expected an odd window >= 1")
+        if self.memory_size < 1 or self.k < 1:
+            raise ValueError(f"recipe {self.name}: memory_size {self.memory_size}, k {self.k}: expected each >= 1")
+        if not 0 < self.smoothing_sigma <= 64:
+            raise ValueError(f"recipe {self.name}: smoothing_sigma {self.smoothing_sigma}, expected in (0, 64]")
+        return self
+
+    @property
+    def tap_indices(self) -> tuple[int, ...]:
+        """timm feature indices of the taps (0..4 = stride 2..32)."""
+        return tuple(int(math.log2(t)) - 1 for t in self.taps)
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["taps"] = list(self.taps)
+        out["size"] = list(self.size)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Recipe:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"recipe: unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(fields))}")
+        return cls(**data).validate()
+
+    def architecture(self, head: dict[str, Any], channels: int) -> dict[str, Any]:
+        """The manifest's architecture section, from which engines.model.graph.build_graph rebuilds the graph."""
+        return {
+            "method": self.method,
+            "backbone": self.backbone,
+            "taps": list(self.tap_indices),
+            "head": head,
+            "scorer": self.scorer,
+            "aggregation": self.aggregation,
+            "input_shape": [self.size[0], self.size[1], channels],
+            "smoothing_sigma": self.smoothing_sigma,
+        }
+
+    def summary(self) -> str:
+        from engines.bundle.format import describe_recipe
+
+        return describe_recipe(self.to_json())
+
+
+def _frozen(name: str, taps: tuple[int, ...], window: int, description: str, scorer: str = "memory") -> Recipe:
+    return Recipe(name, taps=taps, aggregation=window, scorer=scorer, description=description)
+
+
+# Named recipes. All are the frozen Lite0 backbone at 320x320 (stretched): only the taps, window and scorer differ,
+# so `auto` extracts the backbone once and shares it among them.
+CATALOGUE: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        _frozen("fine", (8, 16), 1, "strides 8+16, no aggregation: the sharpest maps, small defects on fine texture"),
+        _frozen("patchcore", (8, 16), 3, "PatchCore's recipe: strides 8+16, 3x3 neighbourhood, coreset memory bank"),
+        _frozen("local", (16, 32), 3, "strides 16+32, 3x3: mid-size defects, more context per patch"),
+        _frozen("context", (16, 32), 7, "strides 16+32, 7x7: textured surfaces whose defects span several patches"),
+        _frozen("wide", (16, 32), 15, "strides 16+32, 15x15: diffuse defects (shading, uneven areas) on noisy texture"),
+        _frozen(
+            "aligned",
+            (16, 32),
+            1,
+            "strides 16+32, a Gaussian per location: parts that sit in the same place in every frame",
+            scorer="gaussian",
+        ),
+    )
+}
+AUTO_CANDIDATES = tuple(CATALOGUE)
+
+
+def catalogue_recipe(name: str) -> Recipe:
+    if name not in CATALOGUE:
+        raise ValueError(f"--recipe {name!r}: expected {AUTO} or one of {', '.join(CATALOGUE)}")
+    return CATALOGUE[name]
+
+
+def auto_candidates() -> list[Recipe]:
+    return [CATALOGUE[name] for name in AUTO_CANDIDATES]

@@ -1,0 +1,362 @@
+"""`--recipe auto`: choosing a recipe on the station's own good images, without labelled defects.
+
+1. Validation folds. Some good images are held out and the rest fit each candidate. With fewer than CROSS_FIT_BELOW
+   images one held-out share would be a handful of images, so the images are cross-fitted instead: CROSS_FIT_FOLDS
+   folds, each image held out exactly once and fitting the others.
+2. Planted defects. Into held-out images go synthetic defects of every kind in PLANTS (engines.data.defects): large
+   and small, sharp and diffuse, pasted, filled and shaded. They are drawn in the frame's own coordinates, once, and
+   fitted to each candidate's input like real frames, so every candidate faces the same defects.
+3. Candidates. The backbone runs once per (backbone, size, resize) group over the fitting, held-out and planted
+   images; each candidate then only re-runs its head, aggregation and scorer on those taps.
+4. Metrics per candidate, per plant kind (each kind against the clean held-out images): image AUROC, pixel AUROC and
+   AUPRO (engines.training.metrics); then their means over kinds, so a frequent easy kind cannot hide a failing one.
+   False alarms: the share of clean held-out images that score at or above the median planted image.
+5. The rule (`choose`), in order:
+   a. reject candidates whose false-alarm share exceeds MAX_FALSE_ALARMS (unless every candidate does);
+   b. keep those whose mean image AUROC is within IMAGE_TOLERANCE of the best: telling good from bad parts is the
+      station's first job;
+   c. of those, keep those whose mean AUPRO is within PRO_TOLERANCE of the best: maps that cover every defect, small
+      ones as much as large ones;
+   d. of those, the first in the catalogue's order, which goes from the standard PatchCore recipe to the extremes,
+      so that without clear evidence the station runs the recipe known to hold up on most parts.
+The tolerances are a few hundredths because differences below that are within the spread of the planted draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import numpy as np
+import torch
+
+from engines.data import defects
+from engines.model.graph import TapConcat, build_graph
+from engines.model.methods import get_method
+from engines.model.recipes import Recipe
+from engines.runtime.preprocess import fit_frame
+from engines.training import metrics
+
+CROSS_FIT_BELOW = 60
+CROSS_FIT_FOLDS = 4
+MIN_HELD_OUT, MAX_HELD_OUT = 24, 80
+PLANTED_PER_KIND = 21
+MAX_FALSE_ALARMS = 0.2
+IMAGE_TOLERANCE = 0.02
+PRO_TOLERANCE = 0.02
+
+# name -> generator(image, rng) -> Defect. Sizes span pinholes to a third of the frame.
+PLANTS: dict[str, Callable[[np.ndarray, np.random.Generator], defects.Defect]] = {
+    "cutpaste": defects.cutpaste,
+    "cutpaste-small": partial(defects.cutpaste, area_ratio=(0.002, 0.01)),
+    "scar": defects.cutpaste_scar,
+    "cutout": defects.cutout,
+    "cutout-small": partial(defects.cutout, area_ratio=(0.001, 0.006)),
+    "perlin": defects.perlin,
+    "shading": defects.shading,
+}
+
+
+@dataclasses.dataclass
+class Fold:
+    fit: np.ndarray  # indices into the image list
+    held: np.ndarray
+
+
+def validation_folds(n: int, holdout: float, seed: int) -> list[Fold]:
+    """Cross-fitting folds below CROSS_FIT_BELOW images, else one held-out share of round(holdout * n) images,
+    clamped to MIN_HELD_OUT..MAX_HELD_OUT (fewer gives noisy metrics, more costs time without changing the pick)."""
+    if n < 2:
+        raise ValueError(f"--recipe auto: {n} training image(s), expected at least 2 to hold one out")
+    order = np.random.default_rng(seed).permutation(n)
+    if n < CROSS_FIT_BELOW:
+        parts = np.array_split(order, min(CROSS_FIT_FOLDS, n))
+        return [Fold(np.sort(np.concatenate(parts[:i] + parts[i + 1 :])), np.sort(p)) for i, p in enumerate(parts)]
+    n_held = int(np.clip(round(max(holdout, 0.1) * n), MIN_HELD_OUT, min(MAX_HELD_OUT, n // 2)))
+    return [Fold(np.sort(order[n_held:]), np.sort(order[:n_held]))]
+
+
+@dataclasses.dataclass
+class Planted:
+    """Synthetic defects drawn once in frame coordinates: which held-out image, which kind, the image, its mask."""
+
+    fold: list[int]
+    source: list[int]
+    kind: list[str]
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+
+    @classmethod
+    def draw(cls, frames: Sequence[np.ndarray], folds: list[Fold], seed: int) -> Planted:
+        rng = np.random.default_rng(seed + 7919)
+        out = cls([], [], [], [], [])
+        per_fold = math.ceil(PLANTED_PER_KIND / len(folds))
+        for f, fold in enumerate(folds):
+            for kind, plant in PLANTS.items():
+                for j in range(per_fold):
+                    source = int(fold.held[j % len(fold.held)])
+                    defect = plant(frames[source], rng)
+                    if not defect.mask.any():
+                        continue
+                    out.fold.append(f)
+                    out.source.append(source)
+                    out.kind.append(kind)
+                    out.images.append(defect.image)
+                    out.masks.append(defect.mask)
+        return out
+
+
+@dataclasses.dataclass
+class Scored:
+    recipe: Recipe
+    per_kind: dict[str, dict[str, float]]
+    image_auroc: float
+    pixel_auroc: float
+    aupro: float
+    false_alarms: float
+    seconds: float
+    # Out-of-fold scores and maps of the clean held-out images (the first thresholds), and the fitted parameters
+    # when there was one fold (reused by train instead of a refit on the same images).
+    clean_scores: np.ndarray
+    clean_maps: np.ndarray
+    params: dict[str, np.ndarray] | None
+
+    def to_json(self) -> dict:
+        return {
+            "recipe": self.recipe.name,
+            "image_auroc": round(self.image_auroc, 4),
+            "pixel_auroc": round(self.pixel_auroc, 4),
+            "aupro": round(self.aupro, 4),
+            "false_alarms": round(self.false_alarms, 4),
+            "seconds": round(self.seconds, 1),
+            "per_kind": {k: {m: round(v, 4) for m, v in row.items()} for k, row in self.per_kind.items()},
+        }
+
+
+@dataclasses.dataclass
+class Selection:
+    chosen: Scored
+    candidates: list[Scored]
+    folds: list[Fold]
+    reason: str
+
+    def to_json(self) -> dict:
+        return {
+            "chosen": self.chosen.recipe.name,
+            "reason": self.reason,
+            "rule": RULE,
+            "folds": len(self.folds),
+            "held_out": int(sum(len(f.held) for f in self.folds)),
+            "planted_kinds": list(PLANTS),
+            "candidates": [c.to_json() for c in self.candidates],
+        }
+
+
+RULE = (
+    f"reject false alarms > {MAX_FALSE_ALARMS}; keep mean image AUROC within {IMAGE_TOLERANCE} of the best; "
+    f"of those keep mean AUPRO within {PRO_TOLERANCE} of the best; first of those in catalogue order"
+)
+
+
+def choose(candidates: list[Scored]) -> tuple[Scored, str]:
+    """The documented rule (module docstring, step 5); candidates in catalogue order."""
+    pool = [c for c in candidates if c.false_alarms <= MAX_FALSE_ALARMS] or list(candidates)
+    rejected = [c.recipe.name for c in candidates if c not in pool]
+    best_image = max(c.image_auroc for c in pool)
+    pool = [c for c in pool if c.image_auroc >= best_image - IMAGE_TOLERANCE]
+    best_pro = max(c.aupro for c in pool)
+    pool = [c for c in pool if c.aupro >= best_pro - PRO_TOLERANCE]
+    chosen = pool[0]
+    reason = (
+        f"image AUROC {chosen.image_auroc:.3f} (best {best_image:.3f}), AUPRO {chosen.aupro:.3f} (best {best_pro:.3f})"
+    )
+    if len(pool) > 1:
+        reason += f"; first in catalogue order of {', '.join(c.recipe.name for c in pool)}"
+    if rejected:
+        reason += f"; false alarms rejected {', '.join(rejected)}"
+    return chosen, reason
+
+
+def fit_all(frames: Sequence[np.ndarray], shape: tuple[int, int, int], resize: str) -> np.ndarray:
+    batch = np.empty((len(frames), *shape), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        fit_frame(frame, shape, resize, out=batch[i])
+    return batch
+
+
+def fit_masks(masks: Sequence[np.ndarray], size: tuple[int, int], resize: str) -> np.ndarray:
+    """Masks fitted like their frames (same policy), thresholded back to booleans."""
+    fitted = fit_all([m.astype(np.uint8) * 255 for m in masks], (size[0], size[1], 1), resize)
+    return fitted[..., 0] > 127
+
+
+def select_recipe(
+    frames: Sequence[np.ndarray],
+    candidates: list[Recipe],
+    channels: int,
+    holdout: float = 0.1,
+    seed: int = 0,
+    batch: int = 16,
+    weights: str | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Selection:
+    """Score every candidate on planted defects in held-out frames and pick one by `choose`. `frames` are the
+    decoded training images at their own size (uint8 HxW or HxWxC)."""
+    report = report or (lambda _line: None)
+    folds = validation_folds(len(frames), holdout, seed)
+    planted = Planted.draw(frames, folds, seed)
+    report(
+        f"recipe auto: {len(candidates)} candidates, {len(folds)} fold(s), "
+        f"{sum(len(f.held) for f in folds)} held-out images, {len(planted.images)} planted defects "
+        f"({len(PLANTS)} kinds)"
+    )
+    report(format_header())
+    scored: list[Scored] = []
+    groups: dict[tuple, list[Recipe]] = {}
+    for recipe in candidates:
+        groups.setdefault((recipe.backbone, recipe.size, recipe.resize), []).append(recipe)
+    for (backbone, size, resize), members in groups.items():
+        shape = (size[0], size[1], channels)
+        taps = sorted({t for r in members for t in r.tap_indices})
+        every_tap = members[0].replace(taps=tuple(2 ** (i + 1) for i in taps))
+        extractor = build_graph(every_tap.architecture({}, channels), weights=weights)
+        extractor.eval()
+        started = time.monotonic()
+        train_taps = _taps(extractor, fit_all(frames, shape, resize), batch)
+        planted_taps = _taps(extractor, fit_all(planted.images, shape, resize), batch)
+        masks = fit_masks(planted.masks, size, resize)
+        report(f"  features: {backbone} {size[0]}x{size[1]} {resize}, {time.monotonic() - started:.0f}s")
+        for recipe in members:
+            keep = [taps.index(i) for i in recipe.tap_indices]
+            scored.append(
+                _score_candidate(
+                    recipe, channels, train_taps, planted_taps, keep, planted, masks, folds, seed, batch, weights
+                )
+            )
+            report(format_row(scored[-1]))
+    order = {r.name: i for i, r in enumerate(candidates)}
+    scored.sort(key=lambda s: order[s.recipe.name])
+    chosen, reason = choose(scored)
+    report(f"chosen: {chosen.recipe.name} ({reason})")
+    return Selection(chosen, scored, folds, reason)
+
+
+def _taps(graph, images: np.ndarray, batch: int) -> list[torch.Tensor]:
+    chunks: list[list[torch.Tensor]] = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            chunks.append(graph.backbone(graph.preprocess(torch.from_numpy(images[start : start + batch]))))
+    return [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def _embed(graph, taps: list[torch.Tensor], keep: list[int], index, batch: int) -> torch.Tensor:
+    index = torch.as_tensor(np.asarray(index, dtype=np.int64))
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(index), batch):
+            rows = index[start : start + batch]
+            out.append(graph.embed_taps([taps[i].index_select(0, rows) for i in keep]))
+    return torch.cat(out)
+
+
+def _score(graph, features: torch.Tensor, params: dict[str, np.ndarray], batch: int) -> tuple[np.ndarray, np.ndarray]:
+    tensors = [torch.from_numpy(params[name]) for name in graph.scorer_inputs]
+    scores, maps = [], []
+    with torch.inference_mode():
+        for start in range(0, len(features), batch):
+            score, anomaly_map = graph.score_features(features[start : start + batch], *tensors)
+            scores.append(score.numpy())
+            maps.append(anomaly_map.numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def _score_candidate(
+    recipe: Recipe,
+    channels: int,
+    train_taps: list[torch.Tensor],
+    planted_taps: list[torch.Tensor],
+    keep: list[int],
+    planted: Planted,
+    masks: np.ndarray,
+    folds: list[Fold],
+    seed: int,
+    batch: int,
+    weights: str | None,
+) -> Scored:
+    started = time.monotonic()
+    method = get_method(recipe.method)
+    graph = build_graph(recipe.architecture(method.head_config(None), channels), weights=weights)
+    if not isinstance(graph.head, TapConcat):
+        raise ValueError(f"recipe {recipe.name}: auto selection needs a frozen method, got {recipe.method!r}")
+    graph.eval()
+    clean_scores = np.zeros(0, np.float32)
+    clean_maps: list[np.ndarray] = []
+    planted_scores = np.zeros(len(planted.images), np.float32)
+    planted_maps: list[np.ndarray | None] = [None] * len(planted.images)
+    params = None
+    for f, fold in enumerate(folds):
+        params = graph.scorer.fit(
+            _embed(graph, train_taps, keep, fold.fit, batch), k=recipe.k, seed=seed, memory_size=recipe.memory_size
+        )
+        s, m = _score(graph, _embed(graph, train_taps, keep, fold.held, batch), params, batch)
+        clean_scores = np.concatenate([clean_scores, s])
+        clean_maps.append(m)
+        rows = [i for i, pf in enumerate(planted.fold) if pf == f]
+        if rows:
+            s, m = _score(graph, _embed(graph, planted_taps, keep, rows, batch), params, batch)
+            planted_scores[rows] = s
+            for j, row in enumerate(rows):
+                planted_maps[row] = m[j]
+    maps = np.concatenate(clean_maps)
+    clean_hist = metrics.PixelHistograms()
+    for m in maps:
+        clean_hist.add(m)
+    per_kind: dict[str, dict[str, float]] = {}
+    for kind in PLANTS:
+        rows = [i for i, k in enumerate(planted.kind) if k == kind]
+        if not rows:
+            continue
+        labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(rows))]
+        kind_hist = metrics.PixelHistograms()
+        for i in rows:
+            kind_map = planted_maps[i]
+            assert kind_map is not None  # every planted image belongs to one fold and was scored there
+            kind_hist.add(kind_map, masks[i])
+        hist = clean_hist + kind_hist
+        per_kind[kind] = {
+            "image_auroc": metrics.auroc(labels, np.r_[clean_scores, planted_scores[rows]]),
+            "pixel_auroc": hist.auroc(),
+            "aupro": hist.aupro(),
+        }
+    mean = {m: float(np.mean([row[m] for row in per_kind.values()])) for m in ("image_auroc", "pixel_auroc", "aupro")}
+    false_alarms = float(np.mean(clean_scores >= np.median(planted_scores)))
+    return Scored(
+        recipe,
+        per_kind,
+        mean["image_auroc"],
+        mean["pixel_auroc"],
+        mean["aupro"],
+        false_alarms,
+        time.monotonic() - started,
+        clean_scores,
+        maps,
+        params if len(folds) == 1 else None,
+    )
+
+
+def format_header() -> str:
+    return (
+        f"  {'recipe':<10} {'img AUROC':>9} {'pix AUROC':>9} {'AUPRO':>6} {'false al.':>9} {'time':>6}"
+        "  worst kind (img AUROC)"
+    )
+
+
+def format_row(s: Scored) -> str:
+    worst = min(s.per_kind, key=lambda k: s.per_kind[k]["image_auroc"])
+    return (
+        f"  {s.recipe.name:<10} {s.image_auroc:>9.3f} {s.pixel_auroc:>9.3f} {s.aupro:>6.3f} {s.false_alarms:>9.2f} "
+        f"{s.seconds:>5.0f}s  {worst} ({s.per_kind[worst]['image_auroc']:.3f})"
+    )

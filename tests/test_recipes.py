@@ -1,0 +1,188 @@
+"""Recipes as data and `--recipe auto`: a recipe survives the manifest and rebuilds the same graph, auto chooses the
+window a surface needs without labels, the false-alarm guard holds, and flags resolve to the recipe a user meant."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from engines.bundle.format import LEGACY_MEMORY_AGGREGATION, recipe_of
+from engines.bundle.store import load_bundle
+from engines.model.graph import build_graph
+from engines.model.recipes import CATALOGUE, Recipe
+from engines.runtime import open_engine
+from engines.training.evaluate import evaluate, format_table
+from engines.training.select import Scored, choose, select_recipe
+from engines.training.train import Progress, resolve_recipe, train_bundle
+from tests.tiny_dataset import make_tiny_mvtec
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+QUIET = Progress(enabled=False)
+
+
+def smooth_surface(n: int, seed: int, size: int = 96) -> list[np.ndarray]:
+    """A gently shaded, low-noise surface: nothing in a good frame looks like a defect at any scale."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), 12)
+        base = 128 + 40 * base / (np.abs(base).max() + 1e-6)
+        out.append(np.clip(base + rng.normal(0, 2, base.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+def specked_surface(n: int, seed: int, size: int = 96) -> list[np.ndarray]:
+    """A flat surface with a few sharp black or white specks in random places on every good frame: normal here,
+    but each looks like a tiny defect to a patch that sees only itself."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image = np.full((size, size), 128, np.float32) + rng.normal(0, 3, (size, size))
+        for y, x in rng.integers(0, size, (6, 2)):
+            cv2.circle(image, (int(x), int(y)), int(rng.integers(1, 3)), float(rng.choice([0, 255])), -1)
+        out.append(np.clip(image, 0, 255).astype(np.uint8))
+    return out
+
+
+SMALL = Recipe("small", taps=(8, 16), size=(96, 96), aggregation=1)
+LARGE = Recipe("large", taps=(8, 16), size=(96, 96), aggregation=9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("surface", "expected"), [(smooth_surface, "small"), (specked_surface, "large")])
+def test_auto_picks_the_window_the_surface_needs(surface, expected, seed):
+    frames = surface(40, seed)
+    selection = select_recipe(frames, [SMALL, LARGE], channels=1, seed=seed)
+    table = {s.recipe.name: s for s in selection.candidates}
+    assert selection.chosen.recipe.name == expected, {n: s.to_json() for n, s in table.items()}
+    # Cross-fitted (40 images): every image validated exactly once.
+    assert len(selection.folds) == 4
+    held = np.sort(np.concatenate([f.held for f in selection.folds]))
+    assert np.array_equal(held, np.arange(40))
+    assert len(selection.chosen.clean_scores) == 40
+
+
+def _scored(name: str, image: float, pro: float, false_alarms: float) -> Scored:
+    empty = np.zeros(0, np.float32)
+    return Scored(CATALOGUE[name], {}, image, 0.9, pro, false_alarms, 0.0, empty, empty, None)
+
+
+def test_false_alarm_guard_rejects_a_recipe_that_flags_clean_images():
+    flagging = _scored("fine", image=0.99, pro=0.9, false_alarms=0.5)
+    quiet = _scored("wide", image=0.90, pro=0.5, false_alarms=0.05)
+    chosen, reason = choose([flagging, quiet])
+    assert chosen is quiet and "false alarms rejected fine" in reason
+    # When every candidate flags clean images, the guard cannot choose and the rest of the rule decides.
+    chosen, _ = choose([flagging, _scored("wide", image=0.90, pro=0.5, false_alarms=0.4)])
+    assert chosen is flagging
+
+
+def test_rule_image_first_then_aupro_then_catalogue_order():
+    a = _scored("patchcore", image=0.95, pro=0.70, false_alarms=0.0)
+    b = _scored("local", image=0.96, pro=0.71, false_alarms=0.0)
+    c = _scored("wide", image=0.99, pro=0.40, false_alarms=0.0)
+    assert choose([a, b, c])[0] is c  # image AUROC more than the tolerance ahead
+    c = _scored("wide", image=0.965, pro=0.40, false_alarms=0.0)
+    assert choose([a, b, c])[0] is a  # a and b tie on both within tolerance: the first in catalogue order
+    a = _scored("patchcore", image=0.95, pro=0.60, false_alarms=0.0)
+    assert choose([a, b, c])[0] is b  # a's AUPRO is past the tolerance
+
+
+def test_recipe_round_trips_through_the_manifest_and_rebuilds_the_same_graph(tmp_path):
+    data = make_tiny_mvtec(tmp_path / "data", n_train=8, n_test_good=2, n_test_defect=2)
+    result = train_bundle(
+        data, tmp_path / "b", recipe="patchcore", size=(64, 64), memory_size=200, progress=QUIET, holdout=0.25
+    )
+    bundle = load_bundle(result.bundle)
+    recipe = Recipe.from_json(bundle.recipe)
+    assert recipe == CATALOGUE["patchcore"].replace(size=(64, 64), memory_size=200, description=recipe.description)
+    assert bundle.manifest["recipe_selection"] is None
+    graph = build_graph(bundle.architecture, pretrained=False)
+    assert graph.aggregation.window == 3 and [graph.backbone.strides[i] for i in range(2)] == [8, 16]
+    assert bundle.scorer_params()["memory_bank"].shape[0] == 200
+    # The exported graph and the torch graph rebuilt from the recipe agree.
+    frames = np.stack([cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (64, 64)) for p in data.glob("test/*/*.*")])
+    frames = frames[..., None]
+    with open_engine(bundle, "onnxruntime", max_batch=4) as ort, open_engine(bundle, "torch", max_batch=4) as ref:
+        got, want = ort.infer(frames), ref.infer(frames)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-3, atol=1e-4)
+    # eval shows the recipe.
+    report = evaluate(bundle, data)
+    assert report["recipe"]["name"] == "patchcore"
+    assert "recipe patchcore: frozen lite0 taps 8+16 64x64 stretch, memory bank 200, window 3" in format_table(report)
+
+
+def test_auto_records_its_table_and_choice(tmp_path):
+    data = make_tiny_mvtec(tmp_path / "data", n_train=10, n_test_good=1, n_test_defect=1)
+    lines: list[str] = []
+    result = train_bundle(data, tmp_path / "b", recipe="auto", size=(64, 64), progress=QUIET, report=lines.append)
+    manifest = load_bundle(result.bundle).manifest
+    selection = manifest["recipe_selection"]
+    assert [c["recipe"] for c in selection["candidates"]] == list(CATALOGUE)
+    assert selection["chosen"] == manifest["recipe"]["name"] == result.recipe.name
+    assert all(0 <= c["image_auroc"] <= 1 and set(c["per_kind"]) for c in selection["candidates"])
+    assert any(line.startswith("chosen: ") for line in lines) and len(lines) >= len(CATALOGUE) + 3
+    assert manifest["recipe"]["size"] == [64, 64]  # the size flag changed every candidate
+    json.dumps(manifest)
+
+
+def test_bundle_without_a_recipe_reads_back_what_it_did(tmp_path):
+    data = make_tiny_mvtec(tmp_path / "data", n_train=6, n_test_good=1, n_test_defect=1)
+    result = train_bundle(data, tmp_path / "b", scorer="memory", size=(64, 64), memory_size=200, progress=QUIET)
+    manifest = dict(load_bundle(result.bundle).manifest)
+    del manifest["recipe"]
+    manifest["architecture"] = {k: v for k, v in manifest["architecture"].items() if k != "aggregation"}
+    legacy = recipe_of(manifest)
+    assert legacy["name"] == "legacy" and legacy["aggregation"] == LEGACY_MEMORY_AGGREGATION
+    assert legacy["taps"] == [16, 32] and legacy["size"] == [64, 64] and legacy["scorer"] == "memory"
+    assert build_graph(manifest["architecture"], pretrained=False).aggregation.window == LEGACY_MEMORY_AGGREGATION
+
+
+def test_resolve_recipe_from_flags():
+    assert [r.name for r in resolve_recipe(None, {})] == list(CATALOGUE)
+    assert {r.size for r in resolve_recipe("auto", {"size": (128, 128)})} == {(128, 128)}
+    (custom,) = resolve_recipe(None, {"scorer": "memory", "size": (96, 96)})
+    assert (custom.name, custom.taps, custom.aggregation, custom.size) == ("custom", (16, 32), 3, (96, 96))
+    (gaussian,) = resolve_recipe(None, {"method": "frozen"})
+    assert gaussian.scorer == "gaussian" and gaussian.aggregation == 1
+    (named,) = resolve_recipe("wide", {"aggregation": 11})
+    assert named.name == "wide" and named.aggregation == 11 and "changed by flags" in named.description
+    with pytest.raises(ValueError, match="--recipe 'nope': expected auto or one of fine, patchcore"):
+        resolve_recipe("nope", {})
+    with pytest.raises(ValueError, match="aggregation 4, expected an odd window"):
+        resolve_recipe("wide", {"aggregation": 4})
+    with pytest.raises(ValueError, match="taps \\[12\\]"):
+        resolve_recipe(None, {"taps": (12,)})
+    with pytest.raises(ValueError, match="auto: chooses among frozen"):
+        resolve_recipe("auto", {"method": "cse"})
+    with pytest.raises(ValueError, match="unknown field\\(s\\) window"):
+        Recipe.from_json({**CATALOGUE["wide"].to_json(), "window": 3})
+
+
+def test_cli_refuses_an_unknown_recipe_in_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inspectd",
+            "train",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "b"),
+            "--recipe",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "inspectd train: --recipe 'x': expected auto or one of fine, patchcore, local, context, wide, aligned"
+    ]
