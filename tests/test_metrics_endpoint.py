@@ -38,7 +38,9 @@ def scrape(url: str) -> tuple[dict, dict]:
         match = SAMPLE.match(line)
         assert match, f"not an exposition line: {line!r}"
         name, labels, value = match.groups()
-        samples[(name, tuple(sorted(LABEL.findall(labels or ""))))] = float(value)
+        # A bucket bound is a number: `le="2"` and `le="2.0"` are the same bucket to Prometheus.
+        pairs = [(k, str(float(v)) if k == "le" and v != "+Inf" else v) for k, v in LABEL.findall(labels or "")]
+        samples[(name, tuple(sorted(pairs)))] = float(value)
     return samples, types
 
 
@@ -116,9 +118,9 @@ def test_scrape_counters_histograms_and_gauges(station):
         assert samples[("inspectd_engine_failures_total", ())] == 2
         assert samples[("inspectd_healthy", ())] == 1
 
-        assert samples[("inspectd_batch_size_bucket", (("le", "2"),))] == 0
-        assert samples[("inspectd_batch_size_bucket", (("le", "4"),))] == 3
-        assert samples[("inspectd_batch_size_bucket", (("le", "8"),))] == 4
+        assert samples[("inspectd_batch_size_bucket", (("le", "2.0"),))] == 0
+        assert samples[("inspectd_batch_size_bucket", (("le", "4.0"),))] == 3
+        assert samples[("inspectd_batch_size_bucket", (("le", "8.0"),))] == 4
         assert samples[("inspectd_batch_size_bucket", (("le", "+Inf"),))] == 4
         assert samples[("inspectd_batch_size_sum", ())] == 17
         assert samples[("inspectd_batch_size_count", ())] == 4
@@ -182,3 +184,29 @@ def test_label_values_are_escaped():
     metrics = Metrics(None)
     metrics.observe_result('cam"1\\x', "ok", 0.1)
     assert 'inspectd_verdicts_total{camera="cam\\"1\\\\x",verdict="ok"} 1' in metrics.render()
+
+
+def test_process_metrics_and_the_daemon_alarms_come_with_the_scrape():
+    class Alarms:
+        def status(self) -> dict:
+            return {
+                "journal": {"degraded": True, "lost": 3},
+                "archive": {"degraded": True, "lost": 2, "bytes": 4096, "written": {"defect": 5, "ok": 1}},
+                "auth_refused": {"control": 4},
+            }
+
+    metrics = Metrics(("127.0.0.1", 0), Alarms())
+    try:
+        samples, types = scrape(metrics.url)
+    finally:
+        metrics.stop()
+    # prometheus-client's process collector: what an operator's standard dashboards expect.
+    assert samples[("process_resident_memory_bytes", ())] > 1e6
+    assert samples[("process_open_fds", ())] >= 3
+    assert ("process_cpu_seconds_total", ()) in samples
+    assert samples[("inspectd_journal_degraded", ())] == 1 and samples[("inspectd_journal_lost_total", ())] == 3
+    assert samples[("inspectd_archive_degraded", ())] == 1 and samples[("inspectd_archive_lost_total", ())] == 2
+    assert samples[("inspectd_archive_written_total", (("verdict", "defect"),))] == 5
+    assert samples[("inspectd_archive_bytes", ())] == 4096
+    assert samples[("inspectd_auth_refused_total", (("socket", "control"),))] == 4
+    assert types["inspectd_archive_written_total"] == "counter"
