@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     ("demo", "inspectd.tools.demo", "train on the synthetic line, run the daemon, show verdicts arriving"),
     ("keys", "inspectd.protocol.keys", "generate CurveZMQ key pairs"),
     ("bridge", "inspectd.clients.bridge", "bridge results to a PLC (Modbus TCP)"),
+    ("archive", "inspectd.clients.archive", "list or export the frames the daemon archived"),
 ]
 
 

@@ -21,7 +21,7 @@ from pydantic import BeforeValidator, Field, PlainValidator, ValidationInfo, fie
 
 from engines.errors import EngineError
 from engines.runtime import BACKENDS, backend_class
-from engines.schema import Int, Number, check, declared, invalid, matching, one_of, refuse, show
+from engines.schema import Flag, Int, Number, check, declared, invalid, matching, one_of, refuse, show
 from inspectd.configfile import CameraId, ConfigPath, Endpoint, parse, read_yaml
 from inspectd.daemon.inference import MASK_POLICIES
 from inspectd.daemon.ingest import SOURCES
@@ -189,6 +189,18 @@ class MetricsConfig:
 
 
 @declared
+class ArchiveConfig:
+    """The image archive (inspectd.daemon.archive): defect frames with overlays and a sample of good frames."""
+
+    enabled: Flag = True
+    path: ConfigPath | None = None  # None: <state_dir>/archive
+    max_mb: Annotated[Number, Field(gt=0)] = 2048.0  # oldest frames deleted beyond it
+    max_age_h: Annotated[Number, Field(gt=0)] = 168.0  # frames older than this are deleted
+    good_every: Annotated[Int, Field(ge=0)] = 200  # keep one good frame in this many per camera; 0: none
+    queue: Annotated[Int, Field(ge=1, le=4096)] = 32  # frames waiting for the writer; beyond it, not archived
+
+
+@declared
 class Config:
     station: Annotated[str, matching(STATION_RE, f"characters {STATION_RE}")]
     model: ModelConfig
@@ -201,6 +213,7 @@ class Config:
     state_dir: ConfigPath = DEFAULT_STATE_DIR
     # After state_dir, which its default endpoint lives in; validated when left out too, to fill that default in.
     control: Annotated[ControlConfig, Field(validate_default=True)] = ControlConfig()
+    archive: Annotated[ArchiveConfig, Field(validate_default=True)] = ArchiveConfig()
     shutdown_timeout_s: Annotated[Number, Field(gt=0)] = 10.0
 
     def camera(self, camera_id: str) -> CameraConfig:
@@ -237,6 +250,13 @@ class Config:
                 None,
             )
         return control
+
+    @field_validator("archive", mode="after")
+    @classmethod
+    def _archive_path(cls, archive: ArchiveConfig, info: ValidationInfo) -> ArchiveConfig:
+        if archive.path is None and "state_dir" in info.data:
+            archive = dataclasses.replace(archive, path=info.data["state_dir"] / "archive")
+        return archive
 
 
 def load_config(path: str | Path) -> Config:

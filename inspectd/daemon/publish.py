@@ -59,6 +59,7 @@ class Publisher:
         context: zmq.Context | None = None,
         socket_options: Callable[[zmq.Socket], None] | None = None,
         on_published: Callable[[Judged, float], None] | None = None,
+        archive: Callable[[Judged], str | None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.station = station
@@ -66,6 +67,7 @@ class Publisher:
         self._status = status
         self._journal = journal
         self._on_published = on_published
+        self._archive = archive  # Archive.offer: the id the frame is kept under, or None; never blocks
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.PUB)
@@ -140,6 +142,7 @@ class Publisher:
                     error=f"{type(exc).__name__}: {exc}".splitlines()[0],
                 )
         height, width = frame.image.shape[:2] if frame.image is not None else (None, None)
+        archive_id = self._archive(judged) if self._archive is not None else None
         t_publish = time.time()
         latency_ms = (time.monotonic() - frame.t_ingest) * 1000.0 if frame.t_ingest else 0.0
         frames = encode_result(
@@ -161,6 +164,7 @@ class Publisher:
             error=judged.error,
             truth=frame.truth,
             mask_png=mask_png,
+            archive_id=archive_id,
         )
         if self._journal is not None:
             self._journal.append(frame.camera, frame.seq, frames)

@@ -89,6 +89,7 @@ class Daemon:
             list(self.queues.values()), self.ready, config.batching.max_batch, config.batching.max_wait_ms
         )
         self.metrics = self._open_metrics()
+        self.archive = self._open_archive()
         self.publisher = Publisher(
             config.publish.endpoint,
             config.station,
@@ -99,6 +100,7 @@ class Daemon:
             on_published=self._on_published,
             journal=self.journal,
             socket_options=self.publish_curve,
+            archive=self.archive.offer if self.archive is not None else None,
         )
         for cam in config.cameras:  # created here, before the threads that read and update them start
             self.publisher.counters(cam.id)
@@ -116,6 +118,8 @@ class Daemon:
     def start(self) -> None:
         from inspectd.daemon.control import ControlServer
 
+        if self.archive is not None:
+            self.archive.start()
         self.publisher.start()
         self._inference_thread.start()
         self.control = ControlServer(self.config.control.endpoint, self, curve=self.control_curve)
@@ -142,6 +146,8 @@ class Daemon:
         self.batcher.stop()
         drained = self._inference_done.wait(max(0.0, deadline - time.monotonic()))
         published = self.publisher.stop(max(0.1, deadline - time.monotonic()))
+        if self.archive is not None:
+            self.archive.close(max(0.1, deadline - time.monotonic()))
         if self.control is not None:
             self.control.stop()
         if self.metrics is not None:
@@ -246,6 +252,20 @@ class Daemon:
 
         return CurveServer(role, curve_config.server_secret_key, curve_config.allowed_clients_dir)
 
+    def _open_archive(self):
+        archive = self.config.archive
+        if not archive.enabled:
+            return None
+        from inspectd.daemon.archive import Archive
+
+        state_dir = self.config.state_dir.resolve()
+        if not archive.path.resolve().is_relative_to(state_dir):
+            raise InspectdError(
+                f"archive.path {archive.path}: outside state_dir {state_dir}, expected a directory "
+                f"under it (the daemon writes only under its state directory)"
+            )
+        return Archive(archive.path, archive.max_mb, archive.max_age_h, archive.good_every, archive.queue)
+
     def _open_metrics(self):
         if self.config.metrics.address is None:
             return None
@@ -305,6 +325,7 @@ class Daemon:
             "last_error": self.stage.last_error,
             "cameras": self.camera_stats(),
             "journal": self.journal.status() if self.journal is not None else None,
+            "archive": self.archive.status() if self.archive is not None else None,
             "auth_refused": {
                 role: curve.refused
                 for role, curve in (("control", self.control_curve), ("publish", self.publish_curve))
@@ -324,6 +345,7 @@ class Daemon:
             "throughput_fps": round(self.throughput(), 3),
             "cameras": self.camera_stats(),
             "journal": self.journal.status() if self.journal is not None else None,
+            "archive": self.archive.status() if self.archive is not None else None,
         }
 
     def reload(self) -> dict[str, Any]:

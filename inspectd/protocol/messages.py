@@ -76,6 +76,7 @@ class Result:
     error: str | None = None
     truth: bool | None = None
     mask_png: bytes | None = None
+    archive_id: str | None = None
 
     def mask(self) -> np.ndarray | None:
         """The defect mask as bool [height, width], or None when the message carries none."""
@@ -88,10 +89,13 @@ class Result:
         doc["regions"] = [r.to_dict() for r in self.regions]
         if self.truth is not None:
             doc["truth"] = self.truth
+        if self.archive_id is not None:
+            doc["archive_id"] = self.archive_id
         return doc
 
 
-# Header fields in the order they are written; `truth` is optional and written only when the source knows it.
+# Header fields in the order they are written. Optional ones are written only when they say something: `truth` where
+# the source knows it, `archive_id` when the frame was kept in the image archive (inspectd.protocol.archive).
 RESULT_FIELDS = (
     "schema",
     "station",
@@ -112,7 +116,7 @@ RESULT_FIELDS = (
     "has_mask",
     "error",
 )
-OPTIONAL_FIELDS = ("truth",)
+OPTIONAL_FIELDS = ("truth", "archive_id")
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
@@ -154,6 +158,7 @@ def encode_result(
     error: str | None = None,
     truth: bool | None = None,
     mask_png: bytes | None = None,
+    archive_id: str | None = None,
 ) -> list[bytes]:
     """The multipart frames of one result message."""
     if verdict not in VERDICTS:
@@ -180,6 +185,8 @@ def encode_result(
     }
     if truth is not None:
         header["truth"] = bool(truth)
+    if archive_id is not None:
+        header["archive_id"] = archive_id
     frames = [result_topic(station, camera), json.dumps(header, separators=(",", ":")).encode("utf-8")]
     if mask_png is not None:
         frames.append(mask_png)
@@ -267,6 +274,9 @@ def decode_result(frames: Sequence[bytes]) -> Result:
     truth = header.get("truth")
     if truth is not None and not isinstance(truth, bool):
         raise MessageError(f"result header.truth: expected true, false or absent, got {truth!r}")
+    archive_id = header.get("archive_id")
+    if archive_id is not None and not isinstance(archive_id, str):
+        raise MessageError(f"result header.archive_id: expected a string or absent, got {archive_id!r}")
     number = (int, float)
     return Result(
         station=station,
@@ -288,6 +298,7 @@ def decode_result(frames: Sequence[bytes]) -> Result:
         error=error,
         truth=truth,
         mask_png=bytes(frames[2]) if has_mask else None,
+        archive_id=archive_id,
     )
 
 

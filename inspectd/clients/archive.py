@@ -1,0 +1,105 @@
+"""`inspectd archive list|export`: the frames the daemon kept, by camera, verdict and time range; exported as an
+MVTec-layout folder that `inspectd train --data` and `inspectd calibrate --good` read directly.
+
+Reads the archive directory only (inspectd.protocol.archive), so it works beside a running daemon or without one.
+Exit codes: 0 done, 1 export matched no frame, 2 bad arguments or no archive there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+from inspectd.protocol.archive import EXPORT_SPLITS, ArchiveError, ArchiveReader, Entry, parse_time
+
+DEFAULT_ARCHIVE = Path("/var/lib/inspectd/archive")
+VERDICTS = ("ok", "defect")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="list archived frames, oldest first", description="list archived frames")
+    export = actions.add_parser(
+        "export",
+        help="copy archived frames into an MVTec-layout folder",
+        description="copy archived frames into OUT/<split>/good (verdict ok) and OUT/<split>/defect (verdict "
+        "defect), with OUT/archive.jsonl naming each; `inspectd calibrate BUNDLE --good OUT` reads OUT/test/good. "
+        "Verdicts are the model's, not labels: review defect frames before using them as --defective.",
+    )
+    export.add_argument("out", type=Path, metavar="OUT", help="folder to export into (created; added to if present)")
+    export.add_argument(
+        "--split",
+        choices=EXPORT_SPLITS,
+        default="test",
+        help="test (held out: what calibrate reads, the default) or train (what train reads)",
+    )
+    for sub in (listing, export):
+        sub.add_argument(
+            "--archive",
+            type=Path,
+            default=DEFAULT_ARCHIVE,
+            metavar="DIR",
+            help=f"the daemon's archive directory (archive.path; default {DEFAULT_ARCHIVE})",
+        )
+        sub.add_argument("--camera", metavar="ID", help="only this camera")
+        sub.add_argument("--verdict", choices=VERDICTS, help="only frames with this verdict")
+        sub.add_argument("--since", metavar="TIME", help="captured at or after TIME: ISO (2026-03-01T14:00) or 1h, 30m")
+        sub.add_argument("--until", metavar="TIME", help="captured before TIME (same forms)")
+        sub.add_argument("--limit", type=int, metavar="N", help="at most N frames (the newest N with --newest)")
+        sub.add_argument("--newest", action="store_true", help="newest first")
+        sub.add_argument("--json", action="store_true", help="machine-readable output on stdout (one JSON document)")
+
+
+def _query(reader: ArchiveReader, args: argparse.Namespace) -> list[Entry]:
+    since = parse_time(args.since, "--since") if args.since else None
+    until = parse_time(args.until, "--until") if args.until else None
+    if args.limit is not None and args.limit < 1:
+        raise ArchiveError(f"--limit: {args.limit}, expected a positive number of frames")
+    return reader.query(args.camera, args.verdict, since, until, args.limit, newest_first=args.newest)
+
+
+def _when(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).isoformat(timespec="milliseconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with ArchiveReader(args.archive) as reader:
+            entries = _query(reader, args)
+            if args.action == "list":
+                return _list(entries, args.json)
+            return _export(reader, entries, args)
+    except ArchiveError as exc:
+        print(f"inspectd archive: {exc}", file=sys.stderr)
+        return 2
+
+
+def _list(entries: list[Entry], as_json: bool) -> int:
+    if as_json:
+        json.dump([e.to_dict() for e in entries], sys.stdout)
+        print()
+        return 0
+    for e in entries:
+        score = "-" if e.score is None else f"{e.score:.4g}"
+        print(f"{e.id}  {e.camera}  {e.verdict:6}  score {score:>8}  {_when(e.t_capture)}  regions {e.regions}")
+    print(f"{len(entries)} frame(s)", file=sys.stderr)
+    return 0
+
+
+def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespace) -> int:
+    copied = reader.export(entries, args.out, args.split)
+    counts = {v: sum(1 for e in entries if e.verdict == v) for v in VERDICTS}
+    if args.json:
+        json.dump({"out": str(args.out), "split": args.split, "exported": copied, "matched": counts}, sys.stdout)
+        print()
+    else:
+        print(
+            f"exported {copied} frame(s) to {args.out}/{args.split}/ (good: {counts['ok']}, defect: {counts['defect']})"
+        )
+    if copied == 0:
+        print("inspectd archive: no archived frame matched", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,231 @@
+"""The image archive's on-disk format and its readers: the frames the daemon kept (inspectd.daemon.archive writes
+them), read by `inspectd archive`, the web view and anyone on the station.
+
+Layout under the archive directory (by default `<state_dir>/archive`):
+
+    index.sqlite3                          one row per archived frame (FIELDS), SQLite in WAL mode, so readers in
+                                           other processes never block the writer
+    <camera>/<YYYY-MM-DD>/<id>.png         the frame as received (decoded pixels, lossless)
+    <camera>/<YYYY-MM-DD>/<id>.overlay.jpg the frame with the defect mask and regions drawn on it
+    live/<camera>.jpg                      the camera's most recent frame, replaced about once a second (not indexed)
+
+An id is `<camera>-<UTC capture time YYYYmmddTHHMMSSmmm>-<seq>`: unique per frame even when seq restarts (a daemon
+without a journal), and sortable by time within a camera. It is what a published result's `archive_id` names.
+
+Exported folders are MVTec-layout (`<out>/<split>/<verdict folder>/<id>.png`, good frames in `good`, defect verdicts
+in `defect`), so `inspectd train --data OUT` and `inspectd calibrate --good OUT` read them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from inspectd.errors import InspectdError
+
+INDEX_NAME = "index.sqlite3"
+LIVE_DIR = "live"
+ID_RE = re.compile(r"[a-zA-Z0-9_-]+-\d{8}T\d{9}-\d+")
+EXPORT_SPLITS = ("train", "test")
+MANIFEST_NAME = "archive.jsonl"  # what an export took, one JSON object per frame
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    id TEXT PRIMARY KEY,
+    camera TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    frame_id TEXT NOT NULL,
+    t_capture REAL NOT NULL,
+    verdict TEXT NOT NULL,
+    score REAL,
+    threshold REAL,
+    model_id TEXT,
+    thresholds_version INTEGER,
+    regions INTEGER NOT NULL,
+    frame_file TEXT NOT NULL,
+    overlay_file TEXT,
+    bytes INTEGER NOT NULL,
+    t_written REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS frames_by_time ON frames (t_capture);
+CREATE INDEX IF NOT EXISTS frames_by_camera ON frames (camera, t_capture);
+CREATE INDEX IF NOT EXISTS frames_by_written ON frames (t_written);
+"""
+
+
+class ArchiveError(InspectdError):
+    """The archive cannot be read (no index, unreadable) or a request names nothing in it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One archived frame. Paths are relative to the archive directory."""
+
+    id: str
+    camera: str
+    seq: int
+    frame_id: str
+    t_capture: float
+    verdict: str
+    score: float | None
+    threshold: float | None
+    model_id: str | None
+    thresholds_version: int | None
+    regions: int
+    frame_file: str
+    overlay_file: str | None
+    bytes: int
+    t_written: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
+
+
+def archive_id(camera: str, seq: int, t_capture: float) -> str:
+    when = datetime.datetime.fromtimestamp(t_capture, datetime.timezone.utc)
+    return f"{camera}-{when:%Y%m%dT%H%M%S}{when.microsecond // 1000:03d}-{seq}"
+
+
+def day_dir(camera: str, t_capture: float) -> str:
+    return f"{camera}/{datetime.datetime.fromtimestamp(t_capture, datetime.timezone.utc):%Y-%m-%d}"
+
+
+def connect(root: Path) -> sqlite3.Connection:
+    """The index, created if missing (the writer's way in; readers use ArchiveReader)."""
+    db = sqlite3.connect(root / INDEX_NAME, timeout=5.0, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last rows, never corrupt the index
+    db.executescript(SCHEMA)
+    return db
+
+
+def parse_time(text: str, what: str) -> float:
+    """Epoch seconds from an ISO 8601 time (`2026-03-01T14:00`, local time when no zone is given) or a span back
+    from now (`90s`, `15m`, `1h`, `2d`)."""
+    span = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if span:
+        seconds = float(span.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[span.group(2)]
+        return datetime.datetime.now().timestamp() - seconds
+    try:
+        return datetime.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise ArchiveError(
+            f"{what}: {text!r}, expected an ISO time (2026-03-01T14:00) or a span back from now (90s, 15m, 1h, 2d)"
+        ) from None
+
+
+class ArchiveReader:
+    """Queries over an archive directory another process writes."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        index = self.root / INDEX_NAME
+        if not index.is_file():
+            raise ArchiveError(f"{self.root}: no {INDEX_NAME}, expected an inspectd image archive directory")
+        try:
+            self._db = sqlite3.connect(index, timeout=5.0, check_same_thread=False)
+            self._db.execute("PRAGMA query_only=ON")
+            self._db.execute("SELECT 1 FROM frames LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"{index}: cannot read the archive index ({exc})") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ArchiveReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def query(
+        self,
+        camera: str | None = None,
+        verdict: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[Entry]:
+        where, args = [], []
+        for column, op, value in (
+            ("camera", "=", camera),
+            ("verdict", "=", verdict),
+            ("t_capture", ">=", since),
+            ("t_capture", "<", until),
+        ):
+            if value is not None:
+                where.append(f"{column} {op} ?")
+                args.append(value)
+        sql = f"SELECT {', '.join(FIELDS)} FROM frames"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY t_capture {'DESC' if newest_first else 'ASC'}, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        try:
+            rows = self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"{self.root / INDEX_NAME}: cannot read the archive index ({exc})") from None
+        return [Entry(*row) for row in rows]
+
+    def get(self, entry_id: str) -> Entry:
+        if not ID_RE.fullmatch(entry_id):
+            raise ArchiveError(f"archive id {entry_id[:80]!r}: expected <camera>-<YYYYmmddTHHMMSSmmm>-<seq>")
+        row = self._db.execute(f"SELECT {', '.join(FIELDS)} FROM frames WHERE id = ?", (entry_id,)).fetchone()
+        if row is None:
+            raise ArchiveError(f"archive id {entry_id!r}: not in the archive (never written, or expired)")
+        return Entry(*row)
+
+    def file(self, entry: Entry, kind: str = "frame") -> Path:
+        """The frame or overlay file of an entry; never a path outside the archive, whatever the index says."""
+        name = entry.frame_file if kind == "frame" else entry.overlay_file
+        if name is None:
+            raise ArchiveError(f"archive id {entry.id!r}: has no {kind} image")
+        path = (self.root / name).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ArchiveError(f"archive id {entry.id!r}: {kind} file outside the archive")
+        return path
+
+    def live(self, camera: str) -> Path | None:
+        path = self.root / LIVE_DIR / f"{camera}.jpg"
+        return path if re.fullmatch(r"[a-zA-Z0-9_-]+", camera) and path.is_file() else None
+
+    def cameras(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT DISTINCT camera FROM frames ORDER BY camera")]
+
+    def export(self, entries: list[Entry], out: str | Path, split: str = "test") -> int:
+        """Copy the entries' frames into an MVTec-layout folder `out/<split>/<good|defect>/<id>.png`; returns how
+        many were copied. Frames that expired between the query and the copy are skipped."""
+        if split not in EXPORT_SPLITS:
+            raise ArchiveError(f"split {split!r}: expected one of {', '.join(EXPORT_SPLITS)}")
+        out = Path(out)
+        copied = 0
+        with open(_manifest(out), "a", encoding="utf-8") as manifest:
+            for entry in entries:
+                if entry.verdict not in ("ok", "defect"):
+                    continue
+                folder = out / split / ("good" if entry.verdict == "ok" else "defect")
+                folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(self.file(entry), folder / f"{entry.id}.png")
+                except FileNotFoundError:
+                    continue
+                manifest.write(json.dumps({**entry.to_dict(), "exported_to": f"{split}/{folder.name}"}) + "\n")
+                copied += 1
+        return copied
+
+
+def _manifest(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    return out / MANIFEST_NAME

@@ -1,0 +1,91 @@
+"""A real bundle whose verdicts a test can plan, built in milliseconds instead of trained (not itself a test module).
+
+The model is a hand-built ONNX graph run by a real ONNX Runtime session: anomaly map = |pixel - 128| / 128, score =
+its max, thresholds 0.5 (image and pixel). So a mid-grey frame with a little noise is `ok` and a frame with a bright
+square pasted on it is `defect`, its mask exactly the square.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+M = 32  # model input size
+FRAME = 64  # frame size the tests send
+THRESHOLD = 0.5
+
+
+def grey_graph() -> bytes:
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Squeeze", ["x", "axis3"], ["x2"]),
+        helper.make_node("Sub", ["x2", "centre"], ["d"]),
+        helper.make_node("Abs", ["d"], ["a"]),
+        helper.make_node("Div", ["a", "scale"], ["anomaly_map"]),
+        helper.make_node("ReduceMax", ["anomaly_map", "axes12"], ["score"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "grey",
+        [
+            helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", M, M, 1]),
+            helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", M, M]),
+        ],
+        initializer=[
+            helper.make_tensor("axis3", TensorProto.INT64, [1], [3]),
+            helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
+            helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def write_grey_bundle(path: Path) -> Path:
+    from engines.bundle import thresholds as thresholds_doc
+    from engines.bundle.store import write_bundle
+
+    return write_bundle(
+        path,
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+            "score_kind": "max",
+        },
+        grey_graph(),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.first_version(THRESHOLD, THRESHOLD, {"tool": "tests/station_model.py"}),
+    )
+
+
+def good_frame(seed: int) -> np.ndarray:
+    """Mid-grey with a little noise: scores well under the threshold, and not all the same."""
+    rng = np.random.default_rng(seed)
+    return (128 + rng.integers(-12, 13, (FRAME, FRAME))).astype(np.uint8)
+
+
+def defect_frame(seed: int, size: int = 16) -> np.ndarray:
+    """A good frame with a bright square at a seeded place: a defect whose mask is the square."""
+    image = good_frame(seed)
+    y, x = (int(v) for v in np.random.default_rng(1000 + seed).integers(0, FRAME - size, 2))
+    image[y : y + size, x : x + size] = 250
+    return image
+
+
+def drop(inbox: Path, name: str, image: np.ndarray) -> None:
+    """Write a PNG so that it appears in the watched folder whole, as a camera's upload would."""
+    tmp = inbox.parent / f".{name}"
+    cv2.imwrite(str(tmp), image)
+    tmp.replace(inbox / name)

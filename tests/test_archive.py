@@ -1,0 +1,220 @@
+"""The image archive: the writer on real files and a real SQLite index, a real daemon archiving what it publishes,
+and `inspectd archive list|export` feeding `inspectd calibrate`, each as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from daemon_harness import Station
+from inspectd.daemon import archive as archive_module
+from inspectd.daemon.archive import Archive
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.inference import Judged
+from inspectd.protocol.archive import ArchiveError, ArchiveReader
+from inspectd.protocol.messages import Region
+from station_model import FRAME, THRESHOLD, defect_frame, drop, good_frame, write_grey_bundle
+
+pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def judged(camera: str, seq: int, image: np.ndarray, t: float | None = None) -> Judged:
+    """What the inference stage would make of `image` under the grey model: the verdict, mask and regions."""
+    amap = np.abs(image.astype(np.float32) - 128) / 128
+    score = float(amap.max())
+    frame = Frame(camera, seq, f"{seq:06d}.png", time.time() if t is None else t, image)
+    if score < THRESHOLD:
+        return Judged(frame, "ok", score, THRESHOLD, "test-none-0", 1, [], None)
+    mask = amap >= THRESHOLD
+    ys, xs = np.nonzero(mask)
+    box = Region(int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1, int(mask.sum()), score)
+    return Judged(frame, "defect", score, THRESHOLD, "test-none-0", 1, [box], mask)
+
+
+def test_defects_with_overlays_and_one_good_frame_in_n_are_kept(tmp_path):
+    archive = Archive(tmp_path / "archive", max_mb=100, max_age_h=24, good_every=3).start()
+    offered = []
+    for seq in range(12):
+        image = defect_frame(seq) if seq in (4, 9) else good_frame(seq)
+        item = judged("cam0", seq, image)
+        offered.append((item, archive.offer(item)))
+    assert archive.close()
+    kept = {item.frame.seq: entry_id for item, entry_id in offered if entry_id}
+    # The good frames are seq 0-3, 5-8, 10, 11: the 1st, 4th, 7th and 10th of them are kept, and both defects.
+    assert sorted(kept) == [0, 3, 4, 7, 9, 11], kept
+    status = archive.status()
+    assert status["written"] == {"ok": 4, "defect": 2} and status["lost"] == 0 and not status["degraded"]
+
+    with ArchiveReader(tmp_path / "archive") as reader:
+        entries = reader.query()
+        assert [e.seq for e in entries] == sorted(kept)
+        assert [e.seq for e in reader.query(verdict="defect")] == [4, 9]
+        for item, entry_id in offered:
+            if entry_id is None:
+                continue
+            entry = reader.get(entry_id)
+            assert (entry.camera, entry.verdict, entry.seq) == ("cam0", item.verdict, item.frame.seq)
+            stored = cv2.imread(str(reader.file(entry)), cv2.IMREAD_UNCHANGED)
+            assert np.array_equal(stored, item.frame.image), "the frame as received, lossless"
+            if item.verdict == "ok":
+                assert entry.overlay_file is None
+                continue
+            overlay = cv2.imread(str(reader.file(entry, "overlay")))
+            assert overlay.shape == (FRAME, FRAME, 3)
+            # Inside the mask the overlay is tinted red; well outside the boxes it is still the grey frame.
+            inside = overlay[item.mask]
+            assert (inside[:, 2].astype(int) - inside[:, 0].astype(int)).mean() > 40
+            outside = ~cv2.dilate(item.mask.view(np.uint8), np.ones((5, 5), np.uint8)).view(bool)
+            outside[:24] = False  # the score is written at the top
+            away = overlay[outside].astype(int)
+            assert np.abs(away - item.frame.image[outside][:, None]).mean() < 4, "the frame, up to JPEG's noise"
+            assert abs((away[:, 2] - away[:, 0]).mean()) < 2, "not tinted"
+        assert reader.live("cam0") is not None and reader.live("nope") is None
+        with pytest.raises(ArchiveError, match="not in the archive"):
+            reader.get("cam0-20000101T000000000-1")
+        with pytest.raises(ArchiveError, match="expected <camera>"):
+            reader.get("../../etc/passwd")
+
+
+def test_size_bound_deletes_the_oldest_frames_and_their_files(tmp_path):
+    root = tmp_path / "archive"
+    archive = Archive(root, max_mb=0.1, max_age_h=24, good_every=0).start()
+    ids = []
+    for seq in range(60):
+        noisy = np.random.default_rng(seq).integers(0, 256, (FRAME, FRAME)).astype(np.uint8)  # PNG cannot shrink it
+        item = judged("cam0", seq, noisy)
+        assert item.verdict == "defect"
+        ids.append(archive.offer(item))
+        time.sleep(0.002)  # keep the writer from falling behind: every frame must be written for the count below
+    assert archive.close()
+    status = archive.status()
+    assert status["written"]["defect"] + status["lost"] == 60
+    assert 0 < status["bytes"] <= 0.1 * 2**20 and status["pruned"] > 0
+    with ArchiveReader(root) as reader:
+        kept = [e.id for e in reader.query()]
+        assert sum(e.bytes for e in reader.query()) == status["bytes"]
+    assert kept == [i for i in ids if i in kept] and kept[-1] == ids[-1], "the newest kept, in order"
+    assert ids[0] not in kept
+    on_disk = sorted(p.name.split(".")[0] for p in root.glob("cam0/*/*.png"))
+    assert on_disk == sorted(kept), "a deleted entry leaves no file behind"
+
+
+def test_age_bound_deletes_frames_older_than_max_age(tmp_path, monkeypatch):
+    root = tmp_path / "archive"
+    archive = Archive(root, max_mb=100, max_age_h=1, good_every=1).start()
+    real_time = time.time
+    archive.offer(judged("cam0", 0, good_frame(0)))
+    archive.offer(judged("cam0", 1, good_frame(1)))
+    assert archive.close()
+    # Two hours later, a daemon on the same archive writes one more frame: the two old ones go.
+    monkeypatch.setattr(archive_module.time, "time", lambda: real_time() + 7200)
+    archive = Archive(root, max_mb=100, max_age_h=1, good_every=1).start()
+    archive.offer(judged("cam0", 2, good_frame(2)))
+    assert archive.close()
+    monkeypatch.undo()
+    with ArchiveReader(root) as reader:
+        assert [e.seq for e in reader.query()] == [2]
+    assert archive.status()["pruned"] == 2
+
+
+def test_a_failing_disk_degrades_to_an_alarm_and_recovers(tmp_path, monkeypatch):
+    root = tmp_path / "archive"
+    root.write_text("a file where the archive directory should be")  # every write fails, even as root
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=0).start()
+    archive.offer(judged("cam0", 0, defect_frame(0)))
+    deadline = time.monotonic() + 10
+    while not archive.status()["degraded"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    status = archive.status()
+    assert status["lost"] == 1 and "Error" in status["error"]
+    # While degraded, frames are not queued for a disk that fails: their results say "not archived".
+    assert archive.offer(judged("cam0", 1, defect_frame(1))) is None
+    root.unlink()
+    monkeypatch.setattr(archive, "_retry_at", 0.0)  # the retry is due
+    entry_id = archive.offer(judged("cam0", 2, defect_frame(2)))
+    assert entry_id is not None
+    assert archive.close()
+    assert not archive.status()["degraded"] and archive.status()["written"]["defect"] == 1
+    with ArchiveReader(root) as reader:
+        assert [e.id for e in reader.query()] == [entry_id]
+
+
+def test_the_reader_refuses_what_is_not_an_archive(tmp_path):
+    with pytest.raises(ArchiveError, match="expected an inspectd image archive"):
+        ArchiveReader(tmp_path)
+
+
+def inspectd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def test_daemon_archives_what_it_publishes_and_export_feeds_calibrate(tmp_path):
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    s = Station(
+        tmp_path,
+        bundle,
+        [{"id": "cam0", "source": {"kind": "folder", "path": str(inbox), "poll_ms": 20}}],
+        archive={"good_every": 2},
+    )
+    try:
+        s.wait_ready()
+        planted = {3, 7}
+        for i in range(10):
+            drop(inbox, f"{i:03d}.png", defect_frame(i) if i in planted else good_frame(i))
+        results = s.results(10, timeout=60)
+        assert s.stop() == 0, s.log_tail()
+    finally:
+        s.close()
+    assert len(results) == 10, s.log_tail()
+    by_name = {r.frame_id: r for r in results}
+    for i in range(10):
+        r = by_name[f"{i:03d}.png"]
+        assert r.verdict == ("defect" if i in planted else "ok")
+    defects = [r for r in results if r.verdict == "defect"]
+    assert all(r.archive_id for r in defects)
+    goods = [r for r in results if r.verdict == "ok"]
+    assert [bool(r.archive_id) for r in goods] == [True, False] * 4, "one good frame in two"
+
+    archive_dir = tmp_path / "state" / "archive"
+    listed = inspectd("archive", "list", "--archive", str(archive_dir), "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert sorted(row["id"] for row in rows) == sorted(r.archive_id for r in results if r.archive_id)
+    human = inspectd("archive", "list", "--archive", str(archive_dir), "--verdict", "defect")
+    assert human.returncode == 0 and len(human.stdout.splitlines()) == 2
+    assert all(r.archive_id in human.stdout for r in defects)
+
+    out = tmp_path / "export"
+    exported = inspectd(
+        "archive", "export", str(out), "--archive", str(archive_dir), "--verdict", "ok", "--since", "1h"
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(p.stem for p in (out / "test" / "good").glob("*.png")) == sorted(
+        r.archive_id for r in goods if r.archive_id
+    )
+    assert not (out / "test" / "defect").exists()
+    calibrated = inspectd("calibrate", str(bundle), "--good", str(out), "--target-false-reject", "0.2", "--dry-run")
+    assert calibrated.returncode == 0, calibrated.stdout + calibrated.stderr
+    assert "4" in calibrated.stdout  # the four exported good frames were scored
+
+    nothing = inspectd(
+        "archive", "export", str(tmp_path / "none"), "--archive", str(archive_dir), "--until", "2000-01-01"
+    )
+    assert nothing.returncode == 1 and "no archived frame matched" in nothing.stderr
+    missing = inspectd("archive", "list", "--archive", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "expected an inspectd image archive" in missing.stderr
+    bad_time = inspectd("archive", "list", "--archive", str(archive_dir), "--since", "yesterday")
+    assert bad_time.returncode == 2 and "--since: 'yesterday', expected an ISO time" in bad_time.stderr
