@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     ("keys", "inspectd.protocol.keys", "generate CurveZMQ key pairs"),
     ("bridge", "inspectd.clients.bridge", "bridge results to a PLC (Modbus TCP)"),
     ("archive", "inspectd.clients.archive", "list or export the frames the daemon archived"),
+    ("ctl", "inspectd.clients.ctl", "steer a running daemon: status, pause/resume, reload, thresholds, rollback"),
 ]
 
 

@@ -44,8 +44,8 @@ def _prepare_ipc(endpoint: str) -> Path | None:
 
 
 class ControlServer:
-    """REP socket on its own thread. `handler` has status(), reload(), set_thresholds(doc), pause(camera),
-    resume(camera), each returning a dict merged into the ok:true reply."""
+    """REP socket on its own thread. `handler` has status(), reload(), set_thresholds(doc), rollback(version),
+    pause(camera), resume(camera), each returning a dict merged into the ok:true reply."""
 
     def __init__(self, endpoint: str, handler: Any, curve: Callable[[zmq.Socket], None] | None = None) -> None:
         self.endpoint = endpoint
@@ -107,6 +107,8 @@ class ControlServer:
         try:
             if request.cmd in ("pause", "resume"):
                 result = getattr(self.handler, request.cmd)(request.camera)
+            elif request.cmd == "rollback":
+                result = self.handler.rollback(request.version)
             elif request.cmd == "set_thresholds":
                 result = self.handler.set_thresholds(request.thresholds)
             else:

@@ -393,6 +393,18 @@ class Daemon:
         )
         return {"thresholds_version": new.version}
 
+    def rollback(self, version: Any) -> dict[str, Any]:
+        """A new thresholds version with the values of the earlier `version` from the current document's history."""
+        from engines.bundle import thresholds as thresholds_doc
+
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise InspectdError(f"rollback.version: {version!r}, expected an earlier thresholds version (integer)")
+        try:
+            new = thresholds_doc.rollback(self.stage.state.thresholds, version)
+        except thresholds_doc.ThresholdsError as exc:
+            raise InspectdError(str(exc)) from None
+        return {**self.set_thresholds(new.to_dict()), "rolled_back_to": version}
+
     def _ingest_for(self, camera: Any):
         if camera not in self.ingest:
             raise InspectdError(f"camera {camera!r}: unknown, expected one of {', '.join(self.ingest)}")

@@ -3,7 +3,7 @@
 One JSON object each way over a ZeroMQ REQ/REP pair. Requests:
 
     {"cmd": "status"}  {"cmd": "reload"}  {"cmd": "set_thresholds", "thresholds": {...}}
-    {"cmd": "pause", "camera": "cam0"}  {"cmd": "resume", "camera": "cam0"}
+    {"cmd": "pause", "camera": "cam0"}  {"cmd": "resume", "camera": "cam0"}  {"cmd": "rollback", "version": 2}
 
 Replies are `{"ok": true, ...handler result...}` or `{"ok": false, "error": "one line"}`. The server that answers them
 is the daemon's (inspectd.daemon.control); the client is used by `inspectd calibrate --apply`, operators' scripts and
@@ -29,6 +29,7 @@ COMMANDS: dict[str, dict[str, tuple[type, str]]] = {
     "set_thresholds": {"thresholds": (dict, "a thresholds document (JSON object)")},
     "pause": {"camera": (str, "a camera id (string)")},
     "resume": {"camera": (str, "a camera id (string)")},
+    "rollback": {"version": (int, "an earlier thresholds version (integer)")},
 }
 
 
@@ -37,6 +38,7 @@ class Request:
     cmd: str
     camera: str | None = None
     thresholds: dict | None = None
+    version: int | None = None
 
 
 def parse_request(data: bytes) -> Request:

@@ -1,0 +1,148 @@
+"""`inspectd ctl`: steer a running daemon over its control socket: status, pause/resume a camera, reload the model,
+set thresholds from a file, roll thresholds back to an earlier version.
+
+Speaks inspectd.protocol.control only (nothing of the daemon is imported), with CurveZMQ keys when the control socket
+is on a network address. Human output by default; `--json` prints the daemon's reply as one JSON object on stdout.
+
+Exit codes, for scripts: 0 the daemon did it; 1 the daemon refused (its one-line reason on stderr); 2 bad arguments
+or an unreadable file; 3 no daemon answered within --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from inspectd.errors import InspectdError
+from inspectd.protocol.control import ControlClient, ControlTimeout
+
+DEFAULT_ENDPOINT = "ipc:///var/lib/inspectd/control.sock"
+ENDPOINT_ENV = "INSPECTD_CONTROL"
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+LOCAL_HOSTS = ("127.", "localhost", "[::1]")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint",
+        default=os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT),
+        metavar="EP",
+        help=f"the daemon's control.endpoint (default ${ENDPOINT_ENV}, else {DEFAULT_ENDPOINT})",
+    )
+    parser.add_argument(
+        "--server-key", type=Path, metavar="PATH", help="CurveZMQ: the daemon's control public key file"
+    )
+    parser.add_argument(
+        "--client-key", type=Path, metavar="PATH", help="CurveZMQ: this operator's .key_secret, in the allow-list"
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to wait for the daemon")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout (one JSON document)")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("status", help="health, model, thresholds, cameras, alarms")
+    for verb in ("pause", "resume"):
+        sub = actions.add_parser(verb, help=f"{verb} a camera's ingest")
+        sub.add_argument("camera", metavar="CAMERA")
+    actions.add_parser("reload", help="reload the model bundle from disk, swapped in between batches")
+    sub = actions.add_parser("set-thresholds", help="judge with a thresholds document (JSON file) from now on")
+    sub.add_argument("file", type=Path, metavar="FILE", help="a thresholds.json whose version is above the current")
+    sub.add_argument("--force", action="store_true", help="accept values outside the calibrated range")
+    sub = actions.add_parser("rollback", help="a new thresholds version with an earlier version's values")
+    sub.add_argument("version", type=int, metavar="VERSION", help="the earlier version (ctl status shows the current)")
+
+
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    if args.action in ("pause", "resume"):
+        return {"cmd": args.action, "camera": args.camera}
+    if args.action == "set-thresholds":
+        try:
+            doc = json.loads(args.file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InspectdError(f"{args.file}: cannot read a thresholds document ({exc})") from None
+        request: dict[str, Any] = {"cmd": "set_thresholds", "thresholds": doc}
+        if args.force:
+            request["force"] = True
+        return request
+    if args.action == "rollback":
+        return {"cmd": "rollback", "version": args.version}
+    return {"cmd": args.action}
+
+
+def _curve(args: argparse.Namespace):
+    if (args.server_key is None) != (args.client_key is None):
+        raise InspectdError("--server-key and --client-key: give both (CurveZMQ) or neither")
+    if args.server_key is None:
+        endpoint = args.endpoint
+        if endpoint.startswith("tcp://") and not endpoint[len("tcp://") :].startswith(LOCAL_HOSTS):
+            raise InspectdError(
+                f"--endpoint {endpoint}: a network address, expected --server-key and --client-key "
+                "(the daemon accepts only CurveZMQ clients there)"
+            )
+        return None
+    from inspectd.protocol.keys import curve_client
+
+    return curve_client(args.server_key, args.client_key)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        request = _request(args)
+        curve = _curve(args)
+    except InspectdError as exc:
+        print(f"inspectd ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with ControlClient(args.endpoint, timeout_s=args.timeout, curve=curve) as client:
+            reply = client.request(request)
+    except ControlTimeout as exc:
+        print(f"inspectd ctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except InspectdError as exc:
+        print(f"inspectd ctl: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.json:
+        json.dump(reply, sys.stdout)
+        print()
+    if not reply.get("ok"):
+        print(f"inspectd ctl: {args.action}: {reply.get('error', 'refused')}", file=sys.stderr)
+        return EXIT_REFUSED
+    if not args.json:
+        print(describe(args.action, reply))
+    return EXIT_OK
+
+
+def describe(action: str, reply: dict[str, Any]) -> str:
+    """The reply as a person reads it."""
+    if action in ("pause", "resume"):
+        return f"camera {reply.get('camera')}: {'paused' if reply.get('paused') else 'running'}"
+    if action == "reload":
+        return f"reloaded: model {reply.get('model_id')}, thresholds version {reply.get('thresholds_version')}"
+    if action in ("set-thresholds", "rollback"):
+        return f"thresholds version {reply.get('thresholds_version')} in use"
+    return _status(reply)
+
+
+def _status(s: dict[str, Any]) -> str:
+    up = datetime.timedelta(seconds=int(s.get("uptime_s") or 0))
+    lines = [
+        f"station {s.get('station')}: {'healthy' if s.get('healthy') else 'UNHEALTHY'}, up {up}, "
+        f"{s.get('throughput_fps', 0):.1f} frames/s, {s.get('published', 0)} published",
+        f"model {s.get('model_id')}, thresholds version {s.get('thresholds_version')}",
+    ]
+    if s.get("last_error"):
+        lines.append(f"last engine error: {s['last_error']}")
+    for camera, c in (s.get("cameras") or {}).items():
+        lines.append(
+            f"  {camera:12} {str(c.get('state', '?')):10} in {c.get('frames_in', 0)}  published "
+            f"{c.get('published', 0)}  defects {c.get('defects', 0)}  errors {c.get('errors', 0)}  "
+            f"dropped {c.get('dropped', 0)}  queued {c.get('queued', 0)}"
+        )
+    for name in ("journal", "archive"):
+        part = s.get(name)
+        if part and part.get("degraded"):
+            lines.append(f"ALARM {name} degraded: {part.get('error')} ({part.get('lost', 0)} lost)")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""`inspectd ctl` as a subprocess against a real daemon: what it prints, what it does to the line, its exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon_harness import Station
+from engines.bundle import thresholds as thresholds_doc
+from engines.bundle.store import load_bundle
+from station_model import defect_frame, drop, good_frame, write_grey_bundle
+
+pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ctl(endpoint: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", "ctl", "--endpoint", endpoint, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def test_status_pause_resume_thresholds_rollback_and_reload(tmp_path):
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    cameras = [
+        {"id": "cam0", "source": {"kind": "folder", "path": str(inbox), "poll_ms": 20}},
+        {"id": "cam1", "source": {"kind": "synthetic", "rate_hz": 5, "width": 64, "height": 64}},
+    ]
+    s = Station(tmp_path, bundle, cameras)
+    ep = s.control_endpoint
+    try:
+        s.wait_ready()
+        status = ctl(ep, "status")
+        assert status.returncode == 0, status.stderr
+        assert "station t1: healthy" in status.stdout and "thresholds version 1" in status.stdout
+        assert "cam0" in status.stdout and "cam1" in status.stdout
+        doc = json.loads(ctl(ep, "--json", "status").stdout)
+        assert doc["ok"] and doc["thresholds_version"] == 1 and set(doc["cameras"]) == {"cam0", "cam1"}
+
+        paused = ctl(ep, "pause", "cam0")
+        assert paused.returncode == 0 and paused.stdout.strip() == "camera cam0: paused"
+        assert json.loads(ctl(ep, "--json", "status").stdout)["cameras"]["cam0"]["state"] == "paused"
+        drop(inbox, "000.png", defect_frame(0))
+        resumed = ctl(ep, "resume", "cam0")
+        assert resumed.returncode == 0 and resumed.stdout.strip() == "camera cam0: running"
+        first = next(r for r in s.results(50, timeout=30) if r.camera == "cam0")
+        assert first.frame_id == "000.png" and first.verdict == "defect" and first.thresholds_version == 1
+
+        # A stricter image threshold as version 2: the same frame is now ok.
+        v2 = tmp_path / "thresholds-v2.json"
+        v1 = load_bundle(bundle).thresholds()
+        v2.write_bytes(thresholds_doc.dumps(thresholds_doc.next_version(v1, image_threshold=0.99)))  # as calibrate
+        applied = ctl(ep, "set-thresholds", str(v2))
+        assert applied.returncode == 0 and applied.stdout.strip() == "thresholds version 2 in use", applied.stderr
+        drop(inbox, "001.png", defect_frame(0))
+        second = next(r for r in s.results(50, timeout=30) if r.camera == "cam0")
+        assert (second.verdict, second.thresholds_version) == ("ok", 2)
+
+        # Rolling back to 1 is version 3 with version 1's values: the frame is a defect again.
+        rolled = ctl(ep, "--json", "rollback", "1")
+        assert rolled.returncode == 0, rolled.stderr
+        assert json.loads(rolled.stdout) == {"ok": True, "thresholds_version": 3, "rolled_back_to": 1}
+        drop(inbox, "002.png", defect_frame(0))
+        third = next(r for r in s.results(50, timeout=30) if r.camera == "cam0")
+        assert (third.verdict, third.thresholds_version, third.threshold) == ("defect", 3, 0.5)
+
+        reloaded = ctl(ep, "reload")
+        assert reloaded.returncode == 0 and "thresholds version 3" in reloaded.stdout, reloaded.stderr
+
+        # Refusals: exit 1 with the daemon's one-line reason.
+        unknown = ctl(ep, "pause", "cam9")
+        assert unknown.returncode == 1 and "camera 'cam9': unknown" in unknown.stderr
+        no_version = ctl(ep, "rollback", "7")
+        assert no_version.returncode == 1 and "no version 7 in history" in no_version.stderr
+        stale = ctl(ep, "--json", "set-thresholds", str(v2))
+        assert stale.returncode == 1 and json.loads(stale.stdout)["ok"] is False
+        drop(inbox, "003.png", good_frame(3))
+        assert next(r for r in s.results(50, timeout=30) if r.camera == "cam0").verdict == "ok", "still steering"
+        assert s.stop() == 0, s.log_tail()
+    finally:
+        s.close()
+
+
+def test_exit_codes_without_a_daemon(tmp_path):
+    gone = ctl(f"ipc://{tmp_path}/nobody.sock", "--timeout", "0.5", "status")
+    assert gone.returncode == 3 and "no reply within 0.5 s" in gone.stderr
+    network = ctl("tcp://192.0.2.1:5557", "status")
+    assert network.returncode == 2 and "expected --server-key and --client-key" in network.stderr
+    unreadable = ctl(f"ipc://{tmp_path}/nobody.sock", "set-thresholds", str(tmp_path / "missing.json"))
+    assert unreadable.returncode == 2 and "cannot read a thresholds document" in unreadable.stderr
+    usage = ctl(f"ipc://{tmp_path}/nobody.sock", "pause")
+    assert usage.returncode == 2
