@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+import zmq
 
 from inspectd.clients.subscribe import Subscriber
 from inspectd.daemon.config import parse_config
@@ -342,3 +343,32 @@ def test_journal_outside_the_state_dir_is_refused_at_start(tmp_path):
     assert proc.wait(30) == 1
     assert "publish.journal.path" in log.read_text() and "outside state_dir" in log.read_text()
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_curve_fails_closed_when_the_authenticator_is_gone(pki):
+    """With no ZAP handler answering, libzmq's default is to let every CURVE client in: the enforced ZAP domain
+    turns that into refusing everyone, and the server reports the authenticator as dead (the daemon goes unhealthy)."""
+    from inspectd.daemon import security
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    try:
+        good = curve_client(pki["server"][0], pki["allowed"][1])
+        with ControlClient(endpoint, timeout_s=5, curve=good) as client:
+            assert client.request({"cmd": "status"})["ok"] is True
+        assert guard.alive()
+        authenticator = security._authenticator
+        assert authenticator is not None
+        authenticator.stop()
+        assert not guard.alive()
+        for key in (pki["intruder"][1], pki["allowed"][1]):  # a new connection, listed or not, gets nothing
+            with ControlClient(endpoint, timeout_s=1.5, curve=curve_client(pki["server"][0], key)) as client:
+                with pytest.raises(ControlTimeout):
+                    client.request({"cmd": "status"})
+        assert server.requests == 1
+    finally:
+        server.stop()
+        guard.stop()
+        security._zap(zmq.Context.instance())  # a fresh authenticator for the tests after this one

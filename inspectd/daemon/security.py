@@ -153,6 +153,9 @@ class CurveServer:
         sock.curve_publickey = self.public
         sock.curve_server = True
         sock.zap_domain = self.domain.encode()
+        # Without this libzmq lets every client in when no ZAP handler answers (its backwards-compatible default):
+        # with it, a stopped or missing authenticator refuses every handshake instead. Fail closed.
+        sock.zap_enforce_domain = True
         events = 0
         for event in _REFUSALS:
             events |= event
@@ -181,6 +184,11 @@ class CurveServer:
             return
         finally:
             monitor.close(linger=0)
+
+    def alive(self) -> bool:
+        """The process's ZAP authenticator is answering handshakes. When it is not, the enforced ZAP domain makes
+        libzmq refuse every client (fail closed), and the daemon reports itself unhealthy."""
+        return _authenticator is not None and _authenticator.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
