@@ -37,7 +37,7 @@ class LineHandler:
             raise RuntimeError("bundle gone\nsecond line must not leak")
         return {"reloads": self.reloads}
 
-    def set_thresholds(self, doc: dict) -> dict:
+    def set_thresholds(self, doc: dict, force: bool = False) -> dict:
         if doc.get("version", 0) <= self.thresholds_version:
             raise InspectdError(
                 f"thresholds.version: {doc.get('version')}, expected more than {self.thresholds_version}"

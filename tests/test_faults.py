@@ -255,6 +255,57 @@ def test_bad_frames_each_get_an_error_result_with_its_reason_and_are_counted(sta
     assert s.stop() == 0, s.log_tail()
 
 
+def test_one_hostile_message_never_silences_the_control_channel_or_a_camera(station, tmp_path):
+    """Requests and frame headers that used to escape their parsers (an unhashable cmd, an integer Python refuses to
+    parse, one whose float() overflows): each gets its own refusal, and the control channel and the camera carry on."""
+    camera, endpoint = zmq_camera(tmp_path)
+    s = station([camera])
+    s.wait_ready()
+    hostile_requests = [
+        b'{"cmd": []}',
+        b'{"cmd": {"a": [1]}}',
+        b'{"cmd": "status", "x": ' + b"1" * 5000 + b"}",
+        b'{"cmd": "pause", "camera": ' + b"9" * 400 + b"}",
+        b'{"cmd": "set_thresholds", "thresholds": {"version": ' + b"7" * 5000 + b"}}",
+        b"\xff\xfe",
+    ]
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.linger = 0
+    req.connect(s.control_endpoint)
+    try:
+        for data in hostile_requests:
+            req.send(data)
+            assert req.poll(10_000), f"no reply to {data[:40]!r}: the control thread died"
+            reply = json.loads(req.recv())
+            assert reply["ok"] is False and "\n" not in reply["error"], (data[:40], reply)
+    finally:
+        req.close()
+    hostile_headers = [
+        (b'{"frame_id": ' + b"1" * 5000 + b"}", "integer of 5000 digits"),
+        (b'{"frame_id": "t", "t_capture": ' + b"9" * 400 + b"}", "integer of 400 digits"),
+        (b'{"frame_id": "s", "shape": [' + b"9" * 400 + b", 1]}", "integer of 400 digits"),
+    ]
+    push = pusher(endpoint)
+    try:
+        for header, _ in hostile_headers:
+            push.send_multipart([header, b"x"])
+        send_raw(push, "good-after", grey())
+        results = s.results(len(hostile_headers) + 1, timeout=30)
+    finally:
+        push.close()
+    assert [r.verdict for r in results] == ["error"] * len(hostile_headers) + ["ok"], [r.error for r in results]
+    for result, (_, reason) in zip(results, hostile_headers):
+        assert reason in result.error, result.error
+    status = s.control({"cmd": "status"})  # the control channel still answers
+    assert status["healthy"] and status["cameras"]["cam0"]["reopen_count"] == 0
+    assert status["cameras"]["cam0"]["state"] == "running"
+    # Every request is logged with who sent it: on IPC the kernel's peer credentials.
+    logged = s.events("control_command") + s.events("control_request_refused")
+    assert len(logged) >= len(hostile_requests) + 1
+    assert all(e["client"].startswith(f"uid={os.geteuid()} gid=") for e in logged), logged[:2]
+    assert s.stop() == 0, s.log_tail()
+
+
 # --- engine faults ---------------------------------------------------------------------------------------------------
 
 

@@ -318,3 +318,99 @@ def test_published_message_decoder_raises_only_message_error(frames):
         decode(frames)
     except MessageError as exc:
         assert "\n" not in str(exc)
+
+
+# --- hostile JSON in every field ------------------------------------------------------------------------------------
+# The strategies above build values with json.dumps, which cannot write what a hostile sender can: integers of
+# thousands of digits (Python refuses to parse more than 4300 and float() overflows on far fewer), nesting deeper
+# than the recursion limit inside any field, NaN/Infinity, non-UTF-8 bytes. These write JSON text directly.
+
+digits = st.one_of(
+    st.integers(-(2**70), 2**70).map(str),
+    st.integers(20, 6000).map(lambda n: "9" * n),
+    st.integers(300, 6000).map(lambda n: "-" + "1" * n),
+)
+wild_leaf = st.one_of(
+    st.sampled_from(["null", "true", "false", "NaN", "Infinity", "-Infinity", "1e400", "-0", "[]", "{}"]),
+    digits,
+    st.floats(allow_nan=False, allow_infinity=False).map(json.dumps),
+    st.text(max_size=10).map(json.dumps),
+    st.integers(100, 3000).map(lambda n: "[" * n + "]" * n),
+    st.integers(100, 3000).map(lambda n: '{"a":' * n + "1" + "}" * n),
+)
+wild_json = st.recursive(
+    wild_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]")
+        | st.dictionaries(st.text(max_size=6), inner, max_size=3).map(
+            lambda d: "{" + ",".join(json.dumps(k) + ":" + v for k, v in d.items()) + "}"
+        )
+    ),
+    max_leaves=6,
+)
+
+
+def wild_object(keys: list[str], base: dict | None = None) -> st.SearchStrategy[bytes]:
+    """A JSON object over `keys` (plus `base`'s good values), any field holding any hostile JSON; sometimes with a
+    byte that is not UTF-8."""
+
+    def text(fields: dict[str, str]) -> str:
+        merged = {k: json.dumps(v) for k, v in (base or {}).items()} | fields
+        return "{" + ",".join(json.dumps(k) + ":" + v for k, v in merged.items()) + "}"
+
+    body = st.fixed_dictionaries({}, optional={k: wild_json for k in keys}).map(text).map(str.encode)
+    return st.one_of(
+        body, st.tuples(body, st.integers(0, 10)).map(lambda bi: bi[0][: bi[1]] + b"\xff" + bi[0][bi[1] :])
+    )
+
+
+@FUZZ
+@given(wild_object(["cmd", "camera", "thresholds", "force", "x"], {"cmd": "pause"}) | wild_object(["cmd"]))
+@example(b'{"cmd": []}')
+@example(b'{"cmd": ' + b"1" * 5000 + b"}")
+@example(b'{"cmd": "pause", "camera": ' + b"9" * 5000 + b"}")
+@example(b'{"cmd": ' + b"[" * 990 + b"]" * 990 + b"}")
+def test_control_parser_refuses_hostile_json_in_any_field_with_message_error(data):
+    try:
+        request = parse_request(data)
+    except MessageError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 300
+        return
+    assert request.cmd in ("status", "reload", "set_thresholds", "pause", "resume")
+
+
+FRAME_KEYS = ["frame_id", "t_capture", "shape", "dtype", "encoding", "camera"]
+
+
+@FUZZ
+@given(
+    wild_object(FRAME_KEYS, {"frame_id": "f", "dtype": "uint8", "encoding": "raw", "shape": [2, 2]}),
+    st.binary(max_size=16),
+)
+@example(b'{"frame_id": ' + b"1" * 5000 + b"}", b"")
+@example(b'{"frame_id": "a", "t_capture": ' + b"9" * 400 + b"}", b"")
+@example(b'{"frame_id": "a", "shape": [' + b"9" * 400 + b", 1]}", b"")
+def test_frame_message_parser_turns_hostile_json_in_any_field_into_an_error_frame(header, payload):
+    frame = _source().parse([_Part(header), _Part(payload)])
+    assert (frame.image is None) != (frame.error is None)
+    if frame.error is not None:
+        assert "\n" not in frame.error and frame.error
+
+
+GOOD_HEADER = json.loads(GOOD[1])
+
+
+@FUZZ
+@given(wild_object([*GOOD_HEADER, "truth"], GOOD_HEADER))
+@example(b'{"schema": 1, "seq": ' + b"1" * 5000 + b"}")
+@example(GOOD[1].replace(b'"t_capture":1.0', b'"t_capture":' + b"9" * 400))
+@example(GOOD[1].replace(b'"regions":[]', b'"regions":[{"x":0,"y":0,"w":1,"h":1,"area":1,"peak":' + b"9" * 400 + b"}]"))
+def test_result_decoder_refuses_hostile_json_in_any_field_with_message_error(header):
+    try:
+        decode([GOOD[0], header])
+    except MessageError as exc:
+        assert "\n" not in str(exc)
+    try:
+        decode([b"inspect.s.status", header])
+    except MessageError as exc:
+        assert "\n" not in str(exc)

@@ -90,27 +90,40 @@ class ControlServer:
             while not self._stop.is_set():
                 if not sock.poll(POLL_MS):
                     continue
-                data = sock.recv()
-                reply = self.handle(data)
+                message = sock.recv(copy=False)
+                try:
+                    reply = self.handle(message.bytes, client_identity(message))
+                except Exception as exc:  # a bug in one request's handling must not end the control channel
+                    log.exception("control_request_crashed")
+                    reply = _dumps({"ok": False, "error": f"internal error: {_one_line(exc)}"})
                 sock.send(reply)
+        except Exception:
+            log.exception("control_thread_died")  # the daemon turns unhealthy: see alive()
+            raise
         finally:
             sock.close(linger=0)
 
-    def handle(self, data: bytes) -> bytes:
-        """One request in, one reply out (bytes); never raises."""
+    def alive(self) -> bool:
+        """The server thread is answering (or has not been started yet)."""
+        return self._sock is None or self._thread.is_alive() or self._stop.is_set()
+
+    def handle(self, data: bytes, client: str = "in-process") -> bytes:
+        """One request in, one reply out (bytes); never raises. Every request is logged with who sent it."""
         self.requests += 1
         try:
             request = parse_request(data)
         except MessageError as exc:
             self.refused += 1
+            log.warning("control_request_refused", client=client, error=str(exc))
             return _dumps({"ok": False, "error": str(exc)})
+        log.info("control_command", client=client, **_summary(request))
         try:
             if request.cmd in ("pause", "resume"):
                 result = getattr(self.handler, request.cmd)(request.camera)
             elif request.cmd == "rollback":
                 result = self.handler.rollback(request.version)
             elif request.cmd == "set_thresholds":
-                result = self.handler.set_thresholds(request.thresholds)
+                result = self.handler.set_thresholds(request.thresholds, force=request.force)
             else:
                 result = getattr(self.handler, request.cmd)()
             reply = {"ok": True, **(result or {})}
@@ -120,6 +133,39 @@ class ControlServer:
             log.warning("control_request_failed", cmd=request.cmd, error=error)
             reply = {"ok": False, "error": error}
         return _dumps(reply)
+
+
+def client_identity(message: zmq.Frame) -> str:
+    """Who sent a request: the CURVE public key the ZAP handler let in, else the peer's uid/gid/pid on IPC (the
+    kernel's SO_PEERCRED, which libzmq appends to the peer address), else its IP address."""
+    try:
+        user = message.get("User-Id")
+    except zmq.ZMQError:
+        user = None
+    if user and user != "anonymous":
+        return f"curve:{user}"
+    try:
+        peer = str(message.get("Peer-Address"))
+    except zmq.ZMQError:
+        return "unknown"
+    parts = peer.rsplit(":", 3)
+    if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+        return f"uid={parts[1]} gid={parts[2]} pid={parts[3]}"
+    return f"address={peer}" if peer else "unknown"
+
+
+def _summary(request: Any) -> dict:
+    """What a command asks for, short enough for one log line."""
+    fields: dict[str, Any] = {"cmd": request.cmd}
+    if request.camera is not None:
+        fields["camera"] = request.camera[:64]
+    if request.thresholds is not None:
+        doc = request.thresholds
+        for key in ("version", "image_threshold", "pixel_threshold"):
+            if isinstance(doc.get(key), (int, float, str)):
+                fields[key] = doc[key]
+        fields["force"] = request.force
+    return fields
 
 
 def _dumps(reply: dict) -> bytes:

@@ -85,10 +85,19 @@ class Publisher:
         self.published = 0
         self.failed = 0
         self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
+        self._stopping = False
 
     def start(self) -> Publisher:
         self._thread.start()
         return self
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def alive(self) -> bool:
+        """The publishing thread is running, or was asked to stop: one that ended on its own publishes nothing."""
+        return self._thread.is_alive() or self._stopping
 
     def submit(self, judged: Judged) -> None:
         """Queue a result for sending; blocks only while the queue is full (the send path itself never blocks)."""
@@ -122,7 +131,10 @@ class Publisher:
                         error=f"{type(exc).__name__}: {exc}".splitlines()[0],
                     )
             if self._status and time.monotonic() >= next_status:
-                self.send_status()
+                try:
+                    self.send_status()
+                except Exception as exc:  # a status that cannot be built must not end publishing of results
+                    log.error("status_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
                 next_status = time.monotonic() + self.status_interval_s
         if self._status:
             self.send_status()  # a last status so subscribers see the final counters
@@ -190,6 +202,7 @@ class Publisher:
 
         Returns False when the thread did not finish within `timeout`.
         """
+        self._stopping = True
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)

@@ -276,13 +276,31 @@ class Daemon:
     # -- health ------------------------------------------------------------------------------------------------
 
     def progressing(self) -> bool:
-        """The pipeline moved recently: a batch finished or the inference thread found nothing waiting."""
-        if not self.stage.healthy or self._inference_done.is_set():
+        """The pipeline moved recently (a batch finished or the inference thread found nothing waiting), and every
+        thread that serves outside input is still there to serve it."""
+        if not self.stage.healthy or self._inference_done.is_set() or self.dead_threads():
             return False
         started = self._batch_started
         if started is not None and time.monotonic() - started > STUCK_AFTER_S:
             return False
         return time.monotonic() - self._last_progress < STUCK_AFTER_S
+
+    def dead_threads(self) -> list[str]:
+        """Threads that ended while they should be serving: each is a part of the daemon that no longer answers
+        (its camera, the publisher, the control channel, the CURVE authenticator)."""
+        dead = [
+            f"ingest-{cam}"
+            for cam, ingest in self.ingest.items()
+            if ingest.started and not ingest.is_alive() and ingest.state in ("running", "reopening")
+        ]
+        if self.publisher.started and not self.publisher.alive():
+            dead.append("publish")
+        if self.control is not None and not self.control.alive():
+            dead.append("control")
+        for role, curve in (("control", self.control_curve), ("publish", self.publish_curve)):
+            if curve is not None and not curve.alive():
+                dead.append(f"auth-{role}")
+        return dead
 
     def throughput(self) -> float:
         """Frames per second over the last few seconds."""
@@ -314,7 +332,7 @@ class Daemon:
         state = self.stage.state
         return {
             "station": self.config.station,
-            "healthy": self.stage.healthy,
+            "healthy": self.stage.healthy and not self.dead_threads(),
             "model_id": state.model_id,
             "thresholds_version": state.thresholds_version,
             "uptime_s": round(time.monotonic() - self.t_start, 3),
@@ -339,7 +357,7 @@ class Daemon:
         return {
             "t": time.time(),
             "uptime_s": round(time.monotonic() - self.t_start, 3),
-            "healthy": self.stage.healthy,
+            "healthy": self.stage.healthy and not self.dead_threads(),
             "model_id": state.model_id,
             "thresholds_version": state.thresholds_version,
             "throughput_fps": round(self.throughput(), 3),
@@ -368,7 +386,7 @@ class Daemon:
         )
         return {"model_id": new.model_id, "thresholds_version": new.thresholds_version}
 
-    def set_thresholds(self, doc: Any) -> dict[str, Any]:
+    def set_thresholds(self, doc: Any, force: bool = False) -> dict[str, Any]:
         from engines.bundle import thresholds as thresholds_doc
 
         try:
@@ -381,6 +399,8 @@ class Daemon:
                 raise InspectdError(
                     f"thresholds.version: {new.version}, expected more than the current {state.thresholds_version}"
                 )
+            if not force:
+                check_threshold_range(new, state.thresholds)
             # On disk first, so a restart or reload keeps what the line is now judged with.
             state.bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
             self.stage.swap(state.with_thresholds(new))
@@ -419,6 +439,34 @@ class Daemon:
         self._ingest_for(camera).paused = False
         self.log.info("camera_resumed", camera=camera)
         return {"camera": camera, "paused": False}
+
+
+# A new threshold may move this far (as a factor) beyond every calibrated version of the model's thresholds; further
+# is a typo or an attack (1e300 passes everything), accepted only with `force`.
+THRESHOLD_SPAN = 10.0
+
+
+def check_threshold_range(new: Any, current: Any) -> None:
+    """Refuse (InspectdError naming the key) thresholds outside the range the model's calibrated versions span,
+    widened by THRESHOLD_SPAN: the current document and its history are what calibration has seen of this model."""
+    versions = [current.to_dict(), *current.history]
+    for key in ("image_threshold", "pixel_threshold"):
+        seen = [float(v[key]) for v in versions if isinstance(v.get(key), (int, float))]
+        seen += [float(o[key]) for v in versions for o in (v.get("per_camera") or {}).values() if key in o]
+        if not seen:
+            continue
+        lo, hi = min(seen), max(seen)
+        margin = max(abs(lo), abs(hi), 1e-6) * (THRESHOLD_SPAN - 1.0)
+        allowed = (lo - margin, hi + margin) if lo < 0 else (lo / THRESHOLD_SPAN, hi + margin)
+        proposed = [("", getattr(new, key))] + [
+            (f"per_camera.{cam}.", o[key]) for cam, o in new.per_camera.items() if key in o
+        ]
+        for where, value in proposed:
+            if not allowed[0] <= value <= allowed[1]:
+                raise InspectdError(
+                    f"thresholds.{where}{key}: {value:g} is outside {allowed[0]:g}..{allowed[1]:g} (calibrated "
+                    f"versions span {lo:g}..{hi:g}), expected a value in that range or force: true"
+                )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -483,7 +531,12 @@ def run(args: argparse.Namespace) -> int:
             notifier.watchdog()
         if progressing != healthy:
             healthy = progressing
-            log.warning("pipeline_progress", progressing=progressing, healthy=daemon.stage.healthy)
+            log.warning(
+                "pipeline_progress",
+                progressing=progressing,
+                healthy=daemon.stage.healthy,
+                dead_threads=daemon.dead_threads(),
+            )
         notifier.status(
             f"{daemon.throughput():.1f} frames/s, {daemon.publisher.published} published, "
             f"{'healthy' if progressing else 'UNHEALTHY'}"

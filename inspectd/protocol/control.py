@@ -2,7 +2,7 @@
 
 One JSON object each way over a ZeroMQ REQ/REP pair. Requests:
 
-    {"cmd": "status"}  {"cmd": "reload"}  {"cmd": "set_thresholds", "thresholds": {...}}
+    {"cmd": "status"}  {"cmd": "reload"}  {"cmd": "set_thresholds", "thresholds": {...}, "force": false}
     {"cmd": "pause", "camera": "cam0"}  {"cmd": "resume", "camera": "cam0"}  {"cmd": "rollback", "version": 2}
 
 Replies are `{"ok": true, ...handler result...}` or `{"ok": false, "error": "one line"}`. The server that answers them
@@ -19,6 +19,7 @@ from collections.abc import Callable
 import zmq
 
 from inspectd.errors import InspectdError, MessageError
+from inspectd.protocol import wirejson
 
 MAX_REQUEST_BYTES = 1 << 20  # a thresholds document with history is a few kB; anything near this is not a request
 
@@ -31,6 +32,10 @@ COMMANDS: dict[str, dict[str, tuple[type, str]]] = {
     "resume": {"camera": (str, "a camera id (string)")},
     "rollback": {"version": (int, "an earlier thresholds version (integer)")},
 }
+# cmd -> {field: (type, description)}: fields a command may carry; left out, they take the Request's default.
+OPTIONAL: dict[str, dict[str, tuple[type, str]]] = {
+    "set_thresholds": {"force": (bool, "true or false: accept thresholds outside the calibrated score range")},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,38 +44,38 @@ class Request:
     camera: str | None = None
     thresholds: dict | None = None
     version: int | None = None
+    force: bool = False
 
 
 def parse_request(data: bytes) -> Request:
     """One control request; MessageError (one line) for anything that is not exactly a known command."""
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        reason = (
-            exc.msg
-            if isinstance(exc, json.JSONDecodeError)
-            else "nested too deeply"
-            if isinstance(exc, RecursionError)
-            else "not UTF-8"
-        )
-        raise MessageError(f'request: not JSON ({reason}), expected an object like {{"cmd": "status"}}') from None
+    doc = wirejson.loads(data, "request", 'an object like {"cmd": "status"}')
     if not isinstance(doc, dict):
         raise MessageError(f'request: JSON {type(doc).__name__}, expected an object like {{"cmd": "status"}}')
     cmd = doc.get("cmd")
-    if cmd not in COMMANDS:
-        shown = repr(cmd) if cmd is not None else "missing"
-        raise MessageError(f"cmd: {shown[:60]}, expected one of {', '.join(COMMANDS)}")
+    if not isinstance(cmd, str) or cmd not in COMMANDS:
+        # Never repr() a container from outside: a deeply nested one would overflow the stack right here.
+        shown = (
+            "missing"
+            if cmd is None
+            else f"a JSON {type(cmd).__name__}"
+            if isinstance(cmd, (list, dict))
+            else repr(cmd)[:60]
+        )
+        raise MessageError(f"cmd: {shown}, expected one of {', '.join(COMMANDS)}")
     fields = COMMANDS[cmd]
+    optional = OPTIONAL.get(cmd, {})
     for key in doc:
-        if key != "cmd" and key not in fields:
-            allowed = ", ".join(fields) or "no other field"
+        if key != "cmd" and key not in fields and key not in optional:
+            allowed = ", ".join([*fields, *optional]) or "no other field"
             raise MessageError(f"{cmd}.{str(key)[:40]}: unknown field, expected {allowed}")
-    for key, (kind, description) in fields.items():
+    for key, (_, description) in fields.items():
         if key not in doc:
             raise MessageError(f"{cmd}.{key}: missing, expected {description}")
-        if not isinstance(doc[key], kind):
+    for key, (kind, description) in {**fields, **optional}.items():
+        if key in doc and not isinstance(doc[key], kind):
             raise MessageError(f"{cmd}.{key}: got {type(doc[key]).__name__}, expected {description}")
-    return Request(cmd=cmd, **{key: doc[key] for key in fields})
+    return Request(cmd=cmd, **{key: doc[key] for key in [*fields, *optional] if key in doc})
 
 
 class ControlTimeout(InspectdError):
@@ -115,12 +120,11 @@ class ControlClient:
                 f"{str(doc.get('cmd', '?'))[:40]!r}, expected a running inspectd"
             )
         data = sock.recv()
-        try:
-            reply = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise MessageError(f'control {self.endpoint}: reply is not JSON, expected {{"ok": ...}}') from None
+        reply = wirejson.loads(data, f"control {self.endpoint}: reply", '{"ok": ...}')
         if not isinstance(reply, dict) or "ok" not in reply:
-            raise MessageError(f'control {self.endpoint}: reply {str(reply)[:60]}, expected an object with "ok"')
+            raise MessageError(
+                f'control {self.endpoint}: reply of JSON {type(reply).__name__}, expected an object with "ok"'
+            )
         return reply
 
     def close(self) -> None:

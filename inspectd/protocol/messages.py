@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from inspectd.errors import MessageError
+from inspectd.protocol import wirejson
 
 SCHEMA = 1
 VERDICTS = ("ok", "defect", "error")
@@ -223,10 +224,7 @@ def _region(doc: Any, i: int) -> Region:
 
 
 def _header(frames: Sequence[bytes], what: str) -> dict:
-    try:
-        header = json.loads(bytes(frames[1]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise MessageError(f"{what} header: not UTF-8 JSON ({exc})") from None
+    header = wirejson.loads(frames[1], f"{what} header", "a UTF-8 JSON object")
     if not isinstance(header, dict):
         raise MessageError(f"{what} header: expected a JSON object, got {type(header).__name__}")
     return header
@@ -336,10 +334,13 @@ def decode_status(frames: Sequence[bytes]) -> dict[str, Any]:
     for key in STATUS_FIELDS:
         if key not in doc:
             raise MessageError(f"status message: missing field {key!r}")
-    if doc["schema"] != SCHEMA:
-        raise MessageError(f"status message.schema: {doc['schema']!r}, this decoder reads schema {SCHEMA}")
-    if topic != status_topic(str(doc["station"])).decode("ascii"):
-        raise MessageError(f"status topic {topic!r}: expected {status_topic(str(doc['station'])).decode()!r}")
+    if doc["schema"] != SCHEMA or isinstance(doc["schema"], bool):
+        shown = doc["schema"] if isinstance(doc["schema"], (int, str)) else type(doc["schema"]).__name__
+        raise MessageError(f"status message.schema: {shown!r}, this decoder reads schema {SCHEMA}")
+    if not isinstance(doc["station"], str):
+        raise MessageError(f"status message.station: JSON {type(doc['station']).__name__}, expected a string")
+    if topic != f"{TOPIC_ROOT}.{doc['station']}{STATUS_SUFFIX}":
+        raise MessageError(f"status topic {topic[:80]!r}: expected {TOPIC_ROOT}.{doc['station'][:40]}{STATUS_SUFFIX}")
     if not isinstance(doc["cameras"], dict):
         raise MessageError("status message.cameras: expected an object of camera id -> counters")
     return doc

@@ -68,6 +68,10 @@ class CameraIngest:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
     def stats(self) -> dict:
         return {
             "frames_in": self.frames_in,

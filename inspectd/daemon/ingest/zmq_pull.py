@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Callable
@@ -16,6 +15,8 @@ from inspectd.configfile import Endpoint
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
+from inspectd.errors import MessageError
+from inspectd.protocol import wirejson
 
 if TYPE_CHECKING:
     import zmq
@@ -51,6 +52,9 @@ class ZmqPullSource(Source):
         sock = zmq.Context.instance().socket(zmq.PULL)
         sock.linger = 0
         sock.rcvhwm = max(2 * self.camera.queue.size, 16)
+        # A producer sending more than the largest frame this camera accepts (raw RGB at max_pixels, or an encoded
+        # image up to twice that) is disconnected by ZeroMQ before the message is buffered, not parsed after.
+        sock.maxmsgsize = 6 * self.camera.max_pixels + (64 << 10)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
@@ -83,14 +87,11 @@ class ZmqPullSource(Source):
                 fallback_id, now, None, f"message of {len(parts)} parts, expected 2: [JSON header, payload]"
             )
         try:
-            header = json.loads(bytes(parts[0].buffer))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            return self.frame(
-                fallback_id,
-                now,
-                None,
-                "header: not JSON, expected a JSON object {frame_id, t_capture, shape, dtype, encoding}",
+            header = wirejson.loads(
+                parts[0].buffer, "header", "a JSON object {frame_id, t_capture, shape, dtype, encoding}"
             )
+        except MessageError as exc:
+            return self.frame(fallback_id, now, None, str(exc))
         if not isinstance(header, dict):
             return self.frame(fallback_id, now, None, f"header: {type(header).__name__}, expected a JSON object")
         frame_id = header.get("frame_id")

@@ -1,0 +1,51 @@
+"""Reading JSON that came from outside the process: the one parser that control requests, frame headers and published
+messages all go through.
+
+Python's json module raises a zoo of exceptions on hostile input (UnicodeDecodeError, JSONDecodeError, RecursionError
+for deep nesting, a plain ValueError for an integer of more than 4300 digits) and accepts values no field of ours can
+use (integers with hundreds of digits, whose float() overflows). Here every one of them becomes one MessageError
+naming `what`, so a thread serving outside input has exactly one exception type to catch.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from inspectd.errors import MessageError
+
+# Every integer on the wire is a seq, a size or a version: 64 bits hold all of them. Longer digit strings are refused
+# while parsing, before Python builds (or refuses to build) a huge int.
+MAX_INT_DIGITS = 20
+
+
+class _TooLong(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _TooLong(f"an integer of {len(text.lstrip('-'))} digits, expected at most {MAX_INT_DIGITS}")
+    return int(text)
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
+
+
+def loads(data: bytes | bytearray | memoryview, what: str, expected: str) -> Any:
+    """The JSON value in `data`; MessageError `"<what>: not JSON (<reason>), expected <expected>"` for anything else."""
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageError(f"{what}: not JSON (not UTF-8), expected {expected}") from None
+    try:
+        return _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        reason = exc.msg
+    except _TooLong as exc:
+        reason = str(exc)
+    except RecursionError:
+        reason = "nested too deeply"
+    except ValueError as exc:  # anything else the scanner trips over: still the sender's fault, not ours
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    raise MessageError(f"{what}: not JSON ({reason}), expected {expected}")
