@@ -493,8 +493,8 @@ def test_stuck_subscriber_never_blocks_inference(station, tmp_path):
 def test_disk_full_while_journaling_degrades_with_an_alarm_and_keeps_publishing(station, tmp_path):
     limit = 200_000  # RLIMIT_FSIZE: the kernel refuses to grow any file past this (EFBIG), as a full disk would
 
-    def cap_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    def cap_file_size():  # the soft limit only, so it can be lifted from outside: the disk gets room again
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
     s = station([synthetic("cam0", rate=200, size=32)], preexec_fn=cap_file_size, publish={"masks": "always"})
     s.wait_ready()
@@ -515,9 +515,28 @@ def test_disk_full_while_journaling_degrades_with_an_alarm_and_keeps_publishing(
     degraded = s.events("journal_degraded")
     assert len(degraded) == 1 and "File too large" in degraded[0]["error"]
     assert s.proc.poll() is None
+    # Space returns. The next retry writes again, after the torn record the failure left.
+    resource.prlimit(s.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    recovered = wait_for(
+        lambda: (
+            (st := s.control({"cmd": "status"}))["journal"]["written"] > later["journal"]["written"] + 100
+            and not st["journal"]["degraded"]
+            and st
+        ),
+        30,
+        "the journal writing again after the limit was lifted",
+    )
+    assert s.events("journal_recovered")
     assert s.stop() == 0, s.log_tail()
+    final = s.events("stopped")[-1]
     journalled = [seq for seq, _ in read_since(s.journal, "cam0", -1)]
-    assert journalled == list(range(len(journalled))) and journalled  # whole records up to the failure
+    # Every record the daemon journalled replays: the ones before the failure and every one after the space
+    # returned; the ones in between are exactly those counted lost.
+    assert journalled == sorted(set(journalled)) and journalled[0] == 0
+    assert len(journalled) >= recovered["journal"]["written"] > 100
+    assert journalled[-1] == final["frames_in"]["cam0"] - 1
+    missing = final["frames_in"]["cam0"] - len(journalled)
+    assert missing > 50 and journalled[-1] - journalled[0] + 1 - len(journalled) == missing
 
 
 # --- soak, short ---------------------------------------------------------------------------------------------------

@@ -220,3 +220,101 @@ def test_an_unusable_directory_is_refused_naming_the_key(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(JournalError, match=r"^publish.journal.path .*file: cannot use it"):
         Journal(tmp_path / "file", max_bytes=1 << 20)
+
+
+FILL_THEN_FREE = (
+    SCRIPT_PRELUDE
+    + """
+import json, os, resource
+from pathlib import Path
+limit = int(sys.argv[2])
+j = Journal(sys.argv[1], max_bytes=64 << 20, retry_s=0.0)
+sizes, state = [], "filling"
+for seq in range(400):
+    if state == "filling" and j.degraded is not None:
+        # Space returns: the soft limit goes back up, as a full disk gets room when something is deleted.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        state = "freed"
+    before = j.written
+    j.append("cam0", seq, res(seq, mask=bytes([seq % 251]) * 1000))
+    sizes.append(len(j.status()) and (j.written > before))
+print(json.dumps({{"journalled": [s for s, ok in enumerate(sizes) if ok], "status": j.status()}}))
+j.close()
+"""
+)
+
+
+def test_a_record_torn_by_a_full_disk_is_cut_and_every_record_after_the_space_returns_replays(tmp_path):
+    """The kernel writes up to RLIMIT_FSIZE and refuses the rest (EFBIG, as a full disk refuses with ENOSPC), so the
+    record that meets the limit is really torn on disk. Then the limit is lifted and writing goes on."""
+    script = tmp_path / "fill.py"
+    script.write_text(FILL_THEN_FREE.format(repo=str(REPO)))
+    limit = 100_000
+
+    def cap_soft_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "j"), str(limit)],
+        capture_output=True,
+        timeout=60,
+        preexec_fn=cap_soft_limit,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    report = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    journalled = report["journalled"]
+    first_lost = next(s for s in range(400) if s not in journalled)
+    record = len(journal_format.encode_record(0, result("cam0", 0, b"x" * 1000)))
+    # The limit falls inside the record that failed: a partial write, not a clean refusal at a record boundary.
+    assert first_lost * record < limit < (first_lost + 1) * record + 100
+    assert journalled[-1] == 399 and len(journalled) > first_lost + 300  # writing resumed once space returned
+    assert b"journal_degraded" in out.stdout and b"journal_recovered" in out.stdout
+    # Every record the writer called journalled replays, in order, with its own bytes, in this process and after
+    # a restart of the writer.
+    for _ in range(2):
+        replayed = list(read_since(tmp_path / "j", "cam0", -1))
+        assert [s for s, _ in replayed] == journalled
+        assert all(frames[2] == bytes([s % 251]) * 1000 for s, frames in replayed)
+        reopened = Journal(tmp_path / "j", max_bytes=64 << 20)
+        assert reopened.last_seq("cam0") == 399 and reopened.status()["corrupt"] == 0
+        reopened.close()
+
+
+def test_a_quiet_line_is_fsynced_on_the_timer_not_at_the_next_append(tmp_path):
+    j = Journal(tmp_path / "j", max_bytes=1 << 20, fsync_interval_s=0.05)
+    j.mark_accepted("cam0", 0)
+    j.append("cam0", 0, result("cam0", 0))
+    assert j.status()["unsynced"] >= 0
+    deadline = time.monotonic() + 10
+    while j.status()["unsynced"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # Nothing else was appended: only the timer can have synced it.
+    assert j.status()["unsynced"] == 0 and j.status()["fsync_failed"] == 0
+    j.close()
+
+
+def test_corruption_inside_a_segment_is_reported_and_the_records_after_it_are_kept(tmp_path, capsys):
+    j = Journal(tmp_path / "j", max_bytes=1 << 20)
+    for seq in range(30):
+        j.append("cam0", seq, result("cam0", seq, b"m" * 200))
+    j.close()
+    (segment,) = (tmp_path / "j" / "cam0").glob("*.seg")
+    sizes = [len(journal_format.encode_record(s, result("cam0", s, b"m" * 200))) for s in range(30)]
+    at = sum(sizes[:10])
+    data = bytearray(segment.read_bytes())
+    data[at + sizes[10] // 2] ^= 0xFF  # flipped bits inside record 10's body: its CRC no longer matches
+    segment.write_bytes(bytes(data))
+
+    with pytest.raises(journal_format.JournalCorrupt, match=r"corrupt bytes at offset \d+"):
+        list(read_since(tmp_path / "j", "cam0", -1))
+    reported = []
+    seqs = [s for s, _ in read_since(tmp_path / "j", "cam0", -1, on_corrupt=lambda *a: reported.append(a))]
+    assert seqs == [s for s in range(30) if s != 10]
+    assert reported == [(segment, at, sizes[10])]
+
+    reopened = Journal(tmp_path / "j", max_bytes=1 << 20)  # the writer's recovery keeps what follows the damage
+    assert reopened.last_seq("cam0") == 29 and reopened.status()["corrupt"] == 1
+    assert "journal_corrupt_record" in capsys.readouterr().out
+    reopened.append("cam0", 30, result("cam0", 30))
+    reopened.close()
+    assert [s for s, _ in read_since(tmp_path / "j", "cam0", 28, on_corrupt=lambda *a: None)] == [29, 30]

@@ -124,8 +124,12 @@ class CameraConfig:
 
 @declared
 class JournalConfig:
-    path: ConfigPath | None = None  # a directory (inspectd.protocol.journal); None: no journal, seq restarts at 0
+    # On by default: without a journal seq restarts at 0 after every restart, and subscribers and PLC bridges that
+    # remember the last seq they saw would drop the new results as stale.
+    enabled: Flag = True
+    path: ConfigPath | None = None  # a directory (inspectd.protocol.journal); None: <state_dir>/journal
     max_mb: Annotated[Number, Field(gt=0)] = 256.0
+    fsync_interval_s: Annotated[Number, Field(gt=0, le=60)] = 1.0  # the most a power cut may cost
 
 
 @declared
@@ -215,6 +219,14 @@ class Config:
     control: Annotated[ControlConfig, Field(validate_default=True)] = ControlConfig()
     archive: Annotated[ArchiveConfig, Field(validate_default=True)] = ArchiveConfig()
     shutdown_timeout_s: Annotated[Number, Field(gt=0)] = 10.0
+
+    @property
+    def journal_path(self) -> Path | None:
+        """Where the journal lives, None when it is turned off."""
+        journal = self.publish.journal
+        if not journal.enabled:
+            return None
+        return journal.path if journal.path is not None else self.state_dir / "journal"
 
     def camera(self, camera_id: str) -> CameraConfig:
         for camera in self.cameras:

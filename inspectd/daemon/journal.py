@@ -8,12 +8,15 @@ instead of being silently reused. A segment is closed at `segment_bytes`; when t
 the oldest closed segments (any camera) are deleted, so the journal holds the most recent results within its cap.
 
 fsync policy: every record is written to the OS before the result is sent (survives the process dying at any
-point); the active segment is fsynced at most once per `fsync_interval_s`, at rotation and at close, so a power loss
-can cost up to that interval of records, never the journal's consistency.
+point). A syncer thread fsyncs what was written (active segments, the accepted marks, segments closed by rotation,
+and the directories in which segments were created or deleted) every `fsync_interval_s`, whether or not anything
+else is appended, so a power cut costs at most that interval, on a quiet line as on a busy one, and the publishing
+thread never waits for the disk. An fsync that fails is logged (`journal_fsync_failed`) and counted, never ignored.
 
 A write that fails (disk full: ENOSPC, quota, file-size limit, I/O error) never stops publishing: the partial
-record is cut off, the journal is marked `degraded` with the reason (an alarm in status and the log), the record is
-counted in `lost`, and writing is retried after `RETRY_S`.
+record is cut off at once (or, if even that fails, before the next append to that segment), the journal is marked
+`degraded` with the reason (an alarm in status and the log), the record is counted in `lost`, and writing is retried
+after `retry_s`. So once space returns every later record is whole and readable.
 """
 
 from __future__ import annotations
@@ -45,17 +48,39 @@ RETRY_S = 5.0
 
 
 class _Active:
-    __slots__ = ("path", "file", "size")
+    """A segment open for appending: an unbuffered O_APPEND descriptor and the size of its whole records."""
 
-    def __init__(self, path: Path, file, size: int) -> None:
-        self.path, self.file, self.size = path, file, size
+    __slots__ = ("path", "fd", "size")
+
+    def __init__(self, path: Path, fd: int, size: int) -> None:
+        self.path, self.fd, self.size = path, fd, size
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _whole_records_end(path: Path) -> int:
+    """Where the last whole record of a segment ends (0 for none): what a torn or half-written tail is cut to."""
+    end = 0
+    for end, _, _ in read_records(path, on_corrupt=lambda *_: None):  # noqa: B007 - the last `end` is the answer
+        pass
+    return end
 
 
 class Journal:
     """The writer. One per daemon; `append` is called from the publisher thread, the rest from any thread."""
 
     def __init__(
-        self, directory: str | Path, max_bytes: int, segment_bytes: int | None = None, fsync_interval_s: float = 1.0
+        self,
+        directory: str | Path,
+        max_bytes: int,
+        segment_bytes: int | None = None,
+        fsync_interval_s: float = 1.0,
+        retry_s: float = RETRY_S,
     ) -> None:
         self.directory = Path(directory)
         if max_bytes <= 0:
@@ -66,9 +91,13 @@ class Journal:
             self.max_bytes, int(segment_bytes or max(64 << 10, min(64 << 20, self.max_bytes // 8)))
         )
         self.fsync_interval_s = fsync_interval_s
+        self.retry_s = retry_s
         self.degraded: str | None = None  # the alarm: why the last write failed, None while writing works
         self.lost = 0  # results published without being journalled
         self.written = 0
+        self.unsynced = 0  # records written to the OS but not yet fsynced
+        self.fsync_failed = 0
+        self.corrupt = 0  # corrupt stretches found inside segments at open (reported, the records around kept)
         self.unclean = False  # the previous writer did not close the journal (crash, SIGKILL)
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
@@ -78,9 +107,15 @@ class Journal:
         self._accepted_failed = False
         self._closed: list[tuple[float, Path, int]] = []  # (mtime, path, size) of closed segments
         self._total = 0
-        self._last_sync = time.monotonic()
         self._retry_at = 0.0
-        self._dirty = False
+        self._torn: dict[Path, int] = {}  # segments whose tail could not be cut when a write failed: their good size
+        # What the syncer owes the disk: descriptors of segments closed since, directories whose entries changed, and
+        # cameras whose accepted mark moved.
+        self._to_close: list[int] = []
+        self._dirs_dirty: set[Path] = set()
+        self._marks_dirty: set[str] = set()
+        self._fsync_error: str | None = None
+        self._stop = threading.Event()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             mark = self.directory / CLEAN_MARK
@@ -93,6 +128,8 @@ class Journal:
                 f"publish.journal.path {self.directory}: cannot use it ({exc.strerror or exc}), "
                 f"expected a writable directory"
             ) from None
+        self._syncer = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
+        self._syncer.start()
 
     def _recover(self, camera: str) -> None:
         """Account for a camera's segments and cut a torn record off its newest one (left by a kill mid-write)."""
@@ -111,7 +148,7 @@ class Journal:
                 continue
             end = 0
             last = None
-            for end, seq, _ in read_records(path):  # noqa: B007 - `end` after the loop: where the last whole record ends
+            for end, seq, _ in read_records(path, on_corrupt=self._corrupt_found):  # noqa: B007 - `end` is used below
                 last = seq
             if end < size:
                 with open(path, "r+b") as f:
@@ -119,13 +156,23 @@ class Journal:
                 log.warning("journal_torn_record_cut", camera=camera, segment=path.name, bytes=size - end)
             if last is None and i > 0:
                 # An empty newest segment: the last seq is in the one before it.
-                for _, seq, _ in read_records(segments[i - 1][1]):
+                for _, seq, _ in read_records(segments[i - 1][1], on_corrupt=self._corrupt_found):
                     last = seq
             if last is not None:
                 self._last[camera] = last
             self._closed.append((path.stat().st_mtime, path, end))
             self._total += end
         self._closed.sort()
+
+    def _corrupt_found(self, path: Path, offset: int, skipped: int) -> None:
+        self.corrupt += 1
+        log.error(
+            "journal_corrupt_record",
+            segment=str(path),
+            offset=offset,
+            bytes=skipped,
+            effect="the results stored there cannot be replayed; the records after them are kept",
+        )
 
     # -- reading ---------------------------------------------------------------------------------------------------
 
@@ -141,11 +188,7 @@ class Journal:
         return next_seq, range(last + 1, next_seq)
 
     def read_since(self, camera: str, seq: int) -> Iterator[tuple[int, list[bytes]]]:
-        with self._lock:
-            active = self._active.get(camera)
-            if active is not None:
-                active.file.flush()
-        return read_since(self.directory, camera, seq)
+        return read_since(self.directory, camera, seq)  # records go to the OS unbuffered: nothing to flush first
 
     def status(self) -> dict:
         return {
@@ -155,6 +198,9 @@ class Journal:
             "lost": self.lost,
             "degraded": self.degraded is not None,
             "error": self.degraded,
+            "unsynced": self.unsynced,
+            "fsync_failed": self.fsync_failed,
+            "corrupt": self.corrupt,
         }
 
     # -- writing ---------------------------------------------------------------------------------------------------
@@ -172,7 +218,9 @@ class Journal:
                     fd = self._accepted_fd[camera] = os.open(
                         self.directory / camera / ACCEPTED_MARK, os.O_WRONLY | os.O_CREAT, 0o600
                     )
+                    self._dirs_dirty.update((self.directory, self.directory / camera))
             os.pwrite(fd, ACCEPTED.pack(seq), 0)
+            self._marks_dirty.add(camera)
         except OSError as exc:
             if not self._accepted_failed:
                 self._accepted_failed = True
@@ -194,20 +242,17 @@ class Journal:
             active = None
             try:
                 active = self._segment_for(camera, seq, len(record))
-                active.file.write(record)
-                active.file.flush()  # into the OS now: a SIGKILL right after loses nothing
+                _write_all(active.fd, record)  # into the OS now: a SIGKILL right after loses nothing
             except OSError as exc:
                 self._failed(camera, active, exc, now)
                 return
             active.size += len(record)
             self._last[camera] = seq
             self.written += 1
-            self._dirty = True
+            self.unsynced += 1
             if self.degraded is not None:
                 log.warning("journal_recovered", lost=self.lost)
                 self.degraded = None
-            if now - self._last_sync >= self.fsync_interval_s:
-                self._sync()
 
     def _segment_for(self, camera: str, seq: int, size: int) -> _Active:
         active = self._active.get(camera)
@@ -217,26 +262,38 @@ class Journal:
             self._close_segment(camera)
         check_camera(camera)
         camera_dir = self.directory / camera
-        camera_dir.mkdir(exist_ok=True)
+        if not camera_dir.is_dir():
+            camera_dir.mkdir()
+            self._dirs_dirty.add(self.directory)
         segments = segment_files(camera_dir)
-        if segments and active is None and segments[-1][1].stat().st_size + size <= self.segment_bytes:
-            # Carry on in the newest segment left by the previous run.
-            path = segments[-1][1]
-            kept = [c for c in self._closed if c[1] != path]
-            self._total -= sum(c[2] for c in self._closed if c[1] == path)
-            self._closed = kept
-        else:
-            path = camera_dir / f"{seq:012d}.seg"
+        resume = segments[-1][1] if segments and active is None else None
+        if resume is not None:
+            # Carry on in the newest segment left by the previous run or by a failed write, after cutting off
+            # whatever follows its last whole record: appending behind a torn record would make every later record
+            # unreadable to anyone who reads the segment in order.
+            good = self._torn.pop(resume, None)
+            if good is None:
+                good = _whole_records_end(resume)
+            if resume.stat().st_size != good:
+                os.truncate(resume, good)
+                log.warning("journal_torn_record_cut", camera=camera, segment=resume.name, bytes_kept=good)
+            if good + size > self.segment_bytes:
+                resume = None
+            else:
+                self._total -= sum(c[2] for c in self._closed if c[1] == resume)
+                self._closed = [c for c in self._closed if c[1] != resume]
+        path = resume or camera_dir / f"{seq:012d}.seg"
         self._trim(self.segment_bytes)  # room for this segment to fill up
-        file = open(path, "ab")
-        active = self._active[camera] = _Active(path, file, file.tell())
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if resume is None:
+            self._dirs_dirty.add(camera_dir)
+        active = self._active[camera] = _Active(path, fd, os.fstat(fd).st_size)
         return active
 
     def _close_segment(self, camera: str) -> None:
+        """Retire the active segment; the syncer fsyncs and closes its descriptor, off the publishing thread."""
         active = self._active.pop(camera)
-        active.file.flush()
-        os.fsync(active.file.fileno())
-        active.file.close()
+        self._to_close.append(active.fd)
         self._closed.append((time.time(), active.path, active.size))
         self._total += active.size
 
@@ -247,27 +304,21 @@ class Journal:
         while self._closed and self._total + live + incoming > self.max_bytes:
             _, path, size = self._closed.pop(0)
             path.unlink(missing_ok=True)
+            self._dirs_dirty.add(path.parent)
             self._total -= size
 
     def _failed(self, camera: str, active: _Active | None, exc: OSError, now: float) -> None:
         self.lost += 1
-        self._retry_at = now + RETRY_S
+        self._retry_at = now + self.retry_s
         if active is not None:
             try:
-                # Cut the partial record off, so every reader still sees whole records only.
-                active.file.flush()
+                # Cut the partial record off now, so every reader still sees whole records only.
+                os.ftruncate(active.fd, active.size)
             except OSError:
-                pass
-            try:
-                active.file.truncate(active.size)
-                active.file.seek(active.size)
-            except OSError:
-                # Cannot even restore the file: give it up, the next append starts a fresh segment.
+                # Cannot even restore the file: give it up; the next append to this camera cuts it first.
+                self._torn[active.path] = active.size
                 self._active.pop(camera, None)
-                try:
-                    active.file.close()
-                except OSError:
-                    pass
+                self._to_close.append(active.fd)
         reason = f"{type(exc).__name__}: {exc.strerror or exc} (errno {exc.errno})"
         if self.degraded is None:
             log.error(
@@ -278,33 +329,76 @@ class Journal:
             )
         self.degraded = reason
 
-    def _sync(self) -> None:
-        if self._dirty:
-            for active in self._active.values():
+    # -- durability --------------------------------------------------------------------------------------------
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.fsync_interval_s):
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync everything written since the last sync. Called by the syncer thread, and at close."""
+        with self._lock:
+            if not (self.unsynced or self._to_close or self._dirs_dirty or self._marks_dirty):
+                return
+            # Duplicates, so a segment rotated or closed meanwhile cannot take the descriptor from under the fsync.
+            fds = [os.dup(a.fd) for a in self._active.values()] if self.unsynced else []
+            fds += [os.dup(self._accepted_fd[c]) for c in self._marks_dirty if c in self._accepted_fd]
+            closing, self._to_close = self._to_close, []
+            dirs, self._dirs_dirty = self._dirs_dirty, set()
+            self._marks_dirty = set()
+            pending = self.unsynced
+        failed = None
+        for fd in fds + closing:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                failed = exc
+            finally:
+                os.close(fd)
+        for directory in dirs:
+            try:
+                dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
                 try:
-                    os.fsync(active.file.fileno())
-                except OSError:
-                    pass
-            self._dirty = False
-        self._last_sync = time.monotonic()
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                failed = exc
+        with self._lock:
+            self.unsynced = max(0, self.unsynced - pending)
+        if failed is not None:
+            self.fsync_failed += 1
+            reason = f"{failed.strerror or failed} (errno {failed.errno})"
+            if reason != self._fsync_error:  # once per distinct error, not once a second
+                log.error(
+                    "journal_fsync_failed",
+                    error=reason,
+                    effect="results written since the last good fsync may not survive a power cut",
+                )
+            self._fsync_error = reason
+        else:
+            self._fsync_error = None
 
     def flush(self) -> None:
-        with self._lock:
-            for active in self._active.values():
-                active.file.flush()
-            self._sync()
+        self.sync()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._syncer.is_alive() and self._syncer is not threading.current_thread():
+            self._syncer.join(5.0)
+        with self._lock:
+            for camera in list(self._active):
+                self._close_segment(camera)
+        self.sync()
         with self._lock:
             for fd in self._accepted_fd.values():
                 os.close(fd)
             self._accepted_fd.clear()
-            for camera in list(self._active):
-                try:
-                    self._close_segment(camera)
-                except OSError:
-                    pass
             try:
                 (self.directory / CLEAN_MARK).touch()
+                self._dirs_dirty.add(self.directory)
             except OSError:
                 pass
+        self.sync()

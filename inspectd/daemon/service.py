@@ -206,7 +206,7 @@ class Daemon:
             self.metrics.observe_result(judged.frame.camera, judged.verdict, latency_ms / 1000.0)
 
     def _open_journal(self):
-        path = self.config.publish.journal.path
+        path = self.config.journal_path
         if path is None:
             return None
         from inspectd.daemon.journal import Journal
@@ -218,7 +218,8 @@ class Daemon:
                 f"publish.journal.path {path}: outside state_dir {state_dir}, expected a directory "
                 f"under it (the daemon writes only under its state directory)"
             )
-        return Journal(self.config.publish.journal.path, int(self.config.publish.journal.max_mb * 2**20))
+        journal = self.config.publish.journal
+        return Journal(path, int(journal.max_mb * 2**20), fsync_interval_s=journal.fsync_interval_s)
 
     def _first_seq(self, camera: str) -> int:
         """Seq numbering resumes after the last seq given out, so no seq is ever published twice; seqs given to

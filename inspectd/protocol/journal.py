@@ -21,7 +21,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from inspectd.errors import InspectdError
@@ -52,8 +52,21 @@ def segment_files(camera_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def read_records(path: Path) -> Iterator[tuple[int, int, list[bytes]]]:
-    """(end offset, seq, frames) of each complete record; stops at the first torn or corrupt one."""
+class JournalCorrupt(JournalError):
+    """A segment holds bytes that are not whole records, followed by whole records: damage, not a torn tail."""
+
+
+# Called with (segment path, offset of the damage, bytes skipped) for each corrupt stretch inside a segment.
+OnCorrupt = Callable[[Path, int, int], None]
+
+
+def read_records(path: Path, on_corrupt: OnCorrupt | None = None) -> Iterator[tuple[int, int, list[bytes]]]:
+    """(end offset, seq, frames) of each complete record, in order.
+
+    A bad record (wrong magic, impossible length, short, CRC mismatch) with nothing valid after it is a torn tail (a
+    kill mid-write, or a record still being written): the iteration ends there. One with valid records after it is
+    corruption inside the segment: `on_corrupt(path, offset, skipped)` is told, and the records after it are still
+    returned; without `on_corrupt` it raises JournalCorrupt, so damage is never a silent end of a replay."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -62,16 +75,68 @@ def read_records(path: Path) -> Iterator[tuple[int, int, list[bytes]]]:
         offset = 0
         while True:
             head = f.read(RECORD.size)
-            if len(head) < RECORD.size:
+            if not head:
                 return
-            magic, length, seq, crc = RECORD.unpack(head)
-            if magic != MAGIC or length > MAX_BODY:
-                return
-            body = f.read(length)
-            if len(body) < length or zlib.crc32(body) != crc:
-                return
-            offset += RECORD.size + length
+            record = _record(head, f)
+            if record is None:
+                f.seek(offset)
+                rest = f.read()
+                found = _resync(rest)
+                if found is None:
+                    return  # a torn or unfinished tail
+                skipped = found
+                if on_corrupt is None:
+                    raise JournalCorrupt(
+                        f"journal segment {path}: {skipped} corrupt bytes at offset {offset}, followed by whole "
+                        f"records, expected only whole records"
+                    )
+                on_corrupt(path, offset, skipped)
+                offset += skipped
+                f.seek(offset)
+                continue
+            seq, body = record
+            offset += RECORD.size + len(body)
             yield offset, seq, _split(body)
+
+
+def _record(head: bytes, f) -> tuple[int, bytes] | None:
+    """The (seq, body) of the record whose header is `head`, the body read from `f`; None if it is not whole."""
+    if len(head) < RECORD.size:
+        return None
+    magic, length, seq, crc = RECORD.unpack(head)
+    if magic != MAGIC or length > MAX_BODY:
+        return None
+    body = f.read(length)
+    if len(body) < length or zlib.crc32(body) != crc or not _well_formed(body):
+        return None
+    return seq, body
+
+
+def _resync(data: bytes) -> int | None:
+    """Offset in `data` (which starts at a bad record) of the next whole record, or None when none follows."""
+    at = data.find(MAGIC, 1)
+    while at >= 0:
+        if at + RECORD.size <= len(data):
+            _, length, _, crc = RECORD.unpack_from(data, at)
+            body = data[at + RECORD.size : at + RECORD.size + length]
+            if length <= MAX_BODY and len(body) == length and zlib.crc32(body) == crc and _well_formed(body):
+                return at
+        at = data.find(MAGIC, at + 1)
+    return None
+
+
+def _well_formed(body: bytes) -> bool:
+    """The body's frame lengths add up to its size (a CRC match on garbage is possible, a matching layout is not)."""
+    if len(body) < COUNT.size:
+        return False
+    (count,) = COUNT.unpack_from(body, 0)
+    at = COUNT.size
+    for _ in range(count):
+        if at + LENGTH.size > len(body):
+            return False
+        (n,) = LENGTH.unpack_from(body, at)
+        at += LENGTH.size + n
+    return at == len(body)
 
 
 def _split(body: bytes) -> list[bytes]:
@@ -102,10 +167,13 @@ def check_camera(camera: str) -> None:
         raise JournalError(f"journal camera {camera!r}: expected a camera id of characters {CAMERA_RE.pattern}")
 
 
-def read_since(directory: str | Path, camera: str, seq: int) -> Iterator[tuple[int, list[bytes]]]:
+def read_since(
+    directory: str | Path, camera: str, seq: int, on_corrupt: OnCorrupt | None = None
+) -> Iterator[tuple[int, list[bytes]]]:
     """(seq, frames) of every journalled result of `camera` with a seq greater than `seq`, in order.
 
-    Works on a journal another process is writing: a record still being written ends the iteration."""
+    Works on a journal another process is writing: a record still being written ends the iteration. Corruption
+    inside a segment goes to `on_corrupt` (see read_records), or raises JournalCorrupt without one."""
     check_camera(camera)
     segments = segment_files(Path(directory) / camera)
     # Skip whole segments that end before `seq`: a segment ends where the next one begins.
@@ -114,7 +182,7 @@ def read_since(directory: str | Path, camera: str, seq: int) -> Iterator[tuple[i
         if segments[i + 1][0] <= seq + 1:
             start = i + 1
     for _, path in segments[start:]:
-        for _, record_seq, frames in read_records(path):
+        for _, record_seq, frames in read_records(path, on_corrupt):
             if record_seq > seq:
                 yield record_seq, frames
 
@@ -131,6 +199,6 @@ def oldest_seq(directory: str | Path, camera: str) -> int | None:
     """The first seq still held for `camera` (older ones were rotated away), or None when there is none."""
     check_camera(camera)
     for _, path in segment_files(Path(directory) / camera):
-        for _, seq, _ in read_records(path):
+        for _, seq, _ in read_records(path, on_corrupt=lambda *_: None):
             return seq
     return None
