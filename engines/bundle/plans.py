@@ -1,4 +1,5 @@
-"""TensorRT plans stored in a bundle: their names, their JSON sidecars, and whether this station may load one.
+"""Engine files derived from a bundle's model.onnx for a GPU station: TensorRT plans (their names, their JSON
+sidecars, and whether this station may load one) and the FP16 graph for ONNX Runtime's CUDA provider (its name).
 
 A serialized TensorRT engine only loads on the TensorRT version that built it and is tuned for one GPU model, so each
 plan `engines/<gpu-slug>-trt<version>-b<max batch>[-fp16|-int8].plan` has a sidecar `<same name>.json` saying what it
@@ -19,11 +20,13 @@ from engines.errors import BundleError, EngineError
 PLAN_DIR = "engines"
 SIDECAR_FORMAT = "inspectd-trt-plan"
 PRECISIONS = ("fp32", "fp16", "int8")
-# TensorRT is not in the gpu extra on purpose: its wheel must match the station's CUDA major and a plan loads only on
+# Optimisation profiles a plan may hold (`inspectd build-engine --streams`).
+MAX_PROFILES = 8
+# TensorRT is not in the gpu extras on purpose: its wheel must match the station's CUDA major and a plan loads only on
 # the exact version that built it, so the station pins it, not a `pip install -U`.
 INSTALL_HINT = (
-    "pip install 'inspectd[gpu]' (cuda-python, onnx) plus TensorRT 10 or 11 for the station's CUDA "
-    "(e.g. pip install tensorrt-cu12==10.*)"
+    "pip install 'inspectd[gpu-cu12]' or 'inspectd[gpu-cu13]' (cuda-bindings and onnx for the driver's CUDA major) "
+    "plus TensorRT 10 or 11 for the same CUDA (e.g. pip install tensorrt-cu12==10.*): docs/GPU.md"
 )
 
 
@@ -38,7 +41,7 @@ class PlanInfo:
     max_batch: int
     opt_batch: int
     graph_sha256: str  # checksum of the model.onnx it was built from (the bundle manifest's)
-    profiles: int = 1  # optimisation profiles: one per stream the runtime may run concurrently
+    profiles: int = 1  # optimisation profiles, 1..MAX_PROFILES (the runtime's one context uses profile 0)
     created: str = ""
     workspace_mb: int = 0
 
@@ -57,6 +60,12 @@ def plan_name(gpu_name: str, tensorrt_version: str, max_batch: int, precision: s
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     suffix = "" if precision == "fp32" else f"-{precision}"
     return f"{PLAN_DIR}/{slug(gpu_name)}-trt{tensorrt_version}-b{max_batch}{suffix}.plan"
+
+
+def fp16_graph_name(graph_sha256: str) -> str:
+    """Where the FP16 variant of the model.onnx with checksum `graph_sha256` is stored in the bundle. The checksum in
+    the name ties the variant to its source: after a re-export the old variant is simply not found."""
+    return f"{PLAN_DIR}/model-fp16-{graph_sha256[:16]}.onnx"
 
 
 def sidecar_name(plan: str) -> str:
@@ -89,6 +98,8 @@ def parse_sidecar(text: str, where: str) -> PlanInfo:
         raise BundleError(f"{where}: precision {info.precision!r}, expected one of {', '.join(PRECISIONS)}")
     if not 1 <= info.opt_batch <= info.max_batch:
         raise BundleError(f"{where}: opt_batch {info.opt_batch}, expected 1..max_batch ({info.max_batch})")
+    if not 1 <= info.profiles <= MAX_PROFILES:
+        raise BundleError(f"{where}: profiles {info.profiles}, expected 1..{MAX_PROFILES}")
     return info
 
 

@@ -1,7 +1,16 @@
-"""The ONNX Runtime backend: runs a bundle's model.onnx on the CPU (or CUDA when ONNX Runtime has it).
+"""The ONNX Runtime backend: runs a bundle's model.onnx on the CPU, or on an NVIDIA GPU through ONNX Runtime's CUDA
+execution provider (the `onnxruntime-gpu` build, installed in place of `onnxruntime`: docs/GPU.md).
 
 Everything that does not change per call is done once: the session, the I/O binding, the scorer parameters bound as
 OrtValues, the output bindings. `infer` binds the pixel buffer, runs, and copies the two outputs out.
+
+On CUDA: ONNX Runtime does not fail when its CUDA provider cannot start (no device, a driver too old for the build,
+missing CUDA or cuDNN libraries); it logs and runs the whole graph on the CPU, ten times slower and unnoticed. So the
+session's providers are read back after it opens, and an engine asked for CUDA that did not get it is refused. TF32
+is off (`use_tf32=0`): it keeps 10 mantissa bits in the convolutions and matrix products, and FP32 is meant to be
+FP32. `precision: fp16` runs the bundle's FP16 graph (backbone in float16, scorer in float32), which
+`inspectd build-engine BUNDLE --fp16 --onnxruntime` writes into the bundle; this module never rewrites a graph itself
+(that needs the onnx package, which a runtime station does not have).
 """
 
 from __future__ import annotations
@@ -14,11 +23,15 @@ import onnxruntime as ort
 from pydantic import Field
 
 from engines.bundle.format import OUTPUTS, PIXELS
-from engines.errors import EngineError
+from engines.bundle.plans import fp16_graph_name
+from engines.errors import BundleError, EngineError
 from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
 from engines.schema import Flag, Int, declared, one_of
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+PRECISION_CHOICES = ("fp32", "fp16")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
 
 
 class OnnxRuntimeEngine(Engine):
@@ -30,7 +43,12 @@ class OnnxRuntimeEngine(Engine):
 
         intra_op_threads: Annotated[Int, Field(ge=0)] = 0  # 0: ONNX Runtime's default (one per core)
         inter_op_threads: Annotated[Int, Field(ge=0)] = 1
-        providers: Annotated[str, one_of(PROVIDER_CHOICES)] = "auto"  # auto: CUDA when this build has it, else CPU
+        # auto: CUDA when this onnxruntime build has the CUDA provider, else CPU. Whenever CUDA is asked for (cuda, or
+        # auto on a GPU build) and does not start, the engine is refused rather than run on the CPU.
+        providers: Annotated[str, one_of(PROVIDER_CHOICES)] = "auto"
+        device: Annotated[Int, Field(ge=0)] = 0  # CUDA device index
+        # fp16: the bundle's FP16 graph (written by `inspectd build-engine BUNDLE --fp16 --onnxruntime`)
+        precision: Annotated[str, one_of(PRECISION_CHOICES)] = "fp32"
         # ONNX Runtime's workers busy-wait between runs by default. In a daemon that waits for frames, and on a station
         # whose cores ingest and decode too, that spinning nearly doubles the CPU time per frame at batch 1
         # (docs/PERFORMANCE.md). Turn it on only on a dedicated machine running back-to-back batches.
@@ -38,14 +56,16 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, bundle, options: Options, max_batch: int = 8) -> None:
         super().__init__(bundle, options, max_batch)
-        available = ort.get_available_providers()
+        self.precision = options.precision
         want_cuda = options.providers == "cuda" or (
-            options.providers == "auto" and "CUDAExecutionProvider" in available
+            options.providers == "auto" and CUDA in ort.get_available_providers()
         )
-        if want_cuda and "CUDAExecutionProvider" not in available:
-            raise EngineError("engine.options.providers: 'cuda' but this onnxruntime has no CUDAExecutionProvider")
-        providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
-        self.device = "cuda" if want_cuda else "cpu"
+        if want_cuda and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds the CUDA and cuDNN libraries of the nvidia-* wheels only once they are loaded
+            # (torch does that when it is imported first; a runtime station has no torch).
+            ort.preload_dlls()
+        cuda_options = {"device_id": str(options.device), "use_tf32": "0"}
+        providers: list = ([(CUDA, cuda_options)] if want_cuda else []) + [CPU]
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
@@ -53,16 +73,21 @@ class OnnxRuntimeEngine(Engine):
         spinning = "1" if options.allow_spinning else "0"
         session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+        self.graph_path = self._graph(bundle, options.precision)
         try:
-            self.session = ort.InferenceSession(str(bundle.graph_path), session_options, providers=providers)
+            self.session = ort.InferenceSession(str(self.graph_path), session_options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for an unreadable graph
-            raise EngineError(f"{bundle.graph_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
+            raise EngineError(f"{self.graph_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
+        running = self.session.get_providers()
+        if want_cuda and CUDA not in running:
+            self.session = None
+            raise EngineError(cuda_refusal(options, running))
+        self.device = "cuda" if CUDA in running else "cpu"
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         expected_names = [PIXELS, *bundle.scorer_inputs]
         if list(inputs) != expected_names or [o.name for o in self.session.get_outputs()] != list(OUTPUTS):
             raise EngineError(
-                f"{bundle.graph_path}: graph inputs {list(inputs)}, expected {expected_names} "
-                f"and outputs {list(OUTPUTS)}"
+                f"{self.graph_path}: graph inputs {list(inputs)}, expected {expected_names} and outputs {list(OUTPUTS)}"
             )
         self._param_shapes = {name: inputs[name] for name in bundle.scorer_inputs}
         self._lock = threading.Lock()  # one binding per engine: serialise callers
@@ -70,9 +95,24 @@ class OnnxRuntimeEngine(Engine):
         self._param_values: dict[str, ort.OrtValue] = {}
         self.set_scorer_params(bundle.scorer_params())
 
+    @staticmethod
+    def _graph(bundle, precision: str):
+        if precision == "fp32":
+            return bundle.graph_path
+        name = fp16_graph_name(bundle.manifest["files"][bundle.manifest["graph"]])
+        if name not in bundle.manifest["files"]:
+            raise BundleError(
+                f"engine.options.precision: 'fp16' but {bundle.path} has no FP16 graph for its current model.onnx "
+                f"({name}): write it with `inspectd build-engine {bundle.path} --fp16 --onnxruntime`"
+            )
+        return bundle.path / name
+
     def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:
         checked = check_scorer_params(params, self._param_shapes)
-        values = {name: ort.OrtValue.ortvalue_from_numpy(value, self.device, 0) for name, value in checked.items()}
+        device_id = self.options.device if self.device == "cuda" else 0
+        values = {
+            name: ort.OrtValue.ortvalue_from_numpy(value, self.device, device_id) for name, value in checked.items()
+        }
         with self._lock:
             for name, value in values.items():
                 self._binding.bind_ortvalue_input(name, value)
@@ -92,3 +132,18 @@ class OnnxRuntimeEngine(Engine):
     def close(self) -> None:
         self._binding = None
         self.session = None
+
+
+def cuda_refusal(options, running: list[str]) -> str:
+    """Why an engine that asked for CUDA runs on `running` instead, and what to do, in one line."""
+    asked = f"engine.options.providers: {options.providers!r}"
+    if CUDA not in ort.get_available_providers():
+        return (
+            f"{asked} but this onnxruntime {ort.__version__} is a CPU build (no {CUDA}): install onnxruntime-gpu in "
+            "its place (docs/GPU.md), or set providers: cpu"
+        )
+    return (
+        f"{asked} but ONNX Runtime {ort.__version__} fell back to {', '.join(running)}: its CUDA provider did not "
+        f"start on device {options.device} (no such device, a driver older than this build's CUDA, or missing "
+        "CUDA/cuDNN libraries; ONNX Runtime's own error is in the log above)"
+    )
