@@ -28,6 +28,9 @@ class Engine(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    # The arithmetic the scores come from: "fp32", or "fp16"/"int8" for a reduced-precision graph or plan, whose
+    # scores may move away from the FP32 ones the thresholds were set on (engines.runtime.score_shift).
+    precision: str = "fp32"
 
     def __init__(self, bundle, options, max_batch: int = 8) -> None:
         self.bundle = bundle

@@ -1,9 +1,11 @@
-"""CUDA memory, streams and events through cuda-python's runtime bindings, owned by the TensorRT backend.
+"""CUDA memory and streams through cuda-python's runtime bindings, owned by the TensorRT backend.
 
-Everything is allocated once (pinned host buffers viewed as numpy arrays, device buffers, streams, events) and freed
-by `close()`; the hot path only enqueues copies. cuda-python 12.6+ exposes the runtime as `cuda.bindings.runtime`,
-older releases as `cuda.cudart`: both are accepted. Every call returns `(cudaError_t, *values)`; `call` turns a
-failure into one EngineError line naming the CUDA function and the error.
+Everything is allocated once (pinned host buffers viewed as numpy arrays, device buffers, a stream) and freed by
+`close()`; the hot path only enqueues copies. The bindings come from the `cuda-bindings` package
+(`cuda.bindings.runtime`, pinned per CUDA major by the gpu-cu12 / gpu-cu13 extras: a 13.x build needs a CUDA 13
+driver); releases of cuda-python before 12.6 exposed the same module as `cuda.cudart`, which is accepted too.
+Every call returns `(cudaError_t, *values)`; `call` turns a failure into one EngineError line naming the CUDA
+function and the error.
 """
 
 from __future__ import annotations
@@ -104,12 +106,11 @@ class DeviceBuffer:
 
 
 class Stream:
-    """A non-blocking stream (no implicit sync with the legacy default stream) and one event marking its last batch."""
+    """A non-blocking stream: no implicit synchronisation with the legacy default stream."""
 
     def __init__(self) -> None:
         cudart = import_cudart()
         self.handle = call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
-        self.done = call(cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming), "cudaEventCreateWithFlags")
 
     @property
     def address(self) -> int:
@@ -134,22 +135,12 @@ class Stream:
             "cudaMemcpyAsync D2H",
         )
 
-    def mark_done(self) -> None:
-        call(import_cudart().cudaEventRecord(self.done, self.handle), "cudaEventRecord")
-
-    def wait_done(self) -> None:
-        call(import_cudart().cudaEventSynchronize(self.done), "cudaEventSynchronize")
-
     def synchronize(self) -> None:
         call(import_cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
     def close(self) -> None:
-        cudart = import_cudart()
-        if self.done is not None:
-            call(cudart.cudaEventDestroy(self.done), "cudaEventDestroy")
-            self.done = None
         if self.handle is not None:
-            call(cudart.cudaStreamDestroy(self.handle), "cudaStreamDestroy")
+            call(import_cudart().cudaStreamDestroy(self.handle), "cudaStreamDestroy")
             self.handle = None
 
 
@@ -163,6 +154,6 @@ def upload_blocking(device: DeviceBuffer, host: np.ndarray) -> None:
         cudart.cudaMemcpy(device.ptr, host.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice),
         "cudaMemcpy H2D",
     )
-    # From pageable memory cudaMemcpy may return before the DMA lands, and the engine's non-blocking streams do not
+    # From pageable memory cudaMemcpy may return before the DMA lands, and the engine's non-blocking stream does not
     # order against it: wait, so the next batch reads the new parameters.
     call(cudart.cudaDeviceSynchronize(), "cudaDeviceSynchronize")

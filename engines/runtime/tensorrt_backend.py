@@ -1,86 +1,56 @@
 """The TensorRT backend: runs a plan that `inspectd build-engine` stored in the bundle, on one NVIDIA GPU.
 
-Two batches are in flight (Options.streams): each stream has its own execution context (bound to its own optimisation
-profile, as TensorRT requires for contexts running concurrently with dynamic shapes), its own pinned host buffers and
-its own device buffers, all allocated once for max_batch. While stream k computes batch k, stream k+1 uploads batch
-k+1, so the PCIe copies hide behind the compute: `submit(pixels) -> ticket`, then `collect(ticket)`. The scorer
-parameters live in device buffers shared by every context; `set_scorer_params` drains the streams and re-uploads them.
+One execution context on the plan's first optimisation profile, one non-blocking CUDA stream, and pinned host and
+device buffers for max_batch frames, all allocated once. `infer` copies the batch into the pinned buffer, enqueues
+upload, `execute_async_v3` and download on the stream, and waits for it: one batch in flight, like every other backend,
+so the daemon's inference stage has one way to run a batch. The scorer parameters live in their own device buffers;
+`set_scorer_params` (a reload) checks the new shapes against the plan's profile before it touches any of them.
 
-tensorrt and cuda-python are imported when this backend is chosen, never before; a station without them gets one line
-saying what to install. Written against the TensorRT 10/11 and cuda-python documentation; see docs/GPU.md for what has
-and has not run on real hardware.
+tensorrt and cuda-python (cuda-bindings) are imported when this backend is chosen, never before; a station without
+them gets one line saying what to install. Written against the TensorRT 10/11 and cuda-python documentation; see
+docs/GPU.md for what has and has not run on real hardware.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from pydantic import Field
 
 from engines.bundle.format import OUTPUTS, PIXELS
-from engines.bundle.plans import PRECISIONS, check_compatible, import_tensorrt, pick_plan, read_sidecar, sidecar_name
+from engines.bundle.plans import (
+    PRECISIONS,
+    PlanInfo,
+    check_compatible,
+    import_tensorrt,
+    pick_plan,
+    read_sidecar,
+    sidecar_name,
+)
 from engines.errors import BundleError, EngineError
 from engines.runtime import cuda_buffers
 from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
 from engines.schema import Int, declared, one_of
 
-MAX_STREAMS = 8
+PROFILE = 0  # the optimisation profile the context runs on (the first; a plan holds at least one)
+Buffer = TypeVar("Buffer", cuda_buffers.PinnedBuffer, cuda_buffers.DeviceBuffer)
 
 
-class Ticket(NamedTuple):
-    """A submitted batch: which stream runs it, how many frames, and which submission on that stream it was."""
-
-    slot: int
-    count: int
-    generation: int
-
-
-class _Slot:
-    """One stream's worth of everything: context, stream, pinned and device buffers for max_batch frames."""
-
-    def __init__(self, engine, index: int, max_batch: int, input_shape: tuple[int, int, int]) -> None:
-        height, width, _ = input_shape
-        self.buffers: list = []
-        self.context = None
-        self.stream = cuda_buffers.Stream()
-        try:
-            self.context = engine.create_execution_context()
-            if self.context is None:
-                raise EngineError("TensorRT create_execution_context failed (out of GPU memory?)")
-            if index:
-                if not self.context.set_optimization_profile_async(index, self.stream.address):
-                    raise EngineError(f"TensorRT set_optimization_profile_async({index}) refused")
-                self.stream.synchronize()
-            self.host_pixels = self._own(cuda_buffers.PinnedBuffer((max_batch, *input_shape), np.uint8))
-            self.host_score = self._own(cuda_buffers.PinnedBuffer((max_batch,), np.float32))
-            self.host_map = self._own(cuda_buffers.PinnedBuffer((max_batch, height, width), np.float32))
-            self.pixels = self._own(cuda_buffers.DeviceBuffer(self.host_pixels.nbytes))
-            self.score = self._own(cuda_buffers.DeviceBuffer(self.host_score.nbytes))
-            self.anomaly_map = self._own(cuda_buffers.DeviceBuffer(self.host_map.nbytes))
-            for name, buffer in ((PIXELS, self.pixels), (OUTPUTS[0], self.score), (OUTPUTS[1], self.anomaly_map)):
-                if not self.context.set_tensor_address(name, buffer.ptr):
-                    raise EngineError(f"TensorRT set_tensor_address({name!r}) refused")
-        except BaseException:
-            self.close()
-            raise
-        self.generation = 0
-        self.pending: Ticket | None = None
-
-    def _own(self, buffer):
-        self.buffers.append(buffer)
-        return buffer
-
-    def close(self) -> None:
-        if self.stream.handle is not None:
-            self.stream.synchronize()
-        self.context = None
-        for buffer in self.buffers:
-            buffer.close()
-        self.buffers = []
-        self.stream.close()
+def profile_violations(
+    shapes: dict[str, tuple[int, ...]], ranges: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+) -> list[str]:
+    """For each scorer input with a dynamic dimension (`ranges`: name -> (min shape, max shape) of the profile), why
+    its new shape in `shapes` does not fit; empty when every one fits. Pure, so a reload can be refused before any
+    device buffer is touched."""
+    wrong = []
+    for name, (low, high) in ranges.items():
+        shape = tuple(shapes[name])
+        if len(shape) != len(low) or any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
+            wrong.append(f"{name} has shape {shape}, the plan accepts {tuple(low)}..{tuple(high)}")
+    return wrong
 
 
 class TensorRTEngine(Engine):
@@ -95,8 +65,6 @@ class TensorRTEngine(Engine):
         # with plan "": only plans of this precision (fp32, fp16, int8); "" any
         precision: Annotated[str, one_of(("", *PRECISIONS))] = ""
         device: Annotated[Int, Field(ge=0)] = 0  # CUDA device index
-        # batches in flight; the plan needs at least this many optimisation profiles
-        streams: Annotated[Int, Field(ge=1, le=MAX_STREAMS)] = 2
 
     def __init__(self, bundle, options: Options, max_batch: int = 8) -> None:
         super().__init__(bundle, options, max_batch)
@@ -106,51 +74,85 @@ class TensorRTEngine(Engine):
         self._device = cuda_buffers.DeviceBinding(options.device)
         self._device.ensure()
         self.plan_path, self.plan_info = self._choose_plan(trt.__version__, gpu_name, capability)
-        if self.plan_info.profiles < options.streams:
-            raise BundleError(
-                f"{self.plan_path}: has {self.plan_info.profiles} optimisation profile(s), "
-                f"engine.options.streams is {options.streams}: rebuild with `inspectd build-engine "
-                f"{bundle.path} --max-batch {self.plan_info.max_batch} --streams {options.streams}`"
-            )
+        self.precision = self.plan_info.precision
+        self._params: dict[str, cuda_buffers.DeviceBuffer] = {}
+        self._param_bound_shapes: dict[str, tuple[int, ...]] = {}
+        self._buffers: list[cuda_buffers.PinnedBuffer | cuda_buffers.DeviceBuffer] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.stream = cuda_buffers.Stream()
+        try:
+            self._open(trt, max_batch)
+        except RuntimeError as exc:
+            # TensorRT's bindings raise RuntimeError where its C++ API reports an error: one line, like the rest.
+            self.close()
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EngineError(f"{self.plan_path}: TensorRT refused it ({reason})") from exc
+        except BaseException:
+            self.close()
+            raise
 
+    def _open(self, trt, max_batch: int) -> None:
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        self.engine: Any = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if self.engine is None:
             raise EngineError(f"{self.plan_path}: TensorRT could not deserialize the plan (see the log above)")
         self._check_io(trt)
         self._param_shapes = {
             name: [d if d >= 0 else "dynamic" for d in self.engine.get_tensor_shape(name)]
-            for name in bundle.scorer_inputs
+            for name in self.bundle.scorer_inputs
         }
-        self._params: dict[str, cuda_buffers.DeviceBuffer] = {}
-        self._lock = threading.Lock()
-        self._slots: list[_Slot] = []
-        self._next = 0
-        try:
-            for index in range(options.streams):
-                self._slots.append(_Slot(self.engine, index, max_batch, self.input_shape))
-            self.set_scorer_params(bundle.scorer_params())
-        except BaseException:
-            self.close()
-            raise
+        # (min shape, max shape) in the profile of every scorer input with a dynamic dimension
+        self._param_ranges: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        for name, shape in self._param_shapes.items():
+            if "dynamic" in shape:
+                low, _, high = self.engine.get_tensor_profile_shape(name, PROFILE)
+                self._param_ranges[name] = (tuple(low), tuple(high))
+        self.context: Any = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineError("TensorRT create_execution_context failed (out of GPU memory?)")
+        height, width, _ = self.input_shape
+        self.host_pixels = self._own(cuda_buffers.PinnedBuffer((max_batch, *self.input_shape), np.uint8))
+        self.host_score = self._own(cuda_buffers.PinnedBuffer((max_batch,), np.float32))
+        self.host_map = self._own(cuda_buffers.PinnedBuffer((max_batch, height, width), np.float32))
+        self.pixels = self._own(cuda_buffers.DeviceBuffer(self.host_pixels.nbytes))
+        self.score = self._own(cuda_buffers.DeviceBuffer(self.host_score.nbytes))
+        self.anomaly_map = self._own(cuda_buffers.DeviceBuffer(self.host_map.nbytes))
+        for name, buffer in ((PIXELS, self.pixels), (OUTPUTS[0], self.score), (OUTPUTS[1], self.anomaly_map)):
+            if not self.context.set_tensor_address(name, buffer.ptr):
+                raise EngineError(f"TensorRT set_tensor_address({name!r}) refused")
+        self.set_scorer_params(self.bundle.scorer_params())
 
-    def _choose_plan(self, tensorrt_version: str, gpu_name: str, capability: str):
-        station = dict(
-            tensorrt_version=tensorrt_version,
-            gpu_name=gpu_name,
-            compute_capability=capability,
-            max_batch=self.max_batch,
-        )
+    def _own(self, buffer: Buffer) -> Buffer:
+        self._buffers.append(buffer)
+        return buffer
+
+    def _choose_plan(self, tensorrt_version: str, gpu_name: str, capability: str) -> tuple[Path, PlanInfo]:
         if not self.options.plan:
-            return pick_plan(self.bundle, precision=self.options.precision, **station)
+            return pick_plan(
+                self.bundle,
+                tensorrt_version=tensorrt_version,
+                gpu_name=gpu_name,
+                compute_capability=capability,
+                max_batch=self.max_batch,
+                precision=self.options.precision,
+            )
         plan = Path(self.options.plan)
         plan = plan if plan.is_absolute() else self.bundle.path / plan
         if not plan.is_file():
             raise BundleError(f"engine.options.plan: {plan} does not exist, expected a plan from inspectd build-engine")
         info = read_sidecar(plan.with_name(Path(sidecar_name(plan.name)).name))
-        graph_sha = self.bundle.manifest["files"][self.bundle.manifest["graph"]]
-        check_compatible(info, plan, self.bundle.path, graph_sha256=graph_sha, **station)
+        check_compatible(
+            info,
+            plan,
+            self.bundle.path,
+            tensorrt_version=tensorrt_version,
+            gpu_name=gpu_name,
+            compute_capability=capability,
+            graph_sha256=self.bundle.manifest["files"][self.bundle.manifest["graph"]],
+            max_batch=self.max_batch,
+        )
         return plan, info
 
     def _check_io(self, trt) -> None:
@@ -173,87 +175,79 @@ class TensorRTEngine(Engine):
 
     # ------------------------------------------------------------------------------------------------ parameters
     def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:
+        """Validate every new array against the graph and the plan's profile, then swap: a refused reload leaves the
+        engine exactly as it was, still running on the old parameters."""
         checked = check_scorer_params(params, self._param_shapes)
+        wrong = profile_violations({name: value.shape for name, value in checked.items()}, self._param_ranges)
+        if wrong:
+            raise BundleError(
+                f"scorer params: {'; '.join(wrong)}: rebuild the plan with `inspectd build-engine "
+                f"{self.bundle.path} --max-batch {self.plan_info.max_batch}` after the refit"
+            )
         self._device.ensure()
-        with self._lock:
-            # Every in-flight batch reads the old parameters: let them finish before overwriting.
-            for slot in self._slots:
-                slot.stream.synchronize()
+        fresh: dict[str, cuda_buffers.DeviceBuffer] = {}
+        try:
+            # Uploaded into new buffers while the old ones are still bound: nothing the context reads changes yet.
             for name, value in checked.items():
-                buffer = self._params.get(name)
-                if buffer is None or buffer.nbytes < value.nbytes:
-                    if buffer is not None:
-                        buffer.close()
-                    buffer = self._params[name] = cuda_buffers.DeviceBuffer(value.nbytes)
-                cuda_buffers.upload_blocking(buffer, value)
-                for index, slot in enumerate(self._slots):
-                    self._bind_param(slot, index, name, buffer, value.shape)
+                fresh[name] = cuda_buffers.DeviceBuffer(value.nbytes)
+                cuda_buffers.upload_blocking(fresh[name], value)
+        except BaseException:
+            for buffer in fresh.values():
+                buffer.close()
+            raise
+        with self._lock:
+            self.stream.synchronize()  # no batch may be reading the old parameters while they are swapped
+            try:
+                self._bind_params(fresh, {name: value.shape for name, value in checked.items()})
+            except BaseException:
+                # TensorRT refused a binding the checks above allowed: back to the old buffers, which are intact.
+                self._bind_params(self._params, self._param_bound_shapes)
+                for buffer in fresh.values():
+                    buffer.close()
+                raise
+            old, self._params = self._params, fresh
+            self._param_bound_shapes = {name: value.shape for name, value in checked.items()}
+            for buffer in old.values():
+                buffer.close()
 
-    def _bind_param(self, slot: _Slot, index: int, name: str, buffer, shape: tuple[int, ...]) -> None:
-        if not slot.context.set_tensor_address(name, buffer.ptr):
-            raise EngineError(f"TensorRT set_tensor_address({name!r}) refused")
-        if "dynamic" in self._param_shapes[name]:
-            low, _, high = self.engine.get_tensor_profile_shape(name, index)
-            if any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
-                raise BundleError(
-                    f"scorer params: {name} has shape {tuple(shape)}, the plan accepts {tuple(low)}.."
-                    f"{tuple(high)}: rebuild with `inspectd build-engine {self.bundle.path} "
-                    f"--max-batch {self.plan_info.max_batch}`"
-                )
-            if not slot.context.set_input_shape(name, tuple(shape)):
-                raise EngineError(f"TensorRT set_input_shape({name!r}, {tuple(shape)}) refused")
+    def _bind_params(self, buffers: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+        for name, buffer in buffers.items():
+            if not self.context.set_tensor_address(name, buffer.ptr):
+                raise EngineError(f"TensorRT set_tensor_address({name!r}) refused")
+            if name in self._param_ranges and not self.context.set_input_shape(name, tuple(shapes[name])):
+                raise EngineError(f"TensorRT set_input_shape({name!r}, {tuple(shapes[name])}) refused")
 
     # ------------------------------------------------------------------------------------------------ inference
-    def submit(self, pixels: np.ndarray) -> Ticket:
-        """Enqueue one batch (upload, execute, download) on the next stream and return at once."""
+    def infer(self, pixels: np.ndarray) -> InferenceResult:
         check_pixels(pixels, self.input_shape, self.max_batch)
         self._device.ensure()
         count = pixels.shape[0]
         with self._lock:
-            index = self._next
-            slot = self._slots[index]
-            if slot.pending is not None:
-                raise EngineError(f"all {len(self._slots)} streams busy: collect() a ticket before submitting more")
-            self._next = (index + 1) % len(self._slots)
-            np.copyto(slot.host_pixels.array[:count], pixels)
-            stream = slot.stream
-            stream.upload(slot.pixels, slot.host_pixels.array, pixels.nbytes)
-            if not slot.context.set_input_shape(PIXELS, pixels.shape):
+            np.copyto(self.host_pixels.array[:count], pixels)
+            stream = self.stream
+            stream.upload(self.pixels, self.host_pixels.array, pixels.nbytes)
+            if not self.context.set_input_shape(PIXELS, pixels.shape):
                 raise EngineError(f"TensorRT set_input_shape({PIXELS!r}, {pixels.shape}) refused")
-            if not slot.context.execute_async_v3(stream.address):
+            if not self.context.execute_async_v3(stream.address):
                 raise EngineError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-            stream.download(slot.host_score.array, slot.score, count * 4)
-            stream.download(slot.host_map.array, slot.anomaly_map, slot.host_map.array[:count].nbytes)
-            stream.mark_done()
-            slot.generation += 1
-            slot.pending = Ticket(index, count, slot.generation)
-            return slot.pending
-
-    def collect(self, ticket: Ticket) -> InferenceResult:
-        """Wait for `ticket`'s batch and return its results (copies: the pinned buffers are reused next submit)."""
-        slot = self._slots[ticket.slot]
-        if slot.pending != ticket:
-            raise EngineError(f"ticket {tuple(ticket)}: not pending (already collected or from another engine)")
-        slot.stream.wait_done()
-        result = InferenceResult(
-            slot.host_score.array[: ticket.count].copy(), slot.host_map.array[: ticket.count].copy()
-        )
-        with self._lock:
-            slot.pending = None
-        return result
-
-    def infer(self, pixels: np.ndarray) -> InferenceResult:
-        return self.collect(self.submit(pixels))
+            stream.download(self.host_score.array, self.score, count * 4)
+            stream.download(self.host_map.array, self.anomaly_map, self.host_map.array[:count].nbytes)
+            stream.synchronize()
+            # Copies: the pinned buffers are overwritten by the next batch.
+            return InferenceResult(self.host_score.array[:count].copy(), self.host_map.array[:count].copy())
 
     def close(self) -> None:
-        if not self._slots and not self._params:
+        if self._closed:
             return
+        self._closed = True
         self._device.ensure()
         with self._lock:
-            for slot in self._slots:
-                slot.close()
-            self._slots = []
-            for buffer in self._params.values():
+            if self.stream.handle is not None:
+                self.stream.synchronize()
+            self.context = None
+            for buffer in [*self._buffers, *self._params.values()]:
                 buffer.close()
+            self._buffers = []
             self._params = {}
+            self.stream.close()
             self.engine = None
