@@ -47,6 +47,11 @@ class TorchEngine(Engine):
             raise EngineError(f"engine.options.device: {options.device!r} but torch sees no CUDA device")
         if options.threads:
             torch.set_num_threads(options.threads)
+        # cuDNN convolutions default to TF32 on Ampere and later, which keeps 10 mantissa bits: the FP32 graph would
+        # not compute in FP32, and its scores would drift from the ONNX graph's that the thresholds were set on.
+        # The switches are per process; an engine that runs FP32 sets them for every torch user in it.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         self.graph = graph_from_bundle(bundle).to(self.device)
         example = bundle.scorer_params()
         # Shapes as the exported graph declares them: the row count of a VARIABLE_ROWS input may change on a refit.
