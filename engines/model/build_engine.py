@@ -30,7 +30,17 @@ from pathlib import Path
 import numpy as np
 
 from engines.bundle.format import GRAPH, PIXELS
-from engines.bundle.plans import INSTALL_HINT, PlanInfo, import_tensorrt, plan_name, sidecar_name, slug, tensorrt_major
+from engines.bundle.plans import (
+    INSTALL_HINT,
+    MAX_PROFILES,
+    PlanInfo,
+    fp16_graph_name,
+    import_tensorrt,
+    plan_name,
+    sidecar_name,
+    slug,
+    tensorrt_major,
+)
 from engines.bundle.store import Bundle, load_bundle
 from engines.errors import EngineError
 from engines.runtime import cuda_buffers
@@ -38,7 +48,6 @@ from engines.runtime import cuda_buffers
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto data types
 MAX_CALIBRATION_FRAMES = 512
 DEFAULT_WORKSPACE_MB = 2048
-MAX_STREAMS = 8
 
 
 def default_timing_cache(gpu_name: str, tensorrt_version: str) -> Path:
@@ -208,13 +217,45 @@ def build_plan(
     log=print,
 ) -> Path:
     """Build and store a plan for the bundle at `bundle_path`; returns the plan's path. Python API of the command."""
+    try:
+        return _build_plan(
+            bundle_path,
+            precision,
+            max_batch,
+            opt_batch,
+            streams,
+            workspace_mb,
+            timing_cache,
+            calibration_data,
+            device,
+            log,
+        )
+    except RuntimeError as exc:
+        # TensorRT's Python bindings raise RuntimeError for what its C++ API reports as an error (an invalid profile
+        # shape, a refused profile index), where the command owes one line, not a traceback.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"{bundle_path}: TensorRT refused the {precision} build ({reason})") from exc
+
+
+def _build_plan(
+    bundle_path: str | Path,
+    precision: str = "fp32",
+    max_batch: int = 8,
+    opt_batch: int | None = None,
+    streams: int = 2,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    timing_cache: str | Path | None = None,
+    calibration_data: str | Path | None = None,
+    device: int = 0,
+    log=print,
+) -> Path:
     opt_batch = max_batch if opt_batch is None else opt_batch
     if max_batch < 1:
         raise EngineError(f"--max-batch {max_batch}: expected >= 1")
     if not 1 <= opt_batch <= max_batch:
         raise EngineError(f"--opt-batch {opt_batch}: expected 1..{max_batch} (--max-batch)")
-    if not 1 <= streams <= MAX_STREAMS:
-        raise EngineError(f"--streams {streams}: expected 1..{MAX_STREAMS}")
+    if not 1 <= streams <= MAX_PROFILES:
+        raise EngineError(f"--streams {streams}: expected 1..{MAX_PROFILES}")
     if workspace_mb < 16:
         raise EngineError(f"--workspace-mb {workspace_mb}: expected >= 16")
     if (precision == "int8") != (calibration_data is not None):
@@ -319,6 +360,21 @@ def build_plan(
     return bundle.path / name
 
 
+def store_onnxruntime_fp16(bundle_path: str | Path, log=print) -> Path:
+    """Write the FP16 variant of the bundle's model.onnx for the onnxruntime backend (`precision: fp16`, on ONNX
+    Runtime's CUDA provider) into the bundle, listed in the manifest; needs onnx, not TensorRT. Returns its path."""
+    onnx = import_onnx()
+    from engines.model.half_precision import to_fp16_variant
+
+    bundle = load_bundle(bundle_path)
+    variant = to_fp16_variant(onnx.load(str(bundle.graph_path)), PIXELS, bundle.scorer_inputs)
+    name = fp16_graph_name(bundle.manifest["files"][bundle.manifest["graph"]])
+    data = variant.SerializeToString()
+    bundle.replace_file(name, data, add=True)
+    log(f"{bundle.path / name}: {len(data) / 1e6:.1f} MB, FP16 graph for the onnxruntime backend (precision: fp16)")
+    return bundle.path / name
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory (its model.onnx is built; the plan is stored in it)")
     precision = parser.add_mutually_exclusive_group()
@@ -351,11 +407,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="timing cache to load and save (default ~/.cache/inspectd/trt-timing-<gpu>-trt<v>.cache)",
     )
     parser.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
+    parser.add_argument(
+        "--onnxruntime",
+        action="store_true",
+        help="with --fp16: write the FP16 ONNX graph for the onnxruntime backend instead of a TensorRT plan "
+        "(no TensorRT needed)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     try:
+        if args.onnxruntime:
+            if precision != "fp16":
+                raise EngineError(
+                    "--onnxruntime: expected with --fp16 (the onnxruntime backend runs model.onnx as FP32)"
+                )
+            store_onnxruntime_fp16(args.bundle)
+            return 0
         build_plan(
             args.bundle,
             precision,
