@@ -11,6 +11,11 @@ thresholds_version that judged it.
 
 Engine faults fail that batch's frames with verdict "error" and the next batch runs; `unhealthy_after` failed
 batches in a row mark the stage unhealthy until a batch succeeds again.
+
+A reduced-precision engine (an FP16 graph or plan, an INT8 plan) judges with thresholds set on FP32 scores only after
+its scores were measured against the FP32 graph's on defect-free frames the bundle names (the thresholds'
+calibration images, else its training images) and found within engines.runtime.score_shift.MAX_SHIFT of the lowest
+image threshold: otherwise the model state is refused, at start, reload and set_thresholds alike.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from typing import Any
 import cv2
 import numpy as np
 
+from engines.errors import EngineError
+from engines.runtime import score_shift
 from engines.runtime.predictor import Predictor
 from inspectd.daemon.frames import Frame
 from inspectd.protocol.messages import Region
 
 MASK_POLICIES = ("defects", "always", "never")
 MAX_REGIONS = 64  # the largest regions are reported; a mask full of speckle must not make a header of megabytes
+SHIFT_PROBE_FRAMES = 32  # defect-free frames a reduced-precision engine's score shift is measured on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +48,8 @@ class ModelState:
     bundle: Any
     engine: Any
     thresholds: Any  # engines.bundle.thresholds.Thresholds
+    # How far a reduced-precision engine's scores are from FP32 ones (None: an FP32 engine, nothing to measure)
+    shift: score_shift.ScoreShift | None = None
 
     @property
     def model_id(self) -> str:
@@ -57,7 +67,23 @@ class ModelState:
 
         bundle = load_bundle(bundle_path)
         engine = open_engine(bundle, backend, options or {}, max_batch=max_batch)
-        return cls(bundle, engine, bundle.thresholds())
+        try:
+            thresholds = bundle.thresholds()
+            shift = None
+            if engine.precision != "fp32":
+                frames, source = probe_frames(bundle, thresholds)
+                shift = score_shift.measure(engine, frames, source)
+            state = cls(bundle, engine, thresholds, shift)
+            state.check_thresholds(thresholds)
+        except BaseException:
+            engine.close()
+            raise
+        return state
+
+    def check_thresholds(self, thresholds) -> None:
+        """EngineError when this engine's scores are too far from the FP32 scores `thresholds` were set on."""
+        if self.shift is not None and score_shift.needs_check(self.shift.precision, thresholds):
+            score_shift.check(self.shift, thresholds)
 
     def warm_up(self) -> None:
         """One inference on a blank frame, so the first real batch pays no lazy initialisation."""
@@ -66,11 +92,41 @@ class ModelState:
 
     def with_thresholds(self, thresholds) -> ModelState:
         """Same model and engine, new thresholds: a threshold change costs no engine rebuild."""
+        self.check_thresholds(thresholds)
         return dataclasses.replace(self, thresholds=thresholds)
 
     def close(self) -> None:
         self.engine.close()
         _return_freed_memory()
+
+
+def probe_frames(bundle, thresholds, count: int = SHIFT_PROBE_FRAMES) -> tuple[np.ndarray, str]:
+    """Up to `count` defect-free frames fitted to the model input, spread over the first folder the bundle names that
+    is here: the thresholds' calibration images (newest version first), then its training images."""
+    from engines.data.images import list_images, load_image
+    from engines.runtime.preprocess import fit_frame
+
+    named = [thresholds.provenance.get("good_dir")]
+    named += [entry.get("provenance", {}).get("good_dir") for entry in thresholds.history]
+    named.append(bundle.manifest.get("training", {}).get("data"))
+    folders = [Path(d) for d in dict.fromkeys(n for n in named if isinstance(n, str) and n)]
+    for folder in folders:
+        folder = folder / "train" / "good" if (folder / "train" / "good").is_dir() else folder
+        if not folder.is_dir():
+            continue
+        paths = list_images(folder)
+        if not paths:
+            continue
+        picked = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
+        frames = np.empty((len(picked), *bundle.input_shape), np.uint8)
+        for row, path in enumerate(picked):
+            fit_frame(load_image(path), bundle.input_shape, bundle.resize_policy, out=frames[row])
+        return frames, str(folder)
+    raise EngineError(
+        f"{bundle.path}: cannot measure how far the reduced-precision engine's scores are from the FP32 ones its "
+        f"thresholds were set on: none of the defect-free image folders the bundle names is here "
+        f"({', '.join(map(str, folders)) or 'none named'})"
+    )
 
 
 def _return_freed_memory() -> None:
