@@ -5,6 +5,9 @@
 #   sudo deploy/install.sh                    runtime only (no torch): inspectd run/subscribe/calibrate/bridge
 #   sudo deploy/install.sh --with-train       also the training stack (torch, timm, onnx)
 #   sudo deploy/install.sh --with-plc         also pymodbus for `inspectd bridge modbus`
+#   sudo deploy/install.sh --with-gpu cu13    a GPU station whose driver runs CUDA 13 (r580+; cu12: r535..r575):
+#                                             onnxruntime-gpu in place of onnxruntime, cuda-bindings and onnx
+#                                             (docs/GPU.md); TensorRT, if wanted, is installed by hand
 #   sudo deploy/install.sh --with-train --torch-index https://download.pytorch.org/whl/cpu
 #                                             the training stack with CPU-only torch (no CUDA wheels, GBs smaller)
 #   deploy/install.sh --prefix /tmp/root --no-venv
@@ -17,14 +20,16 @@ set -eu
 
 usage() {
     cat <<'EOF'
-usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with-gpu] [--python PY]
+usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with-gpu cu12|cu13] [--python PY]
                   [--torch-index URL] [--no-constraints]
 
   --prefix DIR   install into DIR as if it were / (no useradd, chown, systemctl)
   --no-venv      do not create the virtualenv or run pip
   --with-train   add the [train] extra (torch, timm, onnx, ...)
   --with-plc     add the [plc] extra (pymodbus) for `inspectd bridge modbus`
-  --with-gpu     add the [gpu] extra (cuda-python) for TensorRT stations
+  --with-gpu cu12|cu13
+                 a GPU station, by the CUDA major its driver runs (nvidia-smi: "CUDA Version"): the [gpu-cuNN]
+                 extra (cuda-bindings, onnx) and onnxruntime-gpu for that CUDA in place of onnxruntime
   --python PY    interpreter that creates the virtualenv (default: python3)
   --torch-index URL
                  take torch and torchvision from this index, e.g. https://download.pytorch.org/whl/cpu for the
@@ -43,6 +48,7 @@ EXTRAS=""
 PYTHON=python3
 TORCH_INDEX=""
 USE_CONSTRAINTS=1
+GPU=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) [ $# -ge 2 ] || die "--prefix: expected a directory"; PREFIX="$2"; shift 2 ;;
@@ -50,7 +56,8 @@ while [ $# -gt 0 ]; do
         --no-venv) MAKE_VENV=0; shift ;;
         --with-train) EXTRAS="${EXTRAS:+$EXTRAS,}train"; shift ;;
         --with-plc) EXTRAS="${EXTRAS:+$EXTRAS,}plc"; shift ;;
-        --with-gpu) EXTRAS="${EXTRAS:+$EXTRAS,}gpu"; shift ;;
+        --with-gpu) [ $# -ge 2 ] || die "--with-gpu: expected cu12 or cu13"; GPU="$2"; shift 2 ;;
+        --with-gpu=*) GPU="${1#--with-gpu=}"; shift ;;
         --python) [ $# -ge 2 ] || die "--python: expected an interpreter"; PYTHON="$2"; shift 2 ;;
         --torch-index) [ $# -ge 2 ] || die "--torch-index: expected an index URL"; TORCH_INDEX="$2"; shift 2 ;;
         --torch-index=*) TORCH_INDEX="${1#--torch-index=}"; shift ;;
@@ -59,6 +66,12 @@ while [ $# -gt 0 ]; do
         *) usage >&2; die "unknown argument $1" ;;
     esac
 done
+
+case "$GPU" in
+    "") ;;
+    cu12|cu13) EXTRAS="${EXTRAS:+$EXTRAS,}gpu-$GPU" ;;
+    *) die "--with-gpu $GPU: expected cu12 or cu13 (the CUDA major of the station's driver)" ;;
+esac
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 [ -f "$SRC/pyproject.toml" ] || die "$SRC: expected the inspectd source tree (pyproject.toml) above deploy/"
@@ -124,6 +137,15 @@ if [ "$MAKE_VENV" -eq 1 ] && [ "$USE_CONSTRAINTS" -eq 1 ]; then
             "(--python python$NEED, or --no-constraints)"
 fi
 
+if [ "$GPU" = cu12 ] && [ "$USE_CONSTRAINTS" -eq 1 ]; then
+    # constraints.txt pins the CUDA 13 builds; deploy/constraints-cu12.txt replaces those pins for a CUDA 12 driver.
+    OVERRIDES="$SRC/deploy/constraints-cu12.txt"
+    CONSTRAINTS=$(mktemp)
+    trap 'rm -f "$CONSTRAINTS"' EXIT
+    NAMES=$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' "$OVERRIDES" | paste -sd'|')
+    { grep -v -E "^($NAMES)==" "$SRC/constraints.txt"; cat "$OVERRIDES"; } > "$CONSTRAINTS"
+fi
+
 pip_install() {
     if [ "$USE_CONSTRAINTS" -eq 1 ]; then
         "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" "$@"
@@ -169,14 +191,26 @@ if [ "$MAKE_VENV" -eq 1 ]; then
         say "created virtualenv $VENV"
     fi
     # pip reinstalls a source directory on every run; the stamp (hash of sources and extras) makes reruns no-ops.
-    STAMP=$(cd "$SRC" && { echo "extras=$EXTRAS pin=$USE_CONSTRAINTS torch-index=$TORCH_INDEX"
-        find pyproject.toml constraints.txt inspectd engines calibration -name '*.py' -o -name pyproject.toml \
-            -o -name constraints.txt | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -d' ' -f1)
+    STAMP=$(cd "$SRC" && { echo "extras=$EXTRAS pin=$USE_CONSTRAINTS torch-index=$TORCH_INDEX gpu=$GPU"
+        find pyproject.toml constraints.txt deploy/constraints-cu12.txt inspectd engines calibration -name '*.py' \
+            -o -name pyproject.toml -o -name 'constraints*.txt' | LC_ALL=C sort | xargs sha256sum; } | sha256sum |
+            cut -d' ' -f1)
     if [ "$(cat "$VENV/.inspectd-stamp" 2>/dev/null || true)" != "$STAMP" ]; then
         case ",$EXTRAS," in
             *,train,*) [ -z "$TORCH_INDEX" ] || pip_install --index-url "$TORCH_INDEX" torch torchvision ;;
         esac
         pip_install "$SRC${EXTRAS:+[$EXTRAS]}"
+        if [ -n "$GPU" ]; then
+            # onnxruntime-gpu and onnxruntime both install the `onnxruntime` module, and installing inspectd brings
+            # the CPU build back each time: remove both, then install the GPU build alone. [cuda,cudnn]: the CUDA
+            # and cuDNN libraries as wheels, loaded by the backend (onnxruntime.preload_dlls): only the driver is
+            # needed from the system.
+            "$VENV/bin/python" -m pip uninstall -q -y onnxruntime onnxruntime-gpu
+            pip_install "onnxruntime-gpu[cuda,cudnn]"
+            "$VENV/bin/python" -c 'import onnxruntime as o, sys
+sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' ||
+                die "onnxruntime-gpu installed but has no CUDAExecutionProvider"
+        fi
         echo "$STAMP" > "$VENV/.inspectd-stamp"
         say "installed inspectd${EXTRAS:+[$EXTRAS]} into $VENV"
         CHANGED=1
