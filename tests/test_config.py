@@ -221,12 +221,13 @@ def test_engine_options_are_validated_by_the_backend_and_kept_as_a_mapping():
         ("onnxruntime", {"allow_spinning": "no"}, "engine.options.allow_spinning: expected true or false, got 'no'"),
         ("torch", {"device": "gpu0"}, "engine.options.device: expected cpu, cuda or cuda:N, got 'gpu0'"),
         ("torch", {"threads": "4"}, "engine.options.threads: expected an integer, got '4'"),
-        ("tensorrt", {"streams": 0}, "engine.options.streams: expected at least 1, got 0"),
+        ("tensorrt", {"device": -1}, "engine.options.device: expected at least 0, got -1"),
+        ("onnxruntime", {"precision": "bf16"}, "engine.options.precision: expected one of fp32|fp16, got 'bf16'"),
         ("tensorrt", {"precision": "fp8"}, "engine.options.precision: expected one of \"\"|fp32|fp16|int8, got 'fp8'"),
         (
             "tensorrt",
             {"plan_file": "x"},
-            "engine.options.plan_file: unknown key (known: device, plan, precision, streams)",
+            "engine.options.plan_file: unknown key (known: device, plan, precision)",
         ),
     ],
 )

@@ -1,18 +1,27 @@
-"""The GPU engine path: parity of TensorRT (FP32, FP16) and torch-CUDA against ONNX Runtime CPU on the same real frames,
-and everything of that path that runs without a GPU (the FP16 graph variant, plan compatibility refusals, the
-missing-library messages).
+"""The GPU engine path: parity of ONNX Runtime's CUDA provider (FP32, FP16), TensorRT (FP32, FP16) and torch-CUDA
+against ONNX Runtime CPU on the same real frames, and everything of that path that runs without a GPU (the FP16 graph
+on ONNX Runtime CPU, the refusal of a CUDA request that fell back to the CPU, plan compatibility refusals, the reload
+checks, thresholds against a reduced-precision engine, the missing-library messages).
 
 Tolerances, all against ONNX Runtime CPU on the FP32 graph (`ref`), per output (score, anomaly_map):
-- TensorRT FP32 and torch CUDA: |d| <= 1e-3 + 1e-4 * max|ref| (TF32 is off in the plan; only summation order differs).
-- FP16 variant on ONNX Runtime CPU: |d| <= 1e-2 * max|ref| (measured 0.1-0.3 % on magnetic-tile frames).
-- TensorRT FP16: |d| <= 2e-2 * max|ref| (real float16 kernels round more than CPU's float16-at-node-boundaries).
-GPU tests skip with the reason when TensorRT, cuda-python or a CUDA device is missing.
+- FP32 on a GPU (ONNX Runtime CUDA, TensorRT, torch CUDA): |d| <= 1e-3 + 1e-4 * max|ref| (TF32 is off in every one of
+  them; only summation order differs).
+- FP16 graph on ONNX Runtime CPU: |d| <= 1e-2 * max|ref| (measured 0.1-0.3 % on magnetic-tile frames).
+- FP16 on a GPU (ONNX Runtime CUDA, TensorRT): |d| <= 2e-2 * max|ref| (float16 kernels accumulate differently from the
+  CPU's float16-at-node-boundaries).
+
+The GPU tests skip only where there is no NVIDIA GPU at all (no /dev/nvidia<N>, nothing in /proc/driver/nvidia/gpus),
+or, with a GPU, where the optional package they exercise (onnxruntime-gpu, TensorRT, a CUDA torch) is not installed.
+A GPU whose driver or libraries are broken fails them. With INSPECTD_REQUIRE_GPU=1 nothing is skipped: every GPU test
+runs or fails (deploy/gpu_check.sh sets it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,21 +32,27 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.plans import PlanInfo, check_compatible, parse_sidecar, pick_plan, plan_name, sidecar_name
 from engines.bundle.store import load_bundle
 from engines.data.images import load_image
 from engines.errors import BundleError, EngineError
+from engines.model import build_engine
 from engines.model.build_engine import cast_pixels_first, precision_recipe
 from engines.model.half_precision import FLOAT16, to_fp16_variant
 from engines.runtime import backend_class, open_engine
 from engines.runtime.preprocess import fit_frame
+from engines.runtime.tensorrt_backend import profile_violations
+from inspectd.daemon.inference import ModelState
 from tiny_dataset import DATA
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (64, 64)
 FP32_ATOL, FP32_RTOL = 1e-3, 1e-4
 FP16_CPU_RTOL = 1e-2
-FP16_TRT_RTOL = 2e-2
+FP16_GPU_RTOL = 2e-2
+REQUIRE_GPU = os.environ.get("INSPECTD_REQUIRE_GPU") == "1"
+CUDA_EP = "CUDAExecutionProvider"
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not present")
 
@@ -274,7 +289,7 @@ def test_build_engine_without_tensorrt_exits_with_one_line(bundles):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("inspectd build-engine: TensorRT Python package 'tensorrt' is not installed")
-    assert "pip install 'inspectd[gpu]'" in lines[0]
+    assert "pip install 'inspectd[gpu-cu12]' or 'inspectd[gpu-cu13]'" in lines[0]
     assert not (bundles["gaussian"] / "engines").exists()
 
 
@@ -286,17 +301,19 @@ def test_build_engine_int8_without_calibration_data_is_refused(bundles):
 
 def test_registry_reports_the_tensorrt_backends_missing_dependency(bundles):
     cls = backend_class("tensorrt")  # importing the backend never imports tensorrt or CUDA
-    assert cls.name == "tensorrt" and cls.Options().streams == 2
-    with pytest.raises(EngineError, match=r"engine\.options\.streams: expected an integer, got 'two'"):
-        cls.parse_options({"streams": "two"}, where="engine.options")
-    with pytest.raises(EngineError, match=r"engine\.options\.plan_file: unknown key \(known: device, plan,"):
+    assert cls.name == "tensorrt" and cls.Options().device == 0
+    with pytest.raises(EngineError, match=r"engine\.options\.device: expected an integer, got 'two'"):
+        cls.parse_options({"device": "two"}, where="engine.options")
+    with pytest.raises(
+        EngineError, match=r"engine\.options\.plan_file: unknown key \(known: device, plan, precision\)"
+    ):
         cls.parse_options({"plan_file": "x"}, where="engine.options")
     if tensorrt_installed():
         pytest.skip("TensorRT is installed here: the missing-library path cannot be exercised")
     with pytest.raises(EngineError) as refused:
         open_engine(load_bundle(bundles["gaussian"]), "tensorrt")
     message = str(refused.value)
-    assert "\n" not in message and "'tensorrt' is not installed" in message and "inspectd[gpu]" in message
+    assert "\n" not in message and "'tensorrt' is not installed" in message and "inspectd[gpu-cu13]" in message
 
 
 def test_no_cuda_device_is_one_line():
@@ -311,30 +328,228 @@ def test_no_cuda_device_is_one_line():
         pytest.skip(f"a CUDA device is present ({name}, sm {capability}): the no-device path cannot be exercised")
 
 
-# ---------------------------------------------------------------------------------------- GPU: skipped without one
-def require_tensorrt_gpu() -> None:
-    if not tensorrt_installed():
-        pytest.skip("TensorRT not installed")
-    try:
-        from engines.runtime.cuda_buffers import select_device
+def test_build_plan_turns_a_tensorrt_runtime_error_into_one_line(bundles, monkeypatch):
+    """TensorRT's bindings raise RuntimeError (IOptimizationProfile.set_shape, an out-of-range profile index) where
+    its C++ API reports an error; the command owes one line. The raise is planted: no TensorRT here."""
 
-        select_device(0)
-    except EngineError as exc:
-        pytest.skip(f"no CUDA device ({exc})")
+    def refuses(*args, **kwargs):
+        raise RuntimeError("IOptimizationProfile::setDimensions: Error Code 3: min > max\n(more detail)")
+
+    monkeypatch.setattr(build_engine, "_build_plan", refuses)
+    with pytest.raises(EngineError) as refused:
+        build_engine.build_plan(bundles["gaussian"], "fp16")
+    assert str(refused.value) == (
+        f"{bundles['gaussian']}: TensorRT refused the fp16 build "
+        "(IOptimizationProfile::setDimensions: Error Code 3: min > max)"
+    )
+
+
+def test_profile_violations_name_each_input_outside_the_plan():
+    ranges = {"references": ((1, 64), (10, 64))}
+    assert profile_violations({"references": (10, 64), "gauss_mean": (64,)}, ranges) == []
+    assert profile_violations({"references": (1, 64)}, ranges) == []
+    assert profile_violations({"references": (11, 64)}, ranges) == [
+        "references has shape (11, 64), the plan accepts (1, 64)..(10, 64)"
+    ]
+    assert profile_violations({"references": (5, 32)}, ranges) == [
+        "references has shape (5, 32), the plan accepts (1, 64)..(10, 64)"
+    ]
+
+
+# --------------------------------------------------------------- runs here: ONNX Runtime, CUDA asked for, FP16 graph
+def test_cuda_that_fell_back_to_the_cpu_is_refused(tmp_path):
+    """Asked for CUDA, ONNX Runtime opens the session anyway and runs it on the CPU; the engine reads the providers
+    back and refuses. On this machine's CPU build that is the real fallback path (the session does open)."""
+    if CUDA_EP in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: the fallback is exercised by the GPU tests")
+    from station_model import write_grey_bundle
+
+    bundle = load_bundle(write_grey_bundle(tmp_path / "grey"))
+    with pytest.raises(EngineError) as refused:
+        open_engine(bundle, "onnxruntime", {"providers": "cuda"})
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"engine.options.providers: 'cuda' but this onnxruntime {ort.__version__} is a CPU build")
+    assert "install onnxruntime-gpu in its place (docs/GPU.md)" in message
+    with open_engine(bundle, "onnxruntime", {"providers": "auto"}) as engine:  # auto on a CPU build: the CPU
+        assert engine.device == "cpu" and engine.session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(EngineError, match=r"engine\.options\.precision: expected one of fp32\|fp16, got 'bf16'"):
+        backend_class("onnxruntime").parse_options({"precision": "bf16"}, where="engine.options")
 
 
 @pytest.fixture(scope="module")
-def plans(bundles, tmp_path_factory) -> dict[tuple[str, str], Path]:
+def fp16_bundles(bundles, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the bundles with the FP16 graph for the onnxruntime backend written into them."""
+    root = tmp_path_factory.mktemp("fp16")
+    made = {}
+    for scorer, path in bundles.items():
+        made[scorer] = shutil.copytree(path, root / scorer)
+        done = run_cli("build-engine", str(made[scorer]), "--fp16", "--onnxruntime")
+        assert done.returncode == 0, done.stderr
+    return made
+
+
+@pytest.mark.parametrize("scorer", ["gaussian", "kmeans"])
+def test_onnxruntime_fp16_graph_from_build_engine(bundles, fp16_bundles, frames, scorer):
+    bundle = load_bundle(fp16_bundles[scorer])  # the new file is listed and verified like the others
+    fp16 = [name for name in bundle.manifest["files"] if name.startswith("engines/model-fp16-")]
+    assert len(fp16) == 1
+    with open_engine(bundle, "onnxruntime", {"providers": "cpu", "precision": "fp16"}, max_batch=4) as engine:
+        assert engine.precision == "fp16" and engine.graph_path == bundle.path / fp16[0]
+        got = engine.infer(frames)
+    want = reference(bundles[scorer], frames)
+    assert_close(got, want, 0.0, FP16_CPU_RTOL, f"onnxruntime FP16 graph on the CPU ({scorer})")
+    assert list(np.argsort(got.scores)) == list(np.argsort(want.scores))
+    assert not np.array_equal(got.scores, want.scores), "the FP16 graph computed exactly the FP32 scores"
+
+
+def test_onnxruntime_fp16_without_its_graph_and_build_engine_misuse(bundles):
+    with pytest.raises(BundleError) as refused:
+        open_engine(load_bundle(bundles["gaussian"]), "onnxruntime", {"providers": "cpu", "precision": "fp16"})
+    message = str(refused.value)
+    assert "\n" not in message and "has no FP16 graph for its current model.onnx" in message
+    assert message.endswith(f"write it with `inspectd build-engine {bundles['gaussian']} --fp16 --onnxruntime`")
+    done = run_cli("build-engine", str(bundles["gaussian"]), "--onnxruntime")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "inspectd build-engine: --onnxruntime: expected with --fp16 (the onnxruntime backend runs model.onnx as FP32)"
+    )
+
+
+def test_torch_backend_turns_tf32_off(bundles):
+    torch = pytest.importorskip("torch")
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with open_engine(load_bundle(bundles["gaussian"]), "torch", {"device": "cpu"}, max_batch=1):
+            assert torch.backends.cudnn.allow_tf32 is False
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+# --------------------------------------------------- runs here: thresholds set on FP32 scores vs an FP16 engine
+FP16_CPU = {"providers": "cpu", "precision": "fp16"}
+
+
+def write_thresholds(path: Path, image_threshold: float, **provenance) -> None:
+    bundle = load_bundle(path)
+    new = thresholds_doc.next_version(bundle.thresholds(), image_threshold=image_threshold, provenance=provenance)
+    bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
+
+
+def test_fp16_engine_is_measured_against_fp32_thresholds_and_refused_past_the_bound(fp16_bundles, tmp_path):
+    path = shutil.copytree(fp16_bundles["gaussian"], tmp_path / "bundle")
+    state = ModelState.open(path, "onnxruntime", FP16_CPU, max_batch=4)
+    try:
+        shift = state.shift
+        good_dir = load_bundle(path).thresholds().provenance["good_dir"]
+        assert shift is not None and shift.precision == "fp16" and shift.frames == 8 and shift.source == good_dir
+        assert 0 < shift.max_abs < 0.01 * state.thresholds.image_threshold  # the trained thresholds accept it
+        # A threshold that set the bound below the measured shift: refused on a thresholds change ...
+        tight = thresholds_doc.next_version(state.thresholds, image_threshold=shift.max_abs * 50)
+        with pytest.raises(EngineError) as refused:
+            state.with_thresholds(tight)
+        message = str(refused.value)
+        assert "\n" not in message and message.startswith("engine precision fp16: scores differ from the FP32 graph's")
+        assert "2.0% of the lowest image threshold" in message and "allow 1%" in message
+        # ... unless they were calibrated on this engine's own scores.
+        own = thresholds_doc.next_version(tight, provenance={"engine_precision": "fp16"})
+        assert state.with_thresholds(own).thresholds is own
+    finally:
+        state.close()
+    write_thresholds(path, shift.max_abs * 50)  # and at start
+    with pytest.raises(EngineError, match=r"^engine precision fp16: scores differ .* 2\.0% of the lowest"):
+        ModelState.open(path, "onnxruntime", FP16_CPU, max_batch=4)
+    with ModelState.open(path, "onnxruntime", {"providers": "cpu"}, max_batch=4).engine:
+        pass  # the same thresholds on the FP32 graph: nothing to measure
+    write_thresholds(path, shift.max_abs * 50, engine_precision="fp16")
+    ModelState.open(path, "onnxruntime", FP16_CPU, max_batch=4).close()
+
+
+def test_fp16_engine_without_images_to_measure_on_is_refused(fp16_bundles, tmp_path):
+    path = shutil.copytree(fp16_bundles["kmeans"], tmp_path / "bundle")
+    write_thresholds(path, 1.0, good_dir=str(tmp_path / "gone"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["training"]["data"] = str(tmp_path / "also-gone")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    # The first thresholds' folder (training) is still in the history: point it away too.
+    doc = json.loads((path / "thresholds.json").read_text())
+    for entry in doc["history"]:
+        entry["provenance"]["good_dir"] = str(tmp_path / "gone")
+    data = json.dumps(doc).encode()
+    load_bundle(path).replace_file(thresholds_doc.FILE_NAME, data)
+    with pytest.raises(EngineError) as refused:
+        ModelState.open(path, "onnxruntime", FP16_CPU, max_batch=4)
+    message = str(refused.value)
+    assert "\n" not in message and "cannot measure how far the reduced-precision engine's scores are" in message
+    assert str(tmp_path / "gone") in message and str(tmp_path / "also-gone") in message
+
+
+# ------------------------------------------------------------ GPU: skipped only where there is no GPU at all
+def gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU at all, whatever state its driver and libraries are in."""
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/proc/driver/nvidia/gpus/*"))
+
+
+def require_gpu(what: str, missing: str | None = None) -> None:
+    """Skip `what` where there is no GPU, or (with a GPU) where the package it exercises is `missing`; with
+    INSPECTD_REQUIRE_GPU=1 either is a failure. Anything else (a driver too old, no /dev/nvidia-uvm, CUDA libraries
+    that do not load) is left to fail the test itself."""
+    reason = f"{what}: no NVIDIA GPU here (no /dev/nvidia<N>, nothing in /proc/driver/nvidia/gpus)"
+    if gpu_present():
+        if missing is None:
+            return
+        reason = f"{what}: {missing}"
+    if REQUIRE_GPU:
+        pytest.fail(f"INSPECTD_REQUIRE_GPU=1 but {reason}")
+    pytest.skip(reason)
+
+
+def require_tensorrt_gpu() -> None:
+    require_gpu("TensorRT", None if tensorrt_installed() else "the Python package tensorrt is not installed")
+
+
+def require_onnxruntime_cuda() -> None:
+    missing = None
+    if CUDA_EP not in ort.get_available_providers():
+        missing = f"onnxruntime {ort.__version__} is a CPU build: install onnxruntime-gpu in its place (docs/GPU.md)"
+    require_gpu("ONNX Runtime CUDA", missing)
+
+
+@pytest.mark.parametrize("scorer", ["gaussian", "kmeans"])
+@pytest.mark.parametrize("precision, atol, rtol", [("fp32", FP32_ATOL, FP32_RTOL), ("fp16", 0.0, FP16_GPU_RTOL)])
+def test_onnxruntime_cuda_matches_onnxruntime_cpu(bundles, fp16_bundles, frames, scorer, precision, atol, rtol):
+    require_onnxruntime_cuda()
+    path = fp16_bundles[scorer]
+    options = {"providers": "cuda", "precision": precision}
+    with open_engine(load_bundle(path), "onnxruntime", options, max_batch=4) as engine:
+        assert engine.device == "cuda" and engine.session.get_providers()[0] == CUDA_EP
+        got = engine.infer(frames)
+        single = engine.infer(frames[1:2])
+    assert_close(got, reference(bundles[scorer], frames), atol, rtol, f"ONNX Runtime CUDA {precision} ({scorer})")
+    assert_close(single, reference(bundles[scorer], frames[1:2]), atol, rtol, f"ORT CUDA {precision} batch 1")
+
+
+def test_onnxruntime_cuda_on_a_device_that_does_not_exist_is_refused(bundles):
+    require_onnxruntime_cuda()
+    with pytest.raises(EngineError) as refused:
+        open_engine(load_bundle(bundles["gaussian"]), "onnxruntime", {"providers": "cuda", "device": 63})
+    message = str(refused.value)
+    assert "\n" not in message and "its CUDA provider did not start on device 63" in message
+
+
+@pytest.fixture(scope="module")
+def plans(bundles, tmp_path_factory):
     """Per (scorer, precision): a copy of the bundle with a max-batch-4 plan built into it (lazily)."""
     root = tmp_path_factory.mktemp("plans")
     built: dict[tuple[str, str], Path] = {}
 
     def get(scorer: str, precision: str) -> Path:
         if (scorer, precision) not in built:
-            from engines.model.build_engine import build_plan
-
             path = shutil.copytree(bundles[scorer], root / f"{scorer}-{precision}")
-            build_plan(path, precision, max_batch=4, streams=2, timing_cache=root / "timing.cache")
+            build_engine.build_plan(path, precision, max_batch=4, streams=1, timing_cache=root / "timing.cache")
             built[scorer, precision] = path
         return built[scorer, precision]
 
@@ -342,11 +557,12 @@ def plans(bundles, tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 
 @pytest.mark.parametrize("scorer", ["gaussian", "kmeans"])
-@pytest.mark.parametrize("precision, atol, rtol", [("fp32", FP32_ATOL, FP32_RTOL), ("fp16", 0.0, FP16_TRT_RTOL)])
+@pytest.mark.parametrize("precision, atol, rtol", [("fp32", FP32_ATOL, FP32_RTOL), ("fp16", 0.0, FP16_GPU_RTOL)])
 def test_tensorrt_matches_onnxruntime_cpu(plans, frames, scorer, precision, atol, rtol):
     require_tensorrt_gpu()
     path = plans(scorer, precision)
     with open_engine(load_bundle(path), "tensorrt", {"precision": precision}, max_batch=4) as engine:
+        assert engine.precision == precision
         got = engine.infer(frames)
         single = engine.infer(frames[1:2])  # a smaller batch than the profile's opt uses the same plan
     want = reference(path, frames)
@@ -354,36 +570,46 @@ def test_tensorrt_matches_onnxruntime_cpu(plans, frames, scorer, precision, atol
     assert_close(single, reference(path, frames[1:2]), atol, rtol, f"TensorRT {precision} batch 1 ({scorer})")
 
 
-def test_tensorrt_two_batches_in_flight_and_reload(plans, frames):
+def test_tensorrt_reload_swaps_parameters_and_a_refused_one_changes_nothing(plans, frames):
     require_tensorrt_gpu()
-    path = plans("gaussian", "fp32")
+    path = plans("kmeans", "fp32")
     bundle = load_bundle(path)
-    with open_engine(bundle, "tensorrt", {"precision": "fp32", "streams": 2}, max_batch=4) as engine:
-        first = engine.submit(frames[:2])
-        second = engine.submit(frames[2:])
-        with pytest.raises(EngineError, match="streams busy"):
-            engine.submit(frames[:1])
-        a, b = engine.collect(first), engine.collect(second)
-        assert_close(a, reference(path, frames[:2]), FP32_ATOL, FP32_RTOL, "in flight, batch 1")
-        assert_close(b, reference(path, frames[2:]), FP32_ATOL, FP32_RTOL, "in flight, batch 2")
-
+    params = bundle.scorer_params()
+    with open_engine(bundle, "tensorrt", {"precision": "fp32"}, max_batch=4) as engine:
         before = engine.infer(frames)
-        shifted = {k: v.copy() for k, v in bundle.scorer_params().items()}
-        shifted["gauss_mean"] += 0.5
-        engine.set_scorer_params(shifted)
+        # More references than the plan's profile allows: refused before any device buffer is touched ...
+        grown = {**params, "references": np.concatenate([params["references"], params["references"]])}
+        with pytest.raises(BundleError, match=r"^scorer params: references has shape .* the plan accepts"):
+            engine.set_scorer_params(grown)
+        # ... so the engine still runs on the old parameters, bit for bit.
+        after = engine.infer(frames)
+        np.testing.assert_array_equal(after.scores, before.scores)
+        np.testing.assert_array_equal(after.maps, before.maps)
+        # Fewer references (a refit to a smaller k) fit the profile and reach the device.
+        fewer = {**params, "references": params["references"][:1].copy()}
+        engine.set_scorer_params(fewer)
         got = engine.infer(frames)
-    assert not np.allclose(got[1], before[1]), "set_scorer_params did not reach the device"
-    assert_close(got, ort_run(bundle.graph_path, frames, shifted), FP32_ATOL, FP32_RTOL, "after set_scorer_params")
+    assert not np.allclose(got.maps, before.maps), "set_scorer_params did not reach the device"
+    assert_close(got, ort_run(bundle.graph_path, frames, fewer), FP32_ATOL, FP32_RTOL, "after set_scorer_params")
 
 
-def test_torch_cuda_matches_onnxruntime_cpu(bundles, frames, monkeypatch):
+def test_tensorrt_profile_shape_errors_raise_runtime_error(bundles):
+    """What build_plan's one-line conversion rests on: TensorRT reports an invalid profile shape by raising."""
+    require_tensorrt_gpu()
+    import tensorrt as trt
+
+    builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    profile = builder.create_optimization_profile()
+    with pytest.raises(RuntimeError):
+        profile.set_shape("pixels", (4, 64, 64, 1), (2, 64, 64, 1), (1, 64, 64, 1))
+
+
+def test_torch_cuda_matches_onnxruntime_cpu(bundles, frames):
     torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
-    # cuDNN convolutions default to TF32 on Ampere and later; FP32 parity is about FP32 (the plan turns it off too).
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    require_gpu("torch CUDA", None if torch.cuda.is_available() else f"torch {torch.__version__} sees no CUDA device")
     bundle = load_bundle(bundles["gaussian"])
     with open_engine(bundle, "torch", {"device": "cuda"}, max_batch=4) as engine:
+        # No TF32 anywhere: the backend switches it off itself (cuDNN defaults to it on Ampere and later).
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
         got = engine.infer(frames)
     assert_close(got, reference(bundles["gaussian"], frames), FP32_ATOL, FP32_RTOL, "torch CUDA")
