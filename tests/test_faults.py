@@ -26,6 +26,7 @@ import zmq
 
 from daemon_harness import Station, free_port
 from inspectd.protocol.journal import read_since
+from inspectd.protocol.messages import decode_result
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -464,6 +465,77 @@ def test_sigkill_restart_resumes_seq_and_subscribe_since_fetches_what_was_missed
     assert seqs == expected, seqs
     assert ("gap" in out.stderr) == bool(resumed["cam0"]["skipped"]), out.stderr
     assert s2.stop() == 0, s2.log_tail()
+
+
+def test_a_folder_camera_moves_a_file_only_after_its_result_is_journalled(station, tmp_path):
+    """SIGKILL with files read and queued but not yet published: every file in done_dir has a journalled result,
+    every other file is still in the folder, and the next start inspects those."""
+    inbox, done = tmp_path / "in", tmp_path / "state" / "done"
+    inbox.mkdir()
+    png = cv2.imencode(".png", np.full((512, 512), 128, np.uint8))[1].tobytes()
+    names = [f"part{i:04d}.png" for i in range(120)]
+    for name in names:
+        (inbox / name).write_bytes(png)
+    past = time.time() - 10  # settled files: read at the first scans, not waited for
+    for name in names:
+        os.utime(inbox / name, (past, past))
+    camera = {
+        "id": "cam0",
+        "source": {"kind": "folder", "path": str(inbox), "pattern": "*.png", "poll_ms": 20, "done_dir": str(done)},
+        "queue": {"size": 64},
+    }
+    # The first 64 files go as one batch; the rest wait in the queue for a batch to fill: read, not yet judged.
+    s = station([camera], batching={"max_batch": 64, "max_wait_ms": 5000})
+    s.wait_ready()
+    assert len(s.results(5, timeout=30)) == 5
+    wait_for(lambda: s.control({"cmd": "status"})["cameras"]["cam0"]["frames_in"] == 120, 30, "every file read")
+    s.proc.send_signal(signal.SIGKILL)
+    s.proc.wait(10)
+    s.close()
+
+    def journalled() -> list[str]:
+        return [decode_result(frames).frame_id for _, frames in read_since(s.journal, "cam0", -1)]
+
+    first = journalled()
+    moved = sorted(p.name for p in done.iterdir())
+    left = sorted(p.name for p in inbox.iterdir())
+    assert sorted(moved + left) == names  # nothing deleted, nothing duplicated
+    assert set(moved) <= set(first), sorted(set(moved) - set(first))[:5]  # no file moved without its result
+    assert left, "the kill came after every file was done: nothing was in flight"
+
+    s2 = station([camera], batching={"max_batch": 4, "max_wait_ms": 5})
+    s2.wait_ready()
+    wait_for(lambda: not any(inbox.iterdir()), 60, "the files left behind inspected at the next start")
+    assert s2.stop() == 0, s2.log_tail()
+    assert set(journalled()) == set(names)  # every part has a result, across the kill
+    assert sorted(p.name for p in done.iterdir()) == names
+
+
+def test_sigterm_past_the_shutdown_timeout_publishes_what_is_left_as_errors(station, tmp_path):
+    camera, endpoint = zmq_camera(tmp_path)
+    camera["queue"]["size"] = 400
+    camera["max_pixels"] = 4_000_000
+    s = station([camera], batching={"max_batch": 1, "max_wait_ms": 0}, shutdown_timeout_s=0.05)
+    s.wait_ready()
+    big = np.full((1500, 1500), 128, np.uint8)  # the resize to the 32x32 model input is what takes the time
+    push = pusher(endpoint)
+    try:
+        for i in range(300):
+            send_raw(push, f"f{i}", big)
+        wait_for(lambda: s.control({"cmd": "status"})["cameras"]["cam0"]["frames_in"] == 300, 60, "300 accepted")
+        s.proc.send_signal(signal.SIGTERM)
+        results = s.until_exit(60)
+    finally:
+        push.close()
+    assert s.proc.returncode == 1, s.log_tail()  # not a clean stop: the timeout ran out
+    seqs = [r.seq for r in results]
+    assert sorted(seqs) == list(range(300)), f"accepted frames without a result: {sorted(set(range(300)) - set(seqs))}"
+    refused = [r for r in results if r.verdict == "error"]
+    assert refused and all(r.error.startswith("shutdown: not inspected within shutdown_timeout_s") for r in refused)
+    (event,) = s.events("shutdown_unjudged")
+    assert event["frames"] == {"cam0": len(refused)}
+    journalled = [seq for seq, _ in read_since(s.journal, "cam0", -1)]
+    assert journalled == list(range(300))
 
 
 def test_stuck_subscriber_never_blocks_inference(station, tmp_path):

@@ -214,7 +214,11 @@ def test_folder_waits_for_a_file_still_being_written(tmp_path, ingest_threads, j
     assert wait_for(lambda: len(queue) == 1)
     got = queue.get_nowait()
     assert got.error is None and got.image.shape == cv2.imdecode(np.frombuffer(data, np.uint8), 0).shape
-    assert wait_for(lambda: not (tmp_path / "slow.jpg").exists())
+    # Read and queued, but not published yet: the file stays until its result is out.
+    time.sleep(0.2)
+    assert (tmp_path / "slow.jpg").exists()
+    got.on_published()  # what the publisher calls once the result is journalled and sent
+    assert not (tmp_path / "slow.jpg").exists()
 
 
 def test_folder_that_disappears_is_reopened_when_it_comes_back(tmp_path, ingest_threads):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -17,3 +18,6 @@ class Frame:
     error: str | None = None  # one-line reason the frame was refused at ingest; it is published with verdict "error"
     truth: bool | None = None  # ground truth "defective" where the source knows it (synthetic line), else None
     t_ingest: float = 0.0  # time.monotonic() when ingest queued it, for latency accounting
+    # Called on the publisher thread once the frame's result is journalled and sent: what the source does with a frame
+    # only when it can no longer be lost (a folder camera moves or deletes its file here, not when it reads it).
+    on_published: Callable[[], None] | None = None

@@ -181,6 +181,16 @@ class Publisher:
         if self._journal is not None:
             self._journal.append(frame.camera, frame.seq, frames)
         self._socket.send_multipart(frames, copy=False)
+        if frame.on_published is not None:
+            try:
+                frame.on_published()
+            except Exception as exc:  # the result is out; the source's clean-up failing must not hide it
+                log.error(
+                    "frame_cleanup_failed",
+                    camera=frame.camera,
+                    seq=frame.seq,
+                    error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                )
         counters = self.counters(frame.camera)
         counters.published += 1
         if judged.verdict == "ok":

@@ -37,6 +37,7 @@ from inspectd.logs import configure_logging
 if TYPE_CHECKING:
     from inspectd.daemon.control import ControlServer
 
+PUBLISH_GRACE_S = 2.0  # how long results already judged (or refused at shutdown) may take to leave, past the timeout
 PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, short enough to never hang
 IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
 STUCK_AFTER_S = 10.0  # a batch older than this without finishing means the pipeline is stuck
@@ -59,6 +60,8 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self._retired: list[ModelState] = []
         self._stopping = threading.Event()
+        self._in_flight: list = []  # the frames of the batch the engine is running
+        self._abandon = threading.Event()  # set when shutdown ran out of time: queued frames go out as errors
         self._inference_done = threading.Event()
         self._last_progress = time.monotonic()
         self._batch_started: float | None = None
@@ -145,7 +148,10 @@ class Daemon:
         self._stopping.set()
         self.batcher.stop()
         drained = self._inference_done.wait(max(0.0, deadline - time.monotonic()))
-        published = self.publisher.stop(max(0.1, deadline - time.monotonic()))
+        if not drained:
+            self._publish_unjudged()
+        # The results already handed over still go out (and into the journal) even when the drain ran late.
+        published = self.publisher.stop(max(PUBLISH_GRACE_S, deadline - time.monotonic()))
         if self.archive is not None:
             self.archive.close(max(0.1, deadline - time.monotonic()))
         if self.control is not None:
@@ -164,6 +170,32 @@ class Daemon:
         )
         return drained and published
 
+    def _publish_unjudged(self) -> None:
+        """The shutdown timeout ran out with frames still queued: each accepted frame still gets a result, verdict
+        error with the reason, rather than vanishing with its seq."""
+        self._abandon.set()  # the inference thread takes no further batch
+        # First the batch the engine is running now, so results stay in seq order; only an engine stuck for longer
+        # than the grace keeps its frames from a result, and then the log names them.
+        if not self._inference_done.wait(PUBLISH_GRACE_S):
+            self.log.error(
+                "shutdown_in_flight_lost",
+                frames=[f"{frame.camera}:{frame.seq}" for frame in self._in_flight],
+                reason=f"the engine did not finish its batch within {PUBLISH_GRACE_S:g} s of the shutdown timeout",
+            )
+        reason = (
+            f"shutdown: not inspected within shutdown_timeout_s={self.config.shutdown_timeout_s:g} "
+            f"after SIGTERM, the frame was accepted but never judged"
+        )
+        state = self.stage.state
+        unjudged: dict[str, int] = {}
+        for camera, frames in self.queues.items():
+            while (frame := frames.get_nowait()) is not None:
+                unjudged[camera] = unjudged.get(camera, 0) + 1
+                self.publisher.submit(
+                    Judged(frame, "error", None, None, state.model_id, state.thresholds_version, [], None, reason)
+                )
+        self.log.warning("shutdown_unjudged", frames=unjudged, reason=reason)
+
     def _inference_loop(self) -> None:
         try:
             while not self._stopping.is_set():
@@ -174,7 +206,7 @@ class Daemon:
                     self._close_retired()
                 self._last_progress = time.monotonic()
             # Ingest has stopped: everything still queued was accepted and gets its result.
-            while batch := self.batcher.drain():
+            while not self._abandon.is_set() and (batch := self.batcher.drain()):
                 self._run(batch)
         except Exception:
             self.log.exception("inference_thread_failed")
@@ -182,6 +214,7 @@ class Daemon:
             self._inference_done.set()
 
     def _run(self, batch: list) -> None:
+        self._in_flight = list(batch)
         t0 = self._batch_started = time.monotonic()
         was_healthy = self.stage.healthy
         results = self.stage.run_batch(batch)

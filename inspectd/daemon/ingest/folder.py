@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import threading
 import time
@@ -34,8 +35,8 @@ class FolderSource:
     path: ConfigPath
     pattern: Text = "*"
     poll_ms: Annotated[Number, Field(gt=0)] = 100.0
-    delete_after: Flag = False
-    done_dir: ConfigPath | None = None
+    delete_after: Flag = False  # delete each file once its result is journalled and published
+    done_dir: ConfigPath | None = None  # or move it here then
     kind: Literal["folder"] = "folder"
 
     @model_validator(mode="after")
@@ -107,8 +108,12 @@ class FolderWatcher(Source):
         except DataError as exc:
             image, error = None, str(exc)
         self.done[name] = mtime_ns
-        self._dispose(path)
-        return self.frame(name, mtime_ns / 1e9, image, error)
+        frame = self.frame(name, mtime_ns / 1e9, image, error)
+        if self.spec.delete_after or self.spec.done_dir is not None:
+            # Only once the result is journalled and published: a crash before that leaves the file in the folder,
+            # to be inspected again at the next start, instead of gone without a result.
+            frame.on_published = functools.partial(self._dispose, path)
+        return frame
 
     def _dispose(self, path: Path) -> None:
         if self.spec.delete_after:
