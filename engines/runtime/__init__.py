@@ -4,7 +4,8 @@
     predictor   Predictor: frames of any size in, scores and frame-sized maps out, through one preallocated batch
     preprocess  fitting a frame to the model input (fit_frame) and mapping results back (Placement)
     onnxruntime_backend, tensorrt_backend, torch_backend   one module per backend
-    cuda_buffers   CUDA memory, streams and events for the TensorRT backend
+    cuda_buffers   CUDA memory and a stream for the TensorRT backend
+    score_shift    whether thresholds set on FP32 scores may judge a reduced-precision engine's scores
 
 Every backend is one module with one class implementing `engines.runtime.base.Engine` and declaring its own options
 (`Options`, an engines.schema declaration). Adding a backend is that module plus one line in BACKENDS. Backends are
