@@ -213,9 +213,9 @@ def soak(args: argparse.Namespace) -> dict:
         if now >= next_sample:
             dropped = sum(cam["dropped"] for cam in d.control({"cmd": "status"})["cameras"].values())
             steal = cpu_steal_jiffies()
-            steal_pct = 100.0 * (steal[0] - last_steal[0]) / max(1, steal[1] - last_steal[1])
+            steal_in_second = 100.0 * (steal[0] - last_steal[0]) / max(1, steal[1] - last_steal[1])
             last_steal = steal
-            samples.append((now - t_start, d.rss_mb(), steal_pct, dropped))
+            samples.append((now - t_start, d.rss_mb(), steal_in_second, dropped))
             next_sample += 1.0
         if now >= next_reload:
             reply = d.control({"cmd": "reload"})
