@@ -12,7 +12,7 @@ PYTHON_MIN := $(shell sed -n 's/^. requires-python: >=\([0-9.]*\).*/\1/p' $(CONS
 #     make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: venv demo test constraints clean
+.PHONY: venv demo test browser constraints clean
 
 # Checked before anything is created, each failure in one line: the interpreter, its version, its venv module.
 CHECK_VERSION = import sys; need = tuple(int(p) for p in "$(PYTHON_MIN)".split(".")); \
@@ -38,7 +38,12 @@ demo: venv
 # settings from pyproject.toml.
 LINTED := inspectd engines calibration tests deploy
 
-test: venv
+# The web view's test drives a real headless browser: Debian's chromium, installed here when it is missing (CI runs
+# as root, like `apt-get`).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
+
+test: venv browser
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy

@@ -26,6 +26,7 @@ SUBCOMMANDS = [
     ("bridge", "inspectd.clients.bridge", "bridge results to a PLC (Modbus TCP)"),
     ("archive", "inspectd.clients.archive", "list or export the frames the daemon archived"),
     ("ctl", "inspectd.clients.ctl", "steer a running daemon: status, pause/resume, reload, thresholds, rollback"),
+    ("web", "inspectd.clients.web", "the live web view: last frames, defects with overlays, counts, alarms"),
 ]
 
 

@@ -7,6 +7,7 @@ square pasted on it is `defect`, its mask exactly the square.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import cv2
@@ -89,3 +90,15 @@ def drop(inbox: Path, name: str, image: np.ndarray) -> None:
     tmp = inbox.parent / f".{name}"
     cv2.imwrite(str(tmp), image)
     tmp.replace(inbox / name)
+
+
+def result_for(station, frame_id: str, timeout: float = 30.0):
+    """The result the station publishes for `frame_id` (others are passed over); AssertionError when none comes."""
+    from inspectd.protocol.messages import Result
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = station.sub.recv(0.2)
+        if isinstance(message, Result) and message.frame_id == frame_id:
+            return message
+    raise AssertionError(f"no result for {frame_id} within {timeout} s; log:\n{station.log_tail()}")

@@ -12,7 +12,7 @@ import pytest
 from daemon_harness import Station
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.store import load_bundle
-from station_model import defect_frame, drop, good_frame, write_grey_bundle
+from station_model import defect_frame, drop, good_frame, result_for, write_grey_bundle
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]
@@ -53,8 +53,8 @@ def test_status_pause_resume_thresholds_rollback_and_reload(tmp_path):
         drop(inbox, "000.png", defect_frame(0))
         resumed = ctl(ep, "resume", "cam0")
         assert resumed.returncode == 0 and resumed.stdout.strip() == "camera cam0: running"
-        first = next(r for r in s.results(50, timeout=30) if r.camera == "cam0")
-        assert first.frame_id == "000.png" and first.verdict == "defect" and first.thresholds_version == 1
+        first = result_for(s, "000.png")
+        assert first.verdict == "defect" and first.thresholds_version == 1
 
         # A stricter image threshold as version 2: the same frame is now ok.
         v2 = tmp_path / "thresholds-v2.json"
@@ -63,7 +63,7 @@ def test_status_pause_resume_thresholds_rollback_and_reload(tmp_path):
         applied = ctl(ep, "set-thresholds", str(v2))
         assert applied.returncode == 0 and applied.stdout.strip() == "thresholds version 2 in use", applied.stderr
         drop(inbox, "001.png", defect_frame(0))
-        second = next(r for r in s.results(50, timeout=30) if r.camera == "cam0")
+        second = result_for(s, "001.png")
         assert (second.verdict, second.thresholds_version) == ("ok", 2)
 
         # Rolling back to 1 is version 3 with version 1's values: the frame is a defect again.
@@ -71,7 +71,7 @@ def test_status_pause_resume_thresholds_rollback_and_reload(tmp_path):
         assert rolled.returncode == 0, rolled.stderr
         assert json.loads(rolled.stdout) == {"ok": True, "thresholds_version": 3, "rolled_back_to": 1}
         drop(inbox, "002.png", defect_frame(0))
-        third = next(r for r in s.results(50, timeout=30) if r.camera == "cam0")
+        third = result_for(s, "002.png")
         assert (third.verdict, third.thresholds_version, third.threshold) == ("defect", 3, 0.5)
 
         reloaded = ctl(ep, "reload")
@@ -85,7 +85,7 @@ def test_status_pause_resume_thresholds_rollback_and_reload(tmp_path):
         stale = ctl(ep, "--json", "set-thresholds", str(v2))
         assert stale.returncode == 1 and json.loads(stale.stdout)["ok"] is False
         drop(inbox, "003.png", good_frame(3))
-        assert next(r for r in s.results(50, timeout=30) if r.camera == "cam0").verdict == "ok", "still steering"
+        assert result_for(s, "003.png").verdict == "ok", "still steering"
         assert s.stop() == 0, s.log_tail()
     finally:
         s.close()

@@ -314,7 +314,7 @@ def overlay(judged: Judged) -> np.ndarray:
         cv2.rectangle(
             canvas, (region.x, region.y), (region.x + region.w - 1, region.y + region.h - 1), BOX_COLOUR, thickness
         )
-    if judged.score is not None and judged.threshold is not None:
+    if judged.score is not None and judged.threshold is not None and canvas.shape[1] >= 240:  # legible, not covering
         label = f"{judged.score:.4g} >= {judged.threshold:.4g}"
         scale = max(0.4, canvas.shape[1] / 640)
         cv2.putText(canvas, label, (4, int(18 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, BOX_COLOUR, thickness)

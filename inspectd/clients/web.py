@@ -1,0 +1,376 @@
+"""`inspectd web`: the live web view of a station, a process of its own beside the daemon (whose hot path never
+serves HTTP). Read-only, on loopback by default.
+
+It subscribes to the daemon's result and status stream (inspectd.clients.subscribe.Subscriber, on its own thread) and
+reads frames and overlays from the image archive directory (inspectd.protocol.archive). Per camera the page shows the
+last frame, the last defects with their overlays, counts, throughput, latency and a histogram of scores against the
+threshold; for the station, the daemon's health, model, thresholds and alarms. It updates over server-sent events: the
+state is pushed at most every PUSH_INTERVAL_S while it changes, and the browser's EventSource reconnects by itself.
+A daemon that restarts is picked up again by the SUB socket's own reconnect; while no status arrives the page says so.
+
+Routes: `/` the page (inspectd.clients.web_page, no build step), `/events` the stream, `/api/state` the same state as
+JSON, `/archive/<id>/frame|overlay` an archived image, `/live/<camera>.jpg` a camera's latest frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from inspectd.errors import InspectdError, MessageError
+from inspectd.logs import configure_logging
+from inspectd.protocol.archive import ArchiveError, ArchiveReader
+from inspectd.protocol.messages import Result
+
+log = structlog.get_logger("inspectd.web")
+
+DEFAULT_LISTEN = "127.0.0.1:8088"
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
+DEFAULT_ARCHIVE = Path("/var/lib/inspectd/archive")
+PUSH_INTERVAL_S = 0.25
+STATUS_STALE_S = 3.0  # no status for this long: the page says the daemon is not reporting
+ARCHIVE_WAIT_S = 2.0  # an image named by a result may still be on its way to disk: wait this long before 404
+HIST_BINS = 20  # score / threshold from 0 to 2 in HIST_BINS bins, and one bin above
+RATE_WINDOW_S = 5.0
+KEEPALIVE_S = 15.0
+
+
+class CameraView:
+    def __init__(self, defects_kept: int) -> None:
+        self.counts = {"ok": 0, "defect": 0, "error": 0}
+        self.last: dict[str, Any] | None = None
+        self.defects: collections.deque[dict[str, Any]] = collections.deque(maxlen=defects_kept)
+        self.latencies: collections.deque[float] = collections.deque(maxlen=1000)
+        self.arrivals: collections.deque[float] = collections.deque(maxlen=10000)
+        self.histogram = [0] * (HIST_BINS + 1)
+        self.threshold: float | None = None
+
+    def add(self, r: Result, now: float) -> None:
+        self.counts[r.verdict] = self.counts.get(r.verdict, 0) + 1
+        self.last = {
+            "seq": r.seq,
+            "frame_id": r.frame_id,
+            "verdict": r.verdict,
+            "score": r.score,
+            "threshold": r.threshold,
+            "t_publish": r.t_publish,
+            "archive_id": r.archive_id,
+            "error": r.error,
+            "model_id": r.model_id,
+            "thresholds_version": r.thresholds_version,
+        }
+        self.latencies.append(r.latency_ms)
+        self.arrivals.append(now)
+        if r.score is not None and r.threshold:
+            self.threshold = r.threshold
+            ratio = r.score / r.threshold
+            self.histogram[min(HIST_BINS, max(0, int(ratio * HIST_BINS / 2)))] += 1
+        if r.verdict == "defect":
+            self.defects.appendleft(
+                {
+                    "seq": r.seq,
+                    "frame_id": r.frame_id,
+                    "score": r.score,
+                    "threshold": r.threshold,
+                    "t_capture": r.t_capture,
+                    "t_publish": r.t_publish,
+                    "regions": len(r.regions),
+                    "archive_id": r.archive_id,
+                }
+            )
+
+    def view(self, now: float) -> dict[str, Any]:
+        recent = [t for t in self.arrivals if now - t <= RATE_WINDOW_S]
+        ordered = sorted(self.latencies)
+        return {
+            "counts": self.counts,
+            "last": self.last,
+            "defects": list(self.defects),
+            "throughput_fps": len(recent) / RATE_WINDOW_S,
+            "latency_ms": {"p50": _quantile(ordered, 0.5), "p99": _quantile(ordered, 0.99)},
+            "histogram": {"bins": self.histogram, "ratio_max": 2.0, "threshold": self.threshold},
+        }
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class LineState:
+    """What the page shows, built from the stream; touched only on the event loop."""
+
+    def __init__(self, defects_kept: int = 12) -> None:
+        self.defects_kept = defects_kept
+        self.cameras: dict[str, CameraView] = {}
+        self.status: dict[str, Any] | None = None
+        self.status_at: float | None = None
+        self.refused = 0  # messages that did not decode
+        self.version = 0  # goes up with every change, so pushers know when to send
+
+    def on_message(self, message: Result | dict[str, Any] | MessageError) -> None:
+        now = time.monotonic()
+        if isinstance(message, MessageError):
+            self.refused += 1
+        elif isinstance(message, Result):
+            camera = self.cameras.get(message.camera)
+            if camera is None:
+                camera = self.cameras[message.camera] = CameraView(self.defects_kept)
+            camera.add(message, now)
+        else:
+            self.status, self.status_at = message, now
+            for name in message.get("cameras") or {}:
+                self.cameras.setdefault(name, CameraView(self.defects_kept))
+        self.version += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        silent = None if self.status_at is None else round(now - self.status_at, 1)
+        return {
+            "t": time.time(),
+            "status": self.status,
+            "status_age_s": silent,
+            "daemon_reporting": silent is not None and silent < STATUS_STALE_S,
+            "alarms": self.alarms(silent),
+            "cameras": {name: view.view(now) for name, view in sorted(self.cameras.items())},
+            "refused_messages": self.refused,
+        }
+
+    def alarms(self, silent: float | None) -> list[str]:
+        if silent is None:
+            return ["no status from the daemon yet"]
+        out = []
+        if silent >= STATUS_STALE_S:
+            out.append(f"no status from the daemon for {silent:.0f} s")
+        status = self.status or {}
+        if status.get("healthy") is False:
+            out.append("inference unhealthy")
+        for name in ("journal", "archive"):
+            part = status.get(name)
+            if part and part.get("degraded"):
+                out.append(f"{name} degraded: {part.get('error')}")
+        for camera, stats in (status.get("cameras") or {}).items():
+            state = stats.get("state")
+            if state not in (None, "running", "paused", "ended"):
+                out.append(f"camera {camera} {state}: {stats.get('last_error') or ''}".rstrip(": "))
+        return out
+
+
+class Feed(threading.Thread):
+    """The SUB socket on its own thread, handing each decoded message to the event loop; never dies of a message."""
+
+    def __init__(self, endpoint: str, loop: asyncio.AbstractEventLoop, state: LineState, curve=None) -> None:
+        super().__init__(name="web-feed", daemon=True)
+        self.endpoint, self.loop, self.state, self.curve = endpoint, loop, state, curve
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from inspectd.clients.subscribe import Subscriber
+
+        with Subscriber(self.endpoint, curve=self.curve) as sub:
+            while not self.stopping.is_set():
+                try:
+                    message = sub.recv(0.2)
+                except MessageError as exc:
+                    message = exc
+                if message is not None:
+                    self.loop.call_soon_threadsafe(self.state.on_message, message)
+
+
+class WebView:
+    def __init__(self, state: LineState, archive: Path) -> None:
+        self.state = state
+        self.archive = archive
+        self._reader: ArchiveReader | None = None
+        self._clients: set[asyncio.Queue] = set()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/", self.page)
+        app.router.add_get("/events", self.events)
+        app.router.add_get("/api/state", self.api_state)
+        app.router.add_get("/archive/{entry_id}/{kind}", self.archived)
+        app.router.add_get("/live/{camera}.jpg", self.live)
+        app.on_startup.append(self._start_pusher)
+        app.on_cleanup.append(self._stop_pusher)
+        return app
+
+    async def page(self, request: web.Request) -> web.Response:
+        from inspectd.clients.web_page import PAGE
+
+        return web.Response(text=PAGE, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def api_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.state.snapshot())
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self._clients.add(queue)
+        try:
+            await response.write(_sse(self.state.snapshot()))
+            while True:
+                try:
+                    data = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    data = b": keepalive\n\n"
+                await response.write(data)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self._clients.discard(queue)
+        return response
+
+    async def _start_pusher(self, app: web.Application) -> None:
+        self._pusher = asyncio.create_task(self._push())
+
+    async def _stop_pusher(self, app: web.Application) -> None:
+        self._pusher.cancel()
+
+    async def _push(self) -> None:
+        sent, tick = -1, 0
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL_S)
+            tick += 1
+            # Unchanged state is still sent once a second, so the page's "no status for N s" keeps counting.
+            if self._clients and (self.state.version != sent or tick % int(1 / PUSH_INTERVAL_S) == 0):
+                sent = self.state.version
+                data = _sse(self.state.snapshot())
+                for queue in list(self._clients):
+                    if queue.full():  # a slow browser gets the newest state, not a backlog
+                        queue.get_nowait()
+                    queue.put_nowait(data)
+
+    def _archive_reader(self) -> ArchiveReader | None:
+        if self._reader is None:
+            try:
+                self._reader = ArchiveReader(self.archive)
+            except ArchiveError:
+                return None  # no archive yet (the daemon has not written one): asked again next time
+        return self._reader
+
+    async def archived(self, request: web.Request) -> web.StreamResponse:
+        entry_id, kind = request.match_info["entry_id"], request.match_info["kind"]
+        if kind not in ("frame", "overlay"):
+            raise web.HTTPNotFound(text="expected /archive/<id>/frame or /archive/<id>/overlay")
+        deadline = time.monotonic() + ARCHIVE_WAIT_S
+        while True:
+            reader = self._archive_reader()
+            try:
+                if reader is None:
+                    raise ArchiveError(f"{self.archive}: no archive yet")
+                path = reader.file(reader.get(entry_id), kind)
+                if path.is_file():
+                    return web.FileResponse(path, headers={"Cache-Control": "max-age=86400, immutable"})
+                error = f"archive id {entry_id!r}: {kind} file missing"
+            except ArchiveError as exc:
+                error = str(exc)
+                if "expected <camera>" in error:
+                    raise web.HTTPNotFound(text=error) from None
+            if time.monotonic() >= deadline:
+                raise web.HTTPNotFound(text=error)
+            await asyncio.sleep(0.05)
+
+    async def live(self, request: web.Request) -> web.StreamResponse:
+        reader = self._archive_reader()
+        path = reader.live(request.match_info["camera"]) if reader is not None else None
+        if path is None:
+            raise web.HTTPNotFound(text="no live frame for this camera (yet)")
+        return web.FileResponse(path, headers={"Cache-Control": "no-store"})
+
+
+def _sse(doc: dict[str, Any]) -> bytes:
+    return f"event: state\ndata: {json.dumps(doc, separators=(',', ':'), default=str)}\n\n".encode()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint", default=DEFAULT_ENDPOINT, metavar="EP", help=f"the daemon's publish.endpoint ({DEFAULT_ENDPOINT})"
+    )
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        default=DEFAULT_ARCHIVE,
+        metavar="DIR",
+        help=f"the daemon's archive directory (archive.path; default {DEFAULT_ARCHIVE})",
+    )
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"where to serve the page (default {DEFAULT_LISTEN}: this machine only; port 0 picks a free one)",
+    )
+    parser.add_argument("--defects", type=int, default=12, metavar="N", help="defects shown per camera (default 12)")
+    parser.add_argument("--server-key", type=Path, metavar="PATH", help="CurveZMQ: the daemon's publish public key")
+    parser.add_argument("--client-key", type=Path, metavar="PATH", help="CurveZMQ: this client's .key_secret")
+    parser.add_argument("--log-format", choices=("json", "console"), default="console")
+
+
+def run(args: argparse.Namespace) -> int:
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        print(f"inspectd web: --listen {args.listen!r}, expected HOST:PORT (e.g. {DEFAULT_LISTEN})", file=sys.stderr)
+        return 2
+    if (args.server_key is None) != (args.client_key is None):
+        print("inspectd web: --server-key and --client-key: give both (CurveZMQ) or neither", file=sys.stderr)
+        return 2
+    if args.defects < 1:
+        print(f"inspectd web: --defects {args.defects}, expected at least 1", file=sys.stderr)
+        return 2
+    configure_logging("info", args.log_format)
+    try:
+        curve = None
+        if args.server_key is not None:
+            from inspectd.protocol.keys import curve_client
+
+            curve = curve_client(args.server_key, args.client_key)
+        asyncio.run(_serve(args, host.strip("[]"), int(port), curve))
+    except InspectdError as exc:
+        print(f"inspectd web: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"inspectd web: --listen {args.listen}: cannot listen ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _serve(args: argparse.Namespace, host: str, port: int, curve) -> None:
+    import signal
+
+    state = LineState(args.defects)
+    feed = Feed(args.endpoint, asyncio.get_running_loop(), state, curve)
+    feed.start()
+    runner = web.AppRunner(WebView(state, args.archive).app(), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+        bound = runner.addresses[0]
+        log.info(
+            "web_listening", url=f"http://{bound[0]}:{bound[1]}/", endpoint=args.endpoint, archive=str(args.archive)
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        feed.stopping.set()
+        await runner.cleanup()
+        feed.join(2)

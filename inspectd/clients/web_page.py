@@ -1,0 +1,166 @@
+"""The web view's page (`inspectd web`): one HTML document with its style and script inline, no build step and nothing
+fetched from elsewhere. It renders the `state` events of /events (see inspectd.clients.web); each defect's overlay
+<img> carries `data-archive-id`, and `data-loaded-at` (epoch ms) once the browser has drawn it."""
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>inspectd</title>
+<style>
+  :root { --ok: #2e7d32; --bad: #c62828; --warn: #ef6c00; --fg: #1d1d1f; --muted: #6b6b70; --line: #dcdce0; }
+  body { font: 14px/1.4 system-ui, sans-serif; color: var(--fg); margin: 0; background: #f6f6f8; }
+  header { display: flex; gap: 1.5em; align-items: baseline; padding: .7em 1.2em; background: #fff;
+           border-bottom: 1px solid var(--line); flex-wrap: wrap; }
+  header h1 { font-size: 1.2em; margin: 0; }
+  .pill { padding: .1em .6em; border-radius: 1em; color: #fff; font-weight: 600; }
+  .pill.ok { background: var(--ok); } .pill.bad { background: var(--bad); } .pill.warn { background: var(--warn); }
+  .muted { color: var(--muted); }
+  #alarms { margin: 0; padding: .4em 1.2em; background: #fdecea; color: var(--bad); list-style: none; }
+  #alarms:empty { display: none; }
+  main { display: grid; gap: 1em; padding: 1em; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); }
+  section.camera { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: .8em; }
+  section.camera h2 { margin: 0 0 .5em; font-size: 1.1em; }
+  .top { display: grid; grid-template-columns: 200px 1fr; gap: .8em; }
+  .live { width: 200px; height: 200px; object-fit: contain; background: #222; border-radius: 4px; }
+  table.stats td { padding: 0 .8em 0 0; } table.stats td:first-child { color: var(--muted); }
+  svg.hist { width: 100%; height: 90px; margin-top: .4em; }
+  .defects { display: flex; gap: .5em; overflow-x: auto; margin-top: .6em; min-height: 150px; }
+  .defect { flex: none; text-align: center; font-size: 12px; }
+  .defect img { width: 128px; height: 128px; object-fit: contain; background: #222; border-radius: 4px;
+                display: block; }
+  .verdict-defect { color: var(--bad); font-weight: 600; } .verdict-ok { color: var(--ok); }
+  .verdict-error { color: var(--warn); font-weight: 600; }
+</style>
+</head>
+<body>
+<header>
+  <h1>inspectd <span id="station" class="muted"></span></h1>
+  <span id="health" class="pill warn">connecting</span>
+  <span id="model" class="muted"></span>
+  <span id="feed" class="muted"></span>
+</header>
+<ul id="alarms"></ul>
+<main id="cameras"></main>
+<script>
+"use strict";
+const $ = (sel, root = document) => root.querySelector(sel);
+const fmt = (v, digits = 3) => v === null || v === undefined ? "-" : Number(v).toPrecision(digits);
+const when = (t) => new Date(t * 1000).toLocaleTimeString();
+
+function cameraSection(name) {
+  let section = document.getElementById("camera-" + name);
+  if (section) return section;
+  section = document.createElement("section");
+  section.className = "camera";
+  section.id = "camera-" + name;
+  section.innerHTML = `
+    <h2></h2>
+    <div class="top">
+      <img class="live" alt="last frame">
+      <div>
+        <table class="stats"><tbody></tbody></table>
+        <svg class="hist" viewBox="0 0 210 90" preserveAspectRatio="none"></svg>
+      </div>
+    </div>
+    <div class="defects"></div>`;
+  $("h2", section).textContent = name;
+  const live = $("img.live", section);
+  live.onerror = () => { live.style.visibility = "hidden"; };
+  live.onload = () => { live.style.visibility = "visible"; };
+  $("#cameras").appendChild(section);
+  return section;
+}
+
+function stats(view, cameraStatus) {
+  const c = view.counts, last = view.last || {};
+  const rows = [
+    ["state", cameraStatus ? cameraStatus.state : "-"],
+    ["ok / defect / error", `${c.ok} / ${c.defect} / ${c.error}`],
+    ["throughput", `${view.throughput_fps.toFixed(1)} frames/s`],
+    ["latency p50 / p99", `${fmt(view.latency_ms.p50)} / ${fmt(view.latency_ms.p99)} ms`],
+    ["last", last.verdict ? `<span class="verdict-${last.verdict}">${last.verdict}</span> ` +
+                            `score ${fmt(last.score)} (threshold ${fmt(last.threshold)})` : "-"],
+  ];
+  return rows.map(([k, v]) => `<tr><td>${k}</td><td>${v}</td></tr>`).join("");
+}
+
+function histogram(svg, hist) {
+  const bins = hist.bins, n = bins.length, max = Math.max(1, ...bins), w = 200 / (n - 1);
+  let out = "";
+  bins.forEach((count, i) => {
+    const h = 80 * count / max, x = i * w;
+    const colour = i >= (n - 1) / 2 ? "#c62828" : "#2e7d32";
+    out += `<rect x="${x + 0.5}" y="${80 - h}" width="${w - 1}" height="${h}" fill="${colour}"></rect>`;
+  });
+  out += `<line x1="100" y1="0" x2="100" y2="80" stroke="#1d1d1f" stroke-dasharray="3,2"></line>`;
+  out += `<text x="102" y="89" font-size="8">threshold ${fmt(hist.threshold)}</text>`;
+  out += `<text x="0" y="89" font-size="8">0</text><text x="190" y="89" font-size="8">2x</text>`;
+  svg.innerHTML = out;
+}
+
+function defects(strip, list) {
+  const wanted = new Set(list.map((d) => d.archive_id || "seq-" + d.seq));
+  for (const el of Array.from(strip.children)) if (!wanted.has(el.dataset.key)) el.remove();
+  for (const d of list) {  // newest first; appending an element that is already there moves it, never reloads it
+    const key = d.archive_id || "seq-" + d.seq;
+    let el = strip.querySelector(`[data-key="${CSS.escape(key)}"]`);
+    if (!el) {
+      el = document.createElement("div");
+      el.className = "defect";
+      el.dataset.key = key;
+      const img = document.createElement("img");
+      img.alt = "defect overlay";
+      if (d.archive_id) {
+        img.dataset.archiveId = d.archive_id;
+        img.onload = () => { img.dataset.loadedAt = String(Date.now()); };
+        img.src = `/archive/${encodeURIComponent(d.archive_id)}/overlay`;
+      }
+      const caption = document.createElement("div");
+      caption.textContent = `${fmt(d.score)} @ ${when(d.t_capture)} (${d.regions} region${d.regions === 1 ? "" : "s"})`;
+      el.append(img, caption);
+    }
+    strip.appendChild(el);
+  }
+}
+
+function render(state) {
+  const status = state.status || {};
+  $("#station").textContent = status.station || "";
+  const health = $("#health");
+  if (!state.daemon_reporting) { health.className = "pill warn"; health.textContent = "daemon not reporting"; }
+  else if (status.healthy) { health.className = "pill ok"; health.textContent = "healthy"; }
+  else { health.className = "pill bad"; health.textContent = "UNHEALTHY"; }
+  $("#model").textContent = status.model_id ? `model ${status.model_id}, thresholds v${status.thresholds_version}` : "";
+  $("#feed").textContent = status.throughput_fps !== undefined ? `${status.throughput_fps.toFixed(1)} frames/s` : "";
+  $("#alarms").innerHTML = "";
+  for (const alarm of state.alarms) {
+    const li = document.createElement("li");
+    li.textContent = alarm;
+    $("#alarms").appendChild(li);
+  }
+  const cameraStatus = status.cameras || {};
+  for (const [name, view] of Object.entries(state.cameras)) {
+    const section = cameraSection(name);
+    $("table.stats tbody", section).innerHTML = stats(view, cameraStatus[name]);
+    histogram($("svg.hist", section), view.histogram);
+    defects($(".defects", section), view.defects);
+  }
+}
+
+function refreshLive() {
+  for (const img of document.querySelectorAll("img.live")) {
+    const name = img.closest("section").id.slice("camera-".length);
+    img.src = `/live/${encodeURIComponent(name)}.jpg?t=${Date.now()}`;
+  }
+}
+
+const events = new EventSource("/events");
+events.addEventListener("state", (e) => render(JSON.parse(e.data)));
+events.onerror = () => { $("#health").className = "pill warn"; $("#health").textContent = "web view reconnecting"; };
+setInterval(refreshLive, 1000);
+</script>
+</body>
+</html>
+"""

@@ -1,0 +1,165 @@
+"""`inspectd web` in a real headless chromium against a real daemon: the page loads, shows a planted defect's overlay
+within 2 s of its publication, and carries on when the daemon restarts. The run also takes the screenshot in
+docs/ (with INSPECTD_UPDATE_DOCS=1; otherwise it goes to the test's temporary directory)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from browser import Browser
+from daemon_harness import Station, free_port
+from inspectd.clients.web import HIST_BINS, LineState
+from inspectd.protocol.messages import Region, Result
+from station_model import FRAME, defect_frame, drop, good_frame, result_for, write_grey_bundle
+
+pytestmark = pytest.mark.timeout(180)
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "docs" / "web-view.png"
+
+
+def result(camera: str, seq: int, verdict: str, score: float, archive_id: str | None = None) -> Result:
+    return Result(
+        "t1", camera, seq, f"{seq}", time.time(), time.time(), verdict, score, 0.5, "m", 1,
+        (Region(1, 2, 3, 4, 12, 0.9),) if verdict == "defect" else (), 5.0 + seq, FRAME, FRAME, False,
+        archive_id=archive_id,
+    )  # fmt: skip
+
+
+def test_line_state_counts_histogram_defects_and_alarms():
+    state = LineState(defects_kept=2)
+    assert state.snapshot()["alarms"] == ["no status from the daemon yet"]
+    for seq, score in enumerate([0.1, 0.2, 0.49, 0.5, 0.99, 5.0]):
+        state.on_message(result("cam0", seq, "defect" if score >= 0.5 else "ok", score, f"cam0-x-{seq}"))
+    state.on_message({"station": "t1", "healthy": False, "cameras": {"cam0": {"state": "reopening"}, "cam1": {}},
+                      "archive": {"degraded": True, "error": "OSError: disk full"}})  # fmt: skip
+    snap = state.snapshot()
+    cam0 = snap["cameras"]["cam0"]
+    assert cam0["counts"] == {"ok": 3, "defect": 3, "error": 0}
+    assert [d["seq"] for d in cam0["defects"]] == [5, 4], "the newest N defects, newest first"
+    bins = cam0["histogram"]["bins"]
+    assert len(bins) == HIST_BINS + 1 and sum(bins) == 6
+    half = HIST_BINS // 2  # score == threshold: the first bin at or above it
+    assert sum(bins[:half]) == 3 and bins[half] == 1 and bins[-1] == 1
+    assert cam0["latency_ms"]["p50"] == 8.0 and snap["daemon_reporting"]
+    assert "cam1" in snap["cameras"], "a camera the status names is shown before its first result"
+    assert snap["alarms"] == ["inference unhealthy", "archive degraded: OSError: disk full", "camera cam0 reopening"]
+
+
+def fetch(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def overlay_shown(browser: Browser, archive_id: str, timeout: float = 15.0) -> dict:
+    selector = json.dumps(f'img[data-archive-id="{archive_id}"]')
+    return await browser.wait_for(
+        f"(() => {{ const img = document.querySelector({selector});"
+        " return img && img.dataset.loadedAt && img.naturalWidth > 0"
+        " ? {loadedAt: Number(img.dataset.loadedAt), width: img.naturalWidth, height: img.naturalHeight} : null; })()",
+        timeout,
+        f"the overlay of {archive_id}",
+    )
+
+
+def test_web_view_in_a_real_browser_shows_defects_live_and_survives_a_daemon_restart(tmp_path):
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    inboxes = {cam: tmp_path / f"inbox-{cam}" for cam in ("cam0", "cam1")}
+    cameras = []
+    for cam, inbox in inboxes.items():
+        inbox.mkdir()
+        cameras.append({"id": cam, "source": {"kind": "folder", "path": str(inbox), "poll_ms": 20}})
+    port = free_port()
+    stations = [Station(tmp_path, bundle, cameras, archive={"good_every": 1})]
+    web = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "web", "--endpoint", stations[0].publish, "--archive",
+         str(tmp_path / "state" / "archive"), "--listen", f"127.0.0.1:{port}", "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    counter = iter(range(1000))
+
+    def plant(station: Station, camera: str, defect: bool) -> Result:
+        i = next(counter)
+        drop(inboxes[camera], f"{i:04d}.png", defect_frame(i) if defect else good_frame(i))
+        return result_for(station, f"{i:04d}.png")
+
+    async def scenario() -> None:
+        async with Browser() as browser:
+            await browser.goto(url)
+            await browser.wait_for("document.querySelector('#health')?.textContent === 'healthy'", 30, "healthy")
+            for i in range(6):
+                plant(stations[0], "cam1" if i % 2 else "cam0", defect=False)
+            for camera in ("cam0", "cam1", "cam0"):
+                planted = plant(stations[0], camera, defect=True)
+                assert planted.verdict == "defect" and planted.archive_id, planted
+                shown = await overlay_shown(browser, planted.archive_id)
+                delay = shown["loadedAt"] / 1000 - planted.t_publish
+                assert delay <= 2.0, f"overlay drawn {delay:.2f} s after publication"
+                assert (shown["width"], shown["height"]) == (FRAME, FRAME)
+            # What the operator reads: both cameras, their counts, the defects, the live frame.
+            text = await browser.evaluate("document.body.innerText")
+            assert "cam0" in text and "cam1" in text and "ok / defect / error" in text
+            assert await browser.evaluate("document.querySelectorAll('.defect img').length") == 3
+            await browser.wait_for(
+                "Array.from(document.querySelectorAll('img.live')).every(i => i.naturalWidth > 0)", 10, "live frames"
+            )
+            shot = SCREENSHOT if os.environ.get("INSPECTD_UPDATE_DOCS") == "1" else tmp_path / "web-view.png"
+            await browser.screenshot(shot)
+            assert shot.stat().st_size > 10_000
+
+            # The daemon goes away: the page says so, and keeps what it showed.
+            assert stations[0].stop() == 0, stations[0].log_tail()
+            await browser.wait_for(
+                "document.querySelector('#health')?.textContent === 'daemon not reporting'", 15, "the daemon's absence"
+            )
+            assert await browser.evaluate("document.querySelectorAll('.defect img').length") == 3
+            # A new daemon on the same endpoints: the same page, without a reload, shows its defects.
+            stations.append(Station(tmp_path, bundle, cameras, archive={"good_every": 1}))
+            stations[1].wait_ready()
+            await browser.wait_for("document.querySelector('#health')?.textContent === 'healthy'", 30, "healthy again")
+            planted = plant(stations[1], "cam1", defect=True)
+            shown = await overlay_shown(browser, planted.archive_id)
+            assert shown["loadedAt"] / 1000 - planted.t_publish <= 2.0
+
+    try:
+        stations[0].wait_ready()
+        deadline = time.monotonic() + 30
+        while fetch(url)[0] != 200:
+            assert web.poll() is None, web.communicate()[0]
+            assert time.monotonic() < deadline, "inspectd web did not serve its page"
+            time.sleep(0.1)
+        asyncio.run(scenario())
+
+        state = json.loads(fetch(url + "api/state")[1])
+        assert state["daemon_reporting"] and state["cameras"]["cam1"]["counts"]["defect"] >= 2
+        assert fetch(url + "archive/..%2F..%2Fetc%2Fpasswd/frame")[0] == 404
+        assert fetch(url + "archive/cam0-20000101T000000000-1/overlay")[0] == 404
+        status, body = fetch(url + "live/cam0.jpg")
+        assert status == 200 and body[:2] == b"\xff\xd8"
+        # Read-only: nothing but GET is served.
+        request = urllib.request.Request(url + "api/state", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 405
+    finally:
+        for station in stations:
+            station.close()
+        if web.poll() is None:
+            web.send_signal(signal.SIGTERM)
+        output = web.communicate(timeout=20)[0]
+    assert web.returncode == 0, output
+    assert "web_listening" in output
