@@ -32,9 +32,12 @@ SUBCOMMANDS = [
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Only the chosen command's module is imported: `inspectd run` never pays for torch."""
+    from engines.bundle.format import inspectd_version
+
     parser = argparse.ArgumentParser(
         prog="inspectd", description="Streaming line-inspection daemon for unsupervised surface-defect detection."
     )
+    parser.add_argument("--version", action="version", version=f"inspectd {inspectd_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name, help_text in SUBCOMMANDS:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)

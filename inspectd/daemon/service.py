@@ -45,6 +45,12 @@ STUCK_AFTER_S = 10.0  # a batch older than this without finishing means the pipe
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="the daemon's YAML config file")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and the bundle it names (every checksum, the thresholds), print what would run, "
+        "and exit (0 valid, 2 not) without starting anything; allowed as root",
+    )
 
 
 class Daemon:
@@ -503,12 +509,37 @@ def check_threshold_range(new: Any, current: Any) -> None:
                 )
 
 
+def check(path: Path) -> int:
+    """`inspectd run --check`: the config as the daemon would load it, and its bundle verified; nothing started."""
+    from engines.bundle.store import load_bundle
+    from engines.errors import EngineError
+    from inspectd.daemon.config import load_config
+
+    try:
+        config = load_config(path)
+        bundle = load_bundle(config.model.bundle)
+        thresholds = bundle.thresholds()
+    except (InspectdError, EngineError, OSError, ValueError) as exc:
+        print(f"inspectd run --check: {exc}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(thresholds.per_camera) - {camera.id for camera in config.cameras})
+    print(f"{path}: valid")
+    print(f"  station {config.station}: cameras {', '.join(camera.id for camera in config.cameras)}")
+    print(f"  bundle {config.model.bundle}: model {bundle.model_id}, thresholds version {thresholds.version}")
+    print(f"  engine {config.engine.backend}, publish {config.publish.endpoint}, control {config.control.endpoint}")
+    if unknown:
+        print(f"  note: thresholds.per_camera names cameras not in this config: {', '.join(unknown)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
     from inspectd.daemon.config import load_config
     from inspectd.daemon.notify import Notifier
     from inspectd.daemon.security import SecurityError, refuse_root
 
+    if args.check:
+        return check(args.config)
     try:
         refuse_root()
     except SecurityError as exc:

@@ -1,0 +1,57 @@
+"""`inspectd run --check` and `inspectd --version` as subprocesses: what an installer or an operator runs before
+starting (or restarting) the service."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inspectd.daemon.security import ALLOW_ROOT_ENV
+from station_model import write_grey_bundle
+
+pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def inspectd(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != ALLOW_ROOT_ENV}  # --check is allowed as root by itself
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", *args], capture_output=True, text=True, timeout=60, cwd=REPO, env=env
+    )
+
+
+def test_check_validates_the_config_and_its_bundle_without_starting(tmp_path):
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    config = {
+        "station": "line1",
+        "model": {"bundle": "bundle"},  # relative to the config file
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+    }
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ok = inspectd("run", "--check", "--config", str(path))
+    assert ok.returncode == 0, ok.stderr
+    assert f"{path}: valid" in ok.stdout and "cameras cam0" in ok.stdout and "thresholds version 1" in ok.stdout
+    assert not (tmp_path / "pub.sock").exists() and not (tmp_path / "state").exists(), "nothing was started"
+
+    path.write_text(yaml.safe_dump({**config, "cameras": [{"id": "cam0", "source": {"kind": "synthetc"}}]}))
+    bad_key = inspectd("run", "--check", "--config", str(path))
+    assert bad_key.returncode == 2 and "cameras[0].source.kind" in bad_key.stderr
+
+    path.write_text(yaml.safe_dump(config))
+    (bundle / "scorer.npz").write_bytes(b"changed")
+    tampered = inspectd("run", "--check", "--config", str(path))
+    assert tampered.returncode == 2 and "scorer.npz" in tampered.stderr, tampered.stderr
+
+
+def test_version():
+    shown = inspectd("--version")
+    assert shown.returncode == 0 and shown.stdout.startswith("inspectd ")
