@@ -164,6 +164,13 @@ def run(args: argparse.Namespace) -> int:
     log_path = workdir / "daemon.log"
     print(f"demo: starting the daemon (config {config_path}, log {log_path}); results on {endpoint}", flush=True)
     print(f"demo: in another shell: inspectd subscribe --endpoint {endpoint}", flush=True)
+    archive = workdir.resolve() / "state" / "archive"
+    print(
+        f"demo: watch it in a browser: inspectd web --endpoint {endpoint} --archive {archive}, "
+        f"then open http://127.0.0.1:8088/",
+        flush=True,
+    )
+    print(f"demo: steer it: inspectd ctl --endpoint ipc://{workdir.resolve()}/control.sock pause cam0", flush=True)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if os.geteuid() == 0 and env.get(ALLOW_ROOT_ENV) != "1":
