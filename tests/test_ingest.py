@@ -178,6 +178,9 @@ def test_folder_picks_up_real_jpegs_in_arrival_order_each_once(tmp_path, ingest_
         assert np.array_equal(f.image, cv2.imread(str(src), cv2.IMREAD_GRAYSCALE))
     assert frames[4].image is None and "empty (0 bytes)" in frames[4].error
     assert abs(frames[0].t_capture - base) < 1
+    assert not done.exists() and len(list(inbox.iterdir())) == 6  # read and queued: nothing moved before its result
+    for f in frames:
+        f.on_published()  # what the publisher calls once each result is journalled and sent
     assert sorted(p.name for p in done.iterdir()) == sorted(names + ["empty.jpg"])
     assert sorted(p.name for p in inbox.iterdir()) == ["notes.txt"]
     stats = ingest.stats()
