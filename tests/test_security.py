@@ -82,9 +82,31 @@ def test_key_files_with_loose_permissions_are_refused(pki, tmp_path):
     with pytest.raises(keys.KeysError, match="holds no secret key"):
         keys.load_secret(_as_secret_copy(pki["server"][0]))
     os.chmod(pki["allow_dir"], 0o775)
-    with pytest.raises(keys.KeysError, match="lets group/others add keys"):
+    with pytest.raises(keys.KeysError, match="lets group/others change it, expected at most 0755"):
         keys.load_allow_list(pki["allow_dir"])
     os.chmod(pki["allow_dir"], 0o755)
+    listed = pki["allow_dir"] / "bridge1.key"
+    os.chmod(listed, 0o664)  # a key file anyone in the group can rewrite lets the group in
+    with pytest.raises(keys.KeysError, match=r"bridge1.key: mode 0664 lets group/others change it"):
+        keys.load_allow_list(pki["allow_dir"])
+    os.chmod(listed, 0o644)
+    os.chown(listed, 4242, -1)  # owned by another user (the tests run as root, which may chown)
+    with pytest.raises(keys.KeysError, match=r"bridge1.key: owned by uid 4242, expected the daemon's own user"):
+        keys.load_allow_list(pki["allow_dir"])
+    os.chown(listed, os.geteuid(), -1)
+    link = pki["allow_dir"] / "linked.key"
+    link.symlink_to(pki["intruder"][0])
+    with pytest.raises(keys.KeysError, match=r"linked.key: a symbolic link"):
+        keys.load_allow_list(pki["allow_dir"])
+    link.unlink()
+    dir_link = tmp_path / "allowed-link"
+    dir_link.symlink_to(pki["allow_dir"])
+    with pytest.raises(keys.KeysError, match=r"allowed-link: a symbolic link"):
+        keys.load_allow_list(dir_link)
+    secret_link = tmp_path / "server-link.key_secret"
+    secret_link.symlink_to(secret)
+    with pytest.raises(keys.KeysError, match=r"server-link.key_secret: a symbolic link"):
+        keys.load_secret(secret_link)
     (pki["allow_dir"] / "oops.key_secret").write_bytes(pki["intruder"][1].read_bytes())
     with pytest.raises(keys.KeysError, match="a secret key in the allow-list"):
         keys.load_allow_list(pki["allow_dir"])
@@ -317,11 +339,48 @@ def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
             assert bad_sub.recv(1.0) is None
         with ControlClient(control, timeout_s=5, curve=good) as client:
             refused = client.request({"cmd": "status"})["auth_refused"]
+            # Who may steer the line: a threshold far outside every calibrated version is refused unless forced.
+            far = {"version": 2, "image_threshold": 1e300, "pixel_threshold": 0.5}
+            reply = client.request({"cmd": "set_thresholds", "thresholds": far})
+            assert not reply["ok"] and reply["error"].startswith("thresholds.image_threshold: 1e+300 is outside")
+            assert client.request({"cmd": "set_thresholds", "thresholds": {**far, "image_threshold": 0.6}})["ok"]
+            forced = {**far, "version": 3, "image_threshold": 40.0}
+            assert client.request({"cmd": "set_thresholds", "thresholds": forced, "force": True})["ok"]
         assert refused["control"] >= 2 and refused["publish"] >= 1, refused
+
+        # The allow-list is read again on SIGHUP: the intruder's key is listed now, and gets in.
+        (pki["allow_dir"] / "late.key").write_bytes(pki["intruder"][0].read_bytes())
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "allow_list_reloaded" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        with ControlClient(control, timeout_s=5, curve=bad) as client:
+            assert client.request({"cmd": "status"})["ok"]
+        # Revoked over the control channel's own reload: the first client's key is gone, so is its access.
+        (pki["allow_dir"] / "bridge1.key").unlink()
+        with ControlClient(control, timeout_s=30, curve=bad) as client:
+            reloaded = client.request({"cmd": "reload"})
+        assert reloaded["ok"] and [r.split()[0] for r in reloaded["allow_lists"]["control"]["removed"]] == [
+            "bridge1.key"
+        ]
+        with ControlClient(control, timeout_s=1.5, curve=good) as client, pytest.raises(ControlTimeout):
+            client.request({"cmd": "status"})
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    reloads = [e for e in events if e.get("event") == "allow_list_reloaded" and e["domain"] == "control"]
+    intruder_key = keys.load_public(pki["intruder"][0]).decode()
+    assert reloads[0]["added"] == [f"late.key ({intruder_key})"] and reloads[0]["removed"] == []
+    assert reloads[1]["removed"][0].startswith("bridge1.key (")
+    # Every command is logged with the CURVE key that sent it.
+    commands = [e for e in events if e.get("event") == "control_command"]
+    assert {e["client"] for e in commands} == {
+        f"curve:{keys.load_public(pki['allowed'][0]).decode()}",
+        f"curve:{intruder_key}",
+    }
+    assert any(e["cmd"] == "set_thresholds" and e["force"] for e in commands)
     reasons = {(e["domain"], e["reason"]) for e in events if e.get("event") == "auth_refused"}
     assert ("control", "client key not in the allow-list") in reasons
     assert any(d == "control" and r.startswith("handshake failed: ") for d, r in reasons), reasons
@@ -372,3 +431,54 @@ def test_curve_fails_closed_when_the_authenticator_is_gone(pki):
         server.stop()
         guard.stop()
         security._zap(zmq.Context.instance())  # a fresh authenticator for the tests after this one
+
+
+def test_a_zmq_camera_on_a_network_address_requires_curve_and_takes_frames_only_from_listed_producers(pki, tmp_path):
+    import threading
+
+    from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
+
+    base = {"station": "s", "model": {"bundle": "b"}, "state_dir": str(tmp_path)}
+    network = {"id": "cam0", "source": {"kind": "zmq", "endpoint": "tcp://0.0.0.0:5560"}}
+    with pytest.raises(ConfigError, match=r"^cameras\[0\]\.source\.curve: required when endpoint is a network"):
+        parse_config({**base, "cameras": [network]})
+    endpoint = f"tcp://0.0.0.0:{free_port()}"
+    curve = {"server_secret_key": str(pki["server"][1]), "allowed_clients_dir": str(pki["allow_dir"])}
+    config = parse_config(
+        {**base, "cameras": [{"id": "cam0", "source": {"kind": "zmq", "endpoint": endpoint, "curve": curve}}]}
+    )
+    source = ZmqPullSource(config.cameras[0], clock=time.time)
+    stop = threading.Event()
+    source.open(stop)
+    connect = endpoint.replace("0.0.0.0", "127.0.0.1")
+
+    def push(client_key: Path | None, frame_id: str) -> None:
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.linger = 2000
+        if client_key is not None:
+            curve_client(pki["server"][0], client_key)(sock)
+        sock.connect(connect)
+        header = {"frame_id": frame_id, "dtype": "uint8", "encoding": "raw", "shape": [4, 4]}
+        sock.send_multipart([json.dumps(header).encode(), bytes(16)])
+        sock.close()
+
+    try:
+        for key, frame_id in ((pki["intruder"][1], "intruder"), (None, "plain"), (pki["allowed"][1], "listed")):
+            threading.Thread(target=push, args=(key, frame_id), daemon=True).start()
+        got = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "listed" not in got:
+            frame = source.read(stop)
+            if frame is not None:
+                got.append(frame.frame_id)
+        deadline = time.monotonic() + 1.5  # the refused ones would have arrived by now, had they been let in
+        while time.monotonic() < deadline:
+            frame = source.read(stop)
+            if frame is not None:
+                got.append(frame.frame_id)
+        assert got == ["listed"]
+        assert source.curve is not None and source.curve.refused >= 1
+    finally:
+        source.close()
+        if source.curve is not None:
+            source.curve.stop()

@@ -26,7 +26,7 @@ from inspectd.configfile import CameraId, ConfigPath, Endpoint, parse, read_yaml
 from inspectd.daemon.inference import MASK_POLICIES
 from inspectd.daemon.ingest import SOURCES
 from inspectd.daemon.ingest.queue import QUEUE_POLICIES
-from inspectd.daemon.security import is_local_endpoint
+from inspectd.daemon.security import Curve, is_local_endpoint
 from inspectd.errors import ConfigError
 from inspectd.logs import LOG_FORMATS, LOG_LEVELS
 
@@ -130,25 +130,6 @@ class JournalConfig:
     path: ConfigPath | None = None  # a directory (inspectd.protocol.journal); None: <state_dir>/journal
     max_mb: Annotated[Number, Field(gt=0)] = 256.0
     fsync_interval_s: Annotated[Number, Field(gt=0, le=60)] = 1.0  # the most a power cut may cost
-
-
-@declared
-class CurveConfig:
-    """CurveZMQ for a server socket: the daemon's key pair and the directory of client public keys let in."""
-
-    server_secret_key: ConfigPath
-    allowed_clients_dir: ConfigPath
-
-
-def _both_keys(raw: Any) -> Any:
-    if raw is not None and (not isinstance(raw, dict) or set(raw) != {"server_secret_key", "allowed_clients_dir"}):
-        raise invalid(
-            f"expected null or a mapping with exactly server_secret_key and allowed_clients_dir, got {show(raw)}"
-        )
-    return raw
-
-
-Curve = Annotated[CurveConfig | None, BeforeValidator(_both_keys)]
 
 
 @declared

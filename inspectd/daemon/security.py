@@ -21,12 +21,16 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Annotated, Any
 
 import structlog
 import zmq
+from pydantic import BeforeValidator
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from engines.schema import declared, invalid, show
+from inspectd.configfile import ConfigPath
 from inspectd.errors import InspectdError
 from inspectd.protocol import keys
 
@@ -41,6 +45,26 @@ _REFUSALS: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed: the client does not speak CURVE with our key",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed: the client broke it off (no CURVE, or not our key)",
 }
+
+
+@declared
+class CurveConfig:
+    """CurveZMQ for a server socket: the daemon's key pair and the directory of client public keys let in."""
+
+    server_secret_key: ConfigPath
+    allowed_clients_dir: ConfigPath
+
+
+def _both_keys(raw: Any) -> Any:
+    if raw is not None and (not isinstance(raw, dict) or set(raw) != {"server_secret_key", "allowed_clients_dir"}):
+        raise invalid(
+            f"expected null or a mapping with exactly server_secret_key and allowed_clients_dir, got {show(raw)}"
+        )
+    return raw
+
+
+# The config type of every `curve:` key (publish, control, a zmq camera's source): null or both key paths.
+Curve = Annotated[CurveConfig | None, BeforeValidator(_both_keys)]
 
 
 class SecurityError(InspectdError):
@@ -138,9 +162,13 @@ class CurveServer:
         self.domain = domain
         self.context = context or zmq.Context.instance()
         self.public, self.secret = keys.load_secret(secret_key, f"{where}.curve.server_secret_key")
-        self.allowed = keys.load_allow_list(allowed_clients_dir, f"{where}.curve.allowed_clients_dir")
+        self.allowed_clients_dir = Path(allowed_clients_dir)
+        self._where = f"{where}.curve.allowed_clients_dir"
+        self._names = keys.read_allow_list(self.allowed_clients_dir, self._where)
+        self.allowed = frozenset(self._names)
         self.refusals = _Refusals(domain)
-        _zap(self.context).configure_curve_callback(domain, _AllowList(self.allowed, self.refusals))
+        self._allow_list = _AllowList(self.allowed, self.refusals)
+        _zap(self.context).configure_curve_callback(domain, self._allow_list)
         self._monitors: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -184,6 +212,22 @@ class CurveServer:
             return
         finally:
             monitor.close(linger=0)
+
+    def reload(self) -> dict[str, list[str]]:
+        """Read the allow-list directory again (SIGHUP, control `reload`); the next handshake uses the new list.
+
+        A directory that fails its checks now raises KeysError and the list in force stays as it was. Who was added
+        and who removed is logged (`allow_list_reloaded`) and returned, by key file and key."""
+        names = keys.read_allow_list(self.allowed_clients_dir, self._where)
+        added = [f"{names[k]} ({k.decode()})" for k in names.keys() - self._names.keys()]
+        removed = [f"{self._names[k]} ({k.decode()})" for k in self._names.keys() - names.keys()]
+        self._names = names
+        self.allowed = frozenset(names)
+        self._allow_list.allowed = self.allowed  # one attribute swap: the ZAP thread sees the old set or the new
+        log.info(
+            "allow_list_reloaded", domain=self.domain, keys=len(names), added=sorted(added), removed=sorted(removed)
+        )
+        return {"added": sorted(added), "removed": sorted(removed)}
 
     def alive(self) -> bool:
         """The process's ZAP authenticator is answering handshakes. When it is not, the enforced ZAP domain makes

@@ -407,6 +407,8 @@ class Daemon:
         }
 
     def reload(self) -> dict[str, Any]:
+        # Key allow-lists first, and whatever the model does: revoking a client must not wait on a good bundle.
+        allow_lists = self._reload_allow_lists()
         with self._reload_lock:
             old = self.stage.state
             new = ModelState.open(
@@ -424,7 +426,23 @@ class Daemon:
             previous_model_id=old.model_id,
             previous_thresholds_version=old.thresholds_version,
         )
-        return {"model_id": new.model_id, "thresholds_version": new.thresholds_version}
+        return {"model_id": new.model_id, "thresholds_version": new.thresholds_version, "allow_lists": allow_lists}
+
+    def _reload_allow_lists(self) -> dict[str, Any]:
+        from inspectd.protocol.keys import KeysError
+
+        changes: dict[str, Any] = {}
+        for role, curve in (("control", self.control_curve), ("publish", self.publish_curve)):
+            if curve is None:
+                continue
+            try:
+                changes[role] = curve.reload()
+            except KeysError as exc:
+                changes[role] = {"error": str(exc)}
+                self.log.error(
+                    "allow_list_reload_failed", domain=role, error=str(exc), effect="the previous list stays"
+                )
+        return changes
 
     def set_thresholds(self, doc: Any, force: bool = False) -> dict[str, Any]:
         from engines.bundle import thresholds as thresholds_doc

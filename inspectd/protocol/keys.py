@@ -4,8 +4,9 @@ the hook a client socket (ControlClient, Subscriber, the PLC bridge) authenticat
 A key pair is two files written by zmq.auth.create_certificates: `<name>.key` (public, shareable) and
 `<name>.key_secret` (public + secret). Secret key files must be owned by the user reading them and unreadable by
 group and others (0600): a secret anyone on the station can read authenticates nobody. An allow-list is a directory
-of client public key files (`*.key`); it must not be writable by group or others either, since whoever can drop a
-file there can let themselves in.
+of client public key files (`*.key`); the directory and every key in it must be owned by the daemon's user or root
+and writable by nobody else, and none of them may be a symlink, since whoever can drop or change a file there can
+let themselves in.
 
     inspectd keys generate --out /etc/inspectd/keys --name server
     inspectd keys generate --out ./plc-bridge --name bridge1      # then copy bridge1.key into allowed_clients_dir
@@ -54,13 +55,22 @@ def generate(out: str | Path, name: str) -> tuple[Path, Path]:
     return Path(made_public), Path(made_secret)
 
 
-def check_secret_file(path: str | Path, what: str) -> None:
-    """Refuse a secret key file that is missing, not a regular file, not ours, or readable by group or others."""
-    path = Path(path)
+def _lstat(path: Path, what: str, expected: str) -> os.stat_result:
     try:
-        st = path.stat()
+        st = path.lstat()
     except OSError as exc:
-        raise KeysError(f"{what} {path}: cannot read ({exc.strerror or exc}), expected a .key_secret file") from None
+        raise KeysError(f"{what} {path}: cannot read ({exc.strerror or exc}), expected {expected}") from None
+    if stat.S_ISLNK(st.st_mode):
+        # Whoever can repoint the link chooses the key: the checks below would judge the target, not the path.
+        raise KeysError(f"{what} {path}: a symbolic link, expected {expected} itself")
+    return st
+
+
+def check_secret_file(path: str | Path, what: str) -> None:
+    """Refuse a secret key file that is missing, a symlink, not a regular file, not ours, or readable by group or
+    others."""
+    path = Path(path)
+    st = _lstat(path, what, "a .key_secret file")
     if not stat.S_ISREG(st.st_mode):
         raise KeysError(f"{what} {path}: not a regular file, expected a .key_secret file")
     if st.st_uid != os.geteuid():
@@ -69,6 +79,20 @@ def check_secret_file(path: str | Path, what: str) -> None:
         raise KeysError(
             f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others read it, expected "
             f"0600 (chmod 600 {path})"
+        )
+
+
+def check_trusted(path: Path, st: os.stat_result, what: str) -> None:
+    """Key material that decides who gets in (the allow-list directory, each public key in it) must be owned by the
+    daemon's user or root and writable by nobody else: whoever can change it can let themselves in."""
+    if st.st_uid not in (os.geteuid(), 0):
+        raise KeysError(
+            f"{what} {path}: owned by uid {st.st_uid}, expected the daemon's own user (uid {os.geteuid()}) or root"
+        )
+    if st.st_mode & 0o022:
+        raise KeysError(
+            f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others change it, expected at most "
+            f"{'0755' if stat.S_ISDIR(st.st_mode) else '0644'}"
         )
 
 
@@ -98,30 +122,37 @@ def _load(path: str | Path, what: str) -> tuple[bytes, bytes | None]:
 
 
 def load_allow_list(directory: str | Path, what: str = "allowed_clients_dir") -> frozenset[bytes]:
-    """The z85 public keys of every `*.key` file in `directory`; refuses an empty or loosely writable directory."""
+    """The z85 public keys of every `*.key` file in `directory`; refuses an empty directory, and a directory or key
+    file that is a symlink, owned by someone else or writable by group or others."""
+    return frozenset(read_allow_list(directory, what))
+
+
+def read_allow_list(directory: str | Path, what: str = "allowed_clients_dir") -> dict[bytes, str]:
+    """z85 public key -> the file it came from, for each `*.key` in `directory` (checked as load_allow_list says)."""
     directory = Path(directory)
+    st = _lstat(directory, what, "a directory of client public keys (*.key)")
     try:
-        st = directory.stat()
         names = sorted(os.listdir(directory))
     except OSError as exc:
         raise KeysError(
             f"{what} {directory}: cannot read ({exc.strerror or exc}), expected a directory of client "
             f"public keys (*.key)"
         ) from None
-    if st.st_mode & 0o022:
-        raise KeysError(
-            f"{what} {directory}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others add keys, expected at most 0755"
-        )
-    keys = set()
+    check_trusted(directory, st, what)
+    keys: dict[bytes, str] = {}
     for name in names:
         path = directory / name
         if name.endswith(SECRET_SUFFIX):
             raise KeysError(f"{what} {path}: a secret key in the allow-list, expected client public keys only")
         if name.endswith(PUBLIC_SUFFIX):
-            keys.add(load_public(path, what))
+            key_st = _lstat(path, what, "a client public key file")
+            if not stat.S_ISREG(key_st.st_mode):
+                raise KeysError(f"{what} {path}: not a regular file, expected a client public key file")
+            check_trusted(path, key_st, what)
+            keys[load_public(path, what)] = name
     if not keys:
         raise KeysError(f"{what} {directory}: no *.key files, expected at least one client public key")
-    return frozenset(keys)
+    return keys
 
 
 def curve_client(server_public_key: str | Path, client_secret_key: str | Path) -> Callable[[zmq.Socket], None]:

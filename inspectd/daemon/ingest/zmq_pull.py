@@ -8,13 +8,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
+from pydantic import model_validator
 
 from engines.errors import DataError
-from engines.schema import declared
+from engines.schema import declared, refuse
 from inspectd.configfile import Endpoint
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
+from inspectd.daemon.security import Curve, CurveServer, is_local_endpoint
 from inspectd.errors import MessageError
 from inspectd.protocol import wirejson
 
@@ -31,7 +33,20 @@ class ZmqSource:
     """A camera `source` of `kind: zmq`."""
 
     endpoint: Endpoint  # bound by the daemon; producers connect PUSH sockets to it
+    # CurveZMQ: required when the endpoint is a network address, so only listed producers can feed the line.
+    curve: Curve = None
     kind: Literal["zmq"] = "zmq"
+
+    @model_validator(mode="after")
+    def _network_needs_curve(self) -> ZmqSource:
+        if self.curve is None and not is_local_endpoint(self.endpoint):
+            refuse(
+                "curve",
+                f"required when endpoint is a network address ({self.endpoint}), expected "
+                f"{{server_secret_key: PATH, allowed_clients_dir: DIR}} or a loopback/ipc endpoint",
+                None,
+            )
+        return self
 
 
 class ZmqPullSource(Source):
@@ -41,7 +56,20 @@ class ZmqPullSource(Source):
 
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         super().__init__(camera, clock)
-        self.endpoint = cast(ZmqSource, camera.source).endpoint
+        spec = cast(ZmqSource, camera.source)
+        self.endpoint = spec.endpoint
+        # Keys loaded (and their permissions checked) here, when the daemon builds its cameras: a bad key fails the
+        # start, not a reopen loop.
+        self.curve = (
+            None
+            if spec.curve is None
+            else CurveServer(
+                f"ingest-{camera.id}",
+                spec.curve.server_secret_key,
+                spec.curve.allowed_clients_dir,
+                where=f"cameras[{camera.id}].source",
+            )
+        )
         self.sock: zmq.Socket | None = None
         self.poller: zmq.Poller | None = None
         self.received = 0
@@ -55,6 +83,8 @@ class ZmqPullSource(Source):
         # A producer sending more than the largest frame this camera accepts (raw RGB at max_pixels, or an encoded
         # image up to twice that) is disconnected by ZeroMQ before the message is buffered, not parsed after.
         sock.maxmsgsize = 6 * self.camera.max_pixels + (64 << 10)
+        if self.curve is not None:
+            self.curve(sock)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
