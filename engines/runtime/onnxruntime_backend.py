@@ -145,5 +145,5 @@ def cuda_refusal(options, running: list[str]) -> str:
     return (
         f"{asked} but ONNX Runtime {ort.__version__} fell back to {', '.join(running)}: its CUDA provider did not "
         f"start on device {options.device} (no such device, a driver older than this build's CUDA, or missing "
-        "CUDA/cuDNN libraries; ONNX Runtime's own error is in the log above)"
+        "CUDA/cuDNN libraries; ONNX Runtime's own error is in the log above); providers: cpu to run on the CPU"
     )
