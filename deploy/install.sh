@@ -233,6 +233,8 @@ for example in "$SRC"/deploy/*.example.yaml; do
     fi
     ensure_file "$example" "$target.example" 0640 "root:$USER_NAME"
 done
+# A PLC bridge instance's command line (systemd/inspectd-bridge@.service reads /etc/inspectd/bridge-<instance>.env).
+ensure_file "$SRC/deploy/bridge.example.env" "$ETC/bridge.env.example" 0640 "root:$USER_NAME"
 
 # --- state: the service owns it ---------------------------------------------------------------------------------
 ensure_dir "$ROOT/var" 0755 root:root
@@ -249,7 +251,7 @@ ensure_dir "$ROOT/etc/systemd" 0755 root:root
 ensure_dir "$UNITS" 0755 root:root
 UNITS_BEFORE=$CHANGED
 CHANGED=0
-for unit in inspectd.service inspectd@.service; do
+for unit in inspectd.service inspectd@.service inspectd-bridge@.service; do
     ensure_file "$SRC/systemd/$unit" "$UNITS/$unit" 0644 root:root
 done
 if [ "$SYSTEM" -eq 1 ] && [ "$CHANGED" -eq 1 ] && [ -d /run/systemd/system ]; then
