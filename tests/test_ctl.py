@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import Station
+from daemon_harness import Station, free_port
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.store import load_bundle
 from station_model import defect_frame, drop, good_frame, result_for, write_grey_bundle
@@ -100,3 +100,40 @@ def test_exit_codes_without_a_daemon(tmp_path):
     assert unreadable.returncode == 2 and "cannot read a thresholds document" in unreadable.stderr
     usage = ctl(f"ipc://{tmp_path}/nobody.sock", "pause")
     assert usage.returncode == 2
+
+
+def test_ctl_over_tcp_with_curve_keys(tmp_path):
+    from inspectd.protocol import keys
+
+    server_public, server_secret = keys.generate(tmp_path / "keys" / "server", "server")
+    operator_public, operator_secret = keys.generate(tmp_path / "keys" / "operator", "operator")
+    intruder_secret = keys.generate(tmp_path / "keys" / "intruder", "intruder")[1]
+    allow = tmp_path / "keys" / "allowed"
+    allow.mkdir(mode=0o755)
+    allow.chmod(0o755)
+    (allow / "operator.key").write_bytes(operator_public.read_bytes())
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cameras = [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 5, "width": 64, "height": 64}}]
+    curve = {"server_secret_key": str(server_secret), "allowed_clients_dir": str(allow)}
+    s = Station(
+        tmp_path, write_grey_bundle(tmp_path / "bundle"), cameras, control={"endpoint": endpoint, "curve": curve}
+    )
+    try:
+        s.wait_ready()
+        keyed = ("--server-key", str(server_public), "--client-key")
+        ok = ctl(endpoint, *keyed, str(operator_secret), "pause", "cam0")
+        assert ok.returncode == 0 and ok.stdout.strip() == "camera cam0: paused", ok.stderr
+        # Not in the allow-list, or no keys at all: the daemon never answers, and ctl says so with exit 3.
+        intruder = ctl(endpoint, *keyed, str(intruder_secret), "--timeout", "1", "resume", "cam0")
+        assert intruder.returncode == 3 and "no reply within 1 s" in intruder.stderr
+        bare = ctl(endpoint, "--timeout", "1", "resume", "cam0")
+        assert bare.returncode == 3
+        assert (
+            json.loads(ctl(endpoint, *keyed, str(operator_secret), "--json", "status").stdout)["cameras"]["cam0"][
+                "state"
+            ]
+            == "paused"
+        ), "neither refused request reached the daemon"
+        assert s.stop() == 0, s.log_tail()
+    finally:
+        s.close()
