@@ -128,12 +128,8 @@ def test_ctl_over_tcp_with_curve_keys(tmp_path):
         assert intruder.returncode == 3 and "no reply within 1 s" in intruder.stderr
         bare = ctl(endpoint, "--timeout", "1", "resume", "cam0")
         assert bare.returncode == 3
-        assert (
-            json.loads(ctl(endpoint, *keyed, str(operator_secret), "--json", "status").stdout)["cameras"]["cam0"][
-                "state"
-            ]
-            == "paused"
-        ), "neither refused request reached the daemon"
+        status = json.loads(ctl(endpoint, *keyed, str(operator_secret), "--json", "status").stdout)
+        assert status["cameras"]["cam0"]["state"] == "paused", "neither refused request reached the daemon"
         assert s.stop() == 0, s.log_tail()
     finally:
         s.close()
