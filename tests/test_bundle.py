@@ -15,16 +15,20 @@ import pytest
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.store import load_bundle, write_bundle
 from engines.errors import BundleError
-from tiny_dataset import make_tiny_mvtec, one_torch_thread  # noqa: F401 (fixture)
+from tiny_dataset import one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
+    """A real trained bundle, from the built-in synthetic line: the damage tests below run on every machine, with or
+    without the shared data set."""
+    from engines.data.synthline import SyntheticLine
     from engines.training.train import Progress, train_bundle
 
-    root = make_tiny_mvtec(tmp_path_factory.mktemp("data"), n_train=8)
+    root = tmp_path_factory.mktemp("data") / "good"
+    SyntheticLine(64, 64, seed=3).write_folder(root, 8)
     out = tmp_path_factory.mktemp("bundles") / "frozen"
     train_bundle(root, out, size=(64, 64), scorer="kmeans", k=2, progress=Progress(enabled=False))
     return out
