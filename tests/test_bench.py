@@ -1,6 +1,7 @@
-"""Smoke tests of `inspectd bench engine` and `inspectd bench naive` on a tiny real bundle (64x64, trained on a few
-magnetic-tile images): each prints a Markdown table of positive figures and writes valid JSON. No speed is asserted:
-speed goals are met in benchmark runs that print figures (docs/PERFORMANCE.md), never in timed tests."""
+"""Tests of `inspectd bench engine` and `inspectd bench naive` on a tiny real bundle (64x64, trained on a few frames
+of the built-in synthetic line): each prints a Markdown table and writes JSON whose figures agree with each other
+(throughput against latency, frames against windows and batches, table against JSON). No speed is asserted: speed
+goals are met in benchmark runs that print figures (docs/PERFORMANCE.md), never in timed tests."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tiny_dataset import require_data
-
 pytestmark = pytest.mark.timeout(240)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,12 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
+    from engines.data.synthline import SyntheticLine
     from engines.training.train import Progress, train_bundle
 
-    data = require_data()
     images = tmp_path_factory.mktemp("good")
-    for path in sorted((data / "train" / "good").iterdir())[:4]:
-        (images / path.name).symlink_to(path)
+    SyntheticLine(64, 64, seed=5).write_folder(images, 4)  # the built-in line: the test runs on every machine
     result = train_bundle(
         images,
         tmp_path_factory.mktemp("bundle") / "b64",
@@ -66,10 +64,17 @@ def test_bench_engine_prints_table_and_json(tiny_bundle, tmp_path):
     assert report["kind"] == "engine" and report["peak_rss_mb"] > 0
     (size,) = report["sizes"]
     assert size["input"] == [64, 64, 1] and size["trained_for_bench"] is False
-    for row in size["rows"]:
+    for row, printed in zip(size["rows"], rows):
         assert row["fps"]["median"] > 0 and row["latency_ms"]["p50"] > 0 and row["frames"] >= row["batch"]
         assert row["fps"]["min"] <= row["fps"]["median"] <= row["fps"]["max"]
-    assert report["best"]["batch"] in (1, 2)
+        # The calls run back to back, so frames per second is the batch over the time of one call: a throughput
+        # counted per call instead of per frame, or a latency in the wrong unit, is off by far more than 2x.
+        implied = row["batch"] * 1000.0 / row["latency_ms"]["p50"]
+        assert 0.5 < row["fps"]["median"] / implied < 2.0, (row["fps"], row["latency_ms"])
+        assert row["frames"] % row["batch"] == 0 and row["latency_ms"]["n"] == row["frames"] // row["batch"]
+        assert len(row["windows"]) == 1 and row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
+        assert float(printed[2]) == pytest.approx(row["fps"]["median"], rel=0.01, abs=0.1)  # the table shows the JSON
+    assert report["best"]["batch"] == max(size["rows"], key=lambda r: r["fps"]["median"])["batch"]
 
 
 def test_bench_naive_on_five_synthetic_frames(tiny_bundle):
@@ -82,6 +87,12 @@ def test_bench_naive_on_five_synthetic_frames(tiny_bundle):
     report = json.loads("{" + json_text)
     assert report["frames"] == 5 and report["fps"] > 0 and report["latency_ms"]["n"] == 5
     assert report["received"] == 5  # every published result reached the subscriber
+    assert report["fps"] * report["seconds"] == pytest.approx(report["frames"])
+    # One frame at a time: the frames' latencies cannot add up to more than the run took.
+    assert report["latency_ms"]["p50"] * report["frames"] / 1000.0 <= report["seconds"] * 1.05
+    assert report["cpu_ms_per_frame"] * report["frames"] / 1000.0 == pytest.approx(
+        report["cpu_cores_used"] * report["seconds"], rel=0.01
+    )
 
 
 def test_bench_naive_refuses_an_empty_frames_folder(tiny_bundle, tmp_path):
