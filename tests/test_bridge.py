@@ -11,16 +11,13 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zmq
 
 pytest.importorskip("pymodbus", reason="the PLC bridge needs the [plc] extra (pymodbus)")
 from pymodbus.client import ModbusTcpClient  # noqa: E402
@@ -30,7 +27,7 @@ from pymodbus.simulator.simutils import DataType  # noqa: E402
 
 from inspectd.clients.plc import DEFAULT_BITS, DEFAULT_REGISTERS, parse_bridge_config, scaled_score  # noqa: E402
 from inspectd.errors import ConfigError  # noqa: E402
-from inspectd.protocol.messages import Region, encode_mask, encode_result, encode_status  # noqa: E402
+from plc_peers import Daemon, free_port, wait  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REG = DEFAULT_REGISTERS
@@ -40,27 +37,11 @@ pytestmark = pytest.mark.timeout(60)
 logging.getLogger("pymodbus").setLevel(logging.WARNING)  # it traces every packet at debug
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 class Plc:
     """A pymodbus TCP server on 127.0.0.1 (the PLC's memory) plus the PLC program that acknowledges results."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self.server = None
         device = SimDevice(id=1, simdata=[SimData(0, count=32, values=0, datatype=DataType.REGISTERS)])
@@ -72,7 +53,7 @@ class Plc:
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(serve(),), daemon=True)
         self.thread.start()
         self.client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=2)
-        _wait(self.client.connect, 5, "the Modbus server to listen", interval=0.05)
+        wait(self.client.connect, 5, "the Modbus server to listen", interval=0.05)
         self.received: list[dict] = []  # every result seen with result_valid raised, in order
         self.acking = threading.Event()
         self.acking.set()
@@ -129,65 +110,6 @@ class Plc:
         if self.server is not None:
             asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(5)
         self.thread.join(5)
-
-
-class Daemon:
-    """The publishing side: a real PUB socket sending encoded results and 1 Hz-style status messages."""
-
-    def __init__(self, curve=None) -> None:
-        self.context = zmq.Context()
-        self.pub = self.context.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            curve(self.pub)  # inspectd.daemon.security.CurveServer: the daemon's publish.curve
-        port = self.pub.bind_to_random_port("tcp://127.0.0.1")
-        mask = np.zeros((64, 64), bool)
-        mask[2:6, 1:4] = True
-        self.mask = encode_mask(mask)
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-
-    def status(self) -> None:
-        self.pub.send_multipart(
-            encode_status(
-                STATION,
-                {
-                    "t": time.time(),
-                    "uptime_s": 1.0,
-                    "healthy": True,
-                    "model_id": "m",
-                    "thresholds_version": 1,
-                    "throughput_fps": 10.0,
-                    "cameras": {},
-                },
-            )
-        )
-
-    def result(self, seq: int, verdict: str = "ok", score: float = 0.2, regions: int = 0, camera: str = CAMERA) -> None:
-        self.pub.send_multipart(
-            encode_result(
-                station=STATION,
-                camera=camera,
-                seq=seq,
-                frame_id=f"f{seq}",
-                t_capture=time.time(),
-                t_publish=time.time(),
-                verdict=verdict,
-                score=None if verdict == "error" else score,
-                threshold=0.5,
-                model_id="m",
-                thresholds_version=1,
-                regions=[Region(1, 2, 3, 4, 12, 0.9)] * regions,
-                latency_ms=1.0,
-                width=64,
-                height=64,
-                error="camera timeout" if verdict == "error" else None,
-                mask_png=self.mask if verdict == "defect" else None,
-            )
-        )  # as the daemon sends defects: with a mask
-
-    def close(self) -> None:
-        self.pub.close()
-        self.context.term()
 
 
 @pytest.fixture
@@ -251,7 +173,7 @@ class Bridge:
             daemon.status()
             return plc.field("status") & BIT["trigger_ready"]
 
-        _wait(ready, 20, "the bridge to subscribe (trigger_ready)", interval=0.05)
+        wait(ready, 20, "the bridge to subscribe (trigger_ready)", interval=0.05)
 
     def stop(self) -> dict[str, dict]:
         """SIGTERM, a clean exit, and the bridge's JSON log events by name (the last of each)."""
@@ -276,7 +198,7 @@ def test_every_verdict_lands_in_the_registers_in_order(plc, daemon, bridge_confi
             verdict = ("ok", "defect", "error")[seq % 3]
             daemon.result(seq, verdict, score=seq / 10, regions=seq % 4 if verdict == "defect" else 0)
             sent.append((seq, verdict))
-        _wait(lambda: len(plc.received) >= len(sent), 15, "12 acknowledged results")
+        wait(lambda: len(plc.received) >= len(sent), 15, "12 acknowledged results")
         assert [r["id"] for r in plc.received] == [seq for seq, _ in sent]
         for record, (seq, verdict) in zip(plc.received, sent):
             assert record["code"] == {"ok": 0, "defect": 1, "error": 2}[verdict]
@@ -288,14 +210,14 @@ def test_every_verdict_lands_in_the_registers_in_order(plc, daemon, bridge_confi
                 verdict == "defect",
             )
         # After the last ack result_valid falls; nothing missed, no gaps, no alarm; the heartbeat moves.
-        _wait(lambda: not plc.field("status") & BIT["result_valid"], 5, "result_valid to fall after the ack")
+        wait(lambda: not plc.field("status") & BIT["result_valid"], 5, "result_valid to fall after the ack")
         assert plc.field("missed_acks") == 0 and plc.field("sequence_gaps") == 0
         assert not plc.field("status") & BIT["alarm"]
-        _wait(lambda: plc.field("heartbeat") > beat, 5, "the heartbeat to move (every 100 ms)")
+        wait(lambda: plc.field("heartbeat") > beat, 5, "the heartbeat to move (every 100 ms)")
         # The bridge serves the first camera it saw; another camera's result never reaches this block.
         daemon.result(13, camera="cam1")
         daemon.result(13)
-        _wait(lambda: len(plc.received) == 13, 5, "result 13")
+        wait(lambda: len(plc.received) == 13, 5, "result 13")
         assert plc.received[-1]["id"] == 13
     finally:
         events = bridge.stop()
@@ -308,22 +230,22 @@ def test_a_plc_that_stops_acking_counts_missed_acks_and_raises_the_alarm(plc, da
     bridge = Bridge(daemon, plc, config)
     try:
         daemon.result(1)
-        _wait(lambda: len(plc.received) == 1, 5, "the first acknowledged result")
+        wait(lambda: len(plc.received) == 1, 5, "the first acknowledged result")
         plc.acking.clear()
         daemon.result(2, "defect", regions=1)
         daemon.result(3)
         # Each unacknowledged result waits ack_timeout_ms (1 s), then counts and the bridge moves on.
-        _wait(lambda: plc.field("missed_acks") == 2, 5, "two missed acks")
+        wait(lambda: plc.field("missed_acks") == 2, 5, "two missed acks")
         status = plc.field("status")
         assert status & BIT["alarm"]
         assert plc.field("inspection_id") == 3
         # The alarm is latched until the PLC resets it; acking again keeps results flowing.
         plc.acking.set()
         daemon.result(4)
-        _wait(lambda: plc.received and plc.received[-1]["id"] == 4, 5, "result 4 after acking resumed")
+        wait(lambda: plc.received and plc.received[-1]["id"] == 4, 5, "result 4 after acking resumed")
         assert plc.field("status") & BIT["alarm"]
         plc.write("alarm_reset", 1)
-        _wait(lambda: not plc.field("status") & BIT["alarm"], 5, "the alarm to clear after alarm_reset")
+        wait(lambda: not plc.field("status") & BIT["alarm"], 5, "the alarm to clear after alarm_reset")
         assert plc.field("alarm_reset") == 0
         assert plc.field("missed_acks") == 2
     finally:
@@ -335,7 +257,7 @@ def test_a_sequence_gap_is_counted_and_raises_the_alarm(plc, daemon, bridge_conf
     try:
         for seq in (1, 2, 5):
             daemon.result(seq)
-        _wait(lambda: len(plc.received) == 3, 5, "three results")
+        wait(lambda: len(plc.received) == 3, 5, "three results")
         assert [r["id"] for r in plc.received] == [1, 2, 5]
         assert plc.field("sequence_gaps") == 2
         assert plc.field("status") & BIT["alarm"]
@@ -351,12 +273,12 @@ def test_queue_overflow_drops_the_oldest_waiting_results_and_counts_them_as_gaps
     try:
         plc.acking.clear()
         daemon.result(1)
-        _wait(lambda: plc.field("inspection_id") == 1, 5, "result 1 handed over")
+        wait(lambda: plc.field("inspection_id") == 1, 5, "result 1 handed over")
         for seq in range(2, 7):  # arrive while the bridge waits for the ack of 1: only the newest two stay queued
             daemon.result(seq)
         time.sleep(0.3)
         plc.acking.set()
-        _wait(lambda: len(plc.received) == 3, 5, "three results")
+        wait(lambda: len(plc.received) == 3, 5, "three results")
         assert [r["id"] for r in plc.received] == [1, 5, 6]
         assert plc.field("sequence_gaps") == 3
         assert plc.field("status") & BIT["alarm"]
@@ -370,7 +292,7 @@ def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
     bridge = Bridge(daemon, plc, bridge_config)
     for seq in (1, 2, 3):
         daemon.result(seq, "defect", regions=2)
-    _wait(lambda: len(plc.received) == 3, 5, "three results")
+    wait(lambda: len(plc.received) == 3, 5, "three results")
     bridge.stop()
     assert not plc.field("status") & BIT["result_valid"]
 
@@ -383,7 +305,7 @@ def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
         for seq in (2, 3):  # replayed, already handed over
             daemon.result(seq, "ok")
         daemon.result(4, "ok")
-        _wait(lambda: len(plc.received) >= 1, 5, "the fresh result")
+        wait(lambda: len(plc.received) >= 1, 5, "the fresh result")
         time.sleep(0.2)
         assert [r["id"] for r in plc.received] == [4]
         assert plc.received[0]["pass"]
@@ -409,7 +331,7 @@ def test_curve_encrypted_results_reach_the_plc_with_the_bridge_keys(plc, tmp_pat
         )
         try:
             daemon.result(1, "defect", regions=2)
-            _wait(lambda: len(plc.received) == 1, 5, "the result over CURVE")
+            wait(lambda: len(plc.received) == 1, 5, "the result over CURVE")
             assert plc.received[0]["id"] == 1 and plc.received[0]["defect"] and plc.received[0]["regions"] == 2
         finally:
             bridge.stop()

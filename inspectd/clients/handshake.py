@@ -1,0 +1,251 @@
+"""The protocol-neutral core of a PLC bridge: per camera, hand results to a PLC one at a time with an ack by id.
+
+A protocol (Modbus in inspectd.clients.plc, OPC UA in inspectd.clients.opcua) is an adapter that gives each camera a
+`Target`: named values it can read from and write to the PLC. This module owns what those values mean:
+
+  1. a result is written (inspection_id, result_code, verdict, score, threshold, region_count, model_id,
+     thresholds_version, the counters) together with `status` where result_valid is raised; an adapter that cannot
+     write them in one request writes the data first and `status` last, so result_valid rises only on complete data;
+  2. the PLC acknowledges by writing the inspection id into `ack` (so a late ack of an old result never releases a
+     new one);
+  3. the bridge drops result_valid (a falling edge, so the next result is a fresh rising edge) and writes the next
+     queued result. No ack within ack_timeout_ms counts a missed ack, latches alarm and moves on.
+
+Results arriving meanwhile are queued (queue_size); on overflow the OLDEST is dropped and, since the PLC then sees a
+jump in inspection ids, counted in sequence_gaps and latched in alarm like any other gap.
+
+Restart rule: on start the bridge reads the target's inspection_id and drops result_valid. Results with seq <= that id
+are stale (handed over already, or replayed) and skipped; an id of 0 means a fresh PLC and skips nothing. Per camera
+seq never goes back (the daemon resumes it from its journal), so this skips only replays.
+
+Status flags besides the result's own: trigger_ready (the daemon is heard from and says it is healthy),
+daemon_unhealthy (its status message says healthy: false), drift (the median score of the last drift_window results
+is at least drift_ratio of the image threshold: the good parts score ever closer to the line, e.g. lighting or focus
+moving) and alarm (latched by a missed ack, a gap or an overflow; cleared when the PLC writes alarm_reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Protocol
+
+from pydantic import Field
+
+from engines.schema import Int, Number, declared
+from inspectd.protocol.messages import Result
+
+RESULT_CODES = {"ok": 0, "defect": 1, "error": 2}
+STATUS_FLAGS = ("trigger_ready", "result_valid", "pass", "fail", "defect", "alarm", "drift", "daemon_unhealthy")
+Status = frozenset  # the raised STATUS_FLAGS
+
+
+class PlcError(RuntimeError):
+    """The PLC refused a request or did not answer."""
+
+
+class Target(Protocol):
+    """One camera's values in the PLC, as a protocol adapter reaches them.
+
+    `read` names: inspection_id (0 when the PLC holds none), ack, alarm_reset (non-zero: reset requested), alarm
+    (1 while the latched alarm flag is set in the PLC). `write` names: status (a Status), inspection_id,
+    result_code, verdict, score (float or None), threshold (float or None), region_count, model_id (str or None),
+    thresholds_version (int or None), missed_acks, sequence_gaps, heartbeat, alarm_reset. Values an adapter has no
+    place for are left out by the adapter; counters are unbounded here and wrapped by the adapter. Both raise
+    PlcError."""
+
+    async def read(self, name: str) -> int: ...
+
+    async def write(self, fields: dict[str, Any], last: str | None = None) -> None: ...
+
+
+@declared
+class HandshakeSettings:
+    """The keys every bridge config has (docs/PLC.md); a protocol's config declaration adds its own."""
+
+    ack_timeout_ms: Annotated[Number, Field(ge=1)] = 1000.0
+    poll_ms: Annotated[Number, Field(ge=1, le=10_000)] = 10.0
+    queue_size: Annotated[Int, Field(ge=1, le=1_000_000)] = 64
+    heartbeat_ms: Annotated[Number, Field(ge=10)] = 1000.0
+    drift_window: Annotated[Int, Field(ge=0, le=100_000)] = 200  # 0: no drift flag
+    drift_ratio: Annotated[Number, Field(gt=0)] = 0.8
+
+
+@dataclasses.dataclass
+class Counters:
+    written: int = 0
+    acked: int = 0
+    missed_acks: int = 0
+    sequence_gaps: int = 0
+    overflow_drops: int = 0
+    stale_skipped: int = 0
+
+
+class Handshake:
+    """Queues one camera's decoded results and hands them to its Target one at a time."""
+
+    def __init__(
+        self,
+        target: Target,
+        settings: HandshakeSettings,
+        camera: str | None,
+        log: Callable[..., None] | None = None,
+    ) -> None:
+        self.target = target
+        self.settings = settings
+        self.camera = camera  # None until the bridge binds it to the first camera whose result arrives
+        self.log = log or (lambda event, **kw: None)
+        self.queue: collections.deque[Result] = collections.deque()
+        self._arrived = asyncio.Event()
+        self.counters = Counters()
+        self.last_id: int | None = None  # inspection id last handed over (or read from the PLC at start)
+        self.showing: str | None = None  # verdict of the result flagged valid right now, None when none is
+        self.alarm = False
+        self.daemon_alive = False
+        self.daemon_healthy = True
+        self.scores: collections.deque[float] = collections.deque(maxlen=max(settings.drift_window, 1))
+        self.threshold: float | None = None
+        self.written_status: Status | None = None
+
+    async def start(self) -> None:
+        """Adopt the PLC's last inspection id (restart rule) and drop result_valid until a fresh result."""
+        plc_id = await self.target.read("inspection_id")
+        self.last_id = plc_id or None
+        self.alarm = bool(await self.target.read("alarm"))  # a latched alarm survives a bridge restart
+        await self._write_status(force=True)
+        self.log("plc_adopted", camera=self.camera, inspection_id=plc_id, alarm=self.alarm)
+
+    def offer(self, result: Result) -> None:
+        """Called for each decoded result of this camera, on the event loop; never blocks."""
+        if result.score is not None and result.threshold is not None:
+            self.scores.append(result.score)
+            self.threshold = result.threshold
+        if len(self.queue) >= self.settings.queue_size:
+            dropped = self.queue.popleft()
+            self.counters.overflow_drops += 1
+            self.log("queue_overflow", camera=self.camera, dropped_seq=dropped.seq, queue_size=self.settings.queue_size)
+        self.queue.append(result)
+        self._arrived.set()
+
+    def drifting(self) -> bool:
+        window = self.settings.drift_window
+        if not window or len(self.scores) < window or not self.threshold:
+            return False
+        return statistics.median(self.scores) >= self.settings.drift_ratio * self.threshold
+
+    def status(self) -> Status:
+        flags = set()
+        if self.daemon_alive and self.daemon_healthy:
+            flags.add("trigger_ready")
+        if not self.daemon_healthy:
+            flags.add("daemon_unhealthy")
+        if self.showing is not None:
+            flags.add("result_valid")
+            flags.add("pass" if self.showing == "ok" else "fail")
+            if self.showing == "defect":
+                flags.add("defect")
+        if self.alarm:
+            flags.add("alarm")
+        if self.drifting():
+            flags.add("drift")
+        return Status(flags)
+
+    async def _write_status(self, force: bool = False) -> None:
+        status = self.status()
+        if force or status != self.written_status:
+            self.written_status = status
+            await self.target.write({"status": status})
+
+    async def set_status(
+        self, *, daemon_alive: bool | None = None, daemon_healthy: bool | None = None, alarm: bool | None = None
+    ) -> None:
+        """Change trigger_ready / daemon_unhealthy / alarm (drift is recomputed); the result flags stay."""
+        if daemon_alive is not None:
+            self.daemon_alive = daemon_alive
+        if daemon_healthy is not None:
+            self.daemon_healthy = daemon_healthy
+        if alarm is not None:
+            self.alarm = alarm
+        await self._write_status()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not self.queue:
+                self._arrived.clear()
+                waiter = asyncio.ensure_future(self._arrived.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            await self._hand_over(self.queue.popleft(), stop)
+
+    async def _hand_over(self, result: Result, stop: asyncio.Event) -> None:
+        seq = result.seq & 0xFFFFFFFF
+        if self.last_id is not None and seq <= self.last_id:
+            self.counters.stale_skipped += 1
+            self.log("stale_skipped", camera=self.camera, seq=result.seq, plc_inspection_id=self.last_id)
+            return
+        if self.last_id is not None and seq > self.last_id + 1:
+            self.counters.sequence_gaps += seq - self.last_id - 1
+            self.alarm = True
+            self.log("sequence_gap", camera=self.camera, after=self.last_id, seq=seq, missing=seq - self.last_id - 1)
+        self.last_id = seq
+        self.showing = result.verdict
+        self.written_status = self.status()
+        await self.target.write(
+            {
+                "status": self.written_status,
+                "inspection_id": seq,
+                "result_code": RESULT_CODES[result.verdict],
+                "verdict": result.verdict,
+                "score": result.score,
+                "threshold": result.threshold,
+                "region_count": len(result.regions),
+                "model_id": result.model_id,
+                "thresholds_version": result.thresholds_version,
+                "missed_acks": self.counters.missed_acks,
+                "sequence_gaps": self.counters.sequence_gaps,
+            },
+            last="status",
+        )
+        self.counters.written += 1
+        if await self._wait_ack(seq, stop):
+            self.counters.acked += 1
+        else:
+            self.counters.missed_acks += 1
+            self.alarm = True
+            self.log("ack_missed", camera=self.camera, seq=seq, ack_timeout_ms=self.settings.ack_timeout_ms)
+            await self.target.write({"missed_acks": self.counters.missed_acks})
+        # Falling edge of result_valid: the next result is a fresh rising edge for the PLC.
+        self.showing = None
+        await self._write_status(force=True)
+
+    async def _wait_ack(self, seq: int, stop: asyncio.Event) -> bool:
+        deadline = time.monotonic() + self.settings.ack_timeout_ms / 1000
+        while not stop.is_set():
+            if await self.target.read("ack") == seq:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(self.settings.poll_ms / 1000, remaining))
+        return False
+
+    async def shutdown(self) -> None:
+        """Leave the PLC nothing to act on: no valid result, not ready; a latched alarm stays."""
+        self.daemon_alive = False
+        self.showing = None
+        await self._write_status(force=True)
+
+    async def service(self, heartbeat: int) -> None:
+        """Once per heartbeat period: heartbeat, and the PLC's alarm reset request."""
+        await self.target.write({"heartbeat": heartbeat})
+        if await self.target.read("alarm_reset"):
+            await self.target.write({"alarm_reset": 0})
+            await self.set_status(alarm=False)
+            self.log("alarm_reset", camera=self.camera)

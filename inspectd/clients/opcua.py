@@ -1,0 +1,437 @@
+"""The OPC UA protocol of `inspectd bridge`: the variables a PLC or MES sees per camera, in either direction.
+
+Two modes (config `mode`):
+
+    server   the bridge runs an OPC UA server (asyncua) at `endpoint`; the PLC/MES connects, reads each camera's
+             variables and writes Ack / AlarmReset. The last handed-over inspection id and the latched alarm of each
+             camera are kept in `state_file`, so a restarted bridge applies the restart rule like the Modbus one.
+    client   the bridge connects to the PLC's own OPC UA server at `endpoint` and writes into variables the PLC
+             program declares; their node ids come from `node_id` ("ns=3;s=\"DB_Inspect\".\"{camera}\".\"{name}\"").
+             Values are written with each variable's own data type, read from the PLC when the bridge starts.
+
+Each camera has the same variables (NAMES below; docs/PLC.md has the table): the result (InspectionId, ResultCode,
+Verdict, Score, Threshold, RegionCount, ModelId, ThresholdsVersion), the counters (MissedAcks, SequenceGaps,
+Heartbeat), the status flags as Booleans (TriggerReady, ResultValid, Pass, Fail, Defect, Alarm, Drift,
+DaemonUnhealthy), and what the PLC writes (Ack: the inspection id it consumed; AlarmReset: true to clear Alarm).
+A result is one Write request of its data followed by one of its flags, so ResultValid rises on complete data. The
+handshake itself is inspectd.clients.handshake's, shared with Modbus.
+
+Security (`security`): Basic256Sha256 with SignAndEncrypt, with this bridge's certificate and key; in server mode
+only that endpoint is offered and a client's certificate must be in the `trusted` folder; in client mode `trusted`
+is the PLC server's certificate. Without `security` the connection is unsigned (a closed cell network only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from engines.schema import Int, Number, Text, declared, invalid
+from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError
+from inspectd.configfile import CameraId, parse, read_yaml
+from inspectd.errors import ConfigError
+
+# The handshake's value names -> the variable names a PLC programmer sees, and their OPC UA built-in types.
+NAMES = {
+    "inspection_id": ("InspectionId", "UInt32"),
+    "result_code": ("ResultCode", "UInt16"),
+    "verdict": ("Verdict", "String"),
+    "score": ("Score", "Double"),
+    "threshold": ("Threshold", "Double"),
+    "region_count": ("RegionCount", "UInt32"),
+    "model_id": ("ModelId", "String"),
+    "thresholds_version": ("ThresholdsVersion", "UInt32"),
+    "missed_acks": ("MissedAcks", "UInt32"),
+    "sequence_gaps": ("SequenceGaps", "UInt32"),
+    "heartbeat": ("Heartbeat", "UInt32"),
+    "ack": ("Ack", "UInt32"),
+    "alarm_reset": ("AlarmReset", "Boolean"),
+    **{flag: ("".join(part.title() for part in flag.split("_")), "Boolean") for flag in STATUS_FLAGS},
+}
+WRITTEN_BY_PLC = ("ack", "alarm_reset")
+DEFAULT_NAMESPACE = "urn:inspectd:bridge"
+DEFAULT_NODE_ID = "ns=2;s={camera}.{name}"
+U32 = 0xFFFFFFFF
+
+
+@declared
+class Security:
+    """Basic256Sha256 SignAndEncrypt: this bridge's certificate and key (PEM or DER), and whom it trusts."""
+
+    certificate: Text
+    private_key: Text
+    trusted: Text  # server mode: a folder of client certificates; client mode: the PLC server's certificate
+    policy: Literal["Basic256Sha256"] = "Basic256Sha256"
+    mode: Literal["SignAndEncrypt"] = "SignAndEncrypt"
+
+
+@declared
+class OpcUaConfig(HandshakeSettings):
+    mode: Literal["server", "client"] = "server"
+    # server: where to listen; client: the PLC's server
+    endpoint: Text = "opc.tcp://0.0.0.0:4840/inspectd/"
+    cameras: list[CameraId] = dataclasses.field(default_factory=list)
+    namespace: Text = DEFAULT_NAMESPACE  # server mode: the namespace URI of the variables
+    node_id: Text = DEFAULT_NODE_ID  # client mode: node id of each variable, from {camera} and {name}
+    state_file: Text | None = None  # server mode: where the restart rule's inspection ids and alarms are kept
+    application_uri: Text = "urn:inspectd:bridge"  # must match the URI in the certificate when security is on
+    security: Security | None = None
+    request_timeout_ms: Annotated[Number, Field(ge=10)] = 2000.0
+    score_when_none: Number = 0.0  # Score and Threshold of an error result (no score): a PLC reads Verdict first
+    session_timeout_ms: Annotated[Int, Field(ge=1000)] = 30_000
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OpcUaConfig:
+        if not self.endpoint.startswith("opc.tcp://"):
+            raise invalid(f"endpoint: expected an opc.tcp:// URL, got {self.endpoint!r}")
+        if len(set(self.cameras)) != len(self.cameras):
+            raise invalid("cameras: expected each camera once")
+        if self.mode == "client" and ("{camera}" not in self.node_id or "{name}" not in self.node_id):
+            raise invalid(f"node_id: expected a template with {{camera}} and {{name}}, got {self.node_id!r}")
+        return self
+
+
+def parse_opcua_config(raw: Any, where: str = "bridge") -> OpcUaConfig:
+    return parse(OpcUaConfig, raw, where=where)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mode", choices=("server", "client"), default=None, help="serve the variables, or write into the PLC's server"
+    )
+    parser.add_argument(
+        "--opcua",
+        default=None,
+        metavar="URL",
+        help="opc.tcp:// endpoint: where to listen (server) or the PLC's server (client); overrides the config",
+    )
+    parser.add_argument(
+        "--camera", action="append", default=None, metavar="ID", help="a camera to serve (repeatable; adds to config)"
+    )
+    parser.add_argument(
+        "--state-file", default=None, metavar="PATH", help="server mode: where the restart rule's state is kept"
+    )
+
+
+def configure(args: argparse.Namespace) -> OpcUaConfig:
+    raw = read_yaml(args.config, expected="a bridge config file") if args.config else {}
+    config = parse_opcua_config(raw or {}, where=str(args.config) if args.config else "bridge")
+    changes: dict[str, Any] = {}
+    if args.mode is not None:
+        changes["mode"] = args.mode
+    if args.opcua is not None:
+        changes["endpoint"] = args.opcua
+    if args.camera:
+        changes["cameras"] = [*config.cameras, *args.camera]
+    if args.state_file is not None:
+        changes["state_file"] = args.state_file
+    if changes:
+        merged = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} | changes
+        merged["security"] = None if config.security is None else dataclasses.asdict(config.security)
+        config = parse_opcua_config(merged, where="options")
+    if not config.cameras:
+        topic = args.topic.split(".")
+        if len(topic) < 4 or not topic[2]:
+            raise ConfigError("cameras: expected at least one camera id (--camera, or a --topic naming one camera)")
+        config = dataclasses.replace(config, cameras=[topic[2]])
+    if config.mode == "server" and config.state_file is None:
+        raise ConfigError(
+            "state_file: expected a file path in server mode (--state-file): it keeps each camera's last inspection "
+            "id, so a restarted bridge never hands a result over twice"
+        )
+    return config
+
+
+def describe(config: OpcUaConfig, args: argparse.Namespace) -> dict[str, Any]:
+    return {"plc": config.endpoint, "mode": config.mode, "security": config.security is not None}
+
+
+def _variant(ua, value: Any, kind: str, config: OpcUaConfig):
+    if kind == "Double":
+        number = config.score_when_none if value is None else float(value)
+        return ua.Variant(number if math.isfinite(number) else config.score_when_none, ua.VariantType.Double)
+    if kind == "String":
+        return ua.Variant("" if value is None else str(value), ua.VariantType.String)
+    if kind == "Boolean":
+        return ua.Variant(bool(value), ua.VariantType.Boolean)
+    number = 0 if value is None else int(value)
+    width = {"UInt16": 0xFFFF, "UInt32": U32}.get(kind)
+    if width is not None:
+        number = min(number, width) if kind == "UInt16" else number & width
+    return ua.Variant(number, getattr(ua.VariantType, kind))
+
+
+def _expand(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
+    """The handshake's values as (data variables, flag variables): `status` becomes one Boolean per flag."""
+    data = {name: value for name, value in fields.items() if name != "status"}
+    flags = {flag: flag in fields["status"] for flag in STATUS_FLAGS} if "status" in fields else {}
+    return data, flags
+
+
+class ServerTarget:
+    """One camera's variables in the bridge's own server; the restart rule's values live in the state file."""
+
+    def __init__(self, link: ServerLink, camera: str, nodes: dict[str, Any]) -> None:
+        self.link = link
+        self.camera = camera
+        self.nodes = nodes
+
+    async def read(self, name: str) -> int:
+        if name in ("inspection_id", "alarm"):
+            return int(self.link.state.get(self.camera, {}).get(name, 0))
+        variant = self.link.server.read_attribute_value(self.nodes[name].nodeid).Value
+        return int(variant.Value or 0) if variant is not None else 0
+
+    async def write(self, fields: dict[str, Any], last: str | None = None) -> None:
+        ua = self.link.ua
+        data, flags = _expand(fields)
+        for group in (data, flags):  # status (the flags) after the data: ResultValid rises on complete data
+            for name, value in group.items():
+                node = self.nodes[name]
+                variant = _variant(ua, value, NAMES[name][1], self.link.config)
+                await self.link.server.write_attribute_value(node.nodeid, ua.DataValue(variant))
+        remembered = self.link.state.setdefault(self.camera, {})
+        update = {}
+        if "inspection_id" in data:
+            update["inspection_id"] = int(data["inspection_id"]) & U32
+        if flags and flags["alarm"] != bool(remembered.get("alarm", 0)):
+            update["alarm"] = int(flags["alarm"])
+        if update:
+            remembered.update(update)
+            self.link.save_state()
+
+
+class ServerLink:
+    """The bridge's own OPC UA server: an object per camera under Objects/inspectd, one variable per NAMES entry."""
+
+    def __init__(self, config: OpcUaConfig) -> None:
+        from asyncua import Server, ua
+
+        self.ua = ua
+        self.config = config
+        self.server = Server()
+        self.state_path = Path(str(config.state_file))
+        self.state = self._load_state()
+        self.targets: dict[str, ServerTarget] = {}
+        self.started = False
+
+    def _load_state(self) -> dict[str, dict[str, int]]:
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise PlcError(f"state_file {self.state_path}: unreadable ({exc}); remove it to start fresh") from exc
+        if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+            raise PlcError(f"state_file {self.state_path}: expected an object of camera -> state; remove it")
+        return state
+
+    def save_state(self) -> None:
+        temporary = self.state_path.with_name(self.state_path.name + ".tmp")
+        temporary.write_text(json.dumps(self.state, separators=(",", ":")), encoding="utf-8")
+        os.replace(temporary, self.state_path)  # atomic: a crash leaves the old state or the new, never half
+
+    async def start(self) -> None:
+        ua = self.ua
+        server = self.server
+        await server.init()
+        server.set_endpoint(self.config.endpoint)
+        server.set_server_name("inspectd bridge")
+        await server.set_application_uri(self.config.application_uri)
+        security = self.config.security
+        if security is None:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:
+            from asyncua.crypto.truststore import TrustStore
+            from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+            server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+            await server.load_certificate(security.certificate)
+            await server.load_private_key(security.private_key)
+            store = TrustStore([Path(security.trusted)], [])
+            await store.load()
+            server.set_certificate_validator(
+                CertificateValidator(
+                    CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT, store
+                )
+            )
+        index = await server.register_namespace(self.config.namespace)
+        root = await server.nodes.objects.add_object(ua.NodeId("inspectd", index), f"{index}:inspectd")
+        for camera in self.config.cameras:
+            folder = await root.add_object(ua.NodeId(camera, index), f"{index}:{camera}")
+            nodes = {}
+            for name, (browse, kind) in NAMES.items():
+                node = await folder.add_variable(
+                    ua.NodeId(f"{camera}.{browse}", index),
+                    f"{index}:{browse}",
+                    _variant(ua, None, kind, self.config).Value,
+                    varianttype=getattr(ua.VariantType, kind),
+                )
+                if name in WRITTEN_BY_PLC:
+                    await node.set_writable()
+                nodes[name] = node
+            self.targets[camera] = ServerTarget(self, camera, nodes)
+            remembered = self.state.get(camera, {})
+            # The PLC sees the id it was last handed (so it, too, can tell a repeat), never a stale ResultValid.
+            await nodes["inspection_id"].write_value(
+                ua.Variant(int(remembered.get("inspection_id", 0)), ua.VariantType.UInt32)
+            )
+        try:
+            await server.start()
+        except OSError as exc:
+            raise PlcError(f"OPC UA server {self.config.endpoint}: cannot listen ({exc})") from exc
+        self.started = True
+
+    def slots(self) -> list[tuple[str | None, ServerTarget]]:
+        return [(camera, target) for camera, target in self.targets.items()]
+
+    async def close(self) -> None:
+        if self.started:
+            self.started = False
+            await self.server.stop()
+
+
+class ClientTarget:
+    """One camera's variables in the PLC's server, written with the data types the PLC declared them with."""
+
+    def __init__(self, link: ClientLink, camera: str) -> None:
+        self.link = link
+        self.camera = camera
+        self.nodes: dict[str, Any] = {}
+        self.kinds: dict[str, str] = {}
+
+    async def resolve(self) -> None:
+        for name in NAMES:
+            text = self.link.config.node_id.format(camera=self.camera, name=NAMES[name][0])
+            try:
+                node = self.link.client.get_node(text)
+                kind = await node.read_data_type_as_variant_type()
+            except Exception as exc:  # asyncua raises its own types, ValueError on a malformed id
+                raise PlcError(f"PLC node {text} ({self.camera} {NAMES[name][0]}): {_one_line(exc)}") from exc
+            if kind.name not in WRITABLE_KINDS:
+                raise PlcError(f"PLC node {text}: data type {kind.name}, expected a number, Boolean or String")
+            self.nodes[name] = node
+            self.kinds[name] = kind.name
+
+    async def read(self, name: str) -> int:
+        node = self.nodes[name]
+        try:
+            value = await node.read_value()
+        except Exception as exc:
+            raise PlcError(f"PLC read of {node.nodeid.to_string()}: {_one_line(exc)}") from exc
+        return int(value or 0)
+
+    async def write(self, fields: dict[str, Any], last: str | None = None) -> None:
+        data, flags = _expand(fields)
+        for group in (data, flags):  # one Write request each, the flags last: ResultValid rises on complete data
+            if not group:
+                continue
+            nodes = [self.nodes[name] for name in group]
+            values = [self._value(name, value) for name, value in group.items()]
+            try:
+                await self.link.client.write_values(nodes, values)
+            except Exception as exc:
+                names = ", ".join(NAMES[n][0] for n in group)
+                raise PlcError(f"PLC write of {self.camera} {names}: {_one_line(exc)}") from exc
+
+    def _value(self, name: str, value: Any):
+        ua = self.link.ua
+        kind = self.kinds[name]
+        if kind in ("Float", "Double"):
+            variant = _variant(ua, value, "Double", self.link.config)
+            return ua.Variant(variant.Value, getattr(ua.VariantType, kind))
+        if kind in ("String", "Boolean"):
+            return _variant(ua, value, kind, self.link.config)
+        if name == "verdict":  # a numeric Verdict variable gets the result code
+            value = {"ok": 0, "defect": 1, "error": 2}.get(value, 2)
+        number = 0 if value is None else int(value)
+        bits = _INT_BITS[kind]
+        signed = kind.startswith("Int") or kind in ("SByte",)
+        top = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+        number = min(number, top) if name in ("region_count", "result_code") else number & top
+        return ua.Variant(number, getattr(ua.VariantType, kind))
+
+
+_INT_BITS = {
+    "SByte": 8,
+    "Byte": 8,
+    "Int16": 16,
+    "UInt16": 16,
+    "Int32": 32,
+    "UInt32": 32,
+    "Int64": 64,
+    "UInt64": 64,
+}
+WRITABLE_KINDS = {*_INT_BITS, "Float", "Double", "Boolean", "String"}
+
+
+class ClientLink:
+    """A session on the PLC's OPC UA server."""
+
+    def __init__(self, config: OpcUaConfig) -> None:
+        from asyncua import Client, ua
+
+        self.ua = ua
+        self.config = config
+        self.client = Client(config.endpoint, timeout=config.request_timeout_ms / 1000)
+        self.client.session_timeout = config.session_timeout_ms
+        self.client.application_uri = config.application_uri
+        self.targets = {camera: ClientTarget(self, camera) for camera in config.cameras}
+        self.connected = False
+
+    async def start(self) -> None:
+        security = self.config.security
+        try:
+            if security is not None:
+                from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+                await self.client.set_security(
+                    SecurityPolicyBasic256Sha256,
+                    security.certificate,
+                    security.private_key,
+                    server_certificate=security.trusted,
+                    mode=self.ua.MessageSecurityMode.SignAndEncrypt,
+                )
+            await self.client.connect()
+        except Exception as exc:
+            raise PlcError(f"PLC {self.config.endpoint}: cannot connect ({_one_line(exc)})") from exc
+        self.connected = True
+        for target in self.targets.values():
+            await target.resolve()
+
+    def slots(self) -> list[tuple[str | None, ClientTarget]]:
+        return [(camera, target) for camera, target in self.targets.items()]
+
+    async def close(self) -> None:
+        if self.connected:
+            self.connected = False
+            try:
+                await self.client.disconnect()
+            except Exception:  # the PLC's server is gone already: nothing to say goodbye to
+                pass
+
+
+async def connect(config: OpcUaConfig, args: argparse.Namespace) -> ServerLink | ClientLink:
+    link: ServerLink | ClientLink = ServerLink(config) if config.mode == "server" else ClientLink(config)
+    try:
+        await link.start()
+    except BaseException:
+        await link.close()
+        raise
+    return link
+
+
+def load_opcua_config(path: str | Path) -> OpcUaConfig:
+    return parse_opcua_config(read_yaml(path, expected="a bridge config file"), where=str(path))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -1,0 +1,99 @@
+"""The daemon's side of a PLC bridge test: a real ZeroMQ PUB socket sending encoded results and status messages."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import zmq
+
+from inspectd.protocol.messages import Region, encode_mask, encode_result, encode_status
+
+STATION, CAMERA = "st1", "cam0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(predicate, timeout: float, what: str, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Daemon:
+    """The publishing side: a real PUB socket sending encoded results and 1 Hz-style status messages."""
+
+    def __init__(self, curve=None) -> None:
+        self.context = zmq.Context()
+        self.pub = self.context.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve(self.pub)  # inspectd.daemon.security.CurveServer: the daemon's publish.curve
+        port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+        mask = np.zeros((64, 64), bool)
+        mask[2:6, 1:4] = True
+        self.mask = encode_mask(mask)
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    def status(self, healthy: bool = True) -> None:
+        self.pub.send_multipart(
+            encode_status(
+                STATION,
+                {
+                    "t": time.time(),
+                    "uptime_s": 1.0,
+                    "healthy": healthy,
+                    "model_id": "m",
+                    "thresholds_version": 1,
+                    "throughput_fps": 10.0,
+                    "cameras": {},
+                },
+            )
+        )
+
+    def result(
+        self,
+        seq: int,
+        verdict: str = "ok",
+        score: float = 0.2,
+        regions: int = 0,
+        camera: str = CAMERA,
+        threshold: float = 0.5,
+    ) -> None:
+        self.pub.send_multipart(self.encode(seq, verdict, score, regions, camera, threshold))
+
+    def encode(
+        self, seq: int, verdict: str = "ok", score: float = 0.2, regions: int = 0, camera: str = CAMERA, threshold=0.5
+    ) -> list[bytes]:
+        return encode_result(
+            station=STATION,
+            camera=camera,
+            seq=seq,
+            frame_id=f"f{seq}",
+            t_capture=time.time(),
+            t_publish=time.time(),
+            verdict=verdict,
+            score=None if verdict == "error" else score,
+            threshold=threshold,
+            model_id="m",
+            thresholds_version=1,
+            regions=[Region(1, 2, 3, 4, 12, 0.9)] * regions,
+            latency_ms=1.0,
+            width=64,
+            height=64,
+            error="camera timeout" if verdict == "error" else None,
+            mask_png=self.mask if verdict == "defect" else None,  # as the daemon sends defects: with a mask
+        )
+
+    def close(self) -> None:
+        self.pub.close()
+        self.context.term()

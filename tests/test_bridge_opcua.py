@@ -1,0 +1,503 @@
+"""`inspectd bridge opcua` as a real subprocess between a real ZeroMQ PUB socket and a real asyncua peer on loopback.
+
+Server mode: the bridge serves the variables and the test's PLC is an asyncua client whose scan loop acknowledges.
+Client mode: the test's PLC is an asyncua server declaring the variables with PLC-style types, and its program
+(reading its own memory) acknowledges. Both sides are restarted; Basic256Sha256 SignAndEncrypt is tried with
+certificates made here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("asyncua", reason="the OPC UA bridge needs the [plc] extra (asyncua)")
+from asyncua import ua  # noqa: E402
+from asyncua.sync import Client, Server  # noqa: E402
+
+from inspectd.clients.opcua import NAMES, parse_opcua_config  # noqa: E402
+from inspectd.errors import ConfigError  # noqa: E402
+from plc_peers import CAMERA, STATION, Daemon, free_port, wait  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(120)
+CAMERAS = (CAMERA, "cam1")
+VAR = {name: browse for name, (browse, _) in NAMES.items()}
+
+
+def node_id(index: int, camera: str, name: str) -> str:
+    return f"ns={index};s={camera}.{VAR[name]}"
+
+
+class Bridge:
+    def __init__(self, daemon: Daemon, args: list[str], ready, topic: str = f"inspect.{STATION}.") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint, "--topic", topic]
+            + args,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
+        def up():
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            daemon.status()
+            return ready()
+
+        wait(up, 30, "the bridge to come up and see the daemon (TriggerReady)", interval=0.1)
+
+    def stop(self) -> dict[str, dict]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=15)
+        assert self.proc.returncode == 0, out
+        events = {}
+        for line in out.splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                events[event["event"]] = event
+        assert "bridge_stopped" in events, out
+        return events
+
+
+class PlcProgram:
+    """A PLC scan loop: per camera, on ResultValid with an id not consumed yet, latch the result and write Ack."""
+
+    def __init__(self, read, write, cameras=CAMERAS) -> None:
+        self.read, self.write = read, write
+        self.cameras = cameras
+        self.received: dict[str, list[dict]] = {camera: [] for camera in cameras}
+        self.acking = threading.Event()
+        self.acking.set()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._scan, daemon=True)
+        self.thread.start()
+
+    def _scan(self) -> None:
+        last: dict[str, int | None] = {camera: None for camera in self.cameras}
+        while not self._stop.is_set():
+            for camera in self.cameras:
+                try:
+                    valid = self.read(camera, "result_valid")
+                    inspection_id = self.read(camera, "inspection_id")
+                    if not valid or inspection_id == last[camera] or not self.acking.is_set():
+                        continue
+                    record = {
+                        name: self.read(camera, name)
+                        for name in ("verdict", "result_code", "score", "threshold", "region_count", "model_id")
+                    }
+                    record.update(id=inspection_id, **{f: self.read(camera, f) for f in ("pass", "fail", "defect")})
+                except Exception:  # noqa: BLE001 - the bridge's server restarting under the scan
+                    time.sleep(0.05)
+                    continue
+                self.received[camera].append(record)
+                self.write(camera, "ack", inspection_id)
+                last[camera] = inspection_id
+            time.sleep(0.005)
+
+    def ids(self, camera: str = CAMERA) -> list[int]:
+        return [r["id"] for r in self.received[camera]]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+
+
+class PlcClient:
+    """The PLC or MES side in server mode: an asyncua client on the bridge's server."""
+
+    def __init__(self, url: str, security: str | None = None) -> None:
+        self.client = Client(url, timeout=5)
+        self.client.application_uri = "urn:test:plc"
+        if security:
+            self.client.set_security_string(security)
+        self.client.connect()
+        self.index = self.client.get_namespace_index("urn:inspectd:bridge")
+        self.nodes: dict[tuple[str, str], object] = {}
+        self.program: PlcProgram | None = None
+
+    def node(self, camera: str, name: str):
+        key = (camera, name)
+        if key not in self.nodes:
+            self.nodes[key] = self.client.get_node(node_id(self.index, camera, name))
+        return self.nodes[key]
+
+    def read(self, camera: str, name: str):
+        return self.node(camera, name).read_value()
+
+    def write(self, camera: str, name: str, value) -> None:
+        kind = ua.VariantType.Boolean if name == "alarm_reset" else ua.VariantType.UInt32
+        self.node(camera, name).write_value(ua.DataValue(ua.Variant(value, kind)))
+
+    def run_program(self) -> PlcProgram:
+        self.program = PlcProgram(self.read, self.write)
+        return self.program
+
+    def close(self) -> None:
+        if self.program is not None:
+            self.program.stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def daemon():
+    publisher = Daemon()
+    yield publisher
+    publisher.close()
+
+
+def write_config(tmp_path: Path, text: str = "") -> Path:
+    path = tmp_path / "opcua.yaml"
+    # A generous ack timeout: on a loaded CI machine the PLC loop may take a while to ack, which must not count.
+    path.write_text("ack_timeout_ms: 5000\npoll_ms: 5\nheartbeat_ms: 100\ncameras: [cam0, cam1]\n" + text)
+    return path
+
+
+def server_bridge(daemon, tmp_path, port, extra=(), config_text=""):
+    url = f"opc.tcp://127.0.0.1:{port}/inspectd/"
+    args = ["--config", str(write_config(tmp_path, config_text)), "--opcua", url]
+    args += ["--state-file", str(tmp_path / "state.json"), *extra]
+    probe: list[PlcClient] = []
+
+    def ready():
+        try:
+            if not probe:
+                probe.append(PlcClient(url))
+            return probe[0].read(CAMERA, "trigger_ready")
+        except Exception:  # noqa: BLE001 - not listening yet
+            probe.clear()
+            return False
+
+    bridge = Bridge(daemon, args, ready)
+    probe[0].close()
+    return bridge, url
+
+
+def test_server_mode_hands_every_camera_its_results_and_survives_both_restarts(daemon, tmp_path):
+    port = free_port()
+    bridge, url = server_bridge(daemon, tmp_path, port)
+    plc = PlcClient(url)
+    program = plc.run_program()
+    try:
+        for seq in range(1, 7):
+            verdict = ("ok", "defect", "error")[seq % 3]
+            daemon.result(seq, verdict, score=seq / 10, regions=2 if verdict == "defect" else 0)
+            daemon.result(100 + seq, camera="cam1", score=0.1)
+        wait(lambda: len(program.ids()) == 6 and len(program.ids("cam1")) == 6, 20, "six results per camera")
+        assert program.ids() == [1, 2, 3, 4, 5, 6] and program.ids("cam1") == list(range(101, 107))
+        first = program.received[CAMERA][0]  # seq 1: defect
+        assert first["verdict"] == "defect" and first["result_code"] == 1 and first["region_count"] == 2
+        assert first["score"] == pytest.approx(0.1) and first["threshold"] == pytest.approx(0.5)
+        assert first["model_id"] == "m" and (first["pass"], first["fail"], first["defect"]) == (False, True, True)
+        error = program.received[CAMERA][1]  # seq 2: error, no score
+        assert error["verdict"] == "error" and error["result_code"] == 2 and error["score"] == 0.0
+        wait(lambda: not plc.read(CAMERA, "result_valid"), 5, "ResultValid to fall after the last ack")
+        assert plc.read(CAMERA, "sequence_gaps") == 0 and not plc.read(CAMERA, "alarm")
+        beat = plc.read(CAMERA, "heartbeat")
+        wait(lambda: plc.read(CAMERA, "heartbeat") > beat, 5, "the heartbeat to move")
+
+        # The PLC side restarts (a new session); the bridge keeps serving and the next result reaches it.
+        plc.close()
+        plc = PlcClient(url)
+        program = plc.run_program()
+        daemon.result(7)
+        wait(lambda: program.ids() == [7], 10, "result 7 after the PLC reconnected")
+    finally:
+        plc.close()
+        events = bridge.stop()
+    assert events["bridge_stopped"]["written"] == 13 and events["bridge_stopped"]["stale_skipped"] == 0
+
+    # The bridge restarts: the state file holds the last ids, so replays are skipped and ResultValid stays down.
+    bridge, url = server_bridge(daemon, tmp_path, port)
+    plc = PlcClient(url)
+    try:
+        assert plc.read(CAMERA, "inspection_id") == 7 and not plc.read(CAMERA, "result_valid")
+        program = plc.run_program()
+        for seq in (6, 7, 8):
+            daemon.result(seq)
+        wait(lambda: program.ids() == [8], 10, "the fresh result 8 only")
+        time.sleep(0.3)
+        assert program.ids() == [8] and plc.read(CAMERA, "sequence_gaps") == 0
+    finally:
+        plc.close()
+        events = bridge.stop()
+    assert events["bridge_stopped"]["stale_skipped"] == 2
+
+
+def test_server_mode_catches_up_from_the_journal_after_a_restart(daemon, tmp_path):
+    from inspectd.daemon.journal import Journal
+
+    journal_dir = tmp_path / "journal"
+    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
+    port = free_port()
+    bridge, url = server_bridge(daemon, tmp_path, port, extra=["--journal", str(journal_dir)])
+    plc = PlcClient(url)
+    program = plc.run_program()
+    try:
+        for seq in (1, 2):
+            journal.append(CAMERA, seq, daemon.encode(seq))
+            daemon.result(seq)
+        wait(lambda: program.ids() == [1, 2], 10, "results 1 and 2")
+    finally:
+        plc.close()
+        bridge.stop()
+    for seq in (3, 4, 5):  # published while the bridge was down: only the journal has them
+        journal.append(CAMERA, seq, daemon.encode(seq, "defect" if seq == 4 else "ok"))
+    journal.flush()
+    bridge, url = server_bridge(daemon, tmp_path, port, extra=["--journal", str(journal_dir)])
+    plc = PlcClient(url)
+    program = plc.run_program()
+    try:
+        daemon.result(6)
+        wait(lambda: program.ids() == [3, 4, 5, 6], 15, "3..5 from the journal, then 6 live")
+        assert program.received[CAMERA][1]["verdict"] == "defect"
+        assert plc.read(CAMERA, "sequence_gaps") == 0 and not plc.read(CAMERA, "alarm")
+    finally:
+        plc.close()
+        events = bridge.stop()
+        journal.close()
+    assert events["journal_caught_up"]["results"] == 3
+
+
+def test_alarms_gap_drift_and_an_unhealthy_daemon(daemon, tmp_path):
+    port = free_port()
+    bridge, url = server_bridge(daemon, tmp_path, port, config_text="drift_window: 4\ndrift_ratio: 0.8\n")
+    plc = PlcClient(url)
+    program = plc.run_program()
+    try:
+        for seq in (1, 2, 5):
+            daemon.result(seq, score=0.1)
+        wait(lambda: program.ids() == [1, 2, 5], 10, "results 1, 2, 5")
+        wait(lambda: plc.read(CAMERA, "alarm"), 5, "the alarm latched by the gap")
+        assert plc.read(CAMERA, "sequence_gaps") == 2 and not plc.read(CAMERA, "drift")
+        plc.write(CAMERA, "alarm_reset", True)
+        wait(lambda: not plc.read(CAMERA, "alarm"), 5, "the alarm reset")
+        for seq in range(6, 10):  # good parts, but scoring ever closer to the threshold (0.5)
+            daemon.result(seq, score=0.45)
+        wait(lambda: plc.read(CAMERA, "drift"), 10, "Drift once the median score passes 0.8 x threshold")
+        assert not plc.read("cam1", "drift")
+        for _ in range(3):
+            daemon.status(healthy=False)
+            time.sleep(0.1)
+        wait(lambda: plc.read(CAMERA, "daemon_unhealthy"), 5, "DaemonUnhealthy")
+        assert not plc.read(CAMERA, "trigger_ready")
+        daemon.status(healthy=True)
+        wait(lambda: plc.read(CAMERA, "trigger_ready") and not plc.read(CAMERA, "daemon_unhealthy"), 5, "recovery")
+    finally:
+        plc.close()
+        bridge.stop()
+
+
+# PLC-style declarations of the client-mode variables: a Siemens-like PLC has DInt ids and Real scores.
+PLC_TYPES = {"inspection_id": "Int32", "ack": "Int32", "score": "Float", "threshold": "Float", "result_code": "Int16"}
+
+
+class PlcServer:
+    """The PLC's own OPC UA server (client mode), its variables in ns=2 as "<camera>.<Name>"."""
+
+    def __init__(self, port: int, values: dict | None = None) -> None:
+        self.url = f"opc.tcp://127.0.0.1:{port}/plc/"
+        self.server = Server()
+        self.server.set_endpoint(self.url)
+        self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        index = self.server.register_namespace("urn:test:plc")
+        assert index == 2
+        self.nodes = {}
+        folder = self.server.nodes.objects.add_object(ua.NodeId("Inspect", 2), "2:Inspect")
+        for camera in CAMERAS:
+            for name, (browse, kind) in NAMES.items():
+                kind = PLC_TYPES.get(name, kind)
+                start = (values or {}).get((camera, name), "" if kind == "String" else 0)
+                variant = ua.Variant(bool(start) if kind == "Boolean" else start, getattr(ua.VariantType, kind))
+                node = folder.add_variable(ua.NodeId(f"{camera}.{browse}", 2), f"2:{camera}{browse}", variant)
+                node.set_writable()
+                self.nodes[(camera, name)] = node
+        self.server.start()
+        self.program: PlcProgram | None = None
+
+    def read(self, camera: str, name: str):
+        return self.nodes[(camera, name)].read_value()
+
+    def write(self, camera: str, name: str, value) -> None:
+        kind = PLC_TYPES.get(name, NAMES[name][1])
+        self.nodes[(camera, name)].write_value(ua.Variant(value, getattr(ua.VariantType, kind)))
+
+    def run_program(self) -> PlcProgram:
+        self.program = PlcProgram(self.read, self.write)
+        return self.program
+
+    def snapshot(self) -> dict:
+        return {key: node.read_value() for key, node in self.nodes.items()}
+
+    def stop(self) -> None:
+        if self.program is not None:
+            self.program.stop()
+        self.server.stop()
+
+
+def client_bridge(daemon, tmp_path, plc: PlcServer, extra=()):
+    args = ["--config", str(write_config(tmp_path, "mode: client\n")), "--opcua", plc.url, *extra]
+    return Bridge(daemon, args, lambda: plc.read(CAMERA, "trigger_ready"))
+
+
+def test_client_mode_writes_into_the_plcs_server_and_survives_both_restarts(daemon, tmp_path):
+    port = free_port()
+    plc = PlcServer(port)
+    program = plc.run_program()
+    bridge = client_bridge(daemon, tmp_path, plc)
+    try:
+        daemon.result(1, "defect", score=0.75, regions=3)
+        daemon.result(2)
+        daemon.result(11, camera="cam1")
+        wait(lambda: program.ids() == [1, 2] and program.ids("cam1") == [11], 10, "results in the PLC's variables")
+        first = program.received[CAMERA][0]
+        assert first["verdict"] == "defect" and first["region_count"] == 3 and first["defect"]
+        assert first["score"] == pytest.approx(0.75) and first["result_code"] == 1
+    finally:
+        events = bridge.stop()
+    assert events["bridge_stopped"]["written"] == 3
+    assert not plc.read(CAMERA, "result_valid") and not plc.read(CAMERA, "trigger_ready")
+
+    # The bridge restarts: it adopts the PLC's InspectionId and skips what was handed over already.
+    bridge = client_bridge(daemon, tmp_path, plc)
+    try:
+        for seq in (1, 2, 3):
+            daemon.result(seq)
+        wait(lambda: program.ids() == [1, 2, 3], 10, "result 3 only")
+        time.sleep(0.3)
+        assert program.ids() == [1, 2, 3]
+    finally:
+        events = bridge.stop()
+    assert events["bridge_stopped"]["stale_skipped"] == 2
+
+    # The PLC's server restarts under a running bridge: the bridge ends with one line (for the service manager),
+    # and once the PLC is back (its memory retained) a restarted bridge carries on from where it was.
+    bridge = client_bridge(daemon, tmp_path, plc)
+    memory = plc.snapshot()
+    plc.stop()
+    try:
+        bridge.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        bridge.proc.kill()
+        raise AssertionError("the bridge kept running without its PLC") from None
+    out = bridge.proc.stdout.read()
+    assert bridge.proc.returncode == 1 and out.strip().splitlines()[-1].startswith("inspectd bridge: PLC"), out
+    # TriggerReady was up when the memory was taken: cleared, so the next bridge is seen to raise it itself.
+    plc = PlcServer(port, values={**memory, (CAMERA, "trigger_ready"): False})
+    program = plc.run_program()
+    bridge = client_bridge(daemon, tmp_path, plc)
+    try:
+        daemon.result(3)
+        daemon.result(4)
+        wait(lambda: program.ids() == [4], 10, "result 4 after the PLC's restart")
+    finally:
+        events = bridge.stop()
+        plc.stop()
+    assert events["bridge_stopped"]["stale_skipped"] == 1
+
+
+def _certificate(directory: Path, name: str, uri: str, server: bool) -> tuple[Path, Path]:
+    from asyncua.crypto.cert_gen import (
+        dump_private_key_as_pem,
+        generate_private_key,
+        generate_self_signed_app_certificate,
+    )
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = generate_private_key()
+    cert = generate_self_signed_app_certificate(
+        key,
+        name,
+        {"organizationName": "inspectd tests"},
+        [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")],
+        [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH],
+        days=2,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{name}.der", directory / f"{name}.pem"
+    cert_path.write_bytes(cert.public_bytes(Encoding.DER))
+    key_path.write_bytes(dump_private_key_as_pem(key))
+    assert cert.not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc)
+    return cert_path, key_path
+
+
+def test_basic256sha256_sign_and_encrypt_lets_only_trusted_clients_in(daemon, tmp_path):
+    bridge_cert, bridge_key = _certificate(tmp_path / "pki", "bridge", "urn:inspectd:bridge", server=True)
+    plc_cert, plc_key = _certificate(tmp_path / "pki", "plc", "urn:test:plc", server=False)
+    stranger_cert, stranger_key = _certificate(tmp_path / "pki", "stranger", "urn:test:plc", server=False)
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "plc.der").write_bytes(plc_cert.read_bytes())
+    security = (
+        f"security:\n  certificate: {bridge_cert}\n  private_key: {bridge_key}\n  trusted: {trusted}\n"
+        "  policy: Basic256Sha256\n  mode: SignAndEncrypt\n"
+    )
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/inspectd/"
+    secure = f"Basic256Sha256,SignAndEncrypt,{plc_cert},{plc_key},{bridge_cert}"
+    probe: list[PlcClient] = []
+
+    def ready():
+        try:
+            if not probe:
+                probe.append(PlcClient(url, secure))
+            return probe[0].read(CAMERA, "trigger_ready")
+        except Exception:  # noqa: BLE001 - not listening yet
+            probe.clear()
+            return False
+
+    args = ["--config", str(write_config(tmp_path, security)), "--opcua", url]
+    bridge = Bridge(daemon, args + ["--state-file", str(tmp_path / "state.json")], ready)
+    plc = probe[0]
+    try:
+        program = plc.run_program()
+        daemon.result(1, "defect", regions=1)
+        wait(lambda: program.ids() == [1], 10, "the result over a signed and encrypted channel")
+        with pytest.raises(Exception):  # noqa: B017 - asyncua refuses in several ways; any refusal will do
+            PlcClient(url)  # no security: the endpoint is not offered
+        with pytest.raises(Exception):  # noqa: B017
+            PlcClient(url, f"Basic256Sha256,SignAndEncrypt,{stranger_cert},{stranger_key},{bridge_cert}")
+    finally:
+        plc.close()
+        bridge.stop()
+
+
+def test_config_errors_name_the_key_and_the_cli_says_one_line(tmp_path, daemon):
+    cases = [
+        ({"mode": "push"}, "bridge.mode: expected 'server' or 'client', got 'push'"),
+        ({"endpoint": "http://x"}, "endpoint: expected an opc.tcp:// URL"),
+        ({"cameras": ["cam 0"]}, "bridge.cameras[0]: expected a camera id"),
+        ({"mode": "client", "node_id": "ns=2;s=x"}, "node_id: expected a template with {camera} and {name}"),
+        ({"security": {"certificate": "c"}}, "bridge.security.private_key"),
+        ({"ack_timeout_ms": 0}, "bridge.ack_timeout_ms: expected at least 1, got 0"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(ConfigError) as err:
+            parse_opcua_config(raw)
+        assert message in str(err.value), (raw, str(err.value))
+    for args, expected in [
+        (["--camera", "cam0"], "state_file: expected a file path in server mode"),
+        (["--state-file", str(tmp_path / "s")], "cameras: expected at least one camera id"),
+        (["--mode", "client", "--camera", "cam0", "--opcua", "tcp://x"], "endpoint: expected an opc.tcp:// URL"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint, *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
