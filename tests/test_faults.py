@@ -26,7 +26,7 @@ import zmq
 
 from daemon_harness import Station, free_port
 from inspectd.protocol.journal import read_since
-from inspectd.protocol.messages import decode_result
+from inspectd.protocol.messages import Result, decode, decode_result
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -546,7 +546,7 @@ def test_stuck_subscriber_never_blocks_inference(station, tmp_path):
     stuck = zmq.Context.instance().socket(zmq.SUB)  # subscribes, then never reads a message
     stuck.setsockopt(zmq.RCVHWM, 5)
     stuck.setsockopt(zmq.LINGER, 0)
-    stuck.setsockopt_string(zmq.SUBSCRIBE, "")
+    stuck.setsockopt_string(zmq.SUBSCRIBE, "inspect.f1.cam0.result")  # results only: no status keeps it busy
     stuck.connect(s.publish)
     try:
         time.sleep(1.0)
@@ -557,9 +557,24 @@ def test_stuck_subscriber_never_blocks_inference(station, tmp_path):
         assert len(results) == 300 and rate > 100, rate
         assert [r.seq for r in results] == list(range(results[0].seq, results[0].seq + 300))
         assert status["cameras"]["cam0"]["dropped"] == 0, "inference fell behind a stuck subscriber"
+        # Now read what the stuck peer was holding (the camera paused first, so nothing new arrives): its high-water
+        # marks filled and ZeroMQ dropped the rest for it alone, so it holds only the first few results.
+        assert s.control({"cmd": "pause", "camera": "cam0"})["ok"]
+        time.sleep(0.5)
+        held = []
+        while len(held) < 5000 and stuck.poll(1000):
+            message = decode(stuck.recv_multipart())
+            if isinstance(message, Result):
+                held.append(message.seq)
     finally:
         stuck.close()
+    assert held and len(held) < 200, len(held)  # bounded by RCVHWM 5 + SNDHWM 20 + socket buffers, not 1000s
+    assert held[-1] < results[-1].seq - 100, "the stuck peer was not behind: its high-water mark never filled"
     assert s.stop() == 0, s.log_tail()
+    # What it missed is in the journal: the stuck peer's results plus the journal's make every seq, once.
+    fetched = [seq for seq, _ in read_since(s.journal, "cam0", held[0]) if seq not in set(held)]
+    assert sorted(held + fetched) == list(range(held[0], held[0] + len(held) + len(fetched)))
+    assert held[0] + len(held) + len(fetched) > results[-1].seq
 
 
 def test_disk_full_while_journaling_degrades_with_an_alarm_and_keeps_publishing(station, tmp_path):

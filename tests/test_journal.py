@@ -118,8 +118,17 @@ def test_sigkill_mid_append_then_reopen_resumes_after_the_last_whole_record(tmp_
         time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+        # A record is one write() into the page cache, which a SIGKILL does not split; a kill between the two
+        # writes of a record too large for one (or a power cut mid-record) leaves its head: put exactly that there.
+        newest = sorted((tmp_path / "j" / "cam0").glob("*.seg"))[-1]
+        whole = newest.stat().st_size
+        last_seq = [s for s, _ in read_since(tmp_path / "j", "cam0", -1)][-1]
+        torn = journal_format.encode_record(last_seq + 1, result("cam0", last_seq + 1, b"t" * 300))
+        with open(newest, "ab") as f:
+            f.write(torn[: 10 if round_ == 0 else len(torn) * 2 // 3])  # round 0: mid-header, round 1: mid-body
         j = Journal(tmp_path / "j", max_bytes=1 << 30)
         assert j.unclean, "a killed writer must be noticed"
+        assert newest.stat().st_size == whole, "the torn record was not cut off at open"
         seqs = [s for s, _ in j.read_since("cam0", -1)]
         # Every record up to the last one survived, in order, without a hole or a repeat across both kills.
         assert seqs == list(range(len(seqs))) and len(seqs) > 200 * (round_ + 1)
