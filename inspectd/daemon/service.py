@@ -165,7 +165,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.stop()
         if drained:
-            self._close_retired()
+            self._close_retired(wait=True)
             self.stage.state.close()
         self.log.info(
             "stopped",
@@ -233,12 +233,21 @@ class Daemon:
         if was_healthy != self.stage.healthy:
             self.log.warning("health_changed", healthy=self.stage.healthy, last_error=self.stage.last_error)
 
-    def _close_retired(self) -> None:
-        """Close engines a reload replaced; called between batches, so none is in use."""
+    def _close_retired(self, wait: bool = False) -> None:
+        """Close engines a reload replaced; called between batches, so none is in use. The closing itself (the
+        session's teardown and malloc_trim over every arena, tens of ms with a real model) runs on its own thread:
+        on the inference thread it was a stall every reload, long enough to overflow a live camera's queue."""
+        retired = []
         while self._retired:
             old = self._retired.pop()
             if old.engine is not self.stage.state.engine:
-                old.close()
+                retired.append(old)
+        if not retired:
+            return
+        closer = threading.Thread(target=_close_all, args=(retired,), name="retire-engine", daemon=True)
+        closer.start()
+        if wait:
+            closer.join()
 
     def _on_published(self, judged: Judged, latency_ms: float) -> None:
         if self.metrics is not None:
@@ -497,6 +506,14 @@ class Daemon:
         self._ingest_for(camera).paused = False
         self.log.info("camera_resumed", camera=camera)
         return {"camera": camera, "paused": False}
+
+
+def _close_all(states: list[ModelState]) -> None:
+    for state in states:
+        try:
+            state.close()
+        except Exception as exc:  # a failing teardown of a replaced engine must not take anything else with it
+            structlog.get_logger("inspectd").warning("retired_engine_close_failed", error=str(exc).splitlines()[0])
 
 
 # A new threshold may move this far (as a factor) beyond every calibrated version of the model's thresholds; further
