@@ -327,3 +327,20 @@ def test_corruption_inside_a_segment_is_reported_and_the_records_after_it_are_ke
     reopened.append("cam0", 30, result("cam0", 30))
     reopened.close()
     assert [s for s, _ in read_since(tmp_path / "j", "cam0", 28, on_corrupt=lambda *a: None)] == [29, 30]
+
+
+def test_a_segment_rotated_away_during_a_replay_is_reported_not_skipped_silently(tmp_path):
+    j = Journal(tmp_path / "j", max_bytes=1 << 20, segment_bytes=8 << 10)
+    for seq in range(100):
+        j.append("cam0", seq, result("cam0", seq, b"m" * 500))
+    j.close()
+    segments = sorted((tmp_path / "j" / "cam0").glob("*.seg"))
+    assert len(segments) >= 4
+    rotated: list[Path] = []
+    replay = read_since(tmp_path / "j", "cam0", -1, on_rotated=rotated.append)
+    first = next(replay)  # the replay has listed the segments and is reading the first one
+    segments[1].unlink()  # what the writer's rotation does meanwhile
+    seqs = [first[0]] + [s for s, _ in replay]
+    assert rotated == [segments[1]]
+    taken = range(int(segments[1].stem), int(segments[2].stem))
+    assert seqs == [s for s in range(100) if s not in taken]

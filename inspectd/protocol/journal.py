@@ -168,12 +168,19 @@ def check_camera(camera: str) -> None:
 
 
 def read_since(
-    directory: str | Path, camera: str, seq: int, on_corrupt: OnCorrupt | None = None
+    directory: str | Path,
+    camera: str,
+    seq: int,
+    on_corrupt: OnCorrupt | None = None,
+    on_rotated: Callable[[Path], None] | None = None,
 ) -> Iterator[tuple[int, list[bytes]]]:
-    """(seq, frames) of every journalled result of `camera` with a seq greater than `seq`, in order.
+    """(seq, frames) of every journalled result of `camera` with a seq greater than `seq`, in order, read as it
+    goes (one record in memory at a time), so a long replay costs no more memory than a short one.
 
     Works on a journal another process is writing: a record still being written ends the iteration. Corruption
-    inside a segment goes to `on_corrupt` (see read_records), or raises JournalCorrupt without one."""
+    inside a segment goes to `on_corrupt` (see read_records), or raises JournalCorrupt without one. A segment the
+    writer's rotation deleted after this listing found it is told to `on_rotated(path)`: its results are a gap whose
+    reason is rotation, not loss in transit."""
     check_camera(camera)
     segments = segment_files(Path(directory) / camera)
     # Skip whole segments that end before `seq`: a segment ends where the next one begins.
@@ -182,9 +189,13 @@ def read_since(
         if segments[i + 1][0] <= seq + 1:
             start = i + 1
     for _, path in segments[start:]:
+        read = False
         for _, record_seq, frames in read_records(path, on_corrupt):
+            read = True
             if record_seq > seq:
                 yield record_seq, frames
+        if not read and on_rotated is not None and not path.exists():
+            on_rotated(path)
 
 
 def cameras(directory: str | Path) -> list[str]:
