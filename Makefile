@@ -47,6 +47,7 @@ test: venv browser
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
+	deploy/aravis.sh $(VENV) --fake  # GenICam: Debian's Aravis and its fake GigE Vision camera, gi into the venv
 	$(PY) -m pytest -q tests
 
 # Rewrite constraints.txt from what the venv holds now. To move a version: install it into the venv (or change

@@ -7,7 +7,8 @@ A camera's frames go source -> `supervisor.CameraIngest` (the thread that keeps 
     supervisor  CameraIngest: the thread per camera, reopening a failed source with capped exponential backoff
     headers     image dimensions read from PNG/JPEG/BMP/TIFF headers, and check_and_decode
     source      the Source interface every frame source implements
-    synthetic, folder, zmq_pull, opencv   one frame source each, with the declaration of its options (`Options`)
+    synthetic, folder, zmq_pull, opencv, genicam
+                one frame source each, with the declaration of its options (`Options`)
 
 SOURCES below maps a config's `kind` to its source class; the config's camera `source` is the union of their
 `Options`, so adding a kind is its module plus one line there.
@@ -20,14 +21,15 @@ and what was expected, so the pipeline publishes verdict "error" for it. Encoded
 the PNG IHDR / JPEG SOF header and checked against `max_pixels` before anything is decoded, because the decoder
 would otherwise allocate whatever a (hostile or broken) header asks for.
 
-Pausing: live sources (synthetic, zmq, opencv) keep being read while paused and their frames are discarded (counted
-as `discarded`), so a resumed camera delivers current frames rather than a stale backlog; a folder is not read while
-paused, so its files wait on disk and are all inspected after resume.
+Pausing: live sources (synthetic, zmq, opencv, genicam) keep being read while paused and their frames are discarded
+(counted as `discarded`), so a resumed camera delivers current frames rather than a stale backlog; a folder is not
+read while paused, so its files wait on disk and are all inspected after resume.
 """
 
 from __future__ import annotations
 
 from inspectd.daemon.ingest.folder import FolderWatcher
+from inspectd.daemon.ingest.genicam import GenICamCamera
 from inspectd.daemon.ingest.opencv import VideoCaptureSource
 from inspectd.daemon.ingest.source import Source
 from inspectd.daemon.ingest.synthetic import SyntheticLineSource
@@ -38,4 +40,5 @@ SOURCES: dict[str, type[Source]] = {
     "folder": FolderWatcher,
     "zmq": ZmqPullSource,
     "opencv": VideoCaptureSource,
+    "genicam": GenICamCamera,
 }

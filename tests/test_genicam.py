@@ -1,0 +1,237 @@
+"""The genicam source against a real GigE Vision peer: Aravis' fake camera (arv-fake-gv-camera-0.8) on loopback.
+
+`make test` installs Aravis and links PyGObject into the venv (deploy/aravis.sh); without them these tests skip
+with the reason. The fake camera's image brightness follows its exposure and gain, which is how the settings are
+seen to reach the sensor and not only the registers.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from inspectd.daemon.config import parse_config
+from inspectd.daemon.ingest.genicam import frames_lost, to_image
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.supervisor import CameraIngest
+from inspectd.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(90)
+FAKE = "arv-fake-gv-camera-0.8"
+ADDRESS = "127.0.0.1"  # the fake camera listens on an interface's address: loopback's only one
+
+
+def aravis():
+    try:
+        import gi
+
+        gi.require_version("Aravis", "0.8")
+        from gi.repository import Aravis
+    except (ImportError, ValueError) as exc:
+        pytest.skip(f"Aravis through PyGObject not importable ({exc}); make test installs it (deploy/aravis.sh)")
+    return Aravis
+
+
+class FakeCamera:
+    """arv-fake-gv-camera-0.8 as a subprocess: a GigE Vision device on loopback, GVCP on UDP 3956."""
+
+    def __init__(self, *extra: str) -> None:
+        if shutil.which(FAKE) is None:
+            pytest.skip(f"{FAKE} not installed (Debian aravis-tools); make test installs it (deploy/aravis.sh)")
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        Aravis = aravis()
+        self.proc = subprocess.Popen(
+            [FAKE, "-i", ADDRESS, "-s", "INSPECTD", *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            assert self.proc.poll() is None, self.proc.stdout.read() if self.proc.stdout else ""
+            try:
+                cam = Aravis.Camera.new(ADDRESS)
+            except Exception:  # noqa: BLE001 - not answering yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+                continue
+            assert cam.get_device_serial_number() == "INSPECTD"
+            del cam  # releases the control channel for the source under test
+            gc.collect()
+            return
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def fake_camera():
+    camera = FakeCamera()
+    yield camera
+    camera.stop()
+
+
+@pytest.fixture
+def ingests():
+    started: list[CameraIngest] = []
+    yield started
+    for ingest in started:
+        ingest.stop()
+    for ingest in started:
+        ingest.join(10)
+        assert not ingest.is_alive()
+
+
+def camera_config(**source):
+    return parse_config(
+        {
+            "station": "s",
+            "model": {"bundle": "b"},
+            "cameras": [{"id": "cam0", "source": {"kind": "genicam", "device": ADDRESS, **source}}],
+        }
+    ).cameras[0]
+
+
+def run(ingests, backoff=(0.05, 0.5), **source) -> tuple[CameraIngest, FrameQueue]:
+    queue = FrameQueue(256, "drop_oldest")
+    ingest = CameraIngest(camera_config(**source), queue, backoff_s=backoff)
+    ingests.append(ingest)
+    ingest.start()
+    return ingest, queue
+
+
+def take(queue: FrameQueue, count: int, timeout: float = 20.0) -> list:
+    frames: list = []
+    deadline = time.monotonic() + timeout
+    while len(frames) < count and time.monotonic() < deadline:
+        frame = queue.get_nowait()
+        if frame is None:
+            time.sleep(0.01)
+        else:
+            frames.append(frame)
+    assert len(frames) == count, f"{len(frames)} of {count} frames within {timeout} s"
+    return frames
+
+
+def stop(ingests, ingest: CameraIngest) -> None:
+    ingest.stop()
+    ingest.join(10)
+    ingests.remove(ingest)
+
+
+def test_frames_arrive_with_the_configured_exposure_gain_and_format(fake_camera, ingests):
+    ingest, queue = run(ingests, pixel_format="Mono8", exposure_us=10000, gain_db=0, frame_rate_hz=50)
+    plain = take(queue, 5)
+    settings = ingest._source.applied  # read back from the camera's registers after open
+    stop(ingests, ingest)
+    assert all(f.error is None and f.image.shape == (512, 512) and f.image.dtype == np.uint8 for f in plain)
+    assert settings["exposure_us"] == 10000 and settings["gain_db"] == 0 and settings["trigger_mode"] == "Off"
+    assert settings["pixel_format"] == "Mono8" and settings["model"].startswith("Aravis")
+    counters = [int(f.frame_id) for f in plain]
+    assert all(frames_lost(a, b) == 0 for a, b in zip(counters, counters[1:])), counters  # the camera's own ids
+
+    ingest, queue = run(ingests, pixel_format="Mono8", exposure_us=20000, gain_db=8, frame_rate_hz=50)
+    bright = take(queue, 5)
+    settings = ingest._source.applied
+    assert settings["exposure_us"] == 20000 and settings["gain_db"] == 8
+    assert np.mean([f.image.mean() for f in bright]) > 1.5 * np.mean([f.image.mean() for f in plain])
+
+    stop(ingests, ingest)
+    ingest, queue = run(ingests, pixel_format="RGB8", frame_rate_hz=50)
+    colour = take(queue, 2)
+    assert colour[-1].image.shape == (512, 512, 3) and ingest._source.applied["pixel_format"] == "RGB8"
+
+
+def test_software_and_hardware_line_trigger(fake_camera, ingests):
+    ingest, queue = run(ingests, trigger="software", software_rate_hz=20)
+    frames = take(queue, 6)
+    settings = ingest._source.applied
+    assert (settings["trigger_mode"], settings["trigger_source"]) == ("On", "Software")
+    assert all(f.error is None for f in frames)
+    stop(ingests, ingest)
+
+    # A hardware line trigger with no part passing: no frames, and that is not a dead camera.
+    ingest, queue = run(ingests, trigger="line", line="Line0", stall_s=0.5)
+    assert _wait(lambda: ingest._source.applied.get("trigger_mode") == "On", 10)
+    assert ingest._source.applied["trigger_source"] == "Line0"
+    time.sleep(1.5)
+    assert queue.get_nowait() is None
+    assert ingest.stats()["state"] == "running" and ingest.reopen_count == 0
+
+
+def test_a_camera_restart_is_survived_with_backoff(fake_camera, ingests):
+    ingest, queue = run(ingests, frame_rate_hz=50, stall_s=1.0, backoff=(0.2, 1.0))
+    take(queue, 3)
+    fake_camera.stop()
+    assert _wait(lambda: ingest.stats()["state"] == "reopening", 15), ingest.stats()
+    assert "genicam" in (ingest.stats()["last_error"] or "")
+    assert _wait(lambda: ingest.reopen_count >= 2, 15), ingest.stats()  # tried again, and again, while it is away
+    fake_camera.start()
+    assert _wait(lambda: ingest.stats()["state"] == "running", 20), ingest.stats()
+    while queue.get_nowait() is not None:
+        pass
+    frames = take(queue, 3)
+    assert all(f.error is None for f in frames)
+
+
+def test_frames_lost_on_the_wire_become_error_frames(ingests):
+    camera = FakeCamera("-r", "300")  # the fake camera drops 30% of its stream packets
+    try:
+        ingest, queue = run(ingests, frame_rate_hz=50, buffers=4)
+        frames = take(queue, 40, timeout=40)
+        stop(ingests, ingest)  # before its camera goes
+    finally:
+        camera.stop()
+    errors = [f.error for f in frames if f.error]
+    assert errors, "30% packet loss and not one frame reported"
+    assert all(("incomplete" in e) or ("lost between camera and host" in e) for e in errors), errors[:3]
+
+
+def test_frame_counter_gaps_wrap_and_resets():
+    assert frames_lost(None, 7) == 0
+    assert frames_lost(7, 8) == 0 and frames_lost(7, 10) == 2
+    assert frames_lost(65534, 1) == 1  # 65535 lost; a 16-bit block id skips 0
+    assert frames_lost(65535, 1) == 0
+    assert frames_lost(500, 3) == 0  # a camera restart starts the counter again: not a loss
+
+
+def test_pixel_formats_convert_to_the_engines_uint8():
+    mono16 = np.array([[0, 0xFFFF], [0x8000, 0x0100]], "<u2")
+    assert to_image(mono16.tobytes(), 2, 2, "Mono16").tolist() == [[0, 255], [128, 1]]
+    mono12 = np.array([[0x0FFF, 0x0010]], "<u2")
+    assert to_image(mono12.tobytes(), 2, 1, "Mono12").tolist() == [[255, 1]]
+    bgr = np.array([[[1, 2, 3]]], np.uint8)
+    assert to_image(bgr.tobytes(), 1, 1, "BGR8").tolist() == [[[3, 2, 1]]]
+    with pytest.raises(ValueError, match="expected 2x2x1 for Mono8"):
+        to_image(b"\0" * 3, 2, 2, "Mono8")
+
+
+def test_config_errors_name_the_key():
+    for source, message in [
+        ({"pixel_format": "BayerRG8"}, "cameras[0].source.pixel_format: expected one of"),
+        ({"trigger": "hardware"}, "cameras[0].source.trigger: expected one of"),
+        ({"exposure_us": 0}, "cameras[0].source.exposure_us: expected more than 0"),
+        ({"exposur_us": 10}, "cameras[0].source.exposur_us: unknown key"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            camera_config(**source)
+        assert message in str(err.value), str(err.value)
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
