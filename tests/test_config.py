@@ -266,7 +266,9 @@ def test_each_camera_source_is_checked_by_its_own_declaration(kind):
     assert declaration.__module__ == SOURCES[kind].__module__
     fields = [f.name for f in dataclasses.fields(declaration)]
     assert declaration.__dataclass_fields__["kind"].default == kind
-    source = {"synthetic": {}, "folder": {"path": "in"}, "zmq": {"endpoint": "ipc:///tmp/x"}}.get(kind, {"device": 0})
+    source = {"synthetic": {}, "folder": {"path": "in"}, "zmq": {"endpoint": "ipc:///tmp/x"}, "genicam": {}}.get(
+        kind, {"device": 0}
+    )
     doc = with_value(["cameras", 0, "source"], {"kind": kind, **source, "colour": 1})
     with pytest.raises(ConfigError) as refused:
         parse_config(doc)
@@ -281,10 +283,10 @@ def test_each_camera_source_is_checked_by_its_own_declaration(kind):
 
 def test_source_kind_is_required_and_checked():
     for source, message in [
-        ({"rate_hz": 5}, "cameras[0].source.kind: required, expected one of synthetic|folder|zmq|opencv"),
-        ({"kind": "usb"}, "cameras[0].source.kind: expected one of synthetic|folder|zmq|opencv, got 'usb'"),
-        ({"kind": ["zmq"]}, "cameras[0].source.kind: expected one of synthetic|folder|zmq|opencv, got ['zmq']"),
-        (None, "cameras[0].source: expected a mapping with kind synthetic|folder|zmq|opencv, got None"),
+        ({"rate_hz": 5}, "cameras[0].source.kind: required, expected one of synthetic|folder|zmq|opencv|genicam"),
+        ({"kind": "usb"}, "cameras[0].source.kind: expected one of synthetic|folder|zmq|opencv|genicam, got 'usb'"),
+        ({"kind": ["zmq"]}, "cameras[0].source.kind: expected one of synthetic|folder|zmq|opencv|genicam, got ['zmq']"),
+        (None, "cameras[0].source: expected a mapping with kind synthetic|folder|zmq|opencv|genicam, got None"),
     ]:
         with pytest.raises(ConfigError) as refused:
             parse_config(with_value(["cameras", 0, "source"], source))

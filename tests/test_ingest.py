@@ -523,3 +523,17 @@ def test_synthetic_line_frames_masks_and_speed(tmp_path):
     assert not (tmp_path / "good" / "masks").exists()
     SyntheticLine(64, 64, seed=2).write_folder(tmp_path / "mixed", 4, defect_rate=1.0)
     assert len(list((tmp_path / "mixed" / "masks").glob("*_mask.png"))) == 4
+
+
+def test_a_gstreamer_pipeline_is_refused_at_config_load_by_an_opencv_without_gstreamer():
+    from inspectd.daemon.ingest.opencv import gstreamer_built_in
+    from inspectd.errors import ConfigError
+
+    source = {"kind": "opencv", "pipeline": "videotestsrc ! videoconvert ! appsink"}
+    if gstreamer_built_in():
+        assert camera(source).source.pipeline == source["pipeline"]
+        return
+    with pytest.raises(ConfigError) as refused:
+        camera(source)
+    assert str(refused.value).startswith("cameras[0].source.pipeline: this OpenCV (")
+    assert "built without GStreamer" in str(refused.value)

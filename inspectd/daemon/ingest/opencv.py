@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import cv2
-from pydantic import Field, PlainValidator, ValidationInfo, model_validator
+from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, model_validator
 
 from engines.data.images import as_uint8_gray_or_rgb
 from engines.errors import DataError
@@ -29,13 +29,31 @@ def _url(value: Any, info: ValidationInfo) -> str:
     return value if "://" in value else str(resolve(value, info))  # a video file, relative to the config file
 
 
+def gstreamer_built_in() -> bool:
+    """Whether this OpenCV was built with GStreamer (PyPI's opencv-python wheels are not)."""
+    for line in cv2.getBuildInformation().splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "GStreamer":
+            return value.strip().upper().startswith("YES")
+    return False
+
+
+def _pipeline(value: str) -> str:
+    if not gstreamer_built_in():
+        raise invalid(
+            f"this OpenCV ({cv2.__version__}) is built without GStreamer, so a pipeline cannot open; use url or "
+            "device, or install an OpenCV built with GStreamer"
+        )
+    return value
+
+
 @declared
 class OpenCVSource:
     """A camera `source` of `kind: opencv`: exactly one of url, device, pipeline."""
 
     url: Annotated[str, PlainValidator(_url)] | None = None  # rtsp://, http://, or a (resolved) video file path
     device: Annotated[Int, Field(ge=0)] | None = None  # /dev/videoN index
-    pipeline: Text | None = None  # GStreamer pipeline string
+    pipeline: Annotated[Text, AfterValidator(_pipeline)] | None = None  # GStreamer pipeline string
     kind: Literal["opencv"] = "opencv"
 
     @model_validator(mode="after")
