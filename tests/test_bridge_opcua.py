@@ -501,3 +501,11 @@ def test_config_errors_name_the_key_and_the_cli_says_one_line(tmp_path, daemon):
         )
         assert result.returncode == 2, result.stderr
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_shipped_example_config_is_the_defaults_but_its_camera_and_state_file():
+    from inspectd.clients.opcua import load_opcua_config
+
+    example = load_opcua_config(REPO / "deploy" / "opcua.example.yaml")
+    assert example == parse_opcua_config({"cameras": ["cam0"], "state_file": example.state_file})
+    assert example.state_file == "/var/lib/inspectd-bridge/opcua/state.json"
