@@ -305,11 +305,25 @@ PLC_TYPES = {"inspection_id": "Int32", "ack": "Int32", "score": "Float", "thresh
 class PlcServer:
     """The PLC's own OPC UA server (client mode), its variables in ns=2 as "<camera>.<Name>"."""
 
-    def __init__(self, port: int, values: dict | None = None) -> None:
+    def __init__(self, port: int, values: dict | None = None, security: tuple[Path, Path, Path] | None = None) -> None:
         self.url = f"opc.tcp://127.0.0.1:{port}/plc/"
         self.server = Server()
         self.server.set_endpoint(self.url)
-        self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if security is None:
+            self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:  # the PLC's certificate and key, and a folder of the clients it trusts
+            from asyncua.crypto.truststore import TrustStore
+            from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+            certificate, key, trusted = security
+            self.server.set_application_uri("urn:test:plcserver")
+            self.server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+            self.server.load_certificate(str(certificate))
+            self.server.load_private_key(str(key))
+            store = TrustStore([trusted], [])
+            self.server.tloop.post(store.load())
+            options = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
+            self.server.aio_obj.set_certificate_validator(CertificateValidator(options, store))
         index = self.server.register_namespace("urn:test:plc")
         assert index == 2
         self.nodes = {}
@@ -472,6 +486,36 @@ def test_basic256sha256_sign_and_encrypt_lets_only_trusted_clients_in(daemon, tm
     finally:
         plc.close()
         bridge.stop()
+
+
+def test_client_mode_signs_and_encrypts_with_the_plcs_server(daemon, tmp_path):
+    plc_cert, plc_key = _certificate(tmp_path / "pki", "plcserver", "urn:test:plcserver", server=True)
+    bridge_cert, bridge_key = _certificate(tmp_path / "pki", "bridge", "urn:inspectd:bridge", server=False)
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "bridge.der").write_bytes(bridge_cert.read_bytes())
+    plc = PlcServer(free_port(), security=(plc_cert, plc_key, trusted))
+    program = plc.run_program()
+    security = f"security:\n  certificate: {bridge_cert}\n  private_key: {bridge_key}\n  trusted: {plc_cert}\n"
+    config = write_config(tmp_path, "mode: client\n" + security)
+    bridge = Bridge(daemon, ["--config", str(config), "--opcua", plc.url], lambda: plc.read(CAMERA, "trigger_ready"))
+    try:
+        daemon.result(1, "defect", regions=1)
+        wait(lambda: program.ids() == [1], 10, "the result written over a signed and encrypted channel")
+    finally:
+        bridge.stop()
+    # Without security the PLC's server offers no endpoint: the bridge says so in one line and exits 1.
+    refused = subprocess.run(
+        [sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint, "--mode", "client"]
+        + ["--camera", CAMERA, "--opcua", plc.url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    plc.stop()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stderr.strip().startswith("inspectd bridge: PLC opc.tcp://"), refused.stderr
 
 
 def test_config_errors_name_the_key_and_the_cli_says_one_line(tmp_path, daemon):
