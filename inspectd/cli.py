@@ -23,7 +23,7 @@ SUBCOMMANDS = [
     ("bench", "inspectd.tools.bench.command", "benchmark the engine, the daemon and a naive loop"),
     ("demo", "inspectd.tools.demo", "train on the synthetic line, run the daemon, show verdicts arriving"),
     ("keys", "inspectd.protocol.keys", "generate CurveZMQ key pairs"),
-    ("bridge", "inspectd.clients.bridge", "bridge results to a PLC (Modbus TCP)"),
+    ("bridge", "inspectd.clients.bridge", "bridge results to a PLC (Modbus TCP, OPC UA)"),
     ("archive", "inspectd.clients.archive", "list or export the frames the daemon archived"),
     ("ctl", "inspectd.clients.ctl", "steer a running daemon: status, pause/resume, reload, thresholds, rollback"),
     ("web", "inspectd.clients.web", "the live web view: last frames, defects with overlays, counts, alarms"),
