@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     ("run", "inspectd.daemon.service", "run the inspection daemon"),
     ("subscribe", "inspectd.clients.subscribe", "tail results published by a daemon"),
     ("calibrate", "calibration.calibrate", "set, apply or roll back thresholds"),
+    ("teach", "calibration.teach", "refit the scorer on confirmed-good frames (no torch), apply or roll back"),
     ("bench", "inspectd.tools.bench.command", "benchmark the engine, the daemon and a naive loop"),
     ("demo", "inspectd.tools.demo", "train on the synthetic line, run the daemon, show verdicts arriving"),
     ("keys", "inspectd.protocol.keys", "generate CurveZMQ key pairs"),

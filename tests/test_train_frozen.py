@@ -199,13 +199,13 @@ def test_kmeans_references_are_real_samples_one_per_cluster():
 
 def test_ledoit_wolf_matches_sklearn():
     covariance = pytest.importorskip("sklearn.covariance", reason="scikit-learn (test extra) is the reference")
-    from engines.model.graph import ledoit_wolf
+    from engines.runtime.scorer_fit import ledoit_wolf
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40)) * 0.3
     x -= x.mean(axis=0)
     expected, _shrinkage = covariance.ledoit_wolf(x, assume_centered=True)
-    np.testing.assert_allclose(ledoit_wolf(torch.from_numpy(x)).numpy(), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ledoit_wolf(x), expected, rtol=1e-10, atol=1e-12)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -283,17 +283,15 @@ def test_memory_scorer_bundle_finds_a_painted_defect(data, tmp_path):
 
 
 def test_greedy_coreset_keeps_rare_patterns_and_memory_scores_its_own_patches_zero():
-    from engines.model.graph import MemoryBankScorer, greedy_coreset
+    from engines.model.graph import MemoryBankScorer
+    from engines.runtime.scorer_fit import greedy_coreset
 
+    rng = np.random.default_rng(0)
+    points = np.concatenate(
+        [rng.standard_normal((500, 4)), 10 + rng.standard_normal((500, 4)), np.full((2, 4), 100.0)]
+    ).astype(np.float32)
+    chosen = greedy_coreset(points, 3, rng)
     generator = torch.Generator().manual_seed(0)
-    points = torch.cat(
-        [
-            torch.randn(500, 4, generator=generator),
-            10 + torch.randn(500, 4, generator=generator),
-            torch.full((2, 4), 100.0),
-        ]
-    )
-    chosen = greedy_coreset(points, 3, generator)
     assert sorted(int(i) // 500 for i in chosen) == [0, 1, 2]  # the 2-point outlier cluster is never dropped
     assert len(set(chosen.tolist())) == 3
 

@@ -23,6 +23,12 @@ SCORE = "score"
 ANOMALY_MAP = "anomaly_map"
 OUTPUTS = (SCORE, ANOMALY_MAP)
 
+# The feature graph, a second graph beside model.onnx: `pixels` -> `features` float32 [N, D, h, w], what the scorer is
+# fitted on. `inspectd teach` runs it to refit scorer parameters on a station without torch. Optional: bundles written
+# before it existed lack it until `inspectd export` rewrites them.
+FEATURE_GRAPH = "features.onnx"
+FEATURES = "features"
+
 # Scorer inputs whose first dimension is a number of rows that a refit may change (the k-means references, the
 # memory bank): the graph is exported with that dimension dynamic, and backends accept any row count there.
 VARIABLE_ROWS = ("references", "memory_bank")

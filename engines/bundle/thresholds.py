@@ -19,6 +19,11 @@ from engines.bundle.format import THRESHOLDS
 
 FILE_NAME = THRESHOLDS
 MAX_HISTORY = 50
+# provenance["good_scores"]: the image scores of the good frames the thresholds were set on, as {"n": frames,
+# "quantiles": sorted scores}, the reference the daemon's score-drift alarm compares the line with. More than
+# REFERENCE_POINTS frames are kept as that many evenly spaced quantiles, so the document stays small.
+GOOD_SCORES = "good_scores"
+REFERENCE_POINTS = 200
 
 
 class ThresholdsError(ValueError):
@@ -46,6 +51,30 @@ class Thresholds:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def good_score_reference(scores) -> dict[str, Any]:
+    """provenance["good_scores"] for the good frames' image `scores`."""
+    import numpy as np
+
+    values = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    if values.size > REFERENCE_POINTS:
+        values = np.quantile(values, (np.arange(REFERENCE_POINTS) + 0.5) / REFERENCE_POINTS)
+    return {"n": int(np.asarray(scores).size), "quantiles": [float(f"{v:.7g}") for v in values]}
+
+
+def reference_scores(thresholds: Thresholds) -> tuple[int, list[float]] | None:
+    """(frames, sorted reference scores) from provenance["good_scores"], or None when the document has none (set
+    before it was recorded) or it is malformed."""
+    reference = thresholds.provenance.get(GOOD_SCORES)
+    if not isinstance(reference, dict):
+        return None
+    n, values = reference.get("n"), reference.get("quantiles")
+    if not isinstance(n, int) or n < 1 or not isinstance(values, list) or not values:
+        return None
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return None
+    return n, sorted(float(v) for v in values)
 
 
 def _number(doc: dict, key: str, where: str) -> float:

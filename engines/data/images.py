@@ -108,3 +108,13 @@ def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     if mask.shape != shape:
         mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return mask > 127
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit indices, held-out indices) of n images; at least one of each when there are two images or more. Training
+    and `inspectd teach` split with it, so the same images and seed give the same share on both."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--holdout {fraction}: expected a fraction in [0, 1)")
+    n_hold = 0 if fraction == 0 or n < 2 else min(n - 1, max(1, round(fraction * n)))
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_hold:]), np.sort(order[:n_hold])

@@ -1,4 +1,5 @@
-"""ONNX export of an inference graph, and `inspectd export BUNDLE`, which (re)writes a bundle's model.onnx.
+"""ONNX export of an inference graph, and `inspectd export BUNDLE`, which (re)writes a bundle's model.onnx and its
+feature graph (features.onnx: pixels -> the features the scorer is fitted on, for `inspectd teach`).
 
 The exported graph takes `pixels` uint8 [N, H, W, C] (N dynamic) then the scorer parameters by name, and gives
 `score` float32 [N] and `anomaly_map` float32 [N, H, W].
@@ -19,7 +20,7 @@ import warnings
 import numpy as np
 import torch
 
-from engines.bundle.format import ANOMALY_MAP, GRAPH, PIXELS, SCORE, VARIABLE_ROWS, WEIGHTS
+from engines.bundle.format import ANOMALY_MAP, FEATURE_GRAPH, FEATURES, GRAPH, PIXELS, SCORE, VARIABLE_ROWS, WEIGHTS
 from engines.bundle.store import Bundle, load_bundle
 from engines.errors import BundleError
 from engines.model.graph import InferenceGraph, build_graph, load_state_arrays
@@ -61,6 +62,45 @@ def export_graph(graph: InferenceGraph, scorer_params: dict[str, np.ndarray], op
     return buffer.getvalue()
 
 
+class _Embed(torch.nn.Module):
+    def __init__(self, graph: InferenceGraph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.graph.embed(pixels)
+
+
+def export_feature_graph(graph: InferenceGraph, opset: int = DEFAULT_OPSET) -> bytes:
+    """The feature graph (format.FEATURE_GRAPH) of `graph` as ONNX bytes: `pixels` -> `features` [N, D, h, w], the
+    graph's own preprocessing, backbone, head and aggregation, so features computed on a station are the ones
+    training fits the scorer on."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"--opset {opset}: expected {MIN_OPSET} or higher")
+    graph = graph.eval()
+    height, width, channels = graph.input_shape
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # as in export_graph
+        torch.onnx.export(
+            _Embed(graph),
+            (torch.zeros((2, height, width, channels), dtype=torch.uint8),),
+            buffer,
+            input_names=[PIXELS],
+            output_names=[FEATURES],
+            dynamic_axes={PIXELS: {0: "batch"}, FEATURES: {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return buffer.getvalue()
+
+
+def add_feature_graph(bundle: Bundle, graph: InferenceGraph, opset: int = DEFAULT_OPSET) -> None:
+    """Write (or rewrite) the bundle's feature graph from `graph`, the torch graph of that same bundle."""
+    bundle.replace_file(FEATURE_GRAPH, export_feature_graph(graph, opset), add=True)
+
+
 def graph_from_bundle(bundle: Bundle) -> InferenceGraph:
     """Rebuild the torch graph of `bundle` from its manifest and weights.npz (no pickle, no ImageNet file needed)."""
     try:
@@ -77,6 +117,7 @@ def export_bundle(path, opset: int = DEFAULT_OPSET) -> Bundle:
     bundle = load_bundle(path)
     graph = graph_from_bundle(bundle)
     bundle.replace_file(GRAPH, export_graph(graph, bundle.scorer_params(), opset))
+    add_feature_graph(bundle, graph, opset)
     return bundle
 
 

@@ -27,11 +27,10 @@ from torch import nn
 
 from engines.bundle.format import aggregation_of
 from engines.model.backbones import Backbone, create_backbone
+from engines.runtime import scorer_fit
+from engines.runtime.scorer_fit import DEFAULT_MEMORY_SIZE
 
 SMOOTHING_SIGMA = 4.0
-# The coreset is drawn from a random pool this many times the bank's size: greedy selection over every patch of
-# hundreds of images costs minutes, and a pool of 16x already holds the rare patterns the selection is for.
-CORESET_POOL = 16
 
 
 class Preprocess(nn.Module):
@@ -143,28 +142,10 @@ class NearestReferenceScorer(Scorer):
         return 1.0 - best, (features - nearest).pow(2).sum(dim=1)
 
     @staticmethod
-    def fit(
-        features: torch.Tensor, k: int = 1, seed: int = 0, iterations: int = 50, **_unused
-    ) -> dict[str, np.ndarray]:
-        """Spherical k-means (k-means++ start) on the flattened, L2-normalised feature maps; each centroid is then
-        replaced by the real training sample nearest to it, as CSE's reference implementation does."""
-        if features.shape[0] == 0:
-            raise ValueError("k-means: no training features")
-        k = max(1, min(k, features.shape[0]))
-        flat = F.normalize(features.flatten(1).float(), dim=1)
-        generator = torch.Generator().manual_seed(seed)
-        centroids = _kmeans_plus_plus(flat, k, generator)
-        for _ in range(iterations):
-            assignment = (flat @ centroids.T).argmax(dim=1)
-            sums = torch.zeros_like(centroids).index_add_(0, assignment, flat)
-            counts = torch.bincount(assignment, minlength=k)
-            # An emptied cluster keeps its old centroid instead of collapsing to zero.
-            updated = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), centroids)
-            if torch.allclose(updated, centroids):
-                break
-            centroids = updated
-        nearest = torch.unique((centroids @ flat.T).argmax(dim=1))
-        return {"references": features[nearest].float().contiguous().numpy()}
+    def fit(features: torch.Tensor, k: int = 1, seed: int = 0, **settings) -> dict[str, np.ndarray]:
+        """Spherical k-means on the flattened feature maps, references the nearest real samples
+        (engines.runtime.scorer_fit.fit_kmeans, shared with `inspectd teach`)."""
+        return scorer_fit.fit_kmeans(_as_array(features), k=k, seed=seed, **settings)
 
 
 class LocalReferenceScorer(Scorer):
@@ -188,20 +169,8 @@ class LocalReferenceScorer(Scorer):
     fit = staticmethod(NearestReferenceScorer.fit)
 
 
-def _kmeans_plus_plus(flat: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    chosen = [int(torch.randint(flat.shape[0], (1,), generator=generator))]
-    distance = 1.0 - flat @ flat[chosen[0]]
-    for _ in range(1, k):
-        weights = distance.clamp_min(0)
-        if float(weights.sum()) <= 0:
-            break
-        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
-        distance = torch.minimum(distance, 1.0 - flat @ flat[chosen[-1]])
-    return flat[chosen]
-
-
-DEFAULT_MEMORY_SIZE = 16384
-CORESET_PROJECTION = 16
+def _as_array(features: torch.Tensor) -> np.ndarray:
+    return features.detach().cpu().float().numpy()
 
 
 class MemoryBankScorer(Scorer):
@@ -232,51 +201,11 @@ class MemoryBankScorer(Scorer):
 
     @staticmethod
     def fit(
-        features: torch.Tensor,
-        memory_size: int = DEFAULT_MEMORY_SIZE,
-        seed: int = 0,
-        projection: int = CORESET_PROJECTION,
-        chunk: int = 64,
-        **_unused,
+        features: torch.Tensor, memory_size: int = DEFAULT_MEMORY_SIZE, seed: int = 0, **settings
     ) -> dict[str, np.ndarray]:
-        """Keep `memory_size` of the training patches by greedy k-center selection: each step adds the patch farthest
-        from everything kept so far, so rare good patterns survive the cut where random sampling would drop them.
-        The selection runs over a random pool of CORESET_POOL x `memory_size` patches, with distances taken in a
-        random `projection`-dimensional space (Johnson-Lindenstrauss), as PatchCore does."""
-        if features.shape[0] == 0:
-            raise ValueError("memory: no training features")
-        if memory_size < 1:
-            raise ValueError(f"memory_size {memory_size}: expected >= 1")
-        d = features.shape[1]
-        chunks = range(0, features.shape[0], chunk)
-        patches = torch.cat([features[s : s + chunk].float().permute(0, 2, 3, 1).reshape(-1, d) for s in chunks])
-        if patches.shape[0] <= memory_size:
-            return {"memory_bank": patches.contiguous().numpy()}
-        generator = torch.Generator().manual_seed(seed)
-        if patches.shape[0] > CORESET_POOL * memory_size:
-            pool = torch.randperm(patches.shape[0], generator=generator)[: CORESET_POOL * memory_size]
-            patches = patches[pool.sort().values]
-        projected = patches @ torch.randn(d, min(projection, d), generator=generator) if projection < d else patches
-        chosen = greedy_coreset(projected, memory_size, generator)
-        return {"memory_bank": patches[chosen].contiguous().numpy()}
-
-
-def greedy_coreset(points: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of `size` rows of `points` [P, d] chosen by greedy k-center (farthest-point) selection from a random
-    start; squared distances, so each step is one matrix-vector product over the points."""
-    norms = points.pow(2).sum(1)
-    chosen = torch.empty(size, dtype=torch.long)
-    chosen[0] = int(torch.randint(points.shape[0], (1,), generator=generator))
-    nearest = torch.full_like(norms, float("inf"))
-    candidate = torch.empty_like(norms)
-    for i in range(size):
-        if i:
-            chosen[i] = torch.argmax(nearest)
-        # |p|^2 - 2 p.c (+ |c|^2, the same for every p, added after) into one reused buffer: a step is one pass.
-        torch.addmv(norms, points, points[chosen[i]], alpha=-2.0, out=candidate)
-        candidate += norms[chosen[i]]
-        torch.minimum(nearest, candidate, out=nearest)
-    return chosen
+        """Greedy k-center coreset of `memory_size` patches over a random pool of CORESET_POOL x `memory_size`
+        (engines.runtime.scorer_fit.fit_memory, shared with `inspectd teach`)."""
+        return scorer_fit.fit_memory(_as_array(features), memory_size=memory_size, seed=seed, **settings)
 
 
 class GaussianScorer(Scorer):
@@ -299,60 +228,10 @@ class GaussianScorer(Scorer):
         return None, squared.clamp_min(0).sqrt().reshape(n, h, w)
 
     @staticmethod
-    def fit(features: torch.Tensor, chunk: int = 64, **_unused) -> dict[str, np.ndarray]:
-        """Per-location mean and one Ledoit-Wolf covariance of the residuals, accumulated `chunk` images at a time
-        in float64 (a float64 copy of all residuals at 256x256 would be ~0.6 GB)."""
-        if features.shape[0] == 0:
-            raise ValueError("gaussian: no training features")
-        n, d = features.shape[:2]
-        mean = features.sum(dim=0, dtype=torch.float64) / n
-        moments = _SecondMoments(d)
-        for start in range(0, n, chunk):
-            residuals = features[start : start + chunk].double() - mean
-            moments.add(residuals.permute(0, 2, 3, 1).reshape(-1, d))
-        covariance = moments.ledoit_wolf()
-        # A small ridge keeps it invertible when the residuals carry no information (a single image, or images
-        # identical at every location): the distance then degrades to a scaled Euclidean one instead of failing.
-        ridge = 1e-4 * float(torch.trace(covariance)) / d + 1e-6
-        precision = torch.linalg.inv(covariance + ridge * torch.eye(d, dtype=torch.float64))
-        precision = 0.5 * (precision + precision.T)  # exact symmetry, so Mahalanobis distances are never negative
-        return {"gauss_mean": mean.float().contiguous().numpy(), "gauss_precision": precision.float().numpy()}
-
-
-class _SecondMoments:
-    """X^T X and (X*X)^T (X*X) of centred samples, summed over chunks: all that Ledoit-Wolf needs."""
-
-    def __init__(self, p: int) -> None:
-        self.n = 0
-        self.xtx = torch.zeros(p, p, dtype=torch.float64)
-        self.x2tx2 = torch.zeros(p, p, dtype=torch.float64)
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.double()
-        self.n += x.shape[0]
-        self.xtx += x.T @ x
-        x2 = x * x
-        self.x2tx2 += x2.T @ x2
-
-    def ledoit_wolf(self) -> torch.Tensor:
-        """(1 - s) * S + s * mu * I with the shrinkage s minimising the expected error: the estimator sklearn's
-        `ledoit_wolf(X, assume_centered=True)` computes."""
-        n, p = self.n, self.xtx.shape[0]
-        emp_cov = self.xtx / n
-        mu = torch.trace(emp_cov) / p
-        delta_sum = (emp_cov * emp_cov).sum()  # = sum((X^T X)^2) / n^2
-        beta = (self.x2tx2.sum() / n - delta_sum) / (p * n)
-        delta = (delta_sum - 2 * mu * torch.trace(emp_cov) + p * mu * mu) / p
-        beta = torch.minimum(beta, delta)
-        shrinkage = torch.where(delta > 0, beta / delta, torch.zeros_like(delta))
-        return (1 - shrinkage) * emp_cov + shrinkage * mu * torch.eye(p, dtype=torch.float64)
-
-
-def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
-    """Ledoit-Wolf shrunk covariance of centred samples x [n, p]."""
-    moments = _SecondMoments(x.shape[1])
-    moments.add(x)
-    return moments.ledoit_wolf()
+    def fit(features: torch.Tensor, **settings) -> dict[str, np.ndarray]:
+        """Per-location mean and one Ledoit-Wolf shrunk covariance of the residuals
+        (engines.runtime.scorer_fit.fit_gaussian, shared with `inspectd teach`)."""
+        return scorer_fit.fit_gaussian(_as_array(features), **settings)
 
 
 SCORERS: dict[str, type[Scorer]] = {

@@ -28,10 +28,10 @@ import torch
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import inspectd_version
 from engines.bundle.store import load_bundle, write_bundle
-from engines.data.images import MvtecFolder, list_images, load_image
+from engines.data.images import MvtecFolder, list_images, load_image, split_holdout
 from engines.errors import DataError, EngineError
 from engines.model.backbones import BACKBONES, spec_for
-from engines.model.export import DEFAULT_OPSET, export_graph
+from engines.model.export import DEFAULT_OPSET, add_feature_graph, export_graph
 from engines.model.graph import SCORERS, InferenceGraph, build_graph, state_arrays
 from engines.model.methods import METHODS, TrainSettings, available_methods, get_method
 from engines.model.recipes import AUTO, CATALOGUE, DEFAULT_MEMORY_SIZE, Recipe, auto_candidates, catalogue_recipe
@@ -168,15 +168,6 @@ def training_images(data: str | Path) -> list[Path]:
     if not paths:
         raise DataError(f"{data}: no images, expected train/good/*.png|jpg or a folder of images")
     return paths
-
-
-def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit indices, held-out indices); at least one of each when there are two images or more."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"--holdout {fraction}: expected a fraction in [0, 1)")
-    n_hold = 0 if fraction == 0 or n < 2 else min(n - 1, max(1, round(fraction * n)))
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
 def seed_everything(seed: int) -> None:
@@ -341,6 +332,7 @@ def train_bundle(
             "images": check_kind,
             "n_fit": int(n_fit),
             "n_holdout": int(n_hold),
+            thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(scores),
         },
     )
 
@@ -383,6 +375,7 @@ def train_bundle(
     }
     graph_bytes = export_graph(graph, params, opset)
     path = write_bundle(out, manifest, graph_bytes, params, state_arrays(graph), thresholds)
+    add_feature_graph(load_bundle(path), graph, opset)  # what `inspectd teach` refits the scorer from
     bundle = load_bundle(path)  # what the daemon will do first: verify it
     return TrainResult(
         path,

@@ -1,0 +1,324 @@
+"""`inspectd teach`: refit a bundle's scorer on confirmed-good frames, on the station, without torch.
+
+    inspectd teach BUNDLE --good DIR [--holdout 0.2] [--by NAME] [--apply tcp://host:port]
+    inspectd teach BUNDLE --rollback [--apply tcp://host:port]
+
+The scorer's parameters (memory bank, Gaussian mean and precision, k-means references) are graph inputs, so a refit
+needs no new graph and no new TensorRT plan: the bundle's feature graph (engines.runtime.features) computes the
+features with ONNX Runtime, engines.runtime.scorer_fit fits them with numpy (the same code and seed `inspectd train`
+runs, so the same frames give the same parameters), and model.onnx, weights.npz and every plan are carried over
+byte for byte. A share of the frames (split as training splits) is held out: the current and the refitted model both
+score it, the thresholds are recalibrated on it with `inspectd calibrate`'s false-reject rule, and its scores become
+the reference of the daemon's score-drift alarm.
+
+Versions: the taught bundle replaces BUNDLE in place (so a daemon's `reload` picks it up) with `bundle_version` one
+higher and a `teach` record (frames, time, who, what it replaced, the comparison); the bundle it replaced moves to
+BUNDLE.versions/v<N>. `--rollback` moves the current one there too and puts the version it was taught from back.
+`--apply` sends `reload` to the daemon, which swaps the model between batches (no frame is skipped, no seq gap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.bundle import thresholds as thresholds_doc
+from engines.bundle.format import REQUIRED_FILES, inspectd_version
+from engines.bundle.store import Bundle, load_bundle, write_bundle
+from engines.data.images import list_images, load_image, split_holdout
+from engines.errors import BundleError, DataError, EngineError
+from engines.runtime import open_engine
+from engines.runtime.features import FeatureExtractor
+from engines.runtime.preprocess import fit_frame
+from engines.runtime.scorer_fit import fit_scorer
+
+DEFAULT_HOLDOUT = 0.2
+BATCH = 8
+VERSIONS_SUFFIX = ".versions"
+
+
+class TeachError(ValueError):
+    """The request cannot be met; the message says why and what is expected."""
+
+
+def versions_dir(bundle_path: Path) -> Path:
+    return bundle_path.with_name(bundle_path.name + VERSIONS_SUFFIX)
+
+
+def bundle_version(bundle: Bundle) -> int:
+    return int(bundle.manifest.get("bundle_version", 1))
+
+
+def scorer_settings(bundle: Bundle) -> tuple[str, dict[str, Any]]:
+    """The scorer kind and the fit settings `inspectd train` used for this bundle (recipe k, memory size, seed)."""
+    recipe = bundle.recipe
+    training = bundle.manifest.get("training", {})
+    kind = str(bundle.architecture.get("scorer") or recipe.get("scorer"))
+    settings: dict[str, Any] = {"seed": int(training.get("seed", 0))}
+    if recipe.get("k") is not None:
+        settings["k"] = int(recipe["k"])
+    if recipe.get("memory_size") is not None:
+        settings["memory_size"] = int(recipe["memory_size"])
+    return kind, settings
+
+
+def fitted_frames(paths: list[Path], shape: tuple[int, int, int], resize: str) -> np.ndarray:
+    """The frames fitted to the model input the way the daemon fits them."""
+    out = np.empty((len(paths), *shape), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        fit_frame(load_image(path), shape, resize, out=out[i])
+    return out
+
+
+def score(engine, images: np.ndarray, params: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [N], maps [N, H, W]) of `images` through `engine`, with `params` swapped in first when given."""
+    if params is not None:
+        engine.set_scorer_params(params)
+    scores, maps = [], []
+    for start in range(0, len(images), engine.max_batch):
+        result = engine.infer(np.ascontiguousarray(images[start : start + engine.max_batch]))
+        scores.append(result.scores)
+        maps.append(result.maps)
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def teach(
+    bundle_path: str | Path,
+    good: str | Path,
+    holdout: float = DEFAULT_HOLDOUT,
+    by: str | None = None,
+    target_false_reject: float | None = None,
+    pixel_fpr: float | None = None,
+    out=None,
+) -> Bundle:
+    """Refit BUNDLE's scorer on the frames in `good`, write the result as BUNDLE's next version, return it."""
+    from calibration.calibrate import (
+        DEFAULT_FALSE_REJECT,
+        DEFAULT_PIXEL_FPR,
+        pixel_threshold_for_fpr,
+        threshold_for_false_reject,
+    )
+    from engines.training.metrics import PixelHistograms
+
+    out = out or sys.stdout
+    started = time.monotonic()
+    bundle_path = Path(bundle_path)
+    bundle = load_bundle(bundle_path)
+    kind, settings = scorer_settings(bundle)
+    paths = list_images(good)
+    if len(paths) < 2:
+        raise TeachError(f"--good {good}: {len(paths)} image(s), expected at least 2 (some fit, some are held out)")
+    if not 0.0 < holdout < 1.0:
+        raise TeachError(f"--holdout {holdout}: expected a fraction strictly between 0 and 1")
+    images = fitted_frames(paths, bundle.input_shape, bundle.resize_policy)
+    fit_idx, hold_idx = split_holdout(len(images), holdout, settings["seed"])
+
+    extractor = FeatureExtractor(bundle, max_batch=BATCH)
+    features = extractor.extract(images[fit_idx])
+    t_features = time.monotonic() - started
+    params = fit_scorer(kind, features, **settings)
+    del features
+    t_fit = time.monotonic() - started - t_features
+
+    held = images[hold_idx]
+    with open_engine(bundle, "onnxruntime", {"providers": "cpu"}, max_batch=BATCH) as engine:
+        old_scores, _ = score(engine, held)
+        new_scores, new_maps = score(engine, held, params)
+    current = bundle.thresholds()
+    old_threshold = current.image_threshold
+    fr_target = DEFAULT_FALSE_REJECT if target_false_reject is None else target_false_reject
+    fr = threshold_for_false_reject(new_scores, fr_target)
+    histograms = PixelHistograms()
+    for m in new_maps:
+        histograms.add(m)
+    pixel = pixel_threshold_for_fpr(histograms, DEFAULT_PIXEL_FPR if pixel_fpr is None else pixel_fpr)
+    comparison = {
+        "frames": int(len(held)),
+        "current": {
+            "model_id": bundle.model_id,
+            "image_threshold": old_threshold,
+            "rejected": int((old_scores >= old_threshold).sum()),
+            "score_median": float(np.median(old_scores)),
+            "score_max": float(old_scores.max()),
+        },
+        "taught": {
+            "image_threshold": fr.threshold,
+            "rejected": int((new_scores >= fr.threshold).sum()),
+            "score_median": float(np.median(new_scores)),
+            "score_max": float(new_scores.max()),
+        },
+    }
+    who = by or getpass.getuser()
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    provenance = {
+        "tool": f"inspectd teach {inspectd_version()}",
+        "good_dir": str(Path(good).resolve()),
+        "n_good": int(len(held)),
+        "images": "held-out",
+        "target": {"kind": "false_reject", "value": fr_target},
+        "observed": {"false_reject_upper_95": fr.upper_bound, "exceedances": fr.exceedances},
+        thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(new_scores),
+    }
+    thresholds = thresholds_doc.next_version(
+        current, image_threshold=fr.threshold, pixel_threshold=pixel, provenance=provenance
+    )
+    version = bundle_version(bundle) + 1
+    record = {
+        "version": version,
+        "previous_version": bundle_version(bundle),
+        "previous_model_id": bundle.model_id,
+        "time": when,
+        "by": who,
+        "frames": {
+            "folder": str(Path(good).resolve()),
+            "n": len(paths),
+            "n_fit": int(len(fit_idx)),
+            "n_holdout": int(len(hold_idx)),
+            # Which frames: their names and one checksum over their bytes, so a teach can be repeated and audited.
+            "names_sha256": hashlib.sha256("\n".join(p.name for p in paths).encode()).hexdigest(),
+            "pixels_sha256": hashlib.sha256(images.tobytes()).hexdigest(),
+        },
+        "scorer": kind,
+        "settings": settings,
+        "comparison": comparison,
+        "seconds": {"features": round(t_features, 2), "fit": round(t_fit, 2)},
+    }
+    taught = write_version(bundle, params, thresholds, version, record)
+    seconds = time.monotonic() - started
+    _report(out, taught, record, fr.warning(fr_target), seconds)
+    return taught
+
+
+def write_version(
+    bundle: Bundle, params: dict[str, np.ndarray], thresholds, version: int, record: dict[str, Any]
+) -> Bundle:
+    """Write BUNDLE's next version beside it, then swap: the current one moves to BUNDLE.versions/v<N>."""
+    path = bundle.path
+    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("model_id", "created", "files", "graph")}
+    manifest["bundle_version"] = version
+    manifest["teach"] = record
+    staging = path.with_name(f".{path.name}.teach-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_bundle(staging, manifest, bundle.graph_path, params, bundle.weights(), thresholds)
+    try:
+        written = load_bundle(staging)
+        # Everything else the bundle holds (the feature graph, FP16 graph, TensorRT plans) depends only on the
+        # graph, which did not change: carried over as it is.
+        for name in bundle.manifest["files"]:
+            if name not in (*REQUIRED_FILES, bundle.manifest["graph"]):
+                written.replace_file(name, (path / name).read_bytes(), add=True)
+        versions = versions_dir(path)
+        versions.mkdir(exist_ok=True)
+        keep = versions / f"v{bundle_version(bundle)}"
+        if keep.exists():
+            shutil.rmtree(keep)
+        os.replace(path, keep)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_bundle(path)
+
+
+def rollback(bundle_path: str | Path, out=None) -> Bundle:
+    """Put back the version the current bundle was taught from; the current one moves to BUNDLE.versions."""
+    out = out or sys.stdout
+    path = Path(bundle_path)
+    bundle = load_bundle(path)
+    record = bundle.manifest.get("teach")
+    if not record:
+        raise TeachError(f"{path}: version {bundle_version(bundle)} was not taught, expected a bundle from teach")
+    previous = versions_dir(path) / f"v{record['previous_version']}"
+    load_bundle(previous)  # verified before anything moves
+    keep = versions_dir(path) / f"v{bundle_version(bundle)}"
+    if keep.exists():
+        shutil.rmtree(keep)
+    os.replace(path, keep)
+    os.replace(previous, path)
+    restored = load_bundle(path)
+    print(f"{path}: rolled back to version {bundle_version(restored)} ({restored.model_id})", file=out)
+    return restored
+
+
+def _report(out, bundle: Bundle, record: dict, warning: str | None, seconds: float) -> None:
+    comparison = record["comparison"]
+    current, taught = comparison["current"], comparison["taught"]
+    frames = record["frames"]
+    print(
+        f"{bundle.path}: version {record['version']} ({bundle.model_id}), {record['scorer']} refitted on "
+        f"{frames['n_fit']} frames in {seconds:.1f}s, {frames['n_holdout']} held out; previous version in "
+        f"{versions_dir(bundle.path)}",
+        file=out,
+    )
+    print(f"on the {comparison['frames']} held-out frames:", file=out)
+    for name, row in (("current", current), ("taught ", taught)):
+        print(
+            f"  {name} threshold {row['image_threshold']:.6g}: {row['rejected']} rejected, "
+            f"median score {row['score_median']:.6g}, max {row['score_max']:.6g}",
+            file=out,
+        )
+    if warning:
+        print(f"WARNING: {warning}", file=out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory to teach (replaced by its next version)")
+    parser.add_argument("--good", help="folder of confirmed-good frames (e.g. from `inspectd archive export`)")
+    parser.add_argument("--rollback", action="store_true", help="put back the version this one was taught from")
+    parser.add_argument(
+        "--holdout", type=float, default=DEFAULT_HOLDOUT, help="share held out for thresholds and the comparison"
+    )
+    parser.add_argument("--by", default=None, help="who confirmed the frames (default: the user running teach)")
+    parser.add_argument("--target-false-reject", type=float, default=None, help="image threshold's target rate")
+    parser.add_argument("--pixel-fpr", type=float, default=None, help="pixel threshold's good-pixel rate")
+    parser.add_argument("--apply", metavar="ENDPOINT", help="then tell the daemon at ENDPOINT to reload")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon's reload")
+    parser.add_argument("--server-key", default=None, help="CurveZMQ for --apply: the daemon's control public key")
+    parser.add_argument("--client-key", default=None, help="CurveZMQ for --apply: this operator's .key_secret file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibration.calibrate import CalibrationError
+
+    try:
+        if args.rollback == bool(args.good):
+            raise TeachError("expected exactly one of --good DIR and --rollback")
+        if args.rollback:
+            rollback(args.bundle)
+        else:
+            teach(args.bundle, args.good, args.holdout, args.by, args.target_false_reject, args.pixel_fpr)
+    except (TeachError, CalibrationError, BundleError, DataError, EngineError, OSError) as exc:
+        print(f"inspectd teach: {exc}", file=sys.stderr)
+        return 2
+    return _apply(args) if args.apply else 0
+
+
+def _apply(args) -> int:
+    from inspectd.errors import InspectdError
+    from inspectd.protocol.control import ControlClient
+
+    try:
+        curve = None
+        if args.server_key is not None:
+            from inspectd.protocol.keys import curve_client
+
+            curve = curve_client(args.server_key, args.client_key)
+        with ControlClient(args.apply, timeout_s=args.timeout, curve=curve) as client:
+            reply = client.request({"cmd": "reload"})
+    except InspectdError as exc:
+        print(f"inspectd teach: --apply {args.apply}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"inspectd teach: --apply {args.apply}: the daemon refused: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"applied: the daemon at {args.apply} now runs {reply.get('model_id')}")
+    return 0
