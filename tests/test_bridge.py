@@ -266,6 +266,27 @@ def test_a_sequence_gap_is_counted_and_raises_the_alarm(plc, daemon, bridge_conf
         bridge.stop()
 
 
+def test_a_seq_that_goes_backwards_raises_the_alarm(plc, daemon, bridge_config):
+    """The daemon restarted without a journal (or reused seqs after a power cut): its numbering starts again below
+    what the PLC holds. Those results are stale by the restart rule, so without the alarm the line would silently go
+    uninspected until the seq caught up."""
+    bridge = Bridge(daemon, plc, bridge_config)
+    try:
+        for seq in (7, 8, 9):
+            daemon.result(seq)
+        wait(lambda: len(plc.received) == 3, 5, "three results")
+        assert not plc.field("status") & BIT["alarm"]
+        for seq in (0, 1):  # the restarted daemon's first results
+            daemon.result(seq)
+        wait(lambda: plc.field("status") & BIT["alarm"], 5, "the alarm")
+        assert [r["id"] for r in plc.received] == [7, 8, 9]
+        assert plc.field("sequence_gaps") == 0
+    finally:
+        events = bridge.stop()
+    assert events["bridge_stopped"]["seq_backwards"] == 1 and events["bridge_stopped"]["stale_skipped"] == 2
+    assert events["sequence_backwards"]["seq"] == 0 and events["sequence_backwards"]["after"] == 9
+
+
 def test_queue_overflow_drops_the_oldest_waiting_results_and_counts_them_as_gaps(plc, daemon, tmp_path):
     config = tmp_path / "small-queue.yaml"
     config.write_text("ack_timeout_ms: 3000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 2\n")

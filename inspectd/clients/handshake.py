@@ -83,6 +83,7 @@ class Counters:
     sequence_gaps: int = 0
     overflow_drops: int = 0
     stale_skipped: int = 0
+    seq_backwards: int = 0
 
 
 class Handshake:
@@ -103,6 +104,7 @@ class Handshake:
         self._arrived = asyncio.Event()
         self.counters = Counters()
         self.last_id: int | None = None  # inspection id last handed over (or read from the PLC at start)
+        self.last_received: int | None = None  # seq of the result that arrived last, handed over or not
         self.showing: str | None = None  # verdict of the result flagged valid right now, None when none is
         self.alarm = False
         self.daemon_alive = False
@@ -121,6 +123,19 @@ class Handshake:
 
     def offer(self, result: Result) -> None:
         """Called for each decoded result of this camera, on the event loop; never blocks."""
+        if self.last_received is not None and result.seq < self.last_received:
+            # The daemon's numbering went back (restarted without its journal, or reusing seqs after a power cut):
+            # every result up to the old seq would now be skipped as stale, so the line must hear of it.
+            self.counters.seq_backwards += 1
+            self.alarm = True
+            self.log(
+                "sequence_backwards",
+                camera=self.camera,
+                seq=result.seq,
+                after=self.last_received,
+                effect="results up to the PLC's inspection id are skipped as stale; alarm latched",
+            )
+        self.last_received = result.seq
         if result.score is not None and result.threshold is not None:
             self.scores.append(result.score)
             self.threshold = result.threshold
