@@ -325,7 +325,7 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_p
 
         version = 1
 
-        def set_thresholds(self, doc):
+        def set_thresholds(self, doc, force=False):
             new = thresholds_doc.parse(doc)
             if new.version <= self.version:
                 raise ValueError(f"thresholds.version: {new.version}, expected more than the current {self.version}")
