@@ -111,8 +111,9 @@ def _frozen(name: str, taps: tuple[int, ...], window: int, description: str, sco
     return Recipe(name, taps=taps, aggregation=window, scorer=scorer, description=description)
 
 
-# Named recipes. All are the frozen Lite0 backbone at 320x320 (stretched): only the taps, window and scorer differ,
-# so `auto` extracts the backbone once and shares it among them.
+# Named recipes, from the sharpest maps to the widest context (auto breaks ties in this order). All are the frozen
+# Lite0 backbone at 320x320 (stretched): only the taps, window and scorer differ, so `auto` extracts the backbone
+# once and shares it among them.
 CATALOGUE: dict[str, Recipe] = {
     r.name: r
     for r in (

@@ -17,8 +17,9 @@
       station's first job;
    c. of those, keep those whose mean AUPRO is within PRO_TOLERANCE of the best: maps that cover every defect, small
       ones as much as large ones;
-   d. of those, the first in the catalogue's order, which goes from the standard PatchCore recipe to the extremes,
-      so that without clear evidence the station runs the recipe known to hold up on most parts.
+   d. of those, the first in the catalogue's order, which runs from the sharpest maps to the widest context: where
+      the planted defects cannot tell recipes apart, the sharper map still localises a small defect, while a wide
+      window that is not needed smears every small defect (the failure of a fixed wide window on object parts).
 The tolerances are a few hundredths because differences below that are within the spread of the planted draw.
 """
 

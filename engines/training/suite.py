@@ -1,0 +1,107 @@
+"""`inspectd eval-suite`: the accuracy benchmark. Train with the default recipe on every dataset under a data root,
+evaluate each on its test set, and write one table (per dataset, then the mean) with the recipe auto chose.
+
+A dataset is any folder of the root with train/good/ and test/ (MVTec layout); new ones are picked up by their folder.
+Defaults are chosen by this table, never by one dataset. Output: OUT/suite.md (the table), OUT/suite.json (every
+report), OUT/<dataset>/bundle (the bundles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from engines.errors import EngineError
+from engines.training.evaluate import evaluate
+from engines.training.train import Progress, train_bundle
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+
+
+def datasets(root: Path) -> list[Path]:
+    found = sorted(p for p in root.iterdir() if (p / "train" / "good").is_dir() and (p / "test").is_dir())
+    if not found:
+        raise EngineError(f"{root}: no datasets, expected folders with train/good/ and test/")
+    return found
+
+
+def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None, seed: int = 0) -> dict:
+    rows, reports = [], {}
+    for data in datasets(root):
+        if only and data.name not in only:
+            continue
+        print(f"== {data.name}: train ({recipe or 'default'})", flush=True)
+        load = os.getloadavg()[0]
+        result = train_bundle(
+            data,
+            out / data.name / "bundle",
+            recipe=recipe,
+            seed=seed,
+            progress=Progress(enabled=False),
+            report=lambda line: print(line, flush=True),
+        )
+        print(f"== {data.name}: eval", flush=True)
+        report = evaluate(result.bundle, data)
+        reports[data.name] = {"train_seconds": round(result.seconds, 1), "eval": report}
+        overall = report["overall"]
+        rows.append(
+            {
+                "dataset": data.name,
+                "n_train": len(list((data / "train" / "good").iterdir())),
+                "recipe": result.recipe.name,
+                "train_s": round(result.seconds),
+                "load": round(max(load, os.getloadavg()[0]), 1),
+                **{m: overall[m] for m in METRICS},
+            }
+        )
+    mean = {"dataset": "mean", "recipe": "", "n_train": None, "train_s": None, "load": None}
+    for m in METRICS:
+        values = [r[m] for r in rows if r[m] is not None]
+        mean[m] = sum(values) / len(values) if values else None
+    table = {"rows": rows, "mean": mean, "recipe": recipe or "default", "data_root": str(root)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps({**table, "reports": reports}, indent=2) + "\n", encoding="utf-8")
+    (out / "suite.md").write_text(format_table(table) + "\n", encoding="utf-8")
+    return table
+
+
+def format_table(table: dict) -> str:
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| dataset | recipe chosen | image AUROC | pixel AUROC | AUPRO | F1-max | train s (load) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in [*table["rows"], table["mean"]]:
+        took = "" if r["train_s"] is None else f"{r['train_s']} ({r['load']})"
+        lines.append(
+            f"| {r['dataset']} | {r['recipe']} | {cell(r['image_auroc'])} | {cell(r['pixel_auroc'])} | "
+            f"{cell(r['aupro'])} | {cell(r['f1_max'])} | {took} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", default=str(DEFAULT_ROOT), help=f"folder of datasets (default {DEFAULT_ROOT})")
+    parser.add_argument("--out", default="runs/suite", help="where bundles, suite.md and suite.json go")
+    parser.add_argument("--recipe", default=None, help="recipe to train with (default: train's default, auto)")
+    parser.add_argument("--only", nargs="*", default=None, help="dataset folder names to run (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    try:
+        table = run_suite(Path(args.data_root), Path(args.out), args.recipe, args.only, args.seed)
+    except (EngineError, ValueError) as exc:
+        print(f"inspectd eval-suite: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(table))
+    print(f"{args.out}/suite.md written, {time.monotonic() - started:.0f}s")
+    return 0
