@@ -457,3 +457,52 @@ def test_a_plc_that_goes_away_ends_the_bridge_with_one_line_for_the_service_mana
     out = bridge.proc.stdout.read()
     assert bridge.proc.returncode == 1, out
     assert out.strip().splitlines()[-1].startswith("inspectd bridge: PLC"), out
+
+
+def test_a_bridge_killed_mid_stream_and_restarted_hands_every_seq_to_the_plc_once_in_order(plc, daemon, tmp_path):
+    """SIGKILL of the bridge while results stream (as the daemon does it: journalled, then published); results keep
+    coming while it is down; the restarted bridge catches up from the journal, after the PLC's last inspection id."""
+    from inspectd.daemon.journal import Journal
+
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 5000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 1000\n")
+    journal_dir = tmp_path / "journal"
+    journal = Journal(journal_dir, max_bytes=1 << 24, fsync_interval_s=0.5)
+    last = 300
+    published = []
+    stop = threading.Event()
+
+    def line() -> None:  # the daemon: every result journalled before it is published, ~100 a second
+        for seq in range(1, last + 1):
+            if stop.is_set():
+                return
+            frames = daemon.encode(seq)
+            journal.append(CAMERA, seq, frames)
+            daemon.pub.send_multipart(frames)
+            published.append(seq)
+            if seq % 20 == 0:
+                daemon.status()
+            time.sleep(0.01)
+
+    extra = ("--journal", str(journal_dir))
+    bridge = Bridge(daemon, plc, config, extra=extra)
+    producer = threading.Thread(target=line, daemon=True)
+    producer.start()
+    try:
+        wait(lambda: len(plc.received) >= 40, 20, "40 results handed over")
+        bridge.proc.kill()
+        bridge.proc.wait(10)
+        at_kill = len(published)
+        wait(lambda: len(published) >= at_kill + 50, 20, "50 results published while the bridge is down")
+        bridge = Bridge(daemon, plc, config, extra=extra)
+        producer.join(30)
+        wait(lambda: plc.received and plc.received[-1]["id"] == last, 30, "the last result handed over")
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        events = bridge.stop()
+        journal.close()
+    ids = [r["id"] for r in plc.received]
+    assert ids == list(range(1, last + 1)), [i for i in range(1, last + 1) if ids.count(i) != 1][:10]
+    assert events["journal_caught_up"]["results"] >= 50
+    assert events["bridge_stopped"]["sequence_gaps"] == 0
