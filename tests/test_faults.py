@@ -307,6 +307,49 @@ def test_one_hostile_message_never_silences_the_control_channel_or_a_camera(stat
     assert s.stop() == 0, s.log_tail()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected end, on purpose
+def test_a_serving_thread_that_dies_anyway_makes_the_daemon_unhealthy(bundle, tmp_path):
+    """The last line of defence: should a thread that serves outside input end after all (here the control thread,
+    hit by what no `except Exception` catches), status, the metric and the watchdog say unhealthy."""
+    from inspectd.daemon.config import parse_config
+    from inspectd.daemon.service import Daemon
+    from inspectd.protocol.control import ControlClient, ControlTimeout
+
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    config = parse_config(
+        {
+            "station": "f1",
+            "model": {"bundle": str(bundle)},
+            "engine": {"options": {"intra_op_threads": 1}},
+            "cameras": [synthetic("cam0", rate=50)],
+            "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+            "control": {"endpoint": endpoint},
+            "metrics": {"listen": None},
+            "state_dir": str(tmp_path / "state"),
+        }
+    )
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        wait_for(lambda: daemon.publisher.published >= 5, 30, "results")
+        with ControlClient(endpoint, timeout_s=5) as client:
+            assert client.request({"cmd": "status"})["healthy"]
+        assert daemon.progressing() and daemon.dead_threads() == []
+
+        def crash(*_args, **_kwargs):
+            raise SystemExit("injected: the control thread ends")
+
+        assert daemon.control is not None
+        daemon.control.handle = crash  # type: ignore[method-assign]
+        with ControlClient(endpoint, timeout_s=2) as client, pytest.raises(ControlTimeout):
+            client.request({"cmd": "status"})
+        wait_for(lambda: daemon.dead_threads() == ["control"], 10, "the dead control thread noticed")
+        assert not daemon.progressing()  # no WATCHDOG=1 from here on: systemd restarts the service
+        assert daemon.status()["healthy"] is False and daemon.status_message()["healthy"] is False
+    finally:
+        daemon.shutdown()
+
+
 # --- engine faults ---------------------------------------------------------------------------------------------------
 
 
