@@ -346,6 +346,7 @@ def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | No
     """One pass of engines.training.evaluate.score_images over good then defective images (one engine, one batch
     buffer)."""
     from engines.data.images import load_mask
+    from engines.progress import Progress
     from engines.training.evaluate import score_images
     from engines.training.metrics import PixelHistograms
 
@@ -354,14 +355,16 @@ def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | No
     masks = [mask for _, mask in defective]
     scores = np.empty(len(good) + len(defective), dtype=np.float64)
     paths = good + [path for path, _ in defective]
+    progress = Progress()
+    progress.start(len(paths), "calibrate: images scored")
     for i, scored in enumerate(score_images(bundle, paths, backend=args.backend, batch=args.batch)):
         scores[i] = scored.score
-        if pixels is None:
-            continue
-        if i < len(good):
+        if pixels is not None and i < len(good):
             pixels.add(scored.frame_map, None, what=str(scored.path))
-        elif has_masks:
+        elif pixels is not None and has_masks:
             pixels.add(scored.frame_map, load_mask(masks[i - len(good)], scored.frame_map.shape), what=str(scored.path))
+        progress.update(i + 1)
+    progress.finish()
     return _Scored(scores[: len(good)], scores[len(good) :], pixels, has_masks)
 
 

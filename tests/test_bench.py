@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
     from engines.data.synthline import SyntheticLine
-    from engines.training.train import Progress, train_bundle
+    from engines.progress import Progress
+    from engines.training.train import train_bundle
 
     images = tmp_path_factory.mktemp("good")
     SyntheticLine(64, 64, seed=5).write_folder(images, 4)  # the built-in line: the test runs on every machine

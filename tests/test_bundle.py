@@ -25,7 +25,8 @@ def trained(tmp_path_factory) -> Path:
     """A real trained bundle, from the built-in synthetic line: the damage tests below run on every machine, with or
     without the shared data set."""
     from engines.data.synthline import SyntheticLine
-    from engines.training.train import Progress, train_bundle
+    from engines.progress import Progress
+    from engines.training.train import train_bundle
 
     root = tmp_path_factory.mktemp("data") / "good"
     SyntheticLine(64, 64, seed=3).write_folder(root, 8)

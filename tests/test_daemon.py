@@ -52,7 +52,8 @@ def line_frames():
 def bundle(tmp_path_factory, line_frames):
     from engines.bundle import thresholds as thresholds_doc
     from engines.bundle.store import load_bundle
-    from engines.training.train import Progress, train_bundle
+    from engines.progress import Progress
+    from engines.training.train import train_bundle
     from inspectd.daemon.frames import Frame
     from inspectd.daemon.inference import InferenceStage, ModelState
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
-    from engines.training.train import Progress, train_bundle
+    from engines.progress import Progress
+    from engines.training.train import train_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "frozen64"
     train_bundle(tiny_data, out, method="frozen", size=(64, 64), progress=Progress(enabled=False))
@@ -78,11 +80,12 @@ def report_and_overlays(tiny_data, tiny_bundle, tmp_path_factory):
         "4",
     )
     assert proc.returncode == 0, proc.stderr
-    return json.loads((out / "report.json").read_text()), out / "overlays", proc.stdout
+    return json.loads((out / "report.json").read_text()), out / "overlays", proc
 
 
 def test_eval_cli_reports_every_metric_in_unit_range(report_and_overlays):
-    report, _, stdout = report_and_overlays
+    report, _, proc = report_and_overlays
+    stdout = proc.stdout
     assert report["n_images"] == N_IMAGES and len(report["images"]) == N_IMAGES
     assert set(report["per_type"]) == {"blowhole", "crack"}
     for row in [report["overall"], *report["per_type"].values()]:
@@ -93,6 +96,21 @@ def test_eval_cli_reports_every_metric_in_unit_range(report_and_overlays):
     assert report["images_per_s"] > 0
     # The printed table carries the same figures.
     assert "overall" in stdout and f"{report['overall']['image_auroc']:.4f}" in stdout
+
+
+def test_eval_shows_progress_with_eta_on_stderr(report_and_overlays):
+    """Off a terminal (the pipe here): plain lines, no carriage returns, the first image and the last always shown,
+    each with the time so far and an ETA."""
+    _, _, proc = report_and_overlays
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("eval: images scored ")]
+    pattern = re.compile(rf"eval: images scored (\d+)/{N_IMAGES} elapsed \d+s ETA \d+s")
+    matches = [pattern.fullmatch(ln) for ln in lines]
+    assert lines and all(matches), proc.stderr
+    steps = [int(m.group(1)) for m in matches if m]
+    assert steps[0] == 1 and steps[-1] == N_IMAGES and steps == sorted(steps), proc.stderr
+    assert lines[-1].endswith("ETA 0s")
+    assert "eval: images scored" not in proc.stdout  # stdout stays the report
 
 
 def test_image_metrics_agree_with_sklearn_on_reported_scores(report_and_overlays):

@@ -61,7 +61,8 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not present")
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """Tiny real bundles (frozen Lite0 at 64x64 on 8 defect-free tiles), one per scorer kind."""
-    from engines.training.train import Progress, train_bundle
+    from engines.progress import Progress
+    from engines.training.train import train_bundle
 
     root = tmp_path_factory.mktemp("gpu")
     good = root / "good"

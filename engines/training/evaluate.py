@@ -27,6 +27,7 @@ import numpy as np
 from engines.bundle.format import describe_recipe
 from engines.data.images import MvtecFolder, TestItem, load_image, load_mask
 from engines.errors import EngineError
+from engines.progress import Progress
 from engines.runtime.predictor import Predictor
 from engines.training import metrics
 
@@ -153,8 +154,10 @@ def evaluate(
     options: dict | None = None,
     n_overlays: int = 0,
     overlay_dir: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Score every test image of an MVTec-layout folder and return the report (a JSON-ready dict)."""
+    """Score every test image of an MVTec-layout folder and return the report (a JSON-ready dict); `progress` shows
+    images scored of all."""
     if isinstance(bundle, (str, Path)):
         from engines.bundle.store import load_bundle
 
@@ -171,6 +174,8 @@ def evaluate(
     per_image: list[dict] = []
     scoring_seconds = 0.0
     scored_images = score_images(bundle, [item.path for item in items], backend=backend, batch=batch, options=options)
+    progress = progress or Progress(enabled=False)
+    progress.start(len(items), "eval: images scored")
     while True:
         start = time.perf_counter()
         scored = next(scored_images, None)
@@ -192,6 +197,8 @@ def evaluate(
                 tally.pixels = metrics.PixelHistograms()
             tally.pixels.add(scored.frame_map, mask, what=str(item.path))
         picker.offer(item, scored, mask)
+        progress.update(len(per_image))
+    progress.finish()
 
     report = {
         "bundle": str(bundle.path),
@@ -370,6 +377,7 @@ def _non_negative_int(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from engines.bundle.store import load_bundle
 
+    progress = Progress()
     try:
         bundle = load_bundle(args.bundle)
         report = evaluate(
@@ -379,8 +387,10 @@ def run(args: argparse.Namespace) -> int:
             batch=args.batch,
             n_overlays=args.n_overlays,
             overlay_dir=args.overlays,
+            progress=progress,
         )
     except EngineError as exc:
+        progress.finish()
         print(f"inspectd eval: {exc}", file=sys.stderr)
         return 2
     print(format_table(report))

@@ -35,6 +35,7 @@ from engines.model.export import DEFAULT_OPSET, add_feature_graph, export_graph
 from engines.model.graph import SCORERS, InferenceGraph, build_graph, state_arrays
 from engines.model.methods import METHODS, TrainSettings, available_methods, get_method
 from engines.model.recipes import AUTO, CATALOGUE, DEFAULT_MEMORY_SIZE, Recipe, auto_candidates, catalogue_recipe
+from engines.progress import Progress
 from engines.runtime.preprocess import RESIZE_POLICIES
 from engines.training.select import Selection, fit_all, select_recipe
 
@@ -109,44 +110,6 @@ def resolve_recipe(name: str | None, overrides: dict) -> list[Recipe]:
     if not given:
         return [recipe]
     return [recipe.replace(**given, description=recipe.description + " (changed by flags)").validate()]
-
-
-class Progress:
-    """One updating status line on stderr: what, step/total, loss, ETA. Off a terminal it prints plain lines, at
-    most one a second, so logs stay readable."""
-
-    def __init__(self, stream=None, enabled: bool = True) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.what, self.total, self.started, self.last = "", 0, 0.0, -1.0
-
-    def start(self, total: int, what: str = "train") -> None:
-        self.finish()
-        self.what, self.total, self.started, self.last = what, int(total), time.monotonic(), -1.0
-
-    def update(self, step: int, loss: float | None = None) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        final = step >= self.total
-        if not final and self.last >= 0 and now - self.last < (0.1 if self.tty else 1.0):
-            return
-        self.last = now
-        elapsed = now - self.started
-        eta = elapsed / step * (self.total - step) if step else float("nan")
-        line = f"{self.what} {step}/{self.total}"
-        if loss is not None:
-            line += f" loss {loss:.4f}"
-        line += f" elapsed {elapsed:.0f}s ETA {eta:.0f}s" if step else ""
-        self.stream.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        if self.enabled and self.tty and self.last >= 0:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.last = -1.0
 
 
 def parse_size(text: str) -> tuple[int, int]:

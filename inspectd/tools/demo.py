@@ -67,7 +67,8 @@ def build_model(workdir: Path, size: int = MODEL_SIZE[0], frames: int = TRAIN_FR
         print(f"demo: using the model in {bundle} (delete it to retrain)", flush=True)
         return bundle
     from engines.data.synthline import SyntheticLine
-    from engines.training.train import Progress, train_bundle
+    from engines.progress import Progress
+    from engines.training.train import train_bundle
 
     good = workdir / "train_good"
     print(f"demo: writing {frames} defect-free synthetic frames to {good}", flush=True)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engines.progress import Progress
 from inspectd.tools.bench.measure import MB, cpu_model, fmt, markdown_table, peak_rss_bytes
 
 # What the daemon is held to, set for a CPU station with 2 cores: name -> (what, comparison, target).
@@ -224,8 +225,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown report to this file")
 
 
+# The one progress line of this run (on stderr); log lines go through it so a terminal keeps the two apart.
+_progress = Progress()
+
+
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    _progress.note(message)
 
 
 def _frames(args, bundle_path: Path, workdir: Path) -> list[Path]:
@@ -245,7 +250,15 @@ def run_engine(args) -> dict:
     from inspectd.tools.bench import engine as bench_engine
 
     report = bench_engine.bench_engine(
-        args.bundle, args.backend, args.options, args.batch, args.size, args.windows, args.window_s, args.train_data
+        args.bundle,
+        args.backend,
+        args.options,
+        args.batch,
+        args.size,
+        args.windows,
+        args.window_s,
+        args.train_data,
+        progress=_progress,
     )
     print(_table(bench_engine, report))
     for r in report["sizes"]:
@@ -302,6 +315,7 @@ def run_daemon(args, engine_rows: list[dict] | None = None, paths: list[Path] | 
             args.options,
             args.profile,
             log=_log,
+            progress=_progress,
         )
     report["engine_rows"] = engine_rows
     if args.profile is not None:
@@ -448,7 +462,7 @@ def run_all(args) -> dict:
         args.batch = sorted(set(args.batch) | {args.max_batch})
     _log("bench all: engine")
     engine = bench_engine.bench_engine(
-        args.bundle, args.backend, args.options, args.batch, None, args.windows, args.window_s
+        args.bundle, args.backend, args.options, args.batch, None, args.windows, args.window_s, progress=_progress
     )
     with tempfile.TemporaryDirectory(prefix="inspectd-bench-") as tmp:
         paths = _frames(args, args.bundle, Path(tmp))

@@ -31,6 +31,7 @@ import numpy as np
 import zmq
 
 from engines.bundle.store import load_bundle
+from engines.progress import Progress
 from inspectd.clients.subscribe import GapTracker, Subscriber
 from inspectd.errors import MessageError
 from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, proc_peak_rss_bytes
@@ -450,10 +451,20 @@ def bench_daemon(
     options: dict | None = None,
     profile: Path | None = None,
     log=print,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Every (source, cameras) at saturation, then at each fractional load of the saturated rate just measured."""
+    """Every (source, cameras) at saturation, then at each fractional load of the saturated rate just measured;
+    `progress` counts the scenarios."""
     bundle = Path(bundle).resolve()
     rows = []
+
+    def planned(source: str, load: str) -> bool:
+        """A fixed rate is a fraction of a measured saturation; folders have none."""
+        return load == "sat" or (source != "folder" and "sat" in loads)
+
+    progress = progress or Progress(enabled=False)
+    progress.start(sum(planned(s, load) for s in sources for _ in cameras for load in loads), "bench daemon: scenarios")
+    done = 0
     # The profile shows the hot path best where the daemon does the least besides inference: raw frames over ZeroMQ.
     profiled = ("zmq-raw" if "zmq-raw" in sources else sources[0], cameras[0])
     with tempfile.TemporaryDirectory(prefix="inspectd-bench-daemon-") as tmp:
@@ -462,11 +473,15 @@ def bench_daemon(
             for n_cameras in cameras:
                 saturated: float | None = None
                 for load in loads:
+                    if not planned(source, load):
+                        continue
+                    done += 1
                     saturate = load == "sat"
                     rate: float | None = None
                     if not saturate:
-                        if source == "folder" or saturated is None:
-                            continue  # a fixed rate is a fraction of a measured saturation; folders have none
+                        if saturated is None:  # its saturation failed (or comes later in --load)
+                            progress.update(done)
+                            continue
                         rate = float(load) * saturated
                     workdir = Path(tmp) / f"s{k}"
                     workdir.mkdir()
@@ -494,6 +509,7 @@ def bench_daemon(
                     except RuntimeError as exc:  # one scenario failing must not lose the others' figures
                         log(f"bench daemon: {source} x{n_cameras} {load}: FAILED: {exc}")
                         rows.append({"source": source, "cameras": n_cameras, "load": load, "error": str(exc)})
+                        progress.update(done)
                         continue
                     row["load"] = "saturation" if saturate else f"{float(load):.0%} of saturation"
                     row["profiled"] = prof is not None
@@ -510,6 +526,8 @@ def bench_daemon(
                         f"p99 {row['latency_ms']['p99']:.1f} ms"
                     )
                     rows.append(row)
+                    progress.update(done)
+    progress.finish()
     return {"kind": "daemon", "bundle": str(bundle), "duration_s": duration_s, "rows": rows}
 
 

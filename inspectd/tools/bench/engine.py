@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from engines.bundle.store import Bundle, load_bundle
+from engines.progress import Progress
 from engines.runtime import open_engine
 from engines.runtime.predictor import Predictor
 from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, peak_rss_bytes, rss_bytes, spread
@@ -88,14 +89,20 @@ def bench_bundle(
     windows: int,
     window_s: float,
     warmup_s: float = WARMUP_S,
+    on_batch=None,
 ) -> dict:
+    """Every batch size in turn on one engine; `on_batch()` after each."""
     rss_open = rss_bytes()
     engine = open_engine(bundle, backend, options or {}, max_batch=max(batches))
     try:
         frames = batch_of_frames(Predictor(engine), max(batches))
         engine.infer(frames[:1])
         rss_start = rss_bytes()
-        rows = [bench_batch(engine, frames[:b], windows, window_s, warmup_s) for b in batches]
+        rows = []
+        for b in batches:
+            rows.append(bench_batch(engine, frames[:b], windows, window_s, warmup_s))
+            if on_batch is not None:
+                on_batch()
         rss_end = rss_bytes()
     finally:
         engine.close()
@@ -121,7 +128,8 @@ def bundle_at_size(
     n_images: int = SIZED_TRAIN_IMAGES,
 ) -> Bundle:
     """A frozen-method bundle like `bundle` (backbone, resize policy) exported at `size`, trained into `workdir`."""
-    from engines.training.train import Progress, train_bundle, training_images
+    from engines.progress import Progress
+    from engines.training.train import train_bundle, training_images
 
     data = train_data or bundle.manifest.get("training", {}).get("data")
     if not data or not Path(data).exists():
@@ -158,19 +166,32 @@ def bench_engine(
     window_s: float = 2.0,
     train_data: str | Path | None = None,
     warmup_s: float = WARMUP_S,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Engine-only figures for the bundle (and for a trained-on-the-spot bundle at each other size)."""
+    """Engine-only figures for the bundle (and for a trained-on-the-spot bundle at each other size); `progress`
+    counts the (size, batch) pairs measured."""
     bundle = load_bundle(bundle_path)
     own = (bundle.input_shape[0], bundle.input_shape[1])
     results = []
+    plan = sizes or [own]
+    progress = progress or Progress(enabled=False)
+    progress.start(len(plan) * len(batches), "bench engine: batch sizes measured")
+    done = 0
+
+    def measured() -> None:
+        nonlocal done
+        done += 1
+        progress.update(done)
+
     with tempfile.TemporaryDirectory(prefix="inspectd-bench-") as tmp:
-        for size in sizes or [own]:
+        for size in plan:
             sized = bundle
             if tuple(size) != own:
                 sized = bundle_at_size(bundle, (size[0], size[1]), Path(tmp) / f"{size[0]}x{size[1]}", train_data)
-            result = bench_bundle(sized, backend, options, list(batches), windows, window_s, warmup_s)
+            result = bench_bundle(sized, backend, options, list(batches), windows, window_s, warmup_s, measured)
             result["trained_for_bench"] = sized is not bundle
             results.append(result)
+    progress.finish()
     best = max(
         (row for r in results if not r["trained_for_bench"] for row in r["rows"]),
         key=lambda row: row["fps"]["median"],
