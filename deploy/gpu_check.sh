@@ -185,11 +185,11 @@ EOF
             read -r label backend options <<< "$line"
             step 75 "bench engine $label $size" "$PY" -m inspectd bench engine "$bundle" --backend "$backend" \
                 --options "$options" --batch "$BATCHES" --windows 3 --window-s 1 \
-                --json "$WORK/engine-$label-$size.json" > "$WORK/engine-$label-$size.md"
+                --out "$WORK/engine-$label-$size.json" > "$WORK/engine-$label-$size.md"
             step 90 "bench daemon $label $size" "$PY" -m inspectd bench daemon --bundle "$bundle" \
                 --backend "$backend" --options "$options" --frames "$data/train/good" --source zmq-raw \
                 --cameras 4 --load sat,0.5 --duration 6 --max-batch 32 --max-wait-ms 10 \
-                --json "$WORK/daemon-$label-$size.json" > "$WORK/daemon-$label-$size.md"
+                --out "$WORK/daemon-$label-$size.json" > "$WORK/daemon-$label-$size.md"
         done
     done
     kill "$sampler" 2>/dev/null

@@ -52,9 +52,7 @@ def table_rows(stdout: str) -> list[list[str]]:
 
 def test_bench_engine_prints_table_and_json(tiny_bundle, tmp_path):
     out = tmp_path / "engine.json"
-    proc = bench(
-        "engine", str(tiny_bundle), "--batch", "1,2", "--windows", "1", "--window-s", "0.2", "--json", str(out)
-    )
+    proc = bench("engine", str(tiny_bundle), "--batch", "1,2", "--windows", "1", "--window-s", "0.2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = table_rows(proc.stdout)
     assert [r[1] for r in rows] == ["1", "2"]
@@ -79,13 +77,12 @@ def test_bench_engine_prints_table_and_json(tiny_bundle, tmp_path):
 
 
 def test_bench_naive_on_five_synthetic_frames(tiny_bundle):
-    proc = bench("naive", str(tiny_bundle), "--synthetic", "5", "--json", "-")
+    proc = bench("naive", str(tiny_bundle), "--synthetic", "5", "--json")
     assert proc.returncode == 0, proc.stderr
-    table, _, json_text = proc.stdout.partition("\n{")
-    (row,) = table_rows(table)
+    (row,) = table_rows(proc.stderr)  # --json: stdout is the one JSON document, the table goes to stderr
     assert row[0].startswith("naive") and row[1] == "5"
     assert float(row[2]) > 0 and float(row[3]) > 0
-    report = json.loads("{" + json_text)
+    report = json.loads(proc.stdout)
     assert report["frames"] == 5 and report["fps"] > 0 and report["latency_ms"]["n"] == 5
     assert report["received"] == 5  # every published result reached the subscriber
     assert report["fps"] * report["seconds"] == pytest.approx(report["frames"])

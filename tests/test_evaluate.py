@@ -70,7 +70,7 @@ def report_and_overlays(tiny_data, tiny_bundle, tmp_path_factory):
         str(tiny_bundle),
         "--data",
         str(tiny_data),
-        "--json",
+        "--out",
         str(out / "report.json"),
         "--overlays",
         str(out / "overlays"),
@@ -96,6 +96,21 @@ def test_eval_cli_reports_every_metric_in_unit_range(report_and_overlays):
     assert report["images_per_s"] > 0
     # The printed table carries the same figures.
     assert "overall" in stdout and f"{report['overall']['image_auroc']:.4f}" in stdout
+
+
+def test_eval_out_writes_the_file_and_json_prints_one_document_on_stdout(tiny_data, tiny_bundle, report_and_overlays):
+    """Without --json the table is stdout and --out the file; with --json stdout is the report alone (the same one
+    --out wrote: same images, same scores) and the table moves to stderr."""
+    report, _, proc = report_and_overlays
+    assert proc.stdout.startswith(report["model_id"]) and "{" not in proc.stdout
+    as_json = _eval(str(tiny_bundle), "--data", str(tiny_data), "--json", "--batch", "4")
+    assert as_json.returncode == 0, as_json.stderr
+    doc = json.loads(as_json.stdout)  # fails on a table or anything else beside the one document
+    assert [i["path"] for i in doc["images"]] == [i["path"] for i in report["images"]]
+    for a, b in zip(doc["images"], report["images"]):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-5, abs=1e-6)
+    assert doc["overall"]["image_auroc"] == pytest.approx(report["overall"]["image_auroc"])
+    assert f"{doc['overall']['image_auroc']:.4f}" in as_json.stderr  # the table, for the person watching
 
 
 def test_eval_shows_progress_with_eta_on_stderr(report_and_overlays):

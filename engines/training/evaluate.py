@@ -344,7 +344,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", required=True, metavar="DIR", help="MVTec-layout folder (test/<type>/, ground_truth/)"
     )
-    parser.add_argument("--json", metavar="OUT", help="write the report as JSON here")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as one JSON document on stdout (the table goes to stderr)",
+    )
+    parser.add_argument("--out", metavar="FILE", help="also write the report as JSON to this file")
     parser.add_argument("--overlays", metavar="DIR", help="write overlay PNGs (frame | map | ground truth) here")
     parser.add_argument(
         "--n-overlays",
@@ -393,11 +398,19 @@ def run(args: argparse.Namespace) -> int:
         progress.finish()
         print(f"inspectd eval: {exc}", file=sys.stderr)
         return 2
-    print(format_table(report))
+    text = json.dumps(report, indent=2) + "\n"
+    # --json: stdout carries the one JSON document and nothing else; what a person reads goes to stderr.
+    print(format_table(report), file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        sys.stdout.write(text)
+    if args.out:
+        try:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(f"inspectd eval: --out {args.out}: cannot write ({exc.strerror or exc})", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -2,13 +2,15 @@
 would write without inspectd, and of the real daemon, side by side (figures in docs/PERFORMANCE.md).
 
 This module owns the command line and the combined report with its goals; the measuring lives in the modules engine,
-naive and daemon beside it (and measure, profiling). Every mode prints a Markdown table and, with --json,
-writes its full figures as JSON ('-' for stdout).
+naive and daemon beside it (and measure, profiling). Every mode prints a Markdown table on stdout; with --json,
+stdout is instead its full figures as one JSON document (the table goes to stderr), and --out FILE writes them to a
+file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -166,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--windows", type=_positive(int), default=5, help="timed windows per batch size (default 5)")
     p.add_argument("--window-s", type=_positive(float), default=2.0, help="seconds per window (default 2)")
-    p.add_argument("--json", default=None, help="write the figures as JSON to this file ('-': stdout)")
+    _json_args(p)
 
     p = modes.add_parser("naive", help="the single-threaded loop a user would write without inspectd")
     p.add_argument("bundle", type=Path)
@@ -177,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="repeat the frames until this many seconds have passed (default: one pass)",
     )
-    p.add_argument("--json", default=None, help="write the figures as JSON to this file ('-': stdout)")
+    _json_args(p)
 
     p = modes.add_parser("daemon", help="the real daemon as a subprocess, at saturation and a fixed rate")
     p.add_argument("--bundle", type=Path, required=True)
@@ -198,7 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--duration", type=_positive(float), default=8.0, help="measured seconds per scenario (default 8)")
     _daemon_args(p)
-    p.add_argument("--json", default=None, help="write the figures as JSON to this file ('-': stdout)")
+    _json_args(p)
 
     p = modes.add_parser("all", help="engine, naive and daemon in one run, with the ratios against the goals")
     p.add_argument("bundle", type=Path)
@@ -221,12 +223,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="measured seconds per daemon scenario and for the naive loop (default 8)",
     )
     _daemon_args(p)
-    p.add_argument("--json", default=None, help="write the whole report as JSON to this file ('-': stdout)")
+    _json_args(p)
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown report to this file")
 
 
 # The one progress line of this run (on stderr); log lines go through it so a terminal keeps the two apart.
 _progress = Progress()
+
+
+def _json_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the figures as one JSON document on stdout (the tables go to stderr)",
+    )
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the figures as JSON to this file")
 
 
 def _log(message: str) -> None:
@@ -572,15 +583,22 @@ def run(args: argparse.Namespace) -> int:
     from inspectd.errors import InspectdError
 
     runners = {"engine": run_engine, "naive": run_naive, "daemon": run_daemon, "all": run_all}
+    # --json: stdout carries the one JSON document and nothing else; the tables a person reads go to stderr.
+    tables = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
-        report = runners[args.mode](args)
+        with tables:
+            report = runners[args.mode](args)
     except (EngineError, InspectdError, ValueError, OSError, RuntimeError) as exc:
         print(f"inspectd bench {args.mode}: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
-    if args.json is not None:
-        text = json.dumps(report, indent=1, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+    text = json.dumps(report, indent=1, default=str) + "\n"
+    if args.json:
+        sys.stdout.write(text)
+    if args.out is not None:
+        try:
+            args.out.write_text(text)
+        except OSError as exc:
+            why = exc.strerror or exc
+            print(f"inspectd bench {args.mode}: --out {args.out}: cannot write ({why})", file=sys.stderr)
+            return 1
     return 0
