@@ -86,8 +86,10 @@ def test_bench_naive_on_five_synthetic_frames(tiny_bundle):
     assert report["frames"] == 5 and report["fps"] > 0 and report["latency_ms"]["n"] == 5
     assert report["received"] == 5  # every published result reached the subscriber
     assert report["fps"] * report["seconds"] == pytest.approx(report["frames"])
-    # One frame at a time: the frames' latencies cannot add up to more than the run took.
-    assert report["latency_ms"]["p50"] * report["frames"] / 1000.0 <= report["seconds"] * 1.05
+    # One frame at a time: the frames' latencies cannot add up to more than the run took. At least half the frames
+    # took the median or longer, so median x ceil(frames / 2) is a lower bound of that sum (median x frames is not).
+    slower_half = -(-report["frames"] // 2)
+    assert report["latency_ms"]["p50"] * slower_half / 1000.0 <= report["seconds"] * 1.05
     assert report["cpu_ms_per_frame"] * report["frames"] / 1000.0 == pytest.approx(
         report["cpu_cores_used"] * report["seconds"], rel=0.01
     )
