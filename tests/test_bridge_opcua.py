@@ -119,9 +119,13 @@ class PlcClient:
     def __init__(self, url: str, security: str | None = None) -> None:
         self.client = Client(url, timeout=5)
         self.client.application_uri = "urn:test:plc"
-        if security:
-            self.client.set_security_string(security)
-        self.client.connect()
+        try:
+            if security:
+                self.client.set_security_string(security)
+            self.client.connect()
+        except BaseException:
+            self.client.tloop.stop()  # the sync client's event-loop thread, which would keep pytest from exiting
+            raise
         self.index = self.client.get_namespace_index("urn:inspectd:bridge")
         self.nodes: dict[tuple[str, str], object] = {}
         self.program: PlcProgram | None = None
