@@ -403,6 +403,7 @@ GOOD_HEADER = json.loads(GOOD[1])
 @FUZZ
 @given(wild_object([*GOOD_HEADER, "truth"], GOOD_HEADER))
 @example(b'{"schema": 1, "seq": ' + b"1" * 5000 + b"}")
+@example(GOOD[1].replace(b'"station":"s"', b'"station":"\\u00e9"'))  # a non-ASCII station: the topic check encoded it
 @example(GOOD[1].replace(b'"t_capture":1.0', b'"t_capture":' + b"9" * 400))
 @example(GOOD[1].replace(b'"regions":[]', b'"regions":[{"x":0,"y":0,"w":1,"h":1,"area":1,"peak":' + b"9" * 400 + b"}]"))
 def test_result_decoder_refuses_hostile_json_in_any_field_with_message_error(header):

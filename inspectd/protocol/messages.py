@@ -251,10 +251,11 @@ def decode_result(frames: Sequence[bytes]) -> Result:
         raise MessageError(f"result header: unknown field {sorted(unknown)[0]!r}")
     station = _field(header, "station", (str,))
     camera = _field(header, "camera", (str,))
-    if topic != result_topic(station, camera).decode("ascii"):
+    # Compared as text: a header naming a non-ASCII station or camera is refused here, not by an encode error.
+    expected_topic = f"{TOPIC_ROOT}.{station}.{camera}{RESULT_SUFFIX}"
+    if topic != expected_topic:
         raise MessageError(
-            f"result topic {topic!r}: expected {result_topic(station, camera).decode()!r} "
-            "for the header's station and camera"
+            f"result topic {topic[:80]!r}: expected {expected_topic[:80]!r} for the header's station and camera"
         )
     verdict = _field(header, "verdict", (str,))
     if verdict not in VERDICTS:
