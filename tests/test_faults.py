@@ -528,7 +528,7 @@ def test_a_folder_camera_moves_a_file_only_after_its_result_is_journalled(statio
         "queue": {"size": 64},
     }
     # The first 64 files go as one batch; the rest wait in the queue for a batch to fill: read, not yet judged.
-    s = station([camera], batching={"max_batch": 64, "max_wait_ms": 5000})
+    s = station([camera], batching={"max_batch": 64, "max_wait_ms": 60_000})
     s.wait_ready()
     assert len(s.results(5, timeout=30)) == 5
     wait_for(lambda: s.control({"cmd": "status"})["cameras"]["cam0"]["frames_in"] == 120, 30, "every file read")
