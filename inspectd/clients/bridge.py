@@ -173,8 +173,9 @@ class Router:
         return totals
 
 
-def _catch_up(directory: Path, handshakes: list, prefix: str) -> int:
-    """Offer every journalled result after the PLC's last inspection id, camera by camera; returns how many."""
+def _catch_up(directory: Path, handshakes: list, prefix: str, replayed: dict[str, int]) -> int:
+    """Offer every journalled result after the PLC's last inspection id, camera by camera; returns how many.
+    `replayed` gets each camera's last seq offered, so the same results arriving live are not offered twice."""
     from inspectd.protocol import journal
 
     offered = 0
@@ -196,6 +197,7 @@ def _catch_up(directory: Path, handshakes: list, prefix: str) -> int:
                 continue
             if isinstance(message, Result):
                 handshake.offer(message)
+                replayed[handshake.camera] = message.seq
                 offered += 1
     return offered
 
@@ -240,6 +242,7 @@ async def _bridge(handshakes: list, config, args: argparse.Namespace, curve, plc
         loop.add_signal_handler(sig, stop.set)
     last_heard = [-DAEMON_SILENT_S]
     healthy = [True]
+    replayed: dict[str, int] = {}  # camera -> last seq handed from the journal
     log.info("bridge_started", endpoint=args.endpoint, topic=prefix, cameras=[h.camera for h in handshakes], **plc)
 
     def take(frames: list[bytes]) -> None:
@@ -250,6 +253,8 @@ async def _bridge(handshakes: list, config, args: argparse.Namespace, curve, plc
             log.warning("message_refused", error=str(exc))
             return
         if isinstance(message, Result):
+            if message.seq <= replayed.get(message.camera, -1):
+                return  # queued on the socket while the journal was read, and offered from there already
             router.route(message)
         elif message.get("healthy") is not None:
             healthy[0] = bool(message["healthy"])
@@ -261,7 +266,7 @@ async def _bridge(handshakes: list, config, args: argparse.Namespace, curve, plc
         first = None
         if await sub.poll(SETTLE_S * 1000):
             first = await sub.recv_multipart()
-        caught_up = _catch_up(args.journal, handshakes, prefix)
+        caught_up = _catch_up(args.journal, handshakes, prefix, replayed)
         log.info("journal_caught_up", journal=str(args.journal), results=caught_up)
         if first is not None:
             take(first)
