@@ -34,6 +34,7 @@ class Daemon:
 
     def __init__(self, curve=None) -> None:
         self.context = zmq.Context()
+        self.curve = curve
         self.pub = self.context.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         if curve is not None:
@@ -44,7 +45,7 @@ class Daemon:
         self.mask = encode_mask(mask)
         self.endpoint = f"tcp://127.0.0.1:{port}"
 
-    def status(self, healthy: bool = True) -> None:
+    def status(self, healthy: bool = True, cameras: dict | None = None) -> None:
         self.pub.send_multipart(
             encode_status(
                 STATION,
@@ -55,7 +56,7 @@ class Daemon:
                     "model_id": "m",
                     "thresholds_version": 1,
                     "throughput_fps": 10.0,
-                    "cameras": {},
+                    "cameras": cameras or {},
                 },
             )
         )
@@ -96,4 +97,6 @@ class Daemon:
 
     def close(self) -> None:
         self.pub.close()
+        if self.curve is not None:
+            self.curve.stop()  # its ZAP handler in this context, which term() would otherwise wait for
         self.context.term()

@@ -276,7 +276,7 @@ def test_server_mode_catches_up_from_the_journal_after_a_restart(daemon, tmp_pat
 
 def test_alarms_gap_drift_and_an_unhealthy_daemon(daemon, tmp_path):
     port = free_port()
-    bridge, url = server_bridge(daemon, tmp_path, port, config_text="drift_window: 4\ndrift_ratio: 0.8\n")
+    bridge, url = server_bridge(daemon, tmp_path, port)
     plc = PlcClient(url)
     program = plc.run_program()
     try:
@@ -287,10 +287,15 @@ def test_alarms_gap_drift_and_an_unhealthy_daemon(daemon, tmp_path):
         assert plc.read(CAMERA, "sequence_gaps") == 2 and not plc.read(CAMERA, "drift")
         plc.write(CAMERA, "alarm_reset", True)
         wait(lambda: not plc.read(CAMERA, "alarm"), 5, "the alarm reset")
-        for seq in range(6, 10):  # good parts, but scoring ever closer to the threshold (0.5)
+        for seq in range(6, 10):  # scores close to the threshold are no drift by themselves: the daemon decides
             daemon.result(seq, score=0.45)
-        wait(lambda: plc.read(CAMERA, "drift"), 10, "Drift once the median score passes 0.8 x threshold")
+        wait(lambda: program.ids()[-1:] == [9], 10, "results 6..9")
+        assert not plc.read(CAMERA, "drift")
+        daemon.status(cameras={CAMERA: {"drift": {"active": True, "alarm": True}}, "cam1": {"drift": {}}})
+        wait(lambda: plc.read(CAMERA, "drift"), 10, "Drift once the daemon's status reports the camera's drift alarm")
         assert not plc.read("cam1", "drift")
+        daemon.status(cameras={CAMERA: {"drift": {"active": True, "alarm": False}}})
+        wait(lambda: not plc.read(CAMERA, "drift"), 10, "Drift clears with the daemon's alarm")
         for _ in range(3):
             daemon.status(healthy=False)
             time.sleep(0.1)

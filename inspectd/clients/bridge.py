@@ -202,6 +202,14 @@ def _catch_up(directory: Path, handshakes: list, prefix: str, replayed: dict[str
     return offered
 
 
+def daemon_drift(status: dict[str, Any], camera: str | None) -> bool:
+    """The daemon's drift alarm for `camera` in a status message (cameras.<camera>.drift.alarm); False from a daemon
+    that does not report one."""
+    stats = status["cameras"].get(camera) if camera is not None else None
+    drift = stats.get("drift") if isinstance(stats, dict) else None
+    return isinstance(drift, dict) and drift.get("alarm") is True
+
+
 async def _serve(protocol, config, args: argparse.Namespace, curve) -> int:
     from inspectd.clients.handshake import Handshake, PlcError
 
@@ -256,8 +264,11 @@ async def _bridge(handshakes: list, config, args: argparse.Namespace, curve, plc
             if message.seq <= replayed.get(message.camera, -1):
                 return  # queued on the socket while the journal was read, and offered from there already
             router.route(message)
-        elif message.get("healthy") is not None:
-            healthy[0] = bool(message["healthy"])
+        else:
+            if message.get("healthy") is not None:
+                healthy[0] = bool(message["healthy"])
+            for handshake in handshakes:  # written with the next result or heartbeat
+                handshake.drift = daemon_drift(message, handshake.camera)
 
     if args.journal is not None:
         # Subscribed first and waited for the first live message, so everything journalled after the read below is

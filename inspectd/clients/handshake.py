@@ -19,9 +19,9 @@ are stale (handed over already, or replayed) and skipped; an id of 0 means a fre
 seq never goes back (the daemon resumes it from its journal), so this skips only replays.
 
 Status flags besides the result's own: trigger_ready (the daemon is heard from and says it is healthy),
-daemon_unhealthy (its status message says healthy: false), drift (the median score of the last drift_window results
-is at least drift_ratio of the image threshold: the good parts score ever closer to the line, e.g. lighting or focus
-moving) and alarm (latched by a missed ack, a gap or an overflow; cleared when the PLC writes alarm_reset).
+daemon_unhealthy (its status message says healthy: false), drift (the daemon's score-drift alarm for this camera,
+from its status message: cameras.<camera>.drift.alarm, see inspectd.daemon.drift; the bridge has no drift rule of its
+own) and alarm (latched by a missed ack, a gap or an overflow; cleared when the PLC writes alarm_reset).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Protocol
@@ -71,8 +70,6 @@ class HandshakeSettings:
     poll_ms: Annotated[Number, Field(ge=1, le=10_000)] = 10.0
     queue_size: Annotated[Int, Field(ge=1, le=1_000_000)] = 64
     heartbeat_ms: Annotated[Number, Field(ge=10)] = 1000.0
-    drift_window: Annotated[Int, Field(ge=0, le=100_000)] = 200  # 0: no drift flag
-    drift_ratio: Annotated[Number, Field(gt=0)] = 0.8
 
 
 @dataclasses.dataclass
@@ -109,8 +106,7 @@ class Handshake:
         self.alarm = False
         self.daemon_alive = False
         self.daemon_healthy = True
-        self.scores: collections.deque[float] = collections.deque(maxlen=max(settings.drift_window, 1))
-        self.threshold: float | None = None
+        self.drift = False  # the daemon's drift alarm for this camera, as its last status message said
         self.written_status: Status | None = None
 
     async def start(self) -> None:
@@ -136,21 +132,12 @@ class Handshake:
                 effect="results up to the PLC's inspection id are skipped as stale; alarm latched",
             )
         self.last_received = result.seq
-        if result.score is not None and result.threshold is not None:
-            self.scores.append(result.score)
-            self.threshold = result.threshold
         if len(self.queue) >= self.settings.queue_size:
             dropped = self.queue.popleft()
             self.counters.overflow_drops += 1
             self.log("queue_overflow", camera=self.camera, dropped_seq=dropped.seq, queue_size=self.settings.queue_size)
         self.queue.append(result)
         self._arrived.set()
-
-    def drifting(self) -> bool:
-        window = self.settings.drift_window
-        if not window or len(self.scores) < window or not self.threshold:
-            return False
-        return statistics.median(self.scores) >= self.settings.drift_ratio * self.threshold
 
     def status(self) -> Status:
         flags = set()
@@ -165,7 +152,7 @@ class Handshake:
                 flags.add("defect")
         if self.alarm:
             flags.add("alarm")
-        if self.drifting():
+        if self.drift:
             flags.add("drift")
         return Status(flags)
 
@@ -178,7 +165,8 @@ class Handshake:
     async def set_status(
         self, *, daemon_alive: bool | None = None, daemon_healthy: bool | None = None, alarm: bool | None = None
     ) -> None:
-        """Change trigger_ready / daemon_unhealthy / alarm (drift is recomputed); the result flags stay."""
+        """Change trigger_ready / daemon_unhealthy / alarm (drift is what `self.drift` says); the result flags
+        stay."""
         if daemon_alive is not None:
             self.daemon_alive = daemon_alive
         if daemon_healthy is not None:

@@ -164,6 +164,18 @@ class LineState:
             state = stats.get("state")
             if state not in (None, "running", "paused", "ended"):
                 out.append(f"camera {camera} {state}: {stats.get('last_error') or ''}".rstrip(": "))
+            drift = stats.get("drift") or {}
+            if drift.get("alarm"):
+                out.append(
+                    f"camera {camera} score drift: good parts no longer score as at calibration "
+                    f"(KS D {drift.get('statistic')} > {drift.get('raise_at')}; lighting, lens, focus or material?)"
+                )
+            if drift.get("false_reject_warning"):
+                rate, target = drift.get("false_reject_estimate") or 0, drift.get("target") or 0
+                out.append(
+                    f"camera {camera} false rejects rising: about {100 * rate:.2g} % of good parts, "
+                    f"target {100 * target:.2g} %"
+                )
         return out
 
 

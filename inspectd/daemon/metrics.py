@@ -74,6 +74,7 @@ class _StatusCollector(Collector):
             if "state" in stats:
                 up.add_metric([camera], 1 if stats["state"] in ("running", "paused") else 0)
         yield up
+        yield from _drift_families(cameras)
         if "failed_batches" in status:
             yield CounterMetricFamily(
                 "inspectd_engine_failures", "Batches the engine failed.", value=int(status["failed_batches"])
@@ -121,12 +122,49 @@ class _StatusCollector(Collector):
         yield refused
 
 
+# Pulled per camera from status()["cameras"][camera]["drift"] (inspectd.daemon.drift): (name, help, key).
+DRIFT_GAUGES = (
+    (
+        "inspectd_drift_alarm",
+        "1 while the camera's good-frame scores have drifted from the calibration reference.",
+        "alarm",
+    ),
+    (
+        "inspectd_drift_statistic",
+        "KS statistic D of the good-score window against the reference (last check).",
+        "statistic",
+    ),
+    ("inspectd_drift_raise_at", "The D above which the drift alarm rises, for the window's size.", "raise_at"),
+    (
+        "inspectd_drift_false_reject_estimate",
+        "False-reject rate the good-score window implies (normal-tail estimate).",
+        "false_reject_estimate",
+    ),
+    (
+        "inspectd_drift_false_reject_warning",
+        "1 while the implied false-reject rate is above the calibrated target.",
+        "false_reject_warning",
+    ),
+)
+
+
+def _drift_families(cameras: dict[str, Any]) -> Iterator[Metric]:
+    for name, help_text, key in DRIFT_GAUGES:
+        family = GaugeMetricFamily(name, help_text, labels=["camera"])
+        for camera, stats in cameras.items():
+            value = (stats.get("drift") or {}).get(key)
+            if value is not None:
+                family.add_metric([camera], float(value))
+        yield family
+
+
 class Metrics:
     """The daemon's metrics and their HTTP endpoint, serving from construction until `stop()`.
 
     `address` is (host, port); port 0 picks a free one (see `.address`); None serves nothing (render() still works).
     `source`, when given, has `status()` returning the daemon's status dict (healthy, failed_batches, cameras:
-    {id: {frames_in, dropped, errors, reopen_count, state}}, journal, archive, auth_refused), read once per scrape.
+    {id: {frames_in, dropped, errors, reopen_count, state, drift}}, journal, archive, auth_refused), read once per
+    scrape.
     """
 
     def __init__(self, address: tuple[str, int] | None = ("127.0.0.1", 9108), source: Any = None) -> None:

@@ -13,6 +13,8 @@ Lifecycle:
            results, close the PUB socket with a short linger, exit 0, all within shutdown_timeout_s.
   watchdog WATCHDOG=1 is sent only while the pipeline makes progress (a batch finished recently, or nothing is waiting)
            and the inference stage is healthy; a stuck engine therefore gets the service restarted by systemd.
+  drift    every published `ok` score feeds its camera's score-drift monitor (inspectd.daemon.drift) on the publisher
+           thread; a new model or thresholds version starts a fresh monitor on that version's reference.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from inspectd.daemon.batching import MicroBatcher
+from inspectd.daemon.drift import DriftMonitor, monitor_for
 from inspectd.daemon.inference import InferenceStage, Judged, ModelState
 from inspectd.daemon.publish import Publisher
 from inspectd.errors import InspectdError
@@ -82,6 +85,11 @@ class Daemon:
             config.model.bundle, config.engine.backend, config.engine.options, config.batching.max_batch
         )
         self.stage = InferenceStage(state, config.batching.max_batch, config.publish.masks)
+        # camera -> ((model_id, thresholds_version) its reference belongs to, monitor)
+        self._drift: dict[str, tuple[tuple[str, int], DriftMonitor]] = {}
+        self._drift_lock = threading.Lock()
+        for cam in config.cameras:
+            self._reset_drift(cam.id, state)
         state.warm_up()  # READY=1 then means the engine is warm
         self.log.info(
             "model_loaded",
@@ -252,6 +260,53 @@ class Daemon:
     def _on_published(self, judged: Judged, latency_ms: float) -> None:
         if self.metrics is not None:
             self.metrics.observe_result(judged.frame.camera, judged.verdict, latency_ms / 1000.0)
+        if judged.verdict == "ok" and judged.score is not None:
+            self._observe_drift(judged)
+
+    def _reset_drift(self, camera: str, state: ModelState) -> None:
+        """A fresh monitor on `state`'s reference; a raised alarm ends with the reference it was raised against."""
+        with self._drift_lock:
+            old = self._drift.get(camera)
+            self._drift[camera] = ((state.model_id, state.thresholds_version), monitor_for(state.thresholds, camera))
+        if old is not None and old[1].state.alarm:
+            self.log.info(
+                "drift_cleared",
+                camera=camera,
+                reason="new reference",
+                model_id=state.model_id,
+                thresholds_version=state.thresholds_version,
+            )
+
+    def _observe_drift(self, judged: Judged) -> None:
+        camera = judged.frame.camera
+        key = (judged.model_id, judged.thresholds_version)
+        entry = self._drift.get(camera)
+        if entry is None or entry[0] != key:
+            state = self.stage.state
+            if (state.model_id, state.thresholds_version) != key:
+                return  # judged by a model or thresholds since replaced: not evidence about the new reference
+            self._reset_drift(camera, state)
+            entry = self._drift[camera]
+        monitor = entry[1]
+        with self._drift_lock:
+            warned = monitor.state.false_reject_warning
+            change = monitor.add(float(judged.score))  # type: ignore[arg-type]
+        fields = dict(
+            camera=camera, seq=judged.frame.seq, model_id=key[0], thresholds_version=key[1], **monitor.status()
+        )
+        if change == "raised":
+            self.log.warning("drift_raised", **fields)
+        elif change == "cleared":
+            self.log.info("drift_cleared", reason="window back on the reference", **fields)
+        if monitor.state.false_reject_warning != warned:
+            if warned:
+                self.log.info("false_reject_warning_cleared", **fields)
+            else:
+                self.log.warning("false_reject_warning_raised", **fields)
+
+    def drift_status(self, camera: str) -> dict[str, Any]:
+        entry = self._drift.get(camera)
+        return entry[1].status() if entry is not None else {"active": False}
 
     def _open_journal(self):
         path = self.config.journal_path
@@ -373,6 +428,7 @@ class Daemon:
                 published=counters.published,
                 defects=counters.defect,
                 errors=counters.error,
+                drift=self.drift_status(cam_id),
             )
             cameras[cam_id] = stats
         return cameras
@@ -428,6 +484,8 @@ class Daemon:
             )
             new.warm_up()  # beside the running model: the swap costs the line nothing
             self._retired.append(self.stage.swap(new))
+        for camera in self.ingest:
+            self._reset_drift(camera, new)
         self.log.info(
             "reloaded",
             model_id=new.model_id,
@@ -471,6 +529,8 @@ class Daemon:
             # On disk first, so a restart or reload keeps what the line is now judged with.
             state.bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
             self.stage.swap(state.with_thresholds(new))
+        for camera in self.ingest:
+            self._reset_drift(camera, self.stage.state)
         self.log.info(
             "thresholds_set",
             thresholds_version=new.version,
