@@ -15,6 +15,11 @@ from tiny_dataset import one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 SIZE = 64
+LINE = 96  # the synthetic line's frame size
+# The daemon test's line: normal lighting, half again as bright from LIGHT_ON, normal again from LIGHT_OFF.
+LIGHT_ON, LIGHT_OFF, FRAMES = 1000, 2000, 2800
+DAEMON_FRAMES_TO_ALARM = 250  # frames after LIGHT_ON until drift_raised (measured: 128)
+DAEMON_FRAMES_TO_CLEAR = 400  # frames after LIGHT_OFF until drift_cleared (measured: 142)
 FRAMES_TO_ALARM = 200  # good frames after a 1.5x lighting change (measured: 142)
 
 
@@ -37,26 +42,38 @@ def stream(engine, line, monitor, n: int, gain: float) -> list[tuple[int, str]]:
     return events
 
 
-def test_lighting_change_raises_and_clears_the_alarm(tmp_path: Path):
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory) -> Path:
+    """A 64x64 memory bundle trained on 30 frames of the 96x96 synthetic line (seed 2), then taught on 120 more with
+    half held out: 60 good scores are the drift reference. Tests copy it before changing it."""
     from calibration.teach import teach
-    from engines.bundle.store import load_bundle
-    from engines.runtime import open_engine
     from engines.training.train import Progress, train_bundle
-    from inspectd.daemon.drift import monitor_for
 
-    line = SyntheticLine(96, 96, seed=2, defect_rate=0.0)
-    line.write_folder(tmp_path / "train", 30)
-    line.write_folder(tmp_path / "teach", 120)
+    root = tmp_path_factory.mktemp("drift")
+    line = SyntheticLine(LINE, LINE, seed=2, defect_rate=0.0)
+    for _ in range(FRAMES):  # the streams below are the line's first frames: none of them trained or taught on
+        line.next()
+    line.write_folder(root / "train", 30)
+    line.write_folder(root / "teach", 120)
     train_bundle(
-        tmp_path / "train",
-        tmp_path / "b",
+        root / "train",
+        root / "b",
         size=(SIZE, SIZE),
         scorer="memory",
         memory_size=200,
         progress=Progress(enabled=False),
     )
-    teach(tmp_path / "b", tmp_path / "teach", holdout=0.5, out=io.StringIO())  # 60 held-out good scores: the reference
-    bundle = load_bundle(tmp_path / "b")
+    teach(root / "b", root / "teach", holdout=0.5, out=io.StringIO())
+    return root / "b"
+
+
+def test_lighting_change_raises_and_clears_the_alarm(taught: Path):
+    from engines.bundle.store import load_bundle
+    from engines.runtime import open_engine
+    from inspectd.daemon.drift import monitor_for
+
+    line = SyntheticLine(LINE, LINE, seed=2, defect_rate=0.0)
+    bundle = load_bundle(taught)
     monitor = monitor_for(bundle.thresholds(), "cam0")
     assert monitor.active and monitor.m == 60
     with open_engine(bundle, "onnxruntime", {"providers": "cpu", "intra_op_threads": 1}, max_batch=8) as engine:
@@ -72,3 +89,106 @@ def test_lighting_change_raises_and_clears_the_alarm(tmp_path: Path):
     bare = thresholds_doc.first_version(1.0, 1.0, {})
     inactive = monitor_for(bare, "cam0")
     assert not inactive.active and all(inactive.add(9.0) is None for _ in range(500))
+
+
+def test_daemon_raises_drift_in_status_metrics_log_and_the_plc_flag_and_clears_it(taught: Path, tmp_path: Path):
+    """A real daemon process streaming the synthetic line through the taught bundle, its lighting changed mid-stream
+    by the source's schedule: nothing over the first LIGHT_ON unchanged frames; the alarm within
+    DAEMON_FRAMES_TO_ALARM frames of the change, in the log, the status messages (the PLC bridges' drift bit), the
+    control `status` and the metrics; cleared within DAEMON_FRAMES_TO_CLEAR frames of the light going back."""
+    import shutil
+    import time
+    import urllib.request
+
+    from daemon_harness import Station, free_port
+    from inspectd.clients.bridge import daemon_drift
+    from inspectd.protocol.messages import Result
+
+    shutil.copytree(taught, tmp_path / "b")
+    port = free_port()
+    source = {
+        "kind": "synthetic",
+        "width": LINE,
+        "height": LINE,
+        "seed": 2,
+        "defect_rate": 0.0,
+        "rate_hz": 400.0,
+        "count": FRAMES,
+        "lighting": {LIGHT_ON: 1.5, LIGHT_OFF: 1.0},
+    }
+    station = Station(
+        tmp_path,
+        tmp_path / "b",
+        [{"id": "cam0", "source": source, "queue": {"policy": "block"}}],
+        metrics={"listen": f"127.0.0.1:{port}"},
+    )
+    try:
+        station.wait_ready()
+        last_seq, flags = -1, []  # (last seq received, the PLC flag the bridge takes from this status message)
+        seen_in_control = seen_in_metrics = False
+        deadline = time.monotonic() + 120
+        while last_seq < FRAMES - 1 and time.monotonic() < deadline:
+            message = station.sub.recv(0.5)
+            if isinstance(message, Result):
+                last_seq = max(last_seq, message.seq)
+            elif isinstance(message, dict):
+                flags.append((last_seq, daemon_drift(message, "cam0")))
+                if flags[-1][1] and not seen_in_control:
+                    seen_in_control = station.control({"cmd": "status"})["cameras"]["cam0"]["drift"]["alarm"]
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                        seen_in_metrics = 'inspectd_drift_alarm{camera="cam0"} 1.0' in reply.read().decode()
+        assert last_seq == FRAMES - 1, station.log_tail()
+        time.sleep(0.5)  # the last status messages and log lines
+        final = station.control({"cmd": "status"})["cameras"]["cam0"]["drift"]
+    finally:
+        assert station.stop() == 0, station.log_tail()
+
+    raised, cleared = station.events("drift_raised"), station.events("drift_cleared")
+    assert len(raised) == 1 and len(cleared) == 1, (raised, cleared)
+    assert LIGHT_ON <= raised[0]["seq"] < LIGHT_ON + DAEMON_FRAMES_TO_ALARM, raised
+    assert LIGHT_OFF <= cleared[0]["seq"] < LIGHT_OFF + DAEMON_FRAMES_TO_CLEAR, cleared
+    assert raised[0]["statistic"] > raised[0]["raise_at"] and raised[0]["samples"] >= 100
+    on = [seq for seq, flag in flags if flag]
+    assert on and LIGHT_ON <= on[0] and on[-1] < LIGHT_OFF + DAEMON_FRAMES_TO_CLEAR, flags
+    assert not any(flag for seq, flag in flags if seq < LIGHT_ON), "drift over unchanged frames"
+    warnings = station.events("false_reject_warning_raised")
+    assert warnings and all(w["seq"] >= LIGHT_ON for w in warnings), warnings
+    assert seen_in_control and seen_in_metrics
+    assert final["active"] and not final["alarm"] and final["samples"] == 200
+
+
+def test_the_bridge_drift_bit_is_the_daemon_alarm_and_nothing_else():
+    from inspectd.clients.bridge import daemon_drift
+
+    def status(cam):
+        return {"cameras": {"cam0": cam}}
+
+    assert daemon_drift(status({"drift": {"active": True, "alarm": True}}), "cam0")
+    assert not daemon_drift(status({"drift": {"active": True, "alarm": False}}), "cam0")
+    assert not daemon_drift(status({"published": 3}), "cam0")  # a daemon from before drift was reported
+    for hostile in (5, None, [], {"drift": "yes"}, {"drift": {"alarm": 1}}, {"drift": {"alarm": "true"}}):
+        assert not daemon_drift(status(hostile), "cam0")
+    assert not daemon_drift(status({"drift": {"alarm": True}}), "cam1") and not daemon_drift(status({}), None)
+
+
+def test_synthetic_source_lighting_schedule_and_its_errors(tmp_path: Path):
+    import yaml
+
+    from inspectd.daemon.config import load_config
+    from inspectd.daemon.ingest.synthetic import SyntheticLineSource
+    from inspectd.errors import InspectdError
+
+    def config(lighting):
+        doc = {
+            "station": "s",
+            "model": {"bundle": str(tmp_path)},
+            "state_dir": str(tmp_path),
+            "cameras": [{"id": "c", "source": {"kind": "synthetic", "width": 16, "height": 16, "lighting": lighting}}],
+        }
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+        return load_config(tmp_path / "c.yaml")
+
+    source = SyntheticLineSource(config({5: 1.5, 9: 1.0}).cameras[0], lambda: 0.0)
+    assert [source.gain(i) for i in (0, 4, 5, 8, 9, 100)] == [1.0, 1.0, 1.5, 1.5, 1.0, 1.0]
+    with pytest.raises(InspectdError, match=r"cameras\[0\]\.source\.lighting\[9\]: expected more than 0"):
+        config({9: 0})

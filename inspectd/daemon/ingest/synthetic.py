@@ -1,7 +1,10 @@
-"""The synthetic line as a camera: frames rendered in-process at a fixed rate, with planted defects."""
+"""The synthetic line as a camera: frames rendered in-process at a fixed rate, with planted defects, and a lighting
+schedule so a test or a demo can change the line's brightness mid-stream (what the score-drift alarm watches for)."""
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +36,11 @@ class SyntheticSource:
     count: Annotated[Int, Field(ge=0)] | None = None  # None: endless
     # raw frames, or encode+decode each one to exercise the decoder path
     encoding: Annotated[str, one_of(ENCODINGS)] = "raw"
+    # frame index -> brightness gain from that frame on (1.0 before the first entry): {500: 1.5, 1000: 1.0} is half
+    # again as bright for frames 500..999. On top of the line's own +-10 % per-frame level.
+    lighting: dict[Annotated[Int, Field(ge=0)], Annotated[Number, Field(gt=0, le=10)]] = dataclasses.field(
+        default_factory=dict
+    )
     kind: Literal["synthetic"] = "synthetic"
 
 
@@ -49,6 +57,7 @@ class SyntheticLineSource(Source):
         self.period = 1.0 / s.rate_hz
         self.produced = 0
         self._next_t = 0.0
+        self._lighting = sorted(s.lighting.items())
 
     def open(self, stop: threading.Event) -> None:
         self._next_t = time.monotonic()
@@ -63,6 +72,9 @@ class SyntheticLineSource(Source):
         # Pace from the schedule, not from now, so the mean rate is exact; but never burst to catch up after a stall.
         self._next_t = max(self._next_t + self.period, time.monotonic() - self.period)
         image, mask = self.line.next()
+        gain = self.gain(self.produced)
+        if gain != 1.0:
+            image = cv2.convertScaleAbs(image, alpha=gain)  # saturates at 255, as an overexposed sensor does
         frame_id = f"{self.produced:08d}"
         self.produced += 1
         if self.spec.encoding != "raw":
@@ -71,3 +83,7 @@ class SyntheticLineSource(Source):
             _, buf = cv2.imencode(ext, image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             image = decode_image(buf, what=frame_id)
         return self.frame(frame_id, self.clock(), image, truth=mask is not None)
+
+    def gain(self, index: int) -> float:
+        at = bisect.bisect_right(self._lighting, index, key=lambda step: step[0])
+        return self._lighting[at - 1][1] if at else 1.0
