@@ -418,8 +418,7 @@ def test_curve_fails_closed_when_the_authenticator_is_gone(pki):
         with ControlClient(endpoint, timeout_s=5, curve=good) as client:
             assert client.request({"cmd": "status"})["ok"] is True
         assert guard.alive()
-        authenticator = security._authenticator
-        assert authenticator is not None
+        authenticator = security._authenticators[zmq.Context.instance()]
         authenticator.stop()
         assert not guard.alive()
         for key in (pki["intruder"][1], pki["allowed"][1]):  # a new connection, listed or not, gets nothing

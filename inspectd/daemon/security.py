@@ -132,17 +132,18 @@ class _AllowList:
 
 
 _auth_lock = threading.Lock()
-_authenticator: ThreadAuthenticator | None = None
+# One ZAP handler per context: libzmq sends a socket's handshakes to the handler bound in that socket's own context.
+_authenticators: dict[zmq.Context, ThreadAuthenticator] = {}
 
 
 def _zap(context: zmq.Context) -> ThreadAuthenticator:
-    """The process's one ZAP handler (ZeroMQ sends every CURVE handshake of the context to it)."""
-    global _authenticator
+    """The ZAP handler of `context` (ZeroMQ sends every CURVE handshake of the context's sockets to it)."""
     with _auth_lock:
-        if _authenticator is None or not _authenticator.is_alive():
-            _authenticator = ThreadAuthenticator(context)
-            _authenticator.start()
-        return _authenticator
+        authenticator = _authenticators.get(context)
+        if authenticator is None or not authenticator.is_alive():
+            authenticator = _authenticators[context] = ThreadAuthenticator(context)
+            authenticator.start()
+        return authenticator
 
 
 class CurveServer:
@@ -168,7 +169,9 @@ class CurveServer:
         self.allowed = frozenset(self._names)
         self.refusals = _Refusals(domain)
         self._allow_list = _AllowList(self.allowed, self.refusals)
-        _zap(self.context).configure_curve_callback(domain, self._allow_list)
+        self._authenticators = [_zap(self.context)]
+        self._foreign: list[zmq.Context] = []  # contexts whose ZAP handler this server started (see stop)
+        self._authenticators[0].configure_curve_callback(domain, self._allow_list)
         self._monitors: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -177,6 +180,13 @@ class CurveServer:
         return self.refusals.count
 
     def __call__(self, sock: zmq.Socket) -> None:
+        if sock.context is not self.context:
+            # A socket of another context has its own ZAP handler: without this one there the enforced domain
+            # would refuse every client (before, libzmq let every client in).
+            authenticator = _zap(sock.context)
+            authenticator.configure_curve_callback(self.domain, self._allow_list)
+            self._authenticators.append(authenticator)
+            self._foreign.append(sock.context)
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
         sock.curve_server = True
@@ -232,9 +242,17 @@ class CurveServer:
     def alive(self) -> bool:
         """The process's ZAP authenticator is answering handshakes. When it is not, the enforced ZAP domain makes
         libzmq refuse every client (fail closed), and the daemon reports itself unhealthy."""
-        return _authenticator is not None and _authenticator.is_alive()
+        return all(authenticator.is_alive() for authenticator in self._authenticators)
 
     def stop(self) -> None:
+        """Stop the refusal monitors, and the ZAP handlers started for other contexts than the process's own: a
+        handler's socket left open would keep that context's term() waiting forever."""
         self._stop.set()
         for thread in self._monitors:
             thread.join(1.0)
+        with _auth_lock:
+            for context in self._foreign:
+                authenticator = _authenticators.pop(context, None)
+                if authenticator is not None:
+                    authenticator.stop()
+            self._foreign.clear()
