@@ -481,3 +481,38 @@ def test_a_zmq_camera_on_a_network_address_requires_curve_and_takes_frames_only_
         source.close()
         if source.curve is not None:
             source.curve.stop()
+
+
+def test_a_curve_socket_in_its_own_context_gets_the_allow_list_and_its_context_still_terminates(pki):
+    """libzmq asks the ZAP handler of the socket's own context: a socket made in another context than the process's
+    must get one there (before, none answered and every client got in; with the domain enforced, none would)."""
+    import threading
+
+    guard = CurveServer("publish", pki["server"][1], pki["allow_dir"])
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.linger = 0
+    guard(pub)
+    endpoint = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+    try:
+        with (
+            Subscriber(endpoint, curve=curve_client(pki["server"][0], pki["allowed"][1])) as listed,
+            Subscriber(endpoint, curve=curve_client(pki["server"][0], pki["intruder"][1])) as intruder,
+        ):
+            deadline = time.monotonic() + 10
+            got = None
+            while got is None and time.monotonic() < deadline:
+                pub.send_multipart([b"inspect.x", b"y"])
+                if listed.socket.poll(100):
+                    got = listed.socket.recv_multipart()
+            assert got == [b"inspect.x", b"y"]
+            pub.send_multipart([b"inspect.x", b"z"])
+            assert not intruder.socket.poll(1000)
+        assert guard.refused >= 1
+    finally:
+        pub.close()
+        guard.stop()
+    ended = threading.Thread(target=context.term, daemon=True)
+    ended.start()
+    ended.join(10)
+    assert not ended.is_alive(), "the context's term() hangs on a ZAP handler left running"
