@@ -230,6 +230,7 @@ headers = st.fixed_dictionaries(
     )
 )
 @example([DEEP.encode(), b""])
+@example([b'{"frame_id": "\\n"}', b""])  # a newline in the producer's id must not break the one-line reason
 @example([b'{"frame_id": 1, "shape": [1e400]}', b""])
 @example(
     [

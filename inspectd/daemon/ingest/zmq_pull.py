@@ -139,7 +139,9 @@ class ZmqPullSource(Source):
         return self.frame(frame_id, t_capture, image)
 
     def _decode(self, header: dict, frame_id: str, payload: memoryview) -> np.ndarray:
-        what = f"frame {frame_id}"
+        # The producer's own id names the frame in every refusal; shown escaped when it holds a newline or another
+        # control character, so a refusal stays one line.
+        what = f"frame {frame_id[:80] if frame_id.isprintable() else repr(frame_id[:80])}"
         unknown = sorted(set(header) - HEADER_FIELDS)
         if unknown:
             known = ", ".join(sorted(HEADER_FIELDS))
