@@ -267,7 +267,7 @@ def _report(out, bundle: Bundle, record: dict, warning: str | None, seconds: flo
             file=out,
         )
     if warning:
-        print(f"WARNING: {warning}", file=out)
+        print(warning, file=out)  # calibrate's warning, which says WARNING itself
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

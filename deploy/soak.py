@@ -14,6 +14,11 @@ The RSS slope is a least-squares fit of the daemon's VmRSS over time after a war
 second's sample also records the machine's CPU steal (the hypervisor running someone else on our cores, from
 /proc/stat) and the daemon's cumulative queue drops, so a drop can be put beside what the machine was doing; the
 samples are written to <workdir>/run/rss.csv. The workdir's previous state (journal) is removed first: seqs start at 0.
+
+Score drift: the status messages' cameras.<id>.drift give, per camera, whether the monitor was active and how many
+status seconds the drift alarm was up (an unchanged line should show 0). It counts as a failure only with
+--fail-on-drift: whether the soak's cameras (synthetic line seeds 0, 1, ...) look like the bundle's reference depends
+on the frames the bundle was calibrated on.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load", type=float, default=0.8, help="fraction of saturation when --rate is not given [0.8]")
     p.add_argument("--saturation-s", type=float, default=15.0, help="seconds to measure saturation [15]")
     p.add_argument("--reload-every", type=float, default=60.0, help="seconds between control reloads [60]")
+    p.add_argument("--fail-on-drift", action="store_true", help="a drift alarm during the run fails it")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--workdir", type=Path, default=Path("runs/soak"))
@@ -186,6 +192,8 @@ def soak(args: argparse.Namespace) -> dict:
     gaps = GapTracker()
     first: dict[str, int] = {}
     received = 0
+    drift_active: dict[str, bool] = {}
+    drift_alarm_s: dict[str, int] = {}  # status messages (one a second) with the camera's drift alarm up
     samples: list[tuple[float, float, float, int]] = []  # t, RSS MB, CPU steal % over the last second, drops
     last_steal = cpu_steal_jiffies()
     reloads = 0
@@ -207,6 +215,11 @@ def soak(args: argparse.Namespace) -> dict:
                 received += 1
                 first.setdefault(message.camera, message.seq)
                 gaps.see(message.camera, message.seq)
+            else:
+                for camera, stats in message["cameras"].items():
+                    drift = stats.get("drift") or {}
+                    drift_active[camera] = drift_active.get(camera, False) or bool(drift.get("active"))
+                    drift_alarm_s[camera] = drift_alarm_s.get(camera, 0) + int(drift.get("alarm") is True)
 
     while time.monotonic() - t_start < args.duration:
         now = time.monotonic()
@@ -274,6 +287,8 @@ def soak(args: argparse.Namespace) -> dict:
         "cpu_steal_pct_mean": round(float(steal_pct.mean()), 2) if len(steal_pct) else None,
         "cpu_steal_pct_max_1s": round(float(steal_pct.max()), 1) if len(steal_pct) else None,
         "drop_seconds": drop_seconds,
+        "drift_active": drift_active,
+        "drift_alarm_s": drift_alarm_s,
     }
 
 
@@ -284,7 +299,9 @@ def main(argv=None) -> int:
         print(f"{key:28s} {value}", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
-    return 0 if report["frames_lost"] == 0 and report["seq_gaps"] == 0 and report["reload_failures"] == 0 else 1
+    drifted = args.fail_on_drift and any(report["drift_alarm_s"].values())
+    clean = report["frames_lost"] == 0 and report["seq_gaps"] == 0 and report["reload_failures"] == 0
+    return 0 if clean and not drifted else 1
 
 
 if __name__ == "__main__":
