@@ -15,7 +15,7 @@ import sys
 SUBCOMMANDS = [
     ("train", "engines.training.train", "train a model bundle from defect-free images"),
     ("eval", "engines.training.evaluate", "measure a bundle on an MVTec-layout folder"),
-    ("eval-suite", "engines.training.suite", "train with the default and evaluate on every dataset: the accuracy table"),
+    ("eval-suite", "engines.training.suite", "train with the default and evaluate on every dataset: accuracy table"),
     ("export", "engines.model.export", "export a bundle's ONNX graph (uint8 pixels -> score and map)"),
     ("build-engine", "engines.model.build_engine", "build a TensorRT plan for a bundle (GPU station)"),
     ("run", "inspectd.daemon.service", "run the inspection daemon"),
