@@ -18,7 +18,9 @@ FRAME = 64  # frame size the tests send
 THRESHOLD = 0.5
 
 
-def grey_graph() -> bytes:
+def grey_graph(size: int = M) -> bytes:
+    """uint8 [N,size,size,1] -> anomaly_map = |pixel - centre| / 128, score = max of the map: a real graph with the
+    bundle contract's inputs and outputs, built in milliseconds."""
     from onnx import TensorProto, helper
 
     nodes = [
@@ -33,12 +35,12 @@ def grey_graph() -> bytes:
         nodes,
         "grey",
         [
-            helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", M, M, 1]),
+            helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", size, size, 1]),
             helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1]),
         ],
         [
             helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", M, M]),
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", size, size]),
         ],
         initializer=[
             helper.make_tensor("axis3", TensorProto.INT64, [1], [3]),

@@ -14,45 +14,11 @@ from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.store import write_bundle
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.inference import InferenceStage, ModelState
+from tests.station_model import grey_graph
 
 pytestmark = pytest.mark.timeout(60)
 
 H = W = 32
-
-
-def brightness_graph() -> bytes:
-    """uint8 [N,H,W,1] -> anomaly_map = |pixel - centre| / 128, score = max of the map: a real graph with the
-    bundle contract's inputs and outputs, small enough to build in milliseconds."""
-    from onnx import TensorProto, helper
-
-    nodes = [
-        helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
-        helper.make_node("Squeeze", ["x", "axis3"], ["x2"]),
-        helper.make_node("Sub", ["x2", "centre"], ["d"]),
-        helper.make_node("Abs", ["d"], ["a"]),
-        helper.make_node("Div", ["a", "scale"], ["anomaly_map"]),
-        helper.make_node("ReduceMax", ["anomaly_map", "axes12"], ["score"], keepdims=0),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "brightness",
-        [
-            helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", H, W, 1]),
-            helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1]),
-        ],
-        [
-            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", H, W]),
-        ],
-        initializer=[
-            helper.make_tensor("axis3", TensorProto.INT64, [1], [3]),
-            helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
-            helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0]),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +33,7 @@ def bundle_path(tmp_path_factory):
             "scorer_inputs": ["centre"],
             "score_kind": "max",
         },
-        brightness_graph(),
+        grey_graph(H),
         {"centre": np.array([128.0], np.float32)},
         {},
         thresholds_doc.first_version(0.5, 0.5, {"tool": "test"}),
