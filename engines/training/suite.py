@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engines.errors import EngineError
 from engines.training.evaluate import evaluate
-from engines.training.train import Progress, train_bundle
+from engines.training.train import Progress, train_bundle, training_images
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
@@ -52,7 +52,7 @@ def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None,
         rows.append(
             {
                 "dataset": data.name,
-                "n_train": len(list((data / "train" / "good").iterdir())),
+                "n_train": len(training_images(data)),
                 "recipe": result.recipe.name,
                 "train_s": round(result.seconds),
                 "load": round(max(load, os.getloadavg()[0]), 1),
