@@ -5,17 +5,32 @@ not hold either is reported as a gap."""
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import subprocess
+import sys
+import termios
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
 
-from inspectd.clients.subscribe import CatchUpSubscriber, JournalCatchUp, Subscriber
+from inspectd.clients.subscribe import (
+    CORRUPT,
+    NOT_JOURNALLED,
+    ROTATED,
+    CatchUpSubscriber,
+    Gap,
+    JournalCatchUp,
+    Subscriber,
+)
 from inspectd.daemon.journal import Journal
 from inspectd.errors import InspectdError
 from inspectd.protocol.messages import Result, encode_result, encode_status
 
+REPO = Path(__file__).resolve().parents[1]
 STATION = "t1"
 STATUS = {
     "t": 0.0,
@@ -129,7 +144,7 @@ def test_a_hole_the_journal_does_not_hold_is_reported_as_a_gap(line):
         got = drain(source, 3)
     assert [r.seq for r in got] == [0, 1, 4]
     assert catch_up.recovered == 1
-    assert catch_up.missed == [("cam0", 2, 3)] and catch_up.gaps.missed == {"cam0": 2}
+    assert catch_up.missed == [Gap("cam0", 2, 3, NOT_JOURNALLED)] and catch_up.gaps.missed == {"cam0": 2}
 
 
 def test_resume_after_a_known_seq_then_live_without_a_duplicate_or_a_hole(line):
@@ -167,10 +182,183 @@ def test_resume_per_camera_and_only_the_cameras_asked_for(line):
     only_cam1 = JournalCatchUp(line.journal_dir, cameras=["cam1"])
     assert [(r.camera, r.seq) for r in only_cam1.resume(3)] == [("cam1", 4), ("cam1", 5)]
     both = JournalCatchUp(line.journal_dir)
-    replayed = both.resume({"cam0": 4, "cam1": -1})
+    replayed = list(both.resume({"cam0": 4, "cam1": -1}))
     assert [(r.camera, r.seq) for r in replayed] == [("cam0", 5)] + [("cam1", s) for s in range(6)]
     # A live result the journal already delivered is dropped; the next one passes.
     line.emit("cam0", 6, send=False)
-    assert both.take(replayed[0]) == []
+    assert list(both.take(replayed[0])) == []
     with pytest.raises(InspectdError, match="no journal directory"):
         JournalCatchUp(None).resume(0)
+
+
+def journal_of(tmp_path, count: int, segment_bytes: int) -> tuple[Path, list[Path]]:
+    """A journal of results 0..count-1 on cam0, in several closed segments; (directory, segments oldest first)."""
+    directory = tmp_path / "journal"
+    journal = Journal(directory, max_bytes=64 << 20, segment_bytes=segment_bytes)
+    for seq in range(count):
+        journal.append("cam0", seq, result_frames("cam0", seq))
+    journal.close()
+    segments = sorted((directory / "cam0").glob("*.seg"))
+    assert len(segments) >= 5, segments
+    return directory, segments
+
+
+def first_seqs(segments: list[Path]) -> list[int]:
+    return [int(path.stem) for path in segments]
+
+
+def test_a_replay_is_read_as_it_is_pulled_and_reports_what_rotation_took_meanwhile(tmp_path):
+    directory, segments = journal_of(tmp_path, 200, 4 << 10)
+    starts = first_seqs(segments)
+    catch_up = JournalCatchUp(directory)
+    replay = catch_up.resume(-1)
+    first = next(replay)  # the replay is reading the first segment now
+    for path in segments[1:3]:
+        path.unlink()  # what the writer's rotation does meanwhile
+    seqs = [first.seq] + [r.seq for r in replay]
+    taken = set(range(starts[1], starts[3]))
+    assert seqs == [s for s in range(200) if s not in taken]  # read after the deletion: nothing held from before
+    assert catch_up.missed == [Gap("cam0", starts[1], starts[3] - 1, ROTATED)]
+    assert catch_up.gaps.missed == {"cam0": len(taken)}
+
+
+def test_a_replay_from_before_the_oldest_segment_and_a_corrupt_record_are_gaps_with_their_reasons(tmp_path):
+    directory, segments = journal_of(tmp_path, 200, 4 << 10)
+    starts = first_seqs(segments)
+    segments[0].unlink()  # rotated away before the replay started
+    damaged = segments[2]
+    data = bytearray(damaged.read_bytes())
+    bad = starts[2] + 3  # flip a byte inside the fourth record of this segment
+    at = [i for i in range(len(data)) if data.startswith(b"IJR1", i)][3]
+    data[at + 30] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    catch_up = JournalCatchUp(directory)
+    seqs = [r.seq for r in catch_up.resume(-1)]
+    assert seqs == [s for s in range(starts[1], 200) if s != bad]
+    assert catch_up.missed == [
+        Gap("cam0", 0, starts[1] - 1, ROTATED),
+        Gap("cam0", bad, bad, CORRUPT),
+    ]
+
+
+def test_subscribe_since_streams_the_replay_and_reports_segments_rotated_away_during_it(tmp_path):
+    """`inspectd subscribe --journal DIR --since -1` as a real process whose stdout nobody reads: it blocks writing
+    the replay (a pipe holds 64 kB), the journal loses segments further on, and the gap comes out with its reason.
+    A replay read whole before it is printed would deliver the deleted results and report nothing."""
+    count = 6000
+    directory, segments = journal_of(tmp_path, count, 64 << 10)
+    starts = first_seqs(segments)
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(endpoint)
+    stop = threading.Event()
+
+    def status() -> None:  # the daemon's 1 Hz status, faster: the subscriber's first live message
+        while not stop.is_set():
+            pub.send_multipart(encode_status(STATION, STATUS))
+            time.sleep(0.05)
+
+    later = [i for i, s in enumerate(starts) if s > count // 2][:2]  # two segments well past a pipe's worth
+    taken = set(range(starts[later[0]], starts[later[1] + 1]))
+    heartbeat = threading.Thread(target=status, daemon=True)
+    heartbeat.start()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "inspectd",
+            "subscribe",
+            "--endpoint",
+            endpoint,
+            "--journal",
+            str(directory),
+            "--since",
+            "-1",
+            "--count",
+            str(count - len(taken)),
+            "--timeout",
+            "60",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        queued = previous = -1
+        while time.monotonic() < deadline:  # the pipe is full and stays full: the subscriber is blocked writing
+            time.sleep(0.3)
+            queued = struct.unpack("i", fcntl.ioctl(proc.stdout.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+            if queued >= 60_000 and queued == previous:
+                break
+            previous = queued
+        assert queued >= 60_000, f"the subscriber never filled its stdout pipe ({queued} bytes)"
+        printed = queued // 40  # at most: every line is longer than 40 bytes
+        assert printed < starts[later[0]], "the test's segments must lie beyond what the blocked replay printed"
+        for index in later:
+            segments[index].unlink()  # the writer's rotation while the subscriber replays
+        out, err = proc.communicate(timeout=60)
+    finally:
+        stop.set()
+        heartbeat.join(5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        pub.close(0)
+    seqs = [int(line.split()[1].removeprefix("seq=")) for line in out.decode().splitlines()]
+    assert seqs == [s for s in range(count) if s not in taken], err.decode()
+    first, last = min(taken), max(taken)
+    assert f"gap: seq {first}-{last} on cam0 ({len(taken)} results): rotated out of the journal" in err.decode()
+    assert proc.returncode == 0, err.decode()
+
+
+def test_subscribe_reports_a_corrupt_record_as_a_gap_and_carries_on(tmp_path):
+    directory, segments = journal_of(tmp_path, 200, 4 << 10)
+    starts = first_seqs(segments)
+    data = bytearray(segments[1].read_bytes())
+    data[40] ^= 0xFF  # inside the first record of the second segment
+    segments[1].write_bytes(bytes(data))
+    bad = starts[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inspectd",
+            "subscribe",
+            "--endpoint",
+            f"ipc://{tmp_path}/nobody.sock",  # no daemon: the replay starts after the settle wait
+            "--journal",
+            str(directory),
+            "--since",
+            "-1",
+            "--count",
+            "199",
+            "--timeout",
+            "30",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    seqs = [int(line.split()[1].removeprefix("seq=")) for line in proc.stdout.splitlines()]
+    assert seqs == [s for s in range(200) if s != bad]
+    assert f"gap: seq {bad}-{bad} on cam0 (1 results): corrupt record" in proc.stderr
+
+
+def test_a_live_seq_that_goes_back_is_delivered_and_reported_not_dropped_as_a_duplicate(line):
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        for seq in (5, 6, 7):
+            line.emit("cam0", seq)
+        for seq in (0, 1):  # the daemon restarted without its journal: numbering starts again
+            line.emit("cam0", seq, journal=False)
+        got = drain(source, 5)
+    assert [r.seq for r in got] == [5, 6, 7, 0, 1]
+    assert catch_up.backwards == [("cam0", 7, 0)]
+    assert catch_up.missed == []

@@ -2,7 +2,9 @@
 
 With `--journal DIR` every hole in a camera's seq is filled from the daemon's on-disk journal before the result after
 it is delivered, so results come out in order without a duplicate or a hole the journal can fill; `--since SEQ` also
-replays everything journalled after SEQ first (a restarting PLC bridge loses nothing).
+replays everything journalled after SEQ first (a restarting PLC bridge loses nothing), streamed record by record. A
+hole neither fills is reported on stderr as a gap with its reason: `gap: seq 120-340 on cam0 (221 results): rotated
+out of the journal` (or: a corrupt record, never journalled, no journal to fill it from).
 
 Also the Python side of subscribing that the demo, bridges, benches and tests use, so every consumer decodes through
 inspectd.protocol.messages and counts gaps the same way: `Subscriber` (the socket), `GapTracker` (holes in seq),
@@ -13,13 +15,13 @@ and `CatchUpSubscriber` (a Subscriber with the catch-up, what `inspectd subscrib
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -97,15 +99,40 @@ class Subscriber:
         self.close()
 
 
+# Why a hole in a camera's seq could not be filled: what `inspectd subscribe` and the bridge report with the gap.
+ROTATED = "rotated out of the journal"
+CORRUPT = "corrupt record"
+NOT_JOURNALLED = "not in the journal (never journalled: frames in flight at a daemon crash, or the journal was off)"
+NO_JOURNAL = "lost on the way (no journal to fill it from)"
+
+
+class Gap(NamedTuple):
+    """A hole in a camera's seq that neither the live stream nor the journal filled, and why."""
+
+    camera: str
+    first: int
+    last: int
+    reason: str
+
+    def describe(self) -> str:
+        count = self.last - self.first + 1
+        return f"gap: seq {self.first}-{self.last} on {self.camera} ({count} results): {self.reason}"
+
+
 class JournalCatchUp:
     """In-order delivery of a daemon's results, with every hole in a camera's seq filled from its journal.
 
-    Hand it each message as it arrives (`take`); it returns what to deliver now: a result whose seq follows the last
+    Hand it each message as it arrives (`take`); it yields what to deliver now: a result whose seq follows the last
     one delivered for its camera comes alone; one after a hole comes after the missed results read from the journal
     (the daemon journals every result before it publishes it, so a hole a subscriber sees is there unless rotated
     away); one already delivered (the journal and the live stream overlap at start) is dropped. `resume` first
-    delivers what was journalled after a known seq. What neither the stream nor the journal had is counted in
-    `gaps` (a GapTracker) and returned by `take` as `missed` ranges for the caller to report.
+    yields what was journalled after a known seq. Both read the journal one record at a time as the caller pulls
+    (a replay of any length costs one record of memory); a caller pulls one iterator dry before it starts the next.
+
+    What neither the stream nor the journal had is counted in `gaps` (a GapTracker) and listed in `missed` as a Gap
+    with its reason (rotated out of the journal, a corrupt record, never journalled) for the caller to report. A live
+    seq at or below the previous live seq of its camera means the daemon's numbering went back (restarted without its
+    journal, seqs reused after a power cut): it is delivered, not dropped as a duplicate, and listed in `backwards`.
 
     It does no I/O on sockets, so the blocking `CatchUpSubscriber` and the asyncio PLC bridge share it. Only results
     of topics starting with `topic`, and of `cameras` when given, are read from the journal. Without a `directory`
@@ -119,14 +146,18 @@ class JournalCatchUp:
         self.topic = topic
         self.cameras = None if cameras is None else set(cameras)
         self.delivered: dict[str, int] = {}  # camera -> last seq delivered
+        self.live: dict[str, int] = {}  # camera -> last seq that came on the live stream
         self.gaps = GapTracker()
         self.recovered = 0  # results fetched from the journal to fill holes in the live stream
         self.refused = 0  # journal records that did not decode (a result from a newer or broken writer)
-        self.missed: list[tuple[str, int, int]] = []  # (camera, first, last) of holes the journal could not fill
+        self.missed: list[Gap] = []  # holes the journal could not fill, with why
+        self.backwards: list[tuple[str, int, int]] = []  # (camera, previous live seq, the lower seq that came)
+        self._why: dict[str, list[str]] = {}  # camera -> what the journal read met since its last delivery
 
-    def resume(self, since: int | dict[str, int]) -> list[Result]:
-        """Everything journalled after `since` (one seq for every camera, or a seq per camera), camera by camera;
-        afterwards every camera counts as delivered up to there. InspectdError when the journal cannot be read."""
+    def resume(self, since: int | dict[str, int]) -> Iterator[Result]:
+        """Everything journalled after `since` (one seq for every camera, or a seq per camera), camera by camera, read
+        as it is pulled; every camera counts as delivered up to `since` at once. InspectdError when there is no
+        journal or its directory cannot be listed."""
         from inspectd.protocol import journal
 
         if self.directory is None:
@@ -134,57 +165,86 @@ class JournalCatchUp:
         wanted = self.cameras if self.cameras is not None else set(journal.cameras(self.directory))
         if isinstance(since, dict):
             wanted = {camera for camera in since if self.cameras is None or camera in self.cameras}
-        out: list[Result] = []
-        for camera in sorted(wanted):
+        for camera in wanted:
             last = since[camera] if isinstance(since, dict) else since
             self.delivered[camera] = max(self.delivered.get(camera, last), last)
             self.gaps.last.setdefault(camera, last)  # a hole right after `since` is a gap too
-            out += self._deliver(self._journalled(camera, self.delivered[camera], None))
-        return out
+        return self._resume(sorted(wanted))
 
-    def take(self, message: Result | dict[str, Any]) -> list[Result | dict[str, Any]]:
+    def _resume(self, cameras: list[str]) -> Iterator[Result]:
+        for camera in cameras:
+            for result in self._journalled(camera, self.delivered[camera], None):
+                yield self._deliver(result)
+
+    def take(self, message: Result | dict[str, Any]) -> Iterator[Result | dict[str, Any]]:
         """What to deliver now that `message` arrived, in order (status messages pass straight through)."""
         if not isinstance(message, Result):
-            return [message]
-        last = self.delivered.get(message.camera)
+            yield message
+            return
+        camera = message.camera
+        previous = self.live.get(camera)
+        self.live[camera] = message.seq
+        if previous is not None and message.seq <= previous:
+            self.backwards.append((camera, previous, message.seq))
+            self.delivered[camera] = self.gaps.last[camera] = message.seq - 1  # a new numbering starts here
+        last = self.delivered.get(camera)
         if last is not None and message.seq <= last:
-            return []  # delivered already, from the journal
-        filled: list[Result] = []
-        fills = self.directory is not None and (self.cameras is None or message.camera in self.cameras)
-        if fills and last is not None and message.seq > last + 1:
-            try:
-                filled = self._journalled(message.camera, last, message.seq)
-            except InspectdError:
-                filled = []  # an unreadable journal leaves the hole a reported gap; the live stream goes on
-            self.recovered += len(filled)
-        return list(self._deliver([*filled, message]))
+            return  # delivered already, from the journal
+        if last is not None and message.seq > last + 1:
+            if self.directory is not None and (self.cameras is None or camera in self.cameras):
+                for result in self._journalled(camera, last, message.seq):
+                    self.recovered += 1
+                    yield self._deliver(result)
+            else:
+                self._why.setdefault(camera, []).append(NO_JOURNAL)
+        yield self._deliver(message)
 
-    def _journalled(self, camera: str, after: int, before: int | None) -> list[Result]:
+    def _journalled(self, camera: str, after: int, before: int | None) -> Iterator[Result]:
+        """The journalled results of `camera` after `after` (and before `before`), one record read at a time; what
+        the read meets on the way (a rotated segment, a corrupt stretch, an unreadable journal) is noted as the
+        reason for the hole it leaves."""
         from inspectd.protocol import journal
 
         assert self.directory is not None, "only called with a journal"
-        out = []
-        for seq, frames in journal.read_since(self.directory, camera, after):
-            if before is not None and seq >= before:
-                break
-            if not bytes(frames[0]).decode("ascii", "replace").startswith(self.topic):
-                continue
-            try:
-                message = decode(frames)
-            except MessageError:
-                self.refused += 1
-                continue
-            if isinstance(message, Result):
-                out.append(message)
-        return out
 
-    def _deliver(self, results: list[Result]) -> list[Result]:
-        for result in results:
-            self.delivered[result.camera] = result.seq
-            hole = self.gaps.see(result.camera, result.seq)
-            if hole is not None:
-                self.missed.append((result.camera, *hole))
-        return results
+        def why(reason: str) -> None:  # looked up each time: a delivery hands the camera's list over and starts anew
+            self._why.setdefault(camera, []).append(reason)
+
+        try:
+            segments = journal.segment_files(self.directory / camera)
+            if segments and segments[0][0] > after + 1:
+                why(ROTATED)  # the oldest segment kept starts after the hole: rotation took the start of it
+            records = journal.read_since(
+                self.directory,
+                camera,
+                after,
+                on_corrupt=lambda *_: why(CORRUPT),
+                on_rotated=lambda _: why(ROTATED),
+            )
+            for seq, frames in records:
+                if before is not None and seq >= before:
+                    return
+                if not bytes(frames[0]).decode("ascii", "replace").startswith(self.topic):
+                    continue
+                try:
+                    message = decode(frames)
+                except MessageError:
+                    self.refused += 1
+                    continue
+                if isinstance(message, Result):
+                    yield message
+        except (InspectdError, OSError) as exc:
+            # The hole stays a reported gap with this reason; the live stream goes on.
+            why(f"journal unreadable ({exc})")
+
+    def _deliver(self, result: Result) -> Result:
+        self.delivered[result.camera] = result.seq
+        hole = self.gaps.see(result.camera, result.seq)
+        why = self._why.pop(result.camera, [])
+        if hole is not None:
+            default = NOT_JOURNALLED if self.directory is not None else NO_JOURNAL
+            self.missed.append(Gap(result.camera, *hole, "; ".join(dict.fromkeys(why)) or default))
+        return result
 
 
 class CatchUpSubscriber:
@@ -192,35 +252,38 @@ class CatchUpSubscriber:
 
     `start(since)` (optional) waits for the subscription to take hold (the first live message, at most `settle_s`)
     before it reads the journal, so everything journalled after that read is already queued on the socket and
-    nothing falls between the journal and the live stream; then `recv` as on a Subscriber.
+    nothing falls between the journal and the live stream; then `recv` as on a Subscriber. The replay is pulled one
+    result per `recv`: live messages wait on the socket meanwhile, and any the socket's limit drops are a hole the
+    journal fills when the replay is done.
     """
 
     def __init__(self, subscriber: Subscriber, catch_up: JournalCatchUp) -> None:
         self.subscriber = subscriber
         self.catch_up = catch_up
-        self._ready: deque = deque()
+        self._pending: Iterator[Result | dict[str, Any]] = iter(())
 
     def start(self, since: int | dict[str, int], settle_s: float = SETTLE_S) -> None:
         try:
             first = self.subscriber.recv(settle_s)
         except MessageError:
             first = None  # malformed, but the subscription is live: that is all this wait is for
-        self._ready.extend(self.catch_up.resume(since))
-        if first is not None:
-            self._ready.extend(self.catch_up.take(first))
+        replay = self.catch_up.resume(since)
+        self._pending = itertools.chain(replay, () if first is None else self.catch_up.take(first))
 
     def recv(self, timeout_s: float | None) -> Result | dict[str, Any] | None:
         """The next message to deliver; None when nothing arrives within `timeout_s`. MessageError as Subscriber."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not self._ready:
+        while True:
+            ready = next(self._pending, None)
+            if ready is not None:
+                return ready
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             message = self.subscriber.recv(left)
             if message is None:
                 return None
-            self._ready.extend(self.catch_up.take(message))
-            if deadline is not None and time.monotonic() >= deadline and not self._ready:
-                return None
-        return self._ready.popleft()
+            self._pending = self.catch_up.take(message)
+            if deadline is not None and time.monotonic() >= deadline:
+                return next(self._pending, None)
 
     def close(self) -> None:
         self.subscriber.close()
@@ -357,15 +420,20 @@ def run(args: argparse.Namespace) -> int:
                         print(json.dumps(message, separators=(",", ":")), flush=True)
                     continue
                 if source is subscriber:
-                    catch_up.take(message)  # no journal: the gap count only
+                    for _ in catch_up.take(message):  # no journal: the gap count and the reports only
+                        pass
                 received += 1
-                for camera, first, last in catch_up.missed:
+                for gap in catch_up.missed:
+                    print(gap.describe(), file=sys.stderr, flush=True)
+                catch_up.missed.clear()
+                for camera, previous, seq in catch_up.backwards:
                     print(
-                        f"gap: {camera} missed seq {first}..{last} ({last - first + 1} results)",
+                        f"seq went back on {camera}: {seq} after {previous} (the daemon restarted without its "
+                        "journal, or reused seqs after a power cut)",
                         file=sys.stderr,
                         flush=True,
                     )
-                catch_up.missed.clear()
+                catch_up.backwards.clear()
                 if args.save_masks is not None and message.mask_png is not None:
                     (args.save_masks / f"{message.camera}_{message.seq}.png").write_bytes(message.mask_png)
                 print(
