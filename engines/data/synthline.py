@@ -17,22 +17,34 @@ import cv2
 import numpy as np
 
 DEFECT_KINDS = ("scratch", "spot", "hole")
+# The line's own per-frame lighting variation: an overall level within +-LIGHTING_JITTER and a gradient across the
+# frame of up to +-2.5 x that at the edges. A loosely lit line; a station with controlled lighting is nearer 0.02.
+LIGHTING_JITTER = 0.1
 
 
 class SyntheticLine:
     """`next()` -> (uint8 HxW or HxWx3 image, bool HxW defect mask or None when the frame is defect-free)."""
 
     def __init__(
-        self, width: int = 256, height: int = 256, channels: int = 1, defect_rate: float = 0.2, seed: int = 0
+        self,
+        width: int = 256,
+        height: int = 256,
+        channels: int = 1,
+        defect_rate: float = 0.2,
+        seed: int = 0,
+        lighting_jitter: float = LIGHTING_JITTER,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels {channels}: expected 1 or 3")
+        if not 0.0 <= lighting_jitter <= 0.5:
+            raise ValueError(f"lighting_jitter {lighting_jitter}: expected 0..0.5")
         if not 0.0 <= defect_rate <= 1.0:
             raise ValueError(f"defect_rate {defect_rate}: expected 0..1")
         if width < 8 or height < 8:
             raise ValueError(f"size {width}x{height}: expected at least 8x8")
         self.width, self.height, self.channels = width, height, channels
         self.defect_rate = defect_rate
+        self.lighting_jitter = lighting_jitter
         self.rng = np.random.default_rng(seed)
         self._bank = self._make_texture_bank(2 * height, 2 * width)
         # Normalised coordinate ramps for the lighting gradient, centred so gain stays ~1 on average.
@@ -70,7 +82,8 @@ class SyntheticLine:
             base = base[::-1]
         if flip & 2:
             base = base[:, ::-1]
-        a, b, level = rng.uniform(-0.25, 0.25), rng.uniform(-0.25, 0.25), rng.uniform(0.9, 1.1)
+        jitter, slope = self.lighting_jitter, 2.5 * self.lighting_jitter
+        a, b, level = rng.uniform(-slope, slope), rng.uniform(-slope, slope), rng.uniform(1 - jitter, 1 + jitter)
         np.multiply(self._ys, a, out=self._gain)
         self._gain += self._xs * b
         self._gain += level

@@ -36,8 +36,11 @@ class SyntheticSource:
     count: Annotated[Int, Field(ge=0)] | None = None  # None: endless
     # raw frames, or encode+decode each one to exercise the decoder path
     encoding: Annotated[str, one_of(ENCODINGS)] = "raw"
+    # the line's own per-frame lighting variation (engines.data.synthline.LIGHTING_JITTER): level within +-this, a
+    # gradient up to 2.5x it; 0.1 is a loosely lit line, a station with controlled lighting is nearer 0.02
+    lighting_jitter: Annotated[Number, Field(ge=0, le=0.5)] = 0.1
     # frame index -> brightness gain from that frame on (1.0 before the first entry): {500: 1.5, 1000: 1.0} is half
-    # again as bright for frames 500..999. On top of the line's own +-10 % per-frame level.
+    # again as bright for frames 500..999. On top of the line's own per-frame level (lighting_jitter).
     lighting: dict[Annotated[Int, Field(ge=0)], Annotated[Number, Field(gt=0, le=10)]] = dataclasses.field(
         default_factory=dict
     )
@@ -53,7 +56,7 @@ class SyntheticLineSource(Source):
 
         s = cast(SyntheticSource, camera.source)  # the supervisor builds this class for kind synthetic only
         self.spec = s
-        self.line = SyntheticLine(s.width, s.height, s.channels, s.defect_rate, s.seed)
+        self.line = SyntheticLine(s.width, s.height, s.channels, s.defect_rate, s.seed, s.lighting_jitter)
         self.period = 1.0 / s.rate_hz
         self.produced = 0
         self._next_t = 0.0
