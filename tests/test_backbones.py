@@ -1,4 +1,4 @@
-"""Backbones: the Lite0 weight mapping classifies a real photo correctly; taps have the documented shapes; missing or
+"""Backbones: the Lite0/1/2 weight mappings classify a real photo correctly; taps have the documented shapes; missing or
 wrong weights are refused with one line naming the options; nothing is downloaded."""
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from engines.model.backbones import (
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_lite0_mapped_weights_classify_the_cat():
+@pytest.mark.parametrize("name", ["lite0", "lite1", "lite2"])
+def test_lite_mapped_weights_classify_the_cat(name):
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) provides the cat photo")
     cat = skimage_data.chelsea()  # RGB, 300x451: ImageNet tabby/tiger/Persian/Siamese/Egyptian cat = 281..285
     x = cv2.resize(cat, (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
-    x = torch.from_numpy((x - 0.5) / 0.5).permute(2, 0, 1).unsqueeze(0)  # Lite0 wants [-1, 1]
+    x = torch.from_numpy((x - 0.5) / 0.5).permute(2, 0, 1).unsqueeze(0)  # the Lite family wants [-1, 1]
     with torch.inference_mode():
-        top3 = create_classifier("lite0")(x).topk(3).indices[0].tolist()
+        top3 = create_classifier(name)(x).topk(3).indices[0].tolist()
     assert set(top3) & set(range(281, 286)), f"top-3 ImageNet classes {top3}, expected a cat (281-285)"
 
 

