@@ -315,6 +315,7 @@ class _Scored:
     defect: np.ndarray
     pixels: PixelHistograms | None  # when --pixel
     has_masks: bool
+    good_brightness: np.ndarray  # mean grey level of each good image as the model sees it (the drift reference)
 
 
 def _good_paths(folder: Path) -> list[Path]:
@@ -353,19 +354,26 @@ def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | No
     pixels = PixelHistograms() if args.pixel else None
     has_masks = bool(defective) and all(mask is not None for _, mask in defective)
     masks = [mask for _, mask in defective]
+    from engines.runtime.preprocess import fit_frame, mean_level
+
     scores = np.empty(len(good) + len(defective), dtype=np.float64)
+    brightness = np.empty(len(good), dtype=np.float64)
+    fitted = np.empty(bundle.input_shape, dtype=np.uint8)
     paths = good + [path for path, _ in defective]
     progress = Progress()
     progress.start(len(paths), "calibrate: images scored")
     for i, scored in enumerate(score_images(bundle, paths, backend=args.backend, batch=args.batch)):
         scores[i] = scored.score
+        if i < len(good):
+            fit_frame(scored.image, bundle.input_shape, bundle.resize_policy, out=fitted)
+            brightness[i] = mean_level(fitted)
         if pixels is not None and i < len(good):
             pixels.add(scored.frame_map, None, what=str(scored.path))
         elif pixels is not None and has_masks:
             pixels.add(scored.frame_map, load_mask(masks[i - len(good)], scored.frame_map.shape), what=str(scored.path))
         progress.update(i + 1)
     progress.finish()
-    return _Scored(scores[: len(good)], scores[len(good) :], pixels, has_masks)
+    return _Scored(scores[: len(good)], scores[len(good) :], pixels, has_masks, brightness)
 
 
 def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
@@ -509,9 +517,18 @@ def _calibrate(bundle, current, args, out):
         "n_defective": int(scored.defect.size),
         "model_id": bundle.model_id,
         **chosen,
+        # The drift alarm's references: the good images, as train and teach record their held-out ones.
+        thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(scored.good),
+        thresholds_doc.GOOD_BRIGHTNESS: thresholds_doc.good_score_reference(scored.good_brightness),
     }
     if args.camera:
         provenance["camera"] = args.camera
+        # The references describe every camera's good frames: one camera's images do not replace them.
+        for key in (thresholds_doc.GOOD_SCORES, thresholds_doc.GOOD_BRIGHTNESS):
+            if key in current.provenance:
+                provenance[key] = current.provenance[key]
+            else:
+                provenance.pop(key)
         override = {"image_threshold": image, **({"pixel_threshold": pixel} if pixel is not None else {})}
         per_camera = {**current.per_camera, args.camera: override}
         return thresholds_doc.next_version(current, per_camera=per_camera, provenance=provenance)

@@ -38,7 +38,7 @@ from engines.data.images import list_images, load_image, split_holdout
 from engines.errors import BundleError, DataError, EngineError
 from engines.runtime import open_engine
 from engines.runtime.features import FeatureExtractor
-from engines.runtime.preprocess import fit_frame
+from engines.runtime.preprocess import fit_frame, mean_level
 from engines.runtime.scorer_fit import fit_scorer
 
 DEFAULT_HOLDOUT = 0.2
@@ -167,6 +167,7 @@ def teach(
         "target": {"kind": "false_reject", "value": fr_target},
         "observed": {"false_reject_upper_95": fr.upper_bound, "exceedances": fr.exceedances},
         thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(new_scores),
+        thresholds_doc.GOOD_BRIGHTNESS: thresholds_doc.good_score_reference([mean_level(frame) for frame in held]),
     }
     thresholds = thresholds_doc.next_version(
         current, image_threshold=fr.threshold, pixel_threshold=pixel, provenance=provenance

@@ -178,6 +178,16 @@ def test_good_only_calibration_writes_the_next_version_with_provenance(bundle, d
     assert prov["target"]["kind"] == "false_reject" and prov["target"]["value"] == 0.01
     assert prov["tool"].startswith("inspectd calibrate") and prov["time"]
     assert prov["observed"]["warning"] == "too few good frames for the target"
+    # The drift alarm's references: the same good frames' scores, and their grey level as the model sees them.
+    from engines.bundle.thresholds import GOOD_BRIGHTNESS, reference_scores
+    from engines.data.images import load_image
+    from engines.runtime.preprocess import fit_frame, mean_level
+
+    assert reference_scores(after) == (6, sorted(float(f"{score:.7g}") for score in good))
+    shape, policy = load_bundle(bundle).input_shape, load_bundle(bundle).resize_policy
+    paths = sorted((data / "test" / "good").iterdir())
+    levels = [mean_level(fit_frame(load_image(path), shape, policy)[0]) for path in paths]
+    assert reference_scores(after, GOOD_BRIGHTNESS) == (6, sorted(float(f"{v:.7g}") for v in levels))
 
 
 def test_defects_give_escape_and_f1_thresholds_with_a_confusion_matrix(bundle, data, capsys):
@@ -224,6 +234,9 @@ def test_camera_override_then_rollback_restores_values_at_a_higher_version(bundl
     assert v3.image_threshold == v2.image_threshold  # the global value is untouched
     assert v3.for_camera("cam7")[0] < v2.image_threshold  # 70 % allows one of 6 good frames above it: lower
     assert v3.for_camera("cam0") == (v2.image_threshold, v2.pixel_threshold)
+    # One camera's images do not replace the drift references of every camera.
+    assert v3.provenance["good_scores"] == v2.provenance["good_scores"]
+    assert v3.provenance["good_brightness"] == v2.provenance["good_brightness"]
 
     code, out, err = calibrate(capsys, bundle, "--rollback", v1.version)
     assert code == 0, err

@@ -23,6 +23,10 @@ MAX_HISTORY = 50
 # "quantiles": sorted scores}, the reference the daemon's score-drift alarm compares the line with. More than
 # REFERENCE_POINTS frames are kept as that many evenly spaced quantiles, so the document stays small.
 GOOD_SCORES = "good_scores"
+# provenance["good_brightness"]: the same for the mean grey level of those frames as the model saw them (fitted to its
+# input, engines.runtime.preprocess.mean_level), the reference of the alarm's brightness test: a lighting change the
+# model's score is robust to still shows there.
+GOOD_BRIGHTNESS = "good_brightness"
 REFERENCE_POINTS = 200
 
 
@@ -54,7 +58,8 @@ class Thresholds:
 
 
 def good_score_reference(scores) -> dict[str, Any]:
-    """provenance["good_scores"] for the good frames' image `scores`."""
+    """provenance["good_scores"] for the good frames' image `scores` (or provenance["good_brightness"] for their
+    mean grey levels)."""
     import numpy as np
 
     values = np.sort(np.asarray(scores, dtype=np.float64).ravel())
@@ -63,10 +68,10 @@ def good_score_reference(scores) -> dict[str, Any]:
     return {"n": int(np.asarray(scores).size), "quantiles": [float(f"{v:.7g}") for v in values]}
 
 
-def reference_scores(thresholds: Thresholds) -> tuple[int, list[float]] | None:
-    """(frames, sorted reference scores) from provenance["good_scores"], or None when the document has none (set
-    before it was recorded) or it is malformed."""
-    reference = thresholds.provenance.get(GOOD_SCORES)
+def reference_scores(thresholds: Thresholds, key: str = GOOD_SCORES) -> tuple[int, list[float]] | None:
+    """(frames, sorted reference values) from provenance[key] (GOOD_SCORES or GOOD_BRIGHTNESS), or None when the
+    document has none (set before it was recorded) or it is malformed."""
+    reference = thresholds.provenance.get(key)
     if not isinstance(reference, dict):
         return None
     n, values = reference.get("n"), reference.get("quantiles")

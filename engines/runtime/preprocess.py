@@ -69,3 +69,10 @@ def fit_frame(
         out[...] = int(frame.mean())
     target[...] = frame.reshape(target.shape)
     return out, placement
+
+
+def mean_level(pixels: np.ndarray) -> float:
+    """The mean grey level of a fitted model input (uint8 H x W x C), over all its pixels and channels: what the
+    drift alarm's brightness test compares with its reference. OpenCV's mean, a few microseconds at 256x256."""
+    channels = pixels.shape[2] if pixels.ndim == 3 else 1
+    return float(sum(cv2.mean(pixels)[:channels]) / channels)

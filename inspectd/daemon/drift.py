@@ -1,29 +1,41 @@
-"""The score-drift alarm: per camera, do the scores of the frames judged good still look like the good scores the
-thresholds were set on?
+"""The score-drift alarm: per camera, do the frames judged good still look like the good frames the thresholds were
+set on?
 
-Reference: the thresholds document's provenance["good_scores"] (engines.bundle.thresholds: the held-out good scores
-of train, calibrate or teach, n frames). Window: the last WINDOW scores of frames this camera judged `ok`.
+Two tests, each against a reference in the thresholds document's provenance (engines.bundle.thresholds: the held-out
+good frames of train, calibrate or teach, n frames), each over a window of the last WINDOW frames this camera judged
+`ok`:
 
-Test: the two-sample Kolmogorov-Smirnov statistic D = max |F_window - F_reference| over the pooled scores, run every
+- score: their image scores against provenance["good_scores"];
+- brightness: their mean grey level as the model saw them (engines.runtime.preprocess.mean_level) against
+  provenance["good_brightness"] (written by calibrate and teach; without it this test is inactive). A model is
+  built to be robust to lighting, so a change of a tenth in brightness barely moves its score (on the synthetic
+  line: by 0.05 to 0.07 of the score's spread, which no window of a few hundred frames can tell from chance), yet
+  it is a change of the station worth knowing of before it grows; under controlled lighting it moves the mean grey
+  level by several times that level's own spread.
+
+Test: the two-sample Kolmogorov-Smirnov statistic D = max |F_window - F_reference| over the pooled values, run every
 CHECK_EVERY good frames once the window holds MIN_SAMPLES. Its critical value at level a is
-c(a) * sqrt((n + m) / (n m)) with c(a) = sqrt(-ln(a / 2) / 2) (the asymptotic one; n window scores, m reference
-frames). The alarm RAISES when D exceeds the critical value at RAISE_ALPHA and CLEARS only when D falls below the one
-at CLEAR_ALPHA (a lower value): hysteresis, so a window on the edge does not flap. RAISE_ALPHA is small because the
-test runs hundreds of times an hour on overlapping windows; the soak (an hour of unchanged frames) must stay quiet.
-Lighting, lens, focus and material changes move the whole distribution, which is what KS sees, long before most
-frames cross the threshold.
+c(a) * sqrt((n + m) / (n m)) with c(a) = sqrt(-ln(a / 2) / 2) (the asymptotic one; n window values, m reference
+frames). A test RAISES when D exceeds the critical value at RAISE_ALPHA and CLEARS only when D falls below the one at
+CLEAR_ALPHA (a lower value): hysteresis, so a window on the edge does not flap. The alarm is up while either test is
+raised. False alarms: on an unchanged line (frames independent, the reference drawn from the same line) each check
+raises with probability at most RAISE_ALPHA, so by the union bound an hour at 10 good frames/s (3600 checks of each
+of the two tests) raises at most 2 x 3600 x 1e-6 = 0.7 % of hours, and a day at that rate 17 % of days at most; the
+soak (deploy/soak.py --drift) runs an hour of frames and must stay quiet. Lighting, lens, focus and material changes
+move the whole distribution, which is what KS sees, long before most frames cross the threshold.
 
-False-reject warning: the rate a normal distribution fitted to the window puts at or above the image threshold (an
-estimate of the tail from the window's mean and spread, stated as such). Its baseline is the larger of the calibrated
-target (provenance["target"] when it is a false-reject target, else DEFAULT_FALSE_REJECT_TARGET) and the same estimate
-made on the reference scores: a threshold set at the top of a few held-out scores makes the normal tail of those very
-scores exceed the target already, and an unchanged line must not warn. A tail this far out estimated from WINDOW scores
-is noisy (on the unchanged synthetic line it wanders between 0.5x and 3x the baseline), so the warning rises only when
-the estimate exceeds WARNING_FACTOR x the baseline and falls when it is back below half that, so it does not flap.
+False-reject warning: the rate a normal distribution fitted to the score window puts at or above the image threshold
+(an estimate of the tail from the window's mean and spread, stated as such). Its baseline is the larger of the
+calibrated target (provenance["target"] when it is a false-reject target, else DEFAULT_FALSE_REJECT_TARGET) and the
+same estimate made on the reference scores: a threshold set at the top of a few held-out scores makes the normal tail
+of those very scores exceed the target already, and an unchanged line must not warn. A tail this far out estimated
+from WINDOW scores is noisy (on the unchanged synthetic line it wanders between 0.5x and 3x the baseline), so the
+warning rises only when the estimate exceeds WARNING_FACTOR x the baseline and falls when it is back below half that,
+so it does not flap.
 
 The daemon (inspectd.daemon.service) keeps one monitor per camera, builds a fresh one whenever the model or the
 thresholds change (reload, set_thresholds, rollback: a new reference), and reports `status()` in its status, metrics,
-log and status messages, which is where the PLC bridges take their drift bit from.
+log and status messages, which is where the PLC bridges take their drift and false-reject warning bits from.
 """
 
 from __future__ import annotations
@@ -64,26 +76,64 @@ def ks_critical(alpha: float, n: int, m: int) -> float:
     return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
 
 
+class KsTest:
+    """One test: a window of values against a sorted reference of m frames, with hysteresis."""
+
+    def __init__(self, reference: tuple[int, list[float]] | None, window: int) -> None:
+        self.active = reference is not None
+        self.m = reference[0] if reference else 0
+        self.reference = np.asarray(reference[1] if reference else [], dtype=np.float64)
+        self.values: collections.deque[float] = collections.deque(maxlen=window)
+        self.alarm = False
+        self.statistic: float | None = None  # D of the last check
+        self.raise_at: float | None = None  # the critical value it is compared with
+
+    def add(self, value: float | None) -> None:
+        if self.active and value is not None and math.isfinite(value):
+            self.values.append(value)
+
+    def window(self) -> np.ndarray:
+        return np.sort(np.fromiter(self.values, dtype=np.float64))
+
+    def check(self, window: np.ndarray) -> str | None:
+        n = window.size
+        self.statistic = ks_statistic(window, self.reference)
+        self.raise_at = ks_critical(RAISE_ALPHA, n, self.m)
+        if not self.alarm and self.statistic > self.raise_at:
+            self.alarm = True
+            return "raised"
+        if self.alarm and self.statistic < ks_critical(CLEAR_ALPHA, n, self.m):
+            self.alarm = False
+            return "cleared"
+        return None
+
+
 @dataclasses.dataclass
 class DriftState:
-    alarm: bool = False
-    statistic: float | None = None  # D of the last check
+    alarm: bool = False  # either test raised
+    statistic: float | None = None  # the score test's D of the last check
     raise_at: float | None = None  # the critical value it is compared with
     samples: int = 0
     false_reject_estimate: float | None = None
     false_reject_warning: bool = False
+    score_alarm: bool = False
+    brightness_active: bool = False
+    brightness_alarm: bool = False
+    brightness_statistic: float | None = None
+    brightness_raise_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for key in ("statistic", "raise_at", "false_reject_estimate"):
+        for key in ("statistic", "raise_at", "false_reject_estimate", "brightness_statistic", "brightness_raise_at"):
             if out[key] is not None:
                 out[key] = round(out[key], 6)
         return out
 
 
 class DriftMonitor:
-    """One camera's window and alarm. `add(score)` for every frame judged ok; returns "raised"/"cleared" when the
-    alarm changes, else None. Inactive (never alarms, status says so) without a reference."""
+    """One camera's windows and alarm. `add(score, brightness)` for every frame judged ok; returns "raised"/"cleared"
+    when the alarm changes, else None. Inactive (never alarms, status says so) without a score reference; the
+    brightness test is inactive without its own."""
 
     def __init__(
         self,
@@ -93,47 +143,52 @@ class DriftMonitor:
         window: int = WINDOW,
         min_samples: int = MIN_SAMPLES,
         check_every: int = CHECK_EVERY,
+        brightness_reference: tuple[int, list[float]] | None = None,
     ) -> None:
         self.active = reference is not None
-        self.m = reference[0] if reference else 0
-        self.reference = np.asarray(reference[1] if reference else [], dtype=np.float64)
+        self.score = KsTest(reference, window)
+        self.brightness = KsTest(brightness_reference if self.active else None, window)
+        self.m = self.score.m
+        self.reference = self.score.reference
         self.threshold = threshold
         self.target = target
         self.warn_above = WARNING_FACTOR * max(target, normal_tail(self.reference, threshold))
-        self.scores: collections.deque[float] = collections.deque(maxlen=window)
         self.min_samples = min(min_samples, window)
         self.check_every = check_every
         self.since_check = 0
-        self.state = DriftState()
+        self.state = DriftState(brightness_active=self.brightness.active)
 
-    def add(self, score: float) -> str | None:
+    def add(self, score: float, brightness: float | None = None) -> str | None:
         if not self.active or not math.isfinite(score):
             return None
-        self.scores.append(score)
+        self.score.add(score)
+        self.brightness.add(brightness)
         self.since_check += 1
-        if len(self.scores) < self.min_samples or self.since_check < self.check_every:
+        if len(self.score.values) < self.min_samples or self.since_check < self.check_every:
             return None
         self.since_check = 0
         return self.check()
 
     def check(self) -> str | None:
-        window = np.sort(np.fromiter(self.scores, dtype=np.float64))
-        n = window.size
+        window = self.score.window()
         state = self.state
-        state.samples = n
-        state.statistic = ks_statistic(window, self.reference)
-        state.raise_at = ks_critical(RAISE_ALPHA, n, self.m)
+        was = state.alarm
+        state.samples = window.size
+        self.score.check(window)
+        state.statistic, state.raise_at, state.score_alarm = self.score.statistic, self.score.raise_at, self.score.alarm
+        if self.brightness.active and len(self.brightness.values) >= self.min_samples:
+            self.brightness.check(self.brightness.window())
+            state.brightness_statistic = self.brightness.statistic
+            state.brightness_raise_at = self.brightness.raise_at
+            state.brightness_alarm = self.brightness.alarm
         state.false_reject_estimate = normal_tail(window, self.threshold)
         if state.false_reject_estimate > self.warn_above:
             state.false_reject_warning = True
         elif state.false_reject_estimate < self.warn_above / 2:
             state.false_reject_warning = False
-        if not state.alarm and state.statistic > state.raise_at:
-            state.alarm = True
-            return "raised"
-        if state.alarm and state.statistic < ks_critical(CLEAR_ALPHA, n, self.m):
-            state.alarm = False
-            return "cleared"
+        state.alarm = state.score_alarm or state.brightness_alarm
+        if state.alarm != was:
+            return "raised" if state.alarm else "cleared"
         return None
 
     def status(self) -> dict[str, Any]:
@@ -147,10 +202,15 @@ class DriftMonitor:
 
 def monitor_for(thresholds, camera: str) -> DriftMonitor:
     """The monitor for `camera` under `thresholds` (an engines.bundle.thresholds.Thresholds)."""
-    from engines.bundle.thresholds import reference_scores
+    from engines.bundle.thresholds import GOOD_BRIGHTNESS, reference_scores
 
     target = thresholds.provenance.get("target")
     rate = DEFAULT_FALSE_REJECT_TARGET
     if isinstance(target, dict) and target.get("kind") == "false_reject" and isinstance(target.get("value"), float):
         rate = target["value"]
-    return DriftMonitor(reference_scores(thresholds), thresholds.for_camera(camera)[0], rate)
+    return DriftMonitor(
+        reference_scores(thresholds),
+        thresholds.for_camera(camera)[0],
+        rate,
+        brightness_reference=reference_scores(thresholds, GOOD_BRIGHTNESS),
+    )

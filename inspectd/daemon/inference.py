@@ -33,6 +33,7 @@ import numpy as np
 from engines.errors import EngineError
 from engines.runtime import score_shift
 from engines.runtime.predictor import Predictor
+from engines.runtime.preprocess import mean_level
 from inspectd.daemon.frames import Frame
 from inspectd.protocol.messages import Region
 
@@ -154,6 +155,7 @@ class Judged:
     regions: list[Region]
     mask: np.ndarray | None  # bool [frame H, frame W] when it is to be published
     error: str | None = None
+    brightness: float | None = None  # mean grey level of the model input, for the drift alarm's brightness test
 
 
 class InferenceStage:
@@ -240,7 +242,10 @@ class InferenceStage:
             regions = _regions(binary, frame_map)
             if self.masks == "always" or (self.masks == "defects" and verdict == "defect"):
                 mask = binary.view(np.bool_)
-        return Judged(frame, verdict, score, image_thr, state.model_id, state.thresholds_version, regions, mask)
+        brightness = mean_level(predictor.pixels[row]) if verdict == "ok" else None
+        return Judged(
+            frame, verdict, score, image_thr, state.model_id, state.thresholds_version, regions, mask, None, brightness
+        )
 
 
 def _regions(binary: np.ndarray, frame_map: np.ndarray) -> list[Region]:

@@ -126,7 +126,7 @@ class _StatusCollector(Collector):
 DRIFT_GAUGES = (
     (
         "inspectd_drift_alarm",
-        "1 while the camera's good-frame scores have drifted from the calibration reference.",
+        "1 while the camera's good frames (scores or brightness) have drifted from the calibration reference.",
         "alarm",
     ),
     (
@@ -135,6 +135,11 @@ DRIFT_GAUGES = (
         "statistic",
     ),
     ("inspectd_drift_raise_at", "The D above which the drift alarm rises, for the window's size.", "raise_at"),
+    (
+        "inspectd_drift_brightness_statistic",
+        "KS statistic D of the good frames' mean grey level against the reference (last check).",
+        "brightness_statistic",
+    ),
     (
         "inspectd_drift_false_reject_estimate",
         "False-reject rate the good-score window implies (normal-tail estimate).",

@@ -13,8 +13,9 @@ Lifecycle:
            results, close the PUB socket with a short linger, exit 0, all within shutdown_timeout_s.
   watchdog WATCHDOG=1 is sent only while the pipeline makes progress (a batch finished recently, or nothing is waiting)
            and the inference stage is healthy; a stuck engine therefore gets the service restarted by systemd.
-  drift    every published `ok` score feeds its camera's score-drift monitor (inspectd.daemon.drift) on the publisher
-           thread; a new model or thresholds version starts a fresh monitor on that version's reference.
+  drift    every published `ok` score (and the mean grey level of its model input) feeds its camera's drift monitor
+           (inspectd.daemon.drift) on the publisher thread; a new model or thresholds version starts a fresh
+           monitor on that version's reference.
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ class Daemon:
         monitor = entry[1]
         with self._drift_lock:
             warned = monitor.state.false_reject_warning
-            change = monitor.add(float(judged.score))  # type: ignore[arg-type]
+            change = monitor.add(float(judged.score), judged.brightness)  # type: ignore[arg-type]
         fields = dict(
             camera=camera, seq=judged.frame.seq, model_id=key[0], thresholds_version=key[1], **monitor.status()
         )
