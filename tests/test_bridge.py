@@ -57,6 +57,7 @@ class Plc:
         self.received: list[dict] = []  # every result seen with result_valid raised, in order
         self.acking = threading.Event()
         self.acking.set()
+        self._reset = threading.Event()
         self._stop = threading.Event()
         self._program = threading.Thread(target=self._scan, daemon=True)
         self._program.start()
@@ -75,10 +76,20 @@ class Plc:
         words = [value >> 16, value & 0xFFFF] if name in ("inspection_id", "ack") else [value]
         assert not self.client.write_registers(REG[name], words, device_id=1).isError()
 
+    def reset(self) -> None:
+        """The PLC loses its memory (replaced, program reloaded, a cold start): every register 0 and the program
+        forgets the last id it consumed. Done by the scan thread, the only user of the client meanwhile."""
+        self._reset.set()
+        wait(lambda: not self._reset.is_set(), 5, "the PLC to reset its registers")
+
     def _scan(self) -> None:
         # A PLC scan cycle: on result_valid with an id it has not consumed yet, latch the result and echo its id.
         last = None
         while not self._stop.is_set():
+            if self._reset.is_set():
+                assert not self.client.write_registers(0, [0] * 32, device_id=1).isError()
+                last = None
+                self._reset.clear()
             try:
                 regs = self.registers()
             except Exception:  # noqa: BLE001 - server shutting down at the end of a test
@@ -459,20 +470,24 @@ def test_a_plc_that_goes_away_ends_the_bridge_with_one_line_for_the_service_mana
     assert out.strip().splitlines()[-1].startswith("inspectd bridge: PLC"), out
 
 
-def test_a_bridge_killed_mid_stream_and_restarted_hands_every_seq_to_the_plc_once_in_order(plc, daemon, tmp_path):
-    """SIGKILL of the bridge while results stream (as the daemon does it: journalled, then published); results keep
-    coming while it is down; the restarted bridge catches up from the journal, after the PLC's last inspection id."""
+def kill_and_restart(plc, daemon, tmp_path, how: str, reset: bool, hold_ack: bool = False):
+    """Results stream (as the daemon does it: journalled, then published, ~100 a second); the bridge is stopped with
+    `how` (SIGKILL or SIGTERM) mid-stream, results keep coming while it is down, the PLC's registers are reset when
+    `reset`, then a new bridge on the same state directory catches up. With `hold_ack` the kill comes while the PLC
+    holds back the ack of the result on it (the bridge's usual state: waiting for an ack). Returns (the ids the PLC
+    program consumed, in order; the count consumed before the kill; the two runs' log events)."""
     from inspectd.daemon.journal import Journal
 
     config = tmp_path / "bridge.yaml"
-    config.write_text("ack_timeout_ms: 5000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 1000\n")
+    # A queue far smaller than what piles up while the bridge is down: the catch-up must not overflow it.
+    config.write_text("ack_timeout_ms: 5000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 16\n")
     journal_dir = tmp_path / "journal"
     journal = Journal(journal_dir, max_bytes=1 << 24, fsync_interval_s=0.5)
     last = 300
-    published = []
+    published: list[int] = []
     stop = threading.Event()
 
-    def line() -> None:  # the daemon: every result journalled before it is published, ~100 a second
+    def line() -> None:
         for seq in range(1, last + 1):
             if stop.is_set():
                 return
@@ -484,16 +499,35 @@ def test_a_bridge_killed_mid_stream_and_restarted_hands_every_seq_to_the_plc_onc
                 daemon.status()
             time.sleep(0.01)
 
-    extra = ("--journal", str(journal_dir))
+    extra = ("--journal", str(journal_dir), "--state-dir", str(tmp_path / "state"))
     bridge = Bridge(daemon, plc, config, extra=extra)
     producer = threading.Thread(target=line, daemon=True)
     producer.start()
+    first_run: dict[str, dict] = {}
     try:
         wait(lambda: len(plc.received) >= 40, 20, "40 results handed over")
-        bridge.proc.kill()
-        bridge.proc.wait(10)
-        at_kill = len(published)
-        wait(lambda: len(published) >= at_kill + 50, 20, "50 results published while the bridge is down")
+        if hold_ack:
+            plc.acking.clear()
+            taken = len(plc.received)
+            wait(
+                lambda: (
+                    plc.field("inspection_id") > plc.received[taken - 1]["id"]
+                    and plc.field("status") & BIT["result_valid"]
+                ),
+                10,
+                "a result on the PLC waiting for its ack",
+            )
+        if how == "kill":
+            bridge.proc.kill()
+            bridge.proc.wait(10)
+        else:
+            first_run = bridge.stop()  # SIGTERM: a clean exit 0 within TimeoutStopSec
+        at_kill = len(plc.received)
+        down = len(published)
+        if reset:
+            plc.reset()
+        plc.acking.set()
+        wait(lambda: len(published) >= down + 50, 20, "50 results published while the bridge is down")
         bridge = Bridge(daemon, plc, config, extra=extra)
         producer.join(30)
         wait(lambda: plc.received and plc.received[-1]["id"] == last, 30, "the last result handed over")
@@ -502,7 +536,71 @@ def test_a_bridge_killed_mid_stream_and_restarted_hands_every_seq_to_the_plc_onc
         stop.set()
         events = bridge.stop()
         journal.close()
-    ids = [r["id"] for r in plc.received]
+    return [r["id"] for r in plc.received], at_kill, first_run, events
+
+
+@pytest.mark.parametrize(
+    "how, reset, hold_ack",
+    [("kill", False, False), ("term", False, False), ("kill", True, True), ("term", True, False)],
+    ids=["sigkill", "sigterm", "sigkill-plc-reset", "sigterm-plc-reset"],
+)
+def test_a_bridge_killed_mid_stream_and_restarted_hands_every_seq_to_the_plc_once_in_order(
+    plc, daemon, tmp_path, how, reset, hold_ack
+):
+    """The restarted bridge resumes after the later of the PLC's inspection id and the last id the PLC acknowledged
+    as the bridge's state file recorded it, replays the journal from there and goes live. With the PLC's registers
+    reset only the state file knows where to resume; a SIGTERM lets the result on the PLC finish its handshake."""
+    last = 300
+    ids, _, first_run, events = kill_and_restart(plc, daemon, tmp_path, how, reset, hold_ack)
     assert ids == list(range(1, last + 1)), [i for i in range(1, last + 1) if ids.count(i) != 1][:10]
-    assert events["journal_caught_up"]["results"] >= 50
-    assert events["bridge_stopped"]["sequence_gaps"] == 0
+    assert events["journal_resume"]["after"]["cam0"] >= 40
+    assert events["bridge_stopped"]["journal_replayed"] >= 50  # what was published while it was down
+    assert events["bridge_stopped"]["sequence_gaps"] == 0 and events["bridge_stopped"]["overflow_drops"] == 0
+    assert events["bridge_stopped"]["missed_acks"] == 0
+    if how == "term":
+        assert first_run["bridge_stopped"]["missed_acks"] == 0  # the stop waited for the ack, it did not give up
+    state = json.loads((tmp_path / "state" / "acked.json").read_text())
+    assert state == {"acked": {CAMERA: last}}
+
+
+def test_a_bridge_killed_at_any_instant_before_a_plc_reset_repeats_at_most_the_result_in_flight(plc, daemon, tmp_path):
+    """What the state file cannot know: the PLC took the result on it and acked, and the kill came before the bridge
+    read the ack and recorded it. With the PLC's registers intact its inspection id covers that; with them reset,
+    that one result (and only it) is handed over again."""
+    last = 300
+    ids, at_kill, _, events = kill_and_restart(plc, daemon, tmp_path, "kill", reset=True)
+    before, after = ids[:at_kill], ids[at_kill:]
+    assert before == list(range(1, at_kill + 1))
+    assert after[0] in (at_kill, at_kill + 1) and after == list(range(after[0], last + 1)), after[:5]
+    assert events["bridge_stopped"]["sequence_gaps"] == 0 and events["bridge_stopped"]["overflow_drops"] == 0
+
+
+def test_a_corrupt_state_file_is_refused_with_one_line_naming_it(plc, daemon, bridge_config, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "acked.json").write_text('{"acked": {"cam0": "twelve"}}')
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inspectd",
+            "bridge",
+            "modbus",
+            "--endpoint",
+            daemon.endpoint,
+            "--plc",
+            f"127.0.0.1:{plc.port}",
+            "--config",
+            str(bridge_config),
+            "--state-dir",
+            str(state),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and str(state / "acked.json") in line and "expected" in line, line

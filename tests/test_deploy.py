@@ -162,7 +162,7 @@ def test_the_daemon_unit_runs_a_command_the_cli_accepts_and_lets_it_write_where_
     assert "--config /etc/inspectd/%i.yaml" in template
 
 
-def test_the_bridge_unit_runs_a_command_the_cli_accepts_with_the_journal_the_daemon_writes():
+def test_the_bridge_unit_runs_a_command_the_cli_accepts_with_the_journal_the_daemon_writes(monkeypatch):
     from inspectd.cli import build_parser
     from inspectd.daemon.config import load_config
 
@@ -175,6 +175,8 @@ def test_the_bridge_unit_runs_a_command_the_cli_accepts_with_the_journal_the_dae
     )
     command = settings["ExecStart"][0].replace("$INSPECTD_BRIDGE_ARGS", env["INSPECTD_BRIDGE_ARGS"]).split()
     assert command[0] == "/opt/inspectd/venv/bin/inspectd"
+    state = Path("/var/lib") / settings["StateDirectory"][0]  # systemd exports it as STATE_DIRECTORY
+    monkeypatch.setenv("STATE_DIRECTORY", str(state))
     args = build_parser(command[1]).parse_args(command[1:])
     assert args.func.__module__ == "inspectd.clients.bridge"
     # The bridge's catch-up reads the journal the default daemon config writes, and may read it under the unit.
@@ -183,6 +185,8 @@ def test_the_bridge_unit_runs_a_command_the_cli_accepts_with_the_journal_the_dae
     assert _under(args.journal, settings["ReadOnlyPaths"])
     assert args.endpoint == daemon.publish.endpoint
     assert Path(args.config) == Path("/etc/inspectd/bridge.yaml")  # install.sh installs deploy/bridge.example.yaml
+    # Where it records what the PLC acknowledged: its own state directory, writable under ProtectSystem=strict.
+    assert Path(args.state_dir) == state and not _under(Path(args.state_dir), settings["ReadOnlyPaths"])
 
 
 def _namespace_reason() -> str | None:

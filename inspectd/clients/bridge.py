@@ -1,8 +1,11 @@
 """`inspectd bridge KIND`: subscribe to a daemon's results and hand each verdict to a PLC, one protocol per KIND.
 
-This module owns the process every protocol shares: the CLI, the ZeroMQ subscription, the journal catch-up after a
-restart, routing results to one handshake (inspectd.clients.handshake) per camera, the heartbeat, the daemon's
-health, and the shutdown on SIGTERM/SIGINT. A protocol is an adapter module listed in PROTOCOLS (Modbus TCP in
+This module owns the process every protocol shares: the CLI, the ZeroMQ subscription, the journal catch-up
+(inspectd.clients.subscribe.JournalCatchUp, the one `inspectd subscribe` runs: after a restart it replays what the
+journal holds after each camera's last handed-over id, and it fills every hole in the live stream from the journal),
+the record of what the PLC acknowledged (AckedState, a file in the bridge's state directory), routing results to one
+handshake (inspectd.clients.handshake) per camera, the heartbeat, the daemon's health, and the shutdown on
+SIGTERM/SIGINT. A protocol is an adapter module listed in PROTOCOLS (Modbus TCP in
 inspectd.clients.plc, OPC UA in inspectd.clients.opcua) with:
 
     add_arguments(parser)      its own options (the protocol's library is imported only when the PLC side opens)
@@ -19,10 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from inspectd.clients.subscribe import JournalCatchUp
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.messages import Result, decode
@@ -45,6 +53,7 @@ HELP = {
 DAEMON_SILENT_S = 3.0
 # With --journal: longest wait for the subscription to take hold (the first live message) before the journal is read.
 SETTLE_S = 5.0
+STATE_FILE = "acked.json"  # in --state-dir: the last inspection id the PLC acknowledged, per camera
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=Path,
             default=None,
             metavar="DIR",
-            help="the daemon's journal directory: after a restart, hand over what the PLC missed before going live",
+            help="the daemon's journal directory: after a restart, hand over what the PLC missed before going live, "
+            "and fill every hole in the live stream from it",
+        )
+        sub.add_argument(
+            "--state-dir",
+            type=Path,
+            default=os.environ.get("STATE_DIRECTORY") or None,
+            metavar="DIR",
+            help=f"where the bridge records the last id the PLC acknowledged per camera ({STATE_FILE}), so a restart "
+            "resumes after it even when the PLC's registers were reset (default: $STATE_DIRECTORY, set by systemd's "
+            "StateDirectory=; none: only the PLC's own inspection id)",
         )
         sub.add_argument(
             "--server-key",
@@ -100,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--server-key and --client-key: expected both (CurveZMQ) or neither")
         if args.journal is not None and not args.journal.is_dir():
             raise ConfigError(f"--journal {args.journal}: expected the daemon's journal directory")
+        acked = AckedState(None if args.state_dir is None else Path(args.state_dir))
         curve = None
         if args.server_key is not None:
             from inspectd.protocol.keys import curve_client
@@ -114,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from inspectd.clients.handshake import PlcError
 
     try:
-        return asyncio.run(_serve(protocol, config, args, curve))
+        return asyncio.run(_serve(protocol, config, args, curve, acked))
     except ModuleNotFoundError as exc:  # pymodbus, asyncua: the [plc] extra, imported when the PLC side opens
         print(f"inspectd bridge: needs the Python package {exc.name!r}: pip install 'inspectd[plc]'", file=sys.stderr)
         return 2
@@ -141,9 +161,14 @@ def _topic_camera(prefix: str) -> str | None:
 class Router:
     """Hands each result to its camera's handshake; a slot without a camera takes the first unknown camera."""
 
-    def __init__(self, handshakes: list) -> None:
+    def __init__(self, handshakes: list, acked: AckedState | None = None) -> None:
         self.handshakes = handshakes
+        self.acked = acked
         self.other_camera = 0
+
+    def handshake(self, camera: str):
+        """The handshake serving `camera`, None when none does (yet)."""
+        return next((h for h in self.handshakes if h.camera == camera), None)
 
     def route(self, result: Result) -> None:
         for handshake in self.handshakes:
@@ -153,6 +178,8 @@ class Router:
         for handshake in self.handshakes:
             if handshake.camera is None:
                 handshake.camera = result.camera
+                if self.acked is not None:
+                    handshake.adopt(self.acked.get(result.camera))
                 handshake.offer(result)
                 return
         self.other_camera += 1
@@ -173,33 +200,142 @@ class Router:
         return totals
 
 
-def _catch_up(directory: Path, handshakes: list, prefix: str, replayed: dict[str, int]) -> int:
-    """Offer every journalled result after the PLC's last inspection id, camera by camera; returns how many.
-    `replayed` gets each camera's last seq offered, so the same results arriving live are not offered twice."""
-    from inspectd.protocol import journal
+class AckedState:
+    """The last inspection id the PLC acknowledged, per camera, in `<directory>/acked.json`: the bridge's progress kept
+    outside the PLC, so a restart resumes after it even when the PLC's registers were reset (replaced, reloaded).
 
-    offered = 0
-    for handshake in handshakes:
-        if handshake.camera is None or handshake.last_id is None:
-            continue  # a fresh PLC (id 0) starts live; an unbound slot has no journal to read yet
-        try:
-            records = list(journal.read_since(directory, handshake.camera, handshake.last_id))
-        except InspectdError as exc:
-            log.warning("journal_unreadable", camera=handshake.camera, error=str(exc))
-            continue
-        for _, frames in records:
-            if not bytes(frames[0]).decode("ascii", "replace").startswith(prefix):
-                continue
+    Written after each ack, atomically (a temporary file, fsync, rename, fsync of the directory), so a kill or a power
+    cut leaves the previous record or the new one, never a torn one. Without a directory it records nothing."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.path = None if directory is None else directory / STATE_FILE
+        self.acked: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._failed: str | None = None
+        if directory is not None:
             try:
-                message = decode(frames)
-            except MessageError as exc:
-                log.warning("journal_record_refused", camera=handshake.camera, error=str(exc))
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--state-dir {directory}: cannot create ({exc.strerror or exc})") from None
+            self.acked = self._load()
+
+    def _load(self) -> dict[str, int]:
+        assert self.path is not None
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--state-dir: {self.path}: cannot read ({exc})") from None
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        acked = doc.get("acked") if isinstance(doc, dict) else None
+        if not isinstance(acked, dict) or not all(
+            isinstance(camera, str) and type(seq) is int and seq >= 0 for camera, seq in acked.items()
+        ):
+            raise ConfigError(
+                f'--state-dir: {self.path}: expected {{"acked": {{camera: inspection id}}}} as the bridge writes it; '
+                "move it away to resume after the PLC's own inspection ids"
+            )
+        return dict(acked)
+
+    def get(self, camera: str | None) -> int | None:
+        return None if camera is None else self.acked.get(camera)
+
+    async def record(self, camera: str, seq: int) -> None:
+        if self.path is None:
+            return
+        try:
+            await asyncio.to_thread(self._write, camera, seq)
+        except OSError as exc:
+            # The PLC's own inspection id still says where to resume while its registers last; say so once.
+            if str(exc) != self._failed:
+                self._failed = str(exc)
+                log.warning("acked_state_write_failed", path=str(self.path), error=str(exc))
+
+    def _write(self, camera: str, seq: int) -> None:
+        assert self.path is not None
+        with self._lock:
+            self.acked[camera] = seq
+            data = json.dumps({"acked": self.acked}, sort_keys=True).encode("utf-8")
+            temporary = self.path.with_name(STATE_FILE + ".tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.path)
+            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+
+class Feeder:
+    """Feeds each camera's handshake from a JournalCatchUp, pulling the journal only as fast as the PLC takes results.
+
+    Per camera: a replay or hole fill in progress (an iterator over the journal) is pulled while the handshake's
+    queue has room; a live result that arrives meanwhile waits as the camera's newest (a later one replaces it: the
+    one replaced is in the journal, and the hole fill before the newest fetches it). So a catch-up of any length costs
+    a queue of results, and nothing is dropped for lack of room. Without a journal, results go straight to the
+    handshake (whose full queue drops the oldest, counted as a gap)."""
+
+    def __init__(self, catch_up: JournalCatchUp, router: Router) -> None:
+        self.catch_up = catch_up
+        self.router = router
+        self.pending: dict[str, Iterator[Result | dict[str, Any]]] = {}
+        self.newest: dict[str, Result] = {}
+        self.replayed = 0  # results handed on from the replay after a restart
+
+    def resume(self, since: dict[str, int]) -> None:
+        for camera, seq in since.items():
+            self.pending[camera] = self._counted(camera, seq, self.catch_up.resume({camera: seq}))
+            self.pump(camera)
+
+    def _counted(self, camera: str, after: int, replay: Iterator[Result]) -> Iterator[Result]:
+        count = 0
+        for result in replay:
+            count += 1
+            self.replayed += 1
+            yield result
+        log.info("journal_caught_up", camera=camera, after=after, results=count)
+
+    def live(self, result: Result) -> None:
+        self.newest[result.camera] = result
+        self.pump(result.camera)
+
+    def room(self, handshake) -> None:
+        if handshake.camera is not None:
+            self.pump(handshake.camera)
+
+    def pump(self, camera: str) -> None:
+        bounded = self.catch_up.directory is not None
+        while True:
+            handshake = self.router.handshake(camera)
+            if bounded and handshake is not None and handshake.space() <= 0:
+                break
+            item = next(self.pending.get(camera, iter(())), None)
+            if item is None:
+                newest = self.newest.pop(camera, None)
+                if newest is None:
+                    break
+                self.pending[camera] = self.catch_up.take(newest)
                 continue
-            if isinstance(message, Result):
-                handshake.offer(message)
-                replayed[handshake.camera] = message.seq
-                offered += 1
-    return offered
+            if isinstance(item, Result):
+                self.router.route(item)
+        self._report()
+
+    def _report(self) -> None:
+        for gap in self.catch_up.missed:
+            log.warning("gap", camera=gap.camera, first=gap.first, last=gap.last, reason=gap.reason)
+        self.catch_up.missed.clear()
+        self.catch_up.backwards.clear()  # the handshake latches the alarm and logs sequence_backwards
 
 
 def daemon_drift(status: dict[str, Any], camera: str | None) -> bool:
@@ -210,19 +346,25 @@ def daemon_drift(status: dict[str, Any], camera: str | None) -> bool:
     return isinstance(drift, dict) and drift.get("alarm") is True
 
 
-async def _serve(protocol, config, args: argparse.Namespace, curve) -> int:
+async def _serve(protocol, config, args: argparse.Namespace, curve, acked: AckedState) -> int:
     from inspectd.clients.handshake import Handshake, PlcError
 
     prefix = args.topic
     link = await protocol.connect(config, args)
     try:
         handshakes = [
-            Handshake(target, config, camera or _topic_camera(prefix), log=lambda event, **kw: log.info(event, **kw))
+            Handshake(
+                target,
+                config,
+                camera or _topic_camera(prefix),
+                log=lambda event, **kw: log.info(event, **kw),
+                acked=acked.record,
+            )
             for camera, target in link.slots()
         ]
         for handshake in handshakes:
-            await handshake.start()
-        return await _bridge(handshakes, config, args, curve, protocol.describe(config, args))
+            await handshake.start(acked.get(handshake.camera))
+        return await _bridge(handshakes, config, args, curve, acked, protocol.describe(config, args))
     finally:
         try:
             await link.close()
@@ -230,11 +372,18 @@ async def _serve(protocol, config, args: argparse.Namespace, curve) -> int:
             pass
 
 
-async def _bridge(handshakes: list, config, args: argparse.Namespace, curve, plc: dict[str, Any]) -> int:
+async def _bridge(
+    handshakes: list, config, args: argparse.Namespace, curve, acked: AckedState, plc: dict[str, Any]
+) -> int:
     from inspectd.clients.handshake import PlcError
 
     prefix = args.topic
-    router = Router(handshakes)
+    router = Router(handshakes, acked)
+    bound = [h.camera for h in handshakes]
+    catch_up = JournalCatchUp(args.journal, prefix, None if None in bound else bound)
+    feeder = Feeder(catch_up, router)
+    for handshake in handshakes:
+        handshake.room = feeder.room
     context = zmq.asyncio.Context()
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -250,8 +399,15 @@ async def _bridge(handshakes: list, config, args: argparse.Namespace, curve, plc
         loop.add_signal_handler(sig, stop.set)
     last_heard = [-DAEMON_SILENT_S]
     healthy = [True]
-    replayed: dict[str, int] = {}  # camera -> last seq handed from the journal
-    log.info("bridge_started", endpoint=args.endpoint, topic=prefix, cameras=[h.camera for h in handshakes], **plc)
+    log.info(
+        "bridge_started",
+        endpoint=args.endpoint,
+        topic=prefix,
+        cameras=bound,
+        journal=None if args.journal is None else str(args.journal),
+        acked_state=None if acked.path is None else str(acked.path),
+        **plc,
+    )
 
     def take(frames: list[bytes]) -> None:
         last_heard[0] = time.monotonic()
@@ -261,9 +417,7 @@ async def _bridge(handshakes: list, config, args: argparse.Namespace, curve, plc
             log.warning("message_refused", error=str(exc))
             return
         if isinstance(message, Result):
-            if message.seq <= replayed.get(message.camera, -1):
-                return  # queued on the socket while the journal was read, and offered from there already
-            router.route(message)
+            feeder.live(message)
         else:
             if message.get("healthy") is not None:
                 healthy[0] = bool(message["healthy"])
@@ -277,8 +431,12 @@ async def _bridge(handshakes: list, config, args: argparse.Namespace, curve, plc
         first = None
         if await sub.poll(SETTLE_S * 1000):
             first = await sub.recv_multipart()
-        caught_up = _catch_up(args.journal, handshakes, prefix, replayed)
-        log.info("journal_caught_up", journal=str(args.journal), results=caught_up)
+        since = {h.camera: h.last_id for h in handshakes if h.camera is not None and h.last_id is not None}
+        try:
+            feeder.resume(since)
+        except InspectdError as exc:
+            log.warning("journal_unreadable", journal=str(args.journal), error=str(exc))
+        log.info("journal_resume", journal=str(args.journal), after=since)
         if first is not None:
             take(first)
 
@@ -299,10 +457,16 @@ async def _bridge(handshakes: list, config, args: argparse.Namespace, curve, plc
             except asyncio.TimeoutError:
                 pass
 
-    tasks = [asyncio.ensure_future(t) for t in (receive(), tick(), *(h.run(stop) for h in handshakes))]
+    runs = [asyncio.ensure_future(h.run(stop)) for h in handshakes]
+    tasks = [asyncio.ensure_future(receive()), asyncio.ensure_future(tick()), *runs]
     stopper = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     failure = next((t.exception() for t in done if t is not stopper and t.exception()), None)
+    if failure is None:
+        # A stop lets the result on the PLC finish its handshake (its ack is recorded), then no new one starts.
+        stop.set()
+        await asyncio.wait(runs, timeout=config.ack_timeout_ms / 1000 + 1.0)
+        failure = next((t.exception() for t in runs if t.done() and not t.cancelled() and t.exception()), None)
     for task in [*tasks, stopper]:
         task.cancel()
     await asyncio.gather(*tasks, stopper, return_exceptions=True)
@@ -314,7 +478,13 @@ async def _bridge(handshakes: list, config, args: argparse.Namespace, curve, plc
             pass
     sub.close()
     context.term()
-    log.info("bridge_stopped", **router.counters())
+    log.info(
+        "bridge_stopped",
+        journal_replayed=feeder.replayed,
+        journal_recovered=catch_up.recovered,
+        gaps_unfilled=sum(catch_up.gaps.missed.values()),
+        **router.counters(),
+    )
     if failure is not None:
         raise failure
     return 0

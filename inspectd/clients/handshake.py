@@ -14,9 +14,14 @@ A protocol (Modbus in inspectd.clients.plc, OPC UA in inspectd.clients.opcua) is
 Results arriving meanwhile are queued (queue_size); on overflow the OLDEST is dropped and, since the PLC then sees a
 jump in inspection ids, counted in sequence_gaps and latched in alarm like any other gap.
 
-Restart rule: on start the bridge reads the target's inspection_id and drops result_valid. Results with seq <= that id
-are stale (handed over already, or replayed) and skipped; an id of 0 means a fresh PLC and skips nothing. Per camera
-seq never goes back (the daemon resumes it from its journal), so this skips only replays.
+Restart rule: on start the bridge reads the target's inspection_id and drops result_valid. Results with seq <= that id,
+or <= the last id the PLC acknowledged as the bridge's own state file recorded it (`acked`, kept outside the PLC so a
+PLC whose registers were reset does not get everything again), are stale (handed over already, or replayed) and
+skipped; an id of 0 with no recorded ack means a fresh PLC and skips nothing. Per camera seq never goes back (the
+daemon resumes it from its journal), so this skips only replays.
+
+Stopping (SIGTERM) lets the result on the PLC finish its handshake (its ack, at most ack_timeout_ms) before the bridge
+drops result_valid, so what the PLC took is recorded as acknowledged and not handed over again after the restart.
 
 Status flags besides the result's own: trigger_ready (the daemon is heard from and says it is healthy),
 daemon_unhealthy (its status message says healthy: false), drift (the daemon's score-drift alarm for this camera,
@@ -30,7 +35,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Protocol
 
 from pydantic import Field
@@ -92,11 +97,15 @@ class Handshake:
         settings: HandshakeSettings,
         camera: str | None,
         log: Callable[..., None] | None = None,
+        acked: Callable[[str, int], Awaitable[None]] | None = None,
+        room: Callable[[Handshake], None] | None = None,
     ) -> None:
         self.target = target
         self.settings = settings
         self.camera = camera  # None until the bridge binds it to the first camera whose result arrives
         self.log = log or (lambda event, **kw: None)
+        self.acked = acked  # awaited with (camera, inspection id) once the PLC acknowledged that id
+        self.room = room  # called when a result leaves the queue: whoever feeds it may offer more
         self.queue: collections.deque[Result] = collections.deque()
         self._arrived = asyncio.Event()
         self.counters = Counters()
@@ -109,13 +118,30 @@ class Handshake:
         self.drift = False  # the daemon's drift alarm for this camera, as its last status message said
         self.written_status: Status | None = None
 
-    async def start(self) -> None:
-        """Adopt the PLC's last inspection id (restart rule) and drop result_valid until a fresh result."""
+    async def start(self, acked: int | None = None) -> None:
+        """Adopt the PLC's last inspection id, or the last id it acknowledged as recorded outside it (`acked`),
+        whichever is later (restart rule), and drop result_valid until a fresh result."""
         plc_id = await self.target.read("inspection_id")
-        self.last_id = plc_id or None
+        self.last_id = max(plc_id, acked or 0) or None
         self.alarm = bool(await self.target.read("alarm"))  # a latched alarm survives a bridge restart
         await self._write_status(force=True)
-        self.log("plc_adopted", camera=self.camera, inspection_id=plc_id, alarm=self.alarm)
+        self.log(
+            "plc_adopted",
+            camera=self.camera,
+            inspection_id=plc_id,
+            recorded_ack=acked,
+            resume_after=self.last_id,
+            alarm=self.alarm,
+        )
+
+    def adopt(self, acked: int | None) -> None:
+        """The recorded ack of the camera an unbound slot was just bound to (restart rule, as in `start`)."""
+        if acked:
+            self.last_id = max(self.last_id or 0, acked)
+
+    def space(self) -> int:
+        """How many more results the queue takes before it drops the oldest."""
+        return self.settings.queue_size - len(self.queue)
 
     def offer(self, result: Result) -> None:
         """Called for each decoded result of this camera, on the event loop; never blocks."""
@@ -185,9 +211,12 @@ class Handshake:
                 waiter.cancel()
                 stopper.cancel()
                 continue
-            await self._hand_over(self.queue.popleft(), stop)
+            result = self.queue.popleft()
+            if self.room is not None:
+                self.room(self)
+            await self._hand_over(result)
 
-    async def _hand_over(self, result: Result, stop: asyncio.Event) -> None:
+    async def _hand_over(self, result: Result) -> None:
         seq = result.seq & 0xFFFFFFFF
         if self.last_id is not None and seq <= self.last_id:
             self.counters.stale_skipped += 1
@@ -217,8 +246,10 @@ class Handshake:
             last="status",
         )
         self.counters.written += 1
-        if await self._wait_ack(seq, stop):
+        if await self._wait_ack(seq):
             self.counters.acked += 1
+            if self.acked is not None and self.camera is not None:
+                await self.acked(self.camera, seq)
         else:
             self.counters.missed_acks += 1
             self.alarm = True
@@ -228,16 +259,16 @@ class Handshake:
         self.showing = None
         await self._write_status(force=True)
 
-    async def _wait_ack(self, seq: int, stop: asyncio.Event) -> bool:
+    async def _wait_ack(self, seq: int) -> bool:
+        # Not cut short by a stop: the PLC may be acting on this result, and its ack is what the restart resumes after.
         deadline = time.monotonic() + self.settings.ack_timeout_ms / 1000
-        while not stop.is_set():
+        while True:
             if await self.target.read("ack") == seq:
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             await asyncio.sleep(min(self.settings.poll_ms / 1000, remaining))
-        return False
 
     async def shutdown(self) -> None:
         """Leave the PLC nothing to act on: no valid result, not ready; a latched alarm stays."""
