@@ -19,6 +19,18 @@ Score drift: the status messages' cameras.<id>.drift give, per camera, whether t
 status seconds the drift alarm was up (an unchanged line should show 0). It counts as a failure only with
 --fail-on-drift: whether the soak's cameras (synthetic line seeds 0, 1, ...) look like the bundle's reference depends
 on the frames the bundle was calibrated on.
+
+Drift mode (--drift): does the drift alarm stay quiet over an hour of an unchanged line?
+
+    python deploy/soak.py --drift --bundle BUNDLE --frames 36000 --size 96 --lighting-jitter 0.02
+
+The bundle is copied into the workdir and taught (`inspectd teach`, the real command) on --teach-frames frames of the
+very line the daemon then runs (one synthetic camera, seed --seed, --lighting-jitter, --defect-rate), taken from past
+the frames the run streams so none is both reference and window; then one daemon streams --frames frames of that line
+(an hour at --line-rate frames/s) as fast as it takes them (queue policy block), without reloads (a reload starts the
+monitor afresh). It fails on any drift_raised or false_reject_warning_raised in the daemon's log, an alarm or warning
+in a status message, or a frame not published; the report gives the frames, the seconds, the frames/s, the load
+average before and after, and the largest D / critical value each test reached.
 """
 
 from __future__ import annotations
@@ -66,13 +78,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="journal cap; it must hold every result of the run for the no-loss check [1024]",
     )
     p.add_argument("--json", action="store_true", help="print the report as one JSON line at the end")
+    drift = p.add_argument_group("drift mode")
+    drift.add_argument("--drift", action="store_true", help="the drift soak: an hour of an unchanged line, no alarm")
+    drift.add_argument("--frames", type=int, default=36000, help="frames to stream [36000: an hour at 10/s]")
+    drift.add_argument("--line-rate", type=float, default=10.0, help="frames/s of the line the hour is counted at [10]")
+    drift.add_argument("--teach-frames", type=int, default=120, help="frames to teach on, half held out [120]")
+    drift.add_argument("--lighting-jitter", type=float, default=0.02, help="the line's own lighting variation [0.02]")
+    drift.add_argument("--defect-rate", type=float, default=0.0, help="share of frames with a planted defect [0]")
+    drift.add_argument("--seed", type=int, default=2, help="the synthetic line's seed [2]")
     args = p.parse_args(argv)
     args.workdir = args.workdir.resolve()  # the daemon resolves relative config paths against the config's folder
     return args
 
 
 class Daemon:
-    def __init__(self, args: argparse.Namespace, workdir: Path, rate: float, tag: str) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        workdir: Path,
+        rate: float,
+        tag: str,
+        bundle: Path | None = None,
+        cameras: list[dict] | None = None,
+        status_interval_s: float = 1.0,
+    ) -> None:
         shutil.rmtree(workdir / "state", ignore_errors=True)
         workdir.mkdir(parents=True, exist_ok=True)
         self.publish = f"ipc://{workdir}/pub.sock"
@@ -80,10 +109,11 @@ class Daemon:
         self.journal = workdir / "state" / "journal"
         config = {
             "station": "soak",
-            "model": {"bundle": str(args.bundle.resolve())},
+            "model": {"bundle": str((bundle or args.bundle).resolve())},
             "engine": {"backend": args.backend},
             "batching": {"max_batch": args.max_batch, "max_wait_ms": 10},
-            "cameras": [
+            "cameras": cameras
+            or [
                 {
                     "id": f"cam{i}",
                     "source": {
@@ -100,7 +130,7 @@ class Daemon:
             ],
             "publish": {
                 "endpoint": self.publish,
-                "status_interval_s": 1.0,
+                "status_interval_s": status_interval_s,
                 "sndhwm": 100000,
                 "journal": {"path": str(self.journal), "max_mb": args.journal_mb},
             },
@@ -292,8 +322,114 @@ def soak(args: argparse.Namespace) -> dict:
     }
 
 
+def drift_soak(args: argparse.Namespace) -> dict:
+    from engines.bundle.store import load_bundle
+    from engines.bundle.thresholds import reference_scores
+    from engines.data.synthline import SyntheticLine
+
+    workdir = args.workdir / "drift"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    line = SyntheticLine(args.size, args.size, 1, 0.0, args.seed, args.lighting_jitter)
+    for _ in range(args.frames):  # the run streams these: the reference comes from past them
+        line.next()
+    line.write_folder(workdir / "teach", args.teach_frames)
+    bundle = workdir / "bundle"
+    shutil.copytree(args.bundle, bundle)
+    teach = subprocess.run(
+        [sys.executable, "-m", "inspectd", "teach", str(bundle), "--good", str(workdir / "teach"), "--holdout", "0.5"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    if teach.returncode != 0:
+        raise SystemExit(f"soak: inspectd teach failed:\n{teach.stdout}{teach.stderr}")
+    source = {
+        "kind": "synthetic",
+        "rate_hz": 1_000_000.0,  # as fast as the station takes them: the queue blocks the source
+        "width": args.size,
+        "height": args.size,
+        "defect_rate": args.defect_rate,
+        "seed": args.seed,
+        "lighting_jitter": args.lighting_jitter,
+        "count": args.frames,
+    }
+    camera = {"id": "cam0", "source": source, "queue": {"size": 64, "policy": "block"}}
+    load_before = os.getloadavg()
+    # Status ten times a second: the drift figures are sampled from it (the log has every alarm change regardless).
+    d = Daemon(args, workdir / "run", rate=0.0, tag="drift", bundle=bundle, cameras=[camera], status_interval_s=0.1)
+    d.wait_ready()
+    t_start = time.monotonic()
+    last_seq = -1
+    worst = {"statistic": 0.0, "brightness_statistic": 0.0}  # largest D / its critical value, per test
+    alarm_s = warning_s = 0  # status messages showing the alarm / the warning
+    active = brightness_active = False
+    deadline = t_start + max(600.0, args.frames / 20.0)
+    while last_seq < args.frames - 1 and time.monotonic() < deadline and d.proc.poll() is None:
+        message = d.sub.recv(0.5)
+        if isinstance(message, Result):
+            last_seq = max(last_seq, message.seq)
+        elif isinstance(message, dict):
+            drift = message["cameras"].get("cam0", {}).get("drift") or {}
+            active = active or bool(drift.get("active"))
+            brightness_active = brightness_active or bool(drift.get("brightness_active"))
+            alarm_s += int(drift.get("alarm") is True)
+            warning_s += int(drift.get("false_reject_warning") is True)
+            for key, limit in (("statistic", "raise_at"), ("brightness_statistic", "brightness_raise_at")):
+                if drift.get(key) is not None and drift.get(limit):
+                    worst[key] = max(worst[key], drift[key] / drift[limit])
+    seconds = time.monotonic() - t_start
+    reference = reference_scores(load_bundle(bundle).thresholds())
+    reference_frames = reference[0] if reference else 0
+    final = d.control({"cmd": "status"})["cameras"]["cam0"]
+    stopped = d.stop()
+    d.sub.close()
+    events: dict[str, int] = {}
+    for line_text in d.log_path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line_text).get("event")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if event in ("drift_raised", "drift_cleared", "false_reject_warning_raised", "false_reject_warning_cleared"):
+            events[event] = events.get(event, 0) + 1
+    published = final["published"]
+    return {
+        "frames": args.frames,
+        "published": published,
+        "hour_at_line_rate": round(args.frames / args.line_rate / 3600.0, 3),
+        "seconds": round(seconds, 1),
+        "frames_per_s": round(published / seconds, 1) if seconds > 0 else None,
+        "load_before": [round(v, 2) for v in load_before],
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+        "lighting_jitter": args.lighting_jitter,
+        "defect_rate": args.defect_rate,
+        "defects": final["defects"],
+        "drift_active": active,
+        "brightness_active": brightness_active,
+        "reference_frames": reference_frames,
+        "drift_events": events,
+        "status_messages_with_alarm": alarm_s,
+        "status_messages_with_warning": warning_s,
+        "worst_score_d_over_raise_at": round(worst["statistic"], 3),
+        "worst_brightness_d_over_raise_at": round(worst["brightness_statistic"], 3),
+        "final_drift": final["drift"],
+        "clean_shutdown": bool(stopped.get("clean")),
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.drift:
+        report = drift_soak(args)
+        for key, value in report.items():
+            print(f"{key:34s} {value}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(report))
+        alarms = report["status_messages_with_alarm"] + report["status_messages_with_warning"]
+        quiet = not report["drift_events"] and not alarms
+        whole = report["published"] == args.frames and report["drift_active"] and report["brightness_active"]
+        return 0 if quiet and whole else 1
     report = soak(args)
     for key, value in report.items():
         print(f"{key:28s} {value}", file=sys.stderr)
