@@ -11,9 +11,18 @@ byte for byte. A share of the frames (split as training splits) is held out: the
 score it, the thresholds are recalibrated on it with `inspectd calibrate`'s false-reject rule, and its scores become
 the reference of the daemon's score-drift alarm.
 
-Versions: the taught bundle replaces BUNDLE in place (so a daemon's `reload` picks it up) with `bundle_version` one
-higher and a `teach` record (frames, time, who, what it replaced, the comparison); the bundle it replaced moves to
-BUNDLE.versions/v<N>. `--rollback` moves the current one there too and puts the version it was taught from back.
+Versions: the taught bundle has `bundle_version` one higher and a `teach` record (frames, time, who, what it
+replaced, the comparison). Where it goes depends on what BUNDLE is:
+
+- a symlink to a bundle directory (deploy's layout: bundles/current -> bundles/<name>): the new version is written
+  beside the directory the link points to, as <name>-v<N> (the name without an earlier -v<M>; a free name if that
+  one is taken), and the link is switched to it atomically (a new link renamed over the old one), so a daemon
+  reading BUNDLE sees the old version or the new one, never a half-written one; the old directory stays as it was.
+  `--rollback` switches the link back to the directory the version was taught from (the record's previous_dir).
+- a directory: the taught bundle replaces it in place (so a daemon's `reload` picks it up) and the bundle it
+  replaced moves to BUNDLE.versions/v<N>. `--rollback` moves the current one there too and puts the version it was
+  taught from back.
+
 `--apply` sends `reload` to the daemon, which swaps the model between batches (no frame is skipped, no seq gap).
 """
 
@@ -23,6 +32,7 @@ import argparse
 import getpass
 import hashlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -52,6 +62,32 @@ class TeachError(ValueError):
 
 def versions_dir(bundle_path: Path) -> Path:
     return bundle_path.with_name(bundle_path.name + VERSIONS_SUFFIX)
+
+
+def linked_dir(path: Path) -> Path | None:
+    """The bundle directory BUNDLE points to when it is a symlink, else None."""
+    return path.resolve() if path.is_symlink() else None
+
+
+def next_dir(target: Path, version: int) -> Path:
+    """A free name beside `target` for its taught version `version`: <name>-v<version>, then -2, -3, ..."""
+    base = re.sub(r"-v\d+(-\d+)?$", "", target.name)
+    candidate = target.with_name(f"{base}-v{version}")
+    k = 2
+    while candidate.exists() or candidate.is_symlink():
+        candidate = target.with_name(f"{base}-v{version}-{k}")
+        k += 1
+    return candidate
+
+
+def switch_link(link: Path, new_dir: Path) -> None:
+    """Point `link` at `new_dir` atomically, relative when it was relative (so the tree can be moved as a whole)."""
+    text = str(new_dir) if os.path.isabs(os.readlink(link)) else os.path.relpath(new_dir, link.parent.resolve())
+    fresh = link.with_name(f".{link.name}.new-{os.getpid()}")
+    if fresh.is_symlink() or fresh.exists():
+        fresh.unlink()
+    os.symlink(text, fresh)
+    os.replace(fresh, link)
 
 
 def bundle_version(bundle: Bundle) -> int:
@@ -173,10 +209,13 @@ def teach(
         current, image_threshold=fr.threshold, pixel_threshold=pixel, provenance=provenance
     )
     version = bundle_version(bundle) + 1
+    target = linked_dir(bundle_path)
     record = {
         "version": version,
         "previous_version": bundle_version(bundle),
         "previous_model_id": bundle.model_id,
+        # Linked: the directory (beside this one) the link pointed to, which --rollback points it back to.
+        **({"previous_dir": target.name} if target is not None else {}),
         "time": when,
         "by": who,
         "frames": {
@@ -202,12 +241,15 @@ def teach(
 def write_version(
     bundle: Bundle, params: dict[str, np.ndarray], thresholds, version: int, record: dict[str, Any]
 ) -> Bundle:
-    """Write BUNDLE's next version beside it, then swap: the current one moves to BUNDLE.versions/v<N>."""
+    """Write BUNDLE's next version, then switch: a linked BUNDLE to a new directory beside the one it points to, a
+    directory BUNDLE in place with the current one moved to BUNDLE.versions/v<N>."""
     path = bundle.path
     manifest = {k: v for k, v in bundle.manifest.items() if k not in ("model_id", "created", "files", "graph")}
     manifest["bundle_version"] = version
     manifest["teach"] = record
-    staging = path.with_name(f".{path.name}.teach-{os.getpid()}")
+    target = linked_dir(path)
+    beside = target if target is not None else path
+    staging = beside.with_name(f".{beside.name}.teach-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     write_bundle(staging, manifest, bundle.graph_path, params, bundle.weights(), thresholds)
     try:
@@ -217,6 +259,11 @@ def write_version(
         for name in bundle.manifest["files"]:
             if name not in (*REQUIRED_FILES, bundle.manifest["graph"]):
                 written.replace_file(name, (path / name).read_bytes(), add=True)
+        if target is not None:
+            new_dir = next_dir(target, version)
+            os.replace(staging, new_dir)
+            switch_link(path, new_dir)
+            return load_bundle(path)
         versions = versions_dir(path)
         versions.mkdir(exist_ok=True)
         keep = versions / f"v{bundle_version(bundle)}"
@@ -238,6 +285,22 @@ def rollback(bundle_path: str | Path, out=None) -> Bundle:
     record = bundle.manifest.get("teach")
     if not record:
         raise TeachError(f"{path}: version {bundle_version(bundle)} was not taught, expected a bundle from teach")
+    target = linked_dir(path)
+    if target is not None:
+        # Linked: point the link back; both directories stay. A version taught in place before the link was made
+        # has its previous one in the directory's own versions folder.
+        if record.get("previous_dir"):
+            previous = target.with_name(record["previous_dir"])
+        else:
+            previous = versions_dir(target) / f"v{record['previous_version']}"
+        if bundle_version(load_bundle(previous)) != record["previous_version"]:  # verified before the link moves
+            raise TeachError(f"{previous}: not version {record['previous_version']}, expected the one taught from")
+        switch_link(path, previous)
+        restored = load_bundle(path)
+        print(
+            f"{path}: rolled back to version {bundle_version(restored)} ({restored.model_id}) in {previous}", file=out
+        )
+        return restored
     previous = versions_dir(path) / f"v{record['previous_version']}"
     load_bundle(previous)  # verified before anything moves
     keep = versions_dir(path) / f"v{bundle_version(bundle)}"
@@ -254,10 +317,14 @@ def _report(out, bundle: Bundle, record: dict, warning: str | None, seconds: flo
     comparison = record["comparison"]
     current, taught = comparison["current"], comparison["taught"]
     frames = record["frames"]
+    if record.get("previous_dir"):
+        now = bundle.path.resolve()
+        where = f"the link now points to {now}; previous version in {now.with_name(record['previous_dir'])}"
+    else:
+        where = f"previous version in {versions_dir(bundle.path)}"
     print(
         f"{bundle.path}: version {record['version']} ({bundle.model_id}), {record['scorer']} refitted on "
-        f"{frames['n_fit']} frames in {seconds:.1f}s, {frames['n_holdout']} held out; previous version in "
-        f"{versions_dir(bundle.path)}",
+        f"{frames['n_fit']} frames in {seconds:.1f}s, {frames['n_holdout']} held out; {where}",
         file=out,
     )
     print(f"on the {comparison['frames']} held-out frames:", file=out)

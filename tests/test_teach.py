@@ -126,3 +126,48 @@ def test_a_bundle_without_the_feature_graph_gets_one_line(trained, good, tmp_pat
     assert "exactly one of --good" in capsys.readouterr().err
     assert teach.run(args(old, rollback=True)) == 2  # not a taught bundle
     assert "was not taught" in capsys.readouterr().err
+
+
+def test_a_linked_bundle_gets_its_new_version_beside_the_target_and_the_link_switches_back_and_forth(
+    trained, good, tmp_path
+):
+    """deploy's layout: bundles/current -> <name> (a relative link). teach writes <name>-v2 beside <name> and switches
+    the link atomically, leaving <name> as it was and nothing else in bundles/; --rollback points the link back; a
+    second teach finds <name>-v2 taken and picks a free name."""
+    import os
+    import shutil
+
+    from calibration.teach import rollback, teach
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    shutil.copytree(trained, bundles / "frozen-a")
+    (bundles / "current").symlink_to("frozen-a")
+    before = load_bundle(bundles / "frozen-a")
+
+    out = io.StringIO()
+    taught = teach(bundles / "current", good, holdout=HOLDOUT, by="tester", out=out)
+    assert os.readlink(bundles / "current") == "frozen-a-v2"  # still a relative link, now to the new directory
+    assert sorted(p.name for p in bundles.iterdir()) == ["current", "frozen-a", "frozen-a-v2"]
+    assert taught.manifest["bundle_version"] == 2 and taught.manifest["teach"]["previous_dir"] == "frozen-a"
+    untouched = load_bundle(bundles / "frozen-a")
+    assert untouched.manifest == before.manifest and untouched.model_id == before.model_id
+    assert load_bundle(bundles / "current").model_id == taught.model_id
+    assert str(bundles / "frozen-a-v2") in out.getvalue()
+
+    restored = rollback(bundles / "current", out=io.StringIO())
+    assert os.readlink(bundles / "current") == "frozen-a" and restored.model_id == before.model_id
+    assert sorted(p.name for p in bundles.iterdir()) == ["current", "frozen-a", "frozen-a-v2"]
+
+    teach(bundles / "current", good, holdout=HOLDOUT, by="tester", out=io.StringIO())
+    assert os.readlink(bundles / "current") == "frozen-a-v2-2"
+    assert load_bundle(bundles / "frozen-a-v2").model_id == taught.model_id  # the first taught version stays
+
+    absolute = tmp_path / "absolute"
+    absolute.symlink_to(bundles / "frozen-a")
+    teach(absolute, good, holdout=HOLDOUT, by="tester", out=io.StringIO())
+    assert os.readlink(absolute) == str(bundles / "frozen-a-v2-3")  # absolute stays absolute
+    assert rollback(absolute, out=io.StringIO()).model_id == before.model_id
+    assert os.readlink(absolute) == str(bundles / "frozen-a")
