@@ -604,3 +604,61 @@ def test_a_corrupt_state_file_is_refused_with_one_line_naming_it(plc, daemon, br
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip()
     assert "\n" not in line and str(state / "acked.json") in line and "expected" in line, line
+
+
+def test_the_drift_and_false_reject_warning_bits_follow_the_daemons_status_message(plc, daemon):
+    """The daemon's status messages as a bridge receives them (the PUB peer, subscribed and decoded) set and clear the
+    drift and false_reject_warning bits in the PLC's status register, through the Modbus adapter and the handshake;
+    another camera's flags and a daemon that reports no drift leave them at 0."""
+    import argparse
+
+    import zmq
+
+    from inspectd.clients import plc as modbus
+    from inspectd.clients.handshake import Handshake
+    from inspectd.protocol.messages import decode
+
+    sub = daemon.context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(daemon.endpoint)
+
+    def received(cameras: dict) -> dict:
+        """The status message the daemon peer publishes with `cameras`, as the subscriber decodes it."""
+
+        def arrived():
+            daemon.status(cameras=cameras)
+            return sub.poll(50) and decode(sub.recv_multipart())
+
+        return wait(arrived, 10, "a status message from the daemon peer")
+
+    def drift(alarm: bool, warning: bool) -> dict:
+        return {"drift": {"active": True, "alarm": alarm, "false_reject_warning": warning}}
+
+    messages = [
+        received({CAMERA: drift(False, True), "cam1": drift(True, True)}),
+        received({CAMERA: drift(True, True)}),
+        received({CAMERA: drift(True, False)}),
+        received({CAMERA: {"published": 3}, "cam1": drift(True, True)}),
+    ]
+    sub.close()
+
+    async def follow() -> list[int]:
+        config = modbus.parse_bridge_config({})
+        link = await modbus.connect(config, argparse.Namespace(plc=f"127.0.0.1:{plc.port}", unit=None))
+        try:
+            [(_, target)] = link.slots()
+            handshake = Handshake(target, config, CAMERA)
+            await handshake.start()
+            seen = []
+            for message in messages:
+                handshake.follow_daemon(message)
+                await handshake.set_status(daemon_alive=True)  # what the bridge's heartbeat tick does
+                seen.append(plc.field("status"))
+            return seen
+        finally:
+            await link.close()
+
+    flags = [(bool(s & BIT["drift"]), bool(s & BIT["false_reject_warning"])) for s in asyncio.run(follow())]
+    assert flags == [(False, True), (True, True), (True, False), (False, False)]
+    assert BIT["false_reject_warning"] == 1 << 8 and DEFAULT_BITS["daemon_unhealthy"] == 7  # the older bits stay

@@ -315,7 +315,13 @@ PLC_TYPES = {"inspection_id": "Int32", "ack": "Int32", "score": "Float", "thresh
 class PlcServer:
     """The PLC's own OPC UA server (client mode), its variables in ns=2 as "<camera>.<Name>"."""
 
-    def __init__(self, port: int, values: dict | None = None, security: tuple[Path, Path, Path] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        values: dict | None = None,
+        security: tuple[Path, Path, Path] | None = None,
+        lacks: tuple[str, ...] = (),
+    ) -> None:
         self.url = f"opc.tcp://127.0.0.1:{port}/plc/"
         self.server = Server()
         self.server.set_endpoint(self.url)
@@ -340,6 +346,8 @@ class PlcServer:
         folder = self.server.nodes.objects.add_object(ua.NodeId("Inspect", 2), "2:Inspect")
         for camera in CAMERAS:
             for name, (browse, kind) in NAMES.items():
+                if name in lacks:  # a PLC program written before the bridge had this variable
+                    continue
                 kind = PLC_TYPES.get(name, kind)
                 start = (values or {}).get((camera, name), "" if kind == "String" else 0)
                 variant = ua.Variant(bool(start) if kind == "Boolean" else start, getattr(ua.VariantType, kind))
@@ -455,6 +463,38 @@ def _certificate(directory: Path, name: str, uri: str, server: bool) -> tuple[Pa
     key_path.write_bytes(dump_private_key_as_pem(key))
     assert cert.not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc)
     return cert_path, key_path
+
+
+def test_client_mode_leaves_out_false_reject_warning_when_the_plc_program_lacks_it_but_not_a_required_variable(
+    daemon, tmp_path
+):
+    port = free_port()
+    plc = PlcServer(port, lacks=("false_reject_warning",))
+    program = plc.run_program()
+    bridge = client_bridge(daemon, tmp_path, plc)
+    try:
+        daemon.result(1, "defect", score=0.75)
+        daemon.result(2)
+        wait(lambda: program.ids() == [1, 2], 10, "results in a PLC program without FalseRejectWarning")
+    finally:
+        events = bridge.stop()
+        plc.stop()
+    assert events["bridge_stopped"]["written"] == 2
+
+    plc = PlcServer(free_port(), lacks=("drift",))
+    try:
+        args = ["--config", str(write_config(tmp_path, "mode: client\n")), "--opcua", plc.url]
+        proc = subprocess.run(
+            [sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    finally:
+        plc.stop()
+    assert proc.returncode != 0 and f"{CAMERA}.Drift" in proc.stdout + proc.stderr
 
 
 def test_basic256sha256_sign_and_encrypt_lets_only_trusted_clients_in(daemon, tmp_path):

@@ -24,9 +24,11 @@ Stopping (SIGTERM) lets the result on the PLC finish its handshake (its ack, at 
 drops result_valid, so what the PLC took is recorded as acknowledged and not handed over again after the restart.
 
 Status flags besides the result's own: trigger_ready (the daemon is heard from and says it is healthy),
-daemon_unhealthy (its status message says healthy: false), drift (the daemon's score-drift alarm for this camera,
-from its status message: cameras.<camera>.drift.alarm, see inspectd.daemon.drift; the bridge has no drift rule of its
-own) and alarm (latched by a missed ack, a gap or an overflow; cleared when the PLC writes alarm_reset).
+daemon_unhealthy (its status message says healthy: false), drift (the daemon's drift alarm for this camera, from its
+status message: cameras.<camera>.drift.alarm, see inspectd.daemon.drift; the bridge has no drift rule of its own),
+false_reject_warning (likewise cameras.<camera>.drift.false_reject_warning: the good frames' scores imply a
+false-reject rate well above the calibrated target) and alarm (latched by a missed ack, a gap or an overflow; cleared
+when the PLC writes alarm_reset). `follow_daemon` takes the daemon's flags from each status message.
 """
 
 from __future__ import annotations
@@ -44,8 +46,29 @@ from engines.schema import Int, Number, declared
 from inspectd.protocol.messages import Result
 
 RESULT_CODES = {"ok": 0, "defect": 1, "error": 2}
-STATUS_FLAGS = ("trigger_ready", "result_valid", "pass", "fail", "defect", "alarm", "drift", "daemon_unhealthy")
+STATUS_FLAGS = (
+    "trigger_ready",
+    "result_valid",
+    "pass",
+    "fail",
+    "defect",
+    "alarm",
+    "drift",
+    "daemon_unhealthy",
+    "false_reject_warning",
+)
 Status = frozenset  # the raised STATUS_FLAGS
+
+
+def daemon_drift_flags(status: dict[str, Any], camera: str | None) -> tuple[bool, bool]:
+    """(drift alarm, false-reject warning) of `camera` in a daemon status message (cameras.<camera>.drift.alarm and
+    .false_reject_warning, each only when exactly true); both False from a daemon that reports neither."""
+    cameras = status.get("cameras")
+    stats = cameras.get(camera) if isinstance(cameras, dict) and camera is not None else None
+    drift = stats.get("drift") if isinstance(stats, dict) else None
+    if not isinstance(drift, dict):
+        return False, False
+    return drift.get("alarm") is True, drift.get("false_reject_warning") is True
 
 
 class PlcError(RuntimeError):
@@ -116,6 +139,7 @@ class Handshake:
         self.daemon_alive = False
         self.daemon_healthy = True
         self.drift = False  # the daemon's drift alarm for this camera, as its last status message said
+        self.false_reject_warning = False  # likewise its false-reject warning
         self.written_status: Status | None = None
 
     async def start(self, acked: int | None = None) -> None:
@@ -180,7 +204,14 @@ class Handshake:
             flags.add("alarm")
         if self.drift:
             flags.add("drift")
+        if self.false_reject_warning:
+            flags.add("false_reject_warning")
         return Status(flags)
+
+    def follow_daemon(self, status: dict[str, Any]) -> None:
+        """Take this camera's drift alarm and false-reject warning from a daemon status message (written with the
+        next result or heartbeat)."""
+        self.drift, self.false_reject_warning = daemon_drift_flags(status, self.camera)
 
     async def _write_status(self, force: bool = False) -> None:
         status = self.status()
@@ -191,8 +222,8 @@ class Handshake:
     async def set_status(
         self, *, daemon_alive: bool | None = None, daemon_healthy: bool | None = None, alarm: bool | None = None
     ) -> None:
-        """Change trigger_ready / daemon_unhealthy / alarm (drift is what `self.drift` says); the result flags
-        stay."""
+        """Change trigger_ready / daemon_unhealthy / alarm (drift and false_reject_warning are what the last status
+        message said); the result flags stay."""
         if daemon_alive is not None:
             self.daemon_alive = daemon_alive
         if daemon_healthy is not None:

@@ -12,7 +12,8 @@ Two modes (config `mode`):
 Each camera has the same variables (NAMES below; docs/PLC.md has the table): the result (InspectionId, ResultCode,
 Verdict, Score, Threshold, RegionCount, ModelId, ThresholdsVersion), the counters (MissedAcks, SequenceGaps,
 Heartbeat), the status flags as Booleans (TriggerReady, ResultValid, Pass, Fail, Defect, Alarm, Drift,
-DaemonUnhealthy), and what the PLC writes (Ack: the inspection id it consumed; AlarmReset: true to clear Alarm).
+DaemonUnhealthy, FalseRejectWarning), and what the PLC writes (Ack: the inspection id it consumed; AlarmReset: true
+to clear Alarm). In client mode a PLC program may lack FalseRejectWarning (added later); the bridge leaves it out.
 A result is one Write request of its data followed by one of its flags, so ResultValid rises on complete data. The
 handshake itself is inspectd.clients.handshake's, shared with Modbus.
 
@@ -56,6 +57,8 @@ NAMES = {
     **{flag: ("".join(part.title() for part in flag.split("_")), "Boolean") for flag in STATUS_FLAGS},
 }
 WRITTEN_BY_PLC = ("ack", "alarm_reset")
+# Client mode: variables a PLC program written before they existed may lack; the bridge then leaves them out.
+OPTIONAL_IN_PLC = ("false_reject_warning",)
 DEFAULT_NAMESPACE = "urn:inspectd:bridge"
 DEFAULT_NODE_ID = "ns=2;s={camera}.{name}"
 U32 = 0xFFFFFFFF
@@ -314,6 +317,8 @@ class ClientTarget:
                 node = self.link.client.get_node(text)
                 kind = await node.read_data_type_as_variant_type()
             except Exception as exc:  # asyncua raises its own types, ValueError on a malformed id
+                if name in OPTIONAL_IN_PLC:
+                    continue
                 raise PlcError(f"PLC node {text} ({self.camera} {NAMES[name][0]}): {_one_line(exc)}") from exc
             if kind.name not in WRITABLE_KINDS:
                 raise PlcError(f"PLC node {text}: data type {kind.name}, expected a number, Boolean or String")
@@ -330,6 +335,7 @@ class ClientTarget:
 
     async def write(self, fields: dict[str, Any], last: str | None = None) -> None:
         data, flags = _expand(fields)
+        flags = {name: value for name, value in flags.items() if name in self.nodes}  # an optional one may be absent
         for group in (data, flags):  # one Write request each, the flags last: ResultValid rises on complete data
             if not group:
                 continue

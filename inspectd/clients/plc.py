@@ -2,8 +2,8 @@
 
 The PLC sees one block of holding registers (addresses 0-based, as on the wire; docs/PLC.md has the table):
 
-    status         bit field: trigger_ready, result_valid, pass, fail, defect, alarm, drift, daemon_unhealthy
-                   (bit numbers configurable)
+    status         bit field: trigger_ready, result_valid, pass, fail, defect, alarm, drift, daemon_unhealthy,
+                   false_reject_warning (bit numbers configurable)
     inspection_id  2 registers, the result's seq (low 32 bits), high word first
     result_code    0 ok, 1 defect, 2 error
     score          score * score_scale, rounded, clamped to 0..65535 (0 for an error result)
