@@ -218,6 +218,16 @@ def pixel_threshold_for_fpr(histograms, fpr: float) -> float:
     return float(bin_floor(np.array([normal.size - top_bins]))[0])
 
 
+def _pixel_range(histograms) -> dict:
+    """provenance["pixel_scores"]: the lowest and highest pixel score scored (to the histogram's bin width)."""
+    from engines.training.metrics import bin_floor
+
+    total = histograms.n_normal  # flushes pending pixels into the histogram
+    used = np.flatnonzero((histograms.normal > 0) | (histograms.defect > 0))
+    floors = bin_floor(np.array([used[0], min(int(used[-1]) + 1, histograms.normal.size - 1)]))
+    return thresholds_doc.score_range(float(floors[0]), float(floors[1]), total + int(histograms.defect.sum()))
+
+
 def pixel_threshold_for_f1(histograms) -> tuple[float, float]:
     """(pixel F1, threshold) at the pixel F1 maximum over ground-truth masks, thresholds at histogram-bin floors."""
     from engines.training.metrics import bin_floor
@@ -521,6 +531,12 @@ def _calibrate(bundle, current, args, out):
         thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(scored.good),
         thresholds_doc.GOOD_BRIGHTNESS: thresholds_doc.good_score_reference(scored.good_brightness),
     }
+    # Every score this calibration saw, which the daemon's set_thresholds checks a new threshold against.
+    seen = np.concatenate([scored.good, scored.defect])
+    image_scores = thresholds_doc.score_range(float(seen.min()), float(seen.max()), seen.size)
+    provenance[thresholds_doc.IMAGE_SCORES] = image_scores
+    if scored.pixels is not None:
+        provenance[thresholds_doc.PIXEL_SCORES] = _pixel_range(scored.pixels)
     if args.camera:
         provenance["camera"] = args.camera
         # The references describe every camera's good frames: one camera's images do not replace them.

@@ -133,3 +133,76 @@ def test_ctl_over_tcp_with_curve_keys(tmp_path):
         assert s.stop() == 0, s.log_tail()
     finally:
         s.close()
+
+
+def test_set_thresholds_outside_the_scores_seen_at_calibration_is_refused_unless_forced(tmp_path):
+    """`inspectd calibrate` records the scores it saw; a daemon holding that document refuses a threshold outside
+    them (widened by their width each side) before anything is written, and takes it with --force."""
+    import cv2
+
+    from station_model import defect_frame, good_frame
+
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    good, bad = tmp_path / "good", tmp_path / "defective"
+    defective = str(bad)
+    good.mkdir()
+    bad.mkdir()
+    for i in range(40):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(100 + i))
+    for i in range(10):
+        cv2.imwrite(str(bad / f"{i:03d}.png"), defect_frame(200 + i))
+    calibrated = subprocess.run(
+        [sys.executable, "-m", "inspectd", "calibrate", str(bundle), "--good", str(good), "--defective", defective],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert calibrated.returncode == 0, calibrated.stderr
+    v2 = load_bundle(bundle).thresholds()
+    seen = v2.provenance[thresholds_doc.IMAGE_SCORES]
+    assert v2.version == 2 and seen["n"] == 50
+    lo, hi = seen["min"], seen["max"]
+    width = hi - lo
+    # Outside the scores seen, yet inside what the versions' thresholds widened 10x would allow.
+    far = hi + 2 * width
+    versions = [v2.image_threshold, *(h["image_threshold"] for h in v2.history)]
+    assert far < max(versions) + max(map(abs, versions)) * 9, "the value must be one a span-of-versions rule accepts"
+
+    def document(version: int, image_threshold: float) -> Path:
+        path = tmp_path / f"thresholds-v{version}.json"
+        path.write_bytes(thresholds_doc.dumps(thresholds_doc.next_version(v2, image_threshold=image_threshold)))
+        doc = json.loads(path.read_text())
+        doc["version"] = version
+        path.write_text(json.dumps(doc))
+        return path
+
+    on_disk = bundle / thresholds_doc.FILE_NAME
+    cameras = [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 5, "width": 64, "height": 64}}]
+    s = Station(tmp_path, bundle, cameras)
+    ep = s.control_endpoint
+    try:
+        s.wait_ready()
+        before = on_disk.read_bytes()
+        refused = ctl(ep, "set-thresholds", str(document(3, far)))
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        reason = refused.stderr.strip()
+        assert f"thresholds.image_threshold: {far:g} is outside {lo - width:g}..{hi + width:g}" in reason, reason
+        assert "scores seen at calibration" in reason and "force" in reason and "\n" not in reason
+        assert on_disk.read_bytes() == before, "a refused document must not reach thresholds.json"
+        assert json.loads(ctl(ep, "--json", "status").stdout)["thresholds_version"] == 2
+
+        low = ctl(ep, "set-thresholds", str(document(3, lo - 2 * width)))  # below every good score: rejects all
+        assert low.returncode == 1 and "is outside" in low.stderr, low.stderr
+
+        inside = ctl(ep, "set-thresholds", str(document(3, hi + 0.5 * width)))
+        assert inside.returncode == 0, inside.stderr
+        forced = ctl(ep, "set-thresholds", "--force", str(document(4, far)))
+        assert forced.returncode == 0 and forced.stdout.strip() == "thresholds version 4 in use", forced.stderr
+        written = thresholds_doc.read(on_disk)
+        assert (written.version, written.image_threshold) == (4, far)
+        assert s.stop() == 0, s.log_tail()
+    finally:
+        s.close()
+    forced_events = [e for e in s.events("control_command") if e.get("cmd") == "set_thresholds"]
+    assert [e.get("force") for e in forced_events][-1] is True

@@ -82,6 +82,40 @@ def reference_scores(thresholds: Thresholds, key: str = GOOD_SCORES) -> tuple[in
     return n, sorted(float(v) for v in values)
 
 
+# provenance["image_scores"] / ["pixel_scores"]: {"n": count, "min": lowest, "max": highest} of the image scores (good
+# and defective frames) and of the pixel scores `inspectd calibrate` saw; with good_scores, the range a new threshold is
+# checked against (inspectd.daemon.service.check_threshold_range).
+IMAGE_SCORES = "image_scores"
+PIXEL_SCORES = "pixel_scores"
+
+
+def score_range(lowest: float, highest: float, n: int) -> dict[str, Any]:
+    """provenance["image_scores"] / ["pixel_scores"] for scores from `lowest` to `highest`."""
+    return {"n": int(n), "min": float(f"{lowest:.7g}"), "max": float(f"{highest:.7g}")}
+
+
+def calibrated_range(thresholds: Thresholds, kind: str, history: bool = True) -> tuple[float, float] | None:
+    """(lowest, highest) score seen at calibration by this version and (with `history`) the earlier ones, for `kind`
+    "image" (the good frames' scores and every image score recorded) or "pixel" (pixel scores); None when none was
+    recorded."""
+    seen: list[float] = []
+    for version in [thresholds.to_dict(), *(thresholds.history if history else [])]:
+        provenance = version.get("provenance")
+        if not isinstance(provenance, dict):
+            continue
+        if kind == "image":
+            reference = reference_scores(Thresholds(1, 0.0, 0.0, {}, provenance, []))
+            if reference is not None:
+                seen += [reference[1][0], reference[1][-1]]
+        for name in (IMAGE_SCORES,) if kind == "image" else (PIXEL_SCORES,):
+            recorded = provenance.get(name)
+            if isinstance(recorded, dict):
+                bounds = [recorded.get("min"), recorded.get("max")]
+                if all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds):
+                    seen += [float(b) for b in bounds]  # type: ignore[arg-type]
+    return (min(seen), max(seen)) if seen else None
+
+
 def _number(doc: dict, key: str, where: str) -> float:
     value = doc.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

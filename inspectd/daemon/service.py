@@ -577,31 +577,50 @@ def _close_all(states: list[ModelState]) -> None:
             structlog.get_logger("inspectd").warning("retired_engine_close_failed", error=str(exc).splitlines()[0])
 
 
-# A new threshold may move this far (as a factor) beyond every calibrated version of the model's thresholds; further
-# is a typo or an attack (1e300 passes everything), accepted only with `force`.
+# Without recorded scores (documents from before calibration recorded them), a new threshold may move this far (as a
+# factor) beyond every version of the model's thresholds; further is a typo or an attack (1e300 passes everything).
 THRESHOLD_SPAN = 10.0
 
 
 def check_threshold_range(new: Any, current: Any) -> None:
-    """Refuse (InspectdError naming the key) thresholds outside the range the model's calibrated versions span,
-    widened by THRESHOLD_SPAN: the current document and its history are what calibration has seen of this model."""
+    """Refuse (InspectdError naming the key) thresholds outside the scores seen at calibration, accepted only with
+    `force`.
+
+    The range is what the current document and its history recorded, and what the new document's own calibration
+    recorded (engines.bundle.thresholds.calibrated_range: the good frames' scores, every image score, the pixel
+    scores; a recalibration on new images brings its own), widened by its own width on each side: a
+    threshold below every good score rejects everything, one far above every defect passes everything, while the
+    rules calibration uses (the top of the good scores and a margin, a point among the defect scores) land inside.
+    A document that recorded no scores falls back to the span of its versions' thresholds widened THRESHOLD_SPAN
+    times. Values are finite already (the thresholds parser refuses anything else)."""
+    from engines.bundle import thresholds as thresholds_doc
+
     versions = [current.to_dict(), *current.history]
-    for key in ("image_threshold", "pixel_threshold"):
-        seen = [float(v[key]) for v in versions if isinstance(v.get(key), (int, float))]
-        seen += [float(o[key]) for v in versions for o in (v.get("per_camera") or {}).values() if key in o]
-        if not seen:
-            continue
-        lo, hi = min(seen), max(seen)
-        margin = max(abs(lo), abs(hi), 1e-6) * (THRESHOLD_SPAN - 1.0)
-        allowed = (lo - margin, hi + margin) if lo < 0 else (lo / THRESHOLD_SPAN, hi + margin)
+    for key, kind in (("image_threshold", "image"), ("pixel_threshold", "pixel")):
+        ranges = [thresholds_doc.calibrated_range(current, kind), thresholds_doc.calibrated_range(new, kind, False)]
+        recorded = [bound for found in ranges if found is not None for bound in found]
+        if recorded:
+            lo, hi = min(recorded), max(recorded)
+            width = max(hi - lo, 1e-6 * max(1.0, abs(hi)))
+            allowed = (lo - width, hi + width)
+            seen = f"the {kind} scores seen at calibration span {lo:g}..{hi:g}"
+        else:
+            values = [float(v[key]) for v in versions if isinstance(v.get(key), (int, float))]
+            values += [float(o[key]) for v in versions for o in (v.get("per_camera") or {}).values() if key in o]
+            if not values:
+                continue
+            lo, hi = min(values), max(values)
+            margin = max(abs(lo), abs(hi), 1e-6) * (THRESHOLD_SPAN - 1.0)
+            allowed = (lo - margin, hi + margin) if lo < 0 else (lo / THRESHOLD_SPAN, hi + margin)
+            seen = f"no scores recorded at calibration; its versions' thresholds span {lo:g}..{hi:g}"
         proposed = [("", getattr(new, key))] + [
             (f"per_camera.{cam}.", o[key]) for cam, o in new.per_camera.items() if key in o
         ]
         for where, value in proposed:
             if not allowed[0] <= value <= allowed[1]:
                 raise InspectdError(
-                    f"thresholds.{where}{key}: {value:g} is outside {allowed[0]:g}..{allowed[1]:g} (calibrated "
-                    f"versions span {lo:g}..{hi:g}), expected a value in that range or force: true"
+                    f"thresholds.{where}{key}: {value:g} is outside {allowed[0]:g}..{allowed[1]:g} ({seen}), "
+                    f"expected a value in that range or force: true"
                 )
 
 
