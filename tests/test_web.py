@@ -56,6 +56,22 @@ def test_line_state_counts_histogram_defects_and_alarms():
     assert snap["alarms"] == ["inference unhealthy", "archive degraded: OSError: disk full", "camera cam0 reopening"]
 
 
+def test_drift_alarms_name_the_test_that_raised_them_and_the_false_reject_warning():
+    state = LineState(defects_kept=2)
+    score = {"alarm": True, "score_alarm": True, "statistic": 0.5, "raise_at": 0.4}
+    light = {"alarm": True, "brightness_alarm": True, "brightness_statistic": 0.9, "brightness_raise_at": 0.4}
+    warning = {"alarm": False, "false_reject_warning": True, "false_reject_estimate": 0.02, "target": 0.001}
+    state.on_message({"station": "t1", "healthy": True,
+                      "cameras": {"a": {"drift": score}, "b": {"drift": light}, "c": {"drift": warning}}})  # fmt: skip
+    assert state.snapshot()["alarms"] == [
+        "camera a drift: good parts no longer score as at calibration (KS D 0.5 > 0.4; lighting, lens, focus or "
+        "material?)",
+        "camera b drift: good parts no longer look as bright as at calibration (KS D 0.9 > 0.4; lighting, lens, "
+        "focus or material?)",
+        "camera c false rejects rising: about 2 % of good parts, target 0.1 %",
+    ]
+
+
 def fetch(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=10) as reply:

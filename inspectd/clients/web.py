@@ -166,10 +166,13 @@ class LineState:
                 out.append(f"camera {camera} {state}: {stats.get('last_error') or ''}".rstrip(": "))
             drift = stats.get("drift") or {}
             if drift.get("alarm"):
-                out.append(
-                    f"camera {camera} score drift: good parts no longer score as at calibration "
-                    f"(KS D {drift.get('statistic')} > {drift.get('raise_at')}; lighting, lens, focus or material?)"
-                )
+                if drift.get("brightness_alarm") and not drift.get("score_alarm"):
+                    what = "good parts no longer look as bright as at calibration"
+                    figures = f"KS D {drift.get('brightness_statistic')} > {drift.get('brightness_raise_at')}"
+                else:
+                    what = "good parts no longer score as at calibration"
+                    figures = f"KS D {drift.get('statistic')} > {drift.get('raise_at')}"
+                out.append(f"camera {camera} drift: {what} ({figures}; lighting, lens, focus or material?)")
             if drift.get("false_reject_warning"):
                 rate, target = drift.get("false_reject_estimate") or 0, drift.get("target") or 0
                 out.append(
