@@ -312,3 +312,30 @@ def test_teach_apply_hot_swaps_into_a_running_daemon_without_a_seq_gap_and_rollb
     assert len(switches) == 2, "each reload switches at one seq, no result judged by a mix"
     assert all(r.verdict != "error" for r in results)
     assert [e["thresholds_version"] for e in station.events("reloaded")] == [after_teach[1], before[1]]
+
+
+def test_short_drift_soak_stays_quiet_on_an_unchanged_line(taught: Path, tmp_path: Path):
+    """deploy/soak.py --drift, shortened for CI (the hour is 36000 frames, docs/DEPLOY.md): teach the bundle on the
+    soak's own controlled line, stream 1500 unchanged frames through a real daemon: every frame published, both tests
+    active, no drift or false-reject event or status."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from daemon_harness import REPO
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "soak.py"), "--drift", "--bundle", str(taught), "--frames", "1500",
+         "--size", str(LINE), "--workdir", str(tmp_path / "soak"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["published"] == 1500 and report["drift_active"] and report["brightness_active"], report
+    assert report["drift_events"] == {} and report["status_messages_with_alarm"] == 0, report
+    assert report["status_messages_with_warning"] == 0 and report["reference_frames"] == 60, report
