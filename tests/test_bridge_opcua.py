@@ -296,6 +296,12 @@ def test_alarms_gap_drift_and_an_unhealthy_daemon(daemon, tmp_path):
         assert not plc.read("cam1", "drift")
         daemon.status(cameras={CAMERA: {"drift": {"active": True, "alarm": False}}})
         wait(lambda: not plc.read(CAMERA, "drift"), 10, "Drift clears with the daemon's alarm")
+        assert not plc.read(CAMERA, "false_reject_warning")
+        daemon.status(cameras={CAMERA: {"drift": {"active": True, "alarm": False, "false_reject_warning": True}}})
+        wait(lambda: plc.read(CAMERA, "false_reject_warning"), 10, "FalseRejectWarning with the daemon's warning")
+        assert not plc.read(CAMERA, "drift") and not plc.read("cam1", "false_reject_warning")
+        daemon.status(cameras={CAMERA: {"drift": {"active": True, "alarm": False, "false_reject_warning": False}}})
+        wait(lambda: not plc.read(CAMERA, "false_reject_warning"), 10, "FalseRejectWarning clears with the warning")
         for _ in range(3):
             daemon.status(healthy=False)
             time.sleep(0.1)

@@ -146,7 +146,7 @@ def test_daemon_raises_drift_in_status_metrics_log_and_the_plc_flag_and_clears_i
     import urllib.request
 
     from daemon_harness import Station, free_port
-    from inspectd.clients.bridge import daemon_drift
+    from inspectd.clients.handshake import daemon_drift_flags
     from inspectd.protocol.messages import Result
 
     shutil.copytree(taught, tmp_path / "b")
@@ -177,7 +177,7 @@ def test_daemon_raises_drift_in_status_metrics_log_and_the_plc_flag_and_clears_i
             if isinstance(message, Result):
                 last_seq = max(last_seq, message.seq)
             elif isinstance(message, dict):
-                flags.append((last_seq, daemon_drift(message, "cam0")))
+                flags.append((last_seq, daemon_drift_flags(message, "cam0")[0]))
                 if flags[-1][1] and not seen_in_control:
                     seen_in_control = station.control({"cmd": "status"})["cameras"]["cam0"]["drift"]["alarm"]
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
@@ -207,135 +207,15 @@ def test_daemon_raises_drift_in_status_metrics_log_and_the_plc_flag_and_clears_i
 
 
 def test_the_bridge_drift_bit_is_the_daemon_alarm_and_nothing_else():
-    from inspectd.clients.bridge import daemon_drift
+    from inspectd.clients.handshake import daemon_drift_flags
 
-    def status(cam):
-        return {"cameras": {"cam0": cam}}
+    def drift(cam, camera="cam0"):
+        return daemon_drift_flags({"cameras": {"cam0": cam}}, camera)[0]
 
-    assert daemon_drift(status({"drift": {"active": True, "alarm": True}}), "cam0")
-    assert not daemon_drift(status({"drift": {"active": True, "alarm": False}}), "cam0")
-    assert not daemon_drift(status({"published": 3}), "cam0")  # a daemon from before drift was reported
+    assert drift({"drift": {"active": True, "alarm": True}})
+    assert not drift({"drift": {"active": True, "alarm": False}})
+    assert not drift({"published": 3})  # a daemon from before drift was reported
     for hostile in (5, None, [], {"drift": "yes"}, {"drift": {"alarm": 1}}, {"drift": {"alarm": "true"}}):
-        assert not daemon_drift(status(hostile), "cam0")
-    assert not daemon_drift(status({"drift": {"alarm": True}}), "cam1") and not daemon_drift(status({}), None)
-
-
-def test_synthetic_source_lighting_schedule_and_its_errors(tmp_path: Path):
-    import yaml
-
-    from inspectd.daemon.config import load_config
-    from inspectd.daemon.ingest.synthetic import SyntheticLineSource
-    from inspectd.errors import InspectdError
-
-    def config(lighting):
-        doc = {
-            "station": "s",
-            "model": {"bundle": str(tmp_path)},
-            "state_dir": str(tmp_path),
-            "cameras": [{"id": "c", "source": {"kind": "synthetic", "width": 16, "height": 16, "lighting": lighting}}],
-        }
-        (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
-        return load_config(tmp_path / "c.yaml")
-
-    source = SyntheticLineSource(config({5: 1.5, 9: 1.0}).cameras[0], lambda: 0.0)
-    assert [source.gain(i) for i in (0, 4, 5, 8, 9, 100)] == [1.0, 1.0, 1.5, 1.5, 1.0, 1.0]
-    with pytest.raises(InspectdError, match=r"cameras\[0\]\.source\.lighting\[9\]: expected more than 0"):
-        config({9: 0})
-
-
-def test_teach_apply_hot_swaps_into_a_running_daemon_without_a_seq_gap_and_rollback_returns(taught, tmp_path):
-    """`inspectd teach --apply` (the CLI, as a process) while the line runs: the subscriber sees every seq once, in
-    order, the results switch to the taught version at one seq, and `--rollback --apply` brings back the one before."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import time
-
-    from daemon_harness import REPO, Station
-    from inspectd.protocol.messages import Result
-
-    shutil.copytree(taught, tmp_path / "b")
-    line = SyntheticLine(LINE, LINE, seed=2, defect_rate=0.0)
-    for _ in range(FRAMES + 150):  # past every frame the other tests stream or the bundle saw
-        line.next()
-    line.write_folder(tmp_path / "good", 80)
-    source = {"kind": "synthetic", "width": LINE, "height": LINE, "seed": 2, "defect_rate": 0.0, "rate_hz": 100.0}
-    station = Station(tmp_path, tmp_path / "b", [{"id": "cam0", "source": source, "queue": {"policy": "block"}}])
-    results: list[Result] = []
-
-    def receive_while(proc: subprocess.Popen | None, then: int) -> None:
-        """Results until `proc` has exited, then `then` more."""
-        stop_at = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            message = station.sub.recv(0.2)
-            if isinstance(message, Result):
-                results.append(message)
-            if stop_at is None and (proc is None or proc.poll() is not None):
-                stop_at = len(results) + then
-            if stop_at is not None and len(results) >= stop_at:
-                return
-        raise AssertionError(f"timed out; daemon log:\n{station.log_tail()}")
-
-    def teach(*args: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "inspectd", "teach", str(tmp_path / "b"), *args]
-        return subprocess.Popen(
-            [*command, "--apply", station.control_endpoint],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            text=True,
-        )
-
-    try:
-        station.wait_ready()
-        receive_while(None, 50)
-        before = (results[-1].model_id, results[-1].thresholds_version)
-        taught_proc = teach("--good", str(tmp_path / "good"), "--holdout", "0.5")
-        receive_while(taught_proc, 100)
-        assert taught_proc.wait() == 0, taught_proc.stdout.read() if taught_proc.stdout else ""
-        after_teach = (results[-1].model_id, results[-1].thresholds_version)
-        back = teach("--rollback")
-        receive_while(back, 100)
-        assert back.wait() == 0, back.stdout.read() if back.stdout else ""
-        after_rollback = (results[-1].model_id, results[-1].thresholds_version)
-    finally:
-        assert station.stop() == 0, station.log_tail()
-
-    seqs = [r.seq for r in results]
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq gap or disorder across the reloads"
-    assert after_teach != before and after_teach[1] > before[1]
-    assert after_rollback == before
-    versions = [(r.model_id, r.thresholds_version) for r in results]
-    switches = [i for i in range(1, len(versions)) if versions[i] != versions[i - 1]]
-    assert len(switches) == 2, "each reload switches at one seq, no result judged by a mix"
-    assert all(r.verdict != "error" for r in results)
-    assert [e["thresholds_version"] for e in station.events("reloaded")] == [after_teach[1], before[1]]
-
-
-def test_short_drift_soak_stays_quiet_on_an_unchanged_line(taught: Path, tmp_path: Path):
-    """deploy/soak.py --drift, shortened for CI (the hour is 36000 frames, docs/DEPLOY.md): teach the bundle on the
-    soak's own controlled line, stream 1500 unchanged frames through a real daemon: every frame published, both tests
-    active, no drift or false-reject event or status."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from daemon_harness import REPO
-
-    out = subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "soak.py"), "--drift", "--bundle", str(taught), "--frames", "1500",
-         "--size", str(LINE), "--workdir", str(tmp_path / "soak"), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=200,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["published"] == 1500 and report["drift_active"] and report["brightness_active"], report
-    assert report["drift_events"] == {} and report["status_messages_with_alarm"] == 0, report
-    assert report["status_messages_with_warning"] == 0 and report["reference_frames"] == 60, report
+        assert not drift(hostile)
+    assert not drift({"drift": {"alarm": True}}, "cam1") and not drift({}, None)
+    assert daemon_drift_flags({"cameras": "hostile"}, "cam0") == (False, False)

@@ -338,14 +338,6 @@ class Feeder:
         self.catch_up.backwards.clear()  # the handshake latches the alarm and logs sequence_backwards
 
 
-def daemon_drift(status: dict[str, Any], camera: str | None) -> bool:
-    """The daemon's drift alarm for `camera` in a status message (cameras.<camera>.drift.alarm); False from a daemon
-    that does not report one."""
-    stats = status["cameras"].get(camera) if camera is not None else None
-    drift = stats.get("drift") if isinstance(stats, dict) else None
-    return isinstance(drift, dict) and drift.get("alarm") is True
-
-
 async def _serve(protocol, config, args: argparse.Namespace, curve, acked: AckedState) -> int:
     from inspectd.clients.handshake import Handshake, PlcError
 
@@ -422,7 +414,7 @@ async def _bridge(
             if message.get("healthy") is not None:
                 healthy[0] = bool(message["healthy"])
             for handshake in handshakes:  # written with the next result or heartbeat
-                handshake.drift = daemon_drift(message, handshake.camera)
+                handshake.follow_daemon(message)
 
     if args.journal is not None:
         # Subscribed first and waited for the first live message, so everything journalled after the read below is
