@@ -66,6 +66,12 @@ def test_cli_writes_a_complete_bundle(cli_bundle, data):
     assert thresholds.provenance["good_dir"] == str(data.resolve())
     assert thresholds.provenance["images"] == "held-out" and thresholds.provenance["n_good"] == 1
     assert "max held-out" in thresholds.provenance["rule"]["image"]
+    # Both drift references, so a freshly trained bundle's alarm watches scores and brightness from its first frame.
+    from inspectd.daemon.drift import monitor_for
+
+    assert thresholds.provenance["good_brightness"]["n"] == 12
+    monitor = monitor_for(thresholds, "cam0")
+    assert monitor.active and monitor.brightness.active
     with open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=2) as engine:
         assert engine.input_shape == (64, 64, 1)
         result = engine.infer(np.full((2, 64, 64, 1), 128, np.uint8))

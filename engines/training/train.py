@@ -36,7 +36,7 @@ from engines.model.graph import SCORERS, InferenceGraph, build_graph, state_arra
 from engines.model.methods import METHODS, TrainSettings, available_methods, get_method
 from engines.model.recipes import AUTO, CATALOGUE, DEFAULT_MEMORY_SIZE, Recipe, auto_candidates, catalogue_recipe
 from engines.progress import Progress
-from engines.runtime.preprocess import RESIZE_POLICIES
+from engines.runtime.preprocess import RESIZE_POLICIES, mean_level
 from engines.training.select import Selection, fit_all, select_recipe
 
 INTERRUPTED_EXIT = 130
@@ -249,6 +249,8 @@ def train_bundle(
     input_shape = (chosen.size[0], chosen.size[1], channels)
     images = fit_all(frames, input_shape, chosen.resize)
     del frames
+    # The drift alarm's brightness reference: every good frame as the model sees it.
+    brightness = np.array([mean_level(image) for image in images])
 
     architecture = chosen.architecture(trainer.head_config(method_args), channels)
     graph = build_graph(architecture, pretrained=True, weights=str(weights) if weights else None)
@@ -296,6 +298,7 @@ def train_bundle(
             "n_fit": int(n_fit),
             "n_holdout": int(n_hold),
             thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(scores),
+            thresholds_doc.GOOD_BRIGHTNESS: thresholds_doc.good_score_reference(brightness),
         },
     )
 
