@@ -1,7 +1,14 @@
 """`inspectd teach`: refit a bundle's scorer on confirmed-good frames, on the station, without torch.
 
     inspectd teach BUNDLE --good DIR [--holdout 0.2] [--by NAME] [--apply tcp://host:port]
+    inspectd teach BUNDLE --archive [DIR] --since 8h [--until TIME] [--camera ID] [...]
     inspectd teach BUNDLE --rollback [--apply tcp://host:port]
+
+The confirmed-good frames come from a folder (`--good`, e.g. an `inspectd archive export`) or straight from the
+daemon's image archive (`--archive`, read with inspectd.protocol.archive's ArchiveReader): the frames archived with
+verdict ok, captured in the span, of one camera or all. Either way they are taken in the order of their file names
+(an archived frame's is `<id>.png`, in the archive and in an export alike), so teaching from the archive and from an
+export of the same frames fits the same parameters.
 
 The scorer's parameters (memory bank, Gaussian mean and precision, k-means references) are graph inputs, so a refit
 needs no new graph and no new TensorRT plan: the bundle's feature graph (engines.runtime.features) computes the
@@ -29,6 +36,8 @@ replaced, the comparison). Where it goes depends on what BUNDLE is:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import getpass
 import hashlib
 import os
@@ -50,8 +59,11 @@ from engines.runtime import open_engine
 from engines.runtime.features import FeatureExtractor
 from engines.runtime.preprocess import fit_frame, mean_level
 from engines.runtime.scorer_fit import fit_scorer
+from inspectd.errors import InspectdError
+from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveReader, parse_time
 
 DEFAULT_HOLDOUT = 0.2
+MIN_FRAMES = 2  # at least one fitted and one held out (split_holdout)
 BATCH = 8
 VERSIONS_SUFFIX = ".versions"
 
@@ -107,6 +119,52 @@ def scorer_settings(bundle: Bundle) -> tuple[str, dict[str, Any]]:
     return kind, settings
 
 
+@dataclasses.dataclass(frozen=True)
+class GoodFrames:
+    """Confirmed-good frames to teach on: their image files in the order they are fitted, and where they came from."""
+
+    paths: list[Path]
+    source: str  # for messages: "--good DIR" or "--archive DIR ..."
+    record: dict[str, Any]  # where they came from, for the teach record's `frames`
+    provenance: dict[str, Any]  # the same, shorter, for the thresholds' provenance
+    hint: str = ""  # how to get more of them, for the too-few refusal
+
+
+def folder_frames(good: str | Path) -> GoodFrames:
+    folder = str(Path(good).resolve())
+    return GoodFrames(list_images(good), f"--good {good}", {"folder": folder}, {"good_dir": folder})
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def archive_frames(archive: str | Path, since: str, until: str | None = None, camera: str | None = None) -> GoodFrames:
+    """The frames the daemon's archive at `archive` kept with verdict ok, captured from `since` to `until` (ISO times
+    or spans back from now, as `inspectd archive` takes them), of `camera` or of every camera."""
+    t_since = parse_time(since, "--since")
+    t_until = parse_time(until, "--until") if until is not None else None
+    with ArchiveReader(archive) as reader:
+        entries = reader.query(camera=camera, verdict="ok", since=t_since, until=t_until)
+        # The order an export of these frames lists in (its files are <id>.png), so both sources fit alike. A frame
+        # the archive's age or size bound deleted since the query is left out.
+        named = sorted(((f"{e.id}.png", e.id, reader.file(e)) for e in entries), key=lambda row: row[0])
+        kept = [(entry_id, path) for _, entry_id, path in named if path.is_file()]
+        root = str(reader.root.resolve())
+    span = {"camera": camera, "since": _iso(t_since), "until": _iso(t_until)}
+    where = f"--archive {archive}" + (f" --camera {camera}" if camera else "") + f" --since {since}"
+    where += f" --until {until}" if until is not None else ""
+    return GoodFrames(
+        [path for _, path in kept],
+        where,
+        {"archive": root, **span, "verdict": "ok", "ids": [entry_id for entry_id, _ in kept]},
+        {"archive": root, **span},
+        "; the archive keeps one good frame in archive.good_every per camera: a longer span holds more",
+    )
+
+
 def fitted_frames(paths: list[Path], shape: tuple[int, int, int], resize: str) -> np.ndarray:
     """The frames fitted to the model input the way the daemon fits them."""
     out = np.empty((len(paths), *shape), dtype=np.uint8)
@@ -129,14 +187,15 @@ def score(engine, images: np.ndarray, params: dict[str, np.ndarray] | None = Non
 
 def teach(
     bundle_path: str | Path,
-    good: str | Path,
+    good: str | Path | GoodFrames,
     holdout: float = DEFAULT_HOLDOUT,
     by: str | None = None,
     target_false_reject: float | None = None,
     pixel_fpr: float | None = None,
     out=None,
 ) -> Bundle:
-    """Refit BUNDLE's scorer on the frames in `good`, write the result as BUNDLE's next version, return it."""
+    """Refit BUNDLE's scorer on `good` (a folder of frames, or frames from archive_frames), write the result as
+    BUNDLE's next version, return it."""
     from calibration.calibrate import (
         DEFAULT_FALSE_REJECT,
         DEFAULT_PIXEL_FPR,
@@ -150,9 +209,13 @@ def teach(
     bundle_path = Path(bundle_path)
     bundle = load_bundle(bundle_path)
     kind, settings = scorer_settings(bundle)
-    paths = list_images(good)
-    if len(paths) < 2:
-        raise TeachError(f"--good {good}: {len(paths)} image(s), expected at least 2 (some fit, some are held out)")
+    frames = good if isinstance(good, GoodFrames) else folder_frames(good)
+    paths = frames.paths
+    if len(paths) < MIN_FRAMES:
+        raise TeachError(
+            f"{frames.source}: {len(paths)} good frame(s), expected at least {MIN_FRAMES} (some fit, some are held out)"
+            + frames.hint
+        )
     if not 0.0 < holdout < 1.0:
         raise TeachError(f"--holdout {holdout}: expected a fraction strictly between 0 and 1")
     images = fitted_frames(paths, bundle.input_shape, bundle.resize_policy)
@@ -197,7 +260,7 @@ def teach(
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     provenance = {
         "tool": f"inspectd teach {inspectd_version()}",
-        "good_dir": str(Path(good).resolve()),
+        **frames.provenance,
         "n_good": int(len(held)),
         "images": "held-out",
         "target": {"kind": "false_reject", "value": fr_target},
@@ -219,7 +282,7 @@ def teach(
         "time": when,
         "by": who,
         "frames": {
-            "folder": str(Path(good).resolve()),
+            **frames.record,
             "n": len(paths),
             "n_fit": int(len(fit_idx)),
             "n_holdout": int(len(hold_idx)),
@@ -327,6 +390,13 @@ def _report(out, bundle: Bundle, record: dict, warning: str | None, seconds: flo
         f"{frames['n_fit']} frames in {seconds:.1f}s, {frames['n_holdout']} held out; {where}",
         file=out,
     )
+    if "archive" in frames:
+        span = f"{frames['since']} to {frames['until'] or 'now'}"
+        print(
+            f"frames: {frames['n']} good frame(s) of {frames['camera'] or 'every camera'} from {span} in the archive "
+            f"{frames['archive']} (their ids are in the manifest's teach record)",
+            file=out,
+        )
     print(f"on the {comparison['frames']} held-out frames:", file=out)
     for name, row in (("current", current), ("taught ", taught)):
         print(
@@ -339,8 +409,25 @@ def _report(out, bundle: Bundle, record: dict, warning: str | None, seconds: flo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "The frames come from --good DIR or --archive [DIR] (exactly one; or --rollback). --archive reads the "
+        "daemon's image archive (its config's archive.path, by default <state_dir>/archive): DIR defaults to "
+        f"{DEFAULT_ARCHIVE}, the installed layout's. It takes the frames the daemon archived with verdict ok (one "
+        "good frame in archive.good_every) captured from --since (required) to --until, of --camera or of every "
+        "camera; the new version's teach record names them (archive, camera, span, archive ids)."
+    )
     parser.add_argument("bundle", help="bundle directory to teach (replaced by its next version)")
     parser.add_argument("--good", help="folder of confirmed-good frames (e.g. from `inspectd archive export`)")
+    parser.add_argument(
+        "--archive",
+        nargs="?",
+        const=str(DEFAULT_ARCHIVE),
+        metavar="DIR",
+        help=f"teach on the good frames of the daemon's image archive at DIR (default {DEFAULT_ARCHIVE})",
+    )
+    parser.add_argument("--since", metavar="TIME", help="--archive: captured at or after TIME: ISO or a span (8h, 30m)")
+    parser.add_argument("--until", metavar="TIME", help="--archive: captured before TIME (same forms)")
+    parser.add_argument("--camera", metavar="ID", help="--archive: only this camera's frames (default: every camera)")
     parser.add_argument("--rollback", action="store_true", help="put back the version this one was taught from")
     parser.add_argument(
         "--holdout", type=float, default=DEFAULT_HOLDOUT, help="share held out for thresholds and the comparison"
@@ -358,13 +445,19 @@ def run(args: argparse.Namespace) -> int:
     from calibration.calibrate import CalibrationError
 
     try:
-        if args.rollback == bool(args.good):
-            raise TeachError("expected exactly one of --good DIR and --rollback")
+        archive, since, until, camera = args.archive, args.since, args.until, args.camera
+        if [bool(args.good), archive is not None, bool(args.rollback)].count(True) != 1:
+            raise TeachError("expected exactly one of --good DIR, --archive [DIR] and --rollback")
+        if archive is None and (since or until or camera):
+            raise TeachError("--since, --until and --camera select archived frames: expected --archive [DIR] too")
+        if archive is not None and since is None:
+            raise TeachError("--archive: expected --since TIME too (8h, or 2026-03-01T06:00): the span to teach on")
         if args.rollback:
             rollback(args.bundle)
         else:
-            teach(args.bundle, args.good, args.holdout, args.by, args.target_false_reject, args.pixel_fpr)
-    except (TeachError, CalibrationError, BundleError, DataError, EngineError, OSError) as exc:
+            good = args.good if since is None else archive_frames(archive, since, until, camera)
+            teach(args.bundle, good, args.holdout, args.by, args.target_false_reject, args.pixel_fpr)
+    except (TeachError, CalibrationError, BundleError, DataError, EngineError, InspectdError, OSError) as exc:
         print(f"inspectd teach: {exc}", file=sys.stderr)
         return 2
     return _apply(args) if args.apply else 0

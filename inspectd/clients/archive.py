@@ -13,9 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from inspectd.protocol.archive import EXPORT_SPLITS, ArchiveError, ArchiveReader, Entry, parse_time
+from inspectd.protocol.archive import DEFAULT_ARCHIVE, EXPORT_SPLITS, ArchiveError, ArchiveReader, Entry, parse_time
 
-DEFAULT_ARCHIVE = Path("/var/lib/inspectd/archive")
 VERDICTS = ("ok", "defect")
 
 

@@ -29,14 +29,13 @@ from aiohttp import web
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.logs import configure_logging
-from inspectd.protocol.archive import ArchiveError, ArchiveReader
+from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveError, ArchiveReader
 from inspectd.protocol.messages import Result
 
 log = structlog.get_logger("inspectd.web")
 
 DEFAULT_LISTEN = "127.0.0.1:8088"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
-DEFAULT_ARCHIVE = Path("/var/lib/inspectd/archive")
 PUSH_INTERVAL_S = 0.25
 STATUS_STALE_S = 3.0  # no status for this long: the page says the daemon is not reporting
 ARCHIVE_WAIT_S = 2.0  # an image named by a result may still be on its way to disk: wait this long before 404

@@ -34,6 +34,9 @@ LIVE_DIR = "live"
 ID_RE = re.compile(r"[a-zA-Z0-9_-]+-\d{8}T\d{9}-\d+")
 EXPORT_SPLITS = ("train", "test")
 MANIFEST_NAME = "archive.jsonl"  # what an export took, one JSON object per frame
+# Where the installed daemon keeps it: <state_dir>/archive with the installed config's state_dir (/var/lib/inspectd);
+# the default of every command that reads the archive without a daemon config.
+DEFAULT_ARCHIVE = Path("/var/lib/inspectd/archive")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
