@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from tiny_dataset import one_torch_thread  # noqa: F401 (fixture)
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 SIZE = 64
 HOLDOUT = 0.25
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,10 @@ def args(bundle: Path, **kw) -> argparse.Namespace:
     base = dict(
         bundle=str(bundle),
         good=None,
+        archive=None,
+        since=None,
+        until=None,
+        camera=None,
         rollback=False,
         holdout=HOLDOUT,
         by="tester",
@@ -171,3 +178,136 @@ def test_a_linked_bundle_gets_its_new_version_beside_the_target_and_the_link_swi
     assert os.readlink(absolute) == str(bundles / "frozen-a-v2-3")  # absolute stays absolute
     assert rollback(absolute, out=io.StringIO()).model_id == before.model_id
     assert os.readlink(absolute) == str(bundles / "frozen-a")
+
+
+def inspectd(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", *argv], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+
+def test_teach_from_the_daemons_archive_equals_teach_on_its_export(trained, tmp_path):
+    """A real daemon archives one good frame in two (and every defect) of two synthetic cameras; `inspectd teach
+    --archive DIR --since 1h --camera cam0` takes exactly cam0's frames judged ok, records them, and fits what `inspectd
+    teach --good` fits on the same frames exported with `inspectd archive export`. Too few frames: one line, nothing
+    written."""
+    import datetime
+    import shutil
+    import time
+
+    from daemon_harness import Station
+    from engines.bundle import thresholds as thresholds_doc
+    from inspectd.protocol.archive import ArchiveReader
+    from inspectd.protocol.messages import Result
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    count = 40
+    cameras = [
+        {
+            "id": cam,
+            "source": {
+                "kind": "synthetic",
+                "width": 96,
+                "height": 96,
+                "seed": seed,
+                "defect_rate": 0.3,
+                "rate_hz": 100.0,
+                "count": count,
+            },
+            "queue": {"policy": "block"},
+        }
+        for cam, seed in (("cam0", 11), ("cam1", 12))
+    ]
+    # The running copy's threshold between this line's good frames (scores up to ~28 against a bundle fitted on 12
+    # frames of another seed) and its defects (from ~41), so the daemon judges most good frames ok.
+    shutil.copytree(trained, tmp_path / "running")
+    running = load_bundle(tmp_path / "running")
+    loose = thresholds_doc.next_version(running.thresholds(), image_threshold=35.0, provenance={"tool": "test"})
+    running.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(loose))
+    station = Station(tmp_path, tmp_path / "running", cameras, archive={"good_every": 2})
+    results: list[Result] = []
+    try:
+        station.wait_ready()
+        last = {"cam0": -1, "cam1": -1}
+        deadline = time.monotonic() + 60
+        while min(last.values()) < count - 1 and time.monotonic() < deadline:
+            message = station.sub.recv(0.5)
+            if isinstance(message, Result):
+                results.append(message)
+                last[message.camera] = max(last[message.camera], message.seq)
+        assert min(last.values()) == count - 1, station.log_tail()
+    finally:
+        assert station.stop() == 0, station.log_tail()  # the archive's writer drains before the daemon exits
+    archive = tmp_path / "state" / "archive"
+    archived = {r.archive_id: r for r in results if r.archive_id}
+    assert any(r.verdict == "defect" and r.camera == "cam0" for r in archived.values()), "no defect to leave out"
+
+    from_archive, from_export = tmp_path / "from-archive", tmp_path / "from-export"
+    shutil.copytree(trained, from_archive)
+    shutil.copytree(trained, from_export)
+    common = ("--holdout", str(HOLDOUT), "--by", "tester")
+    taught = inspectd(
+        "teach", str(from_archive), "--archive", str(archive), "--since", "1h", "--camera", "cam0", *common
+    )
+    assert taught.returncode == 0, taught.stdout + taught.stderr
+    exported = inspectd(
+        "archive", "export", str(tmp_path / "export"), "--archive", str(archive), "--since", "1h",
+        "--camera", "cam0", "--verdict", "ok", "--split", "train",
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    good = inspectd("teach", str(from_export), "--good", str(tmp_path / "export" / "train" / "good"), *common)
+    assert good.returncode == 0, good.stdout + good.stderr
+
+    a, b = load_bundle(from_archive), load_bundle(from_export)
+    frames = a.manifest["teach"]["frames"]
+    ids = frames["ids"]
+    # Exactly cam0's frames the daemon judged ok and archived: every one published with that verdict is there, no
+    # defect verdict and no other camera's frame is.
+    assert ids == sorted(ids) and len(ids) == frames["n"] >= 8
+    assert {i for i, r in archived.items() if r.camera == "cam0" and r.verdict == "ok"} <= set(ids)
+    assert all(archived[i].camera == "cam0" and archived[i].verdict == "ok" for i in ids if i in archived)
+    assert all(i.startswith("cam0-") for i in ids)
+    assert frames["archive"] == str(archive.resolve()) and frames["camera"] == "cam0" and frames["verdict"] == "ok"
+    since = datetime.datetime.fromisoformat(frames["since"]).timestamp()
+    assert abs(since - (time.time() - 3600)) < 60 and frames["until"] is None
+    assert sorted(p.stem for p in (tmp_path / "export" / "train" / "good").glob("*.png")) == ids
+    assert a.thresholds().provenance["archive"] == str(archive.resolve())
+    assert "good_dir" not in a.thresholds().provenance
+    assert f"{len(ids)} good frame(s) of cam0" in taught.stdout
+
+    # The same frames in the same order, so the same fit, thresholds and drift references.
+    other = b.manifest["teach"]["frames"]
+    assert (frames["names_sha256"], frames["pixels_sha256"]) == (other["names_sha256"], other["pixels_sha256"])
+    assert (frames["n_fit"], frames["n_holdout"]) == (other["n_fit"], other["n_holdout"])
+    pa, pb = a.scorer_params(), b.scorer_params()
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        np.testing.assert_allclose(pa[name], pb[name], rtol=1e-5, atol=1e-6 * float(np.abs(pb[name]).max()))
+    ta, tb = a.thresholds(), b.thresholds()
+    assert ta.image_threshold == pytest.approx(tb.image_threshold, rel=1e-5)
+    for reference in ("good_scores", "good_brightness"):
+        got, expected = ta.provenance[reference], tb.provenance[reference]
+        assert got["n"] == expected["n"] and got["quantiles"] == pytest.approx(expected["quantiles"], rel=1e-5)
+
+    # Too few: one line saying how many were found and how many are needed; the bundle stays as it was.
+    before = load_bundle(from_archive).model_id
+    with ArchiveReader(archive) as reader:
+        first = reader.query(camera="cam0", verdict="ok")[0].t_capture
+
+    def iso(t: float) -> str:
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
+
+    for selection, found in (
+        (("--since", "1h", "--camera", "cam9"), 0),
+        (("--since", "1h", "--until", "2000-01-01"), 0),
+        (("--since", iso(first - 0.0005), "--until", iso(first + 0.0005), "--camera", "cam0"), 1),
+    ):
+        refused = inspectd("teach", str(from_archive), "--archive", str(archive), *selection)
+        assert refused.returncode == 2 and refused.stdout == "", refused.stdout + refused.stderr
+        line = refused.stderr.strip()
+        assert "\n" not in line and line.startswith(f"inspectd teach: --archive {archive}"), line
+        assert f": {found} good frame(s), expected at least 2 (some fit, some are held out)" in line, line
+    no_span = inspectd("teach", str(from_archive), "--archive", str(archive))
+    assert no_span.returncode == 2 and "--archive: expected --since TIME" in no_span.stderr
+    assert load_bundle(from_archive).model_id == before
