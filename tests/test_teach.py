@@ -1,7 +1,7 @@
 """`inspectd teach`: the scorer refitted on the station (ONNX Runtime features, numpy fit) matches `inspectd train`'s
 fit of the same recipe on the same frames, for every scorer; the new version keeps the graph and carries provenance,
 recalibrated thresholds and the comparison; rollback puts the previous version back; a bundle without the feature
-graph gets one line."""
+graph gets one line; teaching straight from a real daemon's image archive fits what teaching on its export fits."""
 
 from __future__ import annotations
 
