@@ -145,6 +145,23 @@ def bridge_config(tmp_path):
     return path
 
 
+def bridge_command(daemon: Daemon, plc: Plc, config: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "inspectd",
+        "bridge",
+        "modbus",
+        "--endpoint",
+        daemon.endpoint,
+        "--plc",
+        f"127.0.0.1:{plc.port}",
+        "--config",
+        str(config),
+        *extra,
+    ]
+
+
 class Bridge:
     def __init__(
         self,
@@ -155,22 +172,7 @@ class Bridge:
         extra: tuple[str, ...] = (),
     ) -> None:
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "inspectd",
-                "bridge",
-                "modbus",
-                "--endpoint",
-                daemon.endpoint,
-                "--plc",
-                f"127.0.0.1:{plc.port}",
-                "--config",
-                str(config),
-                "--topic",
-                topic,
-                *extra,
-            ],
+            bridge_command(daemon, plc, config, "--topic", topic, *extra),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -580,21 +582,7 @@ def test_a_corrupt_state_file_is_refused_with_one_line_naming_it(plc, daemon, br
     state.mkdir()
     (state / "acked.json").write_text('{"acked": {"cam0": "twelve"}}')
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "inspectd",
-            "bridge",
-            "modbus",
-            "--endpoint",
-            daemon.endpoint,
-            "--plc",
-            f"127.0.0.1:{plc.port}",
-            "--config",
-            str(bridge_config),
-            "--state-dir",
-            str(state),
-        ],
+        bridge_command(daemon, plc, bridge_config, "--state-dir", str(state)),
         cwd=REPO,
         capture_output=True,
         text=True,
