@@ -12,7 +12,7 @@ PYTHON_MIN := $(shell sed -n 's/^. requires-python: >=\([0-9.]*\).*/\1/p' $(CONS
 #     make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: venv demo test browser constraints clean
+.PHONY: venv demo test browser strace constraints clean
 
 # Checked before anything is created, each failure in one line: the interpreter, its version, its venv module.
 CHECK_VERSION = import sys; need = tuple(int(p) for p in "$(PYTHON_MIN)".split(".")); \
@@ -43,7 +43,11 @@ LINTED := inspectd engines calibration tests deploy
 browser:
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
 
-test: venv browser
+# The power-cut tests (tests/test_power_cut.py) read a real daemon's fsyncs from strace, installed here the same way.
+strace:
+	@command -v strace >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends strace; }
+
+test: venv browser strace
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy

@@ -32,10 +32,18 @@ def free_port() -> int:
 
 
 class Station:
-    """`overrides` are merged into the base config one level deep (a dict value updates the section)."""
+    """`overrides` are merged into the base config one level deep (a dict value updates the section). `wrap` is a
+    command the daemon runs under (strace ...): `proc` is then that command, and `daemon_pid` the daemon itself."""
 
     def __init__(
-        self, tmp: Path, bundle: Path, cameras: list[dict], preexec_fn=None, watchdog_usec: int = 2_000_000, **overrides
+        self,
+        tmp: Path,
+        bundle: Path,
+        cameras: list[dict],
+        preexec_fn=None,
+        watchdog_usec: int = 2_000_000,
+        wrap: tuple[str, ...] = (),
+        **overrides,
     ) -> None:
         self.tmp = tmp
         self.publish = f"ipc://{tmp}/pub.sock"
@@ -80,14 +88,32 @@ class Station:
         env.pop("WATCHDOG_PID", None)
         self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
+        self._wrapped = bool(wrap)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "run", "--config", str(self.config_path)],
+            [*wrap, sys.executable, "-m", "inspectd", "run", "--config", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=tmp,
             preexec_fn=preexec_fn,
         )
+
+    @property
+    def daemon_pid(self) -> int:
+        """The daemon's process id: `proc`'s, or with `wrap` that of the command's child (strace blocks the signals
+        sent to it, so signals for the daemon go here)."""
+        if not self._wrapped:
+            return self.proc.pid
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            except FileNotFoundError:
+                children = []
+            if children:
+                return int(children[0])
+            assert time.monotonic() < deadline and self.proc.poll() is None, f"no daemon under {self.proc.args[0]}"
+            time.sleep(0.01)
 
     @property
     def note_lines(self) -> list[str]:
@@ -156,7 +182,7 @@ class Station:
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            os.kill(self.daemon_pid, signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         finally:

@@ -333,7 +333,19 @@ class Journal:
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.fsync_interval_s):
-            self.sync()
+            try:
+                self.sync()
+            except Exception as exc:  # noqa: BLE001 - one bad round must not end every later fsync
+                self.fsync_failed += 1
+                log.exception(
+                    "journal_sync_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    effect="this round's fsyncs may not have happened; the next round retries",
+                )
+
+    def alive(self) -> bool:
+        """False once the syncer thread has ended while the journal is open: nothing would reach the disk any more."""
+        return self._syncer.is_alive() or self._stop.is_set()
 
     def sync(self) -> None:
         """fsync everything written since the last sync. Called by the syncer thread, and at close."""
@@ -342,10 +354,15 @@ class Journal:
                 return
             # Duplicates, so a segment rotated or closed meanwhile cannot take the descriptor from under the fsync.
             fds = [os.dup(a.fd) for a in self._active.values()] if self.unsynced else []
-            fds += [os.dup(self._accepted_fd[c]) for c in self._marks_dirty if c in self._accepted_fd]
+            # Ingest threads add to the set without the lock: take a copy and remove what it holds (each one C call
+            # under the GIL). Iterating the set itself can meet a camera added meanwhile, and replacing it can lose
+            # an add made to the old object; either way a quiet line's last mark would never be fsynced. A camera
+            # added again after the copy had its mark written before that, so this round's fsync covers it.
+            marks = self._marks_dirty.copy()
+            self._marks_dirty.difference_update(marks)
+            fds += [os.dup(self._accepted_fd[c]) for c in marks if c in self._accepted_fd]
             closing, self._to_close = self._to_close, []
             dirs, self._dirs_dirty = self._dirs_dirty, set()
-            self._marks_dirty = set()
             pending = self.unsynced
         failed = None
         for fd in fds + closing:

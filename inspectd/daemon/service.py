@@ -392,7 +392,7 @@ class Daemon:
 
     def dead_threads(self) -> list[str]:
         """Threads that ended while they should be serving: each is a part of the daemon that no longer answers
-        (its camera, the publisher, the control channel, the CURVE authenticator)."""
+        (its camera, the publisher, the control channel, the CURVE authenticator, the journal's syncer)."""
         dead = [
             f"ingest-{cam}"
             for cam, ingest in self.ingest.items()
@@ -402,6 +402,8 @@ class Daemon:
             dead.append("publish")
         if self.control is not None and not self.control.alive():
             dead.append("control")
+        if self.journal is not None and not self.journal.alive():
+            dead.append("journal-sync")
         for role, curve in (("control", self.control_curve), ("publish", self.publish_curve)):
             if curve is not None and not curve.alive():
                 dead.append(f"auth-{role}")
