@@ -3,12 +3,13 @@
 No test here cuts the power. A power cut keeps what was fsynced and may drop anything else, so what survives one is
 decided by which fsyncs the daemon makes and when. `inspectd run` runs under strace (every fsync, write, pwrite,
 openat, mkdir, unlink and rename of every thread, each with its time, thread and the path behind its descriptor)
-with a journal configured only by its size. A burst of frames goes through it, then the line goes quiet, and only
-after that quiet spell is the daemon stopped. From the trace: every record written to a segment and every accepted
-mark is fsynced within the journal's `fsync_interval_s` (the default, 1 s), the last ones during the quiet spell and
-not at the next append or at shutdown; the thread that writes records never fsyncs; the directory of every segment,
-mark and camera directory created or deleted is fsynced after the entry changed. Then a second daemon, with a config
-that says nothing about the journal, resumes the numbering after the first one's last seq.
+with a journal configured only by its size. Four bursts of frames go through it, a second apart (each rotates to a
+new segment; the cap deletes the oldest), then the line goes quiet, and only after that quiet spell is the daemon
+stopped. From the trace: every record written to a segment and every accepted mark is fsynced within the journal's
+`fsync_interval_s` (the default, 1 s), the last ones during the quiet spell, not at the next append or at shutdown;
+the thread that writes records never fsyncs; the parent directory of every segment, mark and directory the journal
+created or deleted is fsynced after that. Then a second daemon, with a config that says nothing about the journal,
+resumes the numbering after the first one's last seq.
 """
 
 from __future__ import annotations
@@ -38,9 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 FRAMES = 600  # about 4 segments of 64 kB: rotation creates segments and the 0.2 MB cap deletes the oldest
 BURSTS = 4  # FRAMES arrive in this many bursts, each rotating to a new segment
 INTERVAL = 1.0  # publish.journal.fsync_interval_s's default, which the traced daemon keeps
-# What the bound may overrun by on a loaded 2-core machine under strace: the syncer wakes every INTERVAL, then its
-# fsyncs take their time. The largest lag measured is printed with -s.
-SLACK = 0.5
 QUIET = 3 * INTERVAL  # how long the line stays quiet before the daemon is stopped
 TRACED = "fsync,fdatasync,openat,write,pwrite64,mkdir,mkdirat,unlink,unlinkat,rename,renameat,renameat2"
 
@@ -162,7 +160,7 @@ def traced(tmp_path_factory):
             if burst:
                 # Each burst in a syncer interval of its own, so what one burst created or deleted is fsynced for
                 # its own sake, not by the sync that an earlier change asked for.
-                time.sleep(INTERVAL + SLACK + 0.1)
+                time.sleep(INTERVAL)
             for i in range(burst * FRAMES // BURSTS, (burst + 1) * FRAMES // BURSTS):
                 header = {"frame_id": f"f{i}", "t_capture": time.time(), "dtype": "uint8", "encoding": "raw"}
                 push.send_multipart([json.dumps({**header, "shape": [FRAME, FRAME]}).encode(), image.tobytes()])
@@ -210,11 +208,11 @@ def test_a_quiet_lines_last_records_are_fsynced_within_the_interval_by_the_timer
     lag = synced[0].end - last.end
     print(f"last record fsynced {lag:.3f} s after its write (bound {INTERVAL} s)")
     assert synced[0].end < stop, "the last record was fsynced only at shutdown"
-    assert lag <= INTERVAL + SLACK
+    assert lag <= INTERVAL
     # Every record, in whichever segment it went (including those rotation closed): fsynced within the bound.
     worst = max(fsyncs_of(calls, w.fd_path(), w.end)[0].end - w.end for w in writes)
     print(f"largest lag from a record's write to its fsync: {worst:.3f} s")
-    assert worst <= INTERVAL + SLACK
+    assert worst <= INTERVAL
     # Off the publishing thread: the thread that writes the records never waits for the disk while it publishes.
     publisher = {w.tid for w in writes}
     assert not [c for c in calls if c.name in ("fsync", "fdatasync") and c.tid in publisher and c.start < stop]
@@ -234,13 +232,15 @@ def test_the_directory_of_every_segment_mark_and_camera_directory_created_or_del
     assert journal / "cam0" / ACCEPTED_MARK in created
     deleted = [c for c in calls if c.name in ("unlink", "unlinkat") and (t := c.target()) and t.suffix == ".seg"]
     assert deleted, "the cap deleted no segment"
-    made = [c for c in calls if c.name in ("mkdir", "mkdirat") and c.target() == journal / "cam0"]
-    assert made
+    # The camera's directory, and on a first start the journal's and the state dir's (mkdir -p from the journal).
+    made = [c for c in calls if c.name in ("mkdir", "mkdirat") and c.ret == "0"]
+    made = [c for c in made if c.target() in (state, journal, journal / "cam0")]
+    assert sorted(c.target() for c in made) == [state, journal, journal / "cam0"]
     changes = [*[(p, c) for p, c in created.items() if c.start < stop], *[(c.target(), c) for c in deleted + made]]
     for path, change in changes:
         synced = fsyncs_of(calls, path.parent, change.end)
         assert synced, f"{path.parent} never fsynced after {change.name} of {path.name}"
-        assert synced[0].end - change.end <= INTERVAL + SLACK, f"{path.name}: {synced[0].end - change.end:.3f} s"
+        assert synced[0].end - change.end <= INTERVAL, f"{path.name}: {synced[0].end - change.end:.3f} s"
     # The clean mark left at shutdown is an empty file: its directory entry is what must reach the disk.
     clean = created[journal / CLEAN_MARK]
     assert clean.start > stop and fsyncs_of(calls, journal, clean.end)
@@ -261,9 +261,9 @@ def test_the_accepted_mark_is_rewritten_in_place_and_fsynced_within_the_interval
     synced = fsyncs_of(calls, mark, last.end)
     assert synced and synced[0].end < stop, "the last accepted mark was fsynced only at shutdown, or never"
     print(f"last accepted mark fsynced {synced[0].end - last.end:.3f} s after its write")
-    assert synced[0].end - last.end <= INTERVAL + SLACK
+    assert synced[0].end - last.end <= INTERVAL
     worst = max(fsyncs_of(calls, mark, p.end)[0].end - p.end for p in pwrites)
-    assert worst <= INTERVAL + SLACK, f"a mark waited {worst:.3f} s for its fsync"
+    assert worst <= INTERVAL, f"a mark waited {worst:.3f} s for its fsync"
 
 
 def test_a_daemon_whose_config_leaves_out_the_journal_keeps_one_and_resumes_the_numbering(traced):

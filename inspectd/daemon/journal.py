@@ -9,9 +9,10 @@ the oldest closed segments (any camera) are deleted, so the journal holds the mo
 
 fsync policy: every record is written to the OS before the result is sent (survives the process dying at any
 point). A syncer thread fsyncs what was written (active segments, the accepted marks, segments closed by rotation,
-and the directories in which segments were created or deleted) every `fsync_interval_s`, whether or not anything
-else is appended, so a power cut costs at most that interval, on a quiet line as on a busy one, and the publishing
-thread never waits for the disk. An fsync that fails is logged (`journal_fsync_failed`) and counted, never ignored.
+and the directories in which segments, marks or the journal's own directories were created or deleted) twice per
+`fsync_interval_s`, whether or not anything else is appended, so a power cut costs at most that interval (unless an
+fsync itself takes longer than half of it), on a quiet line as on a busy one, and the publishing thread never waits
+for the disk. An fsync that fails is logged (`journal_fsync_failed`) and counted, never ignored.
 
 A write that fails (disk full: ENOSPC, quota, file-size limit, I/O error) never stops publishing: the partial
 record is cut off at once (or, if even that fails, before the next append to that segment), the journal is marked
@@ -117,6 +118,12 @@ class Journal:
         self._fsync_error: str | None = None
         self._stop = threading.Event()
         try:
+            # A directory created here (the journal's, the state dir's on a first start) is an entry in its parent,
+            # which a power cut can lose with everything under it until the parent is fsynced too.
+            missing = self.directory
+            while not missing.exists() and missing.parent != missing:
+                self._dirs_dirty.add(missing.parent)
+                missing = missing.parent
             self.directory.mkdir(parents=True, exist_ok=True)
             mark = self.directory / CLEAN_MARK
             self.unclean = not mark.exists() and bool(cameras(self.directory))
@@ -332,7 +339,9 @@ class Journal:
     # -- durability --------------------------------------------------------------------------------------------
 
     def _sync_loop(self) -> None:
-        while not self._stop.wait(self.fsync_interval_s):
+        # Twice per interval: a record written just after a round started waits for the next one, and that round's
+        # own fsyncs take time too, so a round per interval would overrun the bound the interval promises.
+        while not self._stop.wait(self.fsync_interval_s / 2):
             try:
                 self.sync()
             except Exception as exc:  # noqa: BLE001 - one bad round must not end every later fsync
