@@ -127,7 +127,11 @@ class Journal:
             self.directory.mkdir(parents=True, exist_ok=True)
             mark = self.directory / CLEAN_MARK
             self.unclean = not mark.exists() and bool(cameras(self.directory))
-            mark.unlink(missing_ok=True)
+            if mark.exists():
+                # Gone for good before anything is appended, or a power cut would leave a run that never closed
+                # looking clean at the next start.
+                mark.unlink()
+                self._dirs_dirty.add(self.directory)
             for camera in cameras(self.directory):
                 self._recover(camera)
         except OSError as exc:
