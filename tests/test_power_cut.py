@@ -176,6 +176,7 @@ def traced(tmp_path_factory):
     assert "journal" not in again.config["publish"]
     try:
         again.wait_ready(120)
+        time.sleep(INTERVAL)  # no frame yet: what the open itself changed must be fsynced for its own sake
         for i in range(3):  # the PUSH socket reconnects to the new daemon's camera by itself
             header = {"frame_id": f"g{i}", "t_capture": time.time(), "dtype": "uint8", "encoding": "raw"}
             push.send_multipart([json.dumps({**header, "shape": [FRAME, FRAME]}).encode(), image.tobytes()])
@@ -279,6 +280,8 @@ def test_a_daemon_whose_config_leaves_out_the_journal_keeps_one_and_resumes_the_
     assert removed.ret == "0"
     synced = fsyncs_of(calls, journal, removed.end)
     assert synced and synced[0].end - removed.end <= INTERVAL
+    first_mark = [c for c in calls if c.name == "pwrite64" and c.fd_path() == journal / "cam0" / ACCEPTED_MARK][0]
+    assert synced[0].end < first_mark.start  # not only because the first frame's mark opened a file there
 
 
 def test_the_default_and_the_example_config_keep_a_journal_under_the_state_dir(tmp_path):
