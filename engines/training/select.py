@@ -11,20 +11,16 @@
 4. Metrics per candidate, per plant kind (each kind against the clean held-out images): image AUROC, pixel AUROC and
    AUPRO (engines.training.metrics); then their means over kinds, so a frequent easy kind cannot hide a failing one.
    False alarms: the share of clean held-out images that score at or above the median planted image.
-5. The rule (`choose`), in order. Differences are judged against their own sampling spread, measured on the same
-   images (a station with 18 good images cannot tell apart what one with 80 can):
-   a. reject candidates whose false-alarm share is significantly above MAX_FALSE_ALARMS (one-sided binomial test at
-      SIGNIFICANCE over the clean held-out images; unless every candidate is rejected);
-   b. keep those whose mean image AUROC is not significantly below the best's: a paired bootstrap (BOOTSTRAP draws
-      of the clean images and of each kind's planted images, the same draw for every candidate) keeps a candidate
-      that matches or beats the best in at least SIGNIFICANCE of the draws. Telling good from bad parts is the
+5. The rule (`choose`), in order:
+   a. reject candidates whose false-alarm share exceeds MAX_FALSE_ALARMS (unless every candidate does);
+   b. keep those whose mean image AUROC is within IMAGE_TOLERANCE of the best: telling good from bad parts is the
       station's first job;
    c. of those, keep those whose mean AUPRO is within PRO_TOLERANCE of the best: maps that cover every defect, small
-      ones as much as large ones (AUPRO comes from pixel histograms per kind; a bootstrap of it would rescore every
-      map, so its tolerance is a fixed few hundredths, about its spread over the planted draw);
+      ones as much as large ones;
    d. of those, the first in the catalogue's order, which runs from the sharpest maps to the widest context: where
       the planted defects cannot tell recipes apart, the sharper map still localises a small defect, while a wide
       window that is not needed smears every small defect (the failure of a fixed wide window on object parts).
+The tolerances are a few hundredths because differences below that are within the spread of the planted draw.
 """
 
 from __future__ import annotations
@@ -50,8 +46,7 @@ CROSS_FIT_FOLDS = 4
 MIN_HELD_OUT, MAX_HELD_OUT = 24, 80
 PLANTED_PER_KIND = 21
 MAX_FALSE_ALARMS = 0.2
-SIGNIFICANCE = 0.05
-BOOTSTRAP = 400
+IMAGE_TOLERANCE = 0.02
 PRO_TOLERANCE = 0.02
 
 # name -> generator(image, rng) -> Defect. Sizes span pinholes to a third of the frame.
@@ -129,8 +124,6 @@ class Scored:
     clean_scores: np.ndarray
     clean_maps: np.ndarray
     params: dict[str, np.ndarray] | None
-    # Image scores of the planted images, in Planted order (their kinds: Selection's `kinds`), for the bootstrap.
-    planted_scores: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
 
     def to_json(self) -> dict:
         return {
@@ -164,57 +157,17 @@ class Selection:
 
 
 RULE = (
-    f"reject false alarms significantly above {MAX_FALSE_ALARMS} (binomial, {SIGNIFICANCE}); keep mean image AUROC "
-    f"not significantly below the best (paired bootstrap, {BOOTSTRAP} draws, {SIGNIFICANCE}); of those keep mean "
-    f"AUPRO within {PRO_TOLERANCE} of the best; first of those in catalogue order"
+    f"reject false alarms > {MAX_FALSE_ALARMS}; keep mean image AUROC within {IMAGE_TOLERANCE} of the best; "
+    f"of those keep mean AUPRO within {PRO_TOLERANCE} of the best; first of those in catalogue order"
 )
 
 
-def false_alarms_significant(share: float, n: int) -> bool:
-    """Whether `share` false alarms among `n` clean images is significantly above MAX_FALSE_ALARMS: P(X >= k) under
-    Binomial(n, MAX_FALSE_ALARMS) below SIGNIFICANCE (summed exactly, in logs so that any n fits a float)."""
-    k, p = int(round(share * n)), MAX_FALSE_ALARMS
-    log_terms = (
-        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-        for i in range(k, n + 1)
-    )
-    return n > 0 and sum(math.exp(t) for t in log_terms) < SIGNIFICANCE
-
-
-def image_auroc_draws(candidates: list[Scored], kinds: Sequence[str], seed: int = 0) -> np.ndarray:
-    """[candidates, BOOTSTRAP + 1] mean-over-kinds image AUROC: column 0 on the images as they are, then one column
-    per bootstrap draw (clean images and each kind's planted images drawn with replacement, the same draw for every
-    candidate). A draw's AUROC weights each (planted, clean) pair by how often the draw took both images."""
-    rng = np.random.default_rng(seed + 104729)
-    kind_of = np.asarray(kinds)
-    n_clean = len(candidates[0].clean_scores)
-
-    def weights(n: int) -> np.ndarray:
-        drawn = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(BOOTSTRAP)])
-        return np.vstack([np.ones((1, n)), drawn]).astype(np.float64)
-
-    clean_w = weights(n_clean)
-    groups = [(rows, weights(len(rows))) for kind in PLANTS if len(rows := np.flatnonzero(kind_of == kind))]
-    out = np.zeros((len(candidates), BOOTSTRAP + 1))
-    for i, c in enumerate(candidates):
-        for rows, planted_w in groups:
-            p, q = c.planted_scores[rows][:, None], c.clean_scores[None, :]
-            pairs = (p > q) + 0.5 * (p == q)
-            out[i] += np.einsum("bi,ij,bj->b", planted_w, pairs, clean_w) / (len(rows) * n_clean)
-        out[i] /= max(1, len(groups))
-    return out
-
-
-def choose(candidates: list[Scored], kinds: Sequence[str], seed: int = 0) -> tuple[Scored, str]:
-    """The documented rule (module docstring, step 5); candidates in catalogue order, `kinds` the planted images'."""
-    pool = [c for c in candidates if not false_alarms_significant(c.false_alarms, len(c.clean_scores))]
-    pool = pool or list(candidates)
+def choose(candidates: list[Scored]) -> tuple[Scored, str]:
+    """The documented rule (module docstring, step 5); candidates in catalogue order."""
+    pool = [c for c in candidates if c.false_alarms <= MAX_FALSE_ALARMS] or list(candidates)
     rejected = [c.recipe.name for c in candidates if c not in pool]
-    draws = image_auroc_draws(pool, kinds, seed)
-    best = int(np.argmax(draws[:, 0]))
-    matched = (draws[:, 1:] >= draws[best, 1:]).mean(axis=1)  # share of draws matching or beating the best
-    best_image = float(draws[best, 0])
-    pool = [c for c, share in zip(pool, matched) if share >= SIGNIFICANCE]
+    best_image = max(c.image_auroc for c in pool)
+    pool = [c for c in pool if c.image_auroc >= best_image - IMAGE_TOLERANCE]
     best_pro = max(c.aupro for c in pool)
     pool = [c for c in pool if c.aupro >= best_pro - PRO_TOLERANCE]
     chosen = pool[0]
@@ -287,7 +240,7 @@ def select_recipe(
             report(format_row(scored[-1]))
     order = {r.name: i for i, r in enumerate(candidates)}
     scored.sort(key=lambda s: order[s.recipe.name])
-    chosen, reason = choose(scored, planted.kind, seed)
+    chosen, reason = choose(scored)
     report(f"chosen: {chosen.recipe.name} ({reason})")
     return Selection(chosen, scored, folds, reason)
 
@@ -392,7 +345,6 @@ def _score_candidate(
         clean_scores,
         maps,
         params if len(folds) == 1 else None,
-        planted_scores,
     )
 
 
