@@ -158,8 +158,32 @@ def test_the_daemon_unit_runs_a_command_the_cli_accepts_and_lets_it_write_where_
     assert config.control.endpoint.startswith("ipc://")
     assert _under(Path(config.control.endpoint[len("ipc://") :]).parent, writable)
     assert settings["Type"] == ["notify"]  # the daemon sends READY=1 and WATCHDOG=1 (tests/test_notify.py)
-    template = (REPO / "systemd" / "inspectd@.service").read_text()
-    assert "--config /etc/inspectd/%i.yaml" in template
+
+
+def test_a_template_instance_runs_its_own_config_and_may_write_where_that_config_writes():
+    """inspectd@line2 as DEPLOY.md sets it up: the example config copied to /etc/inspectd/line2.yaml with
+    `state_dir: /var/lib/inspectd/line2`. Its command must read that file (not the shared one), and everything the
+    config writes must be writable under the instance's own ReadWritePaths."""
+    from inspectd.cli import build_parser
+    from inspectd.configfile import read_yaml
+    from inspectd.daemon.config import parse_config
+
+    settings = {k: [v.replace("%i", "line2") for v in vs] for k, vs in _unit("inspectd@.service").items()}
+    argv = settings["ExecStart"][0].split()
+    args = build_parser(argv[1]).parse_args(argv[1:])
+    assert args.func.__module__ == "inspectd.daemon.service"
+    assert args.config == Path("/etc/inspectd/line2.yaml")
+    raw = read_yaml(REPO / "deploy" / "inspectd.example.yaml")
+    raw["state_dir"] = "/var/lib/inspectd/line2"
+    raw["control"]["endpoint"] = None  # the default, under state_dir (the example names the shared one)
+    config = parse_config(raw, source="line2.yaml", base_dir="/etc/inspectd")
+    writable = settings["ReadWritePaths"]
+    assert Path("/var/lib") / settings["StateDirectory"][0] == config.state_dir  # created by systemd, owned by User=
+    assert not _under(Path("/var/lib/inspectd/line1"), writable), "an instance may write into another's state"
+    for path in (config.state_dir, config.journal_path, config.archive.path):
+        assert path is not None and _under(path, writable), path
+    assert config.control.endpoint.startswith("ipc://")
+    assert _under(Path(config.control.endpoint[len("ipc://") :]).parent, writable)
 
 
 def test_the_bridge_unit_runs_a_command_the_cli_accepts_with_the_journal_the_daemon_writes(monkeypatch):
