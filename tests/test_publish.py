@@ -262,7 +262,7 @@ def test_subscribe_command_prints_results_gaps_and_saves_masks(tmp_path):
     lines = out.splitlines()
     assert len(lines) == 3 and all(line.startswith("cam0 seq=") and "defect" in line for line in lines)
     assert [int(line.split()[1][4:]) for line in lines] == [1, 2, 5]
-    assert "gap: cam0 missed seq 3..4" in err
+    assert "gap: seq 3-4 on cam0 (2 results): lost on the way (no journal to fill it from)" in err
     saved = sorted(masks.glob("cam0_*.png"))
     assert saved and decode_result(encode_result(**make_result(mask_png=saved[0].read_bytes()))).mask()[1, 1]
 
