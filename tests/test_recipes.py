@@ -91,7 +91,10 @@ def test_rule_image_first_then_aupro_then_catalogue_order():
     c = _scored("wide", image=0.99, pro=0.40, false_alarms=0.0)
     assert choose([a, b, c])[0] is c  # image AUROC more than the tolerance ahead
     c = _scored("wide", image=0.965, pro=0.40, false_alarms=0.0)
-    assert choose([a, b, c])[0] is a  # a and b tie on both within tolerance: the first in catalogue order
+    chosen, reason = choose([a, b, c])
+    assert chosen is a  # a and b tie on both within tolerance: the first in catalogue order
+    assert "within 0.02 of the best: patchcore, local, wide" in reason
+    assert "catalogue order of patchcore, local" in reason
     a = _scored("patchcore", image=0.95, pro=0.60, false_alarms=0.0)
     assert choose([a, b, c])[0] is b  # a's AUPRO is past the tolerance
 

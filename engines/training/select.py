@@ -168,12 +168,15 @@ def choose(candidates: list[Scored]) -> tuple[Scored, str]:
     rejected = [c.recipe.name for c in candidates if c not in pool]
     best_image = max(c.image_auroc for c in pool)
     pool = [c for c in pool if c.image_auroc >= best_image - IMAGE_TOLERANCE]
+    image_ties = [c.recipe.name for c in pool]
     best_pro = max(c.aupro for c in pool)
     pool = [c for c in pool if c.aupro >= best_pro - PRO_TOLERANCE]
     chosen = pool[0]
     reason = (
         f"image AUROC {chosen.image_auroc:.3f} (best {best_image:.3f}), AUPRO {chosen.aupro:.3f} (best {best_pro:.3f})"
     )
+    if len(image_ties) > 1:
+        reason += f"; image AUROC within {IMAGE_TOLERANCE} of the best: {', '.join(image_ties)}"
     if len(pool) > 1:
         reason += f"; first in catalogue order of {', '.join(c.recipe.name for c in pool)}"
     if rejected:
