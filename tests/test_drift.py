@@ -84,7 +84,7 @@ def test_lighting_change_raises_and_clears_the_alarm(taught: Path):
     line = SyntheticLine(LINE, LINE, seed=2, defect_rate=0.0)
     bundle = load_bundle(taught)
     monitor = monitor_for(bundle.thresholds(), "cam0")
-    assert monitor.active and monitor.m == 60
+    assert monitor.active and monitor.score.m == 60
     with open_engine(bundle, "onnxruntime", {"providers": "cpu", "intra_op_threads": 1}, max_batch=8) as engine:
         assert stream(engine, line, monitor, 1000, 1.0) == []
         assert monitor.status()["samples"] == 200 and not monitor.status()["alarm"]

@@ -148,11 +148,9 @@ class DriftMonitor:
         self.active = reference is not None
         self.score = KsTest(reference, window)
         self.brightness = KsTest(brightness_reference if self.active else None, window)
-        self.m = self.score.m
-        self.reference = self.score.reference
         self.threshold = threshold
         self.target = target
-        self.warn_above = WARNING_FACTOR * max(target, normal_tail(self.reference, threshold))
+        self.warn_above = WARNING_FACTOR * max(target, normal_tail(self.score.reference, threshold))
         self.min_samples = min(min_samples, window)
         self.check_every = check_every
         self.since_check = 0
