@@ -292,14 +292,17 @@ class Daemon:
         with self._drift_lock:
             warned = monitor.state.false_reject_warning
             change = monitor.add(float(judged.score), judged.brightness)  # type: ignore[arg-type]
-        fields = dict(
-            camera=camera, seq=judged.frame.seq, model_id=key[0], thresholds_version=key[1], **monitor.status()
-        )
+            warning_changed = monitor.state.false_reject_warning != warned
+            if change is None and not warning_changed:
+                return  # the status dict (dataclasses.asdict) is built only for the rare frame that logs it
+            fields = dict(
+                camera=camera, seq=judged.frame.seq, model_id=key[0], thresholds_version=key[1], **monitor.status()
+            )
         if change == "raised":
             self.log.warning("drift_raised", **fields)
         elif change == "cleared":
             self.log.info("drift_cleared", reason="window back on the reference", **fields)
-        if monitor.state.false_reject_warning != warned:
+        if warning_changed:
             if warned:
                 self.log.info("false_reject_warning_cleared", **fields)
             else:
