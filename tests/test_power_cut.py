@@ -314,8 +314,8 @@ def test_the_trace_parser_reads_unfinished_calls_and_signals():
 
 
 def test_a_sync_round_that_raises_is_logged_and_the_next_round_syncs(tmp_path, capsys):
-    """The syncer is the only thing that fsyncs a quiet line: one round that raises (before the fix, a camera's mark
-    added while the round read the set of marks raised RuntimeError) must not end it."""
+    """The syncer is the only thing that fsyncs a quiet line: one round that raises (a set of marks changed while the
+    round read it raises RuntimeError) must not end it."""
     journal = Journal(tmp_path / "j", max_bytes=1 << 20, fsync_interval_s=0.05)
     real, rounds = journal.sync, []
 
