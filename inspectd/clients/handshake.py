@@ -146,7 +146,8 @@ class Handshake:
         """Adopt the PLC's last inspection id, or the last id it acknowledged as recorded outside it (`acked`),
         whichever is later (restart rule), and drop result_valid until a fresh result."""
         plc_id = await self.target.read("inspection_id")
-        self.last_id = max(plc_id, acked or 0) or None
+        self.last_id = plc_id or None
+        self.adopt(acked)
         self.alarm = bool(await self.target.read("alarm"))  # a latched alarm survives a bridge restart
         await self._write_status(force=True)
         self.log(
