@@ -71,7 +71,11 @@ def good_score_reference(scores) -> dict[str, Any]:
 def reference_scores(thresholds: Thresholds, key: str = GOOD_SCORES) -> tuple[int, list[float]] | None:
     """(frames, sorted reference values) from provenance[key] (GOOD_SCORES or GOOD_BRIGHTNESS), or None when the
     document has none (set before it was recorded) or it is malformed."""
-    reference = thresholds.provenance.get(key)
+    return _reference(thresholds.provenance, key)
+
+
+def _reference(provenance: dict[str, Any], key: str) -> tuple[int, list[float]] | None:
+    reference = provenance.get(key)
     if not isinstance(reference, dict):
         return None
     n, values = reference.get("n"), reference.get("quantiles")
@@ -104,7 +108,7 @@ def calibrated_range(thresholds: Thresholds, kind: str, history: bool = True) ->
         if not isinstance(provenance, dict):
             continue
         if kind == "image":
-            reference = reference_scores(Thresholds(1, 0.0, 0.0, {}, provenance, []))
+            reference = _reference(provenance, GOOD_SCORES)
             if reference is not None:
                 seen += [reference[1][0], reference[1][-1]]
         for name in (IMAGE_SCORES,) if kind == "image" else (PIXEL_SCORES,):
