@@ -34,7 +34,26 @@ def test_full_batch_goes_at_once():
     batch = batcher.next_batch(timeout=5)
     assert [f.seq for f in batch] == [0, 1, 2, 3]
     assert time.monotonic() - t0 < 0.5
-    assert [f.seq for f in batcher.next_batch(timeout=0.05)] == [4]
+    assert batcher.next_batch(timeout=0.05) == []  # frame 4 is not due for 10 s: held, not handed over
+    assert batcher.pending() == 1
+    assert [f.seq for f in batcher.drain()] == [4]
+
+
+def test_a_caller_timeout_does_not_cut_a_batch_short_of_max_wait():
+    """The daemon asks with a short idle tick; frames gathered when the tick runs out wait for max_wait_ms."""
+    (q,), ready = queues(1)
+    batcher = MicroBatcher([q], ready, max_batch=8, max_wait_ms=300)
+    first = frame("cam0", 0)
+    q.put(first)
+    q.put(frame("cam0", 1))
+    ticks = 0
+    while not (batch := batcher.next_batch(timeout=0.05)):
+        ticks += 1
+        if ticks == 2:
+            q.put(frame("cam0", 2))
+    waited = time.monotonic() - first.t_ingest
+    assert [f.seq for f in batch] == [0, 1, 2]  # nothing gathered by an earlier tick was lost or reordered
+    assert ticks >= 4 and 0.29 <= waited < 0.4, (ticks, waited)
 
 
 def test_partial_batch_goes_when_oldest_frame_is_due():

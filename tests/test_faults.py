@@ -530,8 +530,13 @@ def test_a_folder_camera_moves_a_file_only_after_its_result_is_journalled(statio
     # The first 64 files go as one batch; the rest wait in the queue for a batch to fill: read, not yet judged.
     s = station([camera], batching={"max_batch": 64, "max_wait_ms": 60_000})
     s.wait_ready()
-    assert len(s.results(5, timeout=30)) == 5
-    wait_for(lambda: s.control({"cmd": "status"})["cameras"]["cam0"]["frames_in"] == 120, 30, "every file read")
+
+    # Read from status, not the SUB socket: the first batch can go out before a late-joining subscriber is heard.
+    def camera_status() -> dict:
+        return s.control({"cmd": "status"})["cameras"]["cam0"]
+
+    wait_for(lambda: camera_status()["published"] == 64, 30, "the first batch published")
+    wait_for(lambda: camera_status()["frames_in"] == 120, 30, "every file read")
     s.proc.send_signal(signal.SIGKILL)
     s.proc.wait(10)
     s.close()
@@ -544,7 +549,8 @@ def test_a_folder_camera_moves_a_file_only_after_its_result_is_journalled(statio
     left = sorted(p.name for p in inbox.iterdir())
     assert sorted(moved + left) == names  # nothing deleted, nothing duplicated
     assert set(moved) <= set(first), sorted(set(moved) - set(first))[:5]  # no file moved without its result
-    assert left, "the kill came after every file was done: nothing was in flight"
+    # The 56 files after the first batch were read and held for the batch to fill: in flight at the kill.
+    assert len(left) >= 120 - 64, len(left)
 
     s2 = station([camera], batching={"max_batch": 4, "max_wait_ms": 5})
     s2.wait_ready()

@@ -47,8 +47,11 @@ class MicroBatcher:
         self._clock = clock
         self._start = 0  # camera that gets the first pick of the next batch
         self._stopping = False
-        # The batch list is reused: the caller consumes a batch before asking for the next one.
+        # The batch list is reused: the caller consumes a batch before asking for the next one. Frames gathered by a
+        # call whose timeout ran out before they were due stay in it for the next call (_handed False), so a caller's
+        # idle tick never cuts a batch short of max_batch or max_wait_ms.
         self._batch: list[Frame] = []
+        self._handed = False
 
     def _take(self) -> None:
         """Move frames from the queues into the batch, round-robin, until it is full or the queues are empty."""
@@ -70,41 +73,52 @@ class MicroBatcher:
         if n:
             self._start = (self._start + 1) % n
 
+    def _hand_over(self) -> list[Frame]:
+        self._handed = True
+        return self._batch
+
     def next_batch(self, timeout: float | None = None) -> list[Frame]:
-        """Block until a batch is due and return it (possibly empty when `timeout` runs out or on stop()).
+        """Block until a batch is due and return it; an empty list when `timeout` runs out first or on stop() with
+        nothing gathered. Frames gathered but not yet due when `timeout` runs out are kept for the next call.
 
         The returned list is owned by the batcher and reused by the next call.
         """
-        self._batch.clear()
+        if self._handed:
+            self._batch.clear()
+            self._handed = False
         give_up = None if timeout is None else self._clock() + timeout
         with self._ready:
             while True:
                 self._take()
                 now = self._clock()
                 if len(self._batch) >= self.max_batch or self._stopping:
-                    return self._batch
+                    return self._hand_over()
                 if self._batch:
                     due = min(f.t_ingest for f in self._batch) + self.max_wait_s
                     if now >= due:
-                        return self._batch
+                        return self._hand_over()
                     wait = due - now if give_up is None else min(due, give_up) - now
                 elif give_up is None:
                     wait = None
                 else:
                     wait = give_up - now
                 if wait is not None and wait <= 0:
-                    return self._batch
+                    return []
                 self._ready.wait(wait)
 
     def drain(self) -> list[Frame]:
-        """Whatever is queued now, up to max_batch, without waiting: used at shutdown once ingest has stopped."""
-        self._batch.clear()
+        """Whatever is held or queued now, up to max_batch, without waiting: used at shutdown once ingest has
+        stopped."""
+        if self._handed:
+            self._batch.clear()
         with self._ready:
             self._take()
-        return self._batch
+        return self._hand_over()
 
     def pending(self) -> int:
-        return sum(len(q) for q in self._queues)
+        """Frames queued or gathered but not yet handed over."""
+        held = 0 if self._handed else len(self._batch)
+        return held + sum(len(q) for q in self._queues)
 
     def stop(self) -> None:
         """Make a waiting next_batch() return at once with what it holds; later calls do the same."""
