@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,3 +377,26 @@ def test_a_journal_syncer_that_ends_anyway_makes_the_daemon_unhealthy(tmp_path):
     finally:
         journal.__dict__.pop("sync", None)
         daemon.shutdown()
+
+
+def test_a_bridges_state_file_is_fsynced_before_its_rename_and_its_directory_after(tmp_path):
+    """The restart rule's state (the Modbus bridge's acked.json, the OPC UA server's state_file) goes through one
+    writer: traced, the new content is fsynced before it is renamed over the old, and the directory after."""
+    target = tmp_path / "state.json"
+    target.write_text('{"cam0": {"inspection_id": 4}}')
+    trace = tmp_path / "trace.txt"
+    code = (
+        "import sys; from pathlib import Path; from inspectd.clients.handshake import write_state_file; "
+        'write_state_file(Path(sys.argv[1]), b\'{"cam0": {"inspection_id": 5}}\')'
+    )
+    wrap = (strace(), "-f", "-ttt", "-T", "-y", "-x", "-s", "8", "-e", f"trace={TRACED}", "-o", str(trace))
+    subprocess.run([*wrap, sys.executable, "-c", code, str(target)], check=True, cwd=REPO, timeout=60)
+    calls, _ = parse_trace(trace.read_text(errors="replace"))
+    temporary = target.with_name(target.name + ".tmp")
+    written = [c for c in calls if c.name == "fsync" and c.fd_path() == temporary]
+    renamed = [c for c in calls if c.name.startswith("rename") and c.target() == temporary]
+    assert written and renamed, "no fsync of the new content, or no rename over the old"
+    assert written[0].end <= renamed[0].start
+    assert fsyncs_of(calls, tmp_path, renamed[0].end), f"{tmp_path} not fsynced after the rename"
+    assert json.loads(target.read_text()) == {"cam0": {"inspection_id": 5}}
+    assert not temporary.exists()

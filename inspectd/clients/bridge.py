@@ -37,6 +37,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from inspectd.clients.handshake import write_state_file
 from inspectd.clients.subscribe import JournalCatchUp
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
@@ -259,22 +260,7 @@ class AckedState:
         assert self.path is not None
         with self._lock:
             self.acked[camera] = seq
-            data = json.dumps({"acked": self.acked}, sort_keys=True).encode("utf-8")
-            temporary = self.path.with_name(STATE_FILE + ".tmp")
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temporary, self.path)
-            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            write_state_file(self.path, json.dumps({"acked": self.acked}, sort_keys=True).encode("utf-8"))
 
 
 class Feeder:

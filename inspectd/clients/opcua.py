@@ -25,17 +25,18 @@ is the PLC server's certificate. Without `security` the connection is unsigned (
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import math
-import os
+import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from engines.schema import Int, Number, Text, declared, invalid
-from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError
+from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError, write_state_file
 from inspectd.configfile import CameraId, parse, read_yaml
 from inspectd.errors import ConfigError
 
@@ -200,15 +201,15 @@ class ServerTarget:
                 node = self.nodes[name]
                 variant = _variant(ua, value, NAMES[name][1], self.link.config)
                 await self.link.server.write_attribute_value(node.nodeid, ua.DataValue(variant))
-        remembered = self.link.state.setdefault(self.camera, {})
+        remembered = self.link.state.get(self.camera, {})
         update = {}
         if "inspection_id" in data:
             update["inspection_id"] = int(data["inspection_id"]) & U32
         if flags and flags["alarm"] != bool(remembered.get("alarm", 0)):
             update["alarm"] = int(flags["alarm"])
         if update:
-            remembered.update(update)
-            self.link.save_state()
+            # Off the event loop: two fsyncs must not hold up the other cameras' handshakes.
+            await asyncio.to_thread(self.link.remember, self.camera, update)
 
 
 class ServerLink:
@@ -222,6 +223,7 @@ class ServerLink:
         self.server = Server()
         self.state_path = Path(str(config.state_file))
         self.state = self._load_state()
+        self._state_lock = threading.Lock()
         self.targets: dict[str, ServerTarget] = {}
         self.started = False
 
@@ -236,10 +238,12 @@ class ServerLink:
             raise PlcError(f"state_file {self.state_path}: expected an object of camera -> state; remove it")
         return state
 
-    def save_state(self) -> None:
-        temporary = self.state_path.with_name(self.state_path.name + ".tmp")
-        temporary.write_text(json.dumps(self.state, separators=(",", ":")), encoding="utf-8")
-        os.replace(temporary, self.state_path)  # atomic: a crash leaves the old state or the new, never half
+    def remember(self, camera: str, update: dict[str, int]) -> None:
+        """Record a camera's handed-over inspection id or alarm in state_file, durably (write_state_file)."""
+        with self._state_lock:
+            # The update and the write under one lock: whichever write lands last holds every update made before it.
+            self.state.setdefault(camera, {}).update(update)
+            write_state_file(self.state_path, json.dumps(self.state, separators=(",", ":")).encode("utf-8"))
 
     async def start(self) -> None:
         ua = self.ua
