@@ -148,10 +148,10 @@ def archive_frames(archive: str | Path, since: str, until: str | None = None, ca
     t_until = parse_time(until, "--until") if until is not None else None
     with ArchiveReader(archive) as reader:
         entries = reader.query(camera=camera, verdict="ok", since=t_since, until=t_until)
-        # The order an export of these frames lists in (its files are <id>.png), so both sources fit alike. A frame
-        # the archive's age or size bound deleted since the query is left out.
-        named = sorted(((f"{e.id}.png", e.id, reader.file(e)) for e in entries), key=lambda row: row[0])
-        kept = [(entry_id, path) for _, entry_id, path in named if path.is_file()]
+        # The order an export of these frames lists in, so both sources fit alike. A frame the archive's age or size
+        # bound deleted since the query is left out.
+        ordered = sorted(entries, key=lambda e: e.export_name)
+        kept = [(e.id, path) for e in ordered if (path := reader.file(e)).is_file()]
         root = str(reader.root.resolve())
     span = {"camera": camera, "since": _iso(t_since), "until": _iso(t_until)}
     where = f"--archive {archive}" + (f" --camera {camera}" if camera else "") + f" --since {since}"

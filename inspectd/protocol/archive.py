@@ -89,6 +89,11 @@ class Entry:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def export_name(self) -> str:
+        """The file name `ArchiveReader.export` gives this frame (and the order teach lists an archive's frames in)."""
+        return f"{self.id}.png"
+
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
 
@@ -221,7 +226,7 @@ class ArchiveReader:
                 folder = out / split / ("good" if entry.verdict == "ok" else "defect")
                 folder.mkdir(parents=True, exist_ok=True)
                 try:
-                    shutil.copyfile(self.file(entry), folder / f"{entry.id}.png")
+                    shutil.copyfile(self.file(entry), folder / entry.export_name)
                 except FileNotFoundError:
                     continue
                 manifest.write(json.dumps({**entry.to_dict(), "exported_to": f"{split}/{folder.name}"}) + "\n")
