@@ -10,10 +10,11 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from engines.bundle.format import LEGACY_MEMORY_AGGREGATION, recipe_of
 from engines.bundle.store import load_bundle
-from engines.model.graph import build_graph
+from engines.model.graph import ImageScore, build_graph
 from engines.model.recipes import CATALOGUE, Recipe
 from engines.runtime import open_engine
 from engines.training.evaluate import evaluate, format_table
@@ -60,7 +61,9 @@ LARGE = Recipe("large", taps=(8, 16), size=(96, 96), aggregation=9)
 @pytest.mark.parametrize(("surface", "expected"), [(smooth_surface, "small"), (scratched_surface, "large")])
 def test_auto_picks_the_window_the_surface_needs(surface, expected, seed):
     frames = surface(56, seed)
-    selection = select_recipe(frames, [SMALL, LARGE], channels=1, seed=seed)
+    # The window's choice with the image score held at the map's maximum; the pool's own choice is the next test
+    # (on the scratched surface a mean pool lifts the small window's image AUROC level with the large one's).
+    selection = select_recipe(frames, [SMALL, LARGE], channels=1, seed=seed, score_shares=(0.0,))
     table = {s.recipe.name: s for s in selection.candidates}
     assert selection.chosen.recipe.name == expected, {n: s.to_json() for n, s in table.items()}
     # Cross-fitted (56 images): every image validated exactly once.
@@ -70,9 +73,45 @@ def test_auto_picks_the_window_the_surface_needs(surface, expected, seed):
     assert len(selection.chosen.clean_scores) == 56
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_auto_picks_the_image_score_pool_the_surface_needs(seed):
+    # Quiet surface: a defect is the frame's peak, and averaging the whole map dilutes it. Scratched surface: every
+    # good frame has peaks of its own, and only a wide pool sees that a planted defect raises more of the map.
+    quiet = select_recipe(smooth_surface(56, seed), [SMALL], channels=1, seed=seed).chosen
+    assert quiet.recipe.score_share < 1.0 and quiet.pools[1.0] < quiet.pools[0.0] - 0.01, quiet.pools
+    busy = select_recipe(scratched_surface(56, seed), [SMALL], channels=1, seed=seed).chosen
+    assert busy.recipe.score_share >= 0.05 and busy.pools[busy.recipe.score_share] > busy.pools[0.0] + 0.05, busy.pools
+    # The candidate's figures and first thresholds are those of its pool: what the exported graph will compute.
+    assert busy.image_auroc == pytest.approx(busy.pools[busy.recipe.score_share])
+    graph = build_graph(busy.recipe.architecture({}, 1), pretrained=False).eval()
+    assert graph.image_score.share == busy.recipe.score_share
+    with torch.inference_mode():
+        again = graph.image_score(torch.from_numpy(busy.clean_maps)).numpy()
+    np.testing.assert_allclose(again, busy.clean_scores, rtol=1e-6)
+
+
+def test_image_score_pools_the_map_as_documented():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 64, 96)).astype(np.float32)
+    maps[1, 8:16, 8:16] += 5.0  # one raised region: the top blocks
+    blocks = maps.reshape(3, 16, 4, 24, 4).mean(axis=(2, 4)).reshape(3, -1)
+    with torch.inference_mode():
+        pooled = {s: ImageScore(s, 64, 96)(torch.from_numpy(maps)).numpy() for s in (0.0, 0.01, 0.05, 1.0)}
+    np.testing.assert_allclose(pooled[0.0], maps.reshape(3, -1).max(1))
+    np.testing.assert_allclose(pooled[1.0], maps.reshape(3, -1).mean(1), rtol=1e-6)
+    for share, count in ((0.01, 4), (0.05, 19)):
+        want = np.sort(blocks, axis=1)[:, ::-1][:, :count].mean(1)
+        np.testing.assert_allclose(pooled[share], want, rtol=1e-5)
+    assert Recipe("r", size=(64, 96), score_share=0.05).score_count == 19
+    with pytest.raises(ValueError, match="score_share 0.05 averages 52429 map blocks at 4096x4096, expected at most"):
+        Recipe("r", size=(4096, 4096), score_share=0.05).validate()
+    with pytest.raises(ValueError, match="score_share 1.5, expected a share in \\[0, 1\\]"):
+        resolve_recipe("local", {"score_share": 1.5})
+
+
 def _scored(name: str, image: float, pro: float, false_alarms: float) -> Scored:
     empty = np.zeros(0, np.float32)
-    return Scored(CATALOGUE[name], {}, image, 0.9, pro, false_alarms, 0.0, empty, empty, None)
+    return Scored(CATALOGUE[name], {}, image, 0.9, pro, false_alarms, 0.0, {}, empty, empty, None)
 
 
 def test_false_alarm_guard_rejects_a_recipe_that_flags_clean_images():
@@ -102,16 +141,26 @@ def test_rule_image_first_then_aupro_then_catalogue_order():
 def test_recipe_round_trips_through_the_manifest_and_rebuilds_the_same_graph(tmp_path):
     data = make_tiny_mvtec(tmp_path / "data", n_train=8, n_test_good=2, n_test_defect=2)
     result = train_bundle(
-        data, tmp_path / "b", recipe="patchcore", size=(64, 64), memory_size=200, progress=QUIET, holdout=0.25
+        data,
+        tmp_path / "b",
+        recipe="patchcore",
+        size=(64, 64),
+        memory_size=200,
+        score_share=0.05,
+        progress=QUIET,
+        holdout=0.25,
     )
     bundle = load_bundle(result.bundle)
     recipe = Recipe.from_json(bundle.recipe)
-    assert recipe == CATALOGUE["patchcore"].replace(size=(64, 64), memory_size=200, description=recipe.description)
+    want = CATALOGUE["patchcore"].replace(size=(64, 64), memory_size=200, score_share=0.05)
+    assert recipe == want.replace(description=recipe.description)
     assert bundle.manifest["recipe_selection"] is None
     graph = build_graph(bundle.architecture, pretrained=False)
     assert graph.aggregation.window == 3 and [graph.backbone.strides[i] for i in range(2)] == [8, 16]
+    assert graph.image_score.share == 0.05
     assert bundle.scorer_params()["memory_bank"].shape[0] == 200
-    # The exported graph and the torch graph rebuilt from the recipe agree.
+    # The exported graph (its image score a TopK of the map's blocks) and the torch graph rebuilt from the recipe
+    # agree.
     frames = np.stack([cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (64, 64)) for p in data.glob("test/*/*.*")])
     frames = frames[..., None]
     with open_engine(bundle, "onnxruntime", max_batch=4) as ort, open_engine(bundle, "torch", max_batch=4) as ref:
@@ -120,7 +169,8 @@ def test_recipe_round_trips_through_the_manifest_and_rebuilds_the_same_graph(tmp
     # eval shows the recipe.
     report = evaluate(bundle, data)
     assert report["recipe"]["name"] == "patchcore"
-    assert "recipe patchcore: frozen lite0 taps 8+16 64x64 stretch, memory bank 200, window 3" in format_table(report)
+    line = "recipe patchcore: frozen lite0 taps 8+16 64x64 stretch, memory bank 200, window 3, sigma 4, score top 5%"
+    assert line in format_table(report)
 
 
 def test_auto_records_its_table_and_choice(tmp_path):
@@ -132,6 +182,14 @@ def test_auto_records_its_table_and_choice(tmp_path):
     assert [c["recipe"] for c in selection["candidates"]] == list(CATALOGUE)
     assert selection["chosen"] == manifest["recipe"]["name"] == result.recipe.name
     assert all(0 <= c["image_auroc"] <= 1 and set(c["per_kind"]) for c in selection["candidates"])
+    # Each candidate records the pools it tried and the one it keeps, whose image AUROC is its own.
+    for c in selection["candidates"]:
+        assert list(c["image_auroc_by_score"]) == ["max", "top 0.1%", "top 1%", "top 5%", "mean"]
+        assert c["image_auroc"] == max(c["image_auroc_by_score"].values())
+    assert (
+        manifest["recipe"]["score_share"]
+        == selection["candidates"][list(CATALOGUE).index(result.recipe.name)]["score_share"]
+    )
     assert any(line.startswith("chosen: ") for line in lines) and len(lines) >= len(CATALOGUE) + 3
     assert manifest["recipe"]["size"] == [64, 64]  # the size flag changed every candidate
     json.dumps(manifest)
@@ -142,9 +200,14 @@ def test_bundle_without_a_recipe_reads_back_what_it_did(tmp_path):
     result = train_bundle(data, tmp_path / "b", scorer="memory", size=(64, 64), memory_size=200, progress=QUIET)
     manifest = dict(load_bundle(result.bundle).manifest)
     del manifest["recipe"]
-    manifest["architecture"] = {k: v for k, v in manifest["architecture"].items() if k != "aggregation"}
+    manifest["architecture"] = {
+        k: v for k, v in manifest["architecture"].items() if k not in ("aggregation", "score_share")
+    }
     legacy = recipe_of(manifest)
     assert legacy["name"] == "legacy" and legacy["aggregation"] == LEGACY_MEMORY_AGGREGATION
+    assert (
+        legacy["score_share"] == 0.0 and build_graph(manifest["architecture"], pretrained=False).image_score.share == 0
+    )
     assert legacy["taps"] == [16, 32] and legacy["size"] == [64, 64] and legacy["scorer"] == "memory"
     assert build_graph(manifest["architecture"], pretrained=False).aggregation.window == LEGACY_MEMORY_AGGREGATION
 

@@ -64,11 +64,21 @@ def recipe_of(manifest: dict) -> dict:
         "memory_size": training.get("memory_size"),
         "k": training.get("k"),
         "smoothing_sigma": architecture.get("smoothing_sigma", 4.0),
+        "score_share": architecture.get("score_share", 0.0),
     }
 
 
+def describe_score_share(share: float) -> str:
+    """'max', 'top 1%', 'mean': how an image score pools its map."""
+    share = float(share)
+    if share == 0.0:
+        return "max"
+    return "mean" if share == 1.0 else f"top {share * 100:g}%"
+
+
 def describe_recipe(recipe: dict) -> str:
-    """One line: 'patchcore: frozen lite0 taps 8+16 320x320 stretch, memory bank 16384, window 3, sigma 4'."""
+    """One line: 'patchcore: frozen lite0 taps 8+16 320x320 stretch, memory bank 16384, window 3, sigma 4, score
+    top 1%'."""
     scorer = recipe.get("scorer")
     if scorer == "memory":
         scorer = f"memory bank {recipe.get('memory_size')}"
@@ -78,7 +88,8 @@ def describe_recipe(recipe: dict) -> str:
     taps = "+".join(str(t) for t in recipe.get("taps", []))
     return (
         f"{recipe.get('name')}: {recipe.get('method')} {recipe.get('backbone')} taps {taps} {size[0]}x{size[1]} "
-        f"{recipe.get('resize')}, {scorer}, window {recipe.get('aggregation')}, sigma {recipe.get('smoothing_sigma'):g}"
+        f"{recipe.get('resize')}, {scorer}, window {recipe.get('aggregation')}, "
+        f"sigma {recipe.get('smoothing_sigma'):g}, score {describe_score_share(recipe.get('score_share', 0.0))}"
     )
 
 

@@ -5,7 +5,8 @@
            -> patch aggregation (mean over a window x window neighbourhood; 1 = none) -> features [N,D,h,w]
            -> scorer (nearest reference, memory bank or Gaussian) -> low-resolution map [N,h,w] (+ a global score
               for some scorers)
-           -> bilinear upsampling to H x W -> Gaussian smoothing (the recipe's sigma) -> anomaly map; image score.
+           -> bilinear upsampling to H x W -> Gaussian smoothing (the recipe's sigma) -> anomaly map
+           -> image score: the map's maximum, or the mean of its highest share (the recipe's score_share).
 
 The recipe (engines.model.recipes) decides taps, window, sigma, size and scorer; nothing here is tuned to a dataset.
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from engines.bundle.format import aggregation_of
 from engines.model.backbones import Backbone, create_backbone
+from engines.model.recipes import POOL_BLOCK, pooled_count
 from engines.runtime import scorer_fit
 from engines.runtime.scorer_fit import DEFAULT_MEMORY_SIZE
 
@@ -109,10 +111,35 @@ class GaussianSmoothing(nn.Module):
         return x.squeeze(1)
 
 
+class ImageScore(nn.Module):
+    """The image score of a [N,H,W] map: its maximum (share 0), its mean (share 1), or the mean of its highest
+    `share` of POOL_BLOCK x POOL_BLOCK block means. On a noisy texture the maximum is one noise peak, while a
+    defect raises a whole region; on a clean surface the maximum is the most sensitive to a pinhole. Which is better
+    depends on the surface, so the share is a recipe field chosen by `--recipe auto`. The block means keep the
+    count handed to TopK small (TensorRT's TopK has a limit, engines.model.recipes.TOPK_LIMIT) and lose little:
+    the map is already smoothed."""
+
+    def __init__(self, share: float, height: int, width: int) -> None:
+        super().__init__()
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"score_share {share}: expected a share of the map in [0, 1]")
+        self.share = float(share)
+        # A constant of the graph (the map's size is the model input's), so the export's TopK has a fixed k.
+        self.count = pooled_count(self.share, height, width)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.share == 0.0:
+            return maps.flatten(1).amax(dim=1)
+        if self.share == 1.0:
+            return maps.flatten(1).mean(dim=1)
+        blocks = F.avg_pool2d(maps.unsqueeze(1), POOL_BLOCK).flatten(1)
+        return blocks.topk(self.count, dim=1).values.mean(dim=1)
+
+
 # --------------------------------------------------------------------------------------------------- scorers
 class Scorer(nn.Module):
-    """What every scorer declares: its graph inputs (in order), whether it gives an image score of its own (else the
-    map's maximum is the score), and `fit(features, **settings)` -> those inputs as arrays."""
+    """What every scorer declares: its graph inputs (in order), whether it gives an image score of its own (else
+    ImageScore pools the map), and `fit(features, **settings)` -> those inputs as arrays."""
 
     kind: str
     input_names: tuple[str, ...]
@@ -260,6 +287,7 @@ class InferenceGraph(nn.Module):
         input_shape: tuple[int, int, int],
         sigma: float = SMOOTHING_SIGMA,
         aggregation: int = 1,
+        score_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.input_shape = tuple(int(v) for v in input_shape)
@@ -269,6 +297,7 @@ class InferenceGraph(nn.Module):
         self.aggregation = PatchAggregation(aggregation)
         self.scorer = scorer
         self.smoothing = GaussianSmoothing(sigma)
+        self.image_score = ImageScore(score_share, *self.input_shape[:2])
 
     @property
     def scorer_inputs(self) -> tuple[str, ...]:
@@ -291,7 +320,7 @@ class InferenceGraph(nn.Module):
         height, width = self.input_shape[:2]
         full = F.interpolate(low.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
         anomaly_map = self.smoothing(full.squeeze(1))
-        score = global_score if global_score is not None else anomaly_map.flatten(1).amax(dim=1)
+        score = global_score if global_score is not None else self.image_score(anomaly_map)
         return score, anomaly_map
 
 
@@ -313,6 +342,7 @@ def build_graph(architecture: dict, pretrained: bool = True, weights: str | None
         tuple(architecture["input_shape"]),
         architecture.get("smoothing_sigma", SMOOTHING_SIGMA),
         aggregation_of(architecture),
+        float(architecture.get("score_share", 0.0)),
     )
 
 

@@ -1,10 +1,11 @@
 """Recipes: every choice that shapes a detector, as data.
 
 A recipe names the method, backbone, taps, input size and resize policy, scorer, patch-aggregation window, memory
-size, k and smoothing sigma. `inspectd train` writes the recipe it used into the bundle manifest ("recipe"), the
-graph is rebuilt from it, and `inspectd eval` prints it. Nothing that shapes a detector is a module constant tuned on
-one dataset: the catalogue below holds the named recipes, and `--recipe auto` (engines.training.select) chooses among
-the AUTO_CANDIDATES by scoring them on synthetic defects planted in held-out good images, without labels.
+size, k, smoothing sigma and how the image score pools the map (score_share). `inspectd train` writes the recipe it
+used into the bundle manifest ("recipe"), the graph is rebuilt from it, and `inspectd eval` prints it. Nothing that
+shapes a detector is a module constant tuned on one dataset: the catalogue below holds the named recipes, and
+`--recipe auto` (engines.training.select) chooses among the AUTO_CANDIDATES, and each one's score_share, by scoring
+them on synthetic defects planted in held-out good images, without labels.
 
 The catalogue spans what surfaces need rather than what one dataset rewarded: fine taps and small windows keep small
 sharp defects (scratches, pits, contamination on an object) sharp; coarse taps and wide windows let diffuse defects
@@ -25,6 +26,20 @@ from engines.runtime.preprocess import RESIZE_POLICIES
 AUTO = "auto"
 DEFAULT_MEMORY_SIZE = 16384
 DEFAULT_SIGMA = 4.0
+# The image score's pooling (engines.model.graph.ImageScore) averages POOL_BLOCK x POOL_BLOCK block means of the map,
+# at most TOPK_LIMIT of them (TensorRT's TopK).
+POOL_BLOCK = 4
+TOPK_LIMIT = 3840
+# The image-score pools auto tries on each candidate's maps, sharpest first: the maximum, the mean of the highest
+# 0.1 %, 1 % and 5 % of the map, and the whole map's mean.
+SCORE_SHARES = (0.0, 0.001, 0.01, 0.05, 1.0)
+
+
+def pooled_count(share: float, height: int, width: int) -> int:
+    """How many block means of a height x width map the image score averages; 0 = the map's maximum."""
+    if share == 0.0:
+        return 0
+    return max(1, round(share * (height // POOL_BLOCK) * (width // POOL_BLOCK)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +55,15 @@ class Recipe:
     memory_size: int = DEFAULT_MEMORY_SIZE
     k: int = 2
     smoothing_sigma: float = DEFAULT_SIGMA
+    # Share of the map's highest values whose mean is the image score; 0 = the map's maximum, 1 = its mean.
+    score_share: float = 0.0
     description: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
         object.__setattr__(self, "size", tuple(int(v) for v in self.size))
         object.__setattr__(self, "smoothing_sigma", float(self.smoothing_sigma))
+        object.__setattr__(self, "score_share", float(self.score_share))
 
     def validate(self) -> Recipe:
         """Raise ValueError naming the field and what was expected; return self."""
@@ -64,7 +82,18 @@ class Recipe:
             raise ValueError(f"recipe {self.name}: memory_size {self.memory_size}, k {self.k}: expected each >= 1")
         if not 0 < self.smoothing_sigma <= 64:
             raise ValueError(f"recipe {self.name}: smoothing_sigma {self.smoothing_sigma}, expected in (0, 64]")
+        if not 0.0 <= self.score_share <= 1.0:
+            raise ValueError(f"recipe {self.name}: score_share {self.score_share}, expected a share in [0, 1]")
+        if 0.0 < self.score_share < 1.0 and self.score_count > TOPK_LIMIT:
+            raise ValueError(
+                f"recipe {self.name}: score_share {self.score_share} averages {self.score_count} map blocks at "
+                f"{self.size[0]}x{self.size[1]}, expected at most {TOPK_LIMIT} (TensorRT's TopK): a smaller share"
+            )
         return self
+
+    @property
+    def score_count(self) -> int:
+        return pooled_count(self.score_share, *self.size)
 
     @property
     def tap_indices(self) -> tuple[int, ...]:
@@ -99,6 +128,7 @@ class Recipe:
             "aggregation": self.aggregation,
             "input_shape": [self.size[0], self.size[1], channels],
             "smoothing_sigma": self.smoothing_sigma,
+            "score_share": self.score_share,
         }
 
     def summary(self) -> str:

@@ -11,6 +11,10 @@
 4. Metrics per candidate, per plant kind (each kind against the clean held-out images): image AUROC, pixel AUROC and
    AUPRO (engines.training.metrics); then their means over kinds, so a frequent easy kind cannot hide a failing one.
    False alarms: the share of clean held-out images that score at or above the median planted image.
+   The image score's pooling (the maximum of the map, the mean of its highest share, or its mean: SCORE_SHARES) is
+   chosen per candidate here, as the one with the best mean image AUROC (ties to the sharper pool). It changes only
+   the image score, so it is judged by the image metric alone; the candidate's image AUROC and false alarms are
+   then those of its chosen pool.
 5. The rule (`choose`), in order:
    a. reject candidates whose false-alarm share exceeds MAX_FALSE_ALARMS (unless every candidate does);
    b. keep those whose mean image AUROC is within IMAGE_TOLERANCE of the best: telling good from bad parts is the
@@ -34,10 +38,11 @@ from functools import partial
 import numpy as np
 import torch
 
+from engines.bundle.format import describe_score_share
 from engines.data import defects
-from engines.model.graph import TapConcat, build_graph
+from engines.model.graph import ImageScore, TapConcat, build_graph
 from engines.model.methods import get_method
-from engines.model.recipes import Recipe
+from engines.model.recipes import SCORE_SHARES, TOPK_LIMIT, Recipe
 from engines.runtime.preprocess import fit_frame
 from engines.training import metrics
 
@@ -119,6 +124,8 @@ class Scored:
     aupro: float
     false_alarms: float
     seconds: float
+    # Mean image AUROC of each image-score pool tried, by share; the recipe carries the chosen one.
+    pools: dict[float, float]
     # Out-of-fold scores and maps of the clean held-out images (the first thresholds), and the fitted parameters
     # when there was one fold (reused by train instead of a refit on the same images).
     clean_scores: np.ndarray
@@ -132,6 +139,8 @@ class Scored:
             "pixel_auroc": round(self.pixel_auroc, 4),
             "aupro": round(self.aupro, 4),
             "false_alarms": round(self.false_alarms, 4),
+            "score_share": self.recipe.score_share,
+            "image_auroc_by_score": {describe_score_share(k): round(v, 4) for k, v in self.pools.items()},
             "seconds": round(self.seconds, 1),
             "per_kind": {k: {m: round(v, 4) for m, v in row.items()} for k, row in self.per_kind.items()},
         }
@@ -157,6 +166,7 @@ class Selection:
 
 
 RULE = (
+    "each candidate's image score pooled as its best mean image AUROC says; "
     f"reject false alarms > {MAX_FALSE_ALARMS}; keep mean image AUROC within {IMAGE_TOLERANCE} of the best; "
     f"of those keep mean AUPRO within {PRO_TOLERANCE} of the best; first of those in catalogue order"
 )
@@ -206,9 +216,11 @@ def select_recipe(
     batch: int = 16,
     weights: str | None = None,
     report: Callable[[str], None] | None = None,
+    score_shares: Sequence[float] = SCORE_SHARES,
 ) -> Selection:
     """Score every candidate on planted defects in held-out frames and pick one by `choose`. `frames` are the
-    decoded training images at their own size (uint8 HxW or HxWxC)."""
+    decoded training images at their own size (uint8 HxW or HxWxC); `score_shares` the image-score pools to try
+    on each candidate (one: that pool for all)."""
     report = report or (lambda _line: None)
     folds = validation_folds(len(frames), holdout, seed)
     planted = Planted.draw(frames, folds, seed)
@@ -237,7 +249,18 @@ def select_recipe(
             keep = [taps.index(i) for i in recipe.tap_indices]
             scored.append(
                 _score_candidate(
-                    recipe, channels, train_taps, planted_taps, keep, planted, masks, folds, seed, batch, weights
+                    recipe,
+                    channels,
+                    train_taps,
+                    planted_taps,
+                    keep,
+                    planted,
+                    masks,
+                    folds,
+                    seed,
+                    batch,
+                    weights,
+                    score_shares,
                 )
             )
             report(format_row(scored[-1]))
@@ -289,6 +312,7 @@ def _score_candidate(
     seed: int,
     batch: int,
     weights: str | None,
+    score_shares: Sequence[float] = SCORE_SHARES,
 ) -> Scored:
     started = time.monotonic()
     method = get_method(recipe.method)
@@ -315,23 +339,36 @@ def _score_candidate(
             for j, row in enumerate(rows):
                 planted_maps[row] = m[j]
     maps = np.concatenate(clean_maps)
+    assert all(m is not None for m in planted_maps)  # every planted image belongs to one fold and was scored there
+    planted_stack = np.stack(planted_maps)  # type: ignore[arg-type]
+    pools: dict[float, float] = {}
+    if not graph.scorer.has_global_score:
+        # The pooling only changes the image score: recompute it from the maps for every pool the recipe allows.
+        pooled = {}
+        for share in score_shares:
+            if recipe.replace(score_share=share).score_count > TOPK_LIMIT and 0 < share < 1:
+                continue
+            pooled[share] = (_pool(maps, share, batch), _pool(planted_stack, share, batch))
+            pools[share] = float(np.mean(_image_auroc_by_kind(planted.kind, *pooled[share])))
+        best = max(pools, key=lambda share: (pools[share], -share))
+        recipe = recipe.replace(score_share=best)
+        clean_scores, planted_scores = pooled[best]
     clean_hist = metrics.PixelHistograms()
     for m in maps:
         clean_hist.add(m)
+    image_aurocs = _image_auroc_by_kind(planted.kind, clean_scores, planted_scores)
+    image_by_kind = dict(zip(dict.fromkeys(planted.kind), image_aurocs, strict=True))
     per_kind: dict[str, dict[str, float]] = {}
     for kind in PLANTS:
         rows = [i for i, k in enumerate(planted.kind) if k == kind]
         if not rows:
             continue
-        labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(rows))]
         kind_hist = metrics.PixelHistograms()
         for i in rows:
-            kind_map = planted_maps[i]
-            assert kind_map is not None  # every planted image belongs to one fold and was scored there
-            kind_hist.add(kind_map, masks[i])
+            kind_hist.add(planted_stack[i], masks[i])
         hist = clean_hist + kind_hist
         per_kind[kind] = {
-            "image_auroc": metrics.auroc(labels, np.r_[clean_scores, planted_scores[rows]]),
+            "image_auroc": image_by_kind[kind],
             "pixel_auroc": hist.auroc(),
             "aupro": hist.aupro(),
         }
@@ -345,15 +382,36 @@ def _score_candidate(
         mean["aupro"],
         false_alarms,
         time.monotonic() - started,
+        pools,
         clean_scores,
         maps,
         params if len(folds) == 1 else None,
     )
 
 
+def _pool(maps: np.ndarray, share: float, batch: int) -> np.ndarray:
+    """Image scores of maps under one pool, by the graph's own ImageScore."""
+    pool = ImageScore(share, *maps.shape[1:3])
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(maps), batch):
+            out.append(pool(torch.from_numpy(maps[start : start + batch])).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _image_auroc_by_kind(kinds: list[str], clean: np.ndarray, planted: np.ndarray) -> list[float]:
+    """Image AUROC of each plant kind (in first-seen order) against the clean held-out images."""
+    out = []
+    for kind in dict.fromkeys(kinds):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        labels = np.r_[np.zeros(len(clean)), np.ones(len(rows))]
+        out.append(metrics.auroc(labels, np.r_[clean, planted[rows]]))
+    return out
+
+
 def format_header() -> str:
     return (
-        f"  {'recipe':<10} {'img AUROC':>9} {'pix AUROC':>9} {'AUPRO':>6} {'false al.':>9} {'time':>6}"
+        f"  {'recipe':<10} {'img AUROC':>9} {'score':>9} {'pix AUROC':>9} {'AUPRO':>6} {'false al.':>9} {'time':>6}"
         "  worst kind (img AUROC)"
     )
 
@@ -361,6 +419,7 @@ def format_header() -> str:
 def format_row(s: Scored) -> str:
     worst = min(s.per_kind, key=lambda k: s.per_kind[k]["image_auroc"])
     return (
-        f"  {s.recipe.name:<10} {s.image_auroc:>9.3f} {s.pixel_auroc:>9.3f} {s.aupro:>6.3f} {s.false_alarms:>9.2f} "
+        f"  {s.recipe.name:<10} {s.image_auroc:>9.3f} {describe_score_share(s.recipe.score_share):>9} "
+        f"{s.pixel_auroc:>9.3f} {s.aupro:>6.3f} {s.false_alarms:>9.2f} "
         f"{s.seconds:>5.0f}s  {worst} ({s.per_kind[worst]['image_auroc']:.3f})"
     )

@@ -34,7 +34,15 @@ from engines.model.backbones import BACKBONES, spec_for
 from engines.model.export import DEFAULT_OPSET, add_feature_graph, export_graph
 from engines.model.graph import SCORERS, InferenceGraph, build_graph, state_arrays
 from engines.model.methods import METHODS, TrainSettings, available_methods, get_method
-from engines.model.recipes import AUTO, CATALOGUE, DEFAULT_MEMORY_SIZE, Recipe, auto_candidates, catalogue_recipe
+from engines.model.recipes import (
+    AUTO,
+    CATALOGUE,
+    DEFAULT_MEMORY_SIZE,
+    SCORE_SHARES,
+    Recipe,
+    auto_candidates,
+    catalogue_recipe,
+)
 from engines.progress import Progress
 from engines.runtime.preprocess import RESIZE_POLICIES, mean_level
 from engines.training.select import Selection, fit_all, select_recipe
@@ -58,6 +66,7 @@ RECIPE_FIELDS = (
     "memory_size",
     "k",
     "smoothing_sigma",
+    "score_share",
 )
 
 
@@ -196,6 +205,7 @@ def train_bundle(
     taps: tuple[int, ...] | None = None,
     aggregation: int | None = None,
     smoothing_sigma: float | None = None,
+    score_share: float | None = None,
     epochs: int | None = None,
     batch: int | None = None,
     seed: int = 0,
@@ -223,6 +233,7 @@ def train_bundle(
         memory_size=memory_size,
         k=k,
         smoothing_sigma=smoothing_sigma,
+        score_share=score_share,
     )
     candidates = resolve_recipe(recipe, overrides)
     if batch is not None and batch < 1 or epochs is not None and epochs < 0:
@@ -239,7 +250,15 @@ def train_bundle(
         chosen = candidates[0]
     else:
         selection = select_recipe(
-            frames, candidates, channels, holdout, seed, batch or 16, str(weights) if weights else None, report
+            frames,
+            candidates,
+            channels,
+            holdout,
+            seed,
+            batch or 16,
+            str(weights) if weights else None,
+            report,
+            SCORE_SHARES if score_share is None else (score_share,),
         )
         chosen = selection.chosen.recipe
     trainer = get_method(chosen.method)
@@ -402,6 +421,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-size", type=int, default=None, help=f"memory bank patches (default {DEFAULT_MEMORY_SIZE})"
     )
     group.add_argument("--sigma", type=float, default=None, help="smoothing sigma of the map, in pixels")
+    group.add_argument(
+        "--score-share",
+        type=float,
+        default=None,
+        help="image score: mean of this share of the map's highest values (0 = the maximum, 1 = the mean; "
+        "auto chooses it per recipe)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the method's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random (default 0)")
@@ -443,6 +469,7 @@ def run(args: argparse.Namespace) -> int:
             taps=args.taps,
             aggregation=args.aggregation,
             smoothing_sigma=args.sigma,
+            score_share=args.score_share,
             epochs=args.epochs,
             batch=args.batch,
             seed=args.seed,
