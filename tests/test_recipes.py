@@ -78,7 +78,7 @@ def test_auto_picks_the_image_score_pool_the_surface_needs(seed):
     # Quiet surface: a defect is the frame's peak, and averaging the whole map dilutes it. Scratched surface: every
     # good frame has peaks of its own, and only a wide pool sees that a planted defect raises more of the map.
     quiet = select_recipe(smooth_surface(56, seed), [SMALL], channels=1, seed=seed).chosen
-    assert quiet.recipe.score_share < 1.0 and quiet.pools[1.0] < quiet.pools[0.0] - 0.01, quiet.pools
+    assert quiet.recipe.score_share < 1.0 and quiet.pools[1.0] < quiet.pools[0.0], quiet.pools
     busy = select_recipe(scratched_surface(56, seed), [SMALL], channels=1, seed=seed).chosen
     assert busy.recipe.score_share >= 0.05 and busy.pools[busy.recipe.score_share] > busy.pools[0.0] + 0.05, busy.pools
     # The candidate's figures and first thresholds are those of its pool: what the exported graph will compute.
@@ -184,7 +184,7 @@ def test_auto_records_its_table_and_choice(tmp_path):
     assert all(0 <= c["image_auroc"] <= 1 and set(c["per_kind"]) for c in selection["candidates"])
     # Each candidate records the pools it tried and the one it keeps, whose image AUROC is its own.
     for c in selection["candidates"]:
-        assert list(c["image_auroc_by_score"]) == ["max", "top 0.1%", "top 1%", "top 5%", "mean"]
+        assert set(c["image_auroc_by_score"]) == {"max", "top 0.1%", "top 1%", "top 5%", "mean"}
         assert c["image_auroc"] == max(c["image_auroc_by_score"].values())
     assert (
         manifest["recipe"]["score_share"]

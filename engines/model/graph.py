@@ -204,7 +204,8 @@ class MemoryBankScorer(Scorer):
     """PatchCore's scorer (Roth et al., "Towards total recall in industrial anomaly detection", CVPR 2022). Input
     `memory_bank` [M,D]: patch features of ALL training images, locally aggregated and cut to M by greedy k-center
     coreset selection. Map: per location, the Euclidean distance from its aggregated feature to the nearest memory
-    vector (any position of any training image, so tiles need not be aligned); image score: max of the smoothed map.
+    vector (any position of any training image, so tiles need not be aligned); image score: the recipe's pool of
+    the smoothed map (ImageScore).
     The features arrive already aggregated (the graph's PatchAggregation, the recipe's window).
 
     The nearest-neighbour search is one matmul per batch; its [N, h*w, M] matrix is the scorer's transient memory
@@ -241,7 +242,7 @@ class GaussianScorer(Scorer):
 
     Why shared: a full covariance per location (PaDiM) costs h*w*D^2 floats -- 191 MB for Lite0's 432 channels on a
     16x16 grid -- and needs far more images than a line usually has to be well conditioned; the shared one is D^2
-    floats (0.75 MB) estimated from N*h*w samples and keeps every channel. Image score: the maximum of the smoothed map.
+    floats (0.75 MB) estimated from N*h*w samples and keeps every channel. Image score: the recipe's pool of the map.
     """
 
     kind = "gaussian"
