@@ -84,7 +84,7 @@ class Recipe:
             raise ValueError(f"recipe {self.name}: smoothing_sigma {self.smoothing_sigma}, expected in (0, 64]")
         if not 0.0 <= self.score_share <= 1.0:
             raise ValueError(f"recipe {self.name}: score_share {self.score_share}, expected a share in [0, 1]")
-        if 0.0 < self.score_share < 1.0 and self.score_count > TOPK_LIMIT:
+        if not self.score_share_fits(self.score_share):
             raise ValueError(
                 f"recipe {self.name}: score_share {self.score_share} averages {self.score_count} map blocks at "
                 f"{self.size[0]}x{self.size[1]}, expected at most {TOPK_LIMIT} (TensorRT's TopK): a smaller share"
@@ -94,6 +94,10 @@ class Recipe:
     @property
     def score_count(self) -> int:
         return pooled_count(self.score_share, *self.size)
+
+    def score_share_fits(self, share: float) -> bool:
+        """Whether a share's TopK stays within TOPK_LIMIT at this recipe's size (the maximum and mean need none)."""
+        return share in (0.0, 1.0) or pooled_count(share, *self.size) <= TOPK_LIMIT
 
     @property
     def tap_indices(self) -> tuple[int, ...]:

@@ -42,7 +42,7 @@ from engines.bundle.format import describe_score_share
 from engines.data import defects
 from engines.model.graph import ImageScore, TapConcat, build_graph
 from engines.model.methods import get_method
-from engines.model.recipes import SCORE_SHARES, TOPK_LIMIT, Recipe
+from engines.model.recipes import SCORE_SHARES, Recipe
 from engines.runtime.preprocess import fit_frame
 from engines.training import metrics
 
@@ -345,9 +345,7 @@ def _score_candidate(
     if not graph.scorer.has_global_score:
         # The pooling only changes the image score: recompute it from the maps for every pool the recipe allows.
         pooled = {}
-        for share in score_shares:
-            if recipe.replace(score_share=share).score_count > TOPK_LIMIT and 0 < share < 1:
-                continue
+        for share in filter(recipe.score_share_fits, score_shares):
             pooled[share] = (_pool(maps, share, batch), _pool(planted_stack, share, batch))
             pools[share] = float(np.mean(_image_auroc_by_kind(planted.kind, *pooled[share])))
         best = max(pools, key=lambda share: (pools[share], -share))
