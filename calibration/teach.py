@@ -13,7 +13,8 @@ export of the same frames fits the same parameters.
 The scorer's parameters (memory bank, Gaussian mean and precision, k-means references) are graph inputs, so a refit
 needs no new graph and no new TensorRT plan: the bundle's feature graph (engines.runtime.features) computes the
 features with ONNX Runtime, engines.runtime.scorer_fit fits them with numpy (the same code and seed `inspectd train`
-runs, so the same frames give the same parameters), and model.onnx, weights.npz and every plan are carried over
+runs, with the recipe's copies of the frames when it has them, so the same frames give the same parameters), and
+model.onnx, weights.npz and every plan are carried over
 byte for byte. A share of the frames (split as training splits) is held out: the current and the refitted model both
 score it, the thresholds are recalibrated on it with `inspectd calibrate`'s false-reject rule, and its scores become
 the reference of the daemon's score-drift alarm.
@@ -58,7 +59,7 @@ from engines.errors import BundleError, DataError, EngineError
 from engines.runtime import open_engine
 from engines.runtime.features import FeatureExtractor
 from engines.runtime.preprocess import fit_frame, mean_level
-from engines.runtime.scorer_fit import fit_scorer
+from engines.runtime.scorer_fit import augmented, fit_scorer
 from inspectd.errors import InspectdError
 from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveReader, parse_time
 
@@ -222,7 +223,7 @@ def teach(
     fit_idx, hold_idx = split_holdout(len(images), holdout, settings["seed"])
 
     extractor = FeatureExtractor(bundle, max_batch=BATCH)
-    features = extractor.extract(images[fit_idx])
+    features = extractor.extract(augmented(images[fit_idx], str(bundle.recipe.get("augment", "none"))))
     t_features = time.monotonic() - started
     params = fit_scorer(kind, features, **settings)
     del features

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from calibration.teach import teach
 from engines.bundle.format import LEGACY_MEMORY_AGGREGATION, recipe_of
 from engines.bundle.store import load_bundle
 from engines.model.graph import ImageScore, build_graph
 from engines.model.recipes import CATALOGUE, Recipe
 from engines.runtime import open_engine
 from engines.training.evaluate import evaluate, format_table
-from engines.training.select import Scored, choose, select_recipe
+from engines.training.select import MAX_COPY_AUROC, Scored, choose, select_recipe
 from engines.training.train import Progress, resolve_recipe, train_bundle
 from tests.tiny_dataset import make_tiny_mvtec
 
@@ -49,6 +50,18 @@ def scratched_surface(n: int, seed: int, size: int = 96) -> list[np.ndarray]:
             length, angle = rng.integers(8, 24), rng.uniform(0, np.pi)
             end = (int(x + length * np.cos(angle)), int(y + length * np.sin(angle)))
             cv2.line(image, (int(x), int(y)), end, float(rng.integers(0, 256)), int(rng.integers(1, 3)))
+        out.append(np.clip(image, 0, 255).astype(np.uint8))
+    return out
+
+
+def oriented_surface(n: int, seed: int, size: int = 96) -> list[np.ndarray]:
+    """Ramps that rise slowly and drop at once, left to right: turned half a turn they fall slowly and rise at once,
+    which no good frame shows (an oriented part, as a polarity mark is)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.tile(60 + 140 * (np.arange(size) % 24 / 24.0), (size, 1))
+    out = []
+    for _ in range(n):
+        image = ramp + rng.normal(0, 3, (size, size))
         out.append(np.clip(image, 0, 255).astype(np.uint8))
     return out
 
@@ -90,6 +103,47 @@ def test_auto_picks_the_image_score_pool_the_surface_needs(seed):
     np.testing.assert_allclose(again, busy.clean_scores, rtol=1e-6)
 
 
+@pytest.mark.parametrize(("surface", "copies"), [(scratched_surface, "rot180"), (oriented_surface, "none")])
+def test_auto_fits_turned_copies_only_where_the_surface_looks_the_same_turned_round(surface, copies):
+    chosen = select_recipe(surface(40, 0), [SMALL], channels=1, seed=0, score_shares=(0.0,)).chosen
+    assert chosen.recipe.augment == copies, chosen.copy_auroc
+    assert (chosen.copy_auroc <= MAX_COPY_AUROC) == (copies == "rot180")
+    assert chosen.to_json()["augment"] == copies
+    if copies == "rot180":
+        # With one held-out share (many images) nothing is judged and nothing is copied.
+        many = select_recipe(surface(64, 0), [SMALL], channels=1, seed=0, score_shares=(0.0,)).chosen
+        assert many.recipe.augment == "none" and many.copy_auroc is None
+
+
+def test_a_bundle_fitted_with_turned_copies_scores_the_turned_part_as_good_and_teach_keeps_them(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, frame in enumerate(oriented_surface(24, 0)):
+        cv2.imwrite(str(good / f"{i:03d}.png"), frame)
+    unturned = np.stack(oriented_surface(8, 1))[..., None]
+    turned = np.ascontiguousarray(unturned[:, ::-1, ::-1])
+
+    def scores(path) -> tuple[np.ndarray, np.ndarray]:
+        with open_engine(load_bundle(path), "onnxruntime", max_batch=8) as engine:
+            return engine.infer(unturned).scores, engine.infer(turned).scores
+
+    settings = dict(recipe="patchcore", size=(96, 96), memory_size=2000, progress=QUIET, holdout=0.25)
+    plain = train_bundle(good, tmp_path / "plain", **settings)
+    copied = train_bundle(good, tmp_path / "copied", augment="rot180", **settings)
+    assert load_bundle(copied.bundle).recipe["augment"] == "rot180"
+    assert "fitted with rot180 copies" in copied.recipe.summary()
+    # Without copies the oriented part turned round stands out from every good frame; fitted with them, it scores
+    # as the good frames do.
+    normal, round_ = scores(plain.bundle)
+    assert round_.min() > 1.5 * normal.max(), (normal, round_)
+    normal, round_ = scores(copied.bundle)
+    assert round_.mean() < 1.2 * normal.mean() and round_.max() < 1.5 * normal.max(), (normal, round_)
+    teach(copied.bundle, good, out=open(tmp_path / "teach.log", "w"))
+    assert load_bundle(copied.bundle).recipe["augment"] == "rot180"
+    normal, round_ = scores(copied.bundle)
+    assert round_.mean() < 1.2 * normal.mean(), (normal, round_)
+
+
 def test_image_score_pools_the_map_as_documented():
     rng = np.random.default_rng(0)
     maps = rng.random((3, 64, 96)).astype(np.float32)
@@ -111,7 +165,7 @@ def test_image_score_pools_the_map_as_documented():
 
 def _scored(name: str, image: float, pro: float, false_alarms: float) -> Scored:
     empty = np.zeros(0, np.float32)
-    return Scored(CATALOGUE[name], {}, image, 0.9, pro, false_alarms, 0.0, {}, empty, empty, None)
+    return Scored(CATALOGUE[name], {}, image, 0.9, pro, false_alarms, 0.0, {}, None, empty, empty, None)
 
 
 def test_false_alarm_guard_rejects_a_recipe_that_flags_clean_images():
@@ -229,6 +283,8 @@ def test_resolve_recipe_from_flags():
         resolve_recipe(None, {"taps": (12,)})
     with pytest.raises(ValueError, match="auto: chooses among frozen"):
         resolve_recipe("auto", {"method": "cse"})
+    with pytest.raises(ValueError, match="augment 'rot90', expected one of none, rot180"):
+        resolve_recipe("local", {"augment": "rot90"})
     with pytest.raises(ValueError, match="unknown field\\(s\\) window"):
         Recipe.from_json({**CATALOGUE["wide"].to_json(), "window": 3})
 

@@ -65,6 +65,7 @@ def recipe_of(manifest: dict) -> dict:
         "k": training.get("k"),
         "smoothing_sigma": architecture.get("smoothing_sigma", 4.0),
         "score_share": architecture.get("score_share", 0.0),
+        "augment": "none",
     }
 
 
@@ -90,6 +91,7 @@ def describe_recipe(recipe: dict) -> str:
         f"{recipe.get('name')}: {recipe.get('method')} {recipe.get('backbone')} taps {taps} {size[0]}x{size[1]} "
         f"{recipe.get('resize')}, {scorer}, window {recipe.get('aggregation')}, "
         f"sigma {recipe.get('smoothing_sigma'):g}, score {describe_score_share(recipe.get('score_share', 0.0))}"
+        + ("" if recipe.get("augment", "none") == "none" else f", fitted with {recipe['augment']} copies")
     )
 
 

@@ -1,7 +1,8 @@
 """Recipes: every choice that shapes a detector, as data.
 
 A recipe names the method, backbone, taps, input size and resize policy, scorer, patch-aggregation window, memory
-size, k, smoothing sigma and how the image score pools the map (score_share). `inspectd train` writes the recipe it
+size, k, smoothing sigma, how the image score pools the map (score_share) and which copies of the good images the
+scorer is fitted on besides the images (augment). `inspectd train` writes the recipe it
 used into the bundle manifest ("recipe"), the graph is rebuilt from it, and `inspectd eval` prints it. Nothing that
 shapes a detector is a module constant tuned on one dataset: the catalogue below holds the named recipes, and
 `--recipe auto` (engines.training.select) chooses among the AUTO_CANDIDATES, and each one's score_share, by scoring
@@ -22,6 +23,7 @@ import math
 from typing import Any
 
 from engines.runtime.preprocess import RESIZE_POLICIES
+from engines.runtime.scorer_fit import AUGMENTS
 
 AUTO = "auto"
 DEFAULT_MEMORY_SIZE = 16384
@@ -57,6 +59,8 @@ class Recipe:
     smoothing_sigma: float = DEFAULT_SIGMA
     # Share of the map's highest values whose mean is the image score; 0 = the map's maximum, 1 = its mean.
     score_share: float = 0.0
+    # Copies of the fitting images the scorer is also fitted on (engines.runtime.scorer_fit.AUGMENTS).
+    augment: str = "none"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -84,6 +88,8 @@ class Recipe:
             raise ValueError(f"recipe {self.name}: smoothing_sigma {self.smoothing_sigma}, expected in (0, 64]")
         if not 0.0 <= self.score_share <= 1.0:
             raise ValueError(f"recipe {self.name}: score_share {self.score_share}, expected a share in [0, 1]")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"recipe {self.name}: augment {self.augment!r}, expected one of {', '.join(AUGMENTS)}")
         if not self.score_share_fits(self.score_share):
             raise ValueError(
                 f"recipe {self.name}: score_share {self.score_share} averages {self.score_count} map blocks at "

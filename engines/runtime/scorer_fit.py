@@ -9,6 +9,11 @@ feature graph at runtime). Each fit returns the scorer's graph inputs by name:
     memory                 memory_bank [M, D]: a greedy k-center coreset of all patches
     gaussian               gauss_mean [D, h, w] and gauss_precision [D, D] (one Ledoit-Wolf covariance)
 
+A recipe's `augment` adds copies of the fitting images (model-input uint8 [N, H, W, C]) before their features are
+extracted (`augmented`): "rot180" adds each image turned half a turn, so a memory bank of few images also holds the
+part's other orientation of every patch. Where that is admissible (a surface that looks the same turned round, not
+an oriented part) is judged by `--recipe auto` (engines.training.select).
+
 Randomness (k-means++ start, the coreset's pool, projection and first point) comes from one
 numpy.random.default_rng(seed) per fit, consumed in a fixed order.
 """
@@ -25,6 +30,21 @@ DEFAULT_MEMORY_SIZE = 16384
 CORESET_POOL = 16
 CORESET_PROJECTION = 16
 KMEANS_ITERATIONS = 50
+# recipe `augment` -> the copies of the fitting images added besides the images themselves.
+AUGMENTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], ...]] = {
+    "none": (),
+    "rot180": (lambda images: images[:, ::-1, ::-1],),
+}
+
+
+def augmented(images: np.ndarray, augment: str) -> np.ndarray:
+    """`images` [N, H, W, C] followed by the recipe's copies of them ([N * (1 + copies), H, W, C], contiguous)."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment {augment!r}: expected one of {', '.join(AUGMENTS)}")
+    copies = AUGMENTS[augment]
+    if not copies:
+        return images
+    return np.ascontiguousarray(np.concatenate([images, *(copy(images) for copy in copies)]))
 
 
 def _features(features, what: str) -> np.ndarray:

@@ -15,6 +15,13 @@
    chosen per candidate here, as the one with the best mean image AUROC (ties to the sharper pool). It changes only
    the image score, so it is judged by the image metric alone; the candidate's image AUROC and false alarms are
    then those of its chosen pool.
+   Copies (cross-fitted stations only). With few images a memory bank has seen each patch of the surface in few
+   orientations, so each candidate is also tried fitted on the images plus their copies turned half a turn
+   (AUTO_AUGMENT, the recipe's `augment`), if the surface admits it: its clean held-out images, turned, must not
+   stand out from the same images unturned when scored against the fit without copies (AUROC of turned against
+   unturned at most MAX_COPY_AUROC; 0.5 = indistinguishable). An oriented part (a polarity mark, a connector on one
+   side) fails that check and is never fitted with turned copies, which would let a part mounted the wrong way
+   round pass. A candidate that passes is scored fitted with the copies, and its metrics are those.
 5. The rule (`choose`), in order:
    a. reject candidates whose false-alarm share exceeds MAX_FALSE_ALARMS (unless every candidate does);
    b. keep those whose mean image AUROC is within IMAGE_TOLERANCE of the best: telling good from bad parts is the
@@ -44,6 +51,7 @@ from engines.model.graph import ImageScore, TapConcat, build_graph
 from engines.model.methods import get_method
 from engines.model.recipes import SCORE_SHARES, Recipe
 from engines.runtime.preprocess import fit_frame
+from engines.runtime.scorer_fit import AUGMENTS
 from engines.training import metrics
 
 CROSS_FIT_BELOW = 60
@@ -53,6 +61,10 @@ PLANTED_PER_KIND = 21
 MAX_FALSE_ALARMS = 0.2
 IMAGE_TOLERANCE = 0.02
 PRO_TOLERANCE = 0.02
+AUTO_AUGMENT = "rot180"
+# Turned clean images may rank above unturned ones at most this often: about two standard errors above 0.5 with the
+# fewest images auto cross-fits (18 against 18).
+MAX_COPY_AUROC = 0.7
 
 # name -> generator(image, rng) -> Defect. Sizes span pinholes to a third of the frame.
 PLANTS: dict[str, Callable[[np.ndarray, np.random.Generator], defects.Defect]] = {
@@ -126,6 +138,8 @@ class Scored:
     seconds: float
     # Mean image AUROC of each image-score pool tried, by share; the recipe carries the chosen one.
     pools: dict[float, float]
+    # The copies check (step 4): AUROC of the turned clean held-out images against the unturned; None = not judged.
+    copy_auroc: float | None
     # Out-of-fold scores and maps of the clean held-out images (the first thresholds), and the fitted parameters
     # when there was one fold (reused by train instead of a refit on the same images).
     clean_scores: np.ndarray
@@ -141,6 +155,8 @@ class Scored:
             "false_alarms": round(self.false_alarms, 4),
             "score_share": self.recipe.score_share,
             "image_auroc_by_score": {describe_score_share(k): round(v, 4) for k, v in self.pools.items()},
+            "augment": self.recipe.augment,
+            "copy_auroc": None if self.copy_auroc is None else round(self.copy_auroc, 4),
             "seconds": round(self.seconds, 1),
             "per_kind": {k: {m: round(v, 4) for m, v in row.items()} for k, row in self.per_kind.items()},
         }
@@ -166,6 +182,8 @@ class Selection:
 
 
 RULE = (
+    f"cross-fitted: each candidate fitted with {AUTO_AUGMENT} copies where its turned clean images rank above the "
+    f"unturned with AUROC <= {MAX_COPY_AUROC}; "
     "each candidate's image score pooled as its best mean image AUROC says; "
     f"reject false alarms > {MAX_FALSE_ALARMS}; keep mean image AUROC within {IMAGE_TOLERANCE} of the best; "
     f"of those keep mean AUPRO within {PRO_TOLERANCE} of the best; first of those in catalogue order"
@@ -217,13 +235,17 @@ def select_recipe(
     weights: str | None = None,
     report: Callable[[str], None] | None = None,
     score_shares: Sequence[float] = SCORE_SHARES,
+    augment: str | None = None,
 ) -> Selection:
     """Score every candidate on planted defects in held-out frames and pick one by `choose`. `frames` are the
     decoded training images at their own size (uint8 HxW or HxWxC); `score_shares` the image-score pools to try
-    on each candidate (one: that pool for all)."""
+    on each candidate (one: that pool for all); `augment` the copies every candidate is fitted with (None: auto
+    judges AUTO_AUGMENT per candidate when cross-fitting, step 4)."""
     report = report or (lambda _line: None)
     folds = validation_folds(len(frames), holdout, seed)
     planted = Planted.draw(frames, folds, seed)
+    judge = augment is None and len(folds) > 1
+    trial = AUTO_AUGMENT if judge else augment or "none"
     report(
         f"recipe auto: {len(candidates)} candidates, {len(folds)} fold(s), "
         f"{sum(len(f.held) for f in folds)} held-out images, {len(planted.images)} planted defects "
@@ -241,7 +263,10 @@ def select_recipe(
         extractor = build_graph(every_tap.architecture({}, channels), weights=weights)
         extractor.eval()
         started = time.monotonic()
-        train_taps = _taps(extractor, fit_all(frames, shape, resize), batch)
+        images = fit_all(frames, shape, resize)
+        train_taps = _taps(extractor, images, batch)
+        copy_taps = [_taps(extractor, np.ascontiguousarray(copy(images)), batch) for copy in AUGMENTS[trial]]
+        del images
         planted_taps = _taps(extractor, fit_all(planted.images, shape, resize), batch)
         masks = fit_masks(planted.masks, size, resize)
         report(f"  features: {backbone} {size[0]}x{size[1]} {resize}, {time.monotonic() - started:.0f}s")
@@ -249,9 +274,11 @@ def select_recipe(
             keep = [taps.index(i) for i in recipe.tap_indices]
             scored.append(
                 _score_candidate(
-                    recipe,
+                    recipe.replace(augment=trial),
+                    judge,
                     channels,
                     train_taps,
+                    copy_taps,
                     planted_taps,
                     keep,
                     planted,
@@ -302,8 +329,10 @@ def _score(graph, features: torch.Tensor, params: dict[str, np.ndarray], batch: 
 
 def _score_candidate(
     recipe: Recipe,
+    judge: bool,
     channels: int,
     train_taps: list[torch.Tensor],
+    copy_taps: list[list[torch.Tensor]],
     planted_taps: list[torch.Tensor],
     keep: list[int],
     planted: Planted,
@@ -314,31 +343,45 @@ def _score_candidate(
     weights: str | None,
     score_shares: Sequence[float] = SCORE_SHARES,
 ) -> Scored:
+    """`recipe.augment` names the copies in `copy_taps` (taps of the fitting images' copies, in image order); with
+    `judge` they are only used if the copies check passes, else the recipe is fitted without them."""
     started = time.monotonic()
     method = get_method(recipe.method)
     graph = build_graph(recipe.architecture(method.head_config(None), channels), weights=weights)
     if not isinstance(graph.head, TapConcat):
         raise ValueError(f"recipe {recipe.name}: auto selection needs a frozen method, got {recipe.method!r}")
     graph.eval()
-    clean_scores = np.zeros(0, np.float32)
-    clean_maps: list[np.ndarray] = []
+
+    def fit(fold: Fold, copies: list[list[torch.Tensor]]) -> dict[str, np.ndarray]:
+        features = torch.cat([_embed(graph, taps, keep, fold.fit, batch) for taps in [train_taps, *copies]])
+        return graph.scorer.fit(features, k=recipe.k, seed=seed, memory_size=recipe.memory_size)
+
+    def held_out(taps: list[torch.Tensor], fits: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Out-of-fold scores and maps of the held-out images (or of their copies, by `taps`)."""
+        out = [_score(graph, _embed(graph, taps, keep, fold.held, batch), p, batch) for fold, p in zip(folds, fits)]
+        return np.concatenate([s for s, _ in out]), np.concatenate([m for _, m in out])
+
+    copy_auroc = None
+    if judge and copy_taps:
+        fits = [fit(fold, []) for fold in folds]
+        clean_scores, maps = held_out(train_taps, fits)
+        turned = np.concatenate([held_out(taps, fits)[0] for taps in copy_taps])
+        labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(turned))]
+        copy_auroc = metrics.auroc(labels, np.r_[clean_scores, turned])
+        if copy_auroc > MAX_COPY_AUROC:
+            recipe = recipe.replace(augment="none")
+    if copy_auroc is None or recipe.augment != "none":
+        fits = [fit(fold, copy_taps) for fold in folds]
+        clean_scores, maps = held_out(train_taps, fits)
     planted_scores = np.zeros(len(planted.images), np.float32)
     planted_maps: list[np.ndarray | None] = [None] * len(planted.images)
-    params = None
-    for f, fold in enumerate(folds):
-        params = graph.scorer.fit(
-            _embed(graph, train_taps, keep, fold.fit, batch), k=recipe.k, seed=seed, memory_size=recipe.memory_size
-        )
-        s, m = _score(graph, _embed(graph, train_taps, keep, fold.held, batch), params, batch)
-        clean_scores = np.concatenate([clean_scores, s])
-        clean_maps.append(m)
+    for f, params in enumerate(fits):
         rows = [i for i, pf in enumerate(planted.fold) if pf == f]
         if rows:
             s, m = _score(graph, _embed(graph, planted_taps, keep, rows, batch), params, batch)
             planted_scores[rows] = s
             for j, row in enumerate(rows):
                 planted_maps[row] = m[j]
-    maps = np.concatenate(clean_maps)
     assert all(m is not None for m in planted_maps)  # every planted image belongs to one fold and was scored there
     planted_stack = np.stack(planted_maps)  # type: ignore[arg-type]
     pools: dict[float, float] = {}
@@ -381,9 +424,10 @@ def _score_candidate(
         false_alarms,
         time.monotonic() - started,
         pools,
+        copy_auroc,
         clean_scores,
         maps,
-        params if len(folds) == 1 else None,
+        fits[0] if len(folds) == 1 else None,
     )
 
 
@@ -407,10 +451,15 @@ def _image_auroc_by_kind(kinds: list[str], clean: np.ndarray, planted: np.ndarra
     return out
 
 
+def describe_copies(s: Scored) -> str:
+    """'rot180 0.52': the copies a candidate was fitted with, and the check's AUROC where it was judged."""
+    return s.recipe.augment + ("" if s.copy_auroc is None else f" {s.copy_auroc:.2f}")
+
+
 def format_header() -> str:
     return (
-        f"  {'recipe':<10} {'img AUROC':>9} {'score':>9} {'pix AUROC':>9} {'AUPRO':>6} {'false al.':>9} {'time':>6}"
-        "  worst kind (img AUROC)"
+        f"  {'recipe':<10} {'img AUROC':>9} {'score':>9} {'copies':>11} {'pix AUROC':>9} {'AUPRO':>6} {'false al.':>9}"
+        f" {'time':>6}  worst kind (img AUROC)"
     )
 
 
@@ -418,6 +467,6 @@ def format_row(s: Scored) -> str:
     worst = min(s.per_kind, key=lambda k: s.per_kind[k]["image_auroc"])
     return (
         f"  {s.recipe.name:<10} {s.image_auroc:>9.3f} {describe_score_share(s.recipe.score_share):>9} "
-        f"{s.pixel_auroc:>9.3f} {s.aupro:>6.3f} {s.false_alarms:>9.2f} "
+        f"{describe_copies(s):>11} {s.pixel_auroc:>9.3f} {s.aupro:>6.3f} {s.false_alarms:>9.2f} "
         f"{s.seconds:>5.0f}s  {worst} ({s.per_kind[worst]['image_auroc']:.3f})"
     )

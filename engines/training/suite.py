@@ -54,7 +54,8 @@ def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None,
             {
                 "dataset": data.name,
                 "n_train": len(training_images(data)),
-                "recipe": f"{result.recipe.name}, score {describe_score_share(result.recipe.score_share)}",
+                "recipe": f"{result.recipe.name}, score {describe_score_share(result.recipe.score_share)}"
+                + ("" if result.recipe.augment == "none" else f", {result.recipe.augment} copies"),
                 "train_s": round(result.seconds),
                 "load": round(max(load, os.getloadavg()[0]), 1),
                 **{m: overall[m] for m in METRICS},

@@ -45,6 +45,7 @@ from engines.model.recipes import (
 )
 from engines.progress import Progress
 from engines.runtime.preprocess import RESIZE_POLICIES, mean_level
+from engines.runtime.scorer_fit import AUGMENTS, augmented
 from engines.training.select import Selection, fit_all, select_recipe
 
 INTERRUPTED_EXIT = 130
@@ -67,6 +68,7 @@ RECIPE_FIELDS = (
     "k",
     "smoothing_sigma",
     "score_share",
+    "augment",
 )
 
 
@@ -206,6 +208,7 @@ def train_bundle(
     aggregation: int | None = None,
     smoothing_sigma: float | None = None,
     score_share: float | None = None,
+    augment: str | None = None,
     epochs: int | None = None,
     batch: int | None = None,
     seed: int = 0,
@@ -234,6 +237,7 @@ def train_bundle(
         k=k,
         smoothing_sigma=smoothing_sigma,
         score_share=score_share,
+        augment=augment,
     )
     candidates = resolve_recipe(recipe, overrides)
     if batch is not None and batch < 1 or epochs is not None and epochs < 0:
@@ -259,6 +263,7 @@ def train_bundle(
             str(weights) if weights else None,
             report,
             SCORE_SHARES if score_share is None else (score_share,),
+            augment,
         )
         chosen = selection.chosen.recipe
     trainer = get_method(chosen.method)
@@ -292,7 +297,7 @@ def train_bundle(
         except KeyboardInterrupt:
             interrupted = True
         progress.finish()
-        features, stopped = extract_features(graph, fit_images, batch, progress)
+        features, stopped = extract_features(graph, augmented(fit_images, chosen.augment), batch, progress)
         interrupted = interrupted or stopped
         n_scored = int(features.shape[0])
         params = graph.scorer.fit(features, k=chosen.k, seed=seed, memory_size=chosen.memory_size)
@@ -428,6 +433,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image score: mean of this share of the map's highest values (0 = the maximum, 1 = the mean; "
         "auto chooses it per recipe)",
     )
+    group.add_argument(
+        "--augment",
+        choices=list(AUGMENTS),
+        default=None,
+        help="also fit the scorer on copies of the good images: rot180 = each turned half a turn, for surfaces "
+        "that look the same turned round (auto decides with few images)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the method's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random (default 0)")
@@ -470,6 +482,7 @@ def run(args: argparse.Namespace) -> int:
             aggregation=args.aggregation,
             smoothing_sigma=args.sigma,
             score_share=args.score_share,
+            augment=args.augment,
             epochs=args.epochs,
             batch=args.batch,
             seed=args.seed,
