@@ -223,7 +223,8 @@ def teach(
     fit_idx, hold_idx = split_holdout(len(images), holdout, settings["seed"])
 
     extractor = FeatureExtractor(bundle, max_batch=BATCH)
-    features = extractor.extract(augmented(images[fit_idx], str(bundle.recipe.get("augment", "none"))))
+    augment = str(bundle.recipe.get("augment", "none"))
+    features = extractor.extract(augmented(images[fit_idx], augment))
     t_features = time.monotonic() - started
     params = fit_scorer(kind, features, **settings)
     del features
@@ -293,6 +294,7 @@ def teach(
         },
         "scorer": kind,
         "settings": settings,
+        "augment": augment,
         "comparison": comparison,
         "seconds": {"features": round(t_features, 2), "fit": round(t_fit, 2)},
     }

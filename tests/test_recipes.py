@@ -19,7 +19,7 @@ from engines.model.graph import ImageScore, build_graph
 from engines.model.recipes import CATALOGUE, Recipe
 from engines.runtime import open_engine
 from engines.training.evaluate import evaluate, format_table
-from engines.training.select import MAX_COPY_AUROC, Scored, choose, select_recipe
+from engines.training.select import MAX_COPY_AUROC, MIN_COPY_CHECK, Scored, choose, select_recipe
 from engines.training.train import Progress, resolve_recipe, train_bundle
 from tests.tiny_dataset import make_tiny_mvtec
 
@@ -113,6 +113,9 @@ def test_auto_fits_turned_copies_only_where_the_surface_looks_the_same_turned_ro
         # With one held-out share (many images) nothing is judged and nothing is copied.
         many = select_recipe(surface(64, 0), [SMALL], channels=1, seed=0, score_shares=(0.0,)).chosen
         assert many.recipe.augment == "none" and many.copy_auroc is None
+        # Nor with too few images for the check to mean anything.
+        few = select_recipe(surface(MIN_COPY_CHECK - 1, 0), [SMALL], channels=1, seed=0, score_shares=(0.0,)).chosen
+        assert few.recipe.augment == "none" and few.copy_auroc is None
 
 
 def test_a_bundle_fitted_with_turned_copies_scores_the_turned_part_as_good_and_teach_keeps_them(tmp_path):

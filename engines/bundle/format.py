@@ -48,7 +48,8 @@ def recipe_of(manifest: dict) -> dict:
     """The recipe a bundle was trained with: the manifest's own record, or for a bundle written before recipes were
     recorded, the same fields read back from its architecture and training sections."""
     if "recipe" in manifest:
-        return dict(manifest["recipe"])
+        # Fields added to recipes later read back as what bundles did before them.
+        return {"score_share": 0.0, "augment": "none", **manifest["recipe"]}
     architecture = manifest.get("architecture", {})
     training = manifest.get("training", {})
     shape = architecture.get("input_shape") or [manifest["input"]["height"], manifest["input"]["width"], 1]
@@ -69,6 +70,11 @@ def recipe_of(manifest: dict) -> dict:
     }
 
 
+def describe_augment(augment: str) -> str:
+    """'rot180 copies', 'no copies': what a recipe's scorer is fitted on besides the images."""
+    return "no copies" if augment == "none" else f"{augment} copies"
+
+
 def describe_score_share(share: float) -> str:
     """'max', 'top 1%', 'mean': how an image score pools its map."""
     share = float(share)
@@ -79,7 +85,7 @@ def describe_score_share(share: float) -> str:
 
 def describe_recipe(recipe: dict) -> str:
     """One line: 'patchcore: frozen lite0 taps 8+16 320x320 stretch, memory bank 16384, window 3, sigma 4, score
-    top 1%'."""
+    top 1%' (and ', fitted with rot180 copies' when the recipe has copies)."""
     scorer = recipe.get("scorer")
     if scorer == "memory":
         scorer = f"memory bank {recipe.get('memory_size')}"
@@ -91,7 +97,7 @@ def describe_recipe(recipe: dict) -> str:
         f"{recipe.get('name')}: {recipe.get('method')} {recipe.get('backbone')} taps {taps} {size[0]}x{size[1]} "
         f"{recipe.get('resize')}, {scorer}, window {recipe.get('aggregation')}, "
         f"sigma {recipe.get('smoothing_sigma'):g}, score {describe_score_share(recipe.get('score_share', 0.0))}"
-        + ("" if recipe.get("augment", "none") == "none" else f", fitted with {recipe['augment']} copies")
+        + ("" if recipe.get("augment", "none") == "none" else f", fitted with {describe_augment(recipe['augment'])}")
     )
 
 

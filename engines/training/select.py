@@ -7,7 +7,8 @@
    and small, sharp and diffuse, pasted, filled and shaded. They are drawn in the frame's own coordinates, once, and
    fitted to each candidate's input like real frames, so every candidate faces the same defects.
 3. Candidates. The backbone runs once per (backbone, size, resize) group over the fitting, held-out and planted
-   images; each candidate then only re-runs its head, aggregation and scorer on those taps.
+   images (and the images' copies, step 4); each candidate then only re-runs its head, aggregation and scorer on
+   those taps.
 4. Metrics per candidate, per plant kind (each kind against the clean held-out images): image AUROC, pixel AUROC and
    AUPRO (engines.training.metrics); then their means over kinds, so a frequent easy kind cannot hide a failing one.
    False alarms: the share of clean held-out images that score at or above the median planted image.
@@ -16,12 +17,13 @@
    the image score, so it is judged by the image metric alone; the candidate's image AUROC and false alarms are
    then those of its chosen pool.
    Copies (cross-fitted stations only). With few images a memory bank has seen each patch of the surface in few
-   orientations, so each candidate is also tried fitted on the images plus their copies turned half a turn
-   (AUTO_AUGMENT, the recipe's `augment`), if the surface admits it: its clean held-out images, turned, must not
-   stand out from the same images unturned when scored against the fit without copies (AUROC of turned against
-   unturned at most MAX_COPY_AUROC; 0.5 = indistinguishable). An oriented part (a polarity mark, a connector on one
-   side) fails that check and is never fitted with turned copies, which would let a part mounted the wrong way
-   round pass. A candidate that passes is scored fitted with the copies, and its metrics are those.
+   orientations, so each candidate is fitted on the images plus their copies turned half a turn (AUTO_AUGMENT,
+   the recipe's `augment`) where the surface admits it: its clean held-out images, turned, must not stand out from
+   the same images unturned when scored against the fit without copies (AUROC of turned against unturned at most
+   MAX_COPY_AUROC; 0.5 = indistinguishable), and there must be at least MIN_COPY_CHECK of them for that AUROC to
+   mean anything. An oriented part (a polarity mark, a connector on one side) whose turned frames stand out that
+   clearly is fitted without copies: with them, a part mounted the wrong way round would pass. A candidate that
+   passes is scored fitted with the copies, and its metrics are those. `--augment` skips the check.
 5. The rule (`choose`), in order:
    a. reject candidates whose false-alarm share exceeds MAX_FALSE_ALARMS (unless every candidate does);
    b. keep those whose mean image AUROC is within IMAGE_TOLERANCE of the best: telling good from bad parts is the
@@ -62,9 +64,11 @@ MAX_FALSE_ALARMS = 0.2
 IMAGE_TOLERANCE = 0.02
 PRO_TOLERANCE = 0.02
 AUTO_AUGMENT = "rot180"
-# Turned clean images may rank above unturned ones at most this often: about two standard errors above 0.5 with the
-# fewest images auto cross-fits (18 against 18).
+# Turned clean images may rank above unturned ones at most this often: about two standard errors above 0.5 for 18
+# images against their 18 turned copies. Below MIN_COPY_CHECK images the AUROC is too noisy to tell an oriented part
+# (near 1) from a symmetric surface (near 0.5), so no copies are fitted.
 MAX_COPY_AUROC = 0.7
+MIN_COPY_CHECK = 12
 
 # name -> generator(image, rng) -> Defect. Sizes span pinholes to a third of the frame.
 PLANTS: dict[str, Callable[[np.ndarray, np.random.Generator], defects.Defect]] = {
@@ -182,8 +186,8 @@ class Selection:
 
 
 RULE = (
-    f"cross-fitted: each candidate fitted with {AUTO_AUGMENT} copies where its turned clean images rank above the "
-    f"unturned with AUROC <= {MAX_COPY_AUROC}; "
+    f"cross-fitted with at least {MIN_COPY_CHECK} images and no --augment: each candidate fitted with {AUTO_AUGMENT} "
+    f"copies where its turned clean images rank above the unturned with AUROC <= {MAX_COPY_AUROC}; "
     "each candidate's image score pooled as its best mean image AUROC says; "
     f"reject false alarms > {MAX_FALSE_ALARMS}; keep mean image AUROC within {IMAGE_TOLERANCE} of the best; "
     f"of those keep mean AUPRO within {PRO_TOLERANCE} of the best; first of those in catalogue order"
@@ -239,12 +243,16 @@ def select_recipe(
 ) -> Selection:
     """Score every candidate on planted defects in held-out frames and pick one by `choose`. `frames` are the
     decoded training images at their own size (uint8 HxW or HxWxC); `score_shares` the image-score pools to try
-    on each candidate (one: that pool for all); `augment` the copies every candidate is fitted with (None: auto
-    judges AUTO_AUGMENT per candidate when cross-fitting, step 4)."""
+    on each candidate (one: that pool for all); `augment` the copies every candidate is fitted with, in place of
+    the candidates' own (None: auto judges AUTO_AUGMENT per candidate when cross-fitting, step 4)."""
     report = report or (lambda _line: None)
     folds = validation_folds(len(frames), holdout, seed)
     planted = Planted.draw(frames, folds, seed)
+    if augment is not None and augment not in AUGMENTS:
+        raise ValueError(f"augment {augment!r}: expected one of {', '.join(AUGMENTS)}")
     judge = augment is None and len(folds) > 1
+    if judge and len(frames) < MIN_COPY_CHECK:
+        judge, augment = False, "none"
     trial = AUTO_AUGMENT if judge else augment or "none"
     report(
         f"recipe auto: {len(candidates)} candidates, {len(folds)} fold(s), "

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from engines.bundle.format import describe_score_share
+from engines.bundle.format import describe_augment, describe_score_share
 from engines.errors import EngineError
 from engines.training.evaluate import evaluate
 from engines.training.train import Progress, train_bundle, training_images
@@ -55,7 +55,7 @@ def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None,
                 "dataset": data.name,
                 "n_train": len(training_images(data)),
                 "recipe": f"{result.recipe.name}, score {describe_score_share(result.recipe.score_share)}"
-                + ("" if result.recipe.augment == "none" else f", {result.recipe.augment} copies"),
+                + ("" if result.recipe.augment == "none" else f", {describe_augment(result.recipe.augment)}"),
                 "train_s": round(result.seconds),
                 "load": round(max(load, os.getloadavg()[0]), 1),
                 **{m: overall[m] for m in METRICS},

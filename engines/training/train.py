@@ -299,7 +299,8 @@ def train_bundle(
         progress.finish()
         features, stopped = extract_features(graph, augmented(fit_images, chosen.augment), batch, progress)
         interrupted = interrupted or stopped
-        n_scored = int(features.shape[0])
+        # Images whose own features the scorer was fitted on (fewer when interrupted); their copies come after them.
+        n_scored = min(int(features.shape[0]), len(fit_images))
         params = graph.scorer.fit(features, k=chosen.k, seed=seed, memory_size=chosen.memory_size)
         del features
         n_fit, n_hold = len(fit_images), len(hold_images)
