@@ -11,13 +11,12 @@ verdict ok, captured in the span, of one camera or all. Either way they are take
 export of the same frames fits the same parameters.
 
 The scorer's parameters (memory bank, Gaussian mean and precision, k-means references) are graph inputs, so a refit
-needs no new graph and no new TensorRT plan: the bundle's feature graph (engines.runtime.features) computes the
-features with ONNX Runtime, engines.runtime.scorer_fit fits them with numpy (the same code and seed `inspectd train`
-runs, with the recipe's copies of the frames when it has them, so the same frames give the same parameters), and
-model.onnx, weights.npz and every plan are carried over
-byte for byte. A share of the frames (split as training splits) is held out: the current and the refitted model both
-score it, the thresholds are recalibrated on it with `inspectd calibrate`'s false-reject rule, and its scores become
-the reference of the daemon's score-drift alarm.
+needs no new graph and no new TensorRT plan: the bundle's feature graph (engines.runtime.features) computes the features
+with ONNX Runtime, engines.runtime.scorer_fit fits them with numpy (the same code and seed `inspectd train` runs, with
+the recipe's copies of the frames when it has them, so the same frames give the same parameters), and model.onnx,
+weights.npz and every plan are carried over byte for byte. A share of the frames (split as training splits) is held out:
+the current and the refitted model both score it, the thresholds are recalibrated on it with `inspectd calibrate`'s
+false-reject rule, and its scores become the reference of the daemon's score-drift alarm.
 
 Versions: the taught bundle has `bundle_version` one higher and a `teach` record (frames, time, who, what it
 replaced, the comparison). Where it goes depends on what BUNDLE is:

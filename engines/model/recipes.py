@@ -1,12 +1,12 @@
 """Recipes: every choice that shapes a detector, as data.
 
-A recipe names the method, backbone, taps, input size and resize policy, scorer, patch-aggregation window, memory
-size, k, smoothing sigma, how the image score pools the map (score_share) and which copies of the good images the
-scorer is fitted on besides the images (augment). `inspectd train` writes the recipe it
-used into the bundle manifest ("recipe"), the graph is rebuilt from it, and `inspectd eval` prints it. Nothing that
-shapes a detector is a module constant tuned on one dataset: the catalogue below holds the named recipes, and
-`--recipe auto` (engines.training.select) chooses among the AUTO_CANDIDATES, and each one's score_share and (with
-few images) augment, by scoring them on synthetic defects planted in held-out good images, without labels.
+A recipe names the method, backbone, taps, input size and resize policy, scorer, patch-aggregation window, memory size,
+k, smoothing sigma, how the image score pools the map (score_share) and which copies of the good images the scorer is
+fitted on besides the images (augment). `inspectd train` writes the recipe it used into the bundle manifest ("recipe"),
+the graph is rebuilt from it, and `inspectd eval` prints it. Nothing that shapes a detector is a module constant tuned
+on one dataset: the catalogue below holds the named recipes, and `--recipe auto` (engines.training.select) chooses among
+the AUTO_CANDIDATES, and each one's score_share and (with few images) augment, by scoring them on synthetic defects
+planted in held-out good images, without labels.
 
 The catalogue spans what surfaces need rather than what one dataset rewarded: fine taps and small windows keep small
 sharp defects (scratches, pits, contamination on an object) sharp; coarse taps and wide windows let diffuse defects
