@@ -247,7 +247,8 @@ for name, report in figures.items():
     largest = max(rows, key=lambda row: row["batch"])
     daemon = [r for r in figures.get(f"daemon-{label}-{size}", {}).get("rows", []) if "error" not in r]
     sat = max((r["delivered_fps"] for r in daemon if r["load"] == "saturation"), default=None)
-    half = [r["latency_ms"]["p99"] for r in daemon if r["load"] == "fixed" and r["latency_ms"]["n"]]
+    # bench daemon names the paced scenario by its share ("50% of saturation").
+    half = [r["latency_ms"]["p99"] for r in daemon if r["load"] != "saturation" and r["latency_ms"]["n"]]
     bound = 2 * (10 + largest["latency_ms"]["p50"])
     sat_text = "-" if sat is None else f"{sat:.0f}"
     ratio_text = "-" if sat is None else f"{sat / best_fps:.2f}"
