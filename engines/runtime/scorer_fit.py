@@ -37,11 +37,16 @@ AUGMENTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], ...]] = {
 }
 
 
-def augmented(images: np.ndarray, augment: str) -> np.ndarray:
-    """`images` [N, H, W, C] followed by the recipe's copies of them ([N * (1 + copies), H, W, C], contiguous)."""
+def check_augment(augment: str) -> str:
+    """`augment` if it names copies in AUGMENTS; else ValueError in one line."""
     if augment not in AUGMENTS:
         raise ValueError(f"augment {augment!r}: expected one of {', '.join(AUGMENTS)}")
-    copies = AUGMENTS[augment]
+    return augment
+
+
+def augmented(images: np.ndarray, augment: str) -> np.ndarray:
+    """`images` [N, H, W, C] followed by the recipe's copies of them ([N * (1 + copies), H, W, C], contiguous)."""
+    copies = AUGMENTS[check_augment(augment)]
     if not copies:
         return images
     return np.ascontiguousarray(np.concatenate([images, *(copy(images) for copy in copies)]))

@@ -53,7 +53,7 @@ from engines.model.graph import ImageScore, TapConcat, build_graph
 from engines.model.methods import get_method
 from engines.model.recipes import SCORE_SHARES, Recipe
 from engines.runtime.preprocess import fit_frame
-from engines.runtime.scorer_fit import AUGMENTS
+from engines.runtime.scorer_fit import AUGMENTS, check_augment
 from engines.training import metrics
 
 CROSS_FIT_BELOW = 60
@@ -246,10 +246,10 @@ def select_recipe(
     on each candidate (one: that pool for all); `augment` the copies every candidate is fitted with, in place of
     the candidates' own (None: auto judges AUTO_AUGMENT per candidate when cross-fitting, step 4)."""
     report = report or (lambda _line: None)
+    if augment is not None:
+        check_augment(augment)
     folds = validation_folds(len(frames), holdout, seed)
     planted = Planted.draw(frames, folds, seed)
-    if augment is not None and augment not in AUGMENTS:
-        raise ValueError(f"augment {augment!r}: expected one of {', '.join(AUGMENTS)}")
     judge = augment is None and len(folds) > 1
     if judge and len(frames) < MIN_COPY_CHECK:
         judge, augment = False, "none"
