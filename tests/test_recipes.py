@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tracemalloc
 
 import cv2
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from calibration.teach import teach
 from engines.bundle.format import LEGACY_MEMORY_AGGREGATION, recipe_of
 from engines.bundle.store import load_bundle
+from engines.data.images import ImageFiles
 from engines.model.graph import ImageScore, build_graph
 from engines.model.recipes import CATALOGUE, Recipe
 from engines.runtime import open_engine
@@ -116,6 +118,33 @@ def test_auto_fits_turned_copies_only_where_the_surface_looks_the_same_turned_ro
         # Nor with too few images for the check to mean anything.
         few = select_recipe(surface(MIN_COPY_CHECK - 1, 0), [SMALL], channels=1, seed=0, score_shares=(0.0,)).chosen
         assert few.recipe.augment == "none" and few.copy_auroc is None
+
+
+def test_auto_reads_full_size_frames_from_disk_as_it_fits_and_plants_them(tmp_path):
+    """A station's frames can be large: auto must not hold them all at full size, nor its planted frames (only the
+    model inputs fitted from them). The same 40 frames on disk at 800x800 and at 200x200: held at once, the large
+    ones and their 168 planted copies would take 134 MB more than the small ones; read as needed, about the same."""
+
+    def peak(side: int) -> int:
+        paths = []
+        for i, frame in enumerate(smooth_surface(40, 0)):
+            path = tmp_path / f"{side}-{i:03d}.png"
+            cv2.imwrite(str(path), cv2.resize(frame, (side, side), interpolation=cv2.INTER_LINEAR))
+            paths.append(path)
+        frames = ImageFiles(paths)
+        assert frames.channels == 1 and frames[3].shape == (side, side)
+        tracemalloc.start()  # numpy's and OpenCV's arrays are traced; torch's tensors are not, nor need to be here
+        try:
+            selection = select_recipe(frames, [SMALL], channels=1, seed=0, score_shares=(0.0,))
+            held = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert selection.chosen.image_auroc > 0.9
+        return held
+
+    grown = peak(800) - peak(200)
+    held = (40 + 168) * (800 * 800 - 200 * 200)
+    assert grown < held / 4, f"auto's peak grew {grown / 1e6:.1f} MB with the frames' size: it holds full-size frames"
 
 
 def test_a_bundle_fitted_with_turned_copies_scores_the_turned_part_as_good_and_teach_keeps_them(tmp_path):

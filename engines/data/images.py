@@ -7,6 +7,8 @@ Images keep their own size and channel count (grayscale stays 2-D); colour image
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -58,6 +60,25 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory, expected a folder of images")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+class ImageFiles(Sequence[np.ndarray]):
+    """Image files as a sequence of decoded images, each decoded when it is read and not kept: a training set of
+    hundreds of full-size frames is held only as the model inputs fitted from it."""
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
+        self.paths = [Path(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        return load_image(self.paths[index])
+
+    @functools.cached_property
+    def channels(self) -> int:
+        """3 if any image is in colour (grey ones are then replicated), else 1; stops at the first colour image."""
+        return 3 if any(image.ndim == 3 for image in self) else 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,20 +101,29 @@ def validation_folds(n: int, holdout: float, seed: int) -> list[Fold]:
     return [Fold(np.sort(order[n_held:]), np.sort(order[:n_held]))]
 
 
+Input = tuple[tuple[int, int, int], str]  # a model input: (height, width, channels), resize policy
+
+
 @dataclasses.dataclass
 class Planted:
-    """Synthetic defects drawn once in frame coordinates: which held-out image, which kind, the image, its mask."""
+    """Synthetic defects drawn once in frame coordinates: which held-out image, which kind; and, per model input the
+    candidates use, the planted images and their masks fitted to it (the full-size frames are not kept)."""
 
     fold: list[int]
     source: list[int]
     kind: list[str]
-    images: list[np.ndarray]
-    masks: list[np.ndarray]
+    images: dict[Input, np.ndarray]  # N x H x W x C uint8
+    masks: dict[Input, np.ndarray]  # N x H x W bool
+
+    def __len__(self) -> int:
+        return len(self.kind)
 
     @classmethod
-    def draw(cls, frames: Sequence[np.ndarray], folds: list[Fold], seed: int) -> Planted:
+    def draw(cls, frames: Sequence[np.ndarray], folds: list[Fold], seed: int, inputs: Sequence[Input]) -> Planted:
         rng = np.random.default_rng(seed + 7919)
-        out = cls([], [], [], [], [])
+        out = cls([], [], [], {}, {})
+        images: dict[Input, list[np.ndarray]] = {i: [] for i in inputs}
+        masks: dict[Input, list[np.ndarray]] = {i: [] for i in inputs}
         per_fold = math.ceil(PLANTED_PER_KIND / len(folds))
         for f, fold in enumerate(folds):
             for kind, plant in PLANTS.items():
@@ -126,8 +135,11 @@ class Planted:
                     out.fold.append(f)
                     out.source.append(source)
                     out.kind.append(kind)
-                    out.images.append(defect.image)
-                    out.masks.append(defect.mask)
+                    for shape, resize in inputs:
+                        images[shape, resize].append(fit_frame(defect.image, shape, resize)[0])
+                        masks[shape, resize].append(fit_mask(defect.mask, shape[:2], resize))
+        out.images = {i: np.stack(v) if v else np.zeros((0, *i[0]), np.uint8) for i, v in images.items()}
+        out.masks = {i: np.stack(v) if v else np.zeros((0, *i[0][:2]), bool) for i, v in masks.items()}
         return out
 
 
@@ -223,10 +235,9 @@ def fit_all(frames: Sequence[np.ndarray], shape: tuple[int, int, int], resize: s
     return batch
 
 
-def fit_masks(masks: Sequence[np.ndarray], size: tuple[int, int], resize: str) -> np.ndarray:
-    """Masks fitted like their frames (same policy), thresholded back to booleans."""
-    fitted = fit_all([m.astype(np.uint8) * 255 for m in masks], (size[0], size[1], 1), resize)
-    return fitted[..., 0] > 127
+def fit_mask(mask: np.ndarray, size: tuple[int, int], resize: str) -> np.ndarray:
+    """A defect mask fitted like its frame (same policy), thresholded back to booleans."""
+    return fit_frame(mask.astype(np.uint8) * 255, (size[0], size[1], 1), resize)[0][..., 0] > 127
 
 
 def select_recipe(
@@ -242,28 +253,30 @@ def select_recipe(
     augment: str | None = None,
 ) -> Selection:
     """Score every candidate on planted defects in held-out frames and pick one by `choose`. `frames` are the
-    decoded training images at their own size (uint8 HxW or HxWxC); `score_shares` the image-score pools to try
+    training images at their own size (uint8 HxW or HxWxC), read in order per model input and at random while
+    planting (engines.data.images.ImageFiles decodes each as it is read); `score_shares` the image-score pools to try
     on each candidate (one: that pool for all); `augment` the copies every candidate is fitted with, in place of
     the candidates' own (None: auto judges AUTO_AUGMENT per candidate when cross-fitting, step 4)."""
     report = report or (lambda _line: None)
     if augment is not None:
         check_augment(augment)
     folds = validation_folds(len(frames), holdout, seed)
-    planted = Planted.draw(frames, folds, seed)
+    groups: dict[tuple, list[Recipe]] = {}
+    for recipe in candidates:
+        groups.setdefault((recipe.backbone, recipe.size, recipe.resize), []).append(recipe)
+    inputs = list(dict.fromkeys(((size[0], size[1], channels), resize) for _, size, resize in groups))
+    planted = Planted.draw(frames, folds, seed, inputs)
     judge = augment is None and len(folds) > 1
     if judge and len(frames) < MIN_COPY_CHECK:
         judge, augment = False, "none"
     trial = AUTO_AUGMENT if judge else augment or "none"
     report(
         f"recipe auto: {len(candidates)} candidates, {len(folds)} fold(s), "
-        f"{sum(len(f.held) for f in folds)} held-out images, {len(planted.images)} planted defects "
+        f"{sum(len(f.held) for f in folds)} held-out images, {len(planted)} planted defects "
         f"({len(PLANTS)} kinds)"
     )
     report(format_header())
     scored: list[Scored] = []
-    groups: dict[tuple, list[Recipe]] = {}
-    for recipe in candidates:
-        groups.setdefault((recipe.backbone, recipe.size, recipe.resize), []).append(recipe)
     for (backbone, size, resize), members in groups.items():
         shape = (size[0], size[1], channels)
         taps = sorted({t for r in members for t in r.tap_indices})
@@ -275,8 +288,8 @@ def select_recipe(
         train_taps = _taps(extractor, images, batch)
         copy_taps = [_taps(extractor, np.ascontiguousarray(copy(images)), batch) for copy in AUGMENTS[trial]]
         del images
-        planted_taps = _taps(extractor, fit_all(planted.images, shape, resize), batch)
-        masks = fit_masks(planted.masks, size, resize)
+        planted_taps = _taps(extractor, planted.images[shape, resize], batch)
+        masks = planted.masks[shape, resize]
         report(f"  features: {backbone} {size[0]}x{size[1]} {resize}, {time.monotonic() - started:.0f}s")
         for recipe in members:
             keep = [taps.index(i) for i in recipe.tap_indices]
@@ -381,8 +394,8 @@ def _score_candidate(
     if copy_auroc is None or recipe.augment != "none":
         fits = [fit(fold, copy_taps) for fold in folds]
         clean_scores, maps = held_out(train_taps, fits)
-    planted_scores = np.zeros(len(planted.images), np.float32)
-    planted_maps: list[np.ndarray | None] = [None] * len(planted.images)
+    planted_scores = np.zeros(len(planted), np.float32)
+    planted_maps: list[np.ndarray | None] = [None] * len(planted)
     for f, params in enumerate(fits):
         rows = [i for i, pf in enumerate(planted.fold) if pf == f]
         if rows:

@@ -28,7 +28,7 @@ import torch
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import inspectd_version
 from engines.bundle.store import load_bundle, write_bundle
-from engines.data.images import MvtecFolder, list_images, load_image, split_holdout
+from engines.data.images import ImageFiles, MvtecFolder, list_images, split_holdout
 from engines.errors import DataError, EngineError
 from engines.model.backbones import BACKBONES, spec_for
 from engines.model.export import DEFAULT_OPSET, add_feature_graph, export_graph
@@ -246,8 +246,8 @@ def train_bundle(
         raise ValueError(f"--holdout {holdout}: expected a fraction in [0, 1)")
 
     paths = training_images(data)
-    frames = [load_image(p) for p in paths]
-    channels = 3 if any(f.ndim == 3 for f in frames) else 1
+    frames = ImageFiles(paths)  # decoded when read: a full-size frame is held only while it is fitted or planted
+    channels = frames.channels
     selection: Selection | None = None
     auto = recipe == AUTO or (recipe is None and all(v is None for v in overrides.values()))
     if not auto:
