@@ -18,7 +18,7 @@ from engines.bundle.format import LEGACY_MEMORY_AGGREGATION, recipe_of
 from engines.bundle.store import load_bundle
 from engines.data.images import ImageFiles
 from engines.model.graph import ImageScore, build_graph
-from engines.model.recipes import CATALOGUE, Recipe
+from engines.model.recipes import CATALOGUE, Recipe, auto_candidates
 from engines.runtime import open_engine
 from engines.training.evaluate import evaluate, format_table
 from engines.training.select import MAX_COPY_AUROC, MIN_COPY_CHECK, Scored, choose, select_recipe
@@ -222,6 +222,9 @@ def test_rule_image_first_then_aupro_then_catalogue_order():
     assert "catalogue order of patchcore, local" in reason
     a = _scored("patchcore", image=0.95, pro=0.60, false_alarms=0.0)
     assert choose([a, b, c])[0] is b  # a's AUPRO is past the tolerance
+    # Where the planted defects tie every candidate, auto takes PatchCore's standard recipe.
+    tied = [_scored(r.name, image=0.9, pro=0.7, false_alarms=0.0) for r in auto_candidates()]
+    assert choose(tied)[0].recipe.name == "patchcore"
 
 
 def test_recipe_round_trips_through_the_manifest_and_rebuilds_the_same_graph(tmp_path):
@@ -307,7 +310,7 @@ def test_resolve_recipe_from_flags():
     assert gaussian.scorer == "gaussian" and gaussian.aggregation == 1
     (named,) = resolve_recipe("wide", {"aggregation": 11})
     assert named.name == "wide" and named.aggregation == 11 and "changed by flags" in named.description
-    with pytest.raises(ValueError, match="--recipe 'nope': expected auto or one of fine, patchcore"):
+    with pytest.raises(ValueError, match="--recipe 'nope': expected auto or one of patchcore, fine"):
         resolve_recipe("nope", {})
     with pytest.raises(ValueError, match="aggregation 4, expected an odd window"):
         resolve_recipe("wide", {"aggregation": 4})
@@ -341,5 +344,5 @@ def test_cli_refuses_an_unknown_recipe_in_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "inspectd train: --recipe 'x': expected auto or one of fine, patchcore, local, context, wide, aligned"
+        "inspectd train: --recipe 'x': expected auto or one of patchcore, fine, local, context, wide, aligned"
     ]

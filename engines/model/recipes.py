@@ -151,14 +151,14 @@ def _frozen(name: str, taps: tuple[int, ...], window: int, description: str, sco
     return Recipe(name, taps=taps, aggregation=window, scorer=scorer, description=description)
 
 
-# Named recipes, from the sharpest maps to the widest context (auto breaks ties in this order). All are the frozen
-# Lite0 backbone at 320x320 (stretched): only the taps, window and scorer differ, so `auto` extracts the backbone
-# once and shares it among them.
+# Named recipes: PatchCore's first, the standard one, then from the sharpest maps to the widest context (auto breaks
+# ties in this order; engines.training.select, step 5d). All are the frozen Lite0 backbone at 320x320 (stretched):
+# only the taps, window and scorer differ, so `auto` extracts the backbone once and shares it among them.
 CATALOGUE: dict[str, Recipe] = {
     r.name: r
     for r in (
-        _frozen("fine", (8, 16), 1, "strides 8+16, no aggregation: the sharpest maps, small defects on fine texture"),
         _frozen("patchcore", (8, 16), 3, "PatchCore's recipe: strides 8+16, 3x3 neighbourhood, coreset memory bank"),
+        _frozen("fine", (8, 16), 1, "strides 8+16, no aggregation: the sharpest maps, small defects on fine texture"),
         _frozen("local", (16, 32), 3, "strides 16+32, 3x3: mid-size defects, more context per patch"),
         _frozen("context", (16, 32), 7, "strides 16+32, 7x7: textured surfaces whose defects span several patches"),
         _frozen("wide", (16, 32), 15, "strides 16+32, 15x15: diffuse defects (shading, uneven areas) on noisy texture"),

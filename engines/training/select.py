@@ -30,9 +30,12 @@
       station's first job;
    c. of those, keep those whose mean AUPRO is within PRO_TOLERANCE of the best: maps that cover every defect, small
       ones as much as large ones;
-   d. of those, the first in the catalogue's order, which runs from the sharpest maps to the widest context: where
-      the planted defects cannot tell recipes apart, the sharper map still localises a small defect, while a wide
-      window that is not needed smears every small defect (the failure of a fixed wide window on object parts).
+   d. of those, the first in the catalogue's order: PatchCore's recipe, then from the sharpest maps to the widest
+      context. Where the planted defects cannot tell recipes apart, the field's standard recipe is the safest guess
+      (its 3x3 neighbourhood at strides 8+16 averages out single-patch texture noise and still keeps a small defect
+      sharp; PatchCore's own ablation found it the best neighbourhood); after it a sharper map still localises a
+      small defect, while a wide window that is not needed smears every small defect (the failure of a fixed wide
+      window on object parts).
 The tolerances are a few hundredths because differences below that are within the spread of the planted draw.
 """
 
