@@ -312,3 +312,26 @@ def test_greedy_coreset_keeps_rare_patterns_and_memory_scores_its_own_patches_ze
     assert cut.shape == (10, 6) and all(any(np.allclose(row, e) for e in everything.numpy()) for row in cut)
     with pytest.raises(ValueError, match="memory_size 0"):
         MemoryBankScorer.fit(features, memory_size=0)
+
+
+def test_memory_bank_fit_gathers_only_its_pool_and_keeps_patches_whole():
+    """The coreset's pool is drawn from every patch of every image: a fit on hundreds of images must not copy every
+    patch first (it doubled the fit's memory), and each pooled patch is one image's features at one place."""
+    import tracemalloc
+
+    from engines.runtime.scorer_fit import CORESET_POOL, fit_memory
+
+    n, d, h, w = 200, 64, 40, 40  # 82 MB of features; a pool of 16 x 64 patches is 0.3 MB
+    features = np.random.default_rng(0).standard_normal((n, d, h, w), dtype=np.float32)
+    features[:, 0] = np.arange(n * h * w, dtype=np.float32).reshape(n, h, w)  # channel 0 numbers the patch
+    tracemalloc.start()
+    try:
+        bank = fit_memory(features, memory_size=64, seed=0)["memory_bank"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < features.nbytes / 8, f"the fit's peak {peak / 1e6:.1f} MB: it copied every patch"
+    index = bank[:, 0].astype(np.int64)
+    assert bank.shape == (64, d) and len(set(index.tolist())) == 64 and CORESET_POOL * 64 < n * h * w
+    image, place = np.divmod(index, h * w)
+    np.testing.assert_array_equal(bank, features[image, :, place // w, place % w])

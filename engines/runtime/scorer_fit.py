@@ -119,14 +119,17 @@ def fit_memory(
     features = _features(features, "memory")
     if memory_size < 1:
         raise ValueError(f"memory_size {memory_size}: expected >= 1")
-    d = features.shape[1]
-    patches = np.ascontiguousarray(features.transpose(0, 2, 3, 1).reshape(-1, d), dtype=np.float32)
-    if patches.shape[0] <= memory_size:
-        return {"memory_bank": patches}
+    n, d, h, w = features.shape
+    total = n * h * w  # patches, numbered image by image, row by row
     rng = np.random.default_rng(seed)
-    if patches.shape[0] > CORESET_POOL * memory_size:
-        pool = rng.permutation(patches.shape[0])[: CORESET_POOL * memory_size]
-        patches = patches[np.sort(pool)]
+    if total > CORESET_POOL * memory_size:
+        # Only the pool's patches are gathered: a copy of every patch would double the fit's memory.
+        image, place = np.divmod(np.sort(rng.permutation(total)[: CORESET_POOL * memory_size]), h * w)
+        patches = np.ascontiguousarray(features[image, :, place // w, place % w], dtype=np.float32)
+    else:
+        patches = np.ascontiguousarray(features.transpose(0, 2, 3, 1).reshape(-1, d), dtype=np.float32)
+        if total <= memory_size:
+            return {"memory_bank": patches}
     if projection < d:
         projected = patches @ rng.standard_normal((d, projection)).astype(np.float32)
     else:

@@ -330,14 +330,21 @@ def _taps(graph, images: np.ndarray, batch: int) -> list[torch.Tensor]:
     return [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
 
-def _embed(graph, taps: list[torch.Tensor], keep: list[int], index, batch: int) -> torch.Tensor:
+def _embed(graph, tap_sets: list[list[torch.Tensor]], keep: list[int], index, batch: int) -> torch.Tensor:
+    """Features of the images at `index` in each of `tap_sets` (the images' taps, then their copies'), one set after
+    the other, written batch by batch into one tensor: a list of batches joined after would hold them twice."""
     index = torch.as_tensor(np.asarray(index, dtype=np.int64))
-    out = []
+    n = len(index)
+    out: torch.Tensor | None = None
     with torch.inference_mode():
-        for start in range(0, len(index), batch):
-            rows = index[start : start + batch]
-            out.append(graph.embed_taps([taps[i].index_select(0, rows) for i in keep]))
-    return torch.cat(out)
+        for t, taps in enumerate(tap_sets):
+            for start in range(0, n, batch):
+                features = graph.embed_taps([taps[i].index_select(0, index[start : start + batch]) for i in keep])
+                if out is None:
+                    out = torch.empty((n * len(tap_sets), *features.shape[1:]), dtype=features.dtype)
+                out[t * n + start : t * n + start + len(features)] = features
+    assert out is not None, "no images to embed"
+    return out
 
 
 def _score(graph, features: torch.Tensor, params: dict[str, np.ndarray], batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -377,12 +384,12 @@ def _score_candidate(
     graph.eval()
 
     def fit(fold: Fold, copies: list[list[torch.Tensor]]) -> dict[str, np.ndarray]:
-        features = torch.cat([_embed(graph, taps, keep, fold.fit, batch) for taps in [train_taps, *copies]])
+        features = _embed(graph, [train_taps, *copies], keep, fold.fit, batch)
         return graph.scorer.fit(features, k=recipe.k, seed=seed, memory_size=recipe.memory_size)
 
     def held_out(taps: list[torch.Tensor], fits: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """Out-of-fold scores and maps of the held-out images (or of their copies, by `taps`)."""
-        out = [_score(graph, _embed(graph, taps, keep, fold.held, batch), p, batch) for fold, p in zip(folds, fits)]
+        out = [_score(graph, _embed(graph, [taps], keep, fold.held, batch), p, batch) for fold, p in zip(folds, fits)]
         return np.concatenate([s for s, _ in out]), np.concatenate([m for _, m in out])
 
     copy_auroc = None
@@ -402,7 +409,7 @@ def _score_candidate(
     for f, params in enumerate(fits):
         rows = [i for i, pf in enumerate(planted.fold) if pf == f]
         if rows:
-            s, m = _score(graph, _embed(graph, planted_taps, keep, rows, batch), params, batch)
+            s, m = _score(graph, _embed(graph, [planted_taps], keep, rows, batch), params, batch)
             planted_scores[rows] = s
             for j, row in enumerate(rows):
                 planted_maps[row] = m[j]
