@@ -53,11 +53,11 @@ import numpy as np
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import REQUIRED_FILES, inspectd_version
 from engines.bundle.store import Bundle, load_bundle, write_bundle
-from engines.data.images import list_images, load_image, split_holdout
+from engines.data.images import ImageFiles, list_images, split_holdout
 from engines.errors import BundleError, DataError, EngineError
 from engines.runtime import open_engine
 from engines.runtime.features import FeatureExtractor
-from engines.runtime.preprocess import fit_frame, mean_level
+from engines.runtime.preprocess import fit_all, mean_level
 from engines.runtime.scorer_fit import augmented, fit_scorer
 from inspectd.errors import InspectdError
 from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveReader, parse_time
@@ -165,14 +165,6 @@ def archive_frames(archive: str | Path, since: str, until: str | None = None, ca
     )
 
 
-def fitted_frames(paths: list[Path], shape: tuple[int, int, int], resize: str) -> np.ndarray:
-    """The frames fitted to the model input the way the daemon fits them."""
-    out = np.empty((len(paths), *shape), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        fit_frame(load_image(path), shape, resize, out=out[i])
-    return out
-
-
 def score(engine, images: np.ndarray, params: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores [N], maps [N, H, W]) of `images` through `engine`, with `params` swapped in first when given."""
     if params is not None:
@@ -218,7 +210,7 @@ def teach(
         )
     if not 0.0 < holdout < 1.0:
         raise TeachError(f"--holdout {holdout}: expected a fraction strictly between 0 and 1")
-    images = fitted_frames(paths, bundle.input_shape, bundle.resize_policy)
+    images = fit_all(ImageFiles(paths), bundle.input_shape, bundle.resize_policy)
     fit_idx, hold_idx = split_holdout(len(images), holdout, settings["seed"])
 
     extractor = FeatureExtractor(bundle, max_batch=BATCH)

@@ -102,17 +102,15 @@ def prepare_graph(bundle: Bundle, variant: str, destination: Path) -> tuple[Path
 
 def calibration_frames(folder: str | Path, input_shape: tuple[int, int, int], resize: str, batch: int) -> np.ndarray:
     """Defect-free frames fitted to the model input, as [batches, batch, H, W, C] (a whole number of batches)."""
-    from engines.data.images import list_images, load_image
+    from engines.data.images import ImageFiles, list_images
     from engines.errors import DataError
-    from engines.runtime.preprocess import fit_frame
+    from engines.runtime.preprocess import fit_all
 
     paths = list_images(folder)[:MAX_CALIBRATION_FRAMES]
     usable = len(paths) - len(paths) % batch
     if usable == 0:
         raise DataError(f"--calibration-data {folder}: {len(paths)} image(s), expected at least {batch} (one batch)")
-    frames = np.empty((usable, *input_shape), dtype=np.uint8)
-    for index, path in enumerate(paths[:usable]):
-        fit_frame(load_image(path), input_shape, resize, out=frames[index])
+    frames = fit_all(ImageFiles(paths[:usable]), input_shape, resize)
     return frames.reshape(usable // batch, batch, *input_shape)
 
 

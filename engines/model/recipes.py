@@ -23,10 +23,9 @@ import math
 from typing import Any
 
 from engines.runtime.preprocess import RESIZE_POLICIES
-from engines.runtime.scorer_fit import AUGMENTS
+from engines.runtime.scorer_fit import AUGMENTS, DEFAULT_MEMORY_SIZE
 
 AUTO = "auto"
-DEFAULT_MEMORY_SIZE = 16384
 DEFAULT_SIGMA = 4.0
 # The image score's pooling (engines.model.graph.ImageScore) averages POOL_BLOCK x POOL_BLOCK block means of the map,
 # at most TOPK_LIMIT of them (TensorRT's TopK).

@@ -8,6 +8,7 @@ conversion, done into a caller-owned buffer so the hot path allocates nothing pe
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -69,6 +70,15 @@ def fit_frame(
         out[...] = int(frame.mean())
     target[...] = frame.reshape(target.shape)
     return out, placement
+
+
+def fit_all(frames: Sequence[np.ndarray], input_shape: tuple[int, int, int], policy: str = "stretch") -> np.ndarray:
+    """Every frame fitted to the model input, uint8 [N, H, W, C]. `frames` may decode each frame as it is read
+    (engines.data.images.ImageFiles), so only one frame at its own size is held at a time."""
+    fitted = np.empty((len(frames), *input_shape), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        fit_frame(frame, input_shape, policy, out=fitted[i])
+    return fitted
 
 
 def mean_level(pixels: np.ndarray) -> float:

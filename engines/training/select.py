@@ -55,7 +55,7 @@ from engines.data import defects
 from engines.model.graph import ImageScore, TapConcat, build_graph
 from engines.model.methods import get_method
 from engines.model.recipes import SCORE_SHARES, Recipe
-from engines.runtime.preprocess import fit_frame
+from engines.runtime.preprocess import fit_all, fit_frame
 from engines.runtime.scorer_fit import AUGMENTS, check_augment
 from engines.training import metrics
 
@@ -231,13 +231,6 @@ def choose(candidates: list[Scored]) -> tuple[Scored, str]:
     return chosen, reason
 
 
-def fit_all(frames: Sequence[np.ndarray], shape: tuple[int, int, int], resize: str) -> np.ndarray:
-    batch = np.empty((len(frames), *shape), dtype=np.uint8)
-    for i, frame in enumerate(frames):
-        fit_frame(frame, shape, resize, out=batch[i])
-    return batch
-
-
 def fit_mask(mask: np.ndarray, size: tuple[int, int], resize: str) -> np.ndarray:
     """A defect mask fitted like its frame (same policy), thresholded back to booleans."""
     return fit_frame(mask.astype(np.uint8) * 255, (size[0], size[1], 1), resize)[0][..., 0] > 127
@@ -323,11 +316,15 @@ def select_recipe(
 
 
 def _taps(graph, images: np.ndarray, batch: int) -> list[torch.Tensor]:
-    chunks: list[list[torch.Tensor]] = []
+    """The backbone's taps of every image, each tap written batch by batch into one tensor (as _embed does)."""
+    taps: list[torch.Tensor] = []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            chunks.append(graph.backbone(graph.preprocess(torch.from_numpy(images[start : start + batch]))))
-    return [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+            for i, tap in enumerate(graph.backbone(graph.preprocess(torch.from_numpy(images[start : start + batch])))):
+                if not start:
+                    taps.append(torch.empty((len(images), *tap.shape[1:]), dtype=tap.dtype))
+                taps[i][start : start + len(tap)] = tap
+    return taps
 
 
 def _embed(graph, tap_sets: list[list[torch.Tensor]], keep: list[int], index, batch: int) -> torch.Tensor:

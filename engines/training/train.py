@@ -44,9 +44,9 @@ from engines.model.recipes import (
     catalogue_recipe,
 )
 from engines.progress import Progress
-from engines.runtime.preprocess import RESIZE_POLICIES, mean_level
+from engines.runtime.preprocess import RESIZE_POLICIES, fit_all, mean_level
 from engines.runtime.scorer_fit import AUGMENTS, augmented
-from engines.training.select import Selection, fit_all, select_recipe
+from engines.training.select import Selection, select_recipe
 
 INTERRUPTED_EXIT = 130
 # First thresholds from held-out good images (say so in provenance; `inspectd calibrate` refines them later).
@@ -153,22 +153,34 @@ def seed_everything(seed: int) -> None:
 def extract_features(
     graph: InferenceGraph, images: np.ndarray, batch: int, progress: Progress
 ) -> tuple[torch.Tensor, bool]:
-    """Features of every image, batched. On Ctrl-C returns what exists (at least the first batch) and True."""
-    chunks, interrupted = [], False
+    """Features of every image, batched, written into one tensor (a list of batches joined after would hold them
+    twice). On Ctrl-C returns what exists (at least the first batch) and True."""
+    out: torch.Tensor | None = None
+    done, interrupted = 0, False
+
+    def embed_batch(start: int) -> int:
+        nonlocal out
+        features = graph.embed(torch.from_numpy(images[start : start + batch]))
+        if out is None:
+            out = torch.empty((len(images), *features.shape[1:]), dtype=features.dtype)
+        out[start : start + len(features)] = features
+        return start + len(features)
+
     progress.start(len(images), "features")
     graph.eval()
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             try:
-                chunks.append(graph.embed(torch.from_numpy(images[start : start + batch])))
-                progress.update(min(start + batch, len(images)))
+                done = embed_batch(start)
+                progress.update(done)
             except KeyboardInterrupt:
                 interrupted = True
-                if not chunks:  # nothing to fit a scorer on yet: finish this one batch first
-                    chunks.append(graph.embed(torch.from_numpy(images[start : start + batch])))
+                if not done:  # nothing to fit a scorer on yet: finish this one batch first
+                    done = embed_batch(start)
                 break
     progress.finish()
-    return torch.cat(chunks), interrupted
+    assert out is not None, "no images to embed"
+    return out[:done], interrupted
 
 
 def score_with_graph(

@@ -104,8 +104,8 @@ class ModelState:
 def probe_frames(bundle, thresholds, count: int = SHIFT_PROBE_FRAMES) -> tuple[np.ndarray, str]:
     """Up to `count` defect-free frames fitted to the model input, spread over the first folder the bundle names that
     is here: the thresholds' calibration images (newest version first), then its training images."""
-    from engines.data.images import list_images, load_image
-    from engines.runtime.preprocess import fit_frame
+    from engines.data.images import ImageFiles, list_images
+    from engines.runtime.preprocess import fit_all
 
     named = [thresholds.provenance.get("good_dir")]
     named += [entry.get("provenance", {}).get("good_dir") for entry in thresholds.history]
@@ -119,10 +119,7 @@ def probe_frames(bundle, thresholds, count: int = SHIFT_PROBE_FRAMES) -> tuple[n
         if not paths:
             continue
         picked = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
-        frames = np.empty((len(picked), *bundle.input_shape), np.uint8)
-        for row, path in enumerate(picked):
-            fit_frame(load_image(path), bundle.input_shape, bundle.resize_policy, out=frames[row])
-        return frames, str(folder)
+        return fit_all(ImageFiles(picked), bundle.input_shape, bundle.resize_policy), str(folder)
     raise EngineError(
         f"{bundle.path}: cannot measure how far the reduced-precision engine's scores are from the FP32 ones its "
         f"thresholds were set on: none of the defect-free image folders the bundle names is here "
