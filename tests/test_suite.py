@@ -38,15 +38,33 @@ def test_suite_covers_every_dataset_folder_and_writes_the_table(tmp_path):
     assert "tile_a" in result.stdout and "suite.md written" in result.stdout
 
 
-def test_suite_refuses_a_root_without_datasets(tmp_path):
+def _refusal(*args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "inspectd", "eval-suite", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "inspectd", "eval-suite", *args], capture_output=True, text=True, timeout=120
     )
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stdout
+    return result.stderr.strip()
+
+
+def test_suite_refuses_a_root_without_datasets_or_no_root_in_one_line(tmp_path):
+    out = str(tmp_path / "o")
     assert (
-        result.stderr.strip()
+        _refusal("--data-root", str(tmp_path), "--out", out)
         == f"inspectd eval-suite: {tmp_path}: no datasets, expected folders with train/good/ and test/"
     )
+    missing = tmp_path / "missing"
+    assert (
+        _refusal("--data-root", str(missing), "--out", out)
+        == f"inspectd eval-suite: --data-root {missing}: not a directory, expected a folder of datasets"
+    )
+
+
+def test_suite_refuses_a_dataset_name_it_does_not_have_before_training_any(tmp_path):
+    root = tmp_path / "data"
+    make_tiny_mvtec(root / "tile_a", n_train=6, n_test_good=2, n_test_defect=2)
+    make_tiny_mvtec(root / "tile_b", n_train=6, n_test_good=2, n_test_defect=2)
+    out = tmp_path / "o"
+    assert _refusal("--data-root", str(root), "--out", str(out), "--only", "tile_a", "tile_c") == (
+        f"inspectd eval-suite: --only tile_c: no such dataset in {root}, expected some of tile_a, tile_b"
+    )
+    assert not out.exists()

@@ -24,18 +24,25 @@ DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
-def datasets(root: Path) -> list[Path]:
+def datasets(root: Path, only: list[str] | None = None) -> list[Path]:
+    """The dataset folders under `root`, or those of them named in `only` (each name must be one)."""
+    if not root.is_dir():
+        raise EngineError(f"--data-root {root}: not a directory, expected a folder of datasets")
     found = sorted(p for p in root.iterdir() if (p / "train" / "good").is_dir() and (p / "test").is_dir())
     if not found:
         raise EngineError(f"{root}: no datasets, expected folders with train/good/ and test/")
-    return found
+    if not only:
+        return found
+    names = [p.name for p in found]
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise EngineError(f"--only {' '.join(unknown)}: no such dataset in {root}, expected some of {', '.join(names)}")
+    return [p for p in found if p.name in only]
 
 
 def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None, seed: int = 0) -> dict:
     rows, reports = [], {}
-    for data in datasets(root):
-        if only and data.name not in only:
-            continue
+    for data in datasets(root, only):
         print(f"== {data.name}: train ({recipe or 'default'})", flush=True)
         load = os.getloadavg()[0]
         result = train_bundle(
