@@ -8,22 +8,53 @@ seen to reach the sensor and not only the registers.
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from inspectd.daemon.config import parse_config
-from inspectd.daemon.ingest.genicam import frames_lost, to_image
+from inspectd.daemon.ingest.genicam import frames_lost, short_socket_buffer, to_image
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.supervisor import CameraIngest
 from inspectd.errors import ConfigError
+from tests.address_families import unit_families
 
 pytestmark = pytest.mark.timeout(90)
 FAKE = "arv-fake-gv-camera-0.8"
 ADDRESS = "127.0.0.1"  # the fake camera listens on an interface's address: loopback's only one
+REPO = Path(__file__).resolve().parents[1]
+FRAME_BYTES = 512 * 512  # the fake camera's Mono8 frame
+# Opens the source in a process restricted to argv[1]'s address families, then reads one frame.
+UNDER_UNIT = """
+import errno, json, socket, sys, threading, time
+from tests.address_families import restrict
+restrict(sys.argv[1].split())
+try:
+    socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM)
+except OSError as exc:
+    assert exc.errno == errno.EAFNOSUPPORT, exc
+else:
+    raise AssertionError("AF_PACKET was not refused: the restriction is not in force")
+from inspectd.daemon.ingest.genicam import GenICamCamera
+from tests.test_genicam import camera_config
+camera, stop = GenICamCamera(camera_config(frame_rate_hz=50), time.monotonic), threading.Event()
+camera.open(stop)
+try:
+    deadline, shapes = time.monotonic() + 2, []
+    while time.monotonic() < deadline:
+        frame = camera.read(stop)
+        if frame is not None:
+            shapes.append(None if frame.error else frame.image.shape)
+    print(json.dumps({"frames": len(shapes), "whole": shapes.count((512, 512))}))
+finally:
+    camera.close()
+"""
 
 
 def aravis():
@@ -150,6 +181,35 @@ def test_frames_arrive_with_the_configured_exposure_gain_and_format(fake_camera,
     ingest, queue = run(ingests, pixel_format="RGB8", frame_rate_hz=50)
     colour = take(queue, 2)
     assert colour[-1].image.shape == (512, 512, 3) and ingest._source.applied["pixel_format"] == "RGB8"
+
+
+@pytest.mark.parametrize("unit", ["inspectd.service", "inspectd@.service"])
+def test_a_gige_camera_opens_under_the_units_address_families(fake_camera, unit):
+    """The unit's RestrictAddressFamilies= (systemd's seccomp filter on socket()) must leave Aravis what it needs: it
+    lists the host's interfaces over netlink before it reaches any camera, even one named by its IP address."""
+    families = unit_families(REPO / "systemd" / unit)
+    result = subprocess.run(
+        [sys.executable, "-c", UNDER_UNIT, " ".join(families)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"{families}: {result.stderr.strip().splitlines()[-1:]}"
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    # The restriction also takes away Aravis' packet socket (AF_PACKET), as the unit's missing CAP_NET_RAW does, so
+    # frames come through a UDP socket: whole if its buffer holds a frame, else the source says what to raise.
+    if short_socket_buffer(FRAME_BYTES) is None:
+        assert counts["frames"] >= 40 and counts["whole"] >= 0.9 * counts["frames"], counts
+    else:
+        assert "genicam_socket_buffer_short" in result.stdout + result.stderr, counts
+
+
+def test_a_stream_socket_too_small_for_a_frame_is_named_with_the_setting_to_raise(tmp_path):
+    rmem_max = tmp_path / "rmem_max"
+    rmem_max.write_text("212992\n")
+    assert short_socket_buffer(212992, rmem_max) is None
+    assert short_socket_buffer(FRAME_BYTES, rmem_max) == (
+        "frames of 262144 bytes exceed net.core.rmem_max (212992): most will arrive with packets missing; "
+        "raise it (sysctl -w net.core.rmem_max=524288, kept in /etc/sysctl.d/)"
+    )
+    assert short_socket_buffer(FRAME_BYTES, tmp_path / "absent") is None
 
 
 def test_software_and_hardware_line_trigger(fake_camera, ingests):

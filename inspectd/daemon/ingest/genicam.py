@@ -20,9 +20,11 @@ import collections
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import numpy as np
+import structlog
 from pydantic import Field
 
 from engines.schema import Int, Number, Text, declared, one_of
@@ -38,6 +40,9 @@ PIXEL_FORMATS = ("Mono8", "Mono10", "Mono12", "Mono16", "RGB8", "BGR8")
 TRIGGERS = ("free_run", "software", "line")
 GEV_BLOCK_ID_MAX = 0xFFFF
 MAX_LOST_FRAMES = 1000  # one jump never turns into more error frames than this; the rest are logged and counted
+RMEM_MAX = Path("/proc/sys/net/core/rmem_max")  # the most a socket's receive buffer may be asked to hold
+
+log = structlog.get_logger("inspectd.ingest")
 
 
 @declared
@@ -56,6 +61,21 @@ class GenICamSource:
     packet_size: Annotated[Int, Field(ge=576, le=16384)] | None = None  # GigE Vision: None negotiates it
     stall_s: Annotated[Number, Field(gt=0)] = 5.0  # free_run/software: no frame this long means the camera is gone
     kind: Literal["genicam"] = "genicam"
+
+
+def short_socket_buffer(frame_bytes: int, rmem_max: Path = RMEM_MAX) -> str | None:
+    """Why a GigE Vision stream socket cannot hold one frame of `frame_bytes`, or None when it can (or the limit
+    cannot be read)."""
+    try:
+        limit = int(rmem_max.read_text())
+    except (OSError, ValueError):
+        return None
+    if frame_bytes <= limit:
+        return None
+    return (
+        f"frames of {frame_bytes} bytes exceed net.core.rmem_max ({limit}): most will arrive with packets missing; "
+        f"raise it (sysctl -w net.core.rmem_max={2 * frame_bytes}, kept in /etc/sysctl.d/)"
+    )
 
 
 def frames_lost(previous: int | None, current: int) -> int:
@@ -127,6 +147,14 @@ class GenICamCamera(Source):
             self._configure()
             self.stream = self.cam.create_stream(None, None)
             payload = self.cam.get_payload()
+            if self.cam.is_gv_device():
+                # Without the packet socket (no CAP_NET_RAW, as under the unit) frames come through a UDP socket whose
+                # default buffer (Aravis 0.8: the kernel's, 208 KiB) is smaller than one frame: most frames would
+                # arrive with packets missing. Ask for a buffer of one frame, which the kernel caps at rmem_max.
+                self.stream.set_property("socket-buffer", Aravis.GvStreamSocketBuffer.AUTO)
+                reason = short_socket_buffer(payload)
+                if reason is not None:
+                    log.warning("genicam_socket_buffer_short", camera=self.camera.id, reason=reason)
             for _ in range(self.spec.buffers):
                 self.stream.push_buffer(Aravis.Buffer.new_allocate(payload))
             self.cam.get_device().connect("control-lost", lambda device: self._control_lost.set())
