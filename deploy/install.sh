@@ -72,6 +72,14 @@ case "$GPU" in
     cu12|cu13) EXTRAS="${EXTRAS:+$EXTRAS,}gpu-$GPU" ;;
     *) die "--with-gpu $GPU: expected cu12 or cu13 (the CUDA major of the station's driver)" ;;
 esac
+case ",$EXTRAS," in
+    *,train,*)
+        # PyPI's Linux torch wheel requires cuda-bindings 13, which the cu12 extra excludes: pip could only fail.
+        [ "$GPU" != cu12 ] || [ -n "$TORCH_INDEX" ] ||
+            die "--with-gpu cu12 with --with-train: PyPI's torch needs CUDA 13 (cuda-bindings 13); give --torch-index" \
+                "with a CUDA 12 torch build, or train on another machine" ;;
+    *) [ -z "$TORCH_INDEX" ] || die "--torch-index: only used with --with-train (torch is for training only)" ;;
+esac
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 [ -f "$SRC/pyproject.toml" ] || die "$SRC: expected the inspectd source tree (pyproject.toml) above deploy/"

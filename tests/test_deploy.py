@@ -87,6 +87,25 @@ def test_install_refuses_an_unknown_argument(tmp_path):
     assert "unknown argument --frobnicate" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "refusal"),
+    [
+        (("--with-train", "--with-gpu", "cu12"), "--with-gpu cu12 with --with-train: PyPI's torch needs CUDA 13"),
+        (("--torch-index", "https://download.pytorch.org/whl/cpu"), "--torch-index: only used with --with-train"),
+    ],
+)
+def test_install_refuses_options_pip_could_only_fail_on_or_would_ignore_before_touching_the_root(
+    tmp_path, args, refusal
+):
+    root = tmp_path / "root"
+    result = subprocess.run(
+        ["sh", str(INSTALL), "--prefix", str(root), *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1 and refusal in result.stderr
+    assert not root.exists()
+
+
 def _verify_reason() -> str | None:
     if shutil.which("systemd-analyze") is None:
         return "systemd-analyze not installed (apt-get install systemd)"
