@@ -133,12 +133,19 @@ ensure_file() {  # src dst mode owner:group
 # --- interpreter: checked before anything is created -----------------------------------------------------------
 VENV="$OPT/venv"
 CONSTRAINTS="$SRC/constraints.txt"
+# A venv counts as made once its pip runs: `python3 -m venv` without Debian's python3-venv leaves bin/python and no pip.
+venv_ready() { "$VENV/bin/python" -m pip --version >/dev/null 2>&1; }
+if [ "$MAKE_VENV" -eq 1 ] && ! venv_ready; then
+    command -v "$PYTHON" >/dev/null || die "--python $PYTHON: not found, expected a Python 3 interpreter"
+    "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null ||
+        die "$PYTHON cannot create a virtualenv; install its venv module (Debian/Ubuntu: apt install python3-venv)"
+fi
 if [ "$MAKE_VENV" -eq 1 ] && [ "$USE_CONSTRAINTS" -eq 1 ]; then
     [ -f "$CONSTRAINTS" ] || die "$CONSTRAINTS: missing (or pass --no-constraints)"
     # The pinned versions install only on the Python the file's header names (what make constraints recorded).
     NEED=$(sed -n 's/^# requires-python: >=\([0-9.]*\).*/\1/p' "$CONSTRAINTS")
     CHECKED="$PYTHON"
-    [ ! -x "$VENV/bin/python" ] || CHECKED="$VENV/bin/python"
+    ! venv_ready || CHECKED="$VENV/bin/python"
     HAVE=$("$CHECKED" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || die "$CHECKED: cannot run it"
     "$CHECKED" -c "import sys; sys.exit(sys.version_info[:2] < tuple(int(p) for p in '$NEED'.split('.')))" ||
         die "$CHECKED is Python $HAVE; the versions in constraints.txt need >= $NEED" \
@@ -193,7 +200,7 @@ for doc in DEPLOY.md PLC.md; do
 done
 
 if [ "$MAKE_VENV" -eq 1 ]; then
-    if [ ! -x "$VENV/bin/python" ]; then
+    if ! venv_ready; then
         "$PYTHON" -m venv "$VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip
         say "created virtualenv $VENV"

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,39 @@ def test_install_refuses_options_pip_could_only_fail_on_or_would_ignore_before_t
     assert result.returncode == 2, result.stdout
     assert len(result.stderr.strip().splitlines()) == 1 and refusal in result.stderr
     assert not root.exists()
+
+
+def test_install_refuses_an_interpreter_without_venv_and_does_not_take_a_half_made_venv_for_a_made_one(tmp_path):
+    # Debian's python3 without python3-venv: ensurepip is missing and `-m venv` leaves bin/python without pip.
+    python = _script(tmp_path / "python3-no-venv", "*ensurepip*|*venv*) echo 'No module named ensurepip' >&2; exit 1")
+    root = tmp_path / "root"
+    half_made = root / "opt" / "inspectd" / "venv" / "bin"
+    half_made.mkdir(parents=True)
+    _script(half_made / "python", "*pip*) echo 'No module named pip' >&2; exit 1")
+    for _ in range(2):  # a rerun is refused the same way, not stopped at the half-made venv's missing pip
+        result = _install_python(root, str(python))
+        assert result.returncode == 2, result.stdout
+        assert result.stderr.strip() == (
+            f"install.sh: {python} cannot create a virtualenv; install its venv module "
+            "(Debian/Ubuntu: apt install python3-venv)"
+        )
+    missing = tmp_path / "nopython"
+    result = _install_python(root, str(missing))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"install.sh: --python {missing}: not found, expected a Python 3 interpreter"
+
+
+def _script(path: Path, refused: str) -> Path:
+    """A Python that refuses the commands matching the case pattern `refused` and runs the others."""
+    path.write_text(f'#!/bin/sh\ncase "$*" in {refused};; esac\nexec {sys.executable} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def _install_python(root: Path, python: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["sh", str(INSTALL), "--prefix", str(root), "--python", python], capture_output=True, text=True, timeout=60
+    )
 
 
 def _verify_reason() -> str | None:
