@@ -12,7 +12,7 @@ PYTHON_MIN := $(shell sed -n 's/^. requires-python: >=\([0-9.]*\).*/\1/p' $(CONS
 #     make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: venv demo test browser strace constraints clean
+.PHONY: venv demo test system-packages constraints clean
 
 # Checked before anything is created, each failure in one line: the interpreter, its version, its venv module.
 CHECK_VERSION = import sys; need = tuple(int(p) for p in "$(PYTHON_MIN)".split(".")); \
@@ -38,16 +38,21 @@ demo: venv
 # settings from pyproject.toml.
 LINTED := inspectd engines calibration tests deploy
 
-# The web view's test drives a real headless browser: Debian's chromium, installed here when it is missing (CI runs
-# as root, like `apt-get`).
-browser:
-	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
+# What the tests drive for real and Debian provides: a headless browser (the web view's test), strace (the power-cut
+# tests read a daemon's fsyncs) and systemd-analyze (the units are verified). Installed when missing, as root (CI
+# runs as root); otherwise one line says what to install.
+system-packages:
+	@missing=""; \
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing="$$missing chromium"; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] || { \
+		echo "make: missing Debian packages:$$missing; run make test as root, or apt-get install$$missing" >&2; \
+		exit 1; }; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; }
 
-# The power-cut tests (tests/test_power_cut.py) read a real daemon's fsyncs from strace, installed here the same way.
-strace:
-	@command -v strace >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends strace; }
-
-test: venv browser strace
+test: venv system-packages
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy

@@ -130,7 +130,7 @@ def unescape(text: str) -> bytes:
 def strace() -> str:
     # Installed by `make test` (its `strace` prerequisite), as chromium is for the browser test: never skipped.
     path = shutil.which("strace")
-    assert path, "strace is not installed: `make strace` (or apt-get install strace) installs it"
+    assert path, "strace is not installed: `make test` installs it (apt-get install strace)"
     return path
 
 
