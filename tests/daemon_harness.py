@@ -33,7 +33,8 @@ def free_port() -> int:
 
 class Station:
     """`overrides` are merged into the base config one level deep (a dict value updates the section). `wrap` is a
-    command the daemon runs under (strace ...): `proc` is then that command, and `daemon_pid` the daemon itself."""
+    command the daemon runs under (strace ...): `proc` is then that command, and `daemon_pid` the daemon itself.
+    `exec_under` is a command that sets something up and then execs the daemon in its own place (the same pid)."""
 
     def __init__(
         self,
@@ -43,6 +44,7 @@ class Station:
         preexec_fn=None,
         watchdog_usec: int = 2_000_000,
         wrap: tuple[str, ...] = (),
+        exec_under: tuple[str, ...] = (),
         **overrides,
     ) -> None:
         self.tmp = tmp
@@ -90,7 +92,7 @@ class Station:
         self._log = open(self.log_path, "wb")
         self._wrapped = bool(wrap)
         self.proc = subprocess.Popen(
-            [*wrap, sys.executable, "-m", "inspectd", "run", "--config", str(self.config_path)],
+            [*wrap, *exec_under, sys.executable, "-m", "inspectd", "run", "--config", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

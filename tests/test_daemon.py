@@ -217,6 +217,25 @@ def test_sigterm_mid_stream_loses_no_accepted_frame(station):
     s.close()
 
 
+@pytest.mark.parametrize("unit", ["inspectd.service", "inspectd@.service"])
+def test_the_daemon_judges_frames_and_stops_cleanly_under_the_units_seccomp_restrictions(station, unit):
+    """The unit's call filter (EPERM outside @system-service, less @privileged), W^X memory and address families, set
+    up as systemd sets them up (tests/unit_sandbox.py): ONNX Runtime, ZeroMQ, the control socket and the notify
+    socket all work inside them."""
+    sandbox = (sys.executable, "-m", "tests.unit_sandbox", str(REPO / "systemd" / unit))
+    camera = {"kind": "synthetic", "rate_hz": 50, "width": FRAME, "height": FRAME, "defect_rate": 0.3, "seed": 3}
+    s = station([{"id": "cam0", "source": camera}], exec_under=sandbox)
+    s.wait_ready()
+    results = s.results(30, timeout=30)
+    assert len(results) == 30 and all(r.error is None for r in results), [r.error for r in results]
+    assert {"ok", "defect"} <= {r.verdict for r in results}, [r.verdict for r in results]
+    assert s.control({"cmd": "status"})["healthy"] is True
+    with open(f"/proc/{s.proc.pid}/status") as status:  # the daemon itself runs filtered (execs keep the filters)
+        assert "Seccomp:\t2" in status.read()
+    assert s.stop() == 0, s.log_tail()
+    assert [e for e in s.events() if e.get("event") == "stopped"][0]["clean"], s.log_tail()
+
+
 def test_set_thresholds_and_reload_mid_stream_without_gaps(station, bundle, tmp_path):
     from engines.bundle import thresholds as thresholds_doc
     from engines.bundle.store import load_bundle, write_bundle

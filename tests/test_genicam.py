@@ -23,18 +23,15 @@ from inspectd.daemon.ingest.genicam import frames_lost, short_socket_buffer, to_
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.supervisor import CameraIngest
 from inspectd.errors import ConfigError
-from tests.address_families import unit_families
 
 pytestmark = pytest.mark.timeout(90)
 FAKE = "arv-fake-gv-camera-0.8"
 ADDRESS = "127.0.0.1"  # the fake camera listens on an interface's address: loopback's only one
 REPO = Path(__file__).resolve().parents[1]
 FRAME_BYTES = 512 * 512  # the fake camera's Mono8 frame
-# Opens the source in a process restricted to argv[1]'s address families, then reads one frame.
+# Run under a unit's restrictions (tests.unit_sandbox): opens the source and counts the frames of 2 s.
 UNDER_UNIT = """
-import errno, json, socket, sys, threading, time
-from tests.address_families import restrict
-restrict(sys.argv[1].split())
+import errno, json, socket, threading, time
 try:
     socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM)
 except OSError as exc:
@@ -184,14 +181,15 @@ def test_frames_arrive_with_the_configured_exposure_gain_and_format(fake_camera,
 
 
 @pytest.mark.parametrize("unit", ["inspectd.service", "inspectd@.service"])
-def test_a_gige_camera_opens_under_the_units_address_families(fake_camera, unit):
-    """The unit's RestrictAddressFamilies= (systemd's seccomp filter on socket()) must leave Aravis what it needs: it
-    lists the host's interfaces over netlink before it reaches any camera, even one named by its IP address."""
-    families = unit_families(REPO / "systemd" / unit)
+def test_a_gige_camera_streams_under_the_units_seccomp_restrictions(fake_camera, unit):
+    """The unit's address families, call filter and W^X memory, set up as systemd sets them up, must leave Aravis
+    what it needs: it lists the host's interfaces over netlink before it reaches any camera, even one named by its
+    IP address."""
+    sandbox = [sys.executable, "-m", "tests.unit_sandbox", str(REPO / "systemd" / unit)]
     result = subprocess.run(
-        [sys.executable, "-c", UNDER_UNIT, " ".join(families)], cwd=REPO, capture_output=True, text=True, timeout=60
+        [*sandbox, sys.executable, "-c", UNDER_UNIT], cwd=REPO, capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 0, f"{families}: {result.stderr.strip().splitlines()[-1:]}"
+    assert result.returncode == 0, f"{unit}: {result.stderr.strip().splitlines()[-1:]}"
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     # The restriction also takes away Aravis' packet socket (AF_PACKET), as the unit's missing CAP_NET_RAW does, so
     # frames come through a UDP socket: whole if its buffer holds a frame, else the source says what to raise.
