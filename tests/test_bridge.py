@@ -170,9 +170,10 @@ class Bridge:
         config: Path,
         topic: str = f"inspect.{STATION}.{CAMERA}.",
         extra: tuple[str, ...] = (),
+        exec_under: tuple[str, ...] = (),
     ) -> None:
         self.proc = subprocess.Popen(
-            bridge_command(daemon, plc, config, "--topic", topic, *extra),
+            [*exec_under, *bridge_command(daemon, plc, config, "--topic", topic, *extra)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -235,6 +236,23 @@ def test_every_verdict_lands_in_the_registers_in_order(plc, daemon, bridge_confi
     finally:
         events = bridge.stop()
     assert events["result_refused"]["camera"] == "cam1" and events["bridge_stopped"]["other_camera"] == 1
+
+
+def test_verdicts_reach_the_plc_under_the_bridge_units_seccomp_restrictions(plc, daemon, bridge_config):
+    """The bridge unit's call filter, W^X memory and address families, set up as systemd sets them up
+    (tests/unit_sandbox.py): ZeroMQ in, Modbus TCP out, a clean stop."""
+    sandbox = (sys.executable, "-m", "tests.unit_sandbox", str(REPO / "systemd" / "inspectd-bridge@.service"))
+    bridge = Bridge(daemon, plc, bridge_config, exec_under=sandbox)
+    try:
+        with open(f"/proc/{bridge.proc.pid}/status") as status:
+            assert "Seccomp:\t2" in status.read()  # the bridge itself runs filtered
+        for seq in range(1, 7):
+            daemon.result(seq, ("ok", "defect")[seq % 2])
+        wait(lambda: len(plc.received) >= 6, 15, "6 acknowledged results")
+        assert [r["id"] for r in plc.received] == list(range(1, 7))
+    finally:
+        events = bridge.stop()
+    assert "bridge_stopped" in events
 
 
 def test_a_plc_that_stops_acking_counts_missed_acks_and_raises_the_alarm(plc, daemon, tmp_path):

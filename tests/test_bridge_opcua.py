@@ -39,10 +39,17 @@ def node_id(index: int, camera: str, name: str) -> str:
 
 
 class Bridge:
-    def __init__(self, daemon: Daemon, args: list[str], ready, topic: str = f"inspect.{STATION}.") -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        args: list[str],
+        ready,
+        topic: str = f"inspect.{STATION}.",
+        exec_under: tuple[str, ...] = (),
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint, "--topic", topic]
-            + args,
+            [*exec_under, sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint]
+            + ["--topic", topic, *args],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -167,7 +174,7 @@ def write_config(tmp_path: Path, text: str = "") -> Path:
     return path
 
 
-def server_bridge(daemon, tmp_path, port, extra=(), config_text=""):
+def server_bridge(daemon, tmp_path, port, extra=(), config_text="", exec_under=()):
     url = f"opc.tcp://127.0.0.1:{port}/inspectd/"
     args = ["--config", str(write_config(tmp_path, config_text)), "--opcua", url]
     args += ["--state-file", str(tmp_path / "state.json"), *extra]
@@ -182,7 +189,7 @@ def server_bridge(daemon, tmp_path, port, extra=(), config_text=""):
             probe.clear()
             return False
 
-    bridge = Bridge(daemon, args, ready)
+    bridge = Bridge(daemon, args, ready, exec_under=exec_under)
     probe[0].close()
     return bridge, url
 
@@ -236,6 +243,25 @@ def test_server_mode_hands_every_camera_its_results_and_survives_both_restarts(d
         plc.close()
         events = bridge.stop()
     assert events["bridge_stopped"]["stale_skipped"] == 2
+
+
+def test_server_mode_serves_the_plc_under_the_bridge_units_seccomp_restrictions(daemon, tmp_path):
+    """The bridge unit's call filter, W^X memory and address families, set up as systemd sets them up
+    (tests/unit_sandbox.py): ZeroMQ in, an OPC UA server out, a clean stop."""
+    sandbox = (sys.executable, "-m", "tests.unit_sandbox", str(REPO / "systemd" / "inspectd-bridge@.service"))
+    bridge, url = server_bridge(daemon, tmp_path, free_port(), exec_under=sandbox)
+    plc = PlcClient(url)
+    try:
+        with open(f"/proc/{bridge.proc.pid}/status") as status:
+            assert "Seccomp:\t2" in status.read()  # the bridge itself runs filtered
+        program = plc.run_program()
+        for seq in range(1, 5):
+            daemon.result(seq, ("ok", "defect")[seq % 2])
+        wait(lambda: program.ids() == [1, 2, 3, 4], 20, "four results")
+    finally:
+        plc.close()
+        events = bridge.stop()
+    assert events["bridge_stopped"]["written"] == 4
 
 
 def test_server_mode_catches_up_from_the_journal_after_a_restart(daemon, tmp_path):
