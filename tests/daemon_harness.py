@@ -98,6 +98,7 @@ class Station:
             env=env,
             cwd=tmp,
             preexec_fn=preexec_fn,
+            start_new_session=True,  # a group of its own: close() ends a wrapped daemon with its wrapper
         )
 
     @property
@@ -192,8 +193,12 @@ class Station:
             self.close()
 
     def close(self) -> None:
+        # The whole group: a daemon under strace outlives a killed strace (it detaches and lets it run).
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if self.proc.poll() is None:
-            self.proc.kill()
             self.proc.wait(10)
         self.sub.close()
         self._closing.set()

@@ -285,6 +285,21 @@ def test_a_daemon_whose_config_leaves_out_the_journal_keeps_one_and_resumes_the_
     assert synced[0].end < first_mark.start  # not only because the first frame's mark opened a file there
 
 
+def test_closing_a_station_whose_daemon_runs_under_strace_ends_the_daemon_too(tmp_path):
+    camera = {"id": "cam0", "source": {"kind": "zmq", "endpoint": f"ipc://{tmp_path}/frames.sock"}}
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    station = Station(tmp_path, bundle, [camera], wrap=(strace(), "-f", "-o", "/dev/null"))
+    try:
+        station.wait_ready(120)
+        daemon = station.daemon_pid
+    finally:
+        station.close()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{daemon}").exists() and "zombie" not in Path(f"/proc/{daemon}/status").read_text():
+        assert time.monotonic() < deadline, "the daemon outlived its strace and the station"
+        time.sleep(0.05)
+
+
 def test_the_default_and_the_example_config_keep_a_journal_under_the_state_dir(tmp_path):
     minimal = {"station": "s", "model": {"bundle": "b"}, "cameras": [{"id": "c", "source": {"kind": "synthetic"}}]}
     config = parse_config(minimal, base_dir=tmp_path)
