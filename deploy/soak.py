@@ -36,6 +36,7 @@ average before and after, and the largest D / critical value each test reached.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -152,6 +153,13 @@ class Daemon:
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
+        # A soak that ends on an exception (a timeout, SystemExit) must not leave its daemon streaming at full load.
+        atexit.register(self.kill)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
     def control(self, request: dict) -> dict:
         with ControlClient(self.control_endpoint, timeout_s=30) as client:

@@ -678,6 +678,33 @@ def test_disk_full_while_journaling_degrades_with_an_alarm_and_keeps_publishing(
 # --- soak, short ---------------------------------------------------------------------------------------------------
 
 
+def test_a_soak_interrupted_mid_run_takes_its_daemon_with_it(bundle, tmp_path):
+    soak = subprocess.Popen(
+        [sys.executable, str(REPO / "deploy" / "soak.py"), "--bundle", str(bundle), "--duration", "300"]
+        + ["--rate", "20", "--cameras", "1", "--workdir", str(tmp_path / "soak")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        children = Path(f"/proc/{soak.pid}/task/{soak.pid}/children")
+        deadline = time.monotonic() + 60
+        while not children.read_text().split():  # the daemon has started
+            assert time.monotonic() < deadline and soak.poll() is None, "no daemon under the soak"
+            time.sleep(0.1)
+        daemon = int(children.read_text().split()[0])
+        time.sleep(2.0)  # streaming
+        soak.send_signal(signal.SIGINT)
+        soak.wait(30)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{daemon}").exists() and "zombie" not in Path(f"/proc/{daemon}/status").read_text():
+            assert time.monotonic() < deadline, "the soak's daemon outlived it"
+            time.sleep(0.05)
+    finally:
+        soak.kill()
+
+
 def test_short_soak_flat_memory_no_frame_lost(bundle, tmp_path):
     out = subprocess.run(
         [
