@@ -245,6 +245,23 @@ def test_folder_that_disappears_is_reopened_when_it_comes_back(tmp_path, ingest_
     assert [f.frame_id for f in drain(queue)] == ["first.png", "second.png"]
 
 
+def test_a_camera_still_failing_after_thousands_of_reopens_keeps_retrying_and_comes_back(tmp_path, ingest_threads):
+    # Its backoff doubled once per failure: past about a thousand (an hour and a half at the longest backoff) the
+    # float overflowed and the camera's thread ended for good. Zero backoff gets there in a moment.
+    inbox = tmp_path / "in"
+    queue = FrameQueue(8, "block")
+    cam = camera({"kind": "folder", "path": str(inbox), "poll_ms": 20})
+    ingest = CameraIngest(cam, queue, backoff_s=(0.0, 0.0))
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["reopen_count"] > 1500 or not ingest.is_alive(), 30)
+    assert ingest.is_alive() and ingest.stats()["state"] == "reopening", ingest.stats()
+    inbox.mkdir()
+    SyntheticLine(64, 48, seed=1).write_folder(inbox, 1)
+    assert wait_for(lambda: len(queue) == 1), ingest.stats()
+    assert ingest.stats()["state"] == "running"
+
+
 def test_folder_is_not_read_while_paused(tmp_path, ingest_threads):
     queue = FrameQueue(8, "block")
     ingest = start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 20}), queue)

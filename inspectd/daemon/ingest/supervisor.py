@@ -18,6 +18,7 @@ log = structlog.get_logger("inspectd.ingest")
 
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
+MAX_DOUBLINGS = 32  # of the first backoff: far past any longest backoff, far short of a float's range
 
 
 class CameraIngest:
@@ -120,7 +121,9 @@ class CameraIngest:
                 except Exception as exc:  # any source failure: the camera is reopened, the others never notice
                     self.last_error = _one_line(exc)
                     self._set_state("reopening", error=self.last_error)
-                    delay = min(self.backoff_s[1], self.backoff_s[0] * 2**failures)
+                    # The exponent stops growing long before a float would overflow: an outage of hours (a
+                    # thousand failures) must leave the camera retrying at the longest backoff, not kill its thread.
+                    delay = min(self.backoff_s[1], self.backoff_s[0] * 2.0 ** min(failures, MAX_DOUBLINGS))
                     failures += 1
                     self._source.close()
                     if self._stop.wait(delay):
