@@ -262,6 +262,22 @@ def test_a_camera_still_failing_after_thousands_of_reopens_keeps_retrying_and_co
     assert ingest.stats()["state"] == "running"
 
 
+def test_an_unreadable_file_is_one_error_result_and_the_folder_goes_on(tmp_path, ingest_threads):
+    # A file whose read fails with an I/O error (root reads any mode, so permissions cannot stand in for it here).
+    (tmp_path / "a-unreadable.png").symlink_to("/proc/self/mem")
+    SyntheticLine(64, 48, seed=1).write_folder(tmp_path / "frames", 1)
+    os.replace(tmp_path / "frames" / "000000.png", tmp_path / "b-good.png")
+    queue = FrameQueue(8, "block")
+    ingest = start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "pattern": "*.png"}), queue)
+    assert wait_for(lambda: len(queue) == 2), ingest.stats()
+    time.sleep(0.5)  # further scans add nothing: the unreadable file was taken once
+    frames = {f.frame_id: f for f in drain(queue)}
+    assert sorted(frames) == ["a-unreadable.png", "b-good.png"]
+    assert frames["a-unreadable.png"].error == "a-unreadable.png: cannot read (Input/output error)"
+    assert frames["b-good.png"].error is None and frames["b-good.png"].image.shape == (48, 64)
+    assert ingest.stats()["reopen_count"] == 0 and ingest.stats()["state"] == "running"
+
+
 def test_folder_is_not_read_while_paused(tmp_path, ingest_threads):
     queue = FrameQueue(8, "block")
     ingest = start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 20}), queue)

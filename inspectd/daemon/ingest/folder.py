@@ -72,7 +72,10 @@ class FolderWatcher(Source):
                 name = entry.name
                 if name.startswith(".") or not fnmatch.fnmatch(name, self.spec.pattern) or not entry.is_file():
                     continue
-                st = entry.stat()
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue  # taken away between the listing and now
                 current[name] = (st.st_size, st.st_mtime_ns)
         ready = [
             (stamp[1], name)
@@ -98,6 +101,10 @@ class FolderWatcher(Source):
             data = path.read_bytes()
         except FileNotFoundError:
             return None  # taken away by someone else between the scan and now
+        except OSError as exc:
+            # Unreadable (permissions, an I/O error): its result says so, once. Raising would reopen the folder and
+            # meet the same file at every scan.
+            return self._taken(path, mtime_ns, None, f"{name}: cannot read ({exc.strerror or exc})")
         try:
             image, error = check_and_decode(data, name, self.camera.max_pixels), None
         except IncompleteImage as exc:
@@ -107,6 +114,11 @@ class FolderWatcher(Source):
             image, error = None, str(exc)
         except DataError as exc:
             image, error = None, str(exc)
+        return self._taken(path, mtime_ns, image, error)
+
+    def _taken(self, path: Path, mtime_ns: int, image, error: str | None) -> Frame:
+        """The file's frame, the file marked done (and disposed of once its result is out, if so configured)."""
+        name = path.name
         self.done[name] = mtime_ns
         frame = self.frame(name, mtime_ns / 1e9, image, error)
         if self.spec.delete_after or self.spec.done_dir is not None:
