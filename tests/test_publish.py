@@ -81,6 +81,8 @@ def test_error_result_has_reason_and_no_score():
         (lambda f: [f[0], b"\xff\xfe", *f[2:]], "header: not JSON"),
         (lambda f: [f[0], b"[1]"], "expected a JSON object"),
         (lambda f: [b"inspect.line1.cam9.result", f[1]], "topic"),
+        (lambda f: [b"inspect.line1.a\x00b.result", _patch(f[1], camera="a\x00b")], "header.camera: 'a"),
+        (lambda f: [b"inspect.line1.../x.result", _patch(f[1], camera="../x")], "expected a camera id"),
         (lambda f: [f[0], _patch(f[1], schema=2)], "schema"),
         (lambda f: [f[0], _patch(f[1], seq="5")], "header.seq: expected int"),
         (lambda f: [f[0], _patch(f[1], verdict="maybe")], "header.verdict"),

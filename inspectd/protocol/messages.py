@@ -23,6 +23,7 @@ import numpy as np
 
 from inspectd.errors import MessageError
 from inspectd.protocol import wirejson
+from inspectd.protocol.journal import CAMERA_RE
 
 SCHEMA = 1
 VERDICTS = ("ok", "defect", "error")
@@ -251,6 +252,9 @@ def decode_result(frames: Sequence[bytes]) -> Result:
         raise MessageError(f"result header: unknown field {sorted(unknown)[0]!r}")
     station = _field(header, "station", (str,))
     camera = _field(header, "camera", (str,))
+    if not CAMERA_RE.fullmatch(camera):
+        # A subscriber files results by camera (journal folders, PLC slots): only a daemon's camera ids are names.
+        raise MessageError(f"result header.camera: {camera[:80]!r}, expected a camera id ({CAMERA_RE.pattern})")
     # Compared as text: a header naming a non-ASCII station or camera is refused here, not by an encode error.
     expected_topic = f"{TOPIC_ROOT}.{station}.{camera}{RESULT_SUFFIX}"
     if topic != expected_topic:
