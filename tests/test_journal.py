@@ -185,6 +185,35 @@ def test_frames_in_flight_at_a_sigkill_are_skipped_after_the_restart_not_reused(
     assert reopened.resume("cam9") == (0, range(0, 0))
 
 
+def test_after_the_machine_restarted_numbering_resumes_past_the_synced_reservation_not_the_lost_mark(tmp_path):
+    path = tmp_path / "j"
+    first = Journal(path, max_bytes=1 << 20)
+    for seq in range(300):  # seqs given out, each reserved (synced) before it was: 0 reserves to 256, 257 to 513
+        first.mark_accepted("cam0", seq)
+    for seq in range(290):
+        first.append("cam0", seq, result("cam0", seq))
+    assert (path / "cam0" / journal_format.RESERVED_MARK).read_bytes() == journal_format.ACCEPTED.pack(513)
+    # The power goes: nothing closes the journal, and the accepted mark written after its last fsync is lost with
+    # the page cache (rewound here to what a sync a while ago left); the machine boots again (another boot id).
+    first._stop.set()
+    first._syncer.join(5)
+    (path / "cam0" / journal_format.ACCEPTED_MARK).write_bytes(journal_format.ACCEPTED.pack(100))
+    (path / journal_format.BOOT_MARK).write_text("an-earlier-boot\n")
+    after_power_cut = Journal(path, max_bytes=1 << 20)
+    assert after_power_cut.unclean and after_power_cut.rebooted
+    # 290..299 were given out (their frames in flight) and 300..513 might have been: none is given out again.
+    assert after_power_cut.resume("cam0") == (514, range(290, 514))
+    after_power_cut._stop.set()
+    after_power_cut._syncer.join(5)
+
+    # The same boot (the process was killed, the page cache kept its marks): the accepted mark is exact.
+    (path / "cam0" / journal_format.ACCEPTED_MARK).write_bytes(journal_format.ACCEPTED.pack(299))
+    killed = Journal(path, max_bytes=1 << 20)
+    assert killed.unclean and not killed.rebooted
+    assert killed.resume("cam0") == (300, range(290, 300))
+    killed.close()
+
+
 FULL_DISK = (
     SCRIPT_PRELUDE
     + """

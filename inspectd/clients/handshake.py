@@ -173,7 +173,7 @@ class Handshake:
     def offer(self, result: Result) -> None:
         """Called for each decoded result of this camera, on the event loop; never blocks."""
         if self.last_received is not None and result.seq < self.last_received:
-            # The daemon's numbering went back (restarted without its journal, or reusing seqs after a power cut):
+            # The daemon's numbering went back (restarted without its journal, or with it wiped):
             # every result up to the old seq would now be skipped as stale, so the line must hear of it.
             self.counters.seq_backwards += 1
             self.alarm = True

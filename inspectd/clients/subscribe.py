@@ -132,7 +132,7 @@ class JournalCatchUp:
     What neither the stream nor the journal had is counted in `gaps` (a GapTracker) and listed in `missed` as a Gap
     with its reason (rotated out of the journal, a corrupt record, never journalled) for the caller to report. A live
     seq at or below the previous live seq of its camera means the daemon's numbering went back (restarted without its
-    journal, seqs reused after a power cut): it is delivered, not dropped as a duplicate, and listed in `backwards`.
+    journal, or with it wiped): it is delivered, not dropped as a duplicate, and listed in `backwards`.
 
     It does no I/O on sockets, so the blocking `CatchUpSubscriber` and the asyncio PLC bridge share it. Only results
     of topics starting with `topic`, and of `cameras` when given, are read from the journal. Without a `directory`

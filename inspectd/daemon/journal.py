@@ -4,8 +4,11 @@ The publisher appends every encoded result before it is sent; the ingest threads
 frame is queued. At open, a torn last record is cut off and `resume` puts each camera's numbering after both the last
 journalled result and the accepted mark: frames queued or in flight when the process died have a seq but no result,
 so those seqs show up as a gap that subscribers and PLC bridges report (the line learns parts went uninspected)
-instead of being silently reused. A segment is closed at `segment_bytes`; when the whole journal exceeds `max_bytes`
-the oldest closed segments (any camera) are deleted, so the journal holds the most recent results within its cap.
+instead of being silently reused. The accepted mark lives in the page cache between fsyncs, which a power cut loses
+(not a killed process); so seqs are also reserved RESERVE at a time in a mark fsynced before any seq past it is given
+out, and after the machine restarted (the kernel's boot id changed) numbering resumes past that reservation.
+A segment is closed at `segment_bytes`; when the whole journal exceeds `max_bytes` the oldest closed segments (any
+camera) are deleted, so the journal holds the most recent results within its cap.
 
 fsync policy: every record is written to the OS before the result is sent (survives the process dying at any
 point). A syncer thread fsyncs what was written (active segments, the accepted marks, segments closed by rotation,
@@ -33,7 +36,9 @@ import structlog
 from inspectd.protocol.journal import (
     ACCEPTED,
     ACCEPTED_MARK,
+    BOOT_MARK,
     CLEAN_MARK,
+    RESERVED_MARK,
     JournalError,
     cameras,
     check_camera,
@@ -46,6 +51,10 @@ from inspectd.protocol.journal import (
 log = structlog.get_logger("inspectd.journal")
 
 RETRY_S = 5.0
+# Seqs given out per fsynced reservation: a power cut skips at most this many unused seqs per camera, and the ingest
+# thread fsyncs once per this many frames.
+RESERVE = 256
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 class _Active:
@@ -55,6 +64,32 @@ class _Active:
 
     def __init__(self, path: Path, fd: int, size: int) -> None:
         self.path, self.fd, self.size = path, fd, size
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """`path` holds `data` on disk: written aside, fsynced, renamed, its directory fsynced."""
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    _fsync_dir(path.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -100,12 +135,18 @@ class Journal:
         self.fsync_failed = 0
         self.corrupt = 0  # corrupt stretches found inside segments at open (reported, the records around kept)
         self.unclean = False  # the previous writer did not close the journal (crash, SIGKILL)
+        # ... and the machine restarted since (power cut, kernel crash): the page cache, and with it any accepted
+        # mark written after the last fsync, is gone, so numbering resumes after the reservation instead.
+        self.rebooted = False
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._last: dict[str, int] = {}
         self._accepted: dict[str, int] = {}  # each camera's accepted mark as found at open
         self._accepted_fd: dict[str, int] = {}
         self._accepted_failed = False
+        self._reserved: dict[str, int] = {}  # each camera's reservation as found at open
+        self._reserved_to: dict[str, int] = {}  # the reservation this run has synced
+        self._reserved_fd: dict[str, int] = {}
         self._closed: list[tuple[float, Path, int]] = []  # (mtime, path, size) of closed segments
         self._total = 0
         self._retry_at = 0.0
@@ -132,6 +173,10 @@ class Journal:
                 # looking clean at the next start.
                 mark.unlink()
                 self._dirs_dirty.add(self.directory)
+            boot = _read_text(BOOT_ID)
+            self.rebooted = self.unclean and (boot is None or _read_text(self.directory / BOOT_MARK) != boot)
+            if boot is not None and _read_text(self.directory / BOOT_MARK) != boot:
+                _write_synced(self.directory / BOOT_MARK, boot.encode())
             for camera in cameras(self.directory):
                 self._recover(camera)
         except OSError as exc:
@@ -144,12 +189,13 @@ class Journal:
 
     def _recover(self, camera: str) -> None:
         """Account for a camera's segments and cut a torn record off its newest one (left by a kill mid-write)."""
-        try:
-            mark = (self.directory / camera / ACCEPTED_MARK).read_bytes()
-            if len(mark) == ACCEPTED.size:
-                self._accepted[camera] = ACCEPTED.unpack(mark)[0]
-        except FileNotFoundError:
-            pass
+        for name, marks in ((ACCEPTED_MARK, self._accepted), (RESERVED_MARK, self._reserved)):
+            try:
+                mark = (self.directory / camera / name).read_bytes()
+                if len(mark) == ACCEPTED.size:
+                    marks[camera] = ACCEPTED.unpack(mark)[0]
+            except FileNotFoundError:
+                pass
         segments = segment_files(self.directory / camera)
         for i, (_, path) in enumerate(segments):
             size = path.stat().st_size
@@ -196,6 +242,8 @@ class Journal:
         queued or in flight when the last run died, or results published while the journal could not write."""
         last = self._last.get(camera, -1)
         next_seq = max(last, self._accepted.get(camera, -1)) + 1
+        if self.rebooted:
+            next_seq = max(next_seq, self._reserved.get(camera, -1) + 1)
         return next_seq, range(last + 1, next_seq)
 
     def read_since(self, camera: str, seq: int) -> Iterator[tuple[int, list[bytes]]]:
@@ -218,8 +266,9 @@ class Journal:
 
     def mark_accepted(self, camera: str, seq: int) -> None:
         """Record that frames up to `seq` have been given their seq. Called per frame from the camera's ingest
-        thread: one 8-byte pwrite into the page cache, which a SIGKILL cannot undo. Never raises: a mark that
-        cannot be written only costs the gap report after a crash (logged once)."""
+        thread: one 8-byte pwrite into the page cache, which a SIGKILL cannot undo, and once every RESERVE seqs an
+        fsynced reservation, which a power cut cannot. Never raises: a mark that cannot be written only costs the
+        gap report after a crash (logged once)."""
         fd = self._accepted_fd.get(camera)
         try:
             if fd is None:
@@ -230,6 +279,8 @@ class Journal:
                         self.directory / camera / ACCEPTED_MARK, os.O_WRONLY | os.O_CREAT, 0o600
                     )
                     self._dirs_dirty.update((self.directory, self.directory / camera))
+            if seq > self._reserved_to.get(camera, -1):
+                self._reserve(camera, seq + RESERVE)
             os.pwrite(fd, ACCEPTED.pack(seq), 0)
             self._marks_dirty.add(camera)
         except OSError as exc:
@@ -241,6 +292,20 @@ class Journal:
                     error=f"{exc.strerror or exc}",
                     effect="frames in flight at a crash will not show as a seq gap after the restart",
                 )
+
+    def _reserve(self, camera: str, upto: int) -> None:
+        """Sync `upto` as the camera's reservation before any seq past the previous one is given out."""
+        fd = self._reserved_fd.get(camera)
+        if fd is None:
+            path = self.directory / camera / RESERVED_MARK
+            new = not path.exists()
+            fd = self._reserved_fd[camera] = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            if new:  # its name, and the camera's folder if that is new too, must survive the cut as well
+                _fsync_dir(path.parent)
+                _fsync_dir(self.directory)
+        os.pwrite(fd, ACCEPTED.pack(upto), 0)
+        os.fsync(fd)
+        self._reserved_to[camera] = upto
 
     def append(self, camera: str, seq: int, frames: list) -> None:
         """Journal one published result. Never raises for disk trouble: that degrades the journal instead."""
@@ -423,9 +488,10 @@ class Journal:
                 self._close_segment(camera)
         self.sync()
         with self._lock:
-            for fd in self._accepted_fd.values():
+            for fd in [*self._accepted_fd.values(), *self._reserved_fd.values()]:
                 os.close(fd)
             self._accepted_fd.clear()
+            self._reserved_fd.clear()
             try:
                 (self.directory / CLEAN_MARK).touch()
                 self._dirs_dirty.add(self.directory)

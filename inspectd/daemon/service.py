@@ -344,6 +344,7 @@ class Daemon:
             next_seq=next_seq,
             skipped=[skipped.start, skipped.stop - 1] if skipped else None,
             unclean_shutdown=self.journal.unclean,
+            after_reboot=self.journal.rebooted,
         )
         return next_seq
 

@@ -35,6 +35,10 @@ CAMERA_RE = re.compile(r"[a-zA-Z0-9_-]+")
 MAX_BODY = 256 << 20  # a result with its mask is kB; anything bigger is a corrupt length field
 CLEAN_MARK = "clean"  # present only while no writer has the journal open: absent at open = a crash
 ACCEPTED_MARK = "accepted"
+# The seq up to which a camera's numbering may have been given out, fsynced before any seq past it is (the accepted
+# mark is synced only every interval): where numbering resumes after the machine itself went down.
+RESERVED_MARK = "reserved"
+BOOT_MARK = "boot"  # the kernel's boot id when the journal was last opened: a change means the machine restarted
 ACCEPTED = struct.Struct("<q")
 
 
