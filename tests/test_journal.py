@@ -82,6 +82,25 @@ def test_rotation_keeps_the_journal_under_its_cap_and_the_newest_results(tmp_pat
     j.close()
 
 
+def test_many_cameras_share_the_cap_and_each_keeps_its_newest_results(tmp_path):
+    cap = 1 << 20
+    cameras = [f"cam{i}" for i in range(16)]
+    j = Journal(tmp_path / "j", max_bytes=cap, camera_count=len(cameras))
+    payload = b"m" * 900
+    peak = 0
+    for seq in range(400):
+        for camera in cameras:
+            j.append(camera, seq, result(camera, seq, payload))
+        peak = max(peak, sum(p.stat().st_size for p in (tmp_path / "j").rglob("*.seg")))
+    # An open segment per camera is never trimmed: with a segment of an eighth of the cap each, 16 cameras held
+    # 2.8 times the cap and rotation left a camera two results.
+    assert peak <= cap * 9 // 8, peak
+    for camera in cameras:
+        seqs = [s for s, _ in j.read_since(camera, -1)]
+        assert seqs[-1] == 399 and len(seqs) >= 30, (camera, len(seqs))
+    j.close()
+
+
 # What the journal subprocesses below start with: the repository on the path and `res`, the same result as `result`.
 SCRIPT_PRELUDE = """
 import sys

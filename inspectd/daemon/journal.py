@@ -117,15 +117,17 @@ class Journal:
         segment_bytes: int | None = None,
         fsync_interval_s: float = 1.0,
         retry_s: float = RETRY_S,
+        camera_count: int = 1,
     ) -> None:
         self.directory = Path(directory)
         if max_bytes <= 0:
             raise JournalError(f"publish.journal.max_mb: {max_bytes / 2**20:g}, expected a size > 0")
         self.max_bytes = int(max_bytes)
         # Eight segments under the cap: rotation frees an eighth at a time and the newest results are never trimmed.
-        self.segment_bytes = min(
-            self.max_bytes, int(segment_bytes or max(64 << 10, min(64 << 20, self.max_bytes // 8)))
-        )
+        # The cameras share that eighth: each has a segment open, which rotation cannot free, so with one eighth
+        # each many cameras would hold several times the cap.
+        default = max(64 << 10, min(64 << 20, self.max_bytes // 8)) // max(1, camera_count)
+        self.segment_bytes = min(self.max_bytes, int(segment_bytes or default))
         self.fsync_interval_s = fsync_interval_s
         self.retry_s = retry_s
         self.degraded: str | None = None  # the alarm: why the last write failed, None while writing works

@@ -326,7 +326,12 @@ class Daemon:
                 f"under it (the daemon writes only under its state directory)"
             )
         journal = self.config.publish.journal
-        return Journal(path, int(journal.max_mb * 2**20), fsync_interval_s=journal.fsync_interval_s)
+        return Journal(
+            path,
+            int(journal.max_mb * 2**20),
+            fsync_interval_s=journal.fsync_interval_s,
+            camera_count=len(self.config.cameras),
+        )
 
     def _first_seq(self, camera: str) -> int:
         """Seq numbering resumes after the last seq given out, so no seq is ever published twice; seqs given to
