@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 PIXEL_FORMATS = ("Mono8", "Mono10", "Mono12", "Mono16", "RGB8", "BGR8")
 TRIGGERS = ("free_run", "software", "line")
 GEV_BLOCK_ID_MAX = 0xFFFF
-MAX_LOST_FRAMES = 1000  # one jump never turns into more error frames than this; the rest are logged and counted
+MAX_LOST_FRAMES = 1000  # one jump never turns into more error frames than this; the last names how many more
 RMEM_MAX = Path("/proc/sys/net/core/rmem_max")  # the most a socket's receive buffer may be asked to hold
 
 log = structlog.get_logger("inspectd.ingest")
