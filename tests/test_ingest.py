@@ -278,6 +278,18 @@ def test_an_unreadable_file_is_one_error_result_and_the_folder_goes_on(tmp_path,
     assert ingest.stats()["reopen_count"] == 0 and ingest.stats()["state"] == "running"
 
 
+def test_a_folder_whose_files_stay_says_so_once_at_open(tmp_path, ingest_threads, capsys):
+    kept = start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path / "missing")}), FrameQueue(8, "block"))
+    assert wait_for(lambda: kept.stats()["reopen_count"] >= 2)
+    (tmp_path / "missing").mkdir()  # opens now, after reopens
+    assert wait_for(lambda: kept.stats()["state"] == "running")
+    cleared = camera({"kind": "folder", "path": str(tmp_path), "delete_after": True})
+    deleting = start(ingest_threads, cleared, FrameQueue(8, "block"))
+    assert wait_for(lambda: deleting.stats()["state"] == "running")
+    out = capsys.readouterr().out
+    assert out.count("folder_files_kept") == 1 and str(tmp_path / "missing") in out
+
+
 def test_folder_is_not_read_while_paused(tmp_path, ingest_threads):
     queue = FrameQueue(8, "block")
     ingest = start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 20}), queue)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, cast
 
+import structlog
 from pydantic import Field, model_validator
 
 from engines.errors import DataError
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 # A folder file that looks cut short is taken as still being written (a writer that paused for longer than a poll)
 # until it has been left alone this long; only then is it published as a truncated frame.
 WRITE_GRACE_S = 2.0
+
+log = structlog.get_logger("inspectd.ingest")
 
 
 @declared
@@ -60,10 +63,20 @@ class FolderWatcher(Source):
         self.done: dict[str, int] = {}
         self.sizes: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) at the previous scan
         self.pending: list[tuple[int, str]] = []  # ready (mtime_ns, name), oldest last, popped from the end
+        self._warned = False
 
     def open(self, stop: threading.Event) -> None:
         if not self.spec.path.is_dir():
             raise FileNotFoundError(f"{self.spec.path}: folder not found, expected a directory to watch")
+        if not (self.spec.delete_after or self.spec.done_dir is not None or self._warned):
+            self._warned = True
+            log.warning(
+                "folder_files_kept",
+                camera=self.camera.id,
+                folder=str(self.spec.path),
+                effect="files stay in the folder: each is inspected once per run, and again after a restart; set "
+                "delete_after or done_dir",
+            )
 
     def _scan(self) -> None:
         current: dict[str, tuple[int, int]] = {}
