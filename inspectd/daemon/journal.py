@@ -175,9 +175,9 @@ class Journal:
                 # looking clean at the next start.
                 mark.unlink()
                 self._dirs_dirty.add(self.directory)
-            boot = _read_text(BOOT_ID)
-            self.rebooted = self.unclean and (boot is None or _read_text(self.directory / BOOT_MARK) != boot)
-            if boot is not None and _read_text(self.directory / BOOT_MARK) != boot:
+            boot, previous_boot = _read_text(BOOT_ID), _read_text(self.directory / BOOT_MARK)
+            self.rebooted = self.unclean and (boot is None or previous_boot != boot)
+            if boot is not None and previous_boot != boot:
                 _write_synced(self.directory / BOOT_MARK, boot.encode())
             for camera in cameras(self.directory):
                 self._recover(camera)
