@@ -9,6 +9,7 @@ top-left corner is brighter than 199 makes ONNX Runtime itself raise (Gather ind
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -683,26 +684,30 @@ def test_a_soak_interrupted_mid_run_takes_its_daemon_with_it(bundle, tmp_path):
         [sys.executable, str(REPO / "deploy" / "soak.py"), "--bundle", str(bundle), "--duration", "300"]
         + ["--rate", "20", "--cameras", "1", "--workdir", str(tmp_path / "soak")],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,  # its group: the finally below ends the daemon too if the soak did not
     )
     try:
         children = Path(f"/proc/{soak.pid}/task/{soak.pid}/children")
-        deadline = time.monotonic() + 60
-        while not children.read_text().split():  # the daemon has started
-            assert time.monotonic() < deadline and soak.poll() is None, "no daemon under the soak"
+        journal = tmp_path / "soak" / "run" / "state" / "journal" / "cam0"
+        deadline = time.monotonic() + 90
+        while not (children.read_text().split() and any(p.stat().st_size for p in journal.glob("*.seg"))):
+            assert time.monotonic() < deadline and soak.poll() is None, "the soak's daemon is not streaming"
             time.sleep(0.1)
         daemon = int(children.read_text().split()[0])
-        time.sleep(2.0)  # streaming
         soak.send_signal(signal.SIGINT)
-        soak.wait(30)
+        _, stderr = soak.communicate(timeout=60)
+        assert "KeyboardInterrupt" in stderr, stderr[-2000:]
         deadline = time.monotonic() + 10
         while Path(f"/proc/{daemon}").exists() and "zombie" not in Path(f"/proc/{daemon}/status").read_text():
             assert time.monotonic() < deadline, "the soak's daemon outlived it"
             time.sleep(0.05)
     finally:
-        soak.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(soak.pid, signal.SIGKILL)
 
 
 def test_short_soak_flat_memory_no_frame_lost(bundle, tmp_path):
