@@ -153,7 +153,8 @@ class Daemon:
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
-        # A soak that ends on an exception (a timeout, SystemExit) must not leave its daemon streaming at full load.
+        # A soak that ends on an exception (a timeout, Ctrl-C, SIGTERM) must not leave its daemon streaming at full
+        # load.
         atexit.register(self.kill)
 
     def kill(self) -> None:
@@ -428,6 +429,8 @@ def drift_soak(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a timeout, a CI job cancelled) ends the soak as Ctrl-C does, through its exit handlers: the daemon too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.drift:
         report = drift_soak(args)
         for key, value in report.items():
