@@ -5,6 +5,7 @@ degrades to an alarm while appends keep returning."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -79,6 +80,42 @@ def test_rotation_keeps_the_journal_under_its_cap_and_the_newest_results(tmp_pat
     seqs = [s for s, _ in j.read_since("cam0", -1)]
     assert seqs[-1] == 1999 and seqs == list(range(seqs[0], 2000)), "a hole inside what is kept"
     assert journal_format.oldest_seq(tmp_path / "j", "cam0") == seqs[0] > 0
+    j.close()
+
+
+class _ClockGoingBack:
+    """The time module as the journal sees it, with a wall clock that steps back at every reading."""
+
+    def __init__(self) -> None:
+        self.now = 2e9
+        self.monotonic = time.monotonic
+
+    def time(self) -> float:
+        self.now -= 1000.0
+        return self.now
+
+
+def test_a_wall_clock_that_goes_back_never_trims_the_newest_results_first(tmp_path, monkeypatch):
+    import inspectd.daemon.journal as journal_module
+
+    cap, payload = 256 << 10, b"m" * 900
+    monkeypatch.setattr(journal_module, "time", _ClockGoingBack())
+    j = Journal(tmp_path / "j", max_bytes=cap, segment_bytes=32 << 10)
+    for seq in range(2000):
+        j.append("cam0", seq, result("cam0", seq, payload))
+    seqs = [s for s, _ in j.read_since("cam0", -1)]
+    assert seqs[-1] == 1999 and seqs == list(range(seqs[0], 2000)), "a hole inside what is kept"
+    j.close()
+    # At the next start the files' times say the opposite of their order (a clock set back between runs): the
+    # journal still trims each camera's oldest segment first.
+    segments = journal_module.segment_files(tmp_path / "j" / "cam0")
+    for i, (_, path) in enumerate(segments):
+        os.utime(path, (2e9 - 1000 * i, 2e9 - 1000 * i))
+    j = Journal(tmp_path / "j", max_bytes=cap, segment_bytes=32 << 10)
+    for seq in range(2000, 2600):
+        j.append("cam0", seq, result("cam0", seq, payload))
+    seqs = [s for s, _ in j.read_since("cam0", -1)]
+    assert seqs[-1] == 2599 and seqs == list(range(seqs[0], 2600)), "a hole inside what is kept"
     j.close()
 
 

@@ -149,7 +149,11 @@ class Journal:
         self._reserved: dict[str, int] = {}  # each camera's reservation as found at open
         self._reserved_to: dict[str, int] = {}  # the reservation this run has synced
         self._reserved_fd: dict[str, int] = {}
-        self._closed: list[tuple[float, Path, int]] = []  # (mtime, path, size) of closed segments
+        # (age, path, size) of closed segments, deleted lowest age first. The age is the file's mtime for segments
+        # found at open (made to rise with the seqs within each camera), then a count: the wall clock may jump back
+        # (a station without a battery clock corrected by NTP), and the newest results must not go first.
+        self._closed: list[tuple[float, Path, int]] = []
+        self._age = 0.0
         self._total = 0
         self._retry_at = 0.0
         self._torn: dict[Path, int] = {}  # segments whose tail could not be cut when a write failed: their good size
@@ -199,10 +203,13 @@ class Journal:
             except FileNotFoundError:
                 pass
         segments = segment_files(self.directory / camera)
+        age = 0.0
         for i, (_, path) in enumerate(segments):
             size = path.stat().st_size
+            age = max(age, path.stat().st_mtime)
+            self._age = max(self._age, age)
             if i < len(segments) - 1:
-                self._closed.append((path.stat().st_mtime, path, size))
+                self._closed.append((age, path, size))
                 self._total += size
                 continue
             end = 0
@@ -219,7 +226,7 @@ class Journal:
                     last = seq
             if last is not None:
                 self._last[camera] = last
-            self._closed.append((path.stat().st_mtime, path, end))
+            self._closed.append((age, path, end))
             self._total += end
         self._closed.sort()
 
@@ -372,7 +379,8 @@ class Journal:
         """Retire the active segment; the syncer fsyncs and closes its descriptor, off the publishing thread."""
         active = self._active.pop(camera)
         self._to_close.append(active.fd)
-        self._closed.append((time.time(), active.path, active.size))
+        self._age += 1.0
+        self._closed.append((self._age, active.path, active.size))
         self._total += active.size
 
     def _trim(self, incoming: int) -> None:
