@@ -137,7 +137,8 @@ class GenICamCamera(Source):
                 "python3-gi and run deploy/aravis.sh VENV (docs/CAMERAS.md)"
             ) from exc
         self._aravis = Aravis
-        self._control_lost.clear()
+        # A fresh event per session: a late control-lost from the device just released must not end this one.
+        self._control_lost = threading.Event()
         self._gone = False
         try:
             self.cam = Aravis.Camera.new(self.spec.device)
@@ -157,7 +158,8 @@ class GenICamCamera(Source):
                     log.warning("genicam_socket_buffer_short", camera=self.camera.id, reason=reason)
             for _ in range(self.spec.buffers):
                 self.stream.push_buffer(Aravis.Buffer.new_allocate(payload))
-            self.cam.get_device().connect("control-lost", lambda device: self._control_lost.set())
+            lost = self._control_lost
+            self.cam.get_device().connect("control-lost", lambda device: lost.set())
             self.cam.start_acquisition()
         except Exception as exc:
             self.close()
