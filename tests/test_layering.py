@@ -9,7 +9,7 @@ allowed to import only the ones listed for it (and itself):
     engines.runtime                     + engines.bundle, engines.schema
     engines.model                       + engines.runtime, engines.data
     engines.training                    + engines.model
-    inspectd.errors, .configfile, .logs, inspectd.protocol    only each other (protocol: inspectd.errors), and
+    inspectd.errors, .configfile, .logs, .durable, inspectd.protocol    only each other (protocol: inspectd.errors), and
                                         .configfile engines.schema
     inspectd.daemon                     engines' errors, schema, bundle, data, runtime; inspectd.protocol and the
                                         shared modules
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("engines", "inspectd", "calibration")
 
 ENGINES_LOW = {"engines.errors", "engines.schema", "engines.bundle", "engines.data", "engines.runtime"}
-SHARED = {"inspectd.errors", "inspectd.configfile", "inspectd.logs", "engines.schema"}
+SHARED = {"inspectd.errors", "inspectd.configfile", "inspectd.logs", "inspectd.durable", "engines.schema"}
 # Below every layer: each package may import these, and they import nothing of the project.
 EVERYWHERE = {"engines.progress"}
 LAYERS: dict[str, set[str]] = {
@@ -56,6 +56,7 @@ LAYERS: dict[str, set[str]] = {
     "inspectd.errors": set(),
     "inspectd.configfile": {"inspectd.errors", "inspectd.protocol", "engines.schema"},
     "inspectd.logs": set(),
+    "inspectd.durable": set(),
     "inspectd.protocol": {"inspectd.errors"},
     "inspectd.daemon": ENGINES_LOW | SHARED | {"inspectd.protocol"},
     "inspectd.clients": SHARED | {"inspectd.protocol"},

@@ -401,8 +401,8 @@ def test_a_bridges_state_file_is_fsynced_before_its_rename_and_its_directory_aft
     target.write_text('{"cam0": {"inspection_id": 4}}')
     trace = tmp_path / "trace.txt"
     code = (
-        "import sys; from pathlib import Path; from inspectd.clients.handshake import write_state_file; "
-        'write_state_file(Path(sys.argv[1]), b\'{"cam0": {"inspection_id": 5}}\')'
+        "import sys; from pathlib import Path; from inspectd.durable import replace_file; "
+        'replace_file(Path(sys.argv[1]), b\'{"cam0": {"inspection_id": 5}}\')'
     )
     wrap = (strace(), "-f", "-ttt", "-T", "-y", "-x", "-s", "8", "-e", f"trace={TRACED}", "-o", str(trace))
     subprocess.run([*wrap, sys.executable, "-c", code, str(target)], check=True, cwd=REPO, timeout=60)

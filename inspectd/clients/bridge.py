@@ -37,8 +37,8 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from inspectd.clients.handshake import write_state_file
 from inspectd.clients.subscribe import JournalCatchUp
+from inspectd.durable import replace_file
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.messages import Result, decode
@@ -260,7 +260,7 @@ class AckedState:
         assert self.path is not None
         with self._lock:
             self.acked[camera] = seq
-            write_state_file(self.path, json.dumps({"acked": self.acked}, sort_keys=True).encode("utf-8"))
+            replace_file(self.path, json.dumps({"acked": self.acked}, sort_keys=True).encode("utf-8"))
 
 
 class Feeder:

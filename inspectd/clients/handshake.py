@@ -36,10 +36,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import os
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Annotated, Any, Protocol
 
 from pydantic import Field
@@ -317,24 +315,3 @@ class Handshake:
             await self.target.write({"alarm_reset": 0})
             await self.set_status(alarm=False)
             self.log("alarm_reset", camera=self.camera)
-
-
-def write_state_file(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a kill or a power cut leaves the previous content or the new, never a torn
-    or empty file: a temporary file beside it, fsynced, renamed over it, then the directory fsynced. The bridges keep
-    the restart rule's state this way (Modbus: acked.json, OPC UA server mode: state_file)."""
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

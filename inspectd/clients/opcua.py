@@ -36,8 +36,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from engines.schema import Int, Number, Text, declared, invalid
-from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError, write_state_file
+from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError
 from inspectd.configfile import CameraId, parse, read_yaml
+from inspectd.durable import replace_file
 from inspectd.errors import ConfigError
 
 # The handshake's value names -> the variable names a PLC programmer sees, and their OPC UA built-in types.
@@ -239,11 +240,11 @@ class ServerLink:
         return state
 
     def remember(self, camera: str, update: dict[str, int]) -> None:
-        """Record a camera's handed-over inspection id or alarm in state_file, durably (write_state_file)."""
+        """Record a camera's handed-over inspection id or alarm in state_file, durably (replace_file)."""
         with self._state_lock:
             # The update and the write under one lock: whichever write lands last holds every update made before it.
             self.state.setdefault(camera, {}).update(update)
-            write_state_file(self.state_path, json.dumps(self.state, separators=(",", ":")).encode("utf-8"))
+            replace_file(self.state_path, json.dumps(self.state, separators=(",", ":")).encode("utf-8"))
 
     async def start(self) -> None:
         ua = self.ua

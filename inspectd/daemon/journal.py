@@ -33,6 +33,7 @@ from pathlib import Path
 
 import structlog
 
+from inspectd.durable import fsync_dir, replace_file
 from inspectd.protocol.journal import (
     ACCEPTED,
     ACCEPTED_MARK,
@@ -71,25 +72,6 @@ def _read_text(path: Path) -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """`path` holds `data` on disk: written aside, fsynced, renamed, its directory fsynced."""
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    _fsync_dir(path.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -182,7 +164,7 @@ class Journal:
             boot, previous_boot = _read_text(BOOT_ID), _read_text(self.directory / BOOT_MARK)
             self.rebooted = self.unclean and (boot is None or previous_boot != boot)
             if boot is not None and previous_boot != boot:
-                _write_synced(self.directory / BOOT_MARK, boot.encode())
+                replace_file(self.directory / BOOT_MARK, boot.encode())
             for camera in cameras(self.directory):
                 self._recover(camera)
         except OSError as exc:
@@ -310,8 +292,8 @@ class Journal:
             new = not path.exists()
             fd = self._reserved_fd[camera] = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
             if new:  # its name, and the camera's folder if that is new too, must survive the cut as well
-                _fsync_dir(path.parent)
-                _fsync_dir(self.directory)
+                fsync_dir(path.parent)
+                fsync_dir(self.directory)
         os.pwrite(fd, ACCEPTED.pack(upto), 0)
         os.fsync(fd)
         self._reserved_to[camera] = upto
@@ -462,11 +444,7 @@ class Journal:
                 os.close(fd)
         for directory in dirs:
             try:
-                dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                fsync_dir(directory)
             except FileNotFoundError:
                 pass
             except OSError as exc:
