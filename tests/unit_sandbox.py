@@ -34,7 +34,7 @@ class _ArgCmp(ctypes.Structure):
 
 
 def unit_settings(unit: Path) -> dict[str, list[str]]:
-    """Every `Key=value` of the unit's [Service] section, values in the order given."""
+    """Every `Key=value` of the unit file, values in the order given (the settings read here are all [Service]'s)."""
     settings: dict[str, list[str]] = {}
     for line in unit.read_text().splitlines():
         if "=" in line and not line.startswith(("#", ";", "[")):
