@@ -150,6 +150,40 @@ def test_engine_faults_fail_the_batch_then_mark_unhealthy(bundle_path):
     assert stage.healthy
 
 
+class NonFiniteEngine:
+    """Wraps the real engine and puts `value` in the score of the rows named, as an FP16 graph that overflows on a
+    saturated frame would."""
+
+    def __init__(self, engine, value: float, rows: tuple[int, ...]):
+        self.engine, self.value, self.rows = engine, value, rows
+
+    def infer(self, pixels):
+        result = self.engine.infer(pixels)
+        scores = result.scores.copy()
+        scores[list(self.rows)] = self.value
+        return type(result)(scores, result.maps)
+
+    def close(self):
+        self.engine.close()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_score_is_an_error_verdict_and_a_failed_batch(bundle_path, value):
+    """NaN fails every comparison, so `score >= threshold` judged it ok; inf was a defect no client could read."""
+    state = open_state(bundle_path)
+    engine = NonFiniteEngine(state.engine, value, rows=(1,))
+    stage = InferenceStage(ModelState(state.bundle, engine, state.thresholds), max_batch=4, unhealthy_after=2)
+    results = stage.run_batch([frame(0, grey(32, 32)), frame(1, grey(32, 32)), frame(2, grey(32, 32, (4, 4, 8)))])
+    assert [r.verdict for r in results] == ["ok", "error", "defect"]  # the finite rows are still judged
+    bad = results[1]
+    assert bad.error == f"engine: non-finite score ({value})" and bad.score is None and bad.brightness is None
+    assert stage.failed_batches == 1 and stage.last_error == bad.error and stage.healthy
+    stage.run_batch([frame(3, grey(32, 32)), frame(4, grey(32, 32))])
+    assert not stage.healthy and stage.failed_batches == 2  # as many in a row as engine exceptions: unhealthy
+    engine.rows = ()
+    assert stage.run_batch([frame(5, grey(32, 32))])[0].verdict == "ok" and stage.healthy
+
+
 def test_thresholds_swap_between_batches(bundle_path):
     state = open_state(bundle_path)
     stage = InferenceStage(state, max_batch=4)

@@ -100,6 +100,25 @@ def test_malformed_results_are_refused_by_name(mutate, message):
         decode_result(mutate(frames))
 
 
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"score": float("nan")}, "result header.score"),
+        ({"score": float("inf")}, "result header.score"),
+        ({"threshold": float("-inf")}, "result header.threshold"),
+        ({"regions": [Region(1, 2, 3, 4, 10, float("inf"))]}, "result header.regions[0].peak"),
+    ],
+)
+def test_a_non_finite_number_is_never_written_as_json_nan_or_infinity(overrides, key):
+    """Python's json writes NaN and Infinity, which are not JSON: every decoder of ours (and the PLC bridges)
+    would refuse the whole message, so the encoder refuses it by name instead of sending it."""
+    with pytest.raises(MessageError, match=key.replace("[", r"\[") + ": not a finite number"):
+        encode_result(**make_result(**overrides))
+    status = {"t": 1.0, "uptime_s": 1.0, "healthy": True, "model_id": "m", "thresholds_version": 1, "cameras": {}}
+    with pytest.raises(MessageError, match=r"status message.throughput_fps: not a finite number"):
+        encode_status("line1", {**status, "throughput_fps": float("nan")})
+
+
 def test_mask_of_wrong_size_is_refused():
     frames = encode_result(**make_result(mask_png=encode_mask(np.ones((7, 7), bool))))
     with pytest.raises(MessageError, match="expected the frame's 6x5"):

@@ -10,7 +10,8 @@ state once at its start, so an in-flight batch finishes on the old model and eve
 thresholds_version that judged it.
 
 Engine faults fail that batch's frames with verdict "error" and the next batch runs; `unhealthy_after` failed
-batches in a row mark the stage unhealthy until a batch succeeds again.
+batches in a row mark the stage unhealthy until a batch succeeds again. A non-finite score (or region peak) is an
+engine fault too: that frame gets verdict "error" and its batch counts as failed.
 
 A reduced-precision engine (an FP16 graph or plan, an INT8 plan) judges with thresholds set on FP32 scores only after
 its scores were measured against the FP32 graph's on defect-free frames the bundle names (the thresholds'
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import threading
 import time
 from pathlib import Path
@@ -217,9 +219,17 @@ class InferenceStage:
                 for i in slots:
                     results[i] = self._error(frames[i], state, reason)
             else:
-                self.consecutive_failures = 0
+                unjudged = None
                 for row, i in enumerate(slots):
-                    results[i] = self._judge(frames[i], state, predictor, output, row)
+                    judged = results[i] = self._judge(frames[i], state, predictor, output, row)
+                    if judged.verdict == "error":
+                        unjudged = judged.error
+                if unjudged is None:
+                    self.consecutive_failures = 0
+                else:  # an engine that returns NaN is as sick as one that raises: counted and reported the same way
+                    self.failed_batches += 1
+                    self.consecutive_failures += 1
+                    self.last_error = unjudged
         self.batches += 1
         self.last_batch_done = time.monotonic()
         return results  # type: ignore[return-value]
@@ -229,6 +239,10 @@ class InferenceStage:
 
     def _judge(self, frame: Frame, state: ModelState, predictor: Predictor, output, row: int) -> Judged:
         score = float(output.scores[row])
+        if not math.isfinite(score):
+            # NaN fails every comparison and would pass as "ok"; an FP16 overflow on a saturated frame or an
+            # ill-conditioned scorer gives one, and neither says anything about the part.
+            return self._error(frame, state, f"engine: non-finite score ({score})")
         image_thr, pixel_thr = state.thresholds.for_camera(frame.camera)
         verdict = "defect" if score >= image_thr else "ok"
         regions: list[Region] = []
@@ -237,6 +251,8 @@ class InferenceStage:
             frame_map = predictor.frame_map(output, row)
             binary = (frame_map >= pixel_thr).view(np.uint8)
             regions = _regions(binary, frame_map)
+            if any(not math.isfinite(region.peak) for region in regions):
+                return self._error(frame, state, "engine: non-finite anomaly map")
             if self.masks == "always" or (self.masks == "defects" and verdict == "defect"):
                 mask = binary.view(np.bool_)
         brightness = mean_level(predictor.pixels[row]) if verdict == "ok" else None

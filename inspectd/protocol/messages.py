@@ -189,7 +189,7 @@ def encode_result(
         header["truth"] = bool(truth)
     if archive_id is not None:
         header["archive_id"] = archive_id
-    frames = [result_topic(station, camera), json.dumps(header, separators=(",", ":")).encode("utf-8")]
+    frames = [result_topic(station, camera), _dumps(header, "result header")]
     if mask_png is not None:
         frames.append(mask_png)
     return frames
@@ -328,7 +328,29 @@ def encode_status(station: str, status: dict[str, Any]) -> list[bytes]:
     missing = [f for f in STATUS_FIELDS if f not in doc]
     if missing:
         raise MessageError(f"status message: missing field {missing[0]!r}")
-    return [status_topic(station), json.dumps(doc, separators=(",", ":")).encode("utf-8")]
+    return [status_topic(station), _dumps(doc, "status message")]
+
+
+def _dumps(doc: dict[str, Any], what: str) -> bytes:
+    """`doc` as compact JSON; MessageError naming the key of a NaN or infinity, which Python's json would write as
+    NaN/Infinity: not JSON, and every decoder of ours (and the PLC bridges) refuses the whole message for it."""
+    try:
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except ValueError:
+        raise MessageError(f"{what}.{_non_finite(doc) or '?'}: not a finite number, which JSON cannot carry") from None
+
+
+def _non_finite(value: Any) -> str | None:
+    """The key path of the first NaN or infinity in `value` (a JSON-able document), None when there is none."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            return str(key) if isinstance(key, str) else f"[{key}]"
+        inner = _non_finite(item)
+        if inner is not None:
+            here = str(key) if isinstance(key, str) else f"[{key}]"
+            return f"{here}{inner}" if inner.startswith("[") else f"{here}.{inner}"
+    return None
 
 
 def decode_status(frames: Sequence[bytes]) -> dict[str, Any]:
