@@ -538,9 +538,12 @@ class Daemon:
                 )
             if not force:
                 check_threshold_range(new, state.thresholds)
-            # On disk first, so a restart or reload keeps what the line is now judged with.
+            # Every check first (with_thresholds refuses a score shift the engine's precision cannot hold), then the
+            # file, then the swap: a refused document left on disk would be what the next start or reload loads,
+            # and a restart would then fail on it. The file before the swap, so a restart keeps what the line judges.
+            judged_by = state.with_thresholds(new)
             state.bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
-            self.stage.swap(state.with_thresholds(new))
+            self.stage.swap(judged_by)
         for camera in self.ingest:
             self._reset_drift(camera, self.stage.state)
         self.log.info(
