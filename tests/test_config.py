@@ -127,6 +127,88 @@ BAD_VALUES = [
     (["shutdown_timeout_s"], float("nan"), "shutdown_timeout_s"),
 ]
 
+# Finite but past what a wait can take (time_t): each loaded, then ended its thread with OverflowError.
+TOO_LONG = [
+    (["publish", "status_interval_s"], 1e10, "publish.status_interval_s: expected at most 3600"),
+    (["shutdown_timeout_s"], 1e10, "shutdown_timeout_s: expected at most 3600"),
+    (["batching", "max_wait_ms"], 1e13, "batching.max_wait_ms: expected at most 10000"),
+    (["cameras", 1, "source", "poll_ms"], 1e13, "cameras[1].source.poll_ms: expected at most 60000"),
+    (["cameras", 0, "source", "rate_hz"], 1e-11, "cameras[0].source.rate_hz: expected at least 0.001"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", TOO_LONG, ids=[m.split(":")[0] for _, _, m in TOO_LONG])
+def test_waits_too_long_for_a_timeout_are_refused_at_load(path, value, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(with_value(path, value))
+
+
+SHARED = [
+    (
+        ["cameras", 2, "source", "endpoint"],
+        "ipc:///tmp/pub.sock",
+        ["publish", "endpoint"],
+        "ipc:///tmp/pub.sock",
+        "cameras[2].source.endpoint: ipc socket /tmp/pub.sock is already used by publish.endpoint",
+    ),
+    (
+        ["cameras", 2, "source", "endpoint"],
+        "ipc:///tmp//ctl.sock",
+        ["control", "endpoint"],
+        "ipc:///tmp/ctl.sock",
+        "cameras[2].source.endpoint: ipc socket /tmp/ctl.sock is already used by control.endpoint",
+    ),
+    (
+        ["control", "endpoint"],
+        "tcp://127.0.0.1:5556",
+        ["publish", "endpoint"],
+        "tcp://*:5556",
+        "control.endpoint: tcp port 5556 on 127.0.0.1 is already used by publish.endpoint",
+    ),
+    (
+        ["cameras", 2, "source", "endpoint"],
+        "tcp://127.0.0.1:9108",
+        ["metrics", "listen"],
+        "127.0.0.1:9108",
+        "cameras[2].source.endpoint: tcp port 9108 on 127.0.0.1 is already used by metrics.listen",
+    ),
+    (
+        ["cameras", 3],
+        {"id": "cam3", "source": {"kind": "zmq", "endpoint": "ipc:///tmp/x.sock"}},
+        ["station"],
+        "line1",
+        "cameras[3].source.endpoint: ipc socket /tmp/x.sock is already used by cameras[2].source.endpoint",
+    ),
+    (
+        ["cameras", 3],
+        {"id": "cam3", "source": {"kind": "folder", "path": "in/"}},
+        ["station"],
+        "line1",
+        "cameras[3].source.path: folder ",
+    ),
+]
+
+
+@pytest.mark.parametrize("path,value,other,other_value,message", SHARED, ids=[m.split(":")[0] for *_, m in SHARED])
+def test_an_address_bound_twice_is_refused_naming_both_keys(path, value, other, other_value, message):
+    """A second ZeroMQ bind to an ipc path takes the socket over without a word: a camera copied onto
+    publish.endpoint left every subscriber without results while status said healthy."""
+    doc = with_value(path, value)
+    node = doc
+    for key in other[:-1]:
+        node = node.setdefault(key, {})
+    node[other[-1]] = other_value
+    with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[").replace("]", r"\]")) as info:
+        parse_config(doc)
+    assert "\n" not in str(info.value)
+
+
+def test_addresses_that_do_not_clash_are_accepted():
+    doc = with_value(["publish", "endpoint"], "tcp://127.0.0.1:5556")
+    doc["cameras"][2]["source"]["endpoint"] = "tcp://127.0.0.2:5556"  # same port, another address
+    doc["control"] = {"endpoint": "tcp://127.0.0.1:*"}  # an ephemeral port
+    parse_config(doc)
+
 
 @pytest.mark.parametrize("path,value,key", BAD_VALUES, ids=[f"{k}={v!r}" for _, v, k in BAD_VALUES])
 def test_bad_value_names_its_key_path(path, value, key):

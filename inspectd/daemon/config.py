@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -68,7 +69,9 @@ class EngineConfig:
 @declared
 class BatchingConfig:
     max_batch: Annotated[Int, Field(ge=1, le=256)] = 8
-    max_wait_ms: Annotated[Number, Field(ge=0)] = 10.0
+    # Bounded like every wait in here: a timeout beyond what time_t holds (1e10 s) raises OverflowError in the
+    # thread that waits, long after the config loaded.
+    max_wait_ms: Annotated[Number, Field(ge=0, le=10_000)] = 10.0
 
 
 # kind -> that source's own declaration (inspectd.daemon.ingest.SOURCES: kind -> source class with `Options`).
@@ -137,7 +140,7 @@ class PublishConfig:
     endpoint: Endpoint = "tcp://127.0.0.1:5556"
     masks: Annotated[str, one_of(MASK_POLICIES)] = "defects"
     sndhwm: Annotated[Int, Field(ge=0, le=2**31 - 1)] = 1000  # ZeroMQ takes a C int
-    status_interval_s: Annotated[Number, Field(gt=0)] = 1.0
+    status_interval_s: Annotated[Number, Field(gt=0, le=3600)] = 1.0
     journal: JournalConfig = JournalConfig()
     curve: Curve = None  # None: results published in the clear
 
@@ -199,7 +202,7 @@ class Config:
     # After state_dir, which its default endpoint lives in; validated when left out too, to fill that default in.
     control: Annotated[ControlConfig, Field(validate_default=True)] = ControlConfig()
     archive: Annotated[ArchiveConfig, Field(validate_default=True)] = ArchiveConfig()
-    shutdown_timeout_s: Annotated[Number, Field(gt=0)] = 10.0
+    shutdown_timeout_s: Annotated[Number, Field(gt=0, le=3600)] = 10.0
 
     @property
     def journal_path(self) -> Path | None:
@@ -250,6 +253,67 @@ class Config:
         if archive.path is None and "state_dir" in info.data:
             archive = dataclasses.replace(archive, path=info.data["state_dir"] / "archive")
         return archive
+
+    @model_validator(mode="after")
+    def _one_owner_per_address(self) -> Config:
+        # A second ZeroMQ bind to an ipc path silently takes the socket over (a camera on publish.endpoint leaves
+        # every subscriber without a result while status says healthy); on tcp it fails and retries for ever. Two
+        # folder cameras on one directory would race for each file.
+        owners: list[tuple[str, tuple, tuple[str | int, ...]]] = [
+            ("publish.endpoint", _address(self.publish.endpoint), ("publish", "endpoint"))
+        ]
+        if self.control.endpoint is not None:
+            owners.append(("control.endpoint", _address(self.control.endpoint), ("control", "endpoint")))
+        if self.metrics.address is not None:
+            host, port = self.metrics.address
+            owners.append(("metrics.listen", ("tcp", host, str(port)), ("metrics", "listen")))
+        for i, camera in enumerate(self.cameras):
+            endpoint, path = getattr(camera.source, "endpoint", None), getattr(camera.source, "path", None)
+            if camera.source.kind == "zmq" and isinstance(endpoint, str):
+                owners.append(
+                    (f"cameras[{i}].source.endpoint", _address(endpoint), ("cameras", i, "source", "endpoint"))
+                )
+            elif camera.source.kind == "folder" and isinstance(path, Path):
+                owners.append(
+                    (f"cameras[{i}].source.path", ("dir", str(path.resolve())), ("cameras", i, "source", "path"))
+                )
+        for n, (_, address, loc) in enumerate(owners):
+            for first, earlier, _ in owners[:n]:
+                if _same_address(address, earlier):
+                    refuse(loc, f"{address_text(address)} is already used by {first}, expected one of its own", None)
+        return self
+
+
+# Hosts a tcp bind to which takes the port on every address.
+ANY_HOST = frozenset({"*", "0.0.0.0", "::", "[::]"})
+
+
+def _address(endpoint: str) -> tuple[str, ...]:
+    """What binding `endpoint` takes: an ipc socket file, a tcp port on a host, else the endpoint as written."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "ipc":
+        return ("ipc", os.path.normpath(rest))
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        return ("tcp", host, port)
+    return (endpoint,)
+
+
+def _same_address(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    if a[0] == b[0] == "tcp":
+        # Port * (or !) asks for an ephemeral port: never one another bind holds.
+        return a[2] == b[2] and a[2] not in ("*", "!") and (a[1] == b[1] or bool({a[1], b[1]} & ANY_HOST))
+    return a == b
+
+
+def address_text(address: tuple[str, ...]) -> str:
+    if address[0] == "ipc":
+        return f"ipc socket {address[1]}"
+    if address[0] == "tcp":
+        return f"tcp port {address[2]} on {address[1]}"
+    if address[0] == "dir":
+        return f"folder {address[1]}"
+    return repr(address[0])
 
 
 def load_config(path: str | Path) -> Config:

@@ -37,7 +37,7 @@ class FolderSource:
 
     path: ConfigPath
     pattern: Text = "*"
-    poll_ms: Annotated[Number, Field(gt=0)] = 100.0
+    poll_ms: Annotated[Number, Field(gt=0, le=60_000)] = 100.0
     delete_after: Flag = False  # delete each file once its result is journalled and published
     done_dir: ConfigPath | None = None  # or move it here then
     kind: Literal["folder"] = "folder"

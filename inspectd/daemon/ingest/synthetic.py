@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class SyntheticSource:
     """A camera `source` of `kind: synthetic`."""
 
-    rate_hz: Annotated[Number, Field(gt=0)] = 10.0
+    rate_hz: Annotated[Number, Field(ge=0.001)] = 10.0  # its period is a wait: 1e-11 Hz overflowed time_t
     width: Annotated[Int, Field(ge=8, le=16384)] = 256
     height: Annotated[Int, Field(ge=8, le=16384)] = 256
     channels: Annotated[int, one_of((1, 3))] = 1
