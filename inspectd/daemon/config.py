@@ -275,7 +275,7 @@ class Config:
                 )
             elif camera.source.kind == "folder" and isinstance(path, Path):
                 owners.append(
-                    (f"cameras[{i}].source.path", ("dir", str(path.resolve())), ("cameras", i, "source", "path"))
+                    (f"cameras[{i}].source.path", ("dir", os.path.normpath(path)), ("cameras", i, "source", "path"))
                 )
         for n, (_, address, loc) in enumerate(owners):
             for first, earlier, _ in owners[:n]:
