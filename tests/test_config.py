@@ -279,12 +279,12 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     path.write_text(
         "station: s\nmodel: {bundle: ../b}\ncameras:\n"
         "  - {id: c, source: {kind: folder, path: in, done_dir: done}}\n"
-        "publish: {journal: {path: j.log}}\nstate_dir: state\n"
+        "publish: {journal: {path: state/j.log}}\nstate_dir: state\n"
     )
     config = load_config(path)
     assert config.model.bundle == tmp_path / "b"
     assert config.cameras[0].source.done_dir == tmp_path / "conf" / "done"
-    assert config.publish.journal.path == tmp_path / "conf" / "j.log"
+    assert config.publish.journal.path == tmp_path / "conf" / "state" / "j.log"
     assert config.control.endpoint == f"ipc://{tmp_path / 'conf' / 'state'}/control.sock"
 
 

@@ -85,7 +85,7 @@ MINIMAL = {
         "masks": "always",
         "sndhwm": 10,
         "status_interval_s": 1,
-        "journal": {"path": "j", "max_mb": 1},
+        "journal": {"path": "state/j", "max_mb": 1},
         "curve": None,
     },
     "control": {"endpoint": "ipc:///tmp/c.sock", "curve": None},

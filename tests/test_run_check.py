@@ -52,6 +52,36 @@ def test_check_validates_the_config_and_its_bundle_without_starting(tmp_path):
     assert tampered.returncode == 2 and "scorer.npz" in tampered.stderr, tampered.stderr
 
 
+@pytest.mark.parametrize(
+    "change, refused",
+    [
+        ({"publish": {"journal": {"path": "elsewhere/journal"}}}, "publish.journal.path: "),
+        ({"archive": {"path": "elsewhere/archive"}}, "archive.path: "),
+        ({"engine": {"options": {"precision": "fp16"}}}, "engine.options.precision: 'fp16' but "),
+    ],
+    ids=["journal-outside-state-dir", "archive-outside-state-dir", "fp16-without-its-graph"],
+)
+def test_check_refuses_what_run_refuses(tmp_path, change, refused):
+    """`--check` is what an operator runs before a restart: a config it calls valid must not be one `run` refuses."""
+    write_grey_bundle(tmp_path / "bundle")  # FP32 only: no FP16 graph
+    config = {
+        "station": "line1",
+        "model": {"bundle": "bundle"},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+    }
+    for section, value in change.items():
+        config[section] = {**config.get(section, {}), **value}
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checked = inspectd("run", "--check", "--config", str(path))
+    assert checked.returncode == 2, checked.stdout
+    assert checked.stderr.startswith(f"inspectd run --check: {refused}"), checked.stderr
+    assert checked.stderr.count("\n") == 1
+
+
 def test_version():
     shown = inspectd("--version")
     assert shown.returncode == 0 and shown.stdout.startswith("inspectd ")

@@ -42,6 +42,11 @@ class Engine(ABC):
         """`raw` (a plain mapping, as YAML gives it) as this backend's `Options`; EngineError naming the key."""
         return validate(cls.Options, raw, where=where, error=EngineError)
 
+    @classmethod
+    def check_bundle(cls, bundle, options) -> None:
+        """BundleError when `bundle` lacks a file these `options` need (an FP16 graph, a named plan), decided without
+        opening anything: `inspectd run --check` asks here, and opening the engine refuses through the same code."""
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of the uint8 frames `infer` takes."""

@@ -95,6 +95,10 @@ class OnnxRuntimeEngine(Engine):
         self._param_values: dict[str, ort.OrtValue] = {}
         self.set_scorer_params(bundle.scorer_params())
 
+    @classmethod
+    def check_bundle(cls, bundle, options: Options) -> None:
+        cls._graph(bundle, options.precision)
+
     @staticmethod
     def _graph(bundle, precision: str):
         if precision == "fp32":

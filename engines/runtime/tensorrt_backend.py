@@ -124,6 +124,20 @@ class TensorRTEngine(Engine):
                 raise EngineError(f"TensorRT set_tensor_address({name!r}) refused")
         self.set_scorer_params(self.bundle.scorer_params())
 
+    @classmethod
+    def check_bundle(cls, bundle, options: Options) -> None:
+        # Which plan `plan: ""` picks depends on the GPU and TensorRT here: only a named plan is checked without them.
+        if options.plan:
+            cls._named_plan(bundle, options)
+
+    @staticmethod
+    def _named_plan(bundle, options: Options) -> Path:
+        plan = Path(options.plan)
+        plan = plan if plan.is_absolute() else bundle.path / plan
+        if not plan.is_file():
+            raise BundleError(f"engine.options.plan: {plan} does not exist, expected a plan from inspectd build-engine")
+        return plan
+
     def _own(self, buffer: Buffer) -> Buffer:
         self._buffers.append(buffer)
         return buffer
@@ -138,10 +152,7 @@ class TensorRTEngine(Engine):
                 max_batch=self.max_batch,
                 precision=self.options.precision,
             )
-        plan = Path(self.options.plan)
-        plan = plan if plan.is_absolute() else self.bundle.path / plan
-        if not plan.is_file():
-            raise BundleError(f"engine.options.plan: {plan} does not exist, expected a plan from inspectd build-engine")
+        plan = self._named_plan(self.bundle, self.options)
         info = read_sidecar(plan.with_name(Path(sidecar_name(plan.name)).name))
         check_compatible(
             info,

@@ -255,6 +255,25 @@ class Config:
         return archive
 
     @model_validator(mode="after")
+    def _writes_under_state_dir(self) -> Config:
+        # The service may write only its state dir (systemd ReadWritePaths): said at load, so that `run --check`
+        # refuses it too, rather than by systemd's EROFS at start.
+        state_dir = Path(os.path.realpath(self.state_dir))
+        journal = self.publish.journal
+        for path, loc in (
+            (journal.path if journal.enabled else None, ("publish", "journal", "path")),
+            (self.archive.path if self.archive.enabled else None, ("archive", "path")),
+        ):
+            if path is not None and not Path(os.path.realpath(path)).is_relative_to(state_dir):
+                refuse(
+                    loc,
+                    f"{path} is outside state_dir {state_dir}, expected a directory under it (the daemon writes only "
+                    "under its state directory)",
+                    str(path),
+                )
+        return self
+
+    @model_validator(mode="after")
     def _one_owner_per_address(self) -> Config:
         # A second ZeroMQ bind to an ipc path silently takes the socket over (a camera on publish.endpoint leaves
         # every subscriber without a result while status says healthy); on tcp it fails and retries for ever. Two

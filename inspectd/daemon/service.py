@@ -318,13 +318,7 @@ class Daemon:
             return None
         from inspectd.daemon.journal import Journal
 
-        state_dir = self.config.state_dir.resolve()
-        if not path.resolve().is_relative_to(state_dir):
-            # The service may write only its state dir (systemd ReadWritePaths); say so before systemd's EROFS does.
-            raise InspectdError(
-                f"publish.journal.path {path}: outside state_dir {state_dir}, expected a directory "
-                f"under it (the daemon writes only under its state directory)"
-            )
+        # Under state_dir: the config refused it otherwise (Config._writes_under_state_dir).
         journal = self.config.publish.journal
         return Journal(
             path,
@@ -372,12 +366,6 @@ class Daemon:
             return None
         from inspectd.daemon.archive import Archive
 
-        state_dir = self.config.state_dir.resolve()
-        if not archive.path.resolve().is_relative_to(state_dir):
-            raise InspectdError(
-                f"archive.path {archive.path}: outside state_dir {state_dir}, expected a directory "
-                f"under it (the daemon writes only under its state directory)"
-            )
         return Archive(archive.path, archive.max_mb, archive.max_age_h, archive.good_every, archive.queue)
 
     def _open_metrics(self):
@@ -642,12 +630,16 @@ def check(path: Path) -> int:
     """`inspectd run --check`: the config as the daemon would load it, and its bundle verified; nothing started."""
     from engines.bundle.store import load_bundle
     from engines.errors import EngineError
+    from engines.runtime import backend_class
     from inspectd.daemon.config import load_config
 
     try:
         config = load_config(path)
         bundle = load_bundle(config.model.bundle)
         thresholds = bundle.thresholds()
+        # What the backend needs of the bundle (an FP16 graph, a named plan), by the rule opening the engine applies.
+        backend = backend_class(config.engine.backend)
+        backend.check_bundle(bundle, backend.parse_options(config.engine.options, where="engine.options"))
     except (InspectdError, EngineError, OSError, ValueError) as exc:
         print(f"inspectd run --check: {exc}", file=sys.stderr)
         return 2
