@@ -305,12 +305,16 @@ def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
     curve = {"server_secret_key": str(pki["server"][1]), "allowed_clients_dir": str(pki["allow_dir"])}
     control = f"tcp://127.0.0.1:{free_port()}"
     publish = f"tcp://127.0.0.1:{free_port()}"
+    frames_in = f"tcp://127.0.0.1:{free_port()}"
     proc, log = _daemon(
         tmp_path,
         {
             "station": "sec",
             "model": {"bundle": str(bundle)},
-            "cameras": [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}],
+            "cameras": [
+                {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}},
+                {"id": "cam1", "source": {"kind": "zmq", "endpoint": frames_in, "curve": curve}},
+            ],
             "publish": {"endpoint": publish, "status_interval_s": 0.2, "curve": curve},
             "control": {"endpoint": control, "curve": curve},
             "metrics": {"listen": None},
@@ -337,7 +341,16 @@ def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
         with Subscriber(publish, curve=good) as ok_sub, Subscriber(publish, curve=bad) as bad_sub:
             assert len(ok_sub.results(3, timeout_s=20)) == 3
             assert bad_sub.recv(1.0) is None
+        producer = zmq.Context.instance().socket(zmq.PUSH)  # a frame producer whose key is not listed
+        producer.linger = 0
+        bad(producer)
+        producer.connect(frames_in)
         with ControlClient(control, timeout_s=5, curve=good) as client:
+            deadline = time.monotonic() + 10
+            while not client.request({"cmd": "status"})["auth_refused"].get("ingest-cam1"):
+                assert time.monotonic() < deadline, "the zmq camera's refusals are not in status"
+                time.sleep(0.1)
+            producer.close()
             refused = client.request({"cmd": "status"})["auth_refused"]
             # Who may steer the line: a threshold far outside every calibrated version is refused unless forced.
             far = {"version": 2, "image_threshold": 1e300, "pixel_threshold": 0.5}
@@ -357,15 +370,26 @@ def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
             time.sleep(0.1)
         with ControlClient(control, timeout_s=5, curve=bad) as client:
             assert client.request({"cmd": "status"})["ok"]
-        # Revoked over the control channel's own reload: the first client's key is gone, so is its access.
+        # Revoked over the control channel's own reload: the first client's key is gone, so is its access, on a
+        # connection made before the reload as on a new one.
+        held = ControlClient(control, timeout_s=5, curve=good)
+        held_sub = Subscriber(publish, curve=good)
+        assert held.request({"cmd": "status"})["ok"] and held_sub.recv(5.0) is not None
         (pki["allow_dir"] / "bridge1.key").unlink()
         with ControlClient(control, timeout_s=30, curve=bad) as client:
             reloaded = client.request({"cmd": "reload"})
-        assert reloaded["ok"] and [r.split()[0] for r in reloaded["allow_lists"]["control"]["removed"]] == [
-            "bridge1.key"
-        ]
+        for role in ("control", "publish", "ingest-cam1"):
+            assert [r.split()[0] for r in reloaded["allow_lists"][role]["removed"]] == ["bridge1.key"], role
+        assert reloaded["ok"]
         with ControlClient(control, timeout_s=1.5, curve=good) as client, pytest.raises(ControlTimeout):
             client.request({"cmd": "status"})
+        with held, held_sub:
+            refused_held = held.request({"cmd": "status"})
+            assert refused_held["ok"] is False and "allow-list" in refused_held["error"], refused_held
+            time.sleep(0.5)  # the publisher's re-bind, and the reconnects it sets off
+            while held_sub.recv(0) is not None:
+                pass
+            assert held_sub.recv(1.5) is None, "a subscriber whose key was removed still gets results"
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -387,7 +411,7 @@ def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
     assert ("publish", "client key not in the allow-list") in reasons
 
 
-def test_journal_outside_the_state_dir_is_refused_at_load(tmp_path):
+def test_journal_outside_the_state_dir_is_refused_at_start(tmp_path):
     proc, log = _daemon(
         tmp_path,
         {
@@ -399,8 +423,8 @@ def test_journal_outside_the_state_dir_is_refused_at_load(tmp_path):
             "state_dir": str(tmp_path / "state"),
         },
     )
-    assert proc.wait(30) == 2  # a config refusal, as `run --check` refuses it
-    assert "publish.journal.path: " in log.read_text() and "outside state_dir" in log.read_text()
+    assert proc.wait(30) == 1
+    assert "publish.journal.path" in log.read_text() and "outside state_dir" in log.read_text()
     assert not (tmp_path / "elsewhere").exists()
 
 
@@ -516,3 +540,128 @@ def test_a_curve_socket_in_its_own_context_gets_the_allow_list_and_its_context_s
     ended.start()
     ended.join(10)
     assert not ended.is_alive(), "the context's term() hangs on a ZAP handler left running"
+
+
+def test_a_key_removed_by_reload_is_shut_out_of_connections_made_before_it(pki, tmp_path):
+    """CURVE checks a key only at the handshake: after a reload that removes it, a control client, a subscriber and
+    a frame producer that connected earlier must lose their access too, while the keys still listed keep theirs."""
+    import threading
+
+    from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
+
+    operator = keys.generate(tmp_path / "keys" / "operator", "operator")
+    (pki["allow_dir"] / "operator.key").write_bytes(operator[0].read_bytes())
+    revoked = curve_client(pki["server"][0], pki["allowed"][1])
+    kept = curve_client(pki["server"][0], operator[1])
+
+    control_guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    control = ControlServer(f"tcp://127.0.0.1:{free_port()}", Handler(), curve=control_guard)
+    publish_guard = CurveServer("publish", pki["server"][1], pki["allow_dir"])
+    status = {"t": 0.0, "uptime_s": 0.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
+              "throughput_fps": 0.0, "cameras": {}}  # fmt: skip
+    pub = Publisher(
+        f"tcp://127.0.0.1:{free_port()}", "s1", status_interval_s=0.05, socket_options=publish_guard,
+        status=lambda: status,
+    )  # fmt: skip
+    curve = {"server_secret_key": str(pki["server"][1]), "allowed_clients_dir": str(pki["allow_dir"])}
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    camera = parse_config(
+        {"station": "s", "model": {"bundle": "b"}, "state_dir": str(tmp_path),
+         "cameras": [{"id": "cam0", "source": {"kind": "zmq", "endpoint": endpoint, "curve": curve}}]}
+    ).cameras[0]  # fmt: skip
+    source = ZmqPullSource(camera, clock=time.time)
+    stop = threading.Event()
+    producers = []
+
+    def producer(hook) -> zmq.Socket:
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.linger = 0
+        hook(sock)
+        sock.connect(endpoint)
+        producers.append(sock)
+        return sock
+
+    def push(sock: zmq.Socket, frame_id: str) -> None:
+        header = {"frame_id": frame_id, "dtype": "uint8", "encoding": "raw", "shape": [4, 4]}
+        sock.send_multipart([json.dumps(header).encode(), bytes(16)])
+
+    def frames(seconds: float) -> list[str]:
+        got, deadline = [], time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            frame = source.read(stop)
+            if frame is not None:
+                got.append(frame.frame_id)
+        return got
+
+    control.start()
+    pub.start()
+    source.open(stop)
+    try:
+        held, held_kept = ControlClient(control.endpoint, 5, revoked), ControlClient(control.endpoint, 5, kept)
+        sub, sub_kept = Subscriber(pub.bound_endpoint, curve=revoked), Subscriber(pub.bound_endpoint, curve=kept)
+        push_revoked, push_kept = producer(revoked), producer(kept)
+        assert held.request({"cmd": "status"})["ok"] and held_kept.request({"cmd": "status"})["ok"]
+        assert isinstance(sub.recv(5.0), dict) and isinstance(sub_kept.recv(5.0), dict)
+        push(push_revoked, "before")
+        assert frames(2.0) == ["before"]
+
+        (pki["allow_dir"] / "bridge1.key").unlink()
+        for guard in (control_guard, publish_guard, source.curve):
+            assert guard is not None and [r.split()[0] for r in guard.reload()["removed"]] == ["bridge1.key"]
+        pub.drop_peers()  # what the daemon's reload does when the publish list lost a key
+
+        refused = held.request({"cmd": "status"})
+        assert refused["ok"] is False and "allow-list" in refused["error"], refused
+        assert held_kept.request({"cmd": "status"}) == {"ok": True, "healthy": True}
+        assert control.requests == 3, "the removed key's request never reached the handler"
+        assert control_guard.refused >= 1
+
+        push(push_revoked, "after")
+        push(push_kept, "kept")
+        assert frames(2.0) == ["kept"]
+        assert source.curve is not None and source.curve.refused >= 1
+
+        time.sleep(0.5)  # the re-bind, and the reconnects it sets off
+        while sub.recv(0) is not None or sub_kept.recv(0) is not None:
+            pass
+        assert sub.recv(1.5) is None, "a subscriber whose key was removed still gets results"
+        assert isinstance(sub_kept.recv(5.0), dict)
+        assert pub.rebinds == 1 and publish_guard.refused >= 1
+    finally:
+        for sock in producers:
+            sock.close()
+        for closing in (held, held_kept, sub, sub_kept):
+            closing.close()
+        source.close()
+        control.stop()
+        pub.stop(5)
+        for guard in (control_guard, publish_guard, source.curve):
+            if guard is not None:
+                guard.stop()
+
+
+def test_each_refused_key_is_logged_even_while_another_keeps_retrying(pki, tmp_path, capsys):
+    """Repeats are summarised per (reason, key): a revoked client retrying every 100 ms must not hide the first
+    refusal of a key never seen before, and keys made up by the thousand do not grow the table without end."""
+    from inspectd.daemon import security
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    second = keys.generate(tmp_path / "keys" / "second", "second")
+    try:
+        for key in [pki["intruder"][1]] * 5 + [second[1]]:  # the revoked client retrying, then someone new
+            with ControlClient(endpoint, timeout_s=0.5, curve=curve_client(pki["server"][0], key)) as client:
+                with pytest.raises(ControlTimeout):
+                    client.request({"cmd": "status"})
+        assert guard.refused >= 6
+    finally:
+        server.stop()
+        guard.stop()
+    logged = [line for line in capsys.readouterr().out.splitlines() if "auth_refused" in line]
+    assert sum(keys.load_public(pki["intruder"][0]).decode() in line for line in logged) == 1, logged
+    assert sum(keys.load_public(second[0]).decode() in line for line in logged) == 1, logged
+    for i in range(security.REFUSALS_TRACKED + 500):
+        guard.refusals.refused("client key not in the allow-list", client_key=f"made-up-{i}")
+    assert len(guard.refusals._last) == security.REFUSALS_TRACKED

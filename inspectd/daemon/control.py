@@ -5,7 +5,9 @@ ok:false reply and the server keeps answering: REP sockets must reply to every r
 bad message can wedge would leave the line unsteerable.
 
 The default endpoint is IPC under the state dir (file permissions are the access control) or loopback TCP. CurveZMQ
-plugs in through the `curve` hook: a callable that configures the socket before it binds.
+plugs in through the `curve` hook: a callable that configures the socket before it binds. A hook that also has
+`admits(message)` (inspectd.daemon.security.CurveServer) is asked about every request, so a key removed from the
+allow-list by a reload is refused on a connection made before it (the handshake alone would let it stay).
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ class ControlServer:
                 if not sock.poll(POLL_MS):
                     continue
                 message = sock.recv(copy=False)
+                admits = getattr(self.curve, "admits", None)
+                if admits is not None and not admits(message):
+                    # A REP socket must answer; the refusal says why, the request goes nowhere (counted by the hook).
+                    sock.send(_dumps({"ok": False, "error": "client key not in the allow-list (removed by a reload)"}))
+                    continue
                 try:
                     reply = self.handle(message.bytes, client_identity(message))
                 except Exception as exc:  # a bug in one request's handling must not end the control channel

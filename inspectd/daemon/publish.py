@@ -25,6 +25,8 @@ from inspectd.daemon.inference import Judged
 from inspectd.protocol.messages import encode_mask, encode_result, encode_status
 
 _STOP = object()
+_WAKE = object()  # wakes the thread to look at its flags (a re-bind asked for)
+REBIND_WAIT_S = 5.0  # how long the endpoint may take to come free again after unbind
 log = structlog.get_logger("inspectd.daemon.publish")
 
 
@@ -86,6 +88,8 @@ class Publisher:
         self.failed = 0
         self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
         self._stopping = False
+        self._rebind = threading.Event()
+        self.rebinds = 0
 
     def start(self) -> Publisher:
         self._thread.start()
@@ -103,6 +107,17 @@ class Publisher:
         """Queue a result for sending; blocks only while the queue is full (the send path itself never blocks)."""
         self._queue.put(judged)
 
+    def drop_peers(self) -> None:
+        """Disconnect every subscriber (the publishing thread unbinds and binds the endpoint again, between two
+        sends): each reconnects by itself and handshakes again, so a CURVE key removed from the allow-list since its
+        handshake is refused. The others miss what is published while they reconnect (a gap in seq, which a journal
+        fills)."""
+        self._rebind.set()
+        try:
+            self._queue.put_nowait(_WAKE)
+        except queue.Full:
+            pass  # the thread is busy with a full queue and sees the flag after its next send
+
     def counters(self, camera: str) -> CameraCounters:
         counters = self.cameras.get(camera)
         if counters is None:
@@ -119,7 +134,10 @@ class Publisher:
                 item = None
             if item is _STOP:
                 break
-            if item is not None:
+            if self._rebind.is_set():
+                self._rebind.clear()
+                self._bind_again()
+            if item is not None and item is not _WAKE:
                 try:
                     self._send_result(item)
                 except Exception as exc:  # one unsendable result must not end publishing for every camera
@@ -202,6 +220,25 @@ class Publisher:
         self.published += 1
         if self._on_published is not None:
             self._on_published(judged, latency_ms)
+
+    def _bind_again(self) -> None:
+        """Unbind (libzmq closes every connection accepted on the endpoint with it) and bind the same endpoint. The
+        listener closes on libzmq's I/O thread, so a TCP port may stay busy for a moment."""
+        endpoint = self.bound_endpoint
+        self._socket.unbind(endpoint)
+        deadline = time.monotonic() + REBIND_WAIT_S
+        while True:
+            try:
+                self._socket.bind(endpoint)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                    # Nothing can be published without the endpoint: the thread ends, the daemon turns unhealthy.
+                    log.error("publish_rebind_failed", endpoint=endpoint, error=str(exc))
+                    raise
+                time.sleep(0.01)
+        self.rebinds += 1
+        log.info("publish_rebound", endpoint=endpoint, reason="a key was removed from the allow-list")
 
     def send_status(self) -> None:
         if self._status is not None:

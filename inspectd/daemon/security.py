@@ -4,8 +4,14 @@
 makes the socket a CURVE server with the daemon's secret key and a ZAP domain whose only accepted clients are the
 public keys in an allow-list directory. One ZAP authenticator thread serves every domain of the process. Each refused
 attempt (unknown key, or a client that does not speak CURVE at all) is counted and logged as `auth_refused` with the
-reason; repeats of the same refusal are summarised once a minute, because a refused REQ client reconnects every
-100 ms and would otherwise flood the log.
+reason; repeats of the same refusal from the same key (or endpoint) are summarised once a minute, because a refused
+REQ client reconnects every 100 ms and would otherwise flood the log, while a key not seen before is always logged.
+
+CURVE checks a key only at the handshake, so a key removed by `reload` would keep a connection made before it. The
+sockets that receive check each message's ZAP User-Id (the client's key) against the list in force (`admits`): the
+control server answers a removed key's request with a refusal, a zmq camera drops its frames. A PUB socket cannot
+tell its peers apart, so the publisher re-binds its endpoint after a reload that removed a key: every subscriber
+reconnects and handshakes again, and a removed key's handshake is refused.
 
 The matching hook for clients (ControlClient, Subscriber) is inspectd.protocol.keys.curve_client: the server's public
 key and the client's own key pair.
@@ -16,6 +22,7 @@ are left to the host's own access control (IPC socket file mode 0660 under the s
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import threading
@@ -39,6 +46,8 @@ log = structlog.get_logger("inspectd.daemon.security")
 # Tests and throwaway containers run everything as root; a station never should. Set only where root is the sandbox.
 ALLOW_ROOT_ENV = "INSPECTD_ALLOW_ROOT"
 REPEAT_LOG_S = 60.0
+REFUSALS_TRACKED = 1024  # (reason, key) pairs whose repeats are summarised
+REMOVED = "client key removed from the allow-list"
 # Keyed by plain int: the monitor hands event numbers over as ints.
 _REFUSALS: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "client key not in the allow-list",
@@ -97,23 +106,30 @@ def is_local_endpoint(endpoint: str) -> bool:
 
 
 class _Refusals:
-    """Counts refused attempts and logs each distinct reason once per REPEAT_LOG_S."""
+    """Counts refused attempts and logs each (reason, client key or endpoint) once per REPEAT_LOG_S.
+
+    Grouped by who as well as why: a revoked client retrying every 100 ms must not hide the first refusal of
+    another key. At most REFUSALS_TRACKED pairs are remembered (the least recently refused goes first), so keys
+    made up by the thousand cannot grow the table."""
 
     def __init__(self, domain: str) -> None:
         self.domain = domain
         self.count = 0
-        self._last: dict[str, tuple[float, int]] = {}
+        self._last: collections.OrderedDict[tuple[str, str], tuple[float, int]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def refused(self, reason: str, **fields) -> None:
+        slot = (reason, str(fields.get("client_key", fields.get("endpoint", ""))))
         with self._lock:
             self.count += 1
-            when, repeats = self._last.get(reason, (0.0, 0))
+            when, repeats = self._last.pop(slot, (-REPEAT_LOG_S, 0))
             now = time.monotonic()
             if now - when < REPEAT_LOG_S:
-                self._last[reason] = (when, repeats + 1)
+                self._last[slot] = (when, repeats + 1)
                 return
-            self._last[reason] = (now, 0)
+            self._last[slot] = (now, 0)
+            while len(self._last) > REFUSALS_TRACKED:
+                self._last.popitem(last=False)
         log.warning("auth_refused", domain=self.domain, reason=reason, repeats_since_last_log=repeats, **fields)
 
 
@@ -179,6 +195,19 @@ class CurveServer:
     def refused(self) -> int:
         return self.refusals.count
 
+    def admits(self, message: zmq.Frame) -> bool:
+        """The key that sent `message` (received with copy=False) is in the allow-list in force now; a key removed
+        since its handshake is counted and logged as refused. Call it on the thread that owns the socket."""
+        try:
+            user = message.get("User-Id")
+        except zmq.ZMQError:
+            user = None
+        key = user.encode("ascii", "replace") if isinstance(user, str) else b""
+        if key in self._allow_list.allowed:
+            return True
+        self.refusals.refused(REMOVED, client_key=user or "unknown")
+        return False
+
     def __call__(self, sock: zmq.Socket) -> None:
         if sock.context is not self.context:
             # A socket of another context has its own ZAP handler: without this one there the enforced domain
@@ -224,7 +253,8 @@ class CurveServer:
             monitor.close(linger=0)
 
     def reload(self) -> dict[str, list[str]]:
-        """Read the allow-list directory again (SIGHUP, control `reload`); the next handshake uses the new list.
+        """Read the allow-list directory again (SIGHUP, control `reload`); the next handshake and the next message
+        checked with `admits` use the new list.
 
         A directory that fails its checks now raises KeysError and the list in force stays as it was. Who was added
         and who removed is logged (`allow_list_reloaded`) and returned, by key file and key."""

@@ -401,10 +401,14 @@ class Daemon:
             dead.append("control")
         if self.journal is not None and not self.journal.alive():
             dead.append("journal-sync")
-        for role, curve in (("control", self.control_curve), ("publish", self.publish_curve)):
-            if curve is not None and not curve.alive():
-                dead.append(f"auth-{role}")
+        dead += [f"auth-{role}" for role, curve in self.curves() if not curve.alive()]
         return dead
+
+    def curves(self) -> list[tuple[str, Any]]:
+        """Every CurveServer by role: control, publish, and `ingest-<camera>` for each zmq camera with CURVE."""
+        roles = [("control", self.control_curve), ("publish", self.publish_curve)]
+        roles += [(f"ingest-{cam}", ingest.curve) for cam, ingest in self.ingest.items()]
+        return [(role, curve) for role, curve in roles if curve is not None]
 
     def throughput(self) -> float:
         """Frames per second over the last few seconds."""
@@ -449,11 +453,7 @@ class Daemon:
             "cameras": self.camera_stats(),
             "journal": self.journal.status() if self.journal is not None else None,
             "archive": self.archive.status() if self.archive is not None else None,
-            "auth_refused": {
-                role: curve.refused
-                for role, curve in (("control", self.control_curve), ("publish", self.publish_curve))
-                if curve
-            },
+            "auth_refused": {role: curve.refused for role, curve in self.curves()},
         }
 
     def status_message(self) -> dict[str, Any]:
@@ -499,9 +499,7 @@ class Daemon:
         from inspectd.protocol.keys import KeysError
 
         changes: dict[str, Any] = {}
-        for role, curve in (("control", self.control_curve), ("publish", self.publish_curve)):
-            if curve is None:
-                continue
+        for role, curve in self.curves():
             try:
                 changes[role] = curve.reload()
             except KeysError as exc:
@@ -509,6 +507,8 @@ class Daemon:
                 self.log.error(
                     "allow_list_reload_failed", domain=role, error=str(exc), effect="the previous list stays"
                 )
+        if changes.get("publish", {}).get("removed"):
+            self.publisher.drop_peers()  # a PUB socket cannot refuse one peer's messages: everyone handshakes again
         return changes
 
     def set_thresholds(self, doc: Any, force: bool = False) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from inspectd.daemon.frames import Frame
 
 if TYPE_CHECKING:
     from inspectd.daemon import config as cfg  # the config imports the sources, for their declarations
+    from inspectd.daemon.security import CurveServer
 
 READ_TIMEOUT_S = 0.1  # longest a source read blocks, so stop() and pause are noticed promptly
 
@@ -31,6 +32,9 @@ class Source:
 
     live = True  # read and discard while paused (see inspectd.daemon.ingest)
     Options: ClassVar[type]
+    # A source that clients connect to with CurveZMQ: its allow-list is reloaded and its refusals counted with the
+    # daemon's own sockets.
+    curve: CurveServer | None = None
 
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         self.camera = camera

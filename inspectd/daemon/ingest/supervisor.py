@@ -73,6 +73,11 @@ class CameraIngest:
     def started(self) -> bool:
         return self._thread.ident is not None
 
+    @property
+    def curve(self):
+        """The CurveServer guarding this camera's source (a zmq camera with `curve`), else None."""
+        return self._source.curve
+
     def stats(self) -> dict:
         return {
             "frames_in": self.frames_in,

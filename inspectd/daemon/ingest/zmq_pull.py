@@ -106,6 +106,8 @@ class ZmqPullSource(Source):
         if not self.poller.poll(int(READ_TIMEOUT_S * 1000)):
             return None
         parts = self.sock.recv_multipart(copy=False)
+        if self.curve is not None and not self.curve.admits(parts[0]):
+            return None  # a producer whose key a reload removed: counted and logged as refused, never judged
         self.received += 1
         return self.parse(parts)
 
