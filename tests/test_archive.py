@@ -125,6 +125,89 @@ def test_age_bound_deletes_frames_older_than_max_age(tmp_path, monkeypatch):
     assert archive.status()["pruned"] == 2
 
 
+class _WallClock:
+    """The time module as the archive sees it, with a wall clock an operator (or NTP) can step."""
+
+    def __init__(self, step: float = 0.0) -> None:
+        self.step = step
+        self.monotonic = time.monotonic
+
+    def time(self) -> float:
+        return time.time() + self.step
+
+
+def noisy_defect(camera: str, seq: int) -> Judged:
+    noisy = np.random.default_rng(seq).integers(0, 256, (FRAME, FRAME)).astype(np.uint8)  # PNG cannot shrink it
+    item = judged(camera, seq, noisy)
+    assert item.verdict == "defect"
+    return item
+
+
+def write_all(archive: Archive, items: list[Judged]) -> list[str]:
+    ids = []
+    for item in items:
+        entry_id = archive.offer(item)
+        assert entry_id is not None
+        ids.append(entry_id)
+        time.sleep(0.002)  # keep the writer from falling behind: every frame must be written
+    return ids
+
+
+def test_a_wall_clock_set_back_never_deletes_the_newest_frames_first(tmp_path, monkeypatch):
+    root, cap = tmp_path / "archive", 0.05  # about 10 of these frames
+    clock = _WallClock()
+    monkeypatch.setattr(archive_module, "time", clock)
+    archive = Archive(root, max_mb=cap, max_age_h=24, good_every=0).start()
+    before = write_all(archive, [noisy_defect("cam0", seq) for seq in range(20)])
+    clock.step = -3600.0  # NTP steps the clock back an hour, the archive at its size bound
+    after = write_all(archive, [noisy_defect("cam0", seq) for seq in range(20, 23)])
+    assert archive.close()
+    assert archive.status()["lost"] == 0
+    with ArchiveReader(root) as reader:
+        kept = [e.id for e in reader.query()]
+    assert set(after) <= set(kept), "a frame its result names was deleted as soon as it was written"
+    assert sorted(kept) == sorted((before + after)[-len(kept) :]), "the oldest written went first"
+    # The next run, with the clock an hour further back still: the order of writing holds across runs too.
+    clock.step = -7200.0
+    archive = Archive(root, max_mb=cap, max_age_h=24, good_every=0).start()
+    again = write_all(archive, [noisy_defect("cam0", seq) for seq in range(23, 27)])
+    assert archive.close()
+    with ArchiveReader(root) as reader:
+        kept = [e.id for e in reader.query()]
+    assert sorted(kept) == sorted((before + after + again)[-len(kept) :]) and set(again) <= set(kept)
+
+
+def test_a_step_of_the_wall_clock_is_not_an_age(tmp_path, monkeypatch):
+    root = tmp_path / "archive"
+    clock = _WallClock()
+    monkeypatch.setattr(archive_module, "time", clock)
+    monkeypatch.setattr(archive_module, "AGE_CHECK_S", 0.0)  # the age is checked at every write
+    archive = Archive(root, max_mb=100, max_age_h=1, good_every=0).start()
+    first = write_all(archive, [noisy_defect("cam0", seq) for seq in range(3)])
+    # A dead battery clock corrected by NTP while the daemon runs: a year forward. The frames are seconds old.
+    clock.step = 365 * 86400.0
+    second = write_all(archive, [noisy_defect("cam0", seq) for seq in range(3, 5)])
+    assert archive.close()
+    with ArchiveReader(root) as reader:
+        assert [e.id for e in reader.query()] == first + second
+        assert all(abs(e.t_written - clock.time()) < 60 for e in reader.query()), "write times moved with the step"
+    # The clock back where it was, between runs: the frames' write times lie a year ahead and count as now, so
+    # they go an hour from now rather than in a year.
+    clock.step = 0.0
+    archive = Archive(root, max_mb=100, max_age_h=1, good_every=0).start()
+    third = write_all(archive, [noisy_defect("cam0", 5)])
+    assert archive.close()
+    with ArchiveReader(root) as reader:
+        assert [e.id for e in reader.query()] == first + second + third
+        assert all(e.t_written <= time.time() for e in reader.query())
+    clock.step = 7200.0  # two hours later
+    archive = Archive(root, max_mb=100, max_age_h=1, good_every=0).start()
+    last = write_all(archive, [noisy_defect("cam0", 6)])
+    assert archive.close()
+    with ArchiveReader(root) as reader:
+        assert [e.id for e in reader.query()] == last
+
+
 def test_a_failing_disk_degrades_to_an_alarm_and_recovers(tmp_path, monkeypatch):
     root = tmp_path / "archive"
     root.write_text("a file where the archive directory should be")  # every write fails, even as root

@@ -9,6 +9,12 @@ inference never waits on the disk. When the writer falls behind (queue full) a f
 says so; when the disk fails (full, I/O error, unwritable) the archive goes `degraded`: one `archive_degraded` log
 event, an alarm in status and metrics, frames counted in `lost`, and a retry every RETRY_S until a write succeeds
 (`archive_recovered`). Either way publishing goes on.
+
+Retention deletes in the order frames were written (the index's rowid, which SQLite numbers upwards across runs),
+never by the wall clock, which a station without a battery clock may have stepped back by NTP: the newest frame,
+whose result already names it, must never be the one deleted. The age bound does read the wall clock, held to the
+time since writing: while the archive is open a step of the wall clock (seen against the monotonic clock) moves every
+recorded write time with it, and a write time in the future at open counts as now.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ LIVE_INTERVAL_S = 1.0  # how often a camera's live/<camera>.jpg is replaced
 AGE_CHECK_S = 60.0
 PRUNE_BATCH = 200
 OVERLAY_JPEG_QUALITY = 90
+# A change of (wall - monotonic) beyond this is a step of the wall clock; NTP's slewing moves it far less between
+# two writes.
+CLOCK_STEP_S = 2.0
 _STOP = object()
 
 
@@ -53,6 +62,7 @@ class Archive:
         self._bytes = 0
         self._entries = 0
         self._next_age_check = 0.0
+        self._wall_offset: float | None = None  # time.time() - time.monotonic() when last read
         self._retry_at = 0.0
         self.degraded: str | None = None  # the alarm: why the last write failed; None while writing works
         self.written: dict[str, int] = {"ok": 0, "defect": 0}
@@ -148,9 +158,25 @@ class Archive:
         if self._db is None:
             self.root.mkdir(parents=True, exist_ok=True)
             db = fmt.connect(self.root)
+            now = time.time()
+            with db:  # written "in the future": the clock was set back since; age them from now
+                db.execute("UPDATE frames SET t_written = ? WHERE t_written > ?", (now, now))
             self._bytes, self._entries = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM frames").fetchone()
             self._db = db
         return self._db
+
+    def _wall_clock(self, db: sqlite3.Connection) -> float:
+        """time.time(), after moving every recorded write time by the step when the wall clock stepped since the
+        last reading: a frame's age stays the time since it was written."""
+        now = time.time()
+        offset = now - time.monotonic()
+        if self._wall_offset is not None and abs(offset - self._wall_offset) > CLOCK_STEP_S:
+            step = offset - self._wall_offset
+            with db:
+                db.execute("UPDATE frames SET t_written = t_written + ?", (step,))
+            log.warning("archive_clock_step", step_s=round(step, 3))
+        self._wall_offset = offset
+        return now
 
     def _write_entry(self, judged: Judged, entry_id: str) -> None:
         now = time.monotonic()
@@ -188,7 +214,7 @@ class Archive:
                         frame_file,
                         overlay_file,
                         size,
-                        time.time(),
+                        self._wall_clock(db),
                     ),
                 )
         except (OSError, sqlite3.Error) as exc:
@@ -230,7 +256,7 @@ class Archive:
             pass
 
     def _retain(self, now: float) -> None:
-        """Delete the oldest entries (by write time) while the archive is over its size, and those past its age."""
+        """Delete the oldest entries (in write order) while the archive is over its size, and those past its age."""
         db = self._db
         assert db is not None
         try:
@@ -238,7 +264,7 @@ class Archive:
                 self._prune(db.execute(_OLDEST, (PRUNE_BATCH,)).fetchall(), size_bound=True)
             if now >= self._next_age_check:
                 self._next_age_check = now + AGE_CHECK_S
-                cutoff = time.time() - self.max_age_s
+                cutoff = self._wall_clock(db) - self.max_age_s
                 while rows := db.execute(_OLDER_THAN, (cutoff, PRUNE_BATCH)).fetchall():
                     self._prune(rows)
         except (OSError, sqlite3.Error) as exc:
@@ -275,8 +301,8 @@ class Archive:
 
 
 _INSERT = f"INSERT OR REPLACE INTO frames ({', '.join(fmt.FIELDS)}) VALUES ({', '.join('?' * len(fmt.FIELDS))})"
-_OLDEST = "SELECT id, frame_file, overlay_file, bytes FROM frames ORDER BY t_written, id LIMIT ?"
-_OLDER_THAN = "SELECT id, frame_file, overlay_file, bytes FROM frames WHERE t_written < ? ORDER BY t_written LIMIT ?"
+_OLDEST = "SELECT id, frame_file, overlay_file, bytes FROM frames ORDER BY rowid LIMIT ?"
+_OLDER_THAN = "SELECT id, frame_file, overlay_file, bytes FROM frames WHERE t_written < ? ORDER BY rowid LIMIT ?"
 
 
 def _unlink(path: Path) -> None:
