@@ -4,6 +4,7 @@ and `inspectd archive list|export` feeding `inspectd calibrate`, each as a real 
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -240,6 +241,40 @@ def inspectd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "inspectd", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
+
+
+def test_export_to_a_folder_it_cannot_write_says_so_in_one_line(tmp_path):
+    archive_dir = tmp_path / "archive"
+    archive = Archive(archive_dir, max_mb=100, max_age_h=24, good_every=0).start()
+    large = [np.random.default_rng(seq).integers(0, 256, (256, 256)).astype(np.uint8) for seq in range(3)]
+    ids = write_all(archive, [judged("cam0", seq, image) for seq, image in enumerate(large)])  # 64 kB PNGs
+    assert archive.close()
+    blocker = tmp_path / "afile"
+    blocker.write_text("a regular file where a folder would go")
+    out = blocker / "out"
+    under_a_file = inspectd("archive", "export", str(out), "--archive", str(archive_dir))
+    assert under_a_file.returncode == 2 and "Traceback" not in under_a_file.stderr, under_a_file.stderr
+    assert under_a_file.stderr.strip() == f"inspectd archive: export {out}: cannot write (Not a directory)"
+
+    # A disk that fills up: a file size limit fails the first frame's write as ENOSPC would, half written (and
+    # leaves room for the index's 32 kB -shm file, which a reader may have to create).
+    full = tmp_path / "full"
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "inspectd", "archive", "export", str(full), "--archive", str(archive_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        preexec_fn=small_files,
+    )
+    frame = full / "test" / "defect" / f"{ids[0]}.png"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == f"inspectd archive: export {full}: cannot write {frame} (File too large)"
+    assert not frame.exists(), "no truncated image left behind"
 
 
 def test_daemon_archives_what_it_publishes_and_export_feeds_calibrate(tmp_path):

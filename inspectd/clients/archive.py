@@ -2,7 +2,8 @@
 MVTec-layout folder that `inspectd train --data` and `inspectd calibrate --good` read directly.
 
 Reads the archive directory only (inspectd.protocol.archive), so it works beside a running daemon or without one.
-Exit codes: 0 done, 1 export matched no frame, 2 bad arguments or no archive there.
+Exit codes: 0 done, 1 export matched no frame, 2 bad arguments, no archive there (or unreadable), or an OUT that
+cannot be written (one line naming it and why).
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ import dataclasses
 import datetime
 import json
 import re
-import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,8 @@ CREATE INDEX IF NOT EXISTS frames_by_written ON frames (t_written);
 
 
 class ArchiveError(InspectdError):
-    """The archive cannot be read (no index, unreadable) or a request names nothing in it."""
+    """The archive cannot be read (no index, unreadable), a request names nothing in it, or an export cannot be
+    written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,26 +214,50 @@ class ArchiveReader:
 
     def export(self, entries: list[Entry], out: str | Path, split: str = "test") -> int:
         """Copy the entries' frames into an MVTec-layout folder `out/<split>/<good|defect>/<id>.png`; returns how
-        many were copied. Frames that expired between the query and the copy are skipped."""
+        many were copied. Frames that expired between the query and the copy are skipped. An ArchiveError naming
+        `out` when it cannot be written (under a file, permission denied, disk full)."""
         if split not in EXPORT_SPLITS:
             raise ArchiveError(f"split {split!r}: expected one of {', '.join(EXPORT_SPLITS)}")
         out = Path(out)
         copied = 0
-        with open(_manifest(out), "a", encoding="utf-8") as manifest:
-            for entry in entries:
-                if entry.verdict not in ("ok", "defect"):
-                    continue
-                folder = out / split / ("good" if entry.verdict == "ok" else "defect")
-                folder.mkdir(parents=True, exist_ok=True)
-                try:
-                    shutil.copyfile(self.file(entry), folder / entry.export_name)
-                except FileNotFoundError:
-                    continue
-                manifest.write(json.dumps({**entry.to_dict(), "exported_to": f"{split}/{folder.name}"}) + "\n")
-                copied += 1
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / MANIFEST_NAME, "a", encoding="utf-8") as manifest:
+                for entry in entries:
+                    if entry.verdict not in ("ok", "defect"):
+                        continue
+                    data = self._read(entry)
+                    if data is None:
+                        continue
+                    folder = out / split / ("good" if entry.verdict == "ok" else "defect")
+                    folder.mkdir(parents=True, exist_ok=True)
+                    _write_whole(folder / entry.export_name, data)
+                    manifest.write(json.dumps({**entry.to_dict(), "exported_to": f"{split}/{folder.name}"}) + "\n")
+                    copied += 1
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename and Path(exc.filename) != out else ""
+            raise ArchiveError(f"export {out}: cannot write{where} ({exc.strerror or exc})") from None
         return copied
 
+    def _read(self, entry: Entry) -> bytes | None:
+        """The frame file's bytes; None when it expired since the query."""
+        path = self.file(entry)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ArchiveError(f"archive id {entry.id!r}: cannot read {path} ({exc.strerror or exc})") from None
 
-def _manifest(out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    return out / MANIFEST_NAME
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """`data` into `path`, or no file there: a truncated image in an export would fail train or calibrate later."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
