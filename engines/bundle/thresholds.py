@@ -28,6 +28,10 @@ GOOD_SCORES = "good_scores"
 # model's score is robust to still shows there.
 GOOD_BRIGHTNESS = "good_brightness"
 REFERENCE_POINTS = 200
+# The fewest good frames a reference needs for the daemon's drift test to be able to raise at all: with fewer, its
+# critical KS distance at the full window exceeds 1, which no window reaches (inspectd.daemon.drift refuses to arm
+# on them; tests/test_drift_reference.py holds this number to the test's constants). calibrate and teach warn.
+MIN_REFERENCE = 8
 
 
 class ThresholdsError(ValueError):
@@ -178,7 +182,11 @@ def read(path: str | Path) -> Thresholds:
 
 
 def dumps(thresholds: Thresholds) -> bytes:
-    return (json.dumps(thresholds.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+    try:  # NaN or infinity in the provenance is not JSON: jq, browsers and PLC-side parsers refuse it
+        text = json.dumps(thresholds.to_dict(), indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as exc:
+        raise ThresholdsError(f"thresholds version {thresholds.version}: {exc}, expected finite numbers") from None
+    return (text + "\n").encode("utf-8")
 
 
 def first_version(image_threshold: float, pixel_threshold: float, provenance: dict[str, Any]) -> Thresholds:
@@ -213,16 +221,31 @@ def next_version(
 
 
 def rollback(current: Thresholds, version: int) -> Thresholds:
-    """A new version (numbers never go down) whose values are those of the earlier `version`."""
+    """A new version (numbers never go down) whose values are those of the earlier `version`.
+
+    Its drift references, false-reject target and calibrated score ranges come to the top of the new provenance,
+    where the daemon's drift monitor and range check read them: left nested under rolled_back_provenance they would
+    switch the drift alarm off. A reference that version lacks (recorded before references existed) is kept from
+    `current`: the model is the same, so its good frames' scores still describe it; `references_from` says so."""
     for old in current.history:
         if old.get("version") == version:
             earlier = parse({**old, "history": []}, where=f"thresholds.history[version {version}]")
+            provenance: dict[str, Any] = {"rollback_to": version, "rolled_back_provenance": earlier.provenance}
+            for key in ("target", IMAGE_SCORES, PIXEL_SCORES):
+                if key in earlier.provenance:
+                    provenance[key] = copy.deepcopy(earlier.provenance[key])
+            for key in (GOOD_SCORES, GOOD_BRIGHTNESS):
+                if _reference(earlier.provenance, key) is not None:
+                    provenance[key] = copy.deepcopy(earlier.provenance[key])
+                elif _reference(current.provenance, key) is not None:
+                    provenance[key] = copy.deepcopy(current.provenance[key])
+                    provenance.setdefault("references_from", {})[key] = current.version
             return next_version(
                 current,
                 image_threshold=earlier.image_threshold,
                 pixel_threshold=earlier.pixel_threshold,
                 per_camera=earlier.per_camera,
-                provenance={"rollback_to": version, "rolled_back_provenance": earlier.provenance},
+                provenance=provenance,
             )
     known = ", ".join(str(h.get("version")) for h in current.history) or "none"
     raise ThresholdsError(f"thresholds: no version {version} in history (known: {known})")

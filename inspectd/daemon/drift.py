@@ -24,6 +24,14 @@ of the two tests) raises at most 2 x 3600 x 1e-6 = 0.7 % of hours, and a day at 
 soak (deploy/soak.py --drift) runs an hour of frames and must stay quiet. Lighting, lens, focus and material changes
 move the whole distribution, which is what KS sees, long before most frames cross the threshold.
 
+Small references: D never exceeds 1, and with the 200-frame window the critical value at RAISE_ALPHA is above 1 for
+a reference of 7 frames or fewer (m = 2: 1.91, m = 7: 1.04, m = 8: 0.97, m = 20: 0.63). A test on such a reference
+could never raise, so it is not armed: it reports `active: false` (the score test) or `brightness_active: false`,
+with the reason in the status (`inactive_reason`, `brightness_inactive_reason`) and a `drift_inactive` log line,
+rather than an alarm shown active that cannot rise. calibrate and teach warn when they record such a reference
+(engines.bundle.thresholds.MIN_REFERENCE). Just above the minimum it still rises only on a large shift (m = 20: D
+must exceed 0.63).
+
 False-reject warning: the rate a normal distribution fitted to the score window puts at or above the image threshold
 (an estimate of the tail from the window's mean and spread, stated as such). Its baseline is the larger of the
 calibrated target (provenance["target"] when it is a false-reject target, else DEFAULT_FALSE_REJECT_TARGET) and the
@@ -46,6 +54,9 @@ import math
 from typing import Any
 
 import numpy as np
+import structlog
+
+log = structlog.get_logger("inspectd.daemon.drift")
 
 WINDOW = 200
 MIN_SAMPLES = 100
@@ -76,10 +87,34 @@ def ks_critical(alpha: float, n: int, m: int) -> float:
     return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
 
 
-class KsTest:
-    """One test: a window of values against a sorted reference of m frames, with hysteresis."""
+def can_raise(m: int, window: int = WINDOW) -> bool:
+    """Whether a test against a reference of m frames can ever raise: D is at most 1, so a critical value at or
+    above 1 (even with the window full) would leave it reported active yet deaf."""
+    return ks_critical(RAISE_ALPHA, window, m) < 1.0
 
-    def __init__(self, reference: tuple[int, list[float]] | None, window: int) -> None:
+
+def min_reference(window: int = WINDOW) -> int:
+    """The fewest reference frames can_raise accepts (8 for the default window)."""
+    m = 1
+    while not can_raise(m, window):
+        m += 1
+    return m
+
+
+class KsTest:
+    """One test: a window of values against a sorted reference of m frames, with hysteresis. Inactive, with the
+    reason in `inactive`, without a reference or with one too small to ever raise."""
+
+    def __init__(self, reference: tuple[int, list[float]] | None, window: int, name: str = "good_scores") -> None:
+        self.inactive: str | None = None
+        if reference is None:
+            self.inactive = f"the thresholds carry no {name} reference"
+        elif not can_raise(reference[0], window):
+            self.inactive = (
+                f"the {name} reference holds {reference[0]} good frame(s), expected at least {min_reference(window)} "
+                "(with fewer the test can never raise): calibrate or teach on more good frames"
+            )
+            reference = None
         self.active = reference is not None
         self.m = reference[0] if reference else 0
         self.reference = np.asarray(reference[1] if reference else [], dtype=np.float64)
@@ -132,8 +167,8 @@ class DriftState:
 
 class DriftMonitor:
     """One camera's windows and alarm. `add(score, brightness)` for every frame judged ok; returns "raised"/"cleared"
-    when the alarm changes, else None. Inactive (never alarms, status says so) without a score reference; the
-    brightness test is inactive without its own."""
+    when the alarm changes, else None. Inactive (never alarms, status says so and why) without a score reference
+    or with one too small to ever raise; the brightness test is inactive without its own."""
 
     def __init__(
         self,
@@ -145,9 +180,11 @@ class DriftMonitor:
         check_every: int = CHECK_EVERY,
         brightness_reference: tuple[int, list[float]] | None = None,
     ) -> None:
-        self.active = reference is not None
         self.score = KsTest(reference, window)
-        self.brightness = KsTest(brightness_reference if self.active else None, window)
+        self.active = self.score.active
+        self.brightness = KsTest(brightness_reference if self.active else None, window, "good_brightness")
+        if not self.active:
+            self.brightness.inactive = "the score test is inactive"
         self.threshold = threshold
         self.target = target
         self.warn_above = WARNING_FACTOR * max(target, normal_tail(self.score.reference, threshold))
@@ -192,6 +229,9 @@ class DriftMonitor:
     def status(self) -> dict[str, Any]:
         return {
             "active": self.active,
+            # Not "reason": the daemon's drift log lines carry the status and a reason of their own.
+            "inactive_reason": self.score.inactive,
+            "brightness_inactive_reason": self.brightness.inactive,
             **self.state.to_dict(),
             "target": self.target,
             "warn_above": round(self.warn_above, 6),
@@ -199,16 +239,30 @@ class DriftMonitor:
 
 
 def monitor_for(thresholds, camera: str) -> DriftMonitor:
-    """The monitor for `camera` under `thresholds` (an engines.bundle.thresholds.Thresholds)."""
+    """The monitor for `camera` under `thresholds` (an engines.bundle.thresholds.Thresholds). A test that cannot run
+    on them is logged here, where every new model or thresholds version gets its monitors, as well as shown in
+    the status: an alarm switched off must not go unnoticed."""
     from engines.bundle.thresholds import GOOD_BRIGHTNESS, reference_scores
 
     target = thresholds.provenance.get("target")
     rate = DEFAULT_FALSE_REJECT_TARGET
     if isinstance(target, dict) and target.get("kind") == "false_reject" and isinstance(target.get("value"), float):
         rate = target["value"]
-    return DriftMonitor(
+    monitor = DriftMonitor(
         reference_scores(thresholds),
         thresholds.for_camera(camera)[0],
         rate,
         brightness_reference=reference_scores(thresholds, GOOD_BRIGHTNESS),
     )
+    if not monitor.active:
+        log.warning(
+            "drift_inactive", camera=camera, thresholds_version=thresholds.version, reason=monitor.score.inactive
+        )
+    elif not monitor.brightness.active:
+        log.info(
+            "drift_brightness_inactive",
+            camera=camera,
+            thresholds_version=thresholds.version,
+            reason=monitor.brightness.inactive,
+        )
+    return monitor
