@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,6 +327,32 @@ class _Scored:
     pixels: PixelHistograms | None  # when --pixel
     has_masks: bool
     good_brightness: np.ndarray  # mean grey level of each good image as the model sees it (the drift reference)
+    good_paths: list[Path] = dataclasses.field(default_factory=list)
+    defect_paths: list[Path] = dataclasses.field(default_factory=list)
+
+
+def refuse_non_finite(scores, paths, what: str) -> None:
+    """CalibrationError naming the images (`paths`, or their positions when None) scored NaN or infinity: NaN
+    compares false with every threshold, so counted it would pass as judged ok (an escape, if defective)."""
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    names = [str(p) for p in paths] if paths is not None else [f"image #{i}" for i in range(values.size)]
+    bad = [name for name, value in zip(names, values, strict=True) if not np.isfinite(value)]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CalibrationError(
+            f"{what}: {len(bad)} image(s) scored NaN or infinity ({shown}), expected finite scores: "
+            "check those images and the engine"
+        )
+
+
+def reference_warning(n: int, what: str) -> str | None:
+    """The WARNING for a drift reference of n good frames too few for the daemon's drift test to ever raise."""
+    if n >= thresholds_doc.MIN_REFERENCE:
+        return None
+    return (
+        f"WARNING: {n} {what} are too few for the drift alarm's reference, which needs >= "
+        f"{thresholds_doc.MIN_REFERENCE}: the daemon leaves the alarm off for this version"
+    )
 
 
 def _good_paths(folder: Path) -> list[Path]:
@@ -383,12 +410,14 @@ def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | No
             pixels.add(scored.frame_map, load_mask(masks[i - len(good)], scored.frame_map.shape), what=str(scored.path))
         progress.update(i + 1)
     progress.finish()
-    return _Scored(scores[: len(good)], scores[len(good) :], pixels, has_masks, brightness)
+    return _Scored(scores[: len(good)], scores[len(good) :], pixels, has_masks, brightness, good, paths[len(good) :])
 
 
 def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
     """(image threshold, pixel threshold or None, provenance target/observed) and the report lines on `out`."""
     good, defect = scored.good, scored.defect
+    refuse_non_finite(good, scored.good_paths or None, "--good")
+    refuse_non_finite(defect, scored.defect_paths or None, "--defective")
     fr_target = DEFAULT_FALSE_REJECT if args.target_false_reject is None else args.target_false_reject
     fr = threshold_for_false_reject(good, fr_target)
     if args.target_escape is not None:
@@ -459,6 +488,8 @@ def run(args: argparse.Namespace) -> int:
             raise CalibrationError("--server-key/--client-key are for --apply: give the daemon's control endpoint")
         bundle = load_bundle(args.bundle)
         current = bundle.thresholds()
+        if not args.dry_run:
+            check_writable(bundle.path)  # before minutes of scoring, not after
         if args.rollback is not None:
             if args.good or args.defective or args.pixel or args.camera:
                 raise CalibrationError(
@@ -480,7 +511,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"dry run: version {new.version} not written, not applied", file=out)
         return 0
-    bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
+    try:
+        bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
+    except (EngineError, thresholds_doc.ThresholdsError, OSError) as exc:
+        print(f"inspectd calibrate: version {new.version} not written: {_one_line(exc)}", file=sys.stderr)
+        return 2
     print(
         f"wrote thresholds version {new.version} (was {current.version}) to {bundle.path / thresholds_doc.FILE_NAME}",
         file=out,
@@ -488,6 +523,35 @@ def run(args: argparse.Namespace) -> int:
     if args.apply:
         return _apply(args, new, out)
     return 0
+
+
+def check_writable(path: Path) -> None:
+    """CalibrationError unless this user can create files in bundle directory `path` (what rewriting thresholds.json
+    needs). A file is created and removed there: permissions alone miss a read-only mount or an immutable flag."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".calibrate-probe.", dir=Path(path).resolve())
+    except OSError as exc:
+        raise CalibrationError(
+            f"{path}: not writable by {_user()} ({exc.strerror or exc}), expected a bundle directory "
+            "this user may write: run calibrate as the bundle's owner (e.g. sudo -u inspectd), or --dry-run"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return f"user {getpass.getuser()}"
+    except (KeyError, OSError):  # a uid without a name (a container's)
+        return f"uid {os.getuid()}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _calibrate(bundle, current, args, out):
@@ -537,6 +601,8 @@ def _calibrate(bundle, current, args, out):
     provenance[thresholds_doc.IMAGE_SCORES] = image_scores
     if scored.pixels is not None:
         provenance[thresholds_doc.PIXEL_SCORES] = _pixel_range(scored.pixels)
+    if not args.camera and (warning := reference_warning(int(scored.good.size), "good images")):
+        print(warning, file=out)
     if args.camera:
         provenance["camera"] = args.camera
         # The references describe every camera's good frames: one camera's images do not replace them.

@@ -40,6 +40,7 @@ import dataclasses
 import datetime
 import getpass
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -54,6 +55,7 @@ from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import REQUIRED_FILES, inspectd_version
 from engines.bundle.store import Bundle, load_bundle, write_bundle
 from engines.data.images import ImageFiles, list_images, split_holdout
+from engines.durable import exchange, fsync_dir
 from engines.errors import BundleError, DataError, EngineError
 from engines.runtime import open_engine
 from engines.runtime.features import FeatureExtractor
@@ -100,6 +102,20 @@ def switch_link(link: Path, new_dir: Path) -> None:
         fresh.unlink()
     os.symlink(text, fresh)
     os.replace(fresh, link)
+    fsync_dir(link.parent)  # else a power cut can bring the old link back under a daemon already told to reload
+
+
+def swap_in(path: Path, incoming: Path, keep: Path) -> None:
+    """Put directory `incoming` at `path` and what was there at `keep`, durably; a reader of `path` finds one of the
+    two at every moment where the kernel can swap them in one step (else for the instant between two renames)."""
+    if exchange(incoming, path):
+        os.replace(incoming, keep)
+    else:
+        os.replace(path, keep)
+        os.replace(incoming, path)
+    fsync_dir(path.parent)
+    if keep.parent != path.parent:
+        fsync_dir(keep.parent)
 
 
 def bundle_version(bundle: Bundle) -> int:
@@ -192,11 +208,14 @@ def teach(
         DEFAULT_FALSE_REJECT,
         DEFAULT_PIXEL_FPR,
         pixel_threshold_for_fpr,
+        reference_warning,
+        refuse_non_finite,
         threshold_for_false_reject,
     )
     from engines.training.metrics import PixelHistograms
 
     out = out or sys.stdout
+    check_numbers(holdout, target_false_reject, pixel_fpr)  # before the bundle, the frames and minutes of fitting
     started = time.monotonic()
     bundle_path = Path(bundle_path)
     bundle = load_bundle(bundle_path)
@@ -208,8 +227,6 @@ def teach(
             f"{frames.source}: {len(paths)} good frame(s), expected at least {MIN_FRAMES} (some fit, some are held out)"
             + frames.hint
         )
-    if not 0.0 < holdout < 1.0:
-        raise TeachError(f"--holdout {holdout}: expected a fraction strictly between 0 and 1")
     images = fit_all(ImageFiles(paths), bundle.input_shape, bundle.resize_policy)
     fit_idx, hold_idx = split_holdout(len(images), holdout, settings["seed"])
 
@@ -225,6 +242,9 @@ def teach(
     with open_engine(bundle, "onnxruntime", {"providers": "cpu"}, max_batch=BATCH) as engine:
         old_scores, _ = score(engine, held)
         new_scores, new_maps = score(engine, held, params)
+    held_paths = [paths[i] for i in hold_idx]
+    refuse_non_finite(old_scores, held_paths, f"{frames.source}: held out, by the current model")
+    refuse_non_finite(new_scores, held_paths, f"{frames.source}: held out, by the taught model")
     current = bundle.thresholds()
     old_threshold = current.image_threshold
     fr_target = DEFAULT_FALSE_REJECT if target_false_reject is None else target_false_reject
@@ -291,8 +311,23 @@ def teach(
     }
     taught = write_version(bundle, params, thresholds, version, record)
     seconds = time.monotonic() - started
-    _report(out, taught, record, fr.warning(fr_target), seconds)
+    warnings = [fr.warning(fr_target), reference_warning(len(held), "held-out frames")]
+    if warnings[1]:
+        needed = math.ceil(thresholds_doc.MIN_REFERENCE / holdout)
+        warnings[1] += f" (teach on >= {needed} frames with --holdout {holdout:g})"
+    _report(out, taught, record, warnings, seconds)
     return taught
+
+
+def check_numbers(holdout: float, target_false_reject: float | None, pixel_fpr: float | None) -> None:
+    """TeachError for a rate outside (0, 1), before any work."""
+    for flag, value in (
+        ("--holdout", holdout),
+        ("--target-false-reject", target_false_reject),
+        ("--pixel-fpr", pixel_fpr),
+    ):
+        if value is not None and not 0.0 < value < 1.0:
+            raise TeachError(f"{flag} {value}: expected a fraction strictly between 0 and 1")
 
 
 def write_version(
@@ -319,6 +354,7 @@ def write_version(
         if target is not None:
             new_dir = next_dir(target, version)
             os.replace(staging, new_dir)
+            fsync_dir(new_dir.parent)
             switch_link(path, new_dir)
             return load_bundle(path)
         versions = versions_dir(path)
@@ -326,8 +362,7 @@ def write_version(
         keep = versions / f"v{bundle_version(bundle)}"
         if keep.exists():
             shutil.rmtree(keep)
-        os.replace(path, keep)
-        os.replace(staging, path)
+        swap_in(path, staging, keep)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -363,14 +398,13 @@ def rollback(bundle_path: str | Path, out=None) -> Bundle:
     keep = versions_dir(path) / f"v{bundle_version(bundle)}"
     if keep.exists():
         shutil.rmtree(keep)
-    os.replace(path, keep)
-    os.replace(previous, path)
+    swap_in(path, previous, keep)
     restored = load_bundle(path)
     print(f"{path}: rolled back to version {bundle_version(restored)} ({restored.model_id})", file=out)
     return restored
 
 
-def _report(out, bundle: Bundle, record: dict, warning: str | None, seconds: float) -> None:
+def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], seconds: float) -> None:
     comparison = record["comparison"]
     current, taught = comparison["current"], comparison["taught"]
     frames = record["frames"]
@@ -398,8 +432,9 @@ def _report(out, bundle: Bundle, record: dict, warning: str | None, seconds: flo
             f"median score {row['score_median']:.6g}, max {row['score_max']:.6g}",
             file=out,
         )
-    if warning:
-        print(warning, file=out)  # calibrate's warning, which says WARNING itself
+    for warning in warnings:
+        if warning:
+            print(warning, file=out)  # calibrate's warnings, which say WARNING themselves
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -446,6 +481,15 @@ def run(args: argparse.Namespace) -> int:
             raise TeachError("--since, --until and --camera select archived frames: expected --archive [DIR] too")
         if archive is not None and since is None:
             raise TeachError("--archive: expected --since TIME too (8h, or 2026-03-01T06:00): the span to teach on")
+        # Every argument checked before any work: a refusal after the bundle was switched would leave the daemon
+        # running the old version with the new one on disk.
+        if (args.server_key is None) != (args.client_key is None):
+            raise TeachError("--server-key and --client-key: expected both (CurveZMQ) or neither")
+        if args.server_key is not None and not args.apply:
+            raise TeachError("--server-key/--client-key are for --apply: give the daemon's control endpoint")
+        if args.timeout <= 0:
+            raise TeachError(f"--timeout {args.timeout}: expected seconds > 0")
+        check_numbers(args.holdout, args.target_false_reject, args.pixel_fpr)
         if args.rollback:
             rollback(args.bundle)
         else:

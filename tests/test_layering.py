@@ -3,7 +3,8 @@
 Every import counts, at module level or inside a function (a lazy import is still a dependency). The layers, each
 allowed to import only the ones listed for it (and itself):
 
-    engines.progress                    nothing, and every layer may import it (the one progress line)
+    engines.progress, engines.durable   nothing, and every layer may import them (the one progress line; the one
+                                        durable file write, which the bundle store, the journal and the bridges share)
     engines.errors, engines.schema      nothing
     engines.bundle, engines.data        engines.errors
     engines.runtime                     + engines.bundle, engines.schema
@@ -41,10 +42,11 @@ PACKAGES = ("engines", "inspectd", "calibration")
 ENGINES_LOW = {"engines.errors", "engines.schema", "engines.bundle", "engines.data", "engines.runtime"}
 SHARED = {"inspectd.errors", "inspectd.configfile", "inspectd.logs", "inspectd.durable", "engines.schema"}
 # Below every layer: each package may import these, and they import nothing of the project.
-EVERYWHERE = {"engines.progress"}
+EVERYWHERE = {"engines.progress", "engines.durable"}
 LAYERS: dict[str, set[str]] = {
     "engines": set(),
     "engines.progress": set(),
+    "engines.durable": set(),
     "engines.errors": set(),
     "engines.schema": set(),
     "engines.bundle": {"engines.errors"},
@@ -91,6 +93,7 @@ TRAINING_STACK = {
 # Run on a runtime-only station (pip install . : no torch, no onnx).
 RUNTIME_STATION = (
     "engines.progress",
+    "engines.durable",
     "engines.errors",
     "engines.schema",
     "engines.bundle",

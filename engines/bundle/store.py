@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 import zipfile
@@ -34,7 +35,13 @@ from engines.bundle.format import (
     WEIGHTS,
     recipe_of,
 )
+from engines.durable import exchange, fsync_dir, replace_file, write_file
 from engines.errors import BundleError
+
+# Readable by a daemon running as another user, as the bundle directory is (write_bundle).
+FILE_MODE = 0o644
+# manifest["replacing"]: {file: sha256} of a rewrite in progress (Bundle.replace_file); the file may hold either.
+PENDING = "replacing"
 
 
 def sha256_file(path: Path) -> str:
@@ -101,20 +108,38 @@ def write_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a daemon running as another user
+        # Every file and the staging directory durable before the bundle takes the name: a power cut after the
+        # switch must not leave `path` naming a directory of empty files.
         for name, data in contents.items():
-            (staging / name).write_bytes(data)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
+            write_file(staging / name, data, FILE_MODE)
+        write_file(staging / MANIFEST, _manifest_bytes(manifest), FILE_MODE)
+        fsync_dir(staging)
+        if path.exists() or path.is_symlink():
+            if exchange(staging, path):  # one step: a reader of `path` finds the old bundle or the new one
+                _remove(staging)
+            else:
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(staging, path)
+                _remove(old)
         else:
             os.replace(staging, path)
+        fsync_dir(path.parent)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
         raise
     return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 def _safe_member(root: Path, name: Any) -> Path:
@@ -212,18 +237,41 @@ class Bundle:
             raise BundleError(str(exc)) from exc
 
     def replace_file(self, name: str, data: bytes, add: bool = False) -> None:
-        """Atomically rewrite one listed file (e.g. thresholds.json after calibration) and its checksum; with
-        `add=True` the file may be new and is listed (a TensorRT plan under engines/ from inspectd build-engine)."""
-        member = _safe_member(self.path, name)
+        """Rewrite one listed file (e.g. thresholds.json after calibration) and its checksum; with `add=True` the
+        file may be new and is listed (a TensorRT plan under engines/ from inspectd build-engine).
+
+        Only into the bundle this object was loaded from: when the manifest on disk is no longer that one (teach
+        replaced the directory or switched the link, someone rebuilt it) the write is refused, since the old
+        manifest written over a newer bundle would break it. A kill or power cut at any point leaves a bundle that
+        loads, with the file's old content or its new one: the manifest first names the new checksum as pending
+        (PENDING), then the file is replaced, then the manifest lists it; load_bundle accepts either content
+        while it is pending. Each file keeps its mode (a new one gets FILE_MODE)."""
+        # One directory for every step, even if a link is switched meanwhile.
+        root = self.path.resolve()
+        member = _safe_member(root, name)
         if name not in self.manifest["files"] and not add:
             raise BundleError(
                 f"{member}: not listed in the manifest, expected one of {', '.join(self.manifest['files'])}"
             )
-        member.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(member, data)
-        manifest = json.loads(json.dumps(self.manifest))
-        manifest["files"][name] = hashlib.sha256(data).hexdigest()
-        _atomic_write(self.path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        on_disk = _settled(root, _read_manifest(root / MANIFEST))
+        if _without(on_disk, name) != _without(self.manifest, name):
+            raise BundleError(
+                f"{self.path}: changed on disk since it was loaded (now model {on_disk.get('model_id')!r} "
+                f"version {on_disk.get('bundle_version', 1)}, loaded {self.model_id!r} version "
+                f"{self.manifest.get('bundle_version', 1)}), expected the bundle loaded: {name} not written; "
+                "load the bundle again (the daemon: reload) and retry"
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        manifest_mode = _mode(root / MANIFEST, FILE_MODE)
+        if not member.parent.is_dir():
+            member.parent.mkdir(parents=True)
+            fsync_dir(root)
+        if name in on_disk["files"]:
+            _replace(root / MANIFEST, _manifest_bytes({**on_disk, PENDING: {name: digest}}), manifest_mode)
+        _replace(member, data, _mode(member, FILE_MODE))
+        manifest = json.loads(json.dumps(on_disk))
+        manifest["files"][name] = digest
+        _replace(root / MANIFEST, _manifest_bytes(manifest), manifest_mode)
         self.manifest = manifest
         if name == SCORER:
             self._scorer_params = None
@@ -232,17 +280,53 @@ class Bundle:
         return f"Bundle({str(self.path)!r}, model_id={self.model_id!r})"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    # A name of its own per writer: a daemon and a calibrate writing the same bundle never share a temporary file.
+    replace_file(path, data, mode, temporary=path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}"))
+
+
+def _mode(path: Path, default: int) -> int:
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return default
+
+
+def _without(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """`manifest` without file `name`'s checksum: what must not change while `name` is rewritten."""
+    return {**manifest, "files": {k: v for k, v in manifest.get("files", {}).items() if k != name}}
+
+
+def _read_manifest(manifest_path: Path) -> Any:
+    try:
+        return json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{manifest_path}: missing, expected the bundle manifest") from exc
+    except OSError as exc:
+        raise BundleError(f"{manifest_path}: cannot read ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
+
+
+def _pending(manifest: dict[str, Any]) -> dict[str, str]:
+    pending = manifest.get(PENDING)
+    if not isinstance(pending, dict):
+        return {}
+    return {k: v for k, v in pending.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _settled(root: Path, manifest: Any) -> dict[str, Any]:
+    """`manifest` as load_bundle leaves it: a pending checksum whose file already holds the new content becomes the
+    listed one, and the pending entry goes."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{root / MANIFEST}: files: expected a mapping of file name to sha256")
+    settled = json.loads(json.dumps(manifest))
+    for name, digest in _pending(settled).items():
+        member = root / name
+        if name in settled["files"] and member.is_file() and sha256_file(member) == digest:
+            settled["files"][name] = digest
+    settled.pop(PENDING, None)
+    return settled
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -251,12 +335,7 @@ def load_bundle(path: str | Path) -> Bundle:
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"{path}: not a directory, expected a model bundle (directory with {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise BundleError(f"{manifest_path}: missing, expected the bundle manifest") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    manifest = _read_manifest(manifest_path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(
             f"{manifest_path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
@@ -277,12 +356,15 @@ def load_bundle(path: str | Path) -> Bundle:
             raise BundleError(f"{manifest_path}: files lacks {name!r}, expected every bundle file listed")
     if manifest["graph"] not in files:
         raise BundleError(f"{manifest_path}: graph {manifest['graph']!r} is not among the checksummed files")
+    pending = _pending(manifest)
     for name, expected in files.items():
         member = _safe_member(path, name)
         if not member.is_file():
             raise BundleError(f"{member}: missing, expected a file with sha256 {str(expected)[:12]}...")
         actual = sha256_file(member)
-        if actual != expected:
+        if actual == pending.get(name):  # a rewrite interrupted after the file's rename (Bundle.replace_file)
+            files[name] = actual
+        elif actual != expected:
             raise BundleError(
                 f"{member}: sha256 {actual[:12]}... does not match the manifest's {str(expected)[:12]}..."
                 " (file changed or corrupt)"
@@ -292,6 +374,7 @@ def load_bundle(path: str | Path) -> Bundle:
         isinstance(shape.get(k), int) and shape[k] > 0 for k in ("height", "width", "channels")
     ):
         raise BundleError(f"{manifest_path}: input: expected {{height, width, channels}} positive integers")
+    manifest.pop(PENDING, None)
     bundle = Bundle(path, manifest)
     bundle.scorer_params()  # refuses a pickled or incomplete scorer.npz now, not at the first frame
     return bundle

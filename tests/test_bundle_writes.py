@@ -1,0 +1,295 @@
+"""Writing bundles: what a later writer, a kill and a power cut leave behind.
+
+The bundles are tiny (write_bundle with a stand-in graph: nothing here runs it). A write into a bundle that was
+replaced on disk since it was loaded is refused; a kill at each rename of a rewrite, of a whole-bundle write and of
+teach's in-place swap and rollback (strace's fault injection, in a real child process) leaves a bundle that loads,
+old or new; traced, every file written is fsynced before it is renamed into place and every directory a rename
+changed is fsynced after; rewritten files keep the bundle's readable mode; an unreadable manifest says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration.teach import switch_link
+from engines.bundle import thresholds as T
+from engines.bundle.store import load_bundle, write_bundle
+from engines.errors import BundleError
+
+pytestmark = [pytest.mark.timeout(180)]
+REPO = Path(__file__).resolve().parents[1]
+RENAMES = "rename,renameat,renameat2"
+
+
+def make(path: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    thresholds = T.first_version(1.0, 0.5, {T.GOOD_SCORES: T.good_score_reference(rng.normal(0.5, 0.1, 300))})
+    manifest = {
+        "method": "frozen",
+        "backbone": "lite0",
+        "input": {"height": 8, "width": 8, "channels": 3, "resize": "stretch"},
+        "scorer_inputs": ["memory_bank"],
+    }
+    scorer = {"memory_bank": rng.normal(size=(4, 2)).astype(np.float32)}
+    return write_bundle(path, manifest, b"stand-in graph", scorer, {"w": np.zeros(2, np.float32)}, thresholds)
+
+
+def next_thresholds(bundle, image_threshold: float) -> bytes:
+    return T.dumps(T.next_version(bundle.thresholds(), image_threshold=image_threshold))
+
+
+# --- a bundle replaced since it was loaded ----------------------------------------------------------------------
+
+
+def test_a_write_into_a_bundle_replaced_in_place_since_it_was_loaded_is_refused(tmp_path):
+    path = make(tmp_path / "b")
+    daemon = load_bundle(path)  # what a daemon holds
+    make(path, seed=1)  # teach (in place) or a new train since
+    newer = load_bundle(path).model_id
+    with pytest.raises(BundleError, match=r"changed on disk since it was loaded") as refused:
+        daemon.replace_file(T.FILE_NAME, next_thresholds(daemon, 0.9))
+    assert str(path) in str(refused.value) and "\n" not in str(refused.value)
+    assert load_bundle(path).model_id == newer and load_bundle(path).thresholds().version == 1
+
+
+def test_a_write_through_a_link_switched_since_it_was_loaded_is_refused(tmp_path):
+    make(tmp_path / "m")
+    make(tmp_path / "m-v2", seed=1)
+    link = tmp_path / "current"
+    link.symlink_to("m")
+    daemon = load_bundle(link)
+    switch_link(link, tmp_path / "m-v2")  # what teach does
+    with pytest.raises(BundleError, match=r"current: changed on disk since it was loaded"):
+        daemon.replace_file(T.FILE_NAME, next_thresholds(daemon, 0.9))
+    for name in ("m", "m-v2"):
+        assert load_bundle(tmp_path / name).thresholds().version == 1
+
+
+def test_thresholds_another_process_wrote_meanwhile_do_not_stop_the_next_write(tmp_path):
+    """calibrate writes version 2, then --apply: the daemon, which loaded version 1, writes the same document."""
+    path = make(tmp_path / "b")
+    daemon = load_bundle(path)
+    calibrate = load_bundle(path)
+    document = next_thresholds(calibrate, 0.9)
+    calibrate.replace_file(T.FILE_NAME, document)
+    daemon.replace_file(T.FILE_NAME, document)
+    assert load_bundle(path).thresholds().image_threshold == 0.9
+
+
+# --- modes and messages --------------------------------------------------------------------------------------------
+
+
+def test_rewritten_files_keep_their_mode_and_new_ones_are_readable(tmp_path):
+    path = make(tmp_path / "b")
+    (path / T.FILE_NAME).chmod(0o640)
+    bundle = load_bundle(path)
+    bundle.replace_file(T.FILE_NAME, next_thresholds(bundle, 0.9))
+    bundle.replace_file("engines/x.plan", b"plan", add=True)
+    modes = {
+        name: stat.S_IMODE((path / name).stat().st_mode) for name in ("manifest.json", T.FILE_NAME, "engines/x.plan")
+    }
+    assert modes == {"manifest.json": 0o644, T.FILE_NAME: 0o640, "engines/x.plan": 0o644}
+
+
+def test_an_unreadable_manifest_is_reported_as_such(tmp_path):
+    """Read by another user (root reads everything, so the child runs as nobody when this is root)."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    path = make(root / "b")
+    (path / "manifest.json").chmod(0o600 if os.geteuid() == 0 else 0)
+    for folder in (tmp_path, *tmp_path.parents):  # pytest's tmp folders are 0700: the child must reach the bundle
+        if folder.stat().st_uid == os.geteuid() and folder != Path("/"):
+            folder.chmod(folder.stat().st_mode | 0o711)
+    # setpriv: subprocess's own user= cannot exec an interpreter installed under root's 0700 home.
+    as_other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    load = "import sys; from engines.bundle.store import load_bundle; load_bundle(sys.argv[1])"
+    out = subprocess.run(
+        [*as_other, sys.executable, "-c", load, str(path)], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.search(r"manifest.json: cannot read \(Permission denied\)", last), out.stderr
+    assert "not valid JSON" not in out.stderr
+
+
+# --- kills and power cuts ------------------------------------------------------------------------------------------
+
+# Child programs: one bundle operation each, on paths the parent made.
+REWRITE = """
+import sys
+from engines.bundle import thresholds as T
+from engines.bundle.store import load_bundle
+b = load_bundle(sys.argv[1])
+b.replace_file(T.FILE_NAME, T.dumps(T.next_version(b.thresholds(), image_threshold=0.9)))
+"""
+REWRITE_ALL = """
+import sys
+import numpy as np
+from engines.bundle.store import load_bundle, write_bundle
+b = load_bundle(sys.argv[1])
+fields = {k: v for k, v in b.manifest.items() if k in ("method", "backbone", "input", "scorer_inputs")}
+params = {k: v + 1 for k, v in b.scorer_params().items()}
+write_bundle(sys.argv[1], fields, b.graph_path.read_bytes(), params, b.weights(), b.thresholds())
+"""
+TEACH = """
+import sys
+from calibration.teach import bundle_version, write_version
+from engines.bundle import thresholds as T
+from engines.bundle.store import load_bundle
+b = load_bundle(sys.argv[1])
+params = {k: v + 1 for k, v in b.scorer_params().items()}
+thresholds = T.next_version(b.thresholds(), image_threshold=0.9)
+version = bundle_version(b) + 1
+write_version(b, params, thresholds, version, {"version": version, "previous_version": bundle_version(b)})
+"""
+ROLLBACK = """
+import io, sys
+from calibration.teach import rollback
+rollback(sys.argv[1], out=io.StringIO())
+"""
+
+
+def strace() -> str:
+    path = shutil.which("strace")
+    assert path, "strace is not installed: `make test` installs it (apt-get install strace)"
+    return path
+
+
+def child(code: str, path: Path, *strace_args: str) -> subprocess.CompletedProcess:
+    command = [strace(), "-o", "/dev/null", *strace_args] if strace_args else []
+    return subprocess.run(
+        [*command, sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+
+
+def copy(path: Path, to: Path) -> Path:
+    """A copy of bundle `path` at `to`, with its versions folder (teach's in-place layout) beside it."""
+    shutil.copytree(path, to, symlinks=True)
+    versions = path.with_name(path.name + ".versions")
+    if versions.exists():
+        shutil.copytree(versions, to.with_name(to.name + ".versions"))
+    return to
+
+
+def renames_made(code: str, path: Path, scratch: Path) -> dict[str, int]:
+    """How many calls of each rename system call `code` makes on a copy of `path` (strace counts each apart)."""
+    copy(path, scratch)
+    trace = scratch.with_name(scratch.name + ".trace")
+    out = subprocess.run(
+        [strace(), "-f", "-o", str(trace), "-e", f"trace={RENAMES}", sys.executable, "-c", code, str(scratch)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    counts: dict[str, int] = {}
+    for line in trace.read_text().splitlines():
+        if m := re.match(r"^\d+\s+(rename\w*)\(", line):
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
+def taught_in_place(tmp_path: Path) -> Path:
+    path = make(tmp_path / "taught")
+    assert child(TEACH, path).returncode == 0
+    return path
+
+
+@pytest.mark.parametrize("operation", ["rewrite", "write_bundle", "teach", "rollback"])
+def test_a_kill_at_any_rename_leaves_a_bundle_that_loads(tmp_path, operation):
+    """The process is killed in place of its k-th rename, for every k: the bundle loads, with the old content or
+    the new (the old code left a manifest naming the old thresholds.json beside the new one, or no bundle at all
+    between two renames of a directory)."""
+    code = {"rewrite": REWRITE, "write_bundle": REWRITE_ALL, "teach": TEACH, "rollback": ROLLBACK}[operation]
+    original = taught_in_place(tmp_path) if operation == "rollback" else make(tmp_path / "b")
+    counts = renames_made(code, original, tmp_path / "counted")
+    assert counts, "no rename at all"
+    for call, total in counts.items():
+        for k in range(1, total + 1):
+            path = copy(original, tmp_path / f"{call}-{k}")
+            killed = child(code, path, "-f", "-e", f"inject={call}:error=EIO:signal=SIGKILL:when={k}")
+            assert killed.returncode != 0, f"{call} {k} of {total}: not killed"
+            try:
+                load_bundle(path)
+            except BundleError as exc:
+                raise AssertionError(f"{operation}, killed at {call} {k} of {total}: {exc}") from None
+
+
+def test_every_file_written_is_fsynced_before_its_rename_and_every_directory_after(tmp_path):
+    """Traced: a new bundle, one over it, a thresholds rewrite, teach's linked version and in-place version and
+    both rollbacks."""
+    script = """
+import io, os, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from test_bundle_writes import make
+from calibration.teach import bundle_version, rollback, write_version
+from engines.bundle import thresholds as T
+from engines.bundle.store import load_bundle
+root = Path(sys.argv[1])
+make(root / "b")
+make(root / "b", seed=1)
+bundle = load_bundle(root / "b")
+bundle.replace_file(T.FILE_NAME, T.dumps(T.next_version(bundle.thresholds(), image_threshold=0.9)))
+make(root / "m")
+os.symlink("m", root / "current")
+for target in (root / "current", root / "b"):
+    bundle = load_bundle(target)
+    params = {k: v + 1 for k, v in bundle.scorer_params().items()}
+    v = bundle_version(bundle) + 1
+    record = {"version": v, "previous_version": v - 1}
+    if target.is_symlink():
+        record["previous_dir"] = target.resolve().name
+    write_version(bundle, params, T.next_version(bundle.thresholds(), image_threshold=2.0), v, record)
+    rollback(target, out=io.StringIO())
+"""
+    trace = tmp_path / "trace"
+    root = tmp_path / "root"
+    root.mkdir()
+    out = subprocess.run(
+        [strace(), "-f", "-y", "-o", str(trace), "-e", f"trace=openat,fsync,fdatasync,{RENAMES}"]
+        + [sys.executable, "-c", script, str(root)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    events: list[tuple] = []  # (kind, path) or ("rename", source, destination)
+    for line in trace.read_text().splitlines():
+        if str(root) not in line:
+            continue
+        if m := re.search(r'openat\([^,]*, "([^"]+)", O_WRONLY\|O_CREAT', line):
+            events.append(("write", Path(m.group(1))))
+        elif m := re.search(r"f(?:data)?sync\(\d+<([^>]+)>\) = 0", line):
+            events.append(("fsync", Path(m.group(1))))
+        elif m := re.search(r'rename\("([^"]+)", "([^"]+)"\) = 0', line):
+            events.append(("rename", Path(m.group(1)), Path(m.group(2))))
+        elif m := re.search(r'renameat2?\([^,]*, "([^"]+)", [^,]*, "([^"]+)"(?:, [A-Z_]+)?\) = 0', line):
+            events.append(("rename", Path(m.group(1)), Path(m.group(2))))
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert len(renames) >= 8, events
+    wrong = []
+    for i, event in enumerate(events):
+        if event[0] == "write":
+            upto = next((j for j in renames if j > i), len(events))
+            if ("fsync", event[1]) not in events[i:upto]:
+                wrong.append(f"{event[1]}: written, not fsynced before the next rename")
+        elif event[0] == "rename":
+            source, destination = event[1], event[2]
+            # A directory filled here (write_bundle's staging) has its entries durable before it takes the name.
+            filled = [j for j, e in enumerate(events[:i]) if e[0] == "write" and source in e[1].parents]
+            if filled and ("fsync", source) not in events[filled[-1] : i]:
+                wrong.append(f"{source}: renamed to {destination.name} before its entries were fsynced")
+            if ("fsync", destination.parent) not in events[i:]:
+                wrong.append(f"{destination.parent}: not fsynced after {source.name} -> {destination.name}")
+    assert not wrong, "\n".join(wrong)

@@ -1,0 +1,127 @@
+"""calibrate and teach refuse what they cannot do in one line, before the work it would waste: teach's arguments
+(a lone CurveZMQ key, a rate outside (0, 1)) before it reads a frame, calibrate's unwritable bundle before it scores
+an image, and scores of NaN or infinity (named by image) before they count or reach thresholds.json.
+
+The bundles are tiny (tests/test_bundle_writes.make, a stand-in graph): every refusal here comes before anything
+would run it, which is the point; the old order failed on the graph, or later."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from calibration import calibrate, teach
+from engines.bundle import thresholds as T
+from engines.bundle.store import load_bundle
+from test_bundle_writes import make
+
+pytestmark = [pytest.mark.timeout(120)]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def frames(folder: Path, n: int = 4) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), 100 + i, np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def teach_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    teach.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            ["--apply", "ipc:///nowhere.sock", "--server-key", "server.key"],
+            "--server-key and --client-key: expected both",
+        ),
+        (["--server-key", "s.key", "--client-key", "c.key_secret"], "--server-key/--client-key are for --apply"),
+        (["--target-false-reject", "2"], "--target-false-reject 2.0: expected a fraction strictly between 0 and 1"),
+        (["--pixel-fpr", "0"], "--pixel-fpr 0.0: expected a fraction strictly between 0 and 1"),
+    ],
+)
+def test_teach_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, expected):
+    bundle = make(tmp_path / "b")
+    # No frames at all: any work (reading the folder, the bundle's graph) would fail otherwise first.
+    code = teach.run(teach_args(str(bundle), "--good", str(tmp_path / "missing"), *extra))
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert load_bundle(bundle).manifest.get("bundle_version", 1) == 1
+    assert not (tmp_path / "b.versions").exists()
+
+
+def nobody() -> list[str]:
+    """A command prefix running as an unprivileged user when this is root (root writes everywhere)."""
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+
+
+def test_calibrate_refuses_an_unwritable_bundle_before_scoring(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    bundle = make(shared / "b")
+    good = frames(shared / "good")
+    bundle.chmod(0o555)
+    for folder in (tmp_path, *tmp_path.parents):  # pytest's tmp folders are 0700: the child must reach the bundle
+        if folder.stat().st_uid == os.geteuid() and folder != Path("/"):
+            folder.chmod(folder.stat().st_mode | 0o711)
+    try:
+        out = subprocess.run(
+            [*nobody(), sys.executable, "-m", "inspectd", "calibrate", str(bundle), "--good", str(good)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+    finally:
+        bundle.chmod(0o755)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{bundle}: not writable by " in lines[0] and "Permission denied" in lines[0], lines
+    assert "images scored" not in out.stderr and load_bundle(bundle).thresholds().version == 1
+
+
+def scored(defect: list[float]) -> calibrate._Scored:
+    good = np.linspace(0.1, 0.5, 50)
+    return calibrate._Scored(
+        good,
+        np.asarray(defect),
+        None,
+        False,
+        np.full(50, 100.0),
+        [Path(f"good/{i:03d}.png") for i in range(50)],
+        [Path(f"defect/{i:03d}.png") for i in range(len(defect))],
+    )
+
+
+def choose_args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"target_false_reject": 0.01, "target_escape": None, "max_f1": False, **kw})
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_defective_image_scored_nan_or_inf_is_refused_by_name(value):
+    """With the false-reject target the defect scores set nothing, yet a NaN one was counted as an escape."""
+    with pytest.raises(calibrate.CalibrationError) as refused:
+        calibrate._choose(choose_args(), scored([0.9, value, 0.7]), io.StringIO())
+    message = str(refused.value)
+    assert "--defective: 1 image(s) scored NaN or infinity (defect/001.png)" in message and "\n" not in message
+
+
+def test_thresholds_never_carry_nan():
+    document = T.next_version(
+        T.first_version(1.0, 0.5, {}), provenance={T.IMAGE_SCORES: {"n": 3, "min": math.nan, "max": 0.9}}
+    )
+    with pytest.raises(T.ThresholdsError, match="expected finite numbers"):
+        T.dumps(document)
