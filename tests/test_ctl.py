@@ -100,6 +100,18 @@ def test_exit_codes_without_a_daemon(tmp_path):
     assert unreadable.returncode == 2 and "cannot read a thresholds document" in unreadable.stderr
     usage = ctl(f"ipc://{tmp_path}/nobody.sock", "pause")
     assert usage.returncode == 2
+    # Input errors are usage errors (2, one line), never a traceback or 1 ("the daemon refused").
+    for endpoint, extra, expected in (
+        ("foo", (), "--endpoint (or $INSPECTD_CONTROL): control endpoint 'foo': cannot connect"),
+        ("tcp://127.0.0.1", (), "expected tcp://HOST:PORT or ipc://PATH"),
+        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "nan"), "--timeout: timeout nan: expected a finite number"),
+        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "inf"), "--timeout: timeout inf: expected a finite number"),
+        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "-1"), "--timeout: timeout -1.0: expected a finite number"),
+        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "0"), "--timeout: timeout 0.0: expected a finite number"),
+    ):
+        bad = ctl(endpoint, *extra, "status", timeout=20)
+        assert bad.returncode == 2 and expected in bad.stderr, (endpoint, extra, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_ctl_over_tcp_with_curve_keys(tmp_path):
@@ -130,6 +142,22 @@ def test_ctl_over_tcp_with_curve_keys(tmp_path):
         assert bare.returncode == 3
         status = json.loads(ctl(endpoint, *keyed, str(operator_secret), "--json", "status").stdout)
         assert status["cameras"]["cam0"]["state"] == "paused", "neither refused request reached the daemon"
+
+        # A reload whose allow-list fails its checks keeps the old list: ctl says so and exits 1, not 0.
+        loose = allow / "colleague.key"
+        loose.write_bytes(intruder_secret.with_suffix(".key").read_bytes())
+        loose.chmod(0o664)
+        failed = ctl(endpoint, *keyed, str(operator_secret), "reload")
+        assert failed.returncode == 1, (failed.stdout, failed.stderr)
+        assert "reloaded: model" in failed.stdout and "allow-list control: NOT reloaded" in failed.stdout
+        assert "allow-list control not reloaded, the previous one stays" in failed.stderr
+        assert "colleague.key: mode 0664" in failed.stderr
+        failed_json = ctl(endpoint, *keyed, str(operator_secret), "--json", "reload")
+        assert failed_json.returncode == 1 and "error" in json.loads(failed_json.stdout)["allow_lists"]["control"]
+        loose.chmod(0o644)
+        fixed = ctl(endpoint, *keyed, str(operator_secret), "reload")
+        assert fixed.returncode == 0, fixed.stderr
+        assert "allow-list control: added colleague.key (" in fixed.stdout
         assert s.stop() == 0, s.log_tail()
     finally:
         s.close()

@@ -4,8 +4,10 @@ set thresholds from a file, roll thresholds back to an earlier version.
 Speaks inspectd.protocol.control only (nothing of the daemon is imported), with CurveZMQ keys when the control socket
 is on a network address. Human output by default; `--json` prints the daemon's reply as one JSON object on stdout.
 
-Exit codes, for scripts: 0 the daemon did it; 1 the daemon refused (its one-line reason on stderr); 2 bad arguments
-or an unreadable file; 3 no daemon answered within --timeout.
+Exit codes, for scripts: 0 the daemon did it; 1 the daemon refused (its one-line reason on stderr), or did part of
+it (a `reload` whose allow-list reload failed: the model is reloaded, the old list stays in force); 2 bad arguments
+(an endpoint ZeroMQ cannot use, a timeout that is not a positive number) or an unreadable file; 3 no daemon answered
+within --timeout.
 """
 
 from __future__ import annotations
@@ -96,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd ctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        with ControlClient(args.endpoint, timeout_s=args.timeout, curve=curve) as client:
+        client = ControlClient(args.endpoint, timeout_s=args.timeout, curve=curve).connect()
+    except InspectdError as exc:
+        name = "--timeout" if str(exc).startswith("timeout") else f"--endpoint (or ${ENDPOINT_ENV})"
+        print(f"inspectd ctl: {name}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with client:
             reply = client.request(request)
     except ControlTimeout as exc:
         print(f"inspectd ctl: {exc}", file=sys.stderr)
@@ -112,7 +120,20 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     if not args.json:
         print(describe(args.action, reply))
-    return EXIT_OK
+    failed = _allow_list_errors(reply) if args.action == "reload" else []
+    for role, error in failed:
+        # The model was reloaded but this list was not: a key meant to be revoked may still get in.
+        print(f"inspectd ctl: reload: allow-list {role} not reloaded, the previous one stays: {error}", file=sys.stderr)
+    return EXIT_REFUSED if failed else EXIT_OK
+
+
+def _allow_list_errors(reply: dict[str, Any]) -> list[tuple[str, str]]:
+    lists = reply.get("allow_lists")
+    if not isinstance(lists, dict):
+        return []
+    return [
+        (str(role), str(part["error"])) for role, part in lists.items() if isinstance(part, dict) and "error" in part
+    ]
 
 
 def describe(action: str, reply: dict[str, Any]) -> str:
@@ -120,7 +141,18 @@ def describe(action: str, reply: dict[str, Any]) -> str:
     if action in ("pause", "resume"):
         return f"camera {reply.get('camera')}: {'paused' if reply.get('paused') else 'running'}"
     if action == "reload":
-        return f"reloaded: model {reply.get('model_id')}, thresholds version {reply.get('thresholds_version')}"
+        lines = [f"reloaded: model {reply.get('model_id')}, thresholds version {reply.get('thresholds_version')}"]
+        lists = reply.get("allow_lists")
+        for role, part in (lists if isinstance(lists, dict) else {}).items():
+            if not isinstance(part, dict):
+                continue
+            if "error" in part:
+                lines.append(f"allow-list {role}: NOT reloaded, the previous one stays: {part['error']}")
+                continue
+            changes = [f"added {key}" for key in part.get("added") or []]
+            changes += [f"removed {key}" for key in part.get("removed") or []]
+            lines.append(f"allow-list {role}: {', '.join(changes) if changes else 'unchanged'}")
+        return "\n".join(lines)
     if action in ("set-thresholds", "rollback"):
         return f"thresholds version {reply.get('thresholds_version')} in use"
     return _status(reply)

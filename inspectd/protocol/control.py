@@ -83,15 +83,26 @@ class ControlTimeout(InspectdError):
 
 
 class ControlClient:
-    """REQ client. After a timeout the REQ socket is stuck mid-exchange, so it is replaced by a fresh one."""
+    """REQ client. After a timeout the REQ socket is stuck mid-exchange, so it is replaced by a fresh one.
+
+    A timeout that is not a finite number above 0, or an endpoint ZeroMQ cannot connect to, raises InspectdError
+    (one line) before anything is sent."""
 
     def __init__(
         self, endpoint: str, timeout_s: float = 5.0, curve: Callable[[zmq.Socket], None] | None = None
     ) -> None:
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < 1e6:
+            # NaN fails the comparison too; a poll of int(-1000) ms would wait forever.
+            raise InspectdError(f"timeout {timeout_s!r}: expected a finite number of seconds above 0 (below 1e6)")
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.curve = curve
         self._sock: zmq.Socket | None = None
+
+    def connect(self) -> ControlClient:
+        """Make the socket now (requests do it otherwise), so a bad endpoint shows before the first request."""
+        self._socket()
+        return self
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -101,7 +112,14 @@ class ControlClient:
             sock.sndtimeo = max(1, int(self.timeout_s * 1000))
             if self.curve is not None:
                 self.curve(sock)
-            sock.connect(self.endpoint)
+            try:
+                sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise InspectdError(
+                    f"control endpoint {self.endpoint[:200]!r}: cannot connect ({exc.strerror}), "
+                    "expected tcp://HOST:PORT or ipc://PATH"
+                ) from None
             self._sock = sock
         return self._sock
 
