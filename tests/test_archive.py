@@ -4,17 +4,22 @@ and `inspectd archive list|export` feeding `inspectd calibrate`, each as a real 
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from daemon_harness import Station
+from daemon_harness import Station, free_port
 from inspectd.daemon import archive as archive_module
 from inspectd.daemon.archive import Archive
 from inspectd.daemon.frames import Frame
@@ -235,6 +240,97 @@ def test_a_failing_disk_degrades_to_an_alarm_and_recovers(tmp_path, monkeypatch)
 def test_the_reader_refuses_what_is_not_an_archive(tmp_path):
     with pytest.raises(ArchiveError, match="expected an inspectd image archive"):
         ArchiveReader(tmp_path)
+
+
+def as_another_user(*args: str) -> list[str]:
+    """`inspectd ARGS` as another user, nobody, in the group that owns what this process creates: the operator in
+    group inspectd running `inspectd web`. As any other user, the command as it is."""
+    command = [sys.executable, "-m", "inspectd", *args]
+    if os.geteuid() != 0:
+        return command
+    return ["setpriv", "--reuid", "65534", "--regid", str(os.getegid()), "--clear-groups", *command]
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory other users can reach (tmp_path's parents are this user's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="inspectd-test-archive-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base)
+
+
+def test_the_archive_is_readable_by_its_group_whatever_the_umask(shared_dir):
+    root = shared_dir / "archive"
+    umask = os.umask(0o077)  # the unit's UMask=0077
+    try:
+        archive = Archive(root, max_mb=100, max_age_h=24, good_every=1).start()
+        ids = write_all(archive, [noisy_defect("cam0", 0), judged("cam0", 1, good_frame(1))])
+        deadline = time.monotonic() + 10
+        while sum(archive.status()["written"].values()) < 2 or not (root / "live" / "cam0.jpg").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        modes = {p.relative_to(shared_dir).as_posix(): stat.S_IMODE(p.lstat().st_mode) for p in root.rglob("*")}
+        modes["archive"] = stat.S_IMODE(root.stat().st_mode)
+        dirs = {name for name in modes if (shared_dir / name).is_dir()}
+        assert {name for name in modes if name.endswith(("-wal", "-shm"))} == {
+            "archive/index.sqlite3-wal",
+            "archive/index.sqlite3-shm",
+        }
+        assert len(dirs) == 4 and len(modes) - len(dirs) == 7, modes  # index, wal, shm, live, 2 frames, overlay
+        assert {name: mode for name, mode in modes.items() if mode != (0o750 if name in dirs else 0o640)} == {}
+        listed = subprocess.run(
+            as_another_user("archive", "list", "--archive", str(root), "--json"), capture_output=True, text=True
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(e["id"] for e in json.loads(listed.stdout)) == sorted(ids), "read beside the running writer"
+        assert archive.close()
+    finally:
+        os.umask(umask)
+    # Stopped, the daemon leaves no -shm a reader without write access would have to create.
+    assert not (root / "index.sqlite3-wal").exists() and not (root / "index.sqlite3-shm").exists()
+    out = shared_dir / "export"
+    exported = subprocess.run(
+        as_another_user("archive", "export", str(out), "--archive", str(root)), capture_output=True, text=True
+    )
+    if os.geteuid() == 0:  # nobody may read the archive but not write into this user's folder
+        assert exported.returncode == 2 and "Traceback" not in exported.stderr, exported.stderr
+        assert exported.stderr.strip() == f"inspectd archive: export {out}: cannot write (Permission denied)"
+    else:
+        assert exported.returncode == 0, exported.stderr
+        assert sorted(p.stem for p in out.glob("test/*/*.png")) == sorted(ids)
+
+
+def test_the_web_view_says_the_archive_is_unreadable_rather_than_not_there(shared_dir):
+    root = shared_dir / "archive"
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=0).start()
+    write_all(archive, [noisy_defect("cam0", 0)])
+    assert archive.close()
+    root.chmod(0o700 if os.geteuid() == 0 else 0o000)  # an archive this user may not read
+    port = free_port()
+    web = subprocess.Popen(
+        as_another_user(
+            "web", "--endpoint", "tcp://127.0.0.1:1", "--archive", str(root), "--listen", f"127.0.0.1:{port}"
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline, alarms = time.monotonic() + 30, []
+        while not any("archive" in alarm for alarm in alarms):
+            assert time.monotonic() < deadline, alarms
+            time.sleep(0.2)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=5) as reply:
+                    alarms = json.load(reply)["alarms"]
+            except OSError:
+                continue
+        (alarm,) = [a for a in alarms if "archive" in a]
+        assert alarm == f"archive unreadable: {root / 'index.sqlite3'}: cannot read the archive (Permission denied)"
+    finally:
+        web.terminate()
+        web.wait(10)
+        root.chmod(0o750)
 
 
 def inspectd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -29,7 +29,8 @@ from aiohttp import web
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.logs import configure_logging
-from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveError, ArchiveReader
+from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveError, ArchiveReader, NoArchive
+from inspectd.protocol.alarms import status_alarms
 from inspectd.protocol.messages import Result
 
 log = structlog.get_logger("inspectd.web")
@@ -116,6 +117,7 @@ class LineState:
         self.status: dict[str, Any] | None = None
         self.status_at: float | None = None
         self.refused = 0  # messages that did not decode
+        self.archive_error: str | None = None  # why the archive cannot be read (not: there is none yet)
         self.version = 0  # goes up with every change, so pushers know when to send
 
     def on_message(self, message: Result | dict[str, Any] | MessageError) -> None:
@@ -147,38 +149,12 @@ class LineState:
         }
 
     def alarms(self, silent: float | None) -> list[str]:
+        out = [f"archive unreadable: {self.archive_error}"] if self.archive_error else []
         if silent is None:
-            return ["no status from the daemon yet"]
-        out = []
+            return out + ["no status from the daemon yet"]
         if silent >= STATUS_STALE_S:
             out.append(f"no status from the daemon for {silent:.0f} s")
-        status = self.status or {}
-        if status.get("healthy") is False:
-            out.append("inference unhealthy")
-        for name in ("journal", "archive"):
-            part = status.get(name)
-            if part and part.get("degraded"):
-                out.append(f"{name} degraded: {part.get('error')}")
-        for camera, stats in (status.get("cameras") or {}).items():
-            state = stats.get("state")
-            if state not in (None, "running", "paused", "ended"):
-                out.append(f"camera {camera} {state}: {stats.get('last_error') or ''}".rstrip(": "))
-            drift = stats.get("drift") or {}
-            if drift.get("alarm"):
-                if drift.get("brightness_alarm") and not drift.get("score_alarm"):
-                    what = "good parts no longer look as bright as at calibration"
-                    figures = f"KS D {drift.get('brightness_statistic')} > {drift.get('brightness_raise_at')}"
-                else:
-                    what = "good parts no longer score as at calibration"
-                    figures = f"KS D {drift.get('statistic')} > {drift.get('raise_at')}"
-                out.append(f"camera {camera} drift: {what} ({figures}; lighting, lens, focus or material?)")
-            if drift.get("false_reject_warning"):
-                rate, target = drift.get("false_reject_estimate") or 0, drift.get("target") or 0
-                out.append(
-                    f"camera {camera} false rejects rising: about {100 * rate:.2g} % of good parts, "
-                    f"target {100 * target:.2g} %"
-                )
-        return out
+        return out + status_alarms(self.status or {})
 
 
 class Feed(threading.Thread):
@@ -260,6 +236,8 @@ class WebView:
         while True:
             await asyncio.sleep(PUSH_INTERVAL_S)
             tick += 1
+            if tick % int(1 / PUSH_INTERVAL_S) == 0:
+                self._archive_reader()  # an archive that cannot be read is an alarm, images asked for or not
             # Unchanged state is still sent once a second, so the page's "no status for N s" keeps counting.
             if self._clients and (self.state.version != sent or tick % int(1 / PUSH_INTERVAL_S) == 0):
                 sent = self.state.version
@@ -273,8 +251,10 @@ class WebView:
         if self._reader is None:
             try:
                 self._reader = ArchiveReader(self.archive)
-            except ArchiveError:
-                return None  # no archive yet (the daemon has not written one): asked again next time
+            except ArchiveError as exc:  # asked again next time
+                self.state.archive_error = None if isinstance(exc, NoArchive) else str(exc)
+                return None
+            self.state.archive_error = None
         return self._reader
 
     async def archived(self, request: web.Request) -> web.StreamResponse:
@@ -286,7 +266,7 @@ class WebView:
             reader = self._archive_reader()
             try:
                 if reader is None:
-                    raise ArchiveError(f"{self.archive}: no archive yet")
+                    raise ArchiveError(self.state.archive_error or f"{self.archive}: no archive yet")
                 path = reader.file(reader.get(entry_id), kind)
                 if path.is_file():
                     return web.FileResponse(path, headers={"Cache-Control": "max-age=86400, immutable"})

@@ -15,6 +15,10 @@ never by the wall clock, which a station without a battery clock may have steppe
 whose result already names it, must never be the one deleted. The age bound does read the wall clock, held to the
 time since writing: while the archive is open a step of the wall clock (seen against the monotonic clock) moves every
 recorded write time with it, and a write time in the future at open counts as now.
+
+Everything is created group-readable (directories DIR_MODE, files FILE_MODE) whatever the umask, as the unit's
+UMask=0077 would make it the service user's alone: `inspectd web` runs as a member of group inspectd. A closed
+index is left in rollback-journal mode, so such a reader needs no -shm file it could not create.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ LIVE_INTERVAL_S = 1.0  # how often a camera's live/<camera>.jpg is replaced
 AGE_CHECK_S = 60.0
 PRUNE_BATCH = 200
 OVERLAY_JPEG_QUALITY = 90
+DIR_MODE = 0o750
+FILE_MODE = 0o640
 # A change of (wall - monotonic) beyond this is a step of the wall clock; NTP's slewing moves it far less between
 # two writes.
 CLOCK_STEP_S = 2.0
@@ -137,6 +143,10 @@ class Archive:
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def alive(self) -> bool:
+        """False once the writer thread has ended (on its own, or after close): nothing is archived from then on."""
+        return self._thread.is_alive() or self._thread.ident is None
+
     # -- the writer thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -152,11 +162,26 @@ class Archive:
                     self._write_entry(judged, entry_id)
         finally:
             if self._db is not None:
+                try:
+                    # Back to a rollback journal, which a reader without write access can read while no daemon
+                    # runs; refused (busy) while a reader has it open, and then that reader keeps the WAL files.
+                    self._db.execute("PRAGMA journal_mode=DELETE").fetchall()
+                except sqlite3.Error:
+                    pass
                 self._db.close()
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            self._mkdirs(self.root)
+            index = self.root / fmt.INDEX_NAME
+            if not index.exists():
+                # SQLite gives the -wal and -shm files the index's mode: create it with the archive's.
+                fd = os.open(index, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+                try:
+                    os.fchmod(fd, FILE_MODE)
+                finally:
+                    os.close(fd)
             db = fmt.connect(self.root)
             now = time.time()
             with db:  # written "in the future": the clock was set back since; age them from now
@@ -164,6 +189,20 @@ class Archive:
             self._bytes, self._entries = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM frames").fetchone()
             self._db = db
         return self._db
+
+    def _mkdirs(self, path: Path) -> None:
+        """`path` and its missing parents up to the archive root, each DIR_MODE."""
+        if path.is_dir():
+            return
+        if path != self.root:
+            self._mkdirs(path.parent)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+            return
+        os.chmod(path, DIR_MODE)
 
     def _wall_clock(self, db: sqlite3.Connection) -> float:
         """time.time(), after moving every recorded write time by the step when the wall clock stepped since the
@@ -191,7 +230,7 @@ class Archive:
         written: list[Path] = []
         try:
             db = self._open()
-            (self.root / folder).mkdir(parents=True, exist_ok=True)
+            self._mkdirs(self.root / folder)
             size = self._write_image(self.root / frame_file, _bgr(frame.image), (), written)
             if overlay_file is not None:
                 params = (cv2.IMWRITE_JPEG_QUALITY, OVERLAY_JPEG_QUALITY)
@@ -238,6 +277,7 @@ class Archive:
         tmp = path.with_name(path.name + ".tmp")
         written.append(tmp)
         with open(tmp, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             f.write(data.tobytes())
         os.replace(tmp, path)
         written.append(path)
@@ -248,7 +288,7 @@ class Archive:
         assert judged.frame.image is not None
         live_dir = self.root / fmt.LIVE_DIR
         try:
-            live_dir.mkdir(parents=True, exist_ok=True)
+            self._mkdirs(live_dir)
             self._write_image(
                 live_dir / f"{judged.frame.camera}.jpg", _bgr(judged.frame.image), (cv2.IMWRITE_JPEG_QUALITY, 80), []
             )

@@ -66,6 +66,10 @@ class ArchiveError(InspectdError):
     written."""
 
 
+class NoArchive(ArchiveError):
+    """No index where the archive should be: none written yet, or not an archive directory."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One archived frame. Paths are relative to the archive directory."""
@@ -137,8 +141,13 @@ class ArchiveReader:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         index = self.root / INDEX_NAME
-        if not index.is_file():
-            raise ArchiveError(f"{self.root}: no {INDEX_NAME}, expected an inspectd image archive directory")
+        try:
+            with open(index, "rb"):
+                pass
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NoArchive(f"{self.root}: no {INDEX_NAME}, expected an inspectd image archive directory") from None
+        except OSError as exc:  # e.g. the daemon's, and this user neither its user nor in its group
+            raise ArchiveError(f"{index}: cannot read the archive ({exc.strerror or exc})") from None
         try:
             self._db = sqlite3.connect(index, timeout=5.0, check_same_thread=False)
             self._db.execute("PRAGMA query_only=ON")
