@@ -490,6 +490,8 @@ def run(args: argparse.Namespace) -> int:
         current = bundle.thresholds()
         if not args.dry_run:
             check_writable(bundle.path)  # before minutes of scoring, not after
+            if args.camera and args.apply:
+                _check_camera(args)
         if args.rollback is not None:
             if args.good or args.defective or args.pixel or args.camera:
                 raise CalibrationError(
@@ -539,6 +541,30 @@ def check_writable(path: Path) -> None:
         ) from None
     os.close(fd)
     os.unlink(probe)
+
+
+def _check_camera(args) -> None:
+    """CalibrationError when the daemon --apply names runs no camera --camera (a typo would otherwise become an
+    override nobody uses). A daemon that cannot be asked is left to --apply itself to report."""
+    from inspectd.errors import InspectdError
+    from inspectd.protocol.control import ControlClient
+
+    try:
+        curve = None
+        if args.server_key is not None:
+            from inspectd.protocol.keys import curve_client
+
+            curve = curve_client(args.server_key, args.client_key)
+        with ControlClient(args.apply, timeout_s=args.timeout, curve=curve) as client:
+            reply = client.request({"cmd": "status"})
+    except InspectdError:
+        return
+    cameras = reply.get("cameras") if reply.get("ok") else None
+    if isinstance(cameras, dict) and args.camera not in cameras:
+        raise CalibrationError(
+            f"--camera {args.camera}: the daemon at {args.apply} has no such camera, expected one of "
+            f"{', '.join(sorted(cameras)) or 'its cameras (it has none)'}"
+        )
 
 
 def _user() -> str:

@@ -125,3 +125,34 @@ def test_thresholds_never_carry_nan():
     )
     with pytest.raises(T.ThresholdsError, match="expected finite numbers"):
         T.dumps(document)
+
+
+def test_calibrate_refuses_a_camera_the_daemon_does_not_run_before_scoring(tmp_path, capsys):
+    import socket
+
+    from inspectd.cli import main
+    from inspectd.daemon.control import ControlServer
+
+    class Daemon:
+        def status(self):
+            return {"cameras": {"cam0": {}, "cam1": {}}}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    bundle = make(tmp_path / "b")
+    server = ControlServer(endpoint, Daemon())
+    server.start()
+    try:
+        code = main(
+            ["calibrate", str(bundle), "--good", str(frames(tmp_path / "good")), "--camera", "cam9"]
+            + [
+                "--apply",
+                endpoint,
+            ]
+        )
+    finally:
+        server.stop()
+    err = capsys.readouterr().err
+    assert code == 2 and "--camera cam9: the daemon at" in err and "expected one of cam0, cam1" in err, err
+    assert err.count("\n") == 1 and load_bundle(bundle).thresholds().version == 1
