@@ -50,7 +50,7 @@ def daemon(tmp_path):
     daemon = Daemon(config)
     daemon.start()
     yield daemon
-    if daemon.control is not None and daemon.control.alive():  # a test that shut it down itself has it closed
+    if not daemon._stopping.is_set():  # a test may have shut it down itself
         daemon.shutdown()
 
 
@@ -73,3 +73,75 @@ def test_thresholds_the_engine_refuses_are_not_written_to_the_bundle(daemon):
     assert daemon.set_thresholds(accepted.to_dict(), force=True) == {"thresholds_version": 2}
     assert thresholds_doc.read(on_disk).version == 2
     assert daemon.stage.state.thresholds_version == 2
+
+
+def test_a_reload_whose_new_engine_cannot_run_closes_it_and_keeps_the_running_one(daemon, monkeypatch):
+    """ModelState.open succeeds (the graph loads) but the warm-up inference fails: that engine must be closed there
+    and then, not left holding its session (on a GPU, its device memory) for each retry."""
+    closed: list[OnnxRuntimeEngine] = []
+    close = OnnxRuntimeEngine.close
+
+    def recording_close(engine):
+        closed.append(engine)
+        close(engine)
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "close", recording_close)
+    running = daemon.stage.state
+    wait_for(lambda: daemon.publisher.published >= 2, 20, "results")
+    # A bundle whose graph takes 16x16 frames while its manifest says 32x32: it loads, and its first run fails.
+    write_bundle(
+        daemon.config.model.bundle,
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+            "score_kind": "max",
+        },
+        grey_graph(16),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.first_version(0.5, 0.5, {"tool": "test_service"}),
+    )
+    for _ in range(2):
+        with pytest.raises(Exception, match="invalid dimensions for input: pixels"):
+            daemon.reload()
+    assert len(closed) == 2 and all(engine.session is None for engine in closed), "each failed engine closed"
+    assert running.engine not in closed and daemon.stage.state is running
+    published = daemon.publisher.published
+    wait_for(lambda: daemon.publisher.published > published, 20, "results on the running engine")
+
+
+def test_an_inference_thread_that_dies_makes_the_daemon_unhealthy_and_its_frames_get_error_results(daemon):
+    """Nothing known ends the inference thread today: should something, status and metrics must stop saying healthy,
+    the batch it held and every frame still queued at shutdown must get a result, and the stop is not clean."""
+    wait_for(lambda: daemon.publisher.published >= 3, 20, "results")
+    assert daemon.dead_threads() == [] and daemon.status()["healthy"]
+    errors = daemon.publisher.counters("cam0").error
+
+    def crash(batch):
+        raise RuntimeError("injected: a bug outside the engine call")
+
+    daemon.stage.run_batch = crash  # type: ignore[method-assign]
+    wait_for(lambda: daemon.dead_threads() == ["inference"], 10, "the dead inference thread noticed")
+    assert daemon.status()["healthy"] is False and daemon.status_message()["healthy"] is False
+    assert not daemon.progressing()
+    in_flight = wait_for(lambda: daemon.publisher.counters("cam0").error - errors, 10, "the held batch's errors")
+    wait_for(lambda: len(daemon.queues["cam0"]) >= 2, 10, "frames queued behind the dead thread")
+    assert daemon.shutdown() is False, "frames were left unjudged: not a clean stop"
+    unjudged = daemon.publisher.counters("cam0").error - errors - in_flight
+    assert unjudged >= 2 and len(daemon.queues["cam0"]) == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected end, on purpose
+def test_an_archive_writer_that_dies_makes_the_daemon_unhealthy(daemon):
+    assert daemon.archive is not None
+    wait_for(lambda: daemon.publisher.published >= 3, 20, "results")
+    assert daemon.dead_threads() == []
+
+    def crash(judged):
+        raise RuntimeError("injected: the writer ends")
+
+    daemon.archive._write_live = crash  # type: ignore[method-assign]
+    wait_for(lambda: daemon.dead_threads() == ["archive"], 10, "the dead archive writer noticed")
+    assert daemon.status()["healthy"] is False and not daemon.progressing()

@@ -73,6 +73,7 @@ class Daemon:
         self._in_flight: list = []  # the frames of the batch the engine is running
         self._abandon = threading.Event()  # set when shutdown ran out of time: queued frames go out as errors
         self._inference_done = threading.Event()
+        self._inference_failed = False  # the inference thread ended on an exception: nothing is judged any more
         self._last_progress = time.monotonic()
         self._batch_started: float | None = None
         self._frames_done = 0
@@ -162,7 +163,7 @@ class Daemon:
             ingest.join(max(0.0, deadline - time.monotonic()))
         self._stopping.set()
         self.batcher.stop()
-        drained = self._inference_done.wait(max(0.0, deadline - time.monotonic()))
+        drained = self._inference_done.wait(max(0.0, deadline - time.monotonic())) and not self._inference_failed
         if not drained:
             self._publish_unjudged()
         # The results already handed over still go out (and into the journal) even when the drain ran late.
@@ -198,7 +199,10 @@ class Daemon:
                 reason=f"the engine did not finish its batch within {PUBLISH_GRACE_S:g} s of the shutdown timeout",
             )
         reason = (
-            f"shutdown: not inspected within shutdown_timeout_s={self.config.shutdown_timeout_s:g} "
+            "shutdown: not inspected, the inference thread had ended (inference_thread_failed in the log); the "
+            "frame was accepted but never judged"
+            if self._inference_failed
+            else f"shutdown: not inspected within shutdown_timeout_s={self.config.shutdown_timeout_s:g} "
             f"after SIGTERM, the frame was accepted but never judged"
         )
         state = self.stage.state
@@ -224,9 +228,21 @@ class Daemon:
             while not self._abandon.is_set() and (batch := self.batcher.drain()):
                 self._run(batch)
         except Exception:
+            self._inference_failed = True
             self.log.exception("inference_thread_failed")
+            self._publish_in_flight("inference thread failed")
         finally:
             self._inference_done.set()
+
+    def _publish_in_flight(self, why: str) -> None:
+        """The frames of the batch the engine was running when the inference thread ended: each accepted frame still
+        gets a result, verdict error, rather than vanishing with its seq."""
+        state = self.stage.state
+        for frame in self._in_flight:
+            self.publisher.submit(
+                Judged(frame, "error", None, None, state.model_id, state.thresholds_version, [], None, f"daemon: {why}")
+            )
+        self._in_flight = []
 
     def _run(self, batch: list) -> None:
         self._in_flight = list(batch)
@@ -236,6 +252,7 @@ class Daemon:
         self._batch_started = None
         for judged in results:
             self.publisher.submit(judged)
+        self._in_flight = []  # handed over: none of them is left without a result should this thread end now
         self._frames_done += len(results)
         if self.metrics is not None:
             self.metrics.observe_batch(len(results), time.monotonic() - t0)
@@ -389,14 +406,21 @@ class Daemon:
 
     def dead_threads(self) -> list[str]:
         """Threads that ended while they should be serving: each is a part of the daemon that no longer answers
-        (its camera, the publisher, the control channel, the CURVE authenticator, the journal's syncer)."""
+        (its camera, the inference stage, the publisher, the control channel, the CURVE authenticator, the journal's
+        syncer, the image archive's writer)."""
         dead = [
             f"ingest-{cam}"
             for cam, ingest in self.ingest.items()
             if ingest.started and not ingest.is_alive() and ingest.state in ("running", "reopening")
         ]
+        if self._inference_failed or (
+            self._inference_thread.ident is not None and not self._stopping.is_set() and self._inference_done.is_set()
+        ):
+            dead.append("inference")
         if self.publisher.started and not self.publisher.alive():
             dead.append("publish")
+        if self.archive is not None and not self._stopping.is_set() and not self.archive.alive():
+            dead.append("archive")
         if self.control is not None and not self.control.alive():
             dead.append("control")
         if self.journal is not None and not self.journal.alive():
@@ -482,7 +506,13 @@ class Daemon:
                 self.config.engine.options,
                 self.config.batching.max_batch,
             )
-            new.warm_up()  # beside the running model: the swap costs the line nothing
+            try:
+                new.warm_up()  # beside the running model: the swap costs the line nothing
+            except BaseException:
+                # Its session (on a GPU, its device memory) would stay held until the garbage collector found it,
+                # another engine each retry, while the running one holds its own: the next reload runs out sooner.
+                new.close()
+                raise
             self._retired.append(self.stage.swap(new))
         for camera in self.ingest:
             self._reset_drift(camera, new)
