@@ -234,3 +234,44 @@ def test_set_thresholds_outside_the_scores_seen_at_calibration_is_refused_unless
         s.close()
     forced_events = [e for e in s.events("control_command") if e.get("cmd") == "set_thresholds"]
     assert [e.get("force") for e in forced_events][-1] is True
+
+
+def test_status_text_shows_every_alarm_last_errors_and_auth_refusals(tmp_path):
+    """What `ctl status` prints agrees with the web view: a drift alarm, a false-reject warning, a camera's last
+    error and CurveZMQ refusals are on the human output, not only in --json."""
+    from inspectd.daemon.control import ControlServer
+
+    reply = {
+        "station": "line1", "healthy": True, "uptime_s": 3600, "throughput_fps": 9.8, "published": 35000,
+        "model_id": "m1", "thresholds_version": 3, "last_error": None, "auth_refused": {"control": 312, "publish": 0},
+        "journal": {"degraded": False}, "archive": {"degraded": True, "error": "OSError: disk full", "lost": 4},
+        "cameras": {
+            "cam0": {"state": "reopening", "frames_in": 100, "published": 100, "last_error": "folder /srv/cam0 is gone",
+                     "drift": {"alarm": True, "score_alarm": True, "statistic": 0.5, "raise_at": 0.4}},
+            "cam1": {"state": "running", "frames_in": 7, "published": 7, "last_error": None,
+                     "drift": {"alarm": False, "false_reject_warning": True, "false_reject_estimate": 0.02,
+                               "target": 0.001}},
+        },
+    }  # fmt: skip
+
+    class Handler:
+        def status(self):
+            return reply
+
+    server = ControlServer(f"ipc://{tmp_path}/control.sock", Handler())
+    server.start()
+    try:
+        out = ctl(server.endpoint, "status")
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "last error: folder /srv/cam0 is gone" in lines[3], out.stdout
+    assert "CurveZMQ attempts refused since start: control 312" in out.stdout and "publish 0" not in out.stdout
+    assert [line for line in lines if line.startswith("ALARM ")] == [
+        "ALARM archive degraded: OSError: disk full (4 lost)",
+        "ALARM camera cam0 reopening: folder /srv/cam0 is gone",
+        "ALARM camera cam0 drift: good parts no longer score as at calibration (KS D 0.5 > 0.4; lighting, lens, "
+        "focus or material?)",
+        "ALARM camera cam1 false rejects rising: about 2 % of good parts, target 0.1 %",
+    ]

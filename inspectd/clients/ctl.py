@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from inspectd.errors import InspectdError
+from inspectd.protocol.alarms import status_alarms
 from inspectd.protocol.control import ControlClient, ControlTimeout
 
 DEFAULT_ENDPOINT = "ipc:///var/lib/inspectd/control.sock"
@@ -173,8 +174,11 @@ def _status(s: dict[str, Any]) -> str:
             f"{c.get('published', 0)}  defects {c.get('defects', 0)}  errors {c.get('errors', 0)}  "
             f"dropped {c.get('dropped', 0)}  queued {c.get('queued', 0)}"
         )
-    for name in ("journal", "archive"):
-        part = s.get(name)
-        if part and part.get("degraded"):
-            lines.append(f"ALARM {name} degraded: {part.get('error')} ({part.get('lost', 0)} lost)")
+        if c.get("last_error"):
+            lines.append(f"  {'':12} last error: {c['last_error']}")
+    refused = s.get("auth_refused")
+    counts = [f"{role} {n}" for role, n in (refused if isinstance(refused, dict) else {}).items() if n]
+    if counts:
+        lines.append(f"CurveZMQ attempts refused since start: {', '.join(counts)}")
+    lines += [f"ALARM {alarm}" for alarm in status_alarms(s)]
     return "\n".join(lines)

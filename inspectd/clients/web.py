@@ -29,6 +29,7 @@ from aiohttp import web
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.logs import configure_logging
+from inspectd.protocol.alarms import status_alarms
 from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveError, ArchiveReader, NoArchive
 from inspectd.protocol.messages import Result
 
@@ -153,33 +154,7 @@ class LineState:
             return out + ["no status from the daemon yet"]
         if silent >= STATUS_STALE_S:
             out.append(f"no status from the daemon for {silent:.0f} s")
-        status = self.status or {}
-        if status.get("healthy") is False:
-            out.append("inference unhealthy")
-        for name in ("journal", "archive"):
-            part = status.get(name)
-            if part and part.get("degraded"):
-                out.append(f"{name} degraded: {part.get('error')}")
-        for camera, stats in (status.get("cameras") or {}).items():
-            state = stats.get("state")
-            if state not in (None, "running", "paused", "ended"):
-                out.append(f"camera {camera} {state}: {stats.get('last_error') or ''}".rstrip(": "))
-            drift = stats.get("drift") or {}
-            if drift.get("alarm"):
-                if drift.get("brightness_alarm") and not drift.get("score_alarm"):
-                    what = "good parts no longer look as bright as at calibration"
-                    figures = f"KS D {drift.get('brightness_statistic')} > {drift.get('brightness_raise_at')}"
-                else:
-                    what = "good parts no longer score as at calibration"
-                    figures = f"KS D {drift.get('statistic')} > {drift.get('raise_at')}"
-                out.append(f"camera {camera} drift: {what} ({figures}; lighting, lens, focus or material?)")
-            if drift.get("false_reject_warning"):
-                rate, target = drift.get("false_reject_estimate") or 0, drift.get("target") or 0
-                out.append(
-                    f"camera {camera} false rejects rising: about {100 * rate:.2g} % of good parts, "
-                    f"target {100 * target:.2g} %"
-                )
-        return out
+        return out + status_alarms(self.status or {})
 
 
 class Feed(threading.Thread):

@@ -1,0 +1,44 @@
+"""What in a daemon's status calls for an operator, as one line each: shared by `inspectd ctl status` and the web view
+so that both say the same during an incident. Reads the status message and the control `status` reply
+(docs/PROTOCOL.md); a field that is missing or of another type is taken as nothing to report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def status_alarms(status: dict[str, Any]) -> list[str]:
+    """The alarms a status names: inference unhealthy, journal or archive degraded, a camera that is not running
+    (with its last error), a drift alarm and the test that raised it, a false-reject warning."""
+    out = []
+    if status.get("healthy") is False:
+        out.append("inference unhealthy")
+    for name in ("journal", "archive"):
+        part = status.get(name)
+        if isinstance(part, dict) and part.get("degraded"):
+            lost = f" ({part['lost']} lost)" if part.get("lost") else ""
+            out.append(f"{name} degraded: {part.get('error')}{lost}")
+    cameras = status.get("cameras")
+    for camera, stats in (cameras if isinstance(cameras, dict) else {}).items():
+        if not isinstance(stats, dict):
+            continue
+        state = stats.get("state")
+        if state not in (None, "running", "paused", "ended"):
+            out.append(f"camera {camera} {state}: {stats.get('last_error') or ''}".rstrip(": "))
+        drift = stats.get("drift")
+        drift = drift if isinstance(drift, dict) else {}
+        if drift.get("alarm"):
+            if drift.get("brightness_alarm") and not drift.get("score_alarm"):
+                what = "good parts no longer look as bright as at calibration"
+                figures = f"KS D {drift.get('brightness_statistic')} > {drift.get('brightness_raise_at')}"
+            else:
+                what = "good parts no longer score as at calibration"
+                figures = f"KS D {drift.get('statistic')} > {drift.get('raise_at')}"
+            out.append(f"camera {camera} drift: {what} ({figures}; lighting, lens, focus or material?)")
+        if drift.get("false_reject_warning"):
+            rate, target = drift.get("false_reject_estimate") or 0, drift.get("target") or 0
+            out.append(
+                f"camera {camera} false rejects rising: about {100 * rate:.2g} % of good parts, "
+                f"target {100 * target:.2g} %"
+            )
+    return out
