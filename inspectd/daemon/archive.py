@@ -147,10 +147,6 @@ class Archive:
         """False once the writer thread has ended (on its own, or after close): nothing is archived from then on."""
         return self._thread.is_alive() or self._thread.ident is None
 
-    def alive(self) -> bool:
-        """False once the writer thread has ended (on its own, or after close): nothing is archived from then on."""
-        return self._thread.is_alive() or self._thread.ident is None
-
     # -- the writer thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
