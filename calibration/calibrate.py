@@ -490,8 +490,8 @@ def run(args: argparse.Namespace) -> int:
         current = bundle.thresholds()
         if not args.dry_run:
             check_writable(bundle.path)  # before minutes of scoring, not after
-            if args.camera and args.apply:
-                _check_camera(args)
+            if args.apply:
+                _check_daemon(args, bundle)
         if args.rollback is not None:
             if args.good or args.defective or args.pixel or args.camera:
                 raise CalibrationError(
@@ -543,9 +543,10 @@ def check_writable(path: Path) -> None:
     os.unlink(probe)
 
 
-def _check_camera(args) -> None:
-    """CalibrationError when the daemon --apply names runs no camera --camera (a typo would otherwise become an
-    override nobody uses). A daemon that cannot be asked is left to --apply itself to report."""
+def _check_daemon(args, bundle) -> None:
+    """CalibrationError, before any scoring, when the daemon --apply names runs another model than BUNDLE (thresholds
+    for other scores; e.g. teach switched the bundle since, or this is a stale copy) or no camera --camera (a typo
+    would become an override nobody uses). A daemon that cannot be asked is left to --apply itself to report."""
     from inspectd.errors import InspectdError
     from inspectd.protocol.control import ControlClient
 
@@ -559,8 +560,16 @@ def _check_camera(args) -> None:
             reply = client.request({"cmd": "status"})
     except InspectdError:
         return
-    cameras = reply.get("cameras") if reply.get("ok") else None
-    if isinstance(cameras, dict) and args.camera not in cameras:
+    if not reply.get("ok"):
+        return
+    running = reply.get("model_id")
+    if isinstance(running, str) and running != bundle.model_id:
+        raise CalibrationError(
+            f"--apply {args.apply}: the daemon runs model {running}, {bundle.path} is {bundle.model_id}, expected "
+            "the bundle the daemon runs (reload it first, or calibrate its bundle)"
+        )
+    cameras = reply.get("cameras")
+    if args.camera and isinstance(cameras, dict) and args.camera not in cameras:
         raise CalibrationError(
             f"--camera {args.camera}: the daemon at {args.apply} has no such camera, expected one of "
             f"{', '.join(sorted(cameras)) or 'its cameras (it has none)'}"

@@ -127,32 +127,43 @@ def test_thresholds_never_carry_nan():
         T.dumps(document)
 
 
-def test_calibrate_refuses_a_camera_the_daemon_does_not_run_before_scoring(tmp_path, capsys):
+class StatusOnly:
+    """The control handler's status contract, as far as calibrate --apply asks it before scoring."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+
+    def status(self):
+        return {"model_id": self.model_id, "thresholds_version": 1, "cameras": {"cam0": {}, "cam1": {}}}
+
+
+def calibrate_against(tmp_path, capsys, handler, *extra: str) -> tuple[int, str, Path]:
     import socket
 
     from inspectd.cli import main
     from inspectd.daemon.control import ControlServer
 
-    class Daemon:
-        def status(self):
-            return {"cameras": {"cam0": {}, "cam1": {}}}
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     bundle = make(tmp_path / "b")
-    server = ControlServer(endpoint, Daemon())
+    handler.model_id = handler.model_id or load_bundle(bundle).model_id
+    server = ControlServer(endpoint, handler)
     server.start()
     try:
-        code = main(
-            ["calibrate", str(bundle), "--good", str(frames(tmp_path / "good")), "--camera", "cam9"]
-            + [
-                "--apply",
-                endpoint,
-            ]
-        )
+        code = main(["calibrate", str(bundle), "--good", str(frames(tmp_path / "good")), "--apply", endpoint, *extra])
     finally:
         server.stop()
-    err = capsys.readouterr().err
+    return code, capsys.readouterr().err, bundle
+
+
+def test_calibrate_refuses_a_camera_the_daemon_does_not_run_before_scoring(tmp_path, capsys):
+    code, err, bundle = calibrate_against(tmp_path, capsys, StatusOnly(""), "--camera", "cam9")
     assert code == 2 and "--camera cam9: the daemon at" in err and "expected one of cam0, cam1" in err, err
+    assert err.count("\n") == 1 and load_bundle(bundle).thresholds().version == 1
+
+
+def test_calibrate_refuses_a_bundle_of_another_model_than_the_daemons_before_scoring(tmp_path, capsys):
+    code, err, bundle = calibrate_against(tmp_path, capsys, StatusOnly("frozen-lite0-0000beef"))
+    assert code == 2 and "the daemon runs model frozen-lite0-0000beef" in err, err
     assert err.count("\n") == 1 and load_bundle(bundle).thresholds().version == 1
