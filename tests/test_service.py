@@ -1,15 +1,20 @@
 """The daemon in-process (inspectd.daemon.service.Daemon) on a real bundle and ONNX Runtime session, with a synthetic
 camera and real sockets: what the control handler does to the bundle on disk when it refuses thresholds, reloads
-whose new engine cannot run, and a dead inference thread."""
+whose new engine cannot run, and a dead inference thread; and `inspectd run` itself, under strace, for a slow
+SIGHUP reload."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from daemon_harness import Station
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.store import write_bundle
 from engines.errors import EngineError
@@ -145,3 +150,31 @@ def test_an_archive_writer_that_dies_makes_the_daemon_unhealthy(daemon):
     daemon.archive._write_live = crash  # type: ignore[method-assign]
     wait_for(lambda: daemon.dead_threads() == ["archive"], 10, "the dead archive writer noticed")
     assert daemon.status()["healthy"] is False and not daemon.progressing()
+
+
+def test_a_slow_sighup_reload_does_not_hold_back_the_watchdog(tmp_path):
+    """Every open of the bundle's manifest is made to take 2.5 s (strace's syscall delay): the reload SIGHUP asks for
+    is that slow, as a large bundle or an FP16 score-shift measurement is. WATCHDOG=1 (WatchdogSec 1 s here) must keep
+    coming meanwhile: on the main thread the reload held it back, and systemd would have restarted a healthy line."""
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    strace = shutil.which("strace")
+    assert strace, "strace is not installed: `make test` installs it (apt-get install strace)"
+    delay = (strace, "-f", "-qq", "-o", os.devnull, "--seccomp-bpf", "-e", "trace=openat")
+    delay += ("-P", str(bundle / "manifest.json"), "-e", "inject=openat:delay_enter=2500000")
+    camera = {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}
+    s = Station(tmp_path, bundle, [camera], watchdog_usec=1_000_000, wrap=delay)
+    try:
+        s.wait_ready(timeout=60)
+        os.kill(s.daemon_pid, signal.SIGHUP)
+        sent = time.monotonic()
+        wait_for(lambda: s.events("reloaded"), 30, "the reload")
+        done = time.monotonic()
+        assert done - sent > 2.5, "the reload was not slowed down"
+        s.read_notes()
+        pings = [t for t, line in s.notes if line == "WATCHDOG=1" and sent <= t <= done]
+        gaps = [b - a for a, b in zip([sent, *pings], [*pings, done], strict=True)]
+        # Pinged every 0.5 s; the bound leaves room for a loaded machine, far below the 2.5 s the reload takes.
+        assert max(gaps) < 1.5, f"watchdog gaps during the reload: {[round(g, 2) for g in gaps]}"
+        assert s.stop() == 0, s.log_tail()
+    finally:
+        s.close()

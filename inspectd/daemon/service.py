@@ -1,8 +1,8 @@
 """`inspectd run`: wires the stages together and owns the process lifecycle. No model code lives here.
 
 Threads: one ingest thread per camera -> per-camera bounded queues -> one batcher+inference thread -> publisher
-thread (ZeroMQ PUB); the control server answers on its own thread; the main thread handles signals, the systemd
-watchdog and reloads requested by SIGHUP.
+thread (ZeroMQ PUB); the control server answers on its own thread; the main thread handles signals and the systemd
+watchdog, and starts a thread for each reload SIGHUP asks for.
 
 Lifecycle:
   start    load config, open bundle + engine, one warm-up inference, bind publish/control/metrics, start ingest,
@@ -174,9 +174,13 @@ class Daemon:
             self.control.stop()
         if self.metrics is not None:
             self.metrics.stop()
-        if drained:
-            self._close_retired(wait=True)
-            self.stage.state.close()
+        # A reload still opening its engine (SIGHUP's thread, or control's) would swap it in after this close.
+        if drained and self._reload_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            try:
+                self._close_retired(wait=True)
+                self.stage.state.close()
+            finally:
+                self._reload_lock.release()
         self.log.info(
             "stopped",
             published=self.publisher.published,
@@ -683,6 +687,13 @@ def check(path: Path) -> int:
     return 0
 
 
+def _reload(daemon: Daemon, log) -> None:
+    try:
+        daemon.reload()
+    except Exception as exc:  # a bad bundle on disk must not take the running line down
+        log.error("reload_failed", error=str(exc).splitlines()[0])
+
+
 def run(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
     from inspectd.daemon.config import load_config
@@ -735,13 +746,14 @@ def run(args: argparse.Namespace) -> int:
     interval = notifier.watchdog_interval_s()
     tick = min(1.0, interval / 2) if interval else 1.0
     healthy = True
+    reloader: threading.Thread | None = None
     while True:
-        if reload_requested.is_set():
+        # Loading, warming up and (FP16) measuring a bundle takes seconds: on this thread it held back WATCHDOG=1
+        # (and SIGTERM) for as long. A SIGHUP during a reload is served once that reload is done.
+        if reload_requested.is_set() and (reloader is None or not reloader.is_alive()):
             reload_requested.clear()
-            try:
-                daemon.reload()
-            except Exception as exc:  # a bad bundle on disk must not take the running line down
-                log.error("reload_failed", error=str(exc).splitlines()[0])
+            reloader = threading.Thread(target=_reload, args=(daemon, log), name="reload", daemon=True)
+            reloader.start()
         progressing = daemon.progressing()
         if progressing:
             notifier.watchdog()
