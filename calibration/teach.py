@@ -109,7 +109,11 @@ def swap_in(path: Path, incoming: Path, keep: Path) -> None:
     """Put directory `incoming` at `path` and what was there at `keep`, durably; a reader of `path` finds one of the
     two at every moment where the kernel can swap them in one step (else for the instant between two renames)."""
     if exchange(incoming, path):
-        os.replace(incoming, keep)
+        try:
+            os.replace(incoming, keep)
+        except BaseException:
+            exchange(incoming, path)  # all or nothing: the caller's cleanup of `incoming` must not hit the old version
+            raise
     else:
         os.replace(path, keep)
         os.replace(incoming, path)

@@ -293,3 +293,17 @@ for target in (root / "current", root / "b"):
             if ("fsync", destination.parent) not in events[i:]:
                 wrong.append(f"{destination.parent}: not fsynced after {source.name} -> {destination.name}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_teach_in_place_that_fails_after_the_swap_puts_the_old_version_back(tmp_path):
+    """The in-place swap is one exchange and then the old version's move to BUNDLE.versions; when that move fails
+    the exchange is undone, so teach's cleanup of its staging directory never deletes the version in service."""
+    path = make(tmp_path / "b")
+    before = load_bundle(path).model_id
+    counts = renames_made(TEACH, path, tmp_path / "counted")
+    if "renameat2" not in counts:
+        pytest.skip("this kernel or file system cannot swap two directories in one step")
+    failed = child(TEACH, path, "-f", "-e", f"inject=rename:error=EIO:when={counts['rename']}")
+    assert failed.returncode != 0 and "Input/output error" in failed.stderr, failed.stderr
+    after = load_bundle(path)
+    assert after.model_id == before and after.manifest.get("bundle_version", 1) == 1
