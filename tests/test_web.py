@@ -179,3 +179,91 @@ def test_web_view_in_a_real_browser_shows_defects_live_and_survives_a_daemon_res
         output = web.communicate(timeout=20)[0]
     assert web.returncode == 0, output
     assert "web_listening" in output
+
+
+def test_web_start_refuses_an_endpoint_zeromq_cannot_use_in_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "inspectd", "web", "--endpoint", "127.0.0.1:5556", "--listen", "127.0.0.1:0",
+         "--archive", str(tmp_path)],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("inspectd web: --endpoint '127.0.0.1:5556': cannot connect ("), lines
+    assert lines[0].endswith("expected tcp://HOST:PORT or ipc://PATH"), lines
+
+
+def test_web_feed_survives_unreadable_messages_shows_them_and_escapes_status_text(tmp_path):
+    """A publisher out of step with this view (garbage, a status whose camera entry is not an object, markup in a
+    state): the feed goes on, the page says messages could not be read, and status text is never markup."""
+    import threading
+
+    import zmq
+
+    from inspectd.protocol.messages import encode_status
+
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.linger = 0
+    endpoint = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+    port = free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "web", "--endpoint", endpoint, "--archive", str(tmp_path / "none"),
+         "--listen", f"127.0.0.1:{port}", "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    hostile = "<img src=x onerror=window.pwned=1>"
+    status = {"t": time.time(), "uptime_s": 1.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
+              "throughput_fps": 1.0, "cameras": {"cam0": {"state": hostile}, "cam1": []}}  # fmt: skip
+
+    stop = threading.Event()
+
+    def publish_for(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not stop.is_set():
+            pub.send_multipart([b"inspect.t1.status", b"{not json"])
+            pub.send_multipart(encode_status("t1", {**status, "t": time.time()}))
+            time.sleep(0.1)
+
+    async def page() -> None:
+        async with Browser() as browser:
+            await browser.goto(url)
+            await browser.wait_for("document.querySelector('#health')?.textContent === 'healthy'", 30, "healthy")
+            await browser.wait_for("!!document.querySelector('#camera-cam0 table.stats td')", 10, "cam0's table")
+            cell = "document.querySelector('#camera-cam0 table.stats tr td:nth-child(2)')"
+            assert await browser.evaluate(f"{cell}.textContent") == hostile
+            assert await browser.evaluate("document.querySelectorAll('table.stats img').length") == 0
+            assert await browser.evaluate("window.pwned === undefined")
+            alarms = await browser.evaluate("document.querySelector('#alarms').innerText")
+            assert "messages from the daemon could not be read" in alarms, alarms
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert web.poll() is None, web.communicate()[0]
+            try:
+                if fetch(url)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "inspectd web did not serve its page"
+            time.sleep(0.1)
+        publish_for(1.5)
+        code, body = fetch(url + "api/state")
+        assert code == 200, body[:500]
+        state = json.loads(body)
+        assert state["daemon_reporting"] and state["refused_messages"] >= 5
+        assert any("messages from the daemon could not be read" in a and "JSON" in a for a in state["alarms"])
+        feeder = threading.Thread(target=publish_for, args=(60.0,), daemon=True)
+        feeder.start()
+        asyncio.run(page())
+    finally:
+        stop.set()
+        if "feeder" in locals():
+            feeder.join(5)
+        web.send_signal(signal.SIGTERM)
+        output = web.communicate(timeout=20)[0]
+        pub.close()
+    assert web.returncode == 0, output
+    refused_logs = [line for line in output.splitlines() if '"message_refused"' in line]
+    assert 1 <= len(refused_logs) <= 2, refused_logs  # logged, and at most once a minute after the first

@@ -43,6 +43,8 @@ ARCHIVE_WAIT_S = 2.0  # an image named by a result may still be on its way to di
 HIST_BINS = 20  # score / threshold from 0 to 2 in HIST_BINS bins, and one bin above
 RATE_WINDOW_S = 5.0
 KEEPALIVE_S = 15.0
+REFUSED_LOG_S = 60.0  # a message that cannot be read is logged at most this often (a schema mismatch is every one)
+REFUSED_ALARM_S = 60.0  # the page shows refused messages for this long after the last one
 
 
 class CameraView:
@@ -117,6 +119,7 @@ class LineState:
         self.status: dict[str, Any] | None = None
         self.status_at: float | None = None
         self.refused = 0  # messages that did not decode
+        self.last_refused: tuple[str, float] | None = None  # (why, time.monotonic()) of the last one
         self.archive_error: str | None = None  # why the archive cannot be read (not: there is none yet)
         self.version = 0  # goes up with every change, so pushers know when to send
 
@@ -124,6 +127,7 @@ class LineState:
         now = time.monotonic()
         if isinstance(message, MessageError):
             self.refused += 1
+            self.last_refused = (str(message), now)
         elif isinstance(message, Result):
             camera = self.cameras.get(message.camera)
             if camera is None:
@@ -151,31 +155,58 @@ class LineState:
     def alarms(self, silent: float | None) -> list[str]:
         out = [f"archive unreadable: {self.archive_error}"] if self.archive_error else []
         if silent is None:
+            out += self._refused_alarm()
             return out + ["no status from the daemon yet"]
         if silent >= STATUS_STALE_S:
             out.append(f"no status from the daemon for {silent:.0f} s")
-        return out + status_alarms(self.status or {})
+        return out + self._refused_alarm() + status_alarms(self.status or {})
+
+    def _refused_alarm(self) -> list[str]:
+        """Messages this view could not read: a web client out of step with the daemon (another schema) must not
+        look like a daemon that is down."""
+        if self.last_refused is None:
+            return []
+        error, at = self.last_refused
+        age = time.monotonic() - at
+        if age >= REFUSED_ALARM_S:
+            return []
+        return [f"{self.refused} messages from the daemon could not be read, the last {age:.0f} s ago: {error[:200]}"]
 
 
 class Feed(threading.Thread):
-    """The SUB socket on its own thread, handing each decoded message to the event loop; never dies of a message."""
+    """The SUB socket (connected by the caller, so a bad endpoint fails the start) on its own thread, handing each
+    decoded message to the event loop. A message that cannot be read is logged (the first, then at most once per
+    REFUSED_LOG_S with the count) and shown as an alarm; nothing a message does ends the thread."""
 
-    def __init__(self, endpoint: str, loop: asyncio.AbstractEventLoop, state: LineState, curve=None) -> None:
+    def __init__(self, sub: Any, loop: asyncio.AbstractEventLoop, state: LineState) -> None:
         super().__init__(name="web-feed", daemon=True)
-        self.endpoint, self.loop, self.state, self.curve = endpoint, loop, state, curve
+        self.sub, self.loop, self.state = sub, loop, state
         self.stopping = threading.Event()
+        self._logged_at: float | None = None
+        self._unlogged = 0
 
     def run(self) -> None:
-        from inspectd.clients.subscribe import Subscriber
-
-        with Subscriber(self.endpoint, curve=self.curve) as sub:
+        with self.sub:
             while not self.stopping.is_set():
                 try:
-                    message = sub.recv(0.2)
+                    message = self.sub.recv(0.2)
                 except MessageError as exc:
                     message = exc
+                except Exception as exc:  # a decoder bug or a socket error: one message, never the whole view
+                    message = MessageError(f"{type(exc).__name__}: {exc}".splitlines()[0])
+                    self.stopping.wait(0.2)  # a socket that keeps failing must not spin
+                if isinstance(message, MessageError):
+                    self._log_refused(message)
                 if message is not None:
                     self.loop.call_soon_threadsafe(self.state.on_message, message)
+
+    def _log_refused(self, error: MessageError) -> None:
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < REFUSED_LOG_S:
+            self._unlogged += 1
+            return
+        log.warning("message_refused", error=str(error)[:300], refused_since_last_log=self._unlogged)
+        self._logged_at, self._unlogged = now, 0
 
 
 class WebView:
@@ -332,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
             from inspectd.protocol.keys import curve_client
 
             curve = curve_client(args.server_key, args.client_key)
-        asyncio.run(_serve(args, host.strip("[]"), int(port), curve))
+        sub = _subscribe(args.endpoint, curve)
+        asyncio.run(_serve(args, host.strip("[]"), int(port), sub))
     except InspectdError as exc:
         print(f"inspectd web: {exc}", file=sys.stderr)
         return 2
@@ -344,11 +376,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(args: argparse.Namespace, host: str, port: int, curve) -> None:
+def _subscribe(endpoint: str, curve):
+    """The SUB socket, connected here so that an endpoint ZeroMQ refuses is a one-line error at start."""
+    import zmq
+
+    from inspectd.clients.subscribe import Subscriber
+
+    try:
+        return Subscriber(endpoint, curve=curve)
+    except zmq.ZMQError as exc:
+        raise InspectdError(
+            f"--endpoint {endpoint[:200]!r}: cannot connect ({exc.strerror}), expected tcp://HOST:PORT or ipc://PATH"
+        ) from None
+
+
+async def _serve(args: argparse.Namespace, host: str, port: int, sub) -> None:
     import signal
 
     state = LineState(args.defects)
-    feed = Feed(args.endpoint, asyncio.get_running_loop(), state, curve)
+    feed = Feed(sub, asyncio.get_running_loop(), state)
     feed.start()
     runner = web.AppRunner(WebView(state, args.archive).app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()

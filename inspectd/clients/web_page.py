@@ -48,6 +48,10 @@ PAGE = """<!doctype html>
 const $ = (sel, root = document) => root.querySelector(sel);
 const fmt = (v, digits = 3) => v === null || v === undefined ? "-" : Number(v).toPrecision(digits);
 const when = (t) => new Date(t * 1000).toLocaleTimeString();
+// Text from the status message goes into markup only escaped: whoever can publish on the endpoint must not script
+// the operator's page.
+const esc = (v) => String(v).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
+                                                          "'": "&#39;"})[c]);
 
 function cameraSection(name) {
   let section = document.getElementById("camera-" + name);
@@ -76,7 +80,7 @@ function cameraSection(name) {
 function stats(view, cameraStatus) {
   const c = view.counts, last = view.last || {};
   const rows = [
-    ["state", cameraStatus ? cameraStatus.state : "-"],
+    ["state", cameraStatus ? esc(cameraStatus.state) : "-"],
     ["ok / defect / error", `${c.ok} / ${c.defect} / ${c.error}`],
     ["throughput", `${view.throughput_fps.toFixed(1)} frames/s`],
     ["latency p50 / p99", `${fmt(view.latency_ms.p50)} / ${fmt(view.latency_ms.p99)} ms`],
