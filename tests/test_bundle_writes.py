@@ -307,3 +307,38 @@ def test_teach_in_place_that_fails_after_the_swap_puts_the_old_version_back(tmp_
     assert failed.returncode != 0 and "Input/output error" in failed.stderr, failed.stderr
     after = load_bundle(path)
     assert after.model_id == before and after.manifest.get("bundle_version", 1) == 1
+
+
+def test_a_daemon_refuses_thresholds_for_a_bundle_switched_under_it_until_it_reloads(tmp_path):
+    """A real daemon on bundles/current; teach's link switch to a new model before the reload; set_thresholds is
+    refused in the reply and both bundles still load; after the reload it is written into the new one."""
+    from daemon_harness import Station
+    from station_model import M, grey_graph, write_grey_bundle
+
+    write_grey_bundle(tmp_path / "m")
+    write_bundle(  # another model: its scorer differs, so does its model_id
+        tmp_path / "m-v2",
+        {"method": "test", "backbone": "none", "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"}}
+        | {"scorer_inputs": ["centre"], "score_kind": "max"},
+        grey_graph(),
+        {"centre": np.array([120.0], np.float32)},
+        {},
+        T.first_version(0.5, 0.5, {}),
+    )
+    link = tmp_path / "current"
+    link.symlink_to("m")
+    camera = {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 5, "width": 64, "height": 64}}
+    station = Station(tmp_path, link, [camera])
+    document = T.next_version(load_bundle(link).thresholds(), image_threshold=0.6).to_dict()
+    try:
+        station.wait_ready()
+        switch_link(link, tmp_path / "m-v2")
+        refused = station.control({"cmd": "set_thresholds", "thresholds": document})
+        assert refused["ok"] is False and "current: changed on disk since it was loaded" in refused["error"], refused
+        for name in ("m", "m-v2"):
+            assert load_bundle(tmp_path / name).thresholds().version == 1
+        assert station.control({"cmd": "reload"})["ok"]
+        assert station.control({"cmd": "set_thresholds", "thresholds": document})["ok"]
+        assert load_bundle(tmp_path / "m-v2").thresholds().image_threshold == 0.6
+    finally:
+        assert station.stop() == 0, station.log_tail()

@@ -257,7 +257,7 @@ class Bundle:
         if _without(on_disk, name) != _without(self.manifest, name):
             raise BundleError(
                 f"{self.path}: changed on disk since it was loaded (now model {on_disk.get('model_id')!r} "
-                f"version {on_disk.get('bundle_version', 1)}, loaded {self.model_id!r} version "
+                f"bundle_version {on_disk.get('bundle_version', 1)}, loaded {self.model_id!r} bundle_version "
                 f"{self.manifest.get('bundle_version', 1)}), expected the bundle loaded: {name} not written; "
                 "load the bundle again (the daemon: reload) and retry"
             )
