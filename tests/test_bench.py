@@ -6,6 +6,7 @@ goals are met in benchmark runs that print figures (docs/PERFORMANCE.md), never 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,14 +86,12 @@ def test_bench_naive_on_five_synthetic_frames(tiny_bundle):
     report = json.loads(proc.stdout)
     assert report["frames"] == 5 and report["fps"] > 0 and report["latency_ms"]["n"] == 5
     assert report["received"] == 5  # every published result reached the subscriber
-    assert report["fps"] * report["seconds"] == pytest.approx(report["frames"])
     # One frame at a time: the frames' latencies cannot add up to more than the run took. At least half the frames
     # took the median or longer, so median x ceil(frames / 2) is a lower bound of that sum (median x frames is not).
     slower_half = -(-report["frames"] // 2)
     assert report["latency_ms"]["p50"] * slower_half / 1000.0 <= report["seconds"] * 1.05
-    assert report["cpu_ms_per_frame"] * report["frames"] / 1000.0 == pytest.approx(
-        report["cpu_cores_used"] * report["seconds"], rel=0.01
-    )
+    # CPU time in the right unit and of this process alone: never more cores than the machine has.
+    assert 0 < report["cpu_cores_used"] <= (os.cpu_count() or 1) * 1.05, report["cpu_cores_used"]
 
 
 def test_bench_naive_refuses_an_empty_frames_folder(tiny_bundle, tmp_path):
@@ -111,3 +110,70 @@ def test_arrival_rate_counts_whole_batches_only():
     # Steady single-frame arrivals and a lone burst have no bursts to count: the caller divides by its window.
     assert arrival_rate([0.2 * i for i in range(50)], max_batch=8) is None
     assert arrival_rate([1.0, 1.001], max_batch=8) is None
+
+
+@pytest.mark.parametrize(
+    "args, refused",
+    [
+        (["daemon", "--bundle", "b", "--max-wait-ms", "-1"], "--max-wait-ms: '-1': expected at least 0, got -1.0"),
+        (
+            ["daemon", "--bundle", "b", "--max-wait-ms", "nan"],
+            "--max-wait-ms: 'nan': expected a finite number, got nan",
+        ),
+        (["all", "b", "--max-wait-ms", "1e9"], "--max-wait-ms: '1e9': expected at most 10000, got 1000000000.0"),
+        (["all", "b", "--max-batch", "300"], "--max-batch: '300': expected at most 256, got 300"),
+        (["naive", "b", "--synthetic", "5", "--duration", "-1"], "--duration: '-1': expected a finite float >= 0"),
+        (["engine", "b", "--window-s", "inf"], "--window-s: 'inf': expected a finite float > 0"),
+    ],
+)
+def test_bench_refuses_what_the_daemon_would_refuse_before_measuring_anything(args, refused):
+    proc = bench(*args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"inspectd bench {args[0]}: error: argument {refused}"
+
+
+def test_bench_daemon_exits_1_when_a_scenario_failed_and_keeps_the_others_figures(tiny_bundle, tmp_path):
+    # Every daemon's control socket goes under TMPDIR, and a socket path past 107 bytes cannot be bound: each daemon
+    # of this run exits at start (the engine measured first in this process does not mind).
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    out = tmp_path / "daemon.json"
+    args = ["daemon", "--bundle", str(tiny_bundle), "--source", "zmq-raw", "--cameras", "1", "--load", "sat"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "inspectd", "bench", *args, "--synthetic", "2", "--duration", "0.5", "--max-batch", "1"]
+        + ["--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "TMPDIR": str(deep)},
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("inspectd bench daemon: 1 of 1 daemon scenarios failed, the first zmq-raw x1 sat: "), last
+    (row,) = json.loads(out.read_text())["rows"]  # the figures are still written
+    assert "error" in row and "FAILED" in proc.stdout
+
+
+def test_the_profiled_daemon_run_is_a_run_of_its_own_outside_the_goals(tiny_bundle, tmp_path):
+    from inspectd.tools.bench.command import ratios
+
+    args = ["daemon", "--bundle", str(tiny_bundle), "--source", "zmq-raw", "--cameras", "1", "--load", "sat,0.5"]
+    args += ["--synthetic", "2", "--duration", "1", "--max-batch", "1", "--profile", str(tmp_path / "p.pstats")]
+    proc = bench(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["profile"]["frames"] > 0
+    (profiled,) = [r for r in report["rows"] if r["profiled"]]
+    (plain,) = [r for r in report["rows"] if r["load"] == "saturation" and not r["profiled"]]
+    (half,) = [r for r in report["rows"] if r["load"] == "50% of saturation"]
+    assert len(report["rows"]) == 3 and not half["profiled"]
+    # The fixed rate is half of the plain run's saturation, whatever cProfile made of the profiled one.
+    assert half["offered_fps"] == pytest.approx(0.5 * plain["delivered_fps"])
+    # Marked as such in the table and kept out of every ratio: they are the same without it.
+    assert "profiled" in profiled["load"] and profiled["load"] in proc.stderr
+    engine_rows = report["engine_rows"]
+    best = max(engine_rows, key=lambda r: r["fps"]["median"])
+    engine = {"best": best, "sizes": [{"trained_for_bench": False, "rows": engine_rows}]}
+    without = {**report, "rows": [plain, half]}
+    assert ratios(engine, None, report, 10.0, 1) == ratios(engine, None, without, 10.0, 1)

@@ -43,6 +43,9 @@ STOP_TIMEOUT_S = 20.0
 WARMUP_S = 1.5
 BURST_GAP_MIN_S = 0.02
 FOLDER_FPS_CEILING = 300  # a folder backlog holds this many frames/s of the run, more than the engine can do
+# The load of the --profile run: a saturated run of its own, after the plain one. cProfile in every thread slows the
+# daemon, so its figures count towards no goal and set no offered rate.
+PROFILED_LOAD = "saturation, profiled (not in the goals)"
 
 
 def free_port() -> int:
@@ -454,6 +457,7 @@ def bench_daemon(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Every (source, cameras) at saturation, then at each fractional load of the saturated rate just measured;
+    with `profile`, one more saturated run under cProfile (PROFILED_LOAD) after the plain one of the profiled pair.
     `progress` counts the scenarios."""
     bundle = Path(bundle).resolve()
     rows = []
@@ -462,21 +466,26 @@ def bench_daemon(
         """A fixed rate is a fraction of a measured saturation; folders have none."""
         return load == "sat" or (source != "folder" and "sat" in loads)
 
-    progress = progress or Progress(enabled=False)
-    progress.start(sum(planned(s, load) for s in sources for _ in cameras for load in loads), "bench daemon: scenarios")
-    done = 0
     # The profile shows the hot path best where the daemon does the least besides inference: raw frames over ZeroMQ.
     profiled = ("zmq-raw" if "zmq-raw" in sources else sources[0], cameras[0])
+
+    def plan(source: str, n_cameras: int) -> list[str]:
+        chosen = [load for load in loads if planned(source, load)]
+        if profile is not None and (source, n_cameras) == profiled:
+            chosen.insert(chosen.index("sat") + 1 if "sat" in chosen else len(chosen), PROFILED_LOAD)
+        return chosen
+
+    progress = progress or Progress(enabled=False)
+    progress.start(sum(len(plan(s, n)) for s in sources for n in cameras), "bench daemon: scenarios")
+    done = 0
     with tempfile.TemporaryDirectory(prefix="inspectd-bench-daemon-") as tmp:
         k = 0
         for source in sources:
             for n_cameras in cameras:
                 saturated: float | None = None
-                for load in loads:
-                    if not planned(source, load):
-                        continue
+                for load in plan(source, n_cameras):
                     done += 1
-                    saturate = load == "sat"
+                    saturate = load in ("sat", PROFILED_LOAD)
                     rate: float | None = None
                     if not saturate:
                         if saturated is None:  # its saturation failed (or comes later in --load)
@@ -486,9 +495,7 @@ def bench_daemon(
                     workdir = Path(tmp) / f"s{k}"
                     workdir.mkdir()
                     k += 1
-                    prof = None
-                    if profile is not None and saturate and (source, n_cameras) == profiled:
-                        prof = profile
+                    prof = profile if load == PROFILED_LOAD else None
                     scenario = Scenario(
                         bundle,
                         source,
@@ -508,12 +515,16 @@ def bench_daemon(
                         row = scenario.run(duration_s)
                     except RuntimeError as exc:  # one scenario failing must not lose the others' figures
                         log(f"bench daemon: {source} x{n_cameras} {load}: FAILED: {exc}")
-                        rows.append({"source": source, "cameras": n_cameras, "load": load, "error": str(exc)})
+                        failed = {"source": source, "cameras": n_cameras, "load": load, "error": str(exc)}
+                        rows.append({**failed, "profiled": prof is not None})
                         progress.update(done)
                         continue
-                    row["load"] = "saturation" if saturate else f"{float(load):.0%} of saturation"
+                    if prof is not None:
+                        row["load"] = PROFILED_LOAD
+                    else:
+                        row["load"] = "saturation" if saturate else f"{float(load):.0%} of saturation"
                     row["profiled"] = prof is not None
-                    if saturate:
+                    if load == "sat":
                         saturated = row["delivered_fps"]
                     engine_cpu = engine_cpu_at(engine_rows or [], row["mean_batch"] or max_batch)
                     row["engine_cpu_ms_per_frame"] = engine_cpu
