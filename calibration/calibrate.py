@@ -515,7 +515,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
-    except (EngineError, thresholds_doc.ThresholdsError, OSError) as exc:
+    except OSError as exc:
+        print(
+            f"inspectd calibrate: {bundle.path}: version {new.version} not written ({exc.strerror or exc}) as "
+            f"{_user()}, expected a bundle this user may write",
+            file=sys.stderr,
+        )
+        return 2
+    except (EngineError, thresholds_doc.ThresholdsError) as exc:
         print(f"inspectd calibrate: version {new.version} not written: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(
@@ -527,17 +534,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_writable(path: Path) -> None:
-    """CalibrationError unless this user can create files in bundle directory `path` (what rewriting thresholds.json
-    needs). A file is created and removed there: permissions alone miss a read-only mount or an immutable flag."""
+def check_writable(path: Path, command: str = "calibrate", alternative: str = ", or --dry-run") -> None:
+    """CalibrationError unless this user can create files in directory `path` (what rewriting a bundle needs). A file
+    is created and removed there: permissions alone miss a read-only mount or an immutable flag."""
     import tempfile
 
     try:
-        fd, probe = tempfile.mkstemp(prefix=".calibrate-probe.", dir=Path(path).resolve())
+        fd, probe = tempfile.mkstemp(prefix=f".{command}-probe.", dir=Path(path).resolve())
     except OSError as exc:
         raise CalibrationError(
-            f"{path}: not writable by {_user()} ({exc.strerror or exc}), expected a bundle directory "
-            "this user may write: run calibrate as the bundle's owner (e.g. sudo -u inspectd), or --dry-run"
+            f"{path}: not writable by {_user()} ({exc.strerror or exc}), expected a directory this user may write: "
+            f"run {command} as the bundle's owner (e.g. sudo -u inspectd){alternative}"
         ) from None
     os.close(fd)
     os.unlink(probe)

@@ -211,6 +211,7 @@ def teach(
     from calibration.calibrate import (
         DEFAULT_FALSE_REJECT,
         DEFAULT_PIXEL_FPR,
+        check_writable,
         pixel_threshold_for_fpr,
         reference_warning,
         refuse_non_finite,
@@ -223,6 +224,8 @@ def teach(
     started = time.monotonic()
     bundle_path = Path(bundle_path)
     bundle = load_bundle(bundle_path)
+    # Where the new version goes (beside the linked directory, or in BUNDLE's own folder), before minutes of work.
+    check_writable((linked_dir(bundle_path) or bundle_path).parent, "teach", "")
     kind, settings = scorer_settings(bundle)
     frames = good if isinstance(good, GoodFrames) else folder_frames(good)
     paths = frames.paths

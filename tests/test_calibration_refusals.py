@@ -68,29 +68,41 @@ def nobody() -> list[str]:
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
 
 
+def as_another_user(tmp_path: Path, locked: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """`inspectd ARGV` as a user who may not write in `locked` (nobody, when this is root; else `locked` is 0555)."""
+    locked.chmod(0o555)
+    for folder in (tmp_path, *tmp_path.parents):  # pytest's tmp folders are 0700: the child must reach the bundle
+        if folder.stat().st_uid == os.geteuid() and folder != Path("/"):
+            folder.chmod(folder.stat().st_mode | 0o711)
+    try:
+        return subprocess.run(
+            [*nobody(), sys.executable, "-m", "inspectd", *argv], capture_output=True, text=True, cwd=REPO, timeout=60
+        )
+    finally:
+        locked.chmod(0o755)
+
+
 def test_calibrate_refuses_an_unwritable_bundle_before_scoring(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     bundle = make(shared / "b")
     good = frames(shared / "good")
-    bundle.chmod(0o555)
-    for folder in (tmp_path, *tmp_path.parents):  # pytest's tmp folders are 0700: the child must reach the bundle
-        if folder.stat().st_uid == os.geteuid() and folder != Path("/"):
-            folder.chmod(folder.stat().st_mode | 0o711)
-    try:
-        out = subprocess.run(
-            [*nobody(), sys.executable, "-m", "inspectd", "calibrate", str(bundle), "--good", str(good)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-        )
-    finally:
-        bundle.chmod(0o755)
+    out = as_another_user(tmp_path, bundle, ["calibrate", str(bundle), "--good", str(good)])
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{bundle}: not writable by " in lines[0] and "Permission denied" in lines[0], lines
     assert "images scored" not in out.stderr and load_bundle(bundle).thresholds().version == 1
+
+
+def test_teach_refuses_a_folder_it_cannot_write_the_new_version_in_before_any_work(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    bundle = make(shared / "b")
+    good = frames(tmp_path / "good")
+    out = as_another_user(tmp_path, shared, ["teach", str(bundle), "--good", str(good)])
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{shared}: not writable by " in lines[0] and "run teach as" in lines[0], lines
 
 
 def scored(defect: list[float]) -> calibrate._Scored:
