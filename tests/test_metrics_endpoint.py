@@ -210,3 +210,32 @@ def test_process_metrics_and_the_daemon_alarms_come_with_the_scrape():
     assert samples[("inspectd_archive_bytes", ())] == 4096
     assert samples[("inspectd_auth_refused_total", (("socket", "control"),))] == 4
     assert types["inspectd_archive_written_total"] == "counter"
+
+
+def test_camera_up_help_agrees_with_its_value_and_an_idle_connection_is_closed(monkeypatch):
+    import socket
+
+    from inspectd.daemon import metrics as metrics_module
+
+    class Cameras:
+        def status(self) -> dict:
+            return {"cameras": {"a": {"state": "paused"}, "b": {"state": "reopening"}, "c": {"state": "running"}}}
+
+    monkeypatch.setattr(metrics_module, "IDLE_TIMEOUT_S", 0.5)
+    metrics = Metrics(("127.0.0.1", 0), Cameras())
+    try:
+        samples, _ = scrape(metrics.url)
+        with urllib.request.urlopen(metrics.url, timeout=5) as response:
+            help_line = next(
+                line for line in response.read().decode().splitlines() if line.startswith("# HELP inspectd_camera_up ")
+            )
+        up = {cam: samples[("inspectd_camera_up", (("camera", cam),))] for cam in "abc"}
+        assert up == {"a": 1, "b": 0, "c": 1}
+        assert "paused" in help_line and "reopening" in help_line, help_line
+        # A peer that connects and says nothing is let go, its handler thread with it.
+        with socket.create_connection(metrics.address, timeout=5) as idle:
+            started = time.monotonic()
+            assert idle.recv(1) == b"", "the server closed the idle connection"
+            assert time.monotonic() - started < 4
+    finally:
+        metrics.stop()

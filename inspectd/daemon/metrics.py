@@ -34,6 +34,7 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+IDLE_TIMEOUT_S = 10.0  # a /metrics connection silent this long (no request, or a reader that stopped) is closed
 
 # Pulled per camera from status()["cameras"][camera][key]: (metric name without _total, help, status key).
 CAMERA_COUNTERS = (
@@ -67,7 +68,8 @@ class _StatusCollector(Collector):
             yield family
         up = GaugeMetricFamily(
             "inspectd_camera_up",
-            "1 while the camera's source delivers (state running), 0 during an outage.",
+            "1 while the camera's source is up (state running, or paused: up but not inspected), "
+            "0 while it is reopening, failed, ended or stopped.",
             labels=["camera"],
         )
         for camera, stats in cameras.items():
@@ -233,6 +235,9 @@ class Metrics:
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
+            # A scraper that connects and goes quiet (or half-open) would hold its thread for good.
+            timeout = IDLE_TIMEOUT_S
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 if self.path.split("?", 1)[0] != "/metrics":
                     self.send_error(404, "only /metrics is served here")
