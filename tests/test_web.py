@@ -267,3 +267,55 @@ def test_web_feed_survives_unreadable_messages_shows_them_and_escapes_status_tex
     assert web.returncode == 0, output
     refused_logs = [line for line in output.splitlines() if '"message_refused"' in line]
     assert 1 <= len(refused_logs) <= 2, refused_logs  # logged, and at most once a minute after the first
+
+
+def test_the_page_shows_the_daemons_own_counts_and_says_whose_histogram_it_is(tmp_path):
+    """A web view started late shows the daemon's counters from the status message (not zero, not only what it saw
+    itself), and the histogram says it covers the results this view received since it started."""
+    import zmq
+
+    from inspectd.protocol.messages import encode_status
+
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.linger = 0
+    endpoint = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+    port = free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "web", "--endpoint", endpoint, "--archive", str(tmp_path / "none"),
+         "--listen", f"127.0.0.1:{port}", "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    cam0 = {"state": "running", "published": 1000, "defects": 7, "errors": 3}
+    status = {"t": time.time(), "uptime_s": 86400.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
+              "throughput_fps": 10.0, "cameras": {"cam0": cam0}}  # fmt: skip
+
+    async def page() -> None:
+        async with Browser() as browser:
+            await browser.goto(url)
+            deadline = time.monotonic() + 30
+            while not await browser.evaluate("!!document.querySelector('#camera-cam0 table.stats td')"):
+                pub.send_multipart(encode_status("t1", {**status, "t": time.time()}))
+                assert time.monotonic() < deadline, "cam0 never shown"
+                await asyncio.sleep(0.1)
+            text = await browser.evaluate("document.querySelector('#camera-cam0').innerText")
+            assert "990 / 7 / 3 (daemon, since it started)" in text, text
+            assert "scores received by this view since " in text, text
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert web.poll() is None, web.communicate()[0]
+            try:
+                if fetch(url)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "inspectd web did not serve its page"
+            time.sleep(0.1)
+        asyncio.run(page())
+    finally:
+        web.send_signal(signal.SIGTERM)
+        output = web.communicate(timeout=20)[0]
+        pub.close()
+    assert web.returncode == 0, output

@@ -3,10 +3,11 @@ serves HTTP). Read-only, on loopback by default.
 
 It subscribes to the daemon's result and status stream (inspectd.clients.subscribe.Subscriber, on its own thread) and
 reads frames and overlays from the image archive directory (inspectd.protocol.archive). Per camera the page shows the
-last frame, the last defects with their overlays, counts, throughput, latency and a histogram of scores against the
-threshold; for the station, the daemon's health, model, thresholds and alarms. It updates over server-sent events: the
-state is pushed at most every PUSH_INTERVAL_S while it changes, and the browser's EventSource reconnects by itself.
-A daemon that restarts is picked up again by the SUB socket's own reconnect; while no status arrives the page says so.
+last frame, the last defects with their overlays, counts (the daemon's, from its status messages), throughput,
+latency and a histogram of the scores this view received since it started, against the threshold; for the station,
+the daemon's health, model, thresholds and alarms. It updates over server-sent events: the state is pushed at most
+every PUSH_INTERVAL_S while it changes, and the browser's EventSource reconnects by itself. A daemon that restarts is
+picked up again by the SUB socket's own reconnect; while no status arrives the page says so.
 
 Routes: `/` the page (inspectd.clients.web_page, no build step), `/events` the stream, `/api/state` the same state as
 JSON, `/archive/<id>/frame|overlay` an archived image, `/live/<camera>.jpg` a camera's latest frame.
@@ -91,17 +92,31 @@ class CameraView:
                 }
             )
 
-    def view(self, now: float) -> dict[str, Any]:
+    def view(self, now: float, daemon: Any = None) -> dict[str, Any]:
+        """`daemon`: the camera's entry in the last status message, whose counters cover the daemon's whole run."""
         recent = [t for t in self.arrivals if now - t <= RATE_WINDOW_S]
         ordered = sorted(self.latencies)
         return {
             "counts": self.counts,
+            "daemon_counts": _daemon_counts(daemon),
             "last": self.last,
             "defects": list(self.defects),
             "throughput_fps": len(recent) / RATE_WINDOW_S,
             "latency_ms": {"p50": _quantile(ordered, 0.5), "p99": _quantile(ordered, 0.99)},
             "histogram": {"bins": self.histogram, "ratio_max": 2.0, "threshold": self.threshold},
         }
+
+
+def _daemon_counts(stats: Any) -> dict[str, int] | None:
+    """ok / defect / error as the daemon counted them since it started (None when the status has no counters): the
+    view's own counts start with the view and miss what its SUB socket dropped."""
+    if not isinstance(stats, dict):
+        return None
+    counts = [stats.get(key) for key in ("published", "defects", "errors")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+        return None
+    published, defects, errors = counts
+    return {"ok": max(0, published - defects - errors), "defect": defects, "error": errors}
 
 
 def _quantile(ordered: list[float], q: float) -> float | None:
@@ -115,6 +130,7 @@ class LineState:
 
     def __init__(self, defects_kept: int = 12) -> None:
         self.defects_kept = defects_kept
+        self.started = time.time()  # the view's own counts and histogram cover the results since then
         self.cameras: dict[str, CameraView] = {}
         self.status: dict[str, Any] | None = None
         self.status_at: float | None = None
@@ -142,14 +158,19 @@ class LineState:
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
         silent = None if self.status_at is None else round(now - self.status_at, 1)
+        status_cameras = (self.status or {}).get("cameras")
         return {
             "t": time.time(),
             "status": self.status,
             "status_age_s": silent,
             "daemon_reporting": silent is not None and silent < STATUS_STALE_S,
             "alarms": self.alarms(silent),
-            "cameras": {name: view.view(now) for name, view in sorted(self.cameras.items())},
+            "cameras": {
+                name: view.view(now, (status_cameras if isinstance(status_cameras, dict) else {}).get(name))
+                for name, view in sorted(self.cameras.items())
+            },
             "refused_messages": self.refused,
+            "view_started": self.started,
         }
 
     def alarms(self, silent: float | None) -> list[str]:

@@ -32,6 +32,7 @@ PAGE = """<!doctype html>
                 display: block; }
   .verdict-defect { color: var(--bad); font-weight: 600; } .verdict-ok { color: var(--ok); }
   .verdict-error { color: var(--warn); font-weight: 600; }
+  .hist-note { font-size: 11px; }
 </style>
 </head>
 <body>
@@ -66,6 +67,7 @@ function cameraSection(name) {
       <div>
         <table class="stats"><tbody></tbody></table>
         <svg class="hist" viewBox="0 0 210 90" preserveAspectRatio="none"></svg>
+        <div class="muted hist-note"></div>
       </div>
     </div>
     <div class="defects"></div>`;
@@ -77,11 +79,13 @@ function cameraSection(name) {
   return section;
 }
 
-function stats(view, cameraStatus) {
-  const c = view.counts, last = view.last || {};
+function stats(view, cameraStatus, since) {
+  // The daemon's own counters when its status carries them; this view's start with it and miss what it dropped.
+  const c = view.daemon_counts || view.counts, last = view.last || {};
+  const scope = view.daemon_counts ? "daemon, since it started" : `this view, since ${when(since)}`;
   const rows = [
     ["state", cameraStatus ? esc(cameraStatus.state) : "-"],
-    ["ok / defect / error", `${c.ok} / ${c.defect} / ${c.error}`],
+    ["ok / defect / error", `${c.ok} / ${c.defect} / ${c.error} <span class="muted">(${scope})</span>`],
     ["throughput", `${view.throughput_fps.toFixed(1)} frames/s`],
     ["latency p50 / p99", `${fmt(view.latency_ms.p50)} / ${fmt(view.latency_ms.p99)} ms`],
     ["last", last.verdict ? `<span class="verdict-${last.verdict}">${last.verdict}</span> ` +
@@ -147,8 +151,9 @@ function render(state) {
   const cameraStatus = status.cameras || {};
   for (const [name, view] of Object.entries(state.cameras)) {
     const section = cameraSection(name);
-    $("table.stats tbody", section).innerHTML = stats(view, cameraStatus[name]);
+    $("table.stats tbody", section).innerHTML = stats(view, cameraStatus[name], state.view_started);
     histogram($("svg.hist", section), view.histogram);
+    $(".hist-note", section).textContent = `scores received by this view since ${when(state.view_started)}`;
     defects($(".defects", section), view.defects);
   }
 }
