@@ -513,6 +513,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"dry run: version {new.version} not written, not applied", file=out)
         return 0
+    applied = None
+    if args.apply:
+        # The daemon checks a version before it writes it into its bundle (a reduced-precision engine may refuse
+        # it); written here first, a refused version would stay on disk and stop the daemon's next start.
+        applied = _apply(args, new, out)
+        if applied == REFUSED:
+            print(f"inspectd calibrate: version {new.version} not written to {bundle.path}", file=sys.stderr)
+            return 1
     try:
         bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
     except OSError as exc:
@@ -529,9 +537,7 @@ def run(args: argparse.Namespace) -> int:
         f"wrote thresholds version {new.version} (was {current.version}) to {bundle.path / thresholds_doc.FILE_NAME}",
         file=out,
     )
-    if args.apply:
-        return _apply(args, new, out)
-    return 0
+    return 0 if applied in (None, APPLIED) else 1
 
 
 def check_writable(path: Path, command: str = "calibrate", alternative: str = ", or --dry-run") -> None:
@@ -659,7 +665,12 @@ def _calibrate(bundle, current, args, out):
     return thresholds_doc.next_version(current, image_threshold=image, pixel_threshold=pixel, provenance=provenance)
 
 
-def _apply(args, new, out) -> int:
+APPLIED, REFUSED, UNREACHABLE = "applied", "refused", "unreachable"
+
+
+def _apply(args, new, out) -> str:
+    """Send `new` to the daemon at --apply: APPLIED, REFUSED (it checked and said no) or UNREACHABLE (no reply; the
+    version is still written to the bundle, for the daemon's next start or reload)."""
     # The daemon's control protocol (docs/PROTOCOL.md); imported here so calibrating never needs the daemon.
     from inspectd.errors import InspectdError
     from inspectd.protocol.control import ControlClient
@@ -675,12 +686,12 @@ def _apply(args, new, out) -> int:
             reply = client.request({"cmd": "set_thresholds", "thresholds": new.to_dict()})
     except InspectdError as exc:
         print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)
-        return 1
+        return UNREACHABLE
     if not reply.get("ok"):
         print(f"inspectd calibrate: --apply {endpoint}: the daemon refused: {reply.get('error')}", file=sys.stderr)
-        return 1
+        return REFUSED
     print(
         f"applied: the daemon at {endpoint} now judges with thresholds version {reply.get('thresholds_version', '?')}",
         file=out,
     )
-    return 0
+    return APPLIED

@@ -292,16 +292,28 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
                     break
                 except ControlTimeout:
                     continue
+        from engines.bundle.store import load_bundle
+
+        earlier = load_bundle(bundle).thresholds()
         code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--apply", control)
         daemon_log = (tmp_path / "daemon.log").read_text(errors="replace")[-2000:]
         assert code == 0, err + daemon_log
-        from engines.bundle.store import load_bundle
-
         written = load_bundle(bundle).thresholds().version
         assert f"now judges with thresholds version {written}" in out, out + daemon_log
         with ControlClient(control, timeout_s=10) as client:
             status = client.request({"cmd": "status"})
         assert status["thresholds_version"] == written == before["thresholds_version"] + 1, (status, before)
+
+        # A version the daemon refuses is not written: the bundle set back to the version before (as a copy
+        # restored by hand would be), calibrate proposes the version the daemon already runs.
+        from engines.bundle import thresholds as thresholds_doc
+
+        applied = load_bundle(bundle).thresholds()
+        load_bundle(bundle).replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(earlier))
+        code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--apply", control)
+        assert code == 1 and "the daemon refused" in err and f"version {written} not written" in err, err
+        assert load_bundle(bundle).thresholds().version == before["thresholds_version"]
+        load_bundle(bundle).replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(applied))
 
         # No daemon behind the endpoint: one line and exit 1 (the new version is still written to the bundle).
         code, out, err = calibrate(
