@@ -288,8 +288,11 @@ def teach(
         thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(new_scores),
         thresholds_doc.GOOD_BRIGHTNESS: thresholds_doc.good_score_reference([mean_level(frame) for frame in held]),
     }
+    if current.per_camera:
+        # Overrides were chosen on the old scorer's scores; against the refitted scorer's they mean nothing.
+        provenance["dropped_per_camera"] = current.per_camera
     thresholds = thresholds_doc.next_version(
-        current, image_threshold=fr.threshold, pixel_threshold=pixel, provenance=provenance
+        current, image_threshold=fr.threshold, pixel_threshold=pixel, per_camera={}, provenance=provenance
     )
     version = bundle_version(bundle) + 1
     target = linked_dir(bundle_path)
@@ -322,6 +325,12 @@ def teach(
     if warnings[1]:
         needed = math.ceil(thresholds_doc.MIN_REFERENCE / holdout)
         warnings[1] += f" (teach on >= {needed} frames with --holdout {holdout:g})"
+    if current.per_camera:
+        warnings.append(
+            f"per-camera thresholds of {', '.join(sorted(current.per_camera))} were set on the old scorer's scores "
+            "and are dropped: every camera now judges with the taught thresholds (calibrate --camera to set them "
+            "again)"
+        )
     _report(out, taught, record, warnings, seconds)
     return taught
 

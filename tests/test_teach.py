@@ -112,6 +112,38 @@ def test_teach_matches_train_and_rolls_back(trained, good, tmp_path):
     assert (versions_dir(trained) / "v2").is_dir()
 
 
+def test_teach_drops_the_old_scorers_camera_overrides_and_its_thresholds_cannot_be_rolled_back_to(
+    trained, good, tmp_path
+):
+    """Per-camera thresholds and earlier versions were set on the old scorer's scores: teach drops the overrides
+    (saying so) and a thresholds rollback to a version before it is refused, pointing at teach --rollback."""
+    import shutil
+
+    from calibration.teach import teach
+    from engines.bundle import thresholds as thresholds_doc
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundle = tmp_path / "b"
+    shutil.copytree(trained, bundle)
+    before = load_bundle(bundle)
+    override = thresholds_doc.next_version(
+        before.thresholds(), per_camera={"cam1": {"image_threshold": 123.0}}, provenance={"tool": "test"}
+    )
+    before.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(override))
+    out = io.StringIO()
+    taught = teach(bundle, good, holdout=HOLDOUT, by="tester", out=out).thresholds()
+    assert taught.per_camera == {} and taught.provenance["dropped_per_camera"] == override.per_camera
+    assert "per-camera thresholds of cam1 were set on the old scorer's scores and are dropped" in out.getvalue()
+    assert thresholds_doc.calibrated_range(taught, "image") == thresholds_doc.calibrated_range(taught, "image", False)
+
+    with pytest.raises(thresholds_doc.ThresholdsError, match="inspectd teach --rollback"):
+        thresholds_doc.rollback(taught, override.version)
+    # Versions from the teach on roll back as before.
+    later = thresholds_doc.next_version(taught, image_threshold=taught.image_threshold * 2, provenance={"tool": "x"})
+    assert thresholds_doc.rollback(later, taught.version).image_threshold == taught.image_threshold
+
+
 def test_a_bundle_without_the_feature_graph_gets_one_line(trained, good, tmp_path, capsys):
     from calibration import teach
 

@@ -105,9 +105,14 @@ def score_range(lowest: float, highest: float, n: int) -> dict[str, Any]:
 def calibrated_range(thresholds: Thresholds, kind: str, history: bool = True) -> tuple[float, float] | None:
     """(lowest, highest) score seen at calibration by this version and (with `history`) the earlier ones, for `kind`
     "image" (the good frames' scores and every image score recorded) or "pixel" (pixel scores); None when none was
-    recorded."""
+    recorded. The history counts back to the newest version `inspectd teach` wrote: scores before it are another
+    scorer's."""
     seen: list[float] = []
+    taught = _taught_at(thresholds)
     for version in [thresholds.to_dict(), *(thresholds.history if history else [])]:
+        number = version.get("version")
+        if taught is not None and isinstance(number, int) and number < taught:
+            break
         provenance = version.get("provenance")
         if not isinstance(provenance, dict):
             continue
@@ -220,6 +225,17 @@ def next_version(
     return parse(doc)
 
 
+def _taught_at(current: Thresholds) -> int | None:
+    """The newest version `inspectd teach` wrote (with the scorer it refitted), None if none: versions before it were
+    set on another scorer's scores."""
+    for doc in [{"version": current.version, "provenance": current.provenance}, *current.history]:
+        provenance, number = doc.get("provenance"), doc.get("version")
+        tool = provenance.get("tool") if isinstance(provenance, dict) else None
+        if isinstance(tool, str) and tool.startswith("inspectd teach") and isinstance(number, int):
+            return number
+    return None
+
+
 def rollback(current: Thresholds, version: int) -> Thresholds:
     """A new version (numbers never go down) whose values are those of the earlier `version`.
 
@@ -227,6 +243,13 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
     where the daemon's drift monitor and range check read them: left nested under rolled_back_provenance they would
     switch the drift alarm off. A reference that version lacks (recorded before references existed) is kept from
     `current`: the model is the same, so its good frames' scores still describe it; `references_from` says so."""
+    taught = _taught_at(current)
+    if taught is not None and version < taught:
+        raise ThresholdsError(
+            f"thresholds: version {version} was set on the scores of the scorer `inspectd teach` replaced at version "
+            f"{taught}: expected a version from {taught} on (`inspectd teach --rollback` puts the old scorer back "
+            "with its thresholds)"
+        )
     for old in current.history:
         if old.get("version") == version:
             earlier = parse({**old, "history": []}, where=f"thresholds.history[version {version}]")
