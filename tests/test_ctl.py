@@ -223,6 +223,17 @@ def test_set_thresholds_outside_the_scores_seen_at_calibration_is_refused_unless
         low = ctl(ep, "set-thresholds", str(document(3, lo - 2 * width)))  # below every good score: rejects all
         assert low.returncode == 1 and "is outside" in low.stderr, low.stderr
 
+        # Calibrated on another model, or overriding a camera this daemon does not run: refused unless forced.
+        for change, expected in (
+            ({"provenance": {**v2.provenance, "model_id": "frozen-lite0-00000000"}}, "provenance.model_id"),
+            ({"per_camera": {"cam9": {"image_threshold": hi}}}, "per_camera: cam9: not a camera of this daemon"),
+        ):
+            stranger = document(3, hi)
+            stranger.write_text(json.dumps({**json.loads(stranger.read_text()), **change}))
+            foreign = ctl(ep, "set-thresholds", str(stranger))
+            assert foreign.returncode == 1 and f"thresholds.{expected}" in foreign.stderr, foreign.stderr
+            assert on_disk.read_bytes() == before
+
         inside = ctl(ep, "set-thresholds", str(document(3, hi + 0.5 * width)))
         assert inside.returncode == 0, inside.stderr
         forced = ctl(ep, "set-thresholds", "--force", str(document(4, far)))

@@ -559,6 +559,7 @@ class Daemon:
                     f"thresholds.version: {new.version}, expected more than the current {state.thresholds_version}"
                 )
             if not force:
+                self._check_thresholds_fit(new, state)
                 check_threshold_range(new, state.thresholds)
             # Every check first (with_thresholds refuses a score shift the engine's precision cannot hold), then the
             # file, then the swap: a refused document left on disk would be what the next start or reload loads,
@@ -576,6 +577,23 @@ class Daemon:
             previous_version=state.thresholds_version,
         )
         return {"thresholds_version": new.version}
+
+    def _check_thresholds_fit(self, new, state) -> None:
+        """InspectdError unless `new` was made for this daemon: thresholds calibrated on another model's scores (an
+        operator's stale copy, a document from another station) and overrides for cameras it does not run judge
+        nothing as intended. Overrides already in force are kept as they are (a camera taken out of the config)."""
+        recorded = new.provenance.get("model_id")
+        if isinstance(recorded, str) and recorded != state.model_id:
+            raise InspectdError(
+                f"thresholds.provenance.model_id: {recorded}, expected the running model {state.model_id} "
+                "(calibrated on another model's scores), or force"
+            )
+        unknown = sorted(set(new.per_camera) - set(state.thresholds.per_camera) - set(self.ingest))
+        if unknown:
+            raise InspectdError(
+                f"thresholds.per_camera: {', '.join(unknown)}: not a camera of this daemon, expected one of "
+                f"{', '.join(self.ingest)}, or force"
+            )
 
     def rollback(self, version: Any) -> dict[str, Any]:
         """A new thresholds version with the values of the earlier `version` from the current document's history."""
