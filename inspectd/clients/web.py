@@ -112,9 +112,12 @@ def _daemon_counts(stats: Any) -> dict[str, int] | None:
     view's own counts start with the view and miss what its SUB socket dropped."""
     if not isinstance(stats, dict):
         return None
-    counts = [stats.get(key) for key in ("published", "defects", "errors")]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
-        return None
+    counts: list[int] = []
+    for key in ("published", "defects", "errors"):
+        value = stats.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return None
+        counts.append(value)
     published, defects, errors = counts
     return {"ok": max(0, published - defects - errors), "defect": defects, "error": errors}
 
