@@ -71,7 +71,7 @@ class BatchingConfig:
     max_batch: Annotated[Int, Field(ge=1, le=256)] = 8
     # Bounded like every wait in here: a timeout beyond what time_t holds (1e10 s) raises OverflowError in the
     # thread that waits, long after the config loaded.
-    max_wait_ms: Annotated[Number, Field(ge=0, le=10_000)] = 10.0
+    max_wait_ms: Annotated[Number, Field(ge=0, le=3_600_000)] = 10.0
 
 
 # kind -> that source's own declaration (inspectd.daemon.ingest.SOURCES: kind -> source class with `Options`).
