@@ -345,16 +345,6 @@ def refuse_non_finite(scores, paths, what: str) -> None:
         )
 
 
-def reference_warning(n: int, what: str) -> str | None:
-    """The WARNING for a drift reference of n good frames too few for the daemon's drift test to ever raise."""
-    if n >= thresholds_doc.MIN_REFERENCE:
-        return None
-    return (
-        f"WARNING: {n} {what} are too few for the drift alarm's reference, which needs >= "
-        f"{thresholds_doc.MIN_REFERENCE}: the daemon leaves the alarm off for this version"
-    )
-
-
 def _good_paths(folder: Path) -> list[Path]:
     from engines.data.images import list_images
 
@@ -649,7 +639,7 @@ def _calibrate(bundle, current, args, out):
     provenance[thresholds_doc.IMAGE_SCORES] = image_scores
     if scored.pixels is not None:
         provenance[thresholds_doc.PIXEL_SCORES] = _pixel_range(scored.pixels)
-    if not args.camera and (warning := reference_warning(int(scored.good.size), "good images")):
+    if not args.camera and (warning := thresholds_doc.reference_warning(int(scored.good.size), "good images")):
         print(warning, file=out)
     if args.camera:
         provenance["camera"] = args.camera

@@ -213,7 +213,6 @@ def teach(
         DEFAULT_PIXEL_FPR,
         check_writable,
         pixel_threshold_for_fpr,
-        reference_warning,
         refuse_non_finite,
         threshold_for_false_reject,
     )
@@ -321,7 +320,7 @@ def teach(
     }
     taught = write_version(bundle, params, thresholds, version, record)
     seconds = time.monotonic() - started
-    warnings = [fr.warning(fr_target), reference_warning(len(held), "held-out frames")]
+    warnings = [fr.warning(fr_target), thresholds_doc.reference_warning(len(held), "held-out frames")]
     if warnings[1]:
         needed = math.ceil(thresholds_doc.MIN_REFERENCE / holdout)
         warnings[1] += f" (teach on >= {needed} frames with --holdout {holdout:g})"

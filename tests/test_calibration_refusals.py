@@ -182,7 +182,7 @@ def test_calibrate_refuses_a_bundle_of_another_model_than_the_daemons_before_sco
 
 
 def test_a_drift_reference_too_small_to_arm_is_warned_of_with_the_frames_it_needs():
-    assert calibrate.reference_warning(T.MIN_REFERENCE, "good images") is None
-    warning = calibrate.reference_warning(6, "good images")
+    assert T.reference_warning(T.MIN_REFERENCE, "good images") is None
+    warning = T.reference_warning(6, "good images")
     assert warning is not None and warning.startswith("WARNING: 6 good images are too few") and ">= 8" in warning
     assert "\n" not in warning

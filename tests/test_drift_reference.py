@@ -38,10 +38,24 @@ def test_a_reference_too_small_to_raise_is_not_armed_and_says_why():
     status = monitor.status()
     assert status["active"] is False and status["brightness_active"] is False
     assert "6 good frame(s), expected at least 8" in status["inactive_reason"]
-    assert [e["event"] for e in logs] == ["drift_inactive"] and logs[0]["camera"] == "cam0"
+    assert [e["event"] for e in logs] == ["drift_inactive", "drift_brightness_inactive"] and logs[0]["camera"] == "cam0"
     assert "expected at least 8" in logs[0]["reason"]
     # Fed frames far off the reference it stays quiet: it is off, and says so, rather than on and deaf.
     assert all(monitor.add(5.0, 250.0) is None for _ in range(400))
+
+
+def test_with_too_few_reference_scores_the_brightness_test_still_raises_on_its_own():
+    """A bundle trained on a few images: one held-out score, every image's brightness. The score test is off; the
+    brightness test is not, and a lighting change still raises the alarm."""
+    doc = document(8)
+    provenance = {**doc.provenance, T.GOOD_SCORES: reference(1), T.GOOD_BRIGHTNESS: reference(40, seed=1, mean=120.0)}
+    monitor = monitor_for(T.parse({**doc.to_dict(), "provenance": provenance}), "cam0")
+    status = monitor.status()
+    assert status["active"] is False and status["brightness_active"] is True, status
+    same = np.random.default_rng(2).normal(120.0, 0.05, 300)
+    assert all(monitor.add(0.5, float(b)) is None for b in same)  # unchanged lighting: quiet
+    events = [monitor.add(0.5, 250.0) for _ in range(300)]
+    assert "raised" in events and monitor.status()["brightness_alarm"] and not monitor.status()["score_alarm"]
 
 
 def test_the_smallest_armed_reference_can_raise():

@@ -97,6 +97,16 @@ IMAGE_SCORES = "image_scores"
 PIXEL_SCORES = "pixel_scores"
 
 
+def reference_warning(n: int, what: str) -> str | None:
+    """The WARNING for a drift reference of n good frames too few for the daemon's drift test to ever raise."""
+    if n >= MIN_REFERENCE:
+        return None
+    return (
+        f"WARNING: {n} {what} are too few for the drift alarm's reference, which needs >= {MIN_REFERENCE}: the daemon "
+        "leaves the alarm off for this version"
+    )
+
+
 def score_range(lowest: float, highest: float, n: int) -> dict[str, Any]:
     """provenance["image_scores"] / ["pixel_scores"] for scores from `lowest` to `highest`."""
     return {"n": int(n), "min": float(f"{lowest:.7g}"), "max": float(f"{highest:.7g}")}

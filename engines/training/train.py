@@ -83,6 +83,7 @@ class TrainResult:
     pixel_threshold: float
     seconds: float
     recipe: Recipe
+    n_reference: int  # good images whose scores are the drift alarm's reference
 
 
 def resolve_recipe(name: str | None, overrides: dict) -> list[Recipe]:
@@ -390,6 +391,7 @@ def train_bundle(
         thresholds.pixel_threshold,
         time.monotonic() - started,
         chosen,
+        int(len(scores)),
     )
 
 
@@ -517,4 +519,7 @@ def run(args: argparse.Namespace) -> int:
         f"image threshold {result.image_threshold:.4g}, pixel threshold {result.pixel_threshold:.4g}, "
         f"{result.seconds:.1f}s\nrecipe {result.recipe.summary()}"
     )
+    warning = thresholds_doc.reference_warning(result.n_reference, "good images scored for the first thresholds")
+    if warning:
+        print(f"{warning} (`inspectd calibrate` on >= {thresholds_doc.MIN_REFERENCE} good images records one)")
     return INTERRUPTED_EXIT if result.interrupted else 0

@@ -167,8 +167,9 @@ class DriftState:
 
 class DriftMonitor:
     """One camera's windows and alarm. `add(score, brightness)` for every frame judged ok; returns "raised"/"cleared"
-    when the alarm changes, else None. Inactive (never alarms, status says so and why) without a score reference
-    or with one too small to ever raise; the brightness test is inactive without its own."""
+    when the alarm changes, else None. Each test is inactive (never raises; status says so and why) without its
+    reference or with one too small to ever raise, and runs on its own while the other is inactive: a bundle trained
+    on a few images holds too few held-out scores for the score test, yet enough frames for the brightness one."""
 
     def __init__(
         self,
@@ -181,10 +182,9 @@ class DriftMonitor:
         brightness_reference: tuple[int, list[float]] | None = None,
     ) -> None:
         self.score = KsTest(reference, window)
-        self.active = self.score.active
-        self.brightness = KsTest(brightness_reference if self.active else None, window, "good_brightness")
-        if not self.active:
-            self.brightness.inactive = "the score test is inactive"
+        self.active = self.score.active  # the status's "active": the score test
+        self.brightness = KsTest(brightness_reference, window, "good_brightness")
+        self.running = self.score.active or self.brightness.active
         self.threshold = threshold
         self.target = target
         self.warn_above = WARNING_FACTOR * max(target, normal_tail(self.score.reference, threshold))
@@ -194,33 +194,38 @@ class DriftMonitor:
         self.state = DriftState(brightness_active=self.brightness.active)
 
     def add(self, score: float, brightness: float | None = None) -> str | None:
-        if not self.active or not math.isfinite(score):
+        if not self.running or not math.isfinite(score):
             return None
         self.score.add(score)
         self.brightness.add(brightness)
         self.since_check += 1
-        if len(self.score.values) < self.min_samples or self.since_check < self.check_every:
+        if self._samples() < self.min_samples or self.since_check < self.check_every:
             return None
         self.since_check = 0
         return self.check()
 
+    def _samples(self) -> int:
+        return len(self.score.values) if self.score.active else len(self.brightness.values)
+
     def check(self) -> str | None:
-        window = self.score.window()
         state = self.state
         was = state.alarm
-        state.samples = window.size
-        self.score.check(window)
-        state.statistic, state.raise_at, state.score_alarm = self.score.statistic, self.score.raise_at, self.score.alarm
+        state.samples = self._samples()
+        if self.score.active:
+            window = self.score.window()
+            self.score.check(window)
+            state.statistic, state.raise_at = self.score.statistic, self.score.raise_at
+            state.score_alarm = self.score.alarm
+            state.false_reject_estimate = normal_tail(window, self.threshold)
+            if state.false_reject_estimate > self.warn_above:
+                state.false_reject_warning = True
+            elif state.false_reject_estimate < self.warn_above / 2:
+                state.false_reject_warning = False
         if self.brightness.active and len(self.brightness.values) >= self.min_samples:
             self.brightness.check(self.brightness.window())
             state.brightness_statistic = self.brightness.statistic
             state.brightness_raise_at = self.brightness.raise_at
             state.brightness_alarm = self.brightness.alarm
-        state.false_reject_estimate = normal_tail(window, self.threshold)
-        if state.false_reject_estimate > self.warn_above:
-            state.false_reject_warning = True
-        elif state.false_reject_estimate < self.warn_above / 2:
-            state.false_reject_warning = False
         state.alarm = state.score_alarm or state.brightness_alarm
         if state.alarm != was:
             return "raised" if state.alarm else "cleared"
@@ -258,7 +263,7 @@ def monitor_for(thresholds, camera: str) -> DriftMonitor:
         log.warning(
             "drift_inactive", camera=camera, thresholds_version=thresholds.version, reason=monitor.score.inactive
         )
-    elif not monitor.brightness.active:
+    if not monitor.brightness.active:
         log.info(
             "drift_brightness_inactive",
             camera=camera,
