@@ -503,6 +503,7 @@ class Daemon:
         # Key allow-lists first, and whatever the model does: revoking a client must not wait on a good bundle.
         allow_lists = self._reload_allow_lists()
         with self._reload_lock:
+            self._refuse_when_stopping()
             old = self.stage.state
             new = ModelState.open(
                 self.config.model.bundle,
@@ -512,6 +513,8 @@ class Daemon:
             )
             try:
                 new.warm_up()  # beside the running model: the swap costs the line nothing
+                # Shutdown closes the engines once, under this lock: one swapped in after it would never be closed.
+                self._refuse_when_stopping()
             except BaseException:
                 # Its session (on a GPU, its device memory) would stay held until the garbage collector found it,
                 # another engine each retry, while the running one holds its own: the next reload runs out sooner.
@@ -528,6 +531,10 @@ class Daemon:
             previous_thresholds_version=old.thresholds_version,
         )
         return {"model_id": new.model_id, "thresholds_version": new.thresholds_version, "allow_lists": allow_lists}
+
+    def _refuse_when_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise InspectdError("reload: the daemon is stopping")
 
     def _reload_allow_lists(self) -> dict[str, Any]:
         from inspectd.protocol.keys import KeysError
@@ -792,4 +799,11 @@ def run(args: argparse.Namespace) -> int:
         wake.clear()
     notifier.stopping()
     clean = daemon.shutdown()
+    if reloader is not None and reloader.is_alive():
+        # A reload caught opening a bundle gives its engine up when it sees the stop; exiting under it would end
+        # the process inside the engine's native code.
+        reloader.join(daemon.config.shutdown_timeout_s)
+        if reloader.is_alive():
+            log.warning("reload_still_running", effect="exiting while it opens an engine")
+            clean = False
     return 0 if clean else 1
