@@ -208,6 +208,9 @@ def test_addresses_that_do_not_clash_are_accepted():
     doc["cameras"][2]["source"]["endpoint"] = "tcp://127.0.0.2:5556"  # same port, another address
     doc["control"] = {"endpoint": "tcp://127.0.0.1:*"}  # an ephemeral port
     parse_config(doc)
+    doc = with_value(["publish", "endpoint"], "tcp://127.0.0.1:0")  # port 0: ephemeral as well
+    doc["metrics"] = {"listen": "127.0.0.1:0"}
+    parse_config(doc)
 
 
 @pytest.mark.parametrize("path,value,key", BAD_VALUES, ids=[f"{k}={v!r}" for _, v, k in BAD_VALUES])

@@ -80,6 +80,23 @@ def test_thresholds_the_engine_refuses_are_not_written_to_the_bundle(daemon):
     assert daemon.stage.state.thresholds_version == 2
 
 
+def test_a_rollback_restores_an_override_for_a_camera_taken_out_of_the_config(daemon):
+    """Thresholds not made for this daemon (another model's, overrides for cameras it does not run) are refused
+    unless forced; a rollback restores a version from the running document's own history, which has no force to
+    give, and is not refused for an override of a camera removed since."""
+    from inspectd.errors import InspectdError
+
+    state = daemon.stage.state
+    stranger = thresholds_doc.next_version(state.thresholds, per_camera={"cam9": {"image_threshold": 4.0}})
+    with pytest.raises(InspectdError, match=r"thresholds\.per_camera: cam9: not a camera of this daemon"):
+        daemon.set_thresholds(stranger.to_dict())
+    assert daemon.set_thresholds(stranger.to_dict(), force=True) == {"thresholds_version": 2}
+    cleared = thresholds_doc.next_version(daemon.stage.state.thresholds, per_camera={})
+    assert daemon.set_thresholds(cleared.to_dict()) == {"thresholds_version": 3}
+    assert daemon.rollback(2) == {"thresholds_version": 4, "rolled_back_to": 2}
+    assert daemon.stage.state.thresholds.per_camera == {"cam9": {"image_threshold": 4.0}}
+
+
 def test_a_reload_whose_new_engine_cannot_run_closes_it_and_keeps_the_running_one(daemon, monkeypatch):
     """ModelState.open succeeds (the graph loads) but the warm-up inference fails: that engine must be closed there
     and then, not left holding its session (on a GPU, its device memory) for each retry."""

@@ -320,8 +320,8 @@ def _address(endpoint: str) -> tuple[str, ...]:
 
 def _same_address(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     if a[0] == b[0] == "tcp":
-        # Port * (or !) asks for an ephemeral port: never one another bind holds.
-        return a[2] == b[2] and a[2] not in ("*", "!") and (a[1] == b[1] or bool({a[1], b[1]} & ANY_HOST))
+        # Port * or 0 asks libzmq (and the metrics server) for an ephemeral port: never one another bind holds.
+        return a[2] == b[2] and a[2] not in ("*", "0") and (a[1] == b[1] or bool({a[1], b[1]} & ANY_HOST))
     return a == b
 
 

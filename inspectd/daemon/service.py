@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -552,7 +553,9 @@ class Daemon:
             self.publisher.drop_peers()  # a PUB socket cannot refuse one peer's messages: everyone handshakes again
         return changes
 
-    def set_thresholds(self, doc: Any, force: bool = False) -> dict[str, Any]:
+    def set_thresholds(self, doc: Any, force: bool = False, own_history: bool = False) -> dict[str, Any]:
+        """Check, write and swap in a thresholds document. `own_history`: a version restored from the running
+        document's history (rollback), made for this daemon when it was set, so not checked for fit again."""
         from engines.bundle import thresholds as thresholds_doc
 
         try:
@@ -566,7 +569,8 @@ class Daemon:
                     f"thresholds.version: {new.version}, expected more than the current {state.thresholds_version}"
                 )
             if not force:
-                self._check_thresholds_fit(new, state)
+                if not own_history:
+                    self._check_thresholds_fit(new, state)
                 check_threshold_range(new, state.thresholds)
             # Every check first (with_thresholds refuses a score shift the engine's precision cannot hold), then the
             # file, then the swap: a refused document left on disk would be what the next start or reload loads,
@@ -595,7 +599,7 @@ class Daemon:
                 f"thresholds.provenance.model_id: {recorded}, expected the running model {state.model_id} "
                 "(calibrated on another model's scores), or force"
             )
-        unknown = sorted(set(new.per_camera) - set(state.thresholds.per_camera) - set(self.ingest))
+        unknown = cameras_not_run(set(new.per_camera) - set(state.thresholds.per_camera), self.ingest)
         if unknown:
             raise InspectdError(
                 f"thresholds.per_camera: {', '.join(unknown)}: not a camera of this daemon, expected one of "
@@ -612,7 +616,7 @@ class Daemon:
             new = thresholds_doc.rollback(self.stage.state.thresholds, version)
         except thresholds_doc.ThresholdsError as exc:
             raise InspectdError(str(exc)) from None
-        return {**self.set_thresholds(new.to_dict()), "rolled_back_to": version}
+        return {**self.set_thresholds(new.to_dict(), own_history=True), "rolled_back_to": version}
 
     def _ingest_for(self, camera: Any):
         if camera not in self.ingest:
@@ -702,7 +706,7 @@ def check(path: Path) -> int:
     except (InspectdError, EngineError, OSError, ValueError) as exc:
         print(f"inspectd run --check: {exc}", file=sys.stderr)
         return 2
-    unknown = sorted(set(thresholds.per_camera) - {camera.id for camera in config.cameras})
+    unknown = cameras_not_run(thresholds.per_camera, [camera.id for camera in config.cameras])
     print(f"{path}: valid")
     print(f"  station {config.station}: cameras {', '.join(camera.id for camera in config.cameras)}")
     print(f"  bundle {config.model.bundle}: model {bundle.model_id}, thresholds version {thresholds.version}")
@@ -710,6 +714,11 @@ def check(path: Path) -> int:
     if unknown:
         print(f"  note: thresholds.per_camera names cameras not in this config: {', '.join(unknown)}")
     return 0
+
+
+def cameras_not_run(named: Iterable[str], cameras: Iterable[str]) -> list[str]:
+    """The camera ids in `named` (per-camera thresholds) that are not among the daemon's `cameras`, sorted."""
+    return sorted(set(named) - set(cameras))
 
 
 def _reload(daemon: Daemon, log) -> None:
