@@ -782,8 +782,8 @@ def run(args: argparse.Namespace) -> int:
     healthy = True
     reloader: threading.Thread | None = None
     while True:
-        # Loading, warming up and (FP16) measuring a bundle takes seconds: on this thread it held back WATCHDOG=1
-        # (and SIGTERM) for as long. A SIGHUP during a reload is served once that reload is done.
+        # Loading, warming up and (FP16) measuring a bundle takes seconds: on this thread it would hold back
+        # WATCHDOG=1 (and SIGTERM) for as long. A SIGHUP during a reload is served once that reload is done.
         if reload_requested.is_set() and (reloader is None or not reloader.is_alive()):
             reload_requested.clear()
             reloader = threading.Thread(target=_reload, args=(daemon, log), name="reload", daemon=True)
