@@ -31,6 +31,8 @@ import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import inspectd_version
+from inspectd.errors import InspectdError
+from inspectd.protocol.control import ControlClient, ControlTimeout, client_for
 
 if TYPE_CHECKING:
     from engines.training.metrics import PixelHistograms
@@ -471,17 +473,19 @@ def run(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
 
     out = sys.stdout
+    client = None
     try:
         if (args.server_key is None) != (args.client_key is None):
             raise CalibrationError("--server-key and --client-key: expected both (CurveZMQ) or neither")
         if args.server_key is not None and not args.apply:
             raise CalibrationError("--server-key/--client-key are for --apply: give the daemon's control endpoint")
+        client = client_for(args.apply, args.timeout, args.server_key, args.client_key) if args.apply else None
         bundle = load_bundle(args.bundle)
         current = bundle.thresholds()
         if not args.dry_run:
             check_writable(bundle.path)  # before minutes of scoring, not after
-            if args.apply:
-                _check_daemon(args, bundle)
+            if client is not None:
+                _check_daemon(args, client, bundle)
         if args.rollback is not None:
             if args.good or args.defective or args.pixel or args.camera:
                 raise CalibrationError(
@@ -496,18 +500,22 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             new = _calibrate(bundle, current, args, out)
-    except (CalibrationError, thresholds_doc.ThresholdsError, EngineError, ValueError) as exc:
+    except (CalibrationError, thresholds_doc.ThresholdsError, EngineError, InspectdError, ValueError) as exc:
         print(f"inspectd calibrate: {exc}", file=sys.stderr)
+        if client is not None:
+            client.close()
         return 2
 
     if args.dry_run:
+        if client is not None:
+            client.close()
         print(f"dry run: version {new.version} not written, not applied", file=out)
         return 0
     applied = None
-    if args.apply:
+    if client is not None:
         # The daemon checks a version before it writes it into its bundle (a reduced-precision engine may refuse
         # it); written here first, a refused version would stay on disk and stop the daemon's next start.
-        applied = _apply(args, new, out)
+        applied = _apply(args.apply, client, new, out)
         if applied == REFUSED:
             print(f"inspectd calibrate: version {new.version} not written to {bundle.path}", file=sys.stderr)
             return 1
@@ -546,22 +554,14 @@ def check_writable(path: Path, command: str = "calibrate", alternative: str = ",
     os.unlink(probe)
 
 
-def _check_daemon(args, bundle) -> None:
+def _check_daemon(args, client: ControlClient, bundle) -> None:
     """CalibrationError, before any scoring, when the daemon --apply names runs another model than BUNDLE (thresholds
     for other scores; e.g. teach switched the bundle since, or this is a stale copy) or no camera --camera (a typo
-    would become an override nobody uses). A daemon that cannot be asked is left to --apply itself to report."""
-    from inspectd.errors import InspectdError
-    from inspectd.protocol.control import ControlClient
-
+    would become an override nobody uses). A daemon that does not answer is left to --apply itself to report (the
+    version is still written, for its next start); a reply that is not the protocol's is refused here."""
     try:
-        curve = None
-        if args.server_key is not None:
-            from inspectd.protocol.keys import curve_client
-
-            curve = curve_client(args.server_key, args.client_key)
-        with ControlClient(args.apply, timeout_s=args.timeout, curve=curve) as client:
-            reply = client.request({"cmd": "status"})
-    except InspectdError:
+        reply = client.request({"cmd": "status"})
+    except ControlTimeout:
         return
     if not reply.get("ok"):
         return
@@ -658,21 +658,11 @@ def _calibrate(bundle, current, args, out):
 APPLIED, REFUSED, UNREACHABLE = "applied", "refused", "unreachable"
 
 
-def _apply(args, new, out) -> str:
+def _apply(endpoint: str, client: ControlClient, new, out) -> str:
     """Send `new` to the daemon at --apply: APPLIED, REFUSED (it checked and said no) or UNREACHABLE (no reply; the
     version is still written to the bundle, for the daemon's next start or reload)."""
-    # The daemon's control protocol (docs/PROTOCOL.md); imported here so calibrating never needs the daemon.
-    from inspectd.errors import InspectdError
-    from inspectd.protocol.control import ControlClient
-
-    endpoint = args.apply
     try:
-        curve = None
-        if args.server_key is not None:
-            from inspectd.protocol.keys import curve_client
-
-            curve = curve_client(args.server_key, args.client_key)
-        with ControlClient(endpoint, timeout_s=args.timeout, curve=curve) as client:
+        with client:
             reply = client.request({"cmd": "set_thresholds", "thresholds": new.to_dict()})
     except InspectdError as exc:
         print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)

@@ -30,7 +30,9 @@ replaced, the comparison). Where it goes depends on what BUNDLE is:
   replaced moves to BUNDLE.versions/v<N>. `--rollback` moves the current one there too and puts the version it was
   taught from back.
 
-`--apply` sends `reload` to the daemon, which swaps the model between batches (no frame is skipped, no seq gap).
+`--apply` sends `reload` to the daemon, which swaps the model between batches (no frame is skipped, no seq gap). Its
+endpoint, --timeout and key files are checked before any work; a reply saying an allow-list kept its old keys is
+exit 1, as for `inspectd ctl reload`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from engines.runtime.preprocess import fit_all, mean_level
 from engines.runtime.scorer_fit import augmented, fit_scorer
 from inspectd.errors import InspectdError
 from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveReader, parse_time
+from inspectd.protocol.control import ControlClient, allow_list_errors, client_for
 
 DEFAULT_HOLDOUT = 0.2
 MIN_FRAMES = 2  # at least one fitted and one held out (split_holdout)
@@ -502,9 +505,12 @@ def run(args: argparse.Namespace) -> int:
             raise TeachError("--server-key and --client-key: expected both (CurveZMQ) or neither")
         if args.server_key is not None and not args.apply:
             raise TeachError("--server-key/--client-key are for --apply: give the daemon's control endpoint")
-        if args.timeout <= 0:
-            raise TeachError(f"--timeout {args.timeout}: expected seconds > 0")
         check_numbers(args.holdout, args.target_false_reject, args.pixel_fpr)
+        client = client_for(args.apply, args.timeout, args.server_key, args.client_key) if args.apply else None
+    except (TeachError, InspectdError) as exc:
+        print(f"inspectd teach: {exc}", file=sys.stderr)
+        return 2
+    try:
         if args.rollback:
             rollback(args.bundle)
         else:
@@ -512,27 +518,28 @@ def run(args: argparse.Namespace) -> int:
             teach(args.bundle, good, args.holdout, args.by, args.target_false_reject, args.pixel_fpr)
     except (TeachError, CalibrationError, BundleError, DataError, EngineError, InspectdError, OSError) as exc:
         print(f"inspectd teach: {exc}", file=sys.stderr)
+        if client is not None:
+            client.close()
         return 2
-    return _apply(args) if args.apply else 0
+    return _apply(args.apply, client) if client is not None else 0
 
 
-def _apply(args) -> int:
-    from inspectd.errors import InspectdError
-    from inspectd.protocol.control import ControlClient
-
+def _apply(endpoint: str, client: ControlClient) -> int:
+    """Tell the daemon to reload: 0 when it did, 1 when it refused, did not answer, or kept an allow-list."""
     try:
-        curve = None
-        if args.server_key is not None:
-            from inspectd.protocol.keys import curve_client
-
-            curve = curve_client(args.server_key, args.client_key)
-        with ControlClient(args.apply, timeout_s=args.timeout, curve=curve) as client:
+        with client:
             reply = client.request({"cmd": "reload"})
     except InspectdError as exc:
-        print(f"inspectd teach: --apply {args.apply}: {exc}", file=sys.stderr)
+        print(f"inspectd teach: --apply {endpoint}: {exc}", file=sys.stderr)
         return 1
     if not reply.get("ok"):
-        print(f"inspectd teach: --apply {args.apply}: the daemon refused: {reply.get('error')}", file=sys.stderr)
+        print(f"inspectd teach: --apply {endpoint}: the daemon refused: {reply.get('error')}", file=sys.stderr)
         return 1
-    print(f"applied: the daemon at {args.apply} now runs {reply.get('model_id')}")
-    return 0
+    print(f"applied: the daemon at {endpoint} now runs {reply.get('model_id')}")
+    failed = allow_list_errors(reply)
+    for role, error in failed:
+        print(
+            f"inspectd teach: --apply {endpoint}: allow-list {role} not reloaded, the previous one stays: {error}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0

@@ -1,6 +1,8 @@
 """calibrate and teach refuse what they cannot do in one line, before the work it would waste: teach's arguments
-(a lone CurveZMQ key, a rate outside (0, 1)) before it reads a frame, calibrate's unwritable bundle before it scores
-an image, and scores of NaN or infinity (named by image) before they count or reach thresholds.json.
+(a lone CurveZMQ key, a rate outside (0, 1)) before it reads a frame, --apply's endpoint, timeout and key files
+before either reads a frame, calibrate's unwritable bundle before it scores an image, and scores of NaN or infinity
+(named by image) before they count or reach thresholds.json. teach --apply fails, as `ctl reload` does, when the
+daemon's reload kept an old allow-list.
 
 The bundles are tiny (tests/test_bundle_writes.make, a stand-in graph): every refusal here comes before anything
 would run it, which is the point; the old order failed on the graph, or later."""
@@ -41,6 +43,20 @@ def teach_args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+# What ControlClient would refuse only when --apply runs, after the work: each is refused before it instead.
+BAD_APPLY = [
+    *(
+        (["--apply", "ipc:///nowhere.sock", "--timeout", text], f"--timeout {shown}: expected a finite number")
+        for text, shown in (("nan", "nan"), ("inf", "inf"), ("1e7", "10000000.0"))
+    ),
+    (["--apply", "nowhere.sock"], "--apply 'nowhere.sock': cannot connect ("),
+    (
+        ["--apply", "ipc:///nowhere.sock", "--server-key", "missing.key", "--client-key", "missing.key_secret"],
+        "server public key missing.key: cannot load",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
@@ -51,6 +67,7 @@ def teach_args(*argv: str) -> argparse.Namespace:
         (["--server-key", "s.key", "--client-key", "c.key_secret"], "--server-key/--client-key are for --apply"),
         (["--target-false-reject", "2"], "--target-false-reject 2.0: expected a fraction strictly between 0 and 1"),
         (["--pixel-fpr", "0"], "--pixel-fpr 0.0: expected a fraction strictly between 0 and 1"),
+        *BAD_APPLY,
     ],
 )
 def test_teach_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, expected):
@@ -167,6 +184,53 @@ def calibrate_against(tmp_path, capsys, handler, *extra: str) -> tuple[int, str,
     finally:
         server.stop()
     return code, capsys.readouterr().err, bundle
+
+
+@pytest.mark.parametrize(("extra", "expected"), BAD_APPLY)
+def test_calibrate_refuses_a_bad_apply_before_scoring(tmp_path, capsys, extra, expected):
+    """Once taken for a daemon that does not answer: minutes of scoring, then a version written and not applied."""
+    from inspectd.cli import main
+
+    bundle = make(tmp_path / "b")
+    code = main(["calibrate", str(bundle), "--good", str(frames(tmp_path / "good")), *extra])
+    captured = capsys.readouterr()
+    assert code == 2 and expected in captured.err and captured.err.count("\n") == 1, captured.err
+    assert "scored" not in captured.out and load_bundle(bundle).thresholds().version == 1
+
+
+class Reloads:
+    """The control handler's reload contract: the model reloaded, and what became of each allow-list."""
+
+    def __init__(self, allow_lists: dict) -> None:
+        self.allow_lists = allow_lists
+
+    def reload(self):
+        return {"model_id": "frozen-lite0-0000beef", "thresholds_version": 1, "allow_lists": self.allow_lists}
+
+
+@pytest.mark.parametrize(
+    ("allow_lists", "code"),
+    [({"control": {"added": [], "removed": []}}, 0), ({"control": {"error": "colleague.key: not a key"}}, 1)],
+)
+def test_teach_apply_fails_when_the_reload_kept_an_old_allow_list(tmp_path, capsys, allow_lists, code):
+    """As `inspectd ctl reload`: the model is reloaded, yet a key meant to be revoked may still get in."""
+    from inspectd.daemon.control import ControlServer
+    from inspectd.protocol.control import client_for
+
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    server = ControlServer(endpoint, Reloads(allow_lists))
+    server.start()
+    try:
+        assert teach._apply(endpoint, client_for(endpoint, 5.0)) == code
+    finally:
+        server.stop()
+    captured = capsys.readouterr()
+    assert "now runs frozen-lite0-0000beef" in captured.out
+    if code:
+        assert captured.err.count("\n") == 1, captured.err
+        assert "allow-list control not reloaded, the previous one stays: colleague.key: not a key" in captured.err
+    else:
+        assert captured.err == ""
 
 
 def test_calibrate_refuses_a_camera_the_daemon_does_not_run_before_scoring(tmp_path, capsys):

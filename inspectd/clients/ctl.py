@@ -22,7 +22,7 @@ from typing import Any
 
 from inspectd.errors import InspectdError
 from inspectd.protocol.alarms import status_alarms
-from inspectd.protocol.control import ControlClient, ControlTimeout
+from inspectd.protocol.control import ControlClient, ControlTimeout, allow_list_errors
 
 DEFAULT_ENDPOINT = "ipc:///var/lib/inspectd/control.sock"
 ENDPOINT_ENV = "INSPECTD_CONTROL"
@@ -121,20 +121,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     if not args.json:
         print(describe(args.action, reply))
-    failed = _allow_list_errors(reply) if args.action == "reload" else []
+    failed = allow_list_errors(reply) if args.action == "reload" else []
     for role, error in failed:
         # The model was reloaded but this list was not: a key meant to be revoked may still get in.
         print(f"inspectd ctl: reload: allow-list {role} not reloaded, the previous one stays: {error}", file=sys.stderr)
     return EXIT_REFUSED if failed else EXIT_OK
-
-
-def _allow_list_errors(reply: dict[str, Any]) -> list[tuple[str, str]]:
-    lists = reply.get("allow_lists")
-    if not isinstance(lists, dict):
-        return []
-    return [
-        (str(role), str(part["error"])) for role, part in lists.items() if isinstance(part, dict) and "error" in part
-    ]
 
 
 def describe(action: str, reply: dict[str, Any]) -> str:

@@ -405,13 +405,12 @@ def _subscribe(endpoint: str, curve):
     import zmq
 
     from inspectd.clients.subscribe import Subscriber
+    from inspectd.protocol.control import connect_error
 
     try:
         return Subscriber(endpoint, curve=curve)
     except zmq.ZMQError as exc:
-        raise InspectdError(
-            f"--endpoint {endpoint[:200]!r}: cannot connect ({exc.strerror}), expected tcp://HOST:PORT or ipc://PATH"
-        ) from None
+        raise connect_error("--endpoint", endpoint, exc) from None
 
 
 async def _serve(args: argparse.Namespace, host: str, port: int, sub) -> None:

@@ -1,4 +1,6 @@
-"""The control channel's protocol: the request grammar (`parse_request`) and `ControlClient`.
+"""The control channel's protocol: the request grammar (`parse_request`), `ControlClient`, `client_for` (a client
+from a command's --apply/--timeout/--server-key/--client-key, checked before the command's work) and the reading of a
+reload reply's allow-lists.
 
 One JSON object each way over a ZeroMQ REQ/REP pair. Requests:
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -82,6 +86,20 @@ class ControlTimeout(InspectdError):
     """The daemon did not answer a control request in time."""
 
 
+def check_timeout(timeout_s: Any, name: str = "timeout") -> None:
+    """InspectdError (one line naming `name`) unless `timeout_s` is a finite number of seconds in (0, 1e6)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < 1e6:
+        # NaN fails the comparison too; a poll of int(-1000) ms would wait forever.
+        raise InspectdError(f"{name} {timeout_s!r}: expected a finite number of seconds above 0 (below 1e6)")
+
+
+def connect_error(name: str, endpoint: str, exc: zmq.ZMQError) -> InspectdError:
+    """The one-line error for an endpoint ZeroMQ refused to connect to, for every client socket (REQ, SUB)."""
+    return InspectdError(
+        f"{name} {endpoint[:200]!r}: cannot connect ({exc.strerror}), expected tcp://HOST:PORT or ipc://PATH"
+    )
+
+
 class ControlClient:
     """REQ client. After a timeout the REQ socket is stuck mid-exchange, so it is replaced by a fresh one.
 
@@ -89,14 +107,17 @@ class ControlClient:
     (one line) before anything is sent."""
 
     def __init__(
-        self, endpoint: str, timeout_s: float = 5.0, curve: Callable[[zmq.Socket], None] | None = None
+        self,
+        endpoint: str,
+        timeout_s: float = 5.0,
+        curve: Callable[[zmq.Socket], None] | None = None,
+        name: str = "control endpoint",
     ) -> None:
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < 1e6:
-            # NaN fails the comparison too; a poll of int(-1000) ms would wait forever.
-            raise InspectdError(f"timeout {timeout_s!r}: expected a finite number of seconds above 0 (below 1e6)")
+        check_timeout(timeout_s)
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.curve = curve
+        self.name = name  # what a connect error calls the endpoint: the flag it came from, for a command
         self._sock: zmq.Socket | None = None
 
     def connect(self) -> ControlClient:
@@ -116,10 +137,7 @@ class ControlClient:
                 sock.connect(self.endpoint)
             except zmq.ZMQError as exc:
                 sock.close(linger=0)
-                raise InspectdError(
-                    f"control endpoint {self.endpoint[:200]!r}: cannot connect ({exc.strerror}), "
-                    "expected tcp://HOST:PORT or ipc://PATH"
-                ) from None
+                raise connect_error(self.name, self.endpoint, exc) from None
             self._sock = sock
         return self._sock
 
@@ -155,3 +173,36 @@ class ControlClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def client_for(
+    endpoint: str,
+    timeout_s: float,
+    server_key: str | Path | None = None,
+    client_key: str | Path | None = None,
+    endpoint_flag: str = "--apply",
+) -> ControlClient:
+    """A connected ControlClient for a command's flags, every input checked and nothing sent yet: InspectdError (one
+    line naming the flag) for a timeout ControlClient would refuse, an endpoint ZeroMQ cannot connect to, only one
+    of the two CurveZMQ keys, or a key file that is missing, malformed or readable by others. Commands call it before
+    their work, so a typo never costs the work or leaves it done and not applied."""
+    check_timeout(timeout_s, "--timeout")
+    if (server_key is None) != (client_key is None):
+        raise InspectdError("--server-key and --client-key: expected both (CurveZMQ) or neither")
+    curve = None
+    if server_key is not None and client_key is not None:
+        from inspectd.protocol.keys import curve_client
+
+        curve = curve_client(server_key, client_key)
+    return ControlClient(endpoint, timeout_s=timeout_s, curve=curve, name=endpoint_flag).connect()
+
+
+def allow_list_errors(reply: dict[str, Any]) -> list[tuple[str, str]]:
+    """(role, error) of each allow-list a `reload` reply says failed to reload: the model was reloaded, that list
+    was not (the previous one stays in force, so a key meant to be revoked may still get in)."""
+    lists = reply.get("allow_lists")
+    if not isinstance(lists, dict):
+        return []
+    return [
+        (str(role), str(part["error"])) for role, part in lists.items() if isinstance(part, dict) and "error" in part
+    ]
