@@ -26,6 +26,7 @@ from inspectd.daemon.frames import Frame
 from inspectd.daemon.inference import Judged
 from inspectd.protocol.archive import ArchiveError, ArchiveReader
 from inspectd.protocol.messages import Region
+from other_user import as_nobody
 from station_model import FRAME, THRESHOLD, defect_frame, drop, good_frame, write_grey_bundle
 
 pytestmark = pytest.mark.timeout(120)
@@ -245,10 +246,7 @@ def test_the_reader_refuses_what_is_not_an_archive(tmp_path):
 def as_another_user(*args: str) -> list[str]:
     """`inspectd ARGS` as another user, nobody, in the group that owns what this process creates: the operator in
     group inspectd running `inspectd web`. As any other user, the command as it is."""
-    command = [sys.executable, "-m", "inspectd", *args]
-    if os.geteuid() != 0:
-        return command
-    return ["setpriv", "--reuid", "65534", "--regid", str(os.getegid()), "--clear-groups", *command]
+    return as_nobody([sys.executable, "-m", "inspectd", *args], group=os.getegid())
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from calibration.teach import switch_link
 from engines.bundle import thresholds as T
 from engines.bundle.store import load_bundle, write_bundle
 from engines.errors import BundleError
+from other_user import as_nobody
 
 pytestmark = [pytest.mark.timeout(180)]
 REPO = Path(__file__).resolve().parents[1]
@@ -100,20 +101,16 @@ def test_rewritten_files_keep_their_mode_and_new_ones_are_readable(tmp_path):
     assert modes == {"manifest.json": 0o644, T.FILE_NAME: 0o640, "engines/x.plan": 0o644}
 
 
+@pytest.mark.usefixtures("tmp_path_open_to_others")
 def test_an_unreadable_manifest_is_reported_as_such(tmp_path):
     """Read by another user (root reads everything, so the child runs as nobody when this is root)."""
     root = tmp_path / "shared"
     root.mkdir()
     path = make(root / "b")
     (path / "manifest.json").chmod(0o600 if os.geteuid() == 0 else 0)
-    for folder in (tmp_path, *tmp_path.parents):  # pytest's tmp folders are 0700: the child must reach the bundle
-        if folder.stat().st_uid == os.geteuid() and folder != Path("/"):
-            folder.chmod(folder.stat().st_mode | 0o711)
-    # setpriv: subprocess's own user= cannot exec an interpreter installed under root's 0700 home.
-    as_other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
     load = "import sys; from engines.bundle.store import load_bundle; load_bundle(sys.argv[1])"
     out = subprocess.run(
-        [*as_other, sys.executable, "-c", load, str(path)], capture_output=True, text=True, cwd=REPO, timeout=60
+        as_nobody([sys.executable, "-c", load, str(path)]), capture_output=True, text=True, cwd=REPO, timeout=60
     )
     last = out.stderr.strip().splitlines()[-1]
     assert re.search(r"manifest.json: cannot read \(Permission denied\)", last), out.stderr

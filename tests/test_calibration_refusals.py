@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from PIL import Image
 from calibration import calibrate, teach
 from engines.bundle import thresholds as T
 from engines.bundle.store import load_bundle
+from other_user import as_nobody
 from test_bundle_writes import make
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -80,43 +80,37 @@ def test_teach_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, ex
     assert not (tmp_path / "b.versions").exists()
 
 
-def nobody() -> list[str]:
-    """A command prefix running as an unprivileged user when this is root (root writes everywhere)."""
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
-
-
-def as_another_user(tmp_path: Path, locked: Path, argv: list[str]) -> subprocess.CompletedProcess:
+def as_another_user(locked: Path, argv: list[str]) -> subprocess.CompletedProcess:
     """`inspectd ARGV` as a user who may not write in `locked` (nobody, when this is root; else `locked` is 0555)."""
     locked.chmod(0o555)
-    for folder in (tmp_path, *tmp_path.parents):  # pytest's tmp folders are 0700: the child must reach the bundle
-        if folder.stat().st_uid == os.geteuid() and folder != Path("/"):
-            folder.chmod(folder.stat().st_mode | 0o711)
     try:
         return subprocess.run(
-            [*nobody(), sys.executable, "-m", "inspectd", *argv], capture_output=True, text=True, cwd=REPO, timeout=60
+            as_nobody([sys.executable, "-m", "inspectd", *argv]), capture_output=True, text=True, cwd=REPO, timeout=60
         )
     finally:
         locked.chmod(0o755)
 
 
+@pytest.mark.usefixtures("tmp_path_open_to_others")
 def test_calibrate_refuses_an_unwritable_bundle_before_scoring(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     bundle = make(shared / "b")
     good = frames(shared / "good")
-    out = as_another_user(tmp_path, bundle, ["calibrate", str(bundle), "--good", str(good)])
+    out = as_another_user(bundle, ["calibrate", str(bundle), "--good", str(good)])
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{bundle}: not writable by " in lines[0] and "Permission denied" in lines[0], lines
     assert "images scored" not in out.stderr and load_bundle(bundle).thresholds().version == 1
 
 
+@pytest.mark.usefixtures("tmp_path_open_to_others")
 def test_teach_refuses_a_folder_it_cannot_write_the_new_version_in_before_any_work(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     bundle = make(shared / "b")
     good = frames(tmp_path / "good")
-    out = as_another_user(tmp_path, shared, ["teach", str(bundle), "--good", str(good)])
+    out = as_another_user(shared, ["teach", str(bundle), "--good", str(good)])
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{shared}: not writable by " in lines[0] and "run teach as" in lines[0], lines

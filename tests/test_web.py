@@ -80,6 +80,31 @@ def fetch(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def start_web(endpoint: str, archive: Path) -> tuple[subprocess.Popen, str]:
+    """`inspectd web` on a free port, logging JSON lines to its stdout: the process and its page's URL."""
+    port = free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "web", "--endpoint", endpoint, "--archive", str(archive),
+         "--listen", f"127.0.0.1:{port}", "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True,
+    )  # fmt: skip
+    return web, f"http://127.0.0.1:{port}/"
+
+
+def wait_served(web: subprocess.Popen, url: str, timeout: float = 30.0) -> None:
+    """Until `web` serves its page; its output when it ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert web.poll() is None, web.communicate()[0]
+        try:
+            if fetch(url)[0] == 200:
+                return
+        except OSError:  # not listening yet
+            pass
+        assert time.monotonic() < deadline, "inspectd web did not serve its page"
+        time.sleep(0.1)
+
+
 async def overlay_shown(browser: Browser, archive_id: str, timeout: float = 15.0) -> dict:
     selector = json.dumps(f'img[data-archive-id="{archive_id}"]')
     return await browser.wait_for(
@@ -98,14 +123,8 @@ def test_web_view_in_a_real_browser_shows_defects_live_and_survives_a_daemon_res
     for cam, inbox in inboxes.items():
         inbox.mkdir()
         cameras.append({"id": cam, "source": {"kind": "folder", "path": str(inbox), "poll_ms": 20}})
-    port = free_port()
     stations = [Station(tmp_path, bundle, cameras, archive={"good_every": 1})]
-    web = subprocess.Popen(
-        [sys.executable, "-m", "inspectd", "web", "--endpoint", stations[0].publish, "--archive",
-         str(tmp_path / "state" / "archive"), "--listen", f"127.0.0.1:{port}", "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
+    web, url = start_web(stations[0].publish, tmp_path / "state" / "archive")
     counter = iter(range(1000))
 
     def plant(station: Station, camera: str, defect: bool) -> Result:
@@ -153,11 +172,7 @@ def test_web_view_in_a_real_browser_shows_defects_live_and_survives_a_daemon_res
 
     try:
         stations[0].wait_ready()
-        deadline = time.monotonic() + 30
-        while fetch(url)[0] != 200:
-            assert web.poll() is None, web.communicate()[0]
-            assert time.monotonic() < deadline, "inspectd web did not serve its page"
-            time.sleep(0.1)
+        wait_served(web, url)
         asyncio.run(scenario())
 
         state = json.loads(fetch(url + "api/state")[1])
@@ -205,13 +220,7 @@ def test_web_feed_survives_unreadable_messages_shows_them_and_escapes_status_tex
     pub = zmq.Context.instance().socket(zmq.PUB)
     pub.linger = 0
     endpoint = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
-    port = free_port()
-    web = subprocess.Popen(
-        [sys.executable, "-m", "inspectd", "web", "--endpoint", endpoint, "--archive", str(tmp_path / "none"),
-         "--listen", f"127.0.0.1:{port}", "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
+    web, url = start_web(endpoint, tmp_path / "none")
     hostile = "<img src=x onerror=window.pwned=1>"
     status = {"t": time.time(), "uptime_s": 1.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
               "throughput_fps": 1.0, "cameras": {"cam0": {"state": hostile}, "cam1": []}}  # fmt: skip
@@ -238,16 +247,7 @@ def test_web_feed_survives_unreadable_messages_shows_them_and_escapes_status_tex
             assert "messages from the daemon could not be read" in alarms, alarms
 
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert web.poll() is None, web.communicate()[0]
-            try:
-                if fetch(url)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "inspectd web did not serve its page"
-            time.sleep(0.1)
+        wait_served(web, url)
         publish_for(1.5)
         code, body = fetch(url + "api/state")
         assert code == 200, body[:500]
@@ -279,13 +279,7 @@ def test_the_page_shows_the_daemons_own_counts_and_says_whose_histogram_it_is(tm
     pub = zmq.Context.instance().socket(zmq.PUB)
     pub.linger = 0
     endpoint = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
-    port = free_port()
-    web = subprocess.Popen(
-        [sys.executable, "-m", "inspectd", "web", "--endpoint", endpoint, "--archive", str(tmp_path / "none"),
-         "--listen", f"127.0.0.1:{port}", "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
+    web, url = start_web(endpoint, tmp_path / "none")
     cam0 = {"state": "running", "published": 1000, "defects": 7, "errors": 3}
     status = {"t": time.time(), "uptime_s": 86400.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
               "throughput_fps": 10.0, "cameras": {"cam0": cam0}}  # fmt: skip
@@ -303,16 +297,7 @@ def test_the_page_shows_the_daemons_own_counts_and_says_whose_histogram_it_is(tm
             assert "scores received by this view since " in text, text
 
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert web.poll() is None, web.communicate()[0]
-            try:
-                if fetch(url)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "inspectd web did not serve its page"
-            time.sleep(0.1)
+        wait_served(web, url)
         asyncio.run(page())
     finally:
         web.send_signal(signal.SIGTERM)
