@@ -102,12 +102,13 @@ def test_exit_codes_without_a_daemon(tmp_path):
     assert usage.returncode == 2
     # Input errors are usage errors (2, one line), never a traceback or 1 ("the daemon refused").
     for endpoint, extra, expected in (
-        ("foo", (), "--endpoint (or $INSPECTD_CONTROL): control endpoint 'foo': cannot connect"),
+        ("foo", (), "--endpoint (or $INSPECTD_CONTROL) 'foo': cannot connect"),
         ("tcp://127.0.0.1", (), "expected tcp://HOST:PORT or ipc://PATH"),
-        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "nan"), "--timeout: timeout nan: expected a finite number"),
-        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "inf"), "--timeout: timeout inf: expected a finite number"),
-        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "-1"), "--timeout: timeout -1.0: expected a finite number"),
-        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "0"), "--timeout: timeout 0.0: expected a finite number"),
+        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "nan"), "--timeout nan: expected a finite number"),
+        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "inf"), "--timeout inf: expected a finite number"),
+        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "-1"), "--timeout -1.0: expected a finite number"),
+        (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "0"), "--timeout 0.0: expected a finite number"),
+        (f"ipc://{tmp_path}/nobody.sock", ("--server-key", "s.key"), "expected both (CurveZMQ) or neither"),
     ):
         bad = ctl(endpoint, *extra, "status", timeout=20)
         assert bad.returncode == 2 and expected in bad.stderr, (endpoint, extra, bad.stderr)

@@ -22,7 +22,7 @@ from typing import Any
 
 from inspectd.errors import InspectdError
 from inspectd.protocol.alarms import status_alarms
-from inspectd.protocol.control import ControlClient, ControlTimeout, allow_list_errors
+from inspectd.protocol.control import ControlTimeout, allow_list_errors, client_for
 
 DEFAULT_ENDPOINT = "ipc:///var/lib/inspectd/control.sock"
 ENDPOINT_ENV = "INSPECTD_CONTROL"
@@ -75,34 +75,24 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     return {"cmd": args.action}
 
 
-def _curve(args: argparse.Namespace):
-    if (args.server_key is None) != (args.client_key is None):
-        raise InspectdError("--server-key and --client-key: give both (CurveZMQ) or neither")
-    if args.server_key is None:
-        endpoint = args.endpoint
-        if endpoint.startswith("tcp://") and not endpoint[len("tcp://") :].startswith(LOCAL_HOSTS):
+def _check_network(args: argparse.Namespace) -> None:
+    endpoint = args.endpoint
+    if args.server_key is None and args.client_key is None and endpoint.startswith("tcp://"):
+        if not endpoint[len("tcp://") :].startswith(LOCAL_HOSTS):
             raise InspectdError(
                 f"--endpoint {endpoint}: a network address, expected --server-key and --client-key "
                 "(the daemon accepts only CurveZMQ clients there)"
             )
-        return None
-    from inspectd.protocol.keys import curve_client
-
-    return curve_client(args.server_key, args.client_key)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         request = _request(args)
-        curve = _curve(args)
+        _check_network(args)
+        flag = f"--endpoint (or ${ENDPOINT_ENV})"
+        client = client_for(args.endpoint, args.timeout, args.server_key, args.client_key, endpoint_flag=flag)
     except InspectdError as exc:
         print(f"inspectd ctl: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        client = ControlClient(args.endpoint, timeout_s=args.timeout, curve=curve).connect()
-    except InspectdError as exc:
-        name = "--timeout" if str(exc).startswith("timeout") else f"--endpoint (or ${ENDPOINT_ENV})"
-        print(f"inspectd ctl: {name}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         with client:
