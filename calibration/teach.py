@@ -57,7 +57,7 @@ from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import REQUIRED_FILES, inspectd_version
 from engines.bundle.store import Bundle, load_bundle, write_bundle
 from engines.data.images import ImageFiles, list_images, split_holdout
-from engines.durable import exchange, fsync_dir
+from engines.durable import exchange, fsync_dir, replace_dir
 from engines.errors import BundleError, DataError, EngineError
 from engines.runtime import open_engine
 from engines.runtime.features import FeatureExtractor
@@ -109,8 +109,9 @@ def switch_link(link: Path, new_dir: Path) -> None:
 
 
 def swap_in(path: Path, incoming: Path, keep: Path) -> None:
-    """Put directory `incoming` at `path` and what was there at `keep`, durably; a reader of `path` finds one of the
-    two at every moment where the kernel can swap them in one step (else for the instant between two renames)."""
+    """Put directory `incoming` at `path` and what was there at `keep`, durably and all or nothing; a reader of
+    `path` finds one of the two at every moment where the kernel can swap them in one step (else for the instant
+    between two renames)."""
     if exchange(incoming, path):
         try:
             os.replace(incoming, keep)
@@ -118,8 +119,7 @@ def swap_in(path: Path, incoming: Path, keep: Path) -> None:
             exchange(incoming, path)  # all or nothing: the caller's cleanup of `incoming` must not hit the old version
             raise
     else:
-        os.replace(path, keep)
-        os.replace(incoming, path)
+        replace_dir(path, incoming, keep)  # undoes its first rename when the second fails, for the same reason
     fsync_dir(path.parent)
     if keep.parent != path.parent:
         fsync_dir(keep.parent)

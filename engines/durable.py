@@ -1,5 +1,6 @@
 """Files and directories that a kill or a power cut leaves whole: the one implementation of writing a file durably,
-replacing one, making a directory's entries durable and swapping two directories in one step.
+replacing one, making a directory's entries durable and swapping two directories in one step (or by two renames,
+all or nothing, where one step is not available).
 
 It sits below every layer (it imports nothing of the project), so the bundle store (engines.bundle), the daemon's
 journal and the bridges' state files (through inspectd.durable) share it.
@@ -54,10 +55,18 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
 
+# renameat2 errors meaning "not here" rather than "not these paths". EPERM is what a seccomp filter answers for a
+# system call it does not allow (systemd's SystemCallErrorNumber=EPERM, container profiles); a real permission
+# problem makes the two renames fail with the same error, and replace_dir undoes a half-done one. EXDEV is not here:
+# the two entries are on different file systems, which the renames cannot cross either, so it is raised with nothing
+# moved.
+_EXCHANGE_UNAVAILABLE = frozenset((errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM))
+
+
 def exchange(a: Path, b: Path) -> bool:
     """Swap the directory entries `a` and `b` (both must exist) in one step, so a reader of either name finds the
     old entry or the new one, never nothing (Linux renameat2 RENAME_EXCHANGE). False, with nothing changed, where the
-    kernel, C library or file system cannot; the caller then falls back to two renames."""
+    kernel, C library, file system or a seccomp filter does not allow it; the caller then falls back to replace_dir."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
@@ -66,6 +75,36 @@ def exchange(a: Path, b: Path) -> bool:
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    if err in _EXCHANGE_UNAVAILABLE:
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def replace_dir(path: Path, incoming: Path, aside: Path) -> None:
+    """Put directory `incoming` at `path` and what was there at `aside` by two renames, where `exchange` cannot: a
+    reader of `path` finds nothing for the instant between them. All or nothing: when the second rename fails the
+    first is undone, so `path` holds what it held and a caller that then deletes `incoming` deletes only the new
+    content. The OSError raised says so in one line naming `path` (and, if even the undo failed, where its content
+    is)."""
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        raise OSError(
+            f"{path}: not replaced ({path.name} -> {aside.name}: {exc.strerror or exc}); it holds what it held before"
+        ) from exc
+    try:
+        os.replace(incoming, path)
+    except OSError as exc:
+        reason = f"{incoming.name} -> {path.name}: {exc.strerror or exc}"
+        try:
+            os.replace(aside, path)
+        except OSError as undo:
+            raise OSError(
+                f"{path}: not replaced ({reason}) and its content could not be moved back ({undo.strerror or undo}):"
+                f" it is at {aside}"
+            ) from exc
+        try:
+            fsync_dir(path.parent)  # else a power cut could still bring back the state with nothing at `path`
+        except OSError:
+            pass  # secondary to the error reported
+        raise OSError(f"{path}: not replaced ({reason}); it holds what it held before") from exc

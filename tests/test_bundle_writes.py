@@ -176,12 +176,14 @@ def copy(path: Path, to: Path) -> Path:
     return to
 
 
-def renames_made(code: str, path: Path, scratch: Path) -> dict[str, int]:
-    """How many calls of each rename system call `code` makes on a copy of `path` (strace counts each apart)."""
+def renames_made(code: str, path: Path, scratch: Path, *strace_args: str) -> dict[str, int]:
+    """How many calls of each rename system call `code` makes on a copy of `path` (strace counts each apart), with
+    `strace_args` (a fault injection) added."""
     copy(path, scratch)
     trace = scratch.with_name(scratch.name + ".trace")
     out = subprocess.run(
-        [strace(), "-f", "-o", str(trace), "-e", f"trace={RENAMES}", sys.executable, "-c", code, str(scratch)],
+        [strace(), "-f", "-o", str(trace), "-e", f"trace={RENAMES}", *strace_args]
+        + [sys.executable, "-c", code, str(scratch)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -304,6 +306,108 @@ def test_teach_in_place_that_fails_after_the_swap_puts_the_old_version_back(tmp_
     assert failed.returncode != 0 and "Input/output error" in failed.stderr, failed.stderr
     after = load_bundle(path)
     assert after.model_id == before and after.manifest.get("bundle_version", 1) == 1
+
+
+# --- without RENAME_EXCHANGE: two renames, all or nothing ---------------------------------------------------------
+
+SWAPS = {"write_bundle": REWRITE_ALL, "teach": TEACH, "rollback": ROLLBACK}
+# What a kernel or file system without RENAME_EXCHANGE answers. os.replace is the plain rename system call on x86-64,
+# so only the exchange sees it.
+NO_EXCHANGE = "inject=renameat2:error=EINVAL"
+UNDONE = "; it holds what it held before$"
+
+
+def swap_start(tmp_path: Path, operation: str) -> Path:
+    """The bundle `operation` starts from: taught in place for a rollback, else a new one."""
+    return taught_in_place(tmp_path) if operation == "rollback" else make(tmp_path / "b")
+
+
+def settled(path: Path) -> tuple[str, int, list[str], list[str]]:
+    """What a swap leaves: the bundle's model and version, the hidden entries beside it (staging, `.NAME.old-PID`)
+    and the versions it keeps."""
+    bundle = load_bundle(path)
+    versions = path.with_name(path.name + ".versions")
+    return (
+        bundle.model_id,
+        int(bundle.manifest.get("bundle_version", 1)),
+        sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".")),
+        sorted(p.name for p in versions.iterdir()) if versions.exists() else [],
+    )
+
+
+def plain_renames(code: str, path: Path, scratch: Path, *strace_args: str) -> dict[str, int]:
+    counts = renames_made(code, path, scratch, *strace_args)
+    if "rename" not in counts:  # e.g. arm64, whose libc renames through renameat2: the injection would hit it too
+        pytest.skip("os.replace does not use the rename system call here")
+    return counts
+
+
+@pytest.mark.parametrize("operation", list(SWAPS))
+def test_without_an_exchange_a_failed_second_rename_puts_the_bundle_back(tmp_path, operation):
+    """renameat2 refused (EINVAL), so the swap is two renames, and the second fails (EIO): the first is undone, the
+    bundle is the one in service again with nothing left beside it, and the error is one line naming it (the old code
+    left the old version only under .NAME.old-PID or BUNDLE.versions, deleted the new one, and BUNDLE did not load)."""
+    code = SWAPS[operation]
+    original = swap_start(tmp_path, operation)
+    counts = plain_renames(code, original, tmp_path / "counted", "-e", NO_EXCHANGE)
+    path = copy(original, tmp_path / "run" / original.name)
+    before = settled(path)
+    # The second rename of the two is each operation's last rename.
+    failed = child(code, path, "-f", "-e", NO_EXCHANGE, "-e", f"inject=rename:error=EIO:when={counts['rename']}")
+    assert failed.returncode != 0, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    reason = rf"\S+ -> {path.name}: Input/output error"
+    assert re.search(rf"(OSError|BundleError): {re.escape(str(path))}: not replaced \({reason}\){UNDONE}", last), (
+        failed.stderr
+    )
+    assert settled(path) == before
+
+
+@pytest.mark.parametrize("operation", list(SWAPS))
+def test_without_an_exchange_a_failed_undo_says_where_the_bundle_in_service_is(tmp_path, operation):
+    """The second rename and the undo both fail (EIO from the second rename on): the one-line error names the
+    directory the bundle in service was moved to, and it loads there (the old code named only the rename that
+    failed)."""
+    code = SWAPS[operation]
+    original = swap_start(tmp_path, operation)
+    counts = plain_renames(code, original, tmp_path / "counted", "-e", NO_EXCHANGE)
+    path = copy(original, tmp_path / "run" / original.name)
+    before = settled(path)
+    failed = child(code, path, "-f", "-e", NO_EXCHANGE, "-e", f"inject=rename:error=EIO:when={counts['rename']}+")
+    assert failed.returncode != 0, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    moved = re.search(r"could not be moved back \(Input/output error\): it is at (\S+)$", last)
+    assert moved and f"{path}: not replaced (" in last, failed.stderr
+    assert load_bundle(moved.group(1)).model_id == before[0]
+
+
+@pytest.mark.parametrize("operation", list(SWAPS))
+def test_renameat2_refused_by_a_seccomp_filter_falls_back_to_two_renames(tmp_path, operation):
+    """A seccomp filter answers a system call it does not allow with EPERM (systemd's SystemCallErrorNumber=EPERM):
+    the swap is then done by two renames, with the same result as the exchange (the old code raised EPERM)."""
+    code = SWAPS[operation]
+    original = swap_start(tmp_path, operation)
+    plain_renames(code, original, tmp_path / "counted", "-e", NO_EXCHANGE)
+    exchanged = copy(original, tmp_path / "exchanged" / original.name)
+    assert child(code, exchanged).returncode == 0
+    path = copy(original, tmp_path / "run" / original.name)
+    done = child(code, path, "-f", "-e", "inject=renameat2:error=EPERM")
+    assert done.returncode == 0, done.stderr
+    assert settled(path) == settled(exchanged) != settled(original)
+
+
+def test_write_bundle_across_file_systems_is_refused_in_one_line_with_nothing_moved(tmp_path):
+    """EXDEV from the exchange: two renames could not cross file systems either, so nothing is moved and train or
+    teach reports a BundleError naming the bundle (the old code raised a bare OSError: a traceback from train)."""
+    path = make(tmp_path / "run" / "b")
+    before = settled(path)
+    failed = child(REWRITE_ALL, path, "-f", "-e", "inject=renameat2:error=EXDEV")
+    assert failed.returncode != 0
+    last = failed.stderr.strip().splitlines()[-1]
+    assert re.search(
+        rf"BundleError: {re.escape(str(path))}: not replaced \(Invalid cross-device link\){UNDONE}", last
+    ), failed.stderr
+    assert settled(path) == before
 
 
 def test_a_daemon_refuses_thresholds_for_a_bundle_switched_under_it_until_it_reloads(tmp_path):

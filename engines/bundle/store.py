@@ -35,7 +35,7 @@ from engines.bundle.format import (
     WEIGHTS,
     recipe_of,
 )
-from engines.durable import exchange, fsync_dir, replace_file, write_file
+from engines.durable import exchange, fsync_dir, replace_dir, replace_file, write_file
 from engines.errors import BundleError
 
 # Readable by a daemon running as another user, as the bundle directory is (write_bundle).
@@ -115,12 +115,19 @@ def write_bundle(
         write_file(staging / MANIFEST, _manifest_bytes(manifest), FILE_MODE)
         fsync_dir(staging)
         if path.exists() or path.is_symlink():
-            if exchange(staging, path):  # one step: a reader of `path` finds the old bundle or the new one
+            # Errors here are BundleErrors naming `path`: train and teach report those in one line.
+            try:
+                swapped = exchange(staging, path)  # one step: a reader of `path` finds the old bundle or the new one
+            except OSError as exc:  # nothing moved; EXDEV among them, which two renames could not cross either
+                raise BundleError(f"{path}: not replaced ({exc.strerror}); it holds what it held before") from exc
+            if swapped:
                 _remove(staging)
             else:
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(staging, path)
+                try:
+                    replace_dir(path, staging, old)
+                except OSError as exc:
+                    raise BundleError(str(exc)) from exc
                 _remove(old)
         else:
             os.replace(staging, path)
