@@ -206,6 +206,77 @@ def test_daemon_raises_drift_in_status_metrics_log_and_the_plc_flag_and_clears_i
     assert final["active"] and not final["alarm"] and final["samples"] == 200
 
 
+def test_teach_apply_hot_swaps_into_a_running_daemon_without_a_seq_gap_and_rollback_returns(taught, tmp_path):
+    """`inspectd teach --apply` (the CLI, as a process) while the line runs: the subscriber sees every seq once, in
+    order, the results switch to the taught version at one seq, and `--rollback --apply` brings back the one before."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from daemon_harness import REPO, Station
+    from inspectd.protocol.messages import Result
+
+    shutil.copytree(taught, tmp_path / "b")
+    line = SyntheticLine(LINE, LINE, seed=2, defect_rate=0.0)
+    for _ in range(FRAMES + 150):  # past every frame the other tests stream or the bundle saw
+        line.next()
+    line.write_folder(tmp_path / "good", 80)
+    source = {"kind": "synthetic", "width": LINE, "height": LINE, "seed": 2, "defect_rate": 0.0, "rate_hz": 100.0}
+    station = Station(tmp_path, tmp_path / "b", [{"id": "cam0", "source": source, "queue": {"policy": "block"}}])
+    results: list[Result] = []
+
+    def receive_while(proc: subprocess.Popen | None, then: int) -> None:
+        """Results until `proc` has exited, then `then` more."""
+        stop_at = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            message = station.sub.recv(0.2)
+            if isinstance(message, Result):
+                results.append(message)
+            if stop_at is None and (proc is None or proc.poll() is not None):
+                stop_at = len(results) + then
+            if stop_at is not None and len(results) >= stop_at:
+                return
+        raise AssertionError(f"timed out; daemon log:\n{station.log_tail()}")
+
+    def teach(*args: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "inspectd", "teach", str(tmp_path / "b"), *args]
+        return subprocess.Popen(
+            [*command, "--apply", station.control_endpoint],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            text=True,
+        )
+
+    try:
+        station.wait_ready()
+        receive_while(None, 50)
+        before = (results[-1].model_id, results[-1].thresholds_version)
+        taught_proc = teach("--good", str(tmp_path / "good"), "--holdout", "0.5")
+        receive_while(taught_proc, 100)
+        assert taught_proc.wait() == 0, taught_proc.stdout.read() if taught_proc.stdout else ""
+        after_teach = (results[-1].model_id, results[-1].thresholds_version)
+        back = teach("--rollback")
+        receive_while(back, 100)
+        assert back.wait() == 0, back.stdout.read() if back.stdout else ""
+        after_rollback = (results[-1].model_id, results[-1].thresholds_version)
+    finally:
+        assert station.stop() == 0, station.log_tail()
+
+    seqs = [r.seq for r in results]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq gap or disorder across the reloads"
+    assert after_teach != before and after_teach[1] > before[1]
+    assert after_rollback == before
+    versions = [(r.model_id, r.thresholds_version) for r in results]
+    switches = [i for i in range(1, len(versions)) if versions[i] != versions[i - 1]]
+    assert len(switches) == 2, "each reload switches at one seq, no result judged by a mix"
+    assert all(r.verdict != "error" for r in results)
+    assert [e["thresholds_version"] for e in station.events("reloaded")] == [after_teach[1], before[1]]
+
+
 def test_the_bridge_drift_bit_is_the_daemon_alarm_and_nothing_else():
     from inspectd.clients.handshake import daemon_drift_flags
 
