@@ -206,6 +206,29 @@ def test_daemon_raises_drift_in_status_metrics_log_and_the_plc_flag_and_clears_i
     assert final["active"] and not final["alarm"] and final["samples"] == 200
 
 
+def test_synthetic_source_lighting_schedule_and_its_errors(tmp_path: Path):
+    import yaml
+
+    from inspectd.daemon.config import load_config
+    from inspectd.daemon.ingest.synthetic import SyntheticLineSource
+    from inspectd.errors import InspectdError
+
+    def config(lighting):
+        doc = {
+            "station": "s",
+            "model": {"bundle": str(tmp_path)},
+            "state_dir": str(tmp_path),
+            "cameras": [{"id": "c", "source": {"kind": "synthetic", "width": 16, "height": 16, "lighting": lighting}}],
+        }
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+        return load_config(tmp_path / "c.yaml")
+
+    source = SyntheticLineSource(config({5: 1.5, 9: 1.0}).cameras[0], lambda: 0.0)
+    assert [source.gain(i) for i in (0, 4, 5, 8, 9, 100)] == [1.0, 1.0, 1.5, 1.5, 1.0, 1.0]
+    with pytest.raises(InspectdError, match=r"cameras\[0\]\.source\.lighting\[9\]: expected more than 0"):
+        config({9: 0})
+
+
 def test_teach_apply_hot_swaps_into_a_running_daemon_without_a_seq_gap_and_rollback_returns(taught, tmp_path):
     """`inspectd teach --apply` (the CLI, as a process) while the line runs: the subscriber sees every seq once, in
     order, the results switch to the taught version at one seq, and `--rollback --apply` brings back the one before."""
@@ -275,6 +298,33 @@ def test_teach_apply_hot_swaps_into_a_running_daemon_without_a_seq_gap_and_rollb
     assert len(switches) == 2, "each reload switches at one seq, no result judged by a mix"
     assert all(r.verdict != "error" for r in results)
     assert [e["thresholds_version"] for e in station.events("reloaded")] == [after_teach[1], before[1]]
+
+
+def test_short_drift_soak_stays_quiet_on_an_unchanged_line(taught: Path, tmp_path: Path):
+    """deploy/soak.py --drift, shortened for CI (the hour is 36000 frames, docs/DEPLOY.md): teach the bundle on the
+    soak's own controlled line, stream 1500 unchanged frames through a real daemon: every frame published, both tests
+    active, no drift or false-reject event or status."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from daemon_harness import REPO
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "soak.py"), "--drift", "--bundle", str(taught), "--frames", "1500",
+         "--size", str(LINE), "--workdir", str(tmp_path / "soak"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["published"] == 1500 and report["drift_active"] and report["brightness_active"], report
+    assert report["drift_events"] == {} and report["status_messages_with_alarm"] == 0, report
+    assert report["status_messages_with_warning"] == 0 and report["reference_frames"] == 60, report
 
 
 def test_the_bridge_drift_bit_is_the_daemon_alarm_and_nothing_else():
