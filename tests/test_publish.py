@@ -310,6 +310,20 @@ def test_subscribe_command_json_and_timeout(tmp_path):
     assert proc.returncode == 1 and "0 of 1 results" in proc.stderr
 
 
+def test_subscribe_refuses_an_endpoint_zeromq_cannot_use_in_one_line():
+    """In the words `inspectd web` and the control clients use for the same mistake."""
+    out = subprocess.run(
+        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", "127.0.0.1:5556", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("inspectd subscribe: --endpoint '127.0.0.1:5556': cannot connect ("), lines
+    assert lines[0].endswith("expected tcp://HOST:PORT or ipc://PATH"), lines
+
+
 def test_an_unencodable_mask_still_publishes_the_verdict(tmp_path):
     endpoint = f"ipc://{tmp_path}/pub.sock"
     publisher = Publisher(endpoint, "line1", status=None).start()

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import zmq
 
 from inspectd.errors import InspectdError, MessageError
+from inspectd.protocol.control import connect_error
 from inspectd.protocol.messages import Result, decode
 
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
@@ -388,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd subscribe: {exc}", file=sys.stderr)
         return 2
     except zmq.ZMQError as exc:
-        print(f"inspectd subscribe: --endpoint {args.endpoint!r}: {exc}", file=sys.stderr)
+        print(f"inspectd subscribe: {connect_error('--endpoint', args.endpoint, exc)}", file=sys.stderr)
         return 2
     catch_up = JournalCatchUp(args.journal, args.topic, args.camera)
     source: Subscriber | CatchUpSubscriber = subscriber
