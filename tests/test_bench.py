@@ -90,8 +90,10 @@ def test_bench_naive_on_five_synthetic_frames(tiny_bundle):
     # took the median or longer, so median x ceil(frames / 2) is a lower bound of that sum (median x frames is not).
     slower_half = -(-report["frames"] // 2)
     assert report["latency_ms"]["p50"] * slower_half / 1000.0 <= report["seconds"] * 1.05
-    # CPU time in the right unit and of this process alone: never more cores than the machine has.
-    assert 0 < report["cpu_cores_used"] <= (os.cpu_count() or 1) * 1.05, report["cpu_cores_used"]
+    # CPU time in the right unit (seconds, not ms) and of this process alone. Over a run this short (tens of ms) the
+    # process clock sums every thread's time, ONNX Runtime's spinning pool included, and read 2.34 cores on a
+    # 2-core machine once: the bound allows that, and still fails a unit error (x1000) or another process's time.
+    assert 0 < report["cpu_cores_used"] <= (os.cpu_count() or 1) * 2, report["cpu_cores_used"]
 
 
 def test_bench_naive_refuses_an_empty_frames_folder(tiny_bundle, tmp_path):
