@@ -169,15 +169,20 @@ def test_an_archive_writer_that_dies_makes_the_daemon_unhealthy(daemon):
     assert daemon.status()["healthy"] is False and not daemon.progressing()
 
 
+def slow_manifest_opens(bundle: Path) -> tuple[str, ...]:
+    """The command prefix (strace's syscall delay) under which every open of the bundle's manifest takes 2.5 s."""
+    strace = shutil.which("strace")
+    assert strace, "strace is not installed: `make test` installs it (apt-get install strace)"
+    delay = (strace, "-f", "-qq", "-o", os.devnull, "--seccomp-bpf", "-e", "trace=openat")
+    return delay + ("-P", str(bundle / "manifest.json"), "-e", "inject=openat:delay_enter=2500000")
+
+
 def test_a_slow_sighup_reload_does_not_hold_back_the_watchdog(tmp_path):
     """Every open of the bundle's manifest is made to take 2.5 s (strace's syscall delay): the reload SIGHUP asks for
     is that slow, as a large bundle or an FP16 score-shift measurement is. WATCHDOG=1 (WatchdogSec 1 s here) must keep
     coming meanwhile: on the main thread the reload held it back, and systemd would have restarted a healthy line."""
     bundle = write_grey_bundle(tmp_path / "bundle")
-    strace = shutil.which("strace")
-    assert strace, "strace is not installed: `make test` installs it (apt-get install strace)"
-    delay = (strace, "-f", "-qq", "-o", os.devnull, "--seccomp-bpf", "-e", "trace=openat")
-    delay += ("-P", str(bundle / "manifest.json"), "-e", "inject=openat:delay_enter=2500000")
+    delay = slow_manifest_opens(bundle)
     camera = {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}
     s = Station(tmp_path, bundle, [camera], watchdog_usec=1_000_000, wrap=delay)
     try:
@@ -203,10 +208,7 @@ def test_a_sighup_reload_caught_by_a_stop_gives_its_engine_up_and_the_stop_waits
     engine in once the daemon is stopping (shutdown closes the engines once; one swapped in after would never be
     closed), and the process waits for it rather than exiting inside the engine's native code."""
     bundle = write_grey_bundle(tmp_path / "bundle")
-    strace = shutil.which("strace")
-    assert strace, "strace is not installed: `make test` installs it (apt-get install strace)"
-    delay = (strace, "-f", "-qq", "-o", os.devnull, "--seccomp-bpf", "-e", "trace=openat")
-    delay += ("-P", str(bundle / "manifest.json"), "-e", "inject=openat:delay_enter=2500000")
+    delay = slow_manifest_opens(bundle)
     camera = {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}
     s = Station(tmp_path, bundle, [camera], wrap=delay)
     try:
