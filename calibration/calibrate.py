@@ -564,7 +564,8 @@ def _check_daemon(args, client: ControlClient, bundle) -> None:
     except ControlTimeout:
         return
     if not reply.get("ok"):
-        return
+        # It answered, and said no (a key not in its allow-list): set_thresholds would be refused the same way.
+        raise CalibrationError(f"--apply {args.apply}: the daemon refused: {reply.get('error')}")
     running = reply.get("model_id")
     if isinstance(running, str) and running != bundle.model_id:
         raise CalibrationError(

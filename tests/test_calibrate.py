@@ -346,9 +346,15 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_p
     (allowed / "operator.key").write_bytes(operator_public.read_bytes())
 
     class Daemon:
-        """The control handler's set_thresholds contract: validate, require a higher version, answer with it."""
+        """The control handler's contract as calibrate --apply uses it: status (asked before scoring), then
+        set_thresholds: validate, require a higher version, answer with it."""
 
         version = 1
+
+        def status(self):
+            from engines.bundle.store import load_bundle
+
+            return {"model_id": load_bundle(bundle).model_id, "thresholds_version": self.version, "cameras": {}}
 
         def set_thresholds(self, doc, force=False):
             new = thresholds_doc.parse(doc)

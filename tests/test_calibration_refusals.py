@@ -50,6 +50,7 @@ BAD_APPLY = [
         for text, shown in (("nan", "nan"), ("inf", "inf"), ("1e7", "10000000.0"))
     ),
     (["--apply", "nowhere.sock"], "--apply 'nowhere.sock': cannot connect ("),
+    (["--apply", "tcp://10.1.2.3:5555"], "--apply tcp://10.1.2.3:5555: a network address, expected --server-key"),
     (
         ["--apply", "ipc:///nowhere.sock", "--server-key", "missing.key", "--client-key", "missing.key_secret"],
         "server public key missing.key: cannot load",
@@ -236,6 +237,23 @@ def test_calibrate_refuses_a_camera_the_daemon_does_not_run_before_scoring(tmp_p
 def test_calibrate_refuses_a_bundle_of_another_model_than_the_daemons_before_scoring(tmp_path, capsys):
     code, err, bundle = calibrate_against(tmp_path, capsys, StatusOnly("frozen-lite0-0000beef"))
     assert code == 2 and "the daemon runs model frozen-lite0-0000beef" in err, err
+    assert err.count("\n") == 1 and load_bundle(bundle).thresholds().version == 1
+
+
+class Refuses:
+    """A daemon that answers every request with a refusal, as it does a key its allow-list no longer holds."""
+
+    model_id = ""
+
+    def status(self):
+        from inspectd.errors import InspectdError
+
+        raise InspectdError("client key not in the allow-list")
+
+
+def test_calibrate_stops_before_scoring_when_the_daemon_refuses_its_status(tmp_path, capsys):
+    code, err, bundle = calibrate_against(tmp_path, capsys, Refuses())
+    assert code == 2 and "the daemon refused: client key not in the allow-list" in err, err
     assert err.count("\n") == 1 and load_bundle(bundle).thresholds().version == 1
 
 

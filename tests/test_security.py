@@ -25,11 +25,11 @@ from inspectd.daemon.control import ControlServer
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.inference import Judged
 from inspectd.daemon.publish import Publisher
-from inspectd.daemon.security import ALLOW_ROOT_ENV, CurveServer, is_local_endpoint, refuse_root
+from inspectd.daemon.security import ALLOW_ROOT_ENV, CurveServer, refuse_root
 from inspectd.errors import ConfigError, InspectdError
 from inspectd.protocol import keys
 from inspectd.protocol.control import ControlClient, ControlTimeout
-from inspectd.protocol.keys import curve_client
+from inspectd.protocol.keys import curve_client, is_local_endpoint
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]

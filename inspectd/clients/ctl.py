@@ -27,7 +27,6 @@ from inspectd.protocol.control import ControlTimeout, allow_list_errors, client_
 DEFAULT_ENDPOINT = "ipc:///var/lib/inspectd/control.sock"
 ENDPOINT_ENV = "INSPECTD_CONTROL"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-LOCAL_HOSTS = ("127.", "localhost", "[::1]")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,20 +74,9 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     return {"cmd": args.action}
 
 
-def _check_network(args: argparse.Namespace) -> None:
-    endpoint = args.endpoint
-    if args.server_key is None and args.client_key is None and endpoint.startswith("tcp://"):
-        if not endpoint[len("tcp://") :].startswith(LOCAL_HOSTS):
-            raise InspectdError(
-                f"--endpoint {endpoint}: a network address, expected --server-key and --client-key "
-                "(the daemon accepts only CurveZMQ clients there)"
-            )
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         request = _request(args)
-        _check_network(args)
         flag = f"--endpoint (or ${ENDPOINT_ENV})"
         client = client_for(args.endpoint, args.timeout, args.server_key, args.client_key, endpoint_flag=flag)
     except InspectdError as exc:

@@ -27,9 +27,10 @@ from inspectd.configfile import CameraId, ConfigPath, Endpoint, parse, read_yaml
 from inspectd.daemon.inference import MASK_POLICIES
 from inspectd.daemon.ingest import SOURCES
 from inspectd.daemon.ingest.queue import QUEUE_POLICIES
-from inspectd.daemon.security import Curve, is_local_endpoint
+from inspectd.daemon.security import Curve
 from inspectd.errors import ConfigError
 from inspectd.logs import LOG_FORMATS, LOG_LEVELS
+from inspectd.protocol.keys import is_local_endpoint
 
 STATION_RE = r"[a-z0-9_-]+"
 DEFAULT_STATE_DIR = Path("/var/lib/inspectd")

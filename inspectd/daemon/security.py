@@ -23,7 +23,6 @@ are left to the host's own access control (IPC socket file mode 0660 under the s
 from __future__ import annotations
 
 import collections
-import ipaddress
 import os
 import threading
 import time
@@ -88,21 +87,6 @@ def refuse_root() -> None:
             "would own the whole station; run as the inspectd service user (User=inspectd in the "
             f"systemd unit), or set {ALLOW_ROOT_ENV}=1 in a throwaway test container only"
         )
-
-
-def is_local_endpoint(endpoint: str) -> bool:
-    """IPC, inproc and loopback TCP endpoints: reachable from this host only."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # an interface name or '*': a network address
 
 
 class _Refusals:

@@ -184,8 +184,11 @@ def client_for(
 ) -> ControlClient:
     """A connected ControlClient for a command's flags, every input checked and nothing sent yet: InspectdError (one
     line naming the flag) for a timeout ControlClient would refuse, an endpoint ZeroMQ cannot connect to, only one
-    of the two CurveZMQ keys, or a key file that is missing, malformed or readable by others. Commands call it before
-    their work, so a typo never costs the work or leaves it done and not applied."""
+    of the two CurveZMQ keys, a network endpoint without them, or a key file that is missing, malformed or readable
+    by others. Commands call it before their work, so a typo never costs the work or leaves it done and not
+    applied."""
+    from inspectd.protocol.keys import is_local_endpoint
+
     check_timeout(timeout_s, "--timeout")
     if (server_key is None) != (client_key is None):
         raise InspectdError("--server-key and --client-key: expected both (CurveZMQ) or neither")
@@ -194,7 +197,15 @@ def client_for(
         from inspectd.protocol.keys import curve_client
 
         curve = curve_client(server_key, client_key)
-    return ControlClient(endpoint, timeout_s=timeout_s, curve=curve, name=endpoint_flag).connect()
+    client = ControlClient(endpoint, timeout_s=timeout_s, curve=curve, name=endpoint_flag).connect()
+    # After connect, which has refused what is no ZeroMQ endpoint at all.
+    if curve is None and not is_local_endpoint(endpoint):
+        client.close()
+        raise InspectdError(
+            f"{endpoint_flag} {endpoint}: a network address, expected --server-key and --client-key "
+            "(the daemon accepts only CurveZMQ clients there)"
+        )
+    return client
 
 
 def allow_list_errors(reply: dict[str, Any]) -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ let themselves in.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import stat
 import sys
@@ -25,6 +26,23 @@ import zmq
 import zmq.auth
 
 from inspectd.errors import InspectdError
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """IPC, inproc and loopback TCP endpoints: reachable from this host only (elsewhere the daemon requires
+    CurveZMQ, and its clients must bring keys)."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or '*': a network address
+
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"

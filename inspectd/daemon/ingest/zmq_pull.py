@@ -16,9 +16,10 @@ from inspectd.configfile import Endpoint
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
-from inspectd.daemon.security import Curve, CurveServer, is_local_endpoint
+from inspectd.daemon.security import Curve, CurveServer
 from inspectd.errors import MessageError
 from inspectd.protocol import wirejson
+from inspectd.protocol.keys import is_local_endpoint
 
 if TYPE_CHECKING:
     import zmq
