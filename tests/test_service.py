@@ -217,9 +217,9 @@ def test_a_sighup_reload_caught_by_a_stop_gives_its_engine_up_and_the_stop_waits
         time.sleep(0.5)  # the reload is now inside the slowed open
         assert s.stop(timeout=60) == 0, s.log_tail()
         assert not s.events("reloaded"), s.log_tail()
+        # Raised only where the reload met the stop: at the lock, or (here, 0.5 s into a 2.5 s open) after the open.
         failed = s.events("reload_failed")
         assert failed and "the daemon is stopping" in failed[0]["error"], s.log_tail()
-        names = [e["event"] for e in s.events()]
-        assert names.index("reload_failed") < names.index("stopped"), names
+        assert s.events("stopped")[-1]["engines_closed"] is True, s.log_tail()
     finally:
         s.close()

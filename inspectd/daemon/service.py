@@ -176,20 +176,24 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.stop()
         # A reload still opening its engine (SIGHUP's thread, or control's) would swap it in after this close.
+        closed = False
         if drained and self._reload_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             try:
                 self._close_retired(wait=True)
                 self.stage.state.close()
+                closed = True
             finally:
                 self._reload_lock.release()
+        clean = drained and published and closed
         self.log.info(
             "stopped",
             published=self.publisher.published,
             drained=drained,
-            clean=drained and published,
+            engines_closed=closed,
+            clean=clean,
             frames_in={cam: ingest.frames_in for cam, ingest in self.ingest.items()},
         )
-        return drained and published
+        return clean
 
     def _publish_unjudged(self) -> None:
         """The shutdown timeout ran out with frames still queued: each accepted frame still gets a result, verdict
@@ -807,11 +811,13 @@ def run(args: argparse.Namespace) -> int:
             break
         wake.clear()
     notifier.stopping()
+    deadline = time.monotonic() + daemon.config.shutdown_timeout_s
     clean = daemon.shutdown()
     if reloader is not None and reloader.is_alive():
         # A reload caught opening a bundle gives its engine up when it sees the stop; exiting under it would end
-        # the process inside the engine's native code.
-        reloader.join(daemon.config.shutdown_timeout_s)
+        # the process inside the engine's native code. Within the same deadline: the units' TimeoutStopSec allows
+        # for shutdown_timeout_s, not twice it.
+        reloader.join(max(0.0, deadline - time.monotonic()))
         if reloader.is_alive():
             log.warning("reload_still_running", effect="exiting while it opens an engine")
             clean = False
