@@ -475,9 +475,8 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     client = None
     try:
-        if (args.server_key is None) != (args.client_key is None):
-            raise CalibrationError("--server-key and --client-key: expected both (CurveZMQ) or neither")
-        if args.server_key is not None and not args.apply:
+        # The pair itself is client_for's to check, with --apply.
+        if (args.server_key is not None or args.client_key is not None) and not args.apply:
             raise CalibrationError("--server-key/--client-key are for --apply: give the daemon's control endpoint")
         client = client_for(args.apply, args.timeout, args.server_key, args.client_key) if args.apply else None
         bundle = load_bundle(args.bundle)

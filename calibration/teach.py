@@ -501,9 +501,8 @@ def run(args: argparse.Namespace) -> int:
             raise TeachError("--archive: expected --since TIME too (8h, or 2026-03-01T06:00): the span to teach on")
         # Every argument checked before any work: a refusal after the bundle was switched would leave the daemon
         # running the old version with the new one on disk.
-        if (args.server_key is None) != (args.client_key is None):
-            raise TeachError("--server-key and --client-key: expected both (CurveZMQ) or neither")
-        if args.server_key is not None and not args.apply:
+        # The pair itself is client_for's to check, with --apply.
+        if (args.server_key is not None or args.client_key is not None) and not args.apply:
             raise TeachError("--server-key/--client-key are for --apply: give the daemon's control endpoint")
         check_numbers(args.holdout, args.target_false_reject, args.pixel_fpr)
         client = client_for(args.apply, args.timeout, args.server_key, args.client_key) if args.apply else None

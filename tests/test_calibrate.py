@@ -402,7 +402,7 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_p
         )
         assert code == 1 and "no reply within 1 s" in err
         assert handler.version == 2
-        code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--server-key", server_public)
+        code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--apply", endpoint, "--server-key", server_public)
         assert code == 2 and "expected both (CurveZMQ) or neither" in err
     finally:
         server.stop()
