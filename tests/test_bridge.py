@@ -411,6 +411,39 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_endpoint_zeromq_cannot_use_is_one_line_before_the_plc_is_touched(plc, bridge_config):
+    """In the words subscribe, web and the control clients use; a PLC written to by a bridge that then died would
+    show a stale or half-set status to the line."""
+    plc.acking.clear()  # the PLC program writes nothing itself, so any change is the bridge's
+    before = list(range(1, 15))  # a value in every register, which the bridge's start would clear or overwrite
+    assert not plc.client.write_registers(0, before, device_id=1).isError()
+    for endpoint in ("tcp://nohost", "127.0.0.1:5556"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "inspectd",
+                "bridge",
+                "modbus",
+                "--endpoint",
+                endpoint,
+                "--plc",
+                f"127.0.0.1:{plc.port}",
+                "--config",
+                str(bridge_config),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and f"--endpoint {endpoint!r}: cannot connect" in line, line
+        assert "expected tcp://HOST:PORT or ipc://PATH" in line
+        assert plc.registers() == before
+
+
 def test_bridge_config_errors_name_the_key():
     cases = [
         ({"registers": {"scroe": 3}}, "bridge.registers.scroe: unknown key (known: status, inspection_id,"),

@@ -288,6 +288,52 @@ def test_subscribe_command_prints_results_gaps_and_saves_masks(tmp_path):
     assert saved and decode_result(encode_result(**make_result(mask_png=saved[0].read_bytes()))).mask()[1, 1]
 
 
+def test_subscribe_refuses_a_save_masks_dir_it_cannot_create_in_one_line(tmp_path):
+    not_a_dir = tmp_path / "masks"
+    not_a_dir.write_text("")
+    for target in (not_a_dir, not_a_dir / "sub"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"ipc://{tmp_path}/none"]
+            + ["--timeout", "0.5", "--save-masks", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        line = proc.stderr.strip()
+        assert proc.returncode == 2 and "\n" not in line, proc.stderr
+        assert f"--save-masks {target}: cannot create it" in line and "expected a directory" in line, line
+
+
+def test_a_mask_that_cannot_be_written_is_reported_once_and_the_results_keep_coming(tmp_path):
+    """A full disk or a removed directory loses the pictures, never the verdicts a long-running subscriber prints."""
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.XPUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    masks = tmp_path / "masks"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"tcp://127.0.0.1:{port}"]
+        + ["--count", "3", "--timeout", "20", "--save-masks", str(masks)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    mask = np.zeros((5, 6), bool)
+    mask[1, 1] = True
+    try:
+        assert pub.poll(20_000), "the subscriber never subscribed"
+        assert pub.recv()[0] == 1
+        masks.rmdir()  # created at start; gone now, so every write fails for the same cause
+        for seq in (1, 2, 3):
+            pub.send_multipart(encode_result(**make_result(seq=seq, mask_png=encode_mask(mask))))
+        out, err = proc.communicate(timeout=30)
+    finally:
+        pub.close(0)
+    assert proc.returncode == 0, err
+    assert [int(line.split()[1][4:]) for line in out.splitlines()] == [1, 2, 3]
+    reports = [line for line in err.splitlines() if "--save-masks" in line]
+    assert len(reports) == 1 and "cannot write" in reports[0] and "Traceback" not in err, err
+
+
 def test_subscribe_command_json_and_timeout(tmp_path):
     proc = subprocess.run(
         [

@@ -41,6 +41,7 @@ from inspectd.clients.subscribe import JournalCatchUp
 from inspectd.durable import replace_file
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
+from inspectd.protocol.control import connect_error
 from inspectd.protocol.messages import Result, decode
 
 log = structlog.get_logger("inspectd.clients.bridge")
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             from inspectd.protocol.keys import curve_client
 
             curve = curve_client(args.server_key, args.client_key)
+        _check_endpoint(args.endpoint)
     except InspectdError as exc:
         print(f"inspectd bridge: {exc}", file=sys.stderr)
         return 2
@@ -142,6 +144,19 @@ def run(args: argparse.Namespace) -> int:
     except (PlcError, OSError) as exc:
         print(f"inspectd bridge: {exc}", file=sys.stderr)
         return 1
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """Refuse an endpoint ZeroMQ cannot connect to before the PLC side is opened and written to."""
+    context = zmq.Context()
+    sock = context.socket(zmq.SUB)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise connect_error("--endpoint", endpoint, exc) from None
+    finally:
+        sock.close(0)
+        context.term()
 
 
 def _subscriptions(prefix: str) -> list[bytes]:

@@ -359,6 +359,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _save_mask(path: Path, png: bytes, reported: set[str]) -> None:
+    """Write one mask picture; a failure is reported once per cause and never stops the results, which matter more."""
+    try:
+        path.write_bytes(png)
+    except OSError as exc:
+        cause = exc.strerror or type(exc).__name__
+        if cause not in reported:
+            reported.add(cause)
+            print(
+                f"inspectd subscribe: --save-masks: cannot write {path} ({cause}); masks with this error are not saved,"
+                " results still printed",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         print("inspectd subscribe: --count: expected an integer >= 1", file=sys.stderr)
@@ -376,7 +392,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd subscribe: --journal {args.journal}: expected the daemon's journal directory", file=sys.stderr)
         return 2
     if args.save_masks is not None:
-        args.save_masks.mkdir(parents=True, exist_ok=True)
+        try:
+            args.save_masks.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(
+                f"inspectd subscribe: --save-masks {args.save_masks}: cannot create it ({exc.strerror}), "
+                "expected a directory it may write to",
+                file=sys.stderr,
+            )
+            return 2
+    mask_failures: set[str] = set()  # the causes already reported, so a full disk prints one line, not one per result
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     try:
         curve = None
@@ -436,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
                     )
                 catch_up.backwards.clear()
                 if args.save_masks is not None and message.mask_png is not None:
-                    (args.save_masks / f"{message.camera}_{message.seq}.png").write_bytes(message.mask_png)
+                    _save_mask(args.save_masks / f"{message.camera}_{message.seq}.png", message.mask_png, mask_failures)
                 print(
                     json.dumps(message.header(), separators=(",", ":")) if args.json else format_result(message),
                     flush=True,
