@@ -353,7 +353,9 @@ class PlcServer:
         values: dict | None = None,
         security: tuple[Path, Path, Path] | None = None,
         lacks: tuple[str, ...] = (),
+        types: dict[str, str] = PLC_TYPES,
     ) -> None:
+        self.types = types
         self.url = f"opc.tcp://127.0.0.1:{port}/plc/"
         self.server = Server()
         self.server.set_endpoint(self.url)
@@ -380,7 +382,7 @@ class PlcServer:
             for name, (browse, kind) in NAMES.items():
                 if name in lacks:  # a PLC program written before the bridge had this variable
                     continue
-                kind = PLC_TYPES.get(name, kind)
+                kind = types.get(name, kind)
                 start = (values or {}).get((camera, name), "" if kind == "String" else 0)
                 variant = ua.Variant(bool(start) if kind == "Boolean" else start, getattr(ua.VariantType, kind))
                 node = folder.add_variable(ua.NodeId(f"{camera}.{browse}", 2), f"2:{camera}{browse}", variant)
@@ -393,7 +395,7 @@ class PlcServer:
         return self.nodes[(camera, name)].read_value()
 
     def write(self, camera: str, name: str, value) -> None:
-        kind = PLC_TYPES.get(name, NAMES[name][1])
+        kind = self.types.get(name, NAMES[name][1])
         self.nodes[(camera, name)].write_value(ua.Variant(value, getattr(ua.VariantType, kind)))
 
     def run_program(self) -> PlcProgram:
@@ -468,6 +470,37 @@ def test_client_mode_writes_into_the_plcs_server_and_survives_both_restarts(daem
         events = bridge.stop()
         plc.stop()
     assert events["bridge_stopped"]["stale_skipped"] == 1
+
+
+def test_client_mode_acks_ids_past_the_width_of_an_s7_int_and_restarts_in_full_seqs(daemon, tmp_path):
+    # An S7 "Int" InspectionId/Ack holds seqs modulo 2**15: 40000 is 7232 there, and the PLC echoes 7232.
+    port = free_port()
+    plc = PlcServer(port, types={**PLC_TYPES, "inspection_id": "Int16", "ack": "Int16"})
+    program = plc.run_program()
+    state = tmp_path / "state"
+    bridge = client_bridge(daemon, tmp_path, plc, extra=["--state-dir", str(state)])
+    try:
+        daemon.result(40000)
+        daemon.result(40001)
+        wait(lambda: program.ids() == [7232, 7233], 10, "the wrapped ids in the PLC's variables")
+    finally:
+        events = bridge.stop()
+    stopped = events["bridge_stopped"]
+    assert stopped["acked"] == 2 and stopped["missed_acks"] == 0, stopped
+    assert not plc.read(CAMERA, "alarm")
+    assert json.loads((state / "acked.json").read_text())["acked"][CAMERA] == 40001  # recorded in full
+
+    # Restarted without the recorded ack: the PLC's 7233 stands for 40001, so 40001 is stale and 40002 no gap.
+    bridge = client_bridge(daemon, tmp_path, plc)
+    try:
+        daemon.result(40001)
+        daemon.result(40002)
+        wait(lambda: program.ids() == [7232, 7233, 7234], 10, "result 40002 only")
+    finally:
+        events = bridge.stop()
+        plc.stop()
+    stopped = events["bridge_stopped"]
+    assert stopped["stale_skipped"] == 1 and stopped["sequence_gaps"] == 0 and stopped["missed_acks"] == 0, stopped
 
 
 def _certificate(directory: Path, name: str, uri: str, server: bool) -> tuple[Path, Path]:
@@ -613,7 +646,13 @@ def test_config_errors_name_the_key_and_the_cli_says_one_line(tmp_path, daemon):
         with pytest.raises(ConfigError) as err:
             parse_opcua_config(raw)
         assert message in str(err.value), (raw, str(err.value))
+    bad_state = tmp_path / "bad-state.json"
+    bad_state.write_text(json.dumps({CAMERA: {"inspection_id": "12x"}}))
+    bad_alarm = tmp_path / "bad-alarm.json"
+    bad_alarm.write_text(json.dumps({CAMERA: {"inspection_id": 3, "alarm": 7}}))
     for args, expected in [
+        (["--camera", CAMERA, "--state-file", str(bad_state)], f"{bad_state}: camera '{CAMERA}' inspection_id"),
+        (["--camera", CAMERA, "--state-file", str(bad_alarm)], f"{bad_alarm}: camera '{CAMERA}' alarm: expected"),
         (["--camera", "cam0"], "state_file: expected a file path in server mode"),
         (["--state-file", str(tmp_path / "s")], "cameras: expected at least one camera id"),
         (["--mode", "client", "--camera", "cam0", "--opcua", "tcp://x"], "endpoint: expected an opc.tcp:// URL"),

@@ -20,6 +20,11 @@ PLC whose registers were reset does not get everything again), are stale (handed
 skipped; an id of 0 with no recorded ack means a fresh PLC and skips nothing. Per camera seq never goes back (the
 daemon resumes it from its journal), so this skips only replays.
 
+Id width: a target may hold ids narrower than 32 bits (`id_modulus`, e.g. 2**15 for an S7 Int): what the PLC holds and
+echoes is then the seq modulo that, so the ack is compared in that width, and the PLC's inspection id read at start
+stands for the seq with that remainder nearest the first result that arrives. What the bridge records
+(the acked callback, gaps, last_id) stays in full seqs.
+
 Stopping (SIGTERM) lets the result on the PLC finish its handshake (its ack, at most ack_timeout_ms) before the bridge
 drops result_valid, so what the PLC took is recorded as acknowledged and not handed over again after the restart.
 
@@ -58,6 +63,7 @@ STATUS_FLAGS = (
     "false_reject_warning",
 )
 Status = frozenset  # the raised STATUS_FLAGS
+ID_MODULUS = 1 << 32  # inspection ids are written as 32-bit values unless a target holds fewer bits
 
 
 def daemon_drift_flags(status: dict[str, Any], camera: str | None) -> tuple[bool, bool]:
@@ -86,6 +92,8 @@ class Target(Protocol):
     PlcError."""
 
     async def read(self, name: str) -> int: ...
+
+    # A target may also have `id_modulus` (int): the inspection_id and ack it holds are seqs modulo that; 2**32 without.
 
     async def write(self, fields: dict[str, Any], last: str | None = None) -> None: ...
 
@@ -141,12 +149,21 @@ class Handshake:
         self.drift = False  # the daemon's drift alarm for this camera, as its last status message said
         self.false_reject_warning = False  # likewise its false-reject warning
         self.written_status: Status | None = None
+        self._plc_residue: int | None = None  # a narrow target's inspection id at start, until the first result
+
+    def modulus(self) -> int:
+        return min(int(getattr(self.target, "id_modulus", ID_MODULUS)), ID_MODULUS)
 
     async def start(self, acked: int | None = None) -> None:
         """Adopt the PLC's last inspection id, or the last id it acknowledged as recorded outside it (`acked`),
         whichever is later (restart rule), and drop result_valid until a fresh result."""
         plc_id = await self.target.read("inspection_id")
-        self.last_id = plc_id or None
+        if self.modulus() < ID_MODULUS and plc_id:
+            # A narrow id cannot say which wrap it belongs to: resolved against the first result's seq.
+            self._plc_residue = plc_id % self.modulus()
+            self.last_id = None
+        else:
+            self.last_id = plc_id or None
         self.adopt(acked)
         self.alarm = bool(await self.target.read("alarm"))  # a latched alarm survives a bridge restart
         await self._write_status(force=True)
@@ -250,6 +267,13 @@ class Handshake:
 
     async def _hand_over(self, result: Result) -> None:
         seq = result.seq & 0xFFFFFFFF
+        if self._plc_residue is not None:
+            # The seq nearest the first one with the PLC's remainder: the first may be a replay from before it.
+            half = self.modulus() // 2
+            held = seq + (self._plc_residue - seq + half) % self.modulus() - half
+            self._plc_residue = None
+            if held > 0:
+                self.last_id = max(self.last_id or 0, held)
         if self.last_id is not None and seq <= self.last_id:
             self.counters.stale_skipped += 1
             self.log("stale_skipped", camera=self.camera, seq=result.seq, plc_inspection_id=self.last_id)
@@ -294,8 +318,10 @@ class Handshake:
     async def _wait_ack(self, seq: int) -> bool:
         # Not cut short by a stop: the PLC may be acting on this result, and its ack is what the restart resumes after.
         deadline = time.monotonic() + self.settings.ack_timeout_ms / 1000
+        modulus = self.modulus()
         while True:
-            if await self.target.read("ack") == seq:
+            # The PLC echoes the id as its variable holds it: wrapped at the variable's width, like the id written.
+            if (await self.target.read("ack") - seq) % modulus == 0:
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:

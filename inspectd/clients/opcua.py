@@ -151,7 +151,31 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
             "state_file: expected a file path in server mode (--state-file): it keeps each camera's last inspection "
             "id, so a restarted bridge never hands a result over twice"
         )
+    if config.mode == "server":
+        load_state(Path(str(config.state_file)))  # a bad one stops the bridge here: a config error, not the PLC's
     return config
+
+
+def load_state(path: Path) -> dict[str, dict[str, int]]:
+    """The server mode's state file: camera -> {inspection_id, alarm}; {} when there is none. Raises ConfigError."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"state_file {path}: unreadable ({exc}); remove it to start fresh") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+        raise ConfigError(f"state_file {path}: expected an object of camera -> state; remove it")
+    for camera, values in state.items():
+        for key, top in (("inspection_id", U32), ("alarm", 1)):
+            value = values.get(key, 0)
+            # bool is an int to Python, but not what the bridge writes
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+                raise ConfigError(
+                    f"state_file {path}: camera {camera!r} {key}: expected an integer 0..{top}, got {value!r}; "
+                    "remove it to start fresh"
+                )
+    return state
 
 
 def describe(config: OpcUaConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -223,21 +247,13 @@ class ServerLink:
         self.config = config
         self.server = Server()
         self.state_path = Path(str(config.state_file))
-        self.state = self._load_state()
+        try:
+            self.state = load_state(self.state_path)
+        except ConfigError as exc:  # changed since configure() read it
+            raise PlcError(str(exc)) from exc
         self._state_lock = threading.Lock()
         self.targets: dict[str, ServerTarget] = {}
         self.started = False
-
-    def _load_state(self) -> dict[str, dict[str, int]]:
-        try:
-            state = json.loads(self.state_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise PlcError(f"state_file {self.state_path}: unreadable ({exc}); remove it to start fresh") from exc
-        if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
-            raise PlcError(f"state_file {self.state_path}: expected an object of camera -> state; remove it")
-        return state
 
     def remember(self, camera: str, update: dict[str, int]) -> None:
         """Record a camera's handed-over inspection id or alarm in state_file, durably (replace_file)."""
@@ -330,6 +346,16 @@ class ClientTarget:
             self.nodes[name] = node
             self.kinds[name] = kind.name
 
+    @property
+    def id_modulus(self) -> int:
+        """What InspectionId and Ack hold of a seq: the seq modulo this (the narrower of the two integer types)."""
+        moduli = [U32 + 1]
+        for name in ("inspection_id", "ack"):
+            kind = self.kinds.get(name)
+            if kind in _INT_BITS:
+                moduli.append(_top(kind) + 1)
+        return min(moduli)
+
     async def read(self, name: str) -> int:
         node = self.nodes[name]
         try:
@@ -363,9 +389,7 @@ class ClientTarget:
         if name == "verdict":  # a numeric Verdict variable gets the result code
             value = {"ok": 0, "defect": 1, "error": 2}.get(value, 2)
         number = 0 if value is None else int(value)
-        bits = _INT_BITS[kind]
-        signed = kind.startswith("Int") or kind in ("SByte",)
-        top = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+        top = _top(kind)
         number = min(number, top) if name in ("region_count", "result_code") else number & top
         return ua.Variant(number, getattr(ua.VariantType, kind))
 
@@ -381,6 +405,12 @@ _INT_BITS = {
     "UInt64": 64,
 }
 WRITABLE_KINDS = {*_INT_BITS, "Float", "Double", "Boolean", "String"}
+
+
+def _top(kind: str) -> int:
+    """The largest value an integer type holds that the bridge writes (signed ones: never negative)."""
+    bits = _INT_BITS[kind]
+    return (1 << (bits - 1)) - 1 if kind.startswith("Int") or kind == "SByte" else (1 << bits) - 1
 
 
 class ClientLink:
