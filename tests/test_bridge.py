@@ -145,7 +145,8 @@ def bridge_config(tmp_path):
     return path
 
 
-def bridge_command(daemon: Daemon, plc: Plc, config: Path, *extra: str) -> list[str]:
+def bridge_command(daemon: Daemon | str, plc: Plc, config: Path, *extra: str) -> list[str]:
+    """`inspectd bridge modbus` from `daemon`'s results endpoint (or an endpoint as given) to `plc`."""
     return [
         sys.executable,
         "-m",
@@ -153,7 +154,7 @@ def bridge_command(daemon: Daemon, plc: Plc, config: Path, *extra: str) -> list[
         "bridge",
         "modbus",
         "--endpoint",
-        daemon.endpoint,
+        daemon if isinstance(daemon, str) else daemon.endpoint,
         "--plc",
         f"127.0.0.1:{plc.port}",
         "--config",
@@ -419,19 +420,7 @@ def test_an_endpoint_zeromq_cannot_use_is_one_line_before_the_plc_is_touched(plc
     assert not plc.client.write_registers(0, before, device_id=1).isError()
     for endpoint in ("tcp://nohost", "127.0.0.1:5556"):
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "inspectd",
-                "bridge",
-                "modbus",
-                "--endpoint",
-                endpoint,
-                "--plc",
-                f"127.0.0.1:{plc.port}",
-                "--config",
-                str(bridge_config),
-            ],
+            bridge_command(endpoint, plc, bridge_config),
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,30 +246,23 @@ def test_gap_tracker_reports_missing_ranges():
     assert gaps.missed == {"cam0": 3}
 
 
+def subscribe_saving_masks(port: int, masks: Path) -> subprocess.Popen:
+    """`inspectd subscribe` for 3 results from the local port, saving their masks in `masks`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"tcp://127.0.0.1:{port}"]
+        + ["--count", "3", "--timeout", "20", "--save-masks", str(masks)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_subscribe_command_prints_results_gaps_and_saves_masks(tmp_path):
     ctx = zmq.Context.instance()
     pub = ctx.socket(zmq.XPUB)  # a PUB that tells when the subscriber's subscription has arrived
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     masks = tmp_path / "masks"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "inspectd",
-            "subscribe",
-            "--endpoint",
-            f"tcp://127.0.0.1:{port}",
-            "--count",
-            "3",
-            "--timeout",
-            "20",
-            "--save-masks",
-            str(masks),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = subscribe_saving_masks(port, masks)
     mask = np.zeros((5, 6), bool)
     mask[1, 1] = True
     try:
@@ -310,13 +304,7 @@ def test_a_mask_that_cannot_be_written_is_reported_once_and_the_results_keep_com
     pub = ctx.socket(zmq.XPUB)
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     masks = tmp_path / "masks"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"tcp://127.0.0.1:{port}"]
-        + ["--count", "3", "--timeout", "20", "--save-masks", str(masks)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = subscribe_saving_masks(port, masks)
     mask = np.zeros((5, 6), bool)
     mask[1, 1] = True
     try:
