@@ -512,12 +512,14 @@ def test_a_plc_that_goes_away_ends_the_bridge_with_one_line_for_the_service_mana
     assert out.strip().splitlines()[-1].startswith("inspectd bridge: PLC"), out
 
 
-def kill_and_restart(plc, daemon, tmp_path, how: str, reset: bool, hold_ack: bool = False):
+def kill_and_restart(
+    plc, daemon, tmp_path, how: str, reset: bool, hold_ack: bool = False, topic: str = f"inspect.{STATION}.{CAMERA}."
+):
     """Results stream (as the daemon does it: journalled, then published, ~100 a second); the bridge is stopped with
     `how` (SIGKILL or SIGTERM) mid-stream, results keep coming while it is down, the PLC's registers are reset when
-    `reset`, then a new bridge on the same state directory catches up. With `hold_ack` the kill comes while the PLC
-    holds back the ack of the result on it (the bridge's usual state: waiting for an ack). Returns (the ids the PLC
-    program consumed, in order; the count consumed before the kill; the two runs' log events)."""
+    `reset`, then a new bridge on the same state directory and `topic` catches up. With `hold_ack` the kill comes
+    while the PLC holds back the ack of the result on it (the bridge's usual state: waiting for an ack). Returns (the
+    ids the PLC program consumed, in order; the count consumed before the kill; the two runs' log events)."""
     from inspectd.daemon.journal import Journal
 
     config = tmp_path / "bridge.yaml"
@@ -542,7 +544,7 @@ def kill_and_restart(plc, daemon, tmp_path, how: str, reset: bool, hold_ack: boo
             time.sleep(0.01)
 
     extra = ("--journal", str(journal_dir), "--state-dir", str(tmp_path / "state"))
-    bridge = Bridge(daemon, plc, config, extra=extra)
+    bridge = Bridge(daemon, plc, config, topic, extra=extra)
     producer = threading.Thread(target=line, daemon=True)
     producer.start()
     first_run: dict[str, dict] = {}
@@ -570,7 +572,7 @@ def kill_and_restart(plc, daemon, tmp_path, how: str, reset: bool, hold_ack: boo
             plc.reset()
         plc.acking.set()
         wait(lambda: len(published) >= down + 50, 20, "50 results published while the bridge is down")
-        bridge = Bridge(daemon, plc, config, extra=extra)
+        bridge = Bridge(daemon, plc, config, topic, extra=extra)
         producer.join(30)
         wait(lambda: plc.received and plc.received[-1]["id"] == last, 30, "the last result handed over")
         time.sleep(0.2)
@@ -603,6 +605,56 @@ def test_a_bridge_killed_mid_stream_and_restarted_hands_every_seq_to_the_plc_onc
         assert first_run["bridge_stopped"]["missed_acks"] == 0  # the stop waited for the ack, it did not give up
     state = json.loads((tmp_path / "state" / "acked.json").read_text())
     assert state == {"acked": {CAMERA: last}}
+
+
+@pytest.mark.parametrize("how, reset", [("kill", False), ("term", True)], ids=["sigkill", "sigterm-plc-reset"])
+def test_a_bridge_serving_the_first_camera_heard_catches_up_once_that_camera_is_heard(
+    plc, daemon, tmp_path, how, reset
+):
+    """No camera named (`camera: null`, a --topic naming only the station): the slot binds to the first camera whose
+    result arrives, and only then is it known where that camera resumes (its recorded ack, the PLC's id); its
+    replay comes before that live result, so every seq still reaches the PLC once, in order."""
+    last = 300
+    ids, _, _, events = kill_and_restart(plc, daemon, tmp_path, how, reset, topic=f"inspect.{STATION}.")
+    assert ids == list(range(1, last + 1)), [i for i in range(1, last + 1) if ids.count(i) != 1][:10]
+    assert events["camera_bound"]["camera"] == CAMERA and events["camera_bound"]["resume_after"] >= 40
+    assert events["bridge_stopped"]["journal_replayed"] >= 50
+    assert events["bridge_stopped"]["sequence_gaps"] == 0 and events["bridge_stopped"]["overflow_drops"] == 0
+    assert json.loads((tmp_path / "state" / "acked.json").read_text()) == {"acked": {CAMERA: last}}
+
+
+def test_seqs_past_32_bits_are_handed_over_wrapped_and_resumed_in_full(plc, daemon, tmp_path, bridge_config):
+    """The inspection id registers hold a seq's low 32 bits; the bridge keeps counting in full seqs, so a line that
+    outgrows 2**32 results is neither skipped as stale nor counted as a gap, and a restart places the PLC's wrapped
+    id at the seq it stands for."""
+    top = 1 << 32
+    state = tmp_path / "state"
+    bridge = Bridge(daemon, plc, bridge_config, extra=("--state-dir", str(state)))
+    try:
+        for seq in range(top - 2, top + 2):
+            daemon.result(seq)
+        wait(lambda: len(plc.received) == 4, 10, "four results across the wrap")
+    finally:
+        events = bridge.stop()
+    assert [r["id"] for r in plc.received] == [top - 2, top - 1, 0, 1]
+    stopped = events["bridge_stopped"]
+    assert stopped["acked"] == 4 and stopped["stale_skipped"] == 0 and stopped["sequence_gaps"] == 0, stopped
+    assert not plc.field("status") & BIT["alarm"]
+    assert json.loads((state / "acked.json").read_text())["acked"][CAMERA] == top + 1
+
+    # Restarted without the recorded ack: the PLC's 1 stands for 2**32 + 1 (the first result's wrap), so that result
+    # is stale and the next no gap.
+    bridge = Bridge(daemon, plc, bridge_config)
+    try:
+        daemon.result(top + 1)
+        daemon.result(top + 2)
+        wait(lambda: len(plc.received) == 5, 10, "result 2**32 + 2")
+        time.sleep(0.2)
+    finally:
+        events = bridge.stop()
+    assert [r["id"] for r in plc.received][4:] == [2]
+    stopped = events["bridge_stopped"]
+    assert stopped["stale_skipped"] == 1 and stopped["sequence_gaps"] == 0, stopped
 
 
 def test_a_bridge_killed_at_any_instant_before_a_plc_reset_repeats_at_most_the_result_in_flight(plc, daemon, tmp_path):

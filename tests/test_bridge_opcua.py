@@ -503,6 +503,34 @@ def test_client_mode_acks_ids_past_the_width_of_an_s7_int_and_restarts_in_full_s
     assert stopped["stale_skipped"] == 1 and stopped["sequence_gaps"] == 0 and stopped["missed_acks"] == 0, stopped
 
 
+def test_client_mode_with_a_narrow_id_and_no_recorded_ack_replays_the_journal_at_start(daemon, tmp_path):
+    # The PLC's Int16 7233 alone cannot say which wrap it belongs to; the journal's newest seq places it at 40001,
+    # so what was journalled after it goes over at start, before the line sends anything live.
+    from inspectd.daemon.journal import Journal
+
+    port = free_port()
+    values = {(CAMERA, "inspection_id"): 7233, (CAMERA, "ack"): 7233}
+    plc = PlcServer(port, values=values, types={**PLC_TYPES, "inspection_id": "Int16", "ack": "Int16"})
+    program = plc.run_program()
+    journal_dir = tmp_path / "journal"
+    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
+    for seq in range(39990, 40005):
+        journal.append(CAMERA, seq, daemon.encode(seq))
+    journal.flush()
+    bridge = client_bridge(daemon, tmp_path, plc, extra=["--journal", str(journal_dir)])
+    try:
+        wait(lambda: program.ids() == [7234, 7235, 7236], 10, "40002..40004 from the journal")
+        daemon.result(40005)
+        wait(lambda: program.ids() == [7234, 7235, 7236, 7237], 10, "then 40005 live")
+    finally:
+        events = bridge.stop()
+        plc.stop()
+        journal.close()
+    stopped = events["bridge_stopped"]
+    assert events["journal_resume"]["after"] == {CAMERA: 40001}
+    assert stopped["journal_replayed"] == 3 and stopped["sequence_gaps"] == 0 and stopped["missed_acks"] == 0, stopped
+
+
 def _certificate(directory: Path, name: str, uri: str, server: bool) -> tuple[Path, Path]:
     from asyncua.crypto.cert_gen import (
         dump_private_key_as_pem,

@@ -80,6 +80,8 @@ def test_rotation_keeps_the_journal_under_its_cap_and_the_newest_results(tmp_pat
     seqs = [s for s, _ in j.read_since("cam0", -1)]
     assert seqs[-1] == 1999 and seqs == list(range(seqs[0], 2000)), "a hole inside what is kept"
     assert journal_format.oldest_seq(tmp_path / "j", "cam0") == seqs[0] > 0
+    assert journal_format.newest_seq(tmp_path / "j", "cam0") == 1999
+    assert journal_format.newest_seq(tmp_path / "j", "cam1") is None
     j.close()
 
 

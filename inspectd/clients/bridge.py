@@ -186,18 +186,25 @@ class Router:
         """The handshake serving `camera`, None when none does (yet)."""
         return next((h for h in self.handshakes if h.camera == camera), None)
 
-    def route(self, result: Result) -> None:
-        for handshake in self.handshakes:
-            if handshake.camera == result.camera:
-                handshake.offer(result)
-                return
+    def bind(self, camera: str, seq: int):
+        """The handshake serving `camera`, binding a slot without a camera to it when there is one (placed by the
+        camera's recorded ack, or against `seq`, its result that arrived first); None when none serves it."""
+        handshake = self.handshake(camera)
+        if handshake is not None:
+            return handshake
         for handshake in self.handshakes:
             if handshake.camera is None:
-                handshake.camera = result.camera
-                if self.acked is not None:
-                    handshake.adopt(self.acked.get(result.camera))
-                handshake.offer(result)
-                return
+                handshake.camera = camera
+                handshake.place(None if self.acked is None else self.acked.get(camera), seq)
+                log.info("camera_bound", camera=camera, resume_after=handshake.last_id)
+                return handshake
+        return None
+
+    def route(self, result: Result) -> None:
+        handshake = self.bind(result.camera, result.seq)
+        if handshake is not None:
+            handshake.offer(result)
+            return
         self.other_camera += 1
         if self.other_camera == 1:
             log.info(
@@ -278,6 +285,19 @@ class AckedState:
             replace_file(self.path, json.dumps({"acked": self.acked}, sort_keys=True).encode("utf-8"))
 
 
+def _journal_newest(directory: Path | None, camera: str | None) -> int | None:
+    """The last seq the daemon journalled for `camera`, None without a journal or a record of it: what a PLC's id
+    is placed against at start (Handshake.place)."""
+    if directory is None or camera is None:
+        return None
+    from inspectd.protocol import journal
+
+    try:
+        return journal.newest_seq(directory, camera)
+    except (InspectdError, OSError):
+        return None  # placed against the first live result instead; the replay reports the journal's trouble
+
+
 class Feeder:
     """Feeds each camera's handshake from a JournalCatchUp, pulling the journal only as fast as the PLC takes results.
 
@@ -293,9 +313,11 @@ class Feeder:
         self.pending: dict[str, Iterator[Result | dict[str, Any]]] = {}
         self.newest: dict[str, Result] = {}
         self.replayed = 0  # results handed on from the replay after a restart
+        self.heard: set[str] = set()  # cameras whose first live result came (or whose replay already started)
 
     def resume(self, since: dict[str, int]) -> None:
         for camera, seq in since.items():
+            self.heard.add(camera)
             self.pending[camera] = self._counted(camera, seq, self.catch_up.resume({camera: seq}))
             self.pump(camera)
 
@@ -308,8 +330,18 @@ class Feeder:
         log.info("journal_caught_up", camera=camera, after=after, results=count)
 
     def live(self, result: Result) -> None:
-        self.newest[result.camera] = result
-        self.pump(result.camera)
+        camera = result.camera
+        if camera not in self.heard:
+            # Where a camera resumes may be known only now: a slot without a camera binds to the first one heard, and
+            # a PLC id that could not be placed at start is placed against this result. Its replay comes first.
+            self.heard.add(camera)
+            handshake = self.router.bind(camera, result.seq)
+            if handshake is not None:
+                handshake.place(None, result.seq)
+                if self.catch_up.directory is not None and handshake.last_id is not None:
+                    self.resume({camera: handshake.last_id})
+        self.newest[camera] = result
+        self.pump(camera)
 
     def room(self, handshake) -> None:
         if handshake.camera is not None:
@@ -356,7 +388,7 @@ async def _serve(protocol, config, args: argparse.Namespace, curve, acked: Acked
             for camera, target in link.slots()
         ]
         for handshake in handshakes:
-            await handshake.start(acked.get(handshake.camera))
+            await handshake.start(acked.get(handshake.camera), _journal_newest(args.journal, handshake.camera))
         return await _bridge(handshakes, config, args, curve, acked, protocol.describe(config, args))
     finally:
         try:
@@ -424,7 +456,9 @@ async def _bridge(
         first = None
         if await sub.poll(SETTLE_S * 1000):
             first = await sub.recv_multipart()
-        since = {h.camera: h.last_id for h in handshakes if h.camera is not None and h.last_id is not None}
+        since = {
+            h.camera: h.last_id for h in handshakes if h.camera is not None and h.last_id is not None and h.placed()
+        }
         try:
             feeder.resume(since)
         except InspectdError as exc:

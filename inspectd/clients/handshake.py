@@ -20,10 +20,10 @@ PLC whose registers were reset does not get everything again), are stale (handed
 skipped; an id of 0 with no recorded ack means a fresh PLC and skips nothing. Per camera seq never goes back (the
 daemon resumes it from its journal), so this skips only replays.
 
-Id width: a target may hold ids narrower than 32 bits (`id_modulus`, e.g. 2**15 for an S7 Int): what the PLC holds and
-echoes is then the seq modulo that, so the ack is compared in that width, and the PLC's inspection id read at start
-stands for the seq with that remainder nearest the first result that arrives. What the bridge records
-(the acked callback, gaps, last_id) stays in full seqs.
+Id width: a target holds ids modulo 2**32, or modulo less (`id_modulus`, e.g. 2**15 for an S7 Int): what the PLC holds
+and echoes is the seq modulo that, so the ack is compared in that width, and the PLC's inspection id read at start
+stands for the seq with that remainder nearest the recorded ack, or else the latest at or before the daemon's newest
+seq (`place`). What the bridge records (the acked callback, gaps, last_id) stays in full seqs, past 2**32 too.
 
 Stopping (SIGTERM) lets the result on the PLC finish its handshake (its ack, at most ack_timeout_ms) before the bridge
 drops result_valid, so what the PLC took is recorded as acknowledged and not handed over again after the restart.
@@ -149,22 +149,18 @@ class Handshake:
         self.drift = False  # the daemon's drift alarm for this camera, as its last status message said
         self.false_reject_warning = False  # likewise its false-reject warning
         self.written_status: Status | None = None
-        self._plc_residue: int | None = None  # a narrow target's inspection id at start, until the first result
+        self._plc_residue: int | None = None  # the PLC's inspection id at start (modulo its width), until placed
 
     def modulus(self) -> int:
         return min(int(getattr(self.target, "id_modulus", ID_MODULUS)), ID_MODULUS)
 
-    async def start(self, acked: int | None = None) -> None:
+    async def start(self, acked: int | None = None, newest: int | None = None) -> None:
         """Adopt the PLC's last inspection id, or the last id it acknowledged as recorded outside it (`acked`),
-        whichever is later (restart rule), and drop result_valid until a fresh result."""
+        whichever is later (restart rule), and drop result_valid until a fresh result. `newest`: the last seq the
+        daemon journalled for this camera, when known (see `place`)."""
         plc_id = await self.target.read("inspection_id")
-        if self.modulus() < ID_MODULUS and plc_id:
-            # A narrow id cannot say which wrap it belongs to: resolved against the first result's seq.
-            self._plc_residue = plc_id % self.modulus()
-            self.last_id = None
-        else:
-            self.last_id = plc_id or None
-        self.adopt(acked)
+        self._plc_residue = plc_id % self.modulus() if plc_id else None
+        self.place(acked, newest)
         self.alarm = bool(await self.target.read("alarm"))  # a latched alarm survives a bridge restart
         await self._write_status(force=True)
         self.log(
@@ -176,10 +172,35 @@ class Handshake:
             alarm=self.alarm,
         )
 
-    def adopt(self, acked: int | None) -> None:
-        """The recorded ack of the camera an unbound slot was just bound to (restart rule, as in `start`)."""
+    def place(self, acked: int | None, newest: int | None = None) -> None:
+        """Where to resume (restart rule): after the later of the PLC's inspection id and `acked`.
+
+        The PLC holds its id modulo `modulus()` (2**32 for a full-width id, which seqs outgrow too), so the seq it
+        stands for is the one with that remainder nearest `acked` when an ack is recorded (the PLC holds the last
+        acked id or the one written after it), else the latest at or before `newest` (the daemon's last journalled
+        seq, or the first result that arrives: the PLC cannot hold a seq not published yet). Without either, a
+        full-width id is taken as it reads and a narrower one stays unknown; the first result places it."""
+        residue = self._plc_residue
+        if residue is None:
+            if acked:
+                self.last_id = max(self.last_id or 0, acked)
+            return
+        modulus = self.modulus()
         if acked:
-            self.last_id = max(self.last_id or 0, acked)
+            half = modulus // 2
+            self.last_id = max(acked, acked + (residue - acked + half) % modulus - half)
+        elif newest is not None:
+            held = newest - (newest - residue) % modulus
+            # No seq that early: the PLC's id is from a numbering the daemon has since restarted (PLC.md).
+            self.last_id = held if held > 0 else residue
+        else:
+            self.last_id = residue if modulus == ID_MODULUS else None
+            return
+        self._plc_residue = None
+
+    def placed(self) -> bool:
+        """Whether where to resume is known (see `place`)."""
+        return self._plc_residue is None
 
     def space(self) -> int:
         """How many more results the queue takes before it drops the oldest."""
@@ -266,14 +287,8 @@ class Handshake:
             await self._hand_over(result)
 
     async def _hand_over(self, result: Result) -> None:
-        seq = result.seq & 0xFFFFFFFF
-        if self._plc_residue is not None:
-            # The seq nearest the first one with the PLC's remainder: the first may be a replay from before it.
-            half = self.modulus() // 2
-            held = seq + (self._plc_residue - seq + half) % self.modulus() - half
-            self._plc_residue = None
-            if held > 0:
-                self.last_id = max(self.last_id or 0, held)
+        seq = result.seq
+        self.place(None, seq)
         if self.last_id is not None and seq <= self.last_id:
             self.counters.stale_skipped += 1
             self.log("stale_skipped", camera=self.camera, seq=result.seq, plc_inspection_id=self.last_id)

@@ -217,3 +217,16 @@ def oldest_seq(directory: str | Path, camera: str) -> int | None:
         for _, seq, _ in read_records(path, on_corrupt=lambda *_: None):
             return seq
     return None
+
+
+def newest_seq(directory: str | Path, camera: str) -> int | None:
+    """The last seq journalled for `camera` (read from its newest segment that holds a record), or None when there
+    is none. A torn tail is not a record; corruption inside the segment is skipped."""
+    check_camera(camera)
+    for _, path in reversed(segment_files(Path(directory) / camera)):
+        last = None
+        for _, seq, _ in read_records(path, on_corrupt=lambda *_: None):
+            last = seq
+        if last is not None:
+            return last
+    return None
