@@ -623,6 +623,46 @@ def test_a_bridge_serving_the_first_camera_heard_catches_up_once_that_camera_is_
     assert json.loads((tmp_path / "state" / "acked.json").read_text()) == {"acked": {CAMERA: last}}
 
 
+def test_with_a_journal_a_plc_too_far_behind_is_skipped_to_the_newest_result_as_a_gap(plc, daemon, tmp_path):
+    """The PLC holds its ack (in STOP) while the line goes on: with --journal nothing would be dropped and the PLC
+    would get every old verdict first. Past max_backlog results the bridge skips to the newest, the jump counts as a
+    gap and latches the alarm; what came after the last skip is handed over in order."""
+    from inspectd.daemon.journal import Journal
+
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 20000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 4\nmax_backlog: 20\n")
+    journal_dir = tmp_path / "journal"
+    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
+
+    def line(seq: int) -> None:  # as the daemon does it: journalled, then published
+        frames = daemon.encode(seq)
+        journal.append(CAMERA, seq, frames)
+        daemon.pub.send_multipart(frames)
+
+    bridge = Bridge(daemon, plc, config, extra=("--journal", str(journal_dir)))
+    try:
+        plc.acking.clear()
+        line(1)
+        wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
+        for seq in range(2, 61):
+            line(seq)
+        journal.flush()
+        time.sleep(0.5)  # every one of them reached the bridge
+        plc.acking.set()
+        wait(lambda: plc.received and plc.received[-1]["id"] == 60, 20, "the newest result handed over")
+        time.sleep(0.2)
+        assert plc.field("status") & BIT["alarm"] and plc.field("sequence_gaps") == 40
+    finally:
+        events = bridge.stop()
+        journal.close()
+    # Skipped at 22 (2..21: 21 waiting past one in flight) and at 42 (22..41); 42..60 went over in order.
+    assert [r["id"] for r in plc.received] == [1, *range(42, 61)]
+    assert events["backlog_skipped"]["first"] == 22 and events["backlog_skipped"]["last"] == 41
+    assert "plc_behind" in events
+    stopped = events["bridge_stopped"]
+    assert stopped["sequence_gaps"] == 40 and stopped["overflow_drops"] == 0 and stopped["missed_acks"] == 0, stopped
+
+
 def test_seqs_past_32_bits_are_handed_over_wrapped_and_resumed_in_full(plc, daemon, tmp_path, bridge_config):
     """The inspection id registers hold a seq's low 32 bits; the bridge keeps counting in full seqs, so a line that
     outgrows 2**32 results is neither skipped as stale nor counted as a gap, and a restart places the PLC's wrapped

@@ -305,7 +305,11 @@ class Feeder:
     queue has room; a live result that arrives meanwhile waits as the camera's newest (a later one replaces it: the
     one replaced is in the journal, and the hole fill before the newest fetches it). So a catch-up of any length costs
     a queue of results, and nothing is dropped for lack of room. Without a journal, results go straight to the
-    handshake (whose full queue drops the oldest, counted as a gap)."""
+    handshake (whose full queue drops the oldest, counted as a gap).
+
+    With a journal a PLC slower than the line falls behind: more than a queue behind is logged (`plc_behind`, once
+    until it is back within half a queue), and more than `max_backlog` makes the bridge skip to the newest result
+    (`backlog_skipped`; the handshake counts the jump as a gap and latches the alarm)."""
 
     def __init__(self, catch_up: JournalCatchUp, router: Router) -> None:
         self.catch_up = catch_up
@@ -314,6 +318,8 @@ class Feeder:
         self.newest: dict[str, Result] = {}
         self.replayed = 0  # results handed on from the replay after a restart
         self.heard: set[str] = set()  # cameras whose first live result came (or whose replay already started)
+        self.behind: set[str] = set()  # cameras whose PLC is more than a queue behind (logged once)
+        self.skipped: dict[str, int] = {}  # camera -> the last seq a backlog skip gave up on
 
     def resume(self, since: dict[str, int]) -> None:
         for camera, seq in since.items():
@@ -340,8 +346,38 @@ class Feeder:
                 handshake.place(None, result.seq)
                 if self.catch_up.directory is not None and handshake.last_id is not None:
                     self.resume({camera: handshake.last_id})
+        if self.catch_up.directory is not None:
+            self._watch_backlog(camera, result.seq)
         self.newest[camera] = result
         self.pump(camera)
+
+    def _watch_backlog(self, camera: str, seq: int) -> None:
+        handshake = self.router.handshake(camera)
+        if handshake is None or handshake.last_id is None:
+            return
+        handed = max(handshake.last_id, self.skipped.get(camera, 0))  # the last result handed over or given up
+        behind = seq - handed  # results waiting for the PLC, this one included
+        settings = handshake.settings
+        if settings.max_backlog is not None and behind > settings.max_backlog:
+            self.pending.pop(camera, None)
+            handshake.skip_queued(seq)
+            self.catch_up.skip(camera, seq)
+            self.skipped[camera] = seq - 1
+            self.behind.discard(camera)
+            log.warning(
+                "backlog_skipped",
+                camera=camera,
+                first=handed + 1,
+                last=seq - 1,
+                skipped=behind - 1,
+                max_backlog=settings.max_backlog,
+            )
+        elif behind > settings.queue_size and camera not in self.behind:
+            self.behind.add(camera)
+            log.warning("plc_behind", camera=camera, behind=behind, handed_over=handed, newest=seq)
+        elif behind <= settings.queue_size // 2 and camera in self.behind:
+            self.behind.discard(camera)
+            log.info("plc_caught_up", camera=camera, behind=behind)
 
     def room(self, handshake) -> None:
         if handshake.camera is not None:

@@ -106,6 +106,9 @@ class HandshakeSettings:
     poll_ms: Annotated[Number, Field(ge=1, le=10_000)] = 10.0
     queue_size: Annotated[Int, Field(ge=1, le=1_000_000)] = 64
     heartbeat_ms: Annotated[Number, Field(ge=10)] = 1000.0
+    # With a journal: how many results the PLC may fall behind the newest before the bridge skips to the newest;
+    # None: never skip (the catch-up hands over everything, however old).
+    max_backlog: Annotated[Int, Field(ge=1)] | None = None
 
 
 @dataclasses.dataclass
@@ -205,6 +208,14 @@ class Handshake:
     def space(self) -> int:
         """How many more results the queue takes before it drops the oldest."""
         return self.settings.queue_size - len(self.queue)
+
+    def skip_queued(self, before: int) -> int:
+        """Drop the queued results with a seq below `before` (the bridge gives up on a backlog); how many."""
+        kept = [result for result in self.queue if result.seq >= before]
+        dropped = len(self.queue) - len(kept)
+        self.queue.clear()
+        self.queue.extend(kept)
+        return dropped
 
     def offer(self, result: Result) -> None:
         """Called for each decoded result of this camera, on the event loop; never blocks."""

@@ -200,6 +200,13 @@ class JournalCatchUp:
                 self._why.setdefault(camera, []).append(NO_JOURNAL)
         yield self._deliver(message)
 
+    def skip(self, camera: str, before: int) -> None:
+        """Give up on what lies between the last delivered result of `camera` and seq `before` (a reader too far
+        behind): no hole to fill or report there; whoever skips says so."""
+        self.delivered[camera] = max(self.delivered.get(camera, before - 1), before - 1)
+        self.gaps.last[camera] = max(self.gaps.last.get(camera, before - 1), before - 1)
+        self._why.pop(camera, None)
+
     def _journalled(self, camera: str, after: int, before: int | None) -> Iterator[Result]:
         """The journalled results of `camera` after `after` (and before `before`), one record read at a time; what
         the read meets on the way (a rotated segment, a corrupt stretch, an unreadable journal) is noted as the
