@@ -557,13 +557,15 @@ def _check_daemon(args, client: ControlClient, bundle) -> None:
     """CalibrationError, before any scoring, when the daemon --apply names runs another model than BUNDLE (thresholds
     for other scores; e.g. teach switched the bundle since, or this is a stale copy) or no camera --camera (a typo
     would become an override nobody uses). A daemon that does not answer is left to --apply itself to report (the
-    version is still written, for its next start); a reply that is not the protocol's is refused here."""
+    version is still written, for its next start); a reply that is not the protocol's, or a handshake the daemon
+    ended, is refused here."""
     try:
         reply = client.request({"cmd": "status"})
     except ControlTimeout:
         return
     if not reply.get("ok"):
-        # It answered, and said no (a key not in its allow-list): set_thresholds would be refused the same way.
+        # It answered, and said no: set_thresholds would be refused the same way. (A key it does not let in, or a
+        # --server-key that is not its key, ends the handshake instead: request raised that, naming the cause.)
         raise CalibrationError(f"--apply {args.apply}: the daemon refused: {reply.get('error')}")
     running = reply.get("model_id")
     if isinstance(running, str) and running != bundle.model_id:

@@ -388,6 +388,23 @@ def test_curve_encrypted_results_reach_the_plc_with_the_bridge_keys(plc, tmp_pat
             assert plc.received[0]["id"] == 1 and plc.received[0]["defect"] and plc.received[0]["regions"] == 2
         finally:
             bridge.stop()
+        # Given a server key that is not the daemon's, a bridge is shut out: its log says why, where trigger_ready
+        # staying down alone would read as a daemon that is down.
+        keyed = ("--server-key", str(bridge_public), "--client-key", str(bridge_secret))
+        wrong = subprocess.Popen(
+            bridge_command(daemon, plc, bridge_config, *keyed),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        time.sleep(3.0)
+        wrong.send_signal(signal.SIGTERM)
+        out, _ = wrong.communicate(timeout=10)
+        refused = [json.loads(line) for line in out.splitlines() if '"handshake_failed"' in line]
+        assert len(refused) == 1 and "expected --server-key to hold its public key" in refused[0]["error"], out
+        assert not plc.field("status") & BIT["trigger_ready"]
     finally:
         daemon.close()
 

@@ -334,6 +334,7 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_p
     """A remote daemon's control socket requires CurveZMQ: --apply with the operator's keys gets in, others do not."""
     import socket
 
+    from engines.bundle.store import load_bundle
     from inspectd.daemon.control import ControlServer
     from inspectd.daemon.security import CurveServer
     from inspectd.protocol import keys
@@ -400,8 +401,26 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_p
             "--client-key",
             stranger_secret,
         )
-        assert code == 1 and "no reply within 1 s" in err
+        # A key the daemon does not let in, or a server key that is not the daemon's: the handshake is ended, and
+        # calibrate says which before anything is scored or written (it used to wait out --timeout, then write).
+        assert code == 2 and "refused this client's key, expected --client-key" in err, err
+        code, out, err = calibrate(
+            capsys,
+            bundle,
+            "--rollback",
+            1,
+            "--apply",
+            endpoint,
+            "--timeout",
+            "1",
+            "--server-key",
+            stranger_secret.with_suffix(".key"),
+            "--client-key",
+            operator_secret,
+        )
+        assert code == 2 and "expected --server-key to hold its public key" in err, err
         assert handler.version == 2
+        assert load_bundle(bundle).thresholds().version == 2, "a refused --apply wrote the rollback"
         code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--apply", endpoint, "--server-key", server_public)
         assert code == 2 and "expected both (CurveZMQ) or neither" in err
     finally:

@@ -136,11 +136,18 @@ def test_ctl_over_tcp_with_curve_keys(tmp_path):
         keyed = ("--server-key", str(server_public), "--client-key")
         ok = ctl(endpoint, *keyed, str(operator_secret), "pause", "cam0")
         assert ok.returncode == 0 and ok.stdout.strip() == "camera cam0: paused", ok.stderr
-        # Not in the allow-list, or no keys at all: the daemon never answers, and ctl says so with exit 3.
+        # Not in the allow-list, the wrong server key, or no keys at all: the daemon ends the handshake, and ctl says
+        # which (exit 1), where it used to wait out --timeout as if nothing listened there.
         intruder = ctl(endpoint, *keyed, str(intruder_secret), "--timeout", "1", "resume", "cam0")
-        assert intruder.returncode == 3 and "no reply within 1 s" in intruder.stderr
+        assert intruder.returncode == 1 and "refused this client's key" in intruder.stderr, intruder.stderr
+        wrong = ("--server-key", str(operator_public), "--client-key", str(operator_secret))
+        mistaken = ctl(endpoint, *wrong, "--timeout", "1", "resume", "cam0")
+        assert mistaken.returncode == 1 and "expected --server-key to hold its public key" in mistaken.stderr
         bare = ctl(endpoint, "--timeout", "1", "resume", "cam0")
-        assert bare.returncode == 3
+        assert bare.returncode == 1 and "requires CurveZMQ there" in bare.stderr, bare.stderr
+        assert len((intruder.stderr + mistaken.stderr + bare.stderr).strip().splitlines()) == 3
+        nobody = ctl(f"tcp://127.0.0.1:{free_port()}", *keyed, str(operator_secret), "--timeout", "1", "status")
+        assert nobody.returncode == 3 and "no reply within 1 s" in nobody.stderr
         status = json.loads(ctl(endpoint, *keyed, str(operator_secret), "--json", "status").stdout)
         assert status["cameras"]["cam0"]["state"] == "paused", "neither refused request reached the daemon"
 

@@ -133,18 +133,23 @@ def test_curve_control_lets_in_only_listed_keys_and_logs_refusals(pki, capsys):
         good = curve_client(pki["server"][0], pki["allowed"][1])
         with ControlClient(endpoint, timeout_s=5, curve=good) as client:
             assert client.request({"cmd": "status"}) == {"ok": True, "healthy": True}
+        # Each refused client is told why, not left to wait for an answer that never comes.
         intruder = curve_client(pki["server"][0], pki["intruder"][1])
         with ControlClient(endpoint, timeout_s=1.5, curve=intruder) as client:
-            with pytest.raises(ControlTimeout):
+            with pytest.raises(InspectdError, match="the daemon refused this client's key, expected --client-key"):
+                client.request({"cmd": "status"})
+        wrong_server = curve_client(pki["intruder"][0], pki["allowed"][1])  # a key that is not the daemon's
+        with ControlClient(endpoint, timeout_s=1.5, curve=wrong_server) as client:
+            with pytest.raises(InspectdError, match="expected --server-key to hold its public key"):
                 client.request({"cmd": "status"})
         with ControlClient(endpoint, timeout_s=1.5) as plain:  # no CURVE at all
-            with pytest.raises(ControlTimeout):
+            with pytest.raises(InspectdError, match="requires CurveZMQ there, expected --server-key and --client-key"):
                 plain.request({"cmd": "reload"})
         deadline = time.monotonic() + 5
-        while guard.refused < 2 and time.monotonic() < deadline:
+        while guard.refused < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert guard.refused >= 2
-        assert server.requests == 1  # neither refused client got a request through to the handler
+        assert guard.refused >= 3
+        assert server.requests == 1  # no refused client got a request through to the handler
     finally:
         server.stop()
         guard.stop()
@@ -193,6 +198,24 @@ def test_curve_publish_reaches_only_allowed_subscribers(pki, tmp_path):
         assert [r.seq for r in good.results(5, timeout_s=5)] == list(range(5))
         assert bad.recv(1.0) is None and plain.recv(0.5) is None
         assert guard.refused >= 2
+        # Shut out, each subscriber can tell why (it would otherwise just hear nothing, as from a daemon that is down).
+        assert good.handshake_failure() is None
+        assert "refused this client's key" in bad.handshake_failure()
+        assert "requires CurveZMQ there" in plain.handshake_failure()
+        # `inspectd subscribe` with a server key that is not the daemon's says so once, on stderr, and keeps waiting.
+        cli = subprocess.run(
+            [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", endpoint, "--timeout", "3"]
+            + ["--server-key", str(pki["intruder"][0]), "--client-key", str(pki["allowed"][1])],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO,
+        )
+        lines = [line for line in cli.stderr.splitlines() if "the daemon" in line]
+        assert lines == [
+            f"inspectd subscribe: --endpoint {endpoint}: the daemon broke off the CurveZMQ handshake, "
+            "expected --server-key to hold its public key"
+        ], cli.stderr
     finally:
         for s in (good, bad, plain):
             s.close()
@@ -334,9 +357,12 @@ def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
             except ControlTimeout:
                 assert time.monotonic() < deadline, log.read_text()[-2000:]
         assert status["ok"] and status["station"] == "sec"
-        with ControlClient(control, timeout_s=1.5, curve=bad) as client, pytest.raises(ControlTimeout):
+        with (
+            ControlClient(control, timeout_s=1.5, curve=bad) as client,
+            pytest.raises(InspectdError, match="refused this client's key"),
+        ):
             client.request({"cmd": "reload"})
-        with ControlClient(control, timeout_s=1.5) as client, pytest.raises(ControlTimeout):
+        with ControlClient(control, timeout_s=1.5) as client, pytest.raises(InspectdError, match="requires CurveZMQ"):
             client.request({"cmd": "reload"})
         with Subscriber(publish, curve=good) as ok_sub, Subscriber(publish, curve=bad) as bad_sub:
             assert len(ok_sub.results(3, timeout_s=20)) == 3
@@ -381,7 +407,10 @@ def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
         for role in ("control", "publish", "ingest-cam1"):
             assert [r.split()[0] for r in reloaded["allow_lists"][role]["removed"]] == ["bridge1.key"], role
         assert reloaded["ok"]
-        with ControlClient(control, timeout_s=1.5, curve=good) as client, pytest.raises(ControlTimeout):
+        with (
+            ControlClient(control, timeout_s=1.5, curve=good) as client,
+            pytest.raises(InspectdError, match="refused this client's key"),
+        ):
             client.request({"cmd": "status"})
         with held, held_sub:
             refused_held = held.request({"cmd": "status"})
@@ -447,7 +476,7 @@ def test_curve_fails_closed_when_the_authenticator_is_gone(pki):
         assert not guard.alive()
         for key in (pki["intruder"][1], pki["allowed"][1]):  # a new connection, listed or not, gets nothing
             with ControlClient(endpoint, timeout_s=1.5, curve=curve_client(pki["server"][0], key)) as client:
-                with pytest.raises(ControlTimeout):
+                with pytest.raises(InspectdError):
                     client.request({"cmd": "status"})
         assert server.requests == 1
     finally:
@@ -653,7 +682,7 @@ def test_each_refused_key_is_logged_even_while_another_keeps_retrying(pki, tmp_p
     try:
         for key in [pki["intruder"][1]] * 5 + [second[1]]:  # the revoked client retrying, then someone new
             with ControlClient(endpoint, timeout_s=0.5, curve=curve_client(pki["server"][0], key)) as client:
-                with pytest.raises(ControlTimeout):
+                with pytest.raises(InspectdError, match="refused this client's key"):
                     client.request({"cmd": "status"})
         assert guard.refused >= 6
     finally:

@@ -42,6 +42,7 @@ from inspectd.durable import replace_file
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.control import connect_error
+from inspectd.protocol.keys import HandshakeWatch
 from inspectd.protocol.messages import Result, decode
 
 log = structlog.get_logger("inspectd.clients.bridge")
@@ -452,7 +453,9 @@ async def _bridge(
         curve(sub)  # CurveZMQ client keys, before connect
     for topic in _subscriptions(prefix):
         sub.setsockopt(zmq.SUBSCRIBE, topic)
+    watch = HandshakeWatch(sub, curve is not None)
     sub.connect(args.endpoint)
+    refused: list[str | None] = [None]  # the handshake failure last logged
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -512,6 +515,11 @@ async def _bridge(
         while not stop.is_set():
             beat += 1
             alive = time.monotonic() - last_heard[0] < DAEMON_SILENT_S
+            failure = None if alive else watch.failure()
+            if failure is not None and failure != refused[0]:
+                # A daemon that shuts the bridge out would otherwise look like one that is down.
+                log.warning("handshake_failed", endpoint=args.endpoint, error=f"the daemon {failure}")
+            refused[0] = failure
             for handshake in handshakes:
                 await handshake.set_status(daemon_alive=alive, daemon_healthy=healthy[0])
                 await handshake.service(beat)
@@ -539,6 +547,7 @@ async def _bridge(
                 await handshake.shutdown()
         except PlcError:
             pass
+    watch.close()
     sub.close()
     context.term()
     log.info(

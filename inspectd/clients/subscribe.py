@@ -27,9 +27,11 @@ import zmq
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import connect_error
+from inspectd.protocol.keys import HandshakeWatch
 from inspectd.protocol.messages import Result, decode
 
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
+HANDSHAKE_CHECK_S = 1.0  # while nothing arrives, how often `inspectd subscribe` looks for a refused handshake
 
 
 class GapTracker:
@@ -67,9 +69,19 @@ class Subscriber:
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt_string(zmq.SUBSCRIBE, topic)
-        self.socket.connect(endpoint)
+        self._watch = HandshakeWatch(self.socket, curve is not None)
+        try:
+            self.socket.connect(endpoint)
+        except zmq.ZMQError:
+            self.close()
+            raise
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
+
+    def handshake_failure(self) -> str | None:
+        """Why the daemon ended this subscriber's last handshake (a phrase after "the daemon"), None when it did not:
+        a subscriber it shuts out otherwise just hears nothing."""
+        return self._watch.failure()
 
     def recv(self, timeout_s: float | None) -> Result | dict[str, Any] | None:
         """The next result (Result) or status (dict); None when nothing arrives within `timeout_s`."""
@@ -91,6 +103,7 @@ class Subscriber:
         return out
 
     def close(self) -> None:
+        self._watch.close()
         self.socket.close(0)
 
     def __enter__(self):
@@ -435,6 +448,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"inspectd subscribe: --journal {args.journal}: {exc}", file=sys.stderr)
                 return 2
     received = 0
+    refused: str | None = None  # the handshake failure last reported: a daemon that shuts us out says why, once
     with subscriber:
         try:
             while args.count is None or received < args.count:
@@ -442,11 +456,15 @@ def run(args: argparse.Namespace) -> int:
                 if left is not None and left <= 0:
                     break
                 try:
-                    message = source.recv(left)
+                    message = source.recv(HANDSHAKE_CHECK_S if left is None else min(left, HANDSHAKE_CHECK_S))
                 except MessageError as exc:
                     print(f"inspectd subscribe: skipped a malformed message: {exc}", file=sys.stderr)
                     continue
                 if message is None:
+                    failure = subscriber.handshake_failure()
+                    if failure is not None and failure != refused:
+                        print(f"inspectd subscribe: --endpoint {args.endpoint}: the daemon {failure}", file=sys.stderr)
+                    refused = failure
                     continue
                 if not isinstance(message, Result):
                     if args.status:

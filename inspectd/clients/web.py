@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -33,6 +33,9 @@ from inspectd.logs import configure_logging
 from inspectd.protocol.alarms import status_alarms
 from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveError, ArchiveReader, NoArchive
 from inspectd.protocol.messages import Result
+
+if TYPE_CHECKING:
+    from inspectd.clients.subscribe import Subscriber
 
 log = structlog.get_logger("inspectd.web")
 
@@ -202,16 +205,18 @@ class Feed(threading.Thread):
     decoded message to the event loop. A message that cannot be read is logged (the first, then at most once per
     REFUSED_LOG_S with the count) and shown as an alarm; nothing a message does ends the thread."""
 
-    def __init__(self, sub: Any, loop: asyncio.AbstractEventLoop, state: LineState) -> None:
+    def __init__(self, sub: Subscriber, loop: asyncio.AbstractEventLoop, state: LineState) -> None:
         super().__init__(name="web-feed", daemon=True)
         self.sub, self.loop, self.state = sub, loop, state
         self.stopping = threading.Event()
         self._logged_at: float | None = None
         self._unlogged = 0
+        self._refused: str | None = None  # the handshake failure last logged
 
     def run(self) -> None:
         with self.sub:
             while not self.stopping.is_set():
+                message: Result | dict[str, Any] | MessageError | None
                 try:
                     message = self.sub.recv(0.2)
                 except MessageError as exc:
@@ -223,6 +228,11 @@ class Feed(threading.Thread):
                     self._log_refused(message)
                 if message is not None:
                     self.loop.call_soon_threadsafe(self.state.on_message, message)
+                    continue
+                failure = self.sub.handshake_failure()  # a daemon that shuts the view out says why, once
+                if failure is not None and failure != self._refused:
+                    log.warning("handshake_failed", error=f"the daemon {failure}")
+                self._refused = failure
 
     def _log_refused(self, error: MessageError) -> None:
         now = time.monotonic()

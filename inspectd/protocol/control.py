@@ -24,6 +24,7 @@ import zmq
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol import wirejson
+from inspectd.protocol.keys import HandshakeWatch
 
 MAX_REQUEST_BYTES = 1 << 20  # a thresholds document with history is a few kB; anything near this is not a request
 
@@ -119,6 +120,7 @@ class ControlClient:
         self.curve = curve
         self.name = name  # what a connect error calls the endpoint: the flag it came from, for a command
         self._sock: zmq.Socket | None = None
+        self._watch: HandshakeWatch | None = None
 
     def connect(self) -> ControlClient:
         """Make the socket now (requests do it otherwise), so a bad endpoint shows before the first request."""
@@ -133,12 +135,13 @@ class ControlClient:
             sock.sndtimeo = max(1, int(self.timeout_s * 1000))
             if self.curve is not None:
                 self.curve(sock)
+            self._watch = HandshakeWatch(sock, self.curve is not None)  # before connect: to see the first handshake
+            self._sock = sock
             try:
                 sock.connect(self.endpoint)
             except zmq.ZMQError as exc:
-                sock.close(linger=0)
+                self.close()
                 raise connect_error(self.name, self.endpoint, exc) from None
-            self._sock = sock
         return self._sock
 
     def request(self, doc: dict) -> dict:
@@ -149,8 +152,10 @@ class ControlClient:
         except zmq.Again:
             answered = False
         if not answered:
-            self._sock = None
-            sock.close(linger=0)
+            failure = None if self._watch is None else self._watch.failure()
+            self.close()
+            if failure is not None:
+                raise InspectdError(f"control {self.endpoint}: the daemon {failure}")
             raise ControlTimeout(
                 f"control {self.endpoint}: no reply within {self.timeout_s:g} s to "
                 f"{str(doc.get('cmd', '?'))[:40]!r}, expected a running inspectd"
@@ -164,6 +169,9 @@ class ControlClient:
         return reply
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None

@@ -186,6 +186,64 @@ def curve_client(server_public_key: str | Path, client_secret_key: str | Path) -
     return configure
 
 
+class HandshakeWatch:
+    """The security handshakes of one client socket, watched through a libzmq socket monitor, so a server that ends
+    them (another key than --server-key, this client's key not allowed, CurveZMQ on one side only) is told apart from
+    one that is silent.
+
+    Attach it before the socket connects; `failure()` says in a phrase why the last handshake failed ("the daemon
+    <phrase>"), None when none failed since the last that succeeded. Works on plain and asyncio sockets (the monitor
+    is read through a plain socket of the same context)."""
+
+    _count = 0
+    _EVENTS = (
+        zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    )
+
+    def __init__(self, sock: zmq.Socket, curve: bool) -> None:
+        HandshakeWatch._count += 1
+        address = f"inproc://inspectd-handshake-{os.getpid()}-{HandshakeWatch._count}"
+        sock.monitor(address, self._EVENTS)
+        self.sock = sock
+        self.curve = curve
+        self._context = zmq.Context.shadow(sock.context.underlying)  # inproc needs the socket's own context
+        self.monitor = self._context.socket(zmq.PAIR)
+        self.monitor.connect(address)
+        self._failure: str | None = None
+
+    def failure(self) -> str | None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            self._failure = self._describe(int(event["event"]), int(event["value"]))
+        return self._failure
+
+    def _describe(self, event: int, value: int) -> str | None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return None
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return "refused this client's key, expected --client-key's public half in its allow-list"
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            if self.curve:
+                return "does not use CurveZMQ there, expected no --server-key/--client-key"
+            return "requires CurveZMQ there, expected --server-key and --client-key"
+        if self.curve:
+            # A wrong server key gives libzmq no detail: the server cannot open the client's first message.
+            return "broke off the CurveZMQ handshake, expected --server-key to hold its public key"
+        return f"broke off the handshake (libzmq detail {value:#x})"
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass  # the socket was closed first
+        self.monitor.close(linger=0)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="keys_command", metavar="ACTION")
     gen = sub.add_parser("generate", help="write a new CurveZMQ key pair (NAME.key and NAME.key_secret)")
