@@ -410,6 +410,22 @@ def test_write_bundle_across_file_systems_is_refused_in_one_line_with_nothing_mo
     assert settled(path) == before
 
 
+def test_a_full_disk_while_staging_a_bundle_is_one_line_with_the_old_bundle_kept(tmp_path):
+    """The disk fills while the new bundle's files are written (the fsync of the first reports ENOSPC): a
+    BundleError naming the bundle, which train and teach print in one line (it was a bare OSError: a traceback
+    at the end of a training run), the bundle in service untouched and no staging directory left beside it."""
+    path = make(tmp_path / "run" / "b")
+    before = settled(path)
+    failed = child(REWRITE_ALL, path, "-f", "-e", "inject=fsync:error=ENOSPC")
+    assert failed.returncode != 0
+    last = failed.stderr.strip().splitlines()[-1]
+    assert re.search(
+        rf"BundleError: {re.escape(str(path))}: not written \(No space left on device writing it beside .*\){UNDONE}",
+        last,
+    ), failed.stderr
+    assert settled(path) == before
+
+
 def test_a_daemon_refuses_thresholds_for_a_bundle_switched_under_it_until_it_reloads(tmp_path):
     """A real daemon on bundles/current; teach's link switch to a new model before the reload; set_thresholds is
     refused in the reply and both bundles still load; after the reload it is written into the new one."""

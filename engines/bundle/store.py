@@ -104,16 +104,25 @@ def write_bundle(
         **{k: v for k, v in manifest_fields.items() if k not in ("format", "format_version", "files")},
         "files": files,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a daemon running as another user
-        # Every file and the staging directory durable before the bundle takes the name: a power cut after the
-        # switch must not leave `path` naming a directory of empty files.
-        for name, data in contents.items():
-            write_file(staging / name, data, FILE_MODE)
-        write_file(staging / MANIFEST, _manifest_bytes(manifest), FILE_MODE)
-        fsync_dir(staging)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise BundleError(f"{path}: not written ({exc.strerror or exc}); it holds what it held before") from exc
+    try:
+        try:
+            staging.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a daemon running as another user
+            # Every file and the staging directory durable before the bundle takes the name: a power cut after the
+            # switch must not leave `path` naming a directory of empty files.
+            for name, data in contents.items():
+                write_file(staging / name, data, FILE_MODE)
+            write_file(staging / MANIFEST, _manifest_bytes(manifest), FILE_MODE)
+            fsync_dir(staging)
+        except OSError as exc:  # a full disk, a quota: reported in one line by train and teach
+            raise BundleError(
+                f"{path}: not written ({exc.strerror or exc} writing it beside {path.parent}); it holds what it held "
+                "before"
+            ) from exc
         if path.exists() or path.is_symlink():
             # Errors here are BundleErrors naming `path`: train and teach report those in one line.
             try:

@@ -510,6 +510,10 @@ def run(args: argparse.Namespace) -> int:
     except (EngineError, ValueError) as exc:
         print(f"inspectd train: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a quota under the bundle's files (the bundle itself is all or nothing)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"inspectd train: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("inspectd train: interrupted before anything could be written", file=sys.stderr)
         return INTERRUPTED_EXIT
