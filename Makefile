@@ -64,7 +64,7 @@ test: venv system-packages
 # ALSO="NAME ...": distributions to pin with their dependencies that pyproject.toml does not list yet.
 constraints:
 	@test -x $(PY) || { echo "make: no $(VENV) to read versions from; run make venv first" >&2; exit 1; }
-	$(PY) deploy/freeze_constraints.py --extras $(EXTRAS) $(ALSO) > $(CONSTRAINTS).new
+	$(PY) deploy/freeze_constraints.py --extras $(EXTRAS) --keep $(CONSTRAINTS) $(ALSO) > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:

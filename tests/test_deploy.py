@@ -322,3 +322,23 @@ stat -c '%U:%G %a %n' /etc/inspectd /etc/inspectd/inspectd.yaml /etc/inspectd/ke
     ]
     # The copy's marker is not visible outside: the mounts stayed inside the namespace.
     assert not Path("/etc/.inspectd-test-copy").exists()
+
+
+def test_regenerated_constraints_keep_the_pins_of_what_is_not_installed_here(tmp_path):
+    """`make constraints` on a CPU machine must not drop the onnxruntime-gpu pin GPU stations install by, nor keep
+    the pin of a package this environment has but no longer needs."""
+    old = tmp_path / "constraints.txt"
+    old.write_text("# header\nonnxruntime-gpu==1.31.1\nnot-a-real-package-xyz==0.1  # a comment\npip==1.0\n")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "freeze_constraints.py"), "--extras", "train,test,plc", "--keep", old],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    pins = dict(line.split("==") for line in out.stdout.splitlines() if "==" in line)
+    assert pins["onnxruntime-gpu"] == "1.31.1" and pins["not-a-real-package-xyz"] == "0.1"
+    assert "pip" not in pins  # installed here, required by nothing: dropped as it would be without --keep
+    assert pins["numpy"] == __import__("importlib.metadata").metadata.version("numpy")
+    assert "onnxruntime-gpu==1.31.1: not installed here, kept from" in out.stderr
