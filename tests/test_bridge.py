@@ -640,10 +640,28 @@ def test_a_bridge_serving_the_first_camera_heard_catches_up_once_that_camera_is_
     assert json.loads((tmp_path / "state" / "acked.json").read_text()) == {"acked": {CAMERA: last}}
 
 
+class LogLines:
+    """A bridge's JSON log lines as they come (read on a thread), for a test that waits on what the bridge did."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(bridge.proc.stdout.readline, "")))
+        self.thread.start()
+
+    def events(self, name: str) -> list[dict]:
+        return [json.loads(line) for line in list(self.lines) if line.startswith("{") and f'"{name}"' in line]
+
+    def stop(self) -> None:
+        self.bridge.proc.send_signal(signal.SIGTERM)
+        assert self.bridge.proc.wait(10) == 0, "".join(self.lines)
+        self.thread.join(10)
+
+
 def test_with_a_journal_a_plc_too_far_behind_is_skipped_to_the_newest_result_as_a_gap(plc, daemon, tmp_path):
     """The PLC holds its ack (in STOP) while the line goes on: with --journal nothing would be dropped and the PLC
     would get every old verdict first. Past max_backlog results the bridge skips to the newest, the jump counts as a
-    gap and latches the alarm; what came after the last skip is handed over in order."""
+    gap and latches the alarm. A restart after a long stop skips the same way, with no live result needed."""
     from inspectd.daemon.journal import Journal
 
     config = tmp_path / "bridge.yaml"
@@ -651,33 +669,56 @@ def test_with_a_journal_a_plc_too_far_behind_is_skipped_to_the_newest_result_as_
     journal_dir = tmp_path / "journal"
     journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
 
-    def line(seq: int) -> None:  # as the daemon does it: journalled, then published
+    def line(seq: int, publish: bool = True) -> None:  # as the daemon does it: journalled, then published
         frames = daemon.encode(seq)
         journal.append(CAMERA, seq, frames)
-        daemon.pub.send_multipart(frames)
-
-    bridge = Bridge(daemon, plc, config, extra=("--journal", str(journal_dir)))
-    try:
-        plc.acking.clear()
-        line(1)
-        wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
-        for seq in range(2, 61):
-            line(seq)
         journal.flush()
-        time.sleep(0.5)  # every one of them reached the bridge
-        plc.acking.set()
-        wait(lambda: plc.received and plc.received[-1]["id"] == 60, 20, "the newest result handed over")
-        time.sleep(0.2)
-        assert plc.field("status") & BIT["alarm"] and plc.field("sequence_gaps") == 40
+        if publish:
+            daemon.pub.send_multipart(frames)
+
+    try:
+        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(journal_dir))))
+        try:
+            plc.acking.clear()
+            line(1)
+            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
+            for seq in range(2, 63):
+                line(seq)
+            # 1 in flight: skipped at 22 (2..21), at 42 (22..41) and at 62 (42..61).
+            wait(lambda: [e["last"] for e in log.events("backlog_skipped")] == [21, 41, 61], 10, "three skips")
+            plc.acking.set()
+            wait(lambda: [r["id"] for r in plc.received] == [1, 62], 10, "the newest result after the first")
+            for seq in range(63, 67):
+                line(seq)
+            wait(lambda: [r["id"] for r in plc.received] == [1, *range(62, 67)], 10, "the line going on")
+            assert plc.field("status") & BIT["alarm"] and plc.field("sequence_gaps") == 60
+            assert log.events("plc_behind")
+        finally:
+            log.stop()
+        stopped = log.events("bridge_stopped")[0]
+        assert stopped["sequence_gaps"] == 60 and stopped["overflow_drops"] == 0 and stopped["missed_acks"] == 0
+
+        # Down while 67..100 were journalled; back on a line that stays quiet: the PLC gets 100, not 34 old verdicts.
+        for seq in range(67, 101):
+            line(seq, publish=False)
+        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(journal_dir))))
+        try:
+            wait(lambda: [r["id"] for r in plc.received][-1] == 100, 10, "the newest journalled result")
+            # Then seqs that never existed (the daemon rebooted and resumed its numbering further on): a gap with its
+            # reason, not a backlog, although it is longer than max_backlog.
+            time.sleep(0.3)
+            line(357)
+            wait(lambda: [r["id"] for r in plc.received][-1] == 357, 10, "the result after the jump")
+        finally:
+            log.stop()
+        assert [r["id"] for r in plc.received][6:] == [100, 357]
+        skipped = log.events("backlog_skipped")
+        assert [(e["first"], e["last"]) for e in skipped] == [(67, 99)], skipped
+        gaps = log.events("gap")
+        assert [(g["first"], g["last"]) for g in gaps] == [(101, 356)] and "never journalled" in gaps[0]["reason"]
+        assert log.events("bridge_stopped")[0]["sequence_gaps"] == 33 + 256
     finally:
-        events = bridge.stop()
         journal.close()
-    # Skipped at 22 (2..21: 21 waiting past one in flight) and at 42 (22..41); 42..60 went over in order.
-    assert [r["id"] for r in plc.received] == [1, *range(42, 61)]
-    assert events["backlog_skipped"]["first"] == 22 and events["backlog_skipped"]["last"] == 41
-    assert "plc_behind" in events
-    stopped = events["bridge_stopped"]
-    assert stopped["sequence_gaps"] == 40 and stopped["overflow_drops"] == 0 and stopped["missed_acks"] == 0, stopped
 
 
 def test_seqs_past_32_bits_are_handed_over_wrapped_and_resumed_in_full(plc, daemon, tmp_path, bridge_config):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import json
 import logging
@@ -286,11 +287,9 @@ class AckedState:
             replace_file(self.path, json.dumps({"acked": self.acked}, sort_keys=True).encode("utf-8"))
 
 
-def _journal_newest(directory: Path | None, camera: str | None) -> int | None:
-    """The last seq the daemon journalled for `camera`, None without a journal or a record of it: what a PLC's id
-    is placed against at start (Handshake.place)."""
-    if directory is None or camera is None:
-        return None
+def _journal_newest(directory: Path, camera: str) -> int | None:
+    """The last seq the daemon journalled for `camera`, None without a record of it: what a PLC's id is placed
+    against at start (Handshake.place), and how far behind a replay starts (Feeder.resume)."""
     from inspectd.protocol import journal
 
     try:
@@ -325,7 +324,17 @@ class Feeder:
     def resume(self, since: dict[str, int]) -> None:
         for camera, seq in since.items():
             self.heard.add(camera)
-            self.pending[camera] = self._counted(camera, seq, self.catch_up.resume({camera: seq}))
+            after = seq
+            handshake = self.router.handshake(camera)
+            limit = None if handshake is None else handshake.settings.max_backlog
+            if limit is not None and self.catch_up.directory is not None:
+                # A replay longer than max_backlog (a restart after a long stop, on a line that may stay quiet) is
+                # skipped like any backlog: the PLC gets the newest journalled result, the jump is its gap.
+                newest = _journal_newest(self.catch_up.directory, camera)
+                if newest is not None and newest - seq > limit:
+                    self._skipped(camera, seq, newest, limit)
+                    after = newest - 1
+            self.pending[camera] = self._counted(camera, after, self.catch_up.resume({camera: after}))
             self.pump(camera)
 
     def _counted(self, camera: str, after: int, replay: Iterator[Result]) -> Iterator[Result]:
@@ -359,26 +368,36 @@ class Feeder:
         handed = max(handshake.last_id, self.skipped.get(camera, 0))  # the last result handed over or given up
         behind = seq - handed  # results waiting for the PLC, this one included
         settings = handshake.settings
-        if settings.max_backlog is not None and behind > settings.max_backlog:
+        limit = settings.max_backlog
+        if limit is not None and behind > limit and camera not in self.pending and not handshake.queue:
+            # Nothing was waiting: the jump may be seqs that never existed (a daemon crash or reboot), which the hole
+            # fill reports as a gap with its reason. What waits starts at the first result the journal holds.
+            first = self.catch_up.first_journalled(camera, handed)
+            behind = seq - (seq if first is None else min(first, seq)) + 1
+        if limit is not None and behind > limit:
             self.pending.pop(camera, None)
             handshake.skip_queued(seq)
             self.catch_up.skip(camera, seq)
-            self.skipped[camera] = seq - 1
-            self.behind.discard(camera)
-            log.warning(
-                "backlog_skipped",
-                camera=camera,
-                first=handed + 1,
-                last=seq - 1,
-                skipped=behind - 1,
-                max_backlog=settings.max_backlog,
-            )
+            self._skipped(camera, handed, seq, limit)
         elif behind > settings.queue_size and camera not in self.behind:
             self.behind.add(camera)
             log.warning("plc_behind", camera=camera, behind=behind, handed_over=handed, newest=seq)
-        elif behind <= settings.queue_size // 2 and camera in self.behind:
+        elif behind <= max(1, settings.queue_size // 2) and camera in self.behind:
             self.behind.discard(camera)
-            log.info("plc_caught_up", camera=camera, behind=behind)
+            log.info("plc_caught_up", camera=camera, behind=max(0, behind))
+
+    def _skipped(self, camera: str, handed: int, newest: int, limit: int) -> None:
+        """What lies between `handed` and `newest` is given up on (more than `limit` results behind)."""
+        self.skipped[camera] = newest - 1
+        self.behind.discard(camera)
+        log.warning(
+            "backlog_skipped",
+            camera=camera,
+            first=handed + 1,
+            last=newest - 1,
+            skipped=newest - handed - 1,
+            max_backlog=limit,
+        )
 
     def room(self, handshake) -> None:
         if handshake.camera is not None:
@@ -392,6 +411,7 @@ class Feeder:
                 break
             item = next(self.pending.get(camera, iter(())), None)
             if item is None:
+                self.pending.pop(camera, None)  # so a camera in `pending` has a replay or hole fill under way
                 newest = self.newest.pop(camera, None)
                 if newest is None:
                     break
@@ -425,7 +445,13 @@ async def _serve(protocol, config, args: argparse.Namespace, curve, acked: Acked
             for camera, target in link.slots()
         ]
         for handshake in handshakes:
-            await handshake.start(acked.get(handshake.camera), _journal_newest(args.journal, handshake.camera))
+            camera = handshake.camera
+            newest = (
+                None
+                if args.journal is None or camera is None
+                else functools.partial(_journal_newest, args.journal, camera)
+            )
+            await handshake.start(acked.get(camera), newest)
         return await _bridge(handshakes, config, args, curve, acked, protocol.describe(config, args))
     finally:
         try:

@@ -157,13 +157,17 @@ class Handshake:
     def modulus(self) -> int:
         return min(int(getattr(self.target, "id_modulus", ID_MODULUS)), ID_MODULUS)
 
-    async def start(self, acked: int | None = None, newest: int | None = None) -> None:
+    async def start(self, acked: int | None = None, newest: Callable[[], int | None] | None = None) -> None:
         """Adopt the PLC's last inspection id, or the last id it acknowledged as recorded outside it (`acked`),
-        whichever is later (restart rule), and drop result_valid until a fresh result. `newest`: the last seq the
-        daemon journalled for this camera, when known (see `place`)."""
+        whichever is later (restart rule), and drop result_valid until a fresh result. `newest`: reads the last seq
+        the daemon journalled for this camera (None when unknown), called off the event loop only when `place` needs
+        it."""
         plc_id = await self.target.read("inspection_id")
         self._plc_residue = plc_id % self.modulus() if plc_id else None
-        self.place(acked, newest)
+        known = None
+        if self._plc_residue is not None and newest is not None and (not acked or self.modulus() < ID_MODULUS):
+            known = await asyncio.to_thread(newest)
+        self.place(acked, known)
         self.alarm = bool(await self.target.read("alarm"))  # a latched alarm survives a bridge restart
         await self._write_status(force=True)
         self.log(
@@ -180,9 +184,10 @@ class Handshake:
 
         The PLC holds its id modulo `modulus()` (2**32 for a full-width id, which seqs outgrow too), so the seq it
         stands for is the one with that remainder nearest `acked` when an ack is recorded (the PLC holds the last
-        acked id or the one written after it), else the latest at or before `newest` (the daemon's last journalled
-        seq, or the first result that arrives: the PLC cannot hold a seq not published yet). Without either, a
-        full-width id is taken as it reads and a narrower one stays unknown; the first result places it."""
+        acked id or the one written after it) but not past `newest`, else the latest at or before `newest` (the
+        daemon's last journalled seq, or the first result that arrives: the PLC cannot hold a seq not published
+        yet). Without either, a full-width id is taken as it reads and a narrower one stays unknown; the first
+        result places it."""
         residue = self._plc_residue
         if residue is None:
             if acked:
@@ -191,7 +196,10 @@ class Handshake:
         modulus = self.modulus()
         if acked:
             half = modulus // 2
-            self.last_id = max(acked, acked + (residue - acked + half) % modulus - half)
+            held = acked + (residue - acked + half) % modulus - half
+            if newest is not None and held > newest:
+                held -= modulus  # a PLC id another program left there, not one of ours: the ack decides
+            self.last_id = max(acked, held)
         elif newest is not None:
             held = newest - (newest - residue) % modulus
             # No seq that early: the PLC's id is from a numbering the daemon has since restarted (PLC.md).

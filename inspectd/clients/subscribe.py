@@ -213,6 +213,19 @@ class JournalCatchUp:
                 self._why.setdefault(camera, []).append(NO_JOURNAL)
         yield self._deliver(message)
 
+    def first_journalled(self, camera: str, after: int) -> int | None:
+        """The first seq of `camera` the journal holds after `after`; None without one (or without a journal)."""
+        from inspectd.protocol import journal
+
+        if self.directory is None:
+            return None
+        try:
+            for seq, _ in journal.read_since(self.directory, camera, after, on_corrupt=lambda *_: None):
+                return seq
+        except (InspectdError, OSError):
+            pass
+        return None
+
     def skip(self, camera: str, before: int) -> None:
         """Give up on what lies between the last delivered result of `camera` and seq `before` (a reader too far
         behind): no hole to fill or report there; whoever skips says so."""
