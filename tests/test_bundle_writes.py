@@ -379,6 +379,12 @@ def test_without_an_exchange_a_failed_undo_says_where_the_bundle_in_service_is(t
     moved = re.search(r"could not be moved back \(Input/output error\): it is at (\S+)$", last)
     assert moved and f"{path}: not replaced (" in last, failed.stderr
     assert load_bundle(moved.group(1)).model_id == before[0]
+    # Whoever loads the bundle next (a daemon starting, train, teach) is told where it is, not just that it is gone.
+    aside = re.escape(moved.group(1))
+    with pytest.raises(
+        BundleError, match=rf"missing; a bundle write was cut off and left the previous bundle at {aside}"
+    ):
+        load_bundle(path)
 
 
 @pytest.mark.parametrize("operation", list(SWAPS))

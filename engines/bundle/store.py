@@ -350,6 +350,19 @@ def load_bundle(path: str | Path) -> Bundle:
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
+        if not path.exists() and not path.is_symlink():
+            # Where a file system has no exchange, a write swaps bundles by two renames; cut off between them, the
+            # bundle in service is left aside: a whole-bundle write's beside it, teach's as its newest version.
+            aside = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+            versions = path.with_name(path.name + ".versions")
+            numbered = [(int(v.name[1:]), v) for v in versions.glob("v*") if v.name[1:].isdigit()]
+            if numbered:
+                aside.append(max(numbered)[1])
+            if aside:
+                raise BundleError(
+                    f"{path}: missing; a bundle write was cut off and left the previous bundle at {aside[0]}, "
+                    f"expected it back in place (mv {aside[0]} {path})"
+                )
         raise BundleError(f"{path}: not a directory, expected a model bundle (directory with {MANIFEST})")
     manifest = _read_manifest(manifest_path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
