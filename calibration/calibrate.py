@@ -32,7 +32,7 @@ import numpy as np
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import inspectd_version
 from inspectd.errors import InspectdError
-from inspectd.protocol.control import ControlClient, ControlTimeout, client_for
+from inspectd.protocol.control import ControlClient, ControlTimeout, HandshakeFailed, client_for
 
 if TYPE_CHECKING:
     from engines.training.metrics import PixelHistograms
@@ -666,6 +666,9 @@ def _apply(endpoint: str, client: ControlClient, new, out) -> str:
     try:
         with client:
             reply = client.request({"cmd": "set_thresholds", "thresholds": new.to_dict()})
+    except HandshakeFailed as exc:  # a daemon that shuts this key out is running: nothing is written for it
+        print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)
+        return REFUSED
     except InspectdError as exc:
         print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)
         return UNREACHABLE

@@ -426,7 +426,8 @@ def test_a_full_disk_while_staging_a_bundle_is_one_line_with_the_old_bundle_kept
     assert failed.returncode != 0
     last = failed.stderr.strip().splitlines()[-1]
     assert re.search(
-        rf"BundleError: {re.escape(str(path))}: not written \(No space left on device writing it beside .*\){UNDONE}",
+        rf"BundleError: {re.escape(str(path))}: not written "
+        rf"\(No space left on device writing its new copy in .*\){UNDONE}",
         last,
     ), failed.stderr
     assert settled(path) == before

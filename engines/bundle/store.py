@@ -120,8 +120,8 @@ def write_bundle(
             fsync_dir(staging)
         except OSError as exc:  # a full disk, a quota: reported in one line by train and teach
             raise BundleError(
-                f"{path}: not written ({exc.strerror or exc} writing it beside {path.parent}); it holds what it held "
-                "before"
+                f"{path}: not written ({exc.strerror or exc} writing its new copy in {path.parent}); it holds what "
+                "it held before"
             ) from exc
         if path.exists() or path.is_symlink():
             # Errors here are BundleErrors naming `path`: train and teach report those in one line.

@@ -43,7 +43,7 @@ from inspectd.durable import replace_file
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.control import connect_error
-from inspectd.protocol.keys import HandshakeWatch
+from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 from inspectd.protocol.messages import Result, decode
 
 log = structlog.get_logger("inspectd.clients.bridge")
@@ -119,16 +119,10 @@ def run(args: argparse.Namespace) -> int:
         config = protocol.configure(args)
         if not args.topic.startswith("inspect."):
             raise ConfigError(f"--topic {args.topic!r}: expected a prefix of inspect.<station>.<camera>.result")
-        if (args.server_key is None) != (args.client_key is None):
-            raise ConfigError("--server-key and --client-key: expected both (CurveZMQ) or neither")
         if args.journal is not None and not args.journal.is_dir():
             raise ConfigError(f"--journal {args.journal}: expected the daemon's journal directory")
         acked = AckedState(None if args.state_dir is None else Path(args.state_dir))
-        curve = None
-        if args.server_key is not None:
-            from inspectd.protocol.keys import curve_client
-
-            curve = curve_client(args.server_key, args.client_key)
+        curve = curve_from_flags(args.server_key, args.client_key)
         _check_endpoint(args.endpoint)
     except InspectdError as exc:
         print(f"inspectd bridge: {exc}", file=sys.stderr)
@@ -331,7 +325,9 @@ class Feeder:
                 # A replay longer than max_backlog (a restart after a long stop, on a line that may stay quiet) is
                 # skipped like any backlog: the PLC gets the newest journalled result, the jump is its gap.
                 newest = _journal_newest(self.catch_up.directory, camera)
-                if newest is not None and newest - seq > limit:
+                first = None if newest is None else self.catch_up.first_journalled(camera, seq)
+                # Counted from the first result the journal holds: seqs that never existed are no backlog.
+                if newest is not None and first is not None and newest - first + 1 > limit:
                     self._skipped(camera, seq, newest, limit)
                     after = newest - 1
             self.pending[camera] = self._counted(camera, after, self.catch_up.resume({camera: after}))
@@ -541,7 +537,8 @@ async def _bridge(
         while not stop.is_set():
             beat += 1
             alive = time.monotonic() - last_heard[0] < DAEMON_SILENT_S
-            failure = None if alive else watch.failure()
+            failure = watch.failure()  # read every beat: the events must not pile up
+            failure = None if alive else failure
             if failure is not None and failure != refused[0]:
                 # A daemon that shuts the bridge out would otherwise look like one that is down.
                 log.warning("handshake_failed", endpoint=args.endpoint, error=f"the daemon {failure}")

@@ -7,7 +7,7 @@ is on a network address. Human output by default; `--json` prints the daemon's r
 Exit codes, for scripts: 0 the daemon did it; 1 the daemon refused (its one-line reason on stderr), or did part of
 it (a `reload` whose allow-list reload failed: the model is reloaded, the old list stays in force); 2 bad arguments
 (an endpoint ZeroMQ cannot use, a timeout that is not a positive number) or an unreadable file; 3 no daemon answered
-within --timeout.
+within --timeout, or the peer there ended the security handshake (the line says why: a key it does not let in, ...).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from inspectd.errors import InspectdError
 from inspectd.protocol.alarms import status_alarms
-from inspectd.protocol.control import ControlTimeout, allow_list_errors, client_for
+from inspectd.protocol.control import ControlTimeout, HandshakeFailed, allow_list_errors, client_for
 
 DEFAULT_ENDPOINT = "ipc:///var/lib/inspectd/control.sock"
 ENDPOINT_ENV = "INSPECTD_CONTROL"
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with client:
             reply = client.request(request)
-    except ControlTimeout as exc:
+    except (ControlTimeout, HandshakeFailed) as exc:  # either way no daemon took the request
         print(f"inspectd ctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except InspectdError as exc:

@@ -27,11 +27,12 @@ import zmq
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import connect_error
-from inspectd.protocol.keys import HandshakeWatch
+from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 from inspectd.protocol.messages import Result, decode
 
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
 HANDSHAKE_CHECK_S = 1.0  # while nothing arrives, how often `inspectd subscribe` looks for a refused handshake
+WATCH_S = 1.0  # longest a Subscriber waits before it reads its handshake events
 
 
 class GapTracker:
@@ -85,9 +86,16 @@ class Subscriber:
 
     def recv(self, timeout_s: float | None) -> Result | dict[str, Any] | None:
         """The next result (Result) or status (dict); None when nothing arrives within `timeout_s`."""
-        if not self._poller.poll(None if timeout_s is None else max(0, int(timeout_s * 1000))):
-            return None
-        return decode(self.socket.recv_multipart())
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            # Waits in slices, each followed by a read of the handshake events, which must not pile up.
+            left = WATCH_S if deadline is None else min(WATCH_S, max(0.0, deadline - time.monotonic()))
+            ready = self._poller.poll(int(left * 1000))
+            self._watch.failure()
+            if ready:
+                return decode(self.socket.recv_multipart())
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
 
     def results(self, count: int, timeout_s: float) -> list[Result]:
         """Up to `count` results arriving within `timeout_s` (status messages skipped)."""
@@ -418,9 +426,6 @@ def run(args: argparse.Namespace) -> int:
     if args.since is not None and args.since < -1:
         print("inspectd subscribe: --since: expected a seq >= -1 (-1: everything the journal holds)", file=sys.stderr)
         return 2
-    if (args.server_key is None) != (args.client_key is None):
-        print("inspectd subscribe: --server-key and --client-key: expected both (CurveZMQ) or neither", file=sys.stderr)
-        return 2
     if args.journal is not None and not args.journal.is_dir():
         print(f"inspectd subscribe: --journal {args.journal}: expected the daemon's journal directory", file=sys.stderr)
         return 2
@@ -437,11 +442,7 @@ def run(args: argparse.Namespace) -> int:
     mask_failures: set[str] = set()  # the causes already reported, so a full disk prints one line, not one per result
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     try:
-        curve = None
-        if args.server_key is not None:
-            from inspectd.protocol.keys import curve_client
-
-            curve = curve_client(args.server_key, args.client_key)
+        curve = curve_from_flags(args.server_key, args.client_key)
         subscriber = Subscriber(args.endpoint, args.topic, curve=curve)
     except InspectdError as exc:
         print(f"inspectd subscribe: {exc}", file=sys.stderr)

@@ -384,19 +384,14 @@ def run(args: argparse.Namespace) -> int:
     if not host or not port.isdigit() or int(port) > 65535:
         print(f"inspectd web: --listen {args.listen!r}, expected HOST:PORT (e.g. {DEFAULT_LISTEN})", file=sys.stderr)
         return 2
-    if (args.server_key is None) != (args.client_key is None):
-        print("inspectd web: --server-key and --client-key: give both (CurveZMQ) or neither", file=sys.stderr)
-        return 2
     if args.defects < 1:
         print(f"inspectd web: --defects {args.defects}, expected at least 1", file=sys.stderr)
         return 2
     configure_logging("info", args.log_format)
     try:
-        curve = None
-        if args.server_key is not None:
-            from inspectd.protocol.keys import curve_client
+        from inspectd.protocol.keys import curve_from_flags
 
-            curve = curve_client(args.server_key, args.client_key)
+        curve = curve_from_flags(args.server_key, args.client_key)
         sub = _subscribe(args.endpoint, curve)
         asyncio.run(_serve(args, host.strip("[]"), int(port), sub))
     except InspectdError as exc:

@@ -24,7 +24,7 @@ import zmq
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol import wirejson
-from inspectd.protocol.keys import HandshakeWatch
+from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 
 MAX_REQUEST_BYTES = 1 << 20  # a thresholds document with history is a few kB; anything near this is not a request
 
@@ -87,6 +87,10 @@ class ControlTimeout(InspectdError):
     """The daemon did not answer a control request in time."""
 
 
+class HandshakeFailed(InspectdError):
+    """The peer at the control endpoint ended the security handshake: the request never reached a daemon."""
+
+
 def check_timeout(timeout_s: Any, name: str = "timeout") -> None:
     """InspectdError (one line naming `name`) unless `timeout_s` is a finite number of seconds in (0, 1e6)."""
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < 1e6:
@@ -133,15 +137,18 @@ class ControlClient:
             sock.linger = 0
             # With no peer to queue to (e.g. its CURVE handshake was refused) REQ send blocks: bound it too.
             sock.sndtimeo = max(1, int(self.timeout_s * 1000))
-            if self.curve is not None:
-                self.curve(sock)
-            self._watch = HandshakeWatch(sock, self.curve is not None)  # before connect: to see the first handshake
             self._sock = sock
             try:
+                if self.curve is not None:
+                    self.curve(sock)
+                self._watch = HandshakeWatch(sock, self.curve is not None)  # before connect: the first handshake
                 sock.connect(self.endpoint)
             except zmq.ZMQError as exc:
                 self.close()
                 raise connect_error(self.name, self.endpoint, exc) from None
+            except BaseException:
+                self.close()
+                raise
         return self._sock
 
     def request(self, doc: dict) -> dict:
@@ -155,12 +162,14 @@ class ControlClient:
             failure = None if self._watch is None else self._watch.failure()
             self.close()
             if failure is not None:
-                raise InspectdError(f"control {self.endpoint}: the daemon {failure}")
+                raise HandshakeFailed(f"control {self.endpoint}: the daemon {failure}")
             raise ControlTimeout(
                 f"control {self.endpoint}: no reply within {self.timeout_s:g} s to "
                 f"{str(doc.get('cmd', '?'))[:40]!r}, expected a running inspectd"
             )
         data = sock.recv()
+        if self._watch is not None:
+            self._watch.failure()  # read its events as they come: a socket kept open must not let them pile up
         reply = wirejson.loads(data, f"control {self.endpoint}: reply", '{"ok": ...}')
         if not isinstance(reply, dict) or "ok" not in reply:
             raise MessageError(
@@ -198,13 +207,7 @@ def client_for(
     from inspectd.protocol.keys import is_local_endpoint
 
     check_timeout(timeout_s, "--timeout")
-    if (server_key is None) != (client_key is None):
-        raise InspectdError("--server-key and --client-key: expected both (CurveZMQ) or neither")
-    curve = None
-    if server_key is not None and client_key is not None:
-        from inspectd.protocol.keys import curve_client
-
-        curve = curve_client(server_key, client_key)
+    curve = curve_from_flags(server_key, client_key)
     client = ControlClient(endpoint, timeout_s=timeout_s, curve=curve, name=endpoint_flag).connect()
     # After connect, which has refused what is no ZeroMQ endpoint at all.
     if curve is None and not is_local_endpoint(endpoint):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import itertools
 import os
 import stat
 import sys
@@ -186,16 +187,29 @@ def curve_client(server_public_key: str | Path, client_secret_key: str | Path) -
     return configure
 
 
+def curve_from_flags(
+    server_key: str | Path | None, client_key: str | Path | None
+) -> Callable[[zmq.Socket], None] | None:
+    """The client hook a command's --server-key/--client-key ask for (None for neither); InspectdError in one line
+    naming the flags for only one of them, or a key file curve_client refuses."""
+    if (server_key is None) != (client_key is None):
+        raise InspectdError("--server-key and --client-key: expected both (CurveZMQ) or neither")
+    if server_key is None or client_key is None:
+        return None
+    return curve_client(server_key, client_key)
+
+
 class HandshakeWatch:
-    """The security handshakes of one client socket, watched through a libzmq socket monitor, so a server that ends
-    them (another key than --server-key, this client's key not allowed, CurveZMQ on one side only) is told apart from
-    one that is silent.
+    """The security handshakes of one client socket, watched through a libzmq socket monitor, so a peer that ends
+    them (another key than --server-key, this client's key not allowed, CurveZMQ on one side only, or no inspectd
+    endpoint at all) is told apart from one that is silent.
 
     Attach it before the socket connects; `failure()` says in a phrase why the last handshake failed ("the daemon
-    <phrase>"), None when none failed since the last that succeeded. Works on plain and asyncio sockets (the monitor
-    is read through a plain socket of the same context)."""
+    <phrase>"), None when none failed since the last that succeeded. Its events are read only by `failure()`, so the
+    owner calls it regularly (each receive, each request): they queue without a limit meanwhile, because a bounded
+    monitor queue that fills stops the whole context's I/O thread. Works on plain and asyncio sockets."""
 
-    _count = 0
+    _addresses = itertools.count(1)
     _EVENTS = (
         zmq.EVENT_HANDSHAKE_SUCCEEDED
         | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -204,37 +218,50 @@ class HandshakeWatch:
     )
 
     def __init__(self, sock: zmq.Socket, curve: bool) -> None:
-        HandshakeWatch._count += 1
-        address = f"inproc://inspectd-handshake-{os.getpid()}-{HandshakeWatch._count}"
-        sock.monitor(address, self._EVENTS)
+        address = f"inproc://inspectd-handshake-{os.getpid()}-{next(self._addresses)}"
         self.sock = sock
         self.curve = curve
-        self._context = zmq.Context.shadow(sock.context.underlying)  # inproc needs the socket's own context
-        self.monitor = self._context.socket(zmq.PAIR)
+        # Read through a plain socket of the same context (inproc needs it): the socket's own Context object where
+        # it is a plain one, so that destroying that context closes this socket too.
+        context = sock.context
+        plain = context if type(context) is zmq.Context else zmq.Context.shadow(context.underlying)
+        self._context = plain  # a shadow must outlive the socket made from it
+        self.monitor = plain.socket(zmq.PAIR)
+        self.monitor.rcvhwm = 0
+        sock.monitor(address, self._EVENTS)
         self.monitor.connect(address)
         self._failure: str | None = None
 
     def failure(self) -> str | None:
         from zmq.utils.monitor import recv_monitor_message
 
-        while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)
-            self._failure = self._describe(int(event["event"]), int(event["value"]))
+        try:
+            while self.monitor.poll(0):
+                event = recv_monitor_message(self.monitor)
+                self._failure = self._describe(int(event["event"]), int(event["value"]))
+        except zmq.ZMQError:
+            pass  # closed under us (its context destroyed): what was read stands
         return self._failure
 
     def _describe(self, event: int, value: int) -> str | None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             return None
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return "refused this client's key, expected --client-key's public half in its allow-list"
+            if value == 400:
+                return "refused this client's key, expected --client-key's public half in its allow-list"
+            return f"could not check this client's key (its authenticator answered {value})"
         if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             if self.curve:
                 return "does not use CurveZMQ there, expected no --server-key/--client-key"
             return "requires CurveZMQ there, expected --server-key and --client-key"
+        # libzmq has no more to say (a CURVE server cannot open a message sealed for another key; any other peer
+        # that hangs up reads the same).
         if self.curve:
-            # A wrong server key gives libzmq no detail: the server cannot open the client's first message.
-            return "broke off the CurveZMQ handshake, expected --server-key to hold its public key"
-        return f"broke off the handshake (libzmq detail {value:#x})"
+            return (
+                "ended the CurveZMQ handshake without a reason, expected --server-key to hold its public key "
+                "(or an inspectd endpoint there)"
+            )
+        return "ended the handshake without a reason, expected an inspectd endpoint there (with CurveZMQ: the keys)"
 
     def close(self) -> None:
         try:
