@@ -407,7 +407,7 @@ def test_curve_encrypted_results_reach_the_plc_with_the_bridge_keys(plc, tmp_pat
         finally:
             log.stop()
         refused = log.events("handshake_failed")
-        assert len(refused) == 1 and "expected --server-key to hold its public key" in refused[0]["error"], refused
+        assert len(refused) == 1 and "a --server-key that is not its public key" in refused[0]["error"], refused
     finally:
         daemon.close()
 
