@@ -8,7 +8,8 @@ NAMEs are further distributions to pin with their dependencies although pyprojec
 what is installed here is pinned; a requirement that is not installed (the gpu extra's cuda-python on a machine
 without it) is named on stderr and left unpinned. `--keep FILE` (the Makefile passes the current constraints.txt)
 carries over FILE's pins of distributions not installed here at all, such as onnxruntime-gpu, which a GPU station
-installs in place of onnxruntime: a file regenerated on a CPU machine keeps the version the GPU stations use. The
+installs in place of onnxruntime: a file regenerated on a CPU machine keeps the version the GPU stations use (a
+kept pin is never dropped: delete its line when the dependency goes, and move it on a machine that has it). The
 header records the Python the pins need: the highest Requires-Python floor among them, which the Makefile and
 deploy/install.sh check before installing.
 """
@@ -97,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     extras = [e for e in args.extras.split(",") if e]
     pinned, missing = closure(roots(REPO / "pyproject.toml", extras, args.names))
     pinned.pop("inspectd", None)
-    for req in sorted(set(missing)):
-        print(f"freeze_constraints: {req}: not installed here, left unpinned", file=sys.stderr)
     kept = kept_pins(args.keep, pinned) if args.keep is not None else {}
+    for req in sorted(set(missing)):
+        if canonicalize_name(Requirement(req).name) not in kept:
+            print(f"freeze_constraints: {req}: not installed here, left unpinned", file=sys.stderr)
     for name, version in sorted(kept.items()):
         print(f"freeze_constraints: {name}=={version}: not installed here, kept from {args.keep}", file=sys.stderr)
     floor, limiting = python_floor(pinned)
