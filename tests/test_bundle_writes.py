@@ -402,34 +402,25 @@ def test_renameat2_refused_by_a_seccomp_filter_falls_back_to_two_renames(tmp_pat
     assert settled(path) == settled(exchanged) != settled(original)
 
 
-def test_write_bundle_across_file_systems_is_refused_in_one_line_with_nothing_moved(tmp_path):
-    """EXDEV from the exchange: two renames could not cross file systems either, so nothing is moved and train or
-    teach reports a BundleError naming the bundle (the old code raised a bare OSError: a traceback from train)."""
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ("inject=renameat2:error=EXDEV", r"not replaced \(Invalid cross-device link\)"),
+        ("inject=fsync:error=ENOSPC", r"not written \(No space left on device writing its new copy in .*\)"),
+    ],
+    ids=["across-file-systems", "disk-full"],
+)
+def test_a_bundle_write_that_fails_is_one_line_with_the_old_bundle_kept(tmp_path, fault, reason):
+    """EXDEV from the exchange (two renames could not cross file systems either, so nothing is moved), or the disk
+    filling while the new bundle's files are written (the fsync of the first reports ENOSPC): a BundleError naming
+    the bundle, which train and teach print in one line (it was a bare OSError: a traceback at the end of a training
+    run), the bundle in service untouched and no staging directory left beside it."""
     path = make(tmp_path / "run" / "b")
     before = settled(path)
-    failed = child(REWRITE_ALL, path, "-f", "-e", "inject=renameat2:error=EXDEV")
+    failed = child(REWRITE_ALL, path, "-f", "-e", fault)
     assert failed.returncode != 0
     last = failed.stderr.strip().splitlines()[-1]
-    assert re.search(
-        rf"BundleError: {re.escape(str(path))}: not replaced \(Invalid cross-device link\){UNDONE}", last
-    ), failed.stderr
-    assert settled(path) == before
-
-
-def test_a_full_disk_while_staging_a_bundle_is_one_line_with_the_old_bundle_kept(tmp_path):
-    """The disk fills while the new bundle's files are written (the fsync of the first reports ENOSPC): a
-    BundleError naming the bundle, which train and teach print in one line (it was a bare OSError: a traceback
-    at the end of a training run), the bundle in service untouched and no staging directory left beside it."""
-    path = make(tmp_path / "run" / "b")
-    before = settled(path)
-    failed = child(REWRITE_ALL, path, "-f", "-e", "inject=fsync:error=ENOSPC")
-    assert failed.returncode != 0
-    last = failed.stderr.strip().splitlines()[-1]
-    assert re.search(
-        rf"BundleError: {re.escape(str(path))}: not written "
-        rf"\(No space left on device writing its new copy in .*\){UNDONE}",
-        last,
-    ), failed.stderr
+    assert re.search(rf"BundleError: {re.escape(str(path))}: {reason}{UNDONE}", last), failed.stderr
     assert settled(path) == before
 
 

@@ -387,38 +387,17 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_p
         )
         assert code == 0, err
         assert f"now judges with thresholds version {handler.version}" in out and handler.version == 2
-        code, out, err = calibrate(
-            capsys,
-            bundle,
-            "--rollback",
-            1,
-            "--apply",
-            endpoint,
-            "--timeout",
-            "1",
-            "--server-key",
-            server_public,
-            "--client-key",
-            stranger_secret,
-        )
         # A key the daemon does not let in, or a server key that is not the daemon's: the handshake is ended, and
         # calibrate says which before anything is scored or written (it used to wait out --timeout, then write).
-        assert code == 2 and "refused this client's key, expected --client-key" in err, err
-        code, out, err = calibrate(
-            capsys,
-            bundle,
-            "--rollback",
-            1,
-            "--apply",
-            endpoint,
-            "--timeout",
-            "1",
-            "--server-key",
-            stranger_secret.with_suffix(".key"),
-            "--client-key",
-            operator_secret,
-        )
-        assert code == 2 and "a --server-key that is not its public key" in err, err
+        for server_key, client_key, expected in [
+            (server_public, stranger_secret, "refused this client's key, expected --client-key"),
+            (stranger_secret.with_suffix(".key"), operator_secret, "a --server-key that is not its public key"),
+        ]:
+            keys_given = ("--server-key", server_key, "--client-key", client_key)
+            code, out, err = calibrate(
+                capsys, bundle, "--rollback", 1, "--apply", endpoint, "--timeout", "1", *keys_given
+            )
+            assert code == 2 and expected in err, err
         assert handler.version == 2
         assert load_bundle(bundle).thresholds().version == 2, "a refused --apply wrote the rollback"
         code, out, err = calibrate(capsys, bundle, "--rollback", 1, "--apply", endpoint, "--server-key", server_public)
