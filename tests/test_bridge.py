@@ -720,6 +720,20 @@ def test_with_a_journal_a_plc_too_far_behind_is_skipped_to_the_newest_result_as_
         gaps = log.events("gap")
         assert [(g["first"], g["last"]) for g in gaps] == [(101, 356)] and "never journalled" in gaps[0]["reason"]
         assert log.events("bridge_stopped")[0]["sequence_gaps"] == 33 + 256
+
+        # Down again while 358..365 and, after a reboot's jump, 700..705 were journalled: 14 results, not 348, so
+        # within max_backlog: all of them go over, and the jump is a gap with its reason.
+        for seq in [*range(358, 366), *range(700, 706)]:
+            line(seq, publish=False)
+        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(journal_dir))))
+        try:
+            wait(lambda: [r["id"] for r in plc.received][-1] == 705, 10, "the catch-up")
+            time.sleep(0.3)
+        finally:
+            log.stop()
+        assert [r["id"] for r in plc.received][8:] == [*range(358, 366), *range(700, 706)]
+        assert not log.events("backlog_skipped")
+        assert [(g["first"], g["last"]) for g in log.events("gap")] == [(366, 699)]
     finally:
         journal.close()
 

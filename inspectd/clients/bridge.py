@@ -324,12 +324,13 @@ class Feeder:
             if limit is not None and self.catch_up.directory is not None:
                 # A replay longer than max_backlog (a restart after a long stop, on a line that may stay quiet) is
                 # skipped like any backlog: the PLC gets the newest journalled result, the jump is its gap.
-                newest = _journal_newest(self.catch_up.directory, camera)
-                first = None if newest is None else self.catch_up.first_journalled(camera, seq)
-                # Counted from the first result the journal holds: seqs that never existed are no backlog.
-                if newest is not None and first is not None and newest - first + 1 > limit:
-                    self._skipped(camera, seq, newest, limit)
-                    after = newest - 1
+                # Counted in journal records, not seqs: seqs that never existed (a daemon crash or reboot numbered
+                # on past them) are no backlog; the replay reports them as a gap with its reason.
+                if len(self.catch_up.journalled(camera, seq, limit + 1)) > limit:
+                    newest = _journal_newest(self.catch_up.directory, camera)
+                    if newest is not None:
+                        self._skipped(camera, seq, newest, limit)
+                        after = newest - 1
             self.pending[camera] = self._counted(camera, after, self.catch_up.resume({camera: after}))
             self.pump(camera)
 
@@ -367,9 +368,10 @@ class Feeder:
         limit = settings.max_backlog
         if limit is not None and behind > limit and camera not in self.pending and not handshake.queue:
             # Nothing was waiting: the jump may be seqs that never existed (a daemon crash or reboot), which the hole
-            # fill reports as a gap with its reason. What waits starts at the first result the journal holds.
-            first = self.catch_up.first_journalled(camera, handed)
-            behind = seq - (seq if first is None else min(first, seq)) + 1
+            # fill reports as a gap with its reason. What waits starts at the first result the journal holds. (With
+            # results waiting already, the seqs are counted: reading the journal on every live result costs too much.)
+            first = self.catch_up.journalled(camera, handed, 1)
+            behind = seq - min([*first, seq]) + 1
         if limit is not None and behind > limit:
             self.pending.pop(camera, None)
             handshake.skip_queued(seq)

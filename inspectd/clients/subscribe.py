@@ -71,6 +71,7 @@ class Subscriber:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt_string(zmq.SUBSCRIBE, topic)
         self._watch = HandshakeWatch(self.socket, curve is not None)
+        self._watched = time.monotonic()  # when its events were last read
         try:
             self.socket.connect(endpoint)
         except zmq.ZMQError:
@@ -88,13 +89,16 @@ class Subscriber:
         """The next result (Result) or status (dict); None when nothing arrives within `timeout_s`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            # Waits in slices, each followed by a read of the handshake events, which must not pile up.
+            # Waits in slices, reading the handshake events (which must not pile up) at least once a slice.
             left = WATCH_S if deadline is None else min(WATCH_S, max(0.0, deadline - time.monotonic()))
             ready = self._poller.poll(int(left * 1000))
-            self._watch.failure()
+            now = time.monotonic()
+            if not ready or now - self._watched >= WATCH_S:
+                self._watched = now
+                self._watch.failure()
             if ready:
                 return decode(self.socket.recv_multipart())
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and now >= deadline:
                 return None
 
     def results(self, count: int, timeout_s: float) -> list[Result]:
@@ -221,18 +225,21 @@ class JournalCatchUp:
                 self._why.setdefault(camera, []).append(NO_JOURNAL)
         yield self._deliver(message)
 
-    def first_journalled(self, camera: str, after: int) -> int | None:
-        """The first seq of `camera` the journal holds after `after`; None without one (or without a journal)."""
+    def journalled(self, camera: str, after: int, most: int) -> list[int]:
+        """The first `most` seqs of `camera` the journal holds after `after` ([] without a journal)."""
         from inspectd.protocol import journal
 
+        seqs: list[int] = []
         if self.directory is None:
-            return None
+            return seqs
         try:
             for seq, _ in journal.read_since(self.directory, camera, after, on_corrupt=lambda *_: None):
-                return seq
+                seqs.append(seq)
+                if len(seqs) >= most:
+                    break
         except (InspectdError, OSError):
             pass
-        return None
+        return seqs
 
     def skip(self, camera: str, before: int) -> None:
         """Give up on what lies between the last delivered result of `camera` and seq `before` (a reader too far

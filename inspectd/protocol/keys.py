@@ -15,7 +15,6 @@ let themselves in.
 from __future__ import annotations
 
 import argparse
-import errno
 import ipaddress
 import itertools
 import os
@@ -255,14 +254,12 @@ class HandshakeWatch:
             if self.curve:
                 return "does not use CurveZMQ there, expected no --server-key/--client-key"
             return "requires CurveZMQ there, expected --server-key and --client-key"
-        if value == errno.ETIMEDOUT:
-            return "took the connection but never finished the handshake (a daemon that hangs, or no inspectd there)"
         # libzmq has no more to say: a CURVE server cannot open a message sealed for another key, and a server whose
-        # authenticator is down or any other peer that hangs up reads the same.
+        # authenticator is down, one that hangs, or any other peer that hangs up reads the same.
         if self.curve:
             return (
                 "ended the CurveZMQ handshake without a reason: a --server-key that is not its public key, its "
-                "authenticator down, or no inspectd endpoint there"
+                "authenticator down or hung, or no inspectd endpoint there"
             )
         return "ended the handshake without a reason, expected an inspectd endpoint there (with CurveZMQ: the keys)"
 
