@@ -65,7 +65,7 @@ from engines.runtime.preprocess import fit_all, mean_level
 from engines.runtime.scorer_fit import augmented, fit_scorer
 from inspectd.errors import InspectdError
 from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveReader, parse_time
-from inspectd.protocol.control import ControlClient, allow_list_errors, client_for
+from inspectd.protocol.control import ControlClient, ControlTimeout, allow_list_errors, client_for
 
 DEFAULT_HOLDOUT = 0.2
 MIN_FRAMES = 2  # at least one fitted and one held out (split_holdout)
@@ -509,6 +509,13 @@ def run(args: argparse.Namespace) -> int:
     except (TeachError, InspectdError) as exc:
         print(f"inspectd teach: {exc}", file=sys.stderr)
         return 2
+    if client is not None:
+        try:
+            _check_daemon(args.apply, client)
+        except InspectdError as exc:
+            client.close()
+            print(f"inspectd teach: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.rollback:
             rollback(args.bundle)
@@ -521,6 +528,18 @@ def run(args: argparse.Namespace) -> int:
             client.close()
         return 2
     return _apply(args.apply, client) if client is not None else 0
+
+
+def _check_daemon(endpoint: str, client: ControlClient) -> None:
+    """InspectdError, before any work, from a daemon at --apply that shuts this client out (its handshake ended, or
+    it answers with a refusal): the new version would be written and never applied. One that does not answer is left
+    to --apply to report after the work (the version is in place for its next start)."""
+    try:
+        reply = client.request({"cmd": "status"})
+    except ControlTimeout:
+        return
+    if not reply.get("ok"):
+        raise InspectdError(f"--apply {endpoint}: the daemon refused: {reply.get('error')}")
 
 
 def _apply(endpoint: str, client: ControlClient) -> int:

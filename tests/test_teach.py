@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from daemon_harness import free_port
 from engines.bundle.format import FEATURE_GRAPH, GRAPH, MANIFEST, WEIGHTS
 from engines.bundle.store import load_bundle
 from engines.data.synthline import SyntheticLine
@@ -165,6 +166,42 @@ def test_a_bundle_without_the_feature_graph_gets_one_line(trained, good, tmp_pat
     assert "exactly one of --good" in capsys.readouterr().err
     assert teach.run(args(old, rollback=True)) == 2  # not a taught bundle
     assert "was not taught" in capsys.readouterr().err
+
+
+def test_apply_to_a_daemon_that_shuts_the_key_out_is_refused_before_any_work(tmp_path, capsys):
+    """A --server-key that is not the daemon's: the handshake is ended, and teach says so before it reads a frame or
+    writes a version the daemon would never load (it used to teach, write, then report the daemon as silent)."""
+    from calibration import teach
+    from inspectd.daemon.control import ControlServer
+    from inspectd.daemon.security import CurveServer
+    from inspectd.protocol import keys
+
+    server_public, server_secret = keys.generate(tmp_path / "keys", "server")
+    operator_public, operator_secret = keys.generate(tmp_path / "keys", "operator")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "operator.key").write_bytes(operator_public.read_bytes())
+
+    class Daemon:
+        def status(self):
+            return {"model_id": "m"}
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", server_secret, allowed)
+    server = ControlServer(endpoint, Daemon(), curve=guard)
+    server.start()
+    try:
+        bundle = tmp_path / "no-bundle-read"  # nothing is read before the refusal
+        wrong = args(bundle, good=str(tmp_path / "no-frames-read"), apply=endpoint, timeout=2.0)
+        wrong.server_key, wrong.client_key = str(operator_public), str(operator_secret)
+        assert teach.run(wrong) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"inspectd teach: control {endpoint}: the daemon ended the CurveZMQ handshake"), err
+        assert "a --server-key that is not its public key" in err and len(err.splitlines()) == 1
+        assert not bundle.exists()
+    finally:
+        server.stop()
+        guard.stop()
 
 
 def test_a_linked_bundle_gets_its_new_version_beside_the_target_and_the_link_switches_back_and_forth(
