@@ -160,6 +160,9 @@ class GenICamCamera(Source):
                 self.stream.push_buffer(Aravis.Buffer.new_allocate(payload))
             lost = self._control_lost
             self.cam.get_device().connect("control-lost", lambda device: lost.set())
+            # Frame counters count per stream: this one's first frame is not compared with where the last one ended
+            # (that read as thousands of frames lost on the wire, or as the 16-bit wrap).
+            self.last_counter = None
             self.cam.start_acquisition()
         except Exception as exc:
             self.close()
