@@ -431,3 +431,47 @@ def test_a_segment_rotated_away_during_a_replay_is_reported_not_skipped_silently
     assert rotated == [segments[1]]
     taken = range(int(segments[1].stem), int(segments[2].stem))
     assert seqs == [s for s in range(100) if s not in taken]
+
+
+TORN_AND_STUCK = (
+    SCRIPT_PRELUDE
+    + """
+import json, resource
+from pathlib import Path
+j = Journal(sys.argv[1], max_bytes=300_000, segment_bytes=100_000, retry_s=0.0)
+seq = 0
+while j.degraded is None:  # small records up to the file size limit: the one that meets it is torn
+    j.append("cam0", seq, res(seq, mask=b"x" * 1000))
+    seq += 1
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+for _ in range(200):  # then larger ones: the torn segment has no room left for the next, so a new one starts
+    j.append("cam0", seq, res(seq, mask=b"y" * 5000))
+    seq += 1
+j.close()
+print(json.dumps({{"bytes": sum(p.stat().st_size for p in Path(sys.argv[1]).rglob("*.seg"))}}))
+"""
+)
+
+
+def test_a_segment_whose_torn_record_could_not_be_cut_still_counts_against_the_cap(tmp_path):
+    """A write torn by a full disk, and the ftruncate that should cut it failing too (strace answers EIO): the
+    segment is retired as it is. It must still count against max_bytes and be trimmed in turn; it used to drop out
+    of the accounting and stay on disk for good, the journal growing past its cap by a segment each time."""
+    import shutil
+
+    script = tmp_path / "torn.py"
+    script.write_text(TORN_AND_STUCK.format(repo=str(REPO)))
+    limit = 99_000  # near the segment's end: the torn segment cannot take the larger records that follow
+
+    def cap_soft_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    strace = shutil.which("strace")
+    assert strace, "strace is not installed: `make test` installs it (apt-get install strace)"
+    command = [strace, "-f", "-o", "/dev/null", "-e", "inject=ftruncate:error=EIO", sys.executable, str(script)]
+    out = subprocess.run([*command, str(tmp_path / "j")], capture_output=True, timeout=60, preexec_fn=cap_soft_limit)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    report = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert report["bytes"] <= 300_000, report
+    seqs = [s for s, _ in read_since(tmp_path / "j", "cam0", -1)]
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)) and len(seqs) > 20  # the newest, whole, in order

@@ -372,6 +372,7 @@ class Journal:
         while self._closed and self._total + live + incoming > self.max_bytes:
             _, path, size = self._closed.pop(0)
             path.unlink(missing_ok=True)
+            self._torn.pop(path, None)
             self._dirs_dirty.add(path.parent)
             self._total -= size
 
@@ -383,10 +384,10 @@ class Journal:
                 # Cut the partial record off now, so every reader still sees whole records only.
                 os.ftruncate(active.fd, active.size)
             except OSError:
-                # Cannot even restore the file: give it up; the next append to this camera cuts it first.
+                # Cannot even restore the file: retire it (counted at its whole records, trimmed in turn like any
+                # closed segment); the next append to this camera cuts it first, or starts a new one.
                 self._torn[active.path] = active.size
-                self._active.pop(camera, None)
-                self._to_close.append(active.fd)
+                self._close_segment(camera)
         reason = f"{type(exc).__name__}: {exc.strerror or exc} (errno {exc.errno})"
         if self.degraded is None:
             log.error(
