@@ -173,6 +173,20 @@ SHARED = [
         "cameras[2].source.endpoint: tcp port 9108 on 127.0.0.1 is already used by metrics.listen",
     ),
     (
+        ["cameras", 2, "source", "endpoint"],
+        "tcp://127.0.0.1:9109",
+        ["metrics", "listen"],
+        "localhost:9109",
+        "cameras[2].source.endpoint: tcp port 9109 on 127.0.0.1 is already used by metrics.listen",
+    ),
+    (
+        ["control", "endpoint"],
+        "tcp://localhost:5557",
+        ["publish", "endpoint"],
+        "tcp://127.0.0.1:5557",
+        "control.endpoint: tcp port 5557 on 127.0.0.1 is already used by publish.endpoint",
+    ),
+    (
         ["cameras", 3],
         {"id": "cam3", "source": {"kind": "zmq", "endpoint": "ipc:///tmp/x.sock"}},
         ["station"],

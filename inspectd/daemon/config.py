@@ -286,7 +286,7 @@ class Config:
             owners.append(("control.endpoint", _address(self.control.endpoint), ("control", "endpoint")))
         if self.metrics.address is not None:
             host, port = self.metrics.address
-            owners.append(("metrics.listen", ("tcp", host, str(port)), ("metrics", "listen")))
+            owners.append(("metrics.listen", _address(f"tcp://{host}:{port}"), ("metrics", "listen")))
         for i, camera in enumerate(self.cameras):
             endpoint, path = getattr(camera.source, "endpoint", None), getattr(camera.source, "path", None)
             if camera.source.kind == "zmq" and isinstance(endpoint, str):
@@ -306,6 +306,8 @@ class Config:
 
 # Hosts a tcp bind to which takes the port on every address.
 ANY_HOST = frozenset({"*", "0.0.0.0", "::", "[::]"})
+# The one host name a station's config commonly binds to, as the address it stands for (no lookup at load).
+LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
 
 
 def _address(endpoint: str) -> tuple[str, ...]:
@@ -315,7 +317,7 @@ def _address(endpoint: str) -> tuple[str, ...]:
         return ("ipc", os.path.normpath(rest))
     if scheme == "tcp":
         host, _, port = rest.rpartition(":")
-        return ("tcp", host, port)
+        return ("tcp", LOOPBACK_NAMES.get(host.lower(), host), port)
     return (endpoint,)
 
 
