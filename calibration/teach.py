@@ -530,12 +530,16 @@ def run(args: argparse.Namespace) -> int:
     return _apply(args.apply, client) if client is not None else 0
 
 
+PROBE_S = 5.0  # how long teach --apply waits for the daemon's status before its work
+
+
 def _check_daemon(endpoint: str, client: ControlClient) -> None:
     """InspectdError, before any work, from a daemon at --apply that shuts this client out (its handshake ended, or
     it answers with a refusal): the new version would be written and never applied. One that does not answer is left
     to --apply to report after the work (the version is in place for its next start)."""
     try:
-        reply = client.request({"cmd": "status"})
+        # Briefly: --timeout is the reload's, and a daemon that is down should not hold up the work.
+        reply = client.request({"cmd": "status"}, timeout_s=PROBE_S)
     except ControlTimeout:
         return
     if not reply.get("ok"):

@@ -715,7 +715,11 @@ def test_an_unread_handshake_watch_never_stalls_the_context(pki):
         curve_client(pki["intruder"][0], pki["allowed"][1])(shut_out)  # not the daemon's key
         watch = keys.HandshakeWatch(shut_out, curve=True)
         shut_out.connect(endpoint)
-        time.sleep(6.0)  # ~700 refusals a second here: far past the ~2000 that used to fill the monitor queue
+        # Far past the ~2000 unread events that used to fill the monitor queue (each refusal is one).
+        deadline = time.monotonic() + 40
+        while guard.refused < 4000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert guard.refused >= 4000, guard.refused
         a, b = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
         port = a.bind_to_random_port("tcp://127.0.0.1")
         b.connect(f"tcp://127.0.0.1:{port}")

@@ -151,11 +151,13 @@ class ControlClient:
                 raise
         return self._sock
 
-    def request(self, doc: dict) -> dict:
+    def request(self, doc: dict, timeout_s: float | None = None) -> dict:
+        """One request and its reply; `timeout_s` (at most the client's) bounds this one, e.g. a probe."""
         sock = self._socket()
+        wait_s = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         try:
             sock.send(json.dumps(doc).encode())
-            answered = sock.poll(int(self.timeout_s * 1000))
+            answered = sock.poll(int(wait_s * 1000))
         except zmq.Again:
             answered = False
         if not answered:
@@ -164,7 +166,7 @@ class ControlClient:
             if failure is not None:
                 raise HandshakeFailed(f"control {self.endpoint}: the daemon {failure}")
             raise ControlTimeout(
-                f"control {self.endpoint}: no reply within {self.timeout_s:g} s to "
+                f"control {self.endpoint}: no reply within {wait_s:g} s to "
                 f"{str(doc.get('cmd', '?'))[:40]!r}, expected a running inspectd"
             )
         data = sock.recv()
