@@ -346,14 +346,16 @@ class Journal:
                 log.warning("journal_torn_record_cut", camera=camera, segment=resume.name, bytes_kept=good)
             if good + size > self.segment_bytes:
                 resume = None
-            else:
-                self._total -= sum(c[2] for c in self._closed if c[1] == resume)
-                self._closed = [c for c in self._closed if c[1] != resume]
         path = resume or camera_dir / f"{seq:012d}.seg"
-        self._trim(self.segment_bytes)  # room for this segment to fill up
+        # Room for this segment to fill up (a resumed one is counted already, at what it holds).
+        kept = sum(c[2] for c in self._closed if c[1] == resume) if resume is not None else 0
+        self._trim(self.segment_bytes - kept, keep=resume)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if resume is None:
             self._dirs_dirty.add(camera_dir)
+        else:  # active from here on: counted as such, no longer as a closed segment (only once it is open)
+            self._total -= sum(c[2] for c in self._closed if c[1] == resume)
+            self._closed = [c for c in self._closed if c[1] != resume]
         active = self._active[camera] = _Active(path, fd, os.fstat(fd).st_size)
         return active
 
@@ -365,12 +367,16 @@ class Journal:
         self._closed.append((self._age, active.path, active.size))
         self._total += active.size
 
-    def _trim(self, incoming: int) -> None:
-        """Delete the oldest closed segments until the journal plus `incoming` bytes fits its cap."""
+    def _trim(self, incoming: int, keep: Path | None = None) -> None:
+        """Delete the oldest closed segments (but `keep`, about to be written on) until the journal plus `incoming`
+        bytes fits its cap."""
         live = sum(a.size for a in self._active.values())
         self._closed.sort()
-        while self._closed and self._total + live + incoming > self.max_bytes:
-            _, path, size = self._closed.pop(0)
+        candidates = [c for c in self._closed if c[1] != keep]
+        while candidates and self._total + live + incoming > self.max_bytes:
+            entry = candidates.pop(0)
+            self._closed.remove(entry)
+            _, path, size = entry
             path.unlink(missing_ok=True)
             self._torn.pop(path, None)
             self._dirs_dirty.add(path.parent)
