@@ -33,3 +33,20 @@ def tmp_path_open_to_others(tmp_path):
     yield tmp_path
     for folder, mode in reversed(opened):
         folder.chmod(mode)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """CurveZMQ keys: a server pair, an allowed client pair (its public key in the allow-list) and an intruder pair,
+    each (public key file, secret key file)."""
+    from inspectd.protocol import keys
+
+    d = tmp_path / "keys"
+    server = keys.generate(d / "server", "server")
+    allowed = keys.generate(d / "clients-own", "bridge1")
+    intruder = keys.generate(d / "intruder", "intruder")
+    allow_dir = d / "allowed"
+    allow_dir.mkdir(mode=0o755)
+    os.chmod(allow_dir, 0o755)
+    (allow_dir / "bridge1.key").write_bytes(allowed[0].read_bytes())
+    return {"server": server, "allowed": allowed, "intruder": intruder, "allow_dir": allow_dir}

@@ -330,21 +330,17 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
         log.close()
 
 
-def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, tmp_path, capsys):
+def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, pki, tmp_path, capsys):
     """A remote daemon's control socket requires CurveZMQ: --apply with the operator's keys gets in, others do not."""
     import socket
 
     from engines.bundle.store import load_bundle
     from inspectd.daemon.control import ControlServer
     from inspectd.daemon.security import CurveServer
-    from inspectd.protocol import keys
 
-    server_public, server_secret = keys.generate(tmp_path / "keys", "server")
-    operator_public, operator_secret = keys.generate(tmp_path / "keys", "operator")
-    _, stranger_secret = keys.generate(tmp_path / "keys", "stranger")
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    (allowed / "operator.key").write_bytes(operator_public.read_bytes())
+    server_public, server_secret = pki["server"]
+    operator_secret, stranger_secret = pki["allowed"][1], pki["intruder"][1]
+    allowed = pki["allow_dir"]
 
     class Daemon:
         """The control handler's contract as calibrate --apply uses it: status (asked before scoring), then

@@ -45,20 +45,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def pki(tmp_path):
-    """A server pair, an allowed client pair (its public key in the allow-list) and an intruder pair."""
-    d = tmp_path / "keys"
-    server = keys.generate(d / "server", "server")
-    allowed = keys.generate(d / "clients-own", "bridge1")
-    intruder = keys.generate(d / "intruder", "intruder")
-    allow_dir = d / "allowed"
-    allow_dir.mkdir(mode=0o755)
-    os.chmod(allow_dir, 0o755)
-    (allow_dir / "bridge1.key").write_bytes(allowed[0].read_bytes())
-    return {"server": server, "allowed": allowed, "intruder": intruder, "allow_dir": allow_dir}
-
-
 class Handler:
     def status(self):
         return {"healthy": True}

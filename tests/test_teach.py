@@ -168,26 +168,21 @@ def test_a_bundle_without_the_feature_graph_gets_one_line(trained, good, tmp_pat
     assert "was not taught" in capsys.readouterr().err
 
 
-def test_apply_to_a_daemon_that_shuts_the_key_out_is_refused_before_any_work(tmp_path, capsys):
+def test_apply_to_a_daemon_that_shuts_the_key_out_is_refused_before_any_work(pki, tmp_path, capsys):
     """A --server-key that is not the daemon's: the handshake is ended, and teach says so before it reads a frame or
     writes a version the daemon would never load (it used to teach, write, then report the daemon as silent)."""
     from calibration import teach
     from inspectd.daemon.control import ControlServer
     from inspectd.daemon.security import CurveServer
-    from inspectd.protocol import keys
 
-    server_public, server_secret = keys.generate(tmp_path / "keys", "server")
-    operator_public, operator_secret = keys.generate(tmp_path / "keys", "operator")
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    (allowed / "operator.key").write_bytes(operator_public.read_bytes())
+    operator_public, operator_secret = pki["allowed"]
 
     class Daemon:
         def status(self):
             return {"model_id": "m"}
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    guard = CurveServer("control", server_secret, allowed)
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
     server = ControlServer(endpoint, Daemon(), curve=guard)
     server.start()
     try:

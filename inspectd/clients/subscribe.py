@@ -31,8 +31,7 @@ from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 from inspectd.protocol.messages import Result, decode
 
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
-HANDSHAKE_CHECK_S = 1.0  # while nothing arrives, how often `inspectd subscribe` looks for a refused handshake
-WATCH_S = 1.0  # longest a Subscriber waits before it reads its handshake events
+WATCH_S = 1.0  # longest a Subscriber (and `inspectd subscribe` for a refused handshake) waits between looks
 
 
 class GapTracker:
@@ -477,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
                 if left is not None and left <= 0:
                     break
                 try:
-                    message = source.recv(HANDSHAKE_CHECK_S if left is None else min(left, HANDSHAKE_CHECK_S))
+                    message = source.recv(WATCH_S if left is None else min(left, WATCH_S))
                 except MessageError as exc:
                     print(f"inspectd subscribe: skipped a malformed message: {exc}", file=sys.stderr)
                     continue
