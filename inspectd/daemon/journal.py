@@ -375,9 +375,9 @@ class Journal:
         candidates = [c for c in self._closed if c[1] != keep]
         while candidates and self._total + live + incoming > self.max_bytes:
             entry = candidates.pop(0)
-            self._closed.remove(entry)
             _, path, size = entry
-            path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # first: a delete that fails leaves the segment counted, for a later trim
+            self._closed.remove(entry)
             self._torn.pop(path, None)
             self._dirs_dirty.add(path.parent)
             self._total -= size
