@@ -134,6 +134,9 @@ TOO_LONG = [
     (["batching", "max_wait_ms"], 1e13, "batching.max_wait_ms: expected at most 3600000"),
     (["cameras", 1, "source", "poll_ms"], 1e13, "cameras[1].source.poll_ms: expected at most 60000"),
     (["cameras", 0, "source", "rate_hz"], 1e-11, "cameras[0].source.rate_hz: expected at least 0.001"),
+    # Sizes past what the ingest can use: a queue too large to allocate, more pixels than OpenCV decodes.
+    (["cameras", 0, "queue", "size"], 10**12, "cameras[0].queue.size: expected at most 10000"),
+    (["cameras", 0, "max_pixels"], 2**31, "cameras[0].max_pixels: expected at most 1073741824"),
 ]
 
 

@@ -224,6 +224,71 @@ def test_folder_waits_for_a_file_still_being_written(tmp_path, ingest_threads, j
     assert not (tmp_path / "slow.jpg").exists()
 
 
+def test_folder_waits_for_a_file_cut_before_its_dimensions(tmp_path, ingest_threads, jpegs):
+    """A writer that pauses inside the first bytes (a JPEG before its SOF, a TIFF before its strips' end): the file
+    looks headless or undecodable, not truncated. It must get the same grace as a file cut after its header: one
+    frame, the whole image (it used to be an error result first, and with delete_after the file deleted mid-write)."""
+    image = cv2.imdecode(np.frombuffer(jpegs[0].read_bytes(), np.uint8), cv2.IMREAD_GRAYSCALE)
+    ok, tiff = cv2.imencode(".tiff", image)
+    files = {"slow.jpg": jpegs[0].read_bytes(), "slow.tiff": tiff.tobytes()}
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 50, "delete_after": True}), queue)
+    for name, data in files.items():
+        cut = 20 if name.endswith(".jpg") else len(data) // 2
+        with open(tmp_path / name, "wb") as f:
+            f.write(data[:cut])
+            f.flush()
+            time.sleep(0.4)  # several polls: the cut file holds still, as a paused writer's does
+            f.write(data[cut:])
+    assert wait_for(lambda: len(queue) >= 2)
+    time.sleep(0.3)  # nothing more comes: no second frame for the same part
+    frames = drain(queue)
+    assert sorted(f.frame_id for f in frames) == ["slow.jpg", "slow.tiff"], [(f.frame_id, f.error) for f in frames]
+    for f in frames:
+        assert f.error is None and np.array_equal(f.image, image), f.error
+
+
+def test_a_file_opencv_refuses_to_decode_is_one_error_result_and_the_folder_goes_on(tmp_path, ingest_threads):
+    """A 54-byte BMP declaring 1 100 000 x 1 pixels (under max_pixels) makes OpenCV raise, not return None: that
+    must be the file's own error result, not a source failure (which reopened the folder and met the file again at
+    every scan, forever)."""
+    header = struct.pack("<2sIHHI", b"BM", 0, 0, 0, 54) + struct.pack(
+        "<IiiHHIIiiII", 40, 1_100_000, 1, 1, 24, 0, 0, 0, 0, 0, 0
+    )
+    (tmp_path / "a-poison.bmp").write_bytes(header)
+    SyntheticLine(64, 48, seed=1).write_folder(tmp_path / "frames", 1)
+    os.replace(tmp_path / "frames" / "000000.png", tmp_path / "b-good.png")
+    old = time.time() - 60
+    os.utime(tmp_path / "a-poison.bmp", (old, old))
+    queue = FrameQueue(8, "block")
+    ingest = start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "pattern": "*.*"}), queue)
+    assert wait_for(lambda: len(queue) == 2), ingest.stats()
+    time.sleep(0.5)
+    frames = {f.frame_id: f for f in drain(queue)}
+    assert sorted(frames) == ["a-poison.bmp", "b-good.png"]
+    error = frames["a-poison.bmp"].error
+    assert error.startswith("a-poison.bmp: ") and "1100000" in error and "\n" not in error, error
+    assert frames["b-good.png"].image.shape == (48, 64)
+    assert ingest.stats()["reopen_count"] == 0 and ingest.stats()["state"] == "running"
+
+
+def test_folder_refuses_a_file_too_large_for_max_pixels_without_reading_it(tmp_path, ingest_threads):
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(4 << 30)  # sparse: 4 GiB that would be read into memory whole
+    old = time.time() - 60
+    os.utime(big, (old, old))
+    queue = FrameQueue(8, "block")
+    cam = camera({"kind": "folder", "path": str(tmp_path)}, max_pixels=1000)
+    ingest = start(ingest_threads, cam, queue)
+    assert wait_for(lambda: len(queue) == 1), ingest.stats()
+    (got,) = drain(queue)
+    assert got.image is None and got.error == (
+        f"big.png: {4 << 30} bytes, expected at most {6 * 1000 + (64 << 10)} for max_pixels=1000"
+    )
+    assert ingest.stats()["reopen_count"] == 0
+
+
 def test_folder_that_disappears_is_reopened_when_it_comes_back(tmp_path, ingest_threads):
     inbox = tmp_path / "in"
     inbox.mkdir()
@@ -432,6 +497,32 @@ def test_zmq_frames_good_and_bad(tmp_path, ingest_threads, jpegs):
     assert np.array_equal(frames[3].image, rgb)
     stats = ingest.stats()
     assert stats["errors"] == len(messages) - 4 and stats["frames_in"] == len(messages)
+
+
+def test_a_zmq_frame_opencv_refuses_to_decode_is_its_own_error_and_the_frames_after_it_are_kept(
+    tmp_path, ingest_threads, jpegs
+):
+    """A PNG whose IHDR declares 1 100 000 x 1 pixels (far under max_pixels): OpenCV raises on its own limit of a
+    side. That frame gets its error; the socket stays open, so the frames received behind it are not lost."""
+    endpoint = f"ipc://{tmp_path}/cam0.sock"
+    queue = FrameQueue(64, "block")
+    ingest = start(ingest_threads, camera({"kind": "zmq", "endpoint": endpoint}), queue)
+    jpeg = jpegs[0].read_bytes()
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(endpoint)
+    try:
+        push.send_multipart([json.dumps({"frame_id": "f", "encoding": "png"}).encode(), png_with_header(1_100_000, 1)])
+        for _ in range(5):
+            push.send_multipart([json.dumps({"frame_id": "f", "encoding": "jpeg"}).encode(), jpeg])
+        assert wait_for(lambda: len(queue) == 6), ingest.stats()
+    finally:
+        push.close()
+    frames = drain(queue)
+    assert [f.seq for f in frames] == list(range(6))
+    assert frames[0].image is None and "1100000x1" in frames[0].error and "\n" not in frames[0].error, frames[0].error
+    assert all(f.error is None for f in frames[1:])
+    assert ingest.stats()["reopen_count"] == 0
 
 
 def test_zmq_endpoint_in_use_keeps_retrying_then_binds(tmp_path, ingest_threads):

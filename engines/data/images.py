@@ -24,7 +24,11 @@ def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if buf.size == 0:
         raise DataError(f"{what}: empty file, expected an encoded image (JPEG, PNG, ...)")
-    image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # its own limits (size, memory) raise instead of returning None
+        reason = (getattr(exc, "err", None) or str(exc)).strip().splitlines()[-1]
+        raise DataError(f"{what}: cannot decode ({reason}), expected a JPEG/PNG/BMP/TIFF image") from None
     if image is None:
         raise DataError(f"{what}: cannot decode, expected a JPEG/PNG/BMP/TIFF image")
     return as_uint8_gray_or_rgb(image, what)

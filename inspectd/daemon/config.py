@@ -101,9 +101,13 @@ else:  # the union of the sources' declarations, built from the registry (one li
     Source = Annotated[functools.reduce(operator.or_, SOURCE_OPTIONS.values()), BeforeValidator(_by_kind)]
 
 
+# Frames a camera's queue may hold: each is a whole image, so far more than this would only fill the memory.
+MAX_QUEUE = 10_000
+
+
 @declared
 class QueueConfig:
-    size: Annotated[Int, Field(ge=1)] = 64
+    size: Annotated[Int, Field(ge=1, le=MAX_QUEUE)] = 64
     policy: Annotated[str, one_of(QUEUE_POLICIES)] = "drop_oldest"
 
 
@@ -112,7 +116,8 @@ class CameraConfig:
     id: CameraId
     source: Source
     queue: QueueConfig = QueueConfig()
-    max_pixels: Annotated[Int, Field(ge=1)] = 50_000_000
+    # At most what OpenCV's decoders take (CV_IO_MAX_IMAGE_PIXELS): they raise above it.
+    max_pixels: Annotated[Int, Field(ge=1, le=1 << 30)] = 50_000_000
 
     @model_validator(mode="before")
     @classmethod

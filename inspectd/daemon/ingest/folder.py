@@ -18,7 +18,7 @@ from engines.errors import DataError
 from engines.schema import Flag, Number, Text, declared, refuse
 from inspectd.configfile import ConfigPath
 from inspectd.daemon.frames import Frame
-from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode
+from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode, max_frame_bytes
 from inspectd.daemon.ingest.source import Source
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class FolderWatcher(Source):
         super().__init__(camera, clock)
         self.spec = cast(FolderSource, camera.source)  # the supervisor builds this class for kind folder only
         self.poll_s = self.spec.poll_ms / 1000.0
+        self.max_bytes = max_frame_bytes(camera.max_pixels)
         # name -> mtime_ns when inspected (files left in place): a file rewritten under the same name is new again.
         self.done: dict[str, int] = {}
         self.sizes: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) at the previous scan
@@ -110,6 +111,10 @@ class FolderWatcher(Source):
                 return None
         mtime_ns, name = self.pending.pop()
         path = self.spec.path / name
+        size = self.sizes.get(name, (0, 0))[0]
+        if size > self.max_bytes:  # not read at all: a stray video or archive in the inbox would fill the memory
+            expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
+            return self._taken(path, mtime_ns, None, f"{name}: {size} bytes, {expected}")
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -127,6 +132,9 @@ class FolderWatcher(Source):
             image, error = None, str(exc)
         except DataError as exc:
             image, error = None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a reopen would meet the same file at every scan, forever
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            image, error = None, f"{name}: cannot decode ({type(exc).__name__}: {reason})"
         return self._taken(path, mtime_ns, image, error)
 
     def _taken(self, path: Path, mtime_ns: int, image, error: str | None) -> Frame:

@@ -14,7 +14,7 @@ from engines.errors import DataError
 from engines.schema import declared, refuse
 from inspectd.configfile import Endpoint
 from inspectd.daemon.frames import Frame
-from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode
+from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode, max_frame_bytes
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
 from inspectd.daemon.security import Curve, CurveServer
 from inspectd.errors import MessageError
@@ -81,9 +81,9 @@ class ZmqPullSource(Source):
         sock = zmq.Context.instance().socket(zmq.PULL)
         sock.linger = 0
         sock.rcvhwm = max(2 * self.camera.queue.size, 16)
-        # A producer sending more than the largest frame this camera accepts (raw RGB at max_pixels, or an encoded
-        # image up to twice that) is disconnected by ZeroMQ before the message is buffered, not parsed after.
-        sock.maxmsgsize = 6 * self.camera.max_pixels + (64 << 10)
+        # A producer sending more than the largest frame this camera accepts is disconnected by ZeroMQ before the
+        # message is buffered, not parsed after.
+        sock.maxmsgsize = max_frame_bytes(self.camera.max_pixels)
         if self.curve is not None:
             self.curve(sock)
         try:
@@ -110,7 +110,12 @@ class ZmqPullSource(Source):
         if self.curve is not None and not self.curve.admits(parts[0]):
             return None  # a producer whose key a reload removed: counted and logged as refused, never judged
         self.received += 1
-        return self.parse(parts)
+        try:
+            return self.parse(parts)
+        except Exception as exc:  # noqa: BLE001 - a reopen would close the socket and lose the messages behind this one
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            error = f"message {self.received}: cannot be read ({type(exc).__name__}: {reason})"
+            return self.frame(f"msg{self.received}", self.clock(), None, error)
 
     def parse(self, parts: list) -> Frame:
         fallback_id = f"msg{self.received}"
