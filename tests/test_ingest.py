@@ -368,6 +368,34 @@ def test_folder_is_not_read_while_paused(tmp_path, ingest_threads):
     assert ingest.stats()["discarded"] == 0
 
 
+def test_a_frame_a_stuck_read_returns_after_stop_is_not_accepted(tmp_path, ingest_threads):
+    """A source whose read ignores stop (a GStreamer pipeline or V4L2 device waits out its own timeout): what it
+    returns once stop() was called is not accepted (no seq, no journal mark, not queued), because shutdown has
+    stopped waiting for it and drained the queues already; a frame accepted then would never get a result."""
+    from inspectd.daemon.ingest.source import Source
+
+    reading = threading.Event()
+
+    class StuckRead(Source):
+        def read(self, stop):
+            reading.set()
+            time.sleep(0.5)  # does not look at stop, as a blocking driver call cannot
+            return self.frame("late", 0.0, np.zeros((4, 4), np.uint8))
+
+    marks: list[int] = []
+    queue = FrameQueue(8, "block")
+    cam = camera({"kind": "synthetic", "width": 8, "height": 8})
+    ingest = CameraIngest(cam, queue, first_seq=100, backoff_s=FAST_BACKOFF, mark_seq=marks.append)
+    ingest._source = StuckRead(cam, time.time)
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert reading.wait(5)
+    ingest.stop()
+    ingest.join(2)
+    assert not ingest.is_alive()
+    assert len(queue) == 0 and marks == [] and ingest.next_seq == 100
+
+
 # --- ZeroMQ ---------------------------------------------------------------------------------------------------------
 
 

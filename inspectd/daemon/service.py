@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,9 @@ from inspectd.logs import configure_logging
 
 if TYPE_CHECKING:
     from inspectd.daemon.control import ControlServer
+    from inspectd.daemon.frames import Frame
 
+INGEST_STOP_S = 1.0  # how long shutdown waits for the ingest threads to stop before it drains the queues
 PUBLISH_GRACE_S = 2.0  # how long results already judged (or refused at shutdown) may take to leave, past the timeout
 PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, short enough to never hang
 IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
@@ -160,8 +162,11 @@ class Daemon:
         self.log.info("stopping", pending=self.batcher.pending())
         for ingest in self.ingest.values():
             ingest.stop()
+        # Sources notice stop within a read; one stuck in a driver call longer must not spend every other
+        # camera's drain time (what it returns after stop is not accepted).
+        joined_by = min(deadline, time.monotonic() + INGEST_STOP_S)
         for ingest in self.ingest.values():
-            ingest.join(max(0.0, deadline - time.monotonic()))
+            ingest.join(max(0.0, joined_by - time.monotonic()))
         self._stopping.set()
         self.batcher.stop()
         drained = self._inference_done.wait(max(0.0, deadline - time.monotonic())) and not self._inference_failed
@@ -216,13 +221,23 @@ class Daemon:
         )
         state = self.stage.state
         unjudged: dict[str, int] = {}
-        for camera, frames in self.queues.items():
-            while (frame := frames.get_nowait()) is not None:
-                unjudged[camera] = unjudged.get(camera, 0) + 1
-                self.publisher.submit(
-                    Judged(frame, "error", None, None, state.model_id, state.thresholds_version, [], None, reason)
-                )
+        for frame in self._unjudged_frames():
+            unjudged[frame.camera] = unjudged.get(frame.camera, 0) + 1
+            self.publisher.submit(
+                Judged(frame, "error", None, None, state.model_id, state.thresholds_version, [], None, reason)
+            )
         self.log.warning("shutdown_unjudged", frames=unjudged, reason=reason)
+
+    def _unjudged_frames(self) -> Iterator[Frame]:
+        if self._inference_done.is_set():
+            # The batcher is no longer the inference thread's: it also gives the frames it gathered and held (not
+            # yet due) when the drain was abandoned, which are in no queue.
+            while batch := self.batcher.drain():
+                yield from list(batch)
+            return
+        for frames in self.queues.values():
+            while (frame := frames.get_nowait()) is not None:
+                yield frame
 
     def _inference_loop(self) -> None:
         try:

@@ -140,6 +140,10 @@ class CameraIngest:
                 self._set_state("stopped")
 
     def _emit(self, frame: Frame) -> None:
+        if self._stop.is_set():
+            # A read that outlasted stop() (a driver call that cannot be interrupted): shutdown no longer waits for
+            # this thread and may have drained the queues, so a frame accepted now would never get a result.
+            return
         frame.seq = self.next_seq
         frame.t_ingest = time.monotonic()
         if frame.error is not None:
