@@ -16,7 +16,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from engines.data.images import MvtecFolder, load_image, load_mask
-from engines.errors import EngineError
+from engines.errors import DataError, EngineError
 from engines.training.evaluate import score_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,9 +195,42 @@ def test_score_images_refuses_bad_batch_and_unreadable_image(tiny_bundle, tmp_pa
         list(score_images(tiny_bundle, [broken]))
 
 
-def test_eval_cli_errors_are_one_line(tiny_bundle, tmp_path):
+def test_eval_cli_errors_are_one_line(tiny_bundle, tiny_data, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    proc = _eval(str(tiny_bundle), "--data", str(tiny_data), "--overlays", str(tmp_path / "a-file" / "overlays"))
+    last = proc.stderr.strip().splitlines()[-1]  # after the progress lines
+    assert proc.returncode == 2 and last.startswith("inspectd eval: ") and "a-file" in last, proc.stderr[-500:]
+    assert "Traceback" not in proc.stderr
     proc = _eval(str(tiny_bundle), "--data", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and str(tmp_path) in proc.stderr and "MVTec" in proc.stderr
     proc = _eval(str(tmp_path / "missing"), "--data", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing" in proc.stderr
+
+
+def test_a_mask_marks_every_non_zero_pixel_however_it_is_stored(tmp_path):
+    """MVTec AD's evaluation counts any non-zero value as defect. Masks stored as 0/1, as label indices, in 16 bits
+    or in colour used to read as empty (grey > 127), so every defect pixel counted as a defect-free one."""
+    truth = np.zeros((48, 64), bool)
+    truth[10:30, 20:40] = True
+    stored = {
+        "0-255": truth.astype(np.uint8) * 255,
+        "0-1": truth.astype(np.uint8),
+        "labels": np.where(truth, 3, 0).astype(np.uint8),
+        "16-bit": truth.astype(np.uint16) * 1000,
+        "red": np.dstack([np.zeros_like(truth), np.zeros_like(truth), truth]).astype(np.uint8) * 255,  # BGR
+        "blue-on-opaque-alpha": np.dstack([truth * 255, truth * 0, truth * 0, np.full(truth.shape, 255)]).astype(
+            np.uint8
+        ),
+    }
+    for name, mask in stored.items():
+        path = tmp_path / f"{name}.png"
+        assert cv2.imwrite(str(path), mask)
+        assert np.array_equal(load_mask(path, truth.shape), truth), name
+    half = tmp_path / "half.png"  # the same mask saved at half the resolution: scaled back
+    assert cv2.imwrite(str(half), cv2.resize(truth.astype(np.uint8) * 255, (32, 24), interpolation=cv2.INTER_NEAREST))
+    assert np.array_equal(load_mask(half, truth.shape), truth)
+    turned = tmp_path / "turned.png"  # another image's mask (height and width swapped): refused, not stretched
+    assert cv2.imwrite(str(turned), truth.T.astype(np.uint8) * 255)
+    with pytest.raises(DataError, match=r"^.*turned\.png: mask 48x64, expected the image's size 64x48"):
+        load_mask(turned, truth.shape)

@@ -21,7 +21,7 @@ from engines.model.graph import ImageScore, build_graph
 from engines.model.recipes import CATALOGUE, Recipe, auto_candidates
 from engines.runtime import open_engine
 from engines.training.evaluate import evaluate, format_table
-from engines.training.select import MAX_COPY_AUROC, MIN_COPY_CHECK, Scored, choose, select_recipe
+from engines.training.select import MAX_COPY_AUROC, MIN_COPY_CHECK, Scored, choose, fit_mask, select_recipe
 from engines.training.train import Progress, resolve_recipe, train_bundle
 from tests.tiny_dataset import make_tiny_mvtec
 
@@ -346,3 +346,15 @@ def test_cli_refuses_an_unknown_recipe_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "inspectd train: --recipe 'x': expected auto or one of patchcore, fine, local, context, wide, aligned"
     ]
+
+
+def test_a_planted_mask_fitted_with_padding_marks_no_padding_as_defect():
+    """Frames are padded with their mean grey; a planted mask over most of a wide frame used to be padded the same
+    way, so the padding bands counted as defect pixels in auto's pixel metrics."""
+    mask = np.zeros((200, 400), bool)
+    mask[:, :260] = True  # 65 % of the frame
+    fitted = fit_mask(mask, (320, 320), "pad")
+    # 200x400 into 320x320: 160 rows of image between two bands of 80 rows of padding.
+    assert not fitted[:80].any() and not fitted[240:].any()
+    assert fitted[80:240, :200].all() and not fitted[80:240, 212:].any()
+    assert np.array_equal(fit_mask(mask, (100, 200), "stretch"), mask[::2, ::2])

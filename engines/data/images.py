@@ -124,15 +124,23 @@ class MvtecFolder:
 
 
 def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
-    """Binary mask (bool HxW) for a test item; all False when there is none."""
+    """Binary mask (bool HxW) for a test item; all False when there is none. Any non-zero value is a defect pixel, as
+    in MVTec AD's evaluation: 0/255, 0/1, label indices, 16-bit or coloured masks all read the same. A mask of
+    another size is scaled to the image only if it has the image's aspect ratio (a mask saved at another
+    resolution); any other size is refused, since it belongs to another image or crop."""
     if path is None:
         return np.zeros(shape, dtype=bool)
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise DataError(f"{path}: cannot decode mask, expected a PNG")
+    if mask.ndim == 3:
+        mask = mask[..., :3].max(axis=2) if mask.shape[2] in (3, 4) else mask.max(axis=2)  # alpha is no defect
     if mask.shape != shape:
-        mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return mask > 127
+        (mh, mw), (fh, fw) = mask.shape, shape
+        if abs(mh * fw - mw * fh) > max(mh, mw, fh, fw):  # more than a pixel's rounding apart
+            raise DataError(f"{path}: mask {mw}x{mh}, expected the image's size {fw}x{fh} (or the same aspect ratio)")
+        mask = cv2.resize((mask > 0).astype(np.uint8), (fw, fh), interpolation=cv2.INTER_NEAREST_EXACT)
+    return mask > 0
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

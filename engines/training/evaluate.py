@@ -394,9 +394,14 @@ def run(args: argparse.Namespace) -> int:
             overlay_dir=args.overlays,
             progress=progress,
         )
-    except EngineError as exc:
+    except (EngineError, ValueError) as exc:  # the metrics refuse non-finite maps and scores by ValueError
         progress.finish()
         print(f"inspectd eval: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --overlays not writable
+        progress.finish()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"inspectd eval: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     text = json.dumps(report, indent=2) + "\n"
     # --json: stdout carries the one JSON document and nothing else; what a person reads goes to stderr.

@@ -232,8 +232,13 @@ def choose(candidates: list[Scored]) -> tuple[Scored, str]:
 
 
 def fit_mask(mask: np.ndarray, size: tuple[int, int], resize: str) -> np.ndarray:
-    """A defect mask fitted like its frame (same policy), thresholded back to booleans."""
-    return fit_frame(mask.astype(np.uint8) * 255, (size[0], size[1], 1), resize)[0][..., 0] > 127
+    """A defect mask fitted like its frame (same policy), thresholded back to booleans; padding is never defect
+    (fit_frame pads a frame with its mean, which for a mask over half the frame would read as defect)."""
+    fitted, at = fit_frame(mask.astype(np.uint8) * 255, (size[0], size[1], 1), resize)
+    out = np.zeros(size, dtype=bool)
+    rows, cols = slice(at.top, at.top + at.height), slice(at.left, at.left + at.width)
+    out[rows, cols] = fitted[rows, cols, 0] > 127
+    return out
 
 
 def select_recipe(
