@@ -198,3 +198,18 @@ def test_write_bundle_replaces_an_existing_bundle_whole(bundle_dir):
             {},
             old.thresholds(),
         )
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("resize", "letterbox", "input.resize 'letterbox', expected one of stretch, pad"),
+        ("resize", None, "input.resize None, expected one of stretch, pad"),
+        ("channels", 4, "input.channels 4, expected 1 (grey) or 3 (RGB)"),
+    ],
+)
+def test_an_input_the_runtime_cannot_fit_frames_to_is_refused_at_load(bundle_dir, key, value, message):
+    """Such a bundle used to load, open its engine and warm up (warm-up feeds the engine directly), then fail every
+    frame on the line once it had replaced the running model."""
+    rewrite_manifest(bundle_dir, lambda m: m["input"].__setitem__(key, value))
+    assert message in refusal(bundle_dir)

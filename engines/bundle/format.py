@@ -16,6 +16,8 @@ SCORER = "scorer.npz"
 WEIGHTS = "weights.npz"
 THRESHOLDS = "thresholds.json"
 REQUIRED_FILES = (GRAPH, SCORER, WEIGHTS, THRESHOLDS)
+# How a frame is fitted to the model input (engines.runtime.preprocess): stretched, or letterboxed.
+RESIZE_POLICIES = ("stretch", "pad")
 REQUIRED_KEYS = ("model_id", "method", "backbone", "input", "scorer_inputs", "graph", "files")
 
 PIXELS = "pixels"

@@ -30,6 +30,7 @@ from engines.bundle.format import (
     MANIFEST,
     REQUIRED_FILES,
     REQUIRED_KEYS,
+    RESIZE_POLICIES,
     SCORER,
     THRESHOLDS,
     WEIGHTS,
@@ -403,6 +404,11 @@ def load_bundle(path: str | Path) -> Bundle:
         isinstance(shape.get(k), int) and shape[k] > 0 for k in ("height", "width", "channels")
     ):
         raise BundleError(f"{manifest_path}: input: expected {{height, width, channels}} positive integers")
+    if shape["channels"] not in (1, 3):
+        raise BundleError(f"{manifest_path}: input.channels {shape['channels']}, expected 1 (grey) or 3 (RGB)")
+    if shape.get("resize", "stretch") not in RESIZE_POLICIES:
+        expected = ", ".join(RESIZE_POLICIES)
+        raise BundleError(f"{manifest_path}: input.resize {shape['resize']!r}, expected one of {expected}")
     manifest.pop(PENDING, None)
     bundle = Bundle(path, manifest)
     bundle.scorer_params()  # refuses a pickled or incomplete scorer.npz now, not at the first frame

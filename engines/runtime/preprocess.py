@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-RESIZE_POLICIES = ("stretch", "pad")
+from engines.bundle.format import RESIZE_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
