@@ -357,6 +357,38 @@ def test_profile_violations_name_each_input_outside_the_plan():
     ]
 
 
+def test_the_plan_profile_lets_a_refit_grow_to_what_the_recipe_allows():
+    """A first bundle of few images holds every patch (8 000 rows, under the recipe's 16 384): the plan's profile
+    used to stop at today's rows, so teach's refit on more images was refused until the plan was rebuilt."""
+
+    class Tensor:
+        def __init__(self, name, shape):
+            self.name, self.shape = name, shape
+
+    class Network:
+        inputs = [Tensor("pixels", (-1, 32, 32, 1)), Tensor("memory_bank", (-1, 432))]
+        num_inputs = 2
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+    class Profile:
+        shapes: dict = {}
+
+        def set_shape(self, name, low, opt, high):
+            self.shapes[name] = (tuple(low), tuple(opt), tuple(high))
+
+    profile = Profile()
+    params = {"memory_bank": np.zeros((8000, 432), np.float32)}
+    ceilings = build_engine.scorer_row_ceilings({"memory_size": 16384, "k": 2})
+    build_engine._set_profile_shapes(Network(), profile, (32, 32, 1), 1, 4, 8, params, ceilings)
+    assert profile.shapes["memory_bank"] == ((1, 432), (8000, 432), (16384, 432))
+    assert profile.shapes["pixels"] == ((1, 32, 32, 1), (4, 32, 32, 1), (8, 32, 32, 1))
+    params = {"memory_bank": np.zeros((20000, 432), np.float32)}  # more than the recipe says: today's rows
+    build_engine._set_profile_shapes(Network(), profile, (32, 32, 1), 1, 4, 8, params, ceilings)
+    assert profile.shapes["memory_bank"][2] == (20000, 432)
+
+
 # --------------------------------------------------------------- runs here: ONNX Runtime, CUDA asked for, FP16 graph
 def test_cuda_that_fell_back_to_the_cpu_is_refused(tmp_path):
     """Asked for CUDA, ONNX Runtime opens the session anyway and runs it on the CPU; the engine reads the providers

@@ -151,18 +151,33 @@ def make_calibrator(trt, batches: np.ndarray, params: dict[str, np.ndarray]):
     return Calibrator()
 
 
+def scorer_row_ceilings(recipe: dict) -> dict[str, int]:
+    """The most rows a refit (inspectd teach) can give each dynamic scorer input: the recipe's memory size and k.
+    A first bundle can hold fewer (a memory bank of every patch of a few images; k-means merging references)."""
+    return {"memory_bank": int(recipe.get("memory_size") or 0), "references": int(recipe.get("k") or 0)}
+
+
 def _set_profile_shapes(
-    network, profile, input_shape, min_batch: int, opt_batch: int, max_batch: int, params: dict[str, np.ndarray]
+    network,
+    profile,
+    input_shape,
+    min_batch: int,
+    opt_batch: int,
+    max_batch: int,
+    params: dict[str, np.ndarray],
+    ceilings: dict[str, int],
 ) -> None:
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         if tensor.name == PIXELS:
             profile.set_shape(PIXELS, (min_batch, *input_shape), (opt_batch, *input_shape), (max_batch, *input_shape))
         elif any(d < 0 for d in tensor.shape):
-            # Dynamic scorer dimensions (the number of references) may shrink on a refit, not grow past today's.
+            # The row count (the number of references or memory patches) may change on a refit: down to one, up to
+            # what the recipe allows, so that a refit never needs the plan rebuilt.
             actual = params[tensor.name].shape
             low = tuple(1 if d < 0 else a for d, a in zip(tensor.shape, actual))
-            profile.set_shape(tensor.name, low, actual, actual)
+            rows = max(actual[0], ceilings.get(tensor.name, 0)) if tensor.shape[0] < 0 else actual[0]
+            profile.set_shape(tensor.name, low, actual, (rows, *actual[1:]))
 
 
 def _pin_outside_region_to_fp32(trt, network, region: set[str]) -> int:
@@ -266,6 +281,7 @@ def _build_plan(
     gpu_name, capability = cuda_buffers.select_device(device)
     bundle = load_bundle(bundle_path)
     params = bundle.scorer_params()
+    ceilings = scorer_row_ceilings(bundle.recipe)
     input_shape = bundle.input_shape
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(gpu_name, version)
     batches = (
@@ -293,7 +309,7 @@ def _build_plan(
         config.clear_flag(trt.BuilderFlag.TF32)
     for _ in range(streams):
         profile = builder.create_optimization_profile()
-        _set_profile_shapes(network, profile, input_shape, 1, opt_batch, max_batch, params)
+        _set_profile_shapes(network, profile, input_shape, 1, opt_batch, max_batch, params, ceilings)
         if config.add_optimization_profile(profile) < 0:
             raise EngineError("TensorRT add_optimization_profile refused the batch profile (see the log above)")
 
@@ -304,7 +320,9 @@ def _build_plan(
         config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
         pinned = _pin_outside_region_to_fp32(trt, network, region)
         calibration_profile = builder.create_optimization_profile()
-        _set_profile_shapes(network, calibration_profile, input_shape, opt_batch, opt_batch, opt_batch, params)
+        _set_profile_shapes(
+            network, calibration_profile, input_shape, opt_batch, opt_batch, opt_batch, params, ceilings
+        )
         config.set_calibration_profile(calibration_profile)
         calibrator = make_calibrator(trt, batches, params)
         config.int8_calibrator = calibrator
