@@ -184,6 +184,26 @@ def test_a_non_finite_score_is_an_error_verdict_and_a_failed_batch(bundle_path, 
     assert stage.run_batch([frame(5, grey(32, 32))])[0].verdict == "ok" and stage.healthy
 
 
+class ShortEngine(NonFiniteEngine):
+    """Wraps the real engine and drops the last row of its output, as a plan or graph of the wrong batch shape
+    would."""
+
+    def infer(self, pixels):
+        result = self.engine.infer(pixels)
+        return type(result)(result.scores[:-1], result.maps[:-1])
+
+
+def test_an_engine_output_that_cannot_be_judged_fails_its_frames_not_the_inference_thread(bundle_path):
+    """Judging a row (its score, its map mapped back to the frame, its regions) ran outside every guard: an engine
+    returning fewer rows than frames ended the inference thread, and the daemon with it."""
+    state = open_state(bundle_path)
+    stage = InferenceStage(ModelState(state.bundle, ShortEngine(state.engine, 0.0, ()), state.thresholds), max_batch=4)
+    results = stage.run_batch([frame(0, grey(32, 32)), frame(1, grey(32, 32))])
+    assert results[0].verdict == "ok"
+    assert results[1].verdict == "error" and results[1].error.startswith("engine: IndexError: "), results[1].error
+    assert "\n" not in results[1].error and stage.failed_batches == 1 and stage.last_error == results[1].error
+
+
 def test_thresholds_swap_between_batches(bundle_path):
     state = open_state(bundle_path)
     stage = InferenceStage(state, max_batch=4)

@@ -221,7 +221,11 @@ class InferenceStage:
             else:
                 unjudged = None
                 for row, i in enumerate(slots):
-                    judged = results[i] = self._judge(frames[i], state, predictor, output, row)
+                    try:
+                        judged = self._judge(frames[i], state, predictor, output, row)
+                    except Exception as exc:  # an output of the wrong shape fails its frame, not the thread
+                        judged = self._error(frames[i], state, f"engine: {type(exc).__name__}: {exc}".splitlines()[0])
+                    results[i] = judged
                     if judged.verdict == "error":
                         unjudged = judged.error
                 if unjudged is None:
