@@ -343,6 +343,29 @@ def test_an_unreadable_file_is_one_error_result_and_the_folder_goes_on(tmp_path,
     assert ingest.stats()["reopen_count"] == 0 and ingest.stats()["state"] == "running"
 
 
+def test_odd_file_names_give_one_line_errors_and_frame_ids_any_json_decoder_takes(tmp_path, ingest_threads):
+    """A newline in a file name made a multi-line error; a name that is not UTF-8 reached the result as lone
+    surrogates, which strict JSON decoders (a PLC gateway's) refuse."""
+    (tmp_path / "a\nb.png").write_bytes(b"not an image")
+    SyntheticLine(64, 48, seed=1).write_folder(tmp_path / "frames", 1)
+    os.replace(tmp_path / "frames" / "000000.png", os.path.join(os.fsencode(tmp_path), b"c\xffd.png"))
+    old = time.time() - 60
+    for entry in os.scandir(tmp_path):
+        os.utime(entry.path, (old, old))
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "pattern": "*.png"}), queue)
+    assert wait_for(lambda: len(queue) == 2)
+    bad, good = sorted(drain(queue), key=lambda f: f.frame_id)
+    assert (
+        bad.error == "'a\\nb.png': no image header found (JPEG SOF, PNG IHDR, BMP or TIFF), expected a complete "
+        "JPEG/PNG/BMP/TIFF image"
+    )
+    assert good.error is None and good.frame_id == "c\\xffd.png"
+    for f in (bad, good):
+        f.frame_id.encode("utf-8")  # no lone surrogates
+        json.loads(json.dumps({"frame_id": f.frame_id}, ensure_ascii=False))
+
+
 def test_a_folder_whose_files_stay_says_so_once_at_open(tmp_path, ingest_threads, capsys):
     kept = start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path / "missing")}), FrameQueue(8, "block"))
     assert wait_for(lambda: kept.stats()["reopen_count"] >= 2)

@@ -111,10 +111,11 @@ class FolderWatcher(Source):
                 return None
         mtime_ns, name = self.pending.pop()
         path = self.spec.path / name
+        shown = _shown(name)
         size = self.sizes.get(name, (0, 0))[0]
         if size > self.max_bytes:  # not read at all: a stray video or archive in the inbox would fill the memory
             expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
-            return self._taken(path, mtime_ns, None, f"{name}: {size} bytes, {expected}")
+            return self._taken(path, mtime_ns, None, f"{shown}: {size} bytes, {expected}")
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -122,9 +123,9 @@ class FolderWatcher(Source):
         except OSError as exc:
             # Unreadable (permissions, an I/O error): its result says so, once. Raising would reopen the folder and
             # meet the same file at every scan.
-            return self._taken(path, mtime_ns, None, f"{name}: cannot read ({exc.strerror or exc})")
+            return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({exc.strerror or exc})")
         try:
-            image, error = check_and_decode(data, name, self.camera.max_pixels), None
+            image, error = check_and_decode(data, shown, self.camera.max_pixels), None
         except IncompleteImage as exc:
             if time.time() - mtime_ns / 1e9 < WRITE_GRACE_S:
                 self.sizes.pop(name, None)  # must hold still over another poll before it is tried again
@@ -134,14 +135,14 @@ class FolderWatcher(Source):
             image, error = None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a reopen would meet the same file at every scan, forever
             reason = (str(exc).strip().splitlines() or [""])[0][:200]
-            image, error = None, f"{name}: cannot decode ({type(exc).__name__}: {reason})"
+            image, error = None, f"{shown}: cannot decode ({type(exc).__name__}: {reason})"
         return self._taken(path, mtime_ns, image, error)
 
     def _taken(self, path: Path, mtime_ns: int, image, error: str | None) -> Frame:
         """The file's frame, the file marked done (and disposed of once its result is out, if so configured)."""
         name = path.name
         self.done[name] = mtime_ns
-        frame = self.frame(name, mtime_ns / 1e9, image, error)
+        frame = self.frame(_frame_id(name), mtime_ns / 1e9, image, error)
         if self.spec.delete_after or self.spec.done_dir is not None:
             # Only once the result is journalled and published: a crash before that leaves the file in the folder,
             # to be inspected again at the next start, instead of gone without a result.
@@ -154,3 +155,16 @@ class FolderWatcher(Source):
         elif self.spec.done_dir is not None:
             self.spec.done_dir.mkdir(parents=True, exist_ok=True)
             os.replace(path, self.spec.done_dir / path.name)
+
+
+def _frame_id(name: str) -> str:
+    """A file name as a frame id: bytes that are not UTF-8 (kept by Python as lone surrogates, which strict JSON
+    decoders refuse) written as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _shown(name: str) -> str:
+    """A file name as messages show it: escaped when it holds a newline or another control character, so every
+    message stays one line."""
+    frame_id = _frame_id(name)
+    return frame_id if frame_id.isprintable() else repr(frame_id)
