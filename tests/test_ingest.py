@@ -419,6 +419,34 @@ def test_a_frame_a_stuck_read_returns_after_stop_is_not_accepted(tmp_path, inges
     assert len(queue) == 0 and marks == [] and ingest.next_seq == 100
 
 
+def test_a_source_that_fails_after_every_frame_still_backs_off(ingest_threads):
+    """An RTSP server that sends one frame and drops: one frame used to reset the backoff, so the camera reopened at
+    the first backoff (0.1 s) forever, two log lines each time. It must grow as for a source that never opens."""
+    from inspectd.daemon.ingest.source import Source
+
+    class Flapping(Source):
+        sent = False
+
+        def open(self, stop):
+            self.sent = False
+
+        def read(self, stop):
+            if self.sent:
+                raise ConnectionError("stream dropped")
+            self.sent = True
+            return self.frame("f", 0.0, np.zeros((8, 8), np.uint8))
+
+    queue = FrameQueue(1000, "drop_oldest")
+    cam = camera({"kind": "synthetic", "width": 8, "height": 8})
+    ingest = CameraIngest(cam, queue, backoff_s=(0.05, 0.4))
+    ingest._source = Flapping(cam, time.time)
+    ingest_threads.append(ingest)
+    ingest.start()
+    time.sleep(2.0)
+    # Backing off: 0.05, 0.1, 0.2, then 0.4 s: about 7 reopens in 2 s; without it, one every 0.05 s (about 40).
+    assert 4 <= ingest.stats()["reopen_count"] <= 10, ingest.stats()
+
+
 # --- ZeroMQ ---------------------------------------------------------------------------------------------------------
 
 

@@ -100,8 +100,10 @@ class CameraIngest:
         failures = 0
         try:
             while not self._stop.is_set():
+                opened_at = None
                 try:
                     self._source.open(self._stop)
+                    opened_at = time.monotonic()
                     if self.state != "running":
                         self._set_state("running", reopen_count=self.reopen_count)
                     while not self._stop.is_set():
@@ -111,7 +113,6 @@ class CameraIngest:
                         frame = self._source.read(self._stop)
                         if frame is None:
                             continue
-                        failures = 0
                         if self.paused:
                             self.discarded += 1
                             continue
@@ -124,6 +125,10 @@ class CameraIngest:
                     self._set_state("failed", error=self.last_error)
                     return
                 except Exception as exc:  # any source failure: the camera is reopened, the others never notice
+                    if opened_at is not None and time.monotonic() - opened_at >= self.backoff_s[1]:
+                        # Up for longer than the longest backoff: a new outage. (A frame alone does not reset the
+                        # backoff: a stream that drops after every frame would be reopened ten times a second.)
+                        failures = 0
                     self.last_error = _one_line(exc)
                     self._set_state("reopening", error=self.last_error)
                     # The exponent stops growing long before a float would overflow: an outage of hours (a
