@@ -213,3 +213,16 @@ def test_an_input_the_runtime_cannot_fit_frames_to_is_refused_at_load(bundle_dir
     frame on the line once it had replaced the running model."""
     rewrite_manifest(bundle_dir, lambda m: m["input"].__setitem__(key, value))
     assert message in refusal(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("graph", ["model.onnx"], "graph ['model.onnx'], expected a file name"),
+        ("scorer_inputs", None, "scorer_inputs None, expected a list of graph input names"),
+        ("scorer_inputs", "centre", "scorer_inputs 'centre', expected a list of graph input names"),
+    ],
+)
+def test_manifest_values_of_the_wrong_type_are_refused_in_one_line_naming_the_key(bundle_dir, key, value, message):
+    rewrite_manifest(bundle_dir, lambda m: m.__setitem__(key, value))
+    assert message in refusal(bundle_dir)

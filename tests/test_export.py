@@ -134,6 +134,14 @@ def test_scorer_params_swap_without_export(bundle, engines, frames):
         with pytest.raises(EngineError, match=r"scorer params: \w+ has shape"):
             engine.set_scorer_params(bad)
         assert_close(engine.infer(frames).maps, before.maps)  # a refused swap leaves the old params in place
+        # Parameters no frame could be scored against: every frame would be an error once they were swapped in.
+        name = next(iter(original))
+        poisoned = original[name].copy()
+        poisoned.flat[0] = np.nan
+        for broken, message in ((poisoned, "holds NaN or infinity"), (original[name][:0], r"has shape \(0, ")):
+            with pytest.raises(EngineError, match=f"scorer params: {name} {message}"):
+                engine.set_scorer_params({**original, name: broken})
+        assert_close(engine.infer(frames).maps, before.maps)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])

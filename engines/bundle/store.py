@@ -384,6 +384,11 @@ def load_bundle(path: str | Path) -> Bundle:
     for name in REQUIRED_FILES:
         if name not in files:
             raise BundleError(f"{manifest_path}: files lacks {name!r}, expected every bundle file listed")
+    if not isinstance(manifest["graph"], str):
+        raise BundleError(f"{manifest_path}: graph {manifest['graph']!r}, expected a file name")
+    inputs = manifest["scorer_inputs"]
+    if not isinstance(inputs, list) or not all(isinstance(name, str) for name in inputs):
+        raise BundleError(f"{manifest_path}: scorer_inputs {inputs!r}, expected a list of graph input names")
     if manifest["graph"] not in files:
         raise BundleError(f"{manifest_path}: graph {manifest['graph']!r} is not among the checksummed files")
     pending = _pending(manifest)

@@ -94,5 +94,9 @@ def check_scorer_params(params: dict[str, np.ndarray], expected: dict[str, list]
         value = np.ascontiguousarray(params[name], dtype=np.float32)
         if value.ndim != len(shape) or any(isinstance(d, int) and d != v for d, v in zip(shape, value.shape)):
             raise EngineError(f"scorer params: {name} has shape {tuple(value.shape)}, expected {list(shape)}")
+        if 0 in value.shape:
+            raise EngineError(f"scorer params: {name} has shape {tuple(value.shape)}, expected at least one row")
+        if not np.isfinite(value).all():  # every frame would score NaN: refused before it replaces a running model
+            raise EngineError(f"scorer params: {name} holds NaN or infinity, expected finite numbers")
         checked[name] = value
     return checked
