@@ -320,6 +320,10 @@ def test_resolve_recipe_from_flags():
         resolve_recipe("auto", {"method": "cse"})
     with pytest.raises(ValueError, match="augment 'rot90', expected one of none, rot180"):
         resolve_recipe("local", {"augment": "rot90"})
+    # A blur wider than the map failed in torch after the whole fit, as a traceback.
+    with pytest.raises(ValueError, match="smoothing_sigma 8.0 at 32x32, expected at most 7.75"):
+        resolve_recipe("local", {"size": (32, 32), "smoothing_sigma": 8})
+    assert resolve_recipe("local", {"size": (32, 32), "smoothing_sigma": 7.75})[0].smoothing_sigma == 7.75
     with pytest.raises(ValueError, match="unknown field\\(s\\) window"):
         Recipe.from_json({**CATALOGUE["wide"].to_json(), "window": 3})
 

@@ -85,6 +85,11 @@ class Recipe:
             raise ValueError(f"recipe {self.name}: memory_size {self.memory_size}, k {self.k}: expected each >= 1")
         if not 0 < self.smoothing_sigma <= 64:
             raise ValueError(f"recipe {self.name}: smoothing_sigma {self.smoothing_sigma}, expected in (0, 64]")
+        if max(1, math.ceil(4 * self.smoothing_sigma)) >= min(self.size):  # the blur reaches 4 sigma, reflected
+            raise ValueError(
+                f"recipe {self.name}: smoothing_sigma {self.smoothing_sigma} at {self.size[0]}x{self.size[1]}, "
+                f"expected at most {(min(self.size) - 1) / 4:g} (the blur reaches 4 sigma into a map of that size)"
+            )
         if not 0.0 <= self.score_share <= 1.0:
             raise ValueError(f"recipe {self.name}: score_share {self.score_share}, expected a share in [0, 1]")
         if self.augment not in AUGMENTS:
