@@ -138,6 +138,7 @@ class Journal:
         self._age = 0.0
         self._total = 0
         self._retry_at = 0.0
+        self._undeletable: set[Path] = set()  # closed segments whose delete failed (logged once each)
         self._torn: dict[Path, int] = {}  # segments whose tail could not be cut when a write failed: their good size
         # What the syncer owes the disk: descriptors of segments closed since, directories whose entries changed, and
         # cameras whose accepted mark moved.
@@ -376,7 +377,21 @@ class Journal:
         while candidates and self._total + live + incoming > self.max_bytes:
             entry = candidates.pop(0)
             _, path, size = entry
-            path.unlink(missing_ok=True)  # first: a delete that fails leaves the segment counted, for a later trim
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                # Kept and still counted, retried at the next trim; the next segment goes instead. Raising would
+                # lose the record being written, and every later one while this delete keeps failing.
+                if path not in self._undeletable:
+                    self._undeletable.add(path)
+                    log.error(
+                        "journal_segment_not_deleted",
+                        segment=str(path),
+                        error=f"{exc.strerror or exc} (errno {exc.errno})",
+                        effect="it stays on disk and counts against max_bytes; newer segments are trimmed instead",
+                    )
+                continue
+            self._undeletable.discard(path)
             self._closed.remove(entry)
             self._torn.pop(path, None)
             self._dirs_dirty.add(path.parent)
