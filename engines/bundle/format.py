@@ -32,8 +32,10 @@ FEATURE_GRAPH = "features.onnx"
 FEATURES = "features"
 
 # Scorer inputs whose first dimension is a number of rows that a refit may change (the k-means references, the
-# memory bank): the graph is exported with that dimension dynamic, and backends accept any row count there.
-VARIABLE_ROWS = ("references", "memory_bank")
+# memory bank): the graph is exported with that dimension dynamic, and backends accept any row count there. Each
+# with the recipe field that bounds it (a TensorRT plan's profile goes up to that).
+ROW_LIMITS = {"references": "k", "memory_bank": "memory_size"}
+VARIABLE_ROWS = tuple(ROW_LIMITS)
 
 # A bundle written before recipes were recorded aggregated 15x15 in its memory scorer and nowhere else.
 LEGACY_MEMORY_AGGREGATION = 15

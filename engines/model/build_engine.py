@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.bundle.format import GRAPH, PIXELS
+from engines.bundle.format import GRAPH, PIXELS, ROW_LIMITS
 from engines.bundle.plans import (
     INSTALL_HINT,
     MAX_PROFILES,
@@ -154,7 +154,7 @@ def make_calibrator(trt, batches: np.ndarray, params: dict[str, np.ndarray]):
 def scorer_row_ceilings(recipe: dict) -> dict[str, int]:
     """The most rows a refit (inspectd teach) can give each dynamic scorer input: the recipe's memory size and k.
     A first bundle can hold fewer (a memory bank of every patch of a few images; k-means merging references)."""
-    return {"memory_bank": int(recipe.get("memory_size") or 0), "references": int(recipe.get("k") or 0)}
+    return {name: int(recipe.get(field) or 0) for name, field in ROW_LIMITS.items()}
 
 
 def _set_profile_shapes(
