@@ -117,13 +117,17 @@ class FolderWatcher(Source):
             expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
             return self._taken(path, mtime_ns, None, f"{shown}: {size} bytes, {expected}")
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read(self.max_bytes + 1)  # grown since the scan: still never more than the bound
         except FileNotFoundError:
             return None  # taken away by someone else between the scan and now
         except OSError as exc:
             # Unreadable (permissions, an I/O error): its result says so, once. Raising would reopen the folder and
             # meet the same file at every scan.
             return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({exc.strerror or exc})")
+        if len(data) > self.max_bytes:
+            expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
+            return self._taken(path, mtime_ns, None, f"{shown}: more than {self.max_bytes} bytes, {expected}")
         try:
             image, error = check_and_decode(data, shown, self.camera.max_pixels), None
         except IncompleteImage as exc:
