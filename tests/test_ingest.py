@@ -402,7 +402,7 @@ def test_a_frame_a_stuck_read_returns_after_stop_is_not_accepted(tmp_path, inges
     class StuckRead(Source):
         def read(self, stop):
             reading.set()
-            time.sleep(0.5)  # does not look at stop, as a blocking driver call cannot
+            time.sleep(2.0)  # does not look at stop, as a blocking driver call cannot (long: CI may stall the test)
             return self.frame("late", 0.0, np.zeros((4, 4), np.uint8))
 
     marks: list[int] = []
@@ -414,7 +414,7 @@ def test_a_frame_a_stuck_read_returns_after_stop_is_not_accepted(tmp_path, inges
     ingest.start()
     assert reading.wait(5)
     ingest.stop()
-    ingest.join(2)
+    ingest.join(5)
     assert not ingest.is_alive()
     assert len(queue) == 0 and marks == [] and ingest.next_seq == 100
 
