@@ -15,3 +15,9 @@ class FrameError(InspectdError):
 
 class MessageError(InspectdError):
     """A control or wire message is malformed or unknown."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception that was not raised on purpose, as one line of an error message: its type and first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__

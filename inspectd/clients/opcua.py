@@ -39,7 +39,7 @@ from engines.schema import Int, Number, Text, declared, invalid
 from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError
 from inspectd.configfile import CameraId, parse, read_yaml
 from inspectd.durable import replace_file
-from inspectd.errors import ConfigError
+from inspectd.errors import ConfigError, one_line
 
 # The handshake's value names -> the variable names a PLC programmer sees, and their OPC UA built-in types.
 NAMES = {
@@ -340,7 +340,7 @@ class ClientTarget:
             except Exception as exc:  # asyncua raises its own types, ValueError on a malformed id
                 if name in OPTIONAL_IN_PLC:
                     continue
-                raise PlcError(f"PLC node {text} ({self.camera} {NAMES[name][0]}): {_one_line(exc)}") from exc
+                raise PlcError(f"PLC node {text} ({self.camera} {NAMES[name][0]}): {one_line(exc)}") from exc
             if kind.name not in WRITABLE_KINDS:
                 raise PlcError(f"PLC node {text}: data type {kind.name}, expected a number, Boolean or String")
             self.nodes[name] = node
@@ -361,7 +361,7 @@ class ClientTarget:
         try:
             value = await node.read_value()
         except Exception as exc:
-            raise PlcError(f"PLC read of {node.nodeid.to_string()}: {_one_line(exc)}") from exc
+            raise PlcError(f"PLC read of {node.nodeid.to_string()}: {one_line(exc)}") from exc
         return int(value or 0)
 
     async def write(self, fields: dict[str, Any], last: str | None = None) -> None:
@@ -376,7 +376,7 @@ class ClientTarget:
                 await self.link.client.write_values(nodes, values)
             except Exception as exc:
                 names = ", ".join(NAMES[n][0] for n in group)
-                raise PlcError(f"PLC write of {self.camera} {names}: {_one_line(exc)}") from exc
+                raise PlcError(f"PLC write of {self.camera} {names}: {one_line(exc)}") from exc
 
     def _value(self, name: str, value: Any):
         ua = self.link.ua
@@ -442,7 +442,7 @@ class ClientLink:
                 )
             await self.client.connect()
         except Exception as exc:
-            raise PlcError(f"PLC {self.config.endpoint}: cannot connect ({_one_line(exc)})") from exc
+            raise PlcError(f"PLC {self.config.endpoint}: cannot connect ({one_line(exc)})") from exc
         self.connected = True
         for target in self.targets.values():
             await target.resolve()
@@ -471,8 +471,3 @@ async def connect(config: OpcUaConfig, args: argparse.Namespace) -> ServerLink |
 
 def load_opcua_config(path: str | Path) -> OpcUaConfig:
     return parse_opcua_config(read_yaml(path, expected="a bridge config file"), where=str(path))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -19,7 +19,8 @@ from engines.schema import Flag, Number, Text, declared, refuse
 from inspectd.configfile import ConfigPath
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode, max_frame_bytes
-from inspectd.daemon.ingest.source import Source
+from inspectd.daemon.ingest.source import Source, printable
+from inspectd.errors import one_line
 
 if TYPE_CHECKING:
     from inspectd.daemon import config as cfg
@@ -111,7 +112,7 @@ class FolderWatcher(Source):
                 return None
         mtime_ns, name = self.pending.pop()
         path = self.spec.path / name
-        shown = _shown(name)
+        shown = printable(_frame_id(name))
         size = self.sizes.get(name, (0, 0))[0]
         if size > self.max_bytes:  # not read at all: a stray video or archive in the inbox would fill the memory
             expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
@@ -138,8 +139,7 @@ class FolderWatcher(Source):
         except DataError as exc:
             image, error = None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a reopen would meet the same file at every scan, forever
-            reason = (str(exc).strip().splitlines() or [""])[0][:200]
-            image, error = None, f"{shown}: cannot decode ({type(exc).__name__}: {reason})"
+            image, error = None, f"{shown}: cannot decode ({one_line(exc)})"
         return self._taken(path, mtime_ns, image, error)
 
     def _taken(self, path: Path, mtime_ns: int, image, error: str | None) -> Frame:
@@ -165,10 +165,3 @@ def _frame_id(name: str) -> str:
     """A file name as a frame id: bytes that are not UTF-8 (kept by Python as lone surrogates, which strict JSON
     decoders refuse) written as \\xNN."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _shown(name: str) -> str:
-    """A file name as messages show it: escaped when it holds a newline or another control character, so every
-    message stays one line."""
-    frame_id = _frame_id(name)
-    return frame_id if frame_id.isprintable() else repr(frame_id)

@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 READ_TIMEOUT_S = 0.1  # longest a source read blocks, so stop() and pause are noticed promptly
 
 
+def printable(name: str) -> str:
+    """A producer's or a file's name as a message shows it: quoted when it holds a newline or another control
+    character, so the message stays one line."""
+    return name if name.isprintable() else repr(name)
+
+
 class SourceEnded(Exception):
     """A finite source has delivered everything: end cleanly, do not reopen."""
 

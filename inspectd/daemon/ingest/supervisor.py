@@ -13,6 +13,7 @@ from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest import SOURCES
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceEnded, SourceFatal
+from inspectd.errors import one_line
 
 log = structlog.get_logger("inspectd.ingest")
 
@@ -129,7 +130,7 @@ class CameraIngest:
                         # Up for longer than the longest backoff: a new outage. (A frame alone does not reset the
                         # backoff: a stream that drops after every frame would be reopened ten times a second.)
                         failures = 0
-                    self.last_error = _one_line(exc)
+                    self.last_error = one_line(exc)
                     self._set_state("reopening", error=self.last_error)
                     # The exponent stops growing long before a float would overflow: an outage of hours (a
                     # thousand failures) must leave the camera retrying at the longest backoff, not kill its thread.
@@ -160,11 +161,6 @@ class CameraIngest:
             self.frames_in += 1
         else:
             self.mark_seq(frame.seq - 1)  # stopping: the frame was never queued, its seq is not used
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def make_source(camera: cfg.CameraConfig, clock: Callable[[], float] = time.time) -> Source:

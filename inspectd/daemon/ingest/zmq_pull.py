@@ -15,9 +15,9 @@ from engines.schema import declared, refuse
 from inspectd.configfile import Endpoint
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode, max_frame_bytes
-from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
+from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal, printable
 from inspectd.daemon.security import Curve, CurveServer
-from inspectd.errors import MessageError
+from inspectd.errors import MessageError, one_line
 from inspectd.protocol import wirejson
 from inspectd.protocol.keys import is_local_endpoint
 
@@ -113,8 +113,7 @@ class ZmqPullSource(Source):
         try:
             return self.parse(parts)
         except Exception as exc:  # noqa: BLE001 - a reopen would close the socket and lose the messages behind this one
-            reason = (str(exc).strip().splitlines() or [""])[0][:200]
-            error = f"message {self.received}: cannot be read ({type(exc).__name__}: {reason})"
+            error = f"message {self.received}: cannot be read ({one_line(exc)})"
             return self.frame(f"msg{self.received}", self.clock(), None, error)
 
     def parse(self, parts: list) -> Frame:
@@ -149,7 +148,7 @@ class ZmqPullSource(Source):
     def _decode(self, header: dict, frame_id: str, payload: memoryview) -> np.ndarray:
         # The producer's own id names the frame in every refusal; shown escaped when it holds a newline or another
         # control character, so a refusal stays one line.
-        what = f"frame {frame_id[:80] if frame_id.isprintable() else repr(frame_id[:80])}"
+        what = f"frame {printable(frame_id[:80])}"
         unknown = sorted(set(header) - HEADER_FIELDS)
         if unknown:
             known = ", ".join(sorted(HEADER_FIELDS))
