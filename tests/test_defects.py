@@ -173,3 +173,20 @@ def test_non_uint8_or_bad_shape_is_refused():
         defects.cutpaste(np.zeros((32, 32), np.float32), np.random.default_rng(0))
     with pytest.raises(ValueError, match="expected HxW"):
         defects.cutout(np.zeros((32, 32, 2), np.uint8), np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------------------------------- synthetic line
+def test_synthetic_line_seed_alone_decides_its_frames(tmp_path):
+    """A seed reproduces a folder whatever else in the process drew random numbers before (OpenCV's RNG is shared)."""
+    first = [
+        cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in SyntheticLine(48, 48, seed=3).write_folder(tmp_path / "a", 3)
+    ]
+    cv2.randn(np.empty((64, 64), np.float32), 0.0, 1.0)  # type: ignore[call-overload]
+    np.random.standard_normal(16)
+    again = [
+        cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in SyntheticLine(48, 48, seed=3).write_folder(tmp_path / "b", 3)
+    ]
+    other = SyntheticLine(48, 48, seed=4).next()[0]
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], other)

@@ -88,8 +88,10 @@ class SyntheticLine:
         self._gain += self._xs * b
         self._gain += level
         np.multiply(base, self._gain, out=self._work)
-        # OpenCV's stubs want arrays for mean and stddev; scalars are what its docs show and what works.
-        cv2.randn(self._grain, 0.0, 3.0)  # type: ignore[call-overload]
+        # From the seeded generator, not cv2.randn: OpenCV's RNG is process-wide, so frames would depend on whatever
+        # drew from it before and a seed would not reproduce a folder.
+        rng.standard_normal(dtype=np.float32, out=self._grain)
+        self._grain *= 3.0
         self._work += self._grain
 
         mask = None
