@@ -89,7 +89,7 @@ def test_masks_always_and_never(bundle_path):
 
 
 def test_predictor_fits_frames_into_one_buffer_and_maps_back_to_each_frame(bundle_path):
-    from engines.errors import EngineError
+    from engines.errors import DataError, EngineError
     from engines.runtime.predictor import Predictor
 
     state = open_state(bundle_path, max_batch=2)
@@ -97,7 +97,7 @@ def test_predictor_fits_frames_into_one_buffer_and_maps_back_to_each_frame(bundl
     buffer = predictor.pixels
     predictor.clear()
     assert predictor.add(grey(96, 160, blob=(30, 100, 24))) == 0
-    with pytest.raises(cv2.error):
+    with pytest.raises(DataError, match=r"frame: shape \(4, 4, 5\), expected HxW grey or HxWx3 RGB"):
         predictor.add(np.zeros((4, 4, 5), np.uint8))  # cannot be fitted: the row stays free
     assert predictor.add(grey(32, 32)) == 1
     with pytest.raises(EngineError, match="batch full"):
@@ -108,6 +108,42 @@ def test_predictor_fits_frames_into_one_buffer_and_maps_back_to_each_frame(bundl
     assert result.scores[0] > 0.9 > result.scores[1]
     again = predictor.predict([grey(40, 40)])
     assert again.scores.shape == (1,) and predictor.pixels is buffer  # one buffer, reused batch after batch
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (np.full((40, 60), 1000, np.uint16), "dtype uint16, expected uint8"),  # would be fitted as 1000 mod 256
+        (np.full((32, 32, 3), 0.7, np.float32), "dtype float32, expected uint8"),  # would be fitted as 0
+        (np.zeros((32, 32, 4), np.uint8), r"shape \(32, 32, 4\), expected HxW grey or HxWx3 RGB"),
+        (np.zeros((0, 32), np.uint8), r"shape \(0, 32\), expected"),
+    ],
+)
+def test_a_frame_that_is_not_8_bit_grey_or_rgb_is_refused_in_one_line(frame, message):
+    from engines.errors import DataError
+    from engines.runtime.preprocess import fit_frame
+
+    with pytest.raises(DataError, match=message):
+        fit_frame(frame, (32, 32, 1))
+
+
+def test_a_one_channel_frame_is_grey_and_grey_into_colour_is_replicated_after_the_resize():
+    import tracemalloc
+
+    from engines.runtime.preprocess import fit_frame
+
+    assert fit_frame(np.full((40, 40, 1), 9, np.uint8), (32, 32, 1))[0].max() == 9
+    frame = np.random.default_rng(0).integers(0, 256, (2048, 2448), dtype=np.uint8)
+    for policy in ("stretch", "pad"):
+        out = np.empty((256, 256, 3), np.uint8)
+        tracemalloc.start()
+        fit_frame(frame, out.shape, policy, out=out)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        # What converting first gives (the reference), without a full-size colour copy (15 MB) per frame.
+        expected = fit_frame(cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB), out.shape, policy)[0]
+        np.testing.assert_array_equal(out, expected)
+        assert peak < 2_000_000, f"{policy}: {peak} bytes allocated"
 
 
 def test_error_frames_skip_the_engine_and_bad_frames_fail_alone(bundle_path):

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from engines.bundle.format import RESIZE_POLICIES
+from engines.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,20 +56,29 @@ def fit_frame(
     With policy "pad" the border is filled with the frame's mean grey so padding looks like neither defect nor edge.
     """
     h, w, c = input_shape
+    # Anything else would be cast modulo 256 or truncated below: garbage verdicts with no error.
+    if frame.dtype != np.uint8:
+        raise DataError(f"frame: dtype {frame.dtype}, expected uint8 (8-bit grey or RGB)")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[2] != 3) or frame.size == 0:
+        raise DataError(f"frame: shape {frame.shape}, expected HxW grey or HxWx3 RGB")
     if out is None:
         out = np.empty((h, w, c), dtype=np.uint8)
     placement = placement_for(frame.shape, (h, w), policy)
     if frame.ndim == 3 and c == 1:
         frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-    elif frame.ndim == 2 and c == 3:
-        frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
+    # Grey into a colour model is replicated after the resize (bit-identical, and no full-size RGB copy per frame).
     if placement.height != frame.shape[0] or placement.width != frame.shape[1]:
         interpolation = cv2.INTER_AREA if placement.height < frame.shape[0] else cv2.INTER_LINEAR
         frame = cv2.resize(frame, (placement.width, placement.height), interpolation=interpolation)
     target = out[placement.top : placement.top + placement.height, placement.left : placement.left + placement.width]
     if policy == "pad" and (placement.height, placement.width) != (h, w):
         out[...] = int(frame.mean())
-    target[...] = frame.reshape(target.shape)
+    if frame.ndim == 2 and c == 3:
+        target[...] = frame[:, :, None]
+    else:
+        target[...] = frame.reshape(target.shape)
     return out, placement
 
 
