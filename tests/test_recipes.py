@@ -195,6 +195,26 @@ def test_image_score_pools_the_map_as_documented():
         resolve_recipe("local", {"score_share": 1.5})
 
 
+def test_image_score_keeps_the_partial_blocks_of_a_side_that_is_not_a_multiple_of_four(tmp_path):
+    import io
+
+    import onnxruntime as ort
+
+    maps = np.zeros((2, 66, 66), np.float32)
+    maps[0, 64:66, 20:24] = 1.0  # hot only in the last two rows: a partial block of 2x4 pixels
+    maps[1, 20:22, 20:24] = 1.0  # the same spot inside whole blocks
+    pool = ImageScore(0.05, 66, 66)
+    assert pool.count == round(0.05 * 17 * 17)
+    with torch.inference_mode():
+        scores = pool(torch.from_numpy(maps)).numpy()
+    assert scores[0] > 0 and scores[0] > scores[1], scores  # a partial block averages over the pixels it holds
+    # The exported graph's AveragePool divides the same way.
+    buffer = io.BytesIO()
+    torch.onnx.export(pool, (torch.from_numpy(maps),), buffer, input_names=["maps"], opset_version=17, dynamo=False)
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"maps": maps})[0], scores, rtol=1e-6)
+
+
 def _scored(name: str, image: float, pro: float, false_alarms: float) -> Scored:
     empty = np.zeros(0, np.float32)
     return Scored(CATALOGUE[name], {}, image, 0.9, pro, false_alarms, 0.0, {}, None, empty, empty, None)

@@ -132,7 +132,10 @@ class ImageScore(nn.Module):
             return maps.flatten(1).amax(dim=1)
         if self.share == 1.0:
             return maps.flatten(1).mean(dim=1)
-        blocks = F.avg_pool2d(maps.unsqueeze(1), POOL_BLOCK).flatten(1)
+        # A map whose side is not a multiple of POOL_BLOCK keeps its last rows and columns as partial blocks, averaged
+        # over the pixels they hold (ONNX AveragePool with count_include_pad=0 divides the same way).
+        pooled = F.avg_pool2d(maps.unsqueeze(1), POOL_BLOCK, ceil_mode=True, count_include_pad=False)
+        blocks = pooled.flatten(1)
         return blocks.topk(self.count, dim=1).values.mean(dim=1)
 
 

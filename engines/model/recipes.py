@@ -40,7 +40,7 @@ def pooled_count(share: float, height: int, width: int) -> int:
     """How many block means of a height x width map the image score averages; 0 = the map's maximum."""
     if share == 0.0:
         return 0
-    return max(1, round(share * (height // POOL_BLOCK) * (width // POOL_BLOCK)))
+    return max(1, round(share * -(-height // POOL_BLOCK) * -(-width // POOL_BLOCK)))  # partial blocks count
 
 
 @dataclasses.dataclass(frozen=True)
