@@ -565,6 +565,21 @@ def test_onnxruntime_cuda_matches_onnxruntime_cpu(bundles, fp16_bundles, frames,
     assert_close(single, reference(bundles[scorer], frames[1:2]), atol, rtol, f"ORT CUDA {precision} batch 1")
 
 
+def test_teach_features_on_cuda_are_fp32(bundles, frames):
+    """teach fits on the feature graph's output: on CUDA it must be FP32 (ONNX Runtime turns TF32 on by default)."""
+    require_onnxruntime_cuda()
+    from engines.runtime.features import FeatureExtractor
+
+    bundle = load_bundle(bundles["gaussian"])
+    extractor = FeatureExtractor(bundle, max_batch=4)
+    assert extractor.session.get_providers()[0] == CUDA_EP
+    assert extractor.session.get_provider_options()[CUDA_EP]["use_tf32"] == "0"
+    cpu = ort.InferenceSession(str(bundle.path / "features.onnx"), providers=["CPUExecutionProvider"])
+    got, want = extractor.extract(frames), cpu.run(None, {"pixels": frames})[0]
+    worst, bound = float(np.abs(got - want).max()), FP32_ATOL + FP32_RTOL * float(np.abs(want).max())
+    assert got.shape == want.shape and worst <= bound, f"CUDA features: max |diff| {worst:.3g} > {bound:.3g}"
+
+
 def test_onnxruntime_cuda_on_a_device_that_does_not_exist_is_refused(bundles):
     require_onnxruntime_cuda()
     with pytest.raises(EngineError) as refused:

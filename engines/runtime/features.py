@@ -35,7 +35,10 @@ class FeatureExtractor:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ([CUDA] if CUDA in ort.get_available_providers() else []) + [CPU]
+        # TF32 off, as the engine has it: scorer parameters fitted on TF32 features would not be the FP32 fit that
+        # `inspectd train` and the daemon's engine agree with.
+        cuda = [(CUDA, {"use_tf32": "0"})] if CUDA in ort.get_available_providers() else []
+        providers = [*cuda, CPU]
         path = bundle.path / FEATURE_GRAPH
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
