@@ -184,6 +184,17 @@ def test_histograms_add_up_like_one_stream():
     assert merged.n_regions == one.n_regions
 
 
+def test_quantile_is_a_value_seen_even_at_the_ends():
+    """q = 0, any q * total within the lowest non-empty bin's count, and q = 1 all name a bin that holds pixels."""
+    flat = PixelHistograms()
+    flat.add(np.full((4, 4), 2.0, np.float32))
+    assert flat.quantile(0.0) == flat.quantile(0.5) == flat.quantile(1.0) == 2.0
+    two = PixelHistograms()
+    two.add(np.array([[1.0, 1.0, 1.0, 5.0]], np.float32))
+    assert two.quantile(0.0) == two.quantile(0.01) == two.quantile(0.75) == 1.0
+    assert two.quantile(0.76) == two.quantile(1.0) == 5.0
+
+
 def test_pixel_histograms_refuse_bad_input():
     hist = PixelHistograms()
     with pytest.raises(ValueError, match="2-D"):

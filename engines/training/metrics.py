@@ -216,8 +216,11 @@ class PixelHistograms:
         total = counts.sum()
         if not total:
             raise ValueError("quantile: no pixels added")
-        index = int(np.searchsorted(np.cumsum(counts), q * total, side="left"))
-        return float(bin_floor(np.array([min(index, N_BINS - 1)]))[0])
+        # Only non-empty bins can answer: over all bins, q = 0 stops at bin 0 and q > 1 at the last one, both of whose
+        # floors are NaN bit patterns, and no value was ever seen in any empty bin.
+        used = np.flatnonzero(counts)
+        index = min(int(np.searchsorted(np.cumsum(counts[used]), q * total, side="left")), used.size - 1)
+        return float(bin_floor(used[index : index + 1])[0])
 
 
 def partial_area(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
