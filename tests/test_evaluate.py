@@ -113,6 +113,26 @@ def test_eval_out_writes_the_file_and_json_prints_one_document_on_stdout(tiny_da
     assert f"{doc['overall']['image_auroc']:.4f}" in as_json.stderr  # the table, for the person watching
 
 
+def test_eval_table_counts_defects_without_a_mask_only_when_there_are_some(
+    tiny_data, tiny_bundle, report_and_overlays, tmp_path
+):
+    """Defective images without a mask are left out of the pixel columns; the table says how many per row, so a pixel
+    AUROC over fewer images (or none, `-`) is not read as one over all of them."""
+    _, _, proc = report_and_overlays
+    assert "no mask" not in proc.stdout  # every defect has its mask: the table stays as it was
+    data = tmp_path / "tile"
+    shutil.copytree(tiny_data, data)
+    shutil.rmtree(data / "ground_truth" / "blowhole")
+    proc = _eval(str(tiny_bundle), "--data", str(data), "--batch", "4")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[2].endswith("F1-max  no mask")
+    rows = {line.split()[0]: line.split() for line in lines[3:6]}
+    assert rows["overall"][-1] == str(TYPES["blowhole"]) and rows["crack"][-1] == "0"
+    assert rows["blowhole"][-1] == str(TYPES["blowhole"]) and rows["blowhole"][4:6] == ["-", "-"]
+    assert lines[6] == "no mask: defective images without a ground-truth mask, left out of pix AUROC and AUPRO"
+
+
 def test_eval_shows_progress_with_eta_on_stderr(report_and_overlays):
     """Off a terminal (the pipe here): plain lines, no carriage returns, the first image and the last always shown,
     each with the time so far and an ETA."""

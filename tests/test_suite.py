@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from engines.training import suite
 from tests.tiny_dataset import make_tiny_mvtec
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -36,6 +37,23 @@ def test_suite_covers_every_dataset_folder_and_writes_the_table(tmp_path):
     assert report["mean"]["image_auroc"] == pytest.approx((a + b) / 2)
     assert (out / "tile_a" / "bundle" / "manifest.json").is_file()
     assert "tile_a" in result.stdout and "suite.md written" in result.stdout
+
+
+def test_mean_row_says_how_many_datasets_a_mean_covers_when_not_all():
+    """A dataset without masks has no pixel metrics, so the pixel means cover fewer datasets than the image means:
+    the table says so in the cell and suite.json in a count beside the (still numeric) mean."""
+    rows = [
+        {"dataset": "tile_a", "recipe": "local", "train_s": 1, "load": 0.5}
+        | {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7, "f1_max": 0.85},
+        {"dataset": "tile_b", "recipe": "local", "train_s": 1, "load": 0.5}
+        | {"image_auroc": 0.7, "pixel_auroc": None, "aupro": None, "f1_max": 0.75},
+    ]
+    mean = suite.mean_row(rows)
+    assert mean["pixel_auroc"] == pytest.approx(0.8) and mean["image_auroc"] == pytest.approx(0.8)
+    assert mean["n_datasets"] == {"image_auroc": 2, "pixel_auroc": 1, "aupro": 1, "f1_max": 2}
+    lines = suite.format_table({"rows": rows, "mean": mean}).splitlines()
+    assert lines[-1] == "| mean |  | 0.800 | 0.800 (1/2) | 0.700 (1/2) | 0.800 |  |"
+    assert lines[-2] == "| tile_b | local | 0.700 | - | - | 0.750 | 1 (0.5) |"
 
 
 def _refusal(*args: str) -> str:

@@ -429,14 +429,22 @@ def format_table(report: dict) -> str:
         f"{report['images_per_s']} images/s ({report['backend']}, batch {report['batch']})",
         f"recipe {describe_recipe(report['recipe'])}"
         + (f" (auto: {report['recipe_choice']})" if report.get("recipe_choice") else ""),
-        f"{'':<14}{'good':>6}{'defect':>8}{'img AUROC':>11}{'pix AUROC':>11}{'AUPRO':>9}{'F1-max':>9}",
     ]
     rows = [("overall", report["overall"])] + list(report["per_type"].items())
+    # Pixel columns leave out defective images without a mask, so they can cover fewer images than the image columns.
+    maskless = any(row["n_without_mask"] for _, row in rows)
+    lines.append(
+        f"{'':<14}{'good':>6}{'defect':>8}{'img AUROC':>11}{'pix AUROC':>11}{'AUPRO':>9}{'F1-max':>9}"
+        + (f"{'no mask':>9}" if maskless else "")
+    )
     for name, row in rows:
         lines.append(
             f"{name:<14}{row['n_good']:>6}{row['n_defective']:>8}{cell(row['image_auroc']):>11}"
             f"{cell(row['pixel_auroc']):>11}{cell(row['aupro']):>9}{cell(row['f1_max']):>9}"
+            + (f"{row['n_without_mask']:>9}" if maskless else "")
         )
+    if maskless:
+        lines.append("no mask: defective images without a ground-truth mask, left out of pix AUROC and AUPRO")
     if report["overlays"]:
         lines.append(f"overlays: {len(report['overlays'])} in {Path(report['overlays'][0]).parent}")
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 """`inspectd eval-suite`: the accuracy benchmark. Train with the default recipe on every dataset under a data root,
 evaluate each on its test set, and write one table (per dataset, then the mean) with the recipe auto chose.
+Each column's mean covers the datasets that have that metric; where that is not all of them, the table says how many,
+`0.821 (1/2)`, and suite.json's mean row counts them per metric in `n_datasets`.
 
 A dataset is any folder of the root with train/good/ and test/ (MVTec layout); new ones are picked up by their folder.
 Defaults are chosen by this table, never by one dataset. Output: OUT/suite.md (the table), OUT/suite.json (every
@@ -68,20 +70,33 @@ def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None,
                 **{m: overall[m] for m in METRICS},
             }
         )
-    mean = {"dataset": "mean", "recipe": "", "n_train": None, "train_s": None, "load": None}
-    for m in METRICS:
-        values = [r[m] for r in rows if r[m] is not None]
-        mean[m] = sum(values) / len(values) if values else None
-    table = {"rows": rows, "mean": mean, "recipe": recipe or "default", "data_root": str(root)}
+    table = {"rows": rows, "mean": mean_row(rows), "recipe": recipe or "default", "data_root": str(root)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps({**table, "reports": reports}, indent=2) + "\n", encoding="utf-8")
     (out / "suite.md").write_text(format_table(table) + "\n", encoding="utf-8")
     return table
 
 
+def mean_row(rows: list[dict]) -> dict:
+    """Each metric's mean over the datasets that have it, with how many those are (`n_datasets`)."""
+    covered: dict[str, int] = {}
+    mean = {"dataset": "mean", "recipe": "", "n_train": None, "train_s": None, "load": None, "n_datasets": covered}
+    for m in METRICS:
+        # A dataset without masks has no pixel metrics and a one-class test set no image metrics, so the columns'
+        # means can cover different datasets; the count keeps such a mean from passing for one over all of them.
+        values = [r[m] for r in rows if r[m] is not None]
+        mean[m] = sum(values) / len(values) if values else None
+        covered[m] = len(values)
+    return mean
+
+
 def format_table(table: dict) -> str:
-    def cell(value) -> str:
-        return "-" if value is None else f"{value:.3f}"
+    n_rows = len(table["rows"])
+
+    def cell(value, covered: int) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.3f}" if covered == n_rows else f"{value:.3f} ({covered}/{n_rows})"
 
     lines = [
         "| dataset | recipe chosen | image AUROC | pixel AUROC | AUPRO | F1-max | train s (load) |",
@@ -89,10 +104,9 @@ def format_table(table: dict) -> str:
     ]
     for r in [*table["rows"], table["mean"]]:
         took = "" if r["train_s"] is None else f"{r['train_s']} ({r['load']})"
-        lines.append(
-            f"| {r['dataset']} | {r['recipe']} | {cell(r['image_auroc'])} | {cell(r['pixel_auroc'])} | "
-            f"{cell(r['aupro'])} | {cell(r['f1_max'])} | {took} |"
-        )
+        covered = r.get("n_datasets", {})
+        metrics = " | ".join(cell(r[m], covered.get(m, n_rows)) for m in METRICS)
+        lines.append(f"| {r['dataset']} | {r['recipe']} | {metrics} | {took} |")
     return "\n".join(lines)
 
 
