@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import zmq
+from structlog.testing import capture_logs
 
 from engines.data.synthline import SyntheticLine
 from inspectd.daemon.config import parse_config
@@ -417,6 +418,42 @@ def test_a_frame_a_stuck_read_returns_after_stop_is_not_accepted(tmp_path, inges
     ingest.join(5)
     assert not ingest.is_alive()
     assert len(queue) == 0 and marks == [] and ingest.next_seq == 100
+
+
+def test_a_frame_whose_journal_mark_outlasts_the_drain_is_not_accepted(ingest_threads):
+    """The ingest thread passed its stop check, then its journal mark (an fsync on a slow card) took longer than
+    shutdown waits for ingest: shutdown closes the queues before it drains them, so the frame is refused, its mark
+    taken back, and the refusal logged, instead of a frame queued after the drain that never gets a result."""
+    marking = threading.Event()
+    release = threading.Event()
+    marks: list[int] = []
+
+    def slow_mark(seq: int) -> None:
+        marks.append(seq)
+        if len(marks) == 1:
+            marking.set()
+            assert release.wait(5)
+
+    queue = FrameQueue(8, "drop_oldest")
+    queue.put(Frame("cam", 99, "queued-before", 0.0, np.zeros((4, 4), np.uint8)))
+    cam = camera({"kind": "synthetic", "width": 8, "height": 8})
+    ingest = CameraIngest(cam, queue, first_seq=100, backoff_s=FAST_BACKOFF, mark_seq=slow_mark)
+    ingest_threads.append(ingest)
+    with capture_logs() as logs:
+        ingest.start()
+        assert marking.wait(5)
+        ingest.stop()  # what Daemon.shutdown does: stop, wait for ingest (here in vain), close, drain
+        queue.close()
+        release.set()
+        ingest.join(5)
+    assert not ingest.is_alive()
+    assert marks == [100, 99] and ingest.next_seq == 100 and ingest.frames_in == 0
+    assert [queue.get_nowait().frame_id, queue.get_nowait()] == ["queued-before", None]  # what was queued stays
+    refused = [e for e in logs if e["event"] == "frame_not_accepted"]
+    assert len(refused) == 1 and refused[0]["reason"] == "the daemon is stopping"
+    block = FrameQueue(1, "block")
+    block.close()
+    assert not block.put(Frame("cam", 0, "late", 0.0, np.zeros((4, 4), np.uint8)))
 
 
 def test_a_source_that_fails_after_every_frame_still_backs_off(ingest_threads):

@@ -110,7 +110,17 @@ def test_a_reload_whose_new_engine_cannot_run_closes_it_and_keeps_the_running_on
     monkeypatch.setattr(OnnxRuntimeEngine, "close", recording_close)
     running = daemon.stage.state
     wait_for(lambda: daemon.publisher.published >= 2, 20, "results")
-    # A bundle whose graph takes 16x16 frames while its manifest says 32x32: it loads, and its first run fails.
+    # A graph that fits the manifest's input and loads, but whose first run fails: it reshapes each frame to 16x16.
+    import onnx
+    from onnx import helper
+
+    broken = onnx.load_from_string(grey_graph(M))
+    squeeze = next(node for node in broken.graph.node if node.op_type == "Squeeze")
+    squeeze.output[0] = "x_full"
+    broken.graph.node.insert(
+        list(broken.graph.node).index(squeeze) + 1, helper.make_node("Reshape", ["x_full", "shape16"], ["x2"])
+    )
+    broken.graph.initializer.append(helper.make_tensor("shape16", onnx.TensorProto.INT64, [3], [1, 16, 16]))
     write_bundle(
         daemon.config.model.bundle,
         {
@@ -120,18 +130,31 @@ def test_a_reload_whose_new_engine_cannot_run_closes_it_and_keeps_the_running_on
             "scorer_inputs": ["centre"],
             "score_kind": "max",
         },
-        grey_graph(16),
+        broken.SerializeToString(),
         {"centre": np.array([128.0], np.float32)},
         {},
         thresholds_doc.first_version(0.5, 0.5, {"tool": "test_service"}),
     )
     for _ in range(2):
-        with pytest.raises(Exception, match="invalid dimensions for input: pixels"):
+        with pytest.raises(Exception, match="Reshape"):
             daemon.reload()
     assert len(closed) == 2 and all(engine.session is None for engine in closed), "each failed engine closed"
     assert running.engine not in closed and daemon.stage.state is running
     published = daemon.publisher.published
     wait_for(lambda: daemon.publisher.published > published, 20, "results on the running engine")
+
+
+def test_shutdown_closes_the_queues_before_it_drains_them(daemon):
+    """An ingest thread shutdown stopped waiting for (a slow journal fsync) must not queue a frame after the drain:
+    once the daemon has stopped, no camera queue takes one (tests/test_ingest.py has the ingest side)."""
+    import numpy as np
+
+    from inspectd.daemon.frames import Frame
+
+    wait_for(lambda: daemon.publisher.published >= 1, 20, "a result")
+    assert daemon.shutdown()
+    late = Frame("cam0", 10**6, "late", time.time(), np.zeros((64, 64), np.uint8))
+    assert daemon.queues["cam0"].put(late) is False and len(daemon.queues["cam0"]) == 0
 
 
 def test_an_inference_thread_that_dies_makes_the_daemon_unhealthy_and_its_frames_get_error_results(daemon):

@@ -167,6 +167,8 @@ class Daemon:
         joined_by = min(deadline, time.monotonic() + INGEST_STOP_S)
         for ingest in self.ingest.values():
             ingest.join(max(0.0, joined_by - time.monotonic()))
+        for queue in self.queues.values():
+            queue.close()
         self._stopping.set()
         self.batcher.stop()
         drained = self._inference_done.wait(max(0.0, deadline - time.monotonic())) and not self._inference_failed

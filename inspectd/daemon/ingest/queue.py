@@ -30,12 +30,16 @@ class FrameQueue:
         self._slots: list[Frame | None] = [None] * size
         self._head = 0  # index of the oldest frame
         self._count = 0
+        self._closed = False
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
 
     def put(self, frame: Frame, stop: threading.Event | None = None) -> bool:
-        """Queue `frame`. Policy block waits for room; returns False (frame not queued) if `stop` is set meanwhile."""
+        """Queue `frame`. Policy block waits for room; returns False (frame not queued) if `stop` is set meanwhile
+        or the queue was closed."""
         with self._lock:
+            if self._closed:
+                return False
             if self._count == self.size:
                 if self.policy == "drop_oldest":
                     self._slots[self._head] = None
@@ -44,7 +48,7 @@ class FrameQueue:
                     self.dropped += 1
                 else:
                     while self._count == self.size:
-                        if stop is not None and stop.is_set():
+                        if self._closed or (stop is not None and stop.is_set()):
                             return False
                         self._room.wait(READ_TIMEOUT_S)
             self._slots[(self._head + self._count) % self.size] = frame
@@ -54,6 +58,14 @@ class FrameQueue:
         with self.ready:
             self.ready.notify_all()
         return True
+
+    def close(self) -> None:
+        """Accept no more frames; the ones queued stay to be taken. Shutdown closes the queues before it drains them:
+        under the lock, so an ingest thread still between its stop check and its put (a slow journal fsync) cannot
+        queue a frame after the drain, where it would never get a result."""
+        with self._lock:
+            self._closed = True
+            self._room.notify_all()
 
     def get_nowait(self) -> Frame | None:
         with self._lock:

@@ -149,6 +149,7 @@ class CameraIngest:
         if self._stop.is_set():
             # A read that outlasted stop() (a driver call that cannot be interrupted): shutdown no longer waits for
             # this thread and may have drained the queues, so a frame accepted now would never get a result.
+            self._log.warning("frame_not_accepted", frame_id=frame.frame_id, reason="the daemon is stopping")
             return
         frame.seq = self.next_seq
         frame.t_ingest = time.monotonic()
@@ -161,6 +162,7 @@ class CameraIngest:
             self.frames_in += 1
         else:
             self.mark_seq(frame.seq - 1)  # stopping: the frame was never queued, its seq is not used
+            self._log.warning("frame_not_accepted", frame_id=frame.frame_id, reason="the daemon is stopping")
 
 
 def make_source(camera: cfg.CameraConfig, clock: Callable[[], float] = time.time) -> Source:
