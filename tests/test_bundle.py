@@ -14,7 +14,8 @@ import pytest
 
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.store import load_bundle, write_bundle
-from engines.errors import BundleError
+from engines.errors import BundleError, EngineError
+from engines.runtime import open_engine
 from tiny_dataset import one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
@@ -226,3 +227,24 @@ def test_an_input_the_runtime_cannot_fit_frames_to_is_refused_at_load(bundle_dir
 def test_manifest_values_of_the_wrong_type_are_refused_in_one_line_naming_the_key(bundle_dir, key, value, message):
     rewrite_manifest(bundle_dir, lambda m: m.__setitem__(key, value))
     assert message in refusal(bundle_dir)
+
+
+def test_onnxruntime_refuses_a_graph_whose_pixels_do_not_fit_the_manifest_input(bundle_dir):
+    """The manifest carries no checksum: such a bundle used to open, then fail warm-up and every batch with ONNX
+    Runtime's multi-line dimension error."""
+    rewrite_manifest(bundle_dir, lambda m: m["input"].__setitem__("height", 48))
+    with pytest.raises(EngineError) as info:
+        open_engine(load_bundle(bundle_dir), "onnxruntime", {"intra_op_threads": 1})
+    assert str(info.value) == (
+        f"{bundle_dir / 'model.onnx'}: takes pixels [N, 64, 64, 1], the manifest's input is 48x64x1"
+    )
+
+
+def test_a_missing_architecture_is_blamed_on_the_manifest_not_the_weights(bundle_dir):
+    rewrite_manifest(bundle_dir, lambda m: m.pop("architecture"))
+    bundle = load_bundle(bundle_dir)  # only the torch backend, export and teach need it
+    with pytest.raises(BundleError) as info:
+        open_engine(bundle, "torch")
+    message = str(info.value)
+    assert message.startswith(f"{bundle_dir / 'manifest.json'}: key 'architecture' missing")
+    assert "weights.npz" not in message and "\n" not in message

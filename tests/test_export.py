@@ -161,6 +161,16 @@ def test_bad_pixels_are_refused_in_one_line(engines, frames, backend):
         assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_closed_engine_refuses_in_one_line(bundle, frames):
+    engine = open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=3)
+    engine.infer(frames)
+    engine.close()
+    with pytest.raises(EngineError, match=r"model.onnx: engine closed$"):
+        engine.infer(frames)
+    with pytest.raises(EngineError, match=r"model.onnx: engine closed$"):
+        engine.set_scorer_params(bundle.scorer_params())
+
+
 def test_backend_options_are_validated(bundle):
     with pytest.raises(EngineError, match=r"engine.options.providers: expected one of auto\|cpu\|cuda, got 'tpu'"):
         open_engine(bundle, "onnxruntime", {"providers": "tpu"})

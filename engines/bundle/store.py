@@ -213,6 +213,11 @@ class Bundle:
     @property
     def architecture(self) -> dict[str, Any]:
         """What engines.model.graph.build_graph needs to rebuild the torch graph."""
+        # Not required at load: the ONNX Runtime and TensorRT backends run without it.
+        if "architecture" not in self.manifest:
+            raise BundleError(
+                f"{self.path / MANIFEST}: key 'architecture' missing, needed by the torch backend, export and teach"
+            )
         return self.manifest["architecture"]
 
     @property

@@ -89,6 +89,18 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError(
                 f"{self.graph_path}: graph inputs {list(inputs)}, expected {expected_names} and outputs {list(OUTPUTS)}"
             )
+        # The manifest has no checksum of its own: an input size edited there would open, then fail every batch with
+        # ONNX Runtime's multi-line dimension error. A symbolic dimension (the batch) takes any size.
+        pixel_dims = list(inputs[PIXELS])
+        if len(pixel_dims) != 4 or any(
+            isinstance(dim, int) and dim != size for dim, size in zip(pixel_dims[1:], bundle.input_shape)
+        ):
+            shown = ", ".join(str(dim) for dim in ["N", *pixel_dims[1:]])
+            height, width, channels = bundle.input_shape
+            self.session = None
+            raise EngineError(
+                f"{self.graph_path}: takes pixels [{shown}], the manifest's input is {height}x{width}x{channels}"
+            )
         self._param_shapes = {name: inputs[name] for name in bundle.scorer_inputs}
         self._lock = threading.Lock()  # one binding per engine: serialise callers
         self._binding = self.session.io_binding()
@@ -118,6 +130,7 @@ class OnnxRuntimeEngine(Engine):
             name: ort.OrtValue.ortvalue_from_numpy(value, self.device, device_id) for name, value in checked.items()
         }
         with self._lock:
+            self._check_open()
             for name, value in values.items():
                 self._binding.bind_ortvalue_input(name, value)
             self._param_values = values  # the binding does not own them: keep them alive
@@ -125,6 +138,7 @@ class OnnxRuntimeEngine(Engine):
     def infer(self, pixels: np.ndarray) -> InferenceResult:
         check_pixels(pixels, self.input_shape, self.max_batch)
         with self._lock:
+            self._check_open()
             self._binding.bind_cpu_input(PIXELS, pixels)
             # Rebound per call: a bound output keeps the shape of the run that allocated it, and N varies.
             for output in OUTPUTS:
@@ -134,8 +148,13 @@ class OnnxRuntimeEngine(Engine):
         return InferenceResult(score, anomaly_map)
 
     def close(self) -> None:
-        self._binding = None
-        self.session = None
+        with self._lock:  # not under a batch still running on this session and binding
+            self._binding = None
+            self.session = None
+
+    def _check_open(self) -> None:
+        if self.session is None:
+            raise EngineError(f"{self.graph_path}: engine closed")
 
 
 def cuda_refusal(options, running: list[str]) -> str:

@@ -234,6 +234,8 @@ class TensorRTEngine(Engine):
         self._device.ensure()
         count = pixels.shape[0]
         with self._lock:
+            if self._closed:  # close() frees the buffers below
+                raise EngineError(f"{self.plan_path}: engine closed")
             np.copyto(self.host_pixels.array[:count], pixels)
             stream = self.stream
             stream.upload(self.pixels, self.host_pixels.array, pixels.nbytes)
