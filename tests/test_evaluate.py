@@ -230,7 +230,8 @@ def test_eval_cli_errors_are_one_line(tiny_bundle, tiny_data, tmp_path):
 
 def test_a_mask_marks_every_non_zero_pixel_however_it_is_stored(tmp_path):
     """MVTec AD's evaluation counts any non-zero value as defect. Masks stored as 0/1, as label indices, in 16 bits
-    or in colour used to read as empty (grey > 127), so every defect pixel counted as a defect-free one."""
+    or in colour used to read as empty (grey > 127), so every defect pixel counted as a defect-free one. With an alpha
+    channel, transparent pixels are no defect."""
     truth = np.zeros((48, 64), bool)
     truth[10:30, 20:40] = True
     stored = {
@@ -242,11 +243,20 @@ def test_a_mask_marks_every_non_zero_pixel_however_it_is_stored(tmp_path):
         "blue-on-opaque-alpha": np.dstack([truth * 255, truth * 0, truth * 0, np.full(truth.shape, 255)]).astype(
             np.uint8
         ),
+        # An editor's transparent background keeps whatever colour was under it: transparent is no defect.
+        "white-on-transparent": np.dstack([np.full((*truth.shape, 3), 255), truth * 255]).astype(np.uint8),
+        "dark-under-transparent": np.dstack([np.where(truth[..., None], 255, 60).repeat(3, 2), truth * 255]).astype(
+            np.uint8
+        ),
+        "drawn-in-alpha": np.dstack([np.zeros((*truth.shape, 3)), truth * 255]).astype(np.uint8),  # black, alpha
     }
     for name, mask in stored.items():
         path = tmp_path / f"{name}.png"
         assert cv2.imwrite(str(path), mask)
         assert np.array_equal(load_mask(path, truth.shape), truth), name
+    empty = tmp_path / "opaque-black.png"  # an RGBA export of a defect-free mask
+    assert cv2.imwrite(str(empty), np.dstack([np.zeros((*truth.shape, 3)), np.full(truth.shape, 255)]).astype(np.uint8))
+    assert not load_mask(empty, truth.shape).any()
     half = tmp_path / "half.png"  # the same mask saved at half the resolution: scaled back
     assert cv2.imwrite(str(half), cv2.resize(truth.astype(np.uint8) * 255, (32, 24), interpolation=cv2.INTER_NEAREST))
     assert np.array_equal(load_mask(half, truth.shape), truth)

@@ -18,6 +18,7 @@ import zmq
 from structlog.testing import capture_logs
 
 from engines.data.synthline import SyntheticLine
+from engines.errors import DataError
 from inspectd.daemon.config import parse_config
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import encoded_dims
@@ -675,6 +676,18 @@ def test_folder_decodes_bmp_and_tiff_and_refuses_bad_files(tmp_path, ingest_thre
     assert c.image is None and c.error == "c.png: truncated PNG (no IEND chunk), expected a complete file"
     assert d.image is None and "expected at most max_pixels=50000000" in d.error
     assert e.image is None and e.error.startswith("e.gif: no image header found")
+
+
+def test_a_complete_tiff_of_pixels_frames_cannot_have_is_refused_at_once_not_waited_for():
+    """Only a TIFF that does not decode may be one still being written; a float32 or two-channel one is complete."""
+    from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode
+
+    ok, floats = cv2.imencode(".tiff", np.full((12, 16), 0.5, np.float32))
+    assert ok
+    with pytest.raises(DataError) as refused:
+        check_and_decode(floats.tobytes(), "f.tiff", max_pixels=10_000)
+    assert not isinstance(refused.value, IncompleteImage)
+    assert str(refused.value) == "f.tiff: dtype float32, expected 8- or 16-bit pixels"
 
 
 # --- OpenCV and the synthetic line ------------------------------------------------------------------------------------

@@ -21,6 +21,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
     """Decode encoded bytes (JPEG, PNG, ...) to uint8 HxW (grayscale) or HxWx3 (RGB)."""
+    return as_uint8_gray_or_rgb(decode_native(data, what), what)
+
+
+def decode_native(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
+    """Decode encoded bytes to the decoder's own array (any depth, BGR order); DataError when it cannot."""
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if buf.size == 0:
         raise DataError(f"{what}: empty file, expected an encoded image (JPEG, PNG, ...)")
@@ -31,7 +36,7 @@ def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
         raise DataError(f"{what}: cannot decode ({reason}), expected a JPEG/PNG/BMP/TIFF image") from None
     if image is None:
         raise DataError(f"{what}: cannot decode, expected a JPEG/PNG/BMP/TIFF image")
-    return as_uint8_gray_or_rgb(image, what)
+    return image
 
 
 def as_uint8_gray_or_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
@@ -125,7 +130,8 @@ class MvtecFolder:
 
 def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     """Binary mask (bool HxW) for a test item; all False when there is none. Any non-zero value is a defect pixel, as
-    in MVTec AD's evaluation: 0/255, 0/1, label indices, 16-bit or coloured masks all read the same. A mask of
+    in MVTec AD's evaluation: 0/255, 0/1, label indices, 16-bit or coloured masks all read the same (with an alpha
+    channel: a transparent pixel is no defect, and a mask of one colour is read from its varying alpha). A mask of
     another size is scaled to the image only if it has the image's aspect ratio (a mask saved at another
     resolution); any other size is refused, since it belongs to another image or crop."""
     if path is None:
@@ -133,8 +139,14 @@ def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise DataError(f"{path}: cannot decode mask, expected a PNG")
-    if mask.ndim == 3:
-        mask = mask[..., :3].max(axis=2) if mask.shape[2] in (3, 4) else mask.max(axis=2)  # alpha is no defect
+    if mask.ndim == 3 and mask.shape[2] == 4:
+        colour, alpha = mask[..., :3].max(axis=2), mask[..., 3]
+        # A transparent pixel is no defect whatever colour an editor left under it; a mask drawn in the alpha alone
+        # (one colour throughout, the alpha varying) is its alpha.
+        drawn_in_alpha = colour.min() == colour.max() and alpha.min() != alpha.max()
+        mask = alpha if drawn_in_alpha else np.where(alpha > 0, colour, 0)
+    elif mask.ndim == 3:
+        mask = mask.max(axis=2)
     if mask.shape != shape:
         (mh, mw), (fh, fw) = mask.shape, shape
         if abs(mh * fw - mw * fh) > max(mh, mw, fh, fw):  # more than a pixel's rounding apart

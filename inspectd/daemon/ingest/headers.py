@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 
-from engines.data.images import decode_image
+from engines.data.images import as_uint8_gray_or_rgb, decode_image, decode_native
 from engines.errors import DataError
 
 # How a frame's pixels travel: raw uint8 arrays, or an encoded image decoded here.
@@ -161,9 +161,11 @@ def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int, expec
         raise IncompleteImage(f"{what}: truncated BMP (shorter than its header's file size), expected a complete file")
     if fmt == "tiff":
         # No trailer to look for, and the strips can lie anywhere: a TIFF that does not decode may be one still
-        # being written (a folder gives it time), else it is broken.
+        # being written (a folder gives it time), else it is broken. A TIFF that decodes to pixels of a kind frames
+        # cannot have (float, two channels) is complete: refused at once, not given that time.
         try:
-            return decode_image(np.frombuffer(data, dtype=np.uint8), what=what)
+            native = decode_native(np.frombuffer(data, dtype=np.uint8), what=what)
         except DataError as exc:
             raise IncompleteImage(f"{exc} (or cut short)") from None
+        return as_uint8_gray_or_rgb(native, what)
     return decode_image(np.frombuffer(data, dtype=np.uint8), what=what)
