@@ -205,6 +205,24 @@ def test_kmeans_references_are_real_samples_one_per_cluster():
     assert NearestReferenceScorer.fit(features, k=50)["references"].shape[0] <= 11
 
 
+def test_kmeans_keeps_the_same_reference_of_a_two_member_cluster_under_float_noise():
+    """A two-member cluster's centroid is exactly as near to both members, so which one became the reference was
+    decided by float noise: train (torch features) and teach (ONNX Runtime's, ~1e-6 apart) kept different ones."""
+    from engines.runtime.scorer_fit import fit_kmeans
+
+    rng = np.random.default_rng(0)
+    pair = rng.standard_normal((1, 8, 2, 2)).astype(np.float32)
+    features = np.concatenate(
+        [pair + 0.1 * rng.standard_normal((2, 8, 2, 2)), -pair + 0.1 * rng.standard_normal((6, 8, 2, 2))]
+    )
+    features = features.astype(np.float32)
+    for trial in range(12):
+        noisy = features * (1 + 1e-6 * np.random.default_rng(trial).standard_normal(features.shape)).astype(np.float32)
+        references = fit_kmeans(noisy, k=2, seed=3)["references"]
+        chosen = sorted(int(np.argmin(np.abs(noisy - r).reshape(len(noisy), -1).max(axis=1))) for r in references)
+        assert chosen[0] == 0 and chosen[1] >= 2, (trial, chosen)  # the pair's first member, and one of the rest
+
+
 def test_ledoit_wolf_matches_sklearn():
     covariance = pytest.importorskip("sklearn.covariance", reason="scikit-learn (test extra) is the reference")
     from engines.runtime.scorer_fit import ledoit_wolf

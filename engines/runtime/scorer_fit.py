@@ -30,6 +30,8 @@ DEFAULT_MEMORY_SIZE = 16384
 CORESET_POOL = 16
 CORESET_PROJECTION = 16
 KMEANS_ITERATIONS = 50
+# Cosine similarities this close count as equal when the nearest training sample is picked (fit_kmeans).
+TIE_TOLERANCE = 1e-5
 # recipe `augment` -> the copies of the fitting images added besides the images themselves.
 AUGMENTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], ...]] = {
     "none": (),
@@ -87,7 +89,10 @@ def fit_kmeans(
         if np.allclose(updated, centroids):
             break
         centroids = updated
-    nearest = np.unique((centroids @ flat.T).argmax(axis=1))
+    similarity = centroids @ flat.T
+    # The lowest-numbered sample within float noise of the nearest: a two-member cluster's centroid is exactly as
+    # near to both, and train (torch features) and teach (ONNX Runtime's, ~1e-6 apart) must keep the same one.
+    nearest = np.unique((similarity >= similarity.max(axis=1, keepdims=True) - TIE_TOLERANCE).argmax(axis=1))
     return {"references": np.ascontiguousarray(features[nearest], dtype=np.float32)}
 
 
