@@ -47,12 +47,13 @@ class SyntheticLine:
         self.lighting_jitter = lighting_jitter
         self.rng = np.random.default_rng(seed)
         self._bank = self._make_texture_bank(2 * height, 2 * width)
+        # Sensor grain, cropped from a seeded bank per frame: drawn fresh, it took three times the rest of the frame.
+        self._grain_bank = 3.0 * self.rng.standard_normal((2 * height, 2 * width), dtype=np.float32)
         # Normalised coordinate ramps for the lighting gradient, centred so gain stays ~1 on average.
         self._ys = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None]
         self._xs = np.linspace(-0.5, 0.5, width, dtype=np.float32)[None, :]
         self._work = np.empty((height, width), dtype=np.float32)
         self._gain = np.empty((height, width), dtype=np.float32)
-        self._grain = np.empty((height, width), dtype=np.float32)
         self._mask = np.zeros((height, width), dtype=np.uint8)
         # A faint fixed colour cast so RGB frames are not three identical planes; lookup tables are the cheapest way
         # to scale a uint8 plane.
@@ -90,9 +91,8 @@ class SyntheticLine:
         np.multiply(base, self._gain, out=self._work)
         # From the seeded generator, not cv2.randn: OpenCV's RNG is process-wide, so frames would depend on whatever
         # drew from it before and a seed would not reproduce a folder.
-        rng.standard_normal(dtype=np.float32, out=self._grain)
-        self._grain *= 3.0
-        self._work += self._grain
+        gy, gx = rng.integers(0, h + 1), rng.integers(0, w + 1)
+        self._work += self._grain_bank[gy : gy + h, gx : gx + w]
 
         mask = None
         if rng.random() < defect_rate:
