@@ -119,6 +119,8 @@ class ImageScore(nn.Module):
     count handed to TopK small (TensorRT's TopK has a limit, engines.model.recipes.TOPK_LIMIT) and lose little:
     the map is already smoothed."""
 
+    block_scale: torch.Tensor
+
     def __init__(self, share: float, height: int, width: int) -> None:
         super().__init__()
         if not 0.0 <= share <= 1.0:
@@ -126,16 +128,27 @@ class ImageScore(nn.Module):
         self.share = float(share)
         # A constant of the graph (the map's size is the model input's), so the export's TopK has a fixed k.
         self.count = pooled_count(self.share, height, width)
+        rows, cols = -(-height // POOL_BLOCK), -(-width // POOL_BLOCK)
+        self.pad = (0, cols * POOL_BLOCK - width, 0, rows * POOL_BLOCK - height)
+        self.partial = self.pad != (0, 0, 0, 0)
+        held_h = torch.full((rows,), POOL_BLOCK, dtype=torch.float32)
+        held_w = torch.full((cols,), POOL_BLOCK, dtype=torch.float32)
+        held_h[-1], held_w[-1] = height - (rows - 1) * POOL_BLOCK, width - (cols - 1) * POOL_BLOCK
+        self.register_buffer("block_scale", (POOL_BLOCK**2 / torch.outer(held_h, held_w)).flatten(), persistent=False)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         if self.share == 0.0:
             return maps.flatten(1).amax(dim=1)
         if self.share == 1.0:
             return maps.flatten(1).mean(dim=1)
-        # A map whose side is not a multiple of POOL_BLOCK keeps its last rows and columns as partial blocks, averaged
-        # over the pixels they hold (ONNX AveragePool with count_include_pad=0 divides the same way).
-        pooled = F.avg_pool2d(maps.unsqueeze(1), POOL_BLOCK, ceil_mode=True, count_include_pad=False)
-        blocks = pooled.flatten(1)
+        # A map whose side is not a multiple of POOL_BLOCK keeps its last rows and columns as partial blocks, each the
+        # mean of the pixels it holds: zero-padded, pooled whole, then scaled by 16 / pixels held. Pad, AveragePool
+        # and Mul mean the same on every backend, where ceil-mode pooling's partial windows have not always.
+        if self.partial:
+            maps = F.pad(maps, self.pad)
+        blocks = F.avg_pool2d(maps.unsqueeze(1), POOL_BLOCK).flatten(1)
+        if self.partial:
+            blocks = blocks * self.block_scale
         return blocks.topk(self.count, dim=1).values.mean(dim=1)
 
 
