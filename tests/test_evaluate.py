@@ -249,6 +249,10 @@ def test_a_mask_marks_every_non_zero_pixel_however_it_is_stored(tmp_path):
             np.uint8
         ),
         "drawn-in-alpha": np.dstack([np.zeros((*truth.shape, 3)), truth * 255]).astype(np.uint8),  # black, alpha
+        # A black brush on a layer whose transparent pixels hold white: only the opaque pixels' colour counts.
+        "black-on-transparent-white": np.dstack([np.where(truth[..., None], 0, 255).repeat(3, 2), truth * 255]).astype(
+            np.uint8
+        ),
     }
     for name, mask in stored.items():
         path = tmp_path / f"{name}.png"

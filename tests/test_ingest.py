@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import threading
 import time
 import zlib
@@ -180,13 +181,61 @@ def test_folder_picks_up_real_jpegs_in_arrival_order_each_once(tmp_path, ingest_
         assert np.array_equal(f.image, cv2.imread(str(src), cv2.IMREAD_GRAYSCALE))
     assert frames[4].image is None and "empty (0 bytes)" in frames[4].error
     assert abs(frames[0].t_capture - base) < 1
-    assert not done.exists() and len(list(inbox.iterdir())) == 6  # read and queued: nothing moved before its result
+    assert list(done.iterdir()) == [] and len(list(inbox.iterdir())) == 6  # nothing moved before its result
     for f in frames:
         f.on_published()  # what the publisher calls once each result is journalled and sent
     assert sorted(p.name for p in done.iterdir()) == sorted(names + ["empty.jpg"])
     assert sorted(p.name for p in inbox.iterdir()) == ["notes.txt"]
     stats = ingest.stats()
     assert stats["frames_in"] == 5 and stats["errors"] == 1 and stats["state"] == "running"
+
+
+def test_done_dir_keeps_every_part_of_a_name_and_leaves_a_file_rewritten_before_its_result(tmp_path, ingest_threads):
+    """A camera that writes every part as current.png: each part moved to done_dir beside the earlier ones, none
+    replaced. A file rewritten under its name after it was read and before its result went out holds content that
+    was never inspected: it stays in the folder and is read again."""
+    inbox, done = tmp_path / "inbox", tmp_path / "done"
+    inbox.mkdir()
+    line = SyntheticLine(32, 32, seed=6)
+    parts = [line.next()[0] for _ in range(3)]
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(inbox), "poll_ms": 20, "done_dir": str(done)}), queue)
+    for i, part in enumerate(parts[:2]):
+        assert cv2.imwrite(str(inbox / "current.png"), part)
+        os.utime(inbox / "current.png", (time.time() - 10 + i, time.time() - 10 + i))
+        assert wait_for(lambda: len(queue) == 1)
+        queue.get_nowait().on_published()
+    kept = sorted(done.iterdir())
+    assert len(kept) == 2 and kept[0].name == "current.png" and kept[1].name.startswith("current~")
+    assert [np.array_equal(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), part) for p, part in zip(kept, parts)] == [1, 1]
+
+    assert cv2.imwrite(str(inbox / "current.png"), parts[2])
+    os.utime(inbox / "current.png", (time.time() - 5, time.time() - 5))
+    assert wait_for(lambda: len(queue) == 1)
+    read = queue.get_nowait()
+    assert cv2.imwrite(str(inbox / "current.png"), parts[0])  # rewritten before the result of what was read
+    with capture_logs() as logs:
+        read.on_published()
+    assert (inbox / "current.png").exists() and len(list(done.iterdir())) == 2
+    assert [e["event"] for e in logs] == ["folder_file_rewritten"]
+    assert wait_for(lambda: len(queue) == 1)
+    assert np.array_equal(queue.get_nowait().image, parts[0])
+
+
+def test_a_done_dir_on_another_filesystem_fails_the_camera_in_one_line(tmp_path, ingest_threads):
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip(f"/dev/shm and {tmp_path} are one filesystem here")
+        cam = camera({"kind": "folder", "path": str(tmp_path), "done_dir": str(other / "done")})
+        ingest = start(ingest_threads, cam, FrameQueue(4, "block"))
+        assert wait_for(lambda: ingest.stats()["state"] == "failed")
+        assert ingest.stats()["last_error"] == (
+            f"done_dir {other / 'done'}: on another filesystem than {tmp_path}, expected the same one "
+            "(files are moved there by rename)"
+        )
+    finally:
+        shutil.rmtree(other)
 
 
 def test_files_left_in_place_are_read_once_unless_rewritten(tmp_path, ingest_threads):
@@ -452,6 +501,7 @@ def test_a_frame_whose_journal_mark_outlasts_the_drain_is_not_accepted(ingest_th
     assert [queue.get_nowait().frame_id, queue.get_nowait()] == ["queued-before", None]  # what was queued stays
     refused = [e for e in logs if e["event"] == "frame_not_accepted"]
     assert len(refused) == 1 and refused[0]["reason"] == "the daemon is stopping"
+    assert refused[0]["log_level"] == "warning" and refused[0]["lost"] is True and refused[0]["seq"] == 100
     block = FrameQueue(1, "block")
     block.close()
     assert not block.put(Frame("cam", 0, "late", 0.0, np.zeros((4, 4), np.uint8)))
@@ -682,12 +732,16 @@ def test_a_complete_tiff_of_pixels_frames_cannot_have_is_refused_at_once_not_wai
     """Only a TIFF that does not decode may be one still being written; a float32 or two-channel one is complete."""
     from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode
 
-    ok, floats = cv2.imencode(".tiff", np.full((12, 16), 0.5, np.float32))
-    assert ok
-    with pytest.raises(DataError) as refused:
-        check_and_decode(floats.tobytes(), "f.tiff", max_pixels=10_000)
-    assert not isinstance(refused.value, IncompleteImage)
-    assert str(refused.value) == "f.tiff: dtype float32, expected 8- or 16-bit pixels"
+    for pixels in (np.full((12, 16), 0.5, np.float32), np.full((12, 16), -3, np.int16)):
+        ok, encoded = cv2.imencode(".tiff", pixels)
+        assert ok
+        with pytest.raises(DataError) as refused:
+            check_and_decode(encoded.tobytes(), "f.tiff", max_pixels=10_000)
+        assert not isinstance(refused.value, IncompleteImage)
+        assert (
+            str(refused.value)
+            == f"f.tiff: dtype {pixels.dtype}, expected unsigned 8- or 16-bit pixels (uint8 or uint16)"
+        )
 
 
 # --- OpenCV and the synthetic line ------------------------------------------------------------------------------------

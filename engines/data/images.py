@@ -43,7 +43,7 @@ def as_uint8_gray_or_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     if image.dtype != np.uint8:
-        raise DataError(f"{what}: dtype {image.dtype}, expected 8- or 16-bit pixels")
+        raise DataError(f"{what}: dtype {image.dtype}, expected unsigned 8- or 16-bit pixels (uint8 or uint16)")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     elif image.ndim == 3 and image.shape[2] == 4:
@@ -142,8 +142,9 @@ def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     if mask.ndim == 3 and mask.shape[2] == 4:
         colour, alpha = mask[..., :3].max(axis=2), mask[..., 3]
         # A transparent pixel is no defect whatever colour an editor left under it; a mask drawn in the alpha alone
-        # (one colour throughout, the alpha varying) is its alpha.
-        drawn_in_alpha = colour.min() == colour.max() and alpha.min() != alpha.max()
+        # (one colour wherever it is not transparent, the alpha varying) is its alpha.
+        opaque = colour[alpha > 0]
+        drawn_in_alpha = opaque.size > 0 and opaque.min() == opaque.max() and alpha.min() != alpha.max()
         mask = alpha if drawn_in_alpha else np.where(alpha > 0, colour, 0)
     elif mask.ndim == 3:
         mask = mask.max(axis=2)
