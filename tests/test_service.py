@@ -152,7 +152,15 @@ def test_shutdown_closes_the_queues_before_it_drains_them(daemon):
     from inspectd.daemon.frames import Frame
 
     wait_for(lambda: daemon.publisher.published >= 1, 20, "a result")
+    stop_batcher, closed_at_drain = daemon.batcher.stop, []
+
+    def stop_and_look():
+        closed_at_drain.append(all(queue.closed for queue in daemon.queues.values()))
+        stop_batcher()
+
+    daemon.batcher.stop = stop_and_look  # type: ignore[method-assign]
     assert daemon.shutdown()
+    assert closed_at_drain == [True]  # closed when the drain began, not after it
     late = Frame("cam0", 10**6, "late", time.time(), np.zeros((64, 64), np.uint8))
     assert daemon.queues["cam0"].put(late) is False and len(daemon.queues["cam0"]) == 0
 

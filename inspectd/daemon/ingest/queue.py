@@ -67,6 +67,10 @@ class FrameQueue:
             self._closed = True
             self._room.notify_all()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def get_nowait(self) -> Frame | None:
         with self._lock:
             if self._count == 0:

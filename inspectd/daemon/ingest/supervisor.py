@@ -149,7 +149,7 @@ class CameraIngest:
         if self._stop.is_set():
             # A read that outlasted stop() (a driver call that cannot be interrupted): shutdown no longer waits for
             # this thread and may have drained the queues, so a frame accepted now would never get a result.
-            self._log.warning("frame_not_accepted", frame_id=frame.frame_id, reason="the daemon is stopping")
+            self._not_accepted(frame, seq=None)
             return
         frame.seq = self.next_seq
         frame.t_ingest = time.monotonic()
@@ -162,7 +162,14 @@ class CameraIngest:
             self.frames_in += 1
         else:
             self.mark_seq(frame.seq - 1)  # stopping: the frame was never queued, its seq is not used
-            self._log.warning("frame_not_accepted", frame_id=frame.frame_id, reason="the daemon is stopping")
+            self._not_accepted(frame, seq=frame.seq)
+
+    def _not_accepted(self, frame: Frame, seq: int | None) -> None:
+        # A folder keeps the file for the next start; a live source's frame is gone, which an alarm should see.
+        lost = self._source.live
+        (self._log.warning if lost else self._log.info)(
+            "frame_not_accepted", frame_id=frame.frame_id, seq=seq, lost=lost, reason="the daemon is stopping"
+        )
 
 
 def make_source(camera: cfg.CameraConfig, clock: Callable[[], float] = time.time) -> Source:
