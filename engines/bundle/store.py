@@ -216,7 +216,7 @@ class Bundle:
         # Not required at load: the ONNX Runtime and TensorRT backends run without it.
         if "architecture" not in self.manifest:
             raise BundleError(
-                f"{self.path / MANIFEST}: key 'architecture' missing, needed by the torch backend, export and teach"
+                f"{self.path / MANIFEST}: key 'architecture' missing, needed by the torch backend and export"
             )
         return self.manifest["architecture"]
 

@@ -1,6 +1,6 @@
 """Frames in, results out: the one place that fits frames into a batch, runs the engine and maps results back.
 
-Frames of any size and channel count are fitted (engines.runtime.preprocess.fit_frame: the bundle's resize policy,
+uint8 frames of any size, grey or RGB, are fitted (engines.runtime.preprocess.fit_frame: the bundle's resize policy,
 channel conversion) into one uint8 [max_batch, H, W, C] buffer allocated when the Predictor is made; `infer` runs the
 engine once on the rows filled; `frame_map` crops and resizes a row's anomaly map back to its own frame's size
 (Placement.map_to_frame). Nothing is allocated per frame or per batch here beyond what the resizes themselves need,

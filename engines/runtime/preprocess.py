@@ -1,4 +1,4 @@
-"""Fitting a frame of any size and channel count to the model's input, and mapping results back.
+"""Fitting a uint8 frame of any size, grey (HxW, HxWx1) or RGB (HxWx3), to the model's input, and mapping results back.
 
 The graph takes uint8 [N, H, W, C] at the bundle's input size; normalisation happens inside the graph. What stays on
 the host is only the geometric fit (OpenCV resize, optionally keeping the aspect ratio with padding) and channel

@@ -188,6 +188,8 @@ class TensorRTEngine(Engine):
     def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:
         """Validate every new array against the graph and the plan's profile, then swap: a refused reload leaves the
         engine exactly as it was, still running on the old parameters."""
+        if self._closed:  # before any device allocation
+            raise EngineError(f"{self.plan_path}: engine closed")
         checked = check_scorer_params(params, self._param_shapes)
         wrong = profile_violations({name: value.shape for name, value in checked.items()}, self._param_ranges)
         if wrong:
@@ -207,6 +209,10 @@ class TensorRTEngine(Engine):
                 buffer.close()
             raise
         with self._lock:
+            if self._closed:  # closed while the new parameters were uploading
+                for buffer in fresh.values():
+                    buffer.close()
+                raise EngineError(f"{self.plan_path}: engine closed")
             self.stream.synchronize()  # no batch may be reading the old parameters while they are swapped
             try:
                 self._bind_params(fresh, {name: value.shape for name, value in checked.items()})
