@@ -19,7 +19,7 @@ from engines.schema import Flag, Number, Text, declared, refuse
 from inspectd.configfile import ConfigPath
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode, max_frame_bytes
-from inspectd.daemon.ingest.source import Source, printable
+from inspectd.daemon.ingest.source import Source, SourceFatal, printable
 from inspectd.errors import one_line
 
 if TYPE_CHECKING:
@@ -70,6 +70,16 @@ class FolderWatcher(Source):
     def open(self, stop: threading.Event) -> None:
         if not self.spec.path.is_dir():
             raise FileNotFoundError(f"{self.spec.path}: folder not found, expected a directory to watch")
+        done_dir = self.spec.done_dir
+        if done_dir is not None:
+            done_dir.mkdir(parents=True, exist_ok=True)
+            # A file is moved by rename, at once and whole; across filesystems that fails for every file, and a
+            # copy instead would run on the publisher thread for each frame.
+            if done_dir.stat().st_dev != self.spec.path.stat().st_dev:
+                raise SourceFatal(
+                    f"done_dir {done_dir}: on another filesystem than {self.spec.path}, expected the same one "
+                    "(files are moved there by rename)"
+                )
         if not (self.spec.delete_after or self.spec.done_dir is not None or self._warned):
             self._warned = True
             log.warning(
@@ -150,15 +160,35 @@ class FolderWatcher(Source):
         if self.spec.delete_after or self.spec.done_dir is not None:
             # Only once the result is journalled and published: a crash before that leaves the file in the folder,
             # to be inspected again at the next start, instead of gone without a result.
-            frame.on_published = functools.partial(self._dispose, path)
+            frame.on_published = functools.partial(self._dispose, path, mtime_ns)
         return frame
 
-    def _dispose(self, path: Path) -> None:
+    def _dispose(self, path: Path, mtime_ns: int) -> None:
+        try:
+            if os.stat(path).st_mtime_ns != mtime_ns:
+                # Rewritten under the same name since it was read: the new content was not inspected. It stays,
+                # and the next scan sees it as a new file.
+                log.warning("folder_file_rewritten", camera=self.camera.id, file=printable(_frame_id(path.name)))
+                return
+        except FileNotFoundError:
+            return  # taken away by someone else
         if self.spec.delete_after:
             path.unlink(missing_ok=True)
         elif self.spec.done_dir is not None:
             self.spec.done_dir.mkdir(parents=True, exist_ok=True)
-            os.replace(path, self.spec.done_dir / path.name)
+            os.replace(path, unused_name(self.spec.done_dir / path.name, mtime_ns))
+
+
+def unused_name(target: Path, mtime_ns: int) -> Path:
+    """`target`, or, when a file of that name is already there (a camera that writes every part as `current.bmp`),
+    `stem~MTIME_NS.suffix`: the earlier file is not replaced, and the name costs one look however many came before."""
+    if not (target.exists() or target.is_symlink()):
+        return target
+    candidate, n = target.with_name(f"{target.stem}~{mtime_ns}{target.suffix}"), 0
+    while candidate.exists() or candidate.is_symlink():  # the same name and mtime again (a copy keeping its time)
+        n += 1
+        candidate = target.with_name(f"{target.stem}~{mtime_ns}~{n}{target.suffix}")
+    return candidate
 
 
 def _frame_id(name: str) -> str:
