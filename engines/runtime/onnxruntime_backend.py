@@ -148,7 +148,7 @@ class OnnxRuntimeEngine(Engine):
         return InferenceResult(score, anomaly_map)
 
     def close(self) -> None:
-        with self._lock:  # not under a batch still running on this session and binding
+        with self._lock:  # waits for a batch still running on the session and its binding
             self._binding = None
             self.session = None
 
