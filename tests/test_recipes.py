@@ -195,6 +195,7 @@ def test_image_score_pools_the_map_as_documented():
         resolve_recipe("local", {"score_share": 1.5})
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter the product uses, as it does
 def test_image_score_keeps_the_partial_blocks_of_a_side_that_is_not_a_multiple_of_four(tmp_path):
     import io
 
