@@ -119,8 +119,6 @@ class ImageScore(nn.Module):
     count handed to TopK small (TensorRT's TopK has a limit, engines.model.recipes.TOPK_LIMIT) and lose little:
     the map is already smoothed."""
 
-    block_scale: torch.Tensor
-
     def __init__(self, share: float, height: int, width: int) -> None:
         super().__init__()
         if not 0.0 <= share <= 1.0:
@@ -128,27 +126,32 @@ class ImageScore(nn.Module):
         self.share = float(share)
         # A constant of the graph (the map's size is the model input's), so the export's TopK has a fixed k.
         self.count = pooled_count(self.share, height, width)
-        rows, cols = -(-height // POOL_BLOCK), -(-width // POOL_BLOCK)
-        self.pad = (0, cols * POOL_BLOCK - width, 0, rows * POOL_BLOCK - height)
-        self.partial = self.pad != (0, 0, 0, 0)
-        held_h = torch.full((rows,), POOL_BLOCK, dtype=torch.float32)
-        held_w = torch.full((cols,), POOL_BLOCK, dtype=torch.float32)
-        held_h[-1], held_w[-1] = height - (rows - 1) * POOL_BLOCK, width - (cols - 1) * POOL_BLOCK
-        self.register_buffer("block_scale", (POOL_BLOCK**2 / torch.outer(held_h, held_w)).flatten(), persistent=False)
+        # Whole blocks end at (whole_h, whole_w); a side that is not a multiple of POOL_BLOCK leaves a strip of
+        # partial blocks (and a corner) after them.
+        self.whole_h, self.whole_w = height - height % POOL_BLOCK, width - width % POOL_BLOCK
+        self.rest_h, self.rest_w = height % POOL_BLOCK, width % POOL_BLOCK
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         if self.share == 0.0:
             return maps.flatten(1).amax(dim=1)
         if self.share == 1.0:
             return maps.flatten(1).mean(dim=1)
-        # A map whose side is not a multiple of POOL_BLOCK keeps its last rows and columns as partial blocks, each the
-        # mean of the pixels it holds: zero-padded, pooled whole, then scaled by 16 / pixels held. Pad, AveragePool
-        # and Mul mean the same on every backend, where ceil-mode pooling's partial windows have not always.
-        if self.partial:
-            maps = F.pad(maps, self.pad)
-        blocks = F.avg_pool2d(maps.unsqueeze(1), POOL_BLOCK).flatten(1)
-        if self.partial:
-            blocks = blocks * self.block_scale
+        if not (self.rest_h or self.rest_w):
+            blocks = F.avg_pool2d(maps.unsqueeze(1), POOL_BLOCK).flatten(1)
+        else:
+            # The last rows and columns are partial blocks, each the mean of the pixels it holds: pooled apart from
+            # the whole blocks (static slices and plain AveragePool, which every backend reads the same way, where
+            # ceil-mode pooling's partial windows have not always been).
+            h, w, b = self.whole_h, self.whole_w, POOL_BLOCK
+            x = maps.unsqueeze(1)
+            parts = [F.avg_pool2d(x[:, :, :h, :w], b).flatten(1)]
+            if self.rest_h:
+                parts.append(F.avg_pool2d(x[:, :, h:, :w], (self.rest_h, b)).flatten(1))
+            if self.rest_w:
+                parts.append(F.avg_pool2d(x[:, :, :h, w:], (b, self.rest_w)).flatten(1))
+            if self.rest_h and self.rest_w:
+                parts.append(x[:, :, h:, w:].flatten(1).mean(dim=1, keepdim=True))
+            blocks = torch.cat(parts, dim=1)
         return blocks.topk(self.count, dim=1).values.mean(dim=1)
 
 
