@@ -18,7 +18,8 @@ from tiny_dataset import one_torch_thread  # noqa: F401 (fixture)
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 SIZE = 64
 LINE = 96  # the synthetic line's frame size
-# The daemon test's line: normal lighting, half again as bright from LIGHT_ON, normal again from LIGHT_OFF.
+# The daemon test's line: normal lighting, half again as bright from LIGHT_ON, normal again from LIGHT_OFF. The
+# bounds leave room over one measurement each (in parentheses, taken with an earlier grain of the synthetic line).
 LIGHT_ON, LIGHT_OFF, FRAMES = 1000, 2000, 2800
 DAEMON_FRAMES_TO_ALARM = 250  # frames after LIGHT_ON until drift_raised (measured: 128)
 DAEMON_FRAMES_TO_CLEAR = 400  # frames after LIGHT_OFF until drift_cleared (measured: 142)

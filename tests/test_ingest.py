@@ -222,18 +222,25 @@ def test_done_dir_keeps_every_part_of_a_name_and_leaves_a_file_rewritten_before_
     assert np.array_equal(queue.get_nowait().image, parts[0])
 
 
-def test_a_done_dir_on_another_filesystem_fails_the_camera_in_one_line(tmp_path, ingest_threads):
+def test_a_done_dir_files_cannot_be_moved_to_fails_the_camera_in_one_line(tmp_path, ingest_threads):
+    """Checked at open with a real rename, not per file: another filesystem (or mount) fails every move, and the
+    watched folder itself would hand each file back to the scan under a new name, forever."""
+    cam = camera({"kind": "folder", "path": str(tmp_path), "done_dir": str(tmp_path)})
+    itself = start(ingest_threads, cam, FrameQueue(4, "block"))
+    assert wait_for(lambda: itself.stats()["state"] == "failed")
+    assert itself.stats()["last_error"] == f"done_dir {tmp_path}: the watched folder itself, expected another folder"
+    if not os.access("/dev/shm", os.W_OK) or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip(f"no writable /dev/shm on another filesystem than {tmp_path} here")
     other = Path(tempfile.mkdtemp(dir="/dev/shm"))
     try:
-        if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
-            pytest.skip(f"/dev/shm and {tmp_path} are one filesystem here")
         cam = camera({"kind": "folder", "path": str(tmp_path), "done_dir": str(other / "done")})
         ingest = start(ingest_threads, cam, FrameQueue(4, "block"))
         assert wait_for(lambda: ingest.stats()["state"] == "failed")
         assert ingest.stats()["last_error"] == (
-            f"done_dir {other / 'done'}: on another filesystem than {tmp_path}, expected the same one "
-            "(files are moved there by rename)"
+            f"done_dir {other / 'done'}: cannot move files there from {tmp_path} (Invalid cross-device link), "
+            "expected a folder on the same filesystem and mount (files are moved by rename)"
         )
+        assert [p.name for p in tmp_path.iterdir()] == [] and [p.name for p in (other / "done").iterdir()] == []
     finally:
         shutil.rmtree(other)
 
@@ -470,10 +477,18 @@ def test_a_frame_a_stuck_read_returns_after_stop_is_not_accepted(tmp_path, inges
     assert len(queue) == 0 and marks == [] and ingest.next_seq == 100
 
 
-def test_a_frame_whose_journal_mark_outlasts_the_drain_is_not_accepted(ingest_threads):
+@pytest.mark.parametrize("redelivers, level", [(True, "info"), (False, "warning")])
+def test_a_frame_whose_journal_mark_outlasts_the_drain_is_not_accepted(ingest_threads, redelivers, level):
     """The ingest thread passed its stop check, then its journal mark (an fsync on a slow card) took longer than
     shutdown waits for ingest: shutdown closes the queues before it drains them, so the frame is refused, its mark
-    taken back, and the refusal logged, instead of a frame queued after the drain that never gets a result."""
+    taken back, and the refusal logged, instead of a frame queued after the drain that never gets a result. A warning
+    where the frame is lost (a camera's), info where it comes again (the synthetic line, a folder's file)."""
+    from inspectd.daemon.ingest.synthetic import SyntheticLineSource
+
+    class Line(SyntheticLineSource):
+        pass
+
+    Line.redelivers = redelivers
     marking = threading.Event()
     release = threading.Event()
     marks: list[int] = []
@@ -488,6 +503,7 @@ def test_a_frame_whose_journal_mark_outlasts_the_drain_is_not_accepted(ingest_th
     queue.put(Frame("cam", 99, "queued-before", 0.0, np.zeros((4, 4), np.uint8)))
     cam = camera({"kind": "synthetic", "width": 8, "height": 8})
     ingest = CameraIngest(cam, queue, first_seq=100, backoff_s=FAST_BACKOFF, mark_seq=slow_mark)
+    ingest._source = Line(cam, time.time)
     ingest_threads.append(ingest)
     with capture_logs() as logs:
         ingest.start()
@@ -501,7 +517,7 @@ def test_a_frame_whose_journal_mark_outlasts_the_drain_is_not_accepted(ingest_th
     assert [queue.get_nowait().frame_id, queue.get_nowait()] == ["queued-before", None]  # what was queued stays
     refused = [e for e in logs if e["event"] == "frame_not_accepted"]
     assert len(refused) == 1 and refused[0]["reason"] == "the daemon is stopping"
-    assert refused[0]["log_level"] == "warning" and refused[0]["lost"] is True and refused[0]["seq"] == 100
+    assert refused[0]["log_level"] == level and refused[0]["lost"] is not redelivers and refused[0]["seq"] == 100
     block = FrameQueue(1, "block")
     block.close()
     assert not block.put(Frame("cam", 0, "late", 0.0, np.zeros((4, 4), np.uint8)))

@@ -5,8 +5,9 @@ defects injected into it (thin scratches, spots, holes) together with their grou
 defect-free frames and the daemon's synthetic camera streams it, so a whole station runs without a camera or a dataset.
 
 Speed matters because the daemon calls it once per frame at line rate: the expensive texture (filtering) is made once
-into a bank twice the frame size, and each frame is a random crop/flip of that bank under fresh grain and lighting,
-computed in preallocated float buffers. Only the returned image (and a mask, for defective frames) is allocated.
+into a bank twice the frame size, and each frame is a random crop/flip of that bank under a random crop of a seeded
+grain bank and fresh lighting, computed in preallocated float buffers. Only the returned image (and a mask, for
+defective frames) is allocated.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ DEFECT_KINDS = ("scratch", "spot", "hole")
 # The line's own per-frame lighting variation: an overall level within +-LIGHTING_JITTER and a gradient across the
 # frame of up to +-2.5 x that at the edges. A loosely lit line; a station with controlled lighting is nearer 0.02.
 LIGHTING_JITTER = 0.1
+# How far the grain crop may move: (GRAIN_MARGIN + 1)^2 distinct grain fields.
+GRAIN_MARGIN = 64
 
 
 class SyntheticLine:
@@ -48,7 +51,8 @@ class SyntheticLine:
         self.rng = np.random.default_rng(seed)
         self._bank = self._make_texture_bank(2 * height, 2 * width)
         # Sensor grain, cropped from a seeded bank per frame: drawn fresh, it took three times the rest of the frame.
-        self._grain_bank = 3.0 * self.rng.standard_normal((2 * height, 2 * width), dtype=np.float32)
+        self._grain_bank = self.rng.standard_normal((height + GRAIN_MARGIN, width + GRAIN_MARGIN), dtype=np.float32)
+        self._grain_bank *= 3.0
         # Normalised coordinate ramps for the lighting gradient, centred so gain stays ~1 on average.
         self._ys = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None]
         self._xs = np.linspace(-0.5, 0.5, width, dtype=np.float32)[None, :]
@@ -91,7 +95,7 @@ class SyntheticLine:
         np.multiply(base, self._gain, out=self._work)
         # From the seeded generator, not cv2.randn: OpenCV's RNG is process-wide, so frames would depend on whatever
         # drew from it before and a seed would not reproduce a folder.
-        gy, gx = rng.integers(0, h + 1), rng.integers(0, w + 1)
+        gy, gx = rng.integers(0, GRAIN_MARGIN + 1), rng.integers(0, GRAIN_MARGIN + 1)
         self._work += self._grain_bank[gy : gy + h, gx : gx + w]
 
         mask = None

@@ -213,14 +213,17 @@ class TensorRTEngine(Engine):
                 for buffer in fresh.values():
                     buffer.close()
                 raise EngineError(f"{self.plan_path}: engine closed")
-            self.stream.synchronize()  # no batch may be reading the old parameters while they are swapped
             try:
+                self.stream.synchronize()  # no batch may be reading the old parameters while they are swapped
                 self._bind_params(fresh, {name: value.shape for name, value in checked.items()})
             except BaseException:
-                # TensorRT refused a binding the checks above allowed: back to the old buffers, which are intact.
-                self._bind_params(self._params, self._param_bound_shapes)
-                for buffer in fresh.values():
-                    buffer.close()
+                # A CUDA error, or TensorRT refused a binding the checks above allowed: back to the old buffers,
+                # which are intact, and the new ones freed.
+                try:
+                    self._bind_params(self._params, self._param_bound_shapes)
+                finally:
+                    for buffer in fresh.values():
+                        buffer.close()
                 raise
             old, self._params = self._params, fresh
             self._param_bound_shapes = {name: value.shape for name, value in checked.items()}

@@ -74,8 +74,8 @@ def build_model(workdir: Path, size: int = MODEL_SIZE[0], frames: int = TRAIN_FR
     print(f"demo: writing {frames} defect-free synthetic frames to {good}", flush=True)
     per_camera = max(1, frames // MAX_CAMERAS)
     for i in range(MAX_CAMERAS):
-        # The seed fixes a camera's surface texture; the crops, lighting and grain the model trains on come from
-        # another stream, so the camera never replays a training frame.
+        # The seed fixes a camera's surface texture and grain bank; the crops and lighting the model trains on come
+        # from another stream, so the camera never replays a training frame.
         line = SyntheticLine(width=FRAME_SIZE[1], height=FRAME_SIZE[0], seed=FIRST_SEED + i)
         line.rng = np.random.default_rng(FIRST_SEED + 100 + i)
         for path in line.write_folder(good / f"cam{i}", per_camera):

@@ -54,6 +54,7 @@ class FolderWatcher(Source):
     """New image files in a folder, each once, oldest first (mtime, then name); half-written files are waited for."""
 
     live = False
+    redelivers = True
     Options = FolderSource
 
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
@@ -70,16 +71,8 @@ class FolderWatcher(Source):
     def open(self, stop: threading.Event) -> None:
         if not self.spec.path.is_dir():
             raise FileNotFoundError(f"{self.spec.path}: folder not found, expected a directory to watch")
-        done_dir = self.spec.done_dir
-        if done_dir is not None:
-            done_dir.mkdir(parents=True, exist_ok=True)
-            # A file is moved by rename, at once and whole; across filesystems that fails for every file, and a
-            # copy instead would run on the publisher thread for each frame.
-            if done_dir.stat().st_dev != self.spec.path.stat().st_dev:
-                raise SourceFatal(
-                    f"done_dir {done_dir}: on another filesystem than {self.spec.path}, expected the same one "
-                    "(files are moved there by rename)"
-                )
+        if self.spec.done_dir is not None:
+            self._check_done_dir(self.spec.done_dir)
         if not (self.spec.delete_after or self.spec.done_dir is not None or self._warned):
             self._warned = True
             log.warning(
@@ -89,6 +82,26 @@ class FolderWatcher(Source):
                 effect="files stay in the folder: each is inspected once per run, and again after a restart; set "
                 "delete_after or done_dir",
             )
+
+    def _check_done_dir(self, done_dir: Path) -> None:
+        """Files are moved to done_dir by rename, at once and whole: try one now (a hidden file, which no scan reads)
+        rather than fail at every file. A rename across filesystems or mount points fails (a copy instead would run
+        on the publisher thread for each frame), and done_dir as the watched folder itself would hand every file
+        back to the scan under a new name."""
+        done_dir.mkdir(parents=True, exist_ok=True)
+        if os.path.samefile(done_dir, self.spec.path):
+            raise SourceFatal(f"done_dir {done_dir}: the watched folder itself, expected another folder")
+        probe = self.spec.path / f".inspectd-probe-{os.getpid()}"
+        try:
+            probe.touch()
+            os.replace(probe, done_dir / probe.name)
+            (done_dir / probe.name).unlink()
+        except OSError as exc:
+            probe.unlink(missing_ok=True)
+            raise SourceFatal(
+                f"done_dir {done_dir}: cannot move files there from {self.spec.path} ({exc.strerror or exc}), "
+                "expected a folder on the same filesystem and mount (files are moved by rename)"
+            ) from None
 
     def _scan(self) -> None:
         current: dict[str, tuple[int, int]] = {}
@@ -129,6 +142,9 @@ class FolderWatcher(Source):
             return self._taken(path, mtime_ns, None, f"{shown}: {size} bytes, {expected}")
         try:
             with open(path, "rb") as f:
+                # The file actually read: a rewrite after the scan is inspected as what it is now, and disposal
+                # later compares with this, not with the scan.
+                mtime_ns = os.fstat(f.fileno()).st_mtime_ns
                 data = f.read(self.max_bytes + 1)  # grown since the scan: still never more than the bound
         except FileNotFoundError:
             return None  # taken away by someone else between the scan and now

@@ -37,6 +37,9 @@ class Source:
     Subclasses set `Options`: the declaration (engines.schema.declared) of their camera `source` mapping."""
 
     live = True  # read and discard while paused (see inspectd.daemon.ingest)
+    # Whether a frame refused at stop comes again (a folder keeps its file, the synthetic line makes another); a
+    # camera's frame is then lost.
+    redelivers = False
     Options: ClassVar[type]
     # A source that clients connect to with CurveZMQ: its allow-list is reloaded and its refusals counted with the
     # daemon's own sockets.

@@ -165,8 +165,7 @@ class CameraIngest:
             self._not_accepted(frame, seq=frame.seq)
 
     def _not_accepted(self, frame: Frame, seq: int | None) -> None:
-        # A folder keeps the file for the next start; a live source's frame is gone, which an alarm should see.
-        lost = self._source.live
+        lost = not self._source.redelivers  # a camera's frame is gone, which an alarm should see
         (self._log.warning if lost else self._log.info)(
             "frame_not_accepted", frame_id=frame.frame_id, seq=seq, lost=lost, reason="the daemon is stopping"
         )

@@ -49,6 +49,7 @@ class SyntheticSource:
 
 class SyntheticLineSource(Source):
     Options = SyntheticSource
+    redelivers = True
 
     def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
         super().__init__(camera, clock)
