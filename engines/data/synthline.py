@@ -21,8 +21,6 @@ DEFECT_KINDS = ("scratch", "spot", "hole")
 # The line's own per-frame lighting variation: an overall level within +-LIGHTING_JITTER and a gradient across the
 # frame of up to +-2.5 x that at the edges. A loosely lit line; a station with controlled lighting is nearer 0.02.
 LIGHTING_JITTER = 0.1
-# How far the grain crop may move: (GRAIN_MARGIN + 1)^2 distinct grain fields.
-GRAIN_MARGIN = 64
 
 
 class SyntheticLine:
@@ -51,7 +49,9 @@ class SyntheticLine:
         self.rng = np.random.default_rng(seed)
         self._bank = self._make_texture_bank(2 * height, 2 * width)
         # Sensor grain, cropped from a seeded bank per frame: drawn fresh, it took three times the rest of the frame.
-        self._grain_bank = self.rng.standard_normal((height + GRAIN_MARGIN, width + GRAIN_MARGIN), dtype=np.float32)
+        # Twice the frame each way, as the texture: with a bank only 64 pixels larger, frames' grain overlapped so
+        # much that the drift alarm saw an unchanged line drift.
+        self._grain_bank = self.rng.standard_normal((2 * height, 2 * width), dtype=np.float32)
         self._grain_bank *= 3.0
         # Normalised coordinate ramps for the lighting gradient, centred so gain stays ~1 on average.
         self._ys = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None]
@@ -95,7 +95,7 @@ class SyntheticLine:
         np.multiply(base, self._gain, out=self._work)
         # From the seeded generator, not cv2.randn: OpenCV's RNG is process-wide, so frames would depend on whatever
         # drew from it before and a seed would not reproduce a folder.
-        gy, gx = rng.integers(0, GRAIN_MARGIN + 1), rng.integers(0, GRAIN_MARGIN + 1)
+        gy, gx = rng.integers(0, h + 1), rng.integers(0, w + 1)
         self._work += self._grain_bank[gy : gy + h, gx : gx + w]
 
         mask = None
