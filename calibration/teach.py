@@ -236,7 +236,7 @@ def teach(
             f"{frames.source}: {len(paths)} good frame(s), expected at least {MIN_FRAMES} (some fit, some are held out)"
             + frames.hint
         )
-    images = fit_all(ImageFiles(paths), bundle.input_shape, bundle.resize_policy)
+    images = fit_all(ImageFiles(paths, bundle.bit_depth), bundle.input_shape, bundle.resize_policy)
     fit_idx, hold_idx = split_holdout(len(images), holdout, settings["seed"])
 
     extractor = FeatureExtractor(bundle, max_batch=BATCH)

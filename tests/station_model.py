@@ -53,7 +53,8 @@ def grey_graph(size: int = M) -> bytes:
     return model.SerializeToString()
 
 
-def write_grey_bundle(path: Path) -> Path:
+def write_grey_bundle(path: Path, bit_depth: int | None = None) -> Path:
+    """`bit_depth`: the manifest's input.bit_depth (None: none declared, as a bundle trained on 8-bit images)."""
     from engines.bundle import thresholds as thresholds_doc
     from engines.bundle.store import write_bundle
 
@@ -62,7 +63,13 @@ def write_grey_bundle(path: Path) -> Path:
         {
             "method": "test",
             "backbone": "none",
-            "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
+            "input": {
+                "height": M,
+                "width": M,
+                "channels": 1,
+                "resize": "stretch",
+                **({} if bit_depth is None else {"bit_depth": bit_depth}),
+            },
             "scorer_inputs": ["centre"],
             "score_kind": "max",
         },

@@ -74,6 +74,14 @@ def test_trained_bundle_loads_with_its_contract(trained):
     assert thresholds.version == 1 and thresholds.image_threshold > 0 and thresholds.pixel_threshold > 0
     assert thresholds.provenance["n_fit"] + thresholds.provenance["n_holdout"] == 8
     assert bundle.manifest["interrupted"] is False
+    # 8-bit training images declare no depth: 16-bit frames are narrowed as 16-bit, as before depths were recorded.
+    assert "bit_depth" not in bundle.manifest["input"]
+    assert bundle.declared_bit_depth is None and bundle.bit_depth == 16
+
+
+def test_a_declared_bit_depth_reads_back(bundle_dir):
+    rewrite_manifest(bundle_dir, lambda m: m["input"].__setitem__("bit_depth", 12))
+    assert load_bundle(bundle_dir).declared_bit_depth == 12 == load_bundle(bundle_dir).bit_depth
 
 
 def test_missing_file_is_refused(bundle_dir):
@@ -207,6 +215,12 @@ def test_write_bundle_replaces_an_existing_bundle_whole(bundle_dir):
         ("resize", "letterbox", "input.resize 'letterbox', expected one of stretch, pad"),
         ("resize", None, "input.resize None, expected one of stretch, pad"),
         ("channels", 4, "input.channels 4, expected 1 (grey) or 3 (RGB)"),
+        ("bit_depth", 17, "input.bit_depth 17, expected an integer 8-16"),
+        ("bit_depth", 7, "input.bit_depth 7, expected an integer 8-16"),
+        ("bit_depth", 12.0, "input.bit_depth 12.0, expected an integer 8-16"),
+        ("bit_depth", None, "input.bit_depth None, expected an integer 8-16"),
+        ("bit_depth", "12", "input.bit_depth '12', expected an integer 8-16"),
+        ("bit_depth", True, "input.bit_depth True, expected an integer 8-16"),
     ],
 )
 def test_an_input_the_runtime_cannot_fit_frames_to_is_refused_at_load(bundle_dir, key, value, message):

@@ -281,3 +281,39 @@ def test_swap_while_running_never_mixes_states(bundle_path):
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_probe_and_int8_calibration_frames_are_narrowed_with_the_bundles_bit_depth(tmp_path):
+    """The frames a reduced-precision engine's score shift is measured on, and a TensorRT INT8 calibration's frames,
+    read from a 12-bit camera's 16-bit PNGs as the bundle's images were (>> 4), not >> 8 (0-15)."""
+    from engines.bundle.store import load_bundle
+    from engines.model.build_engine import calibration_frames
+    from engines.runtime.preprocess import fit_all
+    from inspectd.daemon.inference import probe_frames
+
+    rng = np.random.default_rng(1)
+    good = tmp_path / "good"
+    good.mkdir()
+    eight = [rng.integers(0, 256, (40, 50), dtype=np.uint8) for _ in range(4)]
+    for i, image in enumerate(eight):
+        assert cv2.imwrite(str(good / f"{i}.png"), (image.astype(np.uint16) << 4) | 15)
+    path = write_bundle(
+        tmp_path / "bundle",
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": H, "width": W, "channels": 1, "resize": "stretch", "bit_depth": 12},
+            "scorer_inputs": ["centre"],
+            "training": {"data": str(good)},
+        },
+        grey_graph(H),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.first_version(0.5, 0.5, {"tool": "test"}),
+    )
+    bundle = load_bundle(path)
+    expected = fit_all(eight, (H, W, 1))
+    frames, source = probe_frames(bundle, bundle.thresholds(), count=4)
+    assert source == str(good) and np.array_equal(frames, expected)
+    batches = calibration_frames(good, (H, W, 1), "stretch", 2, bundle.bit_depth)
+    assert np.array_equal(batches.reshape(expected.shape), expected)

@@ -760,6 +760,42 @@ def test_a_complete_tiff_of_pixels_frames_cannot_have_is_refused_at_once_not_wai
         )
 
 
+def test_16_bit_frames_are_narrowed_with_the_bundles_bit_depth(tmp_path, ingest_threads):
+    """A 12-bit camera's frames saved as 16-bit PNG/TIFF (0-4095): narrowed >> 4 when the daemon's bundle says 12
+    bits, the same 8-bit pixels the camera's 8-bit frames would give; the old >> 8 made them 0-15. A value above full
+    scale saturates. The same through a ZeroMQ camera's PNG."""
+    rng = np.random.default_rng(4)
+    eight = rng.integers(0, 256, (30, 40), dtype=np.uint8)
+    twelve = (eight.astype(np.uint16) << 4) | rng.integers(0, 16, eight.shape, dtype=np.uint16)
+    over = twelve.copy()
+    over[0, :5] = 60_000
+    folder = tmp_path / "in"
+    folder.mkdir()
+    assert cv2.imwrite(str(folder / "a.png"), twelve) and cv2.imwrite(str(folder / "b.tiff"), over)
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(folder), "poll_ms": 20}), queue, bit_depth=12)
+    assert wait_for(lambda: len(queue) == 2)
+    a, b = drain(queue)
+    assert a.error is None and np.array_equal(a.image, eight)
+    saturated = eight.copy()
+    saturated[0, :5] = 255
+    assert b.error is None and np.array_equal(b.image, saturated)
+
+    endpoint = f"ipc://{tmp_path}/cam1.sock"
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "zmq", "endpoint": endpoint}), queue, bit_depth=12)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(endpoint)
+    try:
+        push.send_multipart([b'{"frame_id": "z", "encoding": "png"}', cv2.imencode(".png", twelve)[1].tobytes()])
+        assert wait_for(lambda: len(queue) == 1)
+    finally:
+        push.close()
+    (z,) = drain(queue)
+    assert z.error is None and np.array_equal(z.image, eight)
+
+
 # --- OpenCV and the synthetic line ------------------------------------------------------------------------------------
 
 

@@ -97,6 +97,77 @@ def test_a_rollback_restores_an_override_for_a_camera_taken_out_of_the_config(da
     assert daemon.stage.state.thresholds.per_camera == {"cam9": {"image_threshold": 4.0}}
 
 
+def test_cameras_narrow_16_bit_frames_with_the_bundles_bit_depth_and_a_reload_cannot_change_it(tmp_path, monkeypatch):
+    """A bundle trained on a 12-bit camera's frames (input.bit_depth 12): its folder camera's 16-bit PNGs are judged
+    as the 8-bit frames they hold (>> 4; >> 8 made a mid-grey part 0-15, far from the model's grey: a defect). The
+    cameras narrow with the depth they started with, frames already queued too, so a reload to a bundle of another
+    depth is refused in one line before its engine is opened, and the running model stays; so is one that declares
+    none (trained on an archive export of these frames without --bit-depth), which a restart would narrow as 16-bit.
+    A bundle of the same depth is swapped in."""
+    from cv2 import imwrite
+
+    from inspectd.clients.subscribe import Subscriber
+    from inspectd.errors import InspectdError
+    from station_model import good_frame
+
+    bundle = write_grey_bundle(tmp_path / "bundle", bit_depth=12)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    config = parse_config(
+        {
+            "station": "s1",
+            "model": {"bundle": str(bundle)},
+            "engine": {"options": {"intra_op_threads": 1}},
+            "cameras": [{"id": "cam0", "source": {"kind": "folder", "path": str(folder), "poll_ms": 20}}],
+            "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+            "control": {"endpoint": f"ipc://{tmp_path}/control.sock"},
+            "metrics": {"listen": None},
+            "state_dir": str(tmp_path / "state"),
+            "shutdown_timeout_s": 5.0,
+        }
+    )
+    daemon = Daemon(config)
+    sub = Subscriber(config.publish.endpoint)
+    try:
+        daemon.start()
+        time.sleep(0.3)  # the subscription reaches the publisher
+        for i in range(2):
+            assert imwrite(str(tmp_path / "part.png"), good_frame(i).astype(np.uint16) << 4)
+            os.replace(tmp_path / "part.png", folder / f"part{i}.png")
+        results = sub.results(2, 20)
+        assert [r.verdict for r in results] == ["ok", "ok"], [(r.score, r.error) for r in results]
+        assert all(r.score < 13 / 128 + 1e-6 for r in results)
+
+        running = daemon.stage.state
+        write_grey_bundle(bundle, bit_depth=16)  # the same model, its frames narrowed as 16-bit
+        import engines.runtime
+
+        opened = []
+        open_engine = engines.runtime.open_engine
+        monkeypatch.setattr(engines.runtime, "open_engine", lambda *a, **k: opened.append(a) or open_engine(*a, **k))
+        for declared in (16, None):
+            write_grey_bundle(bundle, bit_depth=declared)
+            with pytest.raises(InspectdError) as refused:
+                daemon.reload()
+            assert str(refused.value) == (
+                f"reload: {bundle}: 16-bit frames narrowed as 16-bit ({'no ' if declared is None else ''}"
+                "input.bit_depth), expected 12-bit, as cameras cam0 narrow them since the daemon started: retrain "
+                "with --bit-depth 12 if its images are their frames, or restart the daemon to change the depth"
+            )
+            assert not opened and daemon.stage.state is running and running.engine.session is not None
+
+        write_grey_bundle(bundle, bit_depth=12)
+        daemon.reload()
+        assert opened and daemon.stage.state is not running
+        assert imwrite(str(tmp_path / "part.png"), good_frame(5).astype(np.uint16) << 4)
+        os.replace(tmp_path / "part.png", folder / "part5.png")
+        (after,) = sub.results(1, 20)
+        assert after.verdict == "ok" and after.model_id == daemon.stage.state.model_id
+    finally:
+        sub.close()
+        daemon.shutdown()
+
+
 def test_a_reload_whose_new_engine_cannot_run_closes_it_and_keeps_the_running_one(daemon, monkeypatch):
     """ModelState.open succeeds (the graph loads) but the warm-up inference fails: that engine must be closed there
     and then, not left holding its session (on a GPU, its device memory) for each retry."""

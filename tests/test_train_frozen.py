@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from engines.bundle.store import load_bundle
+from engines.errors import DataError
 from engines.runtime import open_engine
 from engines.training.train import Progress, add_arguments, run, train_bundle
 from tiny_dataset import make_tiny_mvtec, one_torch_thread, require_data  # noqa: F401 (fixture)
@@ -103,6 +105,86 @@ def test_same_seed_same_bundle(data, tmp_path):
     assert first.model_id == second.model_id
     assert (first.image_threshold, first.pixel_threshold) == (second.image_threshold, second.pixel_threshold)
     assert (tmp_path / "a" / "scorer.npz").read_bytes() == (tmp_path / "b" / "scorer.npz").read_bytes()
+
+
+def as_twelve_bit(source: Path, target: Path) -> Path:
+    """Every image of an MVTec folder as a 12-bit camera would save it: 16-bit PNG, value << 4 plus noise in the low
+    bits, which narrowing >> 4 takes off again. Masks are copied."""
+    rng = np.random.default_rng(0)
+    for path in sorted(source.rglob("*")):
+        out = target / path.relative_to(source)
+        if path.is_dir() or "ground_truth" in path.parts:
+            out.mkdir(parents=True, exist_ok=True) if path.is_dir() else shutil.copy(path, out)
+            continue
+        grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        twelve = (grey.astype(np.uint16) << 4) | rng.integers(0, 16, grey.shape, dtype=np.uint16)
+        assert cv2.imwrite(str(out.with_suffix(".png")), twelve)
+    return target
+
+
+def test_16_bit_images_train_and_score_by_their_detected_bit_depth(data, tmp_path):
+    """A 12-bit camera's training set (16-bit PNGs, 0-4095) is taken as 12-bit: the bundle is the one its 8-bit
+    images give, records input.bit_depth 12, and scores the 12-bit test images as the 8-bit ones. Narrowed >> 8 as
+    before, the images were 0-15 grey levels."""
+    from engines.data.images import DetectedDepth, detect_bit_depth
+    from engines.training.evaluate import evaluate, format_table, score_images
+
+    twelve = as_twelve_bit(data, tmp_path / "twelve")
+    quiet = Progress(enabled=False)
+    lines: list[str] = []
+    eight_bit = train_bundle(
+        data, tmp_path / "a", size=(64, 64), scorer="gaussian", seed=2, progress=quiet, report=lines.append
+    )
+    assert lines[0].startswith("8-bit images: no bit depth recorded, so 16-bit frames on the line are narrowed >> 8")
+    detected = train_bundle(
+        twelve, tmp_path / "b", size=(64, 64), scorer="gaussian", seed=2, progress=quiet, report=lines.append
+    )
+    assert load_bundle(detected.bundle).bit_depth == 12 and load_bundle(eight_bit.bundle).declared_bit_depth is None
+    # The same fit; the declared depth is part of the id (it decides what a 16-bit frame is judged on).
+    assert (tmp_path / "a" / "scorer.npz").read_bytes() == (tmp_path / "b" / "scorer.npz").read_bytes()
+    assert detected.model_id != eight_bit.model_id
+    assert any(line.startswith("16-bit images: largest value 40") and "taken as 12-bit" in line for line in lines)
+    tests = sorted((data / "test").rglob("*.jpg"))
+    expected = [s.score for s in score_images(eight_bit.bundle, tests, batch=2)]
+    scored = score_images(detected.bundle, [twelve / p.relative_to(data).with_suffix(".png") for p in tests], batch=2)
+    np.testing.assert_allclose([s.score for s in scored], expected, rtol=1e-5)
+    report = evaluate(detected.bundle, twelve, batch=2, progress=quiet)
+    assert report["bit_depth"] == 12 and "16-bit images as 12-bit" in format_table(report).splitlines()[0]
+    assert report["overall"] == evaluate(eight_bit.bundle, data, batch=2, progress=quiet)["overall"]
+    forced = train_bundle(
+        twelve, tmp_path / "c", size=(64, 64), scorer="gaussian", seed=2, progress=quiet, bit_depth=16
+    )
+    assert load_bundle(forced.bundle).declared_bit_depth == 16
+    assert (tmp_path / "c" / "scorer.npz").read_bytes() != (tmp_path / "a" / "scorer.npz").read_bytes()
+    with pytest.raises(ValueError, match=r"--bit-depth 12\.0: expected an integer 8-16"):
+        train_bundle(twelve, tmp_path / "d", size=(64, 64), scorer="gaussian", progress=quiet, bit_depth=12.0)
+
+    folder = tmp_path / "depths"
+    folder.mkdir()
+    assert detect_bit_depth(sorted((data / "train" / "good").iterdir())) is None  # 8-bit JPEGs
+    # An odd value beside the largest: the low bits are in use (not left-aligned).
+    for largest, depth in ((1, 8), (255, 8), (256, 10), (1023, 10), (1500, 12), (4095, 12), (4096, 14), (65535, 16)):
+        for suffix in (".png", ".tiff"):
+            assert cv2.imwrite(str(folder / f"a{suffix}"), np.array([[1, largest]], np.uint16))
+            detected = detect_bit_depth([folder / f"a{suffix}"])
+            assert (detected.bits, detected.largest) == (depth, largest)
+    # A 16-bit RGBA PNG: its opaque alpha (65535) is no pixel value.
+    assert cv2.imwrite(
+        str(folder / "rgba.png"), np.dstack([np.full((2, 2, 3), 4001, np.uint16)] + [np.full((2, 2), 65535, np.uint16)])
+    )
+    assert detect_bit_depth([folder / "a.png", folder / "rgba.png"]).bits == 16
+    assert (detect_bit_depth([folder / "rgba.png"]).bits, detect_bit_depth([folder / "rgba.png"]).largest) == (12, 4001)
+    # A 12-bit camera's words saved left-aligned (<< 4, as some tools do): full scale is 16-bit's, even when dark.
+    assert cv2.imwrite(str(folder / "left.png"), np.array([[16, 999 << 4, 1000 << 4]], np.uint16))
+    assert detect_bit_depth([folder / "left.png"]) == DetectedDepth(16, 16000, 4)
+    # One 8-bit image among 16-bit ones would be narrowed unlike them: refused, naming one of each.
+    assert cv2.imwrite(str(folder / "b.png"), np.zeros((2, 2), np.uint8))
+    with pytest.raises(DataError) as mixed:
+        detect_bit_depth([folder / "b.png", folder / "rgba.png"])
+    assert str(mixed.value) == (
+        f"{folder / 'b.png'}: 8-bit pixels, and {folder / 'rgba.png'}: 16-bit, expected images of one bit depth "
+        "(frames saved the same way from one camera)"
+    )
 
 
 def test_plain_folder_colour_and_padding(data, tmp_path):
@@ -248,6 +330,10 @@ def test_bad_arguments_are_one_line_errors(data, tmp_path, capsys):
         (["--data", str(data), "--out", str(tmp_path / "x"), "--size", "64x"], "expected N or HxW"),
         (["--data", str(data), "--out", str(tmp_path / "x"), "--holdout", "1.5"], "--holdout 1.5: expected"),
         (["--data", str(data), "--out", str(tmp_path / "x"), "--memory-size", "0"], "--memory-size 0: expected"),
+        (
+            ["--data", str(data), "--out", str(tmp_path / "x"), "--bit-depth", "7"],
+            "--bit-depth 7: expected an integer 8-16",
+        ),
         (["--data", str(empty), "--out", str(tmp_path / "x")], "no images"),
         (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "not a directory"),
     ]

@@ -18,6 +18,18 @@ THRESHOLDS = "thresholds.json"
 REQUIRED_FILES = (GRAPH, SCORER, WEIGHTS, THRESHOLDS)
 # How a frame is fitted to the model input (engines.runtime.preprocess): stretched, or letterboxed.
 RESIZE_POLICIES = ("stretch", "pad")
+# Significant bits of the 16-bit frames a bundle judges (`input.bit_depth`, engines.data.images.narrow_to_uint8),
+# recorded when it was trained on 16-bit images or told; without it (trained on 8-bit images, or written before
+# depths were recorded) 16-bit frames are narrowed as 16-bit (>> 8).
+BIT_DEPTHS = range(8, 17)
+BIT_DEPTH_RANGE = "an integer 8-16"
+LEGACY_BIT_DEPTH = 16  # the same 16 as engines.data.images.DEFAULT_BIT_DEPTH, which cannot import this module
+
+
+def valid_bit_depth(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value in BIT_DEPTHS
+
+
 REQUIRED_KEYS = ("model_id", "method", "backbone", "input", "scorer_inputs", "graph", "files")
 
 PIXELS = "pixels"

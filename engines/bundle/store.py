@@ -24,9 +24,11 @@ import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import (
+    BIT_DEPTH_RANGE,
     FORMAT,
     FORMAT_VERSION,
     GRAPH,
+    LEGACY_BIT_DEPTH,
     MANIFEST,
     REQUIRED_FILES,
     REQUIRED_KEYS,
@@ -35,6 +37,7 @@ from engines.bundle.format import (
     THRESHOLDS,
     WEIGHTS,
     recipe_of,
+    valid_bit_depth,
 )
 from engines.durable import exchange, fsync_dir, replace_dir, replace_file, write_file
 from engines.errors import BundleError
@@ -94,8 +97,11 @@ def write_bundle(
         THRESHOLDS: thresholds_doc.dumps(thresholds),
     }
     files = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
-    # The id names what decides the outputs: the graph's weights and the scorer (not thresholds, which calibrate).
-    short = hashlib.sha256((files[WEIGHTS] + files[SCORER]).encode()).hexdigest()[:8]
+    # The id names what decides the outputs: the graph's weights and the scorer (not thresholds, which calibrate), and
+    # a declared bit depth, which decides the pixels a 16-bit frame is judged on (a bundle without one keeps its id).
+    depth = manifest_fields["input"].get("bit_depth") if isinstance(manifest_fields["input"], dict) else None
+    decided = files[WEIGHTS] + files[SCORER] + ("" if depth is None else f"bit_depth={depth}")
+    short = hashlib.sha256(decided.encode()).hexdigest()[:8]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -201,6 +207,18 @@ class Bundle:
     @property
     def resize_policy(self) -> str:
         return self.manifest["input"].get("resize", "stretch")
+
+    @property
+    def declared_bit_depth(self) -> int | None:
+        """The significant bits of 16-bit frames the bundle was trained with (from its 16-bit training images, or
+        told): None for a bundle trained on 8-bit images, or written before depths were recorded."""
+        depth = self.manifest["input"].get("bit_depth")
+        return None if depth is None else int(depth)
+
+    @property
+    def bit_depth(self) -> int:
+        """What 16-bit frames are narrowed with for this bundle (engines.data.images.narrow_to_uint8)."""
+        return self.declared_bit_depth or LEGACY_BIT_DEPTH
 
     @property
     def graph_path(self) -> Path:
@@ -416,6 +434,8 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{manifest_path}: input: expected {{height, width, channels}} positive integers")
     if shape["channels"] not in (1, 3):
         raise BundleError(f"{manifest_path}: input.channels {shape['channels']}, expected 1 (grey) or 3 (RGB)")
+    if "bit_depth" in shape and not valid_bit_depth(shape["bit_depth"]):
+        raise BundleError(f"{manifest_path}: input.bit_depth {shape['bit_depth']!r}, expected {BIT_DEPTH_RANGE}")
     if shape.get("resize", "stretch") not in RESIZE_POLICIES:
         expected = ", ".join(RESIZE_POLICIES)
         raise BundleError(f"{manifest_path}: input.resize {shape['resize']!r}, expected one of {expected}")

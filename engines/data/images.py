@@ -1,7 +1,9 @@
 """The one image loader: decoding image files and walking MVTec-layout dataset folders.
 
 Layout: `train/good/*`, `test/<type>/*` (`good` is defect-free), `ground_truth/<type>/<stem>_mask.png` (optional).
-Images keep their own size and channel count (grayscale stays 2-D); colour images come back RGB.
+Images keep their own size and channel count (grayscale stays 2-D); colour images come back RGB. 16-bit pixels are
+narrowed to 8 bits by the significant bits they hold (`bit_depth`): a bundle records the depth of the images it was
+trained on (`input.bit_depth`), and every 16-bit frame it judges is narrowed with that depth.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ from engines.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
+# A 16-bit file holds as many significant bits as its camera gave: 12-bit pixels (0-4095) shifted down by 8 would be
+# 0-15, nearly black. Without a depth, 16-bit pixels are taken as using all 16 bits.
+DEFAULT_BIT_DEPTH = 16  # engines.bundle.format.LEGACY_BIT_DEPTH: what a bundle that declares no depth narrows by
 
-def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
+
+def decode_image(data: bytes | np.ndarray, what: str = "image", bit_depth: int = DEFAULT_BIT_DEPTH) -> np.ndarray:
     """Decode encoded bytes (JPEG, PNG, ...) to uint8 HxW (grayscale) or HxWx3 (RGB)."""
-    return as_uint8_gray_or_rgb(decode_native(data, what), what)
+    return as_uint8_gray_or_rgb(decode_native(data, what), what, bit_depth)
 
 
 def decode_native(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
@@ -39,9 +45,19 @@ def decode_native(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
     return image
 
 
-def as_uint8_gray_or_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
+def narrow_to_uint8(image: np.ndarray, bit_depth: int = DEFAULT_BIT_DEPTH) -> np.ndarray:
+    """16-bit pixels holding `bit_depth` significant bits, as uint8: full scale (2**bit_depth - 1) becomes 255, and
+    anything above full scale saturates at 255."""
+    if bit_depth == 16:
+        return (image >> 8).astype(np.uint8)
+    shifted = image >> (bit_depth - 8)
+    np.minimum(shifted, 255, out=shifted)
+    return shifted.astype(np.uint8)
+
+
+def as_uint8_gray_or_rgb(image: np.ndarray, what: str = "image", bit_depth: int = DEFAULT_BIT_DEPTH) -> np.ndarray:
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        image = narrow_to_uint8(image, bit_depth)
     if image.dtype != np.uint8:
         raise DataError(f"{what}: dtype {image.dtype}, expected unsigned 8- or 16-bit pixels (uint8 or uint16)")
     if image.ndim == 3 and image.shape[2] == 1:
@@ -55,13 +71,75 @@ def as_uint8_gray_or_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
     return image
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    path = Path(path)
+def read_file(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    return decode_image(data, what=str(path))
+
+
+def load_image(path: str | Path, bit_depth: int = DEFAULT_BIT_DEPTH) -> np.ndarray:
+    path = Path(path)
+    return decode_image(read_file(path), what=str(path), bit_depth=bit_depth)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*")  # little- and big-endian
+
+
+def _sixteen_bit(path: Path) -> np.ndarray | None:
+    """The image at `path` as decoded when it holds 16-bit pixels, else None. A PNG says its depth in its header and
+    is decoded only when 16-bit; JPEG and BMP hold 8 bits."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(26)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if head.startswith(PNG_SIGNATURE):
+        if len(head) < 25 or head[24] != 16:  # IHDR's bit depth
+            return None
+    elif head[:4] not in TIFF_MAGIC:
+        return None
+    image = decode_native(read_file(path), str(path))
+    return image if image.dtype == np.uint16 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectedDepth:
+    bits: int
+    largest: int  # the largest colour or grey value
+    padding: int  # low bits 0 in every value (left-aligned pixels: a 12-bit camera's words shifted up by 4)
+
+
+def detect_bit_depth(paths: Sequence[str | Path]) -> DetectedDepth | None:
+    """The significant bits of a training set of 16-bit images: 16 where the low two bits or more are 0 in every
+    value (pixels left-aligned in their words, as some cameras and tools save them, so full scale is 16-bit's),
+    else the fewest even number of bits, at least 8, that holds the largest colour or grey value (cameras give 8, 10,
+    12, 14 or 16 bits; rounding up keeps a 12-bit camera at 12 when its training frames never reach 2048). None when
+    every image is 8-bit; a DataError naming one of each when 8- and 16-bit images are mixed (they would be narrowed
+    unlike each other)."""
+    largest, ored, first_16, first_8 = 0, 0, None, None
+    for path in map(Path, paths):
+        image = _sixteen_bit(path)
+        if image is None:
+            first_8 = first_8 or path
+            continue
+        first_16 = first_16 or path
+        colour = image[..., :3] if image.ndim == 3 and image.shape[2] == 4 else image  # not the alpha
+        largest = max(largest, int(colour.max()))
+        ored |= int(np.bitwise_or.reduce(colour, axis=None))
+    if first_16 is None:
+        return None
+    if first_8 is not None:
+        raise DataError(
+            f"{first_8}: 8-bit pixels, and {first_16}: 16-bit, expected images of one bit depth (frames saved the "
+            "same way from one camera)"
+        )
+    padding = (ored & -ored).bit_length() - 1 if ored else 0
+    if padding >= 2:
+        return DetectedDepth(16, largest, padding)
+    bits = max(8, largest.bit_length())
+    return DetectedDepth(bits + bits % 2, largest, padding)
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -75,14 +153,15 @@ class ImageFiles(Sequence[np.ndarray]):
     """Image files as a sequence of decoded images, each decoded when it is read and not kept: a training set of
     hundreds of full-size frames is held only as the model inputs fitted from it."""
 
-    def __init__(self, paths: Sequence[str | Path]) -> None:
+    def __init__(self, paths: Sequence[str | Path], bit_depth: int = DEFAULT_BIT_DEPTH) -> None:
         self.paths = [Path(p) for p in paths]
+        self.bit_depth = bit_depth
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
-        return load_image(self.paths[index])
+        return load_image(self.paths[index], self.bit_depth)
 
     @functools.cached_property
     def channels(self) -> int:

@@ -100,7 +100,9 @@ def prepare_graph(bundle: Bundle, variant: str, destination: Path) -> tuple[Path
     return destination, region
 
 
-def calibration_frames(folder: str | Path, input_shape: tuple[int, int, int], resize: str, batch: int) -> np.ndarray:
+def calibration_frames(
+    folder: str | Path, input_shape: tuple[int, int, int], resize: str, batch: int, bit_depth: int
+) -> np.ndarray:
     """Defect-free frames fitted to the model input, as [batches, batch, H, W, C] (a whole number of batches)."""
     from engines.data.images import ImageFiles, list_images
     from engines.errors import DataError
@@ -110,7 +112,7 @@ def calibration_frames(folder: str | Path, input_shape: tuple[int, int, int], re
     usable = len(paths) - len(paths) % batch
     if usable == 0:
         raise DataError(f"--calibration-data {folder}: {len(paths)} image(s), expected at least {batch} (one batch)")
-    frames = fit_all(ImageFiles(paths[:usable]), input_shape, resize)
+    frames = fit_all(ImageFiles(paths[:usable], bit_depth), input_shape, resize)
     return frames.reshape(usable // batch, batch, *input_shape)
 
 
@@ -285,7 +287,7 @@ def _build_plan(
     input_shape = bundle.input_shape
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(gpu_name, version)
     batches = (
-        calibration_frames(calibration_data, input_shape, bundle.resize_policy, opt_batch)
+        calibration_frames(calibration_data, input_shape, bundle.resize_policy, opt_batch, bundle.bit_depth)
         if precision == "int8"
         else None
     )

@@ -65,10 +65,10 @@ def score_images(
         concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder,
     ):
         predictor = Predictor(engine)
-        pending = _submit_decode(decoder, next(chunks, None))
+        pending = _submit_decode(decoder, next(chunks, None), bundle.bit_depth)
         while pending is not None:
             chunk, images = pending[0], pending[1].result()
-            pending = _submit_decode(decoder, next(chunks, None))
+            pending = _submit_decode(decoder, next(chunks, None), bundle.bit_depth)
             result = predictor.predict(images)
             for i, (path, image) in enumerate(zip(chunk, images)):
                 frame_map = predictor.frame_map(result, i)
@@ -83,10 +83,10 @@ def _chunks(items: Iterator[Path], size: int) -> Iterator[list[Path]]:
         yield chunk
 
 
-def _submit_decode(decoder, chunk):
+def _submit_decode(decoder, chunk, bit_depth: int):
     if chunk is None:
         return None
-    return chunk, decoder.submit(lambda: [load_image(p) for p in chunk])
+    return chunk, decoder.submit(lambda: [load_image(p, bit_depth) for p in chunk])
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------------
@@ -207,6 +207,7 @@ def evaluate(
         "backbone": bundle.backbone,
         "input": list(bundle.input_shape),
         "resize": bundle.resize_policy,
+        "bit_depth": bundle.declared_bit_depth,
         "recipe": bundle.recipe,
         "recipe_choice": (bundle.manifest.get("recipe_selection") or {}).get("reason"),
         "backend": backend,
@@ -419,13 +420,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _narrowed(bit_depth: int | None) -> str:
+    return "" if bit_depth is None else f", 16-bit images as {bit_depth}-bit"
+
+
 def format_table(report: dict) -> str:
     def cell(value) -> str:
         return "-" if value is None else f"{value:.4f}"
 
     lines = [
         f"{report['model_id']} ({report['method']}, {report['backbone']}, input "
-        f"{'x'.join(map(str, report['input']))}) on {report['data']}: {report['n_images']} images, "
+        f"{'x'.join(map(str, report['input']))}{_narrowed(report.get('bit_depth'))}) on {report['data']}: "
+        f"{report['n_images']} images, "
         f"{report['images_per_s']} images/s ({report['backend']}, batch {report['batch']})",
         f"recipe {describe_recipe(report['recipe'])}"
         + (f" (auto: {report['recipe_choice']})" if report.get("recipe_choice") else ""),

@@ -26,9 +26,9 @@ import timm
 import torch
 
 from engines.bundle import thresholds as thresholds_doc
-from engines.bundle.format import inspectd_version
+from engines.bundle.format import BIT_DEPTH_RANGE, LEGACY_BIT_DEPTH, inspectd_version, valid_bit_depth
 from engines.bundle.store import load_bundle, write_bundle
-from engines.data.images import ImageFiles, MvtecFolder, list_images, split_holdout
+from engines.data.images import ImageFiles, MvtecFolder, detect_bit_depth, list_images, split_holdout
 from engines.errors import DataError, EngineError
 from engines.model.backbones import BACKBONES, spec_for
 from engines.model.export import DEFAULT_OPSET, add_feature_graph, export_graph
@@ -231,9 +231,12 @@ def train_bundle(
     progress: Progress | None = None,
     method_args: argparse.Namespace | None = None,
     report=None,
+    bit_depth: int | None = None,
 ) -> TrainResult:
     """Train and write a complete bundle at `out`. Python API of `inspectd train` (the demo calls it). `recipe` and
-    the recipe fields resolve as resolve_recipe says; `report(line)` receives auto's table (default: nothing)."""
+    the recipe fields resolve as resolve_recipe says; `report(line)` receives auto's table (default: nothing).
+    `bit_depth`: significant bits of 16-bit images (None: detect_bit_depth on the training images), recorded in the
+    bundle as the depth its 16-bit frames are narrowed with."""
     started = time.monotonic()
     progress = progress or Progress()
     report = report or (lambda _line: None)
@@ -258,8 +261,12 @@ def train_bundle(
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"--holdout {holdout}: expected a fraction in [0, 1)")
 
+    if bit_depth is not None and not valid_bit_depth(bit_depth):
+        raise ValueError(f"--bit-depth {bit_depth!r}: expected {BIT_DEPTH_RANGE}")
     paths = training_images(data)
-    frames = ImageFiles(paths)  # decoded when read: a full-size frame is held only while it is fitted or planted
+    bit_depth = _bit_depth(paths, bit_depth, report)
+    # Decoded when read: a full-size frame is held only while it is fitted or planted.
+    frames = ImageFiles(paths, bit_depth or LEGACY_BIT_DEPTH)
     channels = frames.channels
     selection: Selection | None = None
     auto = recipe == AUTO or (recipe is None and all(v is None for v in overrides.values()))
@@ -343,7 +350,13 @@ def train_bundle(
     manifest = {
         "method": chosen.method,
         "backbone": chosen.backbone,
-        "input": {"height": input_shape[0], "width": input_shape[1], "channels": channels, "resize": chosen.resize},
+        "input": {
+            "height": input_shape[0],
+            "width": input_shape[1],
+            "channels": channels,
+            "resize": chosen.resize,
+            **({} if bit_depth is None else {"bit_depth": bit_depth}),
+        },
         "preprocessing": {
             "layout": "NHWC uint8",
             "grey": "replicated to 3 channels in the graph",
@@ -393,6 +406,35 @@ def train_bundle(
         chosen,
         int(len(scores)),
     )
+
+
+def _bit_depth(paths: list[Path], forced: int | None, report) -> int | None:
+    """The depth the bundle declares for 16-bit frames: forced, or detected from 16-bit training images; None for
+    8-bit ones (16-bit frames are then narrowed as 16-bit)."""
+    detected = detect_bit_depth(paths)  # also refuses a set that mixes 8- and 16-bit images
+    if forced is not None:
+        kind = "16-bit images" if detected else "8-bit images; 16-bit frames on the line"
+        line = f"{kind} narrowed as {forced}-bit (--bit-depth): >> {forced - 8}, above full scale saturates"
+        if detected and detected.largest >= 1 << forced:
+            line += f" (these images reach {detected.largest}, above {forced}-bit full scale {(1 << forced) - 1})"
+        report(line)
+        return forced
+    if detected is None:
+        report(
+            "8-bit images: no bit depth recorded, so 16-bit frames on the line are narrowed >> 8; --bit-depth N "
+            "where these are frames the daemon narrowed from an N-bit camera's (an archive export)"
+        )
+        return None
+    why = (
+        f"low {detected.padding} bits 0 in every value (left-aligned)"
+        if detected.padding >= 2
+        else f"largest value {detected.largest}"
+    )
+    report(
+        f"16-bit images: {why}, taken as {detected.bits}-bit (>> {detected.bits - 8}; a frame above full scale "
+        f"saturates); --bit-depth N if the camera gives more bits than these images use"
+    )
+    return detected.bits
 
 
 SCORE_KINDS = {
@@ -466,6 +508,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of good images held out for the first thresholds and for auto's planted defects (default 0.1)",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument(
+        "--bit-depth",
+        type=int,
+        default=None,
+        metavar="N",
+        help="significant bits of 16-bit images (8-16): 12 narrows 0-4095 to 0-255; recorded in the bundle, which "
+        "narrows the line's 16-bit frames the same way (default: from the training images' largest value, none for "
+        "8-bit images). Give the running bundle's depth when training on 8-bit frames the daemon narrowed from a "
+        "16-bit camera's (an archive export)",
+    )
     for method_class in available_methods():
         method_class.add_arguments(parser)
 
@@ -506,6 +558,7 @@ def run(args: argparse.Namespace) -> int:
             opset=args.opset,
             method_args=args,
             report=lambda line: print(line, flush=True),
+            bit_depth=args.bit_depth,
         )
     except (EngineError, ValueError) as exc:
         print(f"inspectd train: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +64,22 @@ class ModelState:
         return self.thresholds.version
 
     @classmethod
-    def open(cls, bundle_path: str | Path, backend: str, options: dict | None, max_batch: int) -> ModelState:
+    def open(
+        cls,
+        bundle_path: str | Path,
+        backend: str,
+        options: dict | None,
+        max_batch: int,
+        accept: Callable[[Any], None] | None = None,
+    ) -> ModelState:
+        """`accept(bundle)` may refuse the bundle (by raising) before its engine is opened."""
         # Imported here so importing the stage (e.g. for its types) does not load the bundle machinery.
         from engines.bundle.store import load_bundle
         from engines.runtime import open_engine
 
         bundle = load_bundle(bundle_path)
+        if accept is not None:
+            accept(bundle)
         engine = open_engine(bundle, backend, options or {}, max_batch=max_batch)
         try:
             thresholds = bundle.thresholds()
@@ -121,7 +132,7 @@ def probe_frames(bundle, thresholds, count: int = SHIFT_PROBE_FRAMES) -> tuple[n
         if not paths:
             continue
         picked = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
-        return fit_all(ImageFiles(picked), bundle.input_shape, bundle.resize_policy), str(folder)
+        return fit_all(ImageFiles(picked, bundle.bit_depth), bundle.input_shape, bundle.resize_policy), str(folder)
     raise EngineError(
         f"{bundle.path}: cannot measure how far the reduced-precision engine's scores are from the FP32 ones its "
         f"thresholds were set on: none of the defect-free image folders the bundle names is here "

@@ -102,6 +102,7 @@ class Daemon:
             thresholds_version=state.thresholds_version,
             backend=config.engine.backend,
             input_shape=list(state.bundle.input_shape),
+            bit_depth=state.bundle.bit_depth,
             bundle=str(config.model.bundle),
         )
 
@@ -126,9 +127,14 @@ class Daemon:
         )
         for cam in config.cameras:  # created here, before the threads that read and update them start
             self.publisher.counters(cam.id)
+        self._narrow_depth = state.bundle.bit_depth
         self.ingest = {
             cam.id: CameraIngest(
-                cam, self.queues[cam.id], first_seq=self._first_seq(cam.id), mark_seq=self._seq_marker(cam.id)
+                cam,
+                self.queues[cam.id],
+                first_seq=self._first_seq(cam.id),
+                mark_seq=self._seq_marker(cam.id),
+                bit_depth=state.bundle.bit_depth,
             )
             for cam in config.cameras
         }
@@ -532,6 +538,7 @@ class Daemon:
                 self.config.engine.backend,
                 self.config.engine.options,
                 self.config.batching.max_batch,
+                accept=self._same_bit_depth,
             )
             try:
                 new.warm_up()  # beside the running model: the swap costs the line nothing
@@ -553,6 +560,21 @@ class Daemon:
             previous_thresholds_version=old.thresholds_version,
         )
         return {"model_id": new.model_id, "thresholds_version": new.thresholds_version, "allow_lists": allow_lists}
+
+    def _same_bit_depth(self, bundle) -> None:
+        """Cameras that narrow 16-bit frames by the bundle's depth do so by the depth of the bundle the daemon started
+        with, frames already queued too: a bundle of another is refused before its engine is opened. So is one that
+        declares none where the running one does (trained on these cameras' narrowed frames, an archive export,
+        without --bit-depth): it would be judged right until the next restart narrowed the frames as 16-bit."""
+        narrowing = [cam for cam, ingest in self.ingest.items() if ingest.narrows_16_bit]
+        if narrowing and bundle.bit_depth != self._narrow_depth:
+            declared = "input.bit_depth" if bundle.declared_bit_depth is not None else "no input.bit_depth"
+            raise InspectdError(
+                f"reload: {bundle.path}: 16-bit frames narrowed as {bundle.bit_depth}-bit ({declared}), expected "
+                f"{self._narrow_depth}-bit, as cameras {', '.join(narrowing)} narrow them since the daemon started: "
+                f"retrain with --bit-depth {self._narrow_depth} if its images are their frames, or restart the daemon "
+                "to change the depth"
+            )
 
     def _refuse_when_stopping(self) -> None:
         if self._stopping.is_set():
@@ -731,6 +753,11 @@ def check(path: Path) -> int:
     print(f"{path}: valid")
     print(f"  station {config.station}: cameras {', '.join(camera.id for camera in config.cameras)}")
     print(f"  bundle {config.model.bundle}: model {bundle.model_id}, thresholds version {thresholds.version}")
+    declared = "input.bit_depth" if bundle.declared_bit_depth is not None else "the bundle declares no input.bit_depth"
+    print(
+        f"  16-bit frames of folder, zmq and opencv cameras narrowed as {bundle.bit_depth}-bit ({declared}); "
+        "genicam cameras' by their pixel format"
+    )
     print(f"  engine {config.engine.backend}, publish {config.publish.endpoint}, control {config.control.endpoint}")
     if unknown:
         print(f"  note: thresholds.per_camera names cameras not in this config: {', '.join(unknown)}")

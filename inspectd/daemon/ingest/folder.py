@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, cast
 import structlog
 from pydantic import Field, model_validator
 
+from engines.data.images import DEFAULT_BIT_DEPTH
 from engines.errors import DataError
 from engines.schema import Flag, Number, Text, declared, refuse
 from inspectd.configfile import ConfigPath
@@ -56,9 +57,12 @@ class FolderWatcher(Source):
     live = False
     redelivers = True
     Options = FolderSource
+    narrows_16_bit = True
 
-    def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
-        super().__init__(camera, clock)
+    def __init__(
+        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+    ) -> None:
+        super().__init__(camera, clock, bit_depth)
         self.spec = cast(FolderSource, camera.source)  # the supervisor builds this class for kind folder only
         self.poll_s = self.spec.poll_ms / 1000.0
         self.max_bytes = max_frame_bytes(camera.max_pixels)
@@ -156,7 +160,7 @@ class FolderWatcher(Source):
             expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
             return self._taken(path, mtime_ns, None, f"{shown}: more than {self.max_bytes} bytes, {expected}")
         try:
-            image, error = check_and_decode(data, shown, self.camera.max_pixels), None
+            image, error = check_and_decode(data, shown, self.camera.max_pixels, bit_depth=self.bit_depth), None
         except IncompleteImage as exc:
             if time.time() - mtime_ns / 1e9 < WRITE_GRACE_S:
                 self.sizes.pop(name, None)  # must hold still over another poll before it is tried again

@@ -27,6 +27,7 @@ import numpy as np
 import structlog
 from pydantic import Field
 
+from engines.data.images import DEFAULT_BIT_DEPTH
 from engines.schema import Int, Number, Text, declared, one_of
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
@@ -110,8 +111,10 @@ class GenICamCamera(Source):
 
     Options = GenICamSource
 
-    def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
-        super().__init__(camera, clock)
+    def __init__(
+        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+    ) -> None:
+        super().__init__(camera, clock, bit_depth)
         self.spec = cast(GenICamSource, camera.source)  # the supervisor builds this class for kind genicam only
         self.cam: Any = None
         self.stream: Any = None

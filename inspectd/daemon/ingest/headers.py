@@ -7,12 +7,11 @@ import struct
 
 import numpy as np
 
-from engines.data.images import as_uint8_gray_or_rgb, decode_image, decode_native
+from engines.data.images import PNG_SIGNATURE, TIFF_MAGIC, as_uint8_gray_or_rgb, decode_image, decode_native
 from engines.errors import DataError
 
 # How a frame's pixels travel: raw uint8 arrays, or an encoded image decoded here.
 ENCODINGS = ("raw", "jpeg", "png")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_IEND = b"IEND\xaeB`\x82"
 # OpenCV's decoders raise on a side longer than this (CV_IO_MAX_IMAGE_WIDTH/HEIGHT), whatever max_pixels allows.
 MAX_SIDE = 1 << 20
@@ -40,7 +39,7 @@ def _dims(view: memoryview) -> tuple[str, int, int] | None:
         return _jpeg_dims(view)
     if view[:2] == b"BM":
         return _bmp_dims(view)
-    if view[:4] in (b"II*\0", b"MM\0*"):
+    if view[:4] in TIFF_MAGIC:
         return _tiff_dims(view)
     return None
 
@@ -122,10 +121,13 @@ class IncompleteImage(DataError):
     """Empty or cut short: for a file, possibly one still being written."""
 
 
-def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int, expected: str | None = None) -> np.ndarray:
+def check_and_decode(
+    data: bytes | memoryview, what: str, max_pixels: int, expected: str | None = None, bit_depth: int = 16
+) -> np.ndarray:
     """Decode an encoded frame, refusing (DataError) empty, truncated, unknown-format and oversized ones first.
 
-    `expected` ("jpeg", "png"): the format the sender declared; anything else is refused."""
+    `expected` ("jpeg", "png"): the format the sender declared; anything else is refused. `bit_depth`: the
+    significant bits of 16-bit pixels (engines.data.images.narrow_to_uint8)."""
     if len(data) == 0:
         raise IncompleteImage(f"{what}: empty (0 bytes), expected an encoded {expected or 'JPEG/PNG/BMP/TIFF'} image")
     try:
@@ -167,5 +169,5 @@ def check_and_decode(data: bytes | memoryview, what: str, max_pixels: int, expec
             native = decode_native(np.frombuffer(data, dtype=np.uint8), what=what)
         except DataError as exc:
             raise IncompleteImage(f"{exc} (or cut short)") from None
-        return as_uint8_gray_or_rgb(native, what)
-    return decode_image(np.frombuffer(data, dtype=np.uint8), what=what)
+        return as_uint8_gray_or_rgb(native, what, bit_depth)
+    return decode_image(np.frombuffer(data, dtype=np.uint8), what=what, bit_depth=bit_depth)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 import cv2
 from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, model_validator
 
-from engines.data.images import as_uint8_gray_or_rgb
+from engines.data.images import DEFAULT_BIT_DEPTH, as_uint8_gray_or_rgb
 from engines.errors import DataError
 from engines.schema import Int, Text, declared, invalid, show
 from inspectd.configfile import resolve
@@ -75,9 +75,12 @@ class VideoCaptureSource(Source):
     """cv2.VideoCapture on a video file (finite), an RTSP/HTTP URL, a device index or a GStreamer pipeline."""
 
     Options = OpenCVSource
+    narrows_16_bit = True
 
-    def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
-        super().__init__(camera, clock)
+    def __init__(
+        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+    ) -> None:
+        super().__init__(camera, clock, bit_depth)
         self.spec = cast(OpenCVSource, camera.source)  # the supervisor builds this class for kind opencv only
         self.finite = self.spec.url is not None and "://" not in self.spec.url
         self.cap: cv2.VideoCapture | None = None
@@ -128,6 +131,6 @@ class VideoCaptureSource(Source):
                 f"expected at most max_pixels={self.camera.max_pixels}",
             )
         try:
-            return self.frame(frame_id, now, as_uint8_gray_or_rgb(image, what=f"frame {frame_id}"))
+            return self.frame(frame_id, now, as_uint8_gray_or_rgb(image, f"frame {frame_id}", self.bit_depth))
         except DataError as exc:
             return self.frame(frame_id, now, None, str(exc))

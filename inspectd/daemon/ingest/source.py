@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from engines.data.images import DEFAULT_BIT_DEPTH
 from inspectd.daemon.frames import Frame
 
 if TYPE_CHECKING:
@@ -34,20 +35,28 @@ class SourceFatal(Exception):
 class Source:
     """One camera's frame source. `read` blocks at most ~READ_TIMEOUT_S and returns None when nothing came.
 
-    Subclasses set `Options`: the declaration (engines.schema.declared) of their camera `source` mapping."""
+    Subclasses set `Options`: the declaration (engines.schema.declared) of their camera `source` mapping.
+    `bit_depth`: what a source that `narrows_16_bit` narrows 16-bit frames to 8 bits by, the bundle's
+    (Bundle.bit_depth), so that they are judged as its training images were."""
 
     live = True  # read and discard while paused (see inspectd.daemon.ingest)
     # Whether a frame refused at stop comes again (a folder keeps its file, the synthetic line makes another); a
     # camera's frame is then lost.
     redelivers = False
+    # Whether 16-bit frames it may give are narrowed by `bit_depth` (a source whose pixel format names its own depth,
+    # or that gives 8-bit frames only, does not).
+    narrows_16_bit = False
     Options: ClassVar[type]
     # A source that clients connect to with CurveZMQ: its allow-list is reloaded and its refusals counted with the
     # daemon's own sockets.
     curve: CurveServer | None = None
 
-    def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+    ) -> None:
         self.camera = camera
         self.clock = clock
+        self.bit_depth = bit_depth
 
     def open(self, stop: threading.Event) -> None:
         pass

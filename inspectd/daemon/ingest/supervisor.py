@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import structlog
 
+from engines.data.images import DEFAULT_BIT_DEPTH
 from inspectd.daemon import config as cfg
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest import SOURCES
@@ -29,6 +30,7 @@ class CameraIngest:
     done) | failed (misconfigured beyond retrying) | stopped (after stop()). `reopen_count` counts reopen attempts.
     Frames get `seq` from `first_seq` up, with no gaps among the frames queued. `mark_seq(seq)` is told each seq
     before its frame is queued (the daemon records it in the journal, so a crash shows in-flight frames as a gap).
+    `bit_depth`: what the source narrows 16-bit frames by (Source).
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class CameraIngest:
         clock: Callable[[], float] = time.time,
         backoff_s: tuple[float, float] = (BACKOFF_FIRST_S, BACKOFF_MAX_S),
         mark_seq: Callable[[int], None] | None = None,
+        bit_depth: int = DEFAULT_BIT_DEPTH,
     ) -> None:
         self.camera = camera
         self.mark_seq = mark_seq or (lambda seq: None)
@@ -54,9 +57,13 @@ class CameraIngest:
         self.state = "running"
         self.last_error: str | None = None
         self._stop = threading.Event()
-        self._source = make_source(camera, clock)
+        self._source = make_source(camera, clock, bit_depth)
         self._log = log.bind(camera=camera.id, source=camera.source.kind)
         self._thread = threading.Thread(target=self._run, name=f"ingest-{camera.id}", daemon=True)
+
+    @property
+    def narrows_16_bit(self) -> bool:
+        return self._source.narrows_16_bit
 
     def start(self) -> None:
         self._thread.start()
@@ -171,5 +178,7 @@ class CameraIngest:
         )
 
 
-def make_source(camera: cfg.CameraConfig, clock: Callable[[], float] = time.time) -> Source:
-    return SOURCES[camera.source.kind](camera, clock)
+def make_source(
+    camera: cfg.CameraConfig, clock: Callable[[], float] = time.time, bit_depth: int = DEFAULT_BIT_DEPTH
+) -> Source:
+    return SOURCES[camera.source.kind](camera, clock, bit_depth)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, cast
 import cv2
 from pydantic import Field
 
-from engines.data.images import decode_image
+from engines.data.images import DEFAULT_BIT_DEPTH, decode_image
 from engines.schema import Int, Number, declared, one_of
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import ENCODINGS
@@ -51,8 +51,10 @@ class SyntheticLineSource(Source):
     Options = SyntheticSource
     redelivers = True
 
-    def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
-        super().__init__(camera, clock)
+    def __init__(
+        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+    ) -> None:
+        super().__init__(camera, clock, bit_depth)
         from engines.data.synthline import SyntheticLine
 
         s = cast(SyntheticSource, camera.source)  # the supervisor builds this class for kind synthetic only

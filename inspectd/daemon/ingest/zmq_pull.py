@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal, cast
 import numpy as np
 from pydantic import model_validator
 
+from engines.data.images import DEFAULT_BIT_DEPTH
 from engines.errors import DataError
 from engines.schema import declared, refuse
 from inspectd.configfile import Endpoint
@@ -54,9 +55,12 @@ class ZmqPullSource(Source):
     """A PULL socket the daemon binds; producers send multipart [JSON header, payload]."""
 
     Options = ZmqSource
+    narrows_16_bit = True
 
-    def __init__(self, camera: cfg.CameraConfig, clock: Callable[[], float]) -> None:
-        super().__init__(camera, clock)
+    def __init__(
+        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+    ) -> None:
+        super().__init__(camera, clock, bit_depth)
         spec = cast(ZmqSource, camera.source)
         self.endpoint = spec.endpoint
         # Keys loaded (and their permissions checked) here, when the daemon builds its cameras: a bad key fails the
@@ -201,7 +205,7 @@ class ZmqPullSource(Source):
             # Zero-copy: the array views the received message, which it keeps alive.
             image: np.ndarray = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
             return image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
-        image = check_and_decode(payload, what, self.camera.max_pixels, expected=encoding)
+        image = check_and_decode(payload, what, self.camera.max_pixels, expected=encoding, bit_depth=self.bit_depth)
         if shape is not None:
             h, w = shape[0], shape[1]
             c = shape[2] if len(shape) == 3 else 1
