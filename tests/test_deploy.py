@@ -342,3 +342,27 @@ def test_regenerated_constraints_keep_the_pins_of_what_is_not_installed_here(tmp
     assert "pip" not in pins  # installed here, required by nothing: dropped as it would be without --keep
     assert pins["numpy"] == __import__("importlib.metadata").metadata.version("numpy")
     assert "onnxruntime-gpu==1.31.1: not installed here, kept from" in out.stderr
+
+
+def test_the_bridge_unit_restarts_a_bridge_whose_plc_is_away_without_ever_giving_up(tmp_path):
+    """The bridge exits 1 when its PLC cannot be reached (a PLC reboot, a program download), the unit restarts it;
+    a start limit would count those restarts and, after five inside the interval, leave the line without verdicts
+    until someone ran `systemctl reset-failed`. Here the bridge's exit status for an unreachable PLC, then the unit's
+    answer to it: restarted, without a start limit, with a pause between tries."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]  # nothing listens on it once the socket is closed
+    config = tmp_path / "bridge.yaml"
+    config.write_text("request_timeout_ms: 500\n")
+    command = [sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint", f"ipc://{tmp_path}/pub.sock"]
+    command += ["--plc", f"127.0.0.1:{closed_port}", "--config", str(config), "--topic", "inspect.s.cam0."]
+    command += ["--state-dir", str(tmp_path / "state")]
+    away = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert away.returncode == 1, away.stderr
+    assert away.stderr.strip().splitlines()[-1].startswith("inspectd bridge: PLC"), away.stderr
+    unit = _unit("inspectd-bridge@.service")
+    assert unit["Restart"] == ["on-failure"] and "RestartPreventExitStatus" not in unit
+    assert unit["StartLimitIntervalSec"] == ["0"] and "StartLimitBurst" not in unit
+    assert float(unit["RestartSec"][0]) >= 1  # not a busy loop against a PLC that is down
