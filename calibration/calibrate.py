@@ -6,8 +6,9 @@ Owns the statistics of threshold choice (all numpy, on score arrays, so they are
     Clopper-Pearson upper bound on the false-reject rate is still <= p. The bound that the observed exceedances
     support is reported with the number of good frames that p needs (zero exceedances: n >= ln(0.05)/ln(1-p));
     too few frames is a WARNING (threshold above the highest good score), not a silent pass;
-  - with labelled defects: the highest threshold whose escape rate (defective frames scored below it) meets the
-    target, or the F1-max threshold (engines.training.metrics.f1_max); the confusion matrix is printed. Without
+  - with labelled defects: the defect scores' order statistic whose escape rate (defective frames scored below it)
+    meets the target with 95 % confidence, by the same rule and with the same WARNING when too few defects support it,
+    or the F1-max threshold (engines.training.metrics.f1_max); the confusion matrix is printed. Without
     defects these two targets are refused: a threshold chosen "from defects" with no defects would flag everything;
   - pixel threshold: the quantile of good frames' pixel scores at a target pixel false-positive rate, or the pixel
     F1-max over ground-truth masks when the defective folders have them (both streamed through
@@ -108,6 +109,13 @@ def frames_needed(rate: float, confidence: float = CONFIDENCE) -> int:
     return math.ceil(math.log(1.0 - confidence) / math.log1p(-rate))
 
 
+def _bound_warning(n: int, frames: str, rate: str, upper: float, target: float, needed: int, none: str) -> str:
+    return (
+        f"WARNING: {n} {frames} frames support {rate} rate of at most {upper:.4g} (95% upper bound), not the target "
+        f"{target:g}; the target needs >= {needed} {frames} frames with none {none}"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class FalseRejectChoice:
     threshold: float
@@ -122,11 +130,41 @@ class FalseRejectChoice:
     def warning(self, target: float) -> str | None:
         if self.enough:
             return None
-        return (
-            f"WARNING: {self.n_good} good frames support a false-reject rate of at most {self.upper_bound:.4g} "
-            f"(95% upper bound), not the target {target:g}; the target needs >= {self.needed} good frames "
-            "with none rejected"
+        return _bound_warning(self.n_good, "good", "a false-reject", self.upper_bound, target, self.needed, "rejected")
+
+
+@dataclasses.dataclass(frozen=True)
+class EscapeChoice:
+    threshold: float
+    n_defect: int
+    allowed: int  # escapes whose 95 % bound still meets the target (0 when n is too small)
+    escapes: int  # defective frames below the threshold
+    observed_rate: float
+    upper_bound: float  # one-sided 95 % Clopper-Pearson bound on the escape rate
+    needed: int  # defective frames the target needs with zero escapes
+    enough: bool  # upper_bound <= target
+
+    def warning(self, target: float) -> str | None:
+        if self.enough:
+            return None
+        return _bound_warning(
+            self.n_defect, "defective", "an escape", self.upper_bound, target, self.needed, "escaping"
         )
+
+
+def _most_events_within(n: int, target: float) -> int:
+    """The most events k of n whose Clopper-Pearson upper bound on the rate is still <= target; 0 when even none
+    cannot support it (n < frames_needed(target))."""
+    lo, hi = 0, int(math.floor(target * n))  # above target * n events the bound exceeds the target
+    if clopper_pearson_upper(0, n) > target:
+        hi = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if clopper_pearson_upper(mid, n) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def threshold_for_false_reject(good_scores, target: float) -> FalseRejectChoice:
@@ -140,16 +178,7 @@ def threshold_for_false_reject(good_scores, target: float) -> FalseRejectChoice:
     target = _rate(target, "--target-false-reject")
     scores = np.sort(_finite_scores(good_scores, "good scores"))
     n = scores.size
-    lo, hi = 0, int(math.floor(target * n))  # above target * n exceedances the bound exceeds the target
-    if clopper_pearson_upper(0, n) > target:
-        hi = 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if clopper_pearson_upper(mid, n) <= target:
-            lo = mid
-        else:
-            hi = mid - 1
-    allowed = lo
+    allowed = _most_events_within(n, target)
     threshold = _just_above(scores[n - allowed - 1])
     exceedances = int(np.count_nonzero(scores >= threshold))
     upper = clopper_pearson_upper(exceedances, n)
@@ -158,11 +187,23 @@ def threshold_for_false_reject(good_scores, target: float) -> FalseRejectChoice:
     )
 
 
-def threshold_for_escape(defect_scores, target: float) -> float:
-    """Highest threshold with at most floor(target * n) defective frames below it (escapes): the (m+1)-th lowest."""
+def threshold_for_escape(defect_scores, target: float) -> EscapeChoice:
+    """The defect scores' order statistic chosen so the escape rate is <= target with 95 % confidence, as the
+    false-reject rule does for good frames.
+
+    The plain quantile (floor(target * n) escapes) would meet the target only on average, and its bound never does;
+    here the threshold allows the most escapes k whose Clopper-Pearson upper bound is still <= target: it is the
+    (k+1)-th lowest defect score (escapes are scores below it). When even k = 0 cannot support the target
+    (n < frames_needed) it is the lowest defect score and the choice says it is not enough.
+    """
     target = _rate(target, "--target-escape")
     scores = np.sort(_finite_scores(defect_scores, "defective scores"))
-    return float(scores[int(math.floor(target * scores.size))])
+    n = scores.size
+    allowed = _most_events_within(n, target)
+    threshold = float(scores[allowed])
+    escapes = int(np.count_nonzero(scores < threshold))  # ties at the threshold are flagged: fewer than allowed
+    upper = clopper_pearson_upper(escapes, n)
+    return EscapeChoice(threshold, n, allowed, escapes, escapes / n, upper, frames_needed(target), upper <= target)
 
 
 def threshold_for_f1(good_scores, defect_scores) -> tuple[float, float]:
@@ -274,7 +315,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="E",
         default=None,
-        help="image threshold letting at most this fraction of defective frames pass (needs defects)",
+        help="image threshold whose escape rate is at most this fraction with 95%% confidence (Clopper-Pearson, as "
+        "--target-false-reject; needs defects: with too few, none may pass and a WARNING says how many it needs)",
     )
     target.add_argument("--max-f1", action="store_true", help="image threshold at the F1 maximum (needs defects)")
     parser.add_argument(
@@ -347,11 +389,21 @@ def refuse_non_finite(scores, paths, what: str) -> None:
         )
 
 
+def _cannot_read(folder: Path, exc: OSError) -> Exception:
+    from engines.errors import DataError
+
+    # pathlib's is_dir()/is_file() raise on EACCES (a folder another user keeps to itself), not only iterdir().
+    return DataError(f"{folder}: cannot read ({exc.strerror or exc})")
+
+
 def _good_paths(folder: Path) -> list[Path]:
     from engines.data.images import list_images
 
-    # train/good of an MVTec root fitted the model; only test/good is held out.
-    return list_images(folder / "test" / "good" if (folder / "test" / "good").is_dir() else folder)
+    try:
+        # train/good of an MVTec root fitted the model; only test/good is held out.
+        return list_images(folder / "test" / "good" if (folder / "test" / "good").is_dir() else folder)
+    except OSError as exc:
+        raise _cannot_read(folder, exc) from None
 
 
 def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
@@ -361,14 +413,17 @@ def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
     items: list[tuple[Path, Path | None]] = []
     for name in folders:
         folder = Path(name)
-        if (folder / "test").is_dir():
-            items += [(i.path, i.mask_path) for i in MvtecFolder(folder).test_items() if i.is_defective]
-            continue
-        # An MVTec test/<type> folder: its masks live in ../../ground_truth/<type>/<stem>_mask.png.
-        masks = folder.parent.parent / "ground_truth" / folder.name
-        for path in list_images(folder):
-            mask = masks / f"{path.stem}_mask.png"
-            items.append((path, mask if mask.is_file() else None))
+        try:
+            if (folder / "test").is_dir():
+                items += [(i.path, i.mask_path) for i in MvtecFolder(folder).test_items() if i.is_defective]
+                continue
+            # An MVTec test/<type> folder: its masks live in ../../ground_truth/<type>/<stem>_mask.png.
+            masks = folder.parent.parent / "ground_truth" / folder.name
+            for path in list_images(folder):
+                mask = masks / f"{path.stem}_mask.png"
+                items.append((path, mask if mask.is_file() else None))
+        except OSError as exc:
+            raise _cannot_read(folder, exc) from None
     return items
 
 
@@ -412,12 +467,14 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
     refuse_non_finite(defect, scored.defect_paths or None, "--defective")
     fr_target = DEFAULT_FALSE_REJECT if args.target_false_reject is None else args.target_false_reject
     fr = threshold_for_false_reject(good, fr_target)
+    escape = None
     if args.target_escape is not None:
-        image = threshold_for_escape(defect, args.target_escape)
+        escape = threshold_for_escape(defect, args.target_escape)
+        image = escape.threshold
         target: dict[str, Any] = {"kind": "escape", "value": args.target_escape}
         print(
-            f"image threshold {image:.6g}: at most {args.target_escape:g} of {defect.size} defective frames "
-            "scored below it",
+            f"image threshold {image:.6g}: {escape.escapes} of {escape.n_defect} defective frames below it "
+            f"(allowed {escape.allowed})",
             file=out,
         )
     elif args.max_f1:
@@ -446,6 +503,22 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
         if fr.warning(target["value"]):
             print(fr.warning(target["value"]), file=out)
             observed["warning"] = "too few good frames for the target"
+    if escape is not None:
+        print(
+            f"escape rate on defective frames: observed {escape.escapes}/{escape.n_defect}, 95% upper bound "
+            f"{escape.upper_bound:.4g}",
+            file=out,
+        )
+        print(
+            f"target {target['value']:g} needs >= {escape.needed} defective frames with none escaping "
+            f"(have {escape.n_defect})",
+            file=out,
+        )
+        observed["escape_observed"] = escape.observed_rate
+        observed["escape_upper_95"] = escape.upper_bound
+        if escape.warning(target["value"]):
+            print(escape.warning(target["value"]), file=out)
+            observed["warning"] = "too few defective frames for the target"
     if defect.size:
         matrix = confusion(good, defect, image)
         print("confusion matrix at this threshold:\n" + matrix.table(), file=out)
@@ -501,6 +574,12 @@ def run(args: argparse.Namespace) -> int:
             new = _calibrate(bundle, current, args, out)
     except (CalibrationError, thresholds_doc.ThresholdsError, EngineError, InspectdError, ValueError) as exc:
         print(f"inspectd calibrate: {exc}", file=sys.stderr)
+        if client is not None:
+            client.close()
+        return 2
+    except OSError as exc:  # a file the folders' checks did not reach (an image, a mask): one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"inspectd calibrate: {where}{exc.strerror or exc} (as {_user()})", file=sys.stderr)
         if client is not None:
             client.close()
         return 2
@@ -645,15 +724,29 @@ def _calibrate(bundle, current, args, out):
         print(warning, file=out)
     if args.camera:
         provenance["camera"] = args.camera
-        # The references describe every camera's good frames: one camera's images do not replace them.
-        for key in (thresholds_doc.GOOD_SCORES, thresholds_doc.GOOD_BRIGHTNESS):
+        # The references describe every camera's good frames, and the target and observed the global threshold that
+        # every other camera's drift false-reject warning is measured against: one camera's images replace neither.
+        # This camera's own go under per_camera_target, where drift.monitor_for looks for it first.
+        for key in (thresholds_doc.GOOD_SCORES, thresholds_doc.GOOD_BRIGHTNESS, "target", "observed"):
             if key in current.provenance:
                 provenance[key] = current.provenance[key]
             else:
-                provenance.pop(key)
-        override = {"image_threshold": image, **({"pixel_threshold": pixel} if pixel is not None else {})}
+                provenance.pop(key, None)
+        # Merged, not replaced: a pixel override from an earlier --pixel run stays when this one sets no pixel.
+        override = {
+            **current.per_camera.get(args.camera, {}),
+            "image_threshold": image,
+            **({"pixel_threshold": pixel} if pixel is not None else {}),
+        }
         per_camera = {**current.per_camera, args.camera: override}
+        provenance[thresholds_doc.PER_CAMERA_TARGET] = {
+            **thresholds_doc.camera_targets(current, per_camera),
+            args.camera: chosen,
+        }
         return thresholds_doc.next_version(current, per_camera=per_camera, provenance=provenance)
+    # The overrides carry over to the next version, and with them what each was set on.
+    if carried := thresholds_doc.camera_targets(current, current.per_camera):
+        provenance[thresholds_doc.PER_CAMERA_TARGET] = carried
     return thresholds_doc.next_version(current, image_threshold=image, pixel_threshold=pixel, provenance=provenance)
 
 

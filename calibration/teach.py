@@ -1,12 +1,14 @@
 """`inspectd teach`: refit a bundle's scorer on confirmed-good frames, on the station, without torch.
 
     inspectd teach BUNDLE --good DIR [--holdout 0.2] [--by NAME] [--apply tcp://host:port]
-    inspectd teach BUNDLE --archive [DIR] --since 8h [--until TIME] [--camera ID] [...]
+    inspectd teach BUNDLE --archive [DIR] --since 8h [--until TIME] [--camera ID] [--any-model] [...]
     inspectd teach BUNDLE --rollback [--apply tcp://host:port]
 
 The confirmed-good frames come from a folder (`--good`, e.g. an `inspectd archive export`) or straight from the
 daemon's image archive (`--archive`, read with inspectd.protocol.archive's ArchiveReader): the frames archived with
-verdict ok, captured in the span, of one camera or all. Either way they are taken in the order of their file names
+verdict ok, captured in the span, of one camera or all, judged by this bundle's model or one it was taught from (the
+teach record's `ancestor_model_ids`; `--any-model` takes every model's). A folder that is an export or MVTec root
+gives its train/good (else test/good). Either way they are taken in the order of their file names
 (an archived frame's is `<id>.png`, in the archive and in an export alike), so teaching from the archive and from an
 export of the same frames fits the same parameters.
 
@@ -31,8 +33,8 @@ replaced, the comparison). Where it goes depends on what BUNDLE is:
   taught from back.
 
 `--apply` sends `reload` to the daemon, which swaps the model between batches (no frame is skipped, no seq gap). Its
-endpoint, --timeout and key files are checked before any work; a reply saying an allow-list kept its old keys is
-exit 1, as for `inspectd ctl reload`.
+endpoint, --timeout and key files, and that the daemon runs BUNDLE's model, are checked before any work; a reply
+saying an allow-list kept its old keys, or naming another model than the one taught (or rolled back to), is exit 1.
 """
 
 from __future__ import annotations
@@ -153,9 +155,37 @@ class GoodFrames:
     hint: str = ""  # how to get more of them, for the too-few refusal
 
 
+def good_folder(good: str | Path) -> Path:
+    """The folder of good frames `--good` names: an export or MVTec root's train/good (what an export with --split
+    train writes, and what train fits), else its test/good; any other folder as it is."""
+    good = Path(good)
+    for split in ("train", "test"):
+        if (good / split / "good").is_dir():
+            return good / split / "good"
+    return good
+
+
 def folder_frames(good: str | Path) -> GoodFrames:
-    folder = str(Path(good).resolve())
-    return GoodFrames(list_images(good), f"--good {good}", {"folder": folder}, {"good_dir": folder})
+    folder = good_folder(good)
+    source = f"--good {good}" + (f" ({folder.relative_to(good)})" if folder != Path(good) else "")
+    resolved = str(folder.resolve())
+    return GoodFrames(list_images(folder), source, {"folder": resolved}, {"good_dir": resolved})
+
+
+def teach_lineage(bundle: Bundle) -> list[str]:
+    """BUNDLE's model id, then the models it was taught from, nearest first: what its archived frames may have been
+    judged by while the line ran the same product. A bundle taught before teach records kept the whole chain has only
+    its previous model recorded."""
+    record = bundle.manifest.get("teach") or {}
+    ancestors = record.get("ancestor_model_ids")
+    if not isinstance(ancestors, list):
+        ancestors = [record["previous_model_id"]] if isinstance(record.get("previous_model_id"), str) else []
+    # A refit on the same frames gives the same parameters, so the same id can recur in the chain.
+    return list(dict.fromkeys([bundle.model_id, *(a for a in ancestors if isinstance(a, str))]))
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} of model {model}" for model, n in sorted(counts.items(), key=lambda c: (-c[1], c[0])))
 
 
 def _iso(t: float | None) -> str | None:
@@ -164,27 +194,61 @@ def _iso(t: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def archive_frames(archive: str | Path, since: str, until: str | None = None, camera: str | None = None) -> GoodFrames:
+def archive_frames(
+    archive: str | Path,
+    since: str,
+    until: str | None = None,
+    camera: str | None = None,
+    models: list[str] | None = None,
+) -> GoodFrames:
     """The frames the daemon's archive at `archive` kept with verdict ok, captured from `since` to `until` (ISO times
-    or spans back from now, as `inspectd archive` takes them), of `camera` or of every camera."""
+    or spans back from now, as `inspectd archive` takes them), of `camera` or of every camera, judged by one of
+    `models` (teach_lineage's: the bundle's own first) or, when None, by any model."""
     t_since = parse_time(since, "--since")
     t_until = parse_time(until, "--until") if until is not None else None
+    where = f"--archive {archive}" + (f" --camera {camera}" if camera else "") + f" --since {since}"
+    where += f" --until {until}" if until is not None else ""
+    other: dict[str, int] = {}
     with ArchiveReader(archive) as reader:
         entries = reader.query(camera=camera, verdict="ok", since=t_since, until=t_until)
+        if models is not None:
+            # "ok" is the verdict of the model that judged the frame: after a changeover the span also holds the
+            # previous product's frames, whose patches in this memory bank would let that product's look pass.
+            accepted = set(models)
+            for e in entries:
+                if e.model_id not in accepted:
+                    key = e.model_id or "unknown"
+                    other[key] = other.get(key, 0) + 1
+            entries = [e for e in entries if e.model_id in accepted]
+            if not entries and other:
+                ancestors = f" or the models it was taught from ({', '.join(models[1:])})" if models[1:] else ""
+                raise TeachError(
+                    f"{where}: 0 good frame(s) of model {models[0]}{ancestors} ({_counted(other)} left out), expected "
+                    "frames this bundle's model judged: teach on a span after the line switched to it, or "
+                    "--any-model to take every model's frames"
+                )
         # The order an export of these frames lists in, so both sources fit alike. A frame the archive's age or size
         # bound deleted since the query is left out.
         ordered = sorted(entries, key=lambda e: e.export_name)
         kept = [(e.id, path) for e in ordered if (path := reader.file(e)).is_file()]
         root = str(reader.root.resolve())
     span = {"camera": camera, "since": _iso(t_since), "until": _iso(t_until)}
-    where = f"--archive {archive}" + (f" --camera {camera}" if camera else "") + f" --since {since}"
-    where += f" --until {until}" if until is not None else ""
+    hint = "; the archive keeps one good frame in archive.good_every per camera: a longer span holds more"
+    if other:
+        hint += f" ({_counted(other)} left out: --any-model takes them)"
     return GoodFrames(
         [path for _, path in kept],
         where,
-        {"archive": root, **span, "verdict": "ok", "ids": [entry_id for entry_id, _ in kept]},
+        {
+            "archive": root,
+            **span,
+            "verdict": "ok",
+            "ids": [entry_id for entry_id, _ in kept],
+            "model_ids": models,  # None: --any-model
+            "other_models": other,
+        },
         {"archive": root, **span},
-        "; the archive keeps one good frame in archive.good_every per camera: a longer span holds more",
+        hint,
     )
 
 
@@ -302,6 +366,9 @@ def teach(
         "version": version,
         "previous_version": bundle_version(bundle),
         "previous_model_id": bundle.model_id,
+        # The whole chain, so --archive can tell this lineage's frames from another product's without the old
+        # versions (a linked layout's may have been cleaned up, an in-place one's are overwritten by number).
+        "ancestor_model_ids": teach_lineage(bundle),
         # Linked: the directory (beside this one) the link pointed to, which --rollback points it back to.
         **({"previous_dir": target.name} if target is not None else {}),
         "time": when,
@@ -324,8 +391,13 @@ def teach(
     taught = write_version(bundle, params, thresholds, version, record)
     seconds = time.monotonic() - started
     warnings = [fr.warning(fr_target), thresholds_doc.reference_warning(len(held), "held-out frames")]
+    # Both count held-out frames only; the operator chooses how many to teach on.
+    if warnings[0]:
+        warnings[0] += (
+            f" (held out: teach on >= {frames_to_hold(fr.needed, holdout)} frames with --holdout {holdout:g})"
+        )
     if warnings[1]:
-        needed = math.ceil(thresholds_doc.MIN_REFERENCE / holdout)
+        needed = frames_to_hold(thresholds_doc.MIN_REFERENCE, holdout)
         warnings[1] += f" (teach on >= {needed} frames with --holdout {holdout:g})"
     if current.per_camera:
         warnings.append(
@@ -335,6 +407,16 @@ def teach(
         )
     _report(out, taught, record, warnings, seconds)
     return taught
+
+
+def frames_to_hold(held: int, holdout: float) -> int:
+    """The fewest frames whose held-out share (split_holdout's rounding) is at least `held`."""
+    # round(holdout * n) >= held from n >= (held - 0.5) / holdout: start just below, so the search takes a step or two
+    # whatever the holdout (one frame at a time from (held - 1) / holdout took 1 / holdout steps).
+    n = max(2, math.ceil((held - 0.5) / holdout) - 2)
+    while min(n - 1, max(1, round(holdout * n))) < held:
+        n += 1
+    return n
 
 
 def check_numbers(holdout: float, target_false_reject: float | None, pixel_fpr: float | None) -> None:
@@ -443,6 +525,12 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             f"{frames['archive']} (their ids are in the manifest's teach record)",
             file=out,
         )
+        if frames.get("other_models"):
+            print(
+                f"frames: left out {sum(frames['other_models'].values())} good frame(s) judged by other models "
+                f"({_counted(frames['other_models'])}): --any-model takes them",
+                file=out,
+            )
     print(f"on the {comparison['frames']} held-out frames:", file=out)
     for name, row in (("current", current), ("taught ", taught)):
         print(
@@ -461,10 +549,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "daemon's image archive (its config's archive.path, by default <state_dir>/archive): DIR defaults to "
         f"{DEFAULT_ARCHIVE}, the installed layout's. It takes the frames the daemon archived with verdict ok (one "
         "good frame in archive.good_every) captured from --since (required) to --until, of --camera or of every "
-        "camera; the new version's teach record names them (archive, camera, span, archive ids)."
+        "camera, judged by the bundle's model or one it was taught from (--any-model: by any model); the new "
+        "version's teach record names them (archive, camera, span, archive ids, the other models' frames left out)."
     )
     parser.add_argument("bundle", help="bundle directory to teach (replaced by its next version)")
-    parser.add_argument("--good", help="folder of confirmed-good frames (e.g. from `inspectd archive export`)")
+    parser.add_argument(
+        "--good", help="folder of confirmed-good frames, or an export/MVTec root (its train/good, else test/good)"
+    )
     parser.add_argument(
         "--archive",
         nargs="?",
@@ -475,6 +566,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", metavar="TIME", help="--archive: captured at or after TIME: ISO or a span (8h, 30m)")
     parser.add_argument("--until", metavar="TIME", help="--archive: captured before TIME (same forms)")
     parser.add_argument("--camera", metavar="ID", help="--archive: only this camera's frames (default: every camera)")
+    parser.add_argument(
+        "--any-model",
+        action="store_true",
+        help="--archive: also frames judged by other models than the bundle's and those it was taught from",
+    )
     parser.add_argument("--rollback", action="store_true", help="put back the version this one was taught from")
     parser.add_argument(
         "--holdout", type=float, default=DEFAULT_HOLDOUT, help="share held out for thresholds and the comparison"
@@ -495,8 +591,10 @@ def run(args: argparse.Namespace) -> int:
         archive, since, until, camera = args.archive, args.since, args.until, args.camera
         if [bool(args.good), archive is not None, bool(args.rollback)].count(True) != 1:
             raise TeachError("expected exactly one of --good DIR, --archive [DIR] and --rollback")
-        if archive is None and (since or until or camera):
-            raise TeachError("--since, --until and --camera select archived frames: expected --archive [DIR] too")
+        if archive is None and (since or until or camera or args.any_model):
+            raise TeachError(
+                "--since, --until, --camera and --any-model select archived frames: expected --archive [DIR] too"
+            )
         if archive is not None and since is None:
             raise TeachError("--archive: expected --since TIME too (8h, or 2026-03-01T06:00): the span to teach on")
         # Every argument checked before any work: a refusal after the bundle was switched would leave the daemon
@@ -509,45 +607,64 @@ def run(args: argparse.Namespace) -> int:
     except (TeachError, InspectdError) as exc:
         print(f"inspectd teach: {exc}", file=sys.stderr)
         return 2
+    running = None
     if client is not None:
         try:
-            _check_daemon(args.apply, client)
+            running = _check_daemon(args.apply, client)
         except InspectdError as exc:
             client.close()
             print(f"inspectd teach: {exc}", file=sys.stderr)
             return 2
     try:
+        bundle = load_bundle(args.bundle)
+        earlier = args.rollback and running in teach_lineage(bundle)
+        if running is not None and running != bundle.model_id and not earlier:
+            # Its reload would load its own bundle again: the taught version would be on disk and never judge. A
+            # rollback to a model this bundle was taught from is let through: the daemon still on that earlier
+            # version (a reload that failed or was forgotten) is when a rollback is wanted most, and the check after
+            # the reload still names a wrong path.
+            raise TeachError(
+                f"--apply {args.apply}: the daemon runs model {running}, {bundle.path} is {bundle.model_id}, "
+                "expected the bundle the daemon runs (teach its model.bundle, or --apply the daemon running this one)"
+            )
         if args.rollback:
-            rollback(args.bundle)
+            done = rollback(args.bundle)
         else:
-            good = args.good if since is None else archive_frames(archive, since, until, camera)
-            teach(args.bundle, good, args.holdout, args.by, args.target_false_reject, args.pixel_fpr)
+            lineage = None if args.any_model else teach_lineage(bundle)
+            good = args.good if since is None else archive_frames(archive, since, until, camera, lineage)
+            done = teach(args.bundle, good, args.holdout, args.by, args.target_false_reject, args.pixel_fpr)
     except (TeachError, CalibrationError, BundleError, DataError, EngineError, InspectdError, OSError) as exc:
         print(f"inspectd teach: {exc}", file=sys.stderr)
         if client is not None:
             client.close()
         return 2
-    return _apply(args.apply, client) if client is not None else 0
+    if client is None:
+        return 0
+    return _apply(args.apply, client, done, "restored" if args.rollback else "taught")
 
 
 PROBE_S = 5.0  # how long teach --apply waits for the daemon's status before its work
 
 
-def _check_daemon(endpoint: str, client: ControlClient) -> None:
-    """InspectdError, before any work, from a daemon at --apply that shuts this client out (its handshake ended, or
-    it answers with a refusal): the new version would be written and never applied. One that does not answer is left
-    to --apply to report after the work (the version is in place for its next start)."""
+def _check_daemon(endpoint: str, client: ControlClient) -> str | None:
+    """The model the daemon at --apply runs (None when it does not say, or does not answer), or InspectdError,
+    before any work, from one that shuts this client out (its handshake ended, or it answers with a refusal): the new
+    version would be written and never applied. One that does not answer is left to --apply to report after the work
+    (the version is in place for its next start)."""
     try:
         # Briefly: --timeout is the reload's, and a daemon that is down should not hold up the work.
         reply = client.request({"cmd": "status"}, timeout_s=PROBE_S)
     except ControlTimeout:
-        return
+        return None
     if not reply.get("ok"):
         raise InspectdError(f"--apply {endpoint}: the daemon refused: {reply.get('error')}")
+    running = reply.get("model_id")
+    return running if isinstance(running, str) else None
 
 
-def _apply(endpoint: str, client: ControlClient) -> int:
-    """Tell the daemon to reload: 0 when it did, 1 when it refused, did not answer, or kept an allow-list."""
+def _apply(endpoint: str, client: ControlClient, expected: Bundle | None = None, what: str = "taught") -> int:
+    """Tell the daemon to reload: 0 when it did, 1 when it refused, did not answer, kept an allow-list, or reloaded
+    another model than `expected` (the bundle teach wrote or rolled back to)."""
     try:
         with client:
             reply = client.request({"cmd": "reload"})
@@ -557,11 +674,21 @@ def _apply(endpoint: str, client: ControlClient) -> int:
     if not reply.get("ok"):
         print(f"inspectd teach: --apply {endpoint}: the daemon refused: {reply.get('error')}", file=sys.stderr)
         return 1
-    print(f"applied: the daemon at {endpoint} now runs {reply.get('model_id')}")
+    got = reply.get("model_id")
+    mismatch = expected is not None and got != expected.model_id
+    if mismatch:
+        # Its model.bundle is another path (a copy, another line's instance), which the reload read unchanged.
+        print(
+            f"inspectd teach: --apply {endpoint}: reloaded, but the daemon runs {got}, expected the {what} model "
+            f"{expected.model_id}: the daemon's model.bundle is not {expected.path}",
+            file=sys.stderr,
+        )
+    else:
+        print(f"applied: the daemon at {endpoint} now runs {got}")
     failed = allow_list_errors(reply)
     for role, error in failed:
         print(
             f"inspectd teach: --apply {endpoint}: allow-list {role} not reloaded, the previous one stays: {error}",
             file=sys.stderr,
         )
-    return 1 if failed else 0
+    return 1 if failed or mismatch else 0

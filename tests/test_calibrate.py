@@ -87,12 +87,25 @@ def test_a_float32_score_equal_to_the_highest_good_is_not_flagged():
     assert choice.threshold - float(np.float32(0.3)) < 1e-7
 
 
-def test_escape_threshold_lets_at_most_the_target_share_of_defects_pass():
+def test_escape_threshold_lets_at_most_the_target_share_of_defects_pass_with_a_confident_bound():
     defects = np.arange(100, dtype=np.float64) / 100  # 0.00 .. 0.99
-    threshold = threshold_for_escape(defects, 0.05)
-    assert threshold == 0.05
-    assert np.count_nonzero(defects < threshold) == 5
-    assert threshold_for_escape(defects, 0.001) == 0.0  # floor(0.1) = 0 escapes allowed: the lowest defect score
+    choice = threshold_for_escape(defects, 0.05)
+    # The plain quantile would let 5 of 100 pass, whose 95 % bound (0.10) is twice the target; 1 of 100 is the most
+    # whose bound (0.047) still meets it.
+    assert clopper_pearson_upper(1, 100) <= 0.05 < clopper_pearson_upper(2, 100)
+    assert choice.threshold == 0.01 and choice.allowed == choice.escapes == 1
+    assert np.count_nonzero(defects < choice.threshold) == 1
+    assert choice.enough and choice.warning(0.05) is None
+    # 100 defects cannot support 0.1 %: none may pass (the lowest defect score), and the choice says so.
+    scarce = threshold_for_escape(defects, 0.001)
+    assert scarce.threshold == 0.0 and scarce.escapes == 0 and not scarce.enough
+    assert scarce.needed == frames_needed(0.001) == 2995
+    warning = scarce.warning(0.001)
+    assert warning.startswith("WARNING: 100 defective frames support an escape rate of at most 0.0295")
+    assert warning.endswith("the target needs >= 2995 defective frames with none escaping")
+    # Ties at the threshold are flagged: they lower the escapes, never raise them.
+    tied = threshold_for_escape(np.array([0.2] * 400), 0.01)
+    assert tied.threshold == 0.2 and tied.escapes == 0 and tied.enough
     with pytest.raises(CalibrationError, match="--target-escape: 1.5, expected a rate"):
         threshold_for_escape(defects, 1.5)
 
@@ -206,8 +219,13 @@ def test_defects_give_escape_and_f1_thresholds_with_a_confusion_matrix(bundle, d
 
     code, out, err = calibrate(capsys, bundle, "--good", data, "--defective", data, "--target-escape", "0.25")
     assert code == 0, err
-    escaped = load_bundle(bundle).thresholds().provenance["observed"]["confusion"]["escaped"]
-    assert escaped <= 1  # floor(0.25 * 4)
+    observed = load_bundle(bundle).thresholds().provenance["observed"]
+    # 4 defects support no escape rate below 0.53 (95 %): none may pass, and the report says how many 0.25 needs.
+    assert observed["confusion"]["escaped"] == 0
+    assert "WARNING: 4 defective frames support an escape rate of at most 0.5271" in out, out
+    assert "the target needs >= 11 defective frames with none escaping" in out
+    assert observed["warning"] == "too few defective frames for the target"
+    assert observed["escape_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 4))
 
 
 def test_escape_and_f1_targets_are_refused_without_defects(bundle, data, capsys):
@@ -254,6 +272,44 @@ def test_camera_override_then_rollback_restores_values_at_a_higher_version(bundl
     code, out, err = calibrate(capsys, bundle, "--good", data, "--dry-run")
     assert code == 0 and f"dry run: version {v4.version + 1} not written" in out
     assert load_bundle(bundle).thresholds().version == v4.version
+
+
+def test_a_camera_recalibration_keeps_its_pixel_override_and_every_other_cameras_drift_target(bundle, data, capsys):
+    """`--camera cam2` without --pixel once dropped cam2's pixel override, and its target became the document's, which
+    every camera's drift false-reject warning reads: a lenient camera switched the warning off on all of them."""
+    from engines.bundle.store import load_bundle
+    from inspectd.daemon.drift import monitor_for
+
+    trained = load_bundle(bundle).thresholds()
+    v = thresholds_doc.next_version(
+        trained,
+        per_camera={"cam2": {"image_threshold": 5.0, "pixel_threshold": 0.7}},
+        provenance={**trained.provenance, "target": {"kind": "false_reject", "value": 0.002}, "observed": {"x": 1}},
+    )
+    load_bundle(bundle).replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(v))
+
+    code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--camera", "cam2")
+    assert code == 0, err
+    new = load_bundle(bundle).thresholds()
+    assert new.for_camera("cam2")[1] == 0.7 and new.for_camera("cam2")[0] != 5.0
+    assert new.provenance["target"] == v.provenance["target"] and new.provenance["observed"] == {"x": 1}
+    own = new.provenance[thresholds_doc.PER_CAMERA_TARGET]["cam2"]
+    assert own["target"] == {"kind": "false_reject", "value": 0.2} and own["observed"]["false_reject_upper_95"] > 0
+    assert monitor_for(new, "cam0").target == 0.002 and monitor_for(new, "cam2").target == 0.2
+
+    # A global calibration carries cam2's override, and with it what it was set on.
+    assert calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.01")[0] == 0
+    glob = load_bundle(bundle).thresholds()
+    assert glob.per_camera == new.per_camera and glob.provenance[thresholds_doc.PER_CAMERA_TARGET] == {"cam2": own}
+    assert monitor_for(glob, "cam0").target == 0.01 and monitor_for(glob, "cam2").target == 0.2
+
+    # A rollback restores the targets with the overrides: v's cam2 override was set on v's global target.
+    assert calibrate(capsys, bundle, "--rollback", v.version)[0] == 0
+    back = load_bundle(bundle).thresholds()
+    assert thresholds_doc.PER_CAMERA_TARGET not in back.provenance
+    assert monitor_for(back, "cam2").target == 0.002
+    assert calibrate(capsys, bundle, "--rollback", new.version)[0] == 0
+    assert monitor_for(load_bundle(bundle).thresholds(), "cam2").target == 0.2
 
 
 def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):

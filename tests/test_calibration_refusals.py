@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,68 @@ def test_a_defective_image_scored_nan_or_inf_is_refused_by_name(value):
         calibrate._choose(choose_args(), scored([0.9, value, 0.7]), io.StringIO())
     message = str(refused.value)
     assert "--defective: 1 image(s) scored NaN or infinity (defect/001.png)" in message and "\n" not in message
+
+
+def test_an_escape_target_too_few_defects_can_support_is_warned_of_and_recorded():
+    """Once the lowest of 5 crack scores was taken for a 1 % escape rate, silently: 0 escapes in 5 bound it at 45 %."""
+    args = choose_args(target_false_reject=None, target_escape=0.01)
+    out = io.StringIO()
+    image, _, chosen = calibrate._choose(args, scored([0.9, 0.8, 0.95, 0.85, 0.7]), out)
+    assert image == 0.7
+    lines = out.getvalue().splitlines()
+    warning = [line for line in lines if line.startswith("WARNING")]
+    assert warning == [
+        "WARNING: 5 defective frames support an escape rate of at most 0.4507 (95% upper bound), not the target "
+        "0.01; the target needs >= 299 defective frames with none escaping"
+    ], lines
+    assert chosen["observed"]["warning"] == "too few defective frames for the target"
+    assert chosen["observed"]["escape_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 5))
+
+    # Enough defects: the threshold lets none of 400 pass (one would bound the rate above 1 %), and no warning.
+    out = io.StringIO()
+    defects = list(np.linspace(0.6, 1.0, 400))
+    image, _, chosen = calibrate._choose(args, scored(defects), out)
+    assert image == 0.6 and "WARNING" not in out.getvalue() and "warning" not in chosen["observed"]
+    assert chosen["observed"]["escape_observed"] == 0 and chosen["observed"]["escape_upper_95"] <= 0.01
+    assert "observed 0/400, 95% upper bound 0.007461" in out.getvalue()
+
+
+def unreadable(folder: Path, listable: bool) -> int:
+    """The mode that keeps `folder` from the user as_nobody runs as: no access at all, or (listable=False) entry to
+    known names yet no listing. As root, nobody is neither owner nor group; as another user, this user is the owner."""
+    if listable:
+        return 0o711 if os.geteuid() == 0 else 0o111
+    return 0o700 if os.geteuid() == 0 else 0o000
+
+
+@pytest.mark.usefixtures("tmp_path_open_to_others")
+@pytest.mark.parametrize(
+    ("flag", "listable"), [("--good", False), ("--good", True), ("--defective", False), ("--defective", True)]
+)
+def test_calibrate_names_a_folder_it_cannot_read_in_one_line(tmp_path, flag, listable):
+    """As `sudo -u inspectd calibrate --good /srv/heldout/good` on the operator's 0700 folder: a PermissionError
+    traceback, once (from pathlib's is_dir() on its test/good, or from listing it)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    bundle = make(shared / "b")
+    good = frames(shared / "good")
+    locked = frames(shared / "locked")
+    argv = ["calibrate", str(bundle), "--good", str(locked if flag == "--good" else good)]
+    if flag == "--defective":
+        argv += ["--defective", str(locked), "--target-escape", "0.1"]
+    bundle.chmod(0o777)  # the service user may write the bundle: the folder is what it cannot read
+    locked.chmod(unreadable(locked, listable))
+    try:
+        out = subprocess.run(
+            as_nobody([sys.executable, "-m", "inspectd", *argv]), capture_output=True, text=True, cwd=REPO, timeout=60
+        )
+    finally:
+        locked.chmod(0o755)
+        bundle.chmod(0o755)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [f"inspectd calibrate: {locked}: cannot read (Permission denied)"], lines
+    assert "images scored" not in out.stderr and load_bundle(bundle).thresholds().version == 1
 
 
 def test_thresholds_never_carry_nan():

@@ -88,3 +88,25 @@ def test_a_rollback_to_a_version_without_references_keeps_the_current_ones():
     assert monitor_for(v3, "cam0").status()["active"] is True
     assert T.reference_scores(v3) == T.reference_scores(v2)
     assert v3.provenance["references_from"] == {T.GOOD_SCORES: 2}
+
+
+def test_a_camera_with_its_own_calibrated_override_warns_against_its_own_target_and_the_others_against_the_global():
+    """`calibrate --camera cam3 --target-false-reject 0.05` once wrote 0.05 as the document's target: every camera's
+    false-reject warning then rose only at 4 x 0.05."""
+    own = {"target": {"kind": "false_reject", "value": 0.05}, "observed": {"false_reject_upper_95": 0.04}}
+    doc = T.next_version(
+        document(60),
+        per_camera={"cam3": {"image_threshold": 0.9}, "cam4": {"pixel_threshold": 0.6}},
+        provenance={
+            **document(60).provenance,
+            # cam4's entry is stale: its override no longer sets the image threshold the target was chosen for.
+            T.PER_CAMERA_TARGET: {"cam3": own, "cam4": own},
+        },
+    )
+    assert monitor_for(doc, "cam3").status()["target"] == 0.05
+    assert monitor_for(doc, "cam0").status()["target"] == 0.01
+    assert monitor_for(doc, "cam4").status()["target"] == 0.01
+    # A camera's escape target says nothing of its false-reject rate: the default, not the global 0.01.
+    escape = {"target": {"kind": "escape", "value": 0.01}}
+    doc = T.parse({**doc.to_dict(), "provenance": {**doc.provenance, T.PER_CAMERA_TARGET: {"cam3": escape}}})
+    assert monitor_for(doc, "cam3").status()["target"] == 0.001

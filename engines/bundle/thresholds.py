@@ -95,6 +95,35 @@ def _reference(provenance: dict[str, Any], key: str) -> tuple[int, list[float]] 
 # checked against (inspectd.daemon.service.check_threshold_range).
 IMAGE_SCORES = "image_scores"
 PIXEL_SCORES = "pixel_scores"
+# provenance["per_camera_target"]: {camera: {"target": ..., "observed": ...}}, what `inspectd calibrate --camera` set
+# that camera's override on. The top-level target/observed stay those of the global threshold, since every camera
+# without an entry here measures its drift false-reject warning against that target.
+PER_CAMERA_TARGET = "per_camera_target"
+
+
+def camera_targets(thresholds: Thresholds, per_camera: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """provenance[PER_CAMERA_TARGET] of `thresholds`, for the cameras whose image override `per_camera` (the next
+    version's) still holds: an entry without its override would describe a threshold nobody judges by."""
+    entries = thresholds.provenance.get(PER_CAMERA_TARGET)
+    if not isinstance(entries, dict):
+        return {}
+    return {
+        camera: copy.deepcopy(entry)
+        for camera, entry in entries.items()
+        if isinstance(entry, dict) and "image_threshold" in per_camera.get(camera, {})
+    }
+
+
+def target_for(thresholds: Thresholds, camera: str) -> dict[str, Any] | None:
+    """The target `camera`'s image threshold was chosen for: its own entry in provenance[PER_CAMERA_TARGET] when its
+    override holds an image threshold, else the document's provenance["target"]; None when neither was recorded
+    (documents from before either)."""
+    entry = camera_targets(thresholds, thresholds.per_camera).get(camera)
+    own = entry.get("target") if entry is not None else None
+    if isinstance(own, dict):
+        return own
+    target = thresholds.provenance.get("target")
+    return target if isinstance(target, dict) else None
 
 
 def reference_warning(n: int, what: str) -> str | None:
@@ -249,7 +278,8 @@ def _taught_at(current: Thresholds) -> int | None:
 def rollback(current: Thresholds, version: int) -> Thresholds:
     """A new version (numbers never go down) whose values are those of the earlier `version`.
 
-    Its drift references, false-reject target and calibrated score ranges come to the top of the new provenance,
+    Its drift references, false-reject targets (global and per camera) and calibrated score ranges come to the top
+    of the new provenance,
     where the daemon's drift monitor and range check read them: left nested under rolled_back_provenance they would
     switch the drift alarm off. A reference that version lacks (recorded before references existed) is kept from
     `current`: the model is the same, so its good frames' scores still describe it; `references_from` says so."""
@@ -264,7 +294,7 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
         if old.get("version") == version:
             earlier = parse({**old, "history": []}, where=f"thresholds.history[version {version}]")
             provenance: dict[str, Any] = {"rollback_to": version, "rolled_back_provenance": earlier.provenance}
-            for key in ("target", IMAGE_SCORES, PIXEL_SCORES):
+            for key in ("target", PER_CAMERA_TARGET, IMAGE_SCORES, PIXEL_SCORES):
                 if key in earlier.provenance:
                     provenance[key] = copy.deepcopy(earlier.provenance[key])
             for key in (GOOD_SCORES, GOOD_BRIGHTNESS):

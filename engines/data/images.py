@@ -146,7 +146,10 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory, expected a folder of images")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    try:
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError as exc:  # a folder another user keeps to itself: is_dir() passes, listing it does not
+        raise DataError(f"{folder}: cannot read ({exc.strerror or exc})") from None
 
 
 class ImageFiles(Sequence[np.ndarray]):

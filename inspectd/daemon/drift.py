@@ -34,7 +34,8 @@ must exceed 0.63).
 
 False-reject warning: the rate a normal distribution fitted to the score window puts at or above the image threshold
 (an estimate of the tail from the window's mean and spread, stated as such). Its baseline is the larger of the
-calibrated target (provenance["target"] when it is a false-reject target, else DEFAULT_FALSE_REJECT_TARGET) and the
+calibrated target (provenance["target"], or the camera's own in provenance["per_camera_target"] where
+`calibrate --camera` set its override; when it is a false-reject target, else DEFAULT_FALSE_REJECT_TARGET) and the
 same estimate made on the reference scores: a threshold set at the top of a few held-out scores makes the normal tail
 of those very scores exceed the target already, and an unchanged line must not warn. A tail this far out estimated
 from WINDOW scores is noisy (on the unchanged synthetic line it wanders between 0.5x and 3x the baseline), so the
@@ -247,9 +248,11 @@ def monitor_for(thresholds, camera: str) -> DriftMonitor:
     """The monitor for `camera` under `thresholds` (an engines.bundle.thresholds.Thresholds). A test that cannot run
     on them is logged here, where every new model or thresholds version gets its monitors, as well as shown in
     the status: an alarm switched off must not go unnoticed."""
-    from engines.bundle.thresholds import GOOD_BRIGHTNESS, reference_scores
+    from engines.bundle.thresholds import GOOD_BRIGHTNESS, reference_scores, target_for
 
-    target = thresholds.provenance.get("target")
+    # A camera whose override `calibrate --camera` set judges by a threshold chosen for its own target, not the
+    # document's global one.
+    target = target_for(thresholds, camera)
     rate = DEFAULT_FALSE_REJECT_TARGET
     if isinstance(target, dict) and target.get("kind") == "false_reject" and isinstance(target.get("value"), float):
         rate = target["value"]
