@@ -299,9 +299,12 @@ def test_a_sequence_gap_is_counted_and_raises_the_alarm(plc, daemon, bridge_conf
 
 
 def test_a_seq_that_goes_backwards_raises_the_alarm(plc, daemon, bridge_config):
-    """The daemon restarted without a journal (or reused seqs after a power cut): its numbering starts again below
-    what the PLC holds. Those results are stale by the restart rule, so without the alarm the line would silently go
-    uninspected until the seq caught up."""
+    """The daemon restarted without a journal (or with it wiped): its numbering starts again below what the PLC holds.
+
+    Changed deliberately (review s31, finding 2): this used to assert that 0 and 1 were skipped as stale
+    (`stale_skipped == 2`), which left the line without verdicts until the seq caught up, and once the alarm was reset
+    nothing said so. The daemon publishes each seq once, so a seq that goes back is a new numbering, not a replay:
+    the bridge hands it over, warns once (`sequence_backwards`, naming both seqs) and latches the alarm."""
     bridge = Bridge(daemon, plc, bridge_config)
     try:
         for seq in (7, 8, 9):
@@ -310,13 +313,15 @@ def test_a_seq_that_goes_backwards_raises_the_alarm(plc, daemon, bridge_config):
         assert not plc.field("status") & BIT["alarm"]
         for seq in (0, 1):  # the restarted daemon's first results
             daemon.result(seq)
-        wait(lambda: plc.field("status") & BIT["alarm"], 5, "the alarm")
-        assert [r["id"] for r in plc.received] == [7, 8, 9]
+        wait(lambda: len(plc.received) == 5, 5, "the new numbering's results")
+        assert [r["id"] for r in plc.received] == [7, 8, 9, 0, 1]
+        assert plc.field("status") & BIT["alarm"]
         assert plc.field("sequence_gaps") == 0
     finally:
         events = bridge.stop()
-    assert events["bridge_stopped"]["seq_backwards"] == 1 and events["bridge_stopped"]["stale_skipped"] == 2
-    assert events["sequence_backwards"]["seq"] == 0 and events["sequence_backwards"]["after"] == 9
+    assert events["bridge_stopped"]["seq_backwards"] == 1 and events["bridge_stopped"]["stale_skipped"] == 0
+    backwards = events["sequence_backwards"]
+    assert backwards["seq"] == 0 and backwards["after"] == 9 and backwards["level"] == "warning"
 
 
 def test_queue_overflow_drops_the_oldest_waiting_results_and_counts_them_as_gaps(plc, daemon, tmp_path):
@@ -342,6 +347,10 @@ def test_queue_overflow_drops_the_oldest_waiting_results_and_counts_them_as_gaps
 
 
 def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
+    """Changed deliberately (review s31, finding 2): the restarted bridge used to be fed 2 and 3 again and assert they
+    were skipped as stale. The daemon never publishes a seq twice, so what reaches a restarted bridge is after what
+    the PLC holds; a seq at or below it is a renumbering, which test_a_resume_point_ahead_of_the_daemon... covers. What
+    stays: result_valid is down until a fresh result, and the fresh one follows the PLC's id without a gap."""
     bridge = Bridge(daemon, plc, bridge_config)
     for seq in (1, 2, 3):
         daemon.result(seq, "defect", regions=2)
@@ -355,17 +364,149 @@ def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
     bridge = Bridge(daemon, plc, bridge_config)
     try:
         assert not plc.field("status") & BIT["result_valid"], "result_valid must stay down until a fresh result"
-        for seq in (2, 3):  # replayed, already handed over
-            daemon.result(seq, "ok")
         daemon.result(4, "ok")
         wait(lambda: len(plc.received) >= 1, 5, "the fresh result")
         time.sleep(0.2)
         assert [r["id"] for r in plc.received] == [4]
         assert plc.received[0]["pass"]
-        assert plc.field("sequence_gaps") == 0
+        assert plc.field("sequence_gaps") == 0 and not plc.field("status") & BIT["alarm"]
     finally:
         events = bridge.stop()
-    assert events["bridge_stopped"]["stale_skipped"] == 2 and events["bridge_stopped"]["written"] == 1
+    assert events["bridge_stopped"]["stale_skipped"] == 0 and events["bridge_stopped"]["written"] == 1
+    assert "resume_ahead_of_daemon" not in events
+
+
+def test_a_resume_point_ahead_of_the_daemon_without_a_journal_hands_over_its_numbering_with_the_alarm(
+    plc, daemon, bridge_config
+):
+    """The PLC holds 4000 (a bridge wrote it before the daemon's state was wiped, or another program did) and the
+    daemon numbers from 0: every result used to be skipped as stale, silently, with trigger_ready up. The first result
+    at or below the resume point says the numbering is not the one the PLC's id is from: one warning naming both
+    numbers, the alarm, and the bridge hands over from that result on."""
+    plc.acking.clear()
+    plc.write("inspection_id", 4000)
+    plc.write("ack", 4000)
+    plc.write("heartbeat", 321)
+    plc.acking.set()
+    log = LogLines(Bridge(daemon, plc, bridge_config))
+    try:
+        for seq in (0, 1, 2):
+            daemon.result(seq)
+        wait(lambda: [r["id"] for r in plc.received] == [0, 1, 2], 5, "the daemon's numbering handed over")
+        assert plc.field("status") & BIT["alarm"] and plc.field("sequence_gaps") == 0
+    finally:
+        log.stop()
+    warned = log.events("resume_ahead_of_daemon")
+    assert len(warned) == 1 and warned[0]["level"] == "warning", warned
+    assert warned[0]["resume_after"] == 4000 and warned[0]["seq"] == 0 and warned[0]["inspection_id"] == 4000
+    stopped = log.events("bridge_stopped")[0]
+    assert stopped["stale_skipped"] == 0 and stopped["written"] == 3 and stopped["seq_backwards"] == 0, stopped
+
+
+def test_with_a_journal_a_resume_point_ahead_of_the_daemons_numbering_resumes_on_it_with_the_alarm(
+    plc, daemon, tmp_path, bridge_config
+):
+    """The bridge's state says the PLC acked 4000, but the daemon's journal ends at 5 (its state was wiped, or the
+    bridge's state dir outlived a re-install): the catch-up used to take 4000 as delivered and drop every live result
+    up to it, with no log line, no counter and no alarm. Compared with the journal at start: one warning naming both
+    numbers, the alarm, and the bridge resumes after the journal's newest. Then the daemon's journal is switched off
+    and its numbering restarts: the directory the bridge reads still ends at the recorded ack, so only the first live
+    result can tell, and it does."""
+    from inspectd.daemon.journal import Journal
+
+    journal_dir = tmp_path / "journal"
+    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "acked.json").write_text(json.dumps({"acked": {CAMERA: 4000}}))
+
+    def line(seq: int, publish: bool = True) -> None:  # as the daemon does it: journalled, then published
+        frames = daemon.encode(seq)
+        journal.append(CAMERA, seq, frames)
+        journal.flush()
+        if publish:
+            daemon.pub.send_multipart(frames)
+
+    extra = ("--journal", str(journal_dir), "--state-dir", str(state))
+    try:
+        for seq in range(6):
+            line(seq, publish=False)
+        log = LogLines(Bridge(daemon, plc, bridge_config, extra=extra))
+        try:
+            for seq in range(6, 11):
+                line(seq)
+            wait(lambda: [r["id"] for r in plc.received] == list(range(6, 11)), 10, "6..10 live")
+            assert plc.field("status") & BIT["alarm"] and plc.field("sequence_gaps") == 0
+            plc.write("alarm_reset", 1)
+            wait(lambda: not plc.field("status") & BIT["alarm"], 5, "the alarm to clear after alarm_reset")
+        finally:
+            log.stop()
+        warned = log.events("resume_ahead_of_daemon")
+        assert len(warned) == 1 and warned[0]["level"] == "warning", warned
+        assert warned[0]["resume_after"] == 4000 and warned[0]["journal_newest"] == 5, warned
+        assert warned[0]["recorded_ack"] == 4000
+        assert log.events("journal_resume")[0]["after"] == {CAMERA: 5}
+        assert json.loads((state / "acked.json").read_text()) == {"acked": {CAMERA: 10}}
+
+        # The journal switched off, the numbering from 0 again: published, not journalled.
+        log = LogLines(Bridge(daemon, plc, bridge_config, extra=extra))
+        try:
+            for seq in (0, 1, 2):
+                daemon.result(seq)
+            wait(lambda: [r["id"] for r in plc.received][5:] == [0, 1, 2], 10, "the new numbering handed over")
+            assert plc.field("status") & BIT["alarm"] and plc.field("sequence_gaps") == 0
+        finally:
+            log.stop()
+        warned = log.events("resume_ahead_of_daemon")
+        assert len(warned) == 1 and warned[0]["resume_after"] == 10 and warned[0]["seq"] == 0, warned
+        stopped = log.events("bridge_stopped")[0]
+        assert stopped["written"] == 3 and stopped["stale_skipped"] == 0, stopped
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("heartbeat", [0, 65535], ids=["fresh-plc", "cleared-id"])
+def test_a_full_width_inspection_id_of_0_is_a_fresh_plc_whatever_the_heartbeat(plc, daemon, bridge_config, heartbeat):
+    """The registers hold a seq's low 32 bits, so residue 0 comes round only every 2**32 seqs (years), while a PLC
+    program or an operator that clears the id after a result leaves the bridge's heartbeat beside it: taken for
+    residue 0, the cleared id would be placed at seq 0 and a journal handed over again. A full-width 0 is no id: the
+    PLC gets the first result with no gap. (A narrow id with no recorded ack tells the two apart by the heartbeat:
+    tests/test_handshake.py.)"""
+    gaps = 0
+    plc.write("heartbeat", heartbeat)
+    bridge = Bridge(daemon, plc, bridge_config)
+    try:
+        daemon.result(5)
+        wait(lambda: [r["id"] for r in plc.received] == [5], 5, "result 5")
+        assert plc.field("sequence_gaps") == gaps and bool(plc.field("status") & BIT["alarm"]) == bool(gaps)
+    finally:
+        events = bridge.stop()
+    assert events["plc_adopted"]["resume_after"] == (0 if gaps else None)
+
+
+def test_the_heartbeat_register_counts_1_to_65535_and_never_reads_0(plc):
+    """A restart reads an inspection id of 0 next to a heartbeat of 0 as a fresh PLC, so the bridge's heartbeat skips
+    0 where the register wraps, through the Modbus adapter and the handshake as the bridge's tick drives them."""
+    import argparse
+
+    from inspectd.clients import plc as modbus
+    from inspectd.clients.handshake import Handshake
+
+    async def beats() -> list[int]:
+        config = modbus.parse_bridge_config({})
+        link = await modbus.connect(config, argparse.Namespace(plc=f"127.0.0.1:{plc.port}", unit=None))
+        try:
+            [(_, target)] = link.slots()
+            handshake = Handshake(target, config, CAMERA)
+            seen = []
+            for beat in (1, 65535, 65536, 65537, 2 * 65535 + 1):
+                await handshake.service(beat)
+                seen.append(plc.field("heartbeat"))
+            return seen
+        finally:
+            await link.close()
+
+    assert asyncio.run(beats()) == [1, 65535, 1, 2, 1]
 
 
 def test_curve_encrypted_results_reach_the_plc_with_the_bridge_keys(plc, tmp_path, bridge_config):
@@ -757,19 +898,22 @@ def test_seqs_past_32_bits_are_handed_over_wrapped_and_resumed_in_full(plc, daem
     assert not plc.field("status") & BIT["alarm"]
     assert json.loads((state / "acked.json").read_text())["acked"][CAMERA] == top + 1
 
-    # Restarted without the recorded ack: the PLC's 1 stands for 2**32 + 1 (the first result's wrap), so that result
-    # is stale and the next no gap.
+    # Restarted without the recorded ack: the PLC's 1 stands for 2**32 + 1 (the latest with its low bits before the
+    # first result), so the next result is no gap. Changed deliberately (review s31, finding 8): 2**32 + 1 used to be
+    # published again and skipped as stale; the daemon never publishes a seq twice, and placing the PLC's id "at or
+    # before" the first result made a first result with the PLC id's low bits a stale skip.
     bridge = Bridge(daemon, plc, bridge_config)
     try:
-        daemon.result(top + 1)
         daemon.result(top + 2)
-        wait(lambda: len(plc.received) == 5, 10, "result 2**32 + 2")
+        daemon.result(top + 3)
+        wait(lambda: len(plc.received) == 6, 10, "result 2**32 + 3")
         time.sleep(0.2)
     finally:
         events = bridge.stop()
-    assert [r["id"] for r in plc.received][4:] == [2]
+    assert [r["id"] for r in plc.received][4:] == [2, 3]
     stopped = events["bridge_stopped"]
-    assert stopped["stale_skipped"] == 1 and stopped["sequence_gaps"] == 0, stopped
+    assert stopped["stale_skipped"] == 0 and stopped["sequence_gaps"] == 0, stopped
+    assert not plc.field("status") & BIT["alarm"]
 
 
 def test_a_bridge_killed_at_any_instant_before_a_plc_reset_repeats_at_most_the_result_in_flight(plc, daemon, tmp_path):

@@ -67,6 +67,7 @@ class Bridge:
     def stop(self) -> dict[str, dict]:
         self.proc.send_signal(signal.SIGTERM)
         out, _ = self.proc.communicate(timeout=15)
+        self.out = out
         assert self.proc.returncode == 0, out
         events = {}
         for line in out.splitlines():
@@ -195,6 +196,9 @@ def server_bridge(daemon, tmp_path, port, extra=(), config_text="", exec_under=(
 
 
 def test_server_mode_hands_every_camera_its_results_and_survives_both_restarts(daemon, tmp_path):
+    """Results reach the PLC side across a restart of either side. A restarted bridge resumes after the id in its
+    state file: the daemon publishes each seq once, so after the restart it sends fresh seqs only (none is skipped
+    as stale), and one it published while the bridge was down is counted as the gap it is, not as a new start."""
     port = free_port()
     bridge, url = server_bridge(daemon, tmp_path, port)
     plc = PlcClient(url)
@@ -228,21 +232,26 @@ def test_server_mode_hands_every_camera_its_results_and_survives_both_restarts(d
         events = bridge.stop()
     assert events["bridge_stopped"]["written"] == 13 and events["bridge_stopped"]["stale_skipped"] == 0
 
-    # The bridge restarts: the state file holds the last ids, so replays are skipped and ResultValid stays down.
+    # The bridge restarts: the state file holds the last ids (the PLC sees 7 again, ResultValid down) and the bridge
+    # resumes after them. Result 8 is published while it is down (no journal here): the PLC never gets it, so 9 is a
+    # gap of exactly one, which a bridge that did not resume after 7 would count otherwise.
+    daemon.result(8)
     bridge, url = server_bridge(daemon, tmp_path, port)
     plc = PlcClient(url)
     try:
         assert plc.read(CAMERA, "inspection_id") == 7 and not plc.read(CAMERA, "result_valid")
         program = plc.run_program()
-        for seq in (6, 7, 8):
+        for seq in (9, 10):
             daemon.result(seq)
-        wait(lambda: program.ids() == [8], 10, "the fresh result 8 only")
+        wait(lambda: program.ids() == [9, 10], 10, "the fresh results 9 and 10")
         time.sleep(0.3)
-        assert program.ids() == [8] and plc.read(CAMERA, "sequence_gaps") == 0
+        assert program.ids() == [9, 10] and plc.read(CAMERA, "sequence_gaps") == 1 and plc.read(CAMERA, "alarm")
     finally:
         plc.close()
         events = bridge.stop()
-    assert events["bridge_stopped"]["stale_skipped"] == 2
+    stopped = events["bridge_stopped"]
+    assert stopped["written"] == 2 and stopped["stale_skipped"] == 0 and stopped["sequence_gaps"] == 1, stopped
+    assert "resume_ahead_of_daemon" not in events and "sequence_backwards" not in events, bridge.out
 
 
 def test_server_mode_serves_the_plc_under_the_bridge_units_seccomp_restrictions(daemon, tmp_path):
@@ -340,6 +349,41 @@ def test_alarms_gap_drift_and_an_unhealthy_daemon(daemon, tmp_path):
         bridge.stop()
 
 
+def test_server_mode_goes_on_when_the_state_file_cannot_be_written(daemon, tmp_path):
+    # A state file that cannot be replaced (here a directory in its place; on a line, a full disk or a read-only
+    # remount) must not cost the line its verdicts: the bridge says so once and keeps the state in memory.
+    bridge, url = server_bridge(daemon, tmp_path, free_port())
+    state = tmp_path / "state.json"
+    state.mkdir()  # read at start already; nothing handed over yet, so nothing written
+    plc = PlcClient(url)
+    program = plc.run_program()
+    try:
+        for seq in (1, 2, 3):
+            daemon.result(seq)
+            daemon.result(100 + seq, camera="cam1")
+        wait(lambda: program.ids() == [1, 2, 3] and program.ids("cam1") == [101, 102, 103], 20, "every result")
+        daemon.result(5)  # a gap: the alarm it latches is state too
+        wait(lambda: program.ids()[-1:] == [5] and plc.read(CAMERA, "alarm"), 10, "result 5 and the alarm")
+    finally:
+        plc.close()
+        events = bridge.stop()
+    assert events["bridge_stopped"]["written"] == 7
+    failed = [json.loads(line) for line in bridge.out.splitlines() if '"state_write_failed"' in line]
+    assert len(failed) == 1 and failed[0]["path"] == str(state), bridge.out
+    assert "Is a directory" in failed[0]["error"], failed
+
+
+# A PlcServer's event-loop thread is not a daemon thread: one left running by a failed test keeps pytest from exiting.
+LIVE_PLC_SERVERS: list[PlcServer] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_plc_servers():
+    yield
+    while LIVE_PLC_SERVERS:
+        LIVE_PLC_SERVERS[-1].stop()
+
+
 # PLC-style declarations of the client-mode variables: a Siemens-like PLC has DInt ids and Real scores.
 PLC_TYPES = {"inspection_id": "Int32", "ack": "Int32", "score": "Float", "threshold": "Float", "result_code": "Int16"}
 
@@ -354,6 +398,7 @@ class PlcServer:
         security: tuple[Path, Path, Path] | None = None,
         lacks: tuple[str, ...] = (),
         types: dict[str, str] = PLC_TYPES,
+        holds: dict | None = None,
     ) -> None:
         self.types = types
         self.url = f"opc.tcp://127.0.0.1:{port}/plc/"
@@ -385,10 +430,17 @@ class PlcServer:
                 kind = types.get(name, kind)
                 start = (values or {}).get((camera, name), "" if kind == "String" else 0)
                 variant = ua.Variant(bool(start) if kind == "Boolean" else start, getattr(ua.VariantType, kind))
-                node = folder.add_variable(ua.NodeId(f"{camera}.{browse}", 2), f"2:{camera}{browse}", variant)
+                held = (holds or {}).get((camera, name))
+                node = folder.add_variable(
+                    ua.NodeId(f"{camera}.{browse}", 2), f"2:{camera}{browse}", variant if held is None else held
+                )
+                if held is not None:  # a value of another type than the variable declares (the server lets it be)
+                    declared = ua.NodeId(getattr(ua.ObjectIds, kind))
+                    node.write_attribute(ua.AttributeIds.DataType, ua.DataValue(ua.Variant(declared)))
                 node.set_writable()
                 self.nodes[(camera, name)] = node
         self.server.start()
+        LIVE_PLC_SERVERS.append(self)
         self.program: PlcProgram | None = None
 
     def read(self, camera: str, name: str):
@@ -406,6 +458,9 @@ class PlcServer:
         return {key: node.read_value() for key, node in self.nodes.items()}
 
     def stop(self) -> None:
+        if self not in LIVE_PLC_SERVERS:
+            return
+        LIVE_PLC_SERVERS.remove(self)
         if self.program is not None:
             self.program.stop()
         self.server.stop()
@@ -417,6 +472,10 @@ def client_bridge(daemon, tmp_path, plc: PlcServer, extra=()):
 
 
 def test_client_mode_writes_into_the_plcs_server_and_survives_both_restarts(daemon, tmp_path):
+    """Results reach the PLC's own server across a restart of the bridge and of the PLC's server. A restarted bridge
+    resumes after the PLC's InspectionId: the daemon publishes each seq once, so what comes after a restart is fresh
+    (none is skipped as stale), and a seq published while the bridge was down is a gap of exactly one, which a bridge
+    that did not resume after the PLC's id would count otherwise."""
     port = free_port()
     plc = PlcServer(port)
     program = plc.run_program()
@@ -434,17 +493,20 @@ def test_client_mode_writes_into_the_plcs_server_and_survives_both_restarts(daem
     assert events["bridge_stopped"]["written"] == 3
     assert not plc.read(CAMERA, "result_valid") and not plc.read(CAMERA, "trigger_ready")
 
-    # The bridge restarts: it adopts the PLC's InspectionId and skips what was handed over already.
+    # The bridge restarts: it adopts the PLC's InspectionId 2. Result 3 is published while it is down.
+    daemon.result(3)
     bridge = client_bridge(daemon, tmp_path, plc)
     try:
-        for seq in (1, 2, 3):
+        for seq in (4, 5):
             daemon.result(seq)
-        wait(lambda: program.ids() == [1, 2, 3], 10, "result 3 only")
+        wait(lambda: program.ids() == [1, 2, 4, 5], 10, "the fresh results 4 and 5")
         time.sleep(0.3)
-        assert program.ids() == [1, 2, 3]
+        assert program.ids() == [1, 2, 4, 5] and plc.read(CAMERA, "alarm")
     finally:
         events = bridge.stop()
-    assert events["bridge_stopped"]["stale_skipped"] == 2
+    stopped = events["bridge_stopped"]
+    assert stopped["written"] == 2 and stopped["stale_skipped"] == 0 and stopped["sequence_gaps"] == 1, stopped
+    assert "resume_ahead_of_daemon" not in events and "sequence_backwards" not in events, bridge.out
 
     # The PLC's server restarts under a running bridge: the bridge ends with one line (for the service manager),
     # and once the PLC is back (its memory retained) a restarted bridge carries on from where it was.
@@ -458,22 +520,108 @@ def test_client_mode_writes_into_the_plcs_server_and_survives_both_restarts(daem
         raise AssertionError("the bridge kept running without its PLC") from None
     out = bridge.proc.stdout.read()
     assert bridge.proc.returncode == 1 and out.strip().splitlines()[-1].startswith("inspectd bridge: PLC"), out
+    assert memory[(CAMERA, "inspection_id")] == 5
+    daemon.result(6)  # while the PLC and the bridge are down: lost
     # TriggerReady was up when the memory was taken: cleared, so the next bridge is seen to raise it itself.
     plc = PlcServer(port, values={**memory, (CAMERA, "trigger_ready"): False})
     program = plc.run_program()
     bridge = client_bridge(daemon, tmp_path, plc)
     try:
-        daemon.result(3)
-        daemon.result(4)
-        wait(lambda: program.ids() == [4], 10, "result 4 after the PLC's restart")
+        daemon.result(7)
+        daemon.result(8)
+        wait(lambda: program.ids() == [7, 8], 10, "results 7 and 8 after the PLC's restart")
     finally:
         events = bridge.stop()
         plc.stop()
-    assert events["bridge_stopped"]["stale_skipped"] == 1
+    stopped = events["bridge_stopped"]
+    assert stopped["written"] == 2 and stopped["stale_skipped"] == 0 and stopped["sequence_gaps"] == 1, stopped
+    assert "resume_ahead_of_daemon" not in events and "sequence_backwards" not in events, bridge.out
+
+
+def run_bridge(daemon, args: list[str]) -> subprocess.CompletedProcess:
+    """A bridge that is expected to stop by itself (a refusal at start), run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_client_mode_refuses_a_variable_whose_data_type_does_not_fit_its_role(daemon, tmp_path):
+    config = str(write_config(tmp_path, "mode: client\n"))
+    # A REAL id is exact only up to 2**24 seqs, a Boolean one always reads 1; a Float heartbeat stops moving.
+    for name, kind, expected in [
+        ("inspection_id", "Float", "expected an integer type"),
+        ("ack", "Boolean", "expected an integer type"),
+        ("heartbeat", "Float", "expected an integer type or Double"),
+        ("model_id", "Int32", "expected String"),
+        ("alarm_reset", "String", "expected Boolean or an integer type"),
+    ]:
+        plc = PlcServer(free_port(), types={**PLC_TYPES, name: kind})
+        try:
+            proc = run_bridge(daemon, ["--config", config, "--opcua", plc.url])
+            # Refused before anything was written: the PLC sees no TriggerReady, no heartbeat.
+            untouched = not plc.read(CAMERA, "trigger_ready") and plc.read("cam1", "heartbeat") == 0
+        finally:
+            plc.stop()
+        line = f"data type {kind}, {expected}"
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert node_id(2, CAMERA, name) in proc.stderr and line in proc.stderr, (name, proc.stderr)
+        assert "Traceback" not in proc.stdout + proc.stderr and untouched, proc.stdout
+
+    from inspectd.clients.opcua import ROLE_KINDS
+
+    assert ROLE_KINDS.keys() == NAMES.keys()  # every variable has its data types
+
+
+def test_client_mode_says_in_one_line_when_a_plc_value_is_no_integer(daemon, tmp_path):
+    # The variables' data types fit (so the bridge starts), but the value a PLC holds is of another type.
+    config = str(write_config(tmp_path, "mode: client\n"))
+    for name, held in [("inspection_id", float("inf")), ("alarm", float("nan"))]:  # read at start
+        plc = PlcServer(free_port(), holds={(CAMERA, name): ua.Variant(held, ua.VariantType.Double)})
+        try:
+            proc = run_bridge(daemon, ["--config", config, "--opcua", plc.url])
+        finally:
+            plc.stop()
+        assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        assert proc.stderr.strip() == (
+            f"inspectd bridge: PLC read of {node_id(2, CAMERA, name)} ({CAMERA} {VAR[name]}): expected an integer or "
+            f"Boolean, got {held!r}"
+        ), proc.stderr
+
+    # An Ack holding a String, read once the first result is handed over. The other variables are of types a PLC
+    # may declare besides the server mode's: a numeric Verdict, a Double heartbeat, a UInt16 counter.
+    types = {**PLC_TYPES, "verdict": "Int16", "heartbeat": "Double", "missed_acks": "UInt16", "alarm_reset": "Byte"}
+    plc = PlcServer(free_port(), types=types, holds={(CAMERA, "ack"): ua.Variant("abc", ua.VariantType.String)})
+    bridge = client_bridge(daemon, tmp_path, plc)
+    try:
+        wait(lambda: plc.read(CAMERA, "heartbeat") > 0, 10, "a Double heartbeat")
+        daemon.result(1, "defect", regions=1)
+        try:
+            bridge.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the bridge kept running with an Ack of 'abc'") from None
+        out = bridge.proc.stdout.read()
+        assert plc.read(CAMERA, "verdict") == 1 and plc.read(CAMERA, "result_valid"), out  # written before the ack
+    finally:
+        bridge.proc.kill()
+        plc.stop()
+    assert bridge.proc.returncode == 1 and "Traceback" not in out, out
+    assert out.strip().splitlines()[-1] == (
+        f"inspectd bridge: PLC read of {node_id(2, CAMERA, 'ack')} ({CAMERA} Ack): expected an integer or Boolean, "
+        "got 'abc'"
+    ), out
 
 
 def test_client_mode_acks_ids_past_the_width_of_an_s7_int_and_restarts_in_full_seqs(daemon, tmp_path):
-    # An S7 "Int" InspectionId/Ack holds seqs modulo 2**15: 40000 is 7232 there, and the PLC echoes 7232.
+    """An S7 "Int" InspectionId/Ack holds seqs modulo 2**15: 40000 is 7232 there, and the PLC echoes 7232.
+
+    After a restart the daemon sends fresh seqs only (it publishes each seq once, so none is skipped as stale); the
+    PLC's 7233 is placed at 40001 in full seqs, so the one seq published while the bridge was down is a gap of one,
+    not of a wrap's worth, and the acks still match in the narrow width."""
     port = free_port()
     plc = PlcServer(port, types={**PLC_TYPES, "inspection_id": "Int16", "ack": "Int16"})
     program = plc.run_program()
@@ -490,17 +638,54 @@ def test_client_mode_acks_ids_past_the_width_of_an_s7_int_and_restarts_in_full_s
     assert not plc.read(CAMERA, "alarm")
     assert json.loads((state / "acked.json").read_text())["acked"][CAMERA] == 40001  # recorded in full
 
-    # Restarted without the recorded ack: the PLC's 7233 stands for 40001, so 40001 is stale and 40002 no gap.
+    # Restarted without the recorded ack: the PLC's 7233 stands for 40001. 40002 is published while the bridge is
+    # down, so 40003 is a gap of exactly one in full seqs.
+    daemon.result(40002)
     bridge = client_bridge(daemon, tmp_path, plc)
     try:
-        daemon.result(40001)
-        daemon.result(40002)
-        wait(lambda: program.ids() == [7232, 7233, 7234], 10, "result 40002 only")
+        daemon.result(40003)
+        daemon.result(40004)
+        wait(lambda: program.ids() == [7232, 7233, 7235, 7236], 10, "results 40003 and 40004, wrapped")
+        assert plc.read(CAMERA, "alarm")  # latched by the gap
     finally:
         events = bridge.stop()
         plc.stop()
     stopped = events["bridge_stopped"]
-    assert stopped["stale_skipped"] == 1 and stopped["sequence_gaps"] == 0 and stopped["missed_acks"] == 0, stopped
+    assert stopped["acked"] == 2 and stopped["stale_skipped"] == 0 and stopped["missed_acks"] == 0, stopped
+    assert stopped["sequence_gaps"] == 1, stopped
+    assert "resume_ahead_of_daemon" not in events and "sequence_backwards" not in events, bridge.out
+
+
+def test_client_mode_counts_a_narrow_heartbeat_from_1_to_its_top_and_never_writes_0(daemon, tmp_path):
+    """A Byte Heartbeat (a PLC's USINT) counts 1..255 and then 1 again: every value, and never 0. At a restart an
+    InspectionId of 0 next to a Heartbeat of 0 is a PLC the bridge never wrote to; any other 0 is an id."""
+    from asyncua.common.callback import CallbackType
+
+    plc = PlcServer(free_port(), types={**PLC_TYPES, "heartbeat": "Byte"})
+    heartbeats = {plc.nodes[(camera, "heartbeat")].nodeid.to_string(): camera for camera in CAMERAS}
+    beats: dict[str, list[int]] = {camera: [] for camera in CAMERAS}
+
+    def written(event, _service) -> None:  # every Write the bridge makes, in the PLC server's own loop
+        for item, status in zip(event.request_params.NodesToWrite, event.response_params):
+            camera = heartbeats.get(item.NodeId.to_string())
+            if camera is not None and status.is_good():
+                beats[camera].append(item.Value.Value.Value)
+
+    plc.server.aio_obj.subscribe_server_callback(CallbackType.PostWrite, written)
+    config = write_config(tmp_path, "mode: client\n")
+    config.write_text(config.read_text().replace("heartbeat_ms: 100\n", "heartbeat_ms: 10\n"))
+    bridge = Bridge(daemon, ["--config", str(config), "--opcua", plc.url], lambda: plc.read(CAMERA, "trigger_ready"))
+    try:
+        wait(lambda: all(len(b) >= 300 for b in beats.values()), 60, "300 heartbeats per camera, past the wrap")
+        assert plc.read(CAMERA, "heartbeat") != 0
+    finally:
+        bridge.stop()
+        plc.stop()
+    for camera, values in beats.items():
+        values = list(values)
+        assert values[0] == 1 and 0 not in values, (camera, values)
+        steps = [(a, b) for a, b in zip(values, values[1:]) if b != a % 255 + 1]
+        assert not steps and values[254:256] == [255, 1], (camera, steps, values[250:260])
 
 
 def test_client_mode_with_a_narrow_id_and_no_recorded_ack_replays_the_journal_at_start(daemon, tmp_path):
@@ -659,6 +844,44 @@ def test_client_mode_signs_and_encrypts_with_the_plcs_server(daemon, tmp_path):
     plc.stop()
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert refused.stderr.strip().startswith("inspectd bridge: PLC opc.tcp://"), refused.stderr
+
+
+def test_security_files_missing_or_malformed_are_a_config_error_in_one_line(daemon, tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    bridge_cert, bridge_key = _certificate(tmp_path / "pki", "bridge", "urn:inspectd:bridge", server=True)
+    _, other_key = _certificate(tmp_path / "pki", "other", "urn:inspectd:bridge", server=True)
+    plc_cert, _ = _certificate(tmp_path / "pki", "plc", "urn:test:plc", server=False)
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "plc.der").write_bytes(plc_cert.read_bytes())
+    text = tmp_path / "notes.der"
+    text.write_text("not a certificate\n")
+    pem_named_der = tmp_path / "bridge-pem.der"
+    pem_named_der.write_bytes(x509.load_der_x509_certificate(bridge_cert.read_bytes()).public_bytes(Encoding.PEM))
+    bad_trusted = tmp_path / "bad-trusted"
+    bad_trusted.mkdir()
+    (bad_trusted / "plc.der").write_text("garbage")
+    missing = tmp_path / "missing.pem"
+    good = {"certificate": bridge_cert, "private_key": bridge_key, "trusted": trusted}
+    cases = [
+        ("server", {"certificate": text}, "security.certificate", text, "expected a DER certificate"),
+        ("server", {"certificate": pem_named_der}, "security.certificate", pem_named_der, "name it *.pem"),
+        ("server", {"private_key": missing}, "security.private_key", missing, "No such file or directory"),
+        ("server", {"private_key": other_key}, "security.private_key", other_key, "expected the private key of"),
+        ("server", {"trusted": tmp_path / "nowhere"}, "security.trusted", tmp_path / "nowhere", "expected a folder"),
+        ("server", {"trusted": bad_trusted}, "security.trusted", bad_trusted / "plc.der", "expected a DER cert"),
+        ("client", {"trusted": text}, "security.trusted", text, "expected a DER certificate"),
+    ]
+    for mode, change, key, path, expected in cases:
+        files = {**good, **change}
+        security = "".join(f"  {name}: {value}\n" for name, value in files.items())
+        config = write_config(tmp_path, f"mode: {mode}\nsecurity:\n{security}")
+        url = f"opc.tcp://127.0.0.1:{free_port()}/inspectd/"
+        proc = run_bridge(daemon, ["--config", str(config), "--opcua", url, "--state-file", str(tmp_path / "s.json")])
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (change, proc.stderr)
+        assert f"{key} {path}: " in proc.stderr and expected in proc.stderr, (change, proc.stderr)
 
 
 def test_config_errors_name_the_key_and_the_cli_says_one_line(tmp_path, daemon):

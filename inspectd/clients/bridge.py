@@ -191,7 +191,8 @@ class Router:
         for handshake in self.handshakes:
             if handshake.camera is None:
                 handshake.camera = camera
-                handshake.place(None if self.acked is None else self.acked.get(camera), seq)
+                # Before `seq`: the PLC cannot hold a result published after the bridge subscribed.
+                handshake.place(None if self.acked is None else self.acked.get(camera), seq - 1)
                 log.info("camera_bound", camera=camera, resume_after=handshake.last_id)
                 return handshake
         return None
@@ -314,10 +315,13 @@ class Feeder:
         self.heard: set[str] = set()  # cameras whose first live result came (or whose replay already started)
         self.behind: set[str] = set()  # cameras whose PLC is more than a queue behind (logged once)
         self.skipped: dict[str, int] = {}  # camera -> the last seq a backlog skip gave up on
+        self.since: dict[str, int] = {}  # camera -> where its replay resumed (the handshake's resume point)
+        self.went_live: set[str] = set()  # cameras whose first live result came
 
     def resume(self, since: dict[str, int]) -> None:
         for camera, seq in since.items():
             self.heard.add(camera)
+            self.since[camera] = seq
             after = seq
             handshake = self.router.handshake(camera)
             limit = None if handshake is None else handshake.settings.max_backlog
@@ -350,9 +354,21 @@ class Feeder:
             self.heard.add(camera)
             handshake = self.router.bind(camera, result.seq)
             if handshake is not None:
-                handshake.place(None, result.seq)
+                # Before this result: the PLC cannot hold a seq published after the bridge subscribed.
+                handshake.place(None, result.seq - 1)
                 if self.catch_up.directory is not None and handshake.last_id is not None:
                     self.resume({camera: handshake.last_id})
+        if camera not in self.went_live:
+            self.went_live.add(camera)
+            resumed = self.since.get(camera)
+            if resumed is not None and result.seq <= resumed:
+                # The daemon publishes each seq once, and this one after the bridge subscribed: this numbering is not
+                # the one resumed on (the handshake warns and follows it). The journal after the resume point is not
+                # this numbering's, and the catch-up would drop every live result up to it.
+                self.pending.pop(camera, None)
+                self.skipped.pop(camera, None)
+                self.behind.discard(camera)
+                self.catch_up.renumbered(camera, result.seq)
         if self.catch_up.directory is not None:
             self._watch_backlog(camera, result.seq)
         self.newest[camera] = result
@@ -437,7 +453,7 @@ async def _serve(protocol, config, args: argparse.Namespace, curve, acked: Acked
                 target,
                 config,
                 camera or _topic_camera(prefix),
-                log=lambda event, **kw: log.info(event, **kw),
+                log=lambda event, level="info", **kw: getattr(log, level)(event, **kw),
                 acked=acked.record,
             )
             for camera, target in link.slots()
@@ -514,8 +530,8 @@ async def _bridge(
 
     if args.journal is not None:
         # Subscribed first and waited for the first live message, so everything journalled after the read below is
-        # already queued on the socket: nothing falls between the journal and the live stream (the restart rule
-        # skips what arrives twice).
+        # already queued on the socket: nothing falls between the journal and the live stream (the catch-up drops what
+        # arrives twice).
         first = None
         if await sub.poll(SETTLE_S * 1000):
             first = await sub.recv_multipart()

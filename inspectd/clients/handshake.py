@@ -14,16 +14,21 @@ A protocol (Modbus in inspectd.clients.plc, OPC UA in inspectd.clients.opcua) is
 Results arriving meanwhile are queued (queue_size); on overflow the OLDEST is dropped and, since the PLC then sees a
 jump in inspection ids, counted in sequence_gaps and latched in alarm like any other gap.
 
-Restart rule: on start the bridge reads the target's inspection_id and drops result_valid. Results with seq <= that id,
-or <= the last id the PLC acknowledged as the bridge's own state file recorded it (`acked`, kept outside the PLC so a
-PLC whose registers were reset does not get everything again), are stale (handed over already, or replayed) and
-skipped; an id of 0 with no recorded ack means a fresh PLC and skips nothing. Per camera seq never goes back (the
-daemon resumes it from its journal), so this skips only replays.
+Restart rule: on start the bridge reads the target's inspection_id and drops result_valid, and resumes after the later
+of that id and the last id the PLC acknowledged as the bridge's own state file recorded it (`acked`, kept outside the
+PLC so a PLC whose registers were reset does not get everything again). An id of 0 next to a heartbeat of 0 means a
+fresh PLC (the bridge never writes heartbeat 0), any other 0 is an id like the others. The daemon publishes each seq
+once, after the bridge subscribed, so a resume point ahead of the daemon's numbering (its state wiped or renumbered, a
+journal switched off, an id the bridge never wrote) cannot be a replay: it is warned about
+(`resume_ahead_of_daemon`, when the daemon's journal is older than it at start or when the first result is at or below
+it), latches alarm, and the bridge resumes on the daemon's numbering; a seq that goes back under a running bridge
+likewise (`sequence_backwards`). Nothing is skipped as stale.
 
 Id width: a target holds ids modulo 2**32, or modulo less (`id_modulus`, e.g. 2**15 for an S7 Int): what the PLC holds
 and echoes is the seq modulo that, so the ack is compared in that width, and the PLC's inspection id read at start
 stands for the seq with that remainder nearest the recorded ack, or else the latest at or before the daemon's newest
-seq (`place`). What the bridge records (the acked callback, gaps, last_id) stays in full seqs, past 2**32 too.
+journalled seq, or else the latest before the first result (`place`). What the bridge records (the acked callback,
+gaps, last_id) stays in full seqs, past 2**32 too.
 
 Stopping (SIGTERM) lets the result on the PLC finish its handshake (its ack, at most ack_timeout_ms) before the bridge
 drops result_valid, so what the PLC took is recorded as acknowledged and not handed over again after the restart.
@@ -84,8 +89,8 @@ class PlcError(RuntimeError):
 class Target(Protocol):
     """One camera's values in the PLC, as a protocol adapter reaches them.
 
-    `read` names: inspection_id (0 when the PLC holds none), ack, alarm_reset (non-zero: reset requested), alarm
-    (1 while the latched alarm flag is set in the PLC). `write` names: status (a Status), inspection_id,
+    `read` names: inspection_id (0 when the PLC holds none), heartbeat, ack, alarm_reset (non-zero: reset requested),
+    alarm (1 while the latched alarm flag is set in the PLC). `write` names: status (a Status), inspection_id,
     result_code, verdict, score (float or None), threshold (float or None), region_count, model_id (str or None),
     thresholds_version (int or None), missed_acks, sequence_gaps, heartbeat, alarm_reset. Values an adapter has no
     place for are left out by the adapter; counters are unbounded here and wrapped by the adapter. Both raise
@@ -94,6 +99,7 @@ class Target(Protocol):
     async def read(self, name: str) -> int: ...
 
     # A target may also have `id_modulus` (int): the inspection_id and ack it holds are seqs modulo that; 2**32 without.
+    # And `heartbeat_modulus` (int): the heartbeat it holds wraps at that (see Handshake.heartbeat).
 
     async def write(self, fields: dict[str, Any], last: str | None = None) -> None: ...
 
@@ -118,7 +124,7 @@ class Counters:
     missed_acks: int = 0
     sequence_gaps: int = 0
     overflow_drops: int = 0
-    stale_skipped: int = 0
+    stale_skipped: int = 0  # nothing is skipped as stale any more: kept so bridge_stopped keeps its fields
     seq_backwards: int = 0
 
 
@@ -153,6 +159,8 @@ class Handshake:
         self.false_reject_warning = False  # likewise its false-reject warning
         self.written_status: Status | None = None
         self._plc_residue: int | None = None  # the PLC's inspection id at start (modulo its width), until placed
+        self._plc_id: int | None = None  # the PLC's inspection id as read at start, and the recorded ack: for the log
+        self._recorded_ack: int | None = None
 
     def modulus(self) -> int:
         return min(int(getattr(self.target, "id_modulus", ID_MODULUS)), ID_MODULUS)
@@ -160,15 +168,24 @@ class Handshake:
     async def start(self, acked: int | None = None, newest: Callable[[], int | None] | None = None) -> None:
         """Adopt the PLC's last inspection id, or the last id it acknowledged as recorded outside it (`acked`),
         whichever is later (restart rule), and drop result_valid until a fresh result. `newest`: reads the last seq
-        the daemon journalled for this camera (None when unknown), called off the event loop only when `place` needs
-        it."""
+        the daemon journalled for this camera (None when unknown), called off the event loop; a resume point past it
+        is not the daemon's numbering, and the bridge resumes after it instead (`resume_ahead_of_daemon`)."""
         plc_id = await self.target.read("inspection_id")
-        self._plc_residue = plc_id % self.modulus() if plc_id else None
-        known = None
-        if self._plc_residue is not None and newest is not None and (not acked or self.modulus() < ID_MODULUS):
-            known = await asyncio.to_thread(newest)
-        self.place(acked, known)
+        # An id of 0 is no id (a fresh PLC, registers reset, a program or an operator that cleared it), as it always
+        # was, except where a narrow id's residue 0 (every `modulus` seqs) has nothing else to place it by: no
+        # recorded ack. There a PLC the bridge wrote to reads a heartbeat, which it never writes as 0.
+        narrow_unplaced = plc_id == 0 and self.modulus() < ID_MODULUS and not acked
+        fresh = plc_id == 0 and (not narrow_unplaced or await self.target.read("heartbeat") == 0)
+        self._plc_residue = None if fresh else plc_id % self.modulus()
+        self._plc_id, self._recorded_ack = plc_id, acked
+        known = None if newest is None else await asyncio.to_thread(newest)
+        # A full-width id with a recorded ack is placed by the ack alone: a journal that lost its newest records in a
+        # power cut would move it a wrap back and hand over again what the PLC has.
+        placing = known if self._plc_residue is not None and (not acked or self.modulus() < ID_MODULUS) else None
+        self.place(acked, placing)
         self.alarm = bool(await self.target.read("alarm"))  # a latched alarm survives a bridge restart
+        if known is not None and self.last_id is not None and self.last_id > known:
+            self._resume_ahead(known, journal_newest=known)
         await self._write_status(force=True)
         self.log(
             "plc_adopted",
@@ -185,9 +202,11 @@ class Handshake:
         The PLC holds its id modulo `modulus()` (2**32 for a full-width id, which seqs outgrow too), so the seq it
         stands for is the one with that remainder nearest `acked` when an ack is recorded (the PLC holds the last
         acked id or the one written after it) but not past `newest`, else the latest at or before `newest` (the
-        daemon's last journalled seq, or the first result that arrives: the PLC cannot hold a seq not published
-        yet). Without either, a full-width id is taken as it reads and a narrower one stays unknown; the first
-        result places it."""
+        daemon's last journalled seq, or the seq before the first result that arrives: the PLC cannot hold a seq
+        published after the bridge subscribed). Without either, a full-width id is taken as it reads and a narrower
+        one stays unknown; the first result places it."""
+        if acked is not None:
+            self._recorded_ack = acked
         residue = self._plc_residue
         if residue is None:
             if acked:
@@ -227,18 +246,22 @@ class Handshake:
 
     def offer(self, result: Result) -> None:
         """Called for each decoded result of this camera, on the event loop; never blocks."""
-        if self.last_received is not None and result.seq < self.last_received:
-            # The daemon's numbering went back (restarted without its journal, or with it wiped):
-            # every result up to the old seq would now be skipped as stale, so the line must hear of it.
+        self.place(None, result.seq - 1)  # the first result places a PLC id that nothing else could
+        if self.last_received is not None and result.seq <= self.last_received:
+            # The daemon's numbering went back (restarted without its journal, or with it wiped): the bridge follows
+            # it (the hand-over resumes before this result), and the line must hear that results may be missing.
             self.counters.seq_backwards += 1
             self.alarm = True
             self.log(
                 "sequence_backwards",
+                level="warning",
                 camera=self.camera,
                 seq=result.seq,
                 after=self.last_received,
-                effect="results up to the PLC's inspection id are skipped as stale; alarm latched",
+                effect="handed over as a new numbering; alarm latched",
             )
+        elif self.last_received is None and self.last_id is not None and result.seq <= self.last_id:
+            self._resume_ahead(result.seq - 1, seq=result.seq)
         self.last_received = result.seq
         if len(self.queue) >= self.settings.queue_size:
             dropped = self.queue.popleft()
@@ -246,6 +269,23 @@ class Handshake:
             self.log("queue_overflow", camera=self.camera, dropped_seq=dropped.seq, queue_size=self.settings.queue_size)
         self.queue.append(result)
         self._arrived.set()
+
+    def _resume_ahead(self, newest: int, **daemon: int) -> None:
+        """The resume point is past `newest`, where the daemon's numbering is (`daemon` names the number that says
+        so): resume after `newest`, with one warning and the alarm, rather than skip every result up to it."""
+        self.log(
+            "resume_ahead_of_daemon",
+            level="warning",
+            camera=self.camera,
+            inspection_id=self._plc_id,
+            recorded_ack=self._recorded_ack,
+            resume_after=self.last_id,
+            **daemon,
+            effect=f"resuming after {newest} (the daemon's numbering restarted, or the id is not this bridge's); "
+            "alarm latched",
+        )
+        self.alarm = True
+        self.last_id = newest
 
     def status(self) -> Status:
         flags = set()
@@ -307,11 +347,11 @@ class Handshake:
 
     async def _hand_over(self, result: Result) -> None:
         seq = result.seq
-        self.place(None, seq)
         if self.last_id is not None and seq <= self.last_id:
-            self.counters.stale_skipped += 1
-            self.log("stale_skipped", camera=self.camera, seq=result.seq, plc_inspection_id=self.last_id)
-            return
+            # The daemon publishes a seq once, so this is a new numbering (warned of and alarmed when it arrived):
+            # skipping up to the old id would leave the line without verdicts.
+            self.alarm = True
+            self.last_id = seq - 1
         if self.last_id is not None and seq > self.last_id + 1:
             self.counters.sequence_gaps += seq - self.last_id - 1
             self.alarm = True
@@ -368,9 +408,19 @@ class Handshake:
         self.showing = None
         await self._write_status(force=True)
 
+    def heartbeat(self, beat: int) -> int:
+        """The value of the `beat`th heartbeat (1, 2, ...): 1 up to the largest the target holds, then 1 again, never
+        0, so that a restart tells a PLC it wrote to (id 0 and heartbeat 0 is a fresh PLC) from a residue of 0."""
+        modulus = getattr(self.target, "heartbeat_modulus", None)
+        if modulus is not None:
+            return (beat - 1) % (int(modulus) - 1) + 1
+        # A target that does not say its width wraps at 2**k (k >= 7; a signed one at its non-negative half): what
+        # never lands on a multiple of 128 never wraps to 0.
+        return beat + (beat - 1) // 127
+
     async def service(self, heartbeat: int) -> None:
-        """Once per heartbeat period: heartbeat, and the PLC's alarm reset request."""
-        await self.target.write({"heartbeat": heartbeat})
+        """Once per heartbeat period: heartbeat (the `heartbeat`th beat), and the PLC's alarm reset request."""
+        await self.target.write({"heartbeat": self.heartbeat(heartbeat)})
         if await self.target.read("alarm_reset"):
             await self.target.write({"alarm_reset": 0})
             await self.set_status(alarm=False)

@@ -4,10 +4,12 @@ Two modes (config `mode`):
 
     server   the bridge runs an OPC UA server (asyncua) at `endpoint`; the PLC/MES connects, reads each camera's
              variables and writes Ack / AlarmReset. The last handed-over inspection id and the latched alarm of each
-             camera are kept in `state_file`, so a restarted bridge applies the restart rule like the Modbus one.
+             camera are kept in `state_file`, so a restarted bridge applies the restart rule like the Modbus one;
+             a write of it that fails (a full disk) is logged once and the bridge goes on, as with acked.json.
     client   the bridge connects to the PLC's own OPC UA server at `endpoint` and writes into variables the PLC
              program declares; their node ids come from `node_id` ("ns=3;s=\"DB_Inspect\".\"{camera}\".\"{name}\"").
-             Values are written with each variable's own data type, read from the PLC when the bridge starts.
+             Values are written with each variable's own data type, read from the PLC when the bridge starts and
+             refused there unless it fits what the variable holds (ROLE_KINDS: ids must be integers).
 
 Each camera has the same variables (NAMES below; docs/PLC.md has the table): the result (InspectionId, ResultCode,
 Verdict, Score, Threshold, RegionCount, ModelId, ThresholdsVersion), the counters (MissedAcks, SequenceGaps,
@@ -19,7 +21,8 @@ handshake itself is inspectd.clients.handshake's, shared with Modbus.
 
 Security (`security`): Basic256Sha256 with SignAndEncrypt, with this bridge's certificate and key; in server mode
 only that endpoint is offered and a client's certificate must be in the `trusted` folder; in client mode `trusted`
-is the PLC server's certificate. Without `security` the connection is unsigned (a closed cell network only).
+is the PLC server's certificate. These files are read and parsed with the config: one missing or malformed is a
+config error naming its key. Without `security` the connection is unsigned (a closed cell network only).
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ import asyncio
 import dataclasses
 import json
 import math
+import re
 import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import structlog
 from pydantic import Field, model_validator
 
 from engines.schema import Int, Number, Text, declared, invalid
@@ -40,6 +45,8 @@ from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError
 from inspectd.configfile import CameraId, parse, read_yaml
 from inspectd.durable import replace_file
 from inspectd.errors import ConfigError, one_line
+
+log = structlog.get_logger("inspectd.clients.opcua")
 
 # The handshake's value names -> the variable names a PLC programmer sees, and their OPC UA built-in types.
 NAMES = {
@@ -153,7 +160,84 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
         )
     if config.mode == "server":
         load_state(Path(str(config.state_file)))  # a bad one stops the bridge here: a config error, not the PLC's
+    if config.security is not None:
+        check_security(config.security, config.mode)
     return config
+
+
+def check_security(security: Security, mode: str) -> None:
+    """Read and parse the security files as asyncua will when the PLC side opens; raises ConfigError naming the key.
+
+    Here rather than at start so that a wrong file is a configuration error (exit 2) that the service manager does not
+    retry, and not an asyncua traceback."""
+    certificate = _security_file("certificate", security.certificate, "certificate")
+    key = _security_file("private_key", security.private_key, "private key")
+    if certificate is not None and key is not None and _numbers(certificate) != _numbers(key):
+        raise ConfigError(
+            f"security.private_key {security.private_key}: expected the private key of security.certificate "
+            f"{security.certificate}, got another one"
+        )
+    if mode == "client":
+        _security_file("trusted", security.trusted, "certificate")  # the PLC server's certificate
+        return
+    folder = Path(security.trusted)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"security.trusted {folder}: expected a folder of the trusted client certificates (*.der, *.pem)"
+        )
+    # asyncua's TrustStore loads each file its pattern picks, and stops at the first it cannot parse.
+    picked = sorted(p for p in folder.glob("*.*") if re.match(".*(der|pem)", p.name.lower()))
+    for path in picked:
+        _security_file("trusted", str(path), "certificate")
+    if not picked:
+        raise ConfigError(
+            f"security.trusted {folder}: expected the trusted client certificates (*.der, *.pem), found none: "
+            "no client could connect"
+        )
+
+
+def _security_file(key: str, path: str, what: str) -> Any:
+    """The parsed certificate or private key at `path`, read as asyncua reads it (PEM when the name ends in .pem,
+    else DER); None without the cryptography package (the PLC side then refuses to open for want of asyncua)."""
+    try:
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"security.{key} {path}: expected a {what} file, cannot read it ({exc.strerror or exc})"
+        ) from None
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+    except ModuleNotFoundError:
+        return None
+    pem = Path(path).suffix.lower() == ".pem"
+    form = "PEM" if pem else "DER"
+    # asyncua picks the format by the name alone: a PEM file named .der or .crt fails as DER, and a DER one named .pem.
+    named = ""
+    if not pem and content.lstrip().startswith(b"-----BEGIN"):
+        named = " (it holds PEM: name it *.pem)"
+    elif pem and content.startswith(b"\x30"):  # an ASN.1 SEQUENCE: DER
+        named = " (it holds DER: name it *.der)"
+    parsed: Any
+    try:
+        if what == "certificate":
+            parsed = (x509.load_pem_x509_certificate if pem else x509.load_der_x509_certificate)(content)
+        else:
+            load = serialization.load_pem_private_key if pem else serialization.load_der_private_key
+            parsed = load(content, password=None)
+    except TypeError:  # an encrypted key: the config has no password for it
+        raise ConfigError(f"security.{key} {path}: expected an unencrypted private key, got an encrypted one") from None
+    except ValueError:
+        raise ConfigError(f"security.{key} {path}: expected a {form} {what}{named}, got something else") from None
+    if not isinstance(parsed.public_key(), rsa.RSAPublicKey):
+        raise ConfigError(f"security.{key} {path}: expected an RSA {what} (Basic256Sha256), got another kind of key")
+    return parsed
+
+
+def _numbers(item: Any) -> Any:
+    """The public numbers of a certificate or private key, to tell whether the two belong together."""
+    return item.public_key().public_numbers()
 
 
 def load_state(path: Path) -> dict[str, dict[str, int]]:
@@ -207,6 +291,8 @@ def _expand(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
 class ServerTarget:
     """One camera's variables in the bridge's own server; the restart rule's values live in the state file."""
 
+    heartbeat_modulus = U32 + 1  # the UInt32 Heartbeat: the handshake counts 1..2**32-1 in it, never 0
+
     def __init__(self, link: ServerLink, camera: str, nodes: dict[str, Any]) -> None:
         self.link = link
         self.camera = camera
@@ -234,7 +320,10 @@ class ServerTarget:
             update["alarm"] = int(flags["alarm"])
         if update:
             # Off the event loop: two fsyncs must not hold up the other cameras' handshakes.
-            await asyncio.to_thread(self.link.remember, self.camera, update)
+            try:
+                await asyncio.to_thread(self.link.remember, self.camera, update)
+            except OSError as exc:
+                self.link.remember_failed(exc)
 
 
 class ServerLink:
@@ -252,6 +341,7 @@ class ServerLink:
         except ConfigError as exc:  # changed since configure() read it
             raise PlcError(str(exc)) from exc
         self._state_lock = threading.Lock()
+        self._state_failed: str | None = None  # the state_file write error last logged
         self.targets: dict[str, ServerTarget] = {}
         self.started = False
 
@@ -261,6 +351,21 @@ class ServerLink:
             # The update and the write under one lock: whichever write lands last holds every update made before it.
             self.state.setdefault(camera, {}).update(update)
             replace_file(self.state_path, json.dumps(self.state, separators=(",", ":")).encode("utf-8"))
+
+    def remember_failed(self, exc: OSError) -> None:
+        """A state_file write failed (disk full, a read-only remount): the bridge goes on, the state kept in memory.
+
+        Stopping would cost the line every verdict for a bookkeeping file; what it costs instead is that a restart
+        before a write succeeds again may hand over once more what came after the last id written. Said once per
+        cause, as the Modbus bridge's acked.json does."""
+        if str(exc) != self._state_failed:
+            self._state_failed = str(exc)
+            log.warning(
+                "state_write_failed",
+                path=str(self.state_path),
+                error=str(exc),
+                effect="kept in memory only: a restart may hand over again what came after the last id written",
+            )
 
     async def start(self) -> None:
         ua = self.ua
@@ -277,10 +382,18 @@ class ServerLink:
             from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 
             server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
-            await server.load_certificate(security.certificate)
-            await server.load_private_key(security.private_key)
             store = TrustStore([Path(security.trusted)], [])
-            await store.load()
+            # configure() parsed these files: one that fails here was changed since, so it is said in one line too.
+            for key, loading in (
+                ("certificate", lambda: server.load_certificate(security.certificate)),
+                ("private_key", lambda: server.load_private_key(security.private_key)),
+                ("trusted", store.load),
+            ):
+                try:
+                    await loading()
+                except Exception as exc:  # asyncua and cryptography raise ValueError, OSError and their own types
+                    path = getattr(security, key)
+                    raise PlcError(f"security.{key} {path}: cannot load ({one_line(exc)})") from exc
             server.set_certificate_validator(
                 CertificateValidator(
                     CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT, store
@@ -341,8 +454,11 @@ class ClientTarget:
                 if name in OPTIONAL_IN_PLC:
                     continue
                 raise PlcError(f"PLC node {text} ({self.camera} {NAMES[name][0]}): {one_line(exc)}") from exc
-            if kind.name not in WRITABLE_KINDS:
-                raise PlcError(f"PLC node {text}: data type {kind.name}, expected a number, Boolean or String")
+            kinds, expected = ROLE_KINDS[name]
+            if kind.name not in kinds:
+                raise PlcError(
+                    f"PLC node {text} ({self.camera} {NAMES[name][0]}): data type {kind.name}, expected {expected}"
+                )
             self.nodes[name] = node
             self.kinds[name] = kind.name
 
@@ -356,13 +472,33 @@ class ClientTarget:
                 moduli.append(_top(kind) + 1)
         return min(moduli)
 
+    @property
+    def heartbeat_modulus(self) -> int:
+        """Where the Heartbeat variable wraps: the handshake counts 1..this-1 in it, never 0 (next to an InspectionId of
+        0, a Heartbeat of 0 at a restart says that the bridge never wrote to this PLC)."""
+        kind = self.kinds.get("heartbeat")
+        if kind in _INT_BITS:
+            return _top(kind) + 1  # a signed type: its non-negative half, as _value writes it
+        # Double: exact up to 2**53, so any wrap will do. It wraps where the server mode's UInt32 Heartbeat does
+        # (136 years at a beat a second), so a PLC program that copies it into a UDINT never overflows.
+        return U32 + 1
+
     async def read(self, name: str) -> int:
         node = self.nodes[name]
         try:
             value = await node.read_value()
         except Exception as exc:
             raise PlcError(f"PLC read of {node.nodeid.to_string()}: {one_line(exc)}") from exc
-        return int(value or 0)
+        number = _integer(value)
+        if number is None:
+            # resolve() checked the declared type; a PLC may still hold a value of another (a program changed since)
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise PlcError(
+                f"PLC read of {node.nodeid.to_string()} ({self.camera} {NAMES[name][0]}): expected an integer or "
+                f"Boolean, got {shown}"
+            )
+        return number
 
     async def write(self, fields: dict[str, Any], last: str | None = None) -> None:
         data, flags = _expand(fields)
@@ -404,7 +540,40 @@ _INT_BITS = {
     "Int64": 64,
     "UInt64": 64,
 }
-WRITABLE_KINDS = {*_INT_BITS, "Float", "Double", "Boolean", "String"}
+_INTEGERS = frozenset(_INT_BITS)
+_IDS = (_INTEGERS, "an integer type (SByte, Byte, Int16..UInt64): a Float or Double id stops matching its ack")
+_FLAGS = (_INTEGERS | {"Boolean"}, "Boolean or an integer type")
+_COUNTS = (_INTEGERS | {"Double"}, "an integer type or Double")
+# Client mode: the data types a PLC variable may have, by what the bridge writes into it or reads from it. Ids must be
+# exact past 2**24 (a Float's limit, reached within days on a fast line); so must counters (a Float heartbeat stops
+# moving after 2**24 beats); a Boolean id always reads 1.
+ROLE_KINDS: dict[str, tuple[frozenset[str], str]] = {
+    "inspection_id": _IDS,
+    "ack": _IDS,
+    "result_code": _COUNTS,
+    "verdict": (_INTEGERS | {"String"}, "String or an integer type (which gets the result code)"),
+    "score": (_INTEGERS | {"Float", "Double"}, "Float, Double or an integer type"),
+    "threshold": (_INTEGERS | {"Float", "Double"}, "Float, Double or an integer type"),
+    "region_count": _COUNTS,
+    "model_id": (frozenset({"String"}), "String"),
+    "thresholds_version": _COUNTS,
+    "missed_acks": _COUNTS,
+    "sequence_gaps": _COUNTS,
+    "heartbeat": _COUNTS,
+    "alarm_reset": _FLAGS,
+    **{flag: _FLAGS for flag in STATUS_FLAGS},
+}
+
+
+def _integer(value: Any) -> int | None:
+    """A value read from the PLC as the handshake takes it (ids, flags); None when it is no whole number."""
+    if value is None:  # a variable the PLC never set
+        return 0
+    if isinstance(value, int):  # bool included
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
 
 
 def _top(kind: str) -> int:

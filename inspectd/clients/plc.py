@@ -10,7 +10,7 @@ The PLC sees one block of holding registers (addresses 0-based, as on the wire; 
     region_count   defect regions in the result (clamped to 65535)
     missed_acks    results the PLC did not acknowledge in time (wraps at 65536)
     sequence_gaps  results the PLC never got: jumps in the inspection id it was handed (wraps at 65536)
-    heartbeat      +1 every second while the bridge runs (wraps at 65536)
+    heartbeat      +1 every second while the bridge runs (1..65535, then 1 again: never 0)
     ack            2 registers the PLC writes: the inspection id it has consumed, high word first
     alarm_reset    the PLC writes non-zero to clear the latched alarm bit; the bridge writes it back to 0
 
@@ -137,6 +137,8 @@ NOT_IN_REGISTERS = ("verdict", "threshold", "model_id", "thresholds_version")
 
 class ModbusTarget:
     """The register block as a handshake Target, over one pymodbus async client (one request in flight)."""
+
+    heartbeat_modulus = 1 << 16  # one register: the handshake counts 1..65535 in it, never 0
 
     def __init__(self, client, config: BridgeConfig) -> None:
         from pymodbus.exceptions import ModbusException

@@ -224,6 +224,12 @@ class JournalCatchUp:
                 self._why.setdefault(camera, []).append(NO_JOURNAL)
         yield self._deliver(message)
 
+    def renumbered(self, camera: str, seq: int) -> None:
+        """`camera`'s numbering starts again at `seq`, at or below what counts as delivered (a reader that resumed
+        after a seq this numbering never reached): deliver from `seq` on, as after a live seq that went back."""
+        self.delivered[camera] = self.gaps.last[camera] = seq - 1
+        self._why.pop(camera, None)
+
     def journalled(self, camera: str, after: int, most: int) -> list[int]:
         """The first `most` seqs of `camera` the journal holds after `after` ([] without a journal)."""
         from inspectd.protocol import journal
