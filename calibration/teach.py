@@ -676,7 +676,7 @@ def _apply(endpoint: str, client: ControlClient, expected: Bundle | None = None,
         return 1
     got = reply.get("model_id")
     mismatch = expected is not None and got != expected.model_id
-    if mismatch:
+    if expected is not None and mismatch:
         # Its model.bundle is another path (a copy, another line's instance), which the reload read unchanged.
         print(
             f"inspectd teach: --apply {endpoint}: reloaded, but the daemon runs {got}, expected the {what} model "
