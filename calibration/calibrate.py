@@ -397,11 +397,11 @@ def _cannot_read(folder: Path, exc: OSError) -> Exception:
 
 
 def _good_paths(folder: Path) -> list[Path]:
-    from engines.data.images import list_images
+    from engines.data.images import good_folder, list_images
 
     try:
         # train/good of an MVTec root fitted the model; only test/good is held out.
-        return list_images(folder / "test" / "good" if (folder / "test" / "good").is_dir() else folder)
+        return list_images(good_folder(folder, ("test",)))
     except OSError as exc:
         raise _cannot_read(folder, exc) from None
 

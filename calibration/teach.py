@@ -58,7 +58,7 @@ import numpy as np
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import REQUIRED_FILES, inspectd_version
 from engines.bundle.store import Bundle, load_bundle, write_bundle
-from engines.data.images import ImageFiles, list_images, split_holdout
+from engines.data.images import ImageFiles, good_folder, list_images, split_holdout
 from engines.durable import exchange, fsync_dir, replace_dir
 from engines.errors import BundleError, DataError, EngineError
 from engines.runtime import open_engine
@@ -155,18 +155,10 @@ class GoodFrames:
     hint: str = ""  # how to get more of them, for the too-few refusal
 
 
-def good_folder(good: str | Path) -> Path:
-    """The folder of good frames `--good` names: an export or MVTec root's train/good (what an export with --split
-    train writes, and what train fits), else its test/good; any other folder as it is."""
-    good = Path(good)
-    for split in ("train", "test"):
-        if (good / split / "good").is_dir():
-            return good / split / "good"
-    return good
-
-
 def folder_frames(good: str | Path) -> GoodFrames:
-    folder = good_folder(good)
+    # An export or MVTec root: its train/good (what an export with --split train writes, what train fits), else
+    # its test/good.
+    folder = good_folder(good, ("train", "test"))
     source = f"--good {good}" + (f" ({folder.relative_to(good)})" if folder != Path(good) else "")
     resolved = str(folder.resolve())
     return GoodFrames(list_images(folder), source, {"folder": resolved}, {"good_dir": resolved})

@@ -36,15 +36,14 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    bundle = write_grey_bundle(tmp_path / "bundle")
-    config = parse_config(
+def in_process_config(tmp_path: Path, bundle: Path, source: dict):
+    """One camera with `source`, sockets and state under tmp_path, no metrics listener."""
+    return parse_config(
         {
             "station": "s1",
             "model": {"bundle": str(bundle)},
             "engine": {"options": {"intra_op_threads": 1}},
-            "cameras": [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 50, "width": 64, "height": 64}}],
+            "cameras": [{"id": "cam0", "source": source}],
             "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
             "control": {"endpoint": f"ipc://{tmp_path}/control.sock"},
             "metrics": {"listen": None},
@@ -52,6 +51,12 @@ def daemon(tmp_path):
             "shutdown_timeout_s": 5.0,
         }
     )
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    config = in_process_config(tmp_path, bundle, {"kind": "synthetic", "rate_hz": 50, "width": 64, "height": 64})
     daemon = Daemon(config)
     daemon.start()
     yield daemon
@@ -113,19 +118,7 @@ def test_cameras_narrow_16_bit_frames_with_the_bundles_bit_depth_and_a_reload_ca
     bundle = write_grey_bundle(tmp_path / "bundle", bit_depth=12)
     folder = tmp_path / "in"
     folder.mkdir()
-    config = parse_config(
-        {
-            "station": "s1",
-            "model": {"bundle": str(bundle)},
-            "engine": {"options": {"intra_op_threads": 1}},
-            "cameras": [{"id": "cam0", "source": {"kind": "folder", "path": str(folder), "poll_ms": 20}}],
-            "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
-            "control": {"endpoint": f"ipc://{tmp_path}/control.sock"},
-            "metrics": {"listen": None},
-            "state_dir": str(tmp_path / "state"),
-            "shutdown_timeout_s": 5.0,
-        }
-    )
+    config = in_process_config(tmp_path, bundle, {"kind": "folder", "path": str(folder), "poll_ms": 20})
     daemon = Daemon(config)
     sub = Subscriber(config.publish.endpoint)
     try:

@@ -142,6 +142,16 @@ def detect_bit_depth(paths: Sequence[str | Path]) -> DetectedDepth | None:
     return DetectedDepth(bits + bits % 2, largest, padding)
 
 
+def good_folder(root: str | Path, splits: Sequence[str] = ("train", "test")) -> Path:
+    """The folder of good images a command given `root` reads: `root/<split>/good` for the first of `splits` an
+    MVTec-layout or archive-export root has, else `root` itself (a plain folder of images)."""
+    root = Path(root)
+    for split in splits:
+        if (root / split / "good").is_dir():
+            return root / split / "good"
+    return root
+
+
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():

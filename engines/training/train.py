@@ -28,7 +28,13 @@ import torch
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import BIT_DEPTH_RANGE, LEGACY_BIT_DEPTH, inspectd_version, valid_bit_depth
 from engines.bundle.store import load_bundle, write_bundle
-from engines.data.images import ImageFiles, MvtecFolder, detect_bit_depth, list_images, split_holdout
+from engines.data.images import (
+    ImageFiles,
+    detect_bit_depth,
+    good_folder,
+    list_images,
+    split_holdout,
+)
 from engines.errors import DataError, EngineError
 from engines.model.backbones import BACKBONES, spec_for
 from engines.model.export import DEFAULT_OPSET, add_feature_graph, export_graph
@@ -139,7 +145,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def training_images(data: str | Path) -> list[Path]:
     """train/good of an MVTec-layout root, else the images of a plain folder."""
     data = Path(data)
-    paths = MvtecFolder(data).train_good() if (data / "train" / "good").is_dir() else list_images(data)
+    paths = list_images(good_folder(data, ("train",)))
     if not paths:
         raise DataError(f"{data}: no images, expected train/good/*.png|jpg or a folder of images")
     return paths
