@@ -94,6 +94,24 @@ def defect_frame(seed: int, size: int = 16) -> np.ndarray:
     return image
 
 
+def judged(camera: str, seq: int, image: np.ndarray, t: float | None = None):
+    """What the inference stage would make of `image` under the grey model: the verdict, mask and regions (for the
+    archive writer without a daemon)."""
+    from inspectd.daemon.frames import Frame
+    from inspectd.daemon.inference import Judged
+    from inspectd.protocol.messages import Region
+
+    amap = np.abs(image.astype(np.float32) - 128) / 128
+    score = float(amap.max())
+    frame = Frame(camera, seq, f"{seq:06d}.png", time.time() if t is None else t, image)
+    if score < THRESHOLD:
+        return Judged(frame, "ok", score, THRESHOLD, "test-none-0", 1, [], None)
+    mask = amap >= THRESHOLD
+    ys, xs = np.nonzero(mask)
+    box = Region(int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1, int(mask.sum()), score)
+    return Judged(frame, "defect", score, THRESHOLD, "test-none-0", 1, [box], mask)
+
+
 def drop(inbox: Path, name: str, image: np.ndarray) -> None:
     """Write a PNG so that it appears in the watched folder whole, as a camera's upload would."""
     tmp = inbox.parent / f".{name}"

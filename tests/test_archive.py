@@ -22,28 +22,13 @@ import pytest
 from daemon_harness import Station, free_port
 from inspectd.daemon import archive as archive_module
 from inspectd.daemon.archive import Archive
-from inspectd.daemon.frames import Frame
 from inspectd.daemon.inference import Judged
 from inspectd.protocol.archive import ArchiveError, ArchiveReader
-from inspectd.protocol.messages import Region
 from other_user import as_nobody
-from station_model import FRAME, THRESHOLD, defect_frame, drop, good_frame, write_grey_bundle
+from station_model import FRAME, defect_frame, drop, good_frame, judged, write_grey_bundle
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def judged(camera: str, seq: int, image: np.ndarray, t: float | None = None) -> Judged:
-    """What the inference stage would make of `image` under the grey model: the verdict, mask and regions."""
-    amap = np.abs(image.astype(np.float32) - 128) / 128
-    score = float(amap.max())
-    frame = Frame(camera, seq, f"{seq:06d}.png", time.time() if t is None else t, image)
-    if score < THRESHOLD:
-        return Judged(frame, "ok", score, THRESHOLD, "test-none-0", 1, [], None)
-    mask = amap >= THRESHOLD
-    ys, xs = np.nonzero(mask)
-    box = Region(int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1, int(mask.sum()), score)
-    return Judged(frame, "defect", score, THRESHOLD, "test-none-0", 1, [box], mask)
 
 
 def test_defects_with_overlays_and_one_good_frame_in_n_are_kept(tmp_path):

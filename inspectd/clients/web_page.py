@@ -1,6 +1,7 @@
 """The web view's page (`inspectd web`): one HTML document with its style and script inline, no build step and nothing
 fetched from elsewhere. It renders the `state` events of /events (see inspectd.clients.web); each defect's overlay
-<img> carries `data-archive-id`, and `data-loaded-at` (epoch ms) once the browser has drawn it."""
+<img> carries `data-archive-id`, `data-loaded-at` (epoch ms) once the browser has drawn it, `data-retries` while
+it is asked for again and `data-missing` once the page has given up on it."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -108,6 +109,26 @@ function histogram(svg, hist) {
   svg.innerHTML = out;
 }
 
+const overlayUrl = (id, tries) => `/archive/${encodeURIComponent(id)}/overlay` + (tries ? `?try=${tries}` : "");
+
+// A result can reach the page before its overlay reaches the disk (the daemon's archive writer behind, a daemon
+// just started): a failed overlay is asked for again, less and less often, for about a minute, and only then said
+// to be missing. The server itself waits a moment before answering 404.
+const OVERLAY_RETRY_MS = [500, 1000, 2000, 4000, 8000, 15000, 30000];
+
+function overlayFailed(img, caption) {
+  if (!img.isConnected) return;  // dropped from the strip meanwhile
+  const tries = Number(img.dataset.retries || 0);
+  if (tries >= OVERLAY_RETRY_MS.length) {
+    img.dataset.missing = "1";
+    caption.textContent += " - overlay not in the archive";
+    return;
+  }
+  img.dataset.retries = String(tries + 1);
+  setTimeout(() => { if (img.isConnected) img.src = overlayUrl(img.dataset.archiveId, tries + 1); },
+             OVERLAY_RETRY_MS[tries]);
+}
+
 function defects(strip, list) {
   const wanted = new Set(list.map((d) => d.archive_id || "seq-" + d.seq));
   for (const el of Array.from(strip.children)) if (!wanted.has(el.dataset.key)) el.remove();
@@ -118,15 +139,15 @@ function defects(strip, list) {
       el = document.createElement("div");
       el.className = "defect";
       el.dataset.key = key;
-      const img = document.createElement("img");
+      const img = document.createElement("img"), caption = document.createElement("div");
       img.alt = "defect overlay";
+      caption.textContent = `${fmt(d.score)} @ ${when(d.t_capture)} (${d.regions} region${d.regions === 1 ? "" : "s"})`;
       if (d.archive_id) {
         img.dataset.archiveId = d.archive_id;
         img.onload = () => { img.dataset.loadedAt = String(Date.now()); };
-        img.src = `/archive/${encodeURIComponent(d.archive_id)}/overlay`;
+        img.onerror = () => overlayFailed(img, caption);
+        img.src = overlayUrl(d.archive_id, 0);
       }
-      const caption = document.createElement("div");
-      caption.textContent = `${fmt(d.score)} @ ${when(d.t_capture)} (${d.regions} region${d.regions === 1 ? "" : "s"})`;
       el.append(img, caption);
     }
     strip.appendChild(el);

@@ -199,7 +199,10 @@ class ArchiveReader:
     def get(self, entry_id: str) -> Entry:
         if not ID_RE.fullmatch(entry_id):
             raise ArchiveError(f"archive id {entry_id[:80]!r}: expected <camera>-<YYYYmmddTHHMMSSmmm>-<seq>")
-        row = self._db.execute(f"SELECT {', '.join(FIELDS)} FROM frames WHERE id = ?", (entry_id,)).fetchone()
+        try:
+            row = self._db.execute(f"SELECT {', '.join(FIELDS)} FROM frames WHERE id = ?", (entry_id,)).fetchone()
+        except sqlite3.Error as exc:  # e.g. locked past the timeout by a writer opening the index
+            raise ArchiveError(f"{self.root / INDEX_NAME}: cannot read the archive index ({exc})") from None
         if row is None:
             raise ArchiveError(f"archive id {entry_id!r}: not in the archive (never written, or expired)")
         return Entry(*row)
