@@ -1,9 +1,47 @@
-"""Files that a kill or a power cut leaves whole: the one way the daemon and the bridges replace a small state file
-and make a directory's entries durable. The implementation is engines.durable's (the bundle store shares it); this
-is the name the daemon and the clients import it by."""
+"""Files that a kill or a power cut leaves whole, and state files one process owns: the one way the daemon and the
+bridges replace a small state file, make a directory's entries durable and keep a second process off their state.
+The durable writes are engines.durable's (the bundle store shares them); this is the name the daemon and the clients
+import them by."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+from pathlib import Path
+
 from engines.durable import fsync_dir, replace_file
 
-__all__ = ["fsync_dir", "replace_file"]
+__all__ = ["fsync_dir", "hold_lock", "replace_file"]
+
+
+def hold_lock(path: Path) -> int | None:
+    """Lock `path` (created when missing) exclusively for as long as this process runs, and return the descriptor
+    that holds it (left open on purpose: an int is never closed by the garbage collector). Two processes writing one
+    state file would each rewrite it from their own memory, undoing the other's updates, and could rename each
+    other's half-written temporary file into place: BlockingIOError when another process holds the lock,
+    PermissionError when this user may not open the lock file (one left by a run as another user). None, unlocked,
+    where no lock can be had: a directory this process cannot create a file in (it cannot write its state there
+    either) or a file system without locks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except PermissionError:
+        if path.exists():
+            raise
+        return None
+    except OSError:
+        return None
+    try:
+        # Whatever the umask (the units' is 0077): a run as root must leave a lock the service user can open again;
+        # flock needs no write access. Only the owner may change it, and another's lock is already open here.
+        os.fchmod(fd, 0o644)
+    except OSError:
+        pass
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -301,10 +302,9 @@ def test_a_sequence_gap_is_counted_and_raises_the_alarm(plc, daemon, bridge_conf
 def test_a_seq_that_goes_backwards_raises_the_alarm(plc, daemon, bridge_config):
     """The daemon restarted without a journal (or with it wiped): its numbering starts again below what the PLC holds.
 
-    Changed deliberately (review s31, finding 2): this used to assert that 0 and 1 were skipped as stale
-    (`stale_skipped == 2`), which left the line without verdicts until the seq caught up, and once the alarm was reset
-    nothing said so. The daemon publishes each seq once, so a seq that goes back is a new numbering, not a replay:
-    the bridge hands it over, warns once (`sequence_backwards`, naming both seqs) and latches the alarm."""
+    Skipping 0 and 1 as stale would leave the line without verdicts until the seq caught up, and once the alarm was
+    reset nothing would say so. The daemon publishes each seq once, so a seq that goes back is a new numbering, not a
+    replay: the bridge hands it over, warns once (`sequence_backwards`, naming both seqs) and latches the alarm."""
     bridge = Bridge(daemon, plc, bridge_config)
     try:
         for seq in (7, 8, 9):
@@ -347,10 +347,9 @@ def test_queue_overflow_drops_the_oldest_waiting_results_and_counts_them_as_gaps
 
 
 def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
-    """Changed deliberately (review s31, finding 2): the restarted bridge used to be fed 2 and 3 again and assert they
-    were skipped as stale. The daemon never publishes a seq twice, so what reaches a restarted bridge is after what
-    the PLC holds; a seq at or below it is a renumbering, which test_a_resume_point_ahead_of_the_daemon... covers. What
-    stays: result_valid is down until a fresh result, and the fresh one follows the PLC's id without a gap."""
+    """The daemon never publishes a seq twice, so what reaches a restarted bridge is after what the PLC holds; a seq
+    at or below it is a renumbering, which test_a_resume_point_ahead_of_the_daemon... covers. Here: result_valid is
+    down until a fresh result, and the fresh one follows the PLC's id without a gap."""
     bridge = Bridge(daemon, plc, bridge_config)
     for seq in (1, 2, 3):
         daemon.result(seq, "defect", regions=2)
@@ -879,6 +878,265 @@ def test_with_a_journal_a_plc_too_far_behind_is_skipped_to_the_newest_result_as_
         journal.close()
 
 
+class Line:
+    """The daemon's side as it publishes with a journal: each result journalled (and flushed), then published."""
+
+    def __init__(self, daemon: Daemon, journal_dir: Path) -> None:
+        from inspectd.daemon.journal import Journal
+
+        self.daemon = daemon
+        self.journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
+
+    def __call__(self, seq: int, publish: bool = True) -> None:
+        frames = self.daemon.encode(seq)
+        self.journal.append(CAMERA, seq, frames)
+        self.journal.flush()
+        if publish:
+            self.daemon.pub.send_multipart(frames)
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+BACKLOG_CONFIG = "ack_timeout_ms: 20000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 4\nmax_backlog: 20\n"
+
+
+def backlog_measured(log: LogLines) -> list[dict]:
+    """What the bridge made of the live result that came last: more than a queue behind, or a backlog given up on."""
+    return log.events("plc_behind") + log.events("backlog_skipped")
+
+
+def test_seqs_never_journalled_are_no_backlog_when_a_live_result_comes_during_a_restarts_catch_up(
+    plc, daemon, tmp_path
+):
+    """Down while 358..365 and, after a reboot's jump, 700..705 were journalled: 14 results, within max_backlog (20).
+    The line goes on: 706 comes while the PLC still holds its ack of 358, with 359.. waiting. Counted in seqs, the
+    334 that never existed made that a backlog of 348, and the bridge gave the 14 real verdicts up; counted without
+    them it is 14, and the PLC gets every one."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text(BACKLOG_CONFIG)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "acked.json").write_text(json.dumps({"acked": {CAMERA: 357}}))
+    line = Line(daemon, tmp_path / "journal")
+    journalled = [*range(358, 366), *range(700, 706)]
+    try:
+        for seq in journalled:
+            line(seq, publish=False)
+        plc.acking.clear()
+        extra = ("--journal", str(tmp_path / "journal"), "--state-dir", str(state))
+        log = LogLines(Bridge(daemon, plc, config, extra=extra))
+        try:
+            wait(
+                lambda: plc.field("inspection_id") == 358 and plc.field("status") & BIT["result_valid"],
+                10,
+                "358 on the PLC, waiting for its ack",
+            )
+            line(706)
+            measured = wait(lambda: backlog_measured(log), 10, "the bridge to measure the backlog at 706")
+            plc.acking.set()
+            wait(lambda: [r["id"] for r in plc.received][-1:] == [706], 15, "the catch-up and 706")
+            time.sleep(0.2)
+        finally:
+            log.stop()
+    finally:
+        line.close()
+    assert [r["id"] for r in plc.received] == [*journalled, 706]
+    assert not log.events("backlog_skipped")
+    assert measured[0]["event"] == "plc_behind" and measured[0]["behind"] == 706 - 358 - 334, measured
+    gaps = log.events("gap")
+    assert [(g["first"], g["last"]) for g in gaps] == [(366, 699)] and "never journalled" in gaps[0]["reason"], gaps
+    stopped = log.events("bridge_stopped")[0]
+    assert stopped["sequence_gaps"] == 334 and stopped["missed_acks"] == 0, stopped
+
+
+def test_a_live_jump_over_seqs_never_journalled_is_no_backlog_while_results_wait(plc, daemon, tmp_path):
+    """The PLC holds its ack of 1 with 2..5 queued; the daemon crashes and numbers on at 300 (6..299 never existed).
+    Nothing is skipped: 295 seqs behind, but 5 results."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text(BACKLOG_CONFIG)
+    line = Line(daemon, tmp_path / "journal")
+    try:
+        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(tmp_path / "journal"))))
+        try:
+            plc.acking.clear()
+            line(1)
+            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
+            for seq in range(2, 6):
+                line(seq)
+            line(300)
+            measured = wait(lambda: backlog_measured(log), 10, "the bridge to measure the backlog at 300")
+            plc.acking.set()
+            wait(lambda: [r["id"] for r in plc.received][-1:] == [300], 15, "1..5 and 300")
+            time.sleep(0.2)
+        finally:
+            log.stop()
+    finally:
+        line.close()
+    assert [r["id"] for r in plc.received] == [1, 2, 3, 4, 5, 300]
+    assert not log.events("backlog_skipped")
+    assert measured[0]["event"] == "plc_behind" and measured[0]["behind"] == 5, measured
+    gaps = log.events("gap")
+    assert [(g["first"], g["last"]) for g in gaps] == [(6, 299)] and "never journalled" in gaps[0]["reason"], gaps
+    assert log.events("bridge_stopped")[0]["sequence_gaps"] == 294
+
+
+def test_after_the_numbering_goes_back_max_backlog_measures_the_new_one(plc, daemon, tmp_path):
+    """A backlog skip up to 121, then the daemon numbers from 0 again under the running bridge (its journal wiped).
+    The PLC holds its ack of 1 while 2..31 arrive: 30 behind in the new numbering, past max_backlog (20), so the
+    bridge skips 2..21. Measured against the old skip (121) it was never behind at all, and the skip came only once
+    the new numbering passed 141."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text(BACKLOG_CONFIG)
+    line = Line(daemon, tmp_path / "journal")
+    try:
+        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(tmp_path / "journal"))))
+        try:
+            plc.acking.clear()
+            line(101)
+            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 101 waiting for its ack")
+            for seq in range(102, 123):
+                line(seq)
+            wait(lambda: log.events("backlog_skipped"), 10, "the skip at 122")
+            plc.acking.set()
+            wait(lambda: [r["id"] for r in plc.received] == [101, 122], 10, "101, then the newest")
+            # The daemon restarted with its journal wiped: a new one in the same directory, numbered from 0.
+            line.close()
+            shutil.rmtree(tmp_path / "journal")
+            line = Line(daemon, tmp_path / "journal")
+            line(0)
+            wait(lambda: [r["id"] for r in plc.received][-1:] == [0], 10, "the new numbering's first result")
+            plc.acking.clear()
+            line(1)
+            wait(lambda: plc.field("inspection_id") == 1, 10, "result 1 waiting for its ack")
+            for seq in range(2, 32):
+                line(seq)
+            wait(lambda: len(log.events("backlog_skipped")) == 2, 10, "a skip in the new numbering")
+            plc.acking.set()
+            wait(lambda: [r["id"] for r in plc.received][-1:] == [31], 10, "the line going on")
+        finally:
+            log.stop()
+    finally:
+        line.close()
+    skipped = log.events("backlog_skipped")
+    assert [(e["first"], e["last"]) for e in skipped] == [(102, 121), (2, 21)], skipped
+    assert [r["id"] for r in plc.received] == [101, 122, 0, 1, *range(22, 32)]
+    assert log.events("bridge_stopped")[0]["sequence_gaps"] == 40
+
+
+def test_a_second_bridge_on_the_same_state_dir_is_refused_with_one_line(plc, daemon, bridge_config, tmp_path):
+    """Two bridges on one --state-dir each rewrite acked.json from their own memory (undoing the other's acks) and can
+    rename each other's half-written temporary file into place. The second is refused before it touches its PLC;
+    once the first has stopped, the directory is free again."""
+    state = tmp_path / "state"
+    extra = ("--state-dir", str(state))
+    bridge = Bridge(daemon, plc, bridge_config, extra=extra)
+    try:
+        second = subprocess.run(
+            bridge_command(daemon, plc, bridge_config, *extra),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert second.returncode == 2, second.stderr
+        line = second.stderr.strip()
+        assert "\n" not in line and str(state) in line and "another bridge uses it" in line, line
+        daemon.result(1)  # the first goes on undisturbed
+        wait(lambda: [r["id"] for r in plc.received] == [1], 10, "result 1 from the first bridge")
+    finally:
+        bridge.stop()
+    assert json.loads((state / "acked.json").read_text()) == {"acked": {CAMERA: 1}}
+    bridge = Bridge(daemon, plc, bridge_config, extra=extra)
+    try:
+        daemon.result(2)
+        wait(lambda: [r["id"] for r in plc.received] == [1, 2], 10, "result 2 from a bridge started after it")
+    finally:
+        bridge.stop()
+    assert json.loads((state / "acked.json").read_text()) == {"acked": {CAMERA: 2}}
+
+
+@pytest.mark.usefixtures("tmp_path_open_to_others")
+def test_a_state_dir_lock_left_by_another_user_is_taken_over_or_refused_in_one_line(tmp_path):
+    """A run as root under the unit's UMask=0077 leaves a lock file the service user can still open and lock; one it
+    cannot open (left by some other tool) is one line, never a bridge running silently without its lock."""
+    import stat
+
+    from inspectd.durable import hold_lock
+    from other_user import as_nobody
+
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    lock = state / ".lock"
+    umask = os.umask(0o077)
+    try:
+        fd = hold_lock(lock)
+    finally:
+        os.umask(umask)
+    assert fd is not None and stat.S_IMODE(lock.stat().st_mode) == 0o644
+    os.close(fd)
+    probe = "import sys, pathlib, inspectd.durable as d; print(d.hold_lock(pathlib.Path(sys.argv[1])))"
+    taken = subprocess.run(as_nobody([sys.executable, "-c", probe, str(lock)]), capture_output=True, text=True,
+                           cwd=REPO, timeout=60)  # fmt: skip
+    assert taken.returncode == 0 and taken.stdout.strip().isdigit(), (taken.stdout, taken.stderr)
+    lock.chmod(0o600)
+    refused = subprocess.run(
+        as_nobody([sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint", "tcp://127.0.0.1:1", "--plc",
+                   "127.0.0.1:1", "--state-dir", str(state)]),
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--state-dir {state}: cannot open its .lock (Permission denied)" in lines[0], lines
+
+
+def test_the_bridges_stop_wait_leaves_time_to_drop_the_flags_before_the_units_kill():
+    from inspectd.clients.bridge import STOP_WAIT_S
+    from unit_sandbox import unit_settings
+
+    unit = REPO / "systemd" / "inspectd-bridge@.service"
+    timeout_stop = unit_settings(unit)["TimeoutStopSec"][-1]
+    assert timeout_stop.isdigit(), f"{unit}: TimeoutStopSec={timeout_stop}, expected whole seconds"
+    assert STOP_WAIT_S + 2 <= int(timeout_stop), "the capped wait leaves no time to drop the flags before the kill"
+
+
+def test_a_stop_with_a_long_ack_timeout_drops_the_flags_within_the_units_stop_timeout(plc, daemon, tmp_path):
+    """The PLC in STOP holds its ack, and ack_timeout_ms is 20 s: a stop that waited for it would outlast the unit's
+    TimeoutStopSec, and systemd's SIGKILL would leave the PLC a valid result and trigger_ready from a bridge that is
+    gone. The stop waits STOP_WAIT_S at most, then drops both flags and counts the cut result as a missed ack. The
+    flags must drop well before the 20 s an uncapped wait would take (a wide margin, not a speed goal)."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 20000\npoll_ms: 5\nheartbeat_ms: 100\n")
+    bridge = Bridge(daemon, plc, config)
+    log = LogLines(bridge)
+    try:
+        plc.acking.clear()
+        daemon.result(1)
+        wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
+        daemon.status()
+        wait(lambda: plc.field("status") & BIT["trigger_ready"], 5, "trigger_ready up before the stop")
+        signalled = time.monotonic()
+        bridge.proc.send_signal(signal.SIGTERM)
+        wait(lambda: not plc.field("status") & BIT["result_valid"], 30, "result_valid dropped")
+        dropped_after = time.monotonic() - signalled
+        code = bridge.proc.wait(60)
+        log.thread.join(10)
+    finally:
+        if bridge.proc.poll() is None:
+            bridge.proc.kill()
+            bridge.proc.wait()
+    assert dropped_after < 15, f"result_valid dropped {dropped_after:.1f} s after SIGTERM: the wait was not capped"
+    assert code == 0, "".join(log.lines)
+    status = plc.field("status")
+    assert not status & BIT["trigger_ready"] and not status & BIT["result_valid"], bin(status)
+    assert status & BIT["alarm"] and plc.field("missed_acks") == 1, (bin(status), plc.field("missed_acks"))
+    cut = log.events("stop_before_ack")
+    assert len(cut) == 1 and cut[0]["seq"] == 1 and cut[0]["level"] == "warning", cut
+    assert log.events("bridge_stopped")
+
+
 def test_seqs_past_32_bits_are_handed_over_wrapped_and_resumed_in_full(plc, daemon, tmp_path, bridge_config):
     """The inspection id registers hold a seq's low 32 bits; the bridge keeps counting in full seqs, so a line that
     outgrows 2**32 results is neither skipped as stale nor counted as a gap, and a restart places the PLC's wrapped
@@ -899,9 +1157,8 @@ def test_seqs_past_32_bits_are_handed_over_wrapped_and_resumed_in_full(plc, daem
     assert json.loads((state / "acked.json").read_text())["acked"][CAMERA] == top + 1
 
     # Restarted without the recorded ack: the PLC's 1 stands for 2**32 + 1 (the latest with its low bits before the
-    # first result), so the next result is no gap. Changed deliberately (review s31, finding 8): 2**32 + 1 used to be
-    # published again and skipped as stale; the daemon never publishes a seq twice, and placing the PLC's id "at or
-    # before" the first result made a first result with the PLC id's low bits a stale skip.
+    # first result), so the next result is no gap: the daemon never publishes a seq twice, so a first result with
+    # the PLC id's low bits is the one after it, not a stale repeat.
     bridge = Bridge(daemon, plc, bridge_config)
     try:
         daemon.result(top + 2)

@@ -373,6 +373,29 @@ def test_server_mode_goes_on_when_the_state_file_cannot_be_written(daemon, tmp_p
     assert "Is a directory" in failed[0]["error"], failed
 
 
+def test_a_second_server_bridge_on_the_same_state_file_is_refused_in_one_line(daemon, tmp_path):
+    # Two bridges rewriting one state file from their own memories would undo each other's inspection ids.
+    bridge, url = server_bridge(daemon, tmp_path, free_port())
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint, "--camera", CAMERA,
+             "--opcua", f"opc.tcp://127.0.0.1:{free_port()}/inspectd/", "--state-file", str(tmp_path / "state.json")],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"state_file {tmp_path / 'state.json'}: another bridge uses it" in lines[0], lines
+        plc = PlcClient(url)
+        program = plc.run_program()
+        try:
+            daemon.result(1)
+            wait(lambda: program.ids() == [1], 20, "the first bridge still serving")
+        finally:
+            plc.close()
+    finally:
+        bridge.stop()
+
+
 # A PlcServer's event-loop thread is not a daemon thread: one left running by a failed test keeps pytest from exiting.
 LIVE_PLC_SERVERS: list[PlcServer] = []
 

@@ -1,9 +1,12 @@
 """Where a restarted bridge resumes (Handshake.start, Handshake.place): the PLC holds a seq modulo its id's width, and
 the bridge must find the full seq it stands for from what it knows (the recorded ack, the daemon's newest seq, the
-first result), and tell a fresh PLC from one holding a residue of 0 by the heartbeat it never writes as 0.
+first result), and tell a fresh PLC from one holding a residue of 0 by the heartbeat it never writes as 0. And the
+status flags the handshake keeps between results: trigger_ready following the camera's state in the daemon's status
+messages, and an alarm reset that cannot clear an alarm the PLC may not have seen.
 
-The arithmetic alone, on a Handshake whose PLC is a few values in memory; the bridge tests drive the same rule end to
-end.
+On a Handshake whose PLC is a few values in memory, driven as the bridge drives it (offer and run for results,
+follow_daemon for status messages, set_status and service for the heartbeat tick); the bridge tests drive the same
+rules end to end.
 """
 
 from __future__ import annotations
@@ -13,27 +16,37 @@ import time
 
 import pytest
 
-from inspectd.clients.handshake import ID_MODULUS, Handshake, HandshakeSettings
-from inspectd.protocol.messages import Result, decode, encode_result
+from inspectd.clients.handshake import ID_MODULUS, Handshake, HandshakeSettings, PlcError
+from inspectd.protocol.messages import Result, decode, encode_result, encode_status
 
 S7_INT = 1 << 15  # an S7 Int InspectionId holds seqs modulo this
 
 
 class Memory:
-    """What a handshake reads of and writes to a PLC, as values in memory: its id's width, its inspection id and
-    heartbeat; the PLC program acknowledges whatever inspection id is written at once."""
+    """What a handshake reads of and writes to a PLC, as values in memory: its id's width, its inspection id,
+    heartbeat, alarm bit and alarm_reset, and every status written (`statuses`); the PLC program acknowledges whatever
+    inspection id is written at once while `acking`, and never otherwise."""
 
-    def __init__(self, modulus: int, inspection_id: int = 0, heartbeat: int = 0) -> None:
+    def __init__(self, modulus: int, inspection_id: int = 0, heartbeat: int = 0, alarm: int = 0) -> None:
         self.id_modulus = modulus
-        self.values = {"inspection_id": inspection_id, "heartbeat": heartbeat, "alarm": 0, "alarm_reset": 0}
+        self.values = {"inspection_id": inspection_id, "heartbeat": heartbeat, "alarm": alarm, "alarm_reset": 0}
+        self.statuses: list[frozenset] = []
+        self.acking = True
 
     async def read(self, name: str) -> int:
         if name == "ack":
-            return self.values["inspection_id"] % self.id_modulus
+            return self.values["inspection_id"] % self.id_modulus if self.acking else 0
         return self.values[name]
 
     async def write(self, fields: dict, last: str | None = None) -> None:
         self.values.update({name: value for name, value in fields.items() if name in self.values})
+        if "status" in fields:
+            self.statuses.append(fields["status"])
+
+    @property
+    def status(self) -> frozenset:
+        """The status flags the PLC holds now."""
+        return self.statuses[-1]
 
 
 def started(modulus: int, plc_id: int, acked: int | None, newest: int | None, heartbeat: int = 17) -> Handshake:
@@ -62,10 +75,9 @@ def test_the_plc_id_is_placed_at_the_seq_it_stands_for(modulus, plc_id, acked, n
 
 
 def test_a_resume_point_ahead_of_the_daemons_journal_resumes_after_the_journals_newest():
-    """Changed deliberately (review s31, finding 2): the row (ID_MODULUS, 500, None, 100) used to resume after 500,
-    so every result of a daemon renumbered below it (state wiped, journal off, an id the bridge never wrote) was
-    skipped as stale, silently, until seq passed 500. Now the bridge resumes after the journal's newest, with one
-    warning naming both numbers and the alarm latched; likewise a recorded ack ahead of it."""
+    """A PLC id or recorded ack ahead of the daemon's journal (state wiped, journal off, an id the bridge never
+    wrote): resuming after it would skip every result of the renumbered daemon as stale, silently, until seq passed
+    it. The bridge resumes after the journal's newest, with one warning naming both numbers and the alarm latched."""
     logged: list[tuple[str, dict]] = []
     for plc_id, acked, newest in [(500, None, 100), (0, 4000, 5), (7, 4000, 5)]:
         handshake = Handshake(Memory(ID_MODULUS, plc_id, 17), HandshakeSettings(), "cam0")  # type: ignore[arg-type]
@@ -87,8 +99,8 @@ def test_a_resume_point_ahead_of_the_daemons_journal_resumes_after_the_journals_
     ],
 )
 def test_a_narrow_id_reading_0_is_a_fresh_plc_only_when_its_heartbeat_reads_0_too(heartbeat, expected):
-    """Used to be one row, (S7_INT, 0, None, 40005) -> None: every 32768th seq an S7 Int reads 0 and was taken for a
-    fresh PLC, so the results journalled after it were lost with no gap and no alarm (review s31, finding 8)."""
+    """Every 32768th seq an S7 Int reads 0: taken for a fresh PLC, the results journalled after it would be lost with
+    no gap and no alarm."""
     assert started(S7_INT, 0, None, 40005, heartbeat=heartbeat).last_id == expected
 
 
@@ -161,3 +173,272 @@ def test_the_heartbeat_is_never_0_at_any_width_it_wraps_at(modulus):
     assert all(a != b for a, b in zip(beats, beats[1:]))  # it moves every beat
     if modulus is not None:
         assert beats[65534:65537] == [65535, 1, 2]  # 1..65535, then 1 again
+
+
+async def tick(handshake: Handshake, beat: int) -> None:
+    """One heartbeat of the bridge (its `tick`) for this handshake, with the daemon heard from and healthy."""
+    await handshake.set_status(daemon_alive=True, daemon_healthy=True)
+    await handshake.service(beat)
+
+
+async def hand_over(handshake: Handshake, *results: Result) -> None:
+    """Offer `results` and let the handshake's run hand them all over, as the bridge does."""
+    for each in results:
+        handshake.offer(each)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(handshake.run(stop))
+    while handshake.queue:
+        await asyncio.sleep(0.001)
+    stop.set()  # run finishes the hand-over in flight, then returns
+    await running
+
+
+def daemon_status(cameras: dict) -> dict:
+    """A daemon status message reporting `cameras`, as the bridge decodes it off the wire."""
+    fields = {"t": time.time(), "uptime_s": 1.0, "healthy": True, "model_id": "m", "thresholds_version": 1}
+    message = decode(encode_status("st1", {**fields, "throughput_fps": 10.0, "cameras": cameras}))
+    assert isinstance(message, dict)
+    return message
+
+
+@pytest.mark.parametrize("state", ["failed", "reopening", "paused", "stopped", "ended"])
+def test_trigger_ready_drops_while_the_daemon_reports_the_camera_not_running(state):
+    """A camera that is not running publishes no verdicts (a pulled cable, a paused camera, a finite source done), so
+    the PLC must not trigger parts for it: the bit drops on the first heartbeat after such a status, stays down through
+    a result handed over meanwhile (a verdict still queued), and rises on the first heartbeat after "running". The
+    daemon itself stays healthy throughout."""
+    logged: list[tuple[str, dict]] = []
+
+    async def follow() -> tuple[list[frozenset], list[frozenset]]:
+        plc = Memory(ID_MODULUS)
+        handshake = Handshake(plc, HandshakeSettings(), "cam0", log=lambda event, **kw: logged.append((event, kw)))
+        await handshake.start()
+        beats = []
+        for beat, camera in enumerate([{"state": "running"}, {"state": state}, {"state": "running"}], start=1):
+            handshake.follow_daemon(daemon_status({"cam0": {"published": 7, **camera}}))
+            await tick(handshake, beat)
+            beats.append(plc.status)
+            if beat == 2:
+                before = len(plc.statuses)
+                await hand_over(handshake, result(1))
+                handed = plc.statuses[before:]
+        return beats, handed
+
+    beats, handed = asyncio.run(follow())
+    assert ["trigger_ready" in status for status in beats] == [True, False, True]
+    assert not any("daemon_unhealthy" in status for status in beats)
+    assert "result_valid" in handed[0] and not any("trigger_ready" in status for status in handed), handed
+    changes = [kw["state"] for event, kw in logged if event == "camera_state"]
+    assert changes == ["running", state, "running"]
+
+
+def test_another_cameras_state_leaves_this_cameras_trigger_ready_alone():
+    """Two cameras served by one bridge (one handshake each), fed the same status messages: each bit follows its own
+    camera's state only."""
+
+    async def follow() -> dict[str, list[bool]]:
+        handshakes = {camera: Handshake(Memory(ID_MODULUS), HandshakeSettings(), camera) for camera in ("cam0", "cam1")}
+        for handshake in handshakes.values():
+            await handshake.start()
+        ready: dict[str, list[bool]] = {camera: [] for camera in handshakes}
+        states = [("running", "failed"), ("failed", "running"), ("paused", "paused"), ("running", "running")]
+        for beat, (cam0, cam1) in enumerate(states, start=1):
+            message = daemon_status({"cam0": {"state": cam0}, "cam1": {"state": cam1}})
+            for camera, handshake in handshakes.items():
+                handshake.follow_daemon(message)
+                await tick(handshake, beat)
+                ready[camera].append("trigger_ready" in handshake.target.status)  # type: ignore[attr-defined]
+        return ready
+
+    assert asyncio.run(follow()) == {"cam0": [True, False, False, True], "cam1": [False, True, False, True]}
+
+
+def test_a_status_that_does_not_report_the_cameras_state_does_not_hold_trigger_ready_down():
+    """Each status message reports every camera the daemon runs, so one without this camera's state (a daemon or a
+    publisher that does not report states, a status for another camera alone, a state that is not a string) means
+    "not reported", not "unchanged": the bit follows the daemon's health as it did before camera states counted,
+    rather than stay down on a state from a message long gone. A slot not bound to a camera yet has no state."""
+
+    async def follow() -> tuple[list[bool], list[bool]]:
+        bound = Handshake(Memory(ID_MODULUS), HandshakeSettings(), "cam0")
+        unbound = Handshake(Memory(ID_MODULUS), HandshakeSettings(), None)
+        for handshake in (bound, unbound):
+            await handshake.start()
+        ready: tuple[list[bool], list[bool]] = ([], [])
+        cameras = [
+            {"cam0": {"state": "failed"}},
+            {"cam0": {"published": 3}},
+            {"cam0": {"state": "failed"}},
+            {"cam1": {"state": "running"}},
+            {"cam0": {"state": "failed"}},
+            {"cam0": {"state": None}},
+            {"cam0": {"state": "failed"}},
+            {},
+        ]
+        for beat, reported in enumerate(cameras, start=1):
+            for handshake, seen in zip((bound, unbound), ready):
+                handshake.follow_daemon(daemon_status(reported))
+                await tick(handshake, beat)
+                seen.append("trigger_ready" in handshake.target.status)  # type: ignore[attr-defined]
+        return ready
+
+    bound, unbound = asyncio.run(follow())
+    assert bound == [False, True] * 4
+    assert unbound == [True] * 8
+
+
+@pytest.mark.parametrize(
+    "cause, asked, kept",
+    [
+        (None, "before", False),  # only the alarm the PLC saw: one reset clears it
+        ("gap", "before", True),  # the request predates the gap: that alarm stays until the PLC resets again
+        ("missed ack", "before", True),
+        ("gap", "after", False),  # the PLC asked after the gap was shown, within the same heartbeat: one reset
+        ("missed ack", "after", False),
+    ],
+)
+def test_an_alarm_latched_after_the_plc_asked_for_a_reset_stays_until_the_plc_resets_again(cause, asked, kept):
+    """The bridge reads alarm_reset once a heartbeat, so a request it finds may have been written before an alarm that
+    latched since: clearing that with the older one would leave the PLC without its alarm (the alarm bit was already
+    set, so no edge told it). A request written after the new cause was shown to the PLC clears it at once, even
+    before the next heartbeat. The request is written back to 0 either way."""
+
+    async def reset() -> tuple[bool, bool, list[int]]:
+        plc = Memory(ID_MODULUS)
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=20), "cam0")
+        await handshake.start()
+        await hand_over(handshake, result(1), result(3))  # 2 missing: the alarm the PLC sees and resets
+        await tick(handshake, 1)
+        assert "alarm" in plc.status and handshake.counters.sequence_gaps == 1
+        if asked == "before":
+            plc.values["alarm_reset"] = 1
+        if cause == "gap":
+            await hand_over(handshake, result(5))
+            assert handshake.counters.sequence_gaps == 2
+        elif cause == "missed ack":
+            plc.acking = False
+            await hand_over(handshake, result(4))
+            plc.acking = True
+            assert handshake.counters.missed_acks == 1
+        if asked == "after":
+            plc.values["alarm_reset"] = 1
+        await tick(handshake, 2)
+        written_back = [plc.values["alarm_reset"]]
+        held = "alarm" in plc.status and handshake.alarm
+        plc.values["alarm_reset"] = 1  # the PLC resets again, before the bridge read alarm_reset as 0 again
+        await tick(handshake, 3)
+        written_back.append(plc.values["alarm_reset"])
+        return held, "alarm" in plc.status or handshake.alarm, written_back
+
+    assert asyncio.run(reset()) == (kept, False, [0, 0])
+
+
+@pytest.mark.parametrize("resume_ahead", [False, True])
+def test_a_reset_the_plc_asked_for_while_the_bridge_was_down_clears_only_what_was_latched_before_it(resume_ahead):
+    """A restarted bridge adopts the alarm latched in the PLC; a reset the PLC wrote meanwhile clears it at the first
+    heartbeat. An alarm the start itself latches (a resume point ahead of the daemon's journal) is newer than that
+    request and stays."""
+
+    async def restart() -> bool:
+        plc = Memory(ID_MODULUS, inspection_id=500, heartbeat=17, alarm=1)
+        plc.values["alarm_reset"] = 1
+        handshake = Handshake(plc, HandshakeSettings(), "cam0")
+        await handshake.start(480, lambda: 100 if resume_ahead else 1000)
+        assert "alarm" in plc.status
+        await tick(handshake, 1)
+        assert plc.values["alarm_reset"] == 0
+        return "alarm" in plc.status
+
+    assert asyncio.run(restart()) == resume_ahead
+
+
+class CounterWriteFails(Memory):
+    """A PLC link that fails at the last write of a stop: the missed-ack counter on its own (a result's write carries
+    it too)."""
+
+    async def write(self, fields: dict, last: str | None = None) -> None:
+        if set(fields) == {"missed_acks"}:
+            raise PlcError("link down")
+        await super().write(fields, last)
+
+
+@pytest.mark.parametrize("plc_kind, acks_at_the_cut", [(Memory, True), (Memory, False), (CounterWriteFails, False)])
+def test_a_stop_that_cuts_the_wait_for_an_ack_decides_by_one_last_read_and_drops_the_flags_first(
+    plc_kind, acks_at_the_cut
+):
+    """Past STOP_WAIT_S the bridge cancels a hand-over still waiting for its ack. An ack that came at the cut (the
+    answer of the read the cancel interrupted) or just after it is recorded as any ack; none is a missed ack and
+    latches the alarm, since a restart resumes after the PLC's id and the PLC would not see that result again. The
+    flags drop first: a link failing at the counter's write still leaves the PLC no valid result."""
+
+    async def stop() -> tuple[Handshake, Memory, list, bool | None]:
+        plc = plc_kind(ID_MODULUS)
+        recorded: list[tuple[str, int]] = []
+
+        async def acked(camera: str, seq: int) -> None:
+            recorded.append((camera, seq))
+
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=60000, poll_ms=1), "cam0", acked=acked)
+        await handshake.start()
+        await tick(handshake, 1)
+        plc.acking = False
+        handshake.offer(result(1))
+        running = asyncio.ensure_future(handshake.run(asyncio.Event()))
+        while "result_valid" not in plc.status:
+            assert not running.done(), running.exception()
+            await asyncio.sleep(0.001)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        assert handshake.waiting_for == 1
+        plc.acking = acks_at_the_cut
+        try:
+            outcome = await handshake.shutdown()
+        except PlcError:
+            outcome = None
+        return handshake, plc, recorded, outcome
+
+    handshake, plc, recorded, outcome = asyncio.run(stop())
+    assert "result_valid" not in plc.status and "trigger_ready" not in plc.status, plc.status
+    assert handshake.waiting_for is None
+    if acks_at_the_cut:
+        assert outcome is True and recorded == [("cam0", 1)] and handshake.counters.acked == 1
+        assert handshake.counters.missed_acks == 0 and "alarm" not in plc.status
+    else:
+        assert outcome is (False if plc_kind is Memory else None) and recorded == []
+        assert handshake.counters.missed_acks == 1 and "alarm" in plc.status
+
+
+def test_a_stop_with_nothing_waiting_for_its_ack_counts_nothing():
+    async def stop() -> tuple[Handshake, Memory, bool | None]:
+        plc = Memory(ID_MODULUS)
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=20), "cam0")
+        await handshake.start()
+        await hand_over(handshake, result(1))  # acked at once
+        await tick(handshake, 1)
+        return handshake, plc, await handshake.shutdown()
+
+    handshake, plc, outcome = asyncio.run(stop())
+    assert outcome is None and handshake.counters.missed_acks == 0 and handshake.counters.acked == 1
+    assert "trigger_ready" not in plc.status and "alarm" not in plc.status
+
+
+def test_a_wait_for_an_ack_cut_short_ends_at_its_next_poll_even_without_a_cancel():
+    """A cancel can be lost (a reply arriving in the same step as it, under Python 3.11's wait_for): the stop also
+    marks the wait cut short, so it ends at its next poll, not at ack_timeout_ms."""
+
+    async def cut() -> tuple[bool, int | None]:
+        plc = Memory(ID_MODULUS)
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=60000, poll_ms=1), "cam0")
+        await handshake.start()
+        await tick(handshake, 1)
+        plc.acking = False
+        handshake.offer(result(1))
+        running = asyncio.ensure_future(handshake.run(asyncio.Event()))
+        while "result_valid" not in plc.status:
+            assert not running.done(), running.exception()
+            await asyncio.sleep(0.001)
+        handshake.cut_short()
+        await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 10)
+        return running.cancelled(), handshake.waiting_for
+
+    assert asyncio.run(cut()) == (True, 1)

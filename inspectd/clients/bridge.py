@@ -3,10 +3,11 @@
 This module owns the process every protocol shares: the CLI, the ZeroMQ subscription, the journal catch-up
 (inspectd.clients.subscribe.JournalCatchUp, the one `inspectd subscribe` runs: after a restart it replays what the
 journal holds after each camera's last handed-over id, and it fills every hole in the live stream from the journal),
-the record of what the PLC acknowledged (AckedState, a file in the bridge's state directory), routing results to one
-handshake (inspectd.clients.handshake) per camera, the heartbeat, the daemon's health, and the shutdown on
-SIGTERM/SIGINT. A protocol is an adapter module listed in PROTOCOLS (Modbus TCP in
-inspectd.clients.plc, OPC UA in inspectd.clients.opcua) with:
+the record of what the PLC acknowledged (AckedState, a file in the bridge's state directory, which one bridge at a
+time may use: a lock file beside it), routing results to one handshake (inspectd.clients.handshake) per camera, the
+heartbeat, the daemon's health, and the shutdown on SIGTERM/SIGINT (within the service manager's stop timeout). A
+protocol is an adapter module listed in PROTOCOLS (Modbus TCP in inspectd.clients.plc, OPC UA in
+inspectd.clients.opcua) with:
 
     add_arguments(parser)      its own options (the protocol's library is imported only when the PLC side opens)
     configure(args) -> config  its config (a HandshakeSettings declaration), ConfigError naming the key or option
@@ -39,7 +40,7 @@ import zmq
 import zmq.asyncio
 
 from inspectd.clients.subscribe import JournalCatchUp
-from inspectd.durable import replace_file
+from inspectd.durable import hold_lock, replace_file
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.control import connect_error
@@ -58,6 +59,10 @@ DAEMON_SILENT_S = 3.0
 # With --journal: longest wait for the subscription to take hold (the first live message) before the journal is read.
 SETTLE_S = 5.0
 STATE_FILE = "acked.json"  # in --state-dir: the last inspection id the PLC acknowledged, per camera
+LOCK_FILE = ".lock"  # in --state-dir: locked by the bridge that uses the directory, while it runs
+# Longest a stop waits for the PLC to ack the result on it: the unit's TimeoutStopSec=10 kills the bridge after 10 s,
+# and the 2 s left are for dropping trigger_ready and result_valid, which a killed bridge leaves set.
+STOP_WAIT_S = 8.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -225,18 +230,33 @@ class AckedState:
     outside the PLC, so a restart resumes after it even when the PLC's registers were reset (replaced, reloaded).
 
     Written after each ack, atomically (a temporary file, fsync, rename, fsync of the directory), so a kill or a power
-    cut leaves the previous record or the new one, never a torn one. Without a directory it records nothing."""
+    cut leaves the previous record or the new one, never a torn one. Without a directory it records nothing.
+
+    The directory is the bridge's alone while it runs (`hold_lock` on its LOCK_FILE): a second bridge given the same
+    one is refused (ConfigError) before it touches its PLC."""
 
     def __init__(self, directory: Path | None) -> None:
         self.path = None if directory is None else directory / STATE_FILE
         self.acked: dict[str, int] = {}
         self._lock = threading.Lock()
         self._failed: str | None = None
+        self._held: int | None = None  # the descriptor holding the directory's lock, open until the process ends
         if directory is not None:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"--state-dir {directory}: cannot create ({exc.strerror or exc})") from None
+            try:
+                self._held = hold_lock(directory / LOCK_FILE)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"--state-dir {directory}: another bridge uses it (give each bridge a state directory of its own)"
+                ) from None
+            except PermissionError as exc:
+                raise ConfigError(
+                    f"--state-dir {directory}: cannot open its {LOCK_FILE} ({exc.strerror}), expected one this user "
+                    "may read: remove it (left by a run as another user)"
+                ) from None
             self.acked = self._load()
 
     def _load(self) -> dict[str, int]:
@@ -304,7 +324,10 @@ class Feeder:
 
     With a journal a PLC slower than the line falls behind: more than a queue behind is logged (`plc_behind`, once
     until it is back within half a queue), and more than `max_backlog` makes the bridge skip to the newest result
-    (`backlog_skipped`; the handshake counts the jump as a gap and latches the alarm)."""
+    (`backlog_skipped`; the handshake counts the jump as a gap and latches the alarm). Behind is counted in results
+    that can still reach the PLC: seqs known not to be in the journal (a daemon crash or reboot numbered on past them,
+    a stretch rotated away) are no backlog. They are learnt from the records a restart's replay is measured by, and at
+    each jump in the live stream from one bounded journal read, and forgotten once the PLC is past them."""
 
     def __init__(self, catch_up: JournalCatchUp, router: Router) -> None:
         self.catch_up = catch_up
@@ -317,11 +340,15 @@ class Feeder:
         self.skipped: dict[str, int] = {}  # camera -> the last seq a backlog skip gave up on
         self.since: dict[str, int] = {}  # camera -> where its replay resumed (the handshake's resume point)
         self.went_live: set[str] = set()  # cameras whose first live result came
+        self.unjournalled: dict[str, list[tuple[int, int]]] = {}  # camera -> stretches (first, last) not in the journal
+        self.examined: dict[str, int] = {}  # camera -> how far the journal's holes are known (`unjournalled`)
 
     def resume(self, since: dict[str, int]) -> None:
         for camera, seq in since.items():
             self.heard.add(camera)
             self.since[camera] = seq
+            self.unjournalled.pop(camera, None)
+            self.examined[camera] = seq
             after = seq
             handshake = self.router.handshake(camera)
             limit = None if handshake is None else handshake.settings.max_backlog
@@ -330,11 +357,16 @@ class Feeder:
                 # skipped like any backlog: the PLC gets the newest journalled result, the jump is its gap.
                 # Counted in journal records, not seqs: seqs that never existed (a daemon crash or reboot numbered
                 # on past them) are no backlog; the replay reports them as a gap with its reason.
-                if len(self.catch_up.journalled(camera, seq, limit + 1)) > limit:
+                held = self.catch_up.journalled(camera, seq, limit + 1)
+                if len(held) <= limit:
+                    # The whole replay: the holes between its records stay no backlog when live results come.
+                    self._learn(camera, seq, held)
+                else:
                     newest = _journal_newest(self.catch_up.directory, camera)
                     if newest is not None:
                         self._skipped(camera, seq, newest, limit)
                         after = newest - 1
+                        self.examined[camera] = newest
             self.pending[camera] = self._counted(camera, after, self.catch_up.resume({camera: after}))
             self.pump(camera)
 
@@ -366,8 +398,7 @@ class Feeder:
                 # the one resumed on (the handshake warns and follows it). The journal after the resume point is not
                 # this numbering's, and the catch-up would drop every live result up to it.
                 self.pending.pop(camera, None)
-                self.skipped.pop(camera, None)
-                self.behind.discard(camera)
+                self._renumbered(camera)
                 self.catch_up.renumbered(camera, result.seq)
         if self.catch_up.directory is not None:
             self._watch_backlog(camera, result.seq)
@@ -376,18 +407,28 @@ class Feeder:
 
     def _watch_backlog(self, camera: str, seq: int) -> None:
         handshake = self.router.handshake(camera)
-        if handshake is None or handshake.last_id is None:
+        if handshake is None:
+            return
+        settings = handshake.settings
+        examined = self.examined.get(camera)
+        if examined is not None and seq > examined + 1 and settings.max_backlog is not None:
+            # A jump in the live stream: results lost on the way (in the journal, so backlog) or seqs that never
+            # existed (a daemon crash or reboot numbered on past them), which the hole fill reports as a gap with its
+            # reason. One bounded read per jump tells them apart (one per live result would cost too much): what lies
+            # before the first record the journal holds after the last seq known is not in it. Only where a skip
+            # hangs on the count: without max_backlog it feeds no more than the plc_behind warning, and an
+            # overloaded daemon dropping frames makes a jump of each.
+            first = self.catch_up.journalled(camera, examined, 1)
+            self._learn(camera, examined, [min([*first, seq])])
+        self.examined[camera] = seq if examined is None else max(examined, seq)
+        if handshake.last_id is None:
             return
         handed = max(handshake.last_id, self.skipped.get(camera, 0))  # the last result handed over or given up
-        behind = seq - handed  # results waiting for the PLC, this one included
-        settings = handshake.settings
+        stretches = self.unjournalled.get(camera, [])
+        stretches[:] = [(first, last) for first, last in stretches if last > handed]
+        # Results waiting for the PLC, this one included; seqs the journal does not hold will never be among them.
+        behind = seq - handed - sum(max(0, min(last, seq) - max(first, handed + 1) + 1) for first, last in stretches)
         limit = settings.max_backlog
-        if limit is not None and behind > limit and camera not in self.pending and not handshake.queue:
-            # Nothing was waiting: the jump may be seqs that never existed (a daemon crash or reboot), which the hole
-            # fill reports as a gap with its reason. What waits starts at the first result the journal holds. (With
-            # results waiting already, the seqs are counted: reading the journal on every live result costs too much.)
-            first = self.catch_up.journalled(camera, handed, 1)
-            behind = seq - min([*first, seq]) + 1
         if limit is not None and behind > limit:
             self.pending.pop(camera, None)
             handshake.skip_queued(seq)
@@ -399,6 +440,32 @@ class Feeder:
         elif behind <= max(1, settings.queue_size // 2) and camera in self.behind:
             self.behind.discard(camera)
             log.info("plc_caught_up", camera=camera, behind=max(0, behind))
+
+    def _learn(self, camera: str, after: int, held: list[int]) -> None:
+        """`held`: seqs of `camera` the journal holds after `after`, in order, with nothing else in it between them:
+        the holes between them are not in the journal."""
+        stretches = self.unjournalled.setdefault(camera, [])
+        previous = after
+        for seq in held:
+            if seq > previous + 1:
+                stretches.append((previous + 1, seq - 1))
+            previous = max(previous, seq)
+        stretches.sort()
+        merged: list[tuple[int, int]] = []
+        for first, last in stretches:
+            if merged and first <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+            else:
+                merged.append((first, last))
+        stretches[:] = merged
+        self.examined[camera] = max(self.examined.get(camera, previous), previous)
+
+    def _renumbered(self, camera: str) -> None:
+        """`camera`'s numbering went back: how far behind its PLC is was measured in the old one."""
+        self.skipped.pop(camera, None)
+        self.behind.discard(camera)
+        self.unjournalled.pop(camera, None)
+        self.examined.pop(camera, None)
 
     def _skipped(self, camera: str, handed: int, newest: int, limit: int) -> None:
         """What lies between `handed` and `newest` is given up on (more than `limit` results behind)."""
@@ -439,7 +506,11 @@ class Feeder:
         for gap in self.catch_up.missed:
             log.warning("gap", camera=gap.camera, first=gap.first, last=gap.last, reason=gap.reason)
         self.catch_up.missed.clear()
-        self.catch_up.backwards.clear()  # the handshake latches the alarm and logs sequence_backwards
+        # The handshake latches the alarm and logs sequence_backwards; the backlog is measured in the new numbering.
+        for camera, _, _ in self.catch_up.backwards:
+            self._renumbered(camera)
+            self.examined[camera] = self.catch_up.live[camera]
+        self.catch_up.backwards.clear()
 
 
 async def _serve(protocol, config, args: argparse.Namespace, curve, acked: AckedState) -> int:
@@ -575,19 +646,33 @@ async def _bridge(
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     failure = next((t.exception() for t in done if t is not stopper and t.exception()), None)
     if failure is None:
-        # A stop lets the result on the PLC finish its handshake (its ack is recorded), then no new one starts.
+        # A stop lets the result on the PLC finish its handshake (its ack is recorded), then no new one starts; but
+        # not past STOP_WAIT_S, or the service manager's kill would leave the PLC a valid result and trigger_ready.
         stop.set()
-        await asyncio.wait(runs, timeout=config.ack_timeout_ms / 1000 + 1.0)
+        waited = min(config.ack_timeout_ms / 1000 + 1.0, STOP_WAIT_S)
+        await asyncio.wait(runs, timeout=waited)
         failure = next((t.exception() for t in runs if t.done() and not t.cancelled() and t.exception()), None)
+        for handshake in handshakes:
+            handshake.cut_short()
     for task in [*tasks, stopper]:
         task.cancel()
     await asyncio.gather(*tasks, stopper, return_exceptions=True)
     if failure is None:
-        try:
-            for handshake in handshakes:
-                await handshake.shutdown()
-        except PlcError:
-            pass
+        for handshake in handshakes:
+            cut = handshake.waiting_for
+            try:
+                acked = await handshake.shutdown()
+            except PlcError as exc:  # each camera's own: one link failing must not keep another's flags up
+                log.warning("shutdown_write_failed", camera=handshake.camera, error=str(exc))
+                continue
+            if acked is False:
+                log.warning(
+                    "stop_before_ack",
+                    camera=handshake.camera,
+                    seq=cut,
+                    waited_s=waited,
+                    effect="result_valid dropped without the PLC's ack: a missed ack, alarm latched, not recorded",
+                )
     watch.close()
     sub.close()
     context.term()

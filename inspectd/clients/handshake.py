@@ -30,15 +30,20 @@ stands for the seq with that remainder nearest the recorded ack, or else the lat
 journalled seq, or else the latest before the first result (`place`). What the bridge records (the acked callback,
 gaps, last_id) stays in full seqs, past 2**32 too.
 
-Stopping (SIGTERM) lets the result on the PLC finish its handshake (its ack, at most ack_timeout_ms) before the bridge
-drops result_valid, so what the PLC took is recorded as acknowledged and not handed over again after the restart.
+Stopping (SIGTERM) lets the result on the PLC finish its handshake (its ack, at most ack_timeout_ms and 8 s) before
+the bridge drops result_valid, so what the PLC took is recorded as acknowledged and not handed over again after the
+restart.
 
-Status flags besides the result's own: trigger_ready (the daemon is heard from and says it is healthy),
-daemon_unhealthy (its status message says healthy: false), drift (the daemon's drift alarm for this camera, from its
-status message: cameras.<camera>.drift.alarm, see inspectd.daemon.drift; the bridge has no drift rule of its own),
-false_reject_warning (likewise cameras.<camera>.drift.false_reject_warning: the good frames' scores imply a
-false-reject rate well above the calibrated target) and alarm (latched by a missed ack, a gap or an overflow; cleared
-when the PLC writes alarm_reset). `follow_daemon` takes the daemon's flags from each status message.
+Status flags besides the result's own: trigger_ready (the daemon is heard from, says it is healthy, and does not report
+this camera in any state but running: cameras.<camera>.state, see inspectd.daemon.ingest.supervisor; a status that
+leaves the state out does not hold the bit down), daemon_unhealthy (its status message says healthy: false), drift
+(the daemon's drift alarm for this camera, from its status message: cameras.<camera>.drift.alarm, see
+inspectd.daemon.drift; the bridge has no drift rule of its own), false_reject_warning (likewise
+cameras.<camera>.drift.false_reject_warning: the good frames' scores imply a false-reject rate well above the
+calibrated target) and alarm (latched by a missed ack, a gap, an overflow, a seq going back or a resume point ahead of
+the daemon; cleared when the PLC writes alarm_reset, except that an alarm latched since the bridge last read
+alarm_reset as 0, each heartbeat and once after a latch is written, stays set: the request may predate it, and the PLC
+must reset again). `follow_daemon` takes the daemon's flags and the camera's state from each status message.
 """
 
 from __future__ import annotations
@@ -69,6 +74,15 @@ STATUS_FLAGS = (
 )
 Status = frozenset  # the raised STATUS_FLAGS
 ID_MODULUS = 1 << 32  # inspection ids are written as 32-bit values unless a target holds fewer bits
+
+
+def daemon_camera_state(status: dict[str, Any], camera: str | None) -> str | None:
+    """`camera`'s state in a daemon status message (cameras.<camera>.state: running, paused, reopening, failed, ended,
+    stopped), None when the message does not report one."""
+    cameras = status.get("cameras")
+    stats = cameras.get(camera) if isinstance(cameras, dict) and camera is not None else None
+    state = stats.get("state") if isinstance(stats, dict) else None
+    return state if isinstance(state, str) else None
 
 
 def daemon_drift_flags(status: dict[str, Any], camera: str | None) -> tuple[bool, bool]:
@@ -152,15 +166,34 @@ class Handshake:
         self.last_id: int | None = None  # inspection id last handed over (or read from the PLC at start)
         self.last_received: int | None = None  # seq of the result that arrived last, handed over or not
         self.showing: str | None = None  # verdict of the result flagged valid right now, None when none is
-        self.alarm = False
+        self.waiting_for: int | None = None  # the seq handed over whose ack is awaited
+        self._cut = False  # the bridge is stopping and waits no longer for that ack
+        self._alarm = False
+        # Alarm latches counted, and how many of them a reset request the PLC writes from now on covers: those
+        # latched before alarm_reset was last read (or written back) as 0.
+        self._latches = 0
+        self._latches_before_request = 0
+        self._reset_lock = asyncio.Lock()  # a read of alarm_reset must not fall between service's read and write-back
         self.daemon_alive = False
         self.daemon_healthy = True
         self.drift = False  # the daemon's drift alarm for this camera, as its last status message said
         self.false_reject_warning = False  # likewise its false-reject warning
+        self.camera_state: str | None = None  # this camera's state as the last status message said, None: not said
         self.written_status: Status | None = None
         self._plc_residue: int | None = None  # the PLC's inspection id at start (modulo its width), until placed
         self._plc_id: int | None = None  # the PLC's inspection id as read at start, and the recorded ack: for the log
         self._recorded_ack: int | None = None
+
+    @property
+    def alarm(self) -> bool:
+        return self._alarm
+
+    @alarm.setter
+    def alarm(self, latched: bool) -> None:
+        # Every latch counts, one on an alarm already set too: a reset request for the older cause must not clear it.
+        if latched:
+            self._latches += 1
+        self._alarm = latched
 
     def modulus(self) -> int:
         return min(int(getattr(self.target, "id_modulus", ID_MODULUS)), ID_MODULUS)
@@ -183,10 +216,13 @@ class Handshake:
         # power cut would move it a wrap back and hand over again what the PLC has.
         placing = known if self._plc_residue is not None and (not acked or self.modulus() < ID_MODULUS) else None
         self.place(acked, placing)
-        self.alarm = bool(await self.target.read("alarm"))  # a latched alarm survives a bridge restart
+        # A latched alarm survives a bridge restart; not counted as a new latch, so a reset the PLC wrote meanwhile
+        # clears it.
+        self._alarm = bool(await self.target.read("alarm"))
         if known is not None and self.last_id is not None and self.last_id > known:
             self._resume_ahead(known, journal_newest=known)
         await self._write_status(force=True)
+        await self._cover_latches()
         self.log(
             "plc_adopted",
             camera=self.camera,
@@ -289,7 +325,10 @@ class Handshake:
 
     def status(self) -> Status:
         flags = set()
-        if self.daemon_alive and self.daemon_healthy:
+        # A camera that is not running (failed, reopening, paused, stopped, ended) publishes no verdicts for the parts
+        # the PLC would trigger. A status that does not report its state leaves the bit to the daemon's health as
+        # before: dropping it on an absent field would stop a line whose daemon never reports one.
+        if self.daemon_alive and self.daemon_healthy and self.camera_state in (None, "running"):
             flags.add("trigger_ready")
         if not self.daemon_healthy:
             flags.add("daemon_unhealthy")
@@ -307,9 +346,20 @@ class Handshake:
         return Status(flags)
 
     def follow_daemon(self, status: dict[str, Any]) -> None:
-        """Take this camera's drift alarm and false-reject warning from a daemon status message (written with the
-        next result or heartbeat)."""
+        """Take this camera's drift alarm, false-reject warning and state from a daemon status message (written with
+        the next result or heartbeat)."""
         self.drift, self.false_reject_warning = daemon_drift_flags(status, self.camera)
+        # Each status message reports every camera the daemon runs, so a state it leaves out is not reported any more,
+        # not unchanged: keeping the last one would hold the bit down on a message long gone.
+        state = daemon_camera_state(status, self.camera)
+        if state != self.camera_state:
+            self.log(
+                "camera_state",
+                camera=self.camera,
+                state=state,
+                trigger_ready="allowed" if state in (None, "running") else "down until the camera is running",
+            )
+        self.camera_state = state
 
     async def _write_status(self, force: bool = False) -> None:
         status = self.status()
@@ -375,8 +425,12 @@ class Handshake:
             },
             last="status",
         )
+        await self._cover_latches()
         self.counters.written += 1
-        if await self._wait_ack(seq):
+        self.waiting_for = seq
+        acked = await self._wait_ack(seq)
+        self.waiting_for = None  # not on a cancel: a stop that cut the wait counts it (shutdown)
+        if acked:
             self.counters.acked += 1
             if self.acked is not None and self.camera is not None:
                 await self.acked(self.camera, seq)
@@ -388,25 +442,57 @@ class Handshake:
         # Falling edge of result_valid: the next result is a fresh rising edge for the PLC.
         self.showing = None
         await self._write_status(force=True)
+        await self._cover_latches()
+
+    def cut_short(self) -> None:
+        """End a wait for an ack at its next poll, as a cancel would (shutdown() then decides whether it was acked).
+        A cancel alone can be lost: Python 3.11's asyncio.wait_for, which pymodbus awaits a reply with, returns the
+        reply instead of raising when both arrive in the same step."""
+        self._cut = True
 
     async def _wait_ack(self, seq: int) -> bool:
-        # Not cut short by a stop: the PLC may be acting on this result, and its ack is what the restart resumes after.
+        # Not ended by the stop event: the PLC may be acting on this result, and its ack is what the restart resumes
+        # after. The bridge cuts it short past STOP_WAIT_S, and shutdown() then decides whether it was acked.
         deadline = time.monotonic() + self.settings.ack_timeout_ms / 1000
         modulus = self.modulus()
         while True:
             # The PLC echoes the id as its variable holds it: wrapped at the variable's width, like the id written.
             if (await self.target.read("ack") - seq) % modulus == 0:
                 return True
+            if self._cut:
+                raise asyncio.CancelledError
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             await asyncio.sleep(min(self.settings.poll_ms / 1000, remaining))
 
-    async def shutdown(self) -> None:
-        """Leave the PLC nothing to act on: no valid result, not ready; a latched alarm stays."""
+    async def shutdown(self) -> bool | None:
+        """Leave the PLC nothing to act on: no valid result, not ready; a latched alarm stays. A result whose ack the
+        stop could not wait for (`waiting_for`) is looked at once more, as the PLC may have acked it at the cut or
+        just after: acked, it is recorded as any ack; else it is a missed ack, latching the alarm, since a restart
+        resumes after the PLC's id and the PLC would not see that result again. Returns whether such a result was
+        acked (None: there was none). The flags are dropped before the counter is written: a link failing at the
+        end must not keep the PLC a valid result."""
+        cut, self.waiting_for = self.waiting_for, None
+        acked = None
+        if cut is not None:
+            try:
+                acked = (await self.target.read("ack") - cut) % self.modulus() == 0
+            except PlcError:
+                acked = False
+            if acked:
+                self.counters.acked += 1
+            else:
+                self.counters.missed_acks += 1
+                self.alarm = True
         self.daemon_alive = False
         self.showing = None
         await self._write_status(force=True)
+        if acked and cut is not None and self.acked is not None and self.camera is not None:
+            await self.acked(self.camera, cut)
+        elif acked is False:
+            await self.target.write({"missed_acks": self.counters.missed_acks})
+        return acked
 
     def heartbeat(self, beat: int) -> int:
         """The value of the `beat`th heartbeat (1, 2, ...): 1 up to the largest the target holds, then 1 again, never
@@ -418,10 +504,42 @@ class Handshake:
         # never lands on a multiple of 128 never wraps to 0.
         return beat + (beat - 1) // 127
 
+    async def _cover_latches(self) -> None:
+        """After a latch's alarm and counters are written: alarm_reset reading 0 then means a request from now on
+        comes after the latch and may clear it. Without this read only the next heartbeat's could say so, and a PLC
+        resetting within a heartbeat of seeing an alarm would have to reset twice."""
+        if self._latches == self._latches_before_request:
+            return
+        async with self._reset_lock:
+            # Taken before the read: a latch while it is answered may come after the PLC's sample.
+            latches = self._latches
+            if not await self.target.read("alarm_reset"):
+                self._latches_before_request = latches
+
     async def service(self, heartbeat: int) -> None:
         """Once per heartbeat period: heartbeat (the `heartbeat`th beat), and the PLC's alarm reset request."""
         await self.target.write({"heartbeat": self.heartbeat(heartbeat)})
-        if await self.target.read("alarm_reset"):
+        async with self._reset_lock:
+            latches = self._latches
+            if not await self.target.read("alarm_reset"):
+                self._latches_before_request = latches
+                return
             await self.target.write({"alarm_reset": 0})
-            await self.set_status(alarm=False)
-            self.log("alarm_reset", camera=self.camera)
+            # The request was written at some point since alarm_reset last read 0, so a latch after that read (or
+            # while this poll awaited the PLC) may be one the PLC never saw: that alarm stays for the PLC to see and
+            # reset again.
+            unseen = self._latches - self._latches_before_request
+            self._latches_before_request = self._latches
+            if not unseen:
+                self.alarm = False  # here, with the count it was decided on: a latch after this stays
+        if unseen:
+            self.log(
+                "alarm_reset",
+                camera=self.camera,
+                alarm_kept=True,
+                latched_since_request=unseen,
+                effect="alarm stays set: latched after the reset request may have been written; reset again",
+            )
+            return
+        await self._write_status()
+        self.log("alarm_reset", camera=self.camera)

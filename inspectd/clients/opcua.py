@@ -43,7 +43,7 @@ from pydantic import Field, model_validator
 from engines.schema import Int, Number, Text, declared, invalid
 from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError
 from inspectd.configfile import CameraId, parse, read_yaml
-from inspectd.durable import replace_file
+from inspectd.durable import hold_lock, replace_file
 from inspectd.errors import ConfigError, one_line
 
 log = structlog.get_logger("inspectd.clients.opcua")
@@ -159,7 +159,20 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
             "id, so a restarted bridge never hands a result over twice"
         )
     if config.mode == "server":
-        load_state(Path(str(config.state_file)))  # a bad one stops the bridge here: a config error, not the PLC's
+        state_file = Path(str(config.state_file))
+        lock = state_file.with_name(state_file.name + ".lock")
+        try:  # before the file is read: a second bridge never reads a state the first is rewriting
+            hold_lock(lock)
+        except BlockingIOError:
+            raise ConfigError(
+                f"state_file {state_file}: another bridge uses it (give each bridge a state file of its own)"
+            ) from None
+        except PermissionError as exc:
+            raise ConfigError(
+                f"state_file {state_file}: cannot open {lock} ({exc.strerror}), expected one this user may read: "
+                "remove it (left by a run as another user)"
+            ) from None
+        load_state(state_file)  # a bad one stops the bridge here: a config error, not the PLC's
     if config.security is not None:
         check_security(config.security, config.mode)
     return config
