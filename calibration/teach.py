@@ -26,11 +26,17 @@ replaced, the comparison). Where it goes depends on what BUNDLE is:
 - a symlink to a bundle directory (deploy's layout: bundles/current -> bundles/<name>): the new version is written
   beside the directory the link points to, as <name>-v<N> (the name without an earlier -v<M>; a free name if that
   one is taken), and the link is switched to it atomically (a new link renamed over the old one), so a daemon
-  reading BUNDLE sees the old version or the new one, never a half-written one; the old directory stays as it was.
-  `--rollback` switches the link back to the directory the version was taught from (the record's previous_dir).
+  reading BUNDLE sees the old version or the new one, never a half-written one; the old directory stays as it was
+  until `--rollback` switches the link back to it (the record's previous_dir) and rewrites its thresholds.
 - a directory: the taught bundle replaces it in place (so a daemon's `reload` picks it up) and the bundle it
-  replaced moves to BUNDLE.versions/v<N>. `--rollback` moves the current one there too and puts the version it was
-  taught from back.
+  replaced moves to BUNDLE.versions/v<N> (v<N>-2, -3, ... when that name is taken: version numbers repeat after a
+  rollback, and nothing kept there is ever deleted); the teach record names it (previous_in_versions).
+  `--rollback` moves the current one there too (a free name the same way) and puts the version it was taught from
+  back.
+
+The thresholds name the model they were set for (provenance.model_id), so the daemon refuses a taught document for
+any other model. `--rollback` gives the restored bundle its own thresholds again as a new version, numbered above
+both its own and the taught one's, so a thresholds version never names two different documents.
 
 `--apply` sends `reload` to the daemon, which swaps the model between batches (no frame is skipped, no seq gap). Its
 endpoint, --timeout and key files, and that the daemon runs BUNDLE's model, are checked before any work; a reply
@@ -40,6 +46,7 @@ saying an allow-list kept its old keys, or naming another model than the one tau
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import getpass
@@ -57,7 +64,7 @@ import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import REQUIRED_FILES, inspectd_version
-from engines.bundle.store import Bundle, load_bundle, write_bundle
+from engines.bundle.store import Bundle, load_bundle, model_id_for, write_bundle
 from engines.data.images import ImageFiles, good_folder, list_images, split_holdout
 from engines.durable import exchange, fsync_dir, replace_dir
 from engines.errors import BundleError, DataError, EngineError
@@ -95,6 +102,16 @@ def next_dir(target: Path, version: int) -> Path:
     k = 2
     while candidate.exists() or candidate.is_symlink():
         candidate = target.with_name(f"{base}-v{version}-{k}")
+        k += 1
+    return candidate
+
+
+def free_version_dir(versions: Path, version: int) -> Path:
+    """A free name in BUNDLE.versions for a bundle of version `version`: v<version>, then v<version>-2, -3, ..."""
+    candidate = versions / f"v{version}"
+    k = 2
+    while candidate.exists() or candidate.is_symlink():
+        candidate = versions / f"v{version}-{k}"
         k += 1
     return candidate
 
@@ -302,6 +319,10 @@ def teach(
     params = fit_scorer(kind, features, **settings)
     del features
     t_fit = time.monotonic() - started - t_features
+    weights = bundle.weights()
+    # The daemon refuses thresholds whose provenance names another model than the one it runs: without the id, a
+    # saved copy of these could be set on the old model, whose scores they do not describe.
+    taught_id = model_id_for(bundle.manifest, params, weights)
 
     held = images[hold_idx]
     with open_engine(bundle, "onnxruntime", {"providers": "cpu"}, max_batch=BATCH) as engine:
@@ -338,6 +359,7 @@ def teach(
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     provenance = {
         "tool": f"inspectd teach {inspectd_version()}",
+        "model_id": taught_id,
         **frames.provenance,
         "n_good": int(len(held)),
         "images": "held-out",
@@ -380,7 +402,7 @@ def teach(
         "comparison": comparison,
         "seconds": {"features": round(t_features, 2), "fit": round(t_fit, 2)},
     }
-    taught = write_version(bundle, params, thresholds, version, record)
+    taught = write_version(bundle, params, thresholds, version, record, weights)
     seconds = time.monotonic() - started
     warnings = [fr.warning(fr_target), thresholds_doc.reference_warning(len(held), "held-out frames")]
     # Both count held-out frames only; the operator chooses how many to teach on.
@@ -397,7 +419,7 @@ def teach(
             "and are dropped: every camera now judges with the taught thresholds (calibrate --camera to set them "
             "again)"
         )
-    _report(out, taught, record, warnings, seconds)
+    _report(out, taught, taught.manifest["teach"], warnings, seconds)
     return taught
 
 
@@ -423,19 +445,36 @@ def check_numbers(holdout: float, target_false_reject: float | None, pixel_fpr: 
 
 
 def write_version(
-    bundle: Bundle, params: dict[str, np.ndarray], thresholds, version: int, record: dict[str, Any]
+    bundle: Bundle,
+    params: dict[str, np.ndarray],
+    thresholds,
+    version: int,
+    record: dict[str, Any],
+    weights: dict[str, np.ndarray] | None = None,
 ) -> Bundle:
     """Write BUNDLE's next version, then switch: a linked BUNDLE to a new directory beside the one it points to, a
-    directory BUNDLE in place with the current one moved to BUNDLE.versions/v<N>."""
+    directory BUNDLE in place with the current one moved to a free name in BUNDLE.versions (recorded in the new
+    version's teach record as previous_in_versions)."""
     path = bundle.path
+    target = linked_dir(path)
+    keep = None
+    if target is None:
+        # Chosen before the manifest is written, since the record names it for --rollback.
+        keep = free_version_dir(versions_dir(path), bundle_version(bundle))
+        record = {**record, "previous_in_versions": keep.name}
     manifest = {k: v for k, v in bundle.manifest.items() if k not in ("model_id", "created", "files", "graph")}
     manifest["bundle_version"] = version
     manifest["teach"] = record
-    target = linked_dir(path)
     beside = target if target is not None else path
+    # Never a name already there: a teach killed between its two renames leaves the version in service under such a
+    # name, and a later process may get the same PID.
     staging = beside.with_name(f".{beside.name}.teach-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    write_bundle(staging, manifest, bundle.graph_path, params, bundle.weights(), thresholds)
+    for n in range(2, 1000):
+        if not (staging.exists() or staging.is_symlink()):
+            break
+        staging = beside.with_name(f".{beside.name}.teach-{os.getpid()}-{n}")
+    weights = bundle.weights() if weights is None else weights
+    write_bundle(staging, manifest, bundle.graph_path, params, weights, thresholds)
     try:
         written = load_bundle(staging)
         # Everything else the bundle holds (the feature graph, FP16 graph, TensorRT plans) depends only on the
@@ -443,26 +482,33 @@ def write_version(
         for name in bundle.manifest["files"]:
             if name not in (*REQUIRED_FILES, bundle.manifest["graph"]):
                 written.replace_file(name, (path / name).read_bytes(), add=True)
-        if target is not None:
-            new_dir = next_dir(target, version)
+        if keep is None:  # chosen only where BUNDLE is a directory: here it is a link
+            new_dir = next_dir(beside, version)
             os.replace(staging, new_dir)
             fsync_dir(new_dir.parent)
             switch_link(path, new_dir)
             return load_bundle(path)
-        versions = versions_dir(path)
-        versions.mkdir(exist_ok=True)
-        keep = versions / f"v{bundle_version(bundle)}"
-        if keep.exists():
-            shutil.rmtree(keep)
+        keep.parent.mkdir(exist_ok=True)
         swap_in(path, staging, keep)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        # Only the new version: where the exchange went through and its undo failed, staging holds the one that was
+        # in service, which the error names.
+        if not _holds(staging, bundle.model_id):
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_bundle(path)
 
 
+def _holds(path: Path, model_id: str) -> bool:
+    try:
+        return load_bundle(path).model_id == model_id
+    except Exception:  # noqa: BLE001 - anything that does not load as that bundle is not it
+        return False
+
+
 def rollback(bundle_path: str | Path, out=None) -> Bundle:
-    """Put back the version the current bundle was taught from; the current one moves to BUNDLE.versions."""
+    """Put back the version the current bundle was taught from, with its own thresholds as a new version numbered
+    above the current one's; a directory BUNDLE's current version moves to a free name in BUNDLE.versions."""
     out = out or sys.stdout
     path = Path(bundle_path)
     bundle = load_bundle(path)
@@ -470,30 +516,70 @@ def rollback(bundle_path: str | Path, out=None) -> Bundle:
     if not record:
         raise TeachError(f"{path}: version {bundle_version(bundle)} was not taught, expected a bundle from teach")
     target = linked_dir(path)
-    if target is not None:
-        # Linked: point the link back; both directories stay. A version taught in place before the link was made
-        # has its previous one in the directory's own versions folder.
-        if record.get("previous_dir"):
-            previous = target.with_name(record["previous_dir"])
-        else:
-            previous = versions_dir(target) / f"v{record['previous_version']}"
-        if bundle_version(load_bundle(previous)) != record["previous_version"]:  # verified before the link moves
-            raise TeachError(f"{previous}: not version {record['previous_version']}, expected the one taught from")
-        switch_link(path, previous)
-        restored = load_bundle(path)
-        print(
-            f"{path}: rolled back to version {bundle_version(restored)} ({restored.model_id}) in {previous}", file=out
+    if target is not None and record.get("previous_dir"):
+        # Taught as a directory beside the one linked: the link goes back to it, and the taught one stays.
+        previous = target.with_name(record["previous_dir"])
+    else:
+        # In place, or linked after a version taught in place before the link was made: the name it was kept under
+        # in the versions folder (a record from before names were recorded kept it as v<N>, the only name then).
+        kept = record.get("previous_in_versions") or f"v{record['previous_version']}"
+        previous = versions_dir(target if target is not None else path) / kept
+    restored = load_bundle(previous)
+    # Verified before anything moves: by an old record's v<N>, a later teach of the same number may sit there.
+    expected_id = record.get("previous_model_id")
+    if bundle_version(restored) != record["previous_version"] or expected_id not in (None, restored.model_id):
+        raise TeachError(
+            f"{previous}: version {bundle_version(restored)} ({restored.model_id}), expected version "
+            f"{record['previous_version']}{f' ({expected_id})' if expected_id else ''}, the one taught from"
         )
-        return restored
-    previous = versions_dir(path) / f"v{record['previous_version']}"
-    load_bundle(previous)  # verified before anything moves
-    keep = versions_dir(path) / f"v{bundle_version(bundle)}"
-    if keep.exists():
-        shutil.rmtree(keep)
-    swap_in(path, previous, keep)
+    from calibration.calibrate import check_writable
+
+    # The restored version's thresholds are rewritten in its directory (one kept pristine, root's or on a read-only
+    # mount, refuses that): found out before anything is written.
+    by_hand = (
+        f"point the link back at {previous}"
+        if target is not None and record.get("previous_dir")
+        else f"move {previous} back to {path}"
+    )
+    check_writable(previous, "teach --rollback", f"; nothing changed (or {by_hand} by hand, and reload)")
+    # Before the switch, so a daemon never loads the restored bundle with a version number the taught one used.
+    thresholds = restored_thresholds(restored, bundle)
+    restored.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(thresholds))
+    if target is not None:
+        switch_link(path, previous)
+        where = f"the link points to {previous}"
+    else:
+        keep = free_version_dir(versions_dir(path), bundle_version(bundle))
+        swap_in(path, previous, keep)
+        where = f"version {bundle_version(bundle)} ({bundle.model_id}) kept in {keep}"
     restored = load_bundle(path)
-    print(f"{path}: rolled back to version {bundle_version(restored)} ({restored.model_id})", file=out)
+    print(
+        f"{path}: rolled back to version {bundle_version(restored)} ({restored.model_id}), thresholds version "
+        f"{thresholds.version}; {where}",
+        file=out,
+    )
     return restored
+
+
+def restored_thresholds(restored: Bundle, replaced: Bundle) -> thresholds_doc.Thresholds:
+    """`restored`'s own thresholds again, as the version after both its own and `replaced`'s: the daemon's results
+    carry the thresholds version, and one that went down would name a document the taught model already used.
+
+    The history is `restored`'s own: the taught versions were set on another scorer's scores, and a thresholds
+    rollback to one of them would judge this model by them. The provenance is its own too (drift references,
+    targets, score ranges, where the daemon reads them) but for `tool`: a copied "inspectd teach" there would mark
+    this version as a teach, and a thresholds rollback to the versions set on this same scorer would be refused."""
+    own, theirs = restored.thresholds(), replaced.thresholds()
+    provenance = {k: copy.deepcopy(v) for k, v in own.provenance.items() if k not in ("time", "tool")}
+    provenance["model_id"] = restored.model_id
+    provenance["restored"] = {
+        "by": f"inspectd teach --rollback {inspectd_version()}",
+        "version": own.version,  # whose provenance, tool included, is in the history
+        "replaced_version": theirs.version,
+        "replaced_model_id": replaced.model_id,
+    }
+    doc = thresholds_doc.next_version(own, provenance=provenance).to_dict()
+    return thresholds_doc.parse({**doc, "version": max(own.version, theirs.version) + 1})
 
 
 def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], seconds: float) -> None:
@@ -504,7 +590,7 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
         now = bundle.path.resolve()
         where = f"the link now points to {now}; previous version in {now.with_name(record['previous_dir'])}"
     else:
-        where = f"previous version in {versions_dir(bundle.path)}"
+        where = f"previous version in {versions_dir(bundle.path) / record['previous_in_versions']}"
     print(
         f"{bundle.path}: version {record['version']} ({bundle.model_id}), {record['scorer']} refitted on "
         f"{frames['n_fit']} frames in {seconds:.1f}s, {frames['n_holdout']} held out; {where}",

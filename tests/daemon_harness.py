@@ -31,6 +31,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def in_process_config(tmp_path: Path, bundle: Path, source: dict):
+    """An in-process daemon's config: one camera with `source`, sockets and state under tmp_path, no metrics
+    listener."""
+    from inspectd.daemon.config import parse_config
+
+    return parse_config(
+        {
+            "station": "s1",
+            "model": {"bundle": str(bundle)},
+            "engine": {"options": {"intra_op_threads": 1}},
+            "cameras": [{"id": "cam0", "source": source}],
+            "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+            "control": {"endpoint": f"ipc://{tmp_path}/control.sock"},
+            "metrics": {"listen": None},
+            "state_dir": str(tmp_path / "state"),
+            "shutdown_timeout_s": 5.0,
+        }
+    )
+
+
 class Station:
     """`overrides` are merged into the base config one level deep (a dict value updates the section). `wrap` is a
     command the daemon runs under (strace ...): `proc` is then that command, and `daemon_pid` the daemon itself.

@@ -457,3 +457,21 @@ def test_a_daemon_refuses_thresholds_for_a_bundle_switched_under_it_until_it_rel
         assert load_bundle(tmp_path / "m-v2").thresholds().image_threshold == 0.6
     finally:
         assert station.stop() == 0, station.log_tail()
+
+
+def test_teach_never_stages_its_version_over_a_directory_left_by_an_earlier_teach(tmp_path):
+    """A teach killed between its two renames leaves the version that was in service under its staging name
+    (.NAME.teach-PID), and a later process may get the same PID: that directory is left alone, never emptied."""
+    from calibration.teach import bundle_version, write_version
+
+    bundle = load_bundle(make(tmp_path / "b"))
+    left = tmp_path / f".b.teach-{os.getpid()}"
+    make(left, seed=1)
+    kept = load_bundle(left).model_id
+    params = {k: v + 1 for k, v in bundle.scorer_params().items()}
+    version = bundle_version(bundle) + 1
+    record = {"version": version, "previous_version": bundle_version(bundle)}
+    write_version(bundle, params, T.next_version(bundle.thresholds(), image_threshold=0.9), version, record)
+    assert load_bundle(left).model_id == kept
+    assert bundle_version(load_bundle(tmp_path / "b")) == version
+    assert load_bundle(tmp_path / "b.versions" / "v1").model_id == bundle.model_id

@@ -118,6 +118,35 @@ def test_teach_refuses_a_folder_it_cannot_write_the_new_version_in_before_any_wo
     assert len(lines) == 1 and f"{shared}: not writable by " in lines[0] and "run teach as" in lines[0], lines
 
 
+@pytest.mark.usefixtures("tmp_path_open_to_others")
+def test_teach_rollback_refuses_a_directory_it_cannot_write_the_restored_thresholds_in_with_nothing_changed(tmp_path):
+    """The linked layout, the directory taught from kept pristine (root's, or a read-only mount): rollback rewrites
+    that directory's thresholds (a version above the taught one's), so it is refused before anything is written or
+    the link moves, in one line saying what else to do."""
+    from engines.bundle.store import write_bundle
+
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    before = load_bundle(make(bundles / "frozen-a"))
+    taught = {
+        **{k: before.manifest[k] for k in ("method", "backbone", "input", "scorer_inputs")},
+        "bundle_version": 2,
+        "teach": {"previous_dir": "frozen-a", "previous_version": 1, "previous_model_id": before.model_id},
+    }
+    params = {"memory_bank": np.random.default_rng(1).normal(size=(4, 2)).astype(np.float32)}
+    weights = {"w": np.zeros(2, np.float32)}
+    write_bundle(bundles / "frozen-a-v2", taught, b"stand-in graph", params, weights, before.thresholds())
+    (bundles / "current").symlink_to("frozen-a-v2")
+    manifest = (bundles / "frozen-a" / "manifest.json").read_bytes()
+    out = as_another_user(bundles / "frozen-a", ["teach", str(bundles / "current"), "--rollback"])
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{bundles / 'frozen-a'}: not writable by " in lines[0], lines
+    assert f"nothing changed (or point the link back at {bundles / 'frozen-a'} by hand" in lines[0], lines
+    assert os.readlink(bundles / "current") == "frozen-a-v2"
+    assert (bundles / "frozen-a" / "manifest.json").read_bytes() == manifest
+
+
 def scored(defect: list[float]) -> calibrate._Scored:
     good = np.linspace(0.1, 0.5, 50)
     return calibrate._Scored(

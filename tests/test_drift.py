@@ -232,7 +232,8 @@ def test_synthetic_source_lighting_schedule_and_its_errors(tmp_path: Path):
 
 def test_teach_apply_hot_swaps_into_a_running_daemon_without_a_seq_gap_and_rollback_returns(taught, tmp_path):
     """`inspectd teach --apply` (the CLI, as a process) while the line runs: the subscriber sees every seq once, in
-    order, the results switch to the taught version at one seq, and `--rollback --apply` brings back the one before."""
+    order, the results switch to the taught version at one seq, and `--rollback --apply` brings back the model before,
+    judged by its own thresholds as the next thresholds version (a version number never names two documents)."""
     import os
     import shutil
     import subprocess
@@ -293,12 +294,12 @@ def test_teach_apply_hot_swaps_into_a_running_daemon_without_a_seq_gap_and_rollb
     seqs = [r.seq for r in results]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq gap or disorder across the reloads"
     assert after_teach != before and after_teach[1] > before[1]
-    assert after_rollback == before
+    assert after_rollback == (before[0], after_teach[1] + 1)
     versions = [(r.model_id, r.thresholds_version) for r in results]
     switches = [i for i in range(1, len(versions)) if versions[i] != versions[i - 1]]
     assert len(switches) == 2, "each reload switches at one seq, no result judged by a mix"
     assert all(r.verdict != "error" for r in results)
-    assert [e["thresholds_version"] for e in station.events("reloaded")] == [after_teach[1], before[1]]
+    assert [e["thresholds_version"] for e in station.events("reloaded")] == [after_teach[1], after_teach[1] + 1]
 
 
 def test_short_drift_soak_stays_quiet_on_an_unchanged_line(taught: Path, tmp_path: Path):

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon_harness import Station
+from daemon_harness import Station, in_process_config
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.store import write_bundle
 from engines.errors import EngineError
 from engines.runtime.onnxruntime_backend import OnnxRuntimeEngine
 from engines.runtime.score_shift import ScoreShift
-from inspectd.daemon.config import parse_config
 from inspectd.daemon.service import Daemon
 from station_model import M, grey_graph, write_grey_bundle
 
@@ -34,23 +33,6 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def in_process_config(tmp_path: Path, bundle: Path, source: dict):
-    """One camera with `source`, sockets and state under tmp_path, no metrics listener."""
-    return parse_config(
-        {
-            "station": "s1",
-            "model": {"bundle": str(bundle)},
-            "engine": {"options": {"intra_op_threads": 1}},
-            "cameras": [{"id": "cam0", "source": source}],
-            "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
-            "control": {"endpoint": f"ipc://{tmp_path}/control.sock"},
-            "metrics": {"listen": None},
-            "state_dir": str(tmp_path / "state"),
-            "shutdown_timeout_s": 5.0,
-        }
-    )
 
 
 @pytest.fixture

@@ -229,8 +229,11 @@ def test_a_linked_bundle_gets_its_new_version_beside_the_target_and_the_link_swi
     assert load_bundle(bundles / "current").model_id == taught.model_id
     assert str(bundles / "frozen-a-v2") in out.getvalue()
 
+    taught_thresholds = taught.thresholds().version  # read through the link: before it switches back
     restored = rollback(bundles / "current", out=io.StringIO())
     assert os.readlink(bundles / "current") == "frozen-a" and restored.model_id == before.model_id
+    back = restored.thresholds()
+    assert back.version == taught_thresholds + 1 and back.provenance["model_id"] == before.model_id
     assert sorted(p.name for p in bundles.iterdir()) == ["current", "frozen-a", "frozen-a-v2"]
 
     teach(bundles / "current", good, holdout=HOLDOUT, by="tester", out=io.StringIO())
@@ -243,6 +246,142 @@ def test_a_linked_bundle_gets_its_new_version_beside_the_target_and_the_link_swi
     assert os.readlink(absolute) == str(bundles / "frozen-a-v2-3")  # absolute stays absolute
     assert rollback(absolute, out=io.StringIO()).model_id == before.model_id
     assert os.readlink(absolute) == str(bundles / "frozen-a")
+
+
+def in_process_daemon(tmp_path: Path, bundle: Path):
+    """inspectd.daemon.service.Daemon on `bundle` with one slow synthetic camera: its set_thresholds is the control
+    handler's."""
+    from daemon_harness import in_process_config
+    from inspectd.daemon.service import Daemon
+
+    source = {"kind": "synthetic", "rate_hz": 5, "width": 96, "height": 96}
+    daemon = Daemon(in_process_config(tmp_path, bundle, source))
+    daemon.start()
+    return daemon
+
+
+def test_taught_thresholds_name_the_taught_model_so_a_daemon_running_the_model_taught_from_refuses_them(
+    trained, good, tmp_path
+):
+    """A saved copy of taught thresholds set on the model they were not taught for: the daemon's fit check refuses
+    it by the provenance's model_id (a document without one skips that check). The thresholds
+    `teach --rollback` writes into the restored bundle name that model and are numbered above the taught ones, so
+    the same daemon accepts them."""
+    import shutil
+
+    from calibration.teach import rollback, teach
+    from engines.bundle import thresholds as thresholds_doc
+    from inspectd.errors import InspectdError
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    shutil.copytree(trained, tmp_path / "running")
+    shutil.copytree(trained, tmp_path / "b")
+    original = load_bundle(tmp_path / "b")
+    before = original.thresholds()  # read now: a Bundle reads its thresholds from its path, which teach replaces
+    taught = teach(tmp_path / "b", good, holdout=HOLDOUT, by="tester", out=io.StringIO())
+    document = taught.thresholds()
+    assert document.provenance["model_id"] == taught.model_id != original.model_id
+    assert document.version > before.version  # so the daemon's version check does not refuse it first
+
+    out = io.StringIO()
+    restored = rollback(tmp_path / "b", out=out)
+    back = restored.thresholds()
+    assert restored.model_id == original.model_id and back.provenance["model_id"] == original.model_id
+    assert back.version == document.version + 1 and f"thresholds version {back.version}" in out.getvalue()
+    assert (back.image_threshold, back.pixel_threshold) == (before.image_threshold, before.pixel_threshold)
+    # Its own history: the taught versions were set on another scorer's scores.
+    assert [h["version"] for h in back.history] == [before.version] + [h["version"] for h in before.history]
+    assert thresholds_doc.rollback(back, before.version).image_threshold == back.image_threshold
+
+    on_disk = tmp_path / "running" / thresholds_doc.FILE_NAME
+    unchanged = on_disk.read_bytes()
+    daemon = in_process_daemon(tmp_path, tmp_path / "running")
+    try:
+        assert daemon.stage.state.model_id == original.model_id
+        with pytest.raises(InspectdError) as refused:
+            daemon.set_thresholds(document.to_dict())
+        assert str(refused.value) == (
+            f"thresholds.provenance.model_id: {taught.model_id}, expected the running model {original.model_id} "
+            "(calibrated on another model's scores), or force"
+        )
+        assert on_disk.read_bytes() == unchanged and daemon.stage.state.thresholds_version == before.version
+        assert daemon.set_thresholds(back.to_dict()) == {"thresholds_version": back.version}
+    finally:
+        daemon.shutdown()
+
+
+def test_teach_and_rollback_in_place_keep_every_version_when_version_numbers_repeat(trained, good, tmp_path):
+    """Directory layout: teach T1, rollback, teach T2 (version 2 again), rollback. Each version moved aside gets a
+    free name in BUNDLE.versions (the second version 2 is v2-2), the teach record names the one it replaced, rollback
+    takes it from there, and both taught models still load.
+    The thresholds versions the daemon sees only go up."""
+    import shutil
+
+    from calibration.teach import rollback, teach, versions_dir
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundle = tmp_path / "b"
+    shutil.copytree(trained, bundle)
+    fewer = tmp_path / "fewer"  # other frames, so another model
+    fewer.mkdir()
+    for path in sorted(good.glob("*.png"))[:12]:
+        shutil.copy(path, fewer / path.name)
+    original = load_bundle(bundle)
+    thresholds_versions = [original.thresholds().version]
+
+    first = teach(bundle, good, holdout=HOLDOUT, by="tester", out=io.StringIO())
+    thresholds_versions.append(first.thresholds().version)
+    assert first.manifest["teach"]["previous_in_versions"] == "v1"
+    thresholds_versions.append(rollback(bundle, out=io.StringIO()).thresholds().version)
+    out = io.StringIO()
+    second = teach(bundle, fewer, holdout=HOLDOUT, by="tester", out=out)
+    thresholds_versions.append(second.thresholds().version)
+    assert second.manifest["bundle_version"] == first.manifest["bundle_version"] == 2
+    assert second.model_id != first.model_id
+    assert second.manifest["teach"]["previous_in_versions"] == "v1"
+    assert f"previous version in {versions_dir(bundle) / 'v1'}" in out.getvalue()
+
+    out = io.StringIO()
+    restored = rollback(bundle, out=out)
+    thresholds_versions.append(restored.thresholds().version)
+    assert restored.model_id == original.model_id
+    assert f"version 2 ({second.model_id}) kept in {versions_dir(bundle) / 'v2-2'}" in out.getvalue()
+    kept = {p.name: load_bundle(p).model_id for p in versions_dir(bundle).iterdir()}
+    assert kept == {"v2": first.model_id, "v2-2": second.model_id}
+    assert thresholds_versions == sorted(set(thresholds_versions)), thresholds_versions
+
+
+def test_rollback_to_a_taught_version_keeps_its_thresholds_rollback_to_the_versions_of_its_own_scorer(
+    trained, good, tmp_path
+):
+    """teach T1, teach T2 on it, rollback: T1 is back with its own thresholds as a new version. A thresholds rollback
+    (ctl rollback) to T1's taught version, set on T1's scorer, is allowed; T2's versions, set on T2's scorer, are not
+    in its history at all."""
+    import shutil
+
+    from calibration.teach import rollback, teach
+    from engines.bundle import thresholds as thresholds_doc
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundle = tmp_path / "b"
+    shutil.copytree(trained, bundle)
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for path in sorted(good.glob("*.png"))[:12]:
+        shutil.copy(path, fewer / path.name)
+    first = teach(bundle, good, holdout=HOLDOUT, by="tester", out=io.StringIO())
+    own = first.thresholds()
+    later = teach(bundle, fewer, holdout=HOLDOUT, by="tester", out=io.StringIO()).thresholds()
+    back = rollback(bundle, out=io.StringIO()).thresholds()
+    assert back.version == later.version + 1 and back.provenance["model_id"] == first.model_id
+    assert back.provenance["restored"]["version"] == own.version
+    assert later.version not in [h["version"] for h in back.history]
+    assert thresholds_doc.rollback(back, own.version).image_threshold == own.image_threshold
+    with pytest.raises(thresholds_doc.ThresholdsError, match="inspectd teach --rollback"):
+        thresholds_doc.rollback(back, own.history[0]["version"])  # the version before T1's teach: another scorer
 
 
 def inspectd(*argv: str) -> subprocess.CompletedProcess:

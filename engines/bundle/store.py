@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -97,15 +98,10 @@ def write_bundle(
         THRESHOLDS: thresholds_doc.dumps(thresholds),
     }
     files = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
-    # The id names what decides the outputs: the graph's weights and the scorer (not thresholds, which calibrate), and
-    # a declared bit depth, which decides the pixels a 16-bit frame is judged on (a bundle without one keeps its id).
-    depth = manifest_fields["input"].get("bit_depth") if isinstance(manifest_fields["input"], dict) else None
-    decided = files[WEIGHTS] + files[SCORER] + ("" if depth is None else f"bit_depth={depth}")
-    short = hashlib.sha256(decided.encode()).hexdigest()[:8]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_id": f"{manifest_fields['method']}-{manifest_fields['backbone']}-{short}",
+        "model_id": _model_id(manifest_fields, files[WEIGHTS], files[SCORER]),
         "graph": GRAPH,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **{k: v for k, v in manifest_fields.items() if k not in ("format", "format_version", "files")},
@@ -152,6 +148,27 @@ def write_bundle(
         _remove(staging)
         raise
     return path
+
+
+def model_id_for(
+    manifest_fields: dict[str, Any], scorer_params: dict[str, np.ndarray], weights: dict[str, np.ndarray]
+) -> str:
+    """The model_id write_bundle gives a bundle of these manifest fields, scorer parameters and weights, known before
+    it is written: a thresholds document written with the bundle can name the model it was set for."""
+    return _model_id(
+        manifest_fields,
+        hashlib.sha256(_npz_bytes(weights)).hexdigest(),
+        hashlib.sha256(_npz_bytes(scorer_params)).hexdigest(),
+    )
+
+
+def _model_id(manifest_fields: dict[str, Any], weights_sha256: str, scorer_sha256: str) -> str:
+    # The id names what decides the outputs: the graph's weights and the scorer (not thresholds, which calibrate), and
+    # a declared bit depth, which decides the pixels a 16-bit frame is judged on (a bundle without one keeps its id).
+    depth = manifest_fields["input"].get("bit_depth") if isinstance(manifest_fields["input"], dict) else None
+    decided = weights_sha256 + scorer_sha256 + ("" if depth is None else f"bit_depth={depth}")
+    short = hashlib.sha256(decided.encode()).hexdigest()[:8]
+    return f"{manifest_fields['method']}-{manifest_fields['backbone']}-{short}"
 
 
 def _remove(path: Path) -> None:
@@ -379,7 +396,13 @@ def load_bundle(path: str | Path) -> Bundle:
             # bundle in service is left aside: a whole-bundle write's beside it, teach's as its newest version.
             aside = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
             versions = path.with_name(path.name + ".versions")
-            numbered = [(int(v.name[1:]), v) for v in versions.glob("v*") if v.name[1:].isdigit()]
+            # v<N>-<k>: teach keeps a second bundle of the same version number under the next free name, so the
+            # newest of a number is the one with the highest k.
+            numbered = [
+                ((int(m.group(1)), int(m.group(2) or 1)), v)
+                for v in versions.glob("v*")
+                if (m := re.fullmatch(r"v(\d+)(?:-(\d+))?", v.name))
+            ]
             if numbered:
                 aside.append(max(numbered)[1])
             if aside:
