@@ -407,10 +407,11 @@ def test_with_a_journal_a_resume_point_ahead_of_the_daemons_numbering_resumes_on
 ):
     """The bridge's state says the PLC acked 4000, but the daemon's journal ends at 5 (its state was wiped, or the
     bridge's state dir outlived a re-install): the catch-up used to take 4000 as delivered and drop every live result
-    up to it, with no log line, no counter and no alarm. Compared with the journal at start: one warning naming both
-    numbers, the alarm, and the bridge resumes after the journal's newest. Then the daemon's journal is switched off
-    and its numbering restarts: the directory the bridge reads still ends at the recorded ack, so only the first live
-    result can tell, and it does."""
+    up to it, with no log line, no counter and no alarm. At start an ack past the journal may also be a power cut's
+    (the journal lost its newest records), so the start only says so and the first live result decides: 6, at or
+    below the ack, is a new numbering: one warning naming both numbers, the alarm, and the bridge hands over from it.
+    Then the daemon's journal is switched off and its numbering restarts: the directory the bridge reads still ends at
+    the recorded ack, so only the first live result can tell, and it does."""
     from inspectd.daemon.journal import Journal
 
     journal_dir = tmp_path / "journal"
@@ -440,11 +441,13 @@ def test_with_a_journal_a_resume_point_ahead_of_the_daemons_numbering_resumes_on
             wait(lambda: not plc.field("status") & BIT["alarm"], 5, "the alarm to clear after alarm_reset")
         finally:
             log.stop()
+        past = log.events("resume_past_journal")
+        assert len(past) == 1 and past[0]["resume_after"] == 4000 and past[0]["journal_newest"] == 5, past
         warned = log.events("resume_ahead_of_daemon")
         assert len(warned) == 1 and warned[0]["level"] == "warning", warned
-        assert warned[0]["resume_after"] == 4000 and warned[0]["journal_newest"] == 5, warned
+        assert warned[0]["resume_after"] == 4000 and warned[0]["seq"] == 6, warned
         assert warned[0]["recorded_ack"] == 4000
-        assert log.events("journal_resume")[0]["after"] == {CAMERA: 5}
+        assert log.events("journal_resume")[0]["after"] == {CAMERA: 4000}
         assert json.loads((state / "acked.json").read_text()) == {"acked": {CAMERA: 10}}
 
         # The journal switched off, the numbering from 0 again: published, not journalled.
@@ -462,6 +465,90 @@ def test_with_a_journal_a_resume_point_ahead_of_the_daemons_numbering_resumes_on
         assert stopped["written"] == 3 and stopped["stale_skipped"] == 0, stopped
     finally:
         journal.close()
+
+
+def test_after_a_power_cut_an_ack_past_the_journal_is_a_gap_from_the_ack_not_a_renumbering(
+    plc, daemon, tmp_path, bridge_config
+):
+    """acked.json is fsynced at each ack, the journal every fsync_interval_s, so a power cut of a running line leaves
+    the ack (1000) past the journal's newest (995); the daemon comes back numbering past its synced reservation
+    (1024). Taken for a renumbering at start, every such cut warned that the daemon's numbering restarted, and counted
+    996..1000, which the PLC had, as missing. The first result, above the ack, says the journal lost its tail: no
+    warning, and what is missing is 1001..1023, from the ack."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "acked.json").write_text(json.dumps({"acked": {CAMERA: 1000}}))
+    plc.acking.clear()
+    plc.write("inspection_id", 1000)
+    plc.write("ack", 1000)
+    plc.write("heartbeat", 321)
+    plc.acking.set()
+    line = Line(daemon, tmp_path / "journal")
+    try:
+        for seq in range(996):
+            line.journal.append(CAMERA, seq, daemon.encode(seq))
+        line.journal.flush()
+        extra = ("--journal", str(tmp_path / "journal"), "--state-dir", str(state))
+        log = LogLines(Bridge(daemon, plc, bridge_config, extra=extra))
+        try:
+            line(1024)
+            wait(lambda: [r["id"] for r in plc.received] == [1024], 10, "1024 handed over")
+            assert plc.field("sequence_gaps") == 23 and plc.field("status") & BIT["alarm"]
+        finally:
+            log.stop()
+    finally:
+        line.close()
+    assert not log.events("resume_ahead_of_daemon")
+    past = log.events("resume_past_journal")
+    assert len(past) == 1 and past[0]["resume_after"] == 1000 and past[0]["journal_newest"] == 995, past
+    assert past[0]["level"] == "info" and past[0]["recorded_ack"] == 1000
+    gaps = log.events("gap")
+    assert [(g["first"], g["last"]) for g in gaps] == [(1001, 1023)] and "never journalled" in gaps[0]["reason"], gaps
+    stopped = log.events("bridge_stopped")[0]
+    assert stopped["sequence_gaps"] == 23 and stopped["written"] == 1 and stopped["seq_backwards"] == 0, stopped
+    assert json.loads((state / "acked.json").read_text()) == {"acked": {CAMERA: 1024}}
+
+
+def test_a_plc_id_ahead_of_the_daemon_resumes_after_the_recorded_ack_the_journal_holds(
+    plc, daemon, tmp_path, bridge_config
+):
+    """The block holds 50000, an id this bridge never wrote (another program's), while the state file says the PLC
+    acked 100 and the journal holds 0..200. Resuming after the journal's newest lost 101..200, published while the
+    bridge was down and never consumed, with no gap counted. The ack lies within the daemon's numbering: the PLC gets
+    101..200 from the journal, then the live results, with one warning and the alarm."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "acked.json").write_text(json.dumps({"acked": {CAMERA: 100}}))
+    plc.acking.clear()
+    plc.write("inspection_id", 50000)
+    plc.write("ack", 50000)
+    plc.write("heartbeat", 321)
+    plc.acking.set()
+    line = Line(daemon, tmp_path / "journal")
+    try:
+        for seq in range(201):
+            line.journal.append(CAMERA, seq, daemon.encode(seq))
+        line.journal.flush()
+        extra = ("--journal", str(tmp_path / "journal"), "--state-dir", str(state))
+        log = LogLines(Bridge(daemon, plc, bridge_config, extra=extra))
+        try:
+            for seq in range(201, 204):
+                line(seq)
+            wait(lambda: [r["id"] for r in plc.received][-1:] == [203], 20, "the catch-up and 201..203")
+            time.sleep(0.2)
+            assert plc.field("status") & BIT["alarm"] and plc.field("sequence_gaps") == 0
+        finally:
+            log.stop()
+    finally:
+        line.close()
+    assert [r["id"] for r in plc.received] == list(range(101, 204))
+    warned = log.events("resume_ahead_of_daemon")
+    assert len(warned) == 1 and warned[0]["level"] == "warning", warned
+    assert warned[0]["inspection_id"] == 50000 and warned[0]["recorded_ack"] == 100, warned
+    assert warned[0]["journal_newest"] == 200
+    assert log.events("journal_resume")[0]["after"] == {CAMERA: 100}
+    stopped = log.events("bridge_stopped")[0]
+    assert stopped["journal_replayed"] >= 100 and stopped["sequence_gaps"] == 0, stopped
 
 
 @pytest.mark.parametrize("heartbeat", [0, 65535], ids=["fresh-plc", "cleared-id"])
@@ -673,13 +760,21 @@ def test_a_plc_that_goes_away_ends_the_bridge_with_one_line_for_the_service_mana
 
 
 def kill_and_restart(
-    plc, daemon, tmp_path, how: str, reset: bool, hold_ack: bool = False, topic: str = f"inspect.{STATION}.{CAMERA}."
+    plc,
+    daemon,
+    tmp_path,
+    how: str,
+    reset: bool,
+    hold_ack: bool = False,
+    topic: str = f"inspect.{STATION}.{CAMERA}.",
+    forget: bool = False,
 ):
     """Results stream (as the daemon does it: journalled, then published, ~100 a second); the bridge is stopped with
     `how` (SIGKILL or SIGTERM) mid-stream, results keep coming while it is down, the PLC's registers are reset when
-    `reset`, then a new bridge on the same state directory and `topic` catches up. With `hold_ack` the kill comes
-    while the PLC holds back the ack of the result on it (the bridge's usual state: waiting for an ack). Returns (the
-    ids the PLC program consumed, in order; the count consumed before the kill; the two runs' log events)."""
+    `reset` and the state file is deleted when `forget`, then a new bridge on the same state directory and `topic`
+    catches up. With `hold_ack` the kill comes while the PLC holds back the ack of the result on it (the bridge's
+    usual state: waiting for an ack). Returns (the ids the PLC program consumed, in order; the count consumed before
+    the kill; the two runs' log events)."""
     from inspectd.daemon.journal import Journal
 
     config = tmp_path / "bridge.yaml"
@@ -730,6 +825,8 @@ def kill_and_restart(
         down = len(published)
         if reset:
             plc.reset()
+        if forget:
+            (tmp_path / "state" / "acked.json").unlink()
         plc.acking.set()
         wait(lambda: len(published) >= down + 50, 20, "50 results published while the bridge is down")
         bridge = Bridge(daemon, plc, config, topic, extra=extra)
@@ -767,20 +864,89 @@ def test_a_bridge_killed_mid_stream_and_restarted_hands_every_seq_to_the_plc_onc
     assert state == {"acked": {CAMERA: last}}
 
 
-@pytest.mark.parametrize("how, reset", [("kill", False), ("term", True)], ids=["sigkill", "sigterm-plc-reset"])
+@pytest.mark.parametrize(
+    "how, reset, forget",
+    [("kill", False, False), ("term", True, False), ("kill", False, True)],
+    ids=["sigkill", "sigterm-plc-reset", "sigkill-state-lost"],
+)
 def test_a_bridge_serving_the_first_camera_heard_catches_up_once_that_camera_is_heard(
-    plc, daemon, tmp_path, how, reset
+    plc, daemon, tmp_path, how, reset, forget
 ):
-    """No camera named (`camera: null`, a --topic naming only the station): the slot binds to the first camera whose
-    result arrives, and only then is it known where that camera resumes (its recorded ack, the PLC's id); its
-    replay comes before that live result, so every seq still reaches the PLC once, in order."""
+    """No camera named (`camera: null`, a --topic naming only the station): the slot binds to the camera the state
+    file records, at start; without one (the state file lost), to the first camera whose result arrives, and only
+    then is it known where that camera resumes (the PLC's id); its replay comes before that live result. Either way
+    every seq still reaches the PLC once, in order."""
     last = 300
-    ids, _, _, events = kill_and_restart(plc, daemon, tmp_path, how, reset, topic=f"inspect.{STATION}.")
+    ids, _, _, events = kill_and_restart(plc, daemon, tmp_path, how, reset, topic=f"inspect.{STATION}.", forget=forget)
     assert ids == list(range(1, last + 1)), [i for i in range(1, last + 1) if ids.count(i) != 1][:10]
     assert events["camera_bound"]["camera"] == CAMERA and events["camera_bound"]["resume_after"] >= 40
+    assert ("recorded_in" in events["camera_bound"]) is not forget, events["camera_bound"]
     assert events["bridge_stopped"]["journal_replayed"] >= 50
     assert events["bridge_stopped"]["sequence_gaps"] == 0 and events["bridge_stopped"]["overflow_drops"] == 0
     assert json.loads((tmp_path / "state" / "acked.json").read_text()) == {"acked": {CAMERA: last}}
+
+
+def test_a_block_without_a_camera_serves_the_camera_its_state_file_records_not_the_first_heard(
+    plc, daemon, tmp_path, bridge_config
+):
+    """`camera: null` and a station-wide topic: the block bound to whichever camera's result came first after each
+    restart, and the restart rule then compared that camera's seqs with the other camera's id. The state file says
+    which camera the block holds: bound to it at start, the block serves cam1, and cam0's results, first on the wire,
+    are refused."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "acked.json").write_text(json.dumps({"acked": {"cam1": 40}}))
+    log = LogLines(Bridge(daemon, plc, bridge_config, topic=f"inspect.{STATION}.", extra=("--state-dir", str(state))))
+    try:
+        bound = wait(lambda: log.events("camera_bound"), 5, "the slot bound at start")
+        for seq in (1, 2, 3):
+            daemon.result(seq)  # cam0
+        for seq in (41, 42, 43):
+            daemon.result(seq, camera="cam1")
+        wait(lambda: len(plc.received) == 3, 10, "cam1's results")
+        time.sleep(0.2)
+        assert plc.field("sequence_gaps") == 0 and not plc.field("status") & BIT["alarm"]
+    finally:
+        log.stop()
+    assert [r["id"] for r in plc.received] == [41, 42, 43]
+    assert bound[0]["camera"] == "cam1" and bound[0]["resume_after"] == 40, bound
+    assert len(log.events("camera_bound")) == 1
+    assert [e["camera"] for e in log.events("result_refused")] == ["cam0"]
+    stopped = log.events("bridge_stopped")[0]
+    assert stopped["other_camera"] == 3 and stopped["written"] == 3, stopped
+    assert json.loads((state / "acked.json").read_text()) == {"acked": {"cam1": 43}}
+
+
+def test_a_block_without_a_camera_and_a_state_file_of_several_cameras_is_refused_with_one_line(
+    plc, daemon, tmp_path, bridge_config
+):
+    """Which of the recorded cameras the block holds is not known: serving the first one heard could compare one
+    camera's seqs with another's id. Refused before a register is read or written, one line naming the cameras and
+    the key that settles it; a topic naming one camera settles it too."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "acked.json").write_text(json.dumps({"acked": {"cam0": 5, "cam1": 40}}))
+    proc = subprocess.run(
+        bridge_command(daemon, plc, bridge_config, "--topic", f"inspect.{STATION}.", "--state-dir", str(state)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "cam0, cam1" in line and "`camera`" in line, line
+    assert str(state / "acked.json") in line and line.startswith("inspectd bridge: camera:"), line
+    assert plc.registers() == [0] * 14
+
+    bridge = Bridge(daemon, plc, bridge_config, topic=f"inspect.{STATION}.cam1.", extra=("--state-dir", str(state)))
+    try:
+        daemon.result(41, camera="cam1")
+        wait(lambda: [r["id"] for r in plc.received] == [41], 10, "cam1's result")
+    finally:
+        events = bridge.stop()
+    assert events["bridge_stopped"]["sequence_gaps"] == 0 and "camera_bound" not in events
 
 
 class LogLines:

@@ -66,29 +66,16 @@ def started(modulus: int, plc_id: int, acked: int | None, newest: int | None, he
         (ID_MODULUS, 1, None, (1 << 32) + 7, (1 << 32) + 1),  # a full-width id past 2**32
         (ID_MODULUS, 500, None, None, 500),  # full width, nothing else known: taken as it reads
         (ID_MODULUS, 500, 480, 1000, 500),
-        (ID_MODULUS, 500, 480, 490, 490),  # past the journal (renumbered, or a power cut took its tail): its newest
+        # The PLC's id is past the journal and past the id written after the ack, which the journal holds: not an id
+        # this bridge left there, so the ack says what the PLC took.
+        (ID_MODULUS, 500, 480, 490, 480),
+        (ID_MODULUS, 481, 480, 480, 481),  # the id written after the ack, lost with the journal's tail: kept
+        (ID_MODULUS, 500, 480, 470, 500),  # the ack past the journal too: kept until the first result decides
         (ID_MODULUS, 0, 480, 1000, 480),  # registers reset: only the recorded ack says where
     ],
 )
 def test_the_plc_id_is_placed_at_the_seq_it_stands_for(modulus, plc_id, acked, newest, expected):
     assert started(modulus, plc_id, acked, newest).last_id == expected
-
-
-def test_a_resume_point_ahead_of_the_daemons_journal_resumes_after_the_journals_newest():
-    """A PLC id or recorded ack ahead of the daemon's journal (state wiped, journal off, an id the bridge never
-    wrote): resuming after it would skip every result of the renumbered daemon as stale, silently, until seq passed
-    it. The bridge resumes after the journal's newest, with one warning naming both numbers and the alarm latched."""
-    logged: list[tuple[str, dict]] = []
-    for plc_id, acked, newest in [(500, None, 100), (0, 4000, 5), (7, 4000, 5)]:
-        handshake = Handshake(Memory(ID_MODULUS, plc_id, 17), HandshakeSettings(), "cam0")  # type: ignore[arg-type]
-        handshake.log = lambda event, **kw: logged.append((event, kw))
-        asyncio.run(handshake.start(acked, lambda newest=newest: newest))
-        assert handshake.last_id == newest and handshake.alarm, (plc_id, acked)
-        warned = [kw for event, kw in logged if event == "resume_ahead_of_daemon"]
-        assert len(warned) == 1 and warned[0]["level"] == "warning", logged
-        assert warned[0]["resume_after"] == max(plc_id, acked or 0) and warned[0]["journal_newest"] == newest
-        assert warned[0]["inspection_id"] == plc_id and warned[0]["recorded_ack"] == acked
-        logged.clear()
 
 
 @pytest.mark.parametrize(
@@ -191,6 +178,103 @@ async def hand_over(handshake: Handshake, *results: Result) -> None:
         await asyncio.sleep(0.001)
     stop.set()  # run finishes the hand-over in flight, then returns
     await running
+
+
+def logging_handshake(plc_id: int, logged: list[tuple[str, dict]]) -> Handshake:
+    """A handshake on a PLC holding `plc_id` (full width, a heartbeat the bridge wrote) that logs into `logged`."""
+    plc = Memory(ID_MODULUS, plc_id, 17)
+    return Handshake(plc, HandshakeSettings(), "cam0", log=lambda event, **kw: logged.append((event, kw)))
+
+
+def events(logged: list[tuple[str, dict]], name: str) -> list[dict]:
+    return [kw for event, kw in logged if event == name]
+
+
+@pytest.mark.parametrize("first", ["at-or-below", "above"])
+@pytest.mark.parametrize(
+    "plc_id, acked, newest",
+    [
+        (1000, 1000, 995),  # a power cut: acked.json is fsynced at each ack, the journal every fsync_interval_s
+        (1001, 1000, 995),  # likewise, with the result written after that ack on the PLC
+        (481, 480, 480),  # the id written after the ack is all the journal lost
+        (500, None, 100),  # no ack recorded: the PLC's id alone
+        (0, 4000, 5),  # registers reset: the ack alone
+        (7, 4000, 5),
+    ],
+)
+def test_a_resume_point_past_the_journal_at_start_is_kept_until_the_first_result_decides(plc_id, acked, newest, first):
+    """A power cut leaves the recorded ack (and the PLC's id) past the journal's newest, as does a daemon whose
+    numbering restarted: at start the two look alike. Taken for a renumbering, every power cut of a running line
+    warned of one and counted what the PLC had acked as missing. So the start only says so (info) and keeps the
+    resume point; the first result decides: at or below it, the numbering restarted (one warning, the alarm, and the
+    bridge resumes before that result); above it, the journal lost its tail, and what lies between is a gap from the
+    resume point, with no warning."""
+    logged: list[tuple[str, dict]] = []
+    resume = max(plc_id, acked or 0)
+
+    async def restart() -> Handshake:
+        handshake = logging_handshake(plc_id, logged)
+        await handshake.start(acked, lambda: newest)
+        assert handshake.last_id == resume and not handshake.alarm, logged
+        assert "alarm" not in handshake.target.status  # type: ignore[attr-defined]
+        past = events(logged, "resume_past_journal")
+        assert len(past) == 1 and past[0]["resume_after"] == resume and past[0]["journal_newest"] == newest, logged
+        assert past[0]["inspection_id"] == plc_id and past[0]["recorded_ack"] == acked
+        assert not events(logged, "resume_ahead_of_daemon"), logged
+        await hand_over(handshake, result(seq))
+        return handshake
+
+    seq = newest + 1 if first == "at-or-below" else resume + 24
+    handshake = asyncio.run(restart())
+    assert handshake.target.values["inspection_id"] == seq and handshake.last_id == seq  # type: ignore[attr-defined]
+    assert handshake.counters.written == 1 and handshake.alarm
+    warned = events(logged, "resume_ahead_of_daemon")
+    if first == "at-or-below":
+        assert len(warned) == 1 and warned[0]["level"] == "warning" and warned[0]["seq"] == seq, logged
+        assert warned[0]["resume_after"] == resume and warned[0]["recorded_ack"] == acked
+        assert handshake.counters.sequence_gaps == 0
+    else:
+        assert not warned, logged
+        assert handshake.counters.sequence_gaps == 23
+        assert events(logged, "sequence_gap") == [{"camera": "cam0", "after": resume, "seq": seq, "missing": 23}]
+
+
+def test_a_plc_id_ahead_of_the_daemon_resumes_after_the_recorded_ack_where_the_daemon_has_it():
+    """The PLC's block holds 50000, an id this bridge never wrote (another program's, or one from before the
+    daemon's numbering restarted), while the state file says the PLC acked 100. With the journal at 200 at start, or
+    a first result of 150 without a journal, 100 lies within the daemon's numbering: resuming after the daemon's
+    newest instead lost what came after the ack, with no gap counted. The bridge resumes after the ack, with one
+    warning and the alarm; without a journal what it cannot hand over counts as a gap."""
+    logged: list[tuple[str, dict]] = []
+
+    async def with_journal() -> Handshake:
+        handshake = logging_handshake(50000, logged)
+        await handshake.start(100, lambda: 200)
+        return handshake
+
+    handshake = asyncio.run(with_journal())
+    assert handshake.last_id == 100 and handshake.alarm and "alarm" in handshake.target.status  # type: ignore[attr-defined]
+    warned = events(logged, "resume_ahead_of_daemon")
+    assert len(warned) == 1 and warned[0]["level"] == "warning" and warned[0]["journal_newest"] == 200, logged
+    assert warned[0]["inspection_id"] == 50000 and warned[0]["recorded_ack"] == 100
+    assert warned[0]["resume_after"] == 50000 and "recorded ack 100" in warned[0]["effect"]
+    assert not events(logged, "resume_past_journal")
+
+    logged.clear()
+
+    async def without_journal() -> Handshake:
+        handshake = logging_handshake(50000, logged)
+        await handshake.start(100)
+        assert handshake.last_id == 50000 and not handshake.alarm
+        await hand_over(handshake, result(150), result(151))
+        return handshake
+
+    handshake = asyncio.run(without_journal())
+    assert handshake.counters.written == 2 and handshake.last_id == 151 and handshake.alarm
+    assert handshake.counters.sequence_gaps == 49
+    warned = events(logged, "resume_ahead_of_daemon")
+    assert len(warned) == 1 and warned[0]["seq"] == 150 and warned[0]["recorded_ack"] == 100, logged
+    assert events(logged, "sequence_gap") == [{"camera": "cam0", "after": 100, "seq": 150, "missing": 49}]
 
 
 def daemon_status(cameras: dict) -> dict:
@@ -336,14 +420,14 @@ def test_an_alarm_latched_after_the_plc_asked_for_a_reset_stays_until_the_plc_re
 @pytest.mark.parametrize("resume_ahead", [False, True])
 def test_a_reset_the_plc_asked_for_while_the_bridge_was_down_clears_only_what_was_latched_before_it(resume_ahead):
     """A restarted bridge adopts the alarm latched in the PLC; a reset the PLC wrote meanwhile clears it at the first
-    heartbeat. An alarm the start itself latches (a resume point ahead of the daemon's journal) is newer than that
-    request and stays."""
+    heartbeat. An alarm the start itself latches (the PLC's id past the daemon's journal, the recorded ack within
+    it) is newer than that request and stays."""
 
     async def restart() -> bool:
         plc = Memory(ID_MODULUS, inspection_id=500, heartbeat=17, alarm=1)
         plc.values["alarm_reset"] = 1
         handshake = Handshake(plc, HandshakeSettings(), "cam0")
-        await handshake.start(480, lambda: 100 if resume_ahead else 1000)
+        await handshake.start(80 if resume_ahead else 480, lambda: 100 if resume_ahead else 1000)
         assert "alarm" in plc.status
         await tick(handshake, 1)
         assert plc.values["alarm_reset"] == 0

@@ -20,9 +20,14 @@ PLC so a PLC whose registers were reset does not get everything again). An id of
 fresh PLC (the bridge never writes heartbeat 0), any other 0 is an id like the others. The daemon publishes each seq
 once, after the bridge subscribed, so a resume point ahead of the daemon's numbering (its state wiped or renumbered, a
 journal switched off, an id the bridge never wrote) cannot be a replay: it is warned about
-(`resume_ahead_of_daemon`, when the daemon's journal is older than it at start or when the first result is at or below
-it), latches alarm, and the bridge resumes on the daemon's numbering; a seq that goes back under a running bridge
-likewise (`sequence_backwards`). Nothing is skipped as stale.
+(`resume_ahead_of_daemon`), latches alarm, and the bridge resumes after the recorded ack where that lies within the
+daemon's numbering, else just before its first result; a seq that goes back under a running bridge likewise
+(`sequence_backwards`). Nothing is skipped as stale. A resume point past the daemon's journal at start is not proof
+of that: the state file is fsynced at each ack and the journal only every fsync_interval_s, so a power cut leaves the
+ack ahead of the journal's newest. Only a PLC id past the journal and past the one the bridge writes after the
+recorded ack, with that ack within the journal, is decided at start; otherwise the point is kept
+(`resume_past_journal`) and the first result decides: at or below it, the numbering is not the one resumed on; above
+it, the journal lost its tail, and what lies between is a gap like any other.
 
 Id width: a target holds ids modulo 2**32, or modulo less (`id_modulus`, e.g. 2**15 for an S7 Int): what the PLC holds
 and echoes is the seq modulo that, so the ack is compared in that width, and the PLC's inspection id read at start
@@ -156,7 +161,7 @@ class Handshake:
     ) -> None:
         self.target = target
         self.settings = settings
-        self.camera = camera  # None until the bridge binds it to the first camera whose result arrives
+        self.camera = camera  # None until the bridge binds it to a camera (the recorded one, or the first heard)
         self.log = log or (lambda event, **kw: None)
         self.acked = acked  # awaited with (camera, inspection id) once the PLC acknowledged that id
         self.room = room  # called when a result leaves the queue: whoever feeds it may offer more
@@ -202,7 +207,7 @@ class Handshake:
         """Adopt the PLC's last inspection id, or the last id it acknowledged as recorded outside it (`acked`),
         whichever is later (restart rule), and drop result_valid until a fresh result. `newest`: reads the last seq
         the daemon journalled for this camera (None when unknown), called off the event loop; a resume point past it
-        is not the daemon's numbering, and the bridge resumes after it instead (`resume_ahead_of_daemon`)."""
+        is decided at start only when the PLC's id alone is past it (`_past_journal`)."""
         plc_id = await self.target.read("inspection_id")
         # An id of 0 is no id (a fresh PLC, registers reset, a program or an operator that cleared it), as it always
         # was, except where a narrow id's residue 0 (every `modulus` seqs) has nothing else to place it by: no
@@ -220,7 +225,7 @@ class Handshake:
         # clears it.
         self._alarm = bool(await self.target.read("alarm"))
         if known is not None and self.last_id is not None and self.last_id > known:
-            self._resume_ahead(known, journal_newest=known)
+            self._past_journal(known)
         await self._write_status(force=True)
         await self._cover_latches()
         self.log(
@@ -297,7 +302,7 @@ class Handshake:
                 effect="handed over as a new numbering; alarm latched",
             )
         elif self.last_received is None and self.last_id is not None and result.seq <= self.last_id:
-            self._resume_ahead(result.seq - 1, seq=result.seq)
+            self._resume_ahead(self.rebase(result.seq), seq=result.seq)
         self.last_received = result.seq
         if len(self.queue) >= self.settings.queue_size:
             dropped = self.queue.popleft()
@@ -306,9 +311,45 @@ class Handshake:
         self.queue.append(result)
         self._arrived.set()
 
-    def _resume_ahead(self, newest: int, **daemon: int) -> None:
-        """The resume point is past `newest`, where the daemon's numbering is (`daemon` names the number that says
-        so): resume after `newest`, with one warning and the alarm, rather than skip every result up to it."""
+    def _past_journal(self, known: int) -> None:
+        """The resume point is past `known`, the daemon's newest journalled seq at start."""
+        acked = self._recorded_ack
+        assert self.last_id is not None
+        if acked is not None and acked <= known and self.last_id > acked + 1:
+            # The bridge leaves the PLC the last acked id or the one it wrote after it, so an id further on is not
+            # this bridge's, and the ack, which the journal confirms, says what the PLC took.
+            self._resume_ahead(acked, journal_newest=known)
+            return
+        # What is past the journal here is the ack, the id written after it, or an id with no ack to check it by;
+        # the journal is fsynced less often than the state file (and the PLC keeps its id through the station's
+        # power cut), so a lost journal tail cannot be told from a renumbering until the daemon's next seq.
+        self.log(
+            "resume_past_journal",
+            camera=self.camera,
+            inspection_id=self._plc_id,
+            recorded_ack=acked,
+            resume_after=self.last_id,
+            journal_newest=known,
+            effect="resume point kept; the first result decides: above it, the journal lost its newest records (a "
+            "gap); at or below it, the daemon's numbering restarted (resume_ahead_of_daemon)",
+        )
+
+    def rebase(self, seq: int) -> int:
+        """Where to resume when the daemon's numbering is at `seq`, at or below the resume point: after the recorded
+        ack when it lies before `seq` (what the PLC took, in that numbering), else just before `seq`."""
+        acked = self._recorded_ack
+        return acked if acked is not None and acked < seq else seq - 1
+
+    def _resume_ahead(self, after: int, **daemon: int) -> None:
+        """The resume point is past the daemon's numbering (`daemon` names the number that says so): resume after
+        `after` instead, with one warning and the alarm, rather than skip every result up to it."""
+        if after == self._recorded_ack:
+            cause = (
+                f"after the recorded ack {after}, which the daemon's numbering holds (the PLC's id past it is not "
+                "this bridge's, or from a numbering the daemon restarted)"
+            )
+        else:
+            cause = f"after {after} (the daemon's numbering restarted, or the id is not this bridge's)"
         self.log(
             "resume_ahead_of_daemon",
             level="warning",
@@ -317,11 +358,10 @@ class Handshake:
             recorded_ack=self._recorded_ack,
             resume_after=self.last_id,
             **daemon,
-            effect=f"resuming after {newest} (the daemon's numbering restarted, or the id is not this bridge's); "
-            "alarm latched",
+            effect=f"resuming {cause}; alarm latched",
         )
         self.alarm = True
-        self.last_id = newest
+        self.last_id = after
 
     def status(self) -> Status:
         flags = set()
