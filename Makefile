@@ -57,7 +57,7 @@ test: venv system-packages
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 	deploy/aravis.sh $(VENV) --fake  # GenICam: Debian's Aravis and its fake GigE Vision camera, gi into the venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests  # the slowest tests named in every run: the suite must stay under 15 min on CI
 
 # Rewrite constraints.txt from what the venv holds now. To move a version: install it into the venv (or change
 # pyproject.toml and `$(PY) -m pip install -e '.[$(EXTRAS)]'`, without -c), run make test, then make constraints.

@@ -1,6 +1,6 @@
 """`inspectd teach`: refit a bundle's scorer on confirmed-good frames, on the station, without torch.
 
-    inspectd teach BUNDLE --good DIR [--holdout 0.2] [--by NAME] [--apply tcp://host:port]
+    inspectd teach BUNDLE --good DIR [--holdout H] [--any-model] [--by NAME] [--apply tcp://host:port]
     inspectd teach BUNDLE --archive [DIR] --since 8h [--until TIME] [--camera ID] [--any-model] [...]
     inspectd teach BUNDLE --rollback [--apply tcp://host:port]
 
@@ -8,7 +8,8 @@ The confirmed-good frames come from a folder (`--good`, e.g. an `inspectd archiv
 daemon's image archive (`--archive`, read with inspectd.protocol.archive's ArchiveReader): the frames archived with
 verdict ok, captured in the span, of one camera or all, judged by this bundle's model or one it was taught from (the
 teach record's `ancestor_model_ids`; `--any-model` takes every model's). A folder that is an export or MVTec root
-gives its train/good (else test/good). Either way they are taken in the order of their file names
+gives its train/good (else test/good); an export's frames are kept by the same rule, by the model its archive.jsonl
+names for each. Either way they are taken in the order of their file names
 (an archived frame's is `<id>.png`, in the archive and in an export alike), so teaching from the archive and from an
 export of the same frames fits the same parameters.
 
@@ -16,9 +17,15 @@ The scorer's parameters (memory bank, Gaussian mean and precision, k-means refer
 needs no new graph and no new TensorRT plan: the bundle's feature graph (engines.runtime.features) computes the features
 with ONNX Runtime, engines.runtime.scorer_fit fits them with numpy (the same code and seed `inspectd train` runs, with
 the recipe's copies of the frames when it has them, so the same frames give the same parameters), and model.onnx,
-weights.npz and every plan are carried over byte for byte. A share of the frames (split as training splits) is held out:
-the current and the refitted model both score it, the thresholds are recalibrated on it with `inspectd calibrate`'s
-false-reject rule, and its scores become the reference of the daemon's score-drift alarm.
+weights.npz and every plan are carried over byte for byte. A share of the frames is held out: the current and the
+refitted model both score it, the thresholds are recalibrated on it with `inspectd calibrate`'s false-reject rule,
+and its scores become the reference of the daemon's score-drift alarm. Frames as many as train split are split as
+`inspectd train` split this bundle's (the function, holdout and seed its manifest records: recipe auto's validation
+folds where auto chose the recipe, else split_holdout), so teaching on train's frames fits on train's fitted frames;
+any other set (a station's) is held out DEFAULT_HOLDOUT by split_holdout, a share the thresholds need, and
+`--holdout` is that share by split_holdout. Where auto cross-fitted (fewer than 60 frames), so does teach: the
+parameters are fitted on every frame, as train's were, and each frame's score for the thresholds comes from a fit on
+the folds without it.
 
 Versions: the taught bundle has `bundle_version` one higher and a `teach` record (frames, time, who, what it
 replaced, the comparison). Where it goes depends on what BUNDLE is:
@@ -51,6 +58,7 @@ import dataclasses
 import datetime
 import getpass
 import hashlib
+import json
 import math
 import os
 import re
@@ -65,7 +73,15 @@ import numpy as np
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import REQUIRED_FILES, inspectd_version
 from engines.bundle.store import Bundle, load_bundle, model_id_for, write_bundle
-from engines.data.images import ImageFiles, good_folder, list_images, split_holdout
+from engines.data.images import (
+    CROSS_FIT_BELOW,
+    MAX_HELD_OUT,
+    ImageFiles,
+    good_folder,
+    list_images,
+    split_holdout,
+    validation_folds,
+)
 from engines.durable import exchange, fsync_dir, replace_dir
 from engines.errors import BundleError, DataError, EngineError
 from engines.runtime import open_engine
@@ -73,10 +89,11 @@ from engines.runtime.features import FeatureExtractor
 from engines.runtime.preprocess import fit_all, mean_level
 from engines.runtime.scorer_fit import augmented, fit_scorer
 from inspectd.errors import InspectdError
-from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveReader, parse_time
+from inspectd.protocol.archive import DEFAULT_ARCHIVE, EXPORT_SPLITS, MANIFEST_NAME, ArchiveReader, parse_time
 from inspectd.protocol.control import ControlClient, ControlTimeout, allow_list_errors, client_for
 
-DEFAULT_HOLDOUT = 0.2
+DEFAULT_HOLDOUT = 0.2  # for a bundle that does not say what train held out
+SPLITS = (split_holdout.__name__, validation_folds.__name__)
 MIN_FRAMES = 2  # at least one fitted and one held out (split_holdout)
 BATCH = 8
 VERSIONS_SUFFIX = ".versions"
@@ -162,6 +179,73 @@ def scorer_settings(bundle: Bundle) -> tuple[str, dict[str, Any]]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Split:
+    """How teach splits the frames into fitted and held-out ones: by default as `inspectd train` split this bundle's
+    (the function and holdout its manifest records, and its seed), so that teaching on train's frames refits train's
+    parameters."""
+
+    kind: str  # split_holdout, or validation_folds where recipe auto chose the bundle's recipe
+    holdout: float
+    note: str | None = None  # a line for the report where teach does not split as train did
+
+    @property
+    def auto(self) -> bool:
+        return self.kind == validation_folds.__name__
+
+    def folds(self, n: int, seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """(the frames the taught parameters are fitted on, [(fit, held)]): each fold's held frames are scored by a
+        fit on its own fit frames, and those scores set the thresholds and the drift reference."""
+        if not self.auto:
+            fit, held = split_holdout(n, self.holdout, seed)
+            return fit, [(fit, held)]
+        folds = validation_folds(n, self.holdout, seed)
+        if len(folds) == 1:
+            return folds[0].fit, [(folds[0].fit, folds[0].held)]
+        # Cross-fitted, as train fits auto's recipe on few frames: the parameters on every frame (train's), and each
+        # frame's score for the thresholds from the fold fit that left it out, so none is judged by a fit it was in.
+        return np.arange(n), [(f.fit, f.held) for f in folds]
+
+
+def training_split(bundle: Bundle, holdout: float | None = None, n: int | None = None) -> Split:
+    """How to split `n` frames for BUNDLE: a `holdout` given is that share, held out as split_holdout does; by
+    default the split `inspectd train` fitted BUNDLE with, where the frames are as many as train split (so teaching
+    on train's frames refits train's parameters), else DEFAULT_HOLDOUT. A station's frames are not train's, and its
+    thresholds want the larger share: auto's validation fold holds out at most 80 frames however many there are."""
+    if holdout is not None:
+        return Split(split_holdout.__name__, holdout)
+    training = bundle.manifest.get("training") or {}
+    selection = bundle.manifest.get("recipe_selection") or {}
+    # Bundles trained before the split was recorded: auto's folds wherever auto chose the recipe.
+    kind = training.get("split") or (validation_folds.__name__ if selection else split_holdout.__name__)
+    if kind not in SPLITS:
+        raise TeachError(
+            f"{bundle.path}: training.split {kind!r}, expected one of {', '.join(SPLITS)} (a newer inspectd's bundle?)"
+        )
+    recorded = training.get("holdout")
+    n_fit, n_held = training.get("n_fit"), training.get("n_holdout")
+    # A cross-fit's counts (every image fitted and held out once) say nothing of the share it was given.
+    cross_fitted = int(selection.get("folds", 1)) > 1
+    if isinstance(n_fit, int) and isinstance(n_held, int) and n is not None:
+        trained_on = n_fit if cross_fitted else n_fit + n_held
+        if n != trained_on:
+            return Split(split_holdout.__name__, DEFAULT_HOLDOUT)
+    share = DEFAULT_HOLDOUT
+    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and 0.0 <= recorded < 1.0:
+        share = float(recorded)
+    elif isinstance(n_fit, int) and isinstance(n_held, int) and n_fit + n_held > 0 and not cross_fitted:
+        share = n_held / (n_fit + n_held)
+    split = Split(kind, share)
+    if share == 0 and not split.auto:  # auto's folds hold out at least 0.1 whatever they are given
+        return Split(
+            kind,
+            DEFAULT_HOLDOUT,
+            f"train held no frames out (--holdout 0) and fitted on all of them; teach holds out {DEFAULT_HOLDOUT:g} "
+            "to set the thresholds on, so it fits on fewer frames than train did",
+        )
+    return split
+
+
+@dataclasses.dataclass(frozen=True)
 class GoodFrames:
     """Confirmed-good frames to teach on: their image files in the order they are fitted, and where they came from."""
 
@@ -172,13 +256,67 @@ class GoodFrames:
     hint: str = ""  # how to get more of them, for the too-few refusal
 
 
-def folder_frames(good: str | Path) -> GoodFrames:
+def export_root(folder: Path) -> Path | None:
+    """The `inspectd archive export` root that good-frame folder `folder` (<root>/<split>/good) is in, by the
+    export's manifest; None for any other folder."""
+    root = folder.parent.parent
+    if folder.name == "good" and folder.parent.name in EXPORT_SPLITS and (root / MANIFEST_NAME).is_file():
+        return root
+    return None
+
+
+def exported_models(root: Path) -> dict[str, str | None]:
+    """The model that judged each frame an export at `root` wrote, by its path under `root`, from its manifest. A
+    row that does not parse (an export cut off while it appended) is skipped: its frame counts as of no known model."""
+    models: dict[str, str | None] = {}
+    with open(root / MANIFEST_NAME, encoding="utf-8") as manifest:
+        for line in manifest:
+            try:
+                row = json.loads(line)
+                models[f"{row['exported_to']}/{row['id']}.png"] = row.get("model_id")
+            except (ValueError, TypeError, KeyError):
+                continue
+    return models
+
+
+def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFrames:
+    """The frames of folder `good`. In an `inspectd archive export` (its root, or its train/good or test/good), only
+    those judged by one of `models` (teach_lineage's: the bundle's own first) or, when None, by any model."""
     # An export or MVTec root: its train/good (what an export with --split train writes, what train fits), else
     # its test/good.
     folder = good_folder(good, ("train", "test"))
     source = f"--good {good}" + (f" ({folder.relative_to(good)})" if folder != Path(good) else "")
     resolved = str(folder.resolve())
-    return GoodFrames(list_images(folder), source, {"folder": resolved}, {"good_dir": resolved})
+    paths = list_images(folder)
+    root = export_root(folder)
+    if root is None:
+        return GoodFrames(paths, source, {"folder": resolved}, {"good_dir": resolved})
+    other: dict[str, int] = {}
+    if models is not None:
+        # The same changeover as --archive's: an export of a span that crosses it holds the previous product's
+        # frames too, and its manifest names the model that judged each.
+        judged = exported_models(root)
+        kept = []
+        for path in paths:
+            model = judged.get(path.relative_to(root).as_posix())
+            if model in models:
+                kept.append(path)
+            else:
+                other[model or "unknown"] = other.get(model or "unknown", 0) + 1
+        if not kept and other:
+            raise TeachError(_no_lineage_frames(source, models, other, "export a span after the line switched to it"))
+        paths = kept
+    record = {"folder": resolved, "export": str((root / MANIFEST_NAME).resolve()), "model_ids": models}
+    hint = f" ({_counted(other)} left out: --any-model takes them)" if other else ""
+    return GoodFrames(paths, source, {**record, "other_models": other}, {"good_dir": resolved}, hint)
+
+
+def _no_lineage_frames(where: str, models: list[str], other: dict[str, int], instead: str) -> str:
+    ancestors = f" or the models it was taught from ({', '.join(models[1:])})" if models[1:] else ""
+    return (
+        f"{where}: 0 good frame(s) of model {models[0]}{ancestors} ({_counted(other)} left out), expected frames this "
+        f"bundle's model judged: {instead}, or --any-model to take every model's frames"
+    )
 
 
 def teach_lineage(bundle: Bundle) -> list[str]:
@@ -230,12 +368,8 @@ def archive_frames(
                     other[key] = other.get(key, 0) + 1
             entries = [e for e in entries if e.model_id in accepted]
             if not entries and other:
-                ancestors = f" or the models it was taught from ({', '.join(models[1:])})" if models[1:] else ""
-                raise TeachError(
-                    f"{where}: 0 good frame(s) of model {models[0]}{ancestors} ({_counted(other)} left out), expected "
-                    "frames this bundle's model judged: teach on a span after the line switched to it, or "
-                    "--any-model to take every model's frames"
-                )
+                instead = "teach on a span after the line switched to it"
+                raise TeachError(_no_lineage_frames(where, models, other, instead))
         # The order an export of these frames lists in, so both sources fit alike. A frame the archive's age or size
         # bound deleted since the query is left out.
         ordered = sorted(entries, key=lambda e: e.export_name)
@@ -276,14 +410,15 @@ def score(engine, images: np.ndarray, params: dict[str, np.ndarray] | None = Non
 def teach(
     bundle_path: str | Path,
     good: str | Path | GoodFrames,
-    holdout: float = DEFAULT_HOLDOUT,
+    holdout: float | None = None,
     by: str | None = None,
     target_false_reject: float | None = None,
     pixel_fpr: float | None = None,
     out=None,
 ) -> Bundle:
-    """Refit BUNDLE's scorer on `good` (a folder of frames, or frames from archive_frames), write the result as
-    BUNDLE's next version, return it."""
+    """Refit BUNDLE's scorer on `good` (a folder of frames, or frames from archive_frames or folder_frames), write
+    the result as BUNDLE's next version, return it. `holdout` None: split as `inspectd train` split BUNDLE's frames
+    (training_split)."""
     from calibration.calibrate import (
         DEFAULT_FALSE_REJECT,
         DEFAULT_PIXEL_FPR,
@@ -302,21 +437,26 @@ def teach(
     # Where the new version goes (beside the linked directory, or in BUNDLE's own folder), before minutes of work.
     check_writable((linked_dir(bundle_path) or bundle_path).parent, "teach", "")
     kind, settings = scorer_settings(bundle)
-    frames = good if isinstance(good, GoodFrames) else folder_frames(good)
+    frames = good if isinstance(good, GoodFrames) else folder_frames(good, teach_lineage(bundle))
     paths = frames.paths
     if len(paths) < MIN_FRAMES:
         raise TeachError(
             f"{frames.source}: {len(paths)} good frame(s), expected at least {MIN_FRAMES} (some fit, some are held out)"
             + frames.hint
         )
+    split = training_split(bundle, holdout, len(paths))
     images = fit_all(ImageFiles(paths, bundle.bit_depth), bundle.input_shape, bundle.resize_policy)
-    fit_idx, hold_idx = split_holdout(len(images), holdout, settings["seed"])
+    fit_idx, folds = split.folds(len(images), settings["seed"])
 
     extractor = FeatureExtractor(bundle, max_batch=BATCH)
     augment = str(bundle.recipe.get("augment", "none"))
     features = extractor.extract(augmented(images[fit_idx], augment))
     t_features = time.monotonic() - started
     params = fit_scorer(kind, features, **settings)
+    fold_params = [
+        params if np.array_equal(fit, fit_idx) else fit_scorer(kind, rows_of(features, fit_idx, fit), **settings)
+        for fit, _ in folds
+    ]
     del features
     t_fit = time.monotonic() - started - t_features
     weights = bundle.weights()
@@ -324,10 +464,17 @@ def teach(
     # saved copy of these could be set on the old model, whose scores they do not describe.
     taught_id = model_id_for(bundle.manifest, params, weights)
 
+    # In frame order, each scored by its own fold's fit.
+    hold_idx = np.concatenate([h for _, h in folds])
+    order = np.argsort(hold_idx, kind="stable")
+    hold_idx = hold_idx[order]
     held = images[hold_idx]
     with open_engine(bundle, "onnxruntime", {"providers": "cpu"}, max_batch=BATCH) as engine:
         old_scores, _ = score(engine, held)
-        new_scores, new_maps = score(engine, held, params)
+        by_fold = [score(engine, images[h], p) for (_, h), p in zip(folds, fold_params, strict=True)]
+    new_scores = np.concatenate([s for s, _ in by_fold])[order]
+    new_maps = np.concatenate([m for _, m in by_fold])[order]
+    del by_fold
     held_paths = [paths[i] for i in hold_idx]
     refuse_non_finite(old_scores, held_paths, f"{frames.source}: held out, by the current model")
     refuse_non_finite(new_scores, held_paths, f"{frames.source}: held out, by the taught model")
@@ -392,6 +539,10 @@ def teach(
             "n": len(paths),
             "n_fit": int(len(fit_idx)),
             "n_holdout": int(len(hold_idx)),
+            # How: so a teach on train's frames can be checked against the manifest's training record.
+            "split": split.kind,
+            "holdout": split.holdout,
+            "folds": len(folds),
             # Which frames: their names and one checksum over their bytes, so a teach can be repeated and audited.
             "names_sha256": hashlib.sha256("\n".join(p.name for p in paths).encode()).hexdigest(),
             "pixels_sha256": hashlib.sha256(images.tobytes()).hexdigest(),
@@ -404,15 +555,12 @@ def teach(
     }
     taught = write_version(bundle, params, thresholds, version, record, weights)
     seconds = time.monotonic() - started
-    warnings = [fr.warning(fr_target), thresholds_doc.reference_warning(len(held), "held-out frames")]
+    warnings = [split.note, fr.warning(fr_target), thresholds_doc.reference_warning(len(held), "held-out frames")]
     # Both count held-out frames only; the operator chooses how many to teach on.
-    if warnings[0]:
-        warnings[0] += (
-            f" (held out: teach on >= {frames_to_hold(fr.needed, holdout)} frames with --holdout {holdout:g})"
-        )
     if warnings[1]:
-        needed = frames_to_hold(thresholds_doc.MIN_REFERENCE, holdout)
-        warnings[1] += f" (teach on >= {needed} frames with --holdout {holdout:g})"
+        warnings[1] += _teach_on(fr.needed, split, "held out: ")
+    if warnings[2]:
+        warnings[2] += _teach_on(thresholds_doc.MIN_REFERENCE, split)
     if current.per_camera:
         warnings.append(
             f"per-camera thresholds of {', '.join(sorted(current.per_camera))} were set on the old scorer's scores "
@@ -423,8 +571,24 @@ def teach(
     return taught
 
 
-def frames_to_hold(held: int, holdout: float) -> int:
-    """The fewest frames whose held-out share (split_holdout's rounding) is at least `held`."""
+def rows_of(features: np.ndarray, fit_idx: np.ndarray, subset: np.ndarray) -> np.ndarray:
+    """The rows of `features` (augmented's: the frames `fit_idx`, then each copy of them in the same order) that are
+    the frames `subset` (a part of `fit_idx`) and their copies."""
+    n = len(fit_idx)
+    at = np.searchsorted(fit_idx, subset)
+    return features[np.concatenate([at + c * n for c in range(len(features) // n)])]
+
+
+def frames_to_hold(held: int, holdout: float, kind: str = split_holdout.__name__) -> int | None:
+    """The fewest frames of which the split `kind` holds out at least `held` (None: no number does)."""
+    if kind == validation_folds.__name__:
+        # Cross-fitting holds out every frame once; from CROSS_FIT_BELOW frames on, one share of at most MAX_HELD_OUT.
+        if held < CROSS_FIT_BELOW:
+            return max(2, held)
+        for n in range(CROSS_FIT_BELOW, 20 * MAX_HELD_OUT):
+            if len(validation_folds(n, holdout, 0)[0].held) >= held:
+                return n
+        return None
     # round(holdout * n) >= held from n >= (held - 0.5) / holdout: start just below, so the search takes a step or two
     # whatever the holdout (one frame at a time from (held - 1) / holdout took 1 / holdout steps).
     n = max(2, math.ceil((held - 0.5) / holdout) - 2)
@@ -433,7 +597,21 @@ def frames_to_hold(held: int, holdout: float) -> int:
     return n
 
 
-def check_numbers(holdout: float, target_false_reject: float | None, pixel_fpr: float | None) -> None:
+def _teach_on(needed: int, split: Split, held: str = "") -> str:
+    """A too-few WARNING's hint: how many frames to teach on for `needed` held-out ones with this split."""
+    n = frames_to_hold(needed, split.holdout, split.kind)
+    if not split.auto:
+        return f" ({held}teach on >= {n} frames with --holdout {split.holdout:g})"
+    how = "held out as train held out for recipe auto"
+    if n is not None:
+        return f" ({how}: teach on >= {n} frames)"
+    return (
+        f" ({how}: at most {MAX_HELD_OUT} frames however many are taught on; `inspectd calibrate --good` then sets "
+        "the thresholds on as many other good frames as needed)"
+    )
+
+
+def check_numbers(holdout: float | None, target_false_reject: float | None, pixel_fpr: float | None) -> None:
     """TeachError for a rate outside (0, 1), before any work."""
     for flag, value in (
         ("--holdout", holdout),
@@ -591,9 +769,17 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
         where = f"the link now points to {now}; previous version in {now.with_name(record['previous_dir'])}"
     else:
         where = f"previous version in {versions_dir(bundle.path) / record['previous_in_versions']}"
+    how = f"{frames['n_holdout']} held out"
+    if frames.get("folds", 1) > 1:
+        how = (
+            f"each also held out once for the thresholds (scored by a fit on the other {frames['folds'] - 1} folds' "
+            f"frames, as train cross-fits recipe auto below {CROSS_FIT_BELOW} frames)"
+        )
+    elif frames.get("split") == validation_folds.__name__:
+        how += " as train held out for recipe auto"
     print(
         f"{bundle.path}: version {record['version']} ({bundle.model_id}), {record['scorer']} refitted on "
-        f"{frames['n_fit']} frames in {seconds:.1f}s, {frames['n_holdout']} held out; {where}",
+        f"{frames['n_fit']} frames in {seconds:.1f}s, {how}; {where}",
         file=out,
     )
     if "archive" in frames:
@@ -603,12 +789,12 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             f"{frames['archive']} (their ids are in the manifest's teach record)",
             file=out,
         )
-        if frames.get("other_models"):
-            print(
-                f"frames: left out {sum(frames['other_models'].values())} good frame(s) judged by other models "
-                f"({_counted(frames['other_models'])}): --any-model takes them",
-                file=out,
-            )
+    if frames.get("other_models"):
+        print(
+            f"frames: left out {sum(frames['other_models'].values())} good frame(s) judged by other models "
+            f"({_counted(frames['other_models'])}): --any-model takes them",
+            file=out,
+        )
     print(f"on the {comparison['frames']} held-out frames:", file=out)
     for name, row in (("current", current), ("taught ", taught)):
         print(
@@ -628,7 +814,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_ARCHIVE}, the installed layout's. It takes the frames the daemon archived with verdict ok (one "
         "good frame in archive.good_every) captured from --since (required) to --until, of --camera or of every "
         "camera, judged by the bundle's model or one it was taught from (--any-model: by any model); the new "
-        "version's teach record names them (archive, camera, span, archive ids, the other models' frames left out)."
+        "version's teach record names them (archive, camera, span, archive ids, the other models' frames left out). "
+        "--good on an `inspectd archive export` keeps its frames by the same rule, by the model its archive.jsonl "
+        "names for each (--any-model: all of them)."
     )
     parser.add_argument("bundle", help="bundle directory to teach (replaced by its next version)")
     parser.add_argument(
@@ -647,11 +835,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--any-model",
         action="store_true",
-        help="--archive: also frames judged by other models than the bundle's and those it was taught from",
+        help="--archive, or --good on an archive export: also frames judged by other models than the bundle's and "
+        "those it was taught from",
     )
     parser.add_argument("--rollback", action="store_true", help="put back the version this one was taught from")
     parser.add_argument(
-        "--holdout", type=float, default=DEFAULT_HOLDOUT, help="share held out for thresholds and the comparison"
+        "--holdout",
+        type=float,
+        default=None,
+        help="share held out for thresholds and the comparison (default: on as many frames as train split, as train "
+        f"split them, so train's frames refit train's parameters; on other frames, or where the manifest does not "
+        f"say, {DEFAULT_HOLDOUT})",
     )
     parser.add_argument("--by", default=None, help="who confirmed the frames (default: the user running teach)")
     parser.add_argument("--target-false-reject", type=float, default=None, help="image threshold's target rate")
@@ -669,7 +863,7 @@ def run(args: argparse.Namespace) -> int:
         archive, since, until, camera = args.archive, args.since, args.until, args.camera
         if [bool(args.good), archive is not None, bool(args.rollback)].count(True) != 1:
             raise TeachError("expected exactly one of --good DIR, --archive [DIR] and --rollback")
-        if archive is None and (since or until or camera or args.any_model):
+        if archive is None and (since or until or camera or (args.any_model and not args.good)):
             raise TeachError(
                 "--since, --until, --camera and --any-model select archived frames: expected --archive [DIR] too"
             )
@@ -709,7 +903,15 @@ def run(args: argparse.Namespace) -> int:
             done = rollback(args.bundle)
         else:
             lineage = None if args.any_model else teach_lineage(bundle)
-            good = args.good if since is None else archive_frames(archive, since, until, camera, lineage)
+            if since is not None:
+                good = archive_frames(archive, since, until, camera, lineage)
+            else:
+                good = folder_frames(args.good, lineage)
+                if args.any_model and "export" not in good.record:
+                    raise TeachError(
+                        f"--any-model: {good.source} is not an `inspectd archive export` (no {MANIFEST_NAME} names "
+                        "the model that judged its frames), expected --archive [DIR] or an export"
+                    )
             done = teach(args.bundle, good, args.holdout, args.by, args.target_false_reject, args.pixel_fpr)
     except (TeachError, CalibrationError, BundleError, DataError, EngineError, InspectdError, OSError) as exc:
         print(f"inspectd teach: {exc}", file=sys.stderr)

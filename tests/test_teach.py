@@ -710,3 +710,167 @@ def test_good_on_an_export_root_teaches_on_its_train_good(trained, good, tmp_pat
     )
     shutil.rmtree(root / "train")
     assert folder_frames(root).paths == list_images(root / "test" / "good") != []
+
+
+@pytest.fixture(scope="module", params=[64, 16], ids=["one-fold", "cross-fitted"])
+def auto_trained(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(bundle, its frames): recipe auto, train's default, on 64 frames (one validation fold: 40 fitted, 24 held out)
+    or 16 (below 60, cross-fitted: every frame fitted, each held out once). Only the size is changed, to keep it
+    quick."""
+    from engines.training.train import Progress, train_bundle
+
+    frames = tmp_path_factory.mktemp("auto-good")
+    SyntheticLine(96, 96, seed=3).write_folder(frames, request.param)
+    out = tmp_path_factory.mktemp("auto") / "bundle"
+    train_bundle(frames, out, recipe="auto", size=(SIZE, SIZE), seed=5, progress=Progress(enabled=False))
+    return out, frames
+
+
+def test_teach_with_the_default_holdout_refits_what_recipe_auto_fitted_on_the_same_frames(auto_trained, tmp_path):
+    """Recipe auto fits on its validation fold's frames, or on every frame where it cross-fits: teach on the same
+    frames with the default holdout splits them as the manifest says train did, so it fits on the same frames, gets
+    the same parameters and sets its thresholds on the same held-out scores (each frame's out-of-fold score where
+    train cross-fitted)."""
+    import shutil
+
+    from calibration.teach import teach
+
+    trained_dir, frames = auto_trained
+    bundle = tmp_path / "b"
+    shutil.copytree(trained_dir, bundle)
+    before = load_bundle(bundle)
+    training = before.manifest["training"]
+    assert (training["split"], training["holdout"]) == ("validation_folds", 0.1)
+    n = len(list(frames.glob("*.png")))
+    expected = (40, 24) if n == 64 else (n, n)
+    assert (training["n_fit"], training["n_holdout"]) == expected
+
+    out = io.StringIO()
+    taught = teach(bundle, frames, by="tester", out=out)
+    record = taught.manifest["teach"]["frames"]
+    assert (record["n_fit"], record["n_holdout"]) == expected
+    assert (record["split"], record["holdout"], record["folds"]) == ("validation_folds", 0.1, 1 if n == 64 else 4)
+    trained_params = before.scorer_params()
+    params = taught.scorer_params()
+    assert params.keys() == trained_params.keys()
+    for name, value in params.items():
+        assert value.shape == trained_params[name].shape, name
+        np.testing.assert_allclose(value, trained_params[name], rtol=2e-3, atol=2e-4 * float(np.abs(value).max()))
+    # The held-out scores train set its first thresholds on, now by ONNX Runtime: the same frames, by the same fits.
+    got, want = taught.thresholds().provenance["good_scores"], before.thresholds().provenance["good_scores"]
+    assert got["n"] == want["n"] == expected[1]
+    np.testing.assert_allclose(got["quantiles"], want["quantiles"], rtol=2e-3, atol=1e-4 * max(want["quantiles"]))
+    if n == 64:
+        assert "24 held out as train held out for recipe auto" in out.getvalue(), out.getvalue()
+    else:
+        assert "refitted on 16 frames" in out.getvalue() and "each also held out once" in out.getvalue()
+
+
+def test_the_default_holdout_is_the_one_train_held_out(trained, good, tmp_path):
+    """A bundle trained with --holdout 0.25 is taught with 0.25 by default; one trained before the share was
+    recorded, with the share its counts give (4 of 16); one that says neither, with 0.2; one trained on every frame
+    (--holdout 0), with 0.2 and a line saying that teach then fits on fewer frames than train did."""
+    import shutil
+
+    from calibration.teach import teach
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+
+    def taught_with(name: str, drop: tuple[str, ...] = (), **training) -> tuple[dict, str]:
+        bundle = tmp_path / name
+        shutil.copytree(trained, bundle)
+        manifest = json.loads((bundle / MANIFEST).read_text())
+        manifest["training"] = {k: v for k, v in {**manifest["training"], **training}.items() if k not in drop}
+        (bundle / MANIFEST).write_text(json.dumps(manifest))
+        out = io.StringIO()
+        frames = teach(bundle, good, by="tester", out=out).manifest["teach"]["frames"]
+        return frames, out.getvalue()
+
+    frames, _ = taught_with("recorded")
+    assert (frames["n_fit"], frames["n_holdout"], frames["split"], frames["holdout"]) == (12, 4, "split_holdout", 0.25)
+    frames, _ = taught_with("counted", drop=("split", "holdout"))
+    assert (frames["n_fit"], frames["holdout"]) == (12, 0.25)
+    frames, _ = taught_with("unknown", drop=("split", "holdout", "n_fit", "n_holdout"))
+    assert (frames["n_fit"], frames["holdout"]) == (13, 0.2)
+    frames, out = taught_with("all-fitted", holdout=0.0)
+    assert (frames["n_fit"], frames["holdout"]) == (13, 0.2)
+    assert "train held no frames out (--holdout 0) and fitted on all of them; teach holds out 0.2" in out, out
+    # Other frames than train's (a station's): the share the thresholds want, whatever train held out.
+    station = tmp_path / "station"
+    station.mkdir()
+    for path in sorted(Path(good).iterdir())[:-1]:
+        shutil.copy(path, station / path.name)
+    bundle = tmp_path / "station-bundle"
+    shutil.copytree(tmp_path / "recorded", bundle)
+    frames = teach(bundle, station, by="tester", out=io.StringIO()).manifest["teach"]["frames"]
+    assert (frames["split"], frames["holdout"]) == ("split_holdout", 0.2), frames
+
+
+def test_good_on_an_archive_export_takes_only_the_frames_of_this_bundles_model_and_those_it_was_taught_from(
+    trained, good, tmp_path, capsys
+):
+    """`inspectd archive export` of a span across a changeover, then `teach --good` on it: its archive.jsonl names the
+    model that judged each frame, so the other product's frames are left out as --archive leaves them out (said,
+    recorded), --any-model takes them, an export of other models' frames only is refused in one line and nothing is
+    written; --any-model on a folder that is not an export is refused."""
+    import hashlib
+    import shutil
+
+    import cv2
+
+    from calibration import teach
+    from inspectd.protocol.archive import ArchiveReader
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundle = tmp_path / "b"
+    shutil.copytree(trained, bundle)
+    original = load_bundle(bundle).model_id
+    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(good.glob("*.png"))]
+    owners = ["m-a"] * 4 + [original] * 12  # the other product's, then this bundle's
+    ids = archive_of(tmp_path / "archive", list(zip(images, owners, strict=True)))
+    ours = [i for i, owner in zip(ids, owners, strict=True) if owner != "m-a"]
+    export = tmp_path / "export"
+    exported = inspectd(
+        "archive", "export", str(export), "--archive", str(tmp_path / "archive"), "--since", "1h",
+        "--verdict", "ok", "--split", "train",
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(p.stem for p in (export / "train" / "good").glob("*.png")) == ids
+
+    assert teach.run(args(bundle, good=str(export))) == 0
+    out = capsys.readouterr().out
+    taught = load_bundle(bundle)
+    frames = taught.manifest["teach"]["frames"]
+    assert frames["n"] == 12 and frames["other_models"] == {"m-a": 4} and frames["model_ids"] == [original]
+    assert frames["names_sha256"] == hashlib.sha256("\n".join(f"{i}.png" for i in ours).encode()).hexdigest()
+    assert frames["export"] == str((export / "archive.jsonl").resolve())
+    assert "frames: left out 4 good frame(s) judged by other models (4 of model m-a): --any-model takes them" in out
+
+    # The export's good folder itself is the same export; --any-model takes every model's frames.
+    assert teach.run(args(bundle, good=str(export / "train" / "good"), any_model=True)) == 0
+    frames = load_bundle(bundle).manifest["teach"]["frames"]
+    assert frames["n"] == 16 and frames["other_models"] == {} and frames["model_ids"] is None
+    assert "left out" not in capsys.readouterr().out
+
+    others = archive_of(tmp_path / "others", [(image, "m-a" if i % 3 else "m-c") for i, image in enumerate(images)])
+    with ArchiveReader(tmp_path / "others") as reader:
+        assert reader.export(reader.query(verdict="ok"), tmp_path / "other-export", "train") == len(others)
+    before = load_bundle(bundle)
+    assert teach.run(args(bundle, good=str(tmp_path / "other-export"))) == 2
+    captured = capsys.readouterr()
+    line = captured.err.strip()
+    assert captured.out == "" and "\n" not in line, captured
+    assert line.startswith(f"inspectd teach: --good {tmp_path / 'other-export'} (train/good): 0 good frame(s) of "
+                           f"model {before.model_id} or the models it was taught from ("), line  # fmt: skip
+    assert "(10 of model m-a, 6 of model m-c left out)" in line and "--any-model" in line, line
+    assert load_bundle(bundle).manifest == before.manifest
+
+    assert teach.run(args(bundle, good=str(good), any_model=True)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        f"inspectd teach: --any-model: --good {good} is not an `inspectd archive export` (no archive.jsonl names the "
+        "model that judged its frames), expected --archive [DIR] or an export"
+    )
+    assert load_bundle(bundle).manifest == before.manifest

@@ -63,6 +63,8 @@ def test_cli_writes_a_complete_bundle(cli_bundle, data):
     assert bundle.manifest["interrupted"] is False
     training = bundle.manifest["training"]
     assert (training["n_fit"], training["n_holdout"], training["n_scorer_fit"], training["seed"]) == (11, 1, 11, 3)
+    # How the 11 were chosen, so `inspectd teach` on the same images fits on the same 11.
+    assert (training["split"], training["holdout"]) == ("split_holdout", 0.1)
     assert training["scorer"] == "gaussian" and bundle.scorer_inputs == ("gauss_mean", "gauss_precision")
     thresholds = bundle.thresholds()
     assert thresholds.provenance["good_dir"] == str(data.resolve())

@@ -256,3 +256,29 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     n_hold = 0 if fraction == 0 or n < 2 else min(n - 1, max(1, round(fraction * n)))
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+
+
+# `--recipe auto`'s validation folds (engines.training.select): here, beside split_holdout, so that `inspectd teach`
+# splits an auto bundle's frames as train did on a station without torch.
+CROSS_FIT_BELOW = 60
+CROSS_FIT_FOLDS = 4
+MIN_HELD_OUT, MAX_HELD_OUT = 24, 80
+
+
+@dataclasses.dataclass
+class Fold:
+    fit: np.ndarray  # indices into the image list
+    held: np.ndarray
+
+
+def validation_folds(n: int, holdout: float, seed: int) -> list[Fold]:
+    """Cross-fitting folds below CROSS_FIT_BELOW images, else one held-out share of round(holdout * n) images,
+    clamped to MIN_HELD_OUT..MAX_HELD_OUT (fewer gives noisy metrics, more costs time without changing the pick)."""
+    if n < 2:
+        raise ValueError(f"--recipe auto: {n} training image(s), expected at least 2 to hold one out")
+    order = np.random.default_rng(seed).permutation(n)
+    if n < CROSS_FIT_BELOW:
+        parts = np.array_split(order, min(CROSS_FIT_FOLDS, n))
+        return [Fold(np.sort(np.concatenate(parts[:i] + parts[i + 1 :])), np.sort(p)) for i, p in enumerate(parts)]
+    n_held = int(np.clip(round(max(holdout, 0.1) * n), MIN_HELD_OUT, min(MAX_HELD_OUT, n // 2)))
+    return [Fold(np.sort(order[n_held:]), np.sort(order[:n_held]))]

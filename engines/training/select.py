@@ -1,6 +1,7 @@
 """`--recipe auto`: choosing a recipe on the station's own good images, without labelled defects.
 
-1. Validation folds. Some good images are held out and the rest fit each candidate. With fewer than CROSS_FIT_BELOW
+1. Validation folds (engines.data.images.validation_folds; `inspectd teach` splits an auto bundle's frames with it
+   too). Some good images are held out and the rest fit each candidate. With fewer than CROSS_FIT_BELOW
    images one held-out share would be a handful of images, so the images are cross-fitted instead: CROSS_FIT_FOLDS
    folds, each image held out exactly once and fitting the others.
 2. Planted defects. Into held-out images go synthetic defects of every kind in PLANTS (engines.data.defects): large
@@ -52,6 +53,7 @@ import torch
 
 from engines.bundle.format import describe_score_share
 from engines.data import defects
+from engines.data.images import Fold, validation_folds
 from engines.model.graph import ImageScore, TapConcat, build_graph
 from engines.model.methods import get_method
 from engines.model.recipes import SCORE_SHARES, Recipe
@@ -59,9 +61,6 @@ from engines.runtime.preprocess import fit_all, fit_frame
 from engines.runtime.scorer_fit import AUGMENTS, check_augment
 from engines.training import metrics
 
-CROSS_FIT_BELOW = 60
-CROSS_FIT_FOLDS = 4
-MIN_HELD_OUT, MAX_HELD_OUT = 24, 80
 PLANTED_PER_KIND = 21
 MAX_FALSE_ALARMS = 0.2
 IMAGE_TOLERANCE = 0.02
@@ -83,25 +82,6 @@ PLANTS: dict[str, Callable[[np.ndarray, np.random.Generator], defects.Defect]] =
     "perlin": defects.perlin,
     "shading": defects.shading,
 }
-
-
-@dataclasses.dataclass
-class Fold:
-    fit: np.ndarray  # indices into the image list
-    held: np.ndarray
-
-
-def validation_folds(n: int, holdout: float, seed: int) -> list[Fold]:
-    """Cross-fitting folds below CROSS_FIT_BELOW images, else one held-out share of round(holdout * n) images,
-    clamped to MIN_HELD_OUT..MAX_HELD_OUT (fewer gives noisy metrics, more costs time without changing the pick)."""
-    if n < 2:
-        raise ValueError(f"--recipe auto: {n} training image(s), expected at least 2 to hold one out")
-    order = np.random.default_rng(seed).permutation(n)
-    if n < CROSS_FIT_BELOW:
-        parts = np.array_split(order, min(CROSS_FIT_FOLDS, n))
-        return [Fold(np.sort(np.concatenate(parts[:i] + parts[i + 1 :])), np.sort(p)) for i, p in enumerate(parts)]
-    n_held = int(np.clip(round(max(holdout, 0.1) * n), MIN_HELD_OUT, min(MAX_HELD_OUT, n // 2)))
-    return [Fold(np.sort(order[n_held:]), np.sort(order[:n_held]))]
 
 
 Input = tuple[tuple[int, int, int], str]  # a model input: (height, width, channels), resize policy

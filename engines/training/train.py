@@ -34,6 +34,7 @@ from engines.data.images import (
     good_folder,
     list_images,
     split_holdout,
+    validation_folds,
 )
 from engines.errors import DataError, EngineError
 from engines.model.backbones import BACKBONES, spec_for
@@ -381,6 +382,10 @@ def train_bundle(
             "n_fit": int(n_fit),
             "n_holdout": int(n_hold),
             "n_scorer_fit": int(n_scored),
+            # How the fitted images were chosen, so `inspectd teach` on the same images refits the same ones: the
+            # function (auto's folds when it chose the recipe) and the --holdout given to it.
+            "split": (validation_folds if selection is not None else split_holdout).__name__,
+            "holdout": float(holdout),
             "epochs": epochs,
             "batch": batch,
             "seed": seed,
