@@ -68,7 +68,7 @@ def started(modulus: int, plc_id: int, acked: int | None, newest: int | None, he
         (ID_MODULUS, 500, 480, 1000, 500),
         # The PLC's id is past the journal and past the id written after the ack, which the journal holds: not an id
         # this bridge left there, so the ack says what the PLC took.
-        (ID_MODULUS, 500, 480, 490, 480),
+        (ID_MODULUS, 500, 480, 490, 490),
         (ID_MODULUS, 481, 480, 480, 481),  # the id written after the ack, lost with the journal's tail: kept
         (ID_MODULUS, 500, 480, 470, 500),  # the ack past the journal too: kept until the first result decides
         (ID_MODULUS, 0, 480, 1000, 480),  # registers reset: only the recorded ack says where
@@ -239,12 +239,12 @@ def test_a_resume_point_past_the_journal_at_start_is_kept_until_the_first_result
         assert events(logged, "sequence_gap") == [{"camera": "cam0", "after": resume, "seq": seq, "missing": 23}]
 
 
-def test_a_plc_id_ahead_of_the_daemon_resumes_after_the_recorded_ack_where_the_daemon_has_it():
-    """The PLC's block holds 50000, an id this bridge never wrote (another program's, or one from before the
-    daemon's numbering restarted), while the state file says the PLC acked 100. With the journal at 200 at start, or
-    a first result of 150 without a journal, 100 lies within the daemon's numbering: resuming after the daemon's
-    newest instead lost what came after the ack, with no gap counted. The bridge resumes after the ack, with one
-    warning and the alarm; without a journal what it cannot hand over counts as a gap."""
+def test_a_plc_id_ahead_of_the_daemon_resumes_after_the_journals_newest_and_a_first_result_after_the_ack():
+    """The PLC's block holds 50000 while the state file says the PLC acked 100. At start, with the journal at 200,
+    the ack does not say what the PLC took (missed acks leave the PLC's id past it: the bridge moves on), so the
+    bridge resumes after the journal's newest, with one warning and the alarm: resuming after the ack would hand the
+    results after it over again. Without a journal the first result decides: at 150, below the PLC's id, it resumes
+    after the ack, which lies before it, and what it cannot hand over counts as a gap."""
     logged: list[tuple[str, dict]] = []
 
     async def with_journal() -> Handshake:
@@ -253,11 +253,11 @@ def test_a_plc_id_ahead_of_the_daemon_resumes_after_the_recorded_ack_where_the_d
         return handshake
 
     handshake = asyncio.run(with_journal())
-    assert handshake.last_id == 100 and handshake.alarm and "alarm" in handshake.target.status  # type: ignore[attr-defined]
+    assert handshake.last_id == 200 and handshake.alarm and "alarm" in handshake.target.status  # type: ignore[attr-defined]
     warned = events(logged, "resume_ahead_of_daemon")
     assert len(warned) == 1 and warned[0]["level"] == "warning" and warned[0]["journal_newest"] == 200, logged
     assert warned[0]["inspection_id"] == 50000 and warned[0]["recorded_ack"] == 100
-    assert warned[0]["resume_after"] == 50000 and "recorded ack 100" in warned[0]["effect"]
+    assert warned[0]["resume_after"] == 50000 and "after 200" in warned[0]["effect"]
     assert not events(logged, "resume_past_journal")
 
     logged.clear()

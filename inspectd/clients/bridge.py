@@ -13,8 +13,7 @@ inspectd.clients.opcua) with:
     configure(args) -> config  its config (a HandshakeSettings declaration), ConfigError naming the key or option
     describe(config, args)     what the bridge_started log line says about the PLC side (a dict)
     connect(config, args)      async; returns a link with `slots()`: [(camera or None, Target)], one per camera it
-                               serves (None: bound to the one camera the state file records, else to the first
-                               camera whose result arrives), and async `close()`
+                               serves (None: bound to the first camera whose result arrives), and async `close()`
 
 docs/PLC.md documents both protocols; the adapters raise PlcError when the PLC refuses or does not answer.
 """
@@ -140,9 +139,6 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(_serve(protocol, config, args, curve, acked))
-    except ConfigError as exc:  # what the PLC side's slots and the state file say together (_bind_recorded)
-        print(f"inspectd bridge: {exc}", file=sys.stderr)
-        return 2
     except ModuleNotFoundError as exc:  # pymodbus, asyncua: the [plc] extra, imported when the PLC side opens
         print(f"inspectd bridge: needs the Python package {exc.name!r}: pip install 'inspectd[plc]'", file=sys.stderr)
         return 2
@@ -180,8 +176,7 @@ def _topic_camera(prefix: str) -> str | None:
 
 
 class Router:
-    """Hands each result to its camera's handshake; a slot without a camera (none recorded in the state file either)
-    takes the first unknown camera."""
+    """Hands each result to its camera's handshake; a slot without a camera takes the first unknown camera."""
 
     def __init__(self, handshakes: list, acked: AckedState | None = None) -> None:
         self.handshakes = handshakes
@@ -521,47 +516,23 @@ class Feeder:
         self.catch_up.backwards.clear()
 
 
-def _bind_recorded(cameras: list[str | None], acked: AckedState) -> list[str | None]:
-    """The slots' cameras, a slot without one (`camera: null` and a topic naming none) bound to the camera the state
-    file records: that is the camera whose ids its block holds, while the first result to arrive after a restart may
-    be another camera's, whose seqs the restart rule would then compare with them. ConfigError when the file records
-    several cameras no slot names: which one the block holds is not known."""
-    if None not in cameras:
-        return cameras
-    recorded = sorted(set(acked.acked) - set(cameras))
-    if len(recorded) > 1:
-        raise ConfigError(
-            f"camera: expected the camera this bridge serves (the config's `camera` key, or a --topic naming one "
-            f"camera): {acked.path} records acks of {', '.join(recorded)}, and the block would serve whichever "
-            "camera's result arrives first"
-        )
-    if not recorded:
-        return cameras
-    bound = list(cameras)
-    bound[bound.index(None)] = recorded[0]
-    return bound
-
-
 async def _serve(protocol, config, args: argparse.Namespace, curve, acked: AckedState) -> int:
     from inspectd.clients.handshake import Handshake, PlcError
 
     prefix = args.topic
     link = await protocol.connect(config, args)
     try:
-        slots = link.slots()
-        named = [camera or _topic_camera(prefix) for camera, _ in slots]
-        cameras = _bind_recorded(named, acked)
         handshakes = [
             Handshake(
                 target,
                 config,
-                camera,
+                camera or _topic_camera(prefix),
                 log=lambda event, level="info", **kw: getattr(log, level)(event, **kw),
                 acked=acked.record,
             )
-            for camera, (_, target) in zip(cameras, slots)
+            for camera, target in link.slots()
         ]
-        for handshake, name in zip(handshakes, named):
+        for handshake in handshakes:
             camera = handshake.camera
             newest = (
                 None
@@ -569,8 +540,6 @@ async def _serve(protocol, config, args: argparse.Namespace, curve, acked: Acked
                 else functools.partial(_journal_newest, args.journal, camera)
             )
             await handshake.start(acked.get(camera), newest)
-            if name is None and camera is not None:
-                log.info("camera_bound", camera=camera, resume_after=handshake.last_id, recorded_in=str(acked.path))
         return await _bridge(handshakes, config, args, curve, acked, protocol.describe(config, args))
     finally:
         try:

@@ -20,12 +20,13 @@ PLC so a PLC whose registers were reset does not get everything again). An id of
 fresh PLC (the bridge never writes heartbeat 0), any other 0 is an id like the others. The daemon publishes each seq
 once, after the bridge subscribed, so a resume point ahead of the daemon's numbering (its state wiped or renumbered, a
 journal switched off, an id the bridge never wrote) cannot be a replay: it is warned about
-(`resume_ahead_of_daemon`), latches alarm, and the bridge resumes after the recorded ack where that lies within the
-daemon's numbering, else just before its first result; a seq that goes back under a running bridge likewise
-(`sequence_backwards`). Nothing is skipped as stale. A resume point past the daemon's journal at start is not proof
-of that: the state file is fsynced at each ack and the journal only every fsync_interval_s, so a power cut leaves the
-ack ahead of the journal's newest. Only a PLC id past the journal and past the one the bridge writes after the
-recorded ack, with that ack within the journal, is decided at start; otherwise the point is kept
+(`resume_ahead_of_daemon`), latches alarm, and the bridge resumes on the daemon's numbering (at a first result at or
+below it, after the recorded ack where that lies before the result; at start, after the journal's newest); a seq
+that goes back under a running bridge likewise (`sequence_backwards`). Nothing is skipped as stale. A resume point
+past the daemon's journal at start is not proof of that: the state file is fsynced at each ack and the journal only
+every fsync_interval_s, so a power cut leaves the ack ahead of the journal's newest. Only a PLC id past the journal
+and past the one the bridge writes after the recorded ack, with that ack within the journal, is decided at start
+(missed acks leave such an id too, so the ack does not say what the PLC took); otherwise the point is kept
 (`resume_past_journal`) and the first result decides: at or below it, the numbering is not the one resumed on; above
 it, the journal lost its tail, and what lies between is a gap like any other.
 
@@ -161,7 +162,7 @@ class Handshake:
     ) -> None:
         self.target = target
         self.settings = settings
-        self.camera = camera  # None until the bridge binds it to a camera (the recorded one, or the first heard)
+        self.camera = camera  # None until the bridge binds it to the first camera whose result arrives
         self.log = log or (lambda event, **kw: None)
         self.acked = acked  # awaited with (camera, inspection id) once the PLC acknowledged that id
         self.room = room  # called when a result leaves the queue: whoever feeds it may offer more
@@ -316,9 +317,11 @@ class Handshake:
         acked = self._recorded_ack
         assert self.last_id is not None
         if acked is not None and acked <= known and self.last_id > acked + 1:
-            # The bridge leaves the PLC the last acked id or the one it wrote after it, so an id further on is not
-            # this bridge's, and the ack, which the journal confirms, says what the PLC took.
-            self._resume_ahead(acked, journal_newest=known)
+            # An id past both the journal and the one written after the ack. Missed acks leave one (the bridge moves
+            # on and writes the next ids), so the ack does not say what the PLC took: resuming after it would hand
+            # those results over again. After the journal's newest nothing is repeated; what lies beyond is
+            # not this numbering's, said with the alarm.
+            self._resume_ahead(known, journal_newest=known)
             return
         # What is past the journal here is the ack, the id written after it, or an id with no ack to check it by;
         # the journal is fsynced less often than the state file (and the PLC keeps its id through the station's
