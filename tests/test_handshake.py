@@ -436,6 +436,20 @@ def test_a_reset_the_plc_asked_for_while_the_bridge_was_down_clears_only_what_wa
     assert asyncio.run(restart()) == resume_ahead
 
 
+async def waiting_for_its_ack(handshake: Handshake, plc: Memory) -> asyncio.Future:
+    """Start `handshake` and its run, and hand result 1 over to a PLC that holds its ack back: the run, once result 1
+    is valid on the PLC and the run waits for the ack."""
+    await handshake.start()
+    await tick(handshake, 1)
+    plc.acking = False
+    handshake.offer(result(1))
+    running = asyncio.ensure_future(handshake.run(asyncio.Event()))
+    while "result_valid" not in plc.status:
+        assert not running.done(), running.exception()
+        await asyncio.sleep(0.001)
+    return running
+
+
 class CounterWriteFails(Memory):
     """A PLC link that fails at the last write of a stop: the missed-ack counter on its own (a result's write carries
     it too)."""
@@ -463,14 +477,7 @@ def test_a_stop_that_cuts_the_wait_for_an_ack_decides_by_one_last_read_and_drops
             recorded.append((camera, seq))
 
         handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=60000, poll_ms=1), "cam0", acked=acked)
-        await handshake.start()
-        await tick(handshake, 1)
-        plc.acking = False
-        handshake.offer(result(1))
-        running = asyncio.ensure_future(handshake.run(asyncio.Event()))
-        while "result_valid" not in plc.status:
-            assert not running.done(), running.exception()
-            await asyncio.sleep(0.001)
+        running = await waiting_for_its_ack(handshake, plc)
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         assert handshake.waiting_for == 1
@@ -513,14 +520,7 @@ def test_a_wait_for_an_ack_cut_short_ends_at_its_next_poll_even_without_a_cancel
     async def cut() -> tuple[bool, int | None]:
         plc = Memory(ID_MODULUS)
         handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=60000, poll_ms=1), "cam0")
-        await handshake.start()
-        await tick(handshake, 1)
-        plc.acking = False
-        handshake.offer(result(1))
-        running = asyncio.ensure_future(handshake.run(asyncio.Event()))
-        while "result_valid" not in plc.status:
-            assert not running.done(), running.exception()
-            await asyncio.sleep(0.001)
+        running = await waiting_for_its_ack(handshake, plc)
         handshake.cut_short()
         await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 10)
         return running.cancelled(), handshake.waiting_for
