@@ -52,12 +52,18 @@ system-packages:
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; }
 
+# pytest runs three workers (pytest-xdist) on CI's two cores, as its tests spend much of their time waiting on
+# children and sockets; each worker takes whole files, so a module's fixtures are built once and a file's tests that
+# share a fixed resource (the fake GigE camera's UDP port) never run side by side. Tests with tight bounds on time run
+# alone (tests/conftest.py, `exclusive`). The suite must stay under 15 min on CI: every run names its 25 slowest tests.
+TEST_WORKERS ?= 3
+
 test: venv system-packages
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
 	deploy/aravis.sh $(VENV) --fake  # GenICam: Debian's Aravis and its fake GigE Vision camera, gi into the venv
-	$(PY) -m pytest -q --durations=25 tests  # the slowest tests named in every run: the suite must stay under 15 min on CI
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # Rewrite constraints.txt from what the venv holds now. To move a version: install it into the venv (or change
 # pyproject.toml and `$(PY) -m pip install -e '.[$(EXTRAS)]'`, without -c), run make test, then make constraints.

@@ -4,11 +4,16 @@ The daemon refuses to run as root (inspectd.daemon.security.refuse_root). Test c
 so daemons the tests start are allowed to be, explicitly, here and nowhere else; tests/test_security.py removes
 the variable again to check the refusal itself.
 
-`tmp_path_open_to_others`: for a test whose child runs as another user (tests/other_user.py).
+`open_tmp_path`: for a test whose child runs as another user (tests/other_user.py).
+
+`@pytest.mark.exclusive`: a test whose bounds on time or packet loss hold on a machine it has to itself runs while no
+other worker of a parallel run (pytest -n) runs a test.
 """
 
+import fcntl
 import os
-import stat
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,21 +23,42 @@ from inspectd.daemon.security import ALLOW_ROOT_ENV
 if os.geteuid() == 0:
     os.environ[ALLOW_ROOT_ENV] = "1"
 
+# One OpenMP thread for torch here and in every child: the suite runs a worker per core (pytest -n), and a torch op's
+# threads spin while they wait for a core another worker holds. Set before any test module imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _exclusive(request, tmp_path_factory):
+    """Every test holds a shared lock on a file all workers see; a test marked exclusive holds it alone. The gate is
+    a turnstile: an exclusive test waiting for the lock holds it, so the other workers' next tests queue behind it
+    instead of keeping the shared lock taken between them forever."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    alone = request.node.get_closest_marker("exclusive") is not None
+    with open(shared / "exclusive.gate", "a") as gate, open(shared / "exclusive.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
+
 
 @pytest.fixture
-def tmp_path_open_to_others(tmp_path):
-    """tmp_path and each folder above it that this user owns opened to others (0711 added) for the test, their modes
-    put back after it: pytest's folders are 0700, and a child running as another user must reach files in tmp_path.
-    Left open, /tmp/pytest-of-USER would stay so for every later test and run."""
-    opened = []
-    for folder in (tmp_path, *tmp_path.parents):
-        mode = stat.S_IMODE(folder.stat().st_mode)
-        if folder != Path("/") and folder.stat().st_uid == os.geteuid() and mode | 0o711 != mode:
-            folder.chmod(mode | 0o711)
-            opened.append((folder, mode))
-    yield tmp_path
-    for folder, mode in reversed(opened):
-        folder.chmod(mode)
+def open_tmp_path():
+    """A temporary folder another user can reach (0711, straight under /tmp, which is 1777), removed
+    after the test. pytest's own tmp_path lies under 0700 folders shared by every test of the run, and by every worker
+    of a parallel run: opening and closing those again per test would race."""
+    path = Path(tempfile.mkdtemp(prefix="inspectd-test-", dir="/tmp"))
+    path.chmod(0o711)
+    yield path
+    # Tests take read or list rights away from folders in it: given back first, so that removing works as any user.
+    for parent, folders, _ in os.walk(path):
+        for folder in folders:
+            if not os.path.islink(os.path.join(parent, folder)):
+                os.chmod(os.path.join(parent, folder), 0o700)
+    shutil.rmtree(path)
 
 
 @pytest.fixture

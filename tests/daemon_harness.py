@@ -25,12 +25,6 @@ from inspectd.protocol.messages import Result
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def in_process_config(tmp_path: Path, bundle: Path, source: dict):
     """An in-process daemon's config: one camera with `source`, sockets and state under tmp_path, no metrics
     listener."""

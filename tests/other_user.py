@@ -1,6 +1,6 @@
 """Running a test's child process as another user than the test's own: `as_nobody`. Root reads and writes
 everywhere, so a refusal for want of permission needs another user; the folders that user must reach are opened by
-conftest's `tmp_path_open_to_others` fixture."""
+conftest's `open_tmp_path` fixture."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
@@ -11,12 +10,6 @@ import zmq
 from inspectd.protocol.messages import Region, encode_mask, encode_result, encode_status
 
 STATION, CAMERA = "st1", "cam0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait(predicate, timeout: float, what: str, interval: float = 0.01):

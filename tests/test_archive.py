@@ -19,12 +19,13 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon_harness import Station, free_port
+from daemon_harness import Station
 from inspectd.daemon import archive as archive_module
 from inspectd.daemon.archive import Archive
 from inspectd.daemon.inference import Judged
 from inspectd.protocol.archive import ArchiveError, ArchiveReader
 from other_user import as_nobody
+from ports import free_port
 from station_model import FRAME, defect_frame, drop, good_frame, judged, write_grey_bundle
 
 pytestmark = pytest.mark.timeout(120)

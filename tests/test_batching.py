@@ -12,7 +12,8 @@ from inspectd.daemon.batching import MicroBatcher
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.queue import FrameQueue
 
-pytestmark = pytest.mark.timeout(30)
+# Waits measured to tens of milliseconds: on a machine no other worker loads.
+pytestmark = [pytest.mark.timeout(30), pytest.mark.exclusive]
 
 
 def frame(camera: str, seq: int, error: str | None = None) -> Frame:

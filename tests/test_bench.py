@@ -51,6 +51,7 @@ def table_rows(stdout: str) -> list[list[str]]:
     return [[cell.strip() for cell in ln.strip("|").split("|")] for ln in lines[2:]]
 
 
+@pytest.mark.exclusive
 def test_bench_engine_prints_table_and_json(tiny_bundle, tmp_path):
     out = tmp_path / "engine.json"
     proc = bench("engine", str(tiny_bundle), "--batch", "1,2", "--windows", "1", "--window-s", "0.2", "--out", str(out))

@@ -28,7 +28,8 @@ from pymodbus.simulator.simutils import DataType  # noqa: E402
 
 from inspectd.clients.plc import DEFAULT_BITS, DEFAULT_REGISTERS, parse_bridge_config, scaled_score  # noqa: E402
 from inspectd.errors import ConfigError  # noqa: E402
-from plc_peers import Daemon, free_port, wait  # noqa: E402
+from plc_peers import Daemon, wait  # noqa: E402
+from ports import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REG = DEFAULT_REGISTERS
@@ -1159,8 +1160,7 @@ def test_a_second_bridge_on_the_same_state_dir_is_refused_with_one_line(plc, dae
     assert json.loads((state / "acked.json").read_text()) == {"acked": {CAMERA: 2}}
 
 
-@pytest.mark.usefixtures("tmp_path_open_to_others")
-def test_a_state_dir_lock_left_by_another_user_is_taken_over_or_refused_in_one_line(tmp_path):
+def test_a_state_dir_lock_left_by_another_user_is_taken_over_or_refused_in_one_line(open_tmp_path):
     """A run as root under the unit's UMask=0077 leaves a lock file the service user can still open and lock; one it
     cannot open (left by some other tool) is one line, never a bridge running silently without its lock."""
     import stat
@@ -1168,7 +1168,7 @@ def test_a_state_dir_lock_left_by_another_user_is_taken_over_or_refused_in_one_l
     from inspectd.durable import hold_lock
     from other_user import as_nobody
 
-    state = tmp_path / "state"
+    state = open_tmp_path / "state"
     state.mkdir()
     state.chmod(0o777)
     lock = state / ".lock"

@@ -26,7 +26,8 @@ from asyncua.sync import Client, Server  # noqa: E402
 
 from inspectd.clients.opcua import NAMES, parse_opcua_config  # noqa: E402
 from inspectd.errors import ConfigError  # noqa: E402
-from plc_peers import CAMERA, STATION, Daemon, free_port, wait  # noqa: E402
+from plc_peers import CAMERA, STATION, Daemon, wait  # noqa: E402
+from ports import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
@@ -407,6 +408,24 @@ def _stop_plc_servers():
         LIVE_PLC_SERVERS[-1].stop()
 
 
+# Filling a server's standard address space takes seconds of CPU, each time: the PLC servers load it from a shelf,
+# written once per test process (each worker of a parallel run writes its own).
+ASPACE_SHELF: list[Path] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _address_space_shelf(tmp_path_factory):
+    shelf = tmp_path_factory.mktemp("aspace") / "standard"
+    Server(shelf_file=shelf).tloop.stop()  # writes the shelf
+    # asyncua reuses a shelf it finds at the path itself (gdbm) or at .db (ndbm); Python's fallback dbm writes .dat
+    # and .dir beside the path, so the path is marked as present for asyncua to read it through shelve.
+    if not shelf.exists() and not shelf.with_suffix(".db").exists():
+        shelf.touch()
+    ASPACE_SHELF.append(shelf)
+    yield
+    ASPACE_SHELF.clear()
+
+
 # PLC-style declarations of the client-mode variables: a Siemens-like PLC has DInt ids and Real scores.
 PLC_TYPES = {"inspection_id": "Int32", "ack": "Int32", "score": "Float", "threshold": "Float", "result_code": "Int16"}
 
@@ -425,7 +444,7 @@ class PlcServer:
     ) -> None:
         self.types = types
         self.url = f"opc.tcp://127.0.0.1:{port}/plc/"
-        self.server = Server()
+        self.server = Server(shelf_file=ASPACE_SHELF[0])
         self.server.set_endpoint(self.url)
         if security is None:
             self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])

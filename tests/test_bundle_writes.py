@@ -101,10 +101,9 @@ def test_rewritten_files_keep_their_mode_and_new_ones_are_readable(tmp_path):
     assert modes == {"manifest.json": 0o644, T.FILE_NAME: 0o640, "engines/x.plan": 0o644}
 
 
-@pytest.mark.usefixtures("tmp_path_open_to_others")
-def test_an_unreadable_manifest_is_reported_as_such(tmp_path):
+def test_an_unreadable_manifest_is_reported_as_such(open_tmp_path):
     """Read by another user (root reads everything, so the child runs as nobody when this is root)."""
-    root = tmp_path / "shared"
+    root = open_tmp_path / "shared"
     root.mkdir()
     path = make(root / "b")
     (path / "manifest.json").chmod(0o600 if os.geteuid() == 0 else 0)

@@ -31,6 +31,7 @@ from calibration.calibrate import (
 from engines.bundle import thresholds as thresholds_doc
 from engines.training.metrics import PixelHistograms
 from inspectd.cli import main
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(180)
@@ -388,7 +389,6 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
 
 def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, pki, tmp_path, capsys):
     """A remote daemon's control socket requires CurveZMQ: --apply with the operator's keys gets in, others do not."""
-    import socket
 
     from engines.bundle.store import load_bundle
     from inspectd.daemon.control import ControlServer
@@ -416,9 +416,7 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, pki, 
             self.version = new.version
             return {"thresholds_version": new.version}
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     handler = Daemon()
     server = ControlServer(endpoint, handler, curve=CurveServer("control", server_secret, allowed))
     server.start()

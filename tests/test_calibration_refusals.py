@@ -25,6 +25,7 @@ from calibration import calibrate, teach
 from engines.bundle import thresholds as T
 from engines.bundle.store import load_bundle
 from other_user import as_nobody
+from ports import free_port
 from test_bundle_writes import make
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -93,9 +94,8 @@ def as_another_user(locked: Path, argv: list[str]) -> subprocess.CompletedProces
         locked.chmod(0o755)
 
 
-@pytest.mark.usefixtures("tmp_path_open_to_others")
-def test_calibrate_refuses_an_unwritable_bundle_before_scoring(tmp_path):
-    shared = tmp_path / "shared"
+def test_calibrate_refuses_an_unwritable_bundle_before_scoring(open_tmp_path):
+    shared = open_tmp_path / "shared"
     shared.mkdir()
     bundle = make(shared / "b")
     good = frames(shared / "good")
@@ -106,26 +106,26 @@ def test_calibrate_refuses_an_unwritable_bundle_before_scoring(tmp_path):
     assert "images scored" not in out.stderr and load_bundle(bundle).thresholds().version == 1
 
 
-@pytest.mark.usefixtures("tmp_path_open_to_others")
-def test_teach_refuses_a_folder_it_cannot_write_the_new_version_in_before_any_work(tmp_path):
-    shared = tmp_path / "shared"
+def test_teach_refuses_a_folder_it_cannot_write_the_new_version_in_before_any_work(open_tmp_path):
+    shared = open_tmp_path / "shared"
     shared.mkdir()
     bundle = make(shared / "b")
-    good = frames(tmp_path / "good")
+    good = frames(open_tmp_path / "good")
     out = as_another_user(shared, ["teach", str(bundle), "--good", str(good)])
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{shared}: not writable by " in lines[0] and "run teach as" in lines[0], lines
 
 
-@pytest.mark.usefixtures("tmp_path_open_to_others")
-def test_teach_rollback_refuses_a_directory_it_cannot_write_the_restored_thresholds_in_with_nothing_changed(tmp_path):
+def test_teach_rollback_refuses_a_directory_it_cannot_write_the_restored_thresholds_in_with_nothing_changed(
+    open_tmp_path,
+):
     """The linked layout, the directory taught from kept pristine (root's, or a read-only mount): rollback rewrites
     that directory's thresholds (a version above the taught one's), so it is refused before anything is written or
     the link moves, in one line saying what else to do."""
     from engines.bundle.store import write_bundle
 
-    bundles = tmp_path / "bundles"
+    bundles = open_tmp_path / "bundles"
     bundles.mkdir()
     before = load_bundle(make(bundles / "frozen-a"))
     taught = {
@@ -205,14 +205,13 @@ def unreadable(folder: Path, listable: bool) -> int:
     return 0o700 if os.geteuid() == 0 else 0o000
 
 
-@pytest.mark.usefixtures("tmp_path_open_to_others")
 @pytest.mark.parametrize(
     ("flag", "listable"), [("--good", False), ("--good", True), ("--defective", False), ("--defective", True)]
 )
-def test_calibrate_names_a_folder_it_cannot_read_in_one_line(tmp_path, flag, listable):
+def test_calibrate_names_a_folder_it_cannot_read_in_one_line(open_tmp_path, flag, listable):
     """As `sudo -u inspectd calibrate --good /srv/heldout/good` on the operator's 0700 folder: a PermissionError
     traceback, once (from pathlib's is_dir() on its test/good, or from listing it)."""
-    shared = tmp_path / "shared"
+    shared = open_tmp_path / "shared"
     shared.mkdir()
     bundle = make(shared / "b")
     good = frames(shared / "good")
@@ -254,14 +253,11 @@ class StatusOnly:
 
 
 def calibrate_against(tmp_path, capsys, handler, *extra: str) -> tuple[int, str, Path]:
-    import socket
 
     from inspectd.cli import main
     from inspectd.daemon.control import ControlServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     bundle = make(tmp_path / "b")
     handler.model_id = handler.model_id or load_bundle(bundle).model_id
     server = ControlServer(endpoint, handler)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import Station, free_port
+from daemon_harness import Station
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.store import load_bundle
+from ports import free_port
 from station_model import defect_frame, drop, good_frame, result_for, write_grey_bundle
 from test_security import PLAIN_REFUSED
 

@@ -349,11 +349,7 @@ def test_the_bridge_unit_restarts_a_bridge_whose_plc_is_away_without_ever_giving
     a start limit would count those restarts and, after five inside the interval, leave the line without verdicts
     until someone ran `systemctl reset-failed`. Here the bridge's exit status for an unreachable PLC, then the unit's
     answer to it: restarted, without a start limit, with a pause between tries."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]  # nothing listens on it once the socket is closed
+    closed_port = 1  # nothing listens there (below 1024, and no test binds it)
     config = tmp_path / "bridge.yaml"
     config.write_text("request_timeout_ms: 500\n")
     command = [sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint", f"ipc://{tmp_path}/pub.sock"]

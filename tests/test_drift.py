@@ -146,9 +146,10 @@ def test_daemon_raises_drift_in_status_metrics_log_and_the_plc_flag_and_clears_i
     import time
     import urllib.request
 
-    from daemon_harness import Station, free_port
+    from daemon_harness import Station
     from inspectd.clients.handshake import daemon_drift_flags
     from inspectd.protocol.messages import Result
+    from ports import free_port
 
     shutil.copytree(taught, tmp_path / "b")
     port = free_port()

@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 import zmq
 
-from daemon_harness import Station, free_port
+from daemon_harness import Station
 from inspectd.protocol.journal import read_since
 from inspectd.protocol.messages import Result, decode, decode_result
+from ports import free_port
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -561,6 +562,7 @@ def test_a_folder_camera_moves_a_file_only_after_its_result_is_journalled(statio
     assert sorted(p.name for p in done.iterdir()) == names
 
 
+@pytest.mark.exclusive
 def test_sigterm_past_the_shutdown_timeout_publishes_what_is_left_as_errors(station, tmp_path):
     camera, endpoint = zmq_camera(tmp_path)
     camera["queue"]["size"] = 400
@@ -588,6 +590,7 @@ def test_sigterm_past_the_shutdown_timeout_publishes_what_is_left_as_errors(stat
     assert journalled == list(range(300))
 
 
+@pytest.mark.exclusive
 def test_stuck_subscriber_never_blocks_inference(station, tmp_path):
     camera = synthetic("cam0", rate=150, size=32, queue="drop_oldest")
     camera["queue"]["size"] = 256  # 1.7 s of slack for a busy CI machine; a blocked pipeline fills it in 2 s
@@ -711,6 +714,7 @@ def test_a_soak_terminated_mid_run_takes_its_daemon_with_it(bundle, tmp_path):
             os.killpg(soak.pid, signal.SIGKILL)
 
 
+@pytest.mark.exclusive
 def test_short_soak_flat_memory_no_frame_lost(bundle, tmp_path):
     out = subprocess.run(
         [

@@ -34,7 +34,8 @@ from inspectd.daemon.journal import Journal
 from inspectd.protocol.journal import ACCEPTED, ACCEPTED_MARK, CLEAN_MARK
 from station_model import FRAME, write_grey_bundle
 
-pytestmark = [pytest.mark.timeout(180)]
+# An fsync's end is bounded in time: another worker's disk traffic would lengthen it.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.exclusive]
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = 600  # about 4 segments of 64 kB: rotation creates segments and the 0.2 MB cap deletes the oldest

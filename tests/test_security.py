@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -31,18 +30,13 @@ from inspectd.errors import ConfigError, InspectdError
 from inspectd.protocol import keys
 from inspectd.protocol.control import ControlClient, ControlTimeout
 from inspectd.protocol.keys import curve_client, is_local_endpoint
+from ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
 # A plain client at a CurveZMQ socket: the mechanism mismatch is named when the client reads the daemon's greeting
 # before the daemon hangs up, else libzmq has no reason to give.
 PLAIN_REFUSED = r"requires CurveZMQ there|ended the handshake without a reason, expected an inspectd endpoint"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Handler:

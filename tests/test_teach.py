@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon_harness import free_port
 from engines.bundle.format import FEATURE_GRAPH, GRAPH, MANIFEST, WEIGHTS
 from engines.bundle.store import load_bundle
 from engines.data.synthline import SyntheticLine
+from ports import free_port
 from tiny_dataset import one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from browser import Browser
-from daemon_harness import Station, free_port
+from daemon_harness import Station
 from inspectd.clients.web import HIST_BINS, LineState
 from inspectd.protocol.messages import Region, Result
+from ports import free_port
 from station_model import FRAME, THRESHOLD, defect_frame, drop, good_frame, judged, result_for, write_grey_bundle
 
 pytestmark = pytest.mark.timeout(180)
