@@ -9,7 +9,8 @@ daemon's image archive (`--archive`, read with inspectd.protocol.archive's Archi
 verdict ok, captured in the span, of one camera or all, judged by this bundle's model or one it was taught from (the
 teach record's `ancestor_model_ids`; `--any-model` takes every model's). A folder that is an export or MVTec root
 gives its train/good (else test/good); an export's frames are kept by the same rule, by the model its archive.jsonl
-names for each. Either way they are taken in the order of their file names
+names for each frame's archive id (its file name), wherever the review moved it; a frame it does not name (copied in by
+hand) is left out too. Either way they are taken in the order of their file names
 (an archived frame's is `<id>.png`, in the archive and in an export alike), so teaching from the archive and from an
 export of the same frames fits the same parameters.
 
@@ -259,23 +260,33 @@ class GoodFrames:
 def export_root(folder: Path) -> Path | None:
     """The `inspectd archive export` root that good-frame folder `folder` (<root>/<split>/good) is in, by the
     export's manifest; None for any other folder."""
-    root = folder.parent.parent
-    if folder.name == "good" and folder.parent.name in EXPORT_SPLITS and (root / MANIFEST_NAME).is_file():
-        return root
+    # As typed (made absolute: `good` typed inside train/ names no root of its own), then resolved (a link to an
+    # export's good folder); an export not recognised would be taught on whatever model judged its frames.
+    for candidate in (Path(os.path.abspath(folder)), folder.resolve()):
+        root = candidate.parent.parent
+        if candidate.name == "good" and candidate.parent.name in EXPORT_SPLITS and (root / MANIFEST_NAME).is_file():
+            return root
     return None
 
 
 def exported_models(root: Path) -> dict[str, str | None]:
-    """The model that judged each frame an export at `root` wrote, by its path under `root`, from its manifest. A
-    row that does not parse (an export cut off while it appended) is skipped: its frame counts as of no known model."""
+    """The model that judged each frame an export at `root` wrote, by the file name the export gave it (`<archive
+    id>.png`, whichever folder it is in now), from its manifest. A row that does not parse (an export cut off while
+    it appended) is skipped: its frame is then one the manifest does not name."""
+    path = root / MANIFEST_NAME
     models: dict[str, str | None] = {}
-    with open(root / MANIFEST_NAME, encoding="utf-8") as manifest:
-        for line in manifest:
-            try:
-                row = json.loads(line)
-                models[f"{row['exported_to']}/{row['id']}.png"] = row.get("model_id")
-            except (ValueError, TypeError, KeyError):
-                continue
+    try:
+        # Bytes: a line that is not UTF-8 is one more row that does not parse, not a failure of the whole file.
+        with open(path, "rb") as manifest:
+            for line in manifest:
+                try:
+                    row = json.loads(line)
+                    model = row.get("model_id")
+                    models[f"{row['id']}.png"] = model if isinstance(model, str) else None
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    continue
+    except OSError as exc:  # an export another user keeps to itself (0600, read by `sudo -u inspectd`)
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return models
 
 
@@ -292,30 +303,64 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     if root is None:
         return GoodFrames(paths, source, {"folder": resolved}, {"good_dir": resolved})
     other: dict[str, int] = {}
+    unnamed = 0
     if models is not None:
         # The same changeover as --archive's: an export of a span that crosses it holds the previous product's
         # frames too, and its manifest names the model that judged each.
         judged = exported_models(root)
         kept = []
         for path in paths:
-            model = judged.get(path.relative_to(root).as_posix())
+            # By file name, not by the folder the export wrote the frame to: a false reject the review moved from
+            # defect into good was still judged by this model, and is just what the refit should learn.
+            if path.name not in judged:
+                # Copied in by hand, renamed, or its row cut off: nothing says which product it shows, so it is left
+                # out as a frame of another model is.
+                unnamed += 1
+                continue
+            model = judged[path.name]
             if model in models:
                 kept.append(path)
             else:
                 other[model or "unknown"] = other.get(model or "unknown", 0) + 1
-        if not kept and other:
-            raise TeachError(_no_lineage_frames(source, models, other, "export a span after the line switched to it"))
+        if not kept and (other or unnamed):
+            instead = "export a span after the line switched to it"
+            if not judged:
+                raise TeachError(
+                    f"{source}: {root / MANIFEST_NAME} names no frame (its export cut off?), expected a row per "
+                    "frame as `inspectd archive export` writes them: export again, or --any-model to take the frames"
+                )
+            raise TeachError(_no_lineage_frames(source, models, other, instead, unnamed))
         paths = kept
     record = {"folder": resolved, "export": str((root / MANIFEST_NAME).resolve()), "model_ids": models}
-    hint = f" ({_counted(other)} left out: --any-model takes them)" if other else ""
-    return GoodFrames(paths, source, {**record, "other_models": other}, {"good_dir": resolved}, hint)
+    left = [f"{_counted(other)} left out"] if other else []
+    if unnamed:
+        left.append(f"{unnamed} not named in {MANIFEST_NAME} left out")
+    hint = f" ({', '.join(left)}: --any-model takes them)" if left else ""
+    return GoodFrames(
+        paths, source, {**record, "other_models": other, "not_in_export": unnamed}, {"good_dir": resolved}, hint
+    )
 
 
-def _no_lineage_frames(where: str, models: list[str], other: dict[str, int], instead: str) -> str:
+def _no_lineage_frames(where: str, models: list[str], other: dict[str, int], instead: str, unnamed: int = 0) -> str:
+    """The refusal when none of the frames is of `models`: `other` counts those of other models, `unnamed` an
+    export's frames its manifest does not name."""
     ancestors = f" or the models it was taught from ({', '.join(models[1:])})" if models[1:] else ""
+    head = f"{where}: 0 good frame(s) of model {models[0]}{ancestors}"
+    if not other:
+        # Another span would not help: these frames were never the export's.
+        return (
+            f"{head}: none of its {unnamed} frame(s) is named in {MANIFEST_NAME} (added by hand, renamed, or the "
+            "export cut off?), expected frames `inspectd archive export` wrote, which it names with the model that "
+            "judged each, or --any-model to take them"
+        )
+    also = (
+        f", and {unnamed} frame(s) not named in {MANIFEST_NAME} (added by hand, renamed, or the export cut off?)"
+        if unnamed
+        else ""
+    )
     return (
-        f"{where}: 0 good frame(s) of model {models[0]}{ancestors} ({_counted(other)} left out), expected frames this "
-        f"bundle's model judged: {instead}, or --any-model to take every model's frames"
+        f"{head} ({_counted(other)} left out{also}), expected frames this bundle's model judged: {instead}, or "
+        "--any-model to take every model's frames"
     )
 
 
@@ -795,6 +840,12 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             f"({_counted(frames['other_models'])}): --any-model takes them",
             file=out,
         )
+    if frames.get("not_in_export"):
+        print(
+            f"frames: left out {frames['not_in_export']} frame(s) not named in {MANIFEST_NAME} (added by hand, "
+            "renamed, or the export cut off?): --any-model takes them",
+            file=out,
+        )
     print(f"on the {comparison['frames']} held-out frames:", file=out)
     for name, row in (("current", current), ("taught ", taught)):
         print(
@@ -816,7 +867,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "camera, judged by the bundle's model or one it was taught from (--any-model: by any model); the new "
         "version's teach record names them (archive, camera, span, archive ids, the other models' frames left out). "
         "--good on an `inspectd archive export` keeps its frames by the same rule, by the model its archive.jsonl "
-        "names for each (--any-model: all of them)."
+        "names for each frame's archive id, wherever the review moved the frame; frames it does not name (copied in "
+        "by hand) are left out too. --any-model: all of them."
     )
     parser.add_argument("bundle", help="bundle directory to teach (replaced by its next version)")
     parser.add_argument(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -517,9 +518,10 @@ def test_teach_from_the_daemons_archive_equals_teach_on_its_export(trained, tmp_
     assert load_bundle(from_archive).model_id == before
 
 
-def archive_of(root: Path, frames: list[tuple[np.ndarray, str]]) -> list[str]:
+def archive_of(root: Path, frames: list[tuple[np.ndarray, str]], defects: tuple[int, ...] = ()) -> list[str]:
     """An image archive written by the daemon's own writer: each (image, model_id) a frame of cam0 judged ok by that
-    model, captured a second apart within the last few minutes; their archive ids, in order."""
+    model (defect: those at `defects`), captured a second apart within the last few minutes; their archive ids, in
+    order."""
     import time
 
     from inspectd.daemon.archive import Archive
@@ -531,7 +533,8 @@ def archive_of(root: Path, frames: list[tuple[np.ndarray, str]]) -> list[str]:
     ids = []
     for seq, (image, model_id) in enumerate(frames):
         frame = Frame("cam0", seq, f"{seq:06d}.png", start + seq, image)
-        entry_id = archive.offer(Judged(frame, "ok", 1.0, 35.0, model_id, 1, [], None))
+        verdict = "defect" if seq in defects else "ok"
+        entry_id = archive.offer(Judged(frame, verdict, 1.0, 35.0, model_id, 1, [], None))
         assert entry_id is not None
         ids.append(entry_id)
     assert archive.close(timeout=30.0)
@@ -874,3 +877,155 @@ def test_good_on_an_archive_export_takes_only_the_frames_of_this_bundles_model_a
         "model that judged its frames), expected --archive [DIR] or an export"
     )
     assert load_bundle(bundle).manifest == before.manifest
+
+
+def test_rows_of_takes_the_frames_asked_for_and_their_copies():
+    """Features of 5 fitted frames, then of their 5 copies (an augmenting recipe's): a fold's frames are rows of both
+    halves, in the same order."""
+    from calibration.teach import rows_of
+
+    features = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    rows = rows_of(features, np.array([0, 2, 3, 5, 7]), np.array([2, 7]))
+    np.testing.assert_array_equal(rows[:, 0], [1, 4, 6, 9])
+
+
+def export_of(archive: Path, out: Path) -> Path:
+    """`inspectd archive export OUT --split train` of every frame in `archive`, good and defect."""
+    from inspectd.protocol.archive import ArchiveReader
+
+    with ArchiveReader(archive) as reader:
+        entries = reader.query()
+        assert reader.export(entries, out, "train") == len(entries)
+    return out
+
+
+def test_an_export_reviewed_by_hand_keeps_the_frames_moved_into_good_and_leaves_out_those_it_does_not_name(
+    trained, good, tmp_path, capsys
+):
+    """The review of an export moves the false rejects from train/defect into train/good: they were judged by the
+    bundle's model, wherever they now lie, so they are taught on. A frame copied in by hand is named by no row of
+    archive.jsonl: it is left out, said as such (not as a frame of an unknown model), and an export of such frames
+    only is refused in one line saying so, not advising another span."""
+    import hashlib
+    import shutil
+
+    import cv2
+
+    from calibration import teach
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundle = tmp_path / "b"
+    shutil.copytree(trained, bundle)
+    original = load_bundle(bundle).model_id
+    files = sorted(good.glob("*.png"))
+    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files]
+    owners = ["m-a"] * 4 + [original] * 12
+    ids = archive_of(tmp_path / "archive", list(zip(images, owners, strict=True)), defects=(14, 15))
+    export = export_of(tmp_path / "archive", tmp_path / "export")
+    good_dir = export / "train" / "good"
+    moved = ids[14]
+    (export / "train" / "defect" / f"{moved}.png").rename(good_dir / f"{moved}.png")
+    shutil.copy(files[0], good_dir / "extra.png")
+    # A second copy of an exported frame under another extension is no exported frame (else fitted and held out).
+    shutil.copy(good_dir / f"{ids[5]}.png", good_dir / f"{ids[5]}.jpg")
+
+    assert teach.run(args(bundle, good=str(export))) == 0
+    out = capsys.readouterr().out
+    frames = load_bundle(bundle).manifest["teach"]["frames"]
+    kept = sorted(f"{i}.png" for i in ids[4:15])
+    assert frames["n"] == 11 and frames["other_models"] == {"m-a": 4}, frames
+    assert frames["not_in_export"] == 2, frames
+    assert frames["names_sha256"] == hashlib.sha256("\n".join(kept).encode()).hexdigest()
+    assert "frames: left out 4 good frame(s) judged by other models (4 of model m-a): --any-model takes them" in out
+    assert (
+        "frames: left out 2 frame(s) not named in archive.jsonl (added by hand, renamed, or the export cut off?): "
+        "--any-model takes them"
+    ) in out
+    assert "unknown" not in out, out
+
+    by_hand = tmp_path / "by-hand"
+    (by_hand / "train" / "good").mkdir(parents=True)
+    shutil.copy(export / "archive.jsonl", by_hand / "archive.jsonl")
+    for path in files[:3]:
+        shutil.copy(path, by_hand / "train" / "good" / path.name)
+    before = load_bundle(bundle)
+    assert teach.run(args(bundle, good=str(by_hand))) == 2
+    captured = capsys.readouterr()
+    line = captured.err.strip()
+    assert captured.out == "" and "\n" not in line, captured
+    assert line == (
+        f"inspectd teach: --good {by_hand} (train/good): 0 good frame(s) of model {before.model_id} or the models it "
+        f"was taught from ({original}): none of its 3 frame(s) is named in archive.jsonl (added by hand, renamed, or "
+        "the export cut off?), expected frames `inspectd archive export` wrote, which it names with the model that "
+        "judged each, or --any-model to take them"
+    )
+    # A manifest that names no frame at all: the export itself was cut off, and exporting again is what helps.
+    (by_hand / "archive.jsonl").write_bytes(b"")
+    assert teach.run(args(bundle, good=str(by_hand))) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (
+        f"inspectd teach: --good {by_hand} (train/good): {by_hand / 'archive.jsonl'} names no frame (its export cut "
+        "off?), expected a row per frame as `inspectd archive export` writes them: export again, or --any-model to "
+        "take the frames"
+    )
+    assert load_bundle(bundle).manifest == before.manifest
+
+
+def test_an_export_is_recognised_however_its_good_folder_is_typed(good, tmp_path, monkeypatch):
+    """`cd export/train && teach --good good`, or --good a link to export/train/good: the same export, so its
+    frames are kept by the model that judged them as with the folder's full path."""
+    import cv2
+
+    from calibration.teach import folder_frames
+
+    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(good.glob("*.png"))[:8]]
+    ids = archive_of(tmp_path / "archive", [(image, "m-a" if i < 4 else "m-b") for i, image in enumerate(images)])
+    export = export_of(tmp_path / "archive", tmp_path / "export")
+    link = tmp_path / "mine"
+    link.symlink_to(export / "train" / "good")
+    monkeypatch.chdir(export / "train")
+    for typed in ("good", link):
+        frames = folder_frames(typed, ["m-b"])
+        assert [p.stem for p in frames.paths] == ids[4:], typed
+        assert frames.record["other_models"] == {"m-a": 4}, typed
+        assert frames.record["export"] == str((export / "archive.jsonl").resolve()), typed
+    # The export's good folder itself a link to storage elsewhere: recognised by the path as given.
+    elsewhere = tmp_path / "nas" / "reviewed"
+    elsewhere.parent.mkdir()
+    (export / "train" / "good").rename(elsewhere)
+    (export / "train" / "good").symlink_to(elsewhere)
+    for typed in ("good", export / "train" / "good", export):
+        frames = folder_frames(typed, ["m-b"])
+        assert [p.stem for p in frames.paths] == ids[4:], typed
+        assert frames.record["other_models"] == {"m-a": 4}, typed
+
+
+def test_an_archive_jsonl_teach_cannot_read_is_named_in_one_line(open_tmp_path):
+    """`sudo -u inspectd teach --good` on an export written by another user with a 0600 archive.jsonl: one line
+    naming the file and why, as for an image folder it cannot read, before any work."""
+    from PIL import Image
+
+    from other_user import as_nobody
+    from test_bundle_writes import make
+
+    shared = open_tmp_path / "shared"
+    shared.mkdir()
+    bundle = make(shared / "b")
+    export = shared / "export"
+    (export / "train" / "good").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 100 + i, np.uint8)).save(export / "train" / "good" / f"f{i}.png")
+    manifest = export / "archive.jsonl"
+    manifest.write_text(json.dumps({"id": "f0", "model_id": "m", "exported_to": "train/good"}) + "\n")
+    # As root, as_nobody's user is neither owner nor group; as another user, this user is the owner.
+    manifest.chmod(0o600 if os.geteuid() == 0 else 0o000)
+    done = subprocess.run(
+        as_nobody([sys.executable, "-m", "inspectd", "teach", str(bundle), "--good", str(export)]),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.strip() == f"inspectd teach: {manifest.resolve()}: cannot read (Permission denied)"
