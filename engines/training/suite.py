@@ -19,8 +19,6 @@ from pathlib import Path
 
 from engines.bundle.format import describe_augment, describe_score_share
 from engines.errors import EngineError
-from engines.training.evaluate import evaluate
-from engines.training.train import Progress, train_bundle, training_images
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
@@ -43,8 +41,14 @@ def datasets(root: Path, only: list[str] | None = None) -> list[Path]:
 
 
 def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None, seed: int = 0) -> dict:
+    found = datasets(root, only)
+    # Imported once the data root holds what was asked for: a mistyped root or name is refused in a moment, not
+    # after the seconds torch takes to load.
+    from engines.training.evaluate import evaluate
+    from engines.training.train import Progress, train_bundle, training_images
+
     rows, reports = [], {}
-    for data in datasets(root, only):
+    for data in found:
         print(f"== {data.name}: train ({recipe or 'default'})", flush=True)
         load = os.getloadavg()[0]
         result = train_bundle(
