@@ -653,6 +653,30 @@ def test_a_key_removed_by_reload_is_shut_out_of_connections_made_before_it(pki, 
                 guard.stop()
 
 
+def test_a_refused_handshake_is_told_at_once_not_at_the_request_timeout(pki):
+    """`inspectd ctl` or `calibrate --apply` with a key the daemon does not allow, or the wrong --server-key: the
+    refusal is known from the handshake in milliseconds, so the command says so then, not after its whole timeout."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    try:
+        for server_key, client_key, reason in [
+            (pki["server"][0], pki["intruder"][1], "refused this client's key"),
+            (pki["intruder"][0], pki["allowed"][1], "a --server-key that is not its public key"),
+        ]:
+            started = time.monotonic()
+            with ControlClient(endpoint, timeout_s=60, curve=curve_client(server_key, client_key)) as client:
+                with pytest.raises(InspectdError, match=reason):
+                    client.request({"cmd": "status"})
+            assert time.monotonic() - started < 30, reason  # the timeout would be 60 s
+        with ControlClient(endpoint, timeout_s=60, curve=curve_client(pki["server"][0], pki["allowed"][1])) as client:
+            assert client.request({"cmd": "status"})["ok"]
+    finally:
+        server.stop()
+        guard.stop()
+
+
 def test_each_refused_key_is_logged_even_while_another_keeps_retrying(pki, tmp_path, capsys):
     """Repeats are summarised per (reason, key): a revoked client retrying every 100 ms must not hide the first
     refusal of a key never seen before, and keys made up by the thousand do not grow the table without end."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ class ControlClient:
         wait_s = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         try:
             sock.send(json.dumps(doc).encode())
-            answered = sock.poll(int(wait_s * 1000))
+            answered = self._wait_reply(sock, wait_s)
         except zmq.Again:
             answered = False
         if not answered:
@@ -178,6 +179,23 @@ class ControlClient:
                 f'control {self.endpoint}: reply of JSON {type(reply).__name__}, expected an object with "ok"'
             )
         return reply
+
+    def _wait_reply(self, sock: zmq.Socket, wait_s: float) -> bool:
+        """Whether a reply came within `wait_s`. The handshake watch is polled beside the socket: a daemon that ends
+        the handshake (a key it does not allow, CurveZMQ on one side only) is told at once, not at the timeout."""
+        if self._watch is None:
+            return bool(sock.poll(int(wait_s * 1000)))
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._watch.monitor, zmq.POLLIN)
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            ready = dict(poller.poll(max(1, int(left * 1000))))
+            if sock in ready:
+                return True
+            if self._watch.failure() is not None:
+                return False
+        return False
 
     def close(self) -> None:
         if self._watch is not None:
