@@ -10,6 +10,7 @@ the variable again to check the refusal itself.
 other worker of a parallel run (pytest -n) runs a test.
 """
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -28,20 +29,46 @@ if os.geteuid() == 0:
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.fixture(autouse=True)
-def _exclusive(request, tmp_path_factory):
-    """Every test holds a shared lock on a file all workers see; a test marked exclusive holds it alone. The gate is
-    a turnstile: an exclusive test waiting for the lock holds it, so the other workers' next tests queue behind it
-    instead of keeping the shared lock taken between them forever."""
+@contextlib.contextmanager
+def _held(tmp_path_factory, alone: bool):
+    """A lock on a file every worker sees, shared, or alone. The gate is a turnstile: a test waiting to hold the lock
+    alone holds the gate, so the other workers' next tests queue behind it instead of keeping the shared lock taken
+    between them forever."""
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    alone = request.node.get_closest_marker("exclusive") is not None
     with open(shared / "exclusive.gate", "a") as gate, open(shared / "exclusive.lock", "a") as lock:
         fcntl.flock(gate, fcntl.LOCK_EX)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
         finally:
             fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
+
+
+_MODULE_ALONE: list[bool] = [False]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _exclusive_module(request, tmp_path_factory):
+    """A module marked exclusive runs alone from its first fixture to its last test, at the cost of one wait for the
+    other workers' current tests rather than one per test."""
+    if request.node.get_closest_marker("exclusive") is None:
+        yield
+        return
+    with _held(tmp_path_factory, alone=True):
+        _MODULE_ALONE[0] = True
+        try:
+            yield
+        finally:
+            _MODULE_ALONE[0] = False
+
+
+@pytest.fixture(autouse=True)
+def _exclusive(request, tmp_path_factory):
+    if _MODULE_ALONE[0]:
+        yield
+        return
+    with _held(tmp_path_factory, alone=request.node.get_closest_marker("exclusive") is not None):
         yield
 
 
