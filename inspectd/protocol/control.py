@@ -156,9 +156,15 @@ class ControlClient:
         """One request and its reply; `timeout_s` (at most the client's) bounds this one, e.g. a probe."""
         sock = self._socket()
         wait_s = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        deadline = time.monotonic() + wait_s
         try:
-            sock.send(json.dumps(doc).encode())
-            answered = self._wait_reply(sock, wait_s)
+            # Sent once the socket can take it: a daemon that refused the handshake before this request (the
+            # client connects first, then loads a bundle) leaves it nowhere to send, and a blocking send would only
+            # tell at the timeout.
+            answered = self._ready(sock, zmq.POLLOUT, deadline)
+            if answered:
+                sock.send(json.dumps(doc).encode(), zmq.NOBLOCK)
+                answered = self._ready(sock, zmq.POLLIN, deadline)
         except zmq.Again:
             answered = False
         if not answered:
@@ -180,20 +186,18 @@ class ControlClient:
             )
         return reply
 
-    def _wait_reply(self, sock: zmq.Socket, wait_s: float) -> bool:
-        """Whether a reply came within `wait_s`. The handshake watch is polled beside the socket: a daemon that ends
-        the handshake (a key it does not allow, CurveZMQ on one side only) is told at once, not at the timeout."""
-        if self._watch is None:
-            return bool(sock.poll(int(wait_s * 1000)))
+    def _ready(self, sock: zmq.Socket, event: int, deadline: float) -> bool:
+        """Whether `sock` is ready for `event` (zmq.POLLOUT, zmq.POLLIN) before `deadline`. The handshake watch is
+        polled beside it: a daemon that refuses the handshake (HandshakeWatch.refused) is told at once."""
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._watch.monitor, zmq.POLLIN)
-        deadline = time.monotonic() + wait_s
+        poller.register(sock, event)
+        if self._watch is not None:
+            poller.register(self._watch.monitor, zmq.POLLIN)
         while (left := deadline - time.monotonic()) > 0:
             ready = dict(poller.poll(max(1, int(left * 1000))))
-            if sock in ready:
+            if ready.get(sock, 0) & event:
                 return True
-            if self._watch.failure() is not None:
+            if self._watch is not None and self._watch.refused():
                 return False
         return False
 

@@ -199,6 +199,11 @@ def curve_from_flags(
     return curve_client(server_key, client_key)
 
 
+# A handshake ended without a reason this many times in a row, libzmq retrying every 100 ms: a wrong --server-key,
+# told in about 0.3 s.
+REFUSED_AFTER = 3
+
+
 class HandshakeWatch:
     """The security handshakes of one client socket, watched through a libzmq socket monitor, so a peer that ends
     them (another key than --server-key, this client's key not allowed, CurveZMQ on one side only, or no inspectd
@@ -231,6 +236,8 @@ class HandshakeWatch:
         sock.monitor(address, self._EVENTS)
         self.monitor.connect(address)
         self._failure: str | None = None
+        self._definitive = False  # the last failure one the peer gives every time (a key refused, no CurveZMQ)
+        self._in_a_row = 0  # failures since the last handshake that succeeded
 
     def failure(self) -> str | None:
         from zmq.utils.monitor import recv_monitor_message
@@ -238,10 +245,21 @@ class HandshakeWatch:
         try:
             while self.monitor.poll(0):
                 event = recv_monitor_message(self.monitor)
-                self._failure = self._describe(int(event["event"]), int(event["value"]))
+                kind, value = int(event["event"]), int(event["value"])
+                self._failure = self._describe(kind, value)
+                self._in_a_row = 0 if self._failure is None else self._in_a_row + 1
+                self._definitive = (kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400) or (
+                    value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+                )
         except zmq.ZMQError:
             pass  # closed under us (its context destroyed): what was read stands
         return self._failure
+
+    def refused(self) -> bool:
+        """Whether the peer refuses for good: a key refused or CurveZMQ on one side only at once, a handshake ended
+        without a reason only once it has happened REFUSED_AFTER times in a row (one alone may be a daemon
+        restarting mid-handshake, which libzmq's next try gets past)."""
+        return self.failure() is not None and (self._definitive or self._in_a_row >= REFUSED_AFTER)
 
     def _describe(self, event: int, value: int) -> str | None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
