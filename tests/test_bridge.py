@@ -78,6 +78,15 @@ class Plc:
         words = [value >> 16, value & 0xFFFF] if name in ("inspection_id", "ack") else [value]
         assert not self.client.write_registers(REG[name], words, device_id=1).isError()
 
+    def holds(self, seq: int) -> None:
+        """The registers a bridge that ran before left: inspection id and ack at `seq`, a heartbeat (not a fresh
+        PLC). The program does not act on them meanwhile."""
+        self.acking.clear()
+        self.write("inspection_id", seq)
+        self.write("ack", seq)
+        self.write("heartbeat", 321)
+        self.acking.set()
+
     def reset(self) -> None:
         """The PLC loses its memory (replaced, program reloaded, a cold start): every register 0 and the program
         forgets the last id it consumed. Done by the scan thread, the only user of the client meanwhile."""
@@ -145,6 +154,14 @@ def bridge_config(tmp_path):
     # A generous ack timeout: on a loaded CI machine the PLC loop may take a while to ack, which must not count.
     path.write_text("ack_timeout_ms: 3000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 32\n")
     return path
+
+
+def recorded_ack(tmp_path: Path, seq: int) -> Path:
+    """A --state-dir whose acked.json, as the bridge writes it, says the PLC acked `seq` of CAMERA."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "acked.json").write_text(json.dumps({"acked": {CAMERA: seq}}))
+    return state
 
 
 def bridge_command(daemon: Daemon | str, plc: Plc, config: Path, *extra: str) -> list[str]:
@@ -383,11 +400,7 @@ def test_a_resume_point_ahead_of_the_daemon_without_a_journal_hands_over_its_num
     daemon numbers from 0: every result used to be skipped as stale, silently, with trigger_ready up. The first result
     at or below the resume point says the numbering is not the one the PLC's id is from: one warning naming both
     numbers, the alarm, and the bridge hands over from that result on."""
-    plc.acking.clear()
-    plc.write("inspection_id", 4000)
-    plc.write("ack", 4000)
-    plc.write("heartbeat", 321)
-    plc.acking.set()
+    plc.holds(4000)
     log = LogLines(Bridge(daemon, plc, bridge_config))
     try:
         for seq in (0, 1, 2):
@@ -417,9 +430,7 @@ def test_with_a_journal_a_resume_point_ahead_of_the_daemons_numbering_resumes_on
 
     journal_dir = tmp_path / "journal"
     journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "acked.json").write_text(json.dumps({"acked": {CAMERA: 4000}}))
+    state = recorded_ack(tmp_path, 4000)
 
     def line(seq: int, publish: bool = True) -> None:  # as the daemon does it: journalled, then published
         frames = daemon.encode(seq)
@@ -476,14 +487,8 @@ def test_after_a_power_cut_an_ack_past_the_journal_is_a_gap_from_the_ack_not_a_r
     (1024). Taken for a renumbering at start, every such cut warned that the daemon's numbering restarted, and counted
     996..1000, which the PLC had, as missing. The first result, above the ack, says the journal lost its tail: no
     warning, and what is missing is 1001..1023, from the ack."""
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "acked.json").write_text(json.dumps({"acked": {CAMERA: 1000}}))
-    plc.acking.clear()
-    plc.write("inspection_id", 1000)
-    plc.write("ack", 1000)
-    plc.write("heartbeat", 321)
-    plc.acking.set()
+    state = recorded_ack(tmp_path, 1000)
+    plc.holds(1000)
     line = Line(daemon, tmp_path / "journal")
     try:
         for seq in range(996):
@@ -517,14 +522,8 @@ def test_a_plc_id_ahead_of_the_daemon_and_of_its_recorded_ack_resumes_after_the_
     what missed acks leave too (the bridge moves on and writes the next ids, the PLC taking them or not), so the ack
     does not say what the PLC took: resuming after it would hand 101..200 over again. The bridge resumes after the
     journal's newest, with one warning and the alarm, and hands over the live results."""
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "acked.json").write_text(json.dumps({"acked": {CAMERA: 100}}))
-    plc.acking.clear()
-    plc.write("inspection_id", 50000)
-    plc.write("ack", 50000)
-    plc.write("heartbeat", 321)
-    plc.acking.set()
+    state = recorded_ack(tmp_path, 100)
+    plc.holds(50000)
     line = Line(daemon, tmp_path / "journal")
     try:
         for seq in range(201):
@@ -1018,9 +1017,7 @@ def test_seqs_never_journalled_are_no_backlog_when_a_live_result_comes_during_a_
     them it is 14, and the PLC gets every one."""
     config = tmp_path / "bridge.yaml"
     config.write_text(BACKLOG_CONFIG)
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "acked.json").write_text(json.dumps({"acked": {CAMERA: 357}}))
+    state = recorded_ack(tmp_path, 357)
     line = Line(daemon, tmp_path / "journal")
     journalled = [*range(358, 366), *range(700, 706)]
     try:

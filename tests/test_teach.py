@@ -518,6 +518,14 @@ def test_teach_from_the_daemons_archive_equals_teach_on_its_export(trained, tmp_
     assert load_bundle(from_archive).model_id == before
 
 
+def refusal(capsys) -> str:
+    """The one stderr line of a teach refused before any work (nothing on stdout)."""
+    captured = capsys.readouterr()
+    line = captured.err.strip()
+    assert captured.out == "" and "\n" not in line, captured
+    return line
+
+
 def archive_of(root: Path, frames: list[tuple[np.ndarray, str]], defects: tuple[int, ...] = ()) -> list[str]:
     """An image archive written by the daemon's own writer: each (image, model_id) a frame of cam0 judged ok by that
     model (defect: those at `defects`), captured a second apart within the last few minutes; their archive ids, in
@@ -586,9 +594,7 @@ def test_archive_teach_takes_only_the_frames_of_this_bundles_model_and_those_it_
     assert len(others) == 16
     before = load_bundle(bundle)
     assert teach.run(args(bundle, archive=str(tmp_path / "others"), since="1h")) == 2
-    captured = capsys.readouterr()
-    line = captured.err.strip()
-    assert captured.out == "" and "\n" not in line, captured
+    line = refusal(capsys)
     assert line.startswith(f"inspectd teach: --archive {tmp_path / 'others'} --since 1h: 0 good frame(s) of model "
                            f"{before.model_id} or the models it was taught from ("), line  # fmt: skip
     assert "(10 of model m-a, 6 of model m-c left out)" in line and "--any-model" in line, line
@@ -862,9 +868,7 @@ def test_good_on_an_archive_export_takes_only_the_frames_of_this_bundles_model_a
         assert reader.export(reader.query(verdict="ok"), tmp_path / "other-export", "train") == len(others)
     before = load_bundle(bundle)
     assert teach.run(args(bundle, good=str(tmp_path / "other-export"))) == 2
-    captured = capsys.readouterr()
-    line = captured.err.strip()
-    assert captured.out == "" and "\n" not in line, captured
+    line = refusal(capsys)
     assert line.startswith(f"inspectd teach: --good {tmp_path / 'other-export'} (train/good): 0 good frame(s) of "
                            f"model {before.model_id} or the models it was taught from ("), line  # fmt: skip
     assert "(10 of model m-a, 6 of model m-c left out)" in line and "--any-model" in line, line
@@ -951,9 +955,7 @@ def test_an_export_reviewed_by_hand_keeps_the_frames_moved_into_good_and_leaves_
         shutil.copy(path, by_hand / "train" / "good" / path.name)
     before = load_bundle(bundle)
     assert teach.run(args(bundle, good=str(by_hand))) == 2
-    captured = capsys.readouterr()
-    line = captured.err.strip()
-    assert captured.out == "" and "\n" not in line, captured
+    line = refusal(capsys)
     assert line == (
         f"inspectd teach: --good {by_hand} (train/good): 0 good frame(s) of model {before.model_id} or the models it "
         f"was taught from ({original}): none of its 3 frame(s) is named in archive.jsonl (added by hand, renamed, or "
@@ -963,7 +965,7 @@ def test_an_export_reviewed_by_hand_keeps_the_frames_moved_into_good_and_leaves_
     # A manifest that names no frame at all: the export itself was cut off, and exporting again is what helps.
     (by_hand / "archive.jsonl").write_bytes(b"")
     assert teach.run(args(bundle, good=str(by_hand))) == 2
-    line = capsys.readouterr().err.strip()
+    line = refusal(capsys)
     assert line == (
         f"inspectd teach: --good {by_hand} (train/good): {by_hand / 'archive.jsonl'} names no frame (its export cut "
         "off?), expected a row per frame as `inspectd archive export` writes them: export again, or --any-model to "
