@@ -528,6 +528,8 @@ class Daemon:
         }
 
     def reload(self) -> dict[str, Any]:
+        # Opening, warming up and measuring a bundle takes seconds: the journal shows one is under way.
+        self.log.info("reload_started", bundle=str(self.config.model.bundle))
         # Key allow-lists first, and whatever the model does: revoking a client must not wait on a good bundle.
         allow_lists = self._reload_allow_lists()
         with self._reload_lock:
