@@ -200,19 +200,33 @@ class Bridge:
             text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
+        self.lines: list[str] = []  # its output as it comes
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")))
+        self.reader.start()
 
-        # Subscribed once the daemon's status messages reach it: trigger_ready rises.
+        # Subscribed once the daemon's status messages reach it: trigger_ready rises. Read only after this bridge
+        # said bridge_started (its start rewrote the status flags first): a bridge killed before it leaves its
+        # trigger_ready on the PLC, and a test that took that for this one's would publish before it subscribed.
         def ready():
-            assert self.proc.poll() is None, self.proc.stdout.read()
+            assert self.proc.poll() is None, self.output()
             daemon.status()
-            return plc.field("status") & BIT["trigger_ready"]
+            return any('"bridge_started"' in line for line in list(self.lines)) and (
+                plc.field("status") & BIT["trigger_ready"]
+            )
 
         wait(ready, 20, "the bridge to subscribe (trigger_ready)", interval=0.05)
+
+    def output(self) -> str:
+        """All it printed: whole once it has exited."""
+        if self.proc.poll() is not None:
+            self.reader.join(10)
+        return "".join(self.lines)
 
     def stop(self) -> dict[str, dict]:
         """SIGTERM, a clean exit, and the bridge's JSON log events by name (the last of each)."""
         self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=10)
+        self.proc.wait(10)
+        out = self.output()
         assert self.proc.returncode == 0, out
         events = {}
         for line in out.splitlines():
@@ -754,7 +768,7 @@ def test_a_plc_that_goes_away_ends_the_bridge_with_one_line_for_the_service_mana
     except subprocess.TimeoutExpired:
         bridge.proc.kill()
         raise AssertionError("the bridge kept running without its PLC") from None
-    out = bridge.proc.stdout.read()
+    out = bridge.output()
     assert bridge.proc.returncode == 1, out
     assert out.strip().splitlines()[-1].startswith("inspectd bridge: PLC"), out
 
@@ -785,9 +799,17 @@ def kill_and_restart(
     last = 300
     published: list[int] = []
     stop = threading.Event()
+    # The line is held at two points so that a loaded machine cannot reorder the story: the kill comes before 100
+    # (so 50 and more are published while the bridge is down), and the last 10 come after the new bridge subscribed
+    # (a bridge serving the first camera heard binds only on a live result; a line that ended while it started up
+    # would leave it waiting for a part that never comes).
+    killed, restarted = threading.Event(), threading.Event()
+    holds = {101: killed, last - 9: restarted}
 
     def line() -> None:
         for seq in range(1, last + 1):
+            if seq in holds:
+                holds[seq].wait(60)
             if stop.is_set():
                 return
             frames = daemon.encode(seq)
@@ -821,6 +843,7 @@ def kill_and_restart(
             bridge.proc.wait(10)
         else:
             first_run = bridge.stop()  # SIGTERM: a clean exit 0 within TimeoutStopSec
+        killed.set()
         at_kill = len(plc.received)
         down = len(published)
         if reset:
@@ -830,11 +853,14 @@ def kill_and_restart(
         plc.acking.set()
         wait(lambda: len(published) >= down + 50, 20, "50 results published while the bridge is down")
         bridge = Bridge(daemon, plc, config, topic, extra=extra)
+        restarted.set()
         producer.join(30)
         wait(lambda: plc.received and plc.received[-1]["id"] == last, 30, "the last result handed over")
         time.sleep(0.2)
     finally:
         stop.set()
+        killed.set()
+        restarted.set()
         events = bridge.stop()
         journal.close()
     return [r["id"] for r in plc.received], at_kill, first_run, events
@@ -889,7 +915,10 @@ class LogLines:
     """A bridge's JSON log lines as they come (read on a thread), for a test that waits on what the bridge did."""
 
     def __init__(self, bridge: Bridge | subprocess.Popen) -> None:
-        self.proc = bridge.proc if isinstance(bridge, Bridge) else bridge
+        if isinstance(bridge, Bridge):  # read already
+            self.proc, self.lines, self.thread = bridge.proc, bridge.lines, bridge.reader
+            return
+        self.proc = bridge
         self.lines: list[str] = []
         self.thread = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")))
         self.thread.start()
