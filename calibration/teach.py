@@ -58,7 +58,6 @@ import copy
 import dataclasses
 import datetime
 import getpass
-import hashlib
 import json
 import math
 import os
@@ -78,6 +77,7 @@ from engines.data.images import (
     CROSS_FIT_BELOW,
     MAX_HELD_OUT,
     ImageFiles,
+    frames_checksums,
     good_folder,
     list_images,
     split_holdout,
@@ -302,9 +302,11 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     root = export_root(folder)
     if root is None:
         return GoodFrames(paths, source, {"folder": resolved}, {"good_dir": resolved})
-    other: dict[str, int] = {}
-    unnamed = 0
+    # None where nothing was looked up (--any-model), so the record does not claim "checked, none".
+    other: dict[str, int] | None = None
+    unnamed: int | None = None
     if models is not None:
+        other, unnamed = {}, 0
         # The same changeover as --archive's: an export of a span that crosses it holds the previous product's
         # frames too, and its manifest names the model that judged each.
         judged = exported_models(root)
@@ -400,10 +402,11 @@ def archive_frames(
     t_until = parse_time(until, "--until") if until is not None else None
     where = f"--archive {archive}" + (f" --camera {camera}" if camera else "") + f" --since {since}"
     where += f" --until {until}" if until is not None else ""
-    other: dict[str, int] = {}
+    other: dict[str, int] | None = None  # None: not looked up (--any-model)
     with ArchiveReader(archive) as reader:
         entries = reader.query(camera=camera, verdict="ok", since=t_since, until=t_until)
         if models is not None:
+            other = {}
             # "ok" is the verdict of the model that judged the frame: after a changeover the span also holds the
             # previous product's frames, whose patches in this memory bank would let that product's look pass.
             accepted = set(models)
@@ -523,6 +526,9 @@ def teach(
     held_paths = [paths[i] for i in hold_idx]
     refuse_non_finite(old_scores, held_paths, f"{frames.source}: held out, by the current model")
     refuse_non_finite(new_scores, held_paths, f"{frames.source}: held out, by the taught model")
+    cross_fitted = len(folds) > 1
+    checksums = frames_checksums(paths, images)
+    fitted = current_fit(bundle, checksums, len(paths))
     current = bundle.thresholds()
     old_threshold = current.image_threshold
     fr_target = DEFAULT_FALSE_REJECT if target_false_reject is None else target_false_reject
@@ -539,8 +545,12 @@ def teach(
             "rejected": int((old_scores >= old_threshold).sum()),
             "score_median": float(np.median(old_scores)),
             "score_max": float(old_scores.max()),
+            # How many of these frames it was fitted on (it scores those lower than a new frame); None: not known.
+            "in_sample": None if fitted is None else int(np.isin(hold_idx, fitted).sum()),
         },
         "taught": {
+            # Out-of-fold: each frame's score is the fold fit's that left it out, not the taught fit's.
+            "scores": "out-of-fold" if cross_fitted else "held-out",
             "image_threshold": fr.threshold,
             "rejected": int((new_scores >= fr.threshold).sum()),
             "score_median": float(np.median(new_scores)),
@@ -554,7 +564,7 @@ def teach(
         "model_id": taught_id,
         **frames.provenance,
         "n_good": int(len(held)),
-        "images": "held-out",
+        "images": "out-of-fold" if cross_fitted else "held-out",  # as train records the same kind of scores
         "target": {"kind": "false_reject", "value": fr_target},
         "observed": {"false_reject_upper_95": fr.upper_bound, "exceedances": fr.exceedances},
         thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(new_scores),
@@ -589,8 +599,7 @@ def teach(
             "holdout": split.holdout,
             "folds": len(folds),
             # Which frames: their names and one checksum over their bytes, so a teach can be repeated and audited.
-            "names_sha256": hashlib.sha256("\n".join(p.name for p in paths).encode()).hexdigest(),
-            "pixels_sha256": hashlib.sha256(images.tobytes()).hexdigest(),
+            **checksums,
         },
         "scorer": kind,
         "settings": settings,
@@ -600,7 +609,11 @@ def teach(
     }
     taught = write_version(bundle, params, thresholds, version, record, weights)
     seconds = time.monotonic() - started
-    warnings = [split.note, fr.warning(fr_target), thresholds_doc.reference_warning(len(held), "held-out frames")]
+    warnings = [
+        split.note,
+        fr.warning(fr_target),
+        thresholds_doc.reference_warning(len(held), "out-of-fold frames" if cross_fitted else "held-out frames"),
+    ]
     # Both count held-out frames only; the operator chooses how many to teach on.
     if warnings[1]:
         warnings[1] += _teach_on(fr.needed, split, "held out: ")
@@ -614,6 +627,26 @@ def teach(
         )
     _report(out, taught, taught.manifest["teach"], warnings, seconds)
     return taught
+
+
+def current_fit(bundle: Bundle, checksums: dict[str, str], n: int) -> np.ndarray | None:
+    """The frames (indices into these `n`) BUNDLE's scorer was fitted on, where the record of the fit that made it
+    names these very frames (`frames_checksums`: their names and their pixels, both): its teach record, else train's;
+    None where it does not."""
+    taught = bundle.manifest.get("teach")
+    # A taught scorer is its teach's fit alone: train's frames say nothing of it.
+    record = taught.get("frames") if isinstance(taught, dict) else bundle.manifest.get("training")
+    if not isinstance(record, dict) or taught is None and bundle.manifest.get("interrupted"):
+        return None  # an interrupted train's n_fit counts frames its scorer may not have been fitted on
+    # Names alone (000.png, 001.png, ...) would match another folder's frames.
+    if any(record.get(key) != value for key, value in checksums.items()):
+        return None
+    kind, share = record.get("split"), record.get("holdout")
+    if kind not in SPLITS or isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+        return None
+    fit, _ = Split(kind, float(share)).folds(n, scorer_settings(bundle)[1]["seed"])
+    # A record whose count disagrees (a fit cut short) does not say which frames were fitted.
+    return fit if record.get("n_fit") == len(fit) else None
 
 
 def rows_of(features: np.ndarray, fit_idx: np.ndarray, subset: np.ndarray) -> np.ndarray:
@@ -835,8 +868,11 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             file=out,
         )
     if frames.get("other_models"):
+        # An archive's are frames the other model judged ok; an export's are whatever lies in its good folder, a
+        # frame that model judged defect and the review moved there included.
+        which = "good frame(s)" if "archive" in frames else f"frame(s) in {frames['folder']}"
         print(
-            f"frames: left out {sum(frames['other_models'].values())} good frame(s) judged by other models "
+            f"frames: left out {sum(frames['other_models'].values())} {which} judged by other models "
             f"({_counted(frames['other_models'])}): --any-model takes them",
             file=out,
         )
@@ -846,11 +882,38 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             "renamed, or the export cut off?): --any-model takes them",
             file=out,
         )
-    print(f"on the {comparison['frames']} held-out frames:", file=out)
-    for name, row in (("current", current), ("taught ", taught)):
+    out_of_fold = taught.get("scores") == "out-of-fold"
+    in_sample = current.get("in_sample")
+    if out_of_fold:
+        print(f"on the {comparison['frames']} frames, each held out of one fold:", file=out)
+    else:
+        print(f"on the {comparison['frames']} held-out frames:", file=out)
+    rows = (("current", current), ("taught (out-of-fold)" if out_of_fold else "taught", taught))
+    width = max(len(name) for name, _ in rows)
+    for name, row in rows:
         print(
-            f"  {name} threshold {row['image_threshold']:.6g}: {row['rejected']} rejected, "
+            f"  {name:<{width}} threshold {row['image_threshold']:.6g}: {row['rejected']} rejected, "
             f"median score {row['score_median']:.6g}, max {row['score_max']:.6g}",
+            file=out,
+        )
+    # Then the rows are not the two models on frames neither saw: the out-of-fold fits saw fewer frames than the
+    # taught one, the current one saw these, and a lower current row is no sign the teach made things worse.
+    if out_of_fold:
+        print(
+            f"  taught (out-of-fold): each frame scored by the fit on the other {frames['folds'] - 1} folds' frames, "
+            "as the thresholds are set, not by the taught model, which was fitted on all of them",
+            file=out,
+        )
+    if in_sample:
+        print(
+            f"  current (in-sample): fitted on {in_sample} of these {comparison['frames']} frames, so it scores them "
+            "lower than new ones: a lower row here does not make the taught model worse",
+            file=out,
+        )
+    elif out_of_fold and in_sample is None:
+        print(
+            "  current: in-sample (scored lower than new frames) on any of these frames it was fitted on; its "
+            "record does not say which frames those were",
             file=out,
         )
     for warning in warnings:

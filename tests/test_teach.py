@@ -354,6 +354,41 @@ def test_teach_and_rollback_in_place_keep_every_version_when_version_numbers_rep
     assert thresholds_versions == sorted(set(thresholds_versions)), thresholds_versions
 
 
+def test_a_bundle_cut_off_between_two_renames_is_found_where_it_was_moved_last_not_at_the_highest_number(
+    trained, good, tmp_path
+):
+    """teach T1 in place, rollback (T1 kept as v2, v1 free again), then a teach of the restored model cut off after
+    the first of its two renames (a file system without an exchange): the bundle in service sits at v1, the name
+    that teach took, and loading BUNDLE says to move v1 back, naming v2 (the model rolled back from) only as what the
+    highest number would say where the times were changed."""
+    import shutil
+    import time
+
+    from calibration.teach import free_version_dir, rollback, teach, versions_dir
+    from engines.errors import BundleError
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundle = tmp_path / "b"
+    shutil.copytree(trained, bundle)
+    original = load_bundle(bundle).model_id
+    first = teach(bundle, good, holdout=HOLDOUT, by="tester", out=io.StringIO())
+    rollback(bundle, out=io.StringIO())
+    time.sleep(0.05)  # a later clock tick, as a teach minutes later is
+    keep = free_version_dir(versions_dir(bundle), 1)
+    assert keep.name == "v1"
+    os.replace(bundle, keep)  # replace_dir's first rename; its second never came
+    assert load_bundle(versions_dir(bundle) / "v2").model_id == first.model_id
+    with pytest.raises(BundleError) as refused:
+        load_bundle(bundle)
+    assert str(refused.value) == (
+        f"{bundle}: missing; a bundle write was cut off and left the previous bundle at {keep}, expected it back in "
+        f"place (mv {keep} {bundle}); if the versions' times were changed since (copied, clock set back), it is "
+        f"{versions_dir(bundle) / 'v2'}"
+    )
+    assert load_bundle(keep).model_id == original
+
+
 def test_rollback_to_a_taught_version_keeps_its_thresholds_rollback_to_the_versions_of_its_own_scorer(
     trained, good, tmp_path
 ):
@@ -587,7 +622,8 @@ def test_archive_teach_takes_only_the_frames_of_this_bundles_model_and_those_it_
 
     assert teach.run(args(bundle, archive=str(tmp_path / "archive"), since="1h", any_model=True)) == 0
     frames = load_bundle(bundle).manifest["teach"]["frames"]
-    assert frames["ids"] == ids and frames["other_models"] == {} and frames["model_ids"] is None
+    # Nothing looked up, so nothing counted: null, not "none of another model".
+    assert frames["ids"] == ids and frames["other_models"] is None and frames["model_ids"] is None
     assert "left out" not in capsys.readouterr().out
 
     others = archive_of(tmp_path / "others", [(image, "m-a" if i % 3 else "m-c") for i, image in enumerate(images)])
@@ -775,6 +811,98 @@ def test_teach_with_the_default_holdout_refits_what_recipe_auto_fitted_on_the_sa
         assert "refitted on 16 frames" in out.getvalue() and "each also held out once" in out.getvalue()
 
 
+def test_a_cross_fitted_teach_records_and_reports_out_of_fold_scores_and_says_when_the_current_row_is_in_sample(
+    auto_trained, tmp_path
+):
+    """Below 60 frames teach cross-fits: the taught row and the thresholds' reference are out-of-fold scores (each
+    frame's by the fold fit without it), recorded and reported as such, as train records them. Where the frames are
+    those the current scorer was fitted on (train's or its teach's record names them by checksum), its row is
+    in-sample, and the report says on how many, rather than let a lower current row read as a worse taught model."""
+    import shutil
+
+    from calibration.teach import teach
+
+    trained_dir, frames = auto_trained
+    n = len(list(frames.glob("*.png")))
+    bundle = tmp_path / "b"
+    shutil.copytree(trained_dir, bundle)
+    out = io.StringIO()
+    taught = teach(bundle, frames, by="tester", out=out)
+    comparison = taught.manifest["teach"]["comparison"]
+    if n == 64:  # one validation fold: held-out scores, as before, of frames train did not fit on either
+        assert taught.thresholds().provenance["images"] == "held-out"
+        assert comparison["taught"]["scores"] == "held-out" and comparison["current"]["in_sample"] == 0
+        assert "on the 24 held-out frames:\n  current threshold" in out.getvalue(), out.getvalue()
+        assert "\n  taught  threshold" in out.getvalue() and "in-sample" not in out.getvalue(), out.getvalue()
+        return
+    assert taught.thresholds().provenance["images"] == "out-of-fold"
+    assert load_bundle(trained_dir).thresholds().provenance["images"] == "out-of-fold"  # train's word for them
+    assert comparison["taught"]["scores"] == "out-of-fold"
+    # Train's scorer was fitted on every one of them, and its record names them.
+    assert comparison["current"]["in_sample"] == n
+    text = out.getvalue()
+    assert f"on the {n} frames, each held out of one fold:\n  current              threshold" in text, text
+    assert "\n  taught (out-of-fold) threshold" in text, text
+    assert (
+        "  taught (out-of-fold): each frame scored by the fit on the other 3 folds' frames, as the thresholds are "
+        "set, not by the taught model, which was fitted on all of them"
+    ) in text, text
+    assert (
+        f"  current (in-sample): fitted on {n} of these {n} frames, so it scores them lower than new ones: a lower "
+        "row here does not make the taught model worse"
+    ) in text, text
+
+    # Taught again on the same frames: the current scorer is the first teach's, fitted on every one of them.
+    out = io.StringIO()
+    again = teach(bundle, frames, by="tester", out=out)
+    assert again.manifest["teach"]["comparison"]["current"]["in_sample"] == n
+
+    # A train record that names no frames (an older bundle), or names these by their names alone: not known, and
+    # the report says what that would mean.
+    for name, drop in (("unnamed", ("names_sha256", "pixels_sha256")), ("names-only", ("pixels_sha256",))):
+        older = tmp_path / name
+        shutil.copytree(trained_dir, older)
+        manifest = json.loads((older / MANIFEST).read_text())
+        assert {"names_sha256", "pixels_sha256"} <= set(manifest["training"])
+        manifest["training"] = {k: v for k, v in manifest["training"].items() if k not in drop}
+        (older / MANIFEST).write_text(json.dumps(manifest))
+        out = io.StringIO()
+        taught = teach(older, frames, by="tester", out=out)
+        assert taught.manifest["teach"]["comparison"]["current"]["in_sample"] is None
+        assert (
+            "  current: in-sample (scored lower than new frames) on any of these frames it was fitted on; its record "
+            "does not say which frames those were"
+        ) in out.getvalue(), out.getvalue()
+
+
+def test_a_teach_with_another_holdout_counts_the_held_out_frames_train_fitted_the_current_scorer_on(
+    trained, good, tmp_path
+):
+    """One held-out share, not cross-fitted: teach's held-out frames are drawn with its own --holdout, and those of
+    them that train fitted on (train's split rebuilt from its record: kind, share, seed) are in-sample for the
+    current row, counted and said."""
+    import shutil
+
+    from calibration.teach import teach
+    from engines.data.images import list_images, split_holdout
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundle = tmp_path / "b"
+    shutil.copytree(trained, bundle)
+    training = load_bundle(bundle).manifest["training"]
+    assert (training["split"], training["holdout"], training["seed"]) == ("split_holdout", HOLDOUT, 5)
+    n = len(list_images(good))
+    train_fit, _ = split_holdout(n, HOLDOUT, 5)
+    _, teach_held = split_holdout(n, 0.3, 5)
+    expected = len(set(train_fit.tolist()) & set(teach_held.tolist()))
+    assert 0 < expected < len(teach_held)  # some of each, so a wrong seed or share shows
+    out = io.StringIO()
+    taught = teach(bundle, good, holdout=0.3, by="tester", out=out)
+    assert taught.manifest["teach"]["comparison"]["current"]["in_sample"] == expected
+    assert f"  current (in-sample): fitted on {expected} of these {len(teach_held)} frames" in out.getvalue()
+
+
 def test_the_default_holdout_is_the_one_train_held_out(trained, good, tmp_path):
     """A bundle trained with --holdout 0.25 is taught with 0.25 by default; one trained before the share was
     recorded, with the share its counts give (4 of 16); one that says neither, with 0.2; one trained on every frame
@@ -855,12 +983,16 @@ def test_good_on_an_archive_export_takes_only_the_frames_of_this_bundles_model_a
     assert frames["n"] == 12 and frames["other_models"] == {"m-a": 4} and frames["model_ids"] == [original]
     assert frames["names_sha256"] == hashlib.sha256("\n".join(f"{i}.png" for i in ours).encode()).hexdigest()
     assert frames["export"] == str((export / "archive.jsonl").resolve())
-    assert "frames: left out 4 good frame(s) judged by other models (4 of model m-a): --any-model takes them" in out
+    assert (
+        f"frames: left out 4 frame(s) in {(export / 'train' / 'good').resolve()} judged by other models (4 of model "
+        "m-a): --any-model takes them"
+    ) in out
 
-    # The export's good folder itself is the same export; --any-model takes every model's frames.
+    # The export's good folder itself is the same export; --any-model takes every model's frames, as --archive does.
     assert teach.run(args(bundle, good=str(export / "train" / "good"), any_model=True)) == 0
     frames = load_bundle(bundle).manifest["teach"]["frames"]
-    assert frames["n"] == 16 and frames["other_models"] == {} and frames["model_ids"] is None
+    assert frames["n"] == 16 and frames["model_ids"] is None
+    assert frames["other_models"] is None and frames["not_in_export"] is None
     assert "left out" not in capsys.readouterr().out
 
     others = archive_of(tmp_path / "others", [(image, "m-a" if i % 3 else "m-c") for i, image in enumerate(images)])
@@ -907,9 +1039,11 @@ def test_an_export_reviewed_by_hand_keeps_the_frames_moved_into_good_and_leaves_
     trained, good, tmp_path, capsys
 ):
     """The review of an export moves the false rejects from train/defect into train/good: they were judged by the
-    bundle's model, wherever they now lie, so they are taught on. A frame copied in by hand is named by no row of
-    archive.jsonl: it is left out, said as such (not as a frame of an unknown model), and an export of such frames
-    only is refused in one line saying so, not advising another span."""
+    bundle's model, wherever they now lie, so they are taught on; one of another model moved there is left out with
+    that model's frames, counted as what it is (a frame in the good folder, not a frame that model judged good). A
+    frame copied in by hand is named by no row of archive.jsonl: it is left out, said as such (not as a frame of an
+    unknown model), and an export of such frames only is refused in one line saying so, not advising another span.
+    --any-model takes them all and records that it looked none of them up."""
     import hashlib
     import shutil
 
@@ -925,11 +1059,11 @@ def test_an_export_reviewed_by_hand_keeps_the_frames_moved_into_good_and_leaves_
     files = sorted(good.glob("*.png"))
     images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files]
     owners = ["m-a"] * 4 + [original] * 12
-    ids = archive_of(tmp_path / "archive", list(zip(images, owners, strict=True)), defects=(14, 15))
+    ids = archive_of(tmp_path / "archive", list(zip(images, owners, strict=True)), defects=(3, 14, 15))
     export = export_of(tmp_path / "archive", tmp_path / "export")
     good_dir = export / "train" / "good"
-    moved = ids[14]
-    (export / "train" / "defect" / f"{moved}.png").rename(good_dir / f"{moved}.png")
+    for moved in (ids[14], ids[3]):  # this model's false reject, and a frame model m-a judged defect
+        (export / "train" / "defect" / f"{moved}.png").rename(good_dir / f"{moved}.png")
     shutil.copy(files[0], good_dir / "extra.png")
     # A second copy of an exported frame under another extension is no exported frame (else fitted and held out).
     shutil.copy(good_dir / f"{ids[5]}.png", good_dir / f"{ids[5]}.jpg")
@@ -941,7 +1075,10 @@ def test_an_export_reviewed_by_hand_keeps_the_frames_moved_into_good_and_leaves_
     assert frames["n"] == 11 and frames["other_models"] == {"m-a": 4}, frames
     assert frames["not_in_export"] == 2, frames
     assert frames["names_sha256"] == hashlib.sha256("\n".join(kept).encode()).hexdigest()
-    assert "frames: left out 4 good frame(s) judged by other models (4 of model m-a): --any-model takes them" in out
+    assert (
+        f"frames: left out 4 frame(s) in {good_dir.resolve()} judged by other models (4 of model m-a): --any-model "
+        "takes them"
+    ) in out, out
     assert (
         "frames: left out 2 frame(s) not named in archive.jsonl (added by hand, renamed, or the export cut off?): "
         "--any-model takes them"
@@ -972,6 +1109,14 @@ def test_an_export_reviewed_by_hand_keeps_the_frames_moved_into_good_and_leaves_
         "take the frames"
     )
     assert load_bundle(bundle).manifest == before.manifest
+
+    # Every frame of the folder, named or not; whose they are was not looked up, and the record says so (null),
+    # not that none was another model's or unnamed.
+    assert teach.run(args(bundle, good=str(export), any_model=True)) == 0
+    assert "left out" not in capsys.readouterr().out
+    frames = load_bundle(bundle).manifest["teach"]["frames"]
+    assert frames["n"] == 17 and frames["model_ids"] is None, frames
+    assert frames["other_models"] is None and frames["not_in_export"] is None, frames
 
 
 def test_an_export_is_recognised_however_its_good_folder_is_typed(good, tmp_path, monkeypatch):

@@ -393,22 +393,30 @@ def load_bundle(path: str | Path) -> Bundle:
     if not path.is_dir():
         if not path.exists() and not path.is_symlink():
             # Where a file system has no exchange, a write swaps bundles by two renames; cut off between them, the
-            # bundle in service is left aside: a whole-bundle write's beside it, teach's as its newest version.
+            # bundle in service is left aside: a whole-bundle write's beside it, teach's (and teach --rollback's) as
+            # the version it moved into BUNDLE.versions last.
             aside = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
             versions = path.with_name(path.name + ".versions")
-            # v<N>-<k>: teach keeps a second bundle of the same version number under the next free name, so the
-            # newest of a number is the one with the highest k.
-            numbered = [
-                ((int(m.group(1)), int(m.group(2) or 1)), v)
-                for v in versions.glob("v*")
-                if (m := re.fullmatch(r"v(\d+)(?:-(\d+))?", v.name))
-            ]
+            # Last by the change time a rename sets: neither N nor k of v<N>-<k> says which (a rollback takes a
+            # version back out, and the next teach reuses the lowest free name); within one clock tick, the highest.
+            numbered: list[tuple[tuple[int, int, int], Path]] = []
+            for v in versions.glob("v*"):
+                if m := re.fullmatch(r"v(\d+)(?:-(\d+))?", v.name):
+                    try:
+                        numbered.append(((v.stat().st_ctime_ns, int(m.group(1)), int(m.group(2) or 1)), v))
+                    except OSError:
+                        continue  # gone since the listing: not where the bundle is
+            # A clock stepped back or versions copied since change the times: the highest number is then named too.
+            other = ""
             if numbered:
                 aside.append(max(numbered)[1])
+                highest = max(numbered, key=lambda item: item[0][1:])[1]
+                if aside[0] == aside[-1] != highest:
+                    other = f"; if the versions' times were changed since (copied, clock set back), it is {highest}"
             if aside:
                 raise BundleError(
                     f"{path}: missing; a bundle write was cut off and left the previous bundle at {aside[0]}, "
-                    f"expected it back in place (mv {aside[0]} {path})"
+                    f"expected it back in place (mv {aside[0]} {path}){other}"
                 )
         raise BundleError(f"{path}: not a directory, expected a model bundle (directory with {MANIFEST})")
     manifest = _read_manifest(manifest_path)

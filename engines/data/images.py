@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -180,6 +181,15 @@ class ImageFiles(Sequence[np.ndarray]):
     def channels(self) -> int:
         """3 if any image is in colour (grey ones are then replicated), else 1; stops at the first colour image."""
         return 3 if any(image.ndim == 3 for image in self) else 1
+
+
+def frames_checksums(paths: Sequence[Path], images: np.ndarray) -> dict[str, str]:
+    """What says a later fit saw the very frames of an earlier one (train's, a teach's): the checksums of their names
+    in order and of their pixels as the model takes them (after fitting to its input)."""
+    return {
+        "names_sha256": hashlib.sha256("\n".join(p.name for p in paths).encode()).hexdigest(),
+        "pixels_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
+    }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ from engines.bundle.store import load_bundle, write_bundle
 from engines.data.images import (
     ImageFiles,
     detect_bit_depth,
+    frames_checksums,
     good_folder,
     list_images,
     split_holdout,
@@ -300,6 +301,8 @@ def train_bundle(
     input_shape = (chosen.size[0], chosen.size[1], channels)
     images = fit_all(frames, input_shape, chosen.resize)
     del frames
+    # `inspectd teach` on these same frames then knows which of them the current scorer was fitted on.
+    checksums = frames_checksums(paths, images)
     # The drift alarm's brightness reference: every good frame as the model sees it.
     brightness = np.array([mean_level(image) for image in images])
 
@@ -386,6 +389,7 @@ def train_bundle(
             # function (auto's folds when it chose the recipe) and the --holdout given to it.
             "split": (validation_folds if selection is not None else split_holdout).__name__,
             "holdout": float(holdout),
+            **checksums,
             "epochs": epochs,
             "batch": batch,
             "seed": seed,
