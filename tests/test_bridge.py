@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 
 pytest.importorskip("pymodbus", reason="the PLC bridge needs the [plc] extra (pymodbus)")
 from pymodbus.client import ModbusTcpClient  # noqa: E402
@@ -35,6 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 REG = DEFAULT_REGISTERS
 BIT = {name: 1 << bit for name, bit in DEFAULT_BITS.items()}
 STATION, CAMERA = "st1", "cam0"
+# The tests' journals are flushed after each append, and a reader sees a record once it is written anyway: their
+# syncer need not run, and at an interval of 0 it would take a core for as long as the test runs.
+SYNC_S = 3600.0
 pytestmark = pytest.mark.timeout(60)
 logging.getLogger("pymodbus").setLevel(logging.WARNING)  # it traces every packet at debug
 
@@ -351,7 +355,7 @@ def test_a_seq_that_goes_backwards_raises_the_alarm(plc, daemon, bridge_config):
         assert plc.field("sequence_gaps") == 0
     finally:
         events = bridge.stop()
-    assert events["bridge_stopped"]["seq_backwards"] == 1 and events["bridge_stopped"]["stale_skipped"] == 0
+    assert events["bridge_stopped"]["seq_backwards"] == 1
     backwards = events["sequence_backwards"]
     assert backwards["seq"] == 0 and backwards["after"] == 9 and backwards["level"] == "warning"
 
@@ -403,7 +407,7 @@ def test_a_restarted_bridge_writes_no_stale_result(plc, daemon, bridge_config):
         assert plc.field("sequence_gaps") == 0 and not plc.field("status") & BIT["alarm"]
     finally:
         events = bridge.stop()
-    assert events["bridge_stopped"]["stale_skipped"] == 0 and events["bridge_stopped"]["written"] == 1
+    assert events["bridge_stopped"]["written"] == 1
     assert "resume_ahead_of_daemon" not in events
 
 
@@ -427,7 +431,7 @@ def test_a_resume_point_ahead_of_the_daemon_without_a_journal_hands_over_its_num
     assert len(warned) == 1 and warned[0]["level"] == "warning", warned
     assert warned[0]["resume_after"] == 4000 and warned[0]["seq"] == 0 and warned[0]["inspection_id"] == 4000
     stopped = log.events("bridge_stopped")[0]
-    assert stopped["stale_skipped"] == 0 and stopped["written"] == 3 and stopped["seq_backwards"] == 0, stopped
+    assert stopped["written"] == 3 and stopped["seq_backwards"] == 0, stopped
 
 
 def test_with_a_journal_a_resume_point_ahead_of_the_daemons_numbering_resumes_on_it_with_the_alarm(
@@ -443,7 +447,7 @@ def test_with_a_journal_a_resume_point_ahead_of_the_daemons_numbering_resumes_on
     from inspectd.daemon.journal import Journal
 
     journal_dir = tmp_path / "journal"
-    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
+    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=SYNC_S)
     state = recorded_ack(tmp_path, 4000)
 
     def line(seq: int, publish: bool = True) -> None:  # as the daemon does it: journalled, then published
@@ -488,7 +492,7 @@ def test_with_a_journal_a_resume_point_ahead_of_the_daemons_numbering_resumes_on
         warned = log.events("resume_ahead_of_daemon")
         assert len(warned) == 1 and warned[0]["resume_after"] == 10 and warned[0]["seq"] == 0, warned
         stopped = log.events("bridge_stopped")[0]
-        assert stopped["written"] == 3 and stopped["stale_skipped"] == 0, stopped
+        assert stopped["written"] == 3, stopped
     finally:
         journal.close()
 
@@ -884,6 +888,7 @@ def test_a_bridge_killed_mid_stream_and_restarted_hands_every_seq_to_the_plc_onc
     assert events["bridge_stopped"]["journal_replayed"] >= 50  # what was published while it was down
     assert events["bridge_stopped"]["sequence_gaps"] == 0 and events["bridge_stopped"]["overflow_drops"] == 0
     assert events["bridge_stopped"]["missed_acks"] == 0
+    assert "journal_not_current" not in events  # the journal the daemon writes holds each live result
     if how == "term":
         assert first_run["bridge_stopped"]["missed_acks"] == 0  # the stop waited for the ack, it did not give up
     state = json.loads((tmp_path / "state" / "acked.json").read_text())
@@ -941,7 +946,7 @@ def test_with_a_journal_a_plc_too_far_behind_is_skipped_to_the_newest_result_as_
     config = tmp_path / "bridge.yaml"
     config.write_text("ack_timeout_ms: 20000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 4\nmax_backlog: 20\n")
     journal_dir = tmp_path / "journal"
-    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
+    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=SYNC_S)
 
     def line(seq: int, publish: bool = True) -> None:  # as the daemon does it: journalled, then published
         frames = daemon.encode(seq)
@@ -1016,7 +1021,7 @@ class Line:
         from inspectd.daemon.journal import Journal
 
         self.daemon = daemon
-        self.journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
+        self.journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=SYNC_S)
 
     def __call__(self, seq: int, publish: bool = True) -> None:
         frames = self.daemon.encode(seq)
@@ -1153,6 +1158,329 @@ def test_after_the_numbering_goes_back_max_backlog_measures_the_new_one(plc, dae
     assert log.events("bridge_stopped")[0]["sequence_gaps"] == 40
 
 
+def test_every_hole_a_live_jump_spans_is_learnt_not_only_the_first(plc, daemon, tmp_path):
+    """The PLC holds its ack of 1 with 2..5 queued. 6..8 and 200..205 were lost on the way (journalled, never heard
+    live) and the daemon rebooted twice meanwhile (9..199 and 206..299 never existed); 300 comes live. 14 results wait,
+    within max_backlog (20): nothing is skipped and the PLC gets every one, each hole a gap with its reason."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text(BACKLOG_CONFIG)
+    line = Line(daemon, tmp_path / "journal")
+    try:
+        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(tmp_path / "journal"))))
+        try:
+            plc.acking.clear()
+            line(1)
+            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
+            for seq in range(2, 6):
+                line(seq)
+            for seq in [6, 7, 8, *range(200, 206)]:
+                line(seq, publish=False)
+            line(300)
+            measured = wait(lambda: backlog_measured(log), 10, "the bridge to measure the backlog at 300")
+            plc.acking.set()
+            wait(lambda: [r["id"] for r in plc.received][-1:] == [300], 15, "1..8, 200..205 and 300")
+            time.sleep(0.2)
+        finally:
+            log.stop()
+    finally:
+        line.close()
+    assert [r["id"] for r in plc.received] == [*range(1, 9), *range(200, 206), 300]
+    assert not log.events("backlog_skipped")
+    assert measured[0]["event"] == "plc_behind" and measured[0]["behind"] == 14, measured
+    gaps = log.events("gap")
+    assert [(g["first"], g["last"]) for g in gaps] == [(9, 199), (206, 299)], gaps
+    assert log.events("bridge_stopped")[0]["sequence_gaps"] == 191 + 94
+
+
+def test_a_journal_read_that_fails_counts_what_it_could_not_read_as_backlog(plc, daemon, tmp_path):
+    """The PLC holds its ack of 1 with 2..5 queued, and the journal's segment after 5 cannot be read (an I/O error,
+    here a directory in its place) when 300 comes live. Whether 6..299 are results waiting or seqs that never existed,
+    only the journal could say: counted as results, 299 are past max_backlog (20) and the bridge skips to 300, rather
+    than hand 2..5 over as if nothing more were owed. (300 is published without being journalled, so a read that did
+    not fail would not find it either: the bridge takes both the same way.)"""
+    config = tmp_path / "bridge.yaml"
+    config.write_text(BACKLOG_CONFIG)
+    line = Line(daemon, tmp_path / "journal")
+    try:
+        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(tmp_path / "journal"))))
+        try:
+            plc.acking.clear()
+            line(1)
+            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
+            for seq in range(2, 6):
+                line(seq)
+            (tmp_path / "journal" / CAMERA / "000000000006.seg").mkdir()
+            daemon.pub.send_multipart(daemon.encode(300))  # live only: the read fails at the segment in its way
+            wait(lambda: log.events("backlog_skipped"), 10, "the skip at 300")
+            plc.acking.set()
+            wait(lambda: [r["id"] for r in plc.received][-1:] == [300], 15, "the newest result")
+            time.sleep(0.2)
+        finally:
+            log.stop()
+    finally:
+        line.close()
+    assert [r["id"] for r in plc.received] == [1, 300]
+    skipped = log.events("backlog_skipped")
+    assert [(e["first"], e["last"]) for e in skipped] == [(2, 299)], skipped
+    assert log.events("bridge_stopped")[0]["sequence_gaps"] == 298
+
+
+@pytest.mark.parametrize("ack, renumbered", [(4000, True), (200, False)])
+def test_a_resume_point_past_the_journals_reservation_alarms_at_start_on_a_quiet_line(
+    plc, daemon, tmp_path, bridge_config, ack, renumbered
+):
+    """The journal holds 0..5 and has reserved the numbering up to 256: the daemon fsyncs that mark before it gives out
+    any seq past it, so a power cut's lost tail lies at or below it too. An ack of 4000 lies past it: the daemon's
+    numbering restarted, and the PLC hears so at start (a warning and the alarm), not only at the first part on a line
+    that may stay quiet for hours. The first result still says where to resume, without latching the alarm again once
+    the PLC reset it. An ack of 200 may be a power cut's: info at start, and the first result decides (the alarm)."""
+    state = recorded_ack(tmp_path, ack)
+    line = Line(daemon, tmp_path / "journal")
+    try:
+        for seq in range(6):
+            line.journal.mark_accepted(CAMERA, seq)  # as the daemon's ingest does before it queues the frame
+            line(seq, publish=False)
+        extra = ("--journal", str(tmp_path / "journal"), "--state-dir", str(state))
+        log = LogLines(Bridge(daemon, plc, bridge_config, extra=extra))
+        try:
+            past = log.events("resume_past_journal")
+            assert len(past) == 1 and past[0]["level"] == ("warning" if renumbered else "info"), past
+            assert past[0]["journal_reserved"] == 256 and past[0]["journal_newest"] == 5, past
+            assert bool(plc.field("status") & BIT["alarm"]) == renumbered
+            if renumbered:
+                plc.write("alarm_reset", 1)
+                wait(lambda: not plc.field("status") & BIT["alarm"], 5, "the alarm to clear after alarm_reset")
+            line(6)
+            wait(lambda: [r["id"] for r in plc.received] == [6], 10, "6 handed over")
+            time.sleep(0.2)
+            assert bool(plc.field("status") & BIT["alarm"]) is not renumbered
+        finally:
+            log.stop()
+    finally:
+        line.close()
+    warned = log.events("resume_ahead_of_daemon")
+    assert len(warned) == 1 and warned[0]["seq"] == 6 and warned[0]["resume_after"] == ack, warned
+    assert log.events("bridge_stopped")[0]["sequence_gaps"] == 0
+
+
+def test_a_journal_the_daemon_no_longer_writes_is_told_at_the_first_live_result(plc, daemon, tmp_path, bridge_config):
+    """The daemon's journal moved (publish.journal.path changed, the old directory left behind) and --journal still
+    names the old one, which ends at 5 while the daemon publishes 500 on. It journals each result before it publishes
+    it, so one warning says this is not the journal it writes: no hole can be filled from it."""
+    line = Line(daemon, tmp_path / "journal")
+    try:
+        for seq in range(6):
+            line(seq, publish=False)
+        log = LogLines(Bridge(daemon, plc, bridge_config, extra=("--journal", str(tmp_path / "journal"))))
+        try:
+            for seq in (500, 501, 502):
+                daemon.result(seq)
+            wait(lambda: [r["id"] for r in plc.received] == [500, 501, 502], 10, "500..502 live")
+        finally:
+            log.stop()
+    finally:
+        line.close()
+    told = log.events("journal_not_current")
+    assert len(told) == 1 and told[0]["level"] == "warning", told
+    assert told[0]["camera"] == CAMERA and told[0]["seq"] == 500 and told[0]["journal_newest"] == 5, told
+    assert told[0]["journal"] == str(tmp_path / "journal")
+
+
+class Block:
+    """A PLC's register block as values in memory, for driving a Feeder without a bridge process: it acknowledges
+    each result at once while `acking`, and never otherwise."""
+
+    def __init__(self) -> None:
+        self.values = {"inspection_id": 0, "heartbeat": 0, "alarm": 0, "alarm_reset": 0}
+        self.acking = True
+
+    async def read(self, name: str) -> int:
+        if name == "ack":
+            return self.values["inspection_id"] if self.acking else 0
+        return self.values[name]
+
+    async def write(self, fields: dict, last: str | None = None) -> None:
+        self.values.update({name: value for name, value in fields.items() if name in self.values})
+
+
+def reads_of_journal(daemon, journal_dir: Path, max_backlog: int | None, live, acking: bool = True):
+    """Drive a Feeder as the bridge does (each of `live` journalled, then heard live; the handshake's run handing
+    over what it can in between) and return the bounded journal reads it made, each (after, most, whether on the
+    event loop's thread), with the Feeder and the handshake."""
+    from inspectd.clients.bridge import Feeder, Router
+    from inspectd.clients.handshake import Handshake, HandshakeSettings
+    from inspectd.clients.subscribe import JournalCatchUp
+    from inspectd.protocol.messages import decode
+
+    reads: list[tuple[int, int, bool]] = []
+
+    class Reads(JournalCatchUp):
+        def journalled(self, camera: str, after: int, most: int) -> list[int]:
+            reads.append((after, most, threading.get_ident() == loop_thread))
+            return super().journalled(camera, after, most)
+
+    line = Line(daemon, journal_dir)
+    loop_thread = threading.get_ident()  # asyncio.run's loop runs on this thread
+
+    async def feed():
+        target = Block()
+        target.acking = acking
+        settings = HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=4, max_backlog=max_backlog)
+        handshake = Handshake(target, settings, CAMERA)
+        await handshake.start()
+        feeder = Feeder(Reads(journal_dir, f"inspect.{STATION}.{CAMERA}.", [CAMERA]), Router([handshake]))
+        handshake.room = feeder.room
+        stop = asyncio.Event()
+        running = asyncio.ensure_future(handshake.run(stop))
+        for seq in live:
+            frames = daemon.encode(seq)
+            line.journal.append(CAMERA, seq, frames)
+            await feeder.live(decode(frames))
+            # A PLC that keeps up has taken each result before the next comes; one that holds its ack, the first.
+            while handshake.last_id is None or acking and (handshake.last_id, handshake.waiting_for) != (seq, None):
+                await asyncio.sleep(0.001)
+        stop.set()
+        handshake.cut_short()
+        await asyncio.gather(running, return_exceptions=True)
+        return feeder, handshake
+
+    try:
+        feeder, handshake = asyncio.run(feed())
+    finally:
+        line.close()
+    return reads, feeder, handshake
+
+
+@pytest.mark.parametrize("max_backlog", [None, 20])
+def test_a_plc_that_keeps_up_costs_no_journal_read_at_the_jumps_of_dropped_frames(daemon, tmp_path, max_backlog):
+    """An overloaded daemon dropping frames (queue policy drop_oldest) makes a jump in the live stream of each: seqs
+    that were never journalled. With the PLC keeping up, no count in seqs comes near a queue or max_backlog, so
+    nothing hangs on which of them the journal holds, and the Feeder reads nothing for it (the hole fill's own read
+    aside)."""
+    live = [1, 2, 4, 5, 8, 9, 10, 12, 15, 16, 17, 19, 22]
+    reads, feeder, handshake = reads_of_journal(daemon, tmp_path / "journal", max_backlog, live)
+    assert handshake.last_id == 22 and handshake.counters.sequence_gaps == 9
+    assert reads == [] and not feeder.skipped and not feeder.behind
+
+
+def test_a_jump_the_backlog_decision_hangs_on_is_read_once_off_the_event_loop(daemon, tmp_path):
+    """The PLC holds 1 with 2..5 queued and 300 comes (6..299 never existed): 299 behind in seqs, past max_backlog
+    (20), so the Feeder reads the journal once, on a worker thread (a journal read parses its segment from the start:
+    the event loop would neither beat the heartbeat nor poll acks meanwhile), bounded by what the decision needs (17
+    records: 4 wait already), learns 6..299 are not in it and skips nothing; 301 after it reads nothing more."""
+    reads, feeder, handshake = reads_of_journal(daemon, tmp_path / "journal", 20, [1, 2, 3, 4, 5, 300, 301], False)
+    assert reads == [(5, 17, False)]
+    assert feeder.unjournalled[CAMERA] == [(6, 299)] and not feeder.skipped and feeder.behind == {CAMERA}
+    assert [result.seq for result in handshake.queue] == [2, 3, 4, 5]
+
+
+def test_a_restart_skips_past_its_resume_point_when_the_line_starts_while_the_journal_is_read(daemon, tmp_path):
+    """After a power cut the recorded ack (8) is past the journal's newest (5: its tail was lost) and the line starts
+    while the bridge measures its replay: 20..22 are journalled between its read of the journal's newest and its read
+    of the records after 8, more than max_backlog (2). The skip goes to the newest record it read (22), never back to
+    the newest read before (5): that would hand 5 over again, a verdict the PLC consumed long ago."""
+    from inspectd.clients.bridge import Feeder, Router
+    from inspectd.clients.handshake import Handshake, HandshakeSettings
+    from inspectd.clients.subscribe import JournalCatchUp
+
+    journal_dir = tmp_path / "journal"
+    line = Line(daemon, journal_dir)
+
+    class LineStarts(JournalCatchUp):
+        def journalled(self, camera: str, after: int, most: int) -> list[int]:
+            for seq in (20, 21, 22):  # after the newest was read: the resume measures its replay with one read
+                line(seq, publish=False)
+            return super().journalled(camera, after, most)
+
+    async def restart():
+        handshake = Handshake(Block(), HandshakeSettings(queue_size=4, max_backlog=2), CAMERA)
+        await handshake.start(8)
+        feeder = Feeder(LineStarts(journal_dir, f"inspect.{STATION}.{CAMERA}.", [CAMERA]), Router([handshake]))
+        await feeder.resume({CAMERA: 8})
+        return feeder, handshake
+
+    try:
+        for seq in range(1, 6):
+            line(seq, publish=False)
+        with structlog.testing.capture_logs() as logs:
+            feeder, handshake = asyncio.run(restart())
+    finally:
+        line.close()
+    skipped = [entry for entry in logs if entry["event"] == "backlog_skipped"]
+    assert [(entry["first"], entry["last"]) for entry in skipped] == [(9, 21)], skipped
+    assert feeder.skipped[CAMERA] == 21 and feeder.examined[CAMERA] == 22
+    assert [result.seq for result in handshake.queue] == [22] and handshake.last_id == 8 and not handshake.alarm
+
+
+def test_a_slow_journal_read_is_not_the_daemons_silence(daemon, tmp_path, monkeypatch):
+    """While the bridge waits on its own journal read (here the check of the first live result against the journal,
+    held up as a slow disk would) it receives nothing, and the daemon's status messages wait on the socket: that is
+    no silence of the daemon's, and trigger_ready stays up through many times DAEMON_SILENT_S (shortened here, with
+    the heartbeat, so that takes a fraction of a second)."""
+    import argparse
+
+    from inspectd.clients import bridge
+    from inspectd.clients.handshake import Handshake, HandshakeSettings
+
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_newest(directory: Path, camera: str) -> int | None:
+        reading.set()
+        release.wait(10)
+        return 1
+
+    monkeypatch.setattr(bridge, "DAEMON_SILENT_S", 0.1)
+    monkeypatch.setattr(bridge, "SETTLE_S", 0.05)
+    monkeypatch.setattr(bridge, "_journal_newest", slow_newest)
+
+    class Watched(Block):
+        def __init__(self) -> None:
+            super().__init__()
+            self.statuses: list[frozenset] = []
+            self.beats = 0
+
+        async def write(self, fields: dict, last: str | None = None) -> None:
+            await super().write(fields, last)
+            self.statuses += [fields["status"]] if "status" in fields else []
+            self.beats += "heartbeat" in fields
+
+    async def run() -> tuple[list[frozenset], Watched]:
+        target = Watched()
+        settings = HandshakeSettings(ack_timeout_ms=5000, poll_ms=1, heartbeat_ms=20)
+        handshake = Handshake(target, settings, CAMERA)
+        await handshake.start()
+        args = argparse.Namespace(topic=f"inspect.{STATION}.{CAMERA}.", journal=tmp_path, endpoint=daemon.endpoint)
+        running = asyncio.ensure_future(bridge._bridge([handshake], settings, args, None, bridge.AckedState(None), {}))
+
+        async def until(predicate, what: str) -> None:
+            deadline = time.monotonic() + 10
+            while not predicate():
+                assert time.monotonic() < deadline and not running.done(), f"waiting for {what}"
+                daemon.status()  # the daemon's 1 Hz status, much faster
+                await asyncio.sleep(0.01)
+
+        await until(lambda: target.statuses and "trigger_ready" in target.statuses[-1], "trigger_ready")
+        daemon.result(1)
+        await until(reading.is_set, "the journal read at the first live result")
+        shown, beats = len(target.statuses), target.beats
+        await until(lambda: target.beats >= beats + 15, "heartbeats over three times DAEMON_SILENT_S")
+        during = target.statuses[shown:]
+        release.set()
+        await until(lambda: target.values["inspection_id"] == 1, "result 1 handed over")
+        assert not running.done()  # its handler is installed: the signal cannot reach the test process's default
+        signal.raise_signal(signal.SIGTERM)  # a clean stop
+        assert await running == 0
+        return during, target
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        during, target = asyncio.run(run())
+    finally:
+        release.set()
+        signal.signal(signal.SIGTERM, handler)
+    assert all("trigger_ready" in status for status in during), during
+
+
 def test_a_second_bridge_on_the_same_state_dir_is_refused_with_one_line(plc, daemon, bridge_config, tmp_path):
     """Two bridges on one --state-dir each rewrite acked.json from their own memory (undoing the other's acks) and can
     rename each other's half-written temporary file into place. The second is refused before it touches its PLC;
@@ -1280,7 +1608,7 @@ def test_seqs_past_32_bits_are_handed_over_wrapped_and_resumed_in_full(plc, daem
         events = bridge.stop()
     assert [r["id"] for r in plc.received] == [top - 2, top - 1, 0, 1]
     stopped = events["bridge_stopped"]
-    assert stopped["acked"] == 4 and stopped["stale_skipped"] == 0 and stopped["sequence_gaps"] == 0, stopped
+    assert stopped["acked"] == 4 and stopped["sequence_gaps"] == 0, stopped
     assert not plc.field("status") & BIT["alarm"]
     assert json.loads((state / "acked.json").read_text())["acked"][CAMERA] == top + 1
 
@@ -1297,7 +1625,7 @@ def test_seqs_past_32_bits_are_handed_over_wrapped_and_resumed_in_full(plc, daem
         events = bridge.stop()
     assert [r["id"] for r in plc.received][4:] == [2, 3]
     stopped = events["bridge_stopped"]
-    assert stopped["stale_skipped"] == 0 and stopped["sequence_gaps"] == 0, stopped
+    assert stopped["sequence_gaps"] == 0, stopped
     assert not plc.field("status") & BIT["alarm"]
 
 

@@ -139,7 +139,7 @@ def test_a_plc_id_placed_against_the_first_result_stands_for_a_seq_before_it(mod
     if modulus < ID_MODULUS:
         assert handshake.last_id == first - modulus
     asyncio.run(handshake._hand_over(handshake.queue.popleft()))
-    assert handshake.last_id == first and handshake.counters.written == 1 and handshake.counters.stale_skipped == 0
+    assert handshake.last_id == first and handshake.counters.written == 1
     assert handshake.target.values["inspection_id"] == first  # type: ignore[attr-defined]
     assert handshake.counters.sequence_gaps == (modulus - 1 if modulus < ID_MODULUS else 0)
     assert handshake.alarm
@@ -415,6 +415,106 @@ def test_an_alarm_latched_after_the_plc_asked_for_a_reset_stays_until_the_plc_re
         return held, "alarm" in plc.status or handshake.alarm, written_back
 
     assert asyncio.run(reset()) == (kept, False, [0, 0])
+
+
+def test_an_alarm_counted_before_the_plc_is_shown_its_cause_stays_through_a_reset_written_meanwhile():
+    """A seq that goes back latches the alarm when its result is offered, but the PLC is shown that cause only by the
+    next status write after it: here, with no result on the PLC, the hand-over of that result (in a running bridge
+    usually the falling edge after the ack of the result on the PLC). With the alarm up already (an earlier gap),
+    nothing the PLC holds changes meanwhile, so a reset it writes then is for the gap alone and must not clear the new
+    cause; once the result is on the PLC, the next reset clears it."""
+
+    async def reset() -> list[bool]:
+        plc = Memory(ID_MODULUS)
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=20), "cam0")
+        await handshake.start()
+        await hand_over(handshake, result(1), result(3))  # 2 missing: the alarm the PLC sees
+        await tick(handshake, 1)  # alarm_reset reads 0: a request from now on comes after the gap was shown
+        handshake.offer(result(2))  # the numbering went back: latched now, on the PLC with result 2
+        statuses = len(plc.statuses)
+        await tick(handshake, 2)  # the alarm is up already: no status written, and alarm_reset reads 0
+        assert len(plc.statuses) == statuses and handshake.queue
+        plc.values["alarm_reset"] = 1  # the PLC resets the alarm it saw
+        await tick(handshake, 3)
+        kept = ["alarm" in plc.status and handshake.alarm]
+        assert plc.values["alarm_reset"] == 0  # written back either way
+        await hand_over(handshake)  # result 2 goes over: the cause is shown
+        await tick(handshake, 4)
+        plc.values["alarm_reset"] = 1
+        await tick(handshake, 5)
+        kept.append("alarm" in plc.status or handshake.alarm)
+        return kept
+
+    assert asyncio.run(reset()) == [True, False]
+
+
+@pytest.mark.parametrize(
+    "acked, newest, reserved, renumbered",
+    [
+        (4000, 5, 256, True),  # past the reservation: no seq of the daemon's numbering is that high
+        (4000, None, 256, True),  # a journal with no record of the camera yet, its reservation made
+        (200, 5, 256, False),  # within it: the journal may have lost its tail in a power cut
+        (4000, 5, None, False),  # no reservation mark (an older daemon): only the first result can tell
+        (4000, None, None, False),
+    ],
+)
+def test_a_resume_point_past_the_journals_reservation_is_a_renumbering_told_at_start(
+    acked, newest, reserved, renumbered
+):
+    """The daemon fsyncs each camera's reservation before it gives out a seq past it, so every seq of its numbering
+    lies at or below it, those a power cut took from the journal too: a resume point past it is not this numbering's,
+    and a line that stays quiet hears so at start (a warning, the alarm), not at its first part. That first result
+    still says where to resume (after the recorded ack where that lies before it, else just before it), and names its
+    seq, without latching the alarm again. Otherwise the start says it is past the journal (info) and waits."""
+    logged: list[tuple[str, dict]] = []
+
+    async def restart() -> tuple[Handshake, bool]:
+        handshake = Handshake(
+            Memory(ID_MODULUS), HandshakeSettings(), "cam0", log=lambda event, **kw: logged.append((event, kw))
+        )
+        await handshake.start(acked, lambda: newest, lambda: reserved)
+        alarm_at_start = "alarm" in handshake.target.status  # type: ignore[attr-defined]
+        handshake.target.values["alarm_reset"] = 1  # type: ignore[attr-defined]
+        await tick(handshake, 1)  # the PLC resets what it was shown
+        await hand_over(handshake, result(6))
+        return handshake, alarm_at_start
+
+    handshake, alarm_at_start = asyncio.run(restart())
+    past = events(logged, "resume_past_journal")
+    assert len(past) == 1 and past[0]["level"] == ("warning" if renumbered else "info"), logged
+    assert past[0]["journal_newest"] == newest and past[0]["journal_reserved"] == reserved
+    assert past[0]["resume_after"] == acked and alarm_at_start == renumbered
+    warned = events(logged, "resume_ahead_of_daemon")
+    assert len(warned) == 1 and warned[0]["seq"] == 6 and warned[0]["level"] == "warning", logged
+    assert handshake.last_id == 6 and handshake.counters.sequence_gaps == 0
+    assert handshake.alarm is not renumbered  # latched once for the one renumbering: at start, or at the result
+
+
+@pytest.mark.parametrize("acked", [4000, 280])
+def test_a_reservation_mark_behind_the_journals_newest_record_raises_no_alarm_at_start(acked):
+    """The journal holds 300 while its reservation mark says 256: a working reservation never lets a seq past the mark
+    be given out, so the mark is stale (its write failed while appends went on, or a daemon too old to keep it ran)
+    and says nothing. A resume point past both (4000) is only past the journal, as without a mark: info, no alarm; one
+    between the mark and the journal's newest (280) is within the journal: nothing to say at start."""
+    logged: list[tuple[str, dict]] = []
+
+    async def restart() -> Handshake:
+        handshake = Handshake(
+            Memory(ID_MODULUS), HandshakeSettings(), "cam0", log=lambda event, **kw: logged.append((event, kw))
+        )
+        await handshake.start(acked, lambda: 300, lambda: 256)
+        return handshake
+
+    handshake = asyncio.run(restart())
+    assert handshake.last_id == acked and not handshake.alarm
+    assert "alarm" not in handshake.target.status  # type: ignore[attr-defined]
+    assert not [kw for _, kw in logged if kw.get("level") == "warning"], logged
+    past = events(logged, "resume_past_journal")
+    if acked > 300:
+        assert len(past) == 1 and past[0]["level"] == "info" and past[0]["journal_reserved"] == 256, logged
+        assert "behind the journal's newest record" in past[0]["effect"]
+    else:
+        assert not past, logged
 
 
 @pytest.mark.parametrize("resume_ahead", [False, True])

@@ -304,13 +304,32 @@ class AckedState:
 
 def _journal_newest(directory: Path, camera: str) -> int | None:
     """The last seq the daemon journalled for `camera`, None without a record of it: what a PLC's id is placed
-    against at start (Handshake.place), and how far behind a replay starts (Feeder.resume)."""
+    against at start (Handshake.place), how far behind a replay starts (Feeder.resume), and whether the journal is
+    the one the daemon writes (Feeder.live)."""
     from inspectd.protocol import journal
 
     try:
         return journal.newest_seq(directory, camera)
     except (InspectdError, OSError):
         return None  # placed against the first live result instead; the replay reports the journal's trouble
+
+
+def _journal_reserved(directory: Path, camera: str) -> int | None:
+    """The seq up to which the daemon's journal reserved `camera`'s numbering (its reservation mark, fsynced before
+    any seq past it is given out), None when there is none or it cannot be read."""
+    from inspectd.protocol import journal
+
+    try:
+        journal.check_camera(camera)
+        mark = (directory / camera / journal.RESERVED_MARK).read_bytes()
+    except (InspectdError, OSError):
+        return None
+    return journal.ACCEPTED.unpack(mark)[0] if len(mark) == journal.ACCEPTED.size else None
+
+
+def _overlap(stretches: list[tuple[int, int]], first: int, last: int) -> int:
+    """How many seqs from `first` to `last` the disjoint (first, last) `stretches` hold."""
+    return sum(max(0, min(end, last) - max(begin, first) + 1) for begin, end in stretches)
 
 
 class Feeder:
@@ -324,10 +343,14 @@ class Feeder:
 
     With a journal a PLC slower than the line falls behind: more than a queue behind is logged (`plc_behind`, once
     until it is back within half a queue), and more than `max_backlog` makes the bridge skip to the newest result
-    (`backlog_skipped`; the handshake counts the jump as a gap and latches the alarm). Behind is counted in results
-    that can still reach the PLC: seqs known not to be in the journal (a daemon crash or reboot numbered on past them,
-    a stretch rotated away) are no backlog. They are learnt from the records a restart's replay is measured by, and at
-    each jump in the live stream from one bounded journal read, and forgotten once the PLC is past them."""
+    (`backlog_skipped`; the handshake counts the jump as a gap and latches the alarm). With `max_backlog` set, behind
+    is counted in results that can still reach the PLC: seqs known not to be in the journal (a daemon crash or reboot
+    numbered on past them, a stretch rotated away) are no backlog. They are learnt from the records a restart's replay
+    is measured by, and, past a jump in the live stream, from one bounded journal read when the count in seqs would
+    skip or change what is logged; forgotten once the PLC is past them. A read that fails, or does not hold the live
+    result the daemon journalled before publishing it, learns nothing: those seqs count. Without `max_backlog` the
+    journal is not read for it, and behind counts seqs. Every such read is made off the event loop, and awaited: the
+    bridge takes in nothing after the result it is for until it is done."""
 
     def __init__(self, catch_up: JournalCatchUp, router: Router) -> None:
         self.catch_up = catch_up
@@ -341,9 +364,12 @@ class Feeder:
         self.since: dict[str, int] = {}  # camera -> where its replay resumed (the handshake's resume point)
         self.went_live: set[str] = set()  # cameras whose first live result came
         self.unjournalled: dict[str, list[tuple[int, int]]] = {}  # camera -> stretches (first, last) not in the journal
-        self.examined: dict[str, int] = {}  # camera -> how far the journal's holes are known (`unjournalled`)
+        # camera -> how far the journal's holes are known (`unjournalled`): past a jump in the live stream they are
+        # not, until a read says (or the PLC has taken what lies before)
+        self.examined: dict[str, int] = {}
+        self.numbering: dict[str, int] = {}  # camera -> numberings seen go back: a read made in an older one is void
 
-    def resume(self, since: dict[str, int]) -> None:
+    async def resume(self, since: dict[str, int]) -> None:
         for camera, seq in since.items():
             self.heard.add(camera)
             self.since[camera] = seq
@@ -352,21 +378,27 @@ class Feeder:
             after = seq
             handshake = self.router.handshake(camera)
             limit = None if handshake is None else handshake.settings.max_backlog
-            if limit is not None and self.catch_up.directory is not None:
+            directory = self.catch_up.directory
+            if limit is not None and directory is not None:
                 # A replay longer than max_backlog (a restart after a long stop, on a line that may stay quiet) is
                 # skipped like any backlog: the PLC gets the newest journalled result, the jump is its gap.
                 # Counted in journal records, not seqs: seqs that never existed (a daemon crash or reboot numbered
-                # on past them) are no backlog; the replay reports them as a gap with its reason.
-                held = self.catch_up.journalled(camera, seq, limit + 1)
-                if len(held) <= limit:
+                # on past them) are no backlog; the replay reports them as a gap with its reason. The newest first:
+                # a read that stops short of it failed, and what it did not reach counts in seqs.
+                newest = await asyncio.to_thread(_journal_newest, directory, camera)
+                held = await asyncio.to_thread(self.catch_up.journalled, camera, seq, limit + 1)
+                whole = newest is None or newest <= seq or (bool(held) and held[-1] >= newest)
+                if len(held) <= limit and whole:
                     # The whole replay: the holes between its records stay no backlog when live results come.
                     self._learn(camera, seq, held)
-                else:
-                    newest = _journal_newest(self.catch_up.directory, camera)
-                    if newest is not None:
-                        self._skipped(camera, seq, newest, limit)
-                        after = newest - 1
-                        self.examined[camera] = newest
+                elif len(held) > limit or (newest is not None and newest - seq > limit):
+                    # `newest` was read before `held`, which may hold records appended since: a newest at or below
+                    # the resume point (a power cut's lost tail, a quiet line) would replay what the PLC has.
+                    target = max(held[-1] if held else seq, -1 if newest is None else newest)
+                    assert target > seq
+                    self._skipped(camera, seq, target, limit)
+                    after = target - 1
+                    self.examined[camera] = target
             self.pending[camera] = self._counted(camera, after, self.catch_up.resume({camera: after}))
             self.pump(camera)
 
@@ -378,7 +410,7 @@ class Feeder:
             yield result
         log.info("journal_caught_up", camera=camera, after=after, results=count)
 
-    def live(self, result: Result) -> None:
+    async def live(self, result: Result) -> None:
         camera = result.camera
         if camera not in self.heard:
             # Where a camera resumes may be known only now: a slot without a camera binds to the first one heard, and
@@ -389,9 +421,11 @@ class Feeder:
                 # Before this result: the PLC cannot hold a seq published after the bridge subscribed.
                 handshake.place(None, result.seq - 1)
                 if self.catch_up.directory is not None and handshake.last_id is not None:
-                    self.resume({camera: handshake.last_id})
+                    await self.resume({camera: handshake.last_id})
         if camera not in self.went_live:
             self.went_live.add(camera)
+            if self.catch_up.directory is not None and self.router.handshake(camera) is not None:
+                await self._check_journal(camera, result.seq)
             resumed = self.since.get(camera)
             if resumed is not None and result.seq <= resumed:
                 # The daemon publishes each seq once, and this one after the bridge subscribed: this numbering is not
@@ -404,34 +438,51 @@ class Feeder:
                 after = result.seq - 1 if handshake is None else handshake.rebase(result.seq)
                 self.catch_up.renumbered(camera, after + 1)
         if self.catch_up.directory is not None:
-            self._watch_backlog(camera, result.seq)
+            await self._watch_backlog(camera, result.seq)
         self.newest[camera] = result
         self.pump(camera)
 
-    def _watch_backlog(self, camera: str, seq: int) -> None:
+    async def _check_journal(self, camera: str, seq: int) -> None:
+        """`seq`, the first live result of `camera`, is in the journal the daemon writes: it journals each result
+        before it publishes it. A --journal that lacks it is not that journal (the daemon's moved, or another
+        daemon's) or one whose writes fail; holes are not filled from it, which only its gap lines would say."""
+        assert self.catch_up.directory is not None
+        newest = await asyncio.to_thread(_journal_newest, self.catch_up.directory, camera)
+        if newest is None or newest < seq:
+            log.warning(
+                "journal_not_current",
+                journal=str(self.catch_up.directory),
+                camera=camera,
+                seq=seq,
+                journal_newest=newest,
+                effect="the daemon journals each result before publishing it, so this is not the journal it writes "
+                "(point --journal at its publish.journal.path) or its writes fail (a full disk): holes in the live "
+                "stream are not filled from it",
+            )
+
+    async def _watch_backlog(self, camera: str, seq: int) -> None:
         handshake = self.router.handshake(camera)
         if handshake is None:
             return
         settings = handshake.settings
         examined = self.examined.get(camera)
-        if examined is not None and seq > examined + 1 and settings.max_backlog is not None:
-            # A jump in the live stream: results lost on the way (in the journal, so backlog) or seqs that never
-            # existed (a daemon crash or reboot numbered on past them), which the hole fill reports as a gap with its
-            # reason. One bounded read per jump tells them apart (one per live result would cost too much): what lies
-            # before the first record the journal holds after the last seq known is not in it. Only where a skip
-            # hangs on the count: without max_backlog it feeds no more than the plc_behind warning, and an
-            # overloaded daemon dropping frames makes a jump of each.
-            first = self.catch_up.journalled(camera, examined, 1)
-            self._learn(camera, examined, [min([*first, seq])])
-        self.examined[camera] = seq if examined is None else max(examined, seq)
+        if examined is None or seq == examined + 1:
+            self.examined[camera] = seq
+        # Past a jump (seq > examined + 1) what lies between is results lost on the way (in the journal, so backlog)
+        # or seqs that never existed (a daemon crash or reboot numbered on past them), which the hole fill reports as
+        # a gap with its reason: unknown until the journal is read.
         if handshake.last_id is None:
             return
-        handed = max(handshake.last_id, self.skipped.get(camera, 0))  # the last result handed over or given up
-        stretches = self.unjournalled.get(camera, [])
-        stretches[:] = [(first, last) for first, last in stretches if last > handed]
-        # Results waiting for the PLC, this one included; seqs the journal does not hold will never be among them.
-        behind = seq - handed - sum(max(0, min(last, seq) - max(first, handed + 1) + 1) for first, last in stretches)
         limit = settings.max_backlog
+        handed, behind = self._behind(camera, handshake, seq)
+        start = max(self.examined[camera], handed)
+        if limit is not None and seq > start + 1 and self._hangs_on(camera, behind, settings):
+            # Only where the count in seqs would skip or change what is logged: a jump of each frame an overloaded
+            # daemon drops, on a PLC that keeps up, reads nothing. Without max_backlog nothing is read at all: the
+            # count feeds the plc_behind warning alone.
+            if not await self._read_holes(camera, seq, handed, start, limit):
+                return  # the numbering went back meanwhile: the count was of the old one
+            handed, behind = self._behind(camera, handshake, seq)
         if limit is not None and behind > limit:
             self.pending.pop(camera, None)
             handshake.skip_queued(seq)
@@ -443,6 +494,43 @@ class Feeder:
         elif behind <= max(1, settings.queue_size // 2) and camera in self.behind:
             self.behind.discard(camera)
             log.info("plc_caught_up", camera=camera, behind=max(0, behind))
+
+    def _behind(self, camera: str, handshake, seq: int) -> tuple[int, int]:
+        """(the last result handed over or given up, how many results from it up to `seq` may still reach the PLC):
+        seqs known not to be in the journal are not counted, seqs not known either way are."""
+        handed = max(handshake.last_id, self.skipped.get(camera, 0))
+        stretches = self.unjournalled.get(camera, [])
+        stretches[:] = [(first, last) for first, last in stretches if last > handed]
+        return handed, seq - handed - _overlap(stretches, handed + 1, seq)
+
+    def _hangs_on(self, camera: str, behind: int, settings) -> bool:
+        """Whether seqs counted in `behind` that the journal may not hold could change what is decided or logged."""
+        if behind > settings.max_backlog:
+            return True
+        if camera in self.behind:
+            return behind > max(1, settings.queue_size // 2)
+        return behind > settings.queue_size
+
+    async def _read_holes(self, camera: str, seq: int, handed: int, start: int, limit: int) -> bool:
+        """Learn which seqs after `start` up to the live `seq` the journal holds, reading no more records than a skip
+        of more than `limit` after `handed` needs; False when `camera`'s numbering went back meanwhile."""
+        known = start - handed - _overlap(self.unjournalled.get(camera, []), handed + 1, start)
+        most = limit + 1 - known
+        if most <= 0:
+            return True  # more than max_backlog journalled results wait already
+        numbering = self.numbering.get(camera, 0)
+        held = await asyncio.to_thread(self.catch_up.journalled, camera, start, most)
+        if self.numbering.get(camera, 0) != numbering:
+            return False
+        if seq in held:
+            self._learn(camera, start, [each for each in held if each <= seq])
+        elif len(held) == most and held[-1] < seq:
+            self._learn(camera, start, held)  # more than max_backlog results wait: these holes are enough to say so
+        else:
+            # The live result is not in what the read found: it failed part way, or the journal is not being written
+            # (see _check_journal). What it did not reach counts in seqs, and is not read again.
+            self.examined[camera] = max(self.examined.get(camera, seq), seq)
+        return True
 
     def _learn(self, camera: str, after: int, held: list[int]) -> None:
         """`held`: seqs of `camera` the journal holds after `after`, in order, with nothing else in it between them:
@@ -465,6 +553,7 @@ class Feeder:
 
     def _renumbered(self, camera: str) -> None:
         """`camera`'s numbering went back: how far behind its PLC is was measured in the old one."""
+        self.numbering[camera] = self.numbering.get(camera, 0) + 1
         self.skipped.pop(camera, None)
         self.behind.discard(camera)
         self.unjournalled.pop(camera, None)
@@ -534,12 +623,14 @@ async def _serve(protocol, config, args: argparse.Namespace, curve, acked: Acked
         ]
         for handshake in handshakes:
             camera = handshake.camera
-            newest = (
-                None
-                if args.journal is None or camera is None
-                else functools.partial(_journal_newest, args.journal, camera)
+            if args.journal is None or camera is None:
+                await handshake.start(acked.get(camera))
+                continue
+            await handshake.start(
+                acked.get(camera),
+                functools.partial(_journal_newest, args.journal, camera),
+                functools.partial(_journal_reserved, args.journal, camera),
             )
-            await handshake.start(acked.get(camera), newest)
         return await _bridge(handshakes, config, args, curve, acked, protocol.describe(config, args))
     finally:
         try:
@@ -576,6 +667,7 @@ async def _bridge(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     last_heard = [-DAEMON_SILENT_S]
+    feeding = [False]  # a result is in Feeder.live, which may wait on a journal read
     healthy = [True]
     log.info(
         "bridge_started",
@@ -587,7 +679,7 @@ async def _bridge(
         **plc,
     )
 
-    def take(frames: list[bytes]) -> None:
+    async def take(frames: list[bytes]) -> None:
         last_heard[0] = time.monotonic()
         try:
             message = decode(frames)
@@ -595,7 +687,16 @@ async def _bridge(
             log.warning("message_refused", error=str(exc))
             return
         if isinstance(message, Result):
-            feeder.live(message)
+            # One message at a time: a journal read it waits for holds up the next. Whatever the daemon sends
+            # meanwhile waits on the socket, so that wait is the bridge's, not the daemon's silence: the tick takes
+            # the daemon as alive through it (dropping trigger_ready for a slow disk would stop the line), and its
+            # silence is counted from the end of it, the last message having come just before.
+            feeding[0] = True
+            try:
+                await feeder.live(message)
+            finally:
+                feeding[0] = False
+                last_heard[0] = time.monotonic()
         else:
             if message.get("healthy") is not None:
                 healthy[0] = bool(message["healthy"])
@@ -613,22 +714,22 @@ async def _bridge(
             h.camera: h.last_id for h in handshakes if h.camera is not None and h.last_id is not None and h.placed()
         }
         try:
-            feeder.resume(since)
+            await feeder.resume(since)
         except InspectdError as exc:
             log.warning("journal_unreadable", journal=str(args.journal), error=str(exc))
         log.info("journal_resume", journal=str(args.journal), after=since)
         if first is not None:
-            take(first)
+            await take(first)
 
     async def receive() -> None:
         while not stop.is_set():
-            take(await sub.recv_multipart())
+            await take(await sub.recv_multipart())
 
     async def tick() -> None:
         beat = 0
         while not stop.is_set():
             beat += 1
-            alive = time.monotonic() - last_heard[0] < DAEMON_SILENT_S
+            alive = feeding[0] or time.monotonic() - last_heard[0] < DAEMON_SILENT_S
             failure = watch.failure()  # read every beat: the events must not pile up
             failure = None if alive else failure
             if failure is not None and failure != refused[0]:

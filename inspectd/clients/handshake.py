@@ -28,7 +28,10 @@ every fsync_interval_s, so a power cut leaves the ack ahead of the journal's new
 and past the one the bridge writes after the recorded ack, with that ack within the journal, is decided at start
 (missed acks leave such an id too, so the ack does not say what the PLC took); otherwise the point is kept
 (`resume_past_journal`) and the first result decides: at or below it, the numbering is not the one resumed on; above
-it, the journal lost its tail, and what lies between is a gap like any other.
+it, the journal lost its tail, and what lies between is a gap like any other. A point past the journal's reservation
+mark as well (which every seq the daemon gave out in its numbering lies at or below, a power cut's lost tail too)
+is not this numbering's: that line is a warning and latches alarm at start, and the first result still decides
+where to resume.
 
 Id width: a target holds ids modulo 2**32, or modulo less (`id_modulus`, e.g. 2**15 for an S7 Int): what the PLC holds
 and echoes is the seq modulo that, so the ack is compared in that width, and the PLC's inspection id read at start
@@ -47,9 +50,10 @@ leaves the state out does not hold the bit down), daemon_unhealthy (its status m
 inspectd.daemon.drift; the bridge has no drift rule of its own), false_reject_warning (likewise
 cameras.<camera>.drift.false_reject_warning: the good frames' scores imply a false-reject rate well above the
 calibrated target) and alarm (latched by a missed ack, a gap, an overflow, a seq going back or a resume point ahead of
-the daemon; cleared when the PLC writes alarm_reset, except that an alarm latched since the bridge last read
-alarm_reset as 0, each heartbeat and once after a latch is written, stays set: the request may predate it, and the PLC
-must reset again). `follow_daemon` takes the daemon's flags and the camera's state from each status message.
+the daemon; cleared when the PLC writes alarm_reset, except that an alarm whose status write had not reached the PLC
+when the bridge last read alarm_reset as 0, each heartbeat and once after a status write shows a latch, stays set:
+the request may predate it, and the PLC must reset again). `follow_daemon` takes the daemon's flags and the camera's
+state from each status message.
 """
 
 from __future__ import annotations
@@ -144,7 +148,6 @@ class Counters:
     missed_acks: int = 0
     sequence_gaps: int = 0
     overflow_drops: int = 0
-    stale_skipped: int = 0  # nothing is skipped as stale any more: kept so bridge_stopped keeps its fields
     seq_backwards: int = 0
 
 
@@ -175,10 +178,14 @@ class Handshake:
         self.waiting_for: int | None = None  # the seq handed over whose ack is awaited
         self._cut = False  # the bridge is stopping and waits no longer for that ack
         self._alarm = False
-        # Alarm latches counted, and how many of them a reset request the PLC writes from now on covers: those
-        # latched before alarm_reset was last read (or written back) as 0.
+        # Alarm latches counted; how many of them a status write that has reached the PLC showed (a latch is counted
+        # when its cause is found, which may be before the write that shows it: a result offered, a status written in
+        # several requests); and how many of them a reset request the PLC writes from now on covers: those shown
+        # before alarm_reset was last read (or written back) as 0.
         self._latches = 0
+        self._latches_shown = 0
         self._latches_before_request = 0
+        self._renumbering_latched = False  # the start latched the alarm for a numbering the journal never reached
         self._reset_lock = asyncio.Lock()  # a read of alarm_reset must not fall between service's read and write-back
         self.daemon_alive = False
         self.daemon_healthy = True
@@ -204,11 +211,18 @@ class Handshake:
     def modulus(self) -> int:
         return min(int(getattr(self.target, "id_modulus", ID_MODULUS)), ID_MODULUS)
 
-    async def start(self, acked: int | None = None, newest: Callable[[], int | None] | None = None) -> None:
+    async def start(
+        self,
+        acked: int | None = None,
+        newest: Callable[[], int | None] | None = None,
+        reserved: Callable[[], int | None] | None = None,
+    ) -> None:
         """Adopt the PLC's last inspection id, or the last id it acknowledged as recorded outside it (`acked`),
         whichever is later (restart rule), and drop result_valid until a fresh result. `newest`: reads the last seq
         the daemon journalled for this camera (None when unknown), called off the event loop; a resume point past it
-        is decided at start only when the PLC's id alone is past it (`_past_journal`)."""
+        is decided at start only when the PLC's id alone is past it (`_past_journal`). `reserved`: reads the seq up to
+        which the daemon's journal has reserved this camera's numbering (None when unknown), likewise, and only for a
+        resume point past the journal: one past that too was never given out in this numbering."""
         plc_id = await self.target.read("inspection_id")
         # An id of 0 is no id (a fresh PLC, registers reset, a program or an operator that cleared it), as it always
         # was, except where a narrow id's residue 0 (every `modulus` seqs) has nothing else to place it by: no
@@ -225,8 +239,9 @@ class Handshake:
         # A latched alarm survives a bridge restart; not counted as a new latch, so a reset the PLC wrote meanwhile
         # clears it.
         self._alarm = bool(await self.target.read("alarm"))
-        if known is not None and self.last_id is not None and self.last_id > known:
-            self._past_journal(known)
+        if newest is not None and self.last_id is not None and (known is None or self.last_id > known):
+            mark = None if reserved is None else await asyncio.to_thread(reserved)
+            self._past_journal(known, mark)
         await self._write_status(force=True)
         await self._cover_latches()
         self.log(
@@ -303,7 +318,8 @@ class Handshake:
                 effect="handed over as a new numbering; alarm latched",
             )
         elif self.last_received is None and self.last_id is not None and result.seq <= self.last_id:
-            self._resume_ahead(self.rebase(result.seq), seq=result.seq)
+            # A renumbering the start latched the alarm for already: said again with the seq, latched once.
+            self._resume_ahead(self.rebase(result.seq), latch=not self._renumbering_latched, seq=result.seq)
         self.last_received = result.seq
         if len(self.queue) >= self.settings.queue_size:
             dropped = self.queue.popleft()
@@ -312,11 +328,12 @@ class Handshake:
         self.queue.append(result)
         self._arrived.set()
 
-    def _past_journal(self, known: int) -> None:
-        """The resume point is past `known`, the daemon's newest journalled seq at start."""
+    def _past_journal(self, known: int | None, reserved: int | None) -> None:
+        """Where the resume point lies past the daemon's journal at start: past `known`, its newest seq of this
+        camera (None: it holds none), with `reserved` its numbering's reservation mark (None: not known)."""
         acked = self._recorded_ack
         assert self.last_id is not None
-        if acked is not None and acked <= known and self.last_id > acked + 1:
+        if known is not None and acked is not None and acked <= known and self.last_id > acked + 1:
             # An id past both the journal and the one written after the ack. Missed acks leave one (the bridge moves
             # on and writes the next ids), so the ack does not say what the PLC took: resuming after it would hand
             # those results over again. After the journal's newest nothing is repeated; what lies beyond is
@@ -325,16 +342,36 @@ class Handshake:
             return
         # What is past the journal here is the ack, the id written after it, or an id with no ack to check it by;
         # the journal is fsynced less often than the state file (and the PLC keeps its id through the station's
-        # power cut), so a lost journal tail cannot be told from a renumbering until the daemon's next seq.
+        # power cut), so a lost journal tail alone cannot be told from a renumbering until the daemon's next seq.
+        # The reservation can: the daemon fsyncs it before it gives out any seq past it, so every seq of its
+        # numbering, the ones a power cut took from the journal too, lies at or below it. Past it the line hears of
+        # the renumbering now, not at its first part, which may be hours away; the first result still says where
+        # the new numbering resumes (or, from a --journal the daemon no longer writes, that it is not one).
+        # A working reservation never lets the journal hold a seq past it, so a newest record past the mark proves
+        # the mark stale (a reservation write that failed while appends went on, a daemon too old to keep it): it
+        # says nothing, and an alarm from it would stop a quiet line for a renumbering that never happened.
+        stale = reserved is not None and known is not None and known > reserved
+        renumbered = reserved is not None and not stale and self.last_id > reserved
+        if renumbered:
+            self.alarm = True
+            self._renumbering_latched = True
         self.log(
             "resume_past_journal",
+            level="warning" if renumbered else "info",
             camera=self.camera,
             inspection_id=self._plc_id,
             recorded_ack=acked,
             resume_after=self.last_id,
             journal_newest=known,
-            effect="resume point kept; the first result decides: above it, the journal lost its newest records (a "
-            "gap); at or below it, the daemon's numbering restarted (resume_ahead_of_daemon)",
+            journal_reserved=reserved,
+            effect=(
+                "past the journal's reservation too: the daemon's numbering restarted (or --journal is not the "
+                "journal it writes); alarm latched; resume point kept until the first result (resume_ahead_of_daemon)"
+                if renumbered
+                else "resume point kept; the first result decides: above it, the journal lost its newest records (a "
+                "gap); at or below it, the daemon's numbering restarted (resume_ahead_of_daemon)"
+                + ("; the reservation mark is behind the journal's newest record, so it says nothing" if stale else "")
+            ),
         )
 
     def rebase(self, seq: int) -> int:
@@ -343,9 +380,10 @@ class Handshake:
         acked = self._recorded_ack
         return acked if acked is not None and acked < seq else seq - 1
 
-    def _resume_ahead(self, after: int, **daemon: int) -> None:
+    def _resume_ahead(self, after: int, latch: bool = True, **daemon: int) -> None:
         """The resume point is past the daemon's numbering (`daemon` names the number that says so): resume after
-        `after` instead, with one warning and the alarm, rather than skip every result up to it."""
+        `after` instead, with one warning and the alarm (`latch`: not latched already for it), rather than skip every
+        result up to it."""
         if after == self._recorded_ack:
             cause = (
                 f"after the recorded ack {after}, which the daemon's numbering holds (the PLC's id past it is not "
@@ -361,9 +399,10 @@ class Handshake:
             recorded_ack=self._recorded_ack,
             resume_after=self.last_id,
             **daemon,
-            effect=f"resuming {cause}; alarm latched",
+            effect=f"resuming {cause}; alarm latched" + ("" if latch else " at start"),
         )
-        self.alarm = True
+        if latch:
+            self.alarm = True
         self.last_id = after
 
     def status(self) -> Status:
@@ -406,9 +445,15 @@ class Handshake:
 
     async def _write_status(self, force: bool = False) -> None:
         status = self.status()
+        latches = self._latches  # counted as the status is: one counted while the write is on its way is not in it
         if force or status != self.written_status:
             self.written_status = status
             await self.target.write({"status": status})
+            self._shown(latches)
+
+    def _shown(self, latches: int) -> None:
+        """A status write computed when `latches` had been counted reached the PLC."""
+        self._latches_shown = max(self._latches_shown, latches)
 
     async def set_status(
         self, *, daemon_alive: bool | None = None, daemon_healthy: bool | None = None, alarm: bool | None = None
@@ -452,6 +497,7 @@ class Handshake:
         self.last_id = seq
         self.showing = result.verdict
         self.written_status = self.status()
+        latches = self._latches
         await self.target.write(
             {
                 "status": self.written_status,
@@ -468,6 +514,7 @@ class Handshake:
             },
             last="status",
         )
+        self._shown(latches)
         await self._cover_latches()
         self.counters.written += 1
         self.waiting_for = seq
@@ -551,28 +598,31 @@ class Handshake:
         """After a latch's alarm and counters are written: alarm_reset reading 0 then means a request from now on
         comes after the latch and may clear it. Without this read only the next heartbeat's could say so, and a PLC
         resetting within a heartbeat of seeing an alarm would have to reset twice."""
-        if self._latches == self._latches_before_request:
+        if self._latches_shown == self._latches_before_request:
             return
         async with self._reset_lock:
-            # Taken before the read: a latch while it is answered may come after the PLC's sample.
-            latches = self._latches
+            # Taken before the read: a latch shown while it is answered may come after the PLC's sample.
+            shown = self._latches_shown
             if not await self.target.read("alarm_reset"):
-                self._latches_before_request = latches
+                self._latches_before_request = shown
 
     async def service(self, heartbeat: int) -> None:
         """Once per heartbeat period: heartbeat (the `heartbeat`th beat), and the PLC's alarm reset request."""
         await self.target.write({"heartbeat": self.heartbeat(heartbeat)})
         async with self._reset_lock:
-            latches = self._latches
+            # Only latches a status write has shown: one counted but not on the PLC yet (its result still queued, its
+            # status in a later request) is not covered by a request the PLC writes before it sees it.
+            shown = self._latches_shown
             if not await self.target.read("alarm_reset"):
-                self._latches_before_request = latches
+                self._latches_before_request = shown
                 return
+            shown = self._latches_shown
             await self.target.write({"alarm_reset": 0})
-            # The request was written at some point since alarm_reset last read 0, so a latch after that read (or
-            # while this poll awaited the PLC) may be one the PLC never saw: that alarm stays for the PLC to see and
-            # reset again.
+            # The request was written at some point since alarm_reset last read 0, so a latch not shown by that read
+            # (or counted while this poll awaited the PLC) may be one the PLC never saw: that alarm stays for the PLC
+            # to see and reset again.
             unseen = self._latches - self._latches_before_request
-            self._latches_before_request = self._latches
+            self._latches_before_request = shown
             if not unseen:
                 self.alarm = False  # here, with the count it was decided on: a latch after this stays
         if unseen:

@@ -11,8 +11,11 @@ Layout: `<dir>/<camera>/<first seq, 12 digits>.seg`, one active segment per came
     body = u16 frame count, then per frame: u32 length | bytes      (the multipart message exactly as published)
 
 so a record torn by a kill mid-write is recognised (short or bad CRC) and readers stop at it. Beside the segments each
-camera has an `accepted` mark: the seq most recently given to a frame (8 bytes, little-endian), and the directory
-holds a `clean` mark while no writer has it open.
+camera has an `accepted` mark: the seq most recently given to a frame (8 bytes, little-endian), and a `reserved` mark
+in the same form: the seq up to which its numbering may have been given out, fsynced before any seq past it is, so
+while its writes succeed every seq of the numbering lies at or below it (a PLC bridge checks its resume point against
+it at start). The directory holds a `clean` mark while no writer has it open, and a `boot` mark: the kernel's boot id
+at the last open.
 """
 
 from __future__ import annotations
