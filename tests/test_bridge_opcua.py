@@ -8,23 +8,32 @@ certificates made here.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import structlog.testing
 
 pytest.importorskip("asyncua", reason="the OPC UA bridge needs the [plc] extra (asyncua)")
+import asyncua  # noqa: E402
 from asyncua import ua  # noqa: E402
 from asyncua.sync import Client, Server  # noqa: E402
 
+from inspectd.clients import opcua_cache  # noqa: E402
 from inspectd.clients.opcua import NAMES, parse_opcua_config  # noqa: E402
+from inspectd.clients.opcua_cache import LOCK, MANIFEST, PREFIX, SHELF, Cache, Unusable, init_server, versions  # noqa: E402
 from inspectd.errors import ConfigError  # noqa: E402
 from plc_peers import CAMERA, STATION, Daemon, wait  # noqa: E402
 from ports import free_port  # noqa: E402
@@ -47,6 +56,7 @@ class Bridge:
         ready,
         topic: str = f"inspect.{STATION}.",
         exec_under: tuple[str, ...] = (),
+        up_s: float = 30,
     ) -> None:
         self.proc = subprocess.Popen(
             [*exec_under, sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint]
@@ -63,7 +73,14 @@ class Bridge:
             daemon.status()
             return ready()
 
-        wait(up, 30, "the bridge to come up and see the daemon (TriggerReady)", interval=0.1)
+        try:
+            wait(up, up_s, "the bridge to come up and see the daemon (TriggerReady)", interval=0.1)
+        except BaseException:
+            # A bridge left running would keep its cache directory's lock: every later bridge of this worker on the
+            # shared cache would build in memory, slower, and miss its own start timeout in turn.
+            self.proc.kill()
+            self.proc.communicate()
+            raise
 
     def stop(self) -> dict[str, dict]:
         self.proc.send_signal(signal.SIGTERM)
@@ -71,12 +88,15 @@ class Bridge:
         self.out = out
         assert self.proc.returncode == 0, out
         events = {}
-        for line in out.splitlines():
-            if line.startswith("{"):
-                event = json.loads(line)
-                events[event["event"]] = event
+        for event in self.events():
+            events[event["event"]] = event
         assert "bridge_stopped" in events, out
         return events
+
+    def events(self, name: str | None = None) -> list[dict]:
+        """The log lines of a stopped bridge, in order; only those of event `name` when given."""
+        events = [json.loads(line) for line in self.out.splitlines() if line.startswith("{")]
+        return [event for event in events if name is None or event["event"] == name]
 
 
 class PlcProgram:
@@ -176,10 +196,11 @@ def write_config(tmp_path: Path, text: str = "") -> Path:
     return path
 
 
-def server_bridge(daemon, tmp_path, port, extra=(), config_text="", exec_under=()):
+def server_bridge(daemon, tmp_path, port, extra=(), config_text="", exec_under=(), cache: Path | None = None):
+    """A server-mode bridge, up; its standard address space from `cache` (default: this test process's)."""
     url = f"opc.tcp://127.0.0.1:{port}/inspectd/"
     args = ["--config", str(write_config(tmp_path, config_text)), "--opcua", url]
-    args += ["--state-file", str(tmp_path / "state.json"), *extra]
+    args += ["--state-file", str(tmp_path / "state.json"), "--cache-dir", str(cache or ASPACE_CACHE[0]), *extra]
     probe: list[PlcClient] = []
 
     def ready():
@@ -191,7 +212,7 @@ def server_bridge(daemon, tmp_path, port, extra=(), config_text="", exec_under=(
             probe.clear()
             return False
 
-    bridge = Bridge(daemon, args, ready, exec_under=exec_under)
+    bridge = Bridge(daemon, args, ready, exec_under=exec_under, up_s=60)  # a start may build the cache
     probe[0].close()
     return bridge, url
 
@@ -231,7 +252,7 @@ def test_server_mode_hands_every_camera_its_results_and_survives_both_restarts(d
     finally:
         plc.close()
         events = bridge.stop()
-    assert events["bridge_stopped"]["written"] == 13 and events["bridge_stopped"]["stale_skipped"] == 0
+    assert events["bridge_stopped"]["written"] == 13
 
     # The bridge restarts: the state file holds the last ids (the PLC sees 7 again, ResultValid down) and the bridge
     # resumes after them. Result 8 is published while it is down (no journal here): the PLC never gets it, so 9 is a
@@ -251,7 +272,7 @@ def test_server_mode_hands_every_camera_its_results_and_survives_both_restarts(d
         plc.close()
         events = bridge.stop()
     stopped = events["bridge_stopped"]
-    assert stopped["written"] == 2 and stopped["stale_skipped"] == 0 and stopped["sequence_gaps"] == 1, stopped
+    assert stopped["written"] == 2 and stopped["sequence_gaps"] == 1, stopped
     assert "resume_ahead_of_daemon" not in events and "sequence_backwards" not in events, bridge.out
 
 
@@ -397,6 +418,363 @@ def test_a_second_server_bridge_on_the_same_state_file_is_refused_in_one_line(da
         bridge.stop()
 
 
+def what_a_client_sees(url: str) -> dict:
+    """What a PLC or MES on the bridge's server sees of the standard address space and of the bridge's own nodes
+    (their names, types and access; not their values, which the results change), less what changes by the second."""
+    plc = PlcClient(url)
+    try:
+        client = plc.client
+
+        def names(node) -> list[str]:
+            return sorted(child.read_browse_name().to_string() for child in node.get_children())
+
+        status = client.get_node(ua.ObjectIds.Server_ServerStatus).read_value()
+        build = status.BuildInfo
+        seen: dict = {
+            "namespaces": client.get_namespace_array(),
+            "servers": client.get_node(ua.ObjectIds.Server_ServerArray).read_value(),
+            "state": status.State,
+            "build": (build.ProductUri, build.ManufacturerName, build.ProductName, build.SoftwareVersion),
+            "objects": names(client.nodes.objects),
+            "server": names(client.get_node(ua.ObjectIds.Server)),
+            "types": names(client.nodes.base_data_type),
+            "limits": client.get_node(
+                ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead
+            ).read_value(),
+        }
+        for camera in CAMERAS:
+            folder = client.nodes.objects.get_child([f"{plc.index}:inspectd", f"{plc.index}:{camera}"])
+            seen[camera] = sorted(
+                (
+                    node.read_browse_name().to_string(),
+                    node.read_data_type().to_string(),
+                    node.read_attribute(ua.AttributeIds.AccessLevel).Value.Value,
+                )
+                for node in folder.get_children()
+            )
+    finally:
+        plc.close()
+    return seen
+
+
+def shelf_files(cache: Path) -> dict[str, tuple[int, int]]:
+    """Each file of the cached shelf: (inode, mtime in ns), which a start that only reads it leaves as they are."""
+    return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in cache.glob(f"{PREFIX}*/*")}
+
+
+def cache_copy(tmp_path: Path) -> Path:
+    """A copy of this test process's address-space cache, for a test to damage."""
+    cache = tmp_path / "cache"
+    shutil.copytree(ASPACE_CACHE[0], cache, ignore=shutil.ignore_patterns(LOCK))
+    return cache
+
+
+def hand_over_one(daemon, url: str, seq: int) -> None:
+    plc = PlcClient(url)
+    program = plc.run_program()
+    try:
+        daemon.result(seq)
+        wait(lambda: program.ids() == [seq], 20, f"result {seq}")
+    finally:
+        plc.close()
+
+
+def test_server_mode_builds_its_address_space_cache_once_and_loads_it_from_the_next_start(daemon, tmp_path):
+    """The first start builds the standard address space and writes it into the cache; the next loads it from there
+    without rewriting it, and what a client sees of the server is the same either way."""
+    cache = tmp_path / "cache"  # not there yet: the bridge makes it
+    port = free_port()
+    bridge, url = server_bridge(daemon, tmp_path, port, cache=cache)
+    try:
+        built = what_a_client_sees(url)
+        hand_over_one(daemon, url, 1)
+    finally:
+        bridge.stop()
+    (loaded,) = bridge.events("address_space_loaded")
+    assert loaded["source"] == "built" and loaded["path"] == str(
+        cache / f"{PREFIX}asyncua-{versions()['asyncua']}-py{versions()['python']}"
+    )
+    files = shelf_files(cache)
+    assert {MANIFEST, SHELF} <= set(files), files
+    manifest = json.loads((Path(loaded["path"]) / MANIFEST).read_text())
+    assert {manifest["asyncua"], manifest["python"]} == set(versions().values()) and set(manifest["files"]) == set(
+        files
+    ) - {MANIFEST}
+
+    bridge, url = server_bridge(daemon, tmp_path, port, cache=cache)
+    try:
+        cached = what_a_client_sees(url)
+        hand_over_one(daemon, url, 2)
+    finally:
+        events = bridge.stop()
+    (loaded,) = bridge.events("address_space_loaded")
+    assert loaded["source"] == "cache", bridge.out
+    assert shelf_files(cache) == files  # read, not rewritten
+    assert not [e for e in bridge.events() if e["event"].startswith("address_space_cache")], bridge.out
+    assert events["bridge_stopped"]["written"] == 1
+    assert cached == built
+    assert cached["namespaces"][-1] == "urn:inspectd:bridge", cached
+    assert {name.split(":")[1] for name, *_ in cached[CAMERA]} == set(VAR.values()), cached
+
+
+def test_a_damaged_address_space_cache_is_rebuilt_with_one_warning_and_the_bridge_serves(daemon, tmp_path):
+    """A shelf cut short (a disk that filled, a copy that stopped) is found at start by its manifest's sha256, never
+    later by a client's read. What earlier runs left goes: a build a kill cut short, another asyncua version's shelf
+    (which is not loaded: the bridge builds its own)."""
+    cache = cache_copy(tmp_path)
+    (shelf_dir,) = cache.glob(f"{PREFIX}*")
+    older = cache / shelf_dir.name.replace(versions()["asyncua"], "0.9.9")
+    shutil.copytree(shelf_dir, older)
+    manifest = json.loads((older / MANIFEST).read_text())
+    (older / MANIFEST).write_text(json.dumps(manifest | {"asyncua": "0.9.9"}))
+    data = max(shelf_dir.iterdir(), key=lambda path: path.stat().st_size)  # the pickled nodes
+    size = data.stat().st_size
+    os.truncate(data, size // 2)
+    leftover = cache / f".{PREFIX}killed.tmp"
+    leftover.mkdir()
+    (leftover / SHELF).write_bytes(b"half")
+    bridge, url = server_bridge(daemon, tmp_path, free_port(), cache=cache)
+    try:
+        hand_over_one(daemon, url, 1)
+    finally:
+        bridge.stop()
+    (warning,) = bridge.events("address_space_cache_rebuilt")
+    assert warning["level"] == "warning" and warning["path"] == str(shelf_dir), warning
+    assert f"{data.name}: changed since it was written" in warning["reason"], warning
+    (loaded,) = bridge.events("address_space_loaded")
+    assert loaded["source"] == "built" and not bridge.events("address_space_cache_unused"), bridge.out
+    assert data.stat().st_size == size
+    assert sorted(p.name for p in cache.iterdir()) == sorted([LOCK, shelf_dir.name])
+
+
+def test_an_address_space_cache_of_another_asyncua_version_is_not_loaded(tmp_path):
+    """asyncua's pickled nodes are its own classes: a shelf another version wrote is refused (and rebuilt, as the
+    damaged one above) even under this version's name, copied or renamed there."""
+    cache = cache_copy(tmp_path)
+    (shelf_dir,) = cache.glob(f"{PREFIX}*")
+    manifest = json.loads((shelf_dir / MANIFEST).read_text())
+    (shelf_dir / MANIFEST).write_text(json.dumps(manifest | {"asyncua": "0.9.9"}))
+    found = Cache(cache)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            found.take()
+            assert found.usable() is None
+    finally:
+        if found.lock is not None:
+            os.close(found.lock)
+    (warning,) = logs
+    expected = f"written for asyncua 0.9.9, expected {versions()['asyncua']}"
+    assert warning["event"] == "address_space_cache_rebuilt" and warning["reason"] == expected, warning
+    assert not shelf_dir.exists()
+
+
+def test_the_address_space_cache_defaults_to_systemds_cache_directory_and_an_empty_option_turns_it_off(
+    tmp_path, monkeypatch
+):
+    import argparse
+
+    from inspectd.clients.opcua import configure
+
+    def cache_dir(option: str | None, state: str) -> str | None:
+        options = {"config": None, "mode": None, "opcua": None, "camera": [CAMERA], "topic": f"inspect.{STATION}."}
+        options |= {"state_file": str(tmp_path / state), "cache_dir": option}  # a state file each: configure locks it
+        return configure(argparse.Namespace(**options)).cache_dir
+
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)  # a test run under a unit with CacheDirectory= has it
+    assert cache_dir(None, "a.json") == ""  # neither: built in memory, as before there was a cache
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/inspectd-bridge/opcua")
+    assert cache_dir(None, "b.json") == "/var/cache/inspectd-bridge/opcua"
+    assert cache_dir("/srv/cache", "c.json") == "/srv/cache" and cache_dir("", "d.json") == ""
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/a:/var/cache/b")  # systemd's join of several entries
+    assert cache_dir(None, "e.json") == "/var/cache/a"
+
+
+def test_an_address_space_cache_that_cannot_be_used_is_one_warning_and_the_bridge_serves(daemon, tmp_path):
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache directory should be")
+    bridge, url = server_bridge(daemon, tmp_path, free_port(), cache=cache)
+    try:
+        hand_over_one(daemon, url, 1)
+    finally:
+        bridge.stop()
+    (warning,) = bridge.events("address_space_cache_unused")
+    assert warning["cache"] == str(cache) and "expected a directory" in warning["error"], warning
+    assert not bridge.events("address_space_loaded") and not bridge.events("address_space_cache_rebuilt")
+
+
+@pytest.fixture
+def server_init(monkeypatch):
+    """init_server in this process, without its seconds of CPU where a test is about what the cache chooses:
+    asyncua's Server.init is recorded (`calls`: each one's shelf_file, None for the address space built in memory),
+    a build in memory is skipped (or raises `in_memory`), loading a shelf fails as on one asyncua cannot read, and
+    only building a shelf is real. The cache directories' locks, held for the life of a bridge, are let go after."""
+    record = SimpleNamespace(calls=[], in_memory=None)
+    original = asyncua.Server.init
+
+    async def init(self, shelf_file=None):
+        record.calls.append(shelf_file)
+        if shelf_file is None:
+            if record.in_memory is not None:
+                raise record.in_memory
+        elif Path(shelf_file).is_file():
+            raise RuntimeError("cannot unpickle node i=84")
+        else:
+            await original(self, shelf_file)
+
+    locks: list[int] = []
+    hold_lock = opcua_cache.hold_lock
+
+    def held(path):
+        fd = hold_lock(path)
+        if fd is not None:
+            locks.append(fd)
+        return fd
+
+    monkeypatch.setattr(asyncua.Server, "init", init)
+    monkeypatch.setattr(opcua_cache, "hold_lock", held)
+    yield record
+    for fd in locks:
+        os.close(fd)
+
+
+def init_logged(directory: Path):
+    """init_server(directory) in this process: the server and what it logged."""
+    with structlog.testing.capture_logs() as logs:
+        server = asyncio.run(init_server(directory))
+    assert isinstance(server, asyncua.Server)
+    return server, logs
+
+
+def test_a_refused_address_space_cache_this_user_cannot_delete_is_renamed_aside_and_replaced(tmp_path, monkeypatch):
+    """A shelf a run as root left (its directory 0700 root: the service user can neither read nor delete it) is
+    refused, then renamed aside, which needs write access to the cache directory only: its name is free for the
+    rebuilt shelf, and a later start sweeps what is left as far as it can."""
+    cache = cache_copy(tmp_path)
+    (shelf_dir,) = cache.glob(f"{PREFIX}*")
+    (shelf_dir / MANIFEST).write_text("{}")
+    found = Cache(cache)
+    try:
+        with monkeypatch.context() as undeletable, structlog.testing.capture_logs() as logs:
+            # The tests run as root, which may delete anything: deleting is made to fail as it would for the user.
+            undeletable.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
+            found.take()
+            assert found.usable() is None
+            build = found.begin()
+            (build / SHELF).write_bytes(b"rebuilt")
+            found.commit(build)
+    finally:
+        if found.lock is not None:
+            os.close(found.lock)
+    (warning,) = logs
+    assert warning["event"] == "address_space_cache_rebuilt" and warning["path"] == str(shelf_dir), warning
+    manifest = json.loads((shelf_dir / MANIFEST).read_text())
+    assert manifest["files"] == {SHELF: hashlib.sha256(b"rebuilt").hexdigest()}, manifest
+    (aside,) = cache.glob(f".{PREFIX}*.tmp")
+    assert (aside / SHELF).is_file()  # the refused shelf, whole: it was renamed, not half deleted
+    later = Cache(cache)
+    try:
+        later.take()
+    finally:
+        if later.lock is not None:
+            os.close(later.lock)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([LOCK, shelf_dir.name])
+
+
+def test_a_refused_address_space_cache_that_cannot_be_renamed_aside_is_one_warning_naming_it(
+    tmp_path, monkeypatch, server_init
+):
+    """Then no shelf could be put in its place: none is built, and the one warning says what to remove."""
+    cache = cache_copy(tmp_path)
+    (shelf_dir,) = cache.glob(f"{PREFIX}*")
+    (shelf_dir / MANIFEST).write_text("{}")
+    rename = os.rename
+
+    def refused(src, dst):
+        if os.fsdecode(src) == str(shelf_dir):  # dbm renames by bytes
+            raise PermissionError(errno.EACCES, "Permission denied", str(src))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", refused)
+    _, logs = init_logged(cache)
+    (warning,) = logs
+    assert warning["event"] == "address_space_cache_unused" and warning["cache"] == str(cache), warning
+    assert f"{shelf_dir}: {MANIFEST}: expected an object" in warning["error"], warning
+    assert "cannot be renamed aside" in warning["error"] and "remove it" in warning["error"], warning
+    assert server_init.calls == [None] and (shelf_dir / SHELF).is_file()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([LOCK, shelf_dir.name])
+
+
+def test_an_address_space_cache_another_bridge_holds_is_one_warning_and_left_as_it_is(tmp_path, server_init):
+    cache = cache_copy(tmp_path)
+    files = shelf_files(cache)
+    Cache(cache).take()  # the other bridge (flock is per open file, so one process can be both)
+    with pytest.raises(Unusable, match="another bridge uses it"):
+        Cache(cache).take()
+    _, logs = init_logged(cache)
+    (warning,) = logs
+    assert warning["event"] == "address_space_cache_unused" and "another bridge uses it" in warning["error"], warning
+    assert server_init.calls == [None] and shelf_files(cache) == files
+
+
+def test_an_address_space_cache_asyncua_cannot_load_is_rebuilt_with_one_warning(tmp_path, server_init):
+    """A shelf whose files are the ones written, which asyncua still fails on (a bug, a pickle of a class it no longer
+    has): refused and rebuilt at this start, as one that fails the checks."""
+    cache = cache_copy(tmp_path)
+    (shelf_dir,) = cache.glob(f"{PREFIX}*")
+    _, logs = init_logged(cache)
+    rebuilt, loaded = logs
+    assert rebuilt["event"] == "address_space_cache_rebuilt", logs
+    assert rebuilt["reason"] == "asyncua could not load it (RuntimeError: cannot unpickle node i=84)", rebuilt
+    assert loaded["event"] == "address_space_loaded" and loaded["source"] == "built", logs
+    assert server_init.calls[0] == shelf_dir / SHELF and server_init.calls[1].name == SHELF, server_init.calls
+    assert Cache(cache)._verify() is None
+    assert sorted(p.name for p in cache.iterdir()) == sorted([LOCK, shelf_dir.name])
+
+
+@pytest.mark.parametrize("failure", ["no asyncua metadata", "a NUL in the path", "refusing it fails"])
+def test_an_address_space_cache_failing_in_any_other_way_is_one_warning_and_built_in_memory(
+    tmp_path, monkeypatch, server_init, failure
+):
+    """Nothing about the cache ends the bridge: it only saves time."""
+    cache = cache_copy(tmp_path)
+    if failure == "no asyncua metadata":  # an asyncua that imports, vendored or frozen, without its dist-info
+        version = opcua_cache.metadata.version
+
+        def unknown(name):
+            if name == "asyncua":
+                raise opcua_cache.metadata.PackageNotFoundError(name)
+            return version(name)
+
+        monkeypatch.setattr(opcua_cache.metadata, "version", unknown)
+        expected = "asyncua has no package metadata, expected its version to key the shelf by"
+    elif failure == "a NUL in the path":  # cache_dir: "\0" in the YAML
+        cache = tmp_path / "ca\0che"
+        expected = "ValueError: embedded null byte"
+    else:  # asyncua fails on a shelf that verified, and so does taking it out of the way
+
+        def refuse(self, reason):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self.path))
+
+        monkeypatch.setattr(Cache, "refuse", refuse)
+        expected = "PermissionError: [Errno 13] Permission denied"
+    _, logs = init_logged(cache)
+    (warning,) = logs
+    assert warning["event"] == "address_space_cache_unused" and expected in warning["error"], warning
+    assert server_init.calls[-1] is None, server_init.calls
+
+
+def test_the_address_space_built_in_memory_after_an_unusable_cache_may_fail_the_bridge_as_without_one(
+    tmp_path, server_init
+):
+    """The net around the cache is not around the in-memory build: its failure is the bridge's own start failing."""
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache directory should be")
+    server_init.in_memory = RuntimeError("the address space does not build")
+    with pytest.raises(RuntimeError, match="does not build"):
+        asyncio.run(init_server(cache))
+    assert server_init.calls == [None]
+
+
 # A PlcServer's event-loop thread is not a daemon thread: one left running by a failed test keeps pytest from exiting.
 LIVE_PLC_SERVERS: list[PlcServer] = []
 
@@ -408,21 +786,28 @@ def _stop_plc_servers():
         LIVE_PLC_SERVERS[-1].stop()
 
 
-# Filling a server's standard address space takes seconds of CPU, each time: the PLC servers load it from a shelf,
-# written once per test process (each worker of a parallel run writes its own).
+# Filling a server's standard address space takes seconds of CPU, each time. One bridge address-space cache
+# (inspectd.clients.opcua_cache) is built per test process (each worker of a parallel run builds its own), by the
+# bridge's code in a child process so that no lock on it stays held here: the bridges server_bridge starts load it,
+# and the PLC servers load its shelf through asyncua directly (it marks the shelf where asyncua looks for it).
+ASPACE_CACHE: list[Path] = []
 ASPACE_SHELF: list[Path] = []
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _address_space_shelf(tmp_path_factory):
-    shelf = tmp_path_factory.mktemp("aspace") / "standard"
-    Server(shelf_file=shelf).tloop.stop()  # writes the shelf
-    # asyncua reuses a shelf it finds at the path itself (gdbm) or at .db (ndbm); Python's fallback dbm writes .dat
-    # and .dir beside the path, so the path is marked as present for asyncua to read it through shelve.
-    if not shelf.exists() and not shelf.with_suffix(".db").exists():
-        shelf.touch()
+    cache = tmp_path_factory.mktemp("aspace")
+    build = (
+        "import asyncio, pathlib, sys\n"
+        "from inspectd.clients.opcua_cache import init_server\n"
+        "asyncio.run(init_server(pathlib.Path(sys.argv[1])))"
+    )
+    subprocess.run([sys.executable, "-c", build, str(cache)], cwd=REPO, check=True, timeout=120)
+    (shelf,) = cache.glob(f"{PREFIX}*/{SHELF}")
+    ASPACE_CACHE.append(cache)
     ASPACE_SHELF.append(shelf)
     yield
+    ASPACE_CACHE.clear()
     ASPACE_SHELF.clear()
 
 
@@ -547,7 +932,7 @@ def test_client_mode_writes_into_the_plcs_server_and_survives_both_restarts(daem
     finally:
         events = bridge.stop()
     stopped = events["bridge_stopped"]
-    assert stopped["written"] == 2 and stopped["stale_skipped"] == 0 and stopped["sequence_gaps"] == 1, stopped
+    assert stopped["written"] == 2 and stopped["sequence_gaps"] == 1, stopped
     assert "resume_ahead_of_daemon" not in events and "sequence_backwards" not in events, bridge.out
 
     # The PLC's server restarts under a running bridge: the bridge ends with one line (for the service manager),
@@ -576,7 +961,7 @@ def test_client_mode_writes_into_the_plcs_server_and_survives_both_restarts(daem
         events = bridge.stop()
         plc.stop()
     stopped = events["bridge_stopped"]
-    assert stopped["written"] == 2 and stopped["stale_skipped"] == 0 and stopped["sequence_gaps"] == 1, stopped
+    assert stopped["written"] == 2 and stopped["sequence_gaps"] == 1, stopped
     assert "resume_ahead_of_daemon" not in events and "sequence_backwards" not in events, bridge.out
 
 
@@ -693,7 +1078,7 @@ def test_client_mode_acks_ids_past_the_width_of_an_s7_int_and_restarts_in_full_s
         events = bridge.stop()
         plc.stop()
     stopped = events["bridge_stopped"]
-    assert stopped["acked"] == 2 and stopped["stale_skipped"] == 0 and stopped["missed_acks"] == 0, stopped
+    assert stopped["acked"] == 2 and stopped["missed_acks"] == 0, stopped
     assert stopped["sequence_gaps"] == 1, stopped
     assert "resume_ahead_of_daemon" not in events and "sequence_backwards" not in events, bridge.out
 

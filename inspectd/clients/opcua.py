@@ -6,6 +6,8 @@ Two modes (config `mode`):
              variables and writes Ack / AlarmReset. The last handed-over inspection id and the latched alarm of each
              camera are kept in `state_file`, so a restarted bridge applies the restart rule like the Modbus one;
              a write of it that fails (a full disk) is logged once and the bridge goes on, as with acked.json.
+             The server's standard address space comes from a cache in `cache_dir` when there is one
+             (inspectd.clients.opcua_cache; default $CACHE_DIRECTORY), else it is built at each start.
     client   the bridge connects to the PLC's own OPC UA server at `endpoint` and writes into variables the PLC
              program declares; their node ids come from `node_id` ("ns=3;s=\"DB_Inspect\".\"{camera}\".\"{name}\"").
              Values are written with each variable's own data type, read from the PLC when the bridge starts and
@@ -32,16 +34,18 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import re
 import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import structlog
-from pydantic import Field, model_validator
+from pydantic import Field, Strict, model_validator
 
 from engines.schema import Int, Number, Text, declared, invalid
 from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError
+from inspectd.clients.opcua_cache import init_server
 from inspectd.configfile import CameraId, parse, read_yaml
 from inspectd.durable import hold_lock, replace_file
 from inspectd.errors import ConfigError, one_line
@@ -93,6 +97,9 @@ class OpcUaConfig(HandshakeSettings):
     namespace: Text = DEFAULT_NAMESPACE  # server mode: the namespace URI of the variables
     node_id: Text = DEFAULT_NODE_ID  # client mode: node id of each variable, from {camera} and {name}
     state_file: Text | None = None  # server mode: where the restart rule's inspection ids and alarms are kept
+    # server mode: where the standard address space is cached between starts; null: $CACHE_DIRECTORY; "" (or null
+    # with no $CACHE_DIRECTORY): no cache, built at each start
+    cache_dir: Annotated[str, Strict()] | None = None
     application_uri: Text = "urn:inspectd:bridge"  # must match the URI in the certificate when security is on
     security: Security | None = None
     request_timeout_ms: Annotated[Number, Field(ge=10)] = 2000.0
@@ -130,6 +137,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-file", default=None, metavar="PATH", help="server mode: where the restart rule's state is kept"
     )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="server mode: where the OPC UA standard address space is cached, so a start does not build it again "
+        "(default: $CACHE_DIRECTORY, set by systemd's CacheDirectory=; '' or neither: built at each start)",
+    )
 
 
 def configure(args: argparse.Namespace) -> OpcUaConfig:
@@ -144,6 +158,8 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
         changes["cameras"] = [*config.cameras, *args.camera]
     if args.state_file is not None:
         changes["state_file"] = args.state_file
+    if args.cache_dir is not None:
+        changes["cache_dir"] = args.cache_dir
     if changes:
         merged = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} | changes
         merged["security"] = None if config.security is None else dataclasses.asdict(config.security)
@@ -153,6 +169,10 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
         if len(topic) < 4 or not topic[2]:
             raise ConfigError("cameras: expected at least one camera id (--camera, or a --topic naming one camera)")
         config = dataclasses.replace(config, cameras=[topic[2]])
+    if config.cache_dir is None:
+        # systemd joins several CacheDirectory= entries with ':'; the unit names one
+        cache_dir = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+        config = dataclasses.replace(config, cache_dir=cache_dir)
     if config.mode == "server" and config.state_file is None:
         raise ConfigError(
             "state_file: expected a file path in server mode (--state-file): it keeps each camera's last inspection "
@@ -340,14 +360,17 @@ class ServerTarget:
 
 
 class ServerLink:
-    """The bridge's own OPC UA server: an object per camera under Objects/inspectd, one variable per NAMES entry."""
+    """The bridge's own OPC UA server: an object per camera under Objects/inspectd, one variable per NAMES entry.
+
+    The standard address space under them comes from inspectd.clients.opcua_cache (a shelf in `cache_dir`), or is
+    built in memory without one."""
 
     def __init__(self, config: OpcUaConfig) -> None:
-        from asyncua import Server, ua
+        from asyncua import ua
 
         self.ua = ua
         self.config = config
-        self.server = Server()
+        self.server: Any = None  # made by start(), with the standard address space in place
         self.state_path = Path(str(config.state_file))
         try:
             self.state = load_state(self.state_path)
@@ -382,8 +405,8 @@ class ServerLink:
 
     async def start(self) -> None:
         ua = self.ua
-        server = self.server
-        await server.init()
+        cache_dir = self.config.cache_dir
+        server = self.server = await init_server(Path(cache_dir) if cache_dir else None)
         server.set_endpoint(self.config.endpoint)
         server.set_server_name("inspectd bridge")
         await server.set_application_uri(self.config.application_uri)
