@@ -7,6 +7,7 @@ act on its own memory) watches result_valid, records each handed-over result and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -1037,6 +1039,26 @@ class Line:
 BACKLOG_CONFIG = "ack_timeout_ms: 20000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_size: 4\nmax_backlog: 20\n"
 
 
+@contextlib.contextmanager
+def held_at_first(plc, daemon, tmp_path: Path) -> Iterator[tuple[Line, LogLines]]:
+    """The backlog tests' start: a bridge with BACKLOG_CONFIG and --journal on a `Line`, its PLC holding the ack of
+    result 1; the line and the bridge's log lines, the bridge stopped and the journal closed after."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text(BACKLOG_CONFIG)
+    line = Line(daemon, tmp_path / "journal")
+    try:
+        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(tmp_path / "journal"))))
+        try:
+            plc.acking.clear()
+            line(1)
+            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
+            yield line, log
+        finally:
+            log.stop()
+    finally:
+        line.close()
+
+
 def backlog_measured(log: LogLines) -> list[dict]:
     """What the bridge made of the live result that came last: more than a queue behind, or a backlog given up on."""
     return log.events("plc_behind") + log.events("backlog_skipped")
@@ -1087,26 +1109,14 @@ def test_seqs_never_journalled_are_no_backlog_when_a_live_result_comes_during_a_
 def test_a_live_jump_over_seqs_never_journalled_is_no_backlog_while_results_wait(plc, daemon, tmp_path):
     """The PLC holds its ack of 1 with 2..5 queued; the daemon crashes and numbers on at 300 (6..299 never existed).
     Nothing is skipped: 295 seqs behind, but 5 results."""
-    config = tmp_path / "bridge.yaml"
-    config.write_text(BACKLOG_CONFIG)
-    line = Line(daemon, tmp_path / "journal")
-    try:
-        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(tmp_path / "journal"))))
-        try:
-            plc.acking.clear()
-            line(1)
-            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
-            for seq in range(2, 6):
-                line(seq)
-            line(300)
-            measured = wait(lambda: backlog_measured(log), 10, "the bridge to measure the backlog at 300")
-            plc.acking.set()
-            wait(lambda: [r["id"] for r in plc.received][-1:] == [300], 15, "1..5 and 300")
-            time.sleep(0.2)
-        finally:
-            log.stop()
-    finally:
-        line.close()
+    with held_at_first(plc, daemon, tmp_path) as (line, log):
+        for seq in range(2, 6):
+            line(seq)
+        line(300)
+        measured = wait(lambda: backlog_measured(log), 10, "the bridge to measure the backlog at 300")
+        plc.acking.set()
+        wait(lambda: [r["id"] for r in plc.received][-1:] == [300], 15, "1..5 and 300")
+        time.sleep(0.2)
     assert [r["id"] for r in plc.received] == [1, 2, 3, 4, 5, 300]
     assert not log.events("backlog_skipped")
     assert measured[0]["event"] == "plc_behind" and measured[0]["behind"] == 5, measured
@@ -1162,28 +1172,16 @@ def test_every_hole_a_live_jump_spans_is_learnt_not_only_the_first(plc, daemon, 
     """The PLC holds its ack of 1 with 2..5 queued. 6..8 and 200..205 were lost on the way (journalled, never heard
     live) and the daemon rebooted twice meanwhile (9..199 and 206..299 never existed); 300 comes live. 14 results wait,
     within max_backlog (20): nothing is skipped and the PLC gets every one, each hole a gap with its reason."""
-    config = tmp_path / "bridge.yaml"
-    config.write_text(BACKLOG_CONFIG)
-    line = Line(daemon, tmp_path / "journal")
-    try:
-        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(tmp_path / "journal"))))
-        try:
-            plc.acking.clear()
-            line(1)
-            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
-            for seq in range(2, 6):
-                line(seq)
-            for seq in [6, 7, 8, *range(200, 206)]:
-                line(seq, publish=False)
-            line(300)
-            measured = wait(lambda: backlog_measured(log), 10, "the bridge to measure the backlog at 300")
-            plc.acking.set()
-            wait(lambda: [r["id"] for r in plc.received][-1:] == [300], 15, "1..8, 200..205 and 300")
-            time.sleep(0.2)
-        finally:
-            log.stop()
-    finally:
-        line.close()
+    with held_at_first(plc, daemon, tmp_path) as (line, log):
+        for seq in range(2, 6):
+            line(seq)
+        for seq in [6, 7, 8, *range(200, 206)]:
+            line(seq, publish=False)
+        line(300)
+        measured = wait(lambda: backlog_measured(log), 10, "the bridge to measure the backlog at 300")
+        plc.acking.set()
+        wait(lambda: [r["id"] for r in plc.received][-1:] == [300], 15, "1..8, 200..205 and 300")
+        time.sleep(0.2)
     assert [r["id"] for r in plc.received] == [*range(1, 9), *range(200, 206), 300]
     assert not log.events("backlog_skipped")
     assert measured[0]["event"] == "plc_behind" and measured[0]["behind"] == 14, measured
@@ -1198,27 +1196,15 @@ def test_a_journal_read_that_fails_counts_what_it_could_not_read_as_backlog(plc,
     only the journal could say: counted as results, 299 are past max_backlog (20) and the bridge skips to 300, rather
     than hand 2..5 over as if nothing more were owed. (300 is published without being journalled, so a read that did
     not fail would not find it either: the bridge takes both the same way.)"""
-    config = tmp_path / "bridge.yaml"
-    config.write_text(BACKLOG_CONFIG)
-    line = Line(daemon, tmp_path / "journal")
-    try:
-        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(tmp_path / "journal"))))
-        try:
-            plc.acking.clear()
-            line(1)
-            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
-            for seq in range(2, 6):
-                line(seq)
-            (tmp_path / "journal" / CAMERA / "000000000006.seg").mkdir()
-            daemon.pub.send_multipart(daemon.encode(300))  # live only: the read fails at the segment in its way
-            wait(lambda: log.events("backlog_skipped"), 10, "the skip at 300")
-            plc.acking.set()
-            wait(lambda: [r["id"] for r in plc.received][-1:] == [300], 15, "the newest result")
-            time.sleep(0.2)
-        finally:
-            log.stop()
-    finally:
-        line.close()
+    with held_at_first(plc, daemon, tmp_path) as (line, log):
+        for seq in range(2, 6):
+            line(seq)
+        (tmp_path / "journal" / CAMERA / "000000000006.seg").mkdir()
+        daemon.pub.send_multipart(daemon.encode(300))  # live only: the read fails at the segment in its way
+        wait(lambda: log.events("backlog_skipped"), 10, "the skip at 300")
+        plc.acking.set()
+        wait(lambda: [r["id"] for r in plc.received][-1:] == [300], 15, "the newest result")
+        time.sleep(0.2)
     assert [r["id"] for r in plc.received] == [1, 300]
     skipped = log.events("backlog_skipped")
     assert [(e["first"], e["last"]) for e in skipped] == [(2, 299)], skipped
