@@ -321,10 +321,9 @@ def _journal_reserved(directory: Path, camera: str) -> int | None:
 
     try:
         journal.check_camera(camera)
-        mark = (directory / camera / journal.RESERVED_MARK).read_bytes()
+        return journal.read_mark(directory / camera, journal.RESERVED_MARK)
     except (InspectdError, OSError):
         return None
-    return journal.ACCEPTED.unpack(mark)[0] if len(mark) == journal.ACCEPTED.size else None
 
 
 def _overlap(stretches: list[tuple[int, int]], first: int, last: int) -> int:

@@ -44,6 +44,7 @@ from inspectd.protocol.journal import (
     cameras,
     check_camera,
     encode_record,
+    read_mark,
     read_records,
     read_since,
     segment_files,
@@ -179,12 +180,9 @@ class Journal:
     def _recover(self, camera: str) -> None:
         """Account for a camera's segments and cut a torn record off its newest one (left by a kill mid-write)."""
         for name, marks in ((ACCEPTED_MARK, self._accepted), (RESERVED_MARK, self._reserved)):
-            try:
-                mark = (self.directory / camera / name).read_bytes()
-                if len(mark) == ACCEPTED.size:
-                    marks[camera] = ACCEPTED.unpack(mark)[0]
-            except FileNotFoundError:
-                pass
+            mark = read_mark(self.directory / camera, name)
+            if mark is not None:
+                marks[camera] = mark
         segments = segment_files(self.directory / camera)
         age = 0.0
         for i, (_, path) in enumerate(segments):

@@ -213,6 +213,16 @@ def cameras(directory: str | Path) -> list[str]:
         return []
 
 
+def read_mark(camera_dir: Path, name: str) -> int | None:
+    """A camera's ACCEPTED_MARK or RESERVED_MARK, None where there is none (or one cut short); OSError where it
+    cannot be read."""
+    try:
+        mark = (camera_dir / name).read_bytes()
+    except FileNotFoundError:
+        return None
+    return ACCEPTED.unpack(mark)[0] if len(mark) == ACCEPTED.size else None
+
+
 def oldest_seq(directory: str | Path, camera: str) -> int | None:
     """The first seq still held for `camera` (older ones were rotated away), or None when there is none."""
     check_camera(camera)
