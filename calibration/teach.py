@@ -76,6 +76,8 @@ from engines.bundle.store import Bundle, load_bundle, model_id_for, write_bundle
 from engines.data.images import (
     CROSS_FIT_BELOW,
     MAX_HELD_OUT,
+    SPLIT_HOLDOUT,
+    VALIDATION_FOLDS,
     ImageFiles,
     frames_checksums,
     good_folder,
@@ -94,7 +96,7 @@ from inspectd.protocol.archive import DEFAULT_ARCHIVE, EXPORT_SPLITS, MANIFEST_N
 from inspectd.protocol.control import ControlClient, ControlTimeout, allow_list_errors, client_for
 
 DEFAULT_HOLDOUT = 0.2  # for a bundle that does not say what train held out
-SPLITS = (split_holdout.__name__, validation_folds.__name__)
+SPLITS = (SPLIT_HOLDOUT, VALIDATION_FOLDS)
 MIN_FRAMES = 2  # at least one fitted and one held out (split_holdout)
 BATCH = 8
 VERSIONS_SUFFIX = ".versions"
@@ -188,10 +190,13 @@ class Split:
     kind: str  # split_holdout, or validation_folds where recipe auto chose the bundle's recipe
     holdout: float
     note: str | None = None  # a line for the report where teach does not split as train did
+    # Train's frame count where this is train's split because the frames are as many: any other count is a station's,
+    # held out DEFAULT_HOLDOUT by split_holdout, which is what a hint to teach on more frames must count with.
+    train_n: int | None = None
 
     @property
     def auto(self) -> bool:
-        return self.kind == validation_folds.__name__
+        return self.kind == VALIDATION_FOLDS
 
     def folds(self, n: int, seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """(the frames the taught parameters are fitted on, [(fit, held)]): each fold's held frames are scored by a
@@ -213,11 +218,11 @@ def training_split(bundle: Bundle, holdout: float | None = None, n: int | None =
     on train's frames refits train's parameters), else DEFAULT_HOLDOUT. A station's frames are not train's, and its
     thresholds want the larger share: auto's validation fold holds out at most 80 frames however many there are."""
     if holdout is not None:
-        return Split(split_holdout.__name__, holdout)
+        return Split(SPLIT_HOLDOUT, holdout)
     training = bundle.manifest.get("training") or {}
     selection = bundle.manifest.get("recipe_selection") or {}
     # Bundles trained before the split was recorded: auto's folds wherever auto chose the recipe.
-    kind = training.get("split") or (validation_folds.__name__ if selection else split_holdout.__name__)
+    kind = training.get("split") or (VALIDATION_FOLDS if selection else SPLIT_HOLDOUT)
     if kind not in SPLITS:
         raise TeachError(
             f"{bundle.path}: training.split {kind!r}, expected one of {', '.join(SPLITS)} (a newer inspectd's bundle?)"
@@ -226,16 +231,17 @@ def training_split(bundle: Bundle, holdout: float | None = None, n: int | None =
     n_fit, n_held = training.get("n_fit"), training.get("n_holdout")
     # A cross-fit's counts (every image fitted and held out once) say nothing of the share it was given.
     cross_fitted = int(selection.get("folds", 1)) > 1
+    trained_on = None
     if isinstance(n_fit, int) and isinstance(n_held, int) and n is not None:
         trained_on = n_fit if cross_fitted else n_fit + n_held
         if n != trained_on:
-            return Split(split_holdout.__name__, DEFAULT_HOLDOUT)
+            return Split(SPLIT_HOLDOUT, DEFAULT_HOLDOUT)
     share = DEFAULT_HOLDOUT
     if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and 0.0 <= recorded < 1.0:
         share = float(recorded)
     elif isinstance(n_fit, int) and isinstance(n_held, int) and n_fit + n_held > 0 and not cross_fitted:
         share = n_held / (n_fit + n_held)
-    split = Split(kind, share)
+    split = Split(kind, share, train_n=trained_on)
     if share == 0 and not split.auto:  # auto's folds hold out at least 0.1 whatever they are given
         return Split(
             kind,
@@ -269,25 +275,38 @@ def export_root(folder: Path) -> Path | None:
     return None
 
 
-def exported_models(root: Path) -> dict[str, str | None]:
-    """The model that judged each frame an export at `root` wrote, by the file name the export gave it (`<archive
-    id>.png`, whichever folder it is in now), from its manifest. A row that does not parse (an export cut off while
-    it appended) is skipped: its frame is then one the manifest does not name."""
+def exported_rows(root: Path) -> dict[str, tuple[str | None, float | None]]:
+    """(the model that judged it, its capture time) of each frame an export at `root` wrote, by the file name the
+    export gave it (`<archive id>.png`, whichever folder it is in now), from its manifest. A row that does not parse
+    (an export cut off while it appended) is skipped: its frame is then one the manifest does not name."""
     path = root / MANIFEST_NAME
-    models: dict[str, str | None] = {}
+    rows: dict[str, tuple[str | None, float | None]] = {}
     try:
         # Bytes: a line that is not UTF-8 is one more row that does not parse, not a failure of the whole file.
         with open(path, "rb") as manifest:
             for line in manifest:
                 try:
                     row = json.loads(line)
-                    model = row.get("model_id")
-                    models[f"{row['id']}.png"] = model if isinstance(model, str) else None
-                except (ValueError, TypeError, KeyError, AttributeError):
+                    model, t = row.get("model_id"), row.get("t_capture")
+                    when = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+                    rows[f"{row['id']}.png"] = (
+                        model if isinstance(model, str) else None,
+                        when if when is not None and math.isfinite(when) else None,
+                    )
+                except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
                     continue
     except OSError as exc:  # an export another user keeps to itself (0600, read by `sudo -u inspectd`)
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return models
+    return rows
+
+
+def captured_span(times: list[float]) -> dict[str, str | None]:
+    """`since`/`until` as --archive records them (UTC, to the second, `until` excluded) around capture times
+    `times`: the span an `--archive` teach would take them from."""
+    if not times:
+        return {"since": None, "until": None}
+    # The second after the last one: --archive's --until is "captured before", and the times are cut to the second.
+    return {"since": _iso(min(times)), "until": _iso(math.floor(max(times)) + 1)}
 
 
 def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFrames:
@@ -305,11 +324,13 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     # None where nothing was looked up (--any-model), so the record does not claim "checked, none".
     other: dict[str, int] | None = None
     unnamed: int | None = None
+    span: dict[str, str | None] = {"since": None, "until": None}
     if models is not None:
         other, unnamed = {}, 0
         # The same changeover as --archive's: an export of a span that crosses it holds the previous product's
         # frames too, and its manifest names the model that judged each.
-        judged = exported_models(root)
+        rows = exported_rows(root)
+        judged = {name: model for name, (model, _) in rows.items()}
         kept = []
         for path in paths:
             # By file name, not by the folder the export wrote the frame to: a false reject the review moved from
@@ -333,13 +354,20 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
                 )
             raise TeachError(_no_lineage_frames(source, models, other, instead, unnamed))
         paths = kept
+        # An export appends to its folder: one exported into again still holds the older spans' frames, which the
+        # lineage rule keeps, so the span actually taught on is worth saying.
+        span = captured_span([t for path in kept if (t := rows[path.name][1]) is not None])
     record = {"folder": resolved, "export": str((root / MANIFEST_NAME).resolve()), "model_ids": models}
     left = [f"{_counted(other)} left out"] if other else []
     if unnamed:
         left.append(f"{unnamed} not named in {MANIFEST_NAME} left out")
     hint = f" ({', '.join(left)}: --any-model takes them)" if left else ""
     return GoodFrames(
-        paths, source, {**record, "other_models": other, "not_in_export": unnamed}, {"good_dir": resolved}, hint
+        paths,
+        source,
+        {**record, **span, "other_models": other, "not_in_export": unnamed},
+        {"good_dir": resolved},
+        hint,
     )
 
 
@@ -657,15 +685,16 @@ def rows_of(features: np.ndarray, fit_idx: np.ndarray, subset: np.ndarray) -> np
     return features[np.concatenate([at + c * n for c in range(len(features) // n)])]
 
 
-def frames_to_hold(held: int, holdout: float, kind: str = split_holdout.__name__) -> int | None:
-    """The fewest frames of which the split `kind` holds out at least `held` (None: no number does)."""
-    if kind == validation_folds.__name__:
-        # Cross-fitting holds out every frame once; from CROSS_FIT_BELOW frames on, one share of at most MAX_HELD_OUT.
-        if held < CROSS_FIT_BELOW:
-            return max(2, held)
+def frames_to_hold(held: int, holdout: float, kind: str = SPLIT_HOLDOUT) -> int | None:
+    """The fewest frames from which on the split `kind` holds out at least `held` however many more are taught on
+    (None: no number does). For recipe auto's folds fewer may do too: cross_fitted_frames."""
+    if kind == VALIDATION_FOLDS:
+        # From CROSS_FIT_BELOW frames on, one share that grows with the frames up to MAX_HELD_OUT; below, every frame
+        # is held out once, so the count falls at CROSS_FIT_BELOW and "at least" holds only from there.
         for n in range(CROSS_FIT_BELOW, 20 * MAX_HELD_OUT):
             if len(validation_folds(n, holdout, 0)[0].held) >= held:
-                return n
+                below = cross_fitted_frames(held)
+                return below.start if below is not None and n == CROSS_FIT_BELOW else n
         return None
     # round(holdout * n) >= held from n >= (held - 0.5) / holdout: start just below, so the search takes a step or two
     # whatever the holdout (one frame at a time from (held - 1) / holdout took 1 / holdout steps).
@@ -675,14 +704,35 @@ def frames_to_hold(held: int, holdout: float, kind: str = split_holdout.__name__
     return n
 
 
+def cross_fitted_frames(held: int) -> range | None:
+    """The frame counts below CROSS_FIT_BELOW of which recipe auto's folds hold out at least `held` (each frame once,
+    cross-fitted); None where none does."""
+    return range(max(2, held), CROSS_FIT_BELOW) if held < CROSS_FIT_BELOW else None
+
+
 def _teach_on(needed: int, split: Split, held: str = "") -> str:
     """A too-few WARNING's hint: how many frames to teach on for `needed` held-out ones with this split."""
     n = frames_to_hold(needed, split.holdout, split.kind)
     if not split.auto:
         return f" ({held}teach on >= {n} frames with --holdout {split.holdout:g})"
     how = "held out as train held out for recipe auto"
-    if n is not None:
+    if split.train_n is not None:
+        # These are as many as train's frames, which is why auto's folds split them; any other count is not.
+        n = frames_to_hold(needed, DEFAULT_HOLDOUT)
+        other = f" other than {split.train_n}" if n is not None and n <= split.train_n else ""
+        return (
+            f" ({how} on its {split.train_n} frames; any other number is held out {DEFAULT_HOLDOUT:g} by "
+            f"split_holdout: teach on >= {n} frames{other})"
+        )
+    # A bundle that does not record how many frames train split: auto's folds split every count.
+    below = cross_fitted_frames(needed)
+    if n is not None and (below is None or n == below.start):
         return f" ({how}: teach on >= {n} frames)"
+    if below is not None:
+        # More frames can hold out fewer: from CROSS_FIT_BELOW on only one share is, so ">= needed" would be false.
+        few = f"{below.start} to {below.stop - 1}" if len(below) > 1 else f"{below.start}"
+        more = f", or on >= {n}" if n is not None else f"; from {CROSS_FIT_BELOW} frames on at most {MAX_HELD_OUT}"
+        return f" ({how}: teach on {few} frames, cross-fitted so that every frame is held out once{more})"
     return (
         f" ({how}: at most {MAX_HELD_OUT} frames however many are taught on; `inspectd calibrate --good` then sets "
         "the thresholds on as many other good frames as needed)"
@@ -853,7 +903,7 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             f"each also held out once for the thresholds (scored by a fit on the other {frames['folds'] - 1} folds' "
             f"frames, as train cross-fits recipe auto below {CROSS_FIT_BELOW} frames)"
         )
-    elif frames.get("split") == validation_folds.__name__:
+    elif frames.get("split") == VALIDATION_FOLDS:
         how += " as train held out for recipe auto"
     print(
         f"{bundle.path}: version {record['version']} ({bundle.model_id}), {record['scorer']} refitted on "
@@ -865,6 +915,13 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
         print(
             f"frames: {frames['n']} good frame(s) of {frames['camera'] or 'every camera'} from {span} in the archive "
             f"{frames['archive']} (their ids are in the manifest's teach record)",
+            file=out,
+        )
+    if "export" in frames and frames.get("since"):
+        print(
+            f"frames: the {frames['n']} frame(s) taught on were captured from {frames['since']} to {frames['until']} "
+            f"(by {MANIFEST_NAME}); an export adds to the frames of a folder exported into before: export each span "
+            "into a fresh folder",
             file=out,
         )
     if frames.get("other_models"):

@@ -561,9 +561,11 @@ def refusal(capsys) -> str:
     return line
 
 
-def archive_of(root: Path, frames: list[tuple[np.ndarray, str]], defects: tuple[int, ...] = ()) -> list[str]:
+def archive_of(
+    root: Path, frames: list[tuple[np.ndarray, str]], defects: tuple[int, ...] = (), ago: float = 300.0
+) -> list[str]:
     """An image archive written by the daemon's own writer: each (image, model_id) a frame of cam0 judged ok by that
-    model (defect: those at `defects`), captured a second apart within the last few minutes; their archive ids, in
+    model (defect: those at `defects`), captured a second apart from `ago` seconds back; their archive ids, in
     order."""
     import time
 
@@ -572,7 +574,7 @@ def archive_of(root: Path, frames: list[tuple[np.ndarray, str]], defects: tuple[
     from inspectd.daemon.inference import Judged
 
     archive = Archive(root, max_mb=100, max_age_h=24, good_every=1, queue_size=len(frames) + 1).start()
-    start = time.time() - 300
+    start = time.time() - ago
     ids = []
     for seq, (image, model_id) in enumerate(frames):
         frame = Frame("cam0", seq, f"{seq:06d}.png", start + seq, image)
@@ -805,6 +807,13 @@ def test_teach_with_the_default_holdout_refits_what_recipe_auto_fitted_on_the_sa
     got, want = taught.thresholds().provenance["good_scores"], before.thresholds().provenance["good_scores"]
     assert got["n"] == want["n"] == expected[1]
     np.testing.assert_allclose(got["quantiles"], want["quantiles"], rtol=2e-3, atol=1e-4 * max(want["quantiles"]))
+    # Teaching on any other number of frames splits them as a station's (split_holdout at 0.2), whatever auto holds
+    # out at that number: the hint counts with that.
+    warning = next(line for line in out.getvalue().splitlines() if "the target needs >= 2995 good frames" in line)
+    assert warning.endswith(
+        f" (held out as train held out for recipe auto on its {n} frames; any other number is held out 0.2 by "
+        "split_holdout: teach on >= 14973 frames)"
+    ), warning
     if n == 64:
         assert "24 held out as train held out for recipe auto" in out.getvalue(), out.getvalue()
     else:
@@ -942,6 +951,133 @@ def test_the_default_holdout_is_the_one_train_held_out(trained, good, tmp_path):
     shutil.copytree(tmp_path / "recorded", bundle)
     frames = teach(bundle, station, by="tester", out=io.StringIO()).manifest["teach"]["frames"]
     assert (frames["split"], frames["holdout"]) == ("split_holdout", 0.2), frames
+
+
+def held_out(split, n: int) -> int:
+    return sum(len(held) for _, held in split.folds(n, 5)[1])
+
+
+@pytest.mark.parametrize("needed", [8, 24, 25, 29, 59, 60, 80, 81, 2995])
+def test_the_too_few_warning_of_a_recipe_auto_bundle_names_only_frame_counts_that_hold_out_enough(needed):
+    """Recipe auto's folds hold out every frame below 60 frames, then one share of 24 to 80: the count falls at 60, so
+    "teach on >= N" is false for 25 to 59 held-out frames. Where the manifest records train's counts, only that many
+    frames are split as auto split them and any other number as a station's (split_holdout at 0.2). The hint names
+    just the frame counts that hold out `needed`, checked against the split teach makes of every count up to 1000."""
+    from types import SimpleNamespace
+
+    from calibration import teach
+
+    auto = {"recipe_selection": {"folds": 1}, "training": {"split": "validation_folds", "holdout": 0.1}}
+    # Without train's counts (a manifest that lacks them), auto's folds split every count.
+    uncounted = SimpleNamespace(path=Path("uncounted"), manifest=auto)
+    fewest = teach.frames_to_hold(needed, 0.1, "validation_folds")
+    below = teach.cross_fitted_frames(needed)
+    for n in range(2, 1001):
+        named = (below is not None and n in below) or (fewest is not None and n >= fewest)
+        assert (held_out(teach.training_split(uncounted, None, n), n) >= needed) == named, (needed, n)
+    how = " (held out as train held out for recipe auto: "
+    hint = teach._teach_on(needed, teach.training_split(uncounted, None, 40))
+    assert hint == {
+        8: f"{how}teach on >= 8 frames)",
+        24: f"{how}teach on >= 24 frames)",
+        25: f"{how}teach on 25 to 59 frames, cross-fitted so that every frame is held out once, or on >= 246)",
+        29: f"{how}teach on 29 to 59 frames, cross-fitted so that every frame is held out once, or on >= 286)",
+        59: f"{how}teach on 59 frames, cross-fitted so that every frame is held out once, or on >= 586)",
+        60: f"{how}teach on >= 595 frames)",
+        80: f"{how}teach on >= 795 frames)",
+    }.get(
+        needed,
+        f"{how}at most 80 frames however many are taught on; `inspectd calibrate --good` then sets the thresholds "
+        "on as many other good frames as needed)",
+    ), hint
+
+    # Trained on 64 frames (40 fitted, 24 held out): those 64 are split as auto split them, every other count not.
+    counted = SimpleNamespace(
+        path=Path("counted"), manifest={**auto, "training": {**auto["training"], "n_fit": 40, "n_holdout": 24}}
+    )
+    fewest = teach.frames_to_hold(needed, 0.2)
+    for n in range(2, 1001):
+        if n != 64:
+            assert (held_out(teach.training_split(counted, None, n), n) >= needed) == (n >= fewest), (needed, n)
+    other = " other than 64" if fewest <= 64 else ""
+    assert teach._teach_on(needed, teach.training_split(counted, None, 64)) == (
+        f" (held out as train held out for recipe auto on its 64 frames; any other number is held out 0.2 by "
+        f"split_holdout: teach on >= {fewest} frames{other})"
+    )
+
+
+def test_the_split_names_bundles_record_are_fixed_strings_not_function_names(monkeypatch):
+    """train records, and teach reads, the split by a name of its own: a function renamed changes neither, so the
+    bundles already written are still split as train split them."""
+    from types import SimpleNamespace
+
+    from calibration import teach
+    from engines.data import images
+
+    assert (images.SPLIT_HOLDOUT, images.VALIDATION_FOLDS) == ("split_holdout", "validation_folds")
+    assert teach.SPLITS == ("split_holdout", "validation_folds")
+    monkeypatch.setattr(images.validation_folds, "__name__", "renamed_folds")
+    monkeypatch.setattr(images.split_holdout, "__name__", "renamed_holdout")
+    bundle = SimpleNamespace(
+        path=Path("b"), manifest={"recipe_selection": {"folds": 1}, "training": {"split": "validation_folds"}}
+    )
+    split = teach.training_split(bundle, None, 64)
+    assert split.kind == "validation_folds" and split.auto
+    assert teach.training_split(bundle, 0.3, 64).kind == "split_holdout"
+    assert teach.frames_to_hold(29, 0.1, "validation_folds") == 286
+
+
+def test_an_export_says_and_records_when_the_frames_it_teaches_on_were_captured(trained, good, tmp_path, capsys):
+    """An export appends to its folder: exported into twice, it holds both spans' frames, and the lineage rule keeps
+    the older span's too. The capture span of the frames taught on (from archive.jsonl) is printed and recorded as
+    --archive records its span (`since`/`until`, UTC to the second, `until` excluded), a span that takes the same
+    frames from the archive; --any-model looks none of them up and records null."""
+    import datetime
+    import math
+    import shutil
+
+    import cv2
+
+    from calibration import teach
+    from inspectd.protocol.archive import ArchiveReader, parse_time
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundle = tmp_path / "b"
+    shutil.copytree(trained, bundle)
+    original = load_bundle(bundle).model_id
+    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(good.glob("*.png"))]
+    earlier = archive_of(tmp_path / "earlier", [(image, original) for image in images[:8]], ago=2 * 3600)
+    later = archive_of(tmp_path / "later", [(image, original) for image in images[8:]])
+    export = export_of(tmp_path / "earlier", tmp_path / "export")
+    export_of(tmp_path / "later", export)
+    times = []
+    for archive in ("earlier", "later"):
+        with ArchiveReader(tmp_path / archive) as reader:
+            times += [e.t_capture for e in reader.query()]
+
+    def iso(t: float) -> str:
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+    since, until = iso(min(times)), iso(math.floor(max(times)) + 1)
+    assert teach.run(args(bundle, good=str(export))) == 0
+    out = capsys.readouterr().out
+    frames = load_bundle(bundle).manifest["teach"]["frames"]
+    assert frames["n"] == 16 and (frames["since"], frames["until"]) == (since, until), frames
+    assert (
+        f"frames: the 16 frame(s) taught on were captured from {since} to {until} (by archive.jsonl); an export adds "
+        "to the frames of a folder exported into before: export each span into a fresh folder"
+    ) in out, out
+    # The span --archive would take the same frames from.
+    for archive, ids in (("earlier", earlier), ("later", later)):
+        with ArchiveReader(tmp_path / archive) as reader:
+            found = reader.query(since=parse_time(since, "--since"), until=parse_time(until, "--until"))
+            assert [e.id for e in found] == ids
+
+    assert teach.run(args(bundle, good=str(export), any_model=True)) == 0
+    frames = load_bundle(bundle).manifest["teach"]["frames"]
+    assert frames["n"] == 16 and (frames["since"], frames["until"]) == (None, None), frames
+    assert "captured" not in capsys.readouterr().out
 
 
 def test_good_on_an_archive_export_takes_only_the_frames_of_this_bundles_model_and_those_it_was_taught_from(

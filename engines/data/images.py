@@ -258,6 +258,12 @@ def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     return mask > 0
 
 
+# The split's name as bundles record it (training.split, a teach record's frames.split): fixed strings, so that a
+# rename of the functions below cannot change what a bundle records or make teach refuse the bundles already written.
+SPLIT_HOLDOUT = "split_holdout"
+VALIDATION_FOLDS = "validation_folds"
+
+
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(fit indices, held-out indices) of n images; at least one of each when there are two images or more. Training
     and `inspectd teach` split with it, so the same images and seed give the same share on both."""

@@ -29,13 +29,14 @@ from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import BIT_DEPTH_RANGE, LEGACY_BIT_DEPTH, inspectd_version, valid_bit_depth
 from engines.bundle.store import load_bundle, write_bundle
 from engines.data.images import (
+    SPLIT_HOLDOUT,
+    VALIDATION_FOLDS,
     ImageFiles,
     detect_bit_depth,
     frames_checksums,
     good_folder,
     list_images,
     split_holdout,
-    validation_folds,
 )
 from engines.errors import DataError, EngineError
 from engines.model.backbones import BACKBONES, spec_for
@@ -387,7 +388,7 @@ def train_bundle(
             "n_scorer_fit": int(n_scored),
             # How the fitted images were chosen, so `inspectd teach` on the same images refits the same ones: the
             # function (auto's folds when it chose the recipe) and the --holdout given to it.
-            "split": (validation_folds if selection is not None else split_holdout).__name__,
+            "split": VALIDATION_FOLDS if selection is not None else SPLIT_HOLDOUT,
             "holdout": float(holdout),
             **checksums,
             "epochs": epochs,
