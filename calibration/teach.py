@@ -873,13 +873,15 @@ def restored_thresholds(restored: Bundle, replaced: Bundle) -> thresholds_doc.Th
 
     The history is `restored`'s own: the taught versions were set on another scorer's scores, and a thresholds
     rollback to one of them would judge this model by them. The provenance is its own too (drift references,
-    targets, score ranges, where the daemon reads them) but for `tool`: a copied "inspectd teach" there would mark
-    this version as a teach, and a thresholds rollback to the versions set on this same scorer would be refused."""
+    targets, score ranges, where the daemon reads them) but for `tool` and `time`, this rollback's; `restored` marks
+    it as no teach of its own, so a thresholds rollback to the versions set on this same scorer stays allowed."""
     own, theirs = restored.thresholds(), replaced.thresholds()
+    tool = f"inspectd teach --rollback {inspectd_version()}"
     provenance = {k: copy.deepcopy(v) for k, v in own.provenance.items() if k not in ("time", "tool")}
+    provenance = {"tool": tool, **provenance}
     provenance["model_id"] = restored.model_id
     provenance["restored"] = {
-        "by": f"inspectd teach --rollback {inspectd_version()}",
+        "by": tool,
         "version": own.version,  # whose provenance, tool included, is in the history
         "replaced_version": theirs.version,
         "replaced_model_id": replaced.model_id,

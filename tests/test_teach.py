@@ -414,6 +414,7 @@ def test_rollback_to_a_taught_version_keeps_its_thresholds_rollback_to_the_versi
     back = rollback(bundle, out=io.StringIO()).thresholds()
     assert back.version == later.version + 1 and back.provenance["model_id"] == first.model_id
     assert back.provenance["restored"]["version"] == own.version
+    assert back.provenance["tool"].startswith("inspectd teach --rollback ")  # said like every other version
     assert later.version not in [h["version"] for h in back.history]
     assert thresholds_doc.rollback(back, own.version).image_threshold == own.image_threshold
     with pytest.raises(thresholds_doc.ThresholdsError, match="inspectd teach --rollback"):

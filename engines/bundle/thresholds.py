@@ -266,10 +266,13 @@ def next_version(
 
 def _taught_at(current: Thresholds) -> int | None:
     """The newest version `inspectd teach` wrote (with the scorer it refitted), None if none: versions before it were
-    set on another scorer's scores."""
+    set on another scorer's scores. A teach --rollback's version (`restored`) puts back a scorer with its own
+    thresholds, whose history says where that scorer was taught."""
     for doc in [{"version": current.version, "provenance": current.provenance}, *current.history]:
         provenance, number = doc.get("provenance"), doc.get("version")
-        tool = provenance.get("tool") if isinstance(provenance, dict) else None
+        if not isinstance(provenance, dict) or "restored" in provenance:
+            continue
+        tool = provenance.get("tool")
         if isinstance(tool, str) and tool.startswith("inspectd teach") and isinstance(number, int):
             return number
     return None
