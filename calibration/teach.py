@@ -366,7 +366,7 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
         paths,
         source,
         {**record, **span, "other_models": other, "not_in_export": unnamed},
-        {"good_dir": resolved},
+        {"good_dir": resolved, **span},  # where the thresholds came from, as an --archive teach's say it
         hint,
     )
 

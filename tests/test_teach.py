@@ -1065,6 +1065,8 @@ def test_an_export_says_and_records_when_the_frames_it_teaches_on_were_captured(
     out = capsys.readouterr().out
     frames = load_bundle(bundle).manifest["teach"]["frames"]
     assert frames["n"] == 16 and (frames["since"], frames["until"]) == (since, until), frames
+    provenance = load_bundle(bundle).thresholds().provenance  # as an --archive teach's thresholds say it
+    assert (provenance["since"], provenance["until"]) == (since, until), provenance
     assert (
         f"frames: the 16 frame(s) taught on were captured from {since} to {until} (by archive.jsonl); an export adds "
         "to the frames of a folder exported into before: export each span into a fresh folder"
