@@ -287,17 +287,26 @@ def exported_rows(root: Path) -> dict[str, tuple[str | None, float | None]]:
             for line in manifest:
                 try:
                     row = json.loads(line)
-                    model, t = row.get("model_id"), row.get("t_capture")
-                    when = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
-                    rows[f"{row['id']}.png"] = (
-                        model if isinstance(model, str) else None,
-                        when if when is not None and math.isfinite(when) else None,
-                    )
+                    model = row.get("model_id")
+                    rows[f"{row['id']}.png"] = (model if isinstance(model, str) else None, _capture_time(row))
                 except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
                     continue
     except OSError as exc:  # an export another user keeps to itself (0600, read by `sudo -u inspectd`)
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return rows
+
+
+def _capture_time(row: dict) -> float | None:
+    """A row's `t_capture`, None where it is none a date can be told of (a hand-edited or corrupt row): its frame is
+    still the export's, only out of the span."""
+    t = row.get("t_capture")
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        return None
+    try:
+        _iso(float(t))
+    except (ValueError, OverflowError, OSError):
+        return None
+    return float(t)
 
 
 def captured_span(times: list[float]) -> dict[str, str | None]:
@@ -324,7 +333,7 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     # None where nothing was looked up (--any-model), so the record does not claim "checked, none".
     other: dict[str, int] | None = None
     unnamed: int | None = None
-    span: dict[str, str | None] = {"since": None, "until": None}
+    span: dict[str, str | int | None] = {"since": None, "until": None, "n_captured": None}
     if models is not None:
         other, unnamed = {}, 0
         # The same changeover as --archive's: an export of a span that crosses it holds the previous product's
@@ -356,7 +365,8 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
         paths = kept
         # An export appends to its folder: one exported into again still holds the older spans' frames, which the
         # lineage rule keeps, so the span actually taught on is worth saying.
-        span = captured_span([t for path in kept if (t := rows[path.name][1]) is not None])
+        times = [t for path in kept if (t := rows[path.name][1]) is not None]
+        span = {**captured_span(times), "n_captured": len(times)}
     record = {"folder": resolved, "export": str((root / MANIFEST_NAME).resolve()), "model_ids": models}
     left = [f"{_counted(other)} left out"] if other else []
     if unnamed:
@@ -366,7 +376,8 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
         paths,
         source,
         {**record, **span, "other_models": other, "not_in_export": unnamed},
-        {"good_dir": resolved, **span},  # where the thresholds came from, as an --archive teach's say it
+        # Where the thresholds came from, as an --archive teach's say it.
+        {"good_dir": resolved, "since": span["since"], "until": span["until"]},
         hint,
     )
 
@@ -920,10 +931,16 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             file=out,
         )
     if "export" in frames and frames.get("since"):
+        timed = frames.get("n_captured", frames["n"])
+        which, untimed = (
+            (f"the {frames['n']}", "")
+            if timed == frames["n"]
+            else (f"{timed} of the {frames['n']}", "; the others' rows give no time")
+        )
         print(
-            f"frames: the {frames['n']} frame(s) taught on were captured from {frames['since']} to {frames['until']} "
-            f"(by {MANIFEST_NAME}); an export adds to the frames of a folder exported into before: export each span "
-            "into a fresh folder",
+            f"frames: {which} frame(s) taught on were captured from {frames['since']} to {frames['until']} "
+            f"(by {MANIFEST_NAME}{untimed}); an export adds to the frames of a folder exported into before: export "
+            "each span into a fresh folder",
             file=out,
         )
     if frames.get("other_models"):

@@ -1032,7 +1032,9 @@ def test_an_export_says_and_records_when_the_frames_it_teaches_on_were_captured(
     """An export appends to its folder: exported into twice, it holds both spans' frames, and the lineage rule keeps
     the older span's too. The capture span of the frames taught on (from archive.jsonl) is printed and recorded as
     --archive records its span (`since`/`until`, UTC to the second, `until` excluded), a span that takes the same
-    frames from the archive; --any-model looks none of them up and records null."""
+    frames from the archive (here two archives: one archive exported twice would hold more between the two spans);
+    --any-model looks none of them up and records null. A row whose time no date holds (a hand-edited manifest) is
+    still the export's frame, outside the span, and said so."""
     import datetime
     import math
     import shutil
@@ -1081,6 +1083,20 @@ def test_an_export_says_and_records_when_the_frames_it_teaches_on_were_captured(
     frames = load_bundle(bundle).manifest["teach"]["frames"]
     assert frames["n"] == 16 and (frames["since"], frames["until"]) == (None, None), frames
     assert "captured" not in capsys.readouterr().out
+
+    # The newest frame's time made absurd, another's removed: 14 of the 16 give the span, the later archive's first
+    # 7 and the earlier's 8.
+    rows = [json.loads(line) for line in (export / "archive.jsonl").read_text().splitlines()]
+    newest = max(rows, key=lambda row: row["t_capture"])
+    newest["t_capture"] = 1e300
+    del min(rows, key=lambda row: row["t_capture"])["t_capture"]
+    (export / "archive.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    timed = sorted(times)[1:-1]
+    assert teach.run(args(bundle, good=str(export))) == 0
+    frames = load_bundle(bundle).manifest["teach"]["frames"]
+    assert (frames["n"], frames["n_captured"]) == (16, 14), frames
+    assert (frames["since"], frames["until"]) == (iso(min(timed)), iso(math.floor(max(timed)) + 1)), frames
+    assert "frames: 14 of the 16 frame(s) taught on were captured from" in capsys.readouterr().out
 
 
 def test_good_on_an_archive_export_takes_only_the_frames_of_this_bundles_model_and_those_it_was_taught_from(
