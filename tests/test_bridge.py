@@ -1023,7 +1023,16 @@ class Line:
         from inspectd.daemon.journal import Journal
 
         self.daemon = daemon
+        self.directory = journal_dir
         self.journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=SYNC_S)
+
+    def wipe(self) -> None:
+        """The daemon restarted with its journal wiped: a new one in the same directory, numbered from 0."""
+        from inspectd.daemon.journal import Journal
+
+        self.journal.close()
+        shutil.rmtree(self.directory)
+        self.journal = Journal(self.directory, max_bytes=1 << 20, fsync_interval_s=SYNC_S)
 
     def __call__(self, seq: int, publish: bool = True) -> None:
         frames = self.daemon.encode(seq)
@@ -1040,9 +1049,9 @@ BACKLOG_CONFIG = "ack_timeout_ms: 20000\npoll_ms: 5\nheartbeat_ms: 100\nqueue_si
 
 
 @contextlib.contextmanager
-def held_at_first(plc, daemon, tmp_path: Path) -> Iterator[tuple[Line, LogLines]]:
+def held_at_first(plc, daemon, tmp_path: Path, first: int = 1) -> Iterator[tuple[Line, LogLines]]:
     """The backlog tests' start: a bridge with BACKLOG_CONFIG and --journal on a `Line`, its PLC holding the ack of
-    result 1; the line and the bridge's log lines, the bridge stopped and the journal closed after."""
+    result `first`; the line and the bridge's log lines, the bridge stopped and the journal closed after."""
     config = tmp_path / "bridge.yaml"
     config.write_text(BACKLOG_CONFIG)
     line = Line(daemon, tmp_path / "journal")
@@ -1050,8 +1059,8 @@ def held_at_first(plc, daemon, tmp_path: Path) -> Iterator[tuple[Line, LogLines]
         log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(tmp_path / "journal"))))
         try:
             plc.acking.clear()
-            line(1)
-            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 waiting for its ack")
+            line(first)
+            wait(lambda: plc.field("status") & BIT["result_valid"], 10, f"result {first} waiting for its ack")
             yield line, log
         finally:
             log.stop()
@@ -1130,38 +1139,23 @@ def test_after_the_numbering_goes_back_max_backlog_measures_the_new_one(plc, dae
     The PLC holds its ack of 1 while 2..31 arrive: 30 behind in the new numbering, past max_backlog (20), so the
     bridge skips 2..21. Measured against the old skip (121) it was never behind at all, and the skip came only once
     the new numbering passed 141."""
-    config = tmp_path / "bridge.yaml"
-    config.write_text(BACKLOG_CONFIG)
-    line = Line(daemon, tmp_path / "journal")
-    try:
-        log = LogLines(Bridge(daemon, plc, config, extra=("--journal", str(tmp_path / "journal"))))
-        try:
-            plc.acking.clear()
-            line(101)
-            wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 101 waiting for its ack")
-            for seq in range(102, 123):
-                line(seq)
-            wait(lambda: log.events("backlog_skipped"), 10, "the skip at 122")
-            plc.acking.set()
-            wait(lambda: [r["id"] for r in plc.received] == [101, 122], 10, "101, then the newest")
-            # The daemon restarted with its journal wiped: a new one in the same directory, numbered from 0.
-            line.close()
-            shutil.rmtree(tmp_path / "journal")
-            line = Line(daemon, tmp_path / "journal")
-            line(0)
-            wait(lambda: [r["id"] for r in plc.received][-1:] == [0], 10, "the new numbering's first result")
-            plc.acking.clear()
-            line(1)
-            wait(lambda: plc.field("inspection_id") == 1, 10, "result 1 waiting for its ack")
-            for seq in range(2, 32):
-                line(seq)
-            wait(lambda: len(log.events("backlog_skipped")) == 2, 10, "a skip in the new numbering")
-            plc.acking.set()
-            wait(lambda: [r["id"] for r in plc.received][-1:] == [31], 10, "the line going on")
-        finally:
-            log.stop()
-    finally:
-        line.close()
+    with held_at_first(plc, daemon, tmp_path, first=101) as (line, log):
+        for seq in range(102, 123):
+            line(seq)
+        wait(lambda: log.events("backlog_skipped"), 10, "the skip at 122")
+        plc.acking.set()
+        wait(lambda: [r["id"] for r in plc.received] == [101, 122], 10, "101, then the newest")
+        line.wipe()
+        line(0)
+        wait(lambda: [r["id"] for r in plc.received][-1:] == [0], 10, "the new numbering's first result")
+        plc.acking.clear()
+        line(1)
+        wait(lambda: plc.field("inspection_id") == 1, 10, "result 1 waiting for its ack")
+        for seq in range(2, 32):
+            line(seq)
+        wait(lambda: len(log.events("backlog_skipped")) == 2, 10, "a skip in the new numbering")
+        plc.acking.set()
+        wait(lambda: [r["id"] for r in plc.received][-1:] == [31], 10, "the line going on")
     skipped = log.events("backlog_skipped")
     assert [(e["first"], e["last"]) for e in skipped] == [(102, 121), (2, 21)], skipped
     assert [r["id"] for r in plc.received] == [101, 122, 0, 1, *range(22, 32)]

@@ -562,6 +562,24 @@ def refusal(capsys) -> str:
     return line
 
 
+def memory_copy(trained: Path, good: Path, tmp_path: Path) -> tuple[Path, str, list[np.ndarray]]:
+    """For the archive tests (with the memory scorer only: once is enough): a copy of the trained bundle to teach,
+    its model id, and the good frames decoded, in name order."""
+    import shutil
+
+    import cv2
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundle = tmp_path / "b"
+    shutil.copytree(trained, bundle)
+    return (
+        bundle,
+        load_bundle(bundle).model_id,
+        [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(good.glob("*.png"))],
+    )
+
+
 def archive_of(
     root: Path, frames: list[tuple[np.ndarray, str]], defects: tuple[int, ...] = (), ago: float = 300.0
 ) -> list[str]:
@@ -1037,19 +1055,11 @@ def test_an_export_says_and_records_when_the_frames_it_teaches_on_were_captured(
     still the export's frame, outside the span, and said so."""
     import datetime
     import math
-    import shutil
-
-    import cv2
 
     from calibration import teach
     from inspectd.protocol.archive import ArchiveReader, parse_time
 
-    if "memory" not in trained.name:
-        pytest.skip("once is enough")
-    bundle = tmp_path / "b"
-    shutil.copytree(trained, bundle)
-    original = load_bundle(bundle).model_id
-    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(good.glob("*.png"))]
+    bundle, original, images = memory_copy(trained, good, tmp_path)
     earlier = archive_of(tmp_path / "earlier", [(image, original) for image in images[:8]], ago=2 * 3600)
     later = archive_of(tmp_path / "later", [(image, original) for image in images[8:]])
     export = export_of(tmp_path / "earlier", tmp_path / "export")
@@ -1107,19 +1117,11 @@ def test_good_on_an_archive_export_takes_only_the_frames_of_this_bundles_model_a
     recorded), --any-model takes them, an export of other models' frames only is refused in one line and nothing is
     written; --any-model on a folder that is not an export is refused."""
     import hashlib
-    import shutil
-
-    import cv2
 
     from calibration import teach
     from inspectd.protocol.archive import ArchiveReader
 
-    if "memory" not in trained.name:
-        pytest.skip("once is enough")
-    bundle = tmp_path / "b"
-    shutil.copytree(trained, bundle)
-    original = load_bundle(bundle).model_id
-    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(good.glob("*.png"))]
+    bundle, original, images = memory_copy(trained, good, tmp_path)
     owners = ["m-a"] * 4 + [original] * 12  # the other product's, then this bundle's
     ids = archive_of(tmp_path / "archive", list(zip(images, owners, strict=True)))
     ours = [i for i, owner in zip(ids, owners, strict=True) if owner != "m-a"]
