@@ -475,22 +475,26 @@ class Feeder:
         limit = settings.max_backlog
         handed, behind = self._behind(camera, handshake, seq)
         start = max(self.examined[camera], handed)
-        if limit is not None and seq > start + 1 and self._hangs_on(camera, behind, settings):
+        # A read can only lower the count: it matters where a lower one could decide otherwise.
+        hangs_on = self._decision(camera, behind, settings) != self._decision(camera, 0, settings)
+        if limit is not None and seq > start + 1 and hangs_on:
             # Only where the count in seqs would skip or change what is logged: a jump of each frame an overloaded
             # daemon drops, on a PLC that keeps up, reads nothing. Without max_backlog nothing is read at all: the
             # count feeds the plc_behind warning alone.
             if not await self._read_holes(camera, seq, handed, start, limit):
                 return  # the numbering went back meanwhile: the count was of the old one
             handed, behind = self._behind(camera, handshake, seq)
-        if limit is not None and behind > limit:
+        decision = self._decision(camera, behind, settings)
+        if decision == "skip":
+            assert limit is not None
             self.pending.pop(camera, None)
             handshake.skip_queued(seq)
             self.catch_up.skip(camera, seq)
             self._skipped(camera, handed, seq, limit)
-        elif behind > settings.queue_size and camera not in self.behind:
+        elif decision == "plc_behind":
             self.behind.add(camera)
             log.warning("plc_behind", camera=camera, behind=behind, handed_over=handed, newest=seq)
-        elif behind <= max(1, settings.queue_size // 2) and camera in self.behind:
+        elif decision == "plc_caught_up":
             self.behind.discard(camera)
             log.info("plc_caught_up", camera=camera, behind=max(0, behind))
 
@@ -502,13 +506,14 @@ class Feeder:
         stretches[:] = [(first, last) for first, last in stretches if last > handed]
         return handed, seq - handed - _overlap(stretches, handed + 1, seq)
 
-    def _hangs_on(self, camera: str, behind: int, settings) -> bool:
-        """Whether seqs counted in `behind` that the journal may not hold could change what is decided or logged."""
-        if behind > settings.max_backlog:
-            return True
-        if camera in self.behind:
-            return behind > max(1, settings.queue_size // 2)
-        return behind > settings.queue_size
+    def _decision(self, camera: str, behind: int, settings) -> str | None:
+        """What `behind` results waiting decide: "skip" (past max_backlog), "plc_behind" (past the queue, said once),
+        "plc_caught_up" (back within half of it after that), else None."""
+        if settings.max_backlog is not None and behind > settings.max_backlog:
+            return "skip"
+        if camera not in self.behind:
+            return "plc_behind" if behind > settings.queue_size else None
+        return "plc_caught_up" if behind <= max(1, settings.queue_size // 2) else None
 
     async def _read_holes(self, camera: str, seq: int, handed: int, start: int, limit: int) -> bool:
         """Learn which seqs after `start` up to the live `seq` the journal holds, reading no more records than a skip
