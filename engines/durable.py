@@ -3,15 +3,29 @@ replacing one, making a directory's entries durable and swapping two directories
 all or nothing, where one step is not available).
 
 It sits below every layer (it imports nothing of the project), so the bundle store (engines.bundle), the daemon's
-journal and the bridges' state files (through inspectd.durable) share it.
+journal and the bridges' state files (through inspectd.durable) share it, and the checksum those files are verified
+by (sha256_file).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 from pathlib import Path
+
+
+def sha256_file(path: Path, sync: bool = False) -> str:
+    """The sha256 of a file's bytes, read in chunks; `sync`: fsynced on the way too (a file just written, about to be
+    named in a manifest that says it is whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

@@ -9,9 +9,9 @@ import fcntl
 import os
 from pathlib import Path
 
-from engines.durable import fsync_dir, replace_file
+from engines.durable import fsync_dir, replace_file, sha256_file, write_file
 
-__all__ = ["fsync_dir", "hold_lock", "replace_file"]
+__all__ = ["fsync_dir", "hold_lock", "replace_file", "sha256_file", "write_file"]
 
 
 def hold_lock(path: Path) -> int | None:

@@ -40,21 +40,13 @@ from engines.bundle.format import (
     recipe_of,
     valid_bit_depth,
 )
-from engines.durable import exchange, fsync_dir, replace_dir, replace_file, write_file
+from engines.durable import exchange, fsync_dir, replace_dir, replace_file, sha256_file, write_file
 from engines.errors import BundleError
 
 # Readable by a daemon running as another user, as the bundle directory is (write_bundle).
 FILE_MODE = 0o644
 # manifest["replacing"]: {file: sha256} of a rewrite in progress (Bundle.replace_file); the file may hold either.
 PENDING = "replacing"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

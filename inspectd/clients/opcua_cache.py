@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dbm
-import hashlib
 import importlib
 import json
 import os
@@ -38,8 +37,7 @@ from typing import Any
 
 import structlog
 
-from engines.durable import write_file
-from inspectd.durable import fsync_dir, hold_lock
+from inspectd.durable import fsync_dir, hold_lock, sha256_file, write_file
 from inspectd.errors import one_line
 
 log = structlog.get_logger("inspectd.clients.opcua")
@@ -151,7 +149,7 @@ class Cache:
             if present != sorted(files):
                 return f"holds {', '.join(present) or 'nothing'}, expected {', '.join(sorted(files))}"
             for name, digest in files.items():
-                if _sha256(self.path / name) != digest:
+                if sha256_file(self.path / name) != digest:
                     return f"{name}: changed since it was written (its sha256 differs)"
         except OSError as exc:
             return f"unreadable ({one_line(exc)})"
@@ -180,22 +178,12 @@ class Cache:
             # where asyncua does not look: an empty file there lets it find the shelf, which dbm then opens by its
             # own detection of those files.
             shelf.touch()
-        files = {entry.name: _sha256(entry, sync=True) for entry in sorted(build.iterdir())}
+        files = {entry.name: sha256_file(entry, sync=True) for entry in sorted(build.iterdir())}
         manifest = {**self.versions, "files": files}
         write_file(build / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"), mode=0o640)
         fsync_dir(build)
         os.rename(build, self.path)
         fsync_dir(self.directory)
-
-
-def _sha256(path: Path, sync: bool = False) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-        if sync:
-            os.fsync(file.fileno())
-    return digest.hexdigest()
 
 
 async def init_server(directory: Path | None) -> Any:
