@@ -289,7 +289,7 @@ def exported_rows(root: Path) -> dict[str, tuple[str | None, float | None]]:
                     row = json.loads(line)
                     model = row.get("model_id")
                     rows[f"{row['id']}.png"] = (model if isinstance(model, str) else None, _capture_time(row))
-                except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+                except (ValueError, TypeError, KeyError, AttributeError):
                     continue
     except OSError as exc:  # an export another user keeps to itself (0600, read by `sudo -u inspectd`)
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -303,10 +303,10 @@ def _capture_time(row: dict) -> float | None:
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         return None
     try:
-        _iso(float(t))
+        _iso(t := float(t))
     except (ValueError, OverflowError, OSError):
         return None
-    return float(t)
+    return t
 
 
 def captured_span(times: list[float]) -> dict[str, str | None]:
@@ -333,7 +333,7 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     # None where nothing was looked up (--any-model), so the record does not claim "checked, none".
     other: dict[str, int] | None = None
     unnamed: int | None = None
-    span: dict[str, str | int | None] = {"since": None, "until": None, "n_captured": None}
+    span: dict[str, str | int | None] = {**captured_span([]), "n_captured": None}
     if models is not None:
         other, unnamed = {}, 0
         # The same changeover as --archive's: an export of a span that crosses it holds the previous product's
@@ -931,7 +931,7 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             file=out,
         )
     if "export" in frames and frames.get("since"):
-        timed = frames.get("n_captured", frames["n"])
+        timed = frames["n_captured"]
         which, untimed = (
             (f"the {frames['n']}", "")
             if timed == frames["n"]
