@@ -514,6 +514,7 @@ def test_server_mode_builds_its_address_space_cache_once_and_loads_it_from_the_n
     assert events["bridge_stopped"]["written"] == 1
     assert cached == built
     assert cached["namespaces"][-1] == "urn:inspectd:bridge", cached
+    assert cached["namespaces"].index("urn:inspectd:bridge") == 1, cached  # PLC.md: ns=1 with the defaults
     assert {name.split(":")[1] for name, *_ in cached[CAMERA]} == set(VAR.values()), cached
 
 
