@@ -106,15 +106,21 @@ def wait_served(web: subprocess.Popen, url: str, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-async def overlay_shown(browser: Browser, archive_id: str, timeout: float = 30.0) -> dict:
+async def overlay_shown(browser: Browser, archive_id: str, timeout: float = 75.0) -> dict:
+    """The overlay of `archive_id` as the page shows it. Waited for as long as the page asks for it again (about a
+    minute: a loaded machine can hold the archive writer back past the retries of the first half minute), so the
+    outcome is the page's: shown, or given up on (`data-missing`), which fails here."""
     selector = json.dumps(f'img[data-archive-id="{archive_id}"]')
-    return await browser.wait_for(
+    shown = await browser.wait_for(
         f"(() => {{ const img = document.querySelector({selector});"
+        " if (img && img.dataset.missing) return {missing: true};"
         " return img && img.dataset.loadedAt && img.naturalWidth > 0"
         " ? {loadedAt: Number(img.dataset.loadedAt), width: img.naturalWidth, height: img.naturalHeight} : null; })()",
         timeout,
         f"the overlay of {archive_id}",
     )
+    assert not shown.get("missing"), f"the page gave up on the overlay of {archive_id} (not in the archive)"
+    return shown
 
 
 def test_web_view_in_a_real_browser_shows_defects_live_and_survives_a_daemon_restart(tmp_path):
