@@ -299,7 +299,7 @@ def test_server_mode_catches_up_from_the_journal_after_a_restart(daemon, tmp_pat
     from inspectd.daemon.journal import Journal
 
     journal_dir = tmp_path / "journal"
-    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
+    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=3600)  # flushed by hand: no syncer spinning
     port = free_port()
     bridge, url = server_bridge(daemon, tmp_path, port, extra=["--journal", str(journal_dir)])
     plc = PlcClient(url)
@@ -1126,7 +1126,7 @@ def test_client_mode_with_a_narrow_id_and_no_recorded_ack_replays_the_journal_at
     plc = PlcServer(port, values=values, types={**PLC_TYPES, "inspection_id": "Int16", "ack": "Int16"})
     program = plc.run_program()
     journal_dir = tmp_path / "journal"
-    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=0)
+    journal = Journal(journal_dir, max_bytes=1 << 20, fsync_interval_s=3600)  # flushed by hand: no syncer spinning
     for seq in range(39990, 40005):
         journal.append(CAMERA, seq, daemon.encode(seq))
     journal.flush()
