@@ -479,6 +479,16 @@ def hand_over_one(daemon, url: str, seq: int) -> None:
         plc.close()
 
 
+def served_one(daemon, tmp_path, cache: Path) -> Bridge:
+    """A server-mode bridge on `cache` that hands one result over and is stopped: its log, to read what it said."""
+    bridge, url = server_bridge(daemon, tmp_path, free_port(), cache=cache)
+    try:
+        hand_over_one(daemon, url, 1)
+    finally:
+        bridge.stop()
+    return bridge
+
+
 def test_server_mode_builds_its_address_space_cache_once_and_loads_it_from_the_next_start(daemon, tmp_path):
     """The first start builds the standard address space and writes it into the cache; the next loads it from there
     without rewriting it, and what a client sees of the server is the same either way."""
@@ -534,11 +544,7 @@ def test_a_damaged_address_space_cache_is_rebuilt_with_one_warning_and_the_bridg
     leftover = cache / f".{PREFIX}killed.tmp"
     leftover.mkdir()
     (leftover / SHELF).write_bytes(b"half")
-    bridge, url = server_bridge(daemon, tmp_path, free_port(), cache=cache)
-    try:
-        hand_over_one(daemon, url, 1)
-    finally:
-        bridge.stop()
+    bridge = served_one(daemon, tmp_path, cache)
     (warning,) = bridge.events("address_space_cache_rebuilt")
     assert warning["level"] == "warning" and warning["path"] == str(shelf_dir), warning
     assert f"{data.name}: changed since it was written" in warning["reason"], warning
@@ -593,11 +599,7 @@ def test_the_address_space_cache_defaults_to_systemds_cache_directory_and_an_emp
 def test_an_address_space_cache_that_cannot_be_used_is_one_warning_and_the_bridge_serves(daemon, tmp_path):
     cache = tmp_path / "cache"
     cache.write_text("a file where the cache directory should be")
-    bridge, url = server_bridge(daemon, tmp_path, free_port(), cache=cache)
-    try:
-        hand_over_one(daemon, url, 1)
-    finally:
-        bridge.stop()
+    bridge = served_one(daemon, tmp_path, cache)
     (warning,) = bridge.events("address_space_cache_unused")
     assert warning["cache"] == str(cache) and "expected a directory" in warning["error"], warning
     assert not bridge.events("address_space_loaded") and not bridge.events("address_space_cache_rebuilt")
