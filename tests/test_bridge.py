@@ -1283,6 +1283,20 @@ class Block:
         self.values.update({name: value for name, value in fields.items() if name in self.values})
 
 
+class Watched(Block):
+    """A Block that keeps the status flags written to it and counts the heartbeats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: list[frozenset] = []
+        self.beats = 0
+
+    async def write(self, fields: dict, last: str | None = None) -> None:
+        await super().write(fields, last)
+        self.statuses += [fields["status"]] if "status" in fields else []
+        self.beats += "heartbeat" in fields
+
+
 def reads_of_journal(daemon, journal_dir: Path, max_backlog: int | None, live, acking: bool = True):
     """Drive a Feeder as the bridge does (each of `live` journalled, then heard live; the handshake's run handing
     over what it can in between) and return the bounded journal reads it made, each (after, most, whether on the
@@ -1311,7 +1325,7 @@ def reads_of_journal(daemon, journal_dir: Path, max_backlog: int | None, live, a
         feeder = Feeder(Reads(journal_dir, f"inspect.{STATION}.{CAMERA}.", [CAMERA]), Router([handshake]))
         handshake.room = feeder.room
         stop = asyncio.Event()
-        running = asyncio.ensure_future(handshake.run(stop))
+        running = [asyncio.ensure_future(handshake.run(stop)), asyncio.ensure_future(feeder.run(stop))]
         for seq in live:
             frames = daemon.encode(seq)
             line.journal.append(CAMERA, seq, frames)
@@ -1321,7 +1335,7 @@ def reads_of_journal(daemon, journal_dir: Path, max_backlog: int | None, live, a
                 await asyncio.sleep(0.001)
         stop.set()
         handshake.cut_short()
-        await asyncio.gather(running, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)
         return feeder, handshake
 
     try:
@@ -1413,17 +1427,6 @@ def test_a_slow_journal_read_is_not_the_daemons_silence(daemon, tmp_path, monkey
     monkeypatch.setattr(bridge, "SETTLE_S", 0.05)
     monkeypatch.setattr(bridge, "_journal_newest", slow_newest)
 
-    class Watched(Block):
-        def __init__(self) -> None:
-            super().__init__()
-            self.statuses: list[frozenset] = []
-            self.beats = 0
-
-        async def write(self, fields: dict, last: str | None = None) -> None:
-            await super().write(fields, last)
-            self.statuses += [fields["status"]] if "status" in fields else []
-            self.beats += "heartbeat" in fields
-
     async def run() -> tuple[list[frozenset], Watched]:
         target = Watched()
         settings = HandshakeSettings(ack_timeout_ms=5000, poll_ms=1, heartbeat_ms=20)
@@ -1459,6 +1462,73 @@ def test_a_slow_journal_read_is_not_the_daemons_silence(daemon, tmp_path, monkey
         release.set()
         signal.signal(signal.SIGTERM, handler)
     assert all("trigger_ready" in status for status in during), during
+
+
+def test_a_hole_fill_held_up_by_a_slow_disk_leaves_the_heartbeat_beating(daemon, tmp_path, monkeypatch):
+    """3 and 4 were lost on the way, so 5 waits for a hole fill from the journal, whose read (a segment parsed from
+    its start: a tenth of a second and more for a full one) is held up here as a slow disk would hold it. The read
+    is made off the event loop: the PLC's heartbeat goes on while it lasts; then 3, 4 and 5 are handed over in order."""
+    import argparse
+
+    from inspectd.clients import bridge
+    from inspectd.clients.handshake import Handshake, HandshakeSettings
+    from inspectd.protocol import journal
+
+    target = Watched()
+    reading = threading.Event()
+    beats_during: list[int] = []
+    read_since = journal.read_since
+
+    def slow_read_since(directory, camera, seq, *args, **kwargs):
+        if seq == 2:  # the hole fill after 2 (the only read of the journal that starts there)
+            reading.set()
+            start, deadline = target.beats, time.monotonic() + 5
+            while target.beats < start + 10 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            beats_during.append(target.beats - start)
+        yield from read_since(directory, camera, seq, *args, **kwargs)
+
+    monkeypatch.setattr(journal, "read_since", slow_read_since)
+    monkeypatch.setattr(bridge, "SETTLE_S", 0.05)
+    line = Line(daemon, tmp_path / "journal")
+
+    async def run() -> Watched:
+        settings = HandshakeSettings(ack_timeout_ms=5000, poll_ms=1, heartbeat_ms=20)
+        handshake = Handshake(target, settings, CAMERA)
+        await handshake.start()
+        args = argparse.Namespace(
+            topic=f"inspect.{STATION}.{CAMERA}.", journal=line.directory, endpoint=daemon.endpoint
+        )
+        running = asyncio.ensure_future(bridge._bridge([handshake], settings, args, None, bridge.AckedState(None), {}))
+
+        async def until(predicate, what: str) -> None:
+            deadline = time.monotonic() + 10
+            while not predicate():
+                assert time.monotonic() < deadline and not running.done(), f"waiting for {what}"
+                daemon.status()
+                await asyncio.sleep(0.01)
+
+        await until(lambda: target.statuses and "trigger_ready" in target.statuses[-1], "trigger_ready")
+        for seq in (1, 2):
+            line(seq)
+            await until(lambda seq=seq: target.values["inspection_id"] == seq, f"result {seq} handed over")
+        line(3, publish=False)
+        line(4, publish=False)
+        line(5)
+        await until(reading.is_set, "the hole fill's journal read")
+        await until(lambda: target.values["inspection_id"] == 5, "results 3..5 handed over")
+        signal.raise_signal(signal.SIGTERM)
+        assert await running == 0
+        return handshake
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        handshake = asyncio.run(run())
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        line.close()
+    assert beats_during and beats_during[0] >= 10, beats_during
+    assert handshake.counters.sequence_gaps == 0 and not handshake.alarm
 
 
 def test_a_second_bridge_on_the_same_state_dir_is_refused_with_one_line(plc, daemon, bridge_config, tmp_path):

@@ -349,7 +349,12 @@ class Feeder:
     skip or change what is logged; forgotten once the PLC is past them. A read that fails, or does not hold the live
     result the daemon journalled before publishing it, learns nothing: those seqs count. Without `max_backlog` the
     journal is not read for it, and behind counts seqs. Every such read is made off the event loop, and awaited: the
-    bridge takes in nothing after the result it is for until it is done."""
+    bridge takes in nothing after the result it is for until it is done.
+
+    The replays and hole fills are pulled off the event loop too (a pull that starts a read parses the camera's
+    journal segment from its start: a tenth of a second or more for a full one), so the handshakes go on beating and
+    polling acks meanwhile. One pull, measurement or change of the catch-up's state at a time (`_reading`): a live
+    result waits for a pull in progress, and a queue the PLC made room in is refilled by `run`, the Feeder's task."""
 
     def __init__(self, catch_up: JournalCatchUp, router: Router) -> None:
         self.catch_up = catch_up
@@ -367,8 +372,16 @@ class Feeder:
         # not, until a read says (or the PLC has taken what lies before)
         self.examined: dict[str, int] = {}
         self.numbering: dict[str, int] = {}  # camera -> numberings seen go back: a read made in an older one is void
+        self._reading = asyncio.Lock()
+        self._room: set[str] = set()  # cameras whose queue the PLC made room in since `run` last refilled it
+        self._roomed = asyncio.Event()
 
     async def resume(self, since: dict[str, int]) -> None:
+        """Replay each camera's journal after its seq in `since` (a restart's catch-up), as the PLC takes it."""
+        async with self._reading:
+            await self._resume(since)
+
+    async def _resume(self, since: dict[str, int]) -> None:
         for camera, seq in since.items():
             self.heard.add(camera)
             self.since[camera] = seq
@@ -399,7 +412,7 @@ class Feeder:
                     after = target - 1
                     self.examined[camera] = target
             self.pending[camera] = self._counted(camera, after, self.catch_up.resume({camera: after}))
-            self.pump(camera)
+            await self._pump(camera)
 
     def _counted(self, camera: str, after: int, replay: Iterator[Result]) -> Iterator[Result]:
         count = 0
@@ -410,6 +423,11 @@ class Feeder:
         log.info("journal_caught_up", camera=camera, after=after, results=count)
 
     async def live(self, result: Result) -> None:
+        """Take a result heard live, and hand over what it lets through (after any hole fill before it)."""
+        async with self._reading:
+            await self._live(result)
+
+    async def _live(self, result: Result) -> None:
         camera = result.camera
         if camera not in self.heard:
             # Where a camera resumes may be known only now: a slot without a camera binds to the first one heard, and
@@ -420,7 +438,7 @@ class Feeder:
                 # Before this result: the PLC cannot hold a seq published after the bridge subscribed.
                 handshake.place(None, result.seq - 1)
                 if self.catch_up.directory is not None and handshake.last_id is not None:
-                    await self.resume({camera: handshake.last_id})
+                    await self._resume({camera: handshake.last_id})
         if camera not in self.went_live:
             self.went_live.add(camera)
             if self.catch_up.directory is not None and self.router.handshake(camera) is not None:
@@ -439,7 +457,7 @@ class Feeder:
         if self.catch_up.directory is not None:
             await self._watch_backlog(camera, result.seq)
         self.newest[camera] = result
-        self.pump(camera)
+        await self._pump(camera)
 
     async def _check_journal(self, camera: str, seq: int) -> None:
         """`seq`, the first live result of `camera`, is in the journal the daemon writes: it journals each result
@@ -577,16 +595,36 @@ class Feeder:
         )
 
     def room(self, handshake) -> None:
+        """The handshake's queue has room (it is called on the event loop and must not wait): `run` refills it."""
         if handshake.camera is not None:
-            self.pump(handshake.camera)
+            self._room.add(handshake.camera)
+            self._roomed.set()
 
-    def pump(self, camera: str) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
+        """Refill the queues the PLC makes room in, until `stop`; a task beside the handshakes' own."""
+        while not stop.is_set():
+            if not self._room:
+                self._roomed.clear()
+                waiter = asyncio.ensure_future(self._roomed.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            camera = min(self._room)
+            self._room.discard(camera)
+            async with self._reading:
+                await self._pump(camera)
+
+    async def _pump(self, camera: str) -> None:
         bounded = self.catch_up.directory is not None
         while True:
             handshake = self.router.handshake(camera)
             if bounded and handshake is not None and handshake.space() <= 0:
                 break
-            item = next(self.pending.get(camera, iter(())), None)
+            pending = self.pending.get(camera)
+            # The pull may read the journal (a hole fill or replay starts by parsing its segment): off the loop.
+            item = None if pending is None else await asyncio.to_thread(next, pending, None)
             if item is None:
                 self.pending.pop(camera, None)  # so a camera in `pending` has a replay or hole fill under way
                 newest = self.newest.pop(camera, None)
@@ -749,7 +787,8 @@ async def _bridge(
                 pass
 
     runs = [asyncio.ensure_future(h.run(stop)) for h in handshakes]
-    tasks = [asyncio.ensure_future(receive()), asyncio.ensure_future(tick()), *runs]
+    refill = asyncio.ensure_future(feeder.run(stop))
+    tasks = [asyncio.ensure_future(receive()), asyncio.ensure_future(tick()), refill, *runs]
     stopper = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     failure = next((t.exception() for t in done if t is not stopper and t.exception()), None)
