@@ -918,6 +918,51 @@ def test_a_bridge_serving_the_first_camera_heard_catches_up_once_that_camera_is_
     assert json.loads((tmp_path / "state" / "acked.json").read_text()) == {"acked": {CAMERA: last}}
 
 
+@pytest.mark.parametrize("listed", [True, False], ids=["camera-still-runs", "camera-gone"])
+def test_a_bridge_serving_the_first_camera_heard_catches_up_on_a_quiet_line_from_the_daemons_status(
+    plc, daemon, bridge_config, tmp_path, listed
+):
+    """A `camera: null` bridge restarted while the line stands still: the results published while it was down are
+    owed to the PLC now (the parts may wait at the reject gate), not at the next part. The daemon's status message
+    lists the camera the state file records, so the block binds to it and the replay comes at once. Where the status
+    does not list it (renamed, removed), nothing is bound to it: the first result heard decides, as at a first
+    start."""
+    extra = ("--journal", str(tmp_path / "journal"), "--state-dir", str(tmp_path / "state"))
+    topic = f"inspect.{STATION}."
+    line = Line(daemon, tmp_path / "journal")
+    try:
+        bridge = Bridge(daemon, plc, bridge_config, topic, extra=extra)
+        for seq in range(1, 11):
+            line(seq)
+        wait(lambda: len(plc.received) >= 10, 20, "1..10 handed over")
+        bridge.stop()
+        for seq in range(11, 21):  # published while no bridge listens
+            line(seq)
+        bridge = Bridge(daemon, plc, bridge_config, topic, extra=extra)
+        cameras = {CAMERA if listed else "top": {"state": "running"}}
+        if listed:
+            wait(lambda: daemon.status(cameras=cameras) or len(plc.received) >= 20, 20, "11..20 from the journal")
+            assert [r["id"] for r in plc.received] == list(range(1, 21))
+        else:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:  # a second of the daemon's status messages, faster than 1 Hz
+                daemon.status(cameras=cameras)
+                time.sleep(0.02)
+            assert len(plc.received) == 10 and '"camera_bound"' not in bridge.output()
+            line(21)  # the line starts: its first result binds the block, and the replay comes before it
+            wait(lambda: len(plc.received) >= 21, 20, "11..21")
+            assert [r["id"] for r in plc.received] == list(range(1, 22))
+        events = bridge.stop()
+    finally:
+        line.close()
+    assert events["camera_bound"]["camera"] == CAMERA
+    assert events["camera_bound"]["heard"] == ("status" if listed else "result")
+    assert events["camera_bound"]["resume_after"] == 10
+    # Without the status the replay starts at 21, which the daemon journalled before publishing it: 11..21.
+    assert events["bridge_stopped"]["sequence_gaps"] == 0
+    assert events["bridge_stopped"]["journal_replayed"] == (10 if listed else 11)
+
+
 class LogLines:
     """A bridge's JSON log lines as they come (read on a thread), for a test that waits on what the bridge did."""
 

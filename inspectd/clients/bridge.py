@@ -187,23 +187,42 @@ class Router:
         """The handshake serving `camera`, None when none does (yet)."""
         return next((h for h in self.handshakes if h.camera == camera), None)
 
-    def bind(self, camera: str, seq: int):
+    def bind(self, camera: str, newest: int | None, heard: str = "result"):
         """The handshake serving `camera`, binding a slot without a camera to it when there is one (placed by the
-        camera's recorded ack, or against `seq`, its result that arrived first); None when none serves it."""
+        camera's recorded ack, or against `newest`, the latest seq the PLC can hold: the one before the camera's
+        result that arrived first, or the newest journalled); None when none serves it."""
         handshake = self.handshake(camera)
         if handshake is not None:
             return handshake
         for handshake in self.handshakes:
             if handshake.camera is None:
                 handshake.camera = camera
-                # Before `seq`: the PLC cannot hold a result published after the bridge subscribed.
-                handshake.place(None if self.acked is None else self.acked.get(camera), seq - 1)
-                log.info("camera_bound", camera=camera, resume_after=handshake.last_id)
+                handshake.place(None if self.acked is None else self.acked.get(camera), newest)
+                log.info("camera_bound", camera=camera, resume_after=handshake.last_id, heard=heard)
                 return handshake
         return None
 
+    def recorded(self, status: dict[str, Any], prefix: str) -> str | None:
+        """The camera the one slot without a camera served before a restart, where a daemon status message shows
+        it still runs: the only camera the state file records that the status lists, that the topic prefix takes and
+        that no other slot serves. None where that is not one camera (several slots without a camera, or several
+        such cameras: the first results decide which block gets which, as at a first start)."""
+        if self.acked is None or sum(h.camera is None for h in self.handshakes) != 1:
+            return None
+        station, cameras = status.get("station"), status.get("cameras")
+        if not isinstance(station, str) or not isinstance(cameras, dict):
+            return None
+        found = [
+            camera
+            for camera in self.acked.acked
+            if camera in cameras
+            and f"inspect.{station}.{camera}.".startswith(prefix)
+            and self.handshake(camera) is None
+        ]
+        return found[0] if len(found) == 1 else None
+
     def route(self, result: Result) -> None:
-        handshake = self.bind(result.camera, result.seq)
+        handshake = self.bind(result.camera, result.seq - 1)
         if handshake is not None:
             handshake.offer(result)
             return
@@ -422,6 +441,23 @@ class Feeder:
             yield result
         log.info("journal_caught_up", camera=camera, after=after, results=count)
 
+    async def status(self, status: dict[str, Any], prefix: str) -> None:
+        """A daemon status message: a slot without a camera binds to the camera it served before a restart where the
+        message shows that camera still runs (Router.recorded), and the camera's replay starts now: on a quiet line
+        its next result may be long in coming."""
+        async with self._reading:
+            camera = self.router.recorded(status, prefix)
+            if camera is None or camera in self.heard:
+                return
+            directory = self.catch_up.directory
+            newest = None if directory is None else await asyncio.to_thread(_journal_newest, directory, camera)
+            handshake = self.router.bind(camera, newest, heard="status")
+            if handshake is None or not handshake.placed() or handshake.last_id is None:
+                return  # its first result places it, and starts the replay
+            self.heard.add(camera)
+            if directory is not None:
+                await self._resume({camera: handshake.last_id})
+
     async def live(self, result: Result) -> None:
         """Take a result heard live, and hand over what it lets through (after any hole fill before it)."""
         async with self._reading:
@@ -433,7 +469,7 @@ class Feeder:
             # Where a camera resumes may be known only now: a slot without a camera binds to the first one heard, and
             # a PLC id that could not be placed at start is placed against this result. Its replay comes first.
             self.heard.add(camera)
-            handshake = self.router.bind(camera, result.seq)
+            handshake = self.router.bind(camera, result.seq - 1)
             if handshake is not None:
                 # Before this result: the PLC cannot hold a seq published after the bridge subscribed.
                 handshake.place(None, result.seq - 1)
@@ -728,22 +764,24 @@ async def _bridge(
         except MessageError as exc:
             log.warning("message_refused", error=str(exc))
             return
-        if isinstance(message, Result):
-            # One message at a time: a journal read it waits for holds up the next. Whatever the daemon sends
-            # meanwhile waits on the socket, so that wait is the bridge's, not the daemon's silence: the tick takes
-            # the daemon as alive through it (dropping trigger_ready for a slow disk would stop the line), and its
-            # silence is counted from the end of it, the last message having come just before.
-            feeding[0] = True
-            try:
+        # One message at a time: a journal read it waits for holds up the next. Whatever the daemon sends meanwhile
+        # waits on the socket, so that wait is the bridge's, not the daemon's silence: the tick takes the daemon as
+        # alive through it (dropping trigger_ready for a slow disk would stop the line), and its silence is counted
+        # from the end of it, the last message having come just before.
+        feeding[0] = True
+        try:
+            if isinstance(message, Result):
                 await feeder.live(message)
-            finally:
-                feeding[0] = False
-                last_heard[0] = time.monotonic()
-        else:
-            if message.get("healthy") is not None:
-                healthy[0] = bool(message["healthy"])
-            for handshake in handshakes:  # written with the next result or heartbeat
-                handshake.follow_daemon(message)
+                return
+            if any(handshake.camera is None for handshake in handshakes):
+                await feeder.status(message, prefix)
+        finally:
+            feeding[0] = False
+            last_heard[0] = time.monotonic()
+        if message.get("healthy") is not None:
+            healthy[0] = bool(message["healthy"])
+        for handshake in handshakes:  # written with the next result or heartbeat
+            handshake.follow_daemon(message)
 
     if args.journal is not None:
         # Subscribed first and waited for the first live message, so everything journalled after the read below is
