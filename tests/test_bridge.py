@@ -1413,6 +1413,62 @@ def test_a_jump_the_backlog_decision_hangs_on_is_read_once_off_the_event_loop(da
     assert [result.seq for result in handshake.queue] == [2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("max_backlog", [None, 2])
+def test_a_journal_of_another_numbering_fills_no_hole(daemon, tmp_path, max_backlog):
+    """The daemon restarted without its journal (its numbering starts again at 1) while the bridge's --journal still
+    holds the old numbering's 1..100: those records are other parts' verdicts. The first live result is checked
+    against the record under its seq, another frame there is told (`journal_other_numbering`), and the hole at 3 is a
+    gap with its reason, never filled with the old 3; nor is the journal read to measure a backlog."""
+    from inspectd.clients.bridge import Feeder, Router
+    from inspectd.clients.handshake import Handshake, HandshakeSettings
+    from inspectd.clients.subscribe import OTHER_NUMBERING, JournalCatchUp
+    from inspectd.protocol.messages import decode
+
+    journal_dir = tmp_path / "journal"
+    line = Line(daemon, journal_dir)
+    for seq in range(1, 101):
+        line(seq, publish=False)  # the old numbering
+    handed: list[int] = []
+
+    class Taken(Block):
+        async def write(self, fields: dict, last: str | None = None) -> None:
+            await super().write(fields, last)
+            handed.extend([fields["inspection_id"]] if "inspection_id" in fields else [])
+
+    async def feed(live: list[list[bytes]]) -> tuple[Feeder, Handshake]:
+        settings = HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=4, max_backlog=max_backlog)
+        handshake = Handshake(Taken(), settings, CAMERA)
+        await handshake.start()
+        catch_up = JournalCatchUp(journal_dir, f"inspect.{STATION}.{CAMERA}.", [CAMERA])
+        feeder = Feeder(catch_up, Router([handshake]))
+        handshake.room = feeder.room
+        stop = asyncio.Event()
+        running = [asyncio.ensure_future(handshake.run(stop)), asyncio.ensure_future(feeder.run(stop))]
+        for frames in live:
+            result = decode(frames)
+            await feeder.live(result)
+            while (handshake.last_id, handshake.waiting_for) != (result.seq, None):
+                await asyncio.sleep(0.001)
+        stop.set()
+        handshake.cut_short()
+        await asyncio.gather(*running, return_exceptions=True)
+        return feeder, handshake
+
+    try:
+        time.sleep(0.01)  # the new numbering's capture times differ from the old one's
+        new = [daemon.encode(seq) for seq in (1, 2, 4, 5, 6, 7)]  # 3 lost on the way; the journal is off now
+        with structlog.testing.capture_logs() as logs:
+            feeder, handshake = asyncio.run(feed(new))
+    finally:
+        line.close()
+    told = [entry for entry in logs if entry["event"] == "journal_other_numbering"]
+    assert len(told) == 1 and told[0]["seq"] == 1 and told[0]["log_level"] == "warning", told
+    gaps = [(entry["first"], entry["last"], entry["reason"]) for entry in logs if entry["event"] == "gap"]
+    assert gaps == [(3, 3, OTHER_NUMBERING)]
+    assert handshake.counters.sequence_gaps == 1 and feeder.catch_up.recovered == 0
+    assert handed == [1, 2, 4, 5, 6, 7] and not any(event["event"] == "backlog_skipped" for event in logs)
+
+
 def test_a_restart_skips_past_its_resume_point_when_the_line_starts_while_the_journal_is_read(daemon, tmp_path):
     """After a power cut the recorded ack (8) is past the journal's newest (5: its tail was lost) and the line starts
     while the bridge measures its replay: 20..22 are journalled between its read of the journal's newest and its read

@@ -39,7 +39,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from inspectd.clients.subscribe import JournalCatchUp
+from inspectd.clients.subscribe import OTHER_NUMBERING, JournalCatchUp
 from inspectd.durable import hold_lock, replace_file
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
@@ -333,6 +333,24 @@ def _journal_newest(directory: Path, camera: str) -> int | None:
         return None  # placed against the first live result instead; the replay reports the journal's trouble
 
 
+def _journal_holds(directory: Path, camera: str, seq: int) -> tuple[int | None, tuple[str, float] | None]:
+    """(the newest seq journalled for `camera`, the frame id and capture time of its record at `seq`): None for what
+    the journal does not hold or cannot be read."""
+    from inspectd.protocol import journal
+
+    held = None
+    try:
+        journal.check_camera(camera)
+        for found, frames in journal.read_since(directory, camera, seq - 1, on_corrupt=lambda *_: None):
+            message = decode(frames) if found == seq else None
+            if isinstance(message, Result):
+                held = (message.frame_id, message.t_capture)
+            break
+    except (InspectdError, OSError):  # MessageError among them: a record that does not decode tells nothing
+        pass
+    return _journal_newest(directory, camera), held
+
+
 def _journal_reserved(directory: Path, camera: str) -> int | None:
     """The seq up to which the daemon's journal reserved `camera`'s numbering (its reservation mark, fsynced before
     any seq past it is given out), None when there is none or it cannot be read."""
@@ -386,6 +404,7 @@ class Feeder:
         self.skipped: dict[str, int] = {}  # camera -> the last seq a backlog skip gave up on
         self.since: dict[str, int] = {}  # camera -> where its replay resumed (the handshake's resume point)
         self.went_live: set[str] = set()  # cameras whose first live result came
+        self.checked: set[str] = set()  # cameras whose journal was checked against a live result of this numbering
         self.unjournalled: dict[str, list[tuple[int, int]]] = {}  # camera -> stretches (first, last) not in the journal
         # camera -> how far the journal's holes are known (`unjournalled`): past a jump in the live stream they are
         # not, until a read says (or the PLC has taken what lies before)
@@ -477,8 +496,6 @@ class Feeder:
                     await self._resume({camera: handshake.last_id})
         if camera not in self.went_live:
             self.went_live.add(camera)
-            if self.catch_up.directory is not None and self.router.handshake(camera) is not None:
-                await self._check_journal(camera, result.seq)
             resumed = self.since.get(camera)
             if resumed is not None and result.seq <= resumed:
                 # The daemon publishes each seq once, and this one after the bridge subscribed: this numbering is not
@@ -490,17 +507,40 @@ class Feeder:
                 handshake = self.router.handshake(camera)
                 after = result.seq - 1 if handshake is None else handshake.rebase(result.seq)
                 self.catch_up.renumbered(camera, after + 1)
+        if camera not in self.checked:
+            self.checked.add(camera)
+            if self.catch_up.directory is not None and self.router.handshake(camera) is not None:
+                await self._check_journal(result)
         if self.catch_up.directory is not None:
             await self._watch_backlog(camera, result.seq)
         self.newest[camera] = result
         await self._pump(camera)
 
-    async def _check_journal(self, camera: str, seq: int) -> None:
-        """`seq`, the first live result of `camera`, is in the journal the daemon writes: it journals each result
-        before it publishes it. A --journal that lacks it is not that journal (the daemon's moved, or another
-        daemon's) or one whose writes fail; holes are not filled from it, which only its gap lines would say."""
-        assert self.catch_up.directory is not None
-        newest = await asyncio.to_thread(_journal_newest, self.catch_up.directory, camera)
+    async def _check_journal(self, result: Result) -> None:
+        """`result`, the first live result of its camera (in this numbering), is in the journal the daemon writes: it
+        journals each result before it publishes it. A --journal that lacks it is not that journal (the daemon's
+        moved, or another daemon's) or one whose writes fail; holes are not filled from it, which only its gap lines
+        would say. One that holds another result under its seq is a journal of another numbering (a daemon that
+        restarted without its journal, beside an old one; a copy): its records are other parts' verdicts, so no hole
+        of this camera is filled from it (they are gaps) until a numbering it does hold."""
+        directory = self.catch_up.directory
+        assert directory is not None
+        camera, seq = result.camera, result.seq
+        newest, held = await asyncio.to_thread(_journal_holds, directory, camera, seq)
+        if held is not None and held != (result.frame_id, result.t_capture):
+            self.catch_up.disown(camera, OTHER_NUMBERING)
+            log.warning(
+                "journal_other_numbering",
+                journal=str(directory),
+                camera=camera,
+                seq=seq,
+                frame_id=result.frame_id,
+                journal_frame_id=held[0],
+                effect="the journal holds another result under this seq: holes in this camera's stream are not "
+                "filled from it (gaps, alarm) while the daemon numbers as now",
+            )
+            return
+        self.catch_up.disown(camera, None)
         if newest is None or newest < seq:
             log.warning(
                 "journal_not_current",
@@ -612,6 +652,7 @@ class Feeder:
     def _renumbered(self, camera: str) -> None:
         """`camera`'s numbering went back: how far behind its PLC is was measured in the old one."""
         self.numbering[camera] = self.numbering.get(camera, 0) + 1
+        self.checked.discard(camera)
         self.skipped.pop(camera, None)
         self.behind.discard(camera)
         self.unjournalled.pop(camera, None)

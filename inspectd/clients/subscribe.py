@@ -129,6 +129,7 @@ ROTATED = "rotated out of the journal"
 CORRUPT = "corrupt record"
 NOT_JOURNALLED = "not in the journal (never journalled: frames in flight at a daemon crash, or the journal was off)"
 NO_JOURNAL = "lost on the way (no journal to fill it from)"
+OTHER_NUMBERING = "lost on the way (the journal holds another numbering's results, not filled from it)"
 
 
 class Gap(NamedTuple):
@@ -178,6 +179,7 @@ class JournalCatchUp:
         self.missed: list[Gap] = []  # holes the journal could not fill, with why
         self.backwards: list[tuple[str, int, int]] = []  # (camera, previous live seq, the lower seq that came)
         self._why: dict[str, list[str]] = {}  # camera -> what the journal read met since its last delivery
+        self._disowned: dict[str, str] = {}  # camera -> why its journal is not read (see `disown`)
 
     def resume(self, since: int | dict[str, int]) -> Iterator[Result]:
         """Everything journalled after `since` (one seq for every camera, or a seq per camera), camera by camera, read
@@ -216,7 +218,9 @@ class JournalCatchUp:
         if last is not None and message.seq <= last:
             return  # delivered already, from the journal
         if last is not None and message.seq > last + 1:
-            if self.directory is not None and (self.cameras is None or camera in self.cameras):
+            if camera in self._disowned:
+                self._why.setdefault(camera, []).append(self._disowned[camera])
+            elif self.directory is not None and (self.cameras is None or camera in self.cameras):
                 for result in self._journalled(camera, last, message.seq):
                     self.recovered += 1
                     yield self._deliver(result)
@@ -230,12 +234,21 @@ class JournalCatchUp:
         self.delivered[camera] = self.gaps.last[camera] = seq - 1
         self._why.pop(camera, None)
 
+    def disown(self, camera: str, reason: str | None) -> None:
+        """Fill no hole of `camera` from the journal, each one a gap for `reason` (its records are not this
+        numbering's: the caller found another result under a live seq); None reads it again."""
+        if reason is None:
+            self._disowned.pop(camera, None)
+        else:
+            self._disowned[camera] = reason
+
     def journalled(self, camera: str, after: int, most: int) -> list[int]:
-        """The first `most` seqs of `camera` the journal holds after `after` ([] without a journal)."""
+        """The first `most` seqs of `camera` the journal holds after `after` ([] without a journal, or one disowned
+        for this camera)."""
         from inspectd.protocol import journal
 
         seqs: list[int] = []
-        if self.directory is None:
+        if self.directory is None or camera in self._disowned:
             return seqs
         try:
             for seq, _ in journal.read_since(self.directory, camera, after, on_corrupt=lambda *_: None):
