@@ -1413,6 +1413,54 @@ def test_a_jump_the_backlog_decision_hangs_on_is_read_once_off_the_event_loop(da
     assert [result.seq for result in handshake.queue] == [2, 3, 4, 5]
 
 
+def test_one_cameras_slow_catch_up_holds_up_no_other_camera(daemon):
+    """Two cameras restart with 40 journalled results each to replay, every pull slow (30 ms: a slow disk). The
+    replays take turns, a result each: b's is not left until a's is done. A live result of a third camera, c, that
+    comes meanwhile is handed over after at most the pulls in progress, not after both replays."""
+    from inspectd.clients.bridge import Feeder, Router
+    from inspectd.clients.handshake import Handshake, HandshakeSettings
+    from inspectd.clients.subscribe import JournalCatchUp
+    from inspectd.protocol.messages import decode
+
+    class Slow(JournalCatchUp):
+        def _journalled(self, camera: str, after: int, before: int | None):
+            for seq in range(after + 1, 41 if before is None else before):
+                time.sleep(0.03)
+                yield decode(daemon.encode(seq, camera=camera))
+
+    async def restart() -> tuple[dict[str, int], dict[str, int]]:
+        settings = HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=4)
+        handshakes = {camera: Handshake(Block(), settings, camera) for camera in "abc"}
+        for handshake in handshakes.values():
+            await handshake.start()  # a fresh PLC
+        feeder = Feeder(Slow(None, "inspect."), Router(list(handshakes.values())))
+        feeder.catch_up.directory = Path("/nonexistent")  # a journal, read by Slow alone
+        for handshake in handshakes.values():
+            handshake.room = feeder.room
+        stop = asyncio.Event()
+        await feeder.resume({"a": 0, "b": 0})
+        tasks = [asyncio.ensure_future(h.run(stop)) for h in handshakes.values()]
+        tasks.append(asyncio.ensure_future(feeder.run(stop)))
+        while (handshakes["a"].last_id or 0) < 8:
+            await asyncio.sleep(0.005)
+        await feeder.live(decode(daemon.encode(1, camera="c")))
+        while handshakes["c"].last_id != 1:
+            await asyncio.sleep(0.001)
+        at_c = {camera: h.last_id or 0 for camera, h in handshakes.items()}
+        while (handshakes["a"].last_id or 0) < 40:
+            await asyncio.sleep(0.005)
+        at_a = {camera: h.last_id or 0 for camera, h in handshakes.items()}
+        stop.set()
+        for handshake in handshakes.values():
+            handshake.cut_short()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return at_c, at_a
+
+    at_c, at_a = asyncio.run(restart())
+    assert at_c["a"] <= 25 and at_c["b"] <= 25, at_c  # c waited a few pulls (a was at 8), not for a whole replay
+    assert at_a["b"] >= 25, at_a  # b's replay went on beside a's
+
+
 @pytest.mark.parametrize("max_backlog", [None, 2])
 def test_a_journal_of_another_numbering_fills_no_hole(daemon, tmp_path, max_backlog):
     """The daemon restarted without its journal (its numbering starts again at 1) while the bridge's --journal still
@@ -1507,11 +1555,13 @@ def test_a_restart_skips_past_its_resume_point_when_the_line_starts_while_the_jo
     assert [result.seq for result in handshake.queue] == [22] and handshake.last_id == 8 and not handshake.alarm
 
 
-def test_a_slow_journal_read_is_not_the_daemons_silence(daemon, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stuck", [False, True], ids=["slow", "stuck"])
+def test_a_slow_journal_read_is_not_the_daemons_silence(daemon, tmp_path, monkeypatch, stuck):
     """While the bridge waits on its own journal read (here the check of the first live result against the journal,
     held up as a slow disk would) it receives nothing, and the daemon's status messages wait on the socket: that is
     no silence of the daemon's, and trigger_ready stays up through many times DAEMON_SILENT_S (shortened here, with
-    the heartbeat, so that takes a fraction of a second)."""
+    the heartbeat, so that takes a fraction of a second). A read held past READ_STUCK_S (shortened too) is stuck: it
+    is told once and trigger_ready drops, the PLC triggering no part that could get no verdict, until it returns."""
     import argparse
 
     from inspectd.clients import bridge
@@ -1527,6 +1577,8 @@ def test_a_slow_journal_read_is_not_the_daemons_silence(daemon, tmp_path, monkey
     monkeypatch.setattr(bridge, "DAEMON_SILENT_S", 0.1)
     monkeypatch.setattr(bridge, "SETTLE_S", 0.05)
     monkeypatch.setattr(bridge, "_journal_newest", slow_newest)
+    if stuck:
+        monkeypatch.setattr(bridge, "READ_STUCK_S", 0.2)
 
     async def run() -> tuple[list[frozenset], Watched]:
         target = Watched()
@@ -1547,10 +1599,14 @@ def test_a_slow_journal_read_is_not_the_daemons_silence(daemon, tmp_path, monkey
         daemon.result(1)
         await until(reading.is_set, "the journal read at the first live result")
         shown, beats = len(target.statuses), target.beats
-        await until(lambda: target.beats >= beats + 15, "heartbeats over three times DAEMON_SILENT_S")
+        if stuck:
+            await until(lambda: any("trigger_ready" not in s for s in target.statuses[shown:]), "trigger_ready down")
+        else:
+            await until(lambda: target.beats >= beats + 15, "heartbeats over three times DAEMON_SILENT_S")
         during = target.statuses[shown:]
         release.set()
         await until(lambda: target.values["inspection_id"] == 1, "result 1 handed over")
+        await until(lambda: "trigger_ready" in target.statuses[-1], "trigger_ready up again")
         assert not running.done()  # its handler is installed: the signal cannot reach the test process's default
         signal.raise_signal(signal.SIGTERM)  # a clean stop
         assert await running == 0
@@ -1558,11 +1614,17 @@ def test_a_slow_journal_read_is_not_the_daemons_silence(daemon, tmp_path, monkey
 
     handler = signal.getsignal(signal.SIGTERM)
     try:
-        during, target = asyncio.run(run())
+        with structlog.testing.capture_logs() as logs:
+            during, target = asyncio.run(run())
     finally:
         release.set()
         signal.signal(signal.SIGTERM, handler)
-    assert all("trigger_ready" in status for status in during), during
+    told = [entry for entry in logs if entry["event"] == "journal_read_stuck"]
+    if stuck:
+        assert len(told) == 1 and told[0]["log_level"] == "warning", told
+        assert "trigger_ready" not in during[-1], during
+    else:
+        assert not told and all("trigger_ready" in status for status in during), during
 
 
 def test_a_hole_fill_held_up_by_a_slow_disk_leaves_the_heartbeat_beating(daemon, tmp_path, monkeypatch):

@@ -56,6 +56,9 @@ HELP = {
 }
 # trigger_ready drops when the daemon has published nothing (result or status) for this long; status is 1 Hz.
 DAEMON_SILENT_S = 3.0
+# A message the bridge has been taking in for this long waits on a journal read that is stuck (a failing disk), not
+# slow (a full segment parses in a fraction of a second): trigger_ready drops, as for a silent daemon.
+READ_STUCK_S = 10.0
 # With --journal: longest wait for the subscription to take hold (the first live message) before the journal is read.
 SETTLE_S = 5.0
 STATE_FILE = "acked.json"  # in --state-dir: the last inspection id the PLC acknowledged, per camera
@@ -388,10 +391,12 @@ class Feeder:
     journal is not read for it, and behind counts seqs. Every such read is made off the event loop, and awaited: the
     bridge takes in nothing after the result it is for until it is done.
 
-    The replays and hole fills are pulled off the event loop too (a pull that starts a read parses the camera's
-    journal segment from its start: a tenth of a second or more for a full one), so the handshakes go on beating and
-    polling acks meanwhile. One pull, measurement or change of the catch-up's state at a time (`_reading`): a live
-    result waits for a pull in progress, and a queue the PLC made room in is refilled by `run`, the Feeder's task."""
+    The replays and hole fills are pulled off the event loop too, one result per step (a pull that starts a read
+    parses the camera's journal segment from its start: 0.2 s for a full one from the page cache), so the handshakes
+    go on beating and polling acks meanwhile. One step, measurement or change of the catch-up's state at a time
+    (`_reading`), so a live result of any camera waits for at most the pull in progress; a pull that cannot read
+    (a live result in order) is made on the loop. The queues the PLC makes room in are refilled by `run`, the
+    Feeder's task, a step per camera in turn."""
 
     def __init__(self, catch_up: JournalCatchUp, router: Router) -> None:
         self.catch_up = catch_up
@@ -411,15 +416,20 @@ class Feeder:
         self.examined: dict[str, int] = {}
         self.numbering: dict[str, int] = {}  # camera -> numberings seen go back: a read made in an older one is void
         self._reading = asyncio.Lock()
-        self._room: set[str] = set()  # cameras whose queue the PLC made room in since `run` last refilled it
+        self._reads: set[str] = set()  # cameras whose pending iterator may read the journal when pulled
+        # Cameras whose queue the PLC made room in, in turn (a dict as an ordered set): what `run` refills.
+        self._room: dict[str, None] = {}
         self._roomed = asyncio.Event()
 
     async def resume(self, since: dict[str, int]) -> None:
         """Replay each camera's journal after its seq in `since` (a restart's catch-up), as the PLC takes it."""
         async with self._reading:
             await self._resume(since)
+        for camera in since:
+            await self._pump(camera)
 
     async def _resume(self, since: dict[str, int]) -> None:
+        """Start each camera's replay (pulled by `_step`)."""
         for camera, seq in since.items():
             self.heard.add(camera)
             self.since[camera] = seq
@@ -450,7 +460,7 @@ class Feeder:
                     after = target - 1
                     self.examined[camera] = target
             self.pending[camera] = self._counted(camera, after, self.catch_up.resume({camera: after}))
-            await self._pump(camera)
+            self._reads.add(camera)
 
     def _counted(self, camera: str, after: int, replay: Iterator[Result]) -> Iterator[Result]:
         count = 0
@@ -476,11 +486,13 @@ class Feeder:
             self.heard.add(camera)
             if directory is not None:
                 await self._resume({camera: handshake.last_id})
+        await self._pump(camera)
 
     async def live(self, result: Result) -> None:
         """Take a result heard live, and hand over what it lets through (after any hole fill before it)."""
         async with self._reading:
             await self._live(result)
+        await self._pump(result.camera)
 
     async def _live(self, result: Result) -> None:
         camera = result.camera
@@ -514,7 +526,6 @@ class Feeder:
         if self.catch_up.directory is not None:
             await self._watch_backlog(camera, result.seq)
         self.newest[camera] = result
-        await self._pump(camera)
 
     async def _check_journal(self, result: Result) -> None:
         """`result`, the first live result of its camera (in this numbering), is in the journal the daemon writes: it
@@ -674,7 +685,7 @@ class Feeder:
     def room(self, handshake) -> None:
         """The handshake's queue has room (it is called on the event loop and must not wait): `run` refills it."""
         if handshake.camera is not None:
-            self._room.add(handshake.camera)
+            self._room[handshake.camera] = None
             self._roomed.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -688,30 +699,45 @@ class Feeder:
                 waiter.cancel()
                 stopper.cancel()
                 continue
-            camera = min(self._room)
-            self._room.discard(camera)
+            camera = next(iter(self._room))
+            del self._room[camera]
             async with self._reading:
-                await self._pump(camera)
+                more = await self._step(camera)
+            if more:
+                self._room.setdefault(camera)  # after the others: one camera's long catch-up holds up no other's
 
     async def _pump(self, camera: str) -> None:
-        bounded = self.catch_up.directory is not None
+        """Step `camera` on while its queue has room and there is something to hand over."""
         while True:
-            handshake = self.router.handshake(camera)
-            if bounded and handshake is not None and handshake.space() <= 0:
-                break
-            pending = self.pending.get(camera)
-            # The pull may read the journal (a hole fill or replay starts by parsing its segment): off the loop.
-            item = None if pending is None else await asyncio.to_thread(next, pending, None)
-            if item is None:
-                self.pending.pop(camera, None)  # so a camera in `pending` has a replay or hole fill under way
-                newest = self.newest.pop(camera, None)
-                if newest is None:
-                    break
-                self.pending[camera] = self.catch_up.take(newest)
-                continue
-            if isinstance(item, Result):
-                self.router.route(item)
+            async with self._reading:
+                if not await self._step(camera):
+                    return
+
+    async def _step(self, camera: str) -> bool:
+        """Pull one item of `camera`'s replay or hole fill and hand it over, or start the hole fill before its newest
+        live result (nothing while its queue is full); whether anything moved. Called holding `_reading`."""
+        handshake = self.router.handshake(camera)
+        if self.catch_up.directory is not None and handshake is not None and handshake.space() <= 0:
+            return False
+        pending = self.pending.get(camera)
+        if pending is None:
+            newest = self.newest.pop(camera, None)
+            if newest is None:
+                return False
+            if self.catch_up.reads(newest):
+                self._reads.add(camera)
+            else:
+                self._reads.discard(camera)
+            self.pending[camera] = self.catch_up.take(newest)
+            return True
+        # A pull that may read (a replay, a hole fill: its segment parsed from the start) is made off the loop.
+        item = await asyncio.to_thread(next, pending, None) if camera in self._reads else next(pending, None)
+        if item is None:
+            self.pending.pop(camera, None)  # so a camera in `pending` has a replay or hole fill under way
+        elif isinstance(item, Result):
+            self.router.route(item)
         self._report()
+        return True
 
     def _report(self) -> None:
         for gap in self.catch_up.missed:
@@ -786,7 +812,8 @@ async def _bridge(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     last_heard = [-DAEMON_SILENT_S]
-    feeding = [False]  # a result is in Feeder.live, which may wait on a journal read
+    feeding: list[float | None] = [None]  # since when a message is in the Feeder, which may wait on a journal read
+    stuck_told = [False]
     healthy = [True]
     log.info(
         "bridge_started",
@@ -809,7 +836,7 @@ async def _bridge(
         # waits on the socket, so that wait is the bridge's, not the daemon's silence: the tick takes the daemon as
         # alive through it (dropping trigger_ready for a slow disk would stop the line), and its silence is counted
         # from the end of it, the last message having come just before.
-        feeding[0] = True
+        feeding[0] = time.monotonic()
         try:
             if isinstance(message, Result):
                 await feeder.live(message)
@@ -817,7 +844,8 @@ async def _bridge(
             if any(handshake.camera is None for handshake in handshakes):
                 await feeder.status(message, prefix)
         finally:
-            feeding[0] = False
+            feeding[0] = None
+            stuck_told[0] = False
             last_heard[0] = time.monotonic()
         if message.get("healthy") is not None:
             healthy[0] = bool(message["healthy"])
@@ -850,7 +878,17 @@ async def _bridge(
         beat = 0
         while not stop.is_set():
             beat += 1
-            alive = feeding[0] or time.monotonic() - last_heard[0] < DAEMON_SILENT_S
+            now = time.monotonic()
+            waited = None if feeding[0] is None else now - feeding[0]
+            if waited is not None and waited >= READ_STUCK_S and not stuck_told[0]:
+                stuck_told[0] = True
+                log.warning(
+                    "journal_read_stuck",
+                    journal=None if args.journal is None else str(args.journal),
+                    waited_s=round(waited, 1),
+                    effect="trigger_ready down until the read returns: no verdict can come meanwhile",
+                )
+            alive = (waited is not None and waited < READ_STUCK_S) or now - last_heard[0] < DAEMON_SILENT_S
             failure = watch.failure()  # read every beat: the events must not pile up
             failure = None if alive else failure
             if failure is not None and failure != refused[0]:
@@ -876,8 +914,10 @@ async def _bridge(
         # not past STOP_WAIT_S, or the service manager's kill would leave the PLC a valid result and trigger_ready.
         stop.set()
         waited = min(config.ack_timeout_ms / 1000 + 1.0, STOP_WAIT_S)
-        await asyncio.wait(runs, timeout=waited)
-        failure = next((t.exception() for t in runs if t.done() and not t.cancelled() and t.exception()), None)
+        await asyncio.wait([*runs, refill], timeout=waited)
+        failure = next(
+            (t.exception() for t in [*runs, refill] if t.done() and not t.cancelled() and t.exception()), None
+        )
         for handshake in handshakes:
             handshake.cut_short()
     for task in [*tasks, stopper]:

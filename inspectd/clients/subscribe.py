@@ -234,6 +234,16 @@ class JournalCatchUp:
         self.delivered[camera] = self.gaps.last[camera] = seq - 1
         self._why.pop(camera, None)
 
+    def reads(self, message: Result | dict[str, Any]) -> bool:
+        """Whether pulling `take(message)` may read the journal (a hole before it to fill): a caller that must not
+        block pulls it elsewhere. Never False where it reads."""
+        if not isinstance(message, Result) or self.directory is None or message.camera in self._disowned:
+            return False
+        if self.cameras is not None and message.camera not in self.cameras:
+            return False
+        last = self.delivered.get(message.camera)
+        return last is not None and message.seq > last + 1
+
     def disown(self, camera: str, reason: str | None) -> None:
         """Fill no hole of `camera` from the journal, each one a gap for `reason` (its records are not this
         numbering's: the caller found another result under a live seq); None reads it again."""
