@@ -276,11 +276,14 @@ def test_server_mode_hands_every_camera_its_results_and_survives_both_restarts(d
     assert "resume_ahead_of_daemon" not in events and "sequence_backwards" not in events, bridge.out
 
 
-def test_server_mode_serves_the_plc_under_the_bridge_units_seccomp_restrictions(daemon, tmp_path):
+@pytest.mark.parametrize("cache", ["loaded", "built"])
+def test_server_mode_serves_the_plc_under_the_bridge_units_seccomp_restrictions(daemon, tmp_path, cache):
     """The bridge unit's call filter, W^X memory and address families, set up as systemd sets them up
-    (tests/unit_sandbox.py): ZeroMQ in, an OPC UA server out, a clean stop."""
+    (tests/unit_sandbox.py): ZeroMQ in, an OPC UA server out, a clean stop; with its address space loaded from the
+    cache, and built into an empty cache directory (the first start of a unit), which the filter lets it write."""
     sandbox = (sys.executable, "-m", "tests.unit_sandbox", str(REPO / "systemd" / "inspectd-bridge@.service"))
-    bridge, url = server_bridge(daemon, tmp_path, free_port(), exec_under=sandbox)
+    fresh = tmp_path / "cache" if cache == "built" else None
+    bridge, url = server_bridge(daemon, tmp_path, free_port(), exec_under=sandbox, cache=fresh)
     plc = PlcClient(url)
     try:
         with open(f"/proc/{bridge.proc.pid}/status") as status:
@@ -293,6 +296,11 @@ def test_server_mode_serves_the_plc_under_the_bridge_units_seccomp_restrictions(
         plc.close()
         events = bridge.stop()
     assert events["bridge_stopped"]["written"] == 4
+    (loaded,) = bridge.events("address_space_loaded")
+    assert loaded["source"] == ("built" if fresh else "cache"), bridge.out
+    assert not [e for e in bridge.events() if e["event"].startswith("address_space_cache")], bridge.out
+    if fresh:
+        assert {MANIFEST, SHELF} <= set(shelf_files(fresh)), bridge.out
 
 
 def test_server_mode_catches_up_from_the_journal_after_a_restart(daemon, tmp_path):
