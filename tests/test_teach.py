@@ -374,7 +374,12 @@ def test_a_bundle_cut_off_between_two_renames_is_found_where_it_was_moved_last_n
     original = load_bundle(bundle).model_id
     first = teach(bundle, good, holdout=HOLDOUT, by="tester", out=io.StringIO())
     rollback(bundle, out=io.StringIO())
-    time.sleep(0.05)  # a later clock tick, as a teach minutes later is
+    # A teach minutes later: its rename's change time is after the rollback's, on a file system of any granularity.
+    probe, moved = tmp_path / "probe", versions_dir(bundle) / "v2"
+    deadline = time.monotonic() + 5
+    while probe.touch() or probe.stat().st_ctime_ns <= moved.stat().st_ctime_ns:
+        assert time.monotonic() < deadline, "the file system's clock does not move"
+        time.sleep(0.01)
     keep = free_version_dir(versions_dir(bundle), 1)
     assert keep.name == "v1"
     os.replace(bundle, keep)  # replace_dir's first rename; its second never came
