@@ -918,15 +918,15 @@ def test_a_bridge_serving_the_first_camera_heard_catches_up_once_that_camera_is_
     assert json.loads((tmp_path / "state" / "acked.json").read_text()) == {"acked": {CAMERA: last}}
 
 
-@pytest.mark.parametrize("listed", [True, False], ids=["camera-still-runs", "camera-gone"])
+@pytest.mark.parametrize("state", ["running", None, "failed"], ids=["camera-runs", "camera-gone", "camera-failed"])
 def test_a_bridge_serving_the_first_camera_heard_catches_up_on_a_quiet_line_from_the_daemons_status(
-    plc, daemon, bridge_config, tmp_path, listed
+    plc, daemon, bridge_config, tmp_path, state
 ):
     """A `camera: null` bridge restarted while the line stands still: the results published while it was down are
     owed to the PLC now (the parts may wait at the reject gate), not at the next part. The daemon's status message
     lists the camera the state file records, so the block binds to it and the replay comes at once. Where the status
-    does not list it (renamed, removed), nothing is bound to it: the first result heard decides, as at a first
-    start."""
+    does not list it (renamed, removed), or lists it as not running, nothing is bound to it: the first result heard
+    decides, as at a first start."""
     extra = ("--journal", str(tmp_path / "journal"), "--state-dir", str(tmp_path / "state"))
     topic = f"inspect.{STATION}."
     line = Line(daemon, tmp_path / "journal")
@@ -939,7 +939,8 @@ def test_a_bridge_serving_the_first_camera_heard_catches_up_on_a_quiet_line_from
         for seq in range(11, 21):  # published while no bridge listens
             line(seq)
         bridge = Bridge(daemon, plc, bridge_config, topic, extra=extra)
-        cameras = {CAMERA if listed else "top": {"state": "running"}}
+        listed = state == "running"
+        cameras = {CAMERA: {"state": state}} if state else {"top": {"state": "running"}}
         if listed:
             wait(lambda: daemon.status(cameras=cameras) or len(plc.received) >= 20, 20, "11..20 from the journal")
             assert [r["id"] for r in plc.received] == list(range(1, 21))
@@ -1415,8 +1416,9 @@ def test_a_jump_the_backlog_decision_hangs_on_is_read_once_off_the_event_loop(da
 
 def test_one_cameras_slow_catch_up_holds_up_no_other_camera(daemon):
     """Two cameras restart with 40 journalled results each to replay, every pull slow (30 ms: a slow disk). The
-    replays take turns, a result each: b's is not left until a's is done. A live result of a third camera, c, that
-    comes meanwhile is handed over after at most the pulls in progress, not after both replays."""
+    replays take turns, a result each: b's is not left until a's is done. A live result of a, and then one of a third
+    camera, c, that come meanwhile, are taken in at once: c's is handed over after at most the pulls in progress, not
+    after a's replay."""
     from inspectd.clients.bridge import Feeder, Router
     from inspectd.clients.handshake import Handshake, HandshakeSettings
     from inspectd.clients.subscribe import JournalCatchUp
@@ -1443,6 +1445,7 @@ def test_one_cameras_slow_catch_up_holds_up_no_other_camera(daemon):
         tasks.append(asyncio.ensure_future(feeder.run(stop)))
         while (handshakes["a"].last_id or 0) < 8:
             await asyncio.sleep(0.005)
+        await feeder.live(decode(daemon.encode(41, camera="a")))  # waits behind a's replay, holding up nothing
         await feeder.live(decode(daemon.encode(1, camera="c")))
         while handshakes["c"].last_id != 1:
             await asyncio.sleep(0.001)
@@ -1461,60 +1464,119 @@ def test_one_cameras_slow_catch_up_holds_up_no_other_camera(daemon):
     assert at_a["b"] >= 25, at_a  # b's replay went on beside a's
 
 
-@pytest.mark.parametrize("max_backlog", [None, 2])
-def test_a_journal_of_another_numbering_fills_no_hole(daemon, tmp_path, max_backlog):
-    """The daemon restarted without its journal (its numbering starts again at 1) while the bridge's --journal still
-    holds the old numbering's 1..100: those records are other parts' verdicts. The first live result is checked
-    against the record under its seq, another frame there is told (`journal_other_numbering`), and the hole at 3 is a
-    gap with its reason, never filled with the old 3; nor is the journal read to measure a backlog."""
+class Taken(Block):
+    """A Block that keeps every inspection id written to it: what the PLC was handed, in order."""
+
+    def __init__(self, inspection_id: int = 0) -> None:
+        super().__init__()
+        self.values["inspection_id"] = inspection_id
+        self.handed: list[int] = []
+
+    async def write(self, fields: dict, last: str | None = None) -> None:
+        await super().write(fields, last)
+        self.handed.extend([fields["inspection_id"]] if "inspection_id" in fields else [])
+
+
+def numberings(daemon, journal_dir: Path, plc_id: int, since: int | None, live):
+    """A bridge's Feeder and handshake (queue of 4) on `journal_dir`, its PLC at `plc_id`, resuming after `since` as a
+    restart does (the replay queued, then the first live result taken, then the handshake runs); `live`: (seq,
+    whether journalled into `journal_dir`, whether heard) for each result the daemon makes, in order, each heard one
+    handed over before the next. Returns (ids handed to the PLC, the handshake, the catch-up, the log entries)."""
     from inspectd.clients.bridge import Feeder, Router
     from inspectd.clients.handshake import Handshake, HandshakeSettings
-    from inspectd.clients.subscribe import OTHER_NUMBERING, JournalCatchUp
+    from inspectd.clients.subscribe import JournalCatchUp
+    from inspectd.daemon.journal import Journal
     from inspectd.protocol.messages import decode
 
-    journal_dir = tmp_path / "journal"
-    line = Line(daemon, journal_dir)
-    for seq in range(1, 101):
-        line(seq, publish=False)  # the old numbering
-    handed: list[int] = []
+    journal = Journal(journal_dir, max_bytes=1 << 24, fsync_interval_s=SYNC_S)
 
-    class Taken(Block):
-        async def write(self, fields: dict, last: str | None = None) -> None:
-            await super().write(fields, last)
-            handed.extend([fields["inspection_id"]] if "inspection_id" in fields else [])
-
-    async def feed(live: list[list[bytes]]) -> tuple[Feeder, Handshake]:
-        settings = HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=4, max_backlog=max_backlog)
-        handshake = Handshake(Taken(), settings, CAMERA)
+    async def feed():
+        target = Taken(plc_id)
+        handshake = Handshake(target, HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=4), CAMERA)
         await handshake.start()
-        catch_up = JournalCatchUp(journal_dir, f"inspect.{STATION}.{CAMERA}.", [CAMERA])
-        feeder = Feeder(catch_up, Router([handshake]))
+        feeder = Feeder(JournalCatchUp(journal_dir, f"inspect.{STATION}.{CAMERA}.", [CAMERA]), Router([handshake]))
         handshake.room = feeder.room
+        if since is not None:
+            await feeder.resume({CAMERA: since})
         stop = asyncio.Event()
-        running = [asyncio.ensure_future(handshake.run(stop)), asyncio.ensure_future(feeder.run(stop))]
-        for frames in live:
-            result = decode(frames)
-            await feeder.live(result)
-            while (handshake.last_id, handshake.waiting_for) != (result.seq, None):
+        running: list[asyncio.Future] = []
+        for seq, journalled, heard in live:
+            frames = daemon.encode(seq)
+            if journalled:
+                journal.append(CAMERA, seq, frames)
+                journal.flush()
+            if not heard:
+                continue
+            await feeder.live(decode(frames))
+            if not running:  # as the bridge starts: the replay and the first live result taken, then the handshake
+                running = [asyncio.ensure_future(handshake.run(stop)), asyncio.ensure_future(feeder.run(stop))]
+            while (handshake.last_id, handshake.waiting_for) != (seq, None):
                 await asyncio.sleep(0.001)
         stop.set()
         handshake.cut_short()
         await asyncio.gather(*running, return_exceptions=True)
-        return feeder, handshake
+        return target.handed, handshake, feeder.catch_up
 
     try:
-        time.sleep(0.01)  # the new numbering's capture times differ from the old one's
-        new = [daemon.encode(seq) for seq in (1, 2, 4, 5, 6, 7)]  # 3 lost on the way; the journal is off now
         with structlog.testing.capture_logs() as logs:
-            feeder, handshake = asyncio.run(feed(new))
+            handed, handshake, catch_up = asyncio.run(feed())
     finally:
-        line.close()
+        journal.close()
+    return handed, handshake, catch_up, logs
+
+
+def old_numbering(daemon, journal_dir: Path, last: int) -> None:
+    """1..`last` of a numbering before the daemon's current one, in `journal_dir`."""
+    line = Line(daemon, journal_dir)
+    for seq in range(1, last + 1):
+        line(seq, publish=False)
+    line.close()
+    time.sleep(0.01)  # the current numbering's capture times differ from these
+
+
+def test_a_journal_of_another_numbering_fills_no_hole(daemon, tmp_path):
+    """The daemon restarted without its journal (its numbering starts again at 1) while the bridge's --journal still
+    holds the old numbering's 1..100: those records are other parts' verdicts. The first live result is checked
+    against the record under its seq, another frame there is told (`journal_other_numbering`), and the hole at 3 is a
+    gap with its reason, never filled with the old 3."""
+    from inspectd.clients.subscribe import OTHER_NUMBERING
+
+    old_numbering(daemon, tmp_path / "journal", 100)
+    live = [(seq, False, seq != 3) for seq in range(1, 8)]  # 3 lost on the way; the journal is off now
+    handed, handshake, catch_up, logs = numberings(daemon, tmp_path / "journal", 0, None, live)
     told = [entry for entry in logs if entry["event"] == "journal_other_numbering"]
     assert len(told) == 1 and told[0]["seq"] == 1 and told[0]["log_level"] == "warning", told
     gaps = [(entry["first"], entry["last"], entry["reason"]) for entry in logs if entry["event"] == "gap"]
     assert gaps == [(3, 3, OTHER_NUMBERING)]
-    assert handshake.counters.sequence_gaps == 1 and feeder.catch_up.recovered == 0
-    assert handed == [1, 2, 4, 5, 6, 7] and not any(event["event"] == "backlog_skipped" for event in logs)
+    assert handshake.counters.sequence_gaps == 1 and catch_up.recovered == 0
+    assert handed == [1, 2, 4, 5, 6, 7]
+
+
+def test_a_restart_replays_nothing_of_a_journal_of_another_numbering(daemon, tmp_path):
+    """The bridge restarts with its PLC at 50 and a --journal of an old numbering (1..100) while the daemon, which
+    restarted without it, is at 60. What the replay queued (the old 51..54) goes once the first live result shows the
+    journal is another numbering's, before the PLC takes any of it, and the live 60..65 are not taken for results the
+    journal delivered: the PLC gets 60..65, with the gap 51..59 and the alarm."""
+    old_numbering(daemon, tmp_path / "journal", 100)
+    live = [(seq, False, True) for seq in range(60, 66)]
+    handed, handshake, catch_up, logs = numberings(daemon, tmp_path / "journal", 50, 50, live)
+    told = [entry for entry in logs if entry["event"] == "journal_other_numbering"]
+    assert len(told) == 1 and told[0]["seq"] == 60 and told[0]["dropped"] == 4, told
+    assert handed == list(range(60, 66))
+    assert handshake.counters.sequence_gaps == 9 and handshake.alarm
+
+
+def test_a_journal_the_daemon_writes_again_is_trusted_again(daemon, tmp_path):
+    """Disowned while the daemon ran without it (its numbering from 1), the journal is the daemon's again when it
+    goes on with it (101 on: a jump forward, not back). The jump is checked against the journal, which holds 101: the
+    hole at 103 is filled from it; what lay between the numberings (6..100) is not."""
+    old_numbering(daemon, tmp_path / "journal", 100)
+    live = [(seq, False, True) for seq in range(1, 6)]
+    live += [(101, True, True), (102, True, True), (103, True, False), (104, True, True)]
+    handed, handshake, catch_up, logs = numberings(daemon, tmp_path / "journal", 0, None, live)
+    assert [entry["seq"] for entry in logs if entry["event"] == "journal_other_numbering"] == [1]
+    assert [entry["seq"] for entry in logs if entry["event"] == "journal_current_again"] == [101]
+    assert handed == [1, 2, 3, 4, 5, 101, 102, 103, 104] and catch_up.recovered == 1
 
 
 def test_a_restart_skips_past_its_resume_point_when_the_line_starts_while_the_journal_is_read(daemon, tmp_path):

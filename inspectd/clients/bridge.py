@@ -209,7 +209,10 @@ class Router:
         """The camera the one slot without a camera served before a restart, where a daemon status message shows
         it still runs: the only camera the state file records that the status lists, that the topic prefix takes and
         that no other slot serves. None where that is not one camera (several slots without a camera, or several
-        such cameras: the first results decide which block gets which, as at a first start)."""
+        such cameras: the first results decide which block gets which, as at a first start). A camera the status
+        reports as other than running is not taken (a later status takes it once it runs)."""
+        from inspectd.clients.handshake import daemon_camera_state
+
         if self.acked is None or sum(h.camera is None for h in self.handshakes) != 1:
             return None
         station, cameras = status.get("station"), status.get("cameras")
@@ -217,8 +220,9 @@ class Router:
             return None
         found = [
             camera
-            for camera in self.acked.acked
+            for camera in list(self.acked.acked)  # a copy: a worker thread records acks into it
             if camera in cameras
+            and daemon_camera_state(status, camera) in (None, "running")  # not one that failed, stopped or ended
             and f"inspect.{station}.{camera}.".startswith(prefix)
             and self.handshake(camera) is None
         ]
@@ -394,9 +398,9 @@ class Feeder:
     The replays and hole fills are pulled off the event loop too, one result per step (a pull that starts a read
     parses the camera's journal segment from its start: 0.2 s for a full one from the page cache), so the handshakes
     go on beating and polling acks meanwhile. One step, measurement or change of the catch-up's state at a time
-    (`_reading`), so a live result of any camera waits for at most the pull in progress; a pull that cannot read
-    (a live result in order) is made on the loop. The queues the PLC makes room in are refilled by `run`, the
-    Feeder's task, a step per camera in turn."""
+    (`_reading`); a pull that cannot read (a live result in order) is made on the loop, and one that would is left to
+    `run`, the Feeder's task, which also refills the queues the PLC makes room in, a step per camera in turn: a live
+    result of any camera waits for at most the step in progress, never for a catch-up."""
 
     def __init__(self, catch_up: JournalCatchUp, router: Router) -> None:
         self.catch_up = catch_up
@@ -426,7 +430,7 @@ class Feeder:
         async with self._reading:
             await self._resume(since)
         for camera in since:
-            await self._pump(camera)
+            await self._pump(camera, read=True)
 
     async def _resume(self, since: dict[str, int]) -> None:
         """Start each camera's replay (pulled by `_step`)."""
@@ -496,6 +500,7 @@ class Feeder:
 
     async def _live(self, result: Result) -> None:
         camera = result.camera
+        first = camera not in self.went_live
         if camera not in self.heard:
             # Where a camera resumes may be known only now: a slot without a camera binds to the first one heard, and
             # a PLC id that could not be placed at start is placed against this result. Its replay comes first.
@@ -519,39 +524,40 @@ class Feeder:
                 handshake = self.router.handshake(camera)
                 after = result.seq - 1 if handshake is None else handshake.rebase(result.seq)
                 self.catch_up.renumbered(camera, after + 1)
-        if camera not in self.checked:
+        # Checked at the first result of each numbering, and while disowned at each jump (a hole the journal would
+        # fill if the daemon journals into it again).
+        jump = result.seq > self.catch_up.delivered.get(camera, result.seq) + 1
+        if camera not in self.checked or (self.catch_up.disowned(camera) and jump):
             self.checked.add(camera)
             if self.catch_up.directory is not None and self.router.handshake(camera) is not None:
-                await self._check_journal(result)
+                await self._check_journal(result, first)
         if self.catch_up.directory is not None:
             await self._watch_backlog(camera, result.seq)
         self.newest[camera] = result
 
-    async def _check_journal(self, result: Result) -> None:
-        """`result`, the first live result of its camera (in this numbering), is in the journal the daemon writes: it
-        journals each result before it publishes it. A --journal that lacks it is not that journal (the daemon's
-        moved, or another daemon's) or one whose writes fail; holes are not filled from it, which only its gap lines
-        would say. One that holds another result under its seq is a journal of another numbering (a daemon that
-        restarted without its journal, beside an old one; a copy): its records are other parts' verdicts, so no hole
-        of this camera is filled from it (they are gaps) until a numbering it does hold."""
+    async def _check_journal(self, result: Result, first: bool) -> None:
+        """`result`, the first live result of its camera in this numbering (`first`: since the bridge started), is in
+        the journal the daemon writes: it journals each result before it publishes it. A --journal that lacks it is
+        not that journal (the daemon's moved, or another daemon's) or one whose writes fail; holes are not filled from
+        it, which only its gap lines would say. One that holds another result under its seq is a journal of another
+        numbering (a daemon that restarted without its journal, beside an old one; a copy): its records are other
+        parts' verdicts, so nothing more of this camera is read from it (see `_disown`) until it holds a live result
+        again, checked at each jump in the live stream."""
         directory = self.catch_up.directory
         assert directory is not None
         camera, seq = result.camera, result.seq
         newest, held = await asyncio.to_thread(_journal_holds, directory, camera, seq)
         if held is not None and held != (result.frame_id, result.t_capture):
-            self.catch_up.disown(camera, OTHER_NUMBERING)
-            log.warning(
-                "journal_other_numbering",
-                journal=str(directory),
-                camera=camera,
-                seq=seq,
-                frame_id=result.frame_id,
-                journal_frame_id=held[0],
-                effect="the journal holds another result under this seq: holes in this camera's stream are not "
-                "filled from it (gaps, alarm) while the daemon numbers as now",
-            )
+            if not self.catch_up.disowned(camera):
+                self._disown(result, held[0], first)
             return
-        self.catch_up.disown(camera, None)
+        if self.catch_up.disowned(camera):
+            if held is not None:
+                # The daemon journals into it again: what lay between is another numbering's, no hole to fill.
+                self.catch_up.disown(camera, None)
+                self.catch_up.renumbered(camera, seq)
+                log.info("journal_current_again", journal=str(directory), camera=camera, seq=seq)
+            return
         if newest is None or newest < seq:
             log.warning(
                 "journal_not_current",
@@ -563,6 +569,29 @@ class Feeder:
                 "(point --journal at its publish.journal.path) or its writes fail (a full disk): holes in the live "
                 "stream are not filled from it",
             )
+
+    def _disown(self, result: Result, journal_frame_id: str, first: bool) -> None:
+        """The journal holds another numbering's results for `result`'s camera: its replay or hole fill under way
+        stops, what the replay queued before the first live result goes (all of it came from the journal; what the
+        PLC took of it already cannot be called back), and the live stream is delivered from `result` on."""
+        camera, seq = result.camera, result.seq
+        self.catch_up.disown(camera, OTHER_NUMBERING)
+        self.pending.pop(camera, None)
+        self._reads.discard(camera)
+        self.catch_up.renumbered(camera, seq)  # what counted as delivered came from that journal
+        handshake = self.router.handshake(camera)
+        dropped = handshake.skip_queued(None) if first and handshake is not None else 0
+        log.warning(
+            "journal_other_numbering",
+            journal=str(self.catch_up.directory),
+            camera=camera,
+            seq=seq,
+            frame_id=result.frame_id,
+            journal_frame_id=journal_frame_id,
+            dropped=dropped,
+            effect="the journal holds another result under this seq: nothing more of this camera is read from it "
+            "(replay stopped, holes are gaps, alarm) until it holds a live result again",
+        )
 
     async def _watch_backlog(self, camera: str, seq: int) -> None:
         handshake = self.router.handshake(camera)
@@ -706,30 +735,43 @@ class Feeder:
             if more:
                 self._room.setdefault(camera)  # after the others: one camera's long catch-up holds up no other's
 
-    async def _pump(self, camera: str) -> None:
-        """Step `camera` on while its queue has room and there is something to hand over."""
+    async def _pump(self, camera: str, read: bool = False) -> None:
+        """Step `camera` on while its queue has room and there is something to hand over. A step that would read
+        the journal is left to `run` unless `read` (the restart's replay, before the handshakes run): a message the
+        bridge takes in then waits for no catch-up, only for the step in progress."""
         while True:
             async with self._reading:
-                if not await self._step(camera):
+                moved = await self._step(camera, read)
+                if moved is None:
+                    self._room.setdefault(camera)
+                    self._roomed.set()
+                if not moved:
                     return
 
-    async def _step(self, camera: str) -> bool:
-        """Pull one item of `camera`'s replay or hole fill and hand it over, or start the hole fill before its newest
-        live result (nothing while its queue is full); whether anything moved. Called holding `_reading`."""
+    async def _step(self, camera: str, read: bool = True) -> bool | None:
+        """Pull one item of `camera`'s replay or hole fill (starting the hole fill before its newest live result)
+        and hand it over, nothing while its queue is full; whether anything moved, None where the pull would read the
+        journal and `read` is False. Called holding `_reading`."""
         handshake = self.router.handshake(camera)
-        if self.catch_up.directory is not None and handshake is not None and handshake.space() <= 0:
+        # Bounded where the journal fills holes: a newest replaced while the queue is full is fetched from it.
+        if self.catch_up.fills(camera) and handshake is not None and handshake.space() <= 0:
             return False
         pending = self.pending.get(camera)
         if pending is None:
-            newest = self.newest.pop(camera, None)
+            newest = self.newest.get(camera)
             if newest is None:
                 return False
-            if self.catch_up.reads(newest):
+            reads = self.catch_up.reads(newest)
+            if reads and not read:
+                return None
+            del self.newest[camera]
+            pending = self.pending[camera] = self.catch_up.take(newest)
+            if reads:
                 self._reads.add(camera)
             else:
                 self._reads.discard(camera)
-            self.pending[camera] = self.catch_up.take(newest)
-            return True
+        elif camera in self._reads and not read:
+            return None
         # A pull that may read (a replay, a hole fill: its segment parsed from the start) is made off the loop.
         item = await asyncio.to_thread(next, pending, None) if camera in self._reads else next(pending, None)
         if item is None:
@@ -914,7 +956,8 @@ async def _bridge(
         # not past STOP_WAIT_S, or the service manager's kill would leave the PLC a valid result and trigger_ready.
         stop.set()
         waited = min(config.ack_timeout_ms / 1000 + 1.0, STOP_WAIT_S)
-        await asyncio.wait([*runs, refill], timeout=waited)
+        await asyncio.wait(runs, timeout=waited)
+        await asyncio.wait([refill], timeout=0.5)  # a refill stuck on a read must not hold the flags up
         failure = next(
             (t.exception() for t in [*runs, refill] if t.done() and not t.cancelled() and t.exception()), None
         )

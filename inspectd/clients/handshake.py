@@ -293,9 +293,10 @@ class Handshake:
         """How many more results the queue takes before it drops the oldest."""
         return self.settings.queue_size - len(self.queue)
 
-    def skip_queued(self, before: int) -> int:
-        """Drop the queued results with a seq below `before` (the bridge gives up on a backlog); how many."""
-        kept = [result for result in self.queue if result.seq >= before]
+    def skip_queued(self, before: int | None) -> int:
+        """Drop the queued results with a seq below `before`, every one with None (the bridge gives up on a backlog,
+        or on a journal of another numbering); how many."""
+        kept = [result for result in self.queue if before is not None and result.seq >= before]
         dropped = len(self.queue) - len(kept)
         self.queue.clear()
         self.queue.extend(kept)

@@ -234,12 +234,21 @@ class JournalCatchUp:
         self.delivered[camera] = self.gaps.last[camera] = seq - 1
         self._why.pop(camera, None)
 
+    def fills(self, camera: str) -> bool:
+        """Whether holes of `camera` are filled from a journal (there is one, for this camera, not disowned)."""
+        return (
+            self.directory is not None
+            and (self.cameras is None or camera in self.cameras)
+            and camera not in self._disowned
+        )
+
+    def disowned(self, camera: str) -> bool:
+        return camera in self._disowned
+
     def reads(self, message: Result | dict[str, Any]) -> bool:
         """Whether pulling `take(message)` may read the journal (a hole before it to fill): a caller that must not
         block pulls it elsewhere. Never False where it reads."""
-        if not isinstance(message, Result) or self.directory is None or message.camera in self._disowned:
-            return False
-        if self.cameras is not None and message.camera not in self.cameras:
+        if not isinstance(message, Result) or not self.fills(message.camera):
             return False
         last = self.delivered.get(message.camera)
         return last is not None and message.seq > last + 1
@@ -300,6 +309,9 @@ class JournalCatchUp:
             )
             for seq, frames in records:
                 if before is not None and seq >= before:
+                    return
+                if camera in self._disowned:  # found another numbering's while this read went on
+                    why(self._disowned[camera])
                     return
                 if not bytes(frames[0]).decode("ascii", "replace").startswith(self.topic):
                     continue
