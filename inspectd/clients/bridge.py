@@ -719,14 +719,12 @@ class Feeder:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Refill the queues the PLC makes room in, until `stop`; a task beside the handshakes' own."""
+        from inspectd.clients.handshake import either
+
         while not stop.is_set():
             if not self._room:
                 self._roomed.clear()
-                waiter = asyncio.ensure_future(self._roomed.wait())
-                stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
+                await either(self._roomed, stop)
                 continue
             camera = next(iter(self._room))
             del self._room[camera]

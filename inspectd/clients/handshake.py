@@ -106,6 +106,15 @@ def daemon_drift_flags(status: dict[str, Any], camera: str | None) -> tuple[bool
     return drift.get("alarm") is True, drift.get("false_reject_warning") is True
 
 
+async def either(event: asyncio.Event, stop: asyncio.Event) -> None:
+    """Wait until `event` or `stop` is set."""
+    waiter = asyncio.ensure_future(event.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    stopper.cancel()
+
+
 class PlcError(RuntimeError):
     """The PLC refused a request or did not answer."""
 
@@ -473,11 +482,7 @@ class Handshake:
         while not stop.is_set():
             if not self.queue:
                 self._arrived.clear()
-                waiter = asyncio.ensure_future(self._arrived.wait())
-                stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
+                await either(self._arrived, stop)
                 continue
             result = self.queue.popleft()
             if self.room is not None:
