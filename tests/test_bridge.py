@@ -1510,7 +1510,8 @@ def numberings(daemon, journal_dir: Path, plc_id: int, since: int | None, live):
             await feeder.live(decode(frames))
             if not running:  # as the bridge starts: the replay and the first live result taken, then the handshake
                 running = [asyncio.ensure_future(handshake.run(stop)), asyncio.ensure_future(feeder.run(stop))]
-            while (handshake.last_id, handshake.waiting_for) != (seq, None):
+            deadline = time.monotonic() + 10
+            while (handshake.last_id, handshake.waiting_for) != (seq, None) and time.monotonic() < deadline:
                 await asyncio.sleep(0.001)
         stop.set()
         handshake.cut_short()
@@ -1554,16 +1555,18 @@ def test_a_journal_of_another_numbering_fills_no_hole(daemon, tmp_path):
 
 def test_a_restart_replays_nothing_of_a_journal_of_another_numbering(daemon, tmp_path):
     """The bridge restarts with its PLC at 50 and a --journal of an old numbering (1..100) while the daemon, which
-    restarted without it, is at 60. What the replay queued (the old 51..54) goes once the first live result shows the
-    journal is another numbering's, before the PLC takes any of it, and the live 60..65 are not taken for results the
-    journal delivered: the PLC gets 60..65, with the gap 51..59 and the alarm."""
+    restarted without it, is at 52. What the replay queued (the old 51..54) goes once the first live result shows the
+    journal is another numbering's, before the PLC takes any of it, and the live 52..57 are not taken for the results
+    the journal delivered under their seqs: the PLC gets 52..57, with the gap at 51 and the alarm, and no backlog
+    is counted."""
     old_numbering(daemon, tmp_path / "journal", 100)
-    live = [(seq, False, True) for seq in range(60, 66)]
+    live = [(seq, False, True) for seq in range(52, 58)]
     handed, handshake, catch_up, logs = numberings(daemon, tmp_path / "journal", 50, 50, live)
     told = [entry for entry in logs if entry["event"] == "journal_other_numbering"]
-    assert len(told) == 1 and told[0]["seq"] == 60 and told[0]["dropped"] == 4, told
-    assert handed == list(range(60, 66))
-    assert handshake.counters.sequence_gaps == 9 and handshake.alarm
+    assert len(told) == 1 and told[0]["seq"] == 52 and told[0]["dropped"] == 4, told
+    assert handed == list(range(52, 58))
+    assert handshake.counters.sequence_gaps == 1 and handshake.alarm
+    assert not [entry for entry in logs if entry["event"] in ("plc_behind", "backlog_skipped")]
 
 
 def test_a_journal_the_daemon_writes_again_is_trusted_again(daemon, tmp_path):
@@ -1577,6 +1580,48 @@ def test_a_journal_the_daemon_writes_again_is_trusted_again(daemon, tmp_path):
     assert [entry["seq"] for entry in logs if entry["event"] == "journal_other_numbering"] == [1]
     assert [entry["seq"] for entry in logs if entry["event"] == "journal_current_again"] == [101]
     assert handed == [1, 2, 3, 4, 5, 101, 102, 103, 104] and catch_up.recovered == 1
+    # What lay between the numberings is the handshake's gap, with the alarm, not a backlog.
+    assert handshake.counters.sequence_gaps == 95 and handshake.alarm
+    assert not [entry for entry in logs if entry["event"] in ("plc_behind", "backlog_skipped")]
+
+
+def test_live_results_after_a_hole_the_journal_cannot_fill_are_not_lost(daemon, tmp_path):
+    """The daemon's journal writes failed after 10 (a full disk): 13 was lost on the way, and 11, 12, 14, 15, 16
+    come in one burst while 13's hole fill is under way. Each result that came is handed over; only 13 is a gap."""
+    from inspectd.clients.bridge import Feeder, Router
+    from inspectd.clients.handshake import Handshake, HandshakeSettings
+    from inspectd.clients.subscribe import JournalCatchUp
+    from inspectd.protocol.messages import decode
+
+    line = Line(daemon, tmp_path / "journal")
+    for seq in range(1, 11):
+        line(seq, publish=False)
+    line.close()
+    target = Taken(10)
+
+    async def burst() -> Handshake:
+        handshake = Handshake(target, HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=8), CAMERA)
+        await handshake.start()
+        catch_up = JournalCatchUp(tmp_path / "journal", f"inspect.{STATION}.{CAMERA}.", [CAMERA])
+        feeder = Feeder(catch_up, Router([handshake]))
+        handshake.room = feeder.room
+        await feeder.resume({CAMERA: 10})
+        stop = asyncio.Event()
+        running = [asyncio.ensure_future(handshake.run(stop)), asyncio.ensure_future(feeder.run(stop))]
+        for seq in (11, 12, 14, 15, 16):  # one burst, as receive() takes the messages waiting on the socket
+            await feeder.live(decode(daemon.encode(seq)))
+        deadline = time.monotonic() + 10
+        while (handshake.last_id, handshake.waiting_for) != (16, None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        stop.set()
+        handshake.cut_short()
+        await asyncio.gather(*running, return_exceptions=True)
+        return handshake
+
+    with structlog.testing.capture_logs() as logs:
+        handshake = asyncio.run(burst())
+    assert target.handed == [11, 12, 14, 15, 16] and handshake.counters.sequence_gaps == 1
+    assert [(entry["first"], entry["last"]) for entry in logs if entry["event"] == "gap"] == [(13, 13)]
 
 
 def test_a_restart_skips_past_its_resume_point_when_the_line_starts_while_the_journal_is_read(daemon, tmp_path):

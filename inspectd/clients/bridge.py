@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import functools
 import importlib
 import json
@@ -358,6 +359,21 @@ def _journal_holds(directory: Path, camera: str, seq: int) -> tuple[int | None, 
     return _journal_newest(directory, camera), held
 
 
+def _journal_signature(directory: Path, camera: str) -> tuple[str, int, int] | None:
+    """(name, size, change time) of `camera`'s newest journal segment: what changes whenever a record is appended."""
+    from inspectd.protocol import journal
+
+    try:
+        journal.check_camera(camera)
+        segments = journal.segment_files(directory / camera)
+        if not segments:
+            return None
+        stat = segments[-1][1].stat()
+    except (InspectdError, OSError):
+        return None
+    return segments[-1][1].name, stat.st_size, stat.st_mtime_ns
+
+
 def _journal_reserved(directory: Path, camera: str) -> int | None:
     """The seq up to which the daemon's journal reserved `camera`'s numbering (its reservation mark, fsynced before
     any seq past it is given out), None when there is none or it cannot be read."""
@@ -379,9 +395,9 @@ class Feeder:
     """Feeds each camera's handshake from a JournalCatchUp, pulling the journal only as fast as the PLC takes results.
 
     Per camera: a replay or hole fill in progress (an iterator over the journal) is pulled while the handshake's
-    queue has room; a live result that arrives meanwhile waits as the camera's newest (a later one replaces it: the
-    one replaced is in the journal, and the hole fill before the newest fetches it). So a catch-up of any length costs
-    a queue of results, and nothing is dropped for lack of room. Without a journal, results go straight to the
+    queue has room; live results that arrive meanwhile wait behind it, up to a queue of them (beyond, the oldest goes:
+    it is in the journal, and the hole fill before the next one fetches it). So a catch-up of any length costs two
+    queues of results, and nothing is dropped for lack of room. Without a journal, results go straight to the
     handshake (whose full queue drops the oldest, counted as a gap).
 
     With a journal a PLC slower than the line falls behind: more than a queue behind is logged (`plc_behind`, once
@@ -406,7 +422,9 @@ class Feeder:
         self.catch_up = catch_up
         self.router = router
         self.pending: dict[str, Iterator[Result | dict[str, Any]]] = {}
-        self.newest: dict[str, Result] = {}
+        # camera -> the live results waiting behind its catch-up, oldest first, at most a queue of them (the oldest
+        # goes first: it is in the journal, and the hole fill before the next one fetches it)
+        self.newest: dict[str, collections.deque[Result]] = {}
         self.replayed = 0  # results handed on from the replay after a restart
         self.heard: set[str] = set()  # cameras whose first live result came (or whose replay already started)
         self.behind: set[str] = set()  # cameras whose PLC is more than a queue behind (logged once)
@@ -421,6 +439,8 @@ class Feeder:
         self.numbering: dict[str, int] = {}  # camera -> numberings seen go back: a read made in an older one is void
         self._reading = asyncio.Lock()
         self._reads: set[str] = set()  # cameras whose pending iterator may read the journal when pulled
+        # camera -> its newest journal segment when its disowned journal was last looked at (_journal_signature)
+        self._signature: dict[str, tuple[str, int, int] | None] = {}
         # Cameras whose queue the PLC made room in, in turn (a dict as an ordered set): what `run` refills.
         self._room: dict[str, None] = {}
         self._roomed = asyncio.Event()
@@ -527,13 +547,23 @@ class Feeder:
         # Checked at the first result of each numbering, and while disowned at each jump (a hole the journal would
         # fill if the daemon journals into it again).
         jump = result.seq > self.catch_up.delivered.get(camera, result.seq) + 1
-        if camera not in self.checked or (self.catch_up.disowned(camera) and jump):
+        if jump and self.catch_up.disowned(camera) and self.catch_up.directory is not None:
+            # Only where something was journalled since the last look: a journal nobody writes costs no read.
+            signature = await asyncio.to_thread(_journal_signature, self.catch_up.directory, camera)
+            if signature != self._signature.get(camera):
+                self._signature[camera] = signature
+                self.checked.discard(camera)
+        if camera not in self.checked:
             self.checked.add(camera)
             if self.catch_up.directory is not None and self.router.handshake(camera) is not None:
                 await self._check_journal(result, first)
         if self.catch_up.directory is not None:
             await self._watch_backlog(camera, result.seq)
-        self.newest[camera] = result
+        waiting = self.newest.get(camera)
+        if waiting is None:
+            handshake = self.router.handshake(camera)
+            waiting = self.newest[camera] = collections.deque(maxlen=handshake.settings.queue_size if handshake else 1)
+        waiting.append(result)
 
     async def _check_journal(self, result: Result, first: bool) -> None:
         """`result`, the first live result of its camera in this numbering (`first`: since the bridge started), is in
@@ -549,13 +579,14 @@ class Feeder:
         newest, held = await asyncio.to_thread(_journal_holds, directory, camera, seq)
         if held is not None and held != (result.frame_id, result.t_capture):
             if not self.catch_up.disowned(camera):
+                self._signature[camera] = await asyncio.to_thread(_journal_signature, directory, camera)
                 self._disown(result, held[0], first)
             return
         if self.catch_up.disowned(camera):
             if held is not None:
                 # The daemon journals into it again: what lay between is another numbering's, no hole to fill.
                 self.catch_up.disown(camera, None)
-                self.catch_up.renumbered(camera, seq)
+                self._between_numberings(camera, seq)
                 log.info("journal_current_again", journal=str(directory), camera=camera, seq=seq)
             return
         if newest is None or newest < seq:
@@ -578,7 +609,7 @@ class Feeder:
         self.catch_up.disown(camera, OTHER_NUMBERING)
         self.pending.pop(camera, None)
         self._reads.discard(camera)
-        self.catch_up.renumbered(camera, seq)  # what counted as delivered came from that journal
+        self._between_numberings(camera, seq)  # what counted as delivered came from that journal
         handshake = self.router.handshake(camera)
         dropped = handshake.skip_queued(None) if first and handshake is not None else 0
         log.warning(
@@ -592,6 +623,14 @@ class Feeder:
             effect="the journal holds another result under this seq: nothing more of this camera is read from it "
             "(replay stopped, holes are gaps, alarm) until it holds a live result again",
         )
+
+    def _between_numberings(self, camera: str, seq: int) -> None:
+        """`seq` starts what is delivered of `camera` after a switch between the journal's numbering and another:
+        what lies before it is no hole to fill and no backlog (the handshake counts it as a gap, with the alarm)."""
+        self.catch_up.renumbered(camera, seq)
+        self.skipped[camera] = max(self.skipped.get(camera, 0), seq - 1)
+        self.examined[camera] = seq - 1
+        self.behind.discard(camera)
 
     async def _watch_backlog(self, camera: str, seq: int) -> None:
         handshake = self.router.handshake(camera)
@@ -756,19 +795,18 @@ class Feeder:
             return False
         pending = self.pending.get(camera)
         if pending is None:
-            newest = self.newest.get(camera)
-            if newest is None:
+            waiting = self.newest.get(camera)
+            if not waiting:
                 return False
+            newest = waiting[0]
             reads = self.catch_up.reads(newest)
-            if reads and not read:
-                return None
-            del self.newest[camera]
+            waiting.popleft()  # later live results wait behind its hole fill
             pending = self.pending[camera] = self.catch_up.take(newest)
             if reads:
                 self._reads.add(camera)
             else:
                 self._reads.discard(camera)
-        elif camera in self._reads and not read:
+        if camera in self._reads and not read:
             return None
         # A pull that may read (a replay, a hole fill: its segment parsed from the start) is made off the loop.
         item = await asyncio.to_thread(next, pending, None) if camera in self._reads else next(pending, None)
@@ -954,8 +992,10 @@ async def _bridge(
         # not past STOP_WAIT_S, or the service manager's kill would leave the PLC a valid result and trigger_ready.
         stop.set()
         waited = min(config.ack_timeout_ms / 1000 + 1.0, STOP_WAIT_S)
+        deadline = time.monotonic() + waited
         await asyncio.wait(runs, timeout=waited)
-        await asyncio.wait([refill], timeout=0.5)  # a refill stuck on a read must not hold the flags up
+        # A refill stuck on a read must not hold the flags up past the stop's budget.
+        await asyncio.wait([refill], timeout=max(0.0, min(0.5, deadline - time.monotonic())))
         failure = next(
             (t.exception() for t in [*runs, refill] if t.done() and not t.cancelled() and t.exception()), None
         )

@@ -310,7 +310,7 @@ class JournalCatchUp:
             for seq, frames in records:
                 if before is not None and seq >= before:
                     return
-                if camera in self._disowned:  # found another numbering's while this read went on
+                if camera in self._disowned:  # disowned while this read went on (a caller that keeps pulling)
                     why(self._disowned[camera])
                     return
                 if not bytes(frames[0]).decode("ascii", "replace").startswith(self.topic):
