@@ -1585,6 +1585,55 @@ def test_a_journal_the_daemon_writes_again_is_trusted_again(daemon, tmp_path):
     assert not [entry for entry in logs if entry["event"] in ("plc_behind", "backlog_skipped")]
 
 
+def test_results_of_a_new_numbering_waiting_behind_a_hole_fill_are_checked_against_the_journal(daemon, tmp_path):
+    """12 comes with 11 lost on the way, and while 11 waits to be read from the journal the daemon restarts without
+    its journal: its new 1, 2 and 4 (3 lost) arrive in one burst and wait behind the hole fill. The first of them
+    handed on after the numbering went back is checked against the journal, which holds the old 2 under its seq: the
+    hole at 3 is a gap, not the old 3."""
+    from inspectd.clients.bridge import Feeder, Router
+    from inspectd.clients.handshake import Handshake, HandshakeSettings
+    from inspectd.clients.subscribe import OTHER_NUMBERING, JournalCatchUp
+    from inspectd.protocol.messages import decode
+
+    line = Line(daemon, tmp_path / "journal")
+    target = Taken()
+
+    async def restart_mid_fill() -> None:
+        handshake = Handshake(target, HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=8), CAMERA)
+        await handshake.start()
+        catch_up = JournalCatchUp(tmp_path / "journal", f"inspect.{STATION}.{CAMERA}.", [CAMERA])
+        feeder = Feeder(catch_up, Router([handshake]))
+        handshake.room = feeder.room
+        stop = asyncio.Event()
+        running = [asyncio.ensure_future(handshake.run(stop)), asyncio.ensure_future(feeder.run(stop))]
+        for seq in range(1, 13):
+            frames = daemon.encode(seq)
+            line.journal.append(CAMERA, seq, frames)
+            line.journal.flush()
+            if seq == 11:
+                continue  # lost on the way
+            await feeder.live(decode(frames))
+            while seq < 11 and handshake.last_id != seq:
+                await asyncio.sleep(0.001)
+        for seq in (1, 2, 4):  # the new numbering, not journalled: one burst, behind 12's hole fill
+            await feeder.live(decode(daemon.encode(seq)))
+        deadline = time.monotonic() + 10
+        while len(target.handed) < 15 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        stop.set()
+        handshake.cut_short()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            asyncio.run(restart_mid_fill())
+    finally:
+        line.close()
+    assert target.handed == [*range(1, 13), 1, 2, 4], target.handed
+    gaps = [(entry["first"], entry["last"], entry["reason"]) for entry in logs if entry["event"] == "gap"]
+    assert gaps == [(3, 3, OTHER_NUMBERING)], gaps
+
+
 def test_live_results_after_a_hole_the_journal_cannot_fill_are_not_lost(daemon, tmp_path):
     """The daemon's journal writes failed after 10 (a full disk): 13 was lost on the way, and 11, 12, 14, 15, 16
     come in one burst while 13's hole fill is under way. Each result that came is handed over; only 13 is a gap."""

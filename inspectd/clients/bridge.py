@@ -60,6 +60,9 @@ DAEMON_SILENT_S = 3.0
 # A message the bridge has been taking in for this long waits on a journal read that is stuck (a failing disk), not
 # slow (a full segment parses in a fraction of a second): trigger_ready drops, as for a silent daemon.
 READ_STUCK_S = 10.0
+# A journal found to hold another numbering's results is looked at again at a jump in the live stream at most this
+# often: one that another daemon writes changes at every record, and each look may parse a segment.
+RECHECK_S = 1.0
 # With --journal: longest wait for the subscription to take hold (the first live message) before the journal is read.
 SETTLE_S = 5.0
 STATE_FILE = "acked.json"  # in --state-dir: the last inspection id the PLC acknowledged, per camera
@@ -441,6 +444,7 @@ class Feeder:
         self._reads: set[str] = set()  # cameras whose pending iterator may read the journal when pulled
         # camera -> its newest journal segment when its disowned journal was last looked at (_journal_signature)
         self._signature: dict[str, tuple[str, int, int] | None] = {}
+        self._looked: dict[str, float] = {}  # camera -> when its disowned journal's signature was last read
         # Cameras whose queue the PLC made room in, in turn (a dict as an ordered set): what `run` refills.
         self._room: dict[str, None] = {}
         self._roomed = asyncio.Event()
@@ -547,16 +551,19 @@ class Feeder:
         # Checked at the first result of each numbering, and while disowned at each jump (a hole the journal would
         # fill if the daemon journals into it again).
         jump = result.seq > self.catch_up.delivered.get(camera, result.seq) + 1
-        if jump and self.catch_up.disowned(camera) and self.catch_up.directory is not None:
-            # Only where something was journalled since the last look: a journal nobody writes costs no read.
+        now = time.monotonic()
+        if jump and self.catch_up.disowned(camera) and now >= self._looked.get(camera, 0.0) + RECHECK_S:
+            # Only where something was journalled since the last look (a journal nobody writes costs no read), and
+            # not more often than RECHECK_S (one another daemon writes changes at every record).
+            assert self.catch_up.directory is not None
+            self._looked[camera] = now
             signature = await asyncio.to_thread(_journal_signature, self.catch_up.directory, camera)
             if signature != self._signature.get(camera):
                 self._signature[camera] = signature
                 self.checked.discard(camera)
-        if camera not in self.checked:
-            self.checked.add(camera)
-            if self.catch_up.directory is not None and self.router.handshake(camera) is not None:
-                await self._check_journal(result, first)
+        # Results already waiting behind a catch-up are older: the first of them is checked when it is taken (_step).
+        if camera not in self.checked and not self.newest.get(camera):
+            await self._check(result, first)
         if self.catch_up.directory is not None:
             await self._watch_backlog(camera, result.seq)
         waiting = self.newest.get(camera)
@@ -564,6 +571,15 @@ class Feeder:
             handshake = self.router.handshake(camera)
             waiting = self.newest[camera] = collections.deque(maxlen=handshake.settings.queue_size if handshake else 1)
         waiting.append(result)
+
+    async def _check(self, result: Result, first: bool) -> None:
+        """Check the journal against `result` where its camera was not checked in this numbering."""
+        camera = result.camera
+        if camera in self.checked:
+            return
+        self.checked.add(camera)
+        if self.catch_up.directory is not None and self.router.handshake(camera) is not None:
+            await self._check_journal(result, first)
 
     async def _check_journal(self, result: Result, first: bool) -> None:
         """`result`, the first live result of its camera in this numbering (`first`: since the bridge started), is in
@@ -628,7 +644,7 @@ class Feeder:
         """`seq` starts what is delivered of `camera` after a switch between the journal's numbering and another:
         what lies before it is no hole to fill and no backlog (the handshake counts it as a gap, with the alarm)."""
         self.catch_up.renumbered(camera, seq)
-        self.skipped[camera] = max(self.skipped.get(camera, 0), seq - 1)
+        self.skipped[camera] = seq - 1
         self.examined[camera] = seq - 1
         self.behind.discard(camera)
 
@@ -798,9 +814,9 @@ class Feeder:
             waiting = self.newest.get(camera)
             if not waiting:
                 return False
-            newest = waiting[0]
+            newest = waiting.popleft()  # later live results wait behind its hole fill
+            await self._check(newest, False)  # the numbering went back since it came (see _live)
             reads = self.catch_up.reads(newest)
-            waiting.popleft()  # later live results wait behind its hole fill
             pending = self.pending[camera] = self.catch_up.take(newest)
             if reads:
                 self._reads.add(camera)
