@@ -1477,14 +1477,25 @@ class Taken(Block):
         self.handed.extend([fields["inspection_id"]] if "inspection_id" in fields else [])
 
 
+async def feeding(target: Block, journal_dir: Path, queue_size: int):
+    """A started handshake on `target` and a Feeder on `journal_dir` feeding it, as the bridge wires them."""
+    from inspectd.clients.bridge import Feeder, Router
+    from inspectd.clients.handshake import Handshake, HandshakeSettings
+    from inspectd.clients.subscribe import JournalCatchUp
+
+    settings = HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=queue_size)
+    handshake = Handshake(target, settings, CAMERA)
+    await handshake.start()
+    feeder = Feeder(JournalCatchUp(journal_dir, f"inspect.{STATION}.{CAMERA}.", [CAMERA]), Router([handshake]))
+    handshake.room = feeder.room
+    return handshake, feeder
+
+
 def numberings(daemon, journal_dir: Path, plc_id: int, since: int | None, live):
     """A bridge's Feeder and handshake (queue of 4) on `journal_dir`, its PLC at `plc_id`, resuming after `since` as a
     restart does (the replay queued, then the first live result taken, then the handshake runs); `live`: (seq,
     whether journalled into `journal_dir`, whether heard) for each result the daemon makes, in order, each heard one
     handed over before the next. Returns (ids handed to the PLC, the handshake, the catch-up, the log entries)."""
-    from inspectd.clients.bridge import Feeder, Router
-    from inspectd.clients.handshake import Handshake, HandshakeSettings
-    from inspectd.clients.subscribe import JournalCatchUp
     from inspectd.daemon.journal import Journal
     from inspectd.protocol.messages import decode
 
@@ -1492,10 +1503,7 @@ def numberings(daemon, journal_dir: Path, plc_id: int, since: int | None, live):
 
     async def feed():
         target = Taken(plc_id)
-        handshake = Handshake(target, HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=4), CAMERA)
-        await handshake.start()
-        feeder = Feeder(JournalCatchUp(journal_dir, f"inspect.{STATION}.{CAMERA}.", [CAMERA]), Router([handshake]))
-        handshake.room = feeder.room
+        handshake, feeder = await feeding(target, journal_dir, 4)
         if since is not None:
             await feeder.resume({CAMERA: since})
         stop = asyncio.Event()
@@ -1590,20 +1598,14 @@ def test_results_of_a_new_numbering_waiting_behind_a_hole_fill_are_checked_again
     its journal: its new 1, 2 and 4 (3 lost) arrive in one burst and wait behind the hole fill. The first of them
     handed on after the numbering went back is checked against the journal, which holds the old 2 under its seq: the
     hole at 3 is a gap, not the old 3."""
-    from inspectd.clients.bridge import Feeder, Router
-    from inspectd.clients.handshake import Handshake, HandshakeSettings
-    from inspectd.clients.subscribe import OTHER_NUMBERING, JournalCatchUp
+    from inspectd.clients.subscribe import OTHER_NUMBERING
     from inspectd.protocol.messages import decode
 
     line = Line(daemon, tmp_path / "journal")
     target = Taken()
 
     async def restart_mid_fill() -> None:
-        handshake = Handshake(target, HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=8), CAMERA)
-        await handshake.start()
-        catch_up = JournalCatchUp(tmp_path / "journal", f"inspect.{STATION}.{CAMERA}.", [CAMERA])
-        feeder = Feeder(catch_up, Router([handshake]))
-        handshake.room = feeder.room
+        handshake, feeder = await feeding(target, tmp_path / "journal", 8)
         stop = asyncio.Event()
         running = [asyncio.ensure_future(handshake.run(stop)), asyncio.ensure_future(feeder.run(stop))]
         for seq in range(1, 13):
@@ -1637,9 +1639,6 @@ def test_results_of_a_new_numbering_waiting_behind_a_hole_fill_are_checked_again
 def test_live_results_after_a_hole_the_journal_cannot_fill_are_not_lost(daemon, tmp_path):
     """The daemon's journal writes failed after 10 (a full disk): 13 was lost on the way, and 11, 12, 14, 15, 16
     come in one burst while 13's hole fill is under way. Each result that came is handed over; only 13 is a gap."""
-    from inspectd.clients.bridge import Feeder, Router
-    from inspectd.clients.handshake import Handshake, HandshakeSettings
-    from inspectd.clients.subscribe import JournalCatchUp
     from inspectd.protocol.messages import decode
 
     line = Line(daemon, tmp_path / "journal")
@@ -1648,12 +1647,8 @@ def test_live_results_after_a_hole_the_journal_cannot_fill_are_not_lost(daemon, 
     line.close()
     target = Taken(10)
 
-    async def burst() -> Handshake:
-        handshake = Handshake(target, HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=8), CAMERA)
-        await handshake.start()
-        catch_up = JournalCatchUp(tmp_path / "journal", f"inspect.{STATION}.{CAMERA}.", [CAMERA])
-        feeder = Feeder(catch_up, Router([handshake]))
-        handshake.room = feeder.room
+    async def burst():
+        handshake, feeder = await feeding(target, tmp_path / "journal", 8)
         await feeder.resume({CAMERA: 10})
         stop = asyncio.Event()
         running = [asyncio.ensure_future(handshake.run(stop)), asyncio.ensure_future(feeder.run(stop))]
