@@ -10,6 +10,7 @@ import zmq
 from inspectd.protocol.messages import Region, encode_mask, encode_result, encode_status
 
 STATION, CAMERA = "st1", "cam0"
+ID_MODULUS = 2**32  # a full-width id (inspectd.clients.handshake.ID_MODULUS)
 
 
 def wait(predicate, timeout: float, what: str, interval: float = 0.01):
@@ -93,3 +94,35 @@ class Daemon:
         if self.curve is not None:
             self.curve.stop()  # its ZAP handler in this context, which term() would otherwise wait for
         self.context.term()
+
+
+class Memory:
+    """What a handshake reads of and writes to a PLC, as values in memory, for driving a handshake (and a Feeder)
+    without a PLC: its id's width, its inspection id, heartbeat, alarm bit and alarm_reset; every status written
+    (`statuses`), every inspection id written (`handed`: what the PLC was handed, in order) and the heartbeats written
+    (`beats`). The PLC program acknowledges whatever inspection id is written at once while `acking`, and never
+    otherwise."""
+
+    def __init__(self, modulus: int = ID_MODULUS, inspection_id: int = 0, heartbeat: int = 0, alarm: int = 0) -> None:
+        self.id_modulus = modulus
+        self.values = {"inspection_id": inspection_id, "heartbeat": heartbeat, "alarm": alarm, "alarm_reset": 0}
+        self.statuses: list[frozenset] = []
+        self.handed: list[int] = []
+        self.beats = 0
+        self.acking = True
+
+    async def read(self, name: str) -> int:
+        if name == "ack":
+            return self.values["inspection_id"] % self.id_modulus if self.acking else 0
+        return self.values[name]
+
+    async def write(self, fields: dict, last: str | None = None) -> None:
+        self.values.update({name: value for name, value in fields.items() if name in self.values})
+        self.statuses += [fields["status"]] if "status" in fields else []
+        self.handed += [fields["inspection_id"]] if "inspection_id" in fields else []
+        self.beats += "heartbeat" in fields
+
+    @property
+    def status(self) -> frozenset:
+        """The status flags the PLC holds now."""
+        return self.statuses[-1]

@@ -31,7 +31,7 @@ from pymodbus.simulator.simutils import DataType  # noqa: E402
 
 from inspectd.clients.plc import DEFAULT_BITS, DEFAULT_REGISTERS, parse_bridge_config, scaled_score  # noqa: E402
 from inspectd.errors import ConfigError  # noqa: E402
-from plc_peers import Daemon, wait  # noqa: E402
+from plc_peers import Daemon, Memory, wait  # noqa: E402
 from ports import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1312,37 +1312,6 @@ def test_a_journal_the_daemon_no_longer_writes_is_told_at_the_first_live_result(
     assert told[0]["journal"] == str(tmp_path / "journal")
 
 
-class Block:
-    """A PLC's register block as values in memory, for driving a Feeder without a bridge process: it acknowledges
-    each result at once while `acking`, and never otherwise."""
-
-    def __init__(self) -> None:
-        self.values = {"inspection_id": 0, "heartbeat": 0, "alarm": 0, "alarm_reset": 0}
-        self.acking = True
-
-    async def read(self, name: str) -> int:
-        if name == "ack":
-            return self.values["inspection_id"] if self.acking else 0
-        return self.values[name]
-
-    async def write(self, fields: dict, last: str | None = None) -> None:
-        self.values.update({name: value for name, value in fields.items() if name in self.values})
-
-
-class Watched(Block):
-    """A Block that keeps the status flags written to it and counts the heartbeats."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.statuses: list[frozenset] = []
-        self.beats = 0
-
-    async def write(self, fields: dict, last: str | None = None) -> None:
-        await super().write(fields, last)
-        self.statuses += [fields["status"]] if "status" in fields else []
-        self.beats += "heartbeat" in fields
-
-
 def reads_of_journal(daemon, journal_dir: Path, max_backlog: int | None, live, acking: bool = True):
     """Drive a Feeder as the bridge does (each of `live` journalled, then heard live; the handshake's run handing
     over what it can in between) and return the bounded journal reads it made, each (after, most, whether on the
@@ -1363,7 +1332,7 @@ def reads_of_journal(daemon, journal_dir: Path, max_backlog: int | None, live, a
     loop_thread = threading.get_ident()  # asyncio.run's loop runs on this thread
 
     async def feed():
-        target = Block()
+        target = Memory()
         target.acking = acking
         settings = HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=4, max_backlog=max_backlog)
         handshake = Handshake(target, settings, CAMERA)
@@ -1432,7 +1401,7 @@ def test_one_cameras_slow_catch_up_holds_up_no_other_camera(daemon):
 
     async def restart() -> tuple[dict[str, int], dict[str, int]]:
         settings = HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=4)
-        handshakes = {camera: Handshake(Block(), settings, camera) for camera in "abc"}
+        handshakes = {camera: Handshake(Memory(), settings, camera) for camera in "abc"}
         for handshake in handshakes.values():
             await handshake.start()  # a fresh PLC
         feeder = Feeder(Slow(None, "inspect."), Router(list(handshakes.values())))
@@ -1464,20 +1433,7 @@ def test_one_cameras_slow_catch_up_holds_up_no_other_camera(daemon):
     assert at_a["b"] >= 25, at_a  # b's replay went on beside a's
 
 
-class Taken(Block):
-    """A Block that keeps every inspection id written to it: what the PLC was handed, in order."""
-
-    def __init__(self, inspection_id: int = 0) -> None:
-        super().__init__()
-        self.values["inspection_id"] = inspection_id
-        self.handed: list[int] = []
-
-    async def write(self, fields: dict, last: str | None = None) -> None:
-        await super().write(fields, last)
-        self.handed.extend([fields["inspection_id"]] if "inspection_id" in fields else [])
-
-
-async def feeding(target: Block, journal_dir: Path, queue_size: int):
+async def feeding(target: Memory, journal_dir: Path, queue_size: int):
     """A started handshake on `target` and a Feeder on `journal_dir` feeding it, as the bridge wires them."""
     from inspectd.clients.bridge import Feeder, Router
     from inspectd.clients.handshake import Handshake, HandshakeSettings
@@ -1502,7 +1458,7 @@ def numberings(daemon, journal_dir: Path, plc_id: int, since: int | None, live):
     journal = Journal(journal_dir, max_bytes=1 << 24, fsync_interval_s=SYNC_S)
 
     async def feed():
-        target = Taken(plc_id)
+        target = Memory(inspection_id=plc_id)
         handshake, feeder = await feeding(target, journal_dir, 4)
         if since is not None:
             await feeder.resume({CAMERA: since})
@@ -1602,7 +1558,7 @@ def test_results_of_a_new_numbering_waiting_behind_a_hole_fill_are_checked_again
     from inspectd.protocol.messages import decode
 
     line = Line(daemon, tmp_path / "journal")
-    target = Taken()
+    target = Memory()
 
     async def restart_mid_fill() -> None:
         handshake, feeder = await feeding(target, tmp_path / "journal", 8)
@@ -1645,7 +1601,7 @@ def test_live_results_after_a_hole_the_journal_cannot_fill_are_not_lost(daemon, 
     for seq in range(1, 11):
         line(seq, publish=False)
     line.close()
-    target = Taken(10)
+    target = Memory(inspection_id=10)
 
     async def burst():
         handshake, feeder = await feeding(target, tmp_path / "journal", 8)
@@ -1687,7 +1643,7 @@ def test_a_restart_skips_past_its_resume_point_when_the_line_starts_while_the_jo
             return super().journalled(camera, after, most)
 
     async def restart():
-        handshake = Handshake(Block(), HandshakeSettings(queue_size=4, max_backlog=2), CAMERA)
+        handshake = Handshake(Memory(), HandshakeSettings(queue_size=4, max_backlog=2), CAMERA)
         await handshake.start(8)
         feeder = Feeder(LineStarts(journal_dir, f"inspect.{STATION}.{CAMERA}.", [CAMERA]), Router([handshake]))
         await feeder.resume({CAMERA: 8})
@@ -1731,8 +1687,8 @@ def test_a_slow_journal_read_is_not_the_daemons_silence(daemon, tmp_path, monkey
     if stuck:
         monkeypatch.setattr(bridge, "READ_STUCK_S", 0.2)
 
-    async def run() -> tuple[list[frozenset], Watched]:
-        target = Watched()
+    async def run() -> tuple[list[frozenset], Memory]:
+        target = Memory()
         settings = HandshakeSettings(ack_timeout_ms=5000, poll_ms=1, heartbeat_ms=20)
         handshake = Handshake(target, settings, CAMERA)
         await handshake.start()
@@ -1788,7 +1744,7 @@ def test_a_hole_fill_held_up_by_a_slow_disk_leaves_the_heartbeat_beating(daemon,
     from inspectd.clients.handshake import Handshake, HandshakeSettings
     from inspectd.protocol import journal
 
-    target = Watched()
+    target = Memory()
     reading = threading.Event()
     beats_during: list[int] = []
     read_since = journal.read_since
@@ -1806,7 +1762,7 @@ def test_a_hole_fill_held_up_by_a_slow_disk_leaves_the_heartbeat_beating(daemon,
     monkeypatch.setattr(bridge, "SETTLE_S", 0.05)
     line = Line(daemon, tmp_path / "journal")
 
-    async def run() -> Watched:
+    async def run() -> Memory:
         settings = HandshakeSettings(ack_timeout_ms=5000, poll_ms=1, heartbeat_ms=20)
         handshake = Handshake(target, settings, CAMERA)
         await handshake.start()

@@ -18,35 +18,9 @@ import pytest
 
 from inspectd.clients.handshake import ID_MODULUS, Handshake, HandshakeSettings, PlcError
 from inspectd.protocol.messages import Result, decode, encode_result, encode_status
+from plc_peers import Memory
 
 S7_INT = 1 << 15  # an S7 Int InspectionId holds seqs modulo this
-
-
-class Memory:
-    """What a handshake reads of and writes to a PLC, as values in memory: its id's width, its inspection id,
-    heartbeat, alarm bit and alarm_reset, and every status written (`statuses`); the PLC program acknowledges whatever
-    inspection id is written at once while `acking`, and never otherwise."""
-
-    def __init__(self, modulus: int, inspection_id: int = 0, heartbeat: int = 0, alarm: int = 0) -> None:
-        self.id_modulus = modulus
-        self.values = {"inspection_id": inspection_id, "heartbeat": heartbeat, "alarm": alarm, "alarm_reset": 0}
-        self.statuses: list[frozenset] = []
-        self.acking = True
-
-    async def read(self, name: str) -> int:
-        if name == "ack":
-            return self.values["inspection_id"] % self.id_modulus if self.acking else 0
-        return self.values[name]
-
-    async def write(self, fields: dict, last: str | None = None) -> None:
-        self.values.update({name: value for name, value in fields.items() if name in self.values})
-        if "status" in fields:
-            self.statuses.append(fields["status"])
-
-    @property
-    def status(self) -> frozenset:
-        """The status flags the PLC holds now."""
-        return self.statuses[-1]
 
 
 def started(modulus: int, plc_id: int, acked: int | None, newest: int | None, heartbeat: int = 17) -> Handshake:
