@@ -1519,18 +1519,66 @@ def test_a_journal_of_another_numbering_fills_no_hole(daemon, tmp_path):
 
 def test_a_restart_replays_nothing_of_a_journal_of_another_numbering(daemon, tmp_path):
     """The bridge restarts with its PLC at 50 and a --journal of an old numbering (1..100) while the daemon, which
-    restarted without it, is at 52. What the replay queued (the old 51..54) goes once the first live result shows the
-    journal is another numbering's, before the PLC takes any of it, and the live 52..57 are not taken for the results
-    the journal delivered under their seqs: the PLC gets 52..57, with the gap at 51 and the alarm, and no backlog
-    is counted."""
+    restarted without it, is at 52. The replay waits for the first live result, which shows the journal is another
+    numbering's: none of it is queued or handed over, and the live 52..57 are not taken for the results the journal
+    holds under their seqs: the PLC gets 52..57, with the gap at 51 and the alarm, and no backlog is counted."""
     old_numbering(daemon, tmp_path / "journal", 100)
     live = [(seq, False, True) for seq in range(52, 58)]
     handed, handshake, catch_up, logs = numberings(daemon, tmp_path / "journal", 50, 50, live)
     told = [entry for entry in logs if entry["event"] == "journal_other_numbering"]
-    assert len(told) == 1 and told[0]["seq"] == 52 and told[0]["dropped"] == 4, told
+    assert len(told) == 1 and told[0]["seq"] == 52 and told[0]["dropped"] == 0, told
     assert handed == list(range(52, 58))
     assert handshake.counters.sequence_gaps == 1 and handshake.alarm
     assert not [entry for entry in logs if entry["event"] in ("plc_behind", "backlog_skipped")]
+
+
+def test_a_restart_hands_no_camera_the_replay_of_a_journal_of_another_numbering(daemon, tmp_path):
+    """Two cameras, each with an old numbering's 1..100 in the --journal and its PLC at 50, the daemon (restarted
+    without the journal) at 60. The restarted bridge hears a's 60 first and b's 60 a while later, its handshakes
+    running by then: each camera's replay waits for that camera's first live result, so neither PLC is handed any of
+    the old 51..100."""
+    from inspectd.clients.bridge import Feeder, Router
+    from inspectd.clients.handshake import Handshake, HandshakeSettings
+    from inspectd.clients.subscribe import JournalCatchUp
+    from inspectd.daemon.journal import Journal
+    from inspectd.protocol.messages import decode
+
+    journal = Journal(tmp_path / "journal", max_bytes=1 << 24, fsync_interval_s=SYNC_S)
+    for camera in "ab":
+        for seq in range(1, 101):
+            journal.append(camera, seq, daemon.encode(seq, camera=camera))
+    journal.close()
+    time.sleep(0.01)
+    targets = {camera: Memory(inspection_id=50) for camera in "ab"}
+
+    async def restart() -> None:
+        settings = HandshakeSettings(ack_timeout_ms=60_000, poll_ms=1, queue_size=4)
+        handshakes = [Handshake(targets[camera], settings, camera) for camera in "ab"]
+        for handshake in handshakes:
+            await handshake.start()
+        feeder = Feeder(JournalCatchUp(tmp_path / "journal", "inspect.", ["a", "b"]), Router(handshakes))
+        for handshake in handshakes:
+            handshake.room = feeder.room
+        await feeder.resume({"a": 50, "b": 50})
+        await feeder.live(decode(daemon.encode(60, camera="a")))  # the first message, then the handshakes run
+        stop = asyncio.Event()
+        running = [asyncio.ensure_future(h.run(stop)) for h in handshakes] + [asyncio.ensure_future(feeder.run(stop))]
+        await asyncio.sleep(0.3)  # long enough to hand b's whole queue over, were its replay not held
+        for seq, camera in ((60, "b"), (61, "a"), (61, "b")):
+            await feeder.live(decode(daemon.encode(seq, camera=camera)))
+        deadline = time.monotonic() + 10
+        while any(target.handed[-1:] != [61] for target in targets.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        stop.set()
+        for handshake in handshakes:
+            handshake.cut_short()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(restart())
+    assert {camera: target.handed for camera, target in targets.items()} == {"a": [60, 61], "b": [60, 61]}
+    told = sorted(entry["camera"] for entry in logs if entry["event"] == "journal_other_numbering")
+    assert told == ["a", "b"]
 
 
 def test_a_journal_the_daemon_writes_again_is_trusted_again(daemon, tmp_path):
@@ -1624,15 +1672,19 @@ def test_live_results_after_a_hole_the_journal_cannot_fill_are_not_lost(daemon, 
     assert [(entry["first"], entry["last"]) for entry in logs if entry["event"] == "gap"] == [(13, 13)]
 
 
-def test_a_restart_skips_past_its_resume_point_when_the_line_starts_while_the_journal_is_read(daemon, tmp_path):
+def test_a_restart_skips_past_its_resume_point_when_the_line_starts_while_the_journal_is_read(
+    daemon, tmp_path, monkeypatch
+):
     """After a power cut the recorded ack (8) is past the journal's newest (5: its tail was lost) and the line starts
     while the bridge measures its replay: 20..22 are journalled between its read of the journal's newest and its read
     of the records after 8, more than max_backlog (2). The skip goes to the newest record it read (22), never back to
     the newest read before (5): that would hand 5 over again, a verdict the PLC consumed long ago."""
+    from inspectd.clients import bridge
     from inspectd.clients.bridge import Feeder, Router
     from inspectd.clients.handshake import Handshake, HandshakeSettings
     from inspectd.clients.subscribe import JournalCatchUp
 
+    monkeypatch.setattr(bridge, "HOLD_S", 0.0)  # no live result comes to check the journal by: the replay goes at once
     journal_dir = tmp_path / "journal"
     line = Line(daemon, journal_dir)
 

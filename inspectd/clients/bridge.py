@@ -63,6 +63,9 @@ READ_STUCK_S = 10.0
 # A journal found to hold another numbering's results is looked at again at a jump in the live stream at most this
 # often: one that another daemon writes changes at every record, and each look may parse a segment.
 RECHECK_S = 1.0
+# A restart's replay of a camera waits this long at most for the camera's first live result, which shows whether the
+# journal is the daemon's current numbering before any of it is handed over (a quiet line: then it goes unchecked).
+HOLD_S = 2.0
 # With --journal: longest wait for the subscription to take hold (the first live message) before the journal is read.
 SETTLE_S = 5.0
 STATE_FILE = "acked.json"  # in --state-dir: the last inspection id the PLC acknowledged, per camera
@@ -445,6 +448,7 @@ class Feeder:
         # camera -> its newest journal segment when its disowned journal was last looked at (_journal_signature)
         self._signature: dict[str, tuple[str, int, int] | None] = {}
         self._looked: dict[str, float] = {}  # camera -> when its disowned journal's signature was last read
+        self._held: dict[str, float] = {}  # camera -> until when its replay waits for its journal's check (HOLD_S)
         # Cameras whose queue the PLC made room in, in turn (a dict as an ordered set): what `run` refills.
         self._room: dict[str, None] = {}
         self._roomed = asyncio.Event()
@@ -489,6 +493,9 @@ class Feeder:
                     self.examined[camera] = target
             self.pending[camera] = self._counted(camera, after, self.catch_up.resume({camera: after}))
             self._reads.add(camera)
+            if camera not in self.checked:
+                self._held[camera] = time.monotonic() + HOLD_S
+                self._roomed.set()  # `run` waits until then at most
 
     def _counted(self, camera: str, after: int, replay: Iterator[Result]) -> Iterator[Result]:
         count = 0
@@ -580,6 +587,9 @@ class Feeder:
         self.checked.add(camera)
         if self.catch_up.directory is not None and self.router.handshake(camera) is not None:
             await self._check_journal(result, first)
+        if self._held.pop(camera, None) is not None:
+            self._room.setdefault(camera)  # its replay, checked (or stopped): `run` steps it
+            self._roomed.set()
 
     async def _check_journal(self, result: Result, first: bool) -> None:
         """`result`, the first live result of its camera in this numbering (`first`: since the bridge started), is in
@@ -777,9 +787,15 @@ class Feeder:
         from inspectd.clients.handshake import either
 
         while not stop.is_set():
+            now = time.monotonic()
+            for camera, until in list(self._held.items()):
+                if until <= now:  # its first live result did not come in time: the replay goes unchecked
+                    del self._held[camera]
+                    self._room.setdefault(camera)
             if not self._room:
                 self._roomed.clear()
-                await either(self._roomed, stop)
+                soonest = min(self._held.values(), default=None)
+                await either(self._roomed, stop, None if soonest is None else max(0.0, soonest - now))
                 continue
             camera = next(iter(self._room))
             del self._room[camera]
@@ -806,6 +822,11 @@ class Feeder:
         and hand it over, nothing while its queue is full; whether anything moved, None where the pull would read the
         journal and `read` is False. Called holding `_reading`."""
         handshake = self.router.handshake(camera)
+        until = self._held.get(camera)
+        if until is not None and camera in self.pending:
+            if time.monotonic() < until:
+                return False  # a replay held for its journal's check (`run` steps it when the time is up)
+            del self._held[camera]
         # Bounded where the journal fills holes: a newest replaced while the queue is full is fetched from it.
         if self.catch_up.fills(camera) and handshake is not None and handshake.space() <= 0:
             return False

@@ -106,11 +106,11 @@ def daemon_drift_flags(status: dict[str, Any], camera: str | None) -> tuple[bool
     return drift.get("alarm") is True, drift.get("false_reject_warning") is True
 
 
-async def either(event: asyncio.Event, stop: asyncio.Event) -> None:
-    """Wait until `event` or `stop` is set."""
+async def either(event: asyncio.Event, stop: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until `event` or `stop` is set (or `timeout` seconds have passed)."""
     waiter = asyncio.ensure_future(event.wait())
     stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
     stopper.cancel()
 
