@@ -1383,15 +1383,18 @@ def test_a_jump_the_backlog_decision_hangs_on_is_read_once_off_the_event_loop(da
     assert [result.seq for result in handshake.queue] == [2, 3, 4, 5]
 
 
-def test_one_cameras_slow_catch_up_holds_up_no_other_camera(daemon):
+def test_one_cameras_slow_catch_up_holds_up_no_other_camera(daemon, monkeypatch):
     """Two cameras restart with 40 journalled results each to replay, every pull slow (30 ms: a slow disk). The
     replays take turns, a result each: b's is not left until a's is done. A live result of a, and then one of a third
     camera, c, that come meanwhile, are taken in at once: c's is handed over after at most the pulls in progress, not
     after a's replay."""
+    from inspectd.clients import bridge
     from inspectd.clients.bridge import Feeder, Router
     from inspectd.clients.handshake import Handshake, HandshakeSettings
     from inspectd.clients.subscribe import JournalCatchUp
     from inspectd.protocol.messages import decode
+
+    monkeypatch.setattr(bridge, "HOLD_S", 0.0)  # no live result of a or b comes to check their journal by
 
     class Slow(JournalCatchUp):
         def _journalled(self, camera: str, after: int, before: int | None):

@@ -65,7 +65,9 @@ READ_STUCK_S = 10.0
 RECHECK_S = 1.0
 # A restart's replay of a camera waits this long at most for the camera's first live result, which shows whether the
 # journal is the daemon's current numbering before any of it is handed over (a quiet line: then it goes unchecked).
-HOLD_S = 2.0
+# Counted from the end of the restart's reads, it leaves room for the other cameras' first results to be checked first
+# (a check may parse a segment: 0.2 s for a full one).
+HOLD_S = 5.0
 # With --journal: longest wait for the subscription to take hold (the first live message) before the journal is read.
 SETTLE_S = 5.0
 STATE_FILE = "acked.json"  # in --state-dir: the last inspection id the PLC acknowledged, per camera
@@ -494,7 +496,11 @@ class Feeder:
             self.pending[camera] = self._counted(camera, after, self.catch_up.resume({camera: after}))
             self._reads.add(camera)
             if camera not in self.checked:
-                self._held[camera] = time.monotonic() + HOLD_S
+                self._held[camera] = 0.0  # set below, once every camera's measuring reads are done
+        now = time.monotonic()
+        for camera in since:
+            if self._held.get(camera) == 0.0:
+                self._held[camera] = now + HOLD_S
                 self._roomed.set()  # `run` waits until then at most
 
     def _counted(self, camera: str, after: int, replay: Iterator[Result]) -> Iterator[Result]:
@@ -507,8 +513,9 @@ class Feeder:
 
     async def status(self, status: dict[str, Any], prefix: str) -> None:
         """A daemon status message: a slot without a camera binds to the camera it served before a restart where the
-        message shows that camera still runs (Router.recorded), and the camera's replay starts now: on a quiet line
-        its next result may be long in coming."""
+        message shows that camera still runs (Router.recorded), and the camera's replay starts at its first live
+        result or after HOLD_S (see _resume), not at the next part: on a quiet line its next result may be long in
+        coming."""
         async with self._reading:
             camera = self.router.recorded(status, prefix)
             if camera is None or camera in self.heard:
@@ -806,7 +813,8 @@ class Feeder:
 
     async def _pump(self, camera: str, read: bool = False) -> None:
         """Step `camera` on while its queue has room and there is something to hand over. A step that would read
-        the journal is left to `run` unless `read` (the restart's replay, before the handshakes run): a message the
+        the journal is left to `run` unless `read` (a restart's replay at start, before the handshakes run; one held
+        for the journal's check is stepped by `run`): a message the
         bridge takes in then waits for no catch-up, only for the step in progress."""
         while True:
             async with self._reading:
