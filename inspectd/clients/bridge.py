@@ -464,6 +464,7 @@ class Feeder:
 
     async def _resume(self, since: dict[str, int]) -> None:
         """Start each camera's replay (pulled by `_step`)."""
+        unchecked = []
         for camera, seq in since.items():
             self.heard.add(camera)
             self.since[camera] = seq
@@ -496,12 +497,12 @@ class Feeder:
             self.pending[camera] = self._counted(camera, after, self.catch_up.resume({camera: after}))
             self._reads.add(camera)
             if camera not in self.checked:
-                self._held[camera] = 0.0  # set below, once every camera's measuring reads are done
-        now = time.monotonic()
-        for camera in since:
-            if self._held.get(camera) == 0.0:
-                self._held[camera] = now + HOLD_S
-                self._roomed.set()  # `run` waits until then at most
+                unchecked.append(camera)
+        until = time.monotonic() + HOLD_S  # from the end of every camera's measuring reads
+        for camera in unchecked:
+            self._held[camera] = until
+        if unchecked:
+            self._roomed.set()  # `run` waits until then at most
 
     def _counted(self, camera: str, after: int, replay: Iterator[Result]) -> Iterator[Result]:
         count = 0
