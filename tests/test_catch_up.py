@@ -43,12 +43,12 @@ STATUS = {
 }
 
 
-def result_frames(camera: str, seq: int) -> list[bytes]:
+def result_frames(camera: str, seq: int, frame_id: str | None = None) -> list[bytes]:
     return encode_result(
         station=STATION,
         camera=camera,
         seq=seq,
-        frame_id=f"{camera}-{seq}",
+        frame_id=f"{camera}-{seq}" if frame_id is None else frame_id,
         t_capture=time.time(),
         t_publish=time.time(),
         verdict="ok",
@@ -362,3 +362,129 @@ def test_a_live_seq_that_goes_back_is_delivered_and_reported_not_dropped_as_a_du
     assert [r.seq for r in got] == [5, 6, 7, 0, 1]
     assert catch_up.backwards == [("cam0", 7, 0)]
     assert catch_up.missed == []
+
+
+def older_numbering(line, camera: str, seqs) -> None:
+    """Records under `seqs` from a numbering before the daemon's: other parts' verdicts (another capture time)."""
+    for seq in seqs:
+        line.journal.append(camera, seq, result_frames(camera, seq, f"old-{seq}"))
+
+
+def test_a_journal_of_another_numbering_fills_no_hole_and_is_told(line):
+    """The daemon journals each result before it publishes it, so a journal holding another result under a live
+    seq is not the daemon's: the hole at 4 is a gap with that reason, not filled with another part's verdict."""
+    from inspectd.clients.subscribe import OTHER_NUMBERING
+
+    older_numbering(line, "cam0", range(10))
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        line.emit("cam0", 3, journal=False)  # the daemon of now journals elsewhere
+        line.emit("cam0", 4, journal=False, send=False)
+        line.emit("cam0", 5, journal=False)
+        line.emit("cam0", 6, journal=False)
+        got = drain(source, 3)
+    assert [(r.seq, r.frame_id) for r in got] == [(3, "cam0-3"), (5, "cam0-5"), (6, "cam0-6")]
+    assert catch_up.missed == [Gap("cam0", 4, 4, OTHER_NUMBERING)]
+    assert len(source.notices) == 1 and "another numbering's results for cam0 (seq 3: frame old-3" in source.notices[0]
+
+
+def test_a_replay_of_another_numbering_does_not_swallow_the_live_results_below_it(line):
+    """`--since -1` replays the old numbering's 0-9; the daemon then publishes 2 and 3 of its own: they are delivered
+    (the catch-up counted 0-9 as delivered and would drop them), and the replay is said to be another numbering's."""
+    older_numbering(line, "cam0", range(10))
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        line.pub.send_multipart(encode_status(STATION, STATUS))  # the first live message start() waits for
+        source.start(-1)
+        replayed = drain(source, 10)
+        line.emit("cam0", 2, journal=False)
+        line.emit("cam0", 3, journal=False)
+        got = drain(source, 2)
+    assert [r.frame_id for r in replayed] == [f"old-{seq}" for seq in range(10)]
+    assert [(r.seq, r.frame_id) for r in got] == [(2, "cam0-2"), (3, "cam0-3")]
+    assert len(source.notices) == 1 and "another numbering's results for cam0" in source.notices[0]
+
+
+def test_a_first_live_seq_at_or_below_since_is_a_new_numbering_and_delivered(line):
+    """The journal was wiped (it holds this numbering's 0-4 only) and the reader resumes after 100, a seq of the
+    numbering before: 5 and 6, published after it subscribed, are delivered, not dropped as already had."""
+    for seq in range(5):
+        line.emit("cam0", seq, send=False)
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        source = CatchUpSubscriber(sub, JournalCatchUp(line.journal_dir))
+        line.pub.send_multipart(encode_status(STATION, STATUS))
+        source.start(100)
+        line.emit("cam0", 5)
+        line.emit("cam0", 6)
+        got = drain(source, 2)
+    assert [r.seq for r in got] == [5, 6]
+    assert len(source.notices) == 1 and "seq 5 on cam0 is at or below --since 100" in source.notices[0]
+
+
+def test_a_disowned_journal_is_filled_from_again_once_it_holds_live_results(line, monkeypatch):
+    """Disowned at 3; the daemon then journals into it again (restarted with it) and publishes 20: what lay between
+    is a gap, not the old numbering's records, and the hole at 21 is filled from the journal again."""
+    from inspectd.clients import subscribe
+    from inspectd.clients.subscribe import OTHER_NUMBERING
+
+    monkeypatch.setattr(subscribe, "RECHECK_S", 0.0)
+    older_numbering(line, "cam0", range(10))
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        line.emit("cam0", 3, journal=False)
+        first = drain(source, 1)
+        line.emit("cam0", 20)
+        line.emit("cam0", 21, send=False)
+        line.emit("cam0", 22)
+        got = drain(source, 3)
+    assert [r.seq for r in first + got] == [3, 20, 21, 22]
+    assert [r.frame_id for r in got] == ["cam0-20", "cam0-21", "cam0-22"]
+    assert catch_up.missed == [Gap("cam0", 4, 19, OTHER_NUMBERING)]
+    assert catch_up.recovered == 1
+    assert "holds cam0's live results again from seq 20" in source.notices[-1]
+
+
+def test_subscribe_says_the_journal_is_another_numbering_and_prints_the_live_results(line):
+    """`inspectd subscribe --journal DIR --since -1` as a real process: the old numbering's replay, then the live
+    results below it, and the notice on stderr."""
+    older_numbering(line, "cam0", range(10))
+    stop = threading.Event()
+
+    def status() -> None:  # the daemon's 1 Hz status, faster: the subscriber's first live message
+        while not stop.is_set():
+            line.pub.send_multipart(encode_status(STATION, STATUS))
+            time.sleep(0.05)
+
+    heartbeat = threading.Thread(target=status, daemon=True)
+    heartbeat.start()
+    command = ["subscribe", "--endpoint", line.endpoint, "--journal", str(line.journal_dir), "--since", "-1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", *command, "--count", "12", "--timeout", "30"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        printed = [proc.stdout.readline().rstrip("\n")]  # the replay has started: the subscription took hold before it
+        line.emit("cam0", 2, journal=False)
+        line.emit("cam0", 3, journal=False)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop.set()
+        heartbeat.join(5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    frames = [entry.split("frame=")[1] for entry in printed + out.splitlines()]
+    assert frames == [f"old-{seq}" for seq in range(10)] + ["cam0-2", "cam0-3"], err
+    assert "inspectd subscribe: journal" in err and "another numbering's results for cam0" in err, err
+    assert proc.returncode == 0, err

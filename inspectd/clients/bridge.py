@@ -40,7 +40,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from inspectd.clients.subscribe import OTHER_NUMBERING, JournalCatchUp
+from inspectd.clients.subscribe import OTHER_NUMBERING, RECHECK_S, JournalCatchUp
 from inspectd.durable import hold_lock, replace_file
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
@@ -60,9 +60,6 @@ DAEMON_SILENT_S = 3.0
 # A message the bridge has been taking in for this long waits on a journal read that is stuck (a failing disk), not
 # slow (a full segment parses in a fraction of a second): trigger_ready drops, as for a silent daemon.
 READ_STUCK_S = 10.0
-# A journal found to hold another numbering's results is looked at again at a jump in the live stream at most this
-# often: one that another daemon writes changes at every record, and each look may parse a segment.
-RECHECK_S = 1.0
 # A restart's replay of a camera waits this long at most for the camera's first live result, which shows whether the
 # journal is the daemon's current numbering before any of it is handed over (a quiet line: then it goes unchecked).
 # Counted from the end of the restart's reads, it leaves room for the other cameras' first results to be checked first
@@ -349,37 +346,12 @@ def _journal_newest(directory: Path, camera: str) -> int | None:
         return None  # placed against the first live result instead; the replay reports the journal's trouble
 
 
-def _journal_holds(directory: Path, camera: str, seq: int) -> tuple[int | None, tuple[str, float] | None]:
+def _journal_holds(catch_up: JournalCatchUp, camera: str, seq: int) -> tuple[int | None, tuple[str, float] | None]:
     """(the newest seq journalled for `camera`, the frame id and capture time of its record at `seq`): None for what
     the journal does not hold or cannot be read."""
-    from inspectd.protocol import journal
-
-    held = None
-    try:
-        journal.check_camera(camera)
-        for found, frames in journal.read_since(directory, camera, seq - 1, on_corrupt=lambda *_: None):
-            message = decode(frames) if found == seq else None
-            if isinstance(message, Result):
-                held = (message.frame_id, message.t_capture)
-            break
-    except (InspectdError, OSError):  # MessageError among them: a record that does not decode tells nothing
-        pass
-    return _journal_newest(directory, camera), held
-
-
-def _journal_signature(directory: Path, camera: str) -> tuple[str, int, int] | None:
-    """(name, size, change time) of `camera`'s newest journal segment: what changes whenever a record is appended."""
-    from inspectd.protocol import journal
-
-    try:
-        journal.check_camera(camera)
-        segments = journal.segment_files(directory / camera)
-        if not segments:
-            return None
-        stat = segments[-1][1].stat()
-    except (InspectdError, OSError):
-        return None
-    return segments[-1][1].name, stat.st_size, stat.st_mtime_ns
+    assert catch_up.directory is not None
+    held = catch_up.held(camera, seq)
+    return _journal_newest(catch_up.directory, camera), held
 
 
 def _journal_reserved(directory: Path, camera: str) -> int | None:
@@ -447,7 +419,7 @@ class Feeder:
         self.numbering: dict[str, int] = {}  # camera -> numberings seen go back: a read made in an older one is void
         self._reading = asyncio.Lock()
         self._reads: set[str] = set()  # cameras whose pending iterator may read the journal when pulled
-        # camera -> its newest journal segment when its disowned journal was last looked at (_journal_signature)
+        # camera -> its newest journal segment when its disowned journal was last looked at (JournalCatchUp.signature)
         self._signature: dict[str, tuple[str, int, int] | None] = {}
         self._looked: dict[str, float] = {}  # camera -> when its disowned journal's signature was last read
         self._held: dict[str, float] = {}  # camera -> until when its replay waits for its journal's check (HOLD_S)
@@ -570,9 +542,8 @@ class Feeder:
         if jump and self.catch_up.disowned(camera) and now >= self._looked.get(camera, 0.0) + RECHECK_S:
             # Only where something was journalled since the last look (a journal nobody writes costs no read), and
             # not more often than RECHECK_S (one another daemon writes changes at every record).
-            assert self.catch_up.directory is not None
             self._looked[camera] = now
-            signature = await asyncio.to_thread(_journal_signature, self.catch_up.directory, camera)
+            signature = await asyncio.to_thread(self.catch_up.signature, camera)
             if signature != self._signature.get(camera):
                 self._signature[camera] = signature
                 self.checked.discard(camera)
@@ -610,10 +581,10 @@ class Feeder:
         directory = self.catch_up.directory
         assert directory is not None
         camera, seq = result.camera, result.seq
-        newest, held = await asyncio.to_thread(_journal_holds, directory, camera, seq)
+        newest, held = await asyncio.to_thread(_journal_holds, self.catch_up, camera, seq)
         if held is not None and held != (result.frame_id, result.t_capture):
             if not self.catch_up.disowned(camera):
-                self._signature[camera] = await asyncio.to_thread(_journal_signature, directory, camera)
+                self._signature[camera] = await asyncio.to_thread(self.catch_up.signature, camera)
                 self._disown(result, held[0], first)
             return
         if self.catch_up.disowned(camera):

@@ -32,6 +32,9 @@ from inspectd.protocol.messages import Result, decode
 
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
 WATCH_S = 1.0  # longest a Subscriber (and `inspectd subscribe` for a refused handshake) waits between looks
+# A journal found to hold another numbering's results is looked at again at a jump in the live stream at most this
+# often: one that another daemon writes changes at every record, and each look may parse a segment.
+RECHECK_S = 1.0
 
 
 class GapTracker:
@@ -261,6 +264,41 @@ class JournalCatchUp:
         else:
             self._disowned[camera] = reason
 
+    def held(self, camera: str, seq: int) -> tuple[str, float] | None:
+        """(frame id, capture time) of the result the journal holds for `camera` under `seq`, read even where disowned:
+        what a live result is checked against. None where it holds none, or it cannot be read."""
+        from inspectd.protocol import journal
+
+        if self.directory is None:
+            return None
+        try:
+            journal.check_camera(camera)
+            for found, frames in journal.read_since(self.directory, camera, seq - 1, on_corrupt=lambda *_: None):
+                message = decode(frames) if found == seq else None
+                if isinstance(message, Result):
+                    return message.frame_id, message.t_capture
+                break
+        except (InspectdError, OSError):  # MessageError among them: a record that does not decode tells nothing
+            pass
+        return None
+
+    def signature(self, camera: str) -> tuple[str, int, int] | None:
+        """(name, size, change time) of `camera`'s newest journal segment: what changes whenever a record is appended.
+        None without one."""
+        from inspectd.protocol import journal
+
+        if self.directory is None:
+            return None
+        try:
+            journal.check_camera(camera)
+            segments = journal.segment_files(self.directory / camera)
+            if not segments:
+                return None
+            stat = segments[-1][1].stat()
+        except (InspectdError, OSError):
+            return None
+        return segments[-1][1].name, stat.st_size, stat.st_mtime_ns
+
     def journalled(self, camera: str, after: int, most: int) -> list[int]:
         """The first `most` seqs of `camera` the journal holds after `after` ([] without a journal, or one disowned
         for this camera)."""
@@ -344,20 +382,36 @@ class CatchUpSubscriber:
     nothing falls between the journal and the live stream; then `recv` as on a Subscriber. The replay is pulled one
     result per `recv`: live messages wait on the socket meanwhile, and any the socket's limit drops are a hole the
     journal fills when the replay is done.
+
+    The daemon journals each result before it publishes it, so each camera's first live result is looked up in the
+    journal: one that holds another result under its seq is a journal of another numbering (a daemon that restarted
+    without it; a copy), whose records are other parts' verdicts. No hole of that camera is filled from it (each is
+    a gap), a replay of it not yet pulled stops, and what the replay delivered counts for nothing: the live stream is
+    delivered from that result on. While disowned, it is looked at again at a jump in the live stream (where
+    something was journalled since, at most every RECHECK_S), and filled from again once it holds a live result. A
+    first live seq at or below `since` is a numbering started anew too, and delivered. What the checks find is listed
+    in `notices`, one line each, for the caller to report.
     """
 
     def __init__(self, subscriber: Subscriber, catch_up: JournalCatchUp) -> None:
         self.subscriber = subscriber
         self.catch_up = catch_up
+        self.notices: list[str] = []
         self._pending: Iterator[Result | dict[str, Any]] = iter(())
+        self._since: int | dict[str, int] | None = None
+        self._checked: set[str] = set()  # cameras whose journal was checked against a live result
+        self._signature: dict[str, tuple[str, int, int] | None] = {}  # camera -> its disowned journal, last looked at
+        self._looked: dict[str, float] = {}  # camera -> when its disowned journal was last looked at
 
     def start(self, since: int | dict[str, int], settle_s: float = SETTLE_S) -> None:
         try:
             first = self.subscriber.recv(settle_s)
         except MessageError:
             first = None  # malformed, but the subscription is live: that is all this wait is for
+        self._since = since
         replay = self.catch_up.resume(since)
-        self._pending = itertools.chain(replay, () if first is None else self.catch_up.take(first))
+        # Checked now, before the replay is pulled: a journal of another numbering replays nothing of this camera.
+        self._pending = itertools.chain(replay, () if first is None else self._take(first))
 
     def recv(self, timeout_s: float | None) -> Result | dict[str, Any] | None:
         """The next message to deliver; None when nothing arrives within `timeout_s`. MessageError as Subscriber."""
@@ -370,9 +424,67 @@ class CatchUpSubscriber:
             message = self.subscriber.recv(left)
             if message is None:
                 return None
-            self._pending = self.catch_up.take(message)
+            self._pending = self._take(message)
             if deadline is not None and time.monotonic() >= deadline:
                 return next(self._pending, None)
+
+    def _take(self, message: Result | dict[str, Any]) -> Iterator[Result | dict[str, Any]]:
+        """What the catch-up delivers for `message`, its journal checked first where due."""
+        again = isinstance(message, Result) and self._check(message)
+        return self._taking(message, again)
+
+    def _taking(self, message: Result | dict[str, Any], again: bool) -> Iterator[Result | dict[str, Any]]:
+        yield from self.catch_up.take(message)
+        if again and isinstance(message, Result):
+            # Only now: the hole before this result lay in the other numbering's records, a gap, not filled from them.
+            self.catch_up.disown(message.camera, None)
+
+    def _check(self, result: Result) -> bool:
+        """Look `result` up in the journal where due; True where the journal, disowned, holds it again."""
+        catch_up = self.catch_up
+        camera, seq = result.camera, result.seq
+        if not catch_up.fills(camera) and not catch_up.disowned(camera):
+            return False
+        if camera in self._checked:
+            now = time.monotonic()
+            jump = seq > catch_up.delivered.get(camera, seq) + 1
+            if not (jump and catch_up.disowned(camera)) or now < self._looked.get(camera, 0.0) + RECHECK_S:
+                return False
+            self._looked[camera] = now
+            signature = catch_up.signature(camera)
+            if signature == self._signature.get(camera):
+                return False  # nothing journalled since the last look
+            self._signature[camera] = signature
+        first = camera not in self._checked
+        self._checked.add(camera)
+        journal = catch_up.directory
+        held = catch_up.held(camera, seq)
+        if held is not None and held != (result.frame_id, result.t_capture):
+            if not catch_up.disowned(camera):
+                self._signature[camera] = catch_up.signature(camera)
+                catch_up.disown(camera, OTHER_NUMBERING)
+                if seq <= catch_up.delivered.get(camera, seq):
+                    catch_up.renumbered(camera, seq)  # what counted as delivered came from that journal
+                self.notices.append(
+                    f"journal {journal} holds another numbering's results for {camera} (seq {seq}: frame "
+                    f"{held[0]} there, {result.frame_id} live): nothing more of {camera} is read from it (any replay "
+                    "of this camera from it was another numbering's; holes are gaps) until it holds a live result "
+                    "again"
+                )
+            return False
+        if held is not None and catch_up.disowned(camera):
+            self.notices.append(f"journal {journal} holds {camera}'s live results again from seq {seq}")
+            return True
+        since = self._since.get(camera) if isinstance(self._since, dict) else self._since
+        if first and since is not None and seq <= since:
+            # The daemon publishes each seq once, this one after the subscription took hold: not the numbering
+            # `since` was taken from. Dropped as delivered otherwise, every result up to `since`.
+            catch_up.renumbered(camera, seq)
+            self.notices.append(
+                f"seq {seq} on {camera} is at or below --since {since}: the daemon numbers anew (restarted without "
+                "its journal, or it was wiped); delivered from here on"
+            )
+        return False
 
     def close(self) -> None:
         self.subscriber.close()
@@ -546,6 +658,10 @@ def run(args: argparse.Namespace) -> int:
                         flush=True,
                     )
                 catch_up.backwards.clear()
+                if isinstance(source, CatchUpSubscriber):
+                    for notice in source.notices:
+                        print(f"inspectd subscribe: {notice}", file=sys.stderr, flush=True)
+                    source.notices.clear()
                 if args.save_masks is not None and message.mask_png is not None:
                     _save_mask(args.save_masks / f"{message.camera}_{message.seq}.png", message.mask_png, mask_failures)
                 print(
