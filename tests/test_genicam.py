@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,17 @@ class FakeCamera:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+def fake_xml(tmp_path: Path, edit) -> Path:
+    """The fake camera's own GenICam description with `edit` applied, for `FakeCamera("-g", path)`: a camera that
+    names its formats or lacks features as some real models do, while its registers stay the fake camera's."""
+    xml = aravis().FakeCamera.new("XML").get_genicam_xml()[0]
+    edited = edit(xml)
+    assert edited != xml, "the edit matched nothing in this Aravis' fake camera description"
+    path = tmp_path / "camera.xml"
+    path.write_text(edited)
+    return path
 
 
 @pytest.fixture
@@ -263,6 +275,64 @@ def test_frames_lost_on_the_wire_become_error_frames(ingests):
     assert all(("incomplete" in e) or ("lost between camera and host" in e) for e in errors), errors[:3]
 
 
+@pytest.mark.parametrize("pixel_format", ["Mono10", "Mono12"])
+def test_mono10_and_mono12_values_above_full_scale_saturate(tmp_path, ingests, pixel_format):
+    """A camera whose 10- or 12-bit words carry bits above full scale (aligned to the top of the word, or unused high
+    bits left set): the fake camera's Mono16 ramp, reported under the narrower format's name."""
+    xml = fake_xml(tmp_path, lambda x: x.replace('<EnumEntry Name="Mono16"', f'<EnumEntry Name="{pixel_format}"'))
+    camera = FakeCamera("-g", str(xml))
+    try:
+        ingest, queue = run(ingests, pixel_format=pixel_format, exposure_us=10000, gain_db=0, frame_rate_hz=50)
+        frames = take(queue, 3)
+        assert ingest._source.applied["pixel_format"] == pixel_format
+        stop(ingests, ingest)
+    finally:
+        camera.stop()
+    bits = int(pixel_format[4:])
+    y, x = np.mgrid[0:512, 0:512]
+    for frame in frames:
+        assert frame.error is None, frame.error
+        # The fake camera's Mono16 ramp at exposure 10 ms and gain 0, keyed by the frame's own counter.
+        words = (256 * (x + y + int(frame.frame_id))) % 65535
+        assert (words >> bits).any(), "no value above full scale in this frame"
+        assert np.array_equal(frame.image, np.minimum(words >> (bits - 8), 255)), pixel_format
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"trigger": "software", "software_rate_hz": 1},
+        {"trigger": "free_run", "frame_rate_hz": 1},
+    ],
+)
+def test_a_frame_period_longer_than_stall_s_is_not_taken_for_a_dead_camera(fake_camera, ingests, source):
+    ingest, queue = run(ingests, stall_s=0.3, **source)
+    frames = take(queue, 3, timeout=15)
+    assert all(f.error is None for f in frames), [f.error for f in frames]
+    assert ingest.reopen_count == 0 and ingest.stats()["state"] == "running", ingest.stats()
+
+
+def test_a_camera_without_trigger_source_opens_and_streams(tmp_path, ingests):
+    """Some USB3 Vision and line-scan models have no TriggerSource: reading it back for the record must not keep
+    the camera from opening."""
+
+    def drop_trigger_source(xml: str) -> str:
+        xml = xml.replace("<pFeature>TriggerSource</pFeature>", "")
+        return re.sub(r'<Enumeration Name="TriggerSource".*?</Enumeration>', "", xml, flags=re.S)
+
+    camera = FakeCamera("-g", str(fake_xml(tmp_path, drop_trigger_source)))
+    try:
+        ingest, queue = run(ingests, frame_rate_hz=50)
+        frames = take(queue, 3, timeout=10)
+        applied = dict(ingest._source.applied)
+        stop(ingests, ingest)
+    finally:
+        camera.stop()
+    assert all(f.error is None and f.image.shape == (512, 512) for f in frames), [f.error for f in frames]
+    assert (applied["trigger_mode"], applied["trigger_source"]) == ("Off", None)
+    assert ingest.reopen_count == 0
+
+
 def test_frame_counter_gaps_wrap_and_resets():
     assert frames_lost(None, 7) == 0
     assert frames_lost(7, 8) == 0 and frames_lost(7, 10) == 2
@@ -276,10 +346,30 @@ def test_pixel_formats_convert_to_the_engines_uint8():
     assert to_image(mono16.tobytes(), 2, 2, "Mono16").tolist() == [[0, 255], [128, 1]]
     mono12 = np.array([[0x0FFF, 0x0010]], "<u2")
     assert to_image(mono12.tobytes(), 2, 1, "Mono12").tolist() == [[255, 1]]
+    # Above full scale saturates instead of wrapping to dark.
+    over = np.array([[4095, 4096, 5000, 8191]], "<u2")
+    assert to_image(over.tobytes(), 4, 1, "Mono12").tolist() == [[255, 255, 255, 255]]
+    assert to_image(np.array([[1023, 1024]], "<u2").tobytes(), 2, 1, "Mono10").tolist() == [[255, 255]]
     bgr = np.array([[[1, 2, 3]]], np.uint8)
     assert to_image(bgr.tobytes(), 1, 1, "BGR8").tolist() == [[[3, 2, 1]]]
     with pytest.raises(ValueError, match="expected 2x2x1 for Mono8"):
         to_image(b"\0" * 3, 2, 2, "Mono8")
+
+
+def test_row_padding_and_chunk_data_after_the_image_are_not_pixels():
+    """A buffer's x padding ends each row and chunk data (or y padding) follows the last: the image is what is left."""
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    padded = b"".join(row.tobytes() + b"\xee\xee" for row in rgb)
+    assert np.array_equal(to_image(padded, 3, 2, "RGB8", row_padding=2), rgb)
+    chunks = b"CHUNKDATA-TIMESTAMP-FRAMEID"
+    assert np.array_equal(to_image(padded + chunks, 3, 2, "RGB8", row_padding=2, tail=len(chunks)), rgb)
+    mono12 = np.array([[1, 4095], [16, 8191]], "<u2")
+    odd = b"".join(row.tobytes() + b"\x07" for row in mono12)  # an odd padding leaves the words unaligned
+    assert to_image(odd, 2, 2, "Mono12", row_padding=1).tolist() == [[0, 255], [1, 255]]
+    with pytest.raises(ValueError, match="expected 3x2x3 for RGB8 in rows of 11 bytes"):
+        to_image(padded + chunks, 3, 2, "RGB8", row_padding=2)  # trailing bytes no chunk data explains
+    with pytest.raises(ValueError, match="no image in the buffer"):
+        to_image(chunks, 0, 0, "Mono8", tail=len(chunks))  # a payload of chunk data alone is not an empty image
 
 
 def test_config_errors_name_the_key():

@@ -10,7 +10,7 @@ overrun): each lost frame becomes an error Frame naming the jump, so the loss sh
 error count instead of vanishing; a frame that arrived incomplete is an error Frame too. A counter that goes back
 (the camera restarted) is not a loss.
 
-A camera that stops answering (Aravis' control-lost, or no frame for `stall_s` in free-run or software trigger) is
+A camera that stops answering (Aravis' control-lost, or a frame `stall_s` late in free-run or software trigger) is
 an OSError, so the ingest supervisor reopens it with backoff. With a hardware trigger no frame simply means no part.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import structlog
 from pydantic import Field
 
-from engines.data.images import DEFAULT_BIT_DEPTH
+from engines.data.images import DEFAULT_BIT_DEPTH, narrow_to_uint8
 from engines.schema import Int, Number, Text, declared, one_of
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
@@ -60,8 +60,19 @@ class GenICamSource:
     line: Text = "Line0"  # line: the TriggerSource input (rising edge)
     buffers: Annotated[Int, Field(ge=2, le=256)] = 16
     packet_size: Annotated[Int, Field(ge=576, le=16384)] | None = None  # GigE Vision: None negotiates it
-    stall_s: Annotated[Number, Field(gt=0)] = 5.0  # free_run/software: no frame this long means the camera is gone
+    # free_run/software: a frame this late (past when the configured rate makes it due) means the camera is gone
+    stall_s: Annotated[Number, Field(gt=0)] = 5.0
     kind: Literal["genicam"] = "genicam"
+
+    @property
+    def stall_after_s(self) -> float:
+        """How long without a frame counts as a dead camera: `stall_s` past the configured frame period, so a slow
+        trigger or frame rate (a part every 10 s) is not taken for a camera that stopped answering."""
+        if self.trigger == "software":
+            return self.stall_s + 1 / self.software_rate_hz
+        if self.trigger == "free_run" and self.frame_rate_hz is not None:
+            return self.stall_s + 1 / self.frame_rate_hz
+        return self.stall_s
 
 
 def short_socket_buffer(frame_bytes: int, rmem_max: Path = RMEM_MAX) -> str | None:
@@ -90,20 +101,33 @@ def frames_lost(previous: int | None, current: int) -> int:
     return 0
 
 
-def to_image(data: bytes, width: int, height: int, pixel_format: str) -> np.ndarray:
-    """A frame's payload as uint8 gray [H, W] or RGB [H, W, 3]; ValueError when the size does not match."""
-    if pixel_format in ("Mono8", "RGB8", "BGR8"):
-        channels = 1 if pixel_format == "Mono8" else 3
-        pixels = np.frombuffer(data, np.uint8)
-        if pixels.size != width * height * channels:
-            raise ValueError(f"{len(data)} bytes, expected {width}x{height}x{channels} for {pixel_format}")
-        image = pixels.reshape((height, width, channels) if channels == 3 else (height, width))
-        return np.ascontiguousarray(image[..., ::-1]) if pixel_format == "BGR8" else image.copy()
-    bits = int(pixel_format[4:])  # Mono10/12/16: little-endian 16-bit words, the top bits scaled down to 8
-    words = np.frombuffer(data, "<u2")
-    if words.size != width * height:
-        raise ValueError(f"{len(data)} bytes, expected {width}x{height} 16-bit words for {pixel_format}")
-    return (words.reshape(height, width) >> (bits - 8)).astype(np.uint8)
+def to_image(
+    data: bytes, width: int, height: int, pixel_format: str, row_padding: int = 0, tail: int = 0
+) -> np.ndarray:
+    """A frame's image data as uint8 gray [H, W] or RGB [H, W, 3]; ValueError when the size does not match.
+
+    `row_padding`: bytes after each row (the buffer's x padding); `tail`: how many bytes may follow the last row (y
+    padding, chunk data), which are not pixels."""
+    if width <= 0 or height <= 0:  # a buffer of chunk data alone
+        raise ValueError(f"no image in the buffer ({width}x{height}, {len(data)} bytes)")
+    channels = 3 if pixel_format in ("RGB8", "BGR8") else 1
+    wide = pixel_format not in ("Mono8", "RGB8", "BGR8")  # Mono10/12/16: little-endian 16-bit words
+    itemsize = 2 if wide else 1
+    stride = width * channels * itemsize + row_padding
+    needed = height * stride
+    if not needed <= len(data) <= needed + tail:
+        layout = f"{width}x{height} 16-bit words" if wide else f"{width}x{height}x{channels}"
+        rows = f" in rows of {stride} bytes" if row_padding else ""
+        raise ValueError(f"{len(data)} bytes, expected {layout} for {pixel_format}{rows}")
+    shape = (height, width, channels) if channels == 3 else (height, width)
+    strides = (stride, channels * itemsize, itemsize) if channels == 3 else (stride, itemsize)
+    # A view of the pixels in place, whatever the padding: only the conversion below copies.
+    image = np.ndarray(shape, "<u2" if wide else np.uint8, buffer=data, strides=strides)
+    if wide:
+        # Values above the format's full scale (a camera that sets the unused high bits, or aligns its words to the
+        # top) saturate at 255, as on every other source, instead of wrapping around to dark.
+        return narrow_to_uint8(image, int(pixel_format[4:]))
+    return np.ascontiguousarray(image[..., ::-1]) if pixel_format == "BGR8" else image.copy()
 
 
 class GenICamCamera(Source):
@@ -127,6 +151,7 @@ class GenICamCamera(Source):
         self._last_frame = 0.0
         self._next_trigger = 0.0
         self._gone = False  # the camera stopped answering: closing must not wait on it
+        self._image_part = False  # whether this Aravis gives a buffer's image part alone (0.8.25 on)
 
     def open(self, stop: threading.Event) -> None:
         try:
@@ -140,6 +165,7 @@ class GenICamCamera(Source):
                 "python3-gi and run deploy/aravis.sh VENV (docs/CAMERAS.md)"
             ) from exc
         self._aravis = Aravis
+        self._image_part = hasattr(Aravis.Buffer, "get_image_data")
         # A fresh event per session: a late control-lost from the device just released must not end this one.
         self._control_lost = threading.Event()
         self._gone = False
@@ -207,8 +233,8 @@ class GenICamCamera(Source):
             "pixel_format": pixel_format,
             "exposure_us": cam.get_exposure_time() if cam.is_exposure_time_available() else None,
             "gain_db": cam.get_gain() if cam.is_gain_available() else None,
-            "trigger_mode": device.get_string_feature_value("TriggerMode"),
-            "trigger_source": device.get_string_feature_value("TriggerSource"),
+            "trigger_mode": _read_back(device, "TriggerMode"),
+            "trigger_source": _read_back(device, "TriggerSource"),
         }
 
     def read(self, stop: threading.Event) -> Frame | None:
@@ -223,9 +249,10 @@ class GenICamCamera(Source):
             self._next_trigger = max(self._next_trigger + 1 / self.spec.software_rate_hz, now)
         buffer = self.stream.timeout_pop_buffer(int(READ_TIMEOUT_S * 1e6))
         if buffer is None:
-            if self.spec.trigger != "line" and time.monotonic() - self._last_frame > self.spec.stall_s:
+            stall = self.spec.stall_after_s
+            if self.spec.trigger != "line" and time.monotonic() - self._last_frame > stall:
                 self._gone = True
-                raise OSError(f"genicam {self.applied.get('device')}: no frame for {self.spec.stall_s:g} s")
+                raise OSError(f"genicam {self.applied.get('device')}: no frame for {stall:g} s")
             return None
         try:
             return self._take(buffer)
@@ -261,8 +288,15 @@ class GenICamCamera(Source):
             frame = self.frame(str(counter), now, None, f"frame {counter}: incomplete ({status.value_nick})")
         else:
             pixel_format = self.applied["pixel_format"]
+            row_padding, y_padding = buffer.get_image_padding()
+            # The image part alone where this Aravis has it (0.8.25); chunk data (a camera whose user set turns
+            # ChunkModeActive on) follows the image in the payload either way, and is not pixels.
+            data = (buffer.get_image_data() if self._image_part else buffer.get_data()) or b""
+            tail = len(data) if buffer.has_chunks() else y_padding
             try:
-                image = to_image(buffer.get_data(), buffer.get_image_width(), buffer.get_image_height(), pixel_format)
+                image = to_image(
+                    data, buffer.get_image_width(), buffer.get_image_height(), pixel_format, row_padding, tail
+                )
             except ValueError as exc:
                 frame = self.frame(str(counter), now, None, f"frame {counter}: {exc}")
             else:
@@ -294,6 +328,15 @@ class GenICamCamera(Source):
             # Letting go of a camera that no longer answers waits out Aravis' control-channel timeouts (seconds);
             # done on a thread of its own, so the reopen backoff and stop() are not held up by it.
             threading.Thread(target=held.clear, name="genicam-release", daemon=True).start()
+
+
+def _read_back(device: Any, feature: str) -> str | None:
+    """A string feature's value as the camera reports it, or None where the camera lacks it (some USB3 Vision and
+    line-scan models have no TriggerMode or TriggerSource): a value only recorded must not keep a camera closed."""
+    try:
+        return device.get_string_feature_value(feature)
+    except Exception:  # noqa: BLE001 - GLib.GError: no such feature, or not readable now
+        return None
 
 
 def _gerror(exc: BaseException) -> str:

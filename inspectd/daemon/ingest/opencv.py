@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,16 @@ from inspectd.daemon.ingest.source import Source, SourceEnded
 if TYPE_CHECKING:
     from inspectd.daemon import config as cfg
 
-STREAM_TIMEOUT_MS = 5000  # network video streams: how long open and each read may block
+STREAM_TIMEOUT_MS = 5000  # network video streams and pipelines: how long open and each read may block
+MAX_DEVICE = 1023  # /dev/videoN: far above any real count, far below what VideoCapture refuses as not a C int
+# Undecodable frames in a row a video file may hold before the rest counts as its end: the reads that find the end
+# return at once, so looking this far ahead costs nothing.
+MAX_UNDECODABLE_RUN = 64
+# A dead RTSP/HTTP peer, or a pipeline whose appsink stops delivering, would otherwise block open/read for the
+# backend's default (30 s), and with it stop() and the reopen backoff.
+TIMEOUTS = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS]
+# OpenCV's GStreamer backend takes them from 4.7 on; an older one (Debian 12's is 4.6) refuses to open with them.
+GSTREAMER_TIMEOUTS = tuple(int(part) for part in cv2.__version__.split(".")[:2] if part.isdigit()) >= (4, 7)
 
 
 def _url(value: Any, info: ValidationInfo) -> str:
@@ -52,7 +62,7 @@ class OpenCVSource:
     """A camera `source` of `kind: opencv`: exactly one of url, device, pipeline."""
 
     url: Annotated[str, PlainValidator(_url)] | None = None  # rtsp://, http://, or a (resolved) video file path
-    device: Annotated[Int, Field(ge=0)] | None = None  # /dev/videoN index
+    device: Annotated[Int, Field(ge=0, le=MAX_DEVICE)] | None = None  # /dev/videoN index
     pipeline: Annotated[Text, AfterValidator(_pipeline)] | None = None  # GStreamer pipeline string
     kind: Literal["opencv"] = "opencv"
 
@@ -75,31 +85,28 @@ class VideoCaptureSource(Source):
     """cv2.VideoCapture on a video file (finite), an RTSP/HTTP URL, a device index or a GStreamer pipeline."""
 
     Options = OpenCVSource
-    narrows_16_bit = True
 
     def __init__(
         self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
     ) -> None:
         super().__init__(camera, clock, bit_depth)
         self.spec = cast(OpenCVSource, camera.source)  # the supervisor builds this class for kind opencv only
+        # Only a GStreamer pipeline can deliver 16-bit frames (GRAY16_LE); a url or device gives 8-bit BGR, so such a
+        # camera does not tie the daemon to the bit depth of the bundle it started with.
+        self.narrows_16_bit = self.spec.pipeline is not None
         self.finite = self.spec.url is not None and "://" not in self.spec.url
         self.cap: cv2.VideoCapture | None = None
         self.counter = 0
+        self.pending: collections.deque[Frame] = collections.deque()
 
     def open(self, stop: threading.Event) -> None:
         target = self.spec.target
         if self.finite and not Path(str(target)).is_file():
             raise FileNotFoundError(f"{target}: video file not found")
         if self.spec.pipeline is not None:
-            cap = cv2.VideoCapture(target, cv2.CAP_GSTREAMER)
+            cap = cv2.VideoCapture(target, cv2.CAP_GSTREAMER, TIMEOUTS if GSTREAMER_TIMEOUTS else [])
         elif self.spec.url is not None and not self.finite:
-            # A dead RTSP/HTTP peer would otherwise block open/read for FFmpeg's default (tens of seconds), and with
-            # it stop() and the reopen backoff.
-            cap = cv2.VideoCapture(
-                target,
-                cv2.CAP_ANY,
-                [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS],
-            )
+            cap = cv2.VideoCapture(target, cv2.CAP_ANY, TIMEOUTS)
         else:
             cap = cv2.VideoCapture(target)
         if not cap.isOpened():
@@ -114,14 +121,26 @@ class VideoCaptureSource(Source):
 
     def read(self, stop: threading.Event) -> Frame | None:
         assert self.cap is not None, "read() before open()"
+        if self.pending:
+            return self.pending.popleft()
         ok, image = self.cap.read()
+        if not ok and self.finite:
+            ok, image = self._past_undecodable()
         if not ok:
-            if self.finite:
-                raise SourceEnded()
             raise OSError(f"{self.spec.target}: no frame (stream dropped or device unplugged)")
+        frame = self._frame(image)
+        if self.pending:  # the undecodable frames before this one come first
+            self.pending.append(frame)
+            return self.pending.popleft()
+        return frame
+
+    def _frame(self, image: Any) -> Frame:
         frame_id = str(self.counter)
         self.counter += 1
         now = self.clock()
+        if image is None or image.size == 0:
+            # Never a reopen: on a video file that would start again from its first frame.
+            return self.frame(frame_id, now, None, f"frame {frame_id}: empty frame from VideoCapture (undecodable)")
         if image.shape[0] * image.shape[1] > self.camera.max_pixels:
             return self.frame(
                 frame_id,
@@ -134,3 +153,16 @@ class VideoCaptureSource(Source):
             return self.frame(frame_id, now, as_uint8_gray_or_rgb(image, f"frame {frame_id}", self.bit_depth))
         except DataError as exc:
             return self.frame(frame_id, now, None, str(exc))
+
+    def _past_undecodable(self) -> tuple[bool, Any]:
+        """After a video file's read failed: the next frame that decodes, with an error Frame queued for each one
+        before it that did not (FFmpeg skips a corrupt frame and goes on with the next), or SourceEnded when none
+        does. Undecodable frames at the very end cannot be told from the end: the container's frame count may be
+        an estimate."""
+        assert self.cap is not None
+        for skipped in range(1, MAX_UNDECODABLE_RUN + 1):
+            ok, image = self.cap.read()
+            if ok:
+                self.pending.extend(self._frame(None) for _ in range(skipped))
+                return ok, image
+        raise SourceEnded()

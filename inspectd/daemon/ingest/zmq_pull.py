@@ -179,8 +179,11 @@ class ZmqPullSource(Source):
         if encoding == "raw" and "dtype" not in header:
             raise DataError(f'{what}: raw frame without dtype, expected dtype "uint8"')
         dtype = header.get("dtype", "uint8")
-        if dtype != "uint8":
-            raise DataError(f'{what}: dtype {dtype!r}, expected "uint8" (float and 16-bit frames are refused)')
+        # A PNG names its own depth: one labelled honestly as 16-bit is narrowed by the bundle's depth like any other.
+        if dtype != "uint8" and not (encoding == "png" and dtype == "uint16"):
+            accepted = '"uint8" or "uint16"' if encoding == "png" else '"uint8"'
+            hint = "" if encoding == "png" else " (16-bit frames go as png)"
+            raise DataError(f"{what}: dtype {dtype!r}, expected {accepted} for a {encoding} payload{hint}")
         shape = header.get("shape")
         if shape is not None:
             if (

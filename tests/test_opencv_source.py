@@ -1,0 +1,158 @@
+"""The opencv camera source on real video files written by cv2.VideoWriter, and its declaration through the real
+config loader."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inspectd.daemon.config import parse_config
+from inspectd.daemon.frames import Frame
+from inspectd.daemon.ingest.opencv import MAX_DEVICE, VideoCaptureSource
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.source import SourceEnded
+from inspectd.daemon.ingest.supervisor import CameraIngest
+from inspectd.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(60)
+FRAMES = 12
+
+
+def camera(source: dict):
+    return parse_config(
+        {"station": "s", "model": {"bundle": "b"}, "cameras": [{"id": "cam0", "source": source}]}
+    ).cameras[0]
+
+
+def write_video(path: Path) -> Path:
+    """MJPG frames whose green bar grows by 4 pixels a frame, so each frame's place in the file can be read back."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    assert writer.isOpened()
+    for i in range(FRAMES):
+        image = np.zeros((48, 64, 3), np.uint8)
+        image[:, : 4 + 4 * i, 1] = 255
+        writer.write(image)
+    writer.release()
+    return path
+
+
+def bar(frame: Frame) -> int:
+    """Which frame of the file this is, from its green bar's width."""
+    return (int((frame.image[24, :, 1] > 128).sum()) - 4) // 4
+
+
+def corrupt_frame(path: Path, index: int) -> None:
+    """Overwrite the start of frame `index`'s JPEG (its SOI marker and headers) with zeros, as a bad sector or a cut
+    write leaves it: FFmpeg cannot decode that frame and goes on with the next."""
+    data = bytearray(path.read_bytes())
+    starts = [i for i in range(len(data) - 2) if data[i : i + 3] == b"\xff\xd8\xff"]
+    assert len(starts) == FRAMES, len(starts)
+    data[starts[index] : starts[index] + 200] = bytes(200)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def ingests():
+    started: list[CameraIngest] = []
+    yield started
+    for ingest in started:
+        ingest.stop()
+    for ingest in started:
+        ingest.join(5)
+        assert not ingest.is_alive()
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def drain(queue: FrameQueue) -> list[Frame]:
+    frames = []
+    while (frame := queue.get_nowait()) is not None:
+        frames.append(frame)
+    return frames
+
+
+def test_an_undecodable_frame_in_a_video_file_is_its_own_error_and_the_file_plays_on(tmp_path, ingests):
+    path = write_video(tmp_path / "line.avi")
+    corrupt_frame(path, 5)
+    queue = FrameQueue(32, "block")
+    ingest = CameraIngest(camera({"kind": "opencv", "url": str(path)}), queue, backoff_s=(0.05, 0.2))
+    ingests.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["state"] == "ended"), ingest.stats()
+    frames = drain(queue)
+    assert [f.frame_id for f in frames] == [str(i) for i in range(FRAMES)]
+    assert frames[5].image is None and frames[5].error == "frame 5: empty frame from VideoCapture (undecodable)"
+    good = [f for f in frames if f.error is None]
+    assert [bar(f) for f in good] == [i for i in range(FRAMES) if i != 5]  # each id names its place in the file
+    assert ingest.stats()["reopen_count"] == 0 and ingest.stats()["errors"] == 1
+
+
+def test_an_empty_frame_reported_as_read_is_an_error_frame_not_a_replay_from_the_start(tmp_path):
+    """OpenCV's own VideoCapture.read() returns False with every empty image (its C++ read() returns
+    `!image.empty()`), so no real backend gives (True, None): a backend plugin or build that does is stood in for by
+    wrapping the real capture of a real file, and the real source code reads through it."""
+    source = VideoCaptureSource(camera({"kind": "opencv", "url": str(write_video(tmp_path / "line.avi"))}), time.time)
+    stop = threading.Event()
+    source.open(stop)
+
+    class EmptyAtThree:
+        def __init__(self, cap: cv2.VideoCapture) -> None:
+            self.cap, self.reads = cap, 0
+
+        def read(self):
+            ok, image = self.cap.read()
+            self.reads += 1
+            return (True, None) if self.reads == 4 else (ok, image)
+
+        def release(self) -> None:
+            self.cap.release()
+
+    source.cap = EmptyAtThree(source.cap)  # type: ignore[assignment]
+    frames = []
+    try:
+        with pytest.raises(SourceEnded):
+            for _ in range(FRAMES + 2):
+                frame = source.read(stop)
+                assert frame is not None
+                frames.append(frame)
+    finally:
+        source.close()
+    assert [f.frame_id for f in frames] == [str(i) for i in range(FRAMES)]
+    assert frames[3].error == "frame 3: empty frame from VideoCapture (undecodable)"
+    assert [bar(f) for f in frames if f.error is None] == [i for i in range(FRAMES) if i != 3]
+
+
+def test_device_index_is_bounded_at_config_load():
+    assert camera({"kind": "opencv", "device": MAX_DEVICE}).source.device == MAX_DEVICE
+    with pytest.raises(ConfigError) as err:
+        camera({"kind": "opencv", "device": 1 << 40})
+    assert str(err.value) == f"cameras[0].source.device: expected at most {MAX_DEVICE}, got 1099511627776"
+
+
+@pytest.mark.parametrize("source", [{"url": "rtsp://127.0.0.1:1/line"}, {"url": "line.avi"}, {"device": 0}])
+def test_a_url_or_device_camera_does_not_tie_reloads_to_the_starting_bit_depth(source):
+    """The daemon refuses a reload to a bundle of another bit depth while a camera narrows 16-bit frames; a url or
+    device gives 8-bit frames only, so an RTSP-only station can reload to any bundle."""
+    ingest = CameraIngest(camera({"kind": "opencv", **source}), FrameQueue(4))
+    assert ingest.narrows_16_bit is False
+
+
+def test_a_gstreamer_pipeline_camera_narrows_16_bit_frames(monkeypatch):
+    """Only a pipeline can deliver GRAY16_LE. This OpenCV may lack GStreamer, which the loader checks: the camera is
+    built, never opened."""
+    monkeypatch.setattr("inspectd.daemon.ingest.opencv.gstreamer_built_in", lambda: True)
+    pipeline = "videotestsrc ! video/x-raw,format=GRAY16_LE ! appsink"
+    ingest = CameraIngest(camera({"kind": "opencv", "pipeline": pipeline}), FrameQueue(4))
+    assert ingest.narrows_16_bit is True
