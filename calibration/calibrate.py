@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 CONFIDENCE = 0.95
 DEFAULT_FALSE_REJECT = 0.001
 DEFAULT_PIXEL_FPR = 0.01
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class CalibrationError(ValueError):
@@ -328,7 +329,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pixel-fpr",
         type=float,
-        default=DEFAULT_PIXEL_FPR,
+        default=None,
         metavar="R",
         help=f"good-pixel false-positive rate for --pixel without masks (default {DEFAULT_PIXEL_FPR})",
     )
@@ -346,6 +347,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="compute and print; write and apply nothing")
     parser.add_argument("--backend", default="onnxruntime", help="runtime backend that scores (default onnxruntime)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="the engine's arithmetic (engine.options.precision), as the daemon's engine: thresholds set on fp16 or "
+        "int8 scores are recorded so (provenance engine_precision), and a daemon on such an engine takes them without "
+        "comparing its scores with FP32 ones (default fp32)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="images per inference batch (default 8)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon with --apply")
     parser.add_argument(
@@ -427,7 +436,9 @@ def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
     return items
 
 
-def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | None]]) -> _Scored:
+def _score(
+    bundle, args, good: list[Path], defective: list[tuple[Path, Path | None]], options: dict[str, Any]
+) -> _Scored:
     """One pass of engines.training.evaluate.score_images over good then defective images (one engine, one batch
     buffer)."""
     from engines.data.images import load_mask
@@ -446,7 +457,7 @@ def _score(bundle, args, good: list[Path], defective: list[tuple[Path, Path | No
     paths = good + [path for path, _ in defective]
     progress = Progress()
     progress.start(len(paths), "calibrate: images scored")
-    for i, scored in enumerate(score_images(bundle, paths, backend=args.backend, batch=args.batch)):
+    for i, scored in enumerate(score_images(bundle, paths, backend=args.backend, batch=args.batch, options=options)):
         scores[i] = scored.score
         if i < len(good):
             fit_frame(scored.image, bundle.input_shape, bundle.resize_policy, out=fitted)
@@ -531,11 +542,11 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
             target["pixel"] = {"kind": "max_f1", "f1": round(f1, 6)}
             print(f"pixel threshold {pixel:.6g}: pixel F1-max {f1:.4f} over ground-truth masks", file=out)
         else:
-            pixel = pixel_threshold_for_fpr(scored.pixels, args.pixel_fpr)
-            target["pixel"] = {"kind": "good_pixel_fpr", "value": args.pixel_fpr}
+            fpr = DEFAULT_PIXEL_FPR if args.pixel_fpr is None else args.pixel_fpr
+            pixel = pixel_threshold_for_fpr(scored.pixels, fpr)
+            target["pixel"] = {"kind": "good_pixel_fpr", "value": fpr}
             print(
-                f"pixel threshold {pixel:.6g}: at most {args.pixel_fpr:g} of {scored.pixels.n_normal} good pixels "
-                "at or above it",
+                f"pixel threshold {pixel:.6g}: at most {fpr:g} of {scored.pixels.n_normal} good pixels at or above it",
                 file=out,
             )
     return image, pixel, {"target": target, "observed": observed}
@@ -543,7 +554,7 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
 
 def run(args: argparse.Namespace) -> int:
     from engines.bundle.store import load_bundle
-    from engines.errors import EngineError
+    from engines.errors import BundleError, EngineError
 
     out = sys.stdout
     client = None
@@ -559,10 +570,11 @@ def run(args: argparse.Namespace) -> int:
             if client is not None:
                 _check_daemon(args, client, bundle)
         if args.rollback is not None:
-            if args.good or args.defective or args.pixel or args.camera:
+            given = [flag for flag, value in _scoring_flags(args) if value]
+            if given:
                 raise CalibrationError(
-                    "--rollback restores an earlier version as a whole: give no --good, "
-                    "--defective, --pixel or --camera with it"
+                    f"--rollback restores an earlier version as a whole: {', '.join(given)} given, expected none of "
+                    "the flags that choose new thresholds with it"
                 )
             new = thresholds_doc.rollback(current, args.rollback)
             print(
@@ -606,6 +618,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    except BundleError as exc:  # says itself whether the file was written (a manifest that failed after it)
+        print(f"inspectd calibrate: version {new.version}: {_one_line(exc)}", file=sys.stderr)
+        return 2
     except (EngineError, thresholds_doc.ThresholdsError) as exc:
         print(f"inspectd calibrate: version {new.version} not written: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -614,6 +629,21 @@ def run(args: argparse.Namespace) -> int:
         file=out,
     )
     return 0 if applied in (None, APPLIED) else 1
+
+
+def _scoring_flags(args) -> list[tuple[str, Any]]:
+    """Every flag of a calibration that scores, with its value (None, False or [] when not given)."""
+    return [
+        ("--good", args.good),
+        ("--defective", args.defective),
+        ("--pixel", args.pixel),
+        ("--camera", args.camera),
+        ("--target-false-reject", args.target_false_reject is not None),
+        ("--target-escape", args.target_escape is not None),
+        ("--max-f1", args.max_f1),
+        ("--pixel-fpr", args.pixel_fpr is not None),
+        ("--precision", args.precision is not None),
+    ]
 
 
 def check_writable(path: Path, command: str = "calibrate", alternative: str = ", or --dry-run") -> None:
@@ -634,8 +664,9 @@ def check_writable(path: Path, command: str = "calibrate", alternative: str = ",
 
 def _check_daemon(args, client: ControlClient, bundle) -> None:
     """CalibrationError, before any scoring, when the daemon --apply names runs another model than BUNDLE (thresholds
-    for other scores; e.g. teach switched the bundle since, or this is a stale copy) or no camera --camera (a typo
-    would become an override nobody uses). A daemon that does not answer is left to --apply itself to report (the
+    for other scores; e.g. teach switched the bundle since, or this is a stale copy), an older thresholds version than
+    BUNDLE holds (it would refuse to write over one it has not loaded), or no camera --camera (a typo would become an
+    override nobody uses). A daemon that does not answer is left to --apply itself to report (the
     version is still written, for its next start); a reply that is not the protocol's, or a handshake the daemon
     ended, is refused here."""
     try:
@@ -651,6 +682,15 @@ def _check_daemon(args, client: ControlClient, bundle) -> None:
         raise CalibrationError(
             f"--apply {args.apply}: the daemon runs model {running}, {bundle.path} is {bundle.model_id}, expected "
             "the bundle the daemon runs (reload it first, or calibrate its bundle)"
+        )
+    running_version, on_disk = reply.get("thresholds_version"), bundle.thresholds().version
+    if isinstance(running_version, int) and running_version < on_disk:
+        # The daemon writes what it is sent only over the document it loaded (Bundle.replace_file): refused after
+        # minutes of scoring otherwise.
+        raise CalibrationError(
+            f"--apply {args.apply}: the daemon runs thresholds version {running_version}, {bundle.path} holds version "
+            f"{on_disk}, which it has not loaded (written without --apply, or since), expected the version it runs: "
+            "reload it first (inspectd ctl reload), then calibrate again"
         )
     cameras = reply.get("cameras")
     if args.camera and isinstance(cameras, dict) and args.camera not in cameras:
@@ -700,7 +740,10 @@ def _calibrate(bundle, current, args, out):
         raise DataError(f"{args.good}: no images found, expected held-out defect-free images")
     if args.defective and not defective:
         raise DataError(f"{', '.join(args.defective)}: no defective images found")
-    scored = _score(bundle, args, good, defective)
+    options, precision = _engine_options(bundle, current, args)
+    if warning := _fitted_frames_warning(bundle, good):
+        print(warning, file=out)
+    scored = _score(bundle, args, good, defective, options)
     image, pixel, chosen = _choose(args, scored, out)
     provenance = {
         "tool": f"inspectd calibrate {inspectd_version()}",
@@ -709,6 +752,8 @@ def _calibrate(bundle, current, args, out):
         "defective_dirs": [str(Path(d).resolve()) for d in args.defective],
         "n_defective": int(scored.defect.size),
         "model_id": bundle.model_id,
+        # What the scores were computed in: a daemon whose engine runs the same precision judges by them as they are.
+        "engine_precision": precision,
         **chosen,
         # The drift alarm's references: the good images, as train and teach record their held-out ones.
         thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(scored.good),
@@ -748,6 +793,62 @@ def _calibrate(bundle, current, args, out):
     if carried := thresholds_doc.camera_targets(current, current.per_camera):
         provenance[thresholds_doc.PER_CAMERA_TARGET] = carried
     return thresholds_doc.next_version(current, image_threshold=image, pixel_threshold=pixel, provenance=provenance)
+
+
+def _engine_options(bundle, current, args) -> tuple[dict[str, Any], str]:
+    """The engine options calibrate scores with and the precision they pin (--precision, default fp32: TensorRT would
+    otherwise take a plan of any precision, and the document would not say which), refused before any scoring where
+    the backend has no such precision or BUNDLE lacks its graph or plan."""
+    from engines.runtime import backend_class
+
+    engine = backend_class(args.backend)
+    precision = args.precision or "fp32"
+    if "precision" not in {field.name for field in dataclasses.fields(engine.Options)}:
+        if precision != "fp32":
+            raise CalibrationError(f"--precision {precision}: the {args.backend} backend computes in fp32 only")
+        return {}, precision
+    options = {"precision": precision}
+    engine.check_bundle(bundle, engine.parse_options(options, where="engine.options"))
+    in_force = current.provenance.get("engine_precision", "fp32")
+    if args.camera and precision != in_force:
+        raise CalibrationError(
+            f"--camera {args.camera} on {precision} scores: thresholds version {current.version} were set on "
+            f"{in_force} scores, expected --precision {in_force} for one camera's override (or calibrate every camera "
+            "on the new precision, without --camera)"
+        )
+    return options, precision
+
+
+def _fitted_frames_warning(bundle, good: list[Path]) -> str | None:
+    """A WARNING when --good holds frames BUNDLE's scorer was fitted from (its teach's frames, else train's): a
+    model scores those lower than the line's, so a threshold set on them is too low and rejects good parts. By the
+    frames' resolved paths: a link to the folder, or its path spelt another way, is the same frames."""
+    from engines.data.images import good_folder, list_images
+    from engines.errors import EngineError
+
+    taught = bundle.manifest.get("teach")
+    if isinstance(taught, dict):
+        record = taught.get("frames")
+        folder = record.get("folder") if isinstance(record, dict) else None
+        fitted = f"version {taught.get('version', '?')} was taught on"
+    else:
+        data = (bundle.manifest.get("training") or {}).get("data")
+        folder = good_folder(data, ("train",)) if isinstance(data, str) else None
+        fitted = "was trained on"
+    if folder is None:
+        return None
+    try:
+        frames = {path.resolve() for path in list_images(folder)}
+    except (OSError, EngineError):  # moved or removed since: nothing to compare with
+        return None
+    same = sum(path.resolve() in frames for path in good)
+    if not same:
+        return None
+    return (
+        f"WARNING: {same} of {len(good)} --good frames are frames {bundle.path} {fitted} ({folder}): a model scores "
+        "the frames it was fitted on lower than new ones, so a threshold set on them comes out too low and rejects "
+        "good parts; calibrate on held-out frames (an MVTec root's test/good, or frames captured since)"
+    )
 
 
 APPLIED, REFUSED, UNREACHABLE = "applied", "refused", "unreachable"

@@ -1,9 +1,10 @@
 """Writing bundles: what a later writer, a kill and a power cut leave behind.
 
 The bundles are tiny (write_bundle with a stand-in graph: nothing here runs it). A write into a bundle that was
-replaced on disk since it was loaded is refused; a kill at each rename of a rewrite, of a whole-bundle write and of
-teach's in-place swap and rollback (strace's fault injection, in a real child process) leaves a bundle that loads,
-old or new; traced, every file written is fsynced before it is renamed into place and every directory a rename
+replaced on disk since it was loaded is refused, and so is one over a file another process rewrote since; a manifest
+that cannot be written puts the file's old content back; a kill at each rename of a rewrite, of a whole-bundle write
+and of teach's in-place swap and rollback (strace's fault injection, in a real child process) leaves a bundle that
+loads, old or new; traced, every file written is fsynced before it is renamed into place and every directory a rename
 changed is fsynced after; rewritten files keep the bundle's readable mode; an unreadable manifest says so.
 """
 
@@ -84,6 +85,31 @@ def test_thresholds_another_process_wrote_meanwhile_do_not_stop_the_next_write(t
     calibrate.replace_file(T.FILE_NAME, document)
     daemon.replace_file(T.FILE_NAME, document)
     assert load_bundle(path).thresholds().image_threshold == 0.9
+
+
+@pytest.mark.parametrize("first", ["daemon", "calibrate"])
+def test_thresholds_of_the_same_version_written_meanwhile_are_never_replaced_by_another_document(tmp_path, first):
+    """Two writers loaded version 1 and each made a different version 2: a daemon's set-thresholds or rollback, and
+    calibrate, which read version 1 before minutes of scoring. Whichever writes second is refused in one line naming
+    the file and the version now there, and the first one's document stays (the old code wrote the second over it:
+    the daemon judged by one version 2 while another sat on disk, with the first in no history)."""
+    path = make(tmp_path / "b")
+    writers = {"daemon": load_bundle(path), "calibrate": load_bundle(path)}
+    documents = {name: next_thresholds(writers[name], value) for name, value in (("daemon", 5.0), ("calibrate", 0.9))}
+    second = "calibrate" if first == "daemon" else "daemon"
+    writers[first].replace_file(T.FILE_NAME, documents[first])
+    with pytest.raises(BundleError, match=r"changed on disk since it was loaded") as refused:
+        writers[second].replace_file(T.FILE_NAME, documents[second])
+    message = str(refused.value)
+    assert message.startswith(f"{path.resolve() / T.FILE_NAME}: ") and "\n" not in message
+    assert "(now version 2, sha256 " in message
+    assert message.endswith("load the bundle again (the daemon: reload) and retry")
+    assert (path / T.FILE_NAME).read_bytes() == documents[first]
+    assert load_bundle(path).thresholds().version == 2
+    # Loaded again, it writes its next version over the one now there, which that version's history keeps.
+    again = load_bundle(path)
+    again.replace_file(T.FILE_NAME, next_thresholds(again, 2.0))
+    assert [h["version"] for h in load_bundle(path).thresholds().history] == [2, 1]
 
 
 # --- modes and messages --------------------------------------------------------------------------------------------
@@ -421,6 +447,36 @@ def test_a_bundle_write_that_fails_is_one_line_with_the_old_bundle_kept(tmp_path
     last = failed.stderr.strip().splitlines()[-1]
     assert re.search(rf"BundleError: {re.escape(str(path))}: {reason}{UNDONE}", last), failed.stderr
     assert settled(path) == before
+
+
+@pytest.mark.parametrize("undo", ["put back", "failed too"])
+def test_a_rewrite_whose_manifest_cannot_be_written_is_what_it_reports(tmp_path, undo):
+    """The pending manifest and the new thresholds.json are in place, then the manifest listing it fails (ENOSPC on
+    its rename, the third): the old content is put back and the error says not written, so the next load takes the
+    old version (the old code raised a bare OSError, which the daemon and calibrate report as not written, yet the
+    pending checksum made the next load take the new version). When putting it back fails too (ENOSPC from the
+    third rename on), the one-line error says the next load takes the new content, and it does."""
+    original = make(tmp_path / "b")
+    counts = plain_renames(REWRITE, original, tmp_path / "counted")
+    assert counts["rename"] == 3, counts  # the pending manifest, the file, the manifest listing it
+    path = copy(original, tmp_path / "run" / "b")
+    when = "3" if undo == "put back" else "3+"
+    failed = child(REWRITE, path, "-f", "-e", f"inject=rename:error=ENOSPC:when={when}")
+    assert failed.returncode != 0
+    last = failed.stderr.strip().splitlines()[-1]
+    member = re.escape(str(path.resolve() / T.FILE_NAME))
+    reason = r"\(No space left on device writing manifest.json\)"
+    if undo == "put back":
+        assert re.search(rf"BundleError: {member}: not written {reason}{UNDONE}", last), failed.stderr
+        assert load_bundle(path).thresholds().version == 1
+    else:
+        assert re.search(
+            rf"BundleError: {member}: written, but manifest.json could not list it {reason} and the old content "
+            r"could not be put back \(No space left on device\): the next load of the bundle takes the new content$",
+            last,
+        ), failed.stderr
+        assert load_bundle(path).thresholds().version == 2
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_a_daemon_refuses_thresholds_for_a_bundle_switched_under_it_until_it_reloads(tmp_path):

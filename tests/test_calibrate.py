@@ -191,6 +191,8 @@ def test_good_only_calibration_writes_the_next_version_with_provenance(bundle, d
     assert prov["n_good"] == 6 and prov["good_dir"] == str(data.resolve())
     assert prov["target"]["kind"] == "false_reject" and prov["target"]["value"] == 0.01
     assert prov["tool"].startswith("inspectd calibrate") and prov["time"]
+    assert prov["engine_precision"] == "fp32"
+    assert "--good frames are frames" not in out  # test/good of the root: held out, no WARNING
     assert prov["observed"]["warning"] == "too few good frames for the target"
     # The drift alarm's references: the same good frames' scores, and their grey level as the model sees them.
     from engines.bundle.thresholds import GOOD_BRIGHTNESS, reference_scores
@@ -313,6 +315,50 @@ def test_a_camera_recalibration_keeps_its_pixel_override_and_every_other_cameras
     assert monitor_for(load_bundle(bundle).thresholds(), "cam2").target == 0.2
 
 
+def test_the_training_frames_given_as_good_are_warned_of_however_they_are_named(bundle, data, tmp_path, capsys):
+    """The bundle was fitted on data/train/good (its manifest's training.data is the root): given as --good, by its
+    path or through a link to it, a WARNING says the threshold comes out too low; held-out frames (the root's
+    test/good) get none."""
+    train_good = data / "train" / "good"
+    link = tmp_path / "frames"
+    link.symlink_to(train_good)
+    for given in (train_good, link):
+        code, out, err = calibrate(capsys, bundle, "--good", given, "--target-false-reject", "0.2", "--dry-run")
+        assert code == 0, err
+        warning = [line for line in out.splitlines() if line.startswith("WARNING: ") and "--good" in line]
+        assert warning == [
+            f"WARNING: 8 of 8 --good frames are frames {bundle} was trained on ({train_good.resolve()}): a model "
+            "scores the frames it was fitted on lower than new ones, so a threshold set on them comes out too low "
+            "and rejects good parts; calibrate on held-out frames (an MVTec root's test/good, or frames captured "
+            "since)"
+        ], out
+    code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--dry-run")
+    assert code == 0 and "--good frames are frames" not in out, out
+
+
+def test_thresholds_set_on_an_fp16_engine_record_it_and_need_no_fp32_comparison(bundle, data, capsys):
+    """The remedy the FP16 score-shift refusal gives: calibrate on the engine's own precision. The scores are the FP16
+    graph's, and the document says so, so a daemon on that engine takes it as it is (needs_check); one set on FP32
+    scores, as before, says fp32."""
+    from engines.bundle.store import load_bundle
+    from engines.bundle.thresholds import reference_scores
+    from engines.model.build_engine import store_onnxruntime_fp16
+    from engines.runtime.score_shift import needs_check
+    from engines.training.evaluate import score_images
+
+    assert calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2")[0] == 0
+    on_fp32 = load_bundle(bundle).thresholds()
+    assert on_fp32.provenance["engine_precision"] == "fp32" and needs_check("fp16", on_fp32)
+    store_onnxruntime_fp16(bundle, log=lambda *_: None)
+    code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--precision", "fp16")
+    assert code == 0, err
+    on_fp16 = load_bundle(bundle).thresholds()
+    assert on_fp16.provenance["engine_precision"] == "fp16" and not needs_check("fp16", on_fp16)
+    paths = sorted((data / "test" / "good").iterdir())
+    fp16 = [s.score for s in score_images(bundle, paths, options={"precision": "fp16"})]
+    assert reference_scores(on_fp16) == (6, sorted(float(f"{score:.7g}") for score in fp16))
+
+
 def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
     """--apply against a real `inspectd run` process: its control socket answers with the version it now uses."""
     control = f"ipc://{tmp_path}/control.sock"
@@ -377,6 +423,33 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
             capsys, bundle, "--rollback", 1, "--apply", "ipc://" + str(tmp_path / "none.sock"), "--timeout", "0.5"
         )
         assert code == 1 and "no reply within 0.5 s" in err
+        on_disk = load_bundle(bundle).thresholds()
+        assert on_disk.version == written + 1 and on_disk.provenance["rollback_to"] == 1
+
+        # Applying more thresholds before the daemon has loaded that version is refused before any scoring: the
+        # daemon would refuse to write over a document it has not loaded.
+        code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--apply", control)
+        assert code == 2 and f"the daemon runs thresholds version {written}" in err, err
+        assert f"holds version {on_disk.version}, which it has not loaded" in err, err
+        assert load_bundle(bundle).thresholds().to_dict() == on_disk.to_dict()
+
+        # That version waits on disk for the daemon's reload. A set-thresholds of another document of the same
+        # version before it would write over it (and the daemon judge by a version the disk names differently): it
+        # is refused, in the reply, until the daemon has loaded what is on disk.
+        other = thresholds_doc.next_version(applied, provenance={**applied.provenance, "note": "typed by hand"})
+        assert other.version == on_disk.version
+        with ControlClient(control, timeout_s=10) as client:
+            refused = client.request({"cmd": "set_thresholds", "thresholds": other.to_dict()})
+            assert refused["ok"] is False, refused
+            assert (
+                f"{thresholds_doc.FILE_NAME}: changed on disk since it was loaded (now version {other.version}"
+                in (refused["error"])
+            ), refused
+            assert refused["error"].endswith("load the bundle again (the daemon: reload) and retry"), refused
+            assert client.request({"cmd": "status"})["thresholds_version"] == written
+            assert load_bundle(bundle).thresholds().to_dict() == on_disk.to_dict()
+            assert client.request({"cmd": "reload"})["ok"]
+            assert client.request({"cmd": "status"})["thresholds_version"] == on_disk.version
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:

@@ -345,6 +345,74 @@ def test_calibrate_stops_before_scoring_when_the_daemon_refuses_its_status(tmp_p
     assert err.count("\n") == 1 and load_bundle(bundle).thresholds().version == 1
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--target-false-reject", "0.01", "--pixel-fpr", "7"],
+        ["--target-escape", "0.1"],
+        ["--max-f1"],
+        ["--pixel-fpr", "0.01"],
+        ["--precision", "fp16"],
+    ],
+    ids=lambda extra: extra[0],
+)
+def test_calibrate_rollback_refuses_flags_that_choose_new_thresholds(tmp_path, capsys, extra):
+    """A rollback restores an earlier version's values, so a target given with it would be ignored: refused in one
+    line naming the flags, as --good is (the old code exited 0, an invalid --pixel-fpr 7 included)."""
+    from inspectd.cli import main
+
+    bundle = make(tmp_path / "b")
+    earlier = load_bundle(bundle)
+    earlier.replace_file(T.FILE_NAME, T.dumps(T.next_version(earlier.thresholds(), image_threshold=0.9)))
+    code = main(["calibrate", str(bundle), "--rollback", "1", "--dry-run", *extra])
+    err = capsys.readouterr().err
+    flags = ", ".join(flag for flag in extra if flag.startswith("--"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--rollback restores an earlier version as a whole: {flags} given, expected none of" in err, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            ["--precision", "fp16"],
+            "engine.options.precision: 'fp16' but {bundle} has no FP16 graph for its current model.onnx",
+        ),
+        (["--backend", "torch", "--precision", "fp16"], "--precision fp16: the torch backend computes in fp32 only"),
+        (["--precision", "int8"], "engine.options.precision: expected one of fp32|fp16, got 'int8'"),
+    ],
+    ids=["no-fp16-graph", "torch", "int8-on-onnxruntime"],
+)
+def test_calibrate_refuses_a_precision_the_engine_cannot_score_in_before_scoring(tmp_path, capsys, extra, expected):
+    """--precision is the engine option the daemon's engine runs with, so thresholds can be set on its own scores
+    (provenance engine_precision); one it cannot have is refused in one line before any image is scored (the
+    stand-in graph would fail then)."""
+    from inspectd.cli import main
+
+    bundle = make(tmp_path / "b")
+    code = main(["calibrate", str(bundle), "--good", str(frames(tmp_path / "good")), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and expected.format(bundle=bundle) in err and err.count("\n") == 1, err
+    assert load_bundle(bundle).thresholds().version == 1
+
+
+def test_calibrate_refuses_one_cameras_override_on_another_precision_than_the_document(tmp_path, capsys):
+    """A document's provenance names one engine precision for every threshold in it: an override calibrated on
+    fp32 scores inside a document set on fp16 ones would be judged as fp16 by the daemon's check."""
+    from inspectd.cli import main
+
+    bundle = make(tmp_path / "b")
+    loaded = load_bundle(bundle)
+    on_fp16 = T.next_version(loaded.thresholds(), provenance={"engine_precision": "fp16"})
+    loaded.replace_file(T.FILE_NAME, T.dumps(on_fp16))
+    code = main(["calibrate", str(bundle), "--good", str(frames(tmp_path / "good")), "--camera", "cam0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert (
+        "--camera cam0 on fp32 scores: thresholds version 2 were set on fp16 scores, expected --precision fp16" in err
+    )
+
+
 def test_a_drift_reference_too_small_to_arm_is_warned_of_with_the_frames_it_needs():
     assert T.reference_warning(T.MIN_REFERENCE, "good images") is None
     warning = T.reference_warning(6, "good images")

@@ -291,10 +291,17 @@ class Bundle:
 
         Only into the bundle this object was loaded from: when the manifest on disk is no longer that one (teach
         replaced the directory or switched the link, someone rebuilt it) the write is refused, since the old
-        manifest written over a newer bundle would break it. A kill or power cut at any point leaves a bundle that
-        loads, with the file's old content or its new one: the manifest first names the new checksum as pending
-        (PENDING), then the file is replaced, then the manifest lists it; load_bundle accepts either content
-        while it is pending. Each file keeps its mode (a new one gets FILE_MODE)."""
+        manifest written over a newer bundle would break it. Only over the content this object loaded, too (a
+        compare-and-swap on the file's checksum): another process's thresholds of the same version written since
+        would otherwise be replaced by a different document under that version number. The one exception is a file
+        that already holds exactly `data` (calibrate writes a version, then the daemon it applies it to writes the
+        same bytes).
+
+        A kill or power cut at any point leaves a bundle that loads, with the file's old content or its new one: the
+        manifest first names the new checksum as pending (PENDING), then the file is replaced, then the manifest
+        lists it; load_bundle accepts either content while it is pending. When the last step fails, the old content
+        is put back, so a write reported as failed is not the one the next load takes. Each file keeps its mode (a
+        new one gets FILE_MODE)."""
         # One directory for every step, even if a link is switched meanwhile.
         root = self.path.resolve()
         member = _safe_member(root, name)
@@ -311,16 +318,38 @@ class Bundle:
                 "load the bundle again (the daemon: reload) and retry"
             )
         digest = hashlib.sha256(data).hexdigest()
+        loaded, now = self.manifest["files"].get(name), on_disk["files"].get(name)
+        if now not in (loaded, digest):
+            raise BundleError(
+                f"{member}: changed on disk since it was loaded (now {_described(member, now)}, loaded "
+                f"{_described(None, loaded)}), expected the content loaded: {name} not written; load the bundle "
+                "again (the daemon: reload) and retry"
+            )
         manifest_mode = _mode(root / MANIFEST, FILE_MODE)
         if not member.parent.is_dir():
             member.parent.mkdir(parents=True)
             fsync_dir(root)
         if name in on_disk["files"]:
             _replace(root / MANIFEST, _manifest_bytes({**on_disk, PENDING: {name: digest}}), manifest_mode)
-        _replace(member, data, _mode(member, FILE_MODE))
-        manifest = json.loads(json.dumps(on_disk))
-        manifest["files"][name] = digest
-        _replace(root / MANIFEST, _manifest_bytes(manifest), manifest_mode)
+        # A second name for the old content, to put it back by a rename (which needs no free space) should the
+        # manifest not take the new checksum.
+        old_name = _temporary(member, "old")
+        aside: Path | None = old_name
+        try:
+            os.link(member, old_name)
+        except OSError:  # none there yet (add=True), or links not allowed here: nothing to put back by a rename
+            aside = None
+        try:
+            _replace(member, data, _mode(member, FILE_MODE))
+            manifest = json.loads(json.dumps(on_disk))
+            manifest["files"][name] = digest
+            try:
+                _replace(root / MANIFEST, _manifest_bytes(manifest), manifest_mode)
+            except OSError as exc:
+                raise _undo(member, aside, name in on_disk["files"], exc) from exc
+        finally:
+            if aside is not None:
+                aside.unlink(missing_ok=True)
         self.manifest = manifest
         if name == SCORER:
             self._scorer_params = None
@@ -330,8 +359,44 @@ class Bundle:
 
 
 def _replace(path: Path, data: bytes, mode: int) -> None:
+    replace_file(path, data, mode, temporary=_temporary(path, "tmp"))
+
+
+def _temporary(path: Path, kind: str) -> Path:
     # A name of its own per writer: a daemon and a calibrate writing the same bundle never share a temporary file.
-    replace_file(path, data, mode, temporary=path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}"))
+    return path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.{kind}")
+
+
+def _undo(member: Path, aside: Path | None, listed: bool, exc: OSError) -> BundleError:
+    """The error for a rewrite whose file was replaced but whose manifest could not list the new checksum, after
+    putting the old content back: a pending checksum alone would make the next load take the new content."""
+    reason = f"{exc.strerror or exc} writing {MANIFEST}"
+    try:
+        if aside is not None:
+            os.replace(aside, member)
+        elif not listed:
+            member.unlink()  # a new file no manifest names: nothing loads it, and nothing is left behind
+        else:
+            raise OSError(f"no second name for the old content in {member.parent}")
+        fsync_dir(member.parent)
+    except OSError as undo:
+        return BundleError(
+            f"{member}: written, but {MANIFEST} could not list it ({reason}) and the old content could not be put "
+            f"back ({undo.strerror or undo}): the next load of the bundle takes the new content"
+        )
+    return BundleError(f"{member}: not written ({reason}); it holds what it held before")
+
+
+def _described(member: Path | None, digest: str | None) -> str:
+    """A file's content in an error: its checksum, and for a thresholds document on disk its version."""
+    if digest is None:
+        return "not listed"
+    if member is not None and member.name == THRESHOLDS:
+        try:
+            return f"version {thresholds_doc.read(member).version}, sha256 {digest[:12]}..."
+        except thresholds_doc.ThresholdsError:
+            pass
+    return f"sha256 {digest[:12]}..."
 
 
 def _mode(path: Path, default: int) -> int:

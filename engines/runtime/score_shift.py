@@ -1,7 +1,7 @@
 """Whether thresholds set on FP32 scores may judge the scores of a reduced-precision engine (an FP16 graph or plan,
 an INT8 plan).
 
-Thresholds are set on FP32 scores (`inspectd train`, `inspectd calibrate` on the onnxruntime backend). A reduced-
+Thresholds are set on FP32 scores (`inspectd train`, `inspectd calibrate` without --precision). A reduced-
 precision engine computes slightly different scores, so a frame whose FP32 score lies within that difference of the
 threshold can change verdict. `measure` runs the same frames through the engine and through the bundle's model.onnx
 on ONNX Runtime's CPU provider (the FP32 reference every parity test uses) and takes the largest score difference;
@@ -74,5 +74,6 @@ def check(shift: ScoreShift, thresholds, bound: float = MAX_SHIFT) -> None:
             f"engine precision {shift.precision}: scores differ from the FP32 graph's by up to {shift.max_abs:.4g} on "
             f"{shift.frames} frames from {shift.source}, {share:.1%} of the lowest image threshold {threshold:.4g} "
             f"(thresholds version {thresholds.version}, set on FP32 scores, allow {bound:.0%}): run an fp32 engine, "
-            f"or thresholds calibrated on this engine's scores (provenance engine_precision: {shift.precision})"
+            f"or thresholds calibrated on this engine's scores (`inspectd calibrate BUNDLE --precision "
+            f"{shift.precision}` with this engine's backend records provenance engine_precision: {shift.precision})"
         )
