@@ -40,7 +40,7 @@ replaced, the comparison). Where it goes depends on what BUNDLE is:
   replaced moves to BUNDLE.versions/v<N> (v<N>-2, -3, ... when that name is taken: version numbers repeat after a
   rollback, and nothing kept there is ever deleted); the teach record names it (previous_in_versions).
   `--rollback` moves the current one there too (a free name the same way) and puts the version it was taught from
-  back.
+  back; after a teach cut off between its two renames, from where that left it (`.NAME.teach-*` beside BUNDLE).
 
 The thresholds name the model they were set for (provenance.model_id), so the daemon refuses a taught document for
 any other model. `--rollback` gives the restored bundle its own thresholds again as a new version, numbered above
@@ -49,6 +49,8 @@ both its own and the taught one's, so a thresholds version never names two diffe
 `--apply` sends `reload` to the daemon, which swaps the model between batches (no frame is skipped, no seq gap). Its
 endpoint, --timeout and key files, and that the daemon runs BUNDLE's model, are checked before any work; a reply
 saying an allow-list kept its old keys, or naming another model than the one taught (or rolled back to), is exit 1.
+So is a reload the daemon refuses, and then the taught version is switched back at once, as `--rollback` does (and
+kept, as it keeps it): left in place, it is what the daemon's next start opens, and refuses the same way.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ import copy
 import dataclasses
 import datetime
 import getpass
+import glob
 import json
 import math
 import os
@@ -66,7 +69,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -92,7 +95,14 @@ from engines.runtime.features import FeatureExtractor
 from engines.runtime.preprocess import fit_all, mean_level
 from engines.runtime.scorer_fit import augmented, fit_scorer
 from inspectd.errors import InspectdError
-from inspectd.protocol.archive import DEFAULT_ARCHIVE, EXPORT_SPLITS, MANIFEST_NAME, ArchiveReader, parse_time
+from inspectd.protocol.archive import (
+    DEFAULT_ARCHIVE,
+    EXPORT_RUN,
+    EXPORT_SPLITS,
+    MANIFEST_NAME,
+    ArchiveReader,
+    parse_time,
+)
 from inspectd.protocol.control import ControlClient, ControlTimeout, allow_list_errors, client_for
 
 DEFAULT_HOLDOUT = 0.2  # for a bundle that does not say what train held out
@@ -275,20 +285,32 @@ def export_root(folder: Path) -> Path | None:
     return None
 
 
-def exported_rows(root: Path) -> dict[str, tuple[str | None, float | None]]:
-    """(the model that judged it, its capture time) of each frame an export at `root` wrote, by the file name the
-    export gave it (`<archive id>.png`, whichever folder it is in now), from its manifest. A row that does not parse
-    (an export cut off while it appended) is skipped: its frame is then one the manifest does not name."""
+class Exported(NamedTuple):
+    """What an export's manifest says of one frame it wrote."""
+
+    model_id: str | None  # the model that judged it
+    t_capture: float | None
+    run: str | None  # the export run that wrote it (None: a row from before runs were recorded)
+
+
+def exported_rows(root: Path) -> dict[str, Exported]:
+    """What the manifest of an export at `root` says of each frame it wrote, by the file name the export gave it
+    (`<archive id>.png`, whichever folder it is in now). A row that does not parse (an export cut off while it
+    appended) is skipped: its frame is then one the manifest does not name."""
     path = root / MANIFEST_NAME
-    rows: dict[str, tuple[str | None, float | None]] = {}
+    rows: dict[str, Exported] = {}
     try:
         # Bytes: a line that is not UTF-8 is one more row that does not parse, not a failure of the whole file.
         with open(path, "rb") as manifest:
             for line in manifest:
                 try:
                     row = json.loads(line)
-                    model = row.get("model_id")
-                    rows[f"{row['id']}.png"] = (model if isinstance(model, str) else None, _capture_time(row))
+                    model, run = row.get("model_id"), row.get(EXPORT_RUN)
+                    rows[f"{row['id']}.png"] = Exported(
+                        model if isinstance(model, str) else None,
+                        _capture_time(row),
+                        run if isinstance(run, str) else None,
+                    )
                 except (ValueError, TypeError, KeyError, AttributeError):
                     continue
     except OSError as exc:  # an export another user keeps to itself (0600, read by `sudo -u inspectd`)
@@ -333,40 +355,49 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     # None where nothing was looked up (--any-model), so the record does not claim "checked, none".
     other: dict[str, int] | None = None
     unnamed: int | None = None
-    span: dict[str, str | int | None] = {**captured_span([]), "n_captured": None}
+    rows = exported_rows(root)
     if models is not None:
         other, unnamed = {}, 0
         # The same changeover as --archive's: an export of a span that crosses it holds the previous product's
         # frames too, and its manifest names the model that judged each.
-        rows = exported_rows(root)
-        judged = {name: model for name, (model, _) in rows.items()}
         kept = []
         for path in paths:
             # By file name, not by the folder the export wrote the frame to: a false reject the review moved from
             # defect into good was still judged by this model, and is just what the refit should learn.
-            if path.name not in judged:
+            if path.name not in rows:
                 # Copied in by hand, renamed, or its row cut off: nothing says which product it shows, so it is left
                 # out as a frame of another model is.
                 unnamed += 1
                 continue
-            model = judged[path.name]
+            model = rows[path.name].model_id
             if model in models:
                 kept.append(path)
             else:
                 other[model or "unknown"] = other.get(model or "unknown", 0) + 1
         if not kept and (other or unnamed):
             instead = "export a span after the line switched to it"
-            if not judged:
+            if not rows:
                 raise TeachError(
                     f"{source}: {root / MANIFEST_NAME} names no frame (its export cut off?), expected a row per "
                     "frame as `inspectd archive export` writes them: export again, or --any-model to take the frames"
                 )
             raise TeachError(_no_lineage_frames(source, models, other, instead, unnamed))
         paths = kept
-        # An export appends to its folder: one exported into again still holds the older spans' frames, which the
-        # lineage rule keeps, so the span actually taught on is worth saying.
-        times = [t for path in kept if (t := rows[path.name][1]) is not None]
-        span = {**captured_span(times), "n_captured": len(times)}
+    # An export appends to its folder: one exported into again still holds the older spans' frames, which the
+    # lineage rule keeps and --any-model takes, so the span actually taught on, and whether it is one export's, is
+    # worth saying. Rows from before runs were recorded count as one run, so only a mix of them with newer rows, or
+    # several newer runs, says "several".
+    named = [rows[path.name] for path in paths if path.name in rows]
+    times = [row.t_capture for row in named if row.t_capture is not None]
+    judged: dict[str, int] = {}
+    for row in named:
+        judged[row.model_id or "unknown"] = judged.get(row.model_id or "unknown", 0) + 1
+    span = {
+        **captured_span(times),
+        "n_captured": len(times),
+        "export_runs": len({row.run for row in named}),
+        "judged_by": judged,
+    }
     record = {"folder": resolved, "export": str((root / MANIFEST_NAME).resolve()), "model_ids": models}
     left = [f"{_counted(other)} left out"] if other else []
     if unnamed:
@@ -417,8 +448,8 @@ def teach_lineage(bundle: Bundle) -> list[str]:
     return list(dict.fromkeys([bundle.model_id, *(a for a in ancestors if isinstance(a, str))]))
 
 
-def _counted(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} of model {model}" for model, n in sorted(counts.items(), key=lambda c: (-c[1], c[0])))
+def _counted(counts: dict[str, int], kind: str = "model ") -> str:
+    return ", ".join(f"{n} of {kind}{key}" for key, n in sorted(counts.items(), key=lambda c: (-c[1], c[0])))
 
 
 def _iso(t: float | None) -> str | None:
@@ -443,7 +474,16 @@ def archive_frames(
     where += f" --until {until}" if until is not None else ""
     other: dict[str, int] | None = None  # None: not looked up (--any-model)
     with ArchiveReader(archive) as reader:
-        entries = reader.query(camera=camera, verdict="ok", since=t_since, until=t_until)
+        # Every camera's, also when one is asked for: the refit is the one scorer every camera is judged by, and the
+        # other cameras' frames of this lineage it leaves out are their views missing from it.
+        entries = reader.query(verdict="ok", since=t_since, until=t_until)
+        other_cameras: dict[str, int] | None = None
+        if camera is not None:
+            other_cameras = {}
+            for e in entries:
+                if e.camera != camera and (models is None or e.model_id in models):
+                    other_cameras[e.camera] = other_cameras.get(e.camera, 0) + 1
+            entries = [e for e in entries if e.camera == camera]
         if models is not None:
             other = {}
             # "ok" is the verdict of the model that judged the frame: after a changeover the span also holds the
@@ -476,6 +516,8 @@ def archive_frames(
             "ids": [entry_id for entry_id, _ in kept],
             "model_ids": models,  # None: --any-model
             "other_models": other,
+            # None: every camera's taken; else the good frames of the same models that other cameras left out.
+            "other_cameras": other_cameras,
         },
         {"archive": root, **span},
         hint,
@@ -658,6 +700,14 @@ def teach(
         warnings[1] += _teach_on(fr.needed, split, "held out: ")
     if warnings[2]:
         warnings[2] += _teach_on(thresholds_doc.MIN_REFERENCE, split)
+    left_out = frames.record.get("other_cameras")
+    if left_out:
+        warnings.append(
+            f"WARNING: --camera {frames.record['camera']}: {sum(left_out.values())} good frame(s) of other cameras "
+            f"in the same span ({_counted(left_out, '')}) are left out of the refit, yet the one taught scorer judges "
+            "every camera: a view it was not fitted on scores higher, so those cameras may reject good parts (teach "
+            "without --camera to fit every camera's view)"
+        )
     if current.per_camera:
         warnings.append(
             f"per-camera thresholds of {', '.join(sorted(current.per_camera))} were set on the old scorer's scores "
@@ -823,6 +873,19 @@ def _holds(path: Path, model_id: str) -> bool:
         return False
 
 
+def cut_off_teach(beside: Path, record: dict[str, Any]) -> Path | None:
+    """Where a teach in place of directory `beside` that was cut off between its two renames left the version it
+    was taught from (its staging name, `.NAME.teach-*`, which the exchange gave it), by the model and version
+    `record` names; None where none holds it."""
+    expected = record.get("previous_model_id")
+    if not isinstance(expected, str):
+        return None  # a record from before the model was recorded: a name alone could be another teach's leftover
+    for candidate in sorted(beside.parent.glob(f".{glob.escape(beside.name)}.teach-*")):
+        if candidate.is_dir() and not candidate.is_symlink() and _holds(candidate, expected):
+            return candidate
+    return None
+
+
 def rollback(bundle_path: str | Path, out=None) -> Bundle:
     """Put back the version the current bundle was taught from, with its own thresholds as a new version numbered
     above the current one's; a directory BUNDLE's current version moves to a free name in BUNDLE.versions."""
@@ -833,6 +896,7 @@ def rollback(bundle_path: str | Path, out=None) -> Bundle:
     if not record:
         raise TeachError(f"{path}: version {bundle_version(bundle)} was not taught, expected a bundle from teach")
     target = linked_dir(path)
+    cut_off = None
     if target is not None and record.get("previous_dir"):
         # Taught as a directory beside the one linked: the link goes back to it, and the taught one stays.
         previous = target.with_name(record["previous_dir"])
@@ -841,6 +905,9 @@ def rollback(bundle_path: str | Path, out=None) -> Bundle:
         # in the versions folder (a record from before names were recorded kept it as v<N>, the only name then).
         kept = record.get("previous_in_versions") or f"v{record['previous_version']}"
         previous = versions_dir(target if target is not None else path) / kept
+        if not (previous.exists() or previous.is_symlink()):
+            cut_off = cut_off_teach(target if target is not None else path, record)
+            previous = cut_off or previous
     restored = load_bundle(previous)
     # Verified before anything moves: by an old record's v<N>, a later teach of the same number may sit there.
     expected_id = record.get("previous_model_id")
@@ -867,8 +934,11 @@ def rollback(bundle_path: str | Path, out=None) -> Bundle:
         where = f"the link points to {previous}"
     else:
         keep = free_version_dir(versions_dir(path), bundle_version(bundle))
+        keep.parent.mkdir(exist_ok=True)
         swap_in(path, previous, keep)
         where = f"version {bundle_version(bundle)} ({bundle.model_id}) kept in {keep}"
+    if cut_off is not None:
+        where += f" (the version taught from was at {cut_off}, where a teach cut off between its renames left it)"
     restored = load_bundle(path)
     print(
         f"{path}: rolled back to version {bundle_version(restored)} ({restored.model_id}), thresholds version "
@@ -930,19 +1000,32 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             f"{frames['archive']} (their ids are in the manifest's teach record)",
             file=out,
         )
-    if "export" in frames and frames.get("since"):
-        timed = frames["n_captured"]
-        which, untimed = (
-            (f"the {frames['n']}", "")
-            if timed == frames["n"]
-            else (f"{timed} of the {frames['n']}", "; the others' rows give no time")
-        )
-        print(
-            f"frames: {which} frame(s) taught on were captured from {frames['since']} to {frames['until']} "
-            f"(by {MANIFEST_NAME}{untimed}); an export adds to the frames of a folder exported into before: export "
-            "each span into a fresh folder",
-            file=out,
-        )
+    if "export" in frames:
+        said = []
+        if frames.get("since"):
+            timed = frames["n_captured"]
+            which, untimed = (
+                (f"the {frames['n']}", "")
+                if timed == frames["n"]
+                else (f"{timed} of the {frames['n']}", "; the others have no capture time there")
+            )
+            said.append(
+                f"{which} frame(s) taught on were captured from {frames['since']} to {frames['until']} "
+                f"(by {MANIFEST_NAME}{untimed})"
+            )
+        runs = frames.get("export_runs") or 0
+        if runs > 1:
+            # Only then: a fresh folder of one span is what this advice asks for, and hearing it there teaches
+            # operators to skip it.
+            said.append(
+                f"they come from {runs} exports into {Path(frames['export']).parent}, which adds to the frames "
+                "exported into it before: export each span into a fresh folder"
+            )
+        judged = frames.get("judged_by") or {}
+        if frames.get("model_ids") is None and len(judged) > 1:
+            said.append(f"--any-model took frames judged by {len(judged)} models ({_counted(judged)})")
+        if said:
+            print(f"frames: {'; '.join(said)}", file=out)
     if frames.get("other_models"):
         # An archive's are frames the other model judged ok; an export's are whatever lies in its good folder, a
         # frame that model judged defect and the review moved there included.
@@ -1022,7 +1105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--since", metavar="TIME", help="--archive: captured at or after TIME: ISO or a span (8h, 30m)")
     parser.add_argument("--until", metavar="TIME", help="--archive: captured before TIME (same forms)")
-    parser.add_argument("--camera", metavar="ID", help="--archive: only this camera's frames (default: every camera)")
+    parser.add_argument(
+        "--camera",
+        metavar="ID",
+        help="--archive: only this camera's frames (default: every camera); the taught scorer judges every camera",
+    )
     parser.add_argument(
         "--any-model",
         action="store_true",
@@ -1111,10 +1198,39 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if client is None:
         return 0
-    return _apply(args.apply, client, done, "restored" if args.rollback else "taught")
+    if args.rollback:
+        return _apply(args.apply, client, done, "restored")
+    return _apply(args.apply, client, done, "taught", Path(args.bundle))
 
 
 PROBE_S = 5.0  # how long teach --apply waits for the daemon's status before its work
+
+
+def _undo(path: Path) -> None:
+    """After the daemon refused to reload the version just taught at `path`: put back the version it was taught from,
+    which the daemon still runs. Left in place, the refused version is what the daemon's next start opens, and it
+    fails there the same way (a restart loop where the line ran before); put back, a refused --apply leaves the
+    station as it was, as calibrate's does, and the taught version stays on disk (its record names its frames)."""
+    try:
+        taught = load_bundle(path)
+        record = taught.manifest["teach"]
+        # Where rollback leaves it: a linked one where the link pointed, one in place at the name rollback picks.
+        linked = linked_dir(path)
+        stays = linked if linked is not None else free_version_dir(versions_dir(path), bundle_version(taught))
+        rollback(path)
+    except (TeachError, BundleError, DataError, InspectdError, OSError) as exc:
+        print(
+            f"inspectd teach: {path} still holds the refused version, which the daemon's next start would refuse "
+            f"too; switching back failed ({exc}): run `inspectd teach {path} --rollback`",
+            file=sys.stderr,
+        )
+        return
+    print(
+        f"inspectd teach: switched {path} back to version {record['previous_version']}, which the daemon still "
+        f"runs, so its next start does not open the refused one; the taught version {record['version']} "
+        f"({taught.model_id}) is kept in {stays}",
+        file=sys.stderr,
+    )
 
 
 def _check_daemon(endpoint: str, client: ControlClient) -> str | None:
@@ -1133,9 +1249,16 @@ def _check_daemon(endpoint: str, client: ControlClient) -> str | None:
     return running if isinstance(running, str) else None
 
 
-def _apply(endpoint: str, client: ControlClient, expected: Bundle | None = None, what: str = "taught") -> int:
+def _apply(
+    endpoint: str,
+    client: ControlClient,
+    expected: Bundle | None = None,
+    what: str = "taught",
+    taught_at: Path | None = None,
+) -> int:
     """Tell the daemon to reload: 0 when it did, 1 when it refused, did not answer, kept an allow-list, or reloaded
-    another model than `expected` (the bundle teach wrote or rolled back to)."""
+    another model than `expected` (the bundle teach wrote or rolled back to). A refused reload of the version taught
+    at `taught_at` rolls it back there (see _undo)."""
     try:
         with client:
             reply = client.request({"cmd": "reload"})
@@ -1144,6 +1267,8 @@ def _apply(endpoint: str, client: ControlClient, expected: Bundle | None = None,
         return 1
     if not reply.get("ok"):
         print(f"inspectd teach: --apply {endpoint}: the daemon refused: {reply.get('error')}", file=sys.stderr)
+        if taught_at is not None:
+            _undo(taught_at)
         return 1
     got = reply.get("model_id")
     mismatch = expected is not None and got != expected.model_id

@@ -586,11 +586,15 @@ def memory_copy(trained: Path, good: Path, tmp_path: Path) -> tuple[Path, str, l
 
 
 def archive_of(
-    root: Path, frames: list[tuple[np.ndarray, str]], defects: tuple[int, ...] = (), ago: float = 300.0
+    root: Path,
+    frames: list[tuple[np.ndarray, str]],
+    defects: tuple[int, ...] = (),
+    ago: float = 300.0,
+    cameras: tuple[str, ...] = ("cam0",),
 ) -> list[str]:
-    """An image archive written by the daemon's own writer: each (image, model_id) a frame of cam0 judged ok by that
-    model (defect: those at `defects`), captured a second apart from `ago` seconds back; their archive ids, in
-    order."""
+    """An image archive written by the daemon's own writer: each (image, model_id) a frame judged ok by that model
+    (defect: those at `defects`), of `cameras` in turn, captured a second apart from `ago` seconds back; their archive
+    ids, in order."""
     import time
 
     from inspectd.daemon.archive import Archive
@@ -601,7 +605,7 @@ def archive_of(
     start = time.time() - ago
     ids = []
     for seq, (image, model_id) in enumerate(frames):
-        frame = Frame("cam0", seq, f"{seq:06d}.png", start + seq, image)
+        frame = Frame(cameras[seq % len(cameras)], seq, f"{seq:06d}.png", start + seq, image)
         verdict = "defect" if seq in defects else "ok"
         entry_id = archive.offer(Judged(frame, verdict, 1.0, 35.0, model_id, 1, [], None))
         assert entry_id is not None
@@ -1053,11 +1057,11 @@ def test_the_split_names_bundles_record_are_fixed_strings_not_function_names(mon
 
 def test_an_export_says_and_records_when_the_frames_it_teaches_on_were_captured(trained, good, tmp_path, capsys):
     """An export appends to its folder: exported into twice, it holds both spans' frames, and the lineage rule keeps
-    the older span's too. The capture span of the frames taught on (from archive.jsonl) is printed and recorded as
-    --archive records its span (`since`/`until`, UTC to the second, `until` excluded), a span that takes the same
-    frames from the archive (here two archives: one archive exported twice would hold more between the two spans);
-    --any-model looks none of them up and records null. A row whose time no date holds (a hand-edited manifest) is
-    still the export's frame, outside the span, and said so."""
+    the older span's too, and --any-model takes them all. The capture span of the frames taught on (from
+    archive.jsonl) is printed and recorded as --archive records its span (`since`/`until`, UTC to the second, `until`
+    excluded), a span that takes the same frames from the archive (here two archives: one archive exported twice
+    would hold more between the two spans), with the advice to export each span into a fresh folder. A row whose
+    time no date holds (a hand-edited manifest) is still the export's frame, outside the span, and said so."""
     import datetime
     import math
 
@@ -1085,19 +1089,23 @@ def test_an_export_says_and_records_when_the_frames_it_teaches_on_were_captured(
     provenance = load_bundle(bundle).thresholds().provenance  # as an --archive teach's thresholds say it
     assert (provenance["since"], provenance["until"]) == (since, until), provenance
     assert (
-        f"frames: the 16 frame(s) taught on were captured from {since} to {until} (by archive.jsonl); an export adds "
-        "to the frames of a folder exported into before: export each span into a fresh folder"
+        f"frames: the 16 frame(s) taught on were captured from {since} to {until} (by archive.jsonl); they come from "
+        f"2 exports into {export}, which adds to the frames exported into it before: export each span into a fresh "
+        "folder"
     ) in out, out
+    assert load_bundle(bundle).manifest["teach"]["frames"]["export_runs"] == 2
     # The span --archive would take the same frames from.
     for archive, ids in (("earlier", earlier), ("later", later)):
         with ArchiveReader(tmp_path / archive) as reader:
             found = reader.query(since=parse_time(since, "--since"), until=parse_time(until, "--until"))
             assert [e.id for e in found] == ids
 
+    # --any-model takes the older span's frames just the same: its span and its exports are said too.
     assert teach.run(args(bundle, good=str(export), any_model=True)) == 0
     frames = load_bundle(bundle).manifest["teach"]["frames"]
-    assert frames["n"] == 16 and (frames["since"], frames["until"]) == (None, None), frames
-    assert "captured" not in capsys.readouterr().out
+    assert frames["n"] == 16 and (frames["since"], frames["until"]) == (since, until), frames
+    out = capsys.readouterr().out
+    assert f"captured from {since} to {until}" in out and "they come from 2 exports" in out, out
 
     # The newest frame's time made absurd, another's removed: 14 of the 16 give the span, the later archive's first
     # 7 and the earlier's 8.
@@ -1338,3 +1346,175 @@ def test_an_archive_jsonl_teach_cannot_read_is_named_in_one_line(open_tmp_path):
     )
     assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
     assert done.stderr.strip() == f"inspectd teach: {manifest.resolve()}: cannot read (Permission denied)"
+
+
+def test_the_fresh_folder_advice_is_given_only_when_the_frames_taught_on_come_from_more_than_one_export(
+    trained, good, tmp_path, capsys
+):
+    """A fresh folder of one export is what the advice asks for: its span is said and the advice is not, with or
+    without --any-model. Rows of an export from before runs were recorded (no export_run) count as one run. Exported
+    into again with another model's frames, the lineage rule keeps the first export's frames only: still no advice;
+    --any-model takes both exports' frames: the advice, and that it took two models' frames."""
+    from calibration import teach
+
+    bundle, original, images = memory_copy(trained, good, tmp_path)
+    archive_of(tmp_path / "first", [(image, original) for image in images[:8]], ago=2 * 3600)
+    archive_of(tmp_path / "second", [(image, "m-b") for image in images[8:]])
+    export = export_of(tmp_path / "first", tmp_path / "export")
+
+    def taught(**kw) -> tuple[dict, str]:
+        assert teach.run(args(bundle, good=str(export), **kw)) == 0
+        return load_bundle(bundle).manifest["teach"]["frames"], capsys.readouterr().out
+
+    for any_model in (False, True):
+        frames, out = taught(any_model=any_model)
+        assert frames["n"] == 8 and frames["export_runs"] == 1 and frames["since"], frames
+        assert "frame(s) taught on were captured from" in out and "fresh folder" not in out, out
+        assert "--any-model took" not in out, out
+
+    manifest = export / "archive.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len({row.pop("export_run") for row in rows}) == 1  # as an older inspectd wrote them
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    frames, out = taught()
+    assert frames["export_runs"] == 1 and "fresh folder" not in out, out
+
+    export_of(tmp_path / "second", export)
+    frames, out = taught()
+    assert frames["n"] == 8 and frames["export_runs"] == 1 and frames["other_models"] == {"m-b": 8}, frames
+    assert "fresh folder" not in out, out
+    frames, out = taught(any_model=True)
+    assert frames["n"] == 16 and frames["export_runs"] == 2, frames
+    assert (
+        f"they come from 2 exports into {export}, which adds to the frames exported into it before: export each "
+        f"span into a fresh folder; --any-model took frames judged by 2 models (8 of model {original}, 8 of model m-b)"
+    ) in out, out
+
+
+def test_a_camera_teach_warns_of_the_other_cameras_good_frames_it_leaves_out_of_the_one_scorer(
+    trained, good, tmp_path, capsys
+):
+    """Every camera is judged by the one scorer: --camera refits it on one camera's view, and a WARNING counts the
+    good frames of the other cameras in the same span (of this bundle's lineage; of any model with --any-model) that
+    the refit leaves out; the record keeps them. Without --camera nothing is left out and nothing is said."""
+    from calibration import teach
+
+    bundle, original, images = memory_copy(trained, good, tmp_path)
+    owners = [original] * 12 + ["m-a"] * 4  # cam0 takes the even frames, cam1 the odd: 6 of this model each
+    archive_of(tmp_path / "archive", list(zip(images, owners, strict=True)), cameras=("cam0", "cam1"))
+    archive = str(tmp_path / "archive")
+
+    for any_model, left_out in ((False, 6), (True, 8)):
+        assert teach.run(args(bundle, archive=archive, since="1h", camera="cam0", any_model=any_model)) == 0
+        out = capsys.readouterr().out
+        frames = load_bundle(bundle).manifest["teach"]["frames"]
+        assert frames["n"] == 6 + 2 * any_model and frames["other_cameras"] == {"cam1": left_out}, frames
+        assert (
+            f"WARNING: --camera cam0: {left_out} good frame(s) of other cameras in the same span ({left_out} of cam1) "
+            "are left out of the refit, yet the one taught scorer judges every camera"
+        ) in out, out
+
+    assert teach.run(args(bundle, archive=archive, since="1h")) == 0
+    frames = load_bundle(bundle).manifest["teach"]["frames"]
+    assert frames["n"] == 12 and frames["other_cameras"] is None, frames
+    assert "other cameras" not in capsys.readouterr().out
+
+
+# A teach in place with the record teach writes (the model taught from named), for a child process to be killed in.
+TEACH_RECORDED = """
+import sys
+from calibration.teach import bundle_version, write_version
+from engines.bundle import thresholds as T
+from engines.bundle.store import load_bundle
+b = load_bundle(sys.argv[1])
+params = {k: v + 1 for k, v in b.scorer_params().items()}
+version = bundle_version(b) + 1
+record = {"version": version, "previous_version": bundle_version(b), "previous_model_id": b.model_id}
+write_version(b, params, T.next_version(b.thresholds(), image_threshold=0.9), version, record)
+"""
+
+
+def test_rollback_after_a_teach_killed_at_any_rename_puts_back_the_version_taught_from(tmp_path, capsys):
+    """A teach in place killed at each of its renames (strace's fault injection, in a real child): wherever BUNDLE
+    loads the taught version, `teach --rollback` puts back the version taught from, also after the kill between
+    the exchange and the move into BUNDLE.versions, which leaves it under teach's staging name (`.NAME.teach-PID`)
+    and says where it found it; where BUNDLE is still the old version, rollback says it was not taught."""
+    from calibration import teach
+    from test_bundle_writes import child, copy, make, renames_made
+
+    original = make(tmp_path / "b")
+    first = load_bundle(original).model_id
+    counts = renames_made(TEACH_RECORDED, original, tmp_path / "counted")
+    found_there = 0
+    for call, total in counts.items():
+        for k in range(1, total + 1):
+            path = copy(original, tmp_path / f"{call}-{k}")
+            killed = child(TEACH_RECORDED, path, "-f", "-e", f"inject={call}:error=EIO:signal=SIGKILL:when={k}")
+            assert killed.returncode != 0, f"{call} {k} of {total}: not killed"
+            was_taught = load_bundle(path).model_id != first
+            code = teach.run(args(path, rollback=True))
+            captured = capsys.readouterr()
+            if not was_taught:
+                assert code == 2 and "was not taught" in captured.err, (call, k, captured)
+                continue
+            assert code == 0, (call, k, captured.err)
+            assert load_bundle(path).model_id == first, (call, k)
+            if "where a teach cut off between its renames left it" in captured.out:
+                found_there += 1
+                assert f"the version taught from was at {tmp_path}/.{path.name}.teach-" in captured.out, captured.out
+                assert not list(tmp_path.glob(f".{path.name}.teach-*"))
+    assert found_there == 1, counts
+
+
+def test_a_taught_version_the_daemon_refuses_to_reload_is_switched_back_to_the_version_it_runs(tmp_path, capsys):
+    """A daemon on an FP16 engine measures each bundle's score shift on a folder the bundle names. Its training
+    folder was cleaned up after it started, and an --archive teach names none: the real daemon refuses the reload.
+    teach --apply exits 1 with the daemon's reason and switches BUNDLE back to the version the daemon still runs
+    (left taught, it is what the next start opens and refuses); the taught version is kept in BUNDLE.versions."""
+    import dataclasses
+    import shutil
+
+    import cv2
+
+    from calibration import teach
+    from daemon_harness import in_process_config
+    from engines.model.build_engine import store_onnxruntime_fp16
+    from engines.training.train import Progress, train_bundle
+    from inspectd.daemon.service import Daemon
+
+    data, bundle = tmp_path / "data", tmp_path / "b"
+    SyntheticLine(96, 96, seed=3).write_folder(data, 16)
+    train_bundle(
+        data, bundle, size=(SIZE, SIZE), scorer="memory", memory_size=40, seed=5, holdout=HOLDOUT,
+        progress=Progress(enabled=False),
+    )  # fmt: skip
+    store_onnxruntime_fp16(bundle, log=lambda *_: None)
+    original = load_bundle(bundle).model_id
+    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(data.glob("*.png"))]
+    archive_of(tmp_path / "archive", [(image, original) for image in images])
+    config = in_process_config(tmp_path, bundle, {"kind": "synthetic", "rate_hz": 5, "width": 96, "height": 96})
+    fp16 = dataclasses.replace(config.engine, options={"precision": "fp16", "intra_op_threads": 1})
+    daemon = Daemon(dataclasses.replace(config, engine=fp16))
+    daemon.start()
+    try:
+        shutil.rmtree(data)
+        endpoint = config.control.endpoint
+        code = teach.run(args(bundle, archive=str(tmp_path / "archive"), since="1h", apply=endpoint))
+        captured = capsys.readouterr()
+        assert code == 1, captured
+        assert daemon.stage.state.model_id == original
+        assert load_bundle(bundle).model_id == original  # what the next start opens is what runs
+        taught = load_bundle(tmp_path / "b.versions" / "v2")
+        assert taught.model_id != original and taught.manifest["teach"]["previous_model_id"] == original
+        err = captured.err.splitlines()
+        assert len(err) == 2, captured.err
+        assert err[0].startswith(f"inspectd teach: --apply {endpoint}: the daemon refused: "), err
+        assert "cannot measure how far the reduced-precision engine's scores are" in err[0], err
+        assert err[1] == (
+            f"inspectd teach: switched {bundle} back to version 1, which the daemon still runs, so its next start "
+            f"does not open the refused one; the taught version 2 ({taught.model_id}) is kept in {taught.path}"
+        )
+        assert f"{bundle}: rolled back to version 1 ({original})" in captured.out
+        assert f"version 2 ({taught.model_id}) kept in {taught.path}" in captured.out
+    finally:
+        daemon.shutdown()

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "export",
         help="copy archived frames into an MVTec-layout folder",
         description="copy archived frames into OUT/<split>/good (verdict ok) and OUT/<split>/defect (verdict "
-        "defect), with OUT/archive.jsonl naming each; `inspectd calibrate BUNDLE --good OUT` reads OUT/test/good. "
+        "defect), with OUT/archive.jsonl naming each (and, by its export_run, the export that copied it); `inspectd "
+        "calibrate BUNDLE --good OUT` reads OUT/test/good. "
         "Verdicts are the model's, not labels: review defect frames before using them as --defective.",
     )
     export.add_argument("out", type=Path, metavar="OUT", help="folder to export into (created; added to if present)")

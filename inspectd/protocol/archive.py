@@ -13,7 +13,9 @@ An id is `<camera>-<UTC capture time YYYYmmddTHHMMSSmmm>-<seq>`: unique per fram
 without a journal), and sortable by time within a camera. It is what a published result's `archive_id` names.
 
 Exported folders are MVTec-layout (`<out>/<split>/<verdict folder>/<id>.png`, good frames in `good`, defect verdicts
-in `defect`), so `inspectd train --data OUT` and `inspectd calibrate --good OUT` read them directly.
+in `defect`), so `inspectd train --data OUT` and `inspectd calibrate --good OUT` read them directly. An export adds
+to OUT: `<out>/archive.jsonl` gets one row per frame copied (its index row, `exported_to`, and `export_run`, an id
+the rows of one export run share).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import datetime
 import json
 import re
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,9 @@ LIVE_DIR = "live"
 ID_RE = re.compile(r"[a-zA-Z0-9_-]+-\d{8}T\d{9}-\d+")
 EXPORT_SPLITS = ("train", "test")
 MANIFEST_NAME = "archive.jsonl"  # what an export took, one JSON object per frame
+# In every row of an export's manifest: the same id for the rows one export run wrote. An export adds to its folder,
+# so the rows of the frames taught on tell whether they come from one span or from several exported into it.
+EXPORT_RUN = "export_run"
 # Where the installed daemon keeps it: <state_dir>/archive with the installed config's state_dir (/var/lib/inspectd);
 # the default of every command that reads the archive without a daemon config.
 DEFAULT_ARCHIVE = Path("/var/lib/inspectd/archive")
@@ -232,6 +238,7 @@ class ArchiveReader:
             raise ArchiveError(f"split {split!r}: expected one of {', '.join(EXPORT_SPLITS)}")
         out = Path(out)
         copied = 0
+        run = uuid.uuid4().hex
         try:
             out.mkdir(parents=True, exist_ok=True)
             with open(out / MANIFEST_NAME, "a", encoding="utf-8") as manifest:
@@ -244,7 +251,8 @@ class ArchiveReader:
                     folder = out / split / ("good" if entry.verdict == "ok" else "defect")
                     folder.mkdir(parents=True, exist_ok=True)
                     _write_whole(folder / entry.export_name, data)
-                    manifest.write(json.dumps({**entry.to_dict(), "exported_to": f"{split}/{folder.name}"}) + "\n")
+                    row = {**entry.to_dict(), "exported_to": f"{split}/{folder.name}", EXPORT_RUN: run}
+                    manifest.write(json.dumps(row) + "\n")
                     copied += 1
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename and Path(exc.filename) != out else ""
