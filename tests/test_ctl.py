@@ -96,7 +96,9 @@ def test_status_pause_resume_thresholds_rollback_and_reload(tmp_path):
 
 def test_exit_codes_without_a_daemon(tmp_path):
     gone = ctl(f"ipc://{tmp_path}/nobody.sock", "--timeout", "0.5", "status")
-    assert gone.returncode == 3 and "no reply within 0.5 s" in gone.stderr
+    assert gone.returncode == 3 and "no reply within 0.5 s to 'status', expected a running inspectd" in gone.stderr
+    never = ctl(f"ipc://{tmp_path}/nobody.sock", "--timeout", "0.5", "reload")
+    assert never.returncode == 3 and "to 'reload', expected a running inspectd" in never.stderr, never.stderr
     network = ctl("tcp://192.0.2.1:5557", "status")
     assert network.returncode == 2 and "expected --server-key and --client-key" in network.stderr
     unreadable = ctl(f"ipc://{tmp_path}/nobody.sock", "set-thresholds", str(tmp_path / "missing.json"))
@@ -298,3 +300,74 @@ def test_status_text_shows_every_alarm_last_errors_and_auth_refusals(tmp_path):
         "focus or material?)",
         "ALARM camera cam1 false rejects rising: about 2 % of good parts, target 0.1 %",
     ]
+
+
+def test_a_reload_slower_than_the_timeout_is_said_to_be_under_way_not_a_missing_daemon(tmp_path):
+    """A reload that outlasts --timeout (here its bundle's manifest is on storage that answers only when the test
+    lets it: a FIFO) is reported as one the daemon took and may still be running, with where to see how it ends, not
+    as no daemon; a status sent meanwhile is said to be queued behind it. Once the manifest arrives the reload
+    finishes (`reloaded`) and status answers again."""
+    import errno
+    import os
+    import time
+
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    cameras = [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 5, "width": 64, "height": 64}}]
+    s = Station(tmp_path, bundle, cameras)
+    ep = s.control_endpoint
+    manifest = bundle / "manifest.json"
+    content = manifest.read_bytes()
+
+    def release(timeout: float) -> None:
+        """The manifest as a file again, and its bytes to the reload waiting on the FIFO."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:  # succeeds only while a reader (the daemon's reload) has the FIFO open
+                fd = os.open(tmp_path / "fifo", os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO and time.monotonic() < deadline, f"no reload reading; {s.log_tail()}"
+                time.sleep(0.02)
+        try:
+            (tmp_path / "manifest.tmp").write_bytes(content)
+            os.replace(tmp_path / "manifest.tmp", manifest)  # every later read gets the file
+            os.write(fd, content)
+        finally:
+            os.close(fd)
+
+    try:
+        s.wait_ready()  # started on the manifest as a file
+        slow = tmp_path / "slow-manifest"
+        os.mkfifo(slow)
+        os.link(slow, tmp_path / "fifo")  # a second name to reach it by once manifest.json is a file again
+        os.replace(slow, manifest)
+        reload = ctl(ep, "--timeout", "1", "reload")
+        assert reload.returncode == 3, reload.stdout + reload.stderr
+        said = reload.stderr.strip()
+        assert "no reply within 1 s to 'reload', which the daemon took: it may still be reloading" in said, said
+        assert "inspectd ctl status" in said and "reloaded or reload_failed" in said and "\n" not in said
+        assert "expected a running inspectd" not in said
+        queued = ctl(ep, "--timeout", "1", "status")
+        assert queued.returncode == 3 and "to 'status', which the daemon took" in queued.stderr, queued.stderr
+        assert "busy with a reload" in queued.stderr
+        assert s.events("reload_started") and not s.events("reloaded")
+
+        release(10)
+        deadline = time.monotonic() + 30
+        while not s.events("reloaded"):
+            assert time.monotonic() < deadline and not s.events("reload_failed"), s.log_tail()
+            time.sleep(0.05)
+        status = ctl(ep, "status")
+        assert status.returncode == 0 and "station t1: healthy" in status.stdout, status.stderr
+        assert s.stop() == 0, s.log_tail()
+    finally:
+        if manifest.is_fifo():
+            release(1)
+        s.close()
+
+
+def test_set_thresholds_help_says_what_force_skips():
+    """--force skips every check that the document fits the daemon (tests/test_service.py): the help says so."""
+    shown = " ".join(ctl("ipc:///nonexistent", "set-thresholds", "--help").stdout.split())
+    assert "outside the calibrated score range" in shown
+    assert "set on another model (provenance.model_id)" in shown and "cameras it does not run" in shown

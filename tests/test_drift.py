@@ -343,3 +343,120 @@ def test_the_bridge_drift_bit_is_the_daemon_alarm_and_nothing_else():
         assert not drift(hostile)
     assert not drift({"drift": {"alarm": True}}, "cam1") and not drift({}, None)
     assert daemon_drift_flags({"cameras": "hostile"}, "cam0") == (False, False)
+
+
+def test_samples_counts_the_good_frames_in_the_window_from_the_first():
+    """`samples` is the good frames in the window (docs/PROTOCOL.md), from the first frame on: not 0 until the first
+    check at MIN_SAMPLES, nor as of the last check, and WINDOW once full. With the score test inactive, the
+    brightness window's."""
+    from engines.bundle import thresholds as thresholds_doc
+    from inspectd.daemon.drift import MIN_SAMPLES, WINDOW, monitor_for
+
+    rng = np.random.default_rng(0)
+    reference = thresholds_doc.good_score_reference(rng.normal(1.0, 0.1, 100))
+    monitor = monitor_for(thresholds_doc.first_version(2.0, 2.0, {thresholds_doc.GOOD_SCORES: reference}), "cam0")
+    counts = []
+    for _ in range(WINDOW + 50):
+        monitor.add(float(rng.normal(1.0, 0.1)))
+        counts.append(monitor.status()["samples"])
+    assert counts[: MIN_SAMPLES + 15] == list(range(1, MIN_SAMPLES + 16)), counts[: MIN_SAMPLES + 15]
+    assert counts[-1] == WINDOW
+
+    brightness = thresholds_doc.good_score_reference(rng.normal(128.0, 2.0, 100))
+    only = monitor_for(thresholds_doc.first_version(2.0, 2.0, {thresholds_doc.GOOD_BRIGHTNESS: brightness}), "cam0")
+    assert not only.active and only.brightness.active
+    for _ in range(7):
+        only.add(1.0, float(rng.normal(128.0, 2.0)))
+    assert only.status()["samples"] == 7
+
+
+def test_a_reload_that_changes_nothing_keeps_a_raised_drift_alarm_and_a_new_thresholds_version_clears_it(
+    taught: Path, tmp_path: Path
+):
+    """A real daemon whose line runs half again as bright as the taught frames: the alarm is up. `inspectd ctl
+    reload` with the same bundle on disk (what revoking a key takes) keeps it up, in the control status and in the
+    status messages' PLC drift bit, with no drift_cleared line. A reload that reads a new thresholds version starts a
+    new reference: drift_cleared with reason "new reference", the bit drops."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from daemon_harness import REPO, Station
+    from engines.bundle import thresholds as thresholds_doc
+    from engines.bundle.store import load_bundle
+    from inspectd.clients.handshake import daemon_drift_flags
+    from inspectd.protocol.messages import Result
+
+    shutil.copytree(taught, tmp_path / "b")
+    frames = 400  # the line then stops: what the status says after each reload is the reload's doing alone
+    source = {
+        "kind": "synthetic",
+        "width": LINE,
+        "height": LINE,
+        "seed": 2,
+        "defect_rate": 0.0,
+        "rate_hz": 400.0,
+        "count": frames,
+        "lighting": {0: 1.5},
+    }
+    station = Station(tmp_path, tmp_path / "b", [{"id": "cam0", "source": source, "queue": {"policy": "block"}}])
+
+    def reload() -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "inspectd", "ctl", "--endpoint", station.control_endpoint, "reload"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert done.returncode == 0, done.stderr + station.log_tail()
+
+    def plc_bits_since(since: float, count: int = 3) -> list[bool]:
+        """The drift bit of the next `count` status messages sent after `since` (time.time())."""
+        bits: list[bool] = []
+        deadline = time.monotonic() + 10
+        while len(bits) < count:
+            assert time.monotonic() < deadline, "no status messages"
+            message = station.sub.recv(0.5)
+            if isinstance(message, dict) and message.get("t", 0) > since:
+                bits.append(daemon_drift_flags(message, "cam0")[0])
+        return bits
+
+    try:
+        station.wait_ready()
+        last_seq, deadline = -1, time.monotonic() + 120
+        while last_seq < frames - 1 and time.monotonic() < deadline:
+            message = station.sub.recv(0.5)
+            if isinstance(message, Result):
+                last_seq = max(last_seq, message.seq)
+        assert last_seq == frames - 1, station.log_tail()
+        assert station.events("drift_raised"), station.log_tail()
+        assert station.control({"cmd": "status"})["cameras"]["cam0"]["drift"]["alarm"]
+
+        since = time.time()
+        reload()
+        assert len(station.events("reloaded")) == 1
+        kept = station.control({"cmd": "status"})["cameras"]["cam0"]["drift"]
+        assert kept["alarm"] and kept["samples"] > 0, kept
+        assert station.events("drift_cleared") == [], "a reload that changed nothing cleared the alarm"
+        assert all(plc_bits_since(since)), "the PLC drift bit dropped on a reload that changed nothing"
+
+        bundle = load_bundle(tmp_path / "b")
+        current = bundle.thresholds()
+        bundle.replace_file(
+            thresholds_doc.FILE_NAME,
+            thresholds_doc.dumps(thresholds_doc.next_version(current, provenance=dict(current.provenance))),
+        )
+        reload()
+        since = time.time()  # those sent while it reloaded may still carry the alarm
+        fresh = station.control({"cmd": "status"})
+        assert fresh["thresholds_version"] == current.version + 1
+        assert not fresh["cameras"]["cam0"]["drift"]["alarm"] and fresh["cameras"]["cam0"]["drift"]["active"]
+        assert not any(plc_bits_since(since))
+    finally:
+        assert station.stop() == 0, station.log_tail()
+    cleared = station.events("drift_cleared")
+    assert [(e["reason"], e["thresholds_version"]) for e in cleared] == [("new reference", current.version + 1)]

@@ -84,6 +84,20 @@ def test_a_rollback_restores_an_override_for_a_camera_taken_out_of_the_config(da
     assert daemon.stage.state.thresholds.per_camera == {"cam9": {"image_threshold": 4.0}}
 
 
+def test_force_skips_the_model_check_too_but_not_the_version(daemon):
+    """`force` (ctl set-thresholds --force, whose help says so) skips every check that the document fits the
+    daemon: thresholds recorded as set on another model are taken with it; a version not above the current is not."""
+    from inspectd.errors import InspectdError
+
+    state = daemon.stage.state
+    stranger = thresholds_doc.next_version(state.thresholds, provenance={"model_id": "frozen-lite0-00000000"})
+    with pytest.raises(InspectdError, match=r"thresholds\.provenance\.model_id: frozen-lite0-00000000, expected"):
+        daemon.set_thresholds(stranger.to_dict())
+    assert daemon.set_thresholds(stranger.to_dict(), force=True) == {"thresholds_version": 2}
+    with pytest.raises(InspectdError, match=r"thresholds\.version: 2, expected more than the current 2"):
+        daemon.set_thresholds(stranger.to_dict(), force=True)
+
+
 def test_cameras_narrow_16_bit_frames_with_the_bundles_bit_depth_and_a_reload_cannot_change_it(tmp_path, monkeypatch):
     """A bundle trained on a 12-bit camera's frames (input.bit_depth 12): its folder camera's 16-bit PNGs are judged
     as the 8-bit frames they hold (>> 4; >> 8 made a mid-grey part 0-15, far from the model's grey: a defect). The

@@ -7,7 +7,9 @@ is on a network address. Human output by default; `--json` prints the daemon's r
 Exit codes, for scripts: 0 the daemon did it; 1 the daemon refused (its one-line reason on stderr), or did part of
 it (a `reload` whose allow-list reload failed: the model is reloaded, the old list stays in force); 2 bad arguments
 (an endpoint ZeroMQ cannot use, a timeout that is not a positive number) or an unreadable file; 3 no daemon answered
-within --timeout, or the peer there ended the security handshake (the line says why: a key it does not let in, ...).
+within --timeout (the line says whether one took the request: a reload, and every request behind it, is answered only
+once the reload ends), or the peer there ended the security handshake (the line says why: a key it does not let in,
+...).
 """
 
 from __future__ import annotations
@@ -52,7 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions.add_parser("reload", help="reload the model bundle from disk, swapped in between batches")
     sub = actions.add_parser("set-thresholds", help="judge with a thresholds document (JSON file) from now on")
     sub.add_argument("file", type=Path, metavar="FILE", help="a thresholds.json whose version is above the current")
-    sub.add_argument("--force", action="store_true", help="accept values outside the calibrated range")
+    sub.add_argument(
+        "--force",
+        action="store_true",
+        help="skip the checks that the document fits this daemon: accept values outside the calibrated score range, "
+        "thresholds set on another model (provenance.model_id) and overrides for cameras it does not run; the version "
+        "must still be above the current, and a reduced-precision engine still refuses thresholds its score shift "
+        "is too large for",
+    )
     sub = actions.add_parser("rollback", help="a new thresholds version with an earlier version's values")
     sub.add_argument("version", type=int, metavar="VERSION", help="the earlier version (ctl status shows the current)")
 
@@ -85,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with client:
             reply = client.request(request)
-    except (ControlTimeout, HandshakeFailed) as exc:  # either way no daemon took the request
+    except (ControlTimeout, HandshakeFailed) as exc:  # no answer: not done, or (a slow reload) not done yet
         print(f"inspectd ctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except InspectdError as exc:

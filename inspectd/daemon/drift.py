@@ -43,7 +43,8 @@ warning rises only when the estimate exceeds WARNING_FACTOR x the baseline and f
 so it does not flap.
 
 The daemon (inspectd.daemon.service) keeps one monitor per camera, builds a fresh one whenever the model or the
-thresholds change (reload, set_thresholds, rollback: a new reference), and reports `status()` in its status, metrics,
+thresholds change (reload, set_thresholds, rollback: a new reference; a reload that reads back the same model and
+document keeps the monitors, a raised alarm too), and reports `status()` in its status, metrics,
 log and status messages, which is where the PLC bridges take their drift and false-reject warning bits from.
 """
 
@@ -149,7 +150,6 @@ class DriftState:
     alarm: bool = False  # either test raised
     statistic: float | None = None  # the score test's D of the last check
     raise_at: float | None = None  # the critical value it is compared with
-    samples: int = 0
     false_reject_estimate: float | None = None
     false_reject_warning: bool = False
     score_alarm: bool = False
@@ -211,7 +211,6 @@ class DriftMonitor:
     def check(self) -> str | None:
         state = self.state
         was = state.alarm
-        state.samples = self._samples()
         if self.score.active:
             window = self.score.window()
             self.score.check(window)
@@ -239,6 +238,8 @@ class DriftMonitor:
             "inactive_reason": self.score.inactive,
             "brightness_inactive_reason": self.brightness.inactive,
             **self.state.to_dict(),
+            # Counted now, not at the last check: the window fills from the first good frame, checked or not.
+            "samples": self._samples(),
             "target": self.target,
             "warn_above": round(self.warn_above, 6),
         }

@@ -552,8 +552,13 @@ class Daemon:
                 new.close()
                 raise
             self._retired.append(self.stage.swap(new))
-        for camera in self.ingest:
-            self._reset_drift(camera, new)
+        # A reload that reads the same model and the same document back (one run to revoke a key, or a routine
+        # systemctl reload) keeps every window and a raised alarm: the reference has not changed, and starting afresh
+        # would drop the PLC drift bit for at least MIN_SAMPLES good frames. The whole document, not only its
+        # version: a version written over on disk judges by other values.
+        if (new.model_id, new.thresholds) != (old.model_id, old.thresholds):
+            for camera in self.ingest:
+                self._reset_drift(camera, new)
         self.log.info(
             "reloaded",
             model_id=new.model_id,
@@ -599,8 +604,10 @@ class Daemon:
         return changes
 
     def set_thresholds(self, doc: Any, force: bool = False, own_history: bool = False) -> dict[str, Any]:
-        """Check, write and swap in a thresholds document. `own_history`: a version restored from the running
-        document's history (rollback), made for this daemon when it was set, so not checked for fit again."""
+        """Check, write and swap in a thresholds document. `force` (`ctl set-thresholds --force`) skips the fit
+        checks (model, cameras) and the range check, not the version's nor the engine's score shift. `own_history`: a
+        version restored from the running document's history (rollback), made for this daemon when it was set, so
+        not checked for fit again."""
         from engines.bundle import thresholds as thresholds_doc
 
         try:

@@ -40,7 +40,13 @@ COMMANDS: dict[str, dict[str, tuple[type, str]]] = {
 }
 # cmd -> {field: (type, description)}: fields a command may carry; left out, they take the Request's default.
 OPTIONAL: dict[str, dict[str, tuple[type, str]]] = {
-    "set_thresholds": {"force": (bool, "true or false: accept thresholds outside the calibrated score range")},
+    "set_thresholds": {
+        "force": (
+            bool,
+            "true or false: accept thresholds outside the calibrated score range, set on another model, or "
+            "overriding cameras the daemon does not run",
+        )
+    },
 }
 
 
@@ -136,6 +142,10 @@ class ControlClient:
         if self._sock is None:
             sock = zmq.Context.instance().socket(zmq.REQ)
             sock.linger = 0
+            # Queued only to a peer whose handshake has completed: a request sent has then reached a daemon, and a
+            # timeout after it is a busy daemon (it answers one request at a time, a reload's only when that ends),
+            # not a missing one.
+            sock.immediate = True
             # With no peer to queue to (e.g. its CURVE handshake was refused) REQ send blocks: bound it too.
             sock.sndtimeo = max(1, int(self.timeout_s * 1000))
             self._sock = sock
@@ -157,6 +167,7 @@ class ControlClient:
         sock = self._socket()
         wait_s = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         deadline = time.monotonic() + wait_s
+        sent = False
         try:
             # Sent once the socket can take it: a daemon that refused the handshake before this request (the
             # client connects first, then loads a bundle) leaves it nowhere to send, and a blocking send would only
@@ -164,6 +175,7 @@ class ControlClient:
             answered = self._ready(sock, zmq.POLLOUT, deadline)
             if answered:
                 sock.send(json.dumps(doc).encode(), zmq.NOBLOCK)
+                sent = True
                 answered = self._ready(sock, zmq.POLLIN, deadline)
         except zmq.Again:
             answered = False
@@ -172,10 +184,7 @@ class ControlClient:
             self.close()
             if failure is not None:
                 raise HandshakeFailed(f"control {self.endpoint}: the daemon {failure}")
-            raise ControlTimeout(
-                f"control {self.endpoint}: no reply within {wait_s:g} s to "
-                f"{str(doc.get('cmd', '?'))[:40]!r}, expected a running inspectd"
-            )
+            raise ControlTimeout(self._no_reply(str(doc.get("cmd", "?"))[:40], wait_s, sent))
         data = sock.recv()
         if self._watch is not None:
             self._watch.failure()  # read its events as they come: a socket kept open must not let them pile up
@@ -185,6 +194,24 @@ class ControlClient:
                 f'control {self.endpoint}: reply of JSON {type(reply).__name__}, expected an object with "ok"'
             )
         return reply
+
+    def _no_reply(self, cmd: str, wait_s: float, sent: bool) -> str:
+        """The one line for a request not answered within `wait_s`: no daemon took it (`sent` false), or one took it
+        and is still at it. A reload is answered only once the new model is loaded and warmed up, which can outlast
+        the timeout, and until then the daemon answers nothing else."""
+        where = f"control {self.endpoint}: no reply within {wait_s:g} s to {cmd!r}"
+        if not sent:
+            return f"{where}, expected a running inspectd"
+        if cmd == "reload":
+            return (
+                f"{where}, which the daemon took: it may still be reloading (it answers nothing else until the "
+                "reload ends); `inspectd ctl status` answers once it has, and its log says how it ended (reloaded or "
+                "reload_failed: journalctl -u inspectd); another reload now would only run again after this one"
+            )
+        return (
+            f"{where}, which the daemon took: it answers one request at a time, and may be busy with a reload "
+            "(reload_started in its log, then reloaded or reload_failed), or is hung"
+        )
 
     def _ready(self, sock: zmq.Socket, event: int, deadline: float) -> bool:
         """Whether `sock` is ready for `event` (zmq.POLLOUT, zmq.POLLIN) before `deadline`. The handshake watch is
