@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -304,6 +306,176 @@ def test_folder_waits_for_a_file_cut_before_its_dimensions(tmp_path, ingest_thre
     assert sorted(f.frame_id for f in frames) == ["slow.jpg", "slow.tiff"], [(f.frame_id, f.error) for f in frames]
     for f in frames:
         assert f.error is None and np.array_equal(f.image, image), f.error
+
+
+def test_a_file_appended_to_while_other_files_arrive_is_taken_once_whole_and_only_after_holding_still(
+    tmp_path, ingest_threads
+):
+    """A writer appends to big.jpg every 20 ms (the JPEG, then metadata after its EOI) while small files keep
+    arriving, so the folder has files to read at every scan. Each file is taken only once this host saw it unchanged
+    for a whole poll: big.jpg once, whole, not at its EOI (then again as rewritten) nor half-written (a scan a
+    millisecond after the previous one used to take a file that had been still for that millisecond)."""
+    poll_s = 0.3  # 15 times the writer's step: a loaded box stalling the writer for a poll is far off
+    line = SyntheticLine(320, 240, seed=8)
+    encoded = cv2.imencode(".jpg", line.next()[0])[1].tobytes()
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+    small = cv2.imencode(".png", line.next()[0][:16, :16])[1].tobytes()
+    steps = [encoded[i : i + 2048] for i in range(0, len(encoded), 2048)] + [b"META" * 256] * 4
+    written: dict[str, float] = {}  # name -> this host's time just before its last write began
+
+    def write() -> None:
+        with open(tmp_path / "big.jpg", "wb") as f:
+            for i, step in enumerate(steps):
+                written["big.jpg"] = time.monotonic()
+                f.write(step)
+                f.flush()
+                written[f"s{i:02}.png"] = time.monotonic()
+                (tmp_path / f"s{i:02}.png").write_bytes(small)
+                time.sleep(0.02)
+
+    queue = FrameQueue(64, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": poll_s * 1000}), queue)
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join(30)
+    assert wait_for(lambda: len(queue) == len(steps) + 1)
+    assert not wait_for(lambda: len(queue) > len(steps) + 1, timeout=3 * poll_s)
+    frames = drain(queue)
+    assert sorted(f.frame_id for f in frames) == sorted(written), [(f.frame_id, f.error) for f in frames]
+    for f in frames:
+        assert f.error is None and f.t_ingest - written[f.frame_id] >= poll_s, (f.frame_id, f.error)
+    (big,) = [f for f in frames if f.frame_id == "big.jpg"]
+    assert np.array_equal(big.image, image)
+    assert big.t_capture == os.stat(tmp_path / "big.jpg").st_mtime_ns / 1e9  # the file as it was finished
+
+
+def test_a_writer_whose_clock_is_behind_pausing_mid_file_does_not_get_it_published_as_truncated(
+    tmp_path, ingest_threads
+):
+    """The PC writing into the folder keeps time a minute behind this host, and pauses mid-file for several polls.
+    The cut-short grace runs from when this host saw the file change, not from the writer's mtime (by which the
+    half-written file looked a minute old and was published as truncated, and the whole file again later)."""
+    encoded = cv2.imencode(".jpg", SyntheticLine(320, 240, seed=9).next()[0])[1].tobytes()
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 50}), queue)
+    path = tmp_path / "part.jpg"
+    with open(path, "wb") as f:
+        for piece in (encoded[: len(encoded) // 2], encoded[len(encoded) // 2 :]):
+            f.write(piece)
+            f.flush()
+            behind = time.time() - 60
+            os.utime(path, (behind, behind))
+            time.sleep(0.6)  # several polls, well inside the grace
+    assert wait_for(lambda: len(queue) >= 1)
+    assert not wait_for(lambda: len(queue) > 1, timeout=0.5)
+    (got,) = drain(queue)
+    assert got.error is None, got.error
+    assert np.array_equal(got.image, cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED))
+
+
+def exif_with_thumbnail(encoded: bytes, thumbnail: bytes) -> bytes:
+    """A JPEG with an EXIF-like APP1 segment right after SOI that holds a whole JPEG thumbnail, SOI to EOI, as
+    cameras write them."""
+    payload = b"Exif\0\0MM\0*\0\0\0\x08" + thumbnail
+    return encoded[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + encoded[2:]
+
+
+def test_images_with_bytes_after_their_end_decode_and_cut_ones_are_still_cut_short(tmp_path, ingest_threads):
+    """Some cameras and tools append metadata or 0xFF padding after a JPEG's EOI or a PNG's IEND: the image is whole
+    and decodes (it used to be refused as truncated). A file cut short is still one, also where an earlier EOI
+    lies inside it (an EXIF thumbnail) or the cut falls between a progressive JPEG's scans."""
+    line = SyntheticLine(96, 64, seed=10)
+    gray, thumb_image = line.next()[0], line.next()[0][:16, :16]
+    jpeg = cv2.imencode(".jpg", gray)[1].tobytes()
+    progressive = cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    png = cv2.imencode(".png", gray)[1].tobytes()
+    exif = exif_with_thumbnail(jpeg, cv2.imencode(".jpg", thumb_image)[1].tobytes())
+    main_scan = exif.index(b"\xff\xda", len(exif) - len(jpeg))  # the main image's SOS, not the thumbnail's
+    last_scan = progressive.rindex(b"\xff\xda")
+    whole = {
+        "padded.jpg": (jpeg + b"\xff" * 7, jpeg),
+        "metadata.jpg": (jpeg + b"TRAILER-META-123", jpeg),
+        "progressive.jpg": (progressive + b"\0\0\xff\xff<x:xmpmeta/>", progressive),
+        "exif.jpg": (exif + b"\xff\xff", jpeg),
+        "trailer.png": (png + b"\xff\xffTRAILER\0", png),
+    }
+    cut = {
+        "mid-scan.jpg": jpeg[: len(jpeg) * 2 // 3],
+        "exif-mid-scan.jpg": exif[: main_scan + (len(exif) - main_scan) // 2],
+        "between-scans.jpg": progressive[:last_scan],
+        "exif-after-thumbnail.jpg": exif[: len(exif) - len(jpeg) + 2],  # ends at the thumbnail's own EOI
+        "mid-chunk.png": png[:-20],
+    }
+    for name, data in {**{n: d for n, (d, _) in whole.items()}, **cut}.items():
+        (tmp_path / name).write_bytes(data)
+    queue = FrameQueue(16, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 20}), queue)
+    assert wait_for(lambda: len(queue) == len(whole) + len(cut))  # the cut ones after the grace
+    frames = {f.frame_id: f for f in drain(queue)}
+    for name, (_, clean) in whole.items():
+        assert frames[name].error is None, frames[name].error
+        assert np.array_equal(frames[name].image, cv2.imdecode(np.frombuffer(clean, np.uint8), cv2.IMREAD_UNCHANGED))
+    assert {name: frames[name].error for name in cut} == {
+        "mid-scan.jpg": "mid-scan.jpg: truncated JPEG (no end-of-image marker), expected a complete file",
+        "exif-mid-scan.jpg": "exif-mid-scan.jpg: truncated JPEG (no end-of-image marker), expected a complete file",
+        "between-scans.jpg": "between-scans.jpg: truncated JPEG (no end-of-image marker), expected a complete file",
+        "exif-after-thumbnail.jpg": "exif-after-thumbnail.jpg: ends before its image header, expected a complete "
+        "JPEG/PNG/BMP/TIFF image",
+        "mid-chunk.png": "mid-chunk.png: truncated PNG (no IEND chunk), expected a complete file",
+    }
+
+
+OUT_OF_MEMORY = """
+import json, os, resource, sys, time
+sys.path[:0] = [{repo!r}, {tests!r}]
+from inspectd.daemon.config import parse_config
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.supervisor import CameraIngest
+source = {{"kind": "folder", "path": sys.argv[1], "poll_ms": 20}}
+cam = parse_config(
+    {{"station": "s", "model": {{"bundle": "b"}}, "cameras": [{{"id": "c", "source": source, "max_pixels": 1 << 28}}]}}
+).cameras[0]
+# Address space for what the process has now and ordinary work, not for one read of the 1.5 GiB max_pixels allows.
+size = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (768 << 20), resource.RLIM_INFINITY))
+queue = FrameQueue(8, "block")
+ingest = CameraIngest(cam, queue, backoff_s=(0.05, 0.2))
+ingest.start()
+deadline = time.monotonic() + 10
+while len(queue) < 2 and time.monotonic() < deadline:
+    time.sleep(0.02)
+frames = []
+while (frame := queue.get_nowait()) is not None:
+    frames.append([frame.frame_id, frame.error, None if frame.image is None else list(frame.image.shape)])
+ingest.stop()
+ingest.join(5)
+print(json.dumps({{"frames": frames, "reopen_count": ingest.stats()["reopen_count"]}}))
+"""
+
+
+def test_a_file_is_read_at_its_own_size_and_one_memory_cannot_hold_is_its_own_error(tmp_path):
+    """Each read reserved max_bytes (6 bytes a pixel of max_pixels), so under an address-space limit (LimitAS, or a
+    small box's overcommit) every file failed with MemoryError, the source was reopened and met the same file again,
+    forever. Now a read takes what the file holds, and a file too large for the memory left is one error result."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    assert cv2.imwrite(str(inbox / "b-small.png"), SyntheticLine(64, 48, seed=11).next()[0])
+    with open(inbox / "a-huge.png", "wb") as f:
+        f.truncate(5 << 28)  # sparse 1.25 GiB: under max_bytes, over the memory left
+    old = time.time() - 60
+    os.utime(inbox / "a-huge.png", (old, old))
+    script = tmp_path / "oom.py"
+    script.write_text(OUT_OF_MEMORY.format(repo=str(Path(__file__).parents[1]), tests=str(Path(__file__).parent)))
+    out = subprocess.run([sys.executable, str(script), str(inbox)], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    report = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert report == {
+        "frames": [
+            ["a-huge.png", f"a-huge.png: cannot read its {5 << 28} bytes (out of memory)", None],
+            ["b-small.png", None, [48, 64]],
+        ],
+        "reopen_count": 0,
+    }
 
 
 def test_a_file_opencv_refuses_to_decode_is_one_error_result_and_the_folder_goes_on(tmp_path, ingest_threads):
@@ -731,13 +903,13 @@ def test_folder_decodes_bmp_and_tiff_and_refuses_bad_files(tmp_path, ingest_thre
     (tmp_path / "c.png").write_bytes(png.tobytes()[:-30])
     (tmp_path / "d.png").write_bytes(png_with_header(60_000, 60_000))
     (tmp_path / "e.gif").write_bytes(b"GIF89a" + bytes(64))
-    old = time.time() - 60  # long untouched: a cut-short file here is broken, not still being written
+    old = time.time() - 60  # an mtime says nothing of a writer's progress: c.png still gets its grace, then is broken
     for i, name in enumerate(["a.bmp", "b.tiff", "c.png", "d.png", "e.gif"]):
         os.utime(tmp_path / name, (old + i, old + i))
     queue = FrameQueue(8, "block")
     start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 20}), queue)
     assert wait_for(lambda: len(queue) == 5)
-    a, b, c, d, e = drain(queue)
+    a, b, d, e, c = drain(queue)
     assert np.array_equal(a.image, image) and np.array_equal(b.image, image)
     assert c.image is None and c.error == "c.png: truncated PNG (no IEND chunk), expected a complete file"
     assert d.image is None and "expected at most max_pixels=50000000" in d.error
@@ -787,13 +959,19 @@ def test_16_bit_frames_are_narrowed_with_the_bundles_bit_depth(tmp_path, ingest_
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.linger = 0
     push.connect(endpoint)
+    png16 = cv2.imencode(".png", twelve)[1].tobytes()
     try:
-        push.send_multipart([b'{"frame_id": "z", "encoding": "png"}', cv2.imencode(".png", twelve)[1].tobytes()])
-        assert wait_for(lambda: len(queue) == 1)
+        push.send_multipart([b'{"frame_id": "z", "encoding": "png"}', png16])
+        # A producer that says what its PNG holds is taken at its word, not told 16-bit frames are refused.
+        push.send_multipart([b'{"frame_id": "said", "encoding": "png", "dtype": "uint16"}', png16])
+        push.send_multipart([b'{"frame_id": "jpeg16", "encoding": "jpeg", "dtype": "uint16"}', png16])
+        assert wait_for(lambda: len(queue) == 3)
     finally:
         push.close()
-    (z,) = drain(queue)
+    z, said, jpeg16 = drain(queue)
     assert z.error is None and np.array_equal(z.image, eight)
+    assert said.error is None and np.array_equal(said.image, eight), said.error
+    assert jpeg16.image is None and 'expected "uint8" for a jpeg payload' in jpeg16.error, jpeg16.error
 
 
 # --- OpenCV and the synthetic line ------------------------------------------------------------------------------------

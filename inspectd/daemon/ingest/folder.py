@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import os
 import threading
 import time
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from inspectd.daemon import config as cfg
 
 # A folder file that looks cut short is taken as still being written (a writer that paused for longer than a poll)
-# until it has been left alone this long; only then is it published as a truncated frame.
+# until this host has seen it left alone this long; only then is it published as a truncated frame.
 WRITE_GRACE_S = 2.0
 
 log = structlog.get_logger("inspectd.ingest")
@@ -68,8 +69,12 @@ class FolderWatcher(Source):
         self.max_bytes = max_frame_bytes(camera.max_pixels)
         # name -> mtime_ns when inspected (files left in place): a file rewritten under the same name is new again.
         self.done: dict[str, int] = {}
-        self.sizes: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) at the previous scan
+        # name -> (size, mtime_ns, since): the file as the latest scan saw it, and this host's monotonic time when
+        # it was first seen so. Stillness and the cut-short grace are timed by `since`, never by the mtime: a
+        # writer's clock may be behind or ahead of this host's.
+        self.seen: dict[str, tuple[int, int, float]] = {}
         self.pending: list[tuple[int, str]] = []  # ready (mtime_ns, name), oldest last, popped from the end
+        self._scanned = -math.inf  # monotonic time at the end of the latest scan
         self._warned = False
 
     def open(self, stop: threading.Event) -> None:
@@ -108,7 +113,8 @@ class FolderWatcher(Source):
             ) from None
 
     def _scan(self) -> None:
-        current: dict[str, tuple[int, int]] = {}
+        start = time.monotonic()
+        listed: dict[str, tuple[int, int]] = {}
         with os.scandir(self.spec.path) as entries:
             for entry in entries:
                 name = entry.name
@@ -118,53 +124,69 @@ class FolderWatcher(Source):
                     st = entry.stat()
                 except FileNotFoundError:
                     continue  # taken away between the listing and now
-                current[name] = (st.st_size, st.st_mtime_ns)
-        ready = [
-            (stamp[1], name)
-            for name, stamp in current.items()
-            if self.done.get(name) != stamp[1] and self.sizes.get(name) == stamp
-        ]
-        # A file is ready when its size and mtime held still over one poll interval: the writer is done with it.
-        self.sizes = current
+                listed[name] = (st.st_size, st.st_mtime_ns)
+        # `since` is taken after every stat of this scan and compared with the start of a later one, so a file is
+        # ready only when two stats at least a poll apart saw it the same: the writer is done with it.
+        self._scanned = time.monotonic()
+        seen: dict[str, tuple[int, int, float]] = {}
+        for name, stamp in listed.items():
+            before = self.seen.get(name)
+            seen[name] = before if before is not None and before[:2] == stamp else (*stamp, self._scanned)
+        self.seen = seen
         # Forget files that left the folder, so memory follows the folder's content.
-        self.done = {name: mtime for name, mtime in self.done.items() if name in current}
+        self.done = {name: mtime for name, mtime in self.done.items() if name in seen}
+        ready = [
+            (mtime, name)
+            for name, (_, mtime, since) in seen.items()
+            if since + self.poll_s <= start and self.done.get(name) != mtime
+        ]
         ready.sort(reverse=True)
         self.pending = ready
 
     def read(self, stop: threading.Event) -> Frame | None:
         if not self.pending:
+            # Listed at most once a poll, also while a backlog drains (its files were all ready at one scan, and
+            # are read back to back), so a large folder is not listed again after every few files. A file's own
+            # stillness is timed by its `since`, whenever the scans run.
+            wait = self._scanned + self.poll_s - time.monotonic()
+            if wait > 0:
+                stop.wait(wait)
+                return None
             self._scan()
             if not self.pending:
-                stop.wait(self.poll_s)
                 return None
         mtime_ns, name = self.pending.pop()
         path = self.spec.path / name
         shown = printable(_frame_id(name))
-        size = self.sizes.get(name, (0, 0))[0]
+        size, _, since = self.seen[name]
         if size > self.max_bytes:  # not read at all: a stray video or archive in the inbox would fill the memory
             expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
             return self._taken(path, mtime_ns, None, f"{shown}: {size} bytes, {expected}")
         try:
             with open(path, "rb") as f:
-                # The file actually read: a rewrite after the scan is inspected as what it is now, and disposal
-                # later compares with this, not with the scan.
-                mtime_ns = os.fstat(f.fileno()).st_mtime_ns
-                data = f.read(self.max_bytes + 1)  # grown since the scan: still never more than the bound
+                st = os.fstat(f.fileno())
+                # Only what the file holds is read (a read of max_bytes would reserve that much for every file).
+                data = f.read(st.st_size + 1) if (st.st_size, st.st_mtime_ns) == (size, mtime_ns) else None
         except FileNotFoundError:
             return None  # taken away by someone else between the scan and now
         except OSError as exc:
             # Unreadable (permissions, an I/O error): its result says so, once. Raising would reopen the folder and
             # meet the same file at every scan.
             return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({exc.strerror or exc})")
-        if len(data) > self.max_bytes:
-            expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
-            return self._taken(path, mtime_ns, None, f"{shown}: more than {self.max_bytes} bytes, {expected}")
+        except MemoryError:
+            return self._taken(path, mtime_ns, None, f"{shown}: cannot read its {size} bytes (out of memory)")
+        except Exception as exc:  # noqa: BLE001 - a reopen would meet the same file at every scan, forever
+            return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({one_line(exc)})")
+        if data is None or len(data) != size:
+            # Written to since the scan found it still (a backlog can take a while to drain): it must hold still
+            # over a poll again before it is read.
+            self.seen.pop(name, None)
+            return None
         try:
             image, error = check_and_decode(data, shown, self.camera.max_pixels, bit_depth=self.bit_depth), None
         except IncompleteImage as exc:
-            if time.time() - mtime_ns / 1e9 < WRITE_GRACE_S:
-                self.sizes.pop(name, None)  # must hold still over another poll before it is tried again
-                return None
+            if time.monotonic() - since < WRITE_GRACE_S:
+                return None  # tried again at the next scans while it holds still, until the grace is over
             image, error = None, str(exc)
         except DataError as exc:
             image, error = None, str(exc)

@@ -4,6 +4,7 @@ checked against max_pixels, and truncated files recognised by their missing trai
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -12,11 +13,14 @@ from engines.errors import DataError
 
 # How a frame's pixels travel: raw uint8 arrays, or an encoded image decoded here.
 ENCODINGS = ("raw", "jpeg", "png")
-PNG_IEND = b"IEND\xaeB`\x82"
 # OpenCV's decoders raise on a side longer than this (CV_IO_MAX_IMAGE_WIDTH/HEIGHT), whatever max_pixels allows.
 MAX_SIDE = 1 << 20
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8, CC are not frames.
 JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# JPEG markers without a length: TEM, RST0-7, SOI, EOI.
+JPEG_STANDALONE = {0x01, *range(0xD0, 0xDA)}
+# Bytes of entropy-coded JPEG data searched for a marker at a time.
+MARKER_WINDOW = 1 << 18
 
 
 class _CutShort(Exception):
@@ -54,27 +58,81 @@ def _png_dims(view: memoryview) -> tuple[str, int, int] | None:
 
 
 def _jpeg_dims(view: memoryview) -> tuple[str, int, int] | None:
-    pos = 2
-    while pos + 4 <= len(view):
-        if view[pos] != 0xFF:
-            return None
-        marker = view[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers carry no length
-            pos += 2
-            continue
-        (length,) = struct.unpack(">H", view[pos + 2 : pos + 4])
+    for marker, pos, _ in _jpeg_markers(view):
         if marker in JPEG_SOF:
             if pos + 9 > len(view):
                 raise _CutShort
             height, width = struct.unpack(">HH", view[pos + 5 : pos + 9])
             return "jpeg", height, width
-        if marker == 0xDA:  # start of scan before any frame header: there is none
+        if marker in (-1, 0xDA, 0xD9):  # bytes that are no marker, or a scan or the end before any frame header
             return None
-        pos += 2 + length
+    raise _CutShort  # not reached: the walk itself ends by raising it
+
+
+def _jpeg_markers(view: memoryview) -> Iterator[tuple[int, int, int]]:
+    """Each marker after SOI as (marker, its offset, the offset after its segment), in file order: a segment is
+    passed by its length (an EXIF thumbnail's own SOI..EOI inside APP1 is never seen), and a scan's entropy-coded
+    data by searching for the marker that ends it. Marker -1: the bytes at that offset are not a marker (the walk
+    goes on from the next one). Raises _CutShort when the data ends first, so EOI (0xD9) is seen only in a file
+    that is complete."""
+    n, pos = len(view), 2
+    pixels: np.ndarray | None = None
+    while pos + 2 <= n:
+        marker = view[pos + 1] if view[pos] == 0xFF else -1
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == -1 or marker in JPEG_STANDALONE:
+            end = pos + 2
+        elif pos + 4 > n:
+            raise _CutShort
+        else:
+            end = pos + 2 + struct.unpack(">H", view[pos + 2 : pos + 4])[0]
+        yield marker, pos, end
+        if marker == -1 or marker == 0xDA:
+            if pixels is None:
+                pixels = np.frombuffer(view, dtype=np.uint8)
+            pos = _next_marker(pixels, pos if marker == -1 else end)
+        else:
+            pos = end
     raise _CutShort  # the segments run on past the data (EXIF and ICC blocks can fill the first tens of KB)
+
+
+def _next_marker(data: np.ndarray, pos: int) -> int:
+    """Offset of the first marker at or after pos: 0xFF followed by a byte other than 0x00 (a stuffed 0xFF in
+    entropy-coded data), 0xFF (fill) or RST0-7 (restart markers, which sit inside a scan). Searched a window at a
+    time, so a scan costs a few vectorised passes over its own bytes, not a Python step per byte, and never a
+    whole-file temporary."""
+    n = len(data)
+    while pos + 1 < n:
+        stop = min(n, pos + MARKER_WINDOW + 1)
+        window = data[pos:stop]
+        ffs = np.flatnonzero(window[:-1] == 0xFF)
+        if len(ffs):
+            after = window[ffs + 1]
+            hits = ffs[(after != 0x00) & (after != 0xFF) & ((after & 0xF8) != 0xD0)]
+            if len(hits):
+                return pos + int(hits[0])
+        pos = stop - 1
+    raise _CutShort
+
+
+def _jpeg_complete(view: memoryview) -> bool:
+    """Whether the marker walk reaches EOI: bytes after it (a camera's metadata, 0xFF padding) do not matter."""
+    try:
+        return any(marker == 0xD9 for marker, _, _ in _jpeg_markers(view))
+    except _CutShort:
+        return False
+
+
+def _png_complete(view: memoryview) -> bool:
+    """Whether the chunks, walked by their lengths, reach a whole IEND chunk: bytes after it do not matter."""
+    n, pos = len(view), 8
+    while pos + 8 <= n:
+        if view[pos + 4 : pos + 8] == b"IEND":
+            return pos + 12 <= n
+        pos += 12 + struct.unpack(">I", view[pos : pos + 4])[0]
+    return False
 
 
 def _bmp_dims(view: memoryview) -> tuple[str, int, int] | None:
@@ -153,11 +211,11 @@ def check_and_decode(
         raise DataError(f"{what}: {fmt} header declares {width}x{height}, expected a non-empty image")
     if max(height, width) > MAX_SIDE:
         raise DataError(f"{what}: {fmt} header declares {width}x{height}, expected at most {MAX_SIDE} pixels a side")
-    # Decoders fill a truncated image with grey and report success; the missing trailer is the reliable sign.
-    tail = bytes(memoryview(data)[-16:]).rstrip(b"\0")
-    if fmt == "jpeg" and not tail.endswith(b"\xff\xd9"):
+    # Decoders fill a truncated image with grey and report success; the missing end (found by walking the file's own
+    # structure, so trailing metadata or padding after it is no sign of truncation) is the reliable sign.
+    if fmt == "jpeg" and not _jpeg_complete(memoryview(data)):
         raise IncompleteImage(f"{what}: truncated JPEG (no end-of-image marker), expected a complete file")
-    if fmt == "png" and not tail.endswith(PNG_IEND):
+    if fmt == "png" and not _png_complete(memoryview(data)):
         raise IncompleteImage(f"{what}: truncated PNG (no IEND chunk), expected a complete file")
     if fmt == "bmp" and len(data) < struct.unpack("<I", memoryview(data)[2:6])[0]:
         raise IncompleteImage(f"{what}: truncated BMP (shorter than its header's file size), expected a complete file")
