@@ -398,8 +398,8 @@ def test_a_replay_of_another_numbering_does_not_swallow_the_live_results_below_i
         line.join(sub)
         catch_up = JournalCatchUp(line.journal_dir)
         source = CatchUpSubscriber(sub, catch_up)
-        line.pub.send_multipart(encode_status(STATION, STATUS))  # the first live message start() waits for
-        source.start(-1)
+        line.pub.send_multipart(encode_status(STATION, STATUS))  # a quiet line: status, no result to check first
+        source.start(-1, settle_s=0.5)
         replayed = drain(source, 10)
         line.emit("cam0", 2, journal=False)
         line.emit("cam0", 3, journal=False)
@@ -418,7 +418,7 @@ def test_a_first_live_seq_at_or_below_since_is_a_new_numbering_and_delivered(lin
         line.join(sub)
         source = CatchUpSubscriber(sub, JournalCatchUp(line.journal_dir))
         line.pub.send_multipart(encode_status(STATION, STATUS))
-        source.start(100)
+        source.start(100, settle_s=0.5)
         line.emit("cam0", 5)
         line.emit("cam0", 6)
         got = drain(source, 2)
@@ -452,8 +452,9 @@ def test_a_disowned_journal_is_filled_from_again_once_it_holds_live_results(line
 
 
 def test_subscribe_says_the_journal_is_another_numbering_and_prints_the_live_results(line):
-    """`inspectd subscribe --journal DIR --since -1` as a real process: the old numbering's replay, then the live
-    results below it, and the notice on stderr."""
+    """`inspectd subscribe --journal DIR --since -1` as a real process on a quiet line (status only, no result within
+    the settle time, so the replay goes unchecked): the old numbering's replay, then the live results below it, and the
+    notice on stderr."""
     older_numbering(line, "cam0", range(10))
     stop = threading.Event()
 
@@ -475,9 +476,14 @@ def test_subscribe_says_the_journal_is_another_numbering_and_prints_the_live_res
     try:
         assert proc.stdout is not None
         printed = [proc.stdout.readline().rstrip("\n")]  # the replay has started: the subscription took hold before it
+        stop.set()
+        heartbeat.join(5)  # a ZeroMQ socket is one thread's at a time
         line.emit("cam0", 2, journal=False)
         line.emit("cam0", 3, journal=False)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(30)
+        assert proc.stderr is not None
+        # Through the same buffered readers: readline above may have taken more than its line from the pipe.
+        out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         stop.set()
         heartbeat.join(5)
@@ -488,3 +494,60 @@ def test_subscribe_says_the_journal_is_another_numbering_and_prints_the_live_res
     assert frames == [f"old-{seq}" for seq in range(10)] + ["cam0-2", "cam0-3"], err
     assert "inspectd subscribe: journal" in err and "another numbering's results for cam0" in err, err
     assert proc.returncode == 0, err
+
+
+def test_a_first_result_within_the_settle_time_is_checked_before_its_cameras_replay(line):
+    """Status first, as on any line (it comes every second), then a result: start() waits for the result and checks
+    it before the replay, so nothing of the old numbering's 0-9 is delivered."""
+    older_numbering(line, "cam0", range(10))
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        source = CatchUpSubscriber(sub, JournalCatchUp(line.journal_dir))
+        line.pub.send_multipart(encode_status(STATION, STATUS))
+        line.emit("cam0", 3, journal=False)
+        source.start(-1)
+        line.emit("cam0", 4, journal=False)
+        got = drain(source, 2)
+    assert [r.frame_id for r in got] == ["cam0-3", "cam0-4"]
+    assert len(source.notices) == 1 and "(seq 3: frame old-3 there, cam0-3 live)" in source.notices[0]
+
+
+def test_a_journal_numbering_past_the_live_seq_without_it_is_another_numbering(line):
+    """The old numbering's low seqs were rotated away (it holds 100-200); the daemon, restarted without it, publishes
+    5-7. The journal lacks 5 but numbers past it, which the daemon's own journal cannot: nothing of it is replayed
+    after --since 150 and the live results are delivered."""
+    older_numbering(line, "cam0", range(100, 201))
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        source = CatchUpSubscriber(sub, JournalCatchUp(line.journal_dir))
+        line.emit("cam0", 5, journal=False)
+        source.start(150)
+        line.emit("cam0", 6, journal=False)
+        line.emit("cam0", 7, journal=False)
+        got = drain(source, 3)
+    assert [r.frame_id for r in got] == ["cam0-5", "cam0-6", "cam0-7"]
+    assert len(source.notices) == 1 and "(seq 5: not there, the journal's newest is 200)" in source.notices[0]
+
+
+def test_a_daemon_restarted_without_its_journal_under_a_running_subscriber_is_checked_again(line):
+    """The daemon's first run journals and publishes 0-9; it restarts journalling elsewhere and numbers from 0
+    again: the first result after the numbering went back is checked, and the hole at 2 is a gap, not filled with
+    the first run's 2."""
+    from inspectd.clients.subscribe import OTHER_NUMBERING
+
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        for seq in range(10):
+            line.emit("cam0", seq)
+        first = drain(source, 10)
+        line.emit("cam0", 0, journal=False)
+        line.emit("cam0", 1, journal=False)
+        line.emit("cam0", 2, journal=False, send=False)
+        line.emit("cam0", 3, journal=False)
+        got = drain(source, 3)
+    assert [r.seq for r in first] == list(range(10))
+    assert [r.seq for r in got] == [0, 1, 3] and catch_up.recovered == 0
+    assert catch_up.missed == [Gap("cam0", 2, 2, OTHER_NUMBERING)]
+    assert len(source.notices) == 1 and "another numbering's results for cam0 (seq 0:" in source.notices[0]

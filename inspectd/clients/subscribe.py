@@ -282,6 +282,18 @@ class JournalCatchUp:
             pass
         return None
 
+    def newest(self, camera: str) -> int | None:
+        """The last seq the journal holds for `camera`, None without a record of it or where it cannot be read."""
+        from inspectd.protocol import journal
+
+        if self.directory is None:
+            return None
+        try:
+            journal.check_camera(camera)
+            return journal.newest_seq(self.directory, camera)
+        except (InspectdError, OSError):
+            return None
+
     def signature(self, camera: str) -> tuple[str, int, int] | None:
         """(name, size, change time) of `camera`'s newest journal segment: what changes whenever a record is appended.
         None without one."""
@@ -383,14 +395,16 @@ class CatchUpSubscriber:
     result per `recv`: live messages wait on the socket meanwhile, and any the socket's limit drops are a hole the
     journal fills when the replay is done.
 
-    The daemon journals each result before it publishes it, so each camera's first live result is looked up in the
-    journal: one that holds another result under its seq is a journal of another numbering (a daemon that restarted
-    without it; a copy), whose records are other parts' verdicts. No hole of that camera is filled from it (each is
-    a gap), a replay of it not yet pulled stops, and what the replay delivered counts for nothing: the live stream is
-    delivered from that result on. While disowned, it is looked at again at a jump in the live stream (where
-    something was journalled since, at most every RECHECK_S), and filled from again once it holds a live result. A
-    first live seq at or below `since` is a numbering started anew too, and delivered. What the checks find is listed
-    in `notices`, one line each, for the caller to report.
+    The daemon journals each result before it publishes it, so each camera's first live result (and its first after
+    the numbering goes back) is looked up in the journal: one that holds another result under its seq, or later seqs
+    without it, is a journal of another numbering (a daemon that restarted without it; a copy), whose records are
+    other parts' verdicts. No hole of that camera is filled from it (each is a gap), a replay of it not yet pulled
+    stops, and what the replay delivered counts for nothing: the live stream is delivered from that result on. While
+    disowned, it is looked at again at a jump in the live stream (where something was journalled since, at most every
+    RECHECK_S), and filled from again once it holds a live result. A first live seq at or below `since` is a
+    numbering started anew too, and delivered. `start` waits up to `settle_s` for a first result, so that its camera
+    is checked before its replay; the other cameras' replays come before their first results, unchecked until then.
+    What the checks find is listed in `notices`, one line each, for the caller to report.
     """
 
     def __init__(self, subscriber: Subscriber, catch_up: JournalCatchUp) -> None:
@@ -404,14 +418,25 @@ class CatchUpSubscriber:
         self._looked: dict[str, float] = {}  # camera -> when its disowned journal was last looked at
 
     def start(self, since: int | dict[str, int], settle_s: float = SETTLE_S) -> None:
-        try:
-            first = self.subscriber.recv(settle_s)
-        except MessageError:
-            first = None  # malformed, but the subscription is live: that is all this wait is for
+        # Any message says the subscription took hold; a result, within settle_s, lets its camera's journal be
+        # checked before anything of it is replayed (status comes every second, before a quiet line's next part).
+        deadline = time.monotonic() + settle_s
+        heard: list[Result | dict[str, Any]] = []
+        while not heard or not isinstance(heard[-1], Result):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                message = self.subscriber.recv(left)
+            except MessageError:
+                continue  # malformed, but the subscription is live
+            if message is None:
+                break
+            heard.append(message)
         self._since = since
         replay = self.catch_up.resume(since)
         # Checked now, before the replay is pulled: a journal of another numbering replays nothing of this camera.
-        self._pending = itertools.chain(replay, () if first is None else self._take(first))
+        self._pending = itertools.chain(replay, *(self._take(message) for message in heard))
 
     def recv(self, timeout_s: float | None) -> Result | dict[str, Any] | None:
         """The next message to deliver; None when nothing arrives within `timeout_s`. MessageError as Subscriber."""
@@ -445,6 +470,9 @@ class CatchUpSubscriber:
         camera, seq = result.camera, result.seq
         if not catch_up.fills(camera) and not catch_up.disowned(camera):
             return False
+        previous = catch_up.live.get(camera)
+        if previous is not None and seq <= previous:
+            self._checked.discard(camera)  # the daemon numbers anew (take() tells it): its journal is checked again
         if camera in self._checked:
             now = time.monotonic()
             jump = seq > catch_up.delivered.get(camera, seq) + 1
@@ -455,28 +483,33 @@ class CatchUpSubscriber:
             if signature == self._signature.get(camera):
                 return False  # nothing journalled since the last look
             self._signature[camera] = signature
-        first = camera not in self._checked
         self._checked.add(camera)
         journal = catch_up.directory
         held = catch_up.held(camera, seq)
+        other = None
         if held is not None and held != (result.frame_id, result.t_capture):
+            other = f"frame {held[0]} there, {result.frame_id} live"
+        elif held is None and (newest := catch_up.newest(camera)) is not None and newest > seq:
+            # The current numbering's journal holds this result (journalled before it was published): one that
+            # numbers past it without it is an old numbering whose low seqs were rotated away.
+            other = f"not there, the journal's newest is {newest}"
+        if other is not None:
             if not catch_up.disowned(camera):
                 self._signature[camera] = catch_up.signature(camera)
                 catch_up.disown(camera, OTHER_NUMBERING)
                 if seq <= catch_up.delivered.get(camera, seq):
                     catch_up.renumbered(camera, seq)  # what counted as delivered came from that journal
                 self.notices.append(
-                    f"journal {journal} holds another numbering's results for {camera} (seq {seq}: frame "
-                    f"{held[0]} there, {result.frame_id} live): nothing more of {camera} is read from it (any replay "
-                    "of this camera from it was another numbering's; holes are gaps) until it holds a live result "
-                    "again"
+                    f"journal {journal} holds another numbering's results for {camera} (seq {seq}: {other}): "
+                    f"nothing more of {camera} is read from it (any replay of this camera from it was another "
+                    "numbering's; holes are gaps) until it holds a live result again"
                 )
             return False
         if held is not None and catch_up.disowned(camera):
             self.notices.append(f"journal {journal} holds {camera}'s live results again from seq {seq}")
             return True
         since = self._since.get(camera) if isinstance(self._since, dict) else self._since
-        if first and since is not None and seq <= since:
+        if previous is None and since is not None and seq <= since:
             # The daemon publishes each seq once, this one after the subscription took hold: not the numbering
             # `since` was taken from. Dropped as delivered otherwise, every result up to `since`.
             catch_up.renumbered(camera, seq)

@@ -152,6 +152,7 @@ class GenICamCamera(Source):
         self._next_trigger = 0.0
         self._gone = False  # the camera stopped answering: closing must not wait on it
         self._image_part = False  # whether this Aravis gives a buffer's image part alone (0.8.25 on)
+        self._padding = False  # whether it tells a buffer's row and end padding (0.8.23 on; none read before)
 
     def open(self, stop: threading.Event) -> None:
         try:
@@ -166,6 +167,7 @@ class GenICamCamera(Source):
             ) from exc
         self._aravis = Aravis
         self._image_part = hasattr(Aravis.Buffer, "get_image_data")
+        self._padding = hasattr(Aravis.Buffer, "get_image_padding")
         # A fresh event per session: a late control-lost from the device just released must not end this one.
         self._control_lost = threading.Event()
         self._gone = False
@@ -288,7 +290,7 @@ class GenICamCamera(Source):
             frame = self.frame(str(counter), now, None, f"frame {counter}: incomplete ({status.value_nick})")
         else:
             pixel_format = self.applied["pixel_format"]
-            row_padding, y_padding = buffer.get_image_padding()
+            row_padding, y_padding = buffer.get_image_padding() if self._padding else (0, 0)
             # The image part alone where this Aravis has it (0.8.25); chunk data (a camera whose user set turns
             # ChunkModeActive on) follows the image in the payload either way, and is not pixels.
             data = (buffer.get_image_data() if self._image_part else buffer.get_data()) or b""
