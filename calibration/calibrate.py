@@ -741,6 +741,15 @@ def _calibrate(bundle, current, args, out):
     if args.defective and not defective:
         raise DataError(f"{', '.join(args.defective)}: no defective images found")
     options, precision = _engine_options(bundle, current, args)
+    overrides = _overrides_to_drop(current, args, precision)
+    if overrides:
+        print(
+            f"WARNING: every camera on {precision} scores: the per-camera overrides of {', '.join(overrides)} "
+            f"(thresholds version {current.version}) were set on {_set_on(current)} scores and are dropped, so "
+            f"those cameras judge by the new {precision} thresholds: set them again with `inspectd calibrate "
+            f"{bundle.path} --camera ID --precision {precision}`",
+            file=out,
+        )
     if warning := _fitted_frames_warning(bundle, good):
         print(warning, file=out)
     scored = _score(bundle, args, good, defective, options)
@@ -753,7 +762,7 @@ def _calibrate(bundle, current, args, out):
         "n_defective": int(scored.defect.size),
         "model_id": bundle.model_id,
         # What the scores were computed in: a daemon whose engine runs the same precision judges by them as they are.
-        "engine_precision": precision,
+        thresholds_doc.ENGINE_PRECISION: precision,
         **chosen,
         # The drift alarm's references: the good images, as train and teach record their held-out ones.
         thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(scored.good),
@@ -790,9 +799,27 @@ def _calibrate(bundle, current, args, out):
         }
         return thresholds_doc.next_version(current, per_camera=per_camera, provenance=provenance)
     # The overrides carry over to the next version, and with them what each was set on.
-    if carried := thresholds_doc.camera_targets(current, current.per_camera):
+    per_camera = {} if overrides else current.per_camera
+    if carried := thresholds_doc.camera_targets(current, per_camera):
         provenance[thresholds_doc.PER_CAMERA_TARGET] = carried
-    return thresholds_doc.next_version(current, image_threshold=image, pixel_threshold=pixel, provenance=provenance)
+    return thresholds_doc.next_version(
+        current, image_threshold=image, pixel_threshold=pixel, per_camera=per_camera, provenance=provenance
+    )
+
+
+def _set_on(thresholds) -> str:
+    """The precision of the scores `thresholds` were set on (documents from before it was recorded: fp32)."""
+    return thresholds.provenance.get(thresholds_doc.ENGINE_PRECISION, "fp32")
+
+
+def _overrides_to_drop(current, args, precision: str) -> list[str]:
+    """The cameras whose overrides a calibration of every camera on `precision` drops: the document records one
+    precision for all its thresholds, and the daemon's score-shift check reads it for the overrides too, so kept they
+    would pass as set on `precision` scores. Refusing instead would leave no way to move them: --camera is refused
+    on a precision other than the document's (_engine_options)."""
+    if args.camera or precision == _set_on(current):
+        return []
+    return sorted(current.per_camera)
 
 
 def _engine_options(bundle, current, args) -> tuple[dict[str, Any], str]:
@@ -809,7 +836,18 @@ def _engine_options(bundle, current, args) -> tuple[dict[str, Any], str]:
         return {}, precision
     options = {"precision": precision}
     engine.check_bundle(bundle, engine.parse_options(options, where="engine.options"))
-    in_force = current.provenance.get("engine_precision", "fp32")
+    if args.backend == "tensorrt" and args.precision is None:
+        # The engine, once it opens, would only say to build an fp32 plan: the plan the bundle has is likely the one
+        # the daemon runs, and --precision sets thresholds on its scores.
+        others = _plan_precisions(bundle)
+        if others and "fp32" not in others:
+            raise CalibrationError(
+                f"--backend tensorrt without --precision scores on an fp32 plan, and {bundle.path} has only "
+                f"{', '.join(others)} plans: give {' or '.join(f'--precision {p}' for p in others)} to set thresholds "
+                f"on that plan's scores (the daemon's engine.options.precision), or build an fp32 plan with "
+                f"`inspectd build-engine {bundle.path}`"
+            )
+    in_force = _set_on(current)
     if args.camera and precision != in_force:
         raise CalibrationError(
             f"--camera {args.camera} on {precision} scores: thresholds version {current.version} were set on "
@@ -819,28 +857,53 @@ def _engine_options(bundle, current, args) -> tuple[dict[str, Any], str]:
     return options, precision
 
 
+def _plan_precisions(bundle) -> list[str]:
+    """The precisions of BUNDLE's TensorRT plans, by their sidecars; one it cannot read is left to the engine's own
+    choice of plan to name."""
+    from engines.bundle.plans import listed_plans, read_sidecar, sidecar_name
+    from engines.errors import BundleError
+
+    found = set()
+    for name in listed_plans(bundle.manifest):
+        try:
+            found.add(read_sidecar(bundle.path / sidecar_name(name)).precision)
+        except BundleError:
+            continue
+    return sorted(found)
+
+
 def _fitted_frames_warning(bundle, good: list[Path]) -> str | None:
     """A WARNING when --good holds frames BUNDLE's scorer was fitted from (its teach's frames, else train's): a
     model scores those lower than the line's, so a threshold set on them is too low and rejects good parts. By the
-    frames' resolved paths: a link to the folder, or its path spelt another way, is the same frames."""
+    frames' resolved paths: a link to the folder, or its path spelt another way, is the same frames. A warning, never
+    a refusal: a folder moved or removed since gives none, one this user may not read (a trainer's home, calibrate
+    run as the service user) a note line saying the frames were not compared."""
     from engines.data.images import good_folder, list_images
     from engines.errors import EngineError
 
     taught = bundle.manifest.get("teach")
-    if isinstance(taught, dict):
+    trained = not isinstance(taught, dict)
+    if not trained:
         record = taught.get("frames")
         folder = record.get("folder") if isinstance(record, dict) else None
         fitted = f"version {taught.get('version', '?')} was taught on"
     else:
-        data = (bundle.manifest.get("training") or {}).get("data")
-        folder = good_folder(data, ("train",)) if isinstance(data, str) else None
+        folder = (bundle.manifest.get("training") or {}).get("data")
         fitted = "was trained on"
-    if folder is None:
+    if not isinstance(folder, str):
         return None
     try:
+        # pathlib's is_dir() raises on EACCES (a folder under another user's 0700 home), not only listing it.
+        if trained:
+            folder = good_folder(folder, ("train",))
+        if not Path(folder).is_dir():
+            return None
         frames = {path.resolve() for path in list_images(folder)}
-    except (OSError, EngineError):  # moved or removed since: nothing to compare with
-        return None
+    except (OSError, EngineError) as exc:
+        reason = f"{exc.filename or folder}: {exc.strerror or exc}" if isinstance(exc, OSError) else _one_line(exc)
+        return (
+            f"note: the --good frames were not compared with the frames {bundle.path} {fitted} ({reason}, as {_user()})"
+        )
     same = sum(path.resolve() in frames for path in good)
     if not same:
         return None

@@ -527,3 +527,112 @@ def test_apply_over_curve_to_a_control_socket_on_the_network(bundle, data, pki, 
         assert code == 2 and "expected both (CurveZMQ) or neither" in err
     finally:
         server.stop()
+
+
+def test_a_training_folder_calibrate_may_not_enter_leaves_a_note_not_a_refusal(trained, data, open_tmp_path):
+    """DEPLOY's `sudo -u inspectd calibrate` on a bundle trained under a trainer's 0700 home: pathlib's is_dir() on
+    its train/good raised PermissionError, and calibrate stopped (exit 2) before scoring, over a warning. It scores,
+    and a note says the --good frames were not compared with the training frames. The training data lies under a
+    folder this user may not enter: 0700 root's, run as nobody when this is root; 000 otherwise."""
+    import json
+
+    from engines.bundle.store import load_bundle
+    from other_user import as_nobody
+
+    shared = open_tmp_path / "shared"
+    shared.mkdir()
+    bundle = Path(shutil.copytree(trained, shared / "bundle"))
+    good = Path(shutil.copytree(data / "test" / "good", shared / "good"))
+    home = open_tmp_path / "home"
+    shutil.copytree(data, home / "trainer" / "data")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["training"]["data"] = str(home / "trainer" / "data")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert load_bundle(bundle).manifest["training"]["data"] == str(home / "trainer" / "data")
+
+    home.chmod(0o700 if os.geteuid() == 0 else 0o000)
+    try:
+        argv = ["calibrate", str(bundle), "--good", str(good), "--target-false-reject", "0.2", "--dry-run"]
+        out = subprocess.run(
+            as_nobody([sys.executable, "-m", "inspectd", *argv]), capture_output=True, text=True, cwd=REPO, timeout=120
+        )
+    finally:
+        home.chmod(0o755)
+    assert out.returncode == 0, out.stderr
+    assert "dry run: version 2 not written" in out.stdout and "image threshold" in out.stdout, out.stdout
+    notes = [line for line in out.stdout.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1, out.stdout
+    assert notes[0].startswith(f"note: the --good frames were not compared with the frames {bundle} was trained on (")
+    assert f"{home / 'trainer' / 'data' / 'train' / 'good'}: Permission denied, as " in notes[0], notes
+    assert "--good frames are frames" not in out.stdout, out.stdout
+
+
+def fp16_calibrated(bundle, data, capsys, *overrides: str):
+    """The bundle calibrated on fp32 scores (with --camera overrides for `overrides`), then its FP16 graph stored."""
+    from engines.model.build_engine import store_onnxruntime_fp16
+
+    assert calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2")[0] == 0
+    for camera in overrides:
+        code, _, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.7", "--camera", camera)
+        assert code == 0, err
+    store_onnxruntime_fp16(bundle, log=lambda *_: None)
+
+
+def test_a_rollback_to_thresholds_set_on_fp16_scores_says_so(bundle, data, capsys):
+    """A rollback once dropped engine_precision: thresholds set with --precision fp16 came back as set on fp32
+    scores, and the fp16 engine that had run them measured its shift against them (and refused it above 1 %). Both
+    ways: back to fp16-set thresholds says fp16, back to fp32-set ones says fp32 again."""
+    from engines.bundle.store import load_bundle
+    from engines.runtime.score_shift import needs_check
+
+    fp16_calibrated(bundle, data, capsys)
+    on_fp32 = load_bundle(bundle).thresholds()
+    for target in ("0.3", "0.2"):
+        code, _, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", target, "--precision", "fp16")
+        assert code == 0, err
+    on_fp16 = thresholds_doc.parse({**load_bundle(bundle).thresholds().history[0], "history": []})
+    assert on_fp16.provenance["engine_precision"] == "fp16"
+
+    code, out, err = calibrate(capsys, bundle, "--rollback", on_fp16.version)
+    assert code == 0, err
+    back = load_bundle(bundle).thresholds()
+    assert back.image_threshold == on_fp16.image_threshold and back.provenance["rollback_to"] == on_fp16.version
+    assert back.provenance["engine_precision"] == "fp16" and not needs_check("fp16", back)
+    assert back.provenance["model_id"] == on_fp16.provenance["model_id"] == load_bundle(bundle).model_id
+
+    assert calibrate(capsys, bundle, "--rollback", on_fp32.version)[0] == 0
+    again = load_bundle(bundle).thresholds()
+    assert again.provenance["engine_precision"] == "fp32" and needs_check("fp16", again)
+    assert calibrate(capsys, bundle, "--rollback", 1)[0] == 0  # as trained: nothing recorded, fp32
+    first = load_bundle(bundle).thresholds()
+    assert "engine_precision" not in first.provenance and needs_check("fp16", first)
+
+
+def test_every_camera_calibrated_on_another_precision_drops_the_overrides_set_on_the_old_one(bundle, data, capsys):
+    """The document names one precision for every threshold in it: a whole-station --precision fp16 once kept cam2's
+    override set on fp32 scores inside an fp16 document, where the fp16 engine's shift check passed it unmeasured. The
+    override is dropped with a WARNING that names it and says how to set it again; set again on fp16 it stays."""
+    from engines.bundle.store import load_bundle
+
+    fp16_calibrated(bundle, data, capsys, "cam2", "cam5")
+    before = load_bundle(bundle).thresholds()
+    assert set(before.per_camera) == {"cam2", "cam5"} and before.provenance[thresholds_doc.PER_CAMERA_TARGET]
+
+    code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--precision", "fp16")
+    assert code == 0, err
+    warning = [line for line in out.splitlines() if "per-camera overrides" in line]
+    assert warning == [
+        f"WARNING: every camera on fp16 scores: the per-camera overrides of cam2, cam5 (thresholds version "
+        f"{before.version}) were set on fp32 scores and are dropped, so those cameras judge by the new fp16 "
+        f"thresholds: set them again with `inspectd calibrate {bundle} --camera ID --precision fp16`"
+    ], out
+    on_fp16 = load_bundle(bundle).thresholds()
+    assert on_fp16.provenance["engine_precision"] == "fp16" and on_fp16.per_camera == {}
+    assert thresholds_doc.PER_CAMERA_TARGET not in on_fp16.provenance
+
+    flags = ["--target-false-reject", "0.7", "--camera", "cam2", "--precision", "fp16"]
+    assert calibrate(capsys, bundle, "--good", data, *flags)[0] == 0
+    code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--precision", "fp16")
+    assert code == 0 and "per-camera overrides" not in out, out
+    kept = load_bundle(bundle).thresholds()
+    assert set(kept.per_camera) == {"cam2"} and set(kept.provenance[thresholds_doc.PER_CAMERA_TARGET]) == {"cam2"}

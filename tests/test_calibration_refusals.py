@@ -418,3 +418,37 @@ def test_a_drift_reference_too_small_to_arm_is_warned_of_with_the_frames_it_need
     warning = T.reference_warning(6, "good images")
     assert warning is not None and warning.startswith("WARNING: 6 good images are too few") and ">= 8" in warning
     assert "\n" not in warning
+
+
+def test_calibrate_on_tensorrt_without_precision_names_the_precision_of_the_plans_the_bundle_has(tmp_path, capsys):
+    """--backend tensorrt without --precision scores on an fp32 plan only. With only an fp16 plan in the bundle, the
+    engine said to build an fp32 one, once it opened: refused before it in one line that offers --precision fp16,
+    the plan the daemon likely runs."""
+    from engines.bundle.plans import PlanInfo, plan_name, sidecar_name
+    from inspectd.cli import main
+
+    bundle = make(tmp_path / "b")
+    good = frames(tmp_path / "good")
+    loaded = load_bundle(bundle)
+    for precision in ("fp16", "int8"):
+        info = PlanInfo(
+            "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0", precision, 8, 8, loaded.manifest["files"]["model.onnx"]
+        )
+        name = plan_name(info.gpu_name, info.tensorrt_version, info.max_batch, precision)
+        loaded.replace_file(name, b"stand-in plan", add=True)
+        loaded = load_bundle(bundle)
+        loaded.replace_file(sidecar_name(name), info.to_json().encode(), add=True)
+        loaded = load_bundle(bundle)
+    code = main(["calibrate", str(bundle), "--good", str(good), "--backend", "tensorrt"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert (
+        f"--backend tensorrt without --precision scores on an fp32 plan, and {bundle} has only fp16, int8 plans: give "
+        "--precision fp16 or --precision int8 to set thresholds on that plan's scores" in err
+    ), err
+    assert f"or build an fp32 plan with `inspectd build-engine {bundle}`" in err
+    # With --precision the plan is the engine's to open (here: no TensorRT, or a stand-in plan), not refused for this.
+    code = main(["calibrate", str(bundle), "--good", str(good), "--backend", "tensorrt", "--precision", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "without --precision" not in err, err
+    assert load_bundle(bundle).thresholds().version == 1

@@ -99,6 +99,11 @@ PIXEL_SCORES = "pixel_scores"
 # that camera's override on. The top-level target/observed stay those of the global threshold, since every camera
 # without an entry here measures its drift false-reject warning against that target.
 PER_CAMERA_TARGET = "per_camera_target"
+# provenance["engine_precision"]: the arithmetic the scores were computed in ("fp32" when absent), which
+# engines.runtime.score_shift.needs_check compares with the engine's; with provenance["model_id"], what scores a
+# version's thresholds were set on, so a rollback to it says both again.
+ENGINE_PRECISION = "engine_precision"
+SET_ON = (ENGINE_PRECISION, "model_id")
 
 
 def camera_targets(thresholds: Thresholds, per_camera: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -281,11 +286,13 @@ def _taught_at(current: Thresholds) -> int | None:
 def rollback(current: Thresholds, version: int) -> Thresholds:
     """A new version (numbers never go down) whose values are those of the earlier `version`.
 
-    Its drift references, false-reject targets (global and per camera) and calibrated score ranges come to the top
-    of the new provenance,
-    where the daemon's drift monitor and range check read them: left nested under rolled_back_provenance they would
-    switch the drift alarm off. A reference that version lacks (recorded before references existed) is kept from
-    `current`: the model is the same, so its good frames' scores still describe it; `references_from` says so."""
+    Its drift references, false-reject targets (global and per camera), calibrated score ranges and what its scores
+    were computed on (SET_ON) come to the top of the new provenance, where the daemon's drift monitor, range check and
+    score-shift check read them: left nested under rolled_back_provenance they would switch the drift alarm off, and
+    thresholds set on fp16 scores would count as fp32 ones, which the fp16 engine that ran them refuses. A reference
+    that version lacks (recorded before references existed) is kept from `current`: the model is the same, so its
+    good frames' scores still describe it; `references_from` says so. What it was set on is never taken from
+    `current`: absent, the version was set on fp32 scores."""
     taught = _taught_at(current)
     if taught is not None and version < taught:
         raise ThresholdsError(
@@ -297,7 +304,7 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
         if old.get("version") == version:
             earlier = parse({**old, "history": []}, where=f"thresholds.history[version {version}]")
             provenance: dict[str, Any] = {"rollback_to": version, "rolled_back_provenance": earlier.provenance}
-            for key in ("target", PER_CAMERA_TARGET, IMAGE_SCORES, PIXEL_SCORES):
+            for key in ("target", PER_CAMERA_TARGET, IMAGE_SCORES, PIXEL_SCORES, *SET_ON):
                 if key in earlier.provenance:
                     provenance[key] = copy.deepcopy(earlier.provenance[key])
             for key in (GOOD_SCORES, GOOD_BRIGHTNESS):

@@ -7,7 +7,8 @@ threshold can change verdict. `measure` runs the same frames through the engine 
 on ONNX Runtime's CPU provider (the FP32 reference every parity test uses) and takes the largest score difference;
 `check` refuses the pair when that difference exceeds MAX_SHIFT of the lowest image threshold in use. Thresholds
 whose provenance records `engine_precision` equal to the engine's were calibrated on that engine's own scores, so
-there is nothing to compare (`needs_check`).
+there is nothing to compare (`needs_check`); nor is there for an fp32 engine, whichever scores its thresholds were set
+on (see needs_check).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 
 import numpy as np
 
+from engines.bundle.thresholds import ENGINE_PRECISION
 from engines.errors import EngineError
 
 # Largest score difference, as a fraction of the lowest image threshold, that FP32 thresholds tolerate: only frames
@@ -35,8 +37,14 @@ class ScoreShift:
 
 
 def needs_check(engine_precision: str, thresholds) -> bool:
-    """True when `thresholds` were not set on scores of `engine_precision` (FP32 thresholds on an FP16 engine)."""
-    calibrated_on = thresholds.provenance.get("engine_precision", "fp32")
+    """True when a reduced-precision engine judges by `thresholds` not set on its own precision's scores (FP32
+    thresholds on an FP16 engine).
+
+    False for an fp32 engine, even with thresholds set on fp16 or int8 scores, though they differ from its scores by as
+    much: `measure` compares an engine with the FP32 graph, which for an fp32 engine gives about zero and says nothing
+    of the scores those thresholds were set on. Measuring that difference needs the reduced-precision engine they were
+    set on (a TensorRT plan, its GPU), so it is not measured: such thresholds are taken as they are."""
+    calibrated_on = thresholds.provenance.get(ENGINE_PRECISION, "fp32")
     return engine_precision != "fp32" and engine_precision != calibrated_on
 
 
