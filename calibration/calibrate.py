@@ -664,9 +664,8 @@ def check_writable(path: Path, command: str = "calibrate", alternative: str = ",
 
 def _check_daemon(args, client: ControlClient, bundle) -> None:
     """CalibrationError, before any scoring, when the daemon --apply names runs another model than BUNDLE (thresholds
-    for other scores; e.g. teach switched the bundle since, or this is a stale copy), an older thresholds version than
-    BUNDLE holds (it would refuse to write over one it has not loaded), or no camera --camera (a typo would become an
-    override nobody uses). A daemon that does not answer is left to --apply itself to report (the
+    for other scores; e.g. teach switched the bundle since, or this is a stale copy) or no camera --camera (a typo
+    would become an override nobody uses). A daemon that does not answer is left to --apply itself to report (the
     version is still written, for its next start); a reply that is not the protocol's, or a handshake the daemon
     ended, is refused here."""
     try:
@@ -682,15 +681,6 @@ def _check_daemon(args, client: ControlClient, bundle) -> None:
         raise CalibrationError(
             f"--apply {args.apply}: the daemon runs model {running}, {bundle.path} is {bundle.model_id}, expected "
             "the bundle the daemon runs (reload it first, or calibrate its bundle)"
-        )
-    running_version, on_disk = reply.get("thresholds_version"), bundle.thresholds().version
-    if isinstance(running_version, int) and running_version < on_disk:
-        # The daemon writes what it is sent only over the document it loaded (Bundle.replace_file): refused after
-        # minutes of scoring otherwise.
-        raise CalibrationError(
-            f"--apply {args.apply}: the daemon runs thresholds version {running_version}, {bundle.path} holds version "
-            f"{on_disk}, which it has not loaded (written without --apply, or since), expected the version it runs: "
-            "reload it first (inspectd ctl reload), then calibrate again"
         )
     cameras = reply.get("cameras")
     if args.camera and isinstance(cameras, dict) and args.camera not in cameras:

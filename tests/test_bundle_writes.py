@@ -1,11 +1,13 @@
 """Writing bundles: what a later writer, a kill and a power cut leave behind.
 
 The bundles are tiny (write_bundle with a stand-in graph: nothing here runs it). A write into a bundle that was
-replaced on disk since it was loaded is refused, and so is one over a file another process rewrote since; a manifest
-that cannot be written puts the file's old content back; a kill at each rename of a rewrite, of a whole-bundle write
-and of teach's in-place swap and rollback (strace's fault injection, in a real child process) leaves a bundle that
-loads, old or new; traced, every file written is fsynced before it is renamed into place and every directory a rename
-changed is fsynced after; rewritten files keep the bundle's readable mode; an unreadable manifest says so.
+replaced on disk since it was loaded is refused, and so is one over a file another process rewrote since (but for a
+later thresholds version made from it); two writers in two processes never both pass that check; a rewrite failing at
+any sync or rename says what the next load takes; a killed writer's temporary files go at the next write; a kill at
+each rename of a rewrite, of a whole-bundle write and of teach's in-place swap and rollback (strace's fault injection,
+in a real child process) leaves a bundle that loads, old or new; traced, every file written is fsynced before it is
+renamed into place and every directory a rename changed is fsynced after; rewritten files keep the bundle's readable
+mode; an unreadable manifest says so.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from calibration.teach import switch_link
+from engines.bundle import store
 from engines.bundle import thresholds as T
 from engines.bundle.store import load_bundle, write_bundle
 from engines.errors import BundleError
@@ -201,13 +205,18 @@ def copy(path: Path, to: Path) -> Path:
     return to
 
 
-def renames_made(code: str, path: Path, scratch: Path, *strace_args: str) -> dict[str, int]:
-    """How many calls of each rename system call `code` makes on a copy of `path` (strace counts each apart), with
-    `strace_args` (a fault injection) added."""
+def hidden(path: Path) -> list[str]:
+    """The hidden entries in `path`: what a write left behind (temporary files, second names)."""
+    return sorted(p.name for p in path.iterdir() if p.name.startswith("."))
+
+
+def renames_made(code: str, path: Path, scratch: Path, *strace_args: str, calls: str = RENAMES) -> dict[str, int]:
+    """How many calls of each rename system call (or of each of `calls`) `code` makes on a copy of `path` (strace
+    counts each apart), with `strace_args` (a fault injection) added."""
     copy(path, scratch)
     trace = scratch.with_name(scratch.name + ".trace")
     out = subprocess.run(
-        [strace(), "-f", "-o", str(trace), "-e", f"trace={RENAMES}", *strace_args]
+        [strace(), "-f", "-o", str(trace), "-e", f"trace={calls}", *strace_args]
         + [sys.executable, "-c", code, str(scratch)],
         capture_output=True,
         text=True,
@@ -217,7 +226,7 @@ def renames_made(code: str, path: Path, scratch: Path, *strace_args: str) -> dic
     assert out.returncode == 0, out.stderr
     counts: dict[str, int] = {}
     for line in trace.read_text().splitlines():
-        if m := re.match(r"^\d+\s+(rename\w*)\(", line):
+        if (m := re.match(r"^\d+\s+(\w+)\(", line)) and m.group(1) in calls.split(","):
             counts[m.group(1)] = counts.get(m.group(1), 0) + 1
     return counts
 
@@ -476,7 +485,159 @@ def test_a_rewrite_whose_manifest_cannot_be_written_is_what_it_reports(tmp_path,
             last,
         ), failed.stderr
         assert load_bundle(path).thresholds().version == 2
-    assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == []
+    assert hidden(path) == []
+
+
+def test_a_rewrite_that_fails_at_any_sync_or_rename_says_what_the_next_load_takes(tmp_path):
+    """EIO from each fsync and each rename of a rewrite in turn (a failing disk): the error is one line naming the
+    file, and the next load takes what it says. Only the sync after the manifest's last rename leaves the new
+    version (written, not yet durable); everywhere before, the old one is put back (the old code put it back there
+    too, under a manifest already listing the new checksum, so the bundle no longer loaded; and after the sync of the
+    file's rename it raised a bare OSError, reported as not written, while the next load took the new version)."""
+    original = make(tmp_path / "b")
+    counts = plain_renames(REWRITE, original, tmp_path / "counted-renames")
+    counts |= renames_made(REWRITE, original, tmp_path / "counted-fsyncs", calls="fsync")
+    # Each write: its temporary file synced, renamed, its directory synced: the pending manifest, the file, the
+    # manifest listing it.
+    assert counts == {"rename": 3, "fsync": 6}, counts
+    outcomes = {}
+    for call, total in counts.items():
+        for k in range(1, total + 1):
+            path = copy(original, tmp_path / f"{call}-{k}" / "b")
+            failed = child(REWRITE, path, "-f", "-e", f"inject={call}:error=EIO:when={k}")
+            assert failed.returncode != 0, f"{call} {k}: did not fail"
+            last = failed.stderr.strip().splitlines()[-1]
+            member = re.escape(str(path.resolve() / T.FILE_NAME))
+            reason = r"\(Input/output error writing (?:manifest|thresholds)\.json\)"
+            said = re.fullmatch(
+                rf"engines\.errors\.BundleError: {member}: (not written) {reason}; it holds what it held before"
+                rf"|engines\.bundle\.store\.NotDurable: {member}: (written), but it may not be on disk yet {reason}: a "
+                "power cut before the system writes it out could bring back the old content",
+                last,
+            )
+            assert said, f"{call} {k}: {failed.stderr}"
+            outcome = said.group(1) or said.group(2)
+            try:
+                version = load_bundle(path).thresholds().version
+            except BundleError as exc:
+                raise AssertionError(f"{call} {k}: {outcome}, yet the bundle does not load: {exc}") from None
+            assert version == (1 if outcome == "not written" else 2), f"{call} {k}: {last}"
+            assert hidden(path) == [], f"{call} {k}"
+            outcomes[f"{call} {k}"] = outcome
+    assert [at for at, outcome in outcomes.items() if outcome != "not written"] == ["fsync 6"], outcomes
+
+
+def test_a_calibration_written_without_apply_is_followed_by_the_next_version_from_it(tmp_path):
+    """calibrate without --apply wrote version 2 while the daemon runs version 1; calibrate --apply then computes
+    version 3 from the version on disk, and the daemon writes it: its history holds that version 2, so no version
+    number names two documents (the old code refused it until a reload, which put the unapplied version 2 on the line
+    first). A version 2 of the daemon's own is refused, and so is a version 3 whose history holds a version 2 other
+    than the one on disk."""
+    path = make(tmp_path / "b")
+    daemon = load_bundle(path)
+    running = daemon.thresholds()  # what the daemon judges by (the file is read again at each call)
+    calibrate = load_bundle(path)
+    calibrate.replace_file(T.FILE_NAME, next_thresholds(calibrate, 0.9))
+    own_v2 = T.next_version(running, image_threshold=5.0)
+    for document in (own_v2, T.next_version(own_v2, image_threshold=6.0)):
+        with pytest.raises(BundleError, match=r"changed on disk since it was loaded \(now version 2, ") as refused:
+            daemon.replace_file(T.FILE_NAME, T.dumps(document))
+        expected = "expected the content loaded, or a later version whose history holds the one there: "
+        assert expected in str(refused.value) and "\n" not in str(refused.value)
+        assert load_bundle(path).thresholds().image_threshold == 0.9
+    applied = next_thresholds(load_bundle(path), 0.95)
+    daemon.replace_file(T.FILE_NAME, applied)
+    after = load_bundle(path).thresholds()
+    assert (after.version, after.image_threshold) == (3, 0.95)
+    assert [(h["version"], h["image_threshold"]) for h in after.history] == [(2, 0.9), (1, 1.0)]
+    daemon.replace_file(T.FILE_NAME, next_thresholds(daemon, 0.8))  # it loaded version 3 by writing it
+    assert load_bundle(path).thresholds().version == 4
+
+
+def test_two_writers_of_one_version_in_two_processes_never_both_succeed(tmp_path):
+    """calibrate (a real process) is held up in its write, its first rename delayed by strace, while the daemon,
+    which loaded the same version 1, writes a different version 2: the daemon waits for calibrate's write to end, then
+    is refused, and calibrate's document is on disk (the old code let both pass the check: both returned normally,
+    calibrate's document landed over the daemon's, and the daemon judged by a version 2 that was not on disk)."""
+    path = make(tmp_path / "b")
+    daemon = load_bundle(path)
+    calibrate = subprocess.Popen(
+        [strace(), "-f", "-o", "/dev/null", "-e", f"inject={RENAMES}:delay_enter=2000000:when=1"]
+        + [sys.executable, "-c", REWRITE, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not list(path.glob(".manifest.json.*.tmp")):  # its pending manifest, written, not yet renamed
+            assert calibrate.poll() is None and time.monotonic() < deadline, "calibrate never began its write"
+            time.sleep(0.01)
+        with pytest.raises(BundleError, match=r"changed on disk since it was loaded \(now version 2, "):
+            daemon.replace_file(T.FILE_NAME, next_thresholds(daemon, 5.0))
+    finally:
+        _, err = calibrate.communicate(timeout=60)
+    assert calibrate.returncode == 0, err
+    assert load_bundle(path).thresholds().image_threshold == 0.9
+
+
+def test_a_writer_held_up_by_another_past_the_wait_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Another process holds the bundle's write lock (a writer stopped mid-write): a daemon's write gives up after
+    LOCK_WAIT_S with a one-line error naming the bundle rather than blocking its control thread for good, and
+    writes once the lock is free."""
+    path = make(tmp_path / "b")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    monkeypatch.setattr(store, "LOCK_WAIT_S", 0.5)
+    bundle = load_bundle(path)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(BundleError, match=r"another process has been writing into this bundle") as refused:
+            bundle.replace_file(T.FILE_NAME, next_thresholds(bundle, 0.9))
+        assert str(refused.value).startswith(f"{path.resolve()}: ") and "\n" not in str(refused.value)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    bundle.replace_file(T.FILE_NAME, next_thresholds(bundle, 0.9))
+    assert load_bundle(path).thresholds().version == 2
+
+
+def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    """A writer killed at the file's rename leaves its second name for the old content (.old) and the new content
+    (.tmp); the next write into the bundle removes them, and an older writer's (no kind) in a subfolder too, but not
+    those of a process still running (the old code left them for good)."""
+    path = make(tmp_path / "b")
+    bundle = load_bundle(path)
+    bundle.replace_file("engines/x.plan", b"plan", add=True)
+    killed = child(REWRITE, path, "-f", "-e", "inject=rename:error=EIO:signal=SIGKILL:when=2")
+    assert killed.returncode != 0
+    left = hidden(path)
+    kinds = [re.fullmatch(r"\.thresholds\.json\.(\d+)-[0-9a-f]{8}\.(old|tmp)", name) for name in left]
+    assert all(kinds) and sorted(m.group(2) for m in kinds) == ["old", "tmp"], left
+    dead = kinds[0].group(1)
+    (path / "engines" / f".x.plan.{dead}-0123abcd").write_bytes(b"older code's temporary file")
+    running = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        (path / f".manifest.json.{running.pid}-89abcdef.tmp").write_bytes(b"a writer's, still running")
+        bundle = load_bundle(path)
+        assert bundle.thresholds().version == 1
+        bundle.replace_file("engines/x.plan", b"plan 2")
+        assert hidden(path) == [f".manifest.json.{running.pid}-89abcdef.tmp"]
+        assert hidden(path / "engines") == []
+    finally:
+        running.stdin.close()
+        running.wait(timeout=30)
 
 
 def test_a_daemon_refuses_thresholds_for_a_bundle_switched_under_it_until_it_reloads(tmp_path):

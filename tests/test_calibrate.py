@@ -426,13 +426,6 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
         on_disk = load_bundle(bundle).thresholds()
         assert on_disk.version == written + 1 and on_disk.provenance["rollback_to"] == 1
 
-        # Applying more thresholds before the daemon has loaded that version is refused before any scoring: the
-        # daemon would refuse to write over a document it has not loaded.
-        code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--apply", control)
-        assert code == 2 and f"the daemon runs thresholds version {written}" in err, err
-        assert f"holds version {on_disk.version}, which it has not loaded" in err, err
-        assert load_bundle(bundle).thresholds().to_dict() == on_disk.to_dict()
-
         # That version waits on disk for the daemon's reload. A set-thresholds of another document of the same
         # version before it would write over it (and the daemon judge by a version the disk names differently): it
         # is refused, in the reply, until the daemon has loaded what is on disk.
@@ -450,6 +443,19 @@ def test_apply_to_a_running_daemon(bundle, data, tmp_path, capsys):
             assert load_bundle(bundle).thresholds().to_dict() == on_disk.to_dict()
             assert client.request({"cmd": "reload"})["ok"]
             assert client.request({"cmd": "status"})["thresholds_version"] == on_disk.version
+
+        # Calibrate without --apply, then with it before any reload: the second version is computed from the first,
+        # whose number it holds in its history, so the daemon writes it over the one it never loaded.
+        code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.1")
+        assert code == 0, err
+        unapplied = load_bundle(bundle).thresholds()
+        assert unapplied.version == on_disk.version + 1
+        code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--apply", control)
+        assert code == 0, err + (tmp_path / "daemon.log").read_text(errors="replace")[-2000:]
+        final = load_bundle(bundle).thresholds()
+        assert final.version == unapplied.version + 1 and final.history[0]["version"] == unapplied.version
+        with ControlClient(control, timeout_s=10) as client:
+            assert client.request({"cmd": "status"})["thresholds_version"] == final.version
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:

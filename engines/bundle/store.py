@@ -8,6 +8,9 @@ needs neither torch nor onnx, so a runtime-only station can load bundles.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -18,6 +21,7 @@ import stat
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -292,16 +296,22 @@ class Bundle:
         Only into the bundle this object was loaded from: when the manifest on disk is no longer that one (teach
         replaced the directory or switched the link, someone rebuilt it) the write is refused, since the old
         manifest written over a newer bundle would break it. Only over the content this object loaded, too (a
-        compare-and-swap on the file's checksum): another process's thresholds of the same version written since
-        would otherwise be replaced by a different document under that version number. The one exception is a file
-        that already holds exactly `data` (calibrate writes a version, then the daemon it applies it to writes the
-        same bytes).
+        compare-and-swap on the file's checksum), so a version number never names two documents: another process's
+        thresholds of the same version written since would otherwise be replaced by a different document under
+        that number. Exceptions: a file that already holds exactly `data` (calibrate writes a version, then the
+        daemon it applies it to writes the same bytes), and a thresholds document of a higher version than the one
+        on disk whose history, where it names the version on disk, holds that document (calibrate without --apply
+        wrote a version, then calibrate --apply computes the next from it and the daemon, which loaded the one
+        before, writes that). The whole compare-and-swap holds an exclusive lock on the bundle directory (flock), so
+        a daemon and a calibrate never both pass the check and interleave their writes; a writer waits for another's
+        write up to LOCK_WAIT_S.
 
         A kill or power cut at any point leaves a bundle that loads, with the file's old content or its new one: the
         manifest first names the new checksum as pending (PENDING), then the file is replaced, then the manifest
-        lists it; load_bundle accepts either content while it is pending. When the last step fails, the old content
-        is put back, so a write reported as failed is not the one the next load takes. Each file keeps its mode (a
-        new one gets FILE_MODE)."""
+        lists it; load_bundle accepts either content while it is pending. A step that fails is reported as what the
+        disk then holds: before the manifest lists the new checksum the old content is put back and the error says
+        not written; after it (only a sync failed) NotDurable says written. Each file keeps its mode (a new one gets
+        FILE_MODE). Temporary files of writers that were killed are removed here."""
         # One directory for every step, even if a link is switched meanwhile.
         root = self.path.resolve()
         member = _safe_member(root, name)
@@ -309,50 +319,73 @@ class Bundle:
             raise BundleError(
                 f"{member}: not listed in the manifest, expected one of {', '.join(self.manifest['files'])}"
             )
-        on_disk = _settled(root, _read_manifest(root / MANIFEST))
-        if _without(on_disk, name) != _without(self.manifest, name):
-            raise BundleError(
-                f"{self.path}: changed on disk since it was loaded (now model {on_disk.get('model_id')!r} "
-                f"bundle_version {on_disk.get('bundle_version', 1)}, loaded {self.model_id!r} bundle_version "
-                f"{self.manifest.get('bundle_version', 1)}), expected the bundle loaded: {name} not written; "
-                "load the bundle again (the daemon: reload) and retry"
-            )
         digest = hashlib.sha256(data).hexdigest()
-        loaded, now = self.manifest["files"].get(name), on_disk["files"].get(name)
-        if now not in (loaded, digest):
-            raise BundleError(
-                f"{member}: changed on disk since it was loaded (now {_described(member, now)}, loaded "
-                f"{_described(None, loaded)}), expected the content loaded: {name} not written; load the bundle "
-                "again (the daemon: reload) and retry"
-            )
-        manifest_mode = _mode(root / MANIFEST, FILE_MODE)
-        if not member.parent.is_dir():
-            member.parent.mkdir(parents=True)
-            fsync_dir(root)
-        if name in on_disk["files"]:
-            _replace(root / MANIFEST, _manifest_bytes({**on_disk, PENDING: {name: digest}}), manifest_mode)
-        # A second name for the old content, to put it back by a rename (which needs no free space) should the
-        # manifest not take the new checksum.
-        old_name = _temporary(member, "old")
-        aside: Path | None = old_name
-        try:
-            os.link(member, old_name)
-        except OSError:  # none there yet (add=True), or links not allowed here: nothing to put back by a rename
-            aside = None
-        try:
-            _replace(member, data, _mode(member, FILE_MODE))
-            manifest = json.loads(json.dumps(on_disk))
-            manifest["files"][name] = digest
-            try:
-                _replace(root / MANIFEST, _manifest_bytes(manifest), manifest_mode)
-            except OSError as exc:
-                raise _undo(member, aside, name in on_disk["files"], exc) from exc
-        finally:
-            if aside is not None:
-                aside.unlink(missing_ok=True)
+        with _locked(root, name) as locked:
+            if locked:
+                _sweep({root, member.parent})
+            raw = _read_manifest(root / MANIFEST)
+            on_disk = _settled(root, raw)
+            if _without(on_disk, name) != _without(self.manifest, name):
+                raise BundleError(
+                    f"{self.path}: changed on disk since it was loaded (now model {on_disk.get('model_id')!r} "
+                    f"bundle_version {on_disk.get('bundle_version', 1)}, loaded {self.model_id!r} bundle_version "
+                    f"{self.manifest.get('bundle_version', 1)}), expected the bundle loaded: {name} not written; "
+                    "load the bundle again (the daemon: reload) and retry"
+                )
+            loaded, now = self.manifest["files"].get(name), on_disk["files"].get(name)
+            if now not in (loaded, digest) and not (name == THRESHOLDS and _supersedes(member, now, data)):
+                later = ", or a later version whose history holds the one there" if name == THRESHOLDS else ""
+                raise BundleError(
+                    f"{member}: changed on disk since it was loaded (now {_described(member, now)}, loaded "
+                    f"{_described(None, loaded)}), expected the content loaded{later}: {name} not written; load the "
+                    "bundle again (the daemon: reload) and retry"
+                )
+            if raw["files"].get(name) == digest and PENDING not in raw:
+                manifest = on_disk  # already there, listed and durable: nothing to write
+            else:
+                manifest = self._write(root, member, name, data, digest, on_disk)
         self.manifest = manifest
         if name == SCORER:
             self._scorer_params = None
+
+    def _write(
+        self, root: Path, member: Path, name: str, data: bytes, digest: str, on_disk: dict[str, Any]
+    ) -> dict[str, Any]:
+        """replace_file's steps, under its lock; the manifest that lists `data`."""
+        manifest = json.loads(json.dumps(on_disk))
+        manifest["files"][name] = digest
+        step = f"creating {member.parent}"
+        aside: Path | None = None
+        try:
+            manifest_mode = _mode(root / MANIFEST, FILE_MODE)
+            if not member.parent.is_dir():
+                member.parent.mkdir(parents=True)
+                fsync_dir(root)
+            step = f"writing {MANIFEST}"
+            if name in on_disk["files"]:
+                _replace(root / MANIFEST, _manifest_bytes({**on_disk, PENDING: {name: digest}}), manifest_mode)
+            # A second name for the old content, to put it back by a rename (which needs no free space) should the
+            # manifest not take the new checksum.
+            aside = _temporary(member, "old")
+            try:
+                os.link(member, aside)
+            except OSError:  # none there yet (add=True), or links not allowed here: nothing to put back by a rename
+                aside = None
+            step = f"writing {name}"
+            _replace(member, data, _mode(member, FILE_MODE))
+            step = f"writing {MANIFEST}"
+            _replace(root / MANIFEST, _manifest_bytes(manifest), manifest_mode)
+        except OSError as exc:
+            error = _failed(root, member, name, digest, aside, f"{exc.strerror or exc} {step}")
+            if isinstance(error, NotDurable):
+                self.manifest = manifest
+                if name == SCORER:
+                    self._scorer_params = None
+            raise error from exc
+        finally:
+            if aside is not None:
+                aside.unlink(missing_ok=True)
+        return manifest
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, model_id={self.model_id!r})"
@@ -367,24 +400,173 @@ def _temporary(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.{kind}")
 
 
-def _undo(member: Path, aside: Path | None, listed: bool, exc: OSError) -> BundleError:
-    """The error for a rewrite whose file was replaced but whose manifest could not list the new checksum, after
-    putting the old content back: a pending checksum alone would make the next load take the new content."""
-    reason = f"{exc.strerror or exc} writing {MANIFEST}"
+class NotDurable(BundleError):
+    """Bundle.replace_file wrote the file and the manifest lists it; only a sync after that failed, so a power cut
+    before the system writes its caches out may still bring back the old content. The object holds the new one."""
+
+
+# How long a writer waits for another's write into the same bundle (a TensorRT plan of hundreds of MB on a slow disk
+# takes seconds) before it gives up.
+LOCK_WAIT_S = 30.0
+# Temporary names of Bundle.replace_file (_temporary), and of the code before it (no kind): .NAME.PID-HEX[.old|.tmp]
+_LEFTOVER = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}(?:\.old|\.tmp)?")
+
+
+@contextlib.contextmanager
+def _locked(root: Path, name: str) -> Iterator[bool]:
+    """Hold an exclusive flock on directory `root` (its own descriptor: a lock file would be one more file in the
+    bundle), waiting up to LOCK_WAIT_S for another writer's. Yields False, unlocked, on a file system without locks
+    (as before locks were taken there)."""
     try:
-        if aside is not None:
-            os.replace(aside, member)
-        elif not listed:
-            member.unlink()  # a new file no manifest names: nothing loads it, and nothing is left behind
-        else:
-            raise OSError(f"no second name for the old content in {member.parent}")
-        fsync_dir(member.parent)
-    except OSError as undo:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BundleError(
+            f"{root}: cannot be opened to lock it ({exc.strerror or exc}), expected a bundle directory this user may "
+            f"read and write: {name} not written"
+        ) from exc
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        locked = True
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BundleError(
+                        f"{root}: another process has been writing into this bundle for {LOCK_WAIT_S:.0f} s, expected "
+                        f"its write to end: {name} not written; retry"
+                    ) from None
+                time.sleep(0.02)
+            except OSError:
+                locked = False
+                break
+        yield locked
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sweep(directories: set[Path]) -> None:
+    """Remove the temporary files a writer killed mid-write left in `directories` (a hard link to an old content, a
+    new content or manifest not yet renamed). Run under the lock, which every writer holds while it has such files;
+    those of a process still running are left alone all the same, since it may be a writer from before the lock."""
+    for directory in directories:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _LEFTOVER.fullmatch(entry.name)
+            if match is None or int(match.group(1)) == os.getpid() or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                os.kill(int(match.group(1)), 0)
+                continue  # alive (or alive as another user: PermissionError below)
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass  # left for a later write; it is never loaded
+
+
+def _supersedes(member: Path, on_disk: str | None, data: bytes) -> bool:
+    """Whether thresholds document `data` may replace the document on disk (sha256 `on_disk`) that the writer did not
+    load: it is of a higher version, so its number names no other document, and its history, where it names the
+    version on disk, holds that very document (calibrate computes its version from the one on disk)."""
+    if on_disk is None:
+        return False
+    try:
+        there = member.read_bytes()
+        if hashlib.sha256(there).hexdigest() != on_disk:
+            return False
+        current = thresholds_doc.parse(json.loads(there))
+        new = thresholds_doc.parse(json.loads(data))
+        if new.version <= current.version:
+            return False
+        for entry in new.history:
+            if entry.get("version") == current.version:
+                recorded = thresholds_doc.parse({**entry, "history": []})
+                if recorded != dataclasses.replace(current, history=[]):
+                    return False
+    except (OSError, ValueError):  # unreadable, not JSON, not a thresholds document (ThresholdsError)
+        return False
+    return True
+
+
+def _held(member: Path) -> str | None:
+    """The sha256 of what `member` holds, None where there is no such file."""
+    try:
+        return sha256_file(member)
+    except FileNotFoundError:
+        return None
+
+
+def _failed(root: Path, member: Path, name: str, digest: str, aside: Path | None, reason: str) -> BundleError:
+    """The error for a rewrite (Bundle._write) a step of which failed with `reason`, told from what the disk holds
+    now. Where the manifest lists the new checksum (its rename happened, only the sync after it failed), the write
+    is done: NotDurable. Where it does not, the new content must not stay (a pending checksum would make the next
+    load take it although the write is reported as failed): the old content is put back by a rename of its second
+    name `aside` (a new file, listed nowhere, is removed)."""
+    try:
+        raw = _read_manifest(root / MANIFEST)
+        listed = raw["files"].get(name)
+        held = _held(member)
+    except (BundleError, OSError, TypeError, AttributeError, KeyError) as exc:
         return BundleError(
-            f"{member}: written, but {MANIFEST} could not list it ({reason}) and the old content could not be put "
-            f"back ({undo.strerror or undo}): the next load of the bundle takes the new content"
+            f"{member}: may not be written ({reason}), and what the bundle holds cannot be read back "
+            f"({getattr(exc, 'strerror', None) or exc})"
         )
-    return BundleError(f"{member}: not written ({reason}); it holds what it held before")
+    if listed == digest and held == digest:
+        return NotDurable(
+            f"{member}: written, but it may not be on disk yet ({reason}): a power cut before the system writes it "
+            "out could bring back the old content"
+        )
+    undo: OSError | None = None
+    unsynced = ""
+    if held == digest:
+        try:
+            if aside is not None:
+                os.replace(aside, member)
+            elif listed is None:
+                member.unlink()  # a new file no manifest names: nothing loads it, and nothing is left behind
+            else:
+                raise OSError(f"no second name for the old content in {member.parent}")
+        except OSError as exc:
+            undo = exc
+        else:
+            try:
+                fsync_dir(member.parent)
+            except OSError as exc:
+                unsynced = (
+                    f", though a power cut before the system writes it out could bring back the new content "
+                    f"({exc.strerror or exc})"
+                )
+        try:
+            held = _held(member)
+        except OSError as exc:
+            return BundleError(
+                f"{member}: may not be written ({reason}), and what it holds after putting the old content back "
+                f"cannot be read ({exc.strerror or exc})"
+            )
+    if held == digest:
+        why = undo.strerror or undo if undo is not None else "unknown"
+        if digest == _pending(raw).get(name):
+            return BundleError(
+                f"{member}: written, but {MANIFEST} could not list it ({reason}) and the old content could not be put "
+                f"back ({why}): the next load of the bundle takes the new content"
+            )
+        return BundleError(
+            f"{member}: not written ({reason}); {MANIFEST} does not list it, and it could not be removed ({why})"
+        )
+    if held == listed or listed is None:  # unlisted, it is not loaded, whatever it holds
+        return BundleError(f"{member}: not written ({reason}); it holds what it held before{unsynced}")
+    return BundleError(  # another writer that takes no lock
+        f"{member}: not written ({reason}); it now holds {_described(member, held)}, which {MANIFEST} lists as "
+        f"{_described(None, listed)}"
+    )
 
 
 def _described(member: Path | None, digest: str | None) -> str:
