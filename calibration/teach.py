@@ -49,8 +49,12 @@ both its own and the taught one's, so a thresholds version never names two diffe
 `--apply` sends `reload` to the daemon, which swaps the model between batches (no frame is skipped, no seq gap). Its
 endpoint, --timeout and key files, and that the daemon runs BUNDLE's model, are checked before any work; a reply
 saying an allow-list kept its old keys, or naming another model than the one taught (or rolled back to), is exit 1.
-So is a reload the daemon refuses, and then the taught version is switched back at once, as `--rollback` does (and
-kept, as it keeps it): left in place, it is what the daemon's next start opens, and refuses the same way.
+So is a reload the daemon refuses. Where it refused the taught bundle itself (the reply's bundle_refused: it did not
+load, pass the daemon's checks or warm up), the taught version is switched back at once, as `--rollback` does (and
+kept, as it keeps it), with the thresholds as they were, the document the daemon still runs: left in place, it is
+what the daemon's next start opens, and refuses the same way. Any other refusal (the daemon stopping, a key no
+longer allowed), or a reload the daemon took and had not ended at --timeout, leaves the taught version in place and
+prints the command that puts it back.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -103,7 +108,7 @@ from inspectd.protocol.archive import (
     ArchiveReader,
     parse_time,
 )
-from inspectd.protocol.control import ControlClient, ControlTimeout, allow_list_errors, client_for
+from inspectd.protocol.control import BUNDLE_REFUSED, ControlClient, ControlTimeout, allow_list_errors, client_for
 
 DEFAULT_HOLDOUT = 0.2  # for a bundle that does not say what train held out
 SPLITS = (SPLIT_HOLDOUT, VALIDATION_FOLDS)
@@ -340,6 +345,24 @@ def captured_span(times: list[float]) -> dict[str, str | None]:
     return {"since": _iso(min(times)), "until": _iso(math.floor(max(times)) + 1)}
 
 
+def separate_spans(rows: list[Exported]) -> int:
+    """How many separate spans of capture time the export runs of `rows` cover: runs whose spans (first to last
+    capture of the frames kept) overlap count as one, as the per-camera exports of one span do (`archive export
+    --camera`, once per camera, into one folder); only a run of a span apart from the others' makes one more. A run
+    none of whose rows has a capture time is not counted."""
+    ranges: dict[str | None, tuple[float, float]] = {}
+    for row in rows:
+        if row.t_capture is not None:
+            low, high = ranges.get(row.run, (row.t_capture, row.t_capture))
+            ranges[row.run] = (min(low, row.t_capture), max(high, row.t_capture))
+    spans, end = 0, -math.inf
+    for low, high in sorted(ranges.values()):
+        if low > end:
+            spans += 1
+        end = max(end, high)
+    return spans
+
+
 def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFrames:
     """The frames of folder `good`. In an `inspectd archive export` (its root, or its train/good or test/good), only
     those judged by one of `models` (teach_lineage's: the bundle's own first) or, when None, by any model."""
@@ -385,8 +408,7 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
         paths = kept
     # An export appends to its folder: one exported into again still holds the older spans' frames, which the
     # lineage rule keeps and --any-model takes, so the span actually taught on, and whether it is one export's, is
-    # worth saying. Rows from before runs were recorded count as one run, so only a mix of them with newer rows, or
-    # several newer runs, says "several".
+    # worth saying. Rows from before runs were recorded count as one run.
     named = [rows[path.name] for path in paths if path.name in rows]
     times = [row.t_capture for row in named if row.t_capture is not None]
     judged: dict[str, int] = {}
@@ -396,6 +418,7 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
         **captured_span(times),
         "n_captured": len(times),
         "export_runs": len({row.run for row in named}),
+        "export_spans": separate_spans(named),
         "judged_by": judged,
     }
     record = {"folder": resolved, "export": str((root / MANIFEST_NAME).resolve()), "model_ids": models}
@@ -474,16 +497,8 @@ def archive_frames(
     where += f" --until {until}" if until is not None else ""
     other: dict[str, int] | None = None  # None: not looked up (--any-model)
     with ArchiveReader(archive) as reader:
-        # Every camera's, also when one is asked for: the refit is the one scorer every camera is judged by, and the
-        # other cameras' frames of this lineage it leaves out are their views missing from it.
-        entries = reader.query(verdict="ok", since=t_since, until=t_until)
-        other_cameras: dict[str, int] | None = None
-        if camera is not None:
-            other_cameras = {}
-            for e in entries:
-                if e.camera != camera and (models is None or e.model_id in models):
-                    other_cameras[e.camera] = other_cameras.get(e.camera, 0) + 1
-            entries = [e for e in entries if e.camera == camera]
+        entries = reader.query(camera=camera, verdict="ok", since=t_since, until=t_until)
+        other_cameras = None if camera is None else _other_cameras(reader, camera, t_since, t_until, models)
         if models is not None:
             other = {}
             # "ok" is the verdict of the model that judged the frame: after a changeover the span also holds the
@@ -522,6 +537,16 @@ def archive_frames(
         {"archive": root, **span},
         hint,
     )
+
+
+def _other_cameras(
+    reader: ArchiveReader, camera: str, since: float, until: float | None, models: list[str] | None
+) -> dict[str, int]:
+    """camera -> how many good frames of the span the other cameras than `camera` have, of `models` (any model's:
+    None): the refit is the one scorer every camera is judged by, and these are their views missing from it. Counted
+    in the index, not loaded: a span of a busy line holds every camera's rows."""
+    counts = reader.counts("ok", since, until, models)
+    return {other: count for other, count in counts.items() if other != camera}
 
 
 def score(engine, images: np.ndarray, params: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -886,9 +911,13 @@ def cut_off_teach(beside: Path, record: dict[str, Any]) -> Path | None:
     return None
 
 
-def rollback(bundle_path: str | Path, out=None) -> Bundle:
+def rollback(bundle_path: str | Path, out=None, renumber: bool = True) -> Bundle:
     """Put back the version the current bundle was taught from, with its own thresholds as a new version numbered
-    above the current one's; a directory BUNDLE's current version moves to a free name in BUNDLE.versions."""
+    above the current one's; a directory BUNDLE's current version moves to a free name in BUNDLE.versions.
+
+    `renumber=False` puts it back as it was, thresholds file included: for a taught version no daemon ever ran (one
+    the daemon refused to reload), whose thresholds version no result carries, so the one running and the one on
+    disk stay the same document and the daemon's own threshold writes are not refused as "changed on disk"."""
     out = out or sys.stdout
     path = Path(bundle_path)
     bundle = load_bundle(path)
@@ -918,17 +947,19 @@ def rollback(bundle_path: str | Path, out=None) -> Bundle:
         )
     from calibration.calibrate import check_writable
 
-    # The restored version's thresholds are rewritten in its directory (one kept pristine, root's or on a read-only
-    # mount, refuses that): found out before anything is written.
-    by_hand = (
-        f"point the link back at {previous}"
-        if target is not None and record.get("previous_dir")
-        else f"move {previous} back to {path}"
-    )
-    check_writable(previous, "teach --rollback", f"; nothing changed (or {by_hand} by hand, and reload)")
-    # Before the switch, so a daemon never loads the restored bundle with a version number the taught one used.
-    thresholds = restored_thresholds(restored, bundle)
-    restored.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(thresholds))
+    thresholds = restored.thresholds()
+    if renumber:
+        # The restored version's thresholds are rewritten in its directory (one kept pristine, root's or on a
+        # read-only mount, refuses that): found out before anything is written.
+        by_hand = (
+            f"point the link back at {previous}"
+            if target is not None and record.get("previous_dir")
+            else f"move {previous} back to {path}"
+        )
+        check_writable(previous, "teach --rollback", f"; nothing changed (or {by_hand} by hand, and reload)")
+        # Before the switch, so a daemon never loads the restored bundle with a version number the taught one used.
+        thresholds = restored_thresholds(restored, bundle)
+        restored.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(thresholds))
     if target is not None:
         switch_link(path, previous)
         where = f"the link points to {previous}"
@@ -1014,12 +1045,13 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
                 f"(by {MANIFEST_NAME}{untimed})"
             )
         runs = frames.get("export_runs") or 0
-        if runs > 1:
-            # Only then: a fresh folder of one span is what this advice asks for, and hearing it there teaches
-            # operators to skip it.
+        spans = frames.get("export_spans") or 0
+        if spans > 1:
+            # Only then: a fresh folder of one span is what this advice asks for (exported camera by camera, too),
+            # and hearing it there teaches operators to skip it.
             said.append(
-                f"they come from {runs} exports into {Path(frames['export']).parent}, which adds to the frames "
-                "exported into it before: export each span into a fresh folder"
+                f"they come from {runs} exports of {spans} separate spans into {Path(frames['export']).parent}, which "
+                "adds to the frames exported into it before: export each span into a fresh folder"
             )
         judged = frames.get("judged_by") or {}
         if frames.get("model_ids") is None and len(judged) > 1:
@@ -1198,37 +1230,41 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if client is None:
         return 0
+    keys = _key_flags(args.server_key, args.client_key)
     if args.rollback:
-        return _apply(args.apply, client, done, "restored")
-    return _apply(args.apply, client, done, "taught", Path(args.bundle))
+        return _apply(args.apply, client, done, "restored", keys=keys)
+    return _apply(args.apply, client, done, "taught", Path(args.bundle), keys)
 
 
 PROBE_S = 5.0  # how long teach --apply waits for the daemon's status before its work
 
 
 def _undo(path: Path) -> None:
-    """After the daemon refused to reload the version just taught at `path`: put back the version it was taught from,
-    which the daemon still runs. Left in place, the refused version is what the daemon's next start opens, and it
-    fails there the same way (a restart loop where the line ran before); put back, a refused --apply leaves the
-    station as it was, as calibrate's does, and the taught version stays on disk (its record names its frames)."""
+    """After the daemon refused the bundle taught at `path` itself (BUNDLE_REFUSED): put back the version it was
+    taught from, which the daemon still runs. Left in place, the refused version is what the daemon's next start
+    opens, and it fails there the same way (a restart loop where the line ran before); put back, a refused --apply
+    leaves the station as it was, as calibrate's does, and the taught version stays on disk (its record names its
+    frames). Its thresholds are put back as they were, not as a new version (rollback's renumber): the daemon never
+    ran the taught ones, and it still runs these, so its threshold writes (ctl set-thresholds, rollback,
+    calibrate --apply) go on with no reload, which would also restart a raised drift alarm's windows."""
     try:
         taught = load_bundle(path)
         record = taught.manifest["teach"]
         # Where rollback leaves it: a linked one where the link pointed, one in place at the name rollback picks.
         linked = linked_dir(path)
         stays = linked if linked is not None else free_version_dir(versions_dir(path), bundle_version(taught))
-        rollback(path)
+        restored = rollback(path, renumber=False)
     except (TeachError, BundleError, DataError, InspectdError, OSError) as exc:
         print(
             f"inspectd teach: {path} still holds the refused version, which the daemon's next start would refuse "
-            f"too; switching back failed ({exc}): run `inspectd teach {path} --rollback`",
+            f"too; switching back failed ({exc}): run `inspectd teach {shlex.quote(str(path))} --rollback`",
             file=sys.stderr,
         )
         return
     print(
-        f"inspectd teach: switched {path} back to version {record['previous_version']}, which the daemon still "
-        f"runs, so its next start does not open the refused one; the taught version {record['version']} "
-        f"({taught.model_id}) is kept in {stays}",
+        f"inspectd teach: switched {path} back to version {record['previous_version']} with thresholds version "
+        f"{restored.thresholds().version} as they were, which the daemon still runs, so its next start does not "
+        f"open the refused one; the taught version {record['version']} ({taught.model_id}) is kept in {stays}",
         file=sys.stderr,
     )
 
@@ -1255,20 +1291,48 @@ def _apply(
     expected: Bundle | None = None,
     what: str = "taught",
     taught_at: Path | None = None,
+    keys: str = "",
 ) -> int:
     """Tell the daemon to reload: 0 when it did, 1 when it refused, did not answer, kept an allow-list, or reloaded
-    another model than `expected` (the bundle teach wrote or rolled back to). A refused reload of the version taught
-    at `taught_at` rolls it back there (see _undo)."""
+    another model than `expected` (the bundle teach wrote or rolled back to). A reload of the version taught at
+    `taught_at` that the daemon refused for the bundle itself rolls it back there (see _undo); any other refusal, or
+    a reload still under way at the timeout, leaves it and says how to go back. `keys`: the --server-key and
+    --client-key flags to repeat in the commands it prints."""
     try:
         with client:
             reply = client.request({"cmd": "reload"})
     except InspectdError as exc:
         print(f"inspectd teach: --apply {endpoint}: {exc}", file=sys.stderr)
+        if isinstance(exc, ControlTimeout) and exc.sent and expected is not None:
+            # The daemon took it and may yet load the version or refuse it: switching back now could pull the
+            # bundle from under a reload that succeeds, so the operator is told how to see the outcome.
+            check = f"`inspectd ctl --endpoint {shlex.quote(endpoint)}{keys} status`"
+            said = (
+                f"inspectd teach: the daemon may still be loading the {what} model {expected.model_id}: {check} "
+                "answers once the reload has ended, and names the model it runs then"
+            )
+            if taught_at is not None:
+                said += (
+                    f"; if that is not {expected.model_id} (reload_failed in its log), {taught_at} still holds the "
+                    f"taught version {bundle_version(expected)}, which the daemon's next start would open: run "
+                    f"{_rollback_line(taught_at, endpoint, keys)}"
+                )
+            print(said, file=sys.stderr)
         return 1
     if not reply.get("ok"):
         print(f"inspectd teach: --apply {endpoint}: the daemon refused: {reply.get('error')}", file=sys.stderr)
-        if taught_at is not None:
+        if taught_at is not None and reply.get(BUNDLE_REFUSED) is True:
             _undo(taught_at)
+        elif taught_at is not None and expected is not None:
+            # Stopping, a key no longer allowed, an internal error (or a daemon too old to say): the version is not
+            # at fault, and the next start or reload takes it.
+            print(
+                f"inspectd teach: {taught_at} keeps the taught version {bundle_version(expected)} "
+                f"({expected.model_id}): the daemon did not refuse the bundle itself (its reply has no "
+                f"{BUNDLE_REFUSED}), so its next start or reload opens it: retry with `inspectd ctl --endpoint "
+                f"{shlex.quote(endpoint)}{keys} reload`, or go back with {_rollback_line(taught_at, endpoint, keys)}",
+                file=sys.stderr,
+            )
         return 1
     got = reply.get("model_id")
     mismatch = expected is not None and got != expected.model_id
@@ -1288,3 +1352,17 @@ def _apply(
             file=sys.stderr,
         )
     return 1 if failed or mismatch else 0
+
+
+def _rollback_line(path: Path, endpoint: str, keys: str) -> str:
+    """The command that puts back the version taught at `path` and has the daemon at `endpoint` reload it: with the
+    reload, the daemon runs the thresholds version the rollback writes, so its own threshold writes are not refused
+    as changed on disk."""
+    return f"`inspectd teach {shlex.quote(str(path))} --rollback --apply {shlex.quote(endpoint)}{keys}`"
+
+
+def _key_flags(server_key: str | None, client_key: str | None) -> str:
+    """--server-key/--client-key as given, for the commands teach prints (client_for has checked they are a pair)."""
+    if server_key is None or client_key is None:
+        return ""
+    return f" --server-key {shlex.quote(str(server_key))} --client-key {shlex.quote(str(client_key))}"

@@ -206,3 +206,50 @@ def test_curve_hook_configures_the_socket_before_bind(tmp_path):
         assert seen == [zmq.REP, zmq.REQ]
     finally:
         srv.stop()
+
+
+def test_a_timeout_says_whether_a_daemon_took_the_request(tmp_path):
+    """`sent` tells "no daemon" from "a daemon took it and is still at it" (a reload outlasting the timeout, which may
+    yet succeed or fail): a client must not act as if nothing happened in the second case."""
+    with ControlClient(f"ipc://{tmp_path}/nobody.sock", timeout_s=0.3) as client:
+        with pytest.raises(ControlTimeout) as nobody:
+            client.request({"cmd": "reload"})
+    assert nobody.value.sent is False and "expected a running inspectd" in str(nobody.value)
+
+    busy = zmq.Context.instance().socket(zmq.REP)  # takes requests, answers none: a daemon busy with a reload
+    busy.linger = 0
+    busy.bind(f"ipc://{tmp_path}/busy.sock")
+    try:
+        with ControlClient(f"ipc://{tmp_path}/busy.sock", timeout_s=0.5) as client:
+            with pytest.raises(ControlTimeout) as took:
+                client.request({"cmd": "reload"})
+        assert took.value.sent is True and "which the daemon took" in str(took.value)
+        assert busy.poll(3000) and json.loads(busy.recv()) == {"cmd": "reload"}
+    finally:
+        busy.close()
+
+
+def test_a_refusal_carries_the_fields_its_handler_marked_beside_its_error(tmp_path):
+    """mark_refusal's fields (reload's bundle_refused) reach the ok:false reply; the error reads as it would unmarked
+    and the fields cannot turn the refusal into a success."""
+    from inspectd.daemon.control import mark_refusal
+
+    class Refusing(LineHandler):
+        def reload(self) -> dict:
+            exc = InspectdError("reload: bundle b: sha256 mismatch")
+            mark_refusal(exc, bundle_refused=True, ok=True, error="hidden")
+            raise exc
+
+    srv = ControlServer(f"ipc://{tmp_path}/c.sock", Refusing())
+    srv.start()
+    try:
+        with ControlClient(srv.endpoint, timeout_s=3) as client:
+            assert client.request({"cmd": "reload"}) == {
+                "ok": False,
+                "error": "reload: bundle b: sha256 mismatch",
+                "bundle_refused": True,
+            }
+            unmarked = client.request({"cmd": "pause", "camera": "cam7"})
+            assert unmarked == {"ok": False, "error": "camera 'cam7': unknown"}
+    finally:
+        srv.stop()

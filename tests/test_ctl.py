@@ -12,6 +12,7 @@ import pytest
 
 from daemon_harness import Station
 from engines.bundle import thresholds as thresholds_doc
+from engines.bundle.format import GRAPH
 from engines.bundle.store import load_bundle
 from ports import free_port
 from station_model import defect_frame, drop, good_frame, result_for, write_grey_bundle
@@ -80,9 +81,22 @@ def test_status_pause_resume_thresholds_rollback_and_reload(tmp_path):
         reloaded = ctl(ep, "reload")
         assert reloaded.returncode == 0 and "thresholds version 3" in reloaded.stdout, reloaded.stderr
 
+        # A bundle the reload cannot open is refused with bundle_refused: the daemon's next start would refuse it
+        # too (teach --apply switches back on it, and only on it); the running model stays.
+        graph = bundle / GRAPH
+        intact = graph.read_bytes()
+        graph.write_bytes(intact + b"\0")
+        broken = ctl(ep, "--json", "reload")
+        refused = json.loads(broken.stdout)
+        assert broken.returncode == 1 and refused["ok"] is False and refused["bundle_refused"] is True, refused
+        assert "sha256" in refused["error"], refused
+        graph.write_bytes(intact)
+
         # Refusals: exit 1 with the daemon's one-line reason.
-        unknown = ctl(ep, "pause", "cam9")
-        assert unknown.returncode == 1 and "camera 'cam9': unknown" in unknown.stderr
+        unknown = ctl(ep, "--json", "pause", "cam9")
+        said = json.loads(unknown.stdout)
+        assert unknown.returncode == 1 and said["error"].startswith("camera 'cam9': unknown"), said
+        assert set(said) == {"ok", "error"}, said  # bundle_refused is reload's, for its bundle alone
         no_version = ctl(ep, "rollback", "7")
         assert no_version.returncode == 1 and "no version 7 in history" in no_version.stderr
         stale = ctl(ep, "--json", "set-thresholds", str(v2))

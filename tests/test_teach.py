@@ -1090,10 +1090,10 @@ def test_an_export_says_and_records_when_the_frames_it_teaches_on_were_captured(
     assert (provenance["since"], provenance["until"]) == (since, until), provenance
     assert (
         f"frames: the 16 frame(s) taught on were captured from {since} to {until} (by archive.jsonl); they come from "
-        f"2 exports into {export}, which adds to the frames exported into it before: export each span into a fresh "
-        "folder"
+        f"2 exports of 2 separate spans into {export}, which adds to the frames exported into it before: export each "
+        "span into a fresh folder"
     ) in out, out
-    assert load_bundle(bundle).manifest["teach"]["frames"]["export_runs"] == 2
+    assert (frames["export_runs"], frames["export_spans"]) == (2, 2), frames
     # The span --archive would take the same frames from.
     for archive, ids in (("earlier", earlier), ("later", later)):
         with ArchiveReader(tmp_path / archive) as reader:
@@ -1386,9 +1386,32 @@ def test_the_fresh_folder_advice_is_given_only_when_the_frames_taught_on_come_fr
     frames, out = taught(any_model=True)
     assert frames["n"] == 16 and frames["export_runs"] == 2, frames
     assert (
-        f"they come from 2 exports into {export}, which adds to the frames exported into it before: export each "
-        f"span into a fresh folder; --any-model took frames judged by 2 models (8 of model {original}, 8 of model m-b)"
+        f"they come from 2 exports of 2 separate spans into {export}, which adds to the frames exported into it "
+        f"before: export each span into a fresh folder; --any-model took frames judged by 2 models (8 of model "
+        f"{original}, 8 of model m-b)"
     ) in out, out
+
+
+def test_one_span_exported_camera_by_camera_into_one_fresh_folder_gets_no_fresh_folder_advice(
+    trained, good, tmp_path, capsys
+):
+    """`inspectd archive export --camera` once per camera into one fresh folder: two export runs, but of one span
+    (each camera's frames interleave in it), so the advice to export each span into a fresh folder, which this
+    folder already is, is not given; the record counts the runs and the one span."""
+    from calibration import teach
+    from inspectd.protocol.archive import ArchiveReader
+
+    bundle, original, images = memory_copy(trained, good, tmp_path)
+    archive_of(tmp_path / "archive", [(image, original) for image in images], cameras=("cam0", "cam1"))
+    export = tmp_path / "export"
+    with ArchiveReader(tmp_path / "archive") as reader:
+        for camera in ("cam0", "cam1"):
+            assert reader.export(reader.query(camera=camera), export, "train") == 8
+    assert teach.run(args(bundle, good=str(export))) == 0
+    frames = load_bundle(bundle).manifest["teach"]["frames"]
+    assert frames["n"] == 16 and frames["export_runs"] == 2 and frames["export_spans"] == 1, frames
+    out = capsys.readouterr().out
+    assert "frame(s) taught on were captured from" in out and "fresh folder" not in out, out
 
 
 def test_a_camera_teach_warns_of_the_other_cameras_good_frames_it_leaves_out_of_the_one_scorer(
@@ -1478,9 +1501,11 @@ def test_a_taught_version_the_daemon_refuses_to_reload_is_switched_back_to_the_v
 
     from calibration import teach
     from daemon_harness import in_process_config
+    from engines.bundle import thresholds as thresholds_doc
     from engines.model.build_engine import store_onnxruntime_fp16
     from engines.training.train import Progress, train_bundle
     from inspectd.daemon.service import Daemon
+    from inspectd.protocol.control import ControlClient
 
     data, bundle = tmp_path / "data", tmp_path / "b"
     SyntheticLine(96, 96, seed=3).write_folder(data, 16)
@@ -1506,15 +1531,168 @@ def test_a_taught_version_the_daemon_refuses_to_reload_is_switched_back_to_the_v
         assert load_bundle(bundle).model_id == original  # what the next start opens is what runs
         taught = load_bundle(tmp_path / "b.versions" / "v2")
         assert taught.model_id != original and taught.manifest["teach"]["previous_model_id"] == original
+        # The document on disk is the one the daemon runs, so its own threshold writes go on with no reload.
+        next_version = thresholds_doc.next_version(daemon.stage.state.thresholds).to_dict()
+        with ControlClient(endpoint, timeout_s=30) as client:
+            reply = client.request({"cmd": "set_thresholds", "thresholds": next_version})
+        assert reply["ok"] is True and reply["thresholds_version"] == 2, reply
+        assert load_bundle(bundle).thresholds() == daemon.stage.state.thresholds
         err = captured.err.splitlines()
         assert len(err) == 2, captured.err
         assert err[0].startswith(f"inspectd teach: --apply {endpoint}: the daemon refused: "), err
         assert "cannot measure how far the reduced-precision engine's scores are" in err[0], err
         assert err[1] == (
-            f"inspectd teach: switched {bundle} back to version 1, which the daemon still runs, so its next start "
-            f"does not open the refused one; the taught version 2 ({taught.model_id}) is kept in {taught.path}"
+            f"inspectd teach: switched {bundle} back to version 1 with thresholds version 1 as they were, which the "
+            "daemon still runs, so its next start does not open the refused one; the taught version 2 "
+            f"({taught.model_id}) is kept in {taught.path}"
         )
-        assert f"{bundle}: rolled back to version 1 ({original})" in captured.out
+        assert f"{bundle}: rolled back to version 1 ({original}), thresholds version 1;" in captured.out
         assert f"version 2 ({taught.model_id}) kept in {taught.path}" in captured.out
+        assert load_bundle(bundle).thresholds().version == 2
     finally:
         daemon.shutdown()
+
+
+def test_a_reload_refused_for_a_reason_other_than_the_bundle_leaves_the_taught_version_and_says_how_to_go_back(
+    trained, good, tmp_path, capsys
+):
+    """A daemon that is stopping refuses the reload for no fault of the bundle (its reply has no bundle_refused):
+    teach --apply exits 1 and leaves the taught version in place, which the next start opens, with the commands to
+    retry and to go back; the one to go back, run once the daemon can reload, puts back the version it runs. The
+    stopping state is set directly: SIGTERM's shutdown sets it and closes the control channel a drain later, a window
+    no request can be timed into."""
+    from calibration import teach
+
+    bundle, original, _ = memory_copy(trained, good, tmp_path)
+    daemon = in_process_daemon(tmp_path, bundle)
+    try:
+        endpoint = daemon.config.control.endpoint
+        daemon._stopping.set()
+        code = teach.run(args(bundle, good=str(good), apply=endpoint))
+        captured = capsys.readouterr()
+        taught = load_bundle(bundle)
+        assert code == 1 and taught.manifest["bundle_version"] == 2 and taught.model_id != original, captured
+        assert daemon.stage.state.model_id == original
+        assert captured.err.splitlines() == [
+            f"inspectd teach: --apply {endpoint}: the daemon refused: reload: the daemon is stopping",
+            f"inspectd teach: {bundle} keeps the taught version 2 ({taught.model_id}): the daemon did not refuse the "
+            "bundle itself (its reply has no bundle_refused), so its next start or reload opens it: retry with "
+            f"`inspectd ctl --endpoint {endpoint} reload`, or go back with `inspectd teach {bundle} --rollback "
+            f"--apply {endpoint}`",
+        ]
+        daemon._stopping.clear()
+        assert teach.run(args(bundle, rollback=True, apply=endpoint)) == 0, capsys.readouterr()
+        assert load_bundle(bundle).model_id == original == daemon.stage.state.model_id
+        assert load_bundle(bundle).thresholds() == daemon.stage.state.thresholds
+    finally:
+        daemon.shutdown()
+
+
+class Stalled:
+    """A bundle's manifest as a FIFO, storage that answers only when the test lets it: whoever reads it waits until
+    `release` puts the file back and hands that reader its bytes."""
+
+    def __init__(self, bundle: Path, scratch: Path) -> None:
+        self.manifest = bundle / MANIFEST
+        self.content = self.manifest.read_bytes()
+        self.scratch = scratch
+        self.fifo = scratch / f"{bundle.name}.fifo"  # a second name to reach it by once manifest.json is a file again
+        os.mkfifo(self.fifo)
+        os.link(self.fifo, scratch / f"{bundle.name}.slow")
+        os.replace(scratch / f"{bundle.name}.slow", self.manifest)
+        self.fd: int | None = None
+
+    def read(self, timeout: float = 60) -> None:
+        """Once a reader has the FIFO open (it then waits for the bytes)."""
+        import errno
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.fd is None:
+            try:  # succeeds only while a reader has the FIFO open
+                self.fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO and time.monotonic() < deadline, f"nothing read {self.manifest}"
+                time.sleep(0.02)
+
+    def release(self) -> None:
+        if not self.manifest.is_fifo():
+            return
+        self.read(5)
+        assert self.fd is not None
+        try:
+            (self.scratch / "manifest.tmp").write_bytes(self.content)
+            os.replace(self.scratch / "manifest.tmp", self.manifest)  # every later read gets the file
+            os.write(self.fd, self.content)
+        finally:
+            os.close(self.fd)
+
+
+def test_a_reload_still_under_way_at_the_timeout_is_not_switched_back_and_teach_says_how_to_see_how_it_ends(
+    trained, good, tmp_path
+):
+    """The daemon takes teach's reload but has not ended it at --timeout (here it is busy with a reload whose
+    manifest is on storage that answers only when the test lets it, a FIFO): that reload may yet succeed, so teach
+    leaves the taught version in place, exits 1, and prints the command that shows how it ended and the one that
+    goes back should it fail. (BUNDLE is a copy of the bundle the daemon runs, with the same model, so the daemon's
+    own manifest can be the FIFO; teach reads its own through one too, so that its reload comes after the daemon's
+    has started.)"""
+    import shutil
+    import threading
+
+    from inspectd.protocol.control import ControlClient
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    running, bundle = tmp_path / "running", tmp_path / "b"
+    shutil.copytree(trained, running)
+    shutil.copytree(trained, bundle)
+    daemon = in_process_daemon(tmp_path, running)
+    endpoint = daemon.config.control.endpoint
+    stalled = [Stalled(bundle, tmp_path)]
+    replies: list[dict] = []
+
+    def reload() -> None:
+        with ControlClient(endpoint, timeout_s=60) as client:
+            replies.append(client.request({"cmd": "reload"}))
+
+    busy = threading.Thread(target=reload)
+    argv = ["teach", str(bundle), "--good", str(good), "--holdout", str(HOLDOUT), "--by", "tester"]
+    teaching = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", *argv, "--apply", endpoint, "--timeout", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        stalled[0].read()  # teach, past its status probe, loads BUNDLE
+        stalled.append(Stalled(running, tmp_path))
+        busy.start()
+        stalled[1].read()  # the daemon's reload loads its bundle: the control channel answers nothing until it ends
+        stalled[0].release()  # teach goes on: its work, the taught version in place, its reload queued behind
+        out, err = teaching.communicate(timeout=120)
+        stalled[1].release()
+        busy.join(30)
+        assert replies and replies[0]["ok"] is True, replies
+    finally:
+        if teaching.poll() is None:
+            teaching.kill()
+            teaching.communicate()
+        for stall in stalled:
+            stall.release()
+        daemon.shutdown()
+    taught = load_bundle(bundle)
+    assert teaching.returncode == 1 and taught.manifest["bundle_version"] == 2, out + err
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith(
+        f"inspectd teach: --apply {endpoint}: control {endpoint}: no reply within 1 s to 'reload', which the daemon "
+        "took: it may still be reloading"
+    ), lines
+    assert lines[1] == (
+        f"inspectd teach: the daemon may still be loading the taught model {taught.model_id}: `inspectd ctl "
+        f"--endpoint {endpoint} status` answers once the reload has ended, and names the model it runs then; if that "
+        f"is not {taught.model_id} (reload_failed in its log), {bundle} still holds the taught version 2, which the "
+        f"daemon's next start would open: run `inspectd teach {bundle} --rollback --apply {endpoint}`"
+    )

@@ -37,6 +37,19 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, (InspectdError, ValueError)) else f"{type(exc).__name__}: {text}"
 
 
+REPLY_FIELDS = "control_reply_fields"  # the attribute mark_refusal sets on a handler's exception
+
+
+def mark_refusal(exc: BaseException, **fields: Any) -> None:
+    """Have the ok:false reply to the request whose handler raised `exc` carry `fields` beside its error (reload's
+    BUNDLE_REFUSED), so a client can tell what was refused without parsing the error's words. On the exception itself,
+    so the caller re-raises it unchanged: its type and text are what the log and in-process callers see."""
+    try:
+        setattr(exc, REPLY_FIELDS, {**getattr(exc, REPLY_FIELDS, {}), **fields})
+    except AttributeError:  # an exception type without attributes of its own: the reply goes without the fields
+        pass
+
+
 def _prepare_ipc(endpoint: str) -> Path | None:
     if not endpoint.startswith("ipc://"):
         return None
@@ -137,8 +150,9 @@ class ControlServer:
         except Exception as exc:  # the handler's failure is the client's answer, never the server's end
             self.refused += 1
             error = _one_line(exc)
-            log.warning("control_request_failed", cmd=request.cmd, error=error)
-            reply = {"ok": False, "error": error}
+            fields = getattr(exc, REPLY_FIELDS, {})
+            log.warning("control_request_failed", cmd=request.cmd, error=error, **({"reply": fields} if fields else {}))
+            reply = {**fields, "ok": False, "error": error}
         return _dumps(reply)
 
 

@@ -535,20 +535,11 @@ class Daemon:
         with self._reload_lock:
             self._refuse_when_stopping()
             old = self.stage.state
-            new = ModelState.open(
-                self.config.model.bundle,
-                self.config.engine.backend,
-                self.config.engine.options,
-                self.config.batching.max_batch,
-                accept=self._same_bit_depth,
-            )
+            new = self._open_reloaded()
             try:
-                new.warm_up()  # beside the running model: the swap costs the line nothing
                 # Shutdown closes the engines once, under this lock: one swapped in after it would never be closed.
                 self._refuse_when_stopping()
             except BaseException:
-                # Its session (on a GPU, its device memory) would stay held until the garbage collector found it,
-                # another engine each retry, while the running one holds its own: the next reload runs out sooner.
                 new.close()
                 raise
             self._retired.append(self.stage.swap(new))
@@ -567,6 +558,34 @@ class Daemon:
             previous_thresholds_version=old.thresholds_version,
         )
         return {"model_id": new.model_id, "thresholds_version": new.thresholds_version, "allow_lists": allow_lists}
+
+    def _open_reloaded(self) -> ModelState:
+        """model.bundle opened, checked and warmed up beside the running model (the swap costs the line nothing). A
+        failure here is the bundle's own (its files, bit depth, engine, score shift), which the daemon's next start
+        would meet too: its control reply says so (BUNDLE_REFUSED), so the tool that wrote the bundle can put back
+        the one running, where a refusal of the moment (stopping, a key no longer allowed) leaves it be."""
+        try:
+            new = ModelState.open(
+                self.config.model.bundle,
+                self.config.engine.backend,
+                self.config.engine.options,
+                self.config.batching.max_batch,
+                accept=self._same_bit_depth,
+            )
+            try:
+                new.warm_up()
+            except BaseException:
+                # Its session (on a GPU, its device memory) would stay held until the garbage collector found it,
+                # another engine each retry, while the running one holds its own: the next reload runs out sooner.
+                new.close()
+                raise
+        except Exception as exc:
+            from inspectd.daemon.control import mark_refusal
+            from inspectd.protocol.control import BUNDLE_REFUSED
+
+            mark_refusal(exc, **{BUNDLE_REFUSED: True})
+            raise
+        return new
 
     def _same_bit_depth(self, bundle) -> None:
         """Cameras that narrow 16-bit frames by the bundle's depth do so by the depth of the bundle the daemon started

@@ -179,28 +179,31 @@ class ArchiveReader:
         limit: int | None = None,
         newest_first: bool = False,
     ) -> list[Entry]:
-        where, args = [], []
-        for column, op, value in (
-            ("camera", "=", camera),
-            ("verdict", "=", verdict),
-            ("t_capture", ">=", since),
-            ("t_capture", "<", until),
-        ):
-            if value is not None:
-                where.append(f"{column} {op} ?")
-                args.append(value)
-        sql = f"SELECT {', '.join(FIELDS)} FROM frames"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY t_capture {'DESC' if newest_first else 'ASC'}, id"
+        where, args = _where(camera, verdict, since, until)
+        sql = (
+            f"SELECT {', '.join(FIELDS)} FROM frames{where} ORDER BY t_capture {'DESC' if newest_first else 'ASC'}, id"
+        )
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
+        return [Entry(*row) for row in self._rows(sql, args)]
+
+    def counts(
+        self,
+        verdict: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        model_ids: list[str] | None = None,
+    ) -> dict[str, int]:
+        """camera -> how many frames match (of `model_ids` where given), counted in the index, nothing loaded."""
+        where, args = _where(None, verdict, since, until, model_ids)
+        return dict(self._rows(f"SELECT camera, COUNT(*) FROM frames{where} GROUP BY camera", args))
+
+    def _rows(self, sql: str, args: list[Any]) -> list[tuple]:
         try:
-            rows = self._db.execute(sql, args).fetchall()
+            return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise ArchiveError(f"{self.root / INDEX_NAME}: cannot read the archive index ({exc})") from None
-        return [Entry(*row) for row in rows]
 
     def get(self, entry_id: str) -> Entry:
         if not ID_RE.fullmatch(entry_id):
@@ -268,6 +271,31 @@ class ArchiveReader:
             return None
         except OSError as exc:
             raise ArchiveError(f"archive id {entry.id!r}: cannot read {path} ({exc.strerror or exc})") from None
+
+
+def _where(
+    camera: str | None,
+    verdict: str | None,
+    since: float | None,
+    until: float | None,
+    model_ids: list[str] | None = None,
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, or empty) and its arguments for the filters given."""
+    where: list[str] = []
+    args: list[Any] = []
+    for column, op, value in (
+        ("camera", "=", camera),
+        ("verdict", "=", verdict),
+        ("t_capture", ">=", since),
+        ("t_capture", "<", until),
+    ):
+        if value is not None:
+            where.append(f"{column} {op} ?")
+            args.append(value)
+    if model_ids is not None:
+        where.append(f"model_id IN ({', '.join('?' * len(model_ids))})")
+        args.extend(model_ids)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
 def _write_whole(path: Path, data: bytes) -> None:

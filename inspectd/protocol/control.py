@@ -7,7 +7,11 @@ One JSON object each way over a ZeroMQ REQ/REP pair. Requests:
     {"cmd": "status"}  {"cmd": "reload"}  {"cmd": "set_thresholds", "thresholds": {...}, "force": false}
     {"cmd": "pause", "camera": "cam0"}  {"cmd": "resume", "camera": "cam0"}  {"cmd": "rollback", "version": 2}
 
-Replies are `{"ok": true, ...handler result...}` or `{"ok": false, "error": "one line"}`. The server that answers them
+Replies are `{"ok": true, ...handler result...}` or `{"ok": false, "error": "one line"}`. A refused `reload` whose
+bundle itself failed (it did not load, pass the daemon's checks or warm up) also carries `"bundle_refused": true`
+(BUNDLE_REFUSED): the daemon's next start would open that bundle and refuse it the same way. Any other refusal (the
+daemon stopping, a key no longer allowed, an internal error) leaves it out, as a daemon from before the field did. The
+server that answers them
 is the daemon's (inspectd.daemon.control); the client is used by `inspectd calibrate --apply`, operators' scripts and
 tests, which therefore need nothing of the daemon.
 """
@@ -28,6 +32,7 @@ from inspectd.protocol import wirejson
 from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 
 MAX_REQUEST_BYTES = 1 << 20  # a thresholds document with history is a few kB; anything near this is not a request
+BUNDLE_REFUSED = "bundle_refused"  # in a refused reload's reply: the bundle itself failed, not the moment
 
 # cmd -> {field: (type, description)}; every field listed is required, any other is refused.
 COMMANDS: dict[str, dict[str, tuple[type, str]]] = {
@@ -91,7 +96,12 @@ def parse_request(data: bytes) -> Request:
 
 
 class ControlTimeout(InspectdError):
-    """The daemon did not answer a control request in time."""
+    """The daemon did not answer a control request in time. `sent`: the request was handed to a daemon (its handshake
+    had completed), which may still act on it, e.g. a reload that ends after the timeout; False: no daemon took it."""
+
+    def __init__(self, message: str, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class HandshakeFailed(InspectdError):
@@ -184,7 +194,7 @@ class ControlClient:
             self.close()
             if failure is not None:
                 raise HandshakeFailed(f"control {self.endpoint}: the daemon {failure}")
-            raise ControlTimeout(self._no_reply(str(doc.get("cmd", "?"))[:40], wait_s, sent))
+            raise ControlTimeout(self._no_reply(str(doc.get("cmd", "?"))[:40], wait_s, sent), sent=sent)
         data = sock.recv()
         if self._watch is not None:
             self._watch.failure()  # read its events as they come: a socket kept open must not let them pile up
