@@ -89,6 +89,18 @@ def open_tmp_path():
 
 
 @pytest.fixture
+def ingest_threads():
+    """Camera ingest threads a test starts (append each): stopped and joined after it, every one of them ended."""
+    started: list = []
+    yield started
+    for ingest in started:
+        ingest.stop()
+    for ingest in started:
+        ingest.join(10)
+        assert not ingest.is_alive()
+
+
+@pytest.fixture
 def pki(tmp_path):
     """CurveZMQ keys: a server pair, an allowed client pair (its public key in the allow-list) and an intruder pair,
     each (public key file, secret key file)."""

@@ -122,17 +122,6 @@ def fake_camera():
     camera.stop()
 
 
-@pytest.fixture
-def ingests():
-    started: list[CameraIngest] = []
-    yield started
-    for ingest in started:
-        ingest.stop()
-    for ingest in started:
-        ingest.join(10)
-        assert not ingest.is_alive()
-
-
 def camera_config(**source):
     return parse_config(
         {
@@ -143,10 +132,10 @@ def camera_config(**source):
     ).cameras[0]
 
 
-def run(ingests, backoff=(0.05, 0.5), **source) -> tuple[CameraIngest, FrameQueue]:
+def run(ingest_threads, backoff=(0.05, 0.5), **source) -> tuple[CameraIngest, FrameQueue]:
     queue = FrameQueue(256, "drop_oldest")
     ingest = CameraIngest(camera_config(**source), queue, backoff_s=backoff)
-    ingests.append(ingest)
+    ingest_threads.append(ingest)
     ingest.start()
     return ingest, queue
 
@@ -164,31 +153,31 @@ def take(queue: FrameQueue, count: int, timeout: float = 20.0) -> list:
     return frames
 
 
-def stop(ingests, ingest: CameraIngest) -> None:
+def stop(ingest_threads, ingest: CameraIngest) -> None:
     ingest.stop()
     ingest.join(10)
-    ingests.remove(ingest)
+    ingest_threads.remove(ingest)
 
 
-def test_frames_arrive_with_the_configured_exposure_gain_and_format(fake_camera, ingests):
-    ingest, queue = run(ingests, pixel_format="Mono8", exposure_us=10000, gain_db=0, frame_rate_hz=50)
+def test_frames_arrive_with_the_configured_exposure_gain_and_format(fake_camera, ingest_threads):
+    ingest, queue = run(ingest_threads, pixel_format="Mono8", exposure_us=10000, gain_db=0, frame_rate_hz=50)
     plain = take(queue, 5)
     settings = ingest._source.applied  # read back from the camera's registers after open
-    stop(ingests, ingest)
+    stop(ingest_threads, ingest)
     assert all(f.error is None and f.image.shape == (512, 512) and f.image.dtype == np.uint8 for f in plain)
     assert settings["exposure_us"] == 10000 and settings["gain_db"] == 0 and settings["trigger_mode"] == "Off"
     assert settings["pixel_format"] == "Mono8" and settings["model"].startswith("Aravis")
     counters = [int(f.frame_id) for f in plain]
     assert all(frames_lost(a, b) == 0 for a, b in zip(counters, counters[1:])), counters  # the camera's own ids
 
-    ingest, queue = run(ingests, pixel_format="Mono8", exposure_us=20000, gain_db=8, frame_rate_hz=50)
+    ingest, queue = run(ingest_threads, pixel_format="Mono8", exposure_us=20000, gain_db=8, frame_rate_hz=50)
     bright = take(queue, 5)
     settings = ingest._source.applied
     assert settings["exposure_us"] == 20000 and settings["gain_db"] == 8
     assert np.mean([f.image.mean() for f in bright]) > 1.5 * np.mean([f.image.mean() for f in plain])
 
-    stop(ingests, ingest)
-    ingest, queue = run(ingests, pixel_format="RGB8", frame_rate_hz=50)
+    stop(ingest_threads, ingest)
+    ingest, queue = run(ingest_threads, pixel_format="RGB8", frame_rate_hz=50)
     colour = take(queue, 2)
     assert colour[-1].image.shape == (512, 512, 3) and ingest._source.applied["pixel_format"] == "RGB8"
 
@@ -223,16 +212,16 @@ def test_a_stream_socket_too_small_for_a_frame_is_named_with_the_setting_to_rais
     assert short_socket_buffer(FRAME_BYTES, tmp_path / "absent") is None
 
 
-def test_software_and_hardware_line_trigger(fake_camera, ingests):
-    ingest, queue = run(ingests, trigger="software", software_rate_hz=20)
+def test_software_and_hardware_line_trigger(fake_camera, ingest_threads):
+    ingest, queue = run(ingest_threads, trigger="software", software_rate_hz=20)
     frames = take(queue, 6)
     settings = ingest._source.applied
     assert (settings["trigger_mode"], settings["trigger_source"]) == ("On", "Software")
     assert all(f.error is None for f in frames)
-    stop(ingests, ingest)
+    stop(ingest_threads, ingest)
 
     # A hardware line trigger with no part passing: no frames, and that is not a dead camera.
-    ingest, queue = run(ingests, trigger="line", line="Line0", stall_s=0.5)
+    ingest, queue = run(ingest_threads, trigger="line", line="Line0", stall_s=0.5)
     assert _wait(lambda: ingest._source.applied.get("trigger_mode") == "On", 10)
     assert ingest._source.applied["trigger_source"] == "Line0"
     time.sleep(1.5)
@@ -240,8 +229,8 @@ def test_software_and_hardware_line_trigger(fake_camera, ingests):
     assert ingest.stats()["state"] == "running" and ingest.reopen_count == 0
 
 
-def test_a_camera_restart_is_survived_with_backoff(fake_camera, ingests):
-    ingest, queue = run(ingests, frame_rate_hz=50, stall_s=1.0, backoff=(0.2, 1.0))
+def test_a_camera_restart_is_survived_with_backoff(fake_camera, ingest_threads):
+    ingest, queue = run(ingest_threads, frame_rate_hz=50, stall_s=1.0, backoff=(0.2, 1.0))
     take(queue, 3)
     fake_camera.stop()
     assert _wait(lambda: ingest.stats()["state"] == "reopening", 15), ingest.stats()
@@ -262,12 +251,12 @@ def test_a_camera_restart_is_survived_with_backoff(fake_camera, ingests):
     assert any(f.error is None for f in frames), [f.error for f in frames][:3]
 
 
-def test_frames_lost_on_the_wire_become_error_frames(ingests):
+def test_frames_lost_on_the_wire_become_error_frames(ingest_threads):
     camera = FakeCamera("-r", "300")  # the fake camera drops 30% of its stream packets
     try:
-        ingest, queue = run(ingests, frame_rate_hz=50, buffers=4)
+        ingest, queue = run(ingest_threads, frame_rate_hz=50, buffers=4)
         frames = take(queue, 40, timeout=40)
-        stop(ingests, ingest)  # before its camera goes
+        stop(ingest_threads, ingest)  # before its camera goes
     finally:
         camera.stop()
     errors = [f.error for f in frames if f.error]
@@ -276,16 +265,16 @@ def test_frames_lost_on_the_wire_become_error_frames(ingests):
 
 
 @pytest.mark.parametrize("pixel_format", ["Mono10", "Mono12"])
-def test_mono10_and_mono12_values_above_full_scale_saturate(tmp_path, ingests, pixel_format):
+def test_mono10_and_mono12_values_above_full_scale_saturate(tmp_path, ingest_threads, pixel_format):
     """A camera whose 10- or 12-bit words carry bits above full scale (aligned to the top of the word, or unused high
     bits left set): the fake camera's Mono16 ramp, reported under the narrower format's name."""
     xml = fake_xml(tmp_path, lambda x: x.replace('<EnumEntry Name="Mono16"', f'<EnumEntry Name="{pixel_format}"'))
     camera = FakeCamera("-g", str(xml))
     try:
-        ingest, queue = run(ingests, pixel_format=pixel_format, exposure_us=10000, gain_db=0, frame_rate_hz=50)
+        ingest, queue = run(ingest_threads, pixel_format=pixel_format, exposure_us=10000, gain_db=0, frame_rate_hz=50)
         frames = take(queue, 3)
         assert ingest._source.applied["pixel_format"] == pixel_format
-        stop(ingests, ingest)
+        stop(ingest_threads, ingest)
     finally:
         camera.stop()
     bits = int(pixel_format[4:])
@@ -305,14 +294,14 @@ def test_mono10_and_mono12_values_above_full_scale_saturate(tmp_path, ingests, p
         {"trigger": "free_run", "frame_rate_hz": 1},
     ],
 )
-def test_a_frame_period_longer_than_stall_s_is_not_taken_for_a_dead_camera(fake_camera, ingests, source):
-    ingest, queue = run(ingests, stall_s=0.3, **source)
+def test_a_frame_period_longer_than_stall_s_is_not_taken_for_a_dead_camera(fake_camera, ingest_threads, source):
+    ingest, queue = run(ingest_threads, stall_s=0.3, **source)
     frames = take(queue, 3, timeout=15)
     assert all(f.error is None for f in frames), [f.error for f in frames]
     assert ingest.reopen_count == 0 and ingest.stats()["state"] == "running", ingest.stats()
 
 
-def test_a_camera_without_trigger_source_opens_and_streams(tmp_path, ingests):
+def test_a_camera_without_trigger_source_opens_and_streams(tmp_path, ingest_threads):
     """Some USB3 Vision and line-scan models have no TriggerSource: reading it back for the record must not keep
     the camera from opening."""
 
@@ -322,10 +311,10 @@ def test_a_camera_without_trigger_source_opens_and_streams(tmp_path, ingests):
 
     camera = FakeCamera("-g", str(fake_xml(tmp_path, drop_trigger_source)))
     try:
-        ingest, queue = run(ingests, frame_rate_hz=50)
+        ingest, queue = run(ingest_threads, frame_rate_hz=50)
         frames = take(queue, 3, timeout=10)
         applied = dict(ingest._source.applied)
-        stop(ingests, ingest)
+        stop(ingest_threads, ingest)
     finally:
         camera.stop()
     assert all(f.error is None and f.image.shape == (512, 512) for f in frames), [f.error for f in frames]

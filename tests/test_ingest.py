@@ -71,17 +71,6 @@ def jpegs(tmp_path_factory) -> list[Path]:
     return sorted(folder.glob("*.jpg"))
 
 
-@pytest.fixture
-def ingest_threads():
-    started = []
-    yield started
-    for ingest in started:
-        ingest.stop()
-    for ingest in started:
-        ingest.join(5)
-        assert not ingest.is_alive()
-
-
 def start(ingest_threads, cam, queue, **kwargs) -> CameraIngest:
     ingest = CameraIngest(cam, queue, backoff_s=FAST_BACKOFF, **kwargs)
     ingest_threads.append(ingest)

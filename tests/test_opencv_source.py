@@ -11,22 +11,16 @@ import cv2
 import numpy as np
 import pytest
 
-from inspectd.daemon.config import parse_config
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.opencv import MAX_DEVICE, VideoCaptureSource
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.source import SourceEnded
 from inspectd.daemon.ingest.supervisor import CameraIngest
 from inspectd.errors import ConfigError
+from test_ingest import camera, drain, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 FRAMES = 12
-
-
-def camera(source: dict):
-    return parse_config(
-        {"station": "s", "model": {"bundle": "b"}, "cameras": [{"id": "cam0", "source": source}]}
-    ).cameras[0]
 
 
 def write_video(path: Path) -> Path:
@@ -56,39 +50,12 @@ def corrupt_frame(path: Path, index: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture
-def ingests():
-    started: list[CameraIngest] = []
-    yield started
-    for ingest in started:
-        ingest.stop()
-    for ingest in started:
-        ingest.join(5)
-        assert not ingest.is_alive()
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-def drain(queue: FrameQueue) -> list[Frame]:
-    frames = []
-    while (frame := queue.get_nowait()) is not None:
-        frames.append(frame)
-    return frames
-
-
-def test_an_undecodable_frame_in_a_video_file_is_its_own_error_and_the_file_plays_on(tmp_path, ingests):
+def test_an_undecodable_frame_in_a_video_file_is_its_own_error_and_the_file_plays_on(tmp_path, ingest_threads):
     path = write_video(tmp_path / "line.avi")
     corrupt_frame(path, 5)
     queue = FrameQueue(32, "block")
     ingest = CameraIngest(camera({"kind": "opencv", "url": str(path)}), queue, backoff_s=(0.05, 0.2))
-    ingests.append(ingest)
+    ingest_threads.append(ingest)
     ingest.start()
     assert wait_for(lambda: ingest.stats()["state"] == "ended"), ingest.stats()
     frames = drain(queue)
