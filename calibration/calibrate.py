@@ -553,7 +553,7 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engines.bundle.store import load_bundle
+    from engines.bundle.store import NotDurable, load_bundle
     from engines.errors import BundleError, EngineError
 
     out = sys.stdout
@@ -611,6 +611,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
     try:
         bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
+    except NotDurable as exc:  # written: what the next load reads
+        print(f"inspectd calibrate: WARNING: version {new.version}: {_one_line(exc)}", file=sys.stderr)
     except OSError as exc:
         print(
             f"inspectd calibrate: {bundle.path}: version {new.version} not written ({exc.strerror or exc}) as "

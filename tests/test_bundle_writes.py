@@ -691,3 +691,23 @@ def test_teach_never_stages_its_version_over_a_directory_left_by_an_earlier_teac
     assert load_bundle(left).model_id == kept
     assert bundle_version(load_bundle(tmp_path / "b")) == version
     assert load_bundle(tmp_path / "b.versions" / "v1").model_id == bundle.model_id
+
+
+CALIBRATE_ROLLBACK = """
+import sys
+from inspectd.cli import main
+sys.exit(main(["calibrate", sys.argv[1], "--rollback", "1"]))
+"""
+
+
+def test_calibrate_whose_last_sync_fails_says_the_version_is_written_and_exits_as_written(tmp_path):
+    """EIO from the sync after the manifest's last rename (the last fsync calibrate makes): the version is what the
+    next load reads, so calibrate says so in a WARNING and reports it written (exit 0), not "not written"."""
+    path = make(tmp_path / "b")
+    assert child(REWRITE, path).returncode == 0  # version 2, so that there is a version 1 to go back to
+    fsyncs = renames_made(CALIBRATE_ROLLBACK, path, tmp_path / "counted", calls="fsync")["fsync"]
+    failed = child(CALIBRATE_ROLLBACK, path, "-f", "-e", f"inject=fsync:error=EIO:when={fsyncs}")
+    assert failed.returncode == 0, failed.stderr
+    assert "WARNING: version 3: " in failed.stderr and "written, but it may not be on disk yet" in failed.stderr
+    assert "wrote thresholds version 3 (was 2)" in failed.stdout, failed.stdout
+    assert load_bundle(path).thresholds().version == 3

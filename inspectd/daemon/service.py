@@ -628,6 +628,7 @@ class Daemon:
         version restored from the running document's history (rollback), made for this daemon when it was set, so
         not checked for fit again."""
         from engines.bundle import thresholds as thresholds_doc
+        from engines.bundle.store import NotDurable
 
         try:
             new = thresholds_doc.parse(doc)
@@ -647,7 +648,11 @@ class Daemon:
             # file, then the swap: a refused document left on disk would be what the next start or reload loads,
             # and a restart would then fail on it. The file before the swap, so a restart keeps what the line judges.
             judged_by = state.with_thresholds(new)
-            state.bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
+            try:
+                state.bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
+            except NotDurable as exc:
+                # Written, and what the next load reads: judged by from now on too, or the disk and the line differ.
+                self.log.warning("thresholds_not_durable", thresholds_version=new.version, error=str(exc))
             self.stage.swap(judged_by)
         for camera in self.ingest:
             self._reset_drift(camera, self.stage.state)
