@@ -80,7 +80,7 @@ import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import REQUIRED_FILES, inspectd_version
-from engines.bundle.store import Bundle, load_bundle, model_id_for, write_bundle
+from engines.bundle.store import Bundle, load_bundle, model_id_for, swapping, write_bundle
 from engines.data.images import (
     CROSS_FIT_BELOW,
     MAX_HELD_OUT,
@@ -166,14 +166,16 @@ def swap_in(path: Path, incoming: Path, keep: Path) -> None:
     """Put directory `incoming` at `path` and what was there at `keep`, durably and all or nothing; a reader of
     `path` finds one of the two at every moment where the kernel can swap them in one step (else for the instant
     between two renames)."""
-    if exchange(incoming, path):
-        try:
-            os.replace(incoming, keep)
-        except BaseException:
-            exchange(incoming, path)  # all or nothing: the caller's cleanup of `incoming` must not hit the old version
-            raise
-    else:
-        replace_dir(path, incoming, keep)  # undoes its first rename when the second fails, for the same reason
+    with swapping(path):
+        if exchange(incoming, path):
+            try:
+                os.replace(incoming, keep)
+            except BaseException:
+                # All or nothing: the caller's cleanup of `incoming` must not hit the old version.
+                exchange(incoming, path)
+                raise
+        else:
+            replace_dir(path, incoming, keep)  # undoes its first rename when the second fails, for the same reason
     fsync_dir(path.parent)
     if keep.parent != path.parent:
         fsync_dir(keep.parent)

@@ -582,6 +582,39 @@ def test_two_writers_of_one_version_in_two_processes_never_both_succeed(tmp_path
     assert load_bundle(path).thresholds().image_threshold == 0.9
 
 
+def test_teach_swapping_a_version_in_waits_for_a_write_under_way_into_the_old_one(tmp_path):
+    """A daemon's thresholds write (a real process, its first rename delayed by strace) is under way when teach
+    swaps the taught version in place: the swap waits for the write, which lands in the version taught from, and the
+    taught version at BUNDLE loads (the swap taking no lock let the write go by path into the taught version, whose
+    manifest and files it then no longer matched)."""
+    from calibration.teach import swap_in
+
+    path = make(tmp_path / "b")
+    taught = make(tmp_path / ".b.teach-1", seed=1)
+    writer = subprocess.Popen(
+        [strace(), "-f", "-o", "/dev/null", "-e", f"inject={RENAMES}:delay_enter=2000000:when=1"]
+        + [sys.executable, "-c", REWRITE, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not list(path.glob(".manifest.json.*.tmp")):  # its pending manifest, written, not yet renamed
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer never began its write"
+            time.sleep(0.01)
+        swap_in(path, taught, tmp_path / "b.versions-v1")
+    finally:
+        _, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err
+    assert (
+        load_bundle(path).thresholds().version == 1
+        and load_bundle(path).model_id != load_bundle(tmp_path / "b.versions-v1").model_id
+    )
+    assert load_bundle(tmp_path / "b.versions-v1").thresholds().image_threshold == 0.9
+
+
 def test_a_writer_held_up_by_another_past_the_wait_is_refused_in_one_line(tmp_path, monkeypatch):
     """Another process holds the bundle's write lock (a writer stopped mid-write): a daemon's write gives up after
     LOCK_WAIT_S with a one-line error naming the bundle rather than blocking its control thread for good, and

@@ -124,19 +124,18 @@ def write_bundle(
             ) from exc
         if path.exists() or path.is_symlink():
             # Errors here are BundleErrors naming `path`: train and teach report those in one line.
-            try:
-                swapped = exchange(staging, path)  # one step: a reader of `path` finds the old bundle or the new one
-            except OSError as exc:  # nothing moved; EXDEV among them, which two renames could not cross either
-                raise BundleError(f"{path}: not replaced ({exc.strerror}); it holds what it held before") from exc
-            if swapped:
-                _remove(staging)
-            else:
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            with swapping(path):
                 try:
-                    replace_dir(path, staging, old)
-                except OSError as exc:
-                    raise BundleError(str(exc)) from exc
-                _remove(old)
+                    swapped = exchange(staging, path)  # one step: a reader of `path` finds the old bundle or the new
+                except OSError as exc:  # nothing moved; EXDEV among them, which two renames could not cross either
+                    raise BundleError(f"{path}: not replaced ({exc.strerror}); it holds what it held before") from exc
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                if not swapped:
+                    try:
+                        replace_dir(path, staging, old)
+                    except OSError as exc:
+                        raise BundleError(str(exc)) from exc
+            _remove(staging if swapped else old)
         else:
             os.replace(staging, path)
         fsync_dir(path.parent)
@@ -415,35 +414,54 @@ _LEFTOVER = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}(?:\.old|\.tmp)?")
 @contextlib.contextmanager
 def _locked(root: Path, name: str) -> Iterator[bool]:
     """Hold an exclusive flock on directory `root` (its own descriptor: a lock file would be one more file in the
-    bundle), waiting up to LOCK_WAIT_S for another writer's. Yields False, unlocked, on a file system without locks
-    (as before locks were taken there)."""
-    try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BundleError(
-            f"{root}: cannot be opened to lock it ({exc.strerror or exc}), expected a bundle directory this user may "
-            f"read and write: {name} not written"
-        ) from exc
-    try:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        locked = True
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise BundleError(
-                        f"{root}: another process has been writing into this bundle for {LOCK_WAIT_S:.0f} s, expected "
-                        f"its write to end: {name} not written; retry"
-                    ) from None
-                time.sleep(0.02)
-            except OSError:
-                locked = False
-                break
-        yield locked
-    finally:
-        os.close(fd)  # releases the lock
+    bundle), waiting up to LOCK_WAIT_S for another writer's, and on the directory `root` names once the lock is held:
+    a swap (teach in place, train over the bundle) that took its turn first has put another there. Yields False,
+    unlocked, on a file system without locks (as before locks were taken there)."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BundleError(
+                f"{root}: cannot be opened to lock it ({exc.strerror or exc}), expected a bundle directory this user "
+                f"may read and write: {name} not written"
+            ) from exc
+        try:
+            locked = _lock(fd, root, name, deadline)
+            if locked:
+                held, now = os.fstat(fd), os.stat(root)
+                if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+                    continue  # swapped while this writer waited: lock the one there now (closed below)
+            yield locked
+            return
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, root: Path, name: str, deadline: float) -> bool:
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise BundleError(
+                    f"{root}: another process has been writing into this bundle for {LOCK_WAIT_S:.0f} s, expected "
+                    f"its write to end: {name} not written; retry"
+                ) from None
+            time.sleep(0.02)
+        except OSError:
+            return False
+
+
+def swapping(path: Path) -> contextlib.AbstractContextManager[bool]:
+    """Held around replacing the directory at `path` by another (a rename or an exchange): the lock
+    Bundle.replace_file holds, so no write of a file into the old directory is under way when the swap lands, and none
+    starts into the new one on the old one's check. Nothing to hold where `path` is a link or absent (a link is
+    switched, not written into)."""
+    if path.is_symlink() or not path.is_dir():
+        return contextlib.nullcontext(False)
+    return _locked(path, "the new bundle")
 
 
 def _sweep(directories: set[Path]) -> None:
