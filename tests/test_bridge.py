@@ -1520,11 +1520,11 @@ def test_a_journal_of_another_numbering_fills_no_hole(daemon, tmp_path):
     assert handed == [1, 2, 4, 5, 6, 7]
 
 
-def test_a_journal_numbering_past_the_live_seq_without_it_fills_no_hole(daemon, tmp_path):
+def test_a_journal_starting_past_the_live_seq_fills_no_hole(daemon, tmp_path):
     """The old numbering's low seqs were rotated away (the --journal holds its 50..100) and the daemon, restarted
-    without it, publishes 48.., losing 52 on the way. The journal lacks 48 but numbers past it, which the daemon's own
-    journal cannot (it journals each result before publishing it): another numbering, told at 48, and the hole at 52
-    is a gap, never filled with the old 52."""
+    without it, publishes 48.., losing 52 on the way. The journal starts past 48, which the daemon's own journal
+    cannot (it journals each result before publishing it, and rotation takes the oldest first): another numbering,
+    told at 48, and the hole at 52 is a gap, never filled with the old 52."""
     from inspectd.clients.subscribe import OTHER_NUMBERING
 
     line = Line(daemon, tmp_path / "journal")
@@ -1535,8 +1535,8 @@ def test_a_journal_numbering_past_the_live_seq_without_it_fills_no_hole(daemon, 
     live = [(seq, False, seq != 52) for seq in range(48, 56)]
     handed, handshake, catch_up, logs = numberings(daemon, tmp_path / "journal", 0, None, live)
     told = [entry for entry in logs if entry["event"] == "journal_other_numbering"]
-    assert len(told) == 1 and told[0]["seq"] == 48 and told[0]["journal_newest"] == 100, told
-    assert told[0]["journal_frame_id"] is None and "later seqs but not this one" in told[0]["effect"], told
+    assert len(told) == 1 and told[0]["seq"] == 48 and told[0]["journal_oldest"] == 50, told
+    assert told[0]["journal_frame_id"] is None and "starts past this seq" in told[0]["effect"], told
     gaps = [(entry["first"], entry["last"], entry["reason"]) for entry in logs if entry["event"] == "gap"]
     assert gaps == [(52, 52, OTHER_NUMBERING)] and catch_up.recovered == 0
     assert handed == [48, 49, 50, 51, 53, 54, 55]

@@ -512,9 +512,9 @@ def test_a_first_result_within_the_settle_time_is_checked_before_its_cameras_rep
     assert len(source.notices) == 1 and "(seq 3: frame old-3 there, cam0-3 live)" in source.notices[0]
 
 
-def test_a_journal_numbering_past_the_live_seq_without_it_is_another_numbering(line):
+def test_a_journal_starting_past_the_live_seq_is_another_numbering(line):
     """The old numbering's low seqs were rotated away (it holds 100-200); the daemon, restarted without it, publishes
-    5-7. The journal lacks 5 but numbers past it, which the daemon's own journal cannot: nothing of it is replayed
+    5-7. The journal starts past 5, which the daemon's own journal cannot: nothing of it is replayed
     after --since 150 and the live results are delivered."""
     older_numbering(line, "cam0", range(100, 201))
     with Subscriber(line.endpoint) as sub:
@@ -526,7 +526,7 @@ def test_a_journal_numbering_past_the_live_seq_without_it_is_another_numbering(l
         line.emit("cam0", 7, journal=False)
         got = drain(source, 3)
     assert [r.frame_id for r in got] == ["cam0-5", "cam0-6", "cam0-7"]
-    assert len(source.notices) == 1 and "(seq 5: not there, the journal's newest is 200)" in source.notices[0]
+    assert len(source.notices) == 1 and "(seq 5: not there, the journal starts at 100)" in source.notices[0]
 
 
 def test_a_daemon_restarted_without_its_journal_under_a_running_subscriber_is_checked_again(line):
@@ -551,3 +551,35 @@ def test_a_daemon_restarted_without_its_journal_under_a_running_subscriber_is_ch
     assert [r.seq for r in got] == [0, 1, 3] and catch_up.recovered == 0
     assert catch_up.missed == [Gap("cam0", 2, 2, OTHER_NUMBERING)]
     assert len(source.notices) == 1 and "another numbering's results for cam0 (seq 0:" in source.notices[0]
+
+
+def test_subscribe_since_with_a_short_timeout_on_a_quiet_line_still_replays(line, capsys):
+    """`--since -1 --timeout 3 --count 5` on a line that publishes only its 1 s status: the wait for a first result
+    to check takes at most half of the timeout, and the 5 journalled results are printed before it runs out (a wait
+    of the whole settle time printed none and exited 1)."""
+    import argparse
+
+    from inspectd.clients import subscribe
+
+    for seq in range(5):
+        line.journal.append("cam0", seq, result_frames("cam0", seq))
+    stop = threading.Event()
+
+    def status() -> None:  # the daemon's 1 s status on a quiet line
+        while not stop.is_set():
+            line.pub.send_multipart(encode_status(STATION, STATUS))
+            stop.wait(1.0)
+
+    heartbeat = threading.Thread(target=status, daemon=True)
+    heartbeat.start()
+    parser = argparse.ArgumentParser()
+    subscribe.add_arguments(parser)
+    command = ["--endpoint", line.endpoint, "--journal", str(line.journal_dir), "--since", "-1"]
+    try:
+        code = subscribe.run(parser.parse_args([*command, "--timeout", "3", "--count", "5"]))
+    finally:
+        stop.set()
+        heartbeat.join(5)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [entry.split()[1] for entry in out.splitlines()] == [f"seq={seq}" for seq in range(5)]

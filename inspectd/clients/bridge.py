@@ -346,12 +346,14 @@ def _journal_newest(directory: Path, camera: str) -> int | None:
         return None  # placed against the first live result instead; the replay reports the journal's trouble
 
 
-def _journal_holds(catch_up: JournalCatchUp, camera: str, seq: int) -> tuple[int | None, tuple[str, float] | None]:
-    """(the newest seq journalled for `camera`, the frame id and capture time of its record at `seq`): None for what
-    the journal does not hold or cannot be read."""
+def _journal_holds(
+    catch_up: JournalCatchUp, camera: str, seq: int
+) -> tuple[int | None, int | None, tuple[str, float] | None]:
+    """(the newest and the oldest seq journalled for `camera`, the frame id and capture time of its record at `seq`):
+    None for what the journal does not hold or cannot be read."""
     assert catch_up.directory is not None
     held = catch_up.held(camera, seq)
-    return _journal_newest(catch_up.directory, camera), held
+    return _journal_newest(catch_up.directory, camera), catch_up.oldest(camera), held
 
 
 def _journal_reserved(directory: Path, camera: str) -> int | None:
@@ -574,21 +576,24 @@ class Feeder:
         """`result`, the first live result of its camera in this numbering (`first`: since the bridge started), is in
         the journal the daemon writes: it journals each result before it publishes it. A --journal that lacks it is
         not that journal (the daemon's moved, or another daemon's) or one whose writes fail; holes are not filled from
-        it, which only its gap lines would say. One that holds another result under its seq, or later seqs without it
-        (an old numbering whose low seqs were rotated away), is a journal of another numbering (a daemon that
+        it, which only its gap lines would say. One that holds another result under its seq, or starts past it (an old
+        numbering whose low seqs were rotated away), is a journal of another numbering (a daemon that
         restarted without its journal, beside an old one; a copy): its records are other parts' verdicts, so nothing
         more of this camera is read from it (see `_disown`) until it holds a live result again, checked at each jump in
         the live stream."""
         directory = self.catch_up.directory
         assert directory is not None
         camera, seq = result.camera, result.seq
-        newest, held = await asyncio.to_thread(_journal_holds, self.catch_up, camera, seq)
+        newest, oldest, held = await asyncio.to_thread(_journal_holds, self.catch_up, camera, seq)
+        # Rotation takes the oldest first, so a journal that starts past the live seq lost it to no rotation of its
+        # own: an old numbering whose low seqs were rotated away (a hole of its own, a record its failing disk lost,
+        # lies above its start).
         if (held is not None and held != (result.frame_id, result.t_capture)) or (
-            held is None and newest is not None and newest > seq
+            held is None and oldest is not None and oldest > seq
         ):
             if not self.catch_up.disowned(camera):
                 self._signature[camera] = await asyncio.to_thread(self.catch_up.signature, camera)
-                self._disown(result, None if held is None else held[0], newest, first)
+                self._disown(result, None if held is None else held[0], oldest, first)
             return
         if self.catch_up.disowned(camera):
             if held is not None:
@@ -609,7 +614,7 @@ class Feeder:
                 "stream are not filled from it",
             )
 
-    def _disown(self, result: Result, journal_frame_id: str | None, newest: int | None, first: bool) -> None:
+    def _disown(self, result: Result, journal_frame_id: str | None, oldest: int | None, first: bool) -> None:
         """The journal holds another numbering's results for `result`'s camera: its replay or hole fill under way
         stops, what the replay queued before the first live result goes (all of it came from the journal; what the
         PLC took of it already cannot be called back), and the live stream is delivered from `result` on."""
@@ -627,12 +632,12 @@ class Feeder:
             seq=seq,
             frame_id=result.frame_id,
             journal_frame_id=journal_frame_id,
-            journal_newest=newest,
+            journal_oldest=oldest,
             dropped=dropped,
             effect=(
                 "the journal holds another result under this seq"
                 if journal_frame_id is not None
-                else "the journal holds later seqs but not this one"
+                else "the journal starts past this seq"
             )
             + ": nothing more of this camera is read from it (replay stopped, holes are gaps, alarm) until it holds a "
             "live result again",

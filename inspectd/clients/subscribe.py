@@ -282,15 +282,15 @@ class JournalCatchUp:
             pass
         return None
 
-    def newest(self, camera: str) -> int | None:
-        """The last seq the journal holds for `camera`, None without a record of it or where it cannot be read."""
+    def oldest(self, camera: str) -> int | None:
+        """The first seq the journal holds for `camera`, None without a record of it or where it cannot be read."""
         from inspectd.protocol import journal
 
         if self.directory is None:
             return None
         try:
             journal.check_camera(camera)
-            return journal.newest_seq(self.directory, camera)
+            return journal.oldest_seq(self.directory, camera)
         except (InspectdError, OSError):
             return None
 
@@ -396,8 +396,8 @@ class CatchUpSubscriber:
     journal fills when the replay is done.
 
     The daemon journals each result before it publishes it, so each camera's first live result (and its first after
-    the numbering goes back) is looked up in the journal: one that holds another result under its seq, or later seqs
-    without it, is a journal of another numbering (a daemon that restarted without it; a copy), whose records are
+    the numbering goes back) is looked up in the journal: one that holds another result under its seq, or starts
+    past it, is a journal of another numbering (a daemon that restarted without it; a copy), whose records are
     other parts' verdicts. No hole of that camera is filled from it (each is a gap), a replay of it not yet pulled
     stops, and what the replay delivered counts for nothing: the live stream is delivered from that result on. While
     disowned, it is looked at again at a jump in the live stream (where something was journalled since, at most every
@@ -489,10 +489,11 @@ class CatchUpSubscriber:
         other = None
         if held is not None and held != (result.frame_id, result.t_capture):
             other = f"frame {held[0]} there, {result.frame_id} live"
-        elif held is None and (newest := catch_up.newest(camera)) is not None and newest > seq:
-            # The current numbering's journal holds this result (journalled before it was published): one that
-            # numbers past it without it is an old numbering whose low seqs were rotated away.
-            other = f"not there, the journal's newest is {newest}"
+        elif held is None and (oldest := catch_up.oldest(camera)) is not None and oldest > seq:
+            # The current numbering's journal holds this result (journalled before it was published), and rotation
+            # takes the oldest first: one that starts past it is an old numbering whose low seqs were rotated away.
+            # (A hole of its own, a record lost while its disk failed, lies above its start.)
+            other = f"not there, the journal starts at {oldest}"
         if other is not None:
             if not catch_up.disowned(camera):
                 self._signature[camera] = catch_up.signature(camera)
@@ -648,7 +649,8 @@ def run(args: argparse.Namespace) -> int:
         source = CatchUpSubscriber(subscriber, catch_up)
         if args.since is not None:
             try:
-                source.start(args.since, min(SETTLE_S, args.timeout or SETTLE_S))
+                # At most half of --timeout: the wait for a first result must not use up the replay it is for.
+                source.start(args.since, SETTLE_S if args.timeout is None else min(SETTLE_S, args.timeout / 2))
             except InspectdError as exc:
                 subscriber.close()
                 print(f"inspectd subscribe: --journal {args.journal}: {exc}", file=sys.stderr)
