@@ -554,14 +554,10 @@ def test_a_calibration_written_without_apply_is_followed_by_the_next_version_fro
     assert load_bundle(path).thresholds().version == 4
 
 
-def test_two_writers_of_one_version_in_two_processes_never_both_succeed(tmp_path):
-    """calibrate (a real process) is held up in its write, its first rename delayed by strace, while the daemon,
-    which loaded the same version 1, writes a different version 2: the daemon waits for calibrate's write to end, then
-    is refused, and calibrate's document is on disk (the old code let both pass the check: both returned normally,
-    calibrate's document landed over the daemon's, and the daemon judged by a version 2 that was not on disk)."""
-    path = make(tmp_path / "b")
-    daemon = load_bundle(path)
-    calibrate = subprocess.Popen(
+def held_up_rewrite(path: Path) -> subprocess.Popen:
+    """A thresholds rewrite of `path` in a process of its own, its first rename held up 2 s by strace; returned once
+    its pending manifest is written (it holds the bundle's write lock then), not yet renamed."""
+    writer = subprocess.Popen(
         [strace(), "-f", "-o", "/dev/null", "-e", f"inject={RENAMES}:delay_enter=2000000:when=1"]
         + [sys.executable, "-c", REWRITE, str(path)],
         stdout=subprocess.PIPE,
@@ -569,11 +565,24 @@ def test_two_writers_of_one_version_in_two_processes_never_both_succeed(tmp_path
         text=True,
         cwd=REPO,
     )
+    deadline = time.monotonic() + 30
+    while not list(path.glob(".manifest.json.*.tmp")):
+        if writer.poll() is not None or time.monotonic() > deadline:
+            writer.kill()
+            raise AssertionError(f"the writer never began its write: {writer.communicate()[1]}")
+        time.sleep(0.01)
+    return writer
+
+
+def test_two_writers_of_one_version_in_two_processes_never_both_succeed(tmp_path):
+    """calibrate (a real process) is held up in its write, its first rename delayed by strace, while the daemon,
+    which loaded the same version 1, writes a different version 2: the daemon waits for calibrate's write to end, then
+    is refused, and calibrate's document is on disk (the old code let both pass the check: both returned normally,
+    calibrate's document landed over the daemon's, and the daemon judged by a version 2 that was not on disk)."""
+    path = make(tmp_path / "b")
+    daemon = load_bundle(path)
+    calibrate = held_up_rewrite(path)
     try:
-        deadline = time.monotonic() + 30
-        while not list(path.glob(".manifest.json.*.tmp")):  # its pending manifest, written, not yet renamed
-            assert calibrate.poll() is None and time.monotonic() < deadline, "calibrate never began its write"
-            time.sleep(0.01)
         with pytest.raises(BundleError, match=r"changed on disk since it was loaded \(now version 2, "):
             daemon.replace_file(T.FILE_NAME, next_thresholds(daemon, 5.0))
     finally:
@@ -591,19 +600,8 @@ def test_teach_swapping_a_version_in_waits_for_a_write_under_way_into_the_old_on
 
     path = make(tmp_path / "b")
     taught = make(tmp_path / ".b.teach-1", seed=1)
-    writer = subprocess.Popen(
-        [strace(), "-f", "-o", "/dev/null", "-e", f"inject={RENAMES}:delay_enter=2000000:when=1"]
-        + [sys.executable, "-c", REWRITE, str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    writer = held_up_rewrite(path)
     try:
-        deadline = time.monotonic() + 30
-        while not list(path.glob(".manifest.json.*.tmp")):  # its pending manifest, written, not yet renamed
-            assert writer.poll() is None and time.monotonic() < deadline, "the writer never began its write"
-            time.sleep(0.01)
         swap_in(path, taught, tmp_path / "b.versions-v1")
     finally:
         _, err = writer.communicate(timeout=60)
