@@ -609,6 +609,15 @@ def run(args: argparse.Namespace) -> int:
         if applied == REFUSED:
             print(f"inspectd calibrate: version {new.version} not written to {bundle.path}", file=sys.stderr)
             return 1
+        if applied == TAKEN:
+            # Written here too, a version the daemon then refuses would stay on disk and stop its next start.
+            print(
+                f"inspectd calibrate: version {new.version} not written to {bundle.path} by calibrate: the daemon "
+                f"writes it when it accepts it (`inspectd ctl --endpoint {args.apply} status` shows its "
+                "thresholds_version)",
+                file=sys.stderr,
+            )
+            return 1
     try:
         bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
     except NotDurable as exc:  # written: what the next load reads
@@ -906,18 +915,22 @@ def _fitted_frames_warning(bundle, good: list[Path]) -> str | None:
     )
 
 
-APPLIED, REFUSED, UNREACHABLE = "applied", "refused", "unreachable"
+APPLIED, REFUSED, UNREACHABLE, TAKEN = "applied", "refused", "unreachable", "taken"
 
 
 def _apply(endpoint: str, client: ControlClient, new, out) -> str:
-    """Send `new` to the daemon at --apply: APPLIED, REFUSED (it checked and said no) or UNREACHABLE (no reply; the
-    version is still written to the bundle, for the daemon's next start or reload)."""
+    """Send `new` to the daemon at --apply: APPLIED, REFUSED (it checked and said no), TAKEN (it took the request and
+    did not answer in time: busy, e.g. with a reload; it checks and writes the version itself when it gets to it) or
+    UNREACHABLE (no daemon took it; the version is still written to the bundle, for its next start or reload)."""
     try:
         with client:
             reply = client.request({"cmd": "set_thresholds", "thresholds": new.to_dict()})
     except HandshakeFailed as exc:  # a daemon that shuts this key out is running: nothing is written for it
         print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)
         return REFUSED
+    except ControlTimeout as exc:
+        print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)
+        return TAKEN if exc.sent else UNREACHABLE
     except InspectdError as exc:
         print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)
         return UNREACHABLE

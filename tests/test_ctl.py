@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -364,6 +365,29 @@ def test_a_reload_slower_than_the_timeout_is_said_to_be_under_way_not_a_missing_
         queued = ctl(ep, "--timeout", "1", "status")
         assert queued.returncode == 3 and "to 'status', which the daemon took" in queued.stderr, queued.stderr
         assert "busy with a reload" in queued.stderr
+        # calibrate --apply meanwhile (on a copy of the same model, whose manifest it can read): the daemon took the
+        # version, so calibrate leaves writing it to the daemon, which checks it first; written here too, a version
+        # the daemon then refused would stop its next start.
+        copy = tmp_path / "copy"
+        shutil.copytree(bundle, copy, ignore=lambda _, names: [n for n in names if n == "manifest.json"])
+        (copy / "manifest.json").write_bytes(content)
+        load_bundle(copy).replace_file(
+            thresholds_doc.FILE_NAME,
+            thresholds_doc.dumps(thresholds_doc.next_version(load_bundle(copy).thresholds(), image_threshold=0.5)),
+        )
+        calibrate = subprocess.run(
+            [sys.executable, "-m", "inspectd", "calibrate", str(copy), "--rollback", "1", "--apply", ep]
+            + ["--timeout", "1"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert calibrate.returncode == 1, calibrate.stdout + calibrate.stderr
+        assert "version 3 not written to" in calibrate.stderr and "the daemon writes it when it accepts it" in (
+            calibrate.stderr
+        )
+        assert load_bundle(copy).thresholds().version == 2
         assert s.events("reload_started") and not s.events("reloaded")
 
         release(10)
@@ -371,6 +395,11 @@ def test_a_reload_slower_than_the_timeout_is_said_to_be_under_way_not_a_missing_
         while not s.events("reloaded"):
             assert time.monotonic() < deadline and not s.events("reload_failed"), s.log_tail()
             time.sleep(0.05)
+        while not s.events("thresholds_set"):  # calibrate's version, taken before, checked and written now
+            assert time.monotonic() < deadline, s.log_tail()
+            time.sleep(0.05)
+        assert s.events("thresholds_set")[0]["thresholds_version"] == 3
+        assert load_bundle(bundle).thresholds().version == 3
         status = ctl(ep, "status")
         assert status.returncode == 0 and "station t1: healthy" in status.stdout, status.stderr
         assert s.stop() == 0, s.log_tail()
