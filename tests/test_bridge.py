@@ -1542,6 +1542,20 @@ def test_a_journal_starting_past_the_live_seq_fills_no_hole(daemon, tmp_path):
     assert handed == [48, 49, 50, 51, 53, 54, 55]
 
 
+def test_the_daemons_own_journal_with_a_hole_at_the_first_live_seq_is_kept(daemon, tmp_path):
+    """The daemon's own journal lost 5 while its disk failed (it holds 1..4 and 6..7): the first live result, 5, is
+    not under its seq, but the journal starts before it, so it is not another numbering's: nothing is disowned, and
+    a later hole is filled from it."""
+    line = Line(daemon, tmp_path / "journal")
+    for seq in (1, 2, 3, 4, 6, 7):
+        line(seq, publish=False)
+    line.close()
+    live = [(5, False, True), (6, False, True), (7, False, True), (8, True, False), (9, True, True)]
+    handed, handshake, catch_up, logs = numberings(daemon, tmp_path / "journal", 0, None, live)
+    assert not [entry for entry in logs if entry["event"] == "journal_other_numbering"], logs
+    assert handed == [5, 6, 7, 8, 9] and catch_up.recovered == 1
+
+
 def test_a_restart_replays_nothing_of_a_journal_of_another_numbering(daemon, tmp_path):
     """The bridge restarts with its PLC at 50 and a --journal of an old numbering (1..100) while the daemon, which
     restarted without it, is at 52. The replay waits for the first live result, which shows the journal is another

@@ -12,6 +12,7 @@ mode; an unreadable manifest says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -742,3 +743,44 @@ def test_calibrate_whose_last_sync_fails_says_the_version_is_written_and_exits_a
     assert "WARNING: version 3: " in failed.stderr and "written, but it may not be on disk yet" in failed.stderr
     assert "wrote thresholds version 3 (was 2)" in failed.stdout, failed.stdout
     assert load_bundle(path).thresholds().version == 3
+
+
+def test_a_bundle_directory_gone_while_a_writer_waits_for_its_lock_is_a_one_line_refusal(tmp_path):
+    """A writer waits for the lock while the directory is moved away under it (a hand's `mv`, a swap's undo that
+    failed) and nothing is put back at the name: a one-line BundleError naming it, not a raw FileNotFoundError."""
+    import threading
+
+    from engines.bundle.store import swapping
+
+    path = make(tmp_path / "b")
+    daemon = load_bundle(path)
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            daemon.replace_file(T.FILE_NAME, next_thresholds(daemon, 0.9))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - what comes out is the point
+            outcome.append(exc)
+
+    def waiting() -> bool:  # the writer holds its own descriptor of the directory: it waits for the lock
+        opened = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+                opened.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return opened.count(str(path.resolve())) >= 2
+
+    with swapping(path):
+        writer = threading.Thread(target=write)
+        writer.start()
+        deadline = time.monotonic() + 10
+        while not waiting():
+            assert time.monotonic() < deadline, "the writer never waited for the lock"
+            time.sleep(0.01)
+        os.rename(path, tmp_path / "moved")
+    writer.join(60)
+    (error,) = outcome
+    assert isinstance(error, BundleError), repr(error)
+    assert str(error).startswith(f"{path.resolve()}: gone while this writer waited for its lock") and "\n" not in str(
+        error
+    )

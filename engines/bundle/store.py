@@ -429,7 +429,13 @@ def _locked(root: Path, name: str) -> Iterator[bool]:
         try:
             locked = _lock(fd, root, name, deadline)
             if locked:
-                held, now = os.fstat(fd), os.stat(root)
+                try:
+                    held, now = os.fstat(fd), os.stat(root)
+                except OSError as exc:
+                    raise BundleError(
+                        f"{root}: gone while this writer waited for its lock ({exc.strerror or exc}), expected the "
+                        f"bundle directory: {name} not written"
+                    ) from exc
                 if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
                     continue  # swapped while this writer waited: lock the one there now (closed below)
             yield locked

@@ -184,10 +184,12 @@ class JournalCatchUp:
         self._why: dict[str, list[str]] = {}  # camera -> what the journal read met since its last delivery
         self._disowned: dict[str, str] = {}  # camera -> why its journal is not read (see `disown`)
 
-    def resume(self, since: int | dict[str, int]) -> Iterator[Result]:
+    def resume(self, since: int | dict[str, int], before: dict[str, int] | None = None) -> Iterator[Result]:
         """Everything journalled after `since` (one seq for every camera, or a seq per camera), camera by camera, read
-        as it is pulled; every camera counts as delivered up to `since` at once. InspectdError when there is no
-        journal or its directory cannot be listed."""
+        as it is pulled, up to the seq in `before` of the cameras it names (a result already heard live, taken after
+        the replay: a hole before it is filled then, and one it is the only copy of is not passed over); every
+        camera counts as delivered up to `since` at once. InspectdError when there is no journal or its directory
+        cannot be listed."""
         from inspectd.protocol import journal
 
         if self.directory is None:
@@ -199,11 +201,11 @@ class JournalCatchUp:
             last = since[camera] if isinstance(since, dict) else since
             self.delivered[camera] = max(self.delivered.get(camera, last), last)
             self.gaps.last.setdefault(camera, last)  # a hole right after `since` is a gap too
-        return self._resume(sorted(wanted))
+        return self._resume(sorted(wanted), before or {})
 
-    def _resume(self, cameras: list[str]) -> Iterator[Result]:
+    def _resume(self, cameras: list[str], before: dict[str, int]) -> Iterator[Result]:
         for camera in cameras:
-            for result in self._journalled(camera, self.delivered[camera], None):
+            for result in self._journalled(camera, self.delivered[camera], before.get(camera)):
                 yield self._deliver(result)
 
     def take(self, message: Result | dict[str, Any]) -> Iterator[Result | dict[str, Any]]:
@@ -434,7 +436,9 @@ class CatchUpSubscriber:
                 break
             heard.append(message)
         self._since = since
-        replay = self.catch_up.resume(since)
+        first = heard[-1] if heard and isinstance(heard[-1], Result) else None
+        # Its camera's replay stops below it: what the journal holds from it on comes live, behind it.
+        replay = self.catch_up.resume(since, None if first is None else {first.camera: first.seq})
         # Checked now, before the replay is pulled: a journal of another numbering replays nothing of this camera.
         self._pending = itertools.chain(replay, *(self._take(message) for message in heard))
 
