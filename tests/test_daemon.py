@@ -462,3 +462,28 @@ def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_pat
     finally:
         push.close()
     assert s.stop() == 0, s.log_tail()
+
+
+def test_frames_of_another_channel_count_than_the_bundle_are_told_once_per_camera(bundle, line_frames):
+    """A colour camera feeding a grey bundle (a camera of the other kind swapped in, or a grey device delivered as
+    BGR) is judged after a conversion on every frame: told once for that camera, with both channel counts, and the
+    frames are judged as the grey ones are."""
+    import structlog
+
+    from inspectd.daemon.frames import Frame
+    from inspectd.daemon.inference import InferenceStage, ModelState
+
+    state = ModelState.open(bundle, "onnxruntime", {}, 8)
+    stage = InferenceStage(state, max_batch=8)
+    grey = line_frames[0]
+    colour = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            judged = []
+            for i in range(3):
+                judged += stage.run_batch([Frame("rgb", i, "", 0.0, colour), Frame("grey", i, "", 0.0, grey)])
+    finally:
+        state.close()
+    told = [entry for entry in logs if entry["event"] == "frame_channels_differ"]
+    assert [(e["camera"], e["frame_channels"], e["bundle_channels"]) for e in told] == [("rgb", 3, 1)], told
+    assert all(j.error is None for j in judged) and judged[0].score == pytest.approx(judged[1].score, abs=1e-4)

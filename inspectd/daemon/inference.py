@@ -32,6 +32,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import structlog
 
 from engines.errors import EngineError
 from engines.runtime import score_shift
@@ -39,6 +40,8 @@ from engines.runtime.predictor import Predictor
 from engines.runtime.preprocess import mean_level
 from inspectd.daemon.frames import Frame
 from inspectd.protocol.messages import Region
+
+log = structlog.get_logger("inspectd.daemon.inference")
 
 MASK_POLICIES = ("defects", "always", "never")
 MAX_REGIONS = 64  # the largest regions are reported; a mask full of speckle must not make a header of megabytes
@@ -183,6 +186,7 @@ class InferenceStage:
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self.last_batch_done = time.monotonic()
+        self._told_channels: set[tuple[str, int, int]] = set()  # (camera, frame's, bundle's) channel counts told
 
     @property
     def state(self) -> ModelState:
@@ -219,6 +223,9 @@ class InferenceStage:
                 results[i] = self._error(frame, state, f"preprocess: {exc}")
                 continue
             slots.append(i)
+            channels = 1 if frame.image.ndim == 2 else frame.image.shape[2]
+            if channels != state.bundle.input_shape[2]:
+                self._tell_channels(frame.camera, channels, state.bundle.input_shape[2])
         if slots:
             try:
                 output = predictor.infer()
@@ -248,6 +255,23 @@ class InferenceStage:
         self.batches += 1
         self.last_batch_done = time.monotonic()
         return results  # type: ignore[return-value]
+
+    def _tell_channels(self, camera: str, channels: int, expected: int) -> None:
+        """Once per camera and bundle kind: its frames are converted to the bundle's channels on every frame, which
+        is right for a camera of the kind the bundle was trained on and goes unseen otherwise."""
+        told = (camera, channels, expected)
+        if told in self._told_channels:
+            return
+        self._told_channels.add(told)
+        log.warning(
+            "frame_channels_differ",
+            camera=camera,
+            frame_channels=channels,
+            bundle_channels=expected,
+            effect="every frame is converted (colour to grey, or grey copied into three channels) before it is judged: "
+            "a camera of the other kind than the one the bundle was trained on, or a grey device delivered as BGR "
+            "(three times the data through the queue and the archive)",
+        )
 
     def _error(self, frame: Frame, state: ModelState, reason: str) -> Judged:
         return Judged(frame, "error", None, None, state.model_id, state.thresholds_version, [], None, reason)
