@@ -32,6 +32,7 @@ import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import inspectd_version
+from engines.bundle.plans import PRECISIONS
 from inspectd.errors import InspectdError
 from inspectd.protocol.control import ControlClient, ControlTimeout, HandshakeFailed, client_for
 
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 CONFIDENCE = 0.95
 DEFAULT_FALSE_REJECT = 0.001
 DEFAULT_PIXEL_FPR = 0.01
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class CalibrationError(ValueError):

@@ -11,9 +11,22 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
 from pathlib import Path
+
+
+def try_lock(fd: int) -> bool | None:
+    """Take an exclusive flock on open file or directory `fd` without waiting: True when taken, False when another
+    process holds it, None where the file system has no locks (the caller goes on unlocked, as it did before)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
 
 
 def sha256_file(path: Path, sync: bool = False) -> str:

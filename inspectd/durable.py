@@ -5,11 +5,10 @@ import them by."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
-from engines.durable import fsync_dir, replace_file, sha256_file, write_file
+from engines.durable import fsync_dir, replace_file, sha256_file, try_lock, write_file
 
 __all__ = ["fsync_dir", "hold_lock", "replace_file", "sha256_file", "write_file"]
 
@@ -36,12 +35,10 @@ def hold_lock(path: Path) -> int | None:
         os.fchmod(fd, 0o644)
     except OSError:
         pass
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    locked = try_lock(fd)
+    if locked is not True:
         os.close(fd)
-        raise
-    except OSError:
-        os.close(fd)
+        if locked is False:
+            raise BlockingIOError(f"{path}: locked by another process")
         return None
     return fd

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
@@ -44,7 +43,7 @@ from engines.bundle.format import (
     recipe_of,
     valid_bit_depth,
 )
-from engines.durable import exchange, fsync_dir, replace_dir, replace_file, sha256_file, write_file
+from engines.durable import exchange, fsync_dir, replace_dir, replace_file, sha256_file, try_lock, write_file
 from engines.errors import BundleError
 
 # Readable by a daemon running as another user, as the bundle directory is (write_bundle).
@@ -445,19 +444,14 @@ def _locked(root: Path, name: str) -> Iterator[bool]:
 
 
 def _lock(fd: int, root: Path, name: str, deadline: float) -> bool:
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise BundleError(
-                    f"{root}: another process has been writing into this bundle for {LOCK_WAIT_S:.0f} s, expected "
-                    f"its write to end: {name} not written; retry"
-                ) from None
-            time.sleep(0.02)
-        except OSError:
-            return False
+    while (locked := try_lock(fd)) is False:
+        if time.monotonic() > deadline:
+            raise BundleError(
+                f"{root}: another process has been writing into this bundle for {LOCK_WAIT_S:.0f} s, expected its "
+                f"write to end: {name} not written; retry"
+            )
+        time.sleep(0.02)
+    return bool(locked)
 
 
 def swapping(path: Path) -> contextlib.AbstractContextManager[bool]:
