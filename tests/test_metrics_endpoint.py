@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +16,11 @@ from inspectd.daemon.config import parse_config
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.supervisor import CameraIngest
 from inspectd.daemon.metrics import Metrics
+from ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
+REPO = Path(__file__).resolve().parents[1]
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -213,8 +217,6 @@ def test_process_metrics_and_the_daemon_alarms_come_with_the_scrape():
 
 
 def test_camera_up_help_agrees_with_its_value_and_an_idle_connection_is_closed(monkeypatch):
-    import socket
-
     from inspectd.daemon import metrics as metrics_module
 
     class Cameras:
@@ -239,3 +241,60 @@ def test_camera_up_help_agrees_with_its_value_and_an_idle_connection_is_closed(m
             assert time.monotonic() - started < 4
     finally:
         metrics.stop()
+
+
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.parametrize("listen", ["[::1]:{port}", "::1:{port}"])
+def test_an_ipv6_listen_address_that_the_config_accepts_is_served_over_ipv6(listen):
+    port = free_port()
+    doc = {"station": "s", "model": {"bundle": "b"}, "cameras": [{"id": "c", "source": {"kind": "synthetic"}}]}
+    config = parse_config({**doc, "metrics": {"listen": listen.format(port=port)}})
+    metrics = Metrics(config.metrics.address)
+    try:
+        assert metrics.url == f"http://[::1]:{port}/metrics"
+        samples, _ = scrape(metrics.url)
+        assert samples[("process_open_fds", ())] >= 3
+        # On the address asked for, and not on IPv4's loopback as well.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        with pytest.raises(OSError, match=rf"^metrics.listen \[::1\]:{port}: cannot listen"):
+            Metrics(config.metrics.address)
+    finally:
+        metrics.stop()
+
+
+def test_the_false_reject_warning_help_says_when_deploy_md_says_it_rises_and_clears():
+    class Drifting:
+        def status(self) -> dict:
+            return {"cameras": {"a": {"drift": {"false_reject_warning": True, "false_reject_estimate": 0.01}}}}
+
+    metrics = Metrics(("127.0.0.1", 0), Drifting())
+    try:
+        samples, _ = scrape(metrics.url)
+        with urllib.request.urlopen(metrics.url, timeout=5) as response:
+            help_line = next(
+                line
+                for line in response.read().decode().splitlines()
+                if line.startswith("# HELP inspectd_drift_false_reject_warning ")
+            )
+    finally:
+        metrics.stop()
+    assert samples[("inspectd_drift_false_reject_warning", (("camera", "a"),))] == 1
+    deploy = (REPO / "docs" / "DEPLOY.md").read_text()
+    bullet = r"False-reject warning:.*?rises above (\d+)x its baseline.*?clears below (\d+)x"
+    documented = re.search(bullet, deploy, re.S)
+    assert documented, "docs/DEPLOY.md (Score drift) no longer states when the warning rises and clears"
+    rise, clear = documented.groups()
+    assert f"above {rise}x its baseline" in help_line and f"below {clear}x" in help_line, help_line
+    assert "calibrated target" in help_line, help_line

@@ -13,7 +13,6 @@ allow-list by a reload is refused on a connection made before it (the handshake 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import structlog
 import zmq
 
+from inspectd.daemon.security import open_ipc_to_group
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import MAX_REQUEST_BYTES, parse_request
 
@@ -50,12 +50,9 @@ def mark_refusal(exc: BaseException, **fields: Any) -> None:
         pass
 
 
-def _prepare_ipc(endpoint: str) -> Path | None:
-    if not endpoint.startswith("ipc://"):
-        return None
-    path = Path(endpoint[len("ipc://") :])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+def _prepare_ipc(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        Path(endpoint[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
 
 
 class ControlServer:
@@ -79,15 +76,18 @@ class ControlServer:
         sock.maxmsgsize = MAX_REQUEST_BYTES
         if self.curve is not None:
             self.curve(sock)
-        ipc_path = _prepare_ipc(self.endpoint)
+        _prepare_ipc(self.endpoint)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close()
             raise OSError(f"control.endpoint {self.endpoint}: cannot bind ({exc})") from None
-        if ipc_path is not None:
+        try:
             # Whoever can connect can reload models and change thresholds: owner and group only.
-            os.chmod(ipc_path, 0o660)
+            open_ipc_to_group(sock)
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"control.endpoint {exc}") from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
         self._thread.start()  # the socket moves to the server thread; only it touches the socket from now on

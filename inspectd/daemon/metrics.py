@@ -12,6 +12,7 @@ prometheus-client's process and platform collectors: RSS, CPU seconds, open file
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
+
+from inspectd.daemon.drift import WARNING_FACTOR
 
 log = structlog.get_logger("inspectd.daemon.metrics")
 
@@ -149,7 +152,9 @@ DRIFT_GAUGES = (
     ),
     (
         "inspectd_drift_false_reject_warning",
-        "1 while the implied false-reject rate is above the calibrated target.",
+        f"1 from when the implied false-reject rate rises above {WARNING_FACTOR:g}x its baseline (the larger of the "
+        f"calibrated target and the same estimate on the reference scores) until it falls below "
+        f"{WARNING_FACTOR / 2:g}x.",
         "false_reject_warning",
     ),
 )
@@ -165,10 +170,20 @@ def _drift_families(cameras: dict[str, Any]) -> Iterator[Metric]:
         yield family
 
 
+class _IPv6Server(ThreadingHTTPServer):
+    # http.server's servers are IPv4 sockets, on which an IPv6 address such as ::1 cannot be bound.
+    address_family = socket.AF_INET6
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Metrics:
     """The daemon's metrics and their HTTP endpoint, serving from construction until `stop()`.
 
     `address` is (host, port); port 0 picks a free one (see `.address`); None serves nothing (render() still works).
+    An IPv6 host (`::1`, also written `[::1]` as in a URL) is served over IPv6.
     `source`, when given, has `status()` returning the daemon's status dict (healthy, failed_batches, cameras:
     {id: {frames_in, dropped, errors, reopen_count, state, drift}}, journal, archive, auth_refused), read once per
     scrape.
@@ -252,10 +267,13 @@ class Metrics:
             def log_message(self, *args) -> None:
                 pass  # one log line per scrape would drown the state-change events
 
+        host, port = address
+        host = host.removeprefix("[").removesuffix("]")
+        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
         try:
-            server = ThreadingHTTPServer(address, Handler)
+            server = server_class((host, port), Handler)
         except OSError as exc:
-            raise OSError(f"metrics.listen {address[0]}:{address[1]}: cannot listen ({exc.strerror or exc})") from None
+            raise OSError(f"metrics.listen {_host_port(host, port)}: cannot listen ({exc.strerror or exc})") from None
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(
@@ -275,8 +293,7 @@ class Metrics:
     def url(self) -> str | None:
         if self.address is None:
             return None
-        host, port = self.address
-        return f"http://{host}:{port}/metrics"
+        return f"http://{_host_port(*self.address)}/metrics"
 
     def stop(self) -> None:
         if self._server is not None:

@@ -22,6 +22,7 @@ import structlog
 import zmq
 
 from inspectd.daemon.inference import Judged
+from inspectd.daemon.security import open_ipc_to_group
 from inspectd.protocol.messages import encode_mask, encode_result, encode_status
 
 _STOP = object()
@@ -82,6 +83,11 @@ class Publisher:
         except zmq.ZMQError as exc:
             self._socket.close(0)
             raise OSError(f"publish.endpoint {endpoint!r}: cannot bind ({exc})") from None
+        try:
+            open_ipc_to_group(self._socket)  # `inspectd web` and `subscribe` run as members of the service's group
+        except OSError as exc:
+            self._socket.close(0)
+            raise OSError(f"publish.endpoint {exc}") from None
         self.bound_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.cameras: dict[str, CameraCounters] = {}
         self.published = 0
@@ -237,6 +243,12 @@ class Publisher:
                     log.error("publish_rebind_failed", endpoint=endpoint, error=str(exc))
                     raise
                 time.sleep(0.01)
+        try:
+            open_ipc_to_group(self._socket)  # an ipc bind made a new socket file
+        except OSError as exc:
+            # The group's subscribers could not reconnect: as bad as no endpoint, so the same end as a failed bind.
+            log.error("publish_rebind_failed", endpoint=endpoint, error=str(exc))
+            raise
         self.rebinds += 1
         log.info("publish_rebound", endpoint=endpoint, reason="a key was removed from the allow-list")
 

@@ -17,7 +17,8 @@ The matching hook for clients (ControlClient, Subscriber) is inspectd.protocol.k
 key and the client's own key pair.
 
 A control socket on a network address without CURVE is refused by the config (`control.curve`); loopback and IPC
-are left to the host's own access control (IPC socket file mode 0660 under the state dir).
+are left to the host's own access control: every IPC socket file the daemon binds (control, publish, a zmq camera) is
+made mode 0660 (`open_ipc_to_group`), so the service's group may connect and nobody else.
 """
 
 from __future__ import annotations
@@ -87,6 +88,25 @@ def refuse_root() -> None:
             "would own the whole station; run as the inspectd service user (User=inspectd in the "
             f"systemd unit), or set {ALLOW_ROOT_ENV}=1 in a throwaway test container only"
         )
+
+
+IPC_SOCKET_MODE = 0o660
+
+
+def open_ipc_to_group(sock: zmq.Socket) -> None:
+    """Give the socket file of the ipc:// endpoint `sock` was just bound to mode 0660: owner and group may connect.
+    Every ipc socket the daemon binds goes through here, because the units run it with UMask=0077, which leaves the
+    file 0700, and the service's group (`inspectd web`, `subscribe`, frame producers, operators) is who connects; a
+    connect refused by the file mode is retried by ZeroMQ without a word, so a wrong mode reads as a silent daemon.
+    Call it in the thread that bound, right after bind: LAST_ENDPOINT is the file libzmq made (also for `ipc://*`).
+    Endpoints without a file (tcp, inproc, Linux's abstract `ipc://@name`) are left alone."""
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return
+    try:
+        os.chmod(endpoint[len("ipc://") :], IPC_SOCKET_MODE)
+    except OSError as exc:
+        raise OSError(f"{endpoint}: cannot give the socket file mode 0660 ({exc.strerror or exc})") from None
 
 
 class _Refusals:

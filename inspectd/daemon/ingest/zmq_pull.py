@@ -17,7 +17,7 @@ from inspectd.configfile import Endpoint
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode, max_frame_bytes
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal, printable
-from inspectd.daemon.security import Curve, CurveServer
+from inspectd.daemon.security import Curve, CurveServer, open_ipc_to_group
 from inspectd.errors import MessageError, one_line
 from inspectd.protocol import wirejson
 from inspectd.protocol.keys import is_local_endpoint
@@ -97,7 +97,8 @@ class ZmqPullSource(Source):
             if exc.errno in (zmq.EPROTONOSUPPORT, zmq.EINVAL):
                 raise SourceFatal(f"{self.endpoint}: cannot bind ({exc}), expected a bindable ZeroMQ endpoint") from exc
             raise  # address in use, ipc dir missing, ...: may clear up, retry with backoff
-        self.sock = sock
+        self.sock = sock  # close() closes it should the mode below fail: the supervisor reopens
+        open_ipc_to_group(sock)  # frame producers run as other users in the service's group
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
 
