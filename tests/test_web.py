@@ -5,14 +5,18 @@ the screenshot in docs/ (with INSPECTD_UPDATE_DOCS=1; otherwise it goes to the t
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,8 @@ import pytest
 from browser import Browser
 from daemon_harness import Station
 from inspectd.clients.web import HIST_BINS, LineState
-from inspectd.protocol.messages import Region, Result
+from inspectd.protocol.archive import INDEX_NAME
+from inspectd.protocol.messages import Region, Result, encode_status, result_topic
 from ports import free_port
 from station_model import FRAME, THRESHOLD, defect_frame, drop, good_frame, judged, result_for, write_grey_bundle
 
@@ -183,6 +188,7 @@ def test_web_view_in_a_real_browser_shows_defects_live_and_survives_a_daemon_res
         state = json.loads(fetch(url + "api/state")[1])
         assert state["daemon_reporting"] and state["cameras"]["cam1"]["counts"]["defect"] >= 2
         assert fetch(url + "archive/..%2F..%2Fetc%2Fpasswd/frame")[0] == 404
+        assert_not_an_archive_id(url, "..%5C..%5Cetc%5Cpasswd")
         assert fetch(url + "archive/cam0-20000101T000000000-1/overlay")[0] == 404
         status, body = fetch(url + "live/cam0.jpg")
         assert status == 200 and body[:2] == b"\xff\xd8"
@@ -280,8 +286,9 @@ def test_web_feed_survives_unreadable_messages_shows_them_and_escapes_status_tex
     endpoint = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
     web, url = start_web(endpoint, tmp_path / "none")
     hostile = "<img src=x onerror=window.pwned=1>"
+    # A throughput that is not a number: the page must still draw the cameras.
     status = {"t": time.time(), "uptime_s": 1.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
-              "throughput_fps": 1.0, "cameras": {"cam0": {"state": hostile}, "cam1": []}}  # fmt: skip
+              "throughput_fps": "fast", "cameras": {"cam0": {"state": hostile}, "cam1": []}}  # fmt: skip
 
     stop = threading.Event()
 
@@ -329,7 +336,8 @@ def test_web_feed_survives_unreadable_messages_shows_them_and_escapes_status_tex
 
 def test_the_page_shows_the_daemons_own_counts_and_says_whose_histogram_it_is(tmp_path):
     """A web view started late shows the daemon's counters from the status message (not zero, not only what it saw
-    itself), and the histogram says it covers the results this view received since it started."""
+    itself), and the histogram says it covers the results this view received since it started. Two defects without
+    an archive id and with the same seq (seqs start again after a journal is wiped) are two entries in the strip."""
     import zmq
 
     from inspectd.protocol.messages import encode_status
@@ -353,6 +361,14 @@ def test_the_page_shows_the_daemons_own_counts_and_says_whose_histogram_it_is(tm
             text = await browser.evaluate("document.querySelector('#camera-cam0').innerText")
             assert "990 / 7 / 3 (daemon, since it started)" in text, text
             assert "scores received by this view since " in text, text
+            t = time.time()
+            again = [replace(result("cam0", 3, "defect", 0.8), t_publish=t + i, t_capture=t + i) for i in (0, 1)]
+            deadline = time.monotonic() + 10
+            while await browser.evaluate("document.querySelectorAll('#camera-cam0 .defect').length") != 2:
+                for r in again:
+                    pub.send_multipart(frames(r))
+                assert time.monotonic() < deadline, "two defects of the same seq were not two entries in the strip"
+                await asyncio.sleep(0.2)
 
     try:
         wait_served(web, url)
@@ -362,3 +378,210 @@ def test_the_page_shows_the_daemons_own_counts_and_says_whose_histogram_it_is(tm
         output = web.communicate(timeout=20)[0]
         pub.close()
     assert web.returncode == 0, output
+
+
+# --- a status or an archive the view did not expect ------------------------------------------------------------------
+
+STATUS = {"t": 0.0, "uptime_s": 1.0, "healthy": True, "model_id": "m", "thresholds_version": 1, "throughput_fps": 1.0,
+          "cameras": {"cam0": {"state": "running"}}}  # fmt: skip
+
+
+def publisher():
+    """A PUB socket on a free port, as a daemon's publisher: the socket and its endpoint."""
+    import zmq
+
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.linger = 0
+    return pub, f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+
+
+def frames(r: Result) -> list[bytes]:
+    return [result_topic(r.station, r.camera), json.dumps(r.header()).encode()]
+
+
+def stop_web(web: subprocess.Popen) -> str:
+    if web.poll() is None:
+        web.send_signal(signal.SIGTERM)
+    output = web.communicate(timeout=20)[0]
+    assert web.returncode == 0, output
+    return output
+
+
+def refuse_constant(name: str) -> None:
+    raise AssertionError(f"{name} in the view's JSON: no browser's JSON.parse reads it")
+
+
+def state_of(url: str) -> dict:
+    """/api/state, read as strictly as the page's JSON.parse reads it."""
+    code, body = fetch(url + "api/state")
+    assert code == 200, body[:500]
+    return json.loads(body, parse_constant=refuse_constant)
+
+
+def until_subscribed(pub, url: str) -> None:
+    """Until the view's SUB socket gets what is published (a PUB socket drops everything before that), by results: a
+    status sent now would count as one of the daemon's status messages."""
+    deadline = time.monotonic() + 20
+    while "cam0" not in state_of(url)["cameras"]:
+        pub.send_multipart(frames(result("cam0", 0, "ok", 0.1)))
+        assert time.monotonic() < deadline, "the view never got a message"
+        time.sleep(0.1)
+
+
+def assert_not_an_archive_id(url: str, entry_id: str) -> None:
+    """Refused by the handler's own check of the id (the router passes it on), not a 404 for no such route."""
+    code, body = fetch(url + f"archive/{entry_id}/frame")
+    assert code == 404 and b"expected <camera>-<YYYYmmddTHHMMSSmmm>-<seq>" in body, (code, body[:200])
+
+
+class EventStream:
+    """The view's /events stream, read as a page's EventSource reads it."""
+
+    def __init__(self, url: str) -> None:
+        where = urllib.parse.urlsplit(url)
+        # The view sends the state at least once a second: 5 s of silence is a stream that stopped.
+        self.conn = http.client.HTTPConnection(where.hostname, where.port, timeout=5)
+        self.conn.request("GET", "/events")
+        self.reply = self.conn.getresponse()
+        assert self.reply.status == 200
+
+    def state_where(self, test, timeout: float, what: str) -> dict:
+        """The first state event for which `test(state)` holds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.reply.readline()
+            except TimeoutError:
+                raise AssertionError(f"no state event for 5 s, waiting for {what}") from None
+            if line.startswith(b"data: "):
+                state = json.loads(line[len(b"data: ") :], parse_constant=refuse_constant)
+                if test(state):
+                    return state
+        raise AssertionError(f"no state event with {what} in {timeout} s")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_a_status_whose_figures_are_not_numbers_does_not_stop_the_pages(tmp_path):
+    """A false-reject warning whose estimate is text and whose target is a list: the alarm is shown without figures,
+    and every open page keeps getting the state after it (the one task pushing to all pages once died of it)."""
+    pub, endpoint = publisher()
+    web, url = start_web(endpoint, tmp_path / "none")
+    drift = {"false_reject_warning": True, "false_reject_estimate": "0.02", "target": [0.001]}
+    odd = {**STATUS, "cameras": {"cam0": {"state": "running", "drift": drift}}}
+    try:
+        wait_served(web, url)
+        until_subscribed(pub, url)
+        events = EventStream(url)
+        pub.send_multipart(encode_status("t1", {**odd, "t": time.time()}))
+        events.state_where(
+            lambda s: "camera cam0 false rejects rising" in s["alarms"], 10, "the warning without its figures"
+        )
+        assert state_of(url)["alarms"] == ["camera cam0 false rejects rising"]
+        good_at = time.time()
+        pub.send_multipart(encode_status("t1", {**STATUS, "t": good_at}))
+        after = events.state_where(lambda s: (s["status"] or {}).get("t") == good_at, 10, "the status after it")
+        assert after["alarms"] == [] and after["daemon_reporting"]
+        events.close()
+    finally:
+        output = stop_web(web)
+        pub.close()
+    assert '"push_failed"' not in output
+
+
+def test_a_status_with_nan_or_a_name_that_is_no_camera_id_is_refused(tmp_path):
+    """NaN and Infinity are not JSON: a status carrying one is refused (and counted), never passed on to the page,
+    whose JSON.parse would refuse every state after it. A camera name that is not a camera id is refused as in a
+    result, not made a camera of the view."""
+    pub, endpoint = publisher()
+    web, url = start_web(endpoint, tmp_path / "none")
+    schema = json.loads(encode_status("t1", STATUS)[1])["schema"]
+    whole = {"schema": schema, "station": "t1", **STATUS}
+    refused = [
+        json.dumps({**whole, "throughput_fps": float("nan")}).encode(),  # Python's json writes NaN
+        json.dumps({**whole, "uptime_s": float("inf")}).encode(),
+        json.dumps(whole).replace('"uptime_s": 1.0', '"uptime_s": 1e400').encode(),  # read as infinity
+        encode_status("t1", {**STATUS, "cameras": {"cam0": {}, "../../x": {}}})[1],
+    ]
+    try:
+        wait_served(web, url)
+        until_subscribed(pub, url)
+        pub.send_multipart(encode_status("t1", {**STATUS, "t": time.time()}))
+        for body in refused:
+            pub.send_multipart([b"inspect.t1.status", body])
+        deadline = time.monotonic() + 10
+        while (state := state_of(url))["refused_messages"] < len(refused):
+            assert time.monotonic() < deadline, f"{state['refused_messages']} refused, expected {len(refused)}"
+            time.sleep(0.1)
+        assert state["status"]["throughput_fps"] == 1.0 and state["status"]["uptime_s"] == 1.0
+        assert list(state["cameras"]) == ["cam0"]
+        assert any("messages from the daemon could not be read" in a for a in state["alarms"]), state["alarms"]
+    finally:
+        output = stop_web(web)
+        pub.close()
+    assert "expected a finite number" in output or "expected a camera id" in output, output[-2000:]
+
+
+def test_a_daemon_publishing_status_every_5_s_is_not_taken_for_one_that_stopped(tmp_path):
+    """publish.status_interval_s may be longer than the view's 3 s: once the view has seen the interval, a status
+    that is 5 s old is on time, not a daemon that stopped reporting."""
+    pub, endpoint = publisher()
+    web, url = start_web(endpoint, tmp_path / "none")
+    seen = []  # (status age, daemon reporting, alarms) after the second status
+    try:
+        wait_served(web, url)
+        until_subscribed(pub, url)
+        first = time.monotonic()
+        pub.send_multipart(encode_status("t1", {**STATUS, "t": time.time()}))
+        while time.monotonic() < first + 5.0:  # the daemon's schedule
+            time.sleep(0.05)
+        second = time.time()
+        pub.send_multipart(encode_status("t1", {**STATUS, "t": second}))
+        while time.monotonic() < first + 9.5:  # until 4.5 s after it: past the 3 s, before the next status is due
+            state = state_of(url)
+            if state["status"]["t"] == second:
+                seen.append((state["status_age_s"], state["daemon_reporting"], state["alarms"]))
+            time.sleep(0.25)
+    finally:
+        stop_web(web)
+        pub.close()
+    assert seen and max(age for age, _, _ in seen) > 3.5, seen
+    assert all(reporting and not alarms for _, reporting, alarms in seen), seen
+
+
+def test_live_frames_need_no_index_and_an_archive_made_anew_is_read(tmp_path):
+    """With good_every 0 no frame is archived on a clean line, yet the live frames are on disk: they are served. An
+    archive directory removed and made again (cleared, a new disk, a restore) is read anew, without restarting the
+    view. Names that are not camera ids and ids that are not archive ids are refused by the view itself."""
+    from inspectd.daemon.archive import Archive
+
+    root = tmp_path / "archive"
+    web, url = start_web(f"tcp://127.0.0.1:{free_port()}", root)  # no daemon: only the directory matters here
+
+    def archived(seq: int, image) -> str | None:
+        archive = Archive(root, max_mb=10, max_age_h=1, good_every=0).start()
+        entry = archive.offer(judged("cam0", seq, image))
+        assert archive.close()
+        return entry
+
+    try:
+        wait_served(web, url)
+        assert archived(0, good_frame(0)) is None
+        assert (root / "live" / "cam0.jpg").is_file() and not (root / INDEX_NAME).exists()
+        code, live = fetch(url + "live/cam0.jpg")
+        assert code == 200 and live[:2] == b"\xff\xd8", (code, live[:200])
+        (root / "live" / "a.b.jpg").write_bytes(live)
+        assert fetch(url + "live/a.b.jpg")[0] == 404, "a name that is not a camera id was served"
+        assert_not_an_archive_id(url, "..%5C..%5Cetc%5Cpasswd")
+
+        first = archived(1, defect_frame(1))
+        assert first and fetch(url + f"archive/{first}/overlay")[0] == 200
+        shutil.rmtree(root)
+        again = archived(2, defect_frame(2))
+        assert again and again != first
+        code, body = fetch(url + f"archive/{again}/overlay")
+        assert code == 200, body[:200]
+        assert fetch(url + f"archive/{first}/overlay")[0] == 404  # gone with its directory
+    finally:
+        stop_web(web)

@@ -19,6 +19,8 @@ import argparse
 import asyncio
 import collections
 import json
+import os
+import statistics
 import sys
 import threading
 import time
@@ -31,7 +33,16 @@ from aiohttp import web
 from inspectd.errors import InspectdError, MessageError
 from inspectd.logs import configure_logging
 from inspectd.protocol.alarms import status_alarms
-from inspectd.protocol.archive import DEFAULT_ARCHIVE, ArchiveError, ArchiveReader, NoArchive
+from inspectd.protocol.archive import (
+    DEFAULT_ARCHIVE,
+    ID_RE,
+    INDEX_NAME,
+    LIVE_DIR,
+    ArchiveError,
+    ArchiveReader,
+    NoArchive,
+)
+from inspectd.protocol.journal import CAMERA_RE
 from inspectd.protocol.messages import Result
 
 if TYPE_CHECKING:
@@ -42,7 +53,11 @@ log = structlog.get_logger("inspectd.web")
 DEFAULT_LISTEN = "127.0.0.1:8088"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
 PUSH_INTERVAL_S = 0.25
-STATUS_STALE_S = 3.0  # no status for this long: the page says the daemon is not reporting
+# No status for this long (or for STALE_GAPS times the usual gap between status messages, when that is longer: the
+# daemon's publish.status_interval_s may be anything up to an hour): the page says the daemon is not reporting.
+STATUS_STALE_S = 3.0
+STALE_GAPS = 3
+GAPS_KEPT = 5  # the usual gap is the median of this many, so one long gap (a daemon restart) does not set it
 ARCHIVE_WAIT_S = 2.0  # an image named by a result may still be on its way to disk: wait this long before 404
 HIST_BINS = 20  # score / threshold from 0 to 2 in HIST_BINS bins, and one bin above
 RATE_WINDOW_S = 5.0
@@ -140,6 +155,7 @@ class LineState:
         self.cameras: dict[str, CameraView] = {}
         self.status: dict[str, Any] | None = None
         self.status_at: float | None = None
+        self.status_gaps: collections.deque[float] = collections.deque(maxlen=GAPS_KEPT)
         self.refused = 0  # messages that did not decode
         self.last_refused: tuple[str, float] | None = None  # (why, time.monotonic()) of the last one
         self.archive_error: str | None = None  # why the archive cannot be read (not: there is none yet)
@@ -156,6 +172,8 @@ class LineState:
                 camera = self.cameras[message.camera] = CameraView(self.defects_kept)
             camera.add(message, now)
         else:
+            if self.status_at is not None:
+                self.status_gaps.append(now - self.status_at)
             self.status, self.status_at = message, now
             for name in message.get("cameras") or {}:
                 self.cameras.setdefault(name, CameraView(self.defects_kept))
@@ -169,7 +187,7 @@ class LineState:
             "t": time.time(),
             "status": self.status,
             "status_age_s": silent,
-            "daemon_reporting": silent is not None and silent < STATUS_STALE_S,
+            "daemon_reporting": silent is not None and silent < self.stale_after(),
             "alarms": self.alarms(silent),
             "cameras": {
                 name: view.view(now, (status_cameras if isinstance(status_cameras, dict) else {}).get(name))
@@ -184,9 +202,14 @@ class LineState:
         if silent is None:
             out += self._refused_alarm()
             return out + ["no status from the daemon yet"]
-        if silent >= STATUS_STALE_S:
+        if silent >= self.stale_after():
             out.append(f"no status from the daemon for {silent:.0f} s")
         return out + self._refused_alarm() + status_alarms(self.status or {})
+
+    def stale_after(self) -> float:
+        """Seconds without a status message after which the daemon counts as not reporting."""
+        usual = statistics.median_low(self.status_gaps) if self.status_gaps else 0.0
+        return max(STATUS_STALE_S, STALE_GAPS * usual)
 
     def _refused_alarm(self) -> list[str]:
         """Messages this view could not read: a web client out of step with the daemon (another schema) must not
@@ -248,7 +271,9 @@ class WebView:
         self.state = state
         self.archive = archive
         self._reader: ArchiveReader | None = None
+        self._reader_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the index the reader has open
         self._clients: set[asyncio.Queue] = set()
+        self._push_failed_at: float | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -301,24 +326,44 @@ class WebView:
         while True:
             await asyncio.sleep(PUSH_INTERVAL_S)
             tick += 1
-            if tick % int(1 / PUSH_INTERVAL_S) == 0:
-                self._archive_reader()  # an archive that cannot be read is an alarm, images asked for or not
-            # Unchanged state is still sent once a second, so the page's "no status for N s" keeps counting.
-            if self._clients and (self.state.version != sent or tick % int(1 / PUSH_INTERVAL_S) == 0):
-                sent = self.state.version
-                data = _sse(self.state.snapshot())
-                for queue in list(self._clients):
-                    if queue.full():  # a slow browser gets the newest state, not a backlog
-                        queue.get_nowait()
-                    queue.put_nowait(data)
+            # One task serves every page: a state it cannot build (a bug, a status nothing foresaw) is logged and
+            # skipped, and the next message is pushed as usual.
+            try:
+                if tick % int(1 / PUSH_INTERVAL_S) == 0:
+                    self._archive_reader()  # an archive that cannot be read is an alarm, images asked for or not
+                # Unchanged state is still sent once a second, so the page's "no status for N s" keeps counting.
+                if self._clients and (self.state.version != sent or tick % int(1 / PUSH_INTERVAL_S) == 0):
+                    version = self.state.version
+                    data = _sse(self.state.snapshot())
+                    sent = version
+                    for queue in list(self._clients):
+                        if queue.full():  # a slow browser gets the newest state, not a backlog
+                            queue.get_nowait()
+                        queue.put_nowait(data)
+            except Exception as exc:
+                now = time.monotonic()
+                if self._push_failed_at is None or now - self._push_failed_at >= REFUSED_LOG_S:
+                    log.exception("push_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                    self._push_failed_at = now
 
     def _archive_reader(self) -> ArchiveReader | None:
+        """The reader of the archive's index, opened anew when the index was replaced (the directory cleared, moved
+        to another disk, restored) or is gone: an open reader would go on reading the deleted file."""
+        try:
+            st = os.stat(self.archive / INDEX_NAME)
+            now_file: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            now_file = None
+        if self._reader is not None and now_file != self._reader_file:
+            self._reader.close()
+            self._reader = None
         if self._reader is None:
             try:
                 self._reader = ArchiveReader(self.archive)
             except ArchiveError as exc:  # asked again next time
                 self.state.archive_error = None if isinstance(exc, NoArchive) else str(exc)
                 return None
+            self._reader_file = now_file  # stat before the open: an index replaced in between is reopened next time
             self.state.archive_error = None
         return self._reader
 
@@ -326,6 +371,8 @@ class WebView:
         entry_id, kind = request.match_info["entry_id"], request.match_info["kind"]
         if kind not in ("frame", "overlay"):
             raise web.HTTPNotFound(text="expected /archive/<id>/frame or /archive/<id>/overlay")
+        if not ID_RE.fullmatch(entry_id):  # never a path: refused before any wait or lookup
+            raise web.HTTPNotFound(text=f"archive id {entry_id[:80]!r}: expected <camera>-<YYYYmmddTHHMMSSmmm>-<seq>")
         deadline = time.monotonic() + ARCHIVE_WAIT_S
         while True:
             reader = self._archive_reader()
@@ -338,16 +385,16 @@ class WebView:
                 error = f"archive id {entry_id!r}: {kind} file missing"
             except ArchiveError as exc:
                 error = str(exc)
-                if "expected <camera>" in error:
-                    raise web.HTTPNotFound(text=error) from None
             if time.monotonic() >= deadline:
                 raise web.HTTPNotFound(text=error)
             await asyncio.sleep(0.05)
 
     async def live(self, request: web.Request) -> web.StreamResponse:
-        reader = self._archive_reader()
-        path = reader.live(request.match_info["camera"]) if reader is not None else None
-        if path is None:
+        # Straight from the directory: the daemon writes live frames before (and without) any archived entry, so the
+        # index need not exist. The camera-id check keeps the name a file name in live/.
+        camera = request.match_info["camera"]
+        path = self.archive / LIVE_DIR / f"{camera}.jpg"
+        if not CAMERA_RE.fullmatch(camera) or not path.is_file():
             raise web.HTTPNotFound(text="no live frame for this camera (yet)")
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 

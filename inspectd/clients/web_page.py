@@ -49,6 +49,8 @@ PAGE = """<!doctype html>
 "use strict";
 const $ = (sel, root = document) => root.querySelector(sel);
 const fmt = (v, digits = 3) => v === null || v === undefined ? "-" : Number(v).toPrecision(digits);
+// Status fields come from whoever publishes on the endpoint: a rate that is not a number must not stop the render.
+const rate = (v) => typeof v === "number" ? `${v.toFixed(1)} frames/s` : "-";
 const when = (t) => new Date(t * 1000).toLocaleTimeString();
 // Text from the status message goes into markup only escaped: whoever can publish on the endpoint must not script
 // the operator's page.
@@ -87,7 +89,7 @@ function stats(view, cameraStatus, since) {
   const rows = [
     ["state", cameraStatus ? esc(cameraStatus.state) : "-"],
     ["ok / defect / error", `${c.ok} / ${c.defect} / ${c.error} <span class="muted">(${scope})</span>`],
-    ["throughput", `${view.throughput_fps.toFixed(1)} frames/s`],
+    ["throughput", rate(view.throughput_fps)],
     ["latency p50 / p99", `${fmt(view.latency_ms.p50)} / ${fmt(view.latency_ms.p99)} ms`],
     ["last", last.verdict ? `<span class="verdict-${last.verdict}">${last.verdict}</span> ` +
                             `score ${fmt(last.score)} (threshold ${fmt(last.threshold)})` : "-"],
@@ -129,11 +131,15 @@ function overlayFailed(img, caption) {
              OVERLAY_RETRY_MS[tries]);
 }
 
+// Without an archive id (archive off or behind) a defect is its seq and publish time: seqs start again when the
+// daemon's journal is wiped or off, and a new defect must not take an old one's place and caption.
+const defectKey = (d) => d.archive_id || `seq-${d.seq}-${d.t_publish}`;
+
 function defects(strip, list) {
-  const wanted = new Set(list.map((d) => d.archive_id || "seq-" + d.seq));
+  const wanted = new Set(list.map(defectKey));
   for (const el of Array.from(strip.children)) if (!wanted.has(el.dataset.key)) el.remove();
   for (const d of list) {  // newest first; appending an element that is already there moves it, never reloads it
-    const key = d.archive_id || "seq-" + d.seq;
+    const key = defectKey(d);
     let el = strip.querySelector(`[data-key="${CSS.escape(key)}"]`);
     if (!el) {
       el = document.createElement("div");
@@ -162,7 +168,7 @@ function render(state) {
   else if (status.healthy) { health.className = "pill ok"; health.textContent = "healthy"; }
   else { health.className = "pill bad"; health.textContent = "UNHEALTHY"; }
   $("#model").textContent = status.model_id ? `model ${status.model_id}, thresholds v${status.thresholds_version}` : "";
-  $("#feed").textContent = status.throughput_fps !== undefined ? `${status.throughput_fps.toFixed(1)} frames/s` : "";
+  $("#feed").textContent = status.throughput_fps !== undefined ? rate(status.throughput_fps) : "";
   $("#alarms").innerHTML = "";
   for (const alarm of state.alarms) {
     const li = document.createElement("li");

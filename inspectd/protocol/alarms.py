@@ -36,9 +36,13 @@ def status_alarms(status: dict[str, Any]) -> list[str]:
                 figures = f"KS D {drift.get('statistic')} > {drift.get('raise_at')}"
             out.append(f"camera {camera} drift: {what} ({figures}; lighting, lens, focus or material?)")
         if drift.get("false_reject_warning"):
-            rate, target = drift.get("false_reject_estimate") or 0, drift.get("target") or 0
-            out.append(
-                f"camera {camera} false rejects rising: about {100 * rate:.2g} % of good parts, "
-                f"target {100 * target:.2g} %"
-            )
+            rate, target = _number(drift.get("false_reject_estimate")), _number(drift.get("target"))
+            about = f": about {100 * rate:.2g} % of good parts" if rate is not None else ""
+            goal = f", target {100 * target:.2g} %" if rate is not None and target is not None else ""
+            out.append(f"camera {camera} false rejects rising{about}{goal}")
     return out
+
+
+def _number(value: Any) -> float | None:
+    """`value` when it is a number a format spec can take (a string or list raises there), else None."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -337,16 +337,16 @@ def _dumps(doc: dict[str, Any], what: str) -> bytes:
     try:
         return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except ValueError:
-        raise MessageError(f"{what}.{_non_finite(doc) or '?'}: not a finite number, which JSON cannot carry") from None
+        raise MessageError(f"{what}.{non_finite(doc) or '?'}: not a finite number, which JSON cannot carry") from None
 
 
-def _non_finite(value: Any) -> str | None:
+def non_finite(value: Any) -> str | None:
     """The key path of the first NaN or infinity in `value` (a JSON-able document), None when there is none."""
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         if isinstance(item, float) and not math.isfinite(item):
             return str(key) if isinstance(key, str) else f"[{key}]"
-        inner = _non_finite(item)
+        inner = non_finite(item)
         if inner is not None:
             here = str(key) if isinstance(key, str) else f"[{key}]"
             return f"{here}{inner}" if inner.startswith("[") else f"{here}.{inner}"
@@ -370,6 +370,9 @@ def decode_status(frames: Sequence[bytes]) -> dict[str, Any]:
         raise MessageError(f"status topic {topic[:80]!r}: expected {TOPIC_ROOT}.{doc['station'][:40]}{STATUS_SUFFIX}")
     if not isinstance(doc["cameras"], dict):
         raise MessageError("status message.cameras: expected an object of camera id -> counters")
+    for name in doc["cameras"]:  # a client keeps a view per camera named: only ids, as a result's camera
+        if not CAMERA_RE.fullmatch(name):
+            raise MessageError(f"status message.cameras: {name[:80]!r}, expected a camera id ({CAMERA_RE.pattern})")
     return doc
 
 

@@ -3,13 +3,16 @@ messages all go through.
 
 Python's json module raises a zoo of exceptions on hostile input (UnicodeDecodeError, JSONDecodeError, RecursionError
 for deep nesting, a plain ValueError for an integer of more than 4300 digits) and accepts values no field of ours can
-use (integers with hundreds of digits, whose float() overflows). Here every one of them becomes one MessageError
-naming `what`, so a thread serving outside input has exactly one exception type to catch.
+use (integers with hundreds of digits, whose float() overflows; NaN and Infinity, which are not JSON, and numbers like
+1e400 that Python reads as infinity: a client that passes either on writes what a browser's JSON.parse refuses). Here
+every one of them becomes one MessageError naming `what`, so a thread serving outside input has exactly one exception
+type to catch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from inspectd.errors import MessageError
@@ -19,17 +22,28 @@ from inspectd.errors import MessageError
 MAX_INT_DIGITS = 20
 
 
-class _TooLong(ValueError):
-    pass
+class _Unusable(ValueError):
+    """A value the parser read but no field of ours can hold."""
 
 
 def _parse_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _TooLong(f"an integer of {len(text.lstrip('-'))} digits, expected at most {MAX_INT_DIGITS}")
+        raise _Unusable(f"an integer of {len(text.lstrip('-'))} digits, expected at most {MAX_INT_DIGITS}")
     return int(text)
 
 
-_DECODER = json.JSONDecoder(parse_int=_parse_int)
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Unusable(f"{text[:40]}, expected a finite number")
+    return value
+
+
+def _parse_constant(name: str) -> float:
+    raise _Unusable(f"{name}, expected a finite number")
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
 
 
 def loads(data: bytes | bytearray | memoryview, what: str, expected: str) -> Any:
@@ -42,7 +56,7 @@ def loads(data: bytes | bytearray | memoryview, what: str, expected: str) -> Any
         return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         reason = exc.msg
-    except _TooLong as exc:
+    except _Unusable as exc:
         reason = str(exc)
     except RecursionError:
         reason = "nested too deeply"
