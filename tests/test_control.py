@@ -253,3 +253,26 @@ def test_a_refusal_carries_the_fields_its_handler_marked_beside_its_error(tmp_pa
             assert unmarked == {"ok": False, "error": "camera 'cam7': unknown"}
     finally:
         srv.stop()
+
+
+def test_a_reply_holding_nan_is_refused_by_name_on_the_daemons_side_and_the_server_answers_on(tmp_path):
+    """NaN is not JSON and the clients' parser refuses a whole reply holding one: the daemon names the key instead."""
+
+    class Drifting(LineHandler):
+        def status(self) -> dict:
+            out = super().status()
+            out["cameras"]["cam0"]["drift"] = {"false_reject_estimate": float("nan")}
+            return out
+
+    srv = ControlServer(f"ipc://{tmp_path}/c.sock", Drifting())
+    srv.start()
+    try:
+        with ControlClient(srv.endpoint, timeout_s=3) as client:
+            reply = client.request({"cmd": "status"})
+            assert reply == {
+                "ok": False,
+                "error": "internal error: reply.cameras.cam0.drift.false_reject_estimate is not a finite number",
+            }
+            assert client.request({"cmd": "pause", "camera": "cam1"})["ok"] is True
+    finally:
+        srv.stop()

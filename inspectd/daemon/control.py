@@ -24,6 +24,7 @@ import zmq
 from inspectd.daemon.security import open_ipc_to_group
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import MAX_REQUEST_BYTES, parse_request
+from inspectd.protocol.messages import non_finite
 
 log = structlog.get_logger("inspectd.control")
 
@@ -191,4 +192,9 @@ def _summary(request: Any) -> dict:
 
 def _dumps(reply: dict) -> bytes:
     # default=str: a handler returning a Path or numpy scalar must still produce a reply, not a dead REP socket.
-    return json.dumps(reply, default=str).encode()
+    # No NaN or infinity: not JSON, and the clients' parser (wirejson) refuses the whole reply for one; named here.
+    try:
+        return json.dumps(reply, default=str, allow_nan=False).encode()
+    except ValueError:
+        where = non_finite(reply) or "?"
+        return json.dumps({"ok": False, "error": f"internal error: reply.{where} is not a finite number"}).encode()
