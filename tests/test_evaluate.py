@@ -206,6 +206,30 @@ def test_score_images_maps_are_frame_sized_and_batch_independent(tiny_data, tiny
     assert len({round(s.score, 6) for s in one}) > 1  # scores depend on the image
 
 
+def test_frame_maps_are_the_engines_maps_resized_by_hand(tiny_data, tiny_bundle):
+    """score_images' frame maps against a path that shares none of its fitting or mapping code: each frame resized
+    with cv2 to the model input, the engine's raw model-size map resized back with cv2 (the bundle stretches, so
+    there is no padding to crop). A wrong Placement or map_to_frame would pass the sklearn comparison above, which
+    reads the same maps as the report; not this one."""
+    from engines.bundle.store import load_bundle
+    from engines.runtime import open_engine
+
+    bundle = load_bundle(tiny_bundle)
+    assert bundle.resize_policy == "stretch"
+    h, w, c = bundle.input_shape
+    paths = [sorted((tiny_data / "test" / t).glob("*.jpg"))[0] for t in ("good", "crack")]
+    with open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=1) as engine:
+        for path, scored in zip(paths, score_images(tiny_bundle, paths, batch=2)):
+            image = load_image(path)
+            assert image.ndim == 2 and c == 1  # grey tiles into a grey model: no channel conversion to redo
+            pixels = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+            raw = engine.infer(np.ascontiguousarray(pixels[None, :, :, None])).maps[0]
+            expected = cv2.resize(raw, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+            assert scored.frame_map.shape == image.shape
+            scale = float(np.abs(expected).max())
+            np.testing.assert_allclose(scored.frame_map, expected, rtol=0, atol=1e-4 * scale)
+
+
 def test_score_images_refuses_bad_batch_and_unreadable_image(tiny_bundle, tmp_path):
     with pytest.raises(EngineError, match="batch"):
         list(score_images(tiny_bundle, [], batch=0))

@@ -1,6 +1,8 @@
 """ONNX export and the two runtime backends: the exported graph (uint8 pixels -> score, map; scorer params as inputs;
-dynamic batch) agrees with torch on real frames at batch 1 and 3, for every scorer; `inspectd export` rewrites a
-bundle's graph; swapping scorer params needs no export; bad input is refused with one line."""
+dynamic batch) agrees with torch on real frames at batch 1 and 3, for every scorer, and for a top-share image score at
+a size with partial pooling blocks on padded frames; `inspectd export` rewrites a bundle's graph; swapping scorer
+params needs no export and keeps its own copy; bad input is refused with one line; a spot in a stretched or padded
+frame comes back to its own place in the frame-sized map."""
 
 from __future__ import annotations
 
@@ -21,12 +23,18 @@ from engines.bundle.format import recipe_of
 from engines.bundle.store import load_bundle
 from engines.errors import EngineError
 from engines.model.graph import SCORERS
+from engines.model.recipes import POOL_BLOCK, pooled_count
 from engines.runtime import open_engine
+from engines.runtime.predictor import Predictor
+from engines.runtime.preprocess import fit_frame
 from tiny_dataset import make_tiny_mvtec, one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
+# Not a multiple of POOL_BLOCK: the image score's last row and column of blocks are partial (2 of 4 pixels).
+POOLED_SIZE = 66
+POOLED_SHARE = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +151,127 @@ def test_scorer_params_swap_without_export(bundle, engines, frames):
             with pytest.raises(EngineError, match=f"scorer params: {name} {message}"):
                 engine.set_scorer_params({**original, name: broken})
         assert_close(engine.infer(frames).maps, before.maps)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_swap_keeps_its_own_copy_of_the_callers_arrays(bundle, engines, frames, backend):
+    """Both backends bind the checked arrays without copying them. A caller that writes its arrays after a swap (a
+    reused refit buffer) must not reach the running engine past the swap's checks: NaN written there stays there."""
+    engine = engines[backend]
+    before = engine.infer(frames)
+    # Contiguous float32, as a refit produces them: arrays a backend could bind as they are.
+    params = {name: np.array(value, np.float32, order="C") for name, value in bundle.scorer_params().items()}
+    engine.set_scorer_params(params)
+    try:
+        for value in params.values():
+            value[...] = np.nan
+        after = engine.infer(frames)
+    finally:
+        engine.set_scorer_params(bundle.scorer_params())
+    assert np.isfinite(after.scores).all() and np.isfinite(after.maps).all(), backend
+    assert_close(after.maps, before.maps)
+    assert_close(after.scores, before.scores)
+
+
+@pytest.fixture(scope="module")
+def pooled_engines(data, tmp_path_factory):
+    """Both backends on a bundle whose image score is the mean of the top 5 % of 4x4 map blocks, at 66x66, fitting
+    frames by padding (magnetic_tile's frames are far from square, so every frame gets a border)."""
+    from engines.training.train import Progress, train_bundle
+
+    out = tmp_path_factory.mktemp("pooled") / "gaussian"
+    train_bundle(
+        data,
+        out,
+        size=(POOLED_SIZE, POOLED_SIZE),
+        resize="pad",
+        scorer="gaussian",
+        score_share=POOLED_SHARE,
+        progress=Progress(enabled=False),
+    )
+    bundle = load_bundle(out)
+    assert bundle.resize_policy == "pad" and recipe_of(bundle.manifest)["score_share"] == POOLED_SHARE
+    with (
+        open_engine(bundle, "torch", {}, max_batch=3) as reference,
+        open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=3) as engine,
+    ):
+        yield {"torch": reference, "onnxruntime": engine}
+
+
+def _blocks(maps: np.ndarray) -> np.ndarray:
+    """[N, blocks]: the mean of every block of up to 4x4 pixels, row by row of blocks; the last row and column of
+    blocks are partial."""
+    _, h, w = maps.shape
+    b = POOL_BLOCK
+    return np.stack([maps[:, y : y + b, x : x + b].mean(axis=(1, 2)) for y in range(0, h, b) for x in range(0, w, b)]).T
+
+
+def test_top_share_score_agrees_at_a_size_with_partial_blocks(pooled_engines, data):
+    """Stretched real frames, so every pixel of the 66x66 input is the frame's; a bright bottom strip on one of them
+    puts the partial blocks among the top ones."""
+    from engines.data.images import load_image
+
+    paths = sorted((data / "test").glob("*/*.jpg"))[:3]
+    pixels = np.empty((3, POOLED_SIZE, POOLED_SIZE, 1), np.uint8)
+    for i, path in enumerate(paths):
+        fit_frame(load_image(path), pixels.shape[1:], "stretch", out=pixels[i])
+    pixels[1, -2:] = 255
+    expected = pooled_engines["torch"].infer(pixels)
+    actual = pooled_engines["onnxruntime"].infer(pixels)
+    assert actual.maps.shape == (3, POOLED_SIZE, POOLED_SIZE)
+    assert_close(actual.maps, expected.maps)
+    assert_close(actual.scores, expected.scores)
+    # The image score by hand: the mean of the highest pooled_count blocks, partial ones included.
+    blocks = _blocks(actual.maps.astype(np.float64))
+    top = np.argsort(blocks, axis=1)[:, ::-1][:, : pooled_count(POOLED_SHARE, POOLED_SIZE, POOLED_SIZE)]
+    assert_close(actual.scores, np.take_along_axis(blocks, top, axis=1).mean(axis=1))
+    bottom_row = blocks.shape[1] - -(-POOLED_SIZE // POOL_BLOCK)  # index of the first block of the partial row
+    assert (top[1] >= bottom_row).any()  # the strip's partial blocks count in frame 1's score
+
+
+def test_padded_frames_agree_between_backends(pooled_engines, data):
+    """Real frames of several aspect ratios (whole, a wide strip, a tall strip) through the Predictor with the
+    bundle's "pad" policy: the same scores and frame-sized maps from both backends."""
+    from engines.data.images import load_image
+
+    frame = load_image(sorted((data / "test").glob("*/*.jpg"))[1])
+    h, w = frame.shape[:2]
+    frames = [frame, frame[: max(8, h // 3)], frame[:, : max(8, w // 3)]]
+    results = {}
+    for backend, engine in pooled_engines.items():
+        predictor = Predictor(engine)
+        result = predictor.predict(frames)
+        results[backend] = (result, [predictor.frame_map(result, i).copy() for i in range(len(frames))])
+        padded = [p for p in predictor.placements[: len(frames)] if (p.height, p.width) != (POOLED_SIZE, POOLED_SIZE)]
+        assert len(padded) >= 2  # the test is about borders: at least the two strips have one
+    (expected, expected_maps), (actual, actual_maps) = results["torch"], results["onnxruntime"]
+    assert_close(actual.scores, expected.scores)
+    for i, (a, e) in enumerate(zip(actual_maps, expected_maps)):
+        assert a.shape == frames[i].shape[:2]
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("policy", ["stretch", "pad"])
+def test_a_spot_comes_back_where_it_was_in_the_frame(policy):
+    """fit_frame then Placement.map_to_frame, on the fitted input itself as the map: a bright spot at a known place in
+    frames of several aspect ratios (taller, wider, square, extreme) comes back within a few pixels of it. A wrong
+    padding offset or a swapped axis moves it by tens of pixels."""
+    model = (64, 96, 1)
+    for fh, fw in ((300, 120), (120, 300), (257, 255), (64, 64), (1000, 37), (37, 1000)):
+        yy, xx = np.mgrid[0:fh, 0:fw]
+        cy, cx = fh * 0.3, fw * 0.7
+        spot = np.exp(-(((yy - cy) / (fh * 0.08)) ** 2 + ((xx - cx) / (fw * 0.08)) ** 2))
+        frame = (40 + 200 * spot).astype(np.uint8)
+        fitted, placement = fit_frame(frame, model, policy)
+        back = placement.map_to_frame(fitted[..., 0].astype(np.float32))
+        assert back.shape == (fh, fw)
+        py, px = np.unravel_index(np.argmax(back), back.shape)
+        # One model pixel covers up to fh/64 or fw/96 frame pixels: the peak may land anywhere within it.
+        tolerance = 2 + max(fh / placement.height, fw / placement.width)
+        assert abs(py - cy) <= tolerance and abs(px - cx) <= tolerance, (policy, fh, fw, placement, (py, px))
+        # The rest of the frame lines up too, but for a placement a few pixels across, which keeps little of it.
+        limit = 1.0 if min(placement.height, placement.width) >= 16 else 6.0
+        assert np.abs(back - frame).mean() < limit, (policy, fh, fw)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])

@@ -86,12 +86,15 @@ def check_pixels(pixels, input_shape: tuple[int, int, int], max_batch: int) -> N
 
 
 def check_scorer_params(params: dict[str, np.ndarray], expected: dict[str, list]) -> dict[str, np.ndarray]:
-    """float32 contiguous copies-if-needed of `params`, checked against the graph's input shapes (str = dynamic)."""
+    """float32 C-contiguous copies of `params`, checked against the graph's input shapes (str = dynamic).
+
+    Always copies: the backends bind these arrays without copying (ONNX Runtime, torch.from_numpy), so an array the
+    caller still holds and later writes would change the running engine past these checks."""
     checked = {}
     for name, shape in expected.items():
         if name not in params:
             raise EngineError(f"scorer params: {name!r} missing, expected {', '.join(expected)}")
-        value = np.ascontiguousarray(params[name], dtype=np.float32)
+        value = np.array(params[name], dtype=np.float32, order="C", copy=True)
         if value.ndim != len(shape) or any(isinstance(d, int) and d != v for d, v in zip(shape, value.shape)):
             raise EngineError(f"scorer params: {name} has shape {tuple(value.shape)}, expected {list(shape)}")
         if 0 in value.shape:

@@ -3,9 +3,9 @@
 uint8 frames of any size, grey or RGB, are fitted (engines.runtime.preprocess.fit_frame: the bundle's resize policy,
 channel conversion) into one uint8 [max_batch, H, W, C] buffer allocated when the Predictor is made; `infer` runs the
 engine once on the rows filled; `frame_map` crops and resizes a row's anomaly map back to its own frame's size
-(Placement.map_to_frame). Nothing is allocated per frame or per batch here beyond what the resizes themselves need,
-so the daemon's hot path stays allocation-free. The daemon's inference stage, `inspectd eval` (and through it
-`inspectd calibrate`) and `inspectd bench engine` all go through it.
+(Placement.map_to_frame). Nothing is allocated per frame or per batch here beyond what the resizes themselves need
+and the engine's outputs (measured below 0.3 ms a frame together, docs/PERFORMANCE.md). The daemon's inference stage,
+`inspectd eval` (and through it `inspectd calibrate`) and `inspectd bench engine` all go through it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 The graph takes uint8 [N, H, W, C] at the bundle's input size; normalisation happens inside the graph. What stays on
 the host is only the geometric fit (OpenCV resize, optionally keeping the aspect ratio with padding) and channel
-conversion, done into a caller-owned buffer so the hot path allocates nothing per frame.
+conversion, written into a caller-owned batch buffer so that no model-size input is allocated per frame. It is not
+allocation-free: cv2.resize (when the frame's size differs) and an RGB-to-grey conversion each return a new array per
+frame, which is then copied into the buffer.
 """
 
 from __future__ import annotations

@@ -169,7 +169,9 @@ def evaluate(
     by_path = {item.path: item for item in items}
     tallies = {t: _TypeTally() for t in folder.defect_types()}
     picker = _OverlayPicker(n_overlays if overlay_dir is not None else 0)
-    maskless_pixels = metrics.PixelHistograms()  # only for the overlay colour scale
+    maskless_pixels: metrics.PixelHistograms | None = None  # only for the overlay colour scale
+    # Every histogram is keyed on the first map's minimum (None until one is added), so that rows can add them up.
+    reference: float | None = None
 
     per_image: list[dict] = []
     scoring_seconds = 0.0
@@ -189,13 +191,17 @@ def evaluate(
         mask = None
         if item.is_defective and item.mask_path is None:
             tally.without_mask += 1  # unknown ground truth: its pixels are neither defect nor defect-free
-            maskless_pixels.add(scored.frame_map, what=str(item.path))
+            if maskless_pixels is None:
+                maskless_pixels = metrics.PixelHistograms(reference)
+            pixels = maskless_pixels
         else:
             if item.is_defective:
                 mask = load_mask(item.mask_path, scored.frame_map.shape)
             if tally.pixels is None:
-                tally.pixels = metrics.PixelHistograms()
-            tally.pixels.add(scored.frame_map, mask, what=str(item.path))
+                tally.pixels = metrics.PixelHistograms(reference)
+            pixels = tally.pixels
+        pixels.add(scored.frame_map, mask, what=str(item.path))
+        reference = pixels.reference
         picker.offer(item, scored, mask)
         progress.update(len(per_image))
     progress.finish()
@@ -219,7 +225,8 @@ def evaluate(
         "overall": None,
         "per_type": {},
         "pixel_metrics": (
-            "every pixel at frame size, streamed into 2^20-bin float histograms (engines.training.metrics)"
+            "every pixel at frame size, streamed into 2^20-bin float histograms of the value less the first "
+            "map's minimum (engines.training.metrics)"
         ),
         "overlays": [],
         "images": per_image,
@@ -231,7 +238,7 @@ def evaluate(
         report["per_type"][defect_type] = _row([good, tallies[defect_type]], n_good=len(good.scores))
 
     if overlay_dir is not None and n_overlays > 0:
-        histograms = [t.pixels for t in tallies.values() if t.pixels is not None] + [maskless_pixels]
+        histograms = [h for h in [*(t.pixels for t in tallies.values()), maskless_pixels] if h is not None]
         everything = sum(histograms[1:], histograms[0])
         scale = (everything.quantile(0.01), everything.quantile(0.999))
         try:

@@ -407,7 +407,8 @@ def _score_candidate(
         best = max(pools, key=lambda share: (pools[share], -share))
         recipe = recipe.replace(score_share=best)
         clean_scores, planted_scores = pooled[best]
-    clean_hist = metrics.PixelHistograms()
+    # Keyed on the first clean map's minimum, and every kind's histogram on the same, so that they can be added.
+    clean_hist = metrics.PixelHistograms(reference=None)
     for m in maps:
         clean_hist.add(m)
     image_aurocs = _image_auroc_by_kind(planted.kind, clean_scores, planted_scores)
@@ -417,7 +418,7 @@ def _score_candidate(
         rows = [i for i, k in enumerate(planted.kind) if k == kind]
         if not rows:
             continue
-        kind_hist = metrics.PixelHistograms()
+        kind_hist = metrics.PixelHistograms(clean_hist.reference)
         for i in rows:
             kind_hist.add(planted_stack[i], masks[i])
         hist = clean_hist + kind_hist
