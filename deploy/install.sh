@@ -15,7 +15,10 @@
 #                                             lands under the prefix; no pip run
 #
 # pip installs the versions pinned in constraints.txt (the ones the tests passed with), which need the Python named
-# in its header; --no-constraints takes the newest versions pyproject.toml's ranges allow instead.
+# in its header; --no-constraints takes the newest versions pyproject.toml's ranges allow instead. It builds a
+# throwaway copy of the source, never the checkout itself. Once a new version is in the virtualenv, each enabled or
+# active inspectd unit's config is checked with it (`inspectd run --check`); the units keep running the old version
+# until they are restarted, which the last line says how to do.
 set -eu
 
 usage() {
@@ -30,7 +33,8 @@ usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with
   --with-gpu cu12|cu13
                  a GPU station, by the CUDA major its driver runs (nvidia-smi: "CUDA Version"): the [gpu-cuNN]
                  extra (cuda-bindings, onnx) and onnxruntime-gpu for that CUDA in place of onnxruntime
-  --python PY    interpreter that creates the virtualenv (default: python3)
+  --python PY    interpreter that creates the virtualenv (default: python3); an existing virtualenv made by
+                 another interpreter is made again with PY (without --python it is kept as it is)
   --torch-index URL
                  take torch and torchvision from this index, e.g. https://download.pytorch.org/whl/cpu for the
                  CPU-only wheels (default: PyPI, whose Linux wheels carry CUDA)
@@ -46,6 +50,7 @@ PREFIX=""
 MAKE_VENV=1
 EXTRAS=""
 PYTHON=python3
+PYTHON_GIVEN=0
 TORCH_INDEX=""
 USE_CONSTRAINTS=1
 GPU=""
@@ -58,7 +63,7 @@ while [ $# -gt 0 ]; do
         --with-plc) EXTRAS="${EXTRAS:+$EXTRAS,}plc"; shift ;;
         --with-gpu) [ $# -ge 2 ] || die "--with-gpu: expected cu12 or cu13"; GPU="$2"; shift 2 ;;
         --with-gpu=*) GPU="${1#--with-gpu=}"; shift ;;
-        --python) [ $# -ge 2 ] || die "--python: expected an interpreter"; PYTHON="$2"; shift 2 ;;
+        --python) [ $# -ge 2 ] || die "--python: expected an interpreter"; PYTHON="$2"; PYTHON_GIVEN=1; shift 2 ;;
         --torch-index) [ $# -ge 2 ] || die "--torch-index: expected an index URL"; TORCH_INDEX="$2"; shift 2 ;;
         --torch-index=*) TORCH_INDEX="${1#--torch-index=}"; shift ;;
         --no-constraints) USE_CONSTRAINTS=0; shift ;;
@@ -135,7 +140,21 @@ VENV="$OPT/venv"
 CONSTRAINTS="$SRC/constraints.txt"
 # A venv counts as made once its pip runs: `python3 -m venv` without Debian's python3-venv leaves bin/python and no pip.
 venv_ready() { "$VENV/bin/python" -m pip --version >/dev/null 2>&1; }
-if [ "$MAKE_VENV" -eq 1 ] && ! venv_ready; then
+# The interpreter PY runs on, or a venv's python the one it was made by: its real path and its version.
+python_id() {  # PY
+    "$1" -c 'import os, sys
+print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)), "%d.%d" % sys.version_info[:2])' 2>/dev/null
+}
+NEW_VENV=0
+if [ "$MAKE_VENV" -eq 1 ]; then
+    if ! venv_ready; then
+        NEW_VENV=1
+    elif [ "$PYTHON_GIVEN" -eq 1 ] && [ "$(python_id "$VENV/bin/python")" != "$(python_id "$PYTHON")" ]; then
+        # Its packages were built for the interpreter it was made by: pip cannot move them to another one.
+        NEW_VENV=1
+    fi
+fi
+if [ "$NEW_VENV" -eq 1 ]; then
     command -v "$PYTHON" >/dev/null || die "--python $PYTHON: not found, expected a Python 3 interpreter"
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null ||
         die "$PYTHON cannot create a virtualenv; install its venv module (Debian/Ubuntu: apt install python3-venv)"
@@ -145,21 +164,43 @@ if [ "$MAKE_VENV" -eq 1 ] && [ "$USE_CONSTRAINTS" -eq 1 ]; then
     # The pinned versions install only on the Python the file's header names (what make constraints recorded).
     NEED=$(sed -n 's/^# requires-python: >=\([0-9.]*\).*/\1/p' "$CONSTRAINTS")
     CHECKED="$PYTHON"
-    ! venv_ready || CHECKED="$VENV/bin/python"
+    [ "$NEW_VENV" -eq 1 ] || CHECKED="$VENV/bin/python"
     HAVE=$("$CHECKED" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || die "$CHECKED: cannot run it"
     "$CHECKED" -c "import sys; sys.exit(sys.version_info[:2] < tuple(int(p) for p in '$NEED'.split('.')))" ||
         die "$CHECKED is Python $HAVE; the versions in constraints.txt need >= $NEED" \
             "(--python python$NEED, or --no-constraints)"
 fi
 
+if [ "$MAKE_VENV" -eq 1 ]; then
+    WORK=$(mktemp -d)
+    trap 'rm -rf "$WORK"' EXIT
+fi
 if [ "$GPU" = cu12 ] && [ "$USE_CONSTRAINTS" -eq 1 ]; then
     # constraints.txt pins the CUDA 13 builds; deploy/constraints-cu12.txt replaces those pins for a CUDA 12 driver.
     OVERRIDES="$SRC/deploy/constraints-cu12.txt"
-    CONSTRAINTS=$(mktemp)
-    trap 'rm -f "$CONSTRAINTS"' EXIT
+    CONSTRAINTS="$WORK/constraints.txt"
     NAMES=$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' "$OVERRIDES" | paste -sd'|')
     { grep -v -E "^($NAMES)==" "$SRC/constraints.txt"; cat "$OVERRIDES"; } > "$CONSTRAINTS"
 fi
+
+# pip builds in the tree it is given (build/, inspectd.egg-info): in the operator's checkout, as root, that leaves
+# root-owned files the operator cannot remove, and setuptools never prunes build/lib, so a module deleted from the
+# source would be installed again. It gets a fresh copy instead: with git, the files git knows of (tracked, and new
+# ones it does not ignore) as they are in the working tree, so an uncommitted fix is installed as it always was;
+# without git, the tree less what a build, a virtualenv or a tool's cache leaves in it.
+copy_source() {  # destination
+    mkdir -p "$1"
+    if [ "$(git -c safe.directory="$SRC" -C "$SRC" rev-parse --show-toplevel 2>/dev/null)" = "$SRC" ]; then
+        # A tracked file deleted in the working tree is still listed: only what exists is copied.
+        (cd "$SRC" && git -c safe.directory="$SRC" ls-files -z --cached --others --exclude-standard |
+            xargs -0 sh -c 'for f; do if [ -e "$f" ] || [ -L "$f" ]; then printf "%s\0" "$f"; fi; done' sh |
+            tar --null -T - -cf -) | tar -C "$1" -xf -
+    else
+        tar -C "$SRC" --exclude=./.git --exclude=./build --exclude=./dist --exclude='*.egg-info' \
+            --exclude=./.venv --exclude=__pycache__ --exclude=.pytest_cache --exclude=.mypy_cache \
+            --exclude=.ruff_cache --exclude=.hypothesis -cf - . | tar -C "$1" -xf -
+    fi
+}
 
 pip_install() {
     if [ "$USE_CONSTRAINTS" -eq 1 ]; then
@@ -199,14 +240,18 @@ for doc in DEPLOY.md PLC.md; do
     [ ! -f "$SRC/docs/$doc" ] || ensure_file "$SRC/docs/$doc" "$OPT/share/doc/$doc" 0644 root:root
 done
 
+INSTALLED=0
 if [ "$MAKE_VENV" -eq 1 ]; then
-    if ! venv_ready; then
-        "$PYTHON" -m venv "$VENV"
+    if [ "$NEW_VENV" -eq 1 ]; then
+        # --clear: a half-made venv, or one made by another interpreter, is emptied first.
+        "$PYTHON" -m venv --clear "$VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        say "created virtualenv $VENV"
+        say "created virtualenv $VENV with $(python_id "$VENV/bin/python")"
     fi
-    # pip reinstalls a source directory on every run; the stamp (hash of sources and extras) makes reruns no-ops.
+    # pip reinstalls a source directory on every run; the stamp (hash of sources, extras and interpreter) makes
+    # reruns no-ops.
     STAMP=$(cd "$SRC" && { echo "extras=$EXTRAS pin=$USE_CONSTRAINTS torch-index=$TORCH_INDEX gpu=$GPU"
+        echo "python=$(python_id "$VENV/bin/python")"
         find pyproject.toml constraints.txt deploy/constraints-cu12.txt inspectd engines calibration -name '*.py' \
             -o -name pyproject.toml -o -name 'constraints*.txt' | LC_ALL=C sort | xargs sha256sum; } | sha256sum |
             cut -d' ' -f1)
@@ -214,7 +259,8 @@ if [ "$MAKE_VENV" -eq 1 ]; then
         case ",$EXTRAS," in
             *,train,*) [ -z "$TORCH_INDEX" ] || pip_install --index-url "$TORCH_INDEX" torch torchvision ;;
         esac
-        pip_install "$SRC${EXTRAS:+[$EXTRAS]}"
+        copy_source "$WORK/src"
+        pip_install "$WORK/src${EXTRAS:+[$EXTRAS]}"
         if [ -n "$GPU" ]; then
             # onnxruntime-gpu and onnxruntime both install the `onnxruntime` module, and installing inspectd brings
             # the CPU build back each time: remove both, then install the GPU build alone. [cuda,cudnn]: the CUDA
@@ -229,6 +275,7 @@ sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' ||
         echo "$STAMP" > "$VENV/.inspectd-stamp"
         say "installed inspectd${EXTRAS:+[$EXTRAS]} into $VENV"
         CHANGED=1
+        INSTALLED=1
     fi
 fi
 
@@ -269,14 +316,63 @@ CHANGED=0
 for unit in inspectd.service inspectd@.service inspectd-bridge@.service; do
     ensure_file "$SRC/systemd/$unit" "$UNITS/$unit" 0644 root:root
 done
+UNITS_CHANGED=$CHANGED
 if [ "$SYSTEM" -eq 1 ] && [ "$CHANGED" -eq 1 ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     say "systemctl daemon-reload"
 fi
 [ "$UNITS_BEFORE" -eq 0 ] || CHANGED=1
 
-if [ "$CHANGED" -eq 0 ]; then
+# --- the units that run here: what the new version must start with -------------------------------------------
+# Enabled ones (a link in a .wants directory) and, on a running systemd, active ones; one name a line.
+units_here() {
+    {
+        for link in "$UNITS"/*.wants/inspectd.service "$UNITS"/*.wants/inspectd@?*.service \
+            "$UNITS"/*.wants/inspectd-bridge@?*.service; do
+            if [ -L "$link" ] || [ -e "$link" ]; then basename "$link"; fi  # else an unmatched pattern
+        done
+        if [ "$SYSTEM" -eq 1 ] && [ -d /run/systemd/system ]; then
+            systemctl list-units --state=active --plain --no-legend \
+                inspectd.service 'inspectd@*.service' 'inspectd-bridge@*.service' 2>/dev/null | cut -d' ' -f1
+        fi
+    } | LC_ALL=C sort -u
+}
+RUNNING=$(units_here | paste -sd' ' -)
+REFUSED=0
+if [ "$INSTALLED" -eq 1 ]; then
+    # The daemon's own check, as the service user where there is one: a schema change the operator's config does not
+    # meet is found now rather than by the next restart's failure (exit 2, which the units do not retry).
+    as_service_user() {
+        if [ "$SYSTEM" -eq 1 ] && command -v runuser >/dev/null; then
+            runuser -u "$USER_NAME" -- "$@"
+        else
+            "$@"
+        fi
+    }
+    for unit in $RUNNING; do
+        case "$unit" in
+            inspectd.service) config="$ETC/inspectd.yaml" ;;
+            inspectd@*.service) instance="${unit#inspectd@}"; config="$ETC/${instance%.service}.yaml" ;;
+            *) continue ;;  # a bridge's command line is in its env file, checked when it starts
+        esac
+        if ! refusal=$(cd / && as_service_user "$VENV/bin/inspectd" run --check --config "$config" 2>&1 >/dev/null)
+        then
+            echo "install.sh: $unit ($config) will not start with the new version:" \
+                "$(echo "$refusal" | sed '/^$/d' | tail -n 1)" >&2
+            REFUSED=1
+        fi
+    done
+fi
+
+if [ "$REFUSED" -eq 1 ]; then
+    echo "install.sh: installed, but the new version refuses the config of a unit above: fix it, check it with" \
+        "$VENV/bin/inspectd run --check --config FILE, then systemctl try-restart $RUNNING" >&2
+    exit 1
+elif [ "$CHANGED" -eq 0 ]; then
     say "nothing to do, ${ROOT:-/} is up to date"
+elif [ -n "$RUNNING" ] && { [ "$INSTALLED" -eq 1 ] || [ "$UNITS_CHANGED" -eq 1 ]; }; then
+    # Running units keep the old version (and unit settings) until they restart; try-restart leaves stopped ones be.
+    say "done; to run the new version: systemctl try-restart $RUNNING"
 else
     say "done; next: edit $ETC/inspectd.yaml, then systemctl enable --now inspectd (see docs/DEPLOY.md)"
 fi

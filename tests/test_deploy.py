@@ -5,16 +5,23 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
+import yaml
+
+from ports import free_port
+from station_model import write_grey_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "deploy" / "install.sh"
 UNITS = ("inspectd.service", "inspectd@.service", "inspectd-bridge@.service")
+DAEMON_UNITS = ("inspectd.service", "inspectd@.service")
 
 
 def _install(prefix: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -206,6 +213,7 @@ def test_the_daemon_unit_runs_a_command_the_cli_accepts_and_lets_it_write_where_
     assert config.journal_path is not None and _under(config.journal_path, writable)
     if config.archive.enabled:
         assert _under(config.archive.path, writable)
+    assert _under(config.model.bundle, writable)  # thresholds.json is written into the bundle
     assert config.control.endpoint.startswith("ipc://")
     assert _under(Path(config.control.endpoint[len("ipc://") :]).parent, writable)
     assert settings["Type"] == ["notify"]  # the daemon sends READY=1 and WATCHDOG=1 (tests/test_notify.py)
@@ -213,8 +221,9 @@ def test_the_daemon_unit_runs_a_command_the_cli_accepts_and_lets_it_write_where_
 
 def test_a_template_instance_runs_its_own_config_and_may_write_where_that_config_writes():
     """inspectd@line2 as DEPLOY.md sets it up: the example config copied to /etc/inspectd/line2.yaml with
-    `state_dir: /var/lib/inspectd/line2`. Its command must read that file (not the shared one), and everything the
-    config writes must be writable under the instance's own ReadWritePaths."""
+    `state_dir: /var/lib/inspectd/line2` and its bundle under it. Its command must read that file (not the shared
+    one), and everything the config writes must be writable under the instance's own ReadWritePaths: the example's
+    other paths follow state_dir by themselves."""
     from inspectd.cli import build_parser
     from inspectd.configfile import read_yaml
     from inspectd.daemon.config import parse_config
@@ -226,12 +235,12 @@ def test_a_template_instance_runs_its_own_config_and_may_write_where_that_config
     assert args.config == Path("/etc/inspectd/line2.yaml")
     raw = read_yaml(REPO / "deploy" / "inspectd.example.yaml")
     raw["state_dir"] = "/var/lib/inspectd/line2"
-    raw["control"]["endpoint"] = None  # the default, under state_dir (the example names the shared one)
+    raw["model"]["bundle"] = "/var/lib/inspectd/line2/bundles/current"
     config = parse_config(raw, source="line2.yaml", base_dir="/etc/inspectd")
     writable = settings["ReadWritePaths"]
     assert Path("/var/lib") / settings["StateDirectory"][0] == config.state_dir  # created by systemd, owned by User=
     assert not _under(Path("/var/lib/inspectd/line1"), writable), "an instance may write into another's state"
-    for path in (config.state_dir, config.journal_path, config.archive.path):
+    for path in (config.state_dir, config.journal_path, config.archive.path, config.model.bundle):
         assert path is not None and _under(path, writable), path
     assert config.control.endpoint.startswith("ipc://")
     assert _under(Path(config.control.endpoint[len("ipc://") :]).parent, writable)
@@ -362,3 +371,222 @@ def test_the_bridge_unit_restarts_a_bridge_whose_plc_is_away_without_ever_giving
     assert unit["Restart"] == ["on-failure"] and "RestartPreventExitStatus" not in unit
     assert unit["StartLimitIntervalSec"] == ["0"] and "StartLimitBurst" not in unit
     assert float(unit["RestartSec"][0]) >= 1  # not a busy loop against a PLC that is down
+
+
+def _seconds(unit: str, key: str) -> float:
+    return float(_unit(unit)[key][0])
+
+
+@pytest.mark.parametrize("unit", DAEMON_UNITS)
+def test_the_units_stop_timeout_holds_the_longest_shutdown_the_config_accepts(unit):
+    """systemd SIGKILLs a stop after TimeoutStopSec: a shutdown_timeout_s the config accepts must fit in it with what
+    the daemon's stop takes past that deadline (service.py: the publish grace twice, the PUB socket's linger; then
+    the archive, control and metrics stops, the engine's teardown and the interpreter's exit), or the drain of
+    accepted frames is cut off half-way. The example says the pair as it is."""
+    from inspectd.daemon.config import MAX_SHUTDOWN_TIMEOUT_S
+    from inspectd.daemon.service import PUB_LINGER_MS, PUBLISH_GRACE_S
+
+    stop = _seconds(unit, "TimeoutStopSec")
+    past_deadline = 2 * PUBLISH_GRACE_S + PUB_LINGER_MS / 1000 + 20  # 20 s for the rest, none of it bounded alone
+    assert stop >= MAX_SHUTDOWN_TIMEOUT_S + past_deadline, (stop, MAX_SHUTDOWN_TIMEOUT_S)
+    example = (REPO / "deploy" / "inspectd.example.yaml").read_text()
+    assert f"at most {MAX_SHUTDOWN_TIMEOUT_S:g}: the units' TimeoutStopSec={stop:g}" in example
+
+
+def test_a_refused_config_is_not_retried_and_a_failed_start_is_retried_at_a_sane_pace(tmp_path):
+    """`inspectd run` as the units start it, for real: a config it refuses (which no retry can fix) must exit with a
+    status the units do not restart on; a start that fails on a bind (an address not there yet after a power cut)
+    with one they do, slowly enough that a cause clearing within minutes is still caught before the start limit."""
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    port = free_port()
+    config = {
+        "station": "line1",
+        "model": {"bundle": str(bundle)},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+        "publish": {"endpoint": f"tcp://127.0.0.1:{port}"},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+    }
+    path = tmp_path / "line1.yaml"
+
+    def run(doc: dict) -> subprocess.CompletedProcess:
+        path.write_text(yaml.safe_dump(doc))
+        command = [sys.executable, "-m", "inspectd", "run", "--config", str(path)]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    refused = run({**config, "station": "Line 1"})
+    assert refused.stderr.startswith("inspectd run: station: "), refused.stderr
+    with socket.socket() as holder:  # the port is taken: ZeroMQ's bind fails as on a missing address
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        unbound = run(config)
+    assert unbound.returncode not in (0, refused.returncode), unbound.stderr
+    assert f"publish.endpoint 'tcp://127.0.0.1:{port}': cannot bind" in unbound.stderr, unbound.stderr
+    for unit in DAEMON_UNITS:
+        settings = _unit(unit)
+        assert settings["Restart"] == ["on-failure"]
+        assert settings["RestartPreventExitStatus"] == [str(refused.returncode)], unit
+        restart, burst = _seconds(unit, "RestartSec"), int(settings["StartLimitBurst"][0])
+        interval = _seconds(unit, "StartLimitIntervalSec")
+        assert restart >= 5, unit  # not a busy loop against a cause that takes minutes to clear
+        assert (burst - 1) * restart >= 240 and interval >= (burst - 1) * restart, unit  # minutes, not seconds
+        # READY=1 comes after the bundle is verified and the engine opened and warmed up: minutes on a GPU station.
+        assert _seconds(unit, "TimeoutStartSec") >= 180, unit
+
+
+def test_stopping_the_single_unit_leaves_the_runtime_directory_of_a_running_instance():
+    """systemd removes a unit's RuntimeDirectory on stop, with what is in it: the single unit's /run/inspectd is
+    the parent of each instance's /run/inspectd/NAME, whose ipc sockets a restart of inspectd must not take away.
+    The single unit keeps the documented /run/inspectd/pub.sock (docs/PLC.md, the bridge unit)."""
+    single = _unit("inspectd.service")
+    parent = Path("/run") / single["RuntimeDirectory"][0]
+    instance = Path("/run") / _unit("inspectd@.service")["RuntimeDirectory"][0].replace("%i", "line2")
+    assert parent == Path("/run/inspectd") and instance.is_relative_to(parent)
+    assert single.get("RuntimeDirectoryPreserve") == ["yes"]
+    assert "ipc:///run/inspectd/pub.sock" in (REPO / "systemd" / "inspectd-bridge@.service").read_text()
+
+
+def _offline_python(path: Path, base: str, deps: str) -> Path:
+    """An interpreter for install.sh's --python that runs `base`, and makes each virtualenv it creates able to build
+    and run inspectd without a network: pip finds no index here, so the venv takes the test environment's
+    packages (setuptools for the build, numpy, onnxruntime, ... for `inspectd run --check`) through a .pth file, its
+    own older setuptools removed. Everything else (venv, pip, the build, the install) runs for real."""
+    path.write_text(
+        f"""#!/bin/sh
+case "$1 $2" in
+"-m venv") {base} "$@" || exit
+    for venv; do :; done
+    "$venv/bin/python" -m pip uninstall -q -y setuptools
+    echo {deps} > "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/test-deps.pth"
+    ;;
+*) exec {base} "$@" ;;
+esac
+"""
+    )
+    path.chmod(0o755)
+    return path
+
+
+def _offline_install(root: Path, src: Path, python: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1", "PIP_NO_BUILD_ISOLATION": "0"}
+    command = ["sh", str(src / "deploy" / "install.sh"), "--prefix", str(root), "--python", str(python)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _source_copy(dest: Path) -> Path:
+    """The project's files (tracked, and new ones not ignored) as a fresh source tree, without any build output."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+def _site_packages(venv: Path) -> Path:
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return Path(out.stdout.strip())
+
+
+def _deps() -> str:
+    return sysconfig.get_paths()["purelib"]
+
+
+def _base_python() -> str:
+    return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+
+
+def test_an_upgrade_builds_a_copy_of_the_checkout_and_checks_the_enabled_units_configs(tmp_path):
+    """install.sh's pip path for real, twice, from a git checkout: pip must build a copy, never the checkout (as root
+    it left root-owned build/ and egg-info there, and setuptools' build/lib shipped a module deleted from the
+    source); and an upgrade runs the new version's `run --check` on the config of each enabled unit, failing on
+    one the new version refuses, saying how to restart the units otherwise."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C"]
+    src = _source_copy(tmp_path / "src")
+    (src / "inspectd" / "deleted_later.py").write_text("")
+    subprocess.run(["git", "init", "-q", str(src)], check=True, timeout=60)
+    subprocess.run([*git, str(src), "add", "-A"], check=True, timeout=60)
+    subprocess.run([*git, str(src), "commit", "-q", "-m", "v1"], check=True, timeout=60)
+
+    root = tmp_path / "root"
+    etc = root / "etc" / "inspectd"
+    etc.mkdir(parents=True)
+    line2 = {
+        "station": "line2",
+        "model": {"bundle": str(write_grey_bundle(tmp_path / "bundle"))},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+    }
+    (etc / "line2.yaml").write_text(yaml.safe_dump(line2))
+    wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "inspectd@line2.service").symlink_to("../inspectd@.service")  # systemctl enable inspectd@line2
+    python = _offline_python(tmp_path / "python3", _base_python(), _deps())
+    venv = root / "opt" / "inspectd" / "venv"
+
+    def untracked() -> str:  # build output left in the checkout, ignored or not
+        status = [*git, str(src), "status", "--porcelain", "--ignored"]
+        return subprocess.run(status, capture_output=True, text=True, check=True, timeout=60).stdout
+
+    first = _offline_install(root, src, python)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (_site_packages(venv) / "inspectd" / "deleted_later.py").is_file()
+    assert untracked() == ""
+    last = first.stdout.strip().splitlines()[-1]
+    assert last == "install.sh: done; to run the new version: systemctl try-restart inspectd@line2.service"
+
+    subprocess.run([*git, str(src), "rm", "-q", "inspectd/deleted_later.py"], check=True, timeout=60)
+    subprocess.run([*git, str(src), "commit", "-q", "-m", "v2"], check=True, timeout=60)
+    (etc / "line2.yaml").write_text(yaml.safe_dump({**line2, "shutdown_timeout_s": 600}))  # accepted before
+    upgrade = _offline_install(root, src, python)
+    assert upgrade.returncode == 1, upgrade.stdout + upgrade.stderr
+    assert not (_site_packages(venv) / "inspectd" / "deleted_later.py").exists()
+    assert untracked() == ""
+    refusal = upgrade.stderr.splitlines()[0]
+    assert refusal.startswith(f"install.sh: inspectd@line2.service ({etc / 'line2.yaml'}) will not start with the ")
+    assert refusal.endswith("shutdown_timeout_s: expected at most 60, got 600"), upgrade.stderr
+
+
+def test_python_naming_another_interpreter_makes_the_venv_again_and_a_plain_copy_leaves_build_output_behind(
+    tmp_path,
+):
+    """--python is honoured on an existing venv (pip cannot move one between interpreters), and without --python the
+    venv is kept. A source tree without git is copied without what a build left in it: a stale build/lib module is
+    not shipped."""
+    other = "/usr/bin/python3.11"
+    if not os.path.exists(other) or os.path.realpath(other) == _base_python():
+        pytest.skip("needs a second Python 3.11 interpreter beside the test's own")
+    src = _source_copy(tmp_path / "src")
+    stale = src / "build" / "lib" / "inspectd" / "stale_module.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")
+    root = tmp_path / "root"
+    venv = root / "opt" / "inspectd" / "venv"
+
+    def made_by() -> str:
+        cfg = (venv / "pyvenv.cfg").read_text()
+        return next(line.split("=", 1)[1].strip() for line in cfg.splitlines() if line.startswith("home"))
+
+    first = _offline_install(root, src, _offline_python(tmp_path / "other", other, _deps()))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert made_by() == str(Path(other).parent)
+    assert not (_site_packages(venv) / "inspectd" / "stale_module.py").exists()
+    assert not (src / "inspectd.egg-info").exists()
+    ours = _offline_install(root, src, _offline_python(tmp_path / "ours", _base_python(), _deps()))
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert made_by() == str(Path(_base_python()).parent)
+    version = subprocess.run([str(venv / "bin" / "inspectd"), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("inspectd "), version.stderr

@@ -34,6 +34,9 @@ from inspectd.protocol.keys import is_local_endpoint
 
 STATION_RE = r"[a-z0-9_-]+"
 DEFAULT_STATE_DIR = Path("/var/lib/inspectd")
+# The units' TimeoutStopSec (90 s) holds this plus what a stop takes past it (the publish and archive graces, closing
+# sockets and engines): with more, systemd would SIGKILL the drain half-way and accepted frames lose their results.
+MAX_SHUTDOWN_TIMEOUT_S = 60
 
 
 @declared
@@ -208,7 +211,7 @@ class Config:
     # After state_dir, which its default endpoint lives in; validated when left out too, to fill that default in.
     control: Annotated[ControlConfig, Field(validate_default=True)] = ControlConfig()
     archive: Annotated[ArchiveConfig, Field(validate_default=True)] = ArchiveConfig()
-    shutdown_timeout_s: Annotated[Number, Field(gt=0, le=3600)] = 10.0
+    shutdown_timeout_s: Annotated[Number, Field(gt=0, le=MAX_SHUTDOWN_TIMEOUT_S)] = 10.0
 
     @property
     def journal_path(self) -> Path | None:
