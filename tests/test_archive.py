@@ -1,8 +1,10 @@
-"""The image archive: the writer on real files and a real SQLite index, a real daemon archiving what it publishes,
-and `inspectd archive list|export` feeding `inspectd calibrate`, each as a real subprocess."""
+"""The image archive: the writer on real files and a real SQLite index (and on a real 3 MB tmpfs, mounted as root, to
+fill), a real daemon archiving what it publishes, and `inspectd archive list|export` feeding `inspectd calibrate`,
+each as a real subprocess."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -18,12 +20,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import structlog
 
-from daemon_harness import Station
+from daemon_harness import Station, in_process_config
 from inspectd.daemon import archive as archive_module
 from inspectd.daemon.archive import Archive
 from inspectd.daemon.inference import Judged
-from inspectd.protocol.archive import ArchiveError, ArchiveReader
+from inspectd.daemon.service import Daemon
+from inspectd.protocol.archive import ArchiveError, ArchiveReader, live_frame
 from other_user import as_nobody
 from ports import free_port
 from station_model import FRAME, defect_frame, drop, good_frame, judged, write_grey_bundle
@@ -70,7 +74,9 @@ def test_defects_with_overlays_and_one_good_frame_in_n_are_kept(tmp_path):
             away = overlay[outside].astype(int)
             assert np.abs(away - item.frame.image[outside][:, None]).mean() < 4, "the frame, up to JPEG's noise"
             assert abs((away[:, 2] - away[:, 0]).mean()) < 2, "not tinted"
-        assert reader.live("cam0") is not None and reader.live("nope") is None
+        root = tmp_path / "archive"
+        assert live_frame(root, "cam0") is not None and live_frame(root, "nope") is None
+        assert live_frame(root, "../cam0") is None
         with pytest.raises(ArchiveError, match="not in the archive"):
             reader.get("cam0-20000101T000000000-1")
         with pytest.raises(ArchiveError, match="expected <camera>"):
@@ -416,3 +422,221 @@ def test_daemon_archives_what_it_publishes_and_export_feeds_calibrate(tmp_path):
     assert missing.returncode == 2 and "expected an inspectd image archive" in missing.stderr
     bad_time = inspectd("archive", "list", "--archive", str(archive_dir), "--since", "yesterday")
     assert bad_time.returncode == 2 and "--since: 'yesterday', expected an ISO time" in bad_time.stderr
+
+
+def wait_until(predicate, what: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return value
+
+
+def done_count(archive: Archive) -> int:
+    status = archive.status()
+    return sum(status["written"].values()) + status["lost"]
+
+
+def offer_grey(archive: Archive, seq: int) -> str | None:
+    """Offer a 320x320 good frame (a 65 kB PNG) and wait until it is written or lost."""
+    before = done_count(archive)
+    image = (128 + np.random.default_rng(seq).integers(-12, 13, (320, 320))).astype(np.uint8)
+    entry_id = archive.offer(judged("cam0", seq, image))
+    wait_until(lambda: done_count(archive) > before, "the write")
+    return entry_id
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.tmp"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 3 MB (tmpfs), unmounted after the test whatever happened."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m,mode=0755", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        if os.geteuid() != 0:
+            pytest.skip(f"mounting a 3 MB tmpfs needs root: {done.stderr.strip()}")
+        pytest.fail(f"cannot mount a 3 MB tmpfs as root: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=True)  # a writer still holding a file: detach it
+
+
+def test_a_full_disk_makes_the_archive_delete_its_own_oldest_frames_not_stay_degraded(small_disk):
+    root = small_disk / "archive"
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=1).start()  # a budget far over the 3 MB disk
+    ids = []
+    for seq in range(80):  # about 65 kB each, 5 MB in all
+        ids.append(offer_grey(archive, seq))
+    status = archive.status()
+    assert not status["degraded"] and status["lost"] == 0 and status["written"]["ok"] == 80, status
+    assert status["pruned"] > 0 and status["pruned"] + status["entries"] == 80
+    with ArchiveReader(root) as reader:
+        kept = [e.id for e in reader.query()]
+    assert kept == ids[-len(kept) :], "the oldest written were deleted, the newest kept"
+    assert sorted(p.name.split(".")[0] for p in root.glob("cam0/*/*.png")) == sorted(kept)
+    # It leaves the file system its floor of free space: the journal beside it can still write.
+    assert shutil.disk_usage(small_disk).free >= 0.01 * 3 * 2**20
+    journal = small_disk / "journal-segment"
+    with open(journal, "wb") as f:
+        f.write(b"x" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    # Something else then takes every byte left: the archive makes room in what is its own, down to its newest
+    # frame if it must, to keep the floor.
+    with open(small_disk / "filler", "wb", buffering=0) as f:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"x" * 65536)
+    for seq in range(80, 83):
+        ids.append(offer_grey(archive, seq))
+    assert archive.close()
+    status = archive.status()
+    assert not status["degraded"] and status["written"]["ok"] == 83, status
+    with ArchiveReader(root) as reader:
+        assert [e.id for e in reader.query()][-1] == ids[-1]
+    assert leftovers(root) == [], "a write the full disk failed (the live frame's) leaves no .tmp"
+
+
+def test_the_age_bound_is_kept_with_nothing_written_and_emptied_day_folders_go(tmp_path, monkeypatch):
+    root = tmp_path / "archive"
+    archive = Archive(root, max_mb=100, max_age_h=1, good_every=1).start()
+    for seq in range(3):  # captured on three days: three day folders
+        archive.offer(judged("cam0", seq, good_frame(seq), t=time.time() - seq * 86400))
+    assert archive.close()
+    assert len(list((root / "cam0").iterdir())) == 3
+    # Two hours later the line stands still (or every write fails): the frames still expire, and their folders go.
+    monkeypatch.setattr(archive_module, "time", _WallClock(step=7200.0))
+    archive = Archive(root, max_mb=100, max_age_h=1, good_every=1).start()
+    wait_until(lambda: archive.status()["pruned"] == 3, "the age bound with no frame offered")
+    assert archive.close()
+    with ArchiveReader(root) as reader:
+        assert reader.query() == []
+    assert list((root / "cam0").iterdir()) == []
+
+
+def test_what_a_kill_left_is_removed_at_open_and_nothing_else(tmp_path):
+    root = tmp_path / "archive"
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=1).start()
+    (kept,) = write_all(archive, [judged("cam0", 0, good_frame(0))])
+    assert archive.close()
+    (day,) = (root / "cam0").iterdir()
+    orphan = "cam0-20260301T120000000-7"  # renamed into place, killed before its index row was committed
+    left = [day / f"{orphan}.png", day / f"{orphan}.overlay.jpg", day / f"{kept}.png.tmp", root / "live/cam0.jpg.tmp"]
+    others = [day / "notes.txt", day / "cam0.png", day / f"{orphan}.png.bak", root / "cam0/README", root / "x.tmp"]
+    for path in left + others:
+        path.write_bytes(b"left")
+    (root / "cam1/2026-03-01").mkdir(parents=True)  # a day folder left empty
+    (root / "cam1/not-a-day").mkdir()
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=1).start()  # opened by its first age check
+    wait_until(lambda: not any(path.exists() for path in left), "the leftovers removed")
+    assert archive.close()
+    assert [path for path in others if not path.exists()] == [], "only what the writer names is removed"
+    assert (day / f"{kept}.png").exists() and not (root / "cam1/2026-03-01").exists()
+    assert (root / "cam1/not-a-day").is_dir()
+    with ArchiveReader(root) as reader:
+        assert [e.id for e in reader.query()] == [kept]
+
+
+def test_a_capture_time_that_is_no_date_still_files_the_frame_and_its_live_image(tmp_path):
+    root = tmp_path / "archive"
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=0).start()
+    before = time.time()
+    # Milliseconds (a common producer's choice), a camera without a clock, and a date past 9999.
+    captures = [before * 1000, 0.0, 1e13]
+    ids = write_all(archive, [judged("cam0", seq, defect_frame(seq), t=t) for seq, t in enumerate(captures)])
+    assert archive.close()
+    after = time.time()
+    status = archive.status()
+    assert status["written"]["defect"] == 3 and status["lost"] == 0 and not status["degraded"], status
+    days = {time.strftime("%Y-%m-%d", time.gmtime(t)) for t in (before, after)}
+    with ArchiveReader(root) as reader:
+        entries = reader.query()
+        assert [e.id for e in entries] == ids
+        # Filed under the time each was offered: found by a query for the last minutes, in today's folder.
+        assert all(before - 1 <= e.t_capture <= after + 1 for e in entries)
+        assert all(e.frame_file.split("/")[1] in days for e in entries)
+        assert live_frame(root, "cam0") is not None
+
+    # An offer that fails outright (a capture time that is no number): one alarm for the run, not a line per frame,
+    # and the live frame still goes.
+    root = tmp_path / "second"
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=0).start()
+    with structlog.testing.capture_logs() as logs:
+        for seq in range(5):
+            assert archive.offer(judged("cam0", seq, defect_frame(seq), t="1795435881.627")) is None  # type: ignore[arg-type]
+        status = archive.status()
+        assert status["degraded"] and status["lost"] == 5 and "TypeError" in status["error"], status
+        wait_until(lambda: (root / "live/cam0.jpg").exists(), "the live frame")
+        assert archive.offer(judged("cam0", 5, defect_frame(5))) is not None
+        assert not archive.status()["degraded"]
+    assert archive.close()
+    events = [e for e in logs if str(e["event"]).startswith("archive_offer")]
+    assert [e["event"] for e in events] == ["archive_offer_failed", "archive_offer_recovered"], events
+    assert events[1]["failed"] == 5
+
+
+def test_export_skips_a_frame_whose_file_is_empty_or_does_not_decode(tmp_path):
+    archive_dir = tmp_path / "archive"
+    archive = Archive(archive_dir, max_mb=100, max_age_h=24, good_every=1).start()
+    ids = write_all(archive, [judged("cam0", seq, good_frame(seq)) for seq in range(3)])
+    assert archive.close()
+    with ArchiveReader(archive_dir) as reader:
+        files = {e.id: reader.file(e) for e in reader.query()}
+    files[ids[0]].write_bytes(b"")  # what a power cut before the data reached the disk leaves
+    files[ids[1]].write_bytes(files[ids[1]].read_bytes()[:60])  # cut short
+    out = tmp_path / "export"
+    done = inspectd("archive", "export", str(out), "--archive", str(archive_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["exported"] == 1 and report["unreadable"] == ids[:2], report
+    assert done.stderr.strip() == (
+        f"inspectd archive: skipped 2 frame(s) whose file is empty or does not decode: {ids[0]} {ids[1]}"
+    )
+    assert [p.stem for p in out.rglob("*.png")] == [ids[2]], "nothing unreadable copied into a training folder"
+    rows = [json.loads(line) for line in (out / "archive.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == [ids[2]]
+    none_readable = inspectd("archive", "export", str(tmp_path / "bad"), "--archive", str(archive_dir), "--limit", "2")
+    assert none_readable.returncode == 1 and "no archived frame could be read" in none_readable.stderr
+    assert list((tmp_path / "bad").rglob("*.png")) == []
+
+
+def test_frames_queued_as_shutdown_reaches_the_archive_get_a_grace_of_their_own(tmp_path):
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    config = in_process_config(tmp_path, bundle, {"kind": "synthetic", "rate_hz": 50, "width": 64, "height": 64})
+    daemon = Daemon(dataclasses.replace(config, shutdown_timeout_s=0.05))  # spent before the archive closes
+    daemon.start()
+    archive = daemon.archive
+    assert archive is not None
+    large = []
+    for seq in range(16):  # about 20 ms each to encode and write
+        image = (128 + np.random.default_rng(seq).integers(-12, 13, (1000, 1000))).astype(np.uint8)
+        image[100:164, 100:164] = 250
+        large.append(judged("cam9", seq, image))
+    queued: list[str | None] = []
+    timeouts: list[float] = []
+    close = archive.close
+
+    def queue_then_close(timeout: float) -> bool:
+        # The last results published named these frames, queued as shutdown reaches the archive.
+        queued.extend(archive.offer(item) for item in large)
+        timeouts.append(timeout)
+        return close(timeout)
+
+    archive.close = queue_then_close  # type: ignore[method-assign]
+    try:
+        wait_until(lambda: daemon.publisher.published >= 1, "a result", 20)
+    finally:
+        daemon.shutdown()
+    assert len(queued) == 16 and None not in queued
+    with ArchiveReader(archive.root) as reader:
+        written = {e.id for e in reader.query(camera="cam9")}
+    assert set(queued) <= written, f"{len(written)} of the {len(queued)} frames results name were written"
+    assert timeouts[0] >= archive_module.CLOSE_GRACE_S

@@ -2,8 +2,10 @@
 MVTec-layout folder that `inspectd train --data` and `inspectd calibrate --good` read directly.
 
 Reads the archive directory only (inspectd.protocol.archive), so it works beside a running daemon or without one.
-Exit codes: 0 done, 1 export matched no frame, 2 bad arguments, no archive there (or unreadable), or an OUT that
-cannot be written (one line naming it and why).
+A frame whose file is empty or does not decode (a power cut can leave one) is not exported: it is counted and its
+id named on stderr, so nothing unreadable lands in a training folder.
+Exit codes: 0 done, 1 export matched no frame (or none that could be read), 2 bad arguments, no archive there (or
+unreadable), or an OUT that cannot be written (one line naming it and why).
 """
 
 from __future__ import annotations
@@ -91,16 +93,32 @@ def _list(entries: list[Entry], as_json: bool) -> int:
 
 
 def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespace) -> int:
-    copied = reader.export(entries, args.out, args.split)
+    unreadable: list[str] = []
+    copied = reader.export(entries, args.out, args.split, unreadable)
     counts = {v: sum(1 for e in entries if e.verdict == v) for v in VERDICTS}
+    if unreadable:
+        print(
+            f"inspectd archive: skipped {len(unreadable)} frame(s) whose file is empty or does not decode: "
+            f"{' '.join(unreadable)}",
+            file=sys.stderr,
+        )
     if args.json:
-        json.dump({"out": str(args.out), "split": args.split, "exported": copied, "matched": counts}, sys.stdout)
+        json.dump(
+            {
+                "out": str(args.out),
+                "split": args.split,
+                "exported": copied,
+                "matched": counts,
+                "unreadable": unreadable,
+            },
+            sys.stdout,
+        )
         print()
     else:
         print(
             f"exported {copied} frame(s) to {args.out}/{args.split}/ (good: {counts['ok']}, defect: {counts['defect']})"
         )
     if copied == 0:
-        print("inspectd archive: no archived frame matched", file=sys.stderr)
+        print(f"inspectd archive: no archived frame {'could be read' if unreadable else 'matched'}", file=sys.stderr)
         return 1
     return 0

@@ -37,12 +37,11 @@ from inspectd.protocol.archive import (
     DEFAULT_ARCHIVE,
     ID_RE,
     INDEX_NAME,
-    LIVE_DIR,
     ArchiveError,
     ArchiveReader,
     NoArchive,
+    live_frame,
 )
-from inspectd.protocol.journal import CAMERA_RE
 from inspectd.protocol.messages import Result
 
 if TYPE_CHECKING:
@@ -390,11 +389,8 @@ class WebView:
             await asyncio.sleep(0.05)
 
     async def live(self, request: web.Request) -> web.StreamResponse:
-        # Straight from the directory: the daemon writes live frames before (and without) any archived entry, so the
-        # index need not exist. The camera-id check keeps the name a file name in live/.
-        camera = request.match_info["camera"]
-        path = self.archive / LIVE_DIR / f"{camera}.jpg"
-        if not CAMERA_RE.fullmatch(camera) or not path.is_file():
+        path = live_frame(self.archive, request.match_info["camera"])
+        if path is None:
             raise web.HTTPNotFound(text="no live frame for this camera (yet)")
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 

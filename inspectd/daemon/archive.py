@@ -6,15 +6,27 @@ The publisher thread calls `offer(judged)` for each result before encoding it: a
 put on a bounded queue, returning the id the frame will be archived under (it goes into the result as `archive_id`)
 or None. PNG/JPEG encoding, drawing the overlay and every disk write happen on the archive's own thread, so
 inference never waits on the disk. When the writer falls behind (queue full) a frame is not archived and its result
-says so; when the disk fails (full, I/O error, unwritable) the archive goes `degraded`: one `archive_degraded` log
+says so; when the disk fails (I/O error, unwritable) the archive goes `degraded`: one `archive_degraded` log
 event, an alarm in status and metrics, frames counted in `lost`, and a retry every RETRY_S until a write succeeds
-(`archive_recovered`). Either way publishing goes on.
+(`archive_recovered`). Either way publishing goes on. An offer that fails (a frame it cannot file) raises the same
+alarm, logged once (`archive_offer_failed`) until an offer succeeds again (`archive_offer_recovered`).
+
+A full disk (ENOSPC, EDQUOT) is the archive's to relieve: it deletes its own oldest entries, enough for the entry
+and the free-space floor, and retries that entry once. After each write it keeps the file system's free space
+above that floor (FREE_FLOOR_FRACTION of it, at most FREE_FLOOR_MAX_BYTES) as if over its size: the journal lives on
+the same disk. The age bound is checked every AGE_CHECK_S on the writer's own schedule, whatever is written.
 
 Retention deletes in the order frames were written (the index's rowid, which SQLite numbers upwards across runs),
 never by the wall clock, which a station without a battery clock may have stepped back by NTP: the newest frame,
 whose result already names it, must never be the one deleted. The age bound does read the wall clock, held to the
 time since writing: while the archive is open a step of the wall clock (seen against the monotonic clock) moves every
-recorded write time with it, and a write time in the future at open counts as now.
+recorded write time with it, and a write time in the future at open counts as now. A day folder a deletion empties
+is removed.
+
+Each image is fsynced before its index row is committed (and the folder a new day folder is made in, once), so a
+power cut cannot leave a row naming an empty file. At open, what a kill left is removed: the writer's `*.tmp` files
+and images whose id the index does not hold (a kill between the rename and the commit); only names the writer
+gives, in folders it makes.
 
 Everything is created group-readable (directories DIR_MODE, files FILE_MODE) whatever the umask, as the unit's
 UMask=0077 would make it the service user's alone: `inspectd web` runs as a member of group inspectd. A closed
@@ -23,8 +35,11 @@ index is left in rollback-journal mode, so such a reader needs no -shm file it c
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -35,22 +50,37 @@ import cv2
 import numpy as np
 import structlog
 
+from engines.durable import fsync_dir
 from inspectd.daemon.inference import Judged
 from inspectd.protocol import archive as fmt
+from inspectd.protocol.journal import CAMERA_RE
 
 log = structlog.get_logger("inspectd.daemon.archive")
 
 RETRY_S = 5.0
 LIVE_INTERVAL_S = 1.0  # how often a camera's live/<camera>.jpg is replaced
 AGE_CHECK_S = 60.0
+IDLE_WAKE_MIN_S = 1.0  # the least an idle writer sleeps between age checks, whatever AGE_CHECK_S
 PRUNE_BATCH = 200
 OVERLAY_JPEG_QUALITY = 90
 DIR_MODE = 0o750
 FILE_MODE = 0o640
+# Free space the archive leaves on its file system: a share of it, at most this much.
+FREE_FLOOR_FRACTION = 0.01
+FREE_FLOOR_MAX_BYTES = 256 * 2**20
+# What the queued frames may take to be written at shutdown, past the shutdown deadline: their results already name
+# them (as service.PUBLISH_GRACE_S for the results).
+CLOSE_GRACE_S = 2.0
 # A change of (wall - monotonic) beyond this is a step of the wall clock; NTP's slewing moves it far less between
 # two writes.
 CLOCK_STEP_S = 2.0
 _STOP = object()
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_SQLITE_FULL = 13  # sqlite3.h: "database or disk is full"
+# What the writer names, and nothing else, is what the sweep at open may delete.
+_DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_FILE_RE = re.compile(rf"(?P<id>{fmt.ID_RE.pattern})(?:\.png|\.overlay\.jpg)(?P<tmp>\.tmp)?")
+_LIVE_TMP_RE = re.compile(rf"{CAMERA_RE.pattern}\.jpg\.tmp")
 
 
 class Archive:
@@ -65,16 +95,25 @@ class Archive:
         self._good_seen: dict[str, int] = {}
         self._live_due: dict[str, float] = {}
         self._db: sqlite3.Connection | None = None
+        self._swept = False
+        self._full_logged = False  # archive_disk_full logged, no write since found room at once
         self._bytes = 0
         self._entries = 0
         self._next_age_check = 0.0
         self._wall_offset: float | None = None  # time.time() - time.monotonic() when last read
         self._retry_at = 0.0
-        self.degraded: str | None = None  # the alarm: why the last write failed; None while writing works
+        self._write_error: str | None = None  # why the last write failed; None while writing works
+        self._offer_error: str | None = None  # why offers fail; None once one succeeds
+        self._offer_failures = 0  # in the current run of failed offers
         self.written: dict[str, int] = {"ok": 0, "defect": 0}
-        self.lost = 0  # chosen for the archive but not written: writer behind, or the disk failing
+        self.lost = 0  # chosen for the archive but not written: writer behind, the disk failing, or the offer failed
         self.pruned = 0
         self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
+
+    @property
+    def degraded(self) -> str | None:
+        """The alarm: why writes (or offers) fail; None while the archive works."""
+        return self._write_error or self._offer_error
 
     # -- the publisher's side ----------------------------------------------------------------------------------
 
@@ -84,8 +123,7 @@ class Archive:
         try:
             return self._offer(judged)
         except Exception as exc:
-            self.lost += 1
-            log.error("archive_offer_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            self._offer_failed(exc)
             return None
 
     def _offer(self, judged: Judged) -> str | None:
@@ -101,12 +139,23 @@ class Archive:
         live = now >= self._live_due.get(frame.camera, 0.0)
         if not keep and not live:
             return None
-        entry_id = fmt.archive_id(frame.camera, frame.seq, frame.t_capture) if keep else None
-        if entry_id is not None and self.degraded is not None and time.monotonic() < self._retry_at:
+        entry_id, t_named = None, None
+        if keep and self._write_error is not None and now < self._retry_at:
             self.lost += 1  # the disk is failing: don't queue work that will fail, until the next retry
+        elif keep:
+            try:
+                t_named = frame.t_capture if fmt.dated(frame.t_capture) else time.time()
+                entry_id = fmt.archive_id(frame.camera, frame.seq, t_named)
+            except Exception as exc:  # the live frame below still goes
+                self._offer_failed(exc)
+            else:
+                if self._offer_error is not None:
+                    log.warning("archive_offer_recovered", failed=self._offer_failures)
+                    self._offer_error, self._offer_failures = None, 0
+        if entry_id is None and not live:
             return None
         try:
-            self._queue.put_nowait((judged, entry_id, live))
+            self._queue.put_nowait((judged, entry_id, t_named, live))
         except queue.Full:
             if entry_id is not None:
                 self.lost += 1
@@ -114,6 +163,14 @@ class Archive:
         if live:
             self._live_due[frame.camera] = now + LIVE_INTERVAL_S
         return entry_id
+
+    def _offer_failed(self, exc: Exception) -> None:
+        """One log line per run of failed offers, not one per frame; the run is the `degraded` alarm."""
+        self.lost += 1
+        self._offer_failures += 1
+        if self._offer_error is None:
+            self._offer_error = f"offer: {type(exc).__name__}: {exc}".splitlines()[0]
+            log.error("archive_offer_failed", error=self._offer_error, effect="not archived until an offer succeeds")
 
     def status(self) -> dict[str, Any]:
         return {
@@ -134,14 +191,25 @@ class Archive:
         return self
 
     def close(self, timeout: float = 5.0) -> bool:
-        """Write what is queued (within `timeout`), then close the index. False when the writer did not finish."""
+        """Write what is queued (within `timeout` in all), then close the index. False when the writer did not
+        finish: the frames still queued are not written, though their results name their ids."""
+        deadline = time.monotonic() + timeout
         if self._thread.is_alive():
             try:
                 self._queue.put(_STOP, timeout=timeout)
             except queue.Full:
-                return False
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+                pass
+            else:
+                self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.error(
+                "archive_close_unfinished",
+                queued=self._queue.qsize(),
+                timeout_s=round(timeout, 3),
+                effect="frames still queued are not written; their archive ids name nothing",
+            )
+            return False
+        return True
 
     def alive(self) -> bool:
         """False once the writer thread has ended (on its own, or after close): nothing is archived from then on."""
@@ -152,14 +220,20 @@ class Archive:
     def _run(self) -> None:
         try:
             while True:
-                item = self._queue.get()
+                wait = max(IDLE_WAKE_MIN_S, self._next_age_check - time.monotonic())
+                try:
+                    item = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    item = None
                 if item is _STOP:
                     break
-                judged, entry_id, live = item
-                if live:
-                    self._write_live(judged)
-                if entry_id is not None:
-                    self._write_entry(judged, entry_id)
+                if item is not None:
+                    judged, entry_id, t_named, live = item
+                    if live:
+                        self._write_live(judged)
+                    if entry_id is not None:
+                        self._write_entry(judged, entry_id, t_named)
+                self._check_age(time.monotonic())
         finally:
             if self._db is not None:
                 try:
@@ -188,10 +262,36 @@ class Archive:
                 db.execute("UPDATE frames SET t_written = ? WHERE t_written > ?", (now, now))
             self._bytes, self._entries = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM frames").fetchone()
             self._db = db
+            if not self._swept:
+                self._swept = True
+                try:
+                    self._sweep(db)
+                except OSError as exc:  # leftovers cost space, not frames: the archive works on
+                    log.warning("archive_sweep_failed", error=f"{type(exc).__name__}: {exc}")
         return self._db
 
+    def _sweep(self, db: sqlite3.Connection) -> None:
+        """Remove what a kill left: the writer's .tmp files, images whose id is not in the index (retention could
+        never delete them), and day folders left empty. Only names the writer gives, in folders it makes."""
+        known = {row[0] for row in db.execute("SELECT id FROM frames")}
+        removed = 0
+        for camera in _subdirs(self.root, CAMERA_RE):
+            if camera.name == fmt.LIVE_DIR:
+                for path in _entries(camera):
+                    if _LIVE_TMP_RE.fullmatch(path.name):
+                        removed += _unlink(path)
+                continue
+            for day in _subdirs(camera, _DAY_RE):
+                for path in _entries(day):
+                    match = _FILE_RE.fullmatch(path.name)
+                    if match and (match["tmp"] or match["id"] not in known):
+                        removed += _unlink(path)
+                _rmdir(day)
+        if removed:
+            log.warning("archive_swept", removed=removed, reason="left by a kill: .tmp files, images not indexed")
+
     def _mkdirs(self, path: Path) -> None:
-        """`path` and its missing parents up to the archive root, each DIR_MODE."""
+        """`path` and its missing parents up to the archive root, each DIR_MODE, each made durable in its parent."""
         if path.is_dir():
             return
         if path != self.root:
@@ -203,6 +303,7 @@ class Archive:
                 raise
             return
         os.chmod(path, DIR_MODE)
+        fsync_dir(path.parent)
 
     def _wall_clock(self, db: sqlite3.Connection) -> float:
         """time.time(), after moving every recorded write time by the step when the wall clock stepped since the
@@ -217,109 +318,171 @@ class Archive:
         self._wall_offset = offset
         return now
 
-    def _write_entry(self, judged: Judged, entry_id: str) -> None:
-        now = time.monotonic()
-        if self.degraded is not None and now < self._retry_at:
+    def _write_entry(self, judged: Judged, entry_id: str, t_named: float) -> None:
+        if self._write_error is not None and time.monotonic() < self._retry_at:
             self.lost += 1
             return
         frame = judged.frame
         assert frame.image is not None, "offer() takes only frames with an image"
-        folder = fmt.day_dir(frame.camera, frame.t_capture)
+        folder = fmt.day_dir(frame.camera, t_named)
         frame_file = f"{folder}/{entry_id}.png"
         overlay_file = f"{folder}/{entry_id}.overlay.jpg" if judged.verdict == "defect" else None
-        written: list[Path] = []
         try:
-            db = self._open()
-            self._mkdirs(self.root / folder)
-            size = self._write_image(self.root / frame_file, _bgr(frame.image), (), written)
+            images = [(frame_file, _encode(".png", _bgr(frame.image), ()))]
             if overlay_file is not None:
                 params = (cv2.IMWRITE_JPEG_QUALITY, OVERLAY_JPEG_QUALITY)
-                size += self._write_image(self.root / overlay_file, overlay(judged), params, written)
-            with db:
-                db.execute(
-                    _INSERT,
-                    (
-                        entry_id,
-                        frame.camera,
-                        frame.seq,
-                        frame.frame_id,
-                        frame.t_capture,
-                        judged.verdict,
-                        judged.score,
-                        judged.threshold,
-                        judged.model_id,
-                        judged.thresholds_version,
-                        len(judged.regions),
-                        frame_file,
-                        overlay_file,
-                        size,
-                        self._wall_clock(db),
-                    ),
-                )
+                images.append((overlay_file, _encode(".jpg", overlay(judged), params)))
+        except OSError as exc:
+            self._failed(exc)
+            return
+        size = sum(len(data) for _, data in images)
+        row = (
+            entry_id,
+            frame.camera,
+            frame.seq,
+            frame.frame_id,
+            t_named,
+            judged.verdict,
+            judged.score,
+            judged.threshold,
+            judged.model_id,
+            judged.thresholds_version,
+            len(judged.regions),
+            frame_file,
+            overlay_file,
+            size,
+        )
+        try:
+            try:
+                self._store(folder, images, row)
+                self._full_logged = False
+            except (OSError, sqlite3.Error) as exc:
+                if not (_disk_full(exc) and self._make_room(size)):
+                    raise
+                self._store(folder, images, row)  # once: a disk still full is the alarm
         except (OSError, sqlite3.Error) as exc:
-            for path in written:  # no image without its index row: retention could never delete it
-                _unlink(path)
             self._failed(exc)
             return
         self._bytes += size
         self._entries += 1
         self.written[judged.verdict] = self.written.get(judged.verdict, 0) + 1
-        if self.degraded is not None:
+        if self._write_error is not None:
             log.warning("archive_recovered", lost=self.lost)
-            self.degraded = None
-        self._retain(now)
+            self._write_error = None
+        self._retain()
+
+    def _store(self, folder: str, images: list[tuple[str, bytes]], row: tuple) -> None:
+        """The images, each fsynced, then their index row: no row names an image a power cut could leave empty."""
+        written: list[Path] = []
+        try:
+            db = self._open()
+            self._mkdirs(self.root / folder)
+            for name, data in images:
+                self._write_image(self.root / name, data, written, sync=True)
+            with db:
+                db.execute(_INSERT, (*row, self._wall_clock(db)))
+        except BaseException:
+            for path in written:  # no image without its index row: retention could never delete it
+                _unlink(path)
+            raise
 
     @staticmethod
-    def _write_image(path: Path, image: np.ndarray, params: tuple, written: list[Path]) -> int:
-        ok, data = cv2.imencode(path.suffix, image, params)
-        if not ok:
-            raise OSError(f"cannot encode {path.name}")
+    def _write_image(path: Path, data: bytes, written: list[Path], sync: bool) -> None:
         tmp = path.with_name(path.name + ".tmp")
         written.append(tmp)
         with open(tmp, "wb") as f:
             os.fchmod(f.fileno(), FILE_MODE)
-            f.write(data.tobytes())
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         written.append(path)
-        return len(data)
 
     def _write_live(self, judged: Judged) -> None:
-        """The camera's latest frame for the web view; best effort, never an alarm of its own."""
+        """The camera's latest frame for the web view; best effort, never an alarm of its own, and not fsynced: the
+        next one replaces it within a second."""
         assert judged.frame.image is not None
         live_dir = self.root / fmt.LIVE_DIR
+        written: list[Path] = []
         try:
             self._mkdirs(live_dir)
-            self._write_image(
-                live_dir / f"{judged.frame.camera}.jpg", _bgr(judged.frame.image), (cv2.IMWRITE_JPEG_QUALITY, 80), []
-            )
+            data = _encode(".jpg", _bgr(judged.frame.image), (cv2.IMWRITE_JPEG_QUALITY, 80))
+            self._write_image(live_dir / f"{judged.frame.camera}.jpg", data, written, sync=False)
         except OSError:
-            pass
+            with contextlib.suppress(OSError):  # the .tmp, on a full disk; the previous live frame stays
+                for path in written[:1]:
+                    _unlink(path)
 
-    def _retain(self, now: float) -> None:
-        """Delete the oldest entries (in write order) while the archive is over its size, and those past its age."""
+    def _free_floor(self) -> tuple[int, int]:
+        """(free bytes on the archive's file system, the floor the archive keeps them above)."""
+        st = os.statvfs(self.root)
+        floor = min(FREE_FLOOR_MAX_BYTES, int(st.f_blocks * st.f_frsize * FREE_FLOOR_FRACTION))
+        return st.f_bavail * st.f_frsize, floor
+
+    def _retain(self) -> None:
+        """Delete the oldest entries (in write order) while the archive is over its size, or the file system's free
+        space under its floor."""
+        try:
+            free, floor = self._free_floor()
+            self._prune_to(min(self.max_bytes, self._bytes - max(0, floor - free)))
+        except (OSError, sqlite3.Error) as exc:
+            self._failed(exc, lost=False)
+
+    def _make_room(self, needed: int) -> bool:
+        """On a full disk: delete the oldest entries until `needed` bytes and the free-space floor are freed. False
+        when there was nothing to delete."""
+        try:
+            self._open()
+            if self._entries == 0:
+                return False
+            floor = self._free_floor()[1]
+            pruned = self.pruned
+            self._prune_to(self._bytes - needed - floor)
+        except (OSError, sqlite3.Error):
+            return False
+        if not self._full_logged:  # once per run of writes that find the disk full
+            self._full_logged = True
+            log.warning("archive_disk_full", pruned=self.pruned - pruned, freed_for=needed + floor)
+        return self.pruned > pruned
+
+    def _prune_to(self, budget: int) -> None:
         db = self._db
         assert db is not None
-        try:
-            while self._bytes > self.max_bytes and self._entries > 0:
-                self._prune(db.execute(_OLDEST, (PRUNE_BATCH,)).fetchall(), size_bound=True)
-            if now >= self._next_age_check:
-                self._next_age_check = now + AGE_CHECK_S
-                cutoff = self._wall_clock(db) - self.max_age_s
-                while rows := db.execute(_OLDER_THAN, (cutoff, PRUNE_BATCH)).fetchall():
-                    self._prune(rows)
-        except (OSError, sqlite3.Error) as exc:
-            self._failed(exc)
+        while self._bytes > budget and self._entries > 0:
+            rows = db.execute(_OLDEST, (PRUNE_BATCH,)).fetchall()
+            if not rows:
+                break
+            self._prune(rows, budget)
 
-    def _prune(self, rows: list, size_bound: bool = False) -> None:
-        """Delete these entries (oldest first); with `size_bound`, only as many as bring the archive under its size."""
+    def _check_age(self, now: float) -> None:
+        """Every AGE_CHECK_S, delete the entries past the age bound: on the writer's schedule, not only after a
+        write, so a disk that refuses writes still loses its expired frames."""
+        if now < self._next_age_check:
+            return
+        self._next_age_check = now + AGE_CHECK_S
+        if self._db is None and not (self.root / fmt.INDEX_NAME).is_file():
+            return  # nothing written yet: no index to make for this
+        try:
+            db = self._open()
+            cutoff = self._wall_clock(db) - self.max_age_s
+            while rows := db.execute(_OLDER_THAN, (cutoff, PRUNE_BATCH)).fetchall():
+                self._prune(rows)
+        except (OSError, sqlite3.Error) as exc:
+            self._failed(exc, lost=False)
+
+    def _prune(self, rows: list, budget: int | None = None) -> None:
+        """Delete these entries (oldest first); with `budget`, only as many as bring the archive down to it. Then the
+        day folders this emptied."""
         assert self._db is not None
-        done, freed = [], 0
+        done, freed, folders = [], 0, set()
         for entry_id, frame_file, overlay_file, size in rows:
-            if size_bound and self._bytes - freed <= self.max_bytes:
+            if budget is not None and self._bytes - freed <= budget:
                 break
             for name in (frame_file, overlay_file):
                 if name:
                     _unlink(self.root / name)
+                    folders.add((self.root / name).parent)
             freed += size
             done.append((entry_id,))
         with self._db:
@@ -327,17 +490,20 @@ class Archive:
         self._bytes -= freed
         self._entries -= len(done)
         self.pruned += len(done)
+        for folder in folders:
+            _rmdir(folder)
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, lost: bool = True) -> None:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        self.lost += 1
+        if lost:
+            self.lost += 1
         self._retry_at = time.monotonic() + RETRY_S
         if isinstance(exc, sqlite3.Error) and self._db is not None:
             self._db.close()  # reopened on the next try: the index may be what failed
             self._db = None
-        if self.degraded is None:
+        if self._write_error is None:
             log.error("archive_degraded", path=str(self.root), error=reason, retry_s=RETRY_S)
-        self.degraded = reason
+        self._write_error = reason
 
 
 _INSERT = f"INSERT OR REPLACE INTO frames ({', '.join(fmt.FIELDS)}) VALUES ({', '.join('?' * len(fmt.FIELDS))})"
@@ -345,11 +511,46 @@ _OLDEST = "SELECT id, frame_file, overlay_file, bytes FROM frames ORDER BY rowid
 _OLDER_THAN = "SELECT id, frame_file, overlay_file, bytes FROM frames WHERE t_written < ? ORDER BY rowid LIMIT ?"
 
 
-def _unlink(path: Path) -> None:
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
+
+
+def _encode(suffix: str, image: np.ndarray, params: tuple) -> bytes:
+    ok, data = cv2.imencode(suffix, image, params)
+    if not ok:
+        raise OSError(f"cannot encode a {suffix} image")
+    return data.tobytes()
+
+
+def _unlink(path: Path) -> int:
+    """1 when `path` was removed, 0 when it was already gone."""
     try:
         path.unlink()
     except FileNotFoundError:
-        pass
+        return 0
+    return 1
+
+
+def _rmdir(path: Path) -> None:
+    """Remove folder `path` when empty; one still holding files (ENOTEMPTY) or already gone is left as it is."""
+    try:
+        path.rmdir()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            raise
+
+
+def _subdirs(path: Path, name: re.Pattern) -> list[Path]:
+    return [p for p in _entries(path) if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+
+
+def _entries(path: Path) -> list[Path]:
+    try:
+        return list(path.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _bgr(image: np.ndarray) -> np.ndarray:

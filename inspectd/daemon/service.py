@@ -183,7 +183,12 @@ class Daemon:
         # The results already handed over still go out (and into the journal) even when the drain ran late.
         published = self.publisher.stop(max(PUBLISH_GRACE_S, deadline - time.monotonic()))
         if self.archive is not None:
-            self.archive.close(max(0.1, deadline - time.monotonic()))
+            from inspectd.daemon.archive import CLOSE_GRACE_S
+
+            # Its queued frames are named in results already out: a grace of their own, as those results had. A
+            # stop takes at most 7 s past shutdown_timeout_s (2 x PUBLISH_GRACE_S, PUB_LINGER_MS, CLOSE_GRACE_S),
+            # which the units' TimeoutStopSec allows for.
+            self.archive.close(max(CLOSE_GRACE_S, deadline - time.monotonic()))
         if self.control is not None:
             self.control.stop()
         if self.metrics is not None:

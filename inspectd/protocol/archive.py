@@ -10,7 +10,12 @@ Layout under the archive directory (by default `<state_dir>/archive`):
     live/<camera>.jpg                      the camera's most recent frame, replaced about once a second (not indexed)
 
 An id is `<camera>-<UTC capture time YYYYmmddTHHMMSSmmm>-<seq>`: unique per frame even when seq restarts (a daemon
-without a journal), and sortable by time within a camera. It is what a published result's `archive_id` names.
+without a journal), and sortable by time within a camera. It is what a published result's `archive_id` names. A
+capture time that is no date (`dated`: milliseconds, 0, far in the future) is replaced by the time the frame was
+offered to the archive, in the id, the day folder and the index's `t_capture` alike.
+
+A frame file that is empty or does not decode (a power cut between the index row and the image reaching the disk)
+is not exported: `export` skips it and names it (UnreadableFrame), as `frame_bytes` does for any other reader.
 
 Exported folders are MVTec-layout (`<out>/<split>/<verdict folder>/<id>.png`, good frames in `good`, defect verdicts
 in `defect`), so `inspectd train --data OUT` and `inspectd calibrate --good OUT` read them directly. An export adds
@@ -29,11 +34,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from engines.errors import DataError
 from inspectd.errors import InspectdError
+from inspectd.protocol.journal import CAMERA_RE
 
 INDEX_NAME = "index.sqlite3"
 LIVE_DIR = "live"
-ID_RE = re.compile(r"[a-zA-Z0-9_-]+-\d{8}T\d{9}-\d+")
+ID_RE = re.compile(rf"{CAMERA_RE.pattern}-\d{{8}}T\d{{9}}-\d+")
 EXPORT_SPLITS = ("train", "test")
 MANIFEST_NAME = "archive.jsonl"  # what an export took, one JSON object per frame
 # In every row of an export's manifest: the same id for the rows one export run wrote. An export adds to its folder,
@@ -42,6 +49,9 @@ EXPORT_RUN = "export_run"
 # Where the installed daemon keeps it: <state_dir>/archive with the installed config's state_dir (/var/lib/inspectd);
 # the default of every command that reads the archive without a daemon config.
 DEFAULT_ARCHIVE = Path("/var/lib/inspectd/archive")
+# The capture times taken as dates: 2000-01-01 to 2100-01-01 UTC. Milliseconds since the epoch lie far beyond, a
+# camera without a clock near 0.
+DATED_FROM, DATED_UNTIL = 946684800.0, 4102444800.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -76,6 +86,10 @@ class NoArchive(ArchiveError):
     """No index where the archive should be: none written yet, or not an archive directory."""
 
 
+class UnreadableFrame(ArchiveError):
+    """An entry's frame file is empty or does not decode: not a frame to copy or to train on."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One archived frame. Paths are relative to the archive directory."""
@@ -108,6 +122,11 @@ class Entry:
 FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
 
 
+def dated(t_capture: float) -> bool:
+    """Whether `t_capture` (epoch seconds) names a date the archive files a frame under."""
+    return DATED_FROM <= t_capture < DATED_UNTIL
+
+
 def archive_id(camera: str, seq: int, t_capture: float) -> str:
     when = datetime.datetime.fromtimestamp(t_capture, datetime.timezone.utc)
     return f"{camera}-{when:%Y%m%dT%H%M%S}{when.microsecond // 1000:03d}-{seq}"
@@ -115,6 +134,13 @@ def archive_id(camera: str, seq: int, t_capture: float) -> str:
 
 def day_dir(camera: str, t_capture: float) -> str:
     return f"{camera}/{datetime.datetime.fromtimestamp(t_capture, datetime.timezone.utc):%Y-%m-%d}"
+
+
+def live_frame(root: Path, camera: str) -> Path | None:
+    """The camera's latest frame under the archive `root` (written before, and without, any archived entry: no index
+    needed); None for a name that is no camera id (never a path) or while there is none."""
+    path = root / LIVE_DIR / f"{camera}.jpg"
+    return path if CAMERA_RE.fullmatch(camera) and path.is_file() else None
 
 
 def connect(root: Path) -> sqlite3.Connection:
@@ -226,17 +252,16 @@ class ArchiveReader:
             raise ArchiveError(f"archive id {entry.id!r}: {kind} file outside the archive")
         return path
 
-    def live(self, camera: str) -> Path | None:
-        path = self.root / LIVE_DIR / f"{camera}.jpg"
-        return path if re.fullmatch(r"[a-zA-Z0-9_-]+", camera) and path.is_file() else None
-
     def cameras(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT DISTINCT camera FROM frames ORDER BY camera")]
 
-    def export(self, entries: list[Entry], out: str | Path, split: str = "test") -> int:
+    def export(
+        self, entries: list[Entry], out: str | Path, split: str = "test", unreadable: list[str] | None = None
+    ) -> int:
         """Copy the entries' frames into an MVTec-layout folder `out/<split>/<good|defect>/<id>.png`; returns how
-        many were copied. Frames that expired between the query and the copy are skipped. An ArchiveError naming
-        `out` when it cannot be written (under a file, permission denied, disk full)."""
+        many were copied. Frames that expired between the query and the copy are skipped; so is a frame whose file
+        is empty or does not decode, its id added to `unreadable` when given. An ArchiveError naming `out` when it
+        cannot be written (under a file, permission denied, disk full)."""
         if split not in EXPORT_SPLITS:
             raise ArchiveError(f"split {split!r}: expected one of {', '.join(EXPORT_SPLITS)}")
         out = Path(out)
@@ -248,7 +273,12 @@ class ArchiveReader:
                 for entry in entries:
                     if entry.verdict not in ("ok", "defect"):
                         continue
-                    data = self._read(entry)
+                    try:
+                        data = self.frame_bytes(entry)
+                    except UnreadableFrame:
+                        if unreadable is not None:
+                            unreadable.append(entry.id)
+                        continue
                     if data is None:
                         continue
                     folder = out / split / ("good" if entry.verdict == "ok" else "defect")
@@ -262,15 +292,23 @@ class ArchiveReader:
             raise ArchiveError(f"export {out}: cannot write{where} ({exc.strerror or exc})") from None
         return copied
 
-    def _read(self, entry: Entry) -> bytes | None:
-        """The frame file's bytes; None when it expired since the query."""
+    def frame_bytes(self, entry: Entry) -> bytes | None:
+        """The frame file's bytes, checked to decode; None when it expired since the query. UnreadableFrame when it
+        is empty or does not decode."""
         path = self.file(entry)
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise ArchiveError(f"archive id {entry.id!r}: cannot read {path} ({exc.strerror or exc})") from None
+        from engines.data.images import decode_native  # OpenCV, which the web view and `list` do without
+
+        try:
+            decode_native(data, str(path))
+        except DataError as exc:
+            raise UnreadableFrame(f"archive id {entry.id!r}: {exc}") from None
+        return data
 
 
 def _where(
