@@ -106,6 +106,7 @@ from inspectd.protocol.archive import (
     EXPORT_SPLITS,
     MANIFEST_NAME,
     ArchiveReader,
+    UnreadableFrame,
     parse_time,
 )
 from inspectd.protocol.control import BUNDLE_REFUSED, ControlClient, ControlTimeout, allow_list_errors, client_for
@@ -515,10 +516,23 @@ def archive_frames(
                 instead = "teach on a span after the line switched to it"
                 raise TeachError(_no_lineage_frames(where, models, other, instead))
         # The order an export of these frames lists in, so both sources fit alike. A frame the archive's age or size
-        # bound deleted since the query is left out.
-        ordered = sorted(entries, key=lambda e: e.export_name)
-        kept = [(e.id, path) for e in ordered if (path := reader.file(e)).is_file()]
+        # bound deleted since the query is left out, and so is one whose file is empty or does not decode (a power
+        # cut), as export leaves it out: named, not fitted.
+        kept: list[tuple[str, Path]] = []
+        unreadable: list[str] = []
+        for e in sorted(entries, key=lambda e: e.export_name):
+            try:
+                if reader.frame_bytes(e) is not None:
+                    kept.append((e.id, reader.file(e)))
+            except UnreadableFrame:
+                unreadable.append(e.id)
         root = str(reader.root.resolve())
+    if unreadable:
+        print(
+            f"inspectd teach: WARNING: {where}: skipped {len(unreadable)} frame(s) whose file is empty or does not "
+            f"decode: {', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}",
+            file=sys.stderr,
+        )
     span = {"camera": camera, "since": _iso(t_since), "until": _iso(t_until)}
     hint = "; the archive keeps one good frame in archive.good_every per camera: a longer span holds more"
     if other:
@@ -531,6 +545,7 @@ def archive_frames(
             **span,
             "verdict": "ok",
             "ids": [entry_id for entry_id, _ in kept],
+            "unreadable": unreadable,  # empty or undecodable files, left out
             "model_ids": models,  # None: --any-model
             "other_models": other,
             # None: every camera's taken; else the good frames of the same models that other cameras left out.
