@@ -122,6 +122,7 @@ BAD_VALUES = [
     (["logging", "format"], "xml", "logging.format"),
     (["metrics", "listen"], "9108", "metrics.listen"),
     (["metrics", "listen"], "localhost:99999", "metrics.listen"),
+    (["metrics", "listen"], "::1:9108", "metrics.listen"),  # an IPv6 host goes in brackets, as in a URL
     (["state_dir"], 1, "state_dir"),
     (["shutdown_timeout_s"], -3, "shutdown_timeout_s"),
     (["shutdown_timeout_s"], float("nan"), "shutdown_timeout_s"),
@@ -190,6 +191,13 @@ SHARED = [
         ["metrics", "listen"],
         "localhost:9109",
         "cameras[2].source.endpoint: tcp port 9109 on 127.0.0.1 is already used by metrics.listen",
+    ),
+    (
+        ["cameras", 2, "source", "endpoint"],
+        "tcp://[::1]:9110",
+        ["metrics", "listen"],
+        "[::1]:9110",
+        "cameras[2].source.endpoint: tcp port 9110 on [::1] is already used by metrics.listen",
     ),
     (
         ["control", "endpoint"],

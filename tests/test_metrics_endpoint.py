@@ -255,11 +255,10 @@ def _ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
-@pytest.mark.parametrize("listen", ["[::1]:{port}", "::1:{port}"])
-def test_an_ipv6_listen_address_that_the_config_accepts_is_served_over_ipv6(listen):
+def test_an_ipv6_listen_address_that_the_config_accepts_is_served_over_ipv6():
     port = free_port()
     doc = {"station": "s", "model": {"bundle": "b"}, "cameras": [{"id": "c", "source": {"kind": "synthetic"}}]}
-    config = parse_config({**doc, "metrics": {"listen": listen.format(port=port)}})
+    config = parse_config({**doc, "metrics": {"listen": f"[::1]:{port}"}})
     metrics = Metrics(config.metrics.address)
     try:
         assert metrics.url == f"http://[::1]:{port}/metrics"

@@ -170,6 +170,9 @@ def _listen(raw: Any) -> str:
     host, sep, port = raw.rpartition(":") if isinstance(raw, str) else ("", "", "")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise invalid(f'expected "host:port" (e.g. 127.0.0.1:9108) or null, got {show(raw)}')
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        # As in a URL: without brackets, where the address ends and the port begins is a guess.
+        raise invalid(f'expected an IPv6 host in brackets, as "[::1]:9108", got {show(raw)}')
     return raw
 
 
@@ -182,7 +185,7 @@ class MetricsConfig:
         if self.listen is None:
             return None
         host, _, port = self.listen.rpartition(":")
-        return host, int(port)
+        return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 @declared
@@ -294,6 +297,7 @@ class Config:
             owners.append(("control.endpoint", _address(self.control.endpoint), ("control", "endpoint")))
         if self.metrics.address is not None:
             host, port = self.metrics.address
+            host = f"[{host}]" if ":" in host else host  # as a tcp endpoint writes it
             owners.append(("metrics.listen", _address(f"tcp://{host}:{port}"), ("metrics", "listen")))
         for i, camera in enumerate(self.cameras):
             endpoint, path = getattr(camera.source, "endpoint", None), getattr(camera.source, "path", None)

@@ -183,7 +183,7 @@ class Metrics:
     """The daemon's metrics and their HTTP endpoint, serving from construction until `stop()`.
 
     `address` is (host, port); port 0 picks a free one (see `.address`); None serves nothing (render() still works).
-    An IPv6 host (`::1`, also written `[::1]` as in a URL) is served over IPv6.
+    An IPv6 host (`::1`: the config's `[::1]:PORT` without its brackets) is served over IPv6.
     `source`, when given, has `status()` returning the daemon's status dict (healthy, failed_batches, cameras:
     {id: {frames_in, dropped, errors, reopen_count, state, drift}}, journal, archive, auth_refused), read once per
     scrape.
@@ -268,7 +268,6 @@ class Metrics:
                 pass  # one log line per scrape would drown the state-change events
 
         host, port = address
-        host = host.removeprefix("[").removesuffix("]")
         server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
         try:
             server = server_class((host, port), Handler)
