@@ -48,20 +48,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            sub.set_defaults(func=_needs(exc.name))
+            sub.set_defaults(func=_needs(name, exc.name), unparsed=True)
             continue
         module.add_arguments(sub)
         sub.set_defaults(func=module.run)
     return parser
 
 
-def _needs(dependency: str | None):
+def _needs(command: str, dependency: str | None):
     def run(_args) -> int:
         print(
-            f"inspectd: this command needs the Python package {dependency!r}: pip install 'inspectd[train]'",
+            f"inspectd {command}: needs the Python package {dependency!r}, which is not installed (training commands: "
+            "pip install 'inspectd[train]'; otherwise the installation is incomplete: run deploy/install.sh again)",
             file=sys.stderr,
         )
-        return 2
+        return 1
 
     return run
 
@@ -70,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # A command whose module could not be imported declares no options: whatever it was given, it says what is
+    # missing, not a usage error (exit 2 reads as a refused config, which the units do not restart, while a package
+    # missing mid-upgrade is worth another start).
+    if unknown and not getattr(args, "unparsed", False):
+        parser.parse_args(argv)  # the usage error, as before
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -91,3 +91,17 @@ def test_check_refuses_what_run_refuses(tmp_path, change, refused):
 def test_version():
     shown = inspectd("--version")
     assert shown.returncode == 0 and shown.stdout.startswith("inspectd ")
+
+
+def test_a_package_missing_from_the_installation_exits_1_not_as_a_refused_config():
+    """Exit 2 is a refused config, which the units do not restart; a package missing (an upgrade caught half-way) is
+    exit 1, named, whatever the command line, so systemd starts it again."""
+    missing = (
+        "import sys; sys.modules['structlog'] = None; from inspectd.cli import main; "
+        "sys.exit(main(['run', '--config', '/etc/inspectd/inspectd.yaml']))"
+    )
+    run = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 1, run.stderr
+    said = "inspectd run: needs the Python package 'structlog', which is not installed"
+    assert run.stderr.startswith(said), run.stderr
+    assert inspectd("run", "--no-such-flag").returncode == 2  # a usage error is still one
