@@ -249,8 +249,6 @@ def confusion(good_scores, defect_scores, threshold: float) -> Confusion:
 
 def pixel_threshold_for_fpr(histograms, fpr: float) -> float:
     """Lowest histogram-bin floor with at most floor(fpr * n) good pixels at or above it (bins are 0.05 % wide)."""
-    from engines.training.metrics import bin_floor
-
     fpr = _rate(fpr, "--pixel-fpr")
     total = histograms.n_normal  # flushes pending pixels into the histogram
     if not total:
@@ -260,23 +258,19 @@ def pixel_threshold_for_fpr(histograms, fpr: float) -> float:
     top_bins = int(np.searchsorted(from_top, math.floor(fpr * total), side="right"))
     if top_bins == 0:
         raise CalibrationError("pixel threshold: good pixels in the highest representable bin, expected finite maps")
-    return float(bin_floor(np.array([normal.size - top_bins]))[0])
+    return float(histograms.bin_floor(np.array([normal.size - top_bins]))[0])
 
 
 def _pixel_range(histograms) -> dict:
     """provenance["pixel_scores"]: the lowest and highest pixel score scored (to the histogram's bin width)."""
-    from engines.training.metrics import bin_floor
-
     total = histograms.n_normal  # flushes pending pixels into the histogram
     used = np.flatnonzero((histograms.normal > 0) | (histograms.defect > 0))
-    floors = bin_floor(np.array([used[0], min(int(used[-1]) + 1, histograms.normal.size - 1)]))
+    floors = histograms.bin_floor(np.array([used[0], min(int(used[-1]) + 1, histograms.normal.size - 1)]))
     return thresholds_doc.score_range(float(floors[0]), float(floors[1]), total + int(histograms.defect.sum()))
 
 
 def pixel_threshold_for_f1(histograms) -> tuple[float, float]:
     """(pixel F1, threshold) at the pixel F1 maximum over ground-truth masks, thresholds at histogram-bin floors."""
-    from engines.training.metrics import bin_floor
-
     if not histograms.n_defect or not histograms.n_normal:
         raise CalibrationError("pixel F1: needs defect pixels (masks) and good pixels")
     used = np.flatnonzero((histograms.normal > 0) | (histograms.defect > 0))[::-1]
@@ -284,7 +278,7 @@ def pixel_threshold_for_f1(histograms) -> tuple[float, float]:
     fp = np.cumsum(histograms.normal[used])
     f1 = 2.0 * tp / (tp + fp + histograms.n_defect)
     best = int(np.flatnonzero(f1 == f1.max())[-1])
-    return float(f1[best]), float(bin_floor(np.array([used[best]]))[0])
+    return float(f1[best]), float(histograms.bin_floor(np.array([used[best]]))[0])
 
 
 # --- the command --------------------------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def evaluate(
     tallies = {t: _TypeTally() for t in folder.defect_types()}
     picker = _OverlayPicker(n_overlays if overlay_dir is not None else 0)
     maskless_pixels: metrics.PixelHistograms | None = None  # only for the overlay colour scale
-    # Every histogram is keyed on the first map's minimum (None until one is added), so that rows can add them up.
+    # Every histogram is keyed on the first map's median (None until one is added), so that rows can add them up.
     reference: float | None = None
 
     per_image: list[dict] = []
@@ -226,7 +226,7 @@ def evaluate(
         "per_type": {},
         "pixel_metrics": (
             "every pixel at frame size, streamed into 2^20-bin float histograms of the value less the first "
-            "map's minimum (engines.training.metrics)"
+            "map's median (engines.training.metrics)"
         ),
         "overlays": [],
         "images": per_image,

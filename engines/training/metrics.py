@@ -8,14 +8,15 @@ over every distinct score used as the threshold (`score >= threshold` is a defec
 Pixel-level metrics must cover every pixel of every test image at its own frame size (magnetic_tile: 575 images,
 61 M pixels) without holding the maps. `PixelHistograms` streams them into fixed histograms over an order-preserving
 20-bit key of the float32 difference `value - reference` (sign, 8 exponent bits, the top 11 mantissa bits): 2^20
-bins, each 2^-11 (0.05 %) wide relative to that difference. With the reference at the maps' low end (the first added
-map's minimum: `reference=None`) a bin is at most 2^-11 of the maps' range wide, whatever their offset. Keyed on the
+bins, each 2^-11 (0.05 %) wide relative to that difference. With the reference among the maps' values (the first
+added map's median: `reference=None`; not its minimum, which one outlying pixel would set) a bin is at most 2^-11 of
+the maps' range wide, whatever their offset. Keyed on the
 raw value (`reference=0.0`, the default, which calibration's thresholds read through `bin_floor`) the bins are
 relative to the offset instead: maps at 100 +- 0.05 lose 7e-3 of pixel AUROC and 1e-2 of AUPRO, at 1000 +- 0.05 0.09
 and 0.2. Memory is constant (three 8 MB histograms), histograms of disjoint image sets on one reference add up
 (per-defect-type metrics are `good + type`), and the only approximation is that pixels in one bin count as tied. That
 bounds the error of pixel AUROC by half the fraction of defect/normal pixel pairs that share a bin. Keyed on the first
-map's minimum, pixel AUROC is within 2e-5 of scikit-learn and AUPRO within 2e-5 of an exact AUPRO on maps at offsets
+map's median, pixel AUROC is within 2e-5 of scikit-learn and AUPRO within 2e-5 of an exact AUPRO on maps at offsets
 0 to 1000 with spreads 0.05 to 5 (tests/test_metrics.py asserts 1e-4 at offsets 100 and 1000).
 
 AUPRO follows MVTec AD (Bergmann et al., IJCV 2021): the ground truth is split into connected components
@@ -117,7 +118,7 @@ class PixelHistograms:
     """Per-bin pixel counts of defect-free pixels (`normal`), defect pixels (`defect`), and defect pixels weighted by
     1/(size of their ground-truth region) (`region_weight`), plus the number of regions.
 
-    Bins are keyed on `value - reference`. None fixes the reference at the first added map's minimum, so bins follow
+    Bins are keyed on `value - reference`. None fixes the reference at the first added map's median, so bins follow
     the maps' spread; histograms that will be added must then be made with the first one's `reference`. The default
     0.0 keys the raw value, whose bins `bin_floor` reads back directly."""
 
@@ -145,7 +146,8 @@ class PixelHistograms:
         if not np.isfinite(anomaly_map).all():
             raise ValueError(f"{what}: contains NaN or infinity, expected finite scores")
         if self.reference is None:
-            self.reference = float(anomaly_map.min())
+            # The median, not the minimum: one outlying pixel must not widen every bin of every map.
+            self.reference = float(np.median(anomaly_map))
         keys = order_keys(anomaly_map - self.reference)
         if mask is None or not mask.any():
             self._pending_normal.append(keys.ravel())

@@ -407,7 +407,7 @@ def _score_candidate(
         best = max(pools, key=lambda share: (pools[share], -share))
         recipe = recipe.replace(score_share=best)
         clean_scores, planted_scores = pooled[best]
-    # Keyed on the first clean map's minimum, and every kind's histogram on the same, so that they can be added.
+    # Keyed on the first clean map's median, and every kind's histogram on the same, so that they can be added.
     clean_hist = metrics.PixelHistograms(reference=None)
     for m in maps:
         clean_hist.add(m)

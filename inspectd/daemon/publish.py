@@ -246,9 +246,9 @@ class Publisher:
         try:
             open_ipc_to_group(self._socket)  # an ipc bind made a new socket file
         except OSError as exc:
-            # The group's subscribers could not reconnect: as bad as no endpoint, so the same end as a failed bind.
-            log.error("publish_rebind_failed", endpoint=endpoint, error=str(exc))
-            raise
+            # Only the group's subscribers are shut out: the journal and the service user's own clients still get
+            # every result, so publishing goes on.
+            log.error("publish_mode_failed", endpoint=endpoint, error=str(exc), effect="group members cannot connect")
         self.rebinds += 1
         log.info("publish_rebound", endpoint=endpoint, reason="a key was removed from the allow-list")
 
