@@ -550,6 +550,30 @@ def test_a_daemon_publishing_status_every_5_s_is_not_taken_for_one_that_stopped(
     assert all(reporting and not alarms for _, reporting, alarms in seen), seen
 
 
+def test_a_status_that_says_its_interval_is_on_time_for_three_of_them_from_the_first(tmp_path):
+    """The daemon says when its next status is due (interval_s): from the first status on, no gaps to learn, a status
+    older than the view's 3 s but within three intervals is on time."""
+    pub, endpoint = publisher()
+    web, url = start_web(endpoint, tmp_path / "none")
+    seen = []
+    try:
+        wait_served(web, url)
+        until_subscribed(pub, url)
+        sent = time.time()
+        pub.send_multipart(encode_status("t1", {**STATUS, "t": sent, "interval_s": 10.0}))
+        deadline = time.monotonic() + 4.5
+        while time.monotonic() < deadline:
+            state = state_of(url)
+            if (state["status"] or {}).get("t") == sent:
+                seen.append((state["status_age_s"], state["daemon_reporting"], state["alarms"]))
+            time.sleep(0.25)
+    finally:
+        stop_web(web)
+        pub.close()
+    assert seen and max(age for age, _, _ in seen) > 3.5, seen
+    assert all(reporting and not alarms for _, reporting, alarms in seen), seen
+
+
 def test_live_frames_need_no_index_and_an_archive_made_anew_is_read(tmp_path):
     """With good_every 0 no frame is archived on a clean line, yet the live frames are on disk: they are served. An
     archive directory removed and made again (cleared, a new disk, a restore) is read anew, without restarting the

@@ -206,8 +206,13 @@ class LineState:
         return out + self._refused_alarm() + status_alarms(self.status or {})
 
     def stale_after(self) -> float:
-        """Seconds without a status message after which the daemon counts as not reporting."""
-        usual = statistics.median_low(self.status_gaps) if self.status_gaps else 0.0
+        """Seconds without a status message after which the daemon counts as not reporting: STALE_GAPS times the
+        interval the daemon says it publishes at, or (a daemon that does not say) the usual gap seen."""
+        said = (self.status or {}).get("interval_s")
+        if isinstance(said, (int, float)) and not isinstance(said, bool) and said > 0:
+            usual = float(said)
+        else:
+            usual = statistics.median_low(self.status_gaps) if self.status_gaps else 0.0
         return max(STATUS_STALE_S, STALE_GAPS * usual)
 
     def _refused_alarm(self) -> list[str]:

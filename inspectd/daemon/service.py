@@ -522,6 +522,7 @@ class Daemon:
         state = self.stage.state
         return {
             "t": time.time(),
+            "interval_s": self.config.publish.status_interval_s,  # when the next one is due: a client's staleness
             "uptime_s": round(time.monotonic() - self.t_start, 3),
             "healthy": self.stage.healthy and not self.dead_threads(),
             "model_id": state.model_id,
