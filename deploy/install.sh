@@ -16,9 +16,11 @@
 #
 # pip installs the versions pinned in constraints.txt (the ones the tests passed with), which need the Python named
 # in its header; --no-constraints takes the newest versions pyproject.toml's ranges allow instead. It builds a
-# throwaway copy of the source, never the checkout itself. Once a new version is in the virtualenv, each enabled or
-# active inspectd unit's config is checked with it (`inspectd run --check`); the units keep running the old version
-# until they are restarted, which the last line says how to do.
+# throwaway copy of the source, never the checkout itself. Each enabled or active inspectd unit's config is checked
+# (`inspectd run --check`) by the version in the virtualenv before pip replaces it and by the new one after: the
+# install fails (exit 1) only for a config the old version accepted and the new one refuses, a unit one restart away
+# from staying down; a config refused by both, or missing, is a warning. The units keep running the old version until
+# they are restarted, which the last line says how to do.
 set -eu
 
 usage() {
@@ -86,7 +88,8 @@ case ",$EXTRAS," in
     *) [ -z "$TORCH_INDEX" ] || die "--torch-index: only used with --with-train (torch is for training only)" ;;
 esac
 
-SRC=$(cd "$(dirname "$0")/.." && pwd)
+# The physical path: git names the checkout by it, and a path through a symlink would not match git's.
+SRC=$(cd "$(dirname "$0")/.." && pwd -P)
 [ -f "$SRC/pyproject.toml" ] || die "$SRC: expected the inspectd source tree (pyproject.toml) above deploy/"
 
 if [ -n "$PREFIX" ]; then
@@ -175,7 +178,8 @@ if [ "$MAKE_VENV" -eq 1 ]; then
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT
 fi
-if [ "$GPU" = cu12 ] && [ "$USE_CONSTRAINTS" -eq 1 ]; then
+# Only pip reads the merged pins: with --no-venv there is neither pip nor $WORK.
+if [ "$MAKE_VENV" -eq 1 ] && [ "$GPU" = cu12 ] && [ "$USE_CONSTRAINTS" -eq 1 ]; then
     # constraints.txt pins the CUDA 13 builds; deploy/constraints-cu12.txt replaces those pins for a CUDA 12 driver.
     OVERRIDES="$SRC/deploy/constraints-cu12.txt"
     CONSTRAINTS="$WORK/constraints.txt"
@@ -187,18 +191,38 @@ fi
 # root-owned files the operator cannot remove, and setuptools never prunes build/lib, so a module deleted from the
 # source would be installed again. It gets a fresh copy instead: with git, the files git knows of (tracked, and new
 # ones it does not ignore) as they are in the working tree, so an uncommitted fix is installed as it always was;
-# without git, the tree less what a build, a virtualenv or a tool's cache leaves in it.
+# without git, the tree less what .gitignore names (runs, bundles, datasets: gigabytes in mktemp's /tmp) and what a
+# build, a virtualenv or a tool's cache leaves in it.
 copy_source() {  # destination
     mkdir -p "$1"
-    if [ "$(git -c safe.directory="$SRC" -C "$SRC" rev-parse --show-toplevel 2>/dev/null)" = "$SRC" ]; then
+    if [ "$(src_git rev-parse --show-toplevel 2>/dev/null)" = "$SRC" ]; then
         # A tracked file deleted in the working tree is still listed: only what exists is copied.
-        (cd "$SRC" && git -c safe.directory="$SRC" ls-files -z --cached --others --exclude-standard |
+        (cd "$SRC" && src_git ls-files -z --cached --others --exclude-standard |
             xargs -0 sh -c 'for f; do if [ -e "$f" ] || [ -L "$f" ]; then printf "%s\0" "$f"; fi; done' sh |
             tar --null -T - -cf -) | tar -C "$1" -xf -
     else
-        tar -C "$SRC" --exclude=./.git --exclude=./build --exclude=./dist --exclude='*.egg-info' \
-            --exclude=./.venv --exclude=__pycache__ --exclude=.pytest_cache --exclude=.mypy_cache \
-            --exclude=.ruff_cache --exclude=.hypothesis -cf - . | tar -C "$1" -xf -
+        # GNU tar's own reading of .gitignore files skips the patterns that end in "/" (/runs/, .venv/): the top-level
+        # file's patterns are given again as excludes, without that "/", and anchored where git anchors them.
+        { [ ! -f "$SRC/.gitignore" ] ||
+            sed -e 's:/*$::' -e '/^[#!]/d' -e '/^$/d' -e 's:^/:./:' -e '/^\.\//!s:^\(.*/.*\)$:./\1:' \
+                "$SRC/.gitignore"; } |
+            tar -C "$SRC" -X - --exclude-vcs-ignores --exclude=./.git --exclude=./build --exclude=./dist \
+                --exclude='*.egg-info' --exclude=./.venv --exclude=__pycache__ --exclude=.pytest_cache \
+                --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.hypothesis -cf - . | tar -C "$1" -xf -
+    fi
+}
+
+# git on the checkout. As root on a checkout another user owns, git refuses the repository unless it is a
+# safe.directory, and git 2.35.2 to 2.37 and the distributions' backports of that check (Debian 11, Ubuntu 22.04)
+# take safe.directory only from a system or global config, never from -c: git runs as the owner there, with the
+# owner's home for its config (root's is not readable to it, and git stops on a config it cannot read).
+src_git() {
+    owner=$(stat -c %U "$SRC")
+    home=$(getent passwd "$owner" | cut -d: -f6)
+    if [ "$(id -u)" -eq 0 ] && [ "$owner" != root ] && [ -n "$home" ] && command -v runuser >/dev/null; then
+        runuser -u "$owner" -- env HOME="$home" XDG_CONFIG_HOME= git -c safe.directory="$SRC" -C "$SRC" "$@"
+    else
+        git -c safe.directory="$SRC" -C "$SRC" "$@"
     fi
 }
 
@@ -231,6 +255,59 @@ if [ "$SYSTEM" -eq 1 ]; then
     done
 fi
 
+# --- the units that run here: what the new version must start with -------------------------------------------
+# Enabled ones (a link in a .wants directory) and, on a running systemd, active ones; one name a line.
+units_here() {
+    {
+        for link in "$UNITS"/*.wants/inspectd.service "$UNITS"/*.wants/inspectd@?*.service \
+            "$UNITS"/*.wants/inspectd-bridge@?*.service; do
+            if [ -L "$link" ] || [ -e "$link" ]; then basename "$link"; fi  # else an unmatched pattern
+        done
+        if [ "$SYSTEM" -eq 1 ] && [ -d /run/systemd/system ]; then
+            systemctl list-units --state=active --plain --no-legend \
+                inspectd.service 'inspectd@*.service' 'inspectd-bridge@*.service' 2>/dev/null | cut -d' ' -f1
+        fi
+    } | LC_ALL=C sort -u
+}
+RUNNING=$(units_here | paste -sd' ' -)
+# The config a daemon unit starts with; nothing for a bridge (its command line is in its env file, checked when it
+# starts).
+unit_config() {  # unit
+    case "$1" in
+        inspectd.service) echo "$ETC/inspectd.yaml" ;;
+        inspectd@?*.service) instance="${1#inspectd@}"; echo "$ETC/${instance%.service}.yaml" ;;
+    esac
+}
+as_service_user() {
+    if [ "$SYSTEM" -eq 1 ] && command -v runuser >/dev/null; then
+        runuser -u "$USER_NAME" -- "$@"
+    else
+        "$@"
+    fi
+}
+# The daemon's own check by the version in the venv, as the service user where there is one; a refusal's last line
+# on stdout.
+check_config() {  # config
+    refusal=$(cd / && as_service_user "$VENV/bin/inspectd" run --check --config "$1" 2>&1 >/dev/null) && return 0
+    echo "$refusal" | sed '/^$/d' | tail -n 1
+    return 1
+}
+# Before pip replaces the venv: the units whose config the version in it accepts, the only ones an upgrade can take
+# from running to refused. A unit it refuses could not start before either.
+OLD_ACCEPTED=" "
+OLD_CHECKED=0
+remember_old_verdicts() {
+    [ "$OLD_CHECKED" -eq 0 ] || return 0
+    OLD_CHECKED=1
+    [ -x "$VENV/bin/inspectd" ] || return 0
+    for unit in $RUNNING; do
+        config=$(unit_config "$unit")
+        if [ -n "$config" ] && [ -f "$config" ] && check_config "$config" >/dev/null; then
+            OLD_ACCEPTED="$OLD_ACCEPTED$unit "
+        fi
+    done
+}
+
 # --- program ----------------------------------------------------------------------------------------------------
 ensure_dir "$ROOT/opt" 0755 root:root
 ensure_dir "$OPT" 0755 root:root
@@ -243,6 +320,7 @@ done
 INSTALLED=0
 if [ "$MAKE_VENV" -eq 1 ]; then
     if [ "$NEW_VENV" -eq 1 ]; then
+        remember_old_verdicts
         # --clear: a half-made venv, or one made by another interpreter, is emptied first.
         "$PYTHON" -m venv --clear "$VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip
@@ -256,6 +334,7 @@ if [ "$MAKE_VENV" -eq 1 ]; then
             -o -name pyproject.toml -o -name 'constraints*.txt' | LC_ALL=C sort | xargs sha256sum; } | sha256sum |
             cut -d' ' -f1)
     if [ "$(cat "$VENV/.inspectd-stamp" 2>/dev/null || true)" != "$STAMP" ]; then
+        remember_old_verdicts
         case ",$EXTRAS," in
             *,train,*) [ -z "$TORCH_INDEX" ] || pip_install --index-url "$TORCH_INDEX" torch torchvision ;;
         esac
@@ -323,50 +402,34 @@ if [ "$SYSTEM" -eq 1 ] && [ "$CHANGED" -eq 1 ] && [ -d /run/systemd/system ]; th
 fi
 [ "$UNITS_BEFORE" -eq 0 ] || CHANGED=1
 
-# --- the units that run here: what the new version must start with -------------------------------------------
-# Enabled ones (a link in a .wants directory) and, on a running systemd, active ones; one name a line.
-units_here() {
-    {
-        for link in "$UNITS"/*.wants/inspectd.service "$UNITS"/*.wants/inspectd@?*.service \
-            "$UNITS"/*.wants/inspectd-bridge@?*.service; do
-            if [ -L "$link" ] || [ -e "$link" ]; then basename "$link"; fi  # else an unmatched pattern
-        done
-        if [ "$SYSTEM" -eq 1 ] && [ -d /run/systemd/system ]; then
-            systemctl list-units --state=active --plain --no-legend \
-                inspectd.service 'inspectd@*.service' 'inspectd-bridge@*.service' 2>/dev/null | cut -d' ' -f1
-        fi
-    } | LC_ALL=C sort -u
-}
-RUNNING=$(units_here | paste -sd' ' -)
+# --- the new version on the units' configs ----------------------------------------------------------------------
 REFUSED=0
 if [ "$INSTALLED" -eq 1 ]; then
-    # The daemon's own check, as the service user where there is one: a schema change the operator's config does not
-    # meet is found now rather than by the next restart's failure (exit 2, which the units do not retry).
-    as_service_user() {
-        if [ "$SYSTEM" -eq 1 ] && command -v runuser >/dev/null; then
-            runuser -u "$USER_NAME" -- "$@"
-        else
-            "$@"
-        fi
-    }
     for unit in $RUNNING; do
-        case "$unit" in
-            inspectd.service) config="$ETC/inspectd.yaml" ;;
-            inspectd@*.service) instance="${unit#inspectd@}"; config="$ETC/${instance%.service}.yaml" ;;
-            *) continue ;;  # a bridge's command line is in its env file, checked when it starts
-        esac
-        if ! refusal=$(cd / && as_service_user "$VENV/bin/inspectd" run --check --config "$config" 2>&1 >/dev/null)
-        then
-            echo "install.sh: $unit ($config) will not start with the new version:" \
-                "$(echo "$refusal" | sed '/^$/d' | tail -n 1)" >&2
-            REFUSED=1
+        config=$(unit_config "$unit")
+        [ -n "$config" ] || continue
+        if [ ! -f "$config" ]; then
+            echo "install.sh: WARNING: $unit: no config at $config, not checked; the unit cannot start until it is" \
+                "written" >&2
+        elif ! refusal=$(check_config "$config"); then
+            case "$OLD_ACCEPTED" in
+                *" $unit "*)
+                    echo "install.sh: $unit ($config): the new version refuses this config, which the old one" \
+                        "accepted: $refusal. The unit keeps running the old code until it is restarted, and its next" \
+                        "restart (watchdog, crash, reboot) will be refused and not retried (RestartPreventExitStatus=2):" \
+                        "fix the config before anything restarts it" >&2
+                    REFUSED=1 ;;
+                *)
+                    echo "install.sh: WARNING: $unit ($config) cannot start with this config, and could not before" \
+                        "this install either: $refusal" >&2 ;;
+            esac
         fi
     done
 fi
 
 if [ "$REFUSED" -eq 1 ]; then
-    echo "install.sh: installed, but the new version refuses the config of a unit above: fix it, check it with" \
-        "$VENV/bin/inspectd run --check --config FILE, then systemctl try-restart $RUNNING" >&2
+    echo "install.sh: installed, but the new version refuses a config the old one accepted (above): fix it, check" \
+        "it with $VENV/bin/inspectd run --check --config FILE, then systemctl try-restart $RUNNING" >&2
     exit 1
 elif [ "$CHANGED" -eq 0 ]; then
     say "nothing to do, ${ROOT:-/} is up to date"

@@ -89,6 +89,13 @@ def test_operator_config_survives_a_reinstall_and_a_wrong_mode_is_repaired(tmp_p
     assert "nothing to do" not in rerun.stdout
 
 
+def test_a_gpu_station_install_without_the_venv_installs_the_tree(tmp_path):
+    """--with-gpu cu12 merges the CUDA 12 pins for pip; with --no-venv there is no pip to read them."""
+    result = _install(tmp_path / "root", "--with-gpu", "cu12")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "root/etc/systemd/system/inspectd.service").is_file()
+
+
 def test_install_refuses_an_unknown_argument(tmp_path):
     result = _install(tmp_path / "root", "--frobnicate")
     assert result.returncode == 2
@@ -488,6 +495,15 @@ def _source_copy(dest: Path) -> Path:
     return dest
 
 
+def _git_commit(src: Path, message: str, init: bool = False) -> None:
+    """Commits every file of src, as a checkout the operator installs from; init makes it a repository first."""
+    if init:
+        subprocess.run(["git", "init", "-q", str(src)], check=True, timeout=60)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(src)]
+    subprocess.run([*git, "add", "-A"], check=True, timeout=60)
+    subprocess.run([*git, "commit", "-q", "-m", message], check=True, timeout=60)
+
+
 def _site_packages(venv: Path) -> Path:
     out = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -510,14 +526,16 @@ def _base_python() -> str:
 def test_an_upgrade_builds_a_copy_of_the_checkout_and_checks_the_enabled_units_configs(tmp_path):
     """install.sh's pip path for real, twice, from a git checkout: pip must build a copy, never the checkout (as root
     it left root-owned build/ and egg-info there, and setuptools' build/lib shipped a module deleted from the
-    source); and an upgrade runs the new version's `run --check` on the config of each enabled unit, failing on
-    one the new version refuses, saying how to restart the units otherwise."""
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C"]
+    source); and an upgrade runs the old and the new version's `run --check` on the config of each enabled unit,
+    failing on one the old version accepted and the new one refuses, saying how to restart the units otherwise."""
     src = _source_copy(tmp_path / "src")
     (src / "inspectd" / "deleted_later.py").write_text("")
-    subprocess.run(["git", "init", "-q", str(src)], check=True, timeout=60)
-    subprocess.run([*git, str(src), "add", "-A"], check=True, timeout=60)
-    subprocess.run([*git, str(src), "commit", "-q", "-m", "v1"], check=True, timeout=60)
+    config_py = src / "inspectd" / "daemon" / "config.py"
+    v2_config_py = config_py.read_text()
+    v1_config_py = v2_config_py.replace("\nMAX_SHUTDOWN_TIMEOUT_S = 60\n", "\nMAX_SHUTDOWN_TIMEOUT_S = 3600\n")
+    assert v1_config_py != v2_config_py  # v1 accepts a shutdown_timeout_s that v2 refuses
+    config_py.write_text(v1_config_py)
+    _git_commit(src, "v1", init=True)
 
     root = tmp_path / "root"
     etc = root / "etc" / "inspectd"
@@ -538,7 +556,7 @@ def test_an_upgrade_builds_a_copy_of_the_checkout_and_checks_the_enabled_units_c
     venv = root / "opt" / "inspectd" / "venv"
 
     def untracked() -> str:  # build output left in the checkout, ignored or not
-        status = [*git, str(src), "status", "--porcelain", "--ignored"]
+        status = ["git", "-C", str(src), "status", "--porcelain", "--ignored"]
         return subprocess.run(status, capture_output=True, text=True, check=True, timeout=60).stdout
 
     first = _offline_install(root, src, python)
@@ -548,16 +566,20 @@ def test_an_upgrade_builds_a_copy_of_the_checkout_and_checks_the_enabled_units_c
     last = first.stdout.strip().splitlines()[-1]
     assert last == "install.sh: done; to run the new version: systemctl try-restart inspectd@line2.service"
 
-    subprocess.run([*git, str(src), "rm", "-q", "inspectd/deleted_later.py"], check=True, timeout=60)
-    subprocess.run([*git, str(src), "commit", "-q", "-m", "v2"], check=True, timeout=60)
-    (etc / "line2.yaml").write_text(yaml.safe_dump({**line2, "shutdown_timeout_s": 600}))  # accepted before
+    (src / "inspectd" / "deleted_later.py").unlink()
+    config_py.write_text(v2_config_py)
+    _git_commit(src, "v2")
+    (etc / "line2.yaml").write_text(yaml.safe_dump({**line2, "shutdown_timeout_s": 600}))  # v1 runs with it
     upgrade = _offline_install(root, src, python)
     assert upgrade.returncode == 1, upgrade.stdout + upgrade.stderr
     assert not (_site_packages(venv) / "inspectd" / "deleted_later.py").exists()
     assert untracked() == ""
     refusal = upgrade.stderr.splitlines()[0]
-    assert refusal.startswith(f"install.sh: inspectd@line2.service ({etc / 'line2.yaml'}) will not start with the ")
-    assert refusal.endswith("shutdown_timeout_s: expected at most 60, got 600"), upgrade.stderr
+    assert refusal.startswith(
+        f"install.sh: inspectd@line2.service ({etc / 'line2.yaml'}): the new version refuses this config, which the "
+        "old one accepted: inspectd run --check: shutdown_timeout_s: expected at most 60, got 600. The unit keeps "
+    ), upgrade.stderr
+    assert upgrade.stderr.splitlines()[-1].endswith("then systemctl try-restart inspectd@line2.service")
 
 
 def test_python_naming_another_interpreter_makes_the_venv_again_and_a_plain_copy_leaves_build_output_behind(
@@ -590,3 +612,116 @@ def test_python_naming_another_interpreter_makes_the_venv_again_and_a_plain_copy
     assert made_by() == str(Path(_base_python()).parent)
     version = subprocess.run([str(venv / "bin" / "inspectd"), "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("inspectd "), version.stderr
+
+
+def _stub_venv(venv: Path) -> None:
+    """A virtualenv whose pip "installs" by swapping the old version's `inspectd` for the new one's and listing the
+    source tree it was given (in built-from.txt), and whose `inspectd run --check` of version V refuses a config that
+    names refused-by-V. What install.sh decides from the checks, and what it gives pip, is tested without a build;
+    the real pip runs above cover the rest."""
+    bin_dir = venv / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for version in ("old", "new"):
+        (venv / f"inspectd-{version}").write_text(
+            f"""#!/bin/sh
+for config; do :; done
+[ -f "$config" ] || {{ echo "inspectd run: $config: cannot read it" >&2; exit 2; }}
+if grep -q refused-by-{version} "$config"; then echo "inspectd run: station: refused by {version}" >&2; exit 2; fi
+"""
+        )
+    (bin_dir / "python").write_text(
+        f"""#!/bin/sh
+case "$*" in
+"-m pip --version") exit 0 ;;
+"-m pip install "*)
+    for src; do :; done
+    (cd "$src" && find . -type f) | LC_ALL=C sort > "{venv}/built-from.txt"
+    cp "{venv}/inspectd-new" "{bin_dir}/inspectd"
+    exit 0 ;;
+esac
+exec "{sys.executable}" "$@"
+"""
+    )
+    (bin_dir / "python").chmod(0o755)
+
+
+def _stub_upgrade(root: Path, install: Path) -> subprocess.CompletedProcess:
+    """install.sh over the stub virtualenv with the old version in it."""
+    venv = root / "opt" / "inspectd" / "venv"
+    shutil.copy(venv / "inspectd-old", venv / "bin" / "inspectd")
+    (venv / "bin" / "inspectd").chmod(0o755)
+    (venv / ".inspectd-stamp").unlink(missing_ok=True)
+    return subprocess.run(
+        ["sh", str(install), "--prefix", str(root)], capture_output=True, text=True, timeout=60, cwd=root.parent
+    )
+
+
+def _enable(root: Path, *units: str) -> None:
+    """systemctl enable, as the links it makes."""
+    wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    for unit in units:
+        (wants / unit).symlink_to("../inspectd@.service")
+
+
+def test_an_upgrade_fails_only_on_a_config_the_old_version_accepted_and_warns_of_the_others(tmp_path):
+    """A unit refused by the version before the upgrade as well, or one whose config was never written (enabled
+    ahead of it), cannot start with either version: a warning, not a failed install that stops the automation
+    running it. A config the old version accepted and the new one refuses is a unit that runs until its next
+    restart and then stays down: the install fails, and says so."""
+    root = tmp_path / "root"
+    etc = root / "etc" / "inspectd"
+    etc.mkdir(parents=True)
+    (etc / "line2.yaml").write_text("station: line2  # refused-by-new\n")
+    (etc / "line3.yaml").write_text("station: line3  # refused-by-old, refused-by-new\n")
+    _stub_venv(root / "opt" / "inspectd" / "venv")
+    line3 = f"install.sh: WARNING: inspectd@line3.service ({etc / 'line3.yaml'}) cannot start with this config, and "
+    line3 += "could not before this install either: inspectd run: station: refused by new"
+    line4 = f"install.sh: WARNING: inspectd@line4.service: no config at {etc / 'line4.yaml'}, not checked; the unit "
+    line4 += "cannot start until it is written"
+
+    _enable(root, "inspectd@line3.service", "inspectd@line4.service")
+    warned = _stub_upgrade(root, INSTALL)
+    assert warned.returncode == 0, warned.stdout + warned.stderr
+    assert warned.stderr.splitlines() == [line3, line4]
+    assert warned.stdout.splitlines()[-1] == (
+        "install.sh: done; to run the new version: systemctl try-restart inspectd@line3.service inspectd@line4.service"
+    )
+
+    _enable(root, "inspectd@line2.service")
+    refused = _stub_upgrade(root, INSTALL)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stderr.splitlines() == [
+        f"install.sh: inspectd@line2.service ({etc / 'line2.yaml'}): the new version refuses this config, which the "
+        "old one accepted: inspectd run: station: refused by new. The unit keeps running the old code until it is "
+        "restarted, and its next restart (watchdog, crash, reboot) will be refused and not retried "
+        "(RestartPreventExitStatus=2): fix the config before anything restarts it",
+        line3,
+        line4,
+        "install.sh: installed, but the new version refuses a config the old one accepted (above): fix it, check it "
+        f"with {root / 'opt/inspectd/venv/bin/inspectd'} run --check --config FILE, then systemctl try-restart "
+        "inspectd@line2.service inspectd@line3.service inspectd@line4.service",
+    ]
+
+
+def test_the_copy_pip_builds_leaves_out_what_git_ignores_from_a_checkout_through_a_symlink_or_without_git(tmp_path):
+    """A checkout holds gigabytes that git ignores (runs, bundles, datasets): the copy for pip, in mktemp's /tmp,
+    must not take them, whether the checkout is reached through a symlink (whose path is not the one git names)
+    or is a plain tree without git."""
+    checkout = _source_copy(tmp_path / "checkout")
+    _git_commit(checkout, "v1", init=True)
+    (checkout / "runs").mkdir()
+    (checkout / "runs" / "big.npz").write_bytes(bytes(1 << 20))
+    link = tmp_path / "link"
+    link.symlink_to(checkout)
+    root = tmp_path / "root"
+    venv = root / "opt" / "inspectd" / "venv"
+    _stub_venv(venv)
+    for has_git in (True, False):
+        if not has_git:
+            shutil.rmtree(checkout / ".git")
+        result = _stub_upgrade(root, link / "deploy" / "install.sh")
+        assert result.returncode == 0, result.stdout + result.stderr
+        built_from = (venv / "built-from.txt").read_text().splitlines()
+        assert "./inspectd/cli.py" in built_from and "./pyproject.toml" in built_from, has_git
+        assert not [name for name in built_from if name.startswith(("./runs/", "./.git/"))], has_git
