@@ -16,6 +16,17 @@ import numpy as np
 M = 32  # model input size
 FRAME = 64  # frame size the tests send
 THRESHOLD = 0.5
+# The fields every status message holds (inspectd.protocol.messages.STATUS_FIELDS but the schema and station), for a
+# Publisher run without a daemon behind it.
+QUIET_STATUS = {
+    "t": 0.0,
+    "uptime_s": 0.0,
+    "healthy": True,
+    "model_id": "m",
+    "thresholds_version": 1,
+    "throughput_fps": 0.0,
+    "cameras": {},
+}
 
 
 def grey_graph(size: int = M) -> bytes:

@@ -21,19 +21,11 @@ from inspectd.daemon.control import ControlServer
 from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
 from inspectd.daemon.publish import Publisher
 from other_user import NOBODY, as_nobody
+from station_model import QUIET_STATUS
 
 pytestmark = pytest.mark.timeout(90)
 
 REPO = Path(__file__).resolve().parents[1]
-STATUS = {
-    "t": 0.0,
-    "uptime_s": 0.0,
-    "healthy": True,
-    "model_id": "m",
-    "thresholds_version": 1,
-    "throughput_fps": 0.0,
-    "cameras": {},
-}
 
 # What a member of the service's group runs against each socket: the project's own clients where there is one.
 GROUP_MEMBER = r"""
@@ -136,7 +128,7 @@ def test_the_control_socket_lets_in_the_group_and_no_one_else(open_tmp_path, ser
 
 def test_the_publish_socket_lets_in_the_group_also_after_a_rebind(open_tmp_path, service_umask):
     path = open_tmp_path / "pub.sock"
-    publisher = Publisher(f"ipc://{path}", "s", status_interval_s=0.1, status=lambda: STATUS).start()
+    publisher = Publisher(f"ipc://{path}", "s", status_interval_s=0.1, status=lambda: QUIET_STATUS).start()
     try:
         assert oct(_mode(path)) == "0o660"
         # A reload that removed a client key binds the endpoint again: a new socket file, under the same umask.

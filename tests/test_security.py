@@ -31,6 +31,7 @@ from inspectd.protocol import keys
 from inspectd.protocol.control import ControlClient, ControlTimeout
 from inspectd.protocol.keys import curve_client, is_local_endpoint
 from ports import free_port
+from station_model import QUIET_STATUS
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
@@ -150,15 +151,7 @@ def test_curve_publish_reaches_only_allowed_subscribers(pki, tmp_path):
         "s1",
         status_interval_s=0.1,
         socket_options=guard,
-        status=lambda: {
-            "t": 0.0,
-            "uptime_s": 0.0,
-            "healthy": True,
-            "model_id": "m",
-            "thresholds_version": 1,
-            "throughput_fps": 0.0,
-            "cameras": {},
-        },
+        status=lambda: QUIET_STATUS,
     ).start()
     good = Subscriber(endpoint, curve=curve_client(pki["server"][0], pki["allowed"][1]))
     bad = Subscriber(endpoint, curve=curve_client(pki["server"][0], pki["intruder"][1]))
@@ -570,11 +563,9 @@ def test_a_key_removed_by_reload_is_shut_out_of_connections_made_before_it(pki, 
     control_guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
     control = ControlServer(f"tcp://127.0.0.1:{free_port()}", Handler(), curve=control_guard)
     publish_guard = CurveServer("publish", pki["server"][1], pki["allow_dir"])
-    status = {"t": 0.0, "uptime_s": 0.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
-              "throughput_fps": 0.0, "cameras": {}}  # fmt: skip
     pub = Publisher(
         f"tcp://127.0.0.1:{free_port()}", "s1", status_interval_s=0.05, socket_options=publish_guard,
-        status=lambda: status,
+        status=lambda: QUIET_STATUS,
     )  # fmt: skip
     curve = {"server_secret_key": str(pki["server"][1]), "allowed_clients_dir": str(pki["allow_dir"])}
     endpoint = f"tcp://127.0.0.1:{free_port()}"
