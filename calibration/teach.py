@@ -516,8 +516,9 @@ def archive_frames(
                 instead = "teach on a span after the line switched to it"
                 raise TeachError(_no_lineage_frames(where, models, other, instead))
         # The order an export of these frames lists in, so both sources fit alike. A frame the archive's age or size
-        # bound deleted since the query is left out, and so is one whose file is empty or does not decode (a power
-        # cut), as export leaves it out: named, not fitted.
+        # bound deleted since the query is left out, and so is one whose file is empty or not a whole PNG (a power
+        # cut), as export leaves it out: named, not fitted. A structural check, not a decode: the fit decodes each
+        # frame once.
         kept: list[tuple[str, Path]] = []
         unreadable: list[str] = []
         for e in sorted(entries, key=lambda e: e.export_name):
@@ -529,8 +530,8 @@ def archive_frames(
         root = str(reader.root.resolve())
     if unreadable:
         print(
-            f"inspectd teach: WARNING: {where}: skipped {len(unreadable)} frame(s) whose file is empty or does not "
-            f"decode: {', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}",
+            f"inspectd teach: WARNING: {where}: skipped {len(unreadable)} frame(s) whose file is empty or not a whole "
+            f"PNG: {', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}",
             file=sys.stderr,
         )
     span = {"camera": camera, "since": _iso(t_since), "until": _iso(t_until)}
@@ -545,7 +546,7 @@ def archive_frames(
             **span,
             "verdict": "ok",
             "ids": [entry_id for entry_id, _ in kept],
-            "unreadable": unreadable,  # empty or undecodable files, left out
+            "unreadable": unreadable,  # files empty or not a whole PNG, left out
             "model_ids": models,  # None: --any-model
             "other_models": other,
             # None: every camera's taken; else the good frames of the same models that other cameras left out.

@@ -2,8 +2,8 @@
 MVTec-layout folder that `inspectd train --data` and `inspectd calibrate --good` read directly.
 
 Reads the archive directory only (inspectd.protocol.archive), so it works beside a running daemon or without one.
-A frame whose file is empty or does not decode (a power cut can leave one) is not exported: it is counted and its
-id named on stderr, so nothing unreadable lands in a training folder.
+A frame whose file is empty or not a whole PNG (a power cut can leave one cut short) is not exported: it is counted
+and its id named on stderr, so nothing unreadable lands in a training folder.
 Exit codes: 0 done, 1 export matched no frame (or none that could be read), 2 bad arguments, no archive there (or
 unreadable), or an OUT that cannot be written (one line naming it and why).
 """
@@ -98,7 +98,7 @@ def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespac
     counts = {v: sum(1 for e in entries if e.verdict == v) for v in VERDICTS}
     if unreadable:
         print(
-            f"inspectd archive: skipped {len(unreadable)} frame(s) whose file is empty or does not decode: "
+            f"inspectd archive: skipped {len(unreadable)} frame(s) whose file is empty or not a whole PNG: "
             f"{' '.join(unreadable)}",
             file=sys.stderr,
         )

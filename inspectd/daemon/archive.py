@@ -11,10 +11,15 @@ event, an alarm in status and metrics, frames counted in `lost`, and a retry eve
 (`archive_recovered`). Either way publishing goes on. An offer that fails (a frame it cannot file) raises the same
 alarm, logged once (`archive_offer_failed`) until an offer succeeds again (`archive_offer_recovered`).
 
-A full disk (ENOSPC, EDQUOT) is the archive's to relieve: it deletes its own oldest entries, enough for the entry
-and the free-space floor, and retries that entry once. After each write it keeps the file system's free space
-above that floor (FREE_FLOOR_FRACTION of it, at most FREE_FLOOR_MAX_BYTES) as if over its size: the journal lives on
-the same disk. The age bound is checked every AGE_CHECK_S on the writer's own schedule, whatever is written.
+Room is made before each entry is written, never by deleting it after: the size bound and the file system's free
+space (kept above a floor, FREE_FLOOR_FRACTION of it, at most FREE_FLOOR_MAX_BYTES: the journal lives on the same
+disk) decide which oldest entries go first. When something else holds the free space under the floor and the
+archive's own entries could not restore it, the archive deletes nothing for the floor: it skips the write (`lost`)
+and goes `degraded` ("... not by the archive") until a later write finds room, so the space left stays the journal's.
+A full disk (ENOSPC, EDQUOT) nonetheless is the archive's to relieve: it deletes its own oldest entries, enough for
+the entry, and retries that entry once. A restart on a full disk, where even the index cannot be opened for writing,
+first deletes the oldest entries' files (read through a read-only connection), then their rows. The age bound is
+checked every AGE_CHECK_S on the writer's own schedule, whatever is written.
 
 Retention deletes in the order frames were written (the index's rowid, which SQLite numbers upwards across runs),
 never by the wall clock, which a station without a battery clock may have stepped back by NTP: the newest frame,
@@ -23,10 +28,12 @@ time since writing: while the archive is open a step of the wall clock (seen aga
 recorded write time with it, and a write time in the future at open counts as now. A day folder a deletion empties
 is removed.
 
-Each image is fsynced before its index row is committed (and the folder a new day folder is made in, once), so a
-power cut cannot leave a row naming an empty file. At open, what a kill left is removed: the writer's `*.tmp` files
-and images whose id the index does not hold (a kill between the rename and the commit); only names the writer
-gives, in folders it makes.
+Images are not fsynced (that would halve the writer's rate); a new folder is made durable in its parent, once a
+day. So a power cut can leave an index row naming an empty or cut-short file: the readers (export, teach) check a
+frame's structure, and skip and name such a file. At open, the writer's `*.tmp` files and empty day folders are
+removed, and nothing else: an image whose id the index lacks stays (an index moved aside, restored or new, or rows a
+power cut lost, must not cost the defect history); a kill between a rename and its commit leaves at most the queue's
+worth of such orphans, which retention never deletes.
 
 Everything is created group-readable (directories DIR_MODE, files FILE_MODE) whatever the umask, as the unit's
 UMask=0077 would make it the service user's alone: `inspectd web` runs as a member of group inspectd. A closed
@@ -74,6 +81,9 @@ CLOSE_GRACE_S = 2.0
 # A change of (wall - monotonic) beyond this is a step of the wall clock; NTP's slewing moves it far less between
 # two writes.
 CLOCK_STEP_S = 2.0
+# What opening the index on a full disk frees beyond the entry: its -shm (32 KiB) and the WAL pages of the deletes
+# and of the entry's row.
+OPEN_ROOM_BYTES = 512 * 2**10
 _STOP = object()
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _SQLITE_FULL = 13  # sqlite3.h: "database or disk is full"
@@ -244,7 +254,9 @@ class Archive:
                     pass
                 self._db.close()
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, needed: int = 0) -> sqlite3.Connection:
+        """The index, open for writing. On a disk too full to open it (SQLite writes its -shm and WAL), the oldest
+        entries' files go first, enough for `needed` bytes and OPEN_ROOM_BYTES, then their rows."""
         if self._db is None:
             self.root.parent.mkdir(parents=True, exist_ok=True)
             self._mkdirs(self.root)
@@ -256,24 +268,72 @@ class Archive:
                     os.fchmod(fd, FILE_MODE)
                 finally:
                     os.close(fd)
-            db = fmt.connect(self.root)
-            now = time.time()
-            with db:  # written "in the future": the clock was set back since; age them from now
-                db.execute("UPDATE frames SET t_written = ? WHERE t_written > ?", (now, now))
-            self._bytes, self._entries = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM frames").fetchone()
+            gone: list[tuple] = []
+            try:
+                db = self._connect()
+            except (OSError, sqlite3.Error) as exc:
+                if not _disk_full(exc):
+                    raise
+                gone = self._unlink_oldest(needed + OPEN_ROOM_BYTES)
+                if not gone:
+                    raise
+                db = self._connect()
             self._db = db
+            if gone:  # their files already deleted: now their rows
+                self._prune(gone)
+                log.warning("archive_disk_full", pruned=len(gone), freed_for=needed + OPEN_ROOM_BYTES, at="open")
             if not self._swept:
                 self._swept = True
                 try:
-                    self._sweep(db)
+                    self._sweep()
                 except OSError as exc:  # leftovers cost space, not frames: the archive works on
                     log.warning("archive_sweep_failed", error=f"{type(exc).__name__}: {exc}")
         return self._db
 
-    def _sweep(self, db: sqlite3.Connection) -> None:
-        """Remove what a kill left: the writer's .tmp files, images whose id is not in the index (retention could
-        never delete them), and day folders left empty. Only names the writer gives, in folders it makes."""
-        known = {row[0] for row in db.execute("SELECT id FROM frames")}
+    def _connect(self) -> sqlite3.Connection:
+        """A writing connection with the archive's totals read; closed again when any step fails."""
+        db = fmt.connect(self.root)
+        try:
+            now = time.time()
+            # Written "in the future": the clock was set back since; age them from now. Looked for first, as an
+            # UPDATE writes to the WAL even when it matches nothing, and a full disk refuses that.
+            if db.execute("SELECT 1 FROM frames WHERE t_written > ? LIMIT 1", (now,)).fetchone():
+                with db:
+                    db.execute("UPDATE frames SET t_written = ? WHERE t_written > ?", (now, now))
+            self._bytes, self._entries = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM frames").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _unlink_oldest(self, needed: int) -> list[tuple]:
+        """Delete the files of the oldest entries until `needed` bytes are freed, reading the index through a
+        read-only connection (one that writes nothing, on a disk that has no room for it); their rows (_OLDEST's),
+        which the caller deletes once the index opens. A row whose files are already gone frees nothing but is
+        returned all the same."""
+        rows: list[tuple] = []
+        freed = 0
+        try:
+            ro = sqlite3.connect(f"{(self.root.resolve() / fmt.INDEX_NAME).as_uri()}?mode=ro", uri=True, timeout=5.0)
+            try:
+                for row in ro.execute(_OLDEST_ALL):
+                    if freed >= needed:
+                        break
+                    rows.append(row)
+                    for name in row[1:3]:
+                        if name:
+                            freed += _unlink_size(self.root / name)
+            finally:
+                ro.close()
+        except (OSError, sqlite3.Error) as exc:
+            if not self._full_logged:  # once per run of writes that find the disk full; the open's error is the alarm
+                self._full_logged = True
+                log.warning("archive_disk_full", error=f"{type(exc).__name__}: {exc}".splitlines()[0], at="open")
+        return rows
+
+    def _sweep(self) -> None:
+        """Remove what a kill left: the writer's .tmp files, and day folders left empty. Only names the writer gives,
+        in folders it makes; never an image, even one the index does not name."""
         removed = 0
         for camera in _subdirs(self.root, CAMERA_RE):
             if camera.name == fmt.LIVE_DIR:
@@ -284,11 +344,11 @@ class Archive:
             for day in _subdirs(camera, _DAY_RE):
                 for path in _entries(day):
                     match = _FILE_RE.fullmatch(path.name)
-                    if match and (match["tmp"] or match["id"] not in known):
+                    if match and match["tmp"]:
                         removed += _unlink(path)
                 _rmdir(day)
         if removed:
-            log.warning("archive_swept", removed=removed, reason="left by a kill: .tmp files, images not indexed")
+            log.warning("archive_swept", removed=removed, reason="left by a kill: the writer's .tmp files")
 
     def _mkdirs(self, path: Path) -> None:
         """`path` and its missing parents up to the archive root, each DIR_MODE, each made durable in its parent."""
@@ -354,6 +414,10 @@ class Archive:
         )
         try:
             try:
+                short = self._make_way(size)
+                if short is not None:
+                    self._floor_breached(short)
+                    return
                 self._store(folder, images, row)
                 self._full_logged = False
             except (OSError, sqlite3.Error) as exc:
@@ -369,16 +433,15 @@ class Archive:
         if self._write_error is not None:
             log.warning("archive_recovered", lost=self.lost)
             self._write_error = None
-        self._retain()
 
     def _store(self, folder: str, images: list[tuple[str, bytes]], row: tuple) -> None:
-        """The images, each fsynced, then their index row: no row names an image a power cut could leave empty."""
+        """The images, then their index row: no row without its images (but see the module's note on power cuts)."""
         written: list[Path] = []
         try:
             db = self._open()
             self._mkdirs(self.root / folder)
             for name, data in images:
-                self._write_image(self.root / name, data, written, sync=True)
+                self._write_image(self.root / name, data, written)
             with db:
                 db.execute(_INSERT, (*row, self._wall_clock(db)))
         except BaseException:
@@ -387,28 +450,25 @@ class Archive:
             raise
 
     @staticmethod
-    def _write_image(path: Path, data: bytes, written: list[Path], sync: bool) -> None:
+    def _write_image(path: Path, data: bytes, written: list[Path]) -> None:
         tmp = path.with_name(path.name + ".tmp")
         written.append(tmp)
         with open(tmp, "wb") as f:
             os.fchmod(f.fileno(), FILE_MODE)
             f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
         os.replace(tmp, path)
         written.append(path)
 
     def _write_live(self, judged: Judged) -> None:
-        """The camera's latest frame for the web view; best effort, never an alarm of its own, and not fsynced: the
-        next one replaces it within a second."""
+        """The camera's latest frame for the web view; best effort, never an alarm of its own: the next one replaces
+        it within a second."""
         assert judged.frame.image is not None
         live_dir = self.root / fmt.LIVE_DIR
         written: list[Path] = []
         try:
             self._mkdirs(live_dir)
             data = _encode(".jpg", _bgr(judged.frame.image), (cv2.IMWRITE_JPEG_QUALITY, 80))
-            self._write_image(live_dir / f"{judged.frame.camera}.jpg", data, written, sync=False)
+            self._write_image(live_dir / f"{judged.frame.camera}.jpg", data, written)
         except OSError:
             with contextlib.suppress(OSError):  # the .tmp, on a full disk; the previous live frame stays
                 for path in written[:1]:
@@ -420,30 +480,47 @@ class Archive:
         floor = min(FREE_FLOOR_MAX_BYTES, int(st.f_blocks * st.f_frsize * FREE_FLOOR_FRACTION))
         return st.f_bavail * st.f_frsize, floor
 
-    def _retain(self) -> None:
-        """Delete the oldest entries (in write order) while the archive is over its size, or the file system's free
-        space under its floor."""
-        try:
-            free, floor = self._free_floor()
-            self._prune_to(min(self.max_bytes, self._bytes - max(0, floor - free)))
-        except (OSError, sqlite3.Error) as exc:
-            self._failed(exc, lost=False)
+    def _make_way(self, size: int) -> str | None:
+        """Before writing an entry of `size` bytes: delete the oldest entries (in write order) that the size bound
+        and the free-space floor ask for, so the new entry is never the one deleted. The floor only as far as the
+        archive's own entries can restore it: when they cannot (something else took the space), nothing is deleted
+        for it and the reason the entry is not written is returned."""
+        self._open(size)
+        free, floor = self._free_floor()
+        deficit = floor - (free - size)
+        if deficit > self._bytes:
+            return (
+                f"file system free space {_mib(free)} MiB under the archive's floor {_mib(floor)} MiB, not by the "
+                f"archive (it holds {_mib(self._bytes)} MiB)"
+            )
+        budget = min(self.max_bytes - size, self._bytes - max(0, deficit))
+        self._prune_to(budget)
+        return None
+
+    def _floor_breached(self, reason: str) -> None:
+        """The entry is not written, and nothing of the archive deleted: the free space left is the journal's. The
+        alarm until a write finds room, tried again after RETRY_S (till then offers say "not archived", as for a
+        failing disk); logged once per run."""
+        self.lost += 1
+        self._retry_at = time.monotonic() + RETRY_S
+        if self._write_error is None:
+            log.error("archive_degraded", path=str(self.root), error=reason, effect="frames not archived")
+        self._write_error = reason
 
     def _make_room(self, needed: int) -> bool:
-        """On a full disk: delete the oldest entries until `needed` bytes and the free-space floor are freed. False
-        when there was nothing to delete."""
+        """On a full disk: delete the oldest entries until `needed` bytes are freed (the entry not written yet is
+        never among them). False when there was nothing to delete."""
         try:
-            self._open()
+            self._open(needed)
             if self._entries == 0:
                 return False
-            floor = self._free_floor()[1]
             pruned = self.pruned
-            self._prune_to(self._bytes - needed - floor)
+            self._prune_to(self._bytes - needed)
         except (OSError, sqlite3.Error):
             return False
         if not self._full_logged:  # once per run of writes that find the disk full
             self._full_logged = True
-            log.warning("archive_disk_full", pruned=self.pruned - pruned, freed_for=needed + floor)
+            log.warning("archive_disk_full", pruned=self.pruned - pruned, freed_for=needed)
         return self.pruned > pruned
 
     def _prune_to(self, budget: int) -> None:
@@ -507,7 +584,8 @@ class Archive:
 
 
 _INSERT = f"INSERT OR REPLACE INTO frames ({', '.join(fmt.FIELDS)}) VALUES ({', '.join('?' * len(fmt.FIELDS))})"
-_OLDEST = "SELECT id, frame_file, overlay_file, bytes FROM frames ORDER BY rowid LIMIT ?"
+_OLDEST_ALL = "SELECT id, frame_file, overlay_file, bytes FROM frames ORDER BY rowid"
+_OLDEST = _OLDEST_ALL + " LIMIT ?"
 _OLDER_THAN = "SELECT id, frame_file, overlay_file, bytes FROM frames WHERE t_written < ? ORDER BY rowid LIMIT ?"
 
 
@@ -531,6 +609,20 @@ def _unlink(path: Path) -> int:
     except FileNotFoundError:
         return 0
     return 1
+
+
+def _unlink_size(path: Path) -> int:
+    """The bytes removing `path` freed: 0 when it was already gone."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
 
 
 def _rmdir(path: Path) -> None:

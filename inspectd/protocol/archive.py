@@ -14,8 +14,10 @@ without a journal), and sortable by time within a camera. It is what a published
 capture time that is no date (`dated`: milliseconds, 0, far in the future) is replaced by the time the frame was
 offered to the archive, in the id, the day folder and the index's `t_capture` alike.
 
-A frame file that is empty or does not decode (a power cut between the index row and the image reaching the disk)
-is not exported: `export` skips it and names it (UnreadableFrame), as `frame_bytes` does for any other reader.
+An index row may name a frame file that is empty or cut short: the images are not fsynced (that would halve the
+writer's rate), so a power cut can leave one whose row reached the disk. `frame_bytes` checks a file's structure (a
+PNG, as the daemon writes them: its signature first, its IEND chunk last), reading it once and decoding nothing, and
+refuses anything else (UnreadableFrame); `export` and teach skip such a frame and name it.
 
 Exported folders are MVTec-layout (`<out>/<split>/<verdict folder>/<id>.png`, good frames in `good`, defect verdicts
 in `defect`), so `inspectd train --data OUT` and `inspectd calibrate --good OUT` read them directly. An export adds
@@ -31,10 +33,10 @@ import json
 import re
 import sqlite3
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
-from engines.errors import DataError
 from inspectd.errors import InspectdError
 from inspectd.protocol.journal import CAMERA_RE
 
@@ -52,6 +54,9 @@ DEFAULT_ARCHIVE = Path("/var/lib/inspectd/archive")
 # The capture times taken as dates: 2000-01-01 to 2100-01-01 UTC. Milliseconds since the epoch lie far beyond, a
 # camera without a clock near 0.
 DATED_FROM, DATED_UNTIL = 946684800.0, 4102444800.0
+# A whole PNG starts with its signature and ends with the IEND chunk: length 0, the type, the type's CRC.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND" + zlib.crc32(b"IEND").to_bytes(4, "big")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -87,7 +92,7 @@ class NoArchive(ArchiveError):
 
 
 class UnreadableFrame(ArchiveError):
-    """An entry's frame file is empty or does not decode: not a frame to copy or to train on."""
+    """An entry's frame file is empty or not a whole PNG (cut short): not a frame to copy or to train on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +151,13 @@ def live_frame(root: Path, camera: str) -> Path | None:
 def connect(root: Path) -> sqlite3.Connection:
     """The index, created if missing (the writer's way in; readers use ArchiveReader)."""
     db = sqlite3.connect(root / INDEX_NAME, timeout=5.0, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last rows, never corrupt the index
-    db.executescript(SCHEMA)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last rows, never corrupt the index
+        db.executescript(SCHEMA)
+    except BaseException:  # e.g. a full disk: the caller retries, and must not leak a connection each time
+        db.close()
+        raise
     return db
 
 
@@ -182,9 +191,13 @@ class ArchiveReader:
             raise ArchiveError(f"{index}: cannot read the archive ({exc.strerror or exc})") from None
         try:
             self._db = sqlite3.connect(index, timeout=5.0, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"{index}: cannot read the archive index ({exc})") from None
+        try:
             self._db.execute("PRAGMA query_only=ON")
             self._db.execute("SELECT 1 FROM frames LIMIT 1").fetchall()
-        except sqlite3.Error as exc:
+        except sqlite3.Error as exc:  # e.g. an index the writer has not given its schema yet: a caller retries
+            self._db.close()
             raise ArchiveError(f"{index}: cannot read the archive index ({exc})") from None
 
     def close(self) -> None:
@@ -260,7 +273,7 @@ class ArchiveReader:
     ) -> int:
         """Copy the entries' frames into an MVTec-layout folder `out/<split>/<good|defect>/<id>.png`; returns how
         many were copied. Frames that expired between the query and the copy are skipped; so is a frame whose file
-        is empty or does not decode, its id added to `unreadable` when given. An ArchiveError naming `out` when it
+        is empty or not a whole PNG, its id added to `unreadable` when given. An ArchiveError naming `out` when it
         cannot be written (under a file, permission denied, disk full)."""
         if split not in EXPORT_SPLITS:
             raise ArchiveError(f"split {split!r}: expected one of {', '.join(EXPORT_SPLITS)}")
@@ -293,8 +306,8 @@ class ArchiveReader:
         return copied
 
     def frame_bytes(self, entry: Entry) -> bytes | None:
-        """The frame file's bytes, checked to decode; None when it expired since the query. UnreadableFrame when it
-        is empty or does not decode."""
+        """The frame file's bytes, checked to be a whole PNG (by its structure, not decoded: a power cut leaves
+        a file empty or cut short); None when it expired since the query. UnreadableFrame when it is not."""
         path = self.file(entry)
         try:
             data = path.read_bytes()
@@ -302,12 +315,10 @@ class ArchiveReader:
             return None
         except OSError as exc:
             raise ArchiveError(f"archive id {entry.id!r}: cannot read {path} ({exc.strerror or exc})") from None
-        from engines.data.images import decode_native  # OpenCV, which the web view and `list` do without
-
-        try:
-            decode_native(data, str(path))
-        except DataError as exc:
-            raise UnreadableFrame(f"archive id {entry.id!r}: {exc}") from None
+        if not data:
+            raise UnreadableFrame(f"archive id {entry.id!r}: {path} is empty")
+        if not (data.startswith(PNG_SIGNATURE) and data.endswith(PNG_END)):
+            raise UnreadableFrame(f"archive id {entry.id!r}: {path} is not a whole PNG (cut short?)")
         return data
 
 
