@@ -204,20 +204,50 @@ class NonFiniteEngine:
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_a_non_finite_score_is_an_error_verdict_and_a_failed_batch(bundle_path, value):
-    """NaN fails every comparison, so `score >= threshold` judged it ok; inf was a defect no client could read."""
+def test_a_non_finite_score_is_an_error_verdict_and_only_a_batch_of_them_a_failed_one(bundle_path, value):
+    """NaN fails every comparison, so `score >= threshold` judged it ok; inf was a defect no client could read. A
+    batch whose other rows were judged is no engine failure (one camera's blown-out frames must not make the station
+    unhealthy, and the watchdog restart it for every camera); a batch with no row judged is, as an exception is."""
     state = open_state(bundle_path)
     engine = NonFiniteEngine(state.engine, value, rows=(1,))
     stage = InferenceStage(ModelState(state.bundle, engine, state.thresholds), max_batch=4, unhealthy_after=2)
-    results = stage.run_batch([frame(0, grey(32, 32)), frame(1, grey(32, 32)), frame(2, grey(32, 32, (4, 4, 8)))])
-    assert [r.verdict for r in results] == ["ok", "error", "defect"]  # the finite rows are still judged
-    bad = results[1]
-    assert bad.error == f"engine: non-finite score ({value})" and bad.score is None and bad.brightness is None
-    assert stage.failed_batches == 1 and stage.last_error == bad.error and stage.healthy
-    stage.run_batch([frame(3, grey(32, 32)), frame(4, grey(32, 32))])
+    for n in range(3):
+        batch = [frame(3 * n, grey(32, 32)), frame(3 * n + 1, grey(32, 32)), frame(3 * n + 2, grey(32, 32, (4, 4, 8)))]
+        results = stage.run_batch(batch)
+        assert [r.verdict for r in results] == ["ok", "error", "defect"]  # the finite rows are still judged
+        bad = results[1]
+        assert bad.error == f"engine: non-finite score ({value})" and bad.score is None and bad.brightness is None
+        assert stage.failed_batches == 0 and stage.last_error == bad.error and stage.healthy
+    engine.rows = (0, 1)
+    stage.run_batch([frame(10, grey(32, 32)), frame(11, grey(32, 32))])
+    stage.run_batch([frame(12, grey(32, 32)), frame(13, grey(32, 32))])
     assert not stage.healthy and stage.failed_batches == 2  # as many in a row as engine exceptions: unhealthy
     engine.rows = ()
-    assert stage.run_batch([frame(5, grey(32, 32))])[0].verdict == "ok" and stage.healthy
+    assert stage.run_batch([frame(14, grey(32, 32))])[0].verdict == "ok" and stage.healthy
+
+
+def test_a_non_finite_anomaly_map_under_a_finite_score_is_an_error_not_a_defect_without_regions(bundle_path):
+    """An FP16 map head that overflows while the score path does not: a NaN map has no pixel over any threshold, so
+    the frame went out as a defect with no region and an empty mask, and nothing said the engine was sick."""
+
+    class NanMap:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def infer(self, pixels):
+            result = self.engine.infer(pixels)
+            maps = result.maps.copy()
+            maps[0] = np.nan
+            return type(result)(result.scores, maps)
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+    state = open_state(bundle_path)
+    stage = InferenceStage(ModelState(state.bundle, NanMap(state.engine), state.thresholds), max_batch=4)
+    results = stage.run_batch([frame(0, grey(32, 32, (4, 4, 8))), frame(1, grey(32, 32, (4, 4, 8)))])
+    assert [r.verdict for r in results] == ["error", "defect"]
+    assert results[0].error == "engine: non-finite anomaly map" and results[1].regions
 
 
 class ShortEngine(NonFiniteEngine):

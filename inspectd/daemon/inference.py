@@ -237,21 +237,29 @@ class InferenceStage:
                 for i in slots:
                     results[i] = self._error(frames[i], state, reason)
             else:
-                unjudged = None
+                unjudged, judged_any, broken = None, False, False
                 for row, i in enumerate(slots):
                     try:
                         judged = self._judge(frames[i], state, predictor, output, row)
                     except Exception as exc:  # an output of the wrong shape fails its frame, not the thread
                         judged = self._error(frames[i], state, f"engine: {type(exc).__name__}: {exc}".splitlines()[0])
+                        broken = True
                     results[i] = judged
                     if judged.verdict == "error":
                         unjudged = judged.error
-                if unjudged is None:
+                    else:
+                        judged_any = True
+                if unjudged is not None:
+                    self.last_error = unjudged
+                if judged_any and not broken:
                     self.consecutive_failures = 0
-                else:  # an engine that returns NaN is as sick as one that raises: counted and reported the same way
+                else:
+                    # An output that cannot be read, or not one row judged: as sick as an engine that raises. A batch
+                    # whose other rows were judged, some non-finite, is not: one camera's blown-out frames (an FP16
+                    # overflow) must not make the whole station unhealthy and have the watchdog restart it for every
+                    # camera; those frames are error verdicts of their own.
                     self.failed_batches += 1
                     self.consecutive_failures += 1
-                    self.last_error = unjudged
         self.batches += 1
         self.last_batch_done = time.monotonic()
         return results  # type: ignore[return-value]
@@ -287,11 +295,11 @@ class InferenceStage:
         regions: list[Region] = []
         mask = None
         if verdict == "defect" or self.masks == "always":
+            if not np.isfinite(output.maps[row]).all():  # the model-size map: NaN would pass as "no region"
+                return self._error(frame, state, "engine: non-finite anomaly map")
             frame_map = predictor.frame_map(output, row)
             binary = (frame_map >= pixel_thr).view(np.uint8)
             regions = _regions(binary, frame_map)
-            if any(not math.isfinite(region.peak) for region in regions):
-                return self._error(frame, state, "engine: non-finite anomaly map")
             if self.masks == "always" or (self.masks == "defects" and verdict == "defect"):
                 mask = binary.view(np.bool_)
         brightness = mean_level(predictor.pixels[row]) if verdict == "ok" else None
