@@ -110,6 +110,9 @@ def test_arrival_rate_counts_whole_batches_only():
     # a plain count over the window would say 96 / 9.5 s = 10.1, and 8 frames more or less moves it by 8%.
     arrivals = [0.3 + 0.8 * k + 0.002 * j for k in range(12) for j in range(8)]
     assert arrival_rate(arrivals, max_batch=8) == pytest.approx(10.0)
+    # The window opening part-way through a burst: its first burst is short, and counting from its tail read 9.2.
+    for skipped in (3, 7):
+        assert arrival_rate(arrivals[skipped:], max_batch=8) == pytest.approx(10.0), skipped
     # Steady single-frame arrivals and a lone burst have no bursts to count: the caller divides by its window.
     assert arrival_rate([0.2 * i for i in range(50)], max_batch=8) is None
     assert arrival_rate([1.0, 1.001], max_batch=8) is None
@@ -180,3 +183,264 @@ def test_the_profiled_daemon_run_is_a_run_of_its_own_outside_the_goals(tiny_bund
     engine = {"best": best, "sizes": [{"trained_for_bench": False, "rows": engine_rows}]}
     without = {**report, "rows": [plain, half]}
     assert ratios(engine, None, report, 10.0, 1) == ratios(engine, None, without, 10.0, 1)
+
+
+class DaemonSockets:
+    """The daemon's side of a scenario's sockets on real ZeroMQ, bound where the scenario's daemon would bind them:
+    results and status on its publish endpoint, control `status` replies. `warmup` goes out once the subscriber has
+    joined; `window` once the bench asks for its first status, which it does when its warm-up ends."""
+
+    def __init__(self, scenario, warmup: list[list[bytes]], window: list[list[bytes]]) -> None:
+        import threading
+
+        import zmq
+
+        from inspectd.clients.subscribe import Subscriber
+
+        ctx = zmq.Context.instance()
+        self.pub = ctx.socket(zmq.XPUB)
+        self.pub.linger = 0
+        self.pub.bind(scenario.publish)
+        self.rep = ctx.socket(zmq.REP)
+        self.rep.linger = 0
+        self.rep.bind(scenario.control)
+        self.sub = Subscriber(scenario.publish, topic="inspect.bench.", context=ctx)
+        self.pub.rcvtimeo = 10000
+        assert self.pub.recv()[0] == 1, "the subscriber joined"
+        for frames in warmup:
+            self.pub.send_multipart(frames)
+        self.window = window
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        # The bench may stop asking (the daemon it measured exited): wait in slices, and the sockets are closed only
+        # once this thread is done with them (a socket closed under a blocked recv aborts libzmq).
+        replies = [{"ok": True, "batches": 0, "published": 0}, {"ok": True, "batches": 10, "published": 40}]
+        for k, reply in enumerate(replies):
+            while not self.rep.poll(50):
+                if self.stop.is_set():
+                    return
+            self.rep.recv_json()
+            self.rep.send_json(reply)
+            if k == 0:
+                for frames in self.window:
+                    self.pub.send_multipart(frames)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.sub.socket.close(0)
+        self.pub.close(0)
+        self.rep.close(0)
+
+
+def result(seq: int, verdict: str) -> list[bytes]:
+    import time
+
+    from inspectd.protocol.messages import encode_result
+
+    now = time.time()
+    return encode_result(
+        station="bench",
+        camera="cam0",
+        seq=seq,
+        frame_id=str(seq),
+        t_capture=now - 0.01,
+        t_publish=now,
+        verdict=verdict,
+        score=None if verdict == "error" else 0.1,
+        threshold=0.5,
+        model_id="m",
+        thresholds_version=1,
+        regions=[],
+        latency_ms=10.0,
+        width=64,
+        height=64,
+        error="engine: failed" if verdict == "error" else None,
+    )
+
+
+def status(dropped: int) -> list[bytes]:
+    import time
+
+    from inspectd.protocol.messages import encode_status
+
+    return encode_status(
+        "bench",
+        {
+            "t": time.time(),
+            "uptime_s": 1.0,
+            "healthy": True,
+            "model_id": "m",
+            "thresholds_version": 1,
+            "throughput_fps": 10.0,
+            "cameras": {"cam0": {"dropped": dropped}},
+        },
+    )
+
+
+@pytest.fixture
+def scenario(tiny_bundle, tmp_path, monkeypatch):
+    """A real Scenario (its config written, nothing started) and its frames; a short warm-up for the socket tests."""
+    from engines.data.synthline import SyntheticLine
+    from inspectd.tools.bench import daemon
+
+    monkeypatch.setattr(daemon, "WARMUP_S", 0.2)
+    frames_dir = tmp_path / "frames"
+    SyntheticLine(64, 64, seed=1).write_folder(frames_dir, 2)
+    frames = daemon.FrameSet(sorted(frames_dir.glob("*")), 1)
+
+    def make(source: str = "synthetic", saturate: bool = False, cameras: int = 1, frames=frames, **kw):
+        workdir = tmp_path / f"s{len(list(tmp_path.glob('s*')))}"
+        workdir.mkdir()
+        rate = None if saturate else 20.0
+        return daemon.Scenario(tiny_bundle, source, cameras, frames, workdir, saturate=saturate, rate_hz=rate, **kw)
+
+    return make
+
+
+def sleeper(scenario, code: str) -> subprocess.Popen:
+    """A child standing in for the daemon process, its output in the scenario's log like the daemon's."""
+    with open(scenario.workdir / "daemon.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_a_window_of_error_verdicts_is_no_throughput_and_fails_the_scenario(scenario):
+    from inspectd.tools.bench import daemon
+
+    s = scenario()
+    # Warm-up: seq 1 then 5, three frames lost before the window opens. Window: 6..45 with no hole, 10 of them errors,
+    # and the queue counters (status messages) say 10 frames were dropped in it.
+    window = [status(0)] + [result(seq, "error" if seq % 4 == 0 else "ok") for seq in range(6, 46)] + [status(10)]
+    sockets = DaemonSockets(s, [result(1, "ok"), result(5, "ok")], window)
+    proc = sleeper(s, "import time; time.sleep(60)")
+    try:
+        row = s._measure(proc, sockets.sub, 1.5, None)
+    finally:
+        proc.kill()
+        proc.wait()
+        sockets.close()
+    assert row["delivered_fps"] == pytest.approx(30 / row["seconds"])  # judged frames only
+    assert row["seq_gaps"] == 0  # the warm-up's losses are not the window's
+    assert (row["delivered"], row["errors"], row["judged"], row["dropped_in_queue"]) == (40, 10, 30, 10)
+    assert row["latency_ms"]["n"] == 30
+    # A source inside the daemon: what it produced (published or dropped) is the rate sent, beside the 20/s asked.
+    assert row["offered_fps"] == 20.0 and row["sent_fps"] == pytest.approx(50 / row["seconds"])
+    assert daemon.row_failure(row) == (
+        "10 of 40 results were error verdicts (more than 1%): the daemon failed frames rather than judged them"
+    )
+    assert daemon.row_failure({**row, "errors": 0, "judged": 40}) is None
+    assert daemon.row_failure({**row, "errors": 40, "judged": 0}).startswith("no frame judged in the 1.")
+    row.update(load="fixed", outside_engine_cpu_ms_per_frame=None)
+    headers, (cells,) = daemon.rows_for_table({"rows": [row]})
+    shown = dict(zip(headers, cells))
+    assert shown["errors"] == 10 and shown["sent/s"] == row["sent_fps"] and shown["offered/s"] == 20.0
+
+
+def test_a_daemon_that_exits_during_the_window_fails_the_scenario_with_its_code_and_log(scenario):
+    import time
+
+    s = scenario(saturate=True)
+    sockets = DaemonSockets(s, [], [status(0)])
+    proc = sleeper(s, "import sys, time; time.sleep(1.0); print('engine lost'); sys.exit(3)")
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"daemon exited with 3 during the .*: engine lost"):
+            s._measure(proc, sockets.sub, 6.0, None)
+        # Noticed when it went quiet, not at the end of the window.
+        assert time.monotonic() - started < 5.0
+        assert s._stop(proc).startswith("daemon exited with 3 on its own, before SIGTERM: engine lost")
+    finally:
+        proc.kill()
+        proc.wait()
+        sockets.close()
+
+
+def test_a_daemon_that_exits_non_zero_on_sigterm_fails_the_scenario(scenario):
+    s = scenario(saturate=True)
+    # Ready once it has printed: SIGTERM then finds its handler installed.
+    code = "import signal, sys, time\n"
+    code += "signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))\nprint('up', flush=True)\ntime.sleep(60)"
+    proc = sleeper(s, code)
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while "up" not in s.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s._stop(proc) == "daemon exited with 1 after SIGTERM: up"
+        clean = sleeper(s, "import time; time.sleep(60)")
+        clean.terminate()  # the default action: -15, not a clean stop either
+        clean.wait(10)
+        assert s._stop(clean).startswith("daemon exited with -15 on its own")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_one_bad_scenario_is_a_failed_row_and_its_fractional_loads_say_why(tmp_path):
+    from inspectd.tools.bench.daemon import bench_daemon
+
+    # A bundle that is not there fails every Scenario as it is built, before any daemon starts.
+    report = bench_daemon(tmp_path / "missing", None, ["zmq-raw"], [1, 4], 1.0, ["sat", "0.5"], log=lambda m: None)
+    rows = report["rows"]
+    assert [(r["cameras"], r["load"]) for r in rows] == [(1, "sat"), (1, "0.5"), (4, "sat"), (4, "0.5")]
+    assert all("missing" in r["error"] for r in rows[::2]), rows
+    assert rows[1]["error"] == "not run: the saturation run of zmq-raw x1 failed"
+
+
+def test_the_folder_source_fills_its_backlog_when_frames_are_on_another_filesystem(scenario, tmp_path):
+    import shutil
+    import tempfile
+
+    from inspectd.tools.bench.daemon import FrameSet
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's TMPDIR")
+    elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm"))  # --frames on a disk, the bench's TMPDIR on tmpfs: no links
+    try:
+        for k, data in enumerate(scenario().frames.jpeg):
+            (elsewhere / f"f{k}.jpg").write_bytes(data)
+        frames = FrameSet(sorted(elsewhere.glob("*.jpg")), 1)
+        s = scenario("folder", saturate=True, cameras=2, frames=frames, duration_s=1.0)
+        files = sorted((s.workdir / "cam1").glob("*.jpg"))
+        assert len(files) > 100
+        assert [f.read_bytes() for f in files[:3]] == [frames.jpeg[0], frames.jpeg[1], frames.jpeg[0]]
+    finally:
+        shutil.rmtree(elsewhere)
+
+
+def test_p99_at_half_load_is_judged_only_at_the_rate_it_names():
+    from inspectd.tools.bench.command import half_load_line, ratios
+
+    def row(load: str, **kw):
+        return {
+            "source": "zmq-raw",
+            "cameras": 1,
+            "load": load,
+            "profiled": False,
+            "delivered_fps": 40.0,
+            "engine_cpu_ms_per_frame": 5.0,
+            "daemon_cpu_ms_per_frame": 5.2,
+            "outside_engine_cpu_ms_per_frame": 0.2,
+            "latency_ms": {"p50": 20.0, "p99": 45.0, "max": 50.0, "n": 100},
+            **kw,
+        }
+
+    engine_row = {"batch": 8, "fps": {"median": 42.0}, "latency_ms": {"p50": 40.0}}
+    engine = {"best": engine_row, "sizes": [{"trained_for_bench": False, "rows": [engine_row]}]}
+
+    def judged(sent: float | None):
+        daemon = {"rows": [row("saturation"), row("50% of saturation", offered_fps=20.0, sent_fps=sent)]}
+        values = ratios(engine, None, daemon, 10.0, 8)
+        return values["p99_at_half_load"], half_load_line(values)
+
+    line = "p99 bound at 50% load: 100 ms; zmq-raw x1: offered 20/s, sent 19.5/s."
+    assert judged(19.5) == (pytest.approx(0.45), line)
+    # The bench sent half of what it asked for: a quarter load, no goal judged on it, and the report says so.
+    value, line = judged(10.0)
+    assert value is None and "offered 20/s, sent 10/s (p99 goal not judged" in line
+    assert judged(None)[0] is None

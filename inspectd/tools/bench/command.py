@@ -38,7 +38,12 @@ GOALS = {
         "info",
         None,
     ),
-    "p99_at_half_load": ("p99 latency at 50% of saturation / (2 x (max_wait + one batch's engine time))", "<=", 1.0),
+    "p99_at_half_load": (
+        "p99 latency at 50% of saturation / (2 x (max_wait + one batch's engine time)); not judged when the rate "
+        "sent fell short of the rate offered",
+        "<=",
+        1.0,
+    ),
     "outside_engine_cpu": ("daemon CPU per frame outside the engine / engine CPU per frame", "<", 0.10),
 }
 
@@ -434,7 +439,10 @@ def profile_table(profile: dict) -> str:
 
 
 def ratios(engine: dict, naive: dict, daemon: dict, max_wait_ms: float, max_batch: int) -> dict[str, Any]:
-    """The report's ratios against GOALS (None where a scenario needed for it was not run)."""
+    """The report's ratios against GOALS (None where a scenario needed for it was not run or failed, and for the
+    p99 at half load where the rate sent is unknown or under SENT_SHARE_MIN of the rate offered)."""
+    from inspectd.tools.bench import daemon as bench_daemon
+
     best = engine["best"]["fps"]["median"]
     rows = [r for r in daemon["rows"] if "error" not in r and not r.get("profiled")]
 
@@ -462,7 +470,14 @@ def ratios(engine: dict, naive: dict, daemon: dict, max_wait_ms: float, max_batc
         if jpeg and naive and jpeg["daemon_cpu_ms_per_frame"]
         else None
     )
-    out["p99_at_half_load"] = (max(r["latency_ms"]["p99"] for r in half) / bound_ms) if half and bound_ms else None
+    # The rate offered is what was asked for; the bench itself (on a shared box) may send less, a lighter load.
+    out["half_load"] = [
+        {"cameras": r["cameras"], "offered_fps": r["offered_fps"], "sent_fps": r["sent_fps"]} for r in half
+    ]
+    short = [r for r in half if r["sent_fps"] is None or r["sent_fps"] < bench_daemon.SENT_SHARE_MIN * r["offered_fps"]]
+    out["p99_at_half_load"] = (
+        max(r["latency_ms"]["p99"] for r in half) / bound_ms if half and bound_ms and not short else None
+    )
     outside = [
         r
         for r in rows
@@ -477,6 +492,22 @@ def ratios(engine: dict, naive: dict, daemon: dict, max_wait_ms: float, max_batc
         out["outside_engine_cpu"] = None
     out["p99_bound_ms"] = bound_ms
     return out
+
+
+def half_load_line(values: dict[str, Any]) -> str:
+    """The p99 bound, and the rate each 50% load was offered and actually sent (what the p99 goal was judged at)."""
+    from inspectd.tools.bench import daemon as bench_daemon
+
+    rates = "; ".join(
+        f"zmq-raw x{h['cameras']}: offered {fmt(h['offered_fps'])}/s, sent {fmt(h['sent_fps'])}/s"
+        for h in values["half_load"]
+    )
+    line = f"p99 bound at 50% load: {fmt(values['p99_bound_ms'])} ms"
+    if not rates:
+        return f"{line}."
+    if values["p99_at_half_load"] is None and values["p99_bound_ms"] is not None:
+        rates += f" (p99 goal not judged: a rate sent unknown or under {bench_daemon.SENT_SHARE_MIN:.0%} of offered)"
+    return f"{line}; {rates}."
 
 
 def goals_table(values: dict[str, Any]) -> str:
@@ -586,7 +617,7 @@ def markdown_report(report: dict) -> str:
         "",
         goals_table(report["ratios"]),
         "",
-        f"p99 bound at 50% load: {fmt(report['ratios']['p99_bound_ms'])} ms.",
+        half_load_line(report["ratios"]),
         "",
         "### Engine only",
         "",

@@ -14,6 +14,7 @@ fixed-rate runs use the default `drop_oldest` with the offered rate split evenly
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -43,6 +44,10 @@ STOP_TIMEOUT_S = 20.0
 WARMUP_S = 1.5
 BURST_GAP_MIN_S = 0.02
 FOLDER_FPS_CEILING = 300  # a folder backlog holds this many frames/s of the run, more than the engine can do
+# A scenario whose error verdicts are more than this share of its results measured a failing daemon, not its speed.
+ERROR_SHARE_MAX = 0.01
+# A fixed-rate run that sent less than this share of the rate asked for measured a lighter load than it names.
+SENT_SHARE_MIN = 0.9
 # The load of the --profile run: a saturated run of its own, after the plain one. cProfile in every thread slows the
 # daemon, so its figures count towards no goal and set no offered rate.
 PROFILED_LOAD = "saturation, profiled (not in the goals)"
@@ -163,9 +168,7 @@ def write_config(
         elif source == "folder":
             folder = workdir / f"cam{k}"
             folder.mkdir(parents=True, exist_ok=True)
-            # Hard links: thousands of files cost no disk, and the backlog must outlast warm-up and window.
-            for i in range(int(FOLDER_FPS_CEILING * (WARMUP_S + duration_s + 5) / cameras)):
-                os.link(frames.paths[i % len(frames.paths)], folder / f"{i:06d}.jpg")
+            fill_folder(folder, frames, int(FOLDER_FPS_CEILING * (WARMUP_S + duration_s + 5) / cameras))
             # The watcher waits one poll for a file's size to hold still; the files are complete, so keep it short.
             src = {"kind": "folder", "path": str(folder), "pattern": "*.jpg", "poll_ms": 20}
         else:
@@ -193,10 +196,30 @@ def write_config(
     return path, publish, ingest
 
 
+def fill_folder(folder: Path, frames: FrameSet, count: int) -> None:
+    """`count` JPEG files for a folder source: each frame written once from memory, the rest hard links to those.
+    Links cost no disk for a backlog of thousands of files, and linking inside the folder cannot cross filesystems
+    (--frames on a station's disk, TMPDIR on tmpfs); where the filesystem has no hard links, every file is written."""
+    linkable = True
+    for i in range(count):
+        k = i % len(frames.jpeg)
+        path = folder / f"{i:06d}.jpg"
+        if linkable and i >= len(frames.jpeg):
+            try:
+                os.link(folder / f"{k:06d}.jpg", path)
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                linkable = False
+        path.write_bytes(frames.jpeg[k])
+
+
 def arrival_rate(arrivals: list[float], max_batch: int) -> float | None:
     """Frames/s from arrival times, free of the window's edges. Results arrive in bursts, one per batch, so count
-    the frames before the last burst over the time from the first arrival to the first of the last burst; counting
-    whole batches in a fixed window would be off by up to a batch (10% at 10 frames/s in batches of 8 over 8 s).
+    the frames from the first whole burst to the last burst over the time between their first arrivals; the window
+    may open part-way through a burst and close part-way through another, and counting whole batches in a fixed
+    window would be off by up to a batch (10% at 10 frames/s in batches of 8 over 8 s).
     A burst ends at a gap longer than a fifth of the mean interval between full batches (and than BURST_GAP_MIN_S, as
     a descheduled publisher can pause inside a batch). None with fewer than three bursts: the caller then divides
     by the window, which is exact for steady arrivals."""
@@ -208,8 +231,8 @@ def arrival_rate(arrivals: list[float], max_batch: int) -> float | None:
     breaks = np.nonzero(np.diff(times) > gap_floor)[0]
     if breaks.size < 2:
         return None
-    last_burst = int(breaks[-1]) + 1
-    return last_burst / (times[last_burst] - times[0])
+    first_burst, last_burst = int(breaks[0]) + 1, int(breaks[-1]) + 1
+    return (last_burst - first_burst) / (times[last_burst] - times[first_burst])
 
 
 def control_status(endpoint: str, timeout_ms: int = 2000) -> dict | None:
@@ -277,6 +300,7 @@ class Scenario:
             duration_s,
         )
         self.control = f"ipc://{workdir}/control.sock"
+        self.log_path = workdir / "daemon.log"
 
     def command(self) -> list[str]:
         if self.profile is not None:
@@ -292,7 +316,9 @@ class Scenario:
         return [sys.executable, "-m", "inspectd", "run", "--config", str(self.config)]
 
     def run(self, duration_s: float) -> dict[str, Any]:
-        log_path = self.workdir / "daemon.log"
+        """The scenario's row; RuntimeError when the daemon did not start, exited on its own or did not stop
+        cleanly on SIGTERM (its figures would then describe a daemon that was not running)."""
+        log_path = self.log_path
         # The daemon imports this very checkout, installed or not.
         root = str(Path(__file__).resolve().parents[1])
         env = dict(
@@ -316,13 +342,16 @@ class Scenario:
                     None if self.saturate else self.rate_hz,
                 )
                 pusher.start()
-            return self._measure(proc, sub, duration_s, pusher)
+            row = self._measure(proc, sub, duration_s, pusher)
         finally:
             if pusher is not None:
                 pusher.stop.set()
                 pusher.join(2.0)
             sub.socket.close(0)
-            self._stop(proc, log_path)
+            stopped = self._stop(proc)
+        if stopped is not None:
+            raise RuntimeError(stopped)
+        return row
 
     def _wait_ready(self, proc: subprocess.Popen, sub: Subscriber, log_path: Path) -> None:
         """A status message means the PUB socket is bound, ingest started and the SUB has joined."""
@@ -338,14 +367,21 @@ class Scenario:
                 return
         raise RuntimeError(f"daemon sent no status within {START_TIMEOUT_S:.0f}s: {_tail(log_path)}")
 
+    def _exited(self, proc: subprocess.Popen, when: str) -> None:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode} {when}: {_tail(self.log_path)}")
+
     def _measure(self, proc: subprocess.Popen, sub: Subscriber, duration_s: float, pusher: Pusher | None) -> dict:
-        """Discard the warm-up, then count what arrives in the window."""
+        """Discard the warm-up, then count what arrives in the window. Throughput, latency and CPU per frame count
+        judged frames (ok or defect) only: an error verdict is published quickly and did no inspection."""
         gaps = GapTracker()
         t_warm_end = time.monotonic() + WARMUP_S
         while time.monotonic() < t_warm_end:
             msg = sub.recv(0.05)
             if msg is not None and not isinstance(msg, dict):
-                gaps.see(msg.camera, msg.seq)
+                gaps.see(msg.camera, msg.seq)  # seeds each camera's last seq; warm-up losses are not the window's
+        self._exited(proc, "during the warm-up")
+        gaps_before = sum(gaps.missed.values())
         before = control_status(self.control)
         cpu = CpuClock(proc.pid).start()
         own_cpu = CpuClock().start()
@@ -358,27 +394,34 @@ class Scenario:
             now = time.monotonic()
             if now >= end:
                 break
-            msg = sub.recv(end - now)
+            # A daemon that died sends nothing more: look at it whenever the socket goes quiet.
+            msg = sub.recv(min(end - now, 0.25))
             t_recv = time.time()
             if msg is None:
+                if proc.poll() is not None:
+                    break
                 continue
             if isinstance(msg, dict):
                 first_status = first_status or msg
                 last_status = msg
                 continue
             delivered += 1
-            arrivals.append(time.monotonic())
-            errors += msg.verdict == "error"
-            defects += msg.verdict == "defect"
             gaps.see(msg.camera, msg.seq)
+            if msg.verdict == "error":
+                errors += 1
+                continue
+            arrivals.append(time.monotonic())
+            defects += msg.verdict == "defect"
             if self.source != "folder":
                 latencies.append(t_recv - msg.t_capture)
         wall = time.monotonic() - t0
+        self._exited(proc, "during the measured window")
         daemon_cpu = cpu.elapsed()
         bench_cpu = own_cpu.elapsed()
         after = control_status(self.control)
+        judged = delivered - errors
         pushed = (pusher.sent - sent0) / wall if pusher else None
-        fps = arrival_rate(arrivals, self.max_batch) or delivered / wall
+        fps = arrival_rate(arrivals, self.max_batch) or judged / wall
         frames_in_window = fps * wall  # continuous, like the CPU seconds it divides
         batches = published = None
         if before and after:
@@ -389,23 +432,30 @@ class Scenario:
             dropped = sum(cam.get("dropped", 0) for cam in last_status["cameras"].values()) - sum(
                 cam.get("dropped", 0) for cam in first_status["cameras"].values()
             )
+        # What reached the daemon at a fixed rate: the pusher's count, or for a source inside the daemon what it
+        # produced (published or dropped from a queue). The offered rate is only what was asked for.
+        sent = pushed
+        if pusher is None and not self.saturate and dropped is not None:
+            sent = (delivered + dropped) / wall
         return {
             "source": self.source,
             "cameras": self.cameras,
             "load": "saturation" if self.saturate else "fixed",
             "offered_fps": None if self.saturate else self.rate_hz,
             "pushed_fps": pushed,
+            "sent_fps": sent,
             "delivered_fps": fps,
             "delivered": delivered,
+            "judged": judged,
             "seconds": wall,
             "latency_ms": latency_ms(latencies),
             "dropped_in_queue": dropped,
-            "seq_gaps": sum(gaps.missed.values()),
+            "seq_gaps": sum(gaps.missed.values()) - gaps_before,
             "errors": errors,
             "defects": defects,
             # The two counters are read a moment apart: clamp the skew.
             "mean_batch": min(published / batches, self.max_batch) if batches else None,
-            "daemon_cpu_ms_per_frame": daemon_cpu / frames_in_window * 1000.0 if delivered else None,
+            "daemon_cpu_ms_per_frame": daemon_cpu / frames_in_window * 1000.0 if judged else None,
             "daemon_cpu_cores": daemon_cpu / wall,
             "bench_cpu_cores": bench_cpu / wall,
             "daemon_peak_rss_mb": proc_peak_rss_bytes(proc.pid) / MB,
@@ -413,14 +463,20 @@ class Scenario:
             "max_wait_ms": self.max_wait_ms,
         }
 
-    def _stop(self, proc: subprocess.Popen, log_path: Path) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    def _stop(self, proc: subprocess.Popen) -> str | None:
+        """SIGTERM and wait; why the run cannot count (None when the daemon stopped cleanly, exit code 0)."""
+        if proc.poll() is not None:
+            return f"daemon exited with {proc.returncode} on its own, before SIGTERM: {_tail(self.log_path)}"
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            return f"daemon did not stop within {STOP_TIMEOUT_S:.0f}s of SIGTERM (killed): {_tail(self.log_path)}"
+        if proc.returncode != 0:
+            return f"daemon exited with {proc.returncode} after SIGTERM: {_tail(self.log_path)}"
+        return None
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -428,6 +484,20 @@ def _tail(path: Path, lines: int = 5) -> str:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def row_failure(row: dict) -> str | None:
+    """Why a measured row cannot count towards any goal: it judged no frame, or too many of its results were error
+    verdicts (a failing engine or undecodable frames publish errors fast)."""
+    if row["judged"] == 0:
+        what = f"{row['delivered']} results, all error verdicts" if row["delivered"] else "no result at all"
+        return f"no frame judged in the {row['seconds']:.1f}s window ({what})"
+    if row["errors"] > ERROR_SHARE_MAX * row["delivered"]:
+        return (
+            f"{row['errors']} of {row['delivered']} results were error verdicts "
+            f"(more than {ERROR_SHARE_MAX:.0%}): the daemon failed frames rather than judged them"
+        )
+    return None
 
 
 def engine_cpu_at(engine_rows: list[dict], batch: float) -> float | None:
@@ -486,37 +556,40 @@ def bench_daemon(
                 for load in plan(source, n_cameras):
                     done += 1
                     saturate = load in ("sat", PROFILED_LOAD)
+                    prof = profile if load == PROFILED_LOAD else None
+                    failed = {"source": source, "cameras": n_cameras, "load": load, "profiled": prof is not None}
                     rate: float | None = None
                     if not saturate:
-                        if saturated is None:  # its saturation failed (or comes later in --load)
+                        if saturated is None:  # a fixed rate is a fraction of a saturation, and that one failed
+                            why = f"not run: the saturation run of {source} x{n_cameras} failed"
+                            log(f"bench daemon: {source} x{n_cameras} {load}: FAILED: {why}")
+                            rows.append({**failed, "error": why})
                             progress.update(done)
                             continue
                         rate = float(load) * saturated
                     workdir = Path(tmp) / f"s{k}"
                     workdir.mkdir()
                     k += 1
-                    prof = profile if load == PROFILED_LOAD else None
-                    scenario = Scenario(
-                        bundle,
-                        source,
-                        n_cameras,
-                        frames,
-                        workdir,
-                        saturate=saturate,
-                        rate_hz=rate,
-                        max_batch=max_batch,
-                        max_wait_ms=max_wait_ms,
-                        backend=backend,
-                        options=options,
-                        profile=prof,
-                        duration_s=duration_s,
-                    )
                     try:
-                        row = scenario.run(duration_s)
-                    except RuntimeError as exc:  # one scenario failing must not lose the others' figures
-                        log(f"bench daemon: {source} x{n_cameras} {load}: FAILED: {exc}")
-                        failed = {"source": source, "cameras": n_cameras, "load": load, "error": str(exc)}
-                        rows.append({**failed, "profiled": prof is not None})
+                        row = Scenario(
+                            bundle,
+                            source,
+                            n_cameras,
+                            frames,
+                            workdir,
+                            saturate=saturate,
+                            rate_hz=rate,
+                            max_batch=max_batch,
+                            max_wait_ms=max_wait_ms,
+                            backend=backend,
+                            options=options,
+                            profile=prof,
+                            duration_s=duration_s,
+                        ).run(duration_s)
+                    except Exception as exc:  # one scenario failing must not lose the others' figures
+                        why = str(exc) or type(exc).__name__
+                        log(f"bench daemon: {source} x{n_cameras} {load}: FAILED: {why}")
+                        rows.append({**failed, "error": why})
                         progress.update(done)
                         continue
                     if prof is not None:
@@ -524,6 +597,13 @@ def bench_daemon(
                     else:
                         row["load"] = "saturation" if saturate else f"{float(load):.0%} of saturation"
                     row["profiled"] = prof is not None
+                    why_not = row_failure(row)
+                    if why_not is not None:
+                        # Its figures stay in the JSON; the error keeps them out of the goals and the exit code 0.
+                        log(f"bench daemon: {source} x{n_cameras} {row['load']}: FAILED: {why_not}")
+                        rows.append({**row, "error": why_not})
+                        progress.update(done)
+                        continue
                     if load == "sat":
                         saturated = row["delivered_fps"]
                     engine_cpu = engine_cpu_at(engine_rows or [], row["mean_batch"] or max_batch)
@@ -548,12 +628,14 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
         "cameras",
         "load",
         "offered/s",
+        "sent/s",
         "delivered/s",
         "latency p50 ms",
         "p99 ms",
         "max ms",
         "dropped",
         "seq gaps",
+        "errors",
         "defect %",
         "mean batch",
         "daemon CPU ms/frame",
@@ -563,7 +645,7 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
     rows = []
     for r in report["rows"]:
         if "error" in r:
-            rows.append([r["source"], r["cameras"], r["load"], "FAILED: " + r["error"][:80]] + [None] * 11)
+            rows.append([r["source"], r["cameras"], r["load"], "FAILED: " + r["error"][:80]] + [None] * 13)
             continue
         lat = r["latency_ms"]
         has_lat = lat["n"] > 0
@@ -573,13 +655,15 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
                 r["cameras"],
                 r["load"],
                 r["offered_fps"],
+                r["sent_fps"],
                 r["delivered_fps"],
                 lat["p50"] if has_lat else None,
                 lat["p99"] if has_lat else None,
                 lat["max"] if has_lat else None,
                 r["dropped_in_queue"],
                 r["seq_gaps"],
-                100.0 * r["defects"] / r["delivered"] if r["delivered"] else None,
+                r["errors"],
+                100.0 * r["defects"] / r["judged"] if r["judged"] else None,
                 r["mean_batch"],
                 r["daemon_cpu_ms_per_frame"],
                 r["outside_engine_cpu_ms_per_frame"],
