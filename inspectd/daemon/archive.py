@@ -113,6 +113,7 @@ class Archive:
         self._wall_offset: float | None = None  # time.time() - time.monotonic() when last read
         self._retry_at = 0.0
         self._write_error: str | None = None  # why the last write failed; None while writing works
+        self._floor_alarm: str | None = None  # the file system's free space is under the floor; None while it is not
         self._offer_error: str | None = None  # why offers fail; None once one succeeds
         self._offer_failures = 0  # in the current run of failed offers
         self.written: dict[str, int] = {"ok": 0, "defect": 0}
@@ -123,7 +124,7 @@ class Archive:
     @property
     def degraded(self) -> str | None:
         """The alarm: why writes (or offers) fail; None while the archive works."""
-        return self._write_error or self._offer_error
+        return self._write_error or self._floor_alarm or self._offer_error
 
     # -- the publisher's side ----------------------------------------------------------------------------------
 
@@ -272,7 +273,7 @@ class Archive:
             try:
                 db = self._connect()
             except (OSError, sqlite3.Error) as exc:
-                if not _disk_full(exc):
+                if not _disk_full(exc, self.root):
                     raise
                 gone = self._unlink_oldest(needed + OPEN_ROOM_BYTES)
                 if not gone:
@@ -414,14 +415,13 @@ class Archive:
         )
         try:
             try:
-                short = self._make_way(size)
-                if short is not None:
-                    self._floor_breached(short)
+                if not self._make_way(size):
+                    self.lost += 1
                     return
                 self._store(folder, images, row)
                 self._full_logged = False
             except (OSError, sqlite3.Error) as exc:
-                if not (_disk_full(exc) and self._make_room(size)):
+                if not (_disk_full(exc, self.root) and self._make_room(size)):
                     raise
                 self._store(folder, images, row)  # once: a disk still full is the alarm
         except (OSError, sqlite3.Error) as exc:
@@ -480,32 +480,39 @@ class Archive:
         floor = min(FREE_FLOOR_MAX_BYTES, int(st.f_blocks * st.f_frsize * FREE_FLOOR_FRACTION))
         return st.f_bavail * st.f_frsize, floor
 
-    def _make_way(self, size: int) -> str | None:
+    def _make_way(self, size: int) -> bool:
         """Before writing an entry of `size` bytes: delete the oldest entries (in write order) that the size bound
-        and the free-space floor ask for, so the new entry is never the one deleted. The floor only as far as the
-        archive's own entries can restore it: when they cannot (something else took the space), nothing is deleted
-        for it and the reason the entry is not written is returned."""
+        and the free-space floor ask for, so the new entry is never the one deleted. False, with nothing deleted for
+        the floor, when the archive's own entries could not restore it (this entry is not written; the room left
+        is the journal's). Deleting for the floor at all is an alarm: the disk, not archive.max_mb, bounds the
+        archive, because something else fills it or max_mb is more than it holds."""
         self._open(size)
         free, floor = self._free_floor()
         deficit = floor - (free - size)
         if deficit > self._bytes:
-            return (
-                f"file system free space {_mib(free)} MiB under the archive's floor {_mib(floor)} MiB, not by the "
-                f"archive (it holds {_mib(self._bytes)} MiB)"
+            self._floor(
+                f"file system free space {_mib(free - size)} MiB with this frame, under the archive's floor "
+                f"{_mib(floor)} MiB, and the archive holds only {_mib(self._bytes)} MiB: frames not archived, the room "
+                "left is the journal's"
             )
-        budget = min(self.max_bytes - size, self._bytes - max(0, deficit))
-        self._prune_to(budget)
-        return None
+            return False
+        if deficit > 0:
+            self._floor(
+                f"file system free space under the archive's floor {_mib(floor)} MiB: its oldest frames are deleted "
+                "to keep it (something else fills the disk, or archive.max_mb is more than it holds)"
+            )
+        elif self._floor_alarm is not None:
+            self._floor(None)
+        self._prune_to(min(self.max_bytes - size, self._bytes - max(0, deficit)))
+        return True
 
-    def _floor_breached(self, reason: str) -> None:
-        """The entry is not written, and nothing of the archive deleted: the free space left is the journal's. The
-        alarm until a write finds room, tried again after RETRY_S (till then offers say "not archived", as for a
-        failing disk); logged once per run."""
-        self.lost += 1
-        self._retry_at = time.monotonic() + RETRY_S
-        if self._write_error is None:
-            log.error("archive_degraded", path=str(self.root), error=reason, effect="frames not archived")
-        self._write_error = reason
+    def _floor(self, alarm: str | None) -> None:
+        """Raise (logged once per run) or clear the free-space floor's alarm."""
+        if alarm is not None and self._floor_alarm is None:
+            log.error("archive_degraded", path=str(self.root), error=alarm)
+        elif alarm is None and self._floor_alarm is not None:
+            log.warning("archive_recovered", reason="free space above the floor again", lost=self.lost)
+        self._floor_alarm = alarm
 
     def _make_room(self, needed: int) -> bool:
         """On a full disk: delete the oldest entries until `needed` bytes are freed (the entry not written yet is
@@ -541,6 +548,10 @@ class Archive:
         if self._db is None and not (self.root / fmt.INDEX_NAME).is_file():
             return  # nothing written yet: no index to make for this
         try:
+            if self._floor_alarm is not None:
+                free, floor = self._free_floor()
+                if free >= floor:
+                    self._floor(None)  # room came back while no frame was kept
             db = self._open()
             cutoff = self._wall_clock(db) - self.max_age_s
             while rows := db.execute(_OLDER_THAN, (cutoff, PRUNE_BATCH)).fetchall():
@@ -589,10 +600,17 @@ _OLDEST = _OLDEST_ALL + " LIMIT ?"
 _OLDER_THAN = "SELECT id, frame_file, overlay_file, bytes FROM frames WHERE t_written < ? ORDER BY rowid LIMIT ?"
 
 
-def _disk_full(exc: BaseException) -> bool:
+def _disk_full(exc: BaseException, root: Path) -> bool:
     if isinstance(exc, sqlite3.Error):
-        return getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL
-    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return True
+    elif isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return True
+    # SQLite reports some failures of a full disk otherwise (its -shm file: "disk I/O error"): ask the disk.
+    try:
+        return os.statvfs(root).f_bavail == 0
+    except OSError:
+        return False
 
 
 def _encode(suffix: str, image: np.ndarray, params: tuple) -> bytes:
