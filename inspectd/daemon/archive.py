@@ -13,9 +13,10 @@ alarm, logged once (`archive_offer_failed`) until an offer succeeds again (`arch
 
 Room is made before each entry is written, never by deleting it after: the size bound and the file system's free
 space (kept above a floor, FREE_FLOOR_FRACTION of it, at most FREE_FLOOR_MAX_BYTES: the journal lives on the same
-disk) decide which oldest entries go first. When something else holds the free space under the floor and the
-archive's own entries could not restore it, the archive deletes nothing for the floor: it skips the write (`lost`)
-and goes `degraded` ("... not by the archive") until a later write finds room, so the space left stays the journal's.
+disk) decide which oldest entries go first. Deleting for the floor is the `degraded` alarm (the disk, not
+max_mb, then bounds the archive: something else fills it, or max_mb is more than it holds); when the archive's own
+entries could not restore the floor, it deletes nothing for it and skips that write (`lost`), so the space left stays
+the journal's. The alarm clears when a write, or the age check, finds the free space above the floor again.
 A full disk (ENOSPC, EDQUOT) nonetheless is the archive's to relieve: it deletes its own oldest entries, enough for
 the entry, and retries that entry once. A restart on a full disk, where even the index cannot be opened for writing,
 first deletes the oldest entries' files (read through a read-only connection), then their rows. The age bound is
