@@ -444,3 +444,17 @@ def test_p99_at_half_load_is_judged_only_at_the_rate_it_names():
     value, line = judged(10.0)
     assert value is None and "offered 20/s, sent 10/s (p99 goal not judged" in line
     assert judged(None)[0] is None
+
+
+def test_a_saturated_scenario_may_drain_its_queues_within_the_longest_shutdown_the_config_allows(scenario):
+    """At saturation every camera's queue is full when the bench stops the daemon: 4 cameras x 64 frames at 10
+    frames/s take 26 s, more than the 10 s it was given, so the daemon exited 1 and a healthy run read as FAILED."""
+    from inspectd.daemon.archive import CLOSE_GRACE_S
+    from inspectd.daemon.config import MAX_SHUTDOWN_TIMEOUT_S
+    from inspectd.daemon.service import PUB_LINGER_MS, PUBLISH_GRACE_S
+    from inspectd.tools.bench import daemon
+
+    s = scenario(saturate=True, cameras=4)
+    assert json.loads(s.config.read_text())["shutdown_timeout_s"] == MAX_SHUTDOWN_TIMEOUT_S
+    past_it = 2 * PUBLISH_GRACE_S + PUB_LINGER_MS / 1000 + CLOSE_GRACE_S  # the daemon's stop past its timeout
+    assert daemon.STOP_TIMEOUT_S > MAX_SHUTDOWN_TIMEOUT_S + past_it
