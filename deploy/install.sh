@@ -195,7 +195,8 @@ fi
 # build, a virtualenv or a tool's cache leaves in it.
 copy_source() {  # destination
     mkdir -p "$1"
-    if [ "$(src_git rev-parse --show-toplevel 2>/dev/null)" = "$SRC" ]; then
+    if [ "$(src_git rev-parse --show-toplevel 2>/dev/null)" = "$SRC" ] ||
+        { GIT_AS=self && [ "$(src_git rev-parse --show-toplevel 2>/dev/null)" = "$SRC" ]; }; then
         # A tracked file deleted in the working tree is still listed: only what exists is copied.
         (cd "$SRC" && src_git ls-files -z --cached --others --exclude-standard |
             xargs -0 sh -c 'for f; do if [ -e "$f" ] || [ -L "$f" ]; then printf "%s\0" "$f"; fi; done' sh |
@@ -216,10 +217,13 @@ copy_source() {  # destination
 # safe.directory, and git 2.35.2 to 2.37 and the distributions' backports of that check (Debian 11, Ubuntu 22.04)
 # take safe.directory only from a system or global config, never from -c: git runs as the owner there, with the
 # owner's home for its config (root's is not readable to it, and git stops on a config it cannot read).
+# Where the owner cannot run git there (a parent directory closed to it), git runs as this user instead (GIT_AS=self).
+GIT_AS=owner
 src_git() {
     owner=$(stat -c %U "$SRC")
     home=$(getent passwd "$owner" | cut -d: -f6)
-    if [ "$(id -u)" -eq 0 ] && [ "$owner" != root ] && [ -n "$home" ] && command -v runuser >/dev/null; then
+    if [ "$GIT_AS" = owner ] && [ "$(id -u)" -eq 0 ] && [ "$owner" != root ] && [ -n "$home" ] &&
+        command -v runuser >/dev/null; then
         runuser -u "$owner" -- env HOME="$home" XDG_CONFIG_HOME= git -c safe.directory="$SRC" -C "$SRC" "$@"
     else
         git -c safe.directory="$SRC" -C "$SRC" "$@"
@@ -287,23 +291,36 @@ as_service_user() {
 }
 # The daemon's own check by the version in the venv, as the service user where there is one; a refusal's last line
 # on stdout.
+# CHECK_STATUS: 0 accepted, 2 refused, anything else the check could not run (a venv broken by a Python upgrade).
 check_config() {  # config
-    refusal=$(cd / && as_service_user "$VENV/bin/inspectd" run --check --config "$1" 2>&1 >/dev/null) && return 0
+    if refusal=$(cd / && as_service_user "$VENV/bin/inspectd" run --check --config "$1" 2>&1 >/dev/null); then
+        CHECK_STATUS=0
+        return 0
+    else
+        CHECK_STATUS=$?
+    fi
     echo "$refusal" | sed '/^$/d' | tail -n 1
     return 1
 }
 # Before pip replaces the venv: the units whose config the version in it accepts, the only ones an upgrade can take
 # from running to refused. A unit it refuses could not start before either.
+# A version that could not check at all counts as accepting (a new refusal then fails the install, rather than pass
+# as a warning). Units an earlier install found accepted before it and refused after stay so (PENDING) until an
+# install's check passes: that install left the refused version in the venv, the one a rerun would compare with.
 OLD_ACCEPTED=" "
 OLD_CHECKED=0
+PENDING="$VENV/.inspectd-accepted-before"
 remember_old_verdicts() {
     [ "$OLD_CHECKED" -eq 0 ] || return 0
     OLD_CHECKED=1
+    [ ! -f "$PENDING" ] || OLD_ACCEPTED=" $(paste -sd' ' - < "$PENDING") "
     [ -x "$VENV/bin/inspectd" ] || return 0
     for unit in $RUNNING; do
         config=$(unit_config "$unit")
-        if [ -n "$config" ] && [ -f "$config" ] && check_config "$config" >/dev/null; then
-            OLD_ACCEPTED="$OLD_ACCEPTED$unit "
+        if [ -n "$config" ] && [ -f "$config" ]; then
+            if check_config "$config" >/dev/null || [ "$CHECK_STATUS" -ne 2 ]; then
+                OLD_ACCEPTED="$OLD_ACCEPTED$unit "
+            fi
         fi
     done
 }
@@ -427,7 +444,13 @@ if [ "$INSTALLED" -eq 1 ]; then
     done
 fi
 
+if [ "$INSTALLED" -eq 1 ] && [ "$REFUSED" -eq 0 ]; then
+    rm -f "$PENDING"
+fi
 if [ "$REFUSED" -eq 1 ]; then
+    # A rerun installs and checks again (not "nothing to do"), against what the units accepted before the first try.
+    rm -f "$VENV/.inspectd-stamp"
+    for unit in $OLD_ACCEPTED; do echo "$unit"; done > "$PENDING"
     echo "install.sh: installed, but the new version refuses a config the old one accepted (above): fix it, check" \
         "it with $VENV/bin/inspectd run --check --config FILE, then systemctl try-restart $RUNNING" >&2
     exit 1

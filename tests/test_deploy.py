@@ -703,6 +703,26 @@ def test_an_upgrade_fails_only_on_a_config_the_old_version_accepted_and_warns_of
         "inspectd@line2.service inspectd@line3.service inspectd@line4.service",
     ]
 
+    # Run again as it is (the venv now holds the version that refuses): still a failed install, not "nothing to do"
+    # nor a warning, until the config is fixed.
+    again = subprocess.run(
+        ["sh", str(INSTALL), "--prefix", str(root)], capture_output=True, text=True, timeout=60, cwd=root.parent
+    )
+    assert again.returncode == 1 and again.stderr.splitlines()[0] == refused.stderr.splitlines()[0], again.stderr
+    (etc / "line2.yaml").write_text("station: line2\n")
+    fixed = subprocess.run(
+        ["sh", str(INSTALL), "--prefix", str(root)], capture_output=True, text=True, timeout=60, cwd=root.parent
+    )
+    assert fixed.returncode == 0 and fixed.stderr.splitlines() == [line3, line4], fixed.stderr
+
+    # An old version that cannot check at all (a venv a Python upgrade broke) is no proof the config was refused
+    # before: a refusal by the new one fails the install.
+    (etc / "line2.yaml").write_text("station: line2  # refused-by-new\n")
+    venv = root / "opt" / "inspectd" / "venv"
+    (venv / "inspectd-old").write_text("#!/bin/sh\necho 'python3.11: not found' >&2\nexit 127\n")
+    broken = _stub_upgrade(root, INSTALL)
+    assert broken.returncode == 1 and "which the old one accepted" in broken.stderr, broken.stderr
+
 
 def test_the_copy_pip_builds_leaves_out_what_git_ignores_from_a_checkout_through_a_symlink_or_without_git(tmp_path):
     """A checkout holds gigabytes that git ignores (runs, bundles, datasets): the copy for pip, in mktemp's /tmp,
