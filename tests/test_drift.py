@@ -29,6 +29,20 @@ CONTROLLED = 0.02
 FRAMES_TO_ALARM_10PCT = 120  # good frames after a 1.1x or 0.9x lighting change on it (measured: 79 and 83)
 
 
+def lit_line(count: int, lighting: dict[int, float]) -> dict:
+    """The daemon's synthetic camera: the good frames of the line taught on (seed 2), under a lighting schedule."""
+    return {
+        "kind": "synthetic",
+        "width": LINE,
+        "height": LINE,
+        "seed": 2,
+        "defect_rate": 0.0,
+        "rate_hz": 400.0,
+        "count": count,
+        "lighting": lighting,
+    }
+
+
 def stream(engine, line, monitor, n: int, gain: float) -> list[tuple[int, str]]:
     from engines.runtime.preprocess import fit_frame, mean_level
 
@@ -153,16 +167,7 @@ def test_daemon_raises_drift_in_status_metrics_log_and_the_plc_flag_and_clears_i
 
     shutil.copytree(taught, tmp_path / "b")
     port = free_port()
-    source = {
-        "kind": "synthetic",
-        "width": LINE,
-        "height": LINE,
-        "seed": 2,
-        "defect_rate": 0.0,
-        "rate_hz": 400.0,
-        "count": FRAMES,
-        "lighting": {LIGHT_ON: 1.5, LIGHT_OFF: 1.0},
-    }
+    source = lit_line(FRAMES, {LIGHT_ON: 1.5, LIGHT_OFF: 1.0})
     station = Station(
         tmp_path,
         tmp_path / "b",
@@ -391,16 +396,7 @@ def test_a_reload_that_changes_nothing_keeps_a_raised_drift_alarm_and_a_new_thre
 
     shutil.copytree(taught, tmp_path / "b")
     frames = 400  # the line then stops: what the status says after each reload is the reload's doing alone
-    source = {
-        "kind": "synthetic",
-        "width": LINE,
-        "height": LINE,
-        "seed": 2,
-        "defect_rate": 0.0,
-        "rate_hz": 400.0,
-        "count": frames,
-        "lighting": {0: 1.5},
-    }
+    source = lit_line(frames, {0: 1.5})
     station = Station(tmp_path, tmp_path / "b", [{"id": "cam0", "source": source, "queue": {"policy": "block"}}])
 
     def reload() -> None:
