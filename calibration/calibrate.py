@@ -440,7 +440,8 @@ def _score(
     from engines.training.evaluate import score_images
     from engines.training.metrics import PixelHistograms
 
-    pixels = PixelHistograms() if args.pixel else None
+    # Keyed on the first map's median, as eval keys them: thresholds read back through pixels.bin_floor.
+    pixels = PixelHistograms(reference=None) if args.pixel else None
     has_masks = bool(defective) and all(mask is not None for _, mask in defective)
     masks = [mask for _, mask in defective]
     from engines.runtime.preprocess import fit_frame, mean_level

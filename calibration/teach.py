@@ -657,7 +657,7 @@ def teach(
     old_threshold = current.image_threshold
     fr_target = DEFAULT_FALSE_REJECT if target_false_reject is None else target_false_reject
     fr = threshold_for_false_reject(new_scores, fr_target)
-    histograms = PixelHistograms()
+    histograms = PixelHistograms(reference=None)  # as calibrate: bins follow the maps' spread, not their offset
     for m in new_maps:
         histograms.add(m)
     pixel = pixel_threshold_for_fpr(histograms, DEFAULT_PIXEL_FPR if pixel_fpr is None else pixel_fpr)

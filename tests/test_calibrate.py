@@ -143,6 +143,20 @@ def test_pixel_thresholds_from_good_pixels_and_from_masks():
     assert np.array_equal(defect_map >= pixel, mask)  # the threshold reproduces the ground truth exactly
 
 
+def test_a_pixel_threshold_on_maps_far_from_zero_is_the_quantile_not_a_bin_ten_times_the_spread_wide():
+    """A Gaussian scorer's maps sit near sqrt(D) with a small spread. Keyed on the raw value, a bin at 1000 is 0.49
+    wide, ten times the spread, and the threshold's false-positive share lands anywhere; keyed on the first map's
+    median (as calibrate and teach make them) it is the quantile, read back in the maps' own values."""
+    rng = np.random.default_rng(3)
+    good = PixelHistograms(reference=None)
+    maps = [(1000.0 + rng.normal(0, 0.05, (64, 64))).astype(np.float32) for _ in range(4)]
+    for m in maps:
+        good.add(m)
+    threshold = pixel_threshold_for_fpr(good, 0.01)
+    share = np.mean([np.mean(m >= threshold) for m in maps])
+    assert share <= 0.01 and share > 0.009, (threshold, share)
+
+
 # --- the command on a real bundle ---------------------------------------------------------------------------------
 
 

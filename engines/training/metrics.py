@@ -11,7 +11,7 @@ Pixel-level metrics must cover every pixel of every test image at its own frame 
 bins, each 2^-11 (0.05 %) wide relative to that difference. With the reference among the maps' values (the first
 added map's median: `reference=None`; not its minimum, which one outlying pixel would set) a bin is at most 2^-11 of
 the maps' range wide, whatever their offset. Keyed on the
-raw value (`reference=0.0`, the default, which calibration's thresholds read through `bin_floor`) the bins are
+raw value (`reference=0.0`, the default; eval, auto, calibrate and teach all key on the median) the bins are
 relative to the offset instead: maps at 100 +- 0.05 lose 7e-3 of pixel AUROC and 1e-2 of AUPRO, at 1000 +- 0.05 0.09
 and 0.2. Memory is constant (three 8 MB histograms), histograms of disjoint image sets on one reference add up
 (per-defect-type metrics are `good + type`), and the only approximation is that pixels in one bin count as tied. That
