@@ -28,6 +28,7 @@ from inspectd.clients.subscribe import (
 )
 from inspectd.daemon.journal import Journal
 from inspectd.errors import InspectdError
+from inspectd.protocol.journal import encode_record
 from inspectd.protocol.messages import Result, encode_result, encode_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,6 +348,45 @@ def test_subscribe_reports_a_corrupt_record_as_a_gap_and_carries_on(tmp_path):
     seqs = [int(line.split()[1].removeprefix("seq=")) for line in proc.stdout.splitlines()]
     assert seqs == [s for s in range(200) if s != bad]
     assert f"gap: seq {bad}-{bad} on cam0 (1 results): corrupt record" in proc.stderr
+
+
+def test_subscribe_reports_a_record_of_no_frames_as_a_gap_and_carries_on(tmp_path):
+    """A damaged or crafted segment can hold a record whose CRC matches a body of zero frames: no message at all,
+    which one reader must not die of."""
+    directory = tmp_path / "journal"
+    (directory / "cam0").mkdir(parents=True)
+    records = [
+        encode_record(0, result_frames("cam0", 0)),
+        encode_record(1, []),
+        encode_record(2, result_frames("cam0", 2)),
+    ]
+    (directory / "cam0" / f"{0:012d}.seg").write_bytes(b"".join(records))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inspectd",
+            "subscribe",
+            "--endpoint",
+            f"ipc://{tmp_path}/nobody.sock",  # no daemon: the replay starts after the settle wait
+            "--journal",
+            str(directory),
+            "--since",
+            "-1",
+            "--count",
+            "2",
+            "--timeout",
+            "30",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [int(line.split()[1].removeprefix("seq=")) for line in proc.stdout.splitlines()] == [0, 2]
+    assert "gap: seq 1-1 on cam0 (1 results): corrupt record" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_live_seq_that_goes_back_is_delivered_and_reported_not_dropped_as_a_duplicate(line):

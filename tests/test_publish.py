@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog.testing
 import zmq
 
 from inspectd.clients.subscribe import GapTracker, Subscriber
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.inference import Judged
+from inspectd.daemon.journal import Journal
 from inspectd.daemon.publish import Publisher
 from inspectd.errors import MessageError
 from inspectd.protocol.messages import (
@@ -371,3 +376,120 @@ def test_an_unencodable_mask_still_publishes_the_verdict(tmp_path):
     assert publisher.stop(timeout=5)
     assert [(r.seq, r.verdict, r.has_mask) for r in results] == [(1, "defect", False), (2, "defect", True)]
     assert publisher.failed == 1
+
+
+def _wait(condition, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:g} s")
+        time.sleep(0.02)
+
+
+def _events(logs: list[dict], name: str) -> list[dict]:
+    return [e for e in logs if e["event"] == name]
+
+
+def test_a_failed_rebind_keeps_journalling_and_binds_again_once_it_can(tmp_path):
+    sockets = tmp_path / "run"
+    sockets.mkdir()
+    endpoint = f"ipc://{sockets}/pub.sock"
+    journal = Journal(tmp_path / "j", max_bytes=1 << 20)
+    publisher = Publisher(endpoint, "line1", status=None, queue_size=4, journal=journal).start()
+    with structlog.testing.capture_logs() as logs:
+        # The socket's directory goes (a tmpfiles clean-up, a mistaken rm): the rebind a reload asks for fails.
+        shutil.rmtree(sockets)
+        publisher.drop_peers()
+        _wait(lambda: _events(logs, "publish_rebind_failed"), "the failed rebind's log line")
+        # More results than the queue holds: each is journalled, none waits for the endpoint.
+        submitter = threading.Thread(target=lambda: [publisher.submit(judged(s)) for s in range(1, 11)], daemon=True)
+        submitter.start()
+        submitter.join(10)
+        assert not submitter.is_alive(), "submit() blocked behind a publishing thread that is gone"
+        _wait(lambda: journal.last_seq("cam0") == 10, "results journalled while unbound")
+        assert publisher.alive() and not publisher.bound
+        sockets.mkdir()
+        _wait(lambda: publisher.bound, "the bind tried again")
+    with Subscriber(endpoint) as sub:
+        _wait_connected(sub, publisher)
+        publisher.submit(judged(11))
+        assert [r.seq for r in sub.results(1, timeout_s=10)] == [11]
+    assert publisher.stop(timeout=5)
+    assert [s for s, _ in journal.read_since("cam0", 0)][:10] == list(range(1, 11))
+    assert len(_events(logs, "publish_rebind_failed")) == 1 and len(_events(logs, "publish_bound_again")) == 1
+    assert publisher.rebinds == 1 and publisher.failed == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the SystemExit, on purpose
+def test_a_publishing_thread_that_ended_blocks_no_submit_and_its_stop_is_not_clean(tmp_path):
+    release = threading.Event()
+
+    def end_the_thread(judged, latency_ms):
+        release.wait(10)
+        raise SystemExit  # whatever ends the thread (not an Exception, which it survives)
+
+    publisher = Publisher(
+        f"ipc://{tmp_path}/pub.sock", "line1", status=None, queue_size=8, on_published=end_the_thread
+    ).start()
+    with structlog.testing.capture_logs() as logs:
+        for seq in range(4):  # 0 ends the thread once released; 1..3 are queued behind it
+            publisher.submit(judged(seq))
+        release.set()
+        _wait(lambda: not publisher.alive(), "the publishing thread's end")
+        # More than the queue has room for: none may block the inference thread (or the shutdown) for good.
+        submitter = threading.Thread(target=lambda: [publisher.submit(judged(s)) for s in range(4, 20)], daemon=True)
+        submitter.start()
+        submitter.join(10)
+        assert not submitter.is_alive(), "submit() blocked behind a publishing thread that is gone"
+        t0 = time.monotonic()
+        assert publisher.stop(timeout=5) is False
+        assert time.monotonic() - t0 < 5
+    dropped = sorted((e["camera"], e["seq"]) for e in _events(logs, "publish_dropped"))
+    assert dropped == [("cam0", seq) for seq in range(1, 20)]  # each accepted frame without a result, by name
+    assert publisher.published == 1 and publisher.failed == 19
+
+
+def test_stop_returns_within_its_timeout_while_the_thread_is_stuck_in_the_disk(tmp_path):
+    journal = Journal(tmp_path / "j", max_bytes=1 << 20)
+    # A FIFO where the segment goes: opening it blocks in the kernel until a peer opens the other end, as a write
+    # to a failing card or a lost NFS server blocks.
+    (tmp_path / "j" / "cam0").mkdir()
+    fifo = tmp_path / "j" / "cam0" / f"{0:012d}.seg"
+    os.mkfifo(fifo)
+    publisher = Publisher(f"ipc://{tmp_path}/pub.sock", "line1", status=None, queue_size=2, journal=journal).start()
+    try:
+        for seq in range(3):  # 0 is taken by the stuck thread, 1 and 2 fill the queue
+            publisher.submit(judged(seq))
+        stopped: list[bool] = []
+        stopper = threading.Thread(target=lambda: stopped.append(publisher.stop(timeout=1.0)), daemon=True)
+        t0 = time.monotonic()
+        stopper.start()
+        stopper.join(10)
+        assert not stopper.is_alive(), "stop(timeout=1.0) still waiting after 10 s"
+        assert stopped == [False] and 0.9 <= time.monotonic() - t0 < 5
+    finally:
+        # The disk comes back: a writer lets the stuck open of the segment (to read its records) return, and an
+        # open reader the append's open after it.
+        deadline = time.monotonic() + 10
+        while True:
+            try:  # ENXIO until the thread's open is waiting for a writer
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            # Nothing queued was lost: the results go out once the stop gets through.
+            assert publisher.stop(timeout=10)
+            assert publisher.published == 3
+        finally:
+            os.close(reader)
+
+
+def test_a_socket_option_libzmq_refuses_is_a_one_line_error_naming_the_endpoint(tmp_path):
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    with pytest.raises(OSError, match=r"^publish.endpoint '.*pub.sock': cannot set its security options \("):
+        Publisher(endpoint, "line1", socket_options=lambda sock: setattr(sock, "curve_secretkey", b"short"))
+    assert not (tmp_path / "pub.sock").exists()

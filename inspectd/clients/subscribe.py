@@ -365,6 +365,9 @@ class JournalCatchUp:
                 if camera in self._disowned:  # disowned while this read went on (a caller that keeps pulling)
                     why(self._disowned[camera])
                     return
+                if not frames:  # no message at all (the reader refuses such records; one must not end a replay)
+                    self.refused += 1
+                    continue
                 if not bytes(frames[0]).decode("ascii", "replace").startswith(self.topic):
                     continue
                 try:

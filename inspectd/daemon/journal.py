@@ -128,6 +128,9 @@ class Journal:
         self._last: dict[str, int] = {}
         self._accepted: dict[str, int] = {}  # each camera's accepted mark as found at open
         self._accepted_fd: dict[str, int] = {}
+        # Per camera, held around each use of its mark descriptors, so close() never closes one under a pwrite or
+        # fsync of an ingest thread that outlived the shutdown (the number could meanwhile name another file).
+        self._mark_locks: dict[str, threading.Lock] = {}
         self._accepted_failed = False
         self._reserved: dict[str, int] = {}  # each camera's reservation as found at open
         self._reserved_to: dict[str, int] = {}  # the reservation this run has synced
@@ -162,13 +165,17 @@ class Journal:
                 # Gone for good before anything is appended, or a power cut would leave a run that never closed
                 # looking clean at the next start.
                 mark.unlink()
-                self._dirs_dirty.add(self.directory)
+                fsync_dir(self.directory)
             boot, previous_boot = _read_text(BOOT_ID), _read_text(self.directory / BOOT_MARK)
             self.rebooted = self.unclean and (boot is None or previous_boot != boot)
-            if boot is not None and previous_boot != boot:
-                replace_file(self.directory / BOOT_MARK, boot.encode())
             for camera in cameras(self.directory):
                 self._recover(camera)
+            if self.rebooted:
+                self._raise_floors()
+            # Only once the floors are durable: a start that ends before each camera's next reservation (a failed
+            # start, an idle run stopped) must not make the next one, on the same boot, take the stale marks again.
+            if boot is not None and previous_boot != boot:
+                replace_file(self.directory / BOOT_MARK, boot.encode())
         except OSError as exc:
             raise JournalError(
                 f"publish.journal.path {self.directory}: cannot use it ({exc.strerror or exc}), "
@@ -210,6 +217,22 @@ class Journal:
             self._closed.append((age, path, end))
             self._total += end
         self._closed.sort()
+
+    def _raise_floors(self) -> None:
+        """After a reboot, make each camera's reservation its accepted mark, fsynced: seqs up to it may have been
+        published before the power cut, and every later start must resume past them, not only this one."""
+        for camera, reserved in self._reserved.items():
+            if reserved <= self._accepted.get(camera, -1):
+                continue
+            path = self.directory / camera / ACCEPTED_MARK
+            new = not path.exists()
+            fd = self._accepted_fd[camera] = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            self._mark_locks[camera] = threading.Lock()
+            os.pwrite(fd, ACCEPTED.pack(reserved), 0)
+            os.fsync(fd)
+            if new:
+                fsync_dir(path.parent)
+            self._accepted[camera] = reserved
 
     def _corrupt_found(self, path: Path, offset: int, skipped: int) -> None:
         self.corrupt += 1
@@ -258,21 +281,30 @@ class Journal:
         """Record that frames up to `seq` have been given their seq. Called per frame from the camera's ingest
         thread: one 8-byte pwrite into the page cache, which a SIGKILL cannot undo, and once every RESERVE seqs an
         fsynced reservation, which a power cut cannot. Never raises: a mark that cannot be written only costs the
-        gap report after a crash (logged once)."""
-        fd = self._accepted_fd.get(camera)
+        gap report after a crash (logged once). Does nothing once the journal is closing: its marks are final."""
+        lock = self._mark_locks.get(camera)
+        if lock is None:
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                lock = self._mark_locks.setdefault(camera, threading.Lock())
         try:
-            if fd is None:
-                check_camera(camera)
-                with self._lock:
-                    (self.directory / camera).mkdir(exist_ok=True)
-                    fd = self._accepted_fd[camera] = os.open(
-                        self.directory / camera / ACCEPTED_MARK, os.O_WRONLY | os.O_CREAT, 0o600
-                    )
-                    self._dirs_dirty.update((self.directory, self.directory / camera))
-            if seq > self._reserved_to.get(camera, -1):
-                self._reserve(camera, seq + RESERVE)
-            os.pwrite(fd, ACCEPTED.pack(seq), 0)
-            self._marks_dirty.add(camera)
+            with lock:
+                if self._stop.is_set():
+                    return
+                fd = self._accepted_fd.get(camera)
+                if fd is None:
+                    check_camera(camera)
+                    with self._lock:
+                        (self.directory / camera).mkdir(exist_ok=True)
+                        fd = self._accepted_fd[camera] = os.open(
+                            self.directory / camera / ACCEPTED_MARK, os.O_WRONLY | os.O_CREAT, 0o600
+                        )
+                        self._dirs_dirty.update((self.directory, self.directory / camera))
+                if seq > self._reserved_to.get(camera, -1):
+                    self._reserve(camera, seq + RESERVE)
+                os.pwrite(fd, ACCEPTED.pack(seq), 0)
+                self._marks_dirty.add(camera)
         except OSError as exc:
             if not self._accepted_failed:
                 self._accepted_failed = True
@@ -494,12 +526,23 @@ class Journal:
         with self._lock:
             for camera in list(self._active):
                 self._close_segment(camera)
-        self.sync()
+            locks = list(self._mark_locks.items())  # complete: no lock is made once _stop is set
+        # A mark being written finishes first (and is fsynced below with the rest); an ingest thread stuck in the
+        # disk keeps its descriptors open (the process is ending) rather than have them closed under it.
+        give_up = time.monotonic() + 5.0
+        held = [(camera, lock) for camera, lock in locks if lock.acquire(timeout=max(0.0, give_up - time.monotonic()))]
+        try:
+            self.sync()
+            with self._lock:
+                for camera, _ in held:
+                    for fds in (self._accepted_fd, self._reserved_fd):
+                        fd = fds.pop(camera, None)
+                        if fd is not None:
+                            os.close(fd)
+        finally:
+            for _, lock in held:
+                lock.release()
         with self._lock:
-            for fd in [*self._accepted_fd.values(), *self._reserved_fd.values()]:
-                os.close(fd)
-            self._accepted_fd.clear()
-            self._reserved_fd.clear()
             try:
                 (self.directory / CLEAN_MARK).touch()
                 self._dirs_dirty.add(self.directory)

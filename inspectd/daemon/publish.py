@@ -28,6 +28,8 @@ from inspectd.protocol.messages import encode_mask, encode_result, encode_status
 _STOP = object()
 _WAKE = object()  # wakes the thread to look at its flags (a re-bind asked for)
 REBIND_WAIT_S = 5.0  # how long the endpoint may take to come free again after unbind
+BIND_RETRY_S = 3.0  # how often a bind that failed is tried again, results still journalled meanwhile
+SUBMIT_CHECK_S = 0.5  # how often a submit waiting on a full queue looks whether the thread is still there to empty it
 log = structlog.get_logger("inspectd.daemon.publish")
 
 
@@ -77,7 +79,14 @@ class Publisher:
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         self._socket.setsockopt(zmq.LINGER, linger_ms)
         if socket_options is not None:
-            socket_options(self._socket)  # e.g. CurveZMQ server keys, set before bind
+            try:
+                socket_options(self._socket)  # e.g. CurveZMQ server keys, set before bind
+            except zmq.ZMQError as exc:  # a libzmq built without CURVE refuses curve_server
+                self._socket.close(0)
+                raise OSError(
+                    f"publish.endpoint {endpoint!r}: cannot set its security options ({exc}), "
+                    f"expected a libzmq with CURVE (zmq.has('curve') is {zmq.has('curve')})"
+                ) from None
         try:
             self._socket.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -94,8 +103,11 @@ class Publisher:
         self.failed = 0
         self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
         self._stopping = False
+        self._stopped = False  # the thread took the stop: it did not end on its own
         self._rebind = threading.Event()
         self.rebinds = 0
+        self.bound = True  # False while a rebind has failed: results are journalled, not sent
+        self._bind_retry_at = 0.0  # when a failed bind is tried again
 
     def start(self) -> Publisher:
         self._thread.start()
@@ -110,8 +122,26 @@ class Publisher:
         return self._thread.is_alive() or self._stopping
 
     def submit(self, judged: Judged) -> None:
-        """Queue a result for sending; blocks only while the queue is full (the send path itself never blocks)."""
-        self._queue.put(judged)
+        """Queue a result for sending; blocks only while the queue is full (the send path itself never blocks) and
+        the publishing thread is there to empty it. Once that thread has ended the result is counted in `failed`
+        and logged (`publish_dropped`), so the inference thread and the shutdown never wait on it forever."""
+        while self._thread.is_alive() or not self.started:
+            try:
+                self._queue.put(judged, timeout=SUBMIT_CHECK_S)
+                return
+            except queue.Full:
+                continue
+        self._dropped(judged)
+
+    def _dropped(self, judged: Judged) -> None:
+        self.failed += 1
+        log.error(
+            "publish_dropped",
+            camera=judged.frame.camera,
+            seq=judged.frame.seq,
+            reason="the publishing thread has ended",
+            effect="this accepted frame gets no result, published or journalled",
+        )
 
     def drop_peers(self) -> None:
         """Disconnect every subscriber (the publishing thread unbinds and binds the endpoint again, between two
@@ -134,13 +164,17 @@ class Publisher:
         next_status = time.monotonic() + self.status_interval_s
         while True:
             wait = max(0.0, next_status - time.monotonic()) if self._status else None
+            if not self.bound:  # woken for the next bind try even when nothing comes
+                retry = max(0.0, self._bind_retry_at - time.monotonic())
+                wait = retry if wait is None else min(wait, retry)
             try:
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = None
             if item is _STOP:
+                self._stopped = True
                 break
-            if self._rebind.is_set():
+            if self._rebind.is_set() or (not self.bound and time.monotonic() >= self._bind_retry_at):
                 self._rebind.clear()
                 self._bind_again()
             if item is not None and item is not _WAKE:
@@ -161,7 +195,10 @@ class Publisher:
                     log.error("status_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
                 next_status = time.monotonic() + self.status_interval_s
         if self._status:
-            self.send_status()  # a last status so subscribers see the final counters
+            try:
+                self.send_status()  # a last status so subscribers see the final counters
+            except Exception as exc:
+                log.error("status_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
 
     def _send_result(self, judged: Judged) -> None:
         frame = judged.frame
@@ -229,20 +266,46 @@ class Publisher:
 
     def _bind_again(self) -> None:
         """Unbind (libzmq closes every connection accepted on the endpoint with it) and bind the same endpoint. The
-        listener closes on libzmq's I/O thread, so a TCP port may stay busy for a moment."""
+        listener closes on libzmq's I/O thread, so a TCP port may stay busy for a moment. A bind that fails (the
+        port taken meanwhile, the ipc directory gone) is logged and tried again every BIND_RETRY_S by `_run`: the
+        thread goes on journalling every result (sends on the unbound socket reach no one, a gap `--journal`
+        fills), so no accepted frame goes without a result and nothing waits on a thread that is gone."""
         endpoint = self.bound_endpoint
-        self._socket.unbind(endpoint)
-        deadline = time.monotonic() + REBIND_WAIT_S
+        was_bound = self.bound
+        if was_bound:
+            try:
+                self._socket.unbind(endpoint)
+            except zmq.ZMQError as exc:
+                log.error(
+                    "publish_rebind_failed",
+                    endpoint=endpoint,
+                    error=f"unbind: {exc}",
+                    effect="still bound: the subscribers connected keep their connections",
+                )
+                return
+            self.bound = False
+        # Only right after the unbind may the port still be held by the listener being closed.
+        deadline = time.monotonic() + (REBIND_WAIT_S if was_bound else 0.0)
         while True:
             try:
                 self._socket.bind(endpoint)
                 break
             except zmq.ZMQError as exc:
-                if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
-                    # Nothing can be published without the endpoint: the thread ends, the daemon turns unhealthy.
-                    log.error("publish_rebind_failed", endpoint=endpoint, error=str(exc))
-                    raise
-                time.sleep(0.01)
+                if exc.errno == zmq.EADDRINUSE and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                if was_bound:  # logged once per outage, not at every retry
+                    log.error(
+                        "publish_rebind_failed",
+                        endpoint=endpoint,
+                        error=str(exc),
+                        effect=f"results are journalled but not sent; the bind is tried again every {BIND_RETRY_S:g} s",
+                    )
+                self._bind_retry_at = time.monotonic() + BIND_RETRY_S
+                return
+        self.bound = True
+        if not was_bound:
+            log.warning("publish_bound_again", endpoint=endpoint)
         try:
             open_ipc_to_group(self._socket)  # an ipc bind made a new socket file
         except OSError as exc:
@@ -257,17 +320,38 @@ class Publisher:
             self._socket.send_multipart(encode_status(self.station, self._status()))
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Send everything queued so far, then close the socket (lingering so the last messages leave).
+        """Send everything queued so far, then close the socket (lingering so the last messages leave); returns
+        within `timeout` (None: however long that takes).
 
-        Returns False when the thread did not finish within `timeout`.
+        Returns False when the thread did not finish within `timeout`, or had ended on its own before: then what
+        was left queued is logged (`publish_dropped`) and counted in `failed`, and the stop is not a clean one.
         """
         self._stopping = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float:
+            return SUBMIT_CHECK_S if deadline is None else max(0.0, deadline - time.monotonic())
+
+        while self._thread.is_alive():  # the queue may be full behind a thread stuck in the disk
+            try:
+                self._queue.put(_STOP, timeout=min(SUBMIT_CHECK_S, left()))
+                break
+            except queue.Full:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        self._thread.join(None if deadline is None else left())
         if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
-        done = not self._thread.is_alive()
-        if done:
-            self._socket.close()
-            if self._journal is not None:
-                self._journal.close()
-        return done
+            return False
+        self._socket.close()
+        if self._journal is not None:
+            self._journal.close()
+        unsent = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and item is not _WAKE:
+                unsent += 1
+                self._dropped(item)
+        return (self._stopped or not self.started) and not unsent

@@ -816,6 +816,8 @@ def _reload(daemon: Daemon, log) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import zmq
+
     from engines.errors import EngineError
     from inspectd.daemon.config import load_config
     from inspectd.daemon.notify import Notifier
@@ -856,7 +858,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         daemon = Daemon(config, log)
         daemon.start()
-    except (InspectdError, EngineError, OSError, ValueError) as exc:
+    except (InspectdError, EngineError, OSError, ValueError, zmq.ZMQError) as exc:
         log.error("start_failed", error=str(exc))
         print(f"inspectd run: {exc}", file=sys.stderr)
         return 1

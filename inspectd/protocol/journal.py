@@ -133,10 +133,13 @@ def _resync(data: bytes) -> int | None:
 
 
 def _well_formed(body: bytes) -> bool:
-    """The body's frame lengths add up to its size (a CRC match on garbage is possible, a matching layout is not)."""
+    """The body holds at least one frame (the writer never journals fewer) and its frame lengths add up to its size
+    (a CRC match on garbage is possible, a matching layout is not)."""
     if len(body) < COUNT.size:
         return False
     (count,) = COUNT.unpack_from(body, 0)
+    if count < 1:
+        return False
     at = COUNT.size
     for _ in range(count):
         if at + LENGTH.size > len(body):
