@@ -98,22 +98,30 @@ class Daemon:
 
 class Memory:
     """What a handshake reads of and writes to a PLC, as values in memory, for driving a handshake (and a Feeder)
-    without a PLC: its id's width, its inspection id, heartbeat, alarm bit and alarm_reset; every status written
+    without a PLC: its id's width, its inspection id, ack, heartbeat, alarm bit and alarm_reset; every status written
     (`statuses`), every inspection id written (`handed`: what the PLC was handed, in order) and the heartbeats written
-    (`beats`). The PLC program acknowledges whatever inspection id is written at once while `acking`, and never
-    otherwise."""
+    (`beats`). While `acking`, the PLC program echoes the inspection id written into ack (at the next read of it);
+    otherwise ack keeps what it holds (0 on a fresh PLC, or what the bridge wrote), as a real PLC's register does."""
 
-    def __init__(self, modulus: int = ID_MODULUS, inspection_id: int = 0, heartbeat: int = 0, alarm: int = 0) -> None:
+    def __init__(
+        self, modulus: int = ID_MODULUS, inspection_id: int = 0, heartbeat: int = 0, alarm: int = 0, ack: int = 0
+    ) -> None:
         self.id_modulus = modulus
-        self.values = {"inspection_id": inspection_id, "heartbeat": heartbeat, "alarm": alarm, "alarm_reset": 0}
+        self.values = {
+            "inspection_id": inspection_id,
+            "ack": ack,
+            "heartbeat": heartbeat,
+            "alarm": alarm,
+            "alarm_reset": 0,
+        }
         self.statuses: list[frozenset] = []
         self.handed: list[int] = []
         self.beats = 0
         self.acking = True
 
     async def read(self, name: str) -> int:
-        if name == "ack":
-            return self.values["inspection_id"] % self.id_modulus if self.acking else 0
+        if name == "ack" and self.acking:
+            self.values["ack"] = self.values["inspection_id"] % self.id_modulus
         return self.values[name]
 
     async def write(self, fields: dict, last: str | None = None) -> None:

@@ -50,16 +50,7 @@ class Plc:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.server = None
-        device = SimDevice(id=1, simdata=[SimData(0, count=32, values=0, datatype=DataType.REGISTERS)])
-
-        async def serve():
-            self.server = ModbusTcpServer(device, address=("127.0.0.1", self.port))
-            await self.server.serve_forever()
-
-        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(serve(),), daemon=True)
-        self.thread.start()
+        self._serve()
         self.client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=2)
         wait(self.client.connect, 5, "the Modbus server to listen", interval=0.05)
         self.received: list[dict] = []  # every result seen with result_valid raised, in order
@@ -69,6 +60,29 @@ class Plc:
         self._stop = threading.Event()
         self._program = threading.Thread(target=self._scan, daemon=True)
         self._program.start()
+
+    def _serve(self) -> None:
+        """Start the Modbus server on self.port, its registers all 0."""
+        self.loop = asyncio.new_event_loop()
+        self.server = None
+        device = SimDevice(id=1, simdata=[SimData(0, count=32, values=0, datatype=DataType.REGISTERS)])
+        listening = threading.Event()
+
+        async def serve():
+            self.server = ModbusTcpServer(device, address=("127.0.0.1", self.port))
+            listening.set()
+            await self.server.serve_forever()
+
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(serve(),), daemon=True)
+        self.thread.start()
+        assert listening.wait(5), "the Modbus server did not start"
+
+    def restart(self) -> None:
+        """The PLC's Modbus server goes away and comes back on the same port with its registers reset (a warm
+        restart, a program download), every connection to it dropped."""
+        asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(5)
+        self.thread.join(5)
+        self._serve()
 
     def registers(self) -> list[int]:
         reply = self.client.read_holding_registers(0, count=14, device_id=1)
@@ -679,6 +693,28 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_topic_naming_no_camera_or_leaving_out_the_configured_one_is_refused_in_one_line(tmp_path):
+    """A bridge whose camera's results the topic never takes would hold trigger_ready up for parts it can never
+    hand a verdict of; a camera taken from the topic is a camera id like any other."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("camera: cam1\n")
+    for args, expected in [
+        (["--topic", "inspect.st1.cam 0."], "--topic 'inspect.st1.cam 0.': expected a camera id"),
+        (["--topic", "inspect.st1.cam0.", "--config", str(config)], "camera cam1: --topic 'inspect.st1.cam0.'"),
+        (["--topic", "inspect.st1.cam0", "--config", str(config)], "camera cam1: --topic 'inspect.st1.cam0'"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint", "tcp://127.0.0.1:1"]
+            + ["--plc", "127.0.0.1:1", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, result.stderr
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_an_endpoint_zeromq_cannot_use_is_one_line_before_the_plc_is_touched(plc, bridge_config):
     """In the words subscribe, web and the control clients use; a PLC written to by a bridge that then died would
     show a stale or half-set status to the line."""
@@ -714,6 +750,8 @@ def test_bridge_config_errors_name_the_key():
         ({"speed": 1}, "bridge.speed: unknown key"),
         ({"camera": ""}, "bridge.camera: expected a camera id"),
         ({"camera": "cam 0"}, "bridge.camera: expected a camera id ([a-zA-Z0-9_-]+), got 'cam 0'"),
+        ({"score_scale": 1e7}, "bridge.score_scale: expected at most 1000000"),
+        ({"request_timeout_ms": 5000}, "bridge.request_timeout_ms: expected at most 2000"),
     ]
     for raw, message in cases:
         with pytest.raises(ConfigError) as err:
@@ -727,6 +765,9 @@ def test_scaled_score_is_clamped_to_a_register():
     assert scaled_score(0.4567, 1000) == 457
     assert scaled_score(-1.0, 1000) == 0
     assert scaled_score(1e9, 1000) == 65535
+    assert scaled_score(1e306, 1000) == 65535  # the product is past a float's range
+    assert scaled_score(-1e306, 1000) == 0
+    assert scaled_score(1e306, 1e6) == 65535
     assert scaled_score(None, 1000) == 0
     assert scaled_score(float("nan"), 1000) == 0
 
@@ -764,6 +805,95 @@ def test_unreadable_bridge_yaml_is_one_config_error_naming_the_file(tmp_path):
             load_bridge_config(path)
         message = str(refused.value)
         assert message.startswith(str(path)) and "\n" not in message, message
+
+
+def test_a_plc_that_restarts_between_two_requests_ends_the_bridge_so_the_restart_rule_runs(plc, daemon, tmp_path):
+    """A PLC whose Modbus server goes away and is back before the bridge's next request (registers reset) must end
+    the bridge as one that stays away does: only the service manager's restart runs the restart rule and writes the
+    status word into the fresh registers. A client that reconnected by itself would carry on none the wiser."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 3000\npoll_ms: 5\nheartbeat_ms: 1000\n")  # the restart fits between two beats
+    bridge = Bridge(daemon, plc, config)
+    beat = plc.field("heartbeat")
+    wait(lambda: plc.field("heartbeat") != beat, 5, "a heartbeat")
+    plc.restart()
+    try:
+        bridge.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        bridge.proc.kill()
+        raise AssertionError("the bridge carried on over a PLC that restarted") from None
+    out = bridge.output()
+    assert bridge.proc.returncode == 1, out
+    assert out.strip().splitlines()[-1].startswith("inspectd bridge: PLC write of registers"), out
+    assert "Traceback" not in out, out
+
+
+def test_a_status_word_the_plc_clears_is_written_again_at_the_next_heartbeat(plc, daemon, bridge_config):
+    """A PLC program's init routine, an HMI or an operator zeroing the interface leaves trigger_ready down while the
+    heartbeat says the bridge is alive: the bridge writes the status word every heartbeat, not only on a change."""
+    bridge = Bridge(daemon, plc, bridge_config)
+    try:
+        plc.write("status", 0)
+
+        def ready_again():
+            daemon.status()  # the daemon's 1 Hz status: the bridge must not see it as silent meanwhile
+            return plc.field("status") & BIT["trigger_ready"]
+
+        wait(ready_again, 5, "trigger_ready written again (heartbeat 100 ms)", interval=0.05)
+    finally:
+        bridge.stop()
+
+
+def test_seq_0_on_a_fresh_plc_that_does_not_ack_is_a_missed_ack_not_an_ack(plc, daemon, tmp_path):
+    """The daemon numbers from 0 and a fresh PLC's ack reads 0: taken for the ack, the PLC's first verdict would be
+    dropped at once with no missed ack, no alarm, and recorded as acknowledged."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 500\npoll_ms: 5\nheartbeat_ms: 100\n")
+    state = tmp_path / "state"
+    plc.acking.clear()  # the PLC program acknowledges nothing
+    bridge = Bridge(daemon, plc, config, extra=("--state-dir", str(state)))
+    try:
+        daemon.result(0)
+        wait(lambda: plc.field("missed_acks") == 1, 10, "seq 0 to count as a missed ack")
+        assert plc.field("status") & BIT["alarm"] and plc.field("inspection_id") == 0
+        plc.acking.set()
+        daemon.result(1)
+        wait(lambda: [r["id"] for r in plc.received] == [1], 10, "result 1, acked")
+        wait(lambda: not plc.field("status") & BIT["result_valid"], 5, "result_valid to fall after the ack")
+    finally:
+        events = bridge.stop()
+    stopped = events["bridge_stopped"]
+    assert (stopped["written"], stopped["acked"], stopped["missed_acks"]) == (2, 1, 1), stopped
+    assert json.loads((state / "acked.json").read_text())["acked"] == {CAMERA: 1}
+
+
+def test_a_status_whose_healthy_is_not_literally_true_counts_as_unhealthy(plc, daemon, bridge_config):
+    """A "healthy" of "false" (a string) is no health: only true raises trigger_ready."""
+    bridge = Bridge(daemon, plc, bridge_config)
+    try:
+
+        def unhealthy():
+            daemon.status(healthy="false")  # type: ignore[arg-type]
+            return plc.field("status") & BIT["daemon_unhealthy"]
+
+        wait(unhealthy, 5, "daemon_unhealthy from a healthy of 'false'", interval=0.05)
+        assert not plc.field("status") & BIT["trigger_ready"]
+    finally:
+        bridge.stop()
+
+
+def test_a_huge_finite_score_is_clamped_into_the_register_and_the_bridge_goes_on(plc, daemon, bridge_config):
+    """score x score_scale past a float's range has no integer: the bridge must clamp it, not die on it (and with a
+    journal, die again on every restart's replay of it)."""
+    bridge = Bridge(daemon, plc, bridge_config)
+    try:
+        daemon.result(1, score=1e306)
+        daemon.result(2, score=-1e306)
+        daemon.result(3, score=0.25)
+        wait(lambda: len(plc.received) == 3, 10, "three acknowledged results")
+        assert [r["score"] for r in plc.received] == [65535, 0, 250]
+    finally:
+        bridge.stop()
 
 
 def test_a_plc_that_goes_away_ends_the_bridge_with_one_line_for_the_service_manager(plc, daemon, bridge_config):

@@ -189,17 +189,19 @@ def daemon():
     publisher.close()
 
 
-def write_config(tmp_path: Path, text: str = "") -> Path:
+def write_config(tmp_path: Path, text: str = "", ack_timeout_ms: int = 5000) -> Path:
     path = tmp_path / "opcua.yaml"
     # A generous ack timeout: on a loaded CI machine the PLC loop may take a while to ack, which must not count.
-    path.write_text("ack_timeout_ms: 5000\npoll_ms: 5\nheartbeat_ms: 100\ncameras: [cam0, cam1]\n" + text)
+    path.write_text(f"ack_timeout_ms: {ack_timeout_ms}\npoll_ms: 5\nheartbeat_ms: 100\ncameras: [cam0, cam1]\n" + text)
     return path
 
 
-def server_bridge(daemon, tmp_path, port, extra=(), config_text="", exec_under=(), cache: Path | None = None):
+def server_bridge(
+    daemon, tmp_path, port, extra=(), config_text="", exec_under=(), cache: Path | None = None, ack_timeout_ms=5000
+):
     """A server-mode bridge, up; its standard address space from `cache` (default: this test process's)."""
     url = f"opc.tcp://127.0.0.1:{port}/inspectd/"
-    args = ["--config", str(write_config(tmp_path, config_text)), "--opcua", url]
+    args = ["--config", str(write_config(tmp_path, config_text, ack_timeout_ms)), "--opcua", url]
     args += ["--state-file", str(tmp_path / "state.json"), "--cache-dir", str(cache or ASPACE_CACHE[0]), *extra]
     probe: list[PlcClient] = []
 
@@ -301,6 +303,47 @@ def test_server_mode_serves_the_plc_under_the_bridge_units_seccomp_restrictions(
     assert not [e for e in bridge.events() if e["event"].startswith("address_space_cache")], bridge.out
     if fresh:
         assert {MANIFEST, SHELF} <= set(shelf_files(fresh)), bridge.out
+
+
+def test_server_mode_counts_seq_0_unacked_and_a_result_unacked_at_a_kill_as_a_gap_after_the_restart(daemon, tmp_path):
+    """A fresh server's Ack is 0, as is the daemon's first seq: that is no ack. And the variables die with the
+    bridge: a result that had no ack yet when the bridge was killed must not be recorded as handed over, or the
+    restart resumes after it and the MES never hears of it; the restart shows the id before it and counts it as the
+    gap it is (a --journal would replay it)."""
+    port = free_port()
+    bridge, url = server_bridge(daemon, tmp_path, port, ack_timeout_ms=3000)
+    plc = PlcClient(url)
+    program = plc.run_program()
+    try:
+        program.acking.clear()  # the MES reads nothing yet
+        daemon.result(0)
+        wait(lambda: plc.read(CAMERA, "missed_acks") == 1, 10, "seq 0 to count as a missed ack")
+        assert plc.read(CAMERA, "alarm") and not plc.read(CAMERA, "result_valid")
+        program.acking.set()
+        daemon.result(1)
+        wait(lambda: program.ids() == [1], 10, "result 1 consumed")
+        wait(lambda: not plc.read(CAMERA, "result_valid"), 10, "the falling edge after the ack of 1")
+        program.acking.clear()
+        daemon.result(2)
+        wait(lambda: plc.read(CAMERA, "inspection_id") == 2 and plc.read(CAMERA, "result_valid"), 10, "2 on display")
+    finally:
+        bridge.proc.kill()
+        bridge.proc.communicate(timeout=10)
+        plc.close()
+    assert json.loads((tmp_path / "state.json").read_text())[CAMERA]["inspection_id"] == 1
+
+    bridge, url = server_bridge(daemon, tmp_path, port, ack_timeout_ms=3000)
+    plc = PlcClient(url)
+    program = plc.run_program()
+    try:
+        assert plc.read(CAMERA, "inspection_id") == 1  # the id resumed after, not the one that was never acked
+        daemon.result(3)
+        wait(lambda: program.ids() == [3], 10, "result 3 after the restart")
+        assert plc.read(CAMERA, "sequence_gaps") == 1 and plc.read(CAMERA, "alarm")
+    finally:
+        plc.close()
+        events = bridge.stop()
+    assert events["bridge_stopped"]["sequence_gaps"] == 1, bridge.out
 
 
 def test_server_mode_catches_up_from_the_journal_after_a_restart(daemon, tmp_path):
@@ -999,6 +1042,9 @@ def test_client_mode_refuses_a_variable_whose_data_type_does_not_fit_its_role(da
         ("heartbeat", "Float", "expected an integer type or Double"),
         ("model_id", "Int32", "expected String"),
         ("alarm_reset", "String", "expected Boolean or an integer type"),
+        # No scale, as Modbus has: an integer Score or Threshold would read 0 for every real score.
+        ("score", "Int16", "expected Float or Double"),
+        ("threshold", "UInt32", "expected Float or Double"),
     ]:
         plc = PlcServer(free_port(), types={**PLC_TYPES, name: kind})
         try:
@@ -1045,7 +1091,8 @@ def test_client_mode_says_in_one_line_when_a_plc_value_is_no_integer(daemon, tmp
         except subprocess.TimeoutExpired:
             raise AssertionError("the bridge kept running with an Ack of 'abc'") from None
         out = bridge.proc.stdout.read()
-        assert plc.read(CAMERA, "verdict") == 1 and plc.read(CAMERA, "result_valid"), out  # written before the ack
+        # The ack is read before the result goes over (one left equal to its id is no ack): nothing was raised.
+        assert not plc.read(CAMERA, "result_valid"), out
     finally:
         bridge.proc.kill()
         plc.stop()
@@ -1054,6 +1101,26 @@ def test_client_mode_says_in_one_line_when_a_plc_value_is_no_integer(daemon, tmp
         f"inspectd bridge: PLC read of {node_id(2, CAMERA, 'ack')} ({CAMERA} Ack): expected an integer or Boolean, "
         "got 'abc'"
     ), out
+
+
+def test_client_mode_clamps_a_score_past_a_reals_range_and_goes_on(daemon, tmp_path):
+    """A finite score no float32 holds cannot be packed into a PLC's Real: the bridge writes the largest one rather
+    than stop (and, with a journal, stop again on every restart's replay of it)."""
+    plc = PlcServer(free_port())
+    program = plc.run_program()
+    bridge = client_bridge(daemon, tmp_path, plc)
+    try:
+        daemon.result(1, score=1e39, threshold=-1e300)
+        daemon.result(2, score=0.5)
+        wait(lambda: program.ids() == [1, 2], 10, "both results in the PLC's Real variables")
+    finally:
+        events = bridge.stop()
+        plc.stop()
+    first, second = program.received[CAMERA]
+    assert first["score"] == pytest.approx(3.4028234e38, rel=1e-6)
+    assert first["threshold"] == pytest.approx(-3.4028234e38, rel=1e-6)
+    assert second["score"] == pytest.approx(0.5)
+    assert events["bridge_stopped"]["acked"] == 2
 
 
 def test_client_mode_acks_ids_past_the_width_of_an_s7_int_and_restarts_in_full_seqs(daemon, tmp_path):
@@ -1332,6 +1399,7 @@ def test_config_errors_name_the_key_and_the_cli_says_one_line(tmp_path, daemon):
         ({"mode": "client", "node_id": "ns=2;s=x"}, "node_id: expected a template with {camera} and {name}"),
         ({"security": {"certificate": "c"}}, "bridge.security.private_key"),
         ({"ack_timeout_ms": 0}, "bridge.ack_timeout_ms: expected at least 1, got 0"),
+        ({"request_timeout_ms": 5000}, "bridge.request_timeout_ms: expected at most 2000"),
     ]
     for raw, message in cases:
         with pytest.raises(ConfigError) as err:
@@ -1347,6 +1415,15 @@ def test_config_errors_name_the_key_and_the_cli_says_one_line(tmp_path, daemon):
         (["--camera", "cam0"], "state_file: expected a file path in server mode"),
         (["--state-file", str(tmp_path / "s")], "cameras: expected at least one camera id"),
         (["--mode", "client", "--camera", "cam0", "--opcua", "tcp://x"], "endpoint: expected an opc.tcp:// URL"),
+        # The camera from --topic is a camera id like any other; a camera the topic leaves out could get no result.
+        (
+            ["--state-file", str(tmp_path / "s"), "--topic", "inspect.st1.cam 0."],
+            "--topic 'inspect.st1.cam 0.': expected a camera id",
+        ),
+        (
+            ["--state-file", str(tmp_path / "s"), "--camera", "cam1", "--topic", "inspect.st1.cam0."],
+            "camera cam1: --topic 'inspect.st1.cam0.' leaves out its results",
+        ),
     ]:
         result = subprocess.run(
             [sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint, *args],

@@ -405,9 +405,9 @@ def test_an_alarm_counted_before_the_plc_is_shown_its_cause_stays_through_a_rese
         await hand_over(handshake, result(1), result(3))  # 2 missing: the alarm the PLC sees
         await tick(handshake, 1)  # alarm_reset reads 0: a request from now on comes after the gap was shown
         handshake.offer(result(2))  # the numbering went back: latched now, on the PLC with result 2
-        statuses = len(plc.statuses)
-        await tick(handshake, 2)  # the alarm is up already: no status written, and alarm_reset reads 0
-        assert len(plc.statuses) == statuses and handshake.queue
+        shown = plc.status
+        await tick(handshake, 2)  # the alarm is up already: the status written again unchanged; alarm_reset reads 0
+        assert plc.statuses[-1] == shown and handshake.queue
         plc.values["alarm_reset"] = 1  # the PLC resets the alarm it saw
         await tick(handshake, 3)
         kept = ["alarm" in plc.status and handshake.alarm]
@@ -600,3 +600,63 @@ def test_a_wait_for_an_ack_cut_short_ends_at_its_next_poll_even_without_a_cancel
         return running.cancelled(), handshake.waiting_for
 
     assert asyncio.run(cut()) == (True, 1)
+
+
+@pytest.mark.parametrize("acking", [False, True])
+def test_seq_0_is_acked_by_the_plcs_echo_not_by_the_0_a_fresh_plc_holds(acking):
+    """The daemon's first seq is 0 and so is a fresh PLC's (or a fresh OPC UA server's) ack: the bridge sets the ack
+    to another value first, so only the PLC's echo counts, and a PLC that echoes 0 is acked as any other id."""
+
+    async def first() -> tuple[int, int, int]:
+        plc = Memory(ID_MODULUS)
+        plc.acking = acking
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=50, poll_ms=1), "cam0")
+        await handshake.start()
+        await hand_over(handshake, result(0))
+        return handshake.counters.acked, handshake.counters.missed_acks, plc.values["ack"]
+
+    acked, missed, ack = asyncio.run(first())
+    assert (acked, missed) == ((1, 0) if acking else (0, 1))
+    assert ack == (0 if acking else ID_MODULUS - 1)
+
+
+def test_no_status_write_lands_between_the_runs_of_a_hand_overs_result_write():
+    """A target that writes the result's data and its status in separate requests (a scattered Modbus map, OPC UA's
+    data and flag requests) raises result_valid last, on complete data: a heartbeat's status write between them would
+    raise it over partly old data. It waits for the next heartbeat instead."""
+
+    class Split(Memory):
+        def __init__(self) -> None:
+            super().__init__(ID_MODULUS)
+            self.between = asyncio.Event()
+            self.go = asyncio.Event()
+
+        async def write(self, fields: dict, last: str | None = None) -> None:
+            if "inspection_id" not in fields or "status" not in fields:
+                await super().write(fields, last)
+                return
+            await super().write({name: value for name, value in fields.items() if name != "status"})
+            self.between.set()
+            await self.go.wait()
+            await super().write({"status": fields["status"]})
+
+    async def torn() -> tuple[list[frozenset], frozenset]:
+        plc = Split()
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=50, poll_ms=1), "cam0")
+        await handshake.start()
+        handshake.offer(result(1))
+        stop = asyncio.Event()
+        running = asyncio.ensure_future(handshake.run(stop))
+        await asyncio.wait_for(plc.between.wait(), 5)
+        before = len(plc.statuses)
+        await tick(handshake, 1)  # the daemon heard from: trigger_ready changes, and the heartbeat rewrites it
+        meanwhile = plc.statuses[before:]
+        plc.go.set()
+        stop.set()
+        await asyncio.wait_for(running, 5)
+        await tick(handshake, 2)
+        return meanwhile, plc.status
+
+    meanwhile, after = asyncio.run(torn())
+    assert meanwhile == []
+    assert "trigger_ready" in after and "result_valid" not in after

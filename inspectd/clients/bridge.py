@@ -45,6 +45,7 @@ from inspectd.durable import hold_lock, replace_file
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.control import connect_error
+from inspectd.protocol.journal import CAMERA_RE
 from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 from inspectd.protocol.messages import Result, decode
 
@@ -130,9 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     protocol = importlib.import_module(PROTOCOLS[args.bridge_kind])
     try:
-        config = protocol.configure(args)
         if not args.topic.startswith("inspect."):
             raise ConfigError(f"--topic {args.topic!r}: expected a prefix of inspect.<station>.<camera>.result")
+        topic_camera(args.topic)
+        config = protocol.configure(args)
+        _check_cameras(config, args.topic)
         if args.journal is not None and not args.journal.is_dir():
             raise ConfigError(f"--journal {args.journal}: expected the daemon's journal directory")
         acked = AckedState(None if args.state_dir is None else Path(args.state_dir))
@@ -178,10 +181,31 @@ def _subscriptions(prefix: str) -> list[bytes]:
     return topics
 
 
-def _topic_camera(prefix: str) -> str | None:
-    """The camera a topic prefix names in full (inspect.<station>.<camera>.), else None."""
+def topic_camera(prefix: str) -> str | None:
+    """The camera a topic prefix names in full (inspect.<station>.<camera>.), else None; ConfigError naming --topic
+    when that is no camera id."""
     parts = prefix.split(".")
-    return parts[2] if len(parts) >= 4 and parts[2] else None
+    if len(parts) < 4 or not parts[2]:
+        return None
+    if not CAMERA_RE.fullmatch(parts[2]):
+        raise ConfigError(f"--topic {prefix!r}: expected a camera id ({CAMERA_RE.pattern}), got {parts[2]!r}")
+    return parts[2]
+
+
+def _check_cameras(config: Any, prefix: str) -> None:
+    """Refuse a configured camera (Modbus `camera`, OPC UA `cameras`) whose results the topic prefix leaves out: the
+    bridge would hold trigger_ready up for a camera it can never hand a verdict of."""
+    parts = prefix.split(".")
+    if len(parts) < 3:  # no station named in full: every camera's results match
+        return
+    named = parts[2]
+    cameras = getattr(config, "cameras", None) or [getattr(config, "camera", None)]
+    for camera in cameras:
+        if camera is not None and not (camera == named if len(parts) >= 4 else camera.startswith(named)):
+            raise ConfigError(
+                f"camera {camera}: --topic {prefix!r} leaves out its results (inspect.<station>.{camera}.result); "
+                "expected a topic that takes them"
+            )
 
 
 class Router:
@@ -869,7 +893,7 @@ async def _serve(protocol, config, args: argparse.Namespace, curve, acked: Acked
             Handshake(
                 target,
                 config,
-                camera or _topic_camera(prefix),
+                camera or topic_camera(prefix),
                 log=lambda event, level="info", **kw: getattr(log, level)(event, **kw),
                 acked=acked.record,
             )
@@ -957,7 +981,7 @@ async def _bridge(
             stuck_told[0] = False
             last_heard[0] = time.monotonic()
         if message.get("healthy") is not None:
-            healthy[0] = bool(message["healthy"])
+            healthy[0] = message["healthy"] is True  # a string "false" is no health either
         for handshake in handshakes:  # written with the next result or heartbeat
             handshake.follow_daemon(message)
 

@@ -84,6 +84,10 @@ STATUS_FLAGS = (
 )
 Status = frozenset  # the raised STATUS_FLAGS
 ID_MODULUS = 1 << 32  # inspection ids are written as 32-bit values unless a target holds fewer bits
+# Longest request_timeout_ms a protocol's config takes: the stop leaves 2 s after its ack wait (TimeoutStopSec=10,
+# STOP_WAIT_S=8) to drop the flags, and one request timing out must fit in it, or the service manager's kill leaves
+# result_valid and trigger_ready up.
+MAX_REQUEST_TIMEOUT_MS = 2000.0
 
 
 def daemon_camera_state(status: dict[str, Any], camera: str | None) -> str | None:
@@ -202,6 +206,7 @@ class Handshake:
         self.false_reject_warning = False  # likewise its false-reject warning
         self.camera_state: str | None = None  # this camera's state as the last status message said, None: not said
         self.written_status: Status | None = None
+        self._writing = False  # a hand-over's result write is on its way: no status write may land between its runs
         self._plc_residue: int | None = None  # the PLC's inspection id at start (modulo its width), until placed
         self._plc_id: int | None = None  # the PLC's inspection id as read at start, and the recorded ack: for the log
         self._recorded_ack: int | None = None
@@ -453,13 +458,21 @@ class Handshake:
             )
         self.camera_state = state
 
-    async def _write_status(self, force: bool = False) -> None:
+    async def _write_status(self, force: bool = False, again: bool = False) -> None:
+        """Write the status word when it changed (or `force`). `again`: unchanged too, but that shows the PLC nothing
+        new, so no latch counts as shown by it: a reset written meanwhile is for the causes it saw before."""
+        if self._writing:
+            # The hand-over's own write carries the status last; one landing between its runs (a scattered map, OPC
+            # UA's data and flag requests) could raise result_valid over partly old data. The next beat writes it.
+            return
         status = self.status()
         latches = self._latches  # counted as the status is: one counted while the write is on its way is not in it
-        if force or status != self.written_status:
+        changed = force or status != self.written_status
+        if changed or again:
             self.written_status = status
             await self.target.write({"status": status})
-            self._shown(latches)
+            if changed:
+                self._shown(latches)
 
     def _shown(self, latches: int) -> None:
         """A status write computed when `latches` had been counted reached the PLC."""
@@ -501,25 +514,30 @@ class Handshake:
             self.alarm = True
             self.log("sequence_gap", camera=self.camera, after=self.last_id, seq=seq, missing=seq - self.last_id - 1)
         self.last_id = seq
+        await self._clear_stale_ack(seq)
         self.showing = result.verdict
         self.written_status = self.status()
         latches = self._latches
-        await self.target.write(
-            {
-                "status": self.written_status,
-                "inspection_id": seq,
-                "result_code": RESULT_CODES[result.verdict],
-                "verdict": result.verdict,
-                "score": result.score,
-                "threshold": result.threshold,
-                "region_count": len(result.regions),
-                "model_id": result.model_id,
-                "thresholds_version": result.thresholds_version,
-                "missed_acks": self.counters.missed_acks,
-                "sequence_gaps": self.counters.sequence_gaps,
-            },
-            last="status",
-        )
+        self._writing = True
+        try:
+            await self.target.write(
+                {
+                    "status": self.written_status,
+                    "inspection_id": seq,
+                    "result_code": RESULT_CODES[result.verdict],
+                    "verdict": result.verdict,
+                    "score": result.score,
+                    "threshold": result.threshold,
+                    "region_count": len(result.regions),
+                    "model_id": result.model_id,
+                    "thresholds_version": result.thresholds_version,
+                    "missed_acks": self.counters.missed_acks,
+                    "sequence_gaps": self.counters.sequence_gaps,
+                },
+                last="status",
+            )
+        finally:
+            self._writing = False
         self._shown(latches)
         await self._cover_latches()
         self.counters.written += 1
@@ -539,6 +557,15 @@ class Handshake:
         self.showing = None
         await self._write_status(force=True)
         await self._cover_latches()
+
+    async def _clear_stale_ack(self, seq: int) -> None:
+        """Make an ack already equal to `seq` (in the id's width) not count for it: a fresh PLC's or a fresh server's
+        0 next to the daemon's first seq 0, an ack left from another numbering. The ack is set to the id before, so
+        the PLC's echo of `seq` is a change the bridge sees. Safe against the PLC's own write: it writes ack only in
+        answer to a fresh result_valid, and result_valid is down until the result is written."""
+        modulus = self.modulus()
+        if (await self.target.read("ack") - seq) % modulus == 0:
+            await self.target.write({"ack": (seq - 1) % modulus})
 
     def cut_short(self) -> None:
         """End a wait for an ack at its next poll, as a cancel would (shutdown() then decides whether it was acked).
@@ -613,8 +640,11 @@ class Handshake:
                 self._latches_before_request = shown
 
     async def service(self, heartbeat: int) -> None:
-        """Once per heartbeat period: heartbeat (the `heartbeat`th beat), and the PLC's alarm reset request."""
+        """Once per heartbeat period: heartbeat (the `heartbeat`th beat), the status word again, and the PLC's alarm
+        reset request. The status is rewritten unchanged too: a PLC program, an operator or a re-initialised PLC
+        that cleared it would otherwise keep trigger_ready down while the heartbeat says the bridge is alive."""
         await self.target.write({"heartbeat": self.heartbeat(heartbeat)})
+        await self._write_status(again=True)
         async with self._reset_lock:
             # Only latches a status write has shown: one counted but not on the PLC yet (its result still queued, its
             # status in a later request) is not covered by a request the PLC writes before it sees it.

@@ -3,8 +3,9 @@
 Two modes (config `mode`):
 
     server   the bridge runs an OPC UA server (asyncua) at `endpoint`; the PLC/MES connects, reads each camera's
-             variables and writes Ack / AlarmReset. The last handed-over inspection id and the latched alarm of each
-             camera are kept in `state_file`, so a restarted bridge applies the restart rule like the Modbus one;
+             variables and writes Ack / AlarmReset. The last inspection id whose hand-over ended (acked, or its ack
+             timed out) and the latched alarm of each camera are kept in `state_file`, so a restarted bridge applies
+             the restart rule like the Modbus one;
              a write of it that fails (a full disk) is logged once and the bridge goes on, as with acked.json.
              The server's standard address space comes from a cache in `cache_dir` when there is one
              (inspectd.clients.opcua_cache; default $CACHE_DIRECTORY), else it is built at each start.
@@ -44,7 +45,7 @@ import structlog
 from pydantic import Field, Strict, model_validator
 
 from engines.schema import Int, Number, Text, declared, invalid
-from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError
+from inspectd.clients.handshake import MAX_REQUEST_TIMEOUT_MS, STATUS_FLAGS, HandshakeSettings, PlcError
 from inspectd.clients.opcua_cache import init_server
 from inspectd.configfile import CameraId, parse, read_yaml
 from inspectd.durable import hold_lock, replace_file
@@ -75,6 +76,7 @@ OPTIONAL_IN_PLC = ("false_reject_warning",)
 DEFAULT_NAMESPACE = "urn:inspectd:bridge"
 DEFAULT_NODE_ID = "ns=2;s={camera}.{name}"
 U32 = 0xFFFFFFFF
+FLOAT_MAX = 3.4028234e38  # the largest finite float32: a PLC's Real (an OPC UA Float)
 
 
 @declared
@@ -102,7 +104,7 @@ class OpcUaConfig(HandshakeSettings):
     cache_dir: Annotated[str, Strict()] | None = None
     application_uri: Text = "urn:inspectd:bridge"  # must match the URI in the certificate when security is on
     security: Security | None = None
-    request_timeout_ms: Annotated[Number, Field(ge=10)] = 2000.0
+    request_timeout_ms: Annotated[Number, Field(ge=10, le=MAX_REQUEST_TIMEOUT_MS)] = 2000.0
     score_when_none: Number = 0.0  # Score and Threshold of an error result (no score): a PLC reads Verdict first
     session_timeout_ms: Annotated[Int, Field(ge=1000)] = 30_000
 
@@ -165,10 +167,12 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
         merged["security"] = None if config.security is None else dataclasses.asdict(config.security)
         config = parse_opcua_config(merged, where="options")
     if not config.cameras:
-        topic = args.topic.split(".")
-        if len(topic) < 4 or not topic[2]:
+        from inspectd.clients.bridge import topic_camera
+
+        camera = topic_camera(args.topic)
+        if camera is None:
             raise ConfigError("cameras: expected at least one camera id (--camera, or a --topic naming one camera)")
-        config = dataclasses.replace(config, cameras=[topic[2]])
+        config = dataclasses.replace(config, cameras=[camera])
     if config.cache_dir is None:
         # systemd joins several CacheDirectory= entries with ':'; the unit names one
         cache_dir = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
@@ -330,6 +334,7 @@ class ServerTarget:
         self.link = link
         self.camera = camera
         self.nodes = nodes
+        self._on_display: int | None = None  # the id handed over whose falling edge has not been written yet
 
     async def read(self, name: str) -> int:
         if name in ("inspection_id", "alarm"):
@@ -348,7 +353,13 @@ class ServerTarget:
         remembered = self.link.state.get(self.camera, {})
         update = {}
         if "inspection_id" in data:
-            update["inspection_id"] = int(data["inspection_id"]) & U32
+            self._on_display = int(data["inspection_id"]) & U32
+        # Kept at the falling edge (after the ack or its timeout), not at the hand-over: the variables die with the
+        # process, so a bridge killed while the id waited for its ack resumes before it, and the restart replays it
+        # from the journal or counts it as a gap, where recording it would lose it without a trace.
+        if flags and not flags["result_valid"] and self._on_display is not None:
+            update["inspection_id"] = self._on_display
+            self._on_display = None
         if flags and flags["alarm"] != bool(remembered.get("alarm", 0)):
             update["alarm"] = int(flags["alarm"])
         if update:
@@ -554,8 +565,10 @@ class ClientTarget:
         ua = self.link.ua
         kind = self.kinds[name]
         if kind in ("Float", "Double"):
-            variant = _variant(ua, value, "Double", self.link.config)
-            return ua.Variant(variant.Value, getattr(ua.VariantType, kind))
+            number = _variant(ua, value, "Double", self.link.config).Value
+            if kind == "Float":  # a finite score past a Real's range cannot be packed: the PLC gets the largest
+                number = min(max(number, -FLOAT_MAX), FLOAT_MAX)
+            return ua.Variant(number, getattr(ua.VariantType, kind))
         if kind in ("String", "Boolean"):
             return _variant(ua, value, kind, self.link.config)
         if name == "verdict":  # a numeric Verdict variable gets the result code
@@ -588,8 +601,9 @@ ROLE_KINDS: dict[str, tuple[frozenset[str], str]] = {
     "ack": _IDS,
     "result_code": _COUNTS,
     "verdict": (_INTEGERS | {"String"}, "String or an integer type (which gets the result code)"),
-    "score": (_INTEGERS | {"Float", "Double"}, "Float, Double or an integer type"),
-    "threshold": (_INTEGERS | {"Float", "Double"}, "Float, Double or an integer type"),
+    # No scale as the Modbus score register has: an integer would read 0 for every score below 1.
+    "score": (frozenset({"Float", "Double"}), "Float or Double (an integer type would truncate scores below 1 to 0)"),
+    "threshold": (frozenset({"Float", "Double"}), "Float or Double (an integer type would truncate it to 0)"),
     "region_count": _COUNTS,
     "model_id": (frozenset({"String"}), "String"),
     "thresholds_version": _COUNTS,

@@ -32,7 +32,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, field_validator
 
 from engines.schema import Int, Number, declared, invalid, refuse, show
-from inspectd.clients.handshake import STATUS_FLAGS, HandshakeSettings, PlcError
+from inspectd.clients.handshake import MAX_REQUEST_TIMEOUT_MS, STATUS_FLAGS, HandshakeSettings, PlcError
 from inspectd.configfile import CameraId, parse, read_yaml
 from inspectd.errors import ConfigError
 
@@ -55,6 +55,8 @@ DEFAULT_REGISTERS = {
 REGISTERS = tuple(DEFAULT_REGISTERS)
 DEFAULT_BITS = {name: i for i, name in enumerate(STATUS_FLAGS)}
 U16 = 0xFFFF
+# Past this a score of 0.07 already fills the register: no score resolution is left to scale for.
+MAX_SCORE_SCALE = 1e6
 
 
 def _over(defaults: dict[str, int]) -> BeforeValidator:
@@ -82,8 +84,8 @@ class BridgeConfig(HandshakeSettings):
         default_factory=lambda: dict(DEFAULT_BITS)
     )
     unit: Annotated[Int, Field(ge=0, le=255)] = 1
-    score_scale: Annotated[Number, Field(ge=1e-9)] = 1000.0
-    request_timeout_ms: Annotated[Number, Field(ge=10)] = 1000.0
+    score_scale: Annotated[Number, Field(ge=1e-9, le=MAX_SCORE_SCALE)] = 1000.0
+    request_timeout_ms: Annotated[Number, Field(ge=10, le=MAX_REQUEST_TIMEOUT_MS)] = 1000.0
     camera: CameraId | None = None  # None: serve the first camera whose result arrives
 
     def width(self, name: str) -> int:
@@ -123,7 +125,8 @@ def load_bridge_config(path: str | Path) -> BridgeConfig:
 def scaled_score(score: float | None, scale: float) -> int:
     if score is None or not math.isfinite(score):
         return 0
-    return int(min(max(round(score * scale), 0), U16))
+    # Clamped before the product: a huge finite score times the scale is infinite, which has no integer.
+    return int(round(min(max(score, 0.0), U16 / scale) * scale))
 
 
 def _words(value: int) -> list[int]:
@@ -160,6 +163,8 @@ class ModbusTarget:
         if reply.isError():
             raise PlcError(f"PLC read of {name} (register {address}, {count} words) refused: {reply}")
         regs = reply.registers
+        if len(regs) < count:
+            raise PlcError(f"PLC read of {name} (register {address}): asked for {count} words, got {len(regs)}")
         return (regs[0] << 16 | regs[1]) if count == 2 else regs[0]
 
     def encode(self, name: str, value: Any) -> int:
@@ -186,16 +191,18 @@ class ModbusTarget:
             # Not one atomic request: everything else first, so `last` (the status word) rises only on complete data.
             last_addr = self.config.registers[last]
             runs = [r for r in runs if last_addr not in r] + [r for r in runs if last_addr in r]
-        for run in runs:
-            async with self._lock:
+        # One lock for every run: a status write of another task between the runs would raise result_valid over
+        # partly old data.
+        async with self._lock:
+            for run in runs:
                 try:
                     reply = await self.client.write_registers(
                         run[0], [words[a] for a in run], device_id=self.config.unit
                     )
                 except self._refused as exc:
                     raise PlcError(f"PLC write of registers {run[0]}..{run[-1]}: {exc}") from exc
-            if reply.isError():
-                raise PlcError(f"PLC write of registers {run[0]}..{run[-1]} refused: {reply}")
+                if reply.isError():
+                    raise PlcError(f"PLC write of registers {run[0]}..{run[-1]} refused: {reply}")
 
 
 def _contiguous_runs(addresses: list[int]) -> list[list[int]]:
@@ -253,7 +260,11 @@ async def connect(config: BridgeConfig, args: argparse.Namespace) -> ModbusLink:
     from pymodbus.client import AsyncModbusTcpClient
 
     host, port = _host_port(args.plc)
-    client = AsyncModbusTcpClient(host, port=port, timeout=config.request_timeout_ms / 1000, retries=1)
+    # No reconnecting behind the bridge's back: a PLC that restarted (its registers maybe reset) must end the bridge,
+    # so that the service manager's restart runs the restart rule and writes the status word again.
+    client = AsyncModbusTcpClient(
+        host, port=port, timeout=config.request_timeout_ms / 1000, retries=1, reconnect_delay=0
+    )
     if not await client.connect():
         raise PlcError(f"PLC {host}:{port}: cannot connect (is it reachable, is Modbus TCP enabled?)")
     return ModbusLink(client, config)
