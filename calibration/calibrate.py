@@ -13,6 +13,10 @@ Owns the statistics of threshold choice (all numpy, on score arrays, so they are
   - pixel threshold: the quantile of good frames' pixel scores at a target pixel false-positive rate, or the pixel
     F1-max over ground-truth masks when the defective folders have them (both streamed through
     engines.training.metrics.PixelHistograms, so maps are never held).
+An image that does not decode is left out with a WARNING and counted (provenance n_skipped_good/n_skipped_defective);
+an image in both --good and --defective is refused before scoring; a threshold that rejects more than half the good
+frames, and a pixel threshold above the image one on a model scored by its map's maximum, are WARNINGs recorded in
+observed["warning"], and --apply does not apply the first (written, exit 1).
 Scoring is engines.training.evaluate.score_images; the document is engines.bundle.thresholds (next_version,
 rollback); the bundle file is rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol
 (set_thresholds) through inspectd.protocol, so calibrating needs nothing of the daemon itself.
@@ -376,6 +380,14 @@ class _Scored:
     good_brightness: np.ndarray  # mean grey level of each good image as the model sees it (the drift reference)
     good_paths: list[Path] = dataclasses.field(default_factory=list)
     defect_paths: list[Path] = dataclasses.field(default_factory=list)
+    skipped_good: list[Path] = dataclasses.field(default_factory=list)  # did not decode: left out
+    skipped_defect: list[Path] = dataclasses.field(default_factory=list)
+
+
+def skipped_warning(paths: list[Path]) -> str:
+    """The WARNING for images left out because they do not decode (calibrate's and teach's)."""
+    shown = ", ".join(str(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
+    return f"WARNING: skipped {len(paths)} image(s) that do not decode: {shown}"
 
 
 def refuse_non_finite(scores, paths, what: str) -> None:
@@ -434,26 +446,46 @@ def _score(
     bundle, args, good: list[Path], defective: list[tuple[Path, Path | None]], options: dict[str, Any]
 ) -> _Scored:
     """One pass of engines.training.evaluate.score_images over good then defective images (one engine, one batch
-    buffer)."""
+    buffer). An image that does not decode (a file cut short by a copy) is left out and counted, not the end of a run
+    that thousands of frames took minutes to score; where every good image, or every defective one, fails, the first
+    failure is raised as it would have been."""
     from engines.data.images import load_mask
+    from engines.errors import DataError
     from engines.progress import Progress
+    from engines.runtime.preprocess import fit_frame, mean_level
     from engines.training.evaluate import score_images
     from engines.training.metrics import PixelHistograms
 
     # Keyed on the first map's median, as eval keys them: thresholds read back through pixels.bin_floor.
     pixels = PixelHistograms(reference=None) if args.pixel else None
-    has_masks = bool(defective) and all(mask is not None for _, mask in defective)
+    has_masks = _has_masks(defective)
     masks = [mask for _, mask in defective]
-    from engines.runtime.preprocess import fit_frame, mean_level
 
     scores = np.empty(len(good) + len(defective), dtype=np.float64)
+    decoded = np.zeros(scores.size, dtype=bool)
     brightness = np.empty(len(good), dtype=np.float64)
     fitted = np.empty(bundle.input_shape, dtype=np.uint8)
     paths = good + [path for path, _ in defective]
+    failures: dict[Path, str] = {}
     progress = Progress()
     progress.start(len(paths), "calibrate: images scored")
-    for i, scored in enumerate(score_images(bundle, paths, backend=args.backend, batch=args.batch, options=options)):
+    at = 0
+    scored_images = score_images(
+        bundle,
+        paths,
+        backend=args.backend,
+        batch=args.batch,
+        options=options,
+        on_unreadable=failures.__setitem__,
+    )
+    for scored in scored_images:
+        # In order, with the images that did not decode left out: the next path that is this one is its place.
+        while paths[at] != scored.path:
+            at += 1
+        i = at
+        at += 1
         scores[i] = scored.score
+        decoded[i] = True
         if i < len(good):
             fit_frame(scored.image, bundle.input_shape, bundle.resize_policy, out=fitted)
             brightness[i] = mean_level(fitted)
@@ -461,9 +493,30 @@ def _score(
             pixels.add(scored.frame_map, None, what=str(scored.path))
         elif pixels is not None and has_masks:
             pixels.add(scored.frame_map, load_mask(masks[i - len(good)], scored.frame_map.shape), what=str(scored.path))
-        progress.update(i + 1)
+        progress.update(at)
     progress.finish()
-    return _Scored(scores[: len(good)], scores[len(good) :], pixels, has_masks, brightness, good, paths[len(good) :])
+    n = len(good)
+    for part in (slice(0, n), slice(n, None)):
+        if decoded[part].size and not decoded[part].any():
+            raise DataError(failures[paths[part][0]])
+    kept = [path for path, ok in zip(paths, decoded, strict=True) if ok]
+    lost = [path for path, ok in zip(paths, decoded, strict=True) if not ok]
+    n_kept = int(decoded[:n].sum())
+    return _Scored(
+        scores[:n][decoded[:n]],
+        scores[n:][decoded[n:]],
+        pixels,
+        has_masks,
+        brightness[decoded[:n]],
+        kept[:n_kept],
+        kept[n_kept:],
+        lost[: n - n_kept],
+        lost[n - n_kept :],
+    )
+
+
+def _has_masks(defective: list[tuple[Path, Path | None]]) -> bool:
+    return bool(defective) and all(mask is not None for _, mask in defective)
 
 
 def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
@@ -525,6 +578,9 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
         if escape.warning(target["value"]):
             print(escape.warning(target["value"]), file=out)
             observed["warning"] = "too few defective frames for the target"
+    if warning := rejects_most(good, image):
+        print(warning, file=out)
+        _add_warning(observed, warning.removeprefix("WARNING: "))
     if defect.size:
         matrix = confusion(good, defect, image)
         print("confusion matrix at this threshold:\n" + matrix.table(), file=out)
@@ -545,6 +601,24 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
                 file=out,
             )
     return image, pixel, {"target": target, "observed": observed}
+
+
+def rejects_most(good, image: float) -> str | None:
+    """The WARNING when image threshold `image` rejects more than half of the `good` scores, whatever the target
+    chose it: the defects given then score like the good frames (a wrong --defective folder, or one holding good
+    frames), and applied, it would reject most good parts. --apply does not apply such a threshold."""
+    exceed = int(np.count_nonzero(np.asarray(good) >= image))
+    if exceed <= good.size / 2:
+        return None
+    return (
+        f"WARNING: image threshold {image:.6g} rejects {exceed} of {good.size} good frames (rate "
+        f"{exceed / good.size:.4g}): check that --good and --defective hold what they should"
+    )
+
+
+def _add_warning(observed: dict[str, Any], warning: str) -> None:
+    """observed["warning"]: `warning` after any already there."""
+    observed["warning"] = f"{observed['warning']}; {warning}" if observed.get("warning") else warning
 
 
 def run(args: argparse.Namespace) -> int:
@@ -571,14 +645,14 @@ def run(args: argparse.Namespace) -> int:
                     f"--rollback restores an earlier version as a whole: {', '.join(given)} given, expected none of "
                     "the flags that choose new thresholds with it"
                 )
-            new = thresholds_doc.rollback(current, args.rollback)
+            new, hold = thresholds_doc.rollback(current, args.rollback), None
             print(
                 f"rollback to the values of version {args.rollback}: image {new.image_threshold:.6g}, "
                 f"pixel {new.pixel_threshold:.6g}",
                 file=out,
             )
         else:
-            new = _calibrate(bundle, current, args, out)
+            new, hold = _calibrate(bundle, current, args, out)
     except (CalibrationError, thresholds_doc.ThresholdsError, EngineError, InspectdError, ValueError) as exc:
         print(f"inspectd calibrate: {exc}", file=sys.stderr)
         if client is not None:
@@ -597,6 +671,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"dry run: version {new.version} not written, not applied", file=out)
         return 0
     applied = None
+    if client is not None and hold:
+        # Written, so it can be looked at and applied by hand; not applied: it would reject most good parts.
+        client.close()
+        client = None
+        applied = REFUSED
     if client is not None:
         # The daemon checks a version before it writes it into its bundle (a reduced-precision engine may refuse
         # it); written here first, a refused version would stay on disk and stop the daemon's next start.
@@ -634,6 +713,15 @@ def run(args: argparse.Namespace) -> int:
         f"wrote thresholds version {new.version} (was {current.version}) to {bundle.path / thresholds_doc.FILE_NAME}",
         file=out,
     )
+    if hold and args.apply:
+        import shlex
+
+        print(
+            f"inspectd calibrate: --apply {args.apply}: version {new.version} not applied: its image threshold "
+            f"rejects most good frames; once checked, apply it with `inspectd ctl --endpoint {shlex.quote(args.apply)} "
+            f"set-thresholds {shlex.quote(str(bundle.path / thresholds_doc.FILE_NAME))}`",
+            file=sys.stderr,
+        )
     return 0 if applied in (None, APPLIED) else 1
 
 
@@ -724,8 +812,19 @@ def _calibrate(bundle, current, args, out):
             _rate(value, flag)
     if args.batch < 1:
         raise CalibrationError(f"--batch {args.batch}: expected an integer >= 1")
+    if args.pixel_fpr is not None and not args.pixel:
+        raise CalibrationError(
+            "--pixel-fpr sets the pixel threshold's good-pixel rate: expected --pixel too (without it the pixel "
+            "threshold is not set)"
+        )
     good = _good_paths(Path(args.good))
     defective = _defective_items(args.defective)
+    if also := _in_both(good, defective):
+        shown = ", ".join(str(p) for p in also[:3]) + (" ..." if len(also) > 3 else "")
+        raise CalibrationError(
+            f"--defective: {len(also)} image(s) are also in --good ({shown}), expected labelled defective images "
+            "apart from the held-out good ones"
+        )
     if (args.target_escape is not None or args.max_f1) and not defective:
         flag = "--target-escape" if args.target_escape is not None else "--max-f1"
         raise CalibrationError(
@@ -748,14 +847,28 @@ def _calibrate(bundle, current, args, out):
         )
     if warning := _fitted_frames_warning(bundle, good):
         print(warning, file=out)
+    if args.pixel and args.pixel_fpr is not None and _has_masks(defective):
+        print(
+            f"note: --pixel-fpr {args.pixel_fpr:g} not used: the defects have masks, the pixel threshold is their "
+            "pixel F1-max",
+            file=out,
+        )
     scored = _score(bundle, args, good, defective, options)
+    if skipped := scored.skipped_good + scored.skipped_defect:
+        print(skipped_warning(skipped), file=out)
     image, pixel, chosen = _choose(args, scored, out)
+    hold = rejects_most(scored.good, image)
+    if warning := _regionless_warning(bundle, current, args.camera, image, pixel):
+        print(warning, file=out)
+        _add_warning(chosen["observed"], warning.removeprefix("WARNING: "))
     provenance = {
         "tool": f"inspectd calibrate {inspectd_version()}",
         "good_dir": str(Path(args.good).resolve()),
         "n_good": int(scored.good.size),
+        "n_skipped_good": len(scored.skipped_good),
         "defective_dirs": [str(Path(d).resolve()) for d in args.defective],
         "n_defective": int(scored.defect.size),
+        "n_skipped_defective": len(scored.skipped_defect),
         "model_id": bundle.model_id,
         # What the scores were computed in: a daemon whose engine runs the same precision judges by them as they are.
         thresholds_doc.ENGINE_PRECISION: precision,
@@ -793,13 +906,43 @@ def _calibrate(bundle, current, args, out):
             **thresholds_doc.camera_targets(current, per_camera),
             args.camera: chosen,
         }
-        return thresholds_doc.next_version(current, per_camera=per_camera, provenance=provenance)
+        return thresholds_doc.next_version(current, per_camera=per_camera, provenance=provenance), hold
     # The overrides carry over to the next version, and with them what each was set on.
     per_camera = {} if overrides else current.per_camera
     if carried := thresholds_doc.camera_targets(current, per_camera):
         provenance[thresholds_doc.PER_CAMERA_TARGET] = carried
-    return thresholds_doc.next_version(
+    new = thresholds_doc.next_version(
         current, image_threshold=image, pixel_threshold=pixel, per_camera=per_camera, provenance=provenance
+    )
+    return new, hold
+
+
+def _in_both(good: list[Path], defective: list[tuple[Path, Path | None]]) -> list[Path]:
+    """The --defective images that are also --good images, by resolved path (a link, or the folder typed another
+    way, is the same file): scored as both, they would pull the threshold onto the good frames."""
+    goods = {path.resolve() for path in good}
+    return [path for path, _ in defective if path.resolve() in goods]
+
+
+def _regionless_warning(bundle, current, camera: str | None, image: float, pixel: float | None) -> str | None:
+    """The WARNING when the thresholds in force after this write (`camera`'s, with its override's or the document's
+    pixel threshold; else the document's) have the pixel threshold above the image one on a model whose image score
+    is its map's maximum: a frame scored between them is a defect with no pixel at or above the pixel threshold, so
+    it is published with no region and an empty mask."""
+    from engines.bundle.format import describe_score_share
+
+    if describe_score_share(bundle.recipe.get("score_share", 0.0)) != "max":
+        return None
+    if pixel is None:
+        override = current.per_camera.get(camera, {}) if camera else {}
+        pixel = override.get("pixel_threshold", current.pixel_threshold)
+    if pixel <= image:
+        return None
+    which = f"camera {camera}'s" if camera else "the"
+    return (
+        f"WARNING: {which} pixel threshold {pixel:.6g} is above the image threshold {image:.6g}, and this model's "
+        f"image score is its map's maximum: frames scored from {image:.6g} to below {pixel:.6g} are defects with no "
+        "region (an empty mask)"
     )
 
 

@@ -42,6 +42,13 @@ replaced, the comparison). Where it goes depends on what BUNDLE is:
   `--rollback` moves the current one there too (a free name the same way) and puts the version it was taught from
   back; after a teach cut off between its two renames, from where that left it (`.NAME.teach-*` beside BUNDLE).
 
+The switch (and a rollback's) holds the lock every writer of the bundle takes and first checks that BUNDLE is still
+the bundle teach loaded, its files' checksums included: another teach that switched first, or thresholds a calibrate
+or the daemon wrote meanwhile, refuse it (nothing switched, the staged copy removed; teach again). A teach starts by
+removing the staged copies of teaches that were killed (their PID gone), but for the one holding the version BUNDLE
+was taught from. A frame that does not decode is left out with a WARNING and named in the record's
+`frames.unreadable`.
+
 The thresholds name the model they were set for (provenance.model_id), so the daemon refuses a taught document for
 any other model. `--rollback` gives the restored bundle its own thresholds again as a new version, numbered above
 both its own and the taught one's, so a thresholds version never names two different documents.
@@ -80,7 +87,16 @@ import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import REQUIRED_FILES, inspectd_version
-from engines.bundle.store import Bundle, load_bundle, model_id_for, swapping, write_bundle
+from engines.bundle.store import (
+    Bundle,
+    ChangedOnDisk,
+    check_unchanged,
+    load_bundle,
+    model_id_for,
+    pid_gone,
+    swapping,
+    write_bundle,
+)
 from engines.data.images import (
     CROSS_FIT_BELOW,
     MAX_HELD_OUT,
@@ -163,11 +179,17 @@ def switch_link(link: Path, new_dir: Path) -> None:
     fsync_dir(link.parent)  # else a power cut can bring the old link back under a daemon already told to reload
 
 
-def swap_in(path: Path, incoming: Path, keep: Path) -> None:
+def swap_in(
+    path: Path, incoming: Path, keep: Path, expected: dict[str, Any] | None = None, again: str = "teach again"
+) -> None:
     """Put directory `incoming` at `path` and what was there at `keep`, durably and all or nothing; a reader of
     `path` finds one of the two at every moment where the kernel can swap them in one step (else for the instant
-    between two renames)."""
+    between two renames). With `expected` (the manifest of the bundle the caller loaded from `path`), ChangedOnDisk
+    and nothing swapped when `path` holds another by then: another teach's version, or thresholds a calibrate or
+    the daemon wrote since, which the swap would move aside unseen."""
     with swapping(path):
+        if expected is not None:
+            check_unchanged(path, expected, f"nothing switched; {again}")
         if exchange(incoming, path):
             try:
                 os.replace(incoming, keep)
@@ -180,6 +202,24 @@ def swap_in(path: Path, incoming: Path, keep: Path) -> None:
     fsync_dir(path.parent)
     if keep.parent != path.parent:
         fsync_dir(keep.parent)
+
+
+def switch_checked(link: Path, target: Path, expected: dict[str, Any], to, again: str = "teach again") -> Path:
+    """Switch link `link` from `target`, the bundle directory it pointed to when the bundle with manifest `expected`
+    was loaded through it, to the directory `to()` gives (called under the lock, so two teaches never pick one name);
+    ChangedOnDisk and nothing switched when the link points elsewhere by then (another teach switched it) or
+    `target` holds another manifest (thresholds written since). Under the lock every writer of `target` takes."""
+    with swapping(target):
+        now = link.resolve()
+        if now != target:
+            raise ChangedOnDisk(
+                f"{link}: switched since it was loaded (now to {now}, loaded {target}), expected the bundle loaded: "
+                f"nothing switched; {again}"
+            )
+        check_unchanged(target, expected, f"nothing switched; {again}")
+        new_dir = to()
+        switch_link(link, new_dir)
+    return new_dir
 
 
 def bundle_version(bundle: Bundle) -> int:
@@ -597,6 +637,7 @@ def teach(
         check_writable,
         pixel_threshold_for_fpr,
         refuse_non_finite,
+        skipped_warning,
         threshold_for_false_reject,
     )
     from engines.training.metrics import PixelHistograms
@@ -616,8 +657,19 @@ def teach(
             f"{frames.source}: {len(paths)} good frame(s), expected at least {MIN_FRAMES} (some fit, some are held out)"
             + frames.hint
         )
+    images, decoded = fit_decodable(paths, bundle)
+    if len(decoded) < len(paths):
+        kept = set(decoded)
+        skipped = [path for path in paths if path not in kept]
+        print(skipped_warning(skipped), file=out)
+        frames = without_unreadable(frames, decoded, skipped)
+        paths = frames.paths
+        if len(paths) < MIN_FRAMES:
+            raise TeachError(
+                f"{frames.source}: {len(paths)} good frame(s) that decode, expected at least {MIN_FRAMES} (some fit, "
+                "some are held out)" + frames.hint
+            )
     split = training_split(bundle, holdout, len(paths))
-    images = fit_all(ImageFiles(paths, bundle.bit_depth), bundle.input_shape, bundle.resize_policy)
     fit_idx, folds = split.folds(len(images), settings["seed"])
 
     extractor = FeatureExtractor(bundle, max_batch=BATCH)
@@ -761,6 +813,41 @@ def teach(
     return taught
 
 
+def fit_decodable(paths: list[Path], bundle: Bundle) -> tuple[np.ndarray, list[Path]]:
+    """(the frames of `paths` that decode, fitted to BUNDLE's input as fit_all fits them, their paths): one that does
+    not decode (a file cut short by a copy) is left out, not the end of the teach; where none decodes, the first's
+    DataError."""
+    try:
+        return fit_all(ImageFiles(paths, bundle.bit_depth), bundle.input_shape, bundle.resize_policy), paths
+    except DataError:
+        pass  # one or more do not decode: each is tried once more, alone, to tell which
+    decoded, first = [], None
+    for path in paths:
+        try:
+            ImageFiles([path], bundle.bit_depth)[0]
+        except DataError as exc:
+            first = first or exc
+            continue
+        decoded.append(path)
+    if not decoded and first is not None:
+        raise first
+    return fit_all(ImageFiles(decoded, bundle.bit_depth), bundle.input_shape, bundle.resize_policy), decoded
+
+
+def without_unreadable(frames: GoodFrames, decoded: list[Path], skipped: list[Path]) -> GoodFrames:
+    """`frames` with only the `decoded` ones, the `skipped` ones named in its record's `unreadable` (as --archive
+    names the frames whose file is not a whole PNG: by archive id there, by file name in a folder)."""
+    record = dict(frames.record)
+    if "ids" in record:  # an archive's: its ids go with its paths
+        ids = dict(zip(frames.paths, record["ids"], strict=True))
+        record["ids"] = [ids[path] for path in decoded]
+        names = [ids[path] for path in skipped]
+    else:
+        names = [path.name for path in skipped]
+    record["unreadable"] = [*record.get("unreadable", []), *names]
+    return dataclasses.replace(frames, paths=decoded, record=record)
+
+
 def current_fit(bundle: Bundle, checksums: dict[str, str], n: int) -> np.ndarray | None:
     """The frames (indices into these `n`) BUNDLE's scorer was fitted on, where the record of the fit that made it
     names these very frames (`frames_checksums`: their names and their pixels, both): its teach record, else train's;
@@ -867,6 +954,7 @@ def write_version(
     version's teach record as previous_in_versions)."""
     path = bundle.path
     target = linked_dir(path)
+    remove_dead_staging(target if target is not None else path, bundle.manifest.get("teach"))
     keep = None
     if target is None:
         # Chosen before the manifest is written, since the record names it for --rollback.
@@ -893,13 +981,20 @@ def write_version(
             if name not in (*REQUIRED_FILES, bundle.manifest["graph"]):
                 written.replace_file(name, (path / name).read_bytes(), add=True)
         if keep is None:  # chosen only where BUNDLE is a directory: here it is a link
-            new_dir = next_dir(beside, version)
-            os.replace(staging, new_dir)
-            fsync_dir(new_dir.parent)
-            switch_link(path, new_dir)
+
+            def named() -> Path:
+                new_dir = next_dir(beside, version)
+                os.replace(staging, new_dir)
+                fsync_dir(new_dir.parent)
+                return new_dir
+
+            switch_checked(path, beside, bundle.manifest, named)
             return load_bundle(path)
         keep.parent.mkdir(exist_ok=True)
-        swap_in(path, staging, keep)
+        swap_in(path, staging, keep, bundle.manifest)
+    except ChangedOnDisk:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing was switched: staging holds the new version only
+        raise
     except BaseException:
         # Only the new version: where the exchange went through and its undo failed, staging holds the one that was
         # in service, which the error names.
@@ -914,6 +1009,34 @@ def _holds(path: Path, model_id: str) -> bool:
         return load_bundle(path).model_id == model_id
     except Exception:  # noqa: BLE001 - anything that does not load as that bundle is not it
         return False
+
+
+def remove_dead_staging(beside: Path, record: dict[str, Any] | None) -> None:
+    """Remove the staging copies (`.NAME.teach-PID[-N]` beside `beside`) of teaches that were killed (no process
+    has their PID): a full bundle each, plans included, that never went into service and that nothing else removes.
+    Kept: a live process's (a teach under way), and the one cut_off_teach finds the version BUNDLE was taught from
+    in (a teach cut off between its two renames left it there, and --rollback takes it back from there)."""
+    pattern = re.compile(rf"\.{re.escape(beside.name)}\.teach-(\d+)(?:-\d+)?")
+    dead = [
+        candidate
+        for candidate in sorted(beside.parent.glob(f".{glob.escape(beside.name)}.teach-*"))
+        if (match := pattern.fullmatch(candidate.name))
+        and candidate.is_dir()
+        and not candidate.is_symlink()
+        and pid_gone(int(match.group(1)))
+    ]
+    if not dead:
+        return
+    kept = cut_off_teach(beside, record) if isinstance(record, dict) else None
+    removed = [candidate for candidate in dead if candidate != kept]
+    for candidate in removed:
+        shutil.rmtree(candidate, ignore_errors=True)
+    if removed:
+        print(
+            f"inspectd teach: note: removed {len(removed)} staged version(s) left by teaches that were killed: "
+            f"{', '.join(str(c) for c in removed)}",
+            file=sys.stderr,
+        )
 
 
 def cut_off_teach(beside: Path, record: dict[str, Any]) -> Path | None:
@@ -978,13 +1101,14 @@ def rollback(bundle_path: str | Path, out=None, renumber: bool = True) -> Bundle
         # Before the switch, so a daemon never loads the restored bundle with a version number the taught one used.
         thresholds = restored_thresholds(restored, bundle)
         restored.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(thresholds))
+    again = "run --rollback again"
     if target is not None:
-        switch_link(path, previous)
+        switch_checked(path, target, bundle.manifest, lambda: previous, again)
         where = f"the link points to {previous}"
     else:
         keep = free_version_dir(versions_dir(path), bundle_version(bundle))
         keep.parent.mkdir(exist_ok=True)
-        swap_in(path, previous, keep)
+        swap_in(path, previous, keep, bundle.manifest, again)
         where = f"version {bundle_version(bundle)} ({bundle.model_id}) kept in {keep}"
     if cut_off is not None:
         where += f" (the version taught from was at {cut_off}, where a teach cut off between its renames left it)"

@@ -13,6 +13,7 @@ mode; an unreadable manifest says so.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -176,6 +177,17 @@ params = {k: v + 1 for k, v in b.scorer_params().items()}
 thresholds = T.next_version(b.thresholds(), image_threshold=0.9)
 version = bundle_version(b) + 1
 write_version(b, params, thresholds, version, {"version": version, "previous_version": bundle_version(b)})
+"""
+TEACH_RECORDED = """
+import sys
+from calibration.teach import bundle_version, write_version
+from engines.bundle import thresholds as T
+from engines.bundle.store import load_bundle
+b = load_bundle(sys.argv[1])
+params = {k: v + 1 for k, v in b.scorer_params().items()}
+version = bundle_version(b) + 1
+record = {"version": version, "previous_version": bundle_version(b), "previous_model_id": b.model_id}
+write_version(b, params, T.next_version(b.thresholds(), image_threshold=0.9), version, record)
 """
 ROLLBACK = """
 import io, sys
@@ -784,3 +796,154 @@ def test_a_bundle_directory_gone_while_a_writer_waits_for_its_lock_is_a_one_line
     assert str(error).startswith(f"{path.resolve()}: gone while this writer waited for its lock") and "\n" not in str(
         error
     )
+
+
+# --- a teach whose bundle changed while it fitted -------------------------------------------------------------------
+
+HELD_TEACH = """
+import sys, time
+from pathlib import Path
+from calibration.teach import bundle_version, linked_dir, write_version
+from engines.bundle import thresholds as T
+from engines.bundle.store import load_bundle
+b = load_bundle(sys.argv[1])
+target = linked_dir(Path(sys.argv[1]))  # as teach records it, for --rollback
+Path(sys.argv[2] + ".loaded").touch()
+deadline = time.monotonic() + 60
+while not Path(sys.argv[2] + ".go").exists():  # teach fits for minutes between its load and its switch
+    assert time.monotonic() < deadline, "never told to go"
+    time.sleep(0.02)
+params = {k: v + float(sys.argv[3]) for k, v in b.scorer_params().items()}
+version = bundle_version(b) + 1
+record = {"version": version, "previous_version": bundle_version(b), "previous_model_id": b.model_id}
+if target is not None:
+    record["previous_dir"] = target.name
+write_version(b, params, T.next_version(b.thresholds(), image_threshold=0.9), version, record)
+print(load_bundle(sys.argv[1]).model_id)
+"""
+
+
+def held_teach(bundle: Path, name: Path, offset: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", HELD_TEACH, str(bundle), str(name), str(offset)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("linked", [False, True], ids=["in-place", "linked"])
+def test_of_two_overlapping_teaches_the_second_switches_nothing_and_the_first_stays_rollbackable(tmp_path, linked):
+    """Two teaches of one bundle in two processes: B loads, A loads and switches its version in, then B gets to its
+    switch. B once swapped its version in over A's without a word (moving A's aside as "the version taught from",
+    so --rollback refused; linked, the link left A's directory orphaned): now B is refused and removes its staging
+    copy, and A's version and its rollback are intact."""
+    from calibration.teach import rollback
+
+    original = make(tmp_path / "m")
+    first = load_bundle(original).model_id
+    bundle = tmp_path / "current" if linked else original
+    if linked:
+        bundle.symlink_to("m")
+    b = held_teach(bundle, tmp_path / "B", 2)
+    wait_for(tmp_path / "B.loaded", b)
+    (tmp_path / "A.go").touch()
+    a = held_teach(bundle, tmp_path / "A", 1)
+    a_out, a_err = a.communicate(timeout=120)
+    assert a.returncode == 0, a_err
+    taught_by_a = a_out.strip()
+    (tmp_path / "B.go").touch()
+    _, b_err = b.communicate(timeout=120)
+    assert b.returncode != 0
+    last = b_err.strip().splitlines()[-1]
+    # Linked, B finds the link on A's directory: the bundle it reads there is not the one it loaded.
+    where = tmp_path / "m-v2" if linked else bundle
+    assert (
+        f"ChangedOnDisk: {where}: changed on disk since it was loaded (now model {taught_by_a!r} bundle_version 2, "
+        f"loaded {first!r} bundle_version 1), expected the bundle loaded: nothing switched; teach again"
+    ) in last, b_err
+    assert load_bundle(bundle).model_id == taught_by_a
+    assert not list(tmp_path.glob(".*teach-*"))  # B's staging copy
+    if linked:
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink()) == ["m", "m-v2"]
+    else:
+        assert sorted(p.name for p in (tmp_path / "m.versions").iterdir()) == ["v1"]
+    assert rollback(bundle, out=io.StringIO()).model_id == first
+
+
+def test_a_teach_refuses_to_switch_in_over_thresholds_written_since_it_loaded(tmp_path):
+    """A real `inspectd calibrate` writes thresholds version 2 after a teach loaded version 1 and before it switches:
+    the teach's document, also version 2, would have replaced it in BUNDLE (one number, two documents). Now the teach
+    is refused, names the rewritten file, and BUNDLE keeps the calibrated version."""
+    import cv2
+
+    from calibration.teach import bundle_version, write_version
+    from station_model import good_frame, write_grey_bundle
+
+    path = write_grey_bundle(tmp_path / "b")
+    bundle = load_bundle(path)  # teach's load, before minutes of fitting
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(20):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    calibrated = subprocess.run(
+        [sys.executable, "-m", "inspectd", "calibrate", str(path), "--good", str(good)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert calibrated.returncode == 0, calibrated.stderr
+    document = (path / T.FILE_NAME).read_bytes()
+    params = {k: v + 1 for k, v in bundle.scorer_params().items()}
+    record = {"version": 2, "previous_version": 1, "previous_model_id": bundle.model_id}
+    with pytest.raises(store.ChangedOnDisk) as refused:
+        write_version(bundle, params, T.next_version(bundle.thresholds(), image_threshold=0.61), 2, record)
+    assert str(refused.value) == (
+        f"{path}: changed on disk since it was loaded (now model {bundle.model_id!r} bundle_version 1 with "
+        f"{T.FILE_NAME} rewritten, loaded {bundle.model_id!r} bundle_version 1), expected the bundle loaded: nothing "
+        "switched; teach again"
+    )
+    assert (path / T.FILE_NAME).read_bytes() == document and bundle_version(load_bundle(path)) == 1
+    assert not list((tmp_path / "b.versions").glob("*")) and hidden(tmp_path) == []
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_teach_removes_staged_copies_of_killed_teaches_but_a_live_ones_and_the_version_taught_from(tmp_path):
+    """A teach killed after staging left `.NAME.teach-PID` (a whole bundle) that nothing removed. The next teach
+    removes those of processes that are gone; it keeps a live process's and the one a teach cut off between its two
+    renames left the version taught from in (`teach --rollback` takes it back from there)."""
+    path = make(tmp_path / "b")
+    first = load_bundle(path).model_id
+    assert child(TEACH_RECORDED, path).returncode == 0
+    dead = dead_pid()
+    # Cut off between its renames: the version taught from under the staging name, not in b.versions.
+    cut_off = tmp_path / f".b.teach-{dead}"
+    (tmp_path / "b.versions" / "v1").rename(cut_off)
+    killed = [make(tmp_path / f".b.teach-{dead}-2", seed=5), make(tmp_path / f".b.teach-{dead_pid()}", seed=6)]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = make(tmp_path / f".b.teach-{live.pid}", seed=7)
+        taught = child(TEACH_RECORDED, path)
+        assert taught.returncode == 0, taught.stderr
+        assert not any(p.exists() for p in killed)
+        assert load_bundle(running).model_id and load_bundle(cut_off).model_id == first
+        notes = [line for line in taught.stderr.splitlines() if "note:" in line]
+        assert len(notes) == 1 and "removed 2 staged version(s) left by teaches that were killed" in notes[0], notes
+    finally:
+        live.kill()
+        live.wait()

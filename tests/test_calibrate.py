@@ -207,7 +207,8 @@ def test_good_only_calibration_writes_the_next_version_with_provenance(bundle, d
     assert prov["tool"].startswith("inspectd calibrate") and prov["time"]
     assert prov["engine_precision"] == "fp32"
     assert "--good frames are frames" not in out  # test/good of the root: held out, no WARNING
-    assert prov["observed"]["warning"] == "too few good frames for the target"
+    # A WARNING of the pixel threshold above the image one may follow it.
+    assert prov["observed"]["warning"].startswith("too few good frames for the target")
     # The drift alarm's references: the same good frames' scores, and their grey level as the model sees them.
     from engines.bundle.thresholds import GOOD_BRIGHTNESS, reference_scores
     from engines.data.images import load_image
@@ -241,7 +242,7 @@ def test_defects_give_escape_and_f1_thresholds_with_a_confusion_matrix(bundle, d
     assert observed["confusion"]["escaped"] == 0
     assert "WARNING: 4 defective frames support an escape rate of at most 0.5271" in out, out
     assert "the target needs >= 11 defective frames with none escaping" in out
-    assert observed["warning"] == "too few defective frames for the target"
+    assert observed["warning"].startswith("too few defective frames for the target")
     assert observed["escape_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 4))
 
 
@@ -656,3 +657,149 @@ def test_every_camera_calibrated_on_another_precision_drops_the_overrides_set_on
     assert code == 0 and "per-camera overrides" not in out, out
     kept = load_bundle(bundle).thresholds()
     assert set(kept.per_camera) == {"cam2"} and set(kept.provenance[thresholds_doc.PER_CAMERA_TARGET]) == {"cam2"}
+
+
+# --- on the grey model of tests/station_model.py (score = the map's maximum; no training) --------------------------
+
+
+def grey_station(tmp_path: Path, n_good: int = 60, n_defect: int = 0) -> tuple[Path, Path, Path]:
+    """(a grey bundle, a folder of `n_good` good frames, an MVTec-style test/crack folder of `n_defect` defect frames
+    with their ground_truth masks)."""
+    import cv2
+
+    from station_model import defect_frame, good_frame, write_grey_bundle
+
+    bundle = write_grey_bundle(tmp_path / "grey")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(n_good):
+        cv2.imwrite(str(good / f"{i:04d}.png"), good_frame(i))
+    crack = tmp_path / "mv" / "test" / "crack"
+    masks = tmp_path / "mv" / "ground_truth" / "crack"
+    crack.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for i in range(n_defect):
+        image = defect_frame(i)
+        cv2.imwrite(str(crack / f"{i:03d}.png"), image)
+        cv2.imwrite(str(masks / f"{i:03d}_mask.png"), ((image == 250) * 255).astype(np.uint8))
+    return bundle, good, crack
+
+
+def cut_short(path: Path) -> None:
+    """As a copy cut off mid-file leaves it: the first half of the PNG."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_images_that_do_not_decode_are_skipped_counted_and_named(tmp_path, capsys):
+    """Once one file cut short by a copy ended the whole run (exit 2, nothing written) after every image before it was
+    scored: now it is left out with a WARNING naming it, counted in the provenance, and the threshold is set on the
+    images that decoded, just as without it."""
+    bundle, good, crack = grey_station(tmp_path, n_good=60, n_defect=20)
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", crack, "--dry-run")
+    assert code == 0, err
+    clean = [line for line in out.splitlines() if line.startswith("image threshold")]
+    cut_short(good / "0059.png")
+    cut_short(crack / "003.png")
+    (good / "0007.png").write_bytes(b"")
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", crack)
+    assert code == 0, err
+    warnings = [line for line in out.splitlines() if "do not decode" in line]
+    assert warnings == [
+        f"WARNING: skipped 3 image(s) that do not decode: {good / '0007.png'}, {good / '0059.png'}, {crack / '003.png'}"
+    ], out
+    written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
+    prov = written.provenance
+    assert (prov["n_good"], prov["n_skipped_good"], prov["n_defective"], prov["n_skipped_defective"]) == (58, 2, 19, 1)
+    # 0059 and 0007 are not the highest-scored good frames here: the same threshold as with them.
+    assert [line for line in out.splitlines() if line.startswith("image threshold")][0].split(":")[0] == clean[0].split(
+        ":"
+    )[0]
+
+
+def test_a_run_where_every_good_image_fails_to_decode_is_still_refused(tmp_path, capsys):
+    bundle, good, _ = grey_station(tmp_path, n_good=3)
+    for path in good.iterdir():
+        cut_short(path)
+    code, out, err = calibrate(capsys, bundle, "--good", good)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"inspectd calibrate: {good / '0000.png'}: cannot decode, expected a JPEG/PNG/BMP/TIFF image"
+    ), err
+    assert thresholds_doc.read(bundle / thresholds_doc.FILE_NAME).version == 1
+
+
+def test_an_image_in_both_good_and_defective_is_refused_before_scoring(tmp_path, capsys):
+    """--defective typed as the --good folder (or a link to it) once gave a threshold that rejects every good frame,
+    exit 0."""
+    bundle, good, _ = grey_station(tmp_path, n_good=5)
+    (tmp_path / "linked").symlink_to(good)
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", tmp_path / "linked", "--max-f1")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines == [
+        f"inspectd calibrate: --defective: 5 image(s) are also in --good ({tmp_path / 'linked' / '0000.png'}, "
+        f"{tmp_path / 'linked' / '0001.png'}, {tmp_path / 'linked' / '0002.png'} ...), expected labelled defective "
+        "images apart from the held-out good ones"
+    ], lines
+    assert thresholds_doc.read(bundle / thresholds_doc.FILE_NAME).version == 1
+
+
+@pytest.mark.parametrize("target", [["--max-f1"], ["--target-escape", "0.01"]])
+def test_a_threshold_that_rejects_most_good_frames_is_warned_of_whatever_the_target(tmp_path, capsys, target):
+    """Defect-free frames given as --defective (copies of the good ones): both targets pick the lowest score, which
+    rejects every good frame; that was written with exit 0 and no WARNING."""
+    bundle, good, _ = grey_station(tmp_path, n_good=40)
+    copies = Path(shutil.copytree(good, tmp_path / "not-defective"))
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", copies, *target)
+    assert code == 0, err
+    warning = [line for line in out.splitlines() if "good frames (rate" in line]
+    assert (
+        len(warning) == 1
+        and warning[0].startswith("WARNING: image threshold ")
+        and " rejects 40 of 40 good " in (warning[0])
+    ), out
+    observed = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME).provenance["observed"]
+    assert "rejects 40 of 40 good frames (rate 1)" in observed["warning"]
+
+
+def test_a_pixel_threshold_above_the_image_one_on_a_max_scored_model_is_warned_of(tmp_path, capsys):
+    """The grey model's score is its map's maximum: a frame scored between the image threshold and a higher pixel
+    threshold is a defect with no region. The document's pixel threshold 0.5 stays above a calibrated image one."""
+    bundle, good, _ = grey_station(tmp_path, n_good=60)
+    code, out, err = calibrate(capsys, bundle, "--good", good)
+    assert code == 0, err
+    written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
+    image = written.image_threshold
+    assert image < 0.5 == written.pixel_threshold
+    warning = [line for line in out.splitlines() if "no region" in line]
+    assert warning == [
+        f"WARNING: the pixel threshold 0.5 is above the image threshold {image:.6g}, and this model's image score is "
+        f"its map's maximum: frames scored from {image:.6g} to below 0.5 are defects with no region (an empty mask)"
+    ], out
+    assert "are defects with no region" in written.provenance["observed"]["warning"]
+
+    # One camera's override is checked against the pixel threshold in force for it: the document's.
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--camera", "cam1")
+    assert code == 0, err
+    assert "WARNING: camera cam1's pixel threshold 0.5 is above the image threshold" in out, out
+    written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
+    assert "no region" in written.provenance[thresholds_doc.PER_CAMERA_TARGET]["cam1"]["observed"]["warning"]
+
+
+def test_pixel_fpr_without_pixel_is_refused_and_one_masks_leave_unused_is_noted(tmp_path, capsys):
+    bundle, good, crack = grey_station(tmp_path, n_good=20, n_defect=10)
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--pixel-fpr", "0.0001")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "inspectd calibrate: --pixel-fpr sets the pixel threshold's good-pixel rate: expected --pixel too (without "
+        "it the pixel threshold is not set)"
+    ], err
+    code, out, err = calibrate(
+        capsys, bundle, "--good", good, "--defective", crack, "--pixel", "--pixel-fpr", "0.0001", "--dry-run"
+    )
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: --pixel-fpr 0.0001 not used: the defects have masks, the pixel threshold is their pixel F1-max"
+    ], out

@@ -452,3 +452,57 @@ def test_calibrate_on_tensorrt_without_precision_names_the_precision_of_the_plan
     err = capsys.readouterr().err
     assert code == 2 and "without --precision" not in err, err
     assert load_bundle(bundle).thresholds().version == 1
+
+
+class TakesThresholds(StatusOnly):
+    """status, and set_thresholds that takes every document and keeps it."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(model_id)
+        self.taken: list[dict] = []
+
+    def set_thresholds(self, doc, force=False):
+        self.taken.append(doc)
+        return {"thresholds_version": doc["version"]}
+
+
+def test_apply_of_a_threshold_that_rejects_most_good_frames_writes_it_and_does_not_apply_it(tmp_path, capsys):
+    """Copies of the good frames given as --defective: --max-f1 picks the lowest score, which rejects every good
+    frame. Applied, the line would reject every part: the version is written, not sent, and calibrate exits 1."""
+    import cv2
+
+    from inspectd.cli import main
+    from inspectd.daemon.control import ControlServer
+    from station_model import good_frame, write_grey_bundle
+
+    bundle = write_grey_bundle(tmp_path / "grey")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(30):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for path in good.iterdir():
+        (copies / path.name).write_bytes(path.read_bytes())
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon = TakesThresholds(load_bundle(bundle).model_id)
+    server = ControlServer(endpoint, daemon)
+    server.start()
+    try:
+        code = main(
+            ["calibrate", str(bundle), "--good", str(good), "--defective", str(copies), "--max-f1", "--apply", endpoint]
+        )
+    finally:
+        server.stop()
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert daemon.taken == []
+    written = load_bundle(bundle).thresholds()
+    assert written.version == 2 and "rejects 30 of 30 good frames" in written.provenance["observed"]["warning"]
+    assert "WARNING: image threshold " in captured.out and "wrote thresholds version 2" in captured.out
+    lines = [line for line in captured.err.splitlines() if "images scored" not in line]
+    assert lines == [
+        f"inspectd calibrate: --apply {endpoint}: version 2 not applied: its image threshold rejects most good "
+        f"frames; once checked, apply it with `inspectd ctl --endpoint {endpoint} set-thresholds "
+        f"{bundle / 'thresholds.json'}`"
+    ], lines

@@ -1709,3 +1709,77 @@ def test_a_reload_still_under_way_at_the_timeout_is_not_switched_back_and_teach_
         f"is not {taught.model_id} (reload_failed in its log), {bundle} still holds the taught version 2, which the "
         f"daemon's next start would open: run `inspectd teach {bundle} --rollback --apply {endpoint}`"
     )
+
+
+def stand_in(path: Path) -> Path:
+    """A bundle that teach reads up to its feature graph, which it lacks (write_bundle with a stand-in graph)."""
+    from engines.bundle import thresholds as T
+    from engines.bundle.store import write_bundle
+
+    manifest = {
+        "method": "frozen",
+        "backbone": "lite0",
+        "input": {"height": 32, "width": 32, "channels": 1, "resize": "stretch"},
+        "scorer_inputs": ["memory_bank"],
+        "architecture": {"scorer": "memory"},
+        "recipe": {"name": "t", "scorer": "memory", "memory_size": 8, "augment": "none"},
+    }
+    scorer = {"memory_bank": np.zeros((4, 2), np.float32)}
+    return write_bundle(
+        path, manifest, b"stand-in graph", scorer, {"w": np.zeros(2, np.float32)}, T.first_version(1.0, 0.5, {})
+    )
+
+
+def test_frames_that_do_not_decode_are_skipped_and_named_not_the_end_of_the_teach(tmp_path):
+    """One frame cut short by a copy once ended `teach --good` with exit 2 before anything was fitted: now it is left
+    out with a WARNING naming it, and the teach goes on (here to the stand-in bundle's missing feature graph). Where
+    no frame decodes, the first one's error is still the refusal."""
+    import cv2
+
+    from station_model import good_frame
+
+    bundle = stand_in(tmp_path / "b")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    data = (good / "005.png").read_bytes()
+    (good / "005.png").write_bytes(data[:40])
+    (good / "002.png").write_bytes(b"")
+    out = inspectd("teach", str(bundle), "--good", str(good))
+    assert out.returncode == 2
+    assert out.stdout.splitlines() == [
+        f"WARNING: skipped 2 image(s) that do not decode: {good / '002.png'}, {good / '005.png'}"
+    ], out.stdout
+    assert out.stderr.strip().splitlines()[-1].startswith(f"inspectd teach: bundle {bundle} has no features output")
+
+    for path in good.iterdir():
+        path.write_bytes(b"")
+    out = inspectd("teach", str(bundle), "--good", str(good))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"inspectd teach: {good / '000.png'}: empty file, expected an encoded image (JPEG, PNG, ...)"
+    ), out.stderr
+
+
+def test_frames_left_out_as_undecodable_are_recorded_as_archive_teach_records_its_unreadable_ones(tmp_path):
+    """The teach record's frames.unreadable: an archive's by id (with its ids kept in step with its paths), a
+    folder's by file name."""
+    import cv2
+
+    from calibration import teach
+    from station_model import good_frame
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i:06d}.png")
+        cv2.imwrite(str(paths[-1]), good_frame(i))
+    paths[1].write_bytes(paths[1].read_bytes()[:40])
+    images, decoded = teach.fit_decodable(paths, load_bundle(stand_in(tmp_path / "b")))
+    assert decoded == [paths[0], paths[2], paths[3]] and images.shape == (3, 32, 32, 1)
+    skipped = [paths[1]]
+    archived = teach.GoodFrames(paths, "--archive A", {"ids": ["a", "b", "c", "d"], "unreadable": ["z"]}, {})
+    kept = teach.without_unreadable(archived, decoded, skipped)
+    assert kept.paths == decoded and kept.record == {"ids": ["a", "c", "d"], "unreadable": ["z", "b"]}
+    folder = teach.GoodFrames(paths, "--good G", {"folder": "G"}, {})
+    assert teach.without_unreadable(folder, decoded, skipped).record == {"folder": "G", "unreadable": ["000001.png"]}

@@ -324,11 +324,11 @@ class Bundle:
             raw = _read_manifest(root / MANIFEST)
             on_disk = _settled(root, raw)
             if _without(on_disk, name) != _without(self.manifest, name):
-                raise BundleError(
-                    f"{self.path}: changed on disk since it was loaded (now model {on_disk.get('model_id')!r} "
-                    f"bundle_version {on_disk.get('bundle_version', 1)}, loaded {self.model_id!r} bundle_version "
-                    f"{self.manifest.get('bundle_version', 1)}), expected the bundle loaded: {name} not written; "
-                    "load the bundle again (the daemon: reload) and retry"
+                raise _changed(
+                    self.path,
+                    on_disk,
+                    self.manifest,
+                    f"{name} not written; load the bundle again (the daemon: reload) and retry",
                 )
             loaded, now = self.manifest["files"].get(name), on_disk["files"].get(name)
             if now not in (loaded, digest) and not (name == THRESHOLDS and _supersedes(member, now, data)):
@@ -396,6 +396,35 @@ def _replace(path: Path, data: bytes, mode: int) -> None:
 def _temporary(path: Path, kind: str) -> Path:
     # A name of its own per writer: a daemon and a calibrate writing the same bundle never share a temporary file.
     return path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.{kind}")
+
+
+class ChangedOnDisk(BundleError):
+    """The bundle's manifest on disk is no longer the one its writer loaded: nothing was written or switched."""
+
+
+def _changed(path: Path, on_disk: dict[str, Any], loaded: dict[str, Any], outcome: str) -> ChangedOnDisk:
+    now, files = on_disk.get("files", {}), loaded.get("files", {})
+    # The same model and version with a file rewritten (thresholds a calibrate wrote): which, or it reads as no change.
+    rewritten = sorted(name for name in {*now, *files} if now.get(name) != files.get(name))
+    same = (on_disk.get("model_id"), on_disk.get("bundle_version")) == (
+        loaded.get("model_id"),
+        loaded.get("bundle_version"),
+    )
+    also = f" with {', '.join(rewritten)} rewritten" if same and rewritten else ""
+    return ChangedOnDisk(
+        f"{path}: changed on disk since it was loaded (now model {on_disk.get('model_id')!r} bundle_version "
+        f"{on_disk.get('bundle_version', 1)}{also}, loaded {loaded.get('model_id')!r} bundle_version "
+        f"{loaded.get('bundle_version', 1)}), expected the bundle loaded: {outcome}"
+    )
+
+
+def check_unchanged(path: Path, loaded: dict[str, Any], outcome: str) -> None:
+    """ChangedOnDisk naming `outcome` when the manifest of the bundle directory `path` is no longer `loaded` (a
+    Bundle's manifest), its files' checksums included: a thresholds write since counts. Call it holding the lock
+    (swapping) the writers of `path` take, so no write lands between the check and what it guards."""
+    on_disk = _settled(path, _read_manifest(path / MANIFEST))
+    if on_disk != loaded:
+        raise _changed(path, on_disk, loaded, outcome)
 
 
 class NotDurable(BundleError):
@@ -477,17 +506,23 @@ def _sweep(directories: set[Path]) -> None:
             match = _LEFTOVER.fullmatch(entry.name)
             if match is None or int(match.group(1)) == os.getpid() or not entry.is_file(follow_symlinks=False):
                 continue
-            try:
-                os.kill(int(match.group(1)), 0)
-                continue  # alive (or alive as another user: PermissionError below)
-            except ProcessLookupError:
-                pass
-            except (PermissionError, OverflowError):
+            if not pid_gone(int(match.group(1))):
                 continue
             try:
                 os.unlink(entry.path)
             except OSError:
                 pass  # left for a later write; it is never loaded
+
+
+def pid_gone(pid: int) -> bool:
+    """Whether no process has id `pid` (one alive as another user, or an id out of range, is not gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
 def _supersedes(member: Path, on_disk: str | None, data: bytes) -> bool:

@@ -18,7 +18,7 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import cv2
@@ -26,7 +26,7 @@ import numpy as np
 
 from engines.bundle.format import describe_recipe
 from engines.data.images import MvtecFolder, TestItem, load_image, load_mask
-from engines.errors import EngineError
+from engines.errors import DataError, EngineError
 from engines.progress import Progress
 from engines.runtime.predictor import Predictor
 from engines.training import metrics
@@ -43,13 +43,20 @@ class ScoredImage:
 
 
 def score_images(
-    bundle, paths: Iterable[str | Path], backend: str = "onnxruntime", batch: int = 8, options: dict | None = None
+    bundle,
+    paths: Iterable[str | Path],
+    backend: str = "onnxruntime",
+    batch: int = 8,
+    options: dict | None = None,
+    on_unreadable: Callable[[Path, str], None] | None = None,
 ) -> Iterator[ScoredImage]:
     """Score image files with `bundle` (an engines.bundle.store.Bundle, or a bundle directory), in order, `batch` at a
     time.
 
     The engine is opened on the first item and closed when the iterator is exhausted or closed. Decoding of the next
-    batch overlaps inference of the current one.
+    batch overlaps inference of the current one. An image that does not decode ends the run with its DataError,
+    unless `on_unreadable` is given: it is then called with the image's path and that one-line error, and the image
+    is left out of what is yielded.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise EngineError(f"batch: {batch!r}, expected an integer >= 1")
@@ -60,15 +67,20 @@ def score_images(
     from engines.runtime import open_engine
 
     chunks = _chunks((Path(p) for p in paths), batch)
+    skip = on_unreadable is not None
     with (
         open_engine(bundle, backend, options, max_batch=batch) as engine,
         concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder,
     ):
         predictor = Predictor(engine)
-        pending = _submit_decode(decoder, next(chunks, None), bundle.bit_depth)
+        pending = _submit_decode(decoder, next(chunks, None), bundle.bit_depth, skip)
         while pending is not None:
-            chunk, images = pending[0], pending[1].result()
-            pending = _submit_decode(decoder, next(chunks, None), bundle.bit_depth)
+            chunk, images, failed = pending.result()
+            pending = _submit_decode(decoder, next(chunks, None), bundle.bit_depth, skip)
+            for path, reason in failed:
+                on_unreadable(path, reason)  # type: ignore[misc]  # failures come back only where it is given
+            if not images:
+                continue
             result = predictor.predict(images)
             for i, (path, image) in enumerate(zip(chunk, images)):
                 frame_map = predictor.frame_map(result, i)
@@ -83,10 +95,28 @@ def _chunks(items: Iterator[Path], size: int) -> Iterator[list[Path]]:
         yield chunk
 
 
-def _submit_decode(decoder, chunk, bit_depth: int):
+def _submit_decode(decoder, chunk, bit_depth: int, skip: bool):
     if chunk is None:
         return None
-    return chunk, decoder.submit(lambda: [load_image(p, bit_depth) for p in chunk])
+    return decoder.submit(_decode, chunk, bit_depth, skip)
+
+
+def _decode(
+    chunk: list[Path], bit_depth: int, skip: bool
+) -> tuple[list[Path], list[np.ndarray], list[tuple[Path, str]]]:
+    """(the paths that decoded, their images, (path, error) of those that did not: only when `skip`, else the first
+    such error is raised)."""
+    decoded, images, failed = [], [], []
+    for path in chunk:
+        try:
+            images.append(load_image(path, bit_depth))
+        except DataError as exc:
+            if not skip:
+                raise
+            failed.append((path, str(exc)))
+            continue
+        decoded.append(path)
+    return decoded, images, failed
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------------
