@@ -39,6 +39,41 @@ def test_suite_covers_every_dataset_folder_and_writes_the_table(tmp_path):
     assert "tile_a" in result.stdout and "suite.md written" in result.stdout
 
 
+def test_suite_records_a_dataset_that_fails_and_goes_on_with_the_others(tmp_path):
+    """One dataset refused (here an empty train/good) used to stop the suite with nothing written, losing every
+    dataset already trained: its row now says why, the others are trained and evaluated, and the exit says so."""
+    root = tmp_path / "data"
+    (root / "a_empty" / "train" / "good").mkdir(parents=True)
+    (root / "a_empty" / "test" / "good").mkdir(parents=True)
+    make_tiny_mvtec(root / "tile_b", n_train=6, n_test_good=2, n_test_defect=2)
+    out = tmp_path / "suite"
+    result = subprocess.run(
+        [sys.executable, "-m", "inspectd", "eval-suite", "--data-root", str(root), "--out", str(out)]
+        + ["--recipe", "aligned"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr
+    error = (
+        f"train: {root / 'a_empty'}: no images (read {root / 'a_empty' / 'train' / 'good'}), expected "
+        "train/good/*.png|jpg or a folder of images"
+    )
+    assert result.stderr.strip().splitlines()[-1] == (
+        "inspectd eval-suite: 1 of 2 dataset(s) failed: a_empty (the error is in each one's row)"
+    )
+    report = json.loads((out / "suite.json").read_text())
+    assert report["failed"] == ["a_empty"] and report["reports"]["a_empty"] == {"error": error}
+    failed, trained = report["rows"]
+    assert failed["error"] == error and all(failed[m] is None for m in suite.METRICS)
+    assert trained["dataset"] == "tile_b" and trained["image_auroc"] is not None
+    assert report["mean"]["image_auroc"] == trained["image_auroc"] and report["mean"]["n_datasets"]["image_auroc"] == 1
+    table = (out / "suite.md").read_text().splitlines()
+    assert table[2].startswith(f"| a_empty | FAILED {error.replace('|', '/')} | - | - | - | - |")
+    assert table[3].startswith("| tile_b | aligned, score max | ") and table[4].startswith("| mean |")
+    assert (out / "tile_b" / "bundle" / "manifest.json").is_file()
+
+
 def test_mean_row_says_how_many_datasets_a_mean_covers_when_not_all():
     """A dataset without masks has no pixel metrics, so the pixel means cover fewer datasets than the image means:
     the table says so in the cell and suite.json in a count beside the (still numeric) mean."""

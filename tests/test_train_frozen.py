@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from engines.bundle.store import load_bundle
+from engines.data.images import MvtecFolder, list_images
 from engines.errors import DataError
 from engines.runtime import open_engine
-from engines.training.train import Progress, add_arguments, run, train_bundle
+from engines.training.train import Progress, add_arguments, run, train_bundle, training_images
 from tiny_dataset import make_tiny_mvtec, one_torch_thread, require_data  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
@@ -137,7 +138,8 @@ def test_16_bit_images_train_and_score_by_their_detected_bit_depth(data, tmp_pat
     eight_bit = train_bundle(
         data, tmp_path / "a", size=(64, 64), scorer="gaussian", seed=2, progress=quiet, report=lines.append
     )
-    assert lines[0].startswith("8-bit images: no bit depth recorded, so 16-bit frames on the line are narrowed >> 8")
+    assert lines[0].startswith("recipe flags without --recipe: a custom recipe from the flags, not auto")
+    assert lines[1].startswith("8-bit images: no bit depth recorded, so 16-bit frames on the line are narrowed >> 8")
     detected = train_bundle(
         twelve, tmp_path / "b", size=(64, 64), scorer="gaussian", seed=2, progress=quiet, report=lines.append
     )
@@ -344,6 +346,83 @@ def test_bad_arguments_are_one_line_errors(data, tmp_path, capsys):
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def _images(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), rng.integers(0, 256, (32, 32), dtype=np.uint8))
+    return folder
+
+
+def test_hidden_files_are_not_images_in_training_or_test_folders(tmp_path):
+    """A copy from a Mac to exFAT, SMB or a USB stick leaves an AppleDouble `._name.png` beside each image: read as an
+    image, its first byte refused the whole training set at decode."""
+    root = tmp_path / "cat"
+    for folder in (_images(root / "train" / "good", 2), _images(root / "test" / "crack", 1)):
+        (folder / "._000.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+        (folder / ".hidden.png").write_bytes((folder / "000.png").read_bytes())
+    assert [p.name for p in list_images(root / "train" / "good")] == ["000.png", "001.png"]
+    assert [p.name for p in training_images(root)] == ["000.png", "001.png"]
+    assert [item.path.name for item in MvtecFolder(root).test_items()] == ["000.png"]
+
+
+def test_data_refusals_name_the_folder_read_and_the_way_out(tmp_path, capsys):
+    def refusal(*argv: str) -> str:
+        assert run(parse("--out", str(tmp_path / "x"), *argv)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err.strip()
+
+    expected = "expected train/good/*.png|jpg or a folder of images"
+    nested = tmp_path / "nested"
+    _images(nested / "train" / "good" / "batch1", 3)
+    assert refusal("--data", str(nested)) == (
+        f"inspectd train: {nested}: no images (read {nested / 'train' / 'good'}), {expected}; found 3 images in "
+        "train/good/batch1/: point --data at it"
+    )
+    caps = tmp_path / "caps"
+    _images(caps / "Train" / "Good", 2)
+    assert refusal("--data", str(caps)) == (
+        f"inspectd train: {caps}: no images, {expected}; found 2 images in Train/Good/: point --data at it"
+    )
+    cat = tmp_path / "cat"
+    _images(cat / "train" / "good", 1)
+    assert refusal("--data", str(cat / "train")) == (
+        f"inspectd train: {cat / 'train'}: no images, {expected}; found 1 image in good/: point --data at it"
+    )
+    # One image is enough for a forced recipe, not for auto's held-out images.
+    assert refusal("--data", str(cat)) == (
+        f"inspectd train: {cat / 'train' / 'good'}: 1 training image, --recipe auto needs at least 2 to hold one "
+        "out: add images or force a recipe, e.g. --recipe patchcore"
+    )
+    assert not (tmp_path / "x").exists()
+    # numpy refused a negative seed only after decoding every image, in words that named no flag.
+    with pytest.raises(SystemExit):
+        parse("--data", str(cat), "--out", str(tmp_path / "x"), "--seed", "-1")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("error: argument --seed: -1: expected an integer >= 0")
+    )
+
+
+def test_recipe_flags_without_a_recipe_say_that_auto_does_not_choose(tmp_path, capsys):
+    """--resize pad alone, given to letterbox non-square frames, trains a custom recipe rather than auto's choice."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for flags, line in [
+        (["--resize", "pad"], "; add --recipe auto to keep choosing with these flags"),
+        (["--method", "cse"], ""),
+        (["--recipe", "auto", "--resize", "pad"], None),
+        ([], None),
+    ]:
+        assert run(parse("--data", str(empty), "--out", str(tmp_path / "x"), *flags)) == 2
+        out = capsys.readouterr().out
+        said = "recipe flags without --recipe: a custom recipe from the flags, not auto"
+        assert out == ("" if line is None else said + line + "\n"), flags
 
 
 def test_gaussian_fit_does_not_depend_on_its_chunking():

@@ -154,11 +154,17 @@ def good_folder(root: str | Path, splits: Sequence[str] = ("train", "test")) -> 
 
 
 def list_images(folder: str | Path) -> list[Path]:
+    """The image files of a folder, sorted; hidden names are not images: a copy to exFAT, SMB or a USB stick from a
+    Mac leaves an AppleDouble `._name.png` of metadata beside each image."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory, expected a folder of images")
     try:
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        return sorted(
+            p
+            for p in folder.iterdir()
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        )
     except OSError as exc:  # a folder another user keeps to itself: is_dir() passes, listing it does not
         raise DataError(f"{folder}: cannot read ({exc.strerror or exc})") from None
 

@@ -54,6 +54,7 @@ import torch
 from engines.bundle.format import describe_score_share
 from engines.data import defects
 from engines.data.images import Fold, validation_folds
+from engines.errors import DataError
 from engines.model.graph import ImageScore, TapConcat, build_graph
 from engines.model.methods import get_method
 from engines.model.recipes import SCORE_SHARES, Recipe
@@ -115,12 +116,18 @@ class Planted:
                     defect = plant(frames[source], rng)
                     if not defect.mask.any():
                         continue
+                    fitted = {(shape, resize): fit_mask(defect.mask, shape[:2], resize) for shape, resize in inputs}
+                    # A defect thinner than half an input pixel (a scar scaled by a strip's short side) is gone
+                    # once fitted: no candidate could see it, and it would count as a missed defect. Skipped after
+                    # drawing it, so that the next defects are the same ones either way.
+                    if not all(mask.any() for mask in fitted.values()):
+                        continue
                     out.fold.append(f)
                     out.source.append(source)
                     out.kind.append(kind)
                     for shape, resize in inputs:
                         images[shape, resize].append(fit_frame(defect.image, shape, resize)[0])
-                        masks[shape, resize].append(fit_mask(defect.mask, shape[:2], resize))
+                        masks[shape, resize].append(fitted[shape, resize])
         out.images = {i: np.stack(v) if v else np.zeros((0, *i[0]), np.uint8) for i, v in images.items()}
         out.masks = {i: np.stack(v) if v else np.zeros((0, *i[0][:2]), bool) for i, v in masks.items()}
         return out
@@ -167,6 +174,8 @@ class Selection:
     candidates: list[Scored]
     folds: list[Fold]
     reason: str
+    # The kinds planted, in PLANTS' order: a kind whose every defect vanished at the model input is not among them.
+    kinds: list[str]
 
     def to_json(self) -> dict:
         return {
@@ -175,7 +184,7 @@ class Selection:
             "rule": RULE,
             "folds": len(self.folds),
             "held_out": int(sum(len(f.held) for f in self.folds)),
-            "planted_kinds": list(PLANTS),
+            "planted_kinds": list(self.kinds),
             "candidates": [c.to_json() for c in self.candidates],
         }
 
@@ -208,6 +217,11 @@ def choose(candidates: list[Scored]) -> tuple[Scored, str]:
         reason += f"; first in catalogue order of {', '.join(c.recipe.name for c in pool)}"
     if rejected:
         reason += f"; false alarms rejected {', '.join(rejected)}"
+    if not any(c.false_alarms <= MAX_FALSE_ALARMS for c in candidates):
+        reason += (
+            f"; every candidate flags more than {MAX_FALSE_ALARMS * 100:.0f} % of clean held-out images: "
+            "the guard could not choose"
+        )
     return chosen, reason
 
 
@@ -247,6 +261,15 @@ def select_recipe(
         groups.setdefault((recipe.backbone, recipe.size, recipe.resize), []).append(recipe)
     inputs = list(dict.fromkeys(((size[0], size[1], channels), resize) for _, size, resize in groups))
     planted = Planted.draw(frames, folds, seed, inputs)
+    if not len(planted):
+        height, width = frames[int(folds[0].held[0])].shape[:2]
+        fitted = ", ".join(f"{h}x{w} (HxW) {resize}" for (h, w, _), resize in inputs)
+        other = "stretch" if all(resize == "pad" for _, resize in inputs) else "pad"
+        raise DataError(
+            f"--recipe auto: no planted defect keeps a pixel once frames {height} high and {width} wide are fitted "
+            f"to the model input {fitted}, so auto cannot compare recipes: give --size HxW nearer the frames' shape "
+            f"or --resize {other}, or force a recipe, e.g. --recipe patchcore"
+        )
     judge = augment is None and len(folds) > 1
     if judge and len(frames) < MIN_COPY_CHECK:
         judge, augment = False, "none"
@@ -254,7 +277,7 @@ def select_recipe(
     report(
         f"recipe auto: {len(candidates)} candidates, {len(folds)} fold(s), "
         f"{sum(len(f.held) for f in folds)} held-out images, {len(planted)} planted defects "
-        f"({len(PLANTS)} kinds)"
+        f"({len(dict.fromkeys(planted.kind))} kinds)"
     )
     report(format_header())
     scored: list[Scored] = []
@@ -297,7 +320,7 @@ def select_recipe(
     scored.sort(key=lambda s: order[s.recipe.name])
     chosen, reason = choose(scored)
     report(f"chosen: {chosen.recipe.name} ({reason})")
-    return Selection(chosen, scored, folds, reason)
+    return Selection(chosen, scored, folds, reason, list(dict.fromkeys(planted.kind)))
 
 
 def _taps(graph, images: np.ndarray, batch: int) -> list[torch.Tensor]:
@@ -418,16 +441,19 @@ def _score_candidate(
         rows = [i for i, k in enumerate(planted.kind) if k == kind]
         if not rows:
             continue
-        kind_hist = metrics.PixelHistograms(clean_hist.reference)
-        for i in rows:
-            kind_hist.add(planted_stack[i], masks[i])
-        hist = clean_hist + kind_hist
-        per_kind[kind] = {
-            "image_auroc": image_by_kind[kind],
-            "pixel_auroc": hist.auroc(),
-            "aupro": hist.aupro(),
-        }
-    mean = {m: float(np.mean([row[m] for row in per_kind.values()])) for m in ("image_auroc", "pixel_auroc", "aupro")}
+        per_kind[kind] = {"image_auroc": image_by_kind[kind]}
+        # Planted.draw keeps only defects with pixels at every input; a kind without any has no pixel metrics and
+        # is left out of their means rather than stopping the run.
+        if any(masks[i].any() for i in rows):
+            kind_hist = metrics.PixelHistograms(clean_hist.reference)
+            for i in rows:
+                kind_hist.add(planted_stack[i], masks[i])
+            hist = clean_hist + kind_hist
+            per_kind[kind].update(pixel_auroc=hist.auroc(), aupro=hist.aupro())
+    mean = {
+        m: float(np.mean([row[m] for row in per_kind.values() if m in row]))
+        for m in ("image_auroc", "pixel_auroc", "aupro")
+    }
     false_alarms = float(np.mean(clean_scores >= np.median(planted_scores)))
     return Scored(
         recipe,

@@ -5,7 +5,8 @@ Each column's mean covers the datasets that have that metric; where that is not 
 
 A dataset is any folder of the root with train/good/ and test/ (MVTec layout); new ones are picked up by their folder.
 Defaults are chosen by this table, never by one dataset. Output: OUT/suite.md (the table), OUT/suite.json (every
-report), OUT/<dataset>/bundle (the bundles).
+report), OUT/<dataset>/bundle (the bundles). A dataset that train or eval refuses gets a row saying why, with no metrics
+(so the means cover the others and say how many), the others still run, and the command exits 1.
 """
 
 from __future__ import annotations
@@ -47,20 +48,42 @@ def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None,
     from engines.training.evaluate import evaluate
     from engines.training.train import Progress, train_bundle, training_images
 
-    rows, reports = [], {}
+    rows: list[dict] = []
+    reports: dict[str, dict] = {}
     for data in found:
         print(f"== {data.name}: train ({recipe or 'default'})", flush=True)
         load = os.getloadavg()[0]
-        result = train_bundle(
-            data,
-            out / data.name / "bundle",
-            recipe=recipe,
-            seed=seed,
-            progress=Progress(enabled=False),
-            report=lambda line: print(line, flush=True),
-        )
-        print(f"== {data.name}: eval", flush=True)
-        report = evaluate(result.bundle, data)
+        step = "train"
+        # One dataset the recipe cannot handle must not lose the others already trained (hours on a full root):
+        # its row records the refusal and the suite goes on; `run` exits non-zero at the end.
+        try:
+            result = train_bundle(
+                data,
+                out / data.name / "bundle",
+                recipe=recipe,
+                seed=seed,
+                progress=Progress(enabled=False),
+                report=lambda line: print(line, flush=True),
+            )
+            print(f"== {data.name}: eval", flush=True)
+            step = "eval"
+            report = evaluate(result.bundle, data)
+        except (EngineError, ValueError) as exc:
+            error = f"{step}: {exc}"
+            print(f"== {data.name}: FAILED {error}", flush=True)
+            reports[data.name] = {"error": error}
+            rows.append(
+                {
+                    "dataset": data.name,
+                    "n_train": None,
+                    "recipe": "FAILED " + error.replace("|", "/"),
+                    "train_s": None,
+                    "load": None,
+                }
+                | {m: None for m in METRICS}
+                | {"error": error}
+            )
+            continue
         reports[data.name] = {"train_seconds": round(result.seconds, 1), "eval": report}
         overall = report["overall"]
         rows.append(
@@ -75,6 +98,7 @@ def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None,
             }
         )
     table = {"rows": rows, "mean": mean_row(rows), "recipe": recipe or "default", "data_root": str(root)}
+    table["failed"] = [r["dataset"] for r in rows if r.get("error")]
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps({**table, "reports": reports}, indent=2) + "\n", encoding="utf-8")
     (out / "suite.md").write_text(format_table(table) + "\n", encoding="utf-8")
@@ -131,4 +155,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(format_table(table))
     print(f"{args.out}/suite.md written, {time.monotonic() - started:.0f}s")
+    if table["failed"]:
+        print(
+            f"inspectd eval-suite: {len(table['failed'])} of {len(table['rows'])} dataset(s) failed: "
+            f"{', '.join(table['failed'])} (the error is in each one's row)",
+            file=sys.stderr,
+        )
+        return 1
     return 0

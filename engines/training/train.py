@@ -148,10 +148,44 @@ def parse_size(text: str) -> tuple[int, int]:
 def training_images(data: str | Path) -> list[Path]:
     """train/good of an MVTec-layout root, else the images of a plain folder."""
     data = Path(data)
-    paths = list_images(good_folder(data, ("train",)))
+    folder = good_folder(data, ("train",))
+    paths = list_images(folder)
     if not paths:
-        raise DataError(f"{data}: no images, expected train/good/*.png|jpg or a folder of images")
+        where = "" if folder == data else f" (read {folder})"
+        raise DataError(
+            f"{data}: no images{where}, expected train/good/*.png|jpg or a folder of images"
+            + "".join(
+                f"; found {n} image{'s' * (n != 1)} in {sub.relative_to(data).as_posix()}/: point --data at it"
+                for sub, n in _image_folders(folder)
+            )
+        )
     return paths
+
+
+def _image_folders(folder: Path, depth: int = 3, most: int = 3) -> list[tuple[Path, int]]:
+    """Sub-folders of `folder` (at most `depth` levels down, the first `most` in sorted order) that hold images, with
+    how many: a set one level too deep (train/good/batch1), spelt with capitals (Train/Good) or a --data one level
+    too far down (cat/train) is then a sentence away from the right flag."""
+    found: list[tuple[Path, int]] = []
+    level = [folder]
+    for _ in range(depth):
+        below = []
+        for parent in level:
+            try:
+                below += [d for d in parent.iterdir() if d.is_dir() and not d.name.startswith(".")]
+            except OSError:  # unreadable: the hint is best effort, the refusal stands without it
+                continue
+        level = sorted(below)
+        for sub in level:
+            try:
+                n = len(list_images(sub))
+            except DataError:
+                continue
+            if n:
+                found.append((sub, n))
+                if len(found) == most:
+                    return found
+    return found
 
 
 def seed_everything(seed: int) -> None:
@@ -265,6 +299,12 @@ def train_bundle(
         augment=augment,
     )
     candidates = resolve_recipe(recipe, overrides)
+    auto = recipe == AUTO or (recipe is None and all(v is None for v in overrides.values()))
+    if recipe is None and not auto:
+        # Recipe flags alone describe a custom recipe: a user who gave --resize pad only to letterbox would
+        # otherwise not know that nothing was chosen.
+        keep_choosing = "; add --recipe auto to keep choosing with these flags" * (candidates[0].method == "frozen")
+        report(f"recipe flags without --recipe: a custom recipe from the flags, not auto{keep_choosing}")
     if batch is not None and batch < 1 or epochs is not None and epochs < 0:
         raise ValueError("--batch must be >= 1 and --epochs >= 0")
     if not 0.0 <= holdout < 1.0:
@@ -273,12 +313,16 @@ def train_bundle(
     if bit_depth is not None and not valid_bit_depth(bit_depth):
         raise ValueError(f"--bit-depth {bit_depth!r}: expected {BIT_DEPTH_RANGE}")
     paths = training_images(data)
+    if auto and len(paths) < 2:
+        raise DataError(
+            f"{paths[0].parent}: 1 training image, --recipe auto needs at least 2 to hold one out: add images or "
+            "force a recipe, e.g. --recipe patchcore"
+        )
     bit_depth = _bit_depth(paths, bit_depth, report)
     # Decoded when read: a full-size frame is held only while it is fitted or planted.
     frames = ImageFiles(paths, bit_depth or LEGACY_BIT_DEPTH)
     channels = frames.channels
     selection: Selection | None = None
-    auto = recipe == AUTO or (recipe is None and all(v is None for v in overrides.values()))
     if not auto:
         chosen = candidates[0]
     else:
@@ -468,6 +512,13 @@ def _odd_window(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    # numpy refuses a negative seed only after every image is decoded, and in words that name no flag.
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 0")
+    return int(text)
+
+
 def _strides(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.replace(",", "+").split("+"))
@@ -515,7 +566,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the method's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed for torch, numpy and random (default 0)")
     parser.add_argument("--weights", default=None, help="backbone ImageNet weights file (else the torch hub cache)")
     parser.add_argument(
         "--holdout",
