@@ -251,6 +251,9 @@ class Split:
     # Train's frame count where this is train's split because the frames are as many: any other count is a station's,
     # held out DEFAULT_HOLDOUT by split_holdout, which is what a hint to teach on more frames must count with.
     train_n: int | None = None
+    # Auto's folds with the parameters fitted on every frame, the one held-out share's too, as train fits them now;
+    # False: one held-out share's parameters on its fitting frames alone, as train fitted bundles before.
+    fit_all: bool = True
 
     @property
     def auto(self) -> bool:
@@ -263,10 +266,10 @@ class Split:
             fit, held = split_holdout(n, self.holdout, seed)
             return fit, [(fit, held)]
         folds = validation_folds(n, self.holdout, seed)
-        if len(folds) == 1:
+        if len(folds) == 1 and not self.fit_all:
             return folds[0].fit, [(folds[0].fit, folds[0].held)]
-        # Cross-fitted, as train fits auto's recipe on few frames: the parameters on every frame (train's), and each
-        # frame's score for the thresholds from the fold fit that left it out, so none is judged by a fit it was in.
+        # As train fits auto's recipe: the parameters on every frame (train's), and each held-out frame's score for
+        # the thresholds from the fold fit that left it out, so none is judged by a fit it was in.
         return np.arange(n), [(f.fit, f.held) for f in folds]
 
 
@@ -289,17 +292,19 @@ def training_split(bundle: Bundle, holdout: float | None = None, n: int | None =
     n_fit, n_held = training.get("n_fit"), training.get("n_holdout")
     # A cross-fit's counts (every image fitted and held out once) say nothing of the share it was given.
     cross_fitted = int(selection.get("folds", 1)) > 1
+    # Fitted on every frame: cross-fitted, or an auto bundle that records it (earlier ones fitted one share's frames).
+    fit_all = cross_fitted or training.get("fit_all") is True
     trained_on = None
     if isinstance(n_fit, int) and isinstance(n_held, int) and n is not None:
-        trained_on = n_fit if cross_fitted else n_fit + n_held
+        trained_on = n_fit if fit_all else n_fit + n_held
         if n != trained_on:
             return Split(SPLIT_HOLDOUT, DEFAULT_HOLDOUT)
     share = DEFAULT_HOLDOUT
     if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and 0.0 <= recorded < 1.0:
         share = float(recorded)
-    elif isinstance(n_fit, int) and isinstance(n_held, int) and n_fit + n_held > 0 and not cross_fitted:
+    elif isinstance(n_fit, int) and isinstance(n_held, int) and n_fit + n_held > 0 and not fit_all:
         share = n_held / (n_fit + n_held)
-    split = Split(kind, share, train_n=trained_on)
+    split = Split(kind, share, train_n=trained_on, fit_all=fit_all)
     if share == 0 and not split.auto:  # auto's folds hold out at least 0.1 whatever they are given
         return Split(
             kind,
@@ -702,7 +707,8 @@ def teach(
     held_paths = [paths[i] for i in hold_idx]
     refuse_non_finite(old_scores, held_paths, f"{frames.source}: held out, by the current model")
     refuse_non_finite(new_scores, held_paths, f"{frames.source}: held out, by the taught model")
-    cross_fitted = len(folds) > 1
+    # Scored by fold fits other than the taught one (cross-fitted, or auto's one share with every frame fitted).
+    out_of_fold = any(not np.array_equal(fit, fit_idx) for fit, _ in folds)
     checksums = frames_checksums(paths, images)
     fitted = current_fit(bundle, checksums, len(paths))
     current = bundle.thresholds()
@@ -726,7 +732,7 @@ def teach(
         },
         "taught": {
             # Out-of-fold: each frame's score is the fold fit's that left it out, not the taught fit's.
-            "scores": "out-of-fold" if cross_fitted else "held-out",
+            "scores": "out-of-fold" if out_of_fold else "held-out",
             "image_threshold": fr.threshold,
             "rejected": int((new_scores >= fr.threshold).sum()),
             "score_median": float(np.median(new_scores)),
@@ -740,7 +746,7 @@ def teach(
         "model_id": taught_id,
         **frames.provenance,
         "n_good": int(len(held)),
-        "images": "out-of-fold" if cross_fitted else "held-out",  # as train records the same kind of scores
+        "images": "out-of-fold" if out_of_fold else "held-out",  # as train records the same kind of scores
         "target": {"kind": "false_reject", "value": fr_target},
         "observed": {"false_reject_upper_95": fr.upper_bound, "exceedances": fr.exceedances},
         thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(new_scores),
@@ -774,6 +780,7 @@ def teach(
             "split": split.kind,
             "holdout": split.holdout,
             "folds": len(folds),
+            "fit_all": split.auto and split.fit_all,
             # Which frames: their names and one checksum over their bytes, so a teach can be repeated and audited.
             **checksums,
         },
@@ -788,7 +795,7 @@ def teach(
     warnings = [
         split.note,
         fr.warning(fr_target),
-        thresholds_doc.reference_warning(len(held), "out-of-fold frames" if cross_fitted else "held-out frames"),
+        thresholds_doc.reference_warning(len(held), "out-of-fold frames" if out_of_fold else "held-out frames"),
     ]
     # Both count held-out frames only; the operator chooses how many to teach on.
     if warnings[1]:
@@ -863,7 +870,8 @@ def current_fit(bundle: Bundle, checksums: dict[str, str], n: int) -> np.ndarray
     kind, share = record.get("split"), record.get("holdout")
     if kind not in SPLITS or isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
         return None
-    fit, _ = Split(kind, float(share)).folds(n, scorer_settings(bundle)[1]["seed"])
+    split = Split(kind, float(share), fit_all=record.get("fit_all") is True)
+    fit, _ = split.folds(n, scorer_settings(bundle)[1]["seed"])
     # A record whose count disagrees (a fit cut short) does not say which frames were fitted.
     return fit if record.get("n_fit") == len(fit) else None
 
@@ -1159,6 +1167,11 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             f"each also held out once for the thresholds (scored by a fit on the other {frames['folds'] - 1} folds' "
             f"frames, as train cross-fits recipe auto below {CROSS_FIT_BELOW} frames)"
         )
+    elif frames.get("split") == VALIDATION_FOLDS and frames.get("fit_all"):
+        how = (
+            f"{frames['n_holdout']} of them also held out for the thresholds (scored by a fit on the other frames, as "
+            "train does for recipe auto)"
+        )
     elif frames.get("split") == VALIDATION_FOLDS:
         how += " as train held out for recipe auto"
     print(
@@ -1232,9 +1245,10 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
     # Then the rows are not the two models on frames neither saw: the out-of-fold fits saw fewer frames than the
     # taught one, the current one saw these, and a lower current row is no sign the teach made things worse.
     if out_of_fold:
+        others = f"the other {frames['folds'] - 1} folds' frames" if frames["folds"] > 1 else "the frames not held out"
         print(
-            f"  taught (out-of-fold): each frame scored by the fit on the other {frames['folds'] - 1} folds' frames, "
-            "as the thresholds are set, not by the taught model, which was fitted on all of them",
+            f"  taught (out-of-fold): each frame scored by the fit on {others}, as the thresholds are set, not by the "
+            "taught model, which was fitted on all of them",
             file=out,
         )
     if in_sample:

@@ -464,3 +464,21 @@ def test_auto_refuses_in_one_line_when_no_planted_defect_keeps_a_pixel(monkeypat
         "input 64x64 (HxW) pad, so auto cannot compare recipes: give --size HxW nearer the frames' shape or "
         "--resize stretch, or force a recipe, e.g. --recipe patchcore"
     )
+
+
+def test_auto_with_one_held_out_share_fits_the_bundle_on_every_image(tmp_path):
+    """At 60 images auto holds out one share of 24 (it cross-fits below 60): they choose the recipe and set the
+    thresholds, scored by the fit that left them out, and the bundle is then fitted on all 60, as the cross-fitted
+    path fits it on all 59; fitted on the other 36 alone, 40 % of a small station's good images never reached it."""
+    data = make_tiny_mvtec(tmp_path / "data", n_train=60, n_test_good=0, n_test_defect=0)
+    result = train_bundle(data, tmp_path / "b", recipe="auto", size=(64, 64), progress=QUIET, report=lambda _: None)
+    bundle = load_bundle(result.bundle)
+    training, recipe = bundle.manifest["training"], bundle.recipe
+    assert (bundle.manifest["recipe_selection"]["folds"], training["n_fit"], training["n_holdout"]) == (1, 60, 24)
+    assert training["fit_all"] is True and result.held_in_fit
+    thresholds = bundle.thresholds().provenance
+    assert (thresholds["images"], thresholds["n_good"], thresholds["n_fit"]) == ("out-of-fold", 24, 60)
+    # The whole patch pool is under the memory size here, so the bank holds every fitted image's patches.
+    if recipe["scorer"] == "memory":
+        per_image = (64 // recipe["taps"][0]) ** 2
+        assert training["memory_size"] == 60 * per_image, (training["memory_size"], recipe)

@@ -802,8 +802,9 @@ def test_good_on_an_export_root_teaches_on_its_train_good(trained, good, tmp_pat
 
 @pytest.fixture(scope="module", params=[64, 16], ids=["one-fold", "cross-fitted"])
 def auto_trained(request, tmp_path_factory) -> tuple[Path, Path]:
-    """(bundle, its frames): recipe auto, train's default, on 64 frames (one validation fold: 40 fitted, 24 held out)
-    or 16 (below 60, cross-fitted: every frame fitted, each held out once). Only the size is changed, to keep it
+    """(bundle, its frames): recipe auto, train's default, on 64 frames (one validation fold: 24 held out, scored by
+    the fit on the other 40; the bundle fitted on all 64) or 16 (below 60, cross-fitted: every frame fitted, each held
+    out once). Only the size is changed, to keep it
     quick."""
     from engines.training.train import Progress, train_bundle
 
@@ -815,7 +816,7 @@ def auto_trained(request, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_teach_with_the_default_holdout_refits_what_recipe_auto_fitted_on_the_same_frames(auto_trained, tmp_path):
-    """Recipe auto fits on its validation fold's frames, or on every frame where it cross-fits: teach on the same
+    """Recipe auto fits on every frame, its held-out frames scored by the fit without them: teach on the same
     frames with the default holdout splits them as the manifest says train did, so it fits on the same frames, gets
     the same parameters and sets its thresholds on the same held-out scores (each frame's out-of-fold score where
     train cross-fitted)."""
@@ -830,7 +831,7 @@ def test_teach_with_the_default_holdout_refits_what_recipe_auto_fitted_on_the_sa
     training = before.manifest["training"]
     assert (training["split"], training["holdout"]) == ("validation_folds", 0.1)
     n = len(list(frames.glob("*.png")))
-    expected = (40, 24) if n == 64 else (n, n)
+    expected = (64, 24) if n == 64 else (n, n)
     assert (training["n_fit"], training["n_holdout"]) == expected
 
     out = io.StringIO()
@@ -856,7 +857,12 @@ def test_teach_with_the_default_holdout_refits_what_recipe_auto_fitted_on_the_sa
         "split_holdout: teach on >= 14973 frames)"
     ), warning
     if n == 64:
-        assert "24 held out as train held out for recipe auto" in out.getvalue(), out.getvalue()
+        assert (
+            "refitted on 64 frames in" in out.getvalue()
+            and "24 of them also held out for the thresholds (scored by a fit on the other frames, as train does for "
+            "recipe auto)"
+            in out.getvalue()
+        ), out.getvalue()
     else:
         assert "refitted on 16 frames" in out.getvalue() and "each also held out once" in out.getvalue()
 
@@ -864,8 +870,9 @@ def test_teach_with_the_default_holdout_refits_what_recipe_auto_fitted_on_the_sa
 def test_a_cross_fitted_teach_records_and_reports_out_of_fold_scores_and_says_when_the_current_row_is_in_sample(
     auto_trained, tmp_path
 ):
-    """Below 60 frames teach cross-fits: the taught row and the thresholds' reference are out-of-fold scores (each
-    frame's by the fold fit without it), recorded and reported as such, as train records them. Where the frames are
+    """Teach fits recipe auto's bundle on every frame (cross-fitted below 60 frames, one held-out share above): the
+    taught row and the thresholds' reference are out-of-fold scores (each held-out frame's by the fold fit without
+    it), recorded and reported as such, as train records them. Where the frames are
     those the current scorer was fitted on (train's or its teach's record names them by checksum), its row is
     in-sample, and the report says on how many, rather than let a lower current row read as a worse taught model."""
     import shutil
@@ -879,33 +886,29 @@ def test_a_cross_fitted_teach_records_and_reports_out_of_fold_scores_and_says_wh
     out = io.StringIO()
     taught = teach(bundle, frames, by="tester", out=out)
     comparison = taught.manifest["teach"]["comparison"]
-    if n == 64:  # one validation fold: held-out scores, as before, of frames train did not fit on either
-        assert taught.thresholds().provenance["images"] == "held-out"
-        assert comparison["taught"]["scores"] == "held-out" and comparison["current"]["in_sample"] == 0
-        assert "on the 24 held-out frames:\n  current threshold" in out.getvalue(), out.getvalue()
-        assert "\n  taught  threshold" in out.getvalue() and "in-sample" not in out.getvalue(), out.getvalue()
-        return
+    held = 24 if n == 64 else n
     assert taught.thresholds().provenance["images"] == "out-of-fold"
     assert load_bundle(trained_dir).thresholds().provenance["images"] == "out-of-fold"  # train's word for them
     assert comparison["taught"]["scores"] == "out-of-fold"
     # Train's scorer was fitted on every one of them, and its record names them.
-    assert comparison["current"]["in_sample"] == n
+    assert comparison["current"]["in_sample"] == held
     text = out.getvalue()
-    assert f"on the {n} frames, each held out of one fold:\n  current              threshold" in text, text
+    assert f"on the {held} frames, each held out of one fold:\n  current              threshold" in text, text
     assert "\n  taught (out-of-fold) threshold" in text, text
+    others = "the frames not held out" if n == 64 else "the other 3 folds' frames"
     assert (
-        "  taught (out-of-fold): each frame scored by the fit on the other 3 folds' frames, as the thresholds are "
-        "set, not by the taught model, which was fitted on all of them"
+        f"  taught (out-of-fold): each frame scored by the fit on {others}, as the thresholds are set, not by the "
+        "taught model, which was fitted on all of them"
     ) in text, text
     assert (
-        f"  current (in-sample): fitted on {n} of these {n} frames, so it scores them lower than new ones: a lower "
-        "row here does not make the taught model worse"
+        f"  current (in-sample): fitted on {held} of these {held} frames, so it scores them lower than new ones: a "
+        "lower row here does not make the taught model worse"
     ) in text, text
 
     # Taught again on the same frames: the current scorer is the first teach's, fitted on every one of them.
     out = io.StringIO()
     again = teach(bundle, frames, by="tester", out=out)
-    assert again.manifest["teach"]["comparison"]["current"]["in_sample"] == n
+    assert again.manifest["teach"]["comparison"]["current"]["in_sample"] == held
 
     # A train record that names no frames (an older bundle), or names these by their names alone: not known, and
     # the report says what that would mean.
@@ -1066,6 +1069,31 @@ def test_the_split_names_bundles_record_are_fixed_strings_not_function_names(mon
     assert split.kind == "validation_folds" and split.auto
     assert teach.training_split(bundle, 0.3, 64).kind == "split_holdout"
     assert teach.frames_to_hold(29, 0.1, "validation_folds") == 286
+
+
+def test_train_s_frames_of_an_auto_bundle_fitted_on_every_image_are_all_fitted_again():
+    """Auto's bundles are fitted on every image, one held-out share's included (`training.fit_all`): teach on train's
+    64 frames fits all 64 and scores the 24 held out by the fold fit without them, as train did; a bundle written
+    before that field (fitted on the share's 40 alone) is refitted on those 40, so teaching train's frames again
+    still gives train's parameters. Which frames the current model was fitted on follows the same record."""
+    from types import SimpleNamespace
+
+    from calibration import teach
+
+    auto = {"split": "validation_folds", "holdout": 0.1, "n_holdout": 24}
+    one_fold = {"folds": 1}
+    new = SimpleNamespace(
+        path=Path("new"), manifest={"recipe_selection": one_fold, "training": {**auto, "n_fit": 64, "fit_all": True}}
+    )
+    old = SimpleNamespace(path=Path("old"), manifest={"recipe_selection": one_fold, "training": {**auto, "n_fit": 40}})
+    for bundle, fitted in ((new, 64), (old, 40)):
+        split = teach.training_split(bundle, None, 64)
+        assert (split.kind, split.train_n) == ("validation_folds", 64), bundle.path
+        fit, folds = split.folds(64, 5)
+        assert len(fit) == fitted and len(folds) == 1 and len(folds[0][0]) == 40 and len(folds[0][1]) == 24
+        assert not set(folds[0][0]) & set(folds[0][1])
+    # Another count is a station's, as before: split_holdout at 0.2, whatever train fitted.
+    assert teach.training_split(new, None, 63).kind == "split_holdout"
 
 
 def test_an_export_says_and_records_when_the_frames_it_teaches_on_were_captured(trained, good, tmp_path, capsys):

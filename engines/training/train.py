@@ -93,6 +93,7 @@ class TrainResult:
     seconds: float
     recipe: Recipe
     n_reference: int  # good images whose scores are the drift alarm's reference
+    held_in_fit: bool = False  # the held-out images were fitted too (auto: scored out of fold for the thresholds)
 
 
 def resolve_recipe(name: str | None, overrides: dict) -> list[Recipe]:
@@ -354,38 +355,34 @@ def train_bundle(
     architecture = chosen.architecture(trainer.head_config(method_args), channels)
     graph = build_graph(architecture, pretrained=True, weights=str(weights) if weights else None)
     interrupted = False
-    if selection is not None and len(selection.folds) == 1:
-        # One held-out share: the chosen candidate was fitted on exactly the fitting images; reuse that fit.
-        fold = selection.folds[0]
-        n_fit, n_hold, n_scored = len(fold.fit), len(fold.held), len(fold.fit)
-        params = selection.chosen.params
-        scores, maps, check_kind = selection.chosen.clean_scores, selection.chosen.clean_maps, "held-out"
+    if selection is not None:
+        # Auto's held-out images chose the recipe and set the thresholds (scored by the fold fit that left them
+        # out); the bundle is then fitted on every image, so no good image is lost to the model (one held-out share
+        # of at least 24 images is 40 % of a 60-image set).
+        fit_idx, hold_idx = np.arange(len(images)), np.zeros(0, np.int64)
     else:
-        if selection is not None:  # cross-fitted: fit on every image, thresholds from out-of-fold scores
-            fit_idx, hold_idx = np.arange(len(images)), np.zeros(0, np.int64)
-        else:
-            fit_idx, hold_idx = split_holdout(len(images), holdout, seed)
-        fit_images, hold_images = images[fit_idx], images[hold_idx]
-        settings = TrainSettings(epochs=epochs, batch=batch, seed=seed, args=method_args)
-        try:
-            trainer.train(graph, fit_images, settings, progress)
-        except KeyboardInterrupt:
-            interrupted = True
-        progress.finish()
-        features, stopped = extract_features(graph, augmented(fit_images, chosen.augment), batch, progress)
-        interrupted = interrupted or stopped
-        # Images whose own features the scorer was fitted on (fewer when interrupted); their copies come after them.
-        n_scored = min(int(features.shape[0]), len(fit_images))
-        params = graph.scorer.fit(features, k=chosen.k, seed=seed, memory_size=chosen.memory_size)
-        del features
-        n_fit, n_hold = len(fit_images), len(hold_images)
-        if selection is not None:
-            scores, maps, check_kind = selection.chosen.clean_scores, selection.chosen.clean_maps, "out-of-fold"
-            n_hold = len(scores)
-        else:
-            # Without held-out images the first thresholds come from the fitting images (and provenance says so).
-            check_images, check_kind = (hold_images, "held-out") if len(hold_images) else (fit_images, "training")
-            scores, maps = score_with_graph(graph, check_images, params, batch)
+        fit_idx, hold_idx = split_holdout(len(images), holdout, seed)
+    fit_images, hold_images = images[fit_idx], images[hold_idx]
+    settings = TrainSettings(epochs=epochs, batch=batch, seed=seed, args=method_args)
+    try:
+        trainer.train(graph, fit_images, settings, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    progress.finish()
+    features, stopped = extract_features(graph, augmented(fit_images, chosen.augment), batch, progress)
+    interrupted = interrupted or stopped
+    # Images whose own features the scorer was fitted on (fewer when interrupted); their copies come after them.
+    n_scored = min(int(features.shape[0]), len(fit_images))
+    params = graph.scorer.fit(features, k=chosen.k, seed=seed, memory_size=chosen.memory_size)
+    del features
+    n_fit, n_hold = len(fit_images), len(hold_images)
+    if selection is not None:
+        scores, maps, check_kind = selection.chosen.clean_scores, selection.chosen.clean_maps, "out-of-fold"
+        n_hold = len(scores)
+    else:
+        # Without held-out images the first thresholds come from the fitting images (and provenance says so).
+        check_images, check_kind = (hold_images, "held-out") if len(hold_images) else (fit_images, "training")
+        scores, maps = score_with_graph(graph, check_images, params, batch)
     assert params is not None
     thresholds = first_thresholds(
         scores,
@@ -433,6 +430,9 @@ def train_bundle(
             # How the fitted images were chosen, so `inspectd teach` on the same images refits the same ones: the
             # function (auto's folds when it chose the recipe) and the --holdout given to it.
             "split": VALIDATION_FOLDS if selection is not None else SPLIT_HOLDOUT,
+            # Auto's bundles are fitted on every image, its one held-out share too (n_holdout counts the images whose
+            # fold scores set the thresholds); bundles before this field were fitted on the fold's fitting share.
+            "fit_all": selection is not None,
             "holdout": float(holdout),
             **checksums,
             "epochs": epochs,
@@ -465,6 +465,7 @@ def train_bundle(
         time.monotonic() - started,
         chosen,
         int(len(scores)),
+        selection is not None,
     )
 
 
@@ -639,7 +640,8 @@ def run(args: argparse.Namespace) -> int:
         return INTERRUPTED_EXIT
     state = " (INTERRUPTED: weights so far)" if result.interrupted else ""
     print(
-        f"{result.bundle}: {result.model_id}{state}, {result.n_fit} images fitted, {result.n_holdout} held out, "
+        f"{result.bundle}: {result.model_id}{state}, {result.n_fit} images fitted, {result.n_holdout} "
+        f"{'of them scored out of fold' if result.held_in_fit else 'held out'}, "
         f"image threshold {result.image_threshold:.4g}, pixel threshold {result.pixel_threshold:.4g}, "
         f"{result.seconds:.1f}s\nrecipe {result.recipe.summary()}"
     )
