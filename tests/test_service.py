@@ -5,6 +5,7 @@ SIGHUP reload."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -315,3 +316,41 @@ def test_a_sighup_reload_caught_by_a_stop_gives_its_engine_up_and_the_stop_waits
         assert s.events("stopped")[-1]["engines_closed"] is True, s.log_tail()
     finally:
         s.close()
+
+
+def test_a_results_endpoint_that_stays_unbound_makes_the_daemon_unhealthy_until_it_binds_again(tmp_path, monkeypatch):
+    """A rebind that keeps failing (the ipc folder gone, another process on the port) leaves results journalled but
+    sent to no one: past PUBLISH_UNBOUND_S the daemon is unhealthy (the watchdog then restarts it), and a bind that
+    succeeds before that makes it healthy again."""
+    from inspectd.daemon import publish, service
+
+    monkeypatch.setattr(service, "PUBLISH_UNBOUND_S", 0.5)
+    monkeypatch.setattr(publish, "BIND_RETRY_S", 0.2)
+    sockets = tmp_path / "run"
+    sockets.mkdir()
+    source = {"kind": "synthetic", "rate_hz": 50, "width": 64, "height": 64}
+    config = in_process_config(tmp_path, write_grey_bundle(tmp_path / "bundle"), source)
+    config = dataclasses.replace(
+        config, publish=dataclasses.replace(config.publish, endpoint=f"ipc://{sockets}/pub.sock")
+    )
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 30
+        while daemon.publisher.published < 5 or not daemon.progressing():
+            assert time.monotonic() < deadline, "no results"
+            time.sleep(0.05)
+        assert daemon.dead_threads() == [] and daemon.status()["healthy"]
+        shutil.rmtree(sockets)
+        daemon.publisher.drop_peers()  # what a reload that removed a publish key asks for
+        while daemon.dead_threads() != ["publish-unbound"]:
+            assert time.monotonic() < deadline, daemon.dead_threads()
+            time.sleep(0.05)
+        assert not daemon.progressing() and daemon.status()["healthy"] is False
+        sockets.mkdir()
+        while daemon.dead_threads():
+            assert time.monotonic() < deadline + 10, daemon.dead_threads()
+            time.sleep(0.05)
+        assert daemon.publisher.bound and daemon.status()["healthy"]
+    finally:
+        daemon.shutdown()

@@ -107,6 +107,7 @@ class Publisher:
         self._rebind = threading.Event()
         self.rebinds = 0
         self.bound = True  # False while a rebind has failed: results are journalled, not sent
+        self._unbound_since: float | None = None  # monotonic time the endpoint was given up, while it is
         self._bind_retry_at = 0.0  # when a failed bind is tried again
 
     def start(self) -> Publisher:
@@ -120,6 +121,11 @@ class Publisher:
     def alive(self) -> bool:
         """The publishing thread is running, or was asked to stop: one that ended on its own publishes nothing."""
         return self._thread.is_alive() or self._stopping
+
+    def unbound_s(self) -> float:
+        """How long the endpoint has been unbound (a rebind that keeps failing); 0 while it is bound."""
+        since = self._unbound_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def submit(self, judged: Judged) -> None:
         """Queue a result for sending; blocks only while the queue is full (the send path itself never blocks) and
@@ -284,6 +290,7 @@ class Publisher:
                 )
                 return
             self.bound = False
+            self._unbound_since = time.monotonic()
         # Only right after the unbind may the port still be held by the listener being closed.
         deadline = time.monotonic() + (REBIND_WAIT_S if was_bound else 0.0)
         while True:
@@ -304,6 +311,7 @@ class Publisher:
                 self._bind_retry_at = time.monotonic() + BIND_RETRY_S
                 return
         self.bound = True
+        self._unbound_since = None
         if not was_bound:
             log.warning("publish_bound_again", endpoint=endpoint)
         try:

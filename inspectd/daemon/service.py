@@ -48,6 +48,9 @@ PUBLISH_GRACE_S = 2.0  # how long results already judged (or refused at shutdown
 PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, short enough to never hang
 IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
 STUCK_AFTER_S = 10.0  # a batch older than this without finishing means the pipeline is stuck
+# How long the results endpoint may stay unbound (a rebind after a key reload that keeps failing, retried meanwhile)
+# before the daemon counts as unhealthy.
+PUBLISH_UNBOUND_S = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -456,6 +459,11 @@ class Daemon:
             dead.append("inference")
         if self.publisher.started and not self.publisher.alive():
             dead.append("publish")
+        elif self.publisher.unbound_s() > PUBLISH_UNBOUND_S:
+            # Results are journalled but reach no subscriber: past a moment for the port to come free this is a
+            # daemon that no longer serves, so the watchdog restarts it (and a start that cannot bind keeps failing
+            # until the endpoint is free).
+            dead.append("publish-unbound")
         if self.archive is not None and not self._stopping.is_set() and not self.archive.alive():
             dead.append("archive")
         if self.control is not None and not self.control.alive():
