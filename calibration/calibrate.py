@@ -15,8 +15,9 @@ Owns the statistics of threshold choice (all numpy, on score arrays, so they are
     engines.training.metrics.PixelHistograms, so maps are never held).
 An image that does not decode is left out with a WARNING and counted (provenance n_skipped_good/n_skipped_defective);
 an image in both --good and --defective is refused before scoring; a threshold that rejects more than half the good
-frames, and a pixel threshold above the image one on a model scored by its map's maximum, are WARNINGs recorded in
-observed["warning"], and --apply does not apply the first (written, exit 1).
+frames, and a pixel threshold above the image one (whatever the model's pooling), are WARNINGs recorded in
+observed["warning"]; with --apply the first is neither written nor applied (exit 1), since a daemon loads whatever
+its bundle holds at its next reload or restart.
 Scoring is engines.training.evaluate.score_images; the document is engines.bundle.thresholds (next_version,
 rollback); the bundle file is rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol
 (set_thresholds) through inspectd.protocol, so calibrating needs nothing of the daemon itself.
@@ -606,7 +607,7 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
 def rejects_most(good, image: float) -> str | None:
     """The WARNING when image threshold `image` rejects more than half of the `good` scores, whatever the target
     chose it: the defects given then score like the good frames (a wrong --defective folder, or one holding good
-    frames), and applied, it would reject most good parts. --apply does not apply such a threshold."""
+    frames), and applied, it would reject most good parts. --apply neither writes nor applies such a threshold."""
     exceed = int(np.count_nonzero(np.asarray(good) >= image))
     if exceed <= good.size / 2:
         return None
@@ -670,12 +671,20 @@ def run(args: argparse.Namespace) -> int:
             client.close()
         print(f"dry run: version {new.version} not written, not applied", file=out)
         return 0
-    applied = None
     if client is not None and hold:
-        # Written, so it can be looked at and applied by hand; not applied: it would reject most good parts.
+        # Not written either: in the daemon's bundle, its next reload or restart would put it in service.
+        import shlex
+
         client.close()
-        client = None
-        applied = REFUSED
+        print(
+            f"inspectd calibrate: --apply {args.apply}: version {new.version} not written, not applied: its image "
+            f"threshold rejects most good frames; to put it in service deliberately, run this calibrate again without "
+            f"--apply (it writes the version with its WARNING), then `inspectd ctl --endpoint "
+            f"{shlex.quote(args.apply)} reload`",
+            file=sys.stderr,
+        )
+        return 1
+    applied = None
     if client is not None:
         # The daemon checks a version before it writes it into its bundle (a reduced-precision engine may refuse
         # it); written here first, a refused version would stay on disk and stop the daemon's next start.
@@ -713,15 +722,6 @@ def run(args: argparse.Namespace) -> int:
         f"wrote thresholds version {new.version} (was {current.version}) to {bundle.path / thresholds_doc.FILE_NAME}",
         file=out,
     )
-    if hold and args.apply:
-        import shlex
-
-        print(
-            f"inspectd calibrate: --apply {args.apply}: version {new.version} not applied: its image threshold "
-            f"rejects most good frames; once checked, apply it with `inspectd ctl --endpoint {shlex.quote(args.apply)} "
-            f"set-thresholds {shlex.quote(str(bundle.path / thresholds_doc.FILE_NAME))}`",
-            file=sys.stderr,
-        )
     return 0 if applied in (None, APPLIED) else 1
 
 
@@ -858,7 +858,7 @@ def _calibrate(bundle, current, args, out):
         print(skipped_warning(skipped), file=out)
     image, pixel, chosen = _choose(args, scored, out)
     hold = rejects_most(scored.good, image)
-    if warning := _regionless_warning(bundle, current, args.camera, image, pixel):
+    if warning := _regionless_warning(current, args.camera, image, pixel):
         print(warning, file=out)
         _add_warning(chosen["observed"], warning.removeprefix("WARNING: "))
     provenance = {
@@ -924,15 +924,12 @@ def _in_both(good: list[Path], defective: list[tuple[Path, Path | None]]) -> lis
     return [path for path, _ in defective if path.resolve() in goods]
 
 
-def _regionless_warning(bundle, current, camera: str | None, image: float, pixel: float | None) -> str | None:
+def _regionless_warning(current, camera: str | None, image: float, pixel: float | None) -> str | None:
     """The WARNING when the thresholds in force after this write (`camera`'s, with its override's or the document's
-    pixel threshold; else the document's) have the pixel threshold above the image one on a model whose image score
-    is its map's maximum: a frame scored between them is a defect with no pixel at or above the pixel threshold, so
-    it is published with no region and an empty mask."""
-    from engines.bundle.format import describe_score_share
-
-    if describe_score_share(bundle.recipe.get("score_share", 0.0)) != "max":
-        return None
+    pixel threshold; else the document's) have the pixel threshold above the image one. Every pooling (the maximum,
+    the top k %, the mean) scores an image at most its map's maximum, so a frame scored from the image threshold to
+    below the pixel one may have no pixel at or above the pixel threshold: a defect published with no region and an
+    empty mask. At or below the image threshold, the pixel threshold always leaves a defect a region."""
     if pixel is None:
         override = current.per_camera.get(camera, {}) if camera else {}
         pixel = override.get("pixel_threshold", current.pixel_threshold)
@@ -940,8 +937,8 @@ def _regionless_warning(bundle, current, camera: str | None, image: float, pixel
         return None
     which = f"camera {camera}'s" if camera else "the"
     return (
-        f"WARNING: {which} pixel threshold {pixel:.6g} is above the image threshold {image:.6g}, and this model's "
-        f"image score is its map's maximum: frames scored from {image:.6g} to below {pixel:.6g} are defects with no "
+        f"WARNING: {which} pixel threshold {pixel:.6g} is above the image threshold {image:.6g}, and an image score "
+        f"is at most its map's maximum: frames scored from {image:.6g} to below {pixel:.6g} can be defects with no "
         "region (an empty mask)"
     )
 

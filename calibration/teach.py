@@ -45,9 +45,9 @@ replaced, the comparison). Where it goes depends on what BUNDLE is:
 The switch (and a rollback's) holds the lock every writer of the bundle takes and first checks that BUNDLE is still
 the bundle teach loaded, its files' checksums included: another teach that switched first, or thresholds a calibrate
 or the daemon wrote meanwhile, refuse it (nothing switched, the staged copy removed; teach again). A teach starts by
-removing the staged copies of teaches that were killed (their PID gone), but for the one holding the version BUNDLE
-was taught from. A frame that does not decode is left out with a WARNING and named in the record's
-`frames.unreadable`.
+clearing the staged copies of teaches that were killed: one that holds a version that was in service moves into
+BUNDLE.versions, and the rest are removed (remove_dead_staging). A frame that does not decode is left out with a
+WARNING and named in the record's `frames.unreadable`.
 
 The thresholds name the model they were set for (provenance.model_id), so the daemon refuses a taught document for
 any other model. `--rollback` gives the restored bundle its own thresholds again as a new version, numbered above
@@ -511,12 +511,17 @@ def teach_lineage(bundle: Bundle) -> list[str]:
     """BUNDLE's model id, then the models it was taught from, nearest first: what its archived frames may have been
     judged by while the line ran the same product. A bundle taught before teach records kept the whole chain has only
     its previous model recorded."""
-    record = bundle.manifest.get("teach") or {}
+    return lineage_of(bundle.manifest)
+
+
+def lineage_of(manifest: dict[str, Any]) -> list[str]:
+    """teach_lineage of the bundle with manifest `manifest`, read as it is (one not loaded, not verified)."""
+    record = manifest.get("teach") or {}
     ancestors = record.get("ancestor_model_ids")
     if not isinstance(ancestors, list):
         ancestors = [record["previous_model_id"]] if isinstance(record.get("previous_model_id"), str) else []
     # A refit on the same frames gives the same parameters, so the same id can recur in the chain.
-    return list(dict.fromkeys([bundle.model_id, *(a for a in ancestors if isinstance(a, str))]))
+    return list(dict.fromkeys([manifest["model_id"], *(a for a in ancestors if isinstance(a, str))]))
 
 
 def _counted(counts: dict[str, int], kind: str = "model ") -> str:
@@ -1019,13 +1024,33 @@ def _holds(path: Path, model_id: str) -> bool:
         return False
 
 
+# A staged copy changed less than this long ago is left alone even with its PID gone: its teach may run in another
+# PID namespace (a container sharing the bundles folder), where the PID names another process or none.
+STAGING_MARGIN_S = 3600.0
+
+
 def remove_dead_staging(beside: Path, record: dict[str, Any] | None) -> None:
-    """Remove the staging copies (`.NAME.teach-PID[-N]` beside `beside`) of teaches that were killed (no process
-    has their PID): a full bundle each, plans included, that never went into service and that nothing else removes.
-    Kept: a live process's (a teach under way), and the one cut_off_teach finds the version BUNDLE was taught from
-    in (a teach cut off between its two renames left it there, and --rollback takes it back from there)."""
+    """Clear the staging copies (`.NAME.teach-PID[-N]` beside `beside`) of teaches that were killed: a full bundle
+    each, plans included, that nothing else removes.
+
+    A copy is dead when no process here has its PID, its directory last changed more than STAGING_MARGIN_S ago, and
+    no process holds the lock on it. The PID alone says nothing of a teach in another PID namespace; such a teach
+    changes its copy's directory with every file it writes into it and swaps it in within minutes, and while it
+    swaps it holds the lock it took on BUNDLE's directory, which its exchange puts at the staging name (the version
+    that was in service, whose directory may be old). A flock holds across PID namespaces on one kernel. Not covered:
+    a teach in another namespace stopped for longer than the margin between staging and its swap: its copy goes, and
+    its swap then fails with nothing switched.
+
+    A dead copy of a version that was in service (a teach killed between its two renames leaves the version taught
+    from there) is moved into BUNDLE.versions under the name --rollback looks for it by, and kept, with a note, where
+    that name is taken. In service: its model is in BUNDLE's lineage (teach_lineage), or in that of a version kept in
+    BUNDLE.versions. Only a copy no version names, one that never switched in, is removed. `record`: the teach record
+    of the bundle loaded from `beside`'s name."""
+    from engines.bundle.store import manifest_of
+    from engines.durable import try_lock
+
     pattern = re.compile(rf"\.{re.escape(beside.name)}\.teach-(\d+)(?:-\d+)?")
-    dead = [
+    candidates = [
         candidate
         for candidate in sorted(beside.parent.glob(f".{glob.escape(beside.name)}.teach-*"))
         if (match := pattern.fullmatch(candidate.name))
@@ -1033,18 +1058,78 @@ def remove_dead_staging(beside: Path, record: dict[str, Any] | None) -> None:
         and not candidate.is_symlink()
         and pid_gone(int(match.group(1)))
     ]
-    if not dead:
+    if not candidates:
         return
-    kept = cut_off_teach(beside, record) if isinstance(record, dict) else None
-    removed = [candidate for candidate in dead if candidate != kept]
-    for candidate in removed:
-        shutil.rmtree(candidate, ignore_errors=True)
+    versions = versions_dir(beside)
+    kept_as = _kept_names(beside, versions, record)
+    removed = []
+    for candidate in candidates:
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone meanwhile (another teach's clean-up), or not ours to read
+        try:
+            if try_lock(fd) is False or time.time() - os.fstat(fd).st_mtime < STAGING_MARGIN_S:
+                continue
+            manifest = manifest_of(candidate) or {}
+            model = manifest.get("model_id")
+            if model not in kept_as:
+                shutil.rmtree(candidate, ignore_errors=True)
+                removed.append(candidate)
+                continue
+            version = manifest.get("bundle_version", 1)
+            destination = versions / (kept_as[model] or f"v{version}")
+            held = f"it holds version {version} ({model}), which was in service"
+            if destination.exists() or destination.is_symlink():
+                print(
+                    f"inspectd teach: note: kept {candidate}: {held}, and {destination} is taken: move it to a free "
+                    f"name in {versions} to keep it, or remove it",
+                    file=sys.stderr,
+                )
+                continue
+            try:
+                versions.mkdir(exist_ok=True)
+                os.rename(candidate, destination)
+                fsync_dir(versions)
+                fsync_dir(candidate.parent)
+            except OSError as exc:
+                print(
+                    f"inspectd teach: note: kept {candidate}: {held}, and it cannot move to {destination} "
+                    f"({exc.strerror or exc})",
+                    file=sys.stderr,
+                )
+                continue
+            print(
+                f"inspectd teach: note: moved {candidate} to {destination}: {held} (a teach killed between its two "
+                "renames left it there)",
+                file=sys.stderr,
+            )
+        finally:
+            os.close(fd)  # releases the lock
     if removed:
         print(
             f"inspectd teach: note: removed {len(removed)} staged version(s) left by teaches that were killed: "
             f"{', '.join(str(c) for c in removed)}",
             file=sys.stderr,
         )
+
+
+def _kept_names(beside: Path, versions: Path, record: dict[str, Any] | None) -> dict[str, str | None]:
+    """Every model that was in service by the records beside `beside`: BUNDLE's lineage and that of each version in
+    `versions`, each with the name in `versions` a teach record gives it (previous_in_versions, else
+    v<previous_version>, as --rollback reads it), None where no record names where it was kept."""
+    from engines.bundle.store import manifest_of
+
+    kept = [versions / name for name in sorted(os.listdir(versions))] if versions.is_dir() else []
+    manifests = [m for m in map(manifest_of, (beside, *kept)) if m is not None and isinstance(m.get("model_id"), str)]
+    named: dict[str, str | None] = {}
+    for manifest in manifests:
+        named.update({model: None for model in lineage_of(manifest) if model not in named})
+    for taught in [record, *(m.get("teach") for m in manifests)]:
+        if isinstance(taught, dict) and isinstance(previous := taught.get("previous_model_id"), str):
+            name = taught.get("previous_in_versions") or f"v{taught.get('previous_version')}"
+            named[previous] = named.get(previous) or str(name)
+    return named
 
 
 def cut_off_teach(beside: Path, record: dict[str, Any]) -> Path | None:

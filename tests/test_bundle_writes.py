@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.teach import switch_link
+from calibration.teach import bundle_version, switch_link
 from engines.bundle import store
 from engines.bundle import thresholds as T
 from engines.bundle.store import load_bundle, write_bundle
@@ -923,27 +923,150 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_a_teach_removes_staged_copies_of_killed_teaches_but_a_live_ones_and_the_version_taught_from(tmp_path):
+def aged(path: Path) -> Path:
+    """Staged copy `path` as one left there for longer than the clean-up's margin."""
+    from calibration.teach import STAGING_MARGIN_S
+
+    old = time.time() - 2 * STAGING_MARGIN_S
+    os.utime(path, (old, old))
+    return path
+
+
+def notes(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "note:" in line]
+
+
+def test_a_teach_removes_staged_copies_of_killed_teaches_but_a_live_ones_and_keeps_a_version_that_was_in_service(
+    tmp_path,
+):
     """A teach killed after staging left `.NAME.teach-PID` (a whole bundle) that nothing removed. The next teach
-    removes those of processes that are gone; it keeps a live process's and the one a teach cut off between its two
-    renames left the version taught from in (`teach --rollback` takes it back from there)."""
+    removes those of processes that are gone, keeps a live process's, and moves the one a teach cut off between its
+    two renames left the version taught from in to BUNDLE.versions, where `teach --rollback` takes it back from (a
+    second copy of it, whose name there is taken, stays with a note)."""
+    from calibration.teach import rollback
+
     path = make(tmp_path / "b")
     first = load_bundle(path).model_id
     assert child(TEACH_RECORDED, path).returncode == 0
     dead = dead_pid()
     # Cut off between its renames: the version taught from under the staging name, not in b.versions.
     cut_off = tmp_path / f".b.teach-{dead}"
+    shutil.copytree(tmp_path / "b.versions" / "v1", tmp_path / f".b.teach-{dead}-3")
     (tmp_path / "b.versions" / "v1").rename(cut_off)
-    killed = [make(tmp_path / f".b.teach-{dead}-2", seed=5), make(tmp_path / f".b.teach-{dead_pid()}", seed=6)]
+    second = aged(tmp_path / f".b.teach-{dead}-3")
+    aged(cut_off)
+    killed = [
+        aged(make(tmp_path / f".b.teach-{dead}-2", seed=5)),
+        aged(make(tmp_path / f".b.teach-{dead_pid()}", seed=6)),
+    ]
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        running = make(tmp_path / f".b.teach-{live.pid}", seed=7)
+        running = aged(make(tmp_path / f".b.teach-{live.pid}", seed=7))
         taught = child(TEACH_RECORDED, path)
         assert taught.returncode == 0, taught.stderr
         assert not any(p.exists() for p in killed)
-        assert load_bundle(running).model_id and load_bundle(cut_off).model_id == first
-        notes = [line for line in taught.stderr.splitlines() if "note:" in line]
-        assert len(notes) == 1 and "removed 2 staged version(s) left by teaches that were killed" in notes[0], notes
+        assert load_bundle(running).model_id
     finally:
         live.kill()
         live.wait()
+    v1 = tmp_path / "b.versions" / "v1"
+    assert not cut_off.exists() and load_bundle(v1).model_id == load_bundle(second).model_id == first
+    assert notes(taught.stderr) == [
+        f"inspectd teach: note: moved {cut_off} to {v1}: it holds version 1 ({first}), which was in service (a teach "
+        "killed between its two renames left it there)",
+        f"inspectd teach: note: kept {second}: it holds version 1 ({first}), which was in service, and {v1} is taken: "
+        f"move it to a free name in {tmp_path / 'b.versions'} to keep it, or remove it",
+        f"inspectd teach: note: removed 2 staged version(s) left by teaches that were killed: {killed[0]}, {killed[1]}",
+    ], taught.stderr
+    rollback(path, out=io.StringIO())
+    assert rollback(path, out=io.StringIO()).model_id == first
+
+
+def test_a_version_a_killed_teach_left_staged_is_never_removed_however_many_teaches_follow(tmp_path):
+    """A teach killed right after its exchange leaves the version taught from (its only copy) under its staging
+    name. The next teach kept it, as the version its bundle was taught from; the teach after that removed it, and
+    --rollback could no longer get back to it. Now a later teach moves it into BUNDLE.versions, and rolling back
+    reaches it after two more teaches."""
+    from calibration.teach import rollback
+
+    path = make(tmp_path / "b")
+    first = load_bundle(path).model_id
+    # Which call, and which of its calls, comes right after the exchange: the rename of the old version to
+    # b.versions, where teach is killed.
+    copy(path, tmp_path / "counted")
+    trace = tmp_path / "counted.trace"
+    counted = subprocess.run(
+        [strace(), "-f", "-o", str(trace), "-e", f"trace={RENAMES}", sys.executable, "-c", TEACH_RECORDED]
+        + [str(tmp_path / "counted")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert counted.returncode == 0, counted.stderr
+    calls = [m for line in trace.read_text().splitlines() if (m := re.match(r"^\d+\s+(\w+)\(", line))]
+    exchanges = [i for i, m in enumerate(calls) if "RENAME_EXCHANGE" in m.string]
+    if not exchanges:
+        pytest.skip("this kernel or file system cannot swap two directories in one step")
+    after = calls[exchanges[0] + 1].group(1)
+    nth = [m.group(1) for m in calls[: exchanges[0] + 2]].count(after)
+    killed = child(TEACH_RECORDED, path, "-f", "-e", f"inject={after}:signal=SIGKILL:when={nth}")
+    assert killed.returncode != 0, killed.stderr
+    (staged,) = tmp_path.glob(".b.teach-*")
+    assert load_bundle(staged).model_id == first and not list((tmp_path / "b.versions").glob("*"))
+
+    aged(staged)
+    for _ in range(2):
+        taught = child(TEACH_RECORDED, path)
+        assert taught.returncode == 0, taught.stderr
+    assert not list(tmp_path.glob(".b.teach-*"))
+    assert load_bundle(tmp_path / "b.versions" / "v1").model_id == first
+    versions = [bundle_version(rollback(path, out=io.StringIO())) for _ in range(3)]
+    assert versions == [3, 2, 1] and load_bundle(path).model_id == first
+
+
+LOCKED = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_staged_copy_of_a_teach_in_another_pid_namespace_is_left_alone(tmp_path):
+    """A teach in a container sees no process with another namespace's teach's PID, and once removed that teach's
+    staged copy while it was still being written or swapped. Now a copy is removed only once it has not changed for
+    STAGING_MARGIN_S and no process holds its lock (a swap holds it on the version its exchange put there)."""
+    path = make(tmp_path / "b")
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode:
+        pytest.skip("no PID namespace for this user (unshare --pid)")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = None
+    try:
+        writing = make(tmp_path / f".b.teach-{live.pid}", seed=1)  # another namespace's teach, writing its copy
+        swapping = aged(make(tmp_path / f".b.teach-{dead_pid()}", seed=2))  # ... and one swapping its copy
+        holder = subprocess.Popen(
+            [sys.executable, "-c", LOCKED, str(swapping)], stdout=subprocess.PIPE, text=True, cwd=REPO
+        )
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        in_container = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", TEACH_RECORDED, str(path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert in_container.returncode == 0, in_container.stderr
+        assert notes(in_container.stderr) == [] and load_bundle(writing).model_id and load_bundle(swapping).model_id
+    finally:
+        for process in (live, holder):
+            if process is not None:
+                process.kill()
+                process.wait()
+    # Its teach gone and its lock released, the copy long unchanged is removed.
+    taught = child(TEACH_RECORDED, path)
+    assert taught.returncode == 0, taught.stderr
+    assert not swapping.exists() and notes(taught.stderr) == [
+        f"inspectd teach: note: removed 1 staged version(s) left by teaches that were killed: {swapping}"
+    ]

@@ -29,6 +29,7 @@ from calibration.calibrate import (
     threshold_for_false_reject,
 )
 from engines.bundle import thresholds as thresholds_doc
+from engines.bundle.format import describe_score_share
 from engines.training.metrics import PixelHistograms
 from inspectd.cli import main
 from ports import free_port
@@ -763,10 +764,33 @@ def test_a_threshold_that_rejects_most_good_frames_is_warned_of_whatever_the_tar
     assert "rejects 40 of 40 good frames (rate 1)" in observed["warning"]
 
 
-def test_a_pixel_threshold_above_the_image_one_on_a_max_scored_model_is_warned_of(tmp_path, capsys):
-    """The grey model's score is its map's maximum: a frame scored between the image threshold and a higher pixel
-    threshold is a defect with no region. The document's pixel threshold 0.5 stays above a calibrated image one."""
+def mean_pooled(bundle: Path) -> Path:
+    """Grey bundle `bundle` rewritten to score an image by its map's mean (score_share 1, as recipe field), the
+    graph's ReduceMax made a ReduceMean."""
+    import onnx
+
+    from engines.bundle.store import load_bundle, write_bundle
+    from station_model import grey_graph
+
+    graph = onnx.load_from_string(grey_graph())
+    (pool,) = [node for node in graph.graph.node if node.op_type == "ReduceMax"]
+    pool.op_type = "ReduceMean"
+    grey = load_bundle(bundle)
+    fields = {k: grey.manifest[k] for k in ("method", "backbone", "input", "scorer_inputs")}
+    fields["architecture"] = {"score_share": 1.0}
+    write_bundle(bundle, fields, graph.SerializeToString(), grey.scorer_params(), grey.weights(), grey.thresholds())
+    assert describe_score_share(load_bundle(bundle).recipe["score_share"]) == "mean"
+    return bundle
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+def test_a_pixel_threshold_above_the_image_one_is_warned_of_whatever_the_pooling(tmp_path, capsys, pooling):
+    """A frame scored between the image threshold and a higher pixel threshold can be a defect with no region: its
+    score is at most its map's maximum, whatever the pooling. The document's pixel threshold 0.5 stays above a
+    calibrated image one. Once warned of only for a model scored by its map's maximum."""
     bundle, good, _ = grey_station(tmp_path, n_good=60)
+    if pooling == "mean":
+        mean_pooled(bundle)
     code, out, err = calibrate(capsys, bundle, "--good", good)
     assert code == 0, err
     written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
@@ -774,10 +798,11 @@ def test_a_pixel_threshold_above_the_image_one_on_a_max_scored_model_is_warned_o
     assert image < 0.5 == written.pixel_threshold
     warning = [line for line in out.splitlines() if "no region" in line]
     assert warning == [
-        f"WARNING: the pixel threshold 0.5 is above the image threshold {image:.6g}, and this model's image score is "
-        f"its map's maximum: frames scored from {image:.6g} to below 0.5 are defects with no region (an empty mask)"
+        f"WARNING: the pixel threshold 0.5 is above the image threshold {image:.6g}, and an image score is at most "
+        f"its map's maximum: frames scored from {image:.6g} to below 0.5 can be defects with no region (an empty "
+        "mask)"
     ], out
-    assert "are defects with no region" in written.provenance["observed"]["warning"]
+    assert "can be defects with no region" in written.provenance["observed"]["warning"]
 
     # One camera's override is checked against the pixel threshold in force for it: the document's.
     code, out, err = calibrate(capsys, bundle, "--good", good, "--camera", "cam1")
@@ -785,6 +810,11 @@ def test_a_pixel_threshold_above_the_image_one_on_a_max_scored_model_is_warned_o
     assert "WARNING: camera cam1's pixel threshold 0.5 is above the image threshold" in out, out
     written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
     assert "no region" in written.provenance[thresholds_doc.PER_CAMERA_TARGET]["cam1"]["observed"]["warning"]
+
+    # A pixel threshold at or below the image one leaves every defect a region: warned of only when above it.
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--pixel", "--pixel-fpr", "0.2")
+    written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
+    assert code == 0 and ("no region" in out) == (written.pixel_threshold > written.image_threshold), out
 
 
 def test_pixel_fpr_without_pixel_is_refused_and_one_masks_leave_unused_is_noted(tmp_path, capsys):

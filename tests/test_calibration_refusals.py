@@ -466,9 +466,11 @@ class TakesThresholds(StatusOnly):
         return {"thresholds_version": doc["version"]}
 
 
-def test_apply_of_a_threshold_that_rejects_most_good_frames_writes_it_and_does_not_apply_it(tmp_path, capsys):
+def test_apply_of_a_threshold_that_rejects_most_good_frames_neither_writes_nor_applies_it(tmp_path, capsys):
     """Copies of the good frames given as --defective: --max-f1 picks the lowest score, which rejects every good
-    frame. Applied, the line would reject every part: the version is written, not sent, and calibrate exits 1."""
+    frame. Applied, the line would reject every part. Once it was not sent but written into the daemon's bundle, so
+    the daemon's next reload or restart put it in service: now nothing is written, calibrate exits 1, and the one
+    line says how to write it deliberately; run that way, it is written with its WARNING."""
     import cv2
 
     from inspectd.cli import main
@@ -476,6 +478,7 @@ def test_apply_of_a_threshold_that_rejects_most_good_frames_writes_it_and_does_n
     from station_model import good_frame, write_grey_bundle
 
     bundle = write_grey_bundle(tmp_path / "grey")
+    before = (bundle / "thresholds.json").read_bytes()
     good = tmp_path / "good"
     good.mkdir()
     for i in range(30):
@@ -488,21 +491,23 @@ def test_apply_of_a_threshold_that_rejects_most_good_frames_writes_it_and_does_n
     daemon = TakesThresholds(load_bundle(bundle).model_id)
     server = ControlServer(endpoint, daemon)
     server.start()
+    flags = ["calibrate", str(bundle), "--good", str(good), "--defective", str(copies), "--max-f1"]
     try:
-        code = main(
-            ["calibrate", str(bundle), "--good", str(good), "--defective", str(copies), "--max-f1", "--apply", endpoint]
-        )
+        code = main([*flags, "--apply", endpoint])
     finally:
         server.stop()
     captured = capsys.readouterr()
     assert code == 1, captured.err
     assert daemon.taken == []
-    written = load_bundle(bundle).thresholds()
-    assert written.version == 2 and "rejects 30 of 30 good frames" in written.provenance["observed"]["warning"]
-    assert "WARNING: image threshold " in captured.out and "wrote thresholds version 2" in captured.out
+    assert (bundle / "thresholds.json").read_bytes() == before
+    assert "WARNING: image threshold " in captured.out and "wrote thresholds version" not in captured.out
     lines = [line for line in captured.err.splitlines() if "images scored" not in line]
     assert lines == [
-        f"inspectd calibrate: --apply {endpoint}: version 2 not applied: its image threshold rejects most good "
-        f"frames; once checked, apply it with `inspectd ctl --endpoint {endpoint} set-thresholds "
-        f"{bundle / 'thresholds.json'}`"
+        f"inspectd calibrate: --apply {endpoint}: version 2 not written, not applied: its image threshold rejects "
+        "most good frames; to put it in service deliberately, run this calibrate again without --apply (it writes "
+        f"the version with its WARNING), then `inspectd ctl --endpoint {endpoint} reload`"
     ], lines
+
+    assert main(flags) == 0
+    written = load_bundle(bundle).thresholds()
+    assert written.version == 2 and "rejects 30 of 30 good frames" in written.provenance["observed"]["warning"]

@@ -525,6 +525,16 @@ def pid_gone(pid: int) -> bool:
     return False
 
 
+def manifest_of(path: Path) -> dict[str, Any] | None:
+    """The manifest of bundle directory `path` as written, unverified (what it says it holds, read without hashing
+    its files, which load_bundle does); None where it has none that parses as one."""
+    try:
+        manifest = _read_manifest(Path(path) / MANIFEST)
+    except BundleError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def _supersedes(member: Path, on_disk: str | None, data: bytes) -> bool:
     """Whether thresholds document `data` may replace the document on disk (sha256 `on_disk`) that the writer did not
     load: it is of a higher version, so its number names no other document, and its history, where it names the
