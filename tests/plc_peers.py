@@ -101,7 +101,9 @@ class Memory:
     without a PLC: its id's width, its inspection id, ack, heartbeat, alarm bit and alarm_reset; every status written
     (`statuses`), every inspection id written (`handed`: what the PLC was handed, in order) and the heartbeats written
     (`beats`). While `acking`, the PLC program echoes the inspection id written into ack (at the next read of it);
-    otherwise ack keeps what it holds (0 on a fresh PLC, or what the bridge wrote), as a real PLC's register does."""
+    otherwise ack keeps what it holds (0 on a fresh PLC, or what the bridge wrote), as a real PLC's register does.
+    With `compares_ack` (and `acking`) the echo follows the program docs/PLC.md outlines instead: IF result_valid AND
+    inspection_id <> ack THEN act; ack := inspection_id, each id it acted on listed in `acted`."""
 
     def __init__(
         self, modulus: int = ID_MODULUS, inspection_id: int = 0, heartbeat: int = 0, alarm: int = 0, ack: int = 0
@@ -118,10 +120,17 @@ class Memory:
         self.handed: list[int] = []
         self.beats = 0
         self.acking = True
+        self.compares_ack = False
+        self.acted: list[int] = []
 
     async def read(self, name: str) -> int:
         if name == "ack" and self.acking:
-            self.values["ack"] = self.values["inspection_id"] % self.id_modulus
+            held = self.values["inspection_id"] % self.id_modulus
+            if not self.compares_ack:
+                self.values["ack"] = held
+            elif self.statuses and "result_valid" in self.status and held != self.values["ack"]:
+                self.acted.append(held)
+                self.values["ack"] = held
         return self.values[name]
 
     async def write(self, fields: dict, last: str | None = None) -> None:

@@ -48,7 +48,10 @@ logging.getLogger("pymodbus").setLevel(logging.WARNING)  # it traces every packe
 class Plc:
     """A pymodbus TCP server on 127.0.0.1 (the PLC's memory) plus the PLC program that acknowledges results."""
 
-    def __init__(self) -> None:
+    def __init__(self, compares_ack: bool = False) -> None:
+        # compares_ack: the program docs/PLC.md outlines, which takes a result whose id differs from its own ack
+        # register (not from a last id it keeps, which a cold start would leave at the daemon's first seq of 0).
+        self.compares_ack = compares_ack
         self.port = free_port()
         self._serve()
         self.client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=2)
@@ -127,7 +130,8 @@ class Plc:
                 return
             status = regs[REG["status"]]
             inspection_id = regs[REG["inspection_id"]] << 16 | regs[REG["inspection_id"] + 1]
-            if status & BIT["result_valid"] and inspection_id != last and self.acking.is_set():
+            consumed = regs[REG["ack"]] << 16 | regs[REG["ack"] + 1] if self.compares_ack else last
+            if status & BIT["result_valid"] and inspection_id != consumed and self.acking.is_set():
                 self.received.append(
                     {
                         "id": inspection_id,
@@ -751,7 +755,7 @@ def test_bridge_config_errors_name_the_key():
         ({"camera": ""}, "bridge.camera: expected a camera id"),
         ({"camera": "cam 0"}, "bridge.camera: expected a camera id ([a-zA-Z0-9_-]+), got 'cam 0'"),
         ({"score_scale": 1e7}, "bridge.score_scale: expected at most 1000000"),
-        ({"request_timeout_ms": 5000}, "bridge.request_timeout_ms: expected at most 2000"),
+        ({"request_timeout_ms": 5000}, "bridge.request_timeout_ms: expected at most 1000"),
     ]
     for raw, message in cases:
         with pytest.raises(ConfigError) as err:
@@ -865,6 +869,32 @@ def test_seq_0_on_a_fresh_plc_that_does_not_ack_is_a_missed_ack_not_an_ack(plc, 
     stopped = events["bridge_stopped"]
     assert (stopped["written"], stopped["acked"], stopped["missed_acks"]) == (2, 1, 1), stopped
     assert json.loads((state / "acked.json").read_text())["acked"] == {CAMERA: 1}
+
+
+def test_a_plc_program_comparing_the_id_with_its_own_ack_takes_seq_0_of_a_fresh_daemon_and_plc(daemon, tmp_path):
+    """The program docs/PLC.md outlines: IF result_valid AND inspection_id <> ack THEN act; ack := inspection_id. A
+    fresh PLC's ack is 0, and so is a fresh daemon's first seq: the bridge sets ack to the id before (0xFFFFFFFF)
+    ahead of writing seq 0, so the program takes seq 0 like the others, with no missed ack and no alarm."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 3000\npoll_ms: 5\nheartbeat_ms: 100\n")
+    plc = Plc(compares_ack=True)
+    try:
+        bridge = Bridge(daemon, plc, config)
+        try:
+            assert plc.field("ack") == 0 and plc.field("inspection_id") == 0
+            for seq in (0, 1, 2):
+                daemon.result(seq)
+            wait(lambda: [r["id"] for r in plc.received] == [0, 1, 2], 10, "the program to take seqs 0, 1 and 2")
+            wait(lambda: not plc.field("status") & BIT["result_valid"], 5, "result_valid to fall after the last ack")
+            assert not plc.field("status") & BIT["alarm"]
+            assert (plc.field("missed_acks"), plc.field("sequence_gaps"), plc.field("ack")) == (0, 0, 2)
+        finally:
+            events = bridge.stop()
+    finally:
+        plc.close()
+    stopped = events["bridge_stopped"]
+    assert (stopped["written"], stopped["acked"], stopped["missed_acks"]) == (3, 3, 0), stopped
+    assert "ack_missed" not in events, events
 
 
 def test_a_status_whose_healthy_is_not_literally_true_counts_as_unhealthy(plc, daemon, bridge_config):
@@ -2097,6 +2127,39 @@ def test_the_bridges_stop_wait_leaves_time_to_drop_the_flags_before_the_units_ki
     timeout_stop = unit_settings(unit)["TimeoutStopSec"][-1]
     assert timeout_stop.isdigit(), f"{unit}: TimeoutStopSec={timeout_stop}, expected whole seconds"
     assert STOP_WAIT_S + 2 <= int(timeout_stop), "the capped wait leaves no time to drop the flags before the kill"
+
+
+def test_a_modbus_request_that_times_out_ends_within_the_2_s_the_stop_leaves():
+    """pymodbus sends a request that got no answer twice (retries=1), each try waiting the whole request_timeout_ms.
+    At the longest timeout the config takes, a PLC that accepts the connection and never answers (a CPU in STOP, a
+    gateway whose device is gone) must still end the request within the 2 s the stop leaves after its ack wait, or
+    the unit's kill comes before the flags are dropped."""
+    import argparse
+
+    from inspectd.clients.handshake import PlcError
+    from inspectd.clients.plc import connect
+
+    with pytest.raises(ConfigError) as refused:
+        parse_bridge_config({"request_timeout_ms": 1001})
+    assert str(refused.value) == "bridge.request_timeout_ms: expected at most 1000, got 1001"
+    config = parse_bridge_config({"request_timeout_ms": 1000})
+
+    async def silent_plc() -> tuple[float, str]:
+        port = free_port()
+        listener = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", port)
+        link = await connect(config, argparse.Namespace(plc=f"127.0.0.1:{port}", unit=None))
+        try:
+            start = time.monotonic()
+            with pytest.raises(PlcError) as failed:
+                await link.target.read("ack")
+            return time.monotonic() - start, str(failed.value)
+        finally:
+            await link.close()
+            listener.close()
+
+    took, message = asyncio.run(silent_plc())
+    assert took <= 2.0 + 0.3, f"a request that timed out took {took:.2f} s"
+    assert message.startswith(f"PLC read of ack (register {REG['ack']}): "), message
 
 
 def test_a_stop_with_a_long_ack_timeout_drops_the_flags_within_the_units_stop_timeout(plc, daemon, tmp_path):

@@ -882,6 +882,7 @@ class PlcServer:
         lacks: tuple[str, ...] = (),
         types: dict[str, str] = PLC_TYPES,
         holds: dict | None = None,
+        read_only: tuple[str, ...] = (),
     ) -> None:
         self.types = types
         self.url = f"opc.tcp://127.0.0.1:{port}/plc/"
@@ -920,7 +921,8 @@ class PlcServer:
                 if held is not None:  # a value of another type than the variable declares (the server lets it be)
                     declared = ua.NodeId(getattr(ua.ObjectIds, kind))
                     node.write_attribute(ua.AttributeIds.DataType, ua.DataValue(ua.Variant(declared)))
-                node.set_writable()
+                # read_only: the PLC program's own outputs, which a PLC may keep from OPC UA clients' writes
+                node.set_writable(name not in read_only)
                 self.nodes[(camera, name)] = node
         self.server.start()
         LIVE_PLC_SERVERS.append(self)
@@ -1061,6 +1063,25 @@ def test_client_mode_refuses_a_variable_whose_data_type_does_not_fit_its_role(da
     from inspectd.clients.opcua import ROLE_KINDS
 
     assert ROLE_KINDS.keys() == NAMES.keys()  # every variable has its data types
+
+
+def test_client_mode_refuses_a_variable_its_session_may_not_write_before_writing_anything(daemon, tmp_path):
+    """Ack and AlarmReset are the PLC program's outputs, which a PLC may keep read-only to OPC UA clients, but the
+    bridge writes them too: Ack to reset one left equal to the next id (seq 0 on a fresh PLC), AlarmReset back to
+    false. Found only then, the refusal would end the bridge with that result unwritten and in no count (the PLC's
+    InspectionId never held it). It is refused at start, in one line, as a variable of a wrong type is."""
+    config = str(write_config(tmp_path, "mode: client\n"))
+    for name in ("ack", "alarm_reset", "score"):
+        plc = PlcServer(free_port(), read_only=(name,))
+        try:
+            proc = run_bridge(daemon, ["--config", config, "--opcua", plc.url])
+            untouched = not plc.read(CAMERA, "trigger_ready") and plc.read("cam1", "heartbeat") == 0
+        finally:
+            plc.stop()
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        where = f"{node_id(2, CAMERA, name)} ({CAMERA} {VAR[name]})"
+        assert f"{where}: user access level CurrentRead, expected CurrentWrite" in proc.stderr, (name, proc.stderr)
+        assert "Traceback" not in proc.stdout + proc.stderr and untouched, proc.stdout
 
 
 def test_client_mode_says_in_one_line_when_a_plc_value_is_no_integer(daemon, tmp_path):
@@ -1405,6 +1426,8 @@ def test_config_errors_name_the_key_and_the_cli_says_one_line(tmp_path, daemon):
         with pytest.raises(ConfigError) as err:
             parse_opcua_config(raw)
         assert message in str(err.value), (raw, str(err.value))
+    # asyncua sends a request once, so a timeout of 2000 ends within the stop's 2 s (Modbus, which retries, takes 1000)
+    assert parse_opcua_config({"request_timeout_ms": 2000}).request_timeout_ms == 2000
     bad_state = tmp_path / "bad-state.json"
     bad_state.write_text(json.dumps({CAMERA: {"inspection_id": "12x"}}))
     bad_alarm = tmp_path / "bad-alarm.json"

@@ -620,6 +620,23 @@ def test_seq_0_is_acked_by_the_plcs_echo_not_by_the_0_a_fresh_plc_holds(acking):
     assert ack == (0 if acking else ID_MODULUS - 1)
 
 
+@pytest.mark.parametrize("modulus", [ID_MODULUS, 1 << 31, 1 << 15])
+def test_a_plc_program_comparing_the_id_with_its_ack_takes_seq_0_of_a_fresh_daemon_and_plc(modulus):
+    """docs/PLC.md's program acts on a result whose id differs from its own ack. A fresh PLC's ack is 0, and so is a
+    fresh daemon's first seq: the bridge sets ack to the id before, in the id's width (0xFFFFFFFF for a full-width id,
+    the top of a DInt or an Int), so the program takes seq 0 like the others, with no missed ack and no alarm."""
+
+    async def fresh() -> tuple[list[int], int, int, bool]:
+        plc = Memory(modulus)
+        plc.compares_ack = True
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=200, poll_ms=1), "cam0")
+        await handshake.start()
+        await hand_over(handshake, result(0), result(1), result(2))
+        return plc.acted, handshake.counters.acked, handshake.counters.missed_acks, handshake.alarm
+
+    assert asyncio.run(fresh()) == ([0, 1, 2], 3, 0, False)
+
+
 def test_no_status_write_lands_between_the_runs_of_a_hand_overs_result_write():
     """A target that writes the result's data and its status in separate requests (a scattered Modbus map, OPC UA's
     data and flag requests) raises result_valid last, on complete data: a heartbeat's status write between them would

@@ -84,10 +84,10 @@ STATUS_FLAGS = (
 )
 Status = frozenset  # the raised STATUS_FLAGS
 ID_MODULUS = 1 << 32  # inspection ids are written as 32-bit values unless a target holds fewer bits
-# Longest request_timeout_ms a protocol's config takes: the stop leaves 2 s after its ack wait (TimeoutStopSec=10,
-# STOP_WAIT_S=8) to drop the flags, and one request timing out must fit in it, or the service manager's kill leaves
-# result_valid and trigger_ready up.
-MAX_REQUEST_TIMEOUT_MS = 2000.0
+# What the stop leaves after its ack wait (TimeoutStopSec=10, STOP_WAIT_S=8) to drop the flags: one request to the PLC
+# that times out, with every retry its protocol client makes, must end within it, or the service manager's kill
+# leaves result_valid and trigger_ready up. Each protocol bounds its request_timeout_ms by it.
+STOP_REQUEST_BUDGET_MS = 2000.0
 
 
 def daemon_camera_state(status: dict[str, Any], camera: str | None) -> str | None:

@@ -45,7 +45,7 @@ import structlog
 from pydantic import Field, Strict, model_validator
 
 from engines.schema import Int, Number, Text, declared, invalid
-from inspectd.clients.handshake import MAX_REQUEST_TIMEOUT_MS, STATUS_FLAGS, HandshakeSettings, PlcError
+from inspectd.clients.handshake import STATUS_FLAGS, STOP_REQUEST_BUDGET_MS, HandshakeSettings, PlcError
 from inspectd.clients.opcua_cache import init_server
 from inspectd.configfile import CameraId, parse, read_yaml
 from inspectd.durable import hold_lock, replace_file
@@ -71,12 +71,19 @@ NAMES = {
     **{flag: ("".join(part.title() for part in flag.split("_")), "Boolean") for flag in STATUS_FLAGS},
 }
 WRITTEN_BY_PLC = ("ack", "alarm_reset")
+# Client mode: why the bridge writes a variable that the PLC program writes too (so a PLC may have made it read-only).
+WRITE_REASONS = {
+    "ack": " (the bridge resets an Ack left equal to the next InspectionId, so only the PLC's echo acks it)",
+    "alarm_reset": " (the bridge writes it back to false after a reset)",
+}
 # Client mode: variables a PLC program written before they existed may lack; the bridge then leaves them out.
 OPTIONAL_IN_PLC = ("false_reject_warning",)
 DEFAULT_NAMESPACE = "urn:inspectd:bridge"
 DEFAULT_NODE_ID = "ns=2;s={camera}.{name}"
 U32 = 0xFFFFFFFF
 FLOAT_MAX = 3.4028234e38  # the largest finite float32: a PLC's Real (an OPC UA Float)
+# asyncua sends a request once (no retry): one that times out ends after one request_timeout_ms.
+MAX_REQUEST_TIMEOUT_MS = STOP_REQUEST_BUDGET_MS
 
 
 @declared
@@ -506,8 +513,25 @@ class ClientTarget:
                 raise PlcError(
                     f"PLC node {text} ({self.camera} {NAMES[name][0]}): data type {kind.name}, expected {expected}"
                 )
+            await self._check_writable(node, text, name)
             self.nodes[name] = node
             self.kinds[name] = kind.name
+
+    async def _check_writable(self, node: Any, text: str, name: str) -> None:
+        """Refuse a variable this session may not write. The bridge writes every one of them, but some only now and
+        then (Ack at a stale ack, AlarmReset after a reset, the data at the first result): a refusal then would end
+        the bridge with that result unwritten, and the restart would not count it."""
+        where = f"PLC node {text} ({self.camera} {NAMES[name][0]})"
+        try:
+            levels = await node.get_user_access_level()
+        except Exception as exc:
+            raise PlcError(f"{where}: user access level unreadable ({one_line(exc)})") from exc
+        if self.link.ua.AccessLevel.CurrentWrite not in levels:
+            shown = "|".join(sorted(level.name for level in levels)) or "none"
+            raise PlcError(
+                f"{where}: user access level {shown}, expected CurrentWrite for the bridge's session"
+                f"{WRITE_REASONS.get(name, '')}"
+            )
 
     @property
     def id_modulus(self) -> int:

@@ -32,7 +32,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, field_validator
 
 from engines.schema import Int, Number, declared, invalid, refuse, show
-from inspectd.clients.handshake import MAX_REQUEST_TIMEOUT_MS, STATUS_FLAGS, HandshakeSettings, PlcError
+from inspectd.clients.handshake import STATUS_FLAGS, STOP_REQUEST_BUDGET_MS, HandshakeSettings, PlcError
 from inspectd.configfile import CameraId, parse, read_yaml
 from inspectd.errors import ConfigError
 
@@ -57,6 +57,10 @@ DEFAULT_BITS = {name: i for i, name in enumerate(STATUS_FLAGS)}
 U16 = 0xFFFF
 # Past this a score of 0.07 already fills the register: no score resolution is left to scale for.
 MAX_SCORE_SCALE = 1e6
+# pymodbus sends a request that got no answer once more (one lost frame is not a PLC gone), so a request that times
+# out takes RETRIES + 1 timeouts, and all of them must fit in the stop's budget.
+RETRIES = 1
+MAX_REQUEST_TIMEOUT_MS = STOP_REQUEST_BUDGET_MS / (RETRIES + 1)
 
 
 def _over(defaults: dict[str, int]) -> BeforeValidator:
@@ -263,7 +267,7 @@ async def connect(config: BridgeConfig, args: argparse.Namespace) -> ModbusLink:
     # No reconnecting behind the bridge's back: a PLC that restarted (its registers maybe reset) must end the bridge,
     # so that the service manager's restart runs the restart rule and writes the status word again.
     client = AsyncModbusTcpClient(
-        host, port=port, timeout=config.request_timeout_ms / 1000, retries=1, reconnect_delay=0
+        host, port=port, timeout=config.request_timeout_ms / 1000, retries=RETRIES, reconnect_delay=0
     )
     if not await client.connect():
         raise PlcError(f"PLC {host}:{port}: cannot connect (is it reachable, is Modbus TCP enabled?)")
