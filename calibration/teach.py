@@ -1072,13 +1072,13 @@ def remove_dead_staging(beside: Path, record: dict[str, Any] | None) -> None:
             if try_lock(fd) is False or time.time() - os.fstat(fd).st_mtime < STAGING_MARGIN_S:
                 continue
             manifest = manifest_of(candidate) or {}
-            model = manifest.get("model_id")
-            if model not in kept_as:
+            model, version = manifest.get("model_id"), manifest.get("bundle_version", 1)
+            key = (model, version) if (model, version) in kept_as else (model, None)
+            if key not in kept_as:
                 shutil.rmtree(candidate, ignore_errors=True)
                 removed.append(candidate)
                 continue
-            version = manifest.get("bundle_version", 1)
-            destination = versions / (kept_as[model] or f"v{version}")
+            destination = versions / (kept_as[key] or f"v{version}")
             held = f"it holds version {version} ({model}), which was in service"
             if destination.exists() or destination.is_symlink():
                 print(
@@ -1114,21 +1114,31 @@ def remove_dead_staging(beside: Path, record: dict[str, Any] | None) -> None:
         )
 
 
-def _kept_names(beside: Path, versions: Path, record: dict[str, Any] | None) -> dict[str, str | None]:
-    """Every model that was in service by the records beside `beside`: BUNDLE's lineage and that of each version in
-    `versions`, each with the name in `versions` a teach record gives it (previous_in_versions, else
-    v<previous_version>, as --rollback reads it), None where no record names where it was kept."""
+def _kept_names(
+    beside: Path, versions: Path, record: dict[str, Any] | None
+) -> dict[tuple[str, int | None], str | None]:
+    """Every version that was in service by the records beside `beside`, as (model, bundle_version): each a teach
+    record names as the one it was taught from (previous_model_id, previous_version), with the name in `versions`
+    that record gives it (previous_in_versions, else v<previous_version>, as --rollback reads it). A model of
+    BUNDLE's or a kept version's lineage that no record names with its version counts as (model, None): any version
+    of it. By model alone, a re-teach on the same frames (the same parameters, the same model id) that was killed
+    before its swap would pass for the version it was taught from."""
     from engines.bundle.store import manifest_of
 
     kept = [versions / name for name in sorted(os.listdir(versions))] if versions.is_dir() else []
     manifests = [m for m in map(manifest_of, (beside, *kept)) if m is not None and isinstance(m.get("model_id"), str)]
-    named: dict[str, str | None] = {}
-    for manifest in manifests:
-        named.update({model: None for model in lineage_of(manifest) if model not in named})
+    named: dict[tuple[str, int | None], str | None] = {}
     for taught in [record, *(m.get("teach") for m in manifests)]:
         if isinstance(taught, dict) and isinstance(previous := taught.get("previous_model_id"), str):
-            name = taught.get("previous_in_versions") or f"v{taught.get('previous_version')}"
-            named[previous] = named.get(previous) or str(name)
+            version = taught.get("previous_version")
+            version = version if isinstance(version, int) and not isinstance(version, bool) else None
+            key = (previous, version)
+            named[key] = named.get(key) or str(taught.get("previous_in_versions") or f"v{version}")
+    versioned = {model for model, version in named if version is not None}
+    for manifest in manifests:
+        for model in lineage_of(manifest)[1:]:  # its ancestors; the version itself is in service where it lies
+            if model not in versioned:
+                named.setdefault((model, None), None)
     return named
 
 

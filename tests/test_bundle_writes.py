@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -1070,3 +1071,26 @@ def test_a_staged_copy_of_a_teach_in_another_pid_namespace_is_left_alone(tmp_pat
     assert not swapping.exists() and notes(taught.stderr) == [
         f"inspectd teach: note: removed 1 staged version(s) left by teaches that were killed: {swapping}"
     ]
+
+
+def test_a_killed_re_teach_on_the_same_frames_is_removed_not_kept_as_the_version_it_was_taught_from(tmp_path):
+    """Teaching again on the same frames gives the same parameters, so the same model id: a re-teach killed before
+    its swap left a staged copy of the current model under a newer version number, which never went into service.
+    Matched on the model id alone it passed for a version that was in service and moved into BUNDLE.versions for
+    good; matched on model and version it is removed."""
+    path = make(tmp_path / "b")
+    assert child(TEACH_RECORDED, path).returncode == 0
+    current = load_bundle(path)
+    staged = tmp_path / f".b.teach-{dead_pid()}"
+    shutil.copytree(path, staged)
+    manifest = json.loads((staged / "manifest.json").read_text())
+    manifest["bundle_version"] = current.manifest["bundle_version"] + 1
+    (staged / "manifest.json").write_text(json.dumps(manifest))
+    aged(staged)
+    taught = child(TEACH_RECORDED, path)
+    assert taught.returncode == 0, taught.stderr
+    assert not staged.exists()
+    assert notes(taught.stderr) == [
+        f"inspectd teach: note: removed 1 staged version(s) left by teaches that were killed: {staged}"
+    ], taught.stderr
+    assert sorted(p.name for p in (tmp_path / "b.versions").iterdir()) == ["v1", "v2"]

@@ -482,3 +482,38 @@ def test_auto_with_one_held_out_share_fits_the_bundle_on_every_image(tmp_path):
     if recipe["scorer"] == "memory":
         per_image = (64 // recipe["taps"][0]) ** 2
         assert training["memory_size"] == 60 * per_image, (training["memory_size"], recipe)
+
+
+def test_auto_stopped_in_its_refit_on_every_image_keeps_the_fold_fit_its_thresholds_were_set_on(tmp_path, monkeypatch):
+    """Ctrl-C in the refit on every image (after the selection) writes the fold's whole fit, the one the thresholds
+    were set on, not a scorer of the few images read so far judged by those thresholds."""
+    from engines.model.graph import InferenceGraph
+    from engines.training import train as train_module
+
+    data = make_tiny_mvtec(tmp_path / "data", n_train=60, n_test_good=0, n_test_defect=0)
+    selected: list = []
+    interrupted: list = []
+    real_select, real_embed = train_module.select_recipe, InferenceGraph.embed
+
+    def select_then_mark(*args, **kwargs):
+        selection = real_select(*args, **kwargs)
+        selected.append(selection)
+        return selection
+
+    def embed(self, pixels):
+        if selected and not interrupted:  # the refit's first batch: the signal lands, once
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real_embed(self, pixels)
+
+    monkeypatch.setattr(train_module, "select_recipe", select_then_mark)
+    monkeypatch.setattr(InferenceGraph, "embed", embed)
+    result = train_bundle(data, tmp_path / "b", recipe="auto", size=(64, 64), progress=QUIET, report=lambda _: None)
+    bundle = load_bundle(result.bundle)
+    training = bundle.manifest["training"]
+    assert result.interrupted and bundle.manifest["interrupted"] is True
+    assert (training["n_fit"], training["n_scorer_fit"], training["fit_all"]) == (36, 36, False)
+    assert not result.held_in_fit and result.n_scorer_fit == 36
+    fold_params = selected[0].chosen.params
+    for name, value in bundle.scorer_params().items():
+        np.testing.assert_array_equal(value, fold_params[name])

@@ -147,7 +147,7 @@ class Scored:
     # The copies check (step 4): AUROC of the turned clean held-out images against the unturned; None = not judged.
     copy_auroc: float | None
     # Out-of-fold scores and maps of the clean held-out images (the first thresholds), and the fitted parameters
-    # when there was one fold (reused by train instead of a refit on the same images).
+    # when there was one fold (what train keeps when it is stopped in its refit on every image).
     clean_scores: np.ndarray
     clean_maps: np.ndarray
     params: dict[str, np.ndarray] | None

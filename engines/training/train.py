@@ -3,11 +3,12 @@
 First the recipe (engines.model.recipes): by default `auto` chooses one on the images themselves
 (engines.training.select); `--recipe NAME` takes a catalogue recipe; recipe flags (--taps, --aggregation, --scorer,
 --size, ...) change the named or auto recipes, or without --recipe describe a custom one from the method's defaults.
-Then the same steps for every method (engines.model.methods): fit the images to the input size, hold some out, let
-the method train its head, compute features once, fit the scorer, score the held-out images for the first
-thresholds, export the ONNX graph, write the bundle with the recipe (and auto's table) in its manifest. Ctrl-C
-during training or feature extraction still writes a usable bundle from what exists so far, marked
-`"interrupted": true`, and exits 130.
+Then the same steps for every method (engines.model.methods): fit the images to the input size, hold some out (auto:
+its held-out images, already scored out of fold by the selection, which then also go into the fit), let the method
+train its head, compute features once, fit the scorer, score the held-out images for the first thresholds, export
+the ONNX graph, write the bundle with the recipe (and auto's table) in its manifest. Ctrl-C during training or
+feature extraction still writes a usable bundle from what exists so far (auto's with one held-out share: the fold's
+fit its thresholds were set on), marked `"interrupted": true`, and exits 130.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class TrainResult:
     recipe: Recipe
     n_reference: int  # good images whose scores are the drift alarm's reference
     held_in_fit: bool = False  # the held-out images were fitted too (auto: scored out of fold for the thresholds)
+    n_scorer_fit: int | None = None  # images the scorer was fitted on (fewer than n_fit when interrupted)
 
 
 def resolve_recipe(name: str | None, overrides: dict) -> list[Recipe]:
@@ -376,6 +378,12 @@ def train_bundle(
     params = graph.scorer.fit(features, k=chosen.k, seed=seed, memory_size=chosen.memory_size)
     del features
     n_fit, n_hold = len(fit_images), len(hold_images)
+    every_image = selection is not None
+    if selection is not None and interrupted and len(selection.folds) == 1 and selection.chosen.params is not None:
+        # Stopped in the refit on every image: the fold's fit, on which the thresholds were set, is whole; a scorer of
+        # the images read so far would be judged by thresholds set on another, larger fit.
+        fold = selection.folds[0]
+        params, n_fit, n_scored, every_image = selection.chosen.params, len(fold.fit), len(fold.fit), False
     if selection is not None:
         scores, maps, check_kind = selection.chosen.clean_scores, selection.chosen.clean_maps, "out-of-fold"
         n_hold = len(scores)
@@ -432,7 +440,7 @@ def train_bundle(
             "split": VALIDATION_FOLDS if selection is not None else SPLIT_HOLDOUT,
             # Auto's bundles are fitted on every image, its one held-out share too (n_holdout counts the images whose
             # fold scores set the thresholds); bundles before this field were fitted on the fold's fitting share.
-            "fit_all": selection is not None,
+            "fit_all": every_image,
             "holdout": float(holdout),
             **checksums,
             "epochs": epochs,
@@ -465,7 +473,8 @@ def train_bundle(
         time.monotonic() - started,
         chosen,
         int(len(scores)),
-        selection is not None,
+        every_image,
+        n_scored,
     )
 
 
@@ -638,7 +647,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("inspectd train: interrupted before anything could be written", file=sys.stderr)
         return INTERRUPTED_EXIT
-    state = " (INTERRUPTED: weights so far)" if result.interrupted else ""
+    state = ""
+    if result.interrupted:
+        state = f" (INTERRUPTED: weights so far, the scorer fitted on {result.n_scorer_fit} images)"
     print(
         f"{result.bundle}: {result.model_id}{state}, {result.n_fit} images fitted, {result.n_holdout} "
         f"{'of them scored out of fold' if result.held_in_fit else 'held out'}, "
