@@ -125,3 +125,29 @@ def test_suite_refuses_a_dataset_name_it_does_not_have_before_training_any(tmp_p
         f"inspectd eval-suite: --only tile_c: no such dataset in {root}, expected some of tile_a, tile_b"
     )
     assert not out.exists()
+
+
+def test_a_suite_stopped_by_ctrl_c_keeps_the_datasets_it_finished(tmp_path, monkeypatch):
+    """Ctrl-C in the second dataset wrote nothing (and left an earlier run's suite.md standing beside the new
+    bundles): the rows done are written, marked interrupted, and the interrupt goes on to the caller."""
+    from engines.training import train
+
+    root = tmp_path / "data"
+    for name in ("tile_a", "tile_b"):
+        make_tiny_mvtec(root / name, n_train=6, n_test_good=2, n_test_defect=2)
+    out = tmp_path / "suite"
+    out.mkdir()
+    (out / "suite.md").write_text("an earlier run's table\n")
+    real = train.train_bundle
+
+    def second_interrupted(data, *args, **kwargs):
+        if data.name == "tile_b":
+            raise KeyboardInterrupt
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_bundle", second_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_suite(root, out, "aligned", None)
+    report = json.loads((out / "suite.json").read_text())
+    assert report["interrupted"] is True and [r["dataset"] for r in report["rows"]] == ["tile_a"]
+    assert (out / "suite.md").read_text().splitlines()[2].startswith("| tile_a | aligned, score max | ")

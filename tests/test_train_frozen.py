@@ -522,3 +522,27 @@ def test_memory_bank_fit_gathers_only_its_pool_and_keeps_patches_whole():
     assert bank.shape == (64, d) and len(set(index.tolist())) == 64 and CORESET_POOL * 64 < n * h * w
     image, place = np.divmod(index, h * w)
     np.testing.assert_array_equal(bank, features[image, :, place // w, place % w])
+
+
+def test_ctrl_c_while_the_feature_graph_is_added_says_the_bundle_was_written(data, tmp_path, monkeypatch, capsys):
+    """The bundle is whole once written; a Ctrl-C while its feature graph is added said "interrupted before anything
+    could be written" beside a bundle that runs. It says what was written and how to add the graph teach needs."""
+    from engines.training import train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "add_feature_graph", interrupted)
+    out = tmp_path / "b"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = ["--data", str(data), "--out", str(out), "--recipe", "aligned", "--size", "64", "--batch", "4"]
+    assert run(parser.parse_args(args)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"inspectd train: interrupted after {out} was written, before its feature graph (features.onnx): the bundle "
+        f"runs; `inspectd export {out}` adds the graph, which `inspectd teach` needs"
+    ), err
+    bundle = load_bundle(out)
+    with open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=1) as engine:
+        assert np.isfinite(engine.infer(np.full((1, 64, 64, 1), 100, np.uint8)).scores).all()

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from engines.bundle.format import describe_augment, describe_score_share
 from engines.errors import EngineError
@@ -42,14 +43,25 @@ def datasets(root: Path, only: list[str] | None = None) -> list[Path]:
 
 
 def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None, seed: int = 0) -> dict:
+    # Imported (in _run_each) once the data root holds what was asked for: a mistyped root or name is refused in a
+    # moment, not after the seconds torch takes to load.
     found = datasets(root, only)
-    # Imported once the data root holds what was asked for: a mistyped root or name is refused in a moment, not
-    # after the seconds torch takes to load.
+    rows: list[dict] = []
+    reports: dict[str, dict] = {}
+    try:
+        _run_each(found, out, recipe, seed, rows, reports)
+    except KeyboardInterrupt:
+        # What was measured before the Ctrl-C is kept (and a suite.md of an earlier run does not pass for this one's).
+        _write(out, rows, reports, recipe, root, interrupted=True)
+        print(f"eval-suite: interrupted; {out / 'suite.md'} holds the {len(rows)} dataset(s) done", flush=True)
+        raise
+    return _write(out, rows, reports, recipe, root)
+
+
+def _run_each(found: list[Path], out: Path, recipe: str | None, seed: int, rows: list[dict], reports: dict) -> None:
     from engines.training.evaluate import evaluate
     from engines.training.train import Progress, train_bundle, training_images
 
-    rows: list[dict] = []
-    reports: dict[str, dict] = {}
     for data in found:
         print(f"== {data.name}: train ({recipe or 'default'})", flush=True)
         load = os.getloadavg()[0]
@@ -97,8 +109,16 @@ def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None,
                 **{m: overall[m] for m in METRICS},
             }
         )
-    table = {"rows": rows, "mean": mean_row(rows), "recipe": recipe or "default", "data_root": str(root)}
+
+
+def _write(
+    out: Path, rows: list[dict], reports: dict, recipe: str | None, root: Path, interrupted: bool = False
+) -> dict:
+    table: dict[str, Any] = {"rows": rows, "mean": mean_row(rows), "recipe": recipe or "default"}
+    table["data_root"] = str(root)
     table["failed"] = [r["dataset"] for r in rows if r.get("error")]
+    if interrupted:
+        table["interrupted"] = True
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps({**table, "reports": reports}, indent=2) + "\n", encoding="utf-8")
     (out / "suite.md").write_text(format_table(table) + "\n", encoding="utf-8")
@@ -153,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     except (EngineError, ValueError) as exc:
         print(f"inspectd eval-suite: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     print(format_table(table))
     print(f"{args.out}/suite.md written, {time.monotonic() - started:.0f}s")
     if table["failed"]:

@@ -82,6 +82,15 @@ RECIPE_FIELDS = (
 )
 
 
+class InterruptedAfterWrite(KeyboardInterrupt):
+    """Ctrl-C after the bundle was written, while its feature graph was added: the bundle runs, teach needs the
+    graph (`inspectd export BUNDLE` adds it)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path))
+        self.path = path
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     bundle: Path
@@ -460,7 +469,10 @@ def train_bundle(
     }
     graph_bytes = export_graph(graph, params, opset)
     path = write_bundle(out, manifest, graph_bytes, params, state_arrays(graph), thresholds)
-    add_feature_graph(load_bundle(path), graph, opset)  # what `inspectd teach` refits the scorer from
+    try:
+        add_feature_graph(load_bundle(path), graph, opset)  # what `inspectd teach` refits the scorer from
+    except KeyboardInterrupt:
+        raise InterruptedAfterWrite(path) from None
     bundle = load_bundle(path)  # what the daemon will do first: verify it
     return TrainResult(
         path,
@@ -644,6 +656,13 @@ def run(args: argparse.Namespace) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"inspectd train: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+    except InterruptedAfterWrite as stop:
+        print(
+            f"inspectd train: interrupted after {stop.path} was written, before its feature graph (features.onnx): "
+            f"the bundle runs; `inspectd export {stop.path}` adds the graph, which `inspectd teach` needs",
+            file=sys.stderr,
+        )
+        return INTERRUPTED_EXIT
     except KeyboardInterrupt:
         print("inspectd train: interrupted before anything could be written", file=sys.stderr)
         return INTERRUPTED_EXIT
