@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
-from engines.bundle.format import inspectd_version
+from engines.bundle.format import inspectd_version, scores_pool_the_map
 from engines.bundle.plans import PRECISIONS
 from inspectd.errors import InspectdError
 from inspectd.protocol.control import ControlClient, ControlTimeout, HandshakeFailed, client_for
@@ -858,7 +858,7 @@ def _calibrate(bundle, current, args, out):
         print(skipped_warning(skipped), file=out)
     image, pixel, chosen = _choose(args, scored, out)
     hold = rejects_most(scored.good, image)
-    if warning := _regionless_warning(current, args.camera, image, pixel):
+    if scores_pool_the_map(bundle.manifest) and (warning := _regionless_warning(current, args.camera, image, pixel)):
         print(warning, file=out)
         _add_warning(chosen["observed"], warning.removeprefix("WARNING: "))
     provenance = {

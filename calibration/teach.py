@@ -1043,9 +1043,10 @@ def remove_dead_staging(beside: Path, record: dict[str, Any] | None) -> None:
 
     A dead copy of a version that was in service (a teach killed between its two renames leaves the version taught
     from there) is moved into BUNDLE.versions under the name --rollback looks for it by, and kept, with a note, where
-    that name is taken. In service: its model is in BUNDLE's lineage (teach_lineage), or in that of a version kept in
-    BUNDLE.versions. Only a copy no version names, one that never switched in, is removed. `record`: the teach record
-    of the bundle loaded from `beside`'s name."""
+    that name is taken. In service: a teach record (BUNDLE's, or a kept version's) names its model and version as the
+    one it was taught from, or, where no record names that model with a version, its model is an ancestor in such a
+    lineage (_kept_names). Only a copy no version names, one that never switched in, is removed. `record`: the teach
+    record of the bundle loaded from `beside`'s name."""
     from engines.bundle.store import manifest_of
     from engines.durable import try_lock
 

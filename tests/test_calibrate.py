@@ -817,6 +817,28 @@ def test_a_pixel_threshold_above_the_image_one_is_warned_of_whatever_the_pooling
     assert code == 0 and ("no region" in out) == (written.pixel_threshold > written.image_threshold), out
 
 
+def test_no_regionless_warning_where_the_image_score_is_the_scorers_own(tmp_path, capsys):
+    """CSE's k-means scorer scores an image by its own measure (0 to 2), not a pooling of its map (thousands): its
+    pixel threshold is always far above the image one, and the warning said so at every calibration. Only scorers
+    whose image score pools the map are checked, and which those are agrees with the graph's own scorers."""
+    from engines.bundle.format import OWN_IMAGE_SCORE
+    from engines.bundle.store import load_bundle, write_bundle
+    from engines.model.graph import SCORERS
+    from station_model import grey_graph
+
+    assert OWN_IMAGE_SCORE == {kind for kind, scorer in SCORERS.items() if scorer.has_global_score}
+    bundle, good, _ = grey_station(tmp_path, n_good=60)
+    grey = load_bundle(bundle)
+    fields = {k: grey.manifest[k] for k in ("method", "backbone", "input", "scorer_inputs")}
+    fields["architecture"] = {"scorer": "kmeans"}
+    write_bundle(bundle, fields, grey_graph(), grey.scorer_params(), grey.weights(), grey.thresholds())
+    code, out, err = calibrate(capsys, bundle, "--good", good)
+    assert code == 0, err
+    written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
+    assert written.image_threshold < 0.5 == written.pixel_threshold
+    assert "no region" not in out and "no region" not in str(written.provenance["observed"]), out
+
+
 def test_pixel_fpr_without_pixel_is_refused_and_one_masks_leave_unused_is_noted(tmp_path, capsys):
     bundle, good, crack = grey_station(tmp_path, n_good=20, n_defect=10)
     code, out, err = calibrate(capsys, bundle, "--good", good, "--pixel-fpr", "0.0001")

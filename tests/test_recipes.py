@@ -484,10 +484,14 @@ def test_auto_with_one_held_out_share_fits_the_bundle_on_every_image(tmp_path):
         assert training["memory_size"] == 60 * per_image, (training["memory_size"], recipe)
 
 
-def test_auto_stopped_in_its_refit_on_every_image_keeps_the_fold_fit_its_thresholds_were_set_on(tmp_path, monkeypatch):
-    """Ctrl-C in the refit on every image (after the selection) writes the fold's whole fit, the one the thresholds
-    were set on, not a scorer of the few images read so far judged by those thresholds."""
-    from engines.model.graph import InferenceGraph
+@pytest.mark.parametrize("where", ["features", "scorer fit"])
+def test_auto_stopped_in_its_refit_on_every_image_keeps_the_fold_fit_its_thresholds_were_set_on(
+    tmp_path, monkeypatch, where
+):
+    """Ctrl-C in the refit on every image (after the selection: in its features, or in the scorer's fit) writes the
+    fold's whole fit, the one the thresholds were set on, not a scorer of the few images read so far judged by those
+    thresholds, nor nothing at all."""
+    from engines.model.graph import SCORERS, InferenceGraph
     from engines.training import train as train_module
 
     data = make_tiny_mvtec(tmp_path / "data", n_train=60, n_test_good=0, n_test_defect=0)
@@ -507,7 +511,19 @@ def test_auto_stopped_in_its_refit_on_every_image_keeps_the_fold_fit_its_thresho
         return real_embed(self, pixels)
 
     monkeypatch.setattr(train_module, "select_recipe", select_then_mark)
-    monkeypatch.setattr(InferenceGraph, "embed", embed)
+    if where == "features":
+        monkeypatch.setattr(InferenceGraph, "embed", embed)
+    else:
+        for scorer in SCORERS.values():
+            real_fit = scorer.fit
+
+            def fit(*args, _real=real_fit, **kwargs):
+                if selected and not interrupted:
+                    interrupted.append(True)
+                    raise KeyboardInterrupt
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(scorer, "fit", staticmethod(fit))
     result = train_bundle(data, tmp_path / "b", recipe="auto", size=(64, 64), progress=QUIET, report=lambda _: None)
     bundle = load_bundle(result.bundle)
     training = bundle.manifest["training"]

@@ -60,6 +60,16 @@ def aggregation_of(architecture: dict) -> int:
     return LEGACY_MEMORY_AGGREGATION if architecture.get("scorer") == "memory" else 1
 
 
+# Scorers whose image score is their own (engines.model.graph: has_global_score), not a pooling of the map: their
+# image and pixel thresholds are in different units and cannot be compared.
+OWN_IMAGE_SCORE = frozenset({"kmeans"})
+
+
+def scores_pool_the_map(manifest: dict) -> bool:
+    """Whether a bundle's image score pools its map (so it is at most the map's maximum)."""
+    return manifest.get("architecture", {}).get("scorer") not in OWN_IMAGE_SCORE
+
+
 def recipe_of(manifest: dict) -> dict:
     """The recipe a bundle was trained with: the manifest's own record, or for a bundle written before recipes were
     recorded, the same fields read back from its architecture and training sections."""

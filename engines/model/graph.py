@@ -176,7 +176,7 @@ class NearestReferenceScorer(Scorer):
     reference, summed over channels.
     """
 
-    kind = "kmeans"
+    kind = "kmeans"  # in engines.bundle.format.OWN_IMAGE_SCORE
     input_names = ("references",)
     has_global_score = True
 

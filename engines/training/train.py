@@ -384,15 +384,25 @@ def train_bundle(
     interrupted = interrupted or stopped
     # Images whose own features the scorer was fitted on (fewer when interrupted); their copies come after them.
     n_scored = min(int(features.shape[0]), len(fit_images))
-    params = graph.scorer.fit(features, k=chosen.k, seed=seed, memory_size=chosen.memory_size)
+    # Auto with one held-out share: the fold's fit, on which the thresholds were set, is whole. Stopped in the refit on
+    # every image, that is what is written: a scorer of the images read so far would be judged by thresholds set on
+    # another, larger fit.
+    fold_fit = selection.chosen.params if selection is not None and len(selection.folds) == 1 else None
+    params = None
+    if not (interrupted and fold_fit is not None):
+        try:
+            params = graph.scorer.fit(features, k=chosen.k, seed=seed, memory_size=chosen.memory_size)
+        except KeyboardInterrupt:
+            if fold_fit is None:
+                raise
+            interrupted = True
     del features
     n_fit, n_hold = len(fit_images), len(hold_images)
     every_image = selection is not None
-    if selection is not None and interrupted and len(selection.folds) == 1 and selection.chosen.params is not None:
-        # Stopped in the refit on every image: the fold's fit, on which the thresholds were set, is whole; a scorer of
-        # the images read so far would be judged by thresholds set on another, larger fit.
+    if selection is not None and interrupted and fold_fit is not None:
         fold = selection.folds[0]
-        params, n_fit, n_scored, every_image = selection.chosen.params, len(fold.fit), len(fold.fit), False
+        params, n_fit, n_scored, every_image = fold_fit, len(fold.fit), len(fold.fit), False
+    assert params is not None
     if selection is not None:
         scores, maps, check_kind = selection.chosen.clean_scores, selection.chosen.clean_maps, "out-of-fold"
         n_hold = len(scores)
@@ -400,7 +410,6 @@ def train_bundle(
         # Without held-out images the first thresholds come from the fitting images (and provenance says so).
         check_images, check_kind = (hold_images, "held-out") if len(hold_images) else (fit_images, "training")
         scores, maps = score_with_graph(graph, check_images, params, batch)
-    assert params is not None
     thresholds = first_thresholds(
         scores,
         maps,
