@@ -140,3 +140,18 @@ def result_for(station, frame_id: str, timeout: float = 30.0):
         if isinstance(message, Result) and message.frame_id == frame_id:
             return message
     raise AssertionError(f"no result for {frame_id} within {timeout} s; log:\n{station.log_tail()}")
+
+
+# A teach in place with the record teach writes (the model taught from named), for a child process (`python -c` with
+# the bundle as its argument) to be killed in or raced against.
+TEACH_RECORDED = """
+import sys
+from calibration.teach import bundle_version, write_version
+from engines.bundle import thresholds as T
+from engines.bundle.store import load_bundle
+b = load_bundle(sys.argv[1])
+params = {k: v + 1 for k, v in b.scorer_params().items()}
+version = bundle_version(b) + 1
+record = {"version": version, "previous_version": bundle_version(b), "previous_model_id": b.model_id}
+write_version(b, params, T.next_version(b.thresholds(), image_threshold=0.9), version, record)
+"""

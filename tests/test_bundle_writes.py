@@ -33,6 +33,7 @@ from engines.bundle import thresholds as T
 from engines.bundle.store import load_bundle, write_bundle
 from engines.errors import BundleError
 from other_user import as_nobody
+from station_model import TEACH_RECORDED
 
 pytestmark = [pytest.mark.timeout(180)]
 REPO = Path(__file__).resolve().parents[1]
@@ -178,17 +179,6 @@ params = {k: v + 1 for k, v in b.scorer_params().items()}
 thresholds = T.next_version(b.thresholds(), image_threshold=0.9)
 version = bundle_version(b) + 1
 write_version(b, params, thresholds, version, {"version": version, "previous_version": bundle_version(b)})
-"""
-TEACH_RECORDED = """
-import sys
-from calibration.teach import bundle_version, write_version
-from engines.bundle import thresholds as T
-from engines.bundle.store import load_bundle
-b = load_bundle(sys.argv[1])
-params = {k: v + 1 for k, v in b.scorer_params().items()}
-version = bundle_version(b) + 1
-record = {"version": version, "previous_version": bundle_version(b), "previous_model_id": b.model_id}
-write_version(b, params, T.next_version(b.thresholds(), image_threshold=0.9), version, record)
 """
 ROLLBACK = """
 import io, sys

@@ -315,6 +315,18 @@ def test_subscribe_since_streams_the_replay_and_reports_segments_rotated_away_du
     assert proc.returncode == 0, err.decode()
 
 
+def replay_all(tmp_path: Path, directory: Path, count: int) -> subprocess.CompletedProcess:
+    """`inspectd subscribe --since -1 --journal DIRECTORY` with no daemon: the replay starts after the settle wait."""
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"ipc://{tmp_path}/nobody.sock"]
+        + ["--journal", str(directory), "--since", "-1", "--count", str(count), "--timeout", "30"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_subscribe_reports_a_corrupt_record_as_a_gap_and_carries_on(tmp_path):
     directory, segments = journal_of(tmp_path, 200, 4 << 10)
     starts = first_seqs(segments)
@@ -322,28 +334,7 @@ def test_subscribe_reports_a_corrupt_record_as_a_gap_and_carries_on(tmp_path):
     data[40] ^= 0xFF  # inside the first record of the second segment
     segments[1].write_bytes(bytes(data))
     bad = starts[1]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "inspectd",
-            "subscribe",
-            "--endpoint",
-            f"ipc://{tmp_path}/nobody.sock",  # no daemon: the replay starts after the settle wait
-            "--journal",
-            str(directory),
-            "--since",
-            "-1",
-            "--count",
-            "199",
-            "--timeout",
-            "30",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = replay_all(tmp_path, directory, 199)
     assert proc.returncode == 0, proc.stderr
     seqs = [int(line.split()[1].removeprefix("seq=")) for line in proc.stdout.splitlines()]
     assert seqs == [s for s in range(200) if s != bad]
@@ -361,28 +352,7 @@ def test_subscribe_reports_a_record_of_no_frames_as_a_gap_and_carries_on(tmp_pat
         encode_record(2, result_frames("cam0", 2)),
     ]
     (directory / "cam0" / f"{0:012d}.seg").write_bytes(b"".join(records))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "inspectd",
-            "subscribe",
-            "--endpoint",
-            f"ipc://{tmp_path}/nobody.sock",  # no daemon: the replay starts after the settle wait
-            "--journal",
-            str(directory),
-            "--since",
-            "-1",
-            "--count",
-            "2",
-            "--timeout",
-            "30",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = replay_all(tmp_path, directory, 2)
     assert proc.returncode == 0, proc.stderr
     assert [int(line.split()[1].removeprefix("seq=")) for line in proc.stdout.splitlines()] == [0, 2]
     assert "gap: seq 1-1 on cam0 (1 results): corrupt record" in proc.stderr

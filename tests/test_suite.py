@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,19 +16,24 @@ from tests.tiny_dataset import make_tiny_mvtec
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
-def test_suite_covers_every_dataset_folder_and_writes_the_table(tmp_path):
-    root = tmp_path / "data"
-    make_tiny_mvtec(root / "tile_a", n_train=6, n_test_good=2, n_test_defect=2)
-    make_tiny_mvtec(root / "tile_b", n_train=6, n_test_good=2, n_test_defect=2, defect_type="crack")
-    (root / "not_a_dataset").mkdir()
-    out = tmp_path / "suite"
-    result = subprocess.run(
+def suite_cli(root: Path, out: Path) -> subprocess.CompletedProcess:
+    """`inspectd eval-suite` on ROOT with the cheapest recipe (a Gaussian per location, no memory bank to build)."""
+    return subprocess.run(
         [sys.executable, "-m", "inspectd", "eval-suite", "--data-root", str(root), "--out", str(out)]
         + ["--recipe", "aligned"],
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_suite_covers_every_dataset_folder_and_writes_the_table(tmp_path):
+    root = tmp_path / "data"
+    make_tiny_mvtec(root / "tile_a", n_train=6, n_test_good=2, n_test_defect=2)
+    make_tiny_mvtec(root / "tile_b", n_train=6, n_test_good=2, n_test_defect=2, defect_type="crack")
+    (root / "not_a_dataset").mkdir()
+    out = tmp_path / "suite"
+    result = suite_cli(root, out)
     assert result.returncode == 0, result.stderr
     table = (out / "suite.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in table[2:]] == ["| tile_a", "| tile_b", "| mean"]
@@ -47,13 +53,7 @@ def test_suite_records_a_dataset_that_fails_and_goes_on_with_the_others(tmp_path
     (root / "a_empty" / "test" / "good").mkdir(parents=True)
     make_tiny_mvtec(root / "tile_b", n_train=6, n_test_good=2, n_test_defect=2)
     out = tmp_path / "suite"
-    result = subprocess.run(
-        [sys.executable, "-m", "inspectd", "eval-suite", "--data-root", str(root), "--out", str(out)]
-        + ["--recipe", "aligned"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = suite_cli(root, out)
     assert result.returncode == 1, result.stderr
     error = (
         f"train: {root / 'a_empty'}: no images (read {root / 'a_empty' / 'train' / 'good'}), expected "

@@ -20,6 +20,7 @@ from engines.bundle.format import FEATURE_GRAPH, GRAPH, MANIFEST, WEIGHTS
 from engines.bundle.store import load_bundle
 from engines.data.synthline import SyntheticLine
 from ports import free_port
+from station_model import TEACH_RECORDED
 from tiny_dataset import one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
@@ -1482,20 +1483,6 @@ def test_a_camera_teach_warns_of_the_other_cameras_good_frames_it_leaves_out_of_
     frames = load_bundle(bundle).manifest["teach"]["frames"]
     assert frames["n"] == 12 and frames["other_cameras"] is None, frames
     assert "other cameras" not in capsys.readouterr().out
-
-
-# A teach in place with the record teach writes (the model taught from named), for a child process to be killed in.
-TEACH_RECORDED = """
-import sys
-from calibration.teach import bundle_version, write_version
-from engines.bundle import thresholds as T
-from engines.bundle.store import load_bundle
-b = load_bundle(sys.argv[1])
-params = {k: v + 1 for k, v in b.scorer_params().items()}
-version = bundle_version(b) + 1
-record = {"version": version, "previous_version": bundle_version(b), "previous_model_id": b.model_id}
-write_version(b, params, T.next_version(b.thresholds(), image_threshold=0.9), version, record)
-"""
 
 
 def test_rollback_after_a_teach_killed_at_any_rename_puts_back_the_version_taught_from(tmp_path, capsys):
