@@ -21,6 +21,7 @@ from engines.errors import DataError
 from engines.model.graph import ImageScore, build_graph
 from engines.model.recipes import CATALOGUE, Recipe, auto_candidates
 from engines.runtime import open_engine
+from engines.runtime.preprocess import fit_all
 from engines.training import select
 from engines.training.evaluate import evaluate, format_table
 from engines.training.select import (
@@ -482,6 +483,56 @@ def test_auto_with_one_held_out_share_fits_the_bundle_on_every_image(tmp_path):
     if recipe["scorer"] == "memory":
         per_image = (64 // recipe["taps"][0]) ** 2
         assert training["memory_size"] == 60 * per_image, (training["memory_size"], recipe)
+
+
+def test_cross_fitted_auto_stopped_in_its_refit_sets_its_thresholds_on_the_images_it_did_not_reach(
+    tmp_path, monkeypatch
+):
+    """Cross-fitted (under 60 images) no fold fit is whole to fall back on, and the out-of-fold scores came from fits
+    on more images than a refit stopped part-way holds: the images it never reached are its held-out ones, and the
+    thresholds are set on their scores by the scorer that was written."""
+    from engines.model.graph import InferenceGraph
+    from engines.training import train as train_module
+
+    data = make_tiny_mvtec(tmp_path / "data", n_train=20, n_test_good=0, n_test_defect=0)
+    selected: list = []
+    refit_batches: list = []
+    real_select, real_embed = train_module.select_recipe, InferenceGraph.embed
+
+    def select_then_mark(*args, **kwargs):
+        selection = real_select(*args, **kwargs)
+        selected.append(selection)
+        return selection
+
+    def embed(self, pixels):
+        if selected:
+            refit_batches.append(len(pixels))
+            if len(refit_batches) == 2:  # the refit's second batch: the signal lands
+                raise KeyboardInterrupt
+        return real_embed(self, pixels)
+
+    monkeypatch.setattr(train_module, "select_recipe", select_then_mark)
+    monkeypatch.setattr(InferenceGraph, "embed", embed)
+    result = train_bundle(data, tmp_path / "b", recipe="auto", size=(64, 64), progress=QUIET, report=lambda _: None)
+    bundle = load_bundle(result.bundle)
+    training, provenance = bundle.manifest["training"], bundle.thresholds().provenance
+    assert bundle.manifest["recipe_selection"]["folds"] > 1
+    n_read = refit_batches[0]
+    assert result.interrupted and bundle.manifest["interrupted"] is True
+    assert (training["n_fit"], training["n_holdout"], training["n_scorer_fit"], training["fit_all"]) == (
+        n_read,
+        20 - n_read,
+        n_read,
+        False,
+    )
+    assert (provenance["images"], provenance["n_good"]) == ("held-out", 20 - n_read)
+    # The thresholds' reference is what the written scorer gives the images it was not fitted on.
+    unread = ImageFiles(sorted((data / "train" / "good").iterdir())[n_read:])
+    frames = fit_all(unread, bundle.input_shape, bundle.resize_policy)
+    with open_engine(bundle, "onnxruntime", max_batch=len(frames)) as engine:
+        scores = engine.infer(frames).scores
+    reference = np.asarray(provenance["good_scores"]["quantiles"], dtype=np.float64)
+    np.testing.assert_allclose(np.sort(scores), reference, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("where", ["features", "scorer fit"])

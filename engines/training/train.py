@@ -8,7 +8,8 @@ its held-out images, already scored out of fold by the selection, which then als
 train its head, compute features once, fit the scorer, score the held-out images for the first thresholds, export
 the ONNX graph, write the bundle with the recipe (and auto's table) in its manifest. Ctrl-C during training or
 feature extraction still writes a usable bundle from what exists so far (auto's with one held-out share: the fold's
-fit its thresholds were set on), marked `"interrupted": true`, and exits 130.
+fit its thresholds were set on; cross-fitted: the images read so far, with thresholds set on the rest), marked
+`"interrupted": true`, and exits 130.
 """
 
 from __future__ import annotations
@@ -403,7 +404,13 @@ def train_bundle(
         fold = selection.folds[0]
         params, n_fit, n_scored, every_image = fold_fit, len(fold.fit), len(fold.fit), False
     assert params is not None
-    if selection is not None:
+    if selection is not None and interrupted and fold_fit is None and n_scored < len(fit_images):
+        # Cross-fitted, stopped in the refit: no fold fit is whole, and the out-of-fold scores came from fits on more
+        # images than this partial scorer holds, so the images it never reached are its held-out ones.
+        check_images, check_kind = fit_images[n_scored:], "held-out"
+        scores, maps = score_with_graph(graph, check_images, params, batch)
+        n_fit, n_hold, every_image = n_scored, len(check_images), False
+    elif selection is not None:
         scores, maps, check_kind = selection.chosen.clean_scores, selection.chosen.clean_maps, "out-of-fold"
         n_hold = len(scores)
     else:
