@@ -254,6 +254,43 @@ def test_onnxruntime_refuses_a_graph_whose_pixels_do_not_fit_the_manifest_input(
     )
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["input"].__setitem__("height", 48), "its architecture builds a graph for 64x64x1 pixels, "
+         "the manifest's input is 48x64x1"),
+        (lambda m: m["input"].__setitem__("channels", 3), "its architecture builds a graph for 64x64x1 pixels, "
+         "the manifest's input is 64x64x3"),
+        (lambda m: m["architecture"].__setitem__("scorer", "gaussian"), "its architecture builds a graph with "
+         "scorer inputs"),
+    ],
+)  # fmt: skip
+def test_the_torch_backend_refuses_a_manifest_that_does_not_fit_the_graph_it_rebuilds(bundle_dir, edit, message):
+    """What ONNX Runtime refuses at open, the torch backend refused only per batch in torch's words, or ran, placing
+    its maps at the manifest's wrong size."""
+    rewrite_manifest(bundle_dir, edit)
+    with pytest.raises(EngineError) as info:
+        open_engine(load_bundle(bundle_dir), "torch", {"threads": 1})
+    assert str(info.value).startswith(f"{bundle_dir}: {message}"), str(info.value)
+
+
+@pytest.mark.parametrize("name", ["scorer.npz", "weights.npz"])
+@pytest.mark.parametrize("content", [b"PK\x03\x04 cut short", b"\x93NUMPY"])
+def test_an_npz_that_is_not_one_is_refused_in_one_line_even_with_its_checksum(bundle_dir, name, content):
+    path = bundle_dir / name
+    if content.startswith(b"\x93NUMPY"):  # a single array saved under the .npz name
+        with path.open("wb") as out:
+            np.save(out, np.zeros(3, np.float32))
+    else:
+        path.write_bytes(path.read_bytes()[:200])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    rewrite_manifest(bundle_dir, lambda m: m["files"].__setitem__(name, digest))
+    with pytest.raises(BundleError) as info:
+        bundle = load_bundle(bundle_dir)
+        bundle.scorer_params() if name == "scorer.npz" else bundle.weights()
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value), str(info.value)
+
+
 def test_a_missing_architecture_is_blamed_on_the_manifest_not_the_weights(bundle_dir):
     rewrite_manifest(bundle_dir, lambda m: m.pop("architecture"))
     bundle = load_bundle(bundle_dir)  # only the torch backend, export and teach need it

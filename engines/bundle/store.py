@@ -265,8 +265,10 @@ class Bundle:
                 return {key: npz[key] for key in npz.files}
         except ValueError as exc:
             raise BundleError(f"{member}: holds pickled objects, expected plain numeric arrays") from exc
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
             raise BundleError(f"{member}: cannot read as .npz ({exc})") from exc
+        except (AttributeError, TypeError) as exc:  # a single .npy under the .npz name: np.load gives an ndarray
+            raise BundleError(f"{member}: not an .npz archive ({exc}), expected named arrays") from exc
 
     def scorer_params(self) -> dict[str, np.ndarray]:
         """Arrays named in scorer_inputs (a fresh dict each call; the arrays are shared, treat them as read-only)."""

@@ -27,13 +27,21 @@ from engines.model.graph import InferenceGraph, build_graph, load_state_arrays
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
+# The TorchScript exporter's last opset (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET): past it the
+# export fails only at its end, after a whole training run.
+MAX_OPSET = 20
+
+
+def check_opset(opset: int) -> None:
+    """ValueError in one line unless this torch can export `opset`: train calls it before it trains."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"--opset {opset}: expected {MIN_OPSET} to {MAX_OPSET} (what the ONNX export supports)")
 
 
 def export_graph(graph: InferenceGraph, scorer_params: dict[str, np.ndarray], opset: int = DEFAULT_OPSET) -> bytes:
     """The ONNX model of `graph` as bytes; `scorer_params` only give the example shapes (the first dimension of a
     VARIABLE_ROWS input, the number of k-means references, is exported dynamic: a refit may change it)."""
-    if opset < MIN_OPSET:
-        raise ValueError(f"--opset {opset}: expected {MIN_OPSET} or higher")
+    check_opset(opset)
     graph = graph.eval()
     height, width, channels = graph.input_shape
     example_pixels = torch.zeros((2, height, width, channels), dtype=torch.uint8)
@@ -75,8 +83,7 @@ def export_feature_graph(graph: InferenceGraph, opset: int = DEFAULT_OPSET) -> b
     """The feature graph (format.FEATURE_GRAPH) of `graph` as ONNX bytes: `pixels` -> `features` [N, D, h, w], the
     graph's own preprocessing, backbone, head and aggregation, so features computed on a station are the ones
     training fits the scorer on."""
-    if opset < MIN_OPSET:
-        raise ValueError(f"--opset {opset}: expected {MIN_OPSET} or higher")
+    check_opset(opset)
     graph = graph.eval()
     height, width, channels = graph.input_shape
     buffer = io.BytesIO()
@@ -123,7 +130,7 @@ def export_bundle(path, opset: int = DEFAULT_OPSET) -> Bundle:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory whose model.onnx to (re)write")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,6 +53,19 @@ class TorchEngine(Engine):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         self.graph = graph_from_bundle(bundle).to(self.device)
+        # As the ONNX Runtime backend checks its graph: the manifest has no checksum of its own, and an input or
+        # scorer inputs edited there would run with maps placed at the wrong size, or fail every batch.
+        if tuple(self.graph.input_shape) != tuple(bundle.input_shape):
+            built = "x".join(map(str, self.graph.input_shape))
+            raise EngineError(
+                f"{bundle.path}: its architecture builds a graph for {built} pixels, the manifest's input is "
+                f"{'x'.join(map(str, bundle.input_shape))}"
+            )
+        if list(self.graph.scorer_inputs) != list(bundle.scorer_inputs):
+            raise EngineError(
+                f"{bundle.path}: its architecture builds a graph with scorer inputs {list(self.graph.scorer_inputs)}, "
+                f"the manifest's scorer_inputs are {list(bundle.scorer_inputs)}"
+            )
         example = bundle.scorer_params()
         # Shapes as the exported graph declares them: the row count of a VARIABLE_ROWS input may change on a refit.
         self._param_shapes = {
