@@ -22,19 +22,37 @@ from inspectd.protocol.journal import CAMERA_RE
 
 T = TypeVar("T")
 
-ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
+ENDPOINT_FORMS = "tcp://HOST:PORT or ipc://PATH"
 
 
 def _endpoint(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith(ZMQ_SCHEMES) or value.endswith("://"):
-        raise schema.invalid(f"expected a ZeroMQ endpoint (tcp://host:port or ipc://path), got {schema.show(value)}")
+    """A ZeroMQ endpoint another process can reach, checked as far as a bind would check it, so `run --check` refuses
+    what `run` could not bind. inproc:// reaches nothing outside the daemon's own process."""
+    if not isinstance(value, str) or not value.startswith(("tcp://", "ipc://")) or value.endswith("://"):
+        raise schema.invalid(f"expected a ZeroMQ endpoint ({ENDPOINT_FORMS}), got {schema.show(value)}")
+    if value.startswith("tcp://"):
+        host, sep, port = value[len("tcp://") :].rpartition(":")
+        if not sep or not host or not (port == "*" or (port.isascii() and port.isdigit() and int(port) <= 65535)):
+            raise schema.invalid(f"expected tcp://HOST:PORT, PORT a number up to 65535 or *, got {schema.show(value)}")
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):
+            # As in a URL: without brackets, where the address ends and the port begins is a guess.
+            raise schema.invalid(f"expected an IPv6 host in brackets, as tcp://[::1]:5556, got {schema.show(value)}")
     return value
 
 
 def resolve(path: str | Path, info: ValidationInfo) -> Path:
     """`path` with ~ expanded, relative to the config file's directory (`base_dir` in the validation context; the
-    working directory when there is none)."""
-    path = Path(path).expanduser()
+    working directory when there is none). Raises schema.invalid for a path no system call could take: a NUL byte,
+    or a ~ or ~user with no home directory to expand to."""
+    if "\0" in str(path):
+        raise schema.invalid(f"{schema.show(str(path))} holds a NUL byte, expected a path")
+    try:
+        path = Path(path).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        raise schema.invalid(
+            f"cannot expand {schema.show(str(path))} (no such user or home directory), expected an absolute path or "
+            "one relative to the config file"
+        ) from None
     if path.is_absolute():
         return path
     base_dir = (info.context or {}).get("base_dir") or Path.cwd()

@@ -55,6 +55,45 @@ def test_example_file_loads_with_every_source_kind():
     assert config.metrics.address == ("127.0.0.1", 9108)
 
 
+def test_the_example_shows_every_key_of_every_source_kind_and_backend_with_its_default():
+    """The example says it shows every key: each declaration's keys are in it, the commented genicam camera loads as
+    it is written, and each backend's option list, commented as the other kinds are, gives the declared defaults."""
+    import re
+
+    import yaml
+
+    from engines.runtime import BACKENDS, backend_class
+
+    text = EXAMPLE.read_text()
+    for kind, source in SOURCES.items():
+        missing = [f.name for f in dataclasses.fields(source.Options) if not re.search(rf"\b{f.name}:", text)]
+        assert not missing, f"kind {kind}: {missing} not in the example"
+
+    lines = text.splitlines()
+    start = lines.index("  # - id: cam4")
+    block = "\n".join(line.removeprefix("  # ") for line in lines[start : lines.index("", start)])
+    genicam = parse_config({**MINIMAL, "cameras": yaml.safe_load(block)}).cameras[0].source
+    defaults = type(genicam)()
+    for key in ("frame_rate_hz", "software_rate_hz", "buffers", "packet_size", "stall_s"):
+        assert getattr(genicam, key) == getattr(defaults, key), key
+    synthetic = load_config(EXAMPLE).cameras[0].source
+    assert (synthetic.lighting_jitter, synthetic.lighting) == (SyntheticSource().lighting_jitter, {})
+
+    shown: dict[str, dict] = {}
+    backend = None
+    for line in lines[lines.index("engine:") : lines.index("  options: {}")]:
+        match = re.match(r"  #\s+(?:(\w+):\s+)?(\w+): (\S+)", line)
+        if match:
+            backend = match.group(1) or backend
+            assert backend is not None
+            shown.setdefault(backend, {})[match.group(2)] = yaml.safe_load(match.group(3))
+    assert set(shown) == set(BACKENDS)
+    for name, options in shown.items():
+        declaration = backend_class(name).Options
+        declared = {f.name: f.default for f in dataclasses.fields(declaration)}
+        assert options == declared, name
+
+
 def test_defaults_and_relative_paths(tmp_path):
     config = parse_config(MINIMAL, base_dir=tmp_path)
     assert config.model.bundle == tmp_path / "bundle"
@@ -254,6 +293,71 @@ def test_bad_value_names_its_key_path(path, value, key):
     message = str(info.value)
     assert message.startswith(key + ":"), message
     assert "\n" not in message
+
+
+UNREACHABLE_ENDPOINTS = [
+    # No port: `run --check` passed it and `run` could not bind it.
+    ("tcp://127.0.0.1", "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got 'tcp://127.0.0.1'"),
+    ("tcp://127.0.0.1:", "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got 'tcp://127.0.0.1:'"),
+    ("tcp://:5556", "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got 'tcp://:5556'"),
+    ("tcp://127.0.0.1:http", "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got 'tcp://127.0.0.1:http'"),
+    ("tcp://127.0.0.1:65536", "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got 'tcp://127.0.0.1:65536'"),
+    ("tcp://::1:5556", "expected an IPv6 host in brackets, as tcp://[::1]:5556, got 'tcp://::1:5556'"),
+    # A daemon publishing to, or steered from, its own process alone: it ran, and nothing could ever reach it.
+    ("inproc://x", "expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH), got 'inproc://x'"),
+]
+
+
+@pytest.mark.parametrize(
+    "path", [["publish", "endpoint"], ["control", "endpoint"], ["cameras", 2, "source", "endpoint"]]
+)
+@pytest.mark.parametrize("endpoint,message", UNREACHABLE_ENDPOINTS, ids=[e for e, _ in UNREACHABLE_ENDPOINTS])
+def test_an_endpoint_no_other_process_could_reach_is_refused_naming_its_key(path, endpoint, message):
+    key = "cameras[2].source.endpoint" if path[0] == "cameras" else ".".join(path)
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_value(path, endpoint))
+    assert str(info.value) == f"{key}: {message}"
+
+
+def test_endpoints_of_every_form_a_bind_takes_are_accepted():
+    for endpoint in ("tcp://127.0.0.1:*", "tcp://*:5556", "tcp://[::1]:5556", "tcp://eth0:5556", "tcp://host:0"):
+        assert parse_config(with_value(["publish", "endpoint"], endpoint)).publish.endpoint == endpoint
+
+
+NO_SUCH_HOME = "cannot expand '~nosuchuser/x' (no such user or home directory), expected an absolute path or one "
+UNUSABLE_PATHS = [
+    (["model", "bundle"], "~nosuchuser/x", "model.bundle: " + NO_SUCH_HOME),
+    (["state_dir"], "~nosuchuser/x", "state_dir: " + NO_SUCH_HOME),
+    (["cameras", 1, "source", "path"], "~nosuchuser/x", "cameras[1].source.path: " + NO_SUCH_HOME),
+    (["cameras", 3, "source", "url"], "~nosuchuser/x", "cameras[3].source.url: " + NO_SUCH_HOME),
+    (["model", "bundle"], "/b\0x", "model.bundle: '/b\\x00x' holds a NUL byte, expected a path"),
+    (["state_dir"], "/tmp/a\0b", "state_dir: '/tmp/a\\x00b' holds a NUL byte, expected a path"),
+    (["publish", "journal", "path"], "/j\0", "publish.journal.path: '/j\\x00' holds a NUL byte, expected a path"),
+    (["cameras", 1, "source", "path"], "in\0", "cameras[1].source.path: 'in\\x00' holds a NUL byte, expected a path"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", UNUSABLE_PATHS, ids=[f"{p[-1]}={v!r}" for p, v, _ in UNUSABLE_PATHS])
+def test_a_path_no_system_call_could_take_is_refused_naming_its_key(path, value, message):
+    """~user with no such user made pathlib raise RuntimeError (a traceback from `run` and `run --check`); a NUL byte
+    was refused without its key, or not at all."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_value(path, value))
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_run_check_refuses_a_home_that_cannot_be_expanded_in_one_line(tmp_path):
+    config = tmp_path / "inspectd.yaml"
+    config.write_text(
+        "station: s\nmodel: {bundle: ~nosuchuser/bundles/current}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "inspectd", "run", "--check", "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "model.bundle: cannot expand '~nosuchuser" in done.stderr
 
 
 def test_url_error_message_says_what_was_expected():

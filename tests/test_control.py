@@ -11,8 +11,12 @@ import pytest
 import zmq
 
 from inspectd.daemon.control import ControlServer
+from inspectd.daemon.security import CurveServer
 from inspectd.errors import InspectdError, MessageError
-from inspectd.protocol.control import ControlClient, ControlTimeout, Request, parse_request
+from inspectd.protocol import keys
+from inspectd.protocol.control import MAX_REQUEST_BYTES, ControlClient, ControlTimeout, Request, parse_request
+from inspectd.protocol.keys import curve_client
+from ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -155,6 +159,75 @@ def test_malformed_and_failing_requests_get_ok_false_and_the_server_keeps_answer
         assert stale["ok"] is False and stale["error"].startswith("thresholds.version: 1")
         assert client.request({"cmd": "status"})["ok"] is True
     assert srv.refused == len(BAD_REQUESTS) + 3
+
+
+def test_a_multipart_request_gets_ok_false_and_the_server_keeps_answering(server):
+    """A REP socket that read one frame of a multipart request cannot reply: the whole message is read and refused,
+    so one such request from anyone who can connect never ends the control thread."""
+    srv, _ = server
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.linger = 0
+    req.rcvtimeo = 3000
+    req.connect(srv.endpoint)
+    try:
+        for frames in ([b'{"cmd": "status"}', b"x"], [b'{"cmd": "reload"}', b"", b'{"cmd": "status"}']):
+            req.send_multipart(frames)
+            assert json.loads(req.recv()) == {
+                "ok": False,
+                "error": f"request: {len(frames)} frames, expected one JSON object in one frame",
+            }
+            req.send(b'{"cmd": "status"}')
+            assert json.loads(req.recv())["ok"] is True
+    finally:
+        req.close()
+    assert srv.alive() and srv.refused == 2
+    with ControlClient(srv.endpoint, timeout_s=3) as client:
+        assert client.request({"cmd": "status"})["ok"] is True
+
+
+def test_a_removed_keys_multipart_request_is_refused_and_the_server_keeps_answering(pki, tmp_path):
+    """The refusal for a key a reload removed is a reply too: a multipart request there must not end the thread."""
+    operator = keys.generate(tmp_path / "keys" / "operator", "operator")
+    (pki["allow_dir"] / "operator.key").write_bytes(operator[0].read_bytes())
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    srv = ControlServer(f"tcp://127.0.0.1:{free_port()}", LineHandler(), curve=guard)
+    srv.start()
+    revoked = zmq.Context.instance().socket(zmq.REQ)
+    revoked.linger = 0
+    revoked.rcvtimeo = 3000
+    curve_client(pki["server"][0], pki["allowed"][1])(revoked)
+    revoked.connect(srv.endpoint)
+    try:
+        with ControlClient(srv.endpoint, 5, curve_client(pki["server"][0], operator[1])) as kept:
+            revoked.send(b'{"cmd": "status"}')
+            assert json.loads(revoked.recv())["ok"] is True  # its handshake is done before the key goes
+            (pki["allow_dir"] / "bridge1.key").unlink()
+            assert [r.split()[0] for r in guard.reload()["removed"]] == ["bridge1.key"]
+            revoked.send_multipart([b'{"cmd": "status"}', b"x"])
+            refusal = json.loads(revoked.recv())
+            assert refusal["ok"] is False and "allow-list" in refusal["error"]
+            assert kept.request({"cmd": "status"})["ok"] is True
+            assert srv.alive()
+    finally:
+        revoked.close()
+        srv.stop()
+        guard.stop()
+
+
+def test_a_request_over_the_servers_limit_is_refused_by_the_client_before_it_is_sent(server):
+    """The server's socket drops an oversized message with its connection and answers nothing, so the client would
+    only time out and blame a busy daemon: it refuses the request itself, in one line."""
+    srv, handler = server
+    doc = {"cmd": "set_thresholds", "thresholds": {"version": 2, "pad": "x" * MAX_REQUEST_BYTES}}
+    with ControlClient(srv.endpoint, timeout_s=3) as client:
+        t0 = time.monotonic()
+        with pytest.raises(InspectdError) as info:
+            client.request(doc)
+        assert time.monotonic() - t0 < 1
+        size = len(json.dumps(doc).encode())
+        assert str(info.value) == f"'set_thresholds': request of {size} bytes, expected at most 1 MiB"
+        assert client.request({"cmd": "status"})["ok"] is True
+    assert srv.requests == 1 and handler.thresholds_version == 1
 
 
 def test_client_times_out_with_one_line_then_recovers(tmp_path):

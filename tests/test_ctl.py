@@ -135,6 +135,88 @@ def test_exit_codes_without_a_daemon(tmp_path):
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
+def test_a_thresholds_file_ctl_cannot_send_is_one_line_and_exit_2_with_nothing_sent(tmp_path):
+    """Parsed as the daemon parses it (deep nesting, a 5000-digit integer, NaN: each one line, never a traceback),
+    and refused before sending when over the daemon's request limit, which the daemon's socket drops unanswered."""
+    import zmq
+
+    from inspectd.protocol.control import MAX_REQUEST_BYTES
+
+    pad = "x" * MAX_REQUEST_BYTES
+    sent = len(json.dumps({"cmd": "set_thresholds", "thresholds": {"version": 2, "pad": pad}}).encode())
+    files = {
+        "deep.json": ("[" * 100000 + "]" * 100000, "deep.json: not JSON (nested too deeply), expected a thresholds"),
+        "bigint.json": ('{"version": ' + "9" * 5000 + "}", "bigint.json: not JSON (an integer of 5000 digits"),
+        "nan.json": ('{"version": 2, "image_threshold": NaN}', "nan.json: not JSON (NaN, expected a finite number)"),
+        "big.json": (
+            json.dumps({"version": 2, "pad": pad}),
+            f"'set_thresholds': request of {sent} bytes, expected at most 1 MiB",
+        ),
+    }
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    daemon = zmq.Context.instance().socket(zmq.REP)  # a daemon's socket, to see that nothing reaches it
+    daemon.linger = 0
+    daemon.bind(endpoint)
+    try:
+        for name, (text, expected) in files.items():
+            (tmp_path / name).write_text(text)
+            bad = ctl(endpoint, "--timeout", "3", "set-thresholds", str(tmp_path / name))
+            assert bad.returncode == 2 and expected in bad.stderr, (name, bad.returncode, bad.stderr[-500:])
+            assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
+        assert not daemon.poll(500), "a request ctl refused reached the daemon"
+    finally:
+        daemon.close()
+
+
+def test_a_socket_file_this_user_may_not_connect_to_is_told_apart_from_no_daemon(tmp_path):
+    """ZeroMQ retries an ipc connect the file's mode refuses without a word: ctl says what the socket file tells
+    instead of blaming a daemon that is running. Root passes every mode check, so as root ctl runs without the
+    capabilities that let it (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), which is what a user outside the group lacks."""
+    import grp
+    import os
+
+    from inspectd.daemon.control import ControlServer
+
+    gone = ctl(f"ipc://{tmp_path}/nobody.sock", "--timeout", "0.5", "status")
+    assert gone.returncode == 3, gone.stderr
+    assert gone.stderr.strip() == (
+        f"inspectd ctl: control ipc://{tmp_path}/nobody.sock: no reply within 0.5 s to 'status', expected a running "
+        f"inspectd: no socket file {tmp_path}/nobody.sock, so no daemon is bound there"
+    )
+
+    class Handler:
+        def status(self) -> dict:
+            return {"healthy": True}
+
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: no way to run ctl without root's override of file modes")
+        prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--")
+    server = ControlServer(f"ipc://{tmp_path}/run/control.sock", Handler())
+    server.start()
+    try:
+        path = server.endpoint[len("ipc://") :]
+        os.chmod(path, 0)
+        shut_out = subprocess.run(
+            [*prefix, sys.executable, "-m", "inspectd", "ctl", "--endpoint", server.endpoint, "--timeout", "0.5",
+             "status"],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+        )  # fmt: skip
+        group = grp.getgrgid(os.stat(path).st_gid).gr_name
+        assert shut_out.returncode == 3, shut_out.stderr
+        assert shut_out.stderr.strip() == (
+            f"inspectd ctl: control {server.endpoint}: no reply within 0.5 s to 'status': the socket file {path} "
+            f"exists but this user may not connect to it (mode 0000, group {group}): run as its owner or a member of "
+            f"group {group}"
+        )
+        assert server.requests == 0
+        os.chmod(path, 0o660)
+        assert ctl(server.endpoint, "status").returncode == 0, "the daemon was there all along"
+    finally:
+        server.stop()
+
+
 def test_ctl_over_tcp_with_curve_keys(tmp_path):
     from inspectd.protocol import keys
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 import threading
 import time
 import urllib.error
@@ -11,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from inspectd.daemon.config import parse_config
 from inspectd.daemon.ingest.queue import FrameQueue
@@ -180,6 +182,30 @@ def test_unknown_path_is_404_and_a_busy_port_fails_clearly():
         assert info.value.code == 404
         with pytest.raises(OSError, match=rf"^metrics.listen 127.0.0.1:{port}: cannot listen"):
             Metrics(("127.0.0.1", port))
+    finally:
+        metrics.stop()
+
+
+def test_a_scraper_that_hangs_up_mid_reply_is_one_log_line_and_the_next_scrape_is_served(capsys):
+    """socketserver's default error handler printed a multi-line traceback to stderr (the journal, beside the JSON
+    log lines) for each connection reset before the reply went out."""
+    metrics = Metrics(("127.0.0.1", 0))
+    try:
+        host, port = metrics.address
+        with structlog.testing.capture_logs() as logs:
+            deadline = time.monotonic() + 10
+            while not any(e["event"] == "metrics_request_failed" for e in logs) and time.monotonic() < deadline:
+                with socket.create_connection((host, port), timeout=5) as conn:
+                    conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+                time.sleep(0.05)  # the server thread's write, then its error, before the next try
+        failed = [e for e in logs if e["event"] == "metrics_request_failed"]
+        assert failed, "no reset reached the server mid-reply within 10 s"
+        assert failed[0]["client"].startswith("127.0.0.1:")
+        assert failed[0]["error"].startswith(("ConnectionResetError", "BrokenPipeError")), failed[0]
+        assert "Traceback" not in capsys.readouterr().err
+        samples, _ = scrape(f"http://{host}:{port}/metrics")
+        assert samples
     finally:
         metrics.stop()
 

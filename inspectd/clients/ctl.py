@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from inspectd.errors import InspectdError
+from inspectd.protocol import wirejson
 from inspectd.protocol.alarms import status_alarms
-from inspectd.protocol.control import ControlTimeout, HandshakeFailed, allow_list_errors, client_for
+from inspectd.protocol.control import ControlTimeout, HandshakeFailed, allow_list_errors, client_for, encode_request
 
 DEFAULT_ENDPOINT = "ipc:///var/lib/inspectd/control.sock"
 ENDPOINT_ENV = "INSPECTD_CONTROL"
@@ -71,12 +72,16 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         return {"cmd": args.action, "camera": args.camera}
     if args.action == "set-thresholds":
         try:
-            doc = json.loads(args.file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = args.file.read_bytes()
+        except OSError as exc:
             raise InspectdError(f"{args.file}: cannot read a thresholds document ({exc})") from None
+        # The daemon's own parser: one MessageError line for what json.loads would raise anything for (deep nesting,
+        # a 5000-digit integer), and NaN refused here rather than by the daemon.
+        doc = wirejson.loads(data, str(args.file), "a thresholds document")
         request: dict[str, Any] = {"cmd": "set_thresholds", "thresholds": doc}
         if args.force:
             request["force"] = True
+        encode_request(request)  # one over the daemon's limit is this file's fault (exit 2), not a refusal
         return request
     if args.action == "rollback":
         return {"cmd": "rollback", "version": args.version}

@@ -106,18 +106,30 @@ class ControlServer:
             while not self._stop.is_set():
                 if not sock.poll(POLL_MS):
                     continue
-                message = sock.recv(copy=False)
+                # The whole message: a REP socket left mid-message (RCVMORE) cannot send, so reading one frame of a
+                # multipart request would make the reply fail and end this thread.
+                parts = sock.recv_multipart(copy=False)
+                message = parts[0]
                 admits = getattr(self.curve, "admits", None)
                 if admits is not None and not admits(message):
                     # A REP socket must answer; the refusal says why, the request goes nowhere (counted by the hook).
-                    sock.send(_dumps({"ok": False, "error": "client key not in the allow-list (removed by a reload)"}))
-                    continue
+                    reply = _dumps({"ok": False, "error": "client key not in the allow-list (removed by a reload)"})
+                elif len(parts) != 1:
+                    self.requests += 1
+                    self.refused += 1
+                    error = f"request: {len(parts)} frames, expected one JSON object in one frame"
+                    log.warning("control_request_refused", client=client_identity(message), error=error)
+                    reply = _dumps({"ok": False, "error": error})
+                else:
+                    try:
+                        reply = self.handle(message.bytes, client_identity(message))
+                    except Exception as exc:  # a bug in one request's handling must not end the control channel
+                        log.exception("control_request_crashed")
+                        reply = _dumps({"ok": False, "error": f"internal error: {_one_line(exc)}"})
                 try:
-                    reply = self.handle(message.bytes, client_identity(message))
-                except Exception as exc:  # a bug in one request's handling must not end the control channel
-                    log.exception("control_request_crashed")
-                    reply = _dumps({"ok": False, "error": f"internal error: {_one_line(exc)}"})
-                sock.send(reply)
+                    sock.send(reply)
+                except zmq.ZMQError as exc:  # one reply that cannot go must not silence the channel for the rest
+                    log.warning("control_reply_failed", client=client_identity(message), error=str(exc))
         except Exception:
             log.exception("control_thread_died")  # the daemon turns unhealthy: see alive()
             raise

@@ -13,6 +13,7 @@ prometheus-client's process and platform collectors: RSS, CPU seconds, open file
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -170,7 +171,20 @@ def _drift_families(cameras: dict[str, Any]) -> Iterator[Metric]:
         yield family
 
 
-class _IPv6Server(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver's default prints a traceback to stderr, which under the unit is the journal: non-JSON lines
+        # for every scraper that hangs up mid-reply. One log line says the same.
+        exc = sys.exc_info()[1]
+        lines = str(exc).strip().splitlines()
+        log.warning(
+            "metrics_request_failed",
+            client=_host_port(*client_address[:2]),
+            error=type(exc).__name__ + (f": {lines[0]}" if lines else ""),
+        )
+
+
+class _IPv6Server(_Server):
     # http.server's servers are IPv4 sockets, on which an IPv6 address such as ::1 cannot be bound.
     address_family = socket.AF_INET6
 
@@ -268,7 +282,7 @@ class Metrics:
                 pass  # one log line per scrape would drown the state-change events
 
         host, port = address
-        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+        server_class = _IPv6Server if ":" in host else _Server
         try:
             server = server_class((host, port), Handler)
         except OSError as exc:

@@ -19,7 +19,10 @@ tests, which therefore need nothing of the daemon.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import json
+import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +96,21 @@ def parse_request(data: bytes) -> Request:
         if key in doc and not isinstance(doc[key], kind):
             raise MessageError(f"{cmd}.{key}: got {type(doc[key]).__name__}, expected {description}")
     return Request(cmd=cmd, **{key: doc[key] for key in [*fields, *optional] if key in doc})
+
+
+def encode_request(doc: dict) -> bytes:
+    """`doc` as the bytes of one request; InspectdError (one line) when it is over MAX_REQUEST_BYTES, which the daemon's
+    socket drops, connection and all, without a reply: refused here, before anything is sent."""
+    cmd = str(doc.get("cmd", "?"))[:40]
+    try:
+        data = json.dumps(doc).encode()
+    except RecursionError:  # a document the parser just took can be a level too deep for the encoder
+        raise InspectdError(f"{cmd!r}: request nested too deeply, expected a JSON object a few levels deep") from None
+    if len(data) > MAX_REQUEST_BYTES:
+        raise InspectdError(
+            f"{cmd!r}: request of {len(data)} bytes, expected at most {MAX_REQUEST_BYTES / (1 << 20):g} MiB"
+        )
+    return data
 
 
 class ControlTimeout(InspectdError):
@@ -174,6 +192,7 @@ class ControlClient:
 
     def request(self, doc: dict, timeout_s: float | None = None) -> dict:
         """One request and its reply; `timeout_s` (at most the client's) bounds this one, e.g. a probe."""
+        data = encode_request(doc)
         sock = self._socket()
         wait_s = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         deadline = time.monotonic() + wait_s
@@ -184,7 +203,7 @@ class ControlClient:
             # tell at the timeout.
             answered = self._ready(sock, zmq.POLLOUT, deadline)
             if answered:
-                sock.send(json.dumps(doc).encode(), zmq.NOBLOCK)
+                sock.send(data, zmq.NOBLOCK)
                 sent = True
                 answered = self._ready(sock, zmq.POLLIN, deadline)
         except zmq.Again:
@@ -211,7 +230,7 @@ class ControlClient:
         the timeout, and until then the daemon answers nothing else."""
         where = f"control {self.endpoint}: no reply within {wait_s:g} s to {cmd!r}"
         if not sent:
-            return f"{where}, expected a running inspectd"
+            return where + _no_daemon_took(self.endpoint)
         if cmd == "reload":
             return (
                 f"{where}, which the daemon took: it may still be reloading (it answers nothing else until the "
@@ -251,6 +270,32 @@ class ControlClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _no_daemon_took(endpoint: str) -> str:
+    """The end of the line for a request no daemon took at `endpoint`: what its ipc:// socket file tells. ZeroMQ
+    retries a connect the file's mode refuses without a word, so without this a user outside the daemon's group
+    would be told the daemon is not running."""
+    running = ", expected a running inspectd"
+    path = endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else ""
+    if not path or path.startswith("@"):  # not ipc, or Linux's abstract namespace: no file to look at
+        return running
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{running}: no socket file {path}, so no daemon is bound there"
+    except OSError as exc:
+        return f": this user cannot reach the socket file {path} ({exc.strerror}), expected a member of its group"
+    if os.access(path, os.W_OK):
+        return running  # a daemon that stopped without removing its socket file, or one that does not answer
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return (
+        f": the socket file {path} exists but this user may not connect to it (mode {stat.S_IMODE(st.st_mode):04o}, "
+        f"group {group}): run as its owner or a member of group {group}"
+    )
 
 
 def client_for(
