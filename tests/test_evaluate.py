@@ -292,3 +292,120 @@ def test_a_mask_marks_every_non_zero_pixel_however_it_is_stored(tmp_path):
     assert cv2.imwrite(str(turned), truth.T.astype(np.uint8) * 255)
     with pytest.raises(DataError, match=r"^.*turned\.png: mask 48x64, expected the image's size 64x48"):
         load_mask(turned, truth.shape)
+
+
+def _copy(tiny_data: Path, tmp_path: Path) -> Path:
+    data = tmp_path / "tile"
+    shutil.copytree(tiny_data, data)
+    return data
+
+
+def _eval_json(bundle: Path, data: Path) -> tuple[dict, subprocess.CompletedProcess]:
+    proc = _eval(str(bundle), "--data", str(data), "--json", "--batch", "4")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), proc
+
+
+def test_masks_named_as_in_visa_or_btad_or_saved_as_bmp_give_the_same_pixel_metrics(
+    tiny_data, tiny_bundle, report_and_overlays, tmp_path
+):
+    """Only `<stem>_mask.png` was read: masks named `<stem>.png` (VisA after anomalib's split, BTAD) or saved as
+    `_mask.BMP` left their types without pixel metrics, and the table said only `no mask`."""
+    report, _, _ = report_and_overlays
+    data = _copy(tiny_data, tmp_path)
+    for mask in sorted((data / "ground_truth" / "blowhole").iterdir()):
+        mask.rename(mask.with_name(mask.name.replace("_mask.png", ".png")))
+    for mask in sorted((data / "ground_truth" / "crack").iterdir()):
+        assert cv2.imwrite(str(mask.with_suffix(".BMP")), cv2.imread(str(mask), cv2.IMREAD_UNCHANGED))
+        mask.unlink()
+    doc, proc = _eval_json(tiny_bundle, data)
+    for name in ("blowhole", "crack"):
+        for key in ("pixel_auroc", "aupro"):
+            assert doc["per_type"][name][key] == pytest.approx(report["per_type"][name][key], abs=1e-6), (name, key)
+    assert doc["overall"]["n_without_mask"] == 0 and doc["unmatched_masks"] == [] and doc["notes"] == []
+    assert "note:" not in proc.stderr and "no mask" not in proc.stderr
+
+
+def test_a_mask_folder_whose_files_match_no_image_is_said_in_the_table_and_the_json(tiny_data, tiny_bundle, tmp_path):
+    data = _copy(tiny_data, tmp_path)
+    folder = data / "ground_truth" / "blowhole"
+    for mask in sorted(folder.iterdir()):
+        mask.rename(folder / f"gt_{mask.name}")
+    first = sorted((data / "test" / "blowhole").iterdir())[0].stem
+    doc, proc = _eval_json(tiny_bundle, data)
+    note = (
+        f"note: {folder} holds {TYPES['blowhole']} file(s), none of them the mask of an image in test/blowhole/, so "
+        f"that type has no pixel metrics: expected {first}_mask.png or {first}.png (any image extension, any case)"
+    )
+    assert note in proc.stderr.splitlines(), proc.stderr  # the table's lines (stderr with --json)
+    assert doc["notes"] == [note]
+    assert doc["unmatched_masks"] == [
+        {"folder": str(folder), "n_files": TYPES["blowhole"], "expected": f"{first}_mask.png or {first}.png"}
+    ]
+    assert doc["per_type"]["blowhole"]["pixel_auroc"] is None and doc["per_type"]["crack"]["pixel_auroc"] is not None
+
+
+def test_a_defect_free_folder_called_ok_is_the_good_images_and_hidden_folders_are_no_type(
+    tiny_data, tiny_bundle, report_and_overlays, tmp_path
+):
+    """BTAD's test/ok (or OK, Good) was scored as one more defect type without masks: no image AUROC or F1 at all.
+    A hidden folder (.ipynb_checkpoints) was a row of its own."""
+    report, _, _ = report_and_overlays
+    data = _copy(tiny_data, tmp_path)
+    (data / "test" / "good").rename(data / "test" / "OK")
+    hidden = data / "test" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    shutil.copy(next((data / "test" / "crack").iterdir()), hidden)
+    doc, _ = _eval_json(tiny_bundle, data)
+    assert doc["good_folder"] == "OK" and set(doc["per_type"]) == {"blowhole", "crack"}
+    assert doc["n_images"] == N_IMAGES and doc["overall"]["n_good"] == TYPES["good"]
+    for key in ("image_auroc", "f1_max", "pixel_auroc"):
+        assert doc["overall"][key] == pytest.approx(report["overall"][key], abs=1e-6), key
+    assert {i["type"] for i in doc["images"]} == {"good", "blowhole", "crack"}
+
+
+def test_two_defect_free_folders_are_refused_and_none_is_said(tiny_data, tiny_bundle, tmp_path):
+    data = _copy(tiny_data, tmp_path)
+    (data / "test" / "ok").mkdir()
+    shutil.copy(next((data / "test" / "good").iterdir()), data / "test" / "ok")
+    proc = _eval(str(tiny_bundle), "--data", str(data))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"inspectd eval: {data / 'test'}: good/ and ok/ are both defect-free folders, expected one (good/ or ok/, "
+        "any case)"
+    ), proc.stderr
+    shutil.rmtree(data / "test" / "ok")
+    shutil.rmtree(data / "test" / "good")
+    doc, proc = _eval_json(tiny_bundle, data)
+    note = (
+        f"note: {data / 'test'} has no defect-free folder (good/ or ok/, any case), which image AUROC and F1-max "
+        "need: every test image was taken as defective (folders: blowhole, crack)"
+    )
+    assert note in proc.stderr.splitlines() and doc["notes"] == [note], proc.stderr
+    assert doc["good_folder"] is None and doc["overall"]["image_auroc"] is None
+
+
+def test_an_image_that_does_not_decode_is_skipped_with_a_warning_and_counted(
+    tiny_data, tiny_bundle, report_and_overlays, tmp_path
+):
+    """One broken file refused the whole eval (in eval-suite: after the training). It is left out as calibrate
+    leaves it out; only when no image decodes is the eval refused."""
+    report, _, _ = report_and_overlays
+    data = _copy(tiny_data, tmp_path)
+    broken = [data / "test" / "good" / "broken.png", data / "test" / "crack" / "empty.jpg"]
+    broken[0].write_bytes(b"not an image")
+    broken[1].write_bytes(b"")
+    doc, proc = _eval_json(tiny_bundle, data)
+    warning = f"WARNING: skipped 2 image(s) that do not decode: {broken[0]}, {broken[1]}"
+    assert warning in proc.stderr.splitlines() and doc["notes"] == [warning], proc.stderr
+    assert doc["n_skipped"] == 2 and doc["skipped"] == [str(broken[0]), str(broken[1])]
+    assert doc["n_images"] == N_IMAGES and doc["overall"]["n_good"] == TYPES["good"]
+    assert doc["overall"]["image_auroc"] == pytest.approx(report["overall"]["image_auroc"], abs=1e-6)
+    assert re.search(rf"eval: images scored {N_IMAGES + 2}/{N_IMAGES + 2} ", proc.stderr), proc.stderr
+    only_broken = tmp_path / "broken"
+    (only_broken / "test" / "good").mkdir(parents=True)
+    shutil.copy(broken[0], only_broken / "test" / "good")
+    proc = _eval(str(tiny_bundle), "--data", str(only_broken))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"inspectd eval: {only_broken / 'test' / 'good' / 'broken.png'}: cannot decode, expected a JPEG/PNG/BMP/TIFF "
+        "image"
+    ), proc.stderr

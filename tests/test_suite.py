@@ -4,6 +4,7 @@ dataset, the mean, and the recipe each run used."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,15 @@ def test_suite_covers_every_dataset_folder_and_writes_the_table(tmp_path):
     make_tiny_mvtec(root / "tile_a", n_train=6, n_test_good=2, n_test_defect=2)
     make_tiny_mvtec(root / "tile_b", n_train=6, n_test_good=2, n_test_defect=2, defect_type="crack")
     (root / "not_a_dataset").mkdir()
+    # A file that does not decode is left out of the eval with a warning, not the dataset failed after its training;
+    # BTAD's test/ok is the defect-free images.
+    broken = root / "tile_a" / "test" / "good" / "broken.png"
+    broken.write_bytes(b"not an image")
+    (root / "tile_b" / "test" / "good").rename(root / "tile_b" / "test" / "ok")
     out = tmp_path / "suite"
     result = suite_cli(root, out)
     assert result.returncode == 0, result.stderr
+    assert f"== tile_a: WARNING: skipped 1 image(s) that do not decode: {broken}" in result.stdout.splitlines()
     table = (out / "suite.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in table[2:]] == ["| tile_a", "| tile_b", "| mean"]
     assert all(" | aligned, score max | " in line for line in table[2:4])  # a forced recipe keeps the maximum
@@ -43,6 +50,8 @@ def test_suite_covers_every_dataset_folder_and_writes_the_table(tmp_path):
     assert report["mean"]["image_auroc"] == pytest.approx((a + b) / 2)
     assert (out / "tile_a" / "bundle" / "manifest.json").is_file()
     assert "tile_a" in result.stdout and "suite.md written" in result.stdout
+    skipped = "eval-suite: skipped not_a_dataset: no train/good/ (good/ or ok/, any case), no test/"
+    assert result.stdout.splitlines()[0] == skipped  # before any training
 
 
 def test_suite_records_a_dataset_that_fails_and_goes_on_with_the_others(tmp_path):
@@ -151,3 +160,41 @@ def test_a_suite_stopped_by_ctrl_c_keeps_the_datasets_it_finished(tmp_path, monk
     report = json.loads((out / "suite.json").read_text())
     assert report["interrupted"] is True and [r["dataset"] for r in report["rows"]] == ["tile_a"]
     assert (out / "suite.md").read_text().splitlines()[2].startswith("| tile_a | aligned, score max | ")
+
+
+def test_folders_that_are_not_datasets_are_each_said_with_the_reason(tmp_path):
+    """A dataset one level off the layout (Train/good, no test/) used to drop out of the table without a word, and
+    `--only` then said it did not exist."""
+    root = tmp_path / "data"
+    make_tiny_mvtec(root / "e_caps", n_train=2, n_test_good=1, n_test_defect=1)
+    (root / "e_caps" / "train").rename(root / "e_caps" / "Train")
+    make_tiny_mvtec(root / "h_no_test", n_train=2, n_test_good=1, n_test_defect=1)
+    for sub in ("test", "ground_truth"):
+        shutil.rmtree(root / "h_no_test" / sub)
+    (root / "f_empty").mkdir()
+    (root / ".cache").mkdir()  # hidden: not a dataset, not worth a line
+    (root / "README.md").write_text("the datasets\n")
+    out = str(tmp_path / "o")
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, "eval-suite", "--data-root", str(root), "--out", out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    no_good = "no train/good/ (good/ or ok/, any case)"
+    assert result.returncode == 2 and result.stdout.splitlines() == [
+        f"eval-suite: skipped e_caps: {no_good}; image folders: Train/good/ (2), ground_truth/blowhole/ (1), "
+        "test/blowhole/ (1)",
+        f"eval-suite: skipped f_empty: {no_good}, no test/",
+        "eval-suite: skipped h_no_test: no test/",
+    ], result.stdout
+    assert result.stderr == f"inspectd eval-suite: {root}: no datasets, expected folders with train/good/ and test/\n"
+    assert _refusal("--data-root", str(root), "--out", out, "--only", "h_no_test") == (
+        f"inspectd eval-suite: --only h_no_test: {root / 'h_no_test'} is not a dataset: no test/"
+    )
+    # train/ok (BTAD, OK/NG sets) is a training set: that folder is a dataset.
+    make_tiny_mvtec(root / "c_btad", n_train=2, n_test_good=1, n_test_defect=1)
+    (root / "c_btad" / "train" / "good").rename(root / "c_btad" / "train" / "ok")
+    lines: list[str] = []
+    assert suite.datasets(root, report=lines.append) == [root / "c_btad"]
+    assert [line.split(":")[0] for line in lines] == ["eval-suite"] * 3 and "c_btad" not in "".join(lines)

@@ -222,11 +222,15 @@ def test_plain_folder_colour_and_padding(data, tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_leaves_a_usable_interrupted_bundle(tmp_path, signum):
-    source = sorted((require_data() / "train" / "good").iterdir())[:4]
+    paths = sorted((require_data() / "train" / "good").iterdir())[:4]
+    source = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths]
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(240):
-        (folder / f"{i:04d}{source[i % 4].suffix}").write_bytes(source[i % 4].read_bytes())
+        # Each file its own image (one pixel apart): byte-identical copies would be left out as duplicates.
+        image = source[i % 4].copy()
+        image[0, 0] = i // 4
+        assert cv2.imwrite(str(folder / f"{i:04d}.png"), image)
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [
@@ -546,3 +550,38 @@ def test_ctrl_c_while_the_feature_graph_is_added_says_the_bundle_was_written(dat
     bundle = load_bundle(out)
     with open_engine(bundle, "onnxruntime", {"intra_op_threads": 1}, max_batch=1) as engine:
         assert np.isfinite(engine.infer(np.full((1, 64, 64, 1), 100, np.uint8)).scores).all()
+
+
+def test_byte_identical_training_files_are_left_out_before_the_split(tmp_path):
+    """A held-out image whose copy was in the fit scored 0 with a memory bank, and the first image threshold was
+    then 1e-06: every frame rejected, and train said nothing."""
+    root = make_tiny_mvtec(tmp_path / "set", n_train=6, n_test_good=0, n_test_defect=0)
+    good = root / "train" / "good"
+    twins = []
+    for path in sorted(good.iterdir()):
+        copy = path.with_name(f"{path.stem} (copy){path.suffix}")
+        shutil.copy(path, copy)
+        twins.append(sorted([path, copy]))  # the first listed is kept, the other left out
+    lines: list[str] = []
+    quiet = Progress(enabled=False)
+    result = train_bundle(root, tmp_path / "b", recipe="patchcore", size=(64, 64), progress=quiet, report=lines.append)
+    left_out = sorted(twins, key=lambda pair: pair[1])[:3]  # in the order listed
+    shown = ", ".join(f"{second.name} (same as {first.name})" for first, second in left_out)
+    assert f"note: 6 duplicate image(s) left out: {shown} ..." in lines, lines
+    training = load_bundle(result.bundle).manifest["training"]
+    assert training["n_duplicates"] == 6 and result.n_fit + result.n_holdout == 6 == training["n_fit"] + 1
+    assert result.image_threshold > 1e-3  # the held-out image is scored by a fit without its twin
+
+
+def test_train_ok_is_a_training_set_and_two_defect_free_folders_are_refused(tmp_path, capsys):
+    """BTAD and OK/NG-style sets keep their defect-free images in train/ok."""
+    root = tmp_path / "btad"
+    _images(root / "train" / "ok", 2)
+    assert [p.name for p in training_images(root)] == ["000.png", "001.png"]
+    _images(root / "train" / "Good", 1)
+    assert run(parse("--data", str(root), "--out", str(tmp_path / "x"))) == 2
+    assert capsys.readouterr().err == (
+        f"inspectd train: {root / 'train'}: Good/ and ok/ are both defect-free folders, expected one (good/ or ok/, "
+        "any case)\n"
+    )
+    assert not (tmp_path / "x").exists()

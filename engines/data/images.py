@@ -1,6 +1,9 @@
 """The one image loader: decoding image files and walking MVTec-layout dataset folders.
 
-Layout: `train/good/*`, `test/<type>/*` (`good` is defect-free), `ground_truth/<type>/<stem>_mask.png` (optional).
+Layout: `train/good/*`, `test/<type>/*`, `ground_truth/<type>/<stem>_mask.png` (optional). The defect-free folder
+is `good` or `ok` in any case (MVTec AD's, BTAD's and OK/NG sets' names); a mask is `<stem>_mask.<ext>` or
+`<stem>.<ext>` (VisA after anomalib's split, BTAD), any image extension in any case. Names starting with "." are
+neither images nor folders of them.
 Images keep their own size and channel count (grayscale stays 2-D); colour images come back RGB. 16-bit pixels are
 narrowed to 8 bits by the significant bits they hold (`bit_depth`): a bundle records the depth of the images it was
 trained on (`input.bit_depth`), and every 16-bit frame it judges is narrowed with that depth.
@@ -8,6 +11,7 @@ trained on (`input.bit_depth`), and every 16-bit frame it judges is narrowed wit
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -143,13 +147,44 @@ def detect_bit_depth(paths: Sequence[str | Path]) -> DetectedDepth | None:
     return DetectedDepth(bits + bits % 2, largest, padding)
 
 
+# The defect-free folder's names, compared lower-cased: MVTec AD's `good`, BTAD's and OK/NG-style sets' `ok`. Train's
+# train/good, calibrate's and eval's test/good are all this folder.
+DEFECT_FREE_NAMES = ("good", "ok")
+GOOD = "good"  # the type defect-free test images get, whichever of DEFECT_FREE_NAMES their folder is spelt
+DEFECT_FREE_WORDS = "good/ or ok/, any case"
+
+
+def defect_free_folders(split: Path) -> list[Path]:
+    """Every sub-folder of `split` (a train/ or test/ folder) named as a defect-free one, sorted; [] when `split` is
+    not a folder."""
+    try:
+        # The name first: a plain folder of thousands of images called train/ is not stat'ed file by file.
+        return sorted(p for p in split.iterdir() if p.name.lower() in DEFECT_FREE_NAMES and p.is_dir())
+    except OSError:  # missing, a file, or not listable: no defect-free folder to read there
+        return []
+
+
+def defect_free_folder(split: Path) -> Path | None:
+    """The defect-free sub-folder of `split` (train/ or test/), None when it has none; a DataError when it has two
+    (test/good and test/OK), since either could be the defect-free images and the other a defect type."""
+    found = defect_free_folders(split)
+    if len(found) > 1:
+        raise DataError(
+            f"{split}: {' and '.join(p.name + '/' for p in found)} are both defect-free folders, expected one "
+            f"({DEFECT_FREE_WORDS})"
+        )
+    return found[0] if found else None
+
+
 def good_folder(root: str | Path, splits: Sequence[str] = ("train", "test")) -> Path:
-    """The folder of good images a command given `root` reads: `root/<split>/good` for the first of `splits` an
-    MVTec-layout or archive-export root has, else `root` itself (a plain folder of images)."""
+    """The folder of good images a command given `root` reads: `root/<split>/good` (defect_free_folder's, so `ok`
+    too) for the first of `splits` an MVTec-layout or archive-export root has, else `root` itself (a plain folder of
+    images)."""
     root = Path(root)
     for split in splits:
-        if (root / split / "good").is_dir():
-            return root / split / "good"
+        folder = defect_free_folder(root / split)
+        if folder is not None:
+            return folder
     return root
 
 
@@ -167,6 +202,98 @@ def list_images(folder: str | Path) -> list[Path]:
         )
     except OSError as exc:  # a folder another user keeps to itself: is_dir() passes, listing it does not
         raise DataError(f"{folder}: cannot read ({exc.strerror or exc})") from None
+
+
+def image_folders(folder: Path, depth: int = 3, most: int = 3) -> list[tuple[Path, int]]:
+    """Sub-folders of `folder` (at most `depth` levels down, the first `most` in sorted order) that hold images, with
+    how many: a set one level too deep (train/good/batch1), spelt with capitals (Train/Good) or a --data one level
+    too far down (cat/train) is then a sentence away from the right flag."""
+    found: list[tuple[Path, int]] = []
+    level = [folder]
+    for _ in range(depth):
+        below = []
+        for parent in level:
+            try:
+                below += [d for d in parent.iterdir() if d.is_dir() and not d.name.startswith(".")]
+            except OSError:  # unreadable: the hint is best effort, the refusal stands without it
+                continue
+        level = sorted(below)
+        for sub in level:
+            try:
+                n = len(list_images(sub))
+            except DataError:
+                continue
+            if n:
+                found.append((sub, n))
+                if len(found) == most:
+                    return found
+    return found
+
+
+def without_duplicates(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """`paths` less every file whose bytes are an earlier one's, and (left out, the earlier file) for each left out.
+    A twin of a held-out image in the fit scores it about 0, and the first thresholds set on it then reject every
+    frame; a folder copied into itself or an `img (copy).png` is no second image. The bytes, not decoded pixels, are
+    compared (decoding hundreds of frames twice costs seconds), and only files of a size another file has are read."""
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(path.stat().st_size)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    shared = {size for size, n in collections.Counter(sizes).items() if n > 1}
+    first: dict[tuple[int, bytes], Path] = {}
+    kept, left_out = [], []
+    for path, size in zip(paths, sizes):
+        if size in shared:
+            earlier = first.setdefault((size, hashlib.sha256(read_file(path)).digest()), path)
+            if earlier is not path:
+                left_out.append((path, earlier))
+                continue
+        kept.append(path)
+    return kept, left_out
+
+
+def duplicates_note(left_out: Sequence[tuple[Path, Path]], most: int = 3) -> str:
+    """The one line that says which files without_duplicates left out (the first `most` named)."""
+    shown = ", ".join(f"{path.name} (same as {earlier.name})" for path, earlier in left_out[:most])
+    return f"note: {len(left_out)} duplicate image(s) left out: {shown}" + (" ..." if len(left_out) > most else "")
+
+
+def skipped_warning(paths: Sequence[Path]) -> str:
+    """The WARNING for images left out because they do not decode (eval's, calibrate's and teach's)."""
+    shown = ", ".join(str(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
+    return f"WARNING: skipped {len(paths)} image(s) that do not decode: {shown}"
+
+
+class MaskFolder:
+    """The masks of one ground_truth/<type>/ folder, listed once: the mask of test image `<stem>.<ext>` is
+    `<stem>_mask.<ext>` (MVTec AD), else `<stem>.<ext>` (VisA after anomalib's split, BTAD), with any extension
+    IMAGE_SUFFIXES names, in any case."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.by_stem: dict[str, Path] = {}
+        if folder.is_dir():
+            for path in list_images(folder):
+                self.by_stem.setdefault(path.stem, path)  # 000_mask.png before 000_mask.tif: sorted, first kept
+
+    def mask_for(self, image: Path) -> Path | None:
+        return self.by_stem.get(f"{image.stem}_mask") or self.by_stem.get(image.stem)
+
+    def n_files(self) -> int:
+        """Files of any kind in the folder (masks saved as .npy or .gif are masks too, only not ones read here);
+        hidden ones (an AppleDouble `._000.png`) are not counted."""
+        if not self.folder.is_dir():
+            return 0
+        try:
+            return sum(1 for p in self.folder.iterdir() if not p.name.startswith(".") and p.is_file())
+        except OSError as exc:
+            raise DataError(f"{self.folder}: cannot read ({exc.strerror or exc})") from None
+
+    @staticmethod
+    def expected_names(image: Path) -> str:
+        return f"{image.stem}_mask.png or {image.stem}.png"
 
 
 class ImageFiles(Sequence[np.ndarray]):
@@ -201,12 +328,28 @@ def frames_checksums(paths: Sequence[Path], images: np.ndarray) -> dict[str, str
 @dataclasses.dataclass(frozen=True)
 class TestItem:
     path: Path
-    defect_type: str  # "good" for defect-free
+    defect_type: str  # GOOD for defect-free (test/good or test/ok, any case), else its folder's name
     mask_path: Path | None  # None when the dataset has no mask for it (or it is good)
 
     @property
     def is_defective(self) -> bool:
-        return self.defect_type != "good"
+        return self.defect_type != GOOD
+
+
+@dataclasses.dataclass(frozen=True)
+class UnmatchedMasks:
+    """A ground_truth/<type>/ folder holding files of which none is the mask of one of test/<type>/'s images."""
+
+    folder: Path
+    n_files: int
+    expected: str  # the names looked for, for the first image: "000_mask.png or 000.png"
+
+    def note(self) -> str:
+        return (
+            f"note: {self.folder} holds {self.n_files} file(s), none of them the mask of an image in test/"
+            f"{self.folder.name}/, so that type has no pixel metrics: expected {self.expected} (any image "
+            "extension, any case)"
+        )
 
 
 class MvtecFolder:
@@ -214,26 +357,47 @@ class MvtecFolder:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        if not (self.root / "train" / "good").is_dir() and not (self.root / "test").is_dir():
-            raise DataError(f"{self.root}: expected an MVTec-layout folder with train/good/ and/or test/<type>/")
+        if not defect_free_folders(self.root / "train") and not (self.root / "test").is_dir():
+            raise DataError(
+                f"{self.root}: expected an MVTec-layout folder with train/good/ and/or test/<type>/ (the defect-free "
+                f"folder {DEFECT_FREE_WORDS})"
+            )
 
-    def train_good(self) -> list[Path]:
-        return list_images(self.root / "train" / "good")
+    @functools.cached_property
+    def good_dir(self) -> Path | None:
+        """test/good (or ok, any case), None when test/ has none."""
+        return defect_free_folder(self.root / "test")
 
     def defect_types(self) -> list[str]:
+        """The test/ sub-folders other than the defect-free one; hidden ones (.ipynb_checkpoints) are none."""
         test = self.root / "test"
-        return sorted(p.name for p in test.iterdir() if p.is_dir()) if test.is_dir() else []
+        if not test.is_dir():
+            return []
+        good = self.good_dir
+        return sorted(p.name for p in test.iterdir() if not p.name.startswith(".") and p.is_dir() and p != good)
 
     def test_items(self) -> list[TestItem]:
-        items = []
+        return list(self._scan[0])
+
+    def unmatched_masks(self) -> list[UnmatchedMasks]:
+        """ground_truth/<type>/ folders that hold files but no mask of that type's images (masks named some other
+        way): without this their type's pixel metrics would be missing without a word."""
+        return list(self._scan[1])
+
+    @functools.cached_property
+    def _scan(self) -> tuple[list[TestItem], list[UnmatchedMasks]]:
+        items: list[TestItem] = []
+        if self.good_dir is not None:
+            items += [TestItem(path, GOOD, None) for path in list_images(self.good_dir)]
+        unmatched = []
         for defect_type in self.defect_types():
-            for path in list_images(self.root / "test" / defect_type):
-                mask = None
-                if defect_type != "good":
-                    candidate = self.root / "ground_truth" / defect_type / f"{path.stem}_mask.png"
-                    mask = candidate if candidate.is_file() else None
-                items.append(TestItem(path, defect_type, mask))
-        return items
+            paths = list_images(self.root / "test" / defect_type)
+            masks = MaskFolder(self.root / "ground_truth" / defect_type)
+            found = [masks.mask_for(path) for path in paths]
+            items += [TestItem(path, defect_type, mask) for path, mask in zip(paths, found)]
+            if paths and not any(found) and (n_files := masks.n_files()):
+                unmatched.append(UnmatchedMasks(masks.folder, n_files, masks.expected_names(paths[0])))
+        return items, unmatched
 
 
 def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
@@ -246,7 +410,7 @@ def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
         return np.zeros(shape, dtype=bool)
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
-        raise DataError(f"{path}: cannot decode mask, expected a PNG")
+        raise DataError(f"{path}: cannot decode mask, expected a PNG/BMP/TIFF/JPEG image")
     if mask.ndim == 3 and mask.shape[2] == 4:
         colour, alpha = mask[..., :3].max(axis=2), mask[..., 3]
         # A transparent pixel is no defect whatever colour an editor left under it; a mask drawn in the alpha alone

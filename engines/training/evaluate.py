@@ -25,7 +25,15 @@ import cv2
 import numpy as np
 
 from engines.bundle.format import describe_recipe
-from engines.data.images import MvtecFolder, TestItem, load_image, load_mask
+from engines.data.images import (
+    DEFECT_FREE_WORDS,
+    GOOD,
+    MvtecFolder,
+    TestItem,
+    load_image,
+    load_mask,
+    skipped_warning,
+)
 from engines.errors import DataError, EngineError
 from engines.progress import Progress
 from engines.runtime.predictor import Predictor
@@ -187,7 +195,9 @@ def evaluate(
     progress: Progress | None = None,
 ) -> dict:
     """Score every test image of an MVTec-layout folder and return the report (a JSON-ready dict); `progress` shows
-    images scored of all."""
+    images scored of all. An image that does not decode is left out and counted (`n_skipped`, `skipped`); when none
+    decodes, the first one's DataError is raised. `notes` holds the lines that say what the metrics lack and why
+    (the table prints them)."""
     if isinstance(bundle, (str, Path)):
         from engines.bundle.store import load_bundle
 
@@ -197,7 +207,8 @@ def evaluate(
     if not items:
         raise EngineError(f"{folder.root / 'test'}: no test images, expected test/<type>/ folders with images")
     by_path = {item.path: item for item in items}
-    tallies = {t: _TypeTally() for t in folder.defect_types()}
+    tallies = {GOOD: _TypeTally()} | {t: _TypeTally() for t in folder.defect_types()}
+    skipped: list[tuple[Path, str]] = []
     picker = _OverlayPicker(n_overlays if overlay_dir is not None else 0)
     maskless_pixels: metrics.PixelHistograms | None = None  # only for the overlay colour scale
     # Every histogram is keyed on the first map's median (None until one is added), so that rows can add them up.
@@ -205,7 +216,14 @@ def evaluate(
 
     per_image: list[dict] = []
     scoring_seconds = 0.0
-    scored_images = score_images(bundle, [item.path for item in items], backend=backend, batch=batch, options=options)
+    scored_images = score_images(
+        bundle,
+        [item.path for item in items],
+        backend=backend,
+        batch=batch,
+        options=options,
+        on_unreadable=lambda path, reason: skipped.append((path, reason)),
+    )
     progress = progress or Progress(enabled=False)
     progress.start(len(items), "eval: images scored")
     while True:
@@ -233,8 +251,10 @@ def evaluate(
         pixels.add(scored.frame_map, mask, what=str(item.path))
         reference = pixels.reference
         picker.offer(item, scored, mask)
-        progress.update(len(per_image))
+        progress.update(len(per_image) + len(skipped))
     progress.finish()
+    if not per_image:
+        raise DataError(skipped[0][1])  # not one image decodes: as if it had been refused at the first
 
     report = {
         "bundle": str(bundle.path),
@@ -249,9 +269,16 @@ def evaluate(
         "backend": backend,
         "batch": batch,
         "data": str(folder.root),
-        "n_images": len(items),
+        "n_images": len(per_image),
+        "n_skipped": len(skipped),
+        "skipped": [str(path) for path, _ in skipped],
+        "good_folder": None if folder.good_dir is None else folder.good_dir.name,
+        "unmatched_masks": [
+            {"folder": str(u.folder), "n_files": u.n_files, "expected": u.expected} for u in folder.unmatched_masks()
+        ],
+        "notes": [],
         "seconds": round(scoring_seconds, 3),
-        "images_per_s": round(len(items) / scoring_seconds, 2) if scoring_seconds > 0 else None,
+        "images_per_s": round(len(per_image) / scoring_seconds, 2) if scoring_seconds > 0 else None,
         "overall": None,
         "per_type": {},
         "pixel_metrics": (
@@ -261,8 +288,9 @@ def evaluate(
         "overlays": [],
         "images": per_image,
     }
-    good = tallies.get("good", _TypeTally())
-    defect_types = [t for t in tallies if t != "good"]
+    good = tallies[GOOD]
+    defect_types = [t for t in tallies if t != GOOD]
+    report["notes"] = _notes(folder, defect_types, [path for path, _ in skipped])
     report["overall"] = _row([good] + [tallies[t] for t in defect_types], n_good=len(good.scores))
     for defect_type in defect_types:
         report["per_type"][defect_type] = _row([good, tallies[defect_type]], n_good=len(good.scores))
@@ -278,6 +306,20 @@ def evaluate(
         report["overlays"] = [str(p) for p in write_overlays(picker.picked(), overlay_dir, scale, pixel_threshold)]
         report["overlay_scale"] = list(scale)
     return report
+
+
+def _notes(folder: MvtecFolder, defect_types: list[str], skipped: list[Path]) -> list[str]:
+    """One line for each thing that leaves metrics out or images unscored, which blank cells alone would not say."""
+    notes = []
+    if skipped:
+        notes.append(skipped_warning(skipped))
+    if folder.good_dir is None:
+        notes.append(
+            f"note: {folder.root / 'test'} has no defect-free folder ({DEFECT_FREE_WORDS}), which image AUROC and "
+            f"F1-max need: every test image was taken as defective (folders: {', '.join(defect_types) or 'none'})"
+        )
+    notes += [u.note() for u in folder.unmatched_masks()]
+    return notes
 
 
 def _row(tallies: list[_TypeTally], n_good: int) -> dict:
@@ -488,6 +530,7 @@ def format_table(report: dict) -> str:
         )
     if maskless:
         lines.append("no mask: defective images without a ground-truth mask, left out of pix AUROC and AUPRO")
+    lines += report.get("notes", [])
     if report["overlays"]:
         lines.append(f"overlays: {len(report['overlays'])} in {Path(report['overlays'][0]).parent}")
     return "\n".join(lines)

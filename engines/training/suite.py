@@ -3,7 +3,8 @@ evaluate each on its test set, and write one table (per dataset, then the mean) 
 Each column's mean covers the datasets that have that metric; where that is not all of them, the table says how many,
 `0.821 (1/2)`, and suite.json's mean row counts them per metric in `n_datasets`.
 
-A dataset is any folder of the root with train/good/ and test/ (MVTec layout); new ones are picked up by their folder.
+A dataset is any folder of the root with train/good/ (or train/ok/, any case) and test/ (MVTec layout); new ones are
+picked up by their folder, and every other folder (hidden ones aside) gets a line saying why it was not taken.
 Defaults are chosen by this table, never by one dataset. Output: OUT/suite.md (the table), OUT/suite.json (every
 report), OUT/<dataset>/bundle (the bundles). A dataset that train or eval refuses gets a row saying why, with no metrics
 (so the means cover the others and say how many), the others still run, and the command exits 1.
@@ -16,21 +17,38 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from engines.bundle.format import describe_augment, describe_score_share
+from engines.data.images import DEFECT_FREE_WORDS, defect_free_folders, image_folders
 from engines.errors import EngineError
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
-def datasets(root: Path, only: list[str] | None = None) -> list[Path]:
-    """The dataset folders under `root`, or those of them named in `only` (each name must be one)."""
+def datasets(root: Path, only: list[str] | None = None, report: Callable[[str], None] | None = None) -> list[Path]:
+    """The dataset folders under `root`, or those of them named in `only` (each name must be one). Without `only`,
+    `report(line)` gets one line for each other folder, saying why it is not a dataset (default: nothing)."""
     if not root.is_dir():
         raise EngineError(f"--data-root {root}: not a directory, expected a folder of datasets")
-    found = sorted(p for p in root.iterdir() if (p / "train" / "good").is_dir() and (p / "test").is_dir())
+    found, skipped = [], {}
+    for folder in sorted(root.iterdir()):
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        reason = not_a_dataset(folder)
+        if reason is None:
+            found.append(folder)
+        else:
+            skipped[folder.name] = reason
+    for name in only or []:
+        if name in skipped:
+            raise EngineError(f"--only {name}: {root / name} is not a dataset: {skipped[name]}")
+    if not only and report is not None:
+        for name, reason in skipped.items():
+            report(f"eval-suite: skipped {name}: {reason}")
     if not found:
         raise EngineError(f"{root}: no datasets, expected folders with train/good/ and test/")
     if not only:
@@ -42,10 +60,24 @@ def datasets(root: Path, only: list[str] | None = None) -> list[Path]:
     return [p for p in found if p.name in only]
 
 
+def not_a_dataset(folder: Path) -> str | None:
+    """Why `folder` is not a dataset (no train/good/, with the image folders it does hold, or no test/), None when it
+    is one. Two defect-free folders in train/ still make one: train then refuses it, in its row."""
+    missing, holds = [], []
+    if not defect_free_folders(folder / "train"):
+        missing.append(f"no train/good/ ({DEFECT_FREE_WORDS})")
+        holds = [f"{sub.relative_to(folder).as_posix()}/ ({n})" for sub, n in image_folders(folder)]
+    if not (folder / "test").is_dir():
+        missing.append("no test/")
+    if not missing:
+        return None
+    return ", ".join(missing) + (f"; image folders: {', '.join(holds)}" if holds else "")
+
+
 def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None, seed: int = 0) -> dict:
     # Imported (in _run_each) once the data root holds what was asked for: a mistyped root or name is refused in a
     # moment, not after the seconds torch takes to load.
-    found = datasets(root, only)
+    found = datasets(root, only, report=lambda line: print(line, flush=True))
     rows: list[dict] = []
     reports: dict[str, dict] = {}
     try:
@@ -80,6 +112,8 @@ def _run_each(found: list[Path], out: Path, recipe: str | None, seed: int, rows:
             print(f"== {data.name}: eval", flush=True)
             step = "eval"
             report = evaluate(result.bundle, data)
+            for note in report["notes"]:  # what the row's blank or partial metrics lack, said where it happened
+                print(f"== {data.name}: {note}", flush=True)
         except (EngineError, ValueError) as exc:
             error = f"{step}: {exc}"
             print(f"== {data.name}: FAILED {error}", flush=True)

@@ -35,10 +35,13 @@ from engines.data.images import (
     VALIDATION_FOLDS,
     ImageFiles,
     detect_bit_depth,
+    duplicates_note,
     frames_checksums,
     good_folder,
+    image_folders,
     list_images,
     split_holdout,
+    without_duplicates,
 )
 from engines.errors import DataError, EngineError
 from engines.model.backbones import BACKBONES, spec_for
@@ -159,7 +162,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def training_images(data: str | Path) -> list[Path]:
-    """train/good of an MVTec-layout root, else the images of a plain folder."""
+    """train/good (or train/ok, any case: good_folder) of an MVTec-layout root, else the images of a plain folder."""
     data = Path(data)
     folder = good_folder(data, ("train",))
     paths = list_images(folder)
@@ -169,36 +172,10 @@ def training_images(data: str | Path) -> list[Path]:
             f"{data}: no images{where}, expected train/good/*.png|jpg or a folder of images"
             + "".join(
                 f"; found {n} image{'s' * (n != 1)} in {sub.relative_to(data).as_posix()}/: point --data at it"
-                for sub, n in _image_folders(folder)
+                for sub, n in image_folders(folder)
             )
         )
     return paths
-
-
-def _image_folders(folder: Path, depth: int = 3, most: int = 3) -> list[tuple[Path, int]]:
-    """Sub-folders of `folder` (at most `depth` levels down, the first `most` in sorted order) that hold images, with
-    how many: a set one level too deep (train/good/batch1), spelt with capitals (Train/Good) or a --data one level
-    too far down (cat/train) is then a sentence away from the right flag."""
-    found: list[tuple[Path, int]] = []
-    level = [folder]
-    for _ in range(depth):
-        below = []
-        for parent in level:
-            try:
-                below += [d for d in parent.iterdir() if d.is_dir() and not d.name.startswith(".")]
-            except OSError:  # unreadable: the hint is best effort, the refusal stands without it
-                continue
-        level = sorted(below)
-        for sub in level:
-            try:
-                n = len(list_images(sub))
-            except DataError:
-                continue
-            if n:
-                found.append((sub, n))
-                if len(found) == most:
-                    return found
-    return found
 
 
 def seed_everything(seed: int) -> None:
@@ -325,7 +302,10 @@ def train_bundle(
 
     if bit_depth is not None and not valid_bit_depth(bit_depth):
         raise ValueError(f"--bit-depth {bit_depth!r}: expected {BIT_DEPTH_RANGE}")
-    paths = training_images(data)
+    # Before the split and auto's folds: a held-out image's twin in the fit would score it about 0.
+    paths, duplicates = without_duplicates(training_images(data))
+    if duplicates:
+        report(duplicates_note(duplicates))
     if auto and len(paths) < 2:
         raise DataError(
             f"{paths[0].parent}: 1 training image, --recipe auto needs at least 2 to hold one out: add images or "
@@ -460,6 +440,7 @@ def train_bundle(
             "n_fit": int(n_fit),
             "n_holdout": int(n_hold),
             "n_scorer_fit": int(n_scored),
+            "n_duplicates": len(duplicates),  # files left out as byte-for-byte copies of others (not in the names)
             # How the fitted images were chosen, so `inspectd teach` on the same images refits the same ones: the
             # function (auto's folds when it chose the recipe) and the --holdout given to it.
             "split": VALIDATION_FOLDS if selection is not None else SPLIT_HOLDOUT,

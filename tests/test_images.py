@@ -1,0 +1,133 @@
+"""engines.data.images on real files: how a dataset folder's masks, defect-free folder, hidden folders and duplicated
+files are found (every image written by OpenCV and read back through the project's own decoding)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from engines.data.images import (
+    MvtecFolder,
+    duplicates_note,
+    good_folder,
+    load_mask,
+    without_duplicates,
+)
+from engines.errors import DataError
+
+
+def _write(path: Path, seed: int, shape: tuple[int, int] = (24, 32)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
+    return path
+
+
+def _mask(path: Path, rows: slice) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((24, 32), np.uint8)
+    mask[rows] = 255
+    assert cv2.imwrite(str(path), mask)
+    return path
+
+
+def test_masks_are_found_under_mvtec_visa_and_btad_names_with_any_image_extension(tmp_path):
+    """Only `<stem>_mask.png` used to be read: a VisA- or BTAD-style `<stem>.png`, a `.bmp` mask or `_mask.PNG` left
+    the type without pixel metrics. `<stem>_mask.<ext>` is looked up before `<stem>.<ext>`."""
+    root = tmp_path / "set"
+    _write(root / "test" / "good" / "g.png", 0)
+    gt = root / "ground_truth" / "scratch"
+    names = {
+        "a.png": "a_mask.png",  # MVTec AD
+        "b.png": "b.png",  # VisA after anomalib's split, BTAD
+        "c.jpg": "c_mask.bmp",
+        "d.png": "d_mask.PNG",
+        "e.PNG": "e.TIF",
+        "f.png": "f_mask.png",  # beside a stem-named f.png: the _mask one wins
+    }
+    for i, (image, mask) in enumerate(names.items()):
+        _write(root / "test" / "scratch" / image, i + 1)
+        _mask(gt / mask, slice(i, i + 4))
+    _mask(gt / "f.png", slice(20, 24))
+    _write(root / "test" / "scratch" / "g_nomask.png", 9)
+    items = {item.path.name: item for item in MvtecFolder(root).test_items()}
+    assert {name: item.mask_path.name for name, item in items.items() if item.mask_path} == names
+    assert items["g_nomask.png"].mask_path is None and items["g.png"].mask_path is None
+    # Each mask is the one written for its image: its defect rows, decoded through load_mask.
+    for i, image in enumerate(names):
+        assert np.flatnonzero(load_mask(items[image].mask_path, (24, 32)).any(axis=1)).tolist() == list(
+            range(i, i + 4)
+        ), image
+    assert MvtecFolder(root).unmatched_masks() == []
+
+
+def test_a_mask_folder_none_of_whose_files_match_is_reported_with_the_names_looked_for(tmp_path):
+    root = tmp_path / "set"
+    (root / "ground_truth" / "crack").mkdir(parents=True)
+    for i in range(3):  # masks saved as arrays, which eval does not read
+        _write(root / "test" / "crack" / f"{i:03d}.png", i)
+        np.save(root / "ground_truth" / "crack" / f"{i:03d}.npy", np.zeros((24, 32), bool))
+    (root / "ground_truth" / "crack" / "._000.png").write_bytes(b"\x00\x05\x16\x07")  # hidden: not counted
+    _write(root / "test" / "dent" / "000.png", 7)  # no ground_truth/dent at all: nothing to report
+    _write(root / "test" / "hole" / "000.png", 8)
+    _mask(root / "ground_truth" / "hole" / "000_mask.png", slice(0, 4))
+    (unmatched,) = MvtecFolder(root).unmatched_masks()
+    assert unmatched.folder == root / "ground_truth" / "crack" and unmatched.n_files == 3
+    assert unmatched.note() == (
+        f"note: {root / 'ground_truth' / 'crack'} holds 3 file(s), none of them the mask of an image in test/crack/, "
+        "so that type has no pixel metrics: expected 000_mask.png or 000.png (any image extension, any case)"
+    )
+
+
+@pytest.mark.parametrize("name", ["good", "Good", "OK", "ok"])
+def test_the_defect_free_folder_is_good_or_ok_in_any_case_for_test_and_train(tmp_path, name):
+    """BTAD's test/ok, an OK/NG set's OK or a `Good` folder used to be scored as a defect type without a mask, and
+    train/ok was not a training set."""
+    root = tmp_path / "set"
+    _write(root / "train" / name / "t.png", 0)
+    _write(root / "test" / name / "g.png", 1)
+    _write(root / "test" / "ko" / "k.png", 2)
+    _write(root / "test" / ".ipynb_checkpoints" / "x.png", 3)  # hidden: no defect type
+    folder = MvtecFolder(root)
+    assert folder.defect_types() == ["ko"] and folder.good_dir == root / "test" / name
+    assert {item.path.name: (item.defect_type, item.is_defective) for item in folder.test_items()} == {
+        "g.png": ("good", False),
+        "k.png": ("ko", True),
+    }
+    assert good_folder(root, ("train",)) == root / "train" / name
+    assert good_folder(root, ("test",)) == root / "test" / name
+
+
+def test_two_defect_free_folders_are_refused_naming_both(tmp_path):
+    root = tmp_path / "set"
+    _write(root / "test" / "good" / "g.png", 0)
+    _write(root / "test" / "OK" / "o.png", 1)
+    _write(root / "train" / "good" / "t.png", 2)
+    _write(root / "train" / "ok" / "t.png", 3)
+    message = r"{}: {} and {} are both defect-free folders, expected one \(good/ or ok/, any case\)$"
+    with pytest.raises(DataError, match=message.format(root / "test", "OK/", "good/")):
+        MvtecFolder(root).test_items()
+    with pytest.raises(DataError, match=message.format(root / "train", "good/", "ok/")):
+        good_folder(root, ("train",))
+
+
+def test_byte_identical_files_are_left_out_after_the_first(tmp_path):
+    """Copies are found by their bytes: a re-encoded copy of the same pixels is another file and stays (hashing
+    decoded pixels would cost a second decode of every frame)."""
+    folder = tmp_path / "good"
+    a, b, c = (_write(folder / f"{n}.png", i) for i, n in enumerate("abc"))
+    copy, z, zz, bmp = (folder / n for n in ("a (copy).png", "z.png", "zz.png", "c.bmp"))
+    shutil.copy(a, copy)
+    shutil.copy(b, z)
+    shutil.copy(a, zz)
+    assert cv2.imwrite(str(bmp), cv2.imread(str(c), cv2.IMREAD_UNCHANGED))  # the same pixels, other bytes
+    kept, left_out = without_duplicates([a, b, c, copy, bmp, z, zz])
+    assert kept == [a, b, c, bmp]
+    assert left_out == [(copy, a), (z, b), (zz, a)]
+    assert duplicates_note(left_out, most=2) == (
+        "note: 3 duplicate image(s) left out: a (copy).png (same as a.png), z.png (same as b.png) ..."
+    )
+    assert without_duplicates(kept) == (kept, [])
