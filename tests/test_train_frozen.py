@@ -342,6 +342,8 @@ def test_bad_arguments_are_one_line_errors(data, tmp_path, capsys):
             ["--data", str(data), "--out", str(tmp_path / "x"), "--bit-depth", "7"],
             "--bit-depth 7: expected an integer 8-16",
         ),
+        # Refused before training: the export at its end failed only after the whole run.
+        (["--data", str(data), "--out", str(tmp_path / "x"), "--opset", "21"], "--opset 21: expected 17 to 20"),
         (["--data", str(empty), "--out", str(tmp_path / "x")], "no images"),
         (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "not a directory"),
     ]

@@ -45,7 +45,7 @@ from engines.data.images import (
 )
 from engines.errors import DataError, EngineError
 from engines.model.backbones import BACKBONES, spec_for
-from engines.model.export import DEFAULT_OPSET, add_feature_graph, export_graph
+from engines.model.export import DEFAULT_OPSET, add_feature_graph, check_opset, export_graph
 from engines.model.graph import SCORERS, InferenceGraph, build_graph, state_arrays
 from engines.model.methods import METHODS, TrainSettings, available_methods, get_method
 from engines.model.recipes import (
@@ -297,6 +297,7 @@ def train_bundle(
         report(f"recipe flags without --recipe: a custom recipe from the flags, not auto{keep_choosing}")
     if batch is not None and batch < 1 or epochs is not None and epochs < 0:
         raise ValueError("--batch must be >= 1 and --epochs >= 0")
+    check_opset(opset)
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"--holdout {holdout}: expected a fraction in [0, 1)")
 
