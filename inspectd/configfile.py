@@ -30,6 +30,8 @@ def _endpoint(value: Any) -> str:
     what `run` could not bind. inproc:// reaches nothing outside the daemon's own process."""
     if not isinstance(value, str) or not value.startswith(("tcp://", "ipc://")) or value.endswith("://"):
         raise schema.invalid(f"expected a ZeroMQ endpoint ({ENDPOINT_FORMS}), got {schema.show(value)}")
+    if "\0" in value:  # ZeroMQ binds an ipc path cut at the NUL: past the check that no address is bound twice
+        raise schema.invalid(f"{schema.show(value)} holds a NUL byte, expected a ZeroMQ endpoint ({ENDPOINT_FORMS})")
     if value.startswith("tcp://"):
         host, sep, port = value[len("tcp://") :].rpartition(":")
         if not sep or not host or not (port == "*" or (port.isascii() and port.isdigit() and int(port) <= 65535)):

@@ -305,6 +305,11 @@ UNREACHABLE_ENDPOINTS = [
     ("tcp://::1:5556", "expected an IPv6 host in brackets, as tcp://[::1]:5556, got 'tcp://::1:5556'"),
     # A daemon publishing to, or steered from, its own process alone: it ran, and nothing could ever reach it.
     ("inproc://x", "expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH), got 'inproc://x'"),
+    # ZeroMQ bound the path cut at the NUL, past the check that no address is bound twice.
+    (
+        "ipc:///tmp/a\0b",
+        "'ipc:///tmp/a\\x00b' holds a NUL byte, expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)",
+    ),
 ]
 
 

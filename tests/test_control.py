@@ -214,6 +214,31 @@ def test_a_removed_keys_multipart_request_is_refused_and_the_server_keeps_answer
         guard.stop()
 
 
+def test_a_frame_without_an_envelope_leaves_the_server_answering_and_stopping_promptly(tmp_path):
+    """A DEALER's frame with no empty delimiter made the poll ready, then REP dropped it: the receive that followed
+    blocked, deaf to the stop, until the socket was torn down under it."""
+    srv = ControlServer(f"ipc://{tmp_path}/control.sock", LineHandler())
+    srv.start()
+    stopped = False
+    try:
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(srv.endpoint)
+        dealer.send(b'{"cmd": "status"}')  # no b"" envelope before it
+        with ControlClient(srv.endpoint, timeout_s=3) as client:
+            assert client.request({"cmd": "status"})["ok"] is True
+        dealer.send(b'{"cmd": "status"}')
+        time.sleep(0.3)  # the server's poll wakes on it; what is measured is the stop after
+        t0 = time.monotonic()
+        srv.stop()
+        stopped = True
+        assert time.monotonic() - t0 < 1.0
+        dealer.close()
+    finally:
+        if not stopped:
+            srv.stop()
+
+
 def test_a_request_over_the_servers_limit_is_refused_by_the_client_before_it_is_sent(server):
     """The server's socket drops an oversized message with its connection and answers nothing, so the client would
     only time out and blame a busy daemon: it refuses the request itself, in one line."""

@@ -181,6 +181,37 @@ def test_zmq_source_results_for_every_frame_and_bad_frames_are_errors(station, t
             assert region.x < x + 24 and x < region.x + region.w and region.y < y + 24 and y < region.y + region.h
 
 
+def test_ipv6_endpoints_bind_and_serve_frames_results_and_control(station, line_frames):
+    """`tcp://[::1]:PORT` passed the config and `run --check`, then `run` could not bind it: ZeroMQ takes an IPv6
+    address only on a socket with its IPv6 option on."""
+    from inspectd.clients.subscribe import Subscriber
+    from inspectd.protocol.control import ControlClient
+    from ports import free_port
+
+    publish, control, frames = (f"tcp://[::1]:{free_port()}" for _ in range(3))
+    s = station(
+        [{"id": "cam0", "source": {"kind": "zmq", "endpoint": frames}, "queue": {"policy": "block"}}],
+        publish={"endpoint": publish},
+        control={"endpoint": control},
+    )
+    s.sub.close()
+    s.sub = Subscriber(publish)  # the harness subscribes to its default ipc endpoint
+    s.wait_ready()  # READY=1, then a status message over IPv6
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.ipv6 = True
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(frames)
+    try:
+        with ControlClient(control, timeout_s=10) as client:
+            assert client.request({"cmd": "status"})["ok"] is True
+        push_frames(push, [("v6", line_frames[60])])
+        results = s.results(1, timeout=30)
+        assert [(r.frame_id, r.verdict) for r in results] == [("v6", "ok")], s.log_tail()
+    finally:
+        push.close()
+    assert s.stop() == 0, s.log_tail()
+
+
 def test_sigterm_mid_stream_loses_no_accepted_frame(station):
     # A fast synthetic camera with a blocking queue: at SIGTERM there is a backlog queued and a batch in flight.
     s = station(

@@ -210,6 +210,27 @@ def test_a_scraper_that_hangs_up_mid_reply_is_one_log_line_and_the_next_scrape_i
         metrics.stop()
 
 
+def test_a_fault_of_the_endpoint_itself_is_logged_with_its_traceback_not_as_a_scraper_hanging_up():
+    def broken() -> str:
+        raise KeyError("lost")  # a collector's bug, as a scrape would meet it
+
+    metrics = Metrics(("127.0.0.1", 0))
+    metrics.render = broken  # type: ignore[method-assign]
+    try:
+        host, port = metrics.address
+        with structlog.testing.capture_logs() as logs:
+            with pytest.raises(OSError):  # urllib: the connection ends without a reply
+                scrape(f"http://{host}:{port}/metrics")
+            deadline = time.monotonic() + 10
+            while not any(e["event"] == "metrics_request_crashed" for e in logs) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        crashed = [e for e in logs if e["event"] == "metrics_request_crashed"]
+        assert crashed and crashed[0]["exc_info"] is True and crashed[0]["log_level"] == "error", logs
+        assert not [e for e in logs if e["event"] == "metrics_request_failed"]
+    finally:
+        metrics.stop()
+
+
 def test_label_values_are_escaped():
     metrics = Metrics(None)
     metrics.observe_result('cam"1\\x', "ok", 0.1)

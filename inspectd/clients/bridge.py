@@ -163,6 +163,7 @@ def _check_endpoint(endpoint: str) -> None:
     """Refuse an endpoint ZeroMQ cannot connect to before the PLC side is opened and written to."""
     context = zmq.Context()
     sock = context.socket(zmq.SUB)
+    sock.ipv6 = "[" in endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
@@ -932,6 +933,7 @@ async def _bridge(
     context = zmq.asyncio.Context()
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
+    sub.ipv6 = "[" in args.endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
     if curve is not None:
         curve(sub)  # CurveZMQ client keys, before connect
     for topic in _subscriptions(prefix):

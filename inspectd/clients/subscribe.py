@@ -67,6 +67,7 @@ class Subscriber:
     ) -> None:
         self._context = context or zmq.Context.instance()
         self.socket = self._context.socket(zmq.SUB)
+        self.socket.ipv6 = "[" in endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
         if curve is not None:
             curve(self.socket)  # CurveZMQ client keys (inspectd.protocol.keys.curve_client), before connect
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)

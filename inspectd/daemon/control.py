@@ -74,7 +74,9 @@ class ControlServer:
         """Bind here, in the caller's thread, so a bad or busy endpoint fails the daemon's start, not a thread."""
         sock = zmq.Context.instance().socket(zmq.REP)
         sock.linger = 0
-        sock.maxmsgsize = MAX_REQUEST_BYTES
+        sock.ipv6 = "[" in self.endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
+        # Each frame; the headroom is CurveZMQ's framing, so a request the client let through is not dropped here.
+        sock.maxmsgsize = MAX_REQUEST_BYTES + 4096
         if self.curve is not None:
             self.curve(sock)
         _prepare_ipc(self.endpoint)
@@ -108,7 +110,10 @@ class ControlServer:
                     continue
                 # The whole message: a REP socket left mid-message (RCVMORE) cannot send, so reading one frame of a
                 # multipart request would make the reply fail and end this thread.
-                parts = sock.recv_multipart(copy=False)
+                try:
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:  # a frame REP drops (no envelope) made the poll ready: nothing to answer
+                    continue
                 message = parts[0]
                 admits = getattr(self.curve, "admits", None)
                 if admits is not None and not admits(message):

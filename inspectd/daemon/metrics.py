@@ -176,10 +176,14 @@ class _Server(ThreadingHTTPServer):
         # socketserver's default prints a traceback to stderr, which under the unit is the journal: non-JSON lines
         # for every scraper that hangs up mid-reply. One log line says the same.
         exc = sys.exc_info()[1]
+        client = _host_port(*client_address[:2])
+        if not isinstance(exc, (ConnectionError, TimeoutError)):  # a fault of ours: its traceback, in the log line
+            log.exception("metrics_request_crashed", client=client)
+            return
         lines = str(exc).strip().splitlines()
         log.warning(
             "metrics_request_failed",
-            client=_host_port(*client_address[:2]),
+            client=client,
             error=type(exc).__name__ + (f": {lines[0]}" if lines else ""),
         )
 

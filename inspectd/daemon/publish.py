@@ -76,6 +76,7 @@ class Publisher:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.PUB)
+        self._socket.ipv6 = "[" in endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         self._socket.setsockopt(zmq.LINGER, linger_ms)
         if socket_options is not None:

@@ -170,6 +170,7 @@ class ControlClient:
         if self._sock is None:
             sock = zmq.Context.instance().socket(zmq.REQ)
             sock.linger = 0
+            sock.ipv6 = "[" in self.endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
             # Queued only to a peer whose handshake has completed: a request sent has then reached a daemon, and a
             # timeout after it is a busy daemon (it answers one request at a time, a reload's only when that ends),
             # not a missing one.

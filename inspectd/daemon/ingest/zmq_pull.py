@@ -84,6 +84,7 @@ class ZmqPullSource(Source):
 
         sock = zmq.Context.instance().socket(zmq.PULL)
         sock.linger = 0
+        sock.ipv6 = "[" in self.endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
         sock.rcvhwm = max(2 * self.camera.queue.size, 16)
         # A producer sending more than the largest frame this camera accepts is disconnected by ZeroMQ before the
         # message is buffered, not parsed after.
