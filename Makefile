@@ -39,13 +39,15 @@ demo: venv
 LINTED := inspectd engines calibration tests deploy
 
 # What the tests drive for real and Debian provides: a headless browser (the web view's test), strace (the power-cut
-# tests read a daemon's fsyncs) and systemd-analyze (the units are verified). Installed when missing, as root (CI
-# runs as root); otherwise one line says what to install.
+# tests read a daemon's fsyncs), systemd-analyze (the units are verified) and Aravis with its fake GigE Vision camera
+# (the genicam tests; deploy/aravis.sh names its packages). Installed when missing, as root (CI runs as root);
+# otherwise one line says what to install, and nothing runs: a suite that skipped their tests is not a pass.
 system-packages:
 	@missing=""; \
 	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing="$$missing chromium"; \
 	command -v strace >/dev/null || missing="$$missing strace"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	aravis=$$(deploy/aravis.sh --missing --fake); [ -z "$$aravis" ] || missing="$$missing $$aravis"; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] || { \
 		echo "make: missing Debian packages:$$missing; run make test as root, or apt-get install$$missing" >&2; \
 		exit 1; }; \
@@ -62,7 +64,7 @@ test: venv system-packages
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
-	deploy/aravis.sh $(VENV) --fake  # GenICam: Debian's Aravis and its fake GigE Vision camera, gi into the venv
+	deploy/aravis.sh $(VENV) --fake  # GenICam: Debian's PyGObject linked into the venv, or a line saying what to do
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # Rewrite constraints.txt from what the venv holds now. To move a version: install it into the venv (or change

@@ -4,7 +4,7 @@
 #
 #   sudo deploy/install.sh                    runtime only (no torch): inspectd run/subscribe/calibrate/bridge
 #   sudo deploy/install.sh --with-train       also the training stack (torch, timm, onnx)
-#   sudo deploy/install.sh --with-plc         also pymodbus for `inspectd bridge modbus`
+#   sudo deploy/install.sh --with-plc         also pymodbus and asyncua for `inspectd bridge modbus` and `bridge opcua`
 #   sudo deploy/install.sh --with-gpu cu13    a GPU station whose driver runs CUDA 13 (r580+; cu12: r535..r575):
 #                                             onnxruntime-gpu in place of onnxruntime, cuda-bindings and onnx
 #                                             (docs/GPU.md); TensorRT, if wanted, is installed by hand
@@ -31,7 +31,7 @@ usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with
   --prefix DIR   install into DIR as if it were / (no useradd, chown, systemctl)
   --no-venv      do not create the virtualenv or run pip
   --with-train   add the [train] extra (torch, timm, onnx, ...)
-  --with-plc     add the [plc] extra (pymodbus) for `inspectd bridge modbus`
+  --with-plc     add the [plc] extra (pymodbus, asyncua) for `inspectd bridge modbus` and `inspectd bridge opcua`
   --with-gpu cu12|cu13
                  a GPU station, by the CUDA major its driver runs (nvidia-smi: "CUDA Version"): the [gpu-cuNN]
                  extra (cuda-bindings, onnx) and onnxruntime-gpu for that CUDA in place of onnxruntime

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # (command, module, one-line help) in the order `inspectd --help` lists them.
@@ -30,6 +31,25 @@ SUBCOMMANDS = [
     ("ctl", "inspectd.clients.ctl", "steer a running daemon: status, pause/resume, reload, thresholds, rollback"),
     ("web", "inspectd.clients.web", "the live web view: last frames, defects with overlays, counts, alarms"),
 ]
+
+
+# Commands that claim SIGTERM themselves, each to stop in its own way (the daemon drains, training keeps a checkpoint,
+# the bridge finishes a PLC handshake, the web view closes its clients). Left alone from the start: a SIGTERM during
+# their imports still ends them by the signal, which is how systemd tells a clean stop from a failure.
+OWN_SIGTERM = {"run", "train", "bridge", "web"}
+INTERRUPTED_EXIT = 128 + signal.SIGINT
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the main thread is so that `finally` blocks and context managers run: a command's child
+    processes are stopped and its temporary folders removed, as on Ctrl-C."""
+
+
+def _terminate(signum, _frame):
+    # The cleanup this starts stops children and waits for them: a second SIGTERM must not cut it short (SIGKILL can).
+    signal.signal(signum, signal.SIG_IGN)
+    raise Terminated(TERMINATED_EXIT)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -80,7 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    if args.command not in OWN_SIGTERM:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"inspectd {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except Terminated:
+        print(f"inspectd {args.command}: stopped by SIGTERM", file=sys.stderr)
+        return TERMINATED_EXIT
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +20,14 @@ pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory) -> Path:
+def train_tiny_bundle(tmp_path_factory) -> Path:
+    """A 64x64 frozen Lite0 bundle fitted on 4 frames of the built-in synthetic line: the test runs on every machine."""
     from engines.data.synthline import SyntheticLine
     from engines.progress import Progress
     from engines.training.train import train_bundle
 
     images = tmp_path_factory.mktemp("good")
-    SyntheticLine(64, 64, seed=5).write_folder(images, 4)  # the built-in line: the test runs on every machine
+    SyntheticLine(64, 64, seed=5).write_folder(images, 4)
     result = train_bundle(
         images,
         tmp_path_factory.mktemp("bundle") / "b64",
@@ -37,10 +39,69 @@ def tiny_bundle(tmp_path_factory) -> Path:
     return result.bundle
 
 
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    return train_tiny_bundle(tmp_path_factory)
+
+
 def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "inspectd", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+def cli(args: list[str], stdout, stderr, env: dict | None = None) -> subprocess.Popen:
+    """`inspectd ARGS` in a process group of its own (a terminal's Ctrl-C reaches the group), with SIGINT at its
+    default action: a test run from a background job inherits it ignored, and Python then never raises
+    KeyboardInterrupt."""
+    reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    reset += "os.execv(sys.executable, [sys.executable, '-m', 'inspectd', *sys.argv[1:]])"
+    return subprocess.Popen(
+        [sys.executable, "-c", reset, *args], cwd=ROOT, stdout=stdout, stderr=stderr, env=env, start_new_session=True
+    )
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def is_daemon(pid: int) -> bool:
+    """An `inspectd run` process, alive: not a zombie, which an orphan may stay when PID 1 does not reap."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return b"inspectd" in argv and b"run" in argv and state != "Z"
+
+
+def daemon_children(pid: int) -> list[int]:
+    """The `inspectd run` processes `pid` started (from its main thread, as the bench and the demo do)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(child) for child in children if is_daemon(int(child))]
+
+
+def kill_daemons(pids: list[int]) -> None:
+    """Test cleanup: the daemons a stopped command left running, by their pid once it is seen to be one still."""
+    for pid in pids:
+        if is_daemon(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def stopped_by(signum: int) -> tuple[int, str]:
+    """What `inspectd` exits with, and says last, when a signal ends a command that has no stop of its own."""
+    if signum == signal.SIGINT:
+        return 130, "interrupted"
+    return 143, "stopped by SIGTERM"
 
 
 def table_rows(stdout: str) -> list[list[str]]:
@@ -458,3 +519,35 @@ def test_a_saturated_scenario_may_drain_its_queues_within_the_longest_shutdown_t
     assert json.loads(s.config.read_text())["shutdown_timeout_s"] == MAX_SHUTDOWN_TIMEOUT_S
     past_it = 2 * PUBLISH_GRACE_S + PUB_LINGER_MS / 1000 + CLOSE_GRACE_S  # the daemon's stop past its timeout
     assert daemon.STOP_TIMEOUT_S > MAX_SHUTDOWN_TIMEOUT_S + past_it
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_bench_stopped_by_a_signal_stops_its_daemon_and_removes_its_folders(
+    tiny_bundle, tmp_path, tmp_path_factory, signum
+):
+    """`kill PID`, a CI job's timeout or a job scheduler end the bench with SIGTERM; a person with Ctrl-C. Either way
+    the daemon it started must not stream on without it, nor its frame copies and logs stay behind in TMPDIR."""
+    tmp = tmp_path_factory.mktemp("t")  # a short path: the daemons' control sockets are bound under it
+    args = ["bench", "daemon", "--bundle", str(tiny_bundle), "--source", "zmq-raw", "--cameras", "1", "--load", "sat"]
+    args += ["--synthetic", "2", "--duration", "120", "--max-batch", "1"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = cli(args, out, err, env={**os.environ, "TMPDIR": str(tmp)})
+    daemons: list[int] = []
+    try:
+
+        def ready():  # its control socket is bound once it has started (its log is kept to warnings)
+            return list(tmp.glob("inspectd-bench-daemon-*/s0/control.sock")) and daemon_children(proc.pid)
+
+        daemons = wait_for(ready, 150, "the bench's daemon to start")
+        proc.send_signal(signum)  # to the bench alone: it must stop the daemon itself
+        code, said = stopped_by(signum)
+        assert proc.wait(60) == code, (tmp_path / "err").read_text()[-2000:]
+        err_text = (tmp_path / "err").read_text()
+        assert err_text.strip().splitlines()[-1] == f"inspectd bench: {said}" and "Traceback" not in err_text
+        wait_for(lambda: not any(map(is_daemon, daemons)), 10, "the daemon to be gone")
+        assert not list(tmp.glob("inspectd-bench*"))
+    finally:
+        daemons = daemons or daemon_children(proc.pid)
+        proc.kill()
+        proc.wait()
+        kill_daemons(daemons)

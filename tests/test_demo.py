@@ -3,12 +3,17 @@ subscribes, stops it and prints the summary."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from test_bench import cli, daemon_children, is_daemon, kill_daemons, stopped_by, train_tiny_bundle, wait_for
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -74,3 +79,46 @@ def test_demo_refuses_bad_options(tmp_path):
         cwd=REPO,
     )
     assert proc.returncode == 2 and "--cameras 9: expected 1..4" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory) -> Path:
+    """A demo workdir whose model is already there, so the demo goes straight to streaming."""
+    workdir = tmp_path_factory.mktemp("demo")
+    shutil.copytree(train_tiny_bundle(tmp_path_factory), workdir / "bundle")
+    return workdir
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_demo_stopped_by_a_signal_stops_its_daemon(trained_workdir, tmp_path, signum):
+    """Ctrl-C is the obvious way to end a demo early: one line, exit 130, and the summary of what it showed. SIGTERM
+    (a job's timeout) ends it too; neither may leave its daemon streaming on, the next demo binding over it."""
+    args = ["demo", "--workdir", str(trained_workdir), "--duration", "120", "--cameras", "1", "--rate", "8"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = cli(args, out, err)
+    daemons: list[int] = []
+    try:
+        verdict = re.compile(r"^cam0 seq=\d+ (ok|defect)", re.M)
+        wait_for(lambda: len(verdict.findall((tmp_path / "out").read_text())) >= 3, 150, "three verdicts shown")
+        daemons = daemon_children(proc.pid)
+        assert len(daemons) == 1
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)  # as a terminal sends it: to the demo and its daemon
+        else:
+            proc.send_signal(signum)  # `kill PID`: to the demo alone, which must stop its daemon itself
+        code, said = stopped_by(signum)
+        assert proc.wait(60) == code, (tmp_path / "err").read_text()[-2000:]
+        err_text, out_text = (tmp_path / "err").read_text(), (tmp_path / "out").read_text()
+        assert err_text.strip().splitlines()[-1] == f"inspectd demo: {said}" and "Traceback" not in err_text
+        wait_for(lambda: not is_daemon(daemons[0]), 10, "the daemon to be gone")
+        if signum == signal.SIGINT:
+            assert "summary: interrupted" in out_text
+            frames = int(re.search(r"summary: (\d+) frames from 1 camera", out_text).group(1))
+            # Counted, then printed: a Ctrl-C between the two leaves one counted that was not shown.
+            assert frames - len(verdict.findall(out_text)) in (0, 1) and frames >= 3
+            assert "daemon exit status 0" in out_text
+    finally:
+        daemons = daemons or daemon_children(proc.pid)
+        proc.kill()
+        proc.wait()
+        kill_daemons(daemons)

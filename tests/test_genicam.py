@@ -380,3 +380,78 @@ def _wait(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def dpkg_query(folder: Path, missing: str | None) -> Path:
+    """A dpkg-query in `folder` (a PATH entry) that answers as Debian's would on a machine without the package
+    `missing`, or with every package asked about installed (None): this machine has all that make test installs."""
+    shim = folder / "dpkg-query"
+    if missing is None:
+        shim.write_text("#!/bin/sh\necho 'install ok installed'\n")
+    else:
+        shim.write_text(
+            "#!/bin/sh\nfor a; do last=$a; done\n"
+            f'[ "$last" = {missing} ] && {{ echo "dpkg-query: no packages found matching $last" >&2; exit 1; }}\n'
+            'exec /usr/bin/dpkg-query "$@"\n'
+        )
+    shim.chmod(0o755)
+    return folder
+
+
+def test_make_test_as_another_user_stops_naming_a_missing_aravis_package(open_tmp_path):
+    """Without the fake camera's package, a run would skip every genicam test and still read as a pass: `make test`
+    stops before anything runs, naming it in one line with the other missing packages, and aravis.sh fails too."""
+    from other_user import as_nobody
+
+    env = {"PATH": f"{dpkg_query(open_tmp_path, 'aravis-tools')}:/usr/bin:/bin", "HOME": str(open_tmp_path)}
+    make = subprocess.run(
+        as_nobody(["make", "-s", "-C", str(REPO), "system-packages"]), capture_output=True, text=True, env=env
+    )
+    assert make.returncode != 0, make.stdout + make.stderr
+    (line,) = make.stderr.strip().splitlines()[:1]
+    assert line.startswith("make: missing Debian packages:") and line.endswith("apt-get install aravis-tools"), line
+    script = subprocess.run(
+        as_nobody(["sh", str(REPO / "deploy" / "aravis.sh"), str(open_tmp_path / "venv"), "--fake"]),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert script.returncode == 1 and script.stderr.strip().splitlines() == [
+        "aravis.sh: missing Debian packages: aravis-tools; run it as root, or apt-get install aravis-tools"
+    ], script.stderr
+
+
+def test_aravis_sh_fails_for_a_venv_debians_pygobject_cannot_serve(tmp_path):
+    """A venv of another Python minor than Debian's python3 cannot use Debian's PyGObject: a line saying what to do and
+    exit 1, not a link that does not import and skipped tests; one with a PyGObject of its own is left as it is."""
+    check = 'import gi; gi.require_version("Aravis", "0.8"); from gi.repository import Aravis'
+    if subprocess.run(["/usr/bin/python3", "-c", check], capture_output=True).returncode != 0:
+        pytest.skip("Debian's python3 cannot import Aravis through gi (gir1.2-aravis-0.8, python3-gi)")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+
+    def aravis_sh(sees_gi: bool) -> subprocess.CompletedProcess:
+        # Debian's interpreter saying it is another version; with -S it does not see Debian's gi, as a venv would not.
+        python.write_text(
+            '#!/bin/sh\ncase "$*" in *version_info*) echo 3.99 ;; *) exec /usr/bin/python3 '
+            + ("" if sees_gi else "-S ")
+            + '"$@" ;; esac\n'
+        )
+        python.chmod(0o755)
+        return subprocess.run(
+            ["sh", str(REPO / "deploy" / "aravis.sh"), str(venv)],
+            capture_output=True,
+            text=True,
+            env={"PATH": f"{dpkg_query(tmp_path, None)}:/usr/bin:/bin"},
+        )
+
+    refused = aravis_sh(sees_gi=False)
+    assert refused.returncode == 1, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "has Python 3.99: make the venv with Debian's python3 (make clean && make test PYTHON=/usr/bin/python3)" in (
+        line
+    )
+    assert not (venv / "system-gi").exists()
+    own = aravis_sh(sees_gi=True)
+    assert own.returncode == 0 and own.stderr == "" and not (venv / "system-gi").exists(), own.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,9 +83,16 @@ def build_model(workdir: Path, size: int = MODEL_SIZE[0], frames: int = TRAIN_FR
             path.replace(good / f"cam{i}_{path.name}")
         (good / f"cam{i}").rmdir()
     print(f"demo: training a frozen EfficientNet-Lite0 model at {size}x{size}", flush=True)
-    result = train_bundle(
-        good, bundle, method="frozen", size=(size, size), holdout=HOLDOUT, progress=Progress(stream=sys.stdout)
-    )
+    try:
+        result = train_bundle(
+            good, bundle, method="frozen", size=(size, size), holdout=HOLDOUT, progress=Progress(stream=sys.stdout)
+        )
+        if result.interrupted:  # training stops early on Ctrl-C and writes what it has; the demo stops there too
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        # A model fitted on part of the frames would be taken for a whole one by the next demo: that one trains again.
+        shutil.rmtree(bundle, ignore_errors=True)
+        raise
     print(
         f"demo: model {result.model_id} written to {bundle} in {result.seconds:.0f} s "
         f"(image threshold {result.image_threshold:.4f})",
@@ -184,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
     results: list[Result] = []
     gaps = GapTracker()
+    interrupted: KeyboardInterrupt | None = None
     with open(log_path, "wb") as log, Subscriber(endpoint, topic="inspect.demo.") as subscriber:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "inspectd", "run", "--config", str(config_path)],
@@ -227,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
                     print(f"gap: {message.camera} missed seq {missed[0]}..{missed[1]}", flush=True)
                 if not args.quiet:
                     print(format_result(message) + ("  [planted]" if message.truth else ""), flush=True)
+        except KeyboardInterrupt as stop:
+            interrupted = stop  # Ctrl-C ends the demo early: the summary of what was shown still follows
         finally:
             if daemon.poll() is None:
                 daemon.send_signal(signal.SIGTERM)
@@ -238,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
     wall = time.monotonic() - started if started else 0.0
     s = summarise(results, gaps, wall)
     print()
+    if interrupted is not None:
+        print("summary: interrupted; what follows covers the results shown until then")
     print(
         f"summary: {s['frames']} frames from {args.cameras} camera(s) in {wall:.1f} s ({s['fps']:.1f} frames/s), "
         f"{s['errors']} errors, {s['missed_seq']} lost"
@@ -247,5 +260,7 @@ def run(args: argparse.Namespace) -> int:
         f"(catch rate {s['catch_rate']:.0%}), false alarms {s['false_alarms']} of {s['good']} good frames"
     )
     print(f"summary: latency p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms (ingest to publish)")
-    print(f"summary: daemon exit status {daemon.returncode}; log {log_path}")
+    print(f"summary: daemon exit status {daemon.returncode}; log {log_path}", flush=True)
+    if interrupted is not None:
+        raise interrupted
     return 0 if daemon.returncode == 0 and s["frames"] > 0 else 1

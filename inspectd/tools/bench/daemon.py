@@ -329,13 +329,15 @@ class Scenario:
             PYTHONUNBUFFERED="1",
             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
         )
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir)
-            )
         sub = Subscriber(self.publish, topic="inspect.bench.", context=zmq.Context.instance(), rcvhwm=100000)
         pusher = None
+        proc: subprocess.Popen | None = None
         try:
+            # Started inside the `try` whose `finally` stops it: Ctrl-C or SIGTERM a moment later must not leave it.
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir)
+                )
             self._wait_ready(proc, sub, log_path)
             if self.ingest:
                 pusher = Pusher(
@@ -351,7 +353,7 @@ class Scenario:
                 pusher.stop.set()
                 pusher.join(2.0)
             sub.socket.close(0)
-            stopped = self._stop(proc)
+            stopped = self._stop(proc) if proc is not None else None
         if stopped is not None:
             raise RuntimeError(stopped)
         return row
