@@ -385,12 +385,6 @@ class _Scored:
     skipped_defect: list[Path] = dataclasses.field(default_factory=list)
 
 
-def skipped_warning(paths: list[Path]) -> str:
-    """The WARNING for images left out because they do not decode (calibrate's and teach's)."""
-    shown = ", ".join(str(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
-    return f"WARNING: skipped {len(paths)} image(s) that do not decode: {shown}"
-
-
 def refuse_non_finite(scores, paths, what: str) -> None:
     """CalibrationError naming the images (`paths`, or their positions when None) scored NaN or infinity: NaN
     compares false with every threshold, so counted it would pass as judged ok (an escape, if defective)."""
@@ -424,7 +418,7 @@ def _good_paths(folder: Path) -> list[Path]:
 
 def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
     """(image, mask or None) for every defective image named by --defective."""
-    from engines.data.images import MvtecFolder, list_images
+    from engines.data.images import MaskFolder, MvtecFolder, list_images
 
     items: list[tuple[Path, Path | None]] = []
     for name in folders:
@@ -433,11 +427,9 @@ def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
             if (folder / "test").is_dir():
                 items += [(i.path, i.mask_path) for i in MvtecFolder(folder).test_items() if i.is_defective]
                 continue
-            # An MVTec test/<type> folder: its masks live in ../../ground_truth/<type>/<stem>_mask.png.
-            masks = folder.parent.parent / "ground_truth" / folder.name
-            for path in list_images(folder):
-                mask = masks / f"{path.stem}_mask.png"
-                items.append((path, mask if mask.is_file() else None))
+            # An MVTec test/<type> folder: its masks live in ../../ground_truth/<type>/, named as eval reads them.
+            masks = MaskFolder(folder.parent.parent / "ground_truth" / folder.name)
+            items += [(path, masks.mask_for(path)) for path in list_images(folder)]
         except OSError as exc:
             raise _cannot_read(folder, exc) from None
     return items
@@ -855,6 +847,8 @@ def _calibrate(bundle, current, args, out):
         )
     scored = _score(bundle, args, good, defective, options)
     if skipped := scored.skipped_good + scored.skipped_defect:
+        from engines.data.images import skipped_warning
+
         print(skipped_warning(skipped), file=out)
     image, pixel, chosen = _choose(args, scored, out)
     hold = rejects_most(scored.good, image)

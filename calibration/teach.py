@@ -103,11 +103,13 @@ from engines.data.images import (
     SPLIT_HOLDOUT,
     VALIDATION_FOLDS,
     ImageFiles,
+    duplicates_note,
     frames_checksums,
     good_folder,
     list_images,
     split_holdout,
     validation_folds,
+    without_duplicates,
 )
 from engines.durable import exchange, fsync_dir, replace_dir
 from engines.errors import BundleError, DataError, EngineError
@@ -324,6 +326,7 @@ class GoodFrames:
     record: dict[str, Any]  # where they came from, for the teach record's `frames`
     provenance: dict[str, Any]  # the same, shorter, for the thresholds' provenance
     hint: str = ""  # how to get more of them, for the too-few refusal
+    duplicates: tuple[tuple[Path, Path], ...] = ()  # (file left out, the earlier file with its very bytes)
 
 
 def export_root(folder: Path) -> Path | None:
@@ -422,7 +425,9 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     paths = list_images(folder)
     root = export_root(folder)
     if root is None:
-        return GoodFrames(paths, source, {"folder": resolved}, {"good_dir": resolved})
+        paths, duplicates = _without_duplicates(paths)
+        record = {"folder": resolved, **_counted_duplicates(duplicates)}
+        return GoodFrames(paths, source, record, {"good_dir": resolved}, "", duplicates)
     # None where nothing was looked up (--any-model), so the record does not claim "checked, none".
     other: dict[str, int] | None = None
     unnamed: int | None = None
@@ -454,6 +459,8 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
                 )
             raise TeachError(_no_lineage_frames(source, models, other, instead, unnamed))
         paths = kept
+    # After the lineage rule: of a frame and its copy under another name, the one the export names is what stays.
+    paths, duplicates = _without_duplicates(paths)
     # An export appends to its folder: one exported into again still holds the older spans' frames, which the
     # lineage rule keeps and --any-model takes, so the span actually taught on, and whether it is one export's, is
     # worth saying. Rows from before runs were recorded count as one run.
@@ -469,7 +476,12 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
         "export_spans": separate_spans(named),
         "judged_by": judged,
     }
-    record = {"folder": resolved, "export": str((root / MANIFEST_NAME).resolve()), "model_ids": models}
+    record = {
+        "folder": resolved,
+        "export": str((root / MANIFEST_NAME).resolve()),
+        "model_ids": models,
+        **_counted_duplicates(duplicates),
+    }
     left = [f"{_counted(other)} left out"] if other else []
     if unnamed:
         left.append(f"{unnamed} not named in {MANIFEST_NAME} left out")
@@ -481,7 +493,19 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
         # Where the thresholds came from, as an --archive teach's say it.
         {"good_dir": resolved, "since": span["since"], "until": span["until"]},
         hint,
+        duplicates,
     )
+
+
+def _without_duplicates(paths: list[Path]) -> tuple[list[Path], tuple[tuple[Path, Path], ...]]:
+    """As train leaves them out: a held-out frame's twin in the fit scores it about 0 and drags the threshold down (a
+    stuck camera exports one frame under many ids), and train's own folder must list as train listed it."""
+    kept, duplicates = without_duplicates(paths)
+    return kept, tuple(duplicates)
+
+
+def _counted_duplicates(duplicates: tuple[tuple[Path, Path], ...]) -> dict[str, int]:
+    return {"n_duplicates": len(duplicates)} if duplicates else {}
 
 
 def _no_lineage_frames(where: str, models: list[str], other: dict[str, int], instead: str, unnamed: int = 0) -> str:
@@ -647,9 +671,9 @@ def teach(
         check_writable,
         pixel_threshold_for_fpr,
         refuse_non_finite,
-        skipped_warning,
         threshold_for_false_reject,
     )
+    from engines.data.images import skipped_warning
     from engines.training.metrics import PixelHistograms
 
     out = out or sys.stdout
@@ -661,6 +685,8 @@ def teach(
     check_writable((linked_dir(bundle_path) or bundle_path).parent, "teach", "")
     kind, settings = scorer_settings(bundle)
     frames = good if isinstance(good, GoodFrames) else folder_frames(good, teach_lineage(bundle))
+    if frames.duplicates:
+        print(duplicates_note(frames.duplicates), file=out)
     paths = frames.paths
     if len(paths) < MIN_FRAMES:
         raise TeachError(

@@ -585,7 +585,7 @@ def test_a_training_folder_calibrate_may_not_enter_leaves_a_note_not_a_refusal(t
     notes = [line for line in out.stdout.splitlines() if line.startswith("note: ")]
     assert len(notes) == 1, out.stdout
     assert notes[0].startswith(f"note: the --good frames were not compared with the frames {bundle} was trained on (")
-    assert f"{home / 'trainer' / 'data' / 'train' / 'good'}: Permission denied, as " in notes[0], notes
+    assert f"{home / 'trainer' / 'data' / 'train'}: Permission denied, as " in notes[0], notes
     assert "--good frames are frames" not in out.stdout, out.stdout
 
 
@@ -837,6 +837,22 @@ def test_no_regionless_warning_where_the_image_score_is_the_scorers_own(tmp_path
     written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
     assert written.image_threshold < 0.5 == written.pixel_threshold
     assert "no region" not in out and "no region" not in str(written.provenance["observed"]), out
+
+
+def test_a_test_type_folders_masks_are_found_under_every_name_eval_reads(tmp_path, capsys):
+    """`--defective test/<type>` looked for `<stem>_mask.png` alone: VisA's and BTAD's `<stem>.png` masks were not
+    found, and the pixel threshold came from the good pixels without a word."""
+    bundle, good, crack = grey_station(tmp_path, n_good=20, n_defect=10)
+    masks = crack.parent.parent / "ground_truth" / "crack"
+    for mask in masks.iterdir():
+        mask.rename(masks / mask.name.replace("_mask", ""))
+    code, out, err = calibrate(
+        capsys, bundle, "--good", good, "--defective", crack, "--pixel", "--pixel-fpr", "0.0001", "--dry-run"
+    )
+    assert code == 0, err
+    assert "note: --pixel-fpr 0.0001 not used: the defects have masks, the pixel threshold is their pixel F1-max" in (
+        out.splitlines()
+    ), out
 
 
 def test_pixel_fpr_without_pixel_is_refused_and_one_masks_leave_unused_is_noted(tmp_path, capsys):

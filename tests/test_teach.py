@@ -1325,9 +1325,12 @@ def test_an_export_reviewed_by_hand_keeps_the_frames_moved_into_good_and_leaves_
     # Every frame of the folder, named or not; whose they are was not looked up, and the record says so (null),
     # not that none was another model's or unnamed.
     assert teach.run(args(bundle, good=str(export), any_model=True)) == 0
-    assert "left out" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "frames: left out" not in out, out
+    # 17 files, two of them byte copies of others (extra.png, the .jpg): left out as train leaves them out, and counted.
+    assert "note: 2 duplicate image(s) left out: " in out, out
     frames = load_bundle(bundle).manifest["teach"]["frames"]
-    assert frames["n"] == 17 and frames["model_ids"] is None, frames
+    assert frames["n"] == 15 and frames["n_duplicates"] == 2 and frames["model_ids"] is None, frames
     assert frames["other_models"] is None and frames["not_in_export"] is None, frames
 
 
@@ -1775,6 +1778,31 @@ def test_frames_that_do_not_decode_are_skipped_and_named_not_the_end_of_the_teac
     assert out.stderr.strip().splitlines()[-1] == (
         f"inspectd teach: {good / '000.png'}: empty file, expected an encoded image (JPEG, PNG, ...)"
     ), out.stderr
+
+
+def test_frames_that_repeat_an_earlier_frames_bytes_are_left_out_as_train_leaves_them_out(tmp_path):
+    """A held-out frame's twin in the fit scores it about 0 and drags the threshold down (a stuck camera exports one
+    frame under many ids); train leaves such files out, so teach on train's own folder must list it as train did."""
+    import cv2
+
+    from station_model import good_frame
+
+    bundle = stand_in(tmp_path / "b")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    for i in range(3):
+        (good / f"{i + 100:03d}.png").write_bytes((good / f"{i:03d}.png").read_bytes())
+    out = inspectd("teach", str(bundle), "--good", str(good))
+    assert out.stdout.splitlines()[0] == (
+        "note: 3 duplicate image(s) left out: 100.png (same as 000.png), 101.png (same as 001.png), "
+        "102.png (same as 002.png)"
+    ), out.stdout
+    from calibration.teach import folder_frames
+
+    frames = folder_frames(good)
+    assert len(frames.paths) == 8 and frames.record["n_duplicates"] == 3
 
 
 def test_frames_left_out_as_undecodable_are_recorded_as_archive_teach_records_its_unreadable_ones(tmp_path):

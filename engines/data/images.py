@@ -160,7 +160,7 @@ def defect_free_folders(split: Path) -> list[Path]:
     try:
         # The name first: a plain folder of thousands of images called train/ is not stat'ed file by file.
         return sorted(p for p in split.iterdir() if p.name.lower() in DEFECT_FREE_NAMES and p.is_dir())
-    except OSError:  # missing, a file, or not listable: no defect-free folder to read there
+    except (FileNotFoundError, NotADirectoryError):  # no such split here; one this user may not read says so
         return []
 
 
@@ -241,7 +241,8 @@ def without_duplicates(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Pa
             sizes.append(path.stat().st_size)
         except OSError as exc:
             raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    shared = {size for size, n in collections.Counter(sizes).items() if n > 1}
+    # An empty file is no image to be a copy of: it is left to decoding, which names it.
+    shared = {size for size, n in collections.Counter(sizes).items() if n > 1 and size > 0}
     first: dict[tuple[int, bytes], Path] = {}
     kept, left_out = [], []
     for path, size in zip(paths, sizes):
