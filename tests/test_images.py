@@ -64,6 +64,37 @@ def test_masks_are_found_under_mvtec_visa_and_btad_names_with_any_image_extensio
     assert MvtecFolder(root).unmatched_masks() == []
 
 
+def test_a_photo_copied_into_ground_truth_is_never_its_own_mask_and_stems_match_in_any_case(tmp_path):
+    """A dataset's own folder copied into ground_truth/ holds its photos beside their masks: magnetic tile's
+    `exp1_num_1.jpg` by `exp1_num_1.png`, KolektorSDD2's `10000.png` by `10000_GT.png`. The photo, taken as the mask,
+    marked every pixel a defect and gave believable figures without a word."""
+    root = tmp_path / "set"
+    gt = root / "ground_truth" / "crack"
+    photo = _write(root / "test" / "crack" / "exp1_num_1.jpg", 1)
+    gt.mkdir(parents=True)
+    shutil.copy(photo, gt / "exp1_num_1.jpg")
+    _mask(gt / "exp1_num_1.png", slice(0, 4))  # the real mask: lossless, beside the copied photo
+    ksdd = _write(root / "test" / "crack" / "10000.png", 2)
+    shutil.copy(ksdd, gt / "10000.png")  # the photo itself; its mask is named 10000_GT.png, which eval does not read
+    _write(root / "test" / "crack" / "Part7.png", 3)
+    _mask(gt / "part7_MASK.png", slice(8, 12))
+    items = {item.path.name: item.mask_path for item in MvtecFolder(root).test_items()}
+    assert items == {
+        "10000.png": None,
+        "Part7.png": gt / "part7_MASK.png",
+        "exp1_num_1.jpg": gt / "exp1_num_1.png",
+    }
+
+
+def test_masks_kept_in_a_folder_per_image_are_reported_not_skipped_without_a_word(tmp_path):
+    """MVTec LOCO keeps each image's masks in a sub-folder of its own, which eval does not read."""
+    root = tmp_path / "set"
+    _write(root / "test" / "logical" / "000.png", 1)
+    _mask(root / "ground_truth" / "logical" / "000" / "000.png", slice(0, 4))
+    (unmatched,) = MvtecFolder(root).unmatched_masks()
+    assert unmatched.folder == root / "ground_truth" / "logical" and unmatched.n_files == 1
+
+
 def test_a_mask_folder_none_of_whose_files_match_is_reported_with_the_names_looked_for(tmp_path):
     root = tmp_path / "set"
     (root / "ground_truth" / "crack").mkdir(parents=True)

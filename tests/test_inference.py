@@ -347,3 +347,34 @@ def test_probe_and_int8_calibration_frames_are_narrowed_with_the_bundles_bit_dep
     assert source == str(good) and np.array_equal(frames, expected)
     batches = calibration_frames(good, (H, W, 1), "stretch", 2, bundle.bit_depth)
     assert np.array_equal(batches.reshape(expected.shape), expected)
+
+
+def test_probe_frames_read_a_training_set_whose_defect_free_folder_is_ok(tmp_path):
+    """train reads train/ok (BTAD's name) as train/good: the probe looked for train/good alone, and a bundle trained
+    on such a set could not open a reduced-precision engine."""
+    from engines.bundle.store import load_bundle
+    from inspectd.daemon.inference import probe_frames
+
+    data = tmp_path / "btad"
+    ok = data / "train" / "OK"
+    ok.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        assert cv2.imwrite(str(ok / f"{i}.png"), rng.integers(0, 256, (40, 50), dtype=np.uint8))
+    path = write_bundle(
+        tmp_path / "bundle",
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": H, "width": W, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+            "training": {"data": str(data)},
+        },
+        grey_graph(H),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.first_version(0.5, 0.5, {"tool": "test"}),
+    )
+    bundle = load_bundle(path)
+    frames, source = probe_frames(bundle, bundle.thresholds(), count=4)
+    assert source == str(ok) and len(frames) == 3

@@ -267,28 +267,45 @@ def skipped_warning(paths: Sequence[Path]) -> str:
     return f"WARNING: skipped {len(paths)} image(s) that do not decode: {shown}"
 
 
+LOSSY_SUFFIXES = {".jpg", ".jpeg"}
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and read_file(a) == read_file(b)
+    except OSError:
+        return False
+
+
 class MaskFolder:
     """The masks of one ground_truth/<type>/ folder, listed once: the mask of test image `<stem>.<ext>` is
     `<stem>_mask.<ext>` (MVTec AD), else `<stem>.<ext>` (VisA after anomalib's split, BTAD), with any extension
-    IMAGE_SUFFIXES names, in any case."""
+    IMAGE_SUFFIXES names, names and extensions in any case. A lossless file before a JPEG of the same name, and never
+    a copy of the image itself: a dataset's own folder copied into ground_truth/ holds its photos beside their masks
+    (magnetic tile's `exp1_num_1.jpg` by `exp1_num_1.png`, KolektorSDD2's `10000.png` by `10000_GT.png`)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.by_stem: dict[str, Path] = {}
+        self.by_stem: dict[str, list[Path]] = {}
         if folder.is_dir():
-            for path in list_images(folder):
-                self.by_stem.setdefault(path.stem, path)  # 000_mask.png before 000_mask.tif: sorted, first kept
+            for path in sorted(list_images(folder), key=lambda p: (p.suffix.lower() in LOSSY_SUFFIXES, p.name)):
+                self.by_stem.setdefault(path.stem.lower(), []).append(path)
 
     def mask_for(self, image: Path) -> Path | None:
-        return self.by_stem.get(f"{image.stem}_mask") or self.by_stem.get(image.stem)
+        for stem in (f"{image.stem}_mask", image.stem):
+            for path in self.by_stem.get(stem.lower(), []):
+                if not _same_bytes(path, image):
+                    return path
+        return None
 
     def n_files(self) -> int:
-        """Files of any kind in the folder (masks saved as .npy or .gif are masks too, only not ones read here);
+        """Entries of any kind in the folder (masks saved as .npy or .gif, or in a folder per image, are masks too);
         hidden ones (an AppleDouble `._000.png`) are not counted."""
         if not self.folder.is_dir():
             return 0
         try:
-            return sum(1 for p in self.folder.iterdir() if not p.name.startswith(".") and p.is_file())
+            # A folder too: MVTec LOCO keeps each image's masks in a sub-folder of its own.
+            return sum(1 for p in self.folder.iterdir() if not p.name.startswith("."))
         except OSError as exc:
             raise DataError(f"{self.folder}: cannot read ({exc.strerror or exc})") from None
 

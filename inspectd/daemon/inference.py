@@ -120,18 +120,21 @@ class ModelState:
 def probe_frames(bundle, thresholds, count: int = SHIFT_PROBE_FRAMES) -> tuple[np.ndarray, str]:
     """Up to `count` defect-free frames fitted to the model input, spread over the first folder the bundle names that
     is here: the thresholds' calibration images (newest version first), then its training images."""
-    from engines.data.images import ImageFiles, list_images
+    from engines.data.images import ImageFiles, good_folder, list_images
     from engines.runtime.preprocess import fit_all
 
     named = [thresholds.provenance.get("good_dir")]
     named += [entry.get("provenance", {}).get("good_dir") for entry in thresholds.history]
     named.append(bundle.manifest.get("training", {}).get("data"))
     folders = [Path(d) for d in dict.fromkeys(n for n in named if isinstance(n, str) and n)]
-    for folder in folders:
-        folder = folder / "train" / "good" if (folder / "train" / "good").is_dir() else folder
-        if not folder.is_dir():
+    for named_folder in folders:
+        try:
+            folder = good_folder(named_folder, ("train",))  # train's folder as train read it: train/ok too
+            if not folder.is_dir():
+                continue
+            paths = list_images(folder)
+        except (EngineError, OSError):  # one this user may not read, or no longer a dataset: the next one named
             continue
-        paths = list_images(folder)
         if not paths:
             continue
         picked = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
