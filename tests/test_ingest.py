@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -234,6 +235,99 @@ def test_a_done_dir_files_cannot_be_moved_to_fails_the_camera_in_one_line(tmp_pa
         assert [p.name for p in tmp_path.iterdir()] == [] and [p.name for p in (other / "done").iterdir()] == []
     finally:
         shutil.rmtree(other)
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path):
+    """`folder` with no file to be made or deleted in it, by root too (root passes over modes: the immutable flag
+    binds it); yields why a write there fails (strerror). Writable again after the block."""
+    folder.chmod(0o555)
+    immutable = False
+    try:
+        if os.geteuid() == 0 and shutil.which("chattr") is not None:
+            immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        try:
+            (folder / ".writable").touch()
+        except OSError as exc:
+            reason = exc.strerror
+        else:
+            (folder / ".writable").unlink()
+            pytest.skip(f"{folder}: neither its mode nor chattr +i keeps this user from writing there")
+        yield reason
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("key", ["delete_after", "done_dir"])
+def test_a_folder_files_cannot_be_disposed_of_in_keeps_the_camera_reopening_in_one_line_until_it_can(
+    tmp_path, ingest_threads, capsys, key
+):
+    """Checked at open on a hidden file, as the move to done_dir always was: a folder the daemon may not write (the
+    capture software's, or one the systemd unit leaves read-only) used to give a camera `running` that logged an
+    error at every part and left every file to be inspected again after a restart. Put right, the camera runs."""
+    inbox, done = tmp_path / "in", tmp_path / "done"
+    inbox.mkdir()
+    done.mkdir()
+    SyntheticLine(32, 32, seed=3).write_folder(inbox, 2)
+    source = {"kind": "folder", "path": str(inbox), "poll_ms": 20}
+    source.update({"delete_after": True} if key == "delete_after" else {"done_dir": str(done)})
+    queue = FrameQueue(8, "block")
+    with unwritable(inbox if key == "delete_after" else done) as reason:
+        ingest = start(ingest_threads, camera(source), queue)
+        assert wait_for(lambda: ingest.stats()["reopen_count"] >= 3)
+        stats = ingest.stats()
+        assert stats["state"] == "reopening" and len(queue) == 0, stats
+        expected = (
+            f"OSError: delete_after {inbox}: cannot delete files there ({reason}), expected a folder writable by the "
+            "daemon (under systemd: listed in ReadWritePaths=)"
+            if key == "delete_after"
+            else f"OSError: done_dir {done}: cannot move files there from {inbox} ({reason}), expected both folders "
+            "writable by the daemon (under systemd: listed in ReadWritePaths=)"
+        )
+        assert stats["last_error"] == expected
+    assert sorted(p.name for p in inbox.iterdir()) == ["000000.png", "000001.png"]  # no probe left behind
+    assert list(done.iterdir()) == []
+    assert wait_for(lambda: len(queue) == 2), ingest.stats()
+    assert ingest.stats()["state"] == "running"
+    for frame in drain(queue):
+        frame.on_published()
+    assert list(inbox.iterdir()) == []
+    assert capsys.readouterr().out.count("state=reopening") == 1  # one line for the whole outage
+
+
+def test_files_a_folder_stops_letting_go_of_put_the_camera_in_error_once_and_are_deleted_when_it_can(
+    tmp_path, ingest_threads, capsys
+):
+    """A delete that fails after a good start (the folder's mode or owner changed under a running daemon): the
+    camera is reopened, once, with the file and the reason, instead of a log line at every part; the files whose
+    results went out meanwhile are deleted once it can again, not left to be inspected again after a restart."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    SyntheticLine(32, 32, seed=4).write_folder(inbox, 3)
+    queue = FrameQueue(8, "block")
+    ingest = start(
+        ingest_threads, camera({"kind": "folder", "path": str(inbox), "poll_ms": 20, "delete_after": True}), queue
+    )
+    assert wait_for(lambda: len(queue) == 3)
+    frames = drain(queue)
+    assert ingest.stats()["state"] == "running"
+    with unwritable(inbox) as reason:
+        for frame in frames:
+            frame.on_published()  # what the publisher calls once each result is out: never raises at it
+        assert wait_for(lambda: ingest.stats()["reopen_count"] >= 3)
+        assert ingest.stats()["state"] == "reopening"
+        assert sorted(p.name for p in inbox.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert wait_for(lambda: list(inbox.iterdir()) == []), ingest.stats()
+    assert wait_for(lambda: ingest.stats()["state"] == "running")
+    assert len(queue) == 0  # deleted as what they were: inspected, their results out
+    out = capsys.readouterr().out
+    assert out.count("state=reopening") == 1, out
+    assert (
+        f"cannot delete 000000.png there ({reason}), expected a folder writable by the daemon (under systemd: "
+        "listed in ReadWritePaths=)" in out
+    )
 
 
 def test_files_left_in_place_are_read_once_unless_rewritten(tmp_path, ingest_threads):

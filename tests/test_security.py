@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -733,3 +734,76 @@ def test_an_unread_handshake_watch_never_stalls_the_context(pki):
         context.destroy(0)
         server.stop()
         guard.stop()
+
+
+def _threads_and_fds() -> tuple[int, int]:
+    """The process's threads as the kernel counts them (libzmq's own included) and its open file descriptors."""
+    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+
+
+def test_reopening_a_curve_zmq_camera_leaves_no_thread_or_descriptor_behind(pki, tmp_path):
+    """Each open of a CURVE zmq camera watches its socket for refused handshakes. A watcher that outlived its socket
+    kept a thread and a descriptor at every reopen: an endpoint that cannot be bound (a producer NIC's address not
+    up) reopens every few seconds, and the daemon ran out of descriptors within hours and aborted in libzmq."""
+    from inspectd.daemon.ingest.queue import FrameQueue
+    from inspectd.daemon.ingest.supervisor import CameraIngest
+    from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
+
+    curve = {"server_secret_key": str(pki["server"][1]), "allowed_clients_dir": str(pki["allow_dir"])}
+
+    def camera(endpoint: str):
+        return parse_config(
+            {
+                "station": "s",
+                "model": {"bundle": "b"},
+                "state_dir": str(tmp_path),
+                "cameras": [{"id": "cam0", "source": {"kind": "zmq", "endpoint": endpoint, "curve": curve}}],
+            }
+        ).cameras[0]
+
+    def watching() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "auth-ingest-cam0" and t not in earlier]
+
+    def settled(before: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The counts once no watcher of this test is left and none is above `before`, or at the deadline."""
+        deadline = time.monotonic() + 10
+        now = _threads_and_fds()
+        while time.monotonic() < deadline and (
+            watching() or (before is not None and (now[0] > before[0] or now[1] > before[1]))
+        ):
+            time.sleep(0.05)
+            now = _threads_and_fds()
+        return now
+
+    earlier = {t for t in threading.enumerate() if t.name == "auth-ingest-cam0"}  # an earlier test's, if any
+    # TEST-NET-1 is on no interface: every bind fails (EADDRNOTAVAIL) and the camera is reopened, as in the field.
+    ingest = CameraIngest(camera("tcp://192.0.2.1:5999"), FrameQueue(4, "block"), backoff_s=(0.01, 0.02))
+    source = ZmqPullSource(camera(f"ipc://{tmp_path}/cam0.sock"), clock=time.time)  # rebound at once, unlike a port
+    stop = threading.Event()
+    source.open(stop)  # the first open starts what stays for the process (libzmq's threads)
+    source.close()
+    before = settled()  # once this open's watcher has ended
+    try:
+        ingest.start()
+        deadline = time.monotonic() + 20
+        while ingest.reopen_count < 30 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ingest.reopen_count >= 30 and ingest.stats()["state"] == "reopening", ingest.stats()
+        ingest.stop()
+        ingest.join(10)
+        assert not ingest.is_alive()
+        for _ in range(30):
+            source.open(stop)
+            source.close()
+        threads, fds = settled(before)
+        assert threads <= before[0] and fds <= before[1], f"threads {before[0]} -> {threads}, fds {before[1]} -> {fds}"
+        assert watching() == []
+        source.open(stop)
+        assert source.curve is not None and len(source.curve._monitors) == 1  # the ended watchers are let go
+        source.close()
+    finally:
+        ingest.stop()
+        source.close()
+        for guard in (ingest.curve, source.curve):
+            if guard is not None:
+                guard.stop()

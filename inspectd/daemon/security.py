@@ -227,11 +227,15 @@ class CurveServer:
         # Without this libzmq lets every client in when no ZAP handler answers (its backwards-compatible default):
         # with it, a stopped or missing authenticator refuses every handshake instead. Fail closed.
         sock.zap_enforce_domain = True
-        events = 0
+        # libzmq tells the monitor that its socket closed only when MONITOR_STOPPED is in the mask: without it the
+        # watcher, and its PAIR socket's fd, would outlive the socket, one more at every reopen of a zmq camera.
+        events = zmq.EVENT_MONITOR_STOPPED
         for event in _REFUSALS:
             events |= event
         monitor = sock.get_monitor_socket(events)
         thread = threading.Thread(target=self._watch, args=(monitor,), name=f"auth-{self.domain}", daemon=True)
+        # Watchers of sockets closed since end on their own; only those still watching are kept for stop().
+        self._monitors = [watcher for watcher in self._monitors if watcher.is_alive()]
         self._monitors.append(thread)
         thread.start()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import functools
 import math
@@ -76,12 +78,18 @@ class FolderWatcher(Source):
         self.pending: list[tuple[int, str]] = []  # ready (mtime_ns, name), oldest last, popped from the end
         self._scanned = -math.inf  # monotonic time at the end of the latest scan
         self._warned = False
+        # Files whose result is out but which could not be deleted or moved (publisher thread), and why the first
+        # of them could not: the camera is reopened on it, once, rather than fail again at every file after it.
+        self._undisposed: list[tuple[Path, int]] = []
+        self._disposal_failed: str | None = None
+        self._disposal_lock = threading.Lock()
 
     def open(self, stop: threading.Event) -> None:
         if not self.spec.path.is_dir():
             raise FileNotFoundError(f"{self.spec.path}: folder not found, expected a directory to watch")
-        if self.spec.done_dir is not None:
-            self._check_done_dir(self.spec.done_dir)
+        if self.spec.delete_after or self.spec.done_dir is not None:
+            self._check_disposal()
+            self._dispose_again()
         if not (self.spec.delete_after or self.spec.done_dir is not None or self._warned):
             self._warned = True
             log.warning(
@@ -92,25 +100,64 @@ class FolderWatcher(Source):
                 "delete_after or done_dir",
             )
 
-    def _check_done_dir(self, done_dir: Path) -> None:
-        """Files are moved to done_dir by rename, at once and whole: try one now (a hidden file, which no scan reads)
-        rather than fail at every file. A rename across filesystems or mount points fails (a copy instead would run
-        on the publisher thread for each frame), and done_dir as the watched folder itself would hand every file
-        back to the scan under a new name."""
-        done_dir.mkdir(parents=True, exist_ok=True)
-        if os.path.samefile(done_dir, self.spec.path):
-            raise SourceFatal(f"done_dir {done_dir}: the watched folder itself, expected another folder")
+    def _check_disposal(self) -> None:
+        """Files are deleted, or moved to done_dir by rename (at once and whole): try it now on a hidden file, which
+        no scan reads, rather than fail at every file. A rename across filesystems or mount points never works (a
+        copy instead would run on the publisher thread for each frame), and done_dir as the watched folder itself
+        would hand every file back to the scan under a new name: the camera fails. A folder the daemon may not
+        write (its mode, an immutable flag, a path the systemd unit leaves read-only) may be put right while it
+        runs: the open fails, and is tried again."""
+        done_dir = self.spec.done_dir
         probe = self.spec.path / f".inspectd-probe-{os.getpid()}"
+        moved = probe if done_dir is None else done_dir / probe.name
         try:
+            if done_dir is not None:
+                done_dir.mkdir(parents=True, exist_ok=True)
+                if os.path.samefile(done_dir, self.spec.path):
+                    raise SourceFatal(f"done_dir {done_dir}: the watched folder itself, expected another folder")
             probe.touch()
-            os.replace(probe, done_dir / probe.name)
-            (done_dir / probe.name).unlink()
+            if done_dir is not None:
+                os.replace(probe, moved)
+            moved.unlink()
         except OSError as exc:
-            probe.unlink(missing_ok=True)
-            raise SourceFatal(
-                f"done_dir {done_dir}: cannot move files there from {self.spec.path} ({exc.strerror or exc}), "
-                "expected a folder on the same filesystem and mount (files are moved by rename)"
-            ) from None
+            for left in {probe, moved}:
+                with contextlib.suppress(OSError):
+                    left.unlink(missing_ok=True)
+            if done_dir is not None and exc.errno == errno.EXDEV:
+                raise SourceFatal(
+                    f"done_dir {done_dir}: cannot move files there from {self.spec.path} ({exc.strerror or exc}), "
+                    "expected a folder on the same filesystem and mount (files are moved by rename)"
+                ) from None
+            raise OSError(self._cannot_dispose("files", exc)) from None
+
+    def _cannot_dispose(self, what: str, exc: OSError) -> str:
+        """Why `what` cannot be deleted or moved, in one line naming the key and the folders."""
+        reason = exc.strerror or one_line(exc)
+        if self.spec.done_dir is not None:
+            return (
+                f"done_dir {self.spec.done_dir}: cannot move {what} there from {self.spec.path} ({reason}), expected "
+                "both folders writable by the daemon (under systemd: listed in ReadWritePaths=)"
+            )
+        return (
+            f"delete_after {self.spec.path}: cannot delete {what} there ({reason}), expected a folder writable by "
+            "the daemon (under systemd: listed in ReadWritePaths=)"
+        )
+
+    def _dispose_again(self) -> None:
+        """Files whose result went out while they could not be disposed of: tried again once the folder passed its
+        check. One that still fails keeps the camera down, its name in the error, instead of running on and
+        leaving every file in the folder to be inspected again after a restart."""
+        with self._disposal_lock:
+            retry, self._undisposed = self._undisposed, []
+            self._disposal_failed = None
+        for path, mtime_ns in retry:
+            self._dispose(path, mtime_ns)
+        self._raise_disposal_failure()
+
+    def _raise_disposal_failure(self) -> None:
+        failed = self._disposal_failed
+        if failed is not None:
+            raise OSError(failed)
 
     def _scan(self) -> None:
         start = time.monotonic()
@@ -144,6 +191,7 @@ class FolderWatcher(Source):
         self.pending = ready
 
     def read(self, stop: threading.Event) -> Frame | None:
+        self._raise_disposal_failure()
         if not self.pending:
             # Listed at most once a poll, also while a backlog drains (its files were all ready at one scan, and
             # are read back to back), so a large folder is not listed again after every few files. A file's own
@@ -206,19 +254,27 @@ class FolderWatcher(Source):
         return frame
 
     def _dispose(self, path: Path, mtime_ns: int) -> None:
+        """Delete or move the file (publisher thread, once its result is out). A failure is kept for the ingest
+        thread, whose next read raises it: the camera's state and last_error say so, once, where a log line per
+        file would say it at every part and no status would."""
         try:
             if os.stat(path).st_mtime_ns != mtime_ns:
                 # Rewritten under the same name since it was read: the new content was not inspected. It stays,
                 # and the next scan sees it as a new file.
                 log.warning("folder_file_rewritten", camera=self.camera.id, file=printable(_frame_id(path.name)))
                 return
+            if self.spec.delete_after:
+                path.unlink()
+            elif self.spec.done_dir is not None:
+                self.spec.done_dir.mkdir(parents=True, exist_ok=True)
+                os.replace(path, unused_name(self.spec.done_dir / path.name, mtime_ns))
         except FileNotFoundError:
             return  # taken away by someone else
-        if self.spec.delete_after:
-            path.unlink(missing_ok=True)
-        elif self.spec.done_dir is not None:
-            self.spec.done_dir.mkdir(parents=True, exist_ok=True)
-            os.replace(path, unused_name(self.spec.done_dir / path.name, mtime_ns))
+        except OSError as exc:
+            with self._disposal_lock:
+                self._undisposed.append((path, mtime_ns))
+                if self._disposal_failed is None:
+                    self._disposal_failed = self._cannot_dispose(printable(_frame_id(path.name)), exc)
 
 
 def unused_name(target: Path, mtime_ns: int) -> Path:
