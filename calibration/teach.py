@@ -294,8 +294,10 @@ def training_split(bundle: Bundle, holdout: float | None = None, n: int | None =
     n_fit, n_held = training.get("n_fit"), training.get("n_holdout")
     # A cross-fit's counts (every image fitted and held out once) say nothing of the share it was given.
     cross_fitted = int(selection.get("folds", 1)) > 1
-    # Fitted on every frame: cross-fitted, or an auto bundle that records it (earlier ones fitted one share's frames).
-    fit_all = cross_fitted or training.get("fit_all") is True
+    # Fitted on every frame: an auto bundle that records it, or a cross-fitted one from before it was recorded (earlier
+    # one-share bundles fitted that share's frames); a cross-fit stopped in its refit records False, and its images are
+    # still train's.
+    fit_all = training.get("fit_all") is True or (cross_fitted and "fit_all" not in training)
     trained_on = None
     if isinstance(n_fit, int) and isinstance(n_held, int) and n is not None:
         trained_on = n_fit if fit_all else n_fit + n_held
@@ -608,18 +610,22 @@ def archive_frames(
             f"PNG: {', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}",
             file=sys.stderr,
         )
+    # As an export of the span is read (folder_frames): a stuck camera's copies of one frame are one frame.
+    paths, duplicates = _without_duplicates([path for _, path in kept])
+    ids = dict((path, entry_id) for entry_id, path in kept)
     span = {"camera": camera, "since": _iso(t_since), "until": _iso(t_until)}
     hint = "; the archive keeps one good frame in archive.good_every per camera: a longer span holds more"
     if other:
         hint += f" ({_counted(other)} left out: --any-model takes them)"
     return GoodFrames(
-        [path for _, path in kept],
+        paths,
         where,
         {
             "archive": root,
             **span,
             "verdict": "ok",
-            "ids": [entry_id for entry_id, _ in kept],
+            "ids": [ids[path] for path in paths],
+            **_counted_duplicates(duplicates),
             "unreadable": unreadable,  # files empty or not a whole PNG, left out
             "model_ids": models,  # None: --any-model
             "other_models": other,
@@ -628,6 +634,7 @@ def archive_frames(
         },
         {"archive": root, **span},
         hint,
+        duplicates,
     )
 
 

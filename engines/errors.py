@@ -1,6 +1,12 @@
 """Error types of the model side. Every refusal is one line naming the thing and what was expected."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception that was not raised on purpose, as one line of an error message: its type and first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
 class EngineError(Exception):
     """Base of every error the model side raises on purpose."""
 

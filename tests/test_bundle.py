@@ -275,12 +275,21 @@ def test_the_torch_backend_refuses_a_manifest_that_does_not_fit_the_graph_it_reb
 
 
 @pytest.mark.parametrize("name", ["scorer.npz", "weights.npz"])
-@pytest.mark.parametrize("content", [b"PK\x03\x04 cut short", b"\x93NUMPY"])
+@pytest.mark.parametrize("content", [b"PK\x03\x04 cut short", b"\x93NUMPY", b"member", b"text"])
 def test_an_npz_that_is_not_one_is_refused_in_one_line_even_with_its_checksum(bundle_dir, name, content):
+    import zipfile
+
     path = bundle_dir / name
     if content.startswith(b"\x93NUMPY"):  # a single array saved under the .npz name
         with path.open("wb") as out:
             np.save(out, np.zeros(3, np.float32))
+    elif content == b"member":  # a whole zip, one member's .npy header damaged
+        members = zipfile.ZipFile(path).namelist()
+        with zipfile.ZipFile(path, "w") as out:
+            for member in members:
+                out.writestr(member, b"\x93NUMPY\x01\x00\x20\x00{'descr': '<f4', 'fortran_order': (\n")
+    elif content == b"text":
+        path.write_text("not an archive\n")
     else:
         path.write_bytes(path.read_bytes()[:200])
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -289,6 +298,7 @@ def test_an_npz_that_is_not_one_is_refused_in_one_line_even_with_its_checksum(bu
         bundle = load_bundle(bundle_dir)
         bundle.scorer_params() if name == "scorer.npz" else bundle.weights()
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value), str(info.value)
+    assert "holds pickled objects" not in str(info.value), str(info.value)
 
 
 def test_a_missing_architecture_is_blamed_on_the_manifest_not_the_weights(bundle_dir):

@@ -78,10 +78,14 @@ def test_a_photo_copied_into_ground_truth_is_never_its_own_mask_and_stems_match_
     shutil.copy(ksdd, gt / "10000.png")  # the photo itself; its mask is named 10000_GT.png, which eval does not read
     _write(root / "test" / "crack" / "Part7.png", 3)
     _mask(gt / "part7_MASK.png", slice(8, 12))
+    _write(root / "test" / "crack" / "a.png", 4)  # beside A.png's mask, its own spelt as it is
+    _mask(gt / "A_mask.png", slice(0, 2))
+    _mask(gt / "a_mask.png", slice(2, 4))
     items = {item.path.name: item.mask_path for item in MvtecFolder(root).test_items()}
     assert items == {
         "10000.png": None,
         "Part7.png": gt / "part7_MASK.png",
+        "a.png": gt / "a_mask.png",
         "exp1_num_1.jpg": gt / "exp1_num_1.png",
     }
 

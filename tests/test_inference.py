@@ -361,6 +361,7 @@ def test_probe_frames_read_a_training_set_whose_defect_free_folder_is_ok(tmp_pat
     rng = np.random.default_rng(2)
     for i in range(3):
         assert cv2.imwrite(str(ok / f"{i}.png"), rng.integers(0, 256, (40, 50), dtype=np.uint8))
+    (ok / "3.png").write_bytes((ok / "0.png").read_bytes()[:40])  # cut short by a copy: the others still probe
     path = write_bundle(
         tmp_path / "bundle",
         {

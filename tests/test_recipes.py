@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.teach import teach
+from calibration.teach import teach, training_split
 from engines.bundle.format import LEGACY_MEMORY_AGGREGATION, recipe_of
 from engines.bundle.store import load_bundle
 from engines.data.images import ImageFiles, validation_folds
@@ -526,6 +526,9 @@ def test_cross_fitted_auto_stopped_in_its_refit_sets_its_thresholds_on_the_image
         False,
     )
     assert (provenance["images"], provenance["n_good"]) == ("held-out", 20 - n_read)
+    # Teach on train's 20 images still splits them as a whole cross-fitted train would have: auto's folds.
+    split = training_split(bundle, n=20)
+    assert split.auto and split.train_n == 20 and not split.fit_all, split
     # The thresholds' reference is what the written scorer gives the images it was not fitted on.
     unread = ImageFiles(sorted((data / "train" / "good").iterdir())[n_read:])
     frames = fit_all(unread, bundle.input_shape, bundle.resize_policy)

@@ -198,3 +198,10 @@ def test_folders_that_are_not_datasets_are_each_said_with_the_reason(tmp_path):
     lines: list[str] = []
     assert suite.datasets(root, report=lines.append) == [root / "c_btad"]
     assert [line.split(":")[0] for line in lines] == ["eval-suite"] * 3 and "c_btad" not in "".join(lines)
+    # A train/ that cannot be listed (here a link to itself; another user's folder alike) is a skipped line, not the
+    # end of the suite for every other dataset.
+    (root / "g_loop").mkdir()
+    (root / "g_loop" / "train").symlink_to(root / "g_loop" / "train")
+    lines = []
+    assert suite.datasets(root, report=lines.append) == [root / "c_btad"]
+    assert "eval-suite: skipped g_loop: cannot read train/ (Too many levels of symbolic links)" in lines, lines

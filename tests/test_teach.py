@@ -1805,6 +1805,16 @@ def test_frames_that_repeat_an_earlier_frames_bytes_are_left_out_as_train_leaves
     assert len(frames.paths) == 8 and frames.record["n_duplicates"] == 3
 
 
+def test_an_archive_teach_leaves_out_a_stuck_cameras_copies_of_one_frame_as_an_export_teach_does(tmp_path):
+    from calibration.teach import archive_frames
+    from station_model import good_frame
+
+    ids = archive_of(tmp_path / "archive", [(good_frame(i % 3), "m") for i in range(9)])
+    frames = archive_frames(tmp_path / "archive", since="1h")
+    assert len(frames.paths) == 3 and frames.record["n_duplicates"] == 6, frames.record
+    assert frames.record["ids"] == ids[:3] and len(frames.duplicates) == 6
+
+
 def test_frames_left_out_as_undecodable_are_recorded_as_archive_teach_records_its_unreadable_ones(tmp_path):
     """The teach record's frames.unreadable: an archive's by id (with its ids kept in step with its paths), a
     folder's by file name."""

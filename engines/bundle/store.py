@@ -44,7 +44,7 @@ from engines.bundle.format import (
     valid_bit_depth,
 )
 from engines.durable import exchange, fsync_dir, replace_dir, replace_file, sha256_file, try_lock, write_file
-from engines.errors import BundleError
+from engines.errors import BundleError, one_line
 
 # Readable by a daemon running as another user, as the bundle directory is (write_bundle).
 FILE_MODE = 0o644
@@ -264,11 +264,14 @@ class Bundle:
             with np.load(member, allow_pickle=False) as npz:
                 return {key: npz[key] for key in npz.files}
         except ValueError as exc:
-            raise BundleError(f"{member}: holds pickled objects, expected plain numeric arrays") from exc
-        except (OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise BundleError(f"{member}: cannot read as .npz ({exc})") from exc
+            # numpy's words for an object array; a file neither zip nor .npy it calls "pickled data" too
+            if "Object arrays" in str(exc):
+                raise BundleError(f"{member}: holds pickled objects, expected plain numeric arrays") from exc
+            raise BundleError(f"{member}: cannot read as .npz ({one_line(exc)})") from exc
         except (AttributeError, TypeError) as exc:  # a single .npy under the .npz name: np.load gives an ndarray
             raise BundleError(f"{member}: not an .npz archive ({exc}), expected named arrays") from exc
+        except Exception as exc:  # a damaged member: zipfile's, numpy's header parser (tokenize, SyntaxError), ...
+            raise BundleError(f"{member}: cannot read as .npz ({one_line(exc)})") from exc
 
     def scorer_params(self) -> dict[str, np.ndarray]:
         """Arrays named in scorer_inputs (a fresh dict each call; the arrays are shared, treat them as read-only)."""

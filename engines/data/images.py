@@ -293,7 +293,8 @@ class MaskFolder:
 
     def mask_for(self, image: Path) -> Path | None:
         for stem in (f"{image.stem}_mask", image.stem):
-            for path in self.by_stem.get(stem.lower(), []):
+            # The name as spelt first: `a.png` takes `a_mask.png` over an `A_mask.png` beside it.
+            for path in sorted(self.by_stem.get(stem.lower(), []), key=lambda p: p.stem != stem):
                 if not _same_bytes(path, image):
                     return path
         return None

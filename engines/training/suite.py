@@ -64,7 +64,11 @@ def not_a_dataset(folder: Path) -> str | None:
     """Why `folder` is not a dataset (no train/good/, with the image folders it does hold, or no test/), None when it
     is one. Two defect-free folders in train/ still make one: train then refuses it, in its row."""
     missing, holds = [], []
-    if not defect_free_folders(folder / "train"):
+    try:
+        defect_free = defect_free_folders(folder / "train")
+    except OSError as exc:  # a folder this user may not read: a skipped line, not the end of the suite
+        return f"cannot read train/ ({exc.strerror or exc})"
+    if not defect_free:
         missing.append(f"no train/good/ ({DEFECT_FREE_WORDS})")
         holds = [f"{sub.relative_to(folder).as_posix()}/ ({n})" for sub, n in image_folders(folder)]
     if not (folder / "test").is_dir():

@@ -120,7 +120,7 @@ class ModelState:
 def probe_frames(bundle, thresholds, count: int = SHIFT_PROBE_FRAMES) -> tuple[np.ndarray, str]:
     """Up to `count` defect-free frames fitted to the model input, spread over the first folder the bundle names that
     is here: the thresholds' calibration images (newest version first), then its training images."""
-    from engines.data.images import ImageFiles, good_folder, list_images
+    from engines.data.images import good_folder, list_images, load_image
     from engines.runtime.preprocess import fit_all
 
     named = [thresholds.provenance.get("good_dir")]
@@ -138,7 +138,14 @@ def probe_frames(bundle, thresholds, count: int = SHIFT_PROBE_FRAMES) -> tuple[n
         if not paths:
             continue
         picked = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
-        return fit_all(ImageFiles(picked, bundle.bit_depth), bundle.input_shape, bundle.resize_policy), str(folder)
+        decoded = []
+        for path in picked:
+            try:
+                decoded.append(load_image(path, bundle.bit_depth))
+            except (EngineError, OSError):  # a file cut short by a copy: the probe takes the others
+                continue
+        if decoded:
+            return fit_all(decoded, bundle.input_shape, bundle.resize_policy), str(folder)
     raise EngineError(
         f"{bundle.path}: cannot measure how far the reduced-precision engine's scores are from the FP32 ones its "
         f"thresholds were set on: none of the defect-free image folders the bundle names is here "
