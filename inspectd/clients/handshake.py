@@ -552,10 +552,12 @@ class Handshake:
             self.counters.missed_acks += 1
             self.alarm = True
             self.log("ack_missed", camera=self.camera, seq=seq, ack_timeout_ms=self.settings.ack_timeout_ms)
-            await self.target.write({"missed_acks": self.counters.missed_acks})
-        # Falling edge of result_valid: the next result is a fresh rising edge for the PLC.
+        # Falling edge of result_valid: the next result is a fresh rising edge for the PLC. Before the counter, as at
+        # a stop: a PLC that sees missed_acks move finds the alarm already up and no valid result left.
         self.showing = None
         await self._write_status(force=True)
+        if not acked:
+            await self.target.write({"missed_acks": self.counters.missed_acks})
         await self._cover_latches()
 
     async def _clear_stale_ack(self, seq: int) -> None:

@@ -108,7 +108,8 @@ class FolderWatcher(Source):
         write (its mode, an immutable flag, a path the systemd unit leaves read-only) may be put right while it
         runs: the open fails, and is tried again."""
         done_dir = self.spec.done_dir
-        probe = self.spec.path / f".inspectd-probe-{os.getpid()}"
+        # Per camera: two cameras sharing a done_dir open at once.
+        probe = self.spec.path / f".inspectd-probe-{os.getpid()}-{self.camera.id}"
         moved = probe if done_dir is None else done_dir / probe.name
         try:
             if done_dir is not None:
@@ -123,10 +124,14 @@ class FolderWatcher(Source):
             for left in {probe, moved}:
                 with contextlib.suppress(OSError):
                     left.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # No room for the probe says nothing of deleting, which frees room: the files themselves will tell.
+                return
             if done_dir is not None and exc.errno == errno.EXDEV:
                 raise SourceFatal(
                     f"done_dir {done_dir}: cannot move files there from {self.spec.path} ({exc.strerror or exc}), "
-                    "expected a folder on the same filesystem and mount (files are moved by rename)"
+                    "expected a folder on the same filesystem and mount (files are moved by rename; under systemd, "
+                    "one ReadWritePaths= entry that holds both folders, as each entry is a mount of its own)"
                 ) from None
             raise OSError(self._cannot_dispose("files", exc)) from None
 
@@ -140,7 +145,8 @@ class FolderWatcher(Source):
             )
         return (
             f"delete_after {self.spec.path}: cannot delete {what} there ({reason}), expected a folder writable by "
-            "the daemon (under systemd: listed in ReadWritePaths=)"
+            "the daemon (under systemd: listed in ReadWritePaths=) whose files it may delete (in a sticky folder, "
+            "mode 1777, only a file's owner may)"
         )
 
     def _dispose_again(self) -> None:
@@ -273,8 +279,18 @@ class FolderWatcher(Source):
         except OSError as exc:
             with self._disposal_lock:
                 self._undisposed.append((path, mtime_ns))
-                if self._disposal_failed is None:
+                first = self._disposal_failed is None
+                if first:
                     self._disposal_failed = self._cannot_dispose(printable(_frame_id(path.name)), exc)
+            if first:  # once per outage; at a stop no read is left to raise it, and a restart inspects it again
+                log.warning(
+                    "folder_file_not_disposed",
+                    camera=self.camera.id,
+                    file=printable(_frame_id(path.name)),
+                    error=exc.strerror or one_line(exc),
+                    effect="the camera reopens until it can delete or move it; if the daemon stops first, the "
+                    "next start inspects it again",
+                )
 
 
 def unused_name(target: Path, mtime_ns: int) -> Path:
