@@ -34,9 +34,10 @@ SUBCOMMANDS = [
 
 
 # Commands that claim SIGTERM themselves, each to stop in its own way (the daemon drains, training keeps a checkpoint,
-# the bridge finishes a PLC handshake, the web view closes its clients). Left alone from the start: a SIGTERM during
-# their imports still ends them by the signal, which is how systemd tells a clean stop from a failure.
-OWN_SIGTERM = {"run", "train", "bridge", "web"}
+# the bridge finishes a PLC handshake, the web view closes its clients), and build-engine, which SIGTERM ends at once
+# as before: an exception would wait for TensorRT's build, minutes, to return to Python. Left alone from the start: a
+# SIGTERM during their imports still ends them by the signal, which is how systemd tells a clean stop from a failure.
+OWN_SIGTERM = {"run", "train", "bridge", "web", "build-engine"}
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 TERMINATED_EXIT = 128 + signal.SIGTERM
 
@@ -105,11 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"inspectd {args.command}: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT
+        return _stopped(args.command, "interrupted", INTERRUPTED_EXIT)
     except Terminated:
-        print(f"inspectd {args.command}: stopped by SIGTERM", file=sys.stderr)
-        return TERMINATED_EXIT
+        return _stopped(args.command, "stopped by SIGTERM", TERMINATED_EXIT)
+    except Exception as exc:
+        # A library that turns the signal's exception into its own (onnxruntime's loader: "ImportError:
+        # initialization failed") is still the signal, not a broken install.
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            return _stopped(args.command, "interrupted", INTERRUPTED_EXIT)
+        if isinstance(cause, Terminated):
+            return _stopped(args.command, "stopped by SIGTERM", TERMINATED_EXIT)
+        raise
+
+
+def _stopped(command: str, how: str, code: int) -> int:
+    # On a terminal a progress line may be open: the line goes under it, not on its end.
+    print(("\n" if sys.stderr.isatty() else "") + f"inspectd {command}: {how}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -551,3 +551,26 @@ def test_a_bench_stopped_by_a_signal_stops_its_daemon_and_removes_its_folders(
         proc.kill()
         proc.wait()
         kill_daemons(daemons)
+
+
+def test_a_signal_a_library_turned_into_its_own_error_is_still_the_signal(monkeypatch, capsys):
+    """onnxruntime's loader, interrupted by the SIGTERM exception, raises "ImportError: initialization failed" from it:
+    a 25-line traceback and exit 1 read as a broken install."""
+    import signal
+
+    from inspectd import cli
+    from inspectd.clients import ctl
+
+    def run(args):
+        try:
+            raise cli.Terminated(cli.TERMINATED_EXIT)
+        except cli.Terminated as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(ctl, "run", run)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["ctl", "status"]) == cli.TERMINATED_EXIT
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # main() installed its own for ctl
+    assert capsys.readouterr().err == "inspectd ctl: stopped by SIGTERM\n"

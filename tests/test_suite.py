@@ -136,9 +136,14 @@ def test_suite_refuses_a_dataset_name_it_does_not_have_before_training_any(tmp_p
     assert not out.exists()
 
 
-def test_a_suite_stopped_by_ctrl_c_keeps_the_datasets_it_finished(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["ctrl-c", "ctrl-c kept by train", "sigterm"])
+def test_a_suite_stopped_by_ctrl_c_keeps_the_datasets_it_finished(tmp_path, monkeypatch, stop):
     """Ctrl-C in the second dataset wrote nothing (and left an earlier run's suite.md standing beside the new
-    bundles): the rows done are written, marked interrupted, and the interrupt goes on to the caller."""
+    bundles): the rows done are written, marked interrupted, and the interrupt goes on to the caller. Train keeps
+    what it fitted on a Ctrl-C and returns it marked interrupted: the suite then evaluated that part-model as the
+    dataset's row and went on. `inspectd`'s SIGTERM (a SystemExit) wrote nothing."""
+    import dataclasses
+
     from engines.training import train
 
     root = tmp_path / "data"
@@ -150,12 +155,15 @@ def test_a_suite_stopped_by_ctrl_c_keeps_the_datasets_it_finished(tmp_path, monk
     real = train.train_bundle
 
     def second_interrupted(data, *args, **kwargs):
-        if data.name == "tile_b":
+        if data.name == "tile_b" and stop == "ctrl-c":
             raise KeyboardInterrupt
-        return real(data, *args, **kwargs)
+        if data.name == "tile_b" and stop == "sigterm":
+            raise SystemExit(143)
+        result = real(data, *args, **kwargs)
+        return dataclasses.replace(result, interrupted=data.name == "tile_b")
 
     monkeypatch.setattr(train, "train_bundle", second_interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit if stop == "sigterm" else KeyboardInterrupt):
         suite.run_suite(root, out, "aligned", None)
     report = json.loads((out / "suite.json").read_text())
     assert report["interrupted"] is True and [r["dataset"] for r in report["rows"]] == ["tile_a"]

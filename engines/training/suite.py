@@ -86,7 +86,7 @@ def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None,
     reports: dict[str, dict] = {}
     try:
         _run_each(found, out, recipe, seed, rows, reports)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: `inspectd`'s SIGTERM
         # What was measured before the Ctrl-C is kept (and a suite.md of an earlier run does not pass for this one's).
         _write(out, rows, reports, recipe, root, interrupted=True)
         print(f"eval-suite: interrupted; {out / 'suite.md'} holds the {len(rows)} dataset(s) done", flush=True)
@@ -113,6 +113,8 @@ def _run_each(found: list[Path], out: Path, recipe: str | None, seed: int, rows:
                 progress=Progress(enabled=False),
                 report=lambda line: print(line, flush=True),
             )
+            if result.interrupted:  # train keeps what it fitted on a Ctrl-C; the suite stops, not scores a part-model
+                raise KeyboardInterrupt
             print(f"== {data.name}: eval", flush=True)
             step = "eval"
             report = evaluate(result.bundle, data)
