@@ -12,6 +12,8 @@ import importlib
 import signal
 import sys
 
+from inspectd.errors import one_line
+
 # (command, module, one-line help) in the order `inspectd --help` lists them.
 SUBCOMMANDS = [
     ("train", "engines.training.train", "train a model bundle from defect-free images"),
@@ -112,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # A library that turns the signal's exception into its own (onnxruntime's loader: "ImportError:
         # initialization failed") is still the signal, not a broken install.
+        # An error of the clean-up that ran after the signal is said too: it may have left something undone.
         cause = exc.__cause__ or exc.__context__
+        then = f" ({one_line(exc)})"
         if isinstance(cause, KeyboardInterrupt):
-            return _stopped(args.command, "interrupted", INTERRUPTED_EXIT)
+            return _stopped(args.command, "interrupted" + then, INTERRUPTED_EXIT)
         if isinstance(cause, Terminated):
-            return _stopped(args.command, "stopped by SIGTERM", TERMINATED_EXIT)
+            return _stopped(args.command, "stopped by SIGTERM" + then, TERMINATED_EXIT)
         raise
 
 

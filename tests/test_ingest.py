@@ -333,6 +333,36 @@ def test_files_a_folder_stops_letting_go_of_put_the_camera_in_error_once_and_are
     assert out.count("folder_file_not_disposed") == 1 and "000000.png" in out, out
 
 
+def test_one_file_that_cannot_be_deleted_is_warned_of_once_however_many_reopens_it_lasts(
+    tmp_path, ingest_threads, capsys
+):
+    """The folder passes its check at every reopen, the one file does not go (a capture program's file in a sticky
+    folder): the warning came again at every reopen, hundreds an hour."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("a file that cannot be deleted from a writable folder needs chattr +i, as root")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    SyntheticLine(32, 32, seed=6).write_folder(inbox, 2)
+    queue = FrameQueue(8, "block")
+    ingest = start(
+        ingest_threads, camera({"kind": "folder", "path": str(inbox), "poll_ms": 20, "delete_after": True}), queue
+    )
+    assert wait_for(lambda: len(queue) == 2)
+    frames = drain(queue)
+    stuck = inbox / "000000.png"
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    try:
+        for frame in frames:
+            frame.on_published()
+        assert wait_for(lambda: ingest.stats()["reopen_count"] >= 4), ingest.stats()
+        assert ingest.stats()["state"] == "reopening"
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    assert wait_for(lambda: list(inbox.iterdir()) == []), ingest.stats()
+    out = capsys.readouterr().out
+    assert out.count("folder_file_not_disposed") == 1, out
+
+
 def test_files_left_in_place_are_read_once_unless_rewritten(tmp_path, ingest_threads):
     line = SyntheticLine(32, 32, seed=5)
     line.write_folder(tmp_path, 2)

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fnmatch
 import functools
+import hashlib
 import math
 import os
 import threading
@@ -82,6 +83,7 @@ class FolderWatcher(Source):
         # of them could not: the camera is reopened on it, once, rather than fail again at every file after it.
         self._undisposed: list[tuple[Path, int]] = []
         self._disposal_failed: str | None = None
+        self._disposal_logged = False  # this outage's warning was logged: once, however many reopens it lasts
         self._disposal_lock = threading.Lock()
 
     def open(self, stop: threading.Event) -> None:
@@ -108,8 +110,9 @@ class FolderWatcher(Source):
         write (its mode, an immutable flag, a path the systemd unit leaves read-only) may be put right while it
         runs: the open fails, and is tried again."""
         done_dir = self.spec.done_dir
-        # Per camera: two cameras sharing a done_dir open at once.
-        probe = self.spec.path / f".inspectd-probe-{os.getpid()}-{self.camera.id}"
+        # Per camera (two cameras sharing a done_dir open at once), by a hash: an id may be as long as a file name.
+        tag = hashlib.sha256(self.camera.id.encode()).hexdigest()[:12]
+        probe = self.spec.path / f".inspectd-probe-{os.getpid()}-{tag}"
         moved = probe if done_dir is None else done_dir / probe.name
         try:
             if done_dir is not None:
@@ -158,6 +161,9 @@ class FolderWatcher(Source):
             self._disposal_failed = None
         for path, mtime_ns in retry:
             self._dispose(path, mtime_ns)
+        with self._disposal_lock:
+            if self._disposal_failed is None and not self._undisposed:
+                self._disposal_logged = False  # the outage is over: the next one is said again
         self._raise_disposal_failure()
 
     def _raise_disposal_failure(self) -> None:
@@ -279,9 +285,9 @@ class FolderWatcher(Source):
         except OSError as exc:
             with self._disposal_lock:
                 self._undisposed.append((path, mtime_ns))
-                first = self._disposal_failed is None
-                if first:
+                if self._disposal_failed is None:
                     self._disposal_failed = self._cannot_dispose(printable(_frame_id(path.name)), exc)
+                first, self._disposal_logged = not self._disposal_logged, True
             if first:  # once per outage; at a stop no read is left to raise it, and a restart inspects it again
                 log.warning(
                     "folder_file_not_disposed",
