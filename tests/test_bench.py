@@ -10,10 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from plc_peers import wait as wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -59,16 +60,6 @@ def cli(args: list[str], stdout, stderr, env: dict | None = None) -> subprocess.
     return subprocess.Popen(
         [sys.executable, "-c", reset, *args], cwd=ROOT, stdout=stdout, stderr=stderr, env=env, start_new_session=True
     )
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def is_daemon(pid: int) -> bool:

@@ -230,7 +230,8 @@ def test_a_done_dir_files_cannot_be_moved_to_fails_the_camera_in_one_line(tmp_pa
         assert wait_for(lambda: ingest.stats()["state"] == "failed")
         assert ingest.stats()["last_error"] == (
             f"done_dir {other / 'done'}: cannot move files there from {tmp_path} (Invalid cross-device link), "
-            "expected a folder on the same filesystem and mount (files are moved by rename)"
+            "expected a folder on the same filesystem and mount (files are moved by rename; under systemd, one "
+            "ReadWritePaths= entry that holds both folders, as each entry is a mount of its own)"
         )
         assert [p.name for p in tmp_path.iterdir()] == [] and [p.name for p in (other / "done").iterdir()] == []
     finally:

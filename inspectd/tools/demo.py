@@ -242,7 +242,9 @@ def run(args: argparse.Namespace) -> int:
             if daemon.poll() is None:
                 daemon.send_signal(signal.SIGTERM)
                 try:
-                    daemon.wait(15)
+                    # Its drain's own bound (shutdown_timeout_s, 10 s) and room to close on a busy machine: killed
+                    # sooner, it leaves its journal unclean for the next demo.
+                    daemon.wait(30)
                 except subprocess.TimeoutExpired:
                     daemon.kill()
                     daemon.wait()
