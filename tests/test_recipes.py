@@ -485,6 +485,22 @@ def test_auto_with_one_held_out_share_fits_the_bundle_on_every_image(tmp_path):
         assert training["memory_size"] == 60 * per_image, (training["memory_size"], recipe)
 
 
+def selections_made(monkeypatch) -> list:
+    """The selections train's auto makes, each appended as it is made: once one is there, train's refit runs."""
+    from engines.training import train as train_module
+
+    selected: list = []
+    real_select = train_module.select_recipe
+
+    def select_then_mark(*args, **kwargs):
+        selection = real_select(*args, **kwargs)
+        selected.append(selection)
+        return selection
+
+    monkeypatch.setattr(train_module, "select_recipe", select_then_mark)
+    return selected
+
+
 def test_cross_fitted_auto_stopped_in_its_refit_sets_its_thresholds_on_the_images_it_did_not_reach(
     tmp_path, monkeypatch
 ):
@@ -492,17 +508,11 @@ def test_cross_fitted_auto_stopped_in_its_refit_sets_its_thresholds_on_the_image
     on more images than a refit stopped part-way holds: the images it never reached are its held-out ones, and the
     thresholds are set on their scores by the scorer that was written."""
     from engines.model.graph import InferenceGraph
-    from engines.training import train as train_module
 
     data = make_tiny_mvtec(tmp_path / "data", n_train=20, n_test_good=0, n_test_defect=0)
-    selected: list = []
+    selected = selections_made(monkeypatch)
     refit_batches: list = []
-    real_select, real_embed = train_module.select_recipe, InferenceGraph.embed
-
-    def select_then_mark(*args, **kwargs):
-        selection = real_select(*args, **kwargs)
-        selected.append(selection)
-        return selection
+    real_embed = InferenceGraph.embed
 
     def embed(self, pixels):
         if selected:
@@ -511,7 +521,6 @@ def test_cross_fitted_auto_stopped_in_its_refit_sets_its_thresholds_on_the_image
                 raise KeyboardInterrupt
         return real_embed(self, pixels)
 
-    monkeypatch.setattr(train_module, "select_recipe", select_then_mark)
     monkeypatch.setattr(InferenceGraph, "embed", embed)
     result = train_bundle(data, tmp_path / "b", recipe="auto", size=(64, 64), progress=QUIET, report=lambda _: None)
     bundle = load_bundle(result.bundle)
@@ -546,17 +555,11 @@ def test_auto_stopped_in_its_refit_on_every_image_keeps_the_fold_fit_its_thresho
     fold's whole fit, the one the thresholds were set on, not a scorer of the few images read so far judged by those
     thresholds, nor nothing at all."""
     from engines.model.graph import SCORERS, InferenceGraph
-    from engines.training import train as train_module
 
     data = make_tiny_mvtec(tmp_path / "data", n_train=60, n_test_good=0, n_test_defect=0)
-    selected: list = []
+    selected = selections_made(monkeypatch)
     interrupted: list = []
-    real_select, real_embed = train_module.select_recipe, InferenceGraph.embed
-
-    def select_then_mark(*args, **kwargs):
-        selection = real_select(*args, **kwargs)
-        selected.append(selection)
-        return selection
+    real_embed = InferenceGraph.embed
 
     def embed(self, pixels):
         if selected and not interrupted:  # the refit's first batch: the signal lands, once
@@ -564,7 +567,6 @@ def test_auto_stopped_in_its_refit_on_every_image_keeps_the_fold_fit_its_thresho
             raise KeyboardInterrupt
         return real_embed(self, pixels)
 
-    monkeypatch.setattr(train_module, "select_recipe", select_then_mark)
     if where == "features":
         monkeypatch.setattr(InferenceGraph, "embed", embed)
     else:
