@@ -45,6 +45,7 @@ from inspectd.durable import hold_lock, replace_file
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.control import connect_error
+from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.journal import CAMERA_RE
 from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 from inspectd.protocol.messages import Result, decode
@@ -163,7 +164,7 @@ def _check_endpoint(endpoint: str) -> None:
     """Refuse an endpoint ZeroMQ cannot connect to before the PLC side is opened and written to."""
     context = zmq.Context()
     sock = context.socket(zmq.SUB)
-    sock.ipv6 = "[" in endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
+    take_endpoint(sock, endpoint)
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
@@ -933,7 +934,7 @@ async def _bridge(
     context = zmq.asyncio.Context()
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
-    sub.ipv6 = "[" in args.endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
+    take_endpoint(sub, args.endpoint)
     if curve is not None:
         curve(sub)  # CurveZMQ client keys, before connect
     for topic in _subscriptions(prefix):

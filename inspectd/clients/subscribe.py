@@ -27,6 +27,7 @@ import zmq
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import connect_error
+from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 from inspectd.protocol.messages import Result, decode
 
@@ -67,7 +68,7 @@ class Subscriber:
     ) -> None:
         self._context = context or zmq.Context.instance()
         self.socket = self._context.socket(zmq.SUB)
-        self.socket.ipv6 = "[" in endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
+        take_endpoint(self.socket, endpoint)
         if curve is not None:
             curve(self.socket)  # CurveZMQ client keys (inspectd.protocol.keys.curve_client), before connect
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)

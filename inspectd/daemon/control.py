@@ -24,6 +24,7 @@ import zmq
 from inspectd.daemon.security import open_ipc_to_group
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import MAX_REQUEST_BYTES, parse_request
+from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.messages import non_finite
 
 log = structlog.get_logger("inspectd.control")
@@ -74,7 +75,7 @@ class ControlServer:
         """Bind here, in the caller's thread, so a bad or busy endpoint fails the daemon's start, not a thread."""
         sock = zmq.Context.instance().socket(zmq.REP)
         sock.linger = 0
-        sock.ipv6 = "[" in self.endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
+        take_endpoint(sock, self.endpoint)
         # Each frame; the headroom is CurveZMQ's framing, so a request the client let through is not dropped here.
         sock.maxmsgsize = MAX_REQUEST_BYTES + 4096
         if self.curve is not None:

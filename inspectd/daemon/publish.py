@@ -23,6 +23,7 @@ import zmq
 
 from inspectd.daemon.inference import Judged
 from inspectd.daemon.security import open_ipc_to_group
+from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.messages import encode_mask, encode_result, encode_status
 
 _STOP = object()
@@ -76,7 +77,7 @@ class Publisher:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.PUB)
-        self._socket.ipv6 = "[" in endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
+        take_endpoint(self._socket, endpoint)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         self._socket.setsockopt(zmq.LINGER, linger_ms)
         if socket_options is not None:

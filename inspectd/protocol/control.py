@@ -32,6 +32,7 @@ import zmq
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol import wirejson
+from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 
 MAX_REQUEST_BYTES = 1 << 20  # a thresholds document with history is a few kB; anything near this is not a request
@@ -170,7 +171,7 @@ class ControlClient:
         if self._sock is None:
             sock = zmq.Context.instance().socket(zmq.REQ)
             sock.linger = 0
-            sock.ipv6 = "[" in self.endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
+            take_endpoint(sock, self.endpoint)
             # Queued only to a peer whose handshake has completed: a request sent has then reached a daemon, and a
             # timeout after it is a busy daemon (it answers one request at a time, a reload's only when that ends),
             # not a missing one.

@@ -20,6 +20,7 @@ from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal, p
 from inspectd.daemon.security import Curve, CurveServer, open_ipc_to_group
 from inspectd.errors import MessageError, one_line
 from inspectd.protocol import wirejson
+from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.keys import is_local_endpoint
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class ZmqPullSource(Source):
 
         sock = zmq.Context.instance().socket(zmq.PULL)
         sock.linger = 0
-        sock.ipv6 = "[" in self.endpoint  # only for [IPv6]: on, IPv4 endpoints read back as [::ffff:a.b.c.d]
+        take_endpoint(sock, self.endpoint)
         sock.rcvhwm = max(2 * self.camera.queue.size, 16)
         # A producer sending more than the largest frame this camera accepts is disconnected by ZeroMQ before the
         # message is buffered, not parsed after.
