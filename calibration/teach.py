@@ -80,6 +80,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -328,7 +329,9 @@ class GoodFrames:
     record: dict[str, Any]  # where they came from, for the teach record's `frames`
     provenance: dict[str, Any]  # the same, shorter, for the thresholds' provenance
     hint: str = ""  # how to get more of them, for the too-few refusal
-    duplicates: tuple[tuple[Path, Path], ...] = ()  # (file left out, the earlier file with its very bytes)
+    # (file left out, the earlier file with its very bytes): as train leaves them out, since a held-out frame's twin
+    # in the fit scores it about 0 (a stuck camera exports one frame under many ids)
+    duplicates: Sequence[tuple[Path, Path]] = ()
 
 
 def export_root(folder: Path) -> Path | None:
@@ -427,7 +430,7 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     paths = list_images(folder)
     root = export_root(folder)
     if root is None:
-        paths, duplicates = _without_duplicates(paths)
+        paths, duplicates = without_duplicates(paths)
         record = {"folder": resolved, **_counted_duplicates(duplicates)}
         return GoodFrames(paths, source, record, {"good_dir": resolved}, "", duplicates)
     # None where nothing was looked up (--any-model), so the record does not claim "checked, none".
@@ -462,7 +465,7 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
             raise TeachError(_no_lineage_frames(source, models, other, instead, unnamed))
         paths = kept
     # After the lineage rule: of a frame and its copy under another name, the one the export names is what stays.
-    paths, duplicates = _without_duplicates(paths)
+    paths, duplicates = without_duplicates(paths)
     # An export appends to its folder: one exported into again still holds the older spans' frames, which the
     # lineage rule keeps and --any-model takes, so the span actually taught on, and whether it is one export's, is
     # worth saying. Rows from before runs were recorded count as one run.
@@ -499,14 +502,7 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     )
 
 
-def _without_duplicates(paths: list[Path]) -> tuple[list[Path], tuple[tuple[Path, Path], ...]]:
-    """As train leaves them out: a held-out frame's twin in the fit scores it about 0 and drags the threshold down (a
-    stuck camera exports one frame under many ids), and train's own folder must list as train listed it."""
-    kept, duplicates = without_duplicates(paths)
-    return kept, tuple(duplicates)
-
-
-def _counted_duplicates(duplicates: tuple[tuple[Path, Path], ...]) -> dict[str, int]:
+def _counted_duplicates(duplicates: Sequence[tuple[Path, Path]]) -> dict[str, int]:
     return {"n_duplicates": len(duplicates)} if duplicates else {}
 
 
@@ -611,7 +607,7 @@ def archive_frames(
             file=sys.stderr,
         )
     # As an export of the span is read (folder_frames): a stuck camera's copies of one frame are one frame.
-    paths, duplicates = _without_duplicates([path for _, path in kept])
+    paths, duplicates = without_duplicates([path for _, path in kept])
     ids = dict((path, entry_id) for entry_id, path in kept)
     span = {"camera": camera, "since": _iso(t_since), "until": _iso(t_until)}
     hint = "; the archive keeps one good frame in archive.good_every per camera: a longer span holds more"
