@@ -544,6 +544,26 @@ def test_a_bench_stopped_by_a_signal_stops_its_daemon_and_removes_its_folders(
         kill_daemons(daemons)
 
 
+def test_a_bench_killed_outright_does_not_leave_its_daemon_streaming(tiny_bundle, tmp_path, tmp_path_factory):
+    """SIGKILL gives the bench no `finally`: its daemon must stop itself once its parent is gone."""
+    tmp = tmp_path_factory.mktemp("t")
+    args = ["bench", "daemon", "--bundle", str(tiny_bundle), "--source", "zmq-raw", "--cameras", "1", "--load", "sat"]
+    args += ["--synthetic", "2", "--duration", "120", "--max-batch", "1"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = cli(args, out, err, env={**os.environ, "TMPDIR": str(tmp)})
+    daemons: list[int] = []
+    try:
+        daemons = wait_for(lambda: daemon_children(proc.pid), 150, "the bench's daemon to start")
+        proc.kill()
+        proc.wait(10)
+        wait_for(lambda: not any(map(is_daemon, daemons)), 30, "the orphaned daemon to stop")
+    finally:
+        daemons = daemons or daemon_children(proc.pid)
+        proc.kill()
+        proc.wait()
+        kill_daemons(daemons)
+
+
 def test_a_signal_a_library_turned_into_its_own_error_is_still_the_signal(monkeypatch, capsys):
     """onnxruntime's loader, interrupted by the SIGTERM exception, raises "ImportError: initialization failed" from it:
     a 25-line traceback and exit 1 read as a broken install."""

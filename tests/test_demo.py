@@ -122,3 +122,24 @@ def test_a_demo_stopped_by_a_signal_stops_its_daemon(trained_workdir, tmp_path, 
         proc.kill()
         proc.wait()
         kill_daemons(daemons)
+
+
+def test_a_demo_killed_outright_does_not_leave_its_daemon_streaming(trained_workdir, tmp_path):
+    """SIGKILL (an OOM kill, `kill -9`, a CI runner torn down) gives the demo no chance to stop its daemon: the daemon
+    must notice its parent is gone and stop itself, or it streams on and holds its endpoints under the next demo."""
+    args = ["demo", "--workdir", str(trained_workdir), "--duration", "120", "--cameras", "1", "--rate", "8"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = cli(args, out, err)
+    daemons: list[int] = []
+    try:
+        wait_for(lambda: re.search(r"^cam0 seq=\d+", (tmp_path / "out").read_text(), re.M), 150, "a verdict shown")
+        daemons = daemon_children(proc.pid)
+        assert len(daemons) == 1
+        proc.kill()
+        proc.wait(10)
+        wait_for(lambda: not is_daemon(daemons[0]), 30, "the orphaned daemon to stop")
+    finally:
+        daemons = daemons or daemon_children(proc.pid)
+        proc.kill()
+        proc.wait()
+        kill_daemons(daemons)

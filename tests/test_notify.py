@@ -88,3 +88,31 @@ def test_a_real_child_process_notifies_through_its_environment(listener):
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert [sock.recv(64) for _ in range(3)] == [b"READY=1", b"STATUS=warming up", b"WATCHDOG=1"]
+
+
+FOLLOW = "from inspectd.daemon.notify import follow_parent; follow_parent(); print('still here')"
+
+
+def test_a_process_whose_named_parent_is_already_gone_gets_sigterm_at_once():
+    """The tool that set INSPECTD_PARENT_PID died before the daemon armed the kernel's parent-death signal: the
+    daemon would never hear of it, so it answers itself with the SIGTERM it would have got."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    env = {**os.environ, "INSPECTD_PARENT_PID": gone.stdout.strip()}
+    done = subprocess.run([sys.executable, "-c", FOLLOW], capture_output=True, text=True, env=env, timeout=20)
+    assert done.returncode == -15 and "still here" not in done.stdout, done
+
+
+def test_a_process_whose_named_parent_lives_carries_on():
+    env = {**os.environ, "INSPECTD_PARENT_PID": str(os.getpid())}
+    done = subprocess.run([sys.executable, "-c", FOLLOW], capture_output=True, text=True, env=env, timeout=20)
+    assert done.returncode == 0 and "still here" in done.stdout, done
+
+
+def test_a_parent_pid_that_is_not_a_number_is_refused_in_one_line():
+    from inspectd.daemon.notify import follow_parent
+    from inspectd.errors import InspectdError
+
+    with pytest.raises(InspectdError) as refused:
+        follow_parent({"INSPECTD_PARENT_PID": "demo"})
+    expected = "INSPECTD_PARENT_PID 'demo': expected the process id of the tool that started the daemon"
+    assert str(refused.value) == expected

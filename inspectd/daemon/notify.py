@@ -1,5 +1,6 @@
-"""systemd's notify protocol (sd_notify), implemented directly on `$NOTIFY_SOCKET`: no libsystemd dependency.
+"""What the daemon tells the process that supervises it, and how it follows a parent that is not systemd.
 
+systemd's notify protocol (sd_notify), implemented directly on `$NOTIFY_SOCKET`: no libsystemd dependency.
 Owns READY=1, STATUS=..., WATCHDOG=1 and STOPPING=1 and reading the watchdog interval. The socket is a unix datagram
 socket; a name starting with '@' lives in the abstract namespace. Without $NOTIFY_SOCKET (not run by systemd, or
 Type=simple) every call is a no-op, so the daemon calls these unconditionally. A failed send is logged once and
@@ -8,13 +9,43 @@ never raised: losing a status line must not take an inspection line down (a lost
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 import threading
 
 import structlog
 
+from inspectd.errors import InspectdError
+
 log = structlog.get_logger("inspectd.daemon.notify")
+
+# Set by a tool that starts a daemon of its own (demo, bench) to its own pid.
+PARENT_PID_ENV = "INSPECTD_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def follow_parent(environ: dict[str, str] | None = None) -> None:
+    """Where PARENT_PID_ENV names this process's parent, have the kernel send SIGTERM when that parent dies.
+
+    A tool's own stop (a signal it can catch) stops its daemon itself; this is for the one it cannot catch: a SIGKILLed
+    or crashed demo or bench would otherwise leave its daemon streaming on, its endpoints bound under the next run.
+    SIGTERM is the daemon's own stop, so it drains as under systemd. Call once the SIGTERM handler is installed: a
+    parent already gone by then is answered with the same signal at once. Linux only; elsewhere a no-op."""
+    raw = (os.environ if environ is None else environ).get(PARENT_PID_ENV)
+    if not raw:
+        return
+    if not raw.isdigit():
+        raise InspectdError(f"{PARENT_PID_ENV} {raw!r}: expected the process id of the tool that started the daemon")
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise InspectdError(f"{PARENT_PID_ENV}: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+    if os.getppid() != int(raw):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Notifier:

@@ -828,7 +828,7 @@ def run(args: argparse.Namespace) -> int:
 
     from engines.errors import EngineError
     from inspectd.daemon.config import load_config
-    from inspectd.daemon.notify import Notifier
+    from inspectd.daemon.notify import Notifier, follow_parent
     from inspectd.daemon.security import SecurityError, refuse_root
 
     if args.check:
@@ -862,6 +862,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal(stop))
     signal.signal(signal.SIGINT, on_signal(stop))
     signal.signal(signal.SIGHUP, on_signal(reload_requested))
+    try:
+        follow_parent()
+    except InspectdError as exc:
+        print(f"inspectd run: {exc}", file=sys.stderr)
+        return 2
 
     try:
         daemon = Daemon(config, log)

@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from inspectd.clients.subscribe import GapTracker, Subscriber, format_result
+from inspectd.daemon.notify import PARENT_PID_ENV
 from inspectd.daemon.security import ALLOW_ROOT_ENV
 from inspectd.protocol.messages import Result
 
@@ -190,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         )
         env[ALLOW_ROOT_ENV] = "1"
 
+    env[PARENT_PID_ENV] = str(os.getpid())  # the daemon stops when the demo dies, even of SIGKILL
     results: list[Result] = []
     gaps = GapTracker()
     interrupted: KeyboardInterrupt | None = None

@@ -35,6 +35,7 @@ from engines.bundle.store import load_bundle
 from engines.progress import Progress
 from inspectd.clients.subscribe import GapTracker, Subscriber
 from inspectd.daemon.config import MAX_SHUTDOWN_TIMEOUT_S
+from inspectd.daemon.notify import PARENT_PID_ENV
 from inspectd.errors import MessageError
 from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, proc_peak_rss_bytes
 
@@ -329,6 +330,7 @@ class Scenario:
             PYTHONUNBUFFERED="1",
             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
         )
+        env[PARENT_PID_ENV] = str(os.getpid())  # the daemon stops when the bench dies, even of SIGKILL
         sub = Subscriber(self.publish, topic="inspect.bench.", context=zmq.Context.instance(), rcvhwm=100000)
         pusher = None
         proc: subprocess.Popen | None = None
