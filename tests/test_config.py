@@ -276,6 +276,40 @@ def test_an_address_bound_twice_is_refused_naming_both_keys(path, value, other, 
     assert "\n" not in str(info.value)
 
 
+def test_a_folder_reached_through_a_symlink_is_the_folder_it_names(tmp_path):
+    """Two folder cameras on one directory race for each file; a symlink to it is the same directory."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "in")
+    doc = with_value(["cameras", 1, "source", "path"], str(tmp_path / "in"))
+    doc["cameras"].append({"id": "cam9", "source": {"kind": "folder", "path": str(tmp_path / "alias")}})
+    with pytest.raises(ConfigError) as refused:
+        parse_config(doc)
+    assert str(refused.value) == (
+        f"cameras[4].source.path: folder {tmp_path / 'in'} is already used by cameras[1].source.path, "
+        "expected one of its own"
+    )
+
+
+def test_a_done_dir_that_another_camera_watches_is_refused_naming_both(tmp_path):
+    """Every frame moved there would be read again by the other camera as a new frame, for ever."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "in")
+    doc = with_value(["cameras", 1, "source", "path"], str(tmp_path / "in"))
+    doc["cameras"].append(
+        {"id": "cam9", "source": {"kind": "folder", "path": str(tmp_path / "b"), "done_dir": str(tmp_path / "alias")}}
+    )
+    with pytest.raises(ConfigError) as refused:
+        parse_config(doc)
+    assert str(refused.value) == (
+        f"cameras[4].source.done_dir: {tmp_path / 'alias'} is the folder cameras[1].source.path watches, "
+        "expected a folder no camera watches"
+    )
+    # Shared by two cameras, or beside the folders, it is fine.
+    doc["cameras"][-1]["source"]["done_dir"] = str(tmp_path / "done")
+    doc["cameras"][1]["source"]["done_dir"] = str(tmp_path / "done")
+    parse_config(doc)
+
+
 def test_addresses_that_do_not_clash_are_accepted():
     doc = with_value(["publish", "endpoint"], "tcp://127.0.0.1:5556")
     doc["cameras"][2]["source"]["endpoint"] = "tcp://127.0.0.2:5556"  # same port, another address

@@ -306,13 +306,26 @@ class Config:
                     (f"cameras[{i}].source.endpoint", _address(endpoint), ("cameras", i, "source", "endpoint"))
                 )
             elif camera.source.kind == "folder" and isinstance(path, Path):
+                # Resolved: a symlink to another camera's folder is that folder.
                 owners.append(
-                    (f"cameras[{i}].source.path", ("dir", os.path.normpath(path)), ("cameras", i, "source", "path"))
+                    (f"cameras[{i}].source.path", ("dir", os.path.realpath(path)), ("cameras", i, "source", "path"))
                 )
         for n, (_, address, loc) in enumerate(owners):
             for first, earlier, _ in owners[:n]:
                 if _same_address(address, earlier):
                     refuse(loc, f"{address_text(address)} is already used by {first}, expected one of its own", None)
+        # A done_dir may be shared, but one that is a watched folder feeds every frame back in as a new one.
+        inboxes = {address: name for name, address, _ in owners if address[0] == "dir"}
+        for i, camera in enumerate(self.cameras):
+            done_dir = getattr(camera.source, "done_dir", None)
+            if camera.source.kind == "folder" and isinstance(done_dir, Path):
+                inbox = inboxes.get(("dir", os.path.realpath(done_dir)))
+                if inbox is not None:
+                    refuse(
+                        ("cameras", i, "source", "done_dir"),
+                        f"{done_dir} is the folder {inbox} watches, expected a folder no camera watches",
+                        None,
+                    )
         return self
 
 
