@@ -290,6 +290,38 @@ def test_camera_up_help_agrees_with_its_value_and_an_idle_connection_is_closed(m
         metrics.stop()
 
 
+def test_connections_past_the_cap_are_closed_at_once_and_scrapes_resume_when_the_others_go():
+    """Each connection holds a thread for up to IDLE_TIMEOUT_S: without a cap, a flood of idle connections (a port
+    scanner, a misconfigured dashboard) starts a thread for every one."""
+    from inspectd.daemon.metrics import MAX_CONNECTIONS
+
+    metrics = Metrics(("127.0.0.1", 0))
+    idle: list[socket.socket] = []
+    try:
+        with structlog.testing.capture_logs() as logs:
+            idle = [socket.create_connection(metrics.address, timeout=5) for _ in range(MAX_CONNECTIONS)]
+            # Accepted in the order they came: these first, each taking its place, then this one.
+            with socket.create_connection(metrics.address, timeout=3) as one_more:
+                assert one_more.recv(1) == b"", "closed at once, not held for the idle timeout"
+            refused = [e for e in logs if e["event"] == "metrics_connections_refused"]
+            assert refused and refused[0]["limit"] == MAX_CONNECTIONS and refused[0]["log_level"] == "warning"
+        for conn in idle:
+            conn.close()
+        deadline = time.monotonic() + 10
+        while True:  # each handler sees its peer gone and frees its place
+            try:
+                samples, _ = scrape(metrics.url)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "no scrape served after the idle connections closed"
+                time.sleep(0.05)
+        assert samples
+    finally:
+        for conn in idle:
+            conn.close()
+        metrics.stop()
+
+
 def _ipv6_loopback() -> bool:
     if not socket.has_ipv6:
         return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -39,6 +40,10 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IDLE_TIMEOUT_S = 10.0  # a /metrics connection silent this long (no request, or a reader that stopped) is closed
+# Connections served at once, each on its own thread; one past it is closed at once. A scraper needs one, a few
+# dashboards a few more; a flood of idle connections would otherwise hold a thread each for IDLE_TIMEOUT_S.
+MAX_CONNECTIONS = 16
+REFUSED_LOG_S = 60.0  # connections refused over the cap: logged at most once per this
 
 # Pulled per camera from status()["cameras"][camera][key]: (metric name without _total, help, status key).
 CAMERA_COUNTERS = (
@@ -172,6 +177,38 @@ def _drift_families(cameras: dict[str, Any]) -> Iterator[Metric]:
 
 
 class _Server(ThreadingHTTPServer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+        self._refused_logged_at = -REFUSED_LOG_S
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged_at >= REFUSED_LOG_S:
+                self._refused_logged_at = now
+                log.warning(
+                    "metrics_connections_refused",
+                    client=_host_port(*client_address[:2]),
+                    refused=self.refused,
+                    limit=MAX_CONNECTIONS,
+                )
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread started to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # socketserver's default prints a traceback to stderr, which under the unit is the journal: non-JSON lines
         # for every scraper that hangs up mid-reply. One log line says the same.
