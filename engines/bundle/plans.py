@@ -112,9 +112,16 @@ def read_sidecar(path: str | Path) -> PlanInfo:
     return parse_sidecar(text, str(path))
 
 
+def build_command(bundle_path: str | Path, max_batch: int, precision: str) -> str:
+    """The `inspectd build-engine` line that builds a plan of `precision` ("" or fp32: the default) for the bundle."""
+    flags = {"": "", "fp32": "", "fp16": " --fp16", "int8": " --int8 --calibration-data DIR"}[precision]
+    return f"inspectd build-engine {bundle_path} --max-batch {max_batch}{flags}"
+
+
 def rebuild_command(bundle_path: str | Path, info: PlanInfo, max_batch: int | None = None) -> str:
-    flags = {"fp32": "", "fp16": " --fp16", "int8": " --int8 --calibration-data DIR"}[info.precision]
-    return f"inspectd build-engine {bundle_path} --max-batch {max_batch or info.max_batch}{flags}"
+    """The line that builds `info`'s plan again, at its precision (another precision would be refused, or silently
+    change what the station runs)."""
+    return build_command(bundle_path, max_batch or info.max_batch, info.precision)
 
 
 def check_compatible(
@@ -189,10 +196,9 @@ def pick_plan(
     if refusal is not None:
         raise refusal
     wanted = f" {precision}" if precision else ""
-    flag = {"": "", "fp32": "", "fp16": " --fp16", "int8": " --int8 --calibration-data DIR"}[precision]
     raise BundleError(
         f"{bundle.path}: no{wanted} TensorRT plan in the bundle: build one with "
-        f"`inspectd build-engine {bundle.path} --max-batch {max_batch}{flag}`"
+        f"`{build_command(bundle.path, max_batch, precision)}`"
     )
 
 

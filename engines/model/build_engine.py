@@ -1,9 +1,11 @@
 """`inspectd build-engine BUNDLE`: build a TensorRT plan from the bundle's ONNX graph and store it in the bundle.
 
-The plan gets one optimisation profile per runtime stream (batch 1..max, tuned for --opt-batch), a workspace limit, and
-a timing cache shared by every build on the station (loaded before, saved after: rebuilds take seconds, not minutes).
-It is written to `engines/<gpu>-trt<version>-b<max>[-fp16|-int8].plan` with a JSON sidecar (engines.bundle.plans)
-and both are listed with their checksums in the manifest.
+The plan gets one optimisation profile (batch 1..max, tuned for --opt-batch; --streams N makes N copies, of which
+inspectd's runtime uses only the first: it runs one batch at a time), a workspace limit, and a timing cache shared by
+every build on the station (loaded before, saved after: rebuilds take seconds, not minutes). It is written to
+`engines/<gpu>-trt<version>-b<max>[-fp16|-int8].plan` with a JSON sidecar (engines.bundle.plans) and both are listed
+with their checksums in the manifest; the timing cache is saved after them, and a cache that cannot be read or
+written is a warning, not a failed build.
 
 Precision, TensorRT 10 vs 11:
 - fp32: strongly typed network from model.onnx; TF32 is switched off so the scorer is real FP32.
@@ -224,7 +226,7 @@ def build_plan(
     precision: str = "fp32",
     max_batch: int = 8,
     opt_batch: int | None = None,
-    streams: int = 2,
+    streams: int = 1,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
     timing_cache: str | Path | None = None,
     calibration_data: str | Path | None = None,
@@ -257,7 +259,7 @@ def _build_plan(
     precision: str = "fp32",
     max_batch: int = 8,
     opt_batch: int | None = None,
-    streams: int = 2,
+    streams: int = 1,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
     timing_cache: str | Path | None = None,
     calibration_data: str | Path | None = None,
@@ -276,12 +278,83 @@ def _build_plan(
     if (precision == "int8") != (calibration_data is not None):
         raise EngineError("--int8 and --calibration-data DIR: expected both or neither")
 
+    started = time.monotonic()
+    bundle = load_bundle(bundle_path)
+    plan, info, cache_path, cache = _build_with_tensorrt(
+        bundle, precision, max_batch, opt_batch, streams, workspace_mb, timing_cache, calibration_data, device, log
+    )
+    name = plan_name(info.gpu_name, info.tensorrt_version, max_batch, precision)
+    # The plan before the timing cache: the cache only speeds up the next build, and a cache that cannot be written
+    # must not cost this one.
+    bundle.replace_file(name, plan, add=True)
+    bundle.replace_file(sidecar_name(name), info.to_json().encode(), add=True)
+    saved = save_timing_cache(cache_path, cache, log)
+    log(
+        f"{bundle.path / name}: {len(plan) / 1e6:.1f} MB, {precision}, batch 1..{max_batch} (opt {opt_batch}), "
+        f"{streams} profile(s), {info.gpu_name} sm {info.compute_capability}, TensorRT {info.tensorrt_version}, "
+        f"built in {time.monotonic() - started:.0f} s; timing cache {cache_path}{'' if saved else ' (not saved)'}"
+    )
+    return bundle.path / name
+
+
+def read_timing_cache(path: Path, log=print) -> bytes:
+    """The timing cache at `path`, or b"" (a fresh one) when there is none or it cannot be read: a cache only speeds
+    the build up, so a failure is one warning line, never the end of the build."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        log(f"warning: timing cache {path}: not read ({_reason(exc, path)}), starting a new one")
+        return b""
+
+
+def save_timing_cache(path: Path, data: bytes, log=print) -> bool:
+    """Write the timing cache to `path`; False, after one warning line, when it cannot be written."""
+    # Written aside and renamed: two builds on one station must not leave a half-written cache behind.
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError as exc:
+        log(
+            f"warning: timing cache {path}: not saved ({_reason(exc, path, partial)}); the plan is stored, the next "
+            "build starts without it"
+        )
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return False
+    return True
+
+
+def _reason(exc: OSError, *known: Path) -> str:
+    """The OS's reason, with the file it concerns unless that is one of `known` (a parent that is a file)."""
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename and Path(exc.filename) not in known else reason
+
+
+def _build_with_tensorrt(
+    bundle: Bundle,
+    precision: str,
+    max_batch: int,
+    opt_batch: int,
+    streams: int,
+    workspace_mb: int,
+    timing_cache: str | Path | None,
+    calibration_data: str | Path | None,
+    device: int,
+    log,
+) -> tuple[bytes, PlanInfo, Path, bytes]:
+    """Everything that needs TensorRT and a GPU: (the plan, its sidecar, the timing cache's path, the timing cache to
+    save there). The plan has been deserialized once; nothing is written."""
     trt = import_tensorrt()
     version = trt.__version__
     strongly_typed, graph_variant = precision_recipe(version, precision)
     cuda_buffers.import_cudart()
     gpu_name, capability = cuda_buffers.select_device(device)
-    bundle = load_bundle(bundle_path)
     params = bundle.scorer_params()
     ceilings = scorer_row_ceilings(bundle.recipe)
     input_shape = bundle.input_shape
@@ -292,7 +365,6 @@ def _build_plan(
         else None
     )
 
-    started = time.monotonic()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
@@ -333,7 +405,7 @@ def _build_plan(
             f"{pinned} layers outside the backbone kept in float32"
         )
 
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    cache = config.create_timing_cache(read_timing_cache(cache_path, log))
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         log(f"timing cache {cache_path}: does not fit this GPU/TensorRT, starting a new one")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
@@ -346,12 +418,6 @@ def _build_plan(
     if serialized is None:
         raise EngineError(f"{bundle.path}: TensorRT failed to build the {precision} plan (see the log above)")
     plan = bytes(serialized)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed: two builds on one station must not leave a half-written cache behind.
-    partial = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
-    partial.write_bytes(bytes(config.get_timing_cache().serialize()))
-    os.replace(partial, cache_path)
-
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     if engine is None or engine.num_optimization_profiles != streams:
         raise EngineError(f"{bundle.path}: the plan TensorRT just built does not deserialize with {streams} profiles")
@@ -367,15 +433,7 @@ def _build_plan(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         workspace_mb=workspace_mb,
     )
-    name = plan_name(gpu_name, version, max_batch, precision)
-    bundle.replace_file(name, plan, add=True)
-    bundle.replace_file(sidecar_name(name), info.to_json().encode(), add=True)
-    log(
-        f"{bundle.path / name}: {len(plan) / 1e6:.1f} MB, {precision}, batch 1..{max_batch} (opt {opt_batch}), "
-        f"{streams} profile(s), {gpu_name} sm {capability}, TensorRT {version}, built in "
-        f"{time.monotonic() - started:.0f} s; timing cache {cache_path}"
-    )
-    return bundle.path / name
+    return plan, info, cache_path, bytes(config.get_timing_cache().serialize())
 
 
 def store_onnxruntime_fp16(bundle_path: str | Path, log=print) -> Path:
@@ -409,8 +467,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--streams",
         type=int,
-        default=2,
-        help="optimisation profiles = batches the runtime may have in flight (default 2)",
+        default=1,
+        help=f"optimisation profiles in the plan, 1..{MAX_PROFILES} (default 1: inspectd runs one batch at a time, on "
+        "the first; more only lengthen the build)",
     )
     parser.add_argument(
         "--workspace-mb",

@@ -5,10 +5,11 @@ Thresholds are set on FP32 scores (`inspectd train`, `inspectd calibrate` withou
 precision engine computes slightly different scores, so a frame whose FP32 score lies within that difference of the
 threshold can change verdict. `measure` runs the same frames through the engine and through the bundle's model.onnx
 on ONNX Runtime's CPU provider (the FP32 reference every parity test uses) and takes the largest score difference;
-`check` refuses the pair when that difference exceeds MAX_SHIFT of the lowest image threshold in use. Thresholds
-whose provenance records `engine_precision` equal to the engine's were calibrated on that engine's own scores, so
-there is nothing to compare (`needs_check`); nor is there for an fp32 engine, whichever scores its thresholds were set
-on (see needs_check).
+`check` refuses the pair when that difference exceeds MAX_SHIFT of the lowest image threshold in use. A non-finite
+score on either side (float16 overflow turns into inf, then NaN in the float32 scorer) is refused by `measure` itself,
+whatever thresholds are in use: no threshold can judge it. Thresholds whose provenance records `engine_precision` equal
+to the engine's were calibrated on that engine's own scores, so there is nothing to compare (`needs_check`); nor is
+there for an fp32 engine, whichever scores its thresholds were set on (see needs_check).
 """
 
 from __future__ import annotations
@@ -56,13 +57,33 @@ def measure(engine, frames: np.ndarray, source: str) -> ScoreShift:
     if len(frames) == 0:
         raise EngineError(f"score shift of the {engine.precision} engine: no frames to measure it on ({source})")
     batch = engine.max_batch
+    # Positions (in `frames`) of non-finite scores: a NaN would otherwise vanish from the largest difference
+    # (max(0.0, nan) is 0.0) and let through the float16 overflow this measurement exists to catch.
+    broken: dict[str, list[int]] = {"reference": [], "engine": []}
     with open_engine(engine.bundle, "onnxruntime", {"providers": "cpu"}, max_batch=batch) as reference:
         worst = 0.0
         for start in range(0, len(frames), batch):
             chunk = np.ascontiguousarray(frames[start : start + batch])
-            got = engine.infer(chunk).scores
-            want = reference.infer(chunk).scores
-            worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))))
+            got = engine.infer(chunk).scores.astype(np.float64)
+            want = reference.infer(chunk).scores.astype(np.float64)
+            broken["engine"] += (start + np.flatnonzero(~np.isfinite(got))).tolist()
+            broken["reference"] += (start + np.flatnonzero(~np.isfinite(want))).tolist()
+            if not broken["engine"] and not broken["reference"]:
+                worst = max(worst, float(np.max(np.abs(got - want))))
+    # The reference first: when FP32 fails too, the precision is not what is wrong.
+    for side, positions in broken.items():
+        if positions:
+            who, remedy = (
+                ("the FP32 graph (ONNX Runtime CPU)", "the bundle's model or scorer parameters are broken")
+                if side == "reference"
+                else (f"the {engine.precision} engine", "float16 overflow? run an fp32 engine")
+            )
+            shown = ", ".join(map(str, positions[:8])) + (", ..." if len(positions) > 8 else "")
+            raise EngineError(
+                f"engine precision {engine.precision}: {who} gave a non-finite score on {len(positions)} of "
+                f"{len(frames)} frames from {source} (probe frame {shown}), expected a finite score on every one: "
+                f"{remedy}"
+            )
     return ScoreShift(engine.precision, int(len(frames)), worst, source)
 
 

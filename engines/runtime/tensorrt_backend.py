@@ -4,7 +4,8 @@ One execution context on the plan's first optimisation profile, one non-blocking
 device buffers for max_batch frames, all allocated once. `infer` copies the batch into the pinned buffer, enqueues
 upload, `execute_async_v3` and download on the stream, and waits for it: one batch in flight, like every other backend,
 so the daemon's inference stage has one way to run a batch. The scorer parameters live in their own device buffers;
-`set_scorer_params` (a reload) checks the new shapes against the plan's profile before it touches any of them.
+`set_scorer_params` (new parameters on an open engine, as `inspectd teach` scores a refit; a daemon reload opens a
+second engine instead) checks the new shapes against the plan's profile before it touches any of them.
 
 tensorrt and cuda-python (cuda-bindings) are imported when this backend is chosen, never before; a station without
 them gets one line saying what to install. Written against the TensorRT 10/11 and cuda-python documentation; see
@@ -28,6 +29,7 @@ from engines.bundle.plans import (
     import_tensorrt,
     pick_plan,
     read_sidecar,
+    rebuild_command,
     sidecar_name,
 )
 from engines.errors import BundleError, EngineError
@@ -194,8 +196,8 @@ class TensorRTEngine(Engine):
         wrong = profile_violations({name: value.shape for name, value in checked.items()}, self._param_ranges)
         if wrong:
             raise BundleError(
-                f"scorer params: {'; '.join(wrong)}: rebuild the plan with `inspectd build-engine "
-                f"{self.bundle.path} --max-batch {self.plan_info.max_batch}` after the refit"
+                f"scorer params: {'; '.join(wrong)}: rebuild the plan with "
+                f"`{rebuild_command(self.bundle.path, self.plan_info)}` after the refit"
             )
         self._device.ensure()
         fresh: dict[str, cuda_buffers.DeviceBuffer] = {}
@@ -245,16 +247,21 @@ class TensorRTEngine(Engine):
         with self._lock:
             if self._closed:  # close() frees the buffers below
                 raise EngineError(f"{self.plan_path}: engine closed")
-            np.copyto(self.host_pixels.array[:count], pixels)
-            stream = self.stream
-            stream.upload(self.pixels, self.host_pixels.array, pixels.nbytes)
+            # Before anything is enqueued: a refusal here leaves nothing running on the stream.
             if not self.context.set_input_shape(PIXELS, pixels.shape):
                 raise EngineError(f"TensorRT set_input_shape({PIXELS!r}, {pixels.shape}) refused")
-            if not self.context.execute_async_v3(stream.address):
-                raise EngineError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-            stream.download(self.host_score.array, self.score, count * 4)
-            stream.download(self.host_map.array, self.anomaly_map, self.host_map.array[:count].nbytes)
-            stream.synchronize()
+            np.copyto(self.host_pixels.array[:count], pixels)
+            stream = self.stream
+            try:
+                stream.upload(self.pixels, self.host_pixels.array, pixels.nbytes)
+                if not self.context.execute_async_v3(stream.address):
+                    raise EngineError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+                stream.download(self.host_score.array, self.score, count * 4)
+                stream.download(self.host_map.array, self.anomaly_map, self.host_map.array[:count].nbytes)
+            finally:
+                # Also when an enqueue failed: the upload may still be reading the pinned buffer, which the next
+                # batch's copyto would overwrite under it.
+                stream.synchronize()
             # Copies: the pinned buffers are overwritten by the next batch.
             return InferenceResult(self.host_score.array[:count].copy(), self.host_map.array[:count].copy())
 
