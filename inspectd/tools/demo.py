@@ -160,9 +160,9 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.cameras <= MAX_CAMERAS:
         print(f"inspectd demo: --cameras {args.cameras}: expected 1..{MAX_CAMERAS}", file=sys.stderr)
         return 2
-    if args.rate <= 0 or args.duration <= 0 or args.size < 32 or args.train_frames < MAX_CAMERAS:
+    if args.rate <= 0 or args.duration <= 0 or args.size < 32 or args.size % 32 or args.train_frames < MAX_CAMERAS:
         print(
-            f"inspectd demo: --rate and --duration: expected positive numbers, --size at least 32, "
+            f"inspectd demo: --rate and --duration: expected positive numbers, --size a multiple of 32, "
             f"--train-frames at least {MAX_CAMERAS}",
             file=sys.stderr,
         )
