@@ -4,6 +4,7 @@ starting (or restarting) the service."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from inspectd.daemon.security import ALLOW_ROOT_ENV
+from inspectd.protocol import keys
 from station_model import write_grey_bundle
 
 pytestmark = pytest.mark.timeout(120)
@@ -105,3 +107,81 @@ def test_a_package_missing_from_the_installation_exits_1_not_as_a_refused_config
     said = "inspectd run: needs the Python package 'structlog', which is not installed"
     assert run.stderr.startswith(said), run.stderr
     assert inspectd("run", "--no-such-flag").returncode == 2  # a usage error is still one
+
+
+def _curve_config(tmp_path: Path, pki) -> dict:
+    """A config whose control, publish and zmq camera are CurveZMQ sockets on the pki fixture's keys."""
+    write_grey_bundle(tmp_path / "bundle")
+    curve = {"server_secret_key": str(pki["server"][1]), "allowed_clients_dir": str(pki["allow_dir"])}
+    return {
+        "station": "line1",
+        "model": {"bundle": "bundle"},
+        "cameras": [
+            {"id": "cam0", "source": {"kind": "synthetic"}},
+            {"id": "cam1", "source": {"kind": "zmq", "endpoint": f"ipc://{tmp_path}/cam1.sock", "curve": curve}},
+        ],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock", "curve": curve},
+        "control": {"endpoint": f"ipc://{tmp_path}/control.sock", "curve": curve},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+    }
+
+
+def _damage(pki, tmp_path: Path, config: dict, how: str) -> tuple[str, str]:
+    """Damage the key material of one socket as `run` would refuse it: (where, what the refusal says)."""
+    own = keys.generate(tmp_path / "cam1-keys", "cam1")
+    camera = config["cameras"][1]["source"]["curve"] = dict(config["cameras"][1]["source"]["curve"])
+    camera["server_secret_key"] = str(own[1])
+    if how == "missing-secret":
+        config["control"]["curve"] = {
+            **config["control"]["curve"],
+            "server_secret_key": str(tmp_path / "no.key_secret"),
+        }
+        return "control.curve.server_secret_key", "cannot read (No such file or directory)"
+    if how == "secret-mode-0644":
+        os.chmod(own[1], 0o644)
+        return "cameras[cam1].source.curve.server_secret_key", "mode 0644 lets group/others read it"
+    if how == "secret-cut":
+        secret = re.search(r'secret-key = "([^"]*)"', own[1].read_text()).group(1)  # type: ignore[union-attr]
+        own[1].write_text(own[1].read_text().replace(secret, secret[:30]))
+        return "cameras[cam1].source.curve.server_secret_key", "its secret key is not the 40-character Z85 secret"
+    if how == "allow-list-missing":
+        config["publish"]["curve"] = {**config["publish"]["curve"], "allowed_clients_dir": str(tmp_path / "none")}
+        return "publish.curve.allowed_clients_dir", "cannot read (No such file or directory)"
+    # "secret-in-allow-list": a client's whole pair where its public key belongs
+    (pki["allow_dir"] / "bridge1.key").write_bytes(pki["allowed"][1].read_bytes())
+    return "control.curve.allowed_clients_dir", "holds a secret key, expected the public NAME.key"
+
+
+@pytest.mark.parametrize(
+    "how", ["missing-secret", "secret-mode-0644", "secret-cut", "allow-list-missing", "secret-in-allow-list"]
+)
+def test_check_refuses_the_key_material_run_refuses(tmp_path, pki, how):
+    """The key paths are config values: `--check` loads them by the loader `run` starts with (it said "valid" for a
+    missing, damaged or world-readable key that `run` refuses)."""
+    config = _curve_config(tmp_path, pki)
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert inspectd("run", "--check", "--config", str(path)).returncode == 0
+    where, said = _damage(pki, tmp_path, config, how)
+    path.write_text(yaml.safe_dump(config))
+    checked = inspectd("run", "--check", "--config", str(path))
+    assert checked.returncode == 2, checked.stdout
+    assert checked.stderr.startswith(f"inspectd run --check: {where} ") and said in checked.stderr, checked.stderr
+    assert checked.stderr.count("\n") == 1
+
+
+def test_check_notes_an_allow_list_that_lets_nobody_in(tmp_path, pki):
+    """An empty allow-list is accepted (how the last client is revoked), but an installer checking a new config is
+    shown that it lets nobody in: a directory with no key in it is often the wrong one."""
+    config = _curve_config(tmp_path, pki)
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    config["publish"]["curve"] = {**config["publish"]["curve"], "allowed_clients_dir": str(empty)}
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checked = inspectd("run", "--check", "--config", str(path))
+    assert checked.returncode == 0, checked.stderr
+    assert (
+        f"  note: publish.curve.allowed_clients_dir {empty} holds no client key (*.key): every client is refused there"
+    ) in checked.stdout.splitlines()

@@ -65,7 +65,7 @@ def test_key_files_with_loose_permissions_are_refused(pki, tmp_path):
     with pytest.raises(keys.KeysError, match=r"mode 0640 lets group/others read it, expected 0600"):
         keys.load_secret(secret, "control.curve.server_secret_key")
     os.chmod(secret, 0o600)
-    with pytest.raises(keys.KeysError, match="holds no secret key"):
+    with pytest.raises(keys.KeysError, match="holds a public key only, expected the .key_secret file of its pair"):
         keys.load_secret(_as_secret_copy(pki["server"][0]))
     os.chmod(pki["allow_dir"], 0o775)
     with pytest.raises(keys.KeysError, match="lets group/others change it, expected at most 0755"):
@@ -96,10 +96,6 @@ def test_key_files_with_loose_permissions_are_refused(pki, tmp_path):
     (pki["allow_dir"] / "oops.key_secret").write_bytes(pki["intruder"][1].read_bytes())
     with pytest.raises(keys.KeysError, match="a secret key in the allow-list"):
         keys.load_allow_list(pki["allow_dir"])
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(keys.KeysError, match=r"no \*\.key files"):
-        keys.load_allow_list(empty)
 
 
 def _as_secret_copy(public: Path) -> Path:
@@ -108,6 +104,116 @@ def _as_secret_copy(public: Path) -> Path:
     copy.write_bytes(public.read_bytes())
     os.chmod(copy, 0o600)
     return copy
+
+
+def _key_text(path: Path, half: str) -> str:
+    found = re.search(rf'{half}-key = "([^"]*)"', path.read_text())
+    assert found is not None, path
+    return found.group(1)
+
+
+def malformed_secret(pki, how: str) -> Path:
+    """A copy of the server's .key_secret, mode 0600 and ours, whose key text was damaged as a hand copy, a line wrap
+    or an editor can damage it, or whose public half belongs to another pair."""
+    source = pki["server"][1]
+    text, secret = source.read_text(), _key_text(source, "secret")
+    if how == "cut":
+        text = text.replace(secret, secret[:30])
+    elif how == "not-z85":
+        text = text.replace(secret, "~" + secret[1:])
+    else:  # "two-pairs"
+        text = text.replace(_key_text(source, "public"), _key_text(pki["intruder"][0], "public"))
+    damaged = source.parent / f"{how}.key_secret"
+    damaged.write_text(text)
+    os.chmod(damaged, 0o600)
+    return damaged
+
+
+MALFORMED = ["cut", "not-z85", "two-pairs"]
+NOT_ITS_SECRET = "its secret key is not the 40-character Z85 secret of its public key, expected a .key_secret file"
+
+
+@pytest.mark.parametrize("how", MALFORMED)
+def test_a_key_file_whose_key_text_is_damaged_is_refused_at_load_naming_it(pki, how):
+    """Checked only for length before, a damaged key passed every loader and failed far away: `Invalid argument` from
+    the daemon after its model loaded, a traceback from the bridge, a zmq camera reopening for ever, `ctl` blaming its
+    --endpoint. Now it is refused where it is loaded, in one line naming the file."""
+    damaged = malformed_secret(pki, how)
+    with pytest.raises(keys.KeysError, match=rf"^control.curve.server_secret_key {re.escape(str(damaged))}: "):
+        CurveServer("control", damaged, pki["allow_dir"])
+    ctl = subprocess.run(
+        [sys.executable, "-m", "inspectd", "ctl", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "2"]
+        + ["--server-key", str(pki["server"][0]), "--client-key", str(damaged), "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    assert (ctl.returncode, ctl.stderr) == (2, f"inspectd ctl: client secret key {damaged}: {NOT_ITS_SECRET} "
+                                            "from `inspectd keys generate`, unedited\n")  # fmt: skip
+
+
+def test_a_public_key_that_is_not_z85_or_a_file_holding_a_secret_is_refused_in_the_allow_list(pki):
+    listed = pki["allow_dir"] / "bridge1.key"
+    good = listed.read_text()
+    public = _key_text(listed, "public")
+    listed.write_text(good.replace(public, "~" + public[1:]))  # 40 characters, one of them outside Z85
+    with pytest.raises(keys.KeysError, match=r"bridge1.key: no 40-character Z85 public key, expected a key file"):
+        keys.read_allow_list(pki["allow_dir"], "control.curve.allowed_clients_dir")
+    # A client's whole pair dropped in as a .key: the secret would be on the station for anyone who reads the list.
+    listed.write_text(pki["allowed"][1].read_text())
+    with pytest.raises(keys.KeysError, match=r"bridge1.key: holds a secret key, expected the public NAME.key"):
+        keys.read_allow_list(pki["allow_dir"], "control.curve.allowed_clients_dir")
+
+
+def test_key_errors_of_a_client_name_the_file_and_what_was_expected(pki, tmp_path):
+    """`inspectd ctl` with its keys mixed up is told what is wrong with which file; the station's secret handed to a
+    client as its --server-key is refused, though a server would have accepted the connection."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+
+    def ctl(server_key: Path, client_key: Path) -> tuple[int, str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "inspectd", "ctl", "--endpoint", endpoint, "--timeout", "5"]
+            + ["--server-key", str(server_key), "--client-key", str(client_key), "status"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO,
+        )
+        return done.returncode, done.stderr
+
+    server_public, server_secret = pki["server"]
+    client_public, client_secret = pki["allowed"]
+    try:
+        assert ctl(server_public, client_secret)[0] == 0
+        assert ctl(server_secret, client_secret) == (
+            2,
+            f"inspectd ctl: server public key {server_secret}: holds a secret key, expected the public NAME.key of "
+            "the pair (copy NAME.key, never NAME.key_secret)\n",
+        )
+        assert ctl(server_public, client_public) == (
+            2,
+            f"inspectd ctl: client secret key {client_public}: holds a public key only, expected the .key_secret "
+            "file of its pair\n",
+        )
+        missing = tmp_path / "nowhere.key"
+        assert ctl(missing, client_secret) == (
+            2,
+            f"inspectd ctl: server public key {missing}: cannot load (No such file or directory), expected a key "
+            "file from `inspectd keys generate`\n",
+        )
+        if os.geteuid() == 0:  # only root may give a file away
+            os.chown(client_secret, 4242, -1)
+            assert ctl(server_public, client_secret) == (
+                2,
+                f"inspectd ctl: client secret key {client_secret}: owned by uid 4242, expected this user (uid 0)\n",
+            )
+    finally:
+        server.stop()
+        guard.stop()
 
 
 def test_curve_control_lets_in_only_listed_keys_and_logs_refusals(pki, capsys):
@@ -192,7 +298,8 @@ def test_curve_publish_reaches_only_allowed_subscribers(pki, tmp_path):
         lines = [line for line in cli.stderr.splitlines() if "the daemon" in line]
         assert lines == [
             f"inspectd subscribe: --endpoint {endpoint}: the daemon ended the CurveZMQ handshake without a reason: "
-            "a --server-key that is not its public key, its authenticator down or hung, or no inspectd endpoint there"
+            "a --server-key that is not its public key, no CurveZMQ there (expected no --server-key/--client-key), "
+            "its authenticator down or hung, or no inspectd endpoint there"
         ], cli.stderr
     finally:
         for s in (good, bad, plain):
@@ -222,13 +329,19 @@ def test_network_control_endpoint_requires_curve_and_curve_config_is_typed(tmp_p
         parse_config({**base, "control": {"curve": {**curve, "allowed_clients_dir": 5}}})
 
 
-def test_daemon_start_refuses_loose_key_permissions(pki, tmp_path):
-    """`inspectd run` checks key material at start, before it loads a model or binds anything."""
-    os.chmod(pki["server"][1], 0o644)
+@pytest.mark.parametrize("damage", ["mode-0644", "secret-cut"])
+def test_daemon_start_refuses_loose_or_damaged_key_material(pki, tmp_path, damage):
+    """`inspectd run` checks key material at start, before it loads a model or binds anything (a damaged secret key
+    used to pass, and the start failed after the model had loaded with `Invalid argument`, naming nothing)."""
+    if damage == "mode-0644":
+        secret, said = pki["server"][1], "mode 0644 lets group/others read it"
+        os.chmod(secret, 0o644)
+    else:
+        secret, said = malformed_secret(pki, "cut"), NOT_ITS_SECRET
     config = tmp_path / "c.yaml"
     config.write_text(
         "station: s\nmodel: {bundle: nowhere}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
-        f"control: {{endpoint: 'tcp://0.0.0.0:{free_port()}', curve: {{server_secret_key: '{pki['server'][1]}', "
+        f"control: {{endpoint: 'tcp://0.0.0.0:{free_port()}', curve: {{server_secret_key: '{secret}', "
         f"allowed_clients_dir: '{pki['allow_dir']}'}}}}\nmetrics: {{listen: null}}\nstate_dir: '{tmp_path}/state'\n"
     )
     out = subprocess.run(
@@ -239,7 +352,7 @@ def test_daemon_start_refuses_loose_key_permissions(pki, tmp_path):
         cwd=REPO,
     )
     assert out.returncode == 1
-    assert f"control.curve.server_secret_key {pki['server'][1]}: mode 0644 lets group/others read it" in out.stderr
+    assert f"inspectd run: control.curve.server_secret_key {secret}: {said}" in out.stderr, out.stderr
 
 
 def test_the_daemon_refuses_to_run_as_root(tmp_path):
@@ -672,6 +785,62 @@ def test_a_refused_handshake_is_told_at_once_not_at_the_request_timeout(pki):
     finally:
         server.stop()
         guard.stop()
+
+
+def test_revoking_the_last_key_by_reload_shuts_every_client_out(pki, capsys):
+    """An emptied allow-list is how the last client (a stolen laptop's only operator key) is revoked: the reload takes
+    it, with a warning, instead of refusing it and leaving the revoked key in force. A start with the list still empty
+    (the daemon restarted after the revocation) lets nobody in and still starts."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    listed = curve_client(pki["server"][0], pki["allowed"][1])
+    held = ControlClient(endpoint, timeout_s=5, curve=listed)
+    try:
+        assert held.request({"cmd": "status"})["ok"]
+        (pki["allow_dir"] / "bridge1.key").unlink()
+        assert [r.split()[0] for r in guard.reload()["removed"]] == ["bridge1.key"]
+        refused = held.request({"cmd": "status"})
+        assert refused["ok"] is False and "allow-list" in refused["error"], refused
+        with ControlClient(endpoint, timeout_s=5, curve=listed) as client:
+            with pytest.raises(InspectdError, match="refused this client's key"):
+                client.request({"cmd": "status"})
+        assert server.requests == 1
+    finally:
+        held.close()
+        server.stop()
+        guard.stop()
+    restarted = CurveServer("publish", pki["server"][1], pki["allow_dir"])
+    restarted.stop()
+    assert restarted.allowed == frozenset()
+    warned = [line for line in capsys.readouterr().out.splitlines() if "allow_list_empty" in line]
+    assert len(warned) == 2 and all("every client is refused" in line for line in warned), warned
+
+
+def test_a_refusal_without_a_key_names_the_daemons_socket_and_claims_no_peer(pki, capsys):
+    """A client without CURVE is refused before any key is seen, and libzmq's socket monitor gives only the bound
+    endpoint with the failure: the log says it is the daemon's socket (it was logged as the client's `endpoint`)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    plain = zmq.Context.instance().socket(zmq.REQ)
+    plain.linger = 0
+    try:
+        plain.connect(endpoint.replace("tcp://", "tcp://127.0.0.5:0;"))  # from another address than the daemon's
+        plain.send(b"{}")
+        deadline = time.monotonic() + 10
+        while guard.refused < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert guard.refused >= 1
+    finally:
+        plain.close()
+        server.stop()
+        guard.stop()
+    logged = [line for line in capsys.readouterr().out.splitlines() if "auth_refused" in line]
+    assert logged and all(f"socket={endpoint}" in line for line in logged), logged
+    assert not any("endpoint=" in line or "127.0.0.5" in line for line in logged), logged
 
 
 def test_each_refused_key_is_logged_even_while_another_keeps_retrying(pki, tmp_path, capsys):

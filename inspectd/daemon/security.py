@@ -4,8 +4,14 @@
 makes the socket a CURVE server with the daemon's secret key and a ZAP domain whose only accepted clients are the
 public keys in an allow-list directory. One ZAP authenticator thread serves every domain of the process. Each refused
 attempt (unknown key, or a client that does not speak CURVE at all) is counted and logged as `auth_refused` with the
-reason; repeats of the same refusal from the same key (or endpoint) are summarised once a minute, because a refused
-REQ client reconnects every 100 ms and would otherwise flood the log, while a key not seen before is always logged.
+reason; repeats of the same refusal from the same key are summarised once a minute, because a refused REQ client
+reconnects every 100 ms and would otherwise flood the log, while a key not seen before is always logged. A handshake
+that fails before any key is seen (no CURVE, another server key) names no client: libzmq's socket monitor gives only
+the daemon's own endpoint for it (`socket`) and no peer address, so those are summarised per reason and socket, and
+the count of the repeats covers every client that failed that way meanwhile.
+
+An empty allow-list directory lets nobody in, with a warning: at start (a station whose last client was revoked must
+still start after a power cut) and at reload (how the last client is revoked).
 
 CURVE checks a key only at the handshake, so a key removed by `reload` would keep a connection made before it. The
 sockets that receive check each message's ZAP User-Id (the client's key) against the list in force (`admits`): the
@@ -46,7 +52,7 @@ log = structlog.get_logger("inspectd.daemon.security")
 # Tests and throwaway containers run everything as root; a station never should. Set only where root is the sandbox.
 ALLOW_ROOT_ENV = "INSPECTD_ALLOW_ROOT"
 REPEAT_LOG_S = 60.0
-REFUSALS_TRACKED = 1024  # (reason, key) pairs whose repeats are summarised
+REFUSALS_TRACKED = 1024  # (reason, key or socket) pairs whose repeats are summarised
 REMOVED = "client key removed from the allow-list"
 # Keyed by plain int: the monitor hands event numbers over as ints.
 _REFUSALS: dict[int, str] = {
@@ -110,7 +116,8 @@ def open_ipc_to_group(sock: zmq.Socket) -> None:
 
 
 class _Refusals:
-    """Counts refused attempts and logs each (reason, client key or endpoint) once per REPEAT_LOG_S.
+    """Counts refused attempts and logs each (reason, client key, or the socket where no key was seen) once per
+    REPEAT_LOG_S.
 
     Grouped by who as well as why: a revoked client retrying every 100 ms must not hide the first refusal of
     another key. At most REFUSALS_TRACKED pairs are remembered (the least recently refused goes first), so keys
@@ -123,7 +130,7 @@ class _Refusals:
         self._lock = threading.Lock()
 
     def refused(self, reason: str, **fields) -> None:
-        slot = (reason, str(fields.get("client_key", fields.get("endpoint", ""))))
+        slot = (reason, str(fields.get("client_key", fields.get("socket", ""))))
         with self._lock:
             self.count += 1
             when, repeats = self._last.pop(slot, (-REPEAT_LOG_S, 0))
@@ -166,6 +173,20 @@ def _zap(context: zmq.Context) -> ThreadAuthenticator:
         return authenticator
 
 
+def load_keys(
+    secret_key: str | Path, allowed_clients_dir: str | Path, where: str, owner_checked: bool = True
+) -> tuple[bytes, bytes, dict[bytes, str]]:
+    """The key pair and the allow-list (z85 key -> file name) of one `curve:` of the config at `where` (`control`,
+    `publish`, `cameras[ID].source`), checked as `inspectd run` checks them at start and `run --check` beforehand.
+    KeysError names the config key and the file. `owner_checked` False: the owners are left out, for a check run as
+    another user than the daemon's."""
+    public, secret = keys.load_secret(
+        secret_key, f"{where}.curve.server_secret_key", "the daemon's own user", owner_checked
+    )
+    names = keys.read_allow_list(allowed_clients_dir, f"{where}.curve.allowed_clients_dir", owner_checked)
+    return public, secret, names
+
+
 class CurveServer:
     """The hook for one server socket role ("control", "publish"): CURVE keys, ZAP domain, allow-list, refusal log.
 
@@ -182,11 +203,12 @@ class CurveServer:
         where = where or domain
         self.domain = domain
         self.context = context or zmq.Context.instance()
-        self.public, self.secret = keys.load_secret(secret_key, f"{where}.curve.server_secret_key")
+        self.public, self.secret, self._names = load_keys(secret_key, allowed_clients_dir, where)
         self.allowed_clients_dir = Path(allowed_clients_dir)
         self._where = f"{where}.curve.allowed_clients_dir"
-        self._names = keys.read_allow_list(self.allowed_clients_dir, self._where)
         self.allowed = frozenset(self._names)
+        if not self._names:
+            self._warn_empty()
         self.refusals = _Refusals(domain)
         self._allow_list = _AllowList(self.allowed, self.refusals)
         self._authenticators = [_zap(self.context)]
@@ -240,7 +262,8 @@ class CurveServer:
         thread.start()
 
     def _watch(self, monitor: zmq.Socket) -> None:
-        """Handshake failures on the socket, with the peer's endpoint: the refusals a ZAP callback never sees."""
+        """Handshake failures on the socket: the refusals a ZAP callback never sees. libzmq gives the bound endpoint
+        with them, not the peer's (nor anything that ties the failure to the connection it accepted)."""
         try:
             while not self._stop.is_set():
                 if not monitor.poll(200):
@@ -252,7 +275,7 @@ class CurveServer:
                     continue  # the allow-list callback already counted and logged it, with the key
                 self.refusals.refused(
                     _REFUSALS.get(event["event"], "handshake failed"),
-                    endpoint=event["endpoint"].decode(errors="replace"),
+                    socket=event["endpoint"].decode(errors="replace"),
                     detail=int(event["value"]),
                 )
         except zmq.ZMQError:
@@ -264,8 +287,9 @@ class CurveServer:
         """Read the allow-list directory again (SIGHUP, control `reload`); the next handshake and the next message
         checked with `admits` use the new list.
 
-        A directory that fails its checks now raises KeysError and the list in force stays as it was. Who was added
-        and who removed is logged (`allow_list_reloaded`) and returned, by key file and key."""
+        A directory that fails its checks now raises KeysError and the list in force stays as it was; an empty one
+        is taken (every client refused), with a warning. Who was added and who removed is logged
+        (`allow_list_reloaded`) and returned, by key file and key."""
         names = keys.read_allow_list(self.allowed_clients_dir, self._where)
         added = [f"{names[k]} ({k.decode()})" for k in names.keys() - self._names.keys()]
         removed = [f"{self._names[k]} ({k.decode()})" for k in self._names.keys() - names.keys()]
@@ -275,7 +299,17 @@ class CurveServer:
         log.info(
             "allow_list_reloaded", domain=self.domain, keys=len(names), added=sorted(added), removed=sorted(removed)
         )
+        if not names:
+            self._warn_empty()
         return {"added": sorted(added), "removed": sorted(removed)}
+
+    def _warn_empty(self) -> None:
+        log.warning(
+            "allow_list_empty",
+            domain=self.domain,
+            directory=str(self.allowed_clients_dir),
+            effect="every client is refused until a key file is added there and the list reloaded",
+        )
 
     def alive(self) -> bool:
         """The process's ZAP authenticator is answering handshakes. When it is not, the enforced ZAP domain makes

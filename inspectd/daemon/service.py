@@ -780,14 +780,29 @@ def check_threshold_range(new: Any, current: Any) -> None:
 
 
 def check(path: Path) -> int:
-    """`inspectd run --check`: the config as the daemon would load it, and its bundle verified; nothing started."""
+    """`inspectd run --check`: the config as the daemon would load it, its CurveZMQ keys and its bundle verified;
+    nothing started."""
+    import os
+
     from engines.bundle.store import load_bundle
     from engines.errors import EngineError
     from engines.runtime import backend_class
     from inspectd.daemon.config import load_config
+    from inspectd.daemon.security import load_keys
 
     try:
         config = load_config(path)
+        curves = [("control", config.control.curve), ("publish", config.publish.curve)]
+        curves += [(f"cameras[{camera.id}].source", getattr(camera.source, "curve", None)) for camera in config.cameras]
+        empty = []
+        for where, curve in curves:
+            if curve is None:
+                continue
+            # By the loader the daemon starts with; as root (which may read anything) the owners are left out, since
+            # the files belong to the service user: those are checked at start.
+            names = load_keys(curve.server_secret_key, curve.allowed_clients_dir, where, os.geteuid() != 0)[2]
+            if not names:
+                empty.append(f"{where}.curve.allowed_clients_dir {curve.allowed_clients_dir}")
         bundle = load_bundle(config.model.bundle)
         thresholds = bundle.thresholds()
         # What the backend needs of the bundle (an FP16 graph, a named plan), by the rule opening the engine applies.
@@ -808,6 +823,8 @@ def check(path: Path) -> int:
     print(f"  engine {config.engine.backend}, publish {config.publish.endpoint}, control {config.control.endpoint}")
     if unknown:
         print(f"  note: thresholds.per_camera names cameras not in this config: {', '.join(unknown)}")
+    for directory in empty:
+        print(f"  note: {directory} holds no client key (*.key): every client is refused there")
     return 0
 
 

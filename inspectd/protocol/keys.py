@@ -19,12 +19,14 @@ import ipaddress
 import itertools
 import os
 import stat
+import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from inspectd.errors import InspectdError
 
@@ -85,15 +87,14 @@ def _lstat(path: Path, what: str, expected: str) -> os.stat_result:
     return st
 
 
-def check_secret_file(path: str | Path, what: str) -> None:
-    """Refuse a secret key file that is missing, a symlink, not a regular file, not ours, or readable by group or
-    others."""
+def check_secret_file(path: str | Path, what: str, reader: str = "this user", owner_checked: bool = True) -> None:
+    """Refuse a secret key file that is missing, a symlink, not a regular file, not owned by `reader` (the user this
+    process runs as), or readable by group or others. `owner_checked` False leaves the owner out, for a check run
+    as another user than the one that will read the file (`inspectd run --check` as root)."""
     path = Path(path)
-    st = _lstat(path, what, "a .key_secret file")
-    if not stat.S_ISREG(st.st_mode):
-        raise KeysError(f"{what} {path}: not a regular file, expected a .key_secret file")
-    if st.st_uid != os.geteuid():
-        raise KeysError(f"{what} {path}: owned by uid {st.st_uid}, expected the daemon's own user (uid {os.geteuid()})")
+    st = _regular_file(path, what, "a .key_secret file")
+    if owner_checked and st.st_uid != os.geteuid():
+        raise KeysError(f"{what} {path}: owned by uid {st.st_uid}, expected {reader} (uid {os.geteuid()})")
     if st.st_mode & 0o077:
         raise KeysError(
             f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others read it, expected "
@@ -101,10 +102,17 @@ def check_secret_file(path: str | Path, what: str) -> None:
         )
 
 
-def check_trusted(path: Path, st: os.stat_result, what: str) -> None:
+def _regular_file(path: Path, what: str, expected: str) -> os.stat_result:
+    st = _lstat(path, what, expected)
+    if not stat.S_ISREG(st.st_mode):
+        raise KeysError(f"{what} {path}: not a regular file, expected {expected}")
+    return st
+
+
+def check_trusted(path: Path, st: os.stat_result, what: str, owner_checked: bool = True) -> None:
     """Key material that decides who gets in (the allow-list directory, each public key in it) must be owned by the
     daemon's user or root and writable by nobody else: whoever can change it can let themselves in."""
-    if st.st_uid not in (os.geteuid(), 0):
+    if owner_checked and st.st_uid not in (os.geteuid(), 0):
         raise KeysError(
             f"{what} {path}: owned by uid {st.st_uid}, expected the daemon's own user (uid {os.geteuid()}) or root"
         )
@@ -115,39 +123,80 @@ def check_trusted(path: Path, st: os.stat_result, what: str) -> None:
         )
 
 
-def load_secret(path: str | Path, what: str = "secret key") -> tuple[bytes, bytes]:
-    """(public, secret) z85 keys from a `.key_secret` file, after the permission check."""
-    check_secret_file(path, what)
+def load_secret(
+    path: str | Path, what: str = "secret key", reader: str = "this user", owner_checked: bool = True
+) -> tuple[bytes, bytes]:
+    """(public, secret) z85 keys from a `.key_secret` file whose secret gives its public key, after the permission
+    check (`check_secret_file`)."""
+    path = Path(path)
+    # The content before the mode: a public key file given for a secret one is 0644 by design, and advice to chmod it
+    # would send its owner the wrong way.
+    _regular_file(path, what, "a .key_secret file")
     public, secret = _load(path, what)
     if secret is None:
-        raise KeysError(f"{what} {path}: holds no secret key, expected the .key_secret file of a pair")
+        raise KeysError(f"{what} {path}: holds a public key only, expected the .key_secret file of its pair")
+    check_secret_file(path, what, reader, owner_checked)
+    try:
+        # libzmq's own derivation: a secret cut short or mistyped, or two halves of different pairs, are told here
+        # with the file's name rather than as "Invalid argument" at the socket or a handshake that never succeeds.
+        matches = zmq.curve_public(secret) == public
+    except (ValueError, zmq.ZMQError):
+        matches = False
+    if not matches:
+        raise KeysError(
+            f"{what} {path}: its secret key is not the 40-character Z85 secret of its public key, expected a "
+            ".key_secret file from `inspectd keys generate`, unedited"
+        )
     return public, secret
 
 
 def load_public(path: str | Path, what: str = "public key") -> bytes:
-    return _load(path, what)[0]
+    """The z85 public key of a `.key` file; one holding a secret key is refused, since whoever holds the file would
+    hold the secret (a station's secret copied to a client as its --server-key, a secret dropped in an allow-list)."""
+    public, secret = _load(path, what)
+    if secret is not None:
+        raise KeysError(
+            f"{what} {path}: holds a secret key, expected the public NAME.key of the pair (copy NAME.key, never "
+            "NAME.key_secret)"
+        )
+    return public
+
+
+def _is_z85_key(key: bytes) -> bool:
+    try:
+        return len(key) == 40 and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, struct.error):  # a character outside Z85, a group past 2**32
+        return False
 
 
 def _load(path: str | Path, what: str) -> tuple[bytes, bytes | None]:
     try:
+        os.stat(path)  # pyzmq says only "Invalid certificate file" for a missing one: the system's reason instead
         public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise KeysError(
-            f"{what} {path}: cannot load ({exc}), expected a key file from `inspectd keys generate`"
+            f"{what} {path}: cannot load ({exc.strerror or exc}), expected a key file from `inspectd keys generate`"
         ) from None
-    if public is None or len(public) != 40:
-        raise KeysError(f"{what} {path}: no 40-character public key, expected a key file from `inspectd keys generate`")
+    except (ValueError, IndexError):  # no public-key line, or one without its '='
+        public, secret = None, None
+    if public is None or not _is_z85_key(public):
+        raise KeysError(
+            f"{what} {path}: no 40-character Z85 public key, expected a key file from `inspectd keys generate`"
+        )
     return public, secret
 
 
 def load_allow_list(directory: str | Path, what: str = "allowed_clients_dir") -> frozenset[bytes]:
-    """The z85 public keys of every `*.key` file in `directory`; refuses an empty directory, and a directory or key
-    file that is a symlink, owned by someone else or writable by group or others."""
+    """The z85 public keys of every `*.key` file in `directory`; refuses a directory or key file that is a symlink,
+    owned by someone else or writable by group or others, or that holds a secret key."""
     return frozenset(read_allow_list(directory, what))
 
 
-def read_allow_list(directory: str | Path, what: str = "allowed_clients_dir") -> dict[bytes, str]:
-    """z85 public key -> the file it came from, for each `*.key` in `directory` (checked as load_allow_list says)."""
+def read_allow_list(
+    directory: str | Path, what: str = "allowed_clients_dir", owner_checked: bool = True
+) -> dict[bytes, str]:
+    """z85 public key -> the file it came from, for each `*.key` in `directory` (checked as load_allow_list says).
+    An empty directory gives an empty list, which lets nobody in: how the last client is revoked."""
     directory = Path(directory)
     st = _lstat(directory, what, "a directory of client public keys (*.key)")
     try:
@@ -157,20 +206,16 @@ def read_allow_list(directory: str | Path, what: str = "allowed_clients_dir") ->
             f"{what} {directory}: cannot read ({exc.strerror or exc}), expected a directory of client "
             f"public keys (*.key)"
         ) from None
-    check_trusted(directory, st, what)
+    check_trusted(directory, st, what, owner_checked)
     keys: dict[bytes, str] = {}
     for name in names:
         path = directory / name
         if name.endswith(SECRET_SUFFIX):
             raise KeysError(f"{what} {path}: a secret key in the allow-list, expected client public keys only")
         if name.endswith(PUBLIC_SUFFIX):
-            key_st = _lstat(path, what, "a client public key file")
-            if not stat.S_ISREG(key_st.st_mode):
-                raise KeysError(f"{what} {path}: not a regular file, expected a client public key file")
-            check_trusted(path, key_st, what)
+            key_st = _regular_file(path, what, "a client public key file")
+            check_trusted(path, key_st, what, owner_checked)
             keys[load_public(path, what)] = name
-    if not keys:
-        raise KeysError(f"{what} {directory}: no *.key files, expected at least one client public key")
     return keys
 
 
@@ -273,11 +318,13 @@ class HandshakeWatch:
                 return "does not use CurveZMQ there, expected no --server-key/--client-key"
             return "requires CurveZMQ there, expected --server-key and --client-key"
         # libzmq has no more to say: a CURVE server cannot open a message sealed for another key, and a server whose
-        # authenticator is down, one that hangs, or any other peer that hangs up reads the same.
+        # authenticator is down, one that hangs, or any other peer that hangs up reads the same; so does a plain
+        # server, which mostly sees the mismatch first and hangs up.
         if self.curve:
             return (
-                "ended the CurveZMQ handshake without a reason: a --server-key that is not its public key, its "
-                "authenticator down or hung, or no inspectd endpoint there"
+                "ended the CurveZMQ handshake without a reason: a --server-key that is not its public key, no CurveZMQ "
+                "there (expected no --server-key/--client-key), its authenticator down or hung, or no inspectd "
+                "endpoint there"
             )
         return "ended the handshake without a reason, expected an inspectd endpoint there (with CurveZMQ: the keys)"
 
