@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import signal
 import sys
 
@@ -42,6 +44,8 @@ SUBCOMMANDS = [
 OWN_SIGTERM = {"run", "train", "bridge", "web", "build-engine"}
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 TERMINATED_EXIT = 128 + signal.SIGTERM
+# What a shell reports for a writer killed by SIGPIPE (`yes | head -1`), the status a pipeline's readers expect.
+CLOSED_STDOUT_EXIT = 128 + signal.SIGPIPE
 
 
 class Terminated(SystemExit):
@@ -111,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(args.command, "interrupted", INTERRUPTED_EXIT)
     except Terminated:
         return _stopped(args.command, "stopped by SIGTERM", TERMINATED_EXIT)
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe or socket of the command's: a failure of its own
+        # The reader went away (`| head -1`): the end of the output, not an error to tell. Python's last flush of
+        # stdout at exit would raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_STDOUT_EXIT
     except Exception as exc:
         # A library that turns the signal's exception into its own (onnxruntime's loader: "ImportError:
         # initialization failed") is still the signal, not a broken install.
@@ -122,6 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cause, Terminated):
             return _stopped(args.command, "stopped by SIGTERM" + then, TERMINATED_EXIT)
         raise
+
+
+def _stdout_closed() -> bool:
+    """Whether nothing reads stdout any more: a pipe or socket whose reading end was closed polls as an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no stdout at all (closed, or replaced by an object without a descriptor)
+        return False
 
 
 def _stopped(command: str, how: str, code: int) -> int:

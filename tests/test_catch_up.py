@@ -6,6 +6,7 @@ not hold either is reported as a gap."""
 from __future__ import annotations
 
 import fcntl
+import signal
 import struct
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import zmq
 
 from inspectd.clients.subscribe import (
     CORRUPT,
+    NO_JOURNAL,
     NOT_JOURNALLED,
     ROTATED,
     CatchUpSubscriber,
@@ -611,3 +613,138 @@ def test_a_first_result_its_own_journal_lacks_is_delivered_in_order_after_the_re
         got = drain(source, 4)
     assert [r.seq for r in got] == [3, 4, 5, 6]
     assert source.notices == [] and catch_up.missed == []
+
+
+class Run:
+    """A daemon run's status messages: `uptime_s` into a run started at `start`, with cam0's results published and
+    seqs given out (`next_seq`, counting the frames still in flight)."""
+
+    def __init__(self, line: Line, start: float) -> None:
+        self.line, self.start = line, start
+
+    def status(self, uptime: float, published: int, given_out: int) -> None:
+        cameras = {"cam0": {"published": published, "next_seq": given_out}}
+        doc = {**STATUS, "t": self.start + uptime, "uptime_s": uptime, "cameras": cameras}
+        self.line.pub.send_multipart(encode_status(STATION, doc))
+
+
+def until_status(source, uptime: float, timeout_s: float = 10.0) -> list[Result]:
+    """The results delivered before the status of `uptime`."""
+    out: list[Result] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        message = source.recv(0.2)
+        if isinstance(message, Result):
+            out.append(message)
+        elif isinstance(message, dict) and message["uptime_s"] == uptime:
+            return out
+    raise AssertionError(f"no status of uptime {uptime} within {timeout_s} s; results: {[r.seq for r in out]}")
+
+
+def test_results_lost_after_the_last_one_heard_are_a_gap_once_a_status_counts_them_published(line):
+    """The tail of a burst lost before the line goes quiet has no result after it to show the jump: the daemon's
+    status, behind the results on the same socket, counts them published. Frames still in flight (given a seq, not
+    published yet) are no gap, and nothing is inferred across a restart, which counts anew."""
+    run = Run(line, time.time() - 100)
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(None)
+        source = CatchUpSubscriber(sub, catch_up)
+        run.status(1.0, published=0, given_out=0)
+        for seq in range(3):
+            line.emit("cam0", seq)
+        run.status(2.0, published=3, given_out=3)
+        for seq in range(3, 10):
+            line.emit("cam0", seq, send=seq < 6)  # 6-9: published, dropped on the way to this subscriber
+        run.status(3.0, published=10, given_out=14)  # 10-13 still in flight
+        heard = until_status(source, 3.0)
+        assert [r.seq for r in heard] == list(range(6))
+        assert catch_up.missed == [Gap("cam0", 6, 9, NO_JOURNAL)] and catch_up.gaps.missed == {"cam0": 4}
+        catch_up.missed.clear()
+        run.status(4.0, published=10, given_out=14)
+        line.emit("cam0", 10)  # the first of those in flight: delivered, no gap before it
+        run.status(5.0, published=11, given_out=14)
+        assert [r.seq for r in until_status(source, 5.0)] == [10]
+        # A restart, the new run already past the old one's count and uptime when its first status comes: only its
+        # start (t - uptime_s) tells it apart, and its count says nothing of the seqs after the old run's.
+        restarted = Run(line, run.start + 50)
+        restarted.status(10.0, published=40, given_out=40)
+        until_status(source, 10.0)
+    assert catch_up.missed == [] and catch_up.gaps.missed == {"cam0": 4}
+
+
+def test_the_tail_a_status_counts_published_is_fetched_from_the_journal(line):
+    run = Run(line, time.time() - 100)
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        run.status(1.0, published=0, given_out=0)
+        line.emit("cam0", 0)
+        run.status(2.0, published=1, given_out=1)
+        for seq in range(1, 4):
+            line.emit("cam0", seq, send=seq == 1)
+        line.emit("cam0", 4, send=False, journal=False)  # published without its record (the journal's disk failed)
+        run.status(3.0, published=5, given_out=5)
+        heard = until_status(source, 3.0)
+    assert [r.seq for r in heard] == [0, 1, 2, 3]
+    assert catch_up.recovered == 2
+    assert catch_up.missed == [Gap("cam0", 4, 4, NOT_JOURNALLED)]
+
+
+def test_subscribe_reports_the_lost_tail_of_a_burst_on_a_quiet_line_and_counts_it(tmp_path):
+    """`inspectd subscribe` as a real process: the results lost after the last one it printed are reported from the
+    status that follows them, before any further result, and the summary at Ctrl-C counts them."""
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    pub = zmq.Context.instance().socket(zmq.XPUB)  # tells when the subscription has arrived
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(endpoint)
+    start = time.time() - 100
+
+    def status(uptime: float, published: int) -> None:
+        doc = {**STATUS, "t": start + uptime, "uptime_s": uptime, "cameras": {"cam0": {"published": published}}}
+        pub.send_multipart(encode_status(STATION, doc))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", endpoint, "--timeout", "15"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert pub.poll(20_000) and pub.recv()[0] == 1, "the subscriber never subscribed"
+        status(1.0, 0)
+        pub.send_multipart(result_frames("cam0", 0))
+        status(2.0, 1)
+        for seq in (1, 2):
+            pub.send_multipart(result_frames("cam0", seq))
+        status(3.0, 6)  # 3-5 published, lost on the way; the line is quiet after them
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # the first line it writes there: the gap, or nothing until the timeout
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        pub.close(0)
+    assert line == "gap: seq 3-5 on cam0 (3 results): lost on the way (no journal to fill it from)\n", line + err
+    assert [entry.split()[1] for entry in out.splitlines()] == ["seq=0", "seq=1", "seq=2"]
+    assert "inspectd subscribe: 3 results, missed cam0: 3" in err and proc.returncode == 130, err
+
+
+def test_a_journal_record_that_does_not_decode_is_reported_as_such_not_as_never_journalled(tmp_path):
+    directory = tmp_path / "journal"
+    journal = Journal(directory, max_bytes=1 << 20)
+    for seq in range(4):
+        frames = result_frames("cam0", seq)
+        if seq == 2:  # a newer writer's record
+            frames[1] = frames[1].replace(b'"schema":1', b'"schema":2')
+        journal.append("cam0", seq, frames)
+    journal.close()
+    catch_up = JournalCatchUp(directory)
+    assert [r.seq for r in catch_up.resume(-1)] == [0, 1, 3]
+    assert catch_up.refused == 1
+    reason = "a journal record that does not decode (result header.schema: 2, this decoder reads schema 1)"
+    assert catch_up.missed == [Gap("cam0", 2, 2, reason)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -493,3 +494,122 @@ def test_a_socket_option_libzmq_refuses_is_a_one_line_error_naming_the_endpoint(
     with pytest.raises(OSError, match=r"^publish.endpoint '.*pub.sock': cannot set its security options \("):
         Publisher(endpoint, "line1", socket_options=lambda sock: setattr(sock, "curve_secretkey", b"short"))
     assert not (tmp_path / "pub.sock").exists()
+
+
+class Producer:
+    """A daemon's PUB end (an XPUB, which tells when the subscription arrived) and `inspectd subscribe` on it."""
+
+    def __init__(self, tmp_path: Path, *flags: str) -> None:
+        endpoint = f"ipc://{tmp_path}/pub.sock"
+        self.pub = zmq.Context.instance().socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(endpoint)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", endpoint, *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.pub.poll(20_000) and self.pub.recv()[0] == 1, "the subscriber never subscribed"
+
+    def send(self, **overrides) -> None:
+        self.pub.send_multipart(encode_result(**make_result(**overrides)))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+        self.pub.close(0)
+
+
+def test_subscribe_shows_a_frame_id_or_error_that_is_not_printable_quoted_on_its_own_line(tmp_path):
+    """A producer names the frame: a lone surrogate (a Python producer's undecodable file name, as json.dumps sends
+    it) cannot be written as UTF-8, a newline would forge a result line, an escape code would reach the terminal."""
+    producer = Producer(tmp_path, "--count", "4", "--timeout", "20")
+    try:
+        producer.send(seq=1, frame_id="\ud800bad")
+        producer.send(seq=2, frame_id="x\ncam0 seq=999 defect score=9.9999 regions=0 latency=0.0ms frame=forged")
+        producer.send(seq=3, frame_id="\x1b[31mRED\x1b[0m")
+        producer.send(seq=4, verdict="error", score=None, threshold=None, regions=[], error="engine:\x1b[2J\nboom")
+        out, err = producer.proc.communicate(timeout=30)
+    finally:
+        producer.close()
+    assert producer.proc.returncode == 0, err
+    lines = out.splitlines()
+    assert [line.split()[1] for line in lines] == ["seq=1", "seq=2", "seq=3", "seq=4"], out
+    assert lines[0].endswith(r"frame='\ud800bad'"), lines[0]
+    assert lines[1].endswith(r"frame='x\ncam0 seq=999 defect score=9.9999 regions=0 latency=0.0ms frame=forged'")
+    assert lines[2].endswith(r"frame='\x1b[31mRED\x1b[0m'") and "\x1b" not in out, lines[2]
+    assert lines[3].endswith(r"error='engine:\x1b[2J\nboom'"), lines[3]
+
+
+def test_subscribe_whose_reader_closed_the_pipe_ends_quietly_with_the_sigpipe_status(tmp_path):
+    """`inspectd subscribe | head -1`: the shell's status for a writer SIGPIPE ended (141), no traceback."""
+    producer = Producer(tmp_path)
+    try:
+        producer.send(seq=1)
+        assert producer.proc.stdout is not None and producer.proc.stdout.readline().startswith("cam0 seq=1 ")
+        producer.proc.stdout.close()  # what head does after its line
+        deadline = time.monotonic() + 10
+        seq = 2
+        while producer.proc.poll() is None and time.monotonic() < deadline:
+            producer.send(seq=seq)
+            seq += 1
+            time.sleep(0.05)
+        assert producer.proc.poll() is not None, "still running after its stdout was closed"
+        assert producer.proc.stderr is not None
+        err = producer.proc.stderr.read()
+    finally:
+        producer.close()
+    assert producer.proc.returncode == 141 and err == "", err
+
+
+@pytest.mark.parametrize(
+    ("sig", "how", "code"), [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "stopped by SIGTERM", 143)]
+)
+def test_subscribe_stopped_by_a_signal_prints_what_it_missed_and_exits_as_every_command(tmp_path, sig, how, code):
+    """Ctrl-C, and SIGTERM (a supervisor's stop): the missed-results summary, no "before the timeout" where none was
+    given, and the status every other command gives on that signal."""
+    producer = Producer(tmp_path, "--count", "10")
+    try:
+        for seq in (1, 2, 5):
+            producer.send(seq=seq)
+        assert producer.proc.stdout is not None
+        printed = [producer.proc.stdout.readline() for _ in range(3)]
+        producer.proc.send_signal(sig)
+        out, err = producer.proc.communicate(timeout=30)
+    finally:
+        producer.close()
+    assert [line.split()[1] for line in printed] == ["seq=1", "seq=2", "seq=5"] and out == ""
+    assert producer.proc.returncode == code, err
+    assert err.splitlines()[-2:] == [
+        "inspectd subscribe: 3 results, missed cam0: 2",
+        f"inspectd subscribe: {how}",
+    ], err
+    assert "timeout" not in err, err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_subscribe_refuses_a_timeout_that_is_not_a_number_of_seconds_above_zero(tmp_path, value):
+    proc = subprocess.run(
+        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", f"ipc://{tmp_path}/none", "--timeout", value],
+        capture_output=True,
+        text=True,
+        timeout=20,  # a NaN deadline is never reached: the subscriber would poll for ever
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("inspectd subscribe: --timeout ") and "expected a number of seconds > 0" in lines[0]
+
+
+def test_subscribe_camera_keeps_only_that_cameras_results_and_gaps(tmp_path):
+    producer = Producer(tmp_path, "--camera", "cam0", "--count", "3", "--timeout", "20")
+    try:
+        for camera, seq in [("cam1", 1), ("cam0", 1), ("cam1", 2), ("cam1", 5), ("cam0", 2), ("cam0", 3)]:
+            producer.send(camera=camera, seq=seq)
+        out, err = producer.proc.communicate(timeout=30)
+    finally:
+        producer.close()
+    assert producer.proc.returncode == 0, err
+    assert [line.split()[:2] for line in out.splitlines()] == [["cam0", "seq=1"], ["cam0", "seq=2"], ["cam0", "seq=3"]]
+    assert err == "", err  # cam1 is left out: its hole 3-4 is not reported either

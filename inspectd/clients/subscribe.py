@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import zmq
 
@@ -29,13 +30,16 @@ from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import connect_error
 from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
-from inspectd.protocol.messages import Result, decode
+from inspectd.protocol.messages import Result, decode, printable
 
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
 WATCH_S = 1.0  # longest a Subscriber (and `inspectd subscribe` for a refused handshake) waits between looks
 # A journal found to hold another numbering's results is looked at again at a jump in the live stream at most this
 # often: one that another daemon writes changes at every record, and each look may parse a segment.
 RECHECK_S = 1.0
+# Two status messages are of one daemon run while the start they imply (t - uptime_s) moves less than this: rounding
+# and clock slew between two statuses stay far below it, and a restart moves it by the old run's whole uptime.
+SAME_RUN_S = 0.5
 
 
 class GapTracker:
@@ -53,6 +57,16 @@ class GapTracker:
             self.missed[camera] = self.missed.get(camera, 0) + seq - last - 1
             return last + 1, seq - 1
         return None
+
+    def lost(self, camera: str, through: int) -> tuple[int, int] | None:
+        """Every seq of `camera` up to `through` was published (a status said so), and what did not come is lost:
+        the missing range, as `see` returns it, None when nothing is missing or no result of `camera` came yet."""
+        last = self.last.get(camera)
+        if last is None or through <= last:
+            return None
+        self.last[camera] = through
+        self.missed[camera] = self.missed.get(camera, 0) + through - last
+        return last + 1, through
 
 
 class Subscriber:
@@ -134,7 +148,18 @@ ROTATED = "rotated out of the journal"
 CORRUPT = "corrupt record"
 NOT_JOURNALLED = "not in the journal (never journalled: frames in flight at a daemon crash, or the journal was off)"
 NO_JOURNAL = "lost on the way (no journal to fill it from)"
+UNDECODABLE = "a journal record that does not decode"
 OTHER_NUMBERING = "lost on the way (the journal holds another numbering's results, not filled from it)"
+
+
+class _Run(NamedTuple):
+    """What a station's last status said of one camera: the daemon run, and how many results it had published."""
+
+    station: str
+    start: float  # t - uptime_s: the same in every status of one run
+    uptime: float
+    published: int
+    floor: int | None  # a seq known to be published by then; None until a live result of this run anchors it
 
 
 class Gap(NamedTuple):
@@ -165,6 +190,9 @@ class JournalCatchUp:
     seq at or below the previous live seq of its camera means the daemon's numbering went back (restarted without its
     journal, or with it wiped): it is delivered, not dropped as a duplicate, and listed in `backwards`.
 
+    A hole after the last result heard (the tail of a burst before the line goes quiet) has no result after it:
+    `status` finds it from the daemon's status messages and fills or reports it as `take` does.
+
     It does no I/O on sockets, so the blocking `CatchUpSubscriber` and the asyncio PLC bridge share it. Only results
     of topics starting with `topic`, and of `cameras` when given, are read from the journal. Without a `directory`
     it only orders out duplicates and reports holes.
@@ -185,6 +213,9 @@ class JournalCatchUp:
         self.backwards: list[tuple[str, int, int]] = []  # (camera, previous live seq, the lower seq that came)
         self._why: dict[str, list[str]] = {}  # camera -> what the journal read met since its last delivery
         self._disowned: dict[str, str] = {}  # camera -> why its journal is not read (see `disown`)
+        self._runs: dict[str, _Run] = {}  # camera -> what its station's last status said of it
+        self._heard: dict[str, int] = {}  # camera -> highest live seq since its station's last status
+        self._station: dict[str, str] = {}  # camera -> the station of its last live result
 
     def resume(self, since: int | dict[str, int], before: dict[str, int] | None = None) -> Iterator[Result]:
         """Everything journalled after `since` (one seq for every camera, or a seq per camera), camera by camera, read
@@ -218,22 +249,91 @@ class JournalCatchUp:
         camera = message.camera
         previous = self.live.get(camera)
         self.live[camera] = message.seq
+        went_back = False
         if previous is not None and message.seq <= previous:
+            went_back = True
             self.backwards.append((camera, previous, message.seq))
             self.delivered[camera] = self.gaps.last[camera] = message.seq - 1  # a new numbering starts here
+        if went_back or self._station.get(camera, message.station) != message.station:
+            # Another numbering, or another station's camera of that name: what its statuses said tells nothing here.
+            self._runs.pop(camera, None)
+            self._heard[camera] = message.seq
+        else:
+            self._heard[camera] = max(self._heard.get(camera, message.seq), message.seq)
+        self._station[camera] = message.station
         last = self.delivered.get(camera)
         if last is not None and message.seq <= last:
             return  # delivered already, from the journal
         if last is not None and message.seq > last + 1:
-            if camera in self._disowned:
-                self._why.setdefault(camera, []).append(self._disowned[camera])
-            elif self.directory is not None and (self.cameras is None or camera in self.cameras):
-                for result in self._journalled(camera, last, message.seq):
-                    self.recovered += 1
-                    yield self._deliver(result)
-            else:
-                self._why.setdefault(camera, []).append(NO_JOURNAL)
+            yield from self._fill(camera, last, message.seq)
         yield self._deliver(message)
+
+    def status(self, status: dict[str, Any]) -> Iterator[Result]:
+        """What a status message lets through: the results it shows were published before it and never came, from
+        the journal where it holds them; the rest is a gap in `missed`, as `take` reports one.
+
+        The daemon sends its status on the results' socket, behind every result published before it, with each
+        camera's count of results published in this run (`cameras.<id>.published`), and a camera's results go out
+        in seq order. So the results published between two statuses of one run lie above every seq published before
+        the first of them: the highest of them is at least the floor known then plus how many there were. A live
+        result heard between two statuses of one run starts the floor; until then, after another station's result
+        under the camera's id, and across a restart (t - uptime_s moved, or the count or uptime went back), nothing is
+        inferred. Only results counted as published are, never seqs still in flight: no gap is reported that a
+        result could still fill."""
+        station: str = status["station"]
+        t, uptime = status.get("t"), status.get("uptime_s")
+        if not (_finite(t) and _finite(uptime)):
+            return
+        start = t - uptime
+        for camera, counters in status["cameras"].items():
+            if self._station.get(camera, station) != station:
+                continue  # another station's camera of that name: its results are the ones heard
+            if self.cameras is not None and camera not in self.cameras:
+                continue
+            heard = self._heard.pop(camera, None)
+            before = self._runs.pop(camera, None)
+            published = counters.get("published") if isinstance(counters, dict) else None
+            if isinstance(published, bool) or not isinstance(published, int) or published < 0:
+                continue  # a daemon that does not count them: nothing to go by
+            floor = None
+            if (
+                before is not None
+                and before.station == station
+                and abs(start - before.start) < SAME_RUN_S
+                and uptime >= before.uptime
+                and published >= before.published
+            ):
+                floor = heard if before.floor is None else before.floor + published - before.published
+                if heard is not None and floor is not None:
+                    floor = max(floor, heard)
+            self._runs[camera] = _Run(station, start, uptime, published, floor)
+            last = self.delivered.get(camera)
+            if floor is not None and last is not None and floor > last:
+                yield from self._lost(camera, last, floor)
+
+    def _lost(self, camera: str, last: int, through: int) -> Iterator[Result]:
+        """Everything of `camera` after `last` up to `through` was published and never came: filled from the journal
+        where it can be, the rest a gap."""
+        yield from self._fill(camera, last, through + 1)
+        hole = self.gaps.lost(camera, through)
+        why = self._why.pop(camera, [])
+        if hole is not None:
+            self.missed.append(Gap(camera, *hole, self._reason(why)))
+        self.delivered[camera] = max(self.delivered[camera], through)
+        # A later result at or below it is a new numbering (`take` says so), not one delivered already.
+        self.live[camera] = max(self.live.get(camera, through), through)
+
+    def _fill(self, camera: str, after: int, before: int) -> Iterator[Result]:
+        """The journalled results of `camera` after `after` and before `before`, where its holes are filled from the
+        journal; otherwise why the hole stays."""
+        if camera in self._disowned:
+            self._why.setdefault(camera, []).append(self._disowned[camera])
+        elif self.directory is not None and (self.cameras is None or camera in self.cameras):
+            for result in self._journalled(camera, after, before):
+                self.recovered += 1
+                yield self._deliver(result)
+        else:
+            self._why.setdefault(camera, []).append(NO_JOURNAL)
 
     def renumbered(self, camera: str, seq: int) -> None:
         """`camera`'s numbering starts again at `seq`, at or below what counts as delivered (a reader that resumed
@@ -350,6 +450,11 @@ class JournalCatchUp:
         def why(reason: str) -> None:  # looked up each time: a delivery hands the camera's list over and starts anew
             self._why.setdefault(camera, []).append(reason)
 
+        def undecodable(cause: str) -> None:
+            # Once per hole: a newer writer's records all fail alike, and a reason per record would flood the line.
+            if not any(reason.startswith(UNDECODABLE) for reason in self._why.get(camera, ())):
+                why(f"{UNDECODABLE} ({cause})")
+
         try:
             segments = journal.segment_files(self.directory / camera)
             if segments and segments[0][0] > after + 1:
@@ -369,13 +474,15 @@ class JournalCatchUp:
                     return
                 if not frames:  # no message at all (the reader refuses such records; one must not end a replay)
                     self.refused += 1
+                    undecodable("an empty record")
                     continue
                 if not bytes(frames[0]).decode("ascii", "replace").startswith(self.topic):
                     continue
                 try:
                     message = decode(frames)
-                except MessageError:
+                except MessageError as exc:
                     self.refused += 1
+                    undecodable(str(exc))
                     continue
                 if isinstance(message, Result):
                     yield message
@@ -388,9 +495,15 @@ class JournalCatchUp:
         hole = self.gaps.see(result.camera, result.seq)
         why = self._why.pop(result.camera, [])
         if hole is not None:
-            default = NOT_JOURNALLED if self.directory is not None else NO_JOURNAL
-            self.missed.append(Gap(result.camera, *hole, "; ".join(dict.fromkeys(why)) or default))
+            self.missed.append(Gap(result.camera, *hole, self._reason(why)))
         return result
+
+    def _reason(self, why: list[str]) -> str:
+        return "; ".join(dict.fromkeys(why)) or (NOT_JOURNALLED if self.directory is not None else NO_JOURNAL)
+
+
+def _finite(value: Any) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class CatchUpSubscriber:
@@ -412,6 +525,10 @@ class CatchUpSubscriber:
     numbering started anew too, and delivered. `start` waits up to `settle_s` for a first result, so that its camera
     is checked before its replay; the other cameras' replays come before their first results, unchecked until then.
     What the checks find is listed in `notices`, one line each, for the caller to report.
+
+    Only results of the catch-up's `cameras`, when it names some, are delivered or counted; each status message
+    comes after what it shows was published and never came (JournalCatchUp.status). Without a journal directory it
+    orders out nothing and reports the holes: what `inspectd subscribe` runs without --journal.
     """
 
     def __init__(self, subscriber: Subscriber, catch_up: JournalCatchUp) -> None:
@@ -464,8 +581,16 @@ class CatchUpSubscriber:
 
     def _take(self, message: Result | dict[str, Any]) -> Iterator[Result | dict[str, Any]]:
         """What the catch-up delivers for `message`, its journal checked first where due."""
-        again = isinstance(message, Result) and self._check(message)
-        return self._taking(message, again)
+        if not isinstance(message, Result):
+            return self._status(message)
+        cameras = self.catch_up.cameras
+        if cameras is not None and message.camera not in cameras:
+            return iter(())
+        return self._taking(message, self._check(message))
+
+    def _status(self, status: dict[str, Any]) -> Iterator[Result | dict[str, Any]]:
+        yield from self.catch_up.status(status)
+        yield status
 
     def _taking(self, message: Result | dict[str, Any], again: bool) -> Iterator[Result | dict[str, Any]]:
         yield from self.catch_up.take(message)
@@ -497,7 +622,7 @@ class CatchUpSubscriber:
         held = catch_up.held(camera, seq)
         other = None
         if held is not None and held != (result.frame_id, result.t_capture):
-            other = f"frame {held[0]} there, {result.frame_id} live"
+            other = f"frame {printable(held[0])} there, {printable(result.frame_id)} live"
         elif held is None and (oldest := catch_up.oldest(camera)) is not None and oldest > seq:
             # The current numbering's journal holds this result (journalled before it was published), and rotation
             # takes the oldest first: one that starts past it is an old numbering whose low seqs were rotated away.
@@ -534,13 +659,17 @@ class CatchUpSubscriber:
 
 
 def format_result(result: Result) -> str:
+    # The producer names the frame (a file name, any JSON string): one with a newline would forge a result line, one
+    # with escape codes steer the terminal, a lone surrogate (a Python producer's undecodable file name) fail the
+    # UTF-8 write. Imported at the first call: a client has no other use for the daemon's ingest package.
+
     score = "-" if result.score is None else f"{result.score:.4f}"
     line = (
         f"{result.camera} seq={result.seq} {result.verdict:<6} score={score} regions={len(result.regions)} "
-        f"latency={result.latency_ms:.1f}ms frame={result.frame_id}"
+        f"latency={result.latency_ms:.1f}ms frame={printable(result.frame_id)}"
     )
     if result.error:
-        line += f" error={result.error}"
+        line += f" error={printable(result.error)}"
     return line
 
 
@@ -584,7 +713,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="ID",
-        help="with --journal: fill in and replay only this camera (repeatable; default every journalled camera)",
+        help="only this camera's results: printed, counted and checked for gaps, and with --journal filled in and "
+        "replayed (repeatable; default every camera)",
     )
     parser.add_argument(
         "--server-key",
@@ -622,6 +752,9 @@ def run(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         print("inspectd subscribe: --count: expected an integer >= 1", file=sys.stderr)
         return 2
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        print(f"inspectd subscribe: --timeout {args.timeout}: expected a number of seconds > 0", file=sys.stderr)
+        return 2
     if args.since is not None and args.journal is None:
         print("inspectd subscribe: --since: expected --journal DIR too (the journal it replays from)", file=sys.stderr)
         return 2
@@ -653,21 +786,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd subscribe: {connect_error('--endpoint', args.endpoint, exc)}", file=sys.stderr)
         return 2
     catch_up = JournalCatchUp(args.journal, args.topic, args.camera)
-    source: Subscriber | CatchUpSubscriber = subscriber
-    if args.journal is not None:
-        source = CatchUpSubscriber(subscriber, catch_up)
-        if args.since is not None:
-            try:
-                # At most half of --timeout: the wait for a first result must not use up the replay it is for.
-                source.start(args.since, SETTLE_S if args.timeout is None else min(SETTLE_S, args.timeout / 2))
-            except InspectdError as exc:
-                subscriber.close()
-                print(f"inspectd subscribe: --journal {args.journal}: {exc}", file=sys.stderr)
-                return 2
+    # Without a journal the catch-up fills nothing: it filters the cameras and finds the holes, as with one.
+    source = CatchUpSubscriber(subscriber, catch_up)
+    if args.since is not None:
+        try:
+            # At most half of --timeout: the wait for a first result must not use up the replay it is for.
+            source.start(args.since, SETTLE_S if args.timeout is None else min(SETTLE_S, args.timeout / 2))
+        except InspectdError as exc:
+            subscriber.close()
+            print(f"inspectd subscribe: --journal {args.journal}: {exc}", file=sys.stderr)
+            return 2
     received = 0
     refused: str | None = None  # the handshake failure last reported: a daemon that shuts us out says why, once
-    with subscriber:
-        try:
+    try:
+        with subscriber:
             while args.count is None or received < args.count:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -683,46 +815,47 @@ def run(args: argparse.Namespace) -> int:
                         print(f"inspectd subscribe: --endpoint {args.endpoint}: the daemon {failure}", file=sys.stderr)
                     refused = failure
                     continue
+                _report(catch_up, source)  # a status, too, may show results that never came
                 if not isinstance(message, Result):
                     if args.status:
                         print(json.dumps(message, separators=(",", ":")), flush=True)
                     continue
-                if source is subscriber:
-                    for _ in catch_up.take(message):  # no journal: the gap count and the reports only
-                        pass
                 received += 1
-                for gap in catch_up.missed:
-                    print(gap.describe(), file=sys.stderr, flush=True)
-                catch_up.missed.clear()
-                for camera, previous, seq in catch_up.backwards:
-                    print(
-                        f"seq went back on {camera}: {seq} after {previous} (the daemon restarted without its "
-                        "journal, or reused seqs after a power cut)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                catch_up.backwards.clear()
-                if isinstance(source, CatchUpSubscriber):
-                    for notice in source.notices:
-                        print(f"inspectd subscribe: {notice}", file=sys.stderr, flush=True)
-                    source.notices.clear()
                 if args.save_masks is not None and message.mask_png is not None:
                     _save_mask(args.save_masks / f"{message.camera}_{message.seq}.png", message.mask_png, mask_failures)
                 print(
                     json.dumps(message.header(), separators=(",", ":")) if args.json else format_result(message),
                     flush=True,
                 )
-        except KeyboardInterrupt:
-            pass
-    if catch_up.gaps.missed:
-        summary = ", ".join(f"{cam}: {n}" for cam, n in sorted(catch_up.gaps.missed.items()))
-        print(f"inspectd subscribe: {received} results, missed {summary}", file=sys.stderr)
-    if catch_up.recovered:
-        print(
-            f"inspectd subscribe: {catch_up.recovered} results missed live were fetched from the journal",
-            file=sys.stderr,
-        )
+    finally:
+        # Also on Ctrl-C, SIGTERM (a supervisor's stop) and a closed stdout: what was missed matters most then.
+        if catch_up.gaps.missed:
+            summary = ", ".join(f"{cam}: {n}" for cam, n in sorted(catch_up.gaps.missed.items()))
+            print(f"inspectd subscribe: {received} results, missed {summary}", file=sys.stderr)
+        if catch_up.recovered:
+            print(
+                f"inspectd subscribe: {catch_up.recovered} results missed live were fetched from the journal",
+                file=sys.stderr,
+            )
     if args.count is not None and received < args.count:
         print(f"inspectd subscribe: {received} of {args.count} results before the timeout", file=sys.stderr)
         return 1
     return 0
+
+
+def _report(catch_up: JournalCatchUp, source: CatchUpSubscriber) -> None:
+    """What the catch-up found since the last message, on stderr: gaps, a numbering that went back, journal notices."""
+    for gap in catch_up.missed:
+        print(gap.describe(), file=sys.stderr, flush=True)
+    catch_up.missed.clear()
+    for camera, previous, seq in catch_up.backwards:
+        print(
+            f"seq went back on {camera}: {seq} after {previous} (the daemon restarted without its "
+            "journal, or reused seqs after a power cut)",
+            file=sys.stderr,
+            flush=True,
+        )
+    catch_up.backwards.clear()
+    for notice in source.notices:
+        print(f"inspectd subscribe: {notice}", file=sys.stderr, flush=True)
+    source.notices.clear()

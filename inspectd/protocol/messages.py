@@ -27,6 +27,15 @@ from inspectd.protocol.journal import CAMERA_RE
 
 SCHEMA = 1
 VERDICTS = ("ok", "defect", "error")
+
+
+def printable(name: str) -> str:
+    """A producer's or a file's name (a frame id, an error) as a log line or a text view shows it: quoted when it holds
+    a newline, another control character or a lone surrogate (a non-UTF-8 file name), so the line stays one line and
+    a terminal shows it as written."""
+    return name if name.isprintable() else repr(name)
+
+
 RESULT_SUFFIX = ".result"
 STATUS_SUFFIX = ".status"
 TOPIC_ROOT = "inspect"

@@ -24,8 +24,9 @@ from engines.schema import Flag, Number, Text, declared, refuse
 from inspectd.configfile import ConfigPath
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode, max_frame_bytes
-from inspectd.daemon.ingest.source import Source, SourceFatal, printable
+from inspectd.daemon.ingest.source import Source, SourceFatal
 from inspectd.errors import one_line
+from inspectd.protocol.messages import printable
 
 if TYPE_CHECKING:
     from inspectd.daemon import config as cfg

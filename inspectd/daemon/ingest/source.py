@@ -10,18 +10,13 @@ import numpy as np
 
 from engines.data.images import DEFAULT_BIT_DEPTH
 from inspectd.daemon.frames import Frame
+from inspectd.protocol.messages import printable  # noqa: F401 (the sources' own import of it)
 
 if TYPE_CHECKING:
     from inspectd.daemon import config as cfg  # the config imports the sources, for their declarations
     from inspectd.daemon.security import CurveServer
 
 READ_TIMEOUT_S = 0.1  # longest a source read blocks, so stop() and pause are noticed promptly
-
-
-def printable(name: str) -> str:
-    """A producer's or a file's name as a message shows it: quoted when it holds a newline or another control
-    character, so the message stays one line."""
-    return name if name.isprintable() else repr(name)
 
 
 class SourceEnded(Exception):
