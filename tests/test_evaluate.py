@@ -1,5 +1,6 @@
-"""`inspectd eval` and `score_images` end to end: real magnetic-tile images, a tiny frozen Lite0 bundle trained at
-64x64, real ONNX Runtime sessions, the CLI in a subprocess, overlays decoded by OpenCV."""
+"""`inspectd eval` and `score_images` end to end: real image files (magnetic tiles, or the synthetic line's, see
+tiny_dataset), a tiny frozen Lite0 bundle trained at 64x64, real ONNX Runtime sessions, the CLI in a subprocess,
+overlays decoded by OpenCV."""
 
 from __future__ import annotations
 
@@ -18,33 +19,19 @@ from sklearn.metrics import roc_auc_score
 from engines.data.images import MvtecFolder, load_image, load_mask
 from engines.errors import DataError, EngineError
 from engines.training.evaluate import score_images
+from tiny_dataset import make_tiny_mvtec
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 TYPES = {"good": 5, "blowhole": 3, "crack": 3}
 N_IMAGES = sum(TYPES.values())
-
-if not (DATA / "test").is_dir():
-    pytest.skip(f"magnetic_tile data not found at {DATA}: evaluation tests need real images", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """An MVTec-like folder of real files: 10 train goods, a few test goods and defects with masks (varying sizes)."""
     root = tmp_path_factory.mktemp("tile")
-    (root / "train" / "good").mkdir(parents=True)
-    for path in sorted((DATA / "train" / "good").glob("*.jpg"))[:10]:
-        shutil.copy(path, root / "train" / "good")
-    for defect_type, n in TYPES.items():
-        (root / "test" / defect_type).mkdir(parents=True)
-        for path in sorted((DATA / "test" / defect_type).glob("*.jpg"))[:n]:
-            shutil.copy(path, root / "test" / defect_type)
-            if defect_type != "good":
-                (root / "ground_truth" / defect_type).mkdir(parents=True, exist_ok=True)
-                shutil.copy(
-                    DATA / "ground_truth" / defect_type / f"{path.stem}_mask.png", root / "ground_truth" / defect_type
-                )
-    return root
+    make_tiny_mvtec(root, n_train=10, n_test_good=TYPES["good"], n_test_defect=TYPES["blowhole"])
+    return make_tiny_mvtec(root, n_train=0, n_test_good=0, n_test_defect=TYPES["crack"], defect_type="crack")
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ from engines.runtime import backend_class, open_engine
 from engines.runtime.preprocess import fit_frame
 from engines.runtime.tensorrt_backend import profile_violations
 from inspectd.daemon.inference import ModelState
-from tiny_dataset import DATA
+from tiny_dataset import defect_images, good_images
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (64, 64)
@@ -53,8 +53,6 @@ FP16_CPU_RTOL = 1e-2
 FP16_GPU_RTOL = 2e-2
 REQUIRE_GPU = os.environ.get("INSPECTD_REQUIRE_GPU") == "1"
 CUDA_EP = "CUDAExecutionProvider"
-
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not present")
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -66,9 +64,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("gpu")
     good = root / "good"
-    good.mkdir()
-    for path in sorted((DATA / "train" / "good").glob("*.jpg"))[:8]:
-        shutil.copy(path, good / path.name)
+    good_images(good, 8)
     made = {}
     for scorer in ("gaussian", "kmeans"):
         made[scorer] = train_bundle(
@@ -85,9 +81,11 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def frames() -> np.ndarray:
+def frames(tmp_path_factory) -> np.ndarray:
     """Four real test frames, good and defective, fitted to the model input: uint8 [4, 64, 64, 1]."""
-    paths = [sorted((DATA / "test" / kind).glob("*.jpg"))[0] for kind in ("good", "blowhole", "crack", "fray")]
+    folder = tmp_path_factory.mktemp("frames")
+    paths = good_images(folder / "good", 1, "test")
+    paths += [defect_images(folder / kind, kind, 1)[0] for kind in ("blowhole", "crack", "fray")]
     return np.stack([fit_frame(load_image(p), (*SIZE, 1))[0] for p in paths])
 
 

@@ -28,9 +28,8 @@ from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import encoded_dims
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.supervisor import CameraIngest
-from tiny_dataset import DATA as TILES
+from tiny_dataset import good_images
 
-DATA = TILES / "train" / "good"
 FAST_BACKOFF = (0.05, 0.2)
 
 pytestmark = pytest.mark.timeout(60)
@@ -60,16 +59,8 @@ def drain(queue: FrameQueue) -> list[Frame]:
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory) -> list[Path]:
-    """Four real magnetic-tile JPEGs (varying sizes); where the shared dataset is absent, JPEGs of the synthetic
-    line written by OpenCV's encoder, so the tests still run on real files."""
-    paths = sorted(DATA.glob("*.jpg"))[:4]
-    if len(paths) == 4:
-        return paths
-    folder = tmp_path_factory.mktemp("jpegs")
-    line = SyntheticLine(120, 90, seed=7)
-    for i in range(4):
-        assert cv2.imwrite(str(folder / f"{i}.jpg"), line.next()[0])
-    return sorted(folder.glob("*.jpg"))
+    """Four real grayscale JPEGs of varying sizes (magnetic tiles, or the synthetic line's, see tiny_dataset)."""
+    return good_images(tmp_path_factory.mktemp("jpegs"), 4)
 
 
 def start(ingest_threads, cam, queue, **kwargs) -> CameraIngest:
@@ -216,11 +207,15 @@ def test_done_dir_keeps_every_part_of_a_name_and_leaves_a_file_rewritten_before_
 
 def test_a_done_dir_files_cannot_be_moved_to_fails_the_camera_in_one_line(tmp_path, ingest_threads):
     """Checked at open with a real rename, not per file: another filesystem (or mount) fails every move, and the
-    watched folder itself would hand each file back to the scan under a new name, forever."""
-    cam = camera({"kind": "folder", "path": str(tmp_path), "done_dir": str(tmp_path)})
+    watched folder itself would hand each file back to the scan under a new name, forever. (The config refuses that
+    at load; a symlink made after the load still leads there.)"""
+    later = Path(tempfile.mkdtemp()) / "later"
+    cam = camera({"kind": "folder", "path": str(tmp_path), "done_dir": str(later)})
+    later.symlink_to(tmp_path)
     itself = start(ingest_threads, cam, FrameQueue(4, "block"))
     assert wait_for(lambda: itself.stats()["state"] == "failed")
-    assert itself.stats()["last_error"] == f"done_dir {tmp_path}: the watched folder itself, expected another folder"
+    assert itself.stats()["last_error"] == f"done_dir {later}: the watched folder itself, expected another folder"
+    shutil.rmtree(later.parent)
     if not os.access("/dev/shm", os.W_OK) or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
         pytest.skip(f"no writable /dev/shm on another filesystem than {tmp_path} here")
     other = Path(tempfile.mkdtemp(dir="/dev/shm"))

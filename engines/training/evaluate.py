@@ -226,6 +226,7 @@ def evaluate(
     )
     progress = progress or Progress(enabled=False)
     progress.start(len(items), "eval: images scored")
+    shown = 0
     while True:
         start = time.perf_counter()
         scored = next(scored_images, None)
@@ -251,6 +252,9 @@ def evaluate(
         pixels.add(scored.frame_map, mask, what=str(item.path))
         reference = pixels.reference
         picker.offer(item, scored, mask)
+        shown = len(per_image) + len(skipped)
+        progress.update(shown)
+    if len(per_image) + len(skipped) > shown:  # images that did not decode after the last one scored
         progress.update(len(per_image) + len(skipped))
     progress.finish()
     if not per_image:
