@@ -395,15 +395,29 @@ def test_bad_config_fails_with_one_line_naming_the_key(tmp_path):
     assert proc.returncode == 2 and "cameras" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def brightness_graph(size: int, single_frame: bool = False) -> bytes:
-    """A real graph scoring |pixel - centre| / 128. With `single_frame` it runs for a batch of one and fails for
-    more (a fixed Reshape): an engine that breaks under load, as a GPU running out of memory would, while the
-    warm-up inference (one frame) still succeeds."""
+def brightness_graph(size: int, fails_on_white: bool = False) -> bytes:
+    """A real graph scoring |pixel - centre| / 128. With `fails_on_white` a batch holding a pixel at 255 fails (its
+    Reshape asks for twice the elements there are): an engine that breaks on some batches while the warm-up on blank
+    frames, and any batch without such a pixel, still succeeds."""
     from onnx import TensorProto, helper
 
-    nodes = [
-        helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
-        helper.make_node("Reshape", ["x", "one"], ["x1"]),
+    nodes = [helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT)]
+    if fails_on_white:
+        nodes += [
+            helper.make_node("Shape", ["pixels"], ["shape"]),
+            helper.make_node("Gather", ["shape", "first"], ["n"]),
+            helper.make_node("ReduceMax", ["x"], ["brightest"], keepdims=0),
+            helper.make_node("Equal", ["brightest", "white"], ["is_white"]),
+            helper.make_node("Cast", ["is_white"], ["k"], to=TensorProto.INT64),
+            helper.make_node("Reshape", ["k", "one_dim"], ["k1"]),
+            helper.make_node("Add", ["k1", "one_dim"], ["factor"]),
+            helper.make_node("Mul", ["factor", "side"], ["last"]),
+            helper.make_node("Concat", ["n", "side", "last"], ["target"], axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["x1"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Reshape", ["x", "target_shape"], ["x1"]))
+    nodes += [
         helper.make_node("Sub", ["x1", "centre"], ["d"]),
         helper.make_node("Abs", ["d"], ["a"]),
         helper.make_node("Div", ["a", "scale"], ["anomaly_map"]),
@@ -411,7 +425,7 @@ def brightness_graph(size: int, single_frame: bool = False) -> bytes:
     ]
     graph = helper.make_graph(
         nodes,
-        "single",
+        "brightness",
         [
             helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", size, size, 1]),
             helper.make_tensor_value_info("centre", TensorProto.FLOAT, [1]),
@@ -421,7 +435,11 @@ def brightness_graph(size: int, single_frame: bool = False) -> bytes:
             helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", size, size]),
         ],
         initializer=[
-            helper.make_tensor("one", TensorProto.INT64, [3], [1 if single_frame else -1, size, size]),
+            helper.make_tensor("target_shape", TensorProto.INT64, [3], [-1, size, size]),
+            helper.make_tensor("first", TensorProto.INT64, [1], [0]),
+            helper.make_tensor("white", TensorProto.FLOAT, [], [255.0]),
+            helper.make_tensor("one_dim", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("side", TensorProto.INT64, [1], [size]),
             helper.make_tensor("axes12", TensorProto.INT64, [2], [1, 2]),
             helper.make_tensor("scale", TensorProto.FLOAT, [1], [128.0]),
         ],
@@ -443,7 +461,7 @@ def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_pat
             "input": {"height": 32, "width": 32, "channels": 1, "resize": "stretch"},
             "scorer_inputs": ["centre"],
         },
-        brightness_graph(32, single_frame=True),
+        brightness_graph(32, fails_on_white=True),
         {"centre": np.array([128.0], np.float32)},
         {},
         thresholds_doc.first_version(0.9, 0.9, {"tool": "test"}),
@@ -460,8 +478,12 @@ def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_pat
     push.setsockopt(zmq.LINGER, 1000)
     push.connect(endpoint)
     try:
-        # Three full batches at once: three failed batches in a row make the stage unhealthy.
-        push_frames(push, [(f"burst{i}", line_frames[i]) for i in range(24)])
+        # Three full batches at once, each holding a white pixel: three failed batches in a row make the stage
+        # unhealthy.
+        white = [frame.copy() for frame in line_frames[:24]]
+        for frame in white:
+            frame[:16, :16] = 255  # large enough to stay white when the frame is scaled to the model's 32x32
+        push_frames(push, [(f"burst{i}", frame) for i, frame in enumerate(white)])
         failed = s.results(24, timeout=30)
         assert [r.verdict for r in failed] == ["error"] * 24
         assert failed[0].error.startswith("engine: ") and failed[0].model_id.startswith("test-")
@@ -481,8 +503,8 @@ def test_engine_faults_stop_the_watchdog_until_a_batch_succeeds(station, tmp_pat
         text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
         assert "inspectd_healthy 0" in text and 'inspectd_verdicts_total{camera="cam0",verdict="error"} 24' in text
 
-        # One frame alone is a batch the engine can run: the stage recovers and the watchdog beats again.
-        push_frames(push, [("single", line_frames[30])])
+        # A batch without a white pixel is one the engine can run: the stage recovers and the watchdog beats again.
+        push_frames(push, [("single", np.minimum(line_frames[30], 254))])
         (ok,) = s.results(1, timeout=30)
         assert ok.verdict in ("ok", "defect") and ok.seq == 24
         assert s.control({"cmd": "status"})["healthy"] is True

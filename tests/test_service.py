@@ -6,16 +6,19 @@ SIGHUP reload."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from daemon_harness import Station, in_process_config
+from daemon_harness import REPO, Station, in_process_config
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.store import write_bundle
 from engines.errors import EngineError
@@ -158,6 +161,24 @@ def test_cameras_narrow_16_bit_frames_with_the_bundles_bit_depth_and_a_reload_ca
         daemon.shutdown()
 
 
+def write_graph_bundle(path: Path, graph: bytes) -> None:
+    """A bundle of the grey test model's manifest and scorer with `graph` as its model."""
+    write_bundle(
+        path,
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+            "score_kind": "max",
+        },
+        graph,
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.first_version(0.5, 0.5, {"tool": "test_service"}),
+    )
+
+
 def test_a_reload_whose_new_engine_cannot_run_closes_it_and_keeps_the_running_one(daemon, monkeypatch):
     """ModelState.open succeeds (the graph loads) but the warm-up inference fails: that engine must be closed there
     and then, not left holding its session (on a GPU, its device memory) for each retry."""
@@ -182,20 +203,7 @@ def test_a_reload_whose_new_engine_cannot_run_closes_it_and_keeps_the_running_on
         list(broken.graph.node).index(squeeze) + 1, helper.make_node("Reshape", ["x_full", "shape16"], ["x2"])
     )
     broken.graph.initializer.append(helper.make_tensor("shape16", onnx.TensorProto.INT64, [3], [1, 16, 16]))
-    write_bundle(
-        daemon.config.model.bundle,
-        {
-            "method": "test",
-            "backbone": "none",
-            "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
-            "scorer_inputs": ["centre"],
-            "score_kind": "max",
-        },
-        broken.SerializeToString(),
-        {"centre": np.array([128.0], np.float32)},
-        {},
-        thresholds_doc.first_version(0.5, 0.5, {"tool": "test_service"}),
-    )
+    write_graph_bundle(daemon.config.model.bundle, broken.SerializeToString())
     for _ in range(2):
         with pytest.raises(Exception, match="Reshape"):
             daemon.reload()
@@ -203,6 +211,32 @@ def test_a_reload_whose_new_engine_cannot_run_closes_it_and_keeps_the_running_on
     assert running.engine not in closed and daemon.stage.state is running
     published = daemon.publisher.published
     wait_for(lambda: daemon.publisher.published > published, 20, "results on the running engine")
+
+
+def test_a_reload_to_an_engine_that_runs_one_frame_but_not_a_full_batch_is_refused(daemon):
+    """A graph whose batch dimension is fixed at 1 (torch.onnx.export without dynamic_axes) opens and runs one frame:
+    warmed up on one frame it was swapped in, and then every batch of more than one frame was an error, the stage
+    unhealthy and the watchdog stopped, with the working model thrown away. Warmed up on a full batch, the reload is
+    refused and the running model keeps judging full batches."""
+    import onnx
+
+    from inspectd.daemon.control import REPLY_FIELDS
+    from inspectd.protocol.control import BUNDLE_REFUSED
+
+    running = daemon.stage.state
+    wait_for(lambda: daemon.publisher.published >= 2, 20, "results")
+    fixed = onnx.load_from_string(grey_graph(M))
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # was the symbolic "N"
+    write_graph_bundle(daemon.config.model.bundle, fixed.SerializeToString())
+    with pytest.raises(Exception, match="pixels") as refused:
+        daemon.reload()
+    assert getattr(refused.value, REPLY_FIELDS) == {BUNDLE_REFUSED: True}  # the tool that wrote it may put one back
+    assert daemon.stage.state is running and running.engine.session is not None
+    counters = daemon.publisher.counters("cam0")
+    judged = counters.ok + counters.defect
+    # 50 frames/s for at least 0.3 s: batches of several frames, each judged by the model that kept running.
+    wait_for(lambda: counters.ok + counters.defect >= judged + 16, 20, "results of the running model")
+    assert counters.error == 0 and daemon.stage.healthy
 
 
 def test_shutdown_closes_the_queues_before_it_drains_them(daemon):
@@ -354,3 +388,120 @@ def test_a_results_endpoint_that_stays_unbound_makes_the_daemon_unhealthy_until_
         assert daemon.publisher.bound and daemon.status()["healthy"]
     finally:
         daemon.shutdown()
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused_in_one_line_naming_the_first(tmp_path):
+    """A second `inspectd run` on the running one's config (by hand beside the service, or two instances given one
+    config) bound its ipc sockets over the first one's, which kept running, healthy to systemd and reachable by no
+    one, and both gave out seqs into one journal. It is refused before it opens anything, naming the pid to look at."""
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    camera = {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}
+    s = Station(tmp_path, bundle, [camera])
+    try:
+        s.wait_ready(timeout=60)
+        second = subprocess.run(
+            [sys.executable, "-m", "inspectd", "run", "--config", str(s.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert second.returncode == 1, second.stderr
+        refusal = f"inspectd run: state_dir {tmp_path / 'state'} is in use by inspectd pid {s.proc.pid}, expected"
+        assert second.stderr.splitlines()[-1].startswith(refusal), second.stderr
+        assert s.control({"cmd": "status"}, timeout=5)["ok"], "the first daemon still answers on its own socket"
+        assert len(s.results(3, 20)) == 3
+        assert s.stop() == 0, s.log_tail()
+    finally:
+        s.close()
+
+
+def test_a_stop_during_the_model_load_starts_no_camera_and_exits_cleanly(tmp_path):
+    """SIGTERM while the bundle loads (its manifest a FIFO here, so the load waits until the test has signalled): the
+    start went on, started the cameras and sent READY=1, and only then stopped; on a station whose start takes
+    minutes a folder camera took files in meanwhile. Now no camera starts, no READY=1 is sent, and the stop is clean."""
+    from station_model import drop, good_frame
+
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    drop(folder, "part0.png", good_frame(0))
+    manifest = bundle / "manifest.json"
+    text = manifest.read_bytes()
+    manifest.unlink()
+    os.mkfifo(manifest)
+    camera = {"id": "cam0", "source": {"kind": "folder", "path": str(folder), "poll_ms": 20}}
+    s = Station(tmp_path, bundle, [camera])
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # a FIFO opens for writing only once a reader has it open: the daemon is in the load
+            try:
+                gate = os.open(manifest, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO, exc
+                assert time.monotonic() < deadline and s.proc.poll() is None, s.log_tail()
+                time.sleep(0.02)
+        os.kill(s.proc.pid, signal.SIGTERM)
+        (tmp_path / "manifest.json").write_bytes(text)
+        os.replace(tmp_path / "manifest.json", manifest)  # any later open reads the file
+        os.set_blocking(gate, True)
+        os.write(gate, text)
+        os.close(gate)
+        assert s.proc.wait(60) == 0, s.log_tail()
+        s.read_notes()
+        assert "READY=1" not in s.note_lines, s.note_lines
+        assert not s.events("started") and not s.events("camera_state"), s.log_tail()
+        assert s.events("stopped")[-1]["clean"] is True, s.log_tail()
+        assert (folder / "part0.png").exists(), "a file taken in by a camera that should not have started"
+    finally:
+        s.close()
+
+
+def test_a_sighup_or_sigint_while_the_config_loads_is_handled_not_fatal(tmp_path):
+    """The signal handlers come first in `inspectd run`: a SIGHUP before them (a `systemctl reload` right after a
+    start) killed the daemon, which systemd counts as a failure, and a SIGINT raised in whatever was loading. The
+    config file is a FIFO here, so the signals come while the daemon reads it; the SIGINT then stops the start."""
+    import yaml
+
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    config = {
+        "station": "t1",
+        "model": {"bundle": str(bundle)},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+        "control": {"endpoint": f"ipc://{tmp_path}/control.sock"},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+    }
+    path = tmp_path / "inspectd.yaml"
+    os.mkfifo(path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "run", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # a FIFO opens for writing only once a reader has it open: the daemon reads its config
+            try:
+                gate = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO, exc
+                assert time.monotonic() < deadline and proc.poll() is None, proc.returncode
+                time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGHUP)
+        os.kill(proc.pid, signal.SIGINT)
+        os.set_blocking(gate, True)
+        os.write(gate, yaml.safe_dump(config).encode())
+        os.close(gate)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "started" not in out and "stopped" in out, out

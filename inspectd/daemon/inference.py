@@ -103,9 +103,12 @@ class ModelState:
             score_shift.check(self.shift, thresholds)
 
     def warm_up(self) -> None:
-        """One inference on a blank frame, so the first real batch pays no lazy initialisation."""
+        """One inference on a full batch of blank frames, so the first real batch pays no lazy initialisation. Full
+        (the engine's max_batch), not one frame: an engine that runs one frame but not max_batch (a graph whose batch
+        dimension is fixed at 1, a GPU short of memory for the largest batch) is then refused at start or reload,
+        while the running model is kept, rather than failing every multi-frame batch once it is swapped in."""
         h, w, c = self.bundle.input_shape
-        self.engine.infer(np.zeros((1, h, w, c), np.uint8))
+        self.engine.infer(np.zeros((self.engine.max_batch, h, w, c), np.uint8))
 
     def with_thresholds(self, thresholds) -> ModelState:
         """Same model and engine, new thresholds: a threshold change costs no engine rebuild."""

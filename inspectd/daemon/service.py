@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,7 @@ PUBLISH_GRACE_S = 2.0  # how long results already judged (or refused at shutdown
 PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, short enough to never hang
 IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
 STUCK_AFTER_S = 10.0  # a batch older than this without finishing means the pipeline is stuck
+STATE_LOCK = "inspectd.lock"  # in state_dir: held by the running daemon, holding its pid
 # How long the results endpoint may stay unbound (a rebind after a key reload that keeps failing, retried meanwhile)
 # before the daemon counts as unhealthy.
 PUBLISH_UNBOUND_S = 30.0
@@ -146,7 +148,9 @@ class Daemon:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, stop: threading.Event | None = None) -> None:
+        """Start every stage; the cameras last, and not at all once `stop` is set (a stop asked for during the start:
+        shutdown() then finds nothing taken in)."""
         from inspectd.daemon.control import ControlServer
 
         if self.archive is not None:
@@ -155,6 +159,9 @@ class Daemon:
         self._inference_thread.start()
         self.control = ControlServer(self.config.control.endpoint, self, curve=self.control_curve)
         self.control.start()
+        if stop is not None and stop.is_set():
+            self.log.info("cameras_not_started", reason="the daemon is stopping")
+            return
         for ingest in self.ingest.values():
             ingest.start()
         self.log.info(
@@ -169,13 +176,22 @@ class Daemon:
         """Stop ingest, drain, publish, close. True when everything finished within shutdown_timeout_s."""
         deadline = time.monotonic() + self.config.shutdown_timeout_s
         self.log.info("stopping", pending=self.batcher.pending())
+        # A zmq camera first unbinds, so its producers keep what they have not handed over for the next start, and
+        # takes in what its socket already holds (its producers will not send that again; what is left there once
+        # ingest stops is logged as lost).
+        drained_by = min(deadline, time.monotonic() + INGEST_STOP_S)
+        receiving = [ingest.stop_receiving() for ingest in self.ingest.values()]
+        for emptied in receiving:
+            if emptied is not None:
+                emptied.wait(max(0.0, drained_by - time.monotonic()))
         for ingest in self.ingest.values():
             ingest.stop()
         # Sources notice stop within a read; one stuck in a driver call longer must not spend every other
         # camera's drain time (what it returns after stop is not accepted).
         joined_by = min(deadline, time.monotonic() + INGEST_STOP_S)
         for ingest in self.ingest.values():
-            ingest.join(max(0.0, joined_by - time.monotonic()))
+            if ingest.started:
+                ingest.join(max(0.0, joined_by - time.monotonic()))
         for queue in self.queues.values():
             queue.close()
         self._stopping.set()
@@ -833,6 +849,40 @@ def cameras_not_run(named: Iterable[str], cameras: Iterable[str]) -> list[str]:
     return sorted(set(named) - set(cameras))
 
 
+def hold_state_dir(state_dir: Path) -> None:
+    """Lock `state_dir` for as long as this process runs (inspectd.durable.hold_lock on its STATE_LOCK, which then
+    holds this pid): a second daemon on it would bind its ipc sockets over the first one's, leaving that one running
+    unreachable, and give out the same seqs into one journal. InspectdError naming the pid that holds it."""
+    from inspectd.durable import hold_lock
+
+    path = state_dir / STATE_LOCK
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # the journal's open says what is wrong with it, in one line
+    try:
+        held = hold_lock(path)
+    except BlockingIOError:
+        try:
+            pid = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            pid = ""
+        raise InspectdError(
+            f"state_dir {state_dir} is in use by inspectd pid {pid or '(not yet written)'}, expected a state_dir of "
+            "each daemon's own (stop that daemon first, or give this config another state_dir)"
+        ) from None
+    except PermissionError as exc:
+        raise InspectdError(
+            f"state_dir {state_dir}: cannot open its {STATE_LOCK} ({exc.strerror}), expected one this user may read: "
+            "remove it (left by a run as another user)"
+        ) from None
+    if held is not None:
+        try:  # another descriptor: writing or closing it leaves the lock on `held` alone
+            path.write_text(f"{os.getpid()}\n", encoding="utf-8")
+        except OSError:
+            pass  # a lock file of another user's that this one may read but not write: the refusal names no pid
+
+
 def _reload(daemon: Daemon, log) -> None:
     try:
         daemon.reload()
@@ -841,30 +891,10 @@ def _reload(daemon: Daemon, log) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import zmq
-
-    from engines.errors import EngineError
-    from inspectd.daemon.config import load_config
-    from inspectd.daemon.notify import Notifier, follow_parent
-    from inspectd.daemon.security import SecurityError, refuse_root
-
     if args.check:
         return check(args.config)
-    try:
-        refuse_root()
-    except SecurityError as exc:
-        print(f"inspectd run: {exc}", file=sys.stderr)
-        return 1
-    try:
-        config = load_config(args.config)
-    except InspectdError as exc:
-        print(f"inspectd run: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(config.logging.level, config.logging.format)
-    log = structlog.get_logger("inspectd")
-    notifier = Notifier.from_env()
-
-    # Signals only set flags; the main loop below does the work outside the handler.
+    # Signals only set flags; the main loop below does the work outside the handler. Installed before anything else:
+    # until then a SIGHUP (an early `systemctl reload`) kills the process and a SIGINT raises in whatever is loading.
     stop = threading.Event()
     reload_requested = threading.Event()
     wake = threading.Event()  # either signal wakes the main loop at once instead of at its next tick
@@ -879,6 +909,27 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal(stop))
     signal.signal(signal.SIGINT, on_signal(stop))
     signal.signal(signal.SIGHUP, on_signal(reload_requested))
+
+    import zmq
+
+    from engines.errors import EngineError
+    from inspectd.daemon.config import load_config
+    from inspectd.daemon.notify import Notifier, follow_parent
+    from inspectd.daemon.security import SecurityError, refuse_root
+
+    try:
+        refuse_root()
+    except SecurityError as exc:
+        print(f"inspectd run: {exc}", file=sys.stderr)
+        return 1
+    try:
+        config = load_config(args.config)
+    except InspectdError as exc:
+        print(f"inspectd run: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.logging.level, config.logging.format)
+    log = structlog.get_logger("inspectd")
+    notifier = Notifier.from_env()
     try:
         follow_parent()
     except InspectdError as exc:
@@ -886,21 +937,26 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     try:
+        hold_state_dir(Path(config.state_dir))
+        if stop.is_set():  # stopped while the config loaded: no model to load, nothing taken in
+            log.info("stopped", before="the start", clean=True)
+            return 0
         daemon = Daemon(config, log)
-        daemon.start()
+        daemon.start(stop)  # a stop during the model load starts no camera
     except (InspectdError, EngineError, OSError, ValueError, zmq.ZMQError) as exc:
         log.error("start_failed", error=str(exc))
         print(f"inspectd run: {exc}", file=sys.stderr)
         return 1
-    notifier.ready()
-    log.info("ready")
+    if not stop.is_set():
+        notifier.ready()
+        log.info("ready")
 
     # Ping at least twice per WatchdogSec, and look at progress often enough to notice a stuck pipeline.
     interval = notifier.watchdog_interval_s()
     tick = min(1.0, interval / 2) if interval else 1.0
     healthy = True
     reloader: threading.Thread | None = None
-    while True:
+    while not stop.is_set():
         # Loading, warming up and (FP16) measuring a bundle takes seconds: on this thread it would hold back
         # WATCHDOG=1 (and SIGTERM) for as long. A SIGHUP during a reload is served once that reload is done.
         if reload_requested.is_set() and (reloader is None or not reloader.is_alive()):

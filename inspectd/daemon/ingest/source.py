@@ -62,6 +62,11 @@ class Source:
     def close(self) -> None:
         pass
 
+    def stop_receiving(self) -> threading.Event | None:
+        """Before a stop: a source whose producers have already handed frames over (a zmq socket's buffer) stops
+        taking new ones and returns an event set once those are read; None for a source that holds nothing."""
+        return None
+
     def frame(
         self,
         frame_id: str,

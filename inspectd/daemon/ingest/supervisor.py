@@ -68,6 +68,10 @@ class CameraIngest:
     def start(self) -> None:
         self._thread.start()
 
+    def stop_receiving(self) -> threading.Event | None:
+        """Source.stop_receiving, while the camera runs (None otherwise)."""
+        return self._source.stop_receiving() if self.is_alive() else None
+
     def stop(self) -> None:
         self._stop.set()
 

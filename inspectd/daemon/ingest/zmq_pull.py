@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
+import structlog
 from pydantic import model_validator
 
 from engines.data.images import DEFAULT_BIT_DEPTH
@@ -29,6 +30,15 @@ if TYPE_CHECKING:
     from inspectd.daemon import config as cfg
 
 HEADER_FIELDS = {"camera", "frame_id", "t_capture", "shape", "dtype", "encoding"}
+# Messages the daemon's socket holds beyond the one being read: enough to keep the ingest thread fed, few because a
+# stop must take in (or refuse and log) each one, while a backlog left in the producer's own queue outlives a daemon
+# restart (ZeroMQ sends it to the next daemon).
+RCVHWM = 4
+# The most messages a closing socket is emptied of: after its unbind nothing more arrives, so this only bounds a socket
+# closed while still bound (a reopen), whose producers go on sending.
+CLOSE_DRAIN_MAX = 4 * RCVHWM
+
+log = structlog.get_logger("inspectd.ingest")
 
 
 @declared
@@ -79,6 +89,21 @@ class ZmqPullSource(Source):
         self.sock: zmq.Socket | None = None
         self.poller: zmq.Poller | None = None
         self.received = 0
+        self.refused = 0  # messages received but never handed on: still in the socket when it closed
+        self._bound: str | None = None  # the address to unbind, while bound
+        self._stop: threading.Event | None = None
+        self._receiving = True
+        self.drained = threading.Event()  # after stop_receiving(): everything the socket held has been read
+        self._log = log.bind(camera=camera.id, source="zmq")
+
+    def stop_receiving(self) -> threading.Event:
+        """Take no more messages from producers (at the next read, on the ingest thread, which owns the socket: the
+        endpoint is unbound), go on reading those the socket already holds, and set the event returned once it is
+        empty. What producers have not handed over stays in their queues, for the daemon's next start."""
+        self._receiving = False
+        if self.sock is None:  # between opens, or the camera ended: nothing is held
+            self.drained.set()
+        return self.drained
 
     def open(self, stop: threading.Event) -> None:
         import zmq
@@ -86,7 +111,7 @@ class ZmqPullSource(Source):
         sock = zmq.Context.instance().socket(zmq.PULL)
         sock.linger = 0
         take_endpoint(sock, self.endpoint)
-        sock.rcvhwm = max(2 * self.camera.queue.size, 16)
+        sock.rcvhwm = RCVHWM
         # A producer sending more than the largest frame this camera accepts is disconnected by ZeroMQ before the
         # message is buffered, not parsed after.
         sock.maxmsgsize = max_frame_bytes(self.camera.max_pixels)
@@ -100,20 +125,65 @@ class ZmqPullSource(Source):
                 raise SourceFatal(f"{self.endpoint}: cannot bind ({exc}), expected a bindable ZeroMQ endpoint") from exc
             raise  # address in use, ipc dir missing, ...: may clear up, retry with backoff
         self.sock = sock  # close() closes it should the mode below fail: the supervisor reopens
+        self._bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = stop
         open_ipc_to_group(sock)  # frame producers run as other users in the service's group
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
 
+    def _unbind(self) -> None:
+        import zmq
+
+        assert self.sock is not None
+        if self._bound is not None:
+            bound, self._bound = self._bound, None
+            try:
+                # The connections go with the endpoint; the messages they delivered stay readable.
+                self.sock.unbind(bound)
+            except zmq.ZMQError as exc:
+                self._log.warning("unbind_failed", endpoint=bound, error=one_line(exc))
+
     def close(self) -> None:
-        if self.sock is not None:
+        """Close the socket, after reading what it still holds: those messages were handed over by their producers,
+        which will not send them again, so each is logged as not accepted (`lost`), never dropped unseen."""
+        import zmq
+
+        if self.sock is None:
+            return
+        try:
+            self._unbind()
+            for _ in range(CLOSE_DRAIN_MAX):
+                frame = self._take(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                if frame is not None:
+                    self.refused += 1
+                    stopping = self._stop is not None and self._stop.is_set()
+                    self._log.warning(
+                        "frame_not_accepted",
+                        frame_id=frame.frame_id,
+                        seq=None,
+                        lost=True,
+                        reason="the daemon is stopping" if stopping else "the camera's socket is reopened",
+                    )
+        except zmq.ZMQError:
+            pass  # empty (EAGAIN), or a socket that failed: nothing more can be read from it
+        finally:
             self.sock.close(linger=0)
             self.sock = None
+            self.poller = None
+            if not self._receiving:
+                self.drained.set()
 
     def read(self, stop: threading.Event) -> Frame | None:
         assert self.sock is not None and self.poller is not None, "read() before open()"
+        if not self._receiving and self._bound is not None:
+            self._unbind()
         if not self.poller.poll(int(READ_TIMEOUT_S * 1000)):
+            if not self._receiving:
+                self.drained.set()
             return None
-        parts = self.sock.recv_multipart(copy=False)
+        return self._take(self.sock.recv_multipart(copy=False))
+
+    def _take(self, parts: list) -> Frame | None:
         if self.curve is not None and not self.curve.admits(parts[0]):
             return None  # a producer whose key a reload removed: counted and logged as refused, never judged
         self.received += 1
