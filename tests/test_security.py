@@ -216,6 +216,27 @@ def test_key_errors_of_a_client_name_the_file_and_what_was_expected(pki, tmp_pat
         guard.stop()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file of another user's needs root to make")
+def test_a_secret_key_file_another_user_owns_is_refused_naming_its_owner_though_unreadable(open_tmp_path):
+    """The usual slip: a .key_secret made or copied by root (0600), used by the service user or an operator. That user
+    cannot read it, and is told whose it is (chown is the fix), not that it cannot be loaded."""
+    from other_user import NOBODY, as_nobody
+
+    keys_dir = open_tmp_path / "keys"
+    server = keys.generate(keys_dir, "server")
+    operator = keys.generate(keys_dir, "operator")
+    keys_dir.chmod(0o755)
+    done = subprocess.run(
+        as_nobody([sys.executable, "-m", "inspectd", "ctl", "--endpoint", "tcp://127.0.0.1:1", "--timeout", "5"]
+                  + ["--server-key", str(server[0]), "--client-key", str(operator[1]), "status"]),
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"inspectd ctl: client secret key {operator[1]}: owned by uid 0, expected this user (uid {NOBODY})\n",
+    )
+
+
 def test_curve_control_lets_in_only_listed_keys_and_logs_refusals(pki, capsys):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
@@ -250,6 +271,12 @@ def test_curve_control_lets_in_only_listed_keys_and_logs_refusals(pki, capsys):
     assert "auth_refused" in out and intruder_key in out and "handshake failed: " in out
 
 
+def _judged(seq: int) -> Judged:
+    """An error result of cam0 at `seq`, for a Publisher without a daemon behind it."""
+    frame = Frame("cam0", seq, f"f{seq}", time.time(), None, error="x")
+    return Judged(frame, "error", None, None, "m", 1, [], None, "x")
+
+
 def test_curve_publish_reaches_only_allowed_subscribers(pki, tmp_path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     guard = CurveServer("publish", pki["server"][1], pki["allow_dir"])
@@ -266,19 +293,7 @@ def test_curve_publish_reaches_only_allowed_subscribers(pki, tmp_path):
     try:
         assert isinstance(good.recv(5.0), dict)  # status arrives: the subscription is live
         for seq in range(5):
-            pub.submit(
-                Judged(
-                    Frame("cam0", seq, f"f{seq}", time.time(), None, error="x"),
-                    "error",
-                    None,
-                    None,
-                    "m",
-                    1,
-                    [],
-                    None,
-                    "x",
-                )
-            )
+            pub.submit(_judged(seq))
         assert [r.seq for r in good.results(5, timeout_s=5)] == list(range(5))
         assert bad.recv(1.0) is None and plain.recv(0.5) is None
         assert guard.refused >= 2
@@ -797,25 +812,155 @@ def test_revoking_the_last_key_by_reload_shuts_every_client_out(pki, capsys):
     server.start()
     listed = curve_client(pki["server"][0], pki["allowed"][1])
     held = ControlClient(endpoint, timeout_s=5, curve=listed)
+    refused_once = ControlClient(endpoint, timeout_s=5, curve=listed)
     try:
         assert held.request({"cmd": "status"})["ok"]
         (pki["allow_dir"] / "bridge1.key").unlink()
         assert [r.split()[0] for r in guard.reload()["removed"]] == ["bridge1.key"]
         refused = held.request({"cmd": "status"})
         assert refused["ok"] is False and "allow-list" in refused["error"], refused
-        with ControlClient(endpoint, timeout_s=5, curve=listed) as client:
-            with pytest.raises(InspectdError, match="refused this client's key"):
-                client.request({"cmd": "status"})
+        with pytest.raises(InspectdError, match="refused this client's key"):
+            refused_once.request({"cmd": "status"})
         assert server.requests == 1
+        # Put back by the daemon's SIGHUP (`ctl reload` is shut out too): the control clients, held or refused at
+        # their handshake, are answered again, each request of a refused one being made on a new socket.
+        (pki["allow_dir"] / "bridge1.key").write_bytes(pki["allowed"][0].read_bytes())
+        assert [a.split()[0] for a in guard.reload()["added"]] == ["bridge1.key"]
+        assert held.request({"cmd": "status"})["ok"] and refused_once.request({"cmd": "status"})["ok"]
     finally:
+        refused_once.close()
         held.close()
         server.stop()
         guard.stop()
+    (pki["allow_dir"] / "bridge1.key").unlink()  # revoked again, and the daemon restarted so
     restarted = CurveServer("publish", pki["server"][1], pki["allow_dir"])
     restarted.stop()
     assert restarted.allowed == frozenset()
     warned = [line for line in capsys.readouterr().out.splitlines() if "allow_list_empty" in line]
     assert len(warned) == 2 and all("every client is refused" in line for line in warned), warned
+
+
+class _Lines(threading.Thread):
+    """The lines a child writes to one of its pipes, as they come."""
+
+    def __init__(self, pipe) -> None:
+        super().__init__(daemon=True)
+        self.pipe, self.lines = pipe, []
+
+    def run(self) -> None:
+        for line in self.pipe:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout_s: float = 10.0) -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [line for line in list(self.lines) if re.search(pattern, line)]
+            if found:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout_s} s: {self.lines}")
+
+
+@pytest.mark.timeout(120)  # a child's start and two backoff waits on a loaded machine
+def test_subscribers_shut_out_by_an_emptied_allow_list_hear_the_daemon_again_once_the_keys_are_back(pki, tmp_path):
+    """Emptying the allow-list and reloading revokes every key; putting the keys back and reloading again must let the
+    subscribers (`inspectd subscribe`, the web view, on Subscriber) back in. libzmq never retries a connection whose
+    key was refused, so the subscriber opens a new socket itself, with backoff. It says once per outage why it is shut
+    out, and when it is let in again; what was published meanwhile is a gap, or filled from the journal."""
+    from inspectd.clients.subscribe import NO_JOURNAL, CatchUpSubscriber, JournalCatchUp
+    from inspectd.daemon.journal import Journal
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("publish", pki["server"][1], pki["allow_dir"])
+    journal = Journal(tmp_path / "journal", max_bytes=1 << 20, fsync_interval_s=0.1)
+    pub = Publisher(
+        endpoint, "s1", status_interval_s=0.1, socket_options=guard, status=lambda: QUIET_STATUS, journal=journal
+    ).start()
+    listed = pki["allow_dir"] / "bridge1.key"
+    key_file = listed.read_bytes()
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", endpoint, "--status", "--count", "6"]
+        + ["--timeout", "50", "--server-key", str(pki["server"][0]), "--client-key", str(pki["allowed"][1])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    out, err = _Lines(cli.stdout), _Lines(cli.stderr)
+    out.start()
+    err.start()
+    sub = Subscriber(endpoint, curve=curve_client(pki["server"][0], pki["allowed"][1]))
+    source = CatchUpSubscriber(sub, JournalCatchUp(tmp_path / "journal"))
+    got: list[int] = []
+
+    def take(timeout_s: float) -> None:
+        message = source.recv(timeout_s)
+        if message is not None and not isinstance(message, dict):
+            got.append(message.seq)
+
+    try:
+        deadline = time.monotonic() + 20
+        while not isinstance(source.recv(0.2), dict):
+            assert time.monotonic() < deadline, "the subscription never took hold"
+        out.wait_for(r'^\{"', 20)  # the command's first status: its subscription took hold too
+        for seq in range(5):
+            pub.submit(_judged(seq))
+        out.wait_for(r"^cam0 seq=4 ")
+        while len(got) < 5 and time.monotonic() < deadline:
+            take(0.2)
+        assert got == [0, 1, 2, 3, 4]
+
+        listed.unlink()  # every key revoked, as DEPLOY.md says: the list emptied, then a reload
+        assert [r.split()[0] for r in guard.reload()["removed"]] == ["bridge1.key"]
+        pub.drop_peers()
+        refused = "the daemon refused this client's key"
+        err.wait_for(refused)
+        deadline = time.monotonic() + 10
+        while "refused this client's key" not in (sub.handshake_failure() or ""):
+            assert time.monotonic() < deadline, sub.handshake_failure()
+            time.sleep(0.05)
+        for seq in range(5, 10):  # published while they are shut out
+            pub.submit(_judged(seq))
+        # Each tries again with a new socket, and is refused again (told once all the same).
+        first_refusals = guard.refused
+        deadline = time.monotonic() + 10
+        while guard.refused < first_refusals + 2 and time.monotonic() < deadline:
+            take(0.1)
+        retried = guard.refused - first_refusals
+        assert got == [0, 1, 2, 3, 4]
+
+        listed.write_bytes(key_file)  # the keys put back, and the list reloaded
+        assert [a.split()[0] for a in guard.reload()["added"]] == ["bridge1.key"]
+        seq = 10
+        deadline = time.monotonic() + 20  # past the subscribers' waits before a new socket, however they fell
+        while cli.poll() is None or len(got) < 7:
+            assert time.monotonic() < deadline, ("never let in again", got, out.lines, err.lines)
+            pub.submit(_judged(seq))
+            seq += 1
+            take(0.2)
+        assert cli.wait(10) == 0, err.lines
+        out.join(5)
+        err.join(5)
+
+        assert retried >= 2 and sub.reopened >= 2, (retried, sub.reopened)
+        # The journal filled in what the subscriber missed while shut out: every seq once, in order.
+        assert got == list(range(len(got))) and got[-1] >= 10, got
+        assert source.catch_up.recovered >= 5 and sub.handshake_failure() is None
+        # The command told the refusal once, then that it was let in, then the results it missed, as a gap.
+        seqs = [int(line.split()[1].split("=")[1]) for line in out.lines if line.startswith("cam0 seq=")]
+        assert seqs[:5] == [0, 1, 2, 3, 4] and len(seqs) == 6 and seqs[5] >= 10, out.lines
+        told = [line for line in err.lines if "the daemon" in line or "let in again" in line or "gap:" in line]
+        assert told == [
+            f"inspectd subscribe: --endpoint {endpoint}: {refused}, expected --client-key's public half in its "
+            "allow-list",
+            f"inspectd subscribe: --endpoint {endpoint}: let in again, receiving",
+            f"gap: seq 5-{seqs[5] - 1} on cam0 ({seqs[5] - 5} results): {NO_JOURNAL}",
+        ], err.lines
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)
+        sub.close()
+        pub.stop(5)
+        journal.close()
+        guard.stop()
 
 
 def test_a_refusal_without_a_key_names_the_daemons_socket_and_claims_no_peer(pki, capsys):

@@ -29,7 +29,7 @@ import zmq
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import connect_error
 from inspectd.protocol.endpoints import take_endpoint
-from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
+from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags
 from inspectd.protocol.messages import Result, decode, printable
 
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
@@ -70,7 +70,11 @@ class GapTracker:
 
 
 class Subscriber:
-    """A SUB socket connected to a daemon's publish endpoint; `recv` returns decoded messages."""
+    """A SUB socket connected to a daemon's publish endpoint; `recv` returns decoded messages.
+
+    A daemon that refuses its key (revoked, the allow-list emptied) ends the connection for good (keys.Readmission):
+    the subscriber then opens a new socket by itself, with backoff, so it hears the daemon again once the key is put
+    back. What was published meanwhile never reached it: a hole in seq, as any loss (GapTracker, a journal)."""
 
     def __init__(
         self,
@@ -80,40 +84,71 @@ class Subscriber:
         rcvhwm: int = 10000,
         curve: Callable[[zmq.Socket], None] | None = None,
     ) -> None:
+        self.endpoint = endpoint
+        self._topic, self._rcvhwm, self._curve = topic, rcvhwm, curve
         self._context = context or zmq.Context.instance()
-        self.socket = self._context.socket(zmq.SUB)
-        take_endpoint(self.socket, endpoint)
-        if curve is not None:
-            curve(self.socket)  # CurveZMQ client keys (inspectd.protocol.keys.curve_client), before connect
-        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt_string(zmq.SUBSCRIBE, topic)
-        self._watch = HandshakeWatch(self.socket, curve is not None)
+        self._readmission = Readmission()
+        self.reopened = 0  # sockets opened in place of one the daemon refused
+        self.socket, self._watch = self._open()
         self._watched = time.monotonic()  # when its events were last read
-        try:
-            self.socket.connect(endpoint)
-        except zmq.ZMQError:
-            self.close()
-            raise
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
 
+    def _open(self) -> tuple[zmq.Socket, HandshakeWatch]:
+        """A SUB socket with this subscriber's options and subscription, watched from before it connects."""
+        sock = self._context.socket(zmq.SUB)
+        watch = None
+        try:
+            take_endpoint(sock, self.endpoint)
+            if self._curve is not None:
+                self._curve(sock)  # CurveZMQ client keys (inspectd.protocol.keys.curve_client), before connect
+            sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt_string(zmq.SUBSCRIBE, self._topic)
+            watch = HandshakeWatch(sock, self._curve is not None)
+            sock.connect(self.endpoint)
+        except BaseException:
+            if watch is not None:
+                watch.close()
+            sock.close(0)
+            raise
+        return sock, watch
+
+    def _look(self) -> None:
+        """Read the handshake events (which must not pile up); replace a socket the daemon refused when it is due."""
+        # What the refused socket still holds (published before the refusal) is read before it is let go.
+        if not self._readmission.look(self._watch) or self.socket.poll(0):
+            return
+        self._readmission.reopened()
+        try:
+            sock, watch = self._open()
+        except zmq.ZMQError:
+            return  # the endpoint took a connect before: kept, and tried again at the next wait's end
+        self._poller.unregister(self.socket)
+        self._watch.close()
+        self.socket.close(0)
+        self.socket, self._watch = sock, watch
+        self._poller.register(sock, zmq.POLLIN)
+        self.reopened += 1
+
     def handshake_failure(self) -> str | None:
-        """Why the daemon ended this subscriber's last handshake (a phrase after "the daemon"), None when it did not:
-        a subscriber it shuts out otherwise just hears nothing."""
-        return self._watch.failure()
+        """Why the daemon shuts this subscriber out (a phrase after "the daemon"), None when it lets it in or no
+        handshake ended yet: a subscriber it shuts out otherwise just hears nothing. The same phrase through the
+        sockets opened in its place, until one is let in."""
+        self._look()
+        return self._readmission.failure
 
     def recv(self, timeout_s: float | None) -> Result | dict[str, Any] | None:
         """The next result (Result) or status (dict); None when nothing arrives within `timeout_s`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            # Waits in slices, reading the handshake events (which must not pile up) at least once a slice.
+            # Waits in slices, looking at the handshake at least once a slice.
             left = WATCH_S if deadline is None else min(WATCH_S, max(0.0, deadline - time.monotonic()))
             ready = self._poller.poll(int(left * 1000))
             now = time.monotonic()
             if not ready or now - self._watched >= WATCH_S:
                 self._watched = now
-                self._watch.failure()
+                self._look()
             if ready:
                 return decode(self.socket.recv_multipart())
             if deadline is not None and now >= deadline:
@@ -797,7 +832,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"inspectd subscribe: --journal {args.journal}: {exc}", file=sys.stderr)
             return 2
     received = 0
-    refused: str | None = None  # the handshake failure last reported: a daemon that shuts us out says why, once
+    refused: str | None = None  # the handshake failure reported, until a message comes: once per outage
     try:
         with subscriber:
             while args.count is None or received < args.count:
@@ -813,8 +848,11 @@ def run(args: argparse.Namespace) -> int:
                     failure = subscriber.handshake_failure()
                     if failure is not None and failure != refused:
                         print(f"inspectd subscribe: --endpoint {args.endpoint}: the daemon {failure}", file=sys.stderr)
-                    refused = failure
+                        refused = failure
                     continue
+                if refused is not None:
+                    print(f"inspectd subscribe: --endpoint {args.endpoint}: let in again, receiving", file=sys.stderr)
+                    refused = None
                 _report(catch_up, source)  # a status, too, may show results that never came
                 if not isinstance(message, Result):
                     if args.status:

@@ -21,6 +21,7 @@ import os
 import stat
 import struct
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,13 +94,18 @@ def check_secret_file(path: str | Path, what: str, reader: str = "this user", ow
     as another user than the one that will read the file (`inspectd run --check` as root)."""
     path = Path(path)
     st = _regular_file(path, what, "a .key_secret file")
-    if owner_checked and st.st_uid != os.geteuid():
-        raise KeysError(f"{what} {path}: owned by uid {st.st_uid}, expected {reader} (uid {os.geteuid()})")
+    if owner_checked:
+        _check_owner(path, st, what, reader)
     if st.st_mode & 0o077:
         raise KeysError(
             f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others read it, expected "
             f"0600 (chmod 600 {path})"
         )
+
+
+def _check_owner(path: Path, st: os.stat_result, what: str, reader: str) -> None:
+    if st.st_uid != os.geteuid():
+        raise KeysError(f"{what} {path}: owned by uid {st.st_uid}, expected {reader} (uid {os.geteuid()})")
 
 
 def _regular_file(path: Path, what: str, expected: str) -> os.stat_result:
@@ -129,9 +135,12 @@ def load_secret(
     """(public, secret) z85 keys from a `.key_secret` file whose secret gives its public key, after the permission
     check (`check_secret_file`)."""
     path = Path(path)
-    # The content before the mode: a public key file given for a secret one is 0644 by design, and advice to chmod it
-    # would send its owner the wrong way.
-    _regular_file(path, what, "a .key_secret file")
+    st = _regular_file(path, what, "a .key_secret file")
+    # The owner before the content: another user's 0600 file cannot be read, and "cannot load" would send its owner to
+    # generate keys again where chown is the fix. The content before the mode: a public key file given for a secret
+    # one is 0644 by design, and advice to chmod it would send its owner the wrong way.
+    if owner_checked:
+        _check_owner(path, st, what, reader)
     public, secret = _load(path, what)
     if secret is None:
         raise KeysError(f"{what} {path}: holds a public key only, expected the .key_secret file of its pair")
@@ -283,6 +292,10 @@ class HandshakeWatch:
         self._failure: str | None = None
         self._definitive = False  # the last failure one the peer gives every time (a key refused, no CurveZMQ)
         self._in_a_row = 0  # failures since the last handshake that succeeded
+        self.admitted = False  # the last handshake succeeded
+        # libzmq gave the connection up for good: it retries a connection lost, never one the peer ended with a
+        # reason (an ERROR command: a key refused, an authenticator failing) or with another mechanism (Readmission).
+        self.ended = False
 
     def failure(self) -> str | None:
         from zmq.utils.monitor import recv_monitor_message
@@ -295,6 +308,10 @@ class HandshakeWatch:
                 self._in_a_row = 0 if self._failure is None else self._in_a_row + 1
                 self._definitive = (kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400) or (
                     value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+                )
+                self.admitted = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                self.ended = kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH or (
+                    kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
                 )
         except zmq.ZMQError:
             pass  # closed under us (its context destroyed): what was read stands
@@ -334,6 +351,50 @@ class HandshakeWatch:
         except zmq.ZMQError:
             pass  # the socket was closed first
         self.monitor.close(linger=0)
+
+
+# A socket libzmq gave up on is replaced this long after the refusal at first, the wait doubling up to the most while
+# the daemon keeps refusing: a key put back is heard within that, and a key still refused costs a handshake per wait.
+READMIT_FIRST_S = 2.0
+READMIT_MOST_S = 30.0
+
+
+class Readmission:
+    """When a long-lived client (a subscriber, the web view, a PLC bridge) replaces a socket the daemon refused.
+
+    libzmq never retries a connection whose handshake the peer refused with a reason (HandshakeWatch.ended): a client
+    whose key was revoked and later put back would hear nothing until restarted. The owner hands each look at its
+    socket's watch to `look`; when it answers True, the owner opens a new socket (same options and subscriptions, a
+    new watch, connected) in place of the old and calls `reopened`. The first replacement comes READMIT_FIRST_S after
+    the refusal, each further one after twice the wait before (at most READMIT_MOST_S), and the wait starts again at
+    the first once a handshake succeeds. `failure` is why the daemon shuts the client out, held across the sockets
+    that replace each other until one is let in: one report per outage, not one per socket."""
+
+    def __init__(self, first_s: float = READMIT_FIRST_S, most_s: float = READMIT_MOST_S) -> None:
+        self.first_s, self.most_s = first_s, most_s
+        self.failure: str | None = None
+        self._wait = first_s
+        self._due: float | None = None  # when the refused socket is to be replaced; None while none is refused
+
+    def look(self, watch: HandshakeWatch) -> bool:
+        """Read `watch`'s events: whether its socket is to be replaced now."""
+        failure = watch.failure()
+        if failure is not None:
+            self.failure = failure
+        elif watch.admitted:
+            self.failure = None
+            self._wait = self.first_s
+        if not watch.ended:
+            return False
+        now = time.monotonic()
+        if self._due is None:
+            self._due = now + self._wait
+        return now >= self._due
+
+    def reopened(self) -> None:
+        """The socket `look` asked for was opened (or tried): the next refusal waits longer."""
+        self._due = None
+        self._wait = min(self._wait * 2, self.most_s)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
