@@ -290,34 +290,33 @@ def test_camera_up_help_agrees_with_its_value_and_an_idle_connection_is_closed(m
         metrics.stop()
 
 
-def test_connections_past_the_cap_are_closed_at_once_and_scrapes_resume_when_the_others_go():
-    """Each connection holds a thread for up to IDLE_TIMEOUT_S: without a cap, a flood of idle connections (a port
-    scanner, a misconfigured dashboard) starts a thread for every one."""
+def test_a_scrape_is_served_while_the_cap_is_held_by_idle_or_trickling_connections():
+    """Each connection holds a thread for up to IDLE_TIMEOUT_S (a read's timeout): without a cap a flood of idle
+    connections starts a thread for every one; with a cap that refused newcomers, 16 peers trickling a byte now and
+    then locked the real scraper out. At the cap the oldest connection makes room."""
     from inspectd.daemon.metrics import MAX_CONNECTIONS
 
     metrics = Metrics(("127.0.0.1", 0))
-    idle: list[socket.socket] = []
+    held: list[socket.socket] = []
     try:
         with structlog.testing.capture_logs() as logs:
-            idle = [socket.create_connection(metrics.address, timeout=5) for _ in range(MAX_CONNECTIONS)]
-            # Accepted in the order they came: these first, each taking its place, then this one.
-            with socket.create_connection(metrics.address, timeout=3) as one_more:
-                assert one_more.recv(1) == b"", "closed at once, not held for the idle timeout"
-            refused = [e for e in logs if e["event"] == "metrics_connections_refused"]
-            assert refused and refused[0]["limit"] == MAX_CONNECTIONS and refused[0]["log_level"] == "warning"
-        for conn in idle:
-            conn.close()
-        deadline = time.monotonic() + 10
-        while True:  # each handler sees its peer gone and frees its place
-            try:
+            held = [socket.create_connection(metrics.address, timeout=5) for _ in range(MAX_CONNECTIONS)]
+            for conn in held:
+                conn.sendall(b"G")  # a request begun, never finished: a trickler's hold
+            for _ in range(3):  # the first closes the oldest held connection; its own place is free again after
                 samples, _ = scrape(metrics.url)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "no scrape served after the idle connections closed"
-                time.sleep(0.05)
-        assert samples
+                assert samples
+            assert held[0].recv(1) == b"", "the oldest was closed to make room"
+            held[1].settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                held[1].recv(1)  # the others keep their place
+            evicted = [e for e in logs if e["event"] == "metrics_connection_evicted"]
+            assert len(evicted) == 1 and evicted[0]["evicted"] == 1 and evicted[0]["limit"] == MAX_CONNECTIONS
+            assert evicted[0]["log_level"] == "warning"
+            assert not [e for e in logs if e["event"] in ("metrics_request_failed", "metrics_request_crashed")]
+        assert threading.active_count() < 2 * MAX_CONNECTIONS + 8
     finally:
-        for conn in idle:
+        for conn in held:
             conn.close()
         metrics.stop()
 

@@ -12,6 +12,7 @@ prometheus-client's process and platform collectors: RSS, CPU seconds, open file
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import threading
@@ -40,10 +41,10 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IDLE_TIMEOUT_S = 10.0  # a /metrics connection silent this long (no request, or a reader that stopped) is closed
-# Connections served at once, each on its own thread; one past it is closed at once. A scraper needs one, a few
+# Connections served at once, each on its own thread; one more closes the oldest. A scraper needs one, a few
 # dashboards a few more; a flood of idle connections would otherwise hold a thread each for IDLE_TIMEOUT_S.
 MAX_CONNECTIONS = 16
-REFUSED_LOG_S = 60.0  # connections refused over the cap: logged at most once per this
+EVICTED_LOG_S = 60.0  # connections closed to make room: logged at most once per this
 
 # Pulled per camera from status()["cameras"][camera][key]: (metric name without _total, help, status key).
 CAMERA_COUNTERS = (
@@ -179,40 +180,58 @@ def _drift_families(cameras: dict[str, Any]) -> Iterator[Metric]:
 class _Server(ThreadingHTTPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.refused = 0
-        self._refused_logged_at = -REFUSED_LOG_S
+        self._lock = threading.Lock()
+        self._active: dict[Any, float] = {}  # connection -> when accepted, oldest first
+        self._evicted: set[Any] = set()
+        self.evicted = 0
+        self._evicted_logged_at = -EVICTED_LOG_S
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            self.refused += 1
-            now = time.monotonic()
-            if now - self._refused_logged_at >= REFUSED_LOG_S:
-                self._refused_logged_at = now
-                log.warning(
-                    "metrics_connections_refused",
-                    client=_host_port(*client_address[:2]),
-                    refused=self.refused,
-                    limit=MAX_CONNECTIONS,
-                )
-            return
+        # Full: the oldest connection makes room. A scraper's request takes milliseconds, so the oldest is one that
+        # went quiet or trickles bytes to hold its place; refusing the newcomer instead would let 16 such peers
+        # lock the real scraper out for as long as they keep trickling.
+        with self._lock:
+            if len(self._active) >= MAX_CONNECTIONS:
+                oldest = next(iter(self._active))
+                del self._active[oldest]
+                self._evicted.add(oldest)
+                self.evicted += 1
+                with contextlib.suppress(OSError):
+                    oldest.shutdown(socket.SHUT_RDWR)  # its handler thread then ends at its next read or write
+                now = time.monotonic()
+                if now - self._evicted_logged_at >= EVICTED_LOG_S:
+                    self._evicted_logged_at = now
+                    log.warning(
+                        "metrics_connection_evicted",
+                        client=_host_port(*client_address[:2]),
+                        evicted=self.evicted,
+                        limit=MAX_CONNECTIONS,
+                    )
+            self._active[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()  # no thread started to release it
+            self._forget(request)  # no thread started to forget it
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._forget(request)
+
+    def _forget(self, request: Any) -> None:
+        with self._lock:
+            self._active.pop(request, None)
+            self._evicted.discard(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # socketserver's default prints a traceback to stderr, which under the unit is the journal: non-JSON lines
         # for every scraper that hangs up mid-reply. One log line says the same.
         exc = sys.exc_info()[1]
+        with self._lock:
+            if request in self._evicted:  # closed here to make room: counted and logged as such
+                return
         client = _host_port(*client_address[:2])
         if not isinstance(exc, (ConnectionError, TimeoutError)):  # a fault of ours: its traceback, in the log line
             log.exception("metrics_request_crashed", client=client)
