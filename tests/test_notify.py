@@ -93,13 +93,22 @@ def test_a_real_child_process_notifies_through_its_environment(listener):
 FOLLOW = "from inspectd.daemon.notify import follow_parent; follow_parent(); print('still here')"
 
 
-def test_a_process_whose_named_parent_is_already_gone_gets_sigterm_at_once():
-    """The tool that set INSPECTD_PARENT_PID died before the daemon armed the kernel's parent-death signal: the
-    daemon would never hear of it, so it answers itself with the SIGTERM it would have got."""
+def test_a_parent_pid_that_is_not_the_parent_is_refused_in_one_line(tmp_path):
+    """Exported in a shell or an EnvironmentFile, the variable would otherwise stop a station's daemon for no reason
+    (or, naming a process already gone, at once); `inspectd run` says so and exits 2 before anything starts."""
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    env = {**os.environ, "INSPECTD_PARENT_PID": gone.stdout.strip()}
-    done = subprocess.run([sys.executable, "-c", FOLLOW], capture_output=True, text=True, env=env, timeout=20)
-    assert done.returncode == -15 and "still here" not in done.stdout, done
+    for pid in (gone.stdout.strip(), "1"):
+        env = {**os.environ, "INSPECTD_PARENT_PID": pid, "INSPECTD_ALLOW_ROOT": "1"}
+        config = tmp_path / "missing.yaml"
+        done = subprocess.run(
+            [sys.executable, "-m", "inspectd", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(f"inspectd run: INSPECTD_PARENT_PID {pid}: not this")
 
 
 def test_a_process_whose_named_parent_lives_carries_on():

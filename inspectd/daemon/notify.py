@@ -32,8 +32,10 @@ def follow_parent(environ: dict[str, str] | None = None) -> None:
 
     A tool's own stop (a signal it can catch) stops its daemon itself; this is for the one it cannot catch: a SIGKILLed
     or crashed demo or bench would otherwise leave its daemon streaming on, its endpoints bound under the next run.
-    SIGTERM is the daemon's own stop, so it drains as under systemd. Call once the SIGTERM handler is installed: a
-    parent already gone by then is answered with the same signal at once. Linux only; elsewhere a no-op."""
+    SIGTERM is the daemon's own stop, so it drains as under systemd. A variable naming another process than the
+    parent (exported in a shell, an EnvironmentFile) is refused rather than obeyed: it would stop a station's daemon
+    for no reason. So is a parent already gone by the time this runs (the tool died during the daemon's start).
+    Linux only; elsewhere a no-op."""
     raw = (os.environ if environ is None else environ).get(PARENT_PID_ENV)
     if not raw:
         return
@@ -45,7 +47,10 @@ def follow_parent(environ: dict[str, str] | None = None) -> None:
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         raise InspectdError(f"{PARENT_PID_ENV}: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
     if os.getppid() != int(raw):
-        os.kill(os.getpid(), signal.SIGTERM)
+        raise InspectdError(
+            f"{PARENT_PID_ENV} {raw}: not this process's parent (pid {os.getppid()}), expected it set only by "
+            "inspectd demo or bench for the daemon they start: unset it"
+        )
 
 
 class Notifier:

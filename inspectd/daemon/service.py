@@ -923,6 +923,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd run: {exc}", file=sys.stderr)
         return 1
     try:
+        follow_parent()
+    except InspectdError as exc:
+        print(f"inspectd run: {exc}", file=sys.stderr)
+        return 2
+    try:
         config = load_config(args.config)
     except InspectdError as exc:
         print(f"inspectd run: {exc}", file=sys.stderr)
@@ -930,11 +935,6 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     log = structlog.get_logger("inspectd")
     notifier = Notifier.from_env()
-    try:
-        follow_parent()
-    except InspectdError as exc:
-        print(f"inspectd run: {exc}", file=sys.stderr)
-        return 2
 
     try:
         hold_state_dir(Path(config.state_dir))
