@@ -290,6 +290,36 @@ def test_a_folder_reached_through_a_symlink_is_the_folder_it_names(tmp_path):
     )
 
 
+def test_a_folder_reached_through_a_bind_mount_is_the_folder_it_shows(tmp_path):
+    """A bind mount of one camera's folder under another name resolves to itself, not to the folder: the two cameras
+    would still race for each file (checked by device and inode). Inside a private mount namespace."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "mounted").mkdir()
+    check = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from test_config import with_value; "
+        "from inspectd.daemon.config import parse_config, ConfigError\n"
+        "doc = with_value(['cameras', 1, 'source', 'path'], sys.argv[2])\n"
+        "doc['cameras'].append({'id': 'cam9', 'source': {'kind': 'folder', 'path': sys.argv[3]}})\n"
+        "try:\n    parse_config(doc)\nexcept ConfigError as exc:\n    print(exc)\n"
+    )
+    script = f'mount --bind "$1" "$2" && exec "{sys.executable}" -c "$3" "$4" "$1" "$2"'
+    tests = str(Path(__file__).resolve().parent)
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+        + [str(tmp_path / "in"), str(tmp_path / "mounted"), check, tests],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    if done.returncode != 0 and "mount" in done.stderr:
+        pytest.skip(f"no private mount namespace for this user: {done.stderr.strip()}")  # not an install step
+    assert done.stdout.strip() == (
+        f"cameras[4].source.path: folder {tmp_path / 'mounted'} is already used by cameras[1].source.path, "
+        "expected one of its own"
+    ), done.stdout + done.stderr
+
+
 def test_a_done_dir_that_another_camera_watches_is_refused_naming_both(tmp_path):
     """Every frame moved there would be read again by the other camera as a new frame, for ever."""
     (tmp_path / "in").mkdir()

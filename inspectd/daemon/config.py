@@ -306,20 +306,17 @@ class Config:
                     (f"cameras[{i}].source.endpoint", _address(endpoint), ("cameras", i, "source", "endpoint"))
                 )
             elif camera.source.kind == "folder" and isinstance(path, Path):
-                # Resolved: a symlink to another camera's folder is that folder.
-                owners.append(
-                    (f"cameras[{i}].source.path", ("dir", os.path.realpath(path)), ("cameras", i, "source", "path"))
-                )
+                owners.append((f"cameras[{i}].source.path", _folder(path), ("cameras", i, "source", "path")))
         for n, (_, address, loc) in enumerate(owners):
             for first, earlier, _ in owners[:n]:
                 if _same_address(address, earlier):
                     refuse(loc, f"{address_text(address)} is already used by {first}, expected one of its own", None)
         # A done_dir may be shared, but one that is a watched folder feeds every frame back in as a new one.
-        inboxes = {address: name for name, address, _ in owners if address[0] == "dir"}
+        inboxes = {address[2]: name for name, address, _ in owners if address[0] == "dir"}
         for i, camera in enumerate(self.cameras):
             done_dir = getattr(camera.source, "done_dir", None)
             if camera.source.kind == "folder" and isinstance(done_dir, Path):
-                inbox = inboxes.get(("dir", os.path.realpath(done_dir)))
+                inbox = inboxes.get(_folder(done_dir)[2])
                 if inbox is not None:
                     refuse(
                         ("cameras", i, "source", "done_dir"),
@@ -346,7 +343,20 @@ def _address(endpoint: str) -> tuple[str, ...]:
     return (endpoint,)
 
 
-def _same_address(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+def _folder(path: Path) -> tuple[Any, ...]:
+    """("dir", the folder resolved, what it is): its device and inode where it exists, so that a symlink or a bind
+    mount of another camera's folder is that folder; else the resolved path."""
+    resolved = os.path.realpath(path)
+    try:
+        st = os.stat(resolved)
+    except OSError:
+        return ("dir", resolved, resolved)
+    return ("dir", resolved, (st.st_dev, st.st_ino))
+
+
+def _same_address(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    if a[0] == b[0] == "dir":
+        return bool(a[2] == b[2])
     if a[0] == b[0] == "tcp":
         # Port * or 0 asks libzmq (and the metrics server) for an ephemeral port: never one another bind holds.
         return a[2] == b[2] and a[2] not in ("*", "0") and (a[1] == b[1] or bool({a[1], b[1]} & ANY_HOST))
