@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in OWN_SIGTERM:
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is then the BrokenPipeError below
+        return code
     except KeyboardInterrupt:
         return _stopped(args.command, "interrupted", INTERRUPTED_EXIT)
     except Terminated:

@@ -1,0 +1,43 @@
+"""How `inspectd` ends when its stdout reader goes away: the shell's status for a writer SIGPIPE ended, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A command whose whole output still sits in stdout's buffer when it returns, as `archive list` leaves a short listing.
+BUFFERED = """
+import argparse, sys
+from inspectd import cli
+
+def listing(args):
+    for i in range(100):
+        print(f"line {i}")
+    return 0
+
+def parser(command):
+    p = argparse.ArgumentParser()
+    p.set_defaults(func=listing, command="listing")
+    return p
+
+cli.build_parser = parser
+sys.exit(cli.main([]))
+"""
+
+
+def test_output_left_in_the_buffer_for_a_reader_that_went_away_ends_with_141_and_no_traceback():
+    """Flushed by Python at exit, the write failed outside main: "Exception ignored ... BrokenPipeError" and 120."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes its first byte
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", BUFFERED], stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=60
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
