@@ -677,6 +677,85 @@ def test_curve_encrypted_results_reach_the_plc_with_the_bridge_keys(plc, tmp_pat
         daemon.close()
 
 
+@pytest.mark.timeout(120)  # the bridge's start and three backoff waits on a loaded machine
+def test_a_bridge_shut_out_by_an_emptied_allow_list_hands_the_plc_results_again_once_its_key_is_back(
+    plc, pki, tmp_path, bridge_config
+):
+    """Revoking the bridge's key (the allow-list emptied, a reload) and putting it back (refilled, a reload) must leave
+    a bridge that hands the PLC results again, without a restart: libzmq never retries a connection whose key was
+    refused, so the bridge opens a new socket itself, with backoff. It logs once why it is shut out and once when it
+    is let in; what was published meanwhile is filled from the journal, every seq handed over once, in order."""
+    from types import SimpleNamespace
+
+    from inspectd.daemon.frames import Frame
+    from inspectd.daemon.inference import Judged
+    from inspectd.daemon.journal import Journal
+    from inspectd.daemon.publish import Publisher
+    from inspectd.daemon.security import CurveServer
+    from station_model import QUIET_STATUS
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("publish", pki["server"][1], pki["allow_dir"])
+    journal = Journal(tmp_path / "journal", max_bytes=1 << 20, fsync_interval_s=SYNC_S)
+    pub = Publisher(
+        endpoint, STATION, status_interval_s=0.1, socket_options=guard, status=lambda: QUIET_STATUS, journal=journal
+    ).start()
+    published = [0]
+
+    def result() -> None:  # the daemon's own path: journalled, then published
+        published[0] += 1
+        frame = Frame(CAMERA, published[0], f"f{published[0]}", time.time(), None, error="x")
+        pub.submit(Judged(frame, "error", None, None, "m", 1, [], None, "x"))
+
+    listed = pki["allow_dir"] / "bridge1.key"
+    key_file = listed.read_bytes()
+    keyed = ("--server-key", str(pki["server"][0]), "--client-key", str(pki["allowed"][1]))
+    try:
+        # The publisher sends its own status: the Bridge helper's status() need not.
+        daemon = SimpleNamespace(endpoint=endpoint, status=lambda: None)
+        log = LogLines(Bridge(daemon, plc, bridge_config, extra=(*keyed, "--journal", str(tmp_path / "journal"))))
+        try:
+            for _ in range(5):
+                result()
+            wait(lambda: len(plc.received) == 5, 10, "results 1-5")
+
+            listed.unlink()  # every key revoked, as DEPLOY.md says: the list emptied, then a reload
+            assert [r.split()[0] for r in guard.reload()["removed"]] == ["bridge1.key"]
+            pub.drop_peers()
+            wait(lambda: log.events("handshake_failed"), 15, "the bridge to say it is shut out")
+            for _ in range(5):  # published while it is shut out: 6-10
+                result()
+            # It tries again with a new socket, and is refused again (told once all the same).
+            first_refusals = guard.refused
+            wait(lambda: guard.refused >= first_refusals + 2, 20, "two more tries, each on a new socket")
+            assert len(plc.received) == 5 and not plc.field("status") & BIT["trigger_ready"]
+
+            listed.write_bytes(key_file)  # the key put back, and the list reloaded
+            assert [a.split()[0] for a in guard.reload()["added"]] == ["bridge1.key"]
+            deadline = time.monotonic() + 20  # past the bridge's wait before its next socket, however it fell
+            while not any(r["id"] > 10 for r in plc.received):
+                assert time.monotonic() < deadline, ("never let in again", plc.received, log.lines)
+                result()
+                time.sleep(0.2)
+            last = published[0]
+            wait(lambda: len(plc.received) >= last, 10, "every result published up to now")
+            wait(lambda: plc.field("status") & BIT["trigger_ready"], 5, "trigger_ready up again")
+        finally:
+            log.stop()
+    finally:
+        pub.stop(5)
+        journal.close()
+        guard.stop()
+    ids = [r["id"] for r in plc.received]
+    assert ids == list(range(1, last + 1)), ids
+    refused = log.events("handshake_failed")
+    assert len(refused) == 1 and "refused this client's key" in refused[0]["error"], refused
+    readmitted = log.events("readmitted")
+    assert len(readmitted) == 1 and readmitted[0]["reopened"] >= 2, readmitted
+    stopped = log.events("bridge_stopped")[-1]
+    assert stopped["journal_recovered"] >= 5 and stopped["gaps_unfilled"] == 0, stopped
+
+
 def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
     bad = tmp_path / "bridge.yaml"
     bad.write_text("registers:\n  score: 2\n")

@@ -963,6 +963,80 @@ def test_subscribers_shut_out_by_an_emptied_allow_list_hear_the_daemon_again_onc
         guard.stop()
 
 
+def test_the_web_view_shut_out_by_an_emptied_allow_list_logs_the_refusal_once_and_when_it_is_let_in_again(pki):
+    """The web view's feed, shut out by its key's revocation and let in again once it is back, logs why it is shut
+    out once, and a line when messages come again: else its log says it is refused long after it shows results."""
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from inspectd.clients.web import Feed, LineState
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("publish", pki["server"][1], pki["allow_dir"])
+    pub = Publisher(endpoint, "s1", status_interval_s=0.1, socket_options=guard, status=lambda: QUIET_STATUS).start()
+    listed = pki["allow_dir"] / "bridge1.key"
+    key_file = listed.read_bytes()
+    loop = asyncio.new_event_loop()
+    looping = threading.Thread(target=loop.run_forever, daemon=True)
+    looping.start()
+    state = LineState()
+    feed = Feed(Subscriber(endpoint, curve=curve_client(pki["server"][0], pki["allowed"][1])), loop, state)
+
+    def last_seq() -> int:
+        view = state.cameras.get("cam0")
+        return -1 if view is None or view.last is None else view.last["seq"]
+
+    def told(event: str) -> list[dict]:
+        return [entry for entry in list(logs) if entry["event"] == event]
+
+    try:
+        with capture_logs() as logs:
+            feed.start()
+            deadline = time.monotonic() + 10
+            while state.status_at is None:
+                assert time.monotonic() < deadline, "the subscription never took hold"
+                time.sleep(0.05)
+            pub.submit(_judged(0))
+            deadline = time.monotonic() + 10
+            while last_seq() != 0:
+                assert time.monotonic() < deadline, "result 0 never came"
+                time.sleep(0.05)
+
+            listed.unlink()  # every key revoked: the list emptied, then a reload
+            assert [r.split()[0] for r in guard.reload()["removed"]] == ["bridge1.key"]
+            pub.drop_peers()
+            deadline = time.monotonic() + 10
+            while not told("handshake_failed"):
+                assert time.monotonic() < deadline, "the view never said it is shut out"
+                time.sleep(0.05)
+            listed.write_bytes(key_file)  # put back, and the list reloaded
+            assert [a.split()[0] for a in guard.reload()["added"]] == ["bridge1.key"]
+            seq = 1
+            deadline = time.monotonic() + 20  # past the view's wait before a new socket
+            while last_seq() < 1:
+                assert time.monotonic() < deadline, ("never let in again", logs)
+                pub.submit(_judged(seq))
+                seq += 1
+                time.sleep(0.2)
+            deadline = time.monotonic() + 5
+            while not told("readmitted"):  # logged on the feed's thread before the message reaches the loop
+                assert time.monotonic() < deadline, logs
+                time.sleep(0.05)
+            shown = [entry["event"] for entry in list(logs) if entry["event"] in ("handshake_failed", "readmitted")]
+    finally:
+        feed.stopping.set()
+        feed.join(5)
+        loop.call_soon_threadsafe(loop.stop)
+        looping.join(5)
+        loop.close()
+        pub.stop(5)
+        guard.stop()
+    assert shown == ["handshake_failed", "readmitted"], shown
+    assert "refused this client's key" in told("handshake_failed")[0]["error"]
+    assert told("readmitted")[0]["reopened"] >= 1
+
+
 def test_a_refusal_without_a_key_names_the_daemons_socket_and_claims_no_peer(pki, capsys):
     """A client without CURVE is refused before any key is seen, and libzmq's socket monitor gives only the bound
     endpoint with the failure: the log says it is the daemon's socket (it was logged as the client's `endpoint`)."""

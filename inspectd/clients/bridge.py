@@ -47,7 +47,7 @@ from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.control import connect_error
 from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.journal import CAMERA_RE
-from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
+from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags
 from inspectd.protocol.messages import Result, decode
 
 log = structlog.get_logger("inspectd.clients.bridge")
@@ -172,6 +172,76 @@ def _check_endpoint(endpoint: str) -> None:
     finally:
         sock.close(0)
         context.term()
+
+
+class Subscription:
+    """The bridge's SUB socket, watched for the daemon ending its handshakes (HandshakeWatch).
+
+    A daemon that refuses the bridge's key (revoked, the allow-list emptied) ends the connection for good
+    (keys.Readmission): `look`, called each beat, then opens a new socket in its place with the same options,
+    subscriptions and keys, with backoff, so a bridge whose key is put back hands the PLC results again without a
+    restart. What was published meanwhile is a hole in seq, which the journal catch-up fills."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, topics: list[bytes], curve) -> None:
+        self.endpoint, self._topics, self._curve = endpoint, topics, curve
+        self._context = context
+        self._readmission = Readmission()
+        self.reopened = 0  # sockets opened in place of one the daemon refused
+        self.socket, self._watch = self._open()
+
+    def _open(self) -> tuple[zmq.asyncio.Socket, HandshakeWatch]:
+        sock = self._context.socket(zmq.SUB)
+        watch = None
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            take_endpoint(sock, self.endpoint)
+            if self._curve is not None:
+                self._curve(sock)  # CurveZMQ client keys, before connect
+            for topic in self._topics:
+                sock.setsockopt(zmq.SUBSCRIBE, topic)
+            watch = HandshakeWatch(sock, self._curve is not None)
+            sock.connect(self.endpoint)
+        except BaseException:
+            if watch is not None:
+                watch.close()
+            sock.close(0)
+            raise
+        return sock, watch
+
+    def look(self) -> str | None:
+        """Read the handshake events (which must not pile up) and replace a socket the daemon refused when it is
+        due; why the daemon shuts the bridge out (a phrase after "the daemon"), None while it lets it in."""
+        # What the refused socket still holds (published before the refusal) is taken in before it is let go.
+        if self._readmission.look(self._watch) and not int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._readmission.reopened()
+            try:
+                sock, watch = self._open()
+            except zmq.ZMQError:
+                return self._readmission.failure  # the endpoint took a connect before: tried again when next due
+            old, old_watch = self.socket, self._watch
+            self.socket, self._watch = sock, watch
+            old_watch.close()
+            old.close(0)  # cancels the receive waiting on it: `recv` takes it up on the new socket
+            self.reopened += 1
+        return self._readmission.failure
+
+    async def recv(self) -> list[bytes]:
+        """The next message's frames, from whichever socket is current when it comes."""
+        while True:
+            received = asyncio.ensure_future(self.socket.recv_multipart())
+            # Waited on, not awaited: a receive cancelled by `look` closing its socket then tells apart from the
+            # bridge cancelling this task, which asyncio.wait raises (and which must not be swallowed).
+            try:
+                await asyncio.wait([received])
+            except asyncio.CancelledError:
+                received.cancel()
+                raise
+            if not received.cancelled():
+                return received.result()
+
+    def close(self) -> None:
+        self._watch.close()
+        self.socket.close(0)
 
 
 def _subscriptions(prefix: str) -> list[bytes]:
@@ -932,16 +1002,8 @@ async def _bridge(
     for handshake in handshakes:
         handshake.room = feeder.room
     context = zmq.asyncio.Context()
-    sub = context.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    take_endpoint(sub, args.endpoint)
-    if curve is not None:
-        curve(sub)  # CurveZMQ client keys, before connect
-    for topic in _subscriptions(prefix):
-        sub.setsockopt(zmq.SUBSCRIBE, topic)
-    watch = HandshakeWatch(sub, curve is not None)
-    sub.connect(args.endpoint)
-    refused: list[str | None] = [None]  # the handshake failure last logged
+    sub = Subscription(context, args.endpoint, _subscriptions(prefix), curve)
+    refused: list[str | None] = [None]  # the handshake failure logged, until a message comes: once per outage
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -963,6 +1025,9 @@ async def _bridge(
 
     async def take(frames: list[bytes]) -> None:
         last_heard[0] = time.monotonic()
+        if refused[0] is not None:
+            log.info("readmitted", endpoint=args.endpoint, reopened=sub.reopened)
+            refused[0] = None
         try:
             message = decode(frames)
         except MessageError as exc:
@@ -993,8 +1058,8 @@ async def _bridge(
         # already queued on the socket: nothing falls between the journal and the live stream (the catch-up drops what
         # arrives twice).
         first = None
-        if await sub.poll(SETTLE_S * 1000):
-            first = await sub.recv_multipart()
+        if await sub.socket.poll(SETTLE_S * 1000):
+            first = await sub.socket.recv_multipart()
         since = {
             h.camera: h.last_id for h in handshakes if h.camera is not None and h.last_id is not None and h.placed()
         }
@@ -1008,7 +1073,7 @@ async def _bridge(
 
     async def receive() -> None:
         while not stop.is_set():
-            await take(await sub.recv_multipart())
+            await take(await sub.recv())
 
     async def tick() -> None:
         beat = 0
@@ -1025,12 +1090,11 @@ async def _bridge(
                     effect="trigger_ready down until the read returns: no verdict can come meanwhile",
                 )
             alive = (waited is not None and waited < READ_STUCK_S) or now - last_heard[0] < DAEMON_SILENT_S
-            failure = watch.failure()  # read every beat: the events must not pile up
-            failure = None if alive else failure
-            if failure is not None and failure != refused[0]:
+            failure = sub.look()  # every beat: the events must not pile up, and a refused socket is replaced
+            if failure is not None and not alive and failure != refused[0]:
                 # A daemon that shuts the bridge out would otherwise look like one that is down.
                 log.warning("handshake_failed", endpoint=args.endpoint, error=f"the daemon {failure}")
-            refused[0] = failure
+                refused[0] = failure
             for handshake in handshakes:
                 await handshake.set_status(daemon_alive=alive, daemon_healthy=healthy[0])
                 await handshake.service(beat)
@@ -1078,7 +1142,6 @@ async def _bridge(
                     waited_s=waited,
                     effect="result_valid dropped without the PLC's ack: a missed ack, alarm latched, not recorded",
                 )
-    watch.close()
     sub.close()
     context.term()
     log.info(

@@ -239,7 +239,7 @@ class Feed(threading.Thread):
         self.stopping = threading.Event()
         self._logged_at: float | None = None
         self._unlogged = 0
-        self._refused: str | None = None  # the handshake failure last logged
+        self._refused: str | None = None  # the handshake failure logged, until a message comes
 
     def run(self) -> None:
         with self.sub:
@@ -255,12 +255,15 @@ class Feed(threading.Thread):
                 if isinstance(message, MessageError):
                     self._log_refused(message)
                 if message is not None:
+                    if self._refused is not None and not isinstance(message, MessageError):
+                        log.info("readmitted", endpoint=self.sub.endpoint, reopened=self.sub.reopened)
+                        self._refused = None
                     self.loop.call_soon_threadsafe(self.state.on_message, message)
                     continue
-                failure = self.sub.handshake_failure()  # a daemon that shuts the view out says why, once
+                failure = self.sub.handshake_failure()  # a daemon that shuts the view out says why, once per outage
                 if failure is not None and failure != self._refused:
                     log.warning("handshake_failed", error=f"the daemon {failure}")
-                self._refused = failure
+                    self._refused = failure
 
     def _log_refused(self, error: MessageError) -> None:
         now = time.monotonic()
