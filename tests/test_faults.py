@@ -608,10 +608,11 @@ def test_a_restart_under_back_pressure_leaves_no_frame_the_daemon_took_in_withou
     push = pusher(endpoint)
     push.setsockopt(zmq.LINGER, 0)
     try:
-        for i in range(count):  # all in the producer's own queue at once: far faster than the daemon takes them
+        send_raw(push, "f0", big)
+        assert s.results(1, 30), s.log_tail()  # connected and judging
+        for i in range(1, count):  # all in the producer's own queue at once: far faster than the daemon takes them
             send_raw(push, f"f{i}", big)
-        assert s.results(1, 30), s.log_tail()
-        s.proc.send_signal(signal.SIGTERM)
+        s.proc.send_signal(signal.SIGTERM)  # at once: waiting for anything here lets a fast daemon take them all
         first = s.until_exit(60)
         assert s.proc.returncode == 0, s.log_tail()
         assert len(first) < count - 20, "the daemon took every frame before the stop: no back-pressure was tested"

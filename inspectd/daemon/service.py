@@ -179,7 +179,9 @@ class Daemon:
         # A zmq camera first unbinds, so its producers keep what they have not handed over for the next start, and
         # takes in what its socket already holds (its producers will not send that again; what is left there once
         # ingest stops is logged as lost).
-        drained_by = min(deadline, time.monotonic() + INGEST_STOP_S)
+        # Half the drain's time at most (or INGEST_STOP_S): what is taken in must still be judged before the deadline.
+        now = time.monotonic()
+        drained_by = min(deadline, now + max(INGEST_STOP_S, (deadline - now) / 2))
         receiving = [ingest.stop_receiving() for ingest in self.ingest.values()]
         for emptied in receiving:
             if emptied is not None:
@@ -853,11 +855,20 @@ def hold_state_dir(state_dir: Path) -> None:
     """Lock `state_dir` for as long as this process runs (inspectd.durable.hold_lock on its STATE_LOCK, which then
     holds this pid): a second daemon on it would bind its ipc sockets over the first one's, leaving that one running
     unreachable, and give out the same seqs into one journal. InspectdError naming the pid that holds it."""
-    from inspectd.durable import hold_lock
+    from inspectd.durable import fsync_dir, hold_lock
 
     path = state_dir / STATE_LOCK
+    created = []
+    missing = state_dir
+    while not missing.exists() and missing.parent != missing:
+        created.append(missing)
+        missing = missing.parent
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
+        # A directory created on a first start is an entry in its parent, which a power cut can lose (with the
+        # journal under it) until the parent is fsynced: the journal would do this had it created them.
+        for directory in created:
+            fsync_dir(directory.parent)
     except OSError:
         return  # the journal's open says what is wrong with it, in one line
     try:

@@ -34,9 +34,9 @@ HEADER_FIELDS = {"camera", "frame_id", "t_capture", "shape", "dtype", "encoding"
 # stop must take in (or refuse and log) each one, while a backlog left in the producer's own queue outlives a daemon
 # restart (ZeroMQ sends it to the next daemon).
 RCVHWM = 4
-# The most messages a closing socket is emptied of: after its unbind nothing more arrives, so this only bounds a socket
-# closed while still bound (a reopen), whose producers go on sending.
-CLOSE_DRAIN_MAX = 4 * RCVHWM
+# The most messages a closing socket is emptied of: a bound, not a budget. It is unbound first, so it holds at most
+# RCVHWM per producer connection and nothing more arrives.
+CLOSE_DRAIN_MAX = 100_000
 
 log = structlog.get_logger("inspectd.ingest")
 
