@@ -95,6 +95,24 @@ def _needs(command: str, dependency: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:  # argparse after --help, --version or a usage error: its output is in the buffer too
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # here, not at exit: a reader that went away is then the BrokenPipeError below
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe or socket of the command's: a failure of its own
+        # The reader went away (`| head -1`): the end of the output, not an error to tell. Python's last flush of
+        # stdout at exit would raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_STDOUT_EXIT
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
@@ -110,20 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in OWN_SIGTERM:
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = int(args.func(args) or 0)
-        sys.stdout.flush()  # here, not at exit: a reader that went away is then the BrokenPipeError below
-        return code
+        return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return _stopped(args.command, "interrupted", INTERRUPTED_EXIT)
     except Terminated:
         return _stopped(args.command, "stopped by SIGTERM", TERMINATED_EXIT)
     except BrokenPipeError:
-        if not _stdout_closed():
-            raise  # another pipe or socket of the command's: a failure of its own
-        # The reader went away (`| head -1`): the end of the output, not an error to tell. Python's last flush of
-        # stdout at exit would raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return CLOSED_STDOUT_EXIT
+        raise  # main's: whether it was stdout's reader that went away
     except Exception as exc:
         # A library that turns the signal's exception into its own (onnxruntime's loader: "ImportError:
         # initialization failed") is still the signal, not a broken install.

@@ -41,3 +41,24 @@ def test_output_left_in_the_buffer_for_a_reader_that_went_away_ends_with_141_and
     finally:
         os.close(write)
     assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+def test_help_for_a_reader_that_went_away_ends_with_141_and_no_traceback():
+    """argparse prints the help and exits (SystemExit) outside the command: flushed at exit, the same note and 120."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    for args in (["--help"], ["train", "--help"]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "inspectd", *args],
+                stdout=write,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                timeout=60,
+                cwd=REPO,
+            )
+        finally:
+            os.close(write)
+        assert done.returncode == 141 and done.stderr == "", (args, done.stderr)
