@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_child import inspectd_argv
 from plc_peers import wait as wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -55,10 +56,8 @@ def cli(args: list[str], stdout, stderr, env: dict | None = None) -> subprocess.
     """`inspectd ARGS` in a process group of its own (a terminal's Ctrl-C reaches the group), with SIGINT at its
     default action: a test run from a background job inherits it ignored, and Python then never raises
     KeyboardInterrupt."""
-    reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-    reset += "os.execv(sys.executable, [sys.executable, '-m', 'inspectd', *sys.argv[1:]])"
     return subprocess.Popen(
-        [sys.executable, "-c", reset, *args], cwd=ROOT, stdout=stdout, stderr=stderr, env=env, start_new_session=True
+        inspectd_argv(*args), cwd=ROOT, stdout=stdout, stderr=stderr, env=env, start_new_session=True
     )
 
 

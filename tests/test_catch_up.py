@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from cli_child import inspectd_argv
 from inspectd.clients.subscribe import (
     CORRUPT,
     NO_JOURNAL,
@@ -622,9 +623,10 @@ class Run:
     def __init__(self, line: Line, start: float) -> None:
         self.line, self.start = line, start
 
-    def status(self, uptime: float, published: int, given_out: int) -> None:
-        cameras = {"cam0": {"published": published, "next_seq": given_out}}
-        doc = {**STATUS, "t": self.start + uptime, "uptime_s": uptime, "cameras": cameras}
+    def status(self, uptime: float, published: int, given_out: int, dropped: int = 0) -> None:
+        cameras = {"cam0": {"published": published, "next_seq": given_out, "dropped": dropped}}
+        journal = {"lost": 0}  # every published result has its record
+        doc = {**STATUS, "t": self.start + uptime, "uptime_s": uptime, "cameras": cameras, "journal": journal}
         self.line.pub.send_multipart(encode_status(STATION, doc))
 
 
@@ -692,6 +694,77 @@ def test_the_tail_a_status_counts_published_is_fetched_from_the_journal(line):
     assert catch_up.missed == [Gap("cam0", 4, 4, NOT_JOURNALLED)]
 
 
+def test_a_tail_lost_in_the_first_window_with_results_and_a_smaller_one_after_it_are_each_a_gap(line):
+    """Counted per status window: the results the count grew by, less those heard and those the holes account for,
+    were lost after the last one heard. So the tail of the first burst a subscriber hears is found, and so is a
+    later one no larger than it."""
+    run = Run(line, time.time() - 100)
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(None)
+        source = CatchUpSubscriber(sub, catch_up)
+        run.status(1.0, published=0, given_out=0)
+        for seq in range(10):
+            line.emit("cam0", seq, send=seq < 5)
+        run.status(2.0, published=10, given_out=10)
+        assert [r.seq for r in until_status(source, 2.0)] == list(range(5))
+        assert catch_up.missed == [Gap("cam0", 5, 9, NO_JOURNAL)]
+        catch_up.missed.clear()
+        for seq in range(10, 16):
+            line.emit("cam0", seq, send=seq in (10, 12))  # 11 a hole the next result shows, 13-15 the tail
+        run.status(3.0, published=16, given_out=18)  # 16-17 in flight
+        assert [r.seq for r in until_status(source, 3.0)] == [10, 12]
+    assert catch_up.missed == [Gap("cam0", 11, 11, NO_JOURNAL), Gap("cam0", 13, 15, NO_JOURNAL)]
+    assert catch_up.gaps.missed == {"cam0": 9}
+
+
+def test_a_tail_behind_queue_drops_is_the_published_results_from_the_journal_and_the_drops_named(line):
+    """Frames a full drop_oldest queue drops take seqs and get no result (never journalled): the status counts them
+    in `dropped`. The tail lost on the way is the published results after them, all delivered from the journal, and
+    the drops' hole is named as such."""
+    run = Run(line, time.time() - 100)
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        run.status(1.0, published=0, given_out=0)
+        for seq in (0, 1):
+            line.emit("cam0", seq)
+        for seq in range(10, 15):  # 2-9 dropped at the queue; 10-14 published, lost on the way
+            line.emit("cam0", seq, send=False)
+        line.journal.append("cam0", 15, result_frames("cam0", 15))  # journalled, not yet published at the status
+        run.status(2.0, published=7, given_out=16, dropped=8)
+        heard = until_status(source, 2.0)
+    assert [r.seq for r in heard] == [0, 1, *range(10, 15)]
+    reason = "not in the journal (dropped at the daemon's full drop_oldest queue: cameras.cam0.dropped rose by 8)"
+    assert catch_up.missed == [Gap("cam0", 2, 9, reason)] and catch_up.recovered == 5
+
+
+def test_without_a_journal_a_tail_behind_queue_drops_is_reported_by_count_and_not_counted_twice(line):
+    run = Run(line, time.time() - 100)
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(None)
+        source = CatchUpSubscriber(sub, catch_up)
+        run.status(1.0, published=0, given_out=0)
+        for seq in (0, 1):
+            line.emit("cam0", seq)
+        run.status(2.0, published=7, given_out=15, dropped=8)  # 2-9 dropped, 10-14 lost on the way
+        assert [r.seq for r in until_status(source, 2.0)] == [0, 1]
+        dropping = NO_JOURNAL + ", or dropped at the daemon's full drop_oldest queue (cameras.cam0.dropped rose by 8)"
+        assert catch_up.missed == [Gap("cam0", 2, 6, dropping, exact=False)]
+        assert catch_up.missed[0].describe() == (
+            "gap: 5 results after seq 1 on cam0 never came (their seqs unknown: the daemon's queue dropped frames "
+            f"meanwhile): {dropping}"
+        )
+        catch_up.missed.clear()
+        line.emit("cam0", 15)
+        run.status(3.0, published=8, given_out=16, dropped=8)
+        assert [r.seq for r in until_status(source, 3.0)] == [15]
+    assert catch_up.missed == [Gap("cam0", 2, 14, dropping + " (5 of them reported before by count)")]
+    assert catch_up.gaps.missed == {"cam0": 13}
+
+
 def test_subscribe_reports_the_lost_tail_of_a_burst_on_a_quiet_line_and_counts_it(tmp_path):
     """`inspectd subscribe` as a real process: the results lost after the last one it printed are reported from the
     status that follows them, before any further result, and the summary at Ctrl-C counts them."""
@@ -706,7 +779,7 @@ def test_subscribe_reports_the_lost_tail_of_a_burst_on_a_quiet_line_and_counts_i
         pub.send_multipart(encode_status(STATION, doc))
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", endpoint, "--timeout", "15"],
+        inspectd_argv("subscribe", "--endpoint", endpoint, "--timeout", "15"),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -17,6 +17,7 @@ import pytest
 import structlog.testing
 import zmq
 
+from cli_child import inspectd_argv
 from inspectd.clients.subscribe import GapTracker, Subscriber
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.inference import Judged
@@ -505,7 +506,7 @@ class Producer:
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(endpoint)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", endpoint, *flags],
+            inspectd_argv("subscribe", "--endpoint", endpoint, *flags),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

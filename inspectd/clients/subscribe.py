@@ -181,8 +181,19 @@ class Subscriber:
 # Why a hole in a camera's seq could not be filled: what `inspectd subscribe` and the bridge report with the gap.
 ROTATED = "rotated out of the journal"
 CORRUPT = "corrupt record"
-NOT_JOURNALLED = "not in the journal (never journalled: frames in flight at a daemon crash, or the journal was off)"
+NOT_JOURNALLED = (
+    "not in the journal (never journalled: dropped by a full drop_oldest queue, in flight at a daemon crash, or the "
+    "journal was off)"
+)
 NO_JOURNAL = "lost on the way (no journal to fill it from)"
+# The same two, where the camera's status said its drop_oldest queue dropped frames lately (a count follows).
+QUEUE_DROPPED = (
+    "not in the journal (dropped at the daemon's full drop_oldest queue: cameras.{camera}.dropped rose by {n})"
+)
+NO_JOURNAL_DROPPING = (
+    "lost on the way (no journal to fill it from), or dropped at the daemon's full drop_oldest queue "
+    "(cameras.{camera}.dropped rose by {n})"
+)
 UNDECODABLE = "a journal record that does not decode"
 OTHER_NUMBERING = "lost on the way (the journal holds another numbering's results, not filled from it)"
 
@@ -194,7 +205,27 @@ class _Run(NamedTuple):
     start: float  # t - uptime_s: the same in every status of one run
     uptime: float
     published: int
-    floor: int | None  # a seq known to be published by then; None until a live result of this run anchors it
+    dropped: int  # frames its drop_oldest queue dropped: each took a seq and gets no result
+    recent_drops: int  # how many of them in the last two status windows: a hole found now may hold them
+    lately: int  # how many of them in the last status window
+    clean_from: int | None  # no seq from this one on was dropped by then; None: not known
+    journal_lost: int | None  # results its journal could not write (published without a record); None: no journal
+
+
+class _Window:
+    """What came of one camera since its station's last status: results heard live, and how many of the results
+    published meanwhile the holes in the stream account for (filled from the journal, or reported)."""
+
+    __slots__ = ("heard", "filled", "unjournalled", "doubtful")
+
+    def __init__(self) -> None:
+        self.heard = 0
+        self.filled = 0  # journal records delivered: each a published result
+        self.unjournalled = 0  # seqs the journal lacks: published only where its writes failed, else never
+        self.doubtful = 0  # seqs reported or passed over that may have been published (or dropped at the queue)
+
+    def accounted(self, journal_complete: bool) -> int:
+        return self.filled + self.doubtful + (0 if journal_complete else self.unjournalled)
 
 
 class Gap(NamedTuple):
@@ -204,9 +235,17 @@ class Gap(NamedTuple):
     first: int
     last: int
     reason: str
+    # False: only the count (last - first + 1) is known, not the seqs: frames dropped at the daemon's queue took seqs
+    # among them. `first` - 1 is the last seq delivered before them.
+    exact: bool = True
 
     def describe(self) -> str:
         count = self.last - self.first + 1
+        if not self.exact:
+            return (
+                f"gap: {count} results after seq {self.first - 1} on {self.camera} never came (their seqs unknown: "
+                f"the daemon's queue dropped frames meanwhile): {self.reason}"
+            )
         return f"gap: seq {self.first}-{self.last} on {self.camera} ({count} results): {self.reason}"
 
 
@@ -249,7 +288,8 @@ class JournalCatchUp:
         self._why: dict[str, list[str]] = {}  # camera -> what the journal read met since its last delivery
         self._disowned: dict[str, str] = {}  # camera -> why its journal is not read (see `disown`)
         self._runs: dict[str, _Run] = {}  # camera -> what its station's last status said of it
-        self._heard: dict[str, int] = {}  # camera -> highest live seq since its station's last status
+        self._window: dict[str, _Window] = {}  # camera -> what came since its station's last status
+        self._counted: dict[str, int] = {}  # camera -> results reported by count only, inside the next hole found
         self._station: dict[str, str] = {}  # camera -> the station of its last live result
 
     def resume(self, since: int | dict[str, int], before: dict[str, int] | None = None) -> Iterator[Result]:
@@ -274,7 +314,7 @@ class JournalCatchUp:
     def _resume(self, cameras: list[str], before: dict[str, int]) -> Iterator[Result]:
         for camera in cameras:
             for result in self._journalled(camera, self.delivered[camera], before.get(camera)):
-                yield self._deliver(result)
+                yield self._deliver(result, journalled=True)
 
     def take(self, message: Result | dict[str, Any]) -> Iterator[Result | dict[str, Any]]:
         """What to deliver now that `message` arrived, in order (status messages pass straight through)."""
@@ -289,14 +329,18 @@ class JournalCatchUp:
             went_back = True
             self.backwards.append((camera, previous, message.seq))
             self.delivered[camera] = self.gaps.last[camera] = message.seq - 1  # a new numbering starts here
+        window = self._window.get(camera)
         if went_back or self._station.get(camera, message.station) != message.station:
             # Another numbering, or another station's camera of that name: what its statuses said tells nothing here.
             self._runs.pop(camera, None)
-            self._heard[camera] = message.seq
-        else:
-            self._heard[camera] = max(self._heard.get(camera, message.seq), message.seq)
+            window = None
         self._station[camera] = message.station
         last = self.delivered.get(camera)
+        if window is not None:
+            window.heard += 1
+            if previous is not None and last is not None and last > previous and message.seq > previous + 1:
+                # Passed over live, delivered from the journal before (a replay ahead of the stream): accounted for.
+                window.doubtful += min(message.seq - 1, last) - previous
         if last is not None and message.seq <= last:
             return  # delivered already, from the journal
         if last is not None and message.seq > last + 1:
@@ -309,54 +353,107 @@ class JournalCatchUp:
 
         The daemon sends its status on the results' socket, behind every result published before it, with each
         camera's count of results published in this run (`cameras.<id>.published`), and a camera's results go out
-        in seq order. So the results published between two statuses of one run lie above every seq published before
-        the first of them: the highest of them is at least the floor known then plus how many there were. A live
-        result heard between two statuses of one run starts the floor; until then, after another station's result
-        under the camera's id, and across a restart (t - uptime_s moved, or the count or uptime went back), nothing is
-        inferred. Only results counted as published are, never seqs still in flight: no gap is reported that a
-        result could still fill."""
+        in seq order. So between two statuses of one run heard here, every result the count grew by either came, or
+        was lost on the way: lost = the count's growth - the results heard. The holes found between the results
+        heard account for some (each hole seq a result filled from the journal, or reported); the rest were
+        published after the last result delivered, a tail no later result has shown yet. The journal gives them in
+        publish order; without one they are a gap of seqs right after the last one delivered, or of a count only
+        where the daemon's queue dropped frames (`cameras.<id>.dropped`), which take seqs and get no result. Where a
+        hole's seqs may be either a drop or a loss, they are taken as losses, so the tail is never overstated: no
+        gap is reported that a result could still fill. Nothing is inferred from a status of a run before this
+        subscriber heard one, after another station's result under the camera's id, or across a restart (t -
+        uptime_s moved, or the count or uptime went back)."""
         station: str = status["station"]
         t, uptime = status.get("t"), status.get("uptime_s")
         if not (_finite(t) and _finite(uptime)):
             return
         start = t - uptime
+        journal_status = status.get("journal")
+        journal_lost = journal_status.get("lost") if isinstance(journal_status, dict) else None
+        if not _count(journal_lost):
+            journal_lost = None
         for camera, counters in status["cameras"].items():
             if self._station.get(camera, station) != station:
                 continue  # another station's camera of that name: its results are the ones heard
             if self.cameras is not None and camera not in self.cameras:
                 continue
-            heard = self._heard.pop(camera, None)
+            window = self._window.pop(camera, None)
             before = self._runs.pop(camera, None)
-            published = counters.get("published") if isinstance(counters, dict) else None
-            if isinstance(published, bool) or not isinstance(published, int) or published < 0:
+            if not isinstance(counters, dict):
+                continue
+            published, dropped, next_seq = (
+                counters.get("published"),
+                counters.get("dropped", 0),
+                counters.get("next_seq"),
+            )
+            if not (_count(published) and _count(dropped)):
                 continue  # a daemon that does not count them: nothing to go by
-            floor = None
-            if (
+            same_run = (
                 before is not None
                 and before.station == station
                 and abs(start - before.start) < SAME_RUN_S
                 and uptime >= before.uptime
                 and published >= before.published
-            ):
-                floor = heard if before.floor is None else before.floor + published - before.published
-                if heard is not None and floor is not None:
-                    floor = max(floor, heard)
-            self._runs[camera] = _Run(station, start, uptime, published, floor)
+                and dropped >= before.dropped
+            )
+            # Every seq the queue dropped by now lies below the next_seq of the status its count last rose at.
+            marker = next_seq if _count(next_seq) else None
+            if before is None or not same_run:
+                clean_from: int | None = 0 if dropped == 0 else marker
+                self._runs[camera] = _Run(station, start, uptime, published, dropped, 0, 0, clean_from, journal_lost)
+                self._window[camera] = _Window()
+                continue
+            clean_from = before.clean_from if dropped == before.dropped else marker
+            lately = dropped - before.dropped
+            self._runs[camera] = _Run(
+                station, start, uptime, published, dropped, lately + before.lately, lately, clean_from, journal_lost
+            )
+            self._window[camera] = _Window()
             last = self.delivered.get(camera)
-            if floor is not None and last is not None and floor > last:
-                yield from self._lost(camera, last, floor)
+            if window is None or last is None:
+                continue
+            # Results delivered from the journal ahead of the live stream may be among those lost: accounted for.
+            ahead = max(0, last - self.live.get(camera, last))
+            complete = journal_lost is not None and journal_lost == before.journal_lost and self.fills(camera)
+            tail = published - before.published - window.heard - window.accounted(complete) - ahead
+            if tail > 0:
+                clean = clean_from is not None and last + 1 >= clean_from
+                yield from self._lost(camera, tail, clean)
 
-    def _lost(self, camera: str, last: int, through: int) -> Iterator[Result]:
-        """Everything of `camera` after `last` up to `through` was published and never came: filled from the journal
-        where it can be, the rest a gap."""
-        yield from self._fill(camera, last, through + 1)
-        hole = self.gaps.lost(camera, through)
+    def _lost(self, camera: str, count: int, clean: bool) -> Iterator[Result]:
+        """`count` results of `camera` published after the last one delivered never came: the first `count` the
+        journal holds after it where it can give them, the rest a gap (of seqs where `clean`: no seq after the last
+        delivered was dropped at the queue)."""
+        last = self.delivered[camera]
+        if self.fills(camera):
+            for result in self._journalled(camera, self.delivered[camera], None):
+                previous = self.delivered[camera]
+                self.recovered += 1
+                yield self._deliver(result, journalled=True, window=False)
+                count -= 1
+                if clean:
+                    count -= result.seq - previous - 1  # published without a record: lost, among those counted
+                if count <= 0:
+                    break
+            if count > 0 and not clean:
+                # Which of the seqs it lacks were drops and which were published without a record, it cannot tell.
+                self._why.pop(camera, None)
+                count = 0
+        else:
+            yield from self._fill(camera, last, last + 1)  # nothing to fill from: notes why the gap stays
+        last = self.delivered[camera]
         why = self._why.pop(camera, [])
-        if hole is not None:
-            self.missed.append(Gap(camera, *hole, self._reason(why)))
-        self.delivered[camera] = max(self.delivered[camera], through)
-        # A later result at or below it is a new numbering (`take` says so), not one delivered already.
-        self.live[camera] = max(self.live.get(camera, through), through)
+        if count > 0 and clean:
+            hole = self.gaps.lost(camera, last + count)
+            if hole is not None:
+                self.missed.append(Gap(camera, *hole, self._reason(camera, why)))
+            self.delivered[camera] = last + count
+        elif count > 0:
+            self.gaps.missed[camera] = self.gaps.missed.get(camera, 0) + count
+            self._counted[camera] = self._counted.get(camera, 0) + count
+            self.missed.append(Gap(camera, last + 1, last + count, self._reason(camera, why), exact=False))
+        # A later result at or below what was delivered is a new numbering (`take` says so), not a duplicate.
+        self.live[camera] = max(self.live.get(camera, self.delivered[camera]), self.delivered[camera])
 
     def _fill(self, camera: str, after: int, before: int) -> Iterator[Result]:
         """The journalled results of `camera` after `after` and before `before`, where its holes are filled from the
@@ -366,7 +463,7 @@ class JournalCatchUp:
         elif self.directory is not None and (self.cameras is None or camera in self.cameras):
             for result in self._journalled(camera, after, before):
                 self.recovered += 1
-                yield self._deliver(result)
+                yield self._deliver(result, journalled=True)
         else:
             self._why.setdefault(camera, []).append(NO_JOURNAL)
 
@@ -525,16 +622,45 @@ class JournalCatchUp:
             # The hole stays a reported gap with this reason; the live stream goes on.
             why(f"journal unreadable ({exc})")
 
-    def _deliver(self, result: Result) -> Result:
-        self.delivered[result.camera] = result.seq
-        hole = self.gaps.see(result.camera, result.seq)
-        why = self._why.pop(result.camera, [])
+    def _deliver(self, result: Result, journalled: bool = False, window: bool = True) -> Result:
+        """Hand `result` on, counting it and the hole before it in the window of its station's last status where
+        `window` (not for the tail a status shows: that is counted already)."""
+        camera = result.camera
+        self.delivered[camera] = result.seq
+        hole = self.gaps.see(camera, result.seq)
+        why = self._why.pop(camera, [])
+        counts = self._window.get(camera) if window else None
+        if counts is not None and journalled:
+            counts.filled += 1
         if hole is not None:
-            self.missed.append(Gap(result.camera, *hole, self._reason(why)))
+            size = hole[1] - hole[0] + 1
+            if counts is not None:
+                if why or not self.fills(camera):
+                    counts.doubtful += size
+                else:
+                    counts.unjournalled += size
+            reason = self._reason(camera, why)
+            counted = min(self._counted.pop(camera, 0), size)
+            if counted:
+                # Reported by count at a status already: only their seqs are new.
+                self.gaps.missed[camera] -= counted
+                reason += f" ({counted} of them reported before by count)"
+            self.missed.append(Gap(camera, *hole, reason))
         return result
 
-    def _reason(self, why: list[str]) -> str:
+    def _reason(self, camera: str, why: list[str]) -> str:
+        """Why a hole stays: what the journal read met, else what the camera's last statuses say of its queue."""
+        run = self._runs.get(camera)
+        drops = 0 if run is None else run.recent_drops
+        if drops and why in ([], [NO_JOURNAL]):
+            return (QUEUE_DROPPED if self.directory is not None and not why else NO_JOURNAL_DROPPING).format(
+                camera=camera, n=drops
+            )
         return "; ".join(dict.fromkeys(why)) or (NOT_JOURNALLED if self.directory is not None else NO_JOURNAL)
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _finite(value: Any) -> TypeGuard[float]:
