@@ -604,7 +604,7 @@ def test_a_restart_under_back_pressure_leaves_no_frame_the_daemon_took_in_withou
     s = station([camera], **overrides)
     s.wait_ready()
     big = np.full((1000, 1000), 128, np.uint8)  # larger than the OS socket buffer: at most one frame in transit
-    count = 100
+    count = 150  # a loaded CI machine's daemon judged 85 of 100 before the stop came
     push = pusher(endpoint)
     push.setsockopt(zmq.LINGER, 0)
     try:
@@ -615,7 +615,7 @@ def test_a_restart_under_back_pressure_leaves_no_frame_the_daemon_took_in_withou
         s.proc.send_signal(signal.SIGTERM)  # at once: waiting for anything here lets a fast daemon take them all
         first = s.until_exit(60)
         assert s.proc.returncode == 0, s.log_tail()
-        assert len(first) < count - 20, "the daemon took every frame before the stop: no back-pressure was tested"
+        assert len(first) < count - 10, "the daemon took every frame before the stop: no back-pressure was tested"
         not_accepted = {e["frame_id"] for e in s.events("frame_not_accepted")}
         s.close()
 
