@@ -47,7 +47,7 @@ from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.control import connect_error
 from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.journal import CAMERA_RE
-from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags
+from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
 from inspectd.protocol.messages import Result, decode
 
 log = structlog.get_logger("inspectd.clients.bridge")
@@ -190,23 +190,7 @@ class Subscription:
         self.socket, self._watch = self._open()
 
     def _open(self) -> tuple[zmq.asyncio.Socket, HandshakeWatch]:
-        sock = self._context.socket(zmq.SUB)
-        watch = None
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            take_endpoint(sock, self.endpoint)
-            if self._curve is not None:
-                self._curve(sock)  # CurveZMQ client keys, before connect
-            for topic in self._topics:
-                sock.setsockopt(zmq.SUBSCRIBE, topic)
-            watch = HandshakeWatch(sock, self._curve is not None)
-            sock.connect(self.endpoint)
-        except BaseException:
-            if watch is not None:
-                watch.close()
-            sock.close(0)
-            raise
-        return sock, watch
+        return open_watched_sub(self._context, self.endpoint, self._curve, self._topics)
 
     def look(self) -> str | None:
         """Read the handshake events (which must not pile up) and replace a socket the daemon refused when it is

@@ -28,8 +28,7 @@ import zmq
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import connect_error
-from inspectd.protocol.endpoints import take_endpoint
-from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags
+from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
 from inspectd.protocol.messages import Result, decode, printable
 
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
@@ -96,23 +95,7 @@ class Subscriber:
 
     def _open(self) -> tuple[zmq.Socket, HandshakeWatch]:
         """A SUB socket with this subscriber's options and subscription, watched from before it connects."""
-        sock = self._context.socket(zmq.SUB)
-        watch = None
-        try:
-            take_endpoint(sock, self.endpoint)
-            if self._curve is not None:
-                self._curve(sock)  # CurveZMQ client keys (inspectd.protocol.keys.curve_client), before connect
-            sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt_string(zmq.SUBSCRIBE, self._topic)
-            watch = HandshakeWatch(sock, self._curve is not None)
-            sock.connect(self.endpoint)
-        except BaseException:
-            if watch is not None:
-                watch.close()
-            sock.close(0)
-            raise
-        return sock, watch
+        return open_watched_sub(self._context, self.endpoint, self._curve, [self._topic.encode()], RCVHWM=self._rcvhwm)
 
     def _look(self) -> None:
         """Read the handshake events (which must not pile up); replace a socket the daemon refused when it is due."""

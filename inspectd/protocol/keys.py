@@ -258,6 +258,33 @@ def curve_from_flags(
 REFUSED_AFTER = 3
 
 
+def open_watched_sub(context: zmq.Context, endpoint: str, curve, topics: list[bytes], **options: int) -> tuple:
+    """A SUB socket on `endpoint`: `options` (RCVHWM=..) and LINGER 0 set, the CurveZMQ client keys `curve` (a
+    curve_client hook, or None) and the subscriptions before it connects, its handshakes watched from before the
+    connect. (socket, HandshakeWatch); on any failure the socket is closed before the error goes on."""
+    from inspectd.protocol.endpoints import take_endpoint
+
+    sock = context.socket(zmq.SUB)
+    watch = None
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        for name, value in options.items():
+            sock.setsockopt(getattr(zmq, name), value)
+        take_endpoint(sock, endpoint)
+        if curve is not None:
+            curve(sock)
+        for topic in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic)
+        watch = HandshakeWatch(sock, curve is not None)
+        sock.connect(endpoint)
+    except BaseException:
+        if watch is not None:
+            watch.close()
+        sock.close(0)
+        raise
+    return sock, watch
+
+
 class HandshakeWatch:
     """The security handshakes of one client socket, watched through a libzmq socket monitor, so a peer that ends
     them (another key than --server-key, this client's key not allowed, CurveZMQ on one side only, or no inspectd
