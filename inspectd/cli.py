@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             code = _main(argv)
         except SystemExit:  # argparse after --help, --version or a usage error: its output is in the buffer too
-            sys.stdout.flush()
+            _flush_stdout()
             raise
-        sys.stdout.flush()  # here, not at exit: a reader that went away is then the BrokenPipeError below
+        _flush_stdout()  # here, not at exit: a reader that went away is then the BrokenPipeError below
         return code
     except BrokenPipeError:
         if not _stdout_closed():
@@ -112,9 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         return CLOSED_STDOUT_EXIT
 
 
+def _flush_stdout() -> None:
+    if sys.stdout is not None:  # None when started with stdout closed (`>&-`)
+        sys.stdout.flush()
+
+
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "run":
+        # `systemctl reload` soon after the start would kill the daemon (SIGHUP's default) while it imports, before
+        # run() installs its own handler; until then a reload has nothing to reload.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = build_parser(command)
     args, unknown = parser.parse_known_args(argv)
     # A command whose module could not be imported declares no options: whatever it was given, it says what is

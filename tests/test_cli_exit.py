@@ -62,3 +62,18 @@ def test_help_for_a_reader_that_went_away_ends_with_141_and_no_traceback():
         finally:
             os.close(write)
         assert done.returncode == 141 and done.stderr == "", (args, done.stderr)
+
+
+def test_a_command_started_with_stdout_closed_exits_as_it_would_with_one():
+    """`>&-`: Python's sys.stdout is None, and flushing it raised AttributeError, exit 1 with a traceback, where a
+    refused config must exit 2 (the units do not restart that)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "inspectd", "run", "--check", "--config", "/nonexistent/inspectd.yaml"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr

@@ -21,6 +21,7 @@ Lifecycle:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import signal
@@ -865,12 +866,14 @@ def hold_state_dir(state_dir: Path) -> None:
         missing = missing.parent
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        # A directory created on a first start is an entry in its parent, which a power cut can lose (with the
-        # journal under it) until the parent is fsynced: the journal would do this had it created them.
-        for directory in created:
-            fsync_dir(directory.parent)
     except OSError:
         return  # the journal's open says what is wrong with it, in one line
+    # A directory created on a first start is an entry in its parent, which a power cut can lose (with the journal
+    # under it) until the parent is fsynced: the journal would do this had it created them. A parent this user may
+    # write but not read cannot be fsynced; the lock is taken all the same.
+    for directory in created:
+        with contextlib.suppress(OSError):
+            fsync_dir(directory.parent)
     try:
         held = hold_lock(path)
     except BlockingIOError:
