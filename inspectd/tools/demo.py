@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.cameras <= MAX_CAMERAS:
         print(f"inspectd demo: --cameras {args.cameras}: expected 1..{MAX_CAMERAS}", file=sys.stderr)
         return 2
+    # The frozen recipe's taps reach stride 32, so train refuses other sizes: said here, before the frames are drawn.
     if args.rate <= 0 or args.duration <= 0 or args.size < 32 or args.size % 32 or args.train_frames < MAX_CAMERAS:
         print(
             f"inspectd demo: --rate and --duration: expected positive numbers, --size a multiple of 32, "

@@ -10,7 +10,6 @@ import numpy as np
 
 from engines.data.images import DEFAULT_BIT_DEPTH
 from inspectd.daemon.frames import Frame
-from inspectd.protocol.messages import printable  # noqa: F401 (the sources' own import of it)
 
 if TYPE_CHECKING:
     from inspectd.daemon import config as cfg  # the config imports the sources, for their declarations

@@ -17,12 +17,13 @@ from engines.schema import declared, refuse
 from inspectd.configfile import Endpoint
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode, max_frame_bytes
-from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal, printable
+from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
 from inspectd.daemon.security import Curve, CurveServer, open_ipc_to_group
 from inspectd.errors import MessageError, one_line
 from inspectd.protocol import wirejson
 from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.keys import is_local_endpoint
+from inspectd.protocol.messages import printable
 
 if TYPE_CHECKING:
     import zmq
