@@ -584,8 +584,6 @@ class Archive:
 
     def _failed(self, exc: BaseException, lost: bool = True) -> None:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        if lost:
-            self.lost += 1
         self._retry_at = time.monotonic() + RETRY_S
         if isinstance(exc, sqlite3.Error) and self._db is not None:
             self._db.close()  # reopened on the next try: the index may be what failed
@@ -593,6 +591,8 @@ class Archive:
         if self._write_error is None:
             log.error("archive_degraded", path=str(self.root), error=reason, retry_s=RETRY_S)
         self._write_error = reason
+        if lost:
+            self.lost += 1  # last: whoever sees the frame counted sees the archive degraded too
 
 
 _INSERT = f"INSERT OR REPLACE INTO frames ({', '.join(fmt.FIELDS)}) VALUES ({', '.join('?' * len(fmt.FIELDS))})"
