@@ -5,7 +5,8 @@
            -> patch aggregation (mean over a window x window neighbourhood; 1 = none) -> features [N,D,h,w]
            -> scorer (nearest reference, memory bank or Gaussian) -> low-resolution map [N,h,w] (+ a global score
               for some scorers)
-           -> bilinear upsampling to H x W -> Gaussian smoothing (the recipe's sigma) -> anomaly map
+           -> bilinear upsampling to H x W (MapUpsampling: a grid that stops short of the borders is put back where
+              it lies) -> Gaussian smoothing (the recipe's sigma) -> anomaly map
            -> image score: the map's maximum, or the mean of its highest share (the recipe's score_share).
 
 The recipe (engines.model.recipes) decides taps, window, sigma, size and scorer; nothing here is tuned to a dataset.
@@ -85,6 +86,29 @@ class PatchAggregation(nn.Module):
             return features
         w = self.window
         return F.avg_pool2d(features, kernel_size=w, stride=1, padding=w // 2, count_include_pad=False)
+
+
+class MapUpsampling(nn.Module):
+    """Bilinear upsampling of a low-resolution [N,h,w] map to the frame's [N,H,W], cell centres on the pixels they
+    describe. A head's grid usually tiles the whole frame (stride s: cell i centred at (i + 1/2) s), which is what
+    align_corners=False assumes. A grid inset by `margin` pixels from every border (CSE's 2x2 pool at stride 1:
+    cell i centred at (i + 1) s, half a cell in) tiles only the inner frame: stretched over the whole one, its cells
+    would land up to half a cell off, towards the nearer border. It is upsampled over the inner frame, and the border
+    strips repeat their edge, which is what bilinear resizing does beyond the outermost cell centres anyway."""
+
+    def __init__(self, height: int, width: int, margin: int = 0) -> None:
+        super().__init__()
+        if margin < 0 or 2 * margin >= min(height, width):
+            raise ValueError(f"map margin {margin} px: expected 0 to less than half of {height}x{width}")
+        self.inner = (height - 2 * margin, width - 2 * margin)
+        self.margin = int(margin)
+
+    def forward(self, low: torch.Tensor) -> torch.Tensor:
+        full = F.interpolate(low.unsqueeze(1), size=self.inner, mode="bilinear", align_corners=False)
+        if self.margin:
+            m = self.margin
+            full = F.pad(full, (m, m, m, m), mode="replicate")
+        return full.squeeze(1)
 
 
 class GaussianSmoothing(nn.Module):
@@ -316,6 +340,11 @@ class InferenceGraph(nn.Module):
         self.head = head
         self.aggregation = PatchAggregation(aggregation)
         self.scorer = scorer
+        # A head whose grid stops short of the frame's borders says by how much, in cells of the finest tap.
+        margin = float(getattr(head, "map_inset", 0.0)) * backbone.strides[0]
+        if margin != int(margin):
+            raise ValueError(f"head map inset {margin} px: expected a whole number of pixels")
+        self.upsampling = MapUpsampling(self.input_shape[0], self.input_shape[1], int(margin))
         self.smoothing = GaussianSmoothing(sigma)
         self.image_score = ImageScore(score_share, *self.input_shape[:2])
 
@@ -337,9 +366,7 @@ class InferenceGraph(nn.Module):
     def score_features(self, features: torch.Tensor, *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The second half of forward, for callers that computed the features once (evaluating several scorers)."""
         global_score, low = self.scorer(features, *scorer_params)
-        height, width = self.input_shape[:2]
-        full = F.interpolate(low.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
-        anomaly_map = self.smoothing(full.squeeze(1))
+        anomaly_map = self.smoothing(self.upsampling(low))
         score = global_score if global_score is not None else self.image_score(anomaly_map)
         return score, anomaly_map
 

@@ -9,7 +9,8 @@ Contract (see `Method`):
 - `build_head(backbone, config)` -> nn.Module mapping `list[Tensor]` taps to features [N, D, h, w]. It is called both
   at training time and when a runtime rebuilds the graph from a bundle, with the same JSON-able `config` (what
   `head_config(args)` returned). Modules used only for training (a decoder, a classifier) may live in the head; they
-  are saved with the weights but must not be used by `forward`.
+  are saved with the weights but must not be used by `forward`. A head whose grid stops short of the frame's borders
+  sets `map_inset` to that margin in cells of the finest tap (engines.model.graph.MapUpsampling).
 - `train(graph, images, settings, progress)` trains `graph` in place from `images` (uint8 [N, H, W, C] at the model's
   input size, already fitted with engines.runtime.preprocess.fit_frame). It must leave `graph.eval()`-ready weights
   when it returns or when KeyboardInterrupt escapes from it (train.py then fits the scorer with the weights so far and

@@ -53,6 +53,10 @@ class CseHead(nn.Module):
             previous = width
         self.embedding = nn.Sequential(*layers)
         self.pool = nn.AvgPool2d(2, stride=pool_stride)
+        # At stride 1 the 2x2 windows are centred on the corners between the finest grid's cells: one cell fewer a
+        # side, half a cell in from each border (engines.model.graph.MapUpsampling puts the map back there). At
+        # stride 2 they tile the frame.
+        self.map_inset = 0.5 if pool_stride == 1 else 0.0
         self.decoder = nn.ModuleList(nn.Conv2d(previous, channels, 1) for channels in tap_channels)
 
     def embed_full(self, taps: list[torch.Tensor]) -> torch.Tensor:
