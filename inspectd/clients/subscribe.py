@@ -21,6 +21,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
 
@@ -39,6 +40,9 @@ RECHECK_S = 1.0
 # Two status messages are of one daemon run while the start they imply (t - uptime_s) moves less than this: rounding
 # and clock slew between two statuses stay far below it, and a restart moves it by the old run's whole uptime.
 SAME_RUN_S = 0.5
+# After the first malformed message (reported in full), `inspectd subscribe` reports how many more it skipped at most
+# this often: a foreign publisher or a newer daemon on the endpoint sends one per result, which would flood stderr.
+MALFORMED_EVERY_S = 10.0
 
 
 class GapTracker:
@@ -181,8 +185,10 @@ UNDECODABLE = "a journal record that does not decode"
 OTHER_NUMBERING = "lost on the way (the journal holds another numbering's results, not filled from it)"
 
 
-class _Run(NamedTuple):
-    """What a station's last status said of one camera: the daemon run, and how many results it had published."""
+@dataclass(frozen=True, kw_only=True)
+class _Run:
+    """What a station's last status said of one camera: the daemon run, and how many results it had published.
+    Keyword-only: nine fields of like types, which a positional call could swap without a word."""
 
     station: str
     start: float  # t - uptime_s: the same in every status of one run
@@ -343,9 +349,10 @@ class JournalCatchUp:
         publish order; without one they are a gap of seqs right after the last one delivered, or of a count only
         where the daemon's queue dropped frames (`cameras.<id>.dropped`), which take seqs and get no result. Where a
         hole's seqs may be either a drop or a loss, they are taken as losses, so the tail is never overstated: no
-        gap is reported that a result could still fill. Nothing is inferred from a status of a run before this
+        gap is reported that a result could still fill. No count is inferred from a status of a run before this
         subscriber heard one, after another station's result under the camera's id, or across a restart (t -
-        uptime_s moved, or the count or uptime went back)."""
+        uptime_s moved, or the count or uptime went back): the first status heard of a run counts from the run's
+        own first seq instead (`_first_status`)."""
         station: str = status["station"]
         t, uptime = status.get("t"), status.get("uptime_s")
         if not (_finite(t) and _finite(uptime)):
@@ -382,14 +389,34 @@ class JournalCatchUp:
             # Every seq the queue dropped by now lies below the next_seq of the status its count last rose at.
             marker = next_seq if _count(next_seq) else None
             if before is None or not same_run:
-                clean_from: int | None = 0 if dropped == 0 else marker
-                self._runs[camera] = _Run(station, start, uptime, published, dropped, 0, 0, clean_from, journal_lost)
+                self._runs[camera] = _Run(
+                    station=station,
+                    start=start,
+                    uptime=uptime,
+                    published=published,
+                    dropped=dropped,
+                    recent_drops=0,
+                    lately=0,
+                    clean_from=0 if dropped == 0 else marker,
+                    journal_lost=journal_lost,
+                )
                 self._window[camera] = _Window()
+                first_seq = counters.get("first_seq")
+                if camera in self.delivered and dropped == 0 and _count(first_seq):
+                    yield from self._first_status(camera, first_seq, published)
                 continue
             clean_from = before.clean_from if dropped == before.dropped else marker
             lately = dropped - before.dropped
             self._runs[camera] = _Run(
-                station, start, uptime, published, dropped, lately + before.lately, lately, clean_from, journal_lost
+                station=station,
+                start=start,
+                uptime=uptime,
+                published=published,
+                dropped=dropped,
+                recent_drops=lately + before.lately,
+                lately=lately,
+                clean_from=clean_from,
+                journal_lost=journal_lost,
             )
             self._window[camera] = _Window()
             last = self.delivered.get(camera)
@@ -402,6 +429,20 @@ class JournalCatchUp:
             if tail > 0:
                 clean = clean_from is not None and last + 1 >= clean_from
                 yield from self._lost(camera, tail, clean)
+
+    def _first_status(self, camera: str, first_seq: int, published: int) -> Iterator[Result]:
+        """The tail lost before the first status heard of a run, which has no earlier status to count from. A run
+        numbers its frames from `first_seq` up and, with no frame dropped at its queue, publishes them in that order:
+        its last result published is first_seq + published - 1, and every seq after the last one delivered up to
+        there went out before this status and did not come. (A result whose publish failed took a seq without
+        counting as published: the tail is then understated, never overstated.) Seqs below first_seq are an earlier
+        run's: what came of them the next result shows."""
+        last = self.delivered[camera]
+        if last + 1 < first_seq:
+            return
+        tail = first_seq + published - 1 - last
+        if tail > 0:
+            yield from self._lost(camera, tail, clean=True)
 
     def _lost(self, camera: str, count: int, clean: bool) -> Iterator[Result]:
         """`count` results of `camera` published after the last one delivered never came: the first `count` the
@@ -876,6 +917,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class MalformedCount:
+    """The malformed messages `inspectd subscribe` skipped: the first reported in full, then how many more came,
+    at most once every `every_s`, each time with the last one's error, and what is left of the count at the end.
+    Each method returns the line to write, None when none is due."""
+
+    def __init__(self, every_s: float = MALFORMED_EVERY_S) -> None:
+        self.every_s = every_s
+        self.total = 0
+        self._unreported = 0
+        self._last_error = ""
+        self._reported_at = 0.0
+
+    def skipped(self, error: str, now: float) -> str | None:
+        self.total += 1
+        if self.total == 1:
+            self._reported_at = now
+            return f"inspectd subscribe: skipped a malformed message: {error}"
+        self._unreported += 1
+        self._last_error = error
+        return self.due(now)
+
+    def due(self, now: float) -> str | None:
+        """The count, where some are unreported and the last line is `every_s` old."""
+        return self.rest(now) if now - self._reported_at >= self.every_s else None
+
+    def rest(self, now: float) -> str | None:
+        if not self._unreported:
+            return None
+        line = (
+            f"inspectd subscribe: skipped {self._unreported} more malformed messages ({self.total} in all; the last: "
+            f"{self._last_error})"
+        )
+        self._unreported, self._reported_at = 0, now
+        return line
+
+
 def _save_mask(path: Path, png: bytes, reported: set[str]) -> None:
     """Write one mask picture; a failure is reported once per cause and never stops the results, which matter more."""
     try:
@@ -942,16 +1019,19 @@ def run(args: argparse.Namespace) -> int:
             return 2
     received = 0
     refused: str | None = None  # the handshake failure reported, until a message comes: once per outage
+    malformed = MalformedCount()
     try:
         with subscriber:
             while args.count is None or received < args.count:
+                # Looked at each pass (at least every WATCH_S): a flood that stops is counted without a next one.
+                _say(malformed.due(time.monotonic()))
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 try:
                     message = source.recv(WATCH_S if left is None else min(left, WATCH_S))
                 except MessageError as exc:
-                    print(f"inspectd subscribe: skipped a malformed message: {exc}", file=sys.stderr)
+                    _say(malformed.skipped(str(exc), time.monotonic()))
                     continue
                 if message is None:
                     failure = subscriber.handshake_failure()
@@ -976,6 +1056,7 @@ def run(args: argparse.Namespace) -> int:
                 )
     finally:
         # Also on Ctrl-C, SIGTERM (a supervisor's stop) and a closed stdout: what was missed matters most then.
+        _say(malformed.rest(time.monotonic()))
         if catch_up.gaps.missed:
             summary = ", ".join(f"{cam}: {n}" for cam, n in sorted(catch_up.gaps.missed.items()))
             print(f"inspectd subscribe: {received} results, missed {summary}", file=sys.stderr)
@@ -988,6 +1069,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd subscribe: {received} of {args.count} results before the timeout", file=sys.stderr)
         return 1
     return 0
+
+
+def _say(line: str | None) -> None:
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _report(catch_up: JournalCatchUp, source: CatchUpSubscriber) -> None:

@@ -49,6 +49,7 @@ class CameraIngest:
         self.clock = clock
         self.backoff_s = backoff_s
         self.paused = False
+        self.first_seq = first_seq  # this run's numbering starts here: a subscriber's first status counts from it
         self.next_seq = first_seq
         self.frames_in = 0
         self.errors = 0
@@ -101,6 +102,7 @@ class CameraIngest:
             "last_error": self.last_error,
             "queued": len(self.queue),
             "next_seq": self.next_seq,
+            "first_seq": self.first_seq,
         }
 
     def _set_state(self, state: str, **fields) -> None:

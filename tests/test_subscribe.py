@@ -1,0 +1,175 @@
+"""`inspectd subscribe` (inspectd.clients.subscribe) over real ZeroMQ sockets, as a real process where it prints: a tail
+lost before the first status it hears of a daemon run, and a flood of messages it cannot read."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import time
+
+import pytest
+import zmq
+
+from cli_child import inspectd_argv
+from inspectd.clients import subscribe
+from inspectd.clients.subscribe import CatchUpSubscriber, JournalCatchUp, Subscriber
+from inspectd.protocol.messages import encode_status
+from test_catch_up import REPO, STATION, STATUS, Line, drain, result_frames, until_status
+
+
+@pytest.fixture
+def line(tmp_path):
+    with contextlib.closing(Line(tmp_path)) as made:
+        yield made
+
+
+def send_status(pub: zmq.Socket, start: float, uptime: float, **cam0: int) -> None:
+    """A status of the run started at `start`, `uptime` into it, with cam0's counters (published, first_seq,
+    dropped): what the daemon's says of a camera, which the first status heard of a run is read by."""
+    doc = {**STATUS, "t": start + uptime, "uptime_s": uptime, "cameras": {"cam0": cam0}, "journal": {"lost": 0}}
+    pub.send_multipart(encode_status(STATION, doc))
+
+
+class Inspectd:
+    """`inspectd subscribe ARGS` as a real process on an XPUB socket, which tells when its subscription arrived."""
+
+    def __init__(self, tmp_path, *args: str) -> None:
+        endpoint = f"ipc://{tmp_path}/pub.sock"
+        self.pub = zmq.Context.instance().socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(endpoint)
+        self.proc = subprocess.Popen(
+            inspectd_argv("subscribe", "--endpoint", endpoint, "--timeout", "15", *args),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.pub.poll(20_000) and self.pub.recv()[0] == 1, "the subscriber never subscribed"
+
+    def stdout_line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline()
+
+    def stderr_line(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.readline()
+
+    def interrupt(self) -> tuple[str, str]:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.communicate(timeout=30)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.pub.close(0)
+
+
+def test_subscribe_reports_a_tail_lost_before_the_first_status_of_a_run_at_that_status(tmp_path):
+    """Just started, it hears 0-2; 3-5 are published and lost on the way, and the line goes quiet. No earlier status
+    gives a count to go by, but the run's own first seq does (0, no drops: its results are 0-5): the gap is reported
+    at that status, not only when the camera's next result comes, and counted once."""
+    sub = Inspectd(tmp_path)
+    try:
+        start = time.time() - 100
+        for seq in range(3):
+            sub.pub.send_multipart(result_frames("cam0", seq))
+        send_status(sub.pub, start, 2.0, published=6, first_seq=0, dropped=0)
+        first = sub.stderr_line()  # on a quiet line: the first line it writes there, or nothing until the timeout
+        sub.pub.send_multipart(result_frames("cam0", 6))
+        printed = [sub.stdout_line() for _ in range(4)]  # each read ends at the subscriber's --timeout at worst
+        out, err = sub.interrupt()
+    finally:
+        sub.close()
+    assert first == "gap: seq 3-5 on cam0 (3 results): lost on the way (no journal to fill it from)\n", first + err
+    assert "gap" not in err, err  # seq 6 after the status: no second report of the same hole
+    assert [entry.split()[1] for entry in printed + out.splitlines()] == ["seq=0", "seq=1", "seq=2", "seq=6"]
+    assert "inspectd subscribe: 4 results, missed cam0: 3" in err and sub.proc.returncode == 130, err
+
+
+def test_a_tail_lost_before_the_first_status_after_a_restart_comes_from_the_journal(line):
+    """After a restart (seq resumed from the journal at 2) 2-3 are heard and 4-5 published, journalled and lost on
+    the way. The new run's first status (first seq 2, 4 published) shows them missing: they are delivered from the
+    journal at that status, and the next live result follows as ever."""
+    run_a = time.time() - 100
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        send_status(line.pub, run_a, 2.0, published=0, first_seq=0, dropped=0)
+        for seq in (0, 1):
+            line.emit("cam0", seq)
+        send_status(line.pub, run_a, 3.0, published=2, first_seq=0, dropped=0)
+        assert [r.seq for r in until_status(source, 3.0)] == [0, 1]
+        run_b = run_a + 50
+        for seq in range(2, 6):
+            line.emit("cam0", seq, send=seq < 4)
+        send_status(line.pub, run_b, 1.5, published=4, first_seq=2, dropped=0)
+        assert [r.seq for r in until_status(source, 1.5)] == [2, 3, 4, 5]
+        line.emit("cam0", 6)
+        assert [r.seq for r in drain(source, 1)] == [6]
+    assert catch_up.recovered == 2 and catch_up.missed == [] and catch_up.backwards == []
+    assert catch_up.gaps.missed == {}
+
+
+def test_the_first_status_of_a_run_claims_nothing_it_cannot_count(line):
+    """Where the run's queue dropped frames, seqs are no count of results published; where the last seq delivered
+    is an earlier run's, below this run's first, what came of the seqs between the next result shows. Nothing is
+    said at such a first status, and a live result that comes after it is delivered as ever."""
+    start = time.time() - 100
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(None)
+        source = CatchUpSubscriber(sub, catch_up)
+        for seq in (0, 1):
+            line.emit("cam0", seq)
+        send_status(line.pub, start, 5.0, published=2, first_seq=0, dropped=5)  # 2-6 dropped, 7-8 queued
+        assert [r.seq for r in until_status(source, 5.0)] == [0, 1]
+        assert catch_up.missed == [] and catch_up.gaps.missed == {}
+        send_status(line.pub, start + 50, 2.0, published=3, first_seq=5, dropped=0)  # a run numbered from 5
+        until_status(source, 2.0)
+        assert catch_up.missed == [] and catch_up.gaps.missed == {}
+        # A run whose results up to 1 all came: nothing to say either.
+        send_status(line.pub, start + 100, 2.0, published=2, first_seq=0, dropped=0)
+        until_status(source, 2.0)
+        assert catch_up.missed == [] and catch_up.gaps.missed == {}
+        line.emit("cam0", 2)
+        assert [r.seq for r in drain(source, 1)] == [2]
+
+
+def test_a_flood_of_unreadable_messages_is_one_line_then_a_count_and_none_is_lost(tmp_path):
+    """A foreign publisher (here: a newer schema) on the endpoint sends a message per result: the first is reported
+    in full, the rest counted, and the count is written at the end; the daemon's results still print."""
+    sub = Inspectd(tmp_path)
+    try:
+        foreign = result_frames("cam0", 0)
+        foreign[1] = foreign[1].replace(b'"schema":1', b'"schema":2')
+        for _ in range(300):
+            sub.pub.send_multipart(foreign)
+        sub.pub.send_multipart(result_frames("cam0", 0))
+        printed = sub.stdout_line()  # behind every unreadable one on the socket: all of them were read
+        out, err = sub.interrupt()
+    finally:
+        sub.close()
+    assert printed.startswith("cam0 seq=0 ok"), printed + err
+    why = "result header.schema: 2, this decoder reads schema 1"
+    assert err.splitlines() == [
+        f"inspectd subscribe: skipped a malformed message: {why}",
+        f"inspectd subscribe: skipped 299 more malformed messages (300 in all; the last: {why})",
+        "inspectd subscribe: interrupted",
+    ], err
+
+
+def test_unreadable_messages_are_counted_at_most_once_an_interval_with_the_last_ones_error():
+    count = subscribe.MalformedCount(every_s=10.0)
+    assert count.skipped("a", 100.0) == "inspectd subscribe: skipped a malformed message: a"
+    assert [count.skipped("b", 100.0 + i) for i in range(1, 10)] == [None] * 9
+    assert count.due(109.5) is None
+    assert count.due(110.0) == "inspectd subscribe: skipped 9 more malformed messages (10 in all; the last: b)"
+    assert count.due(200.0) is None  # nothing since
+    assert count.skipped("c", 201.0) == "inspectd subscribe: skipped 1 more malformed messages (11 in all; the last: c)"
+    assert count.skipped("d", 202.0) is None
+    assert count.rest(203.0) == "inspectd subscribe: skipped 1 more malformed messages (12 in all; the last: d)"
+    assert count.rest(204.0) is None
