@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 import zmq
 
-from inspectd.daemon.security import open_ipc_to_group
+from inspectd.daemon.security import open_ipc_to_group, refuse_served_ipc
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import MAX_REQUEST_BYTES, parse_request
 from inspectd.protocol.endpoints import take_endpoint
@@ -82,6 +82,7 @@ class ControlServer:
             self.curve(sock)
         _prepare_ipc(self.endpoint)
         try:
+            refuse_served_ipc(self.endpoint)  # another daemon's socket file: refused as a taken port is
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close()

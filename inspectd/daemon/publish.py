@@ -22,7 +22,7 @@ import structlog
 import zmq
 
 from inspectd.daemon.inference import Judged
-from inspectd.daemon.security import open_ipc_to_group
+from inspectd.daemon.security import open_ipc_to_group, refuse_served_ipc
 from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.messages import encode_mask, encode_result, encode_status
 
@@ -90,6 +90,7 @@ class Publisher:
                     f"expected a libzmq with CURVE (zmq.has('curve') is {zmq.has('curve')})"
                 ) from None
         try:
+            refuse_served_ipc(endpoint)  # another daemon's socket file: refused as a taken port is
             self._socket.bind(endpoint)
         except zmq.ZMQError as exc:
             self._socket.close(0)
@@ -275,9 +276,10 @@ class Publisher:
     def _bind_again(self) -> None:
         """Unbind (libzmq closes every connection accepted on the endpoint with it) and bind the same endpoint. The
         listener closes on libzmq's I/O thread, so a TCP port may stay busy for a moment. A bind that fails (the
-        port taken meanwhile, the ipc directory gone) is logged and tried again every BIND_RETRY_S by `_run`: the
-        thread goes on journalling every result (sends on the unbound socket reach no one, a gap `--journal`
-        fills), so no accepted frame goes without a result and nothing waits on a thread that is gone."""
+        port taken meanwhile, the ipc path served by another process meanwhile, the ipc directory gone) is logged
+        and tried again every BIND_RETRY_S by `_run`: the thread goes on journalling every result (sends on the
+        unbound socket reach no one, a gap `--journal` fills), so no accepted frame goes without a result and
+        nothing waits on a thread that is gone."""
         endpoint = self.bound_endpoint
         was_bound = self.bound
         if was_bound:
@@ -297,6 +299,7 @@ class Publisher:
         deadline = time.monotonic() + (REBIND_WAIT_S if was_bound else 0.0)
         while True:
             try:
+                refuse_served_ipc(endpoint)  # another daemon's socket file meanwhile: retried as a taken port is
                 self._socket.bind(endpoint)
                 break
             except zmq.ZMQError as exc:

@@ -24,13 +24,16 @@ key and the client's own key pair.
 
 A control socket on a network address without CURVE is refused by the config (`control.curve`); loopback and IPC
 are left to the host's own access control: every IPC socket file the daemon binds (control, publish, a zmq camera) is
-made mode 0660 (`open_ipc_to_group`), so the service's group may connect and nobody else.
+made mode 0660 (`open_ipc_to_group`), so the service's group may connect and nobody else; and none is bound over a
+socket file another live process serves (`refuse_served_ipc`), which ZeroMQ alone would take over without a word.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -113,6 +116,48 @@ def open_ipc_to_group(sock: zmq.Socket) -> None:
         os.chmod(endpoint[len("ipc://") :], IPC_SOCKET_MODE)
     except OSError as exc:
         raise OSError(f"{endpoint}: cannot give the socket file mode 0660 ({exc.strerror or exc})") from None
+
+
+_PEERCRED_SIZE = struct.calcsize("3i")  # struct ucred: pid, uid, gid
+
+
+def refuse_served_ipc(endpoint: str) -> None:
+    """Raise zmq.ZMQError EADDRINUSE, what a bind to a tcp port another process holds raises, when `endpoint` is an
+    ipc:// socket file that another live process serves (a plain connect to it is answered): each caller then treats the
+    path as it treats a taken port. Call it right before every ipc bind the daemon makes.
+
+    ZeroMQ's ipc bind unlinks whatever file is at the path and binds anew, so without this a second daemon (another
+    config) naming the same path takes the socket from the first without an error, and whoever connects next follows
+    the newcomer. A file nobody listens on (ECONNREFUSED: left by a daemon that crashed) or no file at all is left to
+    the bind, as before. Abstract names (`ipc://@name`) are not probed: the kernel refuses their second bind
+    (EADDRINUSE) by itself; nor is `ipc://*`, for which libzmq makes a fresh path."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://") :]
+    if not path or path.startswith("@") or path == "*":
+        return
+    # Probe, then bind: two daemons starting in the same instant can both find the path free, and the later bind then
+    # wins as before. Acceptable: a start-up race is the rare case, while a second daemon started any time later is
+    # the common one; closing the gap would take a lock file beside each socket that every binder honours.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # a listener whose backlog is full answers EAGAIN at once instead of blocking
+        try:
+            probe.connect(path)
+        except BlockingIOError:
+            pass  # listening, its queue full: served all the same
+        except OSError:
+            return
+        else:
+            pid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED_SIZE))[0]
+            if pid == os.getpid():
+                # One of our own listeners that libzmq's I/O thread has yet to close (a camera reopened, the
+                # publisher rebinding): bound over as before. Two binds of one path within a config are refused at
+                # load.
+                return
+    raise zmq.ZMQError(
+        zmq.EADDRINUSE,
+        f"another process serves ipc socket {path} (it takes connections), expected a path no running process binds",
+    )
 
 
 class _Refusals:

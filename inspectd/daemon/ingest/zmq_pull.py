@@ -18,7 +18,7 @@ from inspectd.configfile import Endpoint
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode, max_frame_bytes
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
-from inspectd.daemon.security import Curve, CurveServer, open_ipc_to_group
+from inspectd.daemon.security import Curve, CurveServer, open_ipc_to_group, refuse_served_ipc
 from inspectd.errors import MessageError, one_line
 from inspectd.protocol import wirejson
 from inspectd.protocol.endpoints import take_endpoint
@@ -119,12 +119,13 @@ class ZmqPullSource(Source):
         if self.curve is not None:
             self.curve(sock)
         try:
+            refuse_served_ipc(self.endpoint)  # another daemon's socket file: retried as a taken port is
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close()
             if exc.errno in (zmq.EPROTONOSUPPORT, zmq.EINVAL):
                 raise SourceFatal(f"{self.endpoint}: cannot bind ({exc}), expected a bindable ZeroMQ endpoint") from exc
-            raise  # address in use, ipc dir missing, ...: may clear up, retry with backoff
+            raise  # address in use (or an ipc path another process serves), ipc dir missing, ...: retry with backoff
         self.sock = sock  # close() closes it should the mode below fail: the supervisor reopens
         self._bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = stop
