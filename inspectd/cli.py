@@ -13,8 +13,12 @@ import os
 import select
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from inspectd.errors import one_line
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 # (command, module, one-line help) in the order `inspectd --help` lists them.
 SUBCOMMANDS = [
@@ -55,15 +59,35 @@ class Terminated(SystemExit):
 
 def _terminate(signum, _frame):
     # The cleanup this starts stops children and waits for them: a second SIGTERM must not cut it short (SIGKILL can).
+    # A wait that can end early without leaving its child behind claims SIGTERM back for as long as it lasts (bench's
+    # wait on its daemon's drain kills the daemon on it).
     signal.signal(signum, signal.SIG_IGN)
     raise Terminated(TERMINATED_EXIT)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, save that a help or --version text whose reader went away is not taken for written."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        # argparse drops an OSError of the write. With stdout unbuffered (PYTHONUNBUFFERED=1) the write itself is
+        # what fails, and the help into a closed pipe exited 0; buffered, main's flush fails and ends it with 141.
+        # Raised, it reaches main as the flush's does. Subparsers are made of this class too.
+        if not message or file is None or file is not sys.stdout:
+            super()._print_message(message, file)
+            return
+        try:
+            file.write(message)
+        except BrokenPipeError:
+            raise
+        except OSError:
+            pass  # argparse's rule for any other failed write
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Only the chosen command's module is imported: `inspectd run` never pays for torch."""
     from engines.bundle.format import inspectd_version
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="inspectd", description="Streaming line-inspection daemon for unsupervised surface-defect detection."
     )
     parser.add_argument("--version", action="version", version=f"inspectd {inspectd_version()}")

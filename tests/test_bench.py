@@ -543,6 +543,63 @@ def test_a_bench_stopped_by_a_signal_stops_its_daemon_and_removes_its_folders(
         kill_daemons(daemons)
 
 
+def held_stopped(pid: int) -> bool:
+    """Every thread of `pid` stopped (SIGSTOP): from then on a signal sent to it stays pending, where a thread still
+    running would take it."""
+    try:
+        states = [task.read_text().rsplit(")", 1)[1].split()[0] for task in Path(f"/proc/{pid}/task").glob("*/stat")]
+    except OSError:  # a thread that ended meanwhile: look again
+        return False
+    return bool(states) and all(state == "T" for state in states)
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """`signum` was sent to process `pid` and waits there (a stopped process takes none until it goes on)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    pending = next(int(line.split()[1], 16) for line in status if line.startswith("ShdPnd:"))
+    return bool(pending >> (signum - 1) & 1)
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_second_stop_while_the_daemon_drains_kills_it_and_ends_the_bench_at_once(
+    tiny_bundle, tmp_path, tmp_path_factory, second
+):
+    """After its first SIGTERM the bench waits up to STOP_TIMEOUT_S (80 s) for its daemon to drain. A second SIGTERM
+    was ignored there, and a Ctrl-C ended the bench with the daemon still draining in a folder being removed. The
+    daemon is held stopped (SIGSTOP) here: a drain that does not end."""
+    tmp = tmp_path_factory.mktemp("t")
+    args = ["bench", "daemon", "--bundle", str(tiny_bundle), "--source", "synthetic", "--cameras", "1", "--load", "sat"]
+    args += ["--synthetic", "2", "--duration", "120", "--max-batch", "1"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = cli(args, out, err, env={**os.environ, "TMPDIR": str(tmp)})
+    daemons: list[int] = []
+    try:
+
+        def ready():
+            return list(tmp.glob("inspectd-bench-daemon-*/s0/control.sock")) and daemon_children(proc.pid)
+
+        daemons = wait_for(ready, 150, "the bench's daemon to start")
+        os.kill(daemons[0], signal.SIGSTOP)
+        wait_for(lambda: held_stopped(daemons[0]), 10, "the daemon to be held stopped")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: signal_pending(daemons[0], signal.SIGTERM), 30, "the bench to stop its daemon")
+        proc.send_signal(second)
+        code, said = stopped_by(second)
+        try:
+            assert proc.wait(20) == code, (tmp_path / "err").read_text()[-2000:]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the bench still waits for its daemon 20 s after {signal.Signals(second).name}")
+        err_text = (tmp_path / "err").read_text()
+        assert err_text.strip().splitlines()[-1] == f"inspectd bench: {said}" and "Traceback" not in err_text
+        wait_for(lambda: not any(map(is_daemon, daemons)), 10, "the daemon to be gone")
+        assert not list(tmp.glob("inspectd-bench*"))
+    finally:
+        daemons = daemons or daemon_children(proc.pid)
+        proc.kill()
+        proc.wait()
+        kill_daemons(daemons)
+
+
 def test_a_bench_killed_outright_does_not_leave_its_daemon_streaming(tiny_bundle, tmp_path, tmp_path_factory):
     """SIGKILL gives the bench no `finally`: its daemon must stop itself once its parent is gone."""
     tmp = tmp_path_factory.mktemp("t")

@@ -4,9 +4,13 @@ dataset, the mean, and the recipe each run used."""
 from __future__ import annotations
 
 import json
+import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,6 +172,42 @@ def test_a_suite_stopped_by_ctrl_c_keeps_the_datasets_it_finished(tmp_path, monk
     report = json.loads((out / "suite.json").read_text())
     assert report["interrupted"] is True and [r["dataset"] for r in report["rows"]] == ["tile_a"]
     assert (out / "suite.md").read_text().splitlines()[2].startswith("| tile_a | aligned, score max | ")
+
+
+# `inspectd ARGS` started as a shell without job control starts a background command (`eval-suite ... &` in a script):
+# with SIGINT ignored, which the command inherits.
+IGNORING_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'inspectd', *sys.argv[1:]])"
+)
+
+
+def test_a_suite_started_in_the_background_by_a_script_stops_on_kill_int(tmp_path):
+    """Such a suite dropped `kill -INT` and went on training (hours on a full root), where train stops on it."""
+    root = tmp_path / "data"
+    make_tiny_mvtec(root / "tile_a", n_train=6, n_test_good=2, n_test_defect=2)
+    (root / "not_a_dataset").mkdir()  # its line comes before the suite loads torch
+    args = ["eval-suite", "--data-root", str(root), "--out", str(tmp_path / "suite"), "--recipe", "aligned"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", IGNORING_SIGINT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not select.select([proc.stdout], [], [], 0.5)[0]:
+            assert time.monotonic() < deadline and proc.poll() is None, "no first line from eval-suite"
+        assert proc.stdout.readline().startswith("eval-suite: skipped not_a_dataset: ")
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("eval-suite goes on 30 s after SIGINT")
+        said = proc.stdout.read() + proc.stderr.read()
+        assert code == 130 and "interrupted" in said and "Traceback" not in said, said
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_folders_that_are_not_datasets_are_each_said_with_the_reason(tmp_path):

@@ -88,9 +88,10 @@ class Daemon:
         self._frames_done = 0
         self._rate = (time.monotonic(), 0, 0.0)  # (when, frames_done then, fps) for throughput
 
-        # Key material (and its file permissions) and the journal first: a refusal there costs no model load.
-        self.publish_curve = self._curve("publish", config.publish.curve)
+        # Key material (and its file permissions) and the journal first: a refusal there costs no model load. In
+        # `run --check`'s order, so that a key file both sockets name is refused in the same words.
         self.control_curve = self._curve("control", config.control.curve)
+        self.publish_curve = self._curve("publish", config.publish.curve)
         self.journal = self._open_journal()
         state = ModelState.open(
             config.model.bundle, config.engine.backend, config.engine.options, config.batching.max_batch
@@ -930,6 +931,7 @@ def run(args: argparse.Namespace) -> int:
     from inspectd.daemon.config import load_config
     from inspectd.daemon.notify import Notifier, follow_parent
     from inspectd.daemon.security import SecurityError, refuse_root
+    from inspectd.protocol.keys import KeysError
 
     try:
         refuse_root()
@@ -957,6 +959,12 @@ def run(args: argparse.Namespace) -> int:
             return 0
         daemon = Daemon(config, log)
         daemon.start(stop)  # a stop during the model load starts no camera
+    except KeysError as exc:
+        # A key file the config names, refused as `run --check` refuses it: exit 2 like the config's own refusals,
+        # which the units do not retry (it would be refused again every RestartSec until someone mends the file).
+        log.error("start_failed", error=str(exc))
+        print(f"inspectd run: {exc}", file=sys.stderr)
+        return 2
     except (InspectdError, EngineError, OSError, ValueError, zmq.ZMQError) as exc:
         log.error("start_failed", error=str(exc))
         print(f"inspectd run: {exc}", file=sys.stderr)

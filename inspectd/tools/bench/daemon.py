@@ -14,6 +14,7 @@ fixed-rate runs use the default `drop_oldest` with the offered rate split evenly
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -475,16 +476,49 @@ class Scenario:
         """SIGTERM and wait; why the run cannot count (None when the daemon stopped cleanly, exit code 0)."""
         if proc.poll() is not None:
             return f"daemon exited with {proc.returncode} on its own, before SIGTERM: {_tail(self.log_path)}"
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            return f"daemon did not stop within {STOP_TIMEOUT_S:.0f}s of SIGTERM (killed): {_tail(self.log_path)}"
+        # Claimed before the daemon is told, so that a stop asked for while it drains always finds it claimed.
+        with killed_on_a_stop(proc):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+                return f"daemon did not stop within {STOP_TIMEOUT_S:.0f}s of SIGTERM (killed): {_tail(self.log_path)}"
         if proc.returncode != 0:
             return f"daemon exited with {proc.returncode} after SIGTERM: {_tail(self.log_path)}"
         return None
+
+
+@contextlib.contextmanager
+def killed_on_a_stop(proc: subprocess.Popen):
+    """SIGTERM and SIGINT kill `proc` (SIGKILL) for as long as this lasts, and then do here what they would have done
+    (`inspectd`'s stop, KeyboardInterrupt).
+
+    For the wait on a daemon's drain, up to STOP_TIMEOUT_S: the daemon was told to stop already, so a stop asked for
+    now (the operator's second, or a first one during a scenario's own stop) is one not to wait for. Ignored, as
+    `inspectd`'s first stop leaves SIGTERM, it kept the operator waiting out the drain; raised at once, it would end
+    the bench with its daemon still draining in a folder being removed. SIGINT left ignored (a background job of a
+    shell) stays ignored. Only the main thread can claim a signal: elsewhere the wait is as it was."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def kill(signum, _frame):
+        caught.append(signum)
+        proc.kill()
+
+    claimed = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else [])
+    previous = [(signum, signal.signal(signum, kill)) for signum in claimed]
+    try:
+        yield
+    finally:
+        for signum, handler in previous:
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in claimed:
+            if signum in caught:
+                signal.raise_signal(signum)
 
 
 def _tail(path: Path, lines: int = 5) -> str:
