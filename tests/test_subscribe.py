@@ -162,6 +162,28 @@ def test_a_flood_of_unreadable_messages_is_one_line_then_a_count_and_none_is_los
     ], err
 
 
+def test_unreadable_messages_during_the_wait_for_a_first_result_are_counted_too(tmp_path):
+    """With --journal --since, the subscriber first waits for a live result to check its camera's journal against:
+    what it cannot read meanwhile is reported and counted as ever, not skipped unseen."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    sub = Inspectd(tmp_path, "--journal", str(journal), "--since", "-1")
+    try:
+        foreign = result_frames("cam0", 0)
+        foreign[1] = foreign[1].replace(b'"schema":1', b'"schema":2')
+        for _ in range(50):
+            sub.pub.send_multipart(foreign)
+        sub.pub.send_multipart(result_frames("cam0", 0))
+        printed = sub.stdout_line()  # behind every unreadable one on the socket: all of them were read
+        out, err = sub.interrupt()
+    finally:
+        sub.close()
+    assert printed.startswith("cam0 seq=0 ok"), printed + err
+    why = "result header.schema: 2, this decoder reads schema 1"
+    assert f"inspectd subscribe: skipped a malformed message: {why}" in err.splitlines(), err
+    assert f"inspectd subscribe: skipped 49 more malformed messages (50 in all; the last: {why})" in err, err
+
+
 def test_unreadable_messages_are_counted_at_most_once_an_interval_with_the_last_ones_error():
     count = subscribe.MalformedCount(every_s=10.0)
     assert count.skipped("a", 100.0) == "inspectd subscribe: skipped a malformed message: a"

@@ -726,9 +726,12 @@ class CatchUpSubscriber:
         self._signature: dict[str, tuple[str, int, int] | None] = {}  # camera -> its disowned journal, last looked at
         self._looked: dict[str, float] = {}  # camera -> when its disowned journal was last looked at
 
-    def start(self, since: int | dict[str, int], settle_s: float = SETTLE_S) -> None:
+    def start(
+        self, since: int | dict[str, int], settle_s: float = SETTLE_S, on_malformed: Callable[[str], None] | None = None
+    ) -> None:
         # Any message says the subscription took hold; a result, within settle_s, lets its camera's journal be
         # checked before anything of it is replayed (status comes every second, before a quiet line's next part).
+        # A malformed one is skipped, handed to `on_malformed` (its one-line error) to be counted.
         deadline = time.monotonic() + settle_s
         heard: list[Result | dict[str, Any]] = []
         while not heard or not isinstance(heard[-1], Result):
@@ -737,7 +740,9 @@ class CatchUpSubscriber:
                 break
             try:
                 message = self.subscriber.recv(left)
-            except MessageError:
+            except MessageError as exc:
+                if on_malformed is not None:
+                    on_malformed(str(exc))
                 continue  # malformed, but the subscription is live
             if message is None:
                 break
@@ -1009,17 +1014,21 @@ def run(args: argparse.Namespace) -> int:
     catch_up = JournalCatchUp(args.journal, args.topic, args.camera)
     # Without a journal the catch-up fills nothing: it filters the cameras and finds the holes, as with one.
     source = CatchUpSubscriber(subscriber, catch_up)
+    malformed = MalformedCount()
     if args.since is not None:
         try:
             # At most half of --timeout: the wait for a first result must not use up the replay it is for.
-            source.start(args.since, SETTLE_S if args.timeout is None else min(SETTLE_S, args.timeout / 2))
+            source.start(
+                args.since,
+                SETTLE_S if args.timeout is None else min(SETTLE_S, args.timeout / 2),
+                lambda error: _say(malformed.skipped(error, time.monotonic())),
+            )
         except InspectdError as exc:
             subscriber.close()
             print(f"inspectd subscribe: --journal {args.journal}: {exc}", file=sys.stderr)
             return 2
     received = 0
     refused: str | None = None  # the handshake failure reported, until a message comes: once per outage
-    malformed = MalformedCount()
     try:
         with subscriber:
             while args.count is None or received < args.count:
