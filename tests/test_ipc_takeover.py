@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -26,6 +28,7 @@ from inspectd.daemon.config import parse_config
 from inspectd.daemon.control import ControlServer
 from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
 from inspectd.daemon.publish import Publisher
+from inspectd.daemon.security import refuse_served_ipc
 from inspectd.protocol.control import ControlClient
 from station_model import QUIET_STATUS, result_for, write_grey_bundle
 
@@ -295,3 +298,78 @@ def test_an_abstract_ipc_name_another_process_holds_is_refused_by_the_kernel(tmp
         assert foreign.stdin is not None
         foreign.stdin.close()
         foreign.wait(10)
+
+
+def _probe_as_a_user_shut_out(endpoint: str) -> int:
+    """refuse_served_ipc(endpoint) in a forked child that may not connect to the socket file (run as nobody where the
+    tests run as root, whom no file mode shuts out): 0 bound over, 3 refused as served, 4/5 anything else."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+            try:
+                refuse_served_ipc(endpoint)
+            except zmq.ZMQError as exc:
+                os._exit(3 if exc.errno == zmq.EADDRINUSE else 4)
+            os._exit(0)
+        except BaseException:
+            os._exit(5)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_served_socket_file_this_user_may_not_connect_to_is_not_taken_over():
+    """Another user's daemon in a shared folder: its socket file's mode shuts this user out, so a connect cannot tell
+    whether it is served (EACCES). The kernel's table of listening sockets can: a live one is refused as a taken port,
+    a stale one (nobody listening) is bound over as before."""
+    folder = Path(tempfile.mkdtemp(prefix="inspectd-ipc-"))
+    try:
+        folder.chmod(0o711)  # the shut-out user may reach the file, not connect to it
+        path = folder / "pub.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(path))
+            listener.listen()
+            path.chmod(0)
+            assert _probe_as_a_user_shut_out(f"ipc://{path}") == 3
+        finally:
+            listener.close()  # the file stays: a stale socket file now
+        assert path.exists() and _probe_as_a_user_shut_out(f"ipc://{path}") == 0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_rebind_that_finds_another_process_on_the_path_gives_up_at_once_until_its_next_try(tmp_path, monkeypatch):
+    """The wait after an unbind is for this publisher's own listener to close. A path another process serves (here a
+    plain ZeroMQ binder that took the file over) does not come free in that wait: the rebind fails at once and is
+    tried again every BIND_RETRY_S, rather than probing the other process every 10 ms for the whole wait (each probe
+    a connection it sees, a refused handshake where it uses CURVE) while nothing is published."""
+    monkeypatch.setattr(publish, "REBIND_WAIT_S", 60.0)
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    publisher = Publisher(endpoint, "first", status_interval_s=0.1, status=lambda: QUIET_STATUS).start()
+    binder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, zmq; s = zmq.Context().socket(zmq.PUB); s.bind(sys.argv[1]); print('serving', flush=True); "
+            "sys.stdin.read()",
+            endpoint,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert binder.stdout is not None and binder.stdout.readline().strip() == "serving"
+        asked = time.monotonic()
+        publisher.drop_peers()  # a reload that removed a publish key: unbind, then bind again
+        _wait(lambda: publisher._bind_retry_at > asked, "the rebind to give up", timeout=20.0)
+        assert not publisher.bound
+    finally:
+        assert binder.stdin is not None
+        binder.stdin.close()
+        binder.wait(10)
+        assert publisher.stop(5)

@@ -299,13 +299,19 @@ class Publisher:
         deadline = time.monotonic() + (REBIND_WAIT_S if was_bound else 0.0)
         while True:
             try:
-                refuse_served_ipc(endpoint)  # another daemon's socket file meanwhile: retried as a taken port is
-                self._socket.bind(endpoint)
-                break
+                # Another process's socket file meanwhile: retried every BIND_RETRY_S as a taken port is, not in the
+                # wait below, which is for our own listener to close (each probe is a connection the other process
+                # sees: a refused handshake where it uses CURVE).
+                refuse_served_ipc(endpoint)
+                try:
+                    self._socket.bind(endpoint)
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EADDRINUSE and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                        continue
+                    raise
             except zmq.ZMQError as exc:
-                if exc.errno == zmq.EADDRINUSE and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                    continue
                 if was_bound:  # logged once per outage, not at every retry
                     log.error(
                         "publish_rebind_failed",

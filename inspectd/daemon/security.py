@@ -145,6 +145,11 @@ def refuse_served_ipc(endpoint: str) -> None:
             probe.connect(path)
         except BlockingIOError:
             pass  # listening, its queue full: served all the same
+        except PermissionError:
+            # A socket file whose mode shuts this user out (another user's daemon in a shared folder): the kernel's
+            # table of bound sockets says whether anyone listens on it.
+            if not _listening_unix_socket(path):
+                return
         except OSError:
             return
         else:
@@ -158,6 +163,26 @@ def refuse_served_ipc(endpoint: str) -> None:
         zmq.EADDRINUSE,
         f"another process serves ipc socket {path} (it takes connections), expected a path no running process binds",
     )
+
+
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix's Flags bit of a listening socket
+
+
+def _listening_unix_socket(path: str) -> bool:
+    """Whether a socket of this network namespace listens on the file `path` (/proc/net/unix; False if unreadable)."""
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+            next(table, None)  # the header
+            for line in table:
+                fields = line.split(None, 7)
+                if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON:
+                    bound = fields[7].rstrip("\n")
+                    if bound.startswith("/") and os.path.realpath(bound) == target:
+                        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 class _Refusals:
