@@ -60,7 +60,7 @@ class Terminated(SystemExit):
 def _terminate(signum, _frame):
     # The cleanup this starts stops children and waits for them: a second SIGTERM must not cut it short (SIGKILL can).
     # A wait that can end early without leaving its child behind claims SIGTERM back for as long as it lasts (bench's
-    # wait on its daemon's drain kills the daemon on it).
+    # and demo's waits on their daemon's drain kill the daemon on it: inspectd.tools.children).
     signal.signal(signum, signal.SIG_IGN)
     raise Terminated(TERMINATED_EXIT)
 

@@ -600,6 +600,70 @@ def test_a_second_stop_while_the_daemon_drains_kills_it_and_ends_the_bench_at_on
         kill_daemons(daemons)
 
 
+def test_a_stop_between_the_two_claims_kills_the_child_and_leaves_no_claim_behind():
+    """A Ctrl-C landing after SIGTERM is claimed and before SIGINT is, taken by the old handler: SIGTERM stayed
+    claimed for the rest of the process and the child was neither killed nor told to stop. A profile hook places the
+    real SIGINT right after the first claim returns, a window too short to hit from outside."""
+    from inspectd.tools.children import killed_on_a_stop
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    term_before = signal.getsignal(signal.SIGTERM)
+    int_before = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def between_the_claims(_frame, event, _arg):
+        # The first return from C once SIGTERM is claimed: the claim's own.
+        if event == "c_return" and signal.getsignal(signal.SIGTERM) != term_before:
+            sys.setprofile(None)
+            signal.raise_signal(signal.SIGINT)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sys.setprofile(between_the_claims)
+            with killed_on_a_stop(child):
+                pytest.fail("the claim went through with a Ctrl-C inside it")
+        sys.setprofile(None)
+        assert signal.getsignal(signal.SIGTERM) == term_before
+        assert child.wait(10) == -signal.SIGKILL
+    finally:
+        sys.setprofile(None)
+        signal.signal(signal.SIGTERM, term_before)
+        signal.signal(signal.SIGINT, int_before)
+        child.kill()
+        child.wait()
+
+
+def test_a_stop_while_the_pusher_ends_still_stops_the_daemon(scenario):
+    """A scenario's clean-up first ends its pusher (up to 2 s), then stops its daemon. A Ctrl-C during the pusher's
+    join escaped it, and the daemon was neither told to stop nor waited for. A profile hook sends the real SIGINT as
+    the join starts."""
+    import threading
+
+    from inspectd.tools.bench.daemon import Pusher
+
+    s = scenario("zmq-raw", saturate=True)
+    term_before = signal.getsignal(signal.SIGTERM)
+    int_before = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def at_the_join(frame, event, _arg):
+        if event == "call" and frame.f_code is threading.Thread.join.__code__:
+            if isinstance(frame.f_locals.get("self"), Pusher):
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGINT)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sys.setprofile(at_the_join)
+            s.run(0.5)
+        sys.setprofile(None)
+        assert not daemon_children(os.getpid())
+        assert signal.getsignal(signal.SIGTERM) == term_before
+    finally:
+        sys.setprofile(None)
+        signal.signal(signal.SIGTERM, term_before)
+        signal.signal(signal.SIGINT, int_before)
+        kill_daemons(daemon_children(os.getpid()))
+
+
 def test_a_bench_killed_outright_does_not_leave_its_daemon_streaming(tiny_bundle, tmp_path, tmp_path_factory):
     """SIGKILL gives the bench no `finally`: its daemon must stop itself once its parent is gone."""
     tmp = tmp_path_factory.mktemp("t")

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from test_bench import cli, daemon_children, is_daemon, kill_daemons, stopped_by, train_tiny_bundle, wait_for
+from test_bench import (
+    cli,
+    daemon_children,
+    held_stopped,
+    is_daemon,
+    kill_daemons,
+    signal_pending,
+    stopped_by,
+    train_tiny_bundle,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -117,6 +127,60 @@ def test_a_demo_stopped_by_a_signal_stops_its_daemon(trained_workdir, tmp_path, 
             # Counted, then printed: a Ctrl-C between the two leaves one counted that was not shown.
             assert frames - len(verdict.findall(out_text)) in (0, 1) and frames >= 3
             assert "daemon exit status 0" in out_text
+    finally:
+        daemons = daemons or daemon_children(proc.pid)
+        proc.kill()
+        proc.wait()
+        kill_daemons(daemons)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT)],
+    ids=["sigterm-sigterm", "ctrl-c-ctrl-c", "sigterm-kill-int"],
+)
+def test_a_second_stop_while_the_daemon_drains_kills_it_and_ends_the_demo_at_once(
+    trained_workdir, tmp_path, first, second
+):
+    """After its first stop the demo waits up to 30 s for its daemon to drain. A second SIGTERM was ignored there; a
+    Ctrl-C ended the demo without its summary, and `kill -INT` after SIGTERM left the daemon draining on the sockets
+    and state lock the next demo binds. The daemon is held stopped (SIGSTOP) here: a drain that does not end. The
+    first stop says how the demo ends; after Ctrl-C the summary still follows."""
+    workdir = tmp_path / "w"  # its own: the killed daemon leaves its journal unclean for the next demo in it
+    shutil.copytree(trained_workdir / "bundle", workdir / "bundle")
+    args = ["demo", "--workdir", str(workdir), "--duration", "120", "--cameras", "1", "--rate", "8"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = cli(args, out, err)
+    daemons: list[int] = []
+
+    def stop(signum: int) -> None:
+        if signum == signal.SIGINT and first == signal.SIGINT:
+            os.killpg(proc.pid, signum)  # Ctrl-C at a terminal: to the demo and its daemon
+        else:
+            proc.send_signal(signum)  # `kill PID`: to the demo alone
+
+    try:
+        verdict = re.compile(r"^cam0 seq=\d+ (ok|defect)", re.M)
+        wait_for(lambda: len(verdict.findall((tmp_path / "out").read_text())) >= 3, 150, "three verdicts shown")
+        daemons = daemon_children(proc.pid)
+        assert len(daemons) == 1
+        os.kill(daemons[0], signal.SIGSTOP)
+        wait_for(lambda: held_stopped(daemons[0]), 10, "the daemon to be held stopped")
+        stop(first)
+        wait_for(lambda: signal_pending(daemons[0], signal.SIGTERM), 30, "the demo to stop its daemon")
+        stop(second)
+        code, said = stopped_by(first)
+        try:
+            assert proc.wait(20) == code, (tmp_path / "err").read_text()[-2000:]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the demo still waits for its daemon 20 s after {signal.Signals(second).name}")
+        err_text, out_text = (tmp_path / "err").read_text(), (tmp_path / "out").read_text()
+        assert err_text.strip().splitlines()[-1] == f"inspectd demo: {said}" and "Traceback" not in err_text
+        wait_for(lambda: not is_daemon(daemons[0]), 10, "the daemon to be gone")
+        if first == signal.SIGINT:
+            assert "summary: interrupted" in out_text
+            assert re.search(r"summary: \d+ frames from 1 camera", out_text), out_text[-2000:]
+            assert f"daemon exit status {-signal.SIGKILL}" in out_text
     finally:
         daemons = daemons or daemon_children(proc.pid)
         proc.kill()

@@ -27,6 +27,7 @@ from inspectd.clients.subscribe import GapTracker, Subscriber, format_result
 from inspectd.daemon.notify import PARENT_PID_ENV
 from inspectd.daemon.security import ALLOW_ROOT_ENV
 from inspectd.protocol.messages import Result
+from inspectd.tools.children import killed_on_a_stop
 
 MODEL_SIZE = (128, 128)
 TRAIN_FRAMES = 400
@@ -242,15 +243,20 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt as stop:
             interrupted = stop  # Ctrl-C ends the demo early: the summary of what was shown still follows
         finally:
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    # Its drain's own bound (shutdown_timeout_s, 10 s) and room to close on a busy machine: killed
-                    # sooner, it leaves its journal unclean for the next demo.
-                    daemon.wait(30)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
+            try:
+                # Claimed before the daemon is told, so that a second stop during its drain kills it at once.
+                with killed_on_a_stop(daemon):
+                    if daemon.poll() is None:
+                        daemon.send_signal(signal.SIGTERM)
+                        try:
+                            # Its drain's own bound (shutdown_timeout_s, 10 s) and room to close on a busy machine:
+                            # killed sooner, it leaves its journal unclean for the next demo.
+                            daemon.wait(30)
+                        except subprocess.TimeoutExpired:
+                            daemon.kill()
+                            daemon.wait()
+            except KeyboardInterrupt as stop:
+                interrupted = stop  # a second Ctrl-C cuts the drain short; the summary still follows
     wall = time.monotonic() - started if started else 0.0
     s = summarise(results, gaps, wall)
     print()

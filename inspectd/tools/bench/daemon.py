@@ -39,6 +39,7 @@ from inspectd.daemon.config import MAX_SHUTDOWN_TIMEOUT_S
 from inspectd.daemon.notify import PARENT_PID_ENV
 from inspectd.errors import MessageError
 from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, proc_peak_rss_bytes
+from inspectd.tools.children import killed_on_a_stop
 
 SOURCES = ("synthetic", "folder", "zmq-raw", "zmq-jpeg")
 SATURATION_RATE_HZ = 5000.0  # synthetic source rate standing in for "as fast as possible"
@@ -352,11 +353,14 @@ class Scenario:
                 pusher.start()
             row = self._measure(proc, sub, duration_s, pusher)
         finally:
-            if pusher is not None:
-                pusher.stop.set()
-                pusher.join(2.0)
-            sub.socket.close(0)
-            stopped = self._stop(proc) if proc is not None else None
+            # Claimed over the whole clean-up, before the daemon is told to stop, so that a stop asked for while the
+            # pusher ends or while the daemon drains always finds it claimed.
+            with killed_on_a_stop(proc) if proc is not None else contextlib.nullcontext():
+                if pusher is not None:
+                    pusher.stop.set()
+                    pusher.join(2.0)
+                sub.socket.close(0)
+                stopped = self._stop(proc) if proc is not None else None
         if stopped is not None:
             raise RuntimeError(stopped)
         return row
@@ -473,52 +477,20 @@ class Scenario:
         }
 
     def _stop(self, proc: subprocess.Popen) -> str | None:
-        """SIGTERM and wait; why the run cannot count (None when the daemon stopped cleanly, exit code 0)."""
+        """SIGTERM and wait; why the run cannot count (None when the daemon stopped cleanly, exit code 0). `run` claims
+        the stops around it (killed_on_a_stop)."""
         if proc.poll() is not None:
             return f"daemon exited with {proc.returncode} on its own, before SIGTERM: {_tail(self.log_path)}"
-        # Claimed before the daemon is told, so that a stop asked for while it drains always finds it claimed.
-        with killed_on_a_stop(proc):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-                return f"daemon did not stop within {STOP_TIMEOUT_S:.0f}s of SIGTERM (killed): {_tail(self.log_path)}"
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            return f"daemon did not stop within {STOP_TIMEOUT_S:.0f}s of SIGTERM (killed): {_tail(self.log_path)}"
         if proc.returncode != 0:
             return f"daemon exited with {proc.returncode} after SIGTERM: {_tail(self.log_path)}"
         return None
-
-
-@contextlib.contextmanager
-def killed_on_a_stop(proc: subprocess.Popen):
-    """SIGTERM and SIGINT kill `proc` (SIGKILL) for as long as this lasts, and then do here what they would have done
-    (`inspectd`'s stop, KeyboardInterrupt).
-
-    For the wait on a daemon's drain, up to STOP_TIMEOUT_S: the daemon was told to stop already, so a stop asked for
-    now (the operator's second, or a first one during a scenario's own stop) is one not to wait for. Ignored, as
-    `inspectd`'s first stop leaves SIGTERM, it kept the operator waiting out the drain; raised at once, it would end
-    the bench with its daemon still draining in a folder being removed. SIGINT left ignored (a background job of a
-    shell) stays ignored. Only the main thread can claim a signal: elsewhere the wait is as it was."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-
-    def kill(signum, _frame):
-        caught.append(signum)
-        proc.kill()
-
-    claimed = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else [])
-    previous = [(signum, signal.signal(signum, kill)) for signum in claimed]
-    try:
-        yield
-    finally:
-        for signum, handler in previous:
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        for signum in claimed:
-            if signum in caught:
-                signal.raise_signal(signum)
 
 
 def _tail(path: Path, lines: int = 5) -> str:
