@@ -4,6 +4,7 @@ lost before the first status it hears of a daemon run, and a flood of messages i
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import time
@@ -137,6 +138,25 @@ def test_the_first_status_of_a_run_claims_nothing_it_cannot_count(line):
         assert catch_up.missed == [] and catch_up.gaps.missed == {}
         line.emit("cam0", 2)
         assert [r.seq for r in drain(source, 1)] == [2]
+
+
+def test_a_cameras_topic_prefix_still_hears_its_stations_status(tmp_path):
+    """`--topic inspect.<station>.<camera>.` does not match `inspect.<station>.status`: the subscriber subscribes to
+    the status as well, so `--status` prints it and a tail lost after the last result heard is still found (here:
+    seq 1 published, never heard)."""
+    sub = Inspectd(tmp_path, "--topic", f"inspect.{STATION}.cam0.", "--status")
+    try:
+        assert sub.pub.poll(10_000) and sub.pub.recv() == b"\x01" + f"inspect.{STATION}.status".encode()
+        start = time.time() - 100
+        sub.pub.send_multipart(result_frames("cam0", 0))
+        send_status(sub.pub, start, 2.0, published=2, first_seq=0, dropped=0)
+        printed = [sub.stdout_line() for _ in range(2)]  # each read ends at the subscriber's --timeout at worst
+        out, err = sub.interrupt()
+    finally:
+        sub.close()
+    assert printed[0].startswith("cam0 seq=0 ok"), printed
+    assert json.loads(printed[1])["station"] == STATION, printed
+    assert "gap: seq 1-1 on cam0 (1 results)" in err, err
 
 
 def test_a_flood_of_unreadable_messages_is_one_line_then_a_count_and_none_is_lost(tmp_path):

@@ -30,7 +30,7 @@ import zmq
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import connect_error
 from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
-from inspectd.protocol.messages import Result, decode, printable
+from inspectd.protocol.messages import Result, decode, printable, subscriptions
 
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
 WATCH_S = 1.0  # longest a Subscriber (and `inspectd subscribe` for a refused handshake) waits between looks
@@ -99,7 +99,9 @@ class Subscriber:
 
     def _open(self) -> tuple[zmq.Socket, HandshakeWatch]:
         """A SUB socket with this subscriber's options and subscription, watched from before it connects."""
-        return open_watched_sub(self._context, self.endpoint, self._curve, [self._topic.encode()], RCVHWM=self._rcvhwm)
+        return open_watched_sub(
+            self._context, self.endpoint, self._curve, subscriptions(self._topic), RCVHWM=self._rcvhwm
+        )
 
     def _look(self) -> None:
         """Read the handshake events (which must not pile up); replace a socket the daemon refused when it is due."""
@@ -864,7 +866,7 @@ def format_result(result: Result) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint", required=True, help="the daemon's publish endpoint, e.g. tcp://127.0.0.1:5555")
+    parser.add_argument("--endpoint", required=True, help="the daemon's publish endpoint, e.g. tcp://127.0.0.1:5556")
     parser.add_argument("--topic", default="inspect.", help="topic prefix to subscribe to [inspect.]")
     parser.add_argument("--count", type=int, default=None, help="exit after this many results")
     parser.add_argument("--json", action="store_true", help="print each message's raw JSON header")

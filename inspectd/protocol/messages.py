@@ -49,6 +49,17 @@ def status_topic(station: str) -> bytes:
     return f"{TOPIC_ROOT}.{station}{STATUS_SUFFIX}".encode("ascii")
 
 
+def subscriptions(prefix: str) -> list[bytes]:
+    """What a subscriber to results under `prefix` subscribes to: the prefix, plus its station's status topic where
+    the prefix names a station (`inspect.line1.cam0.`). A camera's prefix does not match the status, which a
+    subscriber needs all the same: its counts show the results lost after the last one heard."""
+    parts = prefix.split(".")
+    topics = [prefix.encode()]
+    if len(parts) >= 3 and parts[0] == TOPIC_ROOT and parts[1]:
+        topics.append(status_topic(parts[1]))
+    return topics
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Region:
     """One connected defect region in frame pixels: bounding box, pixel count and the highest map value inside."""
