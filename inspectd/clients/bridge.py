@@ -48,7 +48,7 @@ from inspectd.protocol.control import connect_error
 from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.journal import CAMERA_RE
 from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
-from inspectd.protocol.messages import Result, decode
+from inspectd.protocol.messages import Result, decode, subscriptions
 
 log = structlog.get_logger("inspectd.clients.bridge")
 
@@ -226,15 +226,6 @@ class Subscription:
     def close(self) -> None:
         self._watch.close()
         self.socket.close(0)
-
-
-def _subscriptions(prefix: str) -> list[bytes]:
-    """The result prefix, plus the station's status topic when the prefix names a station (for trigger_ready)."""
-    parts = prefix.split(".")
-    topics = [prefix.encode("ascii")]
-    if len(parts) >= 3 and parts[1]:
-        topics.append(f"inspect.{parts[1]}.status".encode("ascii"))
-    return topics
 
 
 def topic_camera(prefix: str) -> str | None:
@@ -973,11 +964,29 @@ async def _serve(protocol, config, args: argparse.Namespace, curve, acked: Acked
             pass
 
 
+async def _shut_down(handshake, waited: float) -> None:
+    """Drop one camera's flags at the stop (Handshake.shutdown) and log how that went."""
+    from inspectd.clients.handshake import PlcError
+
+    cut = handshake.waiting_for
+    try:
+        acked = await handshake.shutdown()
+    except PlcError as exc:  # each camera's own: one link failing must not keep another's flags up
+        log.warning("shutdown_write_failed", camera=handshake.camera, error=str(exc))
+        return
+    if acked is False:
+        log.warning(
+            "stop_before_ack",
+            camera=handshake.camera,
+            seq=cut,
+            waited_s=waited,
+            effect="result_valid dropped without the PLC's ack: a missed ack, alarm latched, not recorded",
+        )
+
+
 async def _bridge(
     handshakes: list, config, args: argparse.Namespace, curve, acked: AckedState, plc: dict[str, Any]
 ) -> int:
-    from inspectd.clients.handshake import PlcError
-
     prefix = args.topic
     router = Router(handshakes, acked)
     bound = [h.camera for h in handshakes]
@@ -986,7 +995,7 @@ async def _bridge(
     for handshake in handshakes:
         handshake.room = feeder.room
     context = zmq.asyncio.Context()
-    sub = Subscription(context, args.endpoint, _subscriptions(prefix), curve)
+    sub = Subscription(context, args.endpoint, subscriptions(prefix), curve)
     refused: list[str | None] = [None]  # the handshake failure logged, until a message comes: once per outage
 
     stop = asyncio.Event()
@@ -1111,21 +1120,11 @@ async def _bridge(
         task.cancel()
     await asyncio.gather(*tasks, stopper, return_exceptions=True)
     if failure is None:
-        for handshake in handshakes:
-            cut = handshake.waiting_for
-            try:
-                acked = await handshake.shutdown()
-            except PlcError as exc:  # each camera's own: one link failing must not keep another's flags up
-                log.warning("shutdown_write_failed", camera=handshake.camera, error=str(exc))
-                continue
-            if acked is False:
-                log.warning(
-                    "stop_before_ack",
-                    camera=handshake.camera,
-                    seq=cut,
-                    waited_s=waited,
-                    effect="result_valid dropped without the PLC's ack: a missed ack, alarm latched, not recorded",
-                )
+        # All cameras at once, each within its own requests' bounds: a PLC that does not answer one camera holds up
+        # no other camera's flags past the unit's kill. Where one link serves every camera (OPC UA client mode), each
+        # camera's write is sent before the first can time out, and asyncua refuses every request after a timeout.
+        ended = await asyncio.gather(*(_shut_down(h, waited) for h in handshakes), return_exceptions=True)
+        failure = next((e for e in ended if isinstance(e, BaseException)), None)
     sub.close()
     context.term()
     log.info(
