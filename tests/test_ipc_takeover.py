@@ -338,6 +338,34 @@ def test_a_served_socket_file_this_user_may_not_connect_to_is_not_taken_over():
         finally:
             listener.close()  # the file stays: a stale socket file now
         assert path.exists() and _probe_as_a_user_shut_out(f"ipc://{path}") == 0
+        # A socket bound by a relative path (its binder's working directory unknown here) of the same file name: the
+        # doubt is a refusal. And a line of the table that does not parse (a socket named with a newline, which any
+        # user may bind) ends nothing: the scan goes on to the listener after it.
+        junk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        relative = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import socket, sys; s = socket.socket(socket.AF_UNIX); s.bind('pub.sock'); s.listen(); "
+                "print('listening', flush=True); sys.stdin.read()",
+            ],
+            cwd=folder,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            junk.bind(str(folder / "x\n0000: 00000002 00000000 zz 0001 01 1 y"))
+            junk.listen()
+            path.unlink()
+            assert relative.stdout is not None and relative.stdout.readline().strip() == "listening"
+            path.chmod(0)
+            assert _probe_as_a_user_shut_out(f"ipc://{path}") == 3
+        finally:
+            junk.close()
+            assert relative.stdin is not None
+            relative.stdin.close()
+            relative.wait(10)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

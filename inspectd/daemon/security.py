@@ -176,11 +176,22 @@ def _listening_unix_socket(path: str) -> bool:
             next(table, None)  # the header
             for line in table:
                 fields = line.split(None, 7)
-                if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON:
-                    bound = fields[7].rstrip("\n")
-                    if bound.startswith("/") and os.path.realpath(bound) == target:
-                        return True
-    except (OSError, ValueError):
+                try:
+                    listening = len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON
+                except ValueError:
+                    continue  # a line that does not parse (a socket named with a newline): not this one
+                if not listening:
+                    continue
+                bound = fields[7].rstrip("\n")
+                if bound.startswith("/"):
+                    same = os.path.realpath(bound) == target
+                else:
+                    # Bound relative to its binder's working directory, which cannot be resolved from here: the same
+                    # file name counts, so that the doubt ends in a refusal rather than in a takeover.
+                    same = os.path.basename(bound) == os.path.basename(target)
+                if same:
+                    return True
+    except OSError:
         return False
     return False
 
