@@ -632,6 +632,46 @@ def test_a_stop_between_the_two_claims_kills_the_child_and_leaves_no_claim_behin
         child.wait()
 
 
+def test_a_stop_between_the_two_give_backs_leaves_no_claim_behind():
+    """On the way out SIGTERM's old handler is put back first; a SIGTERM right then, whose handler raises (inspectd's
+    stop), left SIGINT claimed for the rest of the process: a later Ctrl-C would only kill a child long gone. A
+    profile hook places the real SIGTERM right after SIGTERM's handler is put back."""
+    from inspectd.tools.children import killed_on_a_stop
+
+    class Stopped(Exception):
+        pass
+
+    def old_term(_signum, _frame):
+        raise Stopped
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    term_before = signal.signal(signal.SIGTERM, old_term)
+    int_before = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def between_the_give_backs(_frame, event, _arg):
+        if (
+            event == "c_return"
+            and signal.getsignal(signal.SIGTERM) is old_term
+            and signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            sys.setprofile(None)
+            signal.raise_signal(signal.SIGTERM)
+
+    try:
+        with pytest.raises(Stopped):
+            with killed_on_a_stop(child):
+                sys.setprofile(between_the_give_backs)
+        sys.setprofile(None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is old_term
+    finally:
+        sys.setprofile(None)
+        signal.signal(signal.SIGTERM, term_before)
+        signal.signal(signal.SIGINT, int_before)
+        child.kill()
+        child.wait()
+
+
 def test_a_stop_while_the_pusher_ends_still_stops_the_daemon(scenario):
     """A scenario's clean-up first ends its pusher (up to 2 s), then stops its daemon. A Ctrl-C during the pusher's
     join escaped it, and the daemon was neither told to stop nor waited for. A profile hook sends the real SIGINT as

@@ -136,8 +136,13 @@ def test_a_demo_stopped_by_a_signal_stops_its_daemon(trained_workdir, tmp_path, 
 
 @pytest.mark.parametrize(
     ("first", "second"),
-    [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT)],
-    ids=["sigterm-sigterm", "ctrl-c-ctrl-c", "sigterm-kill-int"],
+    [
+        (signal.SIGTERM, signal.SIGTERM),
+        (signal.SIGINT, signal.SIGINT),
+        (signal.SIGTERM, signal.SIGINT),
+        (signal.SIGINT, signal.SIGTERM),
+    ],
+    ids=["sigterm-sigterm", "ctrl-c-ctrl-c", "sigterm-kill-int", "ctrl-c-sigterm"],
 )
 def test_a_second_stop_while_the_daemon_drains_kills_it_and_ends_the_demo_at_once(
     trained_workdir, tmp_path, first, second

@@ -45,9 +45,20 @@ def killed_on_a_stop(proc: subprocess.Popen) -> Iterator[None]:
             raise
         yield
     finally:
-        for signum, handler in previous:
-            if signal.getsignal(signum) is kill:
-                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        _give_back(previous, kill)
         for signum in claimed:
             if signum in caught:
                 signal.raise_signal(signum)
+
+
+def _give_back(previous: list[tuple[signal.Signals, Any]], ours: Any) -> None:
+    """Put back each signal's old handler where `ours` still holds it, each in the finally of the one before: a stop
+    that a handler just put back raises (a SIGTERM between the two) leaves no claim behind."""
+    if not previous:
+        return
+    (signum, handler), rest = previous[0], previous[1:]
+    try:
+        if signal.getsignal(signum) is ours:
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    finally:
+        _give_back(rest, ours)
