@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -202,6 +204,36 @@ def test_unreadable_messages_during_the_wait_for_a_first_result_are_counted_too(
     why = "result header.schema: 2, this decoder reads schema 1"
     assert f"inspectd subscribe: skipped a malformed message: {why}" in err.splitlines(), err
     assert f"inspectd subscribe: skipped 49 more malformed messages (50 in all; the last: {why})" in err, err
+
+
+def test_unreadable_messages_during_the_wait_for_a_first_result_are_counted_when_it_is_interrupted(tmp_path):
+    """Ctrl-C during that wait: the count of what it skipped is written at exit, as it is after the wait."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    sub = Inspectd(tmp_path, "--journal", str(journal), "--since", "-1")
+    try:
+        foreign = result_frames("cam0", 0)
+        foreign[1] = foreign[1].replace(b'"schema":1', b'"schema":2')
+        for _ in range(50):
+            sub.pub.send_multipart(foreign)
+        first = sub.stderr_line()
+        # More of them read, and waiting again for a result: its main thread asleep (in its poll) for a while.
+        deadline, asleep_since = time.monotonic() + 10, None
+        while asleep_since is None or time.monotonic() - asleep_since < 0.3:
+            assert time.monotonic() < deadline, "the subscriber never went back to waiting"
+            asleep = Path(f"/proc/{sub.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "S"
+            asleep_since = (asleep_since or time.monotonic()) if asleep else None
+            time.sleep(0.01)
+        out, err = sub.interrupt()
+    finally:
+        sub.close()
+    why = "result header.schema: 2, this decoder reads schema 1"
+    assert first == f"inspectd subscribe: skipped a malformed message: {why}\n", first + err
+    # How many came before the interrupt is the socket's affair; that the rest is counted at exit is the point.
+    line = rf"^inspectd subscribe: skipped (\d+) more malformed messages \((\d+) in all; the last: {re.escape(why)}\)$"
+    counted = re.search(line, err, re.M)
+    assert counted and int(counted[2]) == int(counted[1]) + 1 >= 2, err
+    assert sub.proc.returncode == 130, err
 
 
 def test_unreadable_messages_are_counted_at_most_once_an_interval_with_the_last_ones_error():

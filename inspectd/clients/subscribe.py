@@ -1029,6 +1029,10 @@ def run(args: argparse.Namespace) -> int:
             subscriber.close()
             print(f"inspectd subscribe: --journal {args.journal}: {exc}", file=sys.stderr)
             return 2
+        except BaseException:  # Ctrl-C, SIGTERM: what it skipped meanwhile is counted at exit, as in the loop below
+            subscriber.close()
+            _say(malformed.rest(time.monotonic()))
+            raise
     received = 0
     refused: str | None = None  # the handshake failure reported, until a message comes: once per outage
     try:
