@@ -219,8 +219,7 @@ def run(args: argparse.Namespace) -> int:
     except (EngineError, ValueError) as exc:
         print(f"inspectd eval-suite: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    # A KeyboardInterrupt goes on to `inspectd`'s main, which says so and exits 130 (before the first dataset, too).
     print(format_table(table))
     print(f"{args.out}/suite.md written, {time.monotonic() - started:.0f}s")
     if table["failed"]:
