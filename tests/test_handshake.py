@@ -587,6 +587,68 @@ def test_a_stop_with_nothing_waiting_for_its_ack_counts_nothing():
     assert "trigger_ready" not in plc.status and "alarm" not in plc.status
 
 
+class EndsAtAFailure(Memory):
+    """A link that ends at its first failed request and refuses every one after it, as asyncua's client does after a
+    request that timed out: once `failing` is set, the request named by `fails_at` ("read ack", "write status") fails.
+    Requests refused after the failure are counted in `refused`."""
+
+    def __init__(self, fails_at: str) -> None:
+        super().__init__(ID_MODULUS)
+        self.fails_at = fails_at
+        self.failing = False
+        self.ended = False
+        self.refused = 0
+
+    def _request(self, what: str) -> None:
+        if self.ended:
+            self.refused += 1
+            raise PlcError("the session has ended")
+        if self.failing and what == self.fails_at:
+            self.ended = True
+            raise PlcError("timed out")
+
+    async def read(self, name: str) -> int:
+        self._request(f"read {name}")
+        return await super().read(name)
+
+    async def write(self, fields: dict, last: str | None = None) -> None:
+        self._request("write status" if "status" in fields else "write")
+        await super().write(fields, last)
+
+
+@pytest.mark.parametrize("fails_at", ["read ack", "write status"])
+def test_a_stop_that_cuts_the_wait_for_an_ack_drops_the_flags_before_the_read_that_may_end_the_link(fails_at):
+    """A PLC that stops answering at the stop: the last read of a cut result's ack times out, and asyncua's client
+    then refuses every request. The flags' write comes first, so the PLC is left no valid result and not ready. A
+    flags' write that fails is the last request (the stop leaves time for one that times out): the result, not known
+    to be acked, is a missed ack, not recorded."""
+
+    async def stop() -> tuple[Handshake, EndsAtAFailure, list]:
+        plc = EndsAtAFailure(fails_at)
+        recorded: list[tuple[str, int]] = []
+
+        async def acked(camera: str, seq: int) -> None:
+            recorded.append((camera, seq))
+
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=60000, poll_ms=1), "cam0", acked=acked)
+        running = await waiting_for_its_ack(handshake, plc)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        plc.acking = True  # an ack at the cut, which only a read that answers can take
+        plc.failing = True
+        with pytest.raises(PlcError):
+            await handshake.shutdown()
+        return handshake, plc, recorded
+
+    handshake, plc, recorded = asyncio.run(stop())
+    assert handshake.waiting_for is None and recorded == [] and handshake.counters.acked == 0
+    assert handshake.counters.missed_acks == 1 and handshake.alarm
+    if fails_at == "read ack":
+        assert "result_valid" not in plc.status and "trigger_ready" not in plc.status, plc.status
+    else:
+        assert plc.refused == 0, "a request after the flags' write failed"
+
+
 def test_a_wait_for_an_ack_cut_short_ends_at_its_next_poll_even_without_a_cancel():
     """A cancel can be lost (a reply arriving in the same step as it, under Python 3.11's wait_for): the stop also
     marks the wait cut short, so it ends at its next poll, not at ack_timeout_ms."""

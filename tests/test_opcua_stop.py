@@ -3,6 +3,7 @@ asyncua server as the PLC (tests/test_bridge_opcua.py's), its event loop held to
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -10,10 +11,11 @@ import time
 import pytest
 
 pytest.importorskip("asyncua", reason="the OPC UA bridge needs the [plc] extra (asyncua)")
-from plc_peers import Daemon, wait  # noqa: E402
+from plc_peers import CAMERA, Daemon, wait  # noqa: E402
 from ports import free_port  # noqa: E402
 from test_bridge_opcua import (  # noqa: E402, F401 - the fixtures by name: the address space, the servers' stop
     CAMERAS,
+    Bridge,
     PlcServer,
     _address_space_shelf,
     _stop_plc_servers,
@@ -22,6 +24,9 @@ from test_bridge_opcua import (  # noqa: E402, F401 - the fixtures by name: the 
 
 pytestmark = pytest.mark.timeout(120)
 TIMEOUT_STOP_S = 10  # systemd/inspectd-bridge@.service's TimeoutStopSec: the kill after it leaves the flags as they are
+# After a cut stop's 8 s wait and its timed-out writes, closing the session on a server that does not answer waits
+# out one more request: the exit may come past TIMEOUT_STOP_S, after the flags' writes have left the bridge.
+EXIT_S = 30
 
 
 @pytest.fixture
@@ -67,3 +72,68 @@ def test_a_stop_while_the_plcs_server_does_not_answer_leaves_no_camera_ready_onc
         )
     except AssertionError:
         raise AssertionError({camera: plc.read(camera, "trigger_ready") for camera in CAMERAS}) from None
+
+
+def test_a_stop_that_cuts_unacked_results_short_as_the_plcs_server_stalls_leaves_no_flag_up_once_it_answers(
+    daemon, tmp_path
+):
+    """Each camera's result waits for an ack the PLC does not give (ack_timeout_ms 20 s), so the stop cuts the wait
+    short after STOP_WAIT_S, and the PLC's server stalls just before that. The last read of a cut result's Ack would
+    time out, and asyncua refuses every request after it: the flags must be written before it, so that once the
+    server answers again no camera is left TriggerReady or ResultValid by a bridge that is gone. The bridge exits 0,
+    each camera's failed write logged and its result counted as a missed ack."""
+    from inspectd.clients.bridge import STOP_WAIT_S
+
+    config = tmp_path / "opcua.yaml"
+    # The ack polls 10 s apart: none in flight at the cut, so the stall times out no request before the stop's own.
+    config.write_text(
+        f"mode: client\nack_timeout_ms: 20000\npoll_ms: 10000\nheartbeat_ms: 100\ncameras: [{', '.join(CAMERAS)}]\n"
+    )
+    plc = PlcServer(free_port())  # no PLC program: nothing acks
+    bridge = Bridge(daemon, ["--config", str(config), "--opcua", plc.url], lambda: plc.read(CAMERA, "trigger_ready"))
+    held, release = threading.Event(), threading.Event()
+
+    def stall() -> None:
+        held.set()
+        release.wait(EXIT_S)
+
+    try:
+        daemon.result(1)
+        daemon.result(11, camera="cam1")
+        daemon.status()
+        wait(
+            lambda: all(plc.read(c, "result_valid") and plc.read(c, "trigger_ready") for c in CAMERAS),
+            10,
+            "every camera's result valid and waiting for its ack, every camera ready",
+        )
+        loop = plc.server.tloop.loop
+        signalled = time.monotonic()
+        bridge.proc.send_signal(signal.SIGTERM)
+        # Half a second before the cut: asyncua's client probes the server each second, with a timeout of one, and
+        # gives the session up when a probe fails, so a stall begun much earlier ends the session before the stop's
+        # requests are sent.
+        at = signalled + STOP_WAIT_S - 0.5
+        loop.call_soon_threadsafe(lambda: loop.call_later(max(0.0, at - time.monotonic()), stall))
+        out, _ = bridge.proc.communicate(timeout=EXIT_S)
+    except BaseException:
+        if bridge.proc.poll() is None:
+            bridge.proc.kill()
+            bridge.proc.communicate()
+        raise
+    finally:
+        release.set()  # the server answers again once the bridge is gone
+    assert bridge.proc.returncode == 0, out
+    assert held.is_set(), "the PLC's server did not stall before the bridge exited"
+    # Each camera's request timed out: the stall covered the stop's requests.
+    failed = [line for line in out.splitlines() if '"shutdown_write_failed"' in line]
+    assert all(any(f'"camera": "{camera}"' in line for line in failed) for camera in CAMERAS), out
+    [stopped] = [json.loads(line) for line in out.splitlines() if '"bridge_stopped"' in line]
+    assert stopped["missed_acks"] == len(CAMERAS) and stopped["acked"] == 0, stopped
+
+    def flags() -> dict[str, tuple[bool, bool]]:
+        return {c: (plc.read(c, "trigger_ready"), plc.read(c, "result_valid")) for c in CAMERAS}
+
+    try:
+        wait(lambda: not any(any(f) for f in flags().values()), 10, "every camera's flags down once the PLC answers")
+    except AssertionError:
+        raise AssertionError(f"(TriggerReady, ResultValid): {flags()}") from None

@@ -596,28 +596,39 @@ class Handshake:
         stop could not wait for (`waiting_for`) is looked at once more, as the PLC may have acked it at the cut or
         just after: acked, it is recorded as any ack; else it is a missed ack, latching the alarm, since a restart
         resumes after the PLC's id and the PLC would not see that result again. Returns whether such a result was
-        acked (None: there was none). The flags are dropped before the counter is written: a link failing at the
-        end must not keep the PLC a valid result."""
+        acked (None: there was none). The flags are dropped first, before that read, the alarm and the counter: a
+        link failing at the end must not keep the PLC a valid result, and a read that times out may end the link for
+        every request after it (asyncua's client refuses them all), the flags' write too."""
         cut, self.waiting_for = self.waiting_for, None
-        acked = None
-        if cut is not None:
+        self.daemon_alive = False
+        self.showing = None
+        if cut is None:
+            await self._write_status(force=True)
+            return None
+        acked = False
+        try:
+            await self._write_status(force=True)
+            # An ack the PLC wrote before it saw result_valid fall is still there to read.
             try:
                 acked = (await self.target.read("ack") - cut) % self.modulus() == 0
             except PlcError:
-                acked = False
-            if acked:
-                self.counters.acked += 1
-            else:
+                pass
+        finally:
+            if not acked:
+                # Also where the flags' write failed: no read after it (the stop leaves time for one request that
+                # times out), and a result not known to be acked is a missed one.
                 self.counters.missed_acks += 1
                 self.alarm = True
-        self.daemon_alive = False
-        self.showing = None
-        await self._write_status(force=True)
-        if acked and cut is not None and self.acked is not None and self.camera is not None:
-            await self.acked(self.camera, cut)
-        elif acked is False:
-            await self.target.write({"missed_acks": self.counters.missed_acks})
-        return acked
+        if acked:
+            self.counters.acked += 1
+            if self.acked is not None and self.camera is not None:
+                await self.acked(self.camera, cut)
+            return True
+        # The alarm before the counter, as after a hand-over's missed ack: a PLC that sees missed_acks move finds the
+        # alarm already up.
+        await self._write_status()
+        await self.target.write({"missed_acks": self.counters.missed_acks})
+        return False
 
     def heartbeat(self, beat: int) -> int:
         """The value of the `beat`th heartbeat (1, 2, ...): 1 up to the largest the target holds, then 1 again, never
