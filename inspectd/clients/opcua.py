@@ -559,6 +559,7 @@ class ClientTarget:
         try:
             value = await node.read_value()
         except Exception as exc:
+            self.link.unanswered = True
             raise PlcError(f"PLC read of {node.nodeid.to_string()}: {one_line(exc)}") from exc
         number = _integer(value)
         if number is None:
@@ -582,6 +583,7 @@ class ClientTarget:
             try:
                 await self.link.client.write_values(nodes, values)
             except Exception as exc:
+                self.link.unanswered = True
                 names = ", ".join(NAMES[n][0] for n in group)
                 raise PlcError(f"PLC write of {self.camera} {names}: {one_line(exc)}") from exc
 
@@ -669,6 +671,7 @@ class ClientLink:
         self.client.application_uri = config.application_uri
         self.targets = {camera: ClientTarget(self, camera) for camera in config.cameras}
         self.connected = False
+        self.unanswered = False  # a request failed: the server may not answer the goodbye either
 
     async def start(self) -> None:
         security = self.config.security
@@ -696,6 +699,11 @@ class ClientLink:
     async def close(self) -> None:
         if self.connected:
             self.connected = False
+            if self.unanswered:
+                # Closing the session is one more request, which a server that stopped answering makes the stop wait
+                # out (past the unit's TimeoutStopSec at a stop's end): the socket is closed without it.
+                self.client.disconnect_socket()
+                return
             try:
                 await self.client.disconnect()
             except Exception:  # the PLC's server is gone already: nothing to say goodbye to
