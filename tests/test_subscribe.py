@@ -34,6 +34,16 @@ def send_status(pub: zmq.Socket, start: float, uptime: float, **cam0: int) -> No
     pub.send_multipart(encode_status(STATION, doc))
 
 
+NEWER_SCHEMA = "result header.schema: 2, this decoder reads schema 1"  # what the subscriber says of one
+
+
+def newer_schema_result() -> list[bytes]:
+    """A result of a newer schema, as a foreign publisher (or a newer daemon) on the endpoint sends it."""
+    frames = result_frames("cam0", 0)
+    frames[1] = frames[1].replace(b'"schema":1', b'"schema":2')
+    return frames
+
+
 class Inspectd:
     """`inspectd subscribe ARGS` as a real process on an XPUB socket, which tells when its subscription arrived."""
 
@@ -166,8 +176,7 @@ def test_a_flood_of_unreadable_messages_is_one_line_then_a_count_and_none_is_los
     in full, the rest counted, and the count is written at the end; the daemon's results still print."""
     sub = Inspectd(tmp_path)
     try:
-        foreign = result_frames("cam0", 0)
-        foreign[1] = foreign[1].replace(b'"schema":1', b'"schema":2')
+        foreign = newer_schema_result()
         for _ in range(300):
             sub.pub.send_multipart(foreign)
         sub.pub.send_multipart(result_frames("cam0", 0))
@@ -176,7 +185,7 @@ def test_a_flood_of_unreadable_messages_is_one_line_then_a_count_and_none_is_los
     finally:
         sub.close()
     assert printed.startswith("cam0 seq=0 ok"), printed + err
-    why = "result header.schema: 2, this decoder reads schema 1"
+    why = NEWER_SCHEMA
     assert err.splitlines() == [
         f"inspectd subscribe: skipped a malformed message: {why}",
         f"inspectd subscribe: skipped 299 more malformed messages (300 in all; the last: {why})",
@@ -191,8 +200,7 @@ def test_unreadable_messages_during_the_wait_for_a_first_result_are_counted_too(
     journal.mkdir()
     sub = Inspectd(tmp_path, "--journal", str(journal), "--since", "-1")
     try:
-        foreign = result_frames("cam0", 0)
-        foreign[1] = foreign[1].replace(b'"schema":1', b'"schema":2')
+        foreign = newer_schema_result()
         for _ in range(50):
             sub.pub.send_multipart(foreign)
         sub.pub.send_multipart(result_frames("cam0", 0))
@@ -201,7 +209,7 @@ def test_unreadable_messages_during_the_wait_for_a_first_result_are_counted_too(
     finally:
         sub.close()
     assert printed.startswith("cam0 seq=0 ok"), printed + err
-    why = "result header.schema: 2, this decoder reads schema 1"
+    why = NEWER_SCHEMA
     assert f"inspectd subscribe: skipped a malformed message: {why}" in err.splitlines(), err
     assert f"inspectd subscribe: skipped 49 more malformed messages (50 in all; the last: {why})" in err, err
 
@@ -212,8 +220,7 @@ def test_unreadable_messages_during_the_wait_for_a_first_result_are_counted_when
     journal.mkdir()
     sub = Inspectd(tmp_path, "--journal", str(journal), "--since", "-1")
     try:
-        foreign = result_frames("cam0", 0)
-        foreign[1] = foreign[1].replace(b'"schema":1', b'"schema":2')
+        foreign = newer_schema_result()
         for _ in range(50):
             sub.pub.send_multipart(foreign)
         first = sub.stderr_line()
@@ -227,7 +234,7 @@ def test_unreadable_messages_during_the_wait_for_a_first_result_are_counted_when
         out, err = sub.interrupt()
     finally:
         sub.close()
-    why = "result header.schema: 2, this decoder reads schema 1"
+    why = NEWER_SCHEMA
     assert first == f"inspectd subscribe: skipped a malformed message: {why}\n", first + err
     # How many came before the interrupt is the socket's affair; that the rest is counted at exit is the point.
     line = rf"^inspectd subscribe: skipped (\d+) more malformed messages \((\d+) in all; the last: {re.escape(why)}\)$"
