@@ -24,7 +24,7 @@ from test_bridge_opcua import (  # noqa: E402, F401 - the fixtures by name: the 
 
 pytestmark = pytest.mark.timeout(120)
 TIMEOUT_STOP_S = 10  # systemd/inspectd-bridge@.service's TimeoutStopSec: the kill after it leaves the flags as they are
-EXIT_S = 30  # at most: the cut test's 8 s wait and its writes' timeout, with room for a loaded machine
+EXIT_S = 30  # at most: the cut test's 7 s wait and its writes' timeout, with room for a loaded machine
 
 
 @pytest.fixture

@@ -171,6 +171,17 @@ def test_a_cameras_topic_prefix_still_hears_its_stations_status(tmp_path):
     assert "gap: seq 1-1 on cam0 (1 results)" in err, err
 
 
+def test_a_topic_naming_a_station_no_daemon_could_have_subscribes_as_written(tmp_path):
+    """A station name outside ASCII (no daemon's: the config refuses it) has no status topic to add: the prefix is
+    subscribed to as written, without a traceback."""
+    sub = Inspectd(tmp_path, "--topic", "inspect.st\u00e9.cam0.")
+    try:
+        out, err = sub.interrupt()
+    finally:
+        sub.close()
+    assert sub.proc.returncode == 130 and "Traceback" not in err, err
+
+
 def test_a_flood_of_unreadable_messages_is_one_line_then_a_count_and_none_is_lost(tmp_path):
     """A foreign publisher (here: a newer schema) on the endpoint sends a message per result: the first is reported
     in full, the rest counted, and the count is written at the end; the daemon's results still print."""

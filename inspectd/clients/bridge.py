@@ -71,9 +71,10 @@ HOLD_S = 5.0
 SETTLE_S = 5.0
 STATE_FILE = "acked.json"  # in --state-dir: the last inspection id the PLC acknowledged, per camera
 LOCK_FILE = ".lock"  # in --state-dir: locked by the bridge that uses the directory, while it runs
-# Longest a stop waits for the PLC to ack the result on it: the unit's TimeoutStopSec=10 kills the bridge after 10 s,
-# and the 2 s left are for dropping trigger_ready and result_valid, which a killed bridge leaves set.
-STOP_WAIT_S = 8.0
+# Longest a stop waits for the PLC to ack the result on it: the unit's TimeoutStopSec=10 kills the bridge after 10 s;
+# of the 3 s left, 2 are for dropping trigger_ready and result_valid (one request, which a PLC that stopped answering
+# times out), and 1 for the process to end, so that a stop against such a PLC still ends cleanly.
+STOP_WAIT_S = 7.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -972,7 +973,8 @@ async def _shut_down(handshake, waited: float) -> None:
     try:
         acked = await handshake.shutdown()
     except PlcError as exc:  # each camera's own: one link failing must not keep another's flags up
-        log.warning("shutdown_write_failed", camera=handshake.camera, error=str(exc))
+        # A result cut short (`seq`) then counts as a missed ack, which the PLC may never have been told of.
+        log.warning("shutdown_write_failed", camera=handshake.camera, seq=cut, error=str(exc))
         return
     if acked is False:
         log.warning(

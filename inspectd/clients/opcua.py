@@ -559,7 +559,7 @@ class ClientTarget:
         try:
             value = await node.read_value()
         except Exception as exc:
-            self.link.unanswered = True
+            self.link.unanswered |= not isinstance(exc, self.link.ua.UaStatusCodeError)
             raise PlcError(f"PLC read of {node.nodeid.to_string()}: {one_line(exc)}") from exc
         number = _integer(value)
         if number is None:
@@ -583,7 +583,7 @@ class ClientTarget:
             try:
                 await self.link.client.write_values(nodes, values)
             except Exception as exc:
-                self.link.unanswered = True
+                self.link.unanswered |= not isinstance(exc, self.link.ua.UaStatusCodeError)
                 names = ", ".join(NAMES[n][0] for n in group)
                 raise PlcError(f"PLC write of {self.camera} {names}: {one_line(exc)}") from exc
 
@@ -671,7 +671,8 @@ class ClientLink:
         self.client.application_uri = config.application_uri
         self.targets = {camera: ClientTarget(self, camera) for camera in config.cameras}
         self.connected = False
-        self.unanswered = False  # a request failed: the server may not answer the goodbye either
+        # A request the server did not answer (a bad status is an answer): it may not answer the goodbye either.
+        self.unanswered = False
 
     async def start(self) -> None:
         security = self.config.security

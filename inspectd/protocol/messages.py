@@ -55,7 +55,7 @@ def subscriptions(prefix: str) -> list[bytes]:
     subscriber needs all the same: its counts show the results lost after the last one heard."""
     parts = prefix.split(".")
     topics = [prefix.encode()]
-    if len(parts) >= 3 and parts[0] == TOPIC_ROOT and parts[1]:
+    if len(parts) >= 3 and parts[0] == TOPIC_ROOT and parts[1] and parts[1].isascii():  # no daemon's else
         topics.append(status_topic(parts[1]))
     return topics
 
