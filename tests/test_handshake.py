@@ -573,6 +573,37 @@ def test_a_stop_that_cuts_the_wait_for_an_ack_decides_by_one_last_read_and_drops
         assert handshake.counters.missed_acks == 1 and "alarm" in plc.status
 
 
+class InThisProcess(Memory):
+    """The bridge's own server (OPC UA server mode): its variables live in this process, a read cannot end a link."""
+
+    reads_locally = True
+
+
+@pytest.mark.parametrize("acks_at_the_cut", [True, False])
+def test_a_stop_on_the_bridges_own_server_drops_the_flags_and_shows_a_missed_ack_in_one_write(acks_at_the_cut):
+    """The server's state file records what each status write says: the flags' fall (the cut id kept) and a missed
+    ack's alarm written apart left a moment where a kill kept the cut id without the alarm, and the next start
+    resumed after a result never acked with no alarm. There the Ack is read first, and one status write says all."""
+
+    async def stop() -> tuple[Handshake, InThisProcess, int, bool | None]:
+        plc = InThisProcess(ID_MODULUS)
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=60000, poll_ms=1), "cam0")
+        running = await waiting_for_its_ack(handshake, plc)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        plc.acking = acks_at_the_cut
+        before = len(plc.statuses)
+        outcome = await handshake.shutdown()
+        return handshake, plc, before, outcome
+
+    handshake, plc, before, outcome = asyncio.run(stop())
+    written = plc.statuses[before:]
+    assert len(written) == 1, written
+    assert "result_valid" not in written[0] and "trigger_ready" not in written[0]
+    assert outcome is acks_at_the_cut and ("alarm" in written[0]) is not acks_at_the_cut, written
+    assert handshake.counters.missed_acks == (0 if acks_at_the_cut else 1)
+
+
 def test_a_stop_with_nothing_waiting_for_its_ack_counts_nothing():
     async def stop() -> tuple[Handshake, Memory, bool | None]:
         plc = Memory(ID_MODULUS)

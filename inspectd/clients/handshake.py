@@ -605,16 +605,22 @@ class Handshake:
         if cut is None:
             await self._write_status(force=True)
             return None
-        acked = False
+        acked = decided = False
         try:
+            if getattr(self.target, "reads_locally", False):
+                # The bridge's own server holds Ack in memory: no read there ends a link. Decided first, the flags'
+                # fall and a missed ack's alarm are one write, which its state file records together (two, and a
+                # kill between them would keep the cut id without the alarm).
+                acked, decided = await self._acked_at(cut), True
+                if not acked:
+                    self.counters.missed_acks += 1
+                    self.alarm = True
             await self._write_status(force=True)
-            # An ack the PLC wrote before it saw result_valid fall is still there to read.
-            try:
-                acked = (await self.target.read("ack") - cut) % self.modulus() == 0
-            except PlcError:
-                pass
+            if not decided:
+                # An ack the PLC wrote before it saw result_valid fall is still there to read.
+                acked = await self._acked_at(cut)
         finally:
-            if not acked:
+            if not acked and not decided:
                 # Also where the flags' write failed: no read after it (the stop leaves time for one request that
                 # times out), and a result not known to be acked is a missed one.
                 self.counters.missed_acks += 1
@@ -629,6 +635,13 @@ class Handshake:
         await self._write_status()
         await self.target.write({"missed_acks": self.counters.missed_acks})
         return False
+
+    async def _acked_at(self, seq: int) -> bool:
+        """Whether the PLC's Ack holds `seq` now (False where it cannot be read)."""
+        try:
+            return (await self.target.read("ack") - seq) % self.modulus() == 0
+        except PlcError:
+            return False
 
     def heartbeat(self, beat: int) -> int:
         """The value of the `beat`th heartbeat (1, 2, ...): 1 up to the largest the target holds, then 1 again, never

@@ -335,6 +335,7 @@ def _expand(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
 class ServerTarget:
     """One camera's variables in the bridge's own server; the restart rule's values live in the state file."""
 
+    reads_locally = True  # its variables live in this process: a read cannot end a link (Handshake.shutdown)
     heartbeat_modulus = U32 + 1  # the UInt32 Heartbeat: the handshake counts 1..2**32-1 in it, never 0
 
     def __init__(self, link: ServerLink, camera: str, nodes: dict[str, Any]) -> None:
