@@ -182,19 +182,25 @@ def test_a_topic_naming_a_station_no_daemon_could_have_subscribes_as_written(tmp
     assert sub.proc.returncode == 130 and "Traceback" not in err, err
 
 
+def flooded(sub: Inspectd, count: int) -> tuple[str, str]:
+    """`count` newer-schema results, then a readable one: the line it printed for that one (behind every unreadable
+    one on the socket, so all of them were read), and its stderr once interrupted."""
+    try:
+        foreign = newer_schema_result()
+        for _ in range(count):
+            sub.pub.send_multipart(foreign)
+        sub.pub.send_multipart(result_frames("cam0", 0))
+        printed = sub.stdout_line()
+        _, err = sub.interrupt()
+    finally:
+        sub.close()
+    return printed, err
+
+
 def test_a_flood_of_unreadable_messages_is_one_line_then_a_count_and_none_is_lost(tmp_path):
     """A foreign publisher (here: a newer schema) on the endpoint sends a message per result: the first is reported
     in full, the rest counted, and the count is written at the end; the daemon's results still print."""
-    sub = Inspectd(tmp_path)
-    try:
-        foreign = newer_schema_result()
-        for _ in range(300):
-            sub.pub.send_multipart(foreign)
-        sub.pub.send_multipart(result_frames("cam0", 0))
-        printed = sub.stdout_line()  # behind every unreadable one on the socket: all of them were read
-        out, err = sub.interrupt()
-    finally:
-        sub.close()
+    printed, err = flooded(Inspectd(tmp_path), 300)
     assert printed.startswith("cam0 seq=0 ok"), printed + err
     why = NEWER_SCHEMA
     assert err.splitlines() == [
@@ -209,16 +215,7 @@ def test_unreadable_messages_during_the_wait_for_a_first_result_are_counted_too(
     what it cannot read meanwhile is reported and counted as ever, not skipped unseen."""
     journal = tmp_path / "journal"
     journal.mkdir()
-    sub = Inspectd(tmp_path, "--journal", str(journal), "--since", "-1")
-    try:
-        foreign = newer_schema_result()
-        for _ in range(50):
-            sub.pub.send_multipart(foreign)
-        sub.pub.send_multipart(result_frames("cam0", 0))
-        printed = sub.stdout_line()  # behind every unreadable one on the socket: all of them were read
-        out, err = sub.interrupt()
-    finally:
-        sub.close()
+    printed, err = flooded(Inspectd(tmp_path, "--journal", str(journal), "--since", "-1"), 50)
     assert printed.startswith("cam0 seq=0 ok"), printed + err
     why = NEWER_SCHEMA
     assert f"inspectd subscribe: skipped a malformed message: {why}" in err.splitlines(), err

@@ -391,36 +391,28 @@ class JournalCatchUp:
             # Every seq the queue dropped by now lies below the next_seq of the status its count last rose at.
             marker = next_seq if _count(next_seq) else None
             if before is None or not same_run:
-                self._runs[camera] = _Run(
-                    station=station,
-                    start=start,
-                    uptime=uptime,
-                    published=published,
-                    dropped=dropped,
-                    recent_drops=0,
-                    lately=0,
-                    clean_from=0 if dropped == 0 else marker,
-                    journal_lost=journal_lost,
-                )
-                self._window[camera] = _Window()
-                first_seq = counters.get("first_seq")
-                if camera in self.delivered and dropped == 0 and _count(first_seq):
-                    yield from self._first_status(camera, first_seq, published)
-                continue
-            clean_from = before.clean_from if dropped == before.dropped else marker
-            lately = dropped - before.dropped
+                recent_drops, lately, clean_from = 0, 0, (0 if dropped == 0 else marker)
+            else:
+                lately = dropped - before.dropped
+                recent_drops = lately + before.lately
+                clean_from = before.clean_from if dropped == before.dropped else marker
             self._runs[camera] = _Run(
                 station=station,
                 start=start,
                 uptime=uptime,
                 published=published,
                 dropped=dropped,
-                recent_drops=lately + before.lately,
+                recent_drops=recent_drops,
                 lately=lately,
                 clean_from=clean_from,
                 journal_lost=journal_lost,
             )
             self._window[camera] = _Window()
+            if before is None or not same_run:
+                first_seq = counters.get("first_seq")
+                if camera in self.delivered and dropped == 0 and _count(first_seq):
+                    yield from self._first_status(camera, first_seq, published)
+                continue
             last = self.delivered.get(camera)
             if window is None or last is None:
                 continue
