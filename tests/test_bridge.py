@@ -25,6 +25,7 @@ import structlog
 
 pytest.importorskip("pymodbus", reason="the PLC bridge needs the [plc] extra (pymodbus)")
 from pymodbus.client import ModbusTcpClient  # noqa: E402
+from pymodbus.constants import ExcCodes  # noqa: E402
 from pymodbus.server import ModbusTcpServer  # noqa: E402
 from pymodbus.simulator import SimData, SimDevice  # noqa: E402
 from pymodbus.simulator.simutils import DataType  # noqa: E402
@@ -52,6 +53,7 @@ class Plc:
         # compares_ack: the program docs/PLC.md outlines, which takes a result whose id differs from its own ack
         # register (not from a last id it keeps, which a cold start would leave at the daemon's first seq of 0).
         self.compares_ack = compares_ack
+        self.refused: set[int] = set()  # registers whose writes the PLC refuses (an exception response)
         self.port = free_port()
         self._serve()
         self.client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=2)
@@ -68,7 +70,9 @@ class Plc:
         """Start the Modbus server on self.port, its registers all 0."""
         self.loop = asyncio.new_event_loop()
         self.server = None
-        device = SimDevice(id=1, simdata=[SimData(0, count=32, values=0, datatype=DataType.REGISTERS)])
+        device = SimDevice(
+            id=1, simdata=[SimData(0, count=32, values=0, datatype=DataType.REGISTERS)], action=self._refuse
+        )
         listening = threading.Event()
 
         async def serve():
@@ -79,6 +83,11 @@ class Plc:
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(serve(),), daemon=True)
         self.thread.start()
         assert listening.wait(5), "the Modbus server did not start"
+
+    async def _refuse(self, function_code, start_address, address, count, registers, values) -> ExcCodes | None:
+        if values is not None and self.refused.intersection(range(address, address + count)):
+            return ExcCodes.DEVICE_FAILURE
+        return None
 
     def restart(self) -> None:
         """The PLC's Modbus server goes away and comes back on the same port with its registers reset (a warm
@@ -1004,6 +1013,33 @@ def test_a_plc_that_goes_away_ends_the_bridge_with_one_line_for_the_service_mana
     out = bridge.output()
     assert bridge.proc.returncode == 1, out
     assert out.strip().splitlines()[-1].startswith("inspectd bridge: PLC"), out
+
+
+def test_a_refused_register_write_ends_the_bridge_with_trigger_ready_and_result_valid_dropped(plc, daemon, tmp_path):
+    """A result is valid and waits for its ack when the PLC starts refusing writes to the heartbeat register (an
+    exception response): the bridge exits 1 with that error, having first dropped trigger_ready and result_valid, the
+    cut result counted as a missed ack as at a stop. The PLC must not take a bridge that is gone for ready, nor the
+    result it left for valid."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 20000\npoll_ms: 5\nheartbeat_ms: 100\n")
+    plc.acking.clear()  # the PLC program acknowledges nothing
+    bridge = Bridge(daemon, plc, config)
+    try:
+        daemon.result(1)
+        wait(lambda: plc.field("status") & BIT["result_valid"], 10, "result 1 valid, waiting for its ack")
+        daemon.status()  # heard just now: no silence of the daemon takes trigger_ready down before the failure
+        plc.refused.add(REG["heartbeat"])
+        bridge.proc.wait(15)
+    except BaseException:
+        bridge.proc.kill()
+        raise
+    out = bridge.output()
+    assert bridge.proc.returncode == 1, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"inspectd bridge: PLC write of registers {REG['heartbeat']}.."), out
+    status = plc.field("status")
+    assert not status & (BIT["trigger_ready"] | BIT["result_valid"]), f"status word {status:#06x}\n{out}"
+    assert status & BIT["alarm"] and plc.field("missed_acks") == 1, out
 
 
 def kill_and_restart(

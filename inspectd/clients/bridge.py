@@ -1104,10 +1104,11 @@ async def _bridge(
     stopper = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     failure = next((t.exception() for t in done if t is not stopper and t.exception()), None)
+    stop.set()  # after a failure too: a task whose cancel is lost (Handshake.cut_short) ends, waits for nothing new
+    waited = 0.0  # a failure waits for no ack: the bridge is ending, and the link may be what failed
     if failure is None:
         # A stop lets the result on the PLC finish its handshake (its ack is recorded), then no new one starts; but
         # not past STOP_WAIT_S, or the service manager's kill would leave the PLC a valid result and trigger_ready.
-        stop.set()
         waited = min(config.ack_timeout_ms / 1000 + 1.0, STOP_WAIT_S)
         deadline = time.monotonic() + waited
         await asyncio.wait(runs, timeout=waited)
@@ -1116,17 +1117,18 @@ async def _bridge(
         failure = next(
             (t.exception() for t in [*runs, refill] if t.done() and not t.cancelled() and t.exception()), None
         )
-        for handshake in handshakes:
-            handshake.cut_short()
+    for handshake in handshakes:
+        handshake.cut_short()
     for task in [*tasks, stopper]:
         task.cancel()
     await asyncio.gather(*tasks, stopper, return_exceptions=True)
-    if failure is None:
-        # All cameras at once, each within its own requests' bounds: a PLC that does not answer one camera holds up
-        # no other camera's flags past the unit's kill. Where one link serves every camera (OPC UA client mode), each
-        # camera's write is sent before the first can time out, and asyncua refuses every request after a timeout.
-        ended = await asyncio.gather(*(_shut_down(h, waited) for h in handshakes), return_exceptions=True)
-        failure = next((e for e in ended if isinstance(e, BaseException)), None)
+    # All cameras at once, each within its own requests' bounds: a PLC that does not answer one camera holds up no
+    # other camera's flags past the unit's kill. Where one link serves every camera (OPC UA client mode), each
+    # camera's write is sent before the first can time out, and asyncua refuses every request after a timeout. After
+    # a failure too (one camera's write, the heartbeat's): the other cameras' trigger_ready and result_valid must not
+    # stay up for a bridge that is gone, and the failure is what the bridge still ends with.
+    ended = await asyncio.gather(*(_shut_down(h, waited) for h in handshakes), return_exceptions=True)
+    failure = failure or next((e for e in ended if isinstance(e, BaseException)), None)
     sub.close()
     context.term()
     log.info(
