@@ -573,6 +573,50 @@ def test_a_stop_that_cuts_the_wait_for_an_ack_decides_by_one_last_read_and_drops
         assert handshake.counters.missed_acks == 1 and "alarm" in plc.status
 
 
+class AnswersLate(Memory):
+    """A PLC that has taken a result's write (its id and result_valid are on it) when the bridge ends, before the
+    answer to that write came back."""
+
+    def __init__(self) -> None:
+        super().__init__(ID_MODULUS)
+        self.taken = asyncio.Event()
+
+    async def write(self, fields: dict, last: str | None = None) -> None:
+        await super().write(fields, last)
+        if "inspection_id" in fields:
+            self.taken.set()
+            await asyncio.Event().wait()  # the answer never comes: the bridge's end cancels the write
+
+
+@pytest.mark.parametrize("acks_at_the_cut", [True, False])
+def test_a_hand_over_cut_while_its_result_is_written_is_decided_at_the_stop_as_a_cut_wait(acks_at_the_cut):
+    """A failure of another camera (or a stop) cancels a hand-over inside its result's write: the PLC may already
+    hold that id and result_valid, and a restart resumes after the id. Counted nowhere, the result would flash
+    valid and be lost without a missed ack or an alarm; it is decided as a wait cut at the stop is."""
+
+    async def cut() -> tuple[Handshake, AnswersLate, int | None, bool | None]:
+        plc = AnswersLate()
+        handshake = Handshake(plc, HandshakeSettings(ack_timeout_ms=60000, poll_ms=1), "cam0")
+        await handshake.start()
+        await tick(handshake, 1)
+        plc.acking = False
+        handshake.offer(result(1))
+        running = asyncio.ensure_future(handshake.run(asyncio.Event()))
+        await asyncio.wait_for(plc.taken.wait(), 10)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        cut_at = handshake.waiting_for
+        plc.acking = acks_at_the_cut
+        return handshake, plc, cut_at, await handshake.shutdown()
+
+    handshake, plc, cut_at, outcome = asyncio.run(cut())
+    assert cut_at == 1
+    assert "result_valid" not in plc.status and "trigger_ready" not in plc.status, plc.status
+    assert outcome is acks_at_the_cut
+    assert handshake.counters.missed_acks == (0 if acks_at_the_cut else 1)
+    assert ("alarm" in plc.status) is not acks_at_the_cut, plc.status
+
+
 class InThisProcess(Memory):
     """The bridge's own server (OPC UA server mode): its variables live in this process, a read cannot end a link."""
 

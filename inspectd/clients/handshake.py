@@ -518,28 +518,35 @@ class Handshake:
         self.showing = result.verdict
         self.written_status = self.status()
         latches = self._latches
-        self._writing = True
         try:
-            await self.target.write(
-                {
-                    "status": self.written_status,
-                    "inspection_id": seq,
-                    "result_code": RESULT_CODES[result.verdict],
-                    "verdict": result.verdict,
-                    "score": result.score,
-                    "threshold": result.threshold,
-                    "region_count": len(result.regions),
-                    "model_id": result.model_id,
-                    "thresholds_version": result.thresholds_version,
-                    "missed_acks": self.counters.missed_acks,
-                    "sequence_gaps": self.counters.sequence_gaps,
-                },
-                last="status",
-            )
-        finally:
-            self._writing = False
-        self._shown(latches)
-        await self._cover_latches()
+            self._writing = True
+            try:
+                await self.target.write(
+                    {
+                        "status": self.written_status,
+                        "inspection_id": seq,
+                        "result_code": RESULT_CODES[result.verdict],
+                        "verdict": result.verdict,
+                        "score": result.score,
+                        "threshold": result.threshold,
+                        "region_count": len(result.regions),
+                        "model_id": result.model_id,
+                        "thresholds_version": result.thresholds_version,
+                        "missed_acks": self.counters.missed_acks,
+                        "sequence_gaps": self.counters.sequence_gaps,
+                    },
+                    last="status",
+                )
+            finally:
+                self._writing = False
+            self._shown(latches)
+            await self._cover_latches()
+        except asyncio.CancelledError:
+            # Cut before the wait for the ack began (a stop, or another task's failure ending the bridge): the id,
+            # its result_valid too, may be on the PLC already, and a restart resumes after that id. shutdown() then
+            # decides it as a cut wait: by one read of the ack, else a missed ack with the alarm.
+            self.waiting_for = seq
+            raise
         self.counters.written += 1
         self.waiting_for = seq
         acked = await self._wait_ack(seq)
