@@ -416,6 +416,49 @@ def _good_paths(folder: Path) -> list[Path]:
         raise _cannot_read(folder, exc) from None
 
 
+def _no_good_hint(given: str) -> str:
+    """What `--good given` holds instead of images: its sub-folders of images, and a train/good (an export with
+    --split train, an MVTec root without test/) that is not what calibrate reads."""
+    from engines.data.images import defect_free_folder, good_folder, subfolder_hint
+    from engines.errors import EngineError
+
+    root = Path(given)
+    try:
+        folder = good_folder(root, ("test",))
+        fitted = defect_free_folder(root / "train") if folder == root else None
+        hint = subfolder_hint(root, folder, "--good", fitted)
+    except (OSError, EngineError):  # best effort: the refusal stands without it
+        return ""
+    if fitted is not None:
+        hint += (
+            f"; {fitted.relative_to(root).as_posix()}/ holds frames to fit on (what train and teach read), and "
+            "calibrate reads a root's test/good: export held-out frames with the default --split test"
+        )
+    return hint
+
+
+def _distinct(
+    good: list[Path], defective: list[tuple[Path, Path | None]]
+) -> tuple[list[Path], list[tuple[Path, Path | None]], tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]]:
+    """`good` and `defective` without the files whose bytes repeat an earlier one's of the same set, and (the good,
+    the defective) left out, as without_duplicates gives them: a copy is no second frame, and counted as one it
+    lowers the confidence bound the target is checked against and narrows the drift reference (a camera that
+    resends one frame while the line stands, a folder copied into itself)."""
+    from engines.data.images import without_duplicates
+
+    good, good_copies = without_duplicates(good)
+    kept, defect_copies = without_duplicates([path for path, _ in defective])
+    # without_duplicates returns the very path objects it kept, in order: each item's is kept or left out.
+    at = iter(kept)
+    following = next(at, None)
+    distinct = []
+    for item in defective:
+        if item[0] is following:
+            distinct.append(item)
+            following = next(at, None)
+    return good, distinct, (good_copies, defect_copies)
+
+
 def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
     """(image, mask or None) for every defective image named by --defective."""
     from engines.data.images import MaskFolder, MvtecFolder, list_images
@@ -790,6 +833,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _calibrate(bundle, current, args, out):
+    from engines.data.images import duplicates_note
     from engines.errors import DataError
 
     if not args.good:
@@ -824,9 +868,14 @@ def _calibrate(bundle, current, args, out):
             "would flag everything. Use --target-false-reject with good images only"
         )
     if not good:
-        raise DataError(f"{args.good}: no images found, expected held-out defect-free images")
+        hint = _no_good_hint(args.good)
+        raise DataError(f"{args.good}: no images found, expected held-out defect-free images{hint}")
     if args.defective and not defective:
         raise DataError(f"{', '.join(args.defective)}: no defective images found")
+    good, defective, duplicates = _distinct(good, defective)
+    for left_out in duplicates:
+        if left_out:
+            print(duplicates_note(left_out), file=out)
     options, precision = _engine_options(bundle, current, args)
     overrides = _overrides_to_drop(current, args, precision)
     if overrides:
@@ -860,9 +909,11 @@ def _calibrate(bundle, current, args, out):
         "good_dir": str(Path(args.good).resolve()),
         "n_good": int(scored.good.size),
         "n_skipped_good": len(scored.skipped_good),
+        "n_duplicates_good": len(duplicates[0]),
         "defective_dirs": [str(Path(d).resolve()) for d in args.defective],
         "n_defective": int(scored.defect.size),
         "n_skipped_defective": len(scored.skipped_defect),
+        "n_duplicates_defective": len(duplicates[1]),
         "model_id": bundle.model_id,
         # What the scores were computed in: a daemon whose engine runs the same precision judges by them as they are.
         thresholds_doc.ENGINE_PRECISION: precision,
@@ -1005,43 +1056,110 @@ def _plan_precisions(bundle) -> list[str]:
 def _fitted_frames_warning(bundle, good: list[Path]) -> str | None:
     """A WARNING when --good holds frames BUNDLE's scorer was fitted from (its teach's frames, else train's): a
     model scores those lower than the line's, so a threshold set on them is too low and rejects good parts. By the
-    frames' resolved paths: a link to the folder, or its path spelt another way, is the same frames. A warning, never
-    a refusal: a folder moved or removed since gives none, one this user may not read (a trainer's home, calibrate
-    run as the service user) a note line saying the frames were not compared."""
-    from engines.data.images import good_folder, list_images
+    frames' content, not their paths: a link to the folder, its path spelt another way, a copy of it, or an archive
+    export of the span taught on are the same frames. Frames the fit held out count apart: they score as new ones. A
+    warning, never a refusal: a folder moved or removed since gives none, one this user may not read (a trainer's
+    home, calibrate run as the service user) a note line saying the frames were not compared."""
     from engines.errors import EngineError
 
     taught = bundle.manifest.get("teach")
-    trained = not isinstance(taught, dict)
-    if not trained:
+    if isinstance(taught, dict):
         record = taught.get("frames")
-        folder = record.get("folder") if isinstance(record, dict) else None
-        fitted = f"version {taught.get('version', '?')} was taught on"
+        fitted_on = f"version {taught.get('version', '?')} was fitted on"
+        taught_on = f"version {taught.get('version', '?')} was taught on"
     else:
-        folder = (bundle.manifest.get("training") or {}).get("data")
-        fitted = "was trained on"
-    if not isinstance(folder, str):
+        record = bundle.manifest.get("training")
+        fitted_on = taught_on = "was trained on"
+    if not isinstance(record, dict):
         return None
-    try:
-        # pathlib's is_dir() raises on EACCES (a folder under another user's 0700 home), not only listing it.
-        if trained:
-            folder = good_folder(folder, ("train",))
-        if not Path(folder).is_dir():
+    ids = record.get("ids")
+    if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
+        # Taught from the archive: each frame's id is its file name there and in every export of it, and an id names
+        # one capture (camera, time, sequence number), so the name alone is the frame.
+        source, fitted = str(record.get("archive", "the archive")), [Path(f"{i}.png") for i in ids]
+        at = {path.name: i for i, path in enumerate(fitted)}
+        matched = [at[path.name] for path in good if path.name in at]
+    else:
+        folder = record.get("folder") if isinstance(taught, dict) else record.get("data")
+        if not isinstance(folder, str):
             return None
-        frames = {path.resolve() for path in list_images(folder)}
-    except (OSError, EngineError) as exc:
-        reason = f"{exc.filename or folder}: {exc.strerror or exc}" if isinstance(exc, OSError) else _one_line(exc)
-        return (
-            f"note: the --good frames were not compared with the frames {bundle.path} {fitted} ({reason}, as {_user()})"
-        )
-    same = sum(path.resolve() in frames for path in good)
-    if not same:
+        try:
+            listed = _fitted_folder_frames(folder, taught, record)
+            if listed is None:
+                return None
+            source, fitted = listed
+            matched = _same_content(fitted, good)
+        except (OSError, EngineError, ValueError) as exc:
+            reason = f"{exc.filename or folder}: {exc.strerror or exc}" if isinstance(exc, OSError) else _one_line(exc)
+            return (
+                f"note: the --good frames were not compared with the frames {bundle.path} {taught_on} ({reason}, as "
+                f"{_user()})"
+            )
+    if not matched:
         return None
+    fit = _fitted_indices(bundle, fitted)
+    if fit is None:
+        which = " (fitted or held out: its record does not say which)" if isinstance(taught, dict) else ""
+        count, said, held = len(matched), f"{taught_on}{which}", ""
+    else:
+        # Frames the fit held out score as new ones: calibrating on them alone is what teach itself did.
+        count = sum(i in fit for i in matched)
+        if not count:
+            return None
+        more = len(matched) - count
+        said, held = fitted_on, f"; {more} more are frames it held out of that fit, as new ones are" if more else ""
     return (
-        f"WARNING: {same} of {len(good)} --good frames are frames {bundle.path} {fitted} ({folder}): a model scores "
-        "the frames it was fitted on lower than new ones, so a threshold set on them comes out too low and rejects "
-        "good parts; calibrate on held-out frames (an MVTec root's test/good, or frames captured since)"
+        f"WARNING: {count} of {len(good)} --good frames are frames {bundle.path} {said} ({source}){held}: a model "
+        "scores the frames it was fitted on lower than new ones, so a threshold set on them comes out too low and "
+        "rejects good parts; calibrate on held-out frames (an MVTec root's test/good, or frames captured since)"
     )
+
+
+def _fitted_folder_frames(folder: str, taught, record: dict) -> tuple[str, list[Path]] | None:
+    """(the folder, its frames as the fit listed them: in order, copies and frames it left out not among them) of the
+    folder train or a teach fitted on; None when it is gone."""
+    from engines.data.images import good_folder, list_images, without_duplicates
+
+    if not isinstance(taught, dict):
+        folder = str(good_folder(folder, ("train",)))
+    # pathlib's is_dir() raises on EACCES (a folder under another user's 0700 home), not only listing it.
+    if not Path(folder).is_dir():
+        return None
+    if not isinstance(taught, dict):
+        return folder, without_duplicates(list_images(folder))[0]
+    from calibration.teach import folder_frames
+
+    models = record.get("model_ids")
+    frames = folder_frames(folder, models if isinstance(models, list) else None)
+    unreadable = set(record.get("unreadable") or ())
+    return folder, [path for path in frames.paths if path.name not in unreadable]
+
+
+def _same_content(fitted: list[Path], good: list[Path]) -> list[int]:
+    """For each --good frame whose bytes are a fitted frame's, that frame's index in `fitted`: without_duplicates
+    compares them (only files of a size another has are read), and with the fitted frames first, a --good copy is
+    the one it leaves out."""
+    from engines.data.images import without_duplicates
+
+    at = {path: i for i, path in enumerate(fitted)}
+    _, copies = without_duplicates([*fitted, *good])
+    return [at[earlier] for _, earlier in copies if earlier in at]
+
+
+def _fitted_indices(bundle, fitted: list[Path]) -> set[int] | None:
+    """The indices into `fitted` (the frames of BUNDLE's fit, in its order) of those the scorer was fitted on, the
+    rest held out; None where its record does not say (another list of names, a fit cut short, a split it does not
+    know). By the names' checksum only: the pixels' would decode every fitted frame, and the --good frames that
+    matter were compared by their bytes."""
+    from calibration.teach import current_fit
+    from engines.data.images import frames_checksums
+
+    names = frames_checksums(fitted, np.zeros(0, np.uint8))["names_sha256"]
+    try:
+        fit = current_fit(bundle, {"names_sha256": names}, len(fitted))
+    except (ValueError, KeyError, TypeError):  # a scorer teach cannot refit, a hand-edited record
+        return None
+    return None if fit is None else {int(i) for i in fit}
 
 
 APPLIED, REFUSED, UNREACHABLE, TAKEN = "applied", "refused", "unreachable", "taken"

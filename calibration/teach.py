@@ -109,6 +109,7 @@ from engines.data.images import (
     good_folder,
     list_images,
     split_holdout,
+    subfolder_hint,
     validation_folds,
     without_duplicates,
 )
@@ -430,9 +431,11 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     paths = list_images(folder)
     root = export_root(folder)
     if root is None:
+        # Images a level down (a folder per day or camera): train's hint, not a bare "0 good frame(s)".
+        hint = "" if paths else subfolder_hint(Path(good), folder, "--good")
         paths, duplicates = without_duplicates(paths)
         record = {"folder": resolved, **_counted_duplicates(duplicates)}
-        return GoodFrames(paths, source, record, {"good_dir": resolved}, "", duplicates)
+        return GoodFrames(paths, source, record, {"good_dir": resolved}, hint, duplicates)
     # None where nothing was looked up (--any-model), so the record does not claim "checked, none".
     other: dict[str, int] | None = None
     unnamed: int | None = None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -350,6 +351,95 @@ def test_the_training_frames_given_as_good_are_warned_of_however_they_are_named(
         ], out
     code, out, err = calibrate(capsys, bundle, "--good", data, "--target-false-reject", "0.2", "--dry-run")
     assert code == 0 and "--good frames are frames" not in out, out
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory, trained, data) -> tuple[Path, Path]:
+    """(the trained bundle taught on a line's 8 frames, 2 of them held out; those frames' folder)."""
+    import io
+
+    from calibration.teach import teach
+
+    root = tmp_path_factory.mktemp("taught")
+    line = Path(shutil.copytree(data / "train" / "good", root / "line"))
+    bundle = Path(shutil.copytree(trained, root / "bundle"))
+    teach(bundle, line, holdout=0.25, by="tester", out=io.StringIO())
+    return bundle, line
+
+
+def fitted_warning(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("WARNING: ") and "--good frames are" in line]
+
+
+def test_a_copy_of_the_taught_frames_is_warned_of_with_the_held_out_ones_counted_apart(taught, tmp_path, capsys):
+    """The WARNING once went by path alone: a copy of the taught folder (or of its frames under other names) gave
+    none, and the folder itself was "8 of 8 ... taught on" though teach fitted on 6 and held 2 out."""
+    bundle, line = taught
+    record = json.loads((bundle / "manifest.json").read_text())["teach"]["frames"]
+    assert (record["n_fit"], record["n_holdout"]) == (6, 2)
+    copy = Path(shutil.copytree(line, tmp_path / "copy"))
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, path in enumerate(sorted(line.iterdir())):
+        shutil.copyfile(path, renamed / f"frame-{7 - i}{path.suffix}")
+    for given in (line, copy, renamed):
+        code, out, err = calibrate(capsys, bundle, "--good", given, "--target-false-reject", "0.2", "--dry-run")
+        assert code == 0, err
+        assert fitted_warning(out) == [
+            f"WARNING: 6 of 8 --good frames are frames {bundle} version 2 was fitted on ({line.resolve()}); 2 more "
+            "are frames it held out of that fit, as new ones are: a model scores the frames it was fitted on lower "
+            "than new ones, so a threshold set on them comes out too low and rejects good parts; calibrate on "
+            "held-out frames (an MVTec root's test/good, or frames captured since)"
+        ], out
+
+
+def test_frames_of_an_archive_teach_are_known_by_their_ids_in_an_export(trained, data, tmp_path, capsys):
+    """`inspectd archive export` of the very span taught on names each frame by its archive id, which the teach
+    record keeps: calibrate on it warns, counting only the frames fitted on; frames captured after give none."""
+    import datetime
+    import io
+
+    import cv2
+
+    from calibration.teach import archive_frames, teach
+    from inspectd.daemon.archive import Archive
+    from inspectd.daemon.frames import Frame
+    from inspectd.daemon.inference import Judged
+    from inspectd.protocol.archive import ArchiveReader
+
+    bundle = Path(shutil.copytree(trained, tmp_path / "bundle"))
+    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted((data / "train" / "good").iterdir())]
+    images += [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted((data / "test" / "good").iterdir())]
+    archive = Archive(tmp_path / "archive", max_mb=100, max_age_h=24, good_every=1, queue_size=20).start()
+    start = time.time() - 300
+    for seq, image in enumerate(images):
+        judged = Judged(Frame("cam0", seq, f"{seq:06d}.png", start + seq, image), "ok", 1.0, 35.0, "m", 1, [], None)
+        assert archive.offer(judged) is not None
+    assert archive.close(timeout=30.0)
+    # The first 8 frames' span: 6 fitted, 2 held out.
+    until = datetime.datetime.fromtimestamp(start + 7.5).isoformat()
+    frames = archive_frames(tmp_path / "archive", since="1h", until=until)
+    teach(bundle, frames, holdout=0.25, by="tester", out=io.StringIO())
+    assert json.loads((bundle / "manifest.json").read_text())["teach"]["frames"]["n_fit"] == 6
+    with ArchiveReader(tmp_path / "archive") as reader:
+        entries = reader.query()
+        assert reader.export(entries, tmp_path / "export", "test") == 14
+    code, out, err = calibrate(
+        capsys, bundle, "--good", tmp_path / "export", "--target-false-reject", "0.2", "--dry-run"
+    )
+    assert code == 0, err
+    assert fitted_warning(out) == [
+        f"WARNING: 6 of 14 --good frames are frames {bundle} version 2 was fitted on "
+        f"({(tmp_path / 'archive').resolve()}); 2 more are frames it held out of that fit, as new ones are: a model "
+        "scores the frames it was fitted on lower than new ones, so a threshold set on them comes out too low and "
+        "rejects good parts; calibrate on held-out frames (an MVTec root's test/good, or frames captured since)"
+    ], out
+    later = tmp_path / "later"
+    later.mkdir()
+    for path in sorted((tmp_path / "export" / "test" / "good").iterdir())[8:]:
+        shutil.copyfile(path, later / path.name)
+    code, out, err = calibrate(capsys, bundle, "--good", later, "--target-false-reject", "0.2", "--dry-run")
+    assert code == 0 and fitted_warning(out) == [], out
 
 
 def test_thresholds_set_on_an_fp16_engine_record_it_and_need_no_fp32_comparison(bundle, data, capsys):
@@ -871,3 +961,60 @@ def test_pixel_fpr_without_pixel_is_refused_and_one_masks_leave_unused_is_noted(
     assert notes == [
         "note: --pixel-fpr 0.0001 not used: the defects have masks, the pixel threshold is their pixel F1-max"
     ], out
+
+
+def test_byte_copies_of_a_frame_count_once_in_the_target_the_reference_and_the_provenance(tmp_path, capsys):
+    """12 frames each copied 4 times (a camera resending one frame while the line stands) once read as 60 good frames:
+    the bound, "(have 60)" and the drift reference counted copies, which the line's later frames then drifted from.
+    As train and teach, calibrate leaves them out, says so, and records how many."""
+    bundle, good, crack = grey_station(tmp_path, n_good=12, n_defect=4)
+    for path in sorted(good.iterdir()):
+        for copy in range(4):
+            shutil.copyfile(path, good / f"{path.stem}~{copy}.png")
+    shutil.copyfile(crack / "001.png", crack / "001~copy.png")
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", crack, "--target-false-reject", "0.2")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: 48 duplicate image(s) left out: 0000~0.png (same as 0000.png), 0000~1.png (same as 0000.png), "
+        "0000~2.png (same as 0000.png) ...",
+        "note: 1 duplicate image(s) left out: 001~copy.png (same as 001.png)",
+    ], out
+    assert "target 0.2 needs >= 14 good frames with none rejected (have 12)" in out, out
+    assert "WARNING: 12 good frames support a false-reject rate" in out, out
+    written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
+    prov = written.provenance
+    assert (prov["n_good"], prov["n_duplicates_good"], prov["n_defective"], prov["n_duplicates_defective"]) == (
+        12,
+        48,
+        4,
+        1,
+    )
+    assert thresholds_doc.reference_scores(written)[0] == 12
+    assert thresholds_doc.reference_scores(written, thresholds_doc.GOOD_BRIGHTNESS)[0] == 12
+
+
+def test_a_good_folder_whose_images_sit_a_level_down_names_them_as_train_does(tmp_path, capsys):
+    """Once a bare "no images found"; an export with --split train (or an MVTec root without test/) says its
+    train/good is not what calibrate reads."""
+    bundle, good, _ = grey_station(tmp_path, n_good=5)
+    nested = tmp_path / "nested"
+    for day, names in (("day1", ["0000.png", "0001.png", "0002.png"]), ("day2", ["0003.png"])):
+        (nested / day).mkdir(parents=True)
+        for name in names:
+            shutil.copyfile(good / name, nested / day / name)
+    code, out, err = calibrate(capsys, bundle, "--good", nested, "--dry-run")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"inspectd calibrate: {nested}: no images found, expected held-out defect-free images; found 3 images in "
+        "day1/: point --good at it; found 1 image in day2/: point --good at it"
+    ], err
+    export = tmp_path / "export"
+    shutil.copytree(good, export / "train" / "good")
+    code, out, err = calibrate(capsys, bundle, "--good", export, "--dry-run")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"inspectd calibrate: {export}: no images found, expected held-out defect-free images; train/good/ holds "
+        "frames to fit on (what train and teach read), and calibrate reads a root's test/good: export held-out "
+        "frames with the default --split test"
+    ], err

@@ -1836,3 +1836,24 @@ def test_frames_left_out_as_undecodable_are_recorded_as_archive_teach_records_it
     assert kept.paths == decoded and kept.record == {"ids": ["a", "c", "d"], "unreadable": ["z", "b"]}
     folder = teach.GoodFrames(paths, "--good G", {"folder": "G"}, {})
     assert teach.without_unreadable(folder, decoded, skipped).record == {"folder": "G", "unreadable": ["000001.png"]}
+
+
+def test_a_good_folder_whose_frames_sit_a_level_down_names_them_as_train_does(tmp_path):
+    """Once a bare "0 good frame(s)" where train names the sub-folders that hold the images."""
+    import cv2
+
+    from calibration.teach import TeachError, teach
+    from station_model import good_frame
+
+    bundle = stand_in(tmp_path / "b")
+    nested = tmp_path / "nested"
+    for day, n in (("day1", 3), ("day2", 2)):
+        (nested / day).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(nested / day / f"{i:03d}.png"), good_frame(i))
+    with pytest.raises(TeachError) as refused:
+        teach(bundle, nested, out=io.StringIO())
+    assert str(refused.value) == (
+        f"--good {nested}: 0 good frame(s), expected at least 2 (some fit, some are held out); found 3 images in "
+        "day1/: point --good at it; found 2 images in day2/: point --good at it"
+    )

@@ -230,6 +230,17 @@ def image_folders(folder: Path, depth: int = 3, most: int = 3) -> list[tuple[Pat
     return found
 
 
+def subfolder_hint(root: Path, folder: Path, flag: str, leave_out: Path | None = None) -> str:
+    """`; found N images in SUB/: point FLAG at it` for each sub-folder of `folder` that holds images (image_folders),
+    named from `root` as the user typed it, not `leave_out` nor below it: the hint train, teach and calibrate add to
+    "no images"."""
+    return "".join(
+        f"; found {n} image{'s' * (n != 1)} in {sub.relative_to(root).as_posix()}/: point {flag} at it"
+        for sub, n in image_folders(folder)
+        if leave_out is None or not sub.is_relative_to(leave_out)
+    )
+
+
 def without_duplicates(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
     """`paths` less every file whose bytes are an earlier one's, and (left out, the earlier file) for each left out.
     A twin of a held-out image in the fit scores it about 0, and the first thresholds set on it then reject every

@@ -38,9 +38,9 @@ from engines.data.images import (
     duplicates_note,
     frames_checksums,
     good_folder,
-    image_folders,
     list_images,
     split_holdout,
+    subfolder_hint,
     without_duplicates,
 )
 from engines.errors import DataError, EngineError
@@ -60,7 +60,7 @@ from engines.model.recipes import (
 from engines.progress import Progress
 from engines.runtime.preprocess import RESIZE_POLICIES, fit_all, mean_level
 from engines.runtime.scorer_fit import AUGMENTS, augmented
-from engines.training.select import Selection, select_recipe
+from engines.training.select import Selection, score_features, select_recipe
 
 INTERRUPTED_EXIT = 130
 # First thresholds from held-out good images (say so in provenance; `inspectd calibrate` refines them later).
@@ -193,10 +193,7 @@ def training_images(data: str | Path) -> list[Path]:
         where = "" if folder == data else f" (read {folder})"
         raise DataError(
             f"{data}: no images{where}, expected train/good/*.png|jpg or a folder of images"
-            + "".join(
-                f"; found {n} image{'s' * (n != 1)} in {sub.relative_to(data).as_posix()}/: point --data at it"
-                for sub, n in image_folders(folder)
-            )
+            + subfolder_hint(data, folder, "--data")
         )
     return paths
 
@@ -243,13 +240,15 @@ def extract_features(
 def score_with_graph(
     graph: InferenceGraph, images: np.ndarray, params: dict[str, np.ndarray], batch: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    tensors = [torch.from_numpy(params[name]) for name in graph.scorer_inputs]
+    """Scores and maps of `images`, embedded `batch` at a time and scored within the selection's memory budget."""
     scores, maps = [], []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            score, anomaly_map = graph(torch.from_numpy(images[start : start + batch]), *tensors)
-            scores.append(score.numpy())
-            maps.append(anomaly_map.numpy())
+            score, anomaly_map = score_features(
+                graph, graph.embed(torch.from_numpy(images[start : start + batch])), params, batch
+            )
+            scores.append(score)
+            maps.append(anomaly_map)
     return np.concatenate(scores), np.concatenate(maps)
 
 
