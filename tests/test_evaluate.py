@@ -396,3 +396,35 @@ def test_an_image_that_does_not_decode_is_skipped_with_a_warning_and_counted(
         f"inspectd eval: {only_broken / 'test' / 'good' / 'broken.png'}: cannot decode, expected a JPEG/PNG/BMP/TIFF "
         "image"
     ), proc.stderr
+
+
+def test_a_mask_that_does_not_decode_leaves_its_image_out_as_an_image_that_does_not(
+    tiny_data, tiny_bundle, report_and_overlays, tmp_path
+):
+    """A mask cut short by a copy refused the whole eval, after every image was scored. Its image is now left out
+    and counted as an undecodable image is (one WARNING, `n_skipped`), not read as defect-free; a mask that decodes
+    at another image's size is still refused in one line."""
+    report, _, _ = report_and_overlays
+    data = _copy(tiny_data, tmp_path)
+    masks = sorted((data / "ground_truth" / "crack").iterdir())
+    cut = masks[0]
+    cut.write_bytes(cut.read_bytes()[:24])  # the PNG signature and a header cut short
+    image = next(p for p in (data / "test" / "crack").iterdir() if cut.name.startswith(p.stem + "_mask"))
+    doc, proc = _eval_json(tiny_bundle, data)
+    warning = f"WARNING: skipped 1 image(s) that do not decode: {cut}"
+    assert warning in proc.stderr.splitlines() and doc["notes"] == [warning], proc.stderr
+    assert doc["n_skipped"] == 1 and doc["skipped"] == [str(cut)]
+    assert doc["n_images"] == N_IMAGES - 1 and str(image) not in [i["path"] for i in doc["images"]]
+    assert doc["per_type"]["crack"]["n_defective"] == TYPES["crack"] - 1
+    assert doc["overall"]["n_good"] == TYPES["good"] and doc["overall"]["n_without_mask"] == 0
+    assert doc["per_type"]["blowhole"] == report["per_type"]["blowhole"]  # the other type is untouched
+    assert doc["per_type"]["crack"]["pixel_auroc"] is not None
+    assert re.search(rf"eval: images scored {N_IMAGES}/{N_IMAGES} ", proc.stderr), proc.stderr
+
+    other = masks[1]
+    height, width = cv2.imread(str(other), cv2.IMREAD_UNCHANGED).shape[:2]
+    assert cv2.imwrite(str(other), np.zeros((height, 2 * width + 7), np.uint8))
+    proc = _eval(str(tiny_bundle), "--data", str(data))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"inspectd eval: {other}: mask {2 * width + 7}x{height}, expected the image's size")

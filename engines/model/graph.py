@@ -363,9 +363,19 @@ class InferenceGraph(nn.Module):
     def forward(self, pixels: torch.Tensor, *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score_features(self.embed(pixels), *scorer_params)
 
-    def score_features(self, features: torch.Tensor, *scorer_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The second half of forward, for callers that computed the features once (evaluating several scorers)."""
-        global_score, low = self.scorer(features, *scorer_params)
+    def score_features(
+        self, features: torch.Tensor, *scorer_params: torch.Tensor, step: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second half of forward, for callers that computed the features once (evaluating several scorers).
+        `step` runs the scorer on that many images a call (a nearest-neighbour search's distance matrix is what grows
+        with the input); the maps are still smoothed and pooled as one batch, whose convolution's last bits depend on
+        the batch's size, so no score changes."""
+        if step is None or step >= len(features):
+            global_score, low = self.scorer(features, *scorer_params)
+        else:
+            parts = [self.scorer(features[s : s + step], *scorer_params) for s in range(0, len(features), step)]
+            global_score = None if parts[0][0] is None else torch.cat([g for g, _ in parts])
+            low = torch.cat([m for _, m in parts])
         anomaly_map = self.smoothing(self.upsampling(low))
         score = global_score if global_score is not None else self.image_score(anomaly_map)
         return score, anomaly_map

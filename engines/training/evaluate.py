@@ -195,9 +195,9 @@ def evaluate(
     progress: Progress | None = None,
 ) -> dict:
     """Score every test image of an MVTec-layout folder and return the report (a JSON-ready dict); `progress` shows
-    images scored of all. An image that does not decode is left out and counted (`n_skipped`, `skipped`); when none
-    decodes, the first one's DataError is raised. `notes` holds the lines that say what the metrics lack and why
-    (the table prints them)."""
+    images scored of all. An image that does not decode, or whose mask does not, is left out and counted (`n_skipped`,
+    `skipped`: the file that does not decode); when none is left, the first one's DataError is raised. `notes` holds
+    the lines that say what the metrics lack and why (the table prints them)."""
     if isinstance(bundle, (str, Path)):
         from engines.bundle.store import load_bundle
 
@@ -234,18 +234,28 @@ def evaluate(
         if scored is None:
             break
         item = by_path[scored.path]
+        mask = None
+        if item.is_defective and item.mask_path is not None:
+            try:
+                mask = load_mask(item.mask_path, scored.frame_map.shape)
+            except DataError as exc:
+                # A mask that does not decode (a file cut short by a copy) leaves its image out, as an image that
+                # does not decode is: read as defect-free it would falsify the pixel metrics, and a refusal would
+                # throw away every image scored so far. A mask that decodes at another size is still refused: it
+                # belongs to another image or crop, a mistake in the ground truth rather than one damaged file.
+                if cv2.imread(str(item.mask_path), cv2.IMREAD_UNCHANGED) is not None:
+                    raise
+                skipped.append((item.mask_path, str(exc)))
+                continue
         tally = tallies[item.defect_type]
         tally.scores.append(scored.score)
         per_image.append({"path": str(item.path), "type": item.defect_type, "score": scored.score})
-        mask = None
         if item.is_defective and item.mask_path is None:
             tally.without_mask += 1  # unknown ground truth: its pixels are neither defect nor defect-free
             if maskless_pixels is None:
                 maskless_pixels = metrics.PixelHistograms(reference)
             pixels = maskless_pixels
         else:
-            if item.is_defective:
-                mask = load_mask(item.mask_path, scored.frame_map.shape)
             if tally.pixels is None:
                 tally.pixels = metrics.PixelHistograms(reference)
             pixels = tally.pixels

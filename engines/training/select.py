@@ -55,7 +55,14 @@ from engines.bundle.format import describe_score_share
 from engines.data import defects
 from engines.data.images import Fold, validation_folds
 from engines.errors import DataError
-from engines.model.graph import ImageScore, TapConcat, build_graph
+from engines.model.graph import (
+    ImageScore,
+    InferenceGraph,
+    LocalReferenceScorer,
+    MemoryBankScorer,
+    TapConcat,
+    build_graph,
+)
 from engines.model.methods import get_method
 from engines.model.recipes import SCORE_SHARES, Recipe
 from engines.runtime.preprocess import fit_all, fit_frame
@@ -72,6 +79,13 @@ AUTO_AUGMENT = "rot180"
 # (near 1) from a symmetric surface (near 0.5), so no copies are fitted.
 MAX_COPY_AUROC = 0.7
 MIN_COPY_CHECK = 12
+# A nearest-neighbour scorer's call holds an [images, h*w, M] float32 distance matrix and one temporary of its size
+# (engines.model.graph.MemoryBankScorer), so a fixed number of images per call costs memory with the square of the
+# input side: 16 images at 640x640 on a stride-8 grid against 16 384 memory vectors would need 13 GiB. score_features
+# gives each search only as many images as keep that matrix within this many bytes (at least one image), so a larger
+# --size costs more calls rather than more memory. A matmul of a few thousand rows already runs at full speed, so
+# searches this small cost no time to speak of; 16 images fit it up to 128x128 (and 4 at 256x256).
+SCORING_BUDGET = 256 * 2**20
 
 # name -> generator(image, rng) -> Defect. Sizes span pinholes to a third of the frame.
 PLANTS: dict[str, Callable[[np.ndarray, np.random.Generator], defects.Defect]] = {
@@ -352,12 +366,37 @@ def _embed(graph, tap_sets: list[list[torch.Tensor]], keep: list[int], index, ba
     return out
 
 
-def _score(graph, features: torch.Tensor, params: dict[str, np.ndarray], batch: int) -> tuple[np.ndarray, np.ndarray]:
+def images_per_call(
+    graph: InferenceGraph, features_shape: Sequence[int], params: dict[str, np.ndarray], budget: int = SCORING_BUDGET
+) -> int | None:
+    """Images of features `features_shape` [N, D, h, w] that one call of `graph`'s scorer may take so that its
+    distance matrix stays within `budget` bytes (at least 1); None for a scorer without one (no limit)."""
+    locations = int(features_shape[2]) * int(features_shape[3])
+    if isinstance(graph.scorer, MemoryBankScorer):
+        columns = params["memory_bank"].shape[0]
+    elif isinstance(graph.scorer, LocalReferenceScorer):
+        columns = params["references"].shape[0] * locations
+    else:
+        return None
+    return max(1, budget // (locations * columns * 4))
+
+
+def score_features(
+    graph: InferenceGraph,
+    features: torch.Tensor,
+    params: dict[str, np.ndarray],
+    batch: int,
+    budget: int = SCORING_BUDGET,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps of `features` [N, D, h, w] by `graph`'s scorer and `params`, `batch` images at a time; within
+    a batch the scorer's search runs on as few images as keep its distance matrix within `budget` bytes
+    (images_per_call), which changes no score."""
     tensors = [torch.from_numpy(params[name]) for name in graph.scorer_inputs]
+    step = images_per_call(graph, features.shape, params, budget)
     scores, maps = [], []
     with torch.inference_mode():
         for start in range(0, len(features), batch):
-            score, anomaly_map = graph.score_features(features[start : start + batch], *tensors)
+            score, anomaly_map = graph.score_features(features[start : start + batch], *tensors, step=step)
             scores.append(score.numpy())
             maps.append(anomaly_map.numpy())
     return np.concatenate(scores), np.concatenate(maps)
@@ -394,7 +433,10 @@ def _score_candidate(
 
     def held_out(taps: list[torch.Tensor], fits: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """Out-of-fold scores and maps of the held-out images (or of their copies, by `taps`)."""
-        out = [_score(graph, _embed(graph, [taps], keep, fold.held, batch), p, batch) for fold, p in zip(folds, fits)]
+        out = [
+            score_features(graph, _embed(graph, [taps], keep, fold.held, batch), p, batch)
+            for fold, p in zip(folds, fits)
+        ]
         return np.concatenate([s for s, _ in out]), np.concatenate([m for _, m in out])
 
     copy_auroc = None
@@ -414,7 +456,7 @@ def _score_candidate(
     for f, params in enumerate(fits):
         rows = [i for i, pf in enumerate(planted.fold) if pf == f]
         if rows:
-            s, m = _score(graph, _embed(graph, [planted_taps], keep, rows, batch), params, batch)
+            s, m = score_features(graph, _embed(graph, [planted_taps], keep, rows, batch), params, batch)
             planted_scores[rows] = s
             for j, row in enumerate(rows):
                 planted_maps[row] = m[j]
