@@ -31,6 +31,7 @@ socket file another live process serves (`refuse_served_ipc`), which ZeroMQ alon
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import socket
 import struct
@@ -240,6 +241,10 @@ class _AllowList:
 
 
 _auth_lock = threading.Lock()
+# pyzmq names a monitor's inproc endpoint after its socket's fd, which the OS hands to the next socket as soon as the
+# first is closed, while libzmq's reaper may not yet have unbound that endpoint: the next monitor's bind then fails
+# with "Address already in use" (a zmq camera reopened, a server restarted in the same process). Names never reused.
+_monitor_names = itertools.count()
 # One ZAP handler per context: libzmq sends a socket's handshakes to the handler bound in that socket's own context.
 _authenticators: dict[zmq.Context, ThreadAuthenticator] = {}
 
@@ -335,7 +340,7 @@ class CurveServer:
         events = zmq.EVENT_MONITOR_STOPPED
         for event in _REFUSALS:
             events |= event
-        monitor = sock.get_monitor_socket(events)
+        monitor = sock.get_monitor_socket(events, addr=f"inproc://inspectd-monitor-{next(_monitor_names)}")
         thread = threading.Thread(target=self._watch, args=(monitor,), name=f"auth-{self.domain}", daemon=True)
         # Watchers of sockets closed since end on their own; only those still watching are kept for stop().
         self._monitors = [watcher for watcher in self._monitors if watcher.is_alive()]
