@@ -4,7 +4,9 @@ each as a real subprocess."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import datetime
 import gc
 import json
 import os
@@ -24,6 +26,7 @@ import pytest
 import structlog
 
 from daemon_harness import Station, in_process_config
+from inspectd.clients import archive as archive_cli
 from inspectd.daemon import archive as archive_module
 from inspectd.daemon.archive import Archive
 from inspectd.daemon.inference import Judged
@@ -737,6 +740,168 @@ def test_export_skips_a_frame_whose_file_is_empty_or_cut_short(tmp_path):
     none_readable = inspectd("archive", "export", str(tmp_path / "bad"), "--archive", str(archive_dir), "--limit", "2")
     assert none_readable.returncode == 1 and "no archived frame could be read" in none_readable.stderr
     assert list((tmp_path / "bad").rglob("*.png")) == []
+
+
+def manifest_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "archive.jsonl").read_text().splitlines()]
+
+
+def test_an_export_into_a_folder_holding_an_earlier_exports_frames_is_refused_unless_added_to(tmp_path):
+    """The recalibration recipe run twice into one folder: the second export is refused in one line, so calibrate
+    never sets thresholds on last week's frames unasked. With --add it adds, saying what the folder now holds, and
+    exporting the same span again changes nothing, not even the manifest. The same export retried into its own folder
+    needs no --add; the other split of a folder is a folder of its own."""
+    archive_dir = tmp_path / "archive"
+    archive = Archive(archive_dir, max_mb=100, max_age_h=1000, good_every=1).start()
+    now = time.time()
+    last_week = write_all(archive, [judged("cam0", seq, good_frame(seq), now - 8 * 86400 + seq) for seq in range(10)])
+    today = write_all(archive, [judged("cam0", seq, good_frame(seq), now - 600 + seq) for seq in range(10, 20)])
+    assert archive.close()
+    since = datetime.datetime.fromtimestamp(now - 3600).isoformat(timespec="seconds")
+    out = tmp_path / "recal"
+    common = ("--archive", str(archive_dir), "--verdict", "ok")
+
+    def good_files() -> list[str]:
+        return sorted(p.stem for p in (out / "test" / "good").iterdir())
+
+    first = inspectd("archive", "export", str(out), *common, "--until", "2d")
+    assert first.returncode == 0 and first.stdout.strip().endswith("(good: 10, defect: 0)"), first.stderr
+    assert good_files() == last_week
+    manifest = (out / "archive.jsonl").read_bytes()
+
+    again = inspectd("archive", "export", str(out), *common, "--since", since)
+    assert again.returncode == 2 and again.stdout == "", again.stdout
+    assert again.stderr.strip() == (
+        f"inspectd archive: export {out}: {out}/test/ already holds 10 frame(s) not of this export (an earlier "
+        "export's, or copied in), which calibrate, train and teach would read too: export into a fresh folder, or "
+        "--add to add to them"
+    )
+    assert good_files() == last_week and (out / "archive.jsonl").read_bytes() == manifest, "nothing written"
+
+    added = inspectd("archive", "export", str(out), *common, "--since", since, "--add")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.strip() == (
+        f"exported 10 frame(s) to {out}/test/ (good: 10, defect: 0); 0 of them were there already; {out}/test/ now "
+        "holds 20 frame(s) (good: 20)"
+    )
+    assert good_files() == sorted(last_week + today)
+    rows = manifest_rows(out)
+    assert [row["id"] for row in rows] == last_week + today and len({row["export_run"] for row in rows}) == 2
+    manifest = (out / "archive.jsonl").read_bytes()
+
+    same_span = inspectd("archive", "export", str(out), *common, "--since", since, "--add", "--json")
+    assert same_span.returncode == 0, same_span.stderr
+    report = json.loads(same_span.stdout)
+    assert (report["exported"], report["already_there"], report["holds"]) == (10, 10, {"good": 20}), report
+    assert good_files() == sorted(last_week + today)
+    assert (out / "archive.jsonl").read_bytes() == manifest, "no row written twice"
+
+    retried = inspectd("archive", "export", str(out), *common, "--until", "2d")  # the first export, as it was
+    assert retried.returncode == 2 and "already holds 10 frame(s) not of this export" in retried.stderr
+    fresh = tmp_path / "fresh"
+    for _ in range(2):
+        done = inspectd("archive", "export", str(fresh), *common, "--since", since)
+        assert done.returncode == 0, done.stderr
+    assert [row["id"] for row in manifest_rows(fresh)] == today
+    held = f"10 of them were there already; {fresh}/test/ now holds 10 frame(s) (good: 10)"
+    assert done.stdout.strip().endswith(held), done.stdout
+
+    train = inspectd("archive", "export", str(out), *common, "--since", since, "--split", "train")
+    assert train.returncode == 0 and train.stdout.strip().endswith("(good: 10, defect: 0)"), train.stderr
+    assert sorted(p.stem for p in (out / "train" / "good").iterdir()) == today
+
+
+def test_an_export_after_one_cut_off_mid_row_keeps_every_row_of_its_own(tmp_path):
+    """An export killed while it appended leaves the manifest's last row cut short: the next export into the folder
+    starts its rows on a line of their own, so none of its frames is left unnamed (teach would leave it out)."""
+    archive_dir = tmp_path / "archive"
+    archive = Archive(archive_dir, max_mb=100, max_age_h=24, good_every=1).start()
+    ids = write_all(archive, [judged(camera, seq, good_frame(seq)) for camera in ("cam0", "cam1") for seq in range(4)])
+    assert archive.close()
+    out = tmp_path / "export"
+    with ArchiveReader(archive_dir) as reader:
+        assert reader.export(reader.query(camera="cam0"), out, "train") == 4
+        manifest = out / "archive.jsonl"
+        manifest.write_bytes(manifest.read_bytes()[:-40])
+        assert reader.export(reader.query(camera="cam1"), out, "train") == 4
+    parsed = []
+    for line in manifest.read_text().splitlines():
+        try:
+            parsed.append(json.loads(line)["id"])
+        except ValueError:
+            continue
+    assert parsed == ids[:3] + ids[4:], parsed
+
+
+def test_export_counts_what_it_copied_and_what_expired_during_the_copy(tmp_path, monkeypatch, capsys):
+    """Retention deletes the oldest frames between the export's query and its copy (an export reaching back to
+    archive.max_age_h): the summary counts the frames copied, by verdict, and the expired ones apart; when all of
+    them expired, it does not say that nothing matched."""
+    real_time = time.time
+
+    def hours_on(hours: float) -> None:
+        monkeypatch.setattr(archive_module.time, "time", lambda: real_time() + hours * 3600)
+
+    def retention(root: Path, hours: float, seq: int) -> None:
+        """A daemon `hours` from now keeping an hour's frames writes one: its writer's age check deletes the older."""
+        hours_on(hours)
+        archive = Archive(root, max_mb=100, max_age_h=1, good_every=1).start()
+        assert archive.offer(judged("cam0", seq, good_frame(seq))) is not None
+        assert archive.close()
+        monkeypatch.undo()
+
+    def three_old_and_two_written_two_hours_on(root: Path) -> tuple[list[str], list[str]]:
+        archive = Archive(root, max_mb=100, max_age_h=1000, good_every=1).start()
+        old = write_all(archive, [judged("cam0", seq, good_frame(seq)) for seq in range(3)])
+        assert archive.close()
+        hours_on(2)
+        archive = Archive(root, max_mb=100, max_age_h=1000, good_every=1).start()
+        kept = write_all(archive, [judged("cam0", 3, good_frame(3)), judged("cam0", 4, defect_frame(4))])
+        assert archive.close()
+        monkeypatch.undo()
+        return old, kept
+
+    parser = argparse.ArgumentParser()
+    archive_cli.add_arguments(parser)
+    for name, as_json in (("text", False), ("json", True)):
+        root, out = tmp_path / f"archive-{name}", tmp_path / name
+        old, kept = three_old_and_two_written_two_hours_on(root)
+        args = parser.parse_args(["export", str(out), "--archive", str(root)] + ["--json"] * as_json)
+        with ArchiveReader(root) as reader:
+            entries = archive_cli._query(reader, args)
+            assert [e.id for e in entries] == old + kept
+            retention(root, 2, 5)
+            assert archive_cli._export(reader, entries, args) == 0
+        captured = capsys.readouterr()
+        assert captured.err == ""
+        if as_json:
+            report = json.loads(captured.out)
+            assert report["exported"] == 2 and report["copied"] == {"ok": 1, "defect": 1}, report
+            assert report["matched"] == {"ok": 4, "defect": 1} and report["expired"] == old, report
+        else:
+            assert captured.out.strip() == (
+                f"exported 2 frame(s) to {out}/test/ (good: 1, defect: 1); 3 matched frame(s) expired (deleted by "
+                "retention) before they could be copied"
+            )
+        assert sorted(p.stem for p in out.rglob("*.png")) == kept
+        assert [row["id"] for row in manifest_rows(out)] == kept
+
+    # The last archive now holds the two frames written two hours on and the one retention's daemon wrote then.
+    args = parser.parse_args(["export", str(tmp_path / "none"), "--archive", str(root)])
+    with ArchiveReader(root) as reader:
+        entries = archive_cli._query(reader, args)
+        assert len(entries) == 3
+        retention(root, 4, 6)
+        assert archive_cli._export(reader, entries, args) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip() == (
+        f"exported 0 frame(s) to {tmp_path / 'none'}/test/ (good: 0, defect: 0); 3 matched frame(s) expired (deleted "
+        "by retention) before they could be copied"
+    )
+    assert captured.err.strip() == (
+        "inspectd archive: no archived frame could be copied: 3 of the 3 that matched expired during the export "
+        "(deleted by retention)"
+    )
 
 
 def test_frames_queued_as_shutdown_reaches_the_archive_get_a_grace_of_their_own(tmp_path):

@@ -3,9 +3,13 @@ MVTec-layout folder that `inspectd train --data` and `inspectd calibrate --good`
 
 Reads the archive directory only (inspectd.protocol.archive), so it works beside a running daemon or without one.
 A frame whose file is empty or not a whole PNG (a power cut can leave one cut short) is not exported: it is counted
-and its id named on stderr, so nothing unreadable lands in a training folder.
-Exit codes: 0 done, 1 export matched no frame (or none that could be read), 2 bad arguments, no archive there (or
-unreadable), or an OUT that cannot be written (one line naming it and why).
+and its id named on stderr, so nothing unreadable lands in a training folder. A frame retention deleted between the
+query and its copy is counted as expired, not as exported.
+An export into an OUT whose split folder already holds frames it would not write itself (an earlier export's, or
+copied in) is refused unless --add says to add to them: calibrate, train and teach read the whole folder, so a
+recipe exporting into the same folder every time would otherwise set thresholds on every earlier span too.
+Exit codes: 0 done, 1 export matched no frame (or none that could be copied), 2 bad arguments, no archive there (or
+unreadable), an OUT that cannot be written (one line naming it and why), or one already holding other frames.
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ import json
 import sys
 from pathlib import Path
 
-from inspectd.protocol.archive import DEFAULT_ARCHIVE, EXPORT_SPLITS, ArchiveError, ArchiveReader, Entry, parse_time
+from inspectd.protocol.archive import (
+    DEFAULT_ARCHIVE,
+    EXPORT_FOLDERS,
+    EXPORT_SPLITS,
+    ArchiveError,
+    ArchiveReader,
+    Entry,
+    parse_time,
+    split_frames,
+)
 
 VERDICTS = ("ok", "defect")
 
@@ -32,7 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "calibrate BUNDLE --good OUT` reads OUT/test/good. "
         "Verdicts are the model's, not labels: review defect frames before using them as --defective.",
     )
-    export.add_argument("out", type=Path, metavar="OUT", help="folder to export into (created; added to if present)")
+    export.add_argument(
+        "out",
+        type=Path,
+        metavar="OUT",
+        help="folder to export into (created); one whose split folder holds other frames is refused without --add",
+    )
+    export.add_argument(
+        "--add",
+        action="store_true",
+        help="add to the frames OUT/<split>/ already holds (an earlier export's): calibrate, train and teach then "
+        "read them all; a frame exported there before is copied again, not listed twice in archive.jsonl",
+    )
     export.add_argument(
         "--split",
         choices=EXPORT_SPLITS,
@@ -93,9 +117,25 @@ def _list(entries: list[Entry], as_json: bool) -> int:
 
 
 def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespace) -> int:
+    where = f"{args.out}/{args.split}/"
+    before = {folder: set(names) for folder, names in split_frames(args.out, args.split).items()}
+    ours = {e.export_name for e in entries}
+    others = sum(1 for names in before.values() for name in names if name not in ours)
+    if others and not args.add:
+        raise ArchiveError(
+            f"export {args.out}: {where} already holds {others} frame(s) not of this export (an earlier export's, or "
+            "copied in), which calibrate, train and teach would read too: export into a fresh folder, or --add to add "
+            "to them"
+        )
     unreadable: list[str] = []
-    copied = reader.export(entries, args.out, args.split, unreadable)
-    counts = {v: sum(1 for e in entries if e.verdict == v) for v in VERDICTS}
+    expired: list[str] = []
+    copied = reader.export(entries, args.out, args.split, unreadable, expired)
+    matched = [e for e in entries if e.verdict in EXPORT_FOLDERS]
+    skipped = {*unreadable, *expired}
+    done = [e for e in matched if e.id not in skipped]
+    counts = {v: sum(1 for e in done if e.verdict == v) for v in VERDICTS}
+    already = sum(1 for e in done if e.export_name in before.get(EXPORT_FOLDERS[e.verdict], ()))
+    holds = {folder: len(names) for folder, names in split_frames(args.out, args.split).items() if names}
     if unreadable:
         print(
             f"inspectd archive: skipped {len(unreadable)} frame(s) whose file is empty or not a whole PNG: "
@@ -108,17 +148,34 @@ def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespac
                 "out": str(args.out),
                 "split": args.split,
                 "exported": copied,
-                "matched": counts,
+                "copied": counts,
+                "matched": {v: sum(1 for e in matched if e.verdict == v) for v in VERDICTS},
                 "unreadable": unreadable,
+                "expired": expired,
+                "already_there": already,
+                "holds": holds,
             },
             sys.stdout,
         )
         print()
     else:
-        print(
-            f"exported {copied} frame(s) to {args.out}/{args.split}/ (good: {counts['ok']}, defect: {counts['defect']})"
-        )
+        line = f"exported {copied} frame(s) to {where} (good: {counts['ok']}, defect: {counts['defect']})"
+        if expired:
+            line += f"; {len(expired)} matched frame(s) expired (deleted by retention) before they could be copied"
+        if any(before.values()):
+            held = ", ".join(f"{f}: {n}" for f, n in sorted(holds.items(), key=lambda h: (h[0] != "good", h)))
+            line += f"; {already} of them were there already; {where} now holds {sum(holds.values())} frame(s) ({held})"
+        print(line)
     if copied == 0:
-        print(f"inspectd archive: no archived frame {'could be read' if unreadable else 'matched'}", file=sys.stderr)
+        print(f"inspectd archive: {_none_copied(len(matched), len(unreadable), len(expired))}", file=sys.stderr)
         return 1
     return 0
+
+
+def _none_copied(matched: int, unreadable: int, expired: int) -> str:
+    if not matched:
+        return "no archived frame matched"
+    if not expired:
+        return "no archived frame could be read"
+    why = f"{expired} of the {matched} that matched expired during the export (deleted by retention)"
+    return f"no archived frame could be copied: {why}" + (f", {unreadable} unreadable" if unreadable else "")

@@ -22,7 +22,8 @@ refuses anything else (UnreadableFrame); `export` and teach skip such a frame an
 Exported folders are MVTec-layout (`<out>/<split>/<verdict folder>/<id>.png`, good frames in `good`, defect verdicts
 in `defect`), so `inspectd train --data OUT` and `inspectd calibrate --good OUT` read them directly. An export adds
 to OUT: `<out>/archive.jsonl` gets one row per frame copied (its index row, `exported_to`, and `export_run`, an id
-the rows of one export run share).
+the rows of one export run share), none for a frame it already names in that folder. Whether to add to a folder that
+holds frames of an earlier export is the caller's to decide (`split_frames` says what it holds).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ INDEX_NAME = "index.sqlite3"
 LIVE_DIR = "live"
 ID_RE = re.compile(rf"{CAMERA_RE.pattern}-\d{{8}}T\d{{9}}-\d+")
 EXPORT_SPLITS = ("train", "test")
+EXPORT_FOLDERS = {"ok": "good", "defect": "defect"}  # verdict -> the folder of <out>/<split>/ an export copies it to
 MANIFEST_NAME = "archive.jsonl"  # what an export took, one JSON object per frame
 # In every row of an export's manifest: the same id for the rows one export run wrote. An export adds to its folder,
 # so the rows of the frames taught on tell whether they come from one span or from several exported into it.
@@ -269,12 +271,19 @@ class ArchiveReader:
         return [row[0] for row in self._db.execute("SELECT DISTINCT camera FROM frames ORDER BY camera")]
 
     def export(
-        self, entries: list[Entry], out: str | Path, split: str = "test", unreadable: list[str] | None = None
+        self,
+        entries: list[Entry],
+        out: str | Path,
+        split: str = "test",
+        unreadable: list[str] | None = None,
+        expired: list[str] | None = None,
     ) -> int:
-        """Copy the entries' frames into an MVTec-layout folder `out/<split>/<good|defect>/<id>.png`; returns how
-        many were copied. Frames that expired between the query and the copy are skipped; so is a frame whose file
-        is empty or not a whole PNG, its id added to `unreadable` when given. An ArchiveError naming `out` when it
-        cannot be written (under a file, permission denied, disk full)."""
+        """Copy the entries' frames into an MVTec-layout folder `out/<split>/<good|defect>/<id>.png`, adding to what
+        is there; returns how many were copied. A frame that expired between the query and the copy is skipped, its
+        id added to `expired` when given; so is a frame whose file is empty or not a whole PNG, its id added to
+        `unreadable`. A frame the manifest already names in its folder (exported there before) is copied again but
+        gets no second row. An ArchiveError naming `out` when it cannot be written (under a file, permission denied,
+        disk full)."""
         if split not in EXPORT_SPLITS:
             raise ArchiveError(f"split {split!r}: expected one of {', '.join(EXPORT_SPLITS)}")
         out = Path(out)
@@ -282,9 +291,12 @@ class ArchiveReader:
         run = uuid.uuid4().hex
         try:
             out.mkdir(parents=True, exist_ok=True)
+            named, whole = _manifest_rows(out / MANIFEST_NAME)
             with open(out / MANIFEST_NAME, "a", encoding="utf-8") as manifest:
+                if not whole:  # a row cut off by a kill: ours must not be appended to it and lost with it
+                    manifest.write("\n")
                 for entry in entries:
-                    if entry.verdict not in ("ok", "defect"):
+                    if entry.verdict not in EXPORT_FOLDERS:
                         continue
                     try:
                         data = self.frame_bytes(entry)
@@ -293,12 +305,17 @@ class ArchiveReader:
                             unreadable.append(entry.id)
                         continue
                     if data is None:
+                        if expired is not None:
+                            expired.append(entry.id)
                         continue
-                    folder = out / split / ("good" if entry.verdict == "ok" else "defect")
+                    folder = out / split / EXPORT_FOLDERS[entry.verdict]
                     folder.mkdir(parents=True, exist_ok=True)
                     _write_whole(folder / entry.export_name, data)
-                    row = {**entry.to_dict(), "exported_to": f"{split}/{folder.name}", EXPORT_RUN: run}
-                    manifest.write(json.dumps(row) + "\n")
+                    exported_to = f"{split}/{folder.name}"
+                    if (entry.id, exported_to) not in named:
+                        row = {**entry.to_dict(), "exported_to": exported_to, EXPORT_RUN: run}
+                        manifest.write(json.dumps(row) + "\n")
+                        named.add((entry.id, exported_to))
                     copied += 1
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename and Path(exc.filename) != out else ""
@@ -320,6 +337,43 @@ class ArchiveReader:
         if not (data.startswith(PNG_SIGNATURE) and data.endswith(PNG_END)):
             raise UnreadableFrame(f"archive id {entry.id!r}: {path} is not a whole PNG (cut short?)")
         return data
+
+
+def split_frames(out: str | Path, split: str) -> dict[str, list[str]]:
+    """The files in each folder of `out/<split>/` (good, defect, any other a reviewer made), by the folder's name,
+    hidden ones left out: every file, not only those train, calibrate and teach would read as images (which suffixes
+    those are is engines.data's to say, below this layer), so a stray file counts as one more that is not this
+    export's. Empty where there is no such folder yet."""
+    where = Path(out) / split
+    try:
+        folders = sorted(p for p in where.iterdir() if not p.name.startswith(".") and p.is_dir())
+        return {
+            folder.name: sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+            for folder in folders
+        }
+    except (FileNotFoundError, NotADirectoryError):  # nothing exported there yet; one under a file fails its write
+        return {}
+    except OSError as exc:
+        raise ArchiveError(f"export {out}: cannot read {where} ({exc.strerror or exc})") from None
+
+
+def _manifest_rows(path: Path) -> tuple[set[tuple[str, str]], bool]:
+    """(archive id, exported_to) of each row of the export manifest at `path`, and whether its last row is whole (it
+    ends in a newline, or there is none). A row that does not parse names nothing."""
+    named: set[tuple[str, str]] = set()
+    line = b""
+    try:
+        # Bytes: a line that is not UTF-8 is one more row that does not parse, not a failure of the whole file.
+        with open(path, "rb") as manifest:
+            for line in manifest:
+                try:
+                    row = json.loads(line)
+                    named.add((row["id"], row["exported_to"]))
+                except (ValueError, TypeError, KeyError):
+                    continue
+    except FileNotFoundError:
+        return named, True
+    return named, not line or line.endswith(b"\n")
 
 
 def _where(
