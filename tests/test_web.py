@@ -5,11 +5,12 @@ the screenshot in docs/ (with INSPECTD_UPDATE_DOCS=1; otherwise it goes to the t
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ import pytest
 
 from browser import Browser
 from daemon_harness import Station
-from inspectd.clients.web import HIST_BINS, LineState
+from inspectd.clients.web import HIST_BINS, IDLE_TIMEOUT_S, MAX_CONNECTIONS, LineState
 from inspectd.protocol.archive import INDEX_NAME
 from inspectd.protocol.messages import Region, Result, encode_status, result_topic
 from ports import free_port
@@ -434,38 +435,18 @@ def assert_not_an_archive_id(url: str, entry_id: str) -> None:
     assert code == 404 and b"expected <camera>-<YYYYmmddTHHMMSSmmm>-<seq>" in body, (code, body[:200])
 
 
-class EventStream:
-    """The view's /events stream, read as a page's EventSource reads it."""
-
-    def __init__(self, url: str) -> None:
-        where = urllib.parse.urlsplit(url)
-        # The view sends the state at least once a second: 5 s of silence is a stream that stopped.
-        self.conn = http.client.HTTPConnection(where.hostname, where.port, timeout=5)
-        self.conn.request("GET", "/events")
-        self.reply = self.conn.getresponse()
-        assert self.reply.status == 200
-
-    def state_where(self, test, timeout: float, what: str) -> dict:
-        """The first state event for which `test(state)` holds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.reply.readline()
-            except TimeoutError:
-                raise AssertionError(f"no state event for 5 s, waiting for {what}") from None
-            if line.startswith(b"data: "):
-                state = json.loads(line[len(b"data: ") :], parse_constant=refuse_constant)
-                if test(state):
-                    return state
-        raise AssertionError(f"no state event with {what} in {timeout} s")
-
-    def close(self) -> None:
-        self.conn.close()
+def state_where(url: str, test, timeout: float, what: str) -> dict:
+    """The first /api/state, asked for as the page asks (every half second), for which `test(state)` holds."""
+    deadline = time.monotonic() + timeout
+    while not test(state := state_of(url)):
+        assert time.monotonic() < deadline, f"no state with {what} in {timeout} s"
+        time.sleep(0.1)
+    return state
 
 
 def test_a_status_whose_figures_are_not_numbers_does_not_stop_the_pages(tmp_path):
     """A false-reject warning whose estimate is text and whose target is a list: the alarm is shown without figures,
-    and every open page keeps getting the state after it (the one task pushing to all pages once died of it)."""
+    and the pages keep getting the state after it (the one task pushing to all pages once died of it)."""
     pub, endpoint = publisher()
     web, url = start_web(endpoint, tmp_path / "none")
     drift = {"false_reject_warning": True, "false_reject_estimate": "0.02", "target": [0.001]}
@@ -473,21 +454,17 @@ def test_a_status_whose_figures_are_not_numbers_does_not_stop_the_pages(tmp_path
     try:
         wait_served(web, url)
         until_subscribed(pub, url)
-        events = EventStream(url)
         pub.send_multipart(encode_status("t1", {**odd, "t": time.time()}))
-        events.state_where(
-            lambda s: "camera cam0 false rejects rising" in s["alarms"], 10, "the warning without its figures"
-        )
+        state_where(url, lambda s: "camera cam0 false rejects rising" in s["alarms"], 10, "the warning without figures")
         assert state_of(url)["alarms"] == ["camera cam0 false rejects rising"]
         good_at = time.time()
         pub.send_multipart(encode_status("t1", {**STATUS, "t": good_at}))
-        after = events.state_where(lambda s: (s["status"] or {}).get("t") == good_at, 10, "the status after it")
+        after = state_where(url, lambda s: (s["status"] or {}).get("t") == good_at, 10, "the status after it")
         assert after["alarms"] == [] and after["daemon_reporting"]
-        events.close()
     finally:
         output = stop_web(web)
         pub.close()
-    assert '"push_failed"' not in output
+    assert '"state_failed"' not in output
 
 
 def test_a_status_with_nan_or_a_name_that_is_no_camera_id_is_refused(tmp_path):
@@ -589,3 +566,167 @@ def test_live_frames_need_no_index_and_an_archive_made_anew_is_read(tmp_path):
         assert fetch(url + f"archive/{first}/overlay")[0] == 404  # gone with its directory
     finally:
         stop_web(web)
+
+
+# --- many pages, many connections, a camera taken out ----------------------------------------------------------------
+
+
+async def in_every_tab(browser: Browser, expression: str) -> list:
+    """`expression`'s value in each tab of `browser`, through each tab's own DevTools connection."""
+    port = int((browser.profile / "DevToolsActivePort").read_text().splitlines()[0])
+    session = browser._session
+    assert session is not None
+    async with session.get(f"http://127.0.0.1:{port}/json/list") as reply:
+        tabs = [t for t in await reply.json() if t.get("type") == "page"]
+    values = []
+    for tab in tabs:
+        async with session.ws_connect(tab["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            await ws.send_json({"id": 1, "method": "Runtime.evaluate",
+                                "params": {"expression": expression, "returnByValue": True}})  # fmt: skip
+            while (answer := await ws.receive_json(timeout=10)).get("id") != 1:
+                pass
+        values.append(answer["result"]["result"].get("value"))
+    return values
+
+
+def test_seven_tabs_of_one_browser_each_show_the_line_and_leave_connections_for_the_rest(tmp_path):
+    """A browser opens at most six HTTP/1.1 connections to one host, for all its tabs together. A page that held one
+    for good (a stream) left a seventh tab connecting for ever, and every request of the other six (frames, overlays,
+    state) queued behind the streams. Seven tabs each follow the line, and a request of the first is answered."""
+    pub, endpoint = publisher()
+    web, url = start_web(endpoint, tmp_path / "none")
+    shown = "(document.querySelector('#camera-cam7 table.stats')?.innerText || '').includes('0 / 1 / 0')"
+
+    async def tabs() -> None:
+        async with Browser() as browser:
+            await browser.goto(url)
+            await browser.wait_for("!!document.querySelector('#camera-cam0')", 10, "the first tab's state")
+            for _ in range(6):
+                await browser.send("Target.createTarget", url=url)
+            deadline = time.monotonic() + 3
+            while len(await in_every_tab(browser, "1")) < 7:
+                assert time.monotonic() < deadline, "chromium did not open seven tabs"
+                await asyncio.sleep(0.1)
+            # Published once all seven are open: every tab must go on asking, not only have drawn a first state.
+            pub.send_multipart(frames(result("cam7", 1, "defect", 0.9)))
+            deadline = time.monotonic() + 10
+            while not all(seen := await in_every_tab(browser, shown)):
+                health = await in_every_tab(browser, "document.querySelector('#health').textContent")
+                assert time.monotonic() < deadline, f"tabs without cam7's defect: {seen}, health: {health}"
+                await asyncio.sleep(0.2)
+            asked = await browser.send(
+                "Runtime.evaluate",
+                expression="(async () => { const abort = new AbortController(); setTimeout(() => abort.abort(), 3000);"
+                " try { return (await fetch('/api/state', {signal: abort.signal})).status; }"
+                " catch (e) { return e.name; } })()",
+                awaitPromise=True,
+                returnByValue=True,
+            )
+            assert asked["result"]["value"] == 200, asked
+
+    try:
+        wait_served(web, url)
+        until_subscribed(pub, url)
+        asyncio.run(tabs())
+    finally:
+        stop_web(web)
+        pub.close()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_past_the_cap_close_the_quietest_and_the_page_is_still_served(tmp_path):
+    """Whoever can connect could hold a file descriptor per connection until the view could accept no one. One past
+    MAX_CONNECTIONS closes the connection quiet longest (here: requests never finished, the first held first), so
+    the page is served and the view holds at most MAX_CONNECTIONS."""
+    web, url = start_web(f"tcp://127.0.0.1:{free_port()}", tmp_path / "none")
+    port = urllib.parse.urlsplit(url).port
+    extra = 8
+    held: list[socket.socket] = []
+    try:
+        wait_served(web, url)
+        for _ in range(MAX_CONNECTIONS + extra):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            held[-1].sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finished: a place held
+        assert fetch(url)[0] == 200  # one more connection: one more of the held ones makes room
+        deadline = time.monotonic() + 5
+        while not all(closed_by_peer(sock) for sock in held[: extra + 1]):
+            assert time.monotonic() < deadline, "the connections quiet longest were not closed to make room"
+            time.sleep(0.05)
+        assert not any(closed_by_peer(sock) for sock in held[extra + 1 :]), "a newer connection was closed"
+    finally:
+        for sock in held:
+            sock.close()
+        output = stop_web(web)
+    evicted = [json.loads(line) for line in output.splitlines() if '"web_connection_evicted"' in line]
+    assert len(evicted) == 1 and evicted[0]["limit"] == MAX_CONNECTIONS, evicted  # once a minute, not per connection
+
+
+def test_a_malformed_request_is_one_json_warning_and_a_silent_connection_is_closed(tmp_path):
+    """With --log-format json every line is one JSON object: a request whose header line is too long (answered 400)
+    is a warning without a traceback, logged once however many come. A connection that sends no whole request is
+    closed after IDLE_TIMEOUT_S."""
+    web, url = start_web(f"tcp://127.0.0.1:{free_port()}", tmp_path / "none")
+    port = urllib.parse.urlsplit(url).port
+    try:
+        wait_served(web, url)
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        silent.sendall(b"GET / HTTP/1.1\r\n")
+        opened = time.monotonic()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 10_000 + b"\r\n\r\n")
+                assert sock.recv(100).split(b" ")[1] == b"400", "an over-long header line was not refused"
+        assert fetch(url)[0] == 200
+        while not closed_by_peer(silent):
+            assert time.monotonic() < opened + IDLE_TIMEOUT_S + 5, "a connection without a request was kept"
+            time.sleep(0.1)
+        assert time.monotonic() - opened >= IDLE_TIMEOUT_S - 1, "closed before its time"
+        silent.close()
+    finally:
+        output = stop_web(web)
+    lines = [json.loads(line) for line in output.splitlines()]  # each line one JSON object, or this fails
+    refused = [line for line in lines if line["event"] == "bad_request"]
+    assert len(refused) == 1 and refused[0]["level"] == "warning", refused
+    assert refused[0]["error"].startswith("LineTooLong: ") and "exception" not in refused[0], refused
+
+
+def test_a_camera_taken_out_of_the_daemons_config_is_greyed_and_labelled(tmp_path):
+    """A daemon restarted without cam1: its status no longer lists it. The page keeps cam1's tile (its last defect,
+    its counts) greyed and labelled as not in the daemon's config, not as the station's present; back in the config,
+    it is live again."""
+    pub, endpoint = publisher()
+    web, url = start_web(endpoint, tmp_path / "none")
+    both = {**STATUS, "cameras": {"cam0": {"state": "running"}, "cam1": {"state": "running"}}}
+    gone = "document.querySelector('#camera-cam1')?.classList.contains('gone')"
+
+    async def page() -> None:
+        async with Browser() as browser:
+            await browser.goto(url)
+            await browser.wait_for(f"{gone} === false", 10, "cam1 shown as a camera of the daemon")
+            pub.send_multipart(encode_status("t1", {**STATUS, "t": time.time()}))  # cam0 only
+            await browser.wait_for(gone, 10, "cam1 marked as gone")
+            text = await browser.evaluate("document.querySelector('#camera-cam1').innerText")
+            assert "not in the daemon's config" in text and "0 / 1 / 0" in text, text
+            state = state_of(url)
+            assert state["cameras"]["cam1"]["gone"] and not state["cameras"]["cam0"]["gone"], state["cameras"]
+            pub.send_multipart(encode_status("t1", {**both, "t": time.time()}))
+            await browser.wait_for(f"{gone} === false", 10, "cam1 back in the config")
+
+    try:
+        wait_served(web, url)
+        until_subscribed(pub, url)
+        pub.send_multipart(encode_status("t1", {**both, "t": time.time()}))
+        pub.send_multipart(frames(result("cam1", 1, "defect", 0.9)))
+        state_where(url, lambda s: s["cameras"].get("cam1", {}).get("counts", {}).get("defect") == 1, 10, "cam1")
+        asyncio.run(page())
+    finally:
+        stop_web(web)
+        pub.close()

@@ -5,12 +5,17 @@ It subscribes to the daemon's result and status stream (inspectd.clients.subscri
 reads frames and overlays from the image archive directory (inspectd.protocol.archive). Per camera the page shows the
 last frame, the last defects with their overlays, counts (the daemon's, from its status messages), throughput,
 latency and a histogram of the scores this view received since it started, against the threshold; for the station,
-the daemon's health, model, thresholds and alarms. It updates over server-sent events: the state is pushed at most
-every PUSH_INTERVAL_S while it changes, and the browser's EventSource reconnects by itself. A daemon that restarts is
-picked up again by the SUB socket's own reconnect; while no status arrives the page says so.
+the daemon's health, model, thresholds and alarms. The page asks for the state (`/api/state`) every half second with
+a plain request: a stream held open per page would take one of the browser's six connections to this host for good,
+and six open tabs would leave none for the frames, the overlays or a seventh tab. Nothing is lost between two asks:
+the state is cumulative (counts, histogram, the newest defects). A daemon that restarts is picked up again by the SUB
+socket's own reconnect; while no status arrives the page says so.
 
-Routes: `/` the page (inspectd.clients.web_page, no build step), `/events` the stream, `/api/state` the same state as
-JSON, `/archive/<id>/frame|overlay` an archived image, `/live/<camera>.jpg` a camera's latest frame.
+Routes: `/` the page (inspectd.clients.web_page, no build step), `/api/state` the state as JSON,
+`/archive/<id>/frame|overlay` an archived image, `/live/<camera>.jpg` a camera's latest frame.
+
+Connections: at most MAX_CONNECTIONS at once (one more closes the one quiet longest), and one without a request for
+IDLE_TIMEOUT_S is closed, as for the daemon's /metrics: whoever can connect cannot hold every file descriptor.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import json
+import logging
 import os
 import statistics
 import sys
@@ -29,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.logs import configure_logging
@@ -51,7 +59,7 @@ log = structlog.get_logger("inspectd.web")
 
 DEFAULT_LISTEN = "127.0.0.1:8088"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
-PUSH_INTERVAL_S = 0.25
+ARCHIVE_CHECK_S = 1.0  # how often the archive's readability is checked, pages open or not
 # No status for this long (or for STALE_GAPS times the usual gap between status messages, when that is longer: the
 # daemon's publish.status_interval_s may be anything up to an hour): the page says the daemon is not reporting.
 STATUS_STALE_S = 3.0
@@ -61,8 +69,16 @@ GAPS_KEPT = 5  # the usual gap is the median of this many, so one long gap (a da
 ARCHIVE_WAIT_S = 2.0  # an image named by a result may still be on its way to disk: wait this long before 404
 HIST_BINS = 20  # score / threshold from 0 to 2 in HIST_BINS bins, and one bin above
 RATE_WINDOW_S = 5.0
-KEEPALIVE_S = 15.0
-REFUSED_LOG_S = 60.0  # a message that cannot be read is logged at most this often (a schema mismatch is every one)
+# The daemon's /metrics policy (inspectd.daemon.metrics, which the clients may not import): a connection silent this
+# long is closed, one sending its request too slowly to finish in it too (aiohttp's keep-alive timer starts with the
+# connection and is not put off by bytes that make no whole request).
+IDLE_TIMEOUT_S = 10.0
+# Connections at once; one more closes the one quiet longest. Four times /metrics' 16: a browser opens up to six per
+# host, and several browsers may watch one station.
+MAX_CONNECTIONS = 64
+# A message that cannot be read (a schema mismatch is every one), a request that is no HTTP, a connection closed to
+# make room: each logged at most this often, with the count since.
+REFUSED_LOG_S = 60.0
 REFUSED_ALARM_S = 60.0  # the page shows refused messages for this long after the last one
 
 
@@ -159,7 +175,6 @@ class LineState:
         self.refused = 0  # messages that did not decode
         self.last_refused: tuple[str, float] | None = None  # (why, time.monotonic()) of the last one
         self.archive_error: str | None = None  # why the archive cannot be read (not: there is none yet)
-        self.version = 0  # goes up with every change, so pushers know when to send
 
     def on_message(self, message: Result | dict[str, Any] | MessageError) -> None:
         now = time.monotonic()
@@ -177,20 +192,22 @@ class LineState:
             self.status, self.status_at = message, now
             for name in message.get("cameras") or {}:
                 self.cameras.setdefault(name, CameraView(self.defects_kept))
-        self.version += 1
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
         silent = None if self.status_at is None else round(now - self.status_at, 1)
         status_cameras = (self.status or {}).get("cameras")
+        listed = status_cameras if isinstance(status_cameras, dict) else None
         return {
             "t": time.time(),
             "status": self.status,
             "status_age_s": silent,
             "daemon_reporting": silent is not None and silent < self.stale_after(),
             "alarms": self.alarms(silent),
+            # gone: the daemon's last status lists its cameras, and not this one (taken out of its config): the page
+            # must not show its last defect and counts as the station's present.
             "cameras": {
-                name: view.view(now, (status_cameras if isinstance(status_cameras, dict) else {}).get(name))
+                name: {**view.view(now, (listed or {}).get(name)), "gone": listed is not None and name not in listed}
                 for name, view in sorted(self.cameras.items())
             },
             "refused_messages": self.refused,
@@ -280,18 +297,16 @@ class WebView:
         self.archive = archive
         self._reader: ArchiveReader | None = None
         self._reader_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the index the reader has open
-        self._clients: set[asyncio.Queue] = set()
-        self._push_failed_at: float | None = None
+        self._failed_at: dict[str, float] = {}  # event -> when last logged
 
-    def app(self) -> web.Application:
-        app = web.Application()
+    def app(self, cap: ConnectionCap) -> web.Application:
+        app = web.Application(middlewares=[cap.middleware])
         app.router.add_get("/", self.page)
-        app.router.add_get("/events", self.events)
         app.router.add_get("/api/state", self.api_state)
         app.router.add_get("/archive/{entry_id}/{kind}", self.archived)
         app.router.add_get("/live/{camera}.jpg", self.live)
-        app.on_startup.append(self._start_pusher)
-        app.on_cleanup.append(self._stop_pusher)
+        app.on_startup.append(self._start_watch)
+        app.on_cleanup.append(self._stop_watch)
         return app
 
     async def page(self, request: web.Request) -> web.Response:
@@ -300,59 +315,35 @@ class WebView:
         return web.Response(text=PAGE, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     async def api_state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.state.snapshot())
-
-    async def events(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-        )
-        await response.prepare(request)
-        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
-        self._clients.add(queue)
+        # Built anew for each ask: a state that cannot be built (a bug, a status nothing foresaw) fails that one
+        # reply, logged, and the page's next ask is answered as usual.
         try:
-            await response.write(_sse(self.state.snapshot()))
-            while True:
-                try:
-                    data = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-                except asyncio.TimeoutError:
-                    data = b": keepalive\n\n"
-                await response.write(data)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            self._clients.discard(queue)
-        return response
+            body = _json(self.state.snapshot())
+        except Exception as exc:
+            self._log_failure("state_failed", exc)
+            raise web.HTTPInternalServerError(text="the web view could not build its state (see its log)") from None
+        return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
 
-    async def _start_pusher(self, app: web.Application) -> None:
-        self._pusher = asyncio.create_task(self._push())
+    async def _start_watch(self, app: web.Application) -> None:
+        self._watch = asyncio.create_task(self._watch_archive())
 
-    async def _stop_pusher(self, app: web.Application) -> None:
-        self._pusher.cancel()
+    async def _stop_watch(self, app: web.Application) -> None:
+        self._watch.cancel()
 
-    async def _push(self) -> None:
-        sent, tick = -1, 0
+    async def _watch_archive(self) -> None:
+        """An archive that cannot be read is an alarm, images asked for or not."""
         while True:
-            await asyncio.sleep(PUSH_INTERVAL_S)
-            tick += 1
-            # One task serves every page: a state it cannot build (a bug, a status nothing foresaw) is logged and
-            # skipped, and the next message is pushed as usual.
+            await asyncio.sleep(ARCHIVE_CHECK_S)
             try:
-                if tick % int(1 / PUSH_INTERVAL_S) == 0:
-                    self._archive_reader()  # an archive that cannot be read is an alarm, images asked for or not
-                # Unchanged state is still sent once a second, so the page's "no status for N s" keeps counting.
-                if self._clients and (self.state.version != sent or tick % int(1 / PUSH_INTERVAL_S) == 0):
-                    version = self.state.version
-                    data = _sse(self.state.snapshot())
-                    sent = version
-                    for queue in list(self._clients):
-                        if queue.full():  # a slow browser gets the newest state, not a backlog
-                            queue.get_nowait()
-                        queue.put_nowait(data)
-            except Exception as exc:
-                now = time.monotonic()
-                if self._push_failed_at is None or now - self._push_failed_at >= REFUSED_LOG_S:
-                    log.exception("push_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
-                    self._push_failed_at = now
+                self._archive_reader()
+            except Exception as exc:  # asked again next time; the task must outlive it
+                self._log_failure("archive_check_failed", exc)
+
+    def _log_failure(self, event: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._failed_at.get(event, -REFUSED_LOG_S) >= REFUSED_LOG_S:
+            log.exception(event, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            self._failed_at[event] = now
 
     def _archive_reader(self) -> ArchiveReader | None:
         """The reader of the archive's index, opened anew when the index was replaced (the directory cleared, moved
@@ -404,8 +395,83 @@ class WebView:
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 
 
-def _sse(doc: dict[str, Any]) -> bytes:
-    return f"event: state\ndata: {json.dumps(doc, separators=(',', ':'), default=str)}\n\n".encode()
+_json = functools.partial(json.dumps, separators=(",", ":"), default=str)
+
+
+class ConnectionCap:
+    """At most MAX_CONNECTIONS connections to the view at once. One more closes the connection that has been quiet
+    longest (no request since it was accepted, or since its last one): a page asks twice a second and its images once
+    a second, so that one is a peer holding its place, or a browser's spare connection it reopens at need. Refusing
+    the newcomer instead would let MAX_CONNECTIONS such peers lock every operator out."""
+
+    def __init__(self) -> None:
+        self._server: web.Server | None = None
+        self._connection_made: Any = None
+        self._active: dict[Any, float] = {}  # connection (aiohttp's RequestHandler) -> when it was last active
+        self.evicted = 0
+        self._logged_at = -REFUSED_LOG_S
+
+    def install(self, server: web.Server) -> None:
+        """Into the runner's server, before it accepts: aiohttp keeps the connections but has no hook for a new one."""
+        self._server, self._connection_made = server, server.connection_made
+        server.connection_made = self._made  # type: ignore[method-assign]
+
+    def _made(self, handler: Any, transport: asyncio.Transport) -> None:
+        assert self._server is not None
+        now = time.monotonic()
+        # Rebuilt from the server's own list, so a connection gone is forgotten here with it (at most the cap's worth).
+        live = [h for h in self._server.connections if h.connected]
+        self._active = {h: self._active.get(h, now) for h in live}
+        if len(live) >= MAX_CONNECTIONS:
+            quiet = min(live, key=self._active.__getitem__)
+            del self._active[quiet]
+            quiet.force_close()
+            self.evicted += 1
+            if now - self._logged_at >= REFUSED_LOG_S:
+                self._logged_at = now
+                peer = transport.get_extra_info("peername")
+                log.warning(
+                    "web_connection_evicted",
+                    client=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
+                    evicted=self.evicted,
+                    limit=MAX_CONNECTIONS,
+                )
+        self._active[handler] = now
+        self._connection_made(handler, transport)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.protocol in self._active:
+            self._active[request.protocol] = time.monotonic()
+        return await handler(request)
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header line past its limit, not HTTP at all) as an error with its
+    traceback, and answers it 400. That is the client's fault, and anyone who can connect can send any number: one
+    warning line without a traceback, at most once per REFUSED_LOG_S with the count since the last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logged_at = -REFUSED_LOG_S
+        self._unlogged = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._logged_at < REFUSED_LOG_S:
+            self._unlogged += 1
+            return False
+        client = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args, record.exc_info, record.exc_text = "bad_request", (), None, None
+        record.client = str(client)
+        record.error = f"{type(exc).__name__}: {exc.message}".splitlines()[0][:200]
+        record.refused_since_last_log = self._unlogged
+        self._logged_at, self._unlogged = now, 0
+        return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -439,7 +505,9 @@ def run(args: argparse.Namespace) -> int:
     if args.defects < 1:
         print(f"inspectd web: --defects {args.defects}, expected at least 1", file=sys.stderr)
         return 2
-    configure_logging("info", args.log_format)
+    # aiohttp's and asyncio's own records (a request it could not parse, an accept() that failed) as log lines
+    configure_logging("info", args.log_format, stdlib=("aiohttp", "asyncio"))
+    logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
     try:
         from inspectd.protocol.keys import curve_from_flags
 
@@ -476,8 +544,13 @@ async def _serve(args: argparse.Namespace, host: str, port: int, sub) -> None:
     state = LineState(args.defects)
     feed = Feed(sub, asyncio.get_running_loop(), state)
     feed.start()
-    runner = web.AppRunner(WebView(state, args.archive).app(), access_log=None, shutdown_timeout=1.0)
+    cap = ConnectionCap()
+    runner = web.AppRunner(
+        WebView(state, args.archive).app(cap), access_log=None, shutdown_timeout=1.0, keepalive_timeout=IDLE_TIMEOUT_S
+    )
     await runner.setup()
+    assert runner.server is not None
+    cap.install(runner.server)
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()

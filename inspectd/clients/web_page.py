@@ -1,7 +1,9 @@
 """The web view's page (`inspectd web`): one HTML document with its style and script inline, no build step and nothing
-fetched from elsewhere. It renders the `state` events of /events (see inspectd.clients.web); each defect's overlay
-<img> carries `data-archive-id`, `data-loaded-at` (epoch ms) once the browser has drawn it, `data-retries` while
-it is asked for again and `data-missing` once the page has given up on it."""
+fetched from elsewhere. It asks /api/state for the state every POLL_MS with a plain request (see inspectd.clients.web:
+no connection is held per open page) and renders it; each defect's overlay <img> carries `data-archive-id`,
+`data-loaded-at` (epoch ms) once the browser has drawn it, `data-retries` while it is asked for again and
+`data-missing` once the page has given up on it. A camera the daemon's status no longer lists has its section marked
+`gone` (greyed, labelled, its live frame no longer asked for)."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -34,6 +36,9 @@ PAGE = """<!doctype html>
   .verdict-defect { color: var(--bad); font-weight: 600; } .verdict-ok { color: var(--ok); }
   .verdict-error { color: var(--warn); font-weight: 600; }
   .hist-note { font-size: 11px; }
+  section.camera.gone { filter: grayscale(1); opacity: .55; }
+  .gone-note { display: none; font-weight: normal; font-size: .85em; }
+  section.camera.gone .gone-note { display: inline; }
 </style>
 </head>
 <body>
@@ -64,7 +69,7 @@ function cameraSection(name) {
   section.className = "camera";
   section.id = "camera-" + name;
   section.innerHTML = `
-    <h2></h2>
+    <h2><span class="name"></span> <span class="gone-note muted">not in the daemon's config</span></h2>
     <div class="top">
       <img class="live" alt="last frame">
       <div>
@@ -74,7 +79,7 @@ function cameraSection(name) {
       </div>
     </div>
     <div class="defects"></div>`;
-  $("h2", section).textContent = name;
+  $("h2 .name", section).textContent = name;
   const live = $("img.live", section);
   live.onerror = () => { live.style.visibility = "hidden"; };
   live.onload = () => { live.style.visibility = "visible"; };
@@ -83,6 +88,7 @@ function cameraSection(name) {
 }
 
 function stats(view, cameraStatus, since) {
+  if (view.gone) cameraStatus = {state: "not in the daemon's config"};
   // The daemon's own counters when its status carries them; this view's start with it and miss what it dropped.
   const c = view.daemon_counts || view.counts, last = view.last || {};
   const scope = view.daemon_counts ? "daemon, since it started" : `this view, since ${when(since)}`;
@@ -178,6 +184,9 @@ function render(state) {
   const cameraStatus = status.cameras || {};
   for (const [name, view] of Object.entries(state.cameras)) {
     const section = cameraSection(name);
+    // A camera the daemon no longer runs keeps its tile, greyed and labelled, rather than vanishing without a word:
+    // the operator sees what was removed (by intent or by a wrong config) and that its figures are no longer live.
+    section.classList.toggle("gone", Boolean(view.gone));
     $("table.stats tbody", section).innerHTML = stats(view, cameraStatus[name], state.view_started);
     histogram($("svg.hist", section), view.histogram);
     $(".hist-note", section).textContent = `scores received by this view since ${when(state.view_started)}`;
@@ -186,15 +195,42 @@ function render(state) {
 }
 
 function refreshLive() {
-  for (const img of document.querySelectorAll("img.live")) {
+  for (const img of document.querySelectorAll("section.camera:not(.gone) img.live")) {
     const name = img.closest("section").id.slice("camera-".length);
     img.src = `/live/${encodeURIComponent(name)}.jpg?t=${Date.now()}`;
   }
 }
 
-const events = new EventSource("/events");
-events.addEventListener("state", (e) => render(JSON.parse(e.data)));
-events.onerror = () => { $("#health").className = "pill warn"; $("#health").textContent = "web view reconnecting"; };
+// Asked for, not streamed: a stream would hold one of the browser's six connections to this host for as long as the
+// page is open, and six open pages would leave none for frames, overlays or a seventh. Each ask is cut off after
+// POLL_TIMEOUT_MS, so a web view that went away is said and asked again, never waited on for good.
+const POLL_MS = 500, POLL_TIMEOUT_MS = 5000;
+
+async function fetchState() {
+  const abort = new AbortController(), timer = setTimeout(() => abort.abort(), POLL_TIMEOUT_MS);
+  try {
+    const reply = await fetch("/api/state", {cache: "no-store", signal: abort.signal});
+    if (!reply.ok) throw new Error(`HTTP ${reply.status}`);
+    return await reply.json();
+  } catch (e) {
+    $("#health").className = "pill warn";
+    $("#health").textContent = "web view reconnecting";
+    return null;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+async function poll() {
+  try {
+    const state = await fetchState();
+    if (state) render(state);
+  } finally {  // a state the page cannot draw must not end the asking
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+poll();
 setInterval(refreshLive, 1000);
 </script>
 </body>
