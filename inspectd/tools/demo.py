@@ -257,6 +257,10 @@ def run(args: argparse.Namespace) -> int:
                             daemon.wait()
             except KeyboardInterrupt as stop:
                 interrupted = stop  # a second Ctrl-C cuts the drain short; the summary still follows
+                if daemon.returncode is None:
+                    # One that came before the claim took SIGINT killed nothing, or killed the daemon unwaited.
+                    daemon.kill()
+                    daemon.wait()
             except SystemExit:
                 # A SIGTERM that cut short the drain of a demo ended by Ctrl-C: it ends as the first stop says.
                 if interrupted is None:
