@@ -962,11 +962,24 @@ def _calibrate(bundle, current, args, out):
     return new, hold
 
 
-def _in_both(good: list[Path], defective: list[tuple[Path, Path | None]]) -> list[Path]:
+def _in_both(good: list[Path], defective: list[tuple[Path, Path | None]]) -> list[str]:
     """The --defective images that are also --good images, by resolved path (a link, or the folder typed another
-    way, is the same file): scored as both, they would pull the threshold onto the good frames."""
+    way, is the same file) or by their bytes (a copy, as without_duplicates finds it), each as the refusal names
+    it: scored as both, they would pull the threshold onto the good frames."""
+    from engines.data.images import without_duplicates
+
     goods = {path.resolve() for path in good}
-    return [path for path, _ in defective if path.resolve() in goods]
+    same = [path for path, _ in defective if path.resolve() in goods]
+    if same:
+        return [str(path) for path in same]
+    # The good frames first: a defective frame with a good copy is the one left out, and named with that copy.
+    _, copies = without_duplicates([*good, *(path for path, _ in defective)])
+    goods_given = {id(path) for path in good}  # without_duplicates gives back the very Path objects it was given
+    return [
+        f"{path} (a copy of {earlier})"
+        for path, earlier in copies
+        if id(earlier) in goods_given and id(path) not in goods_given
+    ]
 
 
 def _regionless_warning(current, camera: str | None, image: float, pixel: float | None) -> str | None:
@@ -1129,10 +1142,13 @@ def _fitted_folder_frames(folder: str, taught, record: dict) -> tuple[str, list[
         return folder, without_duplicates(list_images(folder))[0]
     from calibration.teach import folder_frames
 
+    unreadable = record.get("unreadable") or []
+    if not isinstance(unreadable, list) or not all(isinstance(name, str) for name in unreadable):
+        return None  # a hand-edited record: it does not say which frames the fit skipped
+    skipped = set(unreadable)
     models = record.get("model_ids")
     frames = folder_frames(folder, models if isinstance(models, list) else None)
-    unreadable = set(record.get("unreadable") or ())
-    return folder, [path for path in frames.paths if path.name not in unreadable]
+    return folder, [path for path in frames.paths if path.name not in skipped]
 
 
 def _same_content(fitted: list[Path], good: list[Path]) -> list[int]:

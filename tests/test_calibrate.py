@@ -838,10 +838,18 @@ def test_an_image_in_both_good_and_defective_is_refused_before_scoring(tmp_path,
 
 @pytest.mark.parametrize("target", [["--max-f1"], ["--target-escape", "0.01"]])
 def test_a_threshold_that_rejects_most_good_frames_is_warned_of_whatever_the_target(tmp_path, capsys, target):
-    """Defect-free frames given as --defective (copies of the good ones): both targets pick the lowest score, which
-    rejects every good frame; that was written with exit 0 and no WARNING."""
+    """Defect-free frames given as --defective (the good ones' pixels, saved again: a byte copy is refused as a frame
+    in both sets): both targets pick the lowest score, which rejects every good frame; that was written with exit 0
+    and no WARNING."""
+    import cv2
+
     bundle, good, _ = grey_station(tmp_path, n_good=40)
-    copies = Path(shutil.copytree(good, tmp_path / "not-defective"))
+    copies = tmp_path / "not-defective"
+    copies.mkdir()
+    for path in sorted(good.iterdir()):
+        pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert cv2.imwrite(str(copies / path.name), pixels, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        assert (copies / path.name).read_bytes() != path.read_bytes()
     code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", copies, *target)
     assert code == 0, err
     warning = [line for line in out.splitlines() if "good frames (rate" in line]
@@ -1018,3 +1026,82 @@ def test_a_good_folder_whose_images_sit_a_level_down_names_them_as_train_does(tm
         "frames to fit on (what train and teach read), and calibrate reads a root's test/good: export held-out "
         "frames with the default --split test"
     ], err
+
+
+def test_a_good_folder_of_defect_frames_or_masks_is_not_offered_as_good_frames(tmp_path, capsys):
+    """The hint once said `found 5 images in test/defect/: point --good at it` for an `archive export --verdict
+    defect` root, and named test/crack/ and ground_truth/crack/ for an MVTec root without test/good: followed, it
+    set the good frames' threshold on defect frames (above the defects: escapes) or on masks."""
+    bundle, good, crack = grey_station(tmp_path, n_good=5, n_defect=4)
+    export = tmp_path / "export"
+    shutil.copytree(crack, export / "test" / "defect")
+    mv = crack.parents[1]  # test/crack and ground_truth/crack, no test/good
+    for root in (export, mv, mv / "test"):
+        code, out, err = calibrate(capsys, bundle, "--good", root, "--dry-run")
+        assert code == 2
+        assert err.strip().splitlines() == [
+            f"inspectd calibrate: {root}: no images found, expected held-out defect-free images"
+        ], err
+    shutil.copytree(good, mv / "test" / "good" / "day1")
+    code, out, err = calibrate(capsys, bundle, "--good", mv, "--dry-run")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"inspectd calibrate: {mv}: no images found, expected held-out defect-free images; found 5 images in "
+        "test/good/day1/: point --good at it"
+    ], err
+
+
+def test_a_good_frame_this_user_may_not_read_is_skipped_not_a_refusal(open_tmp_path):
+    """Copies are found by their bytes, and a frame of the size another has was read to compare it: one file the
+    service user may not read (0600, another user's) stopped calibrate, `cannot read (Permission denied)`, where it
+    used to be skipped with a WARNING. It is skipped and named again. Fixed-size BMP frames: every size is shared.
+    Run as nobody when this is root (root reads everything)."""
+    import cv2
+
+    from other_user import as_nobody
+
+    bundle, png, _ = grey_station(open_tmp_path, n_good=20)
+    good = open_tmp_path / "bmp"
+    good.mkdir()
+    for path in sorted(png.iterdir()):
+        assert cv2.imwrite(str(good / f"{path.stem}.bmp"), cv2.imread(str(path), cv2.IMREAD_UNCHANGED))
+    assert len({path.stat().st_size for path in good.iterdir()}) == 1
+    private = good / "0003.bmp"
+    private.chmod(0o600 if os.geteuid() == 0 else 0o000)
+    argv = ["calibrate", str(bundle), "--good", str(good), "--target-false-reject", "0.2", "--dry-run"]
+    try:
+        out = subprocess.run(
+            as_nobody([sys.executable, "-m", "inspectd", *argv]), capture_output=True, text=True, cwd=REPO, timeout=120
+        )
+    finally:
+        private.chmod(0o644)
+    assert out.returncode == 0, out.stderr
+    assert f"WARNING: skipped 1 image(s) that do not decode: {private}" in out.stdout.splitlines(), out.stdout
+    assert "dry run: version 2 not written" in out.stdout and "19 good frames" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("unreadable", [5, [["0001.png"]], "0001.png"])
+def test_a_hand_edited_teach_record_is_no_traceback(tmp_path, capsys, unreadable):
+    """A teach record whose frames.unreadable is not a list of names (edited by hand) ended calibrate in a
+    TypeError traceback. It does not say which frames the fit skipped, so the frames are not compared."""
+    bundle, good, _ = grey_station(tmp_path, n_good=20)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["teach"] = {"version": 2, "frames": {"folder": str(good.resolve()), "unreadable": unreadable}}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--target-false-reject", "0.2", "--dry-run")
+    assert code == 0, err
+    assert "dry run: version 2 not written" in out and "--good frames are frames" not in out, out
+
+
+def test_a_defective_frame_that_is_a_copy_of_a_good_one_is_refused_naming_the_pair(tmp_path, capsys):
+    """Only the same file (by resolved path) was refused in both sets: a defect frame copied into the good folder
+    under another name was scored as good and as defective, exit 0."""
+    bundle, good, crack = grey_station(tmp_path, n_good=30, n_defect=4)
+    shutil.copyfile(crack / "002.png", good / "9999.png")
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", crack, "--max-f1", "--dry-run")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"inspectd calibrate: --defective: 1 image(s) are also in --good ({crack / '002.png'} (a copy of "
+        f"{good / '9999.png'})), expected labelled defective images apart from the held-out good ones"
+    ], err
+    assert thresholds_doc.read(bundle / thresholds_doc.FILE_NAME).version == 1

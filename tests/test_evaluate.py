@@ -5,6 +5,7 @@ overlays decoded by OpenCV."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -428,3 +429,32 @@ def test_a_mask_that_does_not_decode_leaves_its_image_out_as_an_image_that_does_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"inspectd eval: {other}: mask {2 * width + 7}x{height}, expected the image's size")
+
+
+def test_a_mask_this_user_may_not_read_leaves_its_image_out_saying_why(tiny_data, tiny_bundle, open_tmp_path):
+    """A mask the eval user may not read (0600, another user's) was skipped as one that does not decode, and OpenCV's
+    imread printed two warning lines of its own on stderr. It is skipped saying why, and OpenCV prints nothing. Run as
+    nobody when this is root (root reads everything)."""
+    from other_user import as_nobody
+
+    data = _copy(tiny_data, open_tmp_path)
+    bundle = Path(shutil.copytree(tiny_bundle, open_tmp_path / "bundle"))
+    for copied in (data, bundle):  # copytree keeps pytest's 0700 on the folders
+        for folder, _, _ in os.walk(copied):
+            os.chmod(folder, 0o755)
+    private = sorted((data / "ground_truth" / "crack").iterdir())[0]
+    private.chmod(0o600 if os.geteuid() == 0 else 0o000)
+    argv = ["eval", str(bundle), "--data", str(data), "--json", "--batch", "4"]
+    try:
+        proc = subprocess.run(
+            as_nobody([sys.executable, "-m", "inspectd", *argv]), cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        private.chmod(0o644)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    warning = f"WARNING: skipped 1 image(s) whose mask cannot be read: {private} (Permission denied)"
+    assert warning in proc.stderr.splitlines() and doc["notes"] == [warning], proc.stderr
+    assert doc["n_skipped"] == 1 and doc["skipped"] == [str(private)]
+    assert doc["n_images"] == N_IMAGES - 1 and doc["per_type"]["crack"]["n_defective"] == TYPES["crack"] - 1
+    assert "[ WARN" not in proc.stderr and "imread" not in proc.stderr, proc.stderr

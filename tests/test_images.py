@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from engines.data.images import (
+    HEAD_BYTES,
     MvtecFolder,
     duplicates_note,
     good_folder,
     load_mask,
+    subfolder_hint,
     without_duplicates,
 )
 from engines.errors import DataError
@@ -166,3 +168,68 @@ def test_byte_identical_files_are_left_out_after_the_first(tmp_path):
         "note: 3 duplicate image(s) left out: a (copy).png (same as a.png), z.png (same as b.png) ..."
     )
     assert without_duplicates(kept) == (kept, [])
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() and its kin so far (Linux's /proc/self/io `rchar`)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("/proc/self/io has no rchar")
+
+
+def test_fixed_size_frames_are_read_whole_only_when_their_heads_match(tmp_path):
+    """Uncompressed frames (BMP, TIFF) all have one size, and every one of them was read in full to compare it: a
+    calibrate read the training folder twice over. A file is now read whole only when its size and first HEAD_BYTES
+    match another's, and copies are still found by all of their bytes: `late` differs from frame 1 only in its last
+    row, past the head, and is kept."""
+    if not Path("/proc/self/io").is_file():
+        pytest.skip("no /proc/self/io to count the bytes read")
+    folder = tmp_path / "frames"
+    frames = [_write(folder / f"{i:02d}.bmp", i, (1024, 1024)) for i in range(10)]
+    size = frames[0].stat().st_size
+    assert size > 8 * HEAD_BYTES and all(f.stat().st_size == size for f in frames)
+    copy = folder / "00 (copy).bmp"
+    shutil.copy(frames[0], copy)
+    late = folder / "01 late.bmp"
+    pixels = cv2.imread(str(frames[1]), cv2.IMREAD_UNCHANGED)
+    pixels[0] ^= 1  # BMP stores rows bottom-up: the first row is the file's last bytes
+    assert cv2.imwrite(str(late), pixels) and late.stat().st_size == size
+    assert late.read_bytes()[:HEAD_BYTES] == frames[1].read_bytes()[:HEAD_BYTES]
+    paths = [*frames, copy, late]
+    before = _bytes_read()
+    kept, left_out = without_duplicates(paths)
+    read = _bytes_read() - before
+    assert kept == [*frames, late] and left_out == [(copy, frames[0])]
+    # The heads of all 12, and in full only the two pairs whose heads match (every file whole would be 12 sizes).
+    assert read <= 12 * HEAD_BYTES + 4 * size + HEAD_BYTES, (read, size)
+
+
+def test_the_sub_folder_hint_names_only_folders_that_may_hold_good_frames(tmp_path):
+    """The "no images" hint of train's --data and calibrate's and teach's --good named every sub-folder of images:
+    an export with --verdict defect (test/defect/) or an MVTec root without test/good had `--good` pointed at the
+    defect frames or at their masks. Only folders of good frames are named now: the defect-free one below a train/
+    or test/ split, and any folder of a plain root (a folder per day or camera)."""
+    export = tmp_path / "export"
+    _write(export / "test" / "defect" / "1.png", 0)
+    assert subfolder_hint(export, export, "--good") == ""
+    mv = tmp_path / "mv"
+    _write(mv / "test" / "crack" / "000.png", 1)
+    _mask(mv / "Ground_Truth" / "crack" / "000_mask.png", slice(0, 4))
+    _write(mv / "train" / "good" / "000.png", 2)
+    assert subfolder_hint(mv, mv, "--good", mv / "train" / "good") == ""
+    assert subfolder_hint(mv / "test", mv / "test", "--good") == ""  # a split given itself: its defect types
+    _write(mv / "Test" / "OK" / "day1" / "000.png", 3)
+    _write(mv / "test" / "crack" / "day1" / "001.png", 4)
+    assert subfolder_hint(mv, mv, "--good", mv / "train" / "good") == (
+        "; found 1 image in Test/OK/day1/: point --good at it"
+    )
+    plain = tmp_path / "plain"
+    for day, n in (("day1", 2), ("day2", 1)):
+        for i in range(n):
+            _write(plain / day / f"{i}.png", i)
+    _write(plain / "cam2" / "defect" / "0.png", 5)  # not a split: a camera's own folders are its business
+    assert subfolder_hint(plain, plain, "--data") == (
+        "; found 2 images in day1/: point --data at it; found 1 image in day2/: point --data at it; found 1 image "
+        "in cam2/defect/: point --data at it"
+    )

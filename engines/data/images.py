@@ -15,7 +15,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -204,10 +204,13 @@ def list_images(folder: str | Path) -> list[Path]:
         raise DataError(f"{folder}: cannot read ({exc.strerror or exc})") from None
 
 
-def image_folders(folder: Path, depth: int = 3, most: int = 3) -> list[tuple[Path, int]]:
+def image_folders(
+    folder: Path, depth: int = 3, most: int = 3, keep: Callable[[Path], bool] | None = None
+) -> list[tuple[Path, int]]:
     """Sub-folders of `folder` (at most `depth` levels down, the first `most` in sorted order) that hold images, with
     how many: a set one level too deep (train/good/batch1), spelt with capitals (Train/Good) or a --data one level
-    too far down (cat/train) is then a sentence away from the right flag."""
+    too far down (cat/train) is then a sentence away from the right flag. A sub-folder `keep` says no to is neither
+    listed nor looked into."""
     found: list[tuple[Path, int]] = []
     level = [folder]
     for _ in range(depth):
@@ -217,7 +220,7 @@ def image_folders(folder: Path, depth: int = 3, most: int = 3) -> list[tuple[Pat
                 below += [d for d in parent.iterdir() if d.is_dir() and not d.name.startswith(".")]
             except OSError:  # unreadable: the hint is best effort, the refusal stands without it
                 continue
-        level = sorted(below)
+        level = sorted(d for d in below if keep is None or keep(d))
         for sub in level:
             try:
                 n = len(list_images(sub))
@@ -230,35 +233,94 @@ def image_folders(folder: Path, depth: int = 3, most: int = 3) -> list[tuple[Pat
     return found
 
 
+SPLIT_NAMES = ("train", "test")  # the folders of an MVTec-layout root or an export that sort frames by kind
+
+
+def _of_good_frames(names: Sequence[str]) -> bool:
+    """Whether the folder at `names` (the root's own name, then the sub-folders down to it) may hold good frames: not
+    masks (ground_truth/, any case) and, below a train/ or test/ split, only its defect-free folder (an export with
+    --verdict defect writes test/defect/, MVTec's defect types are test/<type>/). The root's own name counts:
+    `--good mv/test` holds test/crack/ too."""
+    names = [name.lower() for name in names]
+    if "ground_truth" in names:
+        return False
+    return all(after in DEFECT_FREE_NAMES for name, after in zip(names, names[1:]) if name in SPLIT_NAMES)
+
+
 def subfolder_hint(root: Path, folder: Path, flag: str, leave_out: Path | None = None) -> str:
-    """`; found N images in SUB/: point FLAG at it` for each sub-folder of `folder` that holds images (image_folders),
-    named from `root` as the user typed it, not `leave_out` nor below it: the hint train, teach and calibrate add to
-    "no images"."""
+    """`; found N images in SUB/: point FLAG at it` for each sub-folder of `folder` that holds images (image_folders)
+    and may hold good frames (train's --data, calibrate's and teach's --good all want those: pointed at defect frames
+    or masks, calibrate would set the good frames' threshold above the defects), named from `root` as the user typed
+    it, not `leave_out` nor below it: the hint train, teach and calibrate add to "no images"."""
+    root_name = root.resolve().name  # `.` or a link is named by the folder it is
+
+    def keep(sub: Path) -> bool:
+        if leave_out is not None and sub.is_relative_to(leave_out):
+            return False
+        return _of_good_frames([root_name, *sub.relative_to(root).parts])
+
     return "".join(
         f"; found {n} image{'s' * (n != 1)} in {sub.relative_to(root).as_posix()}/: point {flag} at it"
-        for sub, n in image_folders(folder)
-        if leave_out is None or not sub.is_relative_to(leave_out)
+        for sub, n in image_folders(folder, keep=keep)
     )
+
+
+# Two frames of one scene and size nearly always differ in their first rows already (sensor noise): files are read in
+# full only when this much of them matches another's, so fixed-size BMP or TIFF frames cost a read of their heads.
+HEAD_BYTES = 64 * 1024
+
+
+def _sha256(path: Path, limit: int | None) -> bytes | None:
+    """The sha256 of the file's first `limit` bytes (all of it when None), None when it cannot be read: one this user
+    may not read is no duplicate, and the decoding after it names it."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            if limit is not None:
+                digest.update(f.read(limit))
+            else:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+    except OSError:
+        return None
+    return digest.digest()
+
+
+def _narrowed(paths: Sequence[Path], keys: list[tuple | None], limit: int | None) -> list[tuple | None]:
+    """`keys` with the file's digest (`limit` bytes of it) added where another file has the same key so far; None
+    (a file no other can be a copy of) where none has, or where the file cannot be read."""
+    counts = collections.Counter(key for key in keys if key is not None)
+    narrowed: list[tuple | None] = []
+    for path, key in zip(paths, keys):
+        digest = _sha256(path, limit) if key is not None and counts[key] > 1 else None
+        narrowed.append(None if key is None or digest is None else (*key, digest))
+    return narrowed
 
 
 def without_duplicates(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
     """`paths` less every file whose bytes are an earlier one's, and (left out, the earlier file) for each left out.
     A twin of a held-out image in the fit scores it about 0, and the first thresholds set on it then reject every
     frame; a folder copied into itself or an `img (copy).png` is no second image. The bytes, not decoded pixels, are
-    compared (decoding hundreds of frames twice costs seconds), and only files of a size another file has are read."""
-    sizes = []
+    compared (decoding hundreds of frames twice costs seconds): a file's size, then a digest of its first HEAD_BYTES,
+    then of all of it, each only where the step before matched another file's. A file that cannot be read is kept."""
+    keys: list[tuple | None] = []
     for path in paths:
         try:
-            sizes.append(path.stat().st_size)
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    # An empty file is no image to be a copy of: it is left to decoding, which names it.
-    shared = {size for size, n in collections.Counter(sizes).items() if n > 1 and size > 0}
-    first: dict[tuple[int, bytes], Path] = {}
+            size = path.stat().st_size
+        except OSError:
+            size = 0
+        # An empty file is no image to be a copy of: it is left to decoding, which names it.
+        keys.append((size,) if size > 0 else None)
+    keys = _narrowed(paths, keys, HEAD_BYTES)
+    # A file no longer than the head was hashed whole already: its key is final; a longer one's is narrowed by all.
+    whole = [key is not None and key[0] <= HEAD_BYTES for key in keys]
+    longer = _narrowed(paths, [None if done else key for done, key in zip(whole, keys)], None)
+    keys = [key if done else wider for done, key, wider in zip(whole, keys, longer)]
+    first: dict[tuple, Path] = {}
     kept, left_out = [], []
-    for path, size in zip(paths, sizes):
-        if size in shared:
-            earlier = first.setdefault((size, hashlib.sha256(read_file(path)).digest()), path)
+    for path, key in zip(paths, keys):
+        if key is not None:
+            earlier = first.setdefault(key, path)
             if earlier is not path:
                 left_out.append((path, earlier))
                 continue
@@ -438,9 +500,19 @@ def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     resolution); any other size is refused, since it belongs to another image or crop."""
     if path is None:
         return np.zeros(shape, dtype=bool)
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise DataError(f"{path}: cannot decode mask, expected a PNG/BMP/TIFF/JPEG image")
+    return binary_mask(read_mask(path), shape, path)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """The mask file as decoded (any depth, its channels as saved); a DataError that says why when it cannot be read
+    (`cannot read (Permission denied)`) or decoded. Read as bytes and decoded from memory, as images are: OpenCV's
+    imread gives None whatever went wrong, and prints warning lines of its own."""
+    return decode_native(read_file(path), f"{path}: mask")
+
+
+def binary_mask(mask: np.ndarray, shape: tuple[int, int], path: Path) -> np.ndarray:
+    """A decoded mask (read_mask's) as load_mask gives it: bool HxW at `shape`; a DataError when its size is
+    another image's."""
     if mask.ndim == 3 and mask.shape[2] == 4:
         colour, alpha = mask[..., :3].max(axis=2), mask[..., 3]
         # A transparent pixel is no defect whatever colour an editor left under it; a mask drawn in the alpha alone

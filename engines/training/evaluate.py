@@ -30,8 +30,9 @@ from engines.data.images import (
     GOOD,
     MvtecFolder,
     TestItem,
+    binary_mask,
     load_image,
-    load_mask,
+    read_mask,
     skipped_warning,
 )
 from engines.errors import DataError, EngineError
@@ -195,9 +196,9 @@ def evaluate(
     progress: Progress | None = None,
 ) -> dict:
     """Score every test image of an MVTec-layout folder and return the report (a JSON-ready dict); `progress` shows
-    images scored of all. An image that does not decode, or whose mask does not, is left out and counted (`n_skipped`,
-    `skipped`: the file that does not decode); when none is left, the first one's DataError is raised. `notes` holds
-    the lines that say what the metrics lack and why (the table prints them)."""
+    images scored of all. An image that does not decode, or whose mask does not or cannot be read, is left out and
+    counted (`n_skipped`, `skipped`: the file that does not decode); when none is left, the first one's DataError is
+    raised. `notes` holds the lines that say what the metrics lack and why (the table prints them)."""
     if isinstance(bundle, (str, Path)):
         from engines.bundle.store import load_bundle
 
@@ -209,6 +210,7 @@ def evaluate(
     by_path = {item.path: item for item in items}
     tallies = {GOOD: _TypeTally()} | {t: _TypeTally() for t in folder.defect_types()}
     skipped: list[tuple[Path, str]] = []
+    unread_masks: list[tuple[Path, str]] = []  # (mask, why): said apart, since "do not decode" would be untrue
     picker = _OverlayPicker(n_overlays if overlay_dir is not None else 0)
     maskless_pixels: metrics.PixelHistograms | None = None  # only for the overlay colour scale
     # Every histogram is keyed on the first map's median (None until one is added), so that rows can add them up.
@@ -237,16 +239,18 @@ def evaluate(
         mask = None
         if item.is_defective and item.mask_path is not None:
             try:
-                mask = load_mask(item.mask_path, scored.frame_map.shape)
+                decoded = read_mask(item.mask_path)
             except DataError as exc:
-                # A mask that does not decode (a file cut short by a copy) leaves its image out, as an image that
-                # does not decode is: read as defect-free it would falsify the pixel metrics, and a refusal would
-                # throw away every image scored so far. A mask that decodes at another size is still refused: it
-                # belongs to another image or crop, a mistake in the ground truth rather than one damaged file.
-                if cv2.imread(str(item.mask_path), cv2.IMREAD_UNCHANGED) is not None:
-                    raise
+                # A mask that does not decode (a file cut short by a copy) or cannot be read leaves its image out, as
+                # such an image is: read as defect-free it would falsify the pixel metrics, and a refusal would throw
+                # away every image scored so far.
                 skipped.append((item.mask_path, str(exc)))
+                if isinstance(exc.__cause__, OSError):
+                    unread_masks.append((item.mask_path, exc.__cause__.strerror or str(exc.__cause__)))
                 continue
+            # A mask that decodes at another size is still refused: it belongs to another image or crop, a mistake in
+            # the ground truth rather than one damaged file.
+            mask = binary_mask(decoded, scored.frame_map.shape, item.mask_path)
         tally = tallies[item.defect_type]
         tally.scores.append(scored.score)
         per_image.append({"path": str(item.path), "type": item.defect_type, "score": scored.score})
@@ -304,7 +308,7 @@ def evaluate(
     }
     good = tallies[GOOD]
     defect_types = [t for t in tallies if t != GOOD]
-    report["notes"] = _notes(folder, defect_types, [path for path, _ in skipped])
+    report["notes"] = _notes(folder, defect_types, [path for path, _ in skipped], unread_masks)
     report["overall"] = _row([good] + [tallies[t] for t in defect_types], n_good=len(good.scores))
     for defect_type in defect_types:
         report["per_type"][defect_type] = _row([good, tallies[defect_type]], n_good=len(good.scores))
@@ -322,11 +326,18 @@ def evaluate(
     return report
 
 
-def _notes(folder: MvtecFolder, defect_types: list[str], skipped: list[Path]) -> list[str]:
+def _notes(
+    folder: MvtecFolder, defect_types: list[str], skipped: list[Path], unread_masks: list[tuple[Path, str]]
+) -> list[str]:
     """One line for each thing that leaves metrics out or images unscored, which blank cells alone would not say."""
     notes = []
-    if skipped:
-        notes.append(skipped_warning(skipped))
+    unread = {path for path, _ in unread_masks}
+    if undecoded := [path for path in skipped if path not in unread]:
+        notes.append(skipped_warning(undecoded))
+    if unread_masks:
+        shown = ", ".join(f"{path} ({why})" for path, why in unread_masks[:5])
+        shown += " ..." if len(unread_masks) > 5 else ""
+        notes.append(f"WARNING: skipped {len(unread_masks)} image(s) whose mask cannot be read: {shown}")
     if folder.good_dir is None:
         notes.append(
             f"note: {folder.root / 'test'} has no defect-free folder ({DEFECT_FREE_WORDS}), which image AUROC and "
