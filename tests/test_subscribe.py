@@ -1,5 +1,6 @@
 """`inspectd subscribe` (inspectd.clients.subscribe) over real ZeroMQ sockets, as a real process where it prints: a tail
-lost before the first status it hears of a daemon run, and a flood of messages it cannot read."""
+lost before the first status it hears of a daemon run (also of one numbered anew), and a flood of messages it cannot
+read."""
 
 from __future__ import annotations
 
@@ -150,6 +151,113 @@ def test_the_first_status_of_a_run_claims_nothing_it_cannot_count(line):
         assert catch_up.missed == [] and catch_up.gaps.missed == {}
         line.emit("cam0", 2)
         assert [r.seq for r in drain(source, 1)] == [2]
+
+
+def test_a_run_numbered_anew_whose_results_never_came_is_reported_lost_at_its_first_status(tmp_path):
+    """Delivered up to 500 of one run; the daemon restarts without its journal and publishes 0-4, which are lost on
+    the way (the subscriber was reconnecting). 500 is above every seq the new run gave out (next_seq 5): an earlier
+    run's, so the new run's first status shows all 5 published and none heard. They are reported at that status, as
+    a new numbering; 5 then follows them without a gap or a second "went back"."""
+    sub = Inspectd(tmp_path)
+    try:
+        start = time.time() - 1000
+        for seq in range(498, 501):
+            sub.pub.send_multipart(result_frames("cam0", seq))
+        send_status(sub.pub, start, 900.0, published=501, first_seq=0, next_seq=501, dropped=0)
+        send_status(sub.pub, start + 990, 2.0, published=5, first_seq=0, next_seq=5, dropped=0)
+        said = [sub.stderr_line() for _ in range(2)]  # each read ends at the subscriber's --timeout at worst
+        sub.pub.send_multipart(result_frames("cam0", 5))
+        printed = [sub.stdout_line() for _ in range(4)]
+        out, err = sub.interrupt()
+    finally:
+        sub.close()
+    assert said == [
+        "seq went back on cam0: 0 after 500 (the daemon restarted without its journal, or reused seqs after a power "
+        "cut)\n",
+        "gap: seq 0-4 on cam0 (5 results): lost on the way (no journal to fill it from)\n",
+    ], "".join(said) + err
+    assert "gap" not in err and "went back" not in err, err
+    assert [entry.split()[1] for entry in printed + out.splitlines()] == ["seq=498", "seq=499", "seq=500", "seq=5"]
+    assert "inspectd subscribe: 4 results, missed cam0: 5" in err and sub.proc.returncode == 130, err
+
+
+def test_a_new_numbering_a_status_shows_is_not_filled_from_a_journal_of_the_old_one(line):
+    """The journal holds the old run's results (the daemon restarted with its journal off): the new run's 0-4, lost
+    on the way, are a gap at its first status, not the old 0-4 read from the journal under their seqs. Its first
+    live result finds the journal another numbering's, and the hole after it stays a gap too."""
+    run_a = time.time() - 1000
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        for seq in range(8):
+            frames = result_frames("cam0", seq, f"old-{seq}")
+            line.journal.append("cam0", seq, frames)
+            line.pub.send_multipart(frames)
+        send_status(line.pub, run_a, 900.0, published=8, first_seq=0, next_seq=8, dropped=0)
+        assert [r.seq for r in until_status(source, 900.0)] == list(range(8))
+        send_status(line.pub, run_a + 990, 2.0, published=5, first_seq=0, next_seq=5, dropped=0)
+        assert until_status(source, 2.0) == []
+        assert [gap[:3] for gap in catch_up.missed] == [("cam0", 0, 4)]
+        assert catch_up.missed[0].reason == subscribe.NEW_NUMBERING_UNCHECKED
+        assert catch_up.backwards == [("cam0", 7, 0)]
+        catch_up.missed.clear()
+        for seq in (5, 6, 7):
+            line.emit("cam0", seq, journal=False, send=seq != 6)
+        got = drain(source, 2)
+    assert [(r.seq, r.frame_id) for r in got] == [(5, "cam0-5"), (7, "cam0-7")]
+    assert catch_up.missed == [subscribe.Gap("cam0", 6, 6, subscribe.OTHER_NUMBERING)] and catch_up.recovered == 0
+    assert len(source.notices) == 1 and "another numbering's results for cam0 (seq 5: frame old-5" in source.notices[0]
+    assert catch_up.gaps.missed == {"cam0": 6}
+
+
+def test_a_journal_a_new_numbering_is_written_to_fills_its_holes_once_a_live_result_is_checked(line):
+    """The journal was wiped and the new run writes to it: its 0-4, lost on the way, are a gap at its first status
+    (no live result of it yet to check the journal against), and once 5 shows the journal is this numbering's, the
+    hole at 6 is filled from it as ever, with nothing more to say."""
+    run_a = time.time() - 1000
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        for seq in range(8):
+            line.emit("cam0", seq, journal=False)  # the journal that held them is gone
+        assert [r.seq for r in drain(source, 8)] == list(range(8))
+        for seq in range(5):
+            line.emit("cam0", seq, send=False)
+        send_status(line.pub, run_a + 990, 2.0, published=5, first_seq=0, next_seq=5, dropped=0)
+        assert until_status(source, 2.0) == []
+        assert [gap[:3] for gap in catch_up.missed] == [("cam0", 0, 4)]
+        assert catch_up.missed[0].reason == subscribe.NEW_NUMBERING_UNCHECKED
+        catch_up.missed.clear()
+        for seq in (5, 6, 7):
+            line.emit("cam0", seq, send=seq != 6)
+        got = drain(source, 3)
+    assert [(r.seq, r.frame_id) for r in got] == [(5, "cam0-5"), (6, "cam0-6"), (7, "cam0-7")]
+    assert catch_up.missed == [] and catch_up.recovered == 1 and source.notices == []
+    assert catch_up.gaps.missed == {"cam0": 5} and not catch_up.disowned("cam0")
+
+
+def test_a_new_numbering_whose_queue_dropped_frames_is_reported_by_count_then_by_seq(line):
+    """The new run dropped 2 of its first 5 frames at its queue: its 3 results published, none heard, are a gap by
+    count at its first status (their seqs unknown), and the hole its next result shows names them, counted once."""
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(None)
+        source = CatchUpSubscriber(sub, catch_up)
+        for seq in range(8):
+            line.emit("cam0", seq)
+        assert [r.seq for r in drain(source, 8)] == list(range(8))
+        send_status(line.pub, time.time() - 10, 2.0, published=3, first_seq=0, next_seq=5, dropped=2)
+        until_status(source, 2.0)
+        assert [(gap[:3], gap.exact) for gap in catch_up.missed] == [(("cam0", 0, 2), False)]
+        assert catch_up.missed[0].describe().startswith("gap: 3 results after seq -1 on cam0 never came")
+        catch_up.missed.clear()
+        line.emit("cam0", 5)
+        assert [r.seq for r in drain(source, 1)] == [5]
+    assert [gap[:3] for gap in catch_up.missed] == [("cam0", 0, 4)]
+    assert catch_up.missed[0].reason.endswith("(3 of them reported before by count)"), catch_up.missed
+    assert catch_up.backwards == [("cam0", 7, 0)] and catch_up.gaps.missed == {"cam0": 5}
 
 
 def test_a_cameras_topic_prefix_still_hears_its_stations_status(tmp_path):

@@ -185,6 +185,10 @@ NO_JOURNAL_DROPPING = (
 )
 UNDECODABLE = "a journal record that does not decode"
 OTHER_NUMBERING = "lost on the way (the journal holds another numbering's results, not filled from it)"
+NEW_NUMBERING_UNCHECKED = (
+    "lost on the way (a new numbering, shown by a status: not filled from the journal before a live result of it is "
+    "checked against it)"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,7 +257,9 @@ class JournalCatchUp:
     What neither the stream nor the journal had is counted in `gaps` (a GapTracker) and listed in `missed` as a Gap
     with its reason (rotated out of the journal, a corrupt record, never journalled) for the caller to report. A live
     seq at or below the previous live seq of its camera means the daemon's numbering went back (restarted without its
-    journal, or with it wiped): it is delivered, not dropped as a duplicate, and listed in `backwards`.
+    journal, or with it wiped): it is delivered, not dropped as a duplicate, and listed in `backwards`; so is a run's
+    first seq where the first status heard of the run shows the last seq delivered to be an earlier run's, above
+    every seq this run gave out (`_first_status`).
 
     A hole after the last result heard (the tail of a burst before the line goes quiet) has no result after it:
     `status` finds it from the daemon's status messages and fills or reports it as `take` does.
@@ -275,7 +281,8 @@ class JournalCatchUp:
         self.recovered = 0  # results fetched from the journal to fill holes in the live stream
         self.refused = 0  # journal records that did not decode (a result from a newer or broken writer)
         self.missed: list[Gap] = []  # holes the journal could not fill, with why
-        self.backwards: list[tuple[str, int, int]] = []  # (camera, previous live seq, the lower seq that came)
+        # (camera, previous seq, the lower seq it went back to: one that came live, or a run's first seq a status shows)
+        self.backwards: list[tuple[str, int, int]] = []
         self._why: dict[str, list[str]] = {}  # camera -> what the journal read met since its last delivery
         self._disowned: dict[str, str] = {}  # camera -> why its journal is not read (see `disown`)
         self._runs: dict[str, _Run] = {}  # camera -> what its station's last status said of it
@@ -354,7 +361,7 @@ class JournalCatchUp:
         gap is reported that a result could still fill. No count is inferred from a status of a run before this
         subscriber heard one, after another station's result under the camera's id, or across a restart (t -
         uptime_s moved, or the count or uptime went back): the first status heard of a run counts from the run's
-        own first seq instead (`_first_status`)."""
+        own first seq instead, and finds a numbering started anew there (`_first_status`)."""
         station: str = status["station"]
         t, uptime = status.get("t"), status.get("uptime_s")
         if not (_finite(t) and _finite(uptime)):
@@ -410,8 +417,8 @@ class JournalCatchUp:
             self._window[camera] = _Window()
             if before is None or not same_run:
                 first_seq = counters.get("first_seq")
-                if camera in self.delivered and dropped == 0 and _count(first_seq):
-                    yield from self._first_status(camera, first_seq, published)
+                if camera in self.delivered and _count(first_seq):
+                    yield from self._first_status(camera, first_seq, published, dropped, marker)
                 continue
             last = self.delivered.get(camera)
             if window is None or last is None:
@@ -424,19 +431,47 @@ class JournalCatchUp:
                 clean = clean_from is not None and last + 1 >= clean_from
                 yield from self._lost(camera, tail, clean)
 
-    def _first_status(self, camera: str, first_seq: int, published: int) -> Iterator[Result]:
+    def _first_status(
+        self, camera: str, first_seq: int, published: int, dropped: int, next_seq: int | None
+    ) -> Iterator[Result]:
         """The tail lost before the first status heard of a run, which has no earlier status to count from. A run
         numbers its frames from `first_seq` up and, with no frame dropped at its queue, publishes them in that order:
         its last result published is first_seq + published - 1, and every seq after the last one delivered up to
         there went out before this status and did not come. (A result whose publish failed took a seq without
         counting as published: the tail is then understated, never overstated.) Seqs below first_seq are an earlier
-        run's: what came of them the next result shows."""
+        run's: what came of them the next result shows.
+
+        A last seq delivered at or above the run's `next_seq` is no seq of this run either: the run has not given it
+        out (a daemon restarted without its journal numbers from 0 again). Between first_seq + published - 1 and
+        next_seq it could be (a failed publish takes a seq), so that alone does not decide. Then no result of this
+        run came (the first would have gone back), and each of the `published` went out and did not come: a new
+        numbering, its results reported lost at once, by count where its queue dropped frames."""
         last = self.delivered[camera]
-        if last + 1 < first_seq:
+        if next_seq is not None and last >= next_seq:
+            yield from self._numbered_anew(camera, first_seq, published, clean=dropped == 0)
+            return
+        if dropped or last + 1 < first_seq:
             return
         tail = first_seq + published - 1 - last
         if tail > 0:
             yield from self._lost(camera, tail, clean=True)
+
+    def _numbered_anew(self, camera: str, first_seq: int, published: int, clean: bool) -> Iterator[Result]:
+        """A status shows `camera` numbering anew from `first_seq`, with none of its `published` results heard: the
+        numbering moves to it as at a live seq that goes back, and the results are lost (`_lost`)."""
+        self.backwards.append((camera, self.delivered[camera], first_seq))
+        self.renumbered(camera, first_seq)
+        # The next live result is measured against this numbering; the old one's results reported by count lie in
+        # no hole it will find.
+        self.live.pop(camera, None)
+        self._counted.pop(camera, None)
+        if self.fills(camera) or self.disowned(camera):
+            # Nothing says whose its records are (a journal the daemon no longer writes holds the old numbering's
+            # under the same seqs), and no live result of this numbering came to check it against: not read for it
+            # until one does (CatchUpSubscriber).
+            self.disown(camera, NEW_NUMBERING_UNCHECKED)
+        if published:
+            yield from self._lost(camera, published, clean)
 
     def _lost(self, camera: str, count: int, clean: bool) -> Iterator[Result]:
         """`count` results of `camera` published after the last one delivered never came: the first `count` the
@@ -501,6 +536,11 @@ class JournalCatchUp:
 
     def disowned(self, camera: str) -> bool:
         return camera in self._disowned
+
+    def unchecked(self, camera: str) -> bool:
+        """Whether `camera`'s journal is not read only because a status showed a new numbering that no live result
+        has checked it against yet."""
+        return self._disowned.get(camera) == NEW_NUMBERING_UNCHECKED
 
     def reads(self, message: Result | dict[str, Any]) -> bool:
         """Whether pulling `take(message)` may read the journal (a hole before it to fill): a caller that must not
@@ -695,12 +735,13 @@ class CatchUpSubscriber:
     journal fills when the replay is done.
 
     The daemon journals each result before it publishes it, so each camera's first live result (and its first after
-    the numbering goes back) is looked up in the journal: one that holds another result under its seq, or starts
-    past it, is a journal of another numbering (a daemon that restarted without it; a copy), whose records are
-    other parts' verdicts. No hole of that camera is filled from it (each is a gap), a replay of it not yet pulled
-    stops, and what the replay delivered counts for nothing: the live stream is delivered from that result on. While
-    disowned, it is looked at again at a jump in the live stream (where something was journalled since, at most every
-    RECHECK_S), and filled from again once it holds a live result. A first live seq at or below `since` is a
+    the numbering goes back, or after a status showed it start anew) is looked up in the journal: one that holds
+    another result under its seq, or starts past it, is a journal of another numbering (a daemon that restarted
+    without it; a copy), whose records are other parts' verdicts. No hole of that camera is filled from it (each is a
+    gap), a replay of it not yet pulled stops, and what the replay delivered counts for nothing: the live stream is
+    delivered from that result on. (After such a status the journal is not read for the camera until that check.)
+    While disowned, it is looked at again at a jump in the live stream (where something was journalled since, at most
+    every RECHECK_S), and filled from again once it holds a live result. A first live seq at or below `since` is a
     numbering started anew too, and delivered. `start` waits up to `settle_s` for a first result, so that its camera
     is checked before its replay; the other cameras' replays come before their first results, unchecked until then.
     What the checks find is listed in `notices`, one line each, for the caller to report.
@@ -789,8 +830,10 @@ class CatchUpSubscriber:
         if not catch_up.fills(camera) and not catch_up.disowned(camera):
             return False
         previous = catch_up.live.get(camera)
-        if previous is not None and seq <= previous:
-            self._checked.discard(camera)  # the daemon numbers anew (take() tells it): its journal is checked again
+        unchecked = catch_up.unchecked(camera)
+        if (previous is not None and seq <= previous) or unchecked:
+            # The daemon numbers anew (take() tells it, or a status did): its journal is checked again.
+            self._checked.discard(camera)
         if camera in self._checked:
             now = time.monotonic()
             jump = seq > catch_up.delivered.get(camera, seq) + 1
@@ -813,7 +856,7 @@ class CatchUpSubscriber:
             # (A hole of its own, a record lost while its disk failed, lies above its start.)
             other = f"not there, the journal starts at {oldest}"
         if other is not None:
-            if not catch_up.disowned(camera):
+            if not catch_up.disowned(camera) or unchecked:
                 self._signature[camera] = catch_up.signature(camera)
                 catch_up.disown(camera, OTHER_NUMBERING)
                 if seq <= catch_up.delivered.get(camera, seq):
@@ -823,6 +866,9 @@ class CatchUpSubscriber:
                     f"nothing more of {camera} is read from it (any replay of this camera from it was another "
                     "numbering's; holes are gaps) until it holds a live result again"
                 )
+            return False
+        if unchecked:
+            catch_up.disown(camera, None)  # this numbering's: a hole before this result is filled from it
             return False
         if held is not None and catch_up.disowned(camera):
             self.notices.append(f"journal {journal} holds {camera}'s live results again from seq {seq}")
@@ -1084,10 +1130,8 @@ def _say(line: str | None) -> None:
 
 
 def _report(catch_up: JournalCatchUp, source: CatchUpSubscriber) -> None:
-    """What the catch-up found since the last message, on stderr: gaps, a numbering that went back, journal notices."""
-    for gap in catch_up.missed:
-        print(gap.describe(), file=sys.stderr, flush=True)
-    catch_up.missed.clear()
+    """What the catch-up found since the last message, on stderr: a numbering that went back (before the gap a
+    status shows at its start), gaps, journal notices."""
     for camera, previous, seq in catch_up.backwards:
         print(
             f"seq went back on {camera}: {seq} after {previous} (the daemon restarted without its "
@@ -1096,6 +1140,9 @@ def _report(catch_up: JournalCatchUp, source: CatchUpSubscriber) -> None:
             flush=True,
         )
     catch_up.backwards.clear()
+    for gap in catch_up.missed:
+        print(gap.describe(), file=sys.stderr, flush=True)
+    catch_up.missed.clear()
     for notice in source.notices:
         print(f"inspectd subscribe: {notice}", file=sys.stderr, flush=True)
     source.notices.clear()
