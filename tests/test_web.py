@@ -87,9 +87,10 @@ def fetch(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def start_web(endpoint: str, archive: Path) -> tuple[subprocess.Popen, str]:
-    """`inspectd web` on a free port, logging JSON lines to its stdout: the process and its page's URL."""
-    port = free_port()
+def start_web(endpoint: str, archive: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`inspectd web` on `port` (by default a free one), logging JSON lines to its stdout: the process and its page's
+    URL."""
+    port = port or free_port()
     web = subprocess.Popen(
         [sys.executable, "-m", "inspectd", "web", "--endpoint", endpoint, "--archive", str(archive),
          "--listen", f"127.0.0.1:{port}", "--log-format", "json"],
@@ -698,12 +699,36 @@ def test_a_malformed_request_is_one_json_warning_and_a_silent_connection_is_clos
     assert refused[0]["error"].startswith("LineTooLong: ") and "exception" not in refused[0], refused
 
 
+def live_frames(root: Path, *cameras: str) -> Path:
+    """`root`, an archive holding a live frame of each of `cameras` and no archived entry (good_every 0)."""
+    from inspectd.daemon.archive import Archive
+
+    archive = Archive(root, max_mb=10, max_age_h=1, good_every=0).start()
+    for seq, camera in enumerate(cameras):
+        assert archive.offer(judged(camera, seq, good_frame(seq))) is None
+    assert archive.close()
+    return root
+
+
+def live_img(name: str) -> str:
+    """A page expression: the live frame of camera `name` as drawn (null before its section is)."""
+    img = f"document.querySelector('#camera-{name} img.live')"
+    return (
+        f"({img} && {{width: {img}.naturalWidth, visibility: getComputedStyle({img}).visibility,"
+        f" src: {img}.getAttribute('src')}})"
+    )
+
+
+def live_shown(name: str) -> str:
+    return f"(({live_img(name)} || {{}}).width > 0 && {live_img(name)}.visibility === 'visible')"
+
+
 def test_a_camera_taken_out_of_the_daemons_config_is_greyed_and_labelled(tmp_path):
     """A daemon restarted without cam1: its status no longer lists it. The page keeps cam1's tile (its last defect,
-    its counts) greyed and labelled as not in the daemon's config, not as the station's present; back in the config,
-    it is live again."""
+    its counts) greyed and labelled as not in the daemon's config, not as the station's present, and hides its last
+    live frame (still on disk); back in the config, it is live again."""
     pub, endpoint = publisher()
-    web, url = start_web(endpoint, tmp_path / "none")
+    web, url = start_web(endpoint, live_frames(tmp_path / "archive", "cam0", "cam1"))
     both = {**STATUS, "cameras": {"cam0": {"state": "running"}, "cam1": {"state": "running"}}}
     gone = "document.querySelector('#camera-cam1')?.classList.contains('gone')"
 
@@ -711,14 +736,18 @@ def test_a_camera_taken_out_of_the_daemons_config_is_greyed_and_labelled(tmp_pat
         async with Browser() as browser:
             await browser.goto(url)
             await browser.wait_for(f"{gone} === false", 10, "cam1 shown as a camera of the daemon")
+            await browser.wait_for(live_shown("cam1"), 10, "cam1's live frame")
             pub.send_multipart(encode_status("t1", {**STATUS, "t": time.time()}))  # cam0 only
             await browser.wait_for(gone, 10, "cam1 marked as gone")
             text = await browser.evaluate("document.querySelector('#camera-cam1').innerText")
             assert "not in the daemon's config" in text and "0 / 1 / 0" in text, text
+            live = await browser.evaluate(live_img("cam1"))
+            assert live["visibility"] == "hidden", f"a camera gone still shows its last live frame: {live}"
             state = state_of(url)
             assert state["cameras"]["cam1"]["gone"] and not state["cameras"]["cam0"]["gone"], state["cameras"]
             pub.send_multipart(encode_status("t1", {**both, "t": time.time()}))
             await browser.wait_for(f"{gone} === false", 10, "cam1 back in the config")
+            await browser.wait_for(live_shown("cam1"), 10, "cam1's live frame shown again")
 
     try:
         wait_served(web, url)
@@ -730,3 +759,187 @@ def test_a_camera_taken_out_of_the_daemons_config_is_greyed_and_labelled(tmp_pat
     finally:
         stop_web(web)
         pub.close()
+
+
+def test_an_open_page_greys_a_camera_the_restarted_web_view_no_longer_names(tmp_path):
+    """The daemon and `inspectd web` both restarted without cam1 (a station reboot, a config change): the new view
+    has never heard of cam1. A page left open (a wall screen) greys and labels cam1's tile, hides its live frame (the
+    daemon left it on disk) and no longer asks for it, as for a camera the view saw go, instead of showing it as a
+    running camera with the old view's figures; cam0 stays live."""
+    pub, endpoint = publisher()
+    root = live_frames(tmp_path / "archive", "cam0", "cam1")
+    port = free_port()
+    running = [start_web(endpoint, root, port)[0]]
+    url = f"http://127.0.0.1:{port}/"
+    both = {**STATUS, "cameras": {"cam0": {"state": "running"}, "cam1": {"state": "running"}}}
+    gone = "document.querySelector('#camera-{}')?.classList.contains('gone')"
+
+    async def page() -> None:
+        async with Browser() as browser:
+            await browser.goto(url)
+            cam1 = "(document.querySelector('#camera-cam1 table.stats')?.innerText || '')"
+            await browser.wait_for(f"{cam1}.includes('0 / 1 / 0') && {gone.format('cam1')} === false", 10, "cam1")
+            await browser.wait_for(live_shown("cam1"), 10, "cam1's live frame")
+            stop_web(running.pop())
+            running.append(start_web(endpoint, root, port)[0])
+            wait_served(running[0], url)
+            until_subscribed(pub, url)
+            pub.send_multipart(encode_status("t1", {**STATUS, "t": time.time()}))  # cam0 only
+            await browser.wait_for(gone.format("cam1"), 15, "cam1 marked as gone after the restart")
+            text = await browser.evaluate("document.querySelector('#camera-cam1').innerText")
+            assert "not in the daemon's config" in text and "0 / 1 / 0" in text, text
+            assert "running" not in text, text
+            live = await browser.evaluate(live_img("cam1"))
+            assert live["visibility"] == "hidden", f"a camera gone still shows its last live frame: {live}"
+            assert await browser.evaluate(f"{gone.format('cam0')} === false")
+            # The page asks for live frames once a second: once it has asked for cam0's again, it would have for
+            # cam1's too.
+            cam0 = (await browser.evaluate(live_img("cam0")))["src"]
+            await browser.wait_for(f"{live_img('cam0')}.src !== {json.dumps(cam0)}", 5, "cam0's frame asked for again")
+            assert (await browser.evaluate(live_img("cam1")))["src"] == live["src"], "cam1's frame still asked for"
+
+    try:
+        wait_served(running[0], url)
+        until_subscribed(pub, url)
+        pub.send_multipart(encode_status("t1", {**both, "t": time.time()}))
+        pub.send_multipart(frames(result("cam1", 1, "defect", 0.9)))
+        state_where(url, lambda s: s["cameras"].get("cam1", {}).get("counts", {}).get("defect") == 1, 10, "cam1")
+        asyncio.run(page())
+    finally:
+        for web in running:
+            stop_web(web)
+        pub.close()
+
+
+def test_a_camera_sending_results_is_not_gone_before_the_restarted_daemons_first_status(tmp_path):
+    """A daemon restarted with cam2 added sends cam2's results before its first status (publish.status_interval_s
+    after its start, here 10 s), while the last status is the old daemon's, without cam2: cam2 is not gone. A status
+    without cam2 and no result of it after that status is."""
+    pub, endpoint = publisher()
+    web, url = start_web(endpoint, tmp_path / "none")
+
+    def status_sent() -> dict:
+        sent = time.time()
+        pub.send_multipart(encode_status("t1", {**STATUS, "t": sent, "interval_s": 10.0}))  # cam0 only
+        return state_where(url, lambda s: (s["status"] or {}).get("t") == sent, 10, "the status sent")
+
+    try:
+        wait_served(web, url)
+        until_subscribed(pub, url)
+        status_sent()
+        pub.send_multipart(frames(result("cam2", 1, "defect", 0.9)))
+        state = state_where(url, lambda s: "cam2" in s["cameras"], 10, "cam2's result")
+        assert state["daemon_reporting"] and not state["cameras"]["cam2"]["gone"], state["cameras"]
+        assert status_sent()["cameras"]["cam2"]["gone"], "a camera neither listed nor heard of since is not gone"
+        pub.send_multipart(frames(result("cam2", 2, "ok", 0.1)))
+        state = state_where(url, lambda s: s["cameras"]["cam2"]["counts"]["ok"] == 1, 10, "cam2's next result")
+        assert not state["cameras"]["cam2"]["gone"], state["cameras"]["cam2"]
+    finally:
+        stop_web(web)
+        pub.close()
+
+
+async def open_slow(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that takes in what it is sent only as it is read (a slow link): small receive buffers."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock, limit=16384)
+
+
+async def ask(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], path: str) -> tuple[int, int]:
+    """GET `path` on `connection` and read the reply's head: its status and body length, the body left unread."""
+    reader, writer = connection
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode().split("\r\n")
+    length = next(int(line.split(":")[1]) for line in head if line.lower().startswith("content-length:"))
+    return int(head[0].split()[1]), length
+
+
+async def whole(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], length: int) -> bool:
+    """Whether the rest of a body of `length` bytes arrives, not cut off by the connection's close."""
+    try:
+        await asyncio.wait_for(connection[0].readexactly(length), 30)
+    except asyncio.IncompleteReadError:
+        return False
+    return True
+
+
+async def closed(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> bool:
+    """Whether the view closes `connection` (which sent no request) within a few seconds."""
+    try:
+        return await asyncio.wait_for(connection[0].read(1), 5) == b""
+    except asyncio.TimeoutError:
+        return False
+
+
+def test_a_response_still_being_written_is_not_cut_to_make_room(tmp_path, monkeypatch):
+    """The runner `inspectd web` serves with, its cap made 3 (the rule is tested, not the number). A large live frame
+    read slowly (a slow link) has its request in flight however long ago it began: one connection more closes the
+    idle connection quiet longest, and the frame arrives whole. Only when every connection has a request in flight is
+    one cut: the one whose request began first."""
+    from aiohttp import web as aioweb
+
+    from inspectd.clients import web as view
+
+    monkeypatch.setattr(view, "MAX_CONNECTIONS", 3)
+    root = tmp_path / "archive"
+    (root / "live").mkdir(parents=True)
+    (root / "live" / "cam0.jpg").write_bytes(b"\xff\xd8" + os.urandom(8_000_000))  # past what socket buffers hold
+    port = free_port()
+
+    async def scenario() -> None:
+        runner = await view.view_runner(view.WebView(LineState(), root))
+        opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            opened.append(await open_slow(port))
+            return opened[-1]
+
+        try:
+            await aioweb.TCPSite(runner, "127.0.0.1", port).start()
+            download = await connect()
+            status, length = await ask(download, "/live/cam0.jpg")
+            assert status == 200
+            idle = [await connect(), await connect()]  # no request: quiet since accepted, after the download began
+            newcomer = await connect()
+            status, size = await ask(newcomer, "/api/state")
+            assert status == 200 and await whole(newcomer, size)
+            assert await whole(download, length), "a response still being written was cut to make room"
+            assert await closed(idle[0]), "the idle connection quiet longest was kept"
+
+            in_flight = [idle[1], newcomer, download]  # their requests begun in this order
+            lengths = [(await ask(connection, "/live/cam0.jpg"))[1] for connection in in_flight]
+            late = await connect()
+            status, size = await ask(late, "/api/state")
+            assert status == 200 and await whole(late, size)
+            assert not await whole(in_flight[0], lengths[0]), "every request in flight, and none was cut"
+            for connection, length in zip(in_flight[1:], lengths[1:]):
+                assert await whole(connection, length), "a request begun later was cut"
+        finally:
+            for _, writer in opened:
+                writer.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_that_is_not_http_is_answered_400_and_logged_as_a_bad_request(tmp_path):
+    """A TLS hello (https:// typed for http://) or a scanner's probe on the view's port: answered 400 and logged as
+    the one bad_request warning, as a malformed HTTP request is (aiohttp itself logs it at debug only)."""
+    web, url = start_web(f"tcp://127.0.0.1:{free_port()}", tmp_path / "none")
+    port = urllib.parse.urlsplit(url).port
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100)
+    try:
+        wait_served(web, url)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(hello)
+            assert sock.recv(100).split(b" ")[1] == b"400", "a request that is not HTTP was not refused"
+        assert fetch(url)[0] == 200
+    finally:
+        output = stop_web(web)
+    lines = [json.loads(line) for line in output.splitlines()]
+    refused = [line for line in lines if line["event"] == "bad_request"]
+    assert len(refused) == 1 and refused[0]["level"] == "warning" and "exception" not in refused[0], lines
+    assert refused[0]["error"].startswith("BadHttpMethod: "), refused

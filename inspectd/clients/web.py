@@ -14,8 +14,9 @@ socket's own reconnect; while no status arrives the page says so.
 Routes: `/` the page (inspectd.clients.web_page, no build step), `/api/state` the state as JSON,
 `/archive/<id>/frame|overlay` an archived image, `/live/<camera>.jpg` a camera's latest frame.
 
-Connections: at most MAX_CONNECTIONS at once (one more closes the one quiet longest), and one without a request for
-IDLE_TIMEOUT_S is closed, as for the daemon's /metrics: whoever can connect cannot hold every file descriptor.
+Connections: at most MAX_CONNECTIONS at once (one more closes the one quiet longest, never one whose response is still
+being written while another is idle), and one without a request for IDLE_TIMEOUT_S is closed, as for the daemon's
+/metrics: whoever can connect cannot hold every file descriptor.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from inspectd.errors import InspectdError, MessageError
@@ -71,10 +73,10 @@ HIST_BINS = 20  # score / threshold from 0 to 2 in HIST_BINS bins, and one bin a
 RATE_WINDOW_S = 5.0
 # The daemon's /metrics policy (inspectd.daemon.metrics, which the clients may not import): a connection silent this
 # long is closed, one sending its request too slowly to finish in it too (aiohttp's keep-alive timer starts with the
-# connection and is not put off by bytes that make no whole request).
+# connection from aiohttp 3.14.4 on, pyproject's floor, and is not put off by bytes that make no whole request).
 IDLE_TIMEOUT_S = 10.0
-# Connections at once; one more closes the one quiet longest. Four times /metrics' 16: a browser opens up to six per
-# host, and several browsers may watch one station.
+# Connections at once; one more closes the one quiet longest (ConnectionCap). Four times /metrics' 16: a browser opens
+# up to six per host, and several browsers may watch one station.
 MAX_CONNECTIONS = 64
 # A message that cannot be read (a schema mismatch is every one), a request that is no HTTP, a connection closed to
 # make room: each logged at most this often, with the count since.
@@ -91,8 +93,10 @@ class CameraView:
         self.arrivals: collections.deque[float] = collections.deque(maxlen=10000)
         self.histogram = [0] * (HIST_BINS + 1)
         self.threshold: float | None = None
+        self.result_since_status = False  # a result of it came after the last status message
 
     def add(self, r: Result, now: float) -> None:
+        self.result_since_status = True
         self.counts[r.verdict] = self.counts.get(r.verdict, 0) + 1
         self.last = {
             "seq": r.seq,
@@ -190,6 +194,8 @@ class LineState:
             if self.status_at is not None:
                 self.status_gaps.append(now - self.status_at)
             self.status, self.status_at = message, now
+            for view in self.cameras.values():
+                view.result_since_status = False
             for name in message.get("cameras") or {}:
                 self.cameras.setdefault(name, CameraView(self.defects_kept))
 
@@ -204,10 +210,15 @@ class LineState:
             "status_age_s": silent,
             "daemon_reporting": silent is not None and silent < self.stale_after(),
             "alarms": self.alarms(silent),
-            # gone: the daemon's last status lists its cameras, and not this one (taken out of its config): the page
-            # must not show its last defect and counts as the station's present.
+            # gone: the daemon's last status lists its cameras, and not this one (taken out of its config), and no
+            # result of it came after that status: the page must not show its last defect and counts as the
+            # station's present. A camera just added sends results before the restarted daemon's first status (up to
+            # publish.status_interval_s later), while the last status is still the old daemon's.
             "cameras": {
-                name: {**view.view(now, (listed or {}).get(name)), "gone": listed is not None and name not in listed}
+                name: {
+                    **view.view(now, (listed or {}).get(name)),
+                    "gone": listed is not None and name not in listed and not view.result_since_status,
+                }
                 for name, view in sorted(self.cameras.items())
             },
             "refused_messages": self.refused,
@@ -399,15 +410,25 @@ _json = functools.partial(json.dumps, separators=(",", ":"), default=str)
 
 
 class ConnectionCap:
-    """At most MAX_CONNECTIONS connections to the view at once. One more closes the connection that has been quiet
-    longest (no request since it was accepted, or since its last one): a page asks twice a second and its images once
-    a second, so that one is a peer holding its place, or a browser's spare connection it reopens at need. Refusing
-    the newcomer instead would let MAX_CONNECTIONS such peers lock every operator out."""
+    """At most MAX_CONNECTIONS connections to the view at once. One more closes, of the connections with no request in
+    flight, the one quiet longest (since it was accepted, or since its last response was written): a page asks twice a
+    second and its images once a second, so that one is a peer holding its place, or a browser's spare connection it
+    reopens at need. Refusing the newcomer instead would let MAX_CONNECTIONS such peers lock every operator out.
+
+    A connection whose response is still being written (a large frame on a slow link) or prepared (an archived image
+    waited for) is not quiet, however long ago its request came: closing it would cut the image off half-way. Only
+    when every connection has a request in flight is one of them closed, the one whose request began first: refusing
+    the newcomer would let MAX_CONNECTIONS peers that read their responses slowly, or never, lock every operator out,
+    while a browser opens at most six connections, so that many requests in flight at once are most likely such
+    peers."""
 
     def __init__(self) -> None:
         self._server: web.Server | None = None
         self._connection_made: Any = None
-        self._active: dict[Any, float] = {}  # connection (aiohttp's RequestHandler) -> when it was last active
+        self._active: dict[Any, float] = {}  # connection (aiohttp's RequestHandler) -> accepted, or last response done
+        # connection -> when the request it serves began. aiohttp serves a connection's requests one after another
+        # (pipelined ones wait their turn), so a connection has one request in flight or none.
+        self._busy: dict[Any, float] = {}
         self.evicted = 0
         self._logged_at = -REFUSED_LOG_S
 
@@ -416,15 +437,30 @@ class ConnectionCap:
         self._server, self._connection_made = server, server.connection_made
         server.connection_made = self._made  # type: ignore[method-assign]
 
+    def response_written(self) -> type[AbstractAccessLogger]:
+        """The runner's access logger, which logs nothing: aiohttp calls it once a response has been written to the
+        end (or the client went away), the end of the request in flight. The middleware cannot see that end: a
+        file's bytes are written after the handler has returned it."""
+        cap = self
+
+        class ResponseWritten(AbstractAccessLogger):
+            def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+                cap._done(request.protocol)
+
+        return ResponseWritten
+
     def _made(self, handler: Any, transport: asyncio.Transport) -> None:
         assert self._server is not None
         now = time.monotonic()
         # Rebuilt from the server's own list, so a connection gone is forgotten here with it (at most the cap's worth).
         live = [h for h in self._server.connections if h.connected]
         self._active = {h: self._active.get(h, now) for h in live}
+        self._busy = {h: self._busy[h] for h in live if h in self._busy}
         if len(live) >= MAX_CONNECTIONS:
-            quiet = min(live, key=self._active.__getitem__)
+            idle = [h for h in live if h not in self._busy]
+            quiet = min(idle, key=self._active.__getitem__) if idle else min(live, key=self._busy.__getitem__)
             del self._active[quiet]
+            self._busy.pop(quiet, None)
             quiet.force_close()
             self.evicted += 1
             if now - self._logged_at >= REFUSED_LOG_S:
@@ -439,17 +475,23 @@ class ConnectionCap:
         self._active[handler] = now
         self._connection_made(handler, transport)
 
+    def _done(self, connection: Any) -> None:
+        self._busy.pop(connection, None)
+        if connection in self._active:
+            self._active[connection] = time.monotonic()
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.protocol in self._active:
-            self._active[request.protocol] = time.monotonic()
+            self._busy[request.protocol] = time.monotonic()
         return await handler(request)
 
 
 class _MalformedRequests(logging.Filter):
     """aiohttp logs a request it cannot parse (a header line past its limit, not HTTP at all) as an error with its
-    traceback, and answers it 400. That is the client's fault, and anyone who can connect can send any number: one
-    warning line without a traceback, at most once per REFUSED_LOG_S with the count since the last."""
+    traceback, or at debug (no HTTP from the first byte), and answers it 400. That is the client's fault, and anyone
+    who can connect can send any number: one warning line without a traceback, at most once per REFUSED_LOG_S with
+    the count since the last."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -459,7 +501,7 @@ class _MalformedRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
-            return True
+            return record.levelno >= logging.INFO  # the logger is open to debug for not-HTTP requests only (run)
         now = time.monotonic()
         if now - self._logged_at < REFUSED_LOG_S:
             self._unlogged += 1
@@ -507,7 +549,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # aiohttp's and asyncio's own records (a request it could not parse, an accept() that failed) as log lines
     configure_logging("info", args.log_format, stdlib=("aiohttp", "asyncio"))
-    logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
+    server_log = logging.getLogger("aiohttp.server")
+    # aiohttp logs a connection whose first bytes are no HTTP at all (a TLS hello, a scanner) at debug, not as the
+    # error it logs for the other malformed requests: opened to debug so that both are the one bad_request warning.
+    server_log.setLevel(logging.DEBUG)
+    server_log.addFilter(_MalformedRequests())
     try:
         from inspectd.protocol.keys import curve_from_flags
 
@@ -538,19 +584,28 @@ def _subscribe(endpoint: str, curve):
         raise connect_error("--endpoint", endpoint, exc) from None
 
 
+async def view_runner(view: WebView) -> web.AppRunner:
+    """The runner serving `view` behind a ConnectionCap, set up: a TCPSite on it listens, cleanup() ends it."""
+    cap = ConnectionCap()
+    runner = web.AppRunner(
+        view.app(cap),
+        access_log_class=cap.response_written(),
+        shutdown_timeout=1.0,
+        keepalive_timeout=IDLE_TIMEOUT_S,
+    )
+    await runner.setup()
+    assert runner.server is not None
+    cap.install(runner.server)
+    return runner
+
+
 async def _serve(args: argparse.Namespace, host: str, port: int, sub) -> None:
     import signal
 
     state = LineState(args.defects)
     feed = Feed(sub, asyncio.get_running_loop(), state)
     feed.start()
-    cap = ConnectionCap()
-    runner = web.AppRunner(
-        WebView(state, args.archive).app(cap), access_log=None, shutdown_timeout=1.0, keepalive_timeout=IDLE_TIMEOUT_S
-    )
-    await runner.setup()
-    assert runner.server is not None
-    cap.install(runner.server)
+    runner = await view_runner(WebView(state, args.archive))
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()

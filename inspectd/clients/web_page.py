@@ -3,7 +3,8 @@ fetched from elsewhere. It asks /api/state for the state every POLL_MS with a pl
 no connection is held per open page) and renders it; each defect's overlay <img> carries `data-archive-id`,
 `data-loaded-at` (epoch ms) once the browser has drawn it, `data-retries` while it is asked for again and
 `data-missing` once the page has given up on it. A camera the daemon's status no longer lists has its section marked
-`gone` (greyed, labelled, its live frame no longer asked for)."""
+`gone` (greyed, labelled, its live frame hidden and no longer asked for), and so has a section the page drew from a
+web view since restarted, whose state no longer names that camera."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -27,6 +28,7 @@ PAGE = """<!doctype html>
   section.camera h2 { margin: 0 0 .5em; font-size: 1.1em; }
   .top { display: grid; grid-template-columns: 200px 1fr; gap: .8em; }
   .live { width: 200px; height: 200px; object-fit: contain; background: #222; border-radius: 4px; }
+  img.live.absent, section.camera.gone img.live { visibility: hidden; }
   table.stats td { padding: 0 .8em 0 0; } table.stats td:first-child { color: var(--muted); }
   svg.hist { width: 100%; height: 90px; margin-top: .4em; }
   .defects { display: flex; gap: .5em; overflow-x: auto; margin-top: .6em; min-height: 150px; }
@@ -81,8 +83,8 @@ function cameraSection(name) {
     <div class="defects"></div>`;
   $("h2 .name", section).textContent = name;
   const live = $("img.live", section);
-  live.onerror = () => { live.style.visibility = "hidden"; };
-  live.onload = () => { live.style.visibility = "visible"; };
+  live.onerror = () => { live.classList.add("absent"); };
+  live.onload = () => { live.classList.remove("absent"); };
   $("#cameras").appendChild(section);
   return section;
 }
@@ -166,6 +168,9 @@ function defects(strip, list) {
   }
 }
 
+// Each camera's last view as drawn, and the start of the web view that sent it.
+const drawn = new Map();
+
 function render(state) {
   const status = state.status || {};
   $("#station").textContent = status.station || "";
@@ -191,6 +196,20 @@ function render(state) {
     histogram($("svg.hist", section), view.histogram);
     $(".hist-note", section).textContent = `scores received by this view since ${when(state.view_started)}`;
     defects($(".defects", section), view.defects);
+    drawn.set(name, {view, since: state.view_started});
+  }
+  // A web view restarted (with a daemon that no longer runs a camera) names only what it has heard of since: every
+  // camera its last status lists and every one that sent a result. A tile this page drew from the view before it
+  // is then a camera gone, shown as the view shows one it saw go: the tile kept, greyed and labelled, with its last
+  // figures (counted by the view that received them), not removed without a word. Before the view's first status
+  // it cannot know the daemon's cameras, and the tile is left as it was.
+  const listed = status.cameras !== null && typeof status.cameras === "object" && !Array.isArray(status.cameras);
+  for (const [name, last] of drawn) {
+    if (!listed || Object.hasOwn(state.cameras, name)) continue;
+    const section = cameraSection(name);
+    section.classList.add("gone");
+    const frozen = {...last.view, daemon_counts: null, throughput_fps: 0, gone: true};
+    $("table.stats tbody", section).innerHTML = stats(frozen, undefined, last.since);
   }
 }
 
