@@ -874,6 +874,17 @@ async def closed(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]) 
         return False
 
 
+def open_files(path: str) -> int:
+    """How many of this process's file descriptors are open on `path`."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == path
+        except OSError:  # closed since listed
+            continue
+    return count
+
+
 def test_a_response_still_being_written_is_not_cut_to_make_room(tmp_path, monkeypatch):
     """The runner `inspectd web` serves with, its cap made 3 (the rule is tested, not the number). A large live frame
     read slowly (a slow link) has its request in flight however long ago it began: one connection more closes the
@@ -917,6 +928,13 @@ def test_a_response_still_being_written_is_not_cut_to_make_room(tmp_path, monkey
             assert not await whole(in_flight[0], lengths[0]), "every request in flight, and none was cut"
             for connection, length in zip(in_flight[1:], lengths[1:]):
                 assert await whole(connection, length), "a request begun later was cut"
+            # The one cut ends with its connection: closed under it, its task waited on the transport for good,
+            # holding the frame's file (one more at every eviction, whoever sends requests it never reads).
+            frame = str(root / "live" / "cam0.jpg")
+            deadline = time.monotonic() + 5
+            while open_files(frame) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not open_files(frame), "the request cut to make room still holds the frame it was sending"
         finally:
             for _, writer in opened:
                 writer.close()

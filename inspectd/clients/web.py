@@ -426,9 +426,10 @@ class ConnectionCap:
         self._server: web.Server | None = None
         self._connection_made: Any = None
         self._active: dict[Any, float] = {}  # connection (aiohttp's RequestHandler) -> accepted, or last response done
-        # connection -> when the request it serves began. aiohttp serves a connection's requests one after another
-        # (pipelined ones wait their turn), so a connection has one request in flight or none.
-        self._busy: dict[Any, float] = {}
+        # connection -> (when the request it serves began, the task serving it). aiohttp serves a connection's
+        # requests one after another (pipelined ones wait their turn), so a connection has one request in flight or
+        # none.
+        self._busy: dict[Any, tuple[float, asyncio.Task | None]] = {}
         self.evicted = 0
         self._logged_at = -REFUSED_LOG_S
 
@@ -458,9 +459,13 @@ class ConnectionCap:
         self._busy = {h: self._busy[h] for h in live if h in self._busy}
         if len(live) >= MAX_CONNECTIONS:
             idle = [h for h in live if h not in self._busy]
-            quiet = min(idle, key=self._active.__getitem__) if idle else min(live, key=self._busy.__getitem__)
+            quiet = min(idle, key=self._active.__getitem__) if idle else min(live, key=lambda h: self._busy[h][0])
             del self._active[quiet]
-            self._busy.pop(quiet, None)
+            _, serving = self._busy.pop(quiet, (0.0, None))
+            if serving is not None:
+                # Closed under a response being written, the task writing it would wait on the transport for good,
+                # holding the file it sends: ended first, it closes the file.
+                serving.cancel()
             quiet.force_close()
             self.evicted += 1
             if now - self._logged_at >= REFUSED_LOG_S:
@@ -483,7 +488,7 @@ class ConnectionCap:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.protocol in self._active:
-            self._busy[request.protocol] = time.monotonic()
+            self._busy[request.protocol] = (time.monotonic(), asyncio.current_task())
         return await handler(request)
 
 
