@@ -1,6 +1,6 @@
 """`inspectd subscribe` (inspectd.clients.subscribe) over real ZeroMQ sockets, as a real process where it prints: a tail
-lost before the first status it hears of a daemon run (also of one numbered anew), and a flood of messages it cannot
-read."""
+lost before the first status it hears of a daemon run (also of one numbered anew, and none where a `--since` replay
+ran ahead of that status), and a flood of messages it cannot read."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import zmq
 from cli_child import inspectd_argv
 from inspectd.clients import subscribe
 from inspectd.clients.subscribe import CatchUpSubscriber, JournalCatchUp, Subscriber
+from inspectd.daemon.journal import Journal
 from inspectd.protocol.messages import encode_status
 from test_catch_up import REPO, STATION, STATUS, Line, drain, result_frames, until_status
 
@@ -28,10 +29,14 @@ def line(tmp_path):
         yield made
 
 
-def send_status(pub: zmq.Socket, start: float, uptime: float, **cam0: int) -> None:
+def send_status(
+    pub: zmq.Socket, start: float, uptime: float, cameras: dict[str, dict[str, int]] | None = None, **cam0: int
+) -> None:
     """A status of the run started at `start`, `uptime` into it, with cam0's counters (published, first_seq,
-    dropped): what the daemon's says of a camera, which the first status heard of a run is read by."""
-    doc = {**STATUS, "t": start + uptime, "uptime_s": uptime, "cameras": {"cam0": cam0}, "journal": {"lost": 0}}
+    dropped), or each camera's in `cameras`: what the daemon's says of a camera, which the first status heard of a
+    run is read by."""
+    cameras = {"cam0": cam0} if cameras is None else cameras
+    doc = {**STATUS, "t": start + uptime, "uptime_s": uptime, "cameras": cameras, "journal": {"lost": 0}}
     pub.send_multipart(encode_status(STATION, doc))
 
 
@@ -258,6 +263,119 @@ def test_a_new_numbering_whose_queue_dropped_frames_is_reported_by_count_then_by
     assert [gap[:3] for gap in catch_up.missed] == [("cam0", 0, 4)]
     assert catch_up.missed[0].reason.endswith("(3 of them reported before by count)"), catch_up.missed
     assert catch_up.backwards == [("cam0", 7, 0)] and catch_up.gaps.missed == {"cam0": 5}
+
+
+@pytest.mark.parametrize("only", [(), ("--camera", "cam1")], ids=["all", "camera"])
+def test_a_since_restart_on_a_running_line_reports_no_gap_and_prints_each_result_once(tmp_path, only):
+    """`--since 4` on a running two-camera line, nothing lost or restarted. Only the camera of the first live result
+    (cam0's 300) has its replay stop below it; cam1's is read to the journal's end, 14, which the daemon journalled
+    before publishing 10-14 behind a status that counts up to next_seq 10. That status is older than the replay,
+    not a run numbered anew: no seq went back, no gap, and the live 10-14 are the replay's, not printed again."""
+    directory = tmp_path / "journal"
+    journal = Journal(directory, max_bytes=1 << 22)
+    try:
+        for seq in range(300):
+            journal.append("cam0", seq, result_frames("cam0", seq))
+        for seq in range(10):
+            journal.append("cam1", seq, result_frames("cam1", seq))
+        sub = Inspectd(tmp_path, "--journal", str(directory), "--since", "4", "--status", *only)
+        try:
+            start = time.time() - 100
+
+            def status(uptime: float, cam0: int, cam1: int) -> None:  # the next seq each camera gives out
+                cameras = {
+                    cam: {"published": n, "first_seq": 0, "next_seq": n, "dropped": 0}
+                    for cam, n in [("cam0", cam0), ("cam1", cam1)]
+                }
+                send_status(sub.pub, start, uptime, cameras)
+
+            status(100.0, cam0=300, cam1=10)
+            live = [("cam0", 300)] + [("cam1", seq) for seq in range(10, 15)]
+            frames = [result_frames(camera, seq) for camera, seq in live]
+            for (camera, seq), each in zip(live, frames):  # all journalled before the replay can reach cam1's end
+                journal.append(camera, seq, each)
+            for each in frames:
+                sub.pub.send_multipart(each)
+            status(101.0, cam0=301, cam1=15)
+            printed: list[str] = []
+            while not printed or not printed[-1].startswith("{") or json.loads(printed[-1])["uptime_s"] != 101.0:
+                entry = sub.stdout_line()  # ends at the subscriber's --timeout at worst
+                assert entry, f"no status of uptime 101 printed; {len(printed)} lines before: {printed[-3:]}"
+                printed.append(entry)
+            out, err = sub.interrupt()
+        finally:
+            sub.close()
+    finally:
+        journal.close()
+    results = [entry.split()[:2] for entry in printed + out.splitlines() if not entry.startswith("{")]
+    replay = [("cam0", seq) for seq in range(5, 300)] + [("cam1", seq) for seq in range(5, 15)]
+    expected = [[camera, f"seq={seq}"] for camera, seq in replay + [("cam0", 300)] if not only or camera == only[-1]]
+    assert results == expected, results[-12:]
+    assert "gap" not in err and "went back" not in err and "missed" not in err, err
+    assert sub.proc.returncode == 130, err
+
+
+def test_a_journal_lacking_the_new_numberings_first_live_result_fills_no_hole(line):
+    """The journal holds the old run's 0-7 (the daemon restarted with its journal off). The new run's first status
+    shows 0-2 published and none heard; 3-9 are lost on the way too, and 10 comes. The daemon journals each result
+    before it publishes it, so a journal without 10 is not this numbering's: the hole 3-9 is a gap, not the old
+    run's 3-7 delivered under the new run's seqs, and the journal is told another numbering's."""
+    run_a = time.time() - 1000
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        for seq in range(8):
+            frames = result_frames("cam0", seq, f"old-{seq}")
+            line.journal.append("cam0", seq, frames)
+            line.pub.send_multipart(frames)
+        send_status(line.pub, run_a, 900.0, published=8, first_seq=0, next_seq=8, dropped=0)
+        assert [r.seq for r in until_status(source, 900.0)] == list(range(8))
+        send_status(line.pub, run_a + 998, 2.0, published=3, first_seq=0, next_seq=3, dropped=0)
+        assert until_status(source, 2.0) == []
+        assert catch_up.missed == [subscribe.Gap("cam0", 0, 2, subscribe.NEW_NUMBERING_UNCHECKED)]
+        catch_up.missed.clear()
+        for seq in (10, 11):
+            line.emit("cam0", seq, journal=False)
+        got = drain(source, 2)
+    assert [(r.seq, r.frame_id) for r in got] == [(10, "cam0-10"), (11, "cam0-11")]
+    assert catch_up.missed == [subscribe.Gap("cam0", 3, 9, subscribe.OTHER_NUMBERING)] and catch_up.recovered == 0
+    assert source.notices == [
+        f"journal {line.journal_dir} holds another numbering's results for cam0 (seq 10: not there): nothing more of "
+        "cam0 is read from it (any replay of this camera from it was another numbering's; holes are gaps) until it "
+        "holds a live result again"
+    ]
+    assert catch_up.backwards == [("cam0", 7, 0)] and catch_up.gaps.missed == {"cam0": 10}
+
+
+def test_a_journal_found_another_numberings_stays_so_across_the_next_restarts_status(line):
+    """The journal, already found another numbering's at a restart without it (told once), meets the next restart:
+    its first status shows 0-2 published and none heard, 3-9 are lost on the way and 10 comes. That status does not
+    make the journal this numbering's again: 10 is not in it, the hole 3-9 is a gap, and no old record is
+    delivered under the new run's seqs."""
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        for seq in range(8):
+            frames = result_frames("cam0", seq, f"old-{seq}")
+            line.journal.append("cam0", seq, frames)
+            line.pub.send_multipart(frames)
+        for seq in range(6):
+            line.emit("cam0", seq, journal=False)
+        assert [(r.seq, r.frame_id) for r in drain(source, 14)][8:] == [(seq, f"cam0-{seq}") for seq in range(6)]
+        assert len(source.notices) == 1 and "(seq 0: frame old-0 there, cam0-0 live)" in source.notices[0]
+        send_status(line.pub, time.time() - 2, 2.0, published=3, first_seq=0, next_seq=3, dropped=0)
+        assert until_status(source, 2.0) == []
+        assert catch_up.missed == [subscribe.Gap("cam0", 0, 2, subscribe.NEW_NUMBERING_UNCHECKED)]
+        catch_up.missed.clear()
+        for seq in (10, 11):
+            line.emit("cam0", seq, journal=False)
+        got = drain(source, 2)
+    assert [(r.seq, r.frame_id) for r in got] == [(10, "cam0-10"), (11, "cam0-11")]
+    assert catch_up.missed == [subscribe.Gap("cam0", 3, 9, subscribe.OTHER_NUMBERING)] and catch_up.recovered == 0
+    assert len(source.notices) == 2 and "(seq 10: not there)" in source.notices[1], source.notices
+    assert catch_up.backwards == [("cam0", 7, 0), ("cam0", 5, 0)] and catch_up.gaps.missed == {"cam0": 10}
 
 
 def test_a_cameras_topic_prefix_still_hears_its_stations_status(tmp_path):

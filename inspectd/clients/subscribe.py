@@ -441,13 +441,15 @@ class JournalCatchUp:
         counting as published: the tail is then understated, never overstated.) Seqs below first_seq are an earlier
         run's: what came of them the next result shows.
 
-        A last seq delivered at or above the run's `next_seq` is no seq of this run either: the run has not given it
+        A last seq heard live at or above the run's `next_seq` is no seq of this run either (one replayed from the
+        journal by --since may be ahead of a status queued before it, and says nothing): the run has not given it
         out (a daemon restarted without its journal numbers from 0 again). Between first_seq + published - 1 and
         next_seq it could be (a failed publish takes a seq), so that alone does not decide. Then no result of this
         run came (the first would have gone back), and each of the `published` went out and did not come: a new
         numbering, its results reported lost at once, by count where its queue dropped frames."""
         last = self.delivered[camera]
-        if next_seq is not None and last >= next_seq:
+        heard = self.live.get(camera)  # a seq heard live came before this status; one from the journal may not have
+        if next_seq is not None and heard is not None and heard >= next_seq:
             yield from self._numbered_anew(camera, first_seq, published, clean=dropped == 0)
             return
         if dropped or last + 1 < first_seq:
@@ -736,7 +738,8 @@ class CatchUpSubscriber:
 
     The daemon journals each result before it publishes it, so each camera's first live result (and its first after
     the numbering goes back, or after a status showed it start anew) is looked up in the journal: one that holds
-    another result under its seq, or starts past it, is a journal of another numbering (a daemon that restarted
+    another result under its seq, or starts past it, or (after such a status) lacks it, is a journal of another
+    numbering (a daemon that restarted
     without it; a copy), whose records are other parts' verdicts. No hole of that camera is filled from it (each is a
     gap), a replay of it not yet pulled stops, and what the replay delivered counts for nothing: the live stream is
     delivered from that result on. (After such a status the journal is not read for the camera until that check.)
@@ -850,6 +853,9 @@ class CatchUpSubscriber:
         other = None
         if held is not None and held != (result.frame_id, result.t_capture):
             other = f"frame {printable(held[0])} there, {printable(result.frame_id)} live"
+        elif held is None and unchecked:
+            # The daemon journals each result before it publishes it: a journal of this numbering holds this one.
+            other = "not there"
         elif held is None and (oldest := catch_up.oldest(camera)) is not None and oldest > seq:
             # The current numbering's journal holds this result (journalled before it was published), and rotation
             # takes the oldest first: one that starts past it is an old numbering whose low seqs were rotated away.
