@@ -502,12 +502,12 @@ def test_a_saturated_scenario_may_drain_its_queues_within_the_longest_shutdown_t
     frames/s take 26 s, more than the 10 s it was given, so the daemon exited 1 and a healthy run read as FAILED."""
     from inspectd.daemon.archive import CLOSE_GRACE_S
     from inspectd.daemon.config import MAX_SHUTDOWN_TIMEOUT_S
-    from inspectd.daemon.service import PUB_LINGER_MS, PUBLISH_GRACE_S
+    from inspectd.daemon.service import PUB_LINGER_MS, PUBLISH_GRACE_S, SETTLE_S
     from inspectd.tools.bench import daemon
 
     s = scenario(saturate=True, cameras=4)
     assert json.loads(s.config.read_text())["shutdown_timeout_s"] == MAX_SHUTDOWN_TIMEOUT_S
-    past_it = 2 * PUBLISH_GRACE_S + PUB_LINGER_MS / 1000 + CLOSE_GRACE_S  # the daemon's stop past its timeout
+    past_it = 2 * PUBLISH_GRACE_S + PUB_LINGER_MS / 1000 + SETTLE_S + CLOSE_GRACE_S  # its stop past its timeout
     assert daemon.STOP_TIMEOUT_S > MAX_SHUTDOWN_TIMEOUT_S + past_it
 
 

@@ -117,7 +117,7 @@ def grey(blob: bool = False, poison: bool = False) -> np.ndarray:
 def station(tmp_path, bundle):
     stations = []
 
-    def start(cameras, **overrides):
+    def start(cameras, exec_under=(), **overrides):
         journal = tmp_path / "state" / "journal"
         defaults = {
             "station": "f1",
@@ -128,7 +128,7 @@ def station(tmp_path, bundle):
         }
         for key, value in overrides.items():
             defaults[key] = {**defaults[key], **value} if isinstance(defaults.get(key), dict) else value
-        s = Station(tmp_path, bundle, cameras, watchdog_usec=1_000_000, **defaults)
+        s = Station(tmp_path, bundle, cameras, watchdog_usec=1_000_000, exec_under=exec_under, **defaults)
         s.journal = journal
         stations.append(s)
         return s
@@ -510,6 +510,47 @@ def test_sigkill_restart_resumes_seq_and_subscribe_since_fetches_what_was_missed
     assert seqs == expected, seqs
     assert ("gap" in out.stderr) == bool(resumed["cam0"]["skipped"]), out.stderr
     assert s2.stop() == 0, s2.log_tail()
+
+
+def test_a_stopped_folder_camera_has_moved_every_file_whose_result_went_out(station, tmp_path):
+    """A stop judges and publishes what is queued, and the files of those results are moved before the daemon exits
+    (on the camera's own thread, off the publisher that serves every camera), each move here taking 10 ms (a share
+    slow to answer): a file left behind would be inspected again at the next start, its part given a second
+    verdict."""
+    inbox, done = tmp_path / "in", tmp_path / "state" / "done"
+    inbox.mkdir()
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "def slow(event, args):\n"
+        f"    if event == 'os.rename' and str(args[0]).startswith({str(inbox)!r}):\n"
+        "        time.sleep(0.01)\n"
+        "sys.addaudithook(slow)\n"
+    )
+    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
+    png = cv2.imencode(".png", np.full((512, 512), 128, np.uint8))[1].tobytes()
+    names = [f"part{i:04d}.png" for i in range(120)]
+    past = time.time() - 10  # settled files: read at the first scans, not waited for
+    for name in names:
+        (inbox / name).write_bytes(png)
+        os.utime(inbox / name, (past, past))
+    camera = {
+        "id": "cam0",
+        "source": {"kind": "folder", "path": str(inbox), "pattern": "*.png", "poll_ms": 20, "done_dir": str(done)},
+        "queue": {"size": 64},
+    }
+    # The first 64 files go as one batch; the rest wait in the queue and are judged by the stop's drain, the last
+    # results of the run.
+    s = station([camera], batching={"max_batch": 64, "max_wait_ms": 60_000}, exec_under=("env", f"PYTHONPATH={path}"))
+    s.wait_ready()
+    wait_for(lambda: s.control({"cmd": "status"})["cameras"]["cam0"]["frames_in"] == 120, 30, "every file read")
+    assert s.stop() == 0, s.log_tail()
+    journalled = sorted(decode_result(frames).frame_id for _, frames in read_since(s.journal, "cam0", -1))
+    assert len(journalled) == 120, len(journalled)
+    left = sorted(p.name for p in inbox.iterdir())
+    assert not left, f"{len(left)} files whose results went out left to be inspected again: {left[:5]}"
+    assert sorted(p.name for p in done.iterdir()) == names
 
 
 def test_a_folder_camera_moves_a_file_only_after_its_result_is_journalled(station, tmp_path):

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 INGEST_STOP_S = 1.0  # how long shutdown waits for the ingest threads to stop before it drains the queues
 PUBLISH_GRACE_S = 2.0  # how long results already judged (or refused at shutdown) may take to leave, past the timeout
+# How long a stop waits, once the last result is out, for what the cameras do after a result (a folder camera's
+# deletes and moves, on a share that may stall).
+SETTLE_S = 1.0
 PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, short enough to never hang
 IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
 STUCK_AFTER_S = 10.0  # a batch older than this without finishing means the pipeline is stuck
@@ -205,12 +208,17 @@ class Daemon:
             self._publish_unjudged()
         # The results already handed over still go out (and into the journal) even when the drain ran late.
         published = self.publisher.stop(max(PUBLISH_GRACE_S, deadline - time.monotonic()))
+        # What a camera does once a result is out (a folder's delete or move) comes after the publish: a file left
+        # when the process ends is inspected again at the next start, and its part gets a second verdict.
+        settled_by = time.monotonic() + SETTLE_S
+        for ingest in self.ingest.values():
+            ingest.settle(max(0.0, settled_by - time.monotonic()))
         if self.archive is not None:
             from inspectd.daemon.archive import CLOSE_GRACE_S
 
             # Its queued frames are named in results already out: a grace of their own, as those results had. A
-            # stop takes at most 7 s past shutdown_timeout_s (2 x PUBLISH_GRACE_S, PUB_LINGER_MS, CLOSE_GRACE_S),
-            # which the units' TimeoutStopSec allows for.
+            # stop takes at most 8 s past shutdown_timeout_s (2 x PUBLISH_GRACE_S, PUB_LINGER_MS, SETTLE_S,
+            # CLOSE_GRACE_S), which the units' TimeoutStopSec allows for.
             self.archive.close(max(CLOSE_GRACE_S, deadline - time.monotonic()))
         if self.control is not None:
             self.control.stop()

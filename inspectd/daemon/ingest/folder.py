@@ -9,8 +9,10 @@ import functools
 import hashlib
 import math
 import os
+import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, cast
@@ -34,6 +36,14 @@ if TYPE_CHECKING:
 # A folder file that looks cut short is taken as still being written (a writer that paused for longer than a poll)
 # until this host has seen it left alone this long; only then is it published as a truncated frame.
 WRITE_GRACE_S = 2.0
+# How long a close waits for the files whose results are out to be deleted or moved (a share that stalls): what is
+# left then is named in the log, and inspected again at the next start.
+DISPOSE_WAIT_S = 1.0
+# Never read, whatever `pattern` says: names a writer uploads under before it renames the file into place (FTP, SMB,
+# browsers), whose content is not final yet, and files Windows and Office leave in a folder, which are no images.
+TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", "~")
+TEMP_PREFIXES = (".", "~$")
+SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 
 log = structlog.get_logger("inspectd.ingest")
 
@@ -70,6 +80,8 @@ class FolderWatcher(Source):
         super().__init__(camera, clock, bit_depth)
         self.spec = cast(FolderSource, camera.source)  # the supervisor builds this class for kind folder only
         self.poll_s = self.spec.poll_ms / 1000.0
+        # Cameras and Windows tools write .JPG as often as .jpg.
+        self._matches = re.compile(fnmatch.translate(self.spec.pattern), re.IGNORECASE).match
         self.max_bytes = max_frame_bytes(camera.max_pixels)
         # name -> mtime_ns when inspected (files left in place): a file rewritten under the same name is new again.
         self.done: dict[str, int] = {}
@@ -80,12 +92,20 @@ class FolderWatcher(Source):
         self.pending: list[tuple[int, str]] = []  # ready (mtime_ns, name), oldest last, popped from the end
         self._scanned = -math.inf  # monotonic time at the end of the latest scan
         self._warned = False
-        # Files whose result is out but which could not be deleted or moved (publisher thread), and why the first
+        # Files whose result is out but which could not be deleted or moved (disposer thread), and why the first
         # of them could not: the camera is reopened on it, once, rather than fail again at every file after it.
         self._undisposed: list[tuple[Path, int]] = []
         self._disposal_failed: str | None = None
         self._disposal_logged = False  # this outage's warning was logged: once, however many reopens it lasts
         self._disposal_lock = threading.Lock()
+        # Files whose result is out, oldest first, deleted or moved by a thread of this camera's own: the publisher,
+        # which serves every camera, must never wait on this folder's filesystem (a share that stalls). The file being
+        # disposed of stays first until it is done.
+        self._to_dispose: deque[tuple[Path, int]] = deque()
+        self._disposals = threading.Condition()
+        self._disposer: threading.Thread | None = None
+        self._dispose_errors: set[str] = set()  # kinds of unexpected failure already logged
+        self._pending_logged = False  # a close left files undisposed and said so: once until they are done
 
     def open(self, stop: threading.Event) -> None:
         if not self.spec.path.is_dir():
@@ -106,7 +126,7 @@ class FolderWatcher(Source):
     def _check_disposal(self) -> None:
         """Files are deleted, or moved to done_dir by rename (at once and whole): try it now on a hidden file, which
         no scan reads, rather than fail at every file. A rename across filesystems or mount points never works (a
-        copy instead would run on the publisher thread for each frame), and done_dir as the watched folder itself
+        copy instead would hold up every later file for its whole size), and done_dir as the watched folder itself
         would hand every file back to the scan under a new name: the camera fails. A folder the daemon may not
         write (its mode, an immutable flag, a path the systemd unit leaves read-only) may be put right while it
         runs: the open fails, and is tried again."""
@@ -178,7 +198,14 @@ class FolderWatcher(Source):
         with os.scandir(self.spec.path) as entries:
             for entry in entries:
                 name = entry.name
-                if name.startswith(".") or not fnmatch.fnmatch(name, self.spec.pattern) or not entry.is_file():
+                lower = name.lower()
+                if (
+                    lower.startswith(TEMP_PREFIXES)
+                    or lower.endswith(TEMP_SUFFIXES)
+                    or lower in SYSTEM_NAMES
+                    or not self._matches(name)
+                    or not entry.is_file()
+                ):
                     continue
                 try:
                     st = entry.stat()
@@ -232,12 +259,13 @@ class FolderWatcher(Source):
             return None  # taken away by someone else between the scan and now
         except OSError as exc:
             # Unreadable (permissions, an I/O error): its result says so, once. Raising would reopen the folder and
-            # meet the same file at every scan.
-            return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({exc.strerror or exc})")
+            # meet the same file at every scan. Never inspected, it is kept (see _taken).
+            return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({exc.strerror or exc})", dispose=False)
         except MemoryError:
-            return self._taken(path, mtime_ns, None, f"{shown}: cannot read its {size} bytes (out of memory)")
+            short = f"{shown}: cannot read its {size} bytes (out of memory)"
+            return self._taken(path, mtime_ns, None, short, dispose=False)
         except Exception as exc:  # noqa: BLE001 - a reopen would meet the same file at every scan, forever
-            return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({one_line(exc)})")
+            return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({one_line(exc)})", dispose=False)
         if data is None or len(data) != size:
             # Written to since the scan found it still (a backlog can take a while to drain): it must hold still
             # over a poll again before it is read.
@@ -248,26 +276,89 @@ class FolderWatcher(Source):
         except IncompleteImage as exc:
             if time.monotonic() - since < WRITE_GRACE_S:
                 return None  # tried again at the next scans while it holds still, until the grace is over
-            image, error = None, str(exc)
+            # Its writer may only have paused (a share's hiccup): kept, it is read again once finished.
+            return self._taken(path, mtime_ns, None, str(exc), dispose=False)
         except DataError as exc:
             image, error = None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a reopen would meet the same file at every scan, forever
             image, error = None, f"{shown}: cannot decode ({one_line(exc)})"
         return self._taken(path, mtime_ns, image, error)
 
-    def _taken(self, path: Path, mtime_ns: int, image, error: str | None) -> Frame:
-        """The file's frame, the file marked done (and disposed of once its result is out, if so configured)."""
+    def _taken(self, path: Path, mtime_ns: int, image, error: str | None, dispose: bool = True) -> Frame:
+        """The file's frame, the file marked done (and disposed of once its result is out, if so configured).
+        `dispose` False: its content was never inspected (unreadable, or cut short by a writer that may only have
+        paused), so it stays: a writer that finishes it changes its mtime and it is read again, else the next start
+        tries it again."""
         name = path.name
         self.done[name] = mtime_ns
         frame = self.frame(_frame_id(name), mtime_ns / 1e9, image, error)
-        if self.spec.delete_after or self.spec.done_dir is not None:
+        if dispose and (self.spec.delete_after or self.spec.done_dir is not None):
             # Only once the result is journalled and published: a crash before that leaves the file in the folder,
             # to be inspected again at the next start, instead of gone without a result.
-            frame.on_published = functools.partial(self._dispose, path, mtime_ns)
+            frame.on_published = functools.partial(self._queue_disposal, path, mtime_ns)
         return frame
 
+    def _queue_disposal(self, path: Path, mtime_ns: int) -> None:
+        """On the publisher thread: hand the file to this camera's disposer, with no filesystem call here."""
+        with self._disposals:
+            self._to_dispose.append((path, mtime_ns))
+            if self._disposer is None:
+                # Started once and kept for the daemon's life: results still go out after the camera's close at a
+                # stop, and their files are still disposed of.
+                self._disposer = threading.Thread(
+                    target=self._dispose_queued, name=f"dispose-{self.camera.id}", daemon=True
+                )
+                self._disposer.start()
+            self._disposals.notify_all()
+
+    def _dispose_queued(self) -> None:
+        while True:
+            with self._disposals:
+                self._disposals.wait_for(lambda: bool(self._to_dispose))
+                path, mtime_ns = self._to_dispose[0]
+            try:
+                self._dispose(path, mtime_ns)
+            except Exception as exc:  # noqa: BLE001 - one file's failure must not leave every later file in place
+                kind = type(exc).__name__
+                if kind not in self._dispose_errors:
+                    self._dispose_errors.add(kind)
+                    log.error(
+                        "folder_dispose_failed",
+                        camera=self.camera.id,
+                        file=printable(_frame_id(path.name)),
+                        error=f"{kind}: {one_line(exc)}",
+                    )
+            with self._disposals:
+                self._to_dispose.popleft()
+                if not self._to_dispose:
+                    self._pending_logged = False
+                self._disposals.notify_all()
+
+    def close(self) -> None:
+        self.settle(DISPOSE_WAIT_S)
+
+    def settle(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the files whose results are out to be deleted or moved, and name what is not."""
+        with self._disposals:
+            if self._disposals.wait_for(lambda: not self._to_dispose, timeout):
+                return True
+            if self._pending_logged:
+                return False
+            self._pending_logged = True
+            left = len(self._to_dispose)
+            first = printable(_frame_id(self._to_dispose[0][0].name))
+        log.warning(
+            "folder_disposal_pending",
+            camera=self.camera.id,
+            files=left,
+            first=first,
+            effect=f"not yet deleted or moved after {timeout:g} s (a folder slow to answer); they still are "
+            "while the daemon runs, and a file left when it stops is inspected again at the next start",
+        )
+        return False
+
     def _dispose(self, path: Path, mtime_ns: int) -> None:
-        """Delete or move the file (publisher thread, once its result is out). A failure is kept for the ingest
+        """Delete or move the file (the disposer thread, once its result is out). A failure is kept for the ingest
         thread, whose next read raises it: the camera's state and last_error say so, once, where a log line per
         file would say it at every part and no status would."""
         try:

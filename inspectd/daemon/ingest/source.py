@@ -66,6 +66,11 @@ class Source:
         taking new ones and returns an event set once those are read; None for a source that holds nothing."""
         return None
 
+    def settle(self, timeout: float) -> bool:
+        """After a stop's last result is out: finish, within `timeout`, what the source does once a result is out
+        (a folder camera's deletes and moves); whether all of it was done."""
+        return True
+
     def frame(
         self,
         frame_id: str,

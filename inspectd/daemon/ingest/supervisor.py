@@ -76,6 +76,9 @@ class CameraIngest:
     def stop(self) -> None:
         self._stop.set()
 
+    def settle(self, timeout: float) -> bool:
+        return self._source.settle(timeout)
+
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
