@@ -408,12 +408,46 @@ def test_a_share_that_stalls_deleting_holds_up_neither_the_publisher_nor_the_ord
             ingest.stop()
             ingest.join(10)
             assert not ingest.is_alive()
+            assert not ingest.settle(0.2)  # what the daemon's stop does once its last results are out
         pending = [e for e in logs if e["event"] == "folder_disposal_pending"]
         assert len(pending) == 1 and pending[0]["files"] == 2 and pending[0]["first"] == "000000.png", logs
     finally:
         gate.set()
         STALLED_UNLINKS.clear()
     assert wait_for(lambda: list(inbox.iterdir()) == [])
+
+
+def test_a_share_slower_than_the_parts_holds_new_files_back_once_the_queues_worth_wait_to_be_deleted(
+    tmp_path, ingest_threads
+):
+    """Deletes slower than parts come piled up files whose results were out, without end and unseen, each inspected
+    again after a stop. Once as many wait as the camera's queue holds, no new file is taken (said once) until the
+    share catches up."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    SyntheticLine(32, 32, seed=7).write_folder(inbox, 6)
+    queue = FrameQueue(16, "block")
+    source = {"kind": "folder", "path": str(inbox), "poll_ms": 20, "delete_after": True}
+    start(ingest_threads, camera(source, queue={"size": 2}), queue)
+    assert wait_for(lambda: len(queue) == 6)
+    frames = drain(queue)
+    SyntheticLine(32, 32, seed=8).write_folder(tmp_path / "more", 2)
+    gate = STALLED_UNLINKS[str(inbox / frames[0].frame_id)] = threading.Event()
+    try:
+        with capture_logs() as logs:
+            for frame in frames[:2]:
+                frame.on_published()
+            for path in sorted((tmp_path / "more").iterdir()):
+                path.rename(inbox / f"new-{path.name}")
+            time.sleep(0.5)  # ten polls: the new files would have been taken
+            assert len(queue) == 0, "a new file was taken while the queue's worth waited to be deleted"
+            backlog = [e for e in logs if e["event"] == "folder_disposal_backlog"]
+            assert len(backlog) == 1 and backlog[0]["files"] == 2, logs
+        gate.set()
+        assert wait_for(lambda: len(queue) == 2), "the new files were not taken once the share caught up"
+    finally:
+        gate.set()
+        STALLED_UNLINKS.clear()
 
 
 def test_a_file_never_inspected_is_neither_deleted_nor_moved_after_its_error_result(tmp_path, ingest_threads):

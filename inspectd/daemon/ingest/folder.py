@@ -105,7 +105,8 @@ class FolderWatcher(Source):
         self._disposals = threading.Condition()
         self._disposer: threading.Thread | None = None
         self._dispose_errors: set[str] = set()  # kinds of unexpected failure already logged
-        self._pending_logged = False  # a close left files undisposed and said so: once until they are done
+        self._pending_logged = False  # a stop left files undisposed and said so: once until they are done
+        self._backlog_logged = False  # the backlog that holds up new files was logged: once until it is gone
 
     def open(self, stop: threading.Event) -> None:
         if not self.spec.path.is_dir():
@@ -232,6 +233,8 @@ class FolderWatcher(Source):
 
     def read(self, stop: threading.Event) -> Frame | None:
         self._raise_disposal_failure()
+        if self._disposal_backlog(stop):
+            return None
         if not self.pending:
             # Listed at most once a poll, also while a backlog drains (its files were all ready at one scan, and
             # are read back to back), so a large folder is not listed again after every few files. A file's own
@@ -298,6 +301,25 @@ class FolderWatcher(Source):
             frame.on_published = functools.partial(self._queue_disposal, path, mtime_ns)
         return frame
 
+    def _disposal_backlog(self, stop: threading.Event) -> bool:
+        """Whether as many files wait to be deleted or moved as the camera's queue holds frames (a share that deletes
+        slower than parts come): this camera then takes no new file for up to a poll. Taking more would pile up,
+        without end, files whose results are out, each inspected again after a stop; it holds up no other camera."""
+        limit = self.camera.queue.size
+        with self._disposals:
+            if len(self._to_dispose) < limit:
+                return False
+            if not self._backlog_logged:
+                self._backlog_logged = True
+                log.warning(
+                    "folder_disposal_backlog",
+                    camera=self.camera.id,
+                    files=len(self._to_dispose),
+                    effect="no new file is taken until the folder has deleted or moved some (a share slow to answer)",
+                )
+            self._disposals.wait_for(lambda: len(self._to_dispose) < limit or stop.is_set(), self.poll_s)
+            return len(self._to_dispose) >= limit
+
     def _queue_disposal(self, path: Path, mtime_ns: int) -> None:
         """On the publisher thread: hand the file to this camera's disposer, with no filesystem call here."""
         with self._disposals:
@@ -331,11 +353,13 @@ class FolderWatcher(Source):
             with self._disposals:
                 self._to_dispose.popleft()
                 if not self._to_dispose:
-                    self._pending_logged = False
+                    self._pending_logged = self._backlog_logged = False
                 self._disposals.notify_all()
 
     def close(self) -> None:
-        self.settle(DISPOSE_WAIT_S)
+        # A reopen, or a stop before its last results are out: those are waited for, and named, by settle.
+        with self._disposals:
+            self._disposals.wait_for(lambda: not self._to_dispose, DISPOSE_WAIT_S)
 
     def settle(self, timeout: float) -> bool:
         """Wait up to `timeout` for the files whose results are out to be deleted or moved, and name what is not."""
