@@ -186,6 +186,16 @@ def test_a_run_numbered_anew_whose_results_never_came_is_reported_lost_at_its_fi
     assert "inspectd subscribe: 4 results, missed cam0: 5" in err and sub.proc.returncode == 130, err
 
 
+def heard_old_run(line, source, run_a: float) -> None:
+    """The old run's results 0-7, journalled and heard, and its status (the run started at `run_a`)."""
+    for seq in range(8):
+        frames = result_frames("cam0", seq, f"old-{seq}")
+        line.journal.append("cam0", seq, frames)
+        line.pub.send_multipart(frames)
+    send_status(line.pub, run_a, 900.0, published=8, first_seq=0, next_seq=8, dropped=0)
+    assert [r.seq for r in until_status(source, 900.0)] == list(range(8))
+
+
 def test_a_new_numbering_a_status_shows_is_not_filled_from_a_journal_of_the_old_one(line):
     """The journal holds the old run's results (the daemon restarted with its journal off): the new run's 0-4, lost
     on the way, are a gap at its first status, not the old 0-4 read from the journal under their seqs. Its first
@@ -195,12 +205,7 @@ def test_a_new_numbering_a_status_shows_is_not_filled_from_a_journal_of_the_old_
         line.join(sub)
         catch_up = JournalCatchUp(line.journal_dir)
         source = CatchUpSubscriber(sub, catch_up)
-        for seq in range(8):
-            frames = result_frames("cam0", seq, f"old-{seq}")
-            line.journal.append("cam0", seq, frames)
-            line.pub.send_multipart(frames)
-        send_status(line.pub, run_a, 900.0, published=8, first_seq=0, next_seq=8, dropped=0)
-        assert [r.seq for r in until_status(source, 900.0)] == list(range(8))
+        heard_old_run(line, source, run_a)
         send_status(line.pub, run_a + 990, 2.0, published=5, first_seq=0, next_seq=5, dropped=0)
         assert until_status(source, 2.0) == []
         assert [gap[:3] for gap in catch_up.missed] == [("cam0", 0, 4)]
@@ -325,12 +330,7 @@ def test_a_journal_lacking_the_new_numberings_first_live_result_fills_no_hole(li
         line.join(sub)
         catch_up = JournalCatchUp(line.journal_dir)
         source = CatchUpSubscriber(sub, catch_up)
-        for seq in range(8):
-            frames = result_frames("cam0", seq, f"old-{seq}")
-            line.journal.append("cam0", seq, frames)
-            line.pub.send_multipart(frames)
-        send_status(line.pub, run_a, 900.0, published=8, first_seq=0, next_seq=8, dropped=0)
-        assert [r.seq for r in until_status(source, 900.0)] == list(range(8))
+        heard_old_run(line, source, run_a)
         send_status(line.pub, run_a + 998, 2.0, published=3, first_seq=0, next_seq=3, dropped=0)
         assert until_status(source, 2.0) == []
         assert catch_up.missed == [subscribe.Gap("cam0", 0, 2, subscribe.NEW_NUMBERING_UNCHECKED)]
