@@ -453,7 +453,8 @@ def test_a_share_slower_than_the_parts_holds_new_files_back_once_the_queues_wort
 def test_a_file_never_inspected_is_neither_deleted_nor_moved_after_its_error_result(tmp_path, ingest_threads):
     """A writer that pauses mid-file past the grace (a share's hiccup) got its file published as truncated and then
     deleted under it, and an unreadable file was deleted after "cannot read": the part's image lost. Both stay; the
-    finished file is read again as new and judged."""
+    finished file is read again as new and judged, also when its writer puts its first modification time back (a copy
+    that keeps the source's times)."""
     image = SyntheticLine(64, 48, seed=2).next()[0]
     data = cv2.imencode(".png", image)[1].tobytes()
     (tmp_path / "b-unreadable.png").symlink_to("/proc/self/mem")  # an I/O error: root reads any mode
@@ -471,7 +472,9 @@ def test_a_file_never_inspected_is_neither_deleted_nor_moved_after_its_error_res
                 f.on_published()
         time.sleep(0.3)  # a disposal would have run by now
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a-part.png", "b-unreadable.png"]
+        first = os.stat(tmp_path / "a-part.png")
         writer.write(data[len(data) // 2 :])
+    os.utime(tmp_path / "a-part.png", ns=(first.st_atime_ns, first.st_mtime_ns))
     assert wait_for(lambda: len(queue) == 1)
     finished = queue.get_nowait()
     assert finished.frame_id == "a-part.png" and finished.error is None and np.array_equal(finished.image, image)

@@ -83,8 +83,9 @@ class FolderWatcher(Source):
         # Cameras and Windows tools write .JPG as often as .jpg.
         self._matches = re.compile(fnmatch.translate(self.spec.pattern), re.IGNORECASE).match
         self.max_bytes = max_frame_bytes(camera.max_pixels)
-        # name -> mtime_ns when inspected (files left in place): a file rewritten under the same name is new again.
-        self.done: dict[str, int] = {}
+        # name -> (size, mtime_ns) when inspected (files left in place): a file rewritten under the same name is new
+        # again, also one finished by a writer that keeps the source's times (a copy that preserves them).
+        self.done: dict[str, tuple[int, int]] = {}
         # name -> (size, mtime_ns, since): the file as the latest scan saw it, and this host's monotonic time when
         # it was first seen so. Stillness and the cut-short grace are timed by `since`, never by the mtime: a
         # writer's clock may be behind or ahead of this host's.
@@ -222,11 +223,11 @@ class FolderWatcher(Source):
             seen[name] = before if before is not None and before[:2] == stamp else (*stamp, self._scanned)
         self.seen = seen
         # Forget files that left the folder, so memory follows the folder's content.
-        self.done = {name: mtime for name, mtime in self.done.items() if name in seen}
+        self.done = {name: stamp for name, stamp in self.done.items() if name in seen}
         ready = [
             (mtime, name)
-            for name, (_, mtime, since) in seen.items()
-            if since + self.poll_s <= start and self.done.get(name) != mtime
+            for name, (size, mtime, since) in seen.items()
+            if since + self.poll_s <= start and self.done.get(name) != (size, mtime)
         ]
         ready.sort(reverse=True)
         self.pending = ready
@@ -293,7 +294,7 @@ class FolderWatcher(Source):
         paused), so it stays: a writer that finishes it changes its mtime and it is read again, else the next start
         tries it again."""
         name = path.name
-        self.done[name] = mtime_ns
+        self.done[name] = (self.seen[name][0], mtime_ns)
         frame = self.frame(_frame_id(name), mtime_ns / 1e9, image, error)
         if dispose and (self.spec.delete_after or self.spec.done_dir is not None):
             # Only once the result is journalled and published: a crash before that leaves the file in the folder,
