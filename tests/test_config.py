@@ -276,6 +276,19 @@ def test_an_address_bound_twice_is_refused_naming_both_keys(path, value, other, 
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("key", ["path", "done_dir"])
+def test_a_folder_cameras_folder_that_is_a_file_is_refused_at_load(tmp_path, key):
+    """It loaded, and the camera then retried "folder not found" forever: a file there never becomes a folder."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "frame.png").write_bytes(b"not a folder")
+    doc = with_value(["cameras", 1, "source", "path"], str(tmp_path / "in"))
+    doc["cameras"][1]["source"][key] = str(tmp_path / "frame.png")
+    with pytest.raises(ConfigError) as refused:
+        parse_config(doc)
+    expected = f"cameras[1].source.{key}: {tmp_path / 'frame.png'} is a file, expected a folder"
+    assert str(refused.value).startswith(expected), refused.value
+
+
 def test_a_folder_reached_through_a_symlink_is_the_folder_it_names(tmp_path):
     """Two folder cameras on one directory race for each file; a symlink to it is the same directory."""
     (tmp_path / "in").mkdir()

@@ -63,6 +63,10 @@ class FolderSource:
     def _one_way_out(self) -> FolderSource:
         if self.delete_after and self.done_dir is not None:
             refuse("done_dir", "set together with delete_after: true, expected one or the other", str(self.done_dir))
+        # One not there yet may be a share mounted later, and is waited for; a file there never becomes a folder.
+        for key, folder in (("path", self.path), ("done_dir", self.done_dir)):
+            if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
+                refuse(key, f"{folder} is a file, expected a folder", str(folder))
         return self
 
 
