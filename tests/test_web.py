@@ -420,6 +420,14 @@ def state_of(url: str) -> dict:
     return json.loads(body, parse_constant=refuse_constant)
 
 
+def both_cameras_seen(pub, url: str, both: dict) -> None:
+    """The view subscribed, a status listing cam0 and cam1 (`both`), and a defect of cam1 in its state."""
+    until_subscribed(pub, url)
+    pub.send_multipart(encode_status("t1", {**both, "t": time.time()}))
+    pub.send_multipart(frames(result("cam1", 1, "defect", 0.9)))
+    state_where(url, lambda s: s["cameras"].get("cam1", {}).get("counts", {}).get("defect") == 1, 10, "cam1")
+
+
 def until_subscribed(pub, url: str) -> None:
     """Until the view's SUB socket gets what is published (a PUB socket drops everything before that), by results: a
     status sent now would count as one of the daemon's status messages."""
@@ -751,10 +759,7 @@ def test_a_camera_taken_out_of_the_daemons_config_is_greyed_and_labelled(tmp_pat
 
     try:
         wait_served(web, url)
-        until_subscribed(pub, url)
-        pub.send_multipart(encode_status("t1", {**both, "t": time.time()}))
-        pub.send_multipart(frames(result("cam1", 1, "defect", 0.9)))
-        state_where(url, lambda s: s["cameras"].get("cam1", {}).get("counts", {}).get("defect") == 1, 10, "cam1")
+        both_cameras_seen(pub, url, both)
         asyncio.run(page())
     finally:
         stop_web(web)
@@ -800,10 +805,7 @@ def test_an_open_page_greys_a_camera_the_restarted_web_view_no_longer_names(tmp_
 
     try:
         wait_served(running[0], url)
-        until_subscribed(pub, url)
-        pub.send_multipart(encode_status("t1", {**both, "t": time.time()}))
-        pub.send_multipart(frames(result("cam1", 1, "defect", 0.9)))
-        state_where(url, lambda s: s["cameras"].get("cam1", {}).get("counts", {}).get("defect") == 1, 10, "cam1")
+        both_cameras_seen(pub, url, both)
         asyncio.run(page())
     finally:
         for web in running:
