@@ -472,7 +472,9 @@ def test_teach_from_the_daemons_archive_equals_teach_on_its_export(trained, tmp_
     running = load_bundle(tmp_path / "running")
     loose = thresholds_doc.next_version(running.thresholds(), image_threshold=35.0, provenance={"tool": "test"})
     running.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(loose))
-    station = Station(tmp_path, tmp_path / "running", cameras, archive={"good_every": 2})
+    # A queue for every frame of the run: the writer falling behind on a loaded machine (it fsyncs) leaves a frame
+    # unarchived, and this test is about the frames that were.
+    station = Station(tmp_path, tmp_path / "running", cameras, archive={"good_every": 2, "queue": 2 * count})
     results: list[Result] = []
     try:
         station.wait_ready()
