@@ -540,3 +540,38 @@ def test_frames_of_another_channel_count_than_the_bundle_are_told_once_per_camer
     told = [entry for entry in logs if entry["event"] == "frame_channels_differ"]
     assert [(e["camera"], e["frame_channels"], e["bundle_channels"]) for e in told] == [("rgb", 3, 1)], told
     assert all(j.error is None for j in judged) and judged[0].score == pytest.approx(judged[1].score, abs=1e-4)
+
+
+def test_a_camera_whose_frame_size_changes_is_told_once_per_change(bundle, line_frames):
+    """A camera reconfigured mid-run (resolution, ROI, binning) is fitted to the model at another scale without a
+    word otherwise: each change of a camera's frame size is told once, with both sizes; a camera that alternates two
+    sizes tells each direction once, not each frame; one of ever new sizes stops after a bound, saying so."""
+    import structlog
+
+    from inspectd.daemon.frames import Frame
+    from inspectd.daemon.inference import MAX_SIZE_CHANGES_TOLD, InferenceStage, ModelState
+
+    state = ModelState.open(bundle, "onnxruntime", {}, 8)
+    stage = InferenceStage(state, max_batch=8)
+    small = line_frames[0]
+    large = cv2.resize(small, (FRAME + 32, FRAME + 16))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            judged = []
+            for i, image in enumerate([small, small, large, small, large, large, small, large]):
+                judged += stage.run_batch([Frame("cam", i, "", 0.0, image), Frame("steady", i, "", 0.0, small)])
+            for i in range(MAX_SIZE_CHANGES_TOLD + 4):  # a new size each frame
+                stage.run_batch([Frame("drift", i, "", 0.0, cv2.resize(small, (FRAME + i, FRAME)))])
+    finally:
+        state.close()
+    told = [entry for entry in logs if entry["event"] == "frame_size_changed"]
+    small_size, large_size = f"{FRAME}x{FRAME}", f"{FRAME + 32}x{FRAME + 16}"
+    assert [(e["camera"], e["old_size"], e["new_size"]) for e in told if e["camera"] != "drift"] == [
+        ("cam", small_size, large_size),
+        ("cam", large_size, small_size),
+    ], told
+    drift = [e for e in told if e["camera"] == "drift"]
+    assert len(drift) == MAX_SIZE_CHANGES_TOLD, drift
+    assert [e["further_changes"] for e in drift] == ["logged"] * (MAX_SIZE_CHANGES_TOLD - 1) + ["not logged"]
+    assert all(e["resize"] == "stretch" and e["log_level"] == "warning" for e in told), told
+    assert all(j.error is None for j in judged)

@@ -46,6 +46,8 @@ log = structlog.get_logger("inspectd.daemon.inference")
 MASK_POLICIES = ("defects", "always", "never")
 MAX_REGIONS = 64  # the largest regions are reported; a mask full of speckle must not make a header of megabytes
 SHIFT_PROBE_FRAMES = 32  # defect-free frames a reduced-precision engine's score shift is measured on
+# Distinct size changes told per camera: a folder camera fed images of many sizes would otherwise log one per frame.
+MAX_SIZE_CHANGES_TOLD = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +204,8 @@ class InferenceStage:
         self.last_error: str | None = None
         self.last_batch_done = time.monotonic()
         self._told_channels: set[tuple[str, int, int]] = set()  # (camera, frame's, bundle's) channel counts told
+        self._frame_sizes: dict[str, tuple[int, ...]] = {}  # camera: (height, width) of its last frame fitted
+        self._told_sizes: dict[str, set[tuple[tuple[int, ...], tuple[int, ...]]]] = {}  # camera: (old, new) told
 
     @property
     def state(self) -> ModelState:
@@ -238,6 +242,12 @@ class InferenceStage:
                 results[i] = self._error(frame, state, f"preprocess: {exc}")
                 continue
             slots.append(i)
+            size = frame.image.shape[:2]
+            last = self._frame_sizes.get(frame.camera)
+            if last != size:
+                self._frame_sizes[frame.camera] = size
+                if last is not None:
+                    self._tell_size(frame.camera, last, size, state.bundle.resize_policy)
             channels = 1 if frame.image.ndim == 2 else frame.image.shape[2]
             if channels != state.bundle.input_shape[2]:
                 self._tell_channels(frame.camera, channels, state.bundle.input_shape[2])
@@ -294,6 +304,27 @@ class InferenceStage:
             effect="every frame is converted (colour to grey, or grey copied into three channels) before it is judged: "
             "a camera of the other kind than the one the bundle was trained on, or a grey device delivered as BGR "
             "(three times the data through the queue and the archive)",
+        )
+
+    def _tell_size(self, camera: str, old: tuple[int, ...], new: tuple[int, ...], policy: str) -> None:
+        """Once per camera and change (old size to new): every frame is fitted to the model input whatever its size,
+        so a camera reconfigured mid-run (resolution, ROI, binning) or another camera on its id is judged at another
+        scale, or stretched to other proportions, unseen otherwise. A camera that alternates two sizes tells each
+        direction once; one of ever new sizes stops after MAX_SIZE_CHANGES_TOLD, saying so."""
+        told = self._told_sizes.setdefault(camera, set())
+        if (old, new) in told or len(told) >= MAX_SIZE_CHANGES_TOLD:
+            return
+        told.add((old, new))
+        log.warning(
+            "frame_size_changed",
+            camera=camera,
+            old_size=f"{old[1]}x{old[0]}",
+            new_size=f"{new[1]}x{new[0]}",
+            resize=policy,
+            effect="frames of the new size are fitted to the model input at another scale (and, with resize "
+            "stretch, other proportions): parts and defects look larger or smaller to the model than the frames it "
+            "was trained on, so scores may shift",
+            further_changes="not logged" if len(told) == MAX_SIZE_CHANGES_TOLD else "logged",
         )
 
     def _error(self, frame: Frame, state: ModelState, reason: str) -> Judged:
