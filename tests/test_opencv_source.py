@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
+from inspectd.daemon.config import load_config
 from inspectd.daemon.frames import Frame
-from inspectd.daemon.ingest.opencv import MAX_DEVICE, VideoCaptureSource
+from inspectd.daemon.ingest.opencv import FFMPEG_SCHEMES, MAX_DEVICE, VideoCaptureSource, gstreamer_built_in
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.source import SourceEnded
 from inspectd.daemon.ingest.supervisor import CameraIngest
@@ -123,3 +124,74 @@ def test_a_gstreamer_pipeline_camera_narrows_16_bit_frames(monkeypatch):
     pipeline = "videotestsrc ! video/x-raw,format=GRAY16_LE ! appsink"
     ingest = CameraIngest(camera({"kind": "opencv", "pipeline": pipeline}), FrameQueue(4))
     assert ingest.narrows_16_bit is True
+
+
+def load_url(tmp_path: Path, url: str):
+    """The camera of a config file whose one opencv camera has `url`, loaded as the daemon loads it."""
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(
+        f"station: line1\nmodel:\n  bundle: bundle\ncameras:\n  - id: cam0\n"
+        f"    source:\n      kind: opencv\n      url: '{url}'\n"
+    )
+    return load_config(path).cameras[0]
+
+
+@pytest.mark.skipif(gstreamer_built_in(), reason="GStreamer takes any scheme one of its plugins handles")
+@pytest.mark.parametrize(
+    "url,message",
+    [
+        (
+            "rstp://192.0.2.10:554/stream1",
+            "unknown scheme 'rstp', expected one FFmpeg reads (rtsp, rtsps, http, https, rtmp, srt, udp, rtp, tcp, "
+            "...: docs/CAMERAS.md lists them all) or a video file path",
+        ),
+        ("v4l2:///dev/video0", "unknown scheme 'v4l2', expected one FFmpeg reads"),
+        ("icecast://192.0.2.10/line", "unknown scheme 'icecast', expected one FFmpeg reads"),  # FFmpeg writes it only
+        ("RTSP://192.0.2.10/stream1", "scheme 'RTSP' must be lower case (rtsp://): FFmpeg matches it exactly"),
+    ],
+)
+def test_a_url_whose_scheme_no_backend_reads_is_refused_at_load(tmp_path, url, message):
+    """It loaded, and its camera then retried the url forever: no reopen makes FFmpeg know the scheme."""
+    with pytest.raises(ConfigError) as refused:
+        load_url(tmp_path, url)
+    assert str(refused.value).startswith(f"cameras[0].source.url: {message}"), refused.value
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["rtsp://192.0.2.10:554/stream1", "rtsps://h/s", "https://h/mjpg", "srt://h:9000", "hls+http://h/l.m3u8"]
+)
+def test_a_url_of_a_scheme_ffmpeg_reads_loads_as_given(tmp_path, url):
+    assert load_url(tmp_path, url).source.url == url
+
+
+def test_a_url_without_a_scheme_is_a_video_file_beside_the_config_file(tmp_path):
+    """Also one with "://" further on: FFmpeg reads that as a file path too."""
+    source = load_url(tmp_path, "videos/line://1.avi").source
+    assert source.url == str(tmp_path / "videos" / "line:" / "1.avi")
+    assert VideoCaptureSource(camera({"kind": "opencv", "url": source.url}), time.time).finite is True
+
+
+def test_a_url_of_any_scheme_loads_where_gstreamer_may_take_it(tmp_path, monkeypatch):
+    """GStreamer's uridecodebin takes whatever scheme an installed plugin handles, which cannot be listed here. This
+    OpenCV may lack GStreamer: the config is loaded, the camera never opened."""
+    monkeypatch.setattr("inspectd.daemon.ingest.opencv.gstreamer_built_in", lambda: True)
+    assert load_url(tmp_path, "v4l2:///dev/video0").source.url == "v4l2:///dev/video0"
+
+
+def test_every_protocol_this_opencvs_ffmpeg_reads_is_a_known_scheme():
+    """The list is FFmpeg's; a newer FFmpeg in the OpenCV wheel may bring a protocol it lacks, which would then be
+    refused at load. Read from the libavformat the wheel carries, where it carries one."""
+    import ctypes
+
+    libs = sorted(Path(cv2.__file__).parents[1].glob("opencv_python*.libs/libavformat*.so*"))
+    if not libs:
+        pytest.skip("this OpenCV carries no libavformat of its own")
+    avformat = ctypes.CDLL(str(libs[0]))
+    avformat.avio_enum_protocols.restype = ctypes.c_char_p
+    avformat.avio_enum_protocols.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+    cursor, read = ctypes.c_void_p(None), []
+    while name := avformat.avio_enum_protocols(ctypes.byref(cursor), 0):
+        read.append(name.decode())
+    assert "http" in read and "rtsp" not in read, read  # rtsp is a demuxer's, listed by hand
+    assert set(read) - FFMPEG_SCHEMES == set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -33,10 +34,48 @@ TIMEOUTS = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ
 GSTREAMER_TIMEOUTS = tuple(int(part) for part in cv2.__version__.split(".")[:2] if part.isdigit()) >= (4, 7)
 
 
+# The schemes of the urls FFmpeg (OpenCV's backend for them) reads: the names of libavformat's protocols
+# (libavformat/protocols.c; those on external libraries by the names they register: libsrt srt, librist rist, libssh
+# sftp, libsmbclient smb, libzmq zmq, libamqp amqp, librtmfp rtmfp, android_content content) less the write-only ones
+# (icecast, md5, prompeg, tee), and those of its demuxers that open a url themselves (rtsp, rtsps, satip, sap). A build
+# may lack some of them: such a url still loads and its camera retries with FFmpeg's reason, as any unreachable one.
+FFMPEG_SCHEMES = frozenset(
+    "amqp async bluray cache concat concatf content crypto data dtls fd ffrtmpcrypt ffrtmphttp file ftp gopher "
+    "gophers hls http httpproxy https ipfs ipns mmsh mmst pipe rist rtmfp rtmp rtmpe rtmps rtmpt rtmpte rtmpts rtp "
+    "rtsp rtsps sap satip sctp sftp shared smb srt srtp subfile tcp tls udp udplite unix zmq".split()
+)
+FFMPEG_NESTING = ("hls", "crypto")  # taken as outer+inner as well: hls+http://, crypto+file://
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # RFC 3986's scheme, at the start of the url
+
+
+def scheme_of(url: str) -> str | None:
+    """The url's scheme, None for a video file path (also one with "://" further on, as FFmpeg reads it)."""
+    match = _SCHEME.match(url)
+    return match.group(1) if match else None
+
+
+def _check_scheme(scheme: str) -> None:
+    """Refuse a scheme no backend of this OpenCV opens, at load: the camera would otherwise retry it forever."""
+    if scheme in FFMPEG_SCHEMES or scheme.partition("+")[0] in FFMPEG_NESTING:
+        return
+    if gstreamer_built_in():
+        return  # GStreamer's uridecodebin takes any scheme an installed plugin handles (v4l2://, ...): not listable
+    if scheme.lower() in FFMPEG_SCHEMES:
+        raise invalid(f"scheme {scheme!r} must be lower case ({scheme.lower()}://): FFmpeg matches it exactly")
+    raise invalid(
+        f"unknown scheme {scheme!r}, expected one FFmpeg reads (rtsp, rtsps, http, https, rtmp, srt, udp, rtp, tcp, "
+        "...: docs/CAMERAS.md lists them all) or a video file path"
+    )
+
+
 def _url(value: Any, info: ValidationInfo) -> str:
     if not isinstance(value, str) or not value:
         raise invalid(f"expected a string (rtsp://, http://, file path), got {show(value)}")
-    return value if "://" in value else str(resolve(value, info))  # a video file, relative to the config file
+    scheme = scheme_of(value)
+    if scheme is None:
+        return str(resolve(value, info))  # a video file, relative to the config file
+    _check_scheme(scheme)
+    return value
 
 
 def gstreamer_built_in() -> bool:
@@ -94,7 +133,7 @@ class VideoCaptureSource(Source):
         # Only a GStreamer pipeline can deliver 16-bit frames (GRAY16_LE); a url or device gives 8-bit BGR, so such a
         # camera does not tie the daemon to the bit depth of the bundle it started with.
         self.narrows_16_bit = self.spec.pipeline is not None
-        self.finite = self.spec.url is not None and "://" not in self.spec.url
+        self.finite = self.spec.url is not None and scheme_of(self.spec.url) is None
         self.cap: cv2.VideoCapture | None = None
         self.counter = 0
         self.pending: collections.deque[Frame] = collections.deque()
