@@ -13,11 +13,11 @@ Owns the statistics of threshold choice (all numpy, on score arrays, so they are
   - pixel threshold: the quantile of good frames' pixel scores at a target pixel false-positive rate, or the pixel
     F1-max over ground-truth masks when the defective folders have them (both streamed through
     engines.training.metrics.PixelHistograms, so maps are never held).
-An image that does not decode is left out with a WARNING and counted (provenance n_skipped_good/n_skipped_defective);
-an image in both --good and --defective is refused before scoring; a threshold that rejects more than half the good
-frames, and a pixel threshold above the image one (whatever the model's pooling), are WARNINGs recorded in
-observed["warning"]; with --apply the first is neither written nor applied (exit 1), since a daemon loads whatever
-its bundle holds at its next reload or restart.
+An image that cannot be read or does not decode is left out with a WARNING saying which, and counted (provenance
+n_skipped_good/n_skipped_defective); an image in both --good and --defective is refused before scoring; a threshold
+that rejects more than half the good frames, and a pixel threshold above the image one (whatever the model's
+pooling), are WARNINGs recorded in observed["warning"]; with --apply the first is neither written nor applied
+(exit 1), since a daemon loads whatever its bundle holds at its next reload or restart.
 Scoring is engines.training.evaluate.score_images; the document is engines.bundle.thresholds (next_version,
 rollback); the bundle file is rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol
 (set_thresholds) through inspectd.protocol, so calibrating needs nothing of the daemon itself.
@@ -42,6 +42,7 @@ from inspectd.errors import InspectdError
 from inspectd.protocol.control import ControlClient, ControlTimeout, HandshakeFailed, client_for
 
 if TYPE_CHECKING:
+    from engines.errors import DataError
     from engines.training.metrics import PixelHistograms
 
 CONFIDENCE = 0.95
@@ -381,8 +382,9 @@ class _Scored:
     good_brightness: np.ndarray  # mean grey level of each good image as the model sees it (the drift reference)
     good_paths: list[Path] = dataclasses.field(default_factory=list)
     defect_paths: list[Path] = dataclasses.field(default_factory=list)
-    skipped_good: list[Path] = dataclasses.field(default_factory=list)  # did not decode: left out
-    skipped_defect: list[Path] = dataclasses.field(default_factory=list)
+    # (image, why) of those that could not be read or did not decode: left out
+    skipped_good: list[tuple[Path, DataError]] = dataclasses.field(default_factory=list)
+    skipped_defect: list[tuple[Path, DataError]] = dataclasses.field(default_factory=list)
 
 
 def refuse_non_finite(scores, paths, what: str) -> None:
@@ -486,7 +488,6 @@ def _score(
     that thousands of frames took minutes to score; where every good image, or every defective one, fails, the first
     failure is raised as it would have been."""
     from engines.data.images import load_mask
-    from engines.errors import DataError
     from engines.progress import Progress
     from engines.runtime.preprocess import fit_frame, mean_level
     from engines.training.evaluate import score_images
@@ -502,7 +503,7 @@ def _score(
     brightness = np.empty(len(good), dtype=np.float64)
     fitted = np.empty(bundle.input_shape, dtype=np.uint8)
     paths = good + [path for path, _ in defective]
-    failures: dict[Path, str] = {}
+    failures: dict[Path, DataError] = {}
     progress = Progress()
     progress.start(len(paths), "calibrate: images scored")
     at = 0
@@ -534,9 +535,9 @@ def _score(
     n = len(good)
     for part in (slice(0, n), slice(n, None)):
         if decoded[part].size and not decoded[part].any():
-            raise DataError(failures[paths[part][0]])
+            raise failures[paths[part][0]]
     kept = [path for path, ok in zip(paths, decoded, strict=True) if ok]
-    lost = [path for path, ok in zip(paths, decoded, strict=True) if not ok]
+    lost = [(path, failures[path]) for path, ok in zip(paths, decoded, strict=True) if not ok]
     n_kept = int(decoded[:n].sum())
     return _Scored(
         scores[:n][decoded[:n]],
@@ -896,9 +897,10 @@ def _calibrate(bundle, current, args, out):
         )
     scored = _score(bundle, args, good, defective, options)
     if skipped := scored.skipped_good + scored.skipped_defect:
-        from engines.data.images import skipped_warning
+        from engines.data.images import skipped_warnings
 
-        print(skipped_warning(skipped), file=out)
+        for line in skipped_warnings(skipped):
+            print(line, file=out)
     image, pixel, chosen = _choose(args, scored, out)
     hold = rejects_most(scored.good, image)
     if scores_pool_the_map(bundle.manifest) and (warning := _regionless_warning(current, args.camera, image, pixel)):
@@ -1074,6 +1076,7 @@ def _fitted_frames_warning(bundle, good: list[Path]) -> str | None:
     warning, never a refusal: a folder moved or removed since gives none, one this user may not read (a trainer's
     home, calibrate run as the service user) a note line saying the frames were not compared."""
     from engines.errors import EngineError
+    from inspectd.protocol.archive import ArchiveError
 
     taught = bundle.manifest.get("teach")
     if isinstance(taught, dict):
@@ -1085,28 +1088,41 @@ def _fitted_frames_warning(bundle, good: list[Path]) -> str | None:
         fitted_on = taught_on = "was trained on"
     if not isinstance(record, dict):
         return None
+
+    def not_compared(reason: str) -> str:
+        return (
+            f"note: the --good frames were not compared with the frames {bundle.path} {taught_on} ({reason}, as "
+            f"{_user()})"
+        )
+
     ids = record.get("ids")
     if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
         # Taught from the archive: each frame's id is its file name there and in every export of it, and an id names
-        # one capture (camera, time, sequence number), so the name alone is the frame.
+        # one capture (camera, time, sequence number), so the name alone is the frame. An export whose files were
+        # renamed since is known by its bytes, which are the archive's own files', as a folder's frames are.
         source, fitted = str(record.get("archive", "the archive")), [Path(f"{i}.png") for i in ids]
         at = {path.name: i for i, path in enumerate(fitted)}
-        matched = [at[path.name] for path in good if path.name in at]
+        by_name = {j: at[path.name] for j, path in enumerate(good) if path.name in at}
+        try:
+            archived = _archived_frames(source, ids)
+        except ArchiveError as exc:
+            if not by_name:
+                return not_compared(str(exc))
+            archived = {}
+        _, same = _same_content(list(archived), good)
+        matched = list(({j: archived[frame] for j, frame in same.items()} | by_name).values())
     else:
         folder = record.get("folder") if isinstance(taught, dict) else record.get("data")
         if not isinstance(folder, str):
             return None
         try:
-            listed = _fitted_folder_frames(folder, taught, record)
+            listed = _fitted_folder_frames(folder, taught, record, good)
             if listed is None:
                 return None
-            source, fitted = listed
-            matched = _same_content(fitted, good)
+            source, fitted, matched = listed
         except (OSError, EngineError, ValueError) as exc:
-            reason = f"{exc.filename or folder}: {exc.strerror or exc}" if isinstance(exc, OSError) else _one_line(exc)
-            return (
-                f"note: the --good frames were not compared with the frames {bundle.path} {taught_on} ({reason}, as "
-                f"{_user()})"
+            return not_compared(
+                f"{exc.filename or folder}: {exc.strerror or exc}" if isinstance(exc, OSError) else _one_line(exc)
             )
     if not matched:
         return None
@@ -1128,10 +1144,13 @@ def _fitted_frames_warning(bundle, good: list[Path]) -> str | None:
     )
 
 
-def _fitted_folder_frames(folder: str, taught, record: dict) -> tuple[str, list[Path]] | None:
-    """(the folder, its frames as the fit listed them: in order, copies and frames it left out not among them) of the
-    folder train or a teach fitted on; None when it is gone."""
-    from engines.data.images import good_folder, list_images, without_duplicates
+def _fitted_folder_frames(
+    folder: str, taught, record: dict, good: list[Path]
+) -> tuple[str, list[Path], list[int]] | None:
+    """(the folder, its frames as the fit listed them: in order, copies and frames it left out not among them, and
+    for each --good frame that is one of them, its index there) of the folder train or a teach fitted on; None when
+    it is gone."""
+    from engines.data.images import good_folder, list_images
 
     if not isinstance(taught, dict):
         folder = str(good_folder(folder, ("train",)))
@@ -1139,27 +1158,53 @@ def _fitted_folder_frames(folder: str, taught, record: dict) -> tuple[str, list[
     if not Path(folder).is_dir():
         return None
     if not isinstance(taught, dict):
-        return folder, without_duplicates(list_images(folder))[0]
-    from calibration.teach import folder_frames
+        # Train fitted on the folder less its copies: the one comparison that finds those finds the --good frames
+        # among them too, so each training frame is read once.
+        frames = list_images(folder)
+    else:
+        from calibration.teach import folder_frames
 
-    unreadable = record.get("unreadable") or []
-    if not isinstance(unreadable, list) or not all(isinstance(name, str) for name in unreadable):
-        return None  # a hand-edited record: it does not say which frames the fit skipped
-    skipped = set(unreadable)
-    models = record.get("model_ids")
-    frames = folder_frames(folder, models if isinstance(models, list) else None)
-    return folder, [path for path in frames.paths if path.name not in skipped]
+        unreadable = record.get("unreadable") or []
+        if not isinstance(unreadable, list) or not all(isinstance(name, str) for name in unreadable):
+            return None  # a hand-edited record: it does not say which frames the fit skipped
+        skipped = set(unreadable)
+        models = record.get("model_ids")
+        taught_frames = folder_frames(folder, models if isinstance(models, list) else None)
+        frames = [path for path in taught_frames.paths if path.name not in skipped]
+    fitted, same = _same_content(frames, good)
+    at = {id(path): i for i, path in enumerate(fitted)}
+    return folder, fitted, [at[id(frame)] for frame in same.values()]
 
 
-def _same_content(fitted: list[Path], good: list[Path]) -> list[int]:
-    """For each --good frame whose bytes are a fitted frame's, that frame's index in `fitted`: without_duplicates
-    compares them (only files of a size another has are read), and with the fitted frames first, a --good copy is
-    the one it leaves out."""
+def _archived_frames(archive: str, ids: list[str]) -> dict[Path, int]:
+    """The file in `archive` of each frame of `ids` it still keeps, and that frame's index in `ids`; none when the
+    archive is gone. An ArchiveError when it cannot be read."""
+    from inspectd.protocol.archive import ArchiveError, ArchiveReader, NoArchive
+
+    try:
+        reader = ArchiveReader(archive)
+    except NoArchive:
+        return {}
+    found = {}
+    with reader:
+        for i, entry_id in enumerate(ids):
+            try:
+                found[reader.file(reader.get(entry_id))] = i
+            except ArchiveError:  # expired since (the archive's age or size bound): an export still names it
+                continue
+    return found
+
+
+def _same_content(frames: list[Path], good: list[Path]) -> tuple[list[Path], dict[int, Path]]:
+    """(`frames` less the files whose bytes repeat an earlier one's, in order; for each --good frame whose bytes are
+    one of those, by its place in `good`, that frame). One without_duplicates over both (only files of a size
+    another has are read, and each once); with the frames first, a --good copy is the one it leaves out."""
     from engines.data.images import without_duplicates
 
-    at = {path: i for i, path in enumerate(fitted)}
-    _, copies = without_duplicates([*fitted, *good])
-    return [at[earlier] for _, earlier in copies if earlier in at]
+    places = {id(path): j for j, path in enumerate(good)}  # it gives back the very Path objects it was given
+    kept, copies = without_duplicates([*frames, *good])
+    same = {places[id(path)]: earlier for path, earlier in copies if id(path) in places and id(earlier) not in places}
+    return [path for path in kept if id(path) not in places], same
 
 
 def _fitted_indices(bundle, fitted: list[Path]) -> set[int] | None:

@@ -393,9 +393,10 @@ def test_a_copy_of_the_taught_frames_is_warned_of_with_the_held_out_ones_counted
         ], out
 
 
-def test_frames_of_an_archive_teach_are_known_by_their_ids_in_an_export(trained, data, tmp_path, capsys):
-    """`inspectd archive export` of the very span taught on names each frame by its archive id, which the teach
-    record keeps: calibrate on it warns, counting only the frames fitted on; frames captured after give none."""
+@pytest.fixture(scope="module")
+def archive_taught(tmp_path_factory, trained, data) -> tuple[Path, Path, Path]:
+    """(the trained bundle taught from an archive on the first 8 of its 14 frames, 6 fitted and 2 held out; the
+    archive; `inspectd archive export` of all 14 frames, named by their ids)."""
     import datetime
     import io
 
@@ -407,39 +408,93 @@ def test_frames_of_an_archive_teach_are_known_by_their_ids_in_an_export(trained,
     from inspectd.daemon.inference import Judged
     from inspectd.protocol.archive import ArchiveReader
 
-    bundle = Path(shutil.copytree(trained, tmp_path / "bundle"))
+    root = tmp_path_factory.mktemp("archive_taught")
+    bundle = Path(shutil.copytree(trained, root / "bundle"))
     images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted((data / "train" / "good").iterdir())]
     images += [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted((data / "test" / "good").iterdir())]
-    archive = Archive(tmp_path / "archive", max_mb=100, max_age_h=24, good_every=1, queue_size=20).start()
+    archive = Archive(root / "archive", max_mb=100, max_age_h=24, good_every=1, queue_size=20).start()
     start = time.time() - 300
     for seq, image in enumerate(images):
         judged = Judged(Frame("cam0", seq, f"{seq:06d}.png", start + seq, image), "ok", 1.0, 35.0, "m", 1, [], None)
         assert archive.offer(judged) is not None
     assert archive.close(timeout=30.0)
-    # The first 8 frames' span: 6 fitted, 2 held out.
     until = datetime.datetime.fromtimestamp(start + 7.5).isoformat()
-    frames = archive_frames(tmp_path / "archive", since="1h", until=until)
+    frames = archive_frames(root / "archive", since="1h", until=until)
     teach(bundle, frames, holdout=0.25, by="tester", out=io.StringIO())
     assert json.loads((bundle / "manifest.json").read_text())["teach"]["frames"]["n_fit"] == 6
-    with ArchiveReader(tmp_path / "archive") as reader:
-        entries = reader.query()
-        assert reader.export(entries, tmp_path / "export", "test") == 14
-    code, out, err = calibrate(
-        capsys, bundle, "--good", tmp_path / "export", "--target-false-reject", "0.2", "--dry-run"
-    )
+    with ArchiveReader(root / "archive") as reader:
+        assert reader.export(reader.query(), root / "export", "test") == 14
+    return bundle, root / "archive", root / "export"
+
+
+def archive_taught_warning(bundle: Path, archive: Path, n_good: int) -> list[str]:
+    return [
+        f"WARNING: 6 of {n_good} --good frames are frames {bundle} version 2 was fitted on ({archive.resolve()}); 2 "
+        "more are frames it held out of that fit, as new ones are: a model scores the frames it was fitted on lower "
+        "than new ones, so a threshold set on them comes out too low and rejects good parts; calibrate on held-out "
+        "frames (an MVTec root's test/good, or frames captured since)"
+    ]
+
+
+def test_frames_of_an_archive_teach_are_known_by_their_ids_in_an_export(archive_taught, tmp_path, capsys):
+    """`inspectd archive export` of the very span taught on names each frame by its archive id, which the teach
+    record keeps: calibrate on it warns, counting only the frames fitted on; frames captured after give none."""
+    bundle, archive, export = archive_taught
+    code, out, err = calibrate(capsys, bundle, "--good", export, "--target-false-reject", "0.2", "--dry-run")
     assert code == 0, err
-    assert fitted_warning(out) == [
-        f"WARNING: 6 of 14 --good frames are frames {bundle} version 2 was fitted on "
-        f"({(tmp_path / 'archive').resolve()}); 2 more are frames it held out of that fit, as new ones are: a model "
-        "scores the frames it was fitted on lower than new ones, so a threshold set on them comes out too low and "
-        "rejects good parts; calibrate on held-out frames (an MVTec root's test/good, or frames captured since)"
-    ], out
+    assert fitted_warning(out) == archive_taught_warning(bundle, archive, 14), out
     later = tmp_path / "later"
     later.mkdir()
-    for path in sorted((tmp_path / "export" / "test" / "good").iterdir())[8:]:
+    for path in sorted((export / "test" / "good").iterdir())[8:]:
         shutil.copyfile(path, later / path.name)
     code, out, err = calibrate(capsys, bundle, "--good", later, "--target-false-reject", "0.2", "--dry-run")
     assert code == 0 and fitted_warning(out) == [], out
+
+
+def test_an_export_of_the_archive_taught_on_is_known_with_its_files_renamed(archive_taught, tmp_path, capsys):
+    """The frames an archive teach fitted on were known by their ids alone: an export of that span whose files were
+    renamed (`frame-000.png`, as a script or a copy tool names them) gave no warning, where the same frames copied
+    from a folder teach's are known by their bytes. They are compared with the archive's own files too."""
+    bundle, archive, export = archive_taught
+    frames = sorted((export / "test" / "good").iterdir())
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, path in enumerate(frames):
+        shutil.copyfile(path, renamed / f"frame-{13 - i:03d}.png")
+    code, out, err = calibrate(capsys, bundle, "--good", renamed, "--target-false-reject", "0.2", "--dry-run")
+    assert code == 0, err
+    assert fitted_warning(out) == archive_taught_warning(bundle, archive, 14), out
+    # Half of them named by id again: each frame is counted once, by whichever it is known.
+    for i, path in enumerate(frames[:7]):
+        (renamed / f"frame-{13 - i:03d}.png").rename(renamed / path.name)
+    code, out, err = calibrate(capsys, bundle, "--good", renamed, "--target-false-reject", "0.2", "--dry-run")
+    assert code == 0, err
+    assert fitted_warning(out) == archive_taught_warning(bundle, archive, 14), out
+    # The archive moved away since: the renamed frames cannot be compared, and none is taken for a fitted one.
+    for i, path in enumerate(frames[:7]):
+        (renamed / path.name).rename(renamed / f"frame-{13 - i:03d}.png")
+    moved = tmp_path / "moved"
+    shutil.move(archive, moved)
+    try:
+        code, out, err = calibrate(capsys, bundle, "--good", renamed, "--target-false-reject", "0.2", "--dry-run")
+    finally:
+        shutil.move(moved, archive)
+    assert code == 0, err
+    assert "--good frames" not in out and "Traceback" not in err, out
+    # One that cannot be read is said, in the one note line a folder that cannot be read gets.
+    index = archive / "index.sqlite3"
+    kept = index.read_bytes()
+    index.write_bytes(b"not a database" * 100)
+    try:
+        code, out, err = calibrate(capsys, bundle, "--good", renamed, "--target-false-reject", "0.2", "--dry-run")
+    finally:
+        index.write_bytes(kept)
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "were not compared" in line]
+    assert len(notes) == 1 and notes[0].startswith(
+        f"note: the --good frames were not compared with the frames {bundle} version 2 was taught on ({index}: "
+        "cannot read the archive index ("
+    ), out
 
 
 def test_thresholds_set_on_an_fp16_engine_record_it_and_need_no_fp32_comparison(bundle, data, capsys):
@@ -1054,7 +1109,8 @@ def test_a_good_folder_of_defect_frames_or_masks_is_not_offered_as_good_frames(t
 def test_a_good_frame_this_user_may_not_read_is_skipped_not_a_refusal(open_tmp_path):
     """Copies are found by their bytes, and a frame of the size another has was read to compare it: one file the
     service user may not read (0600, another user's) stopped calibrate, `cannot read (Permission denied)`, where it
-    used to be skipped with a WARNING. It is skipped and named again. Fixed-size BMP frames: every size is shared.
+    used to be skipped with a WARNING. It is skipped and named again, saying why (the WARNING once said it did not
+    decode). Fixed-size BMP frames: every size is shared.
     Run as nobody when this is root (root reads everything)."""
     import cv2
 
@@ -1076,7 +1132,8 @@ def test_a_good_frame_this_user_may_not_read_is_skipped_not_a_refusal(open_tmp_p
     finally:
         private.chmod(0o644)
     assert out.returncode == 0, out.stderr
-    assert f"WARNING: skipped 1 image(s) that do not decode: {private}" in out.stdout.splitlines(), out.stdout
+    warning = f"WARNING: skipped 1 image(s) that cannot be read: {private} (Permission denied)"
+    assert warning in out.stdout.splitlines() and "do not decode" not in out.stdout, out.stdout
     assert "dry run: version 2 not written" in out.stdout and "19 good frames" in out.stdout, out.stdout
 
 

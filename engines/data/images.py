@@ -340,6 +340,29 @@ def skipped_warning(paths: Sequence[Path]) -> str:
     return f"WARNING: skipped {len(paths)} image(s) that do not decode: {shown}"
 
 
+def read_error(exc: DataError) -> str | None:
+    """The system's reason (`Permission denied`) when `exc` says a file could not be read at all, None when it was
+    read and does not decode: "does not decode" of a file this user may not read sends them to look at a sound
+    image."""
+    cause = exc.__cause__
+    return (cause.strerror or str(cause)) if isinstance(cause, OSError) else None
+
+
+def unread_warning(unread: Sequence[tuple[Path, str]], which: str = "that cannot be read") -> str:
+    """The WARNING for images left out because a file could not be read: (the file, read_error's reason) each."""
+    shown = ", ".join(f"{path} ({why})" for path, why in unread[:5]) + (" ..." if len(unread) > 5 else "")
+    return f"WARNING: skipped {len(unread)} image(s) {which}: {shown}"
+
+
+def skipped_warnings(failures: Sequence[tuple[Path, DataError]]) -> list[str]:
+    """The WARNING lines for images left out, (the image, why) each: those that do not decode, then those that
+    cannot be read, with the system's reason."""
+    reasons = [(path, read_error(exc)) for path, exc in failures]
+    undecoded = [path for path, why in reasons if why is None]
+    unread = [(path, why) for path, why in reasons if why is not None]
+    return ([skipped_warning(undecoded)] if undecoded else []) + ([unread_warning(unread)] if unread else [])
+
+
 LOSSY_SUFFIXES = {".jpg", ".jpeg"}
 
 

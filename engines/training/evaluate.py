@@ -32,8 +32,10 @@ from engines.data.images import (
     TestItem,
     binary_mask,
     load_image,
+    read_error,
     read_mask,
-    skipped_warning,
+    skipped_warnings,
+    unread_warning,
 )
 from engines.errors import DataError, EngineError
 from engines.progress import Progress
@@ -57,15 +59,15 @@ def score_images(
     backend: str = "onnxruntime",
     batch: int = 8,
     options: dict | None = None,
-    on_unreadable: Callable[[Path, str], None] | None = None,
+    on_unreadable: Callable[[Path, DataError], None] | None = None,
 ) -> Iterator[ScoredImage]:
     """Score image files with `bundle` (an engines.bundle.store.Bundle, or a bundle directory), in order, `batch` at a
     time.
 
     The engine is opened on the first item and closed when the iterator is exhausted or closed. Decoding of the next
-    batch overlaps inference of the current one. An image that does not decode ends the run with its DataError,
-    unless `on_unreadable` is given: it is then called with the image's path and that one-line error, and the image
-    is left out of what is yielded.
+    batch overlaps inference of the current one. An image that cannot be read or does not decode ends the run with
+    its DataError, unless `on_unreadable` is given: it is then called with the image's path and that DataError
+    (engines.data.images.read_error tells which of the two), and the image is left out of what is yielded.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise EngineError(f"batch: {batch!r}, expected an integer >= 1")
@@ -112,7 +114,7 @@ def _submit_decode(decoder, chunk, bit_depth: int, skip: bool):
 
 def _decode(
     chunk: list[Path], bit_depth: int, skip: bool
-) -> tuple[list[Path], list[np.ndarray], list[tuple[Path, str]]]:
+) -> tuple[list[Path], list[np.ndarray], list[tuple[Path, DataError]]]:
     """(the paths that decoded, their images, (path, error) of those that did not: only when `skip`, else the first
     such error is raised)."""
     decoded, images, failed = [], [], []
@@ -122,7 +124,7 @@ def _decode(
         except DataError as exc:
             if not skip:
                 raise
-            failed.append((path, str(exc)))
+            failed.append((path, exc))
             continue
         decoded.append(path)
     return decoded, images, failed
@@ -196,9 +198,9 @@ def evaluate(
     progress: Progress | None = None,
 ) -> dict:
     """Score every test image of an MVTec-layout folder and return the report (a JSON-ready dict); `progress` shows
-    images scored of all. An image that does not decode, or whose mask does not or cannot be read, is left out and
-    counted (`n_skipped`, `skipped`: the file that does not decode); when none is left, the first one's DataError is
-    raised. `notes` holds the lines that say what the metrics lack and why (the table prints them)."""
+    images scored of all. An image that cannot be read or does not decode, or whose mask cannot be read or does not
+    decode, is left out and counted (`n_skipped`, `skipped`: the file at fault); when none is left, the first one's
+    DataError is raised. `notes` holds the lines that say what the metrics lack and why (the table prints them)."""
     if isinstance(bundle, (str, Path)):
         from engines.bundle.store import load_bundle
 
@@ -209,8 +211,8 @@ def evaluate(
         raise EngineError(f"{folder.root / 'test'}: no test images, expected test/<type>/ folders with images")
     by_path = {item.path: item for item in items}
     tallies = {GOOD: _TypeTally()} | {t: _TypeTally() for t in folder.defect_types()}
-    skipped: list[tuple[Path, str]] = []
-    unread_masks: list[tuple[Path, str]] = []  # (mask, why): said apart, since "do not decode" would be untrue
+    skipped: list[tuple[Path, DataError]] = []
+    masks_left_out: set[Path] = set()  # of `skipped`, the masks: one that cannot be read is said apart
     picker = _OverlayPicker(n_overlays if overlay_dir is not None else 0)
     maskless_pixels: metrics.PixelHistograms | None = None  # only for the overlay colour scale
     # Every histogram is keyed on the first map's median (None until one is added), so that rows can add them up.
@@ -224,7 +226,7 @@ def evaluate(
         backend=backend,
         batch=batch,
         options=options,
-        on_unreadable=lambda path, reason: skipped.append((path, reason)),
+        on_unreadable=lambda path, exc: skipped.append((path, exc)),
     )
     progress = progress or Progress(enabled=False)
     progress.start(len(items), "eval: images scored")
@@ -244,9 +246,8 @@ def evaluate(
                 # A mask that does not decode (a file cut short by a copy) or cannot be read leaves its image out, as
                 # such an image is: read as defect-free it would falsify the pixel metrics, and a refusal would throw
                 # away every image scored so far.
-                skipped.append((item.mask_path, str(exc)))
-                if isinstance(exc.__cause__, OSError):
-                    unread_masks.append((item.mask_path, exc.__cause__.strerror or str(exc.__cause__)))
+                skipped.append((item.mask_path, exc))
+                masks_left_out.add(item.mask_path)
                 continue
             # A mask that decodes at another size is still refused: it belongs to another image or crop, a mistake in
             # the ground truth rather than one damaged file.
@@ -272,7 +273,7 @@ def evaluate(
         progress.update(len(per_image) + len(skipped))
     progress.finish()
     if not per_image:
-        raise DataError(skipped[0][1])  # not one image decodes: as if it had been refused at the first
+        raise skipped[0][1]  # not one image decodes: as if it had been refused at the first
 
     report = {
         "bundle": str(bundle.path),
@@ -308,7 +309,7 @@ def evaluate(
     }
     good = tallies[GOOD]
     defect_types = [t for t in tallies if t != GOOD]
-    report["notes"] = _notes(folder, defect_types, [path for path, _ in skipped], unread_masks)
+    report["notes"] = _notes(folder, defect_types, skipped, masks_left_out)
     report["overall"] = _row([good] + [tallies[t] for t in defect_types], n_good=len(good.scores))
     for defect_type in defect_types:
         report["per_type"][defect_type] = _row([good, tallies[defect_type]], n_good=len(good.scores))
@@ -327,17 +328,15 @@ def evaluate(
 
 
 def _notes(
-    folder: MvtecFolder, defect_types: list[str], skipped: list[Path], unread_masks: list[tuple[Path, str]]
+    folder: MvtecFolder, defect_types: list[str], skipped: list[tuple[Path, DataError]], masks: set[Path]
 ) -> list[str]:
-    """One line for each thing that leaves metrics out or images unscored, which blank cells alone would not say."""
-    notes = []
-    unread = {path for path, _ in unread_masks}
-    if undecoded := [path for path in skipped if path not in unread]:
-        notes.append(skipped_warning(undecoded))
+    """One line for each thing that leaves metrics out or images unscored, which blank cells alone would not say.
+    `skipped`: (the image or mask, why) of each image left out; `masks`: which of those paths are masks."""
+    unread_masks = [(path, why) for path, exc in skipped if path in masks and (why := read_error(exc)) is not None]
+    said = {path for path, _ in unread_masks}
+    notes = skipped_warnings([(path, exc) for path, exc in skipped if path not in said])
     if unread_masks:
-        shown = ", ".join(f"{path} ({why})" for path, why in unread_masks[:5])
-        shown += " ..." if len(unread_masks) > 5 else ""
-        notes.append(f"WARNING: skipped {len(unread_masks)} image(s) whose mask cannot be read: {shown}")
+        notes.append(unread_warning(unread_masks, "whose mask cannot be read"))
     if folder.good_dir is None:
         notes.append(
             f"note: {folder.root / 'test'} has no defect-free folder ({DEFECT_FREE_WORDS}), which image AUROC and "
