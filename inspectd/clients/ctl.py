@@ -157,6 +157,11 @@ def _status(s: dict[str, Any]) -> str:
             f"{c.get('published', 0)}  defects {c.get('defects', 0)}  errors {c.get('errors', 0)}  "
             f"dropped {c.get('dropped', 0)}  queued {c.get('queued', 0)}"
         )
+        if c.get("replaced_unread") or c.get("disposal_backlog"):
+            lines.append(
+                f"  {'':12} folder: {c.get('replaced_unread', 0)} parts replaced under their name unread (lost), "
+                f"{c.get('disposal_backlog', 0)} files waiting to be deleted or moved"
+            )
         if c.get("last_error"):
             lines.append(f"  {'':12} last error: {c['last_error']}")
     refused = s.get("auth_refused")

@@ -52,6 +52,11 @@ CAMERA_COUNTERS = (
     ("inspectd_frames_dropped", "Frames dropped by a full queue (drop_oldest) per camera.", "dropped"),
     ("inspectd_frames_error", "Frames with verdict error per camera.", "errors"),
     ("inspectd_camera_reopen", "Attempts to reopen a failed camera source.", "reopen_count"),
+    (
+        "inspectd_folder_replaced_unread",
+        "Parts a folder camera lost: replaced under their name before they were read (a lower bound).",
+        "replaced_unread",
+    ),
 )
 
 
@@ -86,6 +91,15 @@ class _StatusCollector(Collector):
             if "state" in stats:
                 up.add_metric([camera], 1 if stats["state"] in ("running", "paused") else 0)
         yield up
+        backlog = GaugeMetricFamily(
+            "inspectd_folder_disposal_backlog",
+            "Files of a folder camera whose results are out, waiting to be deleted or moved.",
+            labels=["camera"],
+        )
+        for camera, stats in cameras.items():
+            if "disposal_backlog" in stats:
+                backlog.add_metric([camera], int(stats["disposal_backlog"]))
+        yield backlog
         yield from _drift_families(cameras)
         if "failed_batches" in status:
             yield CounterMetricFamily(

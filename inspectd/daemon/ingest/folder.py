@@ -39,6 +39,9 @@ WRITE_GRACE_S = 2.0
 # How long a close waits for the files whose results are out to be deleted or moved (a share that stalls): what is
 # left then is named in the log, and inspected again at the next start.
 DISPOSE_WAIT_S = 1.0
+# Parts lost under one name are logged at the first of a run; a loss after this long without one starts a new run. A
+# camera that saves parts too fast loses them for as long as it runs: the status counter says how many, one line when.
+REPLACED_LOG_QUIET_S = 60.0
 # Never read, whatever `pattern` says: names a writer uploads under before it renames the file into place (FTP, SMB,
 # browsers), whose content is not final yet, and files Windows and Office leave in a folder, which are no images.
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", "~")
@@ -90,10 +93,12 @@ class FolderWatcher(Source):
         # name -> (size, mtime_ns) when inspected (files left in place): a file rewritten under the same name is new
         # again, also one finished by a writer that keeps the source's times (a copy that preserves them).
         self.done: dict[str, tuple[int, int]] = {}
-        # name -> (size, mtime_ns, since): the file as the latest scan saw it, and this host's monotonic time when
-        # it was first seen so. Stillness and the cut-short grace are timed by `since`, never by the mtime: a
+        # name -> (size, mtime_ns, since, inode): the file as the latest scan saw it, and this host's monotonic time
+        # when it was first seen so. Stillness and the cut-short grace are timed by `since`, never by the mtime: a
         # writer's clock may be behind or ahead of this host's.
-        self.seen: dict[str, tuple[int, int, float]] = {}
+        self.seen: dict[str, tuple[int, int, float, int]] = {}
+        self.replaced_unread = 0  # parts another file took the name of before they were read: lost (_replaced)
+        self._replaced_at = -math.inf  # monotonic time of the latest one
         self.pending: list[tuple[int, str]] = []  # ready (mtime_ns, name), oldest last, popped from the end
         self._scanned = -math.inf  # monotonic time at the end of the latest scan
         self._warned = False
@@ -200,7 +205,7 @@ class FolderWatcher(Source):
 
     def _scan(self) -> None:
         start = time.monotonic()
-        listed: dict[str, tuple[int, int]] = {}
+        listed: dict[str, tuple[int, int, int]] = {}
         with os.scandir(self.spec.path) as entries:
             for entry in entries:
                 name = entry.name
@@ -217,20 +222,25 @@ class FolderWatcher(Source):
                     st = entry.stat()
                 except FileNotFoundError:
                     continue  # taken away between the listing and now
-                listed[name] = (st.st_size, st.st_mtime_ns)
+                listed[name] = (st.st_size, st.st_mtime_ns, st.st_ino)
         # `since` is taken after every stat of this scan and compared with the start of a later one, so a file is
         # ready only when two stats at least a poll apart saw it the same: the writer is done with it.
         self._scanned = time.monotonic()
-        seen: dict[str, tuple[int, int, float]] = {}
-        for name, stamp in listed.items():
+        seen: dict[str, tuple[int, int, float, int]] = {}
+        for name, (size, mtime, inode) in listed.items():
             before = self.seen.get(name)
-            seen[name] = before if before is not None and before[:2] == stamp else (*stamp, self._scanned)
+            if before is not None and before[:2] == (size, mtime):
+                seen[name] = before
+                continue
+            if before is not None:
+                self._replaced(name, before, (size, mtime), inode)
+            seen[name] = (size, mtime, self._scanned, inode)
         self.seen = seen
         # Forget files that left the folder, so memory follows the folder's content.
         self.done = {name: stamp for name, stamp in self.done.items() if name in seen}
         ready = [
             (mtime, name)
-            for name, (size, mtime, since) in seen.items()
+            for name, (size, mtime, since, _) in seen.items()
             if since + self.poll_s <= start and self.done.get(name) != (size, mtime)
         ]
         ready.sort(reverse=True)
@@ -254,7 +264,7 @@ class FolderWatcher(Source):
         mtime_ns, name = self.pending.pop()
         path = self.spec.path / name
         shown = printable(_frame_id(name))
-        size, _, since = self.seen[name]
+        size, _, since, _ = self.seen[name]
         if size > self.max_bytes:  # not read at all: a stray video or archive in the inbox would fill the memory
             expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
             return self._taken(path, mtime_ns, None, f"{shown}: {size} bytes, {expected}")
@@ -276,7 +286,8 @@ class FolderWatcher(Source):
             return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({one_line(exc)})", dispose=False)
         if data is None or len(data) != size:
             # Written to since the scan found it still (a backlog can take a while to drain): it must hold still
-            # over a poll again before it is read.
+            # over a poll again before it is read. Replaced by another file since, it is lost.
+            self._replaced(name, self.seen[name], (st.st_size, st.st_mtime_ns), st.st_ino)
             self.seen.pop(name, None)
             return None
         try:
@@ -291,6 +302,36 @@ class FolderWatcher(Source):
         except Exception as exc:  # noqa: BLE001 - a reopen would meet the same file at every scan, forever
             image, error = None, f"{shown}: cannot decode ({one_line(exc)})"
         return self._taken(path, mtime_ns, image, error)
+
+    def _replaced(self, name: str, before: tuple[int, int, float, int], stamp: tuple[int, int], inode: int) -> None:
+        """Count the part seen as `before` as lost when another file now holds its name (`stamp`, `inode`) and it
+        was never read: a writer that renames each part into place under one name faster than it can hold still over
+        a poll. Only a new inode is sure: a file rewritten in place cannot be told from one still being written, so
+        such a writer's losses, and a second replacement between two listings, are not counted."""
+        if not (inode and before[3]) or inode == before[3]:
+            return  # a filesystem with no inode numbers (0), or the same file written to
+        if stamp == before[:2] or self.done.get(name) == before[:2]:
+            # Unchanged content under a new number (a share that numbers files itself, anew after a while), or read.
+            return
+        self.replaced_unread += 1
+        now, since = time.monotonic(), self._replaced_at
+        self._replaced_at = now
+        if now - since < REPLACED_LOG_QUIET_S:
+            return  # a run of losses is logged once: a camera that saves too fast would log every other part
+        log.warning(
+            "folder_file_replaced_unread",
+            camera=self.camera.id,
+            file=printable(_frame_id(name)),
+            replaced_unread=self.replaced_unread,
+            effect="the part saved under this name was replaced by the next before it held still over a poll, and "
+            "was never inspected; counted in the camera's status as replaced_unread, logged again after "
+            f"{REPLACED_LOG_QUIET_S:g} s without one. Save parts under one name at least two polls apart (lower "
+            "poll_ms), or each under a name of its own",
+        )
+
+    def stats(self) -> dict[str, int]:
+        # The backlog's length is read without its lock: a count for the status, as good a moment later.
+        return {"replaced_unread": self.replaced_unread, "disposal_backlog": len(self._to_dispose)}
 
     def _taken(self, path: Path, mtime_ns: int, image, error: str | None, dispose: bool = True) -> Frame:
         """The file's frame, the file marked done (and disposed of once its result is out, if so configured).

@@ -71,6 +71,10 @@ class Source:
         (a folder camera's deletes and moves); whether all of it was done."""
         return True
 
+    def stats(self) -> dict[str, int]:
+        """Counters of the source's own, added to its camera's status (a folder camera's parts lost unread)."""
+        return {}
+
     def frame(
         self,
         frame_id: str,

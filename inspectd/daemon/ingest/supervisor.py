@@ -106,6 +106,7 @@ class CameraIngest:
             "queued": len(self.queue),
             "next_seq": self.next_seq,
             "first_seq": self.first_seq,
+            **self._source.stats(),
         }
 
     def _set_state(self, state: str, **fields) -> None:
