@@ -963,3 +963,117 @@ def test_a_connection_that_is_not_http_is_answered_400_and_logged_as_a_bad_reque
     refused = [line for line in lines if line["event"] == "bad_request"]
     assert len(refused) == 1 and refused[0]["level"] == "warning" and "exception" not in refused[0], lines
     assert refused[0]["error"].startswith("BadHttpMethod: "), refused
+
+
+class SlowLink:
+    """A real TCP proxy between the browser and the view, standing in for a slow link: each ask for a live frame in
+    `delays` (the camera's name: seconds) is answered only that long after it arrives, the first ask for `held`
+    never. It counts the asks for each camera's live frame that reach it."""
+
+    def __init__(self, upstream: int, delays: dict[str, float], held: str) -> None:
+        self.upstream, self.delays, self.held = upstream, delays, held
+        self.asked: dict[str, list[float]] = {}  # camera -> time.monotonic() of each ask
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self._serve, "127.0.0.1", port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.tasks.add(asyncio.current_task())
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):  # the browser's GETs carry no body
+                path = head.split(b" ", 2)[1].decode()
+                if path.startswith("/live/"):
+                    camera = urllib.parse.urlsplit(path).path.removeprefix("/live/").removesuffix(".jpg")
+                    asks = self.asked.setdefault(camera, [])
+                    asks.append(time.monotonic())
+                    if camera == self.held and len(asks) == 1:
+                        await asyncio.Event().wait()
+                    await asyncio.sleep(self.delays.get(camera, 0.0))
+                writer.write(await self._forward(head))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):  # the browser closed it, as when it gives up an ask
+            pass
+        except asyncio.CancelledError:  # the test is over: ended quietly (asyncio 3.11 logs a handler cancelled)
+            pass
+        finally:
+            writer.close()
+
+    async def _forward(self, head: bytes) -> bytes:
+        """`head` asked of the view on a connection of its own: the whole response."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        try:
+            writer.write(head)
+            reply = await reader.readuntil(b"\r\n\r\n")
+            fields = dict(line.split(b":", 1) for line in reply.split(b"\r\n")[1:] if b":" in line)
+            length = {k.strip().lower(): v for k, v in fields.items()}.get(b"content-length")
+            assert length is not None, f"a response without Content-Length: {reply!r}"
+            return reply + await reader.readexactly(int(length))
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
+# Each live frame the page has drawn, counted by camera: set before the page's own script runs.
+COUNT_LIVE_LOADS = """
+window.liveLoads = {};
+document.addEventListener("load", (e) => {  // an element's load event never reaches the window
+  const img = e.target;
+  if (!(img instanceof HTMLImageElement) || !img.classList.contains("live")) return;
+  const name = img.closest("section").id.slice("camera-".length);
+  liveLoads[name] = (liveLoads[name] || 0) + 1;
+}, true);
+"""
+
+
+def test_a_live_frame_slower_than_a_second_to_arrive_is_shown_and_not_asked_for_again_meanwhile(tmp_path):
+    """On a slow link a live frame takes longer than the second between the page's asks. The page waits for it and
+    draws it rather than cutting it off with the next ask (chromium then froze on the first frame, never firing its
+    load, and opened a connection for each ask): a camera's frame is asked for again only once the last ask ended.
+    An ask never answered (a link that dropped it) is given up on after a bound, and asked again; one answered 404
+    (no frame yet) ends as a drawn one does."""
+    from aiohttp import web as aioweb
+
+    from inspectd.clients import web as view
+
+    state = LineState()
+    running = {"state": "running"}
+    state.on_message({**STATUS, "t": time.time(), "cameras": {"cam0": running, "cam1": running, "cam2": running}})
+    root = live_frames(tmp_path / "archive", "cam0", "cam1")  # none of cam2: its asks answered 404
+    port, proxy_port = free_port(), free_port()
+    link = SlowLink(port, {"cam0": 2.5}, held="cam1")
+
+    async def scenario() -> None:
+        runner = await view.view_runner(view.WebView(state, root))
+        proxy = await link.start(proxy_port)
+        try:
+            await aioweb.TCPSite(runner, "127.0.0.1", port).start()
+            async with Browser() as browser:
+                await browser.send("Page.enable")  # without it chromium runs no script added for new documents
+                await browser.send("Page.addScriptToEvaluateOnNewDocument", source=COUNT_LIVE_LOADS)
+                await browser.goto(f"http://127.0.0.1:{proxy_port}/")
+                deadline = time.monotonic() + 20
+                while True:
+                    asks = len(link.asked.get("cam0", []))  # before the loads: one drawn meanwhile only helps
+                    drawn = await browser.evaluate("window.liveLoads?.cam0 || 0")
+                    assert asks <= drawn + 1, f"cam0's frame asked for {asks} times, drawn {drawn}: asks cut off"
+                    if drawn >= 2 and len(link.asked.get("cam1", [])) >= 2:
+                        break
+                    assert time.monotonic() < deadline, f"in 20 s cam0's frame drawn {drawn} times, {link.asked}"
+                    await asyncio.sleep(0.05)
+                first, second = link.asked["cam1"][:2]
+                assert second - first >= 9, f"cam1's unanswered ask was cut off after {second - first:.1f} s"
+                await browser.wait_for(live_shown("cam1"), 5, "cam1's frame, asked for again")
+                # A frame not there ends its ask as a drawn one does: asked for again each second, shown as absent.
+                assert len(link.asked["cam2"]) >= 5, f"cam2's failed asks were waited on: {link.asked}"
+                classes = await browser.evaluate("document.querySelector('#camera-cam2 img.live').className")
+                assert classes == "live absent", classes
+        finally:
+            link.close()
+            proxy.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())

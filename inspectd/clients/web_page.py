@@ -2,9 +2,10 @@
 fetched from elsewhere. It asks /api/state for the state every POLL_MS with a plain request (see inspectd.clients.web:
 no connection is held per open page) and renders it; each defect's overlay <img> carries `data-archive-id`,
 `data-loaded-at` (epoch ms) once the browser has drawn it, `data-retries` while it is asked for again and
-`data-missing` once the page has given up on it. A camera the daemon's status no longer lists has its section marked
-`gone` (greyed, labelled, its live frame hidden and no longer asked for), and so has a section the page drew from a
-web view since restarted, whose state no longer names that camera."""
+`data-missing` once the page has given up on it; each live frame's <img> carries `data-asked-at` (epoch ms) while an
+ask for it is pending. A camera the daemon's status no longer lists has its section marked `gone` (greyed, labelled,
+its live frame hidden and no longer asked for), and so has a section the page drew from a web view since restarted,
+whose state no longer names that camera."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -83,8 +84,8 @@ function cameraSection(name) {
     <div class="defects"></div>`;
   $("h2 .name", section).textContent = name;
   const live = $("img.live", section);
-  live.onerror = () => { live.classList.add("absent"); };
-  live.onload = () => { live.classList.remove("absent"); };
+  live.onerror = () => { delete live.dataset.askedAt; live.classList.add("absent"); };
+  live.onload = () => { delete live.dataset.askedAt; live.classList.remove("absent"); };
   $("#cameras").appendChild(section);
   return section;
 }
@@ -213,10 +214,18 @@ function render(state) {
   }
 }
 
+// A camera's live frame is asked for again only once the last ask ended: on a slow link a frame can take longer than
+// LIVE_MS, and the next ask would cut it off (no newer frame ever drawn, and a connection lost each time). An ask the
+// link never answers is given up on after LIVE_GIVE_UP_MS, so the frame is not stopped for good.
+const LIVE_MS = 1000, LIVE_GIVE_UP_MS = 10000;
+
 function refreshLive() {
+  const now = Date.now();
   for (const img of document.querySelectorAll("section.camera:not(.gone) img.live")) {
+    if (now - Number(img.dataset.askedAt || 0) < LIVE_GIVE_UP_MS) continue;
     const name = img.closest("section").id.slice("camera-".length);
-    img.src = `/live/${encodeURIComponent(name)}.jpg?t=${Date.now()}`;
+    img.dataset.askedAt = String(now);
+    img.src = `/live/${encodeURIComponent(name)}.jpg?t=${now}`;
   }
 }
 
@@ -250,7 +259,7 @@ async function poll() {
 }
 
 poll();
-setInterval(refreshLive, 1000);
+setInterval(refreshLive, LIVE_MS);
 </script>
 </body>
 </html>
