@@ -20,7 +20,7 @@ from inspectd.clients.ctl import _status as status_text
 from inspectd.daemon.config import parse_config
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.queue import FrameQueue
-from inspectd.daemon.ingest.supervisor import CameraIngest
+from inspectd.daemon.ingest.supervisor import CameraIngest, make_source
 from inspectd.daemon.metrics import Metrics
 from test_metrics_endpoint import scrape
 
@@ -264,3 +264,52 @@ def test_the_files_waiting_to_be_deleted_are_in_the_camera_status(tmp_path, inge
         HOOKS.remove(stall)
     assert wait_for(lambda: ingest.stats()["disposal_backlog"] == 0)
     assert not list(inbox.glob("*.png"))
+
+
+def test_a_writer_that_stages_each_part_under_one_name_then_renames_it_loses_none(tmp_path):
+    """A unique-name camera that writes each part under one staging name the pattern matches, then renames it to its
+    own: the staging name's file is replaced at every part, but the part it held is listed under its new name, so
+    nothing is counted lost (it was counted, and logged as parts never inspected)."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    cam = camera({"kind": "folder", "path": str(inbox), "pattern": "*.bmp", "delete_after": True})
+    source = make_source(cam, time.time)
+    stop = threading.Event()
+    source.open(stop)
+    rng = np.random.default_rng(0)
+    parts = [cv2.imencode(".bmp", rng.integers(0, 255, (64, 64), np.uint8))[1].tobytes() for _ in range(7)]
+    stage = inbox / "capture.bmp"
+    read: list[str] = []
+
+    def pump(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            frame = source.read(stop)
+            if frame is not None:
+                read.append(frame.frame_id)
+                if frame.on_published:
+                    frame.on_published()
+
+    def start_part(i: int):
+        staged = open(stage, "wb")  # noqa: SIM115 - held open across listings, as a writer does
+        staged.write(parts[i][:2000])
+        staged.flush()
+        return staged
+
+    try:
+        with capture_logs() as logs:
+            staged = start_part(0)
+            for i in range(6):
+                pump(0.25)  # listings see the staging file half written
+                staged.write(parts[i][2000:])
+                staged.close()
+                os.rename(stage, inbox / f"part_{i}.bmp")
+                staged = start_part(i + 1)  # a new file under the staging name
+            staged.close()
+            stage.unlink()
+            assert wait_for(lambda: (pump(0.1), len([n for n in read if n.startswith("part_")]) == 6)[1])
+        assert source.stats()["replaced_unread"] == 0
+        assert not [e for e in logs if e["event"] == "folder_file_replaced_unread"]
+    finally:
+        stop.set()
+        source.close()

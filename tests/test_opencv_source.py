@@ -148,6 +148,15 @@ def load_url(tmp_path: Path, url: str):
         ("v4l2:///dev/video0", "unknown scheme 'v4l2', expected one FFmpeg reads"),
         ("icecast://192.0.2.10/line", "unknown scheme 'icecast', expected one FFmpeg reads"),  # FFmpeg writes it only
         ("RTSP://192.0.2.10/stream1", "scheme 'RTSP' must be lower case (rtsp://): FFmpeg matches it exactly"),
+        # A slash short: read as a file beside the config, it was reopened forever.
+        (
+            "rtsp:/192.0.2.10:554/stream1",
+            "scheme 'rtsp' without '//' in 'rtsp:/192.0.2.10:554/stream1', expected rtsp://HOST/...",
+        ),
+        (
+            "http:192.0.2.10/cam.mjpg",
+            "scheme 'http' without '//' in 'http:192.0.2.10/cam.mjpg', expected http://HOST/...",
+        ),
     ],
 )
 def test_a_url_whose_scheme_no_backend_reads_is_refused_at_load(tmp_path, url, message):

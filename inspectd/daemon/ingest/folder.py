@@ -99,6 +99,9 @@ class FolderWatcher(Source):
         self.seen: dict[str, tuple[int, int, float, int]] = {}
         self.replaced_unread = 0  # parts another file took the name of before they were read: lost (_replaced)
         self._replaced_at = -math.inf  # monotonic time of the latest one
+        # inode -> name of parts another file took the name of, unread: lost unless a listing still finds the inode
+        # under another name (a writer that stages each part under one name the pattern matches, then renames it).
+        self._replaced_pending: dict[int, str] = {}
         self.pending: list[tuple[int, str]] = []  # ready (mtime_ns, name), oldest last, popped from the end
         self._scanned = -math.inf  # monotonic time at the end of the latest scan
         self._warned = False
@@ -236,6 +239,7 @@ class FolderWatcher(Source):
                 self._replaced(name, before, (size, mtime), inode)
             seen[name] = (size, mtime, self._scanned, inode)
         self.seen = seen
+        self._count_replaced({inode for _, _, inode in listed.values()})
         # Forget files that left the folder, so memory follows the folder's content.
         self.done = {name: stamp for name, stamp in self.done.items() if name in seen}
         ready = [
@@ -313,7 +317,15 @@ class FolderWatcher(Source):
         if stamp == before[:2] or self.done.get(name) == before[:2]:
             # Unchanged content under a new number (a share that numbers files itself, anew after a while), or read.
             return
-        self.replaced_unread += 1
+        self._replaced_pending[before[3]] = name
+
+    def _count_replaced(self, listed_inodes: set[int]) -> None:
+        """Count the replaced parts (_replaced) whose files this listing does not find under another name: lost."""
+        lost = [name for inode, name in self._replaced_pending.items() if inode not in listed_inodes]
+        self._replaced_pending.clear()
+        if not lost:
+            return
+        self.replaced_unread += len(lost)
         now, since = time.monotonic(), self._replaced_at
         self._replaced_at = now
         if now - since < REPLACED_LOG_QUIET_S:
@@ -321,7 +333,7 @@ class FolderWatcher(Source):
         log.warning(
             "folder_file_replaced_unread",
             camera=self.camera.id,
-            file=printable(_frame_id(name)),
+            file=printable(_frame_id(lost[0])),
             replaced_unread=self.replaced_unread,
             effect="the part saved under this name was replaced by the next before it held still over a poll, and "
             "was never inspected; counted in the camera's status as replaced_unread, logged again after "

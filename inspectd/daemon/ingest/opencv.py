@@ -46,6 +46,7 @@ FFMPEG_SCHEMES = frozenset(
 )
 FFMPEG_NESTING = ("hls", "crypto")  # taken as outer+inner as well: hls+http://, crypto+file://
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # RFC 3986's scheme, at the start of the url
+_SLASHLESS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(?!//)")  # rtsp:/host, rtsp:host: a url missing a slash
 
 
 def scheme_of(url: str) -> str | None:
@@ -73,6 +74,11 @@ def _url(value: Any, info: ValidationInfo) -> str:
         raise invalid(f"expected a string (rtsp://, http://, file path), got {show(value)}")
     scheme = scheme_of(value)
     if scheme is None:
+        slashless = _SLASHLESS.match(value)
+        if slashless and slashless.group(1).lower() in FFMPEG_SCHEMES:
+            # Read as a file path, it would be a file beside the config that is never there: reopened forever.
+            name = slashless.group(1)
+            raise invalid(f"scheme {name!r} without '//' in {value!r}, expected {name}://HOST/... or a video file path")
         return str(resolve(value, info))  # a video file, relative to the config file
     _check_scheme(scheme)
     return value
