@@ -10,7 +10,12 @@ from pathlib import Path
 
 from engines.durable import fsync_dir, replace_file, sha256_file, try_lock, write_file
 
-__all__ = ["fsync_dir", "hold_lock", "replace_file", "sha256_file", "write_file"]
+__all__ = ["DIR_MODE", "FILE_MODE", "fsync_dir", "hold_lock", "replace_file", "sha256_file", "write_file"]
+
+# What the daemon's stores (the archive, the journal) are created with, set whatever the umask: the units' UMask=0077
+# would leave them the service user's alone, and the operators who read them are members of its group.
+DIR_MODE = 0o750
+FILE_MODE = 0o640
 
 
 def hold_lock(path: Path) -> int | None:

@@ -1036,6 +1036,15 @@ def run(args: argparse.Namespace) -> int:
     if args.journal is not None and not args.journal.is_dir():
         print(f"inspectd subscribe: --journal {args.journal}: expected the daemon's journal directory", file=sys.stderr)
         return 2
+    if args.journal is not None:
+        from inspectd.protocol import journal
+
+        try:
+            # Up front: otherwise every hole would only be reported as unfillable, one gap line at a time.
+            journal.check_readable(args.journal)
+        except InspectdError as exc:
+            print(f"inspectd subscribe: {exc}", file=sys.stderr)
+            return 2
     if args.save_masks is not None:
         try:
             args.save_masks.mkdir(parents=True, exist_ok=True)

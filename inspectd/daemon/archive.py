@@ -58,8 +58,8 @@ import cv2
 import numpy as np
 import structlog
 
-from engines.durable import fsync_dir
 from inspectd.daemon.inference import Judged
+from inspectd.durable import DIR_MODE, FILE_MODE, fsync_dir
 from inspectd.protocol import archive as fmt
 from inspectd.protocol.journal import CAMERA_RE
 
@@ -71,8 +71,6 @@ AGE_CHECK_S = 60.0
 IDLE_WAKE_MIN_S = 1.0  # the least an idle writer sleeps between age checks, whatever AGE_CHECK_S
 PRUNE_BATCH = 200
 OVERLAY_JPEG_QUALITY = 90
-DIR_MODE = 0o750
-FILE_MODE = 0o640
 # Free space the archive leaves on its file system: a share of it, at most this much.
 FREE_FLOOR_FRACTION = 0.01
 FREE_FLOOR_MAX_BYTES = 256 * 2**20

@@ -21,11 +21,17 @@ A write that fails (disk full: ENOSPC, quota, file-size limit, I/O error) never 
 record is cut off at once (or, if even that fails, before the next append to that segment), the journal is marked
 `degraded` with the reason (an alarm in status and the log), the record is counted in `lost`, and writing is retried
 after `retry_s`. So once space returns every later record is whole and readable.
+
+Everything is created group-readable (directories DIR_MODE, files FILE_MODE, as the archive) whatever the umask, as
+the unit's UMask=0077 would make it the service user's alone: `inspectd subscribe --journal` runs as a member of group
+inspectd. What a journal already holds is given group read at open where it lacks it (one left by an older writer
+under that umask), so its operators can read it once the daemon restarted.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +39,7 @@ from pathlib import Path
 
 import structlog
 
-from inspectd.durable import fsync_dir, replace_file
+from inspectd.durable import DIR_MODE, FILE_MODE, fsync_dir, replace_file
 from inspectd.protocol.journal import (
     ACCEPTED,
     ACCEPTED_MARK,
@@ -73,6 +79,40 @@ def _read_text(path: Path) -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
+
+
+def _mkdir(path: Path) -> None:
+    """Create directory `path` (FileExistsError where it is there) with DIR_MODE: mkdir's mode is narrowed by the
+    umask."""
+    path.mkdir()
+    os.chmod(path, DIR_MODE)
+
+
+def _open(path: Path, flags: int) -> int:
+    """A descriptor on file `path`, created where missing with FILE_MODE whatever the umask. One already there keeps
+    its mode (made group-readable at open, `_group_readable`)."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return os.open(path, flags)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _group_readable(path: Path, st_mode: int) -> None:
+    """Let the group read `path` (found at open, its mode `st_mode`) where it may not: a journal an older writer left
+    under UMask=0077. Only widened, never narrowed (a journal made readable to others stays so). Best effort: what
+    another user left keeps its mode, and a reader that cannot read it says so."""
+    wanted = stat.S_IRGRP | stat.S_IXGRP if stat.S_ISDIR(st_mode) else stat.S_IRGRP
+    if st_mode & wanted != wanted:
+        try:
+            os.chmod(path, stat.S_IMODE(st_mode) | wanted)
+        except PermissionError:
+            pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -158,7 +198,11 @@ class Journal:
             while not missing.exists() and missing.parent != missing:
                 self._dirs_dirty.add(missing.parent)
                 missing = missing.parent
-            self.directory.mkdir(parents=True, exist_ok=True)
+            if self.directory.is_dir():
+                _group_readable(self.directory, self.directory.stat().st_mode)
+            else:
+                self.directory.parent.mkdir(parents=True, exist_ok=True)
+                _mkdir(self.directory)
             mark = self.directory / CLEAN_MARK
             self.unclean = not mark.exists() and bool(cameras(self.directory))
             if mark.exists():
@@ -175,10 +219,15 @@ class Journal:
             # Only once the floors are durable: a start that ends before each camera's next reservation (a failed
             # start, an idle run stopped) must not make the next one, on the same boot, take the stale marks again.
             if boot is not None and previous_boot != boot:
-                replace_file(self.directory / BOOT_MARK, boot.encode())
-        except OSError as exc:
+                replace_file(self.directory / BOOT_MARK, boot.encode(), FILE_MODE)
+            elif previous_boot is not None:
+                _group_readable(self.directory / BOOT_MARK, (self.directory / BOOT_MARK).stat().st_mode)
+        except (OSError, JournalError) as exc:
+            cause = exc.__cause__ if isinstance(exc, JournalError) else exc  # cameras(): the listing that failed
+            if not isinstance(cause, OSError):
+                raise
             raise JournalError(
-                f"publish.journal.path {self.directory}: cannot use it ({exc.strerror or exc}), "
+                f"publish.journal.path {self.directory}: cannot use it ({cause.strerror or cause}), "
                 f"expected a writable directory"
             ) from None
         self._syncer = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
@@ -186,15 +235,19 @@ class Journal:
 
     def _recover(self, camera: str) -> None:
         """Account for a camera's segments and cut a torn record off its newest one (left by a kill mid-write)."""
+        _group_readable(self.directory / camera, (self.directory / camera).stat().st_mode)
         for name, marks in ((ACCEPTED_MARK, self._accepted), (RESERVED_MARK, self._reserved)):
             mark = read_mark(self.directory / camera, name)
             if mark is not None:
                 marks[camera] = mark
+                _group_readable(self.directory / camera / name, (self.directory / camera / name).stat().st_mode)
         segments = segment_files(self.directory / camera)
         age = 0.0
         for i, (_, path) in enumerate(segments):
-            size = path.stat().st_size
-            age = max(age, path.stat().st_mtime)
+            found = path.stat()
+            _group_readable(path, found.st_mode)
+            size = found.st_size
+            age = max(age, found.st_mtime)
             self._age = max(self._age, age)
             if i < len(segments) - 1:
                 self._closed.append((age, path, size))
@@ -226,7 +279,7 @@ class Journal:
                 continue
             path = self.directory / camera / ACCEPTED_MARK
             new = not path.exists()
-            fd = self._accepted_fd[camera] = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            fd = self._accepted_fd[camera] = _open(path, os.O_WRONLY)
             self._mark_locks[camera] = threading.Lock()
             os.pwrite(fd, ACCEPTED.pack(reserved), 0)
             os.fsync(fd)
@@ -296,10 +349,9 @@ class Journal:
                 if fd is None:
                     check_camera(camera)
                     with self._lock:
-                        (self.directory / camera).mkdir(exist_ok=True)
-                        fd = self._accepted_fd[camera] = os.open(
-                            self.directory / camera / ACCEPTED_MARK, os.O_WRONLY | os.O_CREAT, 0o600
-                        )
+                        if not (self.directory / camera).is_dir():
+                            _mkdir(self.directory / camera)
+                        fd = self._accepted_fd[camera] = _open(self.directory / camera / ACCEPTED_MARK, os.O_WRONLY)
                         self._dirs_dirty.update((self.directory, self.directory / camera))
                 if seq > self._reserved_to.get(camera, -1):
                     self._reserve(camera, seq + RESERVE)
@@ -321,7 +373,7 @@ class Journal:
         if fd is None:
             path = self.directory / camera / RESERVED_MARK
             new = not path.exists()
-            fd = self._reserved_fd[camera] = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            fd = self._reserved_fd[camera] = _open(path, os.O_WRONLY)
             if new:  # its name, and the camera's folder if that is new too, must survive the cut as well
                 fsync_dir(path.parent)
                 fsync_dir(self.directory)
@@ -361,7 +413,7 @@ class Journal:
         check_camera(camera)
         camera_dir = self.directory / camera
         if not camera_dir.is_dir():
-            camera_dir.mkdir()
+            _mkdir(camera_dir)
             self._dirs_dirty.add(self.directory)
         segments = segment_files(camera_dir)
         resume = segments[-1][1] if segments and active is None else None
@@ -381,7 +433,7 @@ class Journal:
         # Room for this segment to fill up (a resumed one is counted already, at what it holds).
         kept = sum(c[2] for c in self._closed if c[1] == resume) if resume is not None else 0
         self._trim(self.segment_bytes - kept, keep=resume)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = _open(path, os.O_WRONLY | os.O_APPEND)
         if resume is None:
             self._dirs_dirty.add(camera_dir)
         else:  # active from here on: counted as such, no longer as a closed segment (only once it is open)
@@ -544,7 +596,7 @@ class Journal:
                 lock.release()
         with self._lock:
             try:
-                (self.directory / CLEAN_MARK).touch()
+                os.close(_open(self.directory / CLEAN_MARK, os.O_WRONLY))
                 self._dirs_dirty.add(self.directory)
             except OSError:
                 pass

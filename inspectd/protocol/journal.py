@@ -209,11 +209,40 @@ def read_since(
 
 
 def cameras(directory: str | Path) -> list[str]:
-    """Camera ids that have a journal under `directory`."""
+    """Camera ids that have a journal under `directory`; JournalError where it cannot be listed."""
     try:
         return sorted(e.name for e in os.scandir(directory) if e.is_dir() and CAMERA_RE.fullmatch(e.name))
     except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise _unreadable(Path(directory), Path(directory), exc) from exc
+
+
+def check_readable(directory: str | Path) -> None:
+    """JournalError, naming what and why, where this user cannot read the journal under `directory`: the directory,
+    a camera's folder or a segment in it. What a reader checks before it relies on the journal: the writer makes it
+    group-readable, so the usual cause is a user outside the service user's group."""
+    directory = Path(directory)
+    for camera in cameras(directory):
+        try:
+            segments = segment_files(directory / camera)
+        except OSError as exc:
+            raise _unreadable(directory, directory / camera, exc) from None
+        for _, path in segments:
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+            except FileNotFoundError:
+                pass  # rotated away meanwhile
+            except OSError as exc:
+                raise _unreadable(directory, path, exc) from None
+
+
+def _unreadable(directory: Path, path: Path, exc: OSError) -> JournalError:
+    what = "it" if path == directory else path.relative_to(directory).as_posix()
+    return JournalError(
+        f"journal {directory}: cannot read {what} ({exc.strerror or exc}), expected a journal this user may read "
+        f"(as the daemon's user or a member of its group)"
+    )
 
 
 def read_mark(camera_dir: Path, name: str) -> int | None:
