@@ -49,6 +49,7 @@ EOF
 die() { echo "install.sh: $*" >&2; exit 2; }
 
 PREFIX=""
+PREFIX_GIVEN=0
 MAKE_VENV=1
 EXTRAS=""
 PYTHON=python3
@@ -58,8 +59,8 @@ USE_CONSTRAINTS=1
 GPU=""
 while [ $# -gt 0 ]; do
     case "$1" in
-        --prefix) [ $# -ge 2 ] || die "--prefix: expected a directory"; PREFIX="$2"; shift 2 ;;
-        --prefix=*) PREFIX="${1#--prefix=}"; shift ;;
+        --prefix) [ $# -ge 2 ] || die "--prefix: expected a directory"; PREFIX="$2"; PREFIX_GIVEN=1; shift 2 ;;
+        --prefix=*) PREFIX="${1#--prefix=}"; PREFIX_GIVEN=1; shift ;;
         --no-venv) MAKE_VENV=0; shift ;;
         --with-train) EXTRAS="${EXTRAS:+$EXTRAS,}train"; shift ;;
         --with-plc) EXTRAS="${EXTRAS:+$EXTRAS,}plc"; shift ;;
@@ -74,6 +75,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+# `--prefix "$DESTDIR"` with the variable unset or empty: an install onto this system is never what that meant.
+[ "$PREFIX_GIVEN" = 0 ] || [ -n "$PREFIX" ] ||
+    die "--prefix: expected a directory, got an empty string (leave --prefix out for a system install)"
 case "$GPU" in
     "") ;;
     cu12|cu13) EXTRAS="${EXTRAS:+$EXTRAS,}gpu-$GPU" ;;

@@ -638,7 +638,10 @@ def test_a_writer_held_up_by_another_past_the_wait_is_refused_in_one_line(tmp_pa
     bundle = load_bundle(path)
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(BundleError, match=r"another process has been writing into this bundle") as refused:
+        with pytest.raises(
+            BundleError,
+            match=r"another process is writing into this bundle \(build-engine, teach, calibrate\), still after 0.5 s",
+        ) as refused:
             bundle.replace_file(T.FILE_NAME, next_thresholds(bundle, 0.9))
         assert str(refused.value).startswith(f"{path.resolve()}: ") and "\n" not in str(refused.value)
     finally:

@@ -115,6 +115,12 @@ BAD_REQUESTS = [
     (b'{"cmd": "resume", "camera": "cam0", "all": true}', "resume.all: unknown field, expected camera"),
     (b'{"cmd": "set_thresholds", "thresholds": [0.5]}', "set_thresholds.thresholds: got list, expected a thresholds"),
     (b'{"cmd": "set_thresholds"}', "set_thresholds.thresholds: missing"),
+    # json keeps a key's last value: this one would run a reload.
+    (b'{"cmd": "status", "cmd": "reload"}', "request: key 'cmd' given twice in one object, expected each key once"),
+    (
+        b'{"cmd": "set_thresholds", "thresholds": {"version": 2, "image_threshold": 0.5, "version": 3}}',
+        "request: key 'version' given twice in one object, expected each key once",
+    ),
 ]
 
 

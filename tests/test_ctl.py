@@ -148,6 +148,7 @@ def test_a_thresholds_file_ctl_cannot_send_is_one_line_and_exit_2_with_nothing_s
         "deep.json": ("[" * 100000 + "]" * 100000, "deep.json: not JSON (nested too deeply), expected a thresholds"),
         "bigint.json": ('{"version": ' + "9" * 5000 + "}", "bigint.json: not JSON (an integer of 5000 digits"),
         "nan.json": ('{"version": 2, "image_threshold": NaN}', "nan.json: not JSON (NaN, expected a finite number)"),
+        "dup.json": ('{"version": 2, "version": 3}', "dup.json: key 'version' given twice in one object"),
         "big.json": (
             json.dumps({"version": 2, "pad": pad}),
             f"'set_thresholds': request of {sent} bytes, expected at most 1 MiB",
@@ -397,6 +398,102 @@ def test_status_text_shows_every_alarm_last_errors_and_auth_refusals(tmp_path):
         "focus or material?)",
         "ALARM camera cam1 false rejects rising: about 2 % of good parts, target 0.1 %",
     ]
+
+
+def test_an_unanswered_write_may_still_apply_and_an_overlong_rollback_version_is_never_sent(tmp_path):
+    """A set-thresholds or rollback the daemon took but did not answer in time may still be applied: the line says to
+    check status before sending it again (not to look for a reload). A rollback version longer than the daemon's
+    parser takes is a usage error (exit 2) and never sent, not the daemon's "request: not JSON" refusal (exit 1)."""
+    import zmq
+
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    daemon = zmq.Context.instance().socket(zmq.REP)  # takes requests and answers none: a daemon still at one
+    daemon.linger = 0
+    daemon.bind(endpoint)
+    document = tmp_path / "v2.json"
+    document.write_text('{"version": 2}')
+    try:
+        typo = ctl(endpoint, "--timeout", "3", "rollback", "1" * 22)
+        assert typo.returncode == 2, typo.stderr
+        assert typo.stderr.strip() == (
+            "inspectd ctl: rollback VERSION: an integer of 22 digits, expected an earlier thresholds version "
+            "(at most 20 digits)"
+        )
+        assert not daemon.poll(300), "a request ctl refused reached the daemon"
+        for args, cmd in ((("rollback", "1"), "rollback"), (("set-thresholds", str(document)), "set_thresholds")):
+            unanswered = ctl(endpoint, "--timeout", "1", *args)
+            said = unanswered.stderr.strip()
+            assert unanswered.returncode == 3 and "\n" not in said, said
+            assert f"no reply within 1 s to {cmd!r}, which the daemon took and may still apply" in said, said
+            assert "check `inspectd ctl status` (its thresholds version) before sending it again" in said, said
+            assert "busy with a reload" not in said, said
+        assert daemon.poll(3000) and json.loads(daemon.recv()) == {"cmd": "rollback", "version": 1}
+    finally:
+        daemon.close()
+
+
+def test_set_thresholds_while_another_writer_holds_the_bundle_is_refused_at_once_and_status_answers(tmp_path):
+    """Another writer (build-engine, teach, calibrate) holds the bundle's write lock, taken as engines.bundle.store
+    takes it: set-thresholds is refused in one line well within ctl's timeout, nothing written, and another
+    operator's status sent meanwhile answers (the control thread answers one request at a time, so a writer's 30 s
+    wait there held every client and let the write land after ctl had given up). Once the lock is free the same
+    request is applied."""
+    import time
+
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    cameras = [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 5, "width": 64, "height": 64}}]
+    s = Station(tmp_path, bundle, cameras)
+    ep = s.control_endpoint
+    v2 = tmp_path / "thresholds-v2.json"
+    v2.write_bytes(
+        thresholds_doc.dumps(thresholds_doc.next_version(load_bundle(bundle).thresholds(), image_threshold=0.9))
+    )
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+            str(bundle.resolve()),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        s.wait_ready()
+        assert holder.stdout.readline() == "held\n"
+        writer = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "ctl", "--endpoint", ep, "--timeout", "8", "set-thresholds", str(v2)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        deadline = time.monotonic() + 20
+        while not any(e.get("cmd") == "set_thresholds" for e in s.events("control_command")):
+            assert time.monotonic() < deadline and writer.poll() is None, s.log_tail()
+            time.sleep(0.05)
+        status = ctl(ep, "--timeout", "8", "status")  # queued behind the write, answered once it is refused
+        assert status.returncode == 0 and "thresholds version 1" in status.stdout, status.stderr
+        _, err = writer.communicate(timeout=30)
+        assert writer.returncode == 1, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "another process is writing into this bundle (build-engine, teach, calibrate), still after 2 s" in err
+        assert "thresholds.json not written; retry" in err, err
+        assert load_bundle(bundle).thresholds().version == 1 and not s.events("thresholds_set")
+
+        holder.stdin.close()
+        holder.wait(timeout=10)
+        applied = ctl(ep, "set-thresholds", str(v2))
+        assert applied.returncode == 0 and applied.stdout.strip() == "thresholds version 2 in use", applied.stderr
+        assert load_bundle(bundle).thresholds().version == 2
+        assert s.stop() == 0, s.log_tail()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+        s.close()
 
 
 def test_a_reload_slower_than_the_timeout_is_said_to_be_under_way_not_a_missing_daemon(tmp_path):

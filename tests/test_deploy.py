@@ -102,6 +102,22 @@ def test_install_refuses_an_unknown_argument(tmp_path):
     assert "unknown argument --frobnicate" in result.stderr
 
 
+@pytest.mark.parametrize("args", [("--prefix", ""), ("--prefix=",)])
+def test_install_refuses_an_empty_prefix_rather_than_installing_onto_this_system(args):
+    """`--prefix "$DESTDIR"` with DESTDIR unset. Run as nobody when the tests run as root: an install.sh that took the
+    empty prefix for a system install then stops at its root check instead of installing onto this machine."""
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("setpriv not installed: refusing to run install.sh without a prefix as root")
+    user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    result = subprocess.run(
+        [*user, "sh", str(INSTALL), *args, "--no-venv"], capture_output=True, text=True, timeout=60, cwd="/"
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        "install.sh: --prefix: expected a directory, got an empty string (leave --prefix out for a system install)"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "refusal"),
     [

@@ -292,7 +292,7 @@ class Bundle:
         except thresholds_doc.ThresholdsError as exc:
             raise BundleError(str(exc)) from exc
 
-    def replace_file(self, name: str, data: bytes, add: bool = False) -> None:
+    def replace_file(self, name: str, data: bytes, add: bool = False, wait_s: float | None = None) -> None:
         """Rewrite one listed file (e.g. thresholds.json after calibration) and its checksum; with `add=True` the
         file may be new and is listed (a TensorRT plan under engines/ from inspectd build-engine).
 
@@ -307,7 +307,7 @@ class Bundle:
         wrote a version, then calibrate --apply computes the next from it and the daemon, which loaded the one
         before, writes that). The whole compare-and-swap holds an exclusive lock on the bundle directory (flock), so
         a daemon and a calibrate never both pass the check and interleave their writes; a writer waits for another's
-        write up to LOCK_WAIT_S.
+        write up to `wait_s` (default LOCK_WAIT_S), then BundleError, nothing written.
 
         A kill or power cut at any point leaves a bundle that loads, with the file's old content or its new one: the
         manifest first names the new checksum as pending (PENDING), then the file is replaced, then the manifest
@@ -323,7 +323,7 @@ class Bundle:
                 f"{member}: not listed in the manifest, expected one of {', '.join(self.manifest['files'])}"
             )
         digest = hashlib.sha256(data).hexdigest()
-        with _locked(root, name) as locked:
+        with _locked(root, name, wait_s) as locked:
             if locked:
                 _sweep({root, member.parent})
             raw = _read_manifest(root / MANIFEST)
@@ -445,12 +445,13 @@ _LEFTOVER = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}(?:\.old|\.tmp)?")
 
 
 @contextlib.contextmanager
-def _locked(root: Path, name: str) -> Iterator[bool]:
+def _locked(root: Path, name: str, wait_s: float | None = None) -> Iterator[bool]:
     """Hold an exclusive flock on directory `root` (its own descriptor: a lock file would be one more file in the
-    bundle), waiting up to LOCK_WAIT_S for another writer's, and on the directory `root` names once the lock is held:
-    a swap (teach in place, train over the bundle) that took its turn first has put another there. Yields False,
-    unlocked, on a file system without locks (as before locks were taken there)."""
-    deadline = time.monotonic() + LOCK_WAIT_S
+    bundle), waiting up to `wait_s` (default LOCK_WAIT_S) for another writer's, and on the directory `root` names once
+    the lock is held: a swap (teach in place, train over the bundle) that took its turn first has put another there.
+    Yields False, unlocked, on a file system without locks (as before locks were taken there)."""
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
     while True:
         try:
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -460,7 +461,7 @@ def _locked(root: Path, name: str) -> Iterator[bool]:
                 f"may read and write: {name} not written"
             ) from exc
         try:
-            locked = _lock(fd, root, name, deadline)
+            locked = _lock(fd, root, name, deadline, wait_s)
             if locked:
                 try:
                     held, now = os.fstat(fd), os.stat(root)
@@ -477,12 +478,12 @@ def _locked(root: Path, name: str) -> Iterator[bool]:
             os.close(fd)  # releases the lock
 
 
-def _lock(fd: int, root: Path, name: str, deadline: float) -> bool:
+def _lock(fd: int, root: Path, name: str, deadline: float, wait_s: float) -> bool:
     while (locked := try_lock(fd)) is False:
         if time.monotonic() > deadline:
             raise BundleError(
-                f"{root}: another process has been writing into this bundle for {LOCK_WAIT_S:.0f} s, expected its "
-                f"write to end: {name} not written; retry"
+                f"{root}: another process is writing into this bundle (build-engine, teach, calibrate), still after "
+                f"{wait_s:g} s: {name} not written; retry"
             )
         time.sleep(0.02)
     return bool(locked)

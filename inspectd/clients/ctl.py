@@ -77,13 +77,21 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
             raise InspectdError(f"{args.file}: cannot read a thresholds document ({exc})") from None
         # The daemon's own parser: one MessageError line for what json.loads would raise anything for (deep nesting,
         # a 5000-digit integer), and NaN refused here rather than by the daemon.
-        doc = wirejson.loads(data, str(args.file), "a thresholds document")
+        doc = wirejson.loads(data, str(args.file), "a thresholds document", unique_keys=True)
         request: dict[str, Any] = {"cmd": "set_thresholds", "thresholds": doc}
         if args.force:
             request["force"] = True
         encode_request(request)  # one over the daemon's limit is this file's fault (exit 2), not a refusal
         return request
     if args.action == "rollback":
+        # The daemon's parser takes no longer integer (wirejson): refused there as a request that is not JSON, which
+        # reads as the daemon's refusal (exit 1) for what is a typo here.
+        digits = len(str(abs(args.version)))
+        if digits > wirejson.MAX_INT_DIGITS:
+            raise InspectdError(
+                f"rollback VERSION: an integer of {digits} digits, expected an earlier thresholds version "
+                f"(at most {wirejson.MAX_INT_DIGITS} digits)"
+            )
         return {"cmd": "rollback", "version": args.version}
     return {"cmd": args.action}
 

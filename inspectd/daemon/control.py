@@ -30,6 +30,12 @@ from inspectd.protocol.messages import non_finite
 log = structlog.get_logger("inspectd.control")
 
 POLL_MS = 100
+# How long a request that writes into the bundle (set_thresholds, rollback) waits for another writer's lock on it
+# (build-engine, teach, calibrate) before it is refused, nothing written. This thread answers one request at a time,
+# so the wait holds every other client too: it stays below what clients wait for a reply (ctl's --timeout of 10 s,
+# teach --apply's status probe of 5 s), where a write that outlasted them would still land after they gave up. Offline
+# writers keep engines.bundle.store.LOCK_WAIT_S.
+BUNDLE_LOCK_WAIT_S = 2.0
 
 
 def _one_line(exc: BaseException) -> str:

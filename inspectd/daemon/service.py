@@ -671,6 +671,7 @@ class Daemon:
         not checked for fit again."""
         from engines.bundle import thresholds as thresholds_doc
         from engines.bundle.store import NotDurable
+        from inspectd.daemon.control import BUNDLE_LOCK_WAIT_S
 
         try:
             new = thresholds_doc.parse(doc)
@@ -691,7 +692,9 @@ class Daemon:
             # and a restart would then fail on it. The file before the swap, so a restart keeps what the line judges.
             judged_by = state.with_thresholds(new)
             try:
-                state.bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
+                state.bundle.replace_file(
+                    thresholds_doc.FILE_NAME, thresholds_doc.dumps(new), wait_s=BUNDLE_LOCK_WAIT_S
+                )
             except NotDurable as exc:
                 # Written, and what the next load reads: judged by from now on too, or the disk and the line differ.
                 self.log.warning("thresholds_not_durable", thresholds_version=new.version, error=str(exc))

@@ -36,6 +36,8 @@ from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 
 MAX_REQUEST_BYTES = 1 << 20  # a thresholds document with history is a few kB; anything near this is not a request
+# Commands that write into the bundle: one the daemon took and left unanswered at the timeout may still be applied.
+WRITES = ("set_thresholds", "rollback")
 BUNDLE_REFUSED = "bundle_refused"  # in a refused reload's reply: the bundle itself failed, not the moment
 
 # cmd -> {field: (type, description)}; every field listed is required, any other is refused.
@@ -69,8 +71,9 @@ class Request:
 
 
 def parse_request(data: bytes) -> Request:
-    """One control request; MessageError (one line) for anything that is not exactly a known command."""
-    doc = wirejson.loads(data, "request", 'an object like {"cmd": "status"}')
+    """One control request; MessageError (one line) for anything that is not exactly a known command (a key given
+    twice too: JSON keeps the last, so {"cmd": "status", "cmd": "reload"} would run a reload)."""
+    doc = wirejson.loads(data, "request", 'an object like {"cmd": "status"}', unique_keys=True)
     if not isinstance(doc, dict):
         raise MessageError(f'request: JSON {type(doc).__name__}, expected an object like {{"cmd": "status"}}')
     cmd = doc.get("cmd")
@@ -238,6 +241,12 @@ class ControlClient:
                 f"{where}, which the daemon took: it may still be reloading (it answers nothing else until the "
                 "reload ends); `inspectd ctl status` answers once it has, and its log says how it ended (reloaded or "
                 "reload_failed: journalctl -u inspectd); another reload now would only run again after this one"
+            )
+        if cmd in WRITES:
+            return (
+                f"{where}, which the daemon took and may still apply (it answers one request at a time, one behind a "
+                "reload only once that ends): check `inspectd ctl status` (its thresholds version) before sending it "
+                "again"
             )
         return (
             f"{where}, which the daemon took: it answers one request at a time, and may be busy with a reload "

@@ -43,19 +43,43 @@ def _parse_constant(name: str) -> float:
     raise _Unusable(f"{name}, expected a finite number")
 
 
+class _DuplicateKey(ValueError):
+    """A key given twice in one object, which json.loads settles silently by keeping the last."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return doc
+
+
 _DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+_UNIQUE_DECODER = json.JSONDecoder(
+    parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant, object_pairs_hook=_unique
+)
 
 
-def loads(data: bytes | bytearray | memoryview, what: str, expected: str) -> Any:
-    """The JSON value in `data`; MessageError `"<what>: not JSON (<reason>), expected <expected>"` for anything else."""
+def loads(data: bytes | bytearray | memoryview, what: str, expected: str, unique_keys: bool = False) -> Any:
+    """The JSON value in `data`; MessageError `"<what>: not JSON (<reason>), expected <expected>"` for anything else.
+    `unique_keys`: an object that gives a key twice is refused too (a request whose second "cmd" would otherwise be
+    the one run, as the config loader refuses a key given twice)."""
     try:
         text = bytes(data).decode("utf-8")
     except UnicodeDecodeError:
         raise MessageError(f"{what}: not JSON (not UTF-8), expected {expected}") from None
     try:
-        return _DECODER.decode(text)
+        return (_UNIQUE_DECODER if unique_keys else _DECODER).decode(text)
     except json.JSONDecodeError as exc:
         reason = exc.msg
+    except _DuplicateKey as exc:
+        raise MessageError(
+            f"{what}: key {str(exc.args[0])[:40]!r} given twice in one object, expected each key once"
+        ) from None
     except _Unusable as exc:
         reason = str(exc)
     except RecursionError:
