@@ -934,9 +934,10 @@ def _calibrate(bundle, current, args, out):
         print(warning, file=out)
     if args.camera:
         provenance["camera"] = args.camera
-        # The references describe every camera's good frames, and the target and observed the global threshold that
-        # every other camera's drift false-reject warning is measured against: one camera's images replace neither.
-        # This camera's own go under per_camera_target, where drift.monitor_for looks for it first.
+        # The pooled references describe every camera's good frames, and the target and observed the global threshold
+        # that every other camera's drift false-reject warning is measured against: one camera's images replace
+        # neither. This camera's own go under per_camera_target and per_camera_reference, where drift.monitor_for
+        # looks for them first.
         for key in (thresholds_doc.GOOD_SCORES, thresholds_doc.GOOD_BRIGHTNESS, "target", "observed"):
             if key in current.provenance:
                 provenance[key] = current.provenance[key]
@@ -953,11 +954,32 @@ def _calibrate(bundle, current, args, out):
             **thresholds_doc.camera_targets(current, per_camera),
             args.camera: chosen,
         }
+        # The --good images are this camera's: its own drift references, the other cameras' carried. Too few for one,
+        # an earlier reference of this camera goes too, as it may show the view this calibration was run to leave.
+        references = thresholds_doc.carried_camera_references(current, provenance)
+        references.pop(args.camera, None)
+        references.update(
+            thresholds_doc.camera_references({args.camera: scored.good}, {args.camera: scored.good_brightness})
+        )
+        if warning := thresholds_doc.camera_reference_warning(args.camera, int(scored.good.size), "good images"):
+            print(warning, file=out)
+        if references:
+            provenance[thresholds_doc.PER_CAMERA_REFERENCE] = references
         return thresholds_doc.next_version(current, per_camera=per_camera, provenance=provenance), hold
     # The overrides carry over to the next version, and with them what each was set on.
     per_camera = {} if overrides else current.per_camera
     if carried := thresholds_doc.camera_targets(current, per_camera):
         provenance[thresholds_doc.PER_CAMERA_TARGET] = carried
+    if references := thresholds_doc.carried_camera_references(current, provenance):
+        provenance[thresholds_doc.PER_CAMERA_REFERENCE] = references
+    elif isinstance(dropped := current.provenance.get(thresholds_doc.PER_CAMERA_REFERENCE), dict) and dropped:
+        print(
+            f"note: the drift references of camera(s) {', '.join(sorted(dropped))} were set on other scores "
+            f"({_set_on(current)}, model {current.provenance.get('model_id')}) and are dropped: their drift alarms "
+            f"compare with this calibration's references until `inspectd calibrate {bundle.path} --camera ID` "
+            "records their own again",
+            file=out,
+        )
     new = thresholds_doc.next_version(
         current, image_threshold=image, pixel_threshold=pixel, per_camera=per_camera, provenance=provenance
     )

@@ -80,7 +80,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -198,8 +198,10 @@ def swap_in(
             try:
                 os.replace(incoming, keep)
             except BaseException:
-                # All or nothing: the caller's cleanup of `incoming` must not hit the old version.
-                exchange(incoming, path)
+                # All or nothing: the caller's cleanup of `incoming` must not hit the old version. Unless the move
+                # went through and a signal came after it: then the swap is whole, and `incoming` is no more.
+                if os.path.lexists(incoming):
+                    exchange(incoming, path)
                 raise
         else:
             replace_dir(path, incoming, keep)  # undoes its first rename when the second fails, for the same reason
@@ -333,6 +335,8 @@ class GoodFrames:
     # (file left out, the earlier file with its very bytes): as train leaves them out, since a held-out frame's twin
     # in the fit scores it about 0 (a stuck camera exports one frame under many ids)
     duplicates: Sequence[tuple[Path, Path]] = ()
+    # frame -> the camera that took it, where known (the archive's index): each camera's drift reference of its own
+    cameras: Mapping[Path, str] = dataclasses.field(default_factory=dict)
 
 
 def export_root(folder: Path) -> Path | None:
@@ -577,6 +581,13 @@ def archive_frames(
     with ArchiveReader(archive) as reader:
         entries = reader.query(camera=camera, verdict="ok", since=t_since, until=t_until)
         other_cameras = None if camera is None else _other_cameras(reader, camera, t_since, t_until, models)
+        # Every reject is archived, so the span's rejects by the same models are counted in the index: the ok frames
+        # alone are those the current threshold let pass, and a good part it rejected is missing from the refit.
+        rejected = {
+            cam: count
+            for cam, count in reader.counts("defect", t_since, t_until, models).items()
+            if camera is None or cam == camera
+        }
         if models is not None:
             other = {}
             # "ok" is the verdict of the model that judged the frame: after a changeover the span also holds the
@@ -595,11 +606,13 @@ def archive_frames(
         # cut), as export leaves it out: named, not fitted. A structural check, not a decode: the fit decodes each
         # frame once.
         kept: list[tuple[str, Path]] = []
+        taken_by: dict[Path, str] = {}
         unreadable: list[str] = []
         for e in sorted(entries, key=lambda e: e.export_name):
             try:
                 if reader.frame_bytes(e) is not None:
                     kept.append((e.id, reader.file(e)))
+                    taken_by[kept[-1][1]] = e.camera
             except UnreadableFrame:
                 unreadable.append(e.id)
         root = str(reader.root.resolve())
@@ -630,11 +643,23 @@ def archive_frames(
             "other_models": other,
             # None: every camera's taken; else the good frames of the same models that other cameras left out.
             "other_cameras": other_cameras,
+            # camera -> frames of the span the same models judged defect (any model's with --any-model): left out.
+            "rejected": rejected,
         },
         {"archive": root, **span},
         hint,
         duplicates,
+        {path: taken_by[path] for path in paths},
     )
+
+
+def _by_camera(cameras: Mapping[Path, str], held: list[Path]) -> dict[str, list[int]]:
+    """camera -> the indices in `held` of its frames, for the frames whose camera is known."""
+    found: dict[str, list[int]] = {}
+    for i, path in enumerate(held):
+        if (camera := cameras.get(path)) is not None:
+            found.setdefault(camera, []).append(i)
+    return found
 
 
 def _other_cameras(
@@ -679,7 +704,7 @@ def teach(
         refuse_non_finite,
         threshold_for_false_reject,
     )
-    from engines.data.images import skipped_warning
+    from engines.data.images import skipped_warnings
     from engines.training.metrics import PixelHistograms
 
     out = out or sys.stdout
@@ -687,8 +712,7 @@ def teach(
     started = time.monotonic()
     bundle_path = Path(bundle_path)
     bundle = load_bundle(bundle_path)
-    # Where the new version goes (beside the linked directory, or in BUNDLE's own folder), before minutes of work.
-    check_writable((linked_dir(bundle_path) or bundle_path).parent, "teach", "")
+    check_switch_writable(bundle_path, check_writable)
     kind, settings = scorer_settings(bundle)
     frames = good if isinstance(good, GoodFrames) else folder_frames(good, teach_lineage(bundle))
     if frames.duplicates:
@@ -699,11 +723,11 @@ def teach(
             f"{frames.source}: {len(paths)} good frame(s), expected at least {MIN_FRAMES} (some fit, some are held out)"
             + frames.hint
         )
-    images, decoded = fit_decodable(paths, bundle)
-    if len(decoded) < len(paths):
-        kept = set(decoded)
-        skipped = [path for path in paths if path not in kept]
-        print(skipped_warning(skipped), file=out)
+    images, decoded, failures = fit_decodable(paths, bundle)
+    if failures:
+        skipped = [path for path, _ in failures]
+        for line in skipped_warnings(failures):
+            print(line, file=out)
         frames = without_unreadable(frames, decoded, skipped)
         paths = frames.paths
         if len(paths) < MIN_FRAMES:
@@ -778,6 +802,7 @@ def teach(
     }
     who = by or getpass.getuser()
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    brightness = [mean_level(frame) for frame in held]
     provenance = {
         "tool": f"inspectd teach {inspectd_version()}",
         "model_id": taught_id,
@@ -787,8 +812,16 @@ def teach(
         "target": {"kind": "false_reject", "value": fr_target},
         "observed": {"false_reject_upper_95": fr.upper_bound, "exceedances": fr.exceedances},
         thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(new_scores),
-        thresholds_doc.GOOD_BRIGHTNESS: thresholds_doc.good_score_reference([mean_level(frame) for frame in held]),
+        thresholds_doc.GOOD_BRIGHTNESS: thresholds_doc.good_score_reference(brightness),
     }
+    # Cameras that see the line under other light each need a reference of their own: against the pooled one, an
+    # unchanged line raises the drift alarm.
+    by_camera = _by_camera(frames.cameras, held_paths)
+    if references := thresholds_doc.camera_references(
+        {camera: new_scores[at] for camera, at in by_camera.items()},
+        {camera: [brightness[i] for i in at] for camera, at in by_camera.items()},
+    ):
+        provenance[thresholds_doc.PER_CAMERA_REFERENCE] = references
     if current.per_camera:
         # Overrides were chosen on the old scorer's scores; against the refitted scorer's they mean nothing.
         provenance["dropped_per_camera"] = current.per_camera
@@ -827,55 +860,144 @@ def teach(
         "comparison": comparison,
         "seconds": {"features": round(t_features, 2), "fit": round(t_fit, 2)},
     }
-    taught = write_version(bundle, params, thresholds, version, record, weights)
-    seconds = time.monotonic() - started
-    warnings = [
-        split.note,
-        fr.warning(fr_target),
-        thresholds_doc.reference_warning(len(held), "out-of-fold frames" if out_of_fold else "held-out frames"),
-    ]
-    # Both count held-out frames only; the operator chooses how many to teach on.
-    if warnings[1]:
-        warnings[1] += _teach_on(fr.needed, split, "held out: ")
-    if warnings[2]:
-        warnings[2] += _teach_on(thresholds_doc.MIN_REFERENCE, split)
-    left_out = frames.record.get("other_cameras")
-    if left_out:
-        warnings.append(
-            f"WARNING: --camera {frames.record['camera']}: {sum(left_out.values())} good frame(s) of other cameras "
-            f"in the same span ({_counted(left_out, '')}) are left out of the refit, yet the one taught scorer judges "
-            "every camera: a view it was not fitted on scores higher, so those cameras may reject good parts (teach "
-            "without --camera to fit every camera's view)"
-        )
-    if current.per_camera:
-        warnings.append(
-            f"per-camera thresholds of {', '.join(sorted(current.per_camera))} were set on the old scorer's scores "
-            "and are dropped: every camera now judges with the taught thresholds (calibrate --camera to set them "
-            "again)"
-        )
-    _report(out, taught, taught.manifest["teach"], warnings, seconds)
+    try:
+        taught = write_version(bundle, params, thresholds, version, record, weights)
+        seconds = time.monotonic() - started
+        warnings = [
+            split.note,
+            fr.warning(fr_target),
+            thresholds_doc.reference_warning(len(held), "out-of-fold frames" if out_of_fold else "held-out frames"),
+        ]
+        # Both count held-out frames only; the operator chooses how many to teach on.
+        if warnings[1]:
+            warnings[1] += _teach_on(fr.needed, split, "held out: ")
+        if warnings[2]:
+            warnings[2] += _teach_on(thresholds_doc.MIN_REFERENCE, split)
+        if (warning := rejects_warning(frames)) is not None:
+            warnings.append(warning)
+        if len(by_camera) > 1:
+            what = "out-of-fold frames" if out_of_fold else "held-out frames"
+            warnings += [
+                thresholds_doc.camera_reference_warning(camera, len(at), what)
+                for camera, at in sorted(by_camera.items())
+            ]
+        left_out = frames.record.get("other_cameras")
+        if left_out:
+            warnings.append(
+                f"WARNING: --camera {frames.record['camera']}: {sum(left_out.values())} good frame(s) of other "
+                f"cameras in the same span ({_counted(left_out, '')}) are left out of the refit, yet the one taught "
+                "scorer judges every camera: a view it was not fitted on scores higher, so those cameras may reject "
+                "good parts (teach without --camera to fit every camera's view)"
+            )
+        if current.per_camera:
+            warnings.append(
+                f"per-camera thresholds of {', '.join(sorted(current.per_camera))} were set on the old scorer's scores "
+                "and are dropped: every camera now judges with the taught thresholds (calibrate --camera to set them "
+                "again)"
+            )
+        _report(out, taught, taught.manifest["teach"], warnings, seconds)
+    except BaseException:
+        # Ctrl-C, SIGTERM or an error after the switch: "interrupted" alone would hide that BUNDLE now holds the
+        # taught version, which the daemon's next start or reload opens. Read from disk, as the switch may not have
+        # happened yet, or have been undone.
+        if (note := switched_note(bundle_path, record)) is not None:
+            print(note, file=sys.stderr)
+        raise
     return taught
 
 
-def fit_decodable(paths: list[Path], bundle: Bundle) -> tuple[np.ndarray, list[Path]]:
-    """(the frames of `paths` that decode, fitted to BUNDLE's input as fit_all fits them, their paths): one that does
-    not decode (a file cut short by a copy) is left out, not the end of the teach; where none decodes, the first's
-    DataError."""
+# A WARNING from this many of the span's rejects per good frame taught on: the archive keeps every reject but only one
+# good frame in archive.good_every (200 by default), so 1 in 20 is a reject rate of 0.025 % of the parts there, and of
+# 5 % where every good frame is archived. Teach cannot tell a false reject from a true one; below this the rejects
+# are too few to move a threshold set at the top of the good frames' scores.
+REJECTS_WARNING_SHARE = 0.05
+
+
+def rejects_warning(frames: GoodFrames) -> str | None:
+    """The WARNING for an --archive teach whose span holds at least REJECTS_WARNING_SHARE rejects of the same models
+    per good frame taught on: a good part among them is missing from the refit, whose threshold and drift reference
+    then come out low; None below that, or for frames not from the archive."""
+    rejected = frames.record.get("rejected") or {}
+    n_rejected = sum(rejected.values())
+    if not n_rejected or n_rejected < REJECTS_WARNING_SHARE * len(frames.paths):
+        return None
+    cameras = f" ({_counted(rejected, '')})" if len(rejected) > 1 else ""
+    return (
+        f"WARNING: {frames.source}: the span also holds {n_rejected} frame(s) the same model(s) rejected{cameras}, "
+        f"beside the {len(frames.paths)} good frame(s) taught on (the archive keeps every reject but only one good "
+        "frame in archive.good_every: not a reject rate). Teach learns only the frames the current threshold let "
+        "pass: if good parts are among the rejects, the taught threshold and drift reference come out low and such "
+        f"parts go on being rejected. Review them: `inspectd archive export DIR {frames.source} --verdict ok --split "
+        "train`, the same with `--verdict defect --add`, move the good ones into DIR/train/good, and teach with "
+        "--good DIR"
+    )
+
+
+def check_switch_writable(bundle_path: Path, check_writable) -> None:
+    """CalibrationError (calibrate's check_writable, passed in) unless this user can make every change the switch
+    makes, before minutes of work: a link's new version is written beside the directory it points to and the link
+    is replaced in its own folder; a directory's is staged beside it, and the directory it replaces moves from
+    BUNDLE's folder into BUNDLE.versions, which a directory's own write permission must allow (its `..` changes)."""
+    target = linked_dir(bundle_path)
+    if target is not None:
+        folders = [target.parent, bundle_path.parent]
+    else:
+        versions = versions_dir(bundle_path)
+        folders = [bundle_path.parent, bundle_path, *([versions] if versions.is_dir() else [])]
+    for folder in dict.fromkeys(folders):  # a link beside its target: its folder once
+        moved = (
+            f" (the version it replaces moves from there into {versions_dir(bundle_path)})"
+            if folder == bundle_path
+            else ""
+        )
+        check_writable(folder, "teach", moved)
+
+
+def switched_note(bundle_path: Path, record: dict[str, Any]) -> str | None:
+    """The line for a teach stopped after its switch: BUNDLE holds the version of teach record `record` (by its
+    version, the model it replaced and its time), where the version it replaced is and how to put it back; None
+    where BUNDLE does not hold it."""
+    from engines.bundle.store import manifest_of
+
+    manifest = manifest_of(bundle_path) or {}
+    written = manifest.get("teach")
+    if not isinstance(written, dict) or any(
+        # `seconds` too: a teach of the same version in the same second elsewhere is not this one.
+        written.get(key) != record[key]
+        for key in ("version", "previous_model_id", "time", "seconds")
+    ):
+        return None
+    if written.get("previous_dir"):
+        previous = bundle_path.resolve().with_name(str(written["previous_dir"]))
+    else:
+        previous = versions_dir(bundle_path) / str(written.get("previous_in_versions"))
+    return (
+        f"inspectd teach: stopped after the switch: {bundle_path} holds the taught version {written['version']} "
+        f"({manifest.get('model_id')}), which the daemon's next start or reload opens; the version taught from is "
+        f"{previous}: `inspectd teach {shlex.quote(str(bundle_path))} --rollback` puts it back"
+    )
+
+
+def fit_decodable(paths: list[Path], bundle: Bundle) -> tuple[np.ndarray, list[Path], list[tuple[Path, DataError]]]:
+    """(the frames of `paths` that decode, fitted to BUNDLE's input as fit_all fits them, their paths, and (path,
+    why) for each left out): one that cannot be read or does not decode (a file cut short by a copy, another user's
+    0600 file) is left out, not the end of the teach; where none decodes, the first's DataError."""
     try:
-        return fit_all(ImageFiles(paths, bundle.bit_depth), bundle.input_shape, bundle.resize_policy), paths
+        return fit_all(ImageFiles(paths, bundle.bit_depth), bundle.input_shape, bundle.resize_policy), paths, []
     except DataError:
         pass  # one or more do not decode: each is tried once more, alone, to tell which
-    decoded, first = [], None
+    decoded, failures = [], []
     for path in paths:
         try:
             ImageFiles([path], bundle.bit_depth)[0]
         except DataError as exc:
-            first = first or exc
+            failures.append((path, exc))
             continue
         decoded.append(path)
-    if not decoded and first is not None:
-        raise first
-    return fit_all(ImageFiles(decoded, bundle.bit_depth), bundle.input_shape, bundle.resize_policy), decoded
+    if not decoded and failures:
+        raise failures[0][1]
+    fitted = fit_all(ImageFiles(decoded, bundle.bit_depth), bundle.input_shape, bundle.resize_policy)
+    return fitted, decoded, failures
 
 
 def without_unreadable(frames: GoodFrames, decoded: list[Path], skipped: list[Path]) -> GoodFrames:
@@ -1515,9 +1637,19 @@ def run(args: argparse.Namespace) -> int:
     if client is None:
         return 0
     keys = _key_flags(args.server_key, args.client_key)
-    if args.rollback:
-        return _apply(args.apply, client, done, "restored", keys=keys)
-    return _apply(args.apply, client, done, "taught", Path(args.bundle), keys)
+    try:
+        if args.rollback:
+            return _apply(args.apply, client, done, "restored", keys=keys)
+        return _apply(args.apply, client, done, "taught", Path(args.bundle), keys)
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: the CLI's SIGTERM
+        # The report said the version is in place, not whether the daemon took it.
+        print(
+            f"inspectd teach: stopped while the daemon at {args.apply} reloads: {done.path} holds version "
+            f"{bundle_version(done)} ({done.model_id}), which it may or may not run now: `inspectd ctl --endpoint "
+            f"{shlex.quote(args.apply)}{keys} status` names the model it runs",
+            file=sys.stderr,
+        )
+        raise
 
 
 PROBE_S = 5.0  # how long teach --apply waits for the daemon's status before its work

@@ -381,7 +381,7 @@ def test_a_reload_that_changes_nothing_keeps_a_raised_drift_alarm_and_a_new_thre
     """A real daemon whose line runs half again as bright as the taught frames: the alarm is up. `inspectd ctl
     reload` with the same bundle on disk (what revoking a key takes) keeps it up, in the control status and in the
     status messages' PLC drift bit, with no drift_cleared line. A reload that reads a new thresholds version starts a
-    new reference: drift_cleared with reason "new reference", the bit drops."""
+    new reference: drift_cleared with reason "new reference", the bit drops. The start logged drift_reset."""
     import os
     import shutil
     import subprocess
@@ -456,3 +456,6 @@ def test_a_reload_that_changes_nothing_keeps_a_raised_drift_alarm_and_a_new_thre
         assert station.stop() == 0, station.log_tail()
     cleared = station.events("drift_cleared")
     assert [(e["reason"], e["thresholds_version"]) for e in cleared] == [("new reference", current.version + 1)]
+    # A restart is what drops a raised alarm without a word from the window: the start says so, the reloads do not.
+    resets = station.events("drift_reset")
+    assert [(e["camera"], e["reason"], e["samples_needed"]) for e in resets] == [("cam0", "start", 100)], resets

@@ -1830,8 +1830,9 @@ def test_frames_left_out_as_undecodable_are_recorded_as_archive_teach_records_it
         paths.append(tmp_path / f"{i:06d}.png")
         cv2.imwrite(str(paths[-1]), good_frame(i))
     paths[1].write_bytes(paths[1].read_bytes()[:40])
-    images, decoded = teach.fit_decodable(paths, load_bundle(stand_in(tmp_path / "b")))
+    images, decoded, failures = teach.fit_decodable(paths, load_bundle(stand_in(tmp_path / "b")))
     assert decoded == [paths[0], paths[2], paths[3]] and images.shape == (3, 32, 32, 1)
+    assert [path for path, _ in failures] == [paths[1]]
     skipped = [paths[1]]
     archived = teach.GoodFrames(paths, "--archive A", {"ids": ["a", "b", "c", "d"], "unreadable": ["z"]}, {})
     kept = teach.without_unreadable(archived, decoded, skipped)
@@ -1859,3 +1860,209 @@ def test_a_good_folder_whose_frames_sit_a_level_down_names_them_as_train_does(tm
         f"--good {nested}: 0 good frame(s), expected at least 2 (some fit, some are held out); found 3 images in "
         "day1/: point --good at it; found 2 images in day2/: point --good at it"
     )
+
+
+def test_an_archive_teach_warns_when_the_span_holds_many_rejects_of_the_same_models(trained, good, tmp_path):
+    """`teach --archive` learns only the frames the current model let pass: where it also rejected many in the span
+    (the false rejects teach is meant for), a WARNING counts them, of the same models and camera only (the archive
+    keeps every reject), and says how to review them and teach with --good; the record keeps the count."""
+    bundle, original, images = memory_copy(trained, good, tmp_path)
+    # cam0 the even frames, cam1 the odd; rejects: 2 and 4 on cam0, 1 on cam1 by this model, 3 on cam1 by another.
+    owners = [original] * 3 + ["m-a"] + [original] * 12
+    archive = tmp_path / "archive"
+    archive_of(archive, list(zip(images, owners, strict=True)), defects=(1, 2, 3, 4), cameras=("cam0", "cam1"))
+
+    done = inspectd("teach", str(bundle), "--archive", str(archive), "--since", "1h", "--holdout", "0.25")
+    assert done.returncode == 0, done.stderr
+    frames = load_bundle(bundle).manifest["teach"]["frames"]
+    assert frames["n"] == 12 and frames["rejected"] == {"cam0": 2, "cam1": 1}, frames
+    source = f"--archive {archive} --since 1h"
+    assert (
+        f"WARNING: {source}: the span also holds 3 frame(s) the same model(s) rejected (2 of cam0, 1 of cam1), "
+        "beside the 12 good frame(s) taught on"
+    ) in done.stdout, done.stdout
+    assert (
+        f"Review them: `inspectd archive export DIR {source} --verdict ok --split train`, the same with `--verdict "
+        "defect --add`, move the good ones into DIR/train/good, and teach with --good DIR"
+    ) in done.stdout, done.stdout
+
+    # One camera: only its own rejects count.
+    done = inspectd("teach", str(bundle), "--archive", str(archive), "--since", "1h", "--camera", "cam1")
+    assert done.returncode == 0, done.stderr
+    assert load_bundle(bundle).manifest["teach"]["frames"]["rejected"] == {"cam1": 1}
+    assert "the span also holds 1 frame(s) the same model(s) rejected, beside the 6 good" in done.stdout, done.stdout
+
+
+def test_rejects_too_few_to_move_the_threshold_give_no_warning():
+    from calibration import teach
+
+    paths = [Path(f"{i:03d}.png") for i in range(40)]
+    frames = teach.GoodFrames(paths, "--archive A --since 1h", {"ids": [], "rejected": {"cam0": 1}}, {})
+    assert teach.rejects_warning(frames) is None
+    frames = teach.GoodFrames(paths, "--archive A --since 1h", {"ids": [], "rejected": {"cam0": 2}}, {})
+    assert (teach.rejects_warning(frames) or "").startswith("WARNING: --archive A --since 1h: the span also holds 2")
+    assert teach.rejects_warning(teach.GoodFrames(paths, "--good G", {"folder": "G"}, {})) is None
+
+
+def nobodys(path: Path) -> None:
+    for parent, folders, files in os.walk(path):
+        for name in [*folders, *files]:
+            os.chown(os.path.join(parent, name), 65534, 65534)
+    os.chown(path, 65534, 65534)
+
+
+def as_nobody_teach(*argv: str) -> subprocess.CompletedProcess:
+    from other_user import as_nobody
+
+    return subprocess.run(
+        as_nobody([sys.executable, "-m", "inspectd", "teach", *argv]),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, "USER": "nobody", "LOGNAME": "nobody"},
+    )
+
+
+def test_a_bundle_directory_teach_cannot_write_is_refused_in_one_line_before_any_frame_is_read(open_tmp_path):
+    """In place, the version replaced moves from BUNDLE's folder into BUNDLE.versions, which needs BUNDLE itself
+    writable: a 0555 bundle in a folder teach may write was found out only after the whole teach, as a raw errno
+    naming the staging copy. Now one line naming BUNDLE, before any frame is read, and nothing written."""
+    import cv2
+
+    from station_model import good_frame
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to give the files to nobody")
+    shared = open_tmp_path / "shared"
+    shared.mkdir()
+    bundle = stand_in(shared / "b")
+    good = shared / "good"
+    good.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    nobodys(shared)
+    bundle.chmod(0o555)
+    done = as_nobody_teach(str(bundle), "--good", str(good))
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    line = done.stderr.strip()
+    assert "\n" not in line, line
+    assert line.startswith(f"inspectd teach: {bundle}: not writable by user nobody (Permission denied)"), line
+    assert line.endswith(f"(the version it replaces moves from there into {shared / 'b.versions'})"), line
+    assert sorted(p.name for p in shared.iterdir()) == ["b", "good"]
+
+
+def test_a_frame_teach_cannot_read_is_named_with_the_reason_not_as_one_that_does_not_decode(open_tmp_path):
+    """A frame this user may not read (another user's 0600 file) is left out as one that does not decode is, but
+    its WARNING says it cannot be read and why: "do not decode" sent the operator to look at a sound image."""
+    import cv2
+
+    from station_model import good_frame
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to give the files to nobody")
+    shared = open_tmp_path / "shared"
+    shared.mkdir()
+    bundle = stand_in(shared / "b")
+    good = shared / "good"
+    good.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    (good / "004.png").write_bytes(b"not a png")
+    nobodys(shared)
+    os.chown(good / "001.png", 0, 0)
+    (good / "001.png").chmod(0o600)
+    done = as_nobody_teach(str(bundle), "--good", str(good))
+    assert done.stdout.splitlines() == [
+        f"WARNING: skipped 1 image(s) that do not decode: {good / '004.png'}",
+        f"WARNING: skipped 1 image(s) that cannot be read: {good / '001.png'} (Permission denied)",
+    ], done.stdout + done.stderr
+    # Then on to the stand-in's missing feature graph.
+    assert done.stderr.strip().splitlines()[-1].startswith(f"inspectd teach: bundle {bundle} has no features output")
+
+
+TEACH_CLI = """
+import sys
+from inspectd.cli import main
+sys.exit(main(["teach", sys.argv[1], "--good", sys.argv[2], "--holdout", "0.25"]))
+"""
+
+
+def test_a_teach_interrupted_after_its_switch_says_the_taught_version_is_in_place_and_how_to_go_back(
+    trained, good, tmp_path
+):
+    """Ctrl-C right after the switch (a real SIGINT, delivered by strace at the last rename, the move of the version
+    replaced into BUNDLE.versions) once printed only "interrupted" while BUNDLE held the taught version, which the
+    daemon's next start opens (and the swap's undo ran for a move that had gone through). Now one line says so and
+    how to go back, before the exit by the signal, and --rollback does go back."""
+    import re
+    import shutil
+
+    from calibration import teach
+    from test_bundle_writes import RENAMES, strace
+
+    bundle, original, _ = memory_copy(trained, good, tmp_path)
+    counted = tmp_path / "counted"
+    shutil.copytree(bundle, counted)
+    trace = tmp_path / "trace"
+    done = subprocess.run(
+        [strace(), "-f", "-o", str(trace), "-e", f"trace={RENAMES}", sys.executable, "-c", TEACH_CLI, str(counted)]
+        + [str(good)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = [m.group(1) for line in trace.read_text().splitlines() if (m := re.match(r"^\d+\s+(\w+)\(", line))]
+    last = calls[-1]
+    inject = f"inject={last}:signal=SIGINT:when={calls.count(last)}"
+    stopped = subprocess.run(
+        [strace(), "-f", "-o", "/dev/null", "-e", inject, sys.executable, "-c", TEACH_CLI, str(bundle), str(good)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    taught = load_bundle(bundle)
+    assert taught.manifest["bundle_version"] == 2 and taught.model_id != original
+    lines = stopped.stderr.strip().splitlines()
+    assert lines[-1].startswith("inspectd teach: interrupted"), stopped.stderr
+    assert lines[-2] == (
+        f"inspectd teach: stopped after the switch: {bundle} holds the taught version 2 ({taught.model_id}), which "
+        f"the daemon's next start or reload opens; the version taught from is {tmp_path / 'b.versions' / 'v1'}: "
+        f"`inspectd teach {bundle} --rollback` puts it back"
+    ), stopped.stderr
+    assert teach.run(args(bundle, rollback=True)) == 0
+    assert load_bundle(bundle).model_id == original
+
+
+def test_an_archive_teach_records_each_cameras_own_drift_reference(trained, good, tmp_path):
+    """Two cameras on one line, one under dimmer light: a reference pooled over both puts each camera's brightness
+    about half in the other's mode, and the drift alarm rose on the unchanged line. Taught from the archive, which
+    knows each frame's camera, each camera gets its own reference, and its drift monitor reads it."""
+    from engines.bundle import thresholds as thresholds_doc
+    from inspectd.daemon.drift import monitor_for
+
+    bundle, original, images = memory_copy(trained, good, tmp_path)
+    frames = []
+    for image in images:  # cam0 the frames as they are, cam1 the same parts at 0.7x the light
+        frames += [(image, original), ((image * 0.7).astype(np.uint8), original)]
+    archive = tmp_path / "archive"
+    archive_of(archive, frames, cameras=("cam0", "cam1"))
+
+    done = inspectd("teach", str(bundle), "--archive", str(archive), "--since", "1h", "--holdout", "0.6")
+    assert done.returncode == 0, done.stderr
+    thresholds = load_bundle(bundle).thresholds()
+    references = thresholds.provenance[thresholds_doc.PER_CAMERA_REFERENCE]
+    assert sorted(references) == ["cam0", "cam1"], done.stdout
+    own = {
+        camera: thresholds_doc.reference_scores(thresholds, thresholds_doc.GOOD_BRIGHTNESS, camera)[1]
+        for camera in ("cam0", "cam1")
+    }
+    assert np.median(own["cam1"]) < 0.8 * np.median(own["cam0"]), own
+    for camera in ("cam0", "cam1"):
+        assert np.array_equal(monitor_for(thresholds, camera).brightness.reference, own[camera])
+    pooled = thresholds_doc.reference_scores(thresholds, thresholds_doc.GOOD_BRIGHTNESS)[1]
+    assert not np.array_equal(pooled, own["cam0"]) and not np.array_equal(pooled, own["cam1"])

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,17 @@ def good_score_reference(scores) -> dict[str, Any]:
     return {"n": int(np.asarray(scores).size), "quantiles": [float(f"{v:.7g}") for v in values]}
 
 
-def reference_scores(thresholds: Thresholds, key: str = GOOD_SCORES) -> tuple[int, list[float]] | None:
+def reference_scores(
+    thresholds: Thresholds, key: str = GOOD_SCORES, camera: str | None = None
+) -> tuple[int, list[float]] | None:
     """(frames, sorted reference values) from provenance[key] (GOOD_SCORES or GOOD_BRIGHTNESS), or None when the
-    document has none (set before it was recorded) or it is malformed."""
+    document has none (set before it was recorded) or it is malformed. With `camera`, that camera's own reference
+    in provenance[PER_CAMERA_REFERENCE] where it has one, else the pooled one."""
+    if camera is not None:
+        entries = thresholds.provenance.get(PER_CAMERA_REFERENCE)
+        entry = entries.get(camera) if isinstance(entries, dict) else None
+        if isinstance(entry, dict) and (own := _reference(entry, key)) is not None:
+            return own
     return _reference(thresholds.provenance, key)
 
 
@@ -104,6 +113,15 @@ PER_CAMERA_TARGET = "per_camera_target"
 # version's thresholds were set on, so a rollback to it says both again.
 ENGINE_PRECISION = "engine_precision"
 SET_ON = (ENGINE_PRECISION, "model_id")
+# provenance["per_camera_reference"]: {camera: {"good_scores": ..., "good_brightness": ...}}, that camera's own drift
+# references from its own good frames (`calibrate --camera`, teach with frames that know their camera), which the
+# daemon's monitor for the camera reads before the pooled ones: pooled over cameras that see the line under different
+# light, a reference holds each camera's view and the others', and every camera's window then sits half off it on an
+# unchanged line. They describe the scores of the model and precision the document was set on (SET_ON), so a new
+# version carries them only where both stay (carried_camera_references): a teach (a new model) or a calibration on
+# another precision drops them, and a global recalibration of the same model keeps them, its pooled good frames
+# describing no one camera better than the camera's own did.
+PER_CAMERA_REFERENCE = "per_camera_reference"
 
 
 def camera_targets(thresholds: Thresholds, per_camera: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -129,6 +147,48 @@ def target_for(thresholds: Thresholds, camera: str) -> dict[str, Any] | None:
         return own
     target = thresholds.provenance.get("target")
     return target if isinstance(target, dict) else None
+
+
+def camera_references(scores: Mapping[str, Any], brightness: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """provenance[PER_CAMERA_REFERENCE] for good frames grouped by camera: `scores[camera]` their image scores,
+    `brightness[camera]` their mean grey levels as the model saw them (engines.runtime.preprocess.mean_level).
+    A camera with fewer than MIN_REFERENCE scores is left out: its monitor then reads the pooled references, as
+    before there were references per camera, rather than one that can never raise (camera_reference_warning)."""
+    import numpy as np
+
+    references: dict[str, dict[str, Any]] = {}
+    for camera, values in scores.items():
+        if np.asarray(values).size < MIN_REFERENCE:
+            continue
+        entry = {GOOD_SCORES: good_score_reference(values)}
+        if camera in brightness and np.asarray(brightness[camera]).size:
+            entry[GOOD_BRIGHTNESS] = good_score_reference(brightness[camera])
+        references[str(camera)] = entry
+    return references
+
+
+def carried_camera_references(current: Thresholds, provenance: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """provenance[PER_CAMERA_REFERENCE] of `current` for a next version whose `provenance` was set on the same model
+    and precision (SET_ON; no precision recorded: fp32), else none: another scorer's scores are not these."""
+    entries = current.provenance.get(PER_CAMERA_REFERENCE)
+    if not isinstance(entries, dict) or not entries:
+        return {}
+    model = current.provenance.get("model_id")
+    if not isinstance(model, str) or provenance.get("model_id") != model:
+        return {}
+    if provenance.get(ENGINE_PRECISION, "fp32") != current.provenance.get(ENGINE_PRECISION, "fp32"):
+        return {}
+    return {str(camera): copy.deepcopy(entry) for camera, entry in entries.items() if isinstance(entry, dict)}
+
+
+def camera_reference_warning(camera: str, n: int, what: str) -> str | None:
+    """The WARNING for `camera`'s n good frames too few for a reference of its own (camera_references leaves it out)."""
+    if n >= MIN_REFERENCE:
+        return None
+    return (
+        f"WARNING: {n} {what} of camera {camera} are too few for its own drift reference, which needs "
+        f">= {MIN_REFERENCE}: its drift alarm compares it with the reference pooled over every camera"
+    )
 
 
 def reference_warning(n: int, what: str) -> str | None:
@@ -291,7 +351,8 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
     score-shift check read them: left nested under rolled_back_provenance they would switch the drift alarm off, and
     thresholds set on fp16 scores would count as fp32 ones, which the fp16 engine that ran them refuses. A reference
     that version lacks (recorded before references existed) is kept from `current`: the model is the same, so its
-    good frames' scores still describe it; `references_from` says so. What it was set on is never taken from
+    good frames' scores still describe it; `references_from` says so (the cameras' own references too, where both
+    were set on the same model and precision). What it was set on is never taken from
     `current`: absent, the version was set on fp32 scores."""
     taught = _taught_at(current)
     if taught is not None and version < taught:
@@ -313,6 +374,11 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
                 elif _reference(current.provenance, key) is not None:
                     provenance[key] = copy.deepcopy(current.provenance[key])
                     provenance.setdefault("references_from", {})[key] = current.version
+            if isinstance(own := earlier.provenance.get(PER_CAMERA_REFERENCE), dict):
+                provenance[PER_CAMERA_REFERENCE] = copy.deepcopy(own)
+            elif carried := carried_camera_references(current, provenance):
+                provenance[PER_CAMERA_REFERENCE] = carried
+                provenance.setdefault("references_from", {})[PER_CAMERA_REFERENCE] = current.version
             return next_version(
                 current,
                 image_threshold=earlier.image_threshold,

@@ -42,10 +42,27 @@ from WINDOW scores is noisy (on the unchanged synthetic line it wanders between 
 warning rises only when the estimate exceeds WARNING_FACTOR x the baseline and falls when it is back below half that,
 so it does not flap.
 
-The daemon (inspectd.daemon.service) keeps one monitor per camera, builds a fresh one whenever the model or the
-thresholds change (reload, set_thresholds, rollback: a new reference; a reload that reads back the same model and
-document keeps the monitors, a raised alarm too), and reports `status()` in its status, metrics,
-log and status messages, which is where the PLC bridges take their drift and false-reject warning bits from.
+That estimate is made on the frames judged ok, so it never sees the scores above the threshold: on a normal line
+rejecting a share p of its good parts it comes to ok_window_tail(p) (0.04 at p = 0.1, 0.067 at p = 0.25, 0.093 at
+p = 0.5, and never above 0.159 however many are rejected). A baseline taken from a few reference scores, with the
+threshold at their top, can put warn_above where the window reaches it only once most good parts are rejected, or
+never (30 reference scores: warn_above 0.1 typically, up to 0.2). Like a test that cannot raise, such a warning is
+not armed: unless it would rise by the time WARNING_REJECT_RATE of good parts are rejected, the status reports
+`false_reject_warning_active: false` with `false_reject_warning_inactive_reason`, and monitor_for logs
+`false_reject_warning_inactive` (with 100 reference scores warn_above is typically 0.03; from about 60 it is armed
+more often than not).
+
+References per camera: where the document holds a camera's own (provenance["per_camera_reference"], from its own
+good frames), its monitor reads them; else the references pooled over every camera. A station whose cameras see the
+line under different light needs its own per camera: against a pooled reference each camera's window differs from
+it by about the other cameras' share of it, which raises the alarm on an unchanged line once the reference is large.
+
+The daemon (inspectd.daemon.service) keeps one monitor per camera and builds a fresh one at start (the windows are
+not kept across a restart: a raised alarm is down until MIN_SAMPLES good frames raise it again, which the daemon logs
+as `drift_reset`, reason start) and whenever the model or the thresholds change (reload, set_thresholds, rollback: a
+new reference; a reload that reads back the same model and document keeps the monitors, a raised alarm too). It
+reports `status()` in its status, metrics, log and status messages, which is where the PLC bridges take their drift
+and false-reject warning bits from.
 """
 
 from __future__ import annotations
@@ -53,6 +70,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import statistics
 from typing import Any
 
 import numpy as np
@@ -67,6 +85,9 @@ RAISE_ALPHA = 1e-6
 CLEAR_ALPHA = 1e-2
 DEFAULT_FALSE_REJECT_TARGET = 0.001
 WARNING_FACTOR = 4.0
+# The share of good parts rejected by which the false-reject warning must be able to rise to be armed: later than a
+# quarter, it tells the operator nothing the reject count has not already shouted.
+WARNING_REJECT_RATE = 0.25
 
 
 def ks_statistic(window: np.ndarray, reference: np.ndarray) -> float:
@@ -83,6 +104,28 @@ def normal_tail(scores: np.ndarray, threshold: float) -> float:
     if sd <= 0:
         return 0.0 if scores.size == 0 or float(scores.mean()) < threshold else 1.0
     return 0.5 * math.erfc((threshold - float(scores.mean())) / sd / math.sqrt(2))
+
+
+def ok_window_tail(rate: float) -> float:
+    """What normal_tail shows, in expectation, on the frames judged ok of a normal line that rejects `rate` of its good
+    parts: the normal fit to a normal distribution cut at its upper `rate` quantile (0 < rate < 1)."""
+    unit = statistics.NormalDist()
+    cut = unit.inv_cdf(1.0 - rate)
+    mills = unit.pdf(cut) / (1.0 - rate)  # the cut distribution's mean is -mills, its variance 1 - cut mills - mills^2
+    sd = math.sqrt(max(1.0 - cut * mills - mills * mills, 1e-300))
+    return 0.5 * math.erfc((cut + mills) / sd / math.sqrt(2))
+
+
+def rate_to_warn(warn_above: float) -> float | None:
+    """The share of good parts a normal line must reject before its ok frames' estimate reaches `warn_above`; None if
+    it never does (the estimate stays below 0.159 whatever the share)."""
+    low, high = 1e-12, 1.0 - 1e-12
+    if ok_window_tail(high) <= warn_above:
+        return None
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if ok_window_tail(middle) < warn_above else (low, middle)
+    return high
 
 
 def ks_critical(alpha: float, n: int, m: int) -> float:
@@ -189,10 +232,24 @@ class DriftMonitor:
         self.threshold = threshold
         self.target = target
         self.warn_above = WARNING_FACTOR * max(target, normal_tail(self.score.reference, threshold))
+        self.warning_inactive = self._warning_inactive()
         self.min_samples = min(min_samples, window)
         self.check_every = check_every
         self.since_check = 0
         self.state = DriftState(brightness_active=self.brightness.active)
+
+    def _warning_inactive(self) -> str | None:
+        if not self.score.active:
+            return "the score test is inactive (inactive_reason), and the warning reads its window"
+        rate = rate_to_warn(self.warn_above)
+        if rate is not None and rate <= WARNING_REJECT_RATE:
+            return None
+        when = "would never rise" if rate is None else f"would rise only once {rate:.0%} of good parts are rejected"
+        return (
+            f"warn_above {self.warn_above:.3g} (from the normal tail of {self.score.m} reference scores at the "
+            f"threshold {self.threshold:.6g}, or the target) is out of reach of the ok frames' estimate: it "
+            f"{when}, expected by {WARNING_REJECT_RATE:.0%}: calibrate or teach on more good frames"
+        )
 
     def add(self, score: float, brightness: float | None = None) -> str | None:
         if not self.running or not math.isfinite(score):
@@ -217,10 +274,12 @@ class DriftMonitor:
             state.statistic, state.raise_at = self.score.statistic, self.score.raise_at
             state.score_alarm = self.score.alarm
             state.false_reject_estimate = normal_tail(window, self.threshold)
-            if state.false_reject_estimate > self.warn_above:
-                state.false_reject_warning = True
-            elif state.false_reject_estimate < self.warn_above / 2:
-                state.false_reject_warning = False
+            # Not armed, the estimate is still shown, but no warning that could only come far too late.
+            if self.warning_inactive is None:
+                if state.false_reject_estimate > self.warn_above:
+                    state.false_reject_warning = True
+                elif state.false_reject_estimate < self.warn_above / 2:
+                    state.false_reject_warning = False
         if self.brightness.active and len(self.brightness.values) >= self.min_samples:
             self.brightness.check(self.brightness.window())
             state.brightness_statistic = self.brightness.statistic
@@ -242,12 +301,15 @@ class DriftMonitor:
             "samples": self._samples(),
             "target": self.target,
             "warn_above": round(self.warn_above, 6),
+            "false_reject_warning_active": self.warning_inactive is None,
+            "false_reject_warning_inactive_reason": self.warning_inactive,
         }
 
 
 def monitor_for(thresholds, camera: str) -> DriftMonitor:
-    """The monitor for `camera` under `thresholds` (an engines.bundle.thresholds.Thresholds). A test that cannot run
-    on them is logged here, where every new model or thresholds version gets its monitors, as well as shown in
+    """The monitor for `camera` under `thresholds` (an engines.bundle.thresholds.Thresholds), on the camera's own
+    references where the document holds them, else the pooled ones. A test or warning that cannot run on them is
+    logged here, where every new model or thresholds version gets its monitors, as well as shown in
     the status: an alarm switched off must not go unnoticed."""
     from engines.bundle.thresholds import GOOD_BRIGHTNESS, reference_scores, target_for
 
@@ -258,14 +320,21 @@ def monitor_for(thresholds, camera: str) -> DriftMonitor:
     if isinstance(target, dict) and target.get("kind") == "false_reject" and isinstance(target.get("value"), float):
         rate = target["value"]
     monitor = DriftMonitor(
-        reference_scores(thresholds),
+        reference_scores(thresholds, camera=camera),
         thresholds.for_camera(camera)[0],
         rate,
-        brightness_reference=reference_scores(thresholds, GOOD_BRIGHTNESS),
+        brightness_reference=reference_scores(thresholds, GOOD_BRIGHTNESS, camera),
     )
     if not monitor.active:
         log.warning(
             "drift_inactive", camera=camera, thresholds_version=thresholds.version, reason=monitor.score.inactive
+        )
+    elif monitor.warning_inactive is not None:  # with the score test off, drift_inactive has said it
+        log.warning(
+            "false_reject_warning_inactive",
+            camera=camera,
+            thresholds_version=thresholds.version,
+            reason=monitor.warning_inactive,
         )
     if not monitor.brightness.active:
         log.info(

@@ -105,6 +105,18 @@ class Daemon:
         self._drift_lock = threading.Lock()
         for cam in config.cameras:
             self._reset_drift(cam.id, state)
+            monitor = self._drift[cam.id][1]
+            if monitor.running:
+                # The windows are not kept across a restart: an alarm raised before it is down until the window
+                # refills and raises it again, which must not pass without a word.
+                self.log.info(
+                    "drift_reset",
+                    camera=cam.id,
+                    reason="start",
+                    model_id=state.model_id,
+                    thresholds_version=state.thresholds_version,
+                    samples_needed=monitor.min_samples,
+                )
         state.warm_up()  # READY=1 then means the engine is warm
         self.log.info(
             "model_loaded",
