@@ -10,12 +10,28 @@ from pathlib import Path
 
 from engines.durable import fsync_dir, replace_file, sha256_file, try_lock, write_file
 
-__all__ = ["DIR_MODE", "FILE_MODE", "fsync_dir", "hold_lock", "replace_file", "sha256_file", "write_file"]
+__all__ = ["DIR_MODE", "FILE_MODE", "fsync_dir", "hold_lock", "make_dirs", "replace_file", "sha256_file", "write_file"]
 
 # What the daemon's stores (the archive, the journal) are created with, set whatever the umask: the units' UMask=0077
 # would leave them the service user's alone, and the operators who read them are members of its group.
 DIR_MODE = 0o750
 FILE_MODE = 0o640
+
+
+def make_dirs(path: Path, mode: int = DIR_MODE) -> None:
+    """Directory `path` and each missing one above it, each created with `mode` whatever the umask (a folder above
+    a store left 0700 would keep the group out of everything under it)."""
+    if path.is_dir():
+        return
+    if path.parent != path:
+        make_dirs(path.parent, mode)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    os.chmod(path, mode)
 
 
 def hold_lock(path: Path) -> int | None:

@@ -24,10 +24,10 @@ COUNT = 60
 ROOT = os.geteuid() == 0
 
 
-def result(seq: int) -> list[bytes]:
+def result(seq: int, camera: str = "cam0") -> list[bytes]:
     return encode_result(
         station="s1",
-        camera="cam0",
+        camera=camera,
         seq=seq,
         frame_id=f"f{seq}",
         t_capture=1.0,
@@ -121,3 +121,40 @@ def test_a_journal_this_user_may_not_read_is_one_line_and_exit_2(open_tmp_path, 
         f"inspectd subscribe: journal {directory}: cannot read {what} (Permission denied), expected a journal this "
         f"user may read (as the daemon's user or a member of its group)"
     ]
+
+
+def test_a_folder_above_the_journal_this_user_may_not_enter_is_one_line_and_exit_2(open_tmp_path):
+    """A user outside the daemon's group stops at /var/lib/inspectd (0750), above the journal: Path.is_dir() raised
+    PermissionError there, a traceback."""
+    directory = open_tmp_path / "state" / "journal"
+    write_journal(directory)
+    (open_tmp_path / "state").chmod(0o700 if ROOT else 0)
+    proc = subscribe(directory, "--since", "-1", group=os.getegid())
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert proc.stderr.splitlines() == [
+        f"inspectd subscribe: journal {directory}: cannot read it (Permission denied), expected a journal this "
+        f"user may read (as the daemon's user or a member of its group)"
+    ]
+
+
+def test_folders_the_writer_makes_above_the_journal_let_the_group_in(open_tmp_path):
+    directory = open_tmp_path / "results" / "day" / "journal"
+    write_journal(directory)
+    assert stat.S_IMODE((open_tmp_path / "results").stat().st_mode) == 0o750
+    assert stat.S_IMODE((open_tmp_path / "results" / "day").stat().st_mode) == 0o750
+    proc = subscribe(directory, "--since", "-1", "--count", str(COUNT), group=os.getegid())
+    assert replayed(proc) == list(range(COUNT))
+
+
+def test_another_cameras_folder_this_user_may_not_read_does_not_refuse_a_subscriber_of_one_camera(open_tmp_path):
+    directory = open_tmp_path / "journal"
+    write_journal(directory)
+    journal = Journal(directory, max_bytes=1 << 20)
+    for seq in range(3):
+        journal.mark_accepted("cam1", seq)
+        journal.append("cam1", seq, result(seq, "cam1"))
+    journal.close()
+    (directory / "cam1").chmod(0o700 if ROOT else 0)
+    proc = subscribe(directory, "--since", "-1", "--count", str(COUNT), "--camera", "cam0", group=os.getegid())
+    assert replayed(proc) == list(range(COUNT))
+    assert subscribe(directory, "--since", "-1", group=os.getegid()).returncode == 2

@@ -46,7 +46,7 @@ from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.control import connect_error
 from inspectd.protocol.endpoints import take_endpoint
-from inspectd.protocol.journal import CAMERA_RE
+from inspectd.protocol.journal import CAMERA_RE, check_readable
 from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
 from inspectd.protocol.messages import Result, decode, subscriptions
 
@@ -138,8 +138,11 @@ def run(args: argparse.Namespace) -> int:
         topic_camera(args.topic)
         config = protocol.configure(args)
         _check_cameras(config, args.topic)
-        if args.journal is not None and not args.journal.is_dir():
-            raise ConfigError(f"--journal {args.journal}: expected the daemon's journal directory")
+        if args.journal is not None:
+            try:
+                check_readable(args.journal)
+            except InspectdError as exc:
+                raise ConfigError(str(exc)) from None
         acked = AckedState(None if args.state_dir is None else Path(args.state_dir))
         curve = curve_from_flags(args.server_key, args.client_key)
         _check_endpoint(args.endpoint)

@@ -1033,15 +1033,12 @@ def run(args: argparse.Namespace) -> int:
     if args.since is not None and args.since < -1:
         print("inspectd subscribe: --since: expected a seq >= -1 (-1: everything the journal holds)", file=sys.stderr)
         return 2
-    if args.journal is not None and not args.journal.is_dir():
-        print(f"inspectd subscribe: --journal {args.journal}: expected the daemon's journal directory", file=sys.stderr)
-        return 2
     if args.journal is not None:
         from inspectd.protocol import journal
 
         try:
             # Up front: otherwise every hole would only be reported as unfillable, one gap line at a time.
-            journal.check_readable(args.journal)
+            journal.check_readable(args.journal, args.camera)
         except InspectdError as exc:
             print(f"inspectd subscribe: {exc}", file=sys.stderr)
             return 2

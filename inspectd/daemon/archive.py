@@ -59,7 +59,7 @@ import numpy as np
 import structlog
 
 from inspectd.daemon.inference import Judged
-from inspectd.durable import DIR_MODE, FILE_MODE, fsync_dir
+from inspectd.durable import DIR_MODE, FILE_MODE, fsync_dir, make_dirs
 from inspectd.protocol import archive as fmt
 from inspectd.protocol.journal import CAMERA_RE
 
@@ -258,7 +258,7 @@ class Archive:
         """The index, open for writing. On a disk too full to open it (SQLite writes its -shm and WAL), the oldest
         entries' files go first, enough for `needed` bytes and OPEN_ROOM_BYTES, then their rows."""
         if self._db is None:
-            self.root.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root.parent)
             self._mkdirs(self.root)
             index = self.root / fmt.INDEX_NAME
             if not index.exists():

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import structlog
 
-from inspectd.durable import DIR_MODE, FILE_MODE, fsync_dir, replace_file
+from inspectd.durable import DIR_MODE, FILE_MODE, fsync_dir, make_dirs, replace_file
 from inspectd.protocol.journal import (
     ACCEPTED,
     ACCEPTED_MARK,
@@ -201,8 +201,7 @@ class Journal:
             if self.directory.is_dir():
                 _group_readable(self.directory, self.directory.stat().st_mode)
             else:
-                self.directory.parent.mkdir(parents=True, exist_ok=True)
-                _mkdir(self.directory)
+                make_dirs(self.directory)
             mark = self.directory / CLEAN_MARK
             self.unclean = not mark.exists() and bool(cameras(self.directory))
             if mark.exists():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -218,12 +219,23 @@ def cameras(directory: str | Path) -> list[str]:
         raise _unreadable(Path(directory), Path(directory), exc) from exc
 
 
-def check_readable(directory: str | Path) -> None:
-    """JournalError, naming what and why, where this user cannot read the journal under `directory`: the directory,
-    a camera's folder or a segment in it. What a reader checks before it relies on the journal: the writer makes it
-    group-readable, so the usual cause is a user outside the service user's group."""
+def check_readable(directory: str | Path, only: list[str] | None = None) -> None:
+    """JournalError, naming what and why, where `directory` is not a journal directory this user can read: the
+    directory (or a folder above it), a camera's folder or a segment in it, of the cameras `only` (default every
+    camera). What a reader checks before it relies on the journal: the writer makes it group-readable, so the usual
+    cause is a user outside the service user's group."""
     directory = Path(directory)
+    try:
+        is_dir = stat.S_ISDIR(os.stat(directory).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir = False
+    except OSError as exc:  # a folder above it this user may not enter: is_dir() would raise, or say False
+        raise _unreadable(directory, directory, exc) from None
+    if not is_dir:
+        raise JournalError(f"journal {directory}: not a directory, expected the daemon's journal directory")
     for camera in cameras(directory):
+        if only is not None and camera not in only:
+            continue
         try:
             segments = segment_files(directory / camera)
         except OSError as exc:
