@@ -17,11 +17,10 @@ from structlog.testing import capture_logs
 
 from engines.data.synthline import SyntheticLine
 from inspectd.clients.ctl import _status as status_text
-from inspectd.daemon.config import parse_config
-from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.supervisor import CameraIngest, make_source
 from inspectd.daemon.metrics import Metrics
+from test_ingest import camera, drain, start, wait_for
 from test_metrics_endpoint import scrape
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,28 +39,6 @@ def _run_hooks(event: str, args: tuple) -> None:
 sys.addaudithook(_run_hooks)
 
 
-def camera(source: dict, **extra):
-    return parse_config(
-        {"station": "s", "model": {"bundle": "b"}, "cameras": [{"id": "cam0", "source": source, **extra}]}
-    ).cameras[0]
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-def drain(queue: FrameQueue) -> list[Frame]:
-    frames = []
-    while (frame := queue.get_nowait()) is not None:
-        frames.append(frame)
-    return frames
-
-
 class OneCamera:
     """The daemon's side of a metrics scrape, for one camera's ingest."""
 
@@ -70,13 +47,6 @@ class OneCamera:
 
     def status(self) -> dict:
         return {"cameras": {"cam0": self.ingest.stats()}}
-
-
-def start(ingest_threads, cam, queue) -> CameraIngest:
-    ingest = CameraIngest(cam, queue, backoff_s=(0.05, 0.2))
-    ingest_threads.append(ingest)
-    ingest.start()
-    return ingest
 
 
 def _path(args: tuple) -> str | None:

@@ -14,34 +14,14 @@ from pathlib import Path
 import pytest
 
 from inspectd.daemon.journal import Journal
-from inspectd.protocol.messages import encode_result
 from other_user import as_nobody
 from ports import free_port
+from test_journal import result
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
 COUNT = 60
 ROOT = os.geteuid() == 0
-
-
-def result(seq: int, camera: str = "cam0") -> list[bytes]:
-    return encode_result(
-        station="s1",
-        camera=camera,
-        seq=seq,
-        frame_id=f"f{seq}",
-        t_capture=1.0,
-        t_publish=2.0,
-        verdict="ok",
-        score=0.1,
-        threshold=0.5,
-        model_id="m",
-        thresholds_version=1,
-        regions=[],
-        latency_ms=1.0,
-        width=4,
-        height=4,
-    )
 
 
 def write_journal(directory: Path, first: int = 0, count: int = COUNT) -> None:
@@ -52,7 +32,7 @@ def write_journal(directory: Path, first: int = 0, count: int = COUNT) -> None:
         journal = Journal(directory, max_bytes=1 << 20, segment_bytes=2 << 10)
         for seq in range(first, first + count):
             journal.mark_accepted("cam0", seq)
-            journal.append("cam0", seq, result(seq))
+            journal.append("cam0", seq, result("cam0", seq))
         journal.close()
     finally:
         os.umask(umask)
@@ -152,7 +132,7 @@ def test_another_cameras_folder_this_user_may_not_read_does_not_refuse_a_subscri
     journal = Journal(directory, max_bytes=1 << 20)
     for seq in range(3):
         journal.mark_accepted("cam1", seq)
-        journal.append("cam1", seq, result(seq, "cam1"))
+        journal.append("cam1", seq, result("cam1", seq))
     journal.close()
     (directory / "cam1").chmod(0o700 if ROOT else 0)
     proc = subscribe(directory, "--since", "-1", "--count", str(COUNT), "--camera", "cam0", group=os.getegid())
