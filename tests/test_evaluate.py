@@ -288,6 +288,16 @@ def _copy(tiny_data: Path, tmp_path: Path) -> Path:
     return data
 
 
+def _open_copies(tiny_data: Path, tiny_bundle: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the data and the bundle that another user may enter (copytree keeps pytest's 0700 on folders)."""
+    data = _copy(tiny_data, tmp_path)
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    for copied in (data, bundle):
+        for folder, _, _ in os.walk(copied):
+            os.chmod(folder, 0o755)
+    return data, bundle
+
+
 def _eval_json(bundle: Path, data: Path) -> tuple[dict, subprocess.CompletedProcess]:
     proc = _eval(str(bundle), "--data", str(data), "--json", "--batch", "4")
     assert proc.returncode == 0, proc.stderr
@@ -437,11 +447,7 @@ def test_a_mask_this_user_may_not_read_leaves_its_image_out_saying_why(tiny_data
     nobody when this is root (root reads everything)."""
     from other_user import as_nobody
 
-    data = _copy(tiny_data, open_tmp_path)
-    bundle = Path(shutil.copytree(tiny_bundle, open_tmp_path / "bundle"))
-    for copied in (data, bundle):  # copytree keeps pytest's 0700 on the folders
-        for folder, _, _ in os.walk(copied):
-            os.chmod(folder, 0o755)
+    data, bundle = _open_copies(tiny_data, tiny_bundle, open_tmp_path)
     private = sorted((data / "ground_truth" / "crack").iterdir())[0]
     private.chmod(0o600 if os.geteuid() == 0 else 0o000)
     argv = ["eval", str(bundle), "--data", str(data), "--json", "--batch", "4"]
@@ -469,11 +475,7 @@ def test_an_image_this_user_may_not_read_is_left_out_saying_why_not_that_it_does
     reads everything)."""
     from other_user import as_nobody
 
-    data = _copy(tiny_data, open_tmp_path)
-    bundle = Path(shutil.copytree(tiny_bundle, open_tmp_path / "bundle"))
-    for copied in (data, bundle):  # copytree keeps pytest's 0700 on the folders
-        for folder, _, _ in os.walk(copied):
-            os.chmod(folder, 0o755)
+    data, bundle = _open_copies(tiny_data, tiny_bundle, open_tmp_path)
     private = sorted((data / "test" / "crack").iterdir())[0]
     broken = data / "test" / "good" / "broken.png"
     broken.write_bytes(b"not an image")
