@@ -67,6 +67,7 @@ prints the command that puts it back.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import dataclasses
 import datetime
@@ -78,6 +79,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -126,6 +128,7 @@ from inspectd.protocol.archive import (
     EXPORT_SPLITS,
     MANIFEST_NAME,
     ArchiveReader,
+    Entry,
     UnreadableFrame,
     parse_time,
 )
@@ -357,6 +360,7 @@ class Exported(NamedTuple):
     model_id: str | None  # the model that judged it
     t_capture: float | None
     run: str | None  # the export run that wrote it (None: a row from before runs were recorded)
+    camera: str | None  # the camera that took it
 
 
 def exported_rows(root: Path) -> dict[str, Exported]:
@@ -371,11 +375,12 @@ def exported_rows(root: Path) -> dict[str, Exported]:
             for line in manifest:
                 try:
                     row = json.loads(line)
-                    model, run = row.get("model_id"), row.get(EXPORT_RUN)
+                    model, run, camera = row.get("model_id"), row.get(EXPORT_RUN), row.get("camera")
                     rows[f"{row['id']}.png"] = Exported(
                         model if isinstance(model, str) else None,
                         _capture_time(row),
                         run if isinstance(run, str) else None,
+                        camera if isinstance(camera, str) else None,
                     )
                 except (ValueError, TypeError, KeyError, AttributeError):
                     continue
@@ -506,6 +511,8 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
         {"good_dir": resolved, "since": span["since"], "until": span["until"]},
         hint,
         duplicates,
+        # As an --archive teach of the span records them: each camera's drift reference of its own.
+        {path: camera for path in paths if path.name in rows and (camera := rows[path.name].camera) is not None},
     )
 
 
@@ -588,6 +595,11 @@ def archive_frames(
             for cam, count in reader.counts("defect", t_since, t_until, models).items()
             if camera is None or cam == camera
         }
+        rejects = reader.query(camera=camera, verdict="defect", since=t_since, until=t_until)
+        near_above = good_spread([e for e in entries if models is None or e.model_id in models])
+        rejected_near = near_rejects(
+            [e for e in rejects if models is None or e.model_id in models], near_above, rejected
+        )
         if models is not None:
             other = {}
             # "ok" is the verdict of the model that judged the frame: after a changeover the span also holds the
@@ -645,12 +657,37 @@ def archive_frames(
             "other_cameras": other_cameras,
             # camera -> frames of the span the same models judged defect (any model's with --any-model): left out.
             "rejected": rejected,
+            # camera -> those of them scored below their threshold plus near_above (the good frames' own spread
+            # above their median): the rejects that could be good parts.
+            "rejected_near": rejected_near,
+            "near_above": near_above,
         },
         {"archive": root, **span},
         hint,
         duplicates,
         {path: taken_by[path] for path in paths},
     )
+
+
+def good_spread(entries: list[Entry]) -> float | None:
+    """How far the highest of the good frames' scores `entries` lies above their median (None: none is scored): how
+    far above its threshold a good part rejected by the same scorer may still score."""
+    scores = [e.score for e in entries if e.score is not None]
+    return float(max(scores) - np.median(scores)) if scores else None
+
+
+def near_rejects(rejects: list[Entry], near_above: float | None, rejected: dict[str, int]) -> dict[str, int]:
+    """camera -> how many of `rejects` scored below their own threshold plus `near_above`: a good part the threshold
+    rejected scores just above it, within the good frames' own spread, where a true defect mostly scores far above.
+    A reject without a score or threshold is not counted; with no spread known (no good frame scored), every reject
+    counts (`rejected`), as nothing tells a near one from a far one."""
+    if near_above is None:
+        return dict(rejected)
+    near: dict[str, int] = {}
+    for e in rejects:
+        if e.score is not None and e.threshold is not None and e.score < e.threshold + near_above:
+            near[e.camera] = near.get(e.camera, 0) + 1
+    return near
 
 
 def _by_camera(cameras: Mapping[Path, str], held: list[Path]) -> dict[str, list[int]]:
@@ -906,30 +943,40 @@ def teach(
     return taught
 
 
-# A WARNING from this many of the span's rejects per good frame taught on: the archive keeps every reject but only one
-# good frame in archive.good_every (200 by default), so 1 in 20 is a reject rate of 0.025 % of the parts there, and of
-# 5 % where every good frame is archived. Teach cannot tell a false reject from a true one; below this the rejects
-# are too few to move a threshold set at the top of the good frames' scores.
+# A WARNING from this many of the span's near rejects (near_rejects: those that could be good parts) per good frame
+# taught on: the archive keeps every reject but only one good frame in archive.good_every (200 by default), so 1 in 20
+# is a rate of 0.025 % of the parts there, which true defects alone pass on any line; counting only the rejects within
+# the good frames' own spread above the threshold leaves out the true defects that score far above it. Below this
+# the near rejects are too few to move a threshold set at the top of the good frames' scores.
 REJECTS_WARNING_SHARE = 0.05
 
 
 def rejects_warning(frames: GoodFrames) -> str | None:
-    """The WARNING for an --archive teach whose span holds at least REJECTS_WARNING_SHARE rejects of the same models
-    per good frame taught on: a good part among them is missing from the refit, whose threshold and drift reference
-    then come out low; None below that, or for frames not from the archive."""
+    """The WARNING for an --archive teach whose span holds at least REJECTS_WARNING_SHARE near rejects of the same
+    models per good frame taught on: a good part among them is missing from the refit, whose threshold and drift
+    reference then come out low; None below that, or for frames not from the archive."""
     rejected = frames.record.get("rejected") or {}
-    n_rejected = sum(rejected.values())
-    if not n_rejected or n_rejected < REJECTS_WARNING_SHARE * len(frames.paths):
+    near = frames.record.get("rejected_near")
+    near = rejected if near is None else near  # not told apart: every reject counts
+    n_near = sum(near.values())
+    if not n_near or n_near < REJECTS_WARNING_SHARE * len(frames.paths):
         return None
-    cameras = f" ({_counted(rejected, '')})" if len(rejected) > 1 else ""
+    cameras = f" ({_counted(near, '')})" if len(near) > 1 else ""
+    spread = frames.record.get("near_above")
+    rule = (
+        f" that scored less than {spread:.4g} above their threshold (the good frames' own spread: their highest score "
+        f"minus their median; {sum(rejected.values())} rejected in all)"
+        if spread is not None
+        else ""  # no good frame's score known: every reject counts
+    )
     return (
-        f"WARNING: {frames.source}: the span also holds {n_rejected} frame(s) the same model(s) rejected{cameras}, "
+        f"WARNING: {frames.source}: the span also holds {n_near} frame(s) the same model(s) rejected{cameras}{rule}, "
         f"beside the {len(frames.paths)} good frame(s) taught on (the archive keeps every reject but only one good "
         "frame in archive.good_every: not a reject rate). Teach learns only the frames the current threshold let "
         "pass: if good parts are among the rejects, the taught threshold and drift reference come out low and such "
-        f"parts go on being rejected. Review them: `inspectd archive export DIR {frames.source} --verdict ok --split "
-        "train`, the same with `--verdict defect --add`, move the good ones into DIR/train/good, and teach with "
-        "--good DIR"
+        "parts go on being rejected. Review them: "
+        f"`inspectd archive export DIR {frames.source} --verdict ok --split train`, the same with `--verdict defect "
+        "--add`, move the good ones into DIR/train/good, and teach with --good DIR"
     )
 
 
@@ -1634,6 +1681,8 @@ def run(args: argparse.Namespace) -> int:
         if client is not None:
             client.close()
         return 2
+    atexit.unregister(_ignore_stop_signals)  # once, however often run is called (in tests)
+    atexit.register(_ignore_stop_signals)
     if client is None:
         return 0
     keys = _key_flags(args.server_key, args.client_key)
@@ -1650,6 +1699,15 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         raise
+
+
+def _ignore_stop_signals() -> None:
+    """At exit, once the work is done and reported: Python puts back the default action of the signals it handled
+    before it unloads its modules, which takes a while, so a Ctrl-C or SIGTERM then would end the process by the
+    signal, with no line, while BUNDLE holds the version the report names, and a script's `teach ... && reload` would
+    not reload. Ignored, they leave the exit status the command set."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 PROBE_S = 5.0  # how long teach --apply waits for the daemon's status before its work
