@@ -2017,6 +2017,7 @@ def test_a_frame_teach_cannot_read_is_named_with_the_reason_not_as_one_that_does
 # to BUNDLE): os.kill to itself, so the interrupt lands there every time, whatever else renames before it.
 TEACH_STOPPED_AT_SWITCH = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a test run in the background ignores it
 from calibration import teach
 from inspectd.cli import main
 
@@ -2041,6 +2042,7 @@ sys.exit(main(["teach", sys.argv[1], "--good", sys.argv[2], "--holdout", "0.25"]
 # action of the signals it handled: from an object's finaliser, which runs then.
 TEACH_STOPPED_AT_EXIT = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a test run in the background ignores it
 from inspectd.cli import main
 
 class Late:
