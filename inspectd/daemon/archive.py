@@ -60,8 +60,10 @@ import structlog
 
 from inspectd.daemon.inference import Judged
 from inspectd.durable import DIR_MODE, FILE_MODE, fsync_dir, make_dirs
+from inspectd.errors import one_line
 from inspectd.protocol import archive as fmt
 from inspectd.protocol.journal import CAMERA_RE
+from inspectd.protocol.messages import printable
 
 log = structlog.get_logger("inspectd.daemon.archive")
 
@@ -242,7 +244,18 @@ class Archive:
                     if live:
                         self._write_live(judged)
                     if entry_id is not None:
-                        self._write_entry(judged, entry_id, t_named)
+                        try:
+                            self._write_entry(judged, entry_id, t_named)
+                        except Exception as exc:  # noqa: BLE001 - one odd entry must not end the writer for all
+                            self.lost += 1
+                            log.error(
+                                "archive_entry_failed",
+                                camera=judged.frame.camera,
+                                seq=judged.frame.seq,
+                                frame_id=printable(judged.frame.frame_id[:80]),
+                                error=one_line(exc),
+                                effect="this frame is not archived",
+                            )
                 self._check_age(time.monotonic())
         finally:
             if self._db is not None:

@@ -26,7 +26,7 @@ from engines.schema import Flag, Number, Text, declared, refuse
 from inspectd.configfile import ConfigPath
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode, max_frame_bytes
-from inspectd.daemon.ingest.source import Source, SourceFatal
+from inspectd.daemon.ingest.source import Source, SourceFatal, frame_id_of
 from inspectd.errors import one_line
 from inspectd.protocol.messages import printable
 
@@ -267,7 +267,7 @@ class FolderWatcher(Source):
                 return None
         mtime_ns, name = self.pending.pop()
         path = self.spec.path / name
-        shown = printable(_frame_id(name))
+        shown = printable(frame_id_of(name))
         size, _, since, _ = self.seen[name]
         if size > self.max_bytes:  # not read at all: a stray video or archive in the inbox would fill the memory
             expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
@@ -333,7 +333,7 @@ class FolderWatcher(Source):
         log.warning(
             "folder_file_replaced_unread",
             camera=self.camera.id,
-            file=printable(_frame_id(lost[0])),
+            file=printable(frame_id_of(lost[0])),
             replaced_unread=self.replaced_unread,
             effect="the part saved under this name was replaced by the next before it held still over a poll, and "
             "was never inspected; counted in the camera's status as replaced_unread, logged again after "
@@ -352,7 +352,7 @@ class FolderWatcher(Source):
         tries it again."""
         name = path.name
         self.done[name] = (self.seen[name][0], mtime_ns)
-        frame = self.frame(_frame_id(name), mtime_ns / 1e9, image, error)
+        frame = self.frame(frame_id_of(name), mtime_ns / 1e9, image, error)
         if dispose and (self.spec.delete_after or self.spec.done_dir is not None):
             # Only once the result is journalled and published: a crash before that leaves the file in the folder,
             # to be inspected again at the next start, instead of gone without a result.
@@ -405,7 +405,7 @@ class FolderWatcher(Source):
                     log.error(
                         "folder_dispose_failed",
                         camera=self.camera.id,
-                        file=printable(_frame_id(path.name)),
+                        file=printable(frame_id_of(path.name)),
                         error=f"{kind}: {one_line(exc)}",
                     )
             with self._disposals:
@@ -428,7 +428,7 @@ class FolderWatcher(Source):
                 return False
             self._pending_logged = True
             left = len(self._to_dispose)
-            first = printable(_frame_id(self._to_dispose[0][0].name))
+            first = printable(frame_id_of(self._to_dispose[0][0].name))
         log.warning(
             "folder_disposal_pending",
             camera=self.camera.id,
@@ -447,7 +447,7 @@ class FolderWatcher(Source):
             if os.stat(path).st_mtime_ns != mtime_ns:
                 # Rewritten under the same name since it was read: the new content was not inspected. It stays,
                 # and the next scan sees it as a new file.
-                log.warning("folder_file_rewritten", camera=self.camera.id, file=printable(_frame_id(path.name)))
+                log.warning("folder_file_rewritten", camera=self.camera.id, file=printable(frame_id_of(path.name)))
                 return
             if self.spec.delete_after:
                 path.unlink()
@@ -460,13 +460,13 @@ class FolderWatcher(Source):
             with self._disposal_lock:
                 self._undisposed.append((path, mtime_ns))
                 if self._disposal_failed is None:
-                    self._disposal_failed = self._cannot_dispose(printable(_frame_id(path.name)), exc)
+                    self._disposal_failed = self._cannot_dispose(printable(frame_id_of(path.name)), exc)
                 first, self._disposal_logged = not self._disposal_logged, True
             if first:  # once per outage; at a stop no read is left to raise it, and a restart inspects it again
                 log.warning(
                     "folder_file_not_disposed",
                     camera=self.camera.id,
-                    file=printable(_frame_id(path.name)),
+                    file=printable(frame_id_of(path.name)),
                     error=exc.strerror or one_line(exc),
                     effect="the camera reopens until it can delete or move it; if the daemon stops first, the "
                     "next start inspects it again",
@@ -483,9 +483,3 @@ def unused_name(target: Path, mtime_ns: int) -> Path:
         n += 1
         candidate = target.with_name(f"{target.stem}~{mtime_ns}~{n}{target.suffix}")
     return candidate
-
-
-def _frame_id(name: str) -> str:
-    """A file name as a frame id: bytes that are not UTF-8 (kept by Python as lone surrogates, which strict JSON
-    decoders refuse) written as \\xNN."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

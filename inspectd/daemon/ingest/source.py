@@ -84,3 +84,10 @@ class Source:
         truth: bool | None = None,
     ) -> Frame:
         return Frame(self.camera.id, -1, frame_id, t_capture, image, error, truth)
+
+
+def frame_id_of(name: str) -> str:
+    """A name (a file's, or one a producer sent) as a frame id: bytes that are not UTF-8 (kept by Python as lone
+    surrogates, which strict JSON decoders refuse, as does the archive's index) written as \\xNN. UnicodeEncodeError
+    for a lone surrogate that stands for no byte."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -17,7 +17,7 @@ from engines.schema import declared, refuse
 from inspectd.configfile import Endpoint
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode, max_frame_bytes
-from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
+from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal, frame_id_of
 from inspectd.daemon.security import Curve, CurveServer, open_ipc_to_group, refuse_served_ipc
 from inspectd.errors import MessageError, one_line
 from inspectd.protocol import wirejson
@@ -38,6 +38,10 @@ RCVHWM = 4
 # The most messages a closing socket is emptied of: a bound, not a budget. It is unbound first, so it holds at most
 # RCVHWM per producer connection and nothing more arrives.
 CLOSE_DRAIN_MAX = 100_000
+# A producer's frame id is published, journalled, archived and shown by every client: a name, not a payload.
+MAX_FRAME_ID = 256
+# A refusal quotes producer values and is repeated as the camera's last_error in every status message.
+MAX_REASON = 300
 
 log = structlog.get_logger("inspectd.ingest")
 
@@ -193,23 +197,30 @@ class ZmqPullSource(Source):
             return self.parse(parts)
         except Exception as exc:  # noqa: BLE001 - a reopen would close the socket and lose the messages behind this one
             error = f"message {self.received}: cannot be read ({one_line(exc)})"
-            return self.frame(f"msg{self.received}", self.clock(), None, error)
+            return self._refused(f"msg{self.received}", self.clock(), error)
+
+    def _refused(self, frame_id: str, t_capture: float, reason: str) -> Frame:
+        if len(reason) > MAX_REASON:
+            reason = reason[: MAX_REASON - 3] + "..."
+        return self.frame(frame_id, t_capture, None, reason)
 
     def parse(self, parts: list) -> Frame:
         fallback_id = f"msg{self.received}"
         now = self.clock()
         if len(parts) != 2:
-            return self.frame(
-                fallback_id, now, None, f"message of {len(parts)} parts, expected 2: [JSON header, payload]"
-            )
+            return self._refused(fallback_id, now, f"message of {len(parts)} parts, expected 2: [JSON header, payload]")
         try:
+            # A key given twice is refused, not settled by whichever comes last.
             header = wirejson.loads(
-                parts[0].buffer, "header", "a JSON object {frame_id, t_capture, shape, dtype, encoding}"
+                parts[0].buffer,
+                "header",
+                "a JSON object {frame_id, t_capture, shape, dtype, encoding}",
+                unique_keys=True,
             )
         except MessageError as exc:
-            return self.frame(fallback_id, now, None, str(exc))
+            return self._refused(fallback_id, now, str(exc))
         if not isinstance(header, dict):
-            return self.frame(fallback_id, now, None, f"header: {type(header).__name__}, expected a JSON object")
+            return self._refused(fallback_id, now, f"header: {type(header).__name__}, expected a JSON object")
         frame_id = header.get("frame_id")
         frame_id = str(frame_id) if isinstance(frame_id, (str, int)) and not isinstance(frame_id, bool) else fallback_id
         t_capture = header.get("t_capture")
@@ -219,9 +230,26 @@ class ZmqPullSource(Source):
             else now
         )
         try:
+            # A lone surrogate (what a Python producer's json.dumps writes for a non-UTF-8 file name) is written as
+            # the folder camera writes it, \xNN: strict JSON decoders, the archive's index and PLC gateways refuse it.
+            frame_id = frame_id_of(frame_id)
+        except UnicodeEncodeError:
+            return self._refused(
+                fallback_id,
+                t_capture,
+                f"frame_id {printable(frame_id[:80])} holds a lone surrogate that stands for no byte, "
+                "expected text (or \\udc80-\\udcff for an undecodable byte)",
+            )
+        if len(frame_id) > MAX_FRAME_ID:
+            return self._refused(
+                frame_id[:MAX_FRAME_ID],
+                t_capture,
+                f"frame_id of {len(frame_id)} characters, expected at most {MAX_FRAME_ID}",
+            )
+        try:
             image = self._decode(header, frame_id, parts[1].buffer)
         except DataError as exc:
-            return self.frame(frame_id, t_capture, None, str(exc))
+            return self._refused(frame_id, t_capture, str(exc))
         return self.frame(frame_id, t_capture, image)
 
     def _decode(self, header: dict, frame_id: str, payload: memoryview) -> np.ndarray:
