@@ -18,20 +18,21 @@ DIR_MODE = 0o750
 FILE_MODE = 0o640
 
 
-def make_dirs(path: Path, mode: int = DIR_MODE) -> None:
+def make_dirs(path: Path, mode: int = DIR_MODE) -> list[Path]:
     """Directory `path` and each missing one above it, each created with `mode` whatever the umask (a folder above
-    a store left 0700 would keep the group out of everything under it)."""
+    a store left 0700 would keep the group out of everything under it); those it created, outermost first, for a
+    caller that makes them durable in their parents."""
     if path.is_dir():
-        return
-    if path.parent != path:
-        make_dirs(path.parent, mode)
+        return []
+    created = make_dirs(path.parent, mode) if path.parent != path else []
     try:
         path.mkdir()
     except FileExistsError:
         if not path.is_dir():
             raise
-        return
+        return created
     os.chmod(path, mode)
+    return [*created, path]
 
 
 def hold_lock(path: Path) -> int | None:

@@ -59,7 +59,7 @@ import numpy as np
 import structlog
 
 from inspectd.daemon.inference import Judged
-from inspectd.durable import DIR_MODE, FILE_MODE, fsync_dir, make_dirs
+from inspectd.durable import FILE_MODE, fsync_dir, make_dirs
 from inspectd.errors import one_line
 from inspectd.protocol import archive as fmt
 from inspectd.protocol.journal import CAMERA_RE
@@ -271,7 +271,6 @@ class Archive:
         """The index, open for writing. On a disk too full to open it (SQLite writes its -shm and WAL), the oldest
         entries' files go first, enough for `needed` bytes and OPEN_ROOM_BYTES, then their rows."""
         if self._db is None:
-            make_dirs(self.root.parent)
             self._mkdirs(self.root)
             index = self.root / fmt.INDEX_NAME
             if not index.exists():
@@ -364,19 +363,9 @@ class Archive:
             log.warning("archive_swept", removed=removed, reason="left by a kill: the writer's .tmp files")
 
     def _mkdirs(self, path: Path) -> None:
-        """`path` and its missing parents up to the archive root, each DIR_MODE, each made durable in its parent."""
-        if path.is_dir():
-            return
-        if path != self.root:
-            self._mkdirs(path.parent)
-        try:
-            path.mkdir()
-        except FileExistsError:
-            if not path.is_dir():
-                raise
-            return
-        os.chmod(path, DIR_MODE)
-        fsync_dir(path.parent)
+        """`path` and its missing parents, each DIR_MODE, each made durable in its parent."""
+        for created in make_dirs(path):
+            fsync_dir(created.parent)
 
     def _wall_clock(self, db: sqlite3.Connection) -> float:
         """time.time(), after moving every recorded write time by the step when the wall clock stepped since the
