@@ -148,6 +148,17 @@ def test_reasons_are_capped_and_an_over_long_frame_id_is_refused_under_its_first
     assert frames[4].frame_id == "good" and frames[4].error is None
 
 
+def test_a_reason_for_a_frame_named_by_control_characters_still_says_what_was_wrong(zmq_camera):
+    """Escaped, an id of 80 control characters filled the whole capped reason."""
+    queue, push = zmq_camera
+    odd = "\x01" * 80
+    (frame,) = frames_of(
+        queue, push, [[json.dumps({"frame_id": odd, "dtype": "uint8", "shape": [4, 5]}).encode(), bytes(16)]]
+    )
+    assert frame.image is None and frame.frame_id == odd
+    assert "expected" in frame.error and len(frame.error) < 300, frame.error
+
+
 def test_a_header_key_given_twice_is_refused_naming_it(zmq_camera):
     queue, push = zmq_camera
     frames = frames_of(

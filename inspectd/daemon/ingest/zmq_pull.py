@@ -237,7 +237,7 @@ class ZmqPullSource(Source):
             return self._refused(
                 fallback_id,
                 t_capture,
-                f"frame_id {printable(frame_id[:80])} holds a lone surrogate that stands for no byte, "
+                f"frame_id {_shown(frame_id)} holds a lone surrogate that stands for no byte, "
                 "expected text (or \\udc80-\\udcff for an undecodable byte)",
             )
         if len(frame_id) > MAX_FRAME_ID:
@@ -255,7 +255,7 @@ class ZmqPullSource(Source):
     def _decode(self, header: dict, frame_id: str, payload: memoryview) -> np.ndarray:
         # The producer's own id names the frame in every refusal; shown escaped when it holds a newline or another
         # control character, so a refusal stays one line.
-        what = f"frame {printable(frame_id[:80])}"
+        what = f"frame {_shown(frame_id)}"
         unknown = sorted(set(header) - HEADER_FIELDS)
         if unknown:
             known = ", ".join(sorted(HEADER_FIELDS))
@@ -319,3 +319,10 @@ class ZmqPullSource(Source):
             if image.shape[:2] != (h, w) or got_c != c:
                 raise DataError(f"{what}: decoded {encoding} is {list(image.shape)}, expected header shape {shape}")
         return image
+
+
+def _shown(frame_id: str) -> str:
+    """The producer's id as a reason names it: escaped (one line), and short enough that the reason's cap leaves room
+    for what was wrong (an id of control characters escapes to six characters each)."""
+    shown = printable(frame_id[:80])
+    return shown if len(shown) <= 100 else shown[:97] + "..."
