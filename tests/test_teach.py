@@ -1935,6 +1935,24 @@ def test_rejects_too_few_to_move_the_threshold_give_no_warning():
     assert teach.rejects_warning(teach.GoodFrames(paths, "--good G", {"folder": "G"}, {})) is None
 
 
+def shared_stand_in(open_tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(a folder, a stand-in bundle in it, a folder of 4 good frames beside it), for tests that teach as nobody."""
+    import cv2
+
+    from station_model import good_frame
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to give the files to nobody")
+    shared = open_tmp_path / "shared"
+    shared.mkdir()
+    bundle = stand_in(shared / "b")
+    good = shared / "good"
+    good.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    return shared, bundle, good
+
+
 def nobodys(path: Path) -> None:
     for parent, folders, files in os.walk(path):
         for name in [*folders, *files]:
@@ -1959,19 +1977,7 @@ def test_a_bundle_directory_teach_cannot_write_is_refused_in_one_line_before_any
     """In place, the version replaced moves from BUNDLE's folder into BUNDLE.versions, which needs BUNDLE itself
     writable: a 0555 bundle in a folder teach may write was found out only after the whole teach, as a raw errno
     naming the staging copy. Now one line naming BUNDLE, before any frame is read, and nothing written."""
-    import cv2
-
-    from station_model import good_frame
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to give the files to nobody")
-    shared = open_tmp_path / "shared"
-    shared.mkdir()
-    bundle = stand_in(shared / "b")
-    good = shared / "good"
-    good.mkdir()
-    for i in range(4):
-        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    shared, bundle, good = shared_stand_in(open_tmp_path)
     nobodys(shared)
     bundle.chmod(0o555)
     done = as_nobody_teach(str(bundle), "--good", str(good))
@@ -1986,19 +1992,7 @@ def test_a_bundle_directory_teach_cannot_write_is_refused_in_one_line_before_any
 def test_a_frame_teach_cannot_read_is_named_with_the_reason_not_as_one_that_does_not_decode(open_tmp_path):
     """A frame this user may not read (another user's 0600 file) is left out as one that does not decode is, but
     its WARNING says it cannot be read and why: "do not decode" sent the operator to look at a sound image."""
-    import cv2
-
-    from station_model import good_frame
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to give the files to nobody")
-    shared = open_tmp_path / "shared"
-    shared.mkdir()
-    bundle = stand_in(shared / "b")
-    good = shared / "good"
-    good.mkdir()
-    for i in range(4):
-        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    shared, bundle, good = shared_stand_in(open_tmp_path)
     (good / "004.png").write_bytes(b"not a png")
     nobodys(shared)
     os.chown(good / "001.png", 0, 0)
