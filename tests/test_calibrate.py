@@ -1114,7 +1114,7 @@ def test_a_good_frame_this_user_may_not_read_is_skipped_not_a_refusal(open_tmp_p
     Run as nobody when this is root (root reads everything)."""
     import cv2
 
-    from other_user import as_nobody
+    from other_user import inspectd_without
 
     bundle, png, _ = grey_station(open_tmp_path, n_good=20)
     good = open_tmp_path / "bmp"
@@ -1123,14 +1123,9 @@ def test_a_good_frame_this_user_may_not_read_is_skipped_not_a_refusal(open_tmp_p
         assert cv2.imwrite(str(good / f"{path.stem}.bmp"), cv2.imread(str(path), cv2.IMREAD_UNCHANGED))
     assert len({path.stat().st_size for path in good.iterdir()}) == 1
     private = good / "0003.bmp"
-    private.chmod(0o600 if os.geteuid() == 0 else 0o000)
-    argv = ["calibrate", str(bundle), "--good", str(good), "--target-false-reject", "0.2", "--dry-run"]
-    try:
-        out = subprocess.run(
-            as_nobody([sys.executable, "-m", "inspectd", *argv]), capture_output=True, text=True, cwd=REPO, timeout=120
-        )
-    finally:
-        private.chmod(0o644)
+    out = inspectd_without(
+        private, "calibrate", str(bundle), "--good", str(good), "--target-false-reject", "0.2", "--dry-run"
+    )
     assert out.returncode == 0, out.stderr
     warning = f"WARNING: skipped 1 image(s) that cannot be read: {private} (Permission denied)"
     assert warning in out.stdout.splitlines() and "do not decode" not in out.stdout, out.stdout

@@ -445,18 +445,11 @@ def test_a_mask_this_user_may_not_read_leaves_its_image_out_saying_why(tiny_data
     """A mask the eval user may not read (0600, another user's) was skipped as one that does not decode, and OpenCV's
     imread printed two warning lines of its own on stderr. It is skipped saying why, and OpenCV prints nothing. Run as
     nobody when this is root (root reads everything)."""
-    from other_user import as_nobody
+    from other_user import inspectd_without
 
     data, bundle = _open_copies(tiny_data, tiny_bundle, open_tmp_path)
     private = sorted((data / "ground_truth" / "crack").iterdir())[0]
-    private.chmod(0o600 if os.geteuid() == 0 else 0o000)
-    argv = ["eval", str(bundle), "--data", str(data), "--json", "--batch", "4"]
-    try:
-        proc = subprocess.run(
-            as_nobody([sys.executable, "-m", "inspectd", *argv]), cwd=REPO, capture_output=True, text=True, timeout=120
-        )
-    finally:
-        private.chmod(0o644)
+    proc = inspectd_without(private, "eval", str(bundle), "--data", str(data), "--json", "--batch", "4")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     warning = f"WARNING: skipped 1 image(s) whose mask cannot be read: {private} (Permission denied)"
@@ -473,20 +466,13 @@ def test_an_image_this_user_may_not_read_is_left_out_saying_why_not_that_it_does
     image(s) that do not decode`, which sends them to look at a sound image: the reason was lost on the way from the
     decoding to the note. It is said, apart from the images that do not decode. Run as nobody when this is root (root
     reads everything)."""
-    from other_user import as_nobody
+    from other_user import inspectd_without
 
     data, bundle = _open_copies(tiny_data, tiny_bundle, open_tmp_path)
     private = sorted((data / "test" / "crack").iterdir())[0]
     broken = data / "test" / "good" / "broken.png"
     broken.write_bytes(b"not an image")
-    private.chmod(0o600 if os.geteuid() == 0 else 0o000)
-    argv = ["eval", str(bundle), "--data", str(data), "--json", "--batch", "4"]
-    try:
-        proc = subprocess.run(
-            as_nobody([sys.executable, "-m", "inspectd", *argv]), cwd=REPO, capture_output=True, text=True, timeout=120
-        )
-    finally:
-        private.chmod(0o644)
+    proc = inspectd_without(private, "eval", str(bundle), "--data", str(data), "--json", "--batch", "4")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     notes = [
