@@ -185,3 +185,36 @@ def test_a_false_reject_warning_on_a_large_reference_is_armed_and_rises():
     brightness_only = DriftMonitor(None, 1.0, brightness_reference=(50, list(range(50))))
     assert brightness_only.status()["false_reject_warning_active"] is False
     assert "score test is inactive" in brightness_only.status()["false_reject_warning_inactive_reason"]
+
+
+def test_the_false_reject_warning_stays_down_on_unchanged_lines_and_its_estimate_follows_a_shifted_one():
+    # Thirty stations taught on 100 held-out scores, each line unchanged: the reference's own error is drawn once per
+    # station, so a warning set at a fixed multiple of the reference's tail raised on several of them.
+    raised, unarmed = [], []
+    for seed in range(30):
+        monitor = small_reference_monitor(100, seed)
+        if not monitor.status()["false_reject_warning_active"]:
+            unarmed.append(seed)
+        line = np.random.default_rng(100 + seed).normal(0.0, 1.0, 4000)
+        for score in line[line < monitor.threshold]:
+            monitor.add(float(score))
+            if monitor.state.false_reject_warning:
+                raised.append((seed, monitor.status()))
+                break
+    assert raised == [] and unarmed == [], (raised, unarmed)
+    # The same stations with the line moved up by one and a half standard deviations (3 to 32 % of good parts
+    # rejected): the estimate, made on the frames judged ok alone, is read through the threshold's cut into the share
+    # now rejected, and the warning is up wherever that share is well above warn_above.
+    for seed in range(10):
+        monitor = small_reference_monitor(100, seed)
+        line = np.random.default_rng(200 + seed).normal(1.5, 1.0, 3000)
+        for score in line[line < monitor.threshold][-200:]:
+            monitor.add(float(score))
+        rejected = float(np.mean(line >= monitor.threshold))
+        status = monitor.status()
+        if rejected > 1.5 * status["warn_above"]:
+            assert status["false_reject_warning"], (seed, rejected, status)
+        elif rejected < status["warn_above"] / 1.5:
+            assert not status["false_reject_warning"], (seed, rejected, status)
+        assert rejected / 1.7 < status["false_reject_estimate"] < rejected * 1.7, (seed, rejected, status)
+        assert status["clear_below"] < status["warn_above"]

@@ -32,25 +32,38 @@ rather than an alarm shown active that cannot rise. calibrate and teach warn whe
 (engines.bundle.thresholds.MIN_REFERENCE). Just above the minimum it still rises only on a large shift (m = 20: D
 must exceed 0.63).
 
-False-reject warning: the rate a normal distribution fitted to the score window puts at or above the image threshold
-(an estimate of the tail from the window's mean and spread, stated as such). Its baseline is the larger of the
-calibrated target (provenance["target"], or the camera's own in provenance["per_camera_target"] where
-`calibrate --camera` set its override; when it is a false-reject target, else DEFAULT_FALSE_REJECT_TARGET) and the
-same estimate made on the reference scores: a threshold set at the top of a few held-out scores makes the normal tail
-of those very scores exceed the target already, and an unchanged line must not warn. A tail this far out estimated
-from WINDOW scores is noisy (on the unchanged synthetic line it wanders between 0.5x and 3x the baseline), so the
-warning rises only when the estimate exceeds WARNING_FACTOR x the baseline and falls when it is back below half that,
-so it does not flap.
+False-reject warning: do the good frames now put the image threshold measurably closer to them than the reference
+did? Each side is summed up by how many of its standard deviations the threshold lies above its mean, z. The window
+holds only the frames judged ok, a normal distribution cut at the threshold, so its z is read through that cut
+(cut_z: the z of the whole distribution whose cut part has the window's mean and spread); its upper normal tail,
+Phi(-z), is `false_reject_estimate`, an estimate of the share of good parts now rejected (a normal model of the
+scores, stated as such). The warning rises when the window's z falls below the reference's by more than RAISE_SE
+standard errors of that difference and clears when it is back within CLEAR_SE, the standard error by normal theory
+(the variance of an estimated z over N values is (1 + z^2 / 2) / N) for the m reference scores and the WINDOW ones
+together. Both are shown as rates (`warn_above`, `clear_below`), and neither goes below WARNING_FACTOR x (or half
+that) the calibrated target (provenance["target"], or the camera's own in provenance["per_camera_target"] where
+`calibrate --camera` set its override; when it is a false-reject target, else DEFAULT_FALSE_REJECT_TARGET), so a
+threshold set far above a reference does not warn of a rate still under the target.
 
-That estimate is made on the frames judged ok, so it never sees the scores above the threshold: on a normal line
-rejecting a share p of its good parts it comes to ok_window_tail(p) (0.04 at p = 0.1, 0.067 at p = 0.25, 0.093 at
-p = 0.5, and never above 0.159 however many are rejected). A baseline taken from a few reference scores, with the
-threshold at their top, can put warn_above where the window reaches it only once most good parts are rejected, or
-never (30 reference scores: warn_above 0.1 typically, up to 0.2). Like a test that cannot raise, such a warning is
-not armed: unless it would rise by the time WARNING_REJECT_RATE of good parts are rejected, the status reports
-`false_reject_warning_active: false` with `false_reject_warning_inactive_reason`, and monitor_for logs
-`false_reject_warning_inactive` (with 100 reference scores warn_above is typically 0.03; from about 60 it is armed
-more often than not).
+Why a test and not a ratio of rates: a threshold at the top of m held-out scores, the usual case, puts the reference's
+own tail estimate anywhere from a few times below to a few times above the rate an unchanged line then rejects, and a
+window's estimate wanders by as much; a fixed factor over the reference's estimate raised on an unchanged line at about
+one station in six within an hour (seeded stations, m = 60 to 1000). Against the standard error, in a simulation of
+the monitor's windows (normal, gamma and the real elpv and magnetic tile held-out scores as the line, the threshold
+just above the reference's largest, m = 40 to 1000) an unchanged line raised at 0-5 % of stations within a day (this
+monitor itself: 0 of 117 stations within an hour). A line moved up until about 10 % of good parts are rejected raised
+it within 3000 frames at 72 % (m = 60) to 100 % (m >= 300) of the stations with normal scores; with magnetic tile's
+real scores (a long upper tail, which the normal model fits worst) at about a third with m = 60, and with strongly
+skewed gamma scores (shape 2) at one in ten, where the factor it replaces raised more often but also on unchanged
+lines. A symmetric heavy-tailed score (Student t, 5 degrees of freedom) still raises often on an unchanged line: such a
+window's spread varies more than normal theory allows.
+
+With few reference scores the standard error is large, and warn_above can exceed the share of good parts a station
+would ever let go unnoticed. Like a test that cannot raise, such a warning is not armed: unless warn_above is at most
+WARNING_REJECT_RATE, the status reports `false_reject_warning_active: false` with
+`false_reject_warning_inactive_reason`, and monitor_for logs `false_reject_warning_inactive` (with the threshold at the
+top of the reference, seeded normal scores: armed at one station in seven with 30 reference scores, at half with 40,
+nearly always from 60).
 
 References per camera: where the document holds a camera's own (provenance["per_camera_reference"], from its own
 good frames), its monitor reads them; else the references pooled over every camera. A station whose cameras see the
@@ -85,9 +98,16 @@ RAISE_ALPHA = 1e-6
 CLEAR_ALPHA = 1e-2
 DEFAULT_FALSE_REJECT_TARGET = 0.001
 WARNING_FACTOR = 4.0
+# Standard errors of the drop in z that raise and clear the false-reject warning: 4.5 keeps an unchanged line quiet
+# over a day of checks every CHECK_EVERY frames, where the reference's own error is drawn once per station.
+RAISE_SE = 4.5
+CLEAR_SE = 2.0
 # The share of good parts rejected by which the false-reject warning must be able to rise to be armed: later than a
 # quarter, it tells the operator nothing the reject count has not already shouted.
 WARNING_REJECT_RATE = 0.25
+# cut_z's search range: below -5 all but 3e-7 of good parts are rejected (and the ratio loses its precision), above
+# 40 none is.
+CUT_Z_RANGE = (-5.0, 40.0)
 
 
 def ks_statistic(window: np.ndarray, reference: np.ndarray) -> float:
@@ -98,34 +118,48 @@ def ks_statistic(window: np.ndarray, reference: np.ndarray) -> float:
     return float(np.max(np.abs(f_window - f_reference)))
 
 
-def normal_tail(scores: np.ndarray, threshold: float) -> float:
-    """The share of a normal distribution with the scores' mean and spread at or above `threshold`."""
+def z_above(scores: np.ndarray, threshold: float) -> float:
+    """How many of the scores' standard deviations `threshold` lies above their mean (+-inf without a spread)."""
     sd = float(scores.std(ddof=1)) if scores.size > 1 else 0.0
+    gap = threshold - float(scores.mean()) if scores.size else math.inf
     if sd <= 0:
-        return 0.0 if scores.size == 0 or float(scores.mean()) < threshold else 1.0
-    return 0.5 * math.erfc((threshold - float(scores.mean())) / sd / math.sqrt(2))
+        return math.inf if gap > 0 else -math.inf
+    return gap / sd
 
 
-def ok_window_tail(rate: float) -> float:
-    """What normal_tail shows, in expectation, on the frames judged ok of a normal line that rejects `rate` of its good
-    parts: the normal fit to a normal distribution cut at its upper `rate` quantile (0 < rate < 1)."""
-    unit = statistics.NormalDist()
-    cut = unit.inv_cdf(1.0 - rate)
-    mills = unit.pdf(cut) / (1.0 - rate)  # the cut distribution's mean is -mills, its variance 1 - cut mills - mills^2
-    sd = math.sqrt(max(1.0 - cut * mills - mills * mills, 1e-300))
-    return 0.5 * math.erfc((cut + mills) / sd / math.sqrt(2))
+def upper_tail(z: float) -> float:
+    """The share of a normal distribution more than z standard deviations above its mean."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def rate_to_warn(warn_above: float) -> float | None:
-    """The share of good parts a normal line must reject before its ok frames' estimate reaches `warn_above`; None if
-    it never does (the estimate stays below 0.159 whatever the share)."""
-    low, high = 1e-12, 1.0 - 1e-12
-    if ok_window_tail(high) <= warn_above:
-        return None
+_UNIT = statistics.NormalDist()
+
+
+def _cut_ratio(z: float) -> float:
+    """z_above of a unit normal cut at z (only the values below it kept): its mean lies mills below 0 and its variance
+    is 1 - z mills - mills^2."""
+    mills = _UNIT.pdf(z) / _UNIT.cdf(z)
+    return (z + mills) / math.sqrt(max(1.0 - z * mills - mills * mills, 1e-300))
+
+
+def cut_z(ratio: float) -> float:
+    """The z at which a normal distribution must be cut for its kept part to show z_above `ratio`: what a window of
+    the frames judged ok says of the whole line's z. The ratio rises with z, so a bisection finds it."""
+    low, high = CUT_Z_RANGE
+    if not ratio > _cut_ratio(low):
+        return low
+    if ratio >= _cut_ratio(high):
+        return ratio  # so far out that cutting changes nothing
     for _ in range(60):
         middle = (low + high) / 2
-        low, high = (middle, high) if ok_window_tail(middle) < warn_above else (low, middle)
+        low, high = (middle, high) if _cut_ratio(middle) < ratio else (low, middle)
     return high
+
+
+def z_standard_error(z: float, m: int, window: int) -> float:
+    """The standard error of the difference between a z estimated from m values and one from `window` values, by
+    normal theory."""
+    return math.sqrt((1.0 + z * z / 2.0) * (1.0 / m + 1.0 / window))
 
 
 def ks_critical(alpha: float, n: int, m: int) -> float:
@@ -231,7 +265,12 @@ class DriftMonitor:
         self.running = self.score.active or self.brightness.active
         self.threshold = threshold
         self.target = target
-        self.warn_above = WARNING_FACTOR * max(target, normal_tail(self.score.reference, threshold))
+        self.reference_z = z_above(self.score.reference, threshold) if self.score.active else math.inf
+        self.warn_above, self.clear_below = WARNING_FACTOR * target, WARNING_FACTOR * target / 2
+        if math.isfinite(self.reference_z):
+            error = z_standard_error(self.reference_z, self.score.m, window)
+            self.warn_above = max(self.warn_above, upper_tail(self.reference_z - RAISE_SE * error))
+            self.clear_below = max(self.clear_below, upper_tail(self.reference_z - CLEAR_SE * error))
         self.warning_inactive = self._warning_inactive()
         self.min_samples = min(min_samples, window)
         self.check_every = check_every
@@ -241,14 +280,18 @@ class DriftMonitor:
     def _warning_inactive(self) -> str | None:
         if not self.score.active:
             return "the score test is inactive (inactive_reason), and the warning reads its window"
-        rate = rate_to_warn(self.warn_above)
-        if rate is not None and rate <= WARNING_REJECT_RATE:
+        if not math.isfinite(self.reference_z):
+            return (
+                f"the {self.score.m} reference scores have no spread (all equal), so no normal tail can be compared: "
+                "calibrate or teach on more good frames"
+            )
+        if self.warn_above <= WARNING_REJECT_RATE:
             return None
-        when = "would never rise" if rate is None else f"would rise only once {rate:.0%} of good parts are rejected"
         return (
-            f"warn_above {self.warn_above:.3g} (from the normal tail of {self.score.m} reference scores at the "
-            f"threshold {self.threshold:.6g}, or the target) is out of reach of the ok frames' estimate: it "
-            f"{when}, expected by {WARNING_REJECT_RATE:.0%}: calibrate or teach on more good frames"
+            f"warn_above {self.warn_above:.3g} (the reference's z at the threshold {self.threshold:.6g} less "
+            f"{RAISE_SE:g} standard errors, with {self.score.m} reference scores) would rise only once "
+            f"{self.warn_above:.0%} of good parts are rejected, expected by {WARNING_REJECT_RATE:.0%}: calibrate or "
+            "teach on more good frames"
         )
 
     def add(self, score: float, brightness: float | None = None) -> str | None:
@@ -273,12 +316,12 @@ class DriftMonitor:
             self.score.check(window)
             state.statistic, state.raise_at = self.score.statistic, self.score.raise_at
             state.score_alarm = self.score.alarm
-            state.false_reject_estimate = normal_tail(window, self.threshold)
+            state.false_reject_estimate = upper_tail(cut_z(z_above(window, self.threshold)))
             # Not armed, the estimate is still shown, but no warning that could only come far too late.
             if self.warning_inactive is None:
                 if state.false_reject_estimate > self.warn_above:
                     state.false_reject_warning = True
-                elif state.false_reject_estimate < self.warn_above / 2:
+                elif state.false_reject_estimate < self.clear_below:
                     state.false_reject_warning = False
         if self.brightness.active and len(self.brightness.values) >= self.min_samples:
             self.brightness.check(self.brightness.window())
@@ -301,6 +344,7 @@ class DriftMonitor:
             "samples": self._samples(),
             "target": self.target,
             "warn_above": round(self.warn_above, 6),
+            "clear_below": round(self.clear_below, 6),
             "false_reject_warning_active": self.warning_inactive is None,
             "false_reject_warning_inactive_reason": self.warning_inactive,
         }

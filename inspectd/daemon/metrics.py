@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
-from inspectd.daemon.drift import WARNING_FACTOR
+from inspectd.daemon.drift import CLEAR_SE, RAISE_SE, WARNING_FACTOR
 
 log = structlog.get_logger("inspectd.daemon.metrics")
 
@@ -168,14 +168,14 @@ DRIFT_GAUGES = (
     ),
     (
         "inspectd_drift_false_reject_estimate",
-        "False-reject rate the good-score window implies (normal-tail estimate).",
+        "False-reject rate the good-score window implies (normal model, read through the threshold's cut).",
         "false_reject_estimate",
     ),
     (
         "inspectd_drift_false_reject_warning",
-        f"1 from when the implied false-reject rate rises above {WARNING_FACTOR:g}x its baseline (the larger of the "
-        f"calibrated target and the same estimate on the reference scores) until it falls below "
-        f"{WARNING_FACTOR / 2:g}x.",
+        f"1 from when the good frames put the image threshold more than {RAISE_SE:g} standard errors closer than the "
+        f"reference did (and the implied false-reject rate is above {WARNING_FACTOR:g}x the target) until they are "
+        f"back within {CLEAR_SE:g}; the status's warn_above and clear_below give both as rates.",
         "false_reject_warning",
     ),
 )
