@@ -596,9 +596,10 @@ def archive_frames(
             if camera is None or cam == camera
         }
         rejects = reader.query(camera=camera, verdict="defect", since=t_since, until=t_until)
-        near_above = good_spread([e for e in entries if models is None or e.model_id in models])
+        same_models = [e for e in entries if models is None or e.model_id in models]
+        near_above = good_spread(same_models)
         rejected_near = near_rejects(
-            [e for e in rejects if models is None or e.model_id in models], near_above, rejected
+            [e for e in rejects if models is None or e.model_id in models], near_above, _highest(same_models)
         )
         if models is not None:
             other = {}
@@ -657,8 +658,9 @@ def archive_frames(
             "other_cameras": other_cameras,
             # camera -> frames of the span the same models judged defect (any model's with --any-model): left out.
             "rejected": rejected,
-            # camera -> those of them scored below their threshold plus near_above (the good frames' own spread
-            # above their median): the rejects that could be good parts.
+            # camera -> those of them scored below their threshold plus near_above[camera] (that camera's good
+            # frames' own spread above their median), or no higher than one of its good frames: the rejects that
+            # could be good parts.
             "rejected_near": rejected_near,
             "near_above": near_above,
         },
@@ -669,23 +671,44 @@ def archive_frames(
     )
 
 
-def good_spread(entries: list[Entry]) -> float | None:
-    """How far the highest of the good frames' scores `entries` lies above their median (None: none is scored): how
-    far above its threshold a good part rejected by the same scorer may still score."""
-    scores = [e.score for e in entries if e.score is not None]
-    return float(max(scores) - np.median(scores)) if scores else None
+def _scores_by_camera(entries: list[Entry]) -> dict[str, list[float]]:
+    found: dict[str, list[float]] = {}
+    for e in entries:
+        if e.score is not None:
+            found.setdefault(e.camera, []).append(e.score)
+    return found
 
 
-def near_rejects(rejects: list[Entry], near_above: float | None, rejected: dict[str, int]) -> dict[str, int]:
-    """camera -> how many of `rejects` scored below their own threshold plus `near_above`: a good part the threshold
-    rejected scores just above it, within the good frames' own spread, where a true defect mostly scores far above.
-    A reject without a score or threshold is not counted; with no spread known (no good frame scored), every reject
-    counts (`rejected`), as nothing tells a near one from a far one."""
-    if near_above is None:
-        return dict(rejected)
+def good_spread(entries: list[Entry]) -> dict[str, float]:
+    """camera -> how far the highest of its good frames' scores (`entries`) lies above their median: how far above
+    its threshold a good part rejected by the same scorer may still score. Per camera, as each sees the line under
+    its own light and scores on its own scale; a camera none of whose good frames is scored has no entry."""
+    return {camera: float(max(s) - np.median(s)) for camera, s in _scores_by_camera(entries).items()}
+
+
+def _highest(entries: list[Entry]) -> dict[str, float]:
+    """camera -> the highest score of its good frames `entries`."""
+    return {camera: max(s) for camera, s in _scores_by_camera(entries).items()}
+
+
+def near_rejects(
+    rejects: list[Entry], near_above: Mapping[str, float], highest_good: Mapping[str, float]
+) -> dict[str, int]:
+    """camera -> how many of `rejects` could be good parts: scored below their own threshold plus their camera's
+    `near_above` (a good part the threshold rejected scores just above it, within the good frames' own spread, where
+    a true defect mostly scores far above), or no higher than a good frame of their camera in the span (a threshold
+    lowered inside it rejects, well above itself, parts as good as those it let pass before). A reject without a
+    score or threshold is not counted; on a camera with no good frame scored every reject counts, as nothing tells
+    a near one from a far one."""
     near: dict[str, int] = {}
     for e in rejects:
-        if e.score is not None and e.threshold is not None and e.score < e.threshold + near_above:
+        spread, top = near_above.get(e.camera), highest_good.get(e.camera)
+        if spread is None:
+            counted = True
+        else:
+            counted = e.score is not None and e.threshold is not None and e.score < e.threshold + spread
+            counted = counted or (e.score is not None and top is not None and e.score <= top)
+        if counted:
             near[e.camera] = near.get(e.camera, 0) + 1
     return near
 
@@ -962,13 +985,19 @@ def rejects_warning(frames: GoodFrames) -> str | None:
     if not n_near or n_near < REJECTS_WARNING_SHARE * len(frames.paths):
         return None
     cameras = f" ({_counted(near, '')})" if len(near) > 1 else ""
-    spread = frames.record.get("near_above")
-    rule = (
-        f" that scored less than {spread:.4g} above their threshold (the good frames' own spread: their highest score "
-        f"minus their median; {sum(rejected.values())} rejected in all)"
-        if spread is not None
-        else ""  # no good frame's score known: every reject counts
-    )
+    spreads = {camera: spread for camera, spread in (frames.record.get("near_above") or {}).items() if camera in near}
+    rule = ""  # no good frame's score known: every reject counts
+    if spreads:
+        shown = {f"{spread:.4g}" for spread in spreads.values()}
+        amount = (
+            f"less than {shown.pop()}"
+            if len(shown) == 1
+            else "less than " + ", ".join(f"{spread:.4g} ({camera})" for camera, spread in sorted(spreads.items()))
+        )
+        rule = (
+            f" that scored {amount} above their threshold (their camera's good frames' own spread: the highest score "
+            f"minus the median) or no higher than a good frame of the span ({sum(rejected.values())} rejected in all)"
+        )
     return (
         f"WARNING: {frames.source}: the span also holds {n_near} frame(s) the same model(s) rejected{cameras}{rule}, "
         f"beside the {len(frames.paths)} good frame(s) taught on (the archive keeps every reject but only one good "

@@ -608,10 +608,12 @@ def archive_of(
     ago: float = 300.0,
     cameras: tuple[str, ...] = ("cam0",),
     scores: dict[int, float] | None = None,
+    thresholds: dict[int, float] | None = None,
 ) -> list[str]:
     """An image archive written by the daemon's own writer: each (image, model_id) a frame judged ok by that model
     (defect: those at `defects`), of `cameras` in turn, captured a second apart from `ago` seconds back, scored 1.0
-    (else as `scores` says by index) against threshold 35.0; their archive ids, in order."""
+    (else as `scores` says by index) against threshold 35.0 (else as `thresholds` says); their archive ids, in
+    order."""
     import time
 
     from inspectd.daemon.archive import Archive
@@ -624,7 +626,8 @@ def archive_of(
     for seq, (image, model_id) in enumerate(frames):
         frame = Frame(cameras[seq % len(cameras)], seq, f"{seq:06d}.png", start + seq, image)
         verdict = "defect" if seq in defects else "ok"
-        entry_id = archive.offer(Judged(frame, verdict, (scores or {}).get(seq, 1.0), 35.0, model_id, 1, [], None))
+        score, threshold = (scores or {}).get(seq, 1.0), (thresholds or {}).get(seq, 35.0)
+        entry_id = archive.offer(Judged(frame, verdict, score, threshold, model_id, 1, [], None))
         assert entry_id is not None
         ids.append(entry_id)
     assert archive.close(timeout=30.0)
@@ -1883,12 +1886,14 @@ def test_an_archive_teach_warns_when_the_span_holds_many_rejects_near_the_thresh
     assert done.returncode == 0, done.stderr
     frames = load_bundle(bundle).manifest["teach"]["frames"]
     assert frames["n"] == 12 and frames["rejected"] == {"cam0": 2, "cam1": 1}, frames
-    assert frames["rejected_near"] == {"cam0": 1, "cam1": 1} and frames["near_above"] == 2.5, frames
+    assert frames["rejected_near"] == {"cam0": 1, "cam1": 1}, frames
+    assert frames["near_above"] == {"cam0": 2.5, "cam1": 2.5}, frames
     source = f"--archive {archive} --since 1h"
     assert (
         f"WARNING: {source}: the span also holds 2 frame(s) the same model(s) rejected (1 of cam0, 1 of cam1) that "
-        "scored less than 2.5 above their threshold (the good frames' own spread: their highest score minus their "
-        "median; 3 rejected in all), beside the 12 good frame(s) taught on"
+        "scored less than 2.5 above their threshold (their camera's good frames' own spread: the highest score minus "
+        "the median) or no higher than a good frame of the span (3 rejected in all), beside the 12 good frame(s) "
+        "taught on"
     ) in done.stdout, done.stdout
     assert (
         f"Review them: `inspectd archive export DIR {source} --verdict ok --split train`, the same with `--verdict "
@@ -1921,6 +1926,39 @@ def test_rejects_far_above_the_threshold_give_no_warning(trained, good, tmp_path
     assert frames.record["rejected"] == {"cam0": 4} and frames.record["rejected_near"] == {}, frames.record
 
 
+def test_rejects_as_low_as_the_good_frames_count_after_a_threshold_lowered_and_each_camera_has_its_own_spread(
+    trained, good, tmp_path
+):
+    """A threshold lowered inside the span rejects parts that score like the good frames it let pass before, yet well
+    above the new threshold plus the good frames' spread: they are counted as rejects that could be good parts. And
+    each camera's rejects are judged by its own good frames' spread: a camera scoring on a wide scale does not make
+    another camera's true defects look near."""
+    from calibration import teach
+
+    _, original, images = memory_copy(trained, good, tmp_path)
+    # cam0 alone: good frames score 30-34 against 35; then the threshold is lowered to 25, and four parts scoring
+    # 31-34 are rejected: 6 or more above it, against a spread of 2.5.
+    scores = {seq: 30.0 + seq % 5 for seq in range(16)}
+    lowered = {seq: 25.0 for seq in range(12, 16)}
+    archive_of(
+        tmp_path / "a", [(image, original) for image in images], (12, 13, 14, 15), scores=scores, thresholds=lowered
+    )
+    frames = teach.archive_frames(tmp_path / "a", "1h", models=[original])
+    assert frames.record["rejected"] == {"cam0": 4} and frames.record["rejected_near"] == {"cam0": 4}, frames.record
+    assert "the span also holds 4 frame(s) the same model(s) rejected that scored less than 2.5 above" in (
+        teach.rejects_warning(frames) or ""
+    )
+    # Two cameras: cam0's good frames score 30-32 (a spread of 1.5), cam1's 0-34 around a median of 3.5 (a spread of
+    # 30.5).
+    # cam0's rejects at 45 and 60 are far above its threshold for cam0, whatever cam1's scale.
+    scores = {seq: 30.0 + (seq // 2) % 3 for seq in range(0, 16, 2)} | {seq: float(seq // 2) for seq in range(1, 16, 2)}
+    scores |= {15: 34.0, 2: 45.0, 4: 60.0}
+    archive_of(tmp_path / "b", [(image, original) for image in images], (2, 4), cameras=("cam0", "cam1"), scores=scores)
+    frames = teach.archive_frames(tmp_path / "b", "1h", models=[original])
+    assert frames.record["rejected"] == {"cam0": 2} and frames.record["rejected_near"] == {}, frames.record
+    assert frames.record["near_above"] == {"cam0": 1.5, "cam1": 30.5}, frames.record
+
+
 def test_rejects_too_few_to_move_the_threshold_give_no_warning():
     from calibration import teach
 
@@ -1930,7 +1968,7 @@ def test_rejects_too_few_to_move_the_threshold_give_no_warning():
     frames = teach.GoodFrames(paths, "--archive A --since 1h", {"ids": [], "rejected": {"cam0": 2}}, {})
     assert (teach.rejects_warning(frames) or "").startswith("WARNING: --archive A --since 1h: the span also holds 2")
     # Only the near ones count.
-    record = {"ids": [], "rejected": {"cam0": 9}, "rejected_near": {"cam0": 1}, "near_above": 2.0}
+    record = {"ids": [], "rejected": {"cam0": 9}, "rejected_near": {"cam0": 1}, "near_above": {"cam0": 2.0}}
     assert teach.rejects_warning(teach.GoodFrames(paths, "--archive A --since 1h", record, {})) is None
     assert teach.rejects_warning(teach.GoodFrames(paths, "--good G", {"folder": "G"}, {})) is None
 
