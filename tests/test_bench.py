@@ -5,6 +5,7 @@ goals are met in benchmark runs that print figures (docs/PERFORMANCE.md), never 
 
 from __future__ import annotations
 
+import cProfile
 import json
 import os
 import signal
@@ -46,9 +47,9 @@ def tiny_bundle(tmp_path_factory) -> Path:
     return train_tiny_bundle(tmp_path_factory)
 
 
-def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def bench(*args: str, timeout: float = 180, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "inspectd", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "inspectd", "bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -111,7 +112,7 @@ def test_bench_engine_prints_table_and_json(tiny_bundle, tmp_path):
     assert [r[1] for r in rows] == ["1", "2"]
     for row in rows:
         assert row[0] == "64x64x1"
-        assert float(row[2]) > 0 and float(row[4]) > 0 and float(row[6]) > 0  # frames/s, latency, CPU per frame
+        assert float(row[2]) > 0 and float(row[4]) > 0 and float(row[7]) > 0  # frames/s, latency, CPU per frame
     report = json.loads(out.read_text())
     assert report["kind"] == "engine" and report["peak_rss_mb"] > 0
     (size,) = report["sizes"]
@@ -126,6 +127,9 @@ def test_bench_engine_prints_table_and_json(tiny_bundle, tmp_path):
         assert row["frames"] % row["batch"] == 0 and row["latency_ms"]["n"] == row["frames"] // row["batch"]
         assert len(row["windows"]) == 1 and row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
         assert float(printed[2]) == pytest.approx(row["fps"]["median"], rel=0.01, abs=0.1)  # the table shows the JSON
+        # A p99 of fewer than 100 calls is their maximum under another name: the table gives the count, and "-".
+        n = row["latency_ms"]["n"]
+        assert printed[6] == str(n) and (printed[5] == "-") == (n < 100), (printed, n)
     assert report["best"]["batch"] == max(size["rows"], key=lambda r: r["fps"]["median"])["batch"]
 
 
@@ -135,6 +139,7 @@ def test_bench_naive_on_five_synthetic_frames(tiny_bundle):
     (row,) = table_rows(proc.stderr)  # --json: stdout is the one JSON document, the table goes to stderr
     assert row[0].startswith("naive") and row[1] == "5"
     assert float(row[2]) > 0 and float(row[3]) > 0
+    assert row[4] == "-" and row[5] == "5"  # no p99 from 5 latencies, and the count it would rest on
     report = json.loads(proc.stdout)
     assert report["frames"] == 5 and report["fps"] > 0 and report["latency_ms"]["n"] == 5
     assert report["received"] == 5  # every published result reached the subscriber
@@ -181,6 +186,11 @@ def test_arrival_rate_counts_whole_batches_only():
         (["all", "b", "--max-batch", "300"], "--max-batch: '300': expected at most 256, got 300"),
         (["naive", "b", "--synthetic", "5", "--duration", "-1"], "--duration: '-1': expected a finite float >= 0"),
         (["engine", "b", "--window-s", "inf"], "--window-s: 'inf': expected a finite float > 0"),
+        (
+            ["daemon", "--bundle", "b", "--frame-size", "4"],
+            "--frame-size: '4': expected each side between 32 and 4096 pixels",
+        ),
+        (["engine", "b", "--size", "0"], "--size: '0': expected each side between 32 and 4096 pixels"),
     ],
 )
 def test_bench_refuses_what_the_daemon_would_refuse_before_measuring_anything(args, refused):
@@ -195,10 +205,13 @@ def test_bench_daemon_exits_1_when_a_scenario_failed_and_keeps_the_others_figure
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     out = tmp_path / "daemon.json"
+    # A profile left by an earlier run: the profiled daemon of this one fails too, and writes none.
+    stale = tmp_path / "p.pstats"
+    cProfile.run("sum(range(10))", str(stale))
     args = ["daemon", "--bundle", str(tiny_bundle), "--source", "zmq-raw", "--cameras", "1", "--load", "sat"]
     proc = subprocess.run(
         [sys.executable, "-m", "inspectd", "bench", *args, "--synthetic", "2", "--duration", "0.5", "--max-batch", "1"]
-        + ["--out", str(out)],
+        + ["--out", str(out), "--profile", str(stale)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -207,9 +220,12 @@ def test_bench_daemon_exits_1_when_a_scenario_failed_and_keeps_the_others_figure
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("inspectd bench daemon: 1 of 1 daemon scenarios failed, the first zmq-raw x1 sat: "), last
-    (row,) = json.loads(out.read_text())["rows"]  # the figures are still written
-    assert "error" in row and "FAILED" in proc.stdout
+    assert last.startswith("inspectd bench daemon: 2 of 2 daemon scenarios failed, the first zmq-raw x1 sat: "), last
+    report = json.loads(out.read_text())  # the figures are still written
+    assert all("error" in row for row in report["rows"]) and "FAILED" in proc.stdout
+    # Neither the earlier run's profile nor one of a daemon that never served is passed off as this run's.
+    assert report["profile"]["error"].startswith(f"{stale}: not summarised, the profiled run failed: "), report
+    assert f"profile: {stale}: not summarised" in proc.stdout
 
 
 def test_the_profiled_daemon_run_is_a_run_of_its_own_outside_the_goals(tiny_bundle, tmp_path):
@@ -234,6 +250,37 @@ def test_the_profiled_daemon_run_is_a_run_of_its_own_outside_the_goals(tiny_bund
     engine = {"best": best, "sizes": [{"trained_for_bench": False, "rows": engine_rows}]}
     without = {**report, "rows": [plain, half]}
     assert ratios(engine, None, report, 10.0, 1) == ratios(engine, None, without, 10.0, 1)
+
+
+# The smallest `bench all` the command line allows: about 10 s on 2 cores.
+SMALLEST_ALL = ["--synthetic", "2", "--batch", "1", "--windows", "1", "--window-s", "0.05", "--max-batch", "1"]
+SMALLEST_ALL += ["--cameras", "1", "--source", "zmq-raw", "--duration", "1"]
+
+
+def test_bench_all_on_its_own_synthetic_frames_with_a_relative_profile_keeps_every_figure(tiny_bundle, tmp_path):
+    """`bench all BUNDLE` without --frames writes its synthetic frames into a folder of its own: the report read their
+    sizes once that folder was gone, and lost every figure. A relative --profile, as docs/PERFORMANCE.md gives it, was
+    written into the profiled daemon's scenario folder, removed with it, and the report was lost again."""
+    args = ["all", str(tiny_bundle), *SMALLEST_ALL, "--json", "--out", "run.json", "--markdown", "run.md"]
+    proc = bench(*args, "--profile", "run.pstats", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["frames"] == 2 and report["frame_sizes"] == "64x64"
+    assert json.loads((tmp_path / "run.json").read_text()) == report
+    assert report["daemon"]["profile"]["frames"] > 0 and (tmp_path / "run.pstats").is_file()
+    markdown = (tmp_path / "run.md").read_text()
+    assert "### Goals" in markdown and "### Daemon profile" in markdown and "2 frames (64x64)" in markdown
+
+
+@pytest.mark.parametrize("option", ["--markdown", "--out", "--profile"])
+def test_bench_refuses_an_output_it_cannot_write_before_measuring_anything(tiny_bundle, tmp_path, option):
+    """A report file that cannot be written was found only after the run (minutes of it), and --markdown's failure
+    lost the JSON too, in an error that did not name the option."""
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "report"
+    proc = bench("all", str(tiny_bundle), *SMALLEST_ALL, "--json", option, str(path), timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == f"inspectd bench all: {option} {path}: cannot write (Not a directory)\n"
 
 
 class DaemonSockets:
@@ -484,8 +531,10 @@ def test_p99_at_half_load_is_judged_only_at_the_rate_it_names():
     engine_row = {"batch": 8, "fps": {"median": 42.0}, "latency_ms": {"p50": 40.0}}
     engine = {"best": engine_row, "sizes": [{"trained_for_bench": False, "rows": [engine_row]}]}
 
-    def judged(sent: float | None):
-        daemon = {"rows": [row("saturation"), row("50% of saturation", offered_fps=20.0, sent_fps=sent)]}
+    def judged(sent: float | None, n: int = 100):
+        latency = {"p50": 20.0, "p99": 45.0, "max": 50.0, "n": n}
+        half = row("50% of saturation", offered_fps=20.0, sent_fps=sent, latency_ms=latency)
+        daemon = {"rows": [row("saturation"), half]}
         values = ratios(engine, None, daemon, 10.0, 8)
         return values["p99_at_half_load"], half_load_line(values)
 
@@ -495,6 +544,9 @@ def test_p99_at_half_load_is_judged_only_at_the_rate_it_names():
     value, line = judged(10.0)
     assert value is None and "offered 20/s, sent 10/s (p99 goal not judged" in line
     assert judged(None)[0] is None
+    # 99 latencies at half load: their p99 is their largest, no goal is judged on it, and the line says why.
+    value, line = judged(19.5, n=99)
+    assert value is None and line.endswith("sent 19.5/s (p99 goal not judged: 99 latency samples, a p99 needs 100).")
 
 
 def test_a_saturated_scenario_may_drain_its_queues_within_the_longest_shutdown_the_config_allows(scenario):

@@ -63,7 +63,8 @@ def test_short_demo_catches_planted_defects(tmp_path):
     assert frames >= 20 and len(verdicts) == frames
     planted, caught = (int(v) for v in re.search(r"defects planted (\d+), caught (\d+)", out).groups())
     assert planted >= 3 and caught / planted >= 0.6, out[-1500:]
-    assert re.search(r"latency p50 [\d.]+ ms, p99 [\d.]+ ms", out)
+    # 4 s at 2 x 8 frames/s is under the 100 latencies a p99 needs: the count stands in for it.
+    assert re.search(r"latency p50 [\d.]+ ms, p99 ([\d.]+ ms|- \(\d+ samples, a p99 needs 100\))", out), out[-1500:]
     assert "0 errors, 0 lost" in out and "daemon exit status 0" in out
     assert (workdir / "bundle" / "manifest.json").is_file() and (workdir / "inspectd.yaml").is_file()
 
@@ -89,6 +90,38 @@ def test_demo_refuses_bad_options(tmp_path):
         cwd=REPO,
     )
     assert proc.returncode == 2 and "--cameras 9: expected 1..4" in proc.stderr
+
+
+def demo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", "demo", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--duration", "nan", "a finite number of seconds > 0"),
+        ("--duration", "inf", "a finite number of seconds > 0"),
+        ("--duration", "-1", "a finite number of seconds > 0"),
+        ("--rate", "nan", "a finite number of frames per second > 0"),
+    ],
+)
+def test_demo_refuses_a_duration_or_rate_that_is_no_positive_finite_number(tmp_path, option, value, expected):
+    """`--duration nan` passed `<= 0` and streamed for ever. Refused before the workdir is touched: this one cannot be
+    made, and would end in a traceback."""
+    (tmp_path / "file").write_text("")
+    proc = demo("--workdir", str(tmp_path / "file" / "w"), option, value)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"inspectd demo: {option} {value}: expected {expected}\n"
+
+
+def test_demo_says_in_one_line_that_its_workdir_cannot_be_written(tmp_path):
+    (tmp_path / "file").write_text("")
+    workdir = tmp_path / "file" / "w"
+    proc = demo("--workdir", str(workdir))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == f"inspectd demo: --workdir {workdir}: cannot write (Not a directory)\n"
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +240,60 @@ def test_a_demo_killed_outright_does_not_leave_its_daemon_streaming(trained_work
         proc.kill()
         proc.wait(10)
         wait_for(lambda: not is_daemon(daemons[0]), 30, "the orphaned daemon to stop")
+    finally:
+        daemons = daemons or daemon_children(proc.pid)
+        proc.kill()
+        proc.wait()
+        kill_daemons(daemons)
+
+
+def test_a_second_demo_in_a_workdir_in_use_refuses_at_once_and_leaves_the_first_alone(trained_workdir, tmp_path):
+    """Two `make demo` share runs/demo: the second rewrote the first one's config, truncated the log its daemon
+    writes (NUL bytes after), and printed the first one's verdicts and summary as its own until that one stopped."""
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_workdir / "bundle", workdir / "bundle")
+    args = ["demo", "--workdir", str(workdir), "--duration", "120", "--cameras", "1", "--rate", "4"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        first = cli(args, out, err)
+    daemons: list[int] = []
+    try:
+        wait_for(lambda: re.search(r"^cam0 seq=\d+", (tmp_path / "out").read_text(), re.M), 150, "a verdict shown")
+        daemons = daemon_children(first.pid)
+        config, log = (workdir / "inspectd.yaml").read_bytes(), (workdir / "daemon.log").read_bytes()
+        second = demo("--workdir", str(workdir), "--duration", "2", "--rate", "9", timeout=30)
+        assert second.returncode == 2 and second.stdout == ""
+        assert second.stderr == (
+            f"inspectd demo: --workdir {workdir} is in use by another demo (pid {first.pid}); give another --workdir\n"
+        )
+        assert (workdir / "inspectd.yaml").read_bytes() == config
+        assert (workdir / "daemon.log").read_bytes().startswith(log) and first.poll() is None
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 143
+    finally:
+        daemons = daemons or daemon_children(first.pid)
+        first.kill()
+        first.wait()
+        kill_daemons(daemons)
+
+
+def test_a_demo_stopped_before_its_first_result_invents_no_figures(trained_workdir, tmp_path):
+    """Ctrl-C before the first result: the summary said `latency p50 0.0 ms, p99 0.0 ms` and `catch rate nan%`."""
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_workdir / "bundle", workdir / "bundle")
+    args = ["demo", "--workdir", str(workdir), "--duration", "120", "--cameras", "1", "--rate", "8"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = cli(args, out, err)
+    daemons: list[int] = []
+    try:
+        # Stopped as soon as its daemon is started: that one is still importing, far from a first result.
+        daemons = wait_for(lambda: daemon_children(proc.pid), 60, "the demo's daemon to start")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130, (tmp_path / "err").read_text()[-2000:]
+        out_text = (tmp_path / "out").read_text()
+        assert "summary: interrupted" in out_text and "summary: 0 frames from 1 camera" in out_text
+        assert "summary: latency: no result received" in out_text and "(catch rate -)" in out_text
+        assert "nan" not in out_text and " 0.0 ms" not in out_text
+        wait_for(lambda: not any(map(is_daemon, daemons)), 10, "the daemon to be gone")
     finally:
         daemons = daemons or daemon_children(proc.pid)
         proc.kill()

@@ -12,6 +12,7 @@ Ground truth travels in each result header's optional `truth` field, which the s
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import signal
@@ -26,7 +27,9 @@ import yaml
 from inspectd.clients.subscribe import GapTracker, Subscriber, format_result
 from inspectd.daemon.notify import PARENT_PID_ENV
 from inspectd.daemon.security import ALLOW_ROOT_ENV
+from inspectd.durable import hold_lock
 from inspectd.protocol.messages import Result
+from inspectd.tools.bench.measure import latency_ms, p99_text
 from inspectd.tools.children import killed_on_a_stop
 
 MODEL_SIZE = (128, 128)
@@ -39,6 +42,7 @@ DEFECT_RATE = 0.25
 MAX_CAMERAS = 4  # camera i shows the surface of synthetic-line seed FIRST_SEED + i; training sees them all
 FIRST_SEED = 1000
 START_TIMEOUT_S = 120.0  # first result after start: engine load and warm-up, with room for a small, loaded machine
+LOCK_NAME = "demo.lock"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +145,6 @@ def summarise(results: list[Result], gaps: GapTracker, wall_s: float) -> dict:
     planted = [r for r in judged if r.truth]
     caught = [r for r in planted if r.verdict == "defect"]
     false_alarms = [r for r in judged if r.truth is False and r.verdict == "defect"]
-    latencies = np.array([r.latency_ms for r in results]) if results else np.zeros(1)
     return {
         "frames": len(results),
         "errors": len(results) - len(judged),
@@ -149,31 +152,84 @@ def summarise(results: list[Result], gaps: GapTracker, wall_s: float) -> dict:
         "caught": len(caught),
         "false_alarms": len(false_alarms),
         "good": sum(1 for r in judged if r.truth is False),
-        "catch_rate": len(caught) / len(planted) if planted else float("nan"),
-        "p50_ms": float(np.percentile(latencies, 50)),
-        "p99_ms": float(np.percentile(latencies, 99)),
+        "catch_rate": len(caught) / len(planted) if planted else None,
+        # Milliseconds already: latency_ms takes seconds.
+        "latency_ms": latency_ms(r.latency_ms / 1000.0 for r in results),
         "fps": len(results) / wall_s if wall_s > 0 else 0.0,
         "missed_seq": sum(gaps.missed.values()),
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def summary_lines(s: dict, cameras: int, wall: float) -> list[str]:
+    """The summary's figures; where there is nothing to take one from (no result, no planted defect), it says so."""
+    lat = s["latency_ms"]
+    rate = "-" if s["catch_rate"] is None else f"{s['catch_rate']:.0%}"
+    if lat["n"]:
+        latency = f"latency p50 {lat['p50']:.1f} ms, {p99_text(lat)} (ingest to publish)"
+    else:
+        latency = "latency: no result received"
+    return [
+        f"summary: {s['frames']} frames from {cameras} camera(s) in {wall:.1f} s ({s['fps']:.1f} frames/s), "
+        f"{s['errors']} errors, {s['missed_seq']} lost",
+        f"summary: defects planted {s['planted']}, caught {s['caught']} "
+        f"(catch rate {rate}), false alarms {s['false_alarms']} of {s['good']} good frames",
+        f"summary: {latency}",
+    ]
+
+
+def bad_option(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, in one line naming the option, or None."""
     if not 1 <= args.cameras <= MAX_CAMERAS:
-        print(f"inspectd demo: --cameras {args.cameras}: expected 1..{MAX_CAMERAS}", file=sys.stderr)
-        return 2
+        return f"--cameras {args.cameras}: expected 1..{MAX_CAMERAS}"
+    for name, value, unit in (("--duration", args.duration, "seconds"), ("--rate", args.rate, "frames per second")):
+        # NaN passes `<= 0`, and a NaN or infinite duration never ends.
+        if not math.isfinite(value) or value <= 0:
+            return f"{name} {value:g}: expected a finite number of {unit} > 0"
     # The frozen recipe's taps reach stride 32, so train refuses other sizes: said here, before the frames are drawn.
-    if args.rate <= 0 or args.duration <= 0 or args.size < 32 or args.size % 32 or args.train_frames < MAX_CAMERAS:
-        print(
-            f"inspectd demo: --rate and --duration: expected positive numbers, --size a multiple of 32, "
-            f"--train-frames at least {MAX_CAMERAS}",
-            file=sys.stderr,
-        )
+    if args.size < 32 or args.size % 32:
+        return f"--size {args.size}: expected a multiple of 32, at least 32"
+    if args.train_frames < MAX_CAMERAS:
+        return f"--train-frames {args.train_frames}: expected at least {MAX_CAMERAS}"
+    return None
+
+
+def take_workdir(workdir: Path) -> str | None:
+    """Hold the workdir for this demo until it exits, or say why not. A second demo in it would rewrite the first
+    one's config, truncate the log its daemon writes, race its training and read its results as its own."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = workdir / LOCK_NAME
+    try:
+        held = hold_lock(lock)
+    except BlockingIOError:
+        try:
+            pid = lock.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            pid = ""
+        return f"--workdir {workdir} is in use by another demo (pid {pid or '?'}); give another --workdir"
+    if held is not None:
+        lock.write_text(f"{os.getpid()}\n", encoding="utf-8")  # another descriptor: the lock stays on `held`
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    bad = bad_option(args)
+    if bad is not None:
+        print(f"inspectd demo: {bad}", file=sys.stderr)
         return 2
     workdir: Path = args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    bundle = build_model(workdir, args.size, args.train_frames)
-    config_path, endpoint = write_config(workdir, bundle, args.cameras, args.rate)
     log_path = workdir / "daemon.log"
+    try:
+        busy = take_workdir(workdir)
+        if busy is not None:
+            print(f"inspectd demo: {busy}", file=sys.stderr)
+            return 2
+        bundle = build_model(workdir, args.size, args.train_frames)
+        config_path, endpoint = write_config(workdir, bundle, args.cameras, args.rate)
+        log = open(log_path, "wb")
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(workdir) else ""
+        print(f"inspectd demo: --workdir {workdir}: cannot write ({exc.strerror or exc}{where})", file=sys.stderr)
+        return 1
     print(f"demo: starting the daemon (config {config_path}, log {log_path}); results on {endpoint}", flush=True)
     print(f"demo: in another shell: inspectd subscribe --endpoint {endpoint}", flush=True)
     archive = workdir.resolve() / "state" / "archive"
@@ -197,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     results: list[Result] = []
     gaps = GapTracker()
     interrupted: KeyboardInterrupt | None = None
-    with open(log_path, "wb") as log, Subscriber(endpoint, topic="inspect.demo.") as subscriber:
+    with log, Subscriber(endpoint, topic="inspect.demo.") as subscriber:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "inspectd", "run", "--config", str(config_path)],
             stdout=log,
@@ -224,6 +280,18 @@ def run(args: argparse.Namespace) -> int:
                     daemon.send_signal(signal.SIGTERM)  # drains: every accepted frame still gets its result
                     stop_at = float("inf")
                 exited = daemon.poll() is not None
+                if exited and stop_at != float("inf"):
+                    # It ended before it was told to: what still arrives on the endpoint is not its to show.
+                    log.flush()
+                    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                    print(
+                        f"inspectd demo: daemon exited with status {daemon.returncode} before its stop; "
+                        f"last lines of {log_path}:",
+                        *tail,
+                        sep="\n",
+                        file=sys.stderr,
+                    )
+                    break
                 message = subscriber.recv(0.2 if not exited else 0.5)
                 if message is None:
                     if exited:
@@ -270,15 +338,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     if interrupted is not None:
         print("summary: interrupted; what follows covers the results shown until then")
-    print(
-        f"summary: {s['frames']} frames from {args.cameras} camera(s) in {wall:.1f} s ({s['fps']:.1f} frames/s), "
-        f"{s['errors']} errors, {s['missed_seq']} lost"
-    )
-    print(
-        f"summary: defects planted {s['planted']}, caught {s['caught']} "
-        f"(catch rate {s['catch_rate']:.0%}), false alarms {s['false_alarms']} of {s['good']} good frames"
-    )
-    print(f"summary: latency p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms (ingest to publish)")
+    print(*summary_lines(s, args.cameras, wall), sep="\n")
     print(f"summary: daemon exit status {daemon.returncode}; log {log_path}", flush=True)
     if interrupted is not None:
         raise interrupted

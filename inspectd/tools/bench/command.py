@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from engines.progress import Progress
-from inspectd.tools.bench.measure import MB, cpu_model, fmt, markdown_table, peak_rss_bytes
+from inspectd.tools.bench.measure import (
+    MB,
+    P99_MIN_SAMPLES,
+    cpu_model,
+    fmt,
+    markdown_table,
+    p99_or_none,
+    peak_rss_bytes,
+)
 
 # What the daemon is held to, set for a CPU station with 2 cores: name -> (what, comparison, target).
 GOALS = {
@@ -137,7 +145,14 @@ def _size(text: str) -> tuple[int, int]:
     try:
         return parse_size(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        # parse_size names train's --size; argparse names the option this is, --size or --frame-size.
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--size ")) from None
+
+
+def _output(text: str) -> Path:
+    """An output file, made absolute against the caller's directory: a profiled daemon runs in a scenario folder
+    of its own and would resolve a relative path there, a folder removed with the scenario."""
+    return Path(text).absolute()
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -175,7 +190,7 @@ def _daemon_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--profile",
-        type=Path,
+        type=_output,
         default=None,
         help="run one more saturated daemon (zmq-raw if chosen, else the first source; the first camera "
         "count) under cProfile in every thread, into this pstats file; cProfile slows it, so that run counts "
@@ -346,6 +361,7 @@ def run_daemon(args, engine_rows: list[dict] | None = None, paths: list[Path] | 
             load_bundle(args.bundle), args.backend, args.options, batches, windows=2, window_s=1.0
         )
         engine_rows = engine["rows"]
+    before = _stamp(args.profile) if args.profile is not None else None
     with tempfile.TemporaryDirectory(prefix="inspectd-bench-") as tmp:
         paths = paths or _frames(args, args.bundle, Path(tmp))
         frames = bench_daemon.FrameSet(paths, load_bundle(args.bundle).input_shape[2])
@@ -367,12 +383,35 @@ def run_daemon(args, engine_rows: list[dict] | None = None, paths: list[Path] | 
         )
     report["engine_rows"] = engine_rows
     if args.profile is not None:
-        report["profile"] = summarize_profile(args.profile)
+        report["profile"] = _profile(args.profile, before, report["rows"])
     if args.mode == "daemon":
         print(_table(bench_daemon, report))
         if args.profile is not None:
             print("\n" + profile_table(report["profile"]))
     return report
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _profile(path: Path, before: tuple[int, int, int] | None, rows: list[dict]) -> dict:
+    """The summary of the pstats file the profiled daemon wrote in this run, or {"error": why} where that run failed
+    (its profile, if any, is of a daemon that was not serving), it wrote none (a file left there by an earlier run is
+    not this run's) or one that cannot be read."""
+    failed = next((r["error"] for r in rows if r.get("profiled") and "error" in r), None)
+    if failed is not None:
+        return {"error": f"{path}: not summarised, the profiled run failed: {failed}"}
+    if _stamp(path) in (None, before):
+        return {"error": f"{path}: no profile written in this run"}
+    try:
+        return summarize_profile(path)
+    except (OSError, EOFError, ValueError, TypeError) as exc:  # a daemon killed while it wrote the file
+        return {"error": f"{path}: cannot read the profile ({type(exc).__name__}: {exc})"}
 
 
 def summarize_profile(path: Path, top: int = 20) -> dict:
@@ -411,6 +450,9 @@ def summarize_profile(path: Path, top: int = 20) -> dict:
 
 
 def profile_table(profile: dict) -> str:
+    if "error" in profile:
+        return f"profile: {profile['error']}"
+
     def rows(entries):
         return [
             [
@@ -475,8 +517,12 @@ def ratios(engine: dict, naive: dict, daemon: dict, max_wait_ms: float, max_batc
         {"cameras": r["cameras"], "offered_fps": r["offered_fps"], "sent_fps": r["sent_fps"]} for r in half
     ]
     short = [r for r in half if r["sent_fps"] is None or r["sent_fps"] < bench_daemon.SENT_SHARE_MIN * r["offered_fps"]]
+    out["half_load_samples"] = min((r["latency_ms"]["n"] for r in half), default=None)
+    p99s = [p99_or_none(r["latency_ms"]) for r in half]
     out["p99_at_half_load"] = (
-        max(r["latency_ms"]["p99"] for r in half) / bound_ms if half and bound_ms and not short else None
+        max(p for p in p99s if p is not None) / bound_ms
+        if half and bound_ms and not short and None not in p99s
+        else None
     )
     outside = [
         r
@@ -505,8 +551,14 @@ def half_load_line(values: dict[str, Any]) -> str:
     line = f"p99 bound at 50% load: {fmt(values['p99_bound_ms'])} ms"
     if not rates:
         return f"{line}."
+    few = values.get("half_load_samples")
     if values["p99_at_half_load"] is None and values["p99_bound_ms"] is not None:
-        rates += f" (p99 goal not judged: a rate sent unknown or under {bench_daemon.SENT_SHARE_MIN:.0%} of offered)"
+        if few is not None and few < P99_MIN_SAMPLES:
+            rates += f" (p99 goal not judged: {few} latency samples, a p99 needs {P99_MIN_SAMPLES})"
+        else:
+            rates += (
+                f" (p99 goal not judged: a rate sent unknown or under {bench_daemon.SENT_SHARE_MIN:.0%} of offered)"
+            )
     return f"{line}; {rates}."
 
 
@@ -540,6 +592,7 @@ def run_all(args) -> dict:
     )
     with tempfile.TemporaryDirectory(prefix="inspectd-bench-") as tmp:
         paths = _frames(args, args.bundle, Path(tmp))
+        sizes = frame_sizes(paths)  # read now: --synthetic frames go with this folder
         _log(f"bench all: naive loop on {len(paths)} frames")
         naive = bench_naive.naive_loop(args.bundle, paths, args.duration)
         _log("bench all: daemon")
@@ -555,7 +608,7 @@ def run_all(args) -> dict:
         "model_id": bundle.model_id,
         "input": list(bundle.input_shape),
         "frames": len(paths),
-        "frame_sizes": frame_sizes(paths),
+        "frame_sizes": sizes,
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "ratios": values,
@@ -564,10 +617,7 @@ def run_all(args) -> dict:
         "daemon": daemon,
         "bench_peak_rss_mb": peak_rss_bytes() / MB,
     }
-    text = markdown_report(report)
-    print(text)
-    if args.markdown is not None:
-        args.markdown.write_text(text + "\n")
+    print(markdown_report(report))
     return report
 
 
@@ -646,6 +696,13 @@ def run(args: argparse.Namespace) -> int:
     from inspectd.errors import InspectdError
 
     runners = {"engine": run_engine, "naive": run_naive, "daemon": run_daemon, "all": run_all}
+    # Said before minutes of measuring, not after: an output that cannot be written would lose the run's figures.
+    for option in ("out", "markdown", "profile"):
+        path = getattr(args, option, None)
+        why = _unwritable(path) if path is not None else None
+        if why is not None:
+            print(f"inspectd bench {args.mode}: --{option} {path}: cannot write ({why})", file=sys.stderr)
+            return 1
     # --json: stdout carries the one JSON document and nothing else; the tables a person reads go to stderr.
     tables = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
@@ -657,12 +714,18 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=1, default=str) + "\n"
     if args.json:
         sys.stdout.write(text)
-    if args.out is not None:
+    outputs = [("out", args.out, text)]
+    if getattr(args, "markdown", None) is not None:
+        outputs.append(("markdown", args.markdown, markdown_report(report) + "\n"))
+    for option, path, content in outputs:
+        if path is None:
+            continue
         try:
-            args.out.write_text(text)
+            path.write_text(content)
         except OSError as exc:
-            why = exc.strerror or exc
-            print(f"inspectd bench {args.mode}: --out {args.out}: cannot write ({why})", file=sys.stderr)
+            print(
+                f"inspectd bench {args.mode}: --{option} {path}: cannot write ({exc.strerror or exc})", file=sys.stderr
+            )
             return 1
     scenarios = (
         report["daemon"]["rows"] if args.mode == "all" else report.get("rows", []) if args.mode == "daemon" else []
@@ -679,3 +742,17 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why `path` cannot be written, or None: opened for appending, as root too (access() says yes to root), and
+    removed again when this made it."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    if not existed:
+        path.unlink(missing_ok=True)
+    return None

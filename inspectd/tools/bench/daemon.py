@@ -38,7 +38,7 @@ from inspectd.clients.subscribe import GapTracker, Subscriber
 from inspectd.daemon.config import MAX_SHUTDOWN_TIMEOUT_S
 from inspectd.daemon.notify import PARENT_PID_ENV
 from inspectd.errors import MessageError
-from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, proc_peak_rss_bytes
+from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, p99_or_none, p99_text, proc_peak_rss_bytes
 from inspectd.tools.children import killed_on_a_stop
 
 SOURCES = ("synthetic", "folder", "zmq-raw", "zmq-jpeg")
@@ -629,7 +629,7 @@ def bench_daemon(
                         row["outside_engine_cpu_ms_per_frame"] = None
                     log(
                         f"bench daemon: {source} x{n_cameras} {row['load']}: {row['delivered_fps']:.1f} frames/s, "
-                        f"p99 {row['latency_ms']['p99']:.1f} ms"
+                        f"{p99_text(row['latency_ms'])}"
                     )
                     rows.append(row)
                     progress.update(done)
@@ -648,6 +648,7 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
         "latency p50 ms",
         "p99 ms",
         "max ms",
+        "latency n",
         "dropped",
         "seq gaps",
         "errors",
@@ -660,7 +661,7 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
     rows = []
     for r in report["rows"]:
         if "error" in r:
-            rows.append([r["source"], r["cameras"], r["load"], "FAILED: " + r["error"][:80]] + [None] * 13)
+            rows.append([r["source"], r["cameras"], r["load"], "FAILED: " + r["error"][:80]] + [None] * 14)
             continue
         lat = r["latency_ms"]
         has_lat = lat["n"] > 0
@@ -673,8 +674,9 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
                 r["sent_fps"],
                 r["delivered_fps"],
                 lat["p50"] if has_lat else None,
-                lat["p99"] if has_lat else None,
+                p99_or_none(lat),
                 lat["max"] if has_lat else None,
+                lat["n"],
                 r["dropped_in_queue"],
                 r["seq_gaps"],
                 r["errors"],

@@ -24,7 +24,7 @@ from engines.bundle.store import Bundle, load_bundle
 from engines.progress import Progress
 from engines.runtime import open_engine
 from engines.runtime.predictor import Predictor
-from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, peak_rss_bytes, rss_bytes, spread
+from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, p99_or_none, peak_rss_bytes, rss_bytes, spread
 
 WARMUP_S = 0.5
 SIZED_TRAIN_IMAGES = 24
@@ -215,6 +215,7 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
         "min..max",
         "latency p50 ms",
         "p99 ms",
+        "latency n",
         "CPU ms/frame",
         "cores",
         "RSS growth in windows MB",
@@ -230,7 +231,8 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
                     row["fps"]["median"],
                     f"{row['fps']['min']:.1f}..{row['fps']['max']:.1f}",
                     row["latency_ms"]["p50"],
-                    row["latency_ms"]["p99"],
+                    p99_or_none(row["latency_ms"]),
+                    row["latency_ms"]["n"],
                     row["cpu_ms_per_frame"],
                     row["cpu_cores_used"],
                     row["rss_growth_mb"],

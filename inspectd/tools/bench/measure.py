@@ -17,6 +17,9 @@ import numpy as np
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MB = 1024 * 1024
+# Below this many samples the 99th percentile is the largest one or two under another name: shown as "-", beside
+# the sample count, and no goal is judged on it.
+P99_MIN_SAMPLES = 100
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -72,6 +75,19 @@ def latency_ms(seconds: Iterable[float]) -> dict[str, float]:
         return {"p50": 0.0, "p99": 0.0, "max": 0.0, "n": 0}
     p50, p99 = np.percentile(a, (50, 99)) * 1000.0
     return {"p50": float(p50), "p99": float(p99), "max": float(a.max() * 1000.0), "n": int(a.size)}
+
+
+def p99_or_none(latency: dict[str, float]) -> float | None:
+    """The p99 of a `latency_ms` dict, None when it rests on fewer than P99_MIN_SAMPLES samples."""
+    return latency["p99"] if latency["n"] >= P99_MIN_SAMPLES else None
+
+
+def p99_text(latency: dict[str, float]) -> str:
+    """'p99 12.3 ms', or what stands in for it when too few samples were taken (for log and summary lines)."""
+    p99 = p99_or_none(latency)
+    if p99 is not None:
+        return f"p99 {p99:.1f} ms"
+    return f"p99 - ({latency['n']} samples, a p99 needs {P99_MIN_SAMPLES})"
 
 
 class CpuClock:

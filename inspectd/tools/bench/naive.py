@@ -25,7 +25,7 @@ import zmq
 
 from engines.bundle.store import load_bundle
 from engines.data.images import list_images
-from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, rss_bytes
+from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, p99_or_none, rss_bytes
 
 SUB_READY_TIMEOUT_S = 5.0
 
@@ -206,6 +206,7 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
         "frames/s",
         "latency p50 ms",
         "p99 ms",
+        "latency n",
         "CPU ms/frame",
         "cores",
         "defect %",
@@ -218,7 +219,8 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
             report["frames"],
             report["fps"],
             lat["p50"],
-            lat["p99"],
+            p99_or_none(lat),
+            lat["n"],
             report["cpu_ms_per_frame"],
             report["cpu_cores_used"],
             100.0 * report["defects"] / report["frames"],
