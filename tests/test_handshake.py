@@ -313,9 +313,10 @@ def test_another_cameras_state_leaves_this_cameras_trigger_ready_alone():
 
 def test_a_status_that_does_not_report_the_cameras_state_does_not_hold_trigger_ready_down():
     """Each status message reports every camera the daemon runs, so one without this camera's state (a daemon or a
-    publisher that does not report states, a status for another camera alone, a state that is not a string) means
-    "not reported", not "unchanged": the bit follows the daemon's health as it did before camera states counted,
-    rather than stay down on a state from a message long gone. A slot not bound to a camera yet has no state."""
+    publisher that does not report states, another camera listed without a state, a state that is not a string)
+    means "not reported", not "unchanged": the bit follows the daemon's health as it did before camera states
+    counted, rather than stay down on a state from a message long gone. A slot not bound to a camera yet has no
+    state."""
 
     async def follow() -> tuple[list[bool], list[bool]]:
         bound = Handshake(Memory(ID_MODULUS), HandshakeSettings(), "cam0")
@@ -327,7 +328,7 @@ def test_a_status_that_does_not_report_the_cameras_state_does_not_hold_trigger_r
             {"cam0": {"state": "failed"}},
             {"cam0": {"published": 3}},
             {"cam0": {"state": "failed"}},
-            {"cam1": {"state": "running"}},
+            {"cam1": {"published": 3}},
             {"cam0": {"state": "failed"}},
             {"cam0": {"state": None}},
             {"cam0": {"state": "failed"}},
@@ -343,6 +344,76 @@ def test_a_status_that_does_not_report_the_cameras_state_does_not_hold_trigger_r
     bound, unbound = asyncio.run(follow())
     assert bound == [False, True] * 4
     assert unbound == [True] * 8
+
+
+def test_a_camera_the_daemons_status_leaves_out_while_it_reports_others_holds_trigger_ready_down():
+    """A daemon that reports its cameras' states lists every camera it runs: one it leaves out was taken out of its
+    config or renamed, and publishes no verdict for the parts the PLC would trigger. The bit drops, the change is
+    logged once however many such messages come (a warning saying why), and it rises once the camera runs again. A
+    slot not bound to a camera yet has none to miss."""
+    logged: list[tuple[str, dict]] = []
+
+    async def follow() -> tuple[list[bool], list[bool]]:
+        bound = Handshake(
+            Memory(ID_MODULUS), HandshakeSettings(), "cam0", log=lambda event, **kw: logged.append((event, kw))
+        )
+        unbound = Handshake(Memory(ID_MODULUS), HandshakeSettings(), None)
+        for handshake in (bound, unbound):
+            await handshake.start()
+        ready: tuple[list[bool], list[bool]] = ([], [])
+        cameras = [
+            {"cam0": {"state": "running"}, "cam1": {"state": "running"}},
+            {"cam1": {"state": "running"}},  # cam0 taken out of the daemon's config
+            {"cam1": {"state": "running"}},
+            {"cam0_new": {"state": "running"}, "cam1": {"state": "failed"}},  # renamed
+            {"cam0": {"state": "running"}},
+        ]
+        for beat, reported in enumerate(cameras, start=1):
+            for handshake, seen in zip((bound, unbound), ready):
+                handshake.follow_daemon(daemon_status(reported))
+                await tick(handshake, beat)
+                seen.append("trigger_ready" in handshake.target.status)  # type: ignore[attr-defined]
+        return ready
+
+    bound, unbound = asyncio.run(follow())
+    assert bound == [True, False, False, False, True]
+    assert unbound == [True] * 5
+    told = [(kw["state"], kw.get("level", "info")) for kw in events(logged, "camera_state")]
+    assert told == [("running", "info"), ("absent", "warning"), ("running", "info")], logged
+    assert "does not run this camera" in events(logged, "camera_state")[1]["reason"]
+
+
+def test_queue_overflow_is_logged_at_the_first_drop_then_as_one_count_at_most_every_interval(monkeypatch):
+    """A PLC that stops acking while the line runs: every result past the queue drops the oldest, and each drop is
+    counted, but only the first is a log line at once; the drops after it come as one line with their count once the
+    interval has passed (at the next drop or the next heartbeat, whichever is first)."""
+    import inspectd.clients.handshake as module
+
+    monkeypatch.setattr(module, "OVERFLOW_LOG_S", 0.3, raising=False)
+    logged: list[tuple[str, dict]] = []
+
+    async def overflow() -> Handshake:
+        plc = Memory(ID_MODULUS)
+        handshake = Handshake(
+            plc, HandshakeSettings(queue_size=4), "cam0", log=lambda event, **kw: logged.append((event, kw))
+        )
+        await handshake.start()
+        for seq in range(1, 51):  # nothing handed over: the queue keeps the newest 4
+            handshake.offer(result(seq))
+        assert len(events(logged, "queue_overflow")) == 1, logged
+        deadline = time.monotonic() + 10
+        beat = 0
+        while len(events(logged, "queue_overflow")) < 2 and time.monotonic() < deadline:
+            beat += 1
+            await tick(handshake, beat)
+            await asyncio.sleep(0.02)
+        return handshake
+
+    handshake = asyncio.run(overflow())
+    assert handshake.counters.overflow_drops == 46 and [r.seq for r in handshake.queue] == [47, 48, 49, 50]
+    told = events(logged, "queue_overflow")
+    assert [(kw["dropped"], kw["dropped_seq"], kw["dropped_total"]) for kw in told] == [(1, 1, 1), (45, 46, 46)]
+    assert all(kw["level"] == "warning" for kw in told)
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ from inspectd.protocol.control import connect_error
 from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.journal import CAMERA_RE, check_readable
 from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
-from inspectd.protocol.messages import Result, decode, subscriptions
+from inspectd.protocol.messages import Result, decode, status_interval, subscriptions
 
 log = structlog.get_logger("inspectd.clients.bridge")
 
@@ -57,8 +57,11 @@ HELP = {
     "modbus": "write verdicts to holding registers of a Modbus TCP PLC",
     "opcua": "serve verdicts as OPC UA variables, or write them into a PLC's OPC UA server",
 }
-# trigger_ready drops when the daemon has published nothing (result or status) for this long; status is 1 Hz.
+# trigger_ready drops when the daemon has published nothing (result or status) for SILENT_GAPS times the interval its
+# status messages say they come at (publish.status_interval_s, 1 s by default, up to an hour), and never sooner than
+# this (the limit too until a status says its interval): three status messages missed, as the web view counts them.
 DAEMON_SILENT_S = 3.0
+SILENT_GAPS = 3
 # A message the bridge has been taking in for this long waits on a journal read that is stuck (a failing disk), not
 # slow (a full segment parses in a fraction of a second): trigger_ready drops, as for a silent daemon.
 READ_STUCK_S = 10.0
@@ -266,6 +269,7 @@ class Router:
         self.handshakes = handshakes
         self.acked = acked
         self.other_camera = 0
+        self.refused: set[str] = set()  # the cameras whose results were refused: each is logged once
 
     def handshake(self, camera: str):
         """The handshake serving `camera`, None when none does (yet)."""
@@ -315,7 +319,9 @@ class Router:
             handshake.offer(result)
             return
         self.other_camera += 1
-        if self.other_camera == 1:
+        if result.camera not in self.refused:
+            # Per camera: one the daemon gains later (months after another was refused) reaches no PLC either.
+            self.refused.add(result.camera)
             log.info(
                 "result_refused",
                 camera=result.camera,
@@ -1011,6 +1017,10 @@ async def _bridge(
     feeding: list[float | None] = [None]  # since when a message is in the Feeder, which may wait on a journal read
     stuck_told = [False]
     healthy = [True]
+    silent_after = [DAEMON_SILENT_S]  # from the interval the daemon's last status message said
+    # What the log last said of the daemon, for one line per change: heard (the start counts as heard, so a daemon
+    # never heard is told once the silence limit has passed since the start) and healthy.
+    told_heard, told_healthy = [True], [True]
     log.info(
         "bridge_started",
         endpoint=args.endpoint,
@@ -1046,6 +1056,8 @@ async def _bridge(
             feeding[0] = None
             stuck_told[0] = False
             last_heard[0] = time.monotonic()
+        interval = status_interval(message)
+        silent_after[0] = DAEMON_SILENT_S if interval is None else max(DAEMON_SILENT_S, SILENT_GAPS * interval)
         if message.get("healthy") is not None:
             healthy[0] = message["healthy"] is True  # a string "false" is no health either
         for handshake in handshakes:  # written with the next result or heartbeat
@@ -1075,6 +1087,7 @@ async def _bridge(
 
     async def tick() -> None:
         beat = 0
+        started = time.monotonic()
         while not stop.is_set():
             beat += 1
             now = time.monotonic()
@@ -1087,7 +1100,33 @@ async def _bridge(
                     waited_s=round(waited, 1),
                     effect="trigger_ready down until the read returns: no verdict can come meanwhile",
                 )
-            alive = (waited is not None and waited < READ_STUCK_S) or now - last_heard[0] < DAEMON_SILENT_S
+            alive = (waited is not None and waited < READ_STUCK_S) or now - last_heard[0] < silent_after[0]
+            quiet = now - max(last_heard[0], started)
+            heard = alive or quiet < silent_after[0]
+            if heard != told_heard[0]:
+                told_heard[0] = heard
+                if heard:
+                    log.info("daemon_heard", endpoint=args.endpoint, trigger_ready="allowed by the daemon again")
+                else:
+                    log.warning(
+                        "daemon_silent",
+                        endpoint=args.endpoint,
+                        topic=prefix,
+                        silent_s=round(quiet, 1),
+                        since="the start" if last_heard[0] == -DAEMON_SILENT_S else "the last message",
+                        silent_after_s=silent_after[0],
+                        trigger_ready="down until the daemon is heard again",
+                    )
+            if healthy[0] != told_healthy[0]:
+                told_healthy[0] = healthy[0]
+                if healthy[0]:
+                    log.info("daemon_healthy", endpoint=args.endpoint, trigger_ready="allowed by the daemon again")
+                else:
+                    log.warning(
+                        "daemon_unhealthy",
+                        endpoint=args.endpoint,
+                        trigger_ready="down while the daemon's status says healthy: false",
+                    )
             failure = sub.look()  # every beat: the events must not pile up, and a refused socket is replaced
             if failure is not None and not alive and failure != refused[0]:
                 # A daemon that shuts the bridge out would otherwise look like one that is down.

@@ -45,7 +45,8 @@ restart.
 
 Status flags besides the result's own: trigger_ready (the daemon is heard from, says it is healthy, and does not report
 this camera in any state but running: cameras.<camera>.state, see inspectd.daemon.ingest.supervisor; a status that
-leaves the state out does not hold the bit down), daemon_unhealthy (its status message says healthy: false), drift
+leaves this camera out while it reports other cameras' states says the daemon no longer runs it, and holds the bit
+down; one that reports no state does not), daemon_unhealthy (its status message says healthy: false), drift
 (the daemon's drift alarm for this camera, from its status message: cameras.<camera>.drift.alarm, see
 inspectd.daemon.drift; the bridge has no drift rule of its own), false_reject_warning (likewise
 cameras.<camera>.drift.false_reject_warning: the good frames' scores imply a false-reject rate well above the
@@ -88,13 +89,29 @@ ID_MODULUS = 1 << 32  # inspection ids are written as 32-bit values unless a tar
 # that times out, with every retry its protocol client makes, must end within it, or the service manager's kill
 # leaves result_valid and trigger_ready up. Each protocol bounds its request_timeout_ms by it.
 STOP_REQUEST_BUDGET_MS = 2000.0
+# A PLC that stops acking while the line runs drops a result per part: the first drop is logged at once, the drops
+# after it at most this often as one line with their count, so the log keeps its other lines (and journald's rate
+# limit) for as long as that lasts. Every drop is still counted (overflow_drops, sequence_gaps).
+OVERFLOW_LOG_S = 60.0
+
+
+# The state of a camera the daemon does not run (taken out of its config, or renamed), where its status message
+# reports the states of the cameras it does run.
+ABSENT = "absent"
 
 
 def daemon_camera_state(status: dict[str, Any], camera: str | None) -> str | None:
     """`camera`'s state in a daemon status message (cameras.<camera>.state: running, paused, reopening, failed, ended,
-    stopped), None when the message does not report one."""
+    stopped), ABSENT when the message leaves the camera out while it reports another camera's state, None when the
+    message does not report one (a daemon that reports no states)."""
     cameras = status.get("cameras")
-    stats = cameras.get(camera) if isinstance(cameras, dict) and camera is not None else None
+    if not isinstance(cameras, dict) or camera is None:
+        return None
+    stats = cameras.get(camera)
+    if stats is None and camera not in cameras:
+        # Each status lists every camera the daemon runs: a daemon that reports states runs no camera it leaves out.
+        others = (other.get("state") for other in cameras.values() if isinstance(other, dict))
+        return ABSENT if any(isinstance(state, str) for state in others) else None
     state = stats.get("state") if isinstance(stats, dict) else None
     return state if isinstance(state, str) else None
 
@@ -206,6 +223,9 @@ class Handshake:
         self.false_reject_warning = False  # likewise its false-reject warning
         self.camera_state: str | None = None  # this camera's state as the last status message said, None: not said
         self.written_status: Status | None = None
+        self._overflow_untold = 0  # drops since the last queue_overflow line
+        self._overflow_last_seq: int | None = None  # the seq dropped last
+        self._overflow_told_at = -OVERFLOW_LOG_S  # when the last queue_overflow line was logged (monotonic)
         self._writing = False  # a hand-over's result write is on its way: no status write may land between its runs
         self._plc_residue: int | None = None  # the PLC's inspection id at start (modulo its width), until placed
         self._plc_id: int | None = None  # the PLC's inspection id as read at start, and the recorded ack: for the log
@@ -339,9 +359,27 @@ class Handshake:
         if len(self.queue) >= self.settings.queue_size:
             dropped = self.queue.popleft()
             self.counters.overflow_drops += 1
-            self.log("queue_overflow", camera=self.camera, dropped_seq=dropped.seq, queue_size=self.settings.queue_size)
+            self._overflow_untold += 1
+            self._overflow_last_seq = dropped.seq
+            if time.monotonic() - self._overflow_told_at >= OVERFLOW_LOG_S:
+                self._tell_overflow()
         self.queue.append(result)
         self._arrived.set()
+
+    def _tell_overflow(self) -> None:
+        """One queue_overflow line for the drops since the last one (the first drop of an overflow is told at once)."""
+        self.log(
+            "queue_overflow",
+            level="warning",
+            camera=self.camera,
+            dropped=self._overflow_untold,
+            dropped_seq=self._overflow_last_seq,
+            dropped_total=self.counters.overflow_drops,
+            queue_size=self.settings.queue_size,
+            effect=f"oldest queued results dropped (gaps, alarm latched); told at most every {OVERFLOW_LOG_S:.0f} s",
+        )
+        self._overflow_untold = 0
+        self._overflow_told_at = time.monotonic()
 
     def _past_journal(self, known: int | None, reserved: int | None) -> None:
         """Where the resume point lies past the daemon's journal at start: past `known`, its newest seq of this
@@ -422,9 +460,10 @@ class Handshake:
 
     def status(self) -> Status:
         flags = set()
-        # A camera that is not running (failed, reopening, paused, stopped, ended) publishes no verdicts for the parts
-        # the PLC would trigger. A status that does not report its state leaves the bit to the daemon's health as
-        # before: dropping it on an absent field would stop a line whose daemon never reports one.
+        # A camera that is not running (failed, reopening, paused, stopped, ended, or absent: no longer run by the
+        # daemon) publishes no verdicts for the parts the PLC would trigger. A status that does not report its state
+        # leaves the bit to the daemon's health as before: dropping it on an absent field would stop a line whose
+        # daemon never reports one.
         if self.daemon_alive and self.daemon_healthy and self.camera_state in (None, "running"):
             flags.add("trigger_ready")
         if not self.daemon_healthy:
@@ -449,7 +488,17 @@ class Handshake:
         # Each status message reports every camera the daemon runs, so a state it leaves out is not reported any more,
         # not unchanged: keeping the last one would hold the bit down on a message long gone.
         state = daemon_camera_state(status, self.camera)
-        if state != self.camera_state:
+        if state == ABSENT and self.camera_state != ABSENT:
+            self.log(
+                "camera_state",
+                level="warning",
+                camera=self.camera,
+                state=state,
+                trigger_ready="down until the camera is running",
+                reason="the daemon does not run this camera: its status lists other cameras, not this one (taken "
+                "out of its config or renamed)",
+            )
+        elif state != self.camera_state:
             self.log(
                 "camera_state",
                 camera=self.camera,
@@ -676,6 +725,8 @@ class Handshake:
         """Once per heartbeat period: heartbeat (the `heartbeat`th beat), the status word again, and the PLC's alarm
         reset request. The status is rewritten unchanged too: a PLC program, an operator or a re-initialised PLC
         that cleared it would otherwise keep trigger_ready down while the heartbeat says the bridge is alive."""
+        if self._overflow_untold and time.monotonic() - self._overflow_told_at >= OVERFLOW_LOG_S:
+            self._tell_overflow()  # the drops at an overflow's end, told though no further drop comes
         await self.target.write({"heartbeat": self.heartbeat(heartbeat)})
         await self._write_status(again=True)
         async with self._reset_lock:

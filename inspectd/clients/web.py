@@ -52,7 +52,7 @@ from inspectd.protocol.archive import (
     NoArchive,
     live_frame,
 )
-from inspectd.protocol.messages import Result
+from inspectd.protocol.messages import Result, status_interval
 
 if TYPE_CHECKING:
     from inspectd.clients.subscribe import Subscriber
@@ -66,7 +66,6 @@ ARCHIVE_CHECK_S = 1.0  # how often the archive's readability is checked, pages o
 # daemon's publish.status_interval_s may be anything up to an hour): the page says the daemon is not reporting.
 STATUS_STALE_S = 3.0
 STALE_GAPS = 3
-MAX_STATUS_INTERVAL_S = 3600.0  # the config's bound on publish.status_interval_s: a larger one is not believed
 GAPS_KEPT = 5  # the usual gap is the median of this many, so one long gap (a daemon restart) does not set it
 ARCHIVE_WAIT_S = 2.0  # an image named by a result may still be on its way to disk: wait this long before 404
 HIST_BINS = 20  # score / threshold from 0 to 2 in HIST_BINS bins, and one bin above
@@ -237,10 +236,8 @@ class LineState:
     def stale_after(self) -> float:
         """Seconds without a status message after which the daemon counts as not reporting: STALE_GAPS times the
         interval the daemon says it publishes at, or (a daemon that does not say) the usual gap seen."""
-        said = (self.status or {}).get("interval_s")
-        if isinstance(said, (int, float)) and not isinstance(said, bool) and 0 < said <= MAX_STATUS_INTERVAL_S:
-            usual = float(said)
-        else:
+        usual = status_interval(self.status or {})
+        if usual is None:
             usual = statistics.median_low(self.status_gaps) if self.status_gaps else 0.0
         return max(STATUS_STALE_S, STALE_GAPS * usual)
 

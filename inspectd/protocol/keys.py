@@ -258,16 +258,31 @@ def curve_from_flags(
 REFUSED_AFTER = 3
 
 
+# ZMTP heartbeats on a subscriber's connection. A SUB socket sends nothing after it subscribed, so a path that dies
+# without a FIN or RST reaching it (the daemon's host losing power, a firewall or NAT dropping its state) leaves the
+# connection open for good and libzmq never reconnects: the daemon, back up, is never heard again. A PING every
+# second that gets no PONG (the daemon's libzmq answers it, however long its status interval) within 3 s drops the
+# connection, and libzmq connects anew. 1 s is the daemon's default status interval and 3 s a PLC bridge's least
+# silence limit (three status messages missed): the connection is given up on about as soon as the bridge takes the
+# daemon as silent, and back within a second or so of the path. Any traffic from the daemon counts as an answer, so
+# a busy line's connection is not dropped for a PONG queued behind its results.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+
+
 def open_watched_sub(context: zmq.Context, endpoint: str, curve, topics: list[bytes], **options: int) -> tuple:
-    """A SUB socket on `endpoint`: `options` (RCVHWM=..) and LINGER 0 set, the CurveZMQ client keys `curve` (a
-    curve_client hook, or None) and the subscriptions before it connects, its handshakes watched from before the
-    connect. (socket, HandshakeWatch); on any failure the socket is closed before the error goes on."""
+    """A SUB socket on `endpoint`: ZMTP heartbeats (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS), `options` (RCVHWM=..)
+    and LINGER 0 set, the CurveZMQ client keys `curve` (a curve_client hook, or None) and the subscriptions before it
+    connects, its handshakes watched from before the connect. (socket, HandshakeWatch); on any failure the socket is
+    closed before the error goes on."""
     from inspectd.protocol.endpoints import take_endpoint
 
     sock = context.socket(zmq.SUB)
     watch = None
     try:
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         for name, value in options.items():
             sock.setsockopt(getattr(zmq, name), value)
         take_endpoint(sock, endpoint)

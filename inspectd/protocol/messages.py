@@ -396,6 +396,19 @@ def decode_status(frames: Sequence[bytes]) -> dict[str, Any]:
     return doc
 
 
+# The daemon's bound on publish.status_interval_s: a status message saying more is not believed.
+MAX_STATUS_INTERVAL_S = 3600.0
+
+
+def status_interval(status: dict[str, Any]) -> float | None:
+    """The seconds between status messages a daemon status message says it publishes at (interval_s), None where it
+    does not say, or says what publish.status_interval_s cannot be."""
+    said = status.get("interval_s")
+    if isinstance(said, (int, float)) and not isinstance(said, bool) and 0 < said <= MAX_STATUS_INTERVAL_S:
+        return float(said)
+    return None
+
+
 def decode(frames: Sequence[bytes]) -> Result | dict[str, Any]:
     """A result (Result) or a status message (dict), told apart by the topic."""
     if not frames:
