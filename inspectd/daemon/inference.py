@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
+import json
 import math
 import threading
 import time
@@ -34,7 +36,9 @@ import cv2
 import numpy as np
 import structlog
 
-from engines.errors import EngineError
+from engines.bundle import thresholds as thresholds_doc
+from engines.bundle.format import THRESHOLDS
+from engines.errors import BundleError, EngineError
 from engines.runtime import score_shift
 from engines.runtime.predictor import Predictor
 from engines.runtime.preprocess import mean_level
@@ -79,15 +83,21 @@ class ModelState:
     ) -> ModelState:
         """`accept(bundle)` may refuse the bundle (by raising) before its engine is opened."""
         # Imported here so importing the stage (e.g. for its types) does not load the bundle machinery.
-        from engines.bundle.store import load_bundle
-        from engines.runtime import open_engine
+        from engines.bundle.store import ChangedOnDisk
 
-        bundle = load_bundle(bundle_path)
-        if accept is not None:
-            accept(bundle)
-        engine = open_engine(bundle, backend, options or {}, max_batch=max_batch)
         try:
-            thresholds = bundle.thresholds()
+            bundle, engine, thresholds = _open_one_bundle(bundle_path, backend, options, max_batch, accept)
+        except ChangedOnDisk as exc:
+            # A teach or train swaps the whole directory, a calibrate rewrites thresholds.json: landing while this
+            # ran, its files are not all of one bundle. Loaded afresh, once: two writes within one open are refused.
+            log.info("bundle_changed_while_opening", bundle=str(bundle_path), change=str(exc), effect="opened again")
+            try:
+                bundle, engine, thresholds = _open_one_bundle(bundle_path, backend, options, max_batch, accept)
+            except ChangedOnDisk as again:
+                raise ChangedOnDisk(
+                    f"{again}; changed twice while it was opened: retry once its writer is done"
+                ) from None
+        try:
             shift = None
             if engine.precision != "fp32":
                 frames, source = probe_frames(bundle, thresholds)
@@ -112,7 +122,19 @@ class ModelState:
         it ran for good (the catalogue's patchcore at 320: 2.1 GB at max_batch 8 against 0.4 GB), which a line that
         never fills its batches should not pay for at start."""
         h, w, c = self.bundle.input_shape
-        self.engine.infer(np.zeros((min(2, self.engine.max_batch), h, w, c), np.uint8))
+        result = self.engine.infer(np.zeros((min(2, self.engine.max_batch), h, w, c), np.uint8))
+        # Finite scorer params can still overflow in the graph (a memory bank written by another tool): swapped in,
+        # such a model makes every frame an error verdict and the station unhealthy, so it is refused here instead.
+        if not np.isfinite(result.scores).all():
+            raise EngineError(
+                f"{self.bundle.path}: scores {result.scores.tolist()} on blank frames, expected finite scores: its "
+                "scorer.npz or graph gives NaN/inf"
+            )
+        if not np.isfinite(result.maps).all():
+            raise EngineError(
+                f"{self.bundle.path}: anomaly map holds NaN/inf on blank frames, expected finite values: its "
+                "scorer.npz or graph gives NaN/inf"
+            )
 
     def with_thresholds(self, thresholds) -> ModelState:
         """Same model and engine, new thresholds: a threshold change costs no engine rebuild."""
@@ -122,6 +144,71 @@ class ModelState:
     def close(self) -> None:
         self.engine.close()
         _return_freed_memory()
+
+
+def _open_one_bundle(
+    bundle_path: str | Path,
+    backend: str,
+    options: dict | None,
+    max_batch: int,
+    accept: Callable[[Any], None] | None,
+) -> tuple[Any, Any, Any]:
+    """The bundle at `bundle_path` verified, its engine opened and its thresholds read; ChangedOnDisk (the engine
+    closed) when the directory no longer holds what load_bundle verified once the engine and thresholds are read.
+
+    The engine opens the graph and the thresholds are read by name after load_bundle hashed every file: a swap in
+    between would give the old manifest's model_id and scorer params with the new directory's graph and thresholds."""
+    from engines.bundle.store import ChangedOnDisk, check_unchanged, load_bundle
+    from engines.runtime import open_engine
+
+    bundle = load_bundle(bundle_path)
+    if accept is not None:
+        accept(bundle)
+    engine = open_engine(bundle, backend, options or {}, max_batch=max_batch)
+    try:
+        data = _verified_thresholds_bytes(bundle)
+        try:
+            check_unchanged(bundle.path, bundle.manifest, "its graph and thresholds may be another version's")
+        except ChangedOnDisk:
+            raise
+        except BundleError as exc:  # its manifest gone or cut short: a swap by two renames caught between them
+            raise ChangedOnDisk(str(exc)) from exc
+        thresholds = _parse_thresholds(bundle, data)
+    except BaseException:
+        engine.close()
+        raise
+    return bundle, engine, thresholds
+
+
+def _verified_thresholds_bytes(bundle) -> bytes:
+    """thresholds.json's content, read once and checked against the checksum in the manifest load_bundle verified:
+    what is parsed is then that version, even if the file was replaced and put back since."""
+    from engines.bundle.store import ChangedOnDisk
+
+    member = bundle.path / THRESHOLDS
+    try:
+        data = member.read_bytes()
+    except OSError as exc:  # hashed by load_bundle a moment ago: gone since
+        raise ChangedOnDisk(f"{member}: cannot read ({exc.strerror or exc}), expected the file just verified") from exc
+    expected = bundle.manifest["files"][THRESHOLDS]
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ChangedOnDisk(
+            f"{member}: sha256 {actual[:12]}... since it was loaded, expected the manifest's {str(expected)[:12]}..."
+        )
+    return data
+
+
+def _parse_thresholds(bundle, data: bytes):
+    member = bundle.path / THRESHOLDS
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{member}: not valid JSON ({exc})") from exc
+    try:
+        return thresholds_doc.parse(doc, where=str(member))
+    except thresholds_doc.ThresholdsError as exc:
+        raise BundleError(str(exc)) from exc
 
 
 def probe_frames(bundle, thresholds, count: int = SHIFT_PROBE_FRAMES) -> tuple[np.ndarray, str]:

@@ -634,10 +634,14 @@ class Daemon:
                 new.close()
                 raise
         except Exception as exc:
+            from engines.bundle.store import ChangedOnDisk
             from inspectd.daemon.control import mark_refusal
             from inspectd.protocol.control import BUNDLE_REFUSED
 
-            mark_refusal(exc, **{BUNDLE_REFUSED: True})
+            # A bundle still being written (it changed on disk twice while it opened) is a refusal of the moment:
+            # a tool that put back the running bundle for it would undo a write that is fine once it ends.
+            if not isinstance(exc, ChangedOnDisk):
+                mark_refusal(exc, **{BUNDLE_REFUSED: True})
             raise
         return new
 
