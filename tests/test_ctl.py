@@ -135,6 +135,41 @@ def test_exit_codes_without_a_daemon(tmp_path):
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
+def test_ctl_pointed_at_another_socket_kind_or_a_left_socket_file_says_which_in_one_line(tmp_path):
+    """The daemon's publish endpoint given for its control one, a socket file a stopped daemon left, and a port
+    nothing listens on each get a line that says what was found there, not only "expected a running inspectd"; the
+    first at once, since libzmq gives such a peer up."""
+    import socket
+    import time
+
+    import zmq
+
+    publish = zmq.Context.instance().socket(zmq.PUB)
+    publish.linger = 0
+    port = free_port()
+    publish.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        started = time.monotonic()
+        wrong = ctl(f"tcp://127.0.0.1:{port}", "--timeout", "20", "status")
+        took = time.monotonic() - started
+    finally:
+        publish.close()
+    assert wrong.returncode == 3 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+    assert "closed the connection during the handshake, as a socket of another kind does" in wrong.stderr
+    assert "expected its control endpoint (control.endpoint)" in wrong.stderr and took < 15, (took, wrong.stderr)
+
+    left = tmp_path / "control.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(left))  # a socket file with nothing listening on it, as a killed daemon leaves
+    stale.close()
+    gone = ctl(f"ipc://{left}", "--timeout", "1", "status")
+    assert gone.returncode == 3 and len(gone.stderr.strip().splitlines()) == 1, gone.stderr
+    assert f"the socket file {left} is there but every connection to it was refused" in gone.stderr, gone.stderr
+
+    closed = ctl(f"tcp://127.0.0.1:{free_port()}", "--timeout", "1", "status")
+    assert closed.returncode == 3 and "every connection was refused, so nothing listens there" in closed.stderr
+
+
 def test_a_thresholds_file_ctl_cannot_send_is_one_line_and_exit_2_with_nothing_sent(tmp_path):
     """Parsed as the daemon parses it (deep nesting, a 5000-digit integer, NaN: each one line, never a traceback),
     and refused before sending when over the daemon's request limit, which the daemon's socket drops unanswered."""

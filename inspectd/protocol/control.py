@@ -35,6 +35,7 @@ from inspectd.protocol import wirejson
 from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 
+POLL_S = 0.25
 MAX_REQUEST_BYTES = 1 << 20  # a thresholds document with history is a few kB; anything near this is not a request
 # Commands that write into the bundle: one the daemon took and left unanswered at the timeout may still be applied.
 WRITES = ("set_thresholds", "rollback")
@@ -214,11 +215,13 @@ class ControlClient:
         except zmq.Again:
             answered = False
         if not answered:
-            failure = None if self._watch is None else self._watch.failure()
+            watch = self._watch
+            failure = None if watch is None else watch.failure()
+            refused = watch is not None and not watch.connected and watch.connects_refused > 0
             self.close()
             if failure is not None:
                 raise HandshakeFailed(f"control {self.endpoint}: the daemon {failure}")
-            raise ControlTimeout(self._no_reply(str(doc.get("cmd", "?"))[:40], wait_s, sent), sent=sent)
+            raise ControlTimeout(self._no_reply(str(doc.get("cmd", "?"))[:40], wait_s, sent, refused), sent=sent)
         data = sock.recv()
         if self._watch is not None:
             self._watch.failure()  # read its events as they come: a socket kept open must not let them pile up
@@ -229,13 +232,13 @@ class ControlClient:
             )
         return reply
 
-    def _no_reply(self, cmd: str, wait_s: float, sent: bool) -> str:
+    def _no_reply(self, cmd: str, wait_s: float, sent: bool, refused: bool = False) -> str:
         """The one line for a request not answered within `wait_s`: no daemon took it (`sent` false), or one took it
         and is still at it. A reload is answered only once the new model is loaded and warmed up, which can outlast
         the timeout, and until then the daemon answers nothing else."""
         where = f"control {self.endpoint}: no reply within {wait_s:g} s to {cmd!r}"
         if not sent:
-            return where + _no_daemon_took(self.endpoint)
+            return where + _no_daemon_took(self.endpoint, refused)
         if cmd == "reload":
             return (
                 f"{where}, which the daemon took: it may still be reloading (it answers nothing else until the "
@@ -261,7 +264,8 @@ class ControlClient:
         if self._watch is not None:
             poller.register(self._watch.monitor, zmq.POLLIN)
         while (left := deadline - time.monotonic()) > 0:
-            ready = dict(poller.poll(max(1, int(left * 1000))))
+            # Woken at least every POLL_S: a peer of another socket kind is told by the silence after its close.
+            ready = dict(poller.poll(max(1, int(min(left, POLL_S) * 1000))))
             if ready.get(sock, 0) & event:
                 return True
             if self._watch is not None and self._watch.refused():
@@ -283,14 +287,14 @@ class ControlClient:
         self.close()
 
 
-def _no_daemon_took(endpoint: str) -> str:
-    """The end of the line for a request no daemon took at `endpoint`: what its ipc:// socket file tells. ZeroMQ
-    retries a connect the file's mode refuses without a word, so without this a user outside the daemon's group
-    would be told the daemon is not running."""
+def _no_daemon_took(endpoint: str, refused: bool = False) -> str:
+    """The end of the line for a request no daemon took at `endpoint`: what its ipc:// socket file tells, and whether
+    every connection was refused (`refused`: nothing listens there). ZeroMQ retries a connect the file's mode refuses
+    without a word, so without this a user outside the daemon's group would be told the daemon is not running."""
     running = ", expected a running inspectd"
     path = endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else ""
     if not path or path.startswith("@"):  # not ipc, or Linux's abstract namespace: no file to look at
-        return running
+        return (": every connection was refused, so nothing listens there" if refused else "") + running
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -298,7 +302,12 @@ def _no_daemon_took(endpoint: str) -> str:
     except OSError as exc:
         return f": this user cannot reach the socket file {path} ({exc.strerror}), expected a member of its group"
     if os.access(path, os.W_OK):
-        return running  # a daemon that stopped without removing its socket file, or one that does not answer
+        if refused:  # the file outlived its socket
+            return (
+                f": the socket file {path} is there but every connection to it was refused: left by a daemon that "
+                "stopped without removing it (or one not yet listening), expected a running inspectd"
+            )
+        return running  # a daemon that does not answer
     try:
         group = grp.getgrgid(st.st_gid).gr_name
     except KeyError:

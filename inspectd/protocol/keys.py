@@ -256,6 +256,10 @@ def curve_from_flags(
 # A handshake ended without a reason this many times in a row, libzmq retrying every 100 ms: a wrong --server-key,
 # told in about 0.3 s.
 REFUSED_AFTER = 3
+# A connection closed before its handshake ended is retried within libzmq's reconnect interval (100 ms) when the peer
+# went away, and never when the peer is a socket of another kind (a protocol error: libzmq gives the endpoint up).
+# Silence this long after such a close is that give-up.
+GAVE_UP_AFTER_S = 1.0
 
 
 # ZMTP heartbeats on a subscriber's connection. A SUB socket sends nothing after it subscribed, so a path that dies
@@ -311,12 +315,20 @@ class HandshakeWatch:
     monitor queue that fills stops the whole context's I/O thread. Works on plain and asyncio sockets."""
 
     _addresses = itertools.count(1)
-    _EVENTS = (
+    _HANDSHAKES = (
         zmq.EVENT_HANDSHAKE_SUCCEEDED
         | zmq.EVENT_HANDSHAKE_FAILED_AUTH
         | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
         | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     )
+    # The connections too: a peer of another socket kind ends the connection with no handshake event at all, and a
+    # peer that is not there refuses each connection.
+    _CONNECTIONS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+    # What each socket kind a client opens expects at the other end, for the one line when it meets another kind.
+    _EXPECTED: dict[int, str] = {
+        zmq.REQ: "control endpoint (control.endpoint)",
+        zmq.SUB: "publish endpoint (publish.endpoint)",
+    }
 
     def __init__(self, sock: zmq.Socket, curve: bool) -> None:
         address = f"inproc://inspectd-handshake-{os.getpid()}-{next(self._addresses)}"
@@ -329,15 +341,21 @@ class HandshakeWatch:
         self._context = plain  # a shadow must outlive the socket made from it
         self.monitor = plain.socket(zmq.PAIR)
         self.monitor.rcvhwm = 0
-        sock.monitor(address, self._EVENTS)
+        sock.monitor(address, self._HANDSHAKES | self._CONNECTIONS)
         self.monitor.connect(address)
         self._failure: str | None = None
         self._definitive = False  # the last failure one the peer gives every time (a key refused, no CurveZMQ)
         self._in_a_row = 0  # failures since the last handshake that succeeded
         self.admitted = False  # the last handshake succeeded
         # libzmq gave the connection up for good: it retries a connection lost, never one the peer ended with a
-        # reason (an ERROR command: a key refused, an authenticator failing) or with another mechanism (Readmission).
+        # reason (an ERROR command: a key refused, an authenticator failing), with another mechanism, or as a socket
+        # of another kind (Readmission).
         self.ended = False
+        self.connected = False  # a connection was ever made
+        self.connects_refused = 0  # connections the peer refused (nothing listening), since the last one made
+        self._shaken = False  # the current connection's handshake succeeded
+        self._closed_unshaken_at: float | None = None  # when a connection closed before its handshake ended
+        self._expected = self._EXPECTED.get(int(sock.socket_type), "endpoint")
 
     def failure(self) -> str | None:
         from zmq.utils.monitor import recv_monitor_message
@@ -346,6 +364,10 @@ class HandshakeWatch:
             while self.monitor.poll(0):
                 event = recv_monitor_message(self.monitor)
                 kind, value = int(event["event"]), int(event["value"])
+                if kind & self._CONNECTIONS:
+                    self._connection(kind)
+                    continue
+                self._shaken = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
                 self._failure = self._describe(kind, value)
                 self._in_a_row = 0 if self._failure is None else self._in_a_row + 1
                 self._definitive = (kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400) or (
@@ -357,7 +379,26 @@ class HandshakeWatch:
                 )
         except zmq.ZMQError:
             pass  # closed under us (its context destroyed): what was read stands
+        closed = self._closed_unshaken_at
+        if closed is not None and not self.ended and time.monotonic() - closed >= GAVE_UP_AFTER_S:
+            self._failure = (
+                "closed the connection during the handshake, as a socket of another kind does (libzmq then gives the "
+                f"endpoint up), expected its {self._expected}, not another of its sockets or another program there"
+            )
+            self._definitive = self.ended = True
+            self.admitted = False
         return self._failure
+
+    def _connection(self, kind: int) -> None:
+        if kind == zmq.EVENT_CONNECTED:
+            self.connected, self._shaken, self.connects_refused = True, False, 0
+            self._closed_unshaken_at = None
+        elif kind == zmq.EVENT_CONNECT_RETRIED:
+            self.connects_refused += 1
+            self._closed_unshaken_at = None
+        elif not self._shaken and self._failure is None:
+            # A close the handshake events have not explained (they come before it when there is a reason).
+            self._closed_unshaken_at = time.monotonic()
 
     def refused(self) -> bool:
         """Whether the peer refuses for good: a key refused or CurveZMQ on one side only at once, a handshake ended
