@@ -5,11 +5,15 @@ Owns the one YAML reader (a safe loader that also refuses a key given twice in o
 silently by keeping the last), `parse` (plain data against a declaration from engines.schema, every refusal one
 ConfigError line starting with the key path), and the field types of inspectd's settings: ZeroMQ endpoints, paths
 (relative ones resolve against the config file's directory) and camera ids.
+
+Numbers are read as YAML 1.2 reads them (the core schema), not as PyYAML's YAML 1.1: `1e4` is a number, not the text
+"1e4"; `0123` is 123, not octal 83; `1:30` is text, not 90 (base 60). Only `0x` and `0o` give another base.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -25,9 +29,11 @@ T = TypeVar("T")
 ENDPOINT_FORMS = "tcp://HOST:PORT or ipc://PATH"
 
 
-def _endpoint(value: Any) -> str:
+def _endpoint(value: Any, info: ValidationInfo) -> str:
     """A ZeroMQ endpoint another process can reach, checked as far as a bind would check it, so `run --check` refuses
-    what `run` could not bind. inproc:// reaches nothing outside the daemon's own process."""
+    what `run` could not bind. inproc:// reaches nothing outside the daemon's own process. A relative ipc:// path
+    resolves against the config file's directory, as every other path in it does (ZeroMQ would take the working
+    directory); an abstract socket (ipc://@name) is no path."""
     if not isinstance(value, str) or not value.startswith(("tcp://", "ipc://")) or value.endswith("://"):
         raise schema.invalid(f"expected a ZeroMQ endpoint ({ENDPOINT_FORMS}), got {schema.show(value)}")
     if "\0" in value:  # ZeroMQ binds an ipc path cut at the NUL: past the check that no address is bound twice
@@ -39,6 +45,10 @@ def _endpoint(value: Any) -> str:
         if ":" in host and not (host.startswith("[") and host.endswith("]")):
             # As in a URL: without brackets, where the address ends and the port begins is a guess.
             raise schema.invalid(f"expected an IPv6 host in brackets, as tcp://[::1]:5556, got {schema.show(value)}")
+    else:
+        socket_path = value[len("ipc://") :]
+        if not socket_path.startswith("@"):
+            return f"ipc://{resolve(socket_path, info)}"
     return value
 
 
@@ -69,7 +79,16 @@ def _path(value: Any, info: ValidationInfo) -> Path:
 
 Endpoint = Annotated[str, PlainValidator(_endpoint)]
 ConfigPath = Annotated[Path, PlainValidator(_path)]
-CameraId = Annotated[str, schema.matching(CAMERA_RE, f"a camera id ({CAMERA_RE.pattern})")]
+# A camera id begins the names of its archive files and journal folder (`<id>-<time>-<n>.overlay.jpg.tmp`, some 60
+# bytes past the id): bounded so that every such name stays well under the 255 bytes a file name may have.
+MAX_CAMERA_ID = 64
+CameraId = Annotated[
+    str,
+    schema.matching(
+        rf"(?={CAMERA_RE.pattern}\Z).{{1,{MAX_CAMERA_ID}}}",
+        f"a camera id ({CAMERA_RE.pattern}, at most {MAX_CAMERA_ID} characters: it begins file names)",
+    ),
+]
 
 
 def parse(declaration: type[T], raw: Any, where: str = "", base_dir: str | Path | None = None) -> T:
@@ -85,9 +104,44 @@ class _DuplicateKey(yaml.constructor.ConstructorError):
         self.mapping, self.key, self.first = mapping, key, first
 
 
+# YAML 1.2's core schema for numbers. PyYAML resolves YAML 1.1's, where `1e4` is text, `0123` octal and `1:30`
+# base 60: each a different value from the one an operator wrote, and a refusal that contradicts what they see.
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT_RE = re.compile(r"[-+]?[0-9]+\Z|0o[0-7]+\Z|0x[0-9a-fA-F]+\Z")
+_FLOAT_RE = re.compile(
+    r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?\Z|[-+]?\.(?:inf|Inf|INF)\Z|\.(?:nan|NaN|NAN)\Z"
+)
+
+
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one silently, and a
-    pasted-in second `queue:` quietly replacing the first is a config bug nobody sees."""
+    pasted-in second `queue:` quietly replacing the first is a config bug nobody sees. Numbers as YAML 1.2 reads
+    them (above)."""
+
+    # A copy without YAML 1.1's number resolvers: add_implicit_resolver would otherwise share SafeLoader's lists.
+    yaml_implicit_resolvers = {
+        first: [(tag, regex) for tag, regex in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = str(self.construct_scalar(node))
+        base = {"0x": 16, "0o": 8}.get(text[:2], 10)  # a leading 0 alone is decimal, as in YAML 1.2
+        try:
+            return int(text[2:] if base != 10 else text, base)
+        except ValueError:  # only where a tag says !!int: the resolver gives this constructor numbers alone
+            raise yaml.constructor.ConstructorError(
+                problem=f"expected an integer, got {schema.show(text)}", problem_mark=node.start_mark
+            ) from None
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        text = str(self.construct_scalar(node))
+        try:
+            return float(text.lower().replace(".inf", "inf").replace(".nan", "nan"))
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                problem=f"expected a number, got {schema.show(text)}", problem_mark=node.start_mark
+            ) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
@@ -102,6 +156,12 @@ class _Loader(yaml.SafeLoader):
             if first is not key_node:
                 raise _DuplicateKey(node, key_node, first)
         return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(_INT_TAG, _INT_RE, list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+.0123456789"))
+_Loader.add_constructor(_INT_TAG, _Loader.construct_yaml_int)
+_Loader.add_constructor(_FLOAT_TAG, _Loader.construct_yaml_float)
 
 
 def read_yaml(path: str | Path, expected: str = "a YAML config file") -> Any:

@@ -1417,7 +1417,7 @@ def test_config_errors_name_the_key_and_the_cli_says_one_line(tmp_path, daemon):
         ({"mode": "push"}, "bridge.mode: expected 'server' or 'client', got 'push'"),
         ({"endpoint": "http://x"}, "endpoint: expected an opc.tcp:// URL"),
         ({"cameras": ["cam 0"]}, "bridge.cameras[0]: expected a camera id"),
-        ({"mode": "client", "node_id": "ns=2;s=x"}, "node_id: expected a template with {camera} and {name}"),
+        ({"mode": "client", "node_id": "ns=2;s=x"}, "node_id: expected a template whose only fields are {camera}"),
         ({"security": {"certificate": "c"}}, "bridge.security.private_key"),
         ({"ack_timeout_ms": 0}, "bridge.ack_timeout_ms: expected at least 1, got 0"),
         ({"request_timeout_ms": 5000}, "bridge.request_timeout_ms: expected at most 2000"),
@@ -1464,4 +1464,53 @@ def test_the_shipped_example_config_is_the_defaults_but_its_camera_and_state_fil
 
     example = load_opcua_config(REPO / "deploy" / "opcua.example.yaml")
     assert example == parse_opcua_config({"cameras": ["cam0"], "state_file": example.state_file})
-    assert example.state_file == "/var/lib/inspectd-bridge/opcua/state.json"
+    assert example.state_file == Path("/var/lib/inspectd-bridge/opcua/state.json")
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["ns=2;s={camera}.{name}.{Value}", "ns=2;s={camera}.{name}}", "ns=2;s={0}.{camera}.{name}", "{camera.x}.{name}"],
+)
+def test_a_node_id_template_with_any_other_field_is_refused_at_load(template):
+    """`{Value}` or a stray brace loaded, and the bridge then died of KeyError (or ValueError) in str.format once it
+    reached the PLC's server, and restarted in a loop under its unit."""
+    with pytest.raises(ConfigError) as refused:
+        parse_opcua_config({"mode": "client", "node_id": template})
+    assert str(refused.value) == (
+        "bridge: node_id: expected a template whose only fields are {camera} and {name}, each at least once (a "
+        f"literal brace written {{{{ or }}}}), got {template!r}"
+    )
+    literal = parse_opcua_config({"mode": "client", "node_id": "ns=2;s={{{camera}}}.{name}"}).node_id
+    assert literal.format(camera="cam0", name="Ack") == "ns=2;s={cam0}.Ack"
+
+
+def test_relative_bridge_paths_resolve_against_the_config_file(tmp_path):
+    """state_file: state.json locked and wrote state.json in the bridge's working directory, and the security files
+    were looked for there too; the daemon's config resolves against its own folder."""
+    from inspectd.clients.opcua import load_opcua_config
+
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "opcua.yaml"
+    path.write_text(
+        "cameras: [cam0]\nstate_file: state.json\ncache_dir: cache\n"
+        "security: {certificate: pki/cert.der, private_key: pki/key.pem, trusted: pki/trusted}\n"
+    )
+    config = load_opcua_config(path)
+    conf = tmp_path / "conf"
+    assert (config.state_file, config.cache_dir) == (conf / "state.json", str(conf / "cache"))
+    assert config.security is not None
+    assert (config.security.certificate, config.security.private_key, config.security.trusted) == (
+        conf / "pki" / "cert.der",
+        conf / "pki" / "key.pem",
+        conf / "pki" / "trusted",
+    )
+    # The bridge itself, started elsewhere: it takes the state file's lock next to the config, then refuses the
+    # certificate that is not there, naming the path it looked at.
+    done = subprocess.run(
+        [sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", f"tcp://127.0.0.1:{free_port()}",
+         "--config", str(path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"security.certificate {conf / 'pki' / 'cert.der'}: " in done.stderr, done.stderr
+    assert (conf / "state.json.lock").exists() and not (tmp_path / "state.json.lock").exists()

@@ -652,3 +652,210 @@ def test_config_is_frozen():
     config = parse_config(MINIMAL)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.station = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "backend,key",
+    [("onnxruntime", "intra_op_threads"), ("onnxruntime", "inter_op_threads"), ("torch", "threads")],
+)
+def test_a_thread_count_beyond_the_bound_is_refused_at_load(backend, key):
+    """2**31 loaded and `run --check` said valid; the engine's open then died in pybind11 with a TypeError naming no
+    key, and a large count below it would have started that many threads."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(["engine"], {"backend": backend, "options": {key: 2**31}}))
+    assert str(refused.value) == f"engine.options.{key}: expected at most 1024, got 2147483648"
+    assert parse_config(with_value(["engine"], {"backend": backend, "options": {key: 1024}})).engine.options == {
+        key: 1024
+    }
+
+
+GENICAM = {"kind": "genicam"}
+ONE_DEVICE = [
+    (
+        [{**GENICAM, "device": "10.0.0.5"}, {**GENICAM, "device": "10.0.0.5"}],
+        "cameras[1].source.device: genicam device 10.0.0.5 is already used by cameras[0].source.device, expected one "
+        "of its own",
+    ),
+    (
+        [GENICAM, GENICAM],
+        "cameras[1].source.device: left out: the first genicam device found, which cameras[0].source.device (the "
+        "first genicam device found (no device set)) may be, expected a device set for each genicam camera when "
+        "there are several",
+    ),
+    (
+        [{**GENICAM, "device": "Basler-1"}, GENICAM],
+        "cameras[1].source.device: left out: the first genicam device found, which cameras[0].source.device (genicam "
+        "device Basler-1) may be, expected a device set for each genicam camera when there are several",
+    ),
+    (
+        [GENICAM, {**GENICAM, "device": "Basler-1"}],
+        "cameras[1].source.device: genicam device Basler-1 may be the first genicam device found, which "
+        "cameras[0].source.device opens, expected a device set for each genicam camera when there are several",
+    ),
+    (
+        [{"kind": "opencv", "device": 0}, {"kind": "opencv", "device": 0}],
+        "cameras[1].source.device: video device 0 (/dev/video0) is already used by cameras[0].source.device, expected "
+        "one of its own",
+    ),
+]
+
+
+@pytest.mark.parametrize("sources,message", ONE_DEVICE, ids=["same", "first-found", "mixed", "mixed-after", "opencv"])
+def test_two_cameras_on_one_device_are_refused_naming_both_keys(sources, message):
+    """The second camera found the device held by the first and reopened for ever behind a "write_register timeout"
+    logged at info; two genicam cameras with no device both opened the first camera found."""
+    doc = {**MINIMAL, "cameras": [{"id": f"c{i}", "source": source} for i, source in enumerate(sources)]}
+    with pytest.raises(ConfigError) as refused:
+        parse_config(doc)
+    assert str(refused.value) == message
+    # Devices of their own, and a single genicam camera with none: accepted.
+    sources = [
+        GENICAM,
+        {"kind": "opencv", "device": 0},
+        {"kind": "opencv", "device": 1},
+        {"kind": "opencv", "url": "0"},
+    ]
+    config = parse_config({**MINIMAL, "cameras": [{"id": f"c{i}", "source": s} for i, s in enumerate(sources)]})
+    assert [c.source.kind for c in config.cameras] == ["genicam", "opencv", "opencv", "opencv"]
+    two = [{**GENICAM, "device": "10.0.0.5"}, {**GENICAM, "device": "10.0.0.6"}]
+    assert len(parse_config({**MINIMAL, "cameras": [{"id": f"c{i}", "source": s} for i, s in enumerate(two)]}).cameras)
+
+
+@pytest.mark.parametrize("listen", ["*:9108", "nosuchhost.invalid:9108", "[localhost]:9108"])
+def test_a_metrics_listen_address_the_server_cannot_bind_is_refused_at_load(listen):
+    """`*:9108` (as the zmq endpoints write it) and a host that does not resolve passed `run --check`; `run` then
+    exited 1 with "cannot listen (Name or service not known)"."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(["metrics", "listen"], listen))
+    assert str(refused.value).startswith("metrics.listen: "), refused.value
+    assert "expected " in str(refused.value) and "\n" not in str(refused.value)
+    for listen in ("0.0.0.0:9108", "[::1]:9108", "localhost:9108", "127.0.0.1:0"):
+        assert parse_config(with_value(["metrics", "listen"], listen)).metrics.listen == listen
+
+
+def test_a_state_dir_that_is_a_file_is_refused_naming_state_dir(tmp_path):
+    """It loaded; the start then failed naming publish.journal.path, a key the config never set."""
+    (tmp_path / "state").write_text("a file")
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(["state_dir"], str(tmp_path / "state")))
+    assert str(refused.value) == (
+        f"state_dir: {tmp_path / 'state'} is not a directory, expected a directory (made at start when missing)"
+    )
+
+
+def test_a_camera_id_too_long_for_a_file_name_is_refused_saying_the_limit():
+    """A 240-character id loaded, and every archive write then failed with ENAMETOOLONG for the whole run."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(["cameras", 0, "id"], "c" * 65))
+    assert str(refused.value).startswith(
+        "cameras[0].id: expected a camera id ([a-zA-Z0-9_-]+, at most 64 characters: it begins file names), got 'ccc"
+    ), refused.value
+    assert parse_config(with_value(["cameras", 0, "id"], "c" * 64)).cameras[0].id == "c" * 64
+    for bad in ("", "cam 0", "cam/0", "cam0\n"):
+        with pytest.raises(ConfigError, match=r"^cameras\[0\]\.id: expected a camera id"):
+            parse_config(with_value(["cameras", 0, "id"], bad))
+
+
+@pytest.mark.parametrize(
+    "pattern,message",
+    [
+        ("sub/*.png", "expected a glob on the file name, with no / (point path at the folder), got 'sub/*.png'"),
+        ("*.{png,jpg}", "expected a glob on the file name (*, ?, [...]), got '*.{png,jpg}': there are no {a,b}"),
+    ],
+)
+def test_a_folder_pattern_fnmatch_cannot_match_is_refused_naming_the_key(pattern, message):
+    """It loaded, the camera showed running, and no file was ever taken."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(["cameras", 1, "source", "pattern"], pattern))
+    assert str(refused.value).startswith(f"cameras[1].source.pattern: {message}"), refused.value
+    for pattern in ("*.[pj][np]g", "*", "{x}.png"):
+        assert parse_config(with_value(["cameras", 1, "source", "pattern"], pattern)).cameras[1].source.pattern
+
+
+@pytest.mark.parametrize(
+    "key,folder,owner",
+    [
+        ("path", "state", "state_dir"),
+        ("path", "state/journal/cam0", "publish.journal.path"),
+        ("path", "state/archive", "archive.path"),
+        ("done_dir", "state", "state_dir"),
+        ("path", "bundle", "model.bundle"),
+    ],
+)
+def test_a_folder_camera_on_the_daemons_own_folders_is_refused(tmp_path, key, folder, owner):
+    """A folder camera on state_dir with delete_after took the daemon's inspectd.lock as a frame and deleted it: a
+    second daemon then started on the same journal."""
+    doc = with_value(["state_dir"], "state")
+    doc["cameras"][1]["source"][key] = folder
+    with pytest.raises(ConfigError) as refused:
+        parse_config(doc, base_dir=tmp_path)
+    where = "is" if folder in ("state", "bundle", "state/archive") else "is inside"
+    owned = {"publish.journal.path": "state/journal", "archive.path": "state/archive"}.get(owner, folder)
+    assert str(refused.value) == (
+        f"cameras[1].source.{key}: {tmp_path / folder} {where} the daemon's {owner} {tmp_path / owned}, expected a "
+        "folder of the camera's own (its files would be taken as frames and deleted or moved)"
+    )
+    # Elsewhere under state_dir is fine: the shipped example watches /var/lib/inspectd/incoming/cam1.
+    doc = with_value(["state_dir"], "state")
+    doc["cameras"][1]["source"].update(path="state/incoming/cam1", done_dir="state/done")
+    assert parse_config(doc, base_dir=tmp_path).cameras[1].source.path == tmp_path / "state/incoming/cam1"
+
+
+def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
+    """YAML 1.1 read 1e4 as text ("expected a number, got '1e4'"), 0123 as octal 83 and 1:30 as 90."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "station: s\nmodel: {bundle: b}\n"
+        "cameras: [{id: c, source: {kind: genicam, exposure_us: 1e4, gain_db: 2.5E-1}, queue: {size: 0123}}]\n"
+        "archive: {max_mb: 2.5e3, good_every: 0o17}\nbatching: {max_wait_ms: .5}\n"
+    )
+    config = load_config(path)
+    assert (config.cameras[0].source.exposure_us, config.cameras[0].source.gain_db) == (10000.0, 0.25)
+    assert (config.cameras[0].queue.size, config.archive.max_mb, config.archive.good_every) == (123, 2500.0, 15)
+    assert config.batching.max_wait_ms == 0.5
+    path.write_text("station: s\nmodel: {bundle: b}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
+                    "batching: {max_wait_ms: 1:30}\n")  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == "batching.max_wait_ms: expected a number, got '1:30'"
+
+
+def test_a_relative_ipc_endpoint_resolves_against_the_config_file(tmp_path):
+    """ZeroMQ took it against the working directory: the socket landed wherever the daemon was started, and the
+    check that no address is bound twice missed the same file written absolute."""
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "c.yaml"
+    path.write_text(
+        "station: s\nmodel: {bundle: b}\nstate_dir: state\n"
+        "cameras: [{id: c, source: {kind: zmq, endpoint: 'ipc://@inspectd-c'}}]\npublish: {endpoint: 'ipc://pub.sock'}\n"
+    )
+    config = load_config(path)
+    assert config.publish.endpoint == f"ipc://{tmp_path / 'conf' / 'pub.sock'}"
+    assert config.cameras[0].source.endpoint == "ipc://@inspectd-c"  # an abstract socket: no path
+    path.write_text(path.read_text().replace("ipc://@inspectd-c", f"ipc://{tmp_path / 'conf' / 'pub.sock'}"))
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value).startswith("cameras[0].source.endpoint: ipc socket "), refused.value
+
+
+CHECKS = [
+    ("engine: {options: {intra_op_threads: 2147483648}}\n", "engine.options.intra_op_threads: expected at most 1024"),
+    ("metrics: {listen: '*:9108'}\n", "metrics.listen: cannot resolve host '*'"),
+    ("state_dir: STATE_FILE\n", "state_dir: "),
+]
+
+
+@pytest.mark.parametrize("text,message", CHECKS, ids=["threads", "metrics", "state_dir"])
+def test_run_check_refuses_in_one_line_what_run_would_fail_on(tmp_path, text, message):
+    (tmp_path / "file").write_text("not a directory")
+    config = tmp_path / "inspectd.yaml"
+    config.write_text(
+        "station: s\nmodel: {bundle: b}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
+        + text.replace("STATE_FILE", str(tmp_path / "file"))
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "inspectd", "run", "--check", "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr

@@ -10,6 +10,11 @@ import numpy as np
 from engines.errors import EngineError
 from engines.schema import declared, validate
 
+# The most threads an engine option may ask for: far more than a station has cores. Each is started at session
+# creation or the first batch, long after the config loaded, and the runtimes take a C int (2**31 failed there with a
+# traceback that named no key).
+MAX_THREADS = 1024
+
 
 class InferenceResult(NamedTuple):
     scores: np.ndarray  # float32 [N]: image anomaly score per frame

@@ -25,7 +25,7 @@ from pydantic import Field
 from engines.bundle.format import OUTPUTS, PIXELS
 from engines.bundle.plans import fp16_graph_name
 from engines.errors import BundleError, EngineError
-from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
+from engines.runtime.base import MAX_THREADS, Engine, InferenceResult, check_pixels, check_scorer_params
 from engines.schema import Flag, Int, declared, one_of
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
@@ -41,8 +41,8 @@ class OnnxRuntimeEngine(Engine):
     class Options:
         """`engine.options` when `engine.backend` is onnxruntime."""
 
-        intra_op_threads: Annotated[Int, Field(ge=0)] = 0  # 0: ONNX Runtime's default (one per core)
-        inter_op_threads: Annotated[Int, Field(ge=0)] = 1
+        intra_op_threads: Annotated[Int, Field(ge=0, le=MAX_THREADS)] = 0  # 0: ONNX Runtime's default (one per core)
+        inter_op_threads: Annotated[Int, Field(ge=0, le=MAX_THREADS)] = 1
         # auto: CUDA when this onnxruntime build has the CUDA provider, else CPU. Whenever CUDA is asked for (cuda, or
         # auto on a GPU build) and does not start, the engine is refused rather than run on the CPU.
         providers: Annotated[str, one_of(PROVIDER_CHOICES)] = "auto"

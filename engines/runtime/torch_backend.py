@@ -18,7 +18,7 @@ from pydantic import Field
 
 from engines.bundle.format import VARIABLE_ROWS
 from engines.errors import EngineError
-from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
+from engines.runtime.base import MAX_THREADS, Engine, InferenceResult, check_pixels, check_scorer_params
 from engines.schema import Int, declared, matching
 
 
@@ -30,7 +30,8 @@ class TorchEngine(Engine):
         """`engine.options` when `engine.backend` is torch."""
 
         device: Annotated[str, matching(r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N")] = "cpu"
-        threads: Annotated[Int, Field(ge=0)] = 0  # > 0 sets torch's intra-op threads for the whole process
+        # > 0 sets torch's intra-op threads for the whole process.
+        threads: Annotated[Int, Field(ge=0, le=MAX_THREADS)] = 0
 
     def __init__(self, bundle, options: Options, max_batch: int = 8) -> None:
         super().__init__(bundle, options, max_batch)

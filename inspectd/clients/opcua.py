@@ -37,17 +37,18 @@ import json
 import math
 import os
 import re
+import string
 import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import structlog
-from pydantic import Field, Strict, model_validator
+from pydantic import Field, Strict, ValidationInfo, field_validator, model_validator
 
 from engines.schema import Int, Number, Text, declared, invalid
 from inspectd.clients.handshake import STATUS_FLAGS, STOP_REQUEST_BUDGET_MS, HandshakeSettings, PlcError
 from inspectd.clients.opcua_cache import init_server
-from inspectd.configfile import CameraId, parse, read_yaml
+from inspectd.configfile import CameraId, ConfigPath, parse, read_yaml, resolve
 from inspectd.durable import hold_lock, replace_file
 from inspectd.errors import ConfigError, one_line
 
@@ -90,9 +91,10 @@ MAX_REQUEST_TIMEOUT_MS = STOP_REQUEST_BUDGET_MS
 class Security:
     """Basic256Sha256 SignAndEncrypt: this bridge's certificate and key (PEM or DER), and whom it trusts."""
 
-    certificate: Text
-    private_key: Text
-    trusted: Text  # server mode: a folder of client certificates; client mode: the PLC server's certificate
+    # Relative paths resolve against the config file's directory, as in the daemon's config.
+    certificate: ConfigPath
+    private_key: ConfigPath
+    trusted: ConfigPath  # server mode: a folder of client certificates; client mode: the PLC server's certificate
     policy: Literal["Basic256Sha256"] = "Basic256Sha256"
     mode: Literal["SignAndEncrypt"] = "SignAndEncrypt"
 
@@ -105,7 +107,7 @@ class OpcUaConfig(HandshakeSettings):
     cameras: list[CameraId] = dataclasses.field(default_factory=list)
     namespace: Text = DEFAULT_NAMESPACE  # server mode: the namespace URI of the variables
     node_id: Text = DEFAULT_NODE_ID  # client mode: node id of each variable, from {camera} and {name}
-    state_file: Text | None = None  # server mode: where the restart rule's inspection ids and alarms are kept
+    state_file: ConfigPath | None = None  # server mode: where the restart rule's inspection ids and alarms are kept
     # server mode: where the standard address space is cached between starts; null: $CACHE_DIRECTORY; "" (or null
     # with no $CACHE_DIRECTORY): no cache, built at each start
     cache_dir: Annotated[str, Strict()] | None = None
@@ -115,19 +117,39 @@ class OpcUaConfig(HandshakeSettings):
     score_when_none: Number = 0.0  # Score and Threshold of an error result (no score): a PLC reads Verdict first
     session_timeout_ms: Annotated[Int, Field(ge=1000)] = 30_000
 
+    @field_validator("cache_dir", mode="after")
+    @classmethod
+    def _cache_dir(cls, cache_dir: str | None, info: ValidationInfo) -> str | None:
+        return str(resolve(cache_dir, info)) if cache_dir else cache_dir  # "" and null mean no directory
+
     @model_validator(mode="after")
     def _consistent(self) -> OpcUaConfig:
         if not self.endpoint.startswith("opc.tcp://"):
             raise invalid(f"endpoint: expected an opc.tcp:// URL, got {self.endpoint!r}")
         if len(set(self.cameras)) != len(self.cameras):
             raise invalid("cameras: expected each camera once")
-        if self.mode == "client" and ("{camera}" not in self.node_id or "{name}" not in self.node_id):
-            raise invalid(f"node_id: expected a template with {{camera}} and {{name}}, got {self.node_id!r}")
+        if self.mode == "client" and _template_fields(self.node_id) != {"camera", "name"}:
+            # Checked here: str.format on any other field, or a stray brace, raises at connect and ends the bridge.
+            raise invalid(
+                "node_id: expected a template whose only fields are {camera} and {name}, each at least once (a "
+                f"literal brace written {{{{ or }}}}), got {self.node_id!r}"
+            )
         return self
 
 
-def parse_opcua_config(raw: Any, where: str = "bridge") -> OpcUaConfig:
-    return parse(OpcUaConfig, raw, where=where)
+def _template_fields(template: str) -> set[str] | None:
+    """The fields of a str.format template, None when it does not format with camera and name alone."""
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+        template.format(camera="c", name="n")  # a format spec or conversion str refuses
+    except (ValueError, KeyError, IndexError, AttributeError):
+        return None
+    return fields
+
+
+def parse_opcua_config(raw: Any, where: str = "bridge", base_dir: str | Path | None = None) -> OpcUaConfig:
+    """Relative paths resolve against `base_dir`: the config file's directory (default: the working directory)."""
+    return parse(OpcUaConfig, raw, where=where, base_dir=base_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +179,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configure(args: argparse.Namespace) -> OpcUaConfig:
     raw = read_yaml(args.config, expected="a bridge config file") if args.config else {}
-    config = parse_opcua_config(raw or {}, where=str(args.config) if args.config else "bridge")
+    base_dir = Path(args.config).resolve().parent if args.config else None
+    config = parse_opcua_config(raw or {}, where=str(args.config) if args.config else "bridge", base_dir=base_dir)
     changes: dict[str, Any] = {}
     if args.mode is not None:
         changes["mode"] = args.mode
@@ -214,15 +237,15 @@ def check_security(security: Security, mode: str) -> None:
 
     Here rather than at start so that a wrong file is a configuration error (exit 2) that the service manager does not
     retry, and not an asyncua traceback."""
-    certificate = _security_file("certificate", security.certificate, "certificate")
-    key = _security_file("private_key", security.private_key, "private key")
+    certificate = _security_file("certificate", str(security.certificate), "certificate")
+    key = _security_file("private_key", str(security.private_key), "private key")
     if certificate is not None and key is not None and _numbers(certificate) != _numbers(key):
         raise ConfigError(
             f"security.private_key {security.private_key}: expected the private key of security.certificate "
             f"{security.certificate}, got another one"
         )
     if mode == "client":
-        _security_file("trusted", security.trusted, "certificate")  # the PLC server's certificate
+        _security_file("trusted", str(security.trusted), "certificate")  # the PLC server's certificate
         return
     folder = Path(security.trusted)
     if not folder.is_dir():
@@ -440,8 +463,8 @@ class ServerLink:
             store = TrustStore([Path(security.trusted)], [])
             # configure() parsed these files: one that fails here was changed since, so it is said in one line too.
             for key, loading in (
-                ("certificate", lambda: server.load_certificate(security.certificate)),
-                ("private_key", lambda: server.load_private_key(security.private_key)),
+                ("certificate", lambda: server.load_certificate(str(security.certificate))),
+                ("private_key", lambda: server.load_private_key(str(security.private_key))),
                 ("trusted", store.load),
             ):
                 try:
@@ -683,9 +706,9 @@ class ClientLink:
 
                 await self.client.set_security(
                     SecurityPolicyBasic256Sha256,
-                    security.certificate,
-                    security.private_key,
-                    server_certificate=security.trusted,
+                    str(security.certificate),
+                    str(security.private_key),
+                    server_certificate=str(security.trusted),
                     mode=self.ua.MessageSecurityMode.SignAndEncrypt,
                 )
             await self.client.connect()
@@ -723,4 +746,6 @@ async def connect(config: OpcUaConfig, args: argparse.Namespace) -> ServerLink |
 
 
 def load_opcua_config(path: str | Path) -> OpcUaConfig:
-    return parse_opcua_config(read_yaml(path, expected="a bridge config file"), where=str(path))
+    path = Path(path)
+    raw = read_yaml(path, expected="a bridge config file")
+    return parse_opcua_config(raw, where=str(path), base_dir=path.resolve().parent)

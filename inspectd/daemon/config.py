@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import operator
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -167,12 +169,28 @@ class LoggingConfig:
 
 
 def _listen(raw: Any) -> str:
+    """host:port as the metrics server binds it (inspectd.daemon.metrics): an IP address, or a host name this machine
+    resolves (looked up here, so that `run --check` refuses what `run` could not bind)."""
     host, sep, port = raw.rpartition(":") if isinstance(raw, str) else ("", "", "")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise invalid(f'expected "host:port" (e.g. 127.0.0.1:9108) or null, got {show(raw)}')
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         # As in a URL: without brackets, where the address ends and the port begins is a guess.
         raise invalid(f'expected an IPv6 host in brackets, as "[::1]:9108", got {show(raw)}')
+    bare = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        if host.startswith("["):
+            raise invalid(f'expected an IPv6 address in the brackets, as "[::1]:9108", got {show(raw)}') from None
+        try:  # the family the server binds a host name with (IPv6 only for a bracketed literal)
+            socket.getaddrinfo(bare, None, socket.AF_INET, socket.SOCK_STREAM)  # with no port, as bind() looks up
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise invalid(
+                f"cannot resolve host {bare!r} ({reason}), expected an IP address or a host name this machine "
+                f'resolves, as "127.0.0.1:9108" ("0.0.0.0:{port}" for every address), got {show(raw)}'
+            ) from None
     return raw
 
 
@@ -223,6 +241,14 @@ class Config:
         if not journal.enabled:
             return None
         return journal.path if journal.path is not None else self.state_dir / "journal"
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _a_directory(cls, state_dir: Path) -> Path:
+        # Else the start fails on the first file made under it, naming that file's key (publish.journal.path).
+        if os.path.exists(state_dir) and not os.path.isdir(state_dir):
+            raise invalid(f"{state_dir} is not a directory, expected a directory (made at start when missing)")
+        return state_dir
 
     def camera(self, camera_id: str) -> CameraConfig:
         for camera in self.cameras:
@@ -307,10 +333,31 @@ class Config:
                 )
             elif camera.source.kind == "folder" and isinstance(path, Path):
                 owners.append((f"cameras[{i}].source.path", _folder(path), ("cameras", i, "source", "path")))
+            elif camera.source.kind in ("genicam", "opencv"):
+                # One process controls a camera: the second open fails (GigE Vision's control channel, V4L2's
+                # EBUSY) and reopens for ever, saying nothing of which camera holds it.
+                device = getattr(camera.source, "device", None)
+                if camera.source.kind == "genicam":
+                    owners.append(
+                        (f"cameras[{i}].source.device", ("genicam", device), ("cameras", i, "source", "device"))
+                    )
+                elif device is not None:
+                    owners.append(
+                        (f"cameras[{i}].source.device", ("video", device), ("cameras", i, "source", "device"))
+                    )
         for n, (_, address, loc) in enumerate(owners):
             for first, earlier, _ in owners[:n]:
-                if _same_address(address, earlier):
-                    refuse(loc, f"{address_text(address)} is already used by {first}, expected one of its own", None)
+                if not _same_address(address, earlier):
+                    continue
+                if address[0] == "genicam" and None in (address[1], earlier[1]):
+                    if address[1] is None:
+                        clash = (
+                            f"left out: the first genicam device found, which {first} ({address_text(earlier)}) may be"
+                        )
+                    else:
+                        clash = f"{address_text(address)} may be the first genicam device found, which {first} opens"
+                    refuse(loc, f"{clash}, expected a device set for each genicam camera when there are several", None)
+                refuse(loc, f"{address_text(address)} is already used by {first}, expected one of its own", None)
         # A done_dir may be shared, but one that is a watched folder feeds every frame back in as a new one.
         inboxes = {address[2]: name for name, address, _ in owners if address[0] == "dir"}
         for i, camera in enumerate(self.cameras):
@@ -323,6 +370,40 @@ class Config:
                         f"{done_dir} is the folder {inbox} watches, expected a folder no camera watches",
                         None,
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _folders_apart_from_the_daemons_own(self) -> Config:
+        # A folder camera takes every file in its folder as a frame and may delete or move it: in state_dir itself
+        # that is the daemon's lock (a second daemon then starts on the same journal), in the journal, archive or
+        # bundle folders their files. A folder elsewhere under state_dir is fine (the unit may write only there).
+        own = [(Path(os.path.realpath(self.state_dir)), "state_dir", False)]
+        own += [
+            (Path(os.path.realpath(path)), name, True)
+            for path, name in (
+                (self.journal_path, "publish.journal.path"),
+                (self.archive.path if self.archive.enabled else None, "archive.path"),
+                (self.model.bundle, "model.bundle"),
+            )
+            if path is not None
+        ]
+        for i, camera in enumerate(self.cameras):
+            if camera.source.kind != "folder":
+                continue
+            for key in ("path", "done_dir"):
+                folder = getattr(camera.source, key, None)
+                if not isinstance(folder, Path):
+                    continue
+                resolved = Path(os.path.realpath(folder))
+                for daemons, name, below in own:
+                    if resolved == daemons or (below and resolved.is_relative_to(daemons)):
+                        where = "is" if resolved == daemons else "is inside"
+                        refuse(
+                            ("cameras", i, "source", key),
+                            f"{folder} {where} the daemon's {name} {daemons}, expected a folder of the camera's own "
+                            "(its files would be taken as frames and deleted or moved)",
+                            str(folder),
+                        )
         return self
 
 
@@ -355,6 +436,9 @@ def _folder(path: Path) -> tuple[Any, ...]:
 
 
 def _same_address(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    if a[0] == b[0] == "genicam":
+        # No device: the first one Aravis finds, which may be any other camera's.
+        return a[1] == b[1] or a[1] is None or b[1] is None
     if a[0] == b[0] == "dir":
         return bool(a[2] == b[2])
     if a[0] == b[0] == "tcp":
@@ -370,6 +454,12 @@ def address_text(address: tuple[str, ...]) -> str:
         return f"tcp port {address[2]} on {address[1]}"
     if address[0] == "dir":
         return f"folder {address[1]}"
+    if address[0] == "genicam":
+        return (
+            "the first genicam device found (no device set)" if address[1] is None else f"genicam device {address[1]}"
+        )
+    if address[0] == "video":
+        return f"video device {address[1]} (/dev/video{address[1]})"
     return repr(address[0])
 
 

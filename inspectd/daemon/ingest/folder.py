@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 import structlog
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from engines.data.images import DEFAULT_BIT_DEPTH
 from engines.errors import DataError
-from engines.schema import Flag, Number, Text, declared, refuse
+from engines.schema import Flag, Number, Text, declared, invalid, refuse, show
 from inspectd.configfile import ConfigPath
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode, max_frame_bytes
@@ -61,6 +61,22 @@ class FolderSource:
     delete_after: Flag = False  # delete each file once its result is journalled and published
     done_dir: ConfigPath | None = None  # or move it here then
     kind: Literal["folder"] = "folder"
+
+    @field_validator("pattern", mode="after")
+    @classmethod
+    def _a_name_glob(cls, pattern: str) -> str:
+        # Matched by fnmatch against the bare file name: a folder part or a shell's {a,b} never matches one, and a
+        # camera whose pattern matches nothing runs healthy and inspects no file.
+        if "/" in pattern:
+            raise invalid(
+                f"expected a glob on the file name, with no / (point path at the folder), got {show(pattern)}"
+            )
+        if re.search(r"\{[^{}]*,[^{}]*\}", pattern):
+            raise invalid(
+                f"expected a glob on the file name (*, ?, [...]), got {show(pattern)}: there are no {{a,b}} "
+                "alternatives (for .png and .jpg: *.[pj][np]g, or *)"
+            )
+        return pattern
 
     @model_validator(mode="after")
     def _one_way_out(self) -> FolderSource:
