@@ -827,7 +827,11 @@ def test_bridge_config_errors_name_the_key():
         ({"status_bits": {"pass": 16}}, "bridge.status_bits.pass: expected at most 15, got 16"),
         ({"speed": 1}, "bridge.speed: unknown key"),
         ({"camera": ""}, "bridge.camera: expected a camera id"),
-        ({"camera": "cam 0"}, "bridge.camera: expected a camera id ([a-zA-Z0-9_-]+), got 'cam 0'"),
+        (
+            {"camera": "cam 0"},
+            "bridge.camera: expected a camera id ([a-zA-Z0-9_-]+, at most 64 characters: it begins file names), got "
+            "'cam 0'",
+        ),
         ({"score_scale": 1e7}, "bridge.score_scale: expected at most 1000000"),
         ({"request_timeout_ms": 5000}, "bridge.request_timeout_ms: expected at most 1000"),
     ]
