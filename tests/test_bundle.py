@@ -243,6 +243,44 @@ def test_manifest_values_of_the_wrong_type_are_refused_in_one_line_naming_the_ke
     assert message in refusal(bundle_dir)
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.__setitem__("model_id", 5), "model_id 5, expected a non-empty string"),
+        (lambda m: m.__setitem__("model_id", ""), "model_id '', expected a non-empty string"),
+        (lambda m: m.__setitem__("method", None), "method None, expected a non-empty string"),
+        (lambda m: m.__setitem__("backbone", ["lite0"]), "backbone ['lite0'], expected a non-empty string"),
+        (lambda m: m.__setitem__("method", "patchcore"), "method 'patchcore', expected the recorded recipe's 'frozen'"),
+        (lambda m: m["input"].__setitem__("resize", "pad"), "input.resize 'pad', expected the recorded recipe's "
+         "'stretch'"),
+        (lambda m: m.__setitem__("recipe", "kmeans"), "recipe 'kmeans', expected the mapping train recorded"),
+        (lambda m: m.__setitem__("model_id", "frozen-lite0"), "model_id 'frozen-lite0', expected 'frozen-lite0-' "
+         "and 8 hex digits"),
+        (lambda m: (m.pop("recipe"), m.__setitem__("backbone", "resnet")), "model_id 'frozen-lite0-"),
+    ],
+)  # fmt: skip
+def test_hand_edits_of_what_results_are_published_under_or_frames_judged_by_are_refused(bundle_dir, edit, message):
+    """The manifest has no checksum. A model_id that is not a string used to load and be published in every result,
+    which every subscriber and bridge then refused; an edited resize judged frames otherwise than the thresholds were
+    set on, without a word; a model_id no writer gives names no model."""
+    rewrite_manifest(bundle_dir, edit)
+    assert refusal(bundle_dir).startswith(f"{bundle_dir / 'manifest.json'}: {message}")
+
+
+@pytest.mark.parametrize(
+    "value, dtype",
+    [(np.array(["a", "b"]), "<U1"), (np.array([1 + 2j, 3 + 0j], np.complex64), "complex64")],
+)
+def test_scorer_arrays_that_are_not_real_numbers_are_refused_naming_the_file_and_array(bundle_dir, value, dtype):
+    """Text failed in numpy's words naming no file; complex loaded, its imaginary part dropped with only a warning."""
+    path = bundle_dir / "scorer.npz"
+    with path.open("wb") as out:
+        np.savez(out, references=value)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    rewrite_manifest(bundle_dir, lambda m: m["files"].__setitem__("scorer.npz", digest))
+    assert refusal(bundle_dir) == f"{path}: references has dtype {dtype}, expected real numbers"
+
+
 def test_onnxruntime_refuses_a_graph_whose_pixels_do_not_fit_the_manifest_input(bundle_dir):
     """The manifest carries no checksum: such a bundle used to open, then fail warm-up and every batch with ONNX
     Runtime's multi-line dimension error."""

@@ -120,6 +120,36 @@ def test_thresholds_of_the_same_version_written_meanwhile_are_never_replaced_by_
     assert [h["version"] for h in load_bundle(path).thresholds().history] == [2, 1]
 
 
+def test_rollbacks_back_and_forth_keep_thresholds_json_bounded(tmp_path):
+    """An operator toggling between two versions (`ctl rollback`, as Daemon.rollback writes it): each rollback copied
+    the whole provenance of the version it went back to, its earlier rollbacks nested inside, so the document grew
+    with every rollback though history keeps at most MAX_HISTORY versions (49 MB after 100 on a daemon)."""
+    path = make(tmp_path / "b")
+    first = (path / "thresholds.json").stat().st_size
+    # Each version holds its own provenance and at most that of the version it went back to, each at most a first
+    # version's (its drift reference) plus a rollback's few fields.
+    bound = (T.MAX_HISTORY + 1) * 3 * first
+    bundle = load_bundle(path)
+    reference = bundle.thresholds().provenance[T.GOOD_SCORES]
+    current = T.next_version(bundle.thresholds(), image_threshold=1.5, provenance={"tool": "ctl set_thresholds"})
+    bundle.replace_file("thresholds.json", T.dumps(current))
+    for n in range(1, 201):
+        current = T.rollback(current, current.version - 1)
+        size = len(T.dumps(current))
+        assert size <= bound, f"rollback {n}: {size} bytes, expected at most {bound}"
+        assert len(current.history) <= T.MAX_HISTORY
+    load_bundle(path).replace_file("thresholds.json", T.dumps(current))
+    assert (path / "thresholds.json").stat().st_size <= bound
+    back = load_bundle(path).thresholds()
+    assert (back.version, back.image_threshold, len(back.history)) == (202, 1.5, T.MAX_HISTORY)
+    # What an operator sees of the rollback: where it went back to, and that version's own provenance, which says
+    # where that one came from in turn.
+    assert back.provenance["rollback_to"] == 200
+    assert back.provenance["rolled_back_provenance"]["rollback_to"] == 198
+    assert "rolled_back_provenance" not in back.provenance["rolled_back_provenance"]
+    assert back.provenance[T.GOOD_SCORES] == reference  # the drift alarm stays armed
+
+
 # --- modes and messages --------------------------------------------------------------------------------------------
 
 

@@ -401,10 +401,17 @@ def test_data_refusals_name_the_folder_read_and_the_way_out(tmp_path, capsys):
     assert refusal("--data", str(cat / "train")) == (
         f"inspectd train: {cat / 'train'}: no images, {expected}; found 1 image in good/: point --data at it"
     )
-    # One image is enough for a forced recipe, not for auto's held-out images.
-    assert refusal("--data", str(cat)) == (
-        f"inspectd train: {cat / 'train' / 'good'}: 1 training image, --recipe auto needs at least 2 to hold one "
-        "out: add images or force a recipe, e.g. --recipe patchcore"
+    # One distinct image, whatever the recipe: thresholds set on its own score (about 0) made every frame a defect,
+    # the image itself included on ONNX Runtime. Copies of it are no second image.
+    one = f"inspectd train: {cat / 'train' / 'good'}: 1 distinct training image"
+    expected = "expected at least 2 to hold one out for the thresholds: add images"
+    assert refusal("--data", str(cat)) == f"{one}, {expected}"
+    for recipe in ("patchcore", "fine", "aligned"):
+        assert refusal("--data", str(cat), "--recipe", recipe, "--size", "32") == f"{one}, {expected}"
+    for n in range(1, 12):
+        shutil.copy(cat / "train" / "good" / "000.png", cat / "train" / "good" / f"copy{n:02d}.png")
+    assert refusal("--data", str(cat), "--recipe", "patchcore", "--size", "32") == (
+        f"{one} (11 more left out as copies of it), {expected}"
     )
     assert not (tmp_path / "x").exists()
     # numpy refused a negative seed only after decoding every image, in words that named no flag.

@@ -50,6 +50,8 @@ from engines.errors import BundleError, one_line
 FILE_MODE = 0o644
 # manifest["replacing"]: {file: sha256} of a rewrite in progress (Bundle.replace_file); the file may hold either.
 PENDING = "replacing"
+# numpy dtype kinds a scorer array may hold: float, signed and unsigned integer, bool (converted to float32).
+REAL_KINDS = "fiub"
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -280,6 +282,10 @@ class Bundle:
             missing = [n for n in self.scorer_inputs if n not in params]
             if missing:
                 raise BundleError(f"{self.path / SCORER}: lacks {', '.join(missing)}, expected every scorer input")
+            for n in self.scorer_inputs:
+                # Text would fail in numpy's words naming no file; complex would lose its imaginary part silently.
+                if params[n].dtype.kind not in REAL_KINDS:
+                    raise BundleError(f"{self.path / SCORER}: {n} has dtype {params[n].dtype}, expected real numbers")
             self._scorer_params = {n: np.ascontiguousarray(params[n], dtype=np.float32) for n in self.scorer_inputs}
         return dict(self._scorer_params)
 
@@ -694,6 +700,36 @@ def _settled(root: Path, manifest: Any) -> dict[str, Any]:
     return settled
 
 
+def _check_identity(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse hand edits of the manifest (the one file without a checksum) that change what results are published
+    under or how frames are judged: a model_id that is not a string makes every result undecodable by subscribers; a
+    method, backbone or input.resize other than the recorded recipe's judges frames otherwise than the thresholds
+    were set on."""
+    for key in ("model_id", "method", "backbone"):
+        if not isinstance(manifest[key], str) or not manifest[key]:
+            raise BundleError(f"{manifest_path}: {key} {manifest[key]!r}, expected a non-empty string")
+    if "recipe" in manifest:  # absent in bundles written before recipes were recorded
+        recipe = manifest["recipe"]
+        if not isinstance(recipe, dict):
+            raise BundleError(f"{manifest_path}: recipe {recipe!r}, expected the mapping train recorded")
+        recorded = {
+            "method": manifest["method"],
+            "backbone": manifest["backbone"],
+            "input.resize": manifest["input"].get("resize", "stretch"),
+        }
+        for where, value in recorded.items():
+            key = where.removeprefix("input.")
+            if key in recipe and recipe[key] != value:
+                raise BundleError(f"{manifest_path}: {where} {value!r}, expected the recorded recipe's {recipe[key]!r}")
+    # The shape _model_id gives every bundle written since the first.
+    prefix = f"{manifest['method']}-{manifest['backbone']}-"
+    if not re.fullmatch(re.escape(prefix) + "[0-9a-f]{8}", manifest["model_id"]):
+        raise BundleError(
+            f"{manifest_path}: model_id {manifest['model_id']!r}, expected {prefix!r} and 8 hex digits (its method, "
+            "backbone and the short hash write_bundle gives)"
+        )
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Open and verify the bundle at `path`; BundleError (one line naming the file) if anything is off."""
     path = Path(path)
@@ -778,6 +814,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if shape.get("resize", "stretch") not in RESIZE_POLICIES:
         expected = ", ".join(RESIZE_POLICIES)
         raise BundleError(f"{manifest_path}: input.resize {shape['resize']!r}, expected one of {expected}")
+    _check_identity(manifest_path, manifest)
     manifest.pop(PENDING, None)
     bundle = Bundle(path, manifest)
     bundle.scorer_params()  # refuses a pickled or incomplete scorer.npz now, not at the first frame

@@ -364,7 +364,11 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
     for old in current.history:
         if old.get("version") == version:
             earlier = parse({**old, "history": []}, where=f"thresholds.history[version {version}]")
-            provenance: dict[str, Any] = {"rollback_to": version, "rolled_back_provenance": earlier.provenance}
+            # Without its own chain: a version that was itself a rollback would nest every earlier one, so toggling
+            # between two versions grew the document without bound (history bounds how many versions, not their
+            # size). Its rollback_to still names where that one came from.
+            shown = {k: v for k, v in earlier.provenance.items() if k != "rolled_back_provenance"}
+            provenance: dict[str, Any] = {"rollback_to": version, "rolled_back_provenance": shown}
             for key in ("target", PER_CAMERA_TARGET, IMAGE_SCORES, PIXEL_SCORES, *SET_ON):
                 if key in earlier.provenance:
                     provenance[key] = copy.deepcopy(earlier.provenance[key])

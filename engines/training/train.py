@@ -329,10 +329,13 @@ def train_bundle(
     paths, duplicates = without_duplicates(training_images(data))
     if duplicates:
         report(duplicates_note(duplicates))
-    if auto and len(paths) < 2:
+    if len(paths) < 2:
+        # Whatever the recipe: the first thresholds are set on images the scorer was not fitted on, and one image
+        # leaves none. Set on its own score (about 0), they made every frame a defect, the image itself included.
+        copies = f" ({len(duplicates)} more left out as copies of it)" if duplicates else ""
         raise DataError(
-            f"{paths[0].parent}: 1 training image, --recipe auto needs at least 2 to hold one out: add images or "
-            "force a recipe, e.g. --recipe patchcore"
+            f"{paths[0].parent}: 1 distinct training image{copies}, expected at least 2 to hold one out for the "
+            "thresholds: add images"
         )
     bit_depth = _bit_depth(paths, bit_depth, report)
     # Decoded when read: a full-size frame is held only while it is fitted or planted.
