@@ -59,6 +59,46 @@ def test_a_teach_swapping_the_bundle_while_it_opens_ends_on_the_taught_bundle_wh
         state.close()
 
 
+def test_a_write_landing_while_load_bundle_hashes_the_files_is_a_change_on_disk_not_a_corrupt_bundle(
+    tmp_path, monkeypatch
+):
+    """A teach's swap (or a calibrate) landing while load_bundle hashes the files leaves it a file that matches its
+    manifest no more: that is a write to load again, which a reload does once, not a damaged bundle to refuse (and
+    mark refused, which a teach --apply answers by putting back the version before)."""
+    import shutil
+
+    from engines.bundle import store
+
+    path = write_grey_bundle(tmp_path / "bundle")
+    taught = tmp_path / "taught"
+    shutil.copytree(path, taught)
+    teach(taught)
+    hashed = []
+    real = store.sha256_file
+
+    def swap_after_the_first_file(member):
+        digest = real(member)
+        if not hashed:
+            path.rename(tmp_path / "aside")
+            taught.rename(path)
+        hashed.append(member.name)
+        return digest
+
+    monkeypatch.setattr(store, "sha256_file", swap_after_the_first_file)
+    with pytest.raises(ChangedOnDisk) as changed:
+        load_bundle(path)
+    assert "\n" not in str(changed.value) and "changed on disk since it was loaded" in str(changed.value)
+    # Swapped back, then once more while a reload opens it: it loads again and ends on the taught bundle.
+    path.rename(taught)
+    (tmp_path / "aside").rename(path)
+    hashed.clear()
+    state = ModelState.open(path, "onnxruntime", CPU, 2)
+    try:
+        assert state.model_id == load_bundle(path).model_id != load_bundle(tmp_path / "aside").model_id
+    finally:
+        state.close()
+
+
 def test_a_bundle_changing_twice_while_it_opens_is_refused_in_one_line(tmp_path):
     path = write_grey_bundle(tmp_path / "bundle")
 

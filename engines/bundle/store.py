@@ -668,6 +668,18 @@ def _without(manifest: dict[str, Any], name: str) -> dict[str, Any]:
     return {**manifest, "files": {k: v for k, v in manifest.get("files", {}).items() if k != name}}
 
 
+def _raise_if_rewritten(path: Path, first: dict[str, Any]) -> None:
+    """ChangedOnDisk when the manifest of `path` is no longer `first`, the one a check under way read: a file found
+    missing or changed then belongs to a write that landed meanwhile (a teach's swap, a calibrate), which a reader
+    may load again, not to a damaged bundle."""
+    try:
+        now = _read_manifest(path / MANIFEST)
+    except BundleError as exc:  # gone or cut short: a swap by two renames caught between them
+        raise ChangedOnDisk(f"{exc}, since it was read a moment ago: a write under way") from exc
+    if now != first:
+        raise _changed(path, now, first, "a write landed while it was being checked")
+
+
 def _read_manifest(manifest_path: Path) -> Any:
     try:
         return json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -790,14 +802,17 @@ def load_bundle(path: str | Path) -> Bundle:
     if manifest["graph"] not in files:
         raise BundleError(f"{manifest_path}: graph {manifest['graph']!r} is not among the checksummed files")
     pending = _pending(manifest)
+    first = json.loads(json.dumps(manifest))  # as read: the loop settles pending checksums into `files`
     for name, expected in files.items():
         member = _safe_member(path, name)
         if not member.is_file():
+            _raise_if_rewritten(path, first)
             raise BundleError(f"{member}: missing, expected a file with sha256 {str(expected)[:12]}...")
         actual = sha256_file(member)
         if actual == pending.get(name):  # a rewrite interrupted after the file's rename (Bundle.replace_file)
             files[name] = actual
         elif actual != expected:
+            _raise_if_rewritten(path, first)
             raise BundleError(
                 f"{member}: sha256 {actual[:12]}... does not match the manifest's {str(expected)[:12]}..."
                 " (file changed or corrupt)"
