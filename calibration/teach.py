@@ -985,7 +985,8 @@ def rejects_warning(frames: GoodFrames) -> str | None:
     if not n_near or n_near < REJECTS_WARNING_SHARE * len(frames.paths):
         return None
     cameras = f" ({_counted(near, '')})" if len(near) > 1 else ""
-    spreads = {camera: spread for camera, spread in (frames.record.get("near_above") or {}).items() if camera in near}
+    known = frames.record.get("near_above") or {}
+    spreads = {camera: spread for camera, spread in known.items() if camera in near}
     rule = ""  # no good frame's score known: every reject counts
     if spreads:
         shown = {f"{spread:.4g}" for spread in spreads.values()}
@@ -996,8 +997,12 @@ def rejects_warning(frames: GoodFrames) -> str | None:
         )
         rule = (
             f" that scored {amount} above their threshold (their camera's good frames' own spread: the highest score "
-            f"minus the median) or no higher than a good frame of the span ({sum(rejected.values())} rejected in all)"
+            "minus the median) or no higher than a good frame of the span"
         )
+        # A camera with no scored good frame in the span has nothing to judge its rejects by: each counts.
+        if unjudged := sorted(camera for camera in near if camera not in known):
+            rule += f", and every one of {', '.join(unjudged)}, which has no scored good frame in the span"
+        rule += f" ({sum(rejected.values())} rejected in all)"
     return (
         f"WARNING: {frames.source}: the span also holds {n_near} frame(s) the same model(s) rejected{cameras}{rule}, "
         f"beside the {len(frames.paths)} good frame(s) taught on (the archive keeps every reject but only one good "

@@ -173,6 +173,14 @@ def test_a_false_reject_warning_that_could_rise_only_far_too_late_is_not_shown_a
     assert len(warned) == 1 and warned[0]["camera"] == "cam3" and "rise" in warned[0]["reason"], logs
 
 
+def test_a_false_reject_warning_unarmed_by_a_lenient_target_says_the_target_is_why():
+    """4x a target above 6.25 % is more than a quarter of good parts: no number of reference scores arms that."""
+    reference = np.sort(np.random.default_rng(3).normal(0.0, 1.0, 3000))
+    monitor = DriftMonitor((3000, reference.tolist()), float(reference[-100]), 0.1)
+    reason = monitor.status()["false_reject_warning_inactive_reason"]
+    assert "is 4x the false-reject target 0.1" in reason and "more good frames" not in reason, reason
+
+
 def test_a_false_reject_warning_on_a_large_reference_is_armed_and_rises():
     monitor = small_reference_monitor(300)
     status = monitor.status()

@@ -1971,6 +1971,18 @@ def test_rejects_too_few_to_move_the_threshold_give_no_warning():
     record = {"ids": [], "rejected": {"cam0": 9}, "rejected_near": {"cam0": 1}, "near_above": {"cam0": 2.0}}
     assert teach.rejects_warning(teach.GoodFrames(paths, "--archive A --since 1h", record, {})) is None
     assert teach.rejects_warning(teach.GoodFrames(paths, "--good G", {"folder": "G"}, {})) is None
+    # A camera with no scored good frame in the span: all its rejects count, and the rule says so rather than
+    # claiming they scored near the threshold.
+    record = {"ids": [], "rejected": {"cam0": 2, "cam1": 3}, "rejected_near": {"cam0": 1, "cam1": 3}}
+    said = teach.rejects_warning(
+        teach.GoodFrames(paths, "--archive A --since 1h", record | {"near_above": {"cam0": 2.0}}, {})
+    )
+    assert (
+        "the span also holds 4 frame(s) the same model(s) rejected (3 of cam1, 1 of cam0) that scored less than 2 "
+        "above their threshold (their camera's good frames' own spread: the highest score minus the median) or no "
+        "higher than a good frame of the span, and every one of cam1, which has no scored good frame in the span (5 "
+        "rejected in all)"
+    ) in (said or ""), said
 
 
 def shared_stand_in(open_tmp_path: Path) -> tuple[Path, Path, Path]:

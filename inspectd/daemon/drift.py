@@ -287,6 +287,13 @@ class DriftMonitor:
             )
         if self.warn_above <= WARNING_REJECT_RATE:
             return None
+        if WARNING_FACTOR * self.target > WARNING_REJECT_RATE:  # the target's floor, not the reference, puts it there
+            return (
+                f"warn_above {self.warn_above:.3g} is {WARNING_FACTOR:g}x the false-reject target {self.target:g}: "
+                f"it would rise only once more than {WARNING_REJECT_RATE:.0%} of good parts are rejected, which the "
+                "reject count already shows (the warning is for targets up to "
+                f"{WARNING_REJECT_RATE / WARNING_FACTOR:g})"
+            )
         return (
             f"warn_above {self.warn_above:.3g} (the reference's z at the threshold {self.threshold:.6g} less "
             f"{RAISE_SE:g} standard errors, with {self.score.m} reference scores) would rise only once "
