@@ -7,11 +7,14 @@ ConfigError line starting with the key path), and the field types of inspectd's 
 (relative ones resolve against the config file's directory) and camera ids.
 
 Numbers are read as YAML 1.2 reads them (the core schema), not as PyYAML's YAML 1.1: `1e4` is a number, not the text
-"1e4"; `0123` is 123, not octal 83; `1:30` is text, not 90 (base 60). Only `0x` and `0o` give another base.
+"1e4"; `1:30` is text, not 90 (base 60). Only `0x` and `0o` give another base. A plain number the two read differently
+or that no float holds is refused rather than given a value the operator may not have meant: an integer with a leading
+zero (`0100`: octal 64 in YAML 1.1, 100 in 1.2; `0815`: text in 1.1) and a float past the largest one (`4E1234`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -29,11 +32,12 @@ T = TypeVar("T")
 ENDPOINT_FORMS = "tcp://HOST:PORT or ipc://PATH"
 
 
-def _endpoint(value: Any, info: ValidationInfo) -> str:
+def _endpoint(value: Any) -> str:
     """A ZeroMQ endpoint another process can reach, checked as far as a bind would check it, so `run --check` refuses
-    what `run` could not bind. inproc:// reaches nothing outside the daemon's own process. A relative ipc:// path
-    resolves against the config file's directory, as every other path in it does (ZeroMQ would take the working
-    directory); an abstract socket (ipc://@name) is no path."""
+    what `run` could not bind. inproc:// reaches nothing outside the daemon's own process. An ipc:// path is absolute
+    or abstract (ipc://@name): clients are given the endpoint as a string on their own command line, so only a path
+    that means the same file from any working directory lets both ends meet, and a relative one would land in the
+    working directory or the config file's folder, neither of which is sure to be writable."""
     if not isinstance(value, str) or not value.startswith(("tcp://", "ipc://")) or value.endswith("://"):
         raise schema.invalid(f"expected a ZeroMQ endpoint ({ENDPOINT_FORMS}), got {schema.show(value)}")
     if "\0" in value:  # ZeroMQ binds an ipc path cut at the NUL: past the check that no address is bound twice
@@ -45,17 +49,17 @@ def _endpoint(value: Any, info: ValidationInfo) -> str:
         if ":" in host and not (host.startswith("[") and host.endswith("]")):
             # As in a URL: without brackets, where the address ends and the port begins is a guess.
             raise schema.invalid(f"expected an IPv6 host in brackets, as tcp://[::1]:5556, got {schema.show(value)}")
-    else:
-        socket_path = value[len("ipc://") :]
-        if not socket_path.startswith("@"):
-            return f"ipc://{resolve(socket_path, info)}"
+    elif not value.startswith(("ipc:///", "ipc://@")):
+        raise schema.invalid(
+            f"expected an absolute socket path, as ipc:///var/lib/inspectd/NAME.sock (or an abstract ipc://@NAME), "
+            f"got {schema.show(value)}"
+        )
     return value
 
 
-def resolve(path: str | Path, info: ValidationInfo) -> Path:
-    """`path` with ~ expanded, relative to the config file's directory (`base_dir` in the validation context; the
-    working directory when there is none). Raises schema.invalid for a path no system call could take: a NUL byte,
-    or a ~ or ~user with no home directory to expand to."""
+def _expanded(path: str | Path) -> Path:
+    """`path` with ~ expanded. Raises schema.invalid for a path no system call could take: a NUL byte, or a ~ or
+    ~user with no home directory to expand to."""
     if "\0" in str(path):
         raise schema.invalid(f"{schema.show(str(path))} holds a NUL byte, expected a path")
     try:
@@ -65,6 +69,13 @@ def resolve(path: str | Path, info: ValidationInfo) -> Path:
             f"cannot expand {schema.show(str(path))} (no such user or home directory), expected an absolute path or "
             "one relative to the config file"
         ) from None
+    return path
+
+
+def resolve(path: str | Path, info: ValidationInfo) -> Path:
+    """`path` with ~ expanded, relative to the config file's directory (`base_dir` in the validation context; the
+    working directory when there is none)."""
+    path = _expanded(path)
     if path.is_absolute():
         return path
     base_dir = (info.context or {}).get("base_dir") or Path.cwd()
@@ -77,8 +88,24 @@ def _path(value: Any, info: ValidationInfo) -> Path:
     return resolve(value, info)
 
 
+def written_path(value: Any) -> Path:
+    """A path the program writes to while it runs: absolute (after ~), never resolved against the config file's
+    folder, which the service units make read-only (ProtectSystem=strict), nor against a working directory the
+    config file does not show."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise schema.invalid(f"expected a path string, got {schema.show(value)}")
+    path = _expanded(value)
+    if not path.is_absolute():
+        raise schema.invalid(
+            f"{schema.show(str(value))} is relative, expected an absolute path: it is written to, and the config "
+            "file's folder is read-only under the service units"
+        )
+    return path
+
+
 Endpoint = Annotated[str, PlainValidator(_endpoint)]
 ConfigPath = Annotated[Path, PlainValidator(_path)]
+WrittenPath = Annotated[Path, PlainValidator(written_path)]
 # A camera id begins the names of its archive files and journal folder (`<id>-<time>-<n>.overlay.jpg.tmp`, some 60
 # bytes past the id): bounded so that every such name stays well under the 255 bytes a file name may have.
 MAX_CAMERA_ID = 64
@@ -113,6 +140,14 @@ _FLOAT_RE = re.compile(
 )
 
 
+class _AmbiguousNumber(yaml.constructor.ConstructorError):
+    """A plain scalar refused as a number, raised with its node so that read_yaml can name the key."""
+
+    def __init__(self, node: yaml.ScalarNode, problem: str) -> None:
+        super().__init__(problem=problem, problem_mark=node.start_mark)
+        self.node = node
+
+
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one silently, and a
     pasted-in second `queue:` quietly replacing the first is a config bug nobody sees. Numbers as YAML 1.2 reads
@@ -126,7 +161,21 @@ class _Loader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         text = str(self.construct_scalar(node))
-        base = {"0x": 16, "0o": 8}.get(text[:2], 10)  # a leading 0 alone is decimal, as in YAML 1.2
+        base = {"0x": 16, "0o": 8}.get(text[:2], 10)
+        if base == 10 and re.match(r"[-+]?0+[1-9]", text):
+            # YAML 1.1 (PyYAML before, and most YAML tools) read 0100 as octal 64 and 0815 as the text "0815": a Modbus
+            # register written 0100 moved without a word when 1.2 made it 100. All zeros mean 0 in both.
+            sign, digits = text[: len(text) - len(text.lstrip("+-"))], text.lstrip("+-").lstrip("0")
+            if set(digits) <= set("01234567"):
+                was = f"octal {sign.strip('+')}{int(digits, 8)}"
+                ways = f"{sign}{digits}, {'' if sign else f'0o{digits} for {was}, '}or "
+            else:
+                was, ways = f'the text "{text}"', f"{sign}{digits}, or "
+            raise _AmbiguousNumber(
+                node,
+                f"{text} has a leading zero, which YAML 1.1 read as {was}, expected {ways}"
+                f'"{text}" in quotes for a name',
+            )
         try:
             return int(text[2:] if base != 10 else text, base)
         except ValueError:  # only where a tag says !!int: the resolver gives this constructor numbers alone
@@ -136,12 +185,21 @@ class _Loader(yaml.SafeLoader):
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
         text = str(self.construct_scalar(node))
+        lowered = text.lower()
         try:
-            return float(text.lower().replace(".inf", "inf").replace(".nan", "nan"))
+            value = float(lowered.replace(".inf", "inf").replace(".nan", "nan"))
         except ValueError:
             raise yaml.constructor.ConstructorError(
                 problem=f"expected a number, got {schema.show(text)}", problem_mark=node.start_mark
             ) from None
+        if math.isinf(value) and not lowered.endswith(".inf"):
+            # float() rounds 4E1234 (a serial number, say) to inf without a word.
+            raise _AmbiguousNumber(
+                node,
+                f"{text} is too large for a number (it would be read as infinite), expected a smaller one "
+                f'(or "{text}" in quotes for a name)',
+            )
+        return value
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
@@ -184,6 +242,11 @@ def read_yaml(path: str | Path, expected: str = "a YAML config file") -> Any:
         raise ConfigError(
             f"{path}:{exc.key.start_mark.line + 1}: {where}: duplicate key "
             f"(first on line {exc.first.start_mark.line + 1}), expected each key once"
+        ) from None
+    except _AmbiguousNumber as exc:
+        where = _path_to(root, exc.node)  # "" for a mapping key: the line names it then
+        raise ConfigError(
+            f"{path}:{exc.node.start_mark.line + 1}: {where + ': ' if where else ''}{exc.problem}"
         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

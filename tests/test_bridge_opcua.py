@@ -1484,33 +1484,52 @@ def test_a_node_id_template_with_any_other_field_is_refused_at_load(template):
     assert literal.format(camera="cam0", name="Ack") == "ns=2;s={cam0}.Ack"
 
 
-def test_relative_bridge_paths_resolve_against_the_config_file(tmp_path):
-    """state_file: state.json locked and wrote state.json in the bridge's working directory, and the security files
-    were looked for there too; the daemon's config resolves against its own folder."""
+@pytest.mark.parametrize("key,line", [("state_file", "state_file: state.json"), ("cache_dir", "cache_dir: cache")])
+def test_a_relative_path_the_bridge_writes_is_refused_naming_the_key(tmp_path, key, line):
+    """Resolved against the config file's folder, read-only under the units: the bridge started without a word,
+    found no state there (a latched alarm cleared, inspection ids back to 0) and took no lock."""
+    from inspectd.clients.opcua import load_opcua_config
+
+    path = tmp_path / "opcua.yaml"
+    path.write_text(f"cameras: [cam0]\n{line}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_opcua_config(path)
+    relative = line.split(": ")[1]
+    assert str(refused.value) == (
+        f"{path}.{key}: '{relative}' is relative, expected an absolute path: it is written to, and the config file's "
+        "folder is read-only under the service units"
+    )
+
+
+def test_relative_security_files_resolve_against_the_config_file_and_command_line_paths_the_working_directory(
+    tmp_path,
+):
+    """The security files are read only: found next to the config. A path on the command line is the shell's."""
     from inspectd.clients.opcua import load_opcua_config
 
     (tmp_path / "conf").mkdir()
     path = tmp_path / "conf" / "opcua.yaml"
     path.write_text(
-        "cameras: [cam0]\nstate_file: state.json\ncache_dir: cache\n"
+        f"cameras: [cam0]\nstate_file: {tmp_path / 'state.json'}\ncache_dir: ''\n"
         "security: {certificate: pki/cert.der, private_key: pki/key.pem, trusted: pki/trusted}\n"
     )
     config = load_opcua_config(path)
     conf = tmp_path / "conf"
-    assert (config.state_file, config.cache_dir) == (conf / "state.json", str(conf / "cache"))
+    assert (config.state_file, config.cache_dir) == (tmp_path / "state.json", "")
     assert config.security is not None
     assert (config.security.certificate, config.security.private_key, config.security.trusted) == (
         conf / "pki" / "cert.der",
         conf / "pki" / "key.pem",
         conf / "pki" / "trusted",
     )
-    # The bridge itself, started elsewhere: it takes the state file's lock next to the config, then refuses the
-    # certificate that is not there, naming the path it looked at.
+    # The bridge itself, started in tmp_path/run with a relative --state-file: it takes that file's lock there, then
+    # refuses the certificate that is not there, naming the path it looked at.
+    (tmp_path / "run").mkdir()
     done = subprocess.run(
         [sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", f"tcp://127.0.0.1:{free_port()}",
-         "--config", str(path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
+         "--config", str(path), "--state-file", "state.json", "--cache-dir", "cache"],
+        cwd=tmp_path / "run", capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert f"security.certificate {conf / 'pki' / 'cert.der'}: " in done.stderr, done.stderr
-    assert (conf / "state.json.lock").exists() and not (tmp_path / "state.json.lock").exists()
+    assert (tmp_path / "run" / "state.json.lock").exists() and not (conf / "state.json.lock").exists()

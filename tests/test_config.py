@@ -678,9 +678,8 @@ ONE_DEVICE = [
     ),
     (
         [GENICAM, GENICAM],
-        "cameras[1].source.device: left out: the first genicam device found, which cameras[0].source.device (the "
-        "first genicam device found (no device set)) may be, expected a device set for each genicam camera when "
-        "there are several",
+        "cameras[1].source.device: left out, as is cameras[0].source.device: both would open the first genicam device "
+        "found, expected a device set for each genicam camera when there are several",
     ),
     (
         [{**GENICAM, "device": "Basler-1"}, GENICAM],
@@ -731,6 +730,20 @@ def test_a_metrics_listen_address_the_server_cannot_bind_is_refused_at_load(list
     assert "expected " in str(refused.value) and "\n" not in str(refused.value)
     for listen in ("0.0.0.0:9108", "[::1]:9108", "localhost:9108", "127.0.0.1:0"):
         assert parse_config(with_value(["metrics", "listen"], listen)).metrics.listen == listen
+
+
+def test_a_state_dir_beneath_a_file_is_refused_naming_state_dir(tmp_path):
+    """It passed `run --check`; the start then failed naming publish.journal.path with "File exists"."""
+    (tmp_path / "afile").write_text("a file")
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(["state_dir"], str(tmp_path / "afile" / "sub" / "state")))
+    assert str(refused.value) == (
+        f"state_dir: {tmp_path / 'afile' / 'sub' / 'state'}: {tmp_path / 'afile'} is not a directory, expected a "
+        "directory (made at start when missing)"
+    )
+    # Missing parts under a directory are made at start.
+    state = tmp_path / "missing" / "state"
+    assert parse_config(with_value(["state_dir"], str(state))).state_dir == state
 
 
 def test_a_state_dir_that_is_a_file_is_refused_naming_state_dir(tmp_path):
@@ -806,7 +819,7 @@ def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(
         "station: s\nmodel: {bundle: b}\n"
-        "cameras: [{id: c, source: {kind: genicam, exposure_us: 1e4, gain_db: 2.5E-1}, queue: {size: 0123}}]\n"
+        "cameras: [{id: c, source: {kind: genicam, exposure_us: 1e4, gain_db: 2.5E-1}, queue: {size: 123}}]\n"
         "archive: {max_mb: 2.5e3, good_every: 0o17}\nbatching: {max_wait_ms: .5}\n"
     )
     config = load_config(path)
@@ -820,27 +833,126 @@ def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
     assert str(refused.value) == "batching.max_wait_ms: expected a number, got '1:30'"
 
 
-def test_a_relative_ipc_endpoint_resolves_against_the_config_file(tmp_path):
-    """ZeroMQ took it against the working directory: the socket landed wherever the daemon was started, and the
-    check that no address is bound twice missed the same file written absolute."""
+LEADING_ZERO = [
+    ("0100", 'octal 64, expected 100, 0o100 for octal 64, or "0100" in quotes for a name'),
+    ("08", 'the text "08", expected 8, or "08" in quotes for a name'),
+    ("0815", 'the text "0815", expected 815, or "0815" in quotes for a name'),
+    ("0215439", 'the text "0215439", expected 215439, or "0215439" in quotes for a name'),
+]
+
+
+@pytest.mark.parametrize("number,read", LEADING_ZERO)
+def test_an_integer_with_a_leading_zero_is_refused_naming_the_key(tmp_path, number, read):
+    """YAML 1.1 read `0100` as octal 64 and YAML 1.2 as 100: a Modbus register written 0100 moved from 64 to 100
+    without a word; `08` and `0815` were text (a camera id, a station) and became 8 and 815."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "station: s\nmodel: {bundle: b}\ncameras:\n"
+        f"  - {{id: c, source: {{kind: synthetic}}, queue: {{size: {number}}}}}\n"
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == (
+        f"{path}:4: cameras[0].queue.size: {number} has a leading zero, which YAML 1.1 read as {read}"
+    )
+    for number, value, zero in (("0x10", 16, "0"), ("0o10", 8, "00"), ("10", 10, "0.5")):
+        path.write_text(
+            "station: s\nmodel: {bundle: b}\n"
+            f"cameras: [{{id: c, source: {{kind: synthetic}}, queue: {{size: {number}}}}}]\n"
+            f"batching: {{max_wait_ms: {zero}}}\n"
+        )
+        config = load_config(path)
+        assert (config.cameras[0].queue.size, config.batching.max_wait_ms) == (value, float(zero))
+    path.write_text("station: s\nmodel: {bundle: b}\ncameras: [{id: '0815', source: {kind: synthetic}}]\n")
+    assert load_config(path).cameras[0].id == "0815"
+
+
+def test_a_number_too_large_for_a_float_is_refused_naming_the_key(tmp_path):
+    """A genicam serial `4E1234` became the float inf, and the refusal said "got inf", a value not in the file."""
+    path = tmp_path / "c.yaml"
+    path.write_text("station: s\nmodel: {bundle: b}\ncameras: [{id: c, source: {kind: genicam, device: 4E1234}}]\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == (
+        f"{path}:3: cameras[0].source.device: 4E1234 is too large for a number (it would be read as infinite), "
+        'expected a smaller one (or "4E1234" in quotes for a name)'
+    )
+    path.write_text(path.read_text().replace("4E1234", "'4E1234'"))
+    assert load_config(path).cameras[0].source.device == "4E1234"
+    # .inf written as such keeps its meaning: a number no finite-number key takes.
+    path.write_text("station: s\nmodel: {bundle: b}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
+                    "batching: {max_wait_ms: .inf}\n")  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == "batching.max_wait_ms: expected a finite number, got inf"
+
+
+@pytest.mark.parametrize("endpoint", ["ipc://pub.sock", "ipc://./run/pub.sock", "ipc://~/pub.sock"])
+def test_a_relative_ipc_endpoint_is_refused_naming_the_key(tmp_path, endpoint):
+    """Resolved against the config file's folder, read-only under the units, every start failed to bind; against
+    the working directory, a client given the path on its command line looked elsewhere."""
     (tmp_path / "conf").mkdir()
     path = tmp_path / "conf" / "c.yaml"
     path.write_text(
         "station: s\nmodel: {bundle: b}\nstate_dir: state\n"
-        "cameras: [{id: c, source: {kind: zmq, endpoint: 'ipc://@inspectd-c'}}]\npublish: {endpoint: 'ipc://pub.sock'}\n"
+        "cameras: [{id: c, source: {kind: zmq, endpoint: 'ipc://@inspectd-c'}}]\n"
+        f"publish: {{endpoint: '{endpoint}'}}\n"
     )
-    config = load_config(path)
-    assert config.publish.endpoint == f"ipc://{tmp_path / 'conf' / 'pub.sock'}"
-    assert config.cameras[0].source.endpoint == "ipc://@inspectd-c"  # an abstract socket: no path
-    path.write_text(path.read_text().replace("ipc://@inspectd-c", f"ipc://{tmp_path / 'conf' / 'pub.sock'}"))
     with pytest.raises(ConfigError) as refused:
         load_config(path)
-    assert str(refused.value).startswith("cameras[0].source.endpoint: ipc socket "), refused.value
+    assert str(refused.value) == (
+        "publish.endpoint: expected an absolute socket path, as ipc:///var/lib/inspectd/NAME.sock (or an abstract "
+        f"ipc://@NAME), got '{endpoint}'"
+    )
+    path.write_text(path.read_text().replace(endpoint, f"ipc://{tmp_path / 'pub.sock'}"))
+    config = load_config(path)
+    assert config.publish.endpoint == f"ipc://{tmp_path / 'pub.sock'}"
+    assert config.cameras[0].source.endpoint == "ipc://@inspectd-c"  # an abstract socket: no path
+
+
+# A namespace with no network (as at boot before DNS answers: EAI_AGAIN), or one whose only nameserver takes every
+# query and never answers (the lookup holds for the resolver's timeout).
+UNSHARED = """
+set -e
+if [ "$1" = silent ]; then
+  ip link set lo up
+  printf 'nameserver 127.0.0.1\\noptions timeout:30 attempts:1\\n' > "$2/resolv.conf"
+  mount --bind "$2/resolv.conf" /etc/resolv.conf
+  "$3" -c "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 53)); \\
+s.settimeout(60); open('$2/ready', 'w').close(); [s.recv(4096) for _ in iter(int, 1)]" &
+  nameserver=$!
+  while [ ! -e "$2/ready" ]; do sleep 0.05; done
+fi
+rc=0
+"$3" -c "import sys; from inspectd.daemon.config import load_config; load_config(sys.argv[1]); print('loaded')" \\
+  "$2/inspectd.yaml" || rc=$?
+if [ -n "${nameserver:-}" ]; then kill "$nameserver"; fi
+exit $rc
+"""
+
+
+@pytest.mark.parametrize("dns", ["unreachable", "silent"])
+def test_a_metrics_host_name_the_resolver_cannot_answer_yet_is_left_to_the_start(tmp_path, dns):
+    """With no DNS server reached yet after a power cut the lookup's EAI_AGAIN was a config error, exit 2, which the
+    units never retry: the daemon stayed down. A resolver that never answers held the load for its whole timeout."""
+    if subprocess.run(["unshare", "-rnm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -rnm (user, network and mount namespaces)")
+    (tmp_path / "inspectd.yaml").write_text(
+        "station: s\nmodel: {bundle: b}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
+        f"state_dir: {tmp_path / 'state'}\nmetrics: {{listen: 'inspect-host.plant.example:9108'}}\n"
+    )
+    (tmp_path / "unshared.sh").write_text(UNSHARED)
+    done = subprocess.run(
+        ["unshare", "-rnm", "bash", str(tmp_path / "unshared.sh"), dns, str(tmp_path), sys.executable],
+        cwd=REPO, capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "loaded\n", done.stdout
 
 
 CHECKS = [
     ("engine: {options: {intra_op_threads: 2147483648}}\n", "engine.options.intra_op_threads: expected at most 1024"),
-    ("metrics: {listen: '*:9108'}\n", "metrics.listen: cannot resolve host '*'"),
+    ("metrics: {listen: '*:9108'}\n", 'metrics.listen: expected an IP address or a host name, "0.0.0.0:9108"'),
     ("state_dir: STATE_FILE\n", "state_dir: "),
 ]
 

@@ -43,12 +43,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import structlog
-from pydantic import Field, Strict, ValidationInfo, field_validator, model_validator
+from pydantic import Field, Strict, field_validator, model_validator
 
 from engines.schema import Int, Number, Text, declared, invalid
 from inspectd.clients.handshake import STATUS_FLAGS, STOP_REQUEST_BUDGET_MS, HandshakeSettings, PlcError
 from inspectd.clients.opcua_cache import init_server
-from inspectd.configfile import CameraId, ConfigPath, parse, read_yaml, resolve
+from inspectd.configfile import CameraId, ConfigPath, WrittenPath, parse, read_yaml, written_path
 from inspectd.durable import hold_lock, replace_file
 from inspectd.errors import ConfigError, one_line
 
@@ -91,7 +91,7 @@ MAX_REQUEST_TIMEOUT_MS = STOP_REQUEST_BUDGET_MS
 class Security:
     """Basic256Sha256 SignAndEncrypt: this bridge's certificate and key (PEM or DER), and whom it trusts."""
 
-    # Relative paths resolve against the config file's directory, as in the daemon's config.
+    # Read only: relative paths resolve against the config file's directory, as in the daemon's config.
     certificate: ConfigPath
     private_key: ConfigPath
     trusted: ConfigPath  # server mode: a folder of client certificates; client mode: the PLC server's certificate
@@ -107,7 +107,7 @@ class OpcUaConfig(HandshakeSettings):
     cameras: list[CameraId] = dataclasses.field(default_factory=list)
     namespace: Text = DEFAULT_NAMESPACE  # server mode: the namespace URI of the variables
     node_id: Text = DEFAULT_NODE_ID  # client mode: node id of each variable, from {camera} and {name}
-    state_file: ConfigPath | None = None  # server mode: where the restart rule's inspection ids and alarms are kept
+    state_file: WrittenPath | None = None  # server mode: where the restart rule's inspection ids and alarms are kept
     # server mode: where the standard address space is cached between starts; null: $CACHE_DIRECTORY; "" (or null
     # with no $CACHE_DIRECTORY): no cache, built at each start
     cache_dir: Annotated[str, Strict()] | None = None
@@ -119,8 +119,8 @@ class OpcUaConfig(HandshakeSettings):
 
     @field_validator("cache_dir", mode="after")
     @classmethod
-    def _cache_dir(cls, cache_dir: str | None, info: ValidationInfo) -> str | None:
-        return str(resolve(cache_dir, info)) if cache_dir else cache_dir  # "" and null mean no directory
+    def _cache_dir(cls, cache_dir: str | None) -> str | None:
+        return str(written_path(cache_dir)) if cache_dir else cache_dir  # "" and null mean no directory
 
     @model_validator(mode="after")
     def _consistent(self) -> OpcUaConfig:
@@ -188,10 +188,11 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
         changes["endpoint"] = args.opcua
     if args.camera:
         changes["cameras"] = [*config.cameras, *args.camera]
+    # A path on the command line is the shell's: relative to the working directory, as every other tool takes it.
     if args.state_file is not None:
-        changes["state_file"] = args.state_file
+        changes["state_file"] = os.path.abspath(args.state_file) if args.state_file else args.state_file
     if args.cache_dir is not None:
-        changes["cache_dir"] = args.cache_dir
+        changes["cache_dir"] = os.path.abspath(args.cache_dir) if args.cache_dir else args.cache_dir
     if changes:
         merged = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} | changes
         merged["security"] = None if config.security is None else dataclasses.asdict(config.security)

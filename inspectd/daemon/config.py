@@ -17,6 +17,7 @@ import ipaddress
 import operator
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -168,9 +169,39 @@ class LoggingConfig:
     format: Annotated[str, one_of(LOG_FORMATS)] = "json"
 
 
+# How long the load waits on the lookup of a metrics.listen host name: a resolver that drops packets holds
+# getaddrinfo for its timeout times its attempts times its servers (10-30 s with glibc's defaults).
+LISTEN_LOOKUP_S = 3.0
+# getaddrinfo's answers that the name has no IPv4 address (none at all, or none of that family): the resolver was
+# reached and answered, so a restart would get the same answer. Every other failure (EAI_AGAIN: no DNS server reached
+# yet, as at boot after a power cut; EAI_FAIL; a lookup still running) may pass, so it is left to the start, whose
+# failed bind exits 1, which the units retry, where a config error (exit 2) is never retried.
+_UNKNOWN_NAME = frozenset(
+    code for code in (getattr(socket, name, None) for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY")) if code
+)
+
+
+def _lookup(host: str) -> BaseException | None:
+    """getaddrinfo's error for `host` in the family the metrics server binds a host name with (IPv4), None when it
+    resolves or did not answer within LISTEN_LOOKUP_S (the thread is left to finish on its own: it holds nothing)."""
+    failed: list[BaseException | None] = []
+
+    def look() -> None:
+        try:
+            socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)  # with no port, as bind() looks up
+            failed.append(None)
+        except (OSError, UnicodeError) as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=look, name="metrics-listen-lookup", daemon=True)
+    thread.start()
+    thread.join(LISTEN_LOOKUP_S)
+    return failed[0] if failed else None
+
+
 def _listen(raw: Any) -> str:
-    """host:port as the metrics server binds it (inspectd.daemon.metrics): an IP address, or a host name this machine
-    resolves (looked up here, so that `run --check` refuses what `run` could not bind)."""
+    """host:port as the metrics server binds it (inspectd.daemon.metrics): an IP address, or a host name not known to
+    be unknown (looked up here, so that `run --check` refuses a name the resolver says no machine has)."""
     host, sep, port = raw.rpartition(":") if isinstance(raw, str) else ("", "", "")
     if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise invalid(f'expected "host:port" (e.g. 127.0.0.1:9108) or null, got {show(raw)}')
@@ -178,14 +209,15 @@ def _listen(raw: Any) -> str:
         # As in a URL: without brackets, where the address ends and the port begins is a guess.
         raise invalid(f'expected an IPv6 host in brackets, as "[::1]:9108", got {show(raw)}')
     bare = host.removeprefix("[").removesuffix("]")
+    if bare == "*":  # as zmq endpoints write every address: no resolver knows it
+        raise invalid(f'expected an IP address or a host name, "0.0.0.0:{port}" for every address, got {show(raw)}')
     try:
         ipaddress.ip_address(bare)
     except ValueError:
         if host.startswith("["):
             raise invalid(f'expected an IPv6 address in the brackets, as "[::1]:9108", got {show(raw)}') from None
-        try:  # the family the server binds a host name with (IPv6 only for a bracketed literal)
-            socket.getaddrinfo(bare, None, socket.AF_INET, socket.SOCK_STREAM)  # with no port, as bind() looks up
-        except (OSError, UnicodeError) as exc:
+        exc = _lookup(bare)
+        if isinstance(exc, UnicodeError) or (isinstance(exc, socket.gaierror) and exc.errno in _UNKNOWN_NAME):
             reason = getattr(exc, "strerror", None) or exc
             raise invalid(
                 f"cannot resolve host {bare!r} ({reason}), expected an IP address or a host name this machine "
@@ -245,9 +277,12 @@ class Config:
     @field_validator("state_dir", mode="after")
     @classmethod
     def _a_directory(cls, state_dir: Path) -> Path:
-        # Else the start fails on the first file made under it, naming that file's key (publish.journal.path).
-        if os.path.exists(state_dir) and not os.path.isdir(state_dir):
-            raise invalid(f"{state_dir} is not a directory, expected a directory (made at start when missing)")
+        # Else the start fails on the first file made under it, naming that file's key (publish.journal.path). The
+        # first part of it that exists is the one the start would make the rest under.
+        existing = next((path for path in (state_dir, *state_dir.parents) if os.path.exists(path)), None)
+        if existing is not None and not os.path.isdir(existing):
+            beneath = "" if existing == state_dir else f"{state_dir}: "
+            raise invalid(f"{beneath}{existing} is not a directory, expected a directory (made at start when missing)")
         return state_dir
 
     def camera(self, camera_id: str) -> CameraConfig:
@@ -350,7 +385,9 @@ class Config:
                 if not _same_address(address, earlier):
                     continue
                 if address[0] == "genicam" and None in (address[1], earlier[1]):
-                    if address[1] is None:
+                    if address[1] is None and earlier[1] is None:
+                        clash = f"left out, as is {first}: both would open the first genicam device found"
+                    elif address[1] is None:
                         clash = (
                             f"left out: the first genicam device found, which {first} ({address_text(earlier)}) may be"
                         )
