@@ -417,6 +417,17 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused_in_one_line_naming_the
         s.close()
 
 
+def test_a_state_dir_that_cannot_be_created_is_named_as_such():
+    """Before, the daemon went on and the journal's open failed naming publish.journal.path, a key the operator may
+    never have set. /proc refuses every new directory, to root too."""
+    from inspectd.daemon.service import hold_state_dir
+    from inspectd.errors import InspectdError
+
+    with pytest.raises(InspectdError) as refused:
+        hold_state_dir(Path("/proc/1/inspectd-state"))
+    assert str(refused.value).startswith("state_dir /proc/1/inspectd-state: cannot create it ("), refused.value
+
+
 def test_a_stop_during_the_model_load_starts_no_camera_and_exits_cleanly(tmp_path):
     """SIGTERM while the bundle loads (its manifest a FIFO here, so the load waits until the test has signalled): the
     start went on, started the cameras and sent READY=1, and only then stopped; on a station whose start takes

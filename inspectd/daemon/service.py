@@ -894,8 +894,12 @@ def hold_state_dir(state_dir: Path) -> None:
         missing = missing.parent
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return  # the journal's open says what is wrong with it, in one line
+    except OSError as exc:
+        # Said here, naming the key the operator set: the journal's open would name publish.journal.path instead.
+        raise InspectdError(
+            f"state_dir {state_dir}: cannot create it ({exc.strerror or exc}), expected a directory this user may "
+            "create or use"
+        ) from None
     # A directory created on a first start is an entry in its parent, which a power cut can lose (with the journal
     # under it) until the parent is fsynced: the journal would do this had it created them. A parent this user may
     # write but not read cannot be fsynced; the lock is taken all the same.
