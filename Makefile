@@ -39,7 +39,8 @@ demo: venv
 LINTED := inspectd engines calibration tests deploy
 
 # What the tests drive for real and Debian provides: a headless browser (the web view's test), strace (the power-cut
-# tests read a daemon's fsyncs), systemd-analyze (the units are verified) and Aravis with its fake GigE Vision camera
+# tests read a daemon's fsyncs), systemd-analyze (the units are verified), ip (a subscriber's path cut in a network
+# namespace of its own) and Aravis with its fake GigE Vision camera
 # (the genicam tests; deploy/aravis.sh names its packages). Installed when missing, as root (CI runs as root);
 # otherwise one line says what to install, and nothing runs: a suite that skipped their tests is not a pass.
 system-packages:
@@ -47,6 +48,7 @@ system-packages:
 	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing="$$missing chromium"; \
 	command -v strace >/dev/null || missing="$$missing strace"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	aravis=$$(deploy/aravis.sh --missing --fake); [ -z "$$aravis" ] || missing="$$missing $$aravis"; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] || { \
 		echo "make: missing Debian packages:$$missing; run make test as root, or apt-get install$$missing" >&2; \

@@ -262,31 +262,34 @@ REFUSED_AFTER = 3
 GAVE_UP_AFTER_S = 1.0
 
 
-# ZMTP heartbeats on a subscriber's connection. A SUB socket sends nothing after it subscribed, so a path that dies
+# TCP keepalive on a subscriber's tcp connection. A SUB socket sends nothing after it subscribed, so a path that dies
 # without a FIN or RST reaching it (the daemon's host losing power, a firewall or NAT dropping its state) leaves the
-# connection open for good and libzmq never reconnects: the daemon, back up, is never heard again. A PING every
-# second that gets no PONG (the daemon's libzmq answers it, however long its status interval) within 3 s drops the
-# connection, and libzmq connects anew. 1 s is the daemon's default status interval and 3 s a PLC bridge's least
-# silence limit (three status messages missed): the connection is given up on about as soon as the bridge takes the
-# daemon as silent, and back within a second or so of the path. Any traffic from the daemon counts as an answer, so
-# a busy line's connection is not dropped for a PONG queued behind its results.
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 3000
+# connection open for good and libzmq never reconnects: the daemon, back up, is never heard again. The kernel probes a
+# connection idle for KEEPALIVE_IDLE_S, every KEEPALIVE_INTVL_S after, and ends it after KEEPALIVE_CNT unanswered, so
+# libzmq connects anew: a dead path is given up about 30 s after its last packet, and a stall shorter than that loses
+# nothing. Not ZMTP heartbeats: a subscriber whose receive queue is full (behind) stops reading, so misses their
+# answers and is dropped with what was on its way, and with libzmq 4.3.5 that drop then aborts the process
+# (Assertion failed: _input_stopped, zeromq/libzmq#3937).
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTVL_S = 5
+KEEPALIVE_CNT = 4
 
 
 def open_watched_sub(context: zmq.Context, endpoint: str, curve, topics: list[bytes], **options: int) -> tuple:
-    """A SUB socket on `endpoint`: ZMTP heartbeats (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS), `options` (RCVHWM=..)
-    and LINGER 0 set, the CurveZMQ client keys `curve` (a curve_client hook, or None) and the subscriptions before it
-    connects, its handshakes watched from before the connect. (socket, HandshakeWatch); on any failure the socket is
-    closed before the error goes on."""
+    """A SUB socket on `endpoint`: TCP keepalive (KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, KEEPALIVE_CNT), `options`
+    (RCVHWM=..) and LINGER 0 set, the CurveZMQ client keys `curve` (a curve_client hook, or None) and the
+    subscriptions before it connects, its handshakes watched from before the connect. (socket, HandshakeWatch); on
+    any failure the socket is closed before the error goes on."""
     from inspectd.protocol.endpoints import take_endpoint
 
     sock = context.socket(zmq.SUB)
     watch = None
     try:
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTVL_S)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_CNT)
         for name, value in options.items():
             sock.setsockopt(getattr(zmq, name), value)
         take_endpoint(sock, endpoint)
@@ -352,6 +355,7 @@ class HandshakeWatch:
         # of another kind (Readmission).
         self.ended = False
         self.connected = False  # a connection was ever made
+        self.linked = False  # a connection is up and its handshake succeeded
         self.connects_refused = 0  # connections the peer refused (nothing listening), since the last one made
         self._shaken = False  # the current connection's handshake succeeded
         self._closed_unshaken_at: float | None = None  # when a connection closed before its handshake ended
@@ -367,7 +371,7 @@ class HandshakeWatch:
                 if kind & self._CONNECTIONS:
                     self._connection(kind)
                     continue
-                self._shaken = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                self._shaken = self.linked = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
                 self._failure = self._describe(kind, value)
                 self._in_a_row = 0 if self._failure is None else self._in_a_row + 1
                 self._definitive = (kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400) or (
@@ -396,9 +400,11 @@ class HandshakeWatch:
         elif kind == zmq.EVENT_CONNECT_RETRIED:
             self.connects_refused += 1
             self._closed_unshaken_at = None
-        elif not self._shaken and self._failure is None:
-            # A close the handshake events have not explained (they come before it when there is a reason).
-            self._closed_unshaken_at = time.monotonic()
+        else:  # disconnected
+            if not self._shaken and self._failure is None:
+                # A close the handshake events have not explained (they come before it when there is a reason).
+                self._closed_unshaken_at = time.monotonic()
+            self.linked = self._shaken = False
 
     def refused(self) -> bool:
         """Whether the peer refuses for good: a key refused or CurveZMQ on one side only at once, a handshake ended
