@@ -253,14 +253,17 @@ def run(args: argparse.Namespace) -> int:
     results: list[Result] = []
     gaps = GapTracker()
     interrupted: KeyboardInterrupt | None = None
+    daemon: subprocess.Popen | None = None
     with log, Subscriber(endpoint, topic="inspect.demo.") as subscriber:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "run", "--config", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
         try:
+            # Inside the try: a Ctrl-C while it starts (its child forked, Popen not yet returned) still ends in the
+            # summary; a daemon whose Popen it cut short stops with the demo (PARENT_PID_ENV).
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "inspectd", "run", "--config", str(config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
             first_deadline = time.monotonic() + START_TIMEOUT_S
             started = None
             stop_at = None
@@ -312,20 +315,11 @@ def run(args: argparse.Namespace) -> int:
             interrupted = stop  # Ctrl-C ends the demo early: the summary of what was shown still follows
         finally:
             try:
-                # Claimed before the daemon is told, so that a second stop during its drain kills it at once.
-                with killed_on_a_stop(daemon):
-                    if daemon.poll() is None:
-                        daemon.send_signal(signal.SIGTERM)
-                        try:
-                            # Its drain's own bound (shutdown_timeout_s, 10 s) and room to close on a busy machine:
-                            # killed sooner, it leaves its journal unclean for the next demo.
-                            daemon.wait(30)
-                        except subprocess.TimeoutExpired:
-                            daemon.kill()
-                            daemon.wait()
+                if daemon is not None:
+                    _stop(daemon)
             except KeyboardInterrupt as stop:
                 interrupted = stop  # a second Ctrl-C cuts the drain short; the summary still follows
-                if daemon.returncode is None:
+                if daemon is not None and daemon.returncode is None:
                     # One that came before the claim took SIGINT killed nothing, or killed the daemon unwaited.
                     daemon.kill()
                     daemon.wait()
@@ -339,7 +333,23 @@ def run(args: argparse.Namespace) -> int:
     if interrupted is not None:
         print("summary: interrupted; what follows covers the results shown until then")
     print(*summary_lines(s, args.cameras, wall), sep="\n")
-    print(f"summary: daemon exit status {daemon.returncode}; log {log_path}", flush=True)
+    status = "- (not started)" if daemon is None else daemon.returncode
+    print(f"summary: daemon exit status {status}; log {log_path}", flush=True)
     if interrupted is not None:
         raise interrupted
-    return 0 if daemon.returncode == 0 and s["frames"] > 0 else 1
+    return 0 if daemon is not None and daemon.returncode == 0 and s["frames"] > 0 else 1
+
+
+def _stop(daemon: subprocess.Popen) -> None:
+    """SIGTERM to the daemon and wait for its drain; claimed before the daemon is told, so that a second stop during
+    its drain kills it at once."""
+    with killed_on_a_stop(daemon):
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                # Its drain's own bound (shutdown_timeout_s, 10 s) and room to close on a busy machine: killed
+                # sooner, it leaves its journal unclean for the next demo.
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
