@@ -201,11 +201,23 @@ def test_a_scraper_that_hangs_up_mid_reply_is_one_log_line_and_the_next_scrape_i
                 time.sleep(0.05)  # the server thread's write, then its error, before the next try
         failed = [e for e in logs if e["event"] == "metrics_request_failed"]
         assert failed, "no reset reached the server mid-reply within 10 s"
-        assert failed[0]["client"].startswith("127.0.0.1:")
+        assert failed[0]["client"].startswith("127.0.0.1:") and failed[0]["failed_total"] == 1
         assert failed[0]["error"].startswith(("ConnectionResetError", "BrokenPipeError")), failed[0]
         assert "Traceback" not in capsys.readouterr().err
         samples, _ = scrape(f"http://{host}:{port}/metrics")
         assert samples
+        # A health probe that connects and resets every few seconds, for months: counted, not a line each.
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(30):
+                with socket.create_connection((host, port), timeout=5) as conn:
+                    conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                time.sleep(0.02)
+            deadline = time.monotonic() + 5
+            while metrics._server.failed < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert metrics._server.failed >= 2, "no further reset reached the server"
+        assert not [e for e in logs if e["event"] == "metrics_request_failed"], logs
     finally:
         metrics.stop()
 

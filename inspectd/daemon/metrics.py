@@ -44,7 +44,7 @@ IDLE_TIMEOUT_S = 10.0  # a /metrics connection silent this long (no request, or 
 # Connections served at once, each on its own thread; one more closes the oldest. A scraper needs one, a few
 # dashboards a few more; a flood of idle connections would otherwise hold a thread each for IDLE_TIMEOUT_S.
 MAX_CONNECTIONS = 16
-EVICTED_LOG_S = 60.0  # connections closed to make room: logged at most once per this
+EVICTED_LOG_S = 60.0  # connections closed to make room, or ended by a reset: logged at most once per this
 
 # Pulled per camera from status()["cameras"][camera][key]: (metric name without _total, help, status key).
 CAMERA_COUNTERS = (
@@ -199,6 +199,11 @@ class _Server(ThreadingHTTPServer):
         self._evicted: set[Any] = set()
         self.evicted = 0
         self._evicted_logged_at = -EVICTED_LOG_S
+        # Connections that ended in a reset or a timeout: a TCP health probe that connects and resets does it every
+        # few seconds, for months. The first is logged, then at most one line per EVICTED_LOG_S with the count.
+        self.failed = 0
+        self._failed_logged_at = -EVICTED_LOG_S
+        self._failed_unlogged = 0
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # Full: the oldest connection makes room. A scraper's request takes milliseconds, so the oldest is one that
@@ -251,10 +256,20 @@ class _Server(ThreadingHTTPServer):
             log.exception("metrics_request_crashed", client=client)
             return
         lines = str(exc).strip().splitlines()
+        now = time.monotonic()
+        with self._lock:
+            self.failed += 1
+            if now - self._failed_logged_at < EVICTED_LOG_S:
+                self._failed_unlogged += 1
+                return
+            self._failed_logged_at = now
+            since, self._failed_unlogged = self._failed_unlogged, 0
         log.warning(
             "metrics_request_failed",
             client=client,
             error=type(exc).__name__ + (f": {lines[0]}" if lines else ""),
+            failed_total=self.failed,
+            not_logged_since=since,  # the ones since the last line, each like this one
         )
 
 
