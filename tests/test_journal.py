@@ -121,6 +121,35 @@ def test_a_wall_clock_that_goes_back_never_trims_the_newest_results_first(tmp_pa
     j.close()
 
 
+def test_after_the_clock_was_set_back_no_camera_loses_newer_results_while_another_keeps_older_ones(tmp_path):
+    cap, segment, payload = 1 << 20, 32 << 10, b"m" * 900
+    cameras = ["cam_a", "cam_b"]
+
+    def run(seqs: range) -> None:
+        j = Journal(tmp_path / "j", max_bytes=cap, segment_bytes=segment, camera_count=2)
+        for seq in seqs:
+            for camera in cameras:
+                j.append(camera, seq, result(camera, seq, payload))
+        j.close()
+
+    run(range(0, 200))
+    # Run 1 was stamped by a clock a year ahead (an RTC set wrong at boot), cam_b's writes just after cam_a's; then
+    # NTP set it right.
+    ahead = time.time() + 365 * 86400
+    for c, camera in enumerate(cameras):
+        for i, (_, path) in enumerate(journal_format.segment_files(tmp_path / "j" / camera)):
+            os.utime(path, (ahead + 10 * i + c, ahead + 10 * i + c))
+    run(range(200, 400))
+    run(range(400, 700))  # the cap trims into run 2
+    oldest = {camera: journal_format.oldest_seq(tmp_path / "j", camera) for camera in cameras}
+    per_segment = segment // len(journal_format.encode_record(0, result("cam_a", 0, payload)))
+    # Run 1's results went first for both, then run 2's in the order written: cam_a lost 200..367 while cam_b
+    # still held 160..199.
+    assert min(oldest.values()) >= 200 and abs(oldest["cam_a"] - oldest["cam_b"]) <= per_segment, oldest
+    for camera in cameras:
+        assert [s for s, _ in read_since(tmp_path / "j", camera, -1)] == list(range(oldest[camera], 700))
+
+
 def test_many_cameras_share_the_cap_and_each_keeps_its_newest_results(tmp_path):
     cap = 1 << 20
     cameras = [f"cam{i}" for i in range(16)]

@@ -20,7 +20,18 @@ for the disk. An fsync that fails is logged (`journal_fsync_failed`) and counted
 A write that fails (disk full: ENOSPC, quota, file-size limit, I/O error) never stops publishing: the partial
 record is cut off at once (or, if even that fails, before the next append to that segment), the journal is marked
 `degraded` with the reason (an alarm in status and the log), the record is counted in `lost`, and writing is retried
-after `retry_s`. So once space returns every later record is whole and readable.
+after `retry_s`. So once space returns every later record is whole and readable. The same holds for the writes
+the open makes (the boot mark, and after a reboot each camera's accepted mark raised to its reservation): a full disk
+at the first start after a reboot starts degraded, not refused, so the archive can free room; those writes are
+retried with the next append, and until they are made the clean mark is withheld, so the next start on this boot
+handles the reboot again (numbering resumes past the reservation either way). A segment deleted while open (the
+journal's directory removed) is noticed by the syncer (one fstat per active segment per round, none per record) or at
+rotation: the records written to it since the last check are counted lost, not written, and the journal re-creates
+its directories and goes on in a new segment; each camera's marks are opened again at its next frame.
+
+Trimming deletes the oldest closed segments of any camera by their write order: a segment closed is stamped (its
+mtime) with a time that never goes back, the later of the clock and just past the newest stamp found, so after the
+clock was set back the results written since still rank after every camera's older ones, at this start and the next.
 
 Everything is created group-readable (directories DIR_MODE, files FILE_MODE, as the archive) whatever the umask, as
 the unit's UMask=0077 would make it the service user's alone: `inspectd subscribe --journal` runs as a member of group
@@ -30,6 +41,7 @@ under that umask), so its operators can read it once the daemon restarted.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -39,7 +51,7 @@ from pathlib import Path
 
 import structlog
 
-from inspectd.durable import DIR_MODE, FILE_MODE, fsync_dir, make_dirs, replace_file
+from inspectd.durable import FILE_MODE, fsync_dir, make_dirs, replace_file
 from inspectd.protocol.journal import (
     ACCEPTED,
     ACCEPTED_MARK,
@@ -63,15 +75,23 @@ RETRY_S = 5.0
 # thread fsyncs once per this many frames.
 RESERVE = 256
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# A write refused by the disk (full, quota, file-size limit, failing device), not by the configuration: it degrades
+# the journal, at open as at run time. Anything else at open (not a directory, permissions, read-only) is refused.
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+# How far a segment's stamp goes past the newest one when the clock is behind it (well above mtime's resolution).
+STAMP_STEP_S = 0.001
 
 
 class _Active:
-    """A segment open for appending: an unbuffered O_APPEND descriptor and the size of its whole records."""
+    """A segment open for appending: an unbuffered O_APPEND descriptor and the size of its whole records; the records
+    this run appended, how many of them the syncer saw in a file still linked, and whether it saw the file deleted."""
 
-    __slots__ = ("path", "fd", "size")
+    __slots__ = ("path", "fd", "size", "records", "checked", "unlinked")
 
     def __init__(self, path: Path, fd: int, size: int) -> None:
         self.path, self.fd, self.size = path, fd, size
+        self.records = self.checked = 0
+        self.unlinked = False
 
 
 def _read_text(path: Path) -> str | None:
@@ -79,13 +99,6 @@ def _read_text(path: Path) -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
-
-
-def _mkdir(path: Path) -> None:
-    """Create directory `path` (FileExistsError where it is there) with DIR_MODE: mkdir's mode is narrowed by the
-    umask."""
-    path.mkdir()
-    os.chmod(path, DIR_MODE)
 
 
 def _open(path: Path, flags: int) -> int:
@@ -113,6 +126,10 @@ def _group_readable(path: Path, st_mode: int) -> None:
             os.chmod(path, stat.S_IMODE(st_mode) | wanted)
         except PermissionError:
             pass
+
+
+def _reason(exc: OSError) -> str:
+    return f"{type(exc).__name__}: {exc.strerror or exc} (errno {exc.errno})"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -176,8 +193,9 @@ class Journal:
         self._reserved_to: dict[str, int] = {}  # the reservation this run has synced
         self._reserved_fd: dict[str, int] = {}
         # (age, path, size) of closed segments, deleted lowest age first. The age is the file's mtime for segments
-        # found at open (made to rise with the seqs within each camera), then a count: the wall clock may jump back
-        # (a station without a battery clock corrected by NTP), and the newest results must not go first.
+        # found at open (made to rise with the seqs within each camera), then the stamp each gets when it is closed
+        # (`_close_segment`): the wall clock may jump back (a station without a battery clock corrected by NTP), and
+        # the newest results, of any camera, must not go first.
         self._closed: list[tuple[float, Path, int]] = []
         self._age = 0.0
         self._total = 0
@@ -190,6 +208,13 @@ class Journal:
         self._dirs_dirty: set[Path] = set()
         self._marks_dirty: set[str] = set()
         self._fsync_error: str | None = None
+        # Cameras whose mark files may have been deleted with their folder: reopened at the camera's next frame.
+        self._marks_stale: set[str] = set()
+        # The writes the open owes the disk, made before any later append: each camera's accepted mark raised to its
+        # reservation after a reboot, then the boot mark (only once the floors are durable).
+        self._floors_owed = False
+        self._boot_owed = False
+        self._boot = _read_text(BOOT_ID)
         self._stop = threading.Event()
         try:
             # A directory created here (the journal's, the state dir's on a first start) is an entry in its parent,
@@ -201,26 +226,16 @@ class Journal:
             if self.directory.is_dir():
                 _group_readable(self.directory, self.directory.stat().st_mode)
             else:
-                make_dirs(self.directory)
-            mark = self.directory / CLEAN_MARK
-            self.unclean = not mark.exists() and bool(cameras(self.directory))
-            if mark.exists():
-                # Gone for good before anything is appended, or a power cut would leave a run that never closed
-                # looking clean at the next start.
-                mark.unlink()
-                fsync_dir(self.directory)
-            boot, previous_boot = _read_text(BOOT_ID), _read_text(self.directory / BOOT_MARK)
-            self.rebooted = self.unclean and (boot is None or previous_boot != boot)
-            for camera in cameras(self.directory):
-                self._recover(camera)
-            if self.rebooted:
-                self._raise_floors()
-            # Only once the floors are durable: a start that ends before each camera's next reservation (a failed
-            # start, an idle run stopped) must not make the next one, on the same boot, take the stale marks again.
-            if boot is not None and previous_boot != boot:
-                replace_file(self.directory / BOOT_MARK, boot.encode(), FILE_MODE)
-            elif previous_boot is not None:
-                _group_readable(self.directory / BOOT_MARK, (self.directory / BOOT_MARK).stat().st_mode)
+                try:
+                    make_dirs(self.directory)
+                except OSError as exc:
+                    if exc.errno not in DISK_ERRORS:
+                        raise
+                    # Nothing to recover: the boot mark (and the directory) are written once the disk takes them.
+                    self._boot_owed = self._boot is not None
+                    self._open_degraded(exc)
+            if self.directory.is_dir():
+                self._open_existing()
         except (OSError, JournalError) as exc:
             cause = exc.__cause__ if isinstance(exc, JournalError) else exc  # cameras(): the listing that failed
             if not isinstance(cause, OSError):
@@ -231,6 +246,78 @@ class Journal:
             ) from None
         self._syncer = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
         self._syncer.start()
+
+    def _open_existing(self) -> None:
+        mark = self.directory / CLEAN_MARK
+        self.unclean = not mark.exists() and bool(cameras(self.directory))
+        if mark.exists():
+            # Gone for good before anything is appended, or a power cut would leave a run that never closed looking
+            # clean at the next start.
+            mark.unlink()
+            fsync_dir(self.directory)
+        boot, previous_boot = self._boot, _read_text(self.directory / BOOT_MARK)
+        self.rebooted = self.unclean and (boot is None or previous_boot != boot)
+        for camera in cameras(self.directory):
+            self._recover(camera)
+        self._floors_owed = self.rebooted
+        self._boot_owed = boot is not None and previous_boot != boot
+        if previous_boot is not None and not self._boot_owed:
+            _group_readable(self.directory / BOOT_MARK, (self.directory / BOOT_MARK).stat().st_mode)
+        try:
+            self._settle()
+        except OSError as exc:
+            if exc.errno not in DISK_ERRORS:
+                raise
+            self._open_degraded(exc)
+
+    def _open_degraded(self, exc: OSError) -> None:
+        """A write at open refused by the disk: start degraded (an alarm, retried with the first append) instead of
+        refusing to start, so the rest of the daemon (the archive, which frees room) runs."""
+        self.degraded = _reason(exc)
+        log.error(
+            "journal_degraded",
+            error=self.degraded,
+            at="open",
+            effect="results are still published but not journalled until the write succeeds again"
+            + (
+                "; until then the reboot's seq floors are not on disk, so the clean mark is withheld and the next"
+                " start on this boot resumes past the reservations again (no seq is given out twice)"
+                if self._floors_owed
+                else ""
+            ),
+        )
+
+    def _settle(self) -> None:
+        """Make the writes the open owes, in order: the floors durable before the boot mark, or a start that ends
+        before each camera's next reservation (a failed start, an idle run stopped) would make the next one, on the
+        same boot, take the stale marks again."""
+        if self._floors_owed:
+            self._raise_floors()
+            self._floors_owed = False
+        if self._boot_owed and self._boot is not None:
+            created = make_dirs(self.directory)
+            with self._lock:  # the syncer iterates the set it takes
+                self._dirs_dirty.update(c.parent for c in created)
+            replace_file(self.directory / BOOT_MARK, self._boot.encode(), FILE_MODE)
+        self._boot_owed = False
+
+    def _retry_open(self) -> bool:
+        """Retry the writes the open owes (False where they still fail: the caller's record is lost, as records are
+        while the journal cannot write)."""
+        try:
+            self._settle()
+            return True
+        except OSError as exc:
+            with self._lock:
+                self._retry_at = time.monotonic() + self.retry_s
+                if self.degraded is None:
+                    log.error(
+                        "journal_degraded",
+                        error=_reason(exc),
+                        effect="results are still published but not journalled until the write succeeds again",
+                    )
+                self.degraded = _reason(exc)
+            return False
 
     def _recover(self, camera: str) -> None:
         """Account for a camera's segments and cut a torn record off its newest one (left by a kill mid-write)."""
@@ -272,19 +359,38 @@ class Journal:
 
     def _raise_floors(self) -> None:
         """After a reboot, make each camera's reservation its accepted mark, fsynced: seqs up to it may have been
-        published before the power cut, and every later start must resume past them, not only this one."""
+        published before the power cut, and every later start must resume past them, not only this one. At open, or
+        retried later beside the ingest threads (under each camera's mark lock)."""
         for camera, reserved in self._reserved.items():
             if reserved <= self._accepted.get(camera, -1):
                 continue
-            path = self.directory / camera / ACCEPTED_MARK
-            new = not path.exists()
-            fd = self._accepted_fd[camera] = _open(path, os.O_WRONLY)
-            self._mark_locks[camera] = threading.Lock()
-            os.pwrite(fd, ACCEPTED.pack(reserved), 0)
-            os.fsync(fd)
-            if new:
-                fsync_dir(path.parent)
+            with self._mark_lock(camera):
+                fd = self._accepted_fd.get(camera)
+                if fd is not None:
+                    # This run has marked a seq already, which is past the reservation (`resume`): durable is enough.
+                    os.fsync(fd)
+                else:
+                    path = self.directory / camera / ACCEPTED_MARK
+                    new = not path.exists()
+                    fd = _open(path, os.O_WRONLY)
+                    try:
+                        os.pwrite(fd, ACCEPTED.pack(reserved), 0)
+                        os.fsync(fd)
+                        if new:
+                            fsync_dir(path.parent)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    with self._lock:
+                        self._accepted_fd[camera] = fd
             self._accepted[camera] = reserved
+
+    def _mark_lock(self, camera: str) -> threading.Lock:
+        lock = self._mark_locks.get(camera)
+        if lock is None:
+            with self._lock:
+                lock = self._mark_locks.setdefault(camera, threading.Lock())
+        return lock
 
     def _corrupt_found(self, path: Path, offset: int, skipped: int) -> None:
         self.corrupt += 1
@@ -344,12 +450,13 @@ class Journal:
             with lock:
                 if self._stop.is_set():
                     return
+                if camera in self._marks_stale:
+                    self._drop_marks(camera)
                 fd = self._accepted_fd.get(camera)
                 if fd is None:
                     check_camera(camera)
                     with self._lock:
-                        if not (self.directory / camera).is_dir():
-                            _mkdir(self.directory / camera)
+                        self._made(make_dirs(self.directory / camera), camera)
                         fd = self._accepted_fd[camera] = _open(self.directory / camera / ACCEPTED_MARK, os.O_WRONLY)
                         self._dirs_dirty.update((self.directory, self.directory / camera))
                 if seq > self._reserved_to.get(camera, -1):
@@ -365,6 +472,17 @@ class Journal:
                     error=f"{exc.strerror or exc}",
                     effect="frames in flight at a crash will not show as a seq gap after the restart",
                 )
+
+    def _drop_marks(self, camera: str) -> None:
+        """Close `camera`'s mark descriptors (their files were deleted with its folder), under its mark lock: the
+        caller opens them again and writes a new reservation at once, as for a camera's first frame."""
+        with self._lock:
+            self._marks_stale.discard(camera)
+            fds = [self._accepted_fd.pop(camera, None), self._reserved_fd.pop(camera, None)]
+            self._reserved_to.pop(camera, None)
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
 
     def _reserve(self, camera: str, upto: int) -> None:
         """Sync `upto` as the camera's reservation before any seq past the previous one is given out."""
@@ -383,6 +501,10 @@ class Journal:
     def append(self, camera: str, seq: int, frames: list) -> None:
         """Journal one published result. Never raises for disk trouble: that degrades the journal instead."""
         record = encode_record(seq, frames)
+        if (self._floors_owed or self._boot_owed) and time.monotonic() >= self._retry_at and not self._retry_open():
+            with self._lock:
+                self.lost += 1
+            return
         with self._lock:
             now = time.monotonic()
             if self.degraded is not None and now < self._retry_at:
@@ -396,24 +518,27 @@ class Journal:
                 self._failed(camera, active, exc, now)
                 return
             active.size += len(record)
+            active.records += 1
             self._last[camera] = seq
             self.written += 1
             self.unsynced += 1
-            if self.degraded is not None:
+            if self.degraded is not None and not (self._floors_owed or self._boot_owed):
                 log.warning("journal_recovered", lost=self.lost)
                 self.degraded = None
 
     def _segment_for(self, camera: str, seq: int, size: int) -> _Active:
         active = self._active.get(camera)
-        if active is not None and active.size + size <= self.segment_bytes:
+        if active is not None and not active.unlinked and active.size + size <= self.segment_bytes:
             return active
         if active is not None:
-            self._close_segment(camera)
+            # Once per segment, not per record: one still linked was never deleted, so what it holds is written.
+            if active.unlinked or os.fstat(active.fd).st_nlink == 0:
+                self._removed(camera, active)
+            else:
+                self._close_segment(camera)
         check_camera(camera)
         camera_dir = self.directory / camera
-        if not camera_dir.is_dir():
-            _mkdir(camera_dir)
-            self._dirs_dirty.add(self.directory)
+        self._made(make_dirs(camera_dir), camera)
         segments = segment_files(camera_dir)
         resume = segments[-1][1] if segments and active is None else None
         if resume is not None:
@@ -441,13 +566,47 @@ class Journal:
         active = self._active[camera] = _Active(path, fd, os.fstat(fd).st_size)
         return active
 
+    def _made(self, created: list[Path], camera: str) -> None:
+        """Directories `created` for `camera` (under the lock): durable in their parents with the next sync. The
+        journal's own among them means it was removed while open: its boot mark goes back with the next append."""
+        self._dirs_dirty.update(c.parent for c in created)
+        if self.directory in created:
+            self._boot_owed = self._boot is not None
+            log.warning("journal_directory_recreated", path=str(self.directory), camera=camera)
+
     def _close_segment(self, camera: str) -> None:
         """Retire the active segment; the syncer fsyncs and closes its descriptor, off the publishing thread."""
         active = self._active.pop(camera)
         self._to_close.append(active.fd)
-        self._age += 1.0
+        # The stamp is its age here and, as its mtime (fsynced with it), at the next open: the clock where it is
+        # ahead of every stamp, else just past the newest, so a clock set back never ranks it before older ones.
+        self._age = max(time.time(), self._age + STAMP_STEP_S)
+        try:
+            os.utime(active.fd, ns=(int(self._age * 1e9),) * 2)
+        except OSError:
+            pass  # ranked by the time of its last write at the next open, as a segment of an older writer
         self._closed.append((self._age, active.path, active.size))
         self._total += active.size
+
+    def _removed(self, camera: str, active: _Active) -> None:
+        """Retire an active segment found deleted: the records written to it since the syncer last saw it linked may
+        have gone to the deleted file, so they count as lost; closed segments deleted with it leave the count."""
+        self._active.pop(camera)
+        self._to_close.append(active.fd)
+        gone = active.records - active.checked
+        self.written -= gone
+        self.lost += gone
+        self._closed = [c for c in self._closed if c[1].exists()]
+        self._total = sum(c[2] for c in self._closed)
+        self._marks_stale.add(camera)
+        log.error(
+            "journal_segment_removed",
+            camera=camera,
+            segment=str(active.path),
+            lost=gone,
+            effect="it was deleted while open (the journal's folder removed?): the results written since it was last "
+            "seen on disk are counted lost; the journal re-creates its folders and goes on in a new segment",
+        )
 
     def _trim(self, incoming: int, keep: Path | None = None) -> None:
         """Delete the oldest closed segments (but `keep`, about to be written on) until the journal plus `incoming`
@@ -490,7 +649,7 @@ class Journal:
                 # closed segment); the next append to this camera cuts it first, or starts a new one.
                 self._torn[active.path] = active.size
                 self._close_segment(camera)
-        reason = f"{type(exc).__name__}: {exc.strerror or exc} (errno {exc.errno})"
+        reason = _reason(exc)
         if self.degraded is None:
             log.error(
                 "journal_degraded",
@@ -526,7 +685,9 @@ class Journal:
             if not (self.unsynced or self._to_close or self._dirs_dirty or self._marks_dirty):
                 return
             # Duplicates, so a segment rotated or closed meanwhile cannot take the descriptor from under the fsync.
-            fds = [os.dup(a.fd) for a in self._active.values()] if self.unsynced else []
+            # Each is also checked for having been deleted: here, twice per interval, rather than per record.
+            actives = [(a, a.records) for a in self._active.values()] if self.unsynced else []
+            fds = [os.dup(a.fd) for a, _ in actives]
             # Ingest threads add to the set without the lock: take a copy and remove what it holds (each one C call
             # under the GIL). Iterating the set itself can meet a camera added meanwhile, and replacing it can lose
             # an add made to the old object; either way a quiet line's last mark would never be fsynced. A camera
@@ -538,6 +699,12 @@ class Journal:
             dirs, self._dirs_dirty = self._dirs_dirty, set()
             pending = self.unsynced
         failed = None
+        linked = []
+        for (active, count), fd in zip(actives, fds):
+            try:
+                linked.append((active, count, os.fstat(fd).st_nlink > 0))
+            except OSError:
+                pass
         for fd in fds + closing:
             try:
                 os.fsync(fd)
@@ -554,6 +721,11 @@ class Journal:
                 failed = exc
         with self._lock:
             self.unsynced = max(0, self.unsynced - pending)
+            for active, count, still in linked:
+                if still:
+                    active.checked = max(active.checked, count)
+                else:
+                    active.unlinked = True
         if failed is not None:
             self.fsync_failed += 1
             reason = f"{failed.strerror or failed} (errno {failed.errno})"
@@ -575,8 +747,15 @@ class Journal:
         if self._syncer.is_alive() and self._syncer is not threading.current_thread():
             self._syncer.join(5.0)
         with self._lock:
-            for camera in list(self._active):
-                self._close_segment(camera)
+            for camera, active in list(self._active.items()):
+                try:
+                    unlinked = active.unlinked or os.fstat(active.fd).st_nlink == 0
+                except OSError:
+                    unlinked = False
+                if unlinked:
+                    self._removed(camera, active)
+                else:
+                    self._close_segment(camera)
             locks = list(self._mark_locks.items())  # complete: no lock is made once _stop is set
         # A mark being written finishes first (and is fsynced below with the rest); an ingest thread stuck in the
         # disk keeps its descriptors open (the process is ending) rather than have them closed under it.
@@ -594,9 +773,14 @@ class Journal:
             for _, lock in held:
                 lock.release()
         with self._lock:
-            try:
-                os.close(_open(self.directory / CLEAN_MARK, os.O_WRONLY))
-                self._dirs_dirty.add(self.directory)
-            except OSError:
-                pass
+            if self._floors_owed:
+                # Without the floors on disk, a clean mark would make the next start on this boot resume from the
+                # marks the power cut left: it handles the reboot again instead.
+                log.warning("journal_clean_mark_withheld", reason="the reboot's seq floors could not be written")
+            else:
+                try:
+                    os.close(_open(self.directory / CLEAN_MARK, os.O_WRONLY))
+                    self._dirs_dirty.add(self.directory)
+                except OSError:
+                    pass
         self.sync()
