@@ -1,6 +1,7 @@
 """`inspectd subscribe` (inspectd.clients.subscribe) over real ZeroMQ sockets, as a real process where it prints: a tail
 lost before the first status it hears of a daemon run (also of one numbered anew, and none where a `--since` replay
-ran ahead of that status), and a flood of messages it cannot read."""
+ran ahead of that status, and none taken from the journal past what that status covers where the journal could not
+write the tail), and a flood of messages it cannot read."""
 
 from __future__ import annotations
 
@@ -30,13 +31,18 @@ def line(tmp_path):
 
 
 def send_status(
-    pub: zmq.Socket, start: float, uptime: float, cameras: dict[str, dict[str, int]] | None = None, **cam0: int
+    pub: zmq.Socket,
+    start: float,
+    uptime: float,
+    cameras: dict[str, dict[str, int]] | None = None,
+    journal_lost: int = 0,
+    **cam0: int,
 ) -> None:
     """A status of the run started at `start`, `uptime` into it, with cam0's counters (published, first_seq,
     dropped), or each camera's in `cameras`: what the daemon's says of a camera, which the first status heard of a
-    run is read by."""
+    run is read by; `journal_lost`: the results its journal could not write in this run."""
     cameras = {"cam0": cam0} if cameras is None else cameras
-    doc = {**STATUS, "t": start + uptime, "uptime_s": uptime, "cameras": cameras, "journal": {"lost": 0}}
+    doc = {**STATUS, "t": start + uptime, "uptime_s": uptime, "cameras": cameras, "journal": {"lost": journal_lost}}
     pub.send_multipart(encode_status(STATION, doc))
 
 
@@ -318,6 +324,72 @@ def test_a_since_restart_on_a_running_line_reports_no_gap_and_prints_each_result
     assert results == expected, results[-12:]
     assert "gap" not in err and "went back" not in err and "missed" not in err, err
     assert sub.proc.returncode == 130, err
+
+
+# What a gap says of results published while the daemon's journal could not write them (journal.lost rose by 4).
+JOURNAL_FAILED_4 = (
+    "not in the journal (the daemon's journal could not write results: journal.lost rose by 4; see journal.error in "
+    "its status)"
+)
+
+
+def test_a_since_restart_after_the_journal_could_not_write_prints_each_result_once_and_names_why(tmp_path):
+    """The daemon's journal could not write 6-9 (its status: journal.lost 4), then wrote 10 again. `--since 2`
+    replays 3-5 and stops below 10, the first result heard live; the status heard before 10 is read after that
+    replay and shows 6-9 published and not come. They are a gap that names the journal's failed writes; 10, given
+    out after that status, is not taken from the journal as one of them: it comes live, printed once, and no seq
+    went back before 11 follows it."""
+    directory = tmp_path / "journal"
+    journal = Journal(directory, max_bytes=1 << 22)
+    try:
+        frames = {seq: result_frames("cam0", seq) for seq in [*range(6), 10, 11]}
+        for seq, each in frames.items():
+            journal.append("cam0", seq, each)
+        sub = Inspectd(tmp_path, "--journal", str(directory), "--since", "2")
+        try:
+            start = time.time() - 100
+            send_status(sub.pub, start, 5.0, journal_lost=4, published=10, first_seq=0, next_seq=10, dropped=0)
+            for seq in (10, 11):  # the very results journalled: the journal is this numbering's
+                sub.pub.send_multipart(frames[seq])
+            said = sub.stderr_line()  # each read ends at the subscriber's --timeout at worst
+            printed = [sub.stdout_line() for _ in range(5)]
+            out, err = sub.interrupt()
+        finally:
+            sub.close()
+    finally:
+        journal.close()
+    seqs = [entry.split()[1] for entry in printed + out.splitlines()]
+    assert seqs == ["seq=3", "seq=4", "seq=5", "seq=10", "seq=11"], err
+    assert "went back" not in said + err, said + err
+    assert said == f"gap: seq 6-9 on cam0 (4 results): {JOURNAL_FAILED_4}\n", said + err
+    assert "gap" not in err and sub.proc.returncode == 130, err
+
+
+def test_a_tail_the_journal_could_not_write_is_a_gap_and_the_next_result_comes_once(line):
+    """Heard 0-5; 6-9 were published while the daemon's journal could not write them, and lost on the way. The
+    daemon journals and publishes 10 before the subscriber, behind it, reads the status that counts 6-9: 10 is not
+    among that status's losses. The gap 6-9 names the failed writes, and 10 is delivered once, live, with no seq
+    gone back."""
+    start = time.time() - 100
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        send_status(line.pub, start, 2.0, published=0, first_seq=0, next_seq=0, dropped=0)
+        for seq in range(6):
+            line.emit("cam0", seq)
+        send_status(line.pub, start, 3.0, published=6, first_seq=0, next_seq=6, dropped=0)
+        assert [r.seq for r in until_status(source, 3.0)] == list(range(6))
+        for seq in range(6, 10):
+            line.emit("cam0", seq, send=False, journal=False)
+        send_status(line.pub, start, 4.0, journal_lost=4, published=10, first_seq=0, next_seq=10, dropped=0)
+        line.emit("cam0", 10)
+        line.emit("cam0", 11)
+        before = [r.seq for r in until_status(source, 4.0)]
+        after = [r.seq for r in drain(source, 2)]
+    assert (before, after) == ([], [10, 11]) and catch_up.backwards == [] and catch_up.recovered == 0
+    assert catch_up.missed == [subscribe.Gap("cam0", 6, 9, JOURNAL_FAILED_4)]
+    assert catch_up.gaps.missed == {"cam0": 4}
 
 
 def test_a_journal_lacking_the_new_numberings_first_live_result_fills_no_hole(line):

@@ -183,6 +183,12 @@ NO_JOURNAL_DROPPING = (
     "lost on the way (no journal to fill it from), or dropped at the daemon's full drop_oldest queue "
     "(cameras.{camera}.dropped rose by {n})"
 )
+# Where the daemon's status said its journal could not write results lately (a count follows): the journal's count is
+# of all its cameras, so it names the likely cause without proving it for this camera's hole.
+JOURNAL_FAILED = (
+    "not in the journal (the daemon's journal could not write results: journal.lost rose by {n}; see journal.error "
+    "in its status)"
+)
 UNDECODABLE = "a journal record that does not decode"
 OTHER_NUMBERING = "lost on the way (the journal holds another numbering's results, not filled from it)"
 NEW_NUMBERING_UNCHECKED = (
@@ -194,7 +200,7 @@ NEW_NUMBERING_UNCHECKED = (
 @dataclass(frozen=True, kw_only=True)
 class _Run:
     """What a station's last status said of one camera: the daemon run, and how many results it had published.
-    Keyword-only: nine fields of like types, which a positional call could swap without a word."""
+    Keyword-only: eleven fields of like types, which a positional call could swap without a word."""
 
     station: str
     start: float  # t - uptime_s: the same in every status of one run
@@ -205,6 +211,8 @@ class _Run:
     lately: int  # how many of them in the last status window
     clean_from: int | None  # no seq from this one on was dropped by then; None: not known
     journal_lost: int | None  # results its journal could not write (published without a record); None: no journal
+    journal_failed: int  # how much that count rose in the last two status windows (the first from the run's start)
+    journal_lately: int  # how much it rose in the last status window
 
 
 class _Window:
@@ -399,10 +407,14 @@ class JournalCatchUp:
             marker = next_seq if _count(next_seq) else None
             if before is None or not same_run:
                 recent_drops, lately, clean_from = 0, 0, (0 if dropped == 0 else marker)
+                # The journal's count starts at the run's start, as its first window does.
+                journal_lately = journal_failed = journal_lost or 0
             else:
                 lately = dropped - before.dropped
                 recent_drops = lately + before.lately
                 clean_from = before.clean_from if dropped == before.dropped else marker
+                journal_lately = max(0, (journal_lost or 0) - (before.journal_lost or 0))
+                journal_failed = journal_lately + before.journal_lately
             self._runs[camera] = _Run(
                 station=station,
                 start=start,
@@ -413,6 +425,8 @@ class JournalCatchUp:
                 lately=lately,
                 clean_from=clean_from,
                 journal_lost=journal_lost,
+                journal_failed=journal_failed,
+                journal_lately=journal_lately,
             )
             self._window[camera] = _Window()
             if before is None or not same_run:
@@ -429,7 +443,7 @@ class JournalCatchUp:
             tail = published - before.published - window.heard - window.accounted(complete) - ahead
             if tail > 0:
                 clean = clean_from is not None and last + 1 >= clean_from
-                yield from self._lost(camera, tail, clean)
+                yield from self._lost(camera, tail, clean, marker)
 
     def _first_status(
         self, camera: str, first_seq: int, published: int, dropped: int, next_seq: int | None
@@ -450,15 +464,17 @@ class JournalCatchUp:
         last = self.delivered[camera]
         heard = self.live.get(camera)  # a seq heard live came before this status; one from the journal may not have
         if next_seq is not None and heard is not None and heard >= next_seq:
-            yield from self._numbered_anew(camera, first_seq, published, clean=dropped == 0)
+            yield from self._numbered_anew(camera, first_seq, published, dropped == 0, next_seq)
             return
         if dropped or last + 1 < first_seq:
             return
         tail = first_seq + published - 1 - last
         if tail > 0:
-            yield from self._lost(camera, tail, clean=True)
+            yield from self._lost(camera, tail, True, next_seq)
 
-    def _numbered_anew(self, camera: str, first_seq: int, published: int, clean: bool) -> Iterator[Result]:
+    def _numbered_anew(
+        self, camera: str, first_seq: int, published: int, clean: bool, next_seq: int | None
+    ) -> Iterator[Result]:
         """A status shows `camera` numbering anew from `first_seq`, with none of its `published` results heard: the
         numbering moves to it as at a live seq that goes back, and the results are lost (`_lost`)."""
         self.backwards.append((camera, self.delivered[camera], first_seq))
@@ -473,15 +489,22 @@ class JournalCatchUp:
             # until one does (CatchUpSubscriber).
             self.disown(camera, NEW_NUMBERING_UNCHECKED)
         if published:
-            yield from self._lost(camera, published, clean)
+            yield from self._lost(camera, published, clean, next_seq)
 
-    def _lost(self, camera: str, count: int, clean: bool) -> Iterator[Result]:
+    def _lost(self, camera: str, count: int, clean: bool, next_seq: int | None) -> Iterator[Result]:
         """`count` results of `camera` published after the last one delivered never came: the first `count` the
-        journal holds after it where it can give them, the rest a gap (of seqs where `clean`: no seq after the last
-        delivered was dropped at the queue)."""
+        journal holds after it and within the status's seqs where it can give them, the rest a gap (of seqs where
+        `clean`: no seq after the last delivered was dropped at the queue).
+
+        A journal that could not write some of them holds results published after the status next: taken here,
+        such a one would be delivered again when it comes live, as a seq gone back. So only seqs the status
+        covers are read: where `clean`, the tail is exactly the `count` seqs after the last delivered; otherwise
+        those below the status's `next_seq`, where it gives one (a frame still queued at the status is below it
+        too, and may be taken: its seq is unknown among the drops)."""
         last = self.delivered[camera]
         if self.fills(camera):
-            for result in self._journalled(camera, self.delivered[camera], None):
+            bound = last + count + 1 if clean else next_seq
+            for result in self._journalled(camera, last, bound):
                 previous = self.delivered[camera]
                 self.recovered += 1
                 yield self._deliver(result, journalled=True, window=False)
@@ -709,14 +732,18 @@ class JournalCatchUp:
         return result
 
     def _reason(self, camera: str, why: list[str]) -> str:
-        """Why a hole stays: what the journal read met, else what the camera's last statuses say of its queue."""
+        """Why a hole stays: what the journal read met, else what the camera's last statuses say of its queue and of
+        the daemon's journal."""
         run = self._runs.get(camera)
         drops = 0 if run is None else run.recent_drops
+        if self.directory is not None and not why:
+            failed = 0 if run is None else run.journal_failed
+            causes = [QUEUE_DROPPED.format(camera=camera, n=drops)] if drops else []
+            causes += [JOURNAL_FAILED.format(n=failed)] if failed else []
+            return "; ".join(causes) or NOT_JOURNALLED
         if drops and why in ([], [NO_JOURNAL]):
-            return (QUEUE_DROPPED if self.directory is not None and not why else NO_JOURNAL_DROPPING).format(
-                camera=camera, n=drops
-            )
-        return "; ".join(dict.fromkeys(why)) or (NOT_JOURNALLED if self.directory is not None else NO_JOURNAL)
+            return NO_JOURNAL_DROPPING.format(camera=camera, n=drops)
+        return "; ".join(dict.fromkeys(why)) or NO_JOURNAL
 
 
 def _count(value: Any) -> TypeGuard[int]:
