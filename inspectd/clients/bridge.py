@@ -216,11 +216,11 @@ class Subscription:
             self.reopened += 1
         return self._readmission.failure
 
-    @property
-    def linked(self) -> bool:
-        """Whether the socket has a connection up whose handshake succeeded, as of the last `look`: a daemon that
-        stopped or crashed closes it at once, long before three status intervals pass in silence."""
-        return self._watch.linked
+    def closed_since(self, heard: float) -> bool:
+        """Whether the daemon's connection was seen closed (as of the last `look`) after `heard`, the last message, and
+        none is up: a daemon that stopped or crashed closes it at once, long before three status intervals pass."""
+        closed = self._watch.closed_at
+        return closed is not None and closed >= heard and not self._watch.linked
 
     async def recv(self) -> list[bytes]:
         """The next message's frames, from whichever socket is current when it comes."""
@@ -1106,11 +1106,12 @@ async def _bridge(
                     waited_s=round(waited, 1),
                     effect="trigger_ready down until the read returns: no verdict can come meanwhile",
                 )
-            linked = sub.linked
-            alive = linked and ((waited is not None and waited < READ_STUCK_S) or now - last_heard[0] < silent_after[0])
+            closed = sub.closed_since(last_heard[0])
+            alive = not closed and (
+                (waited is not None and waited < READ_STUCK_S) or now - last_heard[0] < silent_after[0]
+            )
             quiet = now - max(last_heard[0], started)
-            # Before the daemon was first heard its connection may still be under way: the silence limit decides.
-            heard = alive or (quiet < silent_after[0] and (linked or last_heard[0] == -DAEMON_SILENT_S))
+            heard = alive or (quiet < silent_after[0] and not closed)
             if heard != told_heard[0]:
                 told_heard[0] = heard
                 if heard:
@@ -1123,7 +1124,7 @@ async def _bridge(
                         silent_s=round(quiet, 1),
                         since="the start" if last_heard[0] == -DAEMON_SILENT_S else "the last message",
                         silent_after_s=silent_after[0],
-                        connection="up" if linked else "closed",
+                        connection="closed" if closed else "up",
                         trigger_ready="down until the daemon is heard again",
                     )
             if healthy[0] != told_healthy[0]:

@@ -356,6 +356,9 @@ class HandshakeWatch:
         self.ended = False
         self.connected = False  # a connection was ever made
         self.linked = False  # a connection is up and its handshake succeeded
+        # When a connection that was up was seen closed (monotonic, as read), None while one is up or none ever was:
+        # a message received after it came on a connection made since, whose handshake may not be read yet.
+        self.closed_at: float | None = None
         self.connects_refused = 0  # connections the peer refused (nothing listening), since the last one made
         self._shaken = False  # the current connection's handshake succeeded
         self._closed_unshaken_at: float | None = None  # when a connection closed before its handshake ended
@@ -372,6 +375,8 @@ class HandshakeWatch:
                     self._connection(kind)
                     continue
                 self._shaken = self.linked = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                if self.linked:
+                    self.closed_at = None
                 self._failure = self._describe(kind, value)
                 self._in_a_row = 0 if self._failure is None else self._in_a_row + 1
                 self._definitive = (kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400) or (
@@ -404,6 +409,8 @@ class HandshakeWatch:
             if not self._shaken and self._failure is None:
                 # A close the handshake events have not explained (they come before it when there is a reason).
                 self._closed_unshaken_at = time.monotonic()
+            elif self._shaken:
+                self.closed_at = time.monotonic()
             self.linked = self._shaken = False
 
     def refused(self) -> bool:
