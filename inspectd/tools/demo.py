@@ -254,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
     gaps = GapTracker()
     interrupted: KeyboardInterrupt | None = None
     daemon: subprocess.Popen | None = None
+    started: float | None = None  # the first result's arrival
     with log, Subscriber(endpoint, topic="inspect.demo.") as subscriber:
         try:
             # Inside the try: a Ctrl-C while it starts (its child forked, Popen not yet returned) still ends in the
@@ -265,7 +266,6 @@ def run(args: argparse.Namespace) -> int:
                 env=env,
             )
             first_deadline = time.monotonic() + START_TIMEOUT_S
-            started = None
             stop_at = None
             while True:
                 now = time.monotonic()
