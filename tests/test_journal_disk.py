@@ -85,6 +85,31 @@ def test_a_full_disk_at_the_first_start_after_a_reboot_starts_degraded_and_gives
     after.close()
 
 
+def test_a_mark_the_full_disk_left_empty_does_not_count_as_the_floor(small_disk):  # noqa: F811
+    """The daemon marks each frame before its result: on the full disk that mark's first write is refused, leaving
+    an empty file open. The floors retry took the open file for a written floor and synced it empty; the clean stop
+    then let the next start on this boot resume from the last record, below seqs published before the power cut."""
+    path = small_disk / "j"
+    first = Journal(path, max_bytes=1 << 20)
+    for seq in range(300):  # reserved (synced) to 513
+        first.mark_accepted("cam0", seq)
+        first.append("cam0", seq, result("cam0", seq))
+    first.sync()
+    power_cut(first)
+    (path / "cam0" / journal_format.ACCEPTED_MARK).unlink()
+    (path / journal_format.BOOT_MARK).write_text("an-earlier-boot\n")
+    fill(small_disk)
+    degraded = Journal(path, max_bytes=1 << 20, retry_s=0.0)
+    first_seq, _ = degraded.resume("cam0")
+    for seq in range(first_seq, first_seq + 20):
+        degraded.mark_accepted("cam0", seq)
+        degraded.append("cam0", seq, result("cam0", seq))
+    degraded.close()
+    again = Journal(path, max_bytes=1 << 20, retry_s=0.0)
+    assert again.resume("cam0")[0] >= 514, again.resume("cam0")  # past every seq the reservation covered
+    again.close()
+
+
 def test_a_state_dir_that_is_not_a_directory_is_still_refused_on_a_full_disk(small_disk):  # noqa: F811
     (small_disk / "j").write_text("x")
     fill(small_disk)

@@ -365,22 +365,32 @@ class Journal:
             if reserved <= self._accepted.get(camera, -1):
                 continue
             with self._mark_lock(camera):
-                fd = self._accepted_fd.get(camera)
-                if fd is not None:
-                    # This run has marked a seq already, which is past the reservation (`resume`): durable is enough.
-                    os.fsync(fd)
-                else:
-                    path = self.directory / camera / ACCEPTED_MARK
-                    new = not path.exists()
+                path = self.directory / camera / ACCEPTED_MARK
+                held = self._accepted_fd.get(camera)
+                opened = held is None
+                created: list[Path] = []
+                if held is None:
+                    # Its folder too: one removed to free room while the floors were owed would fail every retry.
+                    created = make_dirs(path.parent)
                     fd = _open(path, os.O_WRONLY)
-                    try:
+                else:
+                    fd = held
+                try:
+                    # What is on disk, not what this run meant to write: a mark this run opened may hold nothing
+                    # (its first write refused by the full disk), and syncing that would let the next start on this
+                    # boot resume below seqs already published.
+                    on_disk = read_mark(path.parent, ACCEPTED_MARK)
+                    if on_disk is None or on_disk < reserved:
                         os.pwrite(fd, ACCEPTED.pack(reserved), 0)
-                        os.fsync(fd)
-                        if new:
-                            fsync_dir(path.parent)
-                    except BaseException:
+                    os.fsync(fd)
+                    if opened:  # the mark's entry, and the folders made for it, durable in their parents
+                        for directory in [path.parent, *(c.parent for c in created)]:
+                            fsync_dir(directory)
+                except BaseException:
+                    if opened:
                         os.close(fd)
-                        raise
+                    raise
+                if opened:
                     with self._lock:
                         self._accepted_fd[camera] = fd
             self._accepted[camera] = reserved
