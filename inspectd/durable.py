@@ -35,6 +35,33 @@ def make_dirs(path: Path, mode: int = DIR_MODE) -> list[Path]:
     return [*created, path]
 
 
+class LockHeld(BlockingIOError):
+    """hold_pid_lock's refusal: `holder` is the pid the lock file names, "" where it names none that can be read."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path}: locked by pid {holder or '?'}")
+        self.holder = holder
+
+
+def hold_pid_lock(path: Path) -> int | None:
+    """hold_lock on `path`, then this process's pid written into it for the one it refuses next (LockHeld, naming
+    the pid; PermissionError and None as hold_lock)."""
+    try:
+        held = hold_lock(path)
+    except BlockingIOError:
+        try:
+            holder = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            holder = ""
+        raise LockHeld(path, holder) from None
+    if held is not None:
+        try:  # another descriptor: writing or closing it leaves the lock on `held` alone
+            path.write_text(f"{os.getpid()}\n", encoding="utf-8")
+        except OSError:
+            pass  # a lock file of another user's that this one may read but not write: a refusal names no pid
+    return held
+
+
 def hold_lock(path: Path) -> int | None:
     """Lock `path` (created when missing) exclusively for as long as this process runs, and return the descriptor
     that holds it (left open on purpose: an int is never closed by the garbage collector). Two processes writing one

@@ -829,7 +829,6 @@ def check_threshold_range(new: Any, current: Any) -> None:
 def check(path: Path) -> int:
     """`inspectd run --check`: the config as the daemon would load it, its CurveZMQ keys and its bundle verified;
     nothing started."""
-    import os
 
     from engines.bundle.store import load_bundle
     from engines.errors import EngineError
@@ -881,10 +880,10 @@ def cameras_not_run(named: Iterable[str], cameras: Iterable[str]) -> list[str]:
 
 
 def hold_state_dir(state_dir: Path) -> None:
-    """Lock `state_dir` for as long as this process runs (inspectd.durable.hold_lock on its STATE_LOCK, which then
+    """Lock `state_dir` for as long as this process runs (inspectd.durable.hold_pid_lock on its STATE_LOCK, which then
     holds this pid): a second daemon on it would bind its ipc sockets over the first one's, leaving that one running
     unreachable, and give out the same seqs into one journal. InspectdError naming the pid that holds it."""
-    from inspectd.durable import fsync_dir, hold_lock
+    from inspectd.durable import LockHeld, fsync_dir, hold_pid_lock
 
     path = state_dir / STATE_LOCK
     created = []
@@ -907,26 +906,17 @@ def hold_state_dir(state_dir: Path) -> None:
         with contextlib.suppress(OSError):
             fsync_dir(directory.parent)
     try:
-        held = hold_lock(path)
-    except BlockingIOError:
-        try:
-            pid = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            pid = ""
+        hold_pid_lock(path)
+    except LockHeld as held:
         raise InspectdError(
-            f"state_dir {state_dir} is in use by inspectd pid {pid or '(not yet written)'}, expected a state_dir of "
-            "each daemon's own (stop that daemon first, or give this config another state_dir)"
+            f"state_dir {state_dir} is in use by inspectd pid {held.holder or '(not yet written)'}, expected a "
+            "state_dir of each daemon's own (stop that daemon first, or give this config another state_dir)"
         ) from None
     except PermissionError as exc:
         raise InspectdError(
             f"state_dir {state_dir}: cannot open its {STATE_LOCK} ({exc.strerror}), expected one this user may read: "
             "remove it (left by a run as another user)"
         ) from None
-    if held is not None:
-        try:  # another descriptor: writing or closing it leaves the lock on `held` alone
-            path.write_text(f"{os.getpid()}\n", encoding="utf-8")
-        except OSError:
-            pass  # a lock file of another user's that this one may read but not write: the refusal names no pid
 
 
 def _reload(daemon: Daemon, log) -> None:

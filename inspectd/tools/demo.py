@@ -27,7 +27,7 @@ import yaml
 from inspectd.clients.subscribe import GapTracker, Subscriber, format_result
 from inspectd.daemon.notify import PARENT_PID_ENV
 from inspectd.daemon.security import ALLOW_ROOT_ENV
-from inspectd.durable import hold_lock
+from inspectd.durable import LockHeld, hold_pid_lock
 from inspectd.protocol.messages import Result
 from inspectd.tools.bench.measure import latency_ms, p99_text
 from inspectd.tools.children import killed_on_a_stop
@@ -199,15 +199,9 @@ def take_workdir(workdir: Path) -> str | None:
     workdir.mkdir(parents=True, exist_ok=True)
     lock = workdir / LOCK_NAME
     try:
-        held = hold_lock(lock)
-    except BlockingIOError:
-        try:
-            pid = lock.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            pid = ""
-        return f"--workdir {workdir} is in use by another demo (pid {pid or '?'}); give another --workdir"
-    if held is not None:
-        lock.write_text(f"{os.getpid()}\n", encoding="utf-8")  # another descriptor: the lock stays on `held`
+        hold_pid_lock(lock)
+    except LockHeld as held:
+        return f"--workdir {workdir} is in use by another demo (pid {held.holder or '?'}); give another --workdir"
     return None
 
 
