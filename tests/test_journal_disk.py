@@ -5,36 +5,17 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
 from inspectd.daemon.journal import BOOT_ID, Journal
 from inspectd.protocol import journal as journal_format
 from inspectd.protocol.journal import read_since
-from inspectd.protocol.messages import encode_result
 from test_archive import fill, small_disk  # noqa: F401 - the fixture by name: a real tmpfs, unmounted after
+from test_journal import result
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def result(camera: str, seq: int) -> list[bytes]:
-    return encode_result(
-        station="s",
-        camera=camera,
-        seq=seq,
-        frame_id=f"f{seq}",
-        t_capture=1.0,
-        t_publish=2.0,
-        verdict="ok",
-        score=0.5,
-        threshold=0.4,
-        model_id="m",
-        thresholds_version=1,
-        regions=[],
-        latency_ms=1.0,
-        width=4,
-        height=4,
-    )
 
 
 def power_cut(journal: Journal) -> None:
@@ -43,19 +24,24 @@ def power_cut(journal: Journal) -> None:
     journal._syncer.join(5)
 
 
-def test_a_full_disk_at_the_first_start_after_a_reboot_starts_degraded_and_gives_out_no_seq_twice(small_disk):  # noqa: F811
-    path = small_disk / "j"
+def rebooted_onto_a_full_disk(disk: Path) -> tuple[Path, Path]:
+    """(journal folder, the file filling its disk): 300 results journalled (reserved, synced, to 513), a power cut
+    that lost the accepted mark with the page cache, another boot id, and a full disk (a runaway log): the mark, the
+    boot id and any record now need room the disk does not have."""
+    path = disk / "j"
     first = Journal(path, max_bytes=1 << 20)
-    for seq in range(300):  # reserved (synced) to 513
+    for seq in range(300):
         first.mark_accepted("cam0", seq)
         first.append("cam0", seq, result("cam0", seq))
     first.sync()
     power_cut(first)
-    # The accepted mark never reached the disk before the cut; the machine boots again (another boot id), and its
-    # disk is full (a runaway log): the mark, the boot id and any record now need room the disk does not have.
     (path / "cam0" / journal_format.ACCEPTED_MARK).unlink()
     (path / journal_format.BOOT_MARK).write_text("an-earlier-boot\n")
-    filler = fill(small_disk)
+    return path, fill(disk)
+
+
+def test_a_full_disk_at_the_first_start_after_a_reboot_starts_degraded_and_gives_out_no_seq_twice(small_disk):  # noqa: F811
+    path, filler = rebooted_onto_a_full_disk(small_disk)
 
     degraded = Journal(path, max_bytes=1 << 20, retry_s=0.0)  # refused to start before: "cannot use it (No space...)"
     assert degraded.unclean and degraded.rebooted
@@ -89,16 +75,7 @@ def test_a_mark_the_full_disk_left_empty_does_not_count_as_the_floor(small_disk)
     """The daemon marks each frame before its result: on the full disk that mark's first write is refused, leaving
     an empty file open. The floors retry took the open file for a written floor and synced it empty; the clean stop
     then let the next start on this boot resume from the last record, below seqs published before the power cut."""
-    path = small_disk / "j"
-    first = Journal(path, max_bytes=1 << 20)
-    for seq in range(300):  # reserved (synced) to 513
-        first.mark_accepted("cam0", seq)
-        first.append("cam0", seq, result("cam0", seq))
-    first.sync()
-    power_cut(first)
-    (path / "cam0" / journal_format.ACCEPTED_MARK).unlink()
-    (path / journal_format.BOOT_MARK).write_text("an-earlier-boot\n")
-    fill(small_disk)
+    path, _ = rebooted_onto_a_full_disk(small_disk)
     degraded = Journal(path, max_bytes=1 << 20, retry_s=0.0)
     first_seq, _ = degraded.resume("cam0")
     for seq in range(first_seq, first_seq + 20):
