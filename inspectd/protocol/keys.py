@@ -362,7 +362,7 @@ class HandshakeWatch:
         self.connects_refused = 0  # connections the peer refused (nothing listening), since the last one made
         self._shaken = False  # the current connection's handshake succeeded
         self._closed_unshaken_at: float | None = None  # when a connection closed before its handshake ended
-        self._expected = self._EXPECTED.get(int(sock.socket_type), "endpoint")
+        self._expected = self._EXPECTED.get(int(sock.type), "endpoint")
 
     def failure(self) -> str | None:
         from zmq.utils.monitor import recv_monitor_message
