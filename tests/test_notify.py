@@ -9,6 +9,7 @@ import sys
 import uuid
 
 import pytest
+import structlog.testing
 
 from inspectd.daemon.notify import Notifier
 
@@ -125,3 +126,36 @@ def test_a_parent_pid_that_is_not_a_number_is_refused_in_one_line():
         follow_parent({"INSPECTD_PARENT_PID": "demo"})
     expected = "INSPECTD_PARENT_PID 'demo': expected the process id of the tool that started the daemon"
     assert str(refused.value) == expected
+
+
+def test_a_failure_after_a_brief_one_is_logged_again_and_a_flapping_socket_is_not(tmp_path, monkeypatch):
+    path = tmp_path / "notify.sock"
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": str(path)})
+    clock = [1000.0]
+    monkeypatch.setattr("inspectd.daemon.notify.time.monotonic", lambda: clock[0])
+
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(path))
+        return sock
+
+    with structlog.testing.capture_logs() as logs:
+        assert notifier.watchdog() is False  # systemd's socket not there yet: a brief failure at start
+        assert notifier.watchdog() is False
+        sock = listen()
+        assert notifier.watchdog() is True
+        sock.close()
+        path.unlink()
+        clock[0] += 30  # fails again within the minute, and works again: nothing more said
+        assert notifier.watchdog() is False
+        sock = listen()
+        assert notifier.watchdog() is True
+        sock.close()
+        path.unlink()
+        clock[0] += 3600  # an hour later the socket goes for good: said again
+        assert notifier.watchdog() is False
+        assert notifier.watchdog() is False
+    events = [(e["event"], e.get("lost")) for e in logs if e["event"].startswith("notify_")]
+    assert events == [("notify_failed", None), ("notify_recovered", 2), ("notify_failed", None)]
+    assert notifier.sent == 2 and notifier.failed == 5
+    notifier.close()

@@ -3,8 +3,10 @@
 systemd's notify protocol (sd_notify), implemented directly on `$NOTIFY_SOCKET`: no libsystemd dependency.
 Owns READY=1, STATUS=..., WATCHDOG=1 and STOPPING=1 and reading the watchdog interval. The socket is a unix datagram
 socket; a name starting with '@' lives in the abstract namespace. Without $NOTIFY_SOCKET (not run by systemd, or
-Type=simple) every call is a no-op, so the daemon calls these unconditionally. A failed send is logged once and
-never raised: losing a status line must not take an inspection line down (a lost WATCHDOG=1 is systemd's to judge).
+Type=simple) every call is a no-op, so the daemon calls these unconditionally. A failed send is never raised: losing a
+status line must not take an inspection line down (a lost WATCHDOG=1 is systemd's to judge). It is logged when sends
+start failing (`notify_failed`, at most once a minute so a flapping socket cannot flood the log) and when they work
+again (`notify_recovered`, with how many were lost), so a failure that starts months after a brief one is still seen.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 import structlog
 
@@ -25,6 +28,9 @@ log = structlog.get_logger("inspectd.daemon.notify")
 # Set by a tool that starts a daemon of its own (demo, bench) to its own pid.
 PARENT_PID_ENV = "INSPECTD_PARENT_PID"
 _PR_SET_PDEATHSIG = 1
+# The least time between two notify_failed lines: a socket that fails every other send logs once a minute, not twice
+# per watchdog ping.
+FAILED_LOG_INTERVAL_S = 60.0
 
 
 def follow_parent(environ: dict[str, str] | None = None) -> None:
@@ -59,8 +65,12 @@ class Notifier:
         self._watchdog_usec = watchdog_usec
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
-        self._warned = False
+        self._failing = False  # the last send failed
+        self._logged_at: float | None = None  # monotonic time of the last notify_failed line
+        self._lost_in_episode = 0
+        self._episode_logged = False  # the current run of failures got its notify_failed line
         self.sent = 0
+        self.failed = 0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Notifier:
@@ -109,11 +119,22 @@ class Notifier:
                     )
                 self._sock.sendto(message.encode(), target)
             except OSError as exc:
-                if not self._warned:
-                    self._warned = True
-                    log.warning("notify_failed", socket=self.address, error=str(exc))
+                self.failed += 1
+                self._lost_in_episode += 1
+                if not self._failing:
+                    self._failing = True
+                    now = time.monotonic()
+                    self._episode_logged = self._logged_at is None or now - self._logged_at >= FAILED_LOG_INTERVAL_S
+                    if self._episode_logged:
+                        self._logged_at = now
+                        log.warning("notify_failed", socket=self.address, error=str(exc))
                 return False
-        self.sent += 1
+            if self._failing:
+                self._failing = False
+                if self._episode_logged:  # a recovery whose failure was not logged would be a line out of nowhere
+                    log.info("notify_recovered", socket=self.address, lost=self._lost_in_episode)
+                self._lost_in_episode = 0
+            self.sent += 1
         return True
 
     def close(self) -> None:
