@@ -42,6 +42,7 @@ DEFECT_RATE = 0.25
 MAX_CAMERAS = 4  # camera i shows the surface of synthetic-line seed FIRST_SEED + i; training sees them all
 FIRST_SEED = 1000
 START_TIMEOUT_S = 120.0  # first result after start: engine load and warm-up, with room for a small, loaded machine
+STOP_WAIT_S = 30  # the daemon's drain after SIGTERM: its own bound (shutdown_timeout_s) and room to close
 LOCK_NAME = "demo.lock"
 
 
@@ -343,7 +344,14 @@ def _stop(daemon: subprocess.Popen) -> None:
             try:
                 # Its drain's own bound (shutdown_timeout_s, 10 s) and room to close on a busy machine: killed
                 # sooner, it leaves its journal unclean for the next demo.
-                daemon.wait(30)
+                daemon.wait(STOP_WAIT_S)
             except subprocess.TimeoutExpired:
+                # Said, so that exit status -9 in the summary is not read as the demo's own crash or a second stop.
+                print(
+                    f"inspectd demo: the daemon did not stop within {STOP_WAIT_S} s of its SIGTERM: killed "
+                    "(its daemon.log says how far its drain got)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 daemon.kill()
                 daemon.wait()
