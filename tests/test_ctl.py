@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -168,6 +169,57 @@ def test_ctl_pointed_at_another_socket_kind_or_a_left_socket_file_says_which_in_
 
     closed = ctl(f"tcp://127.0.0.1:{free_port()}", "--timeout", "1", "status")
     assert closed.returncode == 3 and "every connection was refused, so nothing listens there" in closed.stderr
+
+
+def test_another_socket_kind_is_told_at_once_after_an_earlier_connection_was_cut_mid_greeting():
+    """A busy peer of another kind may close a connection before this side reads its greeting: a failed handshake
+    without detail, which libzmq retries. The next connection's close (this side finding the kind, no event, no
+    retry) was then read as explained by that old failure, and ctl waited out its whole timeout. A relay that cuts
+    the first connection and passes the rest to a PUB socket makes that order every time."""
+    import socket
+    import threading
+    import time
+
+    import zmq
+
+    publish = zmq.Context.instance().socket(zmq.PUB)
+    publish.linger = 0
+    target = free_port()
+    publish.bind(f"tcp://127.0.0.1:{target}")
+    relay = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = relay.accept()
+                accepted.append(conn)
+                if len(accepted) == 1:
+                    conn.close()  # cut before any greeting
+                    continue
+                upstream = socket.create_connection(("127.0.0.1", target))
+                threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
+                threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        started = time.monotonic()
+        wrong = ctl(f"tcp://127.0.0.1:{relay.getsockname()[1]}", "--timeout", "20", "status")
+        took = time.monotonic() - started
+    finally:
+        relay.close()
+        publish.close()
+    assert len(accepted) >= 2, "the relay never passed a connection on"
+    assert wrong.returncode == 3 and "as a socket of another kind does" in wrong.stderr, wrong.stderr
+    assert took < 15, (took, wrong.stderr)
 
 
 def test_a_thresholds_file_ctl_cannot_send_is_one_line_and_exit_2_with_nothing_sent(tmp_path):

@@ -361,6 +361,7 @@ class HandshakeWatch:
         self.closed_at: float | None = None
         self.connects_refused = 0  # connections the peer refused (nothing listening), since the last one made
         self._shaken = False  # the current connection's handshake succeeded
+        self._told = False  # the current connection's handshake ended in an event (succeeded or failed)
         self._closed_unshaken_at: float | None = None  # when a connection closed before its handshake ended
         self._expected = self._EXPECTED.get(int(sock.type), "endpoint")
 
@@ -375,6 +376,7 @@ class HandshakeWatch:
                     self._connection(kind)
                     continue
                 self._shaken = self.linked = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                self._told = True
                 if self.linked:
                     self.closed_at = None
                 self._failure = self._describe(kind, value)
@@ -400,14 +402,16 @@ class HandshakeWatch:
 
     def _connection(self, kind: int) -> None:
         if kind == zmq.EVENT_CONNECTED:
-            self.connected, self._shaken, self.connects_refused = True, False, 0
+            self.connected, self._shaken, self._told, self.connects_refused = True, False, False, 0
             self._closed_unshaken_at = None
         elif kind == zmq.EVENT_CONNECT_RETRIED:
             self.connects_refused += 1
             self._closed_unshaken_at = None
         else:  # disconnected
-            if not self._shaken and self._failure is None:
-                # A close the handshake events have not explained (they come before it when there is a reason).
+            if not self._told:
+                # A close this connection's handshake events have not explained (they come before it when there is
+                # a reason). Not judged by the last failure: an earlier connection the peer cut mid-greeting (a
+                # failure without detail, which libzmq retries) says nothing of why this one closed.
                 self._closed_unshaken_at = time.monotonic()
             elif self._shaken:
                 self.closed_at = time.monotonic()
