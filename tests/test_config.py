@@ -696,10 +696,17 @@ ONE_DEVICE = [
         "cameras[1].source.device: video device 0 (/dev/video0) is already used by cameras[0].source.device, expected "
         "one of its own",
     ),
+    (
+        [{"kind": "opencv", "device": 2}, {"kind": "opencv", "url": "/dev/video2"}],
+        "cameras[1].source.url: video device 2 (/dev/video2) is already used by cameras[0].source.device, expected "
+        "one of its own",
+    ),
 ]
 
 
-@pytest.mark.parametrize("sources,message", ONE_DEVICE, ids=["same", "first-found", "mixed", "mixed-after", "opencv"])
+@pytest.mark.parametrize(
+    "sources,message", ONE_DEVICE, ids=["same", "first-found", "mixed", "mixed-after", "opencv", "opencv-url"]
+)
 def test_two_cameras_on_one_device_are_refused_naming_both_keys(sources, message):
     """The second camera found the device held by the first and reopened for ever behind a "write_register timeout"
     logged at info; two genicam cameras with no device both opened the first camera found."""
@@ -718,6 +725,20 @@ def test_two_cameras_on_one_device_are_refused_naming_both_keys(sources, message
     assert [c.source.kind for c in config.cameras] == ["genicam", "opencv", "opencv", "opencv"]
     two = [{**GENICAM, "device": "10.0.0.5"}, {**GENICAM, "device": "10.0.0.6"}]
     assert len(parse_config({**MINIMAL, "cameras": [{"id": f"c{i}", "source": s} for i, s in enumerate(two)]}).cameras)
+
+
+def test_a_video_node_named_through_a_link_is_the_device_it_links_to(tmp_path):
+    """udev's /dev/v4l/by-id/... names are links to /dev/videoN: two cameras on one node, one by its index and one by
+    such a link, would fight over it as two indices do."""
+    link = tmp_path / "usb-Camera_1234-video-index0"
+    link.symlink_to("/dev/video3")
+    sources = [{"kind": "opencv", "url": str(link)}, {"kind": "opencv", "device": 3}]
+    with pytest.raises(ConfigError) as refused:
+        parse_config({**MINIMAL, "cameras": [{"id": f"c{i}", "source": s} for i, s in enumerate(sources)]})
+    assert str(refused.value) == (
+        "cameras[1].source.device: video device 3 (/dev/video3) is already used by cameras[0].source.url, expected one "
+        "of its own"
+    )
 
 
 @pytest.mark.parametrize("listen", ["*:9108", "nosuchhost.invalid:9108", "[localhost]:9108"])

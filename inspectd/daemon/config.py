@@ -16,6 +16,7 @@ import functools
 import ipaddress
 import operator
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -36,6 +37,7 @@ from inspectd.logs import LOG_FORMATS, LOG_LEVELS
 from inspectd.protocol.keys import is_local_endpoint
 
 STATION_RE = r"[a-z0-9_-]+"
+_VIDEO_NODE = re.compile(r"/dev/video(\d+)")
 DEFAULT_STATE_DIR = Path("/var/lib/inspectd")
 # The units' TimeoutStopSec (90 s) holds this plus what a stop takes past it (the publish and archive graces, closing
 # sockets and engines): with more, systemd would SIGKILL the drain half-way and accepted frames lose their results.
@@ -372,14 +374,18 @@ class Config:
                 # One process controls a camera: the second open fails (GigE Vision's control channel, V4L2's
                 # EBUSY) and reopens for ever, saying nothing of which camera holds it.
                 device = getattr(camera.source, "device", None)
+                url = getattr(camera.source, "url", None)
+                if camera.source.kind == "opencv" and device is None and isinstance(url, str):
+                    # A url naming a V4L2 node (/dev/video0, or a /dev/v4l/by-id link to one) is that device.
+                    node = _VIDEO_NODE.fullmatch(os.path.realpath(url))
+                    device = int(node.group(1)) if node else None
                 if camera.source.kind == "genicam":
                     owners.append(
                         (f"cameras[{i}].source.device", ("genicam", device), ("cameras", i, "source", "device"))
                     )
                 elif device is not None:
-                    owners.append(
-                        (f"cameras[{i}].source.device", ("video", device), ("cameras", i, "source", "device"))
-                    )
+                    key = "device" if getattr(camera.source, "device", None) is not None else "url"
+                    owners.append((f"cameras[{i}].source.{key}", ("video", device), ("cameras", i, "source", key)))
         for n, (_, address, loc) in enumerate(owners):
             for first, earlier, _ in owners[:n]:
                 if not _same_address(address, earlier):
