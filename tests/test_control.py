@@ -380,3 +380,61 @@ def test_a_reply_holding_nan_is_refused_by_name_on_the_daemons_side_and_the_serv
             assert client.request({"cmd": "pause", "camera": "cam1"})["ok"] is True
     finally:
         srv.stop()
+
+
+def test_a_peer_that_sends_without_reading_replies_is_held_back_not_buffered(tmp_path):
+    """A DEALER sends requests without waiting for their replies: while the control thread is busy with one request,
+    the daemon keeps at most a small queue of the rest unread (libzmq's default was 1000 requests of up to 1 MiB
+    each, from one connection), then stops reading that peer, whose sends block. Every request it queued is
+    answered once the thread is free, and a plain client is answered after it."""
+    import threading
+
+    release = threading.Event()
+    entered = threading.Event()
+
+    class SlowHandler(LineHandler):
+        def status(self) -> dict:
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)
+            return super().status()
+
+    srv = ControlServer(f"ipc://{tmp_path}/control.sock", SlowHandler())
+    srv.start()
+    context = zmq.Context.instance()
+    slow = ControlClient(srv.endpoint, timeout_s=30)
+    flood = context.socket(zmq.DEALER)
+    flood.linger = 0
+    flood.sndhwm = 1  # this side's own queue: what the daemon does not take stays here, counted below
+    flood.connect(srv.endpoint)
+    worker = threading.Thread(target=lambda: slow.request({"cmd": "status"}), daemon=True)
+    size, most = 64 << 10, 400  # past `most` the old queue (1000) would only be told by a larger run
+    sent = 0
+    try:
+        worker.start()
+        assert entered.wait(10), "the first request never reached the handler"
+        idle_since = time.monotonic()
+        while sent < most and time.monotonic() - idle_since < 1.0:
+            try:
+                flood.send_multipart([b"", b"x" * size], zmq.NOBLOCK)
+            except zmq.Again:
+                time.sleep(0.02)
+                continue
+            sent += 1
+            idle_since = time.monotonic()
+        # Taken by the daemon: its queue, whatever the kernel's socket buffers hold, and this side's one.
+        assert sent < 64, f"{sent} requests of {size} bytes taken while the control thread was busy"
+        release.set()
+        worker.join(10)
+        flood.rcvtimeo = 10000
+        for _ in range(sent):
+            empty, reply = flood.recv_multipart()
+            assert empty == b"" and json.loads(reply)["ok"] is False
+        with ControlClient(srv.endpoint, timeout_s=5) as client:
+            assert client.request({"cmd": "status"})["ok"] is True
+        assert srv.alive() and srv.requests == sent + 2
+    finally:
+        release.set()
+        flood.close()
+        slow.close()
+        srv.stop()

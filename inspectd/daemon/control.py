@@ -36,6 +36,10 @@ POLL_MS = 100
 # teach --apply's status probe of 5 s), where a write that outlasted them would still land after they gave up. Offline
 # writers keep engines.bundle.store.LOCK_WAIT_S.
 BUNDLE_LOCK_WAIT_S = 2.0
+# Requests one connection may have queued unread. libzmq's default of 1000 lets one peer that sends without waiting
+# for replies (a DEALER) park 1000 requests of up to 1 MiB (~1 GB) in the daemon while one slow request is handled;
+# past this many, libzmq stops reading that connection and the sender blocks. A REQ client has one in flight at a time.
+RECEIVE_QUEUE = 16
 
 
 def _one_line(exc: BaseException) -> str:
@@ -84,6 +88,8 @@ class ControlServer:
         take_endpoint(sock, self.endpoint)
         # Each frame; the headroom is CurveZMQ's framing, so a request the client let through is not dropped here.
         sock.maxmsgsize = MAX_REQUEST_BYTES + 4096
+        # Counted in whole messages: a multipart one is one, however many frames it holds (no libzmq option caps it).
+        sock.rcvhwm = RECEIVE_QUEUE
         if self.curve is not None:
             self.curve(sock)
         _prepare_ipc(self.endpoint)
