@@ -3,6 +3,7 @@ config loader."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -204,3 +205,60 @@ def test_every_protocol_this_opencvs_ffmpeg_reads_is_a_known_scheme():
         read.append(name.decode())
     assert "http" in read and "rtsp" not in read, read  # rtsp is a demuxer's, listed by hand
     assert set(read) - FFMPEG_SCHEMES == set()
+
+
+def test_a_file_url_video_plays_once_and_ends_as_its_plain_path_does(tmp_path, ingest_threads):
+    """Taken for a stream, a file:// video's end was a dropped stream: reopened, and played again from its first
+    frame, each replay judged as new parts, for as long as the daemon ran."""
+    path = write_video(tmp_path / "line.avi")
+    queue = FrameQueue(4 * FRAMES, "block")
+    ingest = CameraIngest(camera({"kind": "opencv", "url": f"file://{path}"}), queue, backoff_s=(0.05, 0.2))
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["state"] == "ended", 5), ingest.stats()
+    frames = drain(queue)
+    assert [f.frame_id for f in frames] == [str(i) for i in range(FRAMES)]
+    assert [bar(f) for f in frames] == list(range(FRAMES))
+    stats = ingest.stats()
+    assert stats["reopen_count"] == 0 and stats["last_error"] is None and stats["frames_in"] == FRAMES, stats
+
+
+def test_a_file_url_whose_file_is_missing_is_retried_naming_it_as_a_path_is(tmp_path, ingest_threads):
+    queue = FrameQueue(4 * FRAMES, "block")
+    url = f"file://{tmp_path}/later.avi"
+    ingest = CameraIngest(camera({"kind": "opencv", "url": url}), queue, backoff_s=(0.05, 0.1))
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["reopen_count"] >= 2, 5), ingest.stats()
+    assert ingest.stats()["last_error"] == f"FileNotFoundError: {url}: video file not found"
+    os.replace(write_video(tmp_path / "writing.avi"), tmp_path / "later.avi")  # whole, as a recorder would leave it
+    assert wait_for(lambda: ingest.stats()["state"] == "ended", 5), ingest.stats()
+    assert [f.frame_id for f in drain(queue)] == [str(i) for i in range(FRAMES)]
+
+
+@pytest.mark.parametrize(
+    "url,finite",
+    [
+        ("file:///srv/line.avi", True),
+        ("concat:///srv/a.avi|/srv/b.avi", True),
+        ("crypto+file:///srv/line.avi", True),
+        ("rtsp://192.0.2.10/stream1", False),
+        ("http://192.0.2.10/cam.mjpg", False),
+        ("hls+http://192.0.2.10/l.m3u8", False),
+    ],
+)
+def test_a_url_of_a_scheme_that_reads_local_files_is_a_video_that_ends(tmp_path, url, finite):
+    source = VideoCaptureSource(load_url(tmp_path, url), time.time)
+    assert source.finite is finite
+
+
+@pytest.mark.parametrize("url", ["file://localhost/srv/line.avi", "file://videos/line.avi"])
+def test_a_file_url_with_a_host_or_a_relative_path_is_refused_at_load(tmp_path, url):
+    """FFmpeg reads what follows `file:` as the path: file://videos/line.avi is /videos/line.avi, not the file beside
+    the config, and the camera would retry a file that is never there."""
+    with pytest.raises(ConfigError) as refused:
+        load_url(tmp_path, url)
+    assert str(refused.value) == (
+        f"cameras[0].source.url: {url!r} names a host or a relative path, expected file:///ABSOLUTE/PATH or a plain "
+        "video file path (relative to the config file)"
+    )

@@ -45,6 +45,10 @@ FFMPEG_SCHEMES = frozenset(
     "rtsp rtsps sap satip sctp sftp shared smb srt srtp subfile tcp tls udp udplite unix zmq".split()
 )
 FFMPEG_NESTING = ("hls", "crypto")  # taken as outer+inner as well: hls+http://, crypto+file://
+# FFmpeg's protocols that read local files (one, a list, part of one, the url itself) or a descriptor this process
+# inherited: no peer that comes back, so where their frames end the video ends, as a video file path's does. Taken as
+# a stream, a failed read at the end reopened the url and played it again from its first frame, judged as new parts.
+LOCAL_SCHEMES = frozenset({"file", "concat", "concatf", "subfile", "data", "fd", "pipe"})
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # RFC 3986's scheme, at the start of the url
 _SLASHLESS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(?!//)")  # rtsp:/host, rtsp:host: a url missing a slash
 
@@ -53,6 +57,22 @@ def scheme_of(url: str) -> str | None:
     """The url's scheme, None for a video file path (also one with "://" further on, as FFmpeg reads it)."""
     match = _SCHEME.match(url)
     return match.group(1) if match else None
+
+
+def is_finite_url(url: str) -> bool:
+    """Whether a camera's url is a video that ends (a file path, file://, another local scheme, crypto+ one of
+    them) rather than a stream that drops and is reopened."""
+    scheme = scheme_of(url)
+    if scheme is None:
+        return True
+    outer, _, inner = scheme.partition("+")
+    return scheme in LOCAL_SCHEMES or (outer == "crypto" and inner in LOCAL_SCHEMES)
+
+
+def file_url_path(url: str) -> str | None:
+    """The path a file:// url names, as FFmpeg's file protocol reads it (what follows `file:`, no host, no
+    %-decoding: file:///a/b.avi is /a/b.avi), None for any other url."""
+    return "/" + url[len("file:") :].lstrip("/") if scheme_of(url) == "file" else None
 
 
 def _check_scheme(scheme: str) -> None:
@@ -81,6 +101,12 @@ def _url(value: Any, info: ValidationInfo) -> str:
             raise invalid(f"scheme {name!r} without '//' in {value!r}, expected {name}://HOST/... or a video file path")
         return str(resolve(value, info))  # a video file, relative to the config file
     _check_scheme(scheme)
+    if scheme == "file" and not value.startswith("file:///"):
+        # FFmpeg reads file://host/a.avi as the path //host/a.avi, and file://videos/a.avi as /videos/a.avi.
+        raise invalid(
+            f"{value!r} names a host or a relative path, expected file:///ABSOLUTE/PATH or a plain video file path "
+            "(relative to the config file)"
+        )
     return value
 
 
@@ -127,7 +153,8 @@ class OpenCVSource:
 
 
 class VideoCaptureSource(Source):
-    """cv2.VideoCapture on a video file (finite), an RTSP/HTTP URL, a device index or a GStreamer pipeline."""
+    """cv2.VideoCapture on a video file (a path or file:// url, or another local scheme: finite), an RTSP/HTTP URL,
+    a device index or a GStreamer pipeline."""
 
     Options = OpenCVSource
 
@@ -139,18 +166,24 @@ class VideoCaptureSource(Source):
         # Only a GStreamer pipeline can deliver 16-bit frames (GRAY16_LE); a url or device gives 8-bit BGR, so such a
         # camera does not tie the daemon to the bit depth of the bundle it started with.
         self.narrows_16_bit = self.spec.pipeline is not None
-        self.finite = self.spec.url is not None and scheme_of(self.spec.url) is None
+        url = self.spec.url
+        self.finite = url is not None and is_finite_url(url)
+        # The video file to open: a file:// url is opened as the path it names, so it plays as that path would.
+        self.path = None if url is None else url if scheme_of(url) is None else file_url_path(url)
         self.cap: cv2.VideoCapture | None = None
         self.counter = 0
         self.pending: collections.deque[Frame] = collections.deque()
 
     def open(self, stop: threading.Event) -> None:
         target = self.spec.target
-        if self.finite and not Path(str(target)).is_file():
+        if self.path is not None and not Path(self.path).is_file():
             raise FileNotFoundError(f"{target}: video file not found")
         if self.spec.pipeline is not None:
             cap = cv2.VideoCapture(target, cv2.CAP_GSTREAMER, TIMEOUTS if GSTREAMER_TIMEOUTS else [])
-        elif self.spec.url is not None and not self.finite:
+        elif self.path is not None:
+            cap = cv2.VideoCapture(self.path)
+        elif self.spec.url is not None:
+            # Also the other local schemes: a pipe or descriptor whose writer stalls must not hold stop() longer.
             cap = cv2.VideoCapture(target, cv2.CAP_ANY, TIMEOUTS)
         else:
             cap = cv2.VideoCapture(target)
