@@ -1216,3 +1216,82 @@ def test_reopening_a_curve_zmq_camera_leaves_no_thread_or_descriptor_behind(pki,
         for guard in (ingest.curve, source.curve):
             if guard is not None:
                 guard.stop()
+
+
+def _curve_control_daemon(pki, tmp_path: Path) -> tuple[subprocess.Popen, Path, str]:
+    """A real daemon (the grey bundle of tests/station_model.py) whose control socket is CURVE on loopback tcp with
+    pki's server key and allow-list, answering a listed client: the process, its log and the control endpoint."""
+    from station_model import write_grey_bundle
+
+    curve = {"server_secret_key": str(pki["server"][1]), "allowed_clients_dir": str(pki["allow_dir"])}
+    control = f"tcp://127.0.0.1:{free_port()}"
+    proc, log = _daemon(
+        tmp_path,
+        {
+            "station": "sec",
+            "model": {"bundle": str(write_grey_bundle(tmp_path / "bundle"))},
+            "engine": {"options": {"intra_op_threads": 1}},
+            "cameras": [{"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 2, "width": 64, "height": 64}}],
+            "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+            "control": {"endpoint": control, "curve": curve},
+            "metrics": {"listen": None},
+            "state_dir": str(tmp_path / "state"),
+        },
+    )
+    good = curve_client(pki["server"][0], pki["allowed"][1])
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        try:
+            with ControlClient(control, timeout_s=2, curve=good) as client:
+                if client.request({"cmd": "status"})["ok"]:
+                    return proc, log, control
+        except ControlTimeout:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+
+
+def _ctl(pki, endpoint: str, *argv: str) -> subprocess.CompletedProcess:
+    """The real `inspectd ctl` with the listed client's key, writing to a UTF-8 pipe as an operator's terminal."""
+    command = [sys.executable, "-m", "inspectd", "ctl", "--endpoint", endpoint, "--server-key", str(pki["server"][0])]
+    command += ["--client-key", str(pki["allowed"][1]), "--timeout", "30", *argv]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+
+
+def test_ctl_reload_names_a_key_file_whose_name_is_not_utf8_with_escapes_and_never_crashes(pki, tmp_path):
+    """A key file copied from a machine with another encoding (Latin-1 e-acute): its name went into the reload reply
+    as a lone surrogate, and ctl, printing who was added, died with a traceback and exit 1 after the daemon had
+    already let the key in. The daemon names it with \\xNN; ctl prints whatever a reply holds, also a key file error
+    naming such a file."""
+    allowed = pki["allow_dir"]
+    intruder_key = keys.load_public(pki["intruder"][0]).decode()
+    proc, log, control = _curve_control_daemon(pki, tmp_path)
+    try:
+        (allowed / os.fsdecode(b"op\xe9rateur.key")).write_bytes(pki["intruder"][0].read_bytes())
+        added = _ctl(pki, control, "reload")
+        assert (added.returncode, added.stderr) == (0, ""), added
+        assert f"allow-list control: added op\\xe9rateur.key ({intruder_key})" in added.stdout.splitlines()
+        with ControlClient(control, timeout_s=5, curve=curve_client(pki["server"][0], pki["intruder"][1])) as client:
+            assert client.request({"cmd": "status"})["ok"]
+
+        damaged = allowed / os.fsdecode(b"d\xe9fectueux.key")
+        damaged.write_text("not a key\n")
+        refused = _ctl(pki, control, "reload")
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused
+        line = [row for row in refused.stdout.splitlines() if row.startswith("allow-list control:")]
+        assert len(line) == 1 and "NOT reloaded" in line[0] and "d\\" in line[0] and "fectueux.key" in line[0], line
+
+        damaged.unlink()
+        (allowed / os.fsdecode(b"op\xe9rateur.key")).unlink()
+        removed = _ctl(pki, control, "reload")
+        assert (removed.returncode, removed.stderr) == (0, ""), removed
+        assert f"allow-list control: removed op\\xe9rateur.key ({intruder_key})" in removed.stdout.splitlines()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    reloads = [e for e in events if e.get("event") == "allow_list_reloaded" and e["domain"] == "control"]
+    assert [(e["added"], e["removed"]) for e in reloads] == [
+        ([f"op\\xe9rateur.key ({intruder_key})"], []),
+        ([], [f"op\\xe9rateur.key ({intruder_key})"]),
+    ]

@@ -120,12 +120,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd ctl: {args.action}: {reply.get('error', 'refused')}", file=sys.stderr)
         return EXIT_REFUSED
     if not args.json:
-        print(describe(args.action, reply))
+        print(_printable(describe(args.action, reply)))
     failed = allow_list_errors(reply) if args.action == "reload" else []
     for role, error in failed:
         # The model was reloaded but this list was not: a key meant to be revoked may still get in.
         print(f"inspectd ctl: reload: allow-list {role} not reloaded, the previous one stays: {error}", file=sys.stderr)
     return EXIT_REFUSED if failed else EXIT_OK
+
+
+def _printable(text: str) -> str:
+    """`text` as stdout can write it: a character its encoding cannot hold as a backslash escape. A reply's text may
+    hold one (a file name that is not UTF-8, which Python keeps as a lone surrogate, in a key file error; any
+    non-ASCII character under an ASCII locale), and an encoding error here would report a reload the daemon has
+    already done as a crash, exit 1. stderr escapes such characters by itself."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def describe(action: str, reply: dict[str, Any]) -> str:

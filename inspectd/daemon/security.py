@@ -197,6 +197,13 @@ def _listening_unix_socket(path: str) -> bool:
     return False
 
 
+def _shown_name(name: str) -> str:
+    """A file name as text that any terminal, log or client can take: its bytes that are not UTF-8 (a key file copied
+    from a machine with another encoding, held by Python as lone surrogates that no UTF-8 output can write) as \\xNN,
+    as the folder camera writes such names in frame ids."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 class _Refusals:
     """Counts refused attempts and logs each (reason, client key, or the socket where no key was seen) once per
     REPEAT_LOG_S.
@@ -375,10 +382,10 @@ class CurveServer:
 
         A directory that fails its checks now raises KeysError and the list in force stays as it was; an empty one
         is taken (every client refused), with a warning. Who was added and who removed is logged
-        (`allow_list_reloaded`) and returned, by key file and key."""
+        (`allow_list_reloaded`) and returned, by key file (a byte of its name that is not UTF-8 as \\xNN) and key."""
         names = keys.read_allow_list(self.allowed_clients_dir, self._where)
-        added = [f"{names[k]} ({k.decode()})" for k in names.keys() - self._names.keys()]
-        removed = [f"{self._names[k]} ({k.decode()})" for k in self._names.keys() - names.keys()]
+        added = [f"{_shown_name(names[k])} ({k.decode()})" for k in names.keys() - self._names.keys()]
+        removed = [f"{_shown_name(self._names[k])} ({k.decode()})" for k in self._names.keys() - names.keys()]
         self._names = names
         self.allowed = frozenset(names)
         self._allow_list.allowed = self.allowed  # one attribute swap: the ZAP thread sees the old set or the new
