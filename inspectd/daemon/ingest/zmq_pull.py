@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -42,6 +44,8 @@ CLOSE_DRAIN_MAX = 100_000
 MAX_FRAME_ID = 256
 # A refusal quotes producer values and is repeated as the camera's last_error in every status message.
 MAX_REASON = 300
+# How often an idle camera bound to an ipc socket file checks that the file is still the one it bound: one stat.
+SOCKET_FILE_CHECK_S = 1.0
 
 log = structlog.get_logger("inspectd.ingest")
 
@@ -96,6 +100,9 @@ class ZmqPullSource(Source):
         self.received = 0
         self.refused = 0  # messages received but never handed on: still in the socket when it closed
         self._bound: str | None = None  # the address to unbind, while bound
+        # The ipc socket file bound (its path, device and inode), and when it was last seen to be that file.
+        self._socket_file: tuple[str, int, int] | None = None
+        self._socket_file_seen = 0.0
         self._stop: threading.Event | None = None
         self._receiving = True
         self.drained = threading.Event()  # after stop_receiving(): everything the socket held has been read
@@ -134,6 +141,12 @@ class ZmqPullSource(Source):
         self._bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = stop
         open_ipc_to_group(sock)  # frame producers run as other users in the service's group
+        self._socket_file = None
+        if self._bound.startswith("ipc://") and not self._bound.startswith("ipc://@"):  # "@": abstract, no file
+            path = self._bound[len("ipc://") :]
+            st = os.stat(path)
+            self._socket_file = (path, st.st_dev, st.st_ino)
+            self._socket_file_seen = time.monotonic()
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
 
@@ -186,8 +199,31 @@ class ZmqPullSource(Source):
         if not self.poller.poll(int(READ_TIMEOUT_S * 1000)):
             if not self._receiving:
                 self.drained.set()
+            elif self._socket_file is not None and time.monotonic() - self._socket_file_seen >= SOCKET_FILE_CHECK_S:
+                self._check_socket_file(self._socket_file)
             return None
         return self._take(self.sock.recv_multipart(copy=False))
+
+    def _check_socket_file(self, bound: tuple[str, int, int]) -> None:
+        """OSError when the ipc socket file bound is gone or is another file: producers can no longer connect (a
+        tmp cleaner or an operator removed it, or another process bound the path, which ZeroMQ unlinks first), while
+        the socket itself would go on waiting without an error. The supervisor then reopens: binds the path again,
+        or, where another process serves it now, retries naming that. Checked only while idle, so that a rebind
+        leaves no message that was already handed over in the socket."""
+        path, device, inode = bound
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise OSError(
+                f"{self.endpoint}: its socket file is gone ({exc.strerror or exc}), expected it there while bound: "
+                "producers cannot connect, binding again"
+            ) from None
+        if (st.st_dev, st.st_ino) != (device, inode):
+            raise OSError(
+                f"{self.endpoint}: its socket file is another one now (made again, or bound by another process), "
+                "expected the one bound: producers cannot reach this camera, binding again"
+            )
+        self._socket_file_seen = time.monotonic()
 
     def _take(self, parts: list) -> Frame | None:
         if self.curve is not None and not self.curve.admits(parts[0]):
