@@ -22,6 +22,7 @@ import structlog
 import zmq
 
 from inspectd.daemon.security import open_ipc_to_group, refuse_served_ipc
+from inspectd.durable import make_dirs
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import MAX_REQUEST_BYTES, parse_request
 from inspectd.protocol.endpoints import take_endpoint
@@ -63,8 +64,10 @@ def mark_refusal(exc: BaseException, **fields: Any) -> None:
 
 
 def _prepare_ipc(endpoint: str) -> None:
+    # 0750 whatever the umask (the units' is 0077): the socket file is 0660 for the group, which a folder of the
+    # service user's alone would shut out all the same. Folders that exist keep their mode.
     if endpoint.startswith("ipc://"):
-        Path(endpoint[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(endpoint[len("ipc://") :]).parent)
 
 
 class ControlServer:

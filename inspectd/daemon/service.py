@@ -882,17 +882,16 @@ def cameras_not_run(named: Iterable[str], cameras: Iterable[str]) -> list[str]:
 def hold_state_dir(state_dir: Path) -> None:
     """Lock `state_dir` for as long as this process runs (inspectd.durable.hold_pid_lock on its STATE_LOCK, which then
     holds this pid): a second daemon on it would bind its ipc sockets over the first one's, leaving that one running
-    unreachable, and give out the same seqs into one journal. InspectdError naming the pid that holds it."""
-    from inspectd.durable import LockHeld, fsync_dir, hold_pid_lock
+    unreachable, and give out the same seqs into one journal. InspectdError naming the pid that holds it.
+
+    Folders it creates are DIR_MODE (0750) whatever the umask: under the units' UMask=0077 they would be the service
+    user's alone, and the group could not reach control.sock (0660) nor the journal and archive under them. Folders
+    that already exist keep their mode."""
+    from inspectd.durable import LockHeld, fsync_dir, hold_pid_lock, make_dirs
 
     path = state_dir / STATE_LOCK
-    created = []
-    missing = state_dir
-    while not missing.exists() and missing.parent != missing:
-        created.append(missing)
-        missing = missing.parent
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        created = make_dirs(state_dir)
     except OSError as exc:
         # Said here, naming the key the operator set: the journal's open would name publish.journal.path instead.
         raise InspectdError(
