@@ -122,7 +122,8 @@ ensure_dir() {  # path mode owner:group
         say "created $1"
         CHANGED=1
     fi
-    if [ "$(stat -c %a "$1")" != "$(echo "$2" | sed 's/^0*//')" ]; then
+    # -L: the mode of what a symlink names (a state dir moved to another disk), not the link's own 777.
+    if [ "$(stat -L -c %a "$1")" != "$(echo "$2" | sed 's/^0*//')" ]; then
         chmod "$2" "$1"
         CHANGED=1
     fi
@@ -135,7 +136,7 @@ ensure_file() {  # src dst mode owner:group
         install -m "$3" "$1" "$2"
         say "installed $2"
         CHANGED=1
-    elif [ "$(stat -c %a "$2")" != "$(echo "$3" | sed 's/^0*//')" ]; then
+    elif [ "$(stat -L -c %a "$2")" != "$(echo "$3" | sed 's/^0*//')" ]; then
         chmod "$3" "$2"
         CHANGED=1
     fi

@@ -89,6 +89,22 @@ def test_operator_config_survives_a_reinstall_and_a_wrong_mode_is_repaired(tmp_p
     assert "nothing to do" not in rerun.stdout
 
 
+def test_a_state_dir_moved_to_another_disk_through_a_symlink_is_up_to_date_on_a_rerun(tmp_path):
+    """The mode checked is the directory's, not the link's own (always 777): a rerun changes nothing."""
+    root = tmp_path / "root"
+    assert _install(root).returncode == 0
+    state = root / "var/lib/inspectd"
+    moved = tmp_path / "bigdisk" / "inspectd"
+    moved.parent.mkdir()
+    state.rename(moved)
+    state.symlink_to(moved)
+    tree = _snapshot(root)
+    rerun = _install(root)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.strip() == f"install.sh: nothing to do, {root} is up to date"
+    assert _snapshot(root) == tree and stat.S_IMODE(moved.stat().st_mode) == 0o750
+
+
 def test_a_gpu_station_install_without_the_venv_installs_the_tree(tmp_path):
     """--with-gpu cu12 merges the CUDA 12 pins for pip; with --no-venv there is no pip to read them."""
     result = _install(tmp_path / "root", "--with-gpu", "cu12")
