@@ -597,3 +597,50 @@ def test_train_ok_is_a_training_set_and_two_defect_free_folders_are_refused(tmp_
         "any case)\n"
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_out_is_refused_unless_new_empty_or_a_bundle_and_apart_from_the_data(data, tmp_path, capsys):
+    """The bundle's swap deleted whatever --out held: a dataset given as both --data and --out lost train/, test/ and
+    ground_truth/ to the bundle, a folder of notes lost the notes, and a file became a bundle. Each is refused in one
+    line before an image is read; an existing bundle and an empty folder are still written."""
+    from engines.bundle.store import write_bundle
+    from engines.errors import BundleError
+
+    copy = Path(shutil.copytree(data, tmp_path / "copy"))
+    dataset = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    work = tmp_path / "work"
+    (work / "notes").mkdir(parents=True)
+    (work / "notes" / "important.txt").write_text("precious\n")
+    afile = tmp_path / "afile.txt"
+    afile.write_text("precious\n")
+    expected = "expected a new path, an empty folder or an inspectd bundle to replace"
+    apart = "expected a bundle path outside the training data and not holding it"
+    cases = [
+        (copy, copy, f"is --data, {apart}"),
+        (copy, copy / "bundle", f"lies inside --data {copy}, {apart}"),
+        (copy / "train" / "good", copy, f"holds --data {copy / 'train' / 'good'}, {apart}"),
+        (data, work, f"a folder of 1 entry (notes) that is no inspectd bundle, {expected}"),
+        (data, afile, f"a file, {expected}"),
+        (data, afile / "bundle", f"{afile} is a file, {expected} in a folder"),
+    ]
+    cheap = ("--recipe", "aligned", "--size", "64")
+    for given, out, why in cases:
+        assert run(parse("--data", str(given), "--out", str(out), *cheap)) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith(f"inspectd train: --out {out}: {why}") and err.count("\n") == 1, err
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == dataset
+    assert (work / "notes" / "important.txt").read_text() == afile.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt", "copy", "work"]  # no bundle left aside
+    # An existing bundle is replaced and an empty folder filled, as before.
+    bundle, empty = tmp_path / "bundle", tmp_path / "empty"
+    empty.mkdir()
+    for out in (bundle, bundle, empty):
+        assert run(parse("--data", str(data), "--out", str(out), *cheap)) == 0, capsys.readouterr().err
+        assert load_bundle(out).manifest["recipe"]["name"] == "aligned"
+    # write_bundle, which teach and every other writer go through, refuses the same.
+    written = load_bundle(bundle)
+    with pytest.raises(BundleError, match=f"^{work}: a folder of 1 entry"):
+        write_bundle(
+            work, written.manifest, written.graph_path, written.scorer_params(), written.weights(), written.thresholds()
+        )
+    assert (work / "notes" / "important.txt").read_text() == "precious\n" and len(list(work.iterdir())) == 1

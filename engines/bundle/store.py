@@ -75,12 +75,15 @@ def write_bundle(
     weights: dict[str, np.ndarray],
     thresholds: thresholds_doc.Thresholds,
 ) -> Path:
-    """Write a complete bundle at `path`, replacing any bundle already there only once the new one is whole.
+    """Write a complete bundle at `path`, replacing any bundle already there only once the new one is whole; anything
+    else there but an empty folder is refused (BundleError, nothing written: not_replaceable).
 
     `manifest_fields` must hold at least method, backbone, input {height, width, channels, resize} and scorer_inputs;
     format, model_id (method-backbone-shorthash over the files), graph, created and files are filled in here.
     """
     path = Path(path)
+    if why := not_replaceable(path):
+        raise BundleError(f"{path}: {why}; not written, it holds what it held before")
     for key in ("method", "backbone", "input", "scorer_inputs"):
         if key not in manifest_fields:
             raise BundleError(f"write_bundle: manifest field {key!r} missing")
@@ -144,6 +147,34 @@ def write_bundle(
         _remove(staging)
         raise
     return path
+
+
+def not_replaceable(path: str | Path) -> str | None:
+    """Why a bundle must not be written at `path`, None where it may: nothing there (a dangling link, of which only
+    the link goes), an empty folder, or an inspectd bundle (replaced whole, as every retraining replaces it). The swap
+    write_bundle ends with deletes whatever `path` held, so a dataset, a folder of notes or a file given as the
+    bundle's path by a slip would be lost."""
+    path = Path(path)
+    expected = "expected a new path, an empty folder or an inspectd bundle to replace"
+    if not path.exists():
+        for parent in path.parents:  # a file where a folder above the bundle should be
+            if parent.exists():
+                return None if parent.is_dir() else f"{parent} is a file, {expected} in a folder"
+        return None
+    if not path.is_dir():
+        return f"a file, {expected}"
+    try:
+        held = sorted(p.name for p in path.iterdir())
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8")) if MANIFEST in held else None
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc}), {expected}"
+    except ValueError:  # not JSON (or not UTF-8): no manifest this module wrote
+        manifest = None
+    if not held or isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        return None
+    shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+    entries = "entry" if len(held) == 1 else "entries"
+    return f"a folder of {len(held)} {entries} ({shown}) that is no inspectd bundle, {expected}"
 
 
 def model_id_for(

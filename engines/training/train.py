@@ -29,7 +29,7 @@ import torch
 
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import BIT_DEPTH_RANGE, LEGACY_BIT_DEPTH, inspectd_version, valid_bit_depth
-from engines.bundle.store import load_bundle, write_bundle
+from engines.bundle.store import load_bundle, not_replaceable, write_bundle
 from engines.data.images import (
     SPLIT_HOLDOUT,
     VALIDATION_FOLDS,
@@ -172,6 +172,26 @@ def _resolved(name: str | None, overrides: dict) -> list[Recipe]:
     return [recipe.replace(**given, description=recipe.description + " (changed by flags)").validate()]
 
 
+def check_out(out: str | Path, data: str | Path) -> None:
+    """ValueError naming --out when the bundle must not be written there: the bundle replaces what --out holds, so
+    --out must be nothing yet, an empty folder or a bundle (engines.bundle.store.not_replaceable), and apart from
+    --data (the same folder, one above it, or one inside it). Checked before any image is read: a slip of the flag
+    lost the dataset itself after the whole training."""
+    out_path, data_path = Path(out).resolve(), Path(data).resolve()
+    if out_path == data_path:
+        where = "is --data"
+    elif out_path in data_path.parents:
+        where = f"holds --data {data}"
+    elif data_path in out_path.parents:
+        where = f"lies inside --data {data}"
+    else:
+        why = not_replaceable(out)
+        if why:
+            raise ValueError(f"--out {out}: {why} (the bundle replaces what is there)")
+        return
+    raise ValueError(f"--out {out}: {where}, expected a bundle path outside the training data and not holding it")
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'256' -> (256, 256); '256x320' -> (height 256, width 320)."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
@@ -293,6 +313,7 @@ def train_bundle(
     `bit_depth`: significant bits of 16-bit images (None: detect_bit_depth on the training images), recorded in the
     bundle as the depth its 16-bit frames are narrowed with."""
     started = time.monotonic()
+    check_out(out, data)
     progress = progress or Progress()
     report = report or (lambda _line: None)
     seed_everything(seed)
@@ -574,7 +595,12 @@ def _strides(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     catalogue = "; ".join(f"{name}: {r.description}" for name, r in CATALOGUE.items())
     parser.add_argument("--data", required=True, help="MVTec-layout root (uses train/good) or a folder of images")
-    parser.add_argument("--out", required=True, help="bundle directory to write (replaced when complete)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="bundle directory to write: a new path, an empty folder or a bundle (replaced when complete), not inside "
+        "--data",
+    )
     parser.add_argument(
         "--recipe",
         default=None,
