@@ -30,6 +30,7 @@ from engines.schema import Flag, Int, Number, check, declared, invalid, matching
 from inspectd.configfile import CameraId, ConfigPath, Endpoint, parse, read_yaml
 from inspectd.daemon.inference import MASK_POLICIES
 from inspectd.daemon.ingest import SOURCES
+from inspectd.daemon.ingest.opencv import is_finite_url
 from inspectd.daemon.ingest.queue import QUEUE_POLICIES
 from inspectd.daemon.security import Curve
 from inspectd.errors import ConfigError
@@ -116,6 +117,9 @@ MAX_QUEUE = 10_000
 @declared
 class QueueConfig:
     size: Annotated[Int, Field(ge=1, le=MAX_QUEUE)] = 64
+    # drop_oldest, except for a source that ends, whose every frame is a part to judge: a folder, and an opencv
+    # video file (a url without a scheme, file:// or another local one): block there (CameraConfig). Set it to keep
+    # drop_oldest for those too.
     policy: Annotated[str, one_of(QUEUE_POLICIES)] = "drop_oldest"
 
 
@@ -129,9 +133,16 @@ class CameraConfig:
 
     @model_validator(mode="before")
     @classmethod
-    def _folder_blocks(cls, raw: Any) -> Any:
-        # A folder is a backlog of files that must each be inspected: dropping them is never the right default.
-        if isinstance(raw, dict) and isinstance(raw.get("source"), dict) and raw["source"].get("kind") == "folder":
+    def _finite_sources_block(cls, raw: Any) -> Any:
+        # A folder is a backlog of files, and a video file a recording, each frame of which is a part to inspect:
+        # dropping them is never the right default. A video file is decoded as fast as FFmpeg goes, so with
+        # drop_oldest most of it was dropped as soon as the batcher fell behind.
+        source = raw.get("source") if isinstance(raw, dict) else None
+        url = source.get("url") if isinstance(source, dict) else None
+        if isinstance(source, dict) and (
+            source.get("kind") == "folder"
+            or (source.get("kind") == "opencv" and isinstance(url, str) and is_finite_url(url))
+        ):
             queue = raw.get("queue")
             queue = {} if queue is None else queue
             if isinstance(queue, dict) and "policy" not in queue:
