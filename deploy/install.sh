@@ -335,8 +335,9 @@ ensure_dir "$ROOT/opt" 0755 root:root
 ensure_dir "$OPT" 0755 root:root
 ensure_dir "$OPT/share" 0755 root:root
 ensure_dir "$OPT/share/doc" 0755 root:root
-for doc in DEPLOY.md PLC.md; do
-    [ ! -f "$SRC/docs/$doc" ] || ensure_file "$SRC/docs/$doc" "$OPT/share/doc/$doc" 0644 root:root
+# Every guide and the images they show: the units' Documentation= names DEPLOY.md and PLC.md, which link the others.
+for doc in "$SRC"/docs/*.md "$SRC"/docs/*.png; do
+    [ ! -f "$doc" ] || ensure_file "$doc" "$OPT/share/doc/$(basename "$doc")" 0644 root:root
 done
 
 INSTALLED=0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import stat
@@ -227,6 +228,29 @@ def _unit(name: str) -> dict[str, list[str]]:
             key, value = line.split("=", 1)
             settings.setdefault(key, []).append(value)
     return settings
+
+
+def test_the_units_documentation_and_every_page_it_links_to_are_installed(tmp_path):
+    """Documentation= names a page under /opt/inspectd/share/doc; that page, and every local page or image it links
+    to (and they to theirs), is installed there, so no link on the station is dead."""
+    root = tmp_path / "root"
+    assert _install(root).returncode == 0
+    todo = []
+    for unit in UNITS:
+        for url in _unit(unit)["Documentation"]:
+            assert url.startswith("file:///opt/inspectd/share/doc/"), (unit, url)
+            todo.append(root / url.removeprefix("file:///"))
+    seen: set[Path] = set()
+    while todo:
+        page = todo.pop()
+        assert page.is_file(), page
+        if page in seen or page.suffix != ".md":
+            seen.add(page)
+            continue
+        seen.add(page)
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            todo.append(page.parent / target)
+    assert {path.name for path in seen} >= {"DEPLOY.md", "PLC.md", "PROTOCOL.md", "web-view.png"}
 
 
 def _under(path: Path, roots: list[str]) -> bool:
