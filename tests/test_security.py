@@ -1295,3 +1295,63 @@ def test_ctl_reload_names_a_key_file_whose_name_is_not_utf8_with_escapes_and_nev
         ([f"op\\xe9rateur.key ({intruder_key})"], []),
         ([], [f"op\\xe9rateur.key ({intruder_key})"]),
     ]
+
+
+def test_a_server_key_pair_rotated_on_disk_is_warned_of_at_reload_and_not_switched_to(pki, tmp_path):
+    """An operator who rotates a leaked server key and reloads keeps serving with the old one until a restart: the
+    reload said nothing of it, and clients given the new public key were refused with a handshake error of no reason.
+    Now each reload whose key file no longer holds the key in use logs `server_key_changed`, naming both keys and that
+    a restart is needed; the socket goes on with the key it started with."""
+    old_public = tmp_path / "old-server.key"
+    old_public.write_bytes(pki["server"][0].read_bytes())
+    old_secret = pki["server"][1].read_bytes()
+    in_use = keys.load_public(old_public).decode()
+    proc, log, control = _curve_control_daemon(pki, tmp_path)
+
+    def warnings() -> list[dict]:
+        events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        return [e for e in events if e.get("event") == "server_key_changed"]
+
+    try:
+        assert _ctl(pki, control, "reload").returncode == 0  # the key on disk is the one in use: nothing to say
+        assert warnings() == []
+        for path in pki["server"]:
+            path.unlink()
+        new_public, _ = keys.generate(pki["server"][0].parent, "server")  # a new pair, at the same paths
+        proc.send_signal(signal.SIGHUP)  # systemctl reload
+        deadline = time.monotonic() + 30
+        while not warnings():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        (warned,) = warnings()
+        assert warned["level"] == "warning" and warned["domain"] == "control", warned
+        assert warned["key_file"] == str(pki["server"][1]) and warned["public_key_in_use"] == in_use
+        assert warned["public_key_on_disk"] == keys.load_public(new_public).decode() != in_use
+        assert "restart the daemon to serve with the new key" in warned["effect"]
+        # Not switched: a client given the old public key is answered, one given the new one is not.
+        with ControlClient(control, timeout_s=5, curve=curve_client(old_public, pki["allowed"][1])) as client:
+            assert client.request({"cmd": "status"})["ok"]
+        with (
+            ControlClient(control, timeout_s=5, curve=curve_client(new_public, pki["allowed"][1])) as client,
+            pytest.raises(InspectdError, match="not its public key"),
+        ):
+            client.request({"cmd": "status"})
+
+        pki["server"][1].unlink()  # a key file now refused: said so, and the reload goes on
+        gone = subprocess.run(
+            [sys.executable, "-m", "inspectd", "ctl", "--endpoint", control, "--server-key", str(old_public),
+             "--client-key", str(pki["allowed"][1]), "--timeout", "30", "reload"],
+            capture_output=True, text=True, cwd=REPO, timeout=60,
+        )  # fmt: skip
+        assert gone.returncode == 0, gone
+        assert len(warnings()) == 2 and str(pki["server"][1]) in warnings()[1]["error"], warnings()
+        assert "refuse to start" in warnings()[1]["effect"]
+
+        pki["server"][1].write_bytes(old_secret)  # the pair in use put back: nothing more to say
+        pki["server"][1].chmod(0o600)
+        pki["server"][0].write_bytes(old_public.read_bytes())
+        assert _ctl(pki, control, "reload").returncode == 0
+        assert len(warnings()) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

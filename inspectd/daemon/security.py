@@ -19,6 +19,10 @@ control server answers a removed key's request with a refusal, a zmq camera drop
 tell its peers apart, so the publisher re-binds its endpoint after a reload that removed a key: every subscriber
 reconnects and handshakes again, and a removed key's handshake is refused.
 
+The daemon's own key pair is read once, at start: a reload reads the allow-list again, not the pair, and logs
+`server_key_changed` when the secret key file no longer holds the key in use (rotated on disk: a restart serves with
+the new one).
+
 The matching hook for clients (ControlClient, Subscriber) is inspectd.protocol.keys.curve_client: the server's public
 key and the client's own key pair.
 
@@ -297,6 +301,8 @@ class CurveServer:
         self.domain = domain
         self.context = context or zmq.Context.instance()
         self.public, self.secret, self._names = load_keys(secret_key, allowed_clients_dir, where)
+        self.secret_key_file = Path(secret_key)
+        self._key_where = f"{where}.curve.server_secret_key"
         self.allowed_clients_dir = Path(allowed_clients_dir)
         self._where = f"{where}.curve.allowed_clients_dir"
         self.allowed = frozenset(self._names)
@@ -382,7 +388,10 @@ class CurveServer:
 
         A directory that fails its checks now raises KeysError and the list in force stays as it was; an empty one
         is taken (every client refused), with a warning. Who was added and who removed is logged
-        (`allow_list_reloaded`) and returned, by key file (a byte of its name that is not UTF-8 as \\xNN) and key."""
+        (`allow_list_reloaded`) and returned, by key file (a byte of its name that is not UTF-8 as \\xNN) and key.
+
+        The server's own key pair is not reloaded: see _warn_server_key_changed."""
+        self._warn_server_key_changed()
         names = keys.read_allow_list(self.allowed_clients_dir, self._where)
         added = [f"{_shown_name(names[k])} ({k.decode()})" for k in names.keys() - self._names.keys()]
         removed = [f"{_shown_name(self._names[k])} ({k.decode()})" for k in self._names.keys() - names.keys()]
@@ -395,6 +404,30 @@ class CurveServer:
         if not names:
             self._warn_empty()
         return {"added": sorted(added), "removed": sorted(removed)}
+
+    def _warn_server_key_changed(self) -> None:
+        """Log `server_key_changed` when the secret key file no longer holds the key this socket serves with (a key
+        pair rotated on disk, or the file now refused). The socket keeps the key it was bound with: switched at a
+        reload, it would shut out at once every client not yet given the new public key, and need binding again. An
+        operator who rotated the pair and reloaded learns here that only a restart serves with the new one."""
+        kept = "still serving with the key loaded at start"
+        try:
+            public, secret = keys.load_secret(self.secret_key_file, self._key_where, "the daemon's own user")
+        except keys.KeysError as exc:
+            restart = "a restart would load the file as it is now, and refuse to start while it is refused"
+            fields = {"error": str(exc), "effect": f"{kept}; {restart}"}
+        else:
+            if secret == self.secret:
+                return
+            restart = "restart the daemon to serve with the new key (a reload does not change it)"
+            fields = {"public_key_on_disk": public.decode(), "effect": f"{kept}; {restart}"}
+        log.warning(
+            "server_key_changed",
+            domain=self.domain,
+            key_file=str(self.secret_key_file),
+            public_key_in_use=self.public.decode(),
+            **fields,
+        )
 
     def _warn_empty(self) -> None:
         log.warning(
