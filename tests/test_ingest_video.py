@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from daemon_harness import Station
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.supervisor import CameraIngest
 from station_model import write_grey_bundle
-from test_ingest import camera
+from test_ingest import camera, drain, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,3 +79,22 @@ def test_a_daemon_judges_every_frame_of_a_video_file_once_by_path_and_by_file_ur
         assert s.stop() == 0, s.log_tail()
     finally:
         s.close()
+
+
+def test_a_paused_video_file_is_not_read_and_plays_on_from_where_it_was_once_resumed(tmp_path, ingest_threads):
+    """Read and discarded while paused, as a live camera is, the whole file went in a moment and the camera ended."""
+    frames = 200
+    video = write_video(tmp_path / "line.avi", frames)
+    queue = FrameQueue(frames, "block")
+    ingest = CameraIngest(camera({"kind": "opencv", "url": str(video)}), queue, backoff_s=(0.05, 0.2))
+    ingest_threads.append(ingest)
+    ingest.paused = True  # what the control channel's pause sets
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["state"] == "paused", 5), ingest.stats()
+    time.sleep(1.0)
+    stats = ingest.stats()
+    assert (stats["state"], stats["frames_in"], stats["discarded"]) == ("paused", 0, 0), stats
+    ingest.paused = False
+    assert wait_for(lambda: ingest.stats()["state"] == "ended", 5), ingest.stats()
+    assert [f.frame_id for f in drain(queue)] == [str(i) for i in range(frames)]
+    assert ingest.stats()["discarded"] == 0 and ingest.stats()["reopen_count"] == 0

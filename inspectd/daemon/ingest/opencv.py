@@ -153,8 +153,8 @@ class OpenCVSource:
 
 
 class VideoCaptureSource(Source):
-    """cv2.VideoCapture on a video file (a path or file:// url, or another local scheme: finite), an RTSP/HTTP URL,
-    a device index or a GStreamer pipeline."""
+    """cv2.VideoCapture on a video file (a path or file:// url, or another local scheme: finite, not read while
+    paused), an RTSP/HTTP URL, a device index or a GStreamer pipeline."""
 
     Options = OpenCVSource
 
@@ -168,6 +168,9 @@ class VideoCaptureSource(Source):
         self.narrows_16_bit = self.spec.pipeline is not None
         url = self.spec.url
         self.finite = url is not None and is_finite_url(url)
+        # A video that ends is not read while paused, as a folder is not: it has no current frame to keep up with,
+        # and read at decode speed a short pause threw the rest of it away.
+        self.live = not self.finite
         # The video file to open: a file:// url is opened as the path it names, so it plays as that path would.
         self.path = None if url is None else url if scheme_of(url) is None else file_url_path(url)
         self.cap: cv2.VideoCapture | None = None
