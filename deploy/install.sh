@@ -21,12 +21,18 @@
 # install fails (exit 1) only for a config the old version accepted and the new one refuses, a unit one restart away
 # from staying down; a config refused by both, or missing, is a warning. The units keep running the old version until
 # they are restarted, which the last line says how to do.
+#
+# The options that choose what pip installs (--with-train, --with-plc, --with-gpu, --torch-index, --no-constraints)
+# are kept in the virtualenv, and a rerun that leaves one out takes it again and says so: a GPU station updated with
+# a bare `install.sh` keeps onnxruntime-gpu instead of getting the CPU build back. --without-train, --without-plc,
+# --without-gpu, --without-torch-index and --with-constraints leave a kept option out on purpose.
 set -eu
 
 usage() {
     cat <<'EOF'
 usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with-gpu cu12|cu13] [--python PY]
-                  [--torch-index URL] [--no-constraints]
+                  [--torch-index URL] [--no-constraints] [--without-train] [--without-plc] [--without-gpu]
+                  [--without-torch-index] [--with-constraints]
 
   --prefix DIR   install into DIR as if it were / (no useradd, chown, systemctl)
   --no-venv      do not create the virtualenv or run pip
@@ -43,6 +49,9 @@ usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with
   --no-constraints
                  install within pyproject.toml's ranges instead of the versions pinned in constraints.txt
                  (e.g. on a Python older than the pins need)
+  --without-train, --without-plc, --without-gpu, --without-torch-index, --with-constraints
+                 leave out an option the last install was given: without them a rerun takes each one again, and
+                 says so (they are kept in the virtualenv, .inspectd-options)
 EOF
 }
 
@@ -51,25 +60,37 @@ die() { echo "install.sh: $*" >&2; exit 2; }
 PREFIX=""
 PREFIX_GIVEN=0
 MAKE_VENV=1
-EXTRAS=""
+TRAIN=0
+PLC=0
 PYTHON=python3
 PYTHON_GIVEN=0
 TORCH_INDEX=""
 USE_CONSTRAINTS=1
 GPU=""
+# The kept options (train plc gpu torch-index constraints) this command line names, to give or to leave out.
+GIVEN=" "
+DROPPED=" "
+given() { GIVEN="$GIVEN$1 "; }
+dropped() { DROPPED="$DROPPED$1 "; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) [ $# -ge 2 ] || die "--prefix: expected a directory"; PREFIX="$2"; PREFIX_GIVEN=1; shift 2 ;;
         --prefix=*) PREFIX="${1#--prefix=}"; PREFIX_GIVEN=1; shift ;;
         --no-venv) MAKE_VENV=0; shift ;;
-        --with-train) EXTRAS="${EXTRAS:+$EXTRAS,}train"; shift ;;
-        --with-plc) EXTRAS="${EXTRAS:+$EXTRAS,}plc"; shift ;;
-        --with-gpu) [ $# -ge 2 ] || die "--with-gpu: expected cu12 or cu13"; GPU="$2"; shift 2 ;;
-        --with-gpu=*) GPU="${1#--with-gpu=}"; shift ;;
+        --with-train) TRAIN=1; given train; shift ;;
+        --with-plc) PLC=1; given plc; shift ;;
+        --with-gpu) [ $# -ge 2 ] || die "--with-gpu: expected cu12 or cu13"; GPU="$2"; given gpu; shift 2 ;;
+        --with-gpu=*) GPU="${1#--with-gpu=}"; given gpu; shift ;;
         --python) [ $# -ge 2 ] || die "--python: expected an interpreter"; PYTHON="$2"; PYTHON_GIVEN=1; shift 2 ;;
-        --torch-index) [ $# -ge 2 ] || die "--torch-index: expected an index URL"; TORCH_INDEX="$2"; shift 2 ;;
-        --torch-index=*) TORCH_INDEX="${1#--torch-index=}"; shift ;;
-        --no-constraints) USE_CONSTRAINTS=0; shift ;;
+        --torch-index) [ $# -ge 2 ] || die "--torch-index: expected an index URL"; TORCH_INDEX="$2"; given torch-index
+            shift 2 ;;
+        --torch-index=*) TORCH_INDEX="${1#--torch-index=}"; given torch-index; shift ;;
+        --no-constraints) USE_CONSTRAINTS=0; given constraints; shift ;;
+        --without-train) dropped train; shift ;;
+        --without-plc) dropped plc; shift ;;
+        --without-gpu) dropped gpu; shift ;;
+        --without-torch-index) dropped torch-index; shift ;;
+        --with-constraints) dropped constraints; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument $1" ;;
     esac
@@ -78,6 +99,78 @@ done
 # `--prefix "$DESTDIR"` with the variable unset or empty: an install onto this system is never what that meant.
 [ "$PREFIX_GIVEN" = 0 ] || [ -n "$PREFIX" ] ||
     die "--prefix: expected a directory, got an empty string (leave --prefix out for a system install)"
+
+# --- the options the last install was given ---------------------------------------------------------------------
+# The option that gives a kept one, and the one that leaves it out.
+option_of() {  # key
+    case "$1" in
+        torch-index) echo --torch-index ;;
+        constraints) echo --no-constraints ;;
+        *) echo "--with-$1" ;;
+    esac
+}
+leave_out_of() {  # key
+    case "$1" in
+        constraints) echo --with-constraints ;;
+        *) echo "--without-$1" ;;
+    esac
+}
+for key in $DROPPED; do
+    case "$GIVEN" in
+        *" $key "*) die "$(option_of "$key") and $(leave_out_of "$key"): expected one of them" ;;
+    esac
+done
+# The venv's path before the prefix is made: nothing is created until the options are known to be sound.
+OPTIONS_FILE="$PREFIX/opt/inspectd/venv/.inspectd-options"
+REUSED=""
+LEAVE_OUT=""
+if [ "$MAKE_VENV" -eq 1 ] && [ -f "$OPTIONS_FILE" ]; then
+    while IFS= read -r line; do
+        option=${line%% *}
+        value=${line#"$option"}
+        value=${value# }
+        case "$option" in
+            --with-train) key=train ;;
+            --with-plc) key=plc ;;
+            --with-gpu) key=gpu ;;
+            --torch-index) key=torch-index ;;
+            --no-constraints) key=constraints ;;
+            *) die "$OPTIONS_FILE: '$line': expected an option install.sh keeps there (remove the file, and give" \
+                "this run every option the station needs)" ;;
+        esac
+        case "$GIVEN$DROPPED" in *" $key "*) continue ;; esac
+        case "$key" in
+            train) TRAIN=1 ;;
+            plc) PLC=1 ;;
+            gpu) GPU=$value ;;
+            # Only with the training stack it is for (the file lists --with-train first).
+            torch-index) [ "$TRAIN" -eq 1 ] || continue; TORCH_INDEX=$value ;;
+            constraints) USE_CONSTRAINTS=0 ;;
+        esac
+        REUSED="$REUSED $line"
+        LEAVE_OUT="${LEAVE_OUT:+$LEAVE_OUT, }$(leave_out_of "$key")"
+    done < "$OPTIONS_FILE"
+fi
+[ -z "$REUSED" ] ||
+    echo "install.sh: reusing the last install's options:$REUSED ($LEAVE_OUT to leave out)"
+leaves_out() { case "$DROPPED" in *" $1 "*) return 0 ;; esac; return 1; }
+gpu_build_in() {  # venv
+    for dist in "$1"/lib/python3*/site-packages/onnxruntime_gpu-*.dist-info; do
+        [ ! -d "$dist" ] || return 0
+    done
+    return 1
+}
+# A GPU venv whose install kept no options (an install.sh before it did): installing inspectd without --with-gpu
+# would put the CPU onnxruntime over onnxruntime-gpu, which `run --check` cannot see.
+if [ "$MAKE_VENV" -eq 1 ] && [ -z "$GPU" ] && ! leaves_out gpu && gpu_build_in "$PREFIX/opt/inspectd/venv"; then
+    die "$PREFIX/opt/inspectd/venv holds onnxruntime-gpu and this run has no --with-gpu, which would put the CPU" \
+        "onnxruntime over it: give --with-gpu cu12|cu13 as its first install did, or --without-gpu for the CPU build"
+fi
+
+# In a fixed order: the stamp below compares it, and the same options must give the same stamp.
+EXTRAS=""
+[ "$TRAIN" -eq 0 ] || EXTRAS=train
+[ "$PLC" -eq 0 ] || EXTRAS="${EXTRAS:+$EXTRAS,}plc"
 case "$GPU" in
     "") ;;
     cu12|cu13) EXTRAS="${EXTRAS:+$EXTRAS,}gpu-$GPU" ;;
@@ -362,6 +455,11 @@ if [ "$MAKE_VENV" -eq 1 ]; then
             *,train,*) [ -z "$TORCH_INDEX" ] || pip_install --index-url "$TORCH_INDEX" torch torchvision ;;
         esac
         copy_source "$WORK/src"
+        if [ -z "$GPU" ] && gpu_build_in "$VENV"; then
+            # --without-gpu: both builds install the `onnxruntime` module, so the GPU one goes before inspectd brings
+            # the CPU one.
+            "$VENV/bin/python" -m pip uninstall -q -y onnxruntime onnxruntime-gpu
+        fi
         pip_install "$WORK/src${EXTRAS:+[$EXTRAS]}"
         if [ -n "$GPU" ]; then
             # onnxruntime-gpu and onnxruntime both install the `onnxruntime` module, and installing inspectd brings
@@ -378,6 +476,17 @@ sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' ||
         say "installed inspectd${EXTRAS:+[$EXTRAS]} into $VENV"
         CHANGED=1
         INSTALLED=1
+    fi
+    # What the venv holds was installed with these options (the stamp covers them): the next run takes them again.
+    options_text() {
+        [ "$TRAIN" -eq 0 ] || echo --with-train
+        [ "$PLC" -eq 0 ] || echo --with-plc
+        [ -z "$GPU" ] || echo "--with-gpu $GPU"
+        [ -z "$TORCH_INDEX" ] || echo "--torch-index $TORCH_INDEX"
+        [ "$USE_CONSTRAINTS" -eq 1 ] || echo --no-constraints
+    }
+    if [ ! -f "$VENV/.inspectd-options" ] || [ "$(cat "$VENV/.inspectd-options")" != "$(options_text)" ]; then
+        options_text > "$VENV/.inspectd-options"
     fi
 fi
 

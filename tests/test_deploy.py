@@ -780,6 +780,106 @@ def test_an_upgrade_fails_only_on_a_config_the_old_version_accepted_and_warns_of
     assert broken.returncode == 1 and "which the old one accepted" in broken.stderr, broken.stderr
 
 
+def _pip_log_venv(venv: Path) -> Path:
+    """A virtualenv whose pip only writes down each command it is given (in pip.log, returned) and, for
+    onnxruntime-gpu, leaves or removes its dist-info folder as pip would; onnxruntime-gpu's CUDA provider "is there".
+    Anything else runs on this test's Python."""
+    bin_dir = venv / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    site.mkdir(parents=True, exist_ok=True)
+    log = venv / "pip.log"
+    (bin_dir / "python").write_text(
+        f"""#!/bin/sh
+case "$*" in
+"-m pip --version") exit 0 ;;
+"-m pip "*) shift 2; echo "$*" >> "{log}"
+    case "$*" in
+    "install "*onnxruntime-gpu*) mkdir -p "{site}/onnxruntime_gpu-1.32.0.dist-info" ;;
+    "uninstall "*onnxruntime-gpu*) rm -rf "{site}/onnxruntime_gpu-1.32.0.dist-info" ;;
+    esac
+    exit 0 ;;
+*CUDAExecutionProvider*) exit 0 ;;
+esac
+exec "{sys.executable}" "$@"
+"""
+    )
+    (bin_dir / "python").chmod(0o755)
+    return log
+
+
+def _pip_commands(log: Path, start: int = 0) -> list[str]:
+    """The pip commands in log from line `start`, with the quiet flag, the constraints file and the throwaway source
+    copy's path (SRC) taken out."""
+    commands = []
+    for line in log.read_text().splitlines()[start:] if log.exists() else []:
+        words = [word for word in line.split() if word != "-q"]
+        if "-c" in words:
+            del words[words.index("-c") : words.index("-c") + 2]
+        commands.append(" ".join(re.sub(r"^/\S*/src(\[|$)", r"SRC\1", word) for word in words))
+    return commands
+
+
+def test_a_rerun_takes_the_options_of_the_last_install_again_unless_told_to_leave_one_out(tmp_path):
+    """A GPU station updated with a bare `install.sh`: the CPU onnxruntime must not come back over onnxruntime-gpu.
+    The options are kept in the venv and taken again, in one line saying so; --without-gpu leaves the GPU build out
+    on purpose (and takes it out of the venv). A venv with onnxruntime-gpu that kept no options (installed by an
+    install.sh before this) is refused without --with-gpu or --without-gpu, naming them."""
+    root = tmp_path / "root"
+    venv = root / "opt" / "inspectd" / "venv"
+    log = _pip_log_venv(venv)
+    gpu_dist = next((venv / "lib").glob("python*/site-packages")) / "onnxruntime_gpu-1.32.0.dist-info"
+
+    def install(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["sh", str(INSTALL), "--prefix", str(root), *args], capture_output=True, text=True, timeout=60
+        )
+
+    gpu_install = [
+        "install SRC[plc,gpu-cu13]",
+        "uninstall -y onnxruntime onnxruntime-gpu",
+        "install onnxruntime-gpu[cuda,cudnn]",
+    ]
+    first = install("--with-gpu", "cu13", "--with-plc")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert _pip_commands(log) == gpu_install
+    assert (venv / ".inspectd-options").read_text() == "--with-plc\n--with-gpu cu13\n"
+
+    reusing = "install.sh: reusing the last install's options: --with-plc --with-gpu cu13 "
+    reusing += "(--without-plc, --without-gpu to leave out)"
+    (venv / ".inspectd-stamp").unlink()  # the source changed (git pull): pip runs again
+    update = install()
+    assert update.returncode == 0, update.stdout + update.stderr
+    assert update.stdout.splitlines()[0] == reusing
+    assert _pip_commands(log, 3) == gpu_install and gpu_dist.is_dir()
+
+    again = install()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.splitlines() == [reusing, f"install.sh: nothing to do, {root} is up to date"]
+    assert _pip_commands(log, 6) == []
+
+    both = install("--with-gpu", "cu13", "--without-gpu")
+    assert both.returncode == 2 and both.stderr == "install.sh: --with-gpu and --without-gpu: expected one of them\n"
+
+    cpu = install("--without-gpu")
+    assert cpu.returncode == 0, cpu.stdout + cpu.stderr
+    assert cpu.stdout.splitlines()[0] == (
+        "install.sh: reusing the last install's options: --with-plc (--without-plc to leave out)"
+    )
+    assert _pip_commands(log, 6) == ["uninstall -y onnxruntime onnxruntime-gpu", "install SRC[plc]"]
+    assert not gpu_dist.exists() and (venv / ".inspectd-options").read_text() == "--with-plc\n"
+
+    gpu_dist.mkdir()
+    (venv / ".inspectd-options").unlink()
+    unkept = install("--with-plc")
+    assert unkept.returncode == 2, unkept.stdout + unkept.stderr
+    assert unkept.stderr.splitlines() == [
+        f"install.sh: {venv} holds onnxruntime-gpu and this run has no --with-gpu, which would put the CPU onnxruntime "
+        "over it: give --with-gpu cu12|cu13 as its first install did, or --without-gpu for the CPU build"
+    ]
+    assert _pip_commands(log, 8) == []
+
+
 def test_the_copy_pip_builds_leaves_out_what_git_ignores_from_a_checkout_through_a_symlink_or_without_git(tmp_path):
     """A checkout holds gigabytes that git ignores (runs, bundles, datasets): the copy for pip, in mktemp's /tmp,
     must not take them, whether the checkout is reached through a symlink (whose path is not the one git names)
