@@ -253,3 +253,80 @@ def test_folders_that_are_not_datasets_are_each_said_with_the_reason(tmp_path):
     lines = []
     assert suite.datasets(root, report=lines.append) == [root / "c_btad"]
     assert "eval-suite: skipped g_loop: cannot read train/ (Too many levels of symbolic links)" in lines, lines
+
+
+def test_what_train_would_refuse_for_every_dataset_is_refused_before_any_trains_and_the_table_stays(tmp_path):
+    """A mistyped --recipe or a negative --seed was found inside each dataset's train: every row FAILED, and the
+    table of an earlier run (hours on a full root) was replaced by them. An OUT whose bundle paths lie in the datasets
+    (OUT = the data root) failed every dataset the same way."""
+    root = tmp_path / "data"
+    for name in ("tile_a", "tile_b"):
+        make_tiny_mvtec(root / name, n_train=2, n_test_good=1, n_test_defect=1)
+    out = tmp_path / "suite"
+    out.mkdir()
+    (out / "suite.md").write_text("an earlier run's table\n")
+    (out / "suite.json").write_text("{}\n")
+
+    def refusal(*args: str) -> str:  # checked as train checks them, with train's functions: torch is loaded
+        result = subprocess.run(
+            [sys.executable, "-m", "inspectd", "eval-suite", "--data-root", str(root), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2 and "== tile_a" not in result.stdout, result.stdout + result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        return result.stderr.strip()
+
+    assert refusal("--out", str(out), "--recipe", "Aligned").startswith(
+        "inspectd eval-suite: --recipe 'Aligned': expected auto or one of "
+    )
+    assert refusal("--out", str(out), "--seed", "-1") == "inspectd eval-suite: --seed -1: expected an integer >= 0"
+    assert refusal("--out", str(root)) == (
+        f"inspectd eval-suite: --out {root / 'tile_a' / 'bundle'}: lies inside --data {root / 'tile_a'}, expected a "
+        "bundle path outside the training data and not holding it"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["suite.json", "suite.md"]
+    assert (out / "suite.md").read_text() == "an earlier run's table\n"
+    assert sorted(p.name for p in (root / "tile_a").iterdir()) == ["ground_truth", "test", "train"]
+
+
+def test_a_run_that_measured_nothing_keeps_the_earlier_table_and_one_that_did_moves_it_aside(tmp_path, monkeypatch):
+    """An interrupt before the first dataset's row replaced an earlier table with an empty one; a run with rows now
+    moves the earlier one to suite.prev.md/json, and an interrupted suite.md says it is a part, as suite.json does."""
+    from engines.errors import DataError
+    from engines.training import train
+
+    root = tmp_path / "data"
+    for name in ("tile_a", "tile_b", "tile_c"):
+        make_tiny_mvtec(root / name, n_train=2, n_test_good=1, n_test_defect=1)
+    out = tmp_path / "suite"
+    out.mkdir()
+    (out / "suite.md").write_text("an earlier run's table\n")
+    (out / "suite.json").write_text('{"rows": "earlier"}\n')
+
+    def stopped_at(name: str):
+        def train_bundle(data, *args, **kwargs):
+            if data.name == name:
+                raise KeyboardInterrupt
+            raise DataError(f"{data}: refused for the test")
+
+        return train_bundle
+
+    monkeypatch.setattr(train, "train_bundle", stopped_at("tile_a"))
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_suite(root, out, "aligned", None)
+    assert sorted(p.name for p in out.iterdir()) == ["suite.json", "suite.md"]
+    assert (out / "suite.md").read_text() == "an earlier run's table\n"
+    assert (out / "suite.json").read_text() == '{"rows": "earlier"}\n'
+
+    monkeypatch.setattr(train, "train_bundle", stopped_at("tile_b"))
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_suite(root, out, "aligned", None)
+    assert (out / "suite.prev.md").read_text() == "an earlier run's table\n"
+    assert (out / "suite.prev.json").read_text() == '{"rows": "earlier"}\n'
+    table = (out / "suite.md").read_text().splitlines()
+    assert table[2].startswith("| tile_a | FAILED train: ") and table[3].startswith("| mean |")
+    assert table[-1] == "INTERRUPTED: 1 of 3 dataset(s) done; not measured: tile_b, tile_c"
+    report = json.loads((out / "suite.json").read_text())
+    assert report["interrupted"] is True and report["not_measured"] == ["tile_b", "tile_c"]

@@ -7,7 +7,11 @@ A dataset is any folder of the root with train/good/ (or train/ok/, any case) an
 picked up by their folder, and every other folder (hidden ones aside) gets a line saying why it was not taken.
 Defaults are chosen by this table, never by one dataset. Output: OUT/suite.md (the table), OUT/suite.json (every
 report), OUT/<dataset>/bundle (the bundles). A dataset that train or eval refuses gets a row saying why, with no metrics
-(so the means cover the others and say how many), the others still run, and the command exits 1.
+(so the means cover the others and say how many), the others still run, and the command exits 1; what train would
+refuse for every dataset (--recipe, --seed, an OUT that is no place for bundles) is refused before the first one trains.
+The table is written once there is a row, at the end or on an interrupt (then marked so, with the datasets not run), and
+an earlier run's suite.md and suite.json are moved to suite.prev.md and suite.prev.json first: a run that measured
+nothing never replaces a table that took hours.
 """
 
 from __future__ import annotations
@@ -80,19 +84,40 @@ def not_a_dataset(folder: Path) -> str | None:
 
 
 def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None, seed: int = 0) -> dict:
-    # Imported (in _run_each) once the data root holds what was asked for: a mistyped root or name is refused in a
-    # moment, not after the seconds torch takes to load.
+    """Train and evaluate every dataset; the table (as written to OUT/suite.md and suite.json). ValueError before
+    anything is trained or written for what train would refuse of every dataset (--recipe, --seed, --out)."""
     found = datasets(root, only, report=lambda line: print(line, flush=True))
+    check_arguments(found, out, recipe, seed)
     rows: list[dict] = []
     reports: dict[str, dict] = {}
     try:
         _run_each(found, out, recipe, seed, rows, reports)
     except (KeyboardInterrupt, SystemExit):  # SystemExit: `inspectd`'s SIGTERM
-        # What was measured before the Ctrl-C is kept (and a suite.md of an earlier run does not pass for this one's).
-        _write(out, rows, reports, recipe, root, interrupted=True)
+        if not rows:  # an earlier run's table is worth more than an empty one
+            kept = f"; {out / 'suite.md'} left as it was" if (out / "suite.md").exists() else ""
+            print(f"eval-suite: interrupted before the first dataset was measured, no table written{kept}", flush=True)
+            raise
+        # What was measured before the Ctrl-C is kept, marked as a part (an earlier run's table goes to suite.prev.md).
+        _write(out, rows, reports, recipe, root, not_measured=[d.name for d in found if d.name not in reports])
         print(f"eval-suite: interrupted; {out / 'suite.md'} holds the {len(rows)} dataset(s) done", flush=True)
         raise
     return _write(out, rows, reports, recipe, root)
+
+
+def check_arguments(found: list[Path], out: Path, recipe: str | None, seed: int) -> None:
+    """ValueError for what train would refuse in every dataset's row: a mistyped recipe or seed, or an OUT whose
+    bundle paths are not bundles or lie in the data. Refused up front, before the first dataset trains and before an
+    earlier table is moved aside. Train is imported here, once the data root holds what was asked for: a mistyped
+    root or name is refused in a moment, not after the seconds torch takes to load."""
+    from engines.training.train import check_out, parse_seed, resolve_recipe
+
+    resolve_recipe(recipe, {})
+    try:
+        parse_seed(str(seed))
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"--seed {exc}") from None
+    for data in found:
+        check_out(out / data.name / "bundle", data)
 
 
 def _run_each(found: list[Path], out: Path, recipe: str | None, seed: int, rows: list[dict], reports: dict) -> None:
@@ -153,17 +178,34 @@ def _run_each(found: list[Path], out: Path, recipe: str | None, seed: int, rows:
 
 
 def _write(
-    out: Path, rows: list[dict], reports: dict, recipe: str | None, root: Path, interrupted: bool = False
+    out: Path, rows: list[dict], reports: dict, recipe: str | None, root: Path, not_measured: list[str] | None = None
 ) -> dict:
+    """Write OUT/suite.json and suite.md, first moving an earlier run's to suite.prev.json and suite.prev.md.
+    `not_measured`: the datasets an interrupt left out (None: the run was whole)."""
     table: dict[str, Any] = {"rows": rows, "mean": mean_row(rows), "recipe": recipe or "default"}
     table["data_root"] = str(root)
     table["failed"] = [r["dataset"] for r in rows if r.get("error")]
-    if interrupted:
+    if not_measured is not None:
         table["interrupted"] = True
+        table["not_measured"] = not_measured
     out.mkdir(parents=True, exist_ok=True)
+    _keep_previous(out)
     (out / "suite.json").write_text(json.dumps({**table, "reports": reports}, indent=2) + "\n", encoding="utf-8")
     (out / "suite.md").write_text(format_table(table) + "\n", encoding="utf-8")
     return table
+
+
+def _keep_previous(out: Path) -> None:
+    """An earlier run's suite.md and suite.json (hours of training on a full root) moved to suite.prev.*, the two
+    kept a pair: a prev file of a run older still, whose partner this run moves, goes."""
+    pairs = [(out / f"suite{suffix}", out / f"suite.prev{suffix}") for suffix in (".md", ".json")]
+    if not any(current.exists() for current, _ in pairs):
+        return
+    for current, previous in pairs:
+        if current.exists():
+            os.replace(current, previous)
+        else:
+            previous.unlink(missing_ok=True)
 
 
 def mean_row(rows: list[dict]) -> dict:
@@ -196,15 +238,32 @@ def format_table(table: dict) -> str:
         covered = r.get("n_datasets", {})
         metrics = " | ".join(cell(r[m], covered.get(m, n_rows)) for m in METRICS)
         lines.append(f"| {r['dataset']} | {r['recipe']} | {metrics} | {took} |")
+    if table.get("interrupted"):
+        not_measured = table.get("not_measured") or []
+        lines.append(
+            f"\nINTERRUPTED: {n_rows} of {n_rows + len(not_measured)} dataset(s) done"
+            + (f"; not measured: {', '.join(not_measured)}" if not_measured else "")
+        )
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=str(DEFAULT_ROOT), help=f"folder of datasets (default {DEFAULT_ROOT})")
-    parser.add_argument("--out", default="runs/suite", help="where bundles, suite.md and suite.json go")
+    parser.add_argument(
+        "--out",
+        default="runs/suite",
+        help="where bundles (OUT/<dataset>/bundle), suite.md and suite.json go. The table is written once a dataset "
+        "has its row (an interrupt before that writes none); an earlier suite.md and suite.json are then moved to "
+        "suite.prev.md and suite.prev.json",
+    )
     parser.add_argument("--recipe", default=None, help="recipe to train with (default: train's default, auto)")
     parser.add_argument("--only", nargs="*", default=None, help="dataset folder names to run (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed (default 0; --recipe and --seed are checked as train checks them before the first dataset trains)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -578,7 +578,7 @@ def _odd_window(text: str) -> int:
     return value
 
 
-def _seed(text: str) -> int:
+def parse_seed(text: str) -> int:
     # numpy refuses a negative seed only after every image is decoded, and in words that name no flag.
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 0")
@@ -637,7 +637,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the method's)")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed for torch, numpy and random (default 0)")
+    parser.add_argument("--seed", type=parse_seed, default=0, help="seed for torch, numpy and random (default 0)")
     parser.add_argument("--weights", default=None, help="backbone ImageNet weights file (else the torch hub cache)")
     parser.add_argument(
         "--holdout",
