@@ -185,3 +185,38 @@ def test_check_notes_an_allow_list_that_lets_nobody_in(tmp_path, pki):
     assert (
         f"  note: publish.curve.allowed_clients_dir {empty} holds no client key (*.key): every client is refused there"
     ) in checked.stdout.splitlines()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a file the unit cannot read")
+def test_check_as_root_names_a_file_the_service_user_cannot_read(open_tmp_path):
+    """`sudo cp` of a config (root's, 0640) or a bundle copied by root with a tight umask passed `sudo inspectd run
+    --check` as valid, then the unit, running as the service user, exited 2 unretried with Permission denied."""
+    bundle = write_grey_bundle(open_tmp_path / "bundle")
+    for folder in (bundle, *(p for p in bundle.rglob("*") if p.is_dir())):
+        folder.chmod(0o755)
+    for member in (p for p in bundle.rglob("*") if p.is_file()):
+        member.chmod(0o644)
+    config = {
+        "station": "line1",
+        "model": {"bundle": "bundle"},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+        "publish": {"endpoint": f"ipc://{open_tmp_path}/pub.sock"},
+        "metrics": {"listen": None},
+        "state_dir": str(open_tmp_path / "state"),
+    }
+    path = open_tmp_path / "line2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o640)  # as `sudo cp` leaves it: root's, group root
+    refused = inspectd("run", "--check", "--config", str(path), "--service-user", "nobody")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert f"the service user nobody cannot read {path} (Permission denied)" in refused.stderr
+    path.chmod(0o644)
+    (bundle / "scorer.npz").chmod(0o600)
+    member = inspectd("run", "--check", "--config", str(path), "--service-user", "nobody")
+    assert member.returncode == 2 and f"cannot read {bundle / 'scorer.npz'} (Permission denied)" in member.stderr
+    (bundle / "scorer.npz").chmod(0o644)
+    ok = inspectd("run", "--check", "--config", str(path), "--service-user", "nobody")
+    assert ok.returncode == 0 and f"{path}: valid" in ok.stdout, ok.stderr
+    # A station whose service user does not exist here (a check on a build machine) is checked as before.
+    path.chmod(0o600)
+    assert inspectd("run", "--check", "--config", str(path), "--service-user", "no-such-user-here").returncode == 0

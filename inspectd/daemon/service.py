@@ -54,6 +54,7 @@ PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, s
 IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
 STUCK_AFTER_S = 10.0  # a batch older than this without finishing means the pipeline is stuck
 STATE_LOCK = "inspectd.lock"  # in state_dir: held by the running daemon, holding its pid
+SERVICE_USER = "inspectd"  # the units' User=: `run --check` as root checks what it may read
 # How long the results endpoint may stay unbound (a rebind after a key reload that keeps failing, retried meanwhile)
 # before the daemon counts as unhealthy.
 PUBLISH_UNBOUND_S = 30.0
@@ -66,6 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="validate the config and the bundle it names (every checksum, the thresholds), print what would run, "
         "and exit (0 valid, 2 not) without starting anything; allowed as root",
+    )
+    parser.add_argument(
+        "--service-user",
+        default=SERVICE_USER,
+        metavar="NAME",
+        help=f"with --check as root: the user the unit runs the daemon as (default {SERVICE_USER}, as the units "
+        "say), who must be able to read the config, its key files and the bundle; root reads anything, so without "
+        "this a file only root may read passes the check and the unit's start fails",
     )
 
 
@@ -826,9 +835,54 @@ def check_threshold_range(new: Any, current: Any) -> None:
                 )
 
 
-def check(path: Path) -> int:
+def _readable_by(user: str, paths: list[Path]) -> None:
+    """InspectdError naming the first of `paths` that `user` (with its groups) cannot open for reading; nothing
+    when no such user exists (a station that runs the daemon as another user names it with --service-user).
+
+    Tried in a child that takes the user's ids, so every rule the kernel applies counts: modes, groups, ACLs, the
+    folders above."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's code
+        code = 0
+        try:
+            os.close(reader)
+            os.setgroups(os.getgrouplist(user, entry.pw_gid))
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            for path in paths:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    os.write(writer, f"{path} ({exc.strerror or exc})".encode(errors="backslashreplace"))
+                    break
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as answer:
+        said = answer.read().decode(errors="backslashreplace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise InspectdError(f"--service-user {user}: could not take that user's ids to check what it may read")
+    if said:
+        raise InspectdError(
+            f"the service user {user} cannot read {said}, expected the files the unit's daemon opens readable by "
+            f"it (install -m 0640 -g {user}, or --service-user NAME for a unit run as another user)"
+        )
+
+
+def check(path: Path, service_user: str = SERVICE_USER) -> int:
     """`inspectd run --check`: the config as the daemon would load it, its CurveZMQ keys and its bundle verified;
-    nothing started."""
+    nothing started. As root, also whether `service_user` (where that user exists) may read each of those files."""
 
     from engines.bundle.store import load_bundle
     from engines.errors import EngineError
@@ -854,6 +908,12 @@ def check(path: Path) -> int:
         # What the backend needs of the bundle (an FP16 graph, a named plan), by the rule opening the engine applies.
         backend = backend_class(config.engine.backend)
         backend.check_bundle(bundle, backend.parse_options(config.engine.options, where="engine.options"))
+        if os.geteuid() == 0:
+            read = [Path(path), *(bundle.path / name for name in bundle.manifest["files"])]
+            for _, curve in curves:
+                if curve is not None:
+                    read += [Path(curve.server_secret_key), *sorted(Path(curve.allowed_clients_dir).glob("*.key"))]
+            _readable_by(service_user, read)
     except (InspectdError, EngineError, OSError, ValueError) as exc:
         print(f"inspectd run --check: {exc}", file=sys.stderr)
         return 2
@@ -927,7 +987,7 @@ def _reload(daemon: Daemon, log) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.check:
-        return check(args.config)
+        return check(args.config, args.service_user)
     # Signals only set flags; the main loop below does the work outside the handler. Installed before anything else:
     # until then a SIGHUP (an early `systemctl reload`) kills the process and a SIGINT raises in whatever is loading.
     stop = threading.Event()
