@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -1344,3 +1345,43 @@ def test_a_gstreamer_pipeline_is_refused_at_config_load_by_an_opencv_without_gst
         camera(source)
     assert str(refused.value).startswith("cameras[0].source.pipeline: this OpenCV (")
     assert "built without GStreamer" in str(refused.value)
+
+
+# --- the camera's state ---------------------------------------------------------------------------------------------
+
+
+def test_a_camera_whose_first_open_is_still_blocked_is_not_reported_running(ingest_threads):
+    """An HTTP/RTSP peer that takes the connection and never answers holds the first open for its 5 s timeout. The
+    camera delivered nothing all that while, yet it reported `running`: a PLC bridge's trigger_ready up and
+    inspectd_camera_up 1 for a camera that was never open."""
+    with socket.socket() as silent, capture_logs() as logs:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes each handshake; nothing is ever read or written
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/line.mjpg"
+        ingest = start(ingest_threads, camera({"kind": "opencv", "url": url}), FrameQueue(4))
+        time.sleep(1.0)
+        stats = ingest.stats()
+        assert (stats["state"], stats["frames_in"], stats["reopen_count"], stats["last_error"]) == (
+            "reopening",
+            0,
+            0,
+            None,
+        ), stats
+        ingest.paused = True  # paused is shown for a camera that runs, not for one that never opened
+        assert ingest.stats()["state"] == "reopening"
+        assert wait_for(lambda: ingest.stats()["last_error"] is not None, 10), ingest.stats()
+        ingest.stop()
+        ingest.join(10)
+    states = [(e["state"], e.get("error")) for e in logs if e["event"] == "camera_state"]
+    assert states == [("reopening", f"OSError: {url}: cv2.VideoCapture cannot open it"), ("stopped", None)], states
+
+
+def test_a_camera_is_running_and_says_so_once_its_first_open_succeeds(tmp_path, ingest_threads):
+    with capture_logs() as logs:
+        cam = camera({"kind": "zmq", "endpoint": f"ipc://{tmp_path}/cam0.sock"})
+        ingest = start(ingest_threads, cam, FrameQueue(4))
+        assert wait_for(lambda: ingest.stats()["state"] == "running", 5), ingest.stats()
+        ingest.paused = True
+        assert ingest.stats()["state"] == "paused"
+    states = [(e["state"], e.get("reopen_count")) for e in logs if e["event"] == "camera_state"]
+    assert states == [("running", 0)], states

@@ -26,8 +26,9 @@ MAX_DOUBLINGS = 32  # of the first backoff: far past any longest backoff, far sh
 class CameraIngest:
     """The thread that keeps one camera's frames flowing into its queue.
 
-    `stats()["state"]`: running | reopening (failed, waiting out the backoff) | paused | ended (a finite source is
-    done) | failed (misconfigured beyond retrying) | stopped (after stop()). `reopen_count` counts reopen attempts.
+    `stats()["state"]`: running | reopening (not open: its first open not yet done, or failed and waiting out the
+    backoff) | paused | ended (a finite source is done) | failed (misconfigured beyond retrying) | stopped (after
+    stop()). `reopen_count` counts reopen attempts.
     Frames get `seq` from `first_seq` up, with no gaps among the frames queued. `mark_seq(seq)` is told each seq
     before its frame is queued (the daemon records it in the journal, so a crash shows in-flight frames as a gap).
     `bit_depth`: what the source narrows 16-bit frames by (Source).
@@ -55,7 +56,11 @@ class CameraIngest:
         self.errors = 0
         self.discarded = 0
         self.reopen_count = 0
-        self.state = "running"
+        # Not running before its first open succeeds: an open may block for its timeout (an RTSP peer that never
+        # answers, an absent GigE camera), and meanwhile the camera delivers nothing that a PLC's trigger_ready or
+        # inspectd_camera_up may count on. The state name is the one every consumer already knows as "not open".
+        self.state = "reopening"
+        self._logged_state: str | None = None  # the state last logged: the first open's outcome is logged too
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._source = make_source(camera, clock, bit_depth)
@@ -110,8 +115,9 @@ class CameraIngest:
         }
 
     def _set_state(self, state: str, **fields) -> None:
-        if state != self.state:
-            self.state = state
+        self.state = state
+        if state != self._logged_state:
+            self._logged_state = state
             self._log.info("camera_state", state=state, **fields)
 
     def _run(self) -> None:
@@ -122,8 +128,7 @@ class CameraIngest:
                 try:
                     self._source.open(self._stop)
                     opened_at = time.monotonic()
-                    if self.state != "running":
-                        self._set_state("running", reopen_count=self.reopen_count)
+                    self._set_state("running", reopen_count=self.reopen_count)
                     while not self._stop.is_set():
                         if self.paused and not self._source.live:
                             self._stop.wait(READ_TIMEOUT_S)
