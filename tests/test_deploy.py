@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from other_user import as_nobody
 from ports import free_port
 from station_model import write_grey_bundle
 
@@ -334,6 +336,43 @@ def test_the_bridge_unit_runs_a_command_the_cli_accepts_with_the_journal_the_dae
     assert Path(args.config) == Path("/etc/inspectd/bridge.yaml")  # install.sh installs deploy/bridge.example.yaml
     # Where it records what the PLC acknowledged: its own state directory, writable under ProtectSystem=strict.
     assert Path(args.state_dir) == state and not _under(Path(args.state_dir), settings["ReadOnlyPaths"])
+
+
+# A child that opens the bundle on ONNX Runtime as the daemon does (through open_engine) and runs one batch.
+_ONE_INFERENCE = """import sys
+import numpy as np
+from engines.bundle.store import load_bundle
+from engines.runtime import open_engine
+with open_engine(load_bundle(sys.argv[1]), "onnxruntime", {"intra_op_threads": 1}) as engine:
+    engine.infer(np.full((2, 32, 32, 1), 128, np.uint8))
+"""
+
+
+def test_onnx_runtime_writes_nothing_in_the_services_home_and_nothing_but_json_on_stderr(open_tmp_path):
+    """An inspectd@NAME instance's HOME (/var/lib/inspectd) is read-only to it: ONNX Runtime's telemetry, trying to
+    keep a device id under ~/.cache, printed a coloured line that is not JSON, and `journalctl -o cat | jq` stops
+    there. Where HOME is writable (the single unit's state dir) it left a telemetry database. Run as another user
+    than root, for whom a folder's mode does not apply."""
+    bundle = write_grey_bundle(open_tmp_path / "bundle")
+    read_only, writable = open_tmp_path / "home-ro", open_tmp_path / "home-rw"
+    read_only.mkdir(mode=0o555)
+    writable.mkdir(mode=0o777)
+    writable.chmod(0o777)
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "ORT_DISABLE_TELEMETRY")}
+    env["PYTHONPATH"] = str(REPO)
+    for home in (read_only, writable):
+        child = subprocess.run(
+            as_nobody([sys.executable, "-c", _ONE_INFERENCE, str(bundle)]),
+            cwd="/",
+            env={**env, "HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert child.returncode == 0, child.stderr
+        for line in child.stderr.splitlines():
+            assert line.startswith("{") and json.loads(line), f"not JSON on stderr: {line!r}"
+        assert list(home.rglob("*")) == [], home
 
 
 def _namespace_reason() -> str | None:

@@ -15,18 +15,33 @@ FP32. `precision: fp16` runs the bundle's FP16 graph (backbone in float16, score
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Annotated
 
 import numpy as np
-import onnxruntime as ort
-from pydantic import Field
+
+# ONNX Runtime starts its telemetry as the module is imported: it keeps a device id and a database under
+# $XDG_CACHE_HOME or ~/.cache (the state dir, for the service user), and where that cannot be written (an
+# inspectd@NAME instance, whose HOME is read-only to it) prints a coloured warning on stderr that is not JSON, where
+# `journalctl -o cat | jq` stops reading. Only this variable, read at the import, stops both. An operator's own
+# setting stands.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import onnxruntime as ort  # noqa: E402
+from pydantic import Field  # noqa: E402
 
 from engines.bundle.format import OUTPUTS, PIXELS
 from engines.bundle.plans import fp16_graph_name
 from engines.errors import BundleError, EngineError
 from engines.runtime.base import MAX_THREADS, Engine, InferenceResult, check_pixels, check_scorer_params
 from engines.schema import Flag, Int, declared, one_of
+
+ort.disable_telemetry_events()
+# ONNX Runtime's own warnings go to stderr as bare coloured text, beside the JSON log (an unused initializer, a node
+# left on the CPU). Its errors still do: a CUDA library that does not load is explained there, before the one-line
+# refusal this module raises for it.
+ort.set_default_logger_severity(3)
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("fp32", "fp16")
