@@ -46,6 +46,12 @@ SUBCOMMANDS = [
 # as before: an exception would wait for TensorRT's build, minutes, to return to Python. Left alone from the start: a
 # SIGTERM during their imports still ends them by the signal, which is how systemd tells a clean stop from a failure.
 OWN_SIGTERM = {"run", "train", "bridge", "web", "build-engine"}
+# The offline commands, which a script may start in the background and stop with `kill -INT` as Ctrl-C stops them in
+# the foreground. A shell without job control starts background commands with SIGINT ignored, and Python then installs
+# no handler of its own: the signal was dropped and the run (an eval or a calibrate of thousands of images, a suite of
+# hours) went on to its end. The others keep what they inherit: the daemon and the clients stop in their own ways, and
+# bench's and demo's waits on their daemon leave an ignored SIGINT ignored (inspectd.tools.children).
+STOPPED_BY_SIGINT = {"train", "eval", "eval-suite", "calibrate", "teach"}
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 TERMINATED_EXIT = 128 + signal.SIGTERM
 # What a shell reports for a writer killed by SIGPIPE (`yes | head -1`), the status a pipeline's readers expect.
@@ -160,6 +166,8 @@ def _main(argv: list[str] | None) -> int:
         return 2
     if args.command not in OWN_SIGTERM:
         signal.signal(signal.SIGTERM, _terminate)
+    if args.command in STOPPED_BY_SIGINT:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -267,11 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Claimed as train claims it: a shell without job control starts background commands with SIGINT ignored, and
-    # Python then installs no handler of its own, so a deliberate `kill -INT` was dropped and the suite (hours on a
-    # full root) went on to its end. Python's own handler, not train's: importing train would load torch before a
-    # mistyped root is refused.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGINT is claimed by `inspectd` (inspectd.cli STOPPED_BY_SIGINT), also where a script started the suite in the
+    # background with it ignored.
     started = time.monotonic()
     try:
         table = run_suite(Path(args.data_root), Path(args.out), args.recipe, args.only, args.seed)

@@ -666,11 +666,9 @@ def _interrupt(signum, _frame):
 
 def run(args: argparse.Namespace) -> int:
     # A run started in the background (nohup, a script, a job runner) is stopped with SIGTERM: that must leave the
-    # same usable checkpoint Ctrl-C does. SIGINT is claimed explicitly too, because a shell without job control
-    # starts background commands with SIGINT ignored and Python then never installs its own handler: a deliberate
-    # `kill -INT` would otherwise be dropped and the run would go on to the end.
+    # same usable checkpoint Ctrl-C does. (SIGINT, which a shell without job control starts background commands with
+    # ignored, is claimed by `inspectd` itself: inspectd.cli STOPPED_BY_SIGINT.)
     signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     try:
         result = train_bundle(
             args.data,
