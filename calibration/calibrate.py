@@ -13,7 +13,8 @@ Owns the statistics of threshold choice (all numpy, on score arrays, so they are
   - pixel threshold: the quantile of good frames' pixel scores at a target pixel false-positive rate, or the pixel
     F1-max over ground-truth masks when the defective folders have them (both streamed through
     engines.training.metrics.PixelHistograms, so maps are never held).
-An image that cannot be read or does not decode is left out with a WARNING saying which, and counted (provenance
+An image that cannot be read or does not decode (or, with --pixel, whose mask cannot be read or does not decode, as in
+eval) is left out with a WARNING saying which file, and counted (provenance
 n_skipped_good/n_skipped_defective); an image in both --good and --defective is refused before scoring; a threshold
 that rejects more than half the good frames, and a pixel threshold above the image one (whatever the model's
 pooling), are WARNINGs recorded in observed["warning"]; with --apply the first is neither written nor applied
@@ -385,6 +386,7 @@ class _Scored:
     # (image, why) of those that could not be read or did not decode: left out
     skipped_good: list[tuple[Path, DataError]] = dataclasses.field(default_factory=list)
     skipped_defect: list[tuple[Path, DataError]] = dataclasses.field(default_factory=list)
+    masks_left_out: set[Path] = dataclasses.field(default_factory=set)  # of skipped_defect, the masks at fault
 
 
 def refuse_non_finite(scores, paths, what: str) -> None:
@@ -487,10 +489,10 @@ def _score(
     buffer). An image that does not decode (a file cut short by a copy) is left out and counted, not the end of a run
     that thousands of frames took minutes to score; where every good image, or every defective one, fails, the first
     failure is raised as it would have been."""
-    from engines.data.images import load_mask
+    from engines.errors import DataError
     from engines.progress import Progress
     from engines.runtime.preprocess import fit_frame, mean_level
-    from engines.training.evaluate import score_images
+    from engines.training.evaluate import frame_mask, score_images
     from engines.training.metrics import PixelHistograms
 
     # Keyed on the first map's median, as eval keys them: thresholds read back through pixels.bin_floor.
@@ -504,6 +506,7 @@ def _score(
     fitted = np.empty(bundle.input_shape, dtype=np.uint8)
     paths = good + [path for path, _ in defective]
     failures: dict[Path, DataError] = {}
+    unusable_masks: dict[Path, Path] = {}  # image: its mask, which cannot be read or does not decode
     progress = Progress()
     progress.start(len(paths), "calibrate: images scored")
     at = 0
@@ -521,6 +524,17 @@ def _score(
             at += 1
         i = at
         at += 1
+        mask = None
+        mask_path = masks[i - len(good)] if i >= len(good) else None
+        if pixels is not None and has_masks and mask_path is not None:
+            # Left out as eval leaves it out: one damaged mask must not end a run of minutes of scoring.
+            truth = frame_mask(mask_path, scored.frame_map.shape)
+            if isinstance(truth, DataError):
+                failures[scored.path] = truth
+                unusable_masks[scored.path] = mask_path
+                progress.update(at)
+                continue
+            mask = truth
         scores[i] = scored.score
         decoded[i] = True
         if i < len(good):
@@ -529,7 +543,7 @@ def _score(
         if pixels is not None and i < len(good):
             pixels.add(scored.frame_map, None, what=str(scored.path))
         elif pixels is not None and has_masks:
-            pixels.add(scored.frame_map, load_mask(masks[i - len(good)], scored.frame_map.shape), what=str(scored.path))
+            pixels.add(scored.frame_map, mask, what=str(scored.path))
         progress.update(at)
     progress.finish()
     n = len(good)
@@ -537,7 +551,8 @@ def _score(
         if decoded[part].size and not decoded[part].any():
             raise failures[paths[part][0]]
     kept = [path for path, ok in zip(paths, decoded, strict=True) if ok]
-    lost = [(path, failures[path]) for path, ok in zip(paths, decoded, strict=True) if not ok]
+    # The file at fault is named: the mask, where that is what left the image out.
+    lost = [(unusable_masks.get(path, path), failures[path]) for path, ok in zip(paths, decoded, strict=True) if not ok]
     n_kept = int(decoded[:n].sum())
     return _Scored(
         scores[:n][decoded[:n]],
@@ -549,6 +564,7 @@ def _score(
         kept[n_kept:],
         lost[: n - n_kept],
         lost[n - n_kept :],
+        set(unusable_masks.values()),
     )
 
 
@@ -897,9 +913,9 @@ def _calibrate(bundle, current, args, out):
         )
     scored = _score(bundle, args, good, defective, options)
     if skipped := scored.skipped_good + scored.skipped_defect:
-        from engines.data.images import skipped_warnings
+        from engines.training.evaluate import skipped_lines
 
-        for line in skipped_warnings(skipped):
+        for line in skipped_lines(skipped, scored.masks_left_out):
             print(line, file=out)
     image, pixel, chosen = _choose(args, scored, out)
     hold = rejects_most(scored.good, image)

@@ -863,6 +863,26 @@ def test_images_that_do_not_decode_are_skipped_counted_and_named(tmp_path, capsy
     )[0]
 
 
+def test_a_mask_that_does_not_decode_leaves_its_image_out_with_the_warning_eval_gives(bundle, data, tmp_path, capsys):
+    """With --pixel, one mask that did not decode ended the run (exit 2, nothing written) after every image before it
+    was scored, where eval leaves its image out with a WARNING naming the mask: calibrate now does the same."""
+    from engines.training.evaluate import evaluate
+
+    copy = Path(shutil.copytree(data, tmp_path / "data"))
+    masks = sorted((copy / "ground_truth" / "blowhole").iterdir())
+    cut_short(masks[1])
+    code, out, err = calibrate(
+        capsys, bundle, "--good", copy, "--defective", copy / "test" / "blowhole", "--max-f1", "--pixel"
+    )
+    assert code == 0, err
+    warning = f"WARNING: skipped 1 image(s) that do not decode: {masks[1]}"
+    assert warning in out.splitlines(), out
+    assert warning in evaluate(bundle, copy)["notes"]  # eval's words for the same file
+    assert "pixel F1-max" in out  # the other masks still set the pixel threshold
+    prov = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME).provenance
+    assert (prov["n_defective"], prov["n_skipped_defective"]) == (3, 1)
+
+
 def test_a_run_where_every_good_image_fails_to_decode_is_still_refused(tmp_path, capsys):
     bundle, good, _ = grey_station(tmp_path, n_good=3)
     for path in good.iterdir():

@@ -240,18 +240,12 @@ def evaluate(
         item = by_path[scored.path]
         mask = None
         if item.is_defective and item.mask_path is not None:
-            try:
-                decoded = read_mask(item.mask_path)
-            except DataError as exc:
-                # A mask that does not decode (a file cut short by a copy) or cannot be read leaves its image out, as
-                # such an image is: read as defect-free it would falsify the pixel metrics, and a refusal would throw
-                # away every image scored so far.
-                skipped.append((item.mask_path, exc))
+            truth = frame_mask(item.mask_path, scored.frame_map.shape)
+            if isinstance(truth, DataError):
+                skipped.append((item.mask_path, truth))
                 masks_left_out.add(item.mask_path)
                 continue
-            # A mask that decodes at another size is still refused: it belongs to another image or crop, a mistake in
-            # the ground truth rather than one damaged file.
-            mask = binary_mask(decoded, scored.frame_map.shape, item.mask_path)
+            mask = truth
         tally = tallies[item.defect_type]
         tally.scores.append(scored.score)
         per_image.append({"path": str(item.path), "type": item.defect_type, "score": scored.score})
@@ -327,16 +321,37 @@ def evaluate(
     return report
 
 
+def frame_mask(path: Path, shape: tuple[int, int]) -> np.ndarray | DataError:
+    """The ground truth of a defective image as a bool map at its frame's `shape`, or the DataError of a mask that
+    cannot be read or does not decode (a file cut short by a copy): its image is then left out, as an image that does
+    not decode is (read as defect-free it would falsify the pixel metrics, and a refusal would throw away every image
+    scored so far). A mask that decodes at another size is refused (raised): it belongs to another image or crop, a
+    mistake in the ground truth rather than one damaged file. Eval's and calibrate's one way of reading masks."""
+    try:
+        decoded = read_mask(path)
+    except DataError as exc:
+        return exc
+    return binary_mask(decoded, shape, path)
+
+
+def skipped_lines(skipped: list[tuple[Path, DataError]], masks: set[Path]) -> list[str]:
+    """The WARNING lines for images left out: `skipped` holds (the image, or its mask where that was at fault, why)
+    of each; `masks` says which of those paths are masks. A mask that cannot be read is said apart, with the system's
+    reason; one that does not decode is named among the images that do not."""
+    unread_masks = [(path, why) for path, exc in skipped if path in masks and (why := read_error(exc)) is not None]
+    said = {path for path, _ in unread_masks}
+    lines = skipped_warnings([(path, exc) for path, exc in skipped if path not in said])
+    if unread_masks:
+        lines.append(unread_warning(unread_masks, "whose mask cannot be read"))
+    return lines
+
+
 def _notes(
     folder: MvtecFolder, defect_types: list[str], skipped: list[tuple[Path, DataError]], masks: set[Path]
 ) -> list[str]:
     """One line for each thing that leaves metrics out or images unscored, which blank cells alone would not say.
     `skipped`: (the image or mask, why) of each image left out; `masks`: which of those paths are masks."""
-    unread_masks = [(path, why) for path, exc in skipped if path in masks and (why := read_error(exc)) is not None]
-    said = {path for path, _ in unread_masks}
-    notes = skipped_warnings([(path, exc) for path, exc in skipped if path not in said])
-    if unread_masks:
-        notes.append(unread_warning(unread_masks, "whose mask cannot be read"))
+    notes = skipped_lines(skipped, masks)
     if folder.good_dir is None:
         notes.append(
             f"note: {folder.root / 'test'} has no defect-free folder ({DEFECT_FREE_WORDS}), which image AUROC and "
