@@ -287,3 +287,17 @@ def test_runtime_station_modules_import_with_the_training_stack_missing():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_only_the_onnxruntime_backend_imports_onnx_runtime():
+    """ONNX Runtime starts its telemetry as it is imported (a database under the service user's home, a non-JSON
+    warning on stderr where that home is read-only); the backend module imports it with telemetry off, so every other
+    module takes `ort` from there. A teach or bench that imported it first wrote the database all the same."""
+    direct = [
+        f"{name}:{line}"
+        for name in modules()
+        if name != "engines.runtime.onnxruntime_backend"
+        for target, line in imports(name)
+        if target == "onnxruntime"
+    ]
+    assert not direct, f"import onnxruntime through engines.runtime.onnxruntime_backend: {direct}"

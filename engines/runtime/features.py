@@ -23,7 +23,7 @@ class FeatureExtractor:
     """One ONNX Runtime session on the bundle's feature graph; CUDA when this onnxruntime build has it."""
 
     def __init__(self, bundle, max_batch: int = 8, threads: int = 0) -> None:
-        import onnxruntime as ort
+        from engines.runtime.onnxruntime_backend import ort  # imported as the backend sets it up (telemetry off)
 
         if FEATURE_GRAPH not in bundle.manifest["files"]:
             raise BundleError(

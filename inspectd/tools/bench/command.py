@@ -639,13 +639,13 @@ def machine() -> dict[str, Any]:
     import os
     import platform
 
-    import onnxruntime
+    from engines.runtime.onnxruntime_backend import ort
 
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": ort.__version__,
         "load_avg_at_start": os.getloadavg(),
     }
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 import zmq
 
 from engines.bundle.store import load_bundle
 from engines.data.images import list_images
+from engines.runtime.onnxruntime_backend import ort  # imported as the backend sets it up (telemetry off)
 from inspectd.tools.bench.measure import MB, CpuClock, latency_ms, p99_or_none, rss_bytes
 
 SUB_READY_TIMEOUT_S = 5.0
