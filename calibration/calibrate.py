@@ -465,7 +465,7 @@ def _distinct(
 
 def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
     """(image, mask or None) for every defective image named by --defective."""
-    from engines.data.images import MaskFolder, MvtecFolder, list_images
+    from engines.data.images import MaskFolder, MvtecFolder, list_images, mask_folder
 
     items: list[tuple[Path, Path | None]] = []
     for name in folders:
@@ -474,8 +474,9 @@ def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
             if (folder / "test").is_dir():
                 items += [(i.path, i.mask_path) for i in MvtecFolder(folder).test_items() if i.is_defective]
                 continue
-            # An MVTec test/<type> folder: its masks live in ../../ground_truth/<type>/, named as eval reads them.
-            masks = MaskFolder(folder.parent.parent / "ground_truth" / folder.name)
+            # An MVTec test/<type> folder: its masks live in ../../ground_truth/<type>/, found and named as eval reads
+            # them.
+            masks = MaskFolder(mask_folder(folder.parent.parent, folder.name))
             items += [(path, masks.mask_for(path)) for path in list_images(folder)]
         except OSError as exc:
             raise _cannot_read(folder, exc) from None

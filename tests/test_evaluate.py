@@ -324,6 +324,34 @@ def test_masks_named_as_in_visa_or_btad_or_saved_as_bmp_give_the_same_pixel_metr
     assert "note:" not in proc.stderr and "no mask" not in proc.stderr
 
 
+def test_ground_truth_and_type_folders_spelt_in_another_case_are_found(
+    tiny_data, tiny_bundle, report_and_overlays, tmp_path, capsys
+):
+    """Ground_Truth/, or test/Blowhole/ beside ground_truth/blowhole/, lost every mask of the type without a note (the
+    table said only `no mask`), and calibrate --pixel fell back to the good-pixel rate: both find them now."""
+    from inspectd.cli import main
+
+    report, _, _ = report_and_overlays
+    data = _copy(tiny_data, tmp_path)
+    (data / "ground_truth").rename(data / "Ground_Truth")
+    (data / "test" / "blowhole").rename(data / "test" / "Blowhole")
+    doc, proc = _eval_json(tiny_bundle, data)
+    assert doc["per_type"]["Blowhole"]["pixel_auroc"] == pytest.approx(report["per_type"]["blowhole"]["pixel_auroc"])
+    assert doc["per_type"]["crack"]["aupro"] == pytest.approx(report["per_type"]["crack"]["aupro"])
+    assert doc["overall"]["n_without_mask"] == 0 and doc["notes"] == [] and "no mask" not in proc.stderr
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    given = ["--good", str(data), "--defective", str(data / "test" / "Blowhole"), "--max-f1", "--pixel", "--dry-run"]
+    assert main(["calibrate", str(bundle), *given]) == 0
+    assert "pixel F1-max" in capsys.readouterr().out  # from the masks, not the good-pixel rate
+    # Two spellings of one type's masks: either could be the one meant.
+    shutil.copytree(data / "Ground_Truth" / "blowhole", data / "Ground_Truth" / "BLOWHOLE")
+    proc = _eval(str(tiny_bundle), "--data", str(data))
+    assert proc.returncode == 2 and proc.stderr == (
+        f"inspectd eval: {data / 'Ground_Truth'}: BLOWHOLE/ and blowhole/ differ only in case, expected one Blowhole/ "
+        "folder\n"
+    )
+
+
 def test_a_mask_folder_whose_files_match_no_image_is_said_in_the_table_and_the_json(tiny_data, tiny_bundle, tmp_path):
     data = _copy(tiny_data, tmp_path)
     folder = data / "ground_truth" / "blowhole"

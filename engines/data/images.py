@@ -1,9 +1,10 @@
 """The one image loader: decoding image files and walking MVTec-layout dataset folders.
 
 Layout: `train/good/*`, `test/<type>/*`, `ground_truth/<type>/<stem>_mask.png` (optional). The defect-free folder
-is `good` or `ok` in any case (MVTec AD's, BTAD's and OK/NG sets' names); a mask is `<stem>_mask.<ext>` or
-`<stem>.<ext>` (VisA after anomalib's split, BTAD), any image extension in any case. Names starting with "." are
-neither images nor folders of them.
+is `good` or `ok` in any case (MVTec AD's, BTAD's and OK/NG sets' names); `ground_truth/` and its type folders are
+found in any case too (the name as spelt first); a mask is `<stem>_mask.<ext>` or `<stem>.<ext>` (VisA after
+anomalib's split, BTAD), any image extension in any case. Names starting with "." are neither images nor folders of
+them.
 Images keep their own size and channel count (grayscale stays 2-D); colour images come back RGB. 16-bit pixels are
 narrowed to 8 bits by the significant bits they hold (`bit_depth`): a bundle records the depth of the images it was
 trained on (`input.bit_depth`), and every 16-bit frame it judges is narrowed with that depth.
@@ -411,6 +412,34 @@ class MaskFolder:
         return f"{image.stem}_mask.png or {image.stem}.png"
 
 
+GROUND_TRUTH = "ground_truth"
+
+
+def mask_folder(root: Path, defect_type: str) -> Path:
+    """The masks of test/<defect_type>/ of MVTec-layout `root`: ground_truth/<defect_type>/, each of the two names in
+    any case (Ground_Truth/, or test/Blowhole/ beside ground_truth/blowhole/), as file names and the defect-free
+    folder are matched: spelt otherwise, every mask of the type went unused without a word. The path as spelt where
+    nothing matches (a type without masks)."""
+    return _any_case(_any_case(root, GROUND_TRUTH), defect_type)
+
+
+def _any_case(parent: Path, name: str) -> Path:
+    """`parent/name` where that is a folder, else the one sub-folder of `parent` named `name` in another case; a
+    DataError where there are several (either could be the one meant)."""
+    exact = parent / name
+    if exact.is_dir():
+        return exact
+    try:
+        found = sorted(p for p in parent.iterdir() if p.name.lower() == name.lower() and p.is_dir())
+    except OSError:  # no such folder, or one this user may not list: whoever reads it says so
+        return exact
+    if len(found) > 1:
+        raise DataError(
+            f"{parent}: {' and '.join(p.name + '/' for p in found)} differ only in case, expected one {name}/ folder"
+        )
+    return found[0] if found else exact
+
+
 class ImageFiles(Sequence[np.ndarray]):
     """Image files as a sequence of decoded images, each decoded when it is read and not kept: a training set of
     hundreds of full-size frames is held only as the model inputs fitted from it."""
@@ -507,7 +536,7 @@ class MvtecFolder:
         unmatched = []
         for defect_type in self.defect_types():
             paths = list_images(self.root / "test" / defect_type)
-            masks = MaskFolder(self.root / "ground_truth" / defect_type)
+            masks = MaskFolder(mask_folder(self.root, defect_type))
             found = [masks.mask_for(path) for path in paths]
             items += [TestItem(path, defect_type, mask) for path, mask in zip(paths, found)]
             if paths and not any(found) and (n_files := masks.n_files()):
