@@ -352,6 +352,37 @@ def test_ground_truth_and_type_folders_spelt_in_another_case_are_found(
     )
 
 
+def test_a_test_set_without_defects_or_with_an_empty_type_folder_says_why_its_cells_are_blank(
+    tiny_data, tiny_bundle, tmp_path
+):
+    """`overall 5 0 - - - -` and nothing more, or an empty type's row of dashes, read as a model that failed."""
+    data = _copy(tiny_data, tmp_path)
+    (data / "test" / "scratch").mkdir()
+    doc, proc = _eval_json(tiny_bundle, data)
+    note = f"note: {data / 'test' / 'scratch'} holds no images, so its row is blank"
+    assert doc["notes"] == [note] and note in proc.stderr.splitlines()
+    assert doc["per_type"]["scratch"]["image_auroc"] is None and doc["per_type"]["crack"]["image_auroc"] is not None
+    for name in ("blowhole", "crack"):
+        for image in (data / "test" / name).iterdir():
+            image.unlink()
+    doc, proc = _eval_json(tiny_bundle, data)
+    note = (
+        f"note: {data / 'test'} has no defective images (blowhole/, crack/, scratch/ without images), which image "
+        "AUROC, F1-max and the pixel metrics need, so their columns are blank: expected test/<type>/ folders of "
+        "defective images beside good/"
+    )
+    assert doc["notes"] == [note] and note in proc.stderr.splitlines()
+    assert doc["overall"]["n_defective"] == 0 and doc["overall"]["image_auroc"] is None
+    shutil.rmtree(data / "test" / "scratch")
+    for name in ("blowhole", "crack"):
+        (data / "test" / name).rmdir()
+    doc, _ = _eval_json(tiny_bundle, data)
+    assert doc["notes"] == [
+        f"note: {data / 'test'} has no defective images, which image AUROC, F1-max and the pixel metrics need, so "
+        "their columns are blank: expected test/<type>/ folders of defective images beside good/"
+    ]
+
+
 def test_a_mask_folder_whose_files_match_no_image_is_said_in_the_table_and_the_json(tiny_data, tiny_bundle, tmp_path):
     data = _copy(tiny_data, tmp_path)
     folder = data / "ground_truth" / "blowhole"

@@ -330,3 +330,19 @@ def test_a_run_that_measured_nothing_keeps_the_earlier_table_and_one_that_did_mo
     assert table[-1] == "INTERRUPTED: 1 of 3 dataset(s) done; not measured: tile_b, tile_c"
     report = json.loads((out / "suite.json").read_text())
     assert report["interrupted"] is True and report["not_measured"] == ["tile_b", "tile_c"]
+
+
+def test_a_dataset_whose_test_set_has_no_defects_says_so_in_its_row(tmp_path):
+    """Its row of dashes counted as a dataset measured like the others, with nothing to say why."""
+    root = tmp_path / "data"
+    data = make_tiny_mvtec(root / "only_good", n_train=4, n_test_good=2, n_test_defect=1)
+    for sub in ("test/blowhole", "ground_truth"):
+        shutil.rmtree(data / sub)
+    out = tmp_path / "suite"
+    result = suite_cli(root, out)
+    assert result.returncode == 0, result.stderr
+    note = f"== only_good: note: {data / 'test'} has no defective images, which image AUROC, F1-max and the pixel "
+    assert any(line.startswith(note) for line in result.stdout.splitlines()), result.stdout
+    row = (out / "suite.md").read_text().splitlines()[2]
+    assert row.startswith("| only_good | aligned, score max; blank: no defective test images | - | - | - | - | ")
+    assert json.loads((out / "suite.json").read_text())["rows"][0]["note"] == "blank: no defective test images"

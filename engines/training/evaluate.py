@@ -352,11 +352,23 @@ def _notes(
     """One line for each thing that leaves metrics out or images unscored, which blank cells alone would not say.
     `skipped`: (the image or mask, why) of each image left out; `masks`: which of those paths are masks."""
     notes = skipped_lines(skipped, masks)
+    test = folder.root / "test"
     if folder.good_dir is None:
         notes.append(
-            f"note: {folder.root / 'test'} has no defect-free folder ({DEFECT_FREE_WORDS}), which image AUROC and "
+            f"note: {test} has no defect-free folder ({DEFECT_FREE_WORDS}), which image AUROC and "
             f"F1-max need: every test image was taken as defective (folders: {', '.join(defect_types) or 'none'})"
         )
+    found = {item.defect_type for item in folder.test_items()}
+    if not any(t in found for t in defect_types):
+        # Without this the blank columns read as a model that failed, not a test set without defects.
+        empty = f" ({', '.join(t + '/' for t in defect_types)} without images)" if defect_types else ""
+        good = folder.good_dir.name if folder.good_dir else "good"
+        notes.append(
+            f"note: {test} has no defective images{empty}, which image AUROC, F1-max and the pixel metrics need, so "
+            f"their columns are blank: expected test/<type>/ folders of defective images beside {good}/"
+        )
+    else:
+        notes += [f"note: {test / t} holds no images, so its row is blank" for t in defect_types if t not in found]
     notes += [u.note() for u in folder.unmatched_masks()]
     return notes
 

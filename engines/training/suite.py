@@ -163,17 +163,30 @@ def _run_each(found: list[Path], out: Path, recipe: str | None, seed: int, rows:
             continue
         reports[data.name] = {"train_seconds": round(result.seconds, 1), "eval": report}
         overall = report["overall"]
-        rows.append(
-            {
-                "dataset": data.name,
-                "n_train": len(training_images(data)),
-                "recipe": f"{result.recipe.name}, score {describe_score_share(result.recipe.score_share)}"
-                + ("" if result.recipe.augment == "none" else f", {describe_augment(result.recipe.augment)}"),
-                "train_s": round(result.seconds),
-                "load": round(max(load, os.getloadavg()[0]), 1),
-                **{m: overall[m] for m in METRICS},
-            }
-        )
+        row = {
+            "dataset": data.name,
+            "n_train": len(training_images(data)),
+            "recipe": f"{result.recipe.name}, score {describe_score_share(result.recipe.score_share)}"
+            + ("" if result.recipe.augment == "none" else f", {describe_augment(result.recipe.augment)}"),
+            "train_s": round(result.seconds),
+            "load": round(max(load, os.getloadavg()[0]), 1),
+            **{m: overall[m] for m in METRICS},
+        }
+        if blank := blank_reason(overall):
+            # Said in the row: a row of dashes otherwise passes for a dataset measured like the others.
+            row["note"] = blank
+            row["recipe"] += f"; {blank}"
+        rows.append(row)
+
+
+def blank_reason(overall: dict) -> str | None:
+    """Why an eval's overall row has no image metrics, where its test set is why: no defective images (then no
+    pixel metrics either) or no defect-free ones."""
+    if not overall["n_defective"]:
+        return "blank: no defective test images"
+    if not overall["n_good"]:
+        return "no image metrics: no defect-free test images"
+    return None
 
 
 def _write(
