@@ -179,6 +179,12 @@ def test_overlays_are_decodable_and_pick_the_worst_goods(report_and_overlays):
     goods = sorted((i for i in report["images"] if i["type"] == "good"), key=lambda i: -i["score"])
     worst_goods = {Path(p).stem.split("_", 3)[3] for p in report["overlays"] if "_worst-good_" in p}
     assert worst_goods == {Path(i["path"]).stem for i in goods[:2]}
+    # The folder is not cleared: the count is this run's, and the line says so (it read as all the folder held).
+    from engines.training.evaluate import format_table
+
+    assert format_table(report).splitlines()[-1] == (
+        f"overlays: 6 written to {overlay_dir} by this run (earlier runs' are left there)"
+    )
 
 
 def test_score_images_maps_are_frame_sized_and_batch_independent(tiny_data, tiny_bundle):

@@ -583,5 +583,6 @@ def format_table(report: dict) -> str:
         lines.append("no mask: defective images without a ground-truth mask, left out of pix AUROC and AUPRO")
     lines += report.get("notes", [])
     if report["overlays"]:
-        lines.append(f"overlays: {len(report['overlays'])} in {Path(report['overlays'][0]).parent}")
+        n, where = len(report["overlays"]), Path(report["overlays"][0]).parent
+        lines.append(f"overlays: {n} written to {where} by this run (earlier runs' are left there)")
     return "\n".join(lines)
