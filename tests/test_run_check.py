@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 
 from inspectd.daemon.security import ALLOW_ROOT_ENV
 from inspectd.protocol import keys
+from ports import free_port
 from station_model import write_grey_bundle
 
 pytestmark = pytest.mark.timeout(120)
@@ -188,9 +190,10 @@ def test_check_notes_an_allow_list_that_lets_nobody_in(tmp_path, pki):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a file the unit cannot read")
-def test_check_as_root_names_a_file_the_service_user_cannot_read(open_tmp_path):
-    """`sudo cp` of a config (root's, 0640) or a bundle copied by root with a tight umask passed `sudo inspectd run
-    --check` as valid, then the unit, running as the service user, exited 2 unretried with Permission denied."""
+def test_check_as_root_loads_what_the_daemon_loads_as_the_service_user(open_tmp_path):
+    """`sudo cp` of a config (root's, 0640), a bundle copied by root with a tight umask, an allow-list key of another
+    owner passed `sudo inspectd run --check` as valid; then the unit, running as the service user, exited 2 unretried
+    (or 1, retried until systemd gave up). The check now loads them as that user, in the daemon's own words."""
     bundle = write_grey_bundle(open_tmp_path / "bundle")
     for folder in (bundle, *(p for p in bundle.rglob("*") if p.is_dir())):
         folder.chmod(0o755)
@@ -206,17 +209,77 @@ def test_check_as_root_names_a_file_the_service_user_cannot_read(open_tmp_path):
     }
     path = open_tmp_path / "line2.yaml"
     path.write_text(yaml.safe_dump(config))
+
+    def check(*extra: str, config_path: str = str(path), cwd: Path = REPO) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != ALLOW_ROOT_ENV}
+        argv = [sys.executable, "-m", "inspectd", "run", "--check", "--config", config_path, *extra]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd, env=env)
+
+    def refused(result: subprocess.CompletedProcess, said: str) -> None:
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "as the service user nobody (the unit's User=), " in result.stderr and said in result.stderr, (
+            result.stderr
+        )
+
     path.chmod(0o640)  # as `sudo cp` leaves it: root's, group root
-    refused = inspectd("run", "--check", "--config", str(path), "--service-user", "nobody")
-    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    assert f"the service user nobody cannot read {path} (Permission denied)" in refused.stderr
+    refused(check("--service-user", "nobody"), f"{path}: cannot read config (Permission denied)")
+    # Given by a relative path from a folder the service user cannot enter: judged by the file, not the way there.
+    private = open_tmp_path / "private"
+    private.mkdir(mode=0o700)
+    refused(check("--service-user", "nobody", config_path=os.path.relpath(path, private), cwd=private), "cannot read")
     path.chmod(0o644)
-    (bundle / "scorer.npz").chmod(0o600)
-    member = inspectd("run", "--check", "--config", str(path), "--service-user", "nobody")
-    assert member.returncode == 2 and f"cannot read {bundle / 'scorer.npz'} (Permission denied)" in member.stderr
-    (bundle / "scorer.npz").chmod(0o644)
-    ok = inspectd("run", "--check", "--config", str(path), "--service-user", "nobody")
-    assert ok.returncode == 0 and f"{path}: valid" in ok.stdout, ok.stderr
-    # A station whose service user does not exist here (a check on a build machine) is checked as before.
+    for member in ("manifest.json", "scorer.npz"):
+        (bundle / member).chmod(0o600)
+        refused(check("--service-user", "nobody"), member)
+        (bundle / member).chmod(0o644)
+    ok = check("--service-user", "nobody")
+    assert ok.returncode == 0 and f"{path}: valid" in ok.stdout and "note: no user" not in ok.stdout, ok.stderr
+    # A service user that does not exist here (a check on a build machine, a name mistyped) is said, not passed over.
     path.chmod(0o600)
-    assert inspectd("run", "--check", "--config", str(path), "--service-user", "no-such-user-here").returncode == 0
+    unknown = check("--service-user", "no-such-user-here")
+    note = "note: no user no-such-user-here here, so what the unit's daemon may read was not checked"
+    assert unknown.returncode == 0 and note in unknown.stdout, unknown.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a key the unit's user may not own")
+def test_check_as_root_refuses_an_allow_list_key_the_service_user_would_refuse(open_tmp_path):
+    """The daemon checks its key files' owners (its own, or root's); as root the check left owners out."""
+    bundle = write_grey_bundle(open_tmp_path / "bundle")
+    for folder in (bundle, *(p for p in bundle.rglob("*") if p.is_dir())):
+        folder.chmod(0o755)
+    for member in (p for p in bundle.rglob("*") if p.is_file()):
+        member.chmod(0o644)
+    keydir = open_tmp_path / "keys"
+    keydir.mkdir()
+    keydir.chmod(0o755)
+    keys.generate(keydir, "server")
+    allowed = keydir / "allowed"
+    allowed.mkdir()
+    allowed.chmod(0o755)
+    keys.generate(keydir, "client")
+    shutil.copy(keydir / "client.key", allowed / "client.key")
+    (allowed / "client.key").chmod(0o644)
+    os.chown(keydir / "server.key_secret", 65534, 65534)  # the service user's own
+    config = {
+        "station": "line1",
+        "model": {"bundle": "bundle"},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+        "publish": {"endpoint": f"ipc://{open_tmp_path}/pub.sock"},
+        "control": {
+            "endpoint": f"tcp://127.0.0.1:{free_port()}",
+            "curve": {"server_secret_key": str(keydir / "server.key_secret"), "allowed_clients_dir": str(allowed)},
+        },
+        "metrics": {"listen": None},
+        "state_dir": str(open_tmp_path / "state"),
+    }
+    path = open_tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if k != ALLOW_ROOT_ENV}
+    argv = [sys.executable, "-m", "inspectd", "run", "--check", "--config", str(path), "--service-user", "nobody"]
+    ok = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert ok.returncode == 0, ok.stderr
+    os.chown(allowed / "client.key", 1, 1)  # another user's (daemon)
+    other = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert other.returncode == 2 and "as the service user nobody" in other.stderr, other.stderr
+    assert "client.key" in other.stderr and len(other.stderr.strip().splitlines()) == 1, other.stderr

@@ -835,18 +835,19 @@ def check_threshold_range(new: Any, current: Any) -> None:
                 )
 
 
-def _readable_by(user: str, paths: list[Path]) -> None:
-    """InspectdError naming the first of `paths` that `user` (with its groups) cannot open for reading; nothing
-    when no such user exists (a station that runs the daemon as another user names it with --service-user).
+def _as_service_user(user: str, config_path: Path) -> str | None:
+    """Load the config, its CurveZMQ keys (owners checked) and its bundle as the daemon does at start, in a child that
+    takes `user`'s ids (with its groups): the refusal the daemon would meet, in its own words, or None. "no user"
+    when no such user exists here.
 
-    Tried in a child that takes the user's ids, so every rule the kernel applies counts: modes, groups, ACLs, the
-    folders above."""
+    Root reads anything, so only this sees what the service user may not: modes, owners, groups, ACLs, folders it
+    cannot enter or list, a manifest only root may read."""
     import pwd
 
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        return
+        return "no user"
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into the caller's code
@@ -856,13 +857,10 @@ def _readable_by(user: str, paths: list[Path]) -> None:
             os.setgroups(os.getgrouplist(user, entry.pw_gid))
             os.setgid(entry.pw_gid)
             os.setuid(entry.pw_uid)
-            for path in paths:
-                try:
-                    with open(path, "rb"):
-                        pass
-                except OSError as exc:
-                    os.write(writer, f"{path} ({exc.strerror or exc})".encode(errors="backslashreplace"))
-                    break
+            try:
+                _load_as_the_daemon(config_path)
+            except Exception as exc:  # any refusal is the answer, sent back as text
+                os.write(writer, str(exc).encode(errors="backslashreplace"))
         except BaseException:
             code = 1
         finally:
@@ -873,11 +871,25 @@ def _readable_by(user: str, paths: list[Path]) -> None:
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise InspectdError(f"--service-user {user}: could not take that user's ids to check what it may read")
-    if said:
-        raise InspectdError(
-            f"the service user {user} cannot read {said}, expected the files the unit's daemon opens readable by "
-            f"it (install -m 0640 -g {user}, or --service-user NAME for a unit run as another user)"
-        )
+    return said or None
+
+
+def _load_as_the_daemon(config_path: Path) -> None:
+    from engines.bundle.store import load_bundle
+    from inspectd.daemon.config import load_config
+    from inspectd.daemon.security import load_keys
+
+    config = load_config(config_path)
+    for where, curve in _curves(config):
+        load_keys(curve.server_secret_key, curve.allowed_clients_dir, where)
+    load_bundle(config.model.bundle).thresholds()
+
+
+def _curves(config) -> list[tuple[str, Any]]:
+    """(where, curve) of every socket of `config` that has CurveZMQ, in the order the daemon loads them."""
+    curves = [("control", config.control.curve), ("publish", config.publish.curve)]
+    curves += [(f"cameras[{camera.id}].source", getattr(camera.source, "curve", None)) for camera in config.cameras]
+    return [(where, curve) for where, curve in curves if curve is not None]
 
 
 def check(path: Path, service_user: str = SERVICE_USER) -> int:
@@ -892,12 +904,8 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
 
     try:
         config = load_config(path)
-        curves = [("control", config.control.curve), ("publish", config.publish.curve)]
-        curves += [(f"cameras[{camera.id}].source", getattr(camera.source, "curve", None)) for camera in config.cameras]
         empty = []
-        for where, curve in curves:
-            if curve is None:
-                continue
+        for where, curve in _curves(config):
             # By the loader the daemon starts with; as root (which may read anything) the owners are left out, since
             # the files belong to the service user: those are checked at start.
             names = load_keys(curve.server_secret_key, curve.allowed_clients_dir, where, os.geteuid() != 0)[2]
@@ -908,12 +916,9 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
         # What the backend needs of the bundle (an FP16 graph, a named plan), by the rule opening the engine applies.
         backend = backend_class(config.engine.backend)
         backend.check_bundle(bundle, backend.parse_options(config.engine.options, where="engine.options"))
-        if os.geteuid() == 0:
-            read = [Path(path), *(bundle.path / name for name in bundle.manifest["files"])]
-            for _, curve in curves:
-                if curve is not None:
-                    read += [Path(curve.server_secret_key), *sorted(Path(curve.allowed_clients_dir).glob("*.key"))]
-            _readable_by(service_user, read)
+        as_user = _as_service_user(service_user, Path(path).absolute()) if os.geteuid() == 0 else None
+        if as_user not in (None, "no user"):
+            raise InspectdError(f"as the service user {service_user} (the unit's User=), {as_user}")
     except (InspectdError, EngineError, OSError, ValueError) as exc:
         print(f"inspectd run --check: {exc}", file=sys.stderr)
         return 2
@@ -931,6 +936,11 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
         print(f"  note: thresholds.per_camera names cameras not in this config: {', '.join(unknown)}")
     for directory in empty:
         print(f"  note: {directory} holds no client key (*.key): every client is refused there")
+    if as_user == "no user":
+        print(
+            f"  note: no user {service_user} here, so what the unit's daemon may read was not checked "
+            "(--service-user NAME: the unit's User=)"
+        )
     return 0
 
 
