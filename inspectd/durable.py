@@ -6,6 +6,7 @@ import them by."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from engines.durable import fsync_dir, replace_file, sha256_file, try_lock, write_file
@@ -31,7 +32,8 @@ def make_dirs(path: Path, mode: int = DIR_MODE) -> list[Path]:
         if not path.is_dir():
             raise
         return created
-    os.chmod(path, mode)
+    # The set-group-ID bit a group-shared parent passed down stays: the folders below it keep taking its group.
+    os.chmod(path, mode | (path.stat().st_mode & stat.S_ISGID))
     return [*created, path]
 
 

@@ -155,7 +155,21 @@ def test_a_failure_after_a_brief_one_is_logged_again_and_a_flapping_socket_is_no
         clock[0] += 3600  # an hour later the socket goes for good: said again
         assert notifier.watchdog() is False
         assert notifier.watchdog() is False
+        sock = listen()
+        assert notifier.watchdog() is True
+        sock.close()
+        path.unlink()
+        clock[0] += 10  # and again 10 s later, for good this time: said once the minute is over, not never
+        for _ in range(5):
+            assert notifier.watchdog() is False
+            clock[0] += 15
     events = [(e["event"], e.get("lost")) for e in logs if e["event"].startswith("notify_")]
-    assert events == [("notify_failed", None), ("notify_recovered", 2), ("notify_failed", None)]
-    assert notifier.sent == 2 and notifier.failed == 5
+    assert events == [
+        ("notify_failed", 1),
+        ("notify_recovered", 2),
+        ("notify_failed", 1),
+        ("notify_recovered", 2),
+        ("notify_failed", 5),
+    ]
+    assert notifier.sent == 3 and notifier.failed == 10
     notifier.close()

@@ -60,3 +60,33 @@ def test_folders_the_daemon_creates_let_its_group_reach_the_control_socket(open_
         assert done.stdout.startswith("station t1: "), done.stdout
     finally:
         assert station.stop() == 0, station.log_tail()
+
+
+def test_a_folder_made_under_a_group_shared_parent_keeps_taking_its_group(tmp_path):
+    """A parent with the set-group-ID bit (a folder shared by a group) passes it down to what is made in it; the
+    0750 chmod dropped it, so the folders below the new one took their maker's group instead."""
+    from inspectd.durable import make_dirs
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if os.geteuid() == 0:
+        os.chown(shared, -1, 65534)  # a group other than the maker's
+    shared.chmod(0o2770)
+    made = make_dirs(shared / "a" / "b")
+    assert made == [shared / "a", shared / "a" / "b"]
+    for folder in made:
+        assert folder.stat().st_mode & stat.S_ISGID, oct(folder.stat().st_mode)
+        assert _mode(folder) & 0o777 == 0o750 and folder.stat().st_gid == shared.stat().st_gid
+
+
+def test_a_control_socket_folder_that_cannot_be_made_is_named_with_its_key(tmp_path):
+    from inspectd.daemon.control import ControlServer
+    from inspectd.errors import InspectdError
+
+    blocker = tmp_path / "run"
+    blocker.write_text("a file where the folder should be")
+    endpoint = f"ipc://{blocker}/inspectd/control.sock"
+    with pytest.raises(InspectdError) as refused:
+        ControlServer(endpoint, object()).start()
+    assert str(refused.value).startswith(f"control.endpoint {endpoint}: cannot create its folder {blocker}")
+    assert "expected a folder the daemon's user may create or one that exists" in str(refused.value)

@@ -67,7 +67,14 @@ def _prepare_ipc(endpoint: str) -> None:
     # 0750 whatever the umask (the units' is 0077): the socket file is 0660 for the group, which a folder of the
     # service user's alone would shut out all the same. Folders that exist keep their mode.
     if endpoint.startswith("ipc://"):
-        make_dirs(Path(endpoint[len("ipc://") :]).parent)
+        folder = Path(endpoint[len("ipc://") :]).parent
+        try:
+            make_dirs(folder)
+        except OSError as exc:
+            raise InspectdError(
+                f"control.endpoint {endpoint}: cannot create its folder {exc.filename or folder} "
+                f"({exc.strerror or exc}), expected a folder the daemon's user may create or one that exists"
+            ) from exc
 
 
 class ControlServer:
@@ -86,6 +93,7 @@ class ControlServer:
 
     def start(self) -> None:
         """Bind here, in the caller's thread, so a bad or busy endpoint fails the daemon's start, not a thread."""
+        _prepare_ipc(self.endpoint)
         sock = zmq.Context.instance().socket(zmq.REP)
         sock.linger = 0
         take_endpoint(sock, self.endpoint)
@@ -95,7 +103,6 @@ class ControlServer:
         sock.rcvhwm = RECEIVE_QUEUE
         if self.curve is not None:
             self.curve(sock)
-        _prepare_ipc(self.endpoint)
         try:
             refuse_served_ipc(self.endpoint)  # another daemon's socket file: refused as a taken port is
             sock.bind(self.endpoint)

@@ -122,12 +122,14 @@ class Notifier:
                 self.failed += 1
                 self._lost_in_episode += 1
                 if not self._failing:
-                    self._failing = True
+                    self._failing, self._episode_logged = True, False
+                if not self._episode_logged:
+                    # A failure that began within the interval of the last line is said once the interval is over,
+                    # if it still lasts: a lasting one right after a brief one is not left unsaid.
                     now = time.monotonic()
-                    self._episode_logged = self._logged_at is None or now - self._logged_at >= FAILED_LOG_INTERVAL_S
-                    if self._episode_logged:
-                        self._logged_at = now
-                        log.warning("notify_failed", socket=self.address, error=str(exc))
+                    if self._logged_at is None or now - self._logged_at >= FAILED_LOG_INTERVAL_S:
+                        self._logged_at, self._episode_logged = now, True
+                        log.warning("notify_failed", socket=self.address, error=str(exc), lost=self._lost_in_episode)
                 return False
             if self._failing:
                 self._failing = False
