@@ -136,9 +136,12 @@ class CameraIngest:
                         frame = self._source.read(self._stop)
                         if frame is None:
                             continue
-                        if self.paused:
+                        if self.paused and self._source.live:
                             self.discarded += 1
                             continue
+                        # A source that is not read while paused keeps the frame a pause caught mid-read: it was
+                        # read before the pause was seen, and a folder's file or a video's frame is not read again
+                        # this run, so discarded it would never be judged.
                         self._emit(frame)
                 except SourceEnded:
                     self._set_state("ended", frames_in=self.frames_in)
