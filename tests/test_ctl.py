@@ -156,8 +156,10 @@ def test_ctl_pointed_at_another_socket_kind_or_a_left_socket_file_says_which_in_
     finally:
         publish.close()
     assert wrong.returncode == 3 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
-    assert "closed the connection during the handshake, as a socket of another kind does" in wrong.stderr
-    assert "expected its control endpoint (control.endpoint)" in wrong.stderr and took < 15, (took, wrong.stderr)
+    # Which side reads the other's kind first is a race: this side (libzmq gives the peer up, no event) or the
+    # peer (it hangs up, a failure without detail, each retry alike). Either line names the endpoint expected.
+    assert "not another of its sockets" in wrong.stderr, wrong.stderr
+    assert "its control endpoint (control.endpoint)" in wrong.stderr and took < 15, (took, wrong.stderr)
 
     left = tmp_path / "control.sock"
     stale = socket.socket(socket.AF_UNIX)
@@ -218,7 +220,7 @@ def test_another_socket_kind_is_told_at_once_after_an_earlier_connection_was_cut
         relay.close()
         publish.close()
     assert len(accepted) >= 2, "the relay never passed a connection on"
-    assert wrong.returncode == 3 and "as a socket of another kind does" in wrong.stderr, wrong.stderr
+    assert wrong.returncode == 3 and "not another of its sockets" in wrong.stderr, wrong.stderr
     assert took < 15, (took, wrong.stderr)
 
 

@@ -376,7 +376,7 @@ def test_cli_refuses_an_unknown_recipe_in_one_line(tmp_path):
             "inspectd",
             "train",
             "--data",
-            str(tmp_path),
+            str(tmp_path / "data"),
             "--out",
             str(tmp_path / "b"),
             "--recipe",

@@ -443,7 +443,11 @@ class HandshakeWatch:
                 "there (expected no --server-key/--client-key), its authenticator down or hung, or no inspectd "
                 "endpoint there"
             )
-        return "ended the handshake without a reason, expected an inspectd endpoint there (with CurveZMQ: the keys)"
+        # A socket of another kind hangs up too when it reads this side's kind before this side reads its own.
+        return (
+            "ended the handshake without a reason, expected an inspectd endpoint there: its "
+            f"{self._expected}, not another of its sockets (one of another kind hangs up so), with CurveZMQ the keys"
+        )
 
     def close(self) -> None:
         try:
