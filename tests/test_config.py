@@ -435,7 +435,7 @@ def test_run_check_refuses_a_home_that_cannot_be_expanded_in_one_line(tmp_path):
         "station: s\nmodel: {bundle: ~nosuchuser/bundles/current}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "inspectd", "run", "--check", "--config", str(config)],
+        [sys.executable, "-m", "inspectd", "run", "--check", "--config", str(config), "--service-user", ""],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
@@ -987,7 +987,7 @@ def test_run_check_refuses_in_one_line_what_run_would_fail_on(tmp_path, text, me
         + text.replace("STATE_FILE", str(tmp_path / "file"))
     )
     done = subprocess.run(
-        [sys.executable, "-m", "inspectd", "run", "--check", "--config", str(config)],
+        [sys.executable, "-m", "inspectd", "run", "--check", "--config", str(config), "--service-user", ""],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr

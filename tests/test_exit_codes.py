@@ -33,7 +33,7 @@ def test_run_refuses_the_key_material_check_refuses_with_its_line_and_exit_2(tmp
     where, said = _damage(pki, tmp_path, config, how)
     path = tmp_path / "inspectd.yaml"
     path.write_text(yaml.safe_dump(config))
-    checked = inspectd("run", "--check", "--config", str(path))
+    checked = inspectd("run", "--check", "--config", str(path), "--service-user", "")
     assert checked.returncode == 2 and checked.stderr.startswith(f"inspectd run --check: {where} "), checked.stderr
     ran = inspectd("run", "--config", str(path))
     assert ran.returncode == 2, ran.stderr

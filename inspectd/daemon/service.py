@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=SERVICE_USER,
         metavar="NAME",
         help=f"with --check as root: the user the unit runs the daemon as (default {SERVICE_USER}, as the units "
-        "say), who must be able to read the config, its key files and the bundle; root reads anything, so without "
-        "this a file only root may read passes the check and the unit's start fails",
+        "say); the config, its keys and its bundle are loaded as that user too, since root reads anything and a "
+        "file only root may read would pass the check and fail the unit's start; '' for a config no unit runs",
     )
 
 
@@ -916,7 +916,8 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
         # What the backend needs of the bundle (an FP16 graph, a named plan), by the rule opening the engine applies.
         backend = backend_class(config.engine.backend)
         backend.check_bundle(bundle, backend.parse_options(config.engine.options, where="engine.options"))
-        as_user = _as_service_user(service_user, Path(path).absolute()) if os.geteuid() == 0 else None
+        checked_as = os.geteuid() == 0 and service_user != ""
+        as_user = _as_service_user(service_user, Path(path).absolute()) if checked_as else None
         if as_user not in (None, "no user"):
             raise InspectdError(f"as the service user {service_user} (the unit's User=), {as_user}")
     except (InspectdError, EngineError, OSError, ValueError) as exc:
