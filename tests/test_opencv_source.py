@@ -4,6 +4,8 @@ config loader."""
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -262,3 +264,109 @@ def test_a_file_url_with_a_host_or_a_relative_path_is_refused_at_load(tmp_path, 
         f"cameras[0].source.url: {url!r} names a host or a relative path, expected file:///ABSOLUTE/PATH or a plain "
         "video file path (relative to the config file)"
     )
+
+
+@pytest.fixture
+def fifo_writer(tmp_path):
+    """A named pipe a recorder writes the same video into, pass after pass (each pass opens the pipe anew, as
+    `ffmpeg ... -f avi PIPE` run in a loop does): started by calling the fixture with the pipe's path."""
+    writers: list[subprocess.Popen] = []
+
+    def start(fifo: Path) -> None:
+        video = write_video(tmp_path / "pass.avi")
+        loop = f"while true; do cat '{video}' > '{fifo}'; sleep 0.2; done"
+        writers.append(subprocess.Popen(["sh", "-c", loop]))
+
+    yield start
+    for writer in writers:
+        writer.kill()
+        writer.wait()
+
+
+@pytest.mark.parametrize("form", ["path", "file://", "concat://"])
+def test_a_named_pipe_a_recorder_writes_is_a_stream_read_pass_after_pass(tmp_path, ingest_threads, fifo_writer, form):
+    """Taken for a video file by its url, a file:// pipe never opened ("video file not found") and a concat: one
+    played the first pass and ended, its writer left blocked, with queue policy block stalling it besides."""
+    fifo = tmp_path / "line.fifo"
+    os.mkfifo(fifo)
+    url = {"path": str(fifo), "file://": f"file://{fifo}", "concat://": f"concat://{fifo}"}[form]
+    cam = load_url(tmp_path, url)
+    assert cam.queue.policy == "drop_oldest"
+    fifo_writer(fifo)
+    queue = FrameQueue(10 * FRAMES, "block")
+    ingest = CameraIngest(cam, queue, backoff_s=(0.05, 0.1))
+    ingest_threads.append(ingest)
+    ingest.start()
+    # Three passes: more than one file's frames, whether FFmpeg read on through a pass's end or reopened.
+    assert wait_for(lambda: ingest.stats()["frames_in"] >= 3 * FRAMES, 15), ingest.stats()
+    assert ingest.stats()["state"] in ("running", "reopening"), ingest.stats()
+    assert ingest._source.live is True and ingest._source.finite is False
+    frames = drain(queue)
+    assert [bar(f) for f in frames[: 3 * FRAMES]] == 3 * list(range(FRAMES))
+
+
+def test_a_named_pipe_without_a_writer_waits_for_one_and_lets_a_stop_through(tmp_path, ingest_threads, fifo_writer):
+    fifo = tmp_path / "line.fifo"
+    os.mkfifo(fifo)
+    queue = FrameQueue(10 * FRAMES, "block")
+    ingest = CameraIngest(camera({"kind": "opencv", "url": str(fifo)}), queue, backoff_s=(0.05, 0.1))
+    ingest.start()
+    time.sleep(0.5)
+    stats = ingest.stats()
+    assert (stats["state"], stats["frames_in"], stats["last_error"]) == ("reopening", 0, None), stats
+    ingest.stop()
+    ingest.join(2)  # FFmpeg's own open of the pipe would block until a writer came
+    assert not ingest.is_alive() and ingest.stats()["state"] == "stopped"
+
+    ingest = CameraIngest(camera({"kind": "opencv", "url": str(fifo)}), queue, backoff_s=(0.05, 0.1))
+    ingest_threads.append(ingest)
+    ingest.start()
+    time.sleep(0.3)
+    fifo_writer(fifo)
+    assert wait_for(lambda: ingest.stats()["frames_in"] >= FRAMES, 10), ingest.stats()
+
+
+def test_a_character_device_named_by_a_url_is_opened_as_a_stream_not_looked_for_as_a_video_file(
+    tmp_path, ingest_threads
+):
+    """A video4linux node made here with mknod (no driver behind it, so it cannot open): the camera tries to open it
+    as the device it is, rather than retrying it forever as a video file that is not found."""
+    node = tmp_path / "video0"
+    try:
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(81, 0))
+    except PermissionError:
+        pytest.skip("mknod needs CAP_MKNOD")
+    cam = load_url(tmp_path, str(node))
+    assert cam.queue.policy == "drop_oldest"
+    queue = FrameQueue(4, "block")
+    ingest = CameraIngest(cam, queue, backoff_s=(0.05, 0.1))
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["reopen_count"] >= 1, 5), ingest.stats()
+    assert ingest.stats()["last_error"] == f"OSError: {node}: cv2.VideoCapture cannot open it"
+    assert ingest._source.live is True and ingest._source.finite is False
+
+
+def test_a_url_naming_a_directory_is_refused_at_load(tmp_path):
+    (tmp_path / "videos").mkdir()
+    for url in ("videos", f"file://{tmp_path}/videos"):
+        with pytest.raises(ConfigError) as refused:
+            load_url(tmp_path, url)
+        assert str(refused.value) == (
+            f"cameras[0].source.url: {tmp_path}/videos is a directory, expected a video file, a named pipe or a "
+            "video device (a folder of images is a camera of kind folder)"
+        )
+
+
+def test_a_url_whose_regular_file_became_a_named_pipe_is_read_as_what_it_is_at_open(tmp_path, ingest_threads):
+    """Its queue policy is the load's; whether it ends and is read while paused is decided again at each open."""
+    path = write_video(tmp_path / "line.avi")
+    cam = camera({"kind": "opencv", "url": str(path)})
+    source = VideoCaptureSource(cam, time.time)
+    assert (source.finite, source.live, cam.queue.policy) == (True, False, "block")
+    path.unlink()
+    os.mkfifo(path)
+    stop = threading.Event()
+    stop.set()  # no writer comes: the open gives up at once
+    source.open(stop)
+    assert (source.finite, source.live, source.cap) == (False, True, None)

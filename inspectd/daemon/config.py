@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BeforeValidator, Field, PlainValidator, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from engines.errors import EngineError
 from engines.runtime import BACKENDS, backend_class
 from engines.schema import Flag, Int, Number, check, declared, invalid, matching, one_of, refuse, show
-from inspectd.configfile import CameraId, ConfigPath, Endpoint, parse, read_yaml
+from inspectd.configfile import CameraId, ConfigPath, Endpoint, parse, read_yaml, resolve
 from inspectd.daemon.inference import MASK_POLICIES
 from inspectd.daemon.ingest import SOURCES
-from inspectd.daemon.ingest.opencv import is_finite_url
+from inspectd.daemon.ingest.opencv import is_finite_url, scheme_of
 from inspectd.daemon.ingest.queue import QUEUE_POLICIES
 from inspectd.daemon.security import Curve
 from inspectd.errors import ConfigError
@@ -118,8 +119,8 @@ MAX_QUEUE = 10_000
 class QueueConfig:
     size: Annotated[Int, Field(ge=1, le=MAX_QUEUE)] = 64
     # drop_oldest, except for a source that ends, whose every frame is a part to judge: a folder, and an opencv
-    # video file (a url without a scheme, file:// or another local one): block there (CameraConfig). Set it to keep
-    # drop_oldest for those too.
+    # video file (a url without a scheme, file:// or another local one, naming a regular file): block there
+    # (CameraConfig). Set it to keep drop_oldest for those too.
     policy: Annotated[str, one_of(QUEUE_POLICIES)] = "drop_oldest"
 
 
@@ -133,12 +134,18 @@ class CameraConfig:
 
     @model_validator(mode="before")
     @classmethod
-    def _finite_sources_block(cls, raw: Any) -> Any:
+    def _finite_sources_block(cls, raw: Any, info: ValidationInfo) -> Any:
         # A folder is a backlog of files, and a video file a recording, each frame of which is a part to inspect:
         # dropping them is never the right default. A video file is decoded as fast as FFmpeg goes, so with
-        # drop_oldest most of it was dropped as soon as the batcher fell behind.
+        # drop_oldest most of it was dropped as soon as the batcher fell behind. A named pipe or a device is a live
+        # stream: blocking there would stall its writer, out of sight of every counter.
         source = raw.get("source") if isinstance(raw, dict) else None
         url = source.get("url") if isinstance(source, dict) else None
+        if isinstance(url, str) and url and scheme_of(url) is None:
+            try:
+                url = str(resolve(url, info))  # as the url's own validator resolves it
+            except PydanticCustomError:
+                return raw  # a path no system call could take: the url's own validator refuses it
         if isinstance(source, dict) and (
             source.get("kind") == "folder"
             or (source.get("kind") == "opencv" and isinstance(url, str) and is_finite_url(url))

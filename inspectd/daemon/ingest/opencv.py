@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import os
 import re
+import select
+import stat
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import cv2
@@ -17,7 +19,7 @@ from engines.errors import DataError
 from engines.schema import Int, Text, declared, invalid, show
 from inspectd.configfile import resolve
 from inspectd.daemon.frames import Frame
-from inspectd.daemon.ingest.source import Source, SourceEnded
+from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceEnded
 
 if TYPE_CHECKING:
     from inspectd.daemon import config as cfg
@@ -46,10 +48,12 @@ FFMPEG_SCHEMES = frozenset(
 )
 FFMPEG_NESTING = ("hls", "crypto")  # taken as outer+inner as well: hls+http://, crypto+file://
 # FFmpeg's protocols that read local files (one, a list, part of one, the url itself) or a descriptor this process
-# inherited: no peer that comes back, so where their frames end the video ends, as a video file path's does. Taken as
-# a stream, a failed read at the end reopened the url and played it again from its first frame, judged as new parts.
+# inherited: where a regular file's frames end the video ends, as a video file path's does. Taken as a stream, a failed
+# read at the end reopened the url and played it again from its first frame, judged as new parts. The file a path,
+# file:// or concat: url names decides (is_finite_url): a named pipe or a device goes on after each end.
 LOCAL_SCHEMES = frozenset({"file", "concat", "concatf", "subfile", "data", "fd", "pipe"})
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # RFC 3986's scheme, at the start of the url
+_PROTOCOL = re.compile(r"([A-Za-z0-9+.-]+):")  # the protocol FFmpeg opens a url with, when the url names one
 _SLASHLESS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(?!//)")  # rtsp:/host, rtsp:host: a url missing a slash
 
 
@@ -60,19 +64,52 @@ def scheme_of(url: str) -> str | None:
 
 
 def is_finite_url(url: str) -> bool:
-    """Whether a camera's url is a video that ends (a file path, file://, another local scheme, crypto+ one of
-    them) rather than a stream that drops and is reopened."""
+    """Whether a camera's url (a path resolved already) is a video that ends rather than a stream that drops and is
+    reopened, from what it names on disk now: a path, file:// or concat: url is one when each file it names is a
+    regular file (or is not there yet); another local scheme, or crypto+ one, is one; any other scheme is a stream."""
+    path = video_path(url)
+    if path is not None:
+        return _ends(path)
     scheme = scheme_of(url)
-    if scheme is None:
-        return True
+    assert scheme is not None  # video_path takes every url without one
     outer, _, inner = scheme.partition("+")
+    if scheme == "concat":
+        return all(_ffmpeg_url_ends(member) for member in url[len("concat:") :].split("|"))
+    if outer == "crypto" and inner == "file":
+        return _ffmpeg_url_ends(url[len("crypto+") :])
     return scheme in LOCAL_SCHEMES or (outer == "crypto" and inner in LOCAL_SCHEMES)
+
+
+def _ends(path: str) -> bool:
+    """Whether the file at `path` is a video that ends: a regular file, or nothing there yet (a recording to come,
+    retried as not found until it is there). A named pipe goes on with its writer's next pass, a device with its next
+    frame, so each, and anything else that is not a regular file, is a stream: reopened at its end, read while
+    paused, drop_oldest by default."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):  # missing, out of this user's reach, or a path no file can have
+        return True
+
+
+def _ffmpeg_url_ends(url: str) -> bool:
+    """A url FFmpeg opens itself (a concat: member, crypto+'s inner url): one of its file protocol (a path, or file:
+    and the path, undecoded as FFmpeg reads it) ends as that file does; one of another protocol is a stream."""
+    protocol = _PROTOCOL.match(url)
+    if protocol is None:
+        return _ends(url)
+    return protocol.group(1) == "file" and _ends(url[len("file:") :])
 
 
 def file_url_path(url: str) -> str | None:
     """The path a file:// url names, as FFmpeg's file protocol reads it (what follows `file:`, no host, no
     %-decoding: file:///a/b.avi is /a/b.avi), None for any other url."""
     return "/" + url[len("file:") :].lstrip("/") if scheme_of(url) == "file" else None
+
+
+def video_path(url: str) -> str | None:
+    """The file a camera's url is opened as: the url itself when it has no scheme, the path a file:// url names;
+    None for a url of another scheme, which FFmpeg opens itself."""
+    return url if scheme_of(url) is None else file_url_path(url)
 
 
 def _check_scheme(scheme: str) -> None:
@@ -99,13 +136,21 @@ def _url(value: Any, info: ValidationInfo) -> str:
             # Read as a file path, it would be a file beside the config that is never there: reopened forever.
             name = slashless.group(1)
             raise invalid(f"scheme {name!r} without '//' in {value!r}, expected {name}://HOST/... or a video file path")
-        return str(resolve(value, info))  # a video file, relative to the config file
-    _check_scheme(scheme)
-    if scheme == "file" and not value.startswith("file:///"):
-        # FFmpeg reads file://host/a.avi as the path //host/a.avi, and file://videos/a.avi as /videos/a.avi.
+        value = str(resolve(value, info))  # a video file, relative to the config file
+    else:
+        _check_scheme(scheme)
+        if scheme == "file" and not value.startswith("file:///"):
+            # FFmpeg reads file://host/a.avi as the path //host/a.avi, and file://videos/a.avi as /videos/a.avi.
+            raise invalid(
+                f"{value!r} names a host or a relative path, expected file:///ABSOLUTE/PATH or a plain video file "
+                "path (relative to the config file)"
+            )
+    path = video_path(value)
+    if path is not None and os.path.isdir(path):
+        # It would be retried for ever: a folder of images is a camera of kind folder.
         raise invalid(
-            f"{value!r} names a host or a relative path, expected file:///ABSOLUTE/PATH or a plain video file path "
-            "(relative to the config file)"
+            f"{path} is a directory, expected a video file, a named pipe or a video device (a folder of images is a "
+            "camera of kind folder)"
         )
     return value
 
@@ -153,8 +198,9 @@ class OpenCVSource:
 
 
 class VideoCaptureSource(Source):
-    """cv2.VideoCapture on a video file (a path or file:// url, or another local scheme: finite, not read while
-    paused), an RTSP/HTTP URL, a device index or a GStreamer pipeline."""
+    """cv2.VideoCapture on a video file (a path or file:// url naming a regular file, or another local scheme: it
+    ends, and is not read while paused), a named pipe or a device named by a path (streams), an RTSP/HTTP URL, a
+    device index or a GStreamer pipeline."""
 
     Options = OpenCVSource
 
@@ -167,24 +213,32 @@ class VideoCaptureSource(Source):
         # camera does not tie the daemon to the bit depth of the bundle it started with.
         self.narrows_16_bit = self.spec.pipeline is not None
         url = self.spec.url
-        self.finite = url is not None and is_finite_url(url)
-        # A video that ends is not read while paused, as a folder is not: it has no current frame to keep up with,
-        # and read at decode speed a short pause threw the rest of it away.
-        self.live = not self.finite
-        # The video file to open: a file:// url is opened as the path it names, so it plays as that path would.
-        self.path = None if url is None else url if scheme_of(url) is None else file_url_path(url)
+        self.finite = False
+        self._ends_or_not()
+        # The file to open: a file:// url is opened as the path it names, so it plays as that path would.
+        self.path = None if url is None else video_path(url)
         self.cap: cv2.VideoCapture | None = None
         self.counter = 0
         self.pending: collections.deque[Frame] = collections.deque()
 
+    def _ends_or_not(self) -> None:
+        """Whether the url is a video that ends, from what it names now (a recording may have been replaced by a
+        named pipe since the load, or the other way round)."""
+        self.finite = self.spec.url is not None and is_finite_url(self.spec.url)
+        # A video that ends is not read while paused, as a folder is not: it has no current frame to keep up with,
+        # and read at decode speed a short pause threw the rest of it away.
+        self.live = not self.finite
+
     def open(self, stop: threading.Event) -> None:
         target = self.spec.target
-        if self.path is not None and not Path(self.path).is_file():
-            raise FileNotFoundError(f"{target}: video file not found")
+        self._ends_or_not()
         if self.spec.pipeline is not None:
             cap = cv2.VideoCapture(target, cv2.CAP_GSTREAMER, TIMEOUTS if GSTREAMER_TIMEOUTS else [])
         elif self.path is not None:
-            cap = cv2.VideoCapture(self.path)
+            opened = self._open_path(stop)
+            if opened is None:
+                return  # stopped while it waited for a named pipe's writer
+            cap = opened
         elif self.spec.url is not None:
             # Also the other local schemes: a pipe or descriptor whose writer stalls must not hold stop() longer.
             cap = cv2.VideoCapture(target, cv2.CAP_ANY, TIMEOUTS)
@@ -194,6 +248,30 @@ class VideoCaptureSource(Source):
             cap.release()
             raise OSError(f"{target}: cv2.VideoCapture cannot open it")
         self.cap = cap
+
+    def _open_path(self, stop: threading.Event) -> cv2.VideoCapture | None:
+        """The capture of the file a path or file:// url names, opened as what it is now: a video file; a named pipe
+        once a writer holds it (None: stopped before one did); anything else (a device) as a stream."""
+        assert self.path is not None
+        try:
+            mode = os.stat(self.path).st_mode
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.spec.target}: video file not found") from None
+        if stat.S_ISREG(mode):
+            return cv2.VideoCapture(self.path)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(
+                f"{self.spec.target}: a directory, expected a video file, a named pipe or a video device"
+            )
+        if not stat.S_ISFIFO(mode):
+            return cv2.VideoCapture(self.path, cv2.CAP_ANY, TIMEOUTS)
+        held = _pipe_with_a_writer(self.path, stop)
+        if held is None:
+            return None
+        try:
+            return cv2.VideoCapture(self.path, cv2.CAP_ANY, TIMEOUTS)
+        finally:
+            os.close(held)
 
     def close(self) -> None:
         if self.cap is not None:
@@ -247,3 +325,22 @@ class VideoCaptureSource(Source):
                 self.pending.extend(self._frame(None) for _ in range(skipped))
                 return ok, image
         raise SourceEnded()
+
+
+def _pipe_with_a_writer(path: str, stop: threading.Event) -> int | None:
+    """A read descriptor of the named pipe at `path`, once a writer holds the pipe open; None when `stop` came first.
+    FFmpeg's own open of a pipe blocks until a writer comes, which stop() could not cut short. The descriptor is to
+    be held until FFmpeg has the pipe open: a writer that found no reader meanwhile would get EPIPE and die."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        # Linux reports no hang-up on a pipe opened so until a writer has come: this waits for the first byte.
+        while not stop.is_set():
+            if poller.poll(int(READ_TIMEOUT_S * 1000)):
+                return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None

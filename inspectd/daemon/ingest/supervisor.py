@@ -127,6 +127,8 @@ class CameraIngest:
                 opened_at = None
                 try:
                     self._source.open(self._stop)
+                    if self._stop.is_set():
+                        break  # an open that gave up waiting when stop() came (a named pipe with no writer yet)
                     opened_at = time.monotonic()
                     self._set_state("running", reopen_count=self.reopen_count)
                     while not self._stop.is_set():
