@@ -727,12 +727,14 @@ def test_two_cameras_on_one_device_are_refused_naming_both_keys(sources, message
     assert len(parse_config({**MINIMAL, "cameras": [{"id": f"c{i}", "source": s} for i, s in enumerate(two)]}).cameras)
 
 
-def test_a_video_node_named_through_a_link_is_the_device_it_links_to(tmp_path):
+@pytest.mark.parametrize("form", ["path", "file://"])
+def test_a_video_node_named_through_a_link_is_the_device_it_links_to(tmp_path, form):
     """udev's /dev/v4l/by-id/... names are links to /dev/videoN: two cameras on one node, one by its index and one by
-    such a link, would fight over it as two indices do."""
+    such a link, would fight over it as two indices do; a file:// url of the link is the same node."""
     link = tmp_path / "usb-Camera_1234-video-index0"
     link.symlink_to("/dev/video3")
-    sources = [{"kind": "opencv", "url": str(link)}, {"kind": "opencv", "device": 3}]
+    url = str(link) if form == "path" else f"file://{link}"
+    sources = [{"kind": "opencv", "url": url}, {"kind": "opencv", "device": 3}]
     with pytest.raises(ConfigError) as refused:
         parse_config({**MINIMAL, "cameras": [{"id": f"c{i}", "source": s} for i, s in enumerate(sources)]})
     assert str(refused.value) == (

@@ -370,3 +370,24 @@ def test_a_url_whose_regular_file_became_a_named_pipe_is_read_as_what_it_is_at_o
     stop.set()  # no writer comes: the open gives up at once
     source.open(stop)
     assert (source.finite, source.live, source.cap) == (False, True, None)
+
+
+@pytest.mark.parametrize("form", ["node", "by-id link", "file:// link"])
+def test_a_url_naming_a_video_device_is_opened_as_that_device(tmp_path, ingest_threads, form):
+    """/dev/video1023 (no machine has that many, so it cannot open here), named as itself or through a udev-style
+    link: the camera opens device 1023 as `device: 1023` does, as a stream, and says so when it cannot. It was taken
+    for a video file: queue policy block, not read while paused, retried forever as "video file not found"."""
+    node = "/dev/video1023"
+    assert not os.path.exists(node)
+    link = tmp_path / "usb-Cam_1234-video-index0"
+    link.symlink_to(node)
+    url = {"node": node, "by-id link": str(link), "file:// link": f"file://{link}"}[form]
+    cam = load_url(tmp_path, url)
+    assert cam.queue.policy == "drop_oldest"
+    queue = FrameQueue(4, "block")
+    ingest = CameraIngest(cam, queue, backoff_s=(0.05, 0.1))
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["reopen_count"] >= 1, 5), ingest.stats()
+    assert ingest.stats()["last_error"] == f"OSError: {url}: cv2.VideoCapture cannot open it (video device 1023)"
+    assert ingest._source.live is True and ingest._source.finite is False

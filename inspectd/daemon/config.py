@@ -16,7 +16,6 @@ import functools
 import ipaddress
 import operator
 import os
-import re
 import socket
 import threading
 from pathlib import Path
@@ -31,7 +30,7 @@ from engines.schema import Flag, Int, Number, check, declared, invalid, matching
 from inspectd.configfile import CameraId, ConfigPath, Endpoint, parse, read_yaml, resolve
 from inspectd.daemon.inference import MASK_POLICIES
 from inspectd.daemon.ingest import SOURCES
-from inspectd.daemon.ingest.opencv import is_finite_url, scheme_of
+from inspectd.daemon.ingest.opencv import is_finite_url, scheme_of, video_device_of, video_path
 from inspectd.daemon.ingest.queue import QUEUE_POLICIES
 from inspectd.daemon.security import Curve
 from inspectd.errors import ConfigError
@@ -39,7 +38,6 @@ from inspectd.logs import LOG_FORMATS, LOG_LEVELS
 from inspectd.protocol.keys import is_local_endpoint
 
 STATION_RE = r"[a-z0-9_-]+"
-_VIDEO_NODE = re.compile(r"/dev/video(\d+)")
 DEFAULT_STATE_DIR = Path("/var/lib/inspectd")
 # The units' TimeoutStopSec (90 s) holds this plus what a stop takes past it (the publish and archive graces, closing
 # sockets and engines): with more, systemd would SIGKILL the drain half-way and accepted frames lose their results.
@@ -395,8 +393,8 @@ class Config:
                 url = getattr(camera.source, "url", None)
                 if camera.source.kind == "opencv" and device is None and isinstance(url, str):
                     # A url naming a V4L2 node (/dev/video0, or a /dev/v4l/by-id link to one) is that device.
-                    node = _VIDEO_NODE.fullmatch(os.path.realpath(url))
-                    device = int(node.group(1)) if node else None
+                    path = video_path(url)
+                    device = None if path is None else video_device_of(path)
                 if camera.source.kind == "genicam":
                     owners.append(
                         (f"cameras[{i}].source.device", ("genicam", device), ("cameras", i, "source", "device"))

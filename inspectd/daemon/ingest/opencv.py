@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 STREAM_TIMEOUT_MS = 5000  # network video streams and pipelines: how long open and each read may block
 MAX_DEVICE = 1023  # /dev/videoN: far above any real count, far below what VideoCapture refuses as not a C int
+VIDEO4LINUX_MAJOR = 81  # the kernel's character device major of every V4L2 node
+_VIDEO_NODE = re.compile(r"/dev/video(\d+)")
 # Undecodable frames in a row a video file may hold before the rest counts as its end: the reads that find the end
 # return at once, so looking this far ahead costs nothing.
 MAX_UNDECODABLE_RUN = 64
@@ -84,7 +86,9 @@ def _ends(path: str) -> bool:
     """Whether the file at `path` is a video that ends: a regular file, or nothing there yet (a recording to come,
     retried as not found until it is there). A named pipe goes on with its writer's next pass, a device with its next
     frame, so each, and anything else that is not a regular file, is a stream: reopened at its end, read while
-    paused, drop_oldest by default."""
+    paused, drop_oldest by default. So is /dev/videoN while it is unplugged."""
+    if video_device_of(path) is not None:
+        return False
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except (OSError, ValueError):  # missing, out of this user's reach, or a path no file can have
@@ -104,6 +108,26 @@ def file_url_path(url: str) -> str | None:
     """The path a file:// url names, as FFmpeg's file protocol reads it (what follows `file:`, no host, no
     %-decoding: file:///a/b.avi is /a/b.avi), None for any other url."""
     return "/" + url[len("file:") :].lstrip("/") if scheme_of(url) == "file" else None
+
+
+def video_device_of(path: str) -> int | None:
+    """N when `path` names the V4L2 device /dev/videoN: that node or a link to it (/dev/v4l/by-id/...), there or
+    not (unplugged), or another node of video4linux's major that the kernel knows as videoN; else None."""
+    try:
+        node = _VIDEO_NODE.fullmatch(os.path.realpath(path))
+        st = None if node else os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if st is not None:
+        if not stat.S_ISCHR(st.st_mode) or os.major(st.st_rdev) != VIDEO4LINUX_MAJOR:
+            return None
+        try:
+            name = os.readlink(f"/sys/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+        except OSError:
+            return None  # no such device on this machine: opened as the node it is, which then fails
+        node = re.fullmatch(r"video(\d+)", os.path.basename(name))
+    device = int(node.group(1)) if node else None
+    return device if device is not None and device <= MAX_DEVICE else None
 
 
 def video_path(url: str) -> str | None:
@@ -218,6 +242,7 @@ class VideoCaptureSource(Source):
         # The file to open: a file:// url is opened as the path it names, so it plays as that path would.
         self.path = None if url is None else video_path(url)
         self.cap: cv2.VideoCapture | None = None
+        self.opened_as = ""  # what the capture was opened as, where the url does not say it: " (video device N)"
         self.counter = 0
         self.pending: collections.deque[Frame] = collections.deque()
 
@@ -246,13 +271,20 @@ class VideoCaptureSource(Source):
             cap = cv2.VideoCapture(target)
         if not cap.isOpened():
             cap.release()
-            raise OSError(f"{target}: cv2.VideoCapture cannot open it")
+            raise OSError(f"{target}: cv2.VideoCapture cannot open it{self.opened_as}")
         self.cap = cap
 
     def _open_path(self, stop: threading.Event) -> cv2.VideoCapture | None:
-        """The capture of the file a path or file:// url names, opened as what it is now: a video file; a named pipe
-        once a writer holds it (None: stopped before one did); anything else (a device) as a stream."""
+        """The capture of the file a path or file:// url names, opened as what it is now: a video file; a V4L2 device
+        as `device` opens it; a named pipe once a writer holds it (None: stopped before one did); anything else as a
+        stream."""
         assert self.path is not None
+        device = video_device_of(self.path)
+        if device is not None:
+            # By its index, as `device: N`: this OpenCV's V4L2 backend opens no device by name, and FFmpeg would
+            # read the node as a file.
+            self.opened_as = f" (video device {device})"
+            return cv2.VideoCapture(device)
         try:
             mode = os.stat(self.path).st_mode
         except FileNotFoundError:
