@@ -391,3 +391,40 @@ def test_a_url_naming_a_video_device_is_opened_as_that_device(tmp_path, ingest_t
     assert wait_for(lambda: ingest.stats()["reopen_count"] >= 1, 5), ingest.stats()
     assert ingest.stats()["last_error"] == f"OSError: {url}: cv2.VideoCapture cannot open it (video device 1023)"
     assert ingest._source.live is True and ingest._source.finite is False
+
+
+def test_a_file_url_has_its_percent_escapes_decoded(tmp_path, ingest_threads):
+    """FFmpeg's file protocol decodes no escape: file:///.../my%20video.avi was retried forever as not found."""
+    folder = tmp_path / "rec ü#1"
+    folder.mkdir()
+    write_video(folder / "my video.avi")
+    url = f"file://{tmp_path}/rec%20%C3%BC%231/my%20video.avi"
+    cam = load_url(tmp_path, url)
+    assert cam.queue.policy == "block"
+    queue = FrameQueue(4 * FRAMES, "block")
+    ingest = CameraIngest(cam, queue, backoff_s=(0.05, 0.1))
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["state"] == "ended", 5), ingest.stats()
+    assert [bar(f) for f in drain(queue)] == list(range(FRAMES))
+    assert ingest.stats()["reopen_count"] == 0 and ingest.stats()["last_error"] is None
+    # An unescaped '#' is a character of the name, as FFmpeg reads it.
+    assert VideoCaptureSource(load_url(tmp_path, f"file://{folder}/a.avi"), time.time).path == f"{folder}/a.avi"
+
+
+@pytest.mark.parametrize(
+    "url,message",
+    [
+        (
+            "file:///srv/line.avi?raw=1",
+            "'file:///srv/line.avi?raw=1' has a query string (?raw=1), expected file:///ABSOLUTE/PATH alone (a '?' in "
+            "a file name is written %3F)",
+        ),
+        ("file:///srv/a%FF.avi", "'file:///srv/a%FF.avi' has %XX escapes that are not UTF-8, expected the escapes"),
+        ("file:///srv/a%00.avi", "'file:///srv/a%00.avi' decodes to a path with a NUL byte (%00), expected a path"),
+    ],
+)
+def test_a_file_url_with_a_query_or_escapes_no_path_holds_is_refused_at_load(tmp_path, url, message):
+    with pytest.raises(ConfigError) as refused:
+        load_url(tmp_path, url)
+    assert str(refused.value).startswith(f"cameras[0].source.url: {message}"), refused.value

@@ -10,6 +10,7 @@ import stat
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+from urllib.parse import unquote
 
 import cv2
 from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, model_validator
@@ -105,9 +106,12 @@ def _ffmpeg_url_ends(url: str) -> bool:
 
 
 def file_url_path(url: str) -> str | None:
-    """The path a file:// url names, as FFmpeg's file protocol reads it (what follows `file:`, no host, no
-    %-decoding: file:///a/b.avi is /a/b.avi), None for any other url."""
-    return "/" + url[len("file:") :].lstrip("/") if scheme_of(url) == "file" else None
+    """The path a file:// url names: what follows `file:`, no host (file:///a/b.avi is /a/b.avi), its %XX escapes
+    decoded as RFC 8089 writes a path (file:///srv/my%20video.avi is "/srv/my video.avi"); None for any other url.
+    FFmpeg's file protocol decodes none, so the url is never handed to it: an escaped name was never found."""
+    if scheme_of(url) != "file":
+        return None
+    return "/" + unquote(url[len("file:") :].lstrip("/"), errors="surrogateescape")
 
 
 def video_device_of(path: str) -> int | None:
@@ -163,12 +167,8 @@ def _url(value: Any, info: ValidationInfo) -> str:
         value = str(resolve(value, info))  # a video file, relative to the config file
     else:
         _check_scheme(scheme)
-        if scheme == "file" and not value.startswith("file:///"):
-            # FFmpeg reads file://host/a.avi as the path //host/a.avi, and file://videos/a.avi as /videos/a.avi.
-            raise invalid(
-                f"{value!r} names a host or a relative path, expected file:///ABSOLUTE/PATH or a plain video file "
-                "path (relative to the config file)"
-            )
+        if scheme == "file":
+            _check_file_url(value)
     path = video_path(value)
     if path is not None and os.path.isdir(path):
         # It would be retried for ever: a folder of images is a camera of kind folder.
@@ -177,6 +177,30 @@ def _url(value: Any, info: ValidationInfo) -> str:
             "camera of kind folder)"
         )
     return value
+
+
+def _check_file_url(url: str) -> None:
+    if not url.startswith("file:///"):
+        # FFmpeg reads file://host/a.avi as the path //host/a.avi, and file://videos/a.avi as /videos/a.avi.
+        raise invalid(
+            f"{url!r} names a host or a relative path, expected file:///ABSOLUTE/PATH or a plain video file path "
+            "(relative to the config file)"
+        )
+    if "?" in url:
+        # A file has no options to ask for: FFmpeg would look for a file whose name holds the query.
+        query = url[url.index("?") :]
+        raise invalid(
+            f"{url!r} has a query string ({query}), expected file:///ABSOLUTE/PATH alone (a '?' in a file name is "
+            "written %3F)"
+        )
+    path = file_url_path(url)
+    assert path is not None
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        raise invalid(f"{url!r} has %XX escapes that are not UTF-8, expected the escapes of a UTF-8 path") from None
+    if "\0" in path:
+        raise invalid(f"{url!r} decodes to a path with a NUL byte (%00), expected a path")
 
 
 def gstreamer_built_in() -> bool:
