@@ -23,8 +23,9 @@
 # they are restarted, which the last line says how to do.
 #
 # The options that choose what pip installs (--with-train, --with-plc, --with-gpu, --torch-index, --no-constraints)
-# are kept in the virtualenv, and a rerun that leaves one out takes it again and says so: a GPU station updated with
-# a bare `install.sh` keeps onnxruntime-gpu instead of getting the CPU build back. --without-train, --without-plc,
+# are kept beside the virtualenv before pip runs, and a rerun that leaves one out takes it again and says so: a GPU
+# station updated with a bare `install.sh`, or retried after a failed one, keeps onnxruntime-gpu instead of getting
+# the CPU build back. --without-train, --without-plc,
 # --without-gpu, --without-torch-index and --with-constraints leave a kept option out on purpose.
 set -eu
 
@@ -51,7 +52,7 @@ usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with
                  (e.g. on a Python older than the pins need)
   --without-train, --without-plc, --without-gpu, --without-torch-index, --with-constraints
                  leave out an option the last install was given: without them a rerun takes each one again, and
-                 says so (they are kept in the virtualenv, .inspectd-options)
+                 says so (they are kept beside the virtualenv, /opt/inspectd/install-options)
 EOF
 }
 
@@ -120,11 +121,21 @@ for key in $DROPPED; do
         *" $key "*) die "$(option_of "$key") and $(leave_out_of "$key"): expected one of them" ;;
     esac
 done
-# The venv's path before the prefix is made: nothing is created until the options are known to be sound.
-OPTIONS_FILE="$PREFIX/opt/inspectd/venv/.inspectd-options"
+# Paths before the prefix is made: nothing is created until the options are known to be sound. The record is kept
+# beside the venv, not in it: a venv made again (`venv --clear`) would take it along, and the retry of an install
+# whose pip then failed would run without it.
+OPTIONS_FILE="$PREFIX/opt/inspectd/install-options"
+# Where the install.sh before this kept it.
+OLD_OPTIONS_FILE="$PREFIX/opt/inspectd/venv/.inspectd-options"
+RECORD=""
+if [ "$MAKE_VENV" -eq 1 ]; then
+    for file in "$OPTIONS_FILE" "$OLD_OPTIONS_FILE"; do
+        if [ -f "$file" ]; then RECORD=$file; break; fi
+    done
+fi
 REUSED=""
 LEAVE_OUT=""
-if [ "$MAKE_VENV" -eq 1 ] && [ -f "$OPTIONS_FILE" ]; then
+if [ -n "$RECORD" ]; then
     while IFS= read -r line; do
         option=${line%% *}
         value=${line#"$option"}
@@ -135,7 +146,7 @@ if [ "$MAKE_VENV" -eq 1 ] && [ -f "$OPTIONS_FILE" ]; then
             --with-gpu) key=gpu ;;
             --torch-index) key=torch-index ;;
             --no-constraints) key=constraints ;;
-            *) die "$OPTIONS_FILE: '$line': expected an option install.sh keeps there (remove the file, and give" \
+            *) die "$RECORD: '$line': expected an option install.sh keeps there (remove the file, and give" \
                 "this run every option the station needs)" ;;
         esac
         case "$GIVEN$DROPPED" in *" $key "*) continue ;; esac
@@ -149,7 +160,7 @@ if [ "$MAKE_VENV" -eq 1 ] && [ -f "$OPTIONS_FILE" ]; then
         esac
         REUSED="$REUSED $line"
         LEAVE_OUT="${LEAVE_OUT:+$LEAVE_OUT, }$(leave_out_of "$key")"
-    done < "$OPTIONS_FILE"
+    done < "$RECORD"
 fi
 [ -z "$REUSED" ] ||
     echo "install.sh: reusing the last install's options:$REUSED ($LEAVE_OUT to leave out)"
@@ -407,11 +418,16 @@ check_config() {  # config
 # install's check passes: that install left the refused version in the venv, the one a rerun would compare with.
 OLD_ACCEPTED=" "
 OLD_CHECKED=0
-PENDING="$VENV/.inspectd-accepted-before"
+# Beside the venv, which `venv --clear` empties, as the options are; the second path is where the install.sh before
+# this kept it.
+PENDING="$OPT/install-accepted-before"
+OLD_PENDING="$VENV/.inspectd-accepted-before"
 remember_old_verdicts() {
     [ "$OLD_CHECKED" -eq 0 ] || return 0
     OLD_CHECKED=1
-    [ ! -f "$PENDING" ] || OLD_ACCEPTED=" $(paste -sd' ' - < "$PENDING") "
+    for kept in "$PENDING" "$OLD_PENDING"; do
+        if [ -f "$kept" ]; then OLD_ACCEPTED=" $(paste -sd' ' - < "$kept") "; break; fi
+    done
     [ -x "$VENV/bin/inspectd" ] || return 0
     for unit in $RUNNING; do
         config=$(unit_config "$unit")
@@ -432,6 +448,22 @@ ensure_dir "$OPT/share/doc" 0755 root:root
 for doc in "$SRC"/docs/*.md "$SRC"/docs/*.png; do
     [ ! -f "$doc" ] || ensure_file "$doc" "$OPT/share/doc/$(basename "$doc")" 0644 root:root
 done
+
+# The options this run installs with, kept before pip runs: a run that fails (no index reached, a full disk) leaves
+# them for its retry, which takes them again. The stamp alone says that an install succeeded.
+options_text() {
+    [ "$TRAIN" -eq 0 ] || echo --with-train
+    [ "$PLC" -eq 0 ] || echo --with-plc
+    [ -z "$GPU" ] || echo "--with-gpu $GPU"
+    [ -z "$TORCH_INDEX" ] || echo "--torch-index $TORCH_INDEX"
+    [ "$USE_CONSTRAINTS" -eq 1 ] || echo --no-constraints
+}
+if [ "$MAKE_VENV" -eq 1 ]; then
+    if [ ! -f "$OPTIONS_FILE" ] || [ "$(cat "$OPTIONS_FILE")" != "$(options_text)" ]; then
+        options_text > "$OPTIONS_FILE"
+    fi
+    rm -f "$OLD_OPTIONS_FILE"
+fi
 
 INSTALLED=0
 if [ "$MAKE_VENV" -eq 1 ]; then
@@ -476,17 +508,6 @@ sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' ||
         say "installed inspectd${EXTRAS:+[$EXTRAS]} into $VENV"
         CHANGED=1
         INSTALLED=1
-    fi
-    # What the venv holds was installed with these options (the stamp covers them): the next run takes them again.
-    options_text() {
-        [ "$TRAIN" -eq 0 ] || echo --with-train
-        [ "$PLC" -eq 0 ] || echo --with-plc
-        [ -z "$GPU" ] || echo "--with-gpu $GPU"
-        [ -z "$TORCH_INDEX" ] || echo "--torch-index $TORCH_INDEX"
-        [ "$USE_CONSTRAINTS" -eq 1 ] || echo --no-constraints
-    }
-    if [ ! -f "$VENV/.inspectd-options" ] || [ "$(cat "$VENV/.inspectd-options")" != "$(options_text)" ]; then
-        options_text > "$VENV/.inspectd-options"
     fi
 fi
 
@@ -560,12 +581,13 @@ if [ "$INSTALLED" -eq 1 ]; then
 fi
 
 if [ "$INSTALLED" -eq 1 ] && [ "$REFUSED" -eq 0 ]; then
-    rm -f "$PENDING"
+    rm -f "$PENDING" "$OLD_PENDING"
 fi
 if [ "$REFUSED" -eq 1 ]; then
     # A rerun installs and checks again (not "nothing to do"), against what the units accepted before the first try.
     rm -f "$VENV/.inspectd-stamp"
     for unit in $OLD_ACCEPTED; do echo "$unit"; done > "$PENDING"
+    rm -f "$OLD_PENDING"
     echo "install.sh: installed, but the new version refuses a config the old one accepted (above): fix it, check" \
         "it with $VENV/bin/inspectd run --check --config FILE, then systemctl try-restart $RUNNING" >&2
     exit 1

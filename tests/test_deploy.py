@@ -819,20 +819,23 @@ def test_an_upgrade_fails_only_on_a_config_the_old_version_accepted_and_warns_of
     assert broken.returncode == 1 and "which the old one accepted" in broken.stderr, broken.stderr
 
 
-def _pip_log_venv(venv: Path) -> Path:
-    """A virtualenv whose pip only writes down each command it is given (in pip.log, returned) and, for
+def _pip_log_venv(venv: Path, log: Path | None = None) -> Path:
+    """A virtualenv whose pip only writes down each command it is given (in pip.log, or `log`: returned) and, for
     onnxruntime-gpu, leaves or removes its dist-info folder as pip would; onnxruntime-gpu's CUDA provider "is there".
-    Anything else runs on this test's Python."""
+    A command naming $PIP_FAILS_ON fails, as one that reaches no index. Anything else runs on this test's Python."""
     bin_dir = venv / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
     site.mkdir(parents=True, exist_ok=True)
-    log = venv / "pip.log"
+    log = log or venv / "pip.log"
     (bin_dir / "python").write_text(
         f"""#!/bin/sh
 case "$*" in
 "-m pip --version") exit 0 ;;
 "-m pip "*) shift 2; echo "$*" >> "{log}"
+    if [ -n "${{PIP_FAILS_ON:-}}" ]; then
+        case "$*" in *"$PIP_FAILS_ON"*) echo "ERROR: No matching distribution found" >&2; exit 1 ;; esac
+    fi
     case "$*" in
     "install "*onnxruntime-gpu*) mkdir -p "{site}/onnxruntime_gpu-1.32.0.dist-info" ;;
     "uninstall "*onnxruntime-gpu*) rm -rf "{site}/onnxruntime_gpu-1.32.0.dist-info" ;;
@@ -882,7 +885,7 @@ def test_a_rerun_takes_the_options_of_the_last_install_again_unless_told_to_leav
     first = install("--with-gpu", "cu13", "--with-plc")
     assert first.returncode == 0, first.stdout + first.stderr
     assert _pip_commands(log) == gpu_install
-    assert (venv / ".inspectd-options").read_text() == "--with-plc\n--with-gpu cu13\n"
+    assert (root / "opt/inspectd/install-options").read_text() == "--with-plc\n--with-gpu cu13\n"
 
     reusing = "install.sh: reusing the last install's options: --with-plc --with-gpu cu13 "
     reusing += "(--without-plc, --without-gpu to leave out)"
@@ -906,10 +909,10 @@ def test_a_rerun_takes_the_options_of_the_last_install_again_unless_told_to_leav
         "install.sh: reusing the last install's options: --with-plc (--without-plc to leave out)"
     )
     assert _pip_commands(log, 6) == ["uninstall -y onnxruntime onnxruntime-gpu", "install SRC[plc]"]
-    assert not gpu_dist.exists() and (venv / ".inspectd-options").read_text() == "--with-plc\n"
+    assert not gpu_dist.exists() and (root / "opt/inspectd/install-options").read_text() == "--with-plc\n"
 
     gpu_dist.mkdir()
-    (venv / ".inspectd-options").unlink()
+    (root / "opt/inspectd/install-options").unlink()
     unkept = install("--with-plc")
     assert unkept.returncode == 2, unkept.stdout + unkept.stderr
     assert unkept.stderr.splitlines() == [
@@ -917,6 +920,81 @@ def test_a_rerun_takes_the_options_of_the_last_install_again_unless_told_to_leav
         "over it: give --with-gpu cu12|cu13 as its first install did, or --without-gpu for the CPU build"
     ]
     assert _pip_commands(log, 8) == []
+
+
+def _venv_maker(path: Path, venv: Path) -> Path:
+    """An interpreter for install.sh's --python whose `-m venv` makes `venv` again as a _pip_log_venv, emptied first as
+    --clear does (its pip log kept beside it, in venv-pip.log); anything else runs on this test's Python."""
+    template = path.parent / f"{path.name}-template"
+    _pip_log_venv(venv, venv.parent / "venv-pip.log")
+    shutil.copytree(venv, template, symlinks=True)
+    path.write_text(
+        f"""#!/bin/sh
+case "$1 $2" in
+"-m venv") rm -rf "{venv}" && cp -a "{template}" "{venv}" && echo "made {venv}" >> "{venv.parent}/venv-pip.log" ;;
+*) exec "{sys.executable}" "$@" ;;
+esac
+"""
+    )
+    path.chmod(0o755)
+    return venv.parent / "venv-pip.log"
+
+
+def test_the_kept_options_outlive_a_venv_made_again_and_a_pip_run_that_failed(tmp_path):
+    """The options are kept before pip runs, beside the venv: a venv that is made again (its Python gone in a distro
+    upgrade) empties it first, and a pip run that then fails (no index reached) must leave the options for the bare
+    retry the guide tells of, which takes them again. Without them it installed the CPU onnxruntime, exit 0."""
+    root = tmp_path / "root"
+    venv = root / "opt" / "inspectd" / "venv"
+    log = _venv_maker(tmp_path / "python3", venv)
+    python = str(tmp_path / "python3")
+
+    def install(*args: str, fails_on: str = "") -> subprocess.CompletedProcess:
+        env = {**os.environ, "PIP_FAILS_ON": fails_on}
+        command = ["sh", str(INSTALL), "--prefix", str(root), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+
+    gpu_install = [
+        "install SRC[plc,gpu-cu13]",
+        "uninstall -y onnxruntime onnxruntime-gpu",
+        "install onnxruntime-gpu[cuda,cudnn]",
+    ]
+    reusing = "install.sh: reusing the last install's options: --with-plc --with-gpu cu13 "
+    reusing += "(--without-plc, --without-gpu to leave out)"
+    first = install("--with-gpu", "cu13", "--with-plc")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert _pip_commands(log) == gpu_install
+
+    (venv / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")  # its interpreter is gone: the venv is made again
+    failed = install("--python", python, fails_on="onnxruntime-gpu[cuda")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert failed.stdout.splitlines()[0] == reusing
+    assert _pip_commands(log, 3) == [f"made {venv}", "install --upgrade pip", *gpu_install]
+    retry = install()
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert retry.stdout.splitlines()[0] == reusing
+    assert _pip_commands(log, 8) == gpu_install
+
+    # No venv made again: a CPU station switched to the GPU build, whose download fails after the CPU build is gone.
+    cpu = install("--without-gpu", "--without-plc")
+    assert cpu.returncode == 0, cpu.stdout + cpu.stderr
+    switch = install("--with-gpu", "cu13", fails_on="onnxruntime-gpu[cuda")
+    assert switch.returncode == 1, switch.stdout + switch.stderr
+    retry = install()
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert retry.stdout.splitlines()[0] == (
+        "install.sh: reusing the last install's options: --with-gpu cu13 (--without-gpu to leave out)"
+    )
+    assert _pip_commands(log)[-3:] == ["install SRC[gpu-cu13]", *gpu_install[1:]]
+
+    # Where the install.sh before this kept them: in the venv. Taken from there, and kept beside it from then on.
+    record = root / "opt" / "inspectd" / "install-options"
+    record.rename(venv / ".inspectd-options")
+    legacy = install()
+    assert legacy.returncode == 0, legacy.stdout + legacy.stderr
+    up_to_date = f"install.sh: nothing to do, {root} is up to date"
+    assert legacy.stdout.splitlines() == [retry.stdout.splitlines()[0], up_to_date]
+    assert record.read_text() == "--with-gpu cu13\n" and not (venv / ".inspectd-options").exists()
 
 
 def test_the_copy_pip_builds_leaves_out_what_git_ignores_from_a_checkout_through_a_symlink_or_without_git(tmp_path):
