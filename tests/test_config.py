@@ -276,6 +276,30 @@ def test_an_address_bound_twice_is_refused_naming_both_keys(path, value, other, 
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("other", ["cameras", "publish", "control"])
+def test_an_ipc_socket_file_named_through_a_symlinked_folder_is_the_one_file(tmp_path, other):
+    """Two cameras on one socket file, one through a link to its folder: both loaded and bound the file, each taking
+    it from the other in turn, and one camera's parts were judged under the other's id."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    doc = with_value(["cameras", 2, "source", "endpoint"], f"ipc://{tmp_path}/real/cam.sock")
+    if other == "cameras":
+        doc["cameras"].append({"id": "cam4", "source": {"kind": "zmq", "endpoint": f"ipc://{tmp_path}/link/cam.sock"}})
+        key, first = "cameras[4].source.endpoint", "cameras[2].source.endpoint"
+    else:
+        doc[other] = {"endpoint": f"ipc://{tmp_path}/link/./cam.sock"}
+        key, first = "cameras[2].source.endpoint", f"{other}.endpoint"
+    with pytest.raises(ConfigError) as refused:
+        parse_config(doc)
+    real = tmp_path.resolve() / "real" / "cam.sock"
+    assert str(refused.value) == f"{key}: ipc socket {real} is already used by {first}, expected one of its own"
+    # A link to the socket file itself is not followed: a bind replaces the link with a socket file of its own.
+    (tmp_path / "real" / "other.sock").symlink_to(tmp_path / "real" / "cam.sock")
+    doc = with_value(["cameras", 2, "source", "endpoint"], f"ipc://{tmp_path}/real/cam.sock")
+    doc["cameras"].append({"id": "cam4", "source": {"kind": "zmq", "endpoint": f"ipc://{tmp_path}/real/other.sock"}})
+    assert len(parse_config(doc).cameras) == 5
+
+
 @pytest.mark.parametrize("key", ["path", "done_dir"])
 def test_a_folder_cameras_folder_that_is_a_file_is_refused_at_load(tmp_path, key):
     """It loaded, and the camera then retried "folder not found" forever: a file there never becomes a folder."""

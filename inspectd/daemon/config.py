@@ -476,7 +476,12 @@ def _address(endpoint: str) -> tuple[str, ...]:
     """What binding `endpoint` takes: an ipc socket file, a tcp port on a host, else the endpoint as written."""
     scheme, _, rest = endpoint.partition("://")
     if scheme == "ipc":
-        return ("ipc", os.path.normpath(rest))
+        if rest.startswith("@") or rest == "*":  # an abstract name, or a fresh path libzmq makes: no folder
+            return ("ipc", rest)
+        # The file a bind makes: its folder resolved, so that one path through a symlinked folder and one through
+        # the folder itself are the one file (the file's own name is not followed: a bind replaces what is there).
+        folder, name = os.path.split(os.path.normpath(rest))
+        return ("ipc", os.path.join(os.path.realpath(folder), name))
     if scheme == "tcp":
         host, _, port = rest.rpartition(":")
         return ("tcp", LOOPBACK_NAMES.get(host.lower(), host), port)
