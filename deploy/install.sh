@@ -402,7 +402,14 @@ as_service_user() {
 # on stdout.
 # CHECK_STATUS: 0 accepted, 2 refused, anything else the check could not run (a venv broken by a Python upgrade).
 check_config() {  # config
-    if refusal=$(cd / && as_service_user "$VENV/bin/inspectd" run --check --config "$1" 2>&1 >/dev/null); then
+    set -- "$1"
+    # A --prefix tree is never chowned, and no unit here runs its configs: a check as root would also load them as
+    # this machine's service user, who cannot read them. Only a version that knows --service-user is given it (an
+    # older one refuses the option, which would pass for a refused config).
+    if [ "$SYSTEM" -eq 0 ] && "$VENV/bin/inspectd" run --help 2>/dev/null | grep -q -e --service-user; then
+        set -- "$1" --service-user ''
+    fi
+    if refusal=$(cd / && as_service_user "$VENV/bin/inspectd" run --check --config "$@" 2>&1 >/dev/null); then
         CHECK_STATUS=0
         return 0
     else

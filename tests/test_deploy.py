@@ -435,6 +435,46 @@ stat -c '%U:%G %a %n' /etc/inspectd /etc/inspectd/inspectd.yaml /etc/inspectd/ke
     assert not Path("/etc/.inspectd-test-copy").exists()
 
 
+@pytest.mark.skipif(_namespace_reason() is not None, reason=str(_namespace_reason()))
+def test_a_prefix_install_as_root_checks_its_configs_as_root_where_this_machine_has_a_service_user(tmp_path):
+    """A --prefix tree (an image) is never chowned and no unit of this machine runs its configs: its checks, run as
+    root, must not also load them as this machine's inspectd, who cannot read them (every config refused by old
+    and new alike, a warning per unit). Run in a private mount namespace over a copy of /etc that has the user; the
+    venv's inspectd is this checkout's."""
+    etc = tmp_path / "etc"
+    subprocess.run(["cp", "-a", "/etc", str(etc)], check=True, timeout=60)
+    (etc / ".inspectd-test-copy").write_text("")
+    root = tmp_path / "image"
+    venv = root / "opt" / "inspectd" / "venv"
+    _pip_log_venv(venv)
+    (venv / "bin" / "inspectd").write_text(f'#!/bin/sh\nPYTHONPATH="{REPO}" exec "{sys.executable}" -m inspectd "$@"\n')
+    (venv / "bin" / "inspectd").chmod(0o755)
+    config = root / "etc" / "inspectd" / "line2.yaml"
+    config.parent.mkdir(parents=True)
+    line2 = {
+        "station": "line2",
+        "model": {"bundle": str(write_grey_bundle(tmp_path / "bundle"))},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+    }
+    config.write_text(yaml.safe_dump(line2))
+    _enable(root, "inspectd@line2.service")
+    script = f"""set -e
+mount --bind {etc} /etc
+test -f /etc/.inspectd-test-copy  # never add a user unless /etc is the copy
+getent passwd inspectd >/dev/null || useradd --system --no-create-home inspectd
+sh {INSTALL} --prefix {root}
+"""
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == ""
+    assert result.stdout.splitlines()[-1] == (
+        "install.sh: done; to run the new version: systemctl try-restart inspectd@line2.service"
+    )
+
+
 def test_regenerated_constraints_keep_the_pins_of_what_is_not_installed_here(tmp_path):
     """`make constraints` on a CPU machine must not drop the onnxruntime-gpu pin GPU stations install by, nor keep
     the pin of a package this environment has but no longer needs."""
