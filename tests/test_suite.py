@@ -346,3 +346,72 @@ def test_a_dataset_whose_test_set_has_no_defects_says_so_in_its_row(tmp_path):
     row = (out / "suite.md").read_text().splitlines()[2]
     assert row.startswith("| only_good | aligned, score max; blank: no defective test images | - | - | - | - | ")
     assert json.loads((out / "suite.json").read_text())["rows"][0]["note"] == "blank: no defective test images"
+
+
+def test_only_runs_merge_into_the_table_and_no_run_pushes_the_last_whole_table_out(tmp_path, monkeypatch, capsys):
+    """suite.prev kept one generation, whatever it held: `--only a` then `--only b` after a whole run left a table of
+    b alone beside one of a alone, and two interrupted or all-FAILED runs lost the whole table. An --only run's rows
+    now merge into the table it finds, and only a whole table moves to suite.prev."""
+    from engines.errors import DataError
+    from engines.training import train
+
+    root = tmp_path / "data"
+    for name in ("tile_a", "tile_b"):
+        make_tiny_mvtec(root / name, n_train=4, n_test_good=1, n_test_defect=1)
+    out = tmp_path / "suite"
+    real = train.train_bundle
+
+    def trained(data, *args, **kwargs):  # the suite's own training, at the cheapest size
+        return real(data, *args, size=(64, 64), **kwargs)
+
+    def refused(data, *args, **kwargs):
+        raise DataError(f"{data}: refused for the test")
+
+    def interrupted(data, *args, **kwargs):
+        if data.name == "tile_b":
+            raise KeyboardInterrupt
+        raise DataError(f"{data}: refused for the test")
+
+    def table(name: str = "suite") -> tuple[list[str], dict]:
+        return (out / f"{name}.md").read_text().splitlines(), json.loads((out / f"{name}.json").read_text())
+
+    monkeypatch.setattr(train, "train_bundle", trained)
+    first = suite.run_suite(root, out, "aligned", None)
+    assert not (out / "suite.prev.md").exists()
+    when = first.get("created")
+    merged = suite.run_suite(root, out, "aligned", ["tile_a"])
+    lines, doc = table()
+    assert [r["dataset"] for r in doc["rows"]] == ["tile_a", "tile_b"]
+    assert (
+        first["whole"] is doc["whole"] is True
+        and doc["kept_from_earlier"] == ["tile_b"]
+        and doc["reports"]["tile_b"]["eval"]["overall"]["image_auroc"] > 0
+    )
+    assert lines[2].startswith("| tile_a | aligned, score max | ")
+    assert lines[3].startswith(f"| tile_b | aligned, score max; earlier run {when} | ")
+    assert doc["rows"][1] == {**first["rows"][1], "measured": when}
+    assert table("suite.prev")[1]["created"] == when
+    suite.run_suite(root, out, "aligned", ["tile_b"])
+    lines, doc = table()
+    assert lines[2].startswith(f"| tile_a | aligned, score max; earlier run {merged['created']} | ")
+    assert lines[3].startswith("| tile_b | aligned, score max | ") and doc["whole"] is True
+    whole = (out / "suite.md").read_text()
+
+    # Two interrupted runs, then two runs of which every dataset FAILED: the last whole table stays in suite.prev.
+    monkeypatch.setattr(train, "train_bundle", interrupted)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            suite.run_suite(root, out, "aligned", None)
+        assert table()[0][-1] == "INTERRUPTED: 1 of 2 dataset(s) done; not measured: tile_b"
+        assert (out / "suite.prev.md").read_text() == whole
+    monkeypatch.setattr(train, "train_bundle", refused)
+    for _ in range(2):
+        assert suite.run_suite(root, out, "aligned", None)["whole"] is False
+        assert (out / "suite.prev.md").read_text() == whole
+    assert "(the last whole table) kept" in capsys.readouterr().out
+    # An --only run of another recipe merges into none: it says so, and its table says which datasets it lacks.
+    assert suite.run_suite(root, out, "patchcore", ["tile_a"])["missing"] == ["tile_b"]
+    said = capsys.readouterr().out
+    assert f"eval-suite: {out / 'suite.json'}: a table of recipe aligned (this run: patchcore), not merged" in said
+    assert table()[0][-1] == "PART: no row for tile_b (not run by this --only run)"
+    assert (out / "suite.prev.md").read_text() == whole

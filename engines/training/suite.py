@@ -9,9 +9,19 @@ Defaults are chosen by this table, never by one dataset. Output: OUT/suite.md (t
 report), OUT/<dataset>/bundle (the bundles). A dataset that train or eval refuses gets a row saying why, with no metrics
 (so the means cover the others and say how many), the others still run, and the command exits 1; what train would
 refuse for every dataset (--recipe, --seed, an OUT that is no place for bundles) is refused before the first one trains.
-The table is written once there is a row, at the end or on an interrupt (then marked so, with the datasets not run), and
-an earlier run's suite.md and suite.json are moved to suite.prev.md and suite.prev.json first: a run that measured
-nothing never replaces a table that took hours.
+The table is written once there is a row, at the end or on an interrupt (then marked so, with the datasets not run).
+
+A run limited by --only merges its rows into the earlier table in OUT/suite.json (one of the same data root, recipe and
+seed; otherwise it says why and its table holds only its own rows): those datasets' rows are replaced, every other
+dataset's row is kept, marked `earlier run TIME` with when its run started. Finishing an interrupted run is so
+`--only` with the datasets it did not measure.
+
+suite.prev.md and suite.prev.json keep the last whole table: one with a row for every dataset of the root, not
+interrupted, and with at least one dataset measured (not every row FAILED). An earlier suite.md and suite.json move to
+suite.prev.* only when they are whole; an earlier part table (interrupted, an --only run's that merged into none, or
+every row FAILED) is replaced and suite.prev.* left as it is. So the newest whole table is always in suite.md or
+suite.prev.md: no run, however cut short or failed, loses it, and an older whole one goes only once a newer whole one
+stands. suite.json says which a table is (`whole`, and `missing`: the datasets without a row).
 """
 
 from __future__ import annotations
@@ -87,20 +97,26 @@ def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None,
     anything is trained or written for what train would refuse of every dataset (--recipe, --seed, --out)."""
     found = datasets(root, only, report=lambda line: print(line, flush=True))
     check_arguments(found, out, recipe, seed)
+    # A whole table has a row for each of these, whichever of them this run measures.
+    every = [p.name for p in datasets(root)] if only else [p.name for p in found]
+    this: dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "every": every}
+    this["only"] = list(only) if only else None
+    earlier = _earlier_table(out, root, recipe, seed) if only else None
     rows: list[dict] = []
     reports: dict[str, dict] = {}
     try:
-        _run_each(found, out, recipe, seed, rows, reports)
+        _run_each(found, out, recipe, seed, rows, reports, this["created"])
     except (KeyboardInterrupt, SystemExit):  # SystemExit: `inspectd`'s SIGTERM
         if not rows:  # an earlier run's table is worth more than an empty one
             kept = f"; {out / 'suite.md'} left as it was" if (out / "suite.md").exists() else ""
             print(f"eval-suite: interrupted before the first dataset was measured, no table written{kept}", flush=True)
             raise
-        # What was measured before the Ctrl-C is kept, marked as a part (an earlier run's table goes to suite.prev.md).
-        _write(out, rows, reports, recipe, root, not_measured=[d.name for d in found if d.name not in reports])
+        # What was measured before the Ctrl-C is kept, marked as a part.
+        not_measured = [d.name for d in found if d.name not in reports]
+        _write(out, rows, reports, recipe, root, seed, this, earlier, not_measured=not_measured)
         print(f"eval-suite: interrupted; {out / 'suite.md'} holds the {len(rows)} dataset(s) done", flush=True)
         raise
-    return _write(out, rows, reports, recipe, root)
+    return _write(out, rows, reports, recipe, root, seed, this, earlier)
 
 
 def check_arguments(found: list[Path], out: Path, recipe: str | None, seed: int) -> None:
@@ -119,7 +135,9 @@ def check_arguments(found: list[Path], out: Path, recipe: str | None, seed: int)
         check_out(out / data.name / "bundle", data)
 
 
-def _run_each(found: list[Path], out: Path, recipe: str | None, seed: int, rows: list[dict], reports: dict) -> None:
+def _run_each(
+    found: list[Path], out: Path, recipe: str | None, seed: int, rows: list[dict], reports: dict, measured: str
+) -> None:
     from engines.training.evaluate import evaluate
     from engines.training.train import Progress, train_bundle, training_images
 
@@ -158,7 +176,7 @@ def _run_each(found: list[Path], out: Path, recipe: str | None, seed: int, rows:
                     "load": None,
                 }
                 | {m: None for m in METRICS}
-                | {"error": error}
+                | {"error": error, "measured": measured}
             )
             continue
         reports[data.name] = {"train_seconds": round(result.seconds, 1), "eval": report}
@@ -171,6 +189,7 @@ def _run_each(found: list[Path], out: Path, recipe: str | None, seed: int, rows:
             "train_s": round(result.seconds),
             "load": round(max(load, os.getloadavg()[0]), 1),
             **{m: overall[m] for m in METRICS},
+            "measured": measured,
         }
         if blank := blank_reason(overall):
             # Said in the row: a row of dashes otherwise passes for a dataset measured like the others.
@@ -189,35 +208,123 @@ def blank_reason(overall: dict) -> str | None:
     return None
 
 
+# What format_table and mean_row read of every row: an earlier suite.json's rows must hold them to be merged.
+ROW_KEYS = ("dataset", "recipe", "train_s", "load", *METRICS)
+
+
+def _earlier_table(out: Path, root: Path, recipe: str | None, seed: int) -> dict | None:
+    """The table in OUT/suite.json an --only run merges its rows into, None where there is none to merge into (said
+    in a line where there is a suite.json: one of another root, recipe or seed, or none this module wrote)."""
+    path = out / "suite.json"
+    if not path.exists():
+        return None
+    alone = "not merged: suite.md will hold only this run's datasets"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"eval-suite: {path}: cannot be read ({getattr(exc, 'strerror', None) or exc}), {alone}", flush=True)
+        return None
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in ROW_KEYS) for r in rows):
+        print(f"eval-suite: {path}: no eval-suite table, {alone}", flush=True)
+        return None
+    given = {"data root": str(root), "recipe": recipe or "default", "seed": seed}
+    theirs = {"data root": doc.get("data_root"), "recipe": doc.get("recipe"), "seed": doc.get("seed", seed)}
+    same_root = theirs["data root"] is not None and Path(theirs["data root"]).resolve() == root.resolve()
+    differ = [k for k in given if (not same_root if k == "data root" else given[k] != theirs[k])]
+    if differ:
+        said = ", ".join(f"{k} {theirs[k]} (this run: {given[k]})" for k in differ)
+        print(f"eval-suite: {path}: a table of {said}, {alone}", flush=True)
+        return None
+    return doc
+
+
 def _write(
-    out: Path, rows: list[dict], reports: dict, recipe: str | None, root: Path, not_measured: list[str] | None = None
+    out: Path,
+    rows: list[dict],
+    reports: dict,
+    recipe: str | None,
+    root: Path,
+    seed: int,
+    this: dict,
+    earlier: dict | None,
+    not_measured: list[str] | None = None,
 ) -> dict:
-    """Write OUT/suite.json and suite.md, first moving an earlier run's to suite.prev.json and suite.prev.md.
-    `not_measured`: the datasets an interrupt left out (None: the run was whole)."""
-    table: dict[str, Any] = {"rows": rows, "mean": mean_row(rows), "recipe": recipe or "default"}
+    """Write OUT/suite.json and suite.md: this run's rows, with an --only run's merged into `earlier` (the table it
+    found), after moving a whole earlier table to suite.prev.* (_keep_previous). `this`: the run's start time
+    (created), the root's datasets (every) and --only. `not_measured`: the datasets an interrupt left out (None: the
+    run was not interrupted)."""
+    every = this["every"]
+    this_run = [r["dataset"] for r in rows]
+    kept = []
+    if earlier is not None:
+        # A row of a dataset the root no longer holds is left out: the table covers the root as it is.
+        kept = [r for r in earlier["rows"] if r["dataset"] in every and r["dataset"] not in this_run]
+        for r in kept:
+            r.setdefault("measured", earlier.get("created"))
+        theirs = earlier.get("reports")
+        theirs = theirs if isinstance(theirs, dict) else {}
+        reports = {r["dataset"]: theirs.get(r["dataset"]) for r in kept} | reports
+    rows = sorted([*rows, *kept], key=lambda r: every.index(r["dataset"]))
+    have = {r["dataset"] for r in rows}
+    missing = [name for name in every if name not in have]
+    table: dict[str, Any] = {"rows": rows, "mean": mean_row(rows), "recipe": recipe or "default", "seed": seed}
     table["data_root"] = str(root)
-    table["failed"] = [r["dataset"] for r in rows if r.get("error")]
+    table["created"] = this["created"]
+    table["only"] = this["only"]
+    table["this_run"] = this_run
+    table["merged"] = earlier is not None
+    table["kept_from_earlier"] = [r["dataset"] for r in kept]
+    # This run's failures: a FAILED row kept from an earlier run is that run's, said in its row.
+    table["failed"] = [r["dataset"] for r in rows if r.get("error") and r["dataset"] in this_run]
     if not_measured is not None:
         table["interrupted"] = True
         table["not_measured"] = not_measured
+    table["missing"] = missing
+    table["whole"] = not_measured is None and not missing and any(not r.get("error") for r in rows)
     out.mkdir(parents=True, exist_ok=True)
-    _keep_previous(out)
+    if done := _keep_previous(out):
+        print(f"eval-suite: {done}", flush=True)
     (out / "suite.json").write_text(json.dumps({**table, "reports": reports}, indent=2) + "\n", encoding="utf-8")
     (out / "suite.md").write_text(format_table(table) + "\n", encoding="utf-8")
     return table
 
 
-def _keep_previous(out: Path) -> None:
-    """An earlier run's suite.md and suite.json (hours of training on a full root) moved to suite.prev.*, the two
-    kept a pair: a prev file of a run older still, whose partner this run moves, goes."""
+def _keep_previous(out: Path) -> str | None:
+    """Move an earlier run's suite.md and suite.json to suite.prev.* where they are a whole table (is_whole), the two
+    kept a pair: a prev file of a run older still, whose partner this run moves, goes. An earlier part table is left
+    for this run's to replace, so suite.prev.* keeps the last whole one. What was done, in words (None: none there)."""
     pairs = [(out / f"suite{suffix}", out / f"suite.prev{suffix}") for suffix in (".md", ".json")]
     if not any(current.exists() for current, _ in pairs):
-        return
+        return None
+    if not is_whole(out / "suite.json"):
+        kept = f", {out / 'suite.prev.md'} (the last whole table) kept" if (out / "suite.prev.md").exists() else ""
+        part = "a part table (interrupted, --only or every row FAILED)"
+        return f"the earlier {out / 'suite.md'} was {part}: replaced{kept}"
     for current, previous in pairs:
         if current.exists():
             os.replace(current, previous)
         else:
             previous.unlink(missing_ok=True)
+    return f"the earlier table moved to {out / 'suite.prev.md'}"
+
+
+def is_whole(path: Path) -> bool:
+    """Whether the table in suite.json `path` is whole: a row for every dataset, not interrupted, one measured at
+    least. A table of a version that did not record it: not interrupted and not every row FAILED. One that cannot be
+    read as a table (or none beside a suite.md) counts as whole: what it holds is unknown, so it is kept."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    if not isinstance(doc, dict):
+        return True
+    if "whole" in doc:
+        return bool(doc["whole"])
+    rows = doc.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        return True
+    return not doc.get("interrupted") and any(not r.get("error") for r in rows)
 
 
 def mean_row(rows: list[dict]) -> dict:
@@ -235,11 +342,18 @@ def mean_row(rows: list[dict]) -> dict:
 
 def format_table(table: dict) -> str:
     n_rows = len(table["rows"])
+    kept = set(table.get("kept_from_earlier") or [])
 
     def cell(value, covered: int) -> str:
         if value is None:
             return "-"
         return f"{value:.3f}" if covered == n_rows else f"{value:.3f} ({covered}/{n_rows})"
+
+    def recipe(row: dict) -> str:
+        if row is table["mean"] or row["dataset"] not in kept:
+            return row["recipe"]
+        # A row an --only run kept from the table it merged into: measured by another run, perhaps of other code.
+        return f"{row['recipe']}; earlier run" + (f" {row['measured']}" if row.get("measured") else "")
 
     lines = [
         "| dataset | recipe chosen | image AUROC | pixel AUROC | AUPRO | F1-max | train s (load) |",
@@ -249,13 +363,18 @@ def format_table(table: dict) -> str:
         took = "" if r["train_s"] is None else f"{r['train_s']} ({r['load']})"
         covered = r.get("n_datasets", {})
         metrics = " | ".join(cell(r[m], covered.get(m, n_rows)) for m in METRICS)
-        lines.append(f"| {r['dataset']} | {r['recipe']} | {metrics} | {took} |")
+        lines.append(f"| {r['dataset']} | {recipe(r)} | {metrics} | {took} |")
+    not_measured = table.get("not_measured") or []
     if table.get("interrupted"):
-        not_measured = table.get("not_measured") or []
+        done = n_rows - len(kept)
         lines.append(
-            f"\nINTERRUPTED: {n_rows} of {n_rows + len(not_measured)} dataset(s) done"
+            f"\nINTERRUPTED: {done} of {done + len(not_measured)} dataset(s) done"
             + (f"; not measured: {', '.join(not_measured)}" if not_measured else "")
         )
+    left_out = [name for name in table.get("missing") or [] if name not in not_measured]
+    if left_out:
+        also = " nor in the table it merged into" if table.get("merged") else ""
+        lines.append(f"\nPART: no row for {', '.join(left_out)} (not run by this --only run{also})")
     return "\n".join(lines)
 
 
@@ -265,11 +384,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         default="runs/suite",
         help="where bundles (OUT/<dataset>/bundle), suite.md and suite.json go. The table is written once a dataset "
-        "has its row (an interrupt before that writes none); an earlier suite.md and suite.json are then moved to "
-        "suite.prev.md and suite.prev.json",
+        "has its row (an interrupt before that writes none). suite.prev.md and suite.prev.json keep the last whole "
+        "table (a row for every dataset, not interrupted, not every row FAILED): an earlier whole table moves there, "
+        "an earlier part table is replaced",
     )
     parser.add_argument("--recipe", default=None, help="recipe to train with (default: train's default, auto)")
-    parser.add_argument("--only", nargs="*", default=None, help="dataset folder names to run (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="dataset folder names to run (default: all); their rows are merged into OUT/suite.json's table of the "
+        "same --data-root, --recipe and --seed, whose other rows are kept, marked `earlier run TIME`",
+    )
     parser.add_argument(
         "--seed",
         type=int,
@@ -292,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.out}/suite.md written, {time.monotonic() - started:.0f}s")
     if table["failed"]:
         print(
-            f"inspectd eval-suite: {len(table['failed'])} of {len(table['rows'])} dataset(s) failed: "
+            f"inspectd eval-suite: {len(table['failed'])} of {len(table['this_run'])} dataset(s) failed: "
             f"{', '.join(table['failed'])} (the error is in each one's row)",
             file=sys.stderr,
         )
