@@ -25,8 +25,9 @@
 # The options that choose what pip installs (--with-train, --with-plc, --with-gpu, --torch-index, --no-constraints)
 # are kept beside the virtualenv before pip runs, and a rerun that leaves one out takes it again and says so: a GPU
 # station updated with a bare `install.sh`, or retried after a failed one, keeps onnxruntime-gpu instead of getting
-# the CPU build back. --without-train, --without-plc,
-# --without-gpu, --without-torch-index and --with-constraints leave a kept option out on purpose.
+# the CPU build back. A virtualenv whose install kept none is taken for the extras it holds (pymodbus, torch,
+# onnxruntime-gpu and the CUDA its version is built for). --without-train, --without-plc, --without-gpu,
+# --without-torch-index and --with-constraints leave a kept option out on purpose.
 set -eu
 
 usage() {
@@ -165,17 +166,63 @@ fi
 [ -z "$REUSED" ] ||
     echo "install.sh: reusing the last install's options:$REUSED ($LEAVE_OUT to leave out)"
 leaves_out() { case "$DROPPED" in *" $1 "*) return 0 ;; esac; return 1; }
-gpu_build_in() {  # venv
-    for dist in "$1"/lib/python3*/site-packages/onnxruntime_gpu-*.dist-info; do
-        [ ! -d "$dist" ] || return 0
+# The version of a distribution in a venv, by its dist-info folder (the name as pip writes it there: lower case,
+# "_" for "-"), or a failure where it is not installed.
+dist_version() {  # venv name
+    for dist in "$1"/lib/python3*/site-packages/"$2"-*.dist-info; do
+        if [ -d "$dist" ]; then
+            dist=${dist##*/}
+            dist=${dist#"$2"-}
+            echo "${dist%.dist-info}"
+            return 0
+        fi
     done
     return 1
 }
-# A GPU venv whose install kept no options (an install.sh before it did): installing inspectd without --with-gpu
-# would put the CPU onnxruntime over onnxruntime-gpu, which `run --check` cannot see.
-if [ "$MAKE_VENV" -eq 1 ] && [ -z "$GPU" ] && ! leaves_out gpu && gpu_build_in "$PREFIX/opt/inspectd/venv"; then
-    die "$PREFIX/opt/inspectd/venv holds onnxruntime-gpu and this run has no --with-gpu, which would put the CPU" \
-        "onnxruntime over it: give --with-gpu cu12|cu13 as its first install did, or --without-gpu for the CPU build"
+gpu_build_in() { dist_version "$1" onnxruntime_gpu >/dev/null; }  # venv
+# The CUDA major an onnxruntime-gpu version from PyPI is built for: 12 up to 1.26, 13 from 1.27 (docs/GPU.md).
+cuda_of() {  # onnxruntime-gpu version
+    case "$1" in
+        1.[0-9].*|1.1[0-9].*|1.2[0-6].*) echo cu12 ;;
+        *) echo cu13 ;;
+    esac
+}
+# A venv whose install kept no options (an install.sh before it did) is taken for what it holds: installing inspectd
+# without its extras would leave pymodbus, asyncua or torch unmanaged, and would put the CPU onnxruntime over
+# onnxruntime-gpu, which `run --check` cannot see.
+PREFIX_VENV="$PREFIX/opt/inspectd/venv"
+FOUND=""
+found() {  # key option evidence; fails for an option this run gives or leaves out
+    case "$GIVEN$DROPPED" in *" $1 "*) return 1 ;; esac
+    FOUND="$FOUND $2 ($3)"
+    LEAVE_OUT="${LEAVE_OUT:+$LEAVE_OUT, }$(leave_out_of "$1")"
+}
+if [ "$MAKE_VENV" -eq 1 ] && [ -z "$RECORD" ]; then
+    if version=$(dist_version "$PREFIX_VENV" torch); then
+        if found train --with-train "torch $version"; then TRAIN=1; fi
+    fi
+    for dist in pymodbus asyncua; do
+        if version=$(dist_version "$PREFIX_VENV" $dist); then
+            if found plc --with-plc "$dist $version"; then PLC=1; fi
+            break
+        fi
+    done
+    if version=$(dist_version "$PREFIX_VENV" onnxruntime_gpu); then
+        cuda=$(cuda_of "$version")
+        if found gpu "--with-gpu $cuda" "onnxruntime-gpu $version, built for CUDA ${cuda#cu}"; then GPU=$cuda; fi
+    fi
+fi
+[ -z "$FOUND" ] ||
+    echo "install.sh: reusing the last install's options, told from what its virtualenv holds (an install.sh" \
+        "before this kept none):$FOUND; $LEAVE_OUT to leave out"
+# A GPU venv whose kept options have no --with-gpu (onnxruntime-gpu installed by hand, or a --without-gpu run that
+# failed before it took the GPU build out): which build it should hold is the operator's to say.
+if [ "$MAKE_VENV" -eq 1 ] && [ -z "$GPU" ] && ! leaves_out gpu &&
+    version=$(dist_version "$PREFIX_VENV" onnxruntime_gpu); then
+    cuda=$(cuda_of "$version")
+    die "$PREFIX_VENV holds onnxruntime-gpu $version, built for CUDA ${cuda#cu}, and neither this run nor the" \
+        "options kept in $RECORD have --with-gpu, which would put the CPU onnxruntime over it: give --with-gpu" \
+        "$cuda to keep it, or --without-gpu for the CPU build"
 fi
 
 # In a fixed order: the stamp below compares it, and the same options must give the same stamp.

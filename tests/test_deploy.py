@@ -904,9 +904,9 @@ def _pip_commands(log: Path, start: int = 0) -> list[str]:
 
 def test_a_rerun_takes_the_options_of_the_last_install_again_unless_told_to_leave_one_out(tmp_path):
     """A GPU station updated with a bare `install.sh`: the CPU onnxruntime must not come back over onnxruntime-gpu.
-    The options are kept in the venv and taken again, in one line saying so; --without-gpu leaves the GPU build out
-    on purpose (and takes it out of the venv). A venv with onnxruntime-gpu that kept no options (installed by an
-    install.sh before this) is refused without --with-gpu or --without-gpu, naming them."""
+    The options are kept beside the venv and taken again, in one line saying so; --without-gpu leaves the GPU build
+    out on purpose (and takes it out of the venv). A venv holding onnxruntime-gpu whose kept options have no
+    --with-gpu is refused without --with-gpu or --without-gpu, naming the CUDA its build is for."""
     root = tmp_path / "root"
     venv = root / "opt" / "inspectd" / "venv"
     log = _pip_log_venv(venv)
@@ -951,15 +951,73 @@ def test_a_rerun_takes_the_options_of_the_last_install_again_unless_told_to_leav
     assert _pip_commands(log, 6) == ["uninstall -y onnxruntime onnxruntime-gpu", "install SRC[plc]"]
     assert not gpu_dist.exists() and (root / "opt/inspectd/install-options").read_text() == "--with-plc\n"
 
+    # onnxruntime-gpu put in by hand, the kept options without it: the build it should be is the operator's to say.
     gpu_dist.mkdir()
-    (root / "opt/inspectd/install-options").unlink()
-    unkept = install("--with-plc")
+    unkept = install()
     assert unkept.returncode == 2, unkept.stdout + unkept.stderr
     assert unkept.stderr.splitlines() == [
-        f"install.sh: {venv} holds onnxruntime-gpu and this run has no --with-gpu, which would put the CPU onnxruntime "
-        "over it: give --with-gpu cu12|cu13 as its first install did, or --without-gpu for the CPU build"
+        f"install.sh: {venv} holds onnxruntime-gpu 1.32.0, built for CUDA 13, and neither this run nor the options "
+        f"kept in {root / 'opt/inspectd/install-options'} have --with-gpu, which would put the CPU onnxruntime over "
+        "it: give --with-gpu cu13 to keep it, or --without-gpu for the CPU build"
     ]
     assert _pip_commands(log, 8) == []
+
+
+@pytest.mark.parametrize(
+    ("dists", "options", "evidence", "extras"),
+    [
+        (["pymodbus-3.8.0"], "--with-plc", "--with-plc (pymodbus 3.8.0)", "plc"),
+        (
+            ["asyncua-1.1.5", "torch-2.5.1"],
+            "--with-train\n--with-plc",
+            "--with-train (torch 2.5.1) --with-plc (asyncua 1.1.5)",
+            "train,plc",
+        ),
+        (
+            ["pymodbus-3.8.0", "onnxruntime_gpu-1.26.0"],
+            "--with-plc\n--with-gpu cu12",
+            "--with-plc (pymodbus 3.8.0) --with-gpu cu12 (onnxruntime-gpu 1.26.0, built for CUDA 12)",
+            "plc,gpu-cu12",
+        ),
+        (
+            ["onnxruntime_gpu-1.27.0"],
+            "--with-gpu cu13",
+            "--with-gpu cu13 (onnxruntime-gpu 1.27.0, built for CUDA 13)",
+            "gpu-cu13",
+        ),
+    ],
+)
+def test_a_venv_whose_install_kept_no_options_is_updated_with_the_extras_it_holds(
+    tmp_path, dists, options, evidence, extras
+):
+    """The previous release's venv has no record: a bare update must keep what it holds (the PLC packages, torch,
+    onnxruntime-gpu for the CUDA its version is built for) rather than drop them silently, and say so in one line."""
+    root = tmp_path / "root"
+    venv = root / "opt" / "inspectd" / "venv"
+    log = _pip_log_venv(venv)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    for dist in dists:
+        (site / f"{dist}.dist-info").mkdir()
+    leave_out = ", ".join(f"--without-{key}" for key in ("train", "plc", "gpu") if f"--with-{key}" in options)
+    result = subprocess.run(["sh", str(INSTALL), "--prefix", str(root)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "install.sh: reusing the last install's options, told from what its virtualenv holds (an install.sh before "
+        f"this kept none): {evidence}; {leave_out} to leave out"
+    )
+    assert _pip_commands(log)[0].startswith(f"install SRC[{extras}]")
+    assert (root / "opt" / "inspectd" / "install-options").read_text() == options + "\n"
+    # What the command line gives or leaves out is not taken from the venv.
+    (root / "opt" / "inspectd" / "install-options").unlink()
+    (venv / ".inspectd-stamp").unlink()
+    left_out = subprocess.run(
+        ["sh", str(INSTALL), "--prefix", str(root), "--without-plc", "--without-train", "--without-gpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert left_out.returncode == 0, left_out.stdout + left_out.stderr
+    assert "reusing" not in left_out.stdout and _pip_commands(log)[-1] == "install SRC"
 
 
 def _venv_maker(path: Path, venv: Path) -> Path:
