@@ -51,6 +51,9 @@ class Source:
         self.camera = camera
         self.clock = clock
         self.bit_depth = bit_depth
+        # A fault the source got over by itself, without a reopen (a zmq camera binding its removed socket file
+        # again), in one line: set by the camera's supervisor to show it as the camera's last_error.
+        self.report_error: Callable[[str], None] = lambda error: None
 
     def open(self, stop: threading.Event) -> None:
         pass

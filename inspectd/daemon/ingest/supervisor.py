@@ -64,6 +64,7 @@ class CameraIngest:
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._source = make_source(camera, clock, bit_depth)
+        self._source.report_error = self._reported
         self._log = log.bind(camera=camera.id, source=camera.source.kind)
         self._thread = threading.Thread(target=self._run, name=f"ingest-{camera.id}", daemon=True)
 
@@ -113,6 +114,9 @@ class CameraIngest:
             "first_seq": self.first_seq,
             **self._source.stats(),
         }
+
+    def _reported(self, error: str) -> None:
+        self.last_error = error  # the source has logged it, and goes on without a reopen
 
     def _set_state(self, state: str, **fields) -> None:
         self.state = state

@@ -44,8 +44,11 @@ CLOSE_DRAIN_MAX = 100_000
 MAX_FRAME_ID = 256
 # A refusal quotes producer values and is repeated as the camera's last_error in every status message.
 MAX_REASON = 300
-# How often an idle camera bound to an ipc socket file checks that the file is still the one it bound: one stat.
+# How often a camera bound to an ipc socket file checks that the file is still the one it bound: one stat.
 SOCKET_FILE_CHECK_S = 1.0
+# Socket files a camera may bind again in place before it is reopened instead: each one leaves a listener on the file
+# that was removed, open until the socket closes, so that the producers connected through it lose nothing.
+MAX_REBINDS = 16
 
 log = structlog.get_logger("inspectd.ingest")
 
@@ -103,6 +106,7 @@ class ZmqPullSource(Source):
         # The ipc socket file bound (its path, device and inode), and when it was last seen to be that file.
         self._socket_file: tuple[str, int, int] | None = None
         self._socket_file_seen = 0.0
+        self._rebinds = 0  # since the open: the listeners left on files that were removed
         self._stop: threading.Event | None = None
         self._receiving = True
         self.drained = threading.Event()  # after stop_receiving(): everything the socket held has been read
@@ -142,11 +146,9 @@ class ZmqPullSource(Source):
         self._stop = stop
         open_ipc_to_group(sock)  # frame producers run as other users in the service's group
         self._socket_file = None
+        self._rebinds = 0
         if self._bound.startswith("ipc://") and not self._bound.startswith("ipc://@"):  # "@": abstract, no file
-            path = self._bound[len("ipc://") :]
-            st = os.stat(path)
-            self._socket_file = (path, st.st_dev, st.st_ino)
-            self._socket_file_seen = time.monotonic()
+            self._note_socket_file(self._bound[len("ipc://") :])
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
 
@@ -196,34 +198,62 @@ class ZmqPullSource(Source):
         assert self.sock is not None and self.poller is not None, "read() before open()"
         if not self._receiving and self._bound is not None:
             self._unbind()
+        # Checked busy or idle: a camera that always has a message waiting never idles, and new producers could not
+        # connect for as long as its load lasted.
+        if self._bound is not None and self._socket_file is not None:
+            if time.monotonic() - self._socket_file_seen >= SOCKET_FILE_CHECK_S:
+                self._check_socket_file(self._socket_file)
         if not self.poller.poll(int(READ_TIMEOUT_S * 1000)):
             if not self._receiving:
                 self.drained.set()
-            elif self._socket_file is not None and time.monotonic() - self._socket_file_seen >= SOCKET_FILE_CHECK_S:
-                self._check_socket_file(self._socket_file)
             return None
         return self._take(self.sock.recv_multipart(copy=False))
 
+    def _note_socket_file(self, path: str) -> None:
+        st = os.stat(path)
+        self._socket_file = (path, st.st_dev, st.st_ino)
+        self._socket_file_seen = time.monotonic()
+
     def _check_socket_file(self, bound: tuple[str, int, int]) -> None:
-        """OSError when the ipc socket file bound is gone or is another file: producers can no longer connect (a
-        tmp cleaner or an operator removed it, or another process bound the path, which ZeroMQ unlinks first), while
-        the socket itself would go on waiting without an error. The supervisor then reopens: binds the path again,
-        or, where another process serves it now, retries naming that. Checked only while idle, so that a rebind
-        leaves no message that was already handed over in the socket."""
+        """Bind the path again when the ipc socket file bound is gone or is another file: producers can no longer
+        connect (a tmp cleaner or an operator removed it, or a process bound the path, which ZeroMQ unlinks first),
+        while the socket itself would go on waiting without an error. The socket is bound to the path once more
+        rather than closed: the producers connected through the old file stay connected, and nothing they handed
+        over (in the socket, or on its way in the OS buffers, which a close drops) is lost. OSError, for the
+        supervisor to reopen, where another process serves the path now (the reopen retries naming it, as for a
+        taken port), where the bind fails, or past MAX_REBINDS."""
+        import zmq
+
         path, device, inode = bound
+        self._socket_file_seen = time.monotonic()
         try:
             st = os.stat(path)
         except OSError as exc:
+            what = f"is gone ({exc.strerror or exc}), expected it there while bound"
+        else:
+            if (st.st_dev, st.st_ino) == (device, inode):
+                return
+            what = "is another one now, expected the one bound"
+        try:
+            refuse_served_ipc(self.endpoint)
+        except zmq.ZMQError:
             raise OSError(
-                f"{self.endpoint}: its socket file is gone ({exc.strerror or exc}), expected it there while bound: "
-                "producers cannot connect, binding again"
+                f"{self.endpoint}: its socket file was bound by another process, which serves it now: producers "
+                "reach that process, not this camera; binding again once the path is free"
             ) from None
-        if (st.st_dev, st.st_ino) != (device, inode):
-            raise OSError(
-                f"{self.endpoint}: its socket file is another one now (made again, or bound by another process), "
-                "expected the one bound: producers cannot reach this camera, binding again"
-            )
-        self._socket_file_seen = time.monotonic()
+        if self._rebinds >= MAX_REBINDS:
+            raise OSError(f"{self.endpoint}: its socket file {what}, bound again {self._rebinds} times: reopening")
+        assert self.sock is not None
+        try:
+            self.sock.bind(self.endpoint)
+            self._rebinds += 1
+            open_ipc_to_group(self.sock)
+            self._note_socket_file(path)
+        except (zmq.ZMQError, OSError) as exc:
+            raise OSError(f"{self.endpoint}: its socket file {what}; binding it again failed ({exc})") from None
+        error = f"{self.endpoint}: its socket file {what}: producers could not connect, bound again"
+        self._log.warning("socket_file_rebound", endpoint=self.endpoint, error=error)
+        self.report_error(error)
 
     def _take(self, parts: list) -> Frame | None:
         if self.curve is not None and not self.curve.admits(parts[0]):
