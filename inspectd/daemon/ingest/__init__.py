@@ -21,10 +21,10 @@ and what was expected, so the pipeline publishes verdict "error" for it. Encoded
 the PNG IHDR / JPEG SOF header and checked against `max_pixels` before anything is decoded, because the decoder
 would otherwise allocate whatever a (hostile or broken) header asks for.
 
-Pausing: live sources (synthetic, zmq, an opencv stream or device, genicam) keep being read while paused and their
-frames are discarded (counted as `discarded`), so a resumed camera delivers current frames rather than a stale
-backlog; a folder or an opencv video file is not read while paused, so its files wait on disk, or the video where
-it stopped, and are all inspected after resume.
+Pausing: live sources (synthetic, zmq, an opencv stream, device or named pipe, genicam) keep being read while paused
+and their frames are discarded (counted as `discarded`), so a resumed camera delivers current frames rather than a
+stale backlog; a folder or an opencv video file (a regular file) is not read while paused, so its files wait on disk,
+or the video where it stopped, and are all inspected after resume, the frame a pause caught mid-read included.
 """
 
 from __future__ import annotations
