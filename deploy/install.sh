@@ -42,7 +42,8 @@ usage: install.sh [--prefix DIR] [--no-venv] [--with-train] [--with-plc] [--with
   --with-plc     add the [plc] extra (pymodbus, asyncua) for `inspectd bridge modbus` and `inspectd bridge opcua`
   --with-gpu cu12|cu13
                  a GPU station, by the CUDA major its driver runs (nvidia-smi: "CUDA Version"): the [gpu-cuNN]
-                 extra (cuda-bindings, onnx) and onnxruntime-gpu for that CUDA in place of onnxruntime
+                 extra (cuda-bindings, onnx) and onnxruntime-gpu for that CUDA in place of onnxruntime; what the
+                 virtualenv holds for the other CUDA (its wheels, a torch built on them) is taken out first
   --python PY    interpreter that creates the virtualenv (default: python3); an existing virtualenv made by
                  another interpreter is made again with PY (without --python it is kept as it is)
   --torch-index URL
@@ -386,6 +387,37 @@ src_git() {
     fi
 }
 
+# What the venv holds for the CUDA major other than this run's (cu12|cu13), one name a line: the NVIDIA wheels the
+# other major's constraints pin (deploy/constraints-cu12.txt's for CUDA 12, constraints.txt's for CUDA 13), any other
+# nvidia-*-cuNN of that major (torch's own nccl, cusparselt), an onnxruntime-gpu built for it, and with the training
+# stack a torch (and torchvision) built on those wheels, which pip would otherwise find already installed and keep.
+other_cuda_wheels() {  # cu12|cu13
+    case "$1" in
+        cu13) other=cu12; pins="$SRC/deploy/constraints-cu12.txt" ;;
+        *) other=cu13; pins="$SRC/constraints.txt" ;;
+    esac
+    wheels=$(
+        for name in $(sed -n 's/^\(nvidia-[A-Za-z0-9_.-]*\)==.*/\1/p' "$pins"); do
+            if dist_version "$VENV" "$(echo "$name" | tr 'A-Z.-' 'a-z__')" >/dev/null; then echo "$name"; fi
+        done
+        for dist in "$VENV"/lib/python3*/site-packages/nvidia_*_"$other"-*.dist-info; do
+            if [ -d "$dist" ]; then dist=${dist##*/}; echo "${dist%%-*}" | tr _ -; fi
+        done
+        if version=$(dist_version "$VENV" onnxruntime_gpu) && [ "$(cuda_of "$version")" = "$other" ]; then
+            echo onnxruntime-gpu
+        fi
+    )
+    echo "$wheels" | sed '/^$/d' | LC_ALL=C sort -u
+    nvidia=$(echo "$wheels" | grep '^nvidia-' | paste -sd'|' -)
+    if [ "$TRAIN" -eq 1 ] && [ -n "$nvidia" ]; then
+        for metadata in "$VENV"/lib/python3*/site-packages/torch-*.dist-info/METADATA; do
+            [ -f "$metadata" ] && grep -qiE "^Requires-Dist: ($nvidia)([^A-Za-z0-9_.-]|\$)" "$metadata" || continue
+            echo torch
+            if dist_version "$VENV" torchvision >/dev/null; then echo torchvision; fi
+        done
+    fi
+}
+
 pip_install() {
     if [ "$USE_CONSTRAINTS" -eq 1 ]; then
         "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" "$@"
@@ -537,6 +569,12 @@ if [ "$MAKE_VENV" -eq 1 ]; then
             cut -d' ' -f1)
     if [ "$(cat "$VENV/.inspectd-stamp" 2>/dev/null || true)" != "$STAMP" ]; then
         remember_old_verdicts
+        if [ -n "$GPU" ] && OTHER=$(other_cuda_wheels "$GPU") && [ -n "$OTHER" ]; then
+            say "--with-gpu $GPU: removing what $VENV holds for the other CUDA first, which pip would leave beside" \
+                "CUDA ${GPU#cu}'s (both cuDNN wheels write the same files):" $OTHER
+            # shellcheck disable=SC2086 # one name a word
+            "$VENV/bin/python" -m pip uninstall -q -y $OTHER
+        fi
         case ",$EXTRAS," in
             *,train,*) [ -z "$TORCH_INDEX" ] || pip_install --index-url "$TORCH_INDEX" torch torchvision ;;
         esac

@@ -1020,6 +1020,91 @@ def test_a_venv_whose_install_kept_no_options_is_updated_with_the_extras_it_hold
     assert "reusing" not in left_out.stdout and _pip_commands(log)[-1] == "install SRC"
 
 
+def test_switching_the_cuda_major_takes_the_other_majors_wheels_out_of_the_venv_first(tmp_path):
+    """A driver upgrade (cu12 -> cu13) or a station moved back: pip would leave the other CUDA's wheels installed
+    beside the new ones, and both cuDNN wheels write nvidia/cudnn/lib (a cu12 -> cu13 -> cu12 station then ran cu13's
+    cuDNN under nvidia-cudnn-cu12's name). They go first: the other major's NVIDIA pins, its other nvidia-*-cuNN
+    wheels (torch's nccl), an onnxruntime-gpu built for it, and a torch built on them, which pip would keep."""
+    url = "https://download.pytorch.org/whl/cu126"
+    cases = [
+        (
+            ("--with-gpu", "cu13", "--without-torch-index"),
+            f"--with-train\n--with-gpu cu12\n--torch-index {url}\n",
+            [
+                "nvidia_cudnn_cu12-9.28.0.42",
+                "nvidia_cublas_cu12-12.9.3.13",
+                "nvidia_nccl_cu12-2.21.5",
+                "nvidia_cudnn_cu13-9.24.0.43",
+                "onnxruntime_gpu-1.26.0",
+                "torch-2.14.1",
+                "torchvision-0.29.1",
+            ],
+            "nvidia-cudnn-cu12==9.1.0.70",
+            [
+                "uninstall -y nvidia-cublas-cu12 nvidia-cudnn-cu12 nvidia-nccl-cu12 onnxruntime-gpu torch torchvision",
+                "install SRC[train,gpu-cu13]",
+            ],
+        ),
+        (
+            ("--with-gpu", "cu12", "--torch-index", url),
+            "--with-train\n--with-gpu cu13\n",
+            [
+                "nvidia_cudnn_cu13-9.24.0.43",
+                "nvidia_cuda_runtime-13.0.96",
+                "nvidia_cufft-12.0.0.61",
+                "nvidia_nccl_cu13-2.30.7",
+                "onnxruntime_gpu-1.31.1",
+                "torch-2.14.1",
+                "pymodbus-3.16.1",
+            ],
+            'nvidia-cudnn-cu13==9.24.0.43; platform_system == "Linux"',
+            [
+                "uninstall -y nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-nccl-cu13 onnxruntime-gpu "
+                "torch",
+                f"install --index-url {url} torch torchvision",
+                "install SRC[train,gpu-cu12]",
+            ],
+        ),
+    ]
+    for number, (args, kept, dists, torch_needs, pip) in enumerate(cases):
+        root = tmp_path / f"root{number}"
+        venv = root / "opt" / "inspectd" / "venv"
+        log = _pip_log_venv(venv)
+        site = next((venv / "lib").glob("python*/site-packages"))
+        for dist in dists:
+            (site / f"{dist}.dist-info").mkdir()
+        (site / "torch-2.14.1.dist-info" / "METADATA").write_text(
+            f"Name: torch\nRequires-Dist: filelock\nRequires-Dist: {torch_needs}\n"
+        )
+        (root / "opt" / "inspectd" / "install-options").write_text(kept)
+        switch = subprocess.run(
+            ["sh", str(INSTALL), "--prefix", str(root), *args], capture_output=True, text=True, timeout=60
+        )
+        assert switch.returncode == 0, switch.stdout + switch.stderr
+        removed = pip[0].removeprefix("uninstall -y ")
+        assert (
+            f"install.sh: --with-gpu {args[1]}: removing what {venv} holds for the other CUDA first, which pip would "
+            f"leave beside CUDA {args[1][2:]}'s (both cuDNN wheels write the same files): {removed}"
+        ) in switch.stdout.splitlines(), switch.stdout
+        assert _pip_commands(log)[: len(pip)] == pip
+
+    # The same major again (what the last switch took out gone, CUDA 12's wheels in): nothing is taken out.
+    for dist in ("nvidia_cudnn_cu13-9.24.0.43", "nvidia_cuda_runtime-13.0.96", "nvidia_cufft-12.0.0.61"):
+        (site / f"{dist}.dist-info").rmdir()
+    shutil.rmtree(site / "nvidia_nccl_cu13-2.30.7.dist-info")
+    (site / "onnxruntime_gpu-1.32.0.dist-info").rename(site / "onnxruntime_gpu-1.26.0.dist-info")
+    (site / "nvidia_cudnn_cu12-9.28.0.42.dist-info").mkdir()
+    (venv / ".inspectd-stamp").unlink()
+    rerun = subprocess.run(["sh", str(INSTALL), "--prefix", str(root)], capture_output=True, text=True, timeout=60)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert _pip_commands(log, 5) == [
+        f"install --index-url {url} torch torchvision",
+        "install SRC[train,gpu-cu12]",
+        "uninstall -y onnxruntime onnxruntime-gpu",
+        "install onnxruntime-gpu[cuda,cudnn]",
+    ]
+
+
 def _venv_maker(path: Path, venv: Path) -> Path:
     """An interpreter for install.sh's --python whose `-m venv` makes `venv` again as a _pip_log_venv, emptied first as
     --clear does (its pip log kept beside it, in venv-pip.log); anything else runs on this test's Python."""
