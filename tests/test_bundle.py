@@ -209,6 +209,23 @@ def test_write_bundle_replaces_an_existing_bundle_whole(bundle_dir):
         )
 
 
+def test_write_bundle_refuses_a_bundle_holding_a_users_files_and_leaves_it_whole(bundle_dir):
+    """A README or a notes/ folder put into a bundle went with the old bundle at the swap: every writer (train, teach)
+    goes through write_bundle, which names them in one line and writes nothing."""
+    old = load_bundle(bundle_dir)
+    (bundle_dir / "README.txt").write_text("line 3 model\n")
+    (bundle_dir / "notes").mkdir()
+    (bundle_dir / "notes" / "n.txt").write_text("n\n")
+    fields = {k: old.manifest[k] for k in ("method", "backbone", "input", "scorer_inputs", "architecture")}
+    with pytest.raises(BundleError) as info:
+        write_bundle(bundle_dir, fields, old.graph_path.read_bytes(), old.scorer_params(), {}, old.thresholds())
+    assert str(info.value) == (
+        f"{bundle_dir}: an inspectd bundle that also holds 2 entries its manifest does not list (README.txt, notes/), "
+        "expected only the bundle's own files: move them out first; not written, it holds what it held before"
+    )
+    assert (bundle_dir / "notes" / "n.txt").read_text() == "n\n" and load_bundle(bundle_dir).model_id == old.model_id
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [

@@ -644,3 +644,35 @@ def test_out_is_refused_unless_new_empty_or_a_bundle_and_apart_from_the_data(dat
             work, written.manifest, written.graph_path, written.scorer_params(), written.weights(), written.thresholds()
         )
     assert (work / "notes" / "important.txt").read_text() == "precious\n" and len(list(work.iterdir())) == 1
+
+
+def test_a_bundle_holding_files_its_manifest_does_not_list_is_refused_and_they_are_kept(data, tmp_path, capsys):
+    """Train over a bundle deleted a README or a notes/ folder an operator had put into it, without a word: such
+    entries are named in one line and nothing is written. The bundle's own entries (a plan under engines/ that
+    build-engine listed, a killed writer's temporary file) are still replaced with it."""
+    from engines.bundle.store import load_bundle
+
+    cheap = ("--recipe", "aligned", "--size", "64")
+    out = tmp_path / "bundle"
+    assert run(parse("--data", str(data), "--out", str(out), *cheap)) == 0, capsys.readouterr().err
+    load_bundle(out).replace_file("engines/model.plan", b"plan", add=True)
+    (out / ".thresholds.json.4194304-0123abcd.tmp").write_bytes(b"left by a killed writer")
+    (out / "README.txt").write_text("line 3 model, trained by X\n")
+    (out / "notes").mkdir()
+    (out / "notes" / "n.txt").write_text("n\n")
+    (out / "engines" / "mine.txt").write_text("mine\n")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    model_id = load_bundle(out).model_id
+    capsys.readouterr()
+    assert run(parse("--data", str(data), "--out", str(out), *cheap, "--seed", "1")) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"inspectd train: --out {out}: an inspectd bundle that also holds 3 entries its manifest does not list "
+        "(README.txt, engines/mine.txt, notes/), expected only the bundle's own files: move them out first (the "
+        "bundle replaces what is there)\n"
+    )
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and load_bundle(out).model_id == model_id
+    for mine in ("README.txt", "notes/n.txt", "notes", "engines/mine.txt"):
+        (out / mine).rmdir() if (out / mine).is_dir() else (out / mine).unlink()
+    assert run(parse("--data", str(data), "--out", str(out), *cheap, "--seed", "1")) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted([*load_bundle(out).manifest["files"], "manifest.json"])

@@ -21,7 +21,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -76,7 +76,8 @@ def write_bundle(
     thresholds: thresholds_doc.Thresholds,
 ) -> Path:
     """Write a complete bundle at `path`, replacing any bundle already there only once the new one is whole; anything
-    else there but an empty folder is refused (BundleError, nothing written: not_replaceable).
+    else there but an empty folder, a bundle holding files of a user's among them, is refused (BundleError, nothing
+    written: not_replaceable).
 
     `manifest_fields` must hold at least method, backbone, input {height, width, channels, resize} and scorer_inputs;
     format, model_id (method-backbone-shorthash over the files), graph, created and files are filled in here.
@@ -151,9 +152,10 @@ def write_bundle(
 
 def not_replaceable(path: str | Path) -> str | None:
     """Why a bundle must not be written at `path`, None where it may: nothing there (a dangling link, of which only
-    the link goes), an empty folder, or an inspectd bundle (replaced whole, as every retraining replaces it). The swap
-    write_bundle ends with deletes whatever `path` held, so a dataset, a folder of notes or a file given as the
-    bundle's path by a slip would be lost."""
+    the link goes), an empty folder, or an inspectd bundle that holds only its own entries (replaced whole, as every
+    retraining replaces it; foreign_entries). The swap write_bundle ends with deletes whatever `path` held, so a
+    dataset, a folder of notes, a file given as the bundle's path by a slip, or a README put into a bundle would be
+    lost."""
     path = Path(path)
     expected = "expected a new path, an empty folder or an inspectd bundle to replace"
     if not path.exists():
@@ -163,18 +165,59 @@ def not_replaceable(path: str | Path) -> str | None:
         return None
     if not path.is_dir():
         return f"a file, {expected}"
+    foreign: list[str] = []
     try:
         held = sorted(p.name for p in path.iterdir())
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8")) if MANIFEST in held else None
+        foreign = foreign_entries(path, manifest) if isinstance(manifest, dict) else []
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc}), {expected}"
     except ValueError:  # not JSON (or not UTF-8): no manifest this module wrote
         manifest = None
-    if not held or isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+    if not held:
         return None
-    shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        if not foreign:
+            return None
+        entries = "entry" if len(foreign) == 1 else "entries"
+        return (
+            f"an inspectd bundle that also holds {len(foreign)} {entries} its manifest does not list "
+            f"({_shown(foreign)}), expected only the bundle's own files: move them out first"
+        )
     entries = "entry" if len(held) == 1 else "entries"
-    return f"a folder of {len(held)} {entries} ({shown}) that is no inspectd bundle, {expected}"
+    return f"a folder of {len(held)} {entries} ({_shown(held)}) that is no inspectd bundle, {expected}"
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def foreign_entries(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """The entries of bundle directory `root` that are not the bundle's (relative, a folder's with a trailing /):
+    what a user put there, a README or notes/. The bundle's are manifest.json, every file the manifest lists or has
+    pending (PENDING), the folders those lie in (engines/, where build-engine's plans go) and the temporary files of
+    writers killed mid-write (_LEFTOVER). Teach's versions live beside the bundle (BUNDLE.versions), not in it.
+    OSError where a folder cannot be listed."""
+    names = {MANIFEST}
+    for key in ("files", PENDING):
+        listed = manifest.get(key)
+        if isinstance(listed, dict):
+            names.update(name for name in listed if isinstance(name, str))
+    folders = {parent.as_posix() for name in names for parent in PurePosixPath(name).parents if parent.parts}
+    foreign: list[str] = []
+
+    def walk(folder: Path, prefix: str) -> None:
+        for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+            name = prefix + entry.name
+            if name in names or _LEFTOVER.fullmatch(entry.name):
+                continue
+            if name in folders and entry.is_dir() and not entry.is_symlink():
+                walk(entry, name + "/")
+            else:
+                foreign.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+
+    walk(root, "")
+    return foreign
 
 
 def model_id_for(
