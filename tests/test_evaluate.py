@@ -358,6 +358,35 @@ def test_ground_truth_and_type_folders_spelt_in_another_case_are_found(
     )
 
 
+def test_an_empty_second_spelling_of_ground_truth_or_of_a_type_folder_is_refused_too(
+    tiny_data, tiny_bundle, tmp_path, capsys
+):
+    """An empty ground_truth/ beside Ground_Truth/ (or an empty ground_truth/blowhole/ beside Blowhole/) was taken
+    because it is spelt as looked for: every mask of the set (of the type) went unused, eval said only `no mask` and
+    calibrate --pixel fell back to the good-pixel rate. Two spellings are refused in one line, as two full ones are."""
+    from inspectd.cli import main
+
+    data = _copy(tiny_data, tmp_path)
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+    def refused(expected: str) -> None:
+        proc = _eval(str(bundle), "--data", str(data))
+        assert proc.returncode == 2 and proc.stderr.startswith(f"inspectd eval: {expected}"), proc.stderr
+        assert proc.stderr.count("\n") == 1
+        given = ["--good", str(data), "--defective", str(data), "--pixel", "--dry-run"]
+        assert main(["calibrate", str(bundle), *given]) == 2
+        assert expected in capsys.readouterr().err
+
+    masks = data / "Ground_Truth"
+    (data / "ground_truth").rename(masks)
+    (data / "ground_truth").mkdir()
+    refused(f"{data}: Ground_Truth/ and ground_truth/ (empty) differ only in case, expected one ground_truth/ folder")
+    (data / "ground_truth").rmdir()
+    (masks / "blowhole").rename(masks / "Blowhole")
+    (masks / "blowhole").mkdir()
+    refused(f"{masks}: Blowhole/ and blowhole/ (empty) differ only in case, expected one blowhole/ folder")
+
+
 def test_a_test_set_without_defects_or_with_an_empty_type_folder_says_why_its_cells_are_blank(
     tiny_data, tiny_bundle, tmp_path
 ):

@@ -419,25 +419,30 @@ def mask_folder(root: Path, defect_type: str) -> Path:
     """The masks of test/<defect_type>/ of MVTec-layout `root`: ground_truth/<defect_type>/, each of the two names in
     any case (Ground_Truth/, or test/Blowhole/ beside ground_truth/blowhole/), as file names and the defect-free
     folder are matched: spelt otherwise, every mask of the type went unused without a word. The path as spelt where
-    nothing matches (a type without masks)."""
+    nothing matches (a type without masks); a DataError where two spellings of one folder are there, even an empty
+    one."""
     return _any_case(_any_case(root, GROUND_TRUTH), defect_type)
 
 
 def _any_case(parent: Path, name: str) -> Path:
-    """`parent/name` where that is a folder, else the one sub-folder of `parent` named `name` in another case; a
-    DataError where there are several (either could be the one meant)."""
-    exact = parent / name
-    if exact.is_dir():
-        return exact
+    """The one sub-folder of `parent` named `name` in any case, `parent/name` where there is none; a DataError where
+    there are several, the spelling given among them and empty ones too (either could be the one meant: an empty
+    ground_truth/ a `mkdir -p` left beside Ground_Truth/ was taken, and every mask went unused without a word)."""
     try:
         found = sorted(p for p in parent.iterdir() if p.name.lower() == name.lower() and p.is_dir())
     except OSError:  # no such folder, or one this user may not list: whoever reads it says so
-        return exact
+        return parent / name
     if len(found) > 1:
-        raise DataError(
-            f"{parent}: {' and '.join(p.name + '/' for p in found)} differ only in case, expected one {name}/ folder"
-        )
-    return found[0] if found else exact
+        shown = " and ".join(p.name + "/" + (" (empty)" if _empty(p) else "") for p in found)
+        raise DataError(f"{parent}: {shown} differ only in case, expected one {name}/ folder")
+    return found[0] if found else parent / name
+
+
+def _empty(folder: Path) -> bool:
+    try:
+        return next(folder.iterdir(), None) is None
+    except OSError:
+        return False
 
 
 class ImageFiles(Sequence[np.ndarray]):
