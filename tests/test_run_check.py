@@ -193,12 +193,9 @@ def test_check_notes_an_allow_list_that_lets_nobody_in(tmp_path, pki):
     ) in checked.stdout.splitlines()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a file the unit cannot read")
-def test_check_as_root_loads_what_the_daemon_loads_as_the_service_user(open_tmp_path):
-    """`sudo cp` of a config (root's, 0640), a bundle copied by root with a tight umask, an allow-list key of another
-    owner passed `sudo inspectd run --check` as valid; then the unit, running as the service user, exited 2 unretried
-    (or 1, retried until systemd gave up). The check now loads them as that user, in the daemon's own words."""
-    bundle = write_grey_bundle(open_tmp_path / "bundle")
+def readable_station(root: Path) -> tuple[Path, dict]:
+    """A bundle under `root` every user may read, and a config naming it (relative to a config file in `root`)."""
+    bundle = write_grey_bundle(root / "bundle")
     for folder in (bundle, *(p for p in bundle.rglob("*") if p.is_dir())):
         folder.chmod(0o755)
     for member in (p for p in bundle.rglob("*") if p.is_file()):
@@ -207,10 +204,19 @@ def test_check_as_root_loads_what_the_daemon_loads_as_the_service_user(open_tmp_
         "station": "line1",
         "model": {"bundle": "bundle"},
         "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
-        "publish": {"endpoint": f"ipc://{open_tmp_path}/pub.sock"},
+        "publish": {"endpoint": f"ipc://{root}/pub.sock"},
         "metrics": {"listen": None},
-        "state_dir": str(open_tmp_path / "state"),
+        "state_dir": str(root / "state"),
     }
+    return bundle, config
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a file the unit cannot read")
+def test_check_as_root_loads_what_the_daemon_loads_as_the_service_user(open_tmp_path):
+    """`sudo cp` of a config (root's, 0640), a bundle copied by root with a tight umask, an allow-list key of another
+    owner passed `sudo inspectd run --check` as valid; then the unit, running as the service user, exited 2 unretried
+    (or 1, retried until systemd gave up). The check now loads them as that user, in the daemon's own words."""
+    bundle, config = readable_station(open_tmp_path)
     path = open_tmp_path / "line2.yaml"
     path.write_text(yaml.safe_dump(config))
 
@@ -251,11 +257,6 @@ def test_check_as_root_loads_what_the_daemon_loads_as_the_service_user(open_tmp_
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a key the unit's user may not own")
 def test_check_as_root_refuses_an_allow_list_key_the_service_user_would_refuse(open_tmp_path):
     """The daemon checks its key files' owners (its own, or root's); as root the check left owners out."""
-    bundle = write_grey_bundle(open_tmp_path / "bundle")
-    for folder in (bundle, *(p for p in bundle.rglob("*") if p.is_dir())):
-        folder.chmod(0o755)
-    for member in (p for p in bundle.rglob("*") if p.is_file()):
-        member.chmod(0o644)
     keydir = open_tmp_path / "keys"
     keydir.mkdir()
     keydir.chmod(0o755)
@@ -267,17 +268,10 @@ def test_check_as_root_refuses_an_allow_list_key_the_service_user_would_refuse(o
     shutil.copy(keydir / "client.key", allowed / "client.key")
     (allowed / "client.key").chmod(0o644)
     os.chown(keydir / "server.key_secret", 65534, 65534)  # the service user's own
-    config = {
-        "station": "line1",
-        "model": {"bundle": "bundle"},
-        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
-        "publish": {"endpoint": f"ipc://{open_tmp_path}/pub.sock"},
-        "control": {
-            "endpoint": f"tcp://127.0.0.1:{free_port()}",
-            "curve": {"server_secret_key": str(keydir / "server.key_secret"), "allowed_clients_dir": str(allowed)},
-        },
-        "metrics": {"listen": None},
-        "state_dir": str(open_tmp_path / "state"),
+    config = readable_station(open_tmp_path)[1]
+    config["control"] = {
+        "endpoint": f"tcp://127.0.0.1:{free_port()}",
+        "curve": {"server_secret_key": str(keydir / "server.key_secret"), "allowed_clients_dir": str(allowed)},
     }
     path = open_tmp_path / "inspectd.yaml"
     path.write_text(yaml.safe_dump(config))
