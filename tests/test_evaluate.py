@@ -418,6 +418,21 @@ def test_a_test_set_without_defects_or_with_an_empty_type_folder_says_why_its_ce
     ]
 
 
+def test_an_empty_good_folder_says_why_image_auroc_and_f1_max_are_blank(tiny_data, tiny_bundle, tmp_path):
+    """`overall 0 6 - 0.54 0.25 -` and no word: a test/good/ without images read as a model that failed."""
+    data = _copy(tiny_data, tmp_path)
+    for image in (data / "test" / "good").iterdir():
+        image.unlink()
+    doc, proc = _eval_json(tiny_bundle, data)
+    note = (
+        f"note: {data / 'test' / 'good'} holds no images, which image AUROC and F1-max need, so their columns are "
+        "blank: expected the defect-free test images there"
+    )
+    assert doc["notes"] == [note] and note in proc.stderr.splitlines()
+    assert doc["overall"]["n_good"] == 0 and doc["overall"]["image_auroc"] is doc["overall"]["f1_max"] is None
+    assert doc["overall"]["pixel_auroc"] is not None
+
+
 def test_a_mask_folder_whose_files_match_no_image_is_said_in_the_table_and_the_json(tiny_data, tiny_bundle, tmp_path):
     data = _copy(tiny_data, tmp_path)
     folder = data / "ground_truth" / "blowhole"

@@ -359,6 +359,12 @@ def _notes(
             f"F1-max need: every test image was taken as defective (folders: {', '.join(defect_types) or 'none'})"
         )
     found = {item.defect_type for item in folder.test_items()}
+    if folder.good_dir is not None and GOOD not in found:
+        # A row of dashes in those columns, beside pixel metrics that are there, reads as a model that failed.
+        notes.append(
+            f"note: {folder.good_dir} holds no images, which image AUROC and F1-max need, so their columns are "
+            "blank: expected the defect-free test images there"
+        )
     if not any(t in found for t in defect_types):
         # Without this the blank columns read as a model that failed, not a test set without defects.
         empty = f" ({', '.join(t + '/' for t in defect_types)} without images)" if defect_types else ""
