@@ -124,6 +124,22 @@ def test_demo_says_in_one_line_that_its_workdir_cannot_be_written(tmp_path):
     assert proc.stderr == f"inspectd demo: --workdir {workdir}: cannot write (Not a directory)\n"
 
 
+def test_demo_refuses_in_one_line_a_workdir_whose_bundle_folder_is_no_bundle(tmp_path):
+    """A bundle/ of other files (a README, or a bundle whose manifest.json was deleted to retrain) ended in train's
+    traceback naming an --out the demo's user never gave. Refused naming --workdir, before any frame is written."""
+    workdir = tmp_path / "w"
+    (workdir / "bundle").mkdir(parents=True)
+    (workdir / "bundle" / "README.txt").write_text("my notes\n")
+    proc = demo("--workdir", str(workdir), "--train-frames", "4", "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        f"inspectd demo: --workdir {workdir}: {workdir / 'bundle'}: a folder of 1 entry (README.txt) that is no "
+        "inspectd bundle, expected a new path, an empty folder or an inspectd bundle to replace (the demo trains its "
+        "model there): move it away or give another --workdir\n"
+    )
+    assert (workdir / "bundle" / "README.txt").read_text() == "my notes\n" and not (workdir / "train_good").exists()
+
+
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory) -> Path:
     """A demo workdir whose model is already there, so the demo goes straight to streaming."""

@@ -69,11 +69,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_model(workdir: Path, size: int = MODEL_SIZE[0], frames: int = TRAIN_FRAMES) -> Path:
-    """The demo bundle: reused when present, else trained on the synthetic line's defect-free frames."""
+    """The demo bundle: reused when present, else trained on the synthetic line's defect-free frames. ValueError
+    naming --workdir where WORKDIR/bundle holds what training must not replace (train's own refusal would name an
+    --out the demo's user never gave), before any frame is written."""
     bundle = workdir / "bundle"
     if (bundle / "manifest.json").is_file():
-        print(f"demo: using the model in {bundle} (delete it to retrain)", flush=True)
+        print(f"demo: using the model in {bundle} (delete that folder to retrain)", flush=True)
         return bundle
+    from engines.bundle.store import not_replaceable
+
+    if why := not_replaceable(bundle):
+        raise ValueError(
+            f"--workdir {workdir}: {bundle}: {why} (the demo trains its model there): move it away or give another "
+            "--workdir"
+        )
     from engines.data.synthline import SyntheticLine
     from engines.progress import Progress
     from engines.training.train import train_bundle
@@ -221,6 +230,9 @@ def run(args: argparse.Namespace) -> int:
         bundle = build_model(workdir, args.size, args.train_frames)
         config_path, endpoint = write_config(workdir, bundle, args.cameras, args.rate)
         log = open(log_path, "wb")
+    except ValueError as exc:
+        print(f"inspectd demo: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(workdir) else ""
         print(f"inspectd demo: --workdir {workdir}: cannot write ({exc.strerror or exc}{where})", file=sys.stderr)
