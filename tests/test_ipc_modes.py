@@ -42,11 +42,17 @@ else:
     import zmq
     sock = zmq.Context.instance().socket(zmq.PUSH)
     sock.linger = 10000  # close() waits this long for the frame to leave
+    sock.immediate = True  # no queue before a connection is made: "sent" means handed to one, not only queued
+    sock.sndtimeo = 10000
     sock.connect(endpoint)
     header = {"frame_id": "from-the-group", "dtype": "uint8", "encoding": "raw", "shape": [4, 4]}
-    sock.send_multipart([json.dumps(header).encode(), bytes(16)])
+    try:
+        sock.send_multipart([json.dumps(header).encode(), bytes(16)])
+        sent = True
+    except zmq.Again:
+        sent = "no connection to the camera's socket within 10 s"
     sock.close()
-    print(json.dumps({"sent": True}))
+    print(json.dumps({"sent": sent}))
 """
 # Outside the group: the kernel's answer to a plain connect, at once (ZeroMQ would retry it without a word).
 OUTSIDER = r"""
