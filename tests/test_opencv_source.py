@@ -16,6 +16,7 @@ import pytest
 
 from inspectd.daemon.config import load_config
 from inspectd.daemon.frames import Frame
+from inspectd.daemon.ingest import opencv
 from inspectd.daemon.ingest.opencv import FFMPEG_SCHEMES, MAX_DEVICE, VideoCaptureSource, gstreamer_built_in
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.source import SourceEnded
@@ -428,3 +429,80 @@ def test_a_file_url_with_a_query_or_escapes_no_path_holds_is_refused_at_load(tmp
     with pytest.raises(ConfigError) as refused:
         load_url(tmp_path, url)
     assert str(refused.value).startswith(f"cameras[0].source.url: {message}"), refused.value
+
+
+def test_a_named_pipe_whose_writer_wrote_its_whole_pass_and_left_before_ffmpeg_opened_it_is_read(tmp_path, monkeypatch):
+    """A short recording written at once (`cat clip.avi > PIPE`) fits the pipe's buffer: its writer can be gone by
+    the time FFmpeg opens the pipe, and FFmpeg's own open of the path then blocked in the kernel until another
+    writer came, past every timeout and stop()."""
+    fifo = tmp_path / "line.fifo"
+    os.mkfifo(fifo)
+    video = write_video(tmp_path / "clip.avi").read_bytes()
+    assert len(video) < 65536  # the whole pass fits the pipe's buffer
+
+    def write_once() -> None:
+        with open(fifo, "wb") as out:  # blocks until the camera opens the pipe
+            out.write(video)
+
+    writer = threading.Thread(target=write_once, daemon=True)
+    writer.start()
+    waited = opencv._pipe_with_a_writer
+
+    def writer_gone_first(path: str, stop: threading.Event) -> int | None:
+        held = waited(path, stop)
+        writer.join(10)  # the writer has written everything and closed the pipe before FFmpeg opens it
+        assert not writer.is_alive()
+        return held
+
+    monkeypatch.setattr(opencv, "_pipe_with_a_writer", writer_gone_first)
+    source = VideoCaptureSource(camera({"kind": "opencv", "url": str(fifo)}), time.time)
+    opening = threading.Thread(target=source.open, args=(threading.Event(),), daemon=True)
+    opening.start()
+    opening.join(10)
+    if opening.is_alive():
+        with open(fifo, "wb"):  # lets the blocked open through, so the thread ends
+            pass
+        pytest.fail("the camera's open of the pipe blocked after its writer had gone")
+    frames = [source.read(threading.Event()) for _ in range(FRAMES)]
+    assert [bar(frame) for frame in frames] == list(range(FRAMES))
+    with pytest.raises(OSError, match="no frame"):
+        source.read(threading.Event())  # the pass is over: the camera reopens and waits for the next writer
+    held = source.pipe_fd
+    source.close()
+    with pytest.raises(OSError):
+        os.fstat(held)  # the descriptor FFmpeg read is closed with the capture
+
+
+def test_a_named_pipe_whose_writer_stops_writing_times_its_read_out_and_the_camera_reopens(
+    tmp_path, ingest_threads, monkeypatch
+):
+    """A writer that keeps the pipe open but stops mid-stream held the camera's read for good: no error, no reopen."""
+    monkeypatch.setattr(
+        opencv, "TIMEOUTS", [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 1000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 1000]
+    )
+    fifo = tmp_path / "line.fifo"
+    os.mkfifo(fifo)
+    video = write_video(tmp_path / "clip.avi").read_bytes()
+    held_open = threading.Event()
+
+    def write_half_and_stall() -> None:
+        with open(fifo, "wb") as out:
+            out.write(video[:-1500])  # most frames, then nothing more
+            out.flush()
+            held_open.wait(30)
+
+    writer = threading.Thread(target=write_half_and_stall, daemon=True)
+    writer.start()
+    queue = FrameQueue(10 * FRAMES, "block")
+    ingest = CameraIngest(camera({"kind": "opencv", "url": str(fifo)}), queue, backoff_s=(0.05, 0.1))
+    ingest_threads.append(ingest)
+    try:
+        ingest.start()
+        assert wait_for(lambda: ingest.stats()["frames_in"] >= 1, 10), ingest.stats()
+        assert wait_for(lambda: ingest.stats()["state"] == "reopening", 10), ingest.stats()
+        assert "no frame" in ingest.stats()["last_error"]
+        ingest.stop()
+        ingest.join(3)
+        assert not ingest.is_alive()
+    finally:
+        held_open.set()

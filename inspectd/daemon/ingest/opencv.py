@@ -266,6 +266,7 @@ class VideoCaptureSource(Source):
         # The file to open: a file:// url is opened as the path it names, so it plays as that path would.
         self.path = None if url is None else video_path(url)
         self.cap: cv2.VideoCapture | None = None
+        self.pipe_fd: int | None = None  # a named pipe's read descriptor, FFmpeg's to read and ours to close
         self.opened_as = ""  # what the capture was opened as, where the url does not say it: " (video device N)"
         self.counter = 0
         self.pending: collections.deque[Frame] = collections.deque()
@@ -295,6 +296,7 @@ class VideoCaptureSource(Source):
             cap = cv2.VideoCapture(target)
         if not cap.isOpened():
             cap.release()
+            self.close()
             raise OSError(f"{target}: cv2.VideoCapture cannot open it{self.opened_as}")
         self.cap = cap
 
@@ -321,18 +323,21 @@ class VideoCaptureSource(Source):
             )
         if not stat.S_ISFIFO(mode):
             return cv2.VideoCapture(self.path, cv2.CAP_ANY, TIMEOUTS)
-        held = _pipe_with_a_writer(self.path, stop)
-        if held is None:
+        self.pipe_fd = _pipe_with_a_writer(self.path, stop)
+        if self.pipe_fd is None:
             return None
-        try:
-            return cv2.VideoCapture(self.path, cv2.CAP_ANY, TIMEOUTS)
-        finally:
-            os.close(held)
+        # FFmpeg reads the descriptor held, not the path: its own open of the path would block in the kernel, past
+        # any timeout, whenever the writer had already written its whole pass and gone. The descriptor stays
+        # non-blocking, so a writer that stops writing times the read out as a dead stream's does.
+        return cv2.VideoCapture(f"pipe:{self.pipe_fd}", cv2.CAP_ANY, TIMEOUTS)
 
     def close(self) -> None:
         if self.cap is not None:
             self.cap.release()
             self.cap = None
+        if self.pipe_fd is not None:  # FFmpeg's pipe protocol leaves the descriptor it was given open
+            os.close(self.pipe_fd)
+            self.pipe_fd = None
 
     def read(self, stop: threading.Event) -> Frame | None:
         assert self.cap is not None, "read() before open()"
@@ -384,9 +389,8 @@ class VideoCaptureSource(Source):
 
 
 def _pipe_with_a_writer(path: str, stop: threading.Event) -> int | None:
-    """A read descriptor of the named pipe at `path`, once a writer holds the pipe open; None when `stop` came first.
-    FFmpeg's own open of a pipe blocks until a writer comes, which stop() could not cut short. The descriptor is to
-    be held until FFmpeg has the pipe open: a writer that found no reader meanwhile would get EPIPE and die."""
+    """A non-blocking read descriptor of the named pipe at `path`, once a writer has written to it; None when `stop`
+    came first. FFmpeg's own open of a pipe blocks until a writer comes, which stop() could not cut short."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         poller = select.poll()
