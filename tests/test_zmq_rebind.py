@@ -152,7 +152,8 @@ def test_a_socket_file_removed_more_often_than_it_may_be_bound_again_in_place_re
     endpoint = f"ipc://{path}"
     queue = FrameQueue(16, "block")
     ingest = start(ingest_threads, endpoint, queue)
-    assert wait_for(lambda: path.is_socket(), 5)
+    # Running, not only bound: a file removed between the bind and the open's look at it reopened the camera.
+    assert wait_for(lambda: ingest.stats()["state"] == "running", 5)
     path.unlink()
     assert wait_for(lambda: path.is_socket(), 5)
     assert ingest.stats()["reopen_count"] == 0
@@ -163,6 +164,58 @@ def test_a_socket_file_removed_more_often_than_it_may_be_bound_again_in_place_re
         "bound again 1 times: reopening"
     )
     assert [f.seq for f in send(endpoint, queue, "after")] == [0, 1, 2]
+
+
+def test_past_the_rebind_bound_a_busy_camera_is_reopened_only_once_its_producers_pause_losing_nothing(
+    tmp_path, ingest_threads, monkeypatch
+):
+    """Reopened at once, the camera closed its socket under load: what it still held was logged lost, and what was on
+    its way in the OS buffers was dropped unseen."""
+    monkeypatch.setattr("inspectd.daemon.ingest.zmq_pull.MAX_REBINDS", 1)
+    path = tmp_path / "cam0.sock"
+    endpoint = f"ipc://{path}"
+    queue = FrameQueue(100_000, "block")
+    ingest = start(ingest_threads, endpoint, queue)
+    assert wait_for(lambda: path.is_socket(), 5)
+    sending = threading.Event()
+    sending.set()
+    sent: list[str] = []
+
+    def producer() -> None:
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.linger = 5000
+        push.connect(endpoint)
+        try:
+            while sending.is_set():
+                for _ in range(10):
+                    frame_id = f"a{len(sent)}"
+                    push.send_multipart(message(frame_id))
+                    sent.append(frame_id)
+                time.sleep(0.002)
+        finally:
+            push.close()
+
+    a = threading.Thread(target=producer)
+    a.start()
+    try:
+        assert wait_for(lambda: len(queue) >= 100, 5)
+        path.unlink()
+        assert wait_for(lambda: path.is_socket(), 5)  # bound again in place: the one rebind allowed
+        path.unlink()
+        limit = "its socket file is gone (No such file or directory), expected it there while bound, bound again 1"
+        assert wait_for(
+            lambda: f"{limit} times: reopening once no producer sends" in (ingest.stats()["last_error"] or ""), 5
+        )
+        time.sleep(0.5)
+        assert ingest.stats()["reopen_count"] == 0 and a.is_alive()  # under load all along: not reopened yet
+    finally:
+        sending.clear()
+        a.join(10)
+    assert wait_for(lambda: ingest.stats()["reopen_count"] == 1 and ingest.stats()["state"] == "running", 5)
+    assert ingest.stats()["last_error"] == f"OSError: {endpoint}: {limit} times: reopening"
+    got = [f.frame_id for f in drain(queue)]
+    assert len(sent) > 1000 and got == sent, (len(got), len(sent), sorted(set(sent) - set(got))[:10])
+    assert [f.frame_id for f in send(endpoint, queue, "after")] == ["after0", "after1", "after2"]
 
 
 def test_a_socket_file_another_bind_took_is_reported_and_bound_again_once_it_is_free(tmp_path, ingest_threads):

@@ -46,8 +46,9 @@ MAX_FRAME_ID = 256
 MAX_REASON = 300
 # How often a camera bound to an ipc socket file checks that the file is still the one it bound: one stat.
 SOCKET_FILE_CHECK_S = 1.0
-# Socket files a camera may bind again in place before it is reopened instead: each one leaves a listener on the file
-# that was removed, open until the socket closes, so that the producers connected through it lose nothing.
+# Socket files a camera may bind again in place before it is reopened instead, once its socket is idle: each one
+# leaves a listener on the file that was removed, open until the socket closes, so that the producers connected
+# through it lose nothing.
 MAX_REBINDS = 16
 
 log = structlog.get_logger("inspectd.ingest")
@@ -107,6 +108,7 @@ class ZmqPullSource(Source):
         self._socket_file: tuple[str, int, int] | None = None
         self._socket_file_seen = 0.0
         self._rebinds = 0  # since the open: the listeners left on files that were removed
+        self._reopen_when_idle: str | None = None  # why the socket is to be reopened at its next idle read
         self._stop: threading.Event | None = None
         self._receiving = True
         self.drained = threading.Event()  # after stop_receiving(): everything the socket held has been read
@@ -147,6 +149,7 @@ class ZmqPullSource(Source):
         open_ipc_to_group(sock)  # frame producers run as other users in the service's group
         self._socket_file = None
         self._rebinds = 0
+        self._reopen_when_idle = None
         if self._bound.startswith("ipc://") and not self._bound.startswith("ipc://@"):  # "@": abstract, no file
             self._note_socket_file(self._bound[len("ipc://") :])
         self.poller = zmq.Poller()
@@ -200,12 +203,14 @@ class ZmqPullSource(Source):
             self._unbind()
         # Checked busy or idle: a camera that always has a message waiting never idles, and new producers could not
         # connect for as long as its load lasted.
-        if self._bound is not None and self._socket_file is not None:
+        if self._bound is not None and self._socket_file is not None and self._reopen_when_idle is None:
             if time.monotonic() - self._socket_file_seen >= SOCKET_FILE_CHECK_S:
                 self._check_socket_file(self._socket_file)
         if not self.poller.poll(int(READ_TIMEOUT_S * 1000)):
             if not self._receiving:
                 self.drained.set()
+            elif self._reopen_when_idle is not None:
+                raise OSError(self._reopen_when_idle)
             return None
         return self._take(self.sock.recv_multipart(copy=False))
 
@@ -221,7 +226,7 @@ class ZmqPullSource(Source):
         rather than closed: the producers connected through the old file stay connected, and nothing they handed
         over (in the socket, or on its way in the OS buffers, which a close drops) is lost. OSError, for the
         supervisor to reopen, where another process serves the path now (the reopen retries naming it, as for a
-        taken port), where the bind fails, or past MAX_REBINDS."""
+        taken port) or where the bind fails; past MAX_REBINDS, at the first read that finds the socket idle."""
         import zmq
 
         path, device, inode = bound
@@ -242,7 +247,13 @@ class ZmqPullSource(Source):
                 "reach that process, not this camera; binding again once the path is free"
             ) from None
         if self._rebinds >= MAX_REBINDS:
-            raise OSError(f"{self.endpoint}: its socket file {what}, bound again {self._rebinds} times: reopening")
+            # Not at once: a close drops what producers handed over that is still on its way in the OS buffers.
+            self._reopen_when_idle = f"{self.endpoint}: its socket file {what}, bound again {self._rebinds} times: "
+            self._reopen_when_idle += "reopening"
+            error = f"{self._reopen_when_idle} once no producer sends"
+            self._log.warning("socket_file_gone", endpoint=self.endpoint, error=error)
+            self.report_error(error)
+            return
         assert self.sock is not None
         try:
             self.sock.bind(self.endpoint)
