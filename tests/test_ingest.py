@@ -127,6 +127,32 @@ def test_block_waits_for_room_and_gives_up_on_stop():
     assert len(queue) == 2
 
 
+def image_frame(i: int, nbytes: int) -> Frame:
+    return Frame("cam0", i, str(i), 0.0, np.zeros(nbytes, np.uint8))
+
+
+def test_the_queue_holds_no_more_image_bytes_than_its_bound_under_either_policy():
+    """Bounded by its frame count alone, a camera of 50 MP colour frames could hold 64 x 150 MB."""
+    queue = FrameQueue(64, "drop_oldest", max_bytes=1000)
+    for i in range(5):
+        assert queue.put(image_frame(i, 300))
+    assert [len(queue), queue.bytes, queue.dropped] == [3, 900, 2]
+    assert queue.put(Frame("cam0", 5, "5", 0.0, None))  # an error frame holds no image: it always fits
+    assert queue.put(image_frame(6, 5000))  # larger than the bound on its own: taken once it is alone
+    assert [len(queue), queue.bytes, queue.dropped] == [1, 5000, 6]
+    assert [f.seq for f in drain(queue)] == [6] and queue.bytes == 0
+
+    queue = FrameQueue(64, "block", max_bytes=1000)
+    for i in range(3):
+        assert queue.put(image_frame(i, 300))
+    done = threading.Event()
+    threading.Thread(target=lambda: queue.put(image_frame(3, 300)) and done.set(), daemon=True).start()
+    assert not done.wait(0.3), "put returned with the bytes queued past the bound"
+    assert queue.get_nowait().seq == 0
+    assert done.wait(5)
+    assert [f.seq for f in drain(queue)] == [1, 2, 3] and queue.dropped == 0 and queue.bytes == 0
+
+
 def test_bad_queue_arguments():
     with pytest.raises(ValueError, match="queue policy"):
         FrameQueue(4, "lifo")

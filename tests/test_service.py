@@ -239,6 +239,10 @@ def test_a_reload_to_an_engine_that_runs_one_frame_but_not_a_full_batch_is_refus
     assert counters.error == 0 and daemon.stage.healthy
 
 
+def test_each_camera_queue_is_bounded_in_bytes_as_its_config_says(daemon):
+    assert daemon.queues["cam0"].max_bytes == daemon.config.cameras[0].queue.max_bytes == 512 << 20
+
+
 def test_shutdown_closes_the_queues_before_it_drains_them(daemon):
     """An ingest thread shutdown stopped waiting for (a slow journal fsync) must not queue a frame after the drain:
     once the daemon has stopped, no camera queue takes one (tests/test_ingest.py has the ingest side)."""

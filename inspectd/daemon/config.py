@@ -111,6 +111,7 @@ else:  # the union of the sources' declarations, built from the registry (one li
 
 # Frames a camera's queue may hold: each is a whole image, so far more than this would only fill the memory.
 MAX_QUEUE = 10_000
+MAX_QUEUE_MB = 1 << 20  # a TiB: a typing slip past it is refused rather than taken as no bound
 
 
 @declared
@@ -120,6 +121,13 @@ class QueueConfig:
     # video file (a url without a scheme, file:// or another local one, naming a regular file): block there
     # (CameraConfig). Set it to keep drop_oldest for those too.
     policy: Annotated[str, one_of(QUEUE_POLICIES)] = "drop_oldest"
+    # The bytes of the images queued, in MiB: the frame count alone let a camera of large frames (50 MP in colour is
+    # 150 MB a frame) hold gigabytes. Whichever bound comes first applies, with the policy.
+    max_mb: Annotated[Number, Field(gt=0, le=MAX_QUEUE_MB)] = 512.0
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * (1 << 20))
 
 
 @declared

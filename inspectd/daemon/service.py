@@ -138,7 +138,10 @@ class Daemon:
         )
 
         self.ready = threading.Condition()
-        self.queues = {cam.id: FrameQueue(cam.queue.size, cam.queue.policy, self.ready) for cam in config.cameras}
+        self.queues = {
+            cam.id: FrameQueue(cam.queue.size, cam.queue.policy, self.ready, cam.queue.max_bytes)
+            for cam in config.cameras
+        }
         self.batcher = MicroBatcher(
             list(self.queues.values()), self.ready, config.batching.max_batch, config.batching.max_wait_ms
         )
