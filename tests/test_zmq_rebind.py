@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.supervisor import CameraIngest
+from inspectd.daemon.ingest.zmq_pull import ZmqPullSource
 from test_ingest import camera, drain, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -254,3 +255,23 @@ def test_an_abstract_ipc_name_has_no_file_to_check_and_stays_bound(tmp_path, ing
     time.sleep(1.3)
     assert ingest.stats()["reopen_count"] == 0 and ingest.stats()["state"] == "running", ingest.stats()
     assert [f.seq for f in send(endpoint, queue, "b")] == [3, 4, 5]
+
+
+def test_messages_still_in_the_socket_when_it_closes_are_counted_in_the_cameras_status(tmp_path):
+    """They were logged one by one as `frame_not_accepted`, but no counter of the status said a reopen had lost any."""
+    endpoint = f"ipc://{tmp_path / 'cam0.sock'}"
+    source = ZmqPullSource(camera({"kind": "zmq", "endpoint": endpoint}), clock=time.time)
+    source.open(threading.Event())
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(endpoint)
+    for i in range(3):
+        push.send_multipart(message(f"f{i}"))
+    assert source.poller is not None and source.poller.poll(5000)  # in the camera's socket, not yet read
+    time.sleep(0.2)
+    with capture_logs() as logs:
+        source.close()
+    push.close()
+    lost = [e["frame_id"] for e in logs if e["event"] == "frame_not_accepted"]
+    assert lost and lost == [f"f{i}" for i in range(len(lost))]
+    assert source.stats() == {"not_accepted": len(lost)}

@@ -102,7 +102,7 @@ class ZmqPullSource(Source):
         self.sock: zmq.Socket | None = None
         self.poller: zmq.Poller | None = None
         self.received = 0
-        self.refused = 0  # messages received but never handed on: still in the socket when it closed
+        self.not_accepted = 0  # messages received but never handed on: still in the socket when it closed
         self._bound: str | None = None  # the address to unbind, while bound
         # The ipc socket file bound (its path, device and inode), and when it was last seen to be that file.
         self._socket_file: tuple[str, int, int] | None = None
@@ -179,7 +179,7 @@ class ZmqPullSource(Source):
             for _ in range(CLOSE_DRAIN_MAX):
                 frame = self._take(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
                 if frame is not None:
-                    self.refused += 1
+                    self.not_accepted += 1
                     stopping = self._stop is not None and self._stop.is_set()
                     self._log.warning(
                         "frame_not_accepted",
@@ -196,6 +196,9 @@ class ZmqPullSource(Source):
             self.poller = None
             if not self._receiving:
                 self.drained.set()
+
+    def stats(self) -> dict[str, int]:
+        return {"not_accepted": self.not_accepted}
 
     def read(self, stop: threading.Event) -> Frame | None:
         assert self.sock is not None and self.poller is not None, "read() before open()"
