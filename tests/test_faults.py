@@ -812,13 +812,13 @@ def test_short_soak_flat_memory_no_frame_lost(bundle, tmp_path):
             "--bundle",
             str(bundle),
             "--duration",
-            "25",
+            "12",
             "--rate",
             "80",
             "--cameras",
             "2",
             "--reload-every",
-            "8",
+            "3.5",
             "--workdir",
             str(tmp_path / "soak"),
             "--json",
@@ -836,6 +836,8 @@ def test_short_soak_flat_memory_no_frame_lost(bundle, tmp_path):
     # Results published before the soak's subscription took hold are in the journal (frames_lost counts that).
     received = report["results_received"] + report["missed_before_subscription"]
     assert received == report["published"], json.dumps(report)
-    # 25 s is too short for a meaningful slope (deploy/soak.py runs long for that); this catches a gross leak, e.g.
-    # one retained frame or mask per result (~4000 results here).
-    assert report["rss_growth_mb"] < 25, json.dumps(report)
+    # 12 s is too short for a meaningful slope (deploy/soak.py runs long for that); this catches a gross leak, e.g.
+    # one retained frame or mask per result (~1900 results here). The growth is taken over the last 80% of the run:
+    # 12 MB over ~1500 results is the same 8 kB a result (and 1.25 MB a second) a longer run would be held to. A
+    # leak-free daemon's RSS moves by about 1 MB here.
+    assert report["rss_growth_mb"] < 12, json.dumps(report)
