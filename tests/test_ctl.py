@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -682,3 +683,18 @@ def test_set_thresholds_help_says_what_force_skips():
     shown = " ".join(ctl("ipc:///nonexistent", "set-thresholds", "--help").stdout.split())
     assert "outside the calibrated score range" in shown
     assert "set on another model (provenance.model_id)" in shown and "cameras it does not run" in shown
+
+
+def test_a_server_key_that_is_a_named_pipe_is_refused_in_one_line_not_waited_on(tmp_path):
+    """Read as a key file, a named pipe held ctl until something wrote to it: a hang with no word of why."""
+    from inspectd.protocol.keys import generate
+
+    _, client_secret = generate(tmp_path, "operator")
+    fifo = tmp_path / "station.key"
+    os.mkfifo(fifo)
+    args = ("--server-key", str(fifo), "--client-key", str(client_secret), "--timeout", "0.5", "status")
+    refused = ctl(f"ipc://{tmp_path}/nobody.sock", *args, timeout=20)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip() == (
+        f"inspectd ctl: server public key {fifo}: not a regular file, expected a key file from `inspectd keys generate`"
+    )

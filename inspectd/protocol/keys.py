@@ -180,7 +180,10 @@ def _is_z85_key(key: bytes) -> bool:
 
 def _load(path: str | Path, what: str) -> tuple[bytes, bytes | None]:
     try:
-        os.stat(path)  # pyzmq says only "Invalid certificate file" for a missing one: the system's reason instead
+        # pyzmq says only "Invalid certificate file" for a missing one: the system's reason instead.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            # A named pipe would hold the read until something wrote to it; a device, a directory are no key.
+            raise KeysError(f"{what} {path}: not a regular file, expected a key file from `inspectd keys generate`")
         public, secret = zmq.auth.load_certificate(str(path))
     except OSError as exc:
         raise KeysError(
