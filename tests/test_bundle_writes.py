@@ -133,7 +133,9 @@ def test_rollbacks_back_and_forth_keep_thresholds_json_bounded(tmp_path):
     reference = bundle.thresholds().provenance[T.GOOD_SCORES]
     current = T.next_version(bundle.thresholds(), image_threshold=1.5, provenance={"tool": "ctl set_thresholds"})
     bundle.replace_file("thresholds.json", T.dumps(current))
-    for n in range(1, 201):
+    # Twice the history's length: the history fills, then every version in it is one written after it was full.
+    rollbacks = 2 * T.MAX_HISTORY
+    for n in range(1, rollbacks + 1):
         current = T.rollback(current, current.version - 1)
         size = len(T.dumps(current))
         assert size <= bound, f"rollback {n}: {size} bytes, expected at most {bound}"
@@ -141,11 +143,11 @@ def test_rollbacks_back_and_forth_keep_thresholds_json_bounded(tmp_path):
     load_bundle(path).replace_file("thresholds.json", T.dumps(current))
     assert (path / "thresholds.json").stat().st_size <= bound
     back = load_bundle(path).thresholds()
-    assert (back.version, back.image_threshold, len(back.history)) == (202, 1.5, T.MAX_HISTORY)
+    assert (back.version, back.image_threshold, len(back.history)) == (rollbacks + 2, 1.5, T.MAX_HISTORY)
     # What an operator sees of the rollback: where it went back to, and that version's own provenance, which says
     # where that one came from in turn.
-    assert back.provenance["rollback_to"] == 200
-    assert back.provenance["rolled_back_provenance"]["rollback_to"] == 198
+    assert back.provenance["rollback_to"] == rollbacks
+    assert back.provenance["rolled_back_provenance"]["rollback_to"] == rollbacks - 2
     assert "rolled_back_provenance" not in back.provenance["rolled_back_provenance"]
     assert back.provenance[T.GOOD_SCORES] == reference  # the drift alarm stays armed
 
