@@ -158,6 +158,13 @@ def not_replaceable(path: str | Path) -> str | None:
     lost."""
     path = Path(path)
     expected = "expected a new path, an empty folder or an inspectd bundle to replace"
+    if path.is_symlink() and path.exists():
+        # The swap would turn the link into a folder: the bundle it pointed to, and teach's versions beside it, would
+        # be left behind with nothing naming them, and `current` would stop being a link a later switch can move.
+        return (
+            f"a symbolic link to {os.readlink(path)}, expected a folder of its own: write the new bundle into a new "
+            "folder beside it and switch the link to that (docs/DEPLOY.md, Update a model)"
+        )
     if not path.exists():
         for parent in path.parents:  # a file where a folder above the bundle should be
             if parent.exists():
