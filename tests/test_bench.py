@@ -193,10 +193,22 @@ def test_arrival_rate_counts_whole_batches_only():
         (["engine", "b", "--size", "0"], "--size: '0': expected each side between 32 and 4096 pixels"),
     ],
 )
-def test_bench_refuses_what_the_daemon_would_refuse_before_measuring_anything(args, refused):
-    proc = bench(*args, timeout=60)
+def test_bench_refuses_what_the_daemon_would_refuse_before_measuring_anything(args, refused, capsys):
+    # In this process: the parser refuses, and a child pays seconds for torch where --size or --frame-size is checked
+    # by train's functions. The command line once, below: its entry point is the same for every refusal.
+    from inspectd.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["bench", *args])
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"inspectd bench {args[0]}: error: argument {refused}"
+
+
+def test_bench_refuses_on_the_command_line_with_exit_2():
+    proc = bench("daemon", "--bundle", "b", "--max-wait-ms", "-1", timeout=60)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"inspectd bench {args[0]}: error: argument {refused}"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "inspectd bench daemon: error: argument --max-wait-ms: '-1': expected at least 0, got -1.0"
 
 
 def test_bench_daemon_exits_1_when_a_scenario_failed_and_keeps_the_others_figures(tiny_bundle, tmp_path):
