@@ -31,6 +31,7 @@ from inspectd.clients.subscribe import (
 )
 from inspectd.daemon.journal import Journal
 from inspectd.errors import InspectdError
+from inspectd.protocol import journal as journal_format
 from inspectd.protocol.journal import encode_record
 from inspectd.protocol.messages import Result, encode_result, encode_status
 
@@ -540,6 +541,40 @@ def test_a_journal_starting_past_the_live_seq_is_another_numbering(line):
         got = drain(source, 3)
     assert [r.frame_id for r in got] == ["cam0-5", "cam0-6", "cam0-7"]
     assert len(source.notices) == 1 and "(seq 5: not there, the journal starts at 100)" in source.notices[0]
+
+
+def test_a_first_live_result_rotated_away_while_it_waited_behind_the_replay_is_no_other_numbering(line):
+    """cam0's first live result is checked in start(); cam1's waits on the socket while a slow reader pulls the
+    replay and the line goes on, and the journal (a small cap) rotates past it. The daemon's own journal: cam1 comes
+    in order, without a duplicate or a notice (it was taken for another numbering's, which moved cam1 back below
+    what the replay had delivered and printed those results a second time)."""
+    line.journal.close()
+    line.journal = Journal(line.journal_dir, max_bytes=24 << 10, segment_bytes=3 << 10)
+
+    def emit(camera: str, seq: int, send: bool = True) -> None:
+        frames = result_frames(camera, seq, f"{camera}-{seq}-" + "p" * 400)
+        line.journal.append(camera, seq, frames)
+        if send:
+            line.pub.send_multipart(frames)
+
+    for seq in range(20):
+        emit("cam0", seq, send=False)
+        emit("cam1", seq, send=False)
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        emit("cam0", 20)
+        emit("cam1", 20)
+        source = CatchUpSubscriber(sub, JournalCatchUp(line.journal_dir))
+        source.start(-1, settle_s=2)
+        got = drain(source, 3)
+        for seq in range(21, 121):  # meanwhile: cam1's 20 is rotated away before it is taken
+            emit("cam0", seq)
+            emit("cam1", seq)
+        assert journal_format.oldest_seq(line.journal_dir, "cam1") > 20
+        got += drain(source, 10**6, timeout_s=1.5)
+    cam1 = [r.seq for r in got if r.camera == "cam1"]
+    assert cam1 == sorted(set(cam1)) and cam1[-1] == 120, cam1
+    assert source.notices == []
 
 
 def test_a_daemon_restarted_without_its_journal_under_a_running_subscriber_is_checked_again(line):

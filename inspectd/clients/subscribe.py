@@ -765,8 +765,9 @@ class CatchUpSubscriber:
 
     The daemon journals each result before it publishes it, so each camera's first live result (and its first after
     the numbering goes back, or after a status showed it start anew) is looked up in the journal: one that holds
-    another result under its seq, or starts past it, or (after such a status) lacks it, is a journal of another
-    numbering (a daemon that restarted
+    another result under its seq, or starts past it (for a camera's first live result: started past it when `start`
+    began, as that result may have waited behind the replay while rotation took it from the daemon's own journal),
+    or (after such a status) lacks it, is a journal of another numbering (a daemon that restarted
     without it; a copy), whose records are other parts' verdicts. No hole of that camera is filled from it (each is a
     gap), a replay of it not yet pulled stops, and what the replay delivered counts for nothing: the live stream is
     delivered from that result on. (After such a status the journal is not read for the camera until that check.)
@@ -790,6 +791,9 @@ class CatchUpSubscriber:
         self._checked: set[str] = set()  # cameras whose journal was checked against a live result
         self._signature: dict[str, tuple[str, int, int] | None] = {}  # camera -> its disowned journal, last looked at
         self._looked: dict[str, float] = {}  # camera -> when its disowned journal was last looked at
+        # camera -> the first seq its journal held when `start` began (None: no record of it then), before any live
+        # result could wait behind the replay: what its first live result is checked against (`_check`).
+        self._started: dict[str, int | None] = {}
 
     def start(
         self, since: int | dict[str, int], settle_s: float = SETTLE_S, on_malformed: Callable[[str], None] | None = None
@@ -797,6 +801,7 @@ class CatchUpSubscriber:
         # Any message says the subscription took hold; a result, within settle_s, lets its camera's journal be
         # checked before anything of it is replayed (status comes every second, before a quiet line's next part).
         # A malformed one is skipped, handed to `on_malformed` (its one-line error) to be counted.
+        self._started = self._journal_starts()
         deadline = time.monotonic() + settle_s
         heard: list[Result | dict[str, Any]] = []
         while not heard or not isinstance(heard[-1], Result):
@@ -818,6 +823,20 @@ class CatchUpSubscriber:
         replay = self.catch_up.resume(since, None if first is None else {first.camera: first.seq})
         # Checked now, before the replay is pulled: a journal of another numbering replays nothing of this camera.
         self._pending = itertools.chain(replay, *(self._take(message) for message in heard))
+
+    def _journal_starts(self) -> dict[str, int | None]:
+        """The first seq the journal holds now for each of the catch-up's cameras it has ({} where it cannot be
+        listed: `resume` says why)."""
+        from inspectd.protocol import journal
+
+        catch_up = self.catch_up
+        if catch_up.directory is None:
+            return {}
+        try:
+            listed = journal.cameras(catch_up.directory)
+        except (InspectdError, OSError):
+            return {}
+        return {c: catch_up.oldest(c) for c in listed if catch_up.cameras is None or c in catch_up.cameras}
 
     def recv(self, timeout_s: float | None) -> Result | dict[str, Any] | None:
         """The next message to deliver; None when nothing arrives within `timeout_s`. MessageError as Subscriber."""
@@ -877,17 +896,22 @@ class CatchUpSubscriber:
         self._checked.add(camera)
         journal = catch_up.directory
         held = catch_up.held(camera, seq)
+        # At the first check since `start`, the result may have waited on the socket behind the whole replay while
+        # the line went on and rotation took it from this numbering's own journal: a journal that starts past it now
+        # proves nothing, one that started past it before it could have waited does.
+        started = self._started.pop(camera, -1)  # -1: not listed then
+        oldest = (lambda: catch_up.oldest(camera)) if started == -1 else (lambda: started)
         other = None
         if held is not None and held != (result.frame_id, result.t_capture):
             other = f"frame {printable(held[0])} there, {printable(result.frame_id)} live"
         elif held is None and unchecked:
             # The daemon journals each result before it publishes it: a journal of this numbering holds this one.
             other = "not there"
-        elif held is None and (oldest := catch_up.oldest(camera)) is not None and oldest > seq:
+        elif held is None and (start := oldest()) is not None and start > seq:
             # The current numbering's journal holds this result (journalled before it was published), and rotation
             # takes the oldest first: one that starts past it is an old numbering whose low seqs were rotated away.
             # (A hole of its own, a record lost while its disk failed, lies above its start.)
-            other = f"not there, the journal starts at {oldest}"
+            other = f"not there, the journal starts at {start}"
         if other is not None:
             if not catch_up.disowned(camera) or unchecked:
                 self._signature[camera] = catch_up.signature(camera)
