@@ -24,6 +24,25 @@ of the two tests) raises at most 2 x 3600 x 1e-6 = 0.7 % of hours, and a day at 
 soak (deploy/soak.py --drift) runs an hour of frames and must stay quiet. Lighting, lens, focus and material changes
 move the whole distribution, which is what KS sees, long before most frames cross the threshold.
 
+Cut at the threshold: the window holds only frames judged ok (score below the camera's image threshold), so a
+threshold that rejects a share q of good frames leaves it a cut distribution, which differs from the whole good one
+by up to q in D: compared with the whole reference, a threshold that rejects more than about 15 % of good frames
+(calibrate --max-f1 or --target-escape where good and defect scores overlap, a low camera override) would raise on
+an unchanged line and never clear. So each test compares like with like:
+- score: the window against the reference scores below the threshold (cut_reference), m then the reference frames
+  they stand for (m times the kept share of the stored values). Window and cut reference are then drawn from the same
+  cut distribution on an unchanged line, and the bound above holds as stated. A threshold that keeps too few
+  reference frames for the test to ever raise leaves it inactive, saying so.
+- brightness: the document stores the brightness and score references each sorted on its own (and thinned to
+  quantiles), not paired per frame, so the brightness values of the frames below the threshold are not known. Cutting
+  away a share q of any distribution moves its distribution function by at most q anywhere, so this test raises and
+  clears at its critical values plus q (the share of the score reference at or above the threshold; 0 without one):
+  what is left for chance is the critical value the bound is stated for (up to the small difference between the
+  sampling noise of a cut distribution and of the whole one; tests/test_drift_cut.py holds seeded stations with
+  brightness tied to the score quiet up to q = 40 %). Where brightness and score are unrelated, as a model robust to
+  lighting makes them, the test merely needs q more D than before to raise. Thresholds at the top of the good
+  scores, which calibrate and teach set by default, reject next to none (q near 0) and see both tests as they were.
+
 Small references: D never exceeds 1, and with the 200-frame window the critical value at RAISE_ALPHA is above 1 for
 a reference of 7 frames or fewer (m = 2: 1.91, m = 7: 1.04, m = 8: 0.97, m = 20: 0.63). A test on such a reference
 could never raise, so it is not armed: it reports `active: false` (the score test) or `brightness_active: false`,
@@ -72,10 +91,12 @@ it by about the other cameras' share of it, which raises the alarm on an unchang
 
 The daemon (inspectd.daemon.service) keeps one monitor per camera and builds a fresh one at start (the windows are
 not kept across a restart: a raised alarm is down until MIN_SAMPLES good frames raise it again, which the daemon logs
-as `drift_reset`, reason start) and whenever the model or the thresholds change (reload, set_thresholds, rollback: a
-new reference; a reload that reads back the same model and document keeps the monitors, a raised alarm too). It
-reports `status()` in its status, metrics, log and status messages, which is where the PLC bridges take their drift
-and false-reject warning bits from.
+as `drift_reset`, reason start) and whenever the model or that camera's own inputs change (drift_inputs: its image
+threshold, its target and the references it reads) on a reload, set_thresholds or rollback, which logs a raised
+alarm's end as `drift_cleared`, reason "new reference". A camera whose inputs the new version leaves as they were
+keeps its monitor, window and raised alarm included: the comparison it makes is the same one. It reports `status()`
+in its status, metrics, log and status messages, which is where the PLC bridges take their drift and false-reject
+warning bits from.
 """
 
 from __future__ import annotations
@@ -84,7 +105,7 @@ import collections
 import dataclasses
 import math
 import statistics
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import structlog
@@ -180,18 +201,56 @@ def min_reference(window: int = WINDOW) -> int:
     return m
 
 
-class KsTest:
-    """One test: a window of values against a sorted reference of m frames, with hysteresis. Inactive, with the
-    reason in `inactive`, without a reference or with one too small to ever raise."""
+def cut_reference(
+    reference: tuple[int, list[float]] | None, threshold: float
+) -> tuple[tuple[int, list[float]] | None, float]:
+    """(the reference values a frame judged ok could hold, with the frames they stand for; the share of the reference
+    at or above `threshold`, which the threshold rejects). Stored values are rounded to 7 significant digits
+    (engines.bundle.thresholds.good_score_reference), so a good score just below a threshold set just above it may be
+    stored at or above it: one that ties the threshold at that precision is kept."""
+    if reference is None:
+        return None, 0.0
+    m, values = reference
+    rounded = float(f"{threshold:.7g}")
+    kept = [v for v in values if v < threshold or v <= rounded]
+    if len(kept) == len(values):
+        return reference, 0.0
+    # A reference of more than REFERENCE_POINTS frames is stored as that many evenly spaced quantiles: each stands
+    # for an equal share of its m frames.
+    share = len(kept) / len(values)
+    return (round(m * share) if len(values) < m else len(kept), kept), 1.0 - share
 
-    def __init__(self, reference: tuple[int, list[float]] | None, window: int, name: str = "good_scores") -> None:
+
+class KsTest:
+    """One test: a window of values against a sorted reference of m frames, with hysteresis; D must exceed each
+    critical value by `margin` more (what the window's cut may move it by where the reference cannot be cut alike).
+    Inactive, with the reason in `inactive`, without a reference or with one too small to ever raise; `kept` says
+    which part of the stored reference it is, for that reason."""
+
+    def __init__(
+        self,
+        reference: tuple[int, list[float]] | None,
+        window: int,
+        name: str = "good_scores",
+        margin: float = 0.0,
+        kept: str = "",
+    ) -> None:
         self.inactive: str | None = None
+        self.margin = margin
         if reference is None:
             self.inactive = f"the thresholds carry no {name} reference"
-        elif not can_raise(reference[0], window):
+        elif reference[0] < 1 or not can_raise(reference[0], window):
             self.inactive = (
-                f"the {name} reference holds {reference[0]} good frame(s), expected at least {min_reference(window)} "
-                "(with fewer the test can never raise): calibrate or teach on more good frames"
+                f"the {name} reference holds {reference[0]} good frame(s){kept}, expected at least "
+                f"{min_reference(window)} (with fewer the test can never raise): calibrate or teach on more good frames"
+            )
+            reference = None
+        elif ks_critical(RAISE_ALPHA, window, reference[0]) + margin >= 1.0:
+            self.inactive = (
+                f"the {name} reference's {reference[0]} good frames need D above "
+                f"{ks_critical(RAISE_ALPHA, window, reference[0]):.3g} plus the image threshold's {margin:.0%} share "
+                "of rejected reference scores (the frames judged ok are a cut of the line), more than D can reach: "
+                "calibrate with a threshold that rejects fewer good frames, or on more of them"
             )
             reference = None
         self.active = reference is not None
@@ -212,11 +271,11 @@ class KsTest:
     def check(self, window: np.ndarray) -> str | None:
         n = window.size
         self.statistic = ks_statistic(window, self.reference)
-        self.raise_at = ks_critical(RAISE_ALPHA, n, self.m)
+        self.raise_at = ks_critical(RAISE_ALPHA, n, self.m) + self.margin
         if not self.alarm and self.statistic > self.raise_at:
             self.alarm = True
             return "raised"
-        if self.alarm and self.statistic < ks_critical(CLEAR_ALPHA, n, self.m):
+        if self.alarm and self.statistic < ks_critical(CLEAR_ALPHA, n, self.m) + self.margin:
             self.alarm = False
             return "cleared"
         return None
@@ -243,6 +302,16 @@ class DriftState:
         return out
 
 
+class MonitorInputs(NamedTuple):
+    """All a monitor judges by: equal inputs (for the same model) make the same comparison, so a monitor built on
+    them carries over to a new thresholds version that leaves them as they were."""
+
+    reference: tuple[int, list[float]] | None
+    threshold: float
+    target: float
+    brightness_reference: tuple[int, list[float]] | None
+
+
 class DriftMonitor:
     """One camera's windows and alarm. `add(score, brightness)` for every frame judged ok; returns "raised"/"cleared"
     when the alarm changes, else None. Each test is inactive (never raises; status says so and why) without its
@@ -259,16 +328,22 @@ class DriftMonitor:
         check_every: int = CHECK_EVERY,
         brightness_reference: tuple[int, list[float]] | None = None,
     ) -> None:
-        self.score = KsTest(reference, window)
+        self.inputs = MonitorInputs(reference, threshold, target, brightness_reference)
+        kept, rejected = cut_reference(reference, threshold)
+        cut = "" if reference is None or kept is reference else f" below the image threshold {threshold:.6g}"
+        self.score = KsTest(kept, window, kept=cut)
         self.active = self.score.active  # the status's "active": the score test
-        self.brightness = KsTest(brightness_reference, window, "good_brightness")
+        self.brightness = KsTest(brightness_reference, window, "good_brightness", margin=rejected)
         self.running = self.score.active or self.brightness.active
         self.threshold = threshold
         self.target = target
-        self.reference_z = z_above(self.score.reference, threshold) if self.score.active else math.inf
+        # The warning models the whole line's scores (cut_z reads the window as a cut of them): the whole reference.
+        self.reference_m = reference[0] if reference is not None else 0
+        whole = np.asarray(reference[1] if reference is not None else [], dtype=np.float64)
+        self.reference_z = z_above(whole, threshold) if self.score.active else math.inf
         self.warn_above, self.clear_below = WARNING_FACTOR * target, WARNING_FACTOR * target / 2
         if math.isfinite(self.reference_z):
-            error = z_standard_error(self.reference_z, self.score.m, window)
+            error = z_standard_error(self.reference_z, self.reference_m, window)
             self.warn_above = max(self.warn_above, upper_tail(self.reference_z - RAISE_SE * error))
             self.clear_below = max(self.clear_below, upper_tail(self.reference_z - CLEAR_SE * error))
         self.warning_inactive = self._warning_inactive()
@@ -282,8 +357,8 @@ class DriftMonitor:
             return "the score test is inactive (inactive_reason), and the warning reads its window"
         if not math.isfinite(self.reference_z):
             return (
-                f"the {self.score.m} reference scores have no spread (all equal), so no normal tail can be compared: "
-                "calibrate or teach on more good frames"
+                f"the {self.reference_m} reference scores have no spread (all equal), so no normal tail can be "
+                "compared: calibrate or teach on more good frames"
             )
         if self.warn_above <= WARNING_REJECT_RATE:
             return None
@@ -296,7 +371,7 @@ class DriftMonitor:
             )
         return (
             f"warn_above {self.warn_above:.3g} (the reference's z at the threshold {self.threshold:.6g} less "
-            f"{RAISE_SE:g} standard errors, with {self.score.m} reference scores) would rise only once "
+            f"{RAISE_SE:g} standard errors, with {self.reference_m} reference scores) would rise only once "
             f"{self.warn_above:.0%} of good parts are rejected, expected by {WARNING_REJECT_RATE:.0%}: calibrate or "
             "teach on more good frames"
         )
@@ -357,11 +432,9 @@ class DriftMonitor:
         }
 
 
-def monitor_for(thresholds, camera: str) -> DriftMonitor:
-    """The monitor for `camera` under `thresholds` (an engines.bundle.thresholds.Thresholds), on the camera's own
-    references where the document holds them, else the pooled ones. A test or warning that cannot run on them is
-    logged here, where every new model or thresholds version gets its monitors, as well as shown in
-    the status: an alarm switched off must not go unnoticed."""
+def drift_inputs(thresholds, camera: str) -> MonitorInputs:
+    """What `camera`'s monitor under `thresholds` (an engines.bundle.thresholds.Thresholds) judges by: its image
+    threshold, its target and its own references where the document holds them, else the pooled ones."""
     from engines.bundle.thresholds import GOOD_BRIGHTNESS, reference_scores, target_for
 
     # A camera whose override `calibrate --camera` set judges by a threshold chosen for its own target, not the
@@ -370,11 +443,22 @@ def monitor_for(thresholds, camera: str) -> DriftMonitor:
     rate = DEFAULT_FALSE_REJECT_TARGET
     if isinstance(target, dict) and target.get("kind") == "false_reject" and isinstance(target.get("value"), float):
         rate = target["value"]
-    monitor = DriftMonitor(
+    return MonitorInputs(
         reference_scores(thresholds, camera=camera),
         thresholds.for_camera(camera)[0],
         rate,
-        brightness_reference=reference_scores(thresholds, GOOD_BRIGHTNESS, camera),
+        reference_scores(thresholds, GOOD_BRIGHTNESS, camera),
+    )
+
+
+def monitor_for(thresholds, camera: str) -> DriftMonitor:
+    """The monitor for `camera` under `thresholds` (an engines.bundle.thresholds.Thresholds), on the camera's own
+    references where the document holds them, else the pooled ones. A test or warning that cannot run on them is
+    logged here, where every new model or thresholds version gets its monitors, as well as shown in
+    the status: an alarm switched off must not go unnoticed."""
+    inputs = drift_inputs(thresholds, camera)
+    monitor = DriftMonitor(
+        inputs.reference, inputs.threshold, inputs.target, brightness_reference=inputs.brightness_reference
     )
     if not monitor.active:
         log.warning(
