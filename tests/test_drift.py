@@ -380,8 +380,9 @@ def test_a_reload_that_changes_nothing_keeps_a_raised_drift_alarm_and_a_new_thre
 ):
     """A real daemon whose line runs half again as bright as the taught frames: the alarm is up. `inspectd ctl
     reload` with the same bundle on disk (what revoking a key takes) keeps it up, in the control status and in the
-    status messages' PLC drift bit, with no drift_cleared line. A reload that reads a new thresholds version starts a
-    new reference: drift_cleared with reason "new reference", the bit drops. The start logged drift_reset."""
+    status messages' PLC drift bit, with no drift_cleared line. A reload that reads a new thresholds version with
+    another image threshold starts a new reference: drift_cleared with reason "new reference", the bit drops. The
+    start logged drift_reset."""
     import os
     import shutil
     import subprocess
@@ -444,7 +445,11 @@ def test_a_reload_that_changes_nothing_keeps_a_raised_drift_alarm_and_a_new_thre
         current = bundle.thresholds()
         bundle.replace_file(
             thresholds_doc.FILE_NAME,
-            thresholds_doc.dumps(thresholds_doc.next_version(current, provenance=dict(current.provenance))),
+            thresholds_doc.dumps(
+                thresholds_doc.next_version(
+                    current, image_threshold=current.image_threshold * 1.01, provenance=dict(current.provenance)
+                )
+            ),
         )
         reload()
         since = time.time()  # those sent while it reloaded may still carry the alarm
@@ -459,3 +464,92 @@ def test_a_reload_that_changes_nothing_keeps_a_raised_drift_alarm_and_a_new_thre
     # A restart is what drops a raised alarm without a word from the window: the start says so, the reloads do not.
     resets = station.events("drift_reset")
     assert [(e["camera"], e["reason"], e["samples_needed"]) for e in resets] == [("cam0", "start", 100)], resets
+
+
+def test_a_thresholds_version_for_one_camera_keeps_another_cameras_raised_alarm(taught: Path, tmp_path: Path):
+    """Two cameras in a real daemon, cam1 under half again as much light: its alarm is up. A version that changes
+    only cam0's override (what `calibrate --camera cam0 --apply` sends), and a rollback from it, leave cam1's
+    threshold, target and references as they were: its alarm stays up, in the status and the PLC drift bit, with
+    no drift_cleared line, while cam0, whose threshold changed, starts afresh. A version that changes the threshold
+    cam1 judges by ends its alarm with reason "new reference"."""
+    import shutil
+    import time
+
+    from daemon_harness import Station
+    from engines.bundle import thresholds as thresholds_doc
+    from inspectd.clients.handshake import daemon_drift_flags
+    from inspectd.protocol.messages import Result
+
+    shutil.copytree(taught, tmp_path / "b")
+    frames = 400  # each line then stops: what the status says after each write is the write's doing alone
+    cameras = [
+        {"id": "cam0", "source": lit_line(frames, {0: 1.0}), "queue": {"policy": "block"}},
+        {"id": "cam1", "source": lit_line(frames, {0: 1.5}), "queue": {"policy": "block"}},
+    ]
+    station = Station(tmp_path, tmp_path / "b", cameras)
+
+    def drift(camera: str) -> dict:
+        return station.control({"cmd": "status"})["cameras"][camera]["drift"]
+
+    def plc_bits_since(since: float, count: int = 3) -> list[bool]:
+        """cam1's drift bit in the next `count` status messages sent after `since` (time.time())."""
+        bits: list[bool] = []
+        deadline = time.monotonic() + 10
+        while len(bits) < count:
+            assert time.monotonic() < deadline, "no status messages"
+            message = station.sub.recv(0.5)
+            if isinstance(message, dict) and message.get("t", 0) > since:
+                bits.append(daemon_drift_flags(message, "cam1")[0])
+        return bits
+
+    def write(request: dict) -> int:
+        reply = station.control(request)
+        assert reply["ok"], reply
+        return station.control({"cmd": "status"})["thresholds_version"]
+
+    try:
+        station.wait_ready()
+        last = {"cam0": -1, "cam1": -1}
+        deadline = time.monotonic() + 120
+        while min(last.values()) < frames - 1 and time.monotonic() < deadline:
+            message = station.sub.recv(0.5)
+            if isinstance(message, Result):
+                last[message.camera] = max(last[message.camera], message.seq)
+        assert min(last.values()) == frames - 1, station.log_tail()
+        assert [e["camera"] for e in station.events("drift_raised")] == ["cam1"], station.log_tail()
+        raised = drift("cam1")
+        assert raised["alarm"] and drift("cam0")["samples"] > 0
+
+        current = thresholds_doc.read(tmp_path / "b" / thresholds_doc.FILE_NAME)
+        cam0 = {"cam0": {"image_threshold": current.for_camera("cam0")[0] * 1.01}}
+        # As calibrate sets it: not a teach, which no rollback may go below.
+        provenance = {**current.provenance, "tool": "inspectd calibrate"}
+        other = thresholds_doc.next_version(current, per_camera=cam0, provenance=provenance)
+        assert other.for_camera("cam1") == current.for_camera("cam1")
+        since = time.time()
+        assert write({"cmd": "set_thresholds", "thresholds": other.to_dict()}) == current.version + 1
+        kept = drift("cam1")
+        assert kept["alarm"] and kept["samples"] == raised["samples"], kept
+        assert drift("cam0")["samples"] == 0  # its threshold changed: a fresh window on it
+        assert station.events("drift_cleared") == [], "a version for cam0 cleared cam1's alarm"
+        assert all(plc_bits_since(since)), "the PLC drift bit dropped on a version for another camera"
+
+        assert write({"cmd": "rollback", "version": current.version}) == current.version + 2
+        assert drift("cam1")["alarm"] and station.events("drift_cleared") == []
+
+        moved = thresholds_doc.next_version(
+            thresholds_doc.read(tmp_path / "b" / thresholds_doc.FILE_NAME),
+            image_threshold=current.image_threshold * 1.01,
+            provenance=provenance,
+        )
+        assert write({"cmd": "set_thresholds", "thresholds": moved.to_dict()}) == current.version + 3
+        fresh = drift("cam1")
+        assert not fresh["alarm"] and fresh["samples"] == 0 and fresh["active"], fresh
+        time.sleep(0.3)  # those sent while it was set may still carry the alarm
+        assert not any(plc_bits_since(time.time()))
+    finally:
+        assert station.stop() == 0, station.log_tail()
+    cleared = station.events("drift_cleared")
+    assert [(e["camera"], e["reason"], e["thresholds_version"]) for e in cleared] == [
+        ("cam1", "new reference", current.version + 3)
+    ], cleared

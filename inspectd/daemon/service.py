@@ -14,8 +14,8 @@ Lifecycle:
   watchdog WATCHDOG=1 is sent only while the pipeline makes progress (a batch finished recently, or nothing is waiting)
            and the inference stage is healthy; a stuck engine therefore gets the service restarted by systemd.
   drift    every published `ok` score (and the mean grey level of its model input) feeds its camera's drift monitor
-           (inspectd.daemon.drift) on the publisher thread; a new model or thresholds version starts a fresh
-           monitor on that version's reference.
+           (inspectd.daemon.drift) on the publisher thread; a new model starts a fresh monitor, and so does a
+           thresholds version that changes what that camera's monitor judges by (its threshold, target, references).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from inspectd.daemon.batching import MicroBatcher
-from inspectd.daemon.drift import DriftMonitor, monitor_for
+from inspectd.daemon.drift import DriftMonitor, drift_inputs, monitor_for
 from inspectd.daemon.inference import InferenceStage, Judged, ModelState
 from inspectd.daemon.publish import Publisher
 from inspectd.errors import InspectdError
@@ -113,7 +113,7 @@ class Daemon:
         self._drift: dict[str, tuple[tuple[str, int], DriftMonitor]] = {}
         self._drift_lock = threading.Lock()
         for cam in config.cameras:
-            self._reset_drift(cam.id, state)
+            self._follow_drift(cam.id, state)
             monitor = self._drift[cam.id][1]
             if monitor.running:
                 # The windows are not kept across a restart: an alarm raised before it is down until the window
@@ -373,11 +373,20 @@ class Daemon:
         if judged.verdict == "ok" and judged.score is not None:
             self._observe_drift(judged)
 
-    def _reset_drift(self, camera: str, state: ModelState) -> None:
-        """A fresh monitor on `state`'s reference; a raised alarm ends with the reference it was raised against."""
+    def _follow_drift(self, camera: str, state: ModelState) -> None:
+        """`camera`'s monitor for `state`: the one it has, window and raised alarm included, where `state` is the
+        same model and leaves that camera's drift_inputs as they were (a new version for another camera, a reload of
+        the same document), else a fresh one on `state`'s. A raised alarm ends only with the reference it was raised
+        against: starting afresh on an unchanged one would drop the PLC drift bit for at least MIN_SAMPLES good
+        frames."""
+        inputs = drift_inputs(state.thresholds, camera)
+        key = (state.model_id, state.thresholds_version)
         with self._drift_lock:
             old = self._drift.get(camera)
-            self._drift[camera] = ((state.model_id, state.thresholds_version), monitor_for(state.thresholds, camera))
+            if old is not None and old[0][0] == state.model_id and old[1].inputs == inputs:
+                self._drift[camera] = (key, old[1])
+                return
+            self._drift[camera] = (key, monitor_for(state.thresholds, camera))
         if old is not None and old[1].state.alarm:
             self.log.info(
                 "drift_cleared",
@@ -395,7 +404,7 @@ class Daemon:
             state = self.stage.state
             if (state.model_id, state.thresholds_version) != key:
                 return  # judged by a model or thresholds since replaced: not evidence about the new reference
-            self._reset_drift(camera, state)
+            self._follow_drift(camera, state)
             entry = self._drift[camera]
         monitor = entry[1]
         with self._drift_lock:
@@ -609,13 +618,11 @@ class Daemon:
                 new.close()
                 raise
             self._retired.append(self.stage.swap(new))
-        # A reload that reads the same model and the same document back (one run to revoke a key, or a routine
-        # systemctl reload) keeps every window and a raised alarm: the reference has not changed, and starting afresh
-        # would drop the PLC drift bit for at least MIN_SAMPLES good frames. The whole document, not only its
-        # version: a version written over on disk judges by other values.
-        if (new.model_id, new.thresholds) != (old.model_id, old.thresholds):
-            for camera in self.ingest:
-                self._reset_drift(camera, new)
+        # A reload that reads the same model and document back (one run to revoke a key, or a routine systemctl
+        # reload) keeps every window and a raised alarm. By what each monitor judges by, not the version: a version
+        # written over on disk judges by other values, and one that changes a camera's override leaves the others'.
+        for camera in self.ingest:
+            self._follow_drift(camera, new)
         self.log.info(
             "reloaded",
             model_id=new.model_id,
@@ -728,7 +735,7 @@ class Daemon:
                 self.log.warning("thresholds_not_durable", thresholds_version=new.version, error=str(exc))
             self.stage.swap(judged_by)
         for camera in self.ingest:
-            self._reset_drift(camera, self.stage.state)
+            self._follow_drift(camera, self.stage.state)
         self.log.info(
             "thresholds_set",
             thresholds_version=new.version,
