@@ -18,6 +18,7 @@ import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -298,12 +299,47 @@ def _narrowed(paths: Sequence[Path], keys: list[tuple | None], limit: int | None
     return narrowed
 
 
-def without_duplicates(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+def pixels_key(image: np.ndarray) -> bytes:
+    """What two frames with the same pixels share, whatever their files' bytes (another PNG compression level, a
+    metadata chunk, a stuck frame the camera encoded again): a digest of the array's shape, dtype and buffer."""
+    digest = hashlib.sha256(f"{image.shape} {image.dtype.str}".encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.digest()
+
+
+class FirstOf:
+    """Frames met one at a time, each with its key (None: a copy of none): keep() says whether a frame is the first
+    with its key, and `left_out` holds (the frame, the earlier one with the same key) for each it said no to. The one
+    rule of which copy stays, for copies found by their bytes before decoding (without_duplicates) and by their pixels
+    after (pixels_key), where frames are decoded one at a time."""
+
+    def __init__(self) -> None:
+        self._first: dict[Any, Path] = {}
+        self.left_out: list[tuple[Path, Path]] = []
+
+    def keep(self, path: Path, key: Any) -> bool:
+        if key is None:
+            return True
+        earlier = self._first.setdefault(key, path)
+        if earlier is path:
+            return True
+        self.left_out.append((path, earlier))
+        return False
+
+
+def without_duplicates(
+    paths: Sequence[Path], pixels: Sequence[bytes] | None = None
+) -> tuple[list[Path], list[tuple[Path, Path]]]:
     """`paths` less every file whose bytes are an earlier one's, and (left out, the earlier file) for each left out.
     A twin of a held-out image in the fit scores it about 0, and the first thresholds set on it then reject every
-    frame; a folder copied into itself or an `img (copy).png` is no second image. The bytes, not decoded pixels, are
-    compared (decoding hundreds of frames twice costs seconds): a file's size, then a digest of its first HEAD_BYTES,
-    then of all of it, each only where the step before matched another file's. A file that cannot be read is kept."""
+    frame; a folder copied into itself or an `img (copy).png` is no second image. The bytes are compared before
+    decoding (decoding hundreds of frames twice costs seconds): a file's size, then a digest of its first HEAD_BYTES,
+    then of all of it, each only where the step before matched another file's. A file that cannot be read is kept.
+    Once the frames are decoded, `pixels` (each path's pixels_key) compares them by their pixels instead: the same
+    pixels in other bytes are as much a twin."""
+    if pixels is not None:
+        first = FirstOf()
+        return [path for path, key in zip(paths, pixels, strict=True) if first.keep(path, key)], first.left_out
     keys: list[tuple | None] = []
     for path in paths:
         try:
@@ -317,22 +353,16 @@ def without_duplicates(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Pa
     whole = [key is not None and key[0] <= HEAD_BYTES for key in keys]
     longer = _narrowed(paths, [None if done else key for done, key in zip(whole, keys)], None)
     keys = [key if done else wider for done, key, wider in zip(whole, keys, longer)]
-    first: dict[tuple, Path] = {}
-    kept, left_out = [], []
-    for path, key in zip(paths, keys):
-        if key is not None:
-            earlier = first.setdefault(key, path)
-            if earlier is not path:
-                left_out.append((path, earlier))
-                continue
-        kept.append(path)
-    return kept, left_out
+    first = FirstOf()
+    return [path for path, key in zip(paths, keys) if first.keep(path, key)], first.left_out
 
 
-def duplicates_note(left_out: Sequence[tuple[Path, Path]], most: int = 3) -> str:
-    """The one line that says which files without_duplicates left out (the first `most` named)."""
+def duplicates_note(left_out: Sequence[tuple[Path, Path]], most: int = 3, pixels: bool = False) -> str:
+    """The one line that says which files without_duplicates left out (the first `most` named); `pixels`: those it
+    compared by their pixels, whose bytes differ (so a byte compare of the two does not send the reader astray)."""
     shown = ", ".join(f"{path.name} (same as {earlier.name})" for path, earlier in left_out[:most])
-    return f"note: {len(left_out)} duplicate image(s) left out: {shown}" + (" ..." if len(left_out) > most else "")
+    how = " (the same pixels in other bytes)" if pixels else ""
+    return f"note: {len(left_out)} duplicate image(s){how} left out: {shown}" + (" ..." if len(left_out) > most else "")
 
 
 def skipped_warning(paths: Sequence[Path]) -> str:
