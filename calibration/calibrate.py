@@ -387,6 +387,9 @@ class _Scored:
     skipped_good: list[tuple[Path, DataError]] = dataclasses.field(default_factory=list)
     skipped_defect: list[tuple[Path, DataError]] = dataclasses.field(default_factory=list)
     masks_left_out: set[Path] = dataclasses.field(default_factory=set)  # of skipped_defect, the masks at fault
+    # (image, the earlier image of its set with its pixels) of those whose bytes differ from it: left out
+    twins_good: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
+    twins_defect: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
 
 
 def refuse_non_finite(scores, paths, what: str) -> None:
@@ -489,7 +492,10 @@ def _score(
     """One pass of engines.training.evaluate.score_images over good then defective images (one engine, one batch
     buffer). An image that does not decode (a file cut short by a copy) is left out and counted, not the end of a run
     that thousands of frames took minutes to score; where every good image, or every defective one, fails, the first
-    failure is raised as it would have been."""
+    failure is raised as it would have been. An image whose pixels, as the model takes them, are an earlier one's of
+    the same set is left out too (_distinct compared the bytes only): one frame counted twice claims twice the
+    support for the bound and the drift reference."""
+    from engines.data.images import FirstOf, pixels_key
     from engines.errors import DataError
     from engines.progress import Progress
     from engines.runtime.preprocess import fit_frame, mean_level
@@ -506,6 +512,8 @@ def _score(
     brightness = np.empty(len(good), dtype=np.float64)
     fitted = np.empty(bundle.input_shape, dtype=np.uint8)
     paths = good + [path for path, _ in defective]
+    twin = np.zeros(scores.size, dtype=bool)
+    firsts = (FirstOf(), FirstOf())  # the good set's, the defective set's
     failures: dict[Path, DataError] = {}
     unusable_masks: dict[Path, Path] = {}  # image: its mask, which cannot be read or does not decode
     progress = Progress()
@@ -536,10 +544,14 @@ def _score(
                 progress.update(at)
                 continue
             mask = truth
+        fit_frame(scored.image, bundle.input_shape, bundle.resize_policy, out=fitted)
+        if not firsts[i >= len(good)].keep(scored.path, pixels_key(fitted)):
+            twin[i] = True
+            progress.update(at)
+            continue
         scores[i] = scored.score
         decoded[i] = True
         if i < len(good):
-            fit_frame(scored.image, bundle.input_shape, bundle.resize_policy, out=fitted)
             brightness[i] = mean_level(fitted)
         if pixels is not None and i < len(good):
             pixels.add(scored.frame_map, None, what=str(scored.path))
@@ -553,7 +565,12 @@ def _score(
             raise failures[paths[part][0]]
     kept = [path for path, ok in zip(paths, decoded, strict=True) if ok]
     # The file at fault is named: the mask, where that is what left the image out.
-    lost = [(unusable_masks.get(path, path), failures[path]) for path, ok in zip(paths, decoded, strict=True) if not ok]
+    lost = [
+        (unusable_masks.get(path, path), failures[path])
+        for path, ok, copy in zip(paths, decoded, twin, strict=True)
+        if not ok and not copy
+    ]
+    n_lost_good = int((~decoded[:n] & ~twin[:n]).sum())
     n_kept = int(decoded[:n].sum())
     return _Scored(
         scores[:n][decoded[:n]],
@@ -563,9 +580,11 @@ def _score(
         brightness[decoded[:n]],
         kept[:n_kept],
         kept[n_kept:],
-        lost[: n - n_kept],
-        lost[n - n_kept :],
+        lost[:n_lost_good],
+        lost[n_lost_good:],
         set(unusable_masks.values()),
+        firsts[0].left_out,
+        firsts[1].left_out,
     )
 
 
@@ -682,6 +701,9 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     client = None
     try:
+        if args.camera is not None and not args.camera.strip():
+            # An unset $CAM in a script: taken as no --camera, it would set every camera's threshold from one's frames.
+            raise CalibrationError(f"--camera {args.camera!r}: expected a camera id")
         # The pair itself is client_for's to check, with --apply.
         if (args.server_key is not None or args.client_key is not None) and not args.apply:
             raise CalibrationError("--server-key/--client-key are for --apply: give the daemon's control endpoint")
@@ -784,7 +806,7 @@ def _scoring_flags(args) -> list[tuple[str, Any]]:
         ("--good", args.good),
         ("--defective", args.defective),
         ("--pixel", args.pixel),
-        ("--camera", args.camera),
+        ("--camera", args.camera is not None),
         ("--target-false-reject", args.target_false_reject is not None),
         ("--target-escape", args.target_escape is not None),
         ("--max-f1", args.max_f1),
@@ -830,7 +852,7 @@ def _check_daemon(args, client: ControlClient, bundle) -> None:
             "the bundle the daemon runs (reload it first, or calibrate its bundle)"
         )
     cameras = reply.get("cameras")
-    if args.camera and isinstance(cameras, dict) and args.camera not in cameras:
+    if args.camera is not None and isinstance(cameras, dict) and args.camera not in cameras:
         raise CalibrationError(
             f"--camera {args.camera}: the daemon at {args.apply} has no such camera, expected one of "
             f"{', '.join(sorted(cameras)) or 'its cameras (it has none)'}"
@@ -918,6 +940,9 @@ def _calibrate(bundle, current, args, out):
 
         for line in skipped_lines(skipped, scored.masks_left_out):
             print(line, file=out)
+    for left_out in (scored.twins_good, scored.twins_defect):
+        if left_out:
+            print(duplicates_note(left_out, pixels=True), file=out)
     image, pixel, chosen = _choose(args, scored, out)
     hold = rejects_most(scored.good, image)
     if scores_pool_the_map(bundle.manifest) and (warning := _regionless_warning(current, args.camera, image, pixel)):
@@ -928,11 +953,11 @@ def _calibrate(bundle, current, args, out):
         "good_dir": str(Path(args.good).resolve()),
         "n_good": int(scored.good.size),
         "n_skipped_good": len(scored.skipped_good),
-        "n_duplicates_good": len(duplicates[0]),
+        "n_duplicates_good": len(duplicates[0]) + len(scored.twins_good),
         "defective_dirs": [str(Path(d).resolve()) for d in args.defective],
         "n_defective": int(scored.defect.size),
         "n_skipped_defective": len(scored.skipped_defect),
-        "n_duplicates_defective": len(duplicates[1]),
+        "n_duplicates_defective": len(duplicates[1]) + len(scored.twins_defect),
         "model_id": bundle.model_id,
         # What the scores were computed in: a daemon whose engine runs the same precision judges by them as they are.
         thresholds_doc.ENGINE_PRECISION: precision,
@@ -947,9 +972,9 @@ def _calibrate(bundle, current, args, out):
     provenance[thresholds_doc.IMAGE_SCORES] = image_scores
     if scored.pixels is not None:
         provenance[thresholds_doc.PIXEL_SCORES] = _pixel_range(scored.pixels)
-    if not args.camera and (warning := thresholds_doc.reference_warning(int(scored.good.size), "good images")):
+    if args.camera is None and (warning := thresholds_doc.reference_warning(int(scored.good.size), "good images")):
         print(warning, file=out)
-    if args.camera:
+    if args.camera is not None:
         provenance["camera"] = args.camera
         # The pooled references describe every camera's good frames, and the target and observed the global threshold
         # that every other camera's drift false-reject warning is measured against: one camera's images replace
@@ -1030,11 +1055,11 @@ def _regionless_warning(current, camera: str | None, image: float, pixel: float 
     below the pixel one may have no pixel at or above the pixel threshold: a defect published with no region and an
     empty mask. At or below the image threshold, the pixel threshold always leaves a defect a region."""
     if pixel is None:
-        override = current.per_camera.get(camera, {}) if camera else {}
+        override = current.per_camera.get(camera, {}) if camera is not None else {}
         pixel = override.get("pixel_threshold", current.pixel_threshold)
     if pixel <= image:
         return None
-    which = f"camera {camera}'s" if camera else "the"
+    which = f"camera {camera}'s" if camera is not None else "the"
     return (
         f"WARNING: {which} pixel threshold {pixel:.6g} is above the image threshold {image:.6g}, and an image score "
         f"is at most its map's maximum: frames scored from {image:.6g} to below {pixel:.6g} can be defects with no "
@@ -1052,7 +1077,7 @@ def _overrides_to_drop(current, args, precision: str) -> list[str]:
     precision for all its thresholds, and the daemon's score-shift check reads it for the overrides too, so kept they
     would pass as set on `precision` scores. Refusing instead would leave no way to move them: --camera is refused
     on a precision other than the document's (_engine_options)."""
-    if args.camera or precision == _set_on(current):
+    if args.camera is not None or precision == _set_on(current):
         return []
     return sorted(current.per_camera)
 
@@ -1083,7 +1108,7 @@ def _engine_options(bundle, current, args) -> tuple[dict[str, Any], str]:
                 f"`inspectd build-engine {bundle.path}`"
             )
     in_force = _set_on(current)
-    if args.camera and precision != in_force:
+    if args.camera is not None and precision != in_force:
         raise CalibrationError(
             f"--camera {args.camera} on {precision} scores: thresholds version {current.version} were set on "
             f"{in_force} scores, expected --precision {in_force} for one camera's override (or calibrate every camera "

@@ -47,7 +47,9 @@ the bundle teach loaded, its files' checksums included: another teach that switc
 or the daemon wrote meanwhile, refuse it (nothing switched, the staged copy removed; teach again). A teach starts by
 clearing the staged copies of teaches that were killed: one that holds a version that was in service moves into
 BUNDLE.versions, and the rest are removed (remove_dead_staging). A frame that does not decode is left out with a
-WARNING and named in the record's `frames.unreadable`.
+WARNING and named in the record's `frames.unreadable`. A frame whose bytes, or once decoded whose pixels, are an
+earlier one's is left out with a `note:` and counted in `frames.n_duplicates`: a held-out frame's twin in the fit
+scores it about 0.
 
 The thresholds name the model they were set for (provenance.model_id), so the daemon refuses a taught document for
 any other model. `--rollback` gives the restored bundle its own thresholds again as a new version, numbered above
@@ -110,6 +112,7 @@ from engines.data.images import (
     frames_checksums,
     good_folder,
     list_images,
+    pixels_key,
     split_holdout,
     subfolder_hint,
     validation_folds,
@@ -335,8 +338,8 @@ class GoodFrames:
     record: dict[str, Any]  # where they came from, for the teach record's `frames`
     provenance: dict[str, Any]  # the same, shorter, for the thresholds' provenance
     hint: str = ""  # how to get more of them, for the too-few refusal
-    # (file left out, the earlier file with its very bytes): as train leaves them out, since a held-out frame's twin
-    # in the fit scores it about 0 (a stuck camera exports one frame under many ids)
+    # (file left out, the earlier file with its very bytes, or after decoding its very pixels): as train leaves them
+    # out, since a held-out frame's twin in the fit scores it about 0 (a stuck camera exports one frame under many ids)
     duplicates: Sequence[tuple[Path, Path]] = ()
     # frame -> the camera that took it, where known (the archive's index): each camera's drift reference of its own
     cameras: Mapping[Path, str] = dataclasses.field(default_factory=dict)
@@ -582,7 +585,7 @@ def archive_frames(
     `models` (teach_lineage's: the bundle's own first) or, when None, by any model."""
     t_since = parse_time(since, "--since")
     t_until = parse_time(until, "--until") if until is not None else None
-    where = f"--archive {archive}" + (f" --camera {camera}" if camera else "") + f" --since {since}"
+    where = f"--archive {archive}" + (f" --camera {camera}" if camera is not None else "") + f" --since {since}"
     where += f" --until {until}" if until is not None else ""
     other: dict[str, int] | None = None  # None: not looked up (--any-model)
     with ArchiveReader(archive) as reader:
@@ -794,6 +797,21 @@ def teach(
             raise TeachError(
                 f"{frames.source}: {len(paths)} good frame(s) that decode, expected at least {MIN_FRAMES} (some fit, "
                 "some are held out)" + frames.hint
+            )
+    # The bytes were compared before decoding; the same pixels in other bytes (a stuck frame the camera encoded again,
+    # another PNG compression level) are as much a twin, and a held-out frame's twin in the fit scores it about 0. As
+    # the model takes them: frames it cannot tell apart are one frame to it.
+    distinct, twins = without_duplicates(paths, [pixels_key(image) for image in images])
+    if twins:
+        print(duplicates_note(twins, pixels=True), file=out)
+        kept = {id(path) for path in distinct}
+        images = images[[i for i, path in enumerate(paths) if id(path) in kept]]
+        frames = without_twins(frames, distinct, twins)
+        paths = frames.paths
+        if len(paths) < MIN_FRAMES:
+            raise TeachError(
+                f"{frames.source}: {len(paths)} distinct good frame(s) ({len(twins)} more left out with the same "
+                f"pixels), expected at least {MIN_FRAMES} (some fit, some are held out)" + frames.hint
             )
     split = training_split(bundle, holdout, len(paths))
     fit_idx, folds = split.folds(len(images), settings["seed"])
@@ -1093,6 +1111,17 @@ def without_unreadable(frames: GoodFrames, decoded: list[Path], skipped: list[Pa
         names = [path.name for path in skipped]
     record["unreadable"] = [*record.get("unreadable", []), *names]
     return dataclasses.replace(frames, paths=decoded, record=record)
+
+
+def without_twins(frames: GoodFrames, distinct: list[Path], twins: list[tuple[Path, Path]]) -> GoodFrames:
+    """`frames` with only the `distinct` ones, the `twins` (left out, the earlier frame with its pixels) counted in
+    its record's n_duplicates and listed in its duplicates, as the copies of an earlier frame's bytes are."""
+    record = dict(frames.record)
+    if "ids" in record:  # an archive's: its ids go with its paths
+        ids = dict(zip(frames.paths, record["ids"], strict=True))
+        record["ids"] = [ids[path] for path in distinct]
+    record["n_duplicates"] = record.get("n_duplicates", 0) + len(twins)
+    return dataclasses.replace(frames, paths=distinct, record=record, duplicates=[*frames.duplicates, *twins])
 
 
 def current_fit(bundle: Bundle, checksums: dict[str, str], n: int) -> np.ndarray | None:
@@ -1654,13 +1683,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibration.calibrate import CalibrationError
-
     try:
         archive, since, until, camera = args.archive, args.since, args.until, args.camera
+        if camera is not None and not camera.strip():
+            # An unset $CAM in a script: taken as no --camera, it would teach on every camera's frames.
+            raise TeachError(f"--camera {camera!r}: expected a camera id")
         if [bool(args.good), archive is not None, bool(args.rollback)].count(True) != 1:
             raise TeachError("expected exactly one of --good DIR, --archive [DIR] and --rollback")
-        if archive is None and (since or until or camera or (args.any_model and not args.good)):
+        selected = since is not None or until is not None or camera is not None
+        if archive is None and (selected or (args.any_model and not args.good)):
             raise TeachError(
                 "--since, --until, --camera and --any-model select archived frames: expected --archive [DIR] too"
             )
@@ -1710,7 +1741,9 @@ def run(args: argparse.Namespace) -> int:
                         "the model that judged its frames), expected --archive [DIR] or an export"
                     )
             done = teach(args.bundle, good, args.holdout, args.by, args.target_false_reject, args.pixel_fpr)
-    except (TeachError, CalibrationError, BundleError, DataError, EngineError, InspectdError, OSError) as exc:
+    # ValueError: what the fit and the thresholds refuse (a recipe's augment this version does not know, a
+    # thresholds document it cannot write), one line as calibrate gives it.
+    except (TeachError, BundleError, DataError, EngineError, InspectdError, OSError, ValueError) as exc:
         print(f"inspectd teach: {exc}", file=sys.stderr)
         if client is not None:
             client.close()

@@ -1077,6 +1077,64 @@ def test_byte_copies_of_a_frame_count_once_in_the_target_the_reference_and_the_p
     assert thresholds_doc.reference_scores(written, thresholds_doc.GOOD_BRIGHTNESS)[0] == 12
 
 
+def test_frames_with_the_same_pixels_in_other_bytes_count_once_in_the_bound_the_reference_and_the_pixels(
+    tmp_path, capsys
+):
+    """Each frame also saved at another PNG compression level (a stuck frame the camera encoded again): only byte
+    copies were left out, so 12 frames read as 24, "observed 0/24" claimed twice the support there is, and the drift
+    reference and the good pixels counted each frame twice. They are left out after decoding, named apart from the
+    byte copies, and counted with them."""
+    import cv2
+
+    bundle, good, crack = grey_station(tmp_path, n_good=12, n_defect=4)
+    for path in sorted(good.iterdir()):
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(good / f"{path.stem}~z9.png"), image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        assert (good / f"{path.stem}~z9.png").read_bytes() != path.read_bytes()
+    shutil.copyfile(good / "0001.png", good / "0001~copy.png")
+    image = cv2.imread(str(crack / "002.png"), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(crack / "002~z9.png"), image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    masks = crack.parents[1] / "ground_truth" / "crack"
+    shutil.copyfile(masks / "002_mask.png", masks / "002~z9_mask.png")
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", crack, "--target-false-reject", "0.2")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: 1 duplicate image(s) left out: 0001~copy.png (same as 0001.png)",
+        "note: 12 duplicate image(s) (the same pixels in other bytes) left out: 0000~z9.png (same as 0000.png), "
+        "0001~z9.png (same as 0001.png), 0002~z9.png (same as 0002.png) ...",
+        "note: 1 duplicate image(s) (the same pixels in other bytes) left out: 002~z9.png (same as 002.png)",
+    ], out
+    assert "false-reject rate on good frames: observed 0/12," in out, out
+    written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
+    prov = written.provenance
+    assert (prov["n_good"], prov["n_duplicates_good"], prov["n_defective"], prov["n_duplicates_defective"]) == (
+        12,
+        13,
+        4,
+        1,
+    )
+    assert prov["n_skipped_good"] == prov["n_skipped_defective"] == 0
+    assert thresholds_doc.reference_scores(written)[0] == 12
+    assert thresholds_doc.reference_scores(written, thresholds_doc.GOOD_BRIGHTNESS)[0] == 12
+
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--pixel", "--target-false-reject", "0.2", "--dry-run")
+    assert code == 0, err
+    assert "at most 0.01 of 49152 good pixels at or above it" in out, out  # 12 maps of 64 x 64 (the frame's), each once
+
+
+def test_an_empty_camera_id_is_refused_not_taken_as_every_camera(tmp_path, capsys):
+    """`--camera "$CAM"` with CAM unset once rewrote the global threshold from that one camera's frames."""
+    bundle, good, _ = grey_station(tmp_path, n_good=12)
+    for camera in ("", "  "):
+        code, out, err = calibrate(capsys, bundle, "--good", good, "--camera", camera)
+        assert code == 2 and out == "", out
+        assert err.splitlines() == [f"inspectd calibrate: --camera {camera!r}: expected a camera id"], err
+    code, out, err = calibrate(capsys, bundle, "--rollback", "1", "--camera", "")
+    assert code == 2 and err.splitlines() == ["inspectd calibrate: --camera '': expected a camera id"], err
+    assert thresholds_doc.read(bundle / thresholds_doc.FILE_NAME).version == 1
+
+
 def test_a_good_folder_whose_images_sit_a_level_down_names_them_as_train_does(tmp_path, capsys):
     """Once a bare "no images found"; an export with --split train (or an MVTec root without test/) says its
     train/good is not what calibrate reads."""

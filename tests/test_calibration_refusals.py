@@ -70,6 +70,9 @@ BAD_APPLY = [
         (["--server-key", "s.key", "--client-key", "c.key_secret"], "--server-key/--client-key are for --apply"),
         (["--target-false-reject", "2"], "--target-false-reject 2.0: expected a fraction strictly between 0 and 1"),
         (["--pixel-fpr", "0"], "--pixel-fpr 0.0: expected a fraction strictly between 0 and 1"),
+        # An unset $CAM in a script: taken as no --camera, every camera's frames.
+        (["--camera", ""], "--camera '': expected a camera id"),
+        (["--camera", " "], "--camera ' ': expected a camera id"),
         *BAD_APPLY,
     ],
 )
@@ -369,6 +372,47 @@ def test_calibrate_rollback_refuses_flags_that_choose_new_thresholds(tmp_path, c
     flags = ", ".join(flag for flag in extra if flag.startswith("--"))
     assert code == 2 and err.count("\n") == 1, err
     assert f"--rollback restores an earlier version as a whole: {flags} given, expected none of" in err, err
+
+
+def test_teach_refuses_an_empty_camera_with_archive_before_reading_it(tmp_path, capsys):
+    bundle = make(tmp_path / "b")
+    code = teach.run(teach_args(str(bundle), "--archive", str(tmp_path / "none"), "--since", "8h", "--camera", ""))
+    err = capsys.readouterr().err
+    assert code == 2 and err == "inspectd teach: --camera '': expected a camera id\n", err
+
+
+def taught_document(bundle: Path) -> T.Thresholds:
+    """Versions 1 (train's), 2 (a teach's: set on the refitted scorer) and 3 (a calibrate on it) in `bundle`."""
+    loaded = load_bundle(bundle)
+    taught = T.next_version(loaded.thresholds(), image_threshold=2.0, provenance={"tool": "inspectd teach 0.1"})
+    latest = T.next_version(taught, image_threshold=2.5, provenance={"tool": "inspectd calibrate 0.1"})
+    loaded.replace_file(T.FILE_NAME, T.dumps(latest))
+    return latest
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ("-1", "thresholds: version -1: expected a version number >= 1"),
+        ("0", "thresholds: version 0: expected a version number >= 1"),
+        ("3", "thresholds: no version 3 in history (known: 2, 1)"),
+        ("9", "thresholds: no version 9 in history (known: 2, 1)"),
+        ("1", "thresholds: version 1 was set on the scores of the scorer `inspectd teach` replaced at version 2"),
+    ],
+)
+def test_calibrate_rollback_on_a_taught_bundle_says_which_versions_do_not_exist(tmp_path, capsys, version, expected):
+    """Below a teach, -1, 0 or a version never written were each told they were set on the replaced scorer's
+    scores, pointing at teach --rollback: a version that does not exist is said to be none."""
+    from inspectd.cli import main
+
+    bundle = make(tmp_path / "b")
+    taught_document(bundle)
+    code = main(["calibrate", str(bundle), "--rollback", version])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"inspectd calibrate: {expected}"), err
+    assert load_bundle(bundle).thresholds().version == 3
+    code = main(["calibrate", str(bundle), "--rollback", "2"])
+    assert code == 0 and load_bundle(bundle).thresholds().image_threshold == 2.0
 
 
 @pytest.mark.parametrize(

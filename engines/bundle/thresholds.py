@@ -354,6 +354,14 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
     good frames' scores still describe it; `references_from` says so (the cameras' own references too, where both
     were set on the same model and precision). What it was set on is never taken from
     `current`: absent, the version was set on fp32 scores."""
+    # Whether the version exists comes first: below a teach, a number never written (0, -1, a typo) would be told it
+    # was set on the replaced scorer's scores.
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ThresholdsError(f"thresholds: version {version!r}: expected a version number >= 1")
+    found = next((old for old in current.history if old.get("version") == version), None)
+    if found is None:
+        known = ", ".join(str(h.get("version")) for h in current.history) or "none"
+        raise ThresholdsError(f"thresholds: no version {version} in history (known: {known})")
     taught = _taught_at(current)
     if taught is not None and version < taught:
         raise ThresholdsError(
@@ -361,37 +369,33 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
             f"{taught}: expected a version from {taught} on (`inspectd teach --rollback` puts the old scorer back "
             "with its thresholds)"
         )
-    for old in current.history:
-        if old.get("version") == version:
-            earlier = parse({**old, "history": []}, where=f"thresholds.history[version {version}]")
-            # Without its own chain: a version that was itself a rollback would nest every earlier one, so toggling
-            # between two versions grew the document without bound (history bounds how many versions, not their
-            # size). Its rollback_to still names where that one came from.
-            shown = {k: v for k, v in earlier.provenance.items() if k != "rolled_back_provenance"}
-            provenance: dict[str, Any] = {"rollback_to": version, "rolled_back_provenance": shown}
-            for key in ("target", PER_CAMERA_TARGET, IMAGE_SCORES, PIXEL_SCORES, *SET_ON):
-                if key in earlier.provenance:
-                    provenance[key] = copy.deepcopy(earlier.provenance[key])
-            for key in (GOOD_SCORES, GOOD_BRIGHTNESS):
-                if _reference(earlier.provenance, key) is not None:
-                    provenance[key] = copy.deepcopy(earlier.provenance[key])
-                elif _reference(current.provenance, key) is not None:
-                    provenance[key] = copy.deepcopy(current.provenance[key])
-                    provenance.setdefault("references_from", {})[key] = current.version
-            if isinstance(own := earlier.provenance.get(PER_CAMERA_REFERENCE), dict):
-                provenance[PER_CAMERA_REFERENCE] = copy.deepcopy(own)
-            elif carried := carried_camera_references(current, provenance):
-                provenance[PER_CAMERA_REFERENCE] = carried
-                provenance.setdefault("references_from", {})[PER_CAMERA_REFERENCE] = current.version
-            return next_version(
-                current,
-                image_threshold=earlier.image_threshold,
-                pixel_threshold=earlier.pixel_threshold,
-                per_camera=earlier.per_camera,
-                provenance=provenance,
-            )
-    known = ", ".join(str(h.get("version")) for h in current.history) or "none"
-    raise ThresholdsError(f"thresholds: no version {version} in history (known: {known})")
+    earlier = parse({**found, "history": []}, where=f"thresholds.history[version {version}]")
+    # Without its own chain: a version that was itself a rollback would nest every earlier one, so toggling
+    # between two versions grew the document without bound (history bounds how many versions, not their
+    # size). Its rollback_to still names where that one came from.
+    shown = {k: v for k, v in earlier.provenance.items() if k != "rolled_back_provenance"}
+    provenance: dict[str, Any] = {"rollback_to": version, "rolled_back_provenance": shown}
+    for key in ("target", PER_CAMERA_TARGET, IMAGE_SCORES, PIXEL_SCORES, *SET_ON):
+        if key in earlier.provenance:
+            provenance[key] = copy.deepcopy(earlier.provenance[key])
+    for key in (GOOD_SCORES, GOOD_BRIGHTNESS):
+        if _reference(earlier.provenance, key) is not None:
+            provenance[key] = copy.deepcopy(earlier.provenance[key])
+        elif _reference(current.provenance, key) is not None:
+            provenance[key] = copy.deepcopy(current.provenance[key])
+            provenance.setdefault("references_from", {})[key] = current.version
+    if isinstance(own := earlier.provenance.get(PER_CAMERA_REFERENCE), dict):
+        provenance[PER_CAMERA_REFERENCE] = copy.deepcopy(own)
+    elif carried := carried_camera_references(current, provenance):
+        provenance[PER_CAMERA_REFERENCE] = carried
+        provenance.setdefault("references_from", {})[PER_CAMERA_REFERENCE] = current.version
+    return next_version(
+        current,
+        image_threshold=earlier.image_threshold,
+        pixel_threshold=earlier.pixel_threshold,
+        per_camera=earlier.per_camera,
+        provenance=provenance,
+    )
 
 
 def _without_history(thresholds: Thresholds) -> dict[str, Any]:
