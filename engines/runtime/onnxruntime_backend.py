@@ -107,6 +107,12 @@ class OnnxRuntimeEngine(Engine):
         # The manifest has no checksum of its own: an input size edited there would open, then fail every batch with
         # ONNX Runtime's multi-line dimension error. A symbolic dimension (the batch) takes any size.
         pixel_dims = list(inputs[PIXELS])
+        if len(pixel_dims) == 4 and isinstance(pixel_dims[0], int) and pixel_dims[0] != 1:
+            # Exported without a dynamic batch: only batches of exactly that size would run.
+            self.session = None
+            raise EngineError(
+                f"{self.graph_path}: takes a fixed batch of {pixel_dims[0]} frames, expected a dynamic batch (N)"
+            )
         if len(pixel_dims) != 4 or any(
             isinstance(dim, int) and dim != size for dim, size in zip(pixel_dims[1:], bundle.input_shape)
         ):

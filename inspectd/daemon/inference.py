@@ -122,7 +122,16 @@ class ModelState:
         it ran for good (the catalogue's patchcore at 320: 2.1 GB at max_batch 8 against 0.4 GB), which a line that
         never fills its batches should not pay for at start."""
         h, w, c = self.bundle.input_shape
-        result = self.engine.infer(np.zeros((min(2, self.engine.max_batch), h, w, c), np.uint8))
+        n = min(2, self.engine.max_batch)
+        result = self.engine.infer(np.zeros((n, h, w, c), np.uint8))
+        # A graph from another tool can run yet give outputs the stage cannot use (a float16 map cv2.resize refuses,
+        # a map of another size): every defect frame would then be an error on the line.
+        for name, got, expected in (("score", result.scores, (n,)), ("anomaly_map", result.maps, (n, h, w))):
+            if got.dtype != np.float32 or got.shape != expected:
+                raise EngineError(
+                    f"{self.bundle.path}: output {name} is {got.dtype} {list(got.shape)} for {n} blank frames, "
+                    f"expected float32 {list(expected)}"
+                )
         # Finite scorer params can still overflow in the graph (a memory bank written by another tool): swapped in,
         # such a model makes every frame an error verdict and the station unhealthy, so it is refused here instead.
         if not np.isfinite(result.scores).all():
@@ -423,13 +432,16 @@ class InferenceStage:
             # NaN fails every comparison and would pass as "ok"; an FP16 overflow on a saturated frame or an
             # ill-conditioned scorer gives one, and neither says anything about the part.
             return self._error(frame, state, f"engine: non-finite score ({score})")
+        # Checked for every verdict, not only where regions are drawn: ONNX Runtime's ReduceMax (the image score of
+        # the maximum pool) skips a NaN that is not the map's first element, so a map gone NaN on a saturated spot
+        # gave a finite score and the part passed as ok. The model-size map: tens of microseconds.
+        if not np.isfinite(output.maps[row]).all():
+            return self._error(frame, state, "engine: non-finite anomaly map")
         image_thr, pixel_thr = state.thresholds.for_camera(frame.camera)
         verdict = "defect" if score >= image_thr else "ok"
         regions: list[Region] = []
         mask = None
         if verdict == "defect" or self.masks == "always":
-            if not np.isfinite(output.maps[row]).all():  # the model-size map: NaN would pass as "no region"
-                return self._error(frame, state, "engine: non-finite anomaly map")
             frame_map = predictor.frame_map(output, row)
             binary = (frame_map >= pixel_thr).view(np.uint8)
             regions = _regions(binary, frame_map)
