@@ -379,3 +379,100 @@ def test_probe_frames_read_a_training_set_whose_defect_free_folder_is_ok(tmp_pat
     bundle = load_bundle(path)
     frames, source = probe_frames(bundle, bundle.thresholds(), count=4)
     assert source == str(ok) and len(frames) == 3
+
+
+class MapOf:
+    """Wraps the real engine and turns its maps by `change` (rows, dtype), as a graph's own fault would."""
+
+    def __init__(self, engine, change):
+        self.engine, self.change = engine, change
+
+    def infer(self, pixels):
+        result = self.engine.infer(pixels)
+        return type(result)(result.scores, self.change(result.maps.copy()))
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def test_a_map_gone_nan_under_an_ok_score_is_an_error_not_a_pass(bundle_path):
+    """ONNX Runtime's ReduceMax, the maximum pool's image score, skips a NaN that is not the map's first element: a
+    map gone NaN on a saturated spot gave a finite score under the threshold, and the part passed as ok."""
+
+    def nan_spot(maps):
+        maps[0, 10:14, 10:14] = np.nan
+        return maps
+
+    state = open_state(bundle_path)
+    stage = InferenceStage(ModelState(state.bundle, MapOf(state.engine, nan_spot), state.thresholds), max_batch=4)
+    results = stage.run_batch([frame(0, grey(32, 32)), frame(1, grey(32, 32))])
+    assert [r.verdict for r in results] == ["error", "ok"]
+    assert results[0].error == "engine: non-finite anomaly map" and results[0].score is None
+
+
+@pytest.mark.parametrize(
+    "change, shown",
+    [
+        (lambda maps: maps.astype(np.float16), "output anomaly_map is float16 [2, 32, 32] for 2 blank frames"),
+        (lambda maps: maps[:, :16, :16], "output anomaly_map is float32 [2, 16, 16] for 2 blank frames"),
+    ],
+)
+def test_warm_up_refuses_outputs_the_stage_cannot_use(bundle_path, change, shown):
+    """A float16 map passed the blank frames and every ok frame, then failed every defect frame of another size than
+    the model's (cv2.resize takes no float16), and the station went unhealthy."""
+    from engines.errors import EngineError
+
+    state = open_state(bundle_path)
+    with pytest.raises(EngineError) as refused:
+        ModelState(state.bundle, MapOf(state.engine, change), state.thresholds).warm_up()
+    assert str(refused.value) == f"{bundle_path}: {shown}, expected float32 [2, 32, 32]"
+
+
+def test_a_graph_of_a_fixed_batch_other_than_one_is_refused_at_open(tmp_path):
+    """Fixed at 2 (an export without a dynamic batch), it passed the two-frame warm-up and failed every other
+    batch size on the line."""
+    import onnx
+
+    from engines.errors import EngineError
+
+    graph = onnx.load_from_string(grey_graph(H))
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    path = tmp_path / "fixed"
+    write_bundle(
+        path,
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": H, "width": W, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+            "score_kind": "max",
+        },
+        graph.SerializeToString(),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        thresholds_doc.first_version(0.5, 0.5, {"tool": "test"}),
+    )
+    with pytest.raises(EngineError) as refused:
+        open_state(path)
+    assert str(refused.value) == f"{path / 'model.onnx'}: takes a fixed batch of 2 frames, expected a dynamic batch (N)"
+
+
+@pytest.mark.parametrize("shape", [(200, 2000), (2000, 200), (256, 2000), (150, 1000)])
+def test_a_thin_scratch_survives_a_fit_that_shrinks_one_axis_and_not_the_other(shape):
+    """The interpolation was chosen by the height alone, and OpenCV's one-step resize samples a shrinking axis without
+    averaging where the other grows: a 2-pixel scratch across the frame vanished at most of its positions."""
+    from engines.runtime.preprocess import fit_frame
+
+    long_axis = int(np.argmax(shape))
+    faint = []
+    for at in range(100, 140):
+        image = np.full(shape, 100, np.uint8)
+        if long_axis == 1:
+            image[:, at : at + 2] = 200  # across the frame, along the axis that grows
+        else:
+            image[at : at + 2, :] = 200
+        fitted = fit_frame(image, (256, 256, 1))[0][:, :, 0].astype(int)
+        faint.append(int(fitted.max()) - 100)
+    # 2 of ~7.8 frame pixels a model pixel: about a quarter of the contrast of 100, half that where the scratch
+    # straddles two model pixels; sampled without averaging it was 0 at most positions.
+    assert min(faint) >= 10, faint

@@ -3,8 +3,8 @@
 The graph takes uint8 [N, H, W, C] at the bundle's input size; normalisation happens inside the graph. What stays on
 the host is only the geometric fit (OpenCV resize, optionally keeping the aspect ratio with padding) and channel
 conversion, written into a caller-owned batch buffer so that no model-size input is allocated per frame. It is not
-allocation-free: cv2.resize (when the frame's size differs) and an RGB-to-grey conversion each return a new array per
-frame, which is then copied into the buffer.
+allocation-free: cv2.resize (when the frame's size differs; twice where one axis shrinks and the other grows) and an
+RGB-to-grey conversion each return a new array per frame, which is then copied into the buffer.
 """
 
 from __future__ import annotations
@@ -71,9 +71,7 @@ def fit_frame(
     if frame.ndim == 3 and c == 1:
         frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
     # Grey into a colour model is replicated after the resize (bit-identical, and no full-size RGB copy per frame).
-    if placement.height != frame.shape[0] or placement.width != frame.shape[1]:
-        interpolation = cv2.INTER_AREA if placement.height < frame.shape[0] else cv2.INTER_LINEAR
-        frame = cv2.resize(frame, (placement.width, placement.height), interpolation=interpolation)
+    frame = _resized(frame, placement.height, placement.width)
     target = out[placement.top : placement.top + placement.height, placement.left : placement.left + placement.width]
     if policy == "pad" and (placement.height, placement.width) != (h, w):
         out[...] = int(frame.mean())
@@ -82,6 +80,23 @@ def fit_frame(
     else:
         target[...] = frame.reshape(target.shape)
     return out, placement
+
+
+def _resized(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`frame` at height x width: averaged along an axis that shrinks (INTER_AREA), interpolated along one that
+    grows. Per axis: with one axis shrinking and the other growing or kept, OpenCV's one-step resize samples the
+    shrinking axis without averaging (INTER_LINEAR, and INTER_AREA as well when either axis grows), and a scratch
+    thinner than the step vanished at most of its positions."""
+    fh, fw = frame.shape[:2]
+    if (fh, fw) == (height, width):
+        return frame
+    if height <= fh and width <= fw:
+        return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    if height >= fh and width >= fw:
+        return cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
+    shrunk = (fh, width) if width < fw else (height, fw)
+    frame = cv2.resize(frame, (shrunk[1], shrunk[0]), interpolation=cv2.INTER_AREA)
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def fit_all(frames: Sequence[np.ndarray], input_shape: tuple[int, int, int], policy: str = "stretch") -> np.ndarray:
