@@ -25,6 +25,7 @@ from pydantic import PlainValidator, ValidationInfo
 
 from engines import schema
 from inspectd.errors import ConfigError
+from inspectd.protocol.archive import LIVE_DIR
 from inspectd.protocol.journal import CAMERA_RE
 
 T = TypeVar("T")
@@ -109,13 +110,26 @@ WrittenPath = Annotated[Path, PlainValidator(written_path)]
 # A camera id begins the names of its archive files and journal folder (`<id>-<time>-<n>.overlay.jpg.tmp`, some 60
 # bytes past the id): bounded so that every such name stays well under the 255 bytes a file name may have.
 MAX_CAMERA_ID = 64
-CameraId = Annotated[
-    str,
-    schema.matching(
-        rf"(?={CAMERA_RE.pattern}\Z).{{1,{MAX_CAMERA_ID}}}",
-        f"a camera id ({CAMERA_RE.pattern}, at most {MAX_CAMERA_ID} characters: it begins file names)",
-    ),
-]
+# Not a camera id: the image archive's folder of live frames, beside the cameras' folders, which a camera's entries
+# would share (and its day folders escape the sweep of what a kill left).
+RESERVED_CAMERA_IDS = (LIVE_DIR,)
+_CAMERA_ID_RE = re.compile(rf"(?={CAMERA_RE.pattern}\Z).{{1,{MAX_CAMERA_ID}}}")
+
+
+def _camera_id(value: Any) -> str:
+    if not isinstance(value, str) or not _CAMERA_ID_RE.fullmatch(value):
+        raise schema.invalid(
+            f"expected a camera id ({CAMERA_RE.pattern}, at most {MAX_CAMERA_ID} characters: it begins file names), "
+            f"got {schema.show(value)}"
+        )
+    if value in RESERVED_CAMERA_IDS:
+        raise schema.invalid(
+            f"{schema.show(value)} is reserved (the image archive's live-frame folder), expected another camera id"
+        )
+    return value
+
+
+CameraId = Annotated[str, PlainValidator(_camera_id)]
 
 
 def parse(declaration: type[T], raw: Any, where: str = "", base_dir: str | Path | None = None) -> T:

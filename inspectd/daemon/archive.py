@@ -36,6 +36,17 @@ removed, and nothing else: an image whose id the index lacks stays (an index mov
 power cut lost, must not cost the defect history); a kill between a rename and its commit leaves at most the queue's
 worth of such orphans, which retention never deletes.
 
+An entry that cannot be written for a reason of its own is that entry's failure (`archive_entry_failed`, counted in
+`lost`), never the disk's alarm: an image no encoder takes, a frame larger than archive.max_mb alone (storing it would
+delete the whole history), an id the index already names (the same camera, capture time and seq again: a recording
+replayed with the journal off). The earlier frame keeps that id: a result, an export or a browser's cache may already
+hold it, and replacing it would change what they name. An overlay or live frame with a side past what JPEG holds is
+shrunk to fit, its aspect kept.
+
+The index open is checked, before each write and age check, to be the file at the index's path still (same device
+and inode): an archive cleared, restored or moved under a running daemon is opened anew (and swept as at the first
+open), so that no frame is indexed only in a deleted file, where no reader sees it and no retention reaches it.
+
 Everything is created group-readable (directories DIR_MODE, files FILE_MODE) whatever the umask, as the unit's
 UMask=0077 would make it the service user's alone: `inspectd web` runs as a member of group inspectd. A closed
 index is left in rollback-journal mode, so such a reader needs no -shm file it could not create.
@@ -73,6 +84,8 @@ AGE_CHECK_S = 60.0
 IDLE_WAKE_MIN_S = 1.0  # the least an idle writer sleeps between age checks, whatever AGE_CHECK_S
 PRUNE_BATCH = 200
 OVERLAY_JPEG_QUALITY = 90
+# JPEG holds no side longer than this; a longer overlay or live frame (a line-scan camera's) is shrunk to it.
+JPEG_MAX_SIDE = 65500
 # Free space the archive leaves on its file system: a share of it, at most this much.
 FREE_FLOOR_FRACTION = 0.01
 FREE_FLOOR_MAX_BYTES = 256 * 2**20
@@ -106,7 +119,9 @@ class Archive:
         self._good_seen: dict[str, int] = {}
         self._live_due: dict[str, float] = {}
         self._db: sqlite3.Connection | None = None
+        self._db_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the index file self._db has open
         self._swept = False
+        self._live_failed: set[str] = set()  # cameras whose live frame failed, logged once until one is written
         self._full_logged = False  # archive_disk_full logged, no write since found room at once
         self._bytes = 0
         self._entries = 0
@@ -269,7 +284,9 @@ class Archive:
 
     def _open(self, needed: int = 0) -> sqlite3.Connection:
         """The index, open for writing. On a disk too full to open it (SQLite writes its -shm and WAL), the oldest
-        entries' files go first, enough for `needed` bytes and OPEN_ROOM_BYTES, then their rows."""
+        entries' files go first, enough for `needed` bytes and OPEN_ROOM_BYTES, then their rows. An index replaced
+        or deleted under the open connection is let go of first (see _drop_replaced)."""
+        self._drop_replaced()
         if self._db is None:
             self._mkdirs(self.root)
             index = self.root / fmt.INDEX_NAME
@@ -280,6 +297,8 @@ class Archive:
                     os.fchmod(fd, FILE_MODE)
                 finally:
                     os.close(fd)
+            # Read before the connect: an index replaced in between is let go of at the next check, not kept.
+            db_file = _file_id(index)
             gone: list[tuple] = []
             try:
                 db = self._connect()
@@ -290,7 +309,7 @@ class Archive:
                 if not gone:
                     raise
                 db = self._connect()
-            self._db = db
+            self._db, self._db_file = db, db_file
             if gone:  # their files already deleted: now their rows
                 self._prune(gone)
                 log.warning("archive_disk_full", pruned=len(gone), freed_for=needed + OPEN_ROOM_BYTES, at="open")
@@ -301,6 +320,22 @@ class Archive:
                 except OSError as exc:  # leftovers cost space, not frames: the archive works on
                     log.warning("archive_sweep_failed", error=f"{type(exc).__name__}: {exc}")
         return self._db
+
+    def _drop_replaced(self) -> None:
+        """Close the index connection when the file at the index's path is no longer the one it has open (the
+        archive cleared, restored or moved under the daemon): rows added to a deleted index reach no reader, and
+        after a restart their images would be in no index, which no retention rule deletes. The next _open opens
+        what is there now (or makes a new one) and sweeps it as at the first open; the totals are read anew."""
+        if self._db is None or _file_id(self.root / fmt.INDEX_NAME) == self._db_file:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        self._db, self._db_file, self._swept = None, None, False
+        log.warning(
+            "archive_index_replaced",
+            path=str(self.root / fmt.INDEX_NAME),
+            effect="the index at the path is opened anew; frames the old one named are no longer counted",
+        )
 
     def _connect(self) -> sqlite3.Connection:
         """A writing connection with the archive's totals read; closed again when any step fails."""
@@ -389,15 +424,18 @@ class Archive:
         folder = fmt.day_dir(frame.camera, t_named)
         frame_file = f"{folder}/{entry_id}.png"
         overlay_file = f"{folder}/{entry_id}.overlay.jpg" if judged.verdict == "defect" else None
-        try:
-            images = [(frame_file, _encode(".png", _bgr(frame.image), ()))]
-            if overlay_file is not None:
-                params = (cv2.IMWRITE_JPEG_QUALITY, OVERLAY_JPEG_QUALITY)
-                images.append((overlay_file, _encode(".jpg", overlay(judged), params)))
-        except OSError as exc:
-            self._failed(exc)
-            return
+        # An image that cannot be encoded is this entry's failure (raised to _run), not the disk's.
+        images = [(frame_file, _encode(".png", _bgr(frame.image), ()))]
+        if overlay_file is not None:
+            params = (cv2.IMWRITE_JPEG_QUALITY, OVERLAY_JPEG_QUALITY)
+            images.append((overlay_file, _encode(".jpg", _jpeg_sized(overlay(judged)), params)))
         size = sum(len(data) for _, data in images)
+        if size > self.max_bytes:
+            # Made room for, it would delete the whole history and then be the next to go.
+            raise EntryRefused(
+                f"the frame and its overlay take {_mib(size)} MiB, more than archive.max_mb "
+                f"({_mib(self.max_bytes)} MiB) holds"
+            )
         row = (
             entry_id,
             frame.camera,
@@ -416,6 +454,7 @@ class Archive:
         )
         try:
             try:
+                _refuse_known(self._open(size), entry_id)  # before room is made for it
                 if not self._make_way(size):
                     self.lost += 1
                     return
@@ -440,6 +479,7 @@ class Archive:
         written: list[Path] = []
         try:
             db = self._open()
+            _refuse_known(db, row[0])  # nothing written yet: the earlier frame's files stay as they are
             self._mkdirs(self.root / folder)
             for name, data in images:
                 self._write_image(self.root / name, data, written)
@@ -464,16 +504,25 @@ class Archive:
         """The camera's latest frame for the web view; best effort, never an alarm of its own: the next one replaces
         it within a second."""
         assert judged.frame.image is not None
+        camera = judged.frame.camera
         live_dir = self.root / fmt.LIVE_DIR
+        try:
+            data = _encode(".jpg", _jpeg_sized(_bgr(judged.frame.image)), (cv2.IMWRITE_JPEG_QUALITY, 80))
+        except Exception as exc:  # noqa: BLE001 - a frame no encoder takes must not end the writer
+            if camera not in self._live_failed:  # else the page's missing live frame has no cause anywhere
+                self._live_failed.add(camera)
+                log.warning("archive_live_failed", camera=camera, error=one_line(exc), effect="no live frame shown")
+            return
         written: list[Path] = []
         try:
             self._mkdirs(live_dir)
-            data = _encode(".jpg", _bgr(judged.frame.image), (cv2.IMWRITE_JPEG_QUALITY, 80))
-            self._write_image(live_dir / f"{judged.frame.camera}.jpg", data, written)
+            self._write_image(live_dir / f"{camera}.jpg", data, written)
         except OSError:
             with contextlib.suppress(OSError):  # the .tmp, on a full disk; the previous live frame stays
                 for path in written[:1]:
                     _unlink(path)
+            return
+        self._live_failed.discard(camera)
 
     def _free_floor(self) -> tuple[int, int]:
         """(free bytes on the archive's file system, the floor the archive keeps them above)."""
@@ -546,6 +595,7 @@ class Archive:
         if now < self._next_age_check:
             return
         self._next_age_check = now + AGE_CHECK_S
+        self._drop_replaced()
         if self._db is None and not (self.root / fmt.INDEX_NAME).is_file():
             return  # nothing written yet: no index to make for this
         try:
@@ -595,7 +645,9 @@ class Archive:
             self.lost += 1  # last: whoever sees the frame counted sees the archive degraded too
 
 
-_INSERT = f"INSERT OR REPLACE INTO frames ({', '.join(fmt.FIELDS)}) VALUES ({', '.join('?' * len(fmt.FIELDS))})"
+# A plain INSERT: an id already indexed is refused before anything is written (_HAS_ID), never replaced.
+_INSERT = f"INSERT INTO frames ({', '.join(fmt.FIELDS)}) VALUES ({', '.join('?' * len(fmt.FIELDS))})"
+_HAS_ID = "SELECT 1 FROM frames WHERE id = ?"
 _OLDEST_ALL = "SELECT id, frame_file, overlay_file, bytes FROM frames ORDER BY rowid"
 _OLDEST = _OLDEST_ALL + " LIMIT ?"
 _OLDER_THAN = "SELECT id, frame_file, overlay_file, bytes FROM frames WHERE t_written < ? ORDER BY rowid LIMIT ?"
@@ -614,11 +666,40 @@ def _disk_full(exc: BaseException, root: Path) -> bool:
         return False
 
 
+class EntryRefused(ValueError):
+    """An entry not archived for a reason of its own: it costs that frame, never the archive's alarm."""
+
+
 def _encode(suffix: str, image: np.ndarray, params: tuple) -> bytes:
     ok, data = cv2.imencode(suffix, image, params)
     if not ok:
-        raise OSError(f"cannot encode a {suffix} image")
+        raise EntryRefused(f"cannot encode a {suffix} image of {image.shape[1]}x{image.shape[0]} px")
     return data.tobytes()
+
+
+def _refuse_known(db: sqlite3.Connection, entry_id: str) -> None:
+    if db.execute(_HAS_ID, (entry_id,)).fetchone():
+        raise EntryRefused(f"archive id {entry_id!r} already names an earlier frame, which keeps it")
+
+
+def _jpeg_sized(image: np.ndarray) -> np.ndarray:
+    """`image`, shrunk (its aspect kept) when a side is longer than JPEG holds."""
+    height, width = image.shape[:2]
+    longest = max(height, width)
+    if longest <= JPEG_MAX_SIDE:
+        return image
+    scale = JPEG_MAX_SIDE / longest
+    size = (max(1, min(JPEG_MAX_SIDE, round(width * scale))), max(1, min(JPEG_MAX_SIDE, round(height * scale))))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at `path`; None when there is none (or it cannot be read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _unlink(path: Path) -> int:
