@@ -5,14 +5,18 @@ It subscribes to the daemon's result and status stream (inspectd.clients.subscri
 reads frames and overlays from the image archive directory (inspectd.protocol.archive). Per camera the page shows the
 last frame, the last defects with their overlays, counts (the daemon's, from its status messages), throughput,
 latency and a histogram of the scores this view received since it started, against the threshold; for the station,
-the daemon's health, model, thresholds and alarms. The page asks for the state (`/api/state`) every half second with
+the daemon's health, model, thresholds and alarms, and its own: an archive it cannot read, or one that is not the
+archive the daemon's status names (a wrong --archive). The page asks for the state (`/api/state`) every half second with
 a plain request: a stream held open per page would take one of the browser's six connections to this host for good,
 and six open tabs would leave none for the frames, the overlays or a seventh tab. Nothing is lost between two asks:
 the state is cumulative (counts, histogram, the newest defects). A daemon that restarts is picked up again by the SUB
 socket's own reconnect; while no status arrives the page says so.
 
 Routes: `/` the page (inspectd.clients.web_page, no build step), `/api/state` the state as JSON,
-`/archive/<id>/frame|overlay` an archived image, `/live/<camera>.jpg` a camera's latest frame.
+`/archive/<id>/frame|overlay` an archived image, `/live/<camera>.jpg` a camera's latest frame. An archived image is
+cached for a day (its id never names another image), an error reply never; a request for one is held up to
+ARCHIVE_WAIT_S only when that can help (an id of the last seconds the index does not name yet), else answered at once:
+each held request takes one of the browser's six connections to this host.
 
 Connections: at most MAX_CONNECTIONS at once (one more closes the one quiet longest, never one whose response is still
 being written while another is idle), and one without a request for IDLE_TIMEOUT_S is closed, as for the daemon's
@@ -50,6 +54,8 @@ from inspectd.protocol.archive import (
     ArchiveError,
     ArchiveReader,
     NoArchive,
+    NotArchived,
+    id_time,
     live_frame,
 )
 from inspectd.protocol.messages import Result, status_interval
@@ -68,6 +74,12 @@ STATUS_STALE_S = 3.0
 STALE_GAPS = 3
 GAPS_KEPT = 5  # the usual gap is the median of this many, so one long gap (a daemon restart) does not set it
 ARCHIVE_WAIT_S = 2.0  # an image named by a result may still be on its way to disk: wait this long before 404
+# ... but only for an id that names a time this close to now: an older one not in the index is not coming (expired,
+# never written, another archive), and each wait holds one of the browser's six connections to this host.
+ARCHIVE_FRESH_S = 5.0
+# Sent with an archived image (200, 206, 304) only: its id never names another image. An error reply must not be
+# kept (a 403 would outlast the chmod that fixes it, a 404 the write that was late).
+IMMUTABLE = "max-age=86400, immutable"
 HIST_BINS = 20  # score / threshold from 0 to 2 in HIST_BINS bins, and one bin above
 RATE_WINDOW_S = 5.0
 # The daemon's /metrics policy (inspectd.daemon.metrics, which the clients may not import): a connection silent this
@@ -178,6 +190,7 @@ class LineState:
         self.refused = 0  # messages that did not decode
         self.last_refused: tuple[str, float] | None = None  # (why, time.monotonic()) of the last one
         self.archive_error: str | None = None  # why the archive cannot be read (not: there is none yet)
+        self.archive_elsewhere: str | None = None  # the daemon's archive is not this view's --archive: why we think so
 
     def on_message(self, message: Result | dict[str, Any] | MessageError) -> None:
         now = time.monotonic()
@@ -226,6 +239,8 @@ class LineState:
 
     def alarms(self, silent: float | None) -> list[str]:
         out = [f"archive unreadable: {self.archive_error}"] if self.archive_error else []
+        if self.archive_elsewhere:
+            out.append(self.archive_elsewhere)
         if silent is None:
             out += self._refused_alarm()
             return out + ["no status from the daemon yet"]
@@ -314,6 +329,7 @@ class WebView:
         app.router.add_get("/archive/{entry_id}/{kind}", self.archived)
         app.router.add_get("/live/{camera}.jpg", self.live)
         app.on_startup.append(self._start_watch)
+        app.on_response_prepare.append(_no_caching_errors)
         app.on_cleanup.append(self._stop_watch)
         return app
 
@@ -339,13 +355,39 @@ class WebView:
         self._watch.cancel()
 
     async def _watch_archive(self) -> None:
-        """An archive that cannot be read is an alarm, images asked for or not."""
+        """An archive that cannot be read is an alarm, images asked for or not; so is a daemon archiving elsewhere."""
         while True:
             await asyncio.sleep(ARCHIVE_CHECK_S)
             try:
                 self._archive_reader()
+                self.state.archive_elsewhere = self.archive_elsewhere()
             except Exception as exc:  # asked again next time; the task must outlive it
                 self._log_failure("archive_check_failed", exc)
+
+    def archive_elsewhere(self) -> str | None:
+        """The alarm when the daemon's status names an archive (archive.path) that is not this view's --archive: a
+        typo, or another instance's state_dir, would otherwise look like a healthy archive with nothing in it yet.
+        The same directory when both are there and are one file (device and inode: a bind mount or a symlink seen
+        under two names); else when their resolved paths are one."""
+        archive = (self.state.status or {}).get("archive")
+        theirs = archive.get("path") if isinstance(archive, dict) else None
+        if not isinstance(theirs, str) or not theirs or "\0" in theirs or not Path(theirs).is_absolute():
+            return None  # no archive, or a path that cannot be compared from here
+        daemons, ours = Path(theirs), self.archive
+        try:
+            a, b = os.stat(daemons), os.stat(ours)
+        except OSError:
+            if _resolved(daemons) == _resolved(ours):
+                return None
+            hint = "" if daemons.exists() else " (not there yet, or not seen from here)"
+        else:
+            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                return None
+            hint = ""
+        return (
+            f"archive elsewhere: the daemon archives to {theirs}{hint}, this view reads --archive {ours}: its "
+            "overlays and live frames are not shown here"
+        )
 
     def _log_failure(self, event: str, exc: Exception) -> None:
         now = time.monotonic()
@@ -380,20 +422,29 @@ class WebView:
             raise web.HTTPNotFound(text="expected /archive/<id>/frame or /archive/<id>/overlay")
         if not ID_RE.fullmatch(entry_id):  # never a path: refused before any wait or lookup
             raise web.HTTPNotFound(text=f"archive id {entry_id[:80]!r}: expected <camera>-<YYYYmmddTHHMMSSmmm>-<seq>")
+        # Waited for only where waiting can help: an archive open whose index does not name the id yet, the id's time
+        # near now (its writer may be a moment behind). No archive, an unreadable one, a file gone, an old id: at once.
+        named = id_time(entry_id)
         deadline = time.monotonic() + ARCHIVE_WAIT_S
         while True:
             reader = self._archive_reader()
+            coming = False
             try:
                 if reader is None:
                     raise ArchiveError(self.state.archive_error or f"{self.archive}: no archive yet")
-                path = reader.file(reader.get(entry_id), kind)
+                try:
+                    entry = reader.get(entry_id)
+                except NotArchived:
+                    coming = named is not None and abs(time.time() - named) <= ARCHIVE_FRESH_S
+                    raise
+                path = reader.file(entry, kind)
                 if path.is_file():
-                    return web.FileResponse(path, headers={"Cache-Control": "max-age=86400, immutable"})
+                    return web.FileResponse(path, headers={"Cache-Control": IMMUTABLE})
                 error = f"archive id {entry_id!r}: {kind} file missing"
             except ArchiveError as exc:
                 error = str(exc)
-            if time.monotonic() >= deadline:
-                raise web.HTTPNotFound(text=error)
+            if not coming or time.monotonic() >= deadline:
+                raise web.HTTPNotFound(text=error, headers={"Cache-Control": "no-store"})
             await asyncio.sleep(0.05)
 
     async def live(self, request: web.Request) -> web.StreamResponse:
@@ -404,6 +455,20 @@ class WebView:
 
 
 _json = functools.partial(json.dumps, separators=(",", ":"), default=str)
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compared as given
+        return path
+
+
+async def _no_caching_errors(request: web.Request, response: web.StreamResponse) -> None:
+    """An archived image's reply that is no image (FileResponse answers 403 or 404 itself when the file is pruned or
+    unreadable by the time it opens it) loses the image's cache header: no-store instead."""
+    if response.status not in (200, 206, 304) and response.headers.get("Cache-Control") == IMMUTABLE:
+        response.headers["Cache-Control"] = "no-store"
 
 
 class ConnectionCap:

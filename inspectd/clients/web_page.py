@@ -124,7 +124,7 @@ const overlayUrl = (id, tries) => `/archive/${encodeURIComponent(id)}/overlay` +
 
 // A result can reach the page before its overlay reaches the disk (the daemon's archive writer behind, a daemon
 // just started): a failed overlay is asked for again, less and less often, for about a minute, and only then said
-// to be missing. The server itself waits a moment before answering 404.
+// to be missing. The server waits a moment before its 404 only for an id of the last few seconds.
 const OVERLAY_RETRY_MS = [500, 1000, 2000, 4000, 8000, 15000, 30000];
 
 function overlayFailed(img, caption) {

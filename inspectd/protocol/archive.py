@@ -44,6 +44,7 @@ from inspectd.protocol.journal import CAMERA_RE
 INDEX_NAME = "index.sqlite3"
 LIVE_DIR = "live"
 ID_RE = re.compile(rf"{CAMERA_RE.pattern}-\d{{8}}T\d{{9}}-\d+")
+_ID_TIME_RE = re.compile(r"-(\d{8}T\d{6})(\d{3})-\d+\Z")
 EXPORT_SPLITS = ("train", "test")
 EXPORT_FOLDERS = {"ok": "good", "defect": "defect"}  # verdict -> the folder of <out>/<split>/ an export copies it to
 MANIFEST_NAME = "archive.jsonl"  # what an export took, one JSON object per frame
@@ -93,6 +94,10 @@ class NoArchive(ArchiveError):
     """No index where the archive should be: none written yet, or not an archive directory."""
 
 
+class NotArchived(ArchiveError):
+    """An id the index does not name: not written yet, never written, or expired."""
+
+
 class UnreadableFrame(ArchiveError):
     """An entry's frame file is empty or not a whole PNG (cut short): not a frame to copy or to train on."""
 
@@ -137,6 +142,18 @@ def dated(t_capture: float) -> bool:
 def archive_id(camera: str, seq: int, t_capture: float) -> str:
     when = datetime.datetime.fromtimestamp(t_capture, datetime.timezone.utc)
     return f"{camera}-{when:%Y%m%dT%H%M%S}{when.microsecond // 1000:03d}-{seq}"
+
+
+def id_time(entry_id: str) -> float | None:
+    """The time (epoch seconds, to the millisecond) an archive id names; None for what is no id or no date."""
+    match = _ID_TIME_RE.search(entry_id) if ID_RE.fullmatch(entry_id) else None
+    if match is None:
+        return None
+    try:
+        when = datetime.datetime.strptime(match[1], "%Y%m%dT%H%M%S").replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        return None
+    return when.timestamp() + int(match[2]) / 1000
 
 
 def day_dir(camera: str, t_capture: float) -> str:
@@ -254,7 +271,7 @@ class ArchiveReader:
         except sqlite3.Error as exc:  # e.g. locked past the timeout by a writer opening the index
             raise ArchiveError(f"{self.root / INDEX_NAME}: cannot read the archive index ({exc})") from None
         if row is None:
-            raise ArchiveError(f"archive id {entry_id!r}: not in the archive (never written, or expired)")
+            raise NotArchived(f"archive id {entry_id!r}: not in the archive (never written, or expired)")
         return Entry(*row)
 
     def file(self, entry: Entry, kind: str = "frame") -> Path:

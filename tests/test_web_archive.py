@@ -1,0 +1,141 @@
+"""The web view's archive side over real HTTP (aiohttp's test server, in this process): which image requests are
+waited on and which are answered at once, what an error reply may be cached for, and the alarm for a view whose
+--archive is not the daemon's archive. The archive itself is written by the real writer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path, PosixPath
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from inspectd.clients import web as web_module
+from inspectd.clients.web import ConnectionCap, LineState, WebView
+from inspectd.daemon.archive import Archive
+from inspectd.protocol.archive import archive_id
+from station_model import defect_frame, judged
+
+pytestmark = pytest.mark.timeout(60)
+IMMUTABLE = "max-age=86400, immutable"  # an archived image's: its id never names another image
+
+
+def archived(root: Path, *items) -> list[str | None]:
+    archive = Archive(root, max_mb=10, max_age_h=1, good_every=0).start()
+    ids = [archive.offer(item) for item in items]
+    assert archive.close()
+    return ids
+
+
+async def timed_get(client: TestClient, path: str) -> tuple[int, str | None, float]:
+    """(status, Cache-Control, seconds taken) of a GET."""
+    start = time.monotonic()
+    async with client.get(path) as reply:
+        await reply.read()
+        return reply.status, reply.headers.get("Cache-Control"), time.monotonic() - start
+
+
+def serve(view: WebView) -> TestClient:
+    return TestClient(TestServer(view.app(ConnectionCap())))
+
+
+def test_an_image_request_waiting_cannot_help_is_answered_at_once(tmp_path):
+    """Each 404 was held 2 s whatever its cause, and a page of missing overlays (no archive, pruned ones, a wrong
+    --archive) kept the browser's six connections busy for minutes, its state asks queued behind them. Only an id of
+    the last seconds that the open index does not name yet is waited for, and is served when it comes."""
+    root = tmp_path / "archive"
+    recent = archive_id("cam0", 5, time.time())
+
+    async def asks() -> None:
+        async with serve(WebView(LineState(), root)) as client:
+            # No archive at all (a wrong --archive, or none written yet): at once.
+            status, cache, took = await timed_get(client, f"/archive/{recent}/overlay")
+            assert (status, cache) == (404, "no-store") and took < 0.5, (status, cache, took)
+            (old,) = archived(root, judged("cam0", 1, defect_frame(1), t=time.time() - 3600))
+            (kept,) = archived(root, judged("cam0", 2, defect_frame(2)))
+            assert old and kept
+            assert (await timed_get(client, f"/archive/{kept}/overlay"))[0] == 200
+            # An id from an hour ago the index does not name (expired, never written): at once.
+            expired = archive_id("cam0", 9, time.time() - 3600)
+            status, cache, took = await timed_get(client, f"/archive/{expired}/overlay")
+            assert (status, cache) == (404, "no-store") and took < 0.5, (status, cache, took)
+            # In the index, its file gone (pruned under the request): at once.
+            next(root.glob(f"cam0/*/{old}.overlay.jpg")).unlink()
+            status, cache, took = await timed_get(client, f"/archive/{old}/overlay")
+            assert (status, cache) == (404, "no-store") and took < 0.5, (status, cache, took)
+            # An id of now the index does not name yet: waited for, and served once written.
+            late = judged("cam0", 3, defect_frame(3))
+            late_id = archive_id("cam0", 3, late.frame.t_capture)
+            writer = threading.Timer(0.5, archived, (root, late))
+            writer.start()
+            try:
+                status, cache, took = await timed_get(client, f"/archive/{late_id}/overlay")
+            finally:
+                writer.join()
+            assert (status, cache) == (200, IMMUTABLE) and took >= 0.4, (status, cache, took)
+            # ... and one that never comes is waited for ARCHIVE_WAIT_S, no longer.
+            status, _, took = await timed_get(client, f"/archive/{archive_id('cam0', 4, time.time())}/overlay")
+            assert status == 404 and web_module.ARCHIVE_WAIT_S - 0.1 <= took < web_module.ARCHIVE_WAIT_S + 1, took
+
+    asyncio.run(asks())
+
+
+def test_an_error_reply_for_an_image_is_never_cached(tmp_path, monkeypatch):
+    """A file pruned between the handler's check and aiohttp opening it: aiohttp answered 404 itself, with the
+    image's one-day `immutable` header, which a browser may keep for a day (a 403 would outlast its chmod)."""
+    root = tmp_path / "archive"
+    (entry,) = archived(root, judged("cam0", 1, defect_frame(1)))
+    is_file = PosixPath.is_file
+
+    def pruned_right_after_the_check(path: PosixPath) -> bool:
+        found = is_file(path)
+        if path.name.endswith(".overlay.jpg"):
+            path.unlink(missing_ok=True)  # retention's thread deletes it at any moment
+        return found
+
+    async def ask() -> tuple[int, str | None, float]:
+        async with serve(WebView(LineState(), root)) as client:
+            assert (await timed_get(client, f"/archive/{entry}/frame"))[:2] == (200, IMMUTABLE)
+            monkeypatch.setattr(PosixPath, "is_file", pruned_right_after_the_check)
+            return await timed_get(client, f"/archive/{entry}/overlay")
+
+    status, cache, _ = asyncio.run(ask())
+    assert (status, cache) == (404, "no-store")
+
+
+def status_naming(path: Path | str | None) -> dict:
+    archive = None if path is None else {"path": str(path), "degraded": False, "error": None, "lost": 0}
+    return {"t": time.time(), "interval_s": 0.5, "healthy": True, "cameras": {}, "archive": archive}
+
+
+def test_a_view_reading_another_archive_than_the_daemons_says_so(tmp_path, monkeypatch):
+    """A typo in --archive, or another instance's state_dir, looked like a healthy archive with nothing in it: no
+    live frames, and every overlay "not in the archive" a minute later."""
+    monkeypatch.setattr(web_module, "ARCHIVE_CHECK_S", 0.05)
+    daemons = tmp_path / "state" / "archive"
+    typo = tmp_path / "state" / "archiv"
+
+    async def alarms(view: WebView, status: dict) -> list[str]:
+        view.state.on_message(status)
+        async with serve(view) as client:
+            await asyncio.sleep(0.3)  # a few of the view's archive checks
+            async with client.get("/api/state") as reply:
+                return (await reply.json())["alarms"]
+
+    # Neither there yet (no frame written): told apart by path.
+    (alarm,) = asyncio.run(alarms(WebView(LineState(), typo), status_naming(daemons)))
+    assert alarm.startswith(f"archive elsewhere: the daemon archives to {daemons} (not there yet"), alarm
+    assert f"this view reads --archive {typo}" in alarm
+    assert asyncio.run(alarms(WebView(LineState(), daemons), status_naming(daemons))) == []
+    # Both there: the same directory under another name (a symlink, a bind mount) is no alarm; another one is.
+    daemons.mkdir(parents=True)
+    typo.mkdir()
+    (tmp_path / "link").symlink_to(daemons)
+    assert asyncio.run(alarms(WebView(LineState(), tmp_path / "link"), status_naming(daemons))) == []
+    (alarm,) = asyncio.run(alarms(WebView(LineState(), typo), status_naming(daemons)))
+    assert alarm.startswith(f"archive elsewhere: the daemon archives to {daemons}, this view reads"), alarm
+    # A daemon without an archive, or one naming no absolute path: nothing to compare.
+    assert asyncio.run(alarms(WebView(LineState(), typo), status_naming(None))) == []
+    assert asyncio.run(alarms(WebView(LineState(), typo), status_naming("archive"))) == []
