@@ -544,7 +544,7 @@ def _score(
                 progress.update(at)
                 continue
             mask = truth
-        fit_frame(scored.image, bundle.input_shape, bundle.resize_policy, out=fitted)
+        fit_frame(scored.image, bundle.input_shape, bundle.resize_policy, out=fitted, each_axis=bundle.each_axis)
         if not firsts[i >= len(good)].keep(scored.path, pixels_key(fitted)):
             twin[i] = True
             progress.update(at)

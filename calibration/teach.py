@@ -1082,7 +1082,8 @@ def fit_decodable(paths: list[Path], bundle: Bundle) -> tuple[np.ndarray, list[P
     why) for each left out): one that cannot be read or does not decode (a file cut short by a copy, another user's
     0600 file) is left out, not the end of the teach; where none decodes, the first's DataError."""
     try:
-        return fit_all(ImageFiles(paths, bundle.bit_depth), bundle.input_shape, bundle.resize_policy), paths, []
+        frames = ImageFiles(paths, bundle.bit_depth)
+        return fit_all(frames, bundle.input_shape, bundle.resize_policy, bundle.each_axis), paths, []
     except DataError:
         pass  # one or more do not decode: each is tried once more, alone, to tell which
     decoded, failures = [], []
@@ -1095,7 +1096,7 @@ def fit_decodable(paths: list[Path], bundle: Bundle) -> tuple[np.ndarray, list[P
         decoded.append(path)
     if not decoded and failures:
         raise failures[0][1]
-    fitted = fit_all(ImageFiles(decoded, bundle.bit_depth), bundle.input_shape, bundle.resize_policy)
+    fitted = fit_all(ImageFiles(decoded, bundle.bit_depth), bundle.input_shape, bundle.resize_policy, bundle.each_axis)
     return fitted, decoded, failures
 
 

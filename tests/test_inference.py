@@ -345,7 +345,7 @@ def test_probe_and_int8_calibration_frames_are_narrowed_with_the_bundles_bit_dep
     expected = fit_all(eight, (H, W, 1))
     frames, source = probe_frames(bundle, bundle.thresholds(), count=4)
     assert source == str(good) and np.array_equal(frames, expected)
-    batches = calibration_frames(good, (H, W, 1), "stretch", 2, bundle.bit_depth)
+    batches = calibration_frames(good, (H, W, 1), "stretch", 2, bundle.bit_depth, bundle.each_axis)
     assert np.array_equal(batches.reshape(expected.shape), expected)
 
 
@@ -476,3 +476,37 @@ def test_a_thin_scratch_survives_a_fit_that_shrinks_one_axis_and_not_the_other(s
     # 2 of ~7.8 frame pixels a model pixel: about a quarter of the contrast of 100, half that where the scratch
     # straddles two model pixels; sampled without averaging it was 0 at most positions.
     assert min(faint) >= 10, faint
+
+
+def test_a_bundle_written_before_each_axis_resampling_is_fitted_as_it_was_trained(bundle_path, tmp_path):
+    """Its memory and thresholds were set on frames resized in one step: fitting its frames the new way would shift
+    its scores under thresholds it cannot know of. A bundle says which it is (`input.resample`)."""
+    import json
+    import shutil
+
+    from engines.bundle.store import load_bundle
+    from engines.errors import BundleError
+    from engines.runtime.predictor import Predictor
+
+    legacy = load_bundle(bundle_path)
+    assert "resample" not in legacy.manifest["input"] and legacy.each_axis is False
+    state = open_state(bundle_path)
+    try:
+        image = np.random.default_rng(0).integers(0, 256, (20, 2000), dtype=np.uint8)
+        predictor = Predictor(state.engine, legacy, max_batch=1)
+        predictor.add(image)
+        one_step = cv2.resize(image, (W, H), interpolation=cv2.INTER_LINEAR)  # as this bundle was trained
+        assert np.array_equal(predictor.pixels[0][:, :, 0], one_step)
+    finally:
+        state.close()
+    for value, loads in (("each_axis", True), ("lanczos", False)):
+        copy = tmp_path / value
+        shutil.copytree(bundle_path, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["input"]["resample"] = value
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        if loads:
+            assert load_bundle(copy).each_axis is True
+        else:
+            with pytest.raises(BundleError, match="input.resample 'lanczos', expected 'each_axis' or none"):
+                load_bundle(copy)

@@ -67,6 +67,8 @@ def test_cli_writes_a_complete_bundle(cli_bundle, data):
     # How the 11 were chosen, so `inspectd teach` on the same images fits on the same 11.
     assert (training["split"], training["holdout"]) == ("split_holdout", 0.1)
     assert training["scorer"] == "gaussian" and bundle.scorer_inputs == ("gauss_mean", "gauss_precision")
+    # Fitted axis by axis in training, so in the daemon, calibrate and teach too.
+    assert bundle.manifest["input"]["resample"] == "each_axis" and bundle.each_axis
     thresholds = bundle.thresholds()
     assert thresholds.provenance["good_dir"] == str(data.resolve())
     assert thresholds.provenance["images"] == "held-out" and thresholds.provenance["n_good"] == 1

@@ -18,6 +18,10 @@ THRESHOLDS = "thresholds.json"
 REQUIRED_FILES = (GRAPH, SCORER, WEIGHTS, THRESHOLDS)
 # How a frame is fitted to the model input (engines.runtime.preprocess): stretched, or letterboxed.
 RESIZE_POLICIES = ("stretch", "pad")
+# `input.resample` of a bundle whose frames are resized axis by axis, averaged along an axis that shrinks wherever the
+# other grows (engines.runtime.preprocess). A bundle without it (written before) is fitted as it was trained: in one
+# step, where such an axis was sampled without averaging; its memory and thresholds were set on those inputs.
+EACH_AXIS = "each_axis"
 # Significant bits of the 16-bit frames a bundle judges (`input.bit_depth`, engines.data.images.narrow_to_uint8),
 # recorded when it was trained on 16-bit images or told; without it (trained on 8-bit images, or written before
 # depths were recorded) 16-bit frames are narrowed as 16-bit (>> 8).

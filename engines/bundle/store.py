@@ -29,6 +29,7 @@ import numpy as np
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import (
     BIT_DEPTH_RANGE,
+    EACH_AXIS,
     FORMAT,
     FORMAT_VERSION,
     GRAPH,
@@ -301,6 +302,11 @@ class Bundle:
     @property
     def resize_policy(self) -> str:
         return self.manifest["input"].get("resize", "stretch")
+
+    @property
+    def each_axis(self) -> bool:
+        """Whether frames are resized axis by axis for this bundle (engines.bundle.format.EACH_AXIS)."""
+        return self.manifest["input"].get("resample") == EACH_AXIS
 
     @property
     def declared_bit_depth(self) -> int | None:
@@ -907,6 +913,8 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{manifest_path}: input.channels {shape['channels']}, expected 1 (grey) or 3 (RGB)")
     if "bit_depth" in shape and not valid_bit_depth(shape["bit_depth"]):
         raise BundleError(f"{manifest_path}: input.bit_depth {shape['bit_depth']!r}, expected {BIT_DEPTH_RANGE}")
+    if shape.get("resample", EACH_AXIS) != EACH_AXIS:
+        raise BundleError(f"{manifest_path}: input.resample {shape['resample']!r}, expected {EACH_AXIS!r} or none")
     if shape.get("resize", "stretch") not in RESIZE_POLICIES:
         expected = ", ".join(RESIZE_POLICIES)
         raise BundleError(f"{manifest_path}: input.resize {shape['resize']!r}, expected one of {expected}")

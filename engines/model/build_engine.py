@@ -103,7 +103,7 @@ def prepare_graph(bundle: Bundle, variant: str, destination: Path) -> tuple[Path
 
 
 def calibration_frames(
-    folder: str | Path, input_shape: tuple[int, int, int], resize: str, batch: int, bit_depth: int
+    folder: str | Path, input_shape: tuple[int, int, int], resize: str, batch: int, bit_depth: int, each_axis: bool
 ) -> np.ndarray:
     """Defect-free frames fitted to the model input, as [batches, batch, H, W, C] (a whole number of batches)."""
     from engines.data.images import ImageFiles, list_images
@@ -114,7 +114,7 @@ def calibration_frames(
     usable = len(paths) - len(paths) % batch
     if usable == 0:
         raise DataError(f"--calibration-data {folder}: {len(paths)} image(s), expected at least {batch} (one batch)")
-    frames = fit_all(ImageFiles(paths[:usable], bit_depth), input_shape, resize)
+    frames = fit_all(ImageFiles(paths[:usable], bit_depth), input_shape, resize, each_axis)
     return frames.reshape(usable // batch, batch, *input_shape)
 
 
@@ -360,7 +360,9 @@ def _build_with_tensorrt(
     input_shape = bundle.input_shape
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(gpu_name, version)
     batches = (
-        calibration_frames(calibration_data, input_shape, bundle.resize_policy, opt_batch, bundle.bit_depth)
+        calibration_frames(
+            calibration_data, input_shape, bundle.resize_policy, opt_batch, bundle.bit_depth, bundle.each_axis
+        )
         if precision == "int8"
         else None
     )

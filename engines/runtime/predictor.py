@@ -32,6 +32,7 @@ class Predictor:
         self.engine = engine
         self.input_shape: tuple[int, int, int] = tuple(bundle.input_shape)
         self.resize_policy: str = bundle.resize_policy
+        self.each_axis: bool = bundle.each_axis
         self.max_batch = engine.max_batch if max_batch is None else max_batch
         if self.max_batch < 1:
             raise EngineError(f"batch: {self.max_batch}, expected an integer >= 1")
@@ -49,7 +50,9 @@ class Predictor:
         row = self.count
         if row >= self.max_batch:
             raise EngineError(f"batch full: {self.max_batch} frames (max_batch), run it before adding more")
-        _, self.placements[row] = fit_frame(frame, self.input_shape, self.resize_policy, out=self.pixels[row])
+        _, self.placements[row] = fit_frame(
+            frame, self.input_shape, self.resize_policy, out=self.pixels[row], each_axis=self.each_axis
+        )
         self.count = row + 1
         return row
 

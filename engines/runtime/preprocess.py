@@ -51,9 +51,14 @@ def placement_for(frame_shape: tuple[int, ...], input_hw: tuple[int, int], polic
 
 
 def fit_frame(
-    frame: np.ndarray, input_shape: tuple[int, int, int], policy: str = "stretch", out: np.ndarray | None = None
+    frame: np.ndarray,
+    input_shape: tuple[int, int, int],
+    policy: str = "stretch",
+    out: np.ndarray | None = None,
+    each_axis: bool = True,
 ) -> tuple[np.ndarray, Placement]:
     """Write `frame` (uint8 HxW or HxWx3, RGB) into `out` (uint8 H x W x C of the model input) and say where.
+    `each_axis`: resized axis by axis (_resized); False for a bundle written before, fitted as it was trained.
 
     With policy "pad" the border is filled with the frame's mean grey so padding looks like neither defect nor edge.
     """
@@ -71,7 +76,11 @@ def fit_frame(
     if frame.ndim == 3 and c == 1:
         frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
     # Grey into a colour model is replicated after the resize (bit-identical, and no full-size RGB copy per frame).
-    frame = _resized(frame, placement.height, placement.width)
+    if each_axis:
+        frame = _resized(frame, placement.height, placement.width)
+    elif placement.height != frame.shape[0] or placement.width != frame.shape[1]:
+        interpolation = cv2.INTER_AREA if placement.height < frame.shape[0] else cv2.INTER_LINEAR
+        frame = cv2.resize(frame, (placement.width, placement.height), interpolation=interpolation)
     target = out[placement.top : placement.top + placement.height, placement.left : placement.left + placement.width]
     if policy == "pad" and (placement.height, placement.width) != (h, w):
         out[...] = int(frame.mean())
@@ -99,12 +108,14 @@ def _resized(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def fit_all(frames: Sequence[np.ndarray], input_shape: tuple[int, int, int], policy: str = "stretch") -> np.ndarray:
+def fit_all(
+    frames: Sequence[np.ndarray], input_shape: tuple[int, int, int], policy: str = "stretch", each_axis: bool = True
+) -> np.ndarray:
     """Every frame fitted to the model input, uint8 [N, H, W, C]. `frames` may decode each frame as it is read
     (engines.data.images.ImageFiles), so only one frame at its own size is held at a time."""
     fitted = np.empty((len(frames), *input_shape), dtype=np.uint8)
     for i, frame in enumerate(frames):
-        fit_frame(frame, input_shape, policy, out=fitted[i])
+        fit_frame(frame, input_shape, policy, out=fitted[i], each_axis=each_axis)
     return fitted
 
 

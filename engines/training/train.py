@@ -28,7 +28,7 @@ import timm
 import torch
 
 from engines.bundle import thresholds as thresholds_doc
-from engines.bundle.format import BIT_DEPTH_RANGE, LEGACY_BIT_DEPTH, inspectd_version, valid_bit_depth
+from engines.bundle.format import BIT_DEPTH_RANGE, EACH_AXIS, LEGACY_BIT_DEPTH, inspectd_version, valid_bit_depth
 from engines.bundle.store import load_bundle, not_replaceable, write_bundle
 from engines.data.images import (
     SPLIT_HOLDOUT,
@@ -467,6 +467,7 @@ def train_bundle(
             "width": input_shape[1],
             "channels": channels,
             "resize": chosen.resize,
+            "resample": EACH_AXIS,
             **({} if bit_depth is None else {"bit_depth": bit_depth}),
         },
         "preprocessing": {

@@ -248,7 +248,7 @@ def probe_frames(bundle, thresholds, count: int = SHIFT_PROBE_FRAMES) -> tuple[n
             except (EngineError, OSError):  # a file cut short by a copy: the probe takes the others
                 continue
         if decoded:
-            return fit_all(decoded, bundle.input_shape, bundle.resize_policy), str(folder)
+            return fit_all(decoded, bundle.input_shape, bundle.resize_policy, bundle.each_axis), str(folder)
     raise EngineError(
         f"{bundle.path}: cannot measure how far the reduced-precision engine's scores are from the FP32 ones its "
         f"thresholds were set on: none of the defect-free image folders the bundle names is here "
