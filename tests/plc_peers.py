@@ -98,10 +98,11 @@ class Daemon:
 
 class Memory:
     """What a handshake reads of and writes to a PLC, as values in memory, for driving a handshake (and a Feeder)
-    without a PLC: its id's width, its inspection id, ack, heartbeat, alarm bit and alarm_reset; every status written
-    (`statuses`), every inspection id written (`handed`: what the PLC was handed, in order) and the heartbeats written
-    (`beats`). While `acking`, the PLC program echoes the inspection id written into ack (at the next read of it);
-    otherwise ack keeps what it holds (0 on a fresh PLC, or what the bridge wrote), as a real PLC's register does.
+    without a PLC: its id's width, its inspection id, ack, heartbeat, alarm bit, alarm_reset and counters; every
+    status written (`statuses`), every inspection id written (`handed`: what the PLC was handed, in order) and the
+    heartbeats written (`beats`). While `acking`, the PLC program echoes the inspection id written into ack (at the
+    next read of it); otherwise ack keeps what it holds (0 on a fresh PLC, or what the bridge wrote), as a real PLC's
+    register does.
     With `compares_ack` (and `acking`) the echo follows the program docs/PLC.md outlines instead: IF result_valid AND
     inspection_id <> ack THEN act; ack := inspection_id, each id it acted on listed in `acted`."""
 
@@ -115,6 +116,8 @@ class Memory:
             "heartbeat": heartbeat,
             "alarm": alarm,
             "alarm_reset": 0,
+            "missed_acks": 0,
+            "sequence_gaps": 0,
         }
         self.statuses: list[frozenset] = []
         self.handed: list[int] = []

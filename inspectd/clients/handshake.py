@@ -39,9 +39,13 @@ stands for the seq with that remainder nearest the recorded ack, or else the lat
 journalled seq, or else the latest before the first result (`place`). What the bridge records (the acked callback,
 gaps, last_id) stays in full seqs, past 2**32 too.
 
-Stopping (SIGTERM) lets the result on the PLC finish its handshake (its ack, at most ack_timeout_ms and 8 s) before
+Stopping (SIGTERM) lets the result on the PLC finish its handshake (its ack, at most ack_timeout_ms and 7 s) before
 the bridge drops result_valid, so what the PLC took is recorded as acknowledged and not handed over again after the
 restart.
+
+Counters: missed_acks and sequence_gaps as the PLC sees them go on from what it holds at start (read with the
+restart rule), so a PLC or HMI that trends them or alarms on their increase sees no drop at a bridge restart; the
+`counters` of a run (its bridge_stopped log line) count that run alone.
 
 Status flags besides the result's own: trigger_ready (the daemon is heard from, says it is healthy, and does not report
 this camera in any state but running: cameras.<camera>.state, see inspectd.daemon.ingest.supervisor; a status that
@@ -85,7 +89,7 @@ STATUS_FLAGS = (
 )
 Status = frozenset  # the raised STATUS_FLAGS
 ID_MODULUS = 1 << 32  # inspection ids are written as 32-bit values unless a target holds fewer bits
-# What the stop leaves after its ack wait (TimeoutStopSec=10, STOP_WAIT_S=8) to drop the flags: one request to the PLC
+# What the stop leaves after its ack wait (TimeoutStopSec=10, STOP_WAIT_S=7) to drop the flags: one request to the PLC
 # that times out, with every retry its protocol client makes, must end within it, or the service manager's kill
 # leaves result_valid and trigger_ready up. Each protocol bounds its request_timeout_ms by it.
 STOP_REQUEST_BUDGET_MS = 2000.0
@@ -144,9 +148,10 @@ class Target(Protocol):
     """One camera's values in the PLC, as a protocol adapter reaches them.
 
     `read` names: inspection_id (0 when the PLC holds none), heartbeat, ack, alarm_reset (non-zero: reset requested),
-    alarm (1 while the latched alarm flag is set in the PLC). `write` names: status (a Status), inspection_id,
-    result_code, verdict, score (float or None), threshold (float or None), region_count, model_id (str or None),
-    thresholds_version (int or None), missed_acks, sequence_gaps, heartbeat, alarm_reset. Values an adapter has no
+    alarm (1 while the latched alarm flag is set in the PLC), missed_acks and sequence_gaps (as last written).
+    `write` names: status (a Status), inspection_id, result_code, verdict, score (float or None), threshold (float or
+    None), region_count, model_id (str or None), thresholds_version (int or None), missed_acks, sequence_gaps,
+    heartbeat, alarm_reset. Values an adapter has no
     place for are left out by the adapter; counters are unbounded here and wrapped by the adapter. Both raise
     PlcError."""
 
@@ -201,7 +206,9 @@ class Handshake:
         self.room = room  # called when a result leaves the queue: whoever feeds it may offer more
         self.queue: collections.deque[Result] = collections.deque()
         self._arrived = asyncio.Event()
-        self.counters = Counters()
+        self.counters = Counters()  # this run's
+        # What the PLC's missed_acks and sequence_gaps held at start: what it is shown goes on from there.
+        self._carried = {"missed_acks": 0, "sequence_gaps": 0}
         self.last_id: int | None = None  # inspection id last handed over (or read from the PLC at start)
         self.last_received: int | None = None  # seq of the result that arrived last, handed over or not
         self.showing: str | None = None  # verdict of the result flagged valid right now, None when none is
@@ -242,6 +249,10 @@ class Handshake:
             self._latches += 1
         self._alarm = latched
 
+    def shown(self, counter: str) -> int:
+        """A counter as the PLC is shown it: what it held at start and this run's count (wrapped by the adapter)."""
+        return self._carried[counter] + getattr(self.counters, counter)
+
     def modulus(self) -> int:
         return min(int(getattr(self.target, "id_modulus", ID_MODULUS)), ID_MODULUS)
 
@@ -265,6 +276,13 @@ class Handshake:
         fresh = plc_id == 0 and (not narrow_unplaced or await self.target.read("heartbeat") == 0)
         self._plc_residue = None if fresh else plc_id % self.modulus()
         self._plc_id, self._recorded_ack = plc_id, acked
+        for name in self._carried:
+            try:
+                self._carried[name] = max(0, await self.target.read(name))
+            except PlcError:
+                # A value that is no integer (another program's): counted from 0, as a fresh PLC is. A PLC that does
+                # not answer fails the reads after this one.
+                self._carried[name] = 0
         known = None if newest is None else await asyncio.to_thread(newest)
         # A full-width id with a recorded ack is placed by the ack alone: a journal that lost its newest records in a
         # power cut would move it a wrap back and hand over again what the PLC has.
@@ -581,8 +599,8 @@ class Handshake:
                         "region_count": len(result.regions),
                         "model_id": result.model_id,
                         "thresholds_version": result.thresholds_version,
-                        "missed_acks": self.counters.missed_acks,
-                        "sequence_gaps": self.counters.sequence_gaps,
+                        "missed_acks": self.shown("missed_acks"),
+                        "sequence_gaps": self.shown("sequence_gaps"),
                     },
                     last="status",
                 )
@@ -613,7 +631,7 @@ class Handshake:
         self.showing = None
         await self._write_status(force=True)
         if not acked:
-            await self.target.write({"missed_acks": self.counters.missed_acks})
+            await self.target.write({"missed_acks": self.shown("missed_acks")})
         await self._cover_latches()
 
     async def _clear_stale_ack(self, seq: int) -> None:
@@ -689,7 +707,7 @@ class Handshake:
         # The alarm before the counter, as after a hand-over's missed ack: a PLC that sees missed_acks move finds the
         # alarm already up.
         await self._write_status()
-        await self.target.write({"missed_acks": self.counters.missed_acks})
+        await self.target.write({"missed_acks": self.shown("missed_acks")})
         return False
 
     async def _acked_at(self, seq: int) -> bool:

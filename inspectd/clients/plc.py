@@ -8,8 +8,8 @@ The PLC sees one block of holding registers (addresses 0-based, as on the wire; 
     result_code    0 ok, 1 defect, 2 error
     score          score * score_scale, rounded, clamped to 0..65535 (0 for an error result)
     region_count   defect regions in the result (clamped to 65535)
-    missed_acks    results the PLC did not acknowledge in time (wraps at 65536)
-    sequence_gaps  results the PLC never got: jumps in the inspection id it was handed (wraps at 65536)
+    missed_acks    results the PLC did not acknowledge in time (wraps at 65536; a restarted bridge goes on from it)
+    sequence_gaps  results the PLC never got: jumps in the inspection id it was handed (wraps at 65536; likewise)
     heartbeat      +1 every second while the bridge runs (1..65535, then 1 again: never 0)
     ack            2 registers the PLC writes: the inspection id it has consumed, high word first
     alarm_reset    the PLC writes non-zero to clear the latched alarm bit; the bridge writes it back to 0
