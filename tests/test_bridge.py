@@ -1189,11 +1189,12 @@ def test_a_bridge_serving_the_first_camera_heard_catches_up_once_that_camera_is_
 def test_a_bridge_serving_the_first_camera_heard_catches_up_on_a_quiet_line_from_the_daemons_status(
     plc, daemon, bridge_config, tmp_path, state
 ):
-    """A `camera: null` bridge restarted while the line stands still: the results published while it was down are
-    owed to the PLC now (the parts may wait at the reject gate), not at the next part. The daemon's status message
-    lists the camera the state file records, so the block binds to it and the replay comes at once. Where the status
-    does not list it (renamed, removed), or lists it as not running, nothing is bound to it: the first result heard
-    decides, as at a first start."""
+    """A `camera: null` bridge restarted while the line stands still, its state file recording two cameras (the
+    block's, and one it served long ago): the results published while it was down are owed to the PLC now (the parts
+    may wait at the reject gate), not at the next part. The daemon's status message lists only one of the recorded
+    cameras, so the block binds to it and the replay comes at once. Where the status does not list it (renamed,
+    removed), or lists it as not running, nothing is bound to it: the first result heard decides, as at a first
+    start. (A state file recording one camera binds the block at start: see the test after this one.)"""
     extra = ("--journal", str(tmp_path / "journal"), "--state-dir", str(tmp_path / "state"))
     topic = f"inspect.{STATION}."
     line = Line(daemon, tmp_path / "journal")
@@ -1203,6 +1204,8 @@ def test_a_bridge_serving_the_first_camera_heard_catches_up_on_a_quiet_line_from
             line(seq)
         wait(lambda: len(plc.received) >= 10, 20, "1..10 handed over")
         bridge.stop()
+        acked = json.loads((tmp_path / "state" / "acked.json").read_text())
+        (tmp_path / "state" / "acked.json").write_text(json.dumps({"acked": {**acked["acked"], "old": 3}}))
         for seq in range(11, 21):  # published while no bridge listens
             line(seq)
         bridge = Bridge(daemon, plc, bridge_config, topic, extra=extra)
@@ -1229,6 +1232,50 @@ def test_a_bridge_serving_the_first_camera_heard_catches_up_on_a_quiet_line_from
     # Without the status the replay starts at 21, which the daemon journalled before publishing it: 11..21.
     assert events["bridge_stopped"]["sequence_gaps"] == 0
     assert events["bridge_stopped"]["journal_replayed"] == (10 if listed else 11)
+
+
+def test_a_camera_null_block_keeps_the_one_camera_its_state_file_records_whichever_result_comes_first(
+    plc, daemon, bridge_config, tmp_path
+):
+    """A `camera: null` block on a station-wide topic served cam0 before the restart (its state file records cam0 at
+    5, and the PLC holds 5). On a running line another camera's part may come before cam0's (and before the 1 Hz
+    status): the block is bound to cam0 at start, so the PLC that judged cam0's parts gets cam0's next verdict, not
+    cam1's, and cam1's results are refused with a warning."""
+    state = recorded_ack(tmp_path, 5)
+    plc.holds(5)
+    bridge = Bridge(daemon, plc, bridge_config, f"inspect.{STATION}.", extra=("--state-dir", str(state)))
+    daemon.result(50, camera="cam1")
+    daemon.result(6)
+    daemon.result(51, camera="cam1")
+    wait(lambda: plc.received, 10, "a result handed over")
+    time.sleep(0.2)
+    events = bridge.stop()
+    assert [r["id"] for r in plc.received] == [6], bridge.output()
+    assert events["camera_bound"]["camera"] == CAMERA and events["camera_bound"]["heard"] == "state_file"
+    assert events["camera_bound"]["resume_after"] == 5
+    refused = events["result_refused"]
+    assert refused["camera"] == "cam1" and refused["level"] == "warning", refused
+    assert events["bridge_stopped"]["other_camera"] == 2
+    assert json.loads((state / "acked.json").read_text()) == {"acked": {CAMERA: 6}}
+
+
+def test_missed_acks_and_sequence_gaps_go_on_from_what_the_plc_holds_across_a_bridge_restart(
+    plc, daemon, bridge_config
+):
+    """The registers a previous run left (id 100, missed_acks 17, sequence_gaps 5): a PLC or HMI trending them sees
+    them go on, not drop to 0, at a restart; the run's own log counts that run."""
+    plc.holds(100)
+    plc.write("missed_acks", 17)
+    plc.write("sequence_gaps", 5)
+    bridge = Bridge(daemon, plc, bridge_config)
+    daemon.result(101)
+    wait(lambda: len(plc.received) == 1, 10, "101 handed over")
+    assert (plc.field("missed_acks"), plc.field("sequence_gaps")) == (17, 5)
+    daemon.result(103)  # 102 never came: a gap
+    wait(lambda: len(plc.received) == 2, 10, "103 handed over")
+    assert (plc.field("missed_acks"), plc.field("sequence_gaps")) == (17, 6)
+    events = bridge.stop()
+    assert events["bridge_stopped"]["sequence_gaps"] == 1 and events["bridge_stopped"]["missed_acks"] == 0
 
 
 class LogLines:

@@ -5,11 +5,12 @@ trigger_ready follows the daemon's status messages: the cameras it runs (one it 
 interval it says they come at (its silence counted against three of them), and the connection: down at once when
 the daemon closes it, and given up by TCP keepalive when its path died without a FIN or RST, so the bridge
 reconnects. Each change of the daemon's silence or health is
-one log line, and each camera whose results the bridge refuses is named once.
+one log line, and each camera whose results the bridge refuses is a warning, repeated at most once a minute.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -17,10 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 pytest.importorskip("pymodbus", reason="the PLC bridge needs the [plc] extra (pymodbus)")
-from inspectd.protocol.messages import encode_status  # noqa: E402
-from plc_peers import CAMERA, STATION, Daemon, wait  # noqa: E402
+from inspectd.clients import bridge as bridge_module  # noqa: E402
+from inspectd.clients.handshake import Handshake, HandshakeSettings  # noqa: E402
+from inspectd.protocol.messages import decode, encode_status  # noqa: E402
+from plc_peers import CAMERA, STATION, Daemon, Memory, wait  # noqa: E402
 from test_bridge import BIT, Bridge, Plc  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
@@ -194,9 +198,10 @@ def test_a_daemon_gone_drops_trigger_ready_at_once_whatever_its_status_interval(
     assert silent["connection"] == "closed", silent
 
 
-def test_each_camera_whose_results_the_bridge_refuses_is_logged_once(plc, daemon, config):
+def test_each_camera_whose_results_the_bridge_refuses_is_one_warning_within_a_minute(plc, daemon, config):
     """A bridge taking a whole station serves the first camera it hears (its one block); cam1's results are refused,
-    and so are those of cam2, which the daemon gained later: each camera is named once, however many results."""
+    and so are those of cam2, which the daemon gained later: each camera is a warning (its verdicts reach no PLC),
+    named once however many results come within the minute."""
     bridge = Bridge(daemon, plc, config, topic=f"inspect.{STATION}.")
     try:
         daemon.result(1)
@@ -209,5 +214,27 @@ def test_each_camera_whose_results_the_bridge_refuses_is_logged_once(plc, daemon
         wait(lambda: len(plc.received) == 2, 10, "cam0's result 2")
     finally:
         bridge.stop()
-    assert [event["camera"] for event in events(bridge, "result_refused")] == ["cam1", "cam2"], bridge.output()
+    refused = events(bridge, "result_refused")
+    assert [event["camera"] for event in refused] == ["cam1", "cam2"], bridge.output()
+    assert all(event["level"] == "warning" for event in refused), refused
     assert events(bridge, "bridge_stopped")[0]["other_camera"] == 5
+
+
+def test_a_camera_refused_for_good_is_told_again_with_the_count_once_per_interval(daemon, monkeypatch):
+    """Results of a camera no block serves keep coming (one per part): after the first warning they are told again
+    once per REFUSED_LOG_S, with how many were refused since, not once per result and not never again."""
+    monkeypatch.setattr(bridge_module, "REFUSED_LOG_S", 0.3)
+    router = bridge_module.Router([Handshake(Memory(), HandshakeSettings(), CAMERA)])  # type: ignore[arg-type]
+
+    async def parts() -> None:
+        for seq in range(1, 13):
+            router.route(decode(daemon.encode(seq, camera="cam1")))
+            await asyncio.sleep(0.05)
+
+    with structlog.testing.capture_logs() as logged:
+        asyncio.run(parts())
+    told = [entry for entry in logged if entry["event"] == "result_refused"]
+    assert 2 <= len(told) <= 6, told  # 0.6 s of parts: told at the first and after each 0.3 s, not per result
+    assert told[0]["log_level"] == "warning" and told[0]["refused"] == 1 and told[0]["seq"] == 1
+    assert told[1]["refused"] >= 2 and sum(entry["refused"] for entry in told) <= 12, told
+    assert router.other_camera == 12

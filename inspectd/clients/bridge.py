@@ -13,7 +13,8 @@ inspectd.clients.opcua) with:
     configure(args) -> config  its config (a HandshakeSettings declaration), ConfigError naming the key or option
     describe(config, args)     what the bridge_started log line says about the PLC side (a dict)
     connect(config, args)      async; returns a link with `slots()`: [(camera or None, Target)], one per camera it
-                               serves (None: bound to the first camera whose result arrives), and async `close()`
+                               serves (None: bound at start to the one camera the state file records, else to the first
+                               camera whose result arrives), and async `close()`
 
 docs/PLC.md documents both protocols; the adapters raise PlcError when the PLC refuses or does not answer.
 """
@@ -72,6 +73,9 @@ READ_STUCK_S = 10.0
 HOLD_S = 5.0
 # With --journal: longest wait for the subscription to take hold (the first live message) before the journal is read.
 SETTLE_S = 5.0
+# Results of a camera no block serves reach no PLC: the first one is a warning at once, the ones after it at most this
+# often as one line with their count, so a station-wide topic left in place keeps saying so without flooding the log.
+REFUSED_LOG_S = 60.0
 STATE_FILE = "acked.json"  # in --state-dir: the last inspection id the PLC acknowledged, per camera
 LOCK_FILE = ".lock"  # in --state-dir: locked by the bridge that uses the directory, while it runs
 # Longest a stop waits for the PLC to ack the result on it: the unit's TimeoutStopSec=10 kills the bridge after 10 s;
@@ -255,17 +259,36 @@ def topic_camera(prefix: str) -> str | None:
 def _check_cameras(config: Any, prefix: str) -> None:
     """Refuse a configured camera (Modbus `camera`, OPC UA `cameras`) whose results the topic prefix leaves out: the
     bridge would hold trigger_ready up for a camera it can never hand a verdict of."""
-    parts = prefix.split(".")
-    if len(parts) < 3:  # no station named in full: every camera's results match
-        return
-    named = parts[2]
     cameras = getattr(config, "cameras", None) or [getattr(config, "camera", None)]
     for camera in cameras:
-        if camera is not None and not (camera == named if len(parts) >= 4 else camera.startswith(named)):
+        if camera is not None and not _takes(prefix, camera):
             raise ConfigError(
                 f"camera {camera}: --topic {prefix!r} leaves out its results (inspect.<station>.{camera}.result); "
                 "expected a topic that takes them"
             )
+
+
+def _takes(prefix: str, camera: str) -> bool:
+    """Whether the topic prefix takes `camera`'s results (on a station it names, or on any where it names none)."""
+    parts = prefix.split(".")
+    if len(parts) < 3:  # no station named in full: every camera's results match
+        return True
+    return camera == parts[2] if len(parts) >= 4 else camera.startswith(parts[2])
+
+
+def _recorded_camera(handshakes: list, acked: AckedState, prefix: str) -> str | None:
+    """The camera the one slot without a camera served before a restart: the one camera the state file records,
+    where the topic takes it and no other slot serves it; None otherwise (a first start, several recorded cameras).
+    Bound at start, it is that block's as a configured camera is: a result of another camera that arrives first (one
+    part per camera, the status only once a second) must not take over a PLC that holds this camera's id."""
+    free = [h for h in handshakes if h.camera is None]
+    recorded = list(acked.acked)
+    if len(free) != 1 or len(recorded) != 1:
+        return None
+    camera = recorded[0]
+    if not _takes(prefix, camera) or any(h.camera == camera for h in handshakes):
+        return None
+    return camera
 
 
 class Router:
@@ -275,7 +298,8 @@ class Router:
         self.handshakes = handshakes
         self.acked = acked
         self.other_camera = 0
-        self.refused: set[str] = set()  # the cameras whose results were refused: each is logged once
+        # camera -> (its results refused since the last result_refused line, when that line was logged)
+        self.refused: dict[str, tuple[int, float]] = {}
 
     def handshake(self, camera: str):
         """The handshake serving `camera`, None when none does (yet)."""
@@ -301,7 +325,8 @@ class Router:
         it still runs: the only camera the state file records that the status lists, that the topic prefix takes and
         that no other slot serves. None where that is not one camera (several slots without a camera, or several
         such cameras: the first results decide which block gets which, as at a first start). A camera the status
-        reports as other than running is not taken (a later status takes it once it runs)."""
+        reports as other than running is not taken (a later status takes it once it runs). Where the state file
+        records one camera only, the slot was bound to it at start (_recorded_camera) and this finds none."""
         from inspectd.clients.handshake import daemon_camera_state
 
         if self.acked is None or sum(h.camera is None for h in self.handshakes) != 1:
@@ -325,15 +350,22 @@ class Router:
             handshake.offer(result)
             return
         self.other_camera += 1
-        if result.camera not in self.refused:
-            # Per camera: one the daemon gains later (months after another was refused) reaches no PLC either.
-            self.refused.add(result.camera)
-            log.info(
+        # Per camera: one the daemon gains later (months after another was refused) reaches no PLC either.
+        untold, told_at = self.refused.get(result.camera, (0, -REFUSED_LOG_S))
+        untold += 1
+        now = time.monotonic()
+        if now - told_at >= REFUSED_LOG_S:
+            log.warning(
                 "result_refused",
                 camera=result.camera,
+                seq=result.seq,
+                refused=untold,
                 serving=[h.camera for h in self.handshakes],
                 reason="no block for this camera in the PLC (one bridge serves the cameras its config names)",
+                effect=f"not handed to any PLC; told at most every {REFUSED_LOG_S:.0f} s with the count since",
             )
+            untold, told_at = 0, now
+        self.refused[result.camera] = (untold, told_at)
 
     def counters(self) -> dict[str, Any]:
         totals: dict[str, Any] = {}
@@ -962,6 +994,9 @@ async def _serve(protocol, config, args: argparse.Namespace, curve, acked: Acked
             )
             for camera, target in link.slots()
         ]
+        recorded = _recorded_camera(handshakes, acked, prefix)
+        if recorded is not None:
+            next(h for h in handshakes if h.camera is None).camera = recorded
         for handshake in handshakes:
             camera = handshake.camera
             if args.journal is None or camera is None:
@@ -972,6 +1007,9 @@ async def _serve(protocol, config, args: argparse.Namespace, curve, acked: Acked
                 functools.partial(_journal_newest, args.journal, camera),
                 functools.partial(_journal_reserved, args.journal, camera),
             )
+        for handshake in handshakes:
+            if recorded is not None and handshake.camera == recorded:
+                log.info("camera_bound", camera=recorded, resume_after=handshake.last_id, heard="state_file")
         return await _bridge(handshakes, config, args, curve, acked, protocol.describe(config, args))
     finally:
         try:
