@@ -1533,3 +1533,266 @@ def test_relative_security_files_resolve_against_the_config_file_and_command_lin
     assert done.returncode == 2, done.stderr
     assert f"security.certificate {conf / 'pki' / 'cert.der'}: " in done.stderr, done.stderr
     assert (tmp_path / "run" / "state.json.lock").exists() and not (conf / "state.json.lock").exists()
+
+
+@pytest.fixture
+def shelf_server(monkeypatch):
+    """A ServerLink made in this process serves its standard address space from this test process's shelf, as the
+    PLC servers do: the seconds of CPU a build costs are saved, and no cache directory's lock stays held here."""
+    from inspectd.clients import opcua
+
+    async def init(_directory):
+        server = asyncua.Server()
+        await server.init(shelf_file=ASPACE_SHELF[0])
+        return server
+
+    monkeypatch.setattr(opcua, "init_server", init)
+
+
+def link_config(tmp_path: Path, port: int, **more):
+    raw = {"endpoint": f"opc.tcp://127.0.0.1:{port}/x/", "cameras": [CAMERA], "cache_dir": ""}
+    raw |= {"state_file": str(tmp_path / "state.json"), "ack_timeout_ms": 3000, "poll_ms": 5}
+    return parse_opcua_config(raw | more)
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_server_mode_a_subscriber_acting_on_result_valid_rising_finds_that_results_verdict_flags(
+    daemon, tmp_path, shelf_server
+):
+    """An MES or PLC driven by data-change notifications acts when ResultValid rises, on the Pass/Fail/Defect it has
+    been notified of so far: ResultValid rises after them (and falls before them), so each part gets its own
+    verdict, not the previous part's or none."""
+    from inspectd.clients.handshake import Handshake
+    from inspectd.clients.opcua import ServerLink
+    from inspectd.protocol.messages import decode
+
+    port = free_port()
+    config = link_config(tmp_path, port)
+    acted: list[tuple] = []
+    seen: dict[str, object] = {}
+    falls: list[int] = []
+
+    class Handler:
+        def datachange_notification(self, node, value, _data) -> None:
+            name = node.nodeid.Identifier.split(".")[1]
+            seen[name] = value
+            if name == "ResultValid" and value:
+                verdict = [flag for flag in ("Pass", "Fail", "Defect") if seen.get(flag)]
+                acted.append((seen.get("InspectionId"), verdict))
+            elif name == "ResultValid":
+                falls.append(len(acted))
+
+    async def line() -> None:
+        link = ServerLink(config)
+        await link.start()
+        client = asyncua.Client(f"opc.tcp://127.0.0.1:{port}/x/", timeout=5)
+        try:
+            handshake = Handshake(link.targets[CAMERA], config, CAMERA)
+            await handshake.start()
+            await client.connect()
+            index = await client.get_namespace_index("urn:inspectd:bridge")
+            names = ("InspectionId", "Pass", "Fail", "Defect", "ResultValid")
+            nodes = [client.get_node(f"ns={index};s={CAMERA}.{name}") for name in names]
+            subscription = await client.create_subscription(20, Handler())
+            await subscription.subscribe_data_change(nodes)
+            await until(lambda: len(seen) == len(names), 5, "the initial values")
+            ack = client.get_node(f"ns={index};s={CAMERA}.Ack")
+            stop = asyncio.Event()
+            runner = asyncio.ensure_future(handshake.run(stop))
+            for seq, verdict in ((1, "ok"), (2, "defect"), (3, "ok"), (4, "defect")):
+                handshake.offer(decode(daemon.encode(seq, verdict)))
+                await until(lambda seq=seq: len(acted) == seq, 5, f"ResultValid rising for {seq}")
+                await ack.write_value(ua.Variant(seq, ua.VariantType.UInt32))
+                # Its fall, notified before the next rise: each in a publish of its own.
+                await until(lambda seq=seq: bool(falls) and falls[-1] == seq, 5, f"ResultValid falling after {seq}")
+            stop.set()
+            await runner
+        finally:
+            await client.disconnect()
+            await link.close()
+
+    asyncio.run(line())
+    assert acted == [(1, ["Pass"]), (2, ["Fail", "Defect"]), (3, ["Pass"]), (4, ["Fail", "Defect"])], acted
+
+
+def test_client_mode_writes_result_valid_after_the_verdict_flags_when_it_rises_and_before_them_when_it_falls(
+    tmp_path,
+):
+    """One Write request carries the flags, and a PLC's server applies its items in turn (each a data change of its
+    own): ResultValid is the request's last item when it rises, its first when it falls."""
+    from asyncua.common.callback import CallbackType
+
+    from inspectd.clients.opcua import ClientLink
+
+    plc = PlcServer(free_port())
+    result_valid = plc.nodes[(CAMERA, "result_valid")].nodeid.to_string()
+    writes: list[list[tuple[str, object]]] = []
+
+    def written(event, _service) -> None:  # every Write the bridge makes, in the PLC server's own loop
+        items = [(item.NodeId.to_string(), item.Value.Value.Value) for item in event.request_params.NodesToWrite]
+        if any(node == result_valid for node, _ in items):
+            writes.append(items)
+
+    plc.server.aio_obj.subscribe_server_callback(CallbackType.PostWrite, written)
+    config = parse_opcua_config({"mode": "client", "endpoint": plc.url, "cameras": [CAMERA]})
+
+    async def hand_over() -> None:
+        link = ClientLink(config)
+        await link.start()
+        try:
+            target = link.targets[CAMERA]
+            await target.write({"status": frozenset({"trigger_ready", "result_valid", "fail", "defect"})})
+            await target.write({"status": frozenset({"trigger_ready"})})
+        finally:
+            await link.close()
+
+    try:
+        asyncio.run(hand_over())
+    finally:
+        plc.stop()
+    rising, falling = writes
+    assert rising[-1] == (result_valid, True) and len(rising) > 1, rising
+    assert falling[0] == (result_valid, False) and len(falling) > 1, falling
+
+
+def test_server_mode_refuses_an_ack_or_alarm_reset_written_as_an_array_and_serves_on(tmp_path, shelf_server):
+    """asyncua checks a client write's type, not its rank: Ack or AlarmReset written as an array (an HMI tag set up
+    as one, a script) is refused with BadTypeMismatch and a warning, the variable keeps what it held, and the
+    bridge reads it as before. A non-scalar that gets in some other way reads as the last whole number, never an
+    exception that would end the bridge."""
+    from inspectd.clients.opcua import ServerLink
+
+    port = free_port()
+    config = link_config(tmp_path, port)
+
+    async def writes() -> tuple[list, dict]:
+        link = ServerLink(config)
+        await link.start()
+        target = link.targets[CAMERA]
+        client = asyncua.Client(f"opc.tcp://127.0.0.1:{port}/x/", timeout=5)
+        outcomes, reads = [], {}
+        try:
+            await client.connect()
+            index = await client.get_namespace_index("urn:inspectd:bridge")
+            ack = client.get_node(f"ns={index};s={CAMERA}.Ack")
+            reset = client.get_node(f"ns={index};s={CAMERA}.AlarmReset")
+            for node, variant in (
+                (ack, ua.Variant(5, ua.VariantType.UInt32)),
+                (ack, ua.Variant([7, 7], ua.VariantType.UInt32)),
+                (reset, ua.Variant([True, True], ua.VariantType.Boolean)),
+            ):
+                try:
+                    await node.write_value(ua.DataValue(variant))
+                    outcomes.append("accepted")
+                except ua.UaStatusCodeError as exc:
+                    outcomes.append(type(exc).__name__)
+            reads["ack"], reads["alarm_reset"] = await target.read("ack"), await target.read("alarm_reset")
+            reads["held"] = await ack.read_value()
+            array = ua.DataValue(ua.Variant([9, 9], ua.VariantType.UInt32))
+            await link.server.write_attribute_value(target.nodes["ack"].nodeid, array)
+            reads["after_inside"] = await target.read("ack")
+        finally:
+            await client.disconnect()
+            await link.close()
+        return outcomes, reads
+
+    with structlog.testing.capture_logs() as logs:
+        outcomes, reads = asyncio.run(writes())
+    assert outcomes == ["accepted", "BadTypeMismatch", "BadTypeMismatch"], outcomes
+    assert reads == {"ack": 5, "alarm_reset": 0, "held": 5, "after_inside": 5}, reads
+    refused = [entry for entry in logs if entry["event"] == "plc_write_refused"]
+    assert [(entry["variable"], entry["log_level"]) for entry in refused] == [
+        ("Ack", "warning"),
+        ("AlarmReset", "warning"),
+    ], refused
+
+
+def test_server_mode_keeps_missed_acks_and_sequence_gaps_in_its_state_file_across_a_restart(
+    daemon, tmp_path, shelf_server
+):
+    """The server's variables die with the bridge: the counters a PLC or HMI trends are kept in state_file with the
+    restart rule's id, and a restarted bridge shows them going on, not back at 0."""
+    from inspectd.clients.handshake import Handshake
+    from inspectd.clients.opcua import ServerLink
+    from inspectd.protocol.messages import decode
+
+    port = free_port()
+    config = link_config(tmp_path, port)
+    (tmp_path / "state.json").write_text(
+        json.dumps({CAMERA: {"inspection_id": 100, "alarm": 0, "missed_acks": 17, "sequence_gaps": 5}})
+    )
+
+    async def line() -> list[tuple[int, int]]:
+        link = ServerLink(config)
+        await link.start()
+        client = asyncua.Client(f"opc.tcp://127.0.0.1:{port}/x/", timeout=5)
+        shown = []
+        try:
+            handshake = Handshake(link.targets[CAMERA], config, CAMERA)
+            await handshake.start()
+            await client.connect()
+            index = await client.get_namespace_index("urn:inspectd:bridge")
+
+            def node(name: str):
+                return client.get_node(f"ns={index};s={CAMERA}.{name}")
+
+            stop = asyncio.Event()
+            runner = asyncio.ensure_future(handshake.run(stop))
+            for seq in (101, 103):  # 102 never came: a gap
+                handshake.offer(decode(daemon.encode(seq)))
+                await until(lambda seq=seq: handshake.waiting_for == seq, 5, f"{seq} handed over")
+                shown.append((await node("MissedAcks").read_value(), await node("SequenceGaps").read_value()))
+                await node("Ack").write_value(ua.Variant(seq, ua.VariantType.UInt32))
+                await until(lambda: handshake.waiting_for is None, 5, f"{seq} acked")
+            stop.set()
+            await runner
+        finally:
+            await client.disconnect()
+            await link.close()
+        return shown
+
+    assert asyncio.run(line()) == [(17, 5), (17, 6)]
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state[CAMERA]["missed_acks"] == 17 and state[CAMERA]["sequence_gaps"] == 6, state
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "opc.tcp://127.0.0.1/inspectd/",  # no port: asyncua would listen on a random one
+        "opc.tcp://127.0.0.1:0/x/",
+        "opc.tcp://0.0.0.0:99999/x/",
+        "opc.tcp://127.0.0.1:48a0/x/",
+        "opc.tcp://:4840/x/",
+    ],
+)
+def test_an_endpoint_without_a_host_and_a_port_1_to_65535_is_refused_naming_the_key(endpoint):
+    with pytest.raises(ConfigError) as refused:
+        parse_opcua_config({"endpoint": endpoint, "cameras": [CAMERA]})
+    assert "endpoint: expected an opc.tcp:// URL with a host and a port 1..65535" in str(refused.value)
+    assert parse_opcua_config({"endpoint": "opc.tcp://[::1]:4840/x/"}).endpoint == "opc.tcp://[::1]:4840/x/"
+
+
+def test_a_bad_endpoint_or_a_state_file_in_no_folder_stops_the_bridge_at_start_in_one_line_exit_2(daemon, tmp_path):
+    """Config errors, which the service manager must not restart: a port out of range (a traceback in server mode, a
+    restart loop in client mode before), and a state_file whose folder does not exist (a typo in the instance name:
+    no lock, and every restart a fresh PLC)."""
+    state = str(tmp_path / "state.json")
+    for args, expected in [
+        (["--opcua", "opc.tcp://0.0.0.0:99999/x/", "--state-file", state], "endpoint: expected an opc.tcp:// URL"),
+        (["--mode", "client", "--opcua", "opc.tcp://127.0.0.1/x/"], "endpoint: expected an opc.tcp:// URL"),
+        (
+            ["--state-file", str(tmp_path / "no-such-instance" / "state.json")],
+            f"state_file {tmp_path / 'no-such-instance' / 'state.json'}: expected a file in an existing folder",
+        ),
+    ]:
+        done = run_bridge(daemon, ["--camera", CAMERA, "--cache-dir", "", *args])
+        assert done.returncode == 2, done.stderr
+        assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "no-such-instance").exists()

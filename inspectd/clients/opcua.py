@@ -19,8 +19,14 @@ Verdict, Score, Threshold, RegionCount, ModelId, ThresholdsVersion), the counter
 Heartbeat), the status flags as Booleans (TriggerReady, ResultValid, Pass, Fail, Defect, Alarm, Drift,
 DaemonUnhealthy, FalseRejectWarning), and what the PLC writes (Ack: the inspection id it consumed; AlarmReset: true
 to clear Alarm). In client mode a PLC program may lack FalseRejectWarning (added later); the bridge leaves it out.
-A result is one Write request of its data followed by one of its flags, so ResultValid rises on complete data. The
-handshake itself is inspectd.clients.handshake's, shared with Modbus.
+A result is one Write request of its data followed by one of its flags, so ResultValid rises on complete data; within
+the flags ResultValid is written last when it rises and first when it falls (`_expand`), so a client acting on its
+data-change notifications never sees it valid next to the previous result's Pass/Fail/Defect. The handshake itself is
+inspectd.clients.handshake's, shared with Modbus.
+
+In server mode Ack and AlarmReset are the only variables a client may write: a write of anything but a scalar to them
+(an array: asyncua checks a write's type, not its rank) is refused with BadTypeMismatch and a warning, and the bridge
+serves on.
 
 Security (`security`): Basic256Sha256 with SignAndEncrypt, with this bridge's certificate and key; in server mode
 only that endpoint is offered and a client's certificate must be in the `trusted` folder; in client mode `trusted`
@@ -39,8 +45,10 @@ import os
 import re
 import string
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import structlog
 from pydantic import Field, Strict, field_validator, model_validator
@@ -85,6 +93,9 @@ U32 = 0xFFFFFFFF
 FLOAT_MAX = 3.4028234e38  # the largest finite float32: a PLC's Real (an OPC UA Float)
 # asyncua sends a request once (no retry): one that times out ends after one request_timeout_ms.
 MAX_REQUEST_TIMEOUT_MS = STOP_REQUEST_BUDGET_MS
+# Server mode: a client that keeps writing Ack or AlarmReset in a form the bridge refuses is told of at most this often
+# per variable, with the count since, so a script in a loop cannot flood the log.
+REFUSED_WRITE_LOG_S = 60.0
 
 
 @declared
@@ -124,8 +135,13 @@ class OpcUaConfig(HandshakeSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> OpcUaConfig:
-        if not self.endpoint.startswith("opc.tcp://"):
-            raise invalid(f"endpoint: expected an opc.tcp:// URL, got {self.endpoint!r}")
+        if not _endpoint_ok(self.endpoint):
+            # Without a port asyncua's server listens on a random one no PLC is set up for, and a port out of range
+            # is a traceback in server mode and a restart loop in client mode: refused here, with the key.
+            raise invalid(
+                "endpoint: expected an opc.tcp:// URL with a host and a port 1..65535 (opc.tcp://HOST:4840/PATH), "
+                f"got {self.endpoint!r}"
+            )
         if len(set(self.cameras)) != len(self.cameras):
             raise invalid("cameras: expected each camera once")
         if self.mode == "client" and _template_fields(self.node_id) != {"camera", "name"}:
@@ -135,6 +151,17 @@ class OpcUaConfig(HandshakeSettings):
                 f"literal brace written {{{{ or }}}}), got {self.node_id!r}"
             )
         return self
+
+
+def _endpoint_ok(endpoint: str) -> bool:
+    if not endpoint.startswith("opc.tcp://"):
+        return False
+    parts = urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or past 65535
+        return False
+    return bool(parts.hostname) and port is not None and 1 <= port <= 65535
 
 
 def _template_fields(template: str) -> set[str] | None:
@@ -215,6 +242,12 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
         )
     if config.mode == "server":
         state_file = Path(str(config.state_file))
+        if not state_file.parent.is_dir():
+            # Else no lock is taken and the first hand-over's write fails: every restart would be a fresh PLC.
+            raise ConfigError(
+                f"state_file {state_file}: expected a file in an existing folder, {state_file.parent} is no folder "
+                "(under the unit: /var/lib/inspectd-bridge/<instance>, its StateDirectory=)"
+            )
         lock = state_file.with_name(state_file.name + ".lock")
         try:  # before the file is read: a second bridge never reads a state the first is rewriting
             hold_lock(lock)
@@ -319,7 +352,7 @@ def load_state(path: Path) -> dict[str, dict[str, int]]:
     if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
         raise ConfigError(f"state_file {path}: expected an object of camera -> state; remove it")
     for camera, values in state.items():
-        for key, top in (("inspection_id", U32), ("alarm", 1)):
+        for key, top in (("inspection_id", U32), ("alarm", 1), ("missed_acks", U32), ("sequence_gaps", U32)):
             value = values.get(key, 0)
             # bool is an int to Python, but not what the bridge writes
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
@@ -350,10 +383,23 @@ def _variant(ua, value: Any, kind: str, config: OpcUaConfig):
 
 
 def _expand(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
-    """The handshake's values as (data variables, flag variables): `status` becomes one Boolean per flag."""
+    """The handshake's values as (data variables, flag variables): `status` becomes one Boolean per flag, in the order
+    they are to be written: ResultValid last when raised, first when dropped. Written one variable at a time (server
+    mode), or applied in turn by the PLC's server (client mode), each is a data change of its own: a client acting on
+    ResultValid's rising edge must find Pass/Fail/Defect already this result's, and one reading the flags while they
+    fall must not find the next part's verdict flags cleared under a ResultValid still up."""
     data = {name: value for name, value in fields.items() if name != "status"}
-    flags = {flag: flag in fields["status"] for flag in STATUS_FLAGS} if "status" in fields else {}
-    return data, flags
+    if "status" not in fields:
+        return data, {}
+    flags = {flag: flag in fields["status"] for flag in STATUS_FLAGS if flag != "result_valid"}
+    if "result_valid" in fields["status"]:
+        return data, {**flags, "result_valid": True}
+    return data, {"result_valid": False, **flags}
+
+
+# Server mode: the values the state file keeps per camera, read from it rather than from the variables (which die with
+# the process): the restart rule's id and alarm, and the counters, which a PLC or HMI may trend across restarts.
+KEPT = ("inspection_id", "alarm", "missed_acks", "sequence_gaps")
 
 
 class ServerTarget:
@@ -367,12 +413,22 @@ class ServerTarget:
         self.camera = camera
         self.nodes = nodes
         self._on_display: int | None = None  # the id handed over whose falling edge has not been written yet
+        self._counts_on_display: dict[str, int] = {}  # the counters handed over with it
+        self._read: dict[str, int] = {}  # the last whole number read of each variable a client writes
 
     async def read(self, name: str) -> int:
-        if name in ("inspection_id", "alarm"):
+        if name in KEPT:
             return int(self.link.state.get(self.camera, {}).get(name, 0))
         variant = self.link.server.read_attribute_value(self.nodes[name].nodeid).Value
-        return int(variant.Value or 0) if variant is not None else 0
+        value = None if variant is None else variant.Value
+        number = None if variant is not None and variant.is_array else _integer(value)
+        if number is None:
+            # Refused as it was written (ServerLink._screen): this is a value that came in some other way. The one read
+            # before stands, as if the write had been refused: a client must not end the bridge.
+            self.link.refused_write(self.camera, name, value)
+            return self._read.get(name, 0)
+        self._read[name] = number
+        return number
 
     async def write(self, fields: dict[str, Any], last: str | None = None) -> None:
         ua = self.link.ua
@@ -384,16 +440,23 @@ class ServerTarget:
                 await self.link.server.write_attribute_value(node.nodeid, ua.DataValue(variant))
         remembered = self.link.state.get(self.camera, {})
         update = {}
+        counts = {name: int(data[name]) & U32 for name in ("missed_acks", "sequence_gaps") if name in data}
         if "inspection_id" in data:
             self._on_display = int(data["inspection_id"]) & U32
+            # Kept with the id they were handed over with: a restart that hands that result over again counts its
+            # gap again, so the count it resumes from must be the one before it.
+            self._counts_on_display, counts = counts, {}
         # Kept at the falling edge (after the ack or its timeout), not at the hand-over: the variables die with the
         # process, so a bridge killed while the id waited for its ack resumes before it, and the restart replays it
         # from the journal or counts it as a gap, where recording it would lose it without a trace.
         if flags and not flags["result_valid"] and self._on_display is not None:
             update["inspection_id"] = self._on_display
             self._on_display = None
+            counts = {**self._counts_on_display, **counts}
         if flags and flags["alarm"] != bool(remembered.get("alarm", 0)):
             update["alarm"] = int(flags["alarm"])
+        # What the PLC sees goes on across a restart; a missed ack's count, written after the fall, at once.
+        update |= {name: value for name, value in counts.items() if value != remembered.get(name, 0)}
         if update:
             # Off the event loop: two fsyncs must not hold up the other cameras' handshakes.
             try:
@@ -423,6 +486,46 @@ class ServerLink:
         self._state_failed: str | None = None  # the state_file write error last logged
         self.targets: dict[str, ServerTarget] = {}
         self.started = False
+        self._written_by_plc: dict[Any, tuple[str, str]] = {}  # node id -> (camera, name) of Ack and AlarmReset
+        self._refused: dict[tuple[str, str], tuple[int, float]] = {}  # -> (refused since told, when told)
+
+    def refused_write(self, camera: str, name: str, value: Any) -> None:
+        """A client's write of `camera`'s Ack or AlarmReset that the bridge does not take: one warning, then at most
+        one per REFUSED_WRITE_LOG_S with the count since."""
+        untold, told_at = self._refused.get((camera, name), (0, -REFUSED_WRITE_LOG_S))
+        untold += 1
+        now = time.monotonic()
+        if now - told_at >= REFUSED_WRITE_LOG_S:
+            shown = repr(value)
+            log.warning(
+                "plc_write_refused",
+                camera=camera,
+                variable=NAMES[name][0],
+                value=shown if len(shown) <= 80 else shown[:77] + "...",
+                refused=untold,
+                expected=f"a scalar {NAMES[name][1]}",
+                effect="refused (BadTypeMismatch to the client); the bridge serves on; told at most every "
+                f"{REFUSED_WRITE_LOG_S:.0f} s",
+            )
+            untold, told_at = 0, now
+        self._refused[(camera, name)] = (untold, told_at)
+
+    async def _screen(self, event: Any, _dispatcher: Any) -> None:
+        """Before a client's Write is applied: a value for Ack or AlarmReset that is not one whole number or Boolean
+        (an array, which asyncua's own type check lets through) is swapped for one of a type the variable does not
+        hold, so that asyncua refuses that item with BadTypeMismatch and keeps the variable as it was."""
+        ua = self.ua
+        for item in event.request_params.NodesToWrite:
+            where = self._written_by_plc.get(item.NodeId)
+            if where is None or item.AttributeId != ua.AttributeIds.Value or item.Value is None:
+                continue
+            variant = item.Value.Value
+            if variant is None or variant.Value is None:  # a null (or a bad status) reads as 0: no ack, no reset
+                continue
+            if not variant.is_array and variant.Dimensions is None and _integer(variant.Value) is not None:
+                continue
+            item.Value = ua.DataValue(ua.Variant(f"refused: expected a scalar {NAMES[where[1]][1]}"))
+            self.refused_write(*where, variant.Value)
 
     def remember(self, camera: str, update: dict[str, int]) -> None:
         """Record a camera's handed-over inspection id or alarm in state_file, durably (replace_file)."""
@@ -492,6 +595,7 @@ class ServerLink:
                 )
                 if name in WRITTEN_BY_PLC:
                     await node.set_writable()
+                    self._written_by_plc[node.nodeid] = (camera, name)
                 nodes[name] = node
             self.targets[camera] = ServerTarget(self, camera, nodes)
             remembered = self.state.get(camera, {})
@@ -499,6 +603,9 @@ class ServerLink:
             await nodes["inspection_id"].write_value(
                 ua.Variant(int(remembered.get("inspection_id", 0)), ua.VariantType.UInt32)
             )
+        from asyncua.common.callback import CallbackType
+
+        server.subscribe_server_callback(CallbackType.PreWrite, self._screen)
         try:
             await server.start()
         except OSError as exc:
