@@ -587,6 +587,25 @@ def test_byte_identical_training_files_are_left_out_before_the_split(tmp_path):
     assert result.image_threshold > 1e-3  # the held-out image is scored by a fit without its twin
 
 
+def test_training_files_with_the_same_pixels_in_other_bytes_are_left_out_too(tmp_path):
+    """Re-encoded (another PNG compression here; a metadata stamp, a stuck frame saved again) a twin passed the byte
+    compare, and the held-out one scored about 0 against the other in the fit."""
+    root = make_tiny_mvtec(tmp_path / "set", n_train=6, n_test_good=0, n_test_defect=0)
+    good = root / "train" / "good"
+    for path in sorted(good.iterdir()):
+        twin = path.with_name(f"{path.stem}~z0.png")
+        cv2.imwrite(str(twin), cv2.imread(str(path), cv2.IMREAD_UNCHANGED), [cv2.IMWRITE_PNG_COMPRESSION, 0])
+        assert twin.read_bytes() != path.read_bytes()
+    lines: list[str] = []
+    quiet = Progress(enabled=False)
+    result = train_bundle(root, tmp_path / "b", recipe="patchcore", size=(64, 64), progress=quiet, report=lines.append)
+    notes = [line for line in lines if "(the same pixels in other bytes)" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: 6 duplicate image(s) (the same pixels in other bytes)"), lines
+    training = load_bundle(result.bundle).manifest["training"]
+    assert training["n_duplicates"] == 6 and result.n_fit + result.n_holdout == 6
+    assert result.image_threshold > 1e-3
+
+
 def test_train_ok_is_a_training_set_and_two_defect_free_folders_are_refused(tmp_path, capsys):
     """BTAD and OK/NG-style sets keep their defect-free images in train/ok."""
     root = tmp_path / "btad"

@@ -39,6 +39,7 @@ from engines.data.images import (
     frames_checksums,
     good_folder,
     list_images,
+    pixels_key,
     split_holdout,
     subfolder_hint,
     without_duplicates,
@@ -359,6 +360,19 @@ def train_bundle(
             "thresholds: add images"
         )
     bit_depth = _bit_depth(paths, bit_depth, report)
+    # The same pixels in other bytes (re-encoded, another compression, a metadata stamp) are as much a twin: one
+    # decoding pass more, a few seconds for hundreds of frames.
+    paths, twins = without_duplicates(
+        paths, [pixels_key(image) for image in ImageFiles(paths, bit_depth or LEGACY_BIT_DEPTH)]
+    )
+    if twins:
+        report(duplicates_note(twins, pixels=True))
+        duplicates += twins
+    if len(paths) < 2:
+        raise DataError(
+            f"{paths[0].parent}: 1 distinct training image ({len(duplicates)} more left out as copies of it), "
+            "expected at least 2 to hold one out for the thresholds: add images"
+        )
     # Decoded when read: a full-size frame is held only while it is fitted or planted.
     frames = ImageFiles(paths, bit_depth or LEGACY_BIT_DEPTH)
     channels = frames.channels
@@ -488,7 +502,9 @@ def train_bundle(
             "n_fit": int(n_fit),
             "n_holdout": int(n_hold),
             "n_scorer_fit": int(n_scored),
-            "n_duplicates": len(duplicates),  # files left out as byte-for-byte copies of others (not in the names)
+            "n_duplicates": len(
+                duplicates
+            ),  # files left out as copies of others, in bytes or pixels (not in the names)
             # How the fitted images were chosen, so `inspectd teach` on the same images refits the same ones: the
             # function (auto's folds when it chose the recipe) and the --holdout given to it.
             "split": VALIDATION_FOLDS if selection is not None else SPLIT_HOLDOUT,
