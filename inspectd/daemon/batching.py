@@ -2,7 +2,8 @@
 
 A batch goes when it holds `max_batch` frames or when its oldest frame has waited `max_wait_ms` since ingest
 (Frame.t_ingest, time.monotonic()), whichever comes first. Frames are taken round-robin, one per camera per turn and
-starting one camera further on each batch, so a fast camera cannot starve a slow one. The batcher sleeps on the
+starting one camera further at each take (a wake-up may take into a batch already begun), so a fast camera cannot
+starve a slow one. The batcher sleeps on the
 ingest's shared Condition (queues notify it on put) and never polls.
 
 Frames refused at ingest (Frame.error set) travel in the batch like any other; the inference stage publishes them as
