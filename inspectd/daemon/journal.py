@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -78,6 +79,11 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # A write refused by the disk (full, quota, file-size limit, failing device), not by the configuration: it degrades
 # the journal, at open as at run time. Anything else at open (not a directory, permissions, read-only) is refused.
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+# A mark more than this past the camera's last journalled seq is damage (a flipped bit), not seqs given out: at 1000
+# frames a second that is 50 days of results published while not one was journalled. Ignored, as is one past
+# MAX_MARK, where the numbering would have no room left for its reservations in the marks' signed 64 bits.
+MARK_SLACK = 1 << 32
+MAX_MARK = 1 << 62
 # How far a segment's stamp goes past the newest one when the clock is behind it (well above mtime's resolution).
 STAMP_STEP_S = 0.001
 
@@ -95,8 +101,13 @@ class _Active:
 
 
 def _read_text(path: Path) -> str | None:
+    """The text in `path`, None where there is none, it cannot be read, or it is not UTF-8 (a damaged boot mark is
+    an unknown boot: the safe side, a reboot, after an unclean stop)."""
     try:
-        return path.read_text().strip() or None
+        return path.read_bytes().decode().strip() or None
+    except UnicodeDecodeError:
+        log.warning("journal_mark_ignored", mark=str(path), reason="not UTF-8 text", effect="taken as unknown")
+        return None
     except OSError:
         return None
 
@@ -190,6 +201,7 @@ class Journal:
         self._mark_locks: dict[str, threading.Lock] = {}
         self._accepted_failed = False
         self._reserved: dict[str, int] = {}  # each camera's reservation as found at open
+        self._distrusted: set[str] = set()  # cameras whose accepted mark was found damaged at open
         self._reserved_to: dict[str, int] = {}  # the reservation this run has synced
         self._reserved_fd: dict[str, int] = {}
         # (age, path, size) of closed segments, deleted lowest age first. The age is the file's mtime for segments
@@ -214,6 +226,7 @@ class Journal:
         # reservation after a reboot, then the boot mark (only once the floors are durable).
         self._floors_owed = False
         self._boot_owed = False
+        self._resumed_unsynced = False  # what an unclean stop left could not all be fsynced at open
         self._boot = _read_text(BOOT_ID)
         self._stop = threading.Event()
         try:
@@ -240,8 +253,14 @@ class Journal:
             cause = exc.__cause__ if isinstance(exc, JournalError) else exc  # cameras(): the listing that failed
             if not isinstance(cause, OSError):
                 raise
+            # The file refused, not only the journal: it may hold thousands.
+            what = "it"
+            if cause.filename is not None and Path(cause.filename) != self.directory:
+                what = Path(cause.filename).as_posix()
+                if Path(cause.filename).is_relative_to(self.directory):
+                    what = Path(cause.filename).relative_to(self.directory).as_posix()
             raise JournalError(
-                f"publish.journal.path {self.directory}: cannot use it ({cause.strerror or cause}), "
+                f"publish.journal.path {self.directory}: cannot use {what} ({cause.strerror or cause}), "
                 f"expected a writable directory"
             ) from None
         self._syncer = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
@@ -259,6 +278,8 @@ class Journal:
         self.rebooted = self.unclean and (boot is None or previous_boot != boot)
         for camera in cameras(self.directory):
             self._recover(camera)
+        if self.unclean:
+            self._fsync_found(self.directory)  # the entries of cameras the last run added
         self._floors_owed = self.rebooted
         self._boot_owed = boot is not None and previous_boot != boot
         if previous_boot is not None and not self._boot_owed:
@@ -356,6 +377,72 @@ class Journal:
             self._closed.append((age, path, end))
             self._total += end
         self._closed.sort()
+        for name, marks in ((ACCEPTED_MARK, self._accepted), (RESERVED_MARK, self._reserved)):
+            self._check_mark(camera, name, marks)
+        if self.unclean:
+            self._sync_resumed(camera, segments[-1][1] if segments else None)
+
+    def _check_mark(self, camera: str, name: str, marks: dict[str, int]) -> None:
+        """Ignore `camera`'s mark `name` (warned, naming the file) where its value is damage, not seqs given out:
+        below -1, past MAX_MARK, or more than MARK_SLACK past the last seq journalled. Trusted, it would move the
+        numbering to seqs no part had, or to ones whose reservation no longer fits the mark (every frame's mark then
+        failing). Numbering resumes after the journal instead, and past the reservation where the accepted mark is
+        the damaged one (what was in flight at a kill is then unknown, as after a reboot); this run's first frame
+        rewrites the mark."""
+        mark = marks.get(camera)
+        if mark is None:
+            return
+        last = self._last.get(camera)
+        if mark < -1:
+            reason = "below -1"
+        elif mark > MAX_MARK:
+            reason = f"past {MAX_MARK}, leaving no room for the numbering"
+        elif last is not None and mark > last + MARK_SLACK:
+            reason = f"{mark - last} past the last seq journalled ({last})"
+        else:
+            return
+        del marks[camera]
+        if name == ACCEPTED_MARK:
+            self._distrusted.add(camera)
+        log.warning(
+            "journal_mark_ignored",
+            mark=str(self.directory / camera / name),
+            value=mark,
+            reason=reason,
+            effect="taken for damage: numbering resumes after the journal"
+            + (" and the camera's reservation" if name == ACCEPTED_MARK else " and the camera's accepted mark"),
+        )
+
+    def _sync_resumed(self, camera: str, newest: Path | None) -> None:
+        """After an unclean stop, fsync what the last run left of `camera` in the page cache: its marks, its newest
+        segment (after the torn tail's cut) and its folder's entries. That run's syncer may not have got to them;
+        this run syncs only what it writes itself, and its clean mark would otherwise cover them, so after a power
+        cut the next start would take stale marks for a clean stop's and resume on seqs already published."""
+        camera_dir = self.directory / camera
+        for path in (camera_dir / ACCEPTED_MARK, camera_dir / RESERVED_MARK, newest, camera_dir):
+            if path is not None:
+                self._fsync_found(path)
+
+    def _fsync_found(self, path: Path) -> None:
+        """fsync `path` (a file or a directory) where it exists. A failed fsync withholds the clean mark at close, so
+        the next start handles the unclean stop again."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there must not hang the start
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._resumed_unsynced = True
+            self.fsync_failed += 1
+            log.error(
+                "journal_fsync_failed",
+                file=str(path),
+                error=f"{exc.strerror or exc} (errno {exc.errno})",
+                effect="what the last run wrote may not survive a power cut: the clean mark is withheld",
+            )
+        finally:
+            os.close(fd)
 
     def _raise_floors(self) -> None:
         """After a reboot, make each camera's reservation its accepted mark, fsynced: seqs up to it may have been
@@ -380,7 +467,7 @@ class Journal:
                     # (its first write refused by the full disk), and syncing that would let the next start on this
                     # boot resume below seqs already published.
                     on_disk = read_mark(path.parent, ACCEPTED_MARK)
-                    if on_disk is None or on_disk < reserved:
+                    if on_disk is None or on_disk < reserved or camera in self._distrusted:
                         os.pwrite(fd, ACCEPTED.pack(reserved), 0)
                     os.fsync(fd)
                     if opened:  # the mark's entry, and the folders made for it, durable in their parents
@@ -423,7 +510,7 @@ class Journal:
         queued or in flight when the last run died, or results published while the journal could not write."""
         last = self._last.get(camera, -1)
         next_seq = max(last, self._accepted.get(camera, -1)) + 1
-        if self.rebooted:
+        if self.rebooted or camera in self._distrusted:
             next_seq = max(next_seq, self._reserved.get(camera, -1) + 1)
         return next_seq, range(last + 1, next_seq)
 
@@ -469,17 +556,20 @@ class Journal:
                         self._made(make_dirs(self.directory / camera), camera)
                         fd = self._accepted_fd[camera] = _open(self.directory / camera / ACCEPTED_MARK, os.O_WRONLY)
                         self._dirs_dirty.update((self.directory, self.directory / camera))
-                if seq > self._reserved_to.get(camera, -1):
-                    self._reserve(camera, seq + RESERVE)
+                # First: a reservation that fails (its file cannot be made, its fsync fails) must not also cost the
+                # mark that covers a SIGKILL. A power cut that keeps this mark but not the reservation only makes the
+                # next start number further on.
                 os.pwrite(fd, ACCEPTED.pack(seq), 0)
                 self._marks_dirty.add(camera)
-        except OSError as exc:
+                if seq > self._reserved_to.get(camera, -1):
+                    self._reserve(camera, seq + RESERVE)
+        except (OSError, struct.error) as exc:  # struct.error: a seq past what the mark holds
             if not self._accepted_failed:
                 self._accepted_failed = True
                 log.error(
                     "journal_accepted_mark_failed",
                     camera=camera,
-                    error=f"{exc.strerror or exc}",
+                    error=f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc),
                     effect="frames in flight at a crash will not show as a seq gap after the restart",
                 )
 
@@ -787,6 +877,10 @@ class Journal:
                 # Without the floors on disk, a clean mark would make the next start on this boot resume from the
                 # marks the power cut left: it handles the reboot again instead.
                 log.warning("journal_clean_mark_withheld", reason="the reboot's seq floors could not be written")
+            elif self._resumed_unsynced:
+                log.warning(
+                    "journal_clean_mark_withheld", reason="what the unclean stop before this run left was not fsynced"
+                )
             else:
                 try:
                     os.close(_open(self.directory / CLEAN_MARK, os.O_WRONLY))

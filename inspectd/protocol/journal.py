@@ -5,7 +5,7 @@ It serves two needs. A subscriber that was away (a PLC bridge restarting) fetche
 (`inspectd subscribe --since SEQ --journal DIR`, or `read_since`). A daemon killed with SIGKILL resumes each camera's
 seq after the last one it gave out, so a seq is never published twice and the frames the kill cost show as a gap.
 
-Layout: `<dir>/<camera>/<first seq, 12 digits>.seg`, one active segment per camera. A record is
+Layout: `<dir>/<camera>/<first seq, 12 digits or more>.seg`, one active segment per camera. A record is
 
     magic "IJR1" | u32 body length | u64 seq | u32 crc32(body) | body
     body = u16 frame count, then per frame: u32 length | bytes      (the multipart message exactly as published)
@@ -34,7 +34,9 @@ MAGIC = b"IJR1"
 RECORD = struct.Struct("<4sIQI")  # magic, body length, seq, crc32(body)
 COUNT = struct.Struct("<H")
 LENGTH = struct.Struct("<I")
-SEGMENT_RE = re.compile(r"(\d{12})\.seg")
+# Named by the first seq, at least 12 digits: a numbering past 10**12 (moved there by a damaged mark) gets longer names,
+# still listed, so its results stay readable and trimmed. 20 digits hold any u64 seq.
+SEGMENT_RE = re.compile(r"(\d{12,20})\.seg")
 CAMERA_RE = re.compile(r"[a-zA-Z0-9_-]+")
 MAX_BODY = 256 << 20  # a result with its mask is kB; anything bigger is a corrupt length field
 CLEAN_MARK = "clean"  # present only while no writer has the journal open: absent at open = a crash
