@@ -15,7 +15,9 @@ point). A syncer thread fsyncs what was written (active segments, the accepted m
 and the directories in which segments, marks or the journal's own directories were created or deleted) twice per
 `fsync_interval_s`, whether or not anything else is appended, so a power cut costs at most that interval (unless an
 fsync itself takes longer than half of it), on a quiet line as on a busy one, and the publishing thread never waits
-for the disk. An fsync that fails is logged (`journal_fsync_failed`) and counted, never ignored.
+for the disk. An fsync that fails is logged (`journal_fsync_failed`) and counted, never ignored. An open after an
+unclean stop first fsyncs what the dead run may have left in the page cache (each camera's marks, newest segment and
+folder), so this run's clean mark never covers them; where that fails, the clean mark is withheld.
 
 A write that fails (disk full: ENOSPC, quota, file-size limit, I/O error) never stops publishing: the partial
 record is cut off at once (or, if even that fails, before the next append to that segment), the journal is marked
