@@ -449,8 +449,10 @@ def test_auto_trains_on_strips_whose_scars_vanish_at_the_model_input(tmp_path):
         tmp_path / "data", tmp_path / "b", recipe="auto", size=(64, 64), progress=QUIET, report=lines.append
     )
     selection = load_bundle(result.bundle).manifest["recipe_selection"]
-    assert selection["planted_kinds"] == [k for k in PLANTS if k != "scar"]
-    assert all(set(c["per_kind"]) == set(selection["planted_kinds"]) for c in selection["candidates"])
+    # Listed as first planted: a small patch whose first draw covered under half a model pixel comes later.
+    kinds = selection["planted_kinds"]
+    assert sorted(kinds) == sorted(k for k in PLANTS if k != "scar"), kinds
+    assert all(set(c["per_kind"]) == set(kinds) for c in selection["candidates"])
     assert any(line.startswith("recipe auto: ") and line.endswith(" planted defects (6 kinds)") for line in lines)
 
 
