@@ -428,16 +428,11 @@ def test_warm_up_refuses_outputs_the_stage_cannot_use(bundle_path, change, shown
     assert str(refused.value) == f"{bundle_path}: {shown}, expected float32 [2, 32, 32]"
 
 
-def test_a_graph_of_a_fixed_batch_other_than_one_is_refused_at_open(tmp_path):
-    """Fixed at 2 (an export without a dynamic batch), it passed the two-frame warm-up and failed every other
-    batch size on the line."""
+def fixed_batch_bundle(path, batch: int):
     import onnx
 
-    from engines.errors import EngineError
-
     graph = onnx.load_from_string(grey_graph(H))
-    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
-    path = tmp_path / "fixed"
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
     write_bundle(
         path,
         {
@@ -452,9 +447,36 @@ def test_a_graph_of_a_fixed_batch_other_than_one_is_refused_at_open(tmp_path):
         {},
         thresholds_doc.first_version(0.5, 0.5, {"tool": "test"}),
     )
+    return path
+
+
+def test_a_graph_of_a_fixed_batch_other_than_one_is_refused_at_open(tmp_path):
+    """Fixed at 2 (an export without a dynamic batch), it passed the two-frame warm-up and failed every other
+    batch size on the line."""
+    from engines.errors import EngineError
+
+    path = fixed_batch_bundle(tmp_path / "fixed", 2)
     with pytest.raises(EngineError) as refused:
         open_state(path)
     assert str(refused.value) == f"{path / 'model.onnx'}: takes a fixed batch of 2 frames, expected a dynamic batch (N)"
+
+
+def test_a_graph_fixed_at_one_frame_is_refused_by_the_warm_up_in_one_line(tmp_path):
+    """ONNX Runtime's own multi-line RuntimeError escaped the warm-up: `inspectd run` ended in a traceback."""
+    from engines.errors import EngineError
+
+    path = fixed_batch_bundle(tmp_path / "fixed", 1)
+    state = open_state(path)
+    try:
+        with pytest.raises(EngineError) as refused:
+            state.warm_up()
+    finally:
+        state.close()
+    message = str(refused.value)
+    assert message.startswith(f"{path}: the engine fails on a batch of 2 blank frames (") and "\n" not in message
+    assert message.endswith(
+        "expected a graph that takes a batch of any size (one exported with a fixed batch takes only that)"
+    )
 
 
 @pytest.mark.parametrize("shape", [(200, 2000), (2000, 200), (256, 2000), (150, 1000)])

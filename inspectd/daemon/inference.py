@@ -123,7 +123,16 @@ class ModelState:
         never fills its batches should not pay for at start."""
         h, w, c = self.bundle.input_shape
         n = min(2, self.engine.max_batch)
-        result = self.engine.infer(np.zeros((n, h, w, c), np.uint8))
+        try:
+            result = self.engine.infer(np.zeros((n, h, w, c), np.uint8))
+        except EngineError:
+            raise
+        except Exception as exc:  # the backend's own error (ONNX Runtime's multi-line RuntimeError): one line
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise EngineError(
+                f"{self.bundle.path}: the engine fails on a batch of {n} blank frames ({type(exc).__name__}: {first}), "
+                "expected a graph that takes a batch of any size (one exported with a fixed batch takes only that)"
+            ) from None
         # A graph from another tool can run yet give outputs the stage cannot use (a float16 map cv2.resize refuses,
         # a map of another size): every defect frame would then be an error on the line.
         for name, got, expected in (("score", result.scores, (n,)), ("anomaly_map", result.maps, (n, h, w))):
