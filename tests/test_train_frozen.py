@@ -592,17 +592,24 @@ def test_training_files_with_the_same_pixels_in_other_bytes_are_left_out_too(tmp
     compare, and the held-out one scored about 0 against the other in the fit."""
     root = make_tiny_mvtec(tmp_path / "set", n_train=6, n_test_good=0, n_test_defect=0)
     good = root / "train" / "good"
-    for path in sorted(good.iterdir()):
+    for i, path in enumerate(sorted(good.iterdir())):
         twin = path.with_name(f"{path.stem}~z0.png")
-        cv2.imwrite(str(twin), cv2.imread(str(path), cv2.IMREAD_UNCHANGED), [cv2.IMWRITE_PNG_COMPRESSION, 0])
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert image.ndim == 2
+        if i % 2:  # the same grey frame saved in colour: a colour model takes the grey one replicated, the same input
+            cv2.imwrite(str(twin), cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+        else:
+            cv2.imwrite(str(twin), image, [cv2.IMWRITE_PNG_COMPRESSION, 0])
         assert twin.read_bytes() != path.read_bytes()
     lines: list[str] = []
     quiet = Progress(enabled=False)
     result = train_bundle(root, tmp_path / "b", recipe="patchcore", size=(64, 64), progress=quiet, report=lines.append)
     notes = [line for line in lines if "(the same pixels in other bytes)" in line]
     assert len(notes) == 1 and notes[0].startswith("note: 6 duplicate image(s) (the same pixels in other bytes)"), lines
-    training = load_bundle(result.bundle).manifest["training"]
+    bundle = load_bundle(result.bundle)
+    training = bundle.manifest["training"]
     assert training["n_duplicates"] == 6 and result.n_fit + result.n_holdout == 6
+    assert bundle.input_shape == (64, 64, 1)  # the colour copies were left out, so the set is grey
     assert result.image_threshold > 1e-3
 
 

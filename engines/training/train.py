@@ -59,7 +59,7 @@ from engines.model.recipes import (
     catalogue_recipe,
 )
 from engines.progress import Progress
-from engines.runtime.preprocess import RESIZE_POLICIES, fit_all, mean_level
+from engines.runtime.preprocess import RESIZE_POLICIES, fit_all, fit_frame, mean_level
 from engines.runtime.scorer_fit import AUGMENTS, augmented
 from engines.training.select import Selection, score_features, select_recipe
 
@@ -191,6 +191,16 @@ def check_out(out: str | Path, data: str | Path) -> None:
             raise ValueError(f"--out {out}: {why} (the bundle replaces what is there)")
         return
     raise ValueError(f"--out {out}: {where}, expected a bundle path outside the training data and not holding it")
+
+
+def _input_key(image: np.ndarray, size: tuple[int, int], resize: str) -> bytes:
+    """pixels_key of `image` as the model will take it: fitted to the input, a colour frame whose channels are equal
+    taken as the grey one it is (a colour model replicates grey frames), so the frames teach and calibrate would find
+    the same are found the same here, before the set's channels are known."""
+    if image.ndim == 3 and (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all():
+        image = image[..., 0]
+    channels = 1 if image.ndim == 2 else 3
+    return pixels_key(fit_frame(image, (size[0], size[1], channels), resize)[0])
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -360,11 +370,18 @@ def train_bundle(
             "thresholds: add images"
         )
     bit_depth = _bit_depth(paths, bit_depth, report)
-    # The same pixels in other bytes (re-encoded, another compression, a metadata stamp) are as much a twin: one
-    # decoding pass more, a few seconds for hundreds of frames.
-    paths, twins = without_duplicates(
-        paths, [pixels_key(image) for image in ImageFiles(paths, bit_depth or LEGACY_BIT_DEPTH)]
-    )
+    # The same pixels in other bytes (re-encoded, another compression, a metadata stamp) are as much a twin, compared
+    # as the model sees them, as teach and calibrate compare them (a grey frame and its colour copy, a frame and its
+    # upscale are one input): one decoding pass more, a few seconds for hundreds of frames. Where the candidates fit
+    # frames to several inputs, the decoded frames are compared.
+    decoded = ImageFiles(paths, bit_depth or LEGACY_BIT_DEPTH)
+    fits = {(c.size, c.resize) for c in candidates}
+    if len(fits) == 1:
+        ((size, resize),) = fits
+        keys = [_input_key(image, size, resize) for image in decoded]
+    else:
+        keys = [pixels_key(image) for image in decoded]
+    paths, twins = without_duplicates(paths, keys)
     if twins:
         report(duplicates_note(twins, pixels=True))
         duplicates += twins
