@@ -123,7 +123,9 @@ def test_an_id_written_again_is_refused_and_the_totals_stay_the_indexs(tmp_path)
     finally:
         assert archive.close()
     assert (status["entries"], status["bytes"]) == index_totals(root), status
-    assert status["pruned"] == 0 and status["lost"] == 15 and not status["degraded"], status
+    assert status["pruned"] == 0 and status["lost"] == 15, status
+    # A replay's every frame refused is the setup's fault (ids that repeat), said as the alarm.
+    assert status["degraded"] and "already names an earlier frame" in status["error"], status
     with ArchiveReader(root) as reader:
         assert [e.id for e in reader.query()] == others + firsts
         first = reader.get(firsts[0])
@@ -151,6 +153,32 @@ def test_a_frame_larger_than_the_whole_archive_is_refused_and_the_history_kept(t
     (failed,) = [e for e in logs if e["event"] == "archive_entry_failed"]
     assert "more than archive.max_mb" in failed["error"], failed
     assert live_frame(root, "cam1") is not None, "its live frame still shown"
+
+
+def test_entries_that_fail_one_after_another_are_the_degraded_alarm_until_one_is_written(tmp_path, monkeypatch):
+    """A max_mb smaller than every frame of a camera archived nothing, with one error line per frame and no alarm: a
+    fault of the setup, not of one frame."""
+    monkeypatch.setattr(archive_module, "ENTRY_FAILED_LOG_S", 3600.0)
+    root = tmp_path / "archive"
+    archive = Archive(root, max_mb=0.02, max_age_h=24, good_every=0).start()
+    huge = np.random.default_rng(7).integers(0, 256, (200, 200)).astype(np.uint8)  # 40 kB as a PNG
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for seq in range(6):
+                offer_and_wait(archive, judged("cam1", seq, huge))
+                if seq == 1:
+                    assert not archive.status()["degraded"], "two in a row may be two odd frames"
+            failing = archive.status()
+            offer_and_wait(archive, judged("cam0", 0, defect_frame(0)))
+            recovered = archive.status()
+    finally:
+        assert archive.close()
+    assert failing["degraded"] and failing["lost"] == 6, failing
+    assert failing["error"].startswith("3 entries in a row not written, the last: EntryRefused: the frame and its")
+    assert not recovered["degraded"] and recovered["written"]["defect"] == 1, recovered
+    told = [e["failed_in_a_row"] for e in logs if e["event"] == "archive_entry_failed"]
+    assert told == [1, 2, 3], told  # past the alarm, at most one line a minute (an hour here)
+    assert [e["failed"] for e in logs if e["event"] == "archive_entries_recovered"] == [6]
 
 
 def test_an_archive_cleared_or_restored_under_the_running_writer_is_opened_anew(tmp_path):

@@ -80,6 +80,10 @@ log = structlog.get_logger("inspectd.daemon.archive")
 
 RETRY_S = 5.0
 LIVE_INTERVAL_S = 1.0  # how often a camera's live/<camera>.jpg is replaced
+# Entries in a row that fail for reasons of their own before that is the setup's fault, not one frame's (a max_mb
+# smaller than one frame, a camera whose every frame no encoder takes): the `degraded` alarm until one is written.
+ENTRY_FAILURES_ALARM = 3
+ENTRY_FAILED_LOG_S = 60.0  # past the alarm, archive_entry_failed is logged at most this often, with the count
 AGE_CHECK_S = 60.0
 IDLE_WAKE_MIN_S = 1.0  # the least an idle writer sleeps between age checks, whatever AGE_CHECK_S
 PRUNE_BATCH = 200
@@ -132,6 +136,9 @@ class Archive:
         self._floor_alarm: str | None = None  # the file system's free space is under the floor; None while it is not
         self._offer_error: str | None = None  # why offers fail; None once one succeeds
         self._offer_failures = 0  # in the current run of failed offers
+        self._entry_error: str | None = None  # entries keep failing for reasons of their own; None once one is written
+        self._entry_failures = 0  # in the current run of entries that failed
+        self._entry_logged_at = 0.0  # when archive_entry_failed was last logged within the run
         self.written: dict[str, int] = {"ok": 0, "defect": 0}
         self.lost = 0  # chosen for the archive but not written: writer behind, the disk failing, or the offer failed
         self.pruned = 0
@@ -140,7 +147,7 @@ class Archive:
     @property
     def degraded(self) -> str | None:
         """The alarm: why writes (or offers) fail; None while the archive works."""
-        return self._write_error or self._floor_alarm or self._offer_error
+        return self._write_error or self._floor_alarm or self._offer_error or self._entry_error
 
     # -- the publisher's side ----------------------------------------------------------------------------------
 
@@ -198,6 +205,28 @@ class Archive:
         if self._offer_error is None:
             self._offer_error = f"offer: {type(exc).__name__}: {exc}".splitlines()[0]
             log.error("archive_offer_failed", error=self._offer_error, effect="not archived until an offer succeeds")
+
+    def _entry_failed(self, judged: Judged, exc: Exception) -> None:
+        """One entry not written for a reason of its own. A run of them is the setup's fault: the alarm, and the log
+        line at most once a minute past the run's first few."""
+        self.lost += 1
+        self._entry_failures += 1
+        now = time.monotonic()
+        if self._entry_failures >= ENTRY_FAILURES_ALARM:
+            if self._entry_error is None:
+                self._entry_error = f"{self._entry_failures} entries in a row not written, the last: {one_line(exc)}"
+            elif now - self._entry_logged_at < ENTRY_FAILED_LOG_S:
+                return
+        self._entry_logged_at = now
+        log.error(
+            "archive_entry_failed",
+            camera=judged.frame.camera,
+            seq=judged.frame.seq,
+            frame_id=printable(judged.frame.frame_id[:80]),
+            error=one_line(exc),
+            failed_in_a_row=self._entry_failures,
+            effect="this frame is not archived",
+        )
 
     def status(self) -> dict[str, Any]:
         return {
@@ -262,15 +291,11 @@ class Archive:
                         try:
                             self._write_entry(judged, entry_id, t_named)
                         except Exception as exc:  # noqa: BLE001 - one odd entry must not end the writer for all
-                            self.lost += 1
-                            log.error(
-                                "archive_entry_failed",
-                                camera=judged.frame.camera,
-                                seq=judged.frame.seq,
-                                frame_id=printable(judged.frame.frame_id[:80]),
-                                error=one_line(exc),
-                                effect="this frame is not archived",
-                            )
+                            self._entry_failed(judged, exc)
+                        else:
+                            if self._entry_error is not None:
+                                log.warning("archive_entries_recovered", failed=self._entry_failures)
+                            self._entry_error, self._entry_failures = None, 0
                 self._check_age(time.monotonic())
         finally:
             if self._db is not None:
