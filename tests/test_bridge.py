@@ -1255,8 +1255,34 @@ def test_a_camera_null_block_keeps_the_one_camera_its_state_file_records_whichev
     assert events["camera_bound"]["resume_after"] == 5
     refused = events["result_refused"]
     assert refused["camera"] == "cam1" and refused["level"] == "warning", refused
+    # Bound by no config line: the warning names the file that bound it, so the fix (camera:, or removing it) is found.
+    assert str(state / "acked.json") in refused["reason"], refused
     assert events["bridge_stopped"]["other_camera"] == 2
     assert json.loads((state / "acked.json").read_text()) == {"acked": {CAMERA: 6}}
+
+
+def test_a_camera_null_block_bound_from_its_state_file_lets_go_of_a_camera_the_daemon_no_longer_runs(
+    plc, daemon, bridge_config, tmp_path
+):
+    """The state file records cam0, but the daemon now runs only camA (cam0 renamed, or the state directory copied
+    from another station). Once a status lists the running cameras without cam0, the block is unbound (a warning
+    naming the state file) and takes camA as at a first start: trigger_ready comes up and camA's verdicts reach the
+    PLC, instead of every one being refused until someone deletes acked.json."""
+    state = recorded_ack(tmp_path, 5)
+    plc.holds(5)
+    bridge = Bridge(daemon, plc, bridge_config, f"inspect.{STATION}.", extra=("--state-dir", str(state)))
+    cameras = {"camA": {"state": "running"}}
+    wait(lambda: daemon.status(cameras=cameras) or '"camera_unbound"' in bridge.output(), 10, "cam0 unbound")
+    daemon.result(100, camera="camA")
+    wait(lambda: daemon.status(cameras=cameras) or plc.received, 10, "camA's result handed over")
+    wait(lambda: plc.field("status") & BIT["trigger_ready"], 10, "trigger_ready up")
+    events = bridge.stop()
+    assert [r["id"] for r in plc.received] == [100], bridge.output()
+    unbound = events["camera_unbound"]
+    assert unbound["camera"] == CAMERA and unbound["level"] == "warning"
+    assert unbound["state_file"] == str(state / "acked.json")
+    assert events["camera_bound"]["camera"] == "camA"
+    assert events["bridge_stopped"]["other_camera"] == 0
 
 
 def test_missed_acks_and_sequence_gaps_go_on_from_what_the_plc_holds_across_a_bridge_restart(

@@ -298,6 +298,9 @@ class Router:
         self.handshakes = handshakes
         self.acked = acked
         self.other_camera = 0
+        # The camera the slot without a camera was bound to at start from the state file (_recorded_camera), until a
+        # status shows the daemon no longer runs it (release): a rename, or a state directory from another station.
+        self.from_state: str | None = None
         # camera -> (its results refused since the last result_refused line, when that line was logged)
         self.refused: dict[str, tuple[int, float]] = {}
 
@@ -319,6 +322,32 @@ class Router:
                 log.info("camera_bound", camera=camera, resume_after=handshake.last_id, heard=heard)
                 return handshake
         return None
+
+    def release(self, status: dict[str, Any], prefix: str):
+        """Unbind the slot bound at start to the camera the state file records, where a daemon status message of the
+        topic's station lists the cameras it runs and leaves that one out (renamed, removed, or a state directory
+        copied from another station): bound to it for good, the block would refuse every verdict and keep
+        trigger_ready down. The slot then takes a camera as at a first start. Returns the released handshake."""
+        camera = self.from_state
+        handshake = None if camera is None else self.handshake(camera)
+        station, cameras = status.get("station"), status.get("cameras")
+        if handshake is None or not isinstance(station, str) or not isinstance(cameras, dict) or not cameras:
+            return None
+        if camera in cameras or not f"inspect.{station}.{camera}.".startswith(prefix):
+            return None
+        self.from_state = None
+        handshake.camera = None
+        handshake.camera_state = None
+        log.warning(
+            "camera_unbound",
+            camera=camera,
+            state_file=None if self.acked is None else str(self.acked.path),
+            running=sorted(str(name) for name in cameras),
+            reason="the block without a camera was bound at start to the one camera the state file records, and the "
+            "daemon does not run it (taken out of its config or renamed)",
+            effect="the first result heard binds the block, as at a first start; set camera: to fix it",
+        )
+        return handshake
 
     def recorded(self, status: dict[str, Any], prefix: str) -> str | None:
         """The camera the one slot without a camera served before a restart, where a daemon status message shows
@@ -361,11 +390,20 @@ class Router:
                 seq=result.seq,
                 refused=untold,
                 serving=[h.camera for h in self.handshakes],
-                reason="no block for this camera in the PLC (one bridge serves the cameras its config names)",
+                reason=self._refusal(),
                 effect=f"not handed to any PLC; told at most every {REFUSED_LOG_S:.0f} s with the count since",
             )
             untold, told_at = 0, now
         self.refused[result.camera] = (untold, told_at)
+
+    def _refusal(self) -> str:
+        if self.from_state is None or self.acked is None:
+            return "no block for this camera in the PLC (one bridge serves the cameras its config names)"
+        return (
+            f"no block for this camera in the PLC: the block without a camera was bound at start to "
+            f"{self.from_state}, the one camera {self.acked.path} records; set camera: in the config, or remove that "
+            "file, to move it"
+        )
 
     def counters(self) -> dict[str, Any]:
         totals: dict[str, Any] = {}
@@ -596,6 +634,18 @@ class Feeder:
             self._held[camera] = until
         if unchecked:
             self._roomed.set()  # `run` waits until then at most
+
+    async def released(self) -> None:
+        """The slot bound from the state file was released (Router.release): the journal is read for every camera the
+        topic takes again, and the released camera's replay goes (the daemon no longer runs it: its journalled
+        results would bind the slot to it again)."""
+        async with self._reading:  # not while a step pulls the replay: what it pulled would bind the slot again
+            self.catch_up.cameras = None
+            for camera in list(self.pending):
+                if self.router.handshake(camera) is None:
+                    self.pending.pop(camera, None)
+                    self.newest.pop(camera, None)
+                    self._reads.discard(camera)
 
     def _counted(self, camera: str, after: int, replay: Iterator[Result]) -> Iterator[Result]:
         count = 0
@@ -1010,7 +1060,7 @@ async def _serve(protocol, config, args: argparse.Namespace, curve, acked: Acked
         for handshake in handshakes:
             if recorded is not None and handshake.camera == recorded:
                 log.info("camera_bound", camera=recorded, resume_after=handshake.last_id, heard="state_file")
-        return await _bridge(handshakes, config, args, curve, acked, protocol.describe(config, args))
+        return await _bridge(handshakes, config, args, curve, acked, protocol.describe(config, args), recorded)
     finally:
         try:
             await link.close()
@@ -1040,10 +1090,17 @@ async def _shut_down(handshake, waited: float) -> None:
 
 
 async def _bridge(
-    handshakes: list, config, args: argparse.Namespace, curve, acked: AckedState, plc: dict[str, Any]
+    handshakes: list,
+    config,
+    args: argparse.Namespace,
+    curve,
+    acked: AckedState,
+    plc: dict[str, Any],
+    from_state: str | None = None,
 ) -> int:
     prefix = args.topic
     router = Router(handshakes, acked)
+    router.from_state = from_state
     bound = [h.camera for h in handshakes]
     catch_up = JournalCatchUp(args.journal, prefix, None if None in bound else bound)
     feeder = Feeder(catch_up, router)
@@ -1094,6 +1151,8 @@ async def _bridge(
             if isinstance(message, Result):
                 await feeder.live(message)
                 return
+            if router.from_state is not None and router.release(message, prefix) is not None:
+                await feeder.released()
             if any(handshake.camera is None for handshake in handshakes):
                 await feeder.status(message, prefix)
         finally:
