@@ -1624,8 +1624,9 @@ def test_server_mode_a_subscriber_acting_on_result_valid_rising_finds_that_resul
 def test_client_mode_writes_result_valid_after_the_verdict_flags_when_it_rises_and_before_them_when_it_falls(
     tmp_path,
 ):
-    """One Write request carries the flags, and a PLC's server applies its items in turn (each a data change of its
-    own): ResultValid is the request's last item when it rises, its first when it falls."""
+    """A PLC's server may apply the items of one Write request in any order (OPC UA Part 4, Write): ResultValid is
+    written in a request of its own, after the one carrying the verdict flags when it rises, before it when it
+    falls."""
     from asyncua.common.callback import CallbackType
 
     from inspectd.clients.opcua import ClientLink
@@ -1635,9 +1636,7 @@ def test_client_mode_writes_result_valid_after_the_verdict_flags_when_it_rises_a
     writes: list[list[tuple[str, object]]] = []
 
     def written(event, _service) -> None:  # every Write the bridge makes, in the PLC server's own loop
-        items = [(item.NodeId.to_string(), item.Value.Value.Value) for item in event.request_params.NodesToWrite]
-        if any(node == result_valid for node, _ in items):
-            writes.append(items)
+        writes.append([(item.NodeId.to_string(), item.Value.Value.Value) for item in event.request_params.NodesToWrite])
 
     plc.server.aio_obj.subscribe_server_callback(CallbackType.PostWrite, written)
     config = parse_opcua_config({"mode": "client", "endpoint": plc.url, "cameras": [CAMERA]})
@@ -1656,9 +1655,10 @@ def test_client_mode_writes_result_valid_after_the_verdict_flags_when_it_rises_a
         asyncio.run(hand_over())
     finally:
         plc.stop()
-    rising, falling = writes
-    assert rising[-1] == (result_valid, True) and len(rising) > 1, rising
-    assert falling[0] == (result_valid, False) and len(falling) > 1, falling
+    fail = plc.nodes[(CAMERA, "fail")].nodeid.to_string()
+    rises, falls = writes.index([(result_valid, True)]), writes.index([(result_valid, False)])
+    assert (fail, True) in writes[rises - 1], writes
+    assert rises < falls and (fail, False) in writes[falls + 1], writes
 
 
 def test_server_mode_refuses_an_ack_or_alarm_reset_written_as_an_array_and_serves_on(tmp_path, shelf_server):

@@ -385,9 +385,9 @@ def _variant(ua, value: Any, kind: str, config: OpcUaConfig):
 def _expand(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
     """The handshake's values as (data variables, flag variables): `status` becomes one Boolean per flag, in the order
     they are to be written: ResultValid last when raised, first when dropped. Written one variable at a time (server
-    mode), or applied in turn by the PLC's server (client mode), each is a data change of its own: a client acting on
-    ResultValid's rising edge must find Pass/Fail/Defect already this result's, and one reading the flags while they
-    fall must not find the next part's verdict flags cleared under a ResultValid still up."""
+    mode), or ResultValid in a Write request of its own (client mode), each is a data change of its own: a client
+    acting on ResultValid's rising edge must find Pass/Fail/Defect already this result's, and one reading the flags
+    while they fall must not find the next part's verdict flags cleared under a ResultValid still up."""
     data = {name: value for name, value in fields.items() if name != "status"}
     if "status" not in fields:
         return data, {}
@@ -707,7 +707,11 @@ class ClientTarget:
     async def write(self, fields: dict[str, Any], last: str | None = None) -> None:
         data, flags = _expand(fields)
         flags = {name: value for name, value in flags.items() if name in self.nodes}  # an optional one may be absent
-        for group in (data, flags):  # one Write request each, the flags last: ResultValid rises on complete data
+        # A server may apply the items of one Write request in any order (OPC UA Part 4, Write), so ResultValid goes
+        # in a request of its own: after the data and the other flags when raised, before them when dropped.
+        valid = {"result_valid": flags.pop("result_valid")} if "result_valid" in flags else {}
+        groups = (data, flags, valid) if valid.get("result_valid") else (valid, data, flags)
+        for group in groups:
             if not group:
                 continue
             nodes = [self.nodes[name] for name in group]
