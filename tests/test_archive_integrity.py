@@ -5,6 +5,7 @@ index, the writer's own thread; the config's reservation of the live-frame folde
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -225,3 +226,14 @@ def test_live_is_no_camera_id_the_config_takes(tmp_path):
         "cameras[0].id: 'live' is reserved (the image archive's live-frame folder), expected another camera id"
     )
     assert parse_config(with_value(["cameras", 0, "id"], "live0")).cameras[0].id == "live0"
+
+
+def test_a_line_scan_overlay_frames_its_defect_without_covering_it():
+    from inspectd.daemon.archive import BOX_COLOUR, overlay
+    from inspectd.daemon.inference import Region
+
+    image = np.full((8000, 64), 128, np.uint8)
+    item = dataclasses.replace(judged("scan0", 0, image), regions=[Region(20, 4000, 24, 24, 576, 1.0)], mask=None)
+    drawn = overlay(item)
+    assert tuple(drawn[4000, 20]) == BOX_COLOUR  # the box's edge
+    assert tuple(drawn[4012, 32]) != BOX_COLOUR  # its inside shows the frame

@@ -793,7 +793,9 @@ def overlay(judged: Judged) -> np.ndarray:
         canvas = cv2.addWeighted(tint, 0.4, canvas, 0.6, 0)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(canvas, contours, -1, OVERLAY_COLOUR, 1)
-    thickness = max(1, round(max(canvas.shape[:2]) / 400))
+    # From the short side: taken from the long one, a line-scan strip's boxes (70000 x 64) were 175 px thick and
+    # covered the defect they framed.
+    thickness = max(1, round(min(canvas.shape[:2]) / 400))
     for region in judged.regions:
         cv2.rectangle(
             canvas, (region.x, region.y), (region.x + region.w - 1, region.y + region.h - 1), BOX_COLOUR, thickness
