@@ -577,6 +577,37 @@ def test_a_first_live_result_rotated_away_while_it_waited_behind_the_replay_is_n
     assert source.notices == []
 
 
+def test_live_results_waiting_behind_a_replay_that_rotation_jumped_past_are_all_delivered(line):
+    """cam1's replay is pulled after its live results 20-120 came on the socket, and rotation has taken 20 and
+    more from the journal by then: its replay stops below 20, so every live result is delivered once, in order (the
+    replay jumped to the journal's oldest seq, and the live results below it were dropped as delivered)."""
+    line.journal.close()
+    line.journal = Journal(line.journal_dir, max_bytes=24 << 10, segment_bytes=3 << 10)
+
+    def emit(camera: str, seq: int, send: bool = True) -> None:
+        frames = result_frames(camera, seq, f"{camera}-{seq}-" + "p" * 400)
+        line.journal.append(camera, seq, frames)
+        if send:
+            line.pub.send_multipart(frames)
+
+    for seq in range(20):
+        emit("cam0", seq, send=False)
+        emit("cam1", seq, send=False)
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        emit("cam0", 20)
+        source = CatchUpSubscriber(sub, JournalCatchUp(line.journal_dir))
+        source.start(-1, settle_s=2)
+        got = drain(source, 3)
+        for seq in range(20, 121):
+            emit("cam1", seq)
+        assert journal_format.oldest_seq(line.journal_dir, "cam1") > 20
+        got += drain(source, 10**6, timeout_s=1.0)
+    assert [r.seq for r in got if r.camera == "cam1"] == list(range(20, 121))
+    assert [g for g in source.catch_up.missed if g.camera == "cam1"] == [Gap("cam1", 0, 19, ROTATED)]
+    assert source.notices == []
+
+
 def test_a_daemon_restarted_without_its_journal_under_a_running_subscriber_is_checked_again(line):
     """The daemon's first run journals and publishes 0-9; it restarts journalling elsewhere and numbers from 0
     again: the first result after the numbering went back is checked, and the hole at 2 is a gap, not filled with

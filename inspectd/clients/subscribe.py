@@ -15,6 +15,7 @@ and `CatchUpSubscriber` (a Subscriber with the catch-up, what `inspectd subscrib
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ from inspectd.protocol.control import connect_error
 from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
 from inspectd.protocol.messages import Result, decode, printable, subscriptions
 
+WAITING_MOST = 10000  # live messages held while a replay is pulled: Subscriber's default RCVHWM
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
 WATCH_S = 1.0  # longest a Subscriber (and `inspectd subscribe` for a refused handshake) waits between looks
 # A journal found to hold another numbering's results is looked at again at a jump in the live stream at most this
@@ -301,7 +303,8 @@ class JournalCatchUp:
     def resume(self, since: int | dict[str, int], before: dict[str, int] | None = None) -> Iterator[Result]:
         """Everything journalled after `since` (one seq for every camera, or a seq per camera), camera by camera, read
         as it is pulled, up to the seq in `before` of the cameras it names (a result already heard live, taken after
-        the replay: a hole before it is filled then, and one it is the only copy of is not passed over); every
+        the replay: a hole before it is filled then, and one it is the only copy of is not passed over; the caller
+        may add to `before` while it pulls); every
         camera counts as delivered up to `since` at once. InspectdError when there is no journal or its directory
         cannot be listed."""
         from inspectd.protocol import journal
@@ -315,11 +318,14 @@ class JournalCatchUp:
             last = since[camera] if isinstance(since, dict) else since
             self.delivered[camera] = max(self.delivered.get(camera, last), last)
             self.gaps.last.setdefault(camera, last)  # a hole right after `since` is a gap too
-        return self._resume(sorted(wanted), before or {})
+        return self._resume(sorted(wanted), {} if before is None else before)
 
     def _resume(self, cameras: list[str], before: dict[str, int]) -> Iterator[Result]:
         for camera in cameras:
             for result in self._journalled(camera, self.delivered[camera], before.get(camera)):
+                # Looked up again each record: a caller may learn of a live result waiting only as the replay goes.
+                if result.seq >= before.get(camera, result.seq + 1):
+                    break
                 yield self._deliver(result, journalled=True)
 
     def take(self, message: Result | dict[str, Any]) -> Iterator[Result | dict[str, Any]]:
@@ -794,6 +800,10 @@ class CatchUpSubscriber:
         # camera -> the first seq its journal held when `start` began (None: no record of it then), before any live
         # result could wait behind the replay: what its first live result is checked against (`_check`).
         self._started: dict[str, int | None] = {}
+        # Live messages read off the socket while the replay is pulled (a malformed one as its MessageError), taken
+        # after it; each camera's replay stops below its first result among them (`_replaying`).
+        self._waiting: collections.deque[Result | dict[str, Any] | MessageError] = collections.deque()
+        self._bounds: dict[str, int] = {}
 
     def start(
         self, since: int | dict[str, int], settle_s: float = SETTLE_S, on_malformed: Callable[[str], None] | None = None
@@ -820,9 +830,36 @@ class CatchUpSubscriber:
         self._since = since
         first = heard[-1] if heard and isinstance(heard[-1], Result) else None
         # Its camera's replay stops below it: what the journal holds from it on comes live, behind it.
-        replay = self.catch_up.resume(since, None if first is None else {first.camera: first.seq})
+        self._bounds = {} if first is None else {first.camera: first.seq}
+        replay = self.catch_up.resume(since, self._bounds)
         # Checked now, before the replay is pulled: a journal of another numbering replays nothing of this camera.
-        self._pending = itertools.chain(replay, *(self._take(message) for message in heard))
+        self._pending = itertools.chain(self._replaying(replay), *(self._take(message) for message in heard))
+
+    def _replaying(self, replay: Iterator[Result]) -> Iterator[Result]:
+        """The replay, with what waits on the socket read off before each record. A camera's replay that starts late
+        may find the journal rotated past the live results waiting for it: bounded below the first of them, it
+        leaves them to be delivered after it (the hole before them filled or reported then), not passed over as
+        delivered already."""
+        while True:
+            self._read_waiting()
+            result = next(replay, None)
+            if result is None:
+                return
+            yield result
+
+    def _read_waiting(self) -> None:
+        # At most the socket's own limit is held here: past it the socket holds (or drops) the rest, as without.
+        while len(self._waiting) < WAITING_MOST:
+            try:
+                message = self.subscriber.recv(0)
+            except MessageError as exc:
+                self._waiting.append(exc)
+                continue
+            if message is None:
+                return
+            self._waiting.append(message)
+            if isinstance(message, Result):
+                self._bounds.setdefault(message.camera, message.seq)
 
     def _journal_starts(self) -> dict[str, int | None]:
         """The first seq the journal holds now for each of the catch-up's cameras it has ({} where it cannot be
@@ -845,8 +882,14 @@ class CatchUpSubscriber:
             ready = next(self._pending, None)
             if ready is not None:
                 return ready
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            message = self.subscriber.recv(left)
+            if self._waiting:
+                waiting = self._waiting.popleft()
+                if isinstance(waiting, MessageError):
+                    raise waiting
+                message: Result | dict[str, Any] | None = waiting
+            else:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                message = self.subscriber.recv(left)
             if message is None:
                 return None
             self._pending = self._take(message)
