@@ -1742,6 +1742,8 @@ def test_server_mode_keeps_missed_acks_and_sequence_gaps_in_its_state_file_acros
             def node(name: str):
                 return client.get_node(f"ns={index};s={CAMERA}.{name}")
 
+            # Before any result: an HMI polling them after the restart must not see 0.
+            shown.append((await node("MissedAcks").read_value(), await node("SequenceGaps").read_value()))
             stop = asyncio.Event()
             runner = asyncio.ensure_future(handshake.run(stop))
             for seq in (101, 103):  # 102 never came: a gap
@@ -1757,7 +1759,7 @@ def test_server_mode_keeps_missed_acks_and_sequence_gaps_in_its_state_file_acros
             await link.close()
         return shown
 
-    assert asyncio.run(line()) == [(17, 5), (17, 6)]
+    assert asyncio.run(line()) == [(17, 5), (17, 5), (17, 6)]
     state = json.loads((tmp_path / "state.json").read_text())
     assert state[CAMERA]["missed_acks"] == 17 and state[CAMERA]["sequence_gaps"] == 6, state
 

@@ -599,10 +599,11 @@ class ServerLink:
                 nodes[name] = node
             self.targets[camera] = ServerTarget(self, camera, nodes)
             remembered = self.state.get(camera, {})
-            # The PLC sees the id it was last handed (so it, too, can tell a repeat), never a stale ResultValid.
-            await nodes["inspection_id"].write_value(
-                ua.Variant(int(remembered.get("inspection_id", 0)), ua.VariantType.UInt32)
-            )
+            # The PLC sees the id it was last handed (so it, too, can tell a repeat), never a stale ResultValid; and
+            # the counters an HMI trends go on from where they were, not from 0 until the next result.
+            for name in ("inspection_id", "missed_acks", "sequence_gaps"):
+                value = int(remembered.get(name, 0)) & U32
+                await nodes[name].write_value(_variant(ua, value, NAMES[name][1], self.config))
         from asyncua.common.callback import CallbackType
 
         server.subscribe_server_callback(CallbackType.PreWrite, self._screen)
