@@ -232,8 +232,8 @@ def test_a_line_scan_overlay_frames_its_defect_without_covering_it():
     from inspectd.daemon.archive import BOX_COLOUR, overlay
     from inspectd.daemon.inference import Region
 
-    image = np.full((8000, 64), 128, np.uint8)
-    item = dataclasses.replace(judged("scan0", 0, image), regions=[Region(20, 4000, 24, 24, 576, 1.0)], mask=None)
+    image = np.full((20000, 64), 128, np.uint8)
+    item = dataclasses.replace(judged("scan0", 0, image), regions=[Region(20, 10000, 24, 24, 576, 1.0)], mask=None)
     drawn = overlay(item)
-    assert tuple(drawn[4000, 20]) == BOX_COLOUR  # the box's edge
-    assert tuple(drawn[4012, 32]) != BOX_COLOUR  # its inside shows the frame
+    assert tuple(drawn[10000, 20]) == BOX_COLOUR  # the box's edge
+    assert tuple(drawn[10012, 32]) != BOX_COLOUR  # its inside shows the frame
