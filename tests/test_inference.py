@@ -21,9 +21,8 @@ pytestmark = pytest.mark.timeout(60)
 H = W = 32
 
 
-@pytest.fixture(scope="module")
-def bundle_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bundle") / "brightness"
+def write_brightness_bundle(path, graph: bytes):
+    """The brightness model's bundle (score: how far a pixel is from grey 128) with `graph` as its model."""
     write_bundle(
         path,
         {
@@ -33,12 +32,17 @@ def bundle_path(tmp_path_factory):
             "scorer_inputs": ["centre"],
             "score_kind": "max",
         },
-        grey_graph(H),
+        graph,
         {"centre": np.array([128.0], np.float32)},
         {},
         thresholds_doc.first_version(0.5, 0.5, {"tool": "test"}),
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    return write_brightness_bundle(tmp_path_factory.mktemp("bundle") / "brightness", grey_graph(H))
 
 
 def open_state(bundle_path, max_batch=4) -> ModelState:
@@ -433,21 +437,7 @@ def fixed_batch_bundle(path, batch: int):
 
     graph = onnx.load_from_string(grey_graph(H))
     graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
-    write_bundle(
-        path,
-        {
-            "method": "test",
-            "backbone": "none",
-            "input": {"height": H, "width": W, "channels": 1, "resize": "stretch"},
-            "scorer_inputs": ["centre"],
-            "score_kind": "max",
-        },
-        graph.SerializeToString(),
-        {"centre": np.array([128.0], np.float32)},
-        {},
-        thresholds_doc.first_version(0.5, 0.5, {"tool": "test"}),
-    )
-    return path
+    return write_brightness_bundle(path, graph.SerializeToString())
 
 
 def test_a_graph_of_a_fixed_batch_other_than_one_is_refused_at_open(tmp_path):
