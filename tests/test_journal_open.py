@@ -153,3 +153,33 @@ def test_a_reservation_that_cannot_be_made_does_not_cost_the_accepted_mark(tmp_p
     assert "journal_accepted_mark_failed" in capsys.readouterr().out
     assert journal_format.read_mark(path / "cam0", journal_format.ACCEPTED_MARK) == 9
     j.close()
+
+
+def test_a_clean_stop_whose_last_fsync_fails_withholds_the_clean_mark(tmp_path, monkeypatch, capsys):
+    """close() fsyncs this run's marks and segments, then writes the clean mark. Where that fsync fails (EIO from the
+    disk, put in at the os.fsync call for the files under cam0), the marks may not be on disk: a clean mark over them
+    would let the next start after a power cut trust stale marks and give out seqs again."""
+    import errno
+    import os
+
+    path = tmp_path / "j"
+    j = Journal(path, max_bytes=1 << 20, fsync_interval_s=600)  # no sync round before close
+    for seq in range(5):
+        j.mark_accepted("cam0", seq)
+        j.append("cam0", seq, result("cam0", seq))
+    real = os.fsync
+
+    def failing(fd: int) -> None:
+        if "/cam0/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    j.close()
+    monkeypatch.undo()
+    assert j.fsync_failed >= 1
+    assert not (path / journal_format.CLEAN_MARK).exists()
+    assert "journal_clean_mark_withheld" in capsys.readouterr().out
+    again = Journal(path, max_bytes=1 << 20)
+    assert again.unclean  # the next start handles it as the unclean stop it may be
+    again.close()

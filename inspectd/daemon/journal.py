@@ -17,7 +17,8 @@ and the directories in which segments, marks or the journal's own directories we
 fsync itself takes longer than half of it), on a quiet line as on a busy one, and the publishing thread never waits
 for the disk. An fsync that fails is logged (`journal_fsync_failed`) and counted, never ignored. An open after an
 unclean stop first fsyncs what the dead run may have left in the page cache (each camera's marks, newest segment and
-folder), so this run's clean mark never covers them; where that fails, the clean mark is withheld.
+folder), so this run's clean mark never covers them; where that fails, or the last fsync at close does, the clean
+mark is withheld.
 
 A write that fails (disk full: ENOSPC, quota, file-size limit, I/O error) never stops publishing: the partial
 record is cut off at once (or, if even that fails, before the next append to that segment), the journal is marked
@@ -781,11 +782,12 @@ class Journal:
         """False once the syncer thread has ended while the journal is open: nothing would reach the disk any more."""
         return self._syncer.is_alive() or self._stop.is_set()
 
-    def sync(self) -> None:
-        """fsync everything written since the last sync. Called by the syncer thread, and at close."""
+    def sync(self) -> bool:
+        """fsync everything written since the last sync; False where an fsync failed. Called by the syncer thread,
+        and at close."""
         with self._lock:
             if not (self.unsynced or self._to_close or self._dirs_dirty or self._marks_dirty):
-                return
+                return True
             # Duplicates, so a segment rotated or closed meanwhile cannot take the descriptor from under the fsync.
             # Each is also checked for having been deleted: here, twice per interval, rather than per record.
             actives = [(a, a.records) for a in self._active.values()] if self.unsynced else []
@@ -838,8 +840,9 @@ class Journal:
                     effect="results written since the last good fsync may not survive a power cut",
                 )
             self._fsync_error = reason
-        else:
-            self._fsync_error = None
+            return False
+        self._fsync_error = None
+        return True
 
     def flush(self) -> None:
         self.sync()
@@ -864,7 +867,7 @@ class Journal:
         give_up = time.monotonic() + 5.0
         held = [(camera, lock) for camera, lock in locks if lock.acquire(timeout=max(0.0, give_up - time.monotonic()))]
         try:
-            self.sync()
+            synced = self.sync()
             with self._lock:
                 for camera, _ in held:
                     for fds in (self._accepted_fd, self._reserved_fd):
@@ -883,6 +886,9 @@ class Journal:
                 log.warning(
                     "journal_clean_mark_withheld", reason="what the unclean stop before this run left was not fsynced"
                 )
+            elif not synced:
+                # The marks may not be on disk: the next start must resume past the reservation, not trust them.
+                log.warning("journal_clean_mark_withheld", reason="this run's last fsync failed")
             else:
                 try:
                     os.close(_open(self.directory / CLEAN_MARK, os.O_WRONLY))
