@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -1798,3 +1799,36 @@ def test_a_bad_endpoint_or_a_state_file_in_no_folder_stops_the_bridge_at_start_i
         assert done.returncode == 2, done.stderr
         assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "no-such-instance").exists()
+
+
+def test_a_state_file_in_a_folder_this_user_may_not_write_stops_the_bridge_at_start_in_one_line_exit_2(daemon):
+    """A folder that exists but is not the service user's (the daemon's /var/lib/inspectd, not the instance's
+    StateDirectory): no lock could be taken and no state written, so every restart would be a fresh PLC."""
+    folder = Path(tempfile.mkdtemp())  # not under tmp_path: the service user must reach it
+    try:
+        folder.chmod(0o555)
+        state = folder / "state.json"
+        # Root may write anywhere: the bridge runs as its service user, here nobody.
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        proc = subprocess.Popen(
+            [*drop, sys.executable, "-m", "inspectd", "bridge", "opcua", "--endpoint", daemon.endpoint]
+            + ["--camera", CAMERA, "--cache-dir", "", "--state-file", str(state)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        try:
+            _, stderr = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("the bridge started serving on a state_file it cannot write") from None
+        assert proc.returncode == 2, stderr
+        expected = f"state_file {state}: expected a folder this user may write, {folder} is not"
+        assert expected in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        assert not (folder / "state.json.lock").exists()
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)

@@ -248,6 +248,12 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
                 f"state_file {state_file}: expected a file in an existing folder, {state_file.parent} is no folder "
                 "(under the unit: /var/lib/inspectd-bridge/<instance>, its StateDirectory=)"
             )
+        if not os.access(state_file.parent, os.W_OK | os.X_OK):
+            # As a missing folder: no lock could be made (hold_lock gives None) and the first write would fail.
+            raise ConfigError(
+                f"state_file {state_file}: expected a folder this user may write, {state_file.parent} is not "
+                "(under the unit: /var/lib/inspectd-bridge/<instance>, its StateDirectory=)"
+            )
         lock = state_file.with_name(state_file.name + ".lock")
         try:  # before the file is read: a second bridge never reads a state the first is rewriting
             hold_lock(lock)
