@@ -608,6 +608,38 @@ def test_live_results_waiting_behind_a_replay_that_rotation_jumped_past_are_all_
     assert source.notices == []
 
 
+def test_a_camera_without_a_journal_at_start_whose_first_result_rotation_took_is_no_other_numbering(line):
+    """cam1 has no record when `start` lists the journal; its first live result waits behind cam0's replay while
+    the line goes on and rotation takes it. Only this numbering wrote cam1's journal since: no notice, cam1 not
+    disowned, and every result comes in order (it was taken for another numbering's, from where the journal starts
+    now)."""
+    line.journal.close()
+    line.journal = Journal(line.journal_dir, max_bytes=24 << 10, segment_bytes=3 << 10)
+
+    def emit(camera: str, seq: int, send: bool = True) -> None:
+        frames = result_frames(camera, seq, f"{camera}-{seq}-" + "p" * 400)
+        line.journal.append(camera, seq, frames)
+        if send:
+            line.pub.send_multipart(frames)
+
+    for seq in range(20):
+        emit("cam0", seq, send=False)
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        emit("cam0", 20)
+        catch_up = JournalCatchUp(line.journal_dir)
+        source = CatchUpSubscriber(sub, catch_up)
+        source.start(-1, settle_s=2)
+        got = drain(source, 3)
+        for seq in range(100):
+            emit("cam0", 21 + seq)
+            emit("cam1", seq)
+        assert journal_format.oldest_seq(line.journal_dir, "cam1") > 0
+        got += drain(source, 10**6, timeout_s=1.0)
+    assert [r.seq for r in got if r.camera == "cam1"] == list(range(100))
+    assert source.notices == [] and not catch_up.disowned("cam1")
+
+
 def test_a_daemon_restarted_without_its_journal_under_a_running_subscriber_is_checked_again(line):
     """The daemon's first run journals and publishes 0-9; it restarts journalling elsewhere and numbers from 0
     again: the first result after the numbering went back is checked, and the hole at 2 is a gap, not filled with

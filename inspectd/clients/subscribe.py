@@ -800,6 +800,8 @@ class CatchUpSubscriber:
         # camera -> the first seq its journal held when `start` began (None: no record of it then), before any live
         # result could wait behind the replay: what its first live result is checked against (`_check`).
         self._started: dict[str, int | None] = {}
+        self._listed = False  # `start` listed the journal: a camera it did not list had no record then
+        self._first_checked: set[str] = set()  # cameras checked since `start`
         # Live messages read off the socket while the replay is pulled (a malformed one as its MessageError), taken
         # after it; each camera's replay stops below its first result among them (`_replaying`).
         self._waiting: collections.deque[Result | dict[str, Any] | MessageError] = collections.deque()
@@ -812,6 +814,7 @@ class CatchUpSubscriber:
         # checked before anything of it is replayed (status comes every second, before a quiet line's next part).
         # A malformed one is skipped, handed to `on_malformed` (its one-line error) to be counted.
         self._started = self._journal_starts()
+        self._listed = True
         deadline = time.monotonic() + settle_s
         heard: list[Result | dict[str, Any]] = []
         while not heard or not isinstance(heard[-1], Result):
@@ -942,7 +945,12 @@ class CatchUpSubscriber:
         # At the first check since `start`, the result may have waited on the socket behind the whole replay while
         # the line went on and rotation took it from this numbering's own journal: a journal that starts past it now
         # proves nothing, one that started past it before it could have waited does.
-        started = self._started.pop(camera, -1)  # -1: not listed then
+        # A camera with no journal when `start` listed it has had only this numbering's records written since (its
+        # first live result may have waited behind the replay all the same): where its journal starts tells nothing.
+        # -1: not listed then.
+        unknown = self._listed and camera not in self._first_checked
+        self._first_checked.add(camera)
+        started = self._started.pop(camera, None if unknown else -1)
         oldest = (lambda: catch_up.oldest(camera)) if started == -1 else (lambda: started)
         other = None
         if held is not None and held != (result.frame_id, result.t_capture):
