@@ -766,7 +766,8 @@ class CatchUpSubscriber:
     `start(since)` (optional) waits for the subscription to take hold (the first live message, at most `settle_s`)
     before it reads the journal, so everything journalled after that read is already queued on the socket and
     nothing falls between the journal and the live stream; then `recv` as on a Subscriber. The replay is pulled one
-    result per `recv`: live messages wait on the socket meanwhile, and any the socket's limit drops are a hole the
+    result per `recv`: live messages are read off the socket meanwhile (up to WAITING_MOST held, then they wait on
+    it), each camera's replay stops below its first of them, and any the socket's limit drops are a hole the
     journal fills when the replay is done.
 
     The daemon journals each result before it publishes it, so each camera's first live result (and its first after
