@@ -714,10 +714,12 @@ class ClientTarget:
     async def write(self, fields: dict[str, Any], last: str | None = None) -> None:
         data, flags = _expand(fields)
         flags = {name: value for name, value in flags.items() if name in self.nodes}  # an optional one may be absent
-        # A server may apply the items of one Write request in any order (OPC UA Part 4, Write), so ResultValid goes
-        # in a request of its own: after the data and the other flags when raised, before them when dropped.
+        # A server may apply the items of one Write request in any order (OPC UA Part 4, Write), so a ResultValid
+        # that is up goes in a request of its own, after the data and the other flags. One that is down goes with the
+        # flags: the PLC has taken that result, and one request is all a stop against a stalled server can send
+        # (asyncua refuses every request after one timed out), so TriggerReady falls with it.
         valid = {"result_valid": flags.pop("result_valid")} if "result_valid" in flags else {}
-        groups = (data, flags, valid) if valid.get("result_valid") else (valid, data, flags)
+        groups = (data, flags, valid) if valid.get("result_valid") else (data, {**valid, **flags})
         for group in groups:
             if not group:
                 continue
