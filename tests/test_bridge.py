@@ -1304,6 +1304,18 @@ def test_missed_acks_and_sequence_gaps_go_on_from_what_the_plc_holds_across_a_br
     assert events["bridge_stopped"]["sequence_gaps"] == 1 and events["bridge_stopped"]["missed_acks"] == 0
 
 
+def test_a_fresh_plcs_leftover_counter_registers_are_not_carried_on(plc, daemon, bridge_config):
+    """A PLC no bridge has written to (inspection id 0) holding another program's values in those registers: the
+    first result ever showed missed_acks 65535 and sequence_gaps 12345."""
+    plc.write("missed_acks", 65535)
+    plc.write("sequence_gaps", 12345)
+    bridge = Bridge(daemon, plc, bridge_config)
+    daemon.result(1)
+    wait(lambda: len(plc.received) == 1, 10, "1 handed over")
+    assert (plc.field("missed_acks"), plc.field("sequence_gaps")) == (0, 0)
+    bridge.stop()
+
+
 class LogLines:
     """A bridge's JSON log lines as they come (read on a thread), for a test that waits on what the bridge did."""
 

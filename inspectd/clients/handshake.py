@@ -277,6 +277,9 @@ class Handshake:
         self._plc_residue = None if fresh else plc_id % self.modulus()
         self._plc_id, self._recorded_ack = plc_id, acked
         for name in self._carried:
+            if fresh:  # no result was ever written here: what the registers hold is no count of this bridge's
+                self._carried[name] = 0
+                continue
             try:
                 self._carried[name] = max(0, await self.target.read(name))
             except PlcError:
