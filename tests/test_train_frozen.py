@@ -232,9 +232,9 @@ def test_ctrl_c_or_sigterm_leaves_a_usable_interrupted_bundle(tmp_path, signum):
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(240):
-        # Each file its own image (one pixel apart): byte-identical copies would be left out as duplicates.
-        image = source[i % 4].copy()
-        image[0, 0] = i // 4
+        # Each file its own image (one grey level apart): copies of the same pixels as the model takes them would be
+        # left out as duplicates, and one pixel apart vanishes in the resize to the model's input.
+        image = cv2.add(source[i % 4], i // 4)
         assert cv2.imwrite(str(folder / f"{i:04d}.png"), image)
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
