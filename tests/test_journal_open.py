@@ -183,3 +183,16 @@ def test_a_clean_stop_whose_last_fsync_fails_withholds_the_clean_mark(tmp_path, 
     again = Journal(path, max_bytes=1 << 20)
     assert again.unclean  # the next start handles it as the unclean stop it may be
     again.close()
+
+
+def test_the_plc_bridge_reads_a_damaged_reserved_mark_as_none_as_the_daemon_ignores_it(tmp_path):
+    """Read as it was on disk, a flipped bit in the reservation would have passed any resume point (or, below -1,
+    latched a false numbering restart) while the daemon ignored the same mark."""
+    from inspectd.clients.bridge import _journal_reserved
+    from inspectd.protocol.journal import ACCEPTED, RESERVED_MARK
+
+    folder = tmp_path / "journal" / "cam0"
+    folder.mkdir(parents=True)
+    for value, read in ((300, 300), (-5, None), (2**62 + 1, None), (2**32 + 10, 2**32 + 10)):
+        (folder / RESERVED_MARK).write_bytes(ACCEPTED.pack(value))
+        assert _journal_reserved(tmp_path / "journal", "cam0") == read, value

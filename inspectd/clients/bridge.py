@@ -515,14 +515,18 @@ def _journal_holds(
 
 def _journal_reserved(directory: Path, camera: str) -> int | None:
     """The seq up to which the daemon's journal reserved `camera`'s numbering (its reservation mark, fsynced before
-    any seq past it is given out), None when there is none or it cannot be read."""
+    any seq past it is given out), None when there is none, it cannot be read, or it is damage the daemon ignores
+    too (journal.mark_damage: a flipped bit would pass any resume point, or latch a false numbering restart)."""
     from inspectd.protocol import journal
 
     try:
         journal.check_camera(camera)
-        return journal.read_mark(directory / camera, journal.RESERVED_MARK)
+        mark = journal.read_mark(directory / camera, journal.RESERVED_MARK)
     except (InspectdError, OSError):
         return None
+    if mark is None or journal.mark_damage(mark, _journal_newest(directory, camera)) is not None:
+        return None
+    return mark
 
 
 def _overlap(stretches: list[tuple[int, int]], first: int, last: int) -> int:

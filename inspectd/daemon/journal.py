@@ -66,6 +66,7 @@ from inspectd.protocol.journal import (
     cameras,
     check_camera,
     encode_record,
+    mark_damage,
     read_mark,
     read_records,
     read_since,
@@ -82,11 +83,6 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # A write refused by the disk (full, quota, file-size limit, failing device), not by the configuration: it degrades
 # the journal, at open as at run time. Anything else at open (not a directory, permissions, read-only) is refused.
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
-# A mark more than this past the camera's last journalled seq is damage (a flipped bit), not seqs given out: at 1000
-# frames a second that is 50 days of results published while not one was journalled. Ignored, as is one past
-# MAX_MARK, where the numbering would have no room left for its reservations in the marks' signed 64 bits.
-MARK_SLACK = 1 << 32
-MAX_MARK = 1 << 62
 # How far a segment's stamp goes past the newest one when the clock is behind it (well above mtime's resolution).
 STAMP_STEP_S = 0.001
 
@@ -387,7 +383,7 @@ class Journal:
 
     def _check_mark(self, camera: str, name: str, marks: dict[str, int]) -> None:
         """Ignore `camera`'s mark `name` (warned, naming the file) where its value is damage, not seqs given out:
-        below -1, past MAX_MARK, or more than MARK_SLACK past the last seq journalled. Trusted, it would move the
+        journal.mark_damage (below -1, past MAX_MARK, far past the last seq journalled). Trusted, it would move the
         numbering to seqs no part had, or to ones whose reservation no longer fits the mark (every frame's mark then
         failing). Numbering resumes after the journal instead, and past the reservation where the accepted mark is
         the damaged one (what was in flight at a kill is then unknown, as after a reboot); this run's first frame
@@ -395,14 +391,8 @@ class Journal:
         mark = marks.get(camera)
         if mark is None:
             return
-        last = self._last.get(camera)
-        if mark < -1:
-            reason = "below -1"
-        elif mark > MAX_MARK:
-            reason = f"past {MAX_MARK}, leaving no room for the numbering"
-        elif last is not None and mark > last + MARK_SLACK:
-            reason = f"{mark - last} past the last seq journalled ({last})"
-        else:
+        reason = mark_damage(mark, self._last.get(camera))
+        if reason is None:
             return
         del marks[camera]
         if name == ACCEPTED_MARK:

@@ -259,6 +259,26 @@ def _unreadable(directory: Path, path: Path, exc: OSError) -> JournalError:
     )
 
 
+# A mark more than this past the camera's last journalled seq is damage (a flipped bit), not seqs given out: at 1000
+# frames a second that is 50 days of results published while not one was journalled. So is one past MAX_MARK, where
+# the numbering would have no room left for its reservations in the marks' signed 64 bits.
+MARK_SLACK = 1 << 32
+MAX_MARK = 1 << 62
+
+
+def mark_damage(mark: int, last: int | None) -> str | None:
+    """Why `mark` (a camera's accepted or reserved mark) cannot be seqs given out, where `last` is the last seq
+    journalled for the camera (None: none): below -1, past MAX_MARK, or more than MARK_SLACK past `last`. None where
+    it may be right. The writer and the PLC bridge judge a mark by this one rule."""
+    if mark < -1:
+        return "below -1"
+    if mark > MAX_MARK:
+        return f"past {MAX_MARK}, leaving no room for the numbering"
+    if last is not None and mark > last + MARK_SLACK:
+        return f"{mark - last} past the last seq journalled ({last})"
+    return None
+
+
 def read_mark(camera_dir: Path, name: str) -> int | None:
     """A camera's ACCEPTED_MARK or RESERVED_MARK, None where there is none (or one cut short); OSError where it
     cannot be read."""
