@@ -95,6 +95,7 @@ class Station:
         self._notes_thread = threading.Thread(target=self._drain_notes, daemon=True)
         self._notes_thread.start()
         self.sub = Subscriber(self.publish)
+        self.early: list[Result] = []  # results wait_ready received before the first status
         env = {
             **os.environ,
             "NOTIFY_SOCKET": str(notify_path),
@@ -137,13 +138,17 @@ class Station:
         return [line for _, line in self.notes]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """READY=1 on the notify socket, then a status message on SUB (the subscription is live)."""
+        """READY=1 on the notify socket, then a status message on SUB (the subscription is live). Results received
+        before that status are kept in `early`: a short line (a camera with a count) may be over by then."""
         deadline = time.monotonic() + timeout
         while "READY=1" not in self.note_lines:
             assert time.monotonic() < deadline, f"no READY=1; log:\n{self.log_tail()}"
             assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}; log:\n{self.log_tail()}"
             self.read_notes()
-        while not isinstance(self.sub.recv(0.2), dict):
+        self.early = []
+        while not isinstance(message := self.sub.recv(0.2), dict):
+            if isinstance(message, Result):
+                self.early.append(message)
             assert time.monotonic() < deadline, "no status message on the PUB socket"
 
     def _drain_notes(self) -> None:
