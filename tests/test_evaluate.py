@@ -244,6 +244,10 @@ def test_eval_cli_errors_are_one_line(tiny_bundle, tiny_data, tmp_path):
     assert proc.stderr.count("\n") == 1 and str(tmp_path) in proc.stderr and "MVTec" in proc.stderr
     proc = _eval(str(tmp_path / "missing"), "--data", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing" in proc.stderr
+    # A batch of 1e8 asked numpy for 95 GiB and ended in a MemoryError traceback.
+    proc = _eval(str(tiny_bundle), "--data", str(tiny_data), "--batch", "100000000")
+    assert proc.returncode == 2 and "--batch: '100000000': expected an integer from 1 to 256" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_mask_marks_every_non_zero_pixel_however_it_is_stored(tmp_path):
@@ -591,3 +595,39 @@ def test_an_image_this_user_may_not_read_is_left_out_saying_why_not_that_it_does
     assert doc["notes"] == notes and all(note in proc.stderr.splitlines() for note in notes), proc.stderr
     assert doc["n_skipped"] == 2 and sorted(doc["skipped"]) == sorted([str(private), str(broken)])
     assert doc["n_images"] == N_IMAGES - 1 and doc["per_type"]["crack"]["n_defective"] == TYPES["crack"] - 1
+
+
+def test_names_that_are_not_utf8_are_scored_drawn_and_printed_under_a_strict_locale(tiny_data, tiny_bundle, tmp_path):
+    """Latin-1 names (a Windows ZIP unpacked, an SMB copy): the overlay's caption and file name ended the process in
+    OpenCV (rc -11, no report), and under a station locale (stdout strict, here by PYTHONIOENCODING) the table's
+    print raised before --out was written."""
+    data = _copy(tiny_data, tmp_path)
+    good, defect = data / "test" / "good", data / "test" / "blowhole"
+    first = sorted(defect.glob("*.jpg"))[0]
+    os.rename(first, os.fsdecode(bytes(defect) + b"/Fehler_\xfc.jpg"))
+    masks = data / "ground_truth" / "blowhole"
+    os.rename(masks / f"{first.stem}_mask.png", os.fsdecode(bytes(masks) + b"/Fehler_\xfc_mask.png"))
+    os.rename(sorted(good.glob("*.jpg"))[0], os.fsdecode(bytes(good) + b"/Pr\xfcf.jpg"))
+    (Path(os.fsdecode(bytes(good) + b"/kaputt_\xe4.jpg"))).write_bytes(b"not a jpeg")
+    out, overlays = tmp_path / "report.json", tmp_path / "overlays"
+    proc = subprocess.run(
+        [sys.executable, "-m", "inspectd", "eval", str(tiny_bundle), "--data", str(data), "--out", str(out)]
+        + ["--overlays", str(overlays), "--n-overlays", "30", "--batch", "4"],  # every image
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    report = json.loads(out.read_text())
+    assert report["n_images"] == N_IMAGES and report["n_skipped"] == 1
+    assert report["overall"]["n_defective"] == TYPES["blowhole"] + TYPES["crack"]
+    assert report["per_type"]["blowhole"]["pixel_auroc"] is not None
+    stdout = proc.stdout.decode("ascii")
+    assert f"WARNING: skipped 1 image(s) that do not decode: {good}/kaputt_\\udce4.jpg" in stdout.splitlines()
+    # Each overlay under its image's own name, whatever its bytes, and decodable.
+    names = sorted(os.listdir(bytes(overlays)))
+    assert any(name.endswith(b"_good_Pr\xfcf.png") for name in names), names
+    assert any(name.endswith(b"_blowhole_Fehler_\xfc.png") for name in names), names
+    for name in names:
+        assert cv2.imdecode(np.fromfile(os.fsdecode(bytes(overlays) + b"/" + name), np.uint8), cv2.IMREAD_COLOR).size

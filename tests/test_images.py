@@ -3,6 +3,8 @@ files are found (every image written by OpenCV and read back through the project
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import pytest
 from engines.data.images import (
     HEAD_BYTES,
     MvtecFolder,
+    ascii_name,
     duplicates_note,
+    frames_checksums,
     good_folder,
     load_mask,
     subfolder_hint,
@@ -233,3 +237,19 @@ def test_the_sub_folder_hint_names_only_folders_that_may_hold_good_frames(tmp_pa
         "; found 2 images in day1/: point --data at it; found 1 image in day2/: point --data at it; found 1 image "
         "in cam2/defect/: point --data at it"
     )
+
+
+def test_names_are_hashed_as_their_bytes_with_the_digests_utf8_names_always_had(tmp_path):
+    """A Latin-1 name (a Windows ZIP unpacked) has no str encoding: train failed at the checksums, after the whole
+    training, in words naming no file. UTF-8 names keep the digest they had, so written bundles still match."""
+    pixels = np.zeros((2, 4, 4, 1), np.uint8)
+    names = [tmp_path / "frame 01.png", tmp_path / "Prüfteil_ü02.png", tmp_path / "部品03.png"]
+    before = hashlib.sha256("\n".join(p.name for p in names).encode()).hexdigest()
+    assert frames_checksums(names, pixels)["names_sha256"] == before
+    latin1 = [Path(os.fsdecode(b"Pr\xfcfteil_0.png")), Path("ok_1.png")]
+    assert (
+        frames_checksums(latin1, pixels)["names_sha256"] == hashlib.sha256(b"Pr\xfcfteil_0.png\nok_1.png").hexdigest()
+    )
+    # What OpenCV's captions get: ASCII, the name's bytes that are not UTF-8 as \xNN.
+    assert ascii_name(latin1[0].name) == "Pr\\xfcfteil_0.png"
+    assert ascii_name("Prüf 部品.png") == "Pr\\xfcf \\u90e8\\u54c1.png"

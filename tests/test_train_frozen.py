@@ -183,9 +183,14 @@ def test_16_bit_images_train_and_score_by_their_detected_bit_depth(data, tmp_pat
     )
     assert detect_bit_depth([folder / "a.png", folder / "rgba.png"]).bits == 16
     assert (detect_bit_depth([folder / "rgba.png"]).bits, detect_bit_depth([folder / "rgba.png"]).largest) == (12, 4001)
-    # A 12-bit camera's words saved left-aligned (<< 4, as some tools do): full scale is 16-bit's, even when dark.
-    assert cv2.imwrite(str(folder / "left.png"), np.array([[16, 999 << 4, 1000 << 4]], np.uint16))
-    assert detect_bit_depth([folder / "left.png"]) == DetectedDepth(16, 16000, 4)
+    # A 12-bit camera's words saved left-aligned (<< 4, as some tools do): full scale is 16-bit's. Dark (below
+    # 2**14) they read as 14-bit pixels too, which keeps every level: taken so, and train says so with a note
+    # (tests/test_train_inputs.py).
+    assert cv2.imwrite(str(folder / "left.png"), np.array([[16, 999 << 4, 3000 << 4]], np.uint16))
+    assert detect_bit_depth([folder / "left.png"]) == DetectedDepth(16, 48000, 4)
+    assert cv2.imwrite(str(folder / "dark.png"), np.array([[16, 999 << 4, 1000 << 4]], np.uint16))
+    assert detect_bit_depth([folder / "dark.png"]).ambiguous and not detect_bit_depth([folder / "left.png"]).ambiguous
+    assert detect_bit_depth([folder / "dark.png"]).bits == 14
     # One 8-bit image among 16-bit ones would be narrowed unlike them: refused, naming one of each.
     assert cv2.imwrite(str(folder / "b.png"), np.zeros((2, 2), np.uint8))
     with pytest.raises(DataError) as mixed:

@@ -7,6 +7,8 @@ The graph takes `pixels` uint8 [N, H, W, C] (N dynamic), then the scorer paramet
 
 from __future__ import annotations
 
+import re
+
 FORMAT = "inspectd-bundle"
 FORMAT_VERSION = 1
 
@@ -28,6 +30,19 @@ EACH_AXIS = "each_axis"
 BIT_DEPTHS = range(8, 17)
 BIT_DEPTH_RANGE = "an integer 8-16"
 LEGACY_BIT_DEPTH = 16  # the same 16 as engines.data.images.DEFAULT_BIT_DEPTH, which cannot import this module
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """A model input size as `--size` takes it: '256' -> (256, 256); '256x320' -> (height 256, width 320). Here, not in
+    training, so that tools without torch (bench) read it by the same rule."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
+    if not match:
+        raise ValueError(f"--size {text!r}: expected N or HxW, e.g. 256 or 256x320")
+    height = int(match.group(1))
+    width = int(match.group(2) or height)
+    if not (32 <= height <= 4096 and 32 <= width <= 4096):
+        raise ValueError(f"--size {text!r}: expected each side between 32 and 4096 pixels")
+    return height, width
 
 
 def valid_bit_depth(value) -> bool:

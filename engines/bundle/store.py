@@ -830,8 +830,26 @@ def _check_identity(manifest_path: Path, manifest: dict[str, Any]) -> None:
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Open and verify the bundle at `path`; BundleError (one line naming the file) if anything is off."""
-    path = Path(path)
+    """Open and verify the bundle at `path`; BundleError (one line naming the file) if anything is off, a file or
+    folder this user may not read included (a model.onnx left 0600 by another user's copy)."""
+    try:
+        return _load_bundle(Path(path))
+    except OSError as exc:
+        raise BundleError(
+            f"{exc.filename or path}: cannot read ({exc.strerror or exc}), expected a bundle user {_user()} may read"
+        ) from exc
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _load_bundle(path: Path) -> Bundle:
     manifest_path = path / MANIFEST
     if not path.is_dir():
         if not path.exists() and not path.is_symlink():
@@ -868,10 +886,14 @@ def load_bundle(path: str | Path) -> Bundle:
             f"{manifest_path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
             f", expected {FORMAT!r}"
         )
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{manifest_path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        newer = (
+            " (a bundle written by a newer inspectd: upgrade this one)"
+            if (isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION)
+            else ""
         )
+        raise BundleError(f"{manifest_path}: format_version {version!r}, expected {FORMAT_VERSION}{newer}")
     for key in REQUIRED_KEYS:
         if key not in manifest:
             raise BundleError(f"{manifest_path}: key {key!r} missing")
@@ -918,6 +940,9 @@ def load_bundle(path: str | Path) -> Bundle:
     if shape.get("resize", "stretch") not in RESIZE_POLICIES:
         expected = ", ".join(RESIZE_POLICIES)
         raise BundleError(f"{manifest_path}: input.resize {shape['resize']!r}, expected one of {expected}")
+    # What train recorded of its data: read by the reduced-precision probe, bench, teach and calibrate as a mapping.
+    if not isinstance(manifest.get("training", {}), dict):
+        raise BundleError(f"{manifest_path}: training {manifest['training']!r}, expected the mapping train recorded")
     _check_identity(manifest_path, manifest)
     manifest.pop(PENDING, None)
     bundle = Bundle(path, manifest)

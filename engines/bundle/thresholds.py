@@ -324,9 +324,15 @@ def next_version(
         "pixel_threshold": current.pixel_threshold if pixel_threshold is None else pixel_threshold,
         "per_camera": copy.deepcopy(current.per_camera if per_camera is None else per_camera),
         "provenance": {"time": _now(), **(provenance or {})},
-        "history": ([_without_history(current)] + copy.deepcopy(current.history))[:MAX_HISTORY],
+        "history": history_after(current),
     }
     return parse(doc)
+
+
+def history_after(current: Thresholds) -> list[dict[str, Any]]:
+    """The history of the version after `current`: `current` without its own history, then that history, at most
+    MAX_HISTORY versions."""
+    return ([_without_history(current)] + copy.deepcopy(current.history))[:MAX_HISTORY]
 
 
 def _taught_at(current: Thresholds) -> int | None:

@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,14 +118,39 @@ class DetectedDepth:
     largest: int  # the largest colour or grey value
     padding: int  # low bits 0 in every value (left-aligned pixels: a 12-bit camera's words shifted up by 4)
 
+    @property
+    def by_value(self) -> int:
+        """The fewest even number of bits, at least 8, that holds the largest value: the depth of right-aligned
+        pixels (cameras give 8, 10, 12, 14 or 16 bits; rounding up keeps a 12-bit camera at 12 when its training
+        frames never reach 2048)."""
+        bits = max(8, self.largest.bit_length())
+        return bits + bits % 2
+
+    @property
+    def ambiguous(self) -> bool:
+        """Whether the images can be read two ways: low bits 0 in every value (left-aligned 16-bit) and a largest
+        value that also fits 14 bits or fewer (right-aligned pixels whose low bits are empty: a 10-bit sensor in
+        Mono12 words gives multiples of 4 up to 4092). Taken as 16-bit such a set narrowed to a few grey levels;
+        taken by its value a dark left-aligned set would saturate. Above 14 bits both readings give 16."""
+        return self.padding >= 2 and self.by_value < 16
+
+    def ambiguity(self, where: str | Path) -> str:
+        """The note for an ambiguous set taken by its value: the values seen and the other reading."""
+        return (
+            f"note: {where}: 16-bit images whose values all end in {self.padding} zero bits and reach {self.largest}: "
+            f"either {self.by_value}-bit pixels or left-aligned 16-bit ones; taken as {self.by_value}-bit (>> "
+            f"{self.by_value - 8}, every grey level kept; a frame above full scale saturates): --bit-depth 16 if "
+            "the camera left-aligns its pixels"
+        )
+
 
 def detect_bit_depth(paths: Sequence[str | Path]) -> DetectedDepth | None:
     """The significant bits of a training set of 16-bit images: 16 where the low two bits or more are 0 in every
     value (pixels left-aligned in their words, as some cameras and tools save them, so full scale is 16-bit's),
-    else the fewest even number of bits, at least 8, that holds the largest colour or grey value (cameras give 8, 10,
-    12, 14 or 16 bits; rounding up keeps a 12-bit camera at 12 when its training frames never reach 2048). None when
-    every image is 8-bit; a DataError naming one of each when 8- and 16-bit images are mixed (they would be narrowed
-    unlike each other)."""
+    else the fewest even number of bits, at least 8, that holds the largest colour or grey value
+    (DetectedDepth.by_value). Where both readings fit (DetectedDepth.ambiguous) it is the value's, which keeps every
+    grey level; train says so. None when every image is 8-bit; a DataError naming one of each when 8- and 16-bit
+    images are mixed (they would be narrowed unlike each other)."""
     largest, ored, first_16, first_8 = 0, 0, None, None
     for path in map(Path, paths):
         image = _sixteen_bit(path)
@@ -143,10 +169,9 @@ def detect_bit_depth(paths: Sequence[str | Path]) -> DetectedDepth | None:
             "same way from one camera)"
         )
     padding = (ored & -ored).bit_length() - 1 if ored else 0
-    if padding >= 2:
-        return DetectedDepth(16, largest, padding)
-    bits = max(8, largest.bit_length())
-    return DetectedDepth(bits + bits % 2, largest, padding)
+    detected = DetectedDepth(16, largest, padding)
+    left_aligned = padding >= 2 and not detected.ambiguous
+    return detected if left_aligned else dataclasses.replace(detected, bits=detected.by_value)
 
 
 # The defect-free folder's names, compared lower-cased: MVTec AD's `good`, BTAD's and OK/NG-style sets' `ok`. Train's
@@ -365,6 +390,13 @@ def duplicates_note(left_out: Sequence[tuple[Path, Path]], most: int = 3, pixels
     return f"note: {len(left_out)} duplicate image(s){how} left out: {shown}" + (" ..." if len(left_out) > most else "")
 
 
+def ascii_name(name: str) -> str:
+    """`name` in ASCII, anything else as a backslash escape: the bytes of a name that is not UTF-8 (Latin-1 from a
+    Windows ZIP, held as surrogate escapes) as `\\xfc`, other characters as `\\xfc` or `\\u90e8`. For what cannot take
+    a name as it is: OpenCV's putText and imwrite end the process on a surrogate escape."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace").encode("ascii", "backslashreplace").decode("ascii")
+
+
 def skipped_warning(paths: Sequence[Path]) -> str:
     """The WARNING for images left out because they do not decode (eval's, calibrate's and teach's)."""
     shown = ", ".join(str(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
@@ -499,7 +531,9 @@ def frames_checksums(paths: Sequence[Path], images: np.ndarray) -> dict[str, str
     """What says a later fit saw the very frames of an earlier one (train's, a teach's): the checksums of their names
     in order and of their pixels as the model takes them (after fitting to its input)."""
     return {
-        "names_sha256": hashlib.sha256("\n".join(p.name for p in paths).encode()).hexdigest(),
+        # As bytes: a name that is not UTF-8 (Latin-1 from a Windows ZIP) has no str encoding, and a UTF-8 name
+        # gives the digest it always gave, so bundles and teach records already written still match.
+        "names_sha256": hashlib.sha256(b"\n".join(os.fsencode(p.name) for p in paths)).hexdigest(),
         "pixels_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
     }
 

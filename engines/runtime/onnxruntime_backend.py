@@ -131,6 +131,10 @@ class OnnxRuntimeEngine(Engine):
     @classmethod
     def check_bundle(cls, bundle, options: Options) -> None:
         cls._graph(bundle, options.precision)
+        # A CPU build never gains the CUDA provider, unlike a GPU that shows up late (retried at start): refused here
+        # so that `run --check` says so, not a start that fails for ever.
+        if options.providers == "cuda" and CUDA not in ort.get_available_providers():
+            raise EngineError(cuda_refusal(options, []))
 
     @staticmethod
     def _graph(bundle, precision: str):

@@ -30,6 +30,7 @@ from engines.data.images import (
     GOOD,
     MvtecFolder,
     TestItem,
+    ascii_name,
     binary_mask,
     load_image,
     read_error,
@@ -423,13 +424,17 @@ def write_overlays(
         item, scored = candidate.item, candidate.scored
         path = out_dir / f"{rank:02d}_{candidate.group}_{item.defect_type}_{item.path.stem}.png"
         caption = [
-            f"{candidate.group}: {item.defect_type}/{item.path.name}",
+            # putText draws ASCII only, and ends the process on a name that is not UTF-8.
+            ascii_name(f"{candidate.group}: {item.defect_type}/{item.path.name}"),
             f"score {scored.score:.4g}  map scale {scale[0]:.3g}..{scale[1]:.3g}",
         ]
-        if not cv2.imwrite(
-            str(path), overlay_image(scored.image, scored.frame_map, candidate.mask, scale, pixel_threshold, caption)
-        ):
-            raise EngineError(f"{path}: cannot write overlay PNG")
+        picture = overlay_image(scored.image, scored.frame_map, candidate.mask, scale, pixel_threshold, caption)
+        # Encoded here and written by Python: imwrite ends the process on a path that is not UTF-8, and the file
+        # keeps the image's own name, whatever its bytes.
+        ok, encoded = cv2.imencode(".png", picture)
+        if not ok:
+            raise EngineError(f"{path}: cannot encode overlay PNG")
+        path.write_bytes(encoded.tobytes())
         written.append(path)
     return written
 
@@ -496,7 +501,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="overlays to write: worst-scored goods, best- and worst-scored defects (default 8)",
     )
     parser.add_argument("--backend", default="onnxruntime", choices=sorted(BACKENDS), help="runtime backend")
-    parser.add_argument("--batch", type=_positive_int, default=8, help="images per inference call (default 8)")
+    parser.add_argument(
+        "--batch", type=_batch, default=8, help=f"images per inference call, 1 to {MAX_BATCH} (default 8)"
+    )
+
+
+# As the daemon's batching.max_batch: past it a batch scores no faster, and a typo of 1e8 asked numpy for 95 GiB.
+MAX_BATCH = 256
+
+
+def _batch(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer from 1 to {MAX_BATCH}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -540,11 +558,8 @@ def run(args: argparse.Namespace) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"inspectd eval: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
-    text = json.dumps(report, indent=2) + "\n"
-    # --json: stdout carries the one JSON document and nothing else; what a person reads goes to stderr.
-    print(format_table(report), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        sys.stdout.write(text)
+    text = json.dumps(report, indent=2) + "\n"  # ASCII: a name that is not UTF-8 is escaped (\udcfc)
+    # The file first: whatever the printing meets, the scoring is not lost.
     if args.out:
         try:
             out = Path(args.out)
@@ -553,6 +568,10 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"inspectd eval: --out {args.out}: cannot write ({exc.strerror or exc})", file=sys.stderr)
             return 2
+    # --json: stdout carries the one JSON document and nothing else; what a person reads goes to stderr.
+    print(format_table(report), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        sys.stdout.write(text)
     return 0
 
 

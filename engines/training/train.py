@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
-import re
 import signal
 import sys
 import time
@@ -28,8 +27,15 @@ import timm
 import torch
 
 from engines.bundle import thresholds as thresholds_doc
-from engines.bundle.format import BIT_DEPTH_RANGE, EACH_AXIS, LEGACY_BIT_DEPTH, inspectd_version, valid_bit_depth
-from engines.bundle.store import load_bundle, not_replaceable, write_bundle
+from engines.bundle.format import (
+    BIT_DEPTH_RANGE,
+    EACH_AXIS,
+    LEGACY_BIT_DEPTH,
+    inspectd_version,
+    parse_size,
+    valid_bit_depth,
+)
+from engines.bundle.store import load_bundle, model_id_for, not_replaceable, write_bundle
 from engines.data.images import (
     SPLIT_HOLDOUT,
     VALIDATION_FOLDS,
@@ -38,6 +44,7 @@ from engines.data.images import (
     duplicates_note,
     frames_checksums,
     good_folder,
+    image_folders,
     list_images,
     pixels_key,
     split_holdout,
@@ -178,7 +185,7 @@ def check_out(out: str | Path, data: str | Path) -> None:
     --out must be nothing yet, an empty folder or a bundle (engines.bundle.store.not_replaceable), and apart from
     --data (the same folder, one above it, or one inside it). Checked before any image is read: a slip of the flag
     lost the dataset itself after the whole training."""
-    out_path, data_path = Path(out).resolve(), Path(data).resolve()
+    out_path, data_path = _resolved_flag(out, "--out"), _resolved_flag(data, "--data")
     if out_path == data_path:
         where = "is --data"
     elif out_path in data_path.parents:
@@ -193,6 +200,13 @@ def check_out(out: str | Path, data: str | Path) -> None:
     raise ValueError(f"--out {out}: {where}, expected a bundle path outside the training data and not holding it")
 
 
+def _resolved_flag(path: str | Path, flag: str) -> Path:
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 says a loop by RuntimeError, later ones by OSError
+        raise ValueError(f"{flag} {path}: a symbolic link loop, expected a folder or a link to one") from exc
+
+
 def _input_key(image: np.ndarray, size: tuple[int, int], resize: str) -> bytes:
     """pixels_key of `image` as the model will take it: fitted to the input, a colour frame whose channels are equal
     taken as the grey one it is (a colour model replicates grey frames), so the frames teach and calibrate would find
@@ -201,18 +215,6 @@ def _input_key(image: np.ndarray, size: tuple[int, int], resize: str) -> bytes:
         image = image[..., 0]
     channels = 1 if image.ndim == 2 else 3
     return pixels_key(fit_frame(image, (size[0], size[1], channels), resize)[0])
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'256' -> (256, 256); '256x320' -> (height 256, width 320)."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
-    if not match:
-        raise ValueError(f"--size {text!r}: expected N or HxW, e.g. 256 or 256x320")
-    height = int(match.group(1))
-    width = int(match.group(2) or height)
-    if not (32 <= height <= 4096 and 32 <= width <= 4096):
-        raise ValueError(f"--size {text!r}: expected each side between 32 and 4096 pixels")
-    return height, width
 
 
 def training_images(data: str | Path) -> list[Path]:
@@ -227,6 +229,23 @@ def training_images(data: str | Path) -> list[Path]:
             + subfolder_hint(data, folder, "--data")
         )
     return paths
+
+
+def nested_note(data: str | Path, most: int = 3) -> str | None:
+    """The note for images in sub-folders of the folder training reads (training_images'), which it leaves out as
+    eval leaves out those below test/<type>/; None when there are none. Frames copied day by day into
+    train/good/day1/, day2/ beside a few loose ones were trained on the loose ones alone, without a word."""
+    data = Path(data)
+    folder = good_folder(data, ("train",))
+    found = image_folders(folder, most=1_000_000)
+    if not found:
+        return None
+    n = sum(count for _, count in found)
+    shown = ", ".join(f"{sub.relative_to(data).as_posix()}/ ({count})" for sub, count in found[:most])
+    return (
+        f"note: {n} image{'s' * (n != 1)} in sub-folders of {folder} left out, only the images directly in it are "
+        f"trained on: {shown}{' ...' if len(found) > most else ''}; point --data at a sub-folder to train on it"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -359,6 +378,8 @@ def train_bundle(
         raise ValueError(f"--bit-depth {bit_depth!r}: expected {BIT_DEPTH_RANGE}")
     # Before the split and auto's folds: a held-out image's twin in the fit would score it about 0.
     paths, duplicates = without_duplicates(training_images(data))
+    if note := nested_note(data):
+        report(note)
     if duplicates:
         report(duplicates_note(duplicates))
     if len(paths) < 2:
@@ -475,21 +496,6 @@ def train_bundle(
         # Without held-out images the first thresholds come from the fitting images (and provenance says so).
         check_images, check_kind = (hold_images, "held-out") if len(hold_images) else (fit_images, "training")
         scores, maps = score_with_graph(graph, check_images, params, batch)
-    thresholds = first_thresholds(
-        scores,
-        maps,
-        {
-            "tool": "inspectd train",
-            "good_dir": str(Path(data).resolve()),
-            "n_good": int(len(scores)),
-            "images": check_kind,
-            "n_fit": int(n_fit),
-            "n_holdout": int(n_hold),
-            thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(scores),
-            thresholds_doc.GOOD_BRIGHTNESS: thresholds_doc.good_score_reference(brightness),
-        },
-    )
-
     manifest = {
         "method": chosen.method,
         "backbone": chosen.backbone,
@@ -545,8 +551,26 @@ def train_bundle(
             "opset": opset,
         },
     }
+    graph_weights = state_arrays(graph)
+    thresholds = first_thresholds(
+        scores,
+        maps,
+        {
+            "tool": "inspectd train",
+            # The daemon refuses thresholds whose provenance names another model than the one it runs: without the
+            # id, another model's version 1 (a copy, a rollback) could not be told apart.
+            "model_id": model_id_for(manifest, params, graph_weights),
+            "good_dir": str(Path(data).resolve()),
+            "n_good": int(len(scores)),
+            "images": check_kind,
+            "n_fit": int(n_fit),
+            "n_holdout": int(n_hold),
+            thresholds_doc.GOOD_SCORES: thresholds_doc.good_score_reference(scores),
+            thresholds_doc.GOOD_BRIGHTNESS: thresholds_doc.good_score_reference(brightness),
+        },
+    )
     graph_bytes = export_graph(graph, params, opset)
-    path = write_bundle(out, manifest, graph_bytes, params, state_arrays(graph), thresholds)
+    path = write_bundle(out, manifest, graph_bytes, params, graph_weights, thresholds)
     try:
         add_feature_graph(load_bundle(path), graph, opset)  # what `inspectd teach` refits the scorer from
     except KeyboardInterrupt:
@@ -570,7 +594,10 @@ def train_bundle(
 
 def _bit_depth(paths: list[Path], forced: int | None, report) -> int | None:
     """The depth the bundle declares for 16-bit frames: forced, or detected from 16-bit training images; None for
-    8-bit ones (16-bit frames are then narrowed as 16-bit)."""
+    8-bit ones (16-bit frames are then narrowed as 16-bit). Images that read two ways (DetectedDepth.ambiguous) are
+    taken by their largest value, with a note naming the other reading: that keeps every grey level they have (taken
+    as left-aligned 16-bit, a 10-bit sensor in Mono12 words narrowed to 15), where the other way's risk is a frame
+    brighter than any trained on saturating; and the default train does not refuse a dataset it can read."""
     detected = detect_bit_depth(paths)  # also refuses a set that mixes 8- and 16-bit images
     if forced is not None:
         kind = "16-bit images" if detected else "8-bit images; 16-bit frames on the line"
@@ -585,6 +612,9 @@ def _bit_depth(paths: list[Path], forced: int | None, report) -> int | None:
             "where these are frames the daemon narrowed from an N-bit camera's (an archive export)"
         )
         return None
+    if detected.ambiguous:
+        report(detected.ambiguity(paths[0].parent))
+        return detected.bits
     why = (
         f"low {detected.padding} bits 0 in every value (left-aligned)"
         if detected.padding >= 2
@@ -687,8 +717,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="significant bits of 16-bit images (8-16): 12 narrows 0-4095 to 0-255; recorded in the bundle, which "
         "narrows the line's 16-bit frames the same way (default: from the training images' largest value, none for "
-        "8-bit images). Give the running bundle's depth when training on 8-bit frames the daemon narrowed from a "
-        "16-bit camera's (an archive export)",
+        "8-bit images; images that read as either N-bit or dark left-aligned 16-bit are taken as N-bit, with a "
+        "note). Give the running bundle's depth when training on 8-bit frames the daemon narrowed from a 16-bit "
+        "camera's (an archive export)",
     )
     for method_class in available_methods():
         method_class.add_arguments(parser)

@@ -1,0 +1,148 @@
+"""`inspectd train` on datasets as users hand them over: 16-bit frames whose depth reads two ways, file names that
+are not UTF-8."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from engines.bundle.store import load_bundle
+from engines.data.images import detect_bit_depth
+from engines.progress import Progress
+from engines.training.train import _bit_depth, add_arguments, run, train_bundle
+from tiny_dataset import good_images, one_torch_thread  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _sixteen_bit(folder: Path, n: int, shift: int, top: int) -> list[Path]:
+    """n 16-bit PNGs of values 0..top shifted up by `shift` (the low bits always 0)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(n):
+        values = rng.integers(0, top + 1, (32, 32), dtype=np.uint16)
+        values[0, 0] = top
+        path = folder / f"{i:03d}.png"
+        assert cv2.imwrite(str(path), values << shift)
+        paths.append(path)
+    return paths
+
+
+def test_a_bit_depth_the_values_read_two_ways_is_taken_by_value_and_said(tmp_path):
+    """A 10-bit sensor in a Mono12 camera's words gives multiples of 4 up to 4092: taken as left-aligned 16-bit it
+    narrowed to 15 grey levels. Below 2**14 with the low bits empty the images alone cannot say: train takes the
+    reading that keeps every level, says so and names the other (the default train must not refuse such a set)."""
+    good = tmp_path / "m12" / "train" / "good"
+    paths = _sixteen_bit(good, 3, 2, 1023)
+    lines: list[str] = []
+    assert _bit_depth(paths, None, lines.append) == 12
+    assert lines == [
+        f"note: {good}: 16-bit images whose values all end in 2 zero bits and reach 4092: either 12-bit pixels or "
+        "left-aligned 16-bit ones; taken as 12-bit (>> 4, every grey level kept; a frame above full scale "
+        "saturates): --bit-depth 16 if the camera left-aligns its pixels"
+    ]
+    # Given, the depth decides either way.
+    assert _bit_depth(paths, 12, lines.append) == 12 and _bit_depth(paths, 16, lines.append) == 16
+    # A 12-bit camera's words left-aligned past 2**14 read one way only: 16.
+    left = _sixteen_bit(tmp_path / "left", 2, 4, 4000)
+    assert _bit_depth(left, None, lines.append) == 16 and not detect_bit_depth(left).ambiguous
+    assert lines[-1].startswith("16-bit images: low 4 bits 0 in every value (left-aligned), taken as 16-bit")
+    # Right-aligned 12-bit pixels with an odd value among them: by value, as before.
+    right = _sixteen_bit(tmp_path / "right", 2, 0, 4001)
+    assert _bit_depth(right, None, lines.append) == 12
+
+
+def test_names_that_are_not_utf8_train_under_a_strict_locale(tmp_path):
+    """Latin-1 names (a Windows ZIP unpacked): every image decoded and trained, then the checksum of the names
+    raised, naming no file, and no bundle was written. In a folder of such a name too, with stdout strict as under
+    de_DE.UTF-8 (PYTHONIOENCODING here), where the last line names --out."""
+    data = Path(os.fsdecode(bytes(tmp_path) + b"/Daten_\xe4"))
+    paths = good_images(data, 4)
+    renamed = [Path(os.fsdecode(bytes(p.parent) + b"/Pr\xfcfteil_" + p.name.encode())) for p in paths[:2]]
+    for path, name in zip(paths, renamed):
+        path.rename(name)
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/b\xfc"))
+    done = subprocess.run(
+        [sys.executable, "-m", "inspectd", "train", "--data", str(data), "--out", str(out)]
+        + ["--method", "frozen", "--size", "64", "--batch", "4"],
+        cwd=REPO,
+        capture_output=True,
+        timeout=150,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    bundle = load_bundle(out)
+    assert f"{tmp_path}/b\\udcfc: {bundle.model_id}," in done.stdout.decode("ascii")
+    names = b"\n".join(sorted(os.fsencode(p.name) for p in data.iterdir()))
+    assert bundle.manifest["training"]["names_sha256"] == hashlib.sha256(names).hexdigest()
+
+
+def test_images_in_sub_folders_beside_loose_ones_are_said_to_be_left_out(tmp_path):
+    """train/good/{000,001}.png beside day1/ and day2/ of 20 more trained on the 2 without a word: only a folder with
+    no loose images got the hint. Training still reads only the loose ones, as eval reads test/<type>/."""
+    root = tmp_path / "nested"
+    good = root / "train" / "good"
+    good_images(good, 2)
+    for day, n in (("day1", 3), ("day2", 2)):
+        good_images(good / day, n)
+    good_images(good / "day2" / "cam1", 1)
+    lines: list[str] = []
+    result = train_bundle(
+        root,
+        tmp_path / "b",
+        method="frozen",
+        size=(64, 64),
+        batch=4,
+        progress=Progress(enabled=False),
+        report=lines.append,
+    )
+    assert result.n_fit + result.n_holdout == 2
+    assert (
+        f"note: 6 images in sub-folders of {good} left out, only the images directly in it are trained on: "
+        "train/good/day1/ (3), train/good/day2/ (2), train/good/day2/cam1/ (1); point --data at a sub-folder to "
+        "train on it"
+    ) in lines, lines
+
+
+def test_a_symbolic_link_loop_as_data_or_out_is_a_one_line_error(tmp_path, capsys):
+    loop_a, loop_b = tmp_path / "loopA", tmp_path / "loopB"
+    os.symlink("loopB", loop_a)
+    os.symlink("loopA", loop_b)
+    data = tmp_path / "data"
+    good_images(data, 2)
+    for flag, argv in (
+        ("--data", ["--data", str(loop_a), "--out", str(tmp_path / "b")]),
+        ("--out", ["--data", str(data), "--out", str(loop_a)]),
+    ):
+        assert run(parse(*argv, "--size", "64", "--method", "frozen")) == 2
+        assert capsys.readouterr().err == (
+            f"inspectd train: {flag} {loop_a}: a symbolic link loop, expected a folder or a link to one\n"
+        )
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_first_thresholds_name_the_model_they_were_set_on(tmp_path):
+    """Version 1's provenance named no model, so a daemon could not tell another model's version 1 (a copy of its
+    thresholds.json, a rollback) from its own; teach's documents name theirs."""
+    data = tmp_path / "data"
+    good_images(data, 3)
+    result = train_bundle(data, tmp_path / "b", method="frozen", size=(64, 64), batch=4, progress=Progress(False))
+    bundle = load_bundle(result.bundle)
+    thresholds = bundle.thresholds()
+    assert thresholds.version == 1 and thresholds.provenance["model_id"] == bundle.model_id == result.model_id
