@@ -18,7 +18,9 @@ eval) is left out with a WARNING saying which file, and counted (provenance
 n_skipped_good/n_skipped_defective); an image in both --good and --defective is refused before scoring; a threshold
 that rejects more than half the good frames, and a pixel threshold above the image one (whatever the model's
 pooling), are WARNINGs recorded in observed["warning"]; with --apply the first is neither written nor applied
-(exit 1), since a daemon loads whatever its bundle holds at its next reload or restart.
+(exit 1), since a daemon loads whatever its bundle holds at its next reload or restart. A --camera id is checked
+against the cameras of the daemon at --apply (refused when not one of them); unchecked, a WARNING names the cameras
+the bundle's thresholds know.
 Scoring is engines.training.evaluate.score_images; the document is engines.bundle.thresholds (next_version,
 rollback); the bundle file is rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol
 (set_thresholds) through inspectd.protocol, so calibrating needs nothing of the daemon itself.
@@ -49,6 +51,10 @@ if TYPE_CHECKING:
 CONFIDENCE = 0.95
 DEFAULT_FALSE_REJECT = 0.001
 DEFAULT_PIXEL_FPR = 0.01
+# The batch is one buffer allocated up front (engines.runtime.predictor), the engine's float copy of it and its maps:
+# a mistyped --batch asked for tens of GiB and ended in a traceback, while past a few dozen frames a batch scores no
+# faster on any backend.
+MAX_BATCH = 256
 
 
 class CalibrationError(ValueError):
@@ -356,7 +362,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "int8 scores are recorded so (provenance engine_precision), and a daemon on such an engine takes them without "
         "comparing its scores with FP32 ones (default fp32)",
     )
-    parser.add_argument("--batch", type=int, default=8, help="images per inference batch (default 8)")
+    parser.add_argument(
+        "--batch", type=int, default=8, help=f"images per inference batch, 1 to {MAX_BATCH} (default 8)"
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon with --apply")
     parser.add_argument(
         "--server-key",
@@ -523,7 +531,7 @@ def _score(
         bundle,
         paths,
         backend=args.backend,
-        batch=args.batch,
+        batch=min(args.batch, len(paths)),  # a buffer for more images than there are would stay empty
         options=options,
         on_unreadable=failures.__setitem__,
     )
@@ -701,19 +709,22 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     client = None
     try:
+        if not 1 <= args.batch <= MAX_BATCH:
+            raise CalibrationError(f"--batch {args.batch}: expected an integer from 1 to {MAX_BATCH}")
         if args.camera is not None and not args.camera.strip():
             # An unset $CAM in a script: taken as no --camera, it would set every camera's threshold from one's frames.
             raise CalibrationError(f"--camera {args.camera!r}: expected a camera id")
         # The pair itself is client_for's to check, with --apply.
         if (args.server_key is not None or args.client_key is not None) and not args.apply:
             raise CalibrationError("--server-key/--client-key are for --apply: give the daemon's control endpoint")
+        camera_checked = False
         client = client_for(args.apply, args.timeout, args.server_key, args.client_key) if args.apply else None
         bundle = load_bundle(args.bundle)
         current = bundle.thresholds()
         if not args.dry_run:
             check_writable(bundle.path)  # before minutes of scoring, not after
-            if client is not None:
-                _check_daemon(args, client, bundle)
+        if client is not None:  # a status request writes nothing: a dry run checks the model and --camera too
+            camera_checked = _check_daemon(args, client, bundle)
         if args.rollback is not None:
             given = [flag for flag, value in _scoring_flags(args) if value]
             if given:
@@ -724,10 +735,15 @@ def run(args: argparse.Namespace) -> int:
             new, hold = thresholds_doc.rollback(current, args.rollback), None
             print(
                 f"rollback to the values of version {args.rollback}: image {new.image_threshold:.6g}, "
-                f"pixel {new.pixel_threshold:.6g}",
+                f"pixel {new.pixel_threshold:.6g} (version {current.version}: image {current.image_threshold:.6g}, "
+                f"pixel {current.pixel_threshold:.6g})",
                 file=out,
             )
+            for line in _override_changes(current, new):
+                print(line, file=out)
         else:
+            if args.camera is not None and not camera_checked:
+                print(_unchecked_camera_warning(args, bundle, current), file=out)
             new, hold = _calibrate(bundle, current, args, out)
     except (CalibrationError, thresholds_doc.ThresholdsError, EngineError, InspectdError, ValueError) as exc:
         print(f"inspectd calibrate: {exc}", file=sys.stderr)
@@ -800,6 +816,36 @@ def run(args: argparse.Namespace) -> int:
     return 0 if applied in (None, APPLIED) else 1
 
 
+def _override_changes(current, new) -> list[str]:
+    """What the version `new` does to each camera's override in `current`, a line each: the global values alone said
+    nothing of a camera whose override a rollback removes or changes, and that camera judges by other thresholds."""
+    lines = []
+    for camera in sorted(set(current.per_camera) | set(new.per_camera)):
+        was, now = current.per_camera.get(camera), new.per_camera.get(camera)
+        if now is None:
+            lines.append(
+                f"camera {camera}: override removed (was {_override_values(was)}): it judges by the global "
+                f"image {new.image_threshold:.6g}, pixel {new.pixel_threshold:.6g}"
+            )
+        elif was is None:
+            lines.append(f"camera {camera}: override restored: {_override_values(now)}")
+        elif was == now:
+            lines.append(f"camera {camera}: override kept: {_override_values(now)}")
+        else:
+            lines.append(f"camera {camera}: override changed from {_override_values(was)} to {_override_values(now)}")
+    return lines
+
+
+def _override_values(override: dict[str, float]) -> str:
+    """A camera's override as the report shows it; a threshold it does not set is the document's (global) one."""
+    return ", ".join(
+        f"{key.removesuffix('_threshold')} {override[key]:.6g}"
+        if key in override
+        else f"{key.removesuffix('_threshold')} global"
+        for key in ("image_threshold", "pixel_threshold")
+    )
+
+
 def _scoring_flags(args) -> list[tuple[str, Any]]:
     """Every flag of a calibration that scores, with its value (None, False or [] when not given)."""
     return [
@@ -831,16 +877,54 @@ def check_writable(path: Path, command: str = "calibrate", alternative: str = ",
     os.unlink(probe)
 
 
-def _check_daemon(args, client: ControlClient, bundle) -> None:
+def _cameras_named(current) -> list[str]:
+    """The cameras that thresholds document `current`, or a version in its history, has an override, a target or a
+    drift reference for: those this station is known to have had."""
+    named: set[str] = set()
+    for doc in (current.to_dict(), *current.history):
+        provenance = doc.get("provenance")
+        for entries in (
+            doc.get("per_camera"),
+            *(
+                provenance.get(key)
+                for key in (thresholds_doc.PER_CAMERA_TARGET, thresholds_doc.PER_CAMERA_REFERENCE)
+                if isinstance(provenance, dict)
+            ),
+        ):
+            if isinstance(entries, dict):
+                named.update(str(camera) for camera in entries)
+    return sorted(named)
+
+
+def _unchecked_camera_warning(args, bundle, current) -> str:
+    """What calibrate says of --camera when no daemon at --apply told it the station's cameras (the daemon's answer is
+    the one that counts; calibrate reaches the daemon only through its protocol): written for a camera the daemon
+    does not run, the override judges nothing, and nothing else tells the operator so (a reload by the documented
+    `systemctl reload` answers no one)."""
+    how = "give --apply ENDPOINT (the running daemon's control socket) to check it"
+    named = _cameras_named(current)
+    if args.camera in named:
+        return (
+            f"note: --camera {args.camera} was not checked against the station's cameras ({how}); the thresholds of "
+            f"{bundle.path} name camera(s) {', '.join(named)}"
+        )
+    known = f"they name camera(s) {', '.join(named)}" if named else "they name no camera yet"
+    return (
+        f"WARNING: --camera {args.camera} was not checked against the station's cameras, and no thresholds version "
+        f"of {bundle.path} names it ({known}): an override for a camera the daemon does not run judges nothing; {how}"
+    )
+
+
+def _check_daemon(args, client: ControlClient, bundle) -> bool:
     """CalibrationError, before any scoring, when the daemon --apply names runs another model than BUNDLE (thresholds
     for other scores; e.g. teach switched the bundle since, or this is a stale copy) or no camera --camera (a typo
-    would become an override nobody uses). A daemon that does not answer is left to --apply itself to report (the
-    version is still written, for its next start); a reply that is not the protocol's, or a handshake the daemon
-    ended, is refused here."""
+    would become an override nobody uses); whether it checked --camera against the daemon's cameras. A daemon that
+    does not answer is left to --apply itself to report (the version is still written, for its next start); a reply
+    that is not the protocol's, or a handshake the daemon ended, is refused here."""
     try:
         reply = client.request({"cmd": "status"})
     except ControlTimeout:
-        return
+        return False
     if not reply.get("ok"):
         # It answered, and said no: set_thresholds would be refused the same way. (A key it does not let in, or a
         # --server-key that is not its key, ends the handshake instead: request raised that, naming the cause.)
@@ -857,6 +941,7 @@ def _check_daemon(args, client: ControlClient, bundle) -> None:
             f"--camera {args.camera}: the daemon at {args.apply} has no such camera, expected one of "
             f"{', '.join(sorted(cameras)) or 'its cameras (it has none)'}"
         )
+    return args.camera is not None and isinstance(cameras, dict)
 
 
 def _user() -> str:
@@ -886,8 +971,6 @@ def _calibrate(bundle, current, args, out):
     ):
         if value is not None:
             _rate(value, flag)
-    if args.batch < 1:
-        raise CalibrationError(f"--batch {args.batch}: expected an integer >= 1")
     if args.pixel_fpr is not None and not args.pixel:
         raise CalibrationError(
             "--pixel-fpr sets the pixel threshold's good-pixel rate: expected --pixel too (without it the pixel "

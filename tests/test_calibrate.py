@@ -1235,3 +1235,121 @@ def test_a_defective_frame_that_is_a_copy_of_a_good_one_is_refused_naming_the_pa
         f"{good / '9999.png'})), expected labelled defective images apart from the held-out good ones"
     ], err
     assert thresholds_doc.read(bundle / thresholds_doc.FILE_NAME).version == 1
+
+
+def test_a_batch_beyond_the_bound_is_refused_in_one_line_before_any_scoring(tmp_path, capsys):
+    """`--batch 100000000` once asked numpy for 95 GiB and ended in a MemoryError traceback."""
+    bundle, good, _ = grey_station(tmp_path, n_good=12)
+    for batch in (257, 100_000_000, 0):
+        code, out, err = calibrate(capsys, bundle, "--good", good, "--batch", batch, "--dry-run")
+        assert code == 2 and out == "", out
+        assert err.splitlines() == [f"inspectd calibrate: --batch {batch}: expected an integer from 1 to 256"], err
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--batch", 256, "--dry-run")
+    assert code == 0 and "dry run: version 2 not written" in out, err
+
+
+def test_a_rollback_says_what_becomes_of_each_cameras_override(tmp_path, capsys):
+    """`--rollback` printed only the global values: a camera whose override it removed (its pixel threshold back from
+    0.05 to 0.5) or changed went unsaid, with --dry-run too, where the operator asks what would change."""
+    bundle, good, _ = grey_station(tmp_path, n_good=12)
+
+    def doc():
+        return thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
+
+    def shown(override):
+        return ", ".join(
+            f"{key} {override[f'{key}_threshold']:.6g}" if f"{key}_threshold" in override else f"{key} global"
+            for key in ("image", "pixel")
+        )
+
+    for flags in (
+        ["--camera", "cam1", "--pixel"],
+        ["--camera", "cam2"],
+        ["--camera", "cam1", "--pixel", "--pixel-fpr", "0.3"],
+    ):
+        code, out, err = calibrate(capsys, bundle, "--good", good, *flags)
+        assert code == 0, err
+    v4 = doc()
+    v2, v3 = (thresholds_doc.rollback(v4, version) for version in (2, 3))
+    assert v4.per_camera["cam1"] != v2.per_camera["cam1"] and "pixel_threshold" in v2.per_camera["cam1"]
+    assert set(v4.per_camera["cam2"]) == {"image_threshold"}
+
+    def rollback_lines(version, *flags):
+        code, out, err = calibrate(capsys, bundle, "--rollback", version, *flags)
+        assert code == 0, err
+        return [line for line in out.splitlines() if line.startswith("camera ")]
+
+    cam1_v4, cam2 = shown(v4.per_camera["cam1"]), shown(v4.per_camera["cam2"])
+    assert rollback_lines(2, "--dry-run") == [
+        f"camera cam1: override changed from {cam1_v4} to {shown(v2.per_camera['cam1'])}",
+        f"camera cam2: override removed (was {cam2}): it judges by the global image {v2.image_threshold:.6g}, "
+        f"pixel {v2.pixel_threshold:.6g}",
+    ]
+    assert doc().version == 4
+    assert rollback_lines(3) == [
+        f"camera cam1: override changed from {cam1_v4} to {shown(v3.per_camera['cam1'])}",
+        f"camera cam2: override kept: {cam2}",
+    ]
+    assert doc().version == 5
+    removed = rollback_lines(1)
+    assert [line.split(" (was ")[0] for line in removed] == [
+        "camera cam1: override removed",
+        "camera cam2: override removed",
+    ]
+    assert doc().per_camera == {}
+    assert rollback_lines(4, "--dry-run") == [
+        f"camera cam1: override restored: {cam1_v4}",
+        f"camera cam2: override restored: {cam2}",
+    ]
+
+
+def test_a_camera_id_not_checked_by_a_daemon_is_said_so_naming_the_cameras_the_bundle_knows(tmp_path, capsys):
+    """`--camera cam01` (for cam1) without --apply once wrote an override nobody uses, and the daemon's reload took it
+    without a word: the operator believed cam1 recalibrated."""
+    bundle, good, _ = grey_station(tmp_path, n_good=12)
+
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--camera", "cam01", "--dry-run")
+    assert code == 0, err
+    assert (
+        f"WARNING: --camera cam01 was not checked against the station's cameras, and no thresholds version of {bundle} "
+        "names it (they name no camera yet): an override for a camera the daemon does not run judges nothing" in out
+    ), out
+    assert out.rstrip().endswith("dry run: version 2 not written, not applied")
+
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--camera", "cam1")
+    assert code == 0, err
+    assert set(thresholds_doc.read(bundle / thresholds_doc.FILE_NAME).per_camera) == {"cam1"}
+
+    # The cameras the bundle's thresholds name are what it can show; one of them is only noted.
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--camera", "cam01", "--dry-run")
+    assert code == 0 and "names it (they name camera(s) cam1): an override" in out, out
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--camera", "cam1", "--dry-run")
+    assert code == 0 and "WARNING: --camera" not in out, out
+    assert (
+        "note: --camera cam1 was not checked against the station's cameras (give --apply ENDPOINT (the running "
+        f"daemon's control socket) to check it); the thresholds of {bundle} name camera(s) cam1" in out
+    ), out
+    # A daemon that does not answer checked nothing either.
+    code, out, err = calibrate(
+        capsys, bundle, "--good", good, "--camera", "cam9", "--apply", f"ipc://{tmp_path}/none.sock", "--timeout", "0.5"
+    )
+    assert code == 1 and "no reply within 0.5 s" in err, err
+    assert "WARNING: --camera cam9 was not checked" in out, out
+
+
+def test_a_name_that_is_not_utf8_is_named_not_fatal_under_a_strict_locale(tmp_path):
+    """A Windows ZIP unpacked leaves Latin-1 names; under a station locale (stdout strict, here by PYTHONIOENCODING)
+    calibrate's note naming such a file once raised inside the run and refused the whole calibration."""
+    bundle, good, _ = grey_station(tmp_path, n_good=12)
+    twin = os.path.join(os.fsencode(good), b"Pr\xfcfteil.png")  # a byte copy: named in the duplicates note
+    shutil.copyfile(good / "0000.png", twin)
+    done = subprocess.run(
+        [sys.executable, "-m", "inspectd", "calibrate", str(bundle), "--good", str(good), "--dry-run"],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    out = done.stdout.decode("utf-8")
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    assert "duplicate image(s) left out" in out and "Pr\\udcfcfteil.png" in out, out
+    assert out.rstrip().endswith("dry run: version 2 not written, not applied"), out

@@ -319,8 +319,11 @@ def test_teach_apply_fails_when_the_reload_kept_an_old_allow_list(tmp_path, caps
         assert captured.err == ""
 
 
-def test_calibrate_refuses_a_camera_the_daemon_does_not_run_before_scoring(tmp_path, capsys):
-    code, err, bundle = calibrate_against(tmp_path, capsys, StatusOnly(""), "--camera", "cam9")
+@pytest.mark.parametrize("dry_run", [(), ("--dry-run",)], ids=["apply", "dry-run"])
+def test_calibrate_refuses_a_camera_the_daemon_does_not_run_before_scoring(tmp_path, capsys, dry_run):
+    """A dry run with --apply asks the daemon too (a status request writes nothing): it once said the id was not
+    checked, told the operator to give --apply, which they had, and let a camera the daemon does not run through."""
+    code, err, bundle = calibrate_against(tmp_path, capsys, StatusOnly(""), "--camera", "cam9", *dry_run)
     assert code == 2 and "--camera cam9: the daemon at" in err and "expected one of cam0, cam1" in err, err
     assert err.count("\n") == 1 and load_bundle(bundle).thresholds().version == 1
 

@@ -1,0 +1,220 @@
+"""The daemon's set_thresholds and rollback over its real control socket: an in-process Daemon on a real bundle and
+ONNX Runtime session, a synthetic camera, requests through ControlClient."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+
+import pytest
+import structlog
+
+from daemon_harness import in_process_config
+from engines.bundle import thresholds as thresholds_doc
+from inspectd.protocol.control import ControlClient
+from station_model import write_grey_bundle
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    from inspectd.daemon.service import Daemon
+
+    source = {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}
+    running = Daemon(in_process_config(tmp_path, write_grey_bundle(tmp_path / "bundle"), source))
+    running.start()
+    try:
+        yield running
+    finally:
+        running.shutdown()
+
+
+def ask(daemon, request: dict, timeout: float = 8.0) -> dict:
+    with ControlClient(daemon.config.control.endpoint, timeout_s=timeout) as client:
+        return client.request(request)
+
+
+def release(fifo, manifest, content: bytes, timeout: float = 10.0) -> None:
+    """The manifest as a file again, and its bytes to the reload waiting on the named pipe."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:  # succeeds only while a reader (the reload) has the pipe open
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO and time.monotonic() < deadline, "no reload reading the manifest"
+            time.sleep(0.02)
+    try:
+        (manifest.parent / "manifest.tmp").write_bytes(content)
+        os.replace(manifest.parent / "manifest.tmp", manifest)  # every later read gets the file
+        os.write(fd, content)
+    finally:
+        os.close(fd)
+
+
+def on_disk(daemon) -> thresholds_doc.Thresholds:
+    return thresholds_doc.read(daemon.config.model.bundle / thresholds_doc.FILE_NAME)
+
+
+def test_set_thresholds_and_rollback_during_a_sighup_reload_are_refused_in_one_line_and_the_channel_answers(
+    daemon, tmp_path
+):
+    """A SIGHUP reload holds the model while it opens the new bundle (here its manifest is a named pipe nobody writes
+    yet, as a bundle that takes minutes to open): a set_thresholds or rollback meanwhile waits BUNDLE_LOCK_WAIT_S at
+    most and is refused, nothing written, and `status` is answered, rather than the control channel waiting on the
+    reload."""
+    from inspectd.daemon import service
+    from inspectd.daemon.control import BUNDLE_LOCK_WAIT_S
+
+    current = daemon.stage.state.thresholds
+    v2 = thresholds_doc.next_version(current, image_threshold=0.45)
+    assert ask(daemon, {"cmd": "set_thresholds", "thresholds": v2.to_dict()})["ok"]
+    manifest = daemon.config.model.bundle / "manifest.json"
+    content = manifest.read_bytes()
+    fifo = tmp_path / "slow-manifest"
+    os.mkfifo(fifo)
+    os.link(fifo, tmp_path / "fifo")  # to reach the pipe once manifest.json is a file again
+    os.replace(fifo, manifest)
+    reloader = threading.Thread(target=service._reload, args=(daemon, structlog.get_logger("test")), daemon=True)
+    reloader.start()
+    try:
+        wait_for(daemon._reload_lock.locked, 10, "the reload to hold the model")
+        v3 = thresholds_doc.next_version(on_disk(daemon), image_threshold=0.55)
+        for request, what in (
+            ({"cmd": "set_thresholds", "thresholds": v3.to_dict()}, "set_thresholds"),
+            ({"cmd": "rollback", "version": 1}, "rollback"),
+        ):
+            t0 = time.monotonic()
+            reply = ask(daemon, request, timeout=BUNDLE_LOCK_WAIT_S + 4)
+            assert time.monotonic() - t0 < BUNDLE_LOCK_WAIT_S + 2
+            assert reply["ok"] is False, reply
+            assert reply["error"].startswith(f"{what}: a reload of the bundle is under way"), reply
+            assert "nothing written" in reply["error"] and "\n" not in reply["error"]
+            assert ask(daemon, {"cmd": "status"}, timeout=3)["thresholds_version"] == 2
+        assert on_disk(daemon).version == 2
+    finally:
+        release(tmp_path / "fifo", manifest, content)
+        reloader.join(30)
+    assert not reloader.is_alive() and daemon.stage.state.thresholds_version == 2
+    # Once the reload has ended, the same request goes through.
+    assert ask(daemon, {"cmd": "set_thresholds", "thresholds": v3.to_dict()})["thresholds_version"] == 3
+    assert json.loads((daemon.config.model.bundle / thresholds_doc.FILE_NAME).read_text())["version"] == 3
+
+
+def versions(doc: thresholds_doc.Thresholds) -> list[tuple[int, float]]:
+    return [(h["version"], h["image_threshold"]) for h in doc.history]
+
+
+def set_own_versions(daemon) -> thresholds_doc.Thresholds:
+    """Versions 2 and 3 of the running model, set through the daemon: v3 with history [v2, v1]."""
+    model = daemon.stage.state.model_id
+    for image in (0.45, 0.4):
+        doc = thresholds_doc.next_version(on_disk(daemon), image_threshold=image, provenance={"model_id": model})
+        assert ask(daemon, {"cmd": "set_thresholds", "thresholds": doc.to_dict()})["ok"]
+    current = on_disk(daemon)
+    assert current.version == 3 and versions(current) == [(2, 0.45), (1, 0.5)]
+    return current
+
+
+def test_another_models_document_without_a_model_id_keeps_the_daemons_history_so_rollback_restores_its_own(daemon):
+    """A document of another model that records no model_id (train's version 1, a rollback to it) passes the fit
+    check; its history must not replace the daemon's: `ctl rollback 2` afterwards means this model's version 2, not
+    the other model's."""
+    set_own_versions(daemon)
+    foreign = {
+        "version": 5,
+        "image_threshold": 0.3,
+        "pixel_threshold": 0.5,
+        "provenance": {"rollback_to": 1},
+        "history": [
+            {
+                "version": v,
+                "image_threshold": image,
+                "pixel_threshold": 0.5,
+                "per_camera": {},
+                "provenance": {"model_id": "test-none-another"},
+            }
+            for v, image in ((4, 0.2), (3, 0.25), (2, 0.3))
+        ]
+        + [{"version": 1, "image_threshold": 0.5, "pixel_threshold": 0.5, "per_camera": {}, "provenance": {}}],
+    }
+    assert ask(daemon, {"cmd": "set_thresholds", "thresholds": foreign})["thresholds_version"] == 5
+    written = on_disk(daemon)
+    assert (written.version, written.image_threshold) == (5, 0.3)
+    assert versions(written) == [(3, 0.4), (2, 0.45), (1, 0.5)]
+    assert ask(daemon, {"cmd": "rollback", "version": 2})["thresholds_version"] == 6
+    assert daemon.stage.state.thresholds.image_threshold == 0.45
+    assert on_disk(daemon).image_threshold == 0.45
+
+
+def test_a_hand_written_document_keeps_the_rollback_history(daemon):
+    """`ctl set-thresholds` of a document typed by hand (no history) still leaves every earlier version to roll back
+    to, the running one included."""
+    set_own_versions(daemon)
+    hand = {"version": 4, "image_threshold": 0.42, "pixel_threshold": 0.5}
+    assert ask(daemon, {"cmd": "set_thresholds", "thresholds": hand})["thresholds_version"] == 4
+    assert versions(on_disk(daemon)) == [(3, 0.4), (2, 0.45), (1, 0.5)]
+    assert ask(daemon, {"cmd": "rollback", "version": 3})["thresholds_version"] == 5
+    assert on_disk(daemon).image_threshold == 0.4
+
+
+def test_a_document_built_on_the_bundles_thresholds_is_written_as_sent_so_calibrates_own_write_goes_through(daemon):
+    """calibrate --apply sends next_version of the bundle's thresholds.json and then writes the same document
+    itself: the daemon keeps its history, also over a version written to disk since the daemon loaded its own
+    (calibrate without --apply), so the bytes on disk are calibrate's and its write is no conflict."""
+    from engines.bundle.store import load_bundle
+
+    bundle_dir = daemon.config.model.bundle
+    # A version the daemon has not loaded: calibrate without --apply.
+    load_bundle(bundle_dir).replace_file(
+        thresholds_doc.FILE_NAME,
+        thresholds_doc.dumps(thresholds_doc.next_version(on_disk(daemon), image_threshold=0.45)),
+    )
+    assert daemon.stage.state.thresholds_version == 1
+    calibrating = load_bundle(bundle_dir)  # as calibrate loads it, before it applies
+    sent = thresholds_doc.next_version(calibrating.thresholds(), image_threshold=0.4)
+    assert ask(daemon, {"cmd": "set_thresholds", "thresholds": sent.to_dict()})["thresholds_version"] == 3
+    on = (bundle_dir / thresholds_doc.FILE_NAME).read_bytes()
+    assert on == thresholds_doc.dumps(sent)
+    assert versions(on_disk(daemon)) == [(2, 0.45), (1, 0.5)]
+    calibrating.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(sent))  # calibrate's own write
+
+
+def test_an_override_for_a_camera_the_daemon_does_not_run_is_told_at_start_and_at_reload(tmp_path):
+    """`calibrate --camera cam01 ...` without --apply (for cam1) writes an override nobody uses; the daemon took it at
+    its reload or start without a word, and the operator believed cam1 recalibrated."""
+    from engines.bundle.store import load_bundle
+    from inspectd.daemon.service import Daemon
+
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    source = {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}
+    with structlog.testing.capture_logs() as logs:
+        running = Daemon(in_process_config(tmp_path, bundle, source))
+        running.start()
+        try:
+            camera = running.config.cameras[0].id
+            assert not [e for e in logs if e["event"] == "thresholds_unknown_cameras"], "none at a plain start"
+            loaded = load_bundle(bundle)
+            typo = {"image_threshold": 0.3}
+            new = thresholds_doc.next_version(loaded.thresholds(), per_camera={camera: typo, "cam01": typo})
+            loaded.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(new))
+            running.reload()
+        finally:
+            running.shutdown()
+        again = Daemon(in_process_config(tmp_path, bundle, source))
+        again.start()
+        again.shutdown()
+    told = [e for e in logs if e["event"] == "thresholds_unknown_cameras"]
+    assert [(e["cameras"], e["thresholds_version"], e["log_level"]) for e in told] == [(["cam01"], 2, "warning")] * 2
+    assert told[0]["running"] == [camera], told
