@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import select
 import signal
 import sys
 from typing import TYPE_CHECKING
 
-from inspectd.errors import one_line
+from inspectd.errors import Terminated, one_line
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -56,11 +57,6 @@ INTERRUPTED_EXIT = 128 + signal.SIGINT
 TERMINATED_EXIT = 128 + signal.SIGTERM
 # What a shell reports for a writer killed by SIGPIPE (`yes | head -1`), the status a pipeline's readers expect.
 CLOSED_STDOUT_EXIT = 128 + signal.SIGPIPE
-
-
-class Terminated(SystemExit):
-    """SIGTERM, raised where the main thread is so that `finally` blocks and context managers run: a command's child
-    processes are stopped and its temporary folders removed, as on Ctrl-C."""
 
 
 def _terminate(signum, _frame):
@@ -125,6 +121,7 @@ def _needs(command: str, dependency: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    _names_printable()
     try:
         try:
             code = _main(argv)
@@ -140,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at exit would raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return CLOSED_STDOUT_EXIT
+
+
+def _names_printable() -> None:
+    """Let stdout print any file name: under a station locale such as de_DE.UTF-8 it is strict, and a name that is not
+    UTF-8 (held as surrogate escapes: a Windows ZIP unpacked) ended train, eval, calibrate or teach in a traceback, or
+    in a refusal of the whole run, where it should only be named. Such names print as backslash escapes, as stderr
+    always prints them."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def _flush_stdout() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
+import zmq
 from pydantic import PlainValidator, ValidationInfo
 
 from engines import schema
@@ -55,7 +56,24 @@ def _endpoint(value: Any) -> str:
             f"expected an absolute socket path, as ipc:///var/lib/inspectd/NAME.sock (or an abstract ipc://@NAME), "
             f"got {schema.show(value)}"
         )
+    else:
+        problem = ipc_path_problem(value)
+        if problem is not None:
+            raise schema.invalid(problem)
     return value
+
+
+def ipc_path_problem(endpoint: str) -> str | None:
+    """Why a bind or connect could not take the ipc `endpoint`, as far as its length says; None when it fits. A socket
+    address holds the path in sun_path (108 bytes with its NUL), as bytes: an abstract name's @ counts as one."""
+    path = endpoint.removeprefix("ipc://")
+    if path == "@":
+        return f"{schema.show(endpoint)}: an abstract socket with no name, expected ipc://@NAME"
+    size = len(path.encode("utf-8", "surrogateescape"))
+    if size <= zmq.IPC_PATH_MAX_LEN:
+        return None
+    limit = zmq.IPC_PATH_MAX_LEN
+    return f"{schema.show(endpoint)}: its path is {size} bytes, expected at most {limit} (all a socket address holds)"
 
 
 def _expanded(path: str | Path) -> Path:

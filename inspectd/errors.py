@@ -1,4 +1,5 @@
-"""Error types of the daemon. Parsers of outside input (config, frame headers, control messages) raise only these."""
+"""Error types of the daemon and its commands. Parsers of outside input (config, frame headers, control messages) raise
+only these."""
 
 
 class InspectdError(Exception):
@@ -15,6 +16,12 @@ class FrameError(InspectdError):
 
 class MessageError(InspectdError):
     """A control or wire message is malformed or unknown."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the main thread is (inspectd.cli installs the handler) so that `finally` blocks and context
+    managers run: a command's child processes are stopped and its temporary folders removed, as on Ctrl-C. Here, not
+    in the cli, so that a command that tells a stop from other exits need not import the entry point."""
 
 
 def one_line(exc: BaseException) -> str:

@@ -78,9 +78,17 @@ class Line:
         self.pub = zmq.Context.instance().socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(self.endpoint)
+        self.padding = 0
+
+    def small_journal(self) -> None:
+        """A journal of a few dozen results, and results padded to about 0.5 KiB: rotation takes the oldest within a
+        test."""
+        self.journal.close()
+        self.journal = Journal(self.journal_dir, max_bytes=24 << 10, segment_bytes=3 << 10)
+        self.padding = 400
 
     def emit(self, camera: str, seq: int, send: bool = True, journal: bool = True) -> None:
-        frames = result_frames(camera, seq)
+        frames = result_frames(camera, seq, f"{camera}-{seq}-" + "p" * self.padding if self.padding else None)
         if journal:
             self.journal.append(camera, seq, frames)
         if send:
@@ -548,14 +556,8 @@ def test_a_first_live_result_rotated_away_while_it_waited_behind_the_replay_is_n
     replay and the line goes on, and the journal (a small cap) rotates past it. The daemon's own journal: cam1 comes
     in order, without a duplicate or a notice (it was taken for another numbering's, which moved cam1 back below
     what the replay had delivered and printed those results a second time)."""
-    line.journal.close()
-    line.journal = Journal(line.journal_dir, max_bytes=24 << 10, segment_bytes=3 << 10)
-
-    def emit(camera: str, seq: int, send: bool = True) -> None:
-        frames = result_frames(camera, seq, f"{camera}-{seq}-" + "p" * 400)
-        line.journal.append(camera, seq, frames)
-        if send:
-            line.pub.send_multipart(frames)
+    line.small_journal()
+    emit = line.emit
 
     for seq in range(20):
         emit("cam0", seq, send=False)
@@ -581,14 +583,8 @@ def test_live_results_waiting_behind_a_replay_that_rotation_jumped_past_are_all_
     """cam1's replay is pulled after its live results 20-120 came on the socket, and rotation has taken 20 and
     more from the journal by then: its replay stops below 20, so every live result is delivered once, in order (the
     replay jumped to the journal's oldest seq, and the live results below it were dropped as delivered)."""
-    line.journal.close()
-    line.journal = Journal(line.journal_dir, max_bytes=24 << 10, segment_bytes=3 << 10)
-
-    def emit(camera: str, seq: int, send: bool = True) -> None:
-        frames = result_frames(camera, seq, f"{camera}-{seq}-" + "p" * 400)
-        line.journal.append(camera, seq, frames)
-        if send:
-            line.pub.send_multipart(frames)
+    line.small_journal()
+    emit = line.emit
 
     for seq in range(20):
         emit("cam0", seq, send=False)
@@ -613,14 +609,8 @@ def test_a_camera_without_a_journal_at_start_whose_first_result_rotation_took_is
     the line goes on and rotation takes it. Only this numbering wrote cam1's journal since: no notice, cam1 not
     disowned, and every result comes in order (it was taken for another numbering's, from where the journal starts
     now)."""
-    line.journal.close()
-    line.journal = Journal(line.journal_dir, max_bytes=24 << 10, segment_bytes=3 << 10)
-
-    def emit(camera: str, seq: int, send: bool = True) -> None:
-        frames = result_frames(camera, seq, f"{camera}-{seq}-" + "p" * 400)
-        line.journal.append(camera, seq, frames)
-        if send:
-            line.pub.send_multipart(frames)
+    line.small_journal()
+    emit = line.emit
 
     for seq in range(20):
         emit("cam0", seq, send=False)

@@ -177,6 +177,10 @@ TOO_LONG = [
     # Sizes past what the ingest can use: a queue too large to allocate, more pixels than OpenCV decodes.
     (["cameras", 0, "queue", "size"], 10**12, "cameras[0].queue.size: expected at most 10000"),
     (["cameras", 0, "max_pixels"], 2**31, "cameras[0].max_pixels: expected at most 1073741824"),
+    # A size near the largest float (1e303 to mean "no limit") made int(max_mb * 2**20) infinite: an OverflowError
+    # traceback at start, after `run --check` had passed it.
+    (["publish", "journal", "max_mb"], 1e303, "publish.journal.max_mb: expected at most 1048576"),
+    (["archive", "max_mb"], 1e303, "archive.max_mb: expected at most 1048576"),
 ]
 
 
@@ -184,6 +188,16 @@ TOO_LONG = [
 def test_waits_too_long_for_a_timeout_are_refused_at_load(path, value, message):
     with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(with_value(path, value))
+
+
+@pytest.mark.parametrize("max_mb", [1e-9, 0.0001, 0.1249])
+def test_a_journal_too_small_to_keep_a_replay_is_refused_naming_the_key(max_mb):
+    """1e-9 loaded, then the start failed saying "0"; 0.0001 ran, keeping one result per camera, and the replay
+    bridges and `subscribe --since` catch up from was gone without a word."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(["publish", "journal", "max_mb"], max_mb))
+    assert str(refused.value) == f"publish.journal.max_mb: expected at least 0.125, got {max_mb:g}"
+    assert parse_config(with_value(["publish", "journal", "max_mb"], 0.125)).publish.journal.max_mb == 0.125
 
 
 def test_a_shutdown_timeout_longer_than_the_units_allow_is_refused_in_one_line_naming_the_key():
@@ -411,6 +425,8 @@ UNREACHABLE_ENDPOINTS = [
         "ipc:///tmp/a\0b",
         "'ipc:///tmp/a\\x00b' holds a NUL byte, expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)",
     ),
+    # An abstract socket without a name: the bind failed at start (Invalid argument).
+    ("ipc://@", "'ipc://@': an abstract socket with no name, expected ipc://@NAME"),
 ]
 
 
@@ -423,6 +439,43 @@ def test_an_endpoint_no_other_process_could_reach_is_refused_naming_its_key(path
     with pytest.raises(ConfigError) as info:
         parse_config(with_value(path, endpoint))
     assert str(info.value) == f"{key}: {message}"
+
+
+@pytest.mark.parametrize(
+    "path", [["publish", "endpoint"], ["control", "endpoint"], ["cameras", 2, "source", "endpoint"]]
+)
+@pytest.mark.parametrize("abstract", [False, True], ids=["file", "abstract"])
+def test_an_ipc_path_longer_than_a_socket_address_holds_is_refused_naming_its_key(tmp_path, path, abstract):
+    """`run --check` passed it and the bind at start failed (exit 1, retried by the unit for ever). The longest one
+    accepted binds."""
+    import zmq
+
+    key = "cameras[2].source.endpoint" if path[0] == "cameras" else ".".join(path)
+    prefix = "@" if abstract else f"{tmp_path}/"
+    longest = "ipc://" + prefix + "s" * (zmq.IPC_PATH_MAX_LEN - len(prefix))
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_value(path, longest + "s"))
+    assert str(info.value).startswith(f"{key}: 'ipc://"), info.value
+    assert str(info.value).endswith(": its path is 108 bytes, expected at most 107 (all a socket address holds)")
+    assert parse_config(with_value(path, longest))
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    try:
+        sock.bind(longest)
+    finally:
+        sock.close(linger=0)
+
+
+def test_a_control_socket_left_out_whose_default_path_is_too_long_is_refused_naming_control_endpoint(tmp_path):
+    """The default ipc://<state_dir>/control.sock of a deep state_dir: `run --check` passed, `run` could not bind."""
+    state_dir = tmp_path / ("d" * (120 - len(str(tmp_path))))
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_value(["state_dir"], str(state_dir)))
+    message = str(info.value)
+    assert message.startswith("control.endpoint: left out, so the default in state_dir 'ipc://"), message
+    assert message.endswith("expected at most 107 (all a socket address holds); set it, or a shorter state_dir")
+    doc = with_value(["state_dir"], str(state_dir))
+    doc["control"] = {"endpoint": f"ipc://{tmp_path}/control.sock"}
+    assert parse_config(doc).state_dir == state_dir
 
 
 def test_endpoints_of_every_form_a_bind_takes_are_accepted():
@@ -801,6 +854,55 @@ def test_a_state_dir_that_is_a_file_is_refused_naming_state_dir(tmp_path):
     assert str(refused.value) == (
         f"state_dir: {tmp_path / 'state'} is not a directory, expected a directory (made at start when missing)"
     )
+
+
+@pytest.mark.parametrize(
+    "path,key,default",
+    [
+        (["publish", "journal", "path"], "publish.journal.path", "journal"),
+        (["archive", "path"], "archive.path", "archive"),
+    ],
+)
+def test_a_journal_or_archive_folder_that_is_a_file_is_refused_naming_its_key(tmp_path, path, key, default):
+    """Both loaded: then the journal's open failed at start (exit 1, retried), and the archive ran degraded for good,
+    keeping no image."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "afile").write_text("a file")
+    for folder in (state / "afile", state / "afile" / "sub"):
+        doc = with_value(path, str(folder))
+        doc["state_dir"] = str(state)
+        with pytest.raises(ConfigError) as refused:
+            parse_config(doc)
+        beneath = "" if folder == state / "afile" else f"{folder}: "
+        assert str(refused.value) == (
+            f"{key}: {beneath}{state / 'afile'} is not a directory, expected a directory (made at start when missing)"
+        )
+    # A symbolic link to nothing: the start can neither make the folder there nor enter it.
+    (state / "gone").symlink_to(state / "nowhere")
+    doc = with_value(path, str(state / "gone"))
+    doc["state_dir"] = str(state)
+    with pytest.raises(ConfigError) as refused:
+        parse_config(doc)
+    assert str(refused.value) == (
+        f"{key}: {state / 'gone'} is a symbolic link to {str(state / 'nowhere')!r}, which does not exist, expected "
+        "a directory or a link to one"
+    )
+    (state / "nowhere").mkdir()  # a link to a folder is one
+    assert parse_config(doc).state_dir == state
+    (state / "loop").symlink_to(state / "loop")
+    doc = with_value(path, str(state / "loop"))
+    doc["state_dir"] = str(state)
+    with pytest.raises(ConfigError, match=f"^{key}: {state / 'loop'} is a symbolic link loop, expected a directory"):
+        parse_config(doc)
+    # Left out, it is a folder under state_dir: a file there is refused the same way.
+    (state / default).write_text("a file")
+    with pytest.raises(ConfigError, match=f"^{key}: {state / default} is not a directory"):
+        parse_config(with_value(["state_dir"], str(state)))
+    # Turned off, nothing is made there.
+    doc = with_value(path[:-1] + ["enabled"], False)
+    doc["state_dir"] = str(state)
+    assert parse_config(doc).state_dir == state
 
 
 def test_a_camera_id_too_long_for_a_file_name_is_refused_saying_the_limit():

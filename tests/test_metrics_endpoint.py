@@ -394,3 +394,31 @@ def test_the_false_reject_warning_help_says_when_deploy_md_says_it_rises_and_cle
     rise, clear, floor = documented.groups()
     assert f"more than {rise} standard errors" in help_line and f"back within {clear}" in help_line, help_line
     assert f"above {floor}x the target" in help_line, help_line
+
+
+def test_the_backlog_throughput_and_frames_lost_or_discarded_outside_the_queue_are_exported(station):
+    """A dashboard alerts on a queue that fills and on frames that never got a result: the queued backlog, the
+    throughput, frames a paused live camera discarded and frames a zmq camera lost at a reopen are in the status, and
+    in /metrics too."""
+
+    class WithZmqCamera:
+        def status(self) -> dict:
+            status = station.status()
+            status["throughput_fps"] = 12.5
+            status["cameras"]["cam1"].update(discarded=3, not_accepted=2)
+            return status
+
+    metrics = Metrics(("127.0.0.1", 0), WithZmqCamera())
+    try:
+        samples, types = scrape(metrics.url)
+    finally:
+        metrics.stop()
+    # 30 and 5 frames into queues of 10 that nobody drains.
+    assert samples[("inspectd_queued", (("camera", "cam0"),))] == 10
+    assert samples[("inspectd_queued", (("camera", "cam1"),))] == 5
+    assert samples[("inspectd_throughput_fps", ())] == 12.5
+    assert samples[("inspectd_frames_discarded_total", (("camera", "cam0"),))] == 0
+    assert samples[("inspectd_frames_discarded_total", (("camera", "cam1"),))] == 3
+    assert samples[("inspectd_frames_not_accepted_total", (("camera", "cam1"),))] == 2
+    assert ("inspectd_frames_not_accepted_total", (("camera", "cam0"),)) not in samples  # no zmq camera there
+    assert types["inspectd_queued"] == "gauge" and types["inspectd_frames_not_accepted_total"] == "counter"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 import yaml
 
@@ -72,8 +73,16 @@ def test_check_validates_the_config_and_its_bundle_without_starting(tmp_path):
         ({"publish": {"journal": {"path": "elsewhere/journal"}}}, "publish.journal.path: "),
         ({"archive": {"path": "elsewhere/archive"}}, "archive.path: "),
         ({"engine": {"options": {"precision": "fp16"}}}, "engine.options.precision: 'fp16' but "),
+        pytest.param(
+            {"engine": {"options": {"providers": "cuda"}}},
+            "engine.options.providers: 'cuda' but this onnxruntime ",
+            marks=pytest.mark.skipif(
+                "CUDAExecutionProvider" in ort.get_available_providers(),
+                reason="a GPU build of onnxruntime: cuda is a device question, retried at start",
+            ),
+        ),
     ],
-    ids=["journal-outside-state-dir", "archive-outside-state-dir", "fp16-without-its-graph"],
+    ids=["journal-outside-state-dir", "archive-outside-state-dir", "fp16-without-its-graph", "cuda-on-a-cpu-build"],
 )
 def test_check_refuses_what_run_refuses(tmp_path, change, refused):
     """`--check` is what an operator runs before a restart: a config it calls valid must not be one `run` refuses."""

@@ -61,6 +61,12 @@ def test_line_state_counts_histogram_defects_and_alarms():
     assert cam0["latency_ms"]["p50"] == 8.0 and snap["daemon_reporting"]
     assert "cam1" in snap["cameras"], "a camera the status names is shown before its first result"
     assert snap["alarms"] == ["inference unhealthy", "archive degraded: OSError: disk full", "camera cam0 reopening"]
+    state.on_message({"station": "t1", "healthy": False, "unhealthy": ["engine stuck: a batch of 4 frame(s) has run "
+                      "for 31 s", "threads ended: publish"], "cameras": {}})  # fmt: skip
+    assert state.snapshot()["alarms"] == [
+        "unhealthy: engine stuck: a batch of 4 frame(s) has run for 31 s",
+        "unhealthy: threads ended: publish",
+    ], "the daemon's own reasons, one line each"
 
 
 def test_drift_alarms_name_the_test_that_raised_them_and_the_false_reject_warning():

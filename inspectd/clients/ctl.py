@@ -117,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
         json.dump(reply, sys.stdout)
         print()
     if not reply.get("ok"):
+        if args.action == "reload" and not args.json:
+            # The bundle was refused, but the allow-lists were reloaded before it: a revoked key is out all the same.
+            for line in _allow_list_lines(reply):
+                print(f"inspectd ctl: reload: {line}", file=sys.stderr)
         print(f"inspectd ctl: {args.action}: {reply.get('error', 'refused')}", file=sys.stderr)
         return EXIT_REFUSED
     if not args.json:
@@ -143,20 +147,26 @@ def describe(action: str, reply: dict[str, Any]) -> str:
         return f"camera {reply.get('camera')}: {'paused' if reply.get('paused') else 'running'}"
     if action == "reload":
         lines = [f"reloaded: model {reply.get('model_id')}, thresholds version {reply.get('thresholds_version')}"]
-        lists = reply.get("allow_lists")
-        for role, part in (lists if isinstance(lists, dict) else {}).items():
-            if not isinstance(part, dict):
-                continue
-            if "error" in part:
-                lines.append(f"allow-list {role}: NOT reloaded, the previous one stays: {part['error']}")
-                continue
-            changes = [f"added {key}" for key in part.get("added") or []]
-            changes += [f"removed {key}" for key in part.get("removed") or []]
-            lines.append(f"allow-list {role}: {', '.join(changes) if changes else 'unchanged'}")
-        return "\n".join(lines)
+        return "\n".join(lines + _allow_list_lines(reply))
     if action in ("set-thresholds", "rollback"):
         return f"thresholds version {reply.get('thresholds_version')} in use"
     return _status(reply)
+
+
+def _allow_list_lines(reply: dict[str, Any]) -> list[str]:
+    """What a reload did to each allow-list, one line each."""
+    lines = []
+    lists = reply.get("allow_lists")
+    for role, part in (lists if isinstance(lists, dict) else {}).items():
+        if not isinstance(part, dict):
+            continue
+        if "error" in part:
+            lines.append(f"allow-list {role}: NOT reloaded, the previous one stays: {part['error']}")
+            continue
+        changes = [f"added {key}" for key in part.get("added") or []]
+        changes += [f"removed {key}" for key in part.get("removed") or []]
+        lines.append(f"allow-list {role}: {', '.join(changes) if changes else 'unchanged'}")
+    return lines
 
 
 def _status(s: dict[str, Any]) -> str:

@@ -163,14 +163,22 @@ class Target(Protocol):
     async def write(self, fields: dict[str, Any], last: str | None = None) -> None: ...
 
 
+MAX_ACK_TIMEOUT_MS = 3_600_000
+MAX_HEARTBEAT_MS = 60_000
+
+
 @declared
 class HandshakeSettings:
     """The keys every bridge config has (docs/PLC.md); a protocol's config declaration adds its own."""
 
-    ack_timeout_ms: Annotated[Number, Field(ge=1)] = 1000.0
+    # At most an hour: each result waits it for its ack, so past that one PLC in STOP holds the line's results for a
+    # shift, and 1e300 meant an ack that never came never raised the alarm.
+    ack_timeout_ms: Annotated[Number, Field(ge=1, le=MAX_ACK_TIMEOUT_MS)] = 1000.0
     poll_ms: Annotated[Number, Field(ge=1, le=10_000)] = 10.0
     queue_size: Annotated[Int, Field(ge=1, le=1_000_000)] = 64
-    heartbeat_ms: Annotated[Number, Field(ge=10)] = 1000.0
+    # At most a minute: the PLC tells a live bridge by the register changing, and this period is also how soon an
+    # alarm_reset is read and a cleared status word restored; 1e300 left the register still for good.
+    heartbeat_ms: Annotated[Number, Field(ge=10, le=MAX_HEARTBEAT_MS)] = 1000.0
     # With a journal: how many results the PLC may fall behind the newest before the bridge skips to the newest;
     # None: never skip (the catch-up hands over everything, however old).
     max_backlog: Annotated[Int, Field(ge=1)] | None = None

@@ -12,6 +12,7 @@ bug on a production line.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import ipaddress
 import operator
@@ -27,7 +28,7 @@ from pydantic_core import PydanticCustomError
 from engines.errors import EngineError
 from engines.runtime import BACKENDS, backend_class
 from engines.schema import Flag, Int, Number, check, declared, invalid, matching, one_of, refuse, show
-from inspectd.configfile import CameraId, ConfigPath, Endpoint, parse, read_yaml, resolve
+from inspectd.configfile import CameraId, ConfigPath, Endpoint, ipc_path_problem, parse, read_yaml, resolve
 from inspectd.daemon.inference import MASK_POLICIES
 from inspectd.daemon.ingest import SOURCES
 from inspectd.daemon.ingest.opencv import is_finite_url, scheme_of, video_device_of, video_path
@@ -111,7 +112,10 @@ else:  # the union of the sources' declarations, built from the registry (one li
 
 # Frames a camera's queue may hold: each is a whole image, so far more than this would only fill the memory.
 MAX_QUEUE = 10_000
-MAX_QUEUE_MB = 1 << 20  # a TiB: a typing slip past it is refused rather than taken as no bound
+# A TiB, for every size in MiB (queue, journal, archive): a typing slip past it is refused rather than taken as no
+# bound, and a float near its largest (1e303, written to mean "no limit") made int(max_mb * 2**20) infinite, an
+# OverflowError at start after `run --check` had passed it.
+MAX_MB = 1 << 20
 
 
 @declared
@@ -123,7 +127,7 @@ class QueueConfig:
     policy: Annotated[str, one_of(QUEUE_POLICIES)] = "drop_oldest"
     # The bytes of the images queued, in MiB: the frame count alone let a camera of large frames (50 MP in colour is
     # 150 MB a frame) hold gigabytes. Whichever bound comes first applies, with the policy.
-    max_mb: Annotated[Number, Field(gt=0, le=MAX_QUEUE_MB)] = 512.0
+    max_mb: Annotated[Number, Field(gt=0, le=MAX_MB)] = 512.0
 
     @property
     def max_bytes(self) -> int:
@@ -163,13 +167,20 @@ class CameraConfig:
         return raw
 
 
+# Two of the journal's smallest segments (64 KiB, shared by the cameras: inspectd.daemon.journal). Rotation deletes
+# whole closed segments to make room for the next, so under a cap this small the journal kept only each camera's open
+# segment (at 0.0001, one result), and the replay that bridges and `subscribe --since` catch up from was gone unsaid;
+# at 1e-9 the start failed (exit 1, retried). Here one camera keeps some 400 results, eight some 30 to 50 each.
+MIN_JOURNAL_MB = 0.125
+
+
 @declared
 class JournalConfig:
     # On by default: without a journal seq restarts at 0 after every restart, and subscribers and PLC bridges that
     # remember the last seq they saw would drop the new results as stale.
     enabled: Flag = True
     path: ConfigPath | None = None  # a directory (inspectd.protocol.journal); None: <state_dir>/journal
-    max_mb: Annotated[Number, Field(gt=0)] = 256.0
+    max_mb: Annotated[Number, Field(ge=MIN_JOURNAL_MB, le=MAX_MB)] = 256.0
     fsync_interval_s: Annotated[Number, Field(gt=0, le=60)] = 1.0  # the most a power cut may cost
 
 
@@ -270,7 +281,7 @@ class ArchiveConfig:
 
     enabled: Flag = True
     path: ConfigPath | None = None  # None: <state_dir>/archive
-    max_mb: Annotated[Number, Field(gt=0)] = 2048.0  # oldest frames deleted beyond it
+    max_mb: Annotated[Number, Field(gt=0, le=MAX_MB)] = 2048.0  # oldest frames deleted beyond it
     max_age_h: Annotated[Number, Field(gt=0)] = 168.0  # frames older than this are deleted
     good_every: Annotated[Int, Field(ge=0)] = 200  # keep one good frame in this many per camera; 0: none
     queue: Annotated[Int, Field(ge=1, le=4096)] = 32  # frames waiting for the writer; beyond it, not archived
@@ -303,12 +314,10 @@ class Config:
     @field_validator("state_dir", mode="after")
     @classmethod
     def _a_directory(cls, state_dir: Path) -> Path:
-        # Else the start fails on the first file made under it, naming that file's key (publish.journal.path). The
-        # first part of it that exists is the one the start would make the rest under.
-        existing = next((path for path in (state_dir, *state_dir.parents) if os.path.exists(path)), None)
-        if existing is not None and not os.path.isdir(existing):
-            beneath = "" if existing == state_dir else f"{state_dir}: "
-            raise invalid(f"{beneath}{existing} is not a directory, expected a directory (made at start when missing)")
+        # Else the start fails on the first file made under it, naming that file's key (publish.journal.path).
+        problem = _not_a_directory(state_dir)
+        if problem is not None:
+            raise invalid(problem)
         return state_dir
 
     def camera(self, camera_id: str) -> CameraConfig:
@@ -336,6 +345,11 @@ class Config:
             if "state_dir" not in info.data:
                 return control  # state_dir was refused: that is the error to report
             endpoint = f"ipc://{info.data['state_dir']}/control.sock"
+            problem = ipc_path_problem(endpoint)
+            if problem is not None:  # the bind at start would fail, exit 1, and be retried to no end
+                refuse(
+                    "endpoint", f"left out, so the default in state_dir {problem}; set it, or a shorter state_dir", None
+                )
             control = dataclasses.replace(control, endpoint=endpoint)
         if control.curve is None and not is_local_endpoint(endpoint):
             refuse(
@@ -370,6 +384,13 @@ class Config:
                     "under its state directory)",
                     str(path),
                 )
+        # A file where one of them goes: the journal's open failed at start (exit 1, retried), and the archive ran
+        # degraded for good, keeping no image. Their defaults under state_dir too.
+        archive = self.archive.path if self.archive.enabled else None
+        for path, loc in ((self.journal_path, ("publish", "journal", "path")), (archive, ("archive", "path"))):
+            problem = None if path is None else _not_a_directory(path)
+            if problem is not None:
+                refuse(loc, problem, str(path))
         return self
 
     @model_validator(mode="after")
@@ -478,6 +499,28 @@ class Config:
 ANY_HOST = frozenset({"*", "0.0.0.0", "::", "[::]"})
 # The one host name a station's config commonly binds to, as the address it stands for (no lookup at load).
 LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
+
+
+def _not_a_directory(directory: Path) -> str | None:
+    """Why `directory` cannot be the folder the start makes (or finds) there, None when it can: the first part of it
+    that exists, the one the start would make the rest under, is not a directory, or is a symbolic link to nothing
+    (which the start can neither make nor enter)."""
+    existing = next((path for path in (directory, *directory.parents) if os.path.lexists(path)), None)
+    if existing is None or os.path.isdir(existing):
+        return None
+    beneath = "" if existing == directory else f"{directory}: "
+    try:
+        os.stat(existing)
+    except FileNotFoundError:
+        return (
+            f"{beneath}{existing} is a symbolic link to {os.readlink(existing)!r}, which does not exist, expected a "
+            "directory or a link to one"
+        )
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{beneath}{existing} is a symbolic link loop, expected a directory or a link to one"
+        return None  # a target this user may not reach (run --check as another user): the start's to see
+    return f"{beneath}{existing} is not a directory, expected a directory (made at start when missing)"
 
 
 def _address(endpoint: str) -> tuple[str, ...]:

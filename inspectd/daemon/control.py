@@ -43,11 +43,13 @@ BUNDLE_LOCK_WAIT_S = 2.0
 RECEIVE_QUEUE = 16
 
 
-def _one_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """`exc` as one line for a reply or a log line; never fails (an exception with no text is named by its type)."""
     lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
     # Errors we raise on purpose already read as a sentence; anything else is a bug worth naming by type.
-    return text if isinstance(exc, (InspectdError, ValueError)) else f"{type(exc).__name__}: {text}"
+    return lines[0] if isinstance(exc, (InspectdError, ValueError)) else f"{type(exc).__name__}: {lines[0]}"
 
 
 REPLY_FIELDS = "control_reply_fields"  # the attribute mark_refusal sets on a handler's exception
@@ -154,7 +156,7 @@ class ControlServer:
                         reply = self.handle(message.bytes, client_identity(message))
                     except Exception as exc:  # a bug in one request's handling must not end the control channel
                         log.exception("control_request_crashed")
-                        reply = _dumps({"ok": False, "error": f"internal error: {_one_line(exc)}"})
+                        reply = _dumps({"ok": False, "error": f"internal error: {error_line(exc)}"})
                 try:
                     sock.send(reply)
                 except zmq.ZMQError as exc:  # one reply that cannot go must not silence the channel for the rest
@@ -191,7 +193,7 @@ class ControlServer:
             reply = {"ok": True, **(result or {})}
         except Exception as exc:  # the handler's failure is the client's answer, never the server's end
             self.refused += 1
-            error = _one_line(exc)
+            error = error_line(exc)
             fields = getattr(exc, REPLY_FIELDS, {})
             log.warning("control_request_failed", cmd=request.cmd, error=error, **({"reply": fields} if fields else {}))
             reply = {**fields, "ok": False, "error": error}

@@ -53,6 +53,16 @@ CAMERA_COUNTERS = (
     ("inspectd_frames_error", "Frames with verdict error per camera.", "errors"),
     ("inspectd_camera_reopen", "Attempts to reopen a failed camera source.", "reopen_count"),
     (
+        "inspectd_frames_discarded",
+        "Frames a paused live camera delivered and the daemon discarded, not inspected.",
+        "discarded",
+    ),
+    (
+        "inspectd_frames_not_accepted",
+        "Frames a zmq camera received but never took in (still in its socket when it was reopened or closed): lost.",
+        "not_accepted",
+    ),
+    (
         "inspectd_folder_replaced_unread",
         "Parts a folder camera lost: replaced under their name before they were read (a lower bound).",
         "replaced_unread",
@@ -100,6 +110,19 @@ class _StatusCollector(Collector):
             if "disposal_backlog" in stats:
                 backlog.add_metric([camera], int(stats["disposal_backlog"]))
         yield backlog
+        queued = GaugeMetricFamily(
+            "inspectd_queued", "Frames taken in and waiting in the camera's queue for the engine.", labels=["camera"]
+        )
+        for camera, stats in cameras.items():
+            if "queued" in stats:
+                queued.add_metric([camera], int(stats["queued"]))
+        yield queued
+        if "throughput_fps" in status:
+            yield GaugeMetricFamily(
+                "inspectd_throughput_fps",
+                "Frames judged per second over the last few seconds, every camera together.",
+                value=float(status["throughput_fps"]),
+            )
         yield from _drift_families(cameras)
         if "failed_batches" in status:
             yield CounterMetricFamily(
@@ -107,7 +130,11 @@ class _StatusCollector(Collector):
             )
         if "healthy" in status:
             yield GaugeMetricFamily(
-                "inspectd_healthy", "1 while the inference stage is healthy.", value=1 if status["healthy"] else 0
+                "inspectd_healthy",
+                "1 while the daemon is healthy: the engine's batches succeed, the pipeline moves (no batch stuck in "
+                "the engine, results taken by the publisher) and every serving thread runs; 0 otherwise (the "
+                "status's unhealthy list says why).",
+                value=1 if status["healthy"] else 0,
             )
         journal = status.get("journal")
         if journal:
@@ -287,9 +314,9 @@ class Metrics:
 
     `address` is (host, port); port 0 picks a free one (see `.address`); None serves nothing (render() still works).
     An IPv6 host (`::1`: the config's `[::1]:PORT` without its brackets) is served over IPv6.
-    `source`, when given, has `status()` returning the daemon's status dict (healthy, failed_batches, cameras:
-    {id: {frames_in, dropped, errors, reopen_count, state, drift}}, journal, archive, auth_refused), read once per
-    scrape.
+    `source`, when given, has `status()` returning the daemon's status dict (healthy, failed_batches, throughput_fps,
+    cameras: {id: {frames_in, dropped, errors, discarded, not_accepted, queued, reopen_count, state, drift}}, journal,
+    archive, auth_refused), read once per scrape.
     """
 
     def __init__(self, address: tuple[str, int] | None = ("127.0.0.1", 9108), source: Any = None) -> None:

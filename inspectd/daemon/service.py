@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -52,7 +53,13 @@ PUBLISH_GRACE_S = 2.0  # how long results already judged (or refused at shutdown
 SETTLE_S = 1.0
 PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, short enough to never hang
 IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
-STUCK_AFTER_S = 10.0  # a batch older than this without finishing means the pipeline is stuck
+STUCK_AFTER_S = 10.0  # a batch older than this without finishing means the pipeline is stuck...
+# ...or, for a batch this many times as long as its frames took in recent batches (a full batch of hundreds of frames
+# on a slow CPU), longer: a slow batch that finishes is no fault.
+STUCK_FACTOR = 4.0
+# ...but never past this: the factor rests on a warm-up (one-time set-up included) and on batches that decay only as
+# they finish, and a hung engine must not pass for a slow one for long.
+STUCK_MAX_S = 60.0
 STATE_LOCK = "inspectd.lock"  # in state_dir: held by the running daemon, holding its pid
 SERVICE_USER = "inspectd"  # the units' User=: `run --check` as root checks what it may read
 # How long the results endpoint may stay unbound (a rebind after a key reload that keeps failing, retried meanwhile)
@@ -97,6 +104,8 @@ class Daemon:
         self._inference_failed = False  # the inference thread ended on an exception: nothing is judged any more
         self._last_progress = time.monotonic()
         self._batch_started: float | None = None
+        # Seconds per frame of recent batches (a maximum that decays by a tenth per batch), seeded by the warm-up.
+        self._frame_s = 0.0
         self._frames_done = 0
         self._rate = (time.monotonic(), 0, 0.0)  # (when, frames_done then, fps) for throughput
 
@@ -126,7 +135,7 @@ class Daemon:
                     thresholds_version=state.thresholds_version,
                     samples_needed=monitor.min_samples,
                 )
-        state.warm_up()  # READY=1 then means the engine is warm
+        self._frame_s = self._timed_warm_up(state)  # READY=1 then means the engine is warm
         self.log.info(
             "model_loaded",
             model_id=state.model_id,
@@ -136,6 +145,7 @@ class Daemon:
             bit_depth=state.bundle.bit_depth,
             bundle=str(config.model.bundle),
         )
+        self._tell_unknown_cameras(state)
 
         self.ready = threading.Condition()
         self.queues = {
@@ -185,6 +195,8 @@ class Daemon:
         if self.archive is not None:
             self.archive.start()
         self.publisher.start()
+        # Loading and warming the model took as long as it took: no pass of the inference loop is overdue yet.
+        self._last_progress = time.monotonic()
         self._inference_thread.start()
         self.control = ControlServer(self.config.control.endpoint, self, curve=self.control_curve)
         self.control.start()
@@ -341,13 +353,18 @@ class Daemon:
         t0 = self._batch_started = time.monotonic()
         was_healthy = self.stage.healthy
         results = self.stage.run_batch(batch)
+        took = time.monotonic() - t0
+        self._frame_s = max(took / len(batch), 0.9 * self._frame_s)
         self._batch_started = None
+        # Progress from the batch's end: results a full publish queue does not take count from here, not from
+        # before a long batch began.
+        self._last_progress = time.monotonic()
         for judged in results:
             self.publisher.submit(judged)
         self._in_flight = []  # handed over: none of them is left without a result should this thread end now
         self._frames_done += len(results)
         if self.metrics is not None:
-            self.metrics.observe_batch(len(results), time.monotonic() - t0)
+            self.metrics.observe_batch(len(results), took)
         if was_healthy != self.stage.healthy:
             self.log.warning("health_changed", healthy=self.stage.healthy, last_error=self.stage.last_error)
 
@@ -500,10 +517,52 @@ class Daemon:
         thread that serves outside input is still there to serve it."""
         if not self.stage.healthy or self._inference_done.is_set() or self.dead_threads():
             return False
-        started = self._batch_started
-        if started is not None and time.monotonic() - started > STUCK_AFTER_S:
-            return False
-        return time.monotonic() - self._last_progress < STUCK_AFTER_S
+        return self._stuck() is None
+
+    def _stuck(self) -> str | None:
+        """Why the inference thread counts as stuck (one line), or None: a batch in the engine for longer than
+        STUCK_AFTER_S or STUCK_FACTOR times what its frames took in recent batches, whichever is longer (at most
+        STUCK_MAX_S), or no pass of its loop for STUCK_AFTER_S outside a batch (results it cannot hand on to a full
+        publish queue). An idle line is not stuck: with nothing waiting the loop still comes round every
+        IDLE_TICK_S."""
+        now = time.monotonic()
+        started, frames = self._batch_started, len(self._in_flight)
+        if started is not None:
+            limit = min(STUCK_MAX_S, max(STUCK_AFTER_S, STUCK_FACTOR * self._frame_s * frames))
+            if now - started <= limit:
+                return None
+            return (
+                f"engine stuck: a batch of {frames} frame(s) has run for {now - started:.1f} s (more than {limit:.1f} "
+                f"s: {STUCK_FACTOR:g} times what its frames took in recent batches, {STUCK_AFTER_S:g} to "
+                f"{STUCK_MAX_S:g} s)"
+            )
+        overdue = now - self._last_progress >= STUCK_AFTER_S
+        if overdue:
+            return (
+                f"pipeline stuck: the inference thread has not come round for {now - self._last_progress:.0f} s "
+                f"(more than {STUCK_AFTER_S:g} s; results not taken by the publisher?)"
+            )
+        return None
+
+    def health_problems(self) -> list[str]:
+        """What makes the daemon unhealthy, one line each; empty while healthy. The same conditions as withhold the
+        watchdog's WATCHDOG=1, so the status (ctl, the PUB status the PLC bridge lowers TriggerReady on, the metric)
+        says unhealthy from the moment systemd is no longer told the pipeline moves, not only once it restarts it.
+        While stopping, the drain's end (the inference thread done, no further pass) is no fault."""
+        problems = []
+        if not self.stage.healthy:
+            problems.append(
+                f"inference: {self.stage.consecutive_failures} batches failed in a row "
+                f"(last error: {self.stage.last_error})"
+            )
+        dead = self.dead_threads()
+        if dead:
+            problems.append(f"threads ended: {', '.join(dead)}")
+        if not self._stopping.is_set() and self._inference_thread.ident is not None and not dead:
+            stuck = self._stuck()
+            if stuck is not None:
+                problems.append(stuck)
+        return problems
 
     def dead_threads(self) -> list[str]:
         """Threads that ended while they should be serving: each is a part of the daemon that no longer answers
@@ -569,9 +628,11 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         state = self.stage.state
+        problems = self.health_problems()
         return {
             "station": self.config.station,
-            "healthy": self.stage.healthy and not self.dead_threads(),
+            "healthy": not problems,
+            "unhealthy": problems,
             "model_id": state.model_id,
             "thresholds_version": state.thresholds_version,
             "uptime_s": round(time.monotonic() - self.t_start, 3),
@@ -589,11 +650,13 @@ class Daemon:
     def status_message(self) -> dict[str, Any]:
         """The periodic status on the PUB socket (see messages.STATUS_FIELDS)."""
         state = self.stage.state
+        problems = self.health_problems()
         return {
             "t": time.time(),
             "interval_s": self.config.publish.status_interval_s,  # when the next one is due: a client's staleness
             "uptime_s": round(time.monotonic() - self.t_start, 3),
-            "healthy": self.stage.healthy and not self.dead_threads(),
+            "healthy": not problems,
+            "unhealthy": problems,
             "model_id": state.model_id,
             "thresholds_version": state.thresholds_version,
             "throughput_fps": round(self.throughput(), 3),
@@ -607,22 +670,35 @@ class Daemon:
         self.log.info("reload_started", bundle=str(self.config.model.bundle))
         # Key allow-lists first, and whatever the model does: revoking a client must not wait on a good bundle.
         allow_lists = self._reload_allow_lists()
-        with self._reload_lock:
-            self._refuse_when_stopping()
-            old = self.stage.state
-            new = self._open_reloaded()
-            try:
-                # Shutdown closes the engines once, under this lock: one swapped in after it would never be closed.
+        try:
+            with self._reload_lock:
                 self._refuse_when_stopping()
-            except BaseException:
-                new.close()
-                raise
-            self._retired.append(self.stage.swap(new))
+                old = self.stage.state
+                new, frame_s = self._open_reloaded()
+                try:
+                    # Shutdown closes the engines once, under this lock: one swapped in after it would never be
+                    # closed.
+                    self._refuse_when_stopping()
+                except BaseException:
+                    new.close()
+                    raise
+                self._retired.append(self.stage.swap(new))
+                # The larger of the two: a batch of the old engine may still be running, and the new may be slower.
+                self._frame_s = max(self._frame_s, frame_s)
+        except Exception as exc:
+            from inspectd.daemon.control import mark_refusal
+
+            # The lists were reloaded all the same: an operator revoking a key while the bundle is refused is told
+            # who was removed (and which list failed), beside the refusal.
+            if allow_lists:  # none without CurveZMQ: the refusal's reply stays as it was
+                mark_refusal(exc, allow_lists=allow_lists)
+            raise
         # A reload that reads the same model and document back (one run to revoke a key, or a routine systemctl
         # reload) keeps every window and a raised alarm. By what each monitor judges by, not the version: a version
         # written over on disk judges by other values, and one that changes a camera's override leaves the others'.
         for camera in self.ingest:
             self._follow_drift(camera, new)
+        self._tell_unknown_cameras(new)
         self.log.info(
             "reloaded",
             model_id=new.model_id,
@@ -632,7 +708,22 @@ class Daemon:
         )
         return {"model_id": new.model_id, "thresholds_version": new.thresholds_version, "allow_lists": allow_lists}
 
-    def _open_reloaded(self) -> ModelState:
+    def _tell_unknown_cameras(self, state: ModelState) -> None:
+        """A camera override the daemon has no camera for judges nothing: written by `calibrate --camera` without
+        --apply under a mistyped id (cam01 for cam1), it would otherwise be taken without a word while the operator
+        believes the camera recalibrated. Said at every start and reload, as `run --check` notes it."""
+        running = [camera.id for camera in self.config.cameras]
+        unknown = cameras_not_run(state.thresholds.per_camera, running)
+        if unknown:
+            self.log.warning(
+                "thresholds_unknown_cameras",
+                cameras=unknown,
+                thresholds_version=state.thresholds_version,
+                running=running,
+                effect="these overrides judge nothing (a mistyped calibrate --camera, or a camera out of the config)",
+            )
+
+    def _open_reloaded(self) -> tuple[ModelState, float]:
         """model.bundle opened, checked and warmed up beside the running model (the swap costs the line nothing). A
         failure here is the bundle's own (its files, bit depth, engine, score shift), which the daemon's next start
         would meet too: its control reply says so (BUNDLE_REFUSED), so the tool that wrote the bundle can put back
@@ -646,7 +737,7 @@ class Daemon:
                 accept=self._same_bit_depth,
             )
             try:
-                new.warm_up()
+                frame_s = self._timed_warm_up(new)
             except BaseException:
                 # Its session (on a GPU, its device memory) would stay held until the garbage collector found it,
                 # another engine each retry, while the running one holds its own: the next reload runs out sooner.
@@ -662,7 +753,13 @@ class Daemon:
             if not isinstance(exc, ChangedOnDisk):
                 mark_refusal(exc, **{BUNDLE_REFUSED: True})
             raise
-        return new
+        return new, frame_s
+
+    def _timed_warm_up(self, state: ModelState) -> float:
+        """Warm `state`'s engine up; the seconds per frame it took (lazy initialisation included: an upper bound)."""
+        t0 = time.monotonic()
+        state.warm_up()
+        return (time.monotonic() - t0) / min(2, state.engine.max_batch)
 
     def _same_bit_depth(self, bundle) -> None:
         """Cameras that narrow 16-bit frames by the bundle's depth do so by the depth of the bundle the daemon started
@@ -712,12 +809,24 @@ class Daemon:
             new = thresholds_doc.parse(doc)
         except thresholds_doc.ThresholdsError as exc:
             raise InspectdError(str(exc)) from None
-        with self._reload_lock:
+        # A reload (SIGHUP's thread) holds this lock while it opens and warms the new bundle, minutes on a GPU: the
+        # control thread answers one request at a time, so an unbounded wait here would leave every client, `status`
+        # too, unanswered for as long, and the version would land after its sender gave up.
+        if not self._reload_lock.acquire(timeout=BUNDLE_LOCK_WAIT_S):
+            what = "rollback" if own_history else "set_thresholds"
+            raise InspectdError(
+                f"{what}: a reload of the bundle is under way (still after {BUNDLE_LOCK_WAIT_S:g} s), nothing "
+                "written: expected the request again once it has ended (the log's reloaded or reload_failed line)"
+            )
+        try:
             state = self.stage.state
             if new.version <= state.thresholds_version:
                 raise InspectdError(
                     f"thresholds.version: {new.version}, expected more than the current {state.thresholds_version}"
                 )
+            kept = own_history or _builds_on(new, state.thresholds)
+            if not kept:
+                new = dataclasses.replace(new, history=thresholds_doc.history_after(state.thresholds))
             if not force:
                 if not own_history:
                     self._check_thresholds_fit(new, state)
@@ -734,6 +843,8 @@ class Daemon:
                 # Written, and what the next load reads: judged by from now on too, or the disk and the line differ.
                 self.log.warning("thresholds_not_durable", thresholds_version=new.version, error=str(exc))
             self.stage.swap(judged_by)
+        finally:
+            self._reload_lock.release()
         for camera in self.ingest:
             self._follow_drift(camera, self.stage.state)
         self.log.info(
@@ -742,6 +853,7 @@ class Daemon:
             image_threshold=new.image_threshold,
             pixel_threshold=new.pixel_threshold,
             previous_version=state.thresholds_version,
+            history="sent" if kept else "the running document's",
         )
         return {"thresholds_version": new.version}
 
@@ -790,12 +902,32 @@ class Daemon:
         return {"camera": camera, "paused": False}
 
 
+def _builds_on(new: Any, current: Any) -> bool:
+    """Whether the history `new` carries was built on the running document `current`: its entries up to `current`'s
+    version are `current` and `current`'s history, as they are (calibrate --apply's next_version of the bundle's
+    thresholds.json, maybe over versions written to disk since the daemon loaded it, which it keeps). Any other
+    history (a hand-written document's none, another model's or an old copy's) would replace the daemon's own: gone
+    from `ctl rollback`, which would then restore what another model's thresholds were."""
+    earlier = [
+        entry
+        for entry in new.history
+        if not isinstance(entry.get("version"), int)
+        or isinstance(entry.get("version"), bool)
+        or entry["version"] <= current.version
+    ]
+    from engines.bundle import thresholds as thresholds_doc
+
+    return bool(earlier) and earlier == thresholds_doc.history_after(current)[: len(earlier)]
+
+
 def _close_all(states: list[ModelState]) -> None:
     for state in states:
         try:
             state.close()
         except Exception as exc:  # a failing teardown of a replaced engine must not take anything else with it
-            structlog.get_logger("inspectd").warning("retired_engine_close_failed", error=str(exc).splitlines()[0])
+            from inspectd.daemon.control import error_line
+
+            structlog.get_logger("inspectd").warning("retired_engine_close_failed", error=error_line(exc))
 
 
 # Without recorded scores (documents from before calibration recorded them), a new threshold may move this far (as a
@@ -1003,7 +1135,9 @@ def _reload(daemon: Daemon, log) -> None:
     try:
         daemon.reload()
     except Exception as exc:  # a bad bundle on disk must not take the running line down
-        log.error("reload_failed", error=str(exc).splitlines()[0])
+        from inspectd.daemon.control import error_line
+
+        log.error("reload_failed", error=error_line(exc))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1089,6 +1223,7 @@ def run(args: argparse.Namespace) -> int:
         progressing = daemon.progressing()
         if progressing:
             notifier.watchdog()
+        problems = [] if progressing else daemon.health_problems()
         if progressing != healthy:
             healthy = progressing
             log.warning(
@@ -1096,10 +1231,11 @@ def run(args: argparse.Namespace) -> int:
                 progressing=progressing,
                 healthy=daemon.stage.healthy,
                 dead_threads=daemon.dead_threads(),
+                problems=problems,
             )
         notifier.status(
             f"{daemon.throughput():.1f} frames/s, {daemon.publisher.published} published, "
-            f"{'healthy' if progressing else 'UNHEALTHY'}"
+            + ("healthy" if progressing else f"UNHEALTHY: {'; '.join(problems) or 'no progress'}")
         )
         if stop.is_set() or (wake.wait(tick) and stop.is_set()):
             break

@@ -8,11 +8,14 @@ from typing import Any
 
 
 def status_alarms(status: dict[str, Any]) -> list[str]:
-    """The alarms a status names: inference unhealthy, journal or archive degraded, a camera that is not running
-    (with its last error), a drift alarm and the test that raised it, a false-reject warning."""
+    """The alarms a status names: why the daemon is unhealthy (engine failing or stuck, a thread ended), journal or
+    archive degraded, a camera that is not running (with its last error), a drift alarm and the test that raised it,
+    a false-reject warning."""
     out = []
     if status.get("healthy") is False:
-        out.append("inference unhealthy")
+        reasons = status.get("unhealthy")  # a daemon older than the field sends none: the generic line then
+        reasons = [str(r) for r in reasons if r] if isinstance(reasons, list) else []
+        out += [f"unhealthy: {reason}" for reason in reasons] or ["inference unhealthy"]
     for name in ("journal", "archive"):
         part = status.get(name)
         if isinstance(part, dict) and part.get("degraded"):
