@@ -1662,9 +1662,11 @@ def test_client_mode_writes_a_rising_result_valid_in_a_request_after_the_verdict
     assert (fail, False) in falls, writes
 
 
-def test_server_mode_refuses_an_ack_or_alarm_reset_written_as_an_array_and_serves_on(tmp_path, shelf_server):
-    """asyncua checks a client write's type, not its rank: Ack or AlarmReset written as an array (an HMI tag set up
-    as one, a script) is refused with BadTypeMismatch and a warning, the variable keeps what it held, and the
+def test_server_mode_takes_an_ack_of_another_integer_type_and_refuses_arrays_and_serves_on(tmp_path, shelf_server):
+    """An Ack written as a PLC's Int32 (or an AlarmReset as 1) is taken as the variable's type, where asyncua alone
+    would refuse it and every ack would time out. asyncua checks a client write's type, not its rank: Ack or
+    AlarmReset written as an array (an HMI tag set up as one, a script) is refused with BadTypeMismatch and a
+    warning, as is a negative Ack, a Double one or an AlarmReset of 2; the variable keeps what it held, and the
     bridge reads it as before. A non-scalar that gets in some other way reads as the last whole number, never an
     exception that would end the bridge."""
     from inspectd.clients.opcua import ServerLink
@@ -1684,17 +1686,25 @@ def test_server_mode_refuses_an_ack_or_alarm_reset_written_as_an_array_and_serve
             ack = client.get_node(f"ns={index};s={CAMERA}.Ack")
             reset = client.get_node(f"ns={index};s={CAMERA}.AlarmReset")
             for node, variant in (
+                (ack, ua.Variant(3, ua.VariantType.Int32)),  # a PLC's DINT: taken as the UInt32 it fits
+                (reset, ua.Variant(1, ua.VariantType.Int16)),
                 (ack, ua.Variant(5, ua.VariantType.UInt32)),
                 (ack, ua.Variant([7, 7], ua.VariantType.UInt32)),
                 (reset, ua.Variant([True, True], ua.VariantType.Boolean)),
+                (ack, ua.Variant(-1, ua.VariantType.Int32)),
+                (ack, ua.Variant(6.0, ua.VariantType.Double)),
+                (reset, ua.Variant(2, ua.VariantType.Byte)),
             ):
                 try:
                     await node.write_value(ua.DataValue(variant))
                     outcomes.append("accepted")
                 except ua.UaStatusCodeError as exc:
                     outcomes.append(type(exc).__name__)
+                if len(outcomes) == 2:
+                    reads["first_ack"] = await target.read("ack")
+                    reads["reset"] = await reset.read_data_value()
             reads["ack"], reads["alarm_reset"] = await target.read("ack"), await target.read("alarm_reset")
-            reads["held"] = await ack.read_value()
+            reads["held"] = await ack.read_data_value()
             array = ua.DataValue(ua.Variant([9, 9], ua.VariantType.UInt32))
             await link.server.write_attribute_value(target.nodes["ack"].nodeid, array)
             reads["after_inside"] = await target.read("ack")
@@ -1705,13 +1715,18 @@ def test_server_mode_refuses_an_ack_or_alarm_reset_written_as_an_array_and_serve
 
     with structlog.testing.capture_logs() as logs:
         outcomes, reads = asyncio.run(writes())
-    assert outcomes == ["accepted", "BadTypeMismatch", "BadTypeMismatch"], outcomes
-    assert reads == {"ack": 5, "alarm_reset": 0, "held": 5, "after_inside": 5}, reads
+    assert outcomes == ["accepted"] * 3 + ["BadTypeMismatch"] * 5, outcomes
+    held, reset = reads.pop("held"), reads.pop("reset")
+    assert (held.Value.Value, held.Value.VariantType) == (5, ua.VariantType.UInt32), held
+    assert (reset.Value.Value, reset.Value.VariantType) == (True, ua.VariantType.Boolean), reset
+    assert reads == {"first_ack": 3, "ack": 5, "alarm_reset": 1, "after_inside": 5}, reads
     refused = [entry for entry in logs if entry["event"] == "plc_write_refused"]
+    # One warning per variable within REFUSED_WRITE_LOG_S; the later refusals are counted for the next one.
     assert [(entry["variable"], entry["log_level"]) for entry in refused] == [
         ("Ack", "warning"),
         ("AlarmReset", "warning"),
     ], refused
+    assert refused[0]["expected"] == "a scalar UInt32, or a whole number 0..4294967295 of an integer type", refused
 
 
 def test_server_mode_keeps_missed_acks_and_sequence_gaps_in_its_state_file_across_a_restart(

@@ -24,9 +24,10 @@ the flags ResultValid is written last when it rises and first when it falls (`_e
 data-change notifications never sees it valid next to the previous result's Pass/Fail/Defect. The handshake itself is
 inspectd.clients.handshake's, shared with Modbus.
 
-In server mode Ack and AlarmReset are the only variables a client may write: a write of anything but a scalar to them
-(an array: asyncua checks a write's type, not its rank) is refused with BadTypeMismatch and a warning, and the bridge
-serves on.
+In server mode Ack and AlarmReset are the only variables a client may write. A whole number of another type that fits
+(an Ack written as a PLC's Int32, an AlarmReset written as 1) is taken as the variable's type; anything else (an
+array: asyncua checks a write's type, not its rank; a fraction; a negative Ack) is refused with BadTypeMismatch and a
+warning, and the bridge serves on.
 
 Security (`security`): Basic256Sha256 with SignAndEncrypt, with this bridge's certificate and key; in server mode
 only that endpoint is offered and a client's certificate must be in the `trusted` folder; in client mode `trusted`
@@ -126,7 +127,9 @@ class OpcUaConfig(HandshakeSettings):
     security: Security | None = None
     request_timeout_ms: Annotated[Number, Field(ge=10, le=MAX_REQUEST_TIMEOUT_MS)] = 2000.0
     score_when_none: Number = 0.0  # Score and Threshold of an error result (no score): a PLC reads Verdict first
-    session_timeout_ms: Annotated[Int, Field(ge=1000)] = 30_000
+    # At most an hour (servers commonly revise a longer one down to about that): how long the server keeps a session
+    # whose bridge went away. A number past what a double holds made asyncua fail at connect, blaming the connection.
+    session_timeout_ms: Annotated[Int, Field(ge=1000, le=3_600_000)] = 30_000
 
     @field_validator("cache_dir", mode="after")
     @classmethod
@@ -509,7 +512,7 @@ class ServerLink:
                 variable=NAMES[name][0],
                 value=shown if len(shown) <= 80 else shown[:77] + "...",
                 refused=untold,
-                expected=f"a scalar {NAMES[name][1]}",
+                expected=_written_form(NAMES[name][1]),
                 effect="refused (BadTypeMismatch to the client); the bridge serves on; told at most every "
                 f"{REFUSED_WRITE_LOG_S:.0f} s",
             )
@@ -517,9 +520,11 @@ class ServerLink:
         self._refused[(camera, name)] = (untold, told_at)
 
     async def _screen(self, event: Any, _dispatcher: Any) -> None:
-        """Before a client's Write is applied: a value for Ack or AlarmReset that is not one whole number or Boolean
-        (an array, which asyncua's own type check lets through) is swapped for one of a type the variable does not
-        hold, so that asyncua refuses that item with BadTypeMismatch and keeps the variable as it was."""
+        """Before a client's Write is applied: a whole number of another integer type (a PLC's DINT is an Int32) that
+        the variable's type holds is taken as that type, since asyncua would refuse it with BadTypeMismatch and the
+        PLC's acks would all time out. Anything else (an array, which asyncua's own type check lets through, a
+        fraction, a value out of range) is swapped for one of a type the variable does not hold, so that asyncua
+        refuses that item and keeps the variable as it was."""
         ua = self.ua
         for item in event.request_params.NodesToWrite:
             where = self._written_by_plc.get(item.NodeId)
@@ -528,9 +533,16 @@ class ServerLink:
             variant = item.Value.Value
             if variant is None or variant.Value is None:  # a null (or a bad status) reads as 0: no ack, no reset
                 continue
-            if not variant.is_array and variant.Dimensions is None and _integer(variant.Value) is not None:
-                continue
-            item.Value = ua.DataValue(ua.Variant(f"refused: expected a scalar {NAMES[where[1]][1]}"))
+            kind = NAMES[where[1]][1]
+            if not variant.is_array and variant.Dimensions is None:
+                if variant.VariantType == getattr(ua.VariantType, kind):
+                    continue
+                number = _integer(variant.Value) if variant.VariantType.name in _INTEGERS else None
+                if number is not None and 0 <= number <= _written_top(kind):
+                    value = bool(number) if kind == "Boolean" else number
+                    item.Value = dataclasses.replace(item.Value, Value=ua.Variant(value, getattr(ua.VariantType, kind)))
+                    continue
+            item.Value = ua.DataValue(ua.Variant(f"refused: expected {_written_form(kind)}"))
             self.refused_write(*where, variant.Value)
 
     def remember(self, camera: str, update: dict[str, int]) -> None:
@@ -795,6 +807,16 @@ def _integer(value: Any) -> int | None:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     return None
+
+
+def _written_top(kind: str) -> int:
+    """The largest whole number a client may write to a variable of this type (Ack, AlarmReset)."""
+    return 1 if kind == "Boolean" else _top(kind)
+
+
+def _written_form(kind: str) -> str:
+    """What a client's write to a variable of this type must be, for the refusal's warning."""
+    return f"a scalar {kind}, or a whole number 0..{_written_top(kind)} of an integer type"
 
 
 def _top(kind: str) -> int:
