@@ -3,6 +3,8 @@ subscribes, stops it and prints the summary."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -148,19 +150,35 @@ def trained_workdir(tmp_path_factory) -> Path:
     return workdir
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_demo_stopped_by_a_signal_stops_its_daemon(trained_workdir, tmp_path, signum):
-    """Ctrl-C is the obvious way to end a demo early: one line, exit 130, and the summary of what it showed. SIGTERM
-    (a job's timeout) ends it too; neither may leave its daemon streaming on, the next demo binding over it."""
-    args = ["demo", "--workdir", str(trained_workdir), "--duration", "120", "--cameras", "1", "--rate", "8"]
+VERDICT = re.compile(r"^cam0 seq=\d+ (ok|defect)", re.M)  # one camera's verdict line as the demo prints it
+
+
+@contextlib.contextmanager
+def demo_showing_verdicts(args: list[str], tmp_path: Path):
+    """The demo of `args` (output in tmp_path/out and err), once it has shown three verdicts: (the demo's process, its
+    daemon's pid). The demo and its daemon are killed after, whatever the test did."""
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         proc = cli(args, out, err)
     daemons: list[int] = []
     try:
-        verdict = re.compile(r"^cam0 seq=\d+ (ok|defect)", re.M)
-        wait_for(lambda: len(verdict.findall((tmp_path / "out").read_text())) >= 3, 150, "three verdicts shown")
+        wait_for(lambda: len(VERDICT.findall((tmp_path / "out").read_text())) >= 3, 150, "three verdicts shown")
         daemons = daemon_children(proc.pid)
         assert len(daemons) == 1
+        yield proc, daemons[0]
+    finally:
+        daemons = daemons or daemon_children(proc.pid)
+        proc.kill()
+        proc.wait()
+        kill_daemons(daemons)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_demo_stopped_by_a_signal_stops_its_daemon(trained_workdir, tmp_path, signum):
+    """Ctrl-C is the obvious way to end a demo early: one line, exit 130, and the summary of what it showed. SIGTERM
+    (a job's timeout, `timeout 60 make demo`) ends it too, with exit 143 and the summary, which it once left out;
+    neither may leave its daemon streaming on, the next demo binding over it."""
+    args = ["demo", "--workdir", str(trained_workdir), "--duration", "120", "--cameras", "1", "--rate", "8"]
+    with demo_showing_verdicts(args, tmp_path) as (proc, daemon):
         if signum == signal.SIGINT:
             os.killpg(proc.pid, signum)  # as a terminal sends it: to the demo and its daemon
         else:
@@ -169,19 +187,13 @@ def test_a_demo_stopped_by_a_signal_stops_its_daemon(trained_workdir, tmp_path, 
         assert proc.wait(60) == code, (tmp_path / "err").read_text()[-2000:]
         err_text, out_text = (tmp_path / "err").read_text(), (tmp_path / "out").read_text()
         assert err_text.strip().splitlines()[-1] == f"inspectd demo: {said}" and "Traceback" not in err_text
-        wait_for(lambda: not is_daemon(daemons[0]), 10, "the daemon to be gone")
-        if signum == signal.SIGINT:
-            assert "summary: interrupted" in out_text
-            frames = int(re.search(r"summary: (\d+) frames from 1 camera", out_text).group(1))
-            # Counted, then printed: a Ctrl-C between the two leaves one counted that was not shown.
-            assert frames - len(verdict.findall(out_text)) in (0, 1) and frames >= 3
-            daemon_log = (trained_workdir / "daemon.log").read_text(errors="replace")
-            assert "daemon exit status 0" in out_text, err_text[-1000:] + out_text[-500:] + daemon_log[-3000:]
-    finally:
-        daemons = daemons or daemon_children(proc.pid)
-        proc.kill()
-        proc.wait()
-        kill_daemons(daemons)
+        wait_for(lambda: not is_daemon(daemon), 10, "the daemon to be gone")
+        assert "summary: interrupted" in out_text
+        frames = int(re.search(r"summary: (\d+) frames from 1 camera", out_text).group(1))
+        # Counted, then printed: a stop between the two leaves one counted that was not shown.
+        assert frames - len(VERDICT.findall(out_text)) in (0, 1) and frames >= 3
+        daemon_log = (trained_workdir / "daemon.log").read_text(errors="replace")
+        assert "daemon exit status 0" in out_text, err_text[-1000:] + out_text[-500:] + daemon_log[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -200,29 +212,22 @@ def test_a_second_stop_while_the_daemon_drains_kills_it_and_ends_the_demo_at_onc
     """After its first stop the demo waits up to 30 s for its daemon to drain. A second SIGTERM was ignored there; a
     Ctrl-C ended the demo without its summary, and `kill -INT` after SIGTERM left the daemon draining on the sockets
     and state lock the next demo binds. The daemon is held stopped (SIGSTOP) here: a drain that does not end. The
-    first stop says how the demo ends; after Ctrl-C the summary still follows."""
+    first stop says how the demo ends; the summary still follows."""
     workdir = tmp_path / "w"  # its own: the killed daemon leaves its journal unclean for the next demo in it
     shutil.copytree(trained_workdir / "bundle", workdir / "bundle")
     args = ["demo", "--workdir", str(workdir), "--duration", "120", "--cameras", "1", "--rate", "8"]
-    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-        proc = cli(args, out, err)
-    daemons: list[int] = []
+    with demo_showing_verdicts(args, tmp_path) as (proc, daemon):
 
-    def stop(signum: int) -> None:
-        if signum == signal.SIGINT and first == signal.SIGINT:
-            os.killpg(proc.pid, signum)  # Ctrl-C at a terminal: to the demo and its daemon
-        else:
-            proc.send_signal(signum)  # `kill PID`: to the demo alone
+        def stop(signum: int) -> None:
+            if signum == signal.SIGINT and first == signal.SIGINT:
+                os.killpg(proc.pid, signum)  # Ctrl-C at a terminal: to the demo and its daemon
+            else:
+                proc.send_signal(signum)  # `kill PID`: to the demo alone
 
-    try:
-        verdict = re.compile(r"^cam0 seq=\d+ (ok|defect)", re.M)
-        wait_for(lambda: len(verdict.findall((tmp_path / "out").read_text())) >= 3, 150, "three verdicts shown")
-        daemons = daemon_children(proc.pid)
-        assert len(daemons) == 1
-        os.kill(daemons[0], signal.SIGSTOP)
-        wait_for(lambda: held_stopped(daemons[0]), 10, "the daemon to be held stopped")
+        os.kill(daemon, signal.SIGSTOP)
+        wait_for(lambda: held_stopped(daemon), 10, "the daemon to be held stopped")
         stop(first)
-        wait_for(lambda: signal_pending(daemons[0], signal.SIGTERM), 30, "the demo to stop its daemon")
+        wait_for(lambda: signal_pending(daemon, signal.SIGTERM), 30, "the demo to stop its daemon")
         stop(second)
         code, said = stopped_by(first)
         try:
@@ -231,16 +236,10 @@ def test_a_second_stop_while_the_daemon_drains_kills_it_and_ends_the_demo_at_onc
             pytest.fail(f"the demo still waits for its daemon 20 s after {signal.Signals(second).name}")
         err_text, out_text = (tmp_path / "err").read_text(), (tmp_path / "out").read_text()
         assert err_text.strip().splitlines()[-1] == f"inspectd demo: {said}" and "Traceback" not in err_text
-        wait_for(lambda: not is_daemon(daemons[0]), 10, "the daemon to be gone")
-        if first == signal.SIGINT:
-            assert "summary: interrupted" in out_text
-            assert re.search(r"summary: \d+ frames from 1 camera", out_text), out_text[-2000:]
-            assert f"daemon exit status {-signal.SIGKILL}" in out_text
-    finally:
-        daemons = daemons or daemon_children(proc.pid)
-        proc.kill()
-        proc.wait()
-        kill_daemons(daemons)
+        wait_for(lambda: not is_daemon(daemon), 10, "the daemon to be gone")
+        assert "summary: interrupted" in out_text
+        assert re.search(r"summary: \d+ frames from 1 camera", out_text), out_text[-2000:]
+        assert f"daemon exit status {-signal.SIGKILL}" in out_text
 
 
 def test_a_demo_killed_outright_does_not_leave_its_daemon_streaming(trained_workdir, tmp_path):
@@ -307,12 +306,120 @@ def test_a_demo_stopped_before_its_first_result_invents_no_figures(trained_workd
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130, (tmp_path / "err").read_text()[-2000:]
         out_text = (tmp_path / "out").read_text()
-        assert "summary: interrupted" in out_text and "summary: 0 frames from 1 camera" in out_text
-        assert "summary: latency: no result received" in out_text and "(catch rate -)" in out_text
-        assert "nan" not in out_text and " 0.0 ms" not in out_text
+        assert "summary: interrupted" in out_text
+        # No figure at all, as the README says: 0 frames, 0 planted and 0.0 frames/s were printed before.
+        assert "summary: no result received before the stop, so no figures" in out_text
+        assert "frames/s" not in out_text and "planted" not in out_text and " 0.0 " not in out_text
         wait_for(lambda: not any(map(is_daemon, daemons)), 10, "the daemon to be gone")
     finally:
         daemons = daemons or daemon_children(proc.pid)
         proc.kill()
         proc.wait()
         kill_daemons(daemons)
+
+
+def test_demo_refuses_in_one_line_a_workdir_too_long_for_its_ipc_sockets(trained_workdir, tmp_path):
+    """The demo's endpoints are ipc:// sockets in its workdir, whose path a Unix socket holds up to 107 bytes: a deep
+    workdir ended in ZeroMQ's 'File name too long' traceback after the model was ready."""
+    workdir = tmp_path / ("d" * max(1, 120 - len(str(tmp_path))))
+    shutil.copytree(trained_workdir / "bundle", workdir / "bundle")
+    proc = demo("--workdir", str(workdir), "--duration", "1", "--cameras", "1")
+    longest = len(os.fsencode(workdir / "control.sock"))
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert proc.stderr == (
+        f"inspectd demo: --workdir {workdir}: path too long for the demo's ZeroMQ ipc sockets in it ({longest} bytes "
+        "with control.sock, at most 107); give a shorter --workdir\n"
+    )
+
+
+def test_demo_without_torch_says_in_one_line_that_training_needs_the_train_extra(tmp_path):
+    """A runtime-only install (no torch) and no model in the workdir: the demo's training import ended in a
+    ModuleNotFoundError traceback, where the other training commands say what to install."""
+    workdir = tmp_path / "w"
+    code = (
+        "import sys; sys.modules['torch'] = None; from inspectd.cli import main; "
+        f"sys.exit(main(['demo', '--workdir', {str(workdir)!r}, '--train-frames', '4', '--size', '32']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr == (
+        "inspectd demo: training the demo model needs the Python package 'torch', which is not installed (pip "
+        f"install 'inspectd[train]'), or put a bundle in {workdir / 'bundle'}\n"
+    )
+    assert not (workdir / "train_good").exists()
+
+
+def test_a_retrained_demo_trains_on_its_own_frames_only(tmp_path):
+    """With the bundle deleted to retrain, the demo wrote its frames beside those of an earlier run and trained on
+    them all (16 frames where it said 8); a camera folder a killed run left made its rmdir fail. Frames that are not
+    the demo's are refused, not deleted."""
+    from engines.data.synthline import SyntheticLine
+
+    workdir = tmp_path / "w"
+    good = workdir / "train_good"
+    for path in SyntheticLine(64, 64, seed=3).write_folder(good / "cam1", 12):
+        path.replace(good / f"cam0_{path.name}")
+    (good / "cam1" / "000000.png").write_bytes((good / "cam0_000000.png").read_bytes())  # a killed run's leftover
+    proc = demo("--workdir", str(workdir), "--train-frames", "8", "--size", "32", "--duration", "1", "--quiet")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in good.iterdir()) == [f"cam{i}_{n:06d}.png" for i in range(4) for n in range(2)]
+    training = json.loads((workdir / "bundle" / "manifest.json").read_text())["training"]
+    assert training["n_fit"] + training["n_holdout"] == 8, training
+
+    shutil.rmtree(workdir / "bundle")
+    (good / "mine.png").write_bytes(b"")
+    proc = demo("--workdir", str(workdir), "--train-frames", "8", "--size", "32", "--duration", "1", "--quiet")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        f"inspectd demo: --workdir {workdir}: {good} holds 1 entry the demo did not write (mine.png) and trains on "
+        "every frame there: move them away or give another --workdir\n"
+    )
+    assert (good / "mine.png").exists() and len(list(good.iterdir())) == 9
+    # Nor in a folder named as a killed run's camera folder: only its frames are the demo's to delete.
+    (good / "mine.png").unlink()
+    (good / "cam2").mkdir()
+    (good / "cam2" / "notes.txt").write_text("mine\n")
+    proc = demo("--workdir", str(workdir), "--train-frames", "8", "--size", "32", "--duration", "1", "--quiet")
+    assert proc.returncode == 2 and "holds 1 entry the demo did not write (cam2/notes.txt)" in proc.stderr, proc.stderr
+    assert (good / "cam2" / "notes.txt").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_demo_whose_daemon_stops_on_its_own_fails_in_one_line(trained_workdir, tmp_path, signum):
+    """A daemon stopped by someone else (`kill PID`, a service manager, a `kill -INT` that only it took) drains and
+    exits 0 before the demo's stop: the demo printed a normal summary and exited 0, a passed demo for a script that
+    ran part of the time it asked for."""
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_workdir / "bundle", workdir / "bundle")
+    args = ["demo", "--workdir", str(workdir), "--duration", "120", "--cameras", "1", "--rate", "8"]
+    with demo_showing_verdicts(args, tmp_path) as (proc, daemon):
+        os.kill(daemon, signum)
+        assert proc.wait(60) == 1, (tmp_path / "err").read_text()[-2000:]
+        err_text, out_text = (tmp_path / "err").read_text(), (tmp_path / "out").read_text()
+        assert re.fullmatch(
+            r"inspectd demo: ended early: the daemon stopped on its own \(exit status 0\) "
+            r"[\d.]+ s into the 120 s asked",
+            err_text.strip().splitlines()[-1],
+        ), err_text[-2000:]
+        assert "Traceback" not in err_text and "summary: ended early: the daemon stopped on its own" in out_text
+
+
+def test_the_demo_summary_rate_is_that_of_its_verdicts(trained_workdir, tmp_path):
+    """frames/s was all results over the time to the end of the daemon's drain and the demo's last quiet wait: 2
+    cameras at 10 Hz read about 16 frames/s. Timed over the verdicts' own window, it is the rate offered."""
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_workdir / "bundle", workdir / "bundle")
+    proc = demo("--workdir", str(workdir), "--duration", "3", "--cameras", "2", "--rate", "10", "--quiet", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    fps = float(re.search(r"summary: \d+ frames from 2 camera.*?([\d.]+) frames/s", proc.stdout).group(1))
+    assert 18.0 <= fps <= 22.0, proc.stdout[-1500:]
+
+
+def test_the_verdict_rate_counts_the_intervals_the_first_verdict_opens():
+    """The first verdict opens the window: counted as a frame of it too, a 1 s run at 10 frames/s read 10.8."""
+    from inspectd.tools.demo import verdict_rate
+
+    arrivals = [100.0 + k / 10 for k in range(11)]  # 10 frames/s, from 100.0 to 101.0
+    assert verdict_rate(arrivals, 101.05) == pytest.approx((1.05, 10 / 1.05))
+    assert verdict_rate(arrivals, None) == pytest.approx((1.0, 10.0)), "ended early: to the last verdict"
+    assert verdict_rate([], 5.0) == (0.0, 0.0)

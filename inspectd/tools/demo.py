@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from inspectd.clients.subscribe import GapTracker, Subscriber, format_result
 from inspectd.daemon.notify import PARENT_PID_ENV
 from inspectd.daemon.security import ALLOW_ROOT_ENV
 from inspectd.durable import LockHeld, hold_pid_lock
+from inspectd.errors import Terminated
 from inspectd.protocol.messages import Result
 from inspectd.tools.bench.measure import latency_ms, p99_text
 from inspectd.tools.children import killed_on_a_stop
@@ -44,6 +46,8 @@ FIRST_SEED = 1000
 START_TIMEOUT_S = 120.0  # first result after start: engine load and warm-up, with room for a small, loaded machine
 STOP_WAIT_S = 30  # the daemon's drain after SIGTERM: its own bound (shutdown_timeout_s) and room to close
 LOCK_NAME = "demo.lock"
+# ZeroMQ binds an ipc:// endpoint to a Unix socket, whose path (sun_path) holds at most 107 bytes and a NUL.
+IPC_PATH_MAX = 107
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print only the summary, not a line per verdict")
 
 
+class MissingTrainExtra(Exception):
+    """The demo has no model and this installation cannot train one."""
+
+
 def build_model(workdir: Path, size: int = MODEL_SIZE[0], frames: int = TRAIN_FRAMES) -> Path:
     """The demo bundle: reused when present, else trained on the synthetic line's defect-free frames. ValueError
     naming --workdir where WORKDIR/bundle holds what training must not replace (train's own refusal would name an
@@ -85,9 +93,17 @@ def build_model(workdir: Path, size: int = MODEL_SIZE[0], frames: int = TRAIN_FR
         )
     from engines.data.synthline import SyntheticLine
     from engines.progress import Progress
-    from engines.training.train import train_bundle
+
+    try:
+        from engines.training.train import train_bundle
+    except ImportError as exc:  # a runtime-only install: said before any frame is written
+        raise MissingTrainExtra(
+            f"training the demo model needs the Python package {exc.name!r}, which is not installed (pip install "
+            f"'inspectd[train]'), or put a bundle in {bundle}"
+        ) from None
 
     good = workdir / "train_good"
+    _clear_training_frames(workdir, good)
     print(f"demo: writing {frames} defect-free synthetic frames to {good}", flush=True)
     per_camera = max(1, frames // MAX_CAMERAS)
     for i in range(MAX_CAMERAS):
@@ -115,6 +131,34 @@ def build_model(workdir: Path, size: int = MODEL_SIZE[0], frames: int = TRAIN_FR
         flush=True,
     )
     return bundle
+
+
+def _clear_training_frames(workdir: Path, good: Path) -> None:
+    """Remove the frames an earlier demo wrote to `good` (and a camera folder a killed one left), so that the model is
+    trained on this run's frames alone. ValueError naming --workdir where `good` holds anything the demo did not
+    write: training would take it in, and it is not the demo's to delete."""
+    if not good.is_dir():
+        return
+    cams = f"cam[0-{MAX_CAMERAS - 1}]"
+    others = []
+    for entry in good.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            if entry.is_symlink() or not re.fullmatch(rf"{cams}_\d+\.png", entry.name):
+                others.append(entry.name)
+        elif re.fullmatch(cams, entry.name):  # a killed run's camera folder: its frames alone
+            for inner in entry.iterdir():
+                if inner.is_symlink() or not inner.is_file() or not re.fullmatch(r"\d+\.png", inner.name):
+                    others.append(f"{entry.name}/{inner.name}")
+        else:
+            others.append(entry.name)
+    others.sort()
+    if others:
+        raise ValueError(
+            f"--workdir {workdir}: {good} holds {len(others)} entr{'y' if len(others) == 1 else 'ies'} the demo did "
+            f"not write ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and trains on every frame there: "
+            "move them away or give another --workdir"
+        )
+    shutil.rmtree(good)
 
 
 def write_config(workdir: Path, bundle: Path, cameras: int, rate: float) -> tuple[Path, str]:
@@ -150,7 +194,21 @@ def write_config(workdir: Path, bundle: Path, cameras: int, rate: float) -> tupl
     return path, endpoint
 
 
-def summarise(results: list[Result], gaps: GapTracker, wall_s: float) -> dict:
+def verdict_rate(arrivals: list[float], stopped_at: float | None) -> tuple[float, float]:
+    """(seconds, frames/s) of the verdicts' own window: from the first result to the demo's stop, counting the
+    results that arrived after the first and before the stop (the first opens the window: counted too, a short run
+    read 10.8 for 10 offered); without a stop (ended early, interrupted), to the last result. The drain after the
+    stop and the quiet wait that ends the demo are no part of the line's rate."""
+    if not arrivals:
+        return 0.0, 0.0
+    if stopped_at is not None and stopped_at > arrivals[0]:
+        seconds = stopped_at - arrivals[0]
+        return seconds, (sum(1 for t in arrivals if t <= stopped_at) - 1) / seconds
+    seconds = arrivals[-1] - arrivals[0]
+    return seconds, (len(arrivals) - 1) / seconds if seconds > 0 else 0.0
+
+
+def summarise(results: list[Result], gaps: GapTracker, fps: float) -> dict:
     judged = [r for r in results if r.verdict != "error"]
     planted = [r for r in judged if r.truth]
     caught = [r for r in planted if r.verdict == "defect"]
@@ -165,12 +223,12 @@ def summarise(results: list[Result], gaps: GapTracker, wall_s: float) -> dict:
         "catch_rate": len(caught) / len(planted) if planted else None,
         # Milliseconds already: latency_ms takes seconds.
         "latency_ms": latency_ms(r.latency_ms / 1000.0 for r in results),
-        "fps": len(results) / wall_s if wall_s > 0 else 0.0,
+        "fps": fps,
         "missed_seq": sum(gaps.missed.values()),
     }
 
 
-def summary_lines(s: dict, cameras: int, wall: float) -> list[str]:
+def summary_lines(s: dict, cameras: int, wall: float, until: str = "the stop") -> list[str]:
     """The summary's figures; where there is nothing to take one from (no result, no planted defect), it says so."""
     lat = s["latency_ms"]
     rate = "-" if s["catch_rate"] is None else f"{s['catch_rate']:.0%}"
@@ -179,8 +237,8 @@ def summary_lines(s: dict, cameras: int, wall: float) -> list[str]:
     else:
         latency = "latency: no result received"
     return [
-        f"summary: {s['frames']} frames from {cameras} camera(s) in {wall:.1f} s ({s['fps']:.1f} frames/s), "
-        f"{s['errors']} errors, {s['missed_seq']} lost",
+        f"summary: {s['frames']} frames from {cameras} camera(s), {s['fps']:.1f} frames/s over the {wall:.1f} s from "
+        f"the first verdict to {until}, {s['errors']} errors, {s['missed_seq']} lost",
         f"summary: defects planted {s['planted']}, caught {s['caught']} "
         f"(catch rate {rate}), false alarms {s['false_alarms']} of {s['good']} good frames",
         f"summary: {latency}",
@@ -200,6 +258,13 @@ def bad_option(args: argparse.Namespace) -> str | None:
         return f"--size {args.size}: expected a multiple of 32, at least 32"
     if args.train_frames < MAX_CAMERAS:
         return f"--train-frames {args.train_frames}: expected at least {MAX_CAMERAS}"
+    # The daemon's endpoints are sockets in the workdir: a longer path ended in ZeroMQ's traceback at the subscribe.
+    longest = len(os.fsencode(args.workdir.resolve() / "control.sock"))
+    if longest > IPC_PATH_MAX:
+        return (
+            f"--workdir {args.workdir}: path too long for the demo's ZeroMQ ipc sockets in it ({longest} bytes with "
+            f"control.sock, at most {IPC_PATH_MAX}); give a shorter --workdir"
+        )
     return None
 
 
@@ -233,6 +298,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"inspectd demo: {exc}", file=sys.stderr)
         return 2
+    except MissingTrainExtra as exc:
+        print(f"inspectd demo: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(workdir) else ""
         print(f"inspectd demo: --workdir {workdir}: cannot write ({exc.strerror or exc}{where})", file=sys.stderr)
@@ -259,9 +327,12 @@ def run(args: argparse.Namespace) -> int:
     env[PARENT_PID_ENV] = str(os.getpid())  # the daemon stops when the demo dies, even of SIGKILL
     results: list[Result] = []
     gaps = GapTracker()
-    interrupted: KeyboardInterrupt | None = None
+    interrupted: KeyboardInterrupt | Terminated | None = None
     daemon: subprocess.Popen | None = None
     started: float | None = None  # the first result's arrival
+    ended_early: float | None = None  # when the daemon was seen gone before the demo stopped it
+    arrivals: list[float] = []
+    stopped_at: float | None = None  # the demo's SIGTERM to its daemon at the end of --duration
     with log, Subscriber(endpoint, topic="inspect.demo.") as subscriber:
         try:
             # Inside the try: a Ctrl-C while it starts (its child forked, Popen not yet returned) still ends in the
@@ -289,9 +360,11 @@ def run(args: argparse.Namespace) -> int:
                 if stop_at is not None and now >= stop_at and daemon.poll() is None:
                     daemon.send_signal(signal.SIGTERM)  # drains: every accepted frame still gets its result
                     stop_at = float("inf")
+                    stopped_at = now
                 exited = daemon.poll() is not None
                 if exited and stop_at != float("inf"):
                     # It ended before it was told to: what still arrives on the endpoint is not its to show.
+                    ended_early = now
                     log.flush()
                     tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
                     print(
@@ -309,41 +382,60 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 if not isinstance(message, Result):
                     continue
+                arrived = time.monotonic()
                 if started is None:
-                    started = time.monotonic()
+                    started = arrived
                     stop_at = started + args.duration
                 results.append(message)
+                arrivals.append(arrived)
                 missed = gaps.see(message.camera, message.seq)
                 if missed:
                     print(f"gap: {message.camera} missed seq {missed[0]}..{missed[1]}", flush=True)
                 if not args.quiet:
                     print(format_result(message) + ("  [planted]" if message.truth else ""), flush=True)
-        except KeyboardInterrupt as stop:
-            interrupted = stop  # Ctrl-C ends the demo early: the summary of what was shown still follows
+        except (KeyboardInterrupt, Terminated) as stop:
+            # Ctrl-C or `kill PID` (a job's timeout) ends the demo early: the summary of what was shown still follows.
+            interrupted = stop
         finally:
             try:
                 if daemon is not None:
                     _stop(daemon)
             except KeyboardInterrupt as stop:
-                interrupted = stop  # a second Ctrl-C cuts the drain short; the summary still follows
+                # A second stop cuts the drain short; the summary still follows, and the demo ends as the first says.
+                interrupted = interrupted or stop
                 if daemon is not None and daemon.returncode is None:
                     # One that came before the claim took SIGINT killed nothing, or killed the daemon unwaited.
                     daemon.kill()
                     daemon.wait()
             except SystemExit:
-                # A SIGTERM that cut short the drain of a demo ended by Ctrl-C: it ends as the first stop says.
+                # A SIGTERM that cut short the drain of a demo stopped already: it ends as the first stop says.
                 if interrupted is None:
                     raise
-    wall = time.monotonic() - started if started else 0.0
-    s = summarise(results, gaps, wall)
+    wall, fps = verdict_rate(arrivals, stopped_at)
+    s = summarise(results, gaps, fps)
     print()
     if interrupted is not None:
         print("summary: interrupted; what follows covers the results shown until then")
-    print(*summary_lines(s, args.cameras, wall), sep="\n")
+    elif ended_early is not None:
+        print("summary: ended early: the daemon stopped on its own; what follows covers the results shown until then")
+    if results:
+        until = "the stop" if arrivals and stopped_at is not None and stopped_at > arrivals[0] else "the last verdict"
+        print(*summary_lines(s, args.cameras, wall, until), sep="\n")
+    else:
+        print("summary: no result received before the stop, so no figures")
     status = "- (not started)" if daemon is None else daemon.returncode
     print(f"summary: daemon exit status {status}; log {log_path}", flush=True)
     if interrupted is not None:
         raise interrupted
+    if ended_early is not None and started is not None:
+        # Whatever its exit status: a script must not take a demo that ran part of its time for a passed one.
+        print(
+            f"inspectd demo: ended early: the daemon stopped on its own (exit status {status}) "
+            f"{ended_early - started:.1f} s into the {args.duration:g} s asked",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0 if daemon is not None and daemon.returncode == 0 and s["frames"] > 0 else 1
 
 

@@ -140,12 +140,13 @@ def _batching(key: str, kind):
 
 
 def _size(text: str) -> tuple[int, int]:
-    from engines.training.train import parse_size
+    """train's --size rule (engines.bundle.format.parse_size: no torch, which a runtime-only install lacks and whose
+    memory every figure of this process would carry), as an argparse type."""
+    from engines.bundle.format import parse_size
 
     try:
         return parse_size(text)
     except ValueError as exc:
-        # parse_size names train's --size; argparse names the option this is, --size or --frame-size.
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--size ")) from None
 
 

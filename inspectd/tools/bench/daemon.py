@@ -49,7 +49,14 @@ START_TIMEOUT_S = 90.0  # imports, bundle checksums, ONNX Runtime session, warm-
 STOP_TIMEOUT_S = MAX_SHUTDOWN_TIMEOUT_S + 20.0
 WARMUP_S = 1.5
 BURST_GAP_MIN_S = 0.02
-FOLDER_FPS_CEILING = 300  # a folder backlog holds this many frames/s of the run, more than the engine can do
+# A folder backlog holds this many frames/s of the run at least, and FOLDER_ENGINE_MARGIN x the engine's best
+# frames/s where that is more: a daemon faster than its backlog would idle through the rest of the window.
+FOLDER_FPS_CEILING = 300
+FOLDER_ENGINE_MARGIN = 1.5
+# A saturated folder run that took in every file of its backlog and whose results stop this long (or this share of the
+# window, if more) before the window's end ran out of files: its figures would divide by frames that never came.
+FOLDER_DRY_S = 0.5
+FOLDER_DRY_SHARE = 0.1
 # A scenario whose error verdicts are more than this share of its results measured a failing daemon, not its speed.
 ERROR_SHARE_MAX = 0.01
 # A fixed-rate run that sent less than this share of the rate asked for measured a lighter load than it names.
@@ -152,6 +159,7 @@ def write_config(
     frame_hw: tuple[int, int],
     channels: int,
     duration_s: float,
+    folder_fps: float,
 ) -> tuple[Path, str, list[str]]:
     """The daemon config for one scenario; returns (path, publish endpoint, zmq ingest endpoints)."""
     publish = f"tcp://127.0.0.1:{free_port()}"
@@ -174,7 +182,7 @@ def write_config(
         elif source == "folder":
             folder = workdir / f"cam{k}"
             folder.mkdir(parents=True, exist_ok=True)
-            fill_folder(folder, frames, int(FOLDER_FPS_CEILING * (WARMUP_S + duration_s + 5) / cameras))
+            fill_folder(folder, frames, int(folder_fps * (WARMUP_S + duration_s + 5) / cameras))
             # The watcher waits one poll for a file's size to hold still; the files are complete, so keep it short.
             src = {"kind": "folder", "path": str(folder), "pattern": "*.jpg", "poll_ms": 20}
         else:
@@ -277,6 +285,7 @@ class Scenario:
         options: dict | None = None,
         profile: Path | None = None,
         duration_s: float = 10.0,
+        folder_fps: float | None = None,
     ) -> None:
         if source not in SOURCES:
             raise ValueError(f"--source {source!r}: expected one of {', '.join(SOURCES)}")
@@ -304,6 +313,7 @@ class Scenario:
             frame_hw,
             c,
             duration_s,
+            FOLDER_FPS_CEILING if folder_fps is None else folder_fps,
         )
         self.control = f"ipc://{workdir}/control.sock"
         self.log_path = workdir / "daemon.log"
@@ -433,6 +443,14 @@ class Scenario:
         bench_cpu = own_cpu.elapsed()
         after = control_status(self.control)
         judged = delivered - errors
+        backlog_left = None
+        if self.source == "folder":
+            # Files stay in a folder camera's folder (no delete_after): what is left is what was prepared less what
+            # the daemon took in.
+            prepared = sum(len(list(self.workdir.glob(f"cam{k}/*.jpg"))) for k in range(self.cameras))
+            cams = (after or {}).get("cameras") or {}
+            taken = sum(cam.get("frames_in", 0) for cam in cams.values())
+            backlog_left = prepared - taken if after else None
         pushed = pushed_count / wall if pushed_count is not None else None
         fps = arrival_rate(arrivals, self.max_batch) or judged / wall
         frames_in_window = fps * wall  # continuous, like the CPU seconds it divides
@@ -472,6 +490,9 @@ class Scenario:
             "daemon_cpu_cores": daemon_cpu / wall,
             "bench_cpu_cores": bench_cpu / wall,
             "daemon_peak_rss_mb": proc_peak_rss_bytes(proc.pid) / MB,
+            # Seconds at the window's end with no judged result: a saturated daemon that idles there ran dry.
+            "quiet_end_s": wall - (arrivals[-1] - t0) if arrivals else wall,
+            "backlog_left": backlog_left,
             "max_batch": self.max_batch,
             "max_wait_ms": self.max_wait_ms,
         }
@@ -493,11 +514,37 @@ class Scenario:
         return None
 
 
-def _tail(path: Path, lines: int = 5) -> str:
+def _tail(path: Path, lines: int = 50) -> str:
+    """The log line that says why the daemon ended: the last error-level JSON line or plain-text line (a traceback's
+    last line, a one-line refusal) among its last `lines`, else its last line. The last lines as they stand were
+    often a routine warning that the table's cut then showed as the reason."""
     try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+        tail = path.read_text(errors="replace").strip().splitlines()[-lines:]
     except OSError:
         return "(no log)"
+    if not tail:
+        return "(empty log)"
+    for line in reversed(tail):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if line.strip():
+                return line.strip()
+            continue
+        if str(record.get("level", "")).lower() in ("error", "critical"):
+            return line
+    return tail[-1]
+
+
+def load_label(load: str) -> str:
+    """How a row names its load, measured or failed: 'saturation', '50% of saturation', or the profiled run's."""
+    if load == "sat":
+        return "saturation"
+    if load == PROFILED_LOAD:
+        return load
+    return f"{float(load):.0%} of saturation"
 
 
 def row_failure(row: dict) -> str | None:
@@ -506,6 +553,20 @@ def row_failure(row: dict) -> str | None:
     if row["judged"] == 0:
         what = f"{row['delivered']} results, all error verdicts" if row["delivered"] else "no result at all"
         return f"no frame judged in the {row['seconds']:.1f}s window ({what})"
+    quiet = row.get("quiet_end_s")
+    # Both: results come in bursts, one per batch, so a quiet end alone is also a long batch's; files left alone are
+    # also a daemon that starved for another reason.
+    ran_dry = row.get("backlog_left") is None or row["backlog_left"] <= 0  # not known (no status): the quiet end alone
+    if (
+        row["source"] == "folder"
+        and ran_dry
+        and quiet is not None
+        and quiet > max(FOLDER_DRY_S, FOLDER_DRY_SHARE * row["seconds"])
+    ):
+        return (
+            f"the folder backlog ran out: no result in the last {quiet:.1f}s of the {row['seconds']:.1f}s window, "
+            "so its frames/s and CPU per frame would count frames that never came"
+        )
     if row["errors"] > ERROR_SHARE_MAX * row["delivered"]:
         return (
             f"{row['errors']} of {row['delivered']} results were error verdicts "
@@ -545,6 +606,8 @@ def bench_daemon(
     `progress` counts the scenarios."""
     bundle = Path(bundle).resolve()
     rows = []
+    engine_best = max((r["fps"]["median"] for r in engine_rows or []), default=0.0)
+    folder_fps = max(FOLDER_FPS_CEILING, FOLDER_ENGINE_MARGIN * engine_best)
 
     def planned(source: str, load: str) -> bool:
         """A fixed rate is a fraction of a measured saturation; folders have none."""
@@ -571,12 +634,13 @@ def bench_daemon(
                     done += 1
                     saturate = load in ("sat", PROFILED_LOAD)
                     prof = profile if load == PROFILED_LOAD else None
-                    failed = {"source": source, "cameras": n_cameras, "load": load, "profiled": prof is not None}
+                    label = load_label(load)
+                    failed = {"source": source, "cameras": n_cameras, "load": label, "profiled": prof is not None}
                     rate: float | None = None
                     if not saturate:
                         if saturated is None:  # a fixed rate is a fraction of a saturation, and that one failed
                             why = f"not run: the saturation run of {source} x{n_cameras} failed"
-                            log(f"bench daemon: {source} x{n_cameras} {load}: FAILED: {why}")
+                            log(f"bench daemon: {source} x{n_cameras} {label}: FAILED: {why}")
                             rows.append({**failed, "error": why})
                             progress.update(done)
                             continue
@@ -599,18 +663,16 @@ def bench_daemon(
                             options=options,
                             profile=prof,
                             duration_s=duration_s,
+                            folder_fps=folder_fps,
                         ).run(duration_s)
                     except Exception as exc:  # one scenario failing must not lose the others' figures
                         # The bench's own errors say what failed; anything else (a bug) by its type too.
                         why = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
-                        log(f"bench daemon: {source} x{n_cameras} {load}: FAILED: {why}")
+                        log(f"bench daemon: {source} x{n_cameras} {label}: FAILED: {why}")
                         rows.append({**failed, "error": why})
                         progress.update(done)
                         continue
-                    if prof is not None:
-                        row["load"] = PROFILED_LOAD
-                    else:
-                        row["load"] = "saturation" if saturate else f"{float(load):.0%} of saturation"
+                    row["load"] = label
                     row["profiled"] = prof is not None
                     why_not = row_failure(row)
                     if why_not is not None:
@@ -657,11 +719,12 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
         "daemon CPU ms/frame",
         "outside engine ms/frame",
         "cores",
+        "daemon peak RSS MB",
     ]
     rows = []
     for r in report["rows"]:
         if "error" in r:
-            rows.append([r["source"], r["cameras"], r["load"], "FAILED: " + r["error"][:80]] + [None] * 14)
+            rows.append([r["source"], r["cameras"], r["load"], "FAILED: " + r["error"][:80]] + [None] * 15)
             continue
         lat = r["latency_ms"]
         has_lat = lat["n"] > 0
@@ -685,6 +748,7 @@ def rows_for_table(report: dict) -> tuple[list[str], list[list]]:
                 r["daemon_cpu_ms_per_frame"],
                 r["outside_engine_cpu_ms_per_frame"],
                 r["daemon_cpu_cores"],
+                r.get("daemon_peak_rss_mb"),
             ]
         )
     return headers, rows

@@ -6,12 +6,17 @@ Reports frames/s (median and range of the windows), per-call latency, CPU second
 process, so ONNX Runtime's intra-op threads count) and resident memory.
 
 A bundle's graph is exported at one input size. A size other than the bundle's gets a bundle of its own, trained by the
-frozen method (seconds) into a temporary directory on a few of the original bundle's training images.
+frozen method (seconds) into a temporary directory on a few of the original bundle's training images. That training
+runs in a child process: torch and timm would otherwise stay in this one and in every memory figure it reports.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -127,33 +132,60 @@ def bundle_at_size(
     train_data: str | Path | None = None,
     n_images: int = SIZED_TRAIN_IMAGES,
 ) -> Bundle:
-    """A frozen-method bundle like `bundle` (backbone, resize policy) exported at `size`, trained into `workdir`."""
-    from engines.progress import Progress
-    from engines.training.train import train_bundle, training_images
+    """A frozen-method bundle like `bundle` (backbone, resize policy) exported at `size`, trained into `workdir` by a
+    child process."""
+    from engines.data.images import good_folder, list_images
 
+    name = f"--size {size[0]}x{size[1]}"
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError(
+            f"{name}: training a bundle at another size than the bundle's needs the Python package 'torch', which is "
+            "not installed (pip install 'inspectd[train]')"
+        )
     data = train_data or bundle.manifest.get("training", {}).get("data")
     if not data or not Path(data).exists():
         raise ValueError(
-            f"--size {size[0]}x{size[1]}: the bundle's training data {data!r} is not here; "
-            "give --train-data DIR (a folder of defect-free images)"
+            f"{name}: the bundle's training data {data!r} is not here; give --train-data DIR (a folder of defect-free "
+            "images)"
         )
     images = workdir / "images"
     images.mkdir(parents=True, exist_ok=True)
     # A few images suffice: the figures measure the graph's cost at this size, not its accuracy.
-    for path in training_images(data)[:n_images]:
+    for path in list_images(good_folder(data, ("train",)))[:n_images]:
         link = images / path.name
         if not link.exists():
             os.symlink(path.resolve(), link)
-    result = train_bundle(
-        images,
-        workdir / "bundle",
-        method="frozen",
-        backbone=bundle.backbone,
-        size=size,
-        resize=bundle.resize_policy,
-        progress=Progress(enabled=False),
+    if not any(images.iterdir()):
+        raise ValueError(f"{name}: no images in {data}, expected defect-free images to train a bundle at this size")
+    job = {
+        "images": str(images),
+        "out": str(workdir / "bundle"),
+        "backbone": bundle.backbone,
+        "size": list(size),
+        "resize": bundle.resize_policy,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRAIN_CHILD, json.dumps(job)], capture_output=True, text=True, check=False
     )
-    return load_bundle(result.bundle)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise ValueError(f"{name}: training a bundle at this size failed: {lines[-1] if lines else proc.returncode}")
+    return load_bundle(workdir / "bundle")
+
+
+# The child that trains a bundle at another size: one line on stderr for a refusal, as the parent shows it.
+_TRAIN_CHILD = """
+import json, sys
+job = json.loads(sys.argv[1])
+from engines.errors import EngineError
+from engines.progress import Progress
+from engines.training.train import train_bundle
+try:
+    train_bundle(job["images"], job["out"], method="frozen", backbone=job["backbone"], size=tuple(job["size"]),
+                 resize=job["resize"], progress=Progress(enabled=False))
+except (EngineError, ValueError, OSError) as exc:
+    sys.exit(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+"""
 
 
 def bench_engine(
