@@ -423,3 +423,19 @@ def test_the_verdict_rate_counts_the_intervals_the_first_verdict_opens():
     assert verdict_rate(arrivals, 101.05) == pytest.approx((1.05, 10 / 1.05))
     assert verdict_rate(arrivals, None) == pytest.approx((1.0, 10.0)), "ended early: to the last verdict"
     assert verdict_rate([], 5.0) == (0.0, 0.0)
+
+
+def test_a_demo_that_showed_error_verdicts_fails_naming_how_many_and_the_first():
+    """An error verdict is a frame the station could not judge; a demo whose every verdict was one exited 0."""
+    from inspectd.protocol.messages import Result
+    from inspectd.tools.demo import errors_line
+
+    def result(seq: int, verdict: str, error: str | None = None) -> Result:
+        no_score = (None, None, None, None)
+        return Result("s", "cam0", seq, f"f{seq}", 0.0, 0.0, verdict, *no_score, (), 1.0, 8, 8, False, error)
+
+    assert errors_line([result(0, "ok"), result(1, "defect")]) is None
+    line = errors_line([result(0, "ok"), result(1, "error", "engine: out of memory"), result(2, "error")])
+    assert line == (
+        "inspectd demo: 2 of 3 verdicts were errors, not judged (the first, cam0 seq 1: engine: out of memory)"
+    )

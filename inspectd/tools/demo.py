@@ -228,6 +228,17 @@ def summarise(results: list[Result], gaps: GapTracker, fps: float) -> dict:
     }
 
 
+def errors_line(results: list[Result]) -> str | None:
+    """The demo's one-line failure when any verdict was an error, naming how many and the first one's reason."""
+    errors = [r for r in results if r.verdict == "error"]
+    if not errors:
+        return None
+    return (
+        f"inspectd demo: {len(errors)} of {len(results)} verdicts were errors, not judged "
+        f"(the first, {errors[0].camera} seq {errors[0].seq}: {errors[0].error or 'no reason given'})"
+    )
+
+
 def summary_lines(s: dict, cameras: int, wall: float, until: str = "the stop") -> list[str]:
     """The summary's figures; where there is nothing to take one from (no result, no planted defect), it says so."""
     lat = s["latency_ms"]
@@ -435,6 +446,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        return 1
+    if (line := errors_line(results)) is not None:
+        # An error verdict is a frame the station failed to judge: a demo that shows them has not passed.
+        print(line, file=sys.stderr, flush=True)
         return 1
     return 0 if daemon is not None and daemon.returncode == 0 and s["frames"] > 0 else 1
 
