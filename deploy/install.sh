@@ -282,6 +282,43 @@ ensure_dir() {  # path mode owner:group
     [ "$SYSTEM" -eq 0 ] || chown "$3" "$1"
 }
 
+# As the service user on a station (where there is one), as whoever runs this in a scratch root.
+as_service_user() {
+    if [ "$SYSTEM" -eq 1 ] && command -v runuser >/dev/null; then
+        runuser -u "$USER_NAME" -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# A folder inside the state folder, which the service user owns: that user can put a link (or a file) in its place,
+# and a chmod or chown run as root follows a link to whatever it names (bundles -> /etc would hand /etc to the
+# service). A link is refused; the folder is made and its mode set as the service user, so that a link swapped in
+# between the check and the change borrows no right the service does not already have.
+ensure_service_dir() {  # path mode
+    if [ -L "$1" ]; then
+        die "$1: a symbolic link (to $(readlink "$1")), expected a directory; put what it names in its place" \
+            "and rerun"
+    fi
+    if [ -e "$1" ] && [ ! -d "$1" ]; then
+        die "$1: not a directory, expected the service's $(basename "$1") folder; move it away and rerun"
+    fi
+    if [ ! -d "$1" ]; then
+        as_service_user mkdir "$1"
+        say "created $1"
+        CHANGED=1
+    fi
+    # -h: the folder itself, never what a link swapped in since the check names.
+    if [ "$SYSTEM" -eq 1 ] && [ "$(stat -c %U:%G "$1")" != "$USER_NAME:$USER_NAME" ]; then
+        chown -h "$USER_NAME:$USER_NAME" "$1"
+        CHANGED=1
+    fi
+    if [ "$(stat -c %a "$1")" != "$(echo "$2" | sed 's/^0*//')" ]; then
+        as_service_user chmod "$2" "$1"
+        CHANGED=1
+    fi
+}
+
 # Copy a file only when its content or mode differs, so a rerun leaves it untouched.
 ensure_file() {  # src dst mode owner:group
     if [ ! -f "$2" ] || ! cmp -s "$1" "$2"; then
@@ -470,13 +507,6 @@ unit_config() {  # unit
         inspectd@?*.service) instance="${1#inspectd@}"; echo "$ETC/${instance%.service}.yaml" ;;
     esac
 }
-as_service_user() {
-    if [ "$SYSTEM" -eq 1 ] && command -v runuser >/dev/null; then
-        runuser -u "$USER_NAME" -- "$@"
-    else
-        "$@"
-    fi
-}
 # The daemon's own check by the version in the venv, as the service user where there is one; a refusal's last line
 # on stdout.
 # CHECK_STATUS: 0 accepted, 2 refused, anything else the check could not run (a venv broken by a Python upgrade).
@@ -629,7 +659,7 @@ ensure_dir "$STATE" 0750 "$USER_NAME:$USER_NAME"
 # bundles/ holds model bundles (each with its own thresholds.json), engines/ built TensorRT plans, journal/ the
 # per-camera sequence journal.
 for sub in bundles engines journal; do
-    ensure_dir "$STATE/$sub" 0750 "$USER_NAME:$USER_NAME"
+    ensure_service_dir "$STATE/$sub" 0750
 done
 
 # --- systemd units ----------------------------------------------------------------------------------------------

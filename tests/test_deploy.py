@@ -108,6 +108,29 @@ def test_a_state_dir_moved_to_another_disk_through_a_symlink_is_up_to_date_on_a_
     assert _snapshot(root) == tree and stat.S_IMODE(moved.stat().st_mode) == 0o750
 
 
+@pytest.mark.parametrize("planted", ["link", "file"])
+def test_a_link_or_file_the_service_put_in_place_of_a_state_folder_is_refused_and_not_followed(tmp_path, planted):
+    """The service user owns /var/lib/inspectd and can put a link where bundles/ was; the next install, run as root,
+    set the mode of (and on a station chowned to the service) whatever the link named: bundles -> /etc."""
+    root = tmp_path / "root"
+    assert _install(root).returncode == 0
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    bundles = root / "var/lib/inspectd/bundles"
+    bundles.rmdir()
+    if planted == "link":
+        bundles.symlink_to(victim)
+        expected = f"install.sh: {bundles}: a symbolic link (to {victim}), expected a directory; put what it names in "
+        expected += "its place and rerun"
+    else:
+        bundles.write_text("")
+        expected = f"install.sh: {bundles}: not a directory, expected the service's bundles folder; move it away and "
+        expected += "rerun"
+    rerun = _install(root)
+    assert (rerun.returncode, rerun.stderr.strip()) == (2, expected)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+
+
 def test_a_gpu_station_install_without_the_venv_installs_the_tree(tmp_path):
     """--with-gpu cu12 merges the CUDA 12 pins for pip; with --no-venv there is no pip to read them."""
     result = _install(tmp_path / "root", "--with-gpu", "cu12")
@@ -433,6 +456,36 @@ stat -c '%U:%G %a %n' /etc/inspectd /etc/inspectd/inspectd.yaml /etc/inspectd/ke
     ]
     # The copy's marker is not visible outside: the mounts stayed inside the namespace.
     assert not Path("/etc/.inspectd-test-copy").exists()
+
+
+@pytest.mark.skipif(_namespace_reason() is not None, reason=str(_namespace_reason()))
+def test_a_station_reinstall_neither_chowns_nor_chmods_what_a_link_in_the_state_folder_names(tmp_path):
+    """As above, the real path: the service user swapped journal/ for a link to a root-owned folder, and install.sh as
+    root chowned that folder to the service (a link to /etc: the service owns the station)."""
+    etc, opt, var_lib = (tmp_path / n for n in ("etc", "opt", "var-lib"))
+    subprocess.run(["cp", "-a", "/etc", str(etc)], check=True, timeout=60)
+    for d in (opt, var_lib):
+        d.mkdir()
+    (etc / ".inspectd-test-copy").write_text("")
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    script = f"""set -e
+mount --bind {etc} /etc
+mount --bind {opt} /opt
+mount --bind {var_lib} /var/lib
+test -f /etc/.inspectd-test-copy  # never run the install unless /etc is the copy
+sh {INSTALL} --no-venv >/dev/null
+runuser -u inspectd -- sh -c 'rmdir /var/lib/inspectd/journal && ln -s {victim} /var/lib/inspectd/journal'
+sh {INSTALL} --no-venv && echo '--- rerun passed' || echo "--- rerun exit $?"
+"""
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert "--- rerun exit 2" in result.stdout, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"install.sh: /var/lib/inspectd/journal: a symbolic link (to {victim}), expected a directory; put what it "
+        "names in its place and rerun"
+    )
+    st = victim.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o755)
 
 
 @pytest.mark.skipif(_namespace_reason() is not None, reason=str(_namespace_reason()))
