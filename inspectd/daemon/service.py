@@ -1171,8 +1171,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         refuse_root()
     except SecurityError as exc:
+        # 2 like a refused config: the unit's RestartPreventExitStatus=2 stops systemd from retrying what cannot pass.
         print(f"inspectd run: {exc}", file=sys.stderr)
-        return 1
+        return 2
     try:
         follow_parent()
     except InspectdError as exc:
