@@ -160,8 +160,13 @@ def _main(argv: list[str] | None) -> int:
         # `systemctl reload` soon after the start would kill the daemon (SIGHUP's default) while it imports, before
         # run() installs its own handler; until then a reload has nothing to reload.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    parser = build_parser(command)
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        # The command's module is imported here (train's: torch and timm, seconds on a cold disk): a Ctrl-C right
+        # after Enter lands in it, and is the same one line as later.
+        parser = build_parser(command)
+        args, unknown = parser.parse_known_args(argv)
+    except KeyboardInterrupt:
+        return _stopped(command or "", "interrupted", INTERRUPTED_EXIT)
     # A command whose module could not be imported declares no options: whatever it was given, it says what is
     # missing, not a usage error (exit 2 reads as a refused config, which the units do not restart, while a package
     # missing mid-upgrade is worth another start).
@@ -207,7 +212,8 @@ def _stdout_closed() -> bool:
 
 def _stopped(command: str, how: str, code: int) -> int:
     # On a terminal a progress line may be open: the line goes under it, not on its end.
-    print(("\n" if sys.stderr.isatty() else "") + f"inspectd {command}: {how}", file=sys.stderr)
+    name = f"inspectd {command}" if command else "inspectd"
+    print(("\n" if sys.stderr.isatty() else "") + f"{name}: {how}", file=sys.stderr)
     return code
 
 

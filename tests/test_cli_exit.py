@@ -1,10 +1,13 @@
-"""How `inspectd` ends when its stdout reader goes away: the shell's status for a writer SIGPIPE ended, no traceback."""
+"""How `inspectd` ends when its stdout reader goes away (the shell's status for a writer SIGPIPE ended) or a Ctrl-C
+comes before its command runs: no traceback."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,23 @@ def test_a_command_started_with_stdout_closed_exits_as_it_would_with_one():
         preexec_fn=lambda: os.close(1),
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line_and_130():
+    """Train's module pulls in torch and timm before its options are even parsed: a Ctrl-C right after Enter ended in
+    a 60-line traceback through the imports, killed by the signal, instead of the line every later Ctrl-C gives."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "train", "--data", "/nonexistent", "--out", "/nonexistent-out"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    # torch's native library mapped: its Python half, then timm's, are still being imported.
+    while "libtorch_cpu" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (130, "inspectd train: interrupted\n"), err[-2000:]
