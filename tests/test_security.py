@@ -59,6 +59,18 @@ def test_keys_generate_cli_writes_a_private_pair_and_never_overwrites(tmp_path):
     assert keys.load_secret(secret) == (pub, sec)  # untouched
 
 
+def test_keys_generate_into_a_file_names_out_and_says_it_is_no_directory(tmp_path):
+    """A file in --out's place printed the raw `[Errno 17] File exists`, naming neither --out nor what was expected."""
+    (tmp_path / "f").write_text("")
+    for out in (tmp_path / "f", tmp_path / "f" / "k"):
+        cmd = [sys.executable, "-m", "inspectd", "keys", "generate", "--out", str(out), "--name", "server"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert (done.returncode, done.stderr) == (
+            1,
+            f"inspectd keys: --out {out}: cannot create (Not a directory), expected a directory for the key pair\n",
+        )
+
+
 def test_key_files_with_loose_permissions_are_refused(pki, tmp_path):
     secret = pki["server"][1]
     os.chmod(secret, 0o640)

@@ -15,6 +15,7 @@ let themselves in.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import itertools
 import os
@@ -65,7 +66,12 @@ def generate(out: str | Path, name: str) -> tuple[Path, Path]:
     for path in (public, secret):
         if path.exists():
             raise KeysError(f"{path}: already exists, expected a new key name (keys are never overwritten)")
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        # exist_ok still raises for a file of that name: EEXIST, which read as the key pair existing.
+        why = "Not a directory" if exc.errno == errno.EEXIST else exc.strerror or str(exc)
+        raise KeysError(f"--out {out}: cannot create ({why}), expected a directory for the key pair") from exc
     # The secret file must never exist with looser permissions, not even for a moment: umask covers the write.
     old = os.umask(0o077)
     try:
@@ -520,8 +526,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         public, secret = generate(args.out, args.name)
-    except (KeysError, OSError) as exc:
+    except KeysError as exc:
         print(f"inspectd keys: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"inspectd keys: --out {args.out}: cannot write the key pair ({exc.strerror or exc})", file=sys.stderr)
         return 1
     print(f"public key  {public}  (give this to the other side / put it in an allow-list)")
     print(f"secret key  {secret}  (mode 0600, keep it on this machine)")
