@@ -4,16 +4,19 @@ all or nothing, where one step is not available).
 
 It sits below every layer (it imports nothing of the project), so the bundle store (engines.bundle), the daemon's
 journal and the bridges' state files (through inspectd.durable) share it, and the checksum those files are verified
-by (sha256_file).
+by (sha256_file); and whether a path can be written at all, asked before the work whose result goes there
+(unwritable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -135,3 +138,40 @@ def replace_dir(path: Path, incoming: Path, aside: Path) -> None:
         except OSError:
             pass  # secondary to the error reported
         raise OSError(f"{path}: not replaced ({reason}); it holds what it held before") from exc
+
+
+def unwritable(path: str | Path, directory: bool = False, parents: bool = False) -> str | None:
+    """Why `path` (a file, or with `directory` a folder to write files in) cannot be written, or None: asked before
+    minutes of work whose result goes there, not after. A file is opened there for appending (access() says yes to
+    root) and removed again if this made it; with `parents`, the folders the writer will make are made and removed
+    again too, and a file where one must be is said as the cause it is (mkdir said "File exists")."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    made: list[Path] = []
+    try:
+        for above in reversed([folder, *folder.parents]) if parents else ():
+            if above.is_dir():
+                continue
+            if above.exists():
+                return os.strerror(errno.ENOTDIR)
+            if above.is_symlink():
+                return f"{above} is a link to nothing"
+            above.mkdir()
+            made.append(above)
+        if directory:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            existed = path.exists()
+            with open(path, "a"):
+                pass
+            if not existed:
+                path.unlink(missing_ok=True)
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    finally:
+        for above in reversed(made):
+            with contextlib.suppress(OSError):
+                above.rmdir()
+    return None

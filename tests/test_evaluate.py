@@ -250,6 +250,37 @@ def test_eval_cli_errors_are_one_line(tiny_bundle, tiny_data, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_eval_refuses_an_output_it_cannot_write_before_scoring_any_image(tiny_bundle, tiny_data, tmp_path):
+    """--out and --overlays were tried once every image was scored: a typo lost the evaluation and printed no table,
+    and a file where a folder belongs was said as "File exists"."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-dir").mkdir()
+    cases = [
+        ("--out", tmp_path / "a-file" / "r.json", "Not a directory"),
+        ("--out", tmp_path / "a-dir", "Is a directory"),
+        ("--overlays", tmp_path / "a-file", "Not a directory"),
+        ("--overlays", tmp_path / "a-file" / "overlays", "Not a directory"),
+    ]
+    for option, path, why in cases:
+        proc = _eval(str(tiny_bundle), "--data", str(tiny_data), option, str(path))
+        # One line and nothing else: no progress line, so no image was scored.
+        assert proc.returncode == 2 and proc.stdout == "", (option, path, proc.stderr[-500:])
+        assert proc.stderr == f"inspectd eval: {option} {path}: cannot write ({why})\n"
+    # The folders a refused or an accepted check made for the test are gone again.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]
+
+
+def test_eval_prints_the_table_when_out_fails_once_written(tiny_bundle, tiny_data):
+    """A --out that passes the check and fails when written (a disk filled while scoring: /dev/full) still leaves
+    the result on stdout; the file was written first, so the table was lost."""
+    proc = _eval(str(tiny_bundle), "--data", str(tiny_data), "--out", "/dev/full")
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert "img AUROC" in proc.stdout and "\noverall " in proc.stdout, proc.stdout
+    assert (
+        proc.stderr.strip().splitlines()[-1] == "inspectd eval: --out /dev/full: cannot write (No space left on device)"
+    )
+
+
 def test_a_mask_marks_every_non_zero_pixel_however_it_is_stored(tmp_path):
     """MVTec AD's evaluation counts any non-zero value as defect. Masks stored as 0/1, as label indices, in 16 bits
     or in colour used to read as empty (grey > 127), so every defect pixel counted as a defect-free one. With an alpha

@@ -140,6 +140,18 @@ def test_suite_refuses_a_dataset_name_it_does_not_have_before_training_any(tmp_p
     assert not out.exists()
 
 
+def test_suite_refuses_only_without_a_name_instead_of_running_every_dataset(tmp_path):
+    """`--only $DATASETS` with the variable empty ran the whole suite, hours of it."""
+    root = tmp_path / "data"
+    make_tiny_mvtec(root / "tile_a", n_train=6, n_test_good=2, n_test_defect=2)
+    out = tmp_path / "o"
+    assert (
+        _refusal("--data-root", str(root), "--out", str(out), "--only")
+        == "inspectd eval-suite: --only: expected at least one dataset name"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "ctrl-c kept by train", "sigterm"])
 def test_a_suite_stopped_by_ctrl_c_keeps_the_datasets_it_finished(tmp_path, monkeypatch, stop):
     """Ctrl-C in the second dataset wrote nothing (and left an earlier run's suite.md standing beside the new

@@ -146,3 +146,44 @@ def test_the_first_thresholds_name_the_model_they_were_set_on(tmp_path):
     bundle = load_bundle(result.bundle)
     thresholds = bundle.thresholds()
     assert thresholds.version == 1 and thresholds.provenance["model_id"] == bundle.model_id == result.model_id
+
+
+def test_a_bad_weights_file_or_method_flag_is_refused_before_any_image_is_read(tmp_path, capsys):
+    """--weights was first opened, and --cse-defects first parsed, once every training image was read and decoded
+    (two passes over a large set) while the other flags are refused at once. --data names no folder here: reading it
+    would be refused first ("not a directory")."""
+    data, out = tmp_path / "no-such-data", tmp_path / "b"
+    expected = "expected a torch state dict for tf_efficientnet_lite0"
+    for weights, why in ((tmp_path / "missing.pth", "No such file or directory"), (tmp_path, "Is a directory")):
+        argv = ["--data", str(data), "--out", str(out), "--method", "frozen", "--size", "64", "--weights", str(weights)]
+        assert run(parse(*argv)) == 2
+        assert capsys.readouterr().err == f"inspectd train: --weights {weights}: cannot read ({why}), {expected}\n"
+    for flags, said in (
+        (
+            ["--method", "cse", "--cse-defects", "foo:1"],
+            "defect mix 'foo:1': unknown defect 'foo', expected one of cutpaste, scar, cutout, perlin, shading",
+        ),
+        (["--method", "cse", "--cse-defect-fraction", "2"], "--cse-defect-fraction 2.0: expected a fraction in [0, 1]"),
+        (["--method", "sla", "--sla-dim", "-1"], "--sla-dim -1: expected an integer >= 1"),
+    ):
+        assert run(parse("--data", str(data), "--out", str(out), "--size", "64", *flags)) == 2
+        assert capsys.readouterr().err == f"inspectd train: {said}\n"
+    assert not out.exists()
+
+
+def test_weights_this_user_may_not_read_are_refused_before_any_image_is_read(open_tmp_path):
+    """Root reads any file: run as nobody (tests/other_user.py) while the weights file is root's, 0600."""
+    from other_user import inspectd_without
+
+    weights = open_tmp_path / "w.pth"
+    weights.write_bytes(b"not read")
+    data, out = open_tmp_path / "no-such-data", open_tmp_path / "b"
+    done = inspectd_without(
+        weights, "train", "--data", str(data), "--out", str(out), "--method", "frozen", "--size", "64",
+        "--weights", str(weights),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"inspectd train: --weights {weights}: cannot read (Permission denied), expected a torch state dict for "
+        "tf_efficientnet_lite0\n"
+    )

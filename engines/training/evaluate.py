@@ -38,6 +38,7 @@ from engines.data.images import (
     skipped_warnings,
     unread_warning,
 )
+from engines.durable import unwritable
 from engines.errors import DataError, EngineError
 from engines.progress import Progress
 from engines.runtime.predictor import Predictor
@@ -537,6 +538,13 @@ def _non_negative_int(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from engines.bundle.store import load_bundle
 
+    # Said before the scoring, not after: minutes of it were lost to a mistyped output, with no table printed.
+    outputs = [("out", args.out, False), ("overlays", args.overlays if args.n_overlays > 0 else None, True)]
+    for option, path, directory in outputs:
+        why = unwritable(path, directory, parents=True) if path else None
+        if why is not None:
+            print(f"inspectd eval: --{option} {path}: cannot write ({why})", file=sys.stderr)
+            return 2
     progress = Progress()
     try:
         bundle = load_bundle(args.bundle)
@@ -559,19 +567,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd eval: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     text = json.dumps(report, indent=2) + "\n"  # ASCII: a name that is not UTF-8 is escaped (\udcfc)
-    # The file first: whatever the printing meets, the scoring is not lost.
-    if args.out:
-        try:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            print(f"inspectd eval: --out {args.out}: cannot write ({exc.strerror or exc})", file=sys.stderr)
-            return 2
-    # --json: stdout carries the one JSON document and nothing else; what a person reads goes to stderr.
-    print(format_table(report), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        sys.stdout.write(text)
+    # The result first: a --out that fails after all (a disk filled while scoring) leaves it on the screen. The file
+    # is written when the printing fails too, so neither loses the scoring.
+    try:
+        # --json: stdout carries the one JSON document and nothing else; what a person reads goes to stderr.
+        print(format_table(report), file=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            sys.stdout.write(text)
+    except BaseException:
+        if args.out:
+            _write_out(args.out, text)
+        raise
+    return _write_out(args.out, text) if args.out else 0
+
+
+def _write_out(out: str, text: str) -> int:
+    try:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"inspectd eval: --out {out}: cannot write ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     return 0
 
 

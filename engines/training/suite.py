@@ -46,6 +46,9 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 def datasets(root: Path, only: list[str] | None = None, report: Callable[[str], None] | None = None) -> list[Path]:
     """The dataset folders under `root`, or those of them named in `only` (each name must be one). Without `only`,
     `report(line)` gets one line for each other folder, saying why it is not a dataset (default: nothing)."""
+    if only is not None and not only:
+        # `--only $DATASETS` with the variable empty: all of them would take hours, where none were asked for.
+        raise EngineError("--only: expected at least one dataset name")
     if not root.is_dir():
         raise EngineError(f"--data-root {root}: not a directory, expected a folder of datasets")
     found, skipped = [], {}
@@ -393,8 +396,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only",
         nargs="*",
         default=None,
-        help="dataset folder names to run (default: all); their rows are merged into OUT/suite.json's table of the "
-        "same --data-root, --recipe and --seed, whose other rows are kept, marked `earlier run TIME`",
+        help="dataset folder names to run, at least one (without --only: all); their rows are merged into "
+        "OUT/suite.json's table of the same --data-root, --recipe and --seed, whose other rows are kept, marked "
+        "`earlier run TIME`",
     )
     parser.add_argument(
         "--seed",

@@ -51,7 +51,7 @@ from engines.data.images import (
     subfolder_hint,
     without_duplicates,
 )
-from engines.errors import DataError, EngineError
+from engines.errors import DataError, EngineError, WeightsError
 from engines.model.backbones import BACKBONES, spec_for
 from engines.model.export import DEFAULT_OPSET, add_feature_graph, check_opset, export_graph
 from engines.model.graph import SCORERS, InferenceGraph, build_graph, state_arrays
@@ -198,6 +198,33 @@ def check_out(out: str | Path, data: str | Path) -> None:
             raise ValueError(f"--out {out}: {why} (the bundle replaces what is there)")
         return
     raise ValueError(f"--out {out}: {where}, expected a bundle path outside the training data and not holding it")
+
+
+def check_weights(weights: str | Path | None, backbones: set[str]) -> None:
+    """WeightsError naming --weights unless it is a file this user can read. Checked with the other flags: torch
+    opens it only once every training image is read and decoded, minutes on a large set."""
+    if not weights:  # as build_graph takes it: no file given, the backbone's own weights
+        return
+    expected = ", ".join(sorted(spec_for(name).timm_name for name in backbones))
+    try:
+        # Opened, not stat()ed: as root access() says yes to anything, and a folder opens only to fail here.
+        with open(weights, "rb"):
+            pass
+    except OSError as exc:
+        raise WeightsError(
+            f"--weights {weights}: cannot read ({exc.strerror or exc}), expected a torch state dict for {expected}"
+        ) from None
+
+
+def check_method_args(methods: set[str], method_args: argparse.Namespace | None) -> None:
+    """ValueError for the method's own flags (--cse-defects, --sla-dim ...) that the method would refuse once the
+    images are read and decoded: each method's head configuration, and CSE's options with its defect mix."""
+    for name in sorted(methods):
+        get_method(name).head_config(method_args)
+        if name == "cse":
+            from engines.model.methods.cse import CseOptions
+
+            CseOptions.from_args(method_args)
 
 
 def _resolved_flag(path: str | Path, flag: str) -> Path:
@@ -376,6 +403,8 @@ def train_bundle(
 
     if bit_depth is not None and not valid_bit_depth(bit_depth):
         raise ValueError(f"--bit-depth {bit_depth!r}: expected {BIT_DEPTH_RANGE}")
+    check_weights(weights, {c.backbone for c in candidates})
+    check_method_args({c.method for c in candidates}, method_args)
     # Before the split and auto's folds: a held-out image's twin in the fit would score it about 0.
     paths, duplicates = without_duplicates(training_images(data))
     if note := nested_note(data):

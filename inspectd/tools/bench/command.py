@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engines.durable import unwritable
 from engines.progress import Progress
 from inspectd.tools.bench.measure import (
     MB,
@@ -700,7 +701,7 @@ def run(args: argparse.Namespace) -> int:
     # Said before minutes of measuring, not after: an output that cannot be written would lose the run's figures.
     for option in ("out", "markdown", "profile"):
         path = getattr(args, option, None)
-        why = _unwritable(path) if path is not None else None
+        why = unwritable(path) if path is not None else None
         if why is not None:
             print(f"inspectd bench {args.mode}: --{option} {path}: cannot write ({why})", file=sys.stderr)
             return 1
@@ -743,17 +744,3 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
-
-
-def _unwritable(path: Path) -> str | None:
-    """Why `path` cannot be written, or None: opened for appending, as root too (access() says yes to root), and
-    removed again when this made it."""
-    existed = path.exists()
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        return str(exc.strerror or exc)
-    if not existed:
-        path.unlink(missing_ok=True)
-    return None
