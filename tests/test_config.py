@@ -923,6 +923,9 @@ def test_a_camera_id_too_long_for_a_file_name_is_refused_saying_the_limit():
     [
         ("sub/*.png", "expected a glob on the file name, with no / (point path at the folder), got 'sub/*.png'"),
         ("*.{png,jpg}", "expected a glob on the file name (*, ?, [...]), got '*.{png,jpg}': there are no {a,b}"),
+        ("[*.png", "expected a glob on the file name whose every [ is closed by a ] (a set such as [pj]; a [ of"),
+        ("*.[pj][np", "expected a glob on the file name whose every [ is closed by a ]"),
+        ("*[!]", "expected a glob on the file name whose every [ is closed by a ]"),
     ],
 )
 def test_a_folder_pattern_fnmatch_cannot_match_is_refused_naming_the_key(pattern, message):
@@ -930,7 +933,7 @@ def test_a_folder_pattern_fnmatch_cannot_match_is_refused_naming_the_key(pattern
     with pytest.raises(ConfigError) as refused:
         parse_config(with_value(["cameras", 1, "source", "pattern"], pattern))
     assert str(refused.value).startswith(f"cameras[1].source.pattern: {message}"), refused.value
-    for pattern in ("*.[pj][np]g", "*", "{x}.png"):
+    for pattern in ("*.[pj][np]g", "*", "{x}.png", "[[]a].png", "[]]*", "[!]]*", "a]b"):
         assert parse_config(with_value(["cameras", 1, "source", "pattern"], pattern)).cameras[1].source.pattern
 
 

@@ -238,6 +238,55 @@ def test_done_dir_keeps_every_part_of_a_name_and_leaves_a_file_rewritten_before_
     assert np.array_equal(queue.get_nowait().image, parts[0])
 
 
+# Run once, on the first rename into a watched path, before it happens: another camera's move at that instant.
+# An audit hook cannot be removed, so it is installed once and does nothing while the dict is empty.
+BEFORE_RENAME_TO: dict[str, list] = {}
+
+
+def _before_rename_to(event: str, args: tuple) -> None:
+    if event == "os.rename" and BEFORE_RENAME_TO:
+        pending = BEFORE_RENAME_TO.get(os.fspath(args[1]))
+        if pending:
+            pending.pop()()
+
+
+sys.addaudithook(_before_rename_to)
+
+
+def test_two_cameras_moving_one_name_into_a_shared_done_dir_at_once_keep_both_parts(tmp_path):
+    """Two cameras of one model write every part as current.bmp and share a done_dir. Camera B moves its part in
+    after camera A found current.bmp free and before A's own rename: A's rename replaced B's part, the only copy of an
+    inspected part. Either part is kept, under its own name."""
+    from inspectd.daemon.ingest.folder import FolderWatcher
+
+    done = tmp_path / "done"
+    cams = parse_config(
+        {
+            "station": "s",
+            "model": {"bundle": "b"},
+            "cameras": [
+                {"id": f"cam{x}", "source": {"kind": "folder", "path": str(tmp_path / x), "done_dir": str(done)}}
+                for x in "ab"
+            ],
+        }
+    ).cameras
+    parts = {}
+    for x in "ab":
+        (tmp_path / x).mkdir()
+        parts[x] = tmp_path / x / "current.bmp"
+        parts[x].write_bytes(f"part of camera {x}".encode())
+    a, b = (FolderWatcher(cam, time.time) for cam in cams)
+    done.mkdir()
+    BEFORE_RENAME_TO[str(done / "current.bmp")] = [lambda: b._dispose(parts["b"], os.stat(parts["b"]).st_mtime_ns)]
+    try:
+        a._dispose(parts["a"], os.stat(parts["a"]).st_mtime_ns)
+    finally:
+        BEFORE_RENAME_TO.clear()
+    assert not parts["a"].exists() and not parts["b"].exists()
+    assert sorted(p.read_text() for p in done.iterdir()) == ["part of camera a", "part of camera b"]
+    assert (done / "current.bmp").read_text() == "part of camera b"  # the first in keeps the name
+
+
 def test_a_done_dir_files_cannot_be_moved_to_fails_the_camera_in_one_line(tmp_path, ingest_threads):
     """Checked at open with a real rename, not per file: another filesystem (or mount) fails every move, and the
     watched folder itself would hand each file back to the scan under a new name, forever. (The config refuses that
@@ -634,6 +683,49 @@ def test_a_file_appended_to_while_other_files_arrive_is_taken_once_whole_and_onl
     assert big.t_capture == os.stat(tmp_path / "big.jpg").st_mtime_ns / 1e9  # the file as it was finished
 
 
+def test_a_preallocated_file_stalled_mid_write_is_waited_for_and_not_deleted(tmp_path, ingest_threads):
+    """A writer that sets the file's final size first (an SMB copy, fallocate) and stalls for several polls: the
+    tail is zero bytes of the right length. A BMP decoded with its zero rows was judged and deleted mid-write, a TIFF
+    whose directory (written last) was still zeros was an error and deleted, as was any file stalled before its first
+    byte. Each is waited for, then taken once, whole; a complete BMP that does end in zeros (a black last row) is
+    still taken, once it has held still for the write grace."""
+    image = np.full((48, 64), 200, np.uint8)
+    files = {
+        "a.bmp": (cv2.imencode(".bmp", image)[1].tobytes(), 0.5),
+        "b.tiff": (cv2.imencode(".tiff", image)[1].tobytes(), 0.5),
+        "c.png": (cv2.imencode(".png", image)[1].tobytes(), 0.0),  # nothing written yet
+    }
+    black = np.zeros_like(image)
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 50, "delete_after": True}), queue)
+    taken: list[Frame] = []
+    for name, (data, written) in files.items():
+        cut = int(len(data) * written)
+        with open(tmp_path / name, "wb") as out:
+            out.truncate(len(data))
+            out.write(data[:cut])
+            out.flush()
+            time.sleep(0.5)  # ten polls: the file holds still at its final size
+            for got in drain(queue):
+                got.on_published()  # an earlier file's result goes out, as the publisher's would
+                taken.append(got)
+            assert name not in [got.frame_id for got in taken] and (tmp_path / name).exists(), name
+            out.write(data[cut:])
+    assert cv2.imwrite(str(tmp_path / "d.bmp"), black)
+    ready = time.monotonic()
+    assert wait_for(lambda: len(taken) + len(queue) == 4)
+    assert time.monotonic() - ready > 1.5  # the black one held for the grace, taken from the writer's last change
+    assert not wait_for(lambda: len(queue) > 4 - len(taken), timeout=0.3)
+    published = {f.frame_id for f in taken}
+    frames = {f.frame_id: f for f in taken + drain(queue)}
+    assert sorted(frames) == ["a.bmp", "b.tiff", "c.png", "d.bmp"], [(f.frame_id, f.error) for f in frames.values()]
+    for name, f in frames.items():
+        assert f.error is None and np.array_equal(f.image, black if name == "d.bmp" else image), (name, f.error)
+        if name not in published:
+            f.on_published()
+    assert wait_for(lambda: not list(tmp_path.iterdir()))
+
+
 def test_a_writer_whose_clock_is_behind_pausing_mid_file_does_not_get_it_published_as_truncated(
     tmp_path, ingest_threads
 ):
@@ -856,6 +948,31 @@ def test_an_unreadable_file_is_one_error_result_and_the_folder_goes_on(tmp_path,
     assert frames["a-unreadable.png"].error == "a-unreadable.png: cannot read (Input/output error)"
     assert frames["b-good.png"].error is None and frames["b-good.png"].image.shape == (48, 64)
     assert ingest.stats()["reopen_count"] == 0 and ingest.stats()["state"] == "running"
+
+
+def test_an_entry_that_cannot_be_stated_is_one_error_result_and_the_folder_goes_on(tmp_path, ingest_threads):
+    """A symlink loop the pattern matches (as a stale handle on a share, or EIO, would be): its stat failed at every
+    scan, which reopened the camera for ever and inspected no file. It is one error result naming it, not repeated
+    at later scans, and is neither deleted nor moved; the good file beside it comes through."""
+    inbox, done = tmp_path / "in", tmp_path / "done"
+    inbox.mkdir()
+    (inbox / "a-loop.png").symlink_to("a-loop.png")
+    SyntheticLine(64, 48, seed=1).write_folder(tmp_path / "frames", 1)
+    os.replace(tmp_path / "frames" / "000000.png", inbox / "b-good.png")
+    queue = FrameQueue(8, "block")
+    source = {"kind": "folder", "path": str(inbox), "pattern": "*.png", "poll_ms": 20, "done_dir": str(done)}
+    ingest = start(ingest_threads, camera(source), queue)
+    assert wait_for(lambda: len(queue) == 2), ingest.stats()
+    time.sleep(0.3)  # more scans add nothing: the entry was taken once
+    frames = {f.frame_id: f for f in drain(queue)}
+    assert sorted(frames) == ["a-loop.png", "b-good.png"]
+    assert frames["a-loop.png"].error == "a-loop.png: cannot read (Too many levels of symbolic links)"
+    assert frames["a-loop.png"].on_published is None  # never inspected: kept
+    assert frames["b-good.png"].error is None and frames["b-good.png"].image.shape == (48, 64)
+    frames["b-good.png"].on_published()
+    assert wait_for(lambda: [p.name for p in done.iterdir()] == ["b-good.png"])
+    assert ingest.stats()["reopen_count"] == 0 and ingest.stats()["state"] == "running"
+    assert (inbox / "a-loop.png").is_symlink()
 
 
 def test_odd_file_names_give_one_line_errors_and_frame_ids_any_json_decoder_takes(tmp_path, ingest_threads):

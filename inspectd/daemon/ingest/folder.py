@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fnmatch
 import functools
@@ -10,6 +11,7 @@ import hashlib
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -25,7 +27,7 @@ from engines.errors import DataError
 from engines.schema import Flag, Number, Text, declared, invalid, refuse, show
 from inspectd.configfile import ConfigPath
 from inspectd.daemon.frames import Frame
-from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode, max_frame_bytes
+from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode, max_frame_bytes, unwritten_tail
 from inspectd.daemon.ingest.source import Source, SourceFatal, frame_id_of
 from inspectd.errors import one_line
 from inspectd.protocol.messages import printable
@@ -47,6 +49,17 @@ REPLACED_LOG_QUIET_S = 60.0
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", "~")
 TEMP_PREFIXES = (".", "~$")
 SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+# A move into done_dir that never replaces a file there (move_keeping): renameat2's flag, and what it and link() say
+# where the filesystem or the kernel cannot do it (FAT has no hard links: EPERM, as a link to another owner's file
+# under fs.protected_hardlinks is).
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+NO_RENAME_NOREPLACE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+NO_HARD_LINK = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK})
+_RENAMEAT2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28 and later
+if _RENAMEAT2 is not None:
+    _RENAMEAT2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    _RENAMEAT2.restype = ctypes.c_int
 
 log = structlog.get_logger("inspectd.ingest")
 
@@ -76,6 +89,11 @@ class FolderSource:
                 f"expected a glob on the file name (*, ?, [...]), got {show(pattern)}: there are no {{a,b}} "
                 "alternatives (for .png and .jpg: *.[pj][np]g, or *)"
             )
+        if _unclosed_set(pattern):
+            raise invalid(
+                f"expected a glob on the file name whose every [ is closed by a ] (a set such as [pj]; a [ of the "
+                f"name itself as [[]), got {show(pattern)}"
+            )
         return pattern
 
     @model_validator(mode="after")
@@ -87,6 +105,25 @@ class FolderSource:
             if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
                 refuse(key, f"{folder} is a file, expected a folder", str(folder))
         return self
+
+
+def _unclosed_set(pattern: str) -> bool:
+    """Whether a [ opens no set: fnmatch then matches it as a plain [, which no intended name holds. Walked as
+    fnmatch.translate walks it: a ! and a ] straight after the [ belong to the set."""
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            j = pattern.find("]", j)
+            if j < 0:
+                return True
+            i = j
+        i += 1
+    return False
 
 
 class FolderWatcher(Source):
@@ -119,6 +156,7 @@ class FolderWatcher(Source):
         # under another name (a writer that stages each part under one name the pattern matches, then renames it).
         self._replaced_pending: dict[int, str] = {}
         self.pending: list[tuple[int, str]] = []  # ready (mtime_ns, name), oldest last, popped from the end
+        self._unstattable: dict[str, str] = {}  # name -> why the latest scan could not stat it
         self._scanned = -math.inf  # monotonic time at the end of the latest scan
         self._warned = False
         # Files whose result is out but which could not be deleted or moved (disposer thread), and why the first
@@ -225,6 +263,7 @@ class FolderWatcher(Source):
     def _scan(self) -> None:
         start = time.monotonic()
         listed: dict[str, tuple[int, int, int]] = {}
+        unstattable: dict[str, str] = {}
         with os.scandir(self.spec.path) as entries:
             for entry in entries:
                 name = entry.name
@@ -234,14 +273,23 @@ class FolderWatcher(Source):
                     or lower.endswith(TEMP_SUFFIXES)
                     or lower in SYSTEM_NAMES
                     or not self._matches(name)
-                    or not entry.is_file()
                 ):
                     continue
                 try:
+                    if not entry.is_file():
+                        continue
                     st = entry.stat()
                 except FileNotFoundError:
                     continue  # taken away between the listing and now
+                except OSError as exc:
+                    # A symlink loop, a share's stale handle or EIO: raising would reopen the folder and meet it
+                    # at every scan, no file inspected. It is listed under a stamp of its own (size -1) with
+                    # its link's mtime where there is one: one error result (read), then done until it changes.
+                    unstattable[name] = exc.strerror or one_line(exc)
+                    listed[name] = (-1, _link_mtime_ns(entry), 0)
+                    continue
                 listed[name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        self._unstattable = unstattable
         # `since` is taken after every stat of this scan and compared with the start of a later one, so a file is
         # ready only when two stats at least a poll apart saw it the same: the writer is done with it.
         self._scanned = time.monotonic()
@@ -285,6 +333,9 @@ class FolderWatcher(Source):
         path = self.spec.path / name
         shown = printable(frame_id_of(name))
         size, _, since, _ = self.seen[name]
+        cannot_stat = self._unstattable.get(name)
+        if cannot_stat is not None:  # never inspected: kept, as an unreadable file is
+            return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({cannot_stat})", dispose=False)
         if size > self.max_bytes:  # not read at all: a stray video or archive in the inbox would fill the memory
             expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
             return self._taken(path, mtime_ns, None, f"{shown}: {size} bytes, {expected}")
@@ -310,6 +361,8 @@ class FolderWatcher(Source):
             self._replaced(name, self.seen[name], (st.st_size, st.st_mtime_ns), st.st_ino)
             self.seen.pop(name, None)
             return None
+        if unwritten_tail(data) and time.monotonic() - since < WRITE_GRACE_S:
+            return None  # perhaps a preallocated file still being filled: it must hold still for the grace first
         try:
             image, error = check_and_decode(data, shown, self.camera.max_pixels, bit_depth=self.bit_depth), None
         except IncompleteImage as exc:
@@ -469,7 +522,7 @@ class FolderWatcher(Source):
                 path.unlink()
             elif self.spec.done_dir is not None:
                 self.spec.done_dir.mkdir(parents=True, exist_ok=True)
-                os.replace(path, unused_name(self.spec.done_dir / path.name, mtime_ns))
+                move_keeping(path, self.spec.done_dir / path.name, mtime_ns)
         except FileNotFoundError:
             return  # taken away by someone else
         except OSError as exc:
@@ -489,13 +542,71 @@ class FolderWatcher(Source):
                 )
 
 
-def unused_name(target: Path, mtime_ns: int) -> Path:
+def _link_mtime_ns(entry: os.DirEntry[str]) -> int:
+    """The entry's own mtime, not its target's (a symlink loop has none), or 0 when that fails too."""
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def move_keeping(path: Path, target: Path, mtime_ns: int) -> None:
+    """Move `path` to `target`, or to the next name unused_name gives, never over a file already there: two cameras
+    sharing a done_dir move files of one name at once, and a look before a plain rename lets both take the same free
+    name, the second replacing the first part's only copy. A name taken since the look fails the move (EEXIST) and
+    the next is tried. Across filesystems the move fails with EXDEV, as a rename does."""
+    taken: set[Path] = set()
+    while True:
+        candidate = unused_name(target, mtime_ns, taken)
+        try:
+            _move_no_replace(path, candidate)
+            return
+        except FileExistsError:
+            taken.add(candidate)  # by another camera's move, or anyone's
+
+
+def _move_no_replace(path: Path, candidate: Path) -> None:
+    """Rename without replacing (renameat2 RENAME_NOREPLACE); where the filesystem cannot (some shares), a hard link
+    then an unlink of the source, which fails alike on a name that exists; where it has no hard links either (FAT), or
+    refuses one to a file of another owner (fs.protected_hardlinks), a plain rename after the look, as before."""
+    if _RENAMEAT2 is not None:
+        # Raised as os.rename raises it, so audit hooks see every rename.
+        sys.audit("os.rename", path, candidate, -1, -1)
+        if _RENAMEAT2(AT_FDCWD, os.fsencode(path), AT_FDCWD, os.fsencode(candidate), RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in NO_RENAME_NOREPLACE:
+            raise OSError(code, os.strerror(code), str(path), None, str(candidate))
+    try:
+        os.link(path, candidate, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINK:  # EEXIST among them
+            raise
+        os.rename(path, candidate)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # taken away by someone else meanwhile: its content is in done_dir all the same
+    except OSError:
+        # Left in the folder it is moved again later: the link would be a second copy then.
+        with contextlib.suppress(OSError):
+            os.unlink(candidate)
+        raise
+
+
+def unused_name(target: Path, mtime_ns: int, taken: set[Path] | frozenset[Path] = frozenset()) -> Path:
     """`target`, or, when a file of that name is already there (a camera that writes every part as `current.bmp`),
-    `stem~MTIME_NS.suffix`: the earlier file is not replaced, and the name costs one look however many came before."""
-    if not (target.exists() or target.is_symlink()):
+    `stem~MTIME_NS.suffix`: the earlier file is not replaced, and the name costs one look however many came before.
+    `taken`: names found in use since they were looked at."""
+
+    def used(path: Path) -> bool:
+        return path in taken or path.exists() or path.is_symlink()
+
+    if not used(target):
         return target
     candidate, n = target.with_name(f"{target.stem}~{mtime_ns}{target.suffix}"), 0
-    while candidate.exists() or candidate.is_symlink():  # the same name and mtime again (a copy keeping its time)
+    while used(candidate):  # the same name and mtime again (a copy keeping its time)
         n += 1
         candidate = target.with_name(f"{target.stem}~{mtime_ns}~{n}{target.suffix}")
     return candidate

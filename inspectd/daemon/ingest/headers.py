@@ -24,7 +24,8 @@ MARKER_WINDOW = 1 << 18
 
 
 class _CutShort(Exception):
-    """A known signature, but the data ends before the header says how large the image is."""
+    """A known signature, but the data ends before the header says how large the image is (or holds only the zero
+    bytes of a file whose writer set its size first: the message says so)."""
 
 
 def encoded_dims(data: bytes | memoryview) -> tuple[str, int, int] | None:
@@ -155,6 +156,10 @@ def _tiff_dims(view: memoryview) -> tuple[str, int, int] | None:
     if ifd + 2 > len(view):
         raise _CutShort  # writers often put the directory after the pixels
     (entries,) = struct.unpack(order + "H", view[ifd : ifd + 2])
+    if entries == 0:
+        # A directory has at least one entry: zero bytes there are a file whose writer set its final size first
+        # and has not written its directory yet (OpenCV and libtiff write it after the pixels).
+        raise _CutShort("TIFF directory of zero bytes (not written yet)")
     dims: dict[int, int] = {}
     for i in range(entries):
         at = ifd + 2 + 12 * i
@@ -167,6 +172,47 @@ def _tiff_dims(view: memoryview) -> tuple[str, int, int] | None:
     if 256 not in dims or 257 not in dims:
         return None
     return "tiff", dims[257], dims[256]
+
+
+def _bmp_size(view: memoryview) -> int:
+    """The bytes a BMP needs: its header's file size, or, where a writer left that 0, the end of its pixel rows
+    (uncompressed ones: a compressed BMP's size is not known before it is decoded), at least its headers'. A size
+    the header gives is taken as it is, as it always was."""
+    (size, _, offset, header_size) = struct.unpack("<IIII", view[2:18])
+    if size:
+        return size
+    headers = 26 if header_size == 12 else max(34, 14 + header_size)
+    if len(view) < headers:
+        return headers
+    if header_size == 12:  # OS/2 BITMAPCOREHEADER
+        width, height, _, bits = struct.unpack("<HHHH", view[18:26])
+        compression = 0
+    else:
+        width, height, _, bits, compression = struct.unpack("<iiHHI", view[18:34])
+    if compression not in (0, 3, 6):  # BI_RGB, BI_BITFIELDS, BI_ALPHABITFIELDS: rows of a fixed size
+        return size
+    return offset + (abs(width) * bits + 31) // 32 * 4 * abs(height)
+
+
+def unwritten_tail(data: bytes | memoryview) -> bool:
+    """Whether a BMP or TIFF, formats with no end marker, ends in four zero bytes: its writer may have set the file's
+    final size first (an SMB copy, fallocate) and not reached them yet. A complete image may end so too (a black last
+    pixel), so a folder only holds such a file until it has held still for its write grace. A TIFF's own last four
+    bytes when its directory ends the file are the next directory's offset, zero in a file of one image: no sign."""
+    view = memoryview(data)
+    if len(view) < 8:
+        return False
+    if view[:2] == b"BM":
+        end = min(len(view), _bmp_size(view)) if len(view) >= 18 else len(view)
+        return end >= 4 and not any(view[end - 4 : end])
+    if view[:4] in TIFF_MAGIC and not any(view[-4:]):
+        order = "<" if view[:2] == b"II" else ">"
+        (ifd,) = struct.unpack(order + "I", view[4:8])
+        if ifd + 2 > len(view):
+            return True
+        (entries,) = struct.unpack(order + "H", view[ifd : ifd + 2])
+        return ifd + 2 + 12 * entries + 4 != len(view)
+    return False
 
 
 def max_frame_bytes(max_pixels: int) -> int:
@@ -190,11 +236,18 @@ def check_and_decode(
         raise IncompleteImage(f"{what}: empty (0 bytes), expected an encoded {expected or 'JPEG/PNG/BMP/TIFF'} image")
     try:
         dims = _dims(memoryview(data))
-    except _CutShort:
+    except _CutShort as exc:
         raise IncompleteImage(
-            f"{what}: ends before its image header, expected a complete {expected or 'JPEG/PNG/BMP/TIFF'} image"
+            f"{what}: {str(exc) or 'ends before its image header'}, expected a complete "
+            f"{expected or 'JPEG/PNG/BMP/TIFF'} image"
         ) from None
     if dims is None:
+        if not any(memoryview(data)[:8]):
+            # No format starts so: a file whose writer set its final size first and has written nothing yet.
+            raise IncompleteImage(
+                f"{what}: zero bytes where its image header should be (not written yet), expected a complete "
+                f"{expected or 'JPEG/PNG/BMP/TIFF'} image"
+            )
         raise DataError(
             f"{what}: no image header found (JPEG SOF, PNG IHDR, BMP or TIFF), expected a complete "
             f"{expected or 'JPEG/PNG/BMP/TIFF'} image"
@@ -217,8 +270,10 @@ def check_and_decode(
         raise IncompleteImage(f"{what}: truncated JPEG (no end-of-image marker), expected a complete file")
     if fmt == "png" and not _png_complete(memoryview(data)):
         raise IncompleteImage(f"{what}: truncated PNG (no IEND chunk), expected a complete file")
-    if fmt == "bmp" and len(data) < struct.unpack("<I", memoryview(data)[2:6])[0]:
-        raise IncompleteImage(f"{what}: truncated BMP (shorter than its header's file size), expected a complete file")
+    if fmt == "bmp" and len(data) < _bmp_size(memoryview(data)):
+        raise IncompleteImage(
+            f"{what}: truncated BMP (shorter than its header's file size, or its pixel rows), expected a complete file"
+        )
     if fmt == "tiff":
         # No trailer to look for, and the strips can lie anywhere: a TIFF that does not decode may be one still
         # being written (a folder gives it time), else it is broken. A TIFF that decodes to pixels of a kind frames
