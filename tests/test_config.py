@@ -200,6 +200,18 @@ def test_a_journal_too_small_to_keep_a_replay_is_refused_naming_the_key(max_mb):
     assert parse_config(with_value(["publish", "journal", "max_mb"], 0.125)).publish.journal.max_mb == 0.125
 
 
+def test_a_publish_hwm_of_0_is_refused_saying_it_means_no_limit():
+    # ZeroMQ reads SNDHWM 0 as no limit: one subscriber that stopped reading made the daemon queue every result for
+    # it, and its memory grew until it was killed.
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(["publish", "sndhwm"], 0))
+    assert str(refused.value) == (
+        "publish.sndhwm: expected at least 1, got 0 (0 is no limit to ZeroMQ: one stuck subscriber would grow the "
+        "daemon's memory without bound)"
+    )
+    assert parse_config(with_value(["publish", "sndhwm"], 1)).publish.sndhwm == 1
+
+
 def test_a_shutdown_timeout_longer_than_the_units_allow_is_refused_in_one_line_naming_the_key():
     # The units SIGKILL a stop after TimeoutStopSec=90 (tests/test_deploy.py checks the pair): a longer drain would
     # be cut off half-way, its accepted frames left without results.

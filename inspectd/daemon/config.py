@@ -22,7 +22,15 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BeforeValidator, Field, PlainValidator, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from engines.errors import EngineError
@@ -184,11 +192,23 @@ class JournalConfig:
     fsync_interval_s: Annotated[Number, Field(gt=0, le=60)] = 1.0  # the most a power cut may cost
 
 
+def _bounded_hwm(sndhwm: int) -> int:
+    # ZeroMQ reads 0 as no limit: the PUB socket would then queue every result for a subscriber that stopped reading
+    # (a frozen bridge, a paused pager), and the daemon's memory would grow until it is killed.
+    if sndhwm < 1:
+        raise invalid(
+            f"expected at least 1, got {show(sndhwm)} (0 is no limit to ZeroMQ: one stuck subscriber would grow the "
+            "daemon's memory without bound)"
+        )
+    return sndhwm
+
+
 @declared
 class PublishConfig:
     endpoint: Endpoint = "tcp://127.0.0.1:5556"
     masks: Annotated[str, one_of(MASK_POLICIES)] = "defects"
-    sndhwm: Annotated[Int, Field(ge=0, le=2**31 - 1)] = 1000  # ZeroMQ takes a C int
+    # Per subscriber, the most results queued for it (ZeroMQ takes a C int).
+    sndhwm: Annotated[Int, Field(le=2**31 - 1), AfterValidator(_bounded_hwm)] = 1000
     status_interval_s: Annotated[Number, Field(gt=0, le=3600)] = 1.0
     journal: JournalConfig = JournalConfig()
     curve: Curve = None  # None: results published in the clear
