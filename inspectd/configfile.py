@@ -23,6 +23,7 @@ from typing import Annotated, Any, TypeVar
 import yaml
 import zmq
 from pydantic import PlainValidator, ValidationInfo
+from pydantic_core import PydanticCustomError
 
 from engines import schema
 from inspectd.errors import ConfigError
@@ -61,6 +62,18 @@ def _endpoint(value: Any) -> str:
         if problem is not None:
             raise schema.invalid(problem)
     return value
+
+
+def endpoint_problem(value: Any) -> str | None:
+    """Why `value` is not an endpoint the daemon's config takes, None when it is: for a client's --endpoint, which
+    names what a daemon was configured with, so a typo is refused in the same words rather than connected to (libzmq
+    takes a tcp port above 65535 cut to 16 bits, another daemon's or nobody's, and an inproc:// that nothing outside
+    its own process can reach)."""
+    try:
+        _endpoint(value)
+    except PydanticCustomError as exc:
+        return exc.message()
+    return None
 
 
 def ipc_path_problem(endpoint: str) -> str | None:
@@ -148,6 +161,16 @@ def _camera_id(value: Any) -> str:
 
 
 CameraId = Annotated[str, PlainValidator(_camera_id)]
+
+
+def camera_id_problem(value: Any) -> str | None:
+    """Why `value` cannot be the id of a daemon's camera, None when it can: for a client's --camera, which would
+    otherwise wait in silence for results that never come."""
+    try:
+        _camera_id(value)
+    except PydanticCustomError as exc:
+        return exc.message()
+    return None
 
 
 def parse(declaration: type[T], raw: Any, where: str = "", base_dir: str | Path | None = None) -> T:

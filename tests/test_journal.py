@@ -10,6 +10,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +84,71 @@ def test_rotation_keeps_the_journal_under_its_cap_and_the_newest_results(tmp_pat
     assert journal_format.newest_seq(tmp_path / "j", "cam0") == 1999
     assert journal_format.newest_seq(tmp_path / "j", "cam1") is None
     j.close()
+
+
+def test_status_from_another_thread_never_fails_while_the_publisher_rotates_segments(tmp_path):
+    """The metrics and control threads call status() while the publishing thread rotates: its sum over the open
+    segments met the dict changing size, and the scrape lost every inspectd_* series, `ctl status` its answer."""
+    j = Journal(tmp_path / "j", max_bytes=64 << 20, segment_bytes=4096, camera_count=4)
+    failures: list[str] = []
+    calls = 0
+    stop = threading.Event()
+
+    def scrape() -> None:
+        nonlocal calls
+        while not stop.is_set():
+            try:
+                j.status()
+            except Exception as exc:  # what the metrics collector met
+                failures.append(f"{type(exc).__name__}: {exc}")
+                return
+            calls += 1
+
+    frames = {camera: result(camera, 0) for camera in ("cam0", "cam1", "cam2", "cam3")}
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # hand the GIL over often, as two busy threads on two cores contend for it
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        seq = 0
+        deadline = time.monotonic() + 3.0  # some thousands of rotations
+        while time.monotonic() < deadline and not failures:
+            for camera, record in frames.items():
+                j.append(camera, seq, record)
+            seq += 1
+    finally:
+        stop.set()
+        scraper.join()
+        sys.setswitchinterval(switch)
+    assert not failures, failures[0]
+    assert calls > 1000 and j.written == 4 * seq
+    j.flush()
+    assert j.status()["bytes"] == sum(p.stat().st_size for p in (tmp_path / "j").rglob("*.seg"))
+    j.close()
+
+
+def test_status_counts_the_bytes_on_disk_through_rotation_trimming_and_a_reopen(tmp_path):
+    cap = 128 << 10
+    j = Journal(tmp_path / "j", max_bytes=cap, segment_bytes=16 << 10, camera_count=2)
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in (tmp_path / "j").rglob("*.seg"))
+
+    for seq in range(600):
+        j.append("cam0", seq, result("cam0", seq, b"m" * 500))
+        if seq % 3 == 0:
+            j.append("cam1", seq, result("cam1", seq))
+        if seq % 97 == 0:
+            assert j.status()["bytes"] == on_disk(), seq
+    assert j.status()["bytes"] == on_disk() <= cap
+    j.close()
+    reopened = Journal(tmp_path / "j", max_bytes=cap, segment_bytes=16 << 10, camera_count=2)
+    assert reopened.status()["bytes"] == on_disk()
+    for seq in range(600, 700):  # on in the segments the last run left open, then new ones
+        reopened.append("cam0", seq, result("cam0", seq, b"m" * 500))
+        reopened.append("cam1", seq, result("cam1", seq))
+    assert reopened.status()["bytes"] == on_disk()
+    reopened.close()
 
 
 class _ClockGoingBack:

@@ -92,6 +92,9 @@ def test_error_result_has_reason_and_no_score():
         (lambda f: [b"inspect.line1.a\x00b.result", _patch(f[1], camera="a\x00b")], "header.camera: 'a"),
         (lambda f: [b"inspect.line1.../x.result", _patch(f[1], camera="../x")], "expected a camera id"),
         (lambda f: [f[0], _patch(f[1], schema=2)], "schema"),
+        # PROTOCOL.md: schema is the int 1; true and 1.0 equal 1 only to Python.
+        (lambda f: [f[0], _patch(f[1], schema=True)], "header.schema: True"),
+        (lambda f: [f[0], _patch(f[1], schema=1.0)], "header.schema: 1.0"),
         (lambda f: [f[0], _patch(f[1], seq="5")], "header.seq: expected int"),
         (lambda f: [f[0], _patch(f[1], verdict="maybe")], "header.verdict"),
         (lambda f: [f[0], _patch(f[1], score=True)], "header.score"),
@@ -160,6 +163,30 @@ def test_status_round_trip():
         encode_status("line1", {k: v for k, v in status.items() if k != "healthy"})
     with pytest.raises(MessageError, match="status topic"):
         decode_status([b"inspect.other.status", frames[1]])
+
+
+@pytest.mark.parametrize("schema", [True, 1.0, "1"])
+def test_a_status_whose_schema_is_not_the_int_1_is_refused(schema):
+    status = {"t": 1.0, "uptime_s": 3.0, "healthy": True, "model_id": "m", "thresholds_version": 1,
+              "throughput_fps": 10.0, "cameras": {}}  # fmt: skip
+    frames = encode_status("line1", status)
+    assert decode_status(frames)["schema"] == 1
+    with pytest.raises(MessageError, match=r"^status message\.schema: "):
+        decode_status([frames[0], _patch(frames[1], schema=schema)])
+
+
+# A threshold as calibrate writes it: a float32 step above the top good score, at full precision.
+THRESHOLD = 0.32843918234
+
+
+@pytest.mark.parametrize("score", [THRESHOLD - 1e-7, np.nextafter(THRESHOLD, 0), THRESHOLD, THRESHOLD + 1e-8])
+def test_the_published_score_and_threshold_agree_with_the_verdict_a_hair_either_side(score):
+    """PROTOCOL.md: verdict is defect exactly when score >= threshold. The score went out rounded to 6 decimals
+    and the threshold did not, so within 5e-7 of the threshold the header contradicted its own verdict."""
+    verdict = "defect" if score >= THRESHOLD else "ok"
+    result = decode_result(encode_result(**make_result(verdict=verdict, score=score, threshold=THRESHOLD)))
+    assert (result.score >= result.threshold) == (result.verdict == "defect"), (result.score, result.threshold)
+    assert result.score == score  # what the verdict was taken on, not a neighbour of it
 
 
 def judged(seq: int, verdict: str = "ok", size=(48, 64), camera: str = "cam0") -> Judged:
@@ -352,17 +379,28 @@ def test_subscribe_command_json_and_timeout(tmp_path):
 
 
 def test_subscribe_refuses_an_endpoint_zeromq_cannot_use_in_one_line():
-    """In the words `inspectd web` and the control clients use for the same mistake."""
+    """A wildcard port the daemon's config takes for its bind, which no connect can take: in the words `inspectd web`
+    and the control clients use for the same mistake. One the config refuses is refused in the config's words."""
     out = subprocess.run(
-        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", "127.0.0.1:5556", "--timeout", "1"],
+        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", "tcp://127.0.0.1:*", "--timeout", "1"],
         capture_output=True,
         text=True,
         timeout=30,
     )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr
-    assert lines[0].startswith("inspectd subscribe: --endpoint '127.0.0.1:5556': cannot connect ("), lines
+    assert lines[0].startswith("inspectd subscribe: --endpoint 'tcp://127.0.0.1:*': cannot connect ("), lines
     assert lines[0].endswith("expected tcp://HOST:PORT or ipc://PATH"), lines
+    out = subprocess.run(
+        [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", "127.0.0.1:5556", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and out.stderr == (
+        "inspectd subscribe: --endpoint: expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH), got "
+        "'127.0.0.1:5556'\n"
+    ), out.stderr
 
 
 def test_an_unencodable_mask_still_publishes_the_verdict(tmp_path):

@@ -10,6 +10,7 @@ import json
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -564,3 +565,64 @@ def test_unreadable_messages_are_counted_at_most_once_an_interval_with_the_last_
     assert count.skipped("d", 202.0) is None
     assert count.rest(203.0) == "inspectd subscribe: skipped 1 more malformed messages (12 in all; the last: d)"
     assert count.rest(204.0) is None
+
+
+def _refused(*args: str) -> tuple[int, str, str]:
+    proc = subprocess.run(
+        inspectd_argv("subscribe", *args, "--timeout", "3"), capture_output=True, text=True, timeout=30, cwd=REPO
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "endpoint, expected",
+    [
+        ("inproc://line1", "expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH), got 'inproc://line1'"),
+        ("tcp://[::1:5556", "expected an IPv6 host in brackets, as tcp://[::1]:5556, got 'tcp://[::1:5556'"),
+        ("tcp://127.0.0.1:", "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got 'tcp://127.0.0.1:'"),
+        ("ipc://pub.sock", "expected an absolute socket path, as ipc:///var/lib/inspectd/NAME.sock"),
+    ],
+)
+def test_an_endpoint_no_daemon_could_be_configured_with_is_refused_in_one_line(endpoint, expected):
+    """Each was connected to and waited on in silence until the timeout, which then exited 0."""
+    code, out, err = _refused("--endpoint", endpoint)
+    assert code == 2 and out == "" and err.startswith(f"inspectd subscribe: --endpoint: {expected}"), (code, out, err)
+    assert len(err.splitlines()) == 1, err
+
+
+def test_a_tcp_port_above_65535_is_refused_not_cut_to_another_daemons_port():
+    """libzmq cuts the port to 16 bits: port + 65536 reached whatever published on port, and printed its results."""
+    context = zmq.Context.instance()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def publish() -> None:
+        seq = 0
+        while not stop.wait(0.05):
+            pub.send_multipart(result_frames("cam0", seq))
+            seq += 1
+
+    sender = threading.Thread(target=publish)
+    sender.start()
+    try:
+        code, out, err = _refused("--endpoint", f"tcp://127.0.0.1:{port + 65536}")
+    finally:
+        stop.set()
+        sender.join()
+        pub.close()
+    assert (code, out) == (2, ""), (code, out, err)
+    assert err == (
+        f"inspectd subscribe: --endpoint: expected tcp://HOST:PORT, PORT a number up to 65535 or *, got "
+        f"'tcp://127.0.0.1:{port + 65536}'\n"
+    )
+
+
+@pytest.mark.parametrize("camera", ["bad/id", "c" * 65, "live", ""])
+def test_a_camera_id_no_daemon_could_have_is_refused_in_one_line(tmp_path, camera):
+    """No result can carry such an id (the daemon's config refuses it, and decoders refuse a result naming it): the
+    filter would have let nothing through, in silence."""
+    code, out, err = _refused("--endpoint", f"ipc://{tmp_path}/pub.sock", "--camera", "cam0", "--camera", camera)
+    assert code == 2 and out == "" and err.startswith("inspectd subscribe: --camera: "), (code, out, err)
+    assert len(err.splitlines()) == 1 and "expected" in err, err

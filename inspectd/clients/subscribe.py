@@ -1133,6 +1133,19 @@ def run(args: argparse.Namespace) -> int:
     if args.since is not None and args.journal is None:
         print("inspectd subscribe: --since: expected --journal DIR too (the journal it replays from)", file=sys.stderr)
         return 2
+    from inspectd.configfile import camera_id_problem, endpoint_problem
+
+    # As the daemon's config checks them: what it could not be configured with would only be waited on in silence
+    # (a tcp port above 65535 libzmq cuts to 16 bits, and connects to whatever listens there).
+    problem = endpoint_problem(args.endpoint)
+    if problem is not None:
+        print(f"inspectd subscribe: --endpoint: {problem}", file=sys.stderr)
+        return 2
+    for camera in args.camera or ():
+        problem = camera_id_problem(camera)
+        if problem is not None:
+            print(f"inspectd subscribe: --camera: {problem}", file=sys.stderr)
+            return 2
     if args.since is not None and args.since < -1:
         print("inspectd subscribe: --since: expected a seq >= -1 (-1: everything the journal holds)", file=sys.stderr)
         return 2

@@ -210,6 +210,10 @@ class Journal:
         self._closed: list[tuple[float, Path, int]] = []
         self._age = 0.0
         self._total = 0
+        # The size of the open segments, kept as they change, so that status() (from the metrics and control threads)
+        # neither iterates _active while the publishing thread rotates a segment nor waits on the lock it holds
+        # through a write a stalled disk may block.
+        self._active_bytes = 0
         self._retry_at = 0.0
         self._undeletable: set[Path] = set()  # closed segments whose delete failed (logged once each)
         self._torn: dict[Path, int] = {}  # segments whose tail could not be cut when a write failed: their good size
@@ -513,7 +517,8 @@ class Journal:
     def status(self) -> dict:
         return {
             "path": str(self.directory),
-            "bytes": self._total + sum(a.size for a in self._active.values()),
+            # Two reads, not one: for the instant of a rotation it may be off by the segment being retired.
+            "bytes": self._total + self._active_bytes,
             "written": self.written,
             "lost": self.lost,
             "degraded": self.degraded is not None,
@@ -611,6 +616,7 @@ class Journal:
                 self._failed(camera, active, exc, now)
                 return
             active.size += len(record)
+            self._active_bytes += len(record)
             active.records += 1
             self._last[camera] = seq
             self.written += 1
@@ -657,6 +663,7 @@ class Journal:
             self._total -= sum(c[2] for c in self._closed if c[1] == resume)
             self._closed = [c for c in self._closed if c[1] != resume]
         active = self._active[camera] = _Active(path, fd, os.fstat(fd).st_size)
+        self._active_bytes += active.size
         return active
 
     def _made(self, created: list[Path], camera: str) -> None:
@@ -680,11 +687,13 @@ class Journal:
             pass  # ranked by the time of its last write at the next open, as a segment of an older writer
         self._closed.append((self._age, active.path, active.size))
         self._total += active.size
+        self._active_bytes -= active.size
 
     def _removed(self, camera: str, active: _Active) -> None:
         """Retire an active segment found deleted: the records written to it since the syncer last saw it linked may
         have gone to the deleted file, so they count as lost; closed segments deleted with it leave the count."""
         self._active.pop(camera)
+        self._active_bytes -= active.size
         self._to_close.append(active.fd)
         gone = active.records - active.checked
         self.written -= gone

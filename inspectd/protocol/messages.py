@@ -194,7 +194,8 @@ def encode_result(
         "t_capture": t_capture,
         "t_publish": t_publish,
         "verdict": verdict,
-        "score": None if score is None else round(float(score), 6),
+        # Unrounded: the very value the verdict compared with the threshold, so that the published pair agrees with it.
+        "score": None if score is None else float(score),
         "threshold": None if threshold is None else float(threshold),
         "model_id": model_id,
         "thresholds_version": thresholds_version,
@@ -265,7 +266,7 @@ def decode_result(frames: Sequence[bytes]) -> Result:
     topic = _topic(frames)
     header = _header(frames, "result")
     schema = header.get("schema")
-    if schema != SCHEMA:
+    if type(schema) is not int or schema != SCHEMA:  # true and 1.0 equal 1 in Python, and are not the int 1
         raise MessageError(f"result header.schema: {schema!r}, this decoder reads schema {SCHEMA}")
     unknown = set(header) - set(RESULT_FIELDS) - set(OPTIONAL_FIELDS)
     if unknown:
@@ -381,7 +382,7 @@ def decode_status(frames: Sequence[bytes]) -> dict[str, Any]:
     for key in STATUS_FIELDS:
         if key not in doc:
             raise MessageError(f"status message: missing field {key!r}")
-    if doc["schema"] != SCHEMA or isinstance(doc["schema"], bool):
+    if type(doc["schema"]) is not int or doc["schema"] != SCHEMA:
         shown = doc["schema"] if isinstance(doc["schema"], (int, str)) else type(doc["schema"]).__name__
         raise MessageError(f"status message.schema: {shown!r}, this decoder reads schema {SCHEMA}")
     if not isinstance(doc["station"], str):
