@@ -573,6 +573,18 @@ def _iso(t: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def parse_span(since: str, until: str | None) -> tuple[float, float | None]:
+    """(since, until) as epoch seconds, refusing an `until` at or before `since`: such a span holds nothing, and
+    the count it leads to would send the operator after a longer one."""
+    t_since = parse_time(since, "--since")
+    t_until = parse_time(until, "--until") if until is not None else None
+    if t_until is not None and t_until <= t_since:
+        raise TeachError(
+            f"--since {since} --until {until}: the span ends at or before it starts, expected --until after --since"
+        )
+    return t_since, t_until
+
+
 def archive_frames(
     archive: str | Path,
     since: str,
@@ -583,8 +595,7 @@ def archive_frames(
     """The frames the daemon's archive at `archive` kept with verdict ok, captured from `since` to `until` (ISO times
     or spans back from now, as `inspectd archive` takes them), of `camera` or of every camera, judged by one of
     `models` (teach_lineage's: the bundle's own first) or, when None, by any model."""
-    t_since = parse_time(since, "--since")
-    t_until = parse_time(until, "--until") if until is not None else None
+    t_since, t_until = parse_span(since, until)
     where = f"--archive {archive}" + (f" --camera {camera}" if camera is not None else "") + f" --since {since}"
     where += f" --until {until}" if until is not None else ""
     other: dict[str, int] | None = None  # None: not looked up (--any-model)
@@ -643,6 +654,10 @@ def archive_frames(
     ids = dict((path, entry_id) for entry_id, path in kept)
     span = {"camera": camera, "since": _iso(t_since), "until": _iso(t_until)}
     hint = "; the archive keeps one good frame in archive.good_every per camera: a longer span holds more"
+    if camera is not None and not entries and not other and other_cameras:
+        # A --camera typo: no span is long enough, so the cameras the span does hold are named instead.
+        held = ", ".join(f"{cam} ({n})" for cam, n in sorted(other_cameras.items()))
+        hint = f"; no good frame of camera {camera} in the span, which holds {held}: expected one of those --camera ids"
     if other:
         hint += f" ({_counted(other)} left out: --any-model takes them)"
     return GoodFrames(
@@ -965,7 +980,8 @@ def teach(
                 f"WARNING: --camera {frames.record['camera']}: {sum(left_out.values())} good frame(s) of other "
                 f"cameras in the same span ({_counted(left_out, '')}) are left out of the refit, yet the one taught "
                 "scorer judges every camera: a view it was not fitted on scores higher, so those cameras may reject "
-                "good parts (teach without --camera to fit every camera's view)"
+                f"good parts, and their drift alarms now compare them with {frames.record['camera']}'s good frames and "
+                "may rise on an unchanged line (teach without --camera to fit every camera's view)"
             )
         if current.per_camera:
             warnings.append(
@@ -1704,6 +1720,8 @@ def run(args: argparse.Namespace) -> int:
         if (args.server_key is not None or args.client_key is not None) and not args.apply:
             raise TeachError("--server-key/--client-key are for --apply: give the daemon's control endpoint")
         check_numbers(args.holdout, args.target_false_reject, args.pixel_fpr)
+        if since is not None:
+            parse_span(since, until)
         client = client_for(args.apply, args.timeout, args.server_key, args.client_key) if args.apply else None
     except (TeachError, InspectdError) as exc:
         print(f"inspectd teach: {exc}", file=sys.stderr)

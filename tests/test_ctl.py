@@ -490,6 +490,65 @@ def test_status_text_shows_every_alarm_last_errors_and_auth_refusals(tmp_path):
     ]
 
 
+def test_status_text_says_what_a_holding_drift_alarm_waits_for_and_which_drift_watches_are_off(tmp_path):
+    """Statuses of real drift monitors through `ctl status`: an alarm holding through its hysteresis (D back under
+    raise_at) shows the level D must fall below to clear, not a comparison that is false; a camera whose drift alarm
+    cannot rise (reference too small, no brightness reference) says so under its line, with the reason; one whose
+    score test is off but brightness test watches, and one whose false-reject warning is not armed, say that."""
+    import numpy as np
+
+    from inspectd.daemon.control import ControlServer
+    from inspectd.daemon.drift import DriftMonitor
+    from test_drift import in_hysteresis
+
+    rng = np.random.default_rng(3)
+    brightness = (100, sorted(rng.normal(128.0, 2.0, 100).tolist()))
+    few = sorted(rng.normal(1.0, 0.1, 20).tolist())
+    drift = {
+        "cam0": in_hysteresis(brightness=False),
+        "cam1": in_hysteresis(brightness=True),
+        "cam2": DriftMonitor((3, [1.0, 1.1, 1.2]), 2.0).status(),
+        "cam3": DriftMonitor((3, [1.0, 1.1, 1.2]), 2.0, brightness_reference=brightness).status(),
+        "cam4": DriftMonitor((20, few), max(few) * 1.01).status(),
+    }
+    reply = {
+        "station": "line1", "healthy": True, "model_id": "m1", "thresholds_version": 3,
+        "cameras": {camera: {"state": "running", "drift": d} for camera, d in drift.items()},
+    }  # fmt: skip
+
+    class Handler:
+        def status(self):
+            return reply
+
+    server = ControlServer(f"ipc://{tmp_path}/control.sock", Handler())
+    server.start()
+    try:
+        out = ctl(server.endpoint, "status")
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    holding = [line for line in lines if line.startswith("ALARM ")]
+    score, light = drift["cam0"], drift["cam1"]
+    assert holding == [
+        f"ALARM camera cam0 drift: good parts no longer score as at calibration (KS D {score['statistic']}, clears "
+        f"below {score['clear_at']}; lighting, lens, focus or material?)",
+        f"ALARM camera cam1 drift: good parts no longer look as bright as at calibration (KS D "
+        f"{light['brightness_statistic']}, clears below {light['brightness_clear_at']}; lighting, lens, focus or "
+        "material?)",
+    ], out.stdout
+    indent = " " * 15  # under the camera id's column
+    off = [
+        f"{indent}drift alarm off: {drift['cam2']['inactive_reason']}",
+        f"{indent}drift score test off (the brightness test still watches): {drift['cam3']['inactive_reason']}",
+        f"{indent}false-reject warning off: {drift['cam4']['false_reject_warning_inactive_reason']}",
+    ]
+    assert [line for line in lines if line.strip().startswith(("drift", "false-reject"))] == off, out.stdout
+    for camera, line in zip(("cam2", "cam3", "cam4"), off, strict=True):
+        assert lines[lines.index(line) - 1].startswith(f"  {camera} "), f"not under {camera}: {out.stdout}"
+    assert "expected at least 8" in drift["cam2"]["inactive_reason"]
+
+
 def test_an_unanswered_write_may_still_apply_and_an_overlong_rollback_version_is_never_sent(tmp_path):
     """A set-thresholds or rollback the daemon took but did not answer in time may still be applied: the line says to
     check status before sending it again (not to look for a reload). A rollback version longer than the daemon's

@@ -553,3 +553,46 @@ def test_a_thresholds_version_for_one_camera_keeps_another_cameras_raised_alarm(
     assert [(e["camera"], e["reason"], e["thresholds_version"]) for e in cleared] == [
         ("cam1", "new reference", current.version + 3)
     ], cleared
+
+
+def in_hysteresis(brightness: bool) -> dict:
+    """The status of a monitor whose line drifted (its scores, or with `brightness` its grey level, moved by two of
+    their spreads), raising the alarm, and then came back: taken at the first check where that test's D is no
+    longer above raise_at, the alarm still up as it waits for D to fall below clear_at."""
+    from inspectd.daemon.drift import DriftMonitor
+
+    rng = np.random.default_rng(1)
+    monitor = DriftMonitor(
+        (500, sorted(rng.normal(1.0, 0.1, 500).tolist())),
+        1.5,
+        brightness_reference=(500, sorted(rng.normal(128.0, 2.0, 500).tolist())),
+    )
+    prefix = "brightness_" if brightness else ""
+    for back in (False, True):
+        for _ in range(400):
+            score, level = float(rng.normal(1.0, 0.1)), float(rng.normal(128.0, 2.0))
+            if not back:
+                score, level = (score, level + 4.0) if brightness else (score + 0.2, level)
+            if score >= 1.5:
+                continue  # judged defect: not in the window
+            monitor.add(score, level)
+            status = monitor.status()
+            if back and monitor.since_check == 0 and status[f"{prefix}statistic"] <= status[f"{prefix}raise_at"]:
+                assert status["alarm"] and status[f"{prefix}alarm" if brightness else "score_alarm"], status
+                return status
+        assert monitor.status()["alarm"], "the drift did not raise the alarm"
+    raise AssertionError("D never came back below raise_at")
+
+
+def test_the_status_says_what_d_must_fall_below_for_a_raised_alarm_to_clear():
+    """While a raised test holds through its hysteresis (D no longer above raise_at, not yet below the lower level
+    it clears at), the status carries that level, clear_at (brightness_clear_at for the brightness test): what an
+    operator checking a fix needs. It is the critical value at CLEAR_ALPHA, and the test clears below it."""
+    from inspectd.daemon.drift import CLEAR_ALPHA, ks_critical
+
+    for brightness in (False, True):
+        prefix = "brightness_" if brightness else ""
+        status = in_hysteresis(brightness)
+        clear_at = status[f"{prefix}clear_at"]
+        assert clear_at == round(ks_critical(CLEAR_ALPHA, 200, 500), 6), status
+        assert clear_at < status[f"{prefix}statistic"] <= status[f"{prefix}raise_at"], status

@@ -226,3 +226,55 @@ def test_the_false_reject_warning_stays_down_on_unchanged_lines_and_its_estimate
             assert not status["false_reject_warning"], (seed, rejected, status)
         assert rejected / 1.7 < status["false_reject_estimate"] < rejected * 1.7, (seed, rejected, status)
         assert status["clear_below"] < status["warn_above"]
+
+
+def test_a_new_reference_that_drops_a_raised_false_reject_warning_logs_its_end(tmp_path):
+    """An in-process daemon whose good parts creep towards the threshold: the false-reject warning (the PLC bit
+    false_reject_warning) rises, logged. A thresholds version with another image threshold starts a fresh monitor and
+    the bit drops: the log says so with false_reject_warning_cleared, reason "new reference", as it says
+    drift_cleared for the alarm, so the log never shows a warning raised that was never cleared."""
+    import time
+
+    from daemon_harness import in_process_config
+    from inspectd.daemon.frames import Frame
+    from inspectd.daemon.inference import Judged
+    from inspectd.daemon.service import Daemon
+    from station_model import THRESHOLD, write_grey_bundle
+
+    grey = write_grey_bundle(tmp_path / "bundle")
+    (tmp_path / "in").mkdir()
+    config = in_process_config(tmp_path, grey, {"kind": "folder", "path": str(tmp_path / "in"), "poll_ms": 20})
+    rng = np.random.default_rng(4)
+    with capture_logs() as logs:
+        daemon = Daemon(config)
+        try:
+            daemon.start()
+            state = daemon.stage.state
+            referenced = T.next_version(
+                state.thresholds,
+                provenance={
+                    **state.thresholds.provenance,
+                    T.GOOD_SCORES: T.good_score_reference(rng.normal(0.3, 0.03, 500)),
+                },
+            )
+            daemon.set_thresholds(referenced.to_dict(), force=True)
+            seq = 0
+            for score in rng.normal(0.44, 0.03, 400):  # the line moves up: a good share of good parts now rejected
+                if score < THRESHOLD:  # the window holds the frames judged ok only
+                    frame = Frame("cam0", seq, f"{seq:06d}", time.time(), None)
+                    daemon._on_published(
+                        Judged(frame, "ok", float(score), THRESHOLD, state.model_id, referenced.version, [], None), 1.0
+                    )
+                    seq += 1
+            assert daemon.drift_status("cam0")["false_reject_warning"], daemon.drift_status("cam0")
+            moved = T.next_version(referenced, image_threshold=THRESHOLD * 1.2, provenance=dict(referenced.provenance))
+            daemon.set_thresholds(moved.to_dict(), force=True)
+            assert not daemon.drift_status("cam0")["false_reject_warning"]
+        finally:
+            daemon.shutdown()
+    raised = [e for e in logs if e["event"] == "false_reject_warning_raised"]
+    cleared = [e for e in logs if e["event"] == "false_reject_warning_cleared"]
+    assert len(raised) == 1 and raised[0]["thresholds_version"] == referenced.version, raised
+    assert [(e["camera"], e.get("reason"), e["thresholds_version"]) for e in cleared] == [
+        ("cam0", "new reference", moved.version)
+    ], cleared

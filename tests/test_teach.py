@@ -553,7 +553,6 @@ def test_teach_from_the_daemons_archive_equals_teach_on_its_export(trained, tmp_
 
     for selection, found in (
         (("--since", "1h", "--camera", "cam9"), 0),
-        (("--since", "1h", "--until", "2000-01-01"), 0),
         (("--since", iso(first - 0.0005), "--until", iso(first + 0.0005), "--camera", "cam0"), 1),
     ):
         refused = inspectd("teach", str(from_archive), "--archive", str(archive), *selection)
@@ -1467,6 +1466,39 @@ def test_one_span_exported_camera_by_camera_into_one_fresh_folder_gets_no_fresh_
     assert frames["n"] == 16 and frames["export_runs"] == 2 and frames["export_spans"] == 1, frames
     out = capsys.readouterr().out
     assert "frame(s) taught on were captured from" in out and "fresh folder" not in out, out
+
+
+def test_a_camera_the_span_does_not_hold_is_named_with_the_cameras_it_does_and_a_backwards_span_is_refused(
+    trained, good, tmp_path, capsys
+):
+    """A --camera typo (another case, a camera that is not there) finds no frame however long the span: the refusal
+    names the cameras the span holds, with their good frames, instead of sending the operator after a longer span.
+    An --until at or before --since is refused up front in one line, before the bundle is read; nothing is written."""
+    from calibration import teach
+
+    bundle, original, images = memory_copy(trained, good, tmp_path)
+    archive_of(tmp_path / "archive", [(image, original) for image in images[:12]], cameras=("cam0", "cam1"))
+    archive = str(tmp_path / "archive")
+
+    for typo in ("cam9", "CAM0"):
+        assert teach.run(args(bundle, archive=archive, since="1h", camera=typo)) == 2
+        line = capsys.readouterr().err.strip()
+        assert (
+            "\n" not in line and f"no good frame of camera {typo} in the span, which holds cam0 (6), cam1 (6)" in line
+        )
+        assert "a longer span" not in line, line
+
+    assert teach.run(args(bundle, archive=archive, since="1h", camera="cam0", until="2h")) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (
+        "inspectd teach: --since 1h --until 2h: the span ends at or before it starts, expected --until after --since"
+    )
+    assert (
+        teach.run(args(tmp_path / "no-bundle", archive=archive, since="2026-03-01T06:00", until="2026-03-01T06:00"))
+        == 2
+    )
+    assert "the span ends at or before it starts" in capsys.readouterr().err, "checked before the bundle is read"
+    assert load_bundle(bundle).model_id == original
 
 
 def test_a_camera_teach_warns_of_the_other_cameras_good_frames_it_leaves_out_of_the_one_scorer(

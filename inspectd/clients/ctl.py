@@ -169,6 +169,20 @@ def _allow_list_lines(reply: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _drift_off(drift: Any) -> list[str]:
+    """What of a camera's drift watch is switched off, one line each: a camera whose PLC drift bit can never rise
+    must not look like one that is watched. Nothing for a daemon that sends no drift status. The brightness test
+    alone off is left out: a bundle without a brightness reference is common, and the score test still watches."""
+    if not isinstance(drift, dict) or drift.get("active") is not False:
+        if isinstance(drift, dict) and drift.get("false_reject_warning_active") is False:
+            return [f"false-reject warning off: {drift.get('false_reject_warning_inactive_reason')}"]
+        return []
+    reason = drift.get("inactive_reason")
+    if drift.get("brightness_active"):
+        return [f"drift score test off (the brightness test still watches): {reason}"]
+    return [f"drift alarm off: {reason}" if reason else "drift alarm off"]
+
+
 def _status(s: dict[str, Any]) -> str:
     up = datetime.timedelta(seconds=int(s.get("uptime_s") or 0))
     lines = [
@@ -191,6 +205,7 @@ def _status(s: dict[str, Any]) -> str:
             )
         if c.get("last_error"):
             lines.append(f"  {'':12} last error: {c['last_error']}")
+        lines += [f"  {'':12} {line}" for line in _drift_off(c.get("drift"))]
     refused = s.get("auth_refused")
     counts = [f"{role} {n}" for role, n in (refused if isinstance(refused, dict) else {}).items() if n]
     if counts:

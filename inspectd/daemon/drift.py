@@ -260,6 +260,7 @@ class KsTest:
         self.alarm = False
         self.statistic: float | None = None  # D of the last check
         self.raise_at: float | None = None  # the critical value it is compared with
+        self.clear_at: float | None = None  # the lower one a raised test must fall below to clear
 
     def add(self, value: float | None) -> None:
         if self.active and value is not None and math.isfinite(value):
@@ -272,10 +273,11 @@ class KsTest:
         n = window.size
         self.statistic = ks_statistic(window, self.reference)
         self.raise_at = ks_critical(RAISE_ALPHA, n, self.m) + self.margin
+        self.clear_at = ks_critical(CLEAR_ALPHA, n, self.m) + self.margin
         if not self.alarm and self.statistic > self.raise_at:
             self.alarm = True
             return "raised"
-        if self.alarm and self.statistic < ks_critical(CLEAR_ALPHA, n, self.m) + self.margin:
+        if self.alarm and self.statistic < self.clear_at:
             self.alarm = False
             return "cleared"
         return None
@@ -286,6 +288,9 @@ class DriftState:
     alarm: bool = False  # either test raised
     statistic: float | None = None  # the score test's D of the last check
     raise_at: float | None = None  # the critical value it is compared with
+    # What a raised alarm's D must fall below to clear (hysteresis): between the two the alarm holds, and an operator
+    # checking a fix needs the level it is waiting for.
+    clear_at: float | None = None
     false_reject_estimate: float | None = None
     false_reject_warning: bool = False
     score_alarm: bool = False
@@ -293,10 +298,19 @@ class DriftState:
     brightness_alarm: bool = False
     brightness_statistic: float | None = None
     brightness_raise_at: float | None = None
+    brightness_clear_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for key in ("statistic", "raise_at", "false_reject_estimate", "brightness_statistic", "brightness_raise_at"):
+        for key in (
+            "statistic",
+            "raise_at",
+            "clear_at",
+            "false_reject_estimate",
+            "brightness_statistic",
+            "brightness_raise_at",
+            "brightness_clear_at",
+        ):
             if out[key] is not None:
                 out[key] = round(out[key], 6)
         return out
@@ -396,7 +410,11 @@ class DriftMonitor:
         if self.score.active:
             window = self.score.window()
             self.score.check(window)
-            state.statistic, state.raise_at = self.score.statistic, self.score.raise_at
+            state.statistic, state.raise_at, state.clear_at = (
+                self.score.statistic,
+                self.score.raise_at,
+                self.score.clear_at,
+            )
             state.score_alarm = self.score.alarm
             state.false_reject_estimate = upper_tail(cut_z(z_above(window, self.threshold)))
             # Not armed, the estimate is still shown, but no warning that could only come far too late.
@@ -409,6 +427,7 @@ class DriftMonitor:
             self.brightness.check(self.brightness.window())
             state.brightness_statistic = self.brightness.statistic
             state.brightness_raise_at = self.brightness.raise_at
+            state.brightness_clear_at = self.brightness.clear_at
             state.brightness_alarm = self.brightness.alarm
         state.alarm = state.score_alarm or state.brightness_alarm
         if state.alarm != was:

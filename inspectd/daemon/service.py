@@ -404,14 +404,22 @@ class Daemon:
                 self._drift[camera] = (key, old[1])
                 return
             self._drift[camera] = (key, monitor_for(state.thresholds, camera))
-        if old is not None and old[1].state.alarm:
-            self.log.info(
-                "drift_cleared",
-                camera=camera,
-                reason="new reference",
-                model_id=state.model_id,
-                thresholds_version=state.thresholds_version,
-            )
+        if old is None:
+            return
+        # The fresh monitor starts with both PLC bits at 0: each one that was up must be seen to drop in the log,
+        # which otherwise shows it raised and never cleared.
+        for event, was_up in (
+            ("drift_cleared", old[1].state.alarm),
+            ("false_reject_warning_cleared", old[1].state.false_reject_warning),
+        ):
+            if was_up:
+                self.log.info(
+                    event,
+                    camera=camera,
+                    reason="new reference",
+                    model_id=state.model_id,
+                    thresholds_version=state.thresholds_version,
+                )
 
     def _observe_drift(self, judged: Judged) -> None:
         camera = judged.frame.camera

@@ -33,10 +33,10 @@ def status_alarms(status: dict[str, Any]) -> list[str]:
         if drift.get("alarm"):
             if drift.get("brightness_alarm") and not drift.get("score_alarm"):
                 what = "good parts no longer look as bright as at calibration"
-                figures = f"KS D {drift.get('brightness_statistic')} > {drift.get('brightness_raise_at')}"
+                figures = _figures(drift, "brightness_")
             else:
                 what = "good parts no longer score as at calibration"
-                figures = f"KS D {drift.get('statistic')} > {drift.get('raise_at')}"
+                figures = _figures(drift, "")
             out.append(f"camera {camera} drift: {what} ({figures}; lighting, lens, focus or material?)")
         if drift.get("false_reject_warning"):
             rate, target = _number(drift.get("false_reject_estimate")), _number(drift.get("target"))
@@ -44,6 +44,19 @@ def status_alarms(status: dict[str, Any]) -> list[str]:
             goal = f", target {100 * target:.2g} %" if rate is not None and target is not None else ""
             out.append(f"camera {camera} false rejects rising{about}{goal}")
     return out
+
+
+def _figures(drift: dict[str, Any], prefix: str) -> str:
+    """The raised test's D against the level that matters now: above raise_at while it is, else (the alarm holding
+    through its hysteresis, the line perhaps already mended) the level D must fall below to clear."""
+    statistic = _number(drift.get(f"{prefix}statistic"))
+    raise_at, clear_at = drift.get(f"{prefix}raise_at"), _number(drift.get(f"{prefix}clear_at"))
+    numeric_raise = _number(raise_at)
+    if statistic is None or numeric_raise is None or statistic > numeric_raise:
+        return f"KS D {drift.get(f'{prefix}statistic')} > {raise_at}"
+    if clear_at is not None:
+        return f"KS D {statistic}, clears below {clear_at}"
+    return f"KS D {statistic}, raised above {raise_at}, not yet cleared"  # a daemon older than clear_at
 
 
 def _number(value: Any) -> float | None:
