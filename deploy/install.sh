@@ -282,7 +282,9 @@ ensure_dir() {  # path mode owner:group
     [ "$SYSTEM" -eq 0 ] || chown "$3" "$1"
 }
 
-# As the service user on a station (where there is one), as whoever runs this in a scratch root.
+# As the service user on a station (where there is one), as whoever runs this in a scratch root. Without runuser
+# (util-linux, on every Debian and Ubuntu) a station's folder modes are set as root: a link swapped in after
+# check_service_dir would then have its target's mode set, though never its owner.
 as_service_user() {
     if [ "$SYSTEM" -eq 1 ] && command -v runuser >/dev/null; then
         runuser -u "$USER_NAME" -- "$@"
@@ -295,7 +297,7 @@ as_service_user() {
 # and a chmod or chown run as root follows a link to whatever it names (bundles -> /etc would hand /etc to the
 # service). A link is refused; the folder is made and its mode set as the service user, so that a link swapped in
 # between the check and the change borrows no right the service does not already have.
-ensure_service_dir() {  # path mode
+check_service_dir() {  # path
     if [ -L "$1" ]; then
         die "$1: a symbolic link (to $(readlink "$1")), expected a directory; put what it names in its place" \
             "and rerun"
@@ -303,6 +305,9 @@ ensure_service_dir() {  # path mode
     if [ -e "$1" ] && [ ! -d "$1" ]; then
         die "$1: not a directory, expected the service's $(basename "$1") folder; move it away and rerun"
     fi
+}
+ensure_service_dir() {  # path mode
+    check_service_dir "$1"
     if [ ! -d "$1" ]; then
         as_service_user mkdir "$1"
         say "created $1"
@@ -462,6 +467,13 @@ pip_install() {
         "$VENV/bin/python" -m pip install -q "$@"
     fi
 }
+
+# --- the service's state folders: checked before anything is created --------------------------------------------
+# Refused here, not when the state is reached: by then pip has replaced the venv and stamped it, and a rerun after the
+# operator's fix would skip the check of the units' configs against the new version.
+for sub in bundles engines journal; do
+    check_service_dir "$STATE/$sub"
+done
 
 # --- service user -----------------------------------------------------------------------------------------------
 if [ "$SYSTEM" -eq 1 ]; then

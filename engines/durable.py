@@ -163,6 +163,9 @@ def unwritable(path: str | Path, directory: bool = False, parents: bool = False)
             os.close(fd)
             os.unlink(probe)
         else:
+            # A link's target is what gets written (latest.json -> reports/today.json): probed and removed there,
+            # never the link itself in its place.
+            path = Path(os.path.realpath(path))
             existed = path.exists()
             with open(path, "a"):
                 pass

@@ -126,9 +126,11 @@ def test_a_link_or_file_the_service_put_in_place_of_a_state_folder_is_refused_an
         bundles.write_text("")
         expected = f"install.sh: {bundles}: not a directory, expected the service's bundles folder; move it away and "
         expected += "rerun"
+    # Refused before anything is made: on a station pip would otherwise have replaced the venv already.
+    (root / "etc/inspectd/clients").rmdir()
     rerun = _install(root)
     assert (rerun.returncode, rerun.stderr.strip()) == (2, expected)
-    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755 and not (root / "etc/inspectd/clients").exists()
 
 
 def test_a_gpu_station_install_without_the_venv_installs_the_tree(tmp_path):

@@ -270,6 +270,19 @@ def test_eval_refuses_an_output_it_cannot_write_before_scoring_any_image(tiny_bu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]
 
 
+def test_the_output_check_probes_through_a_link_and_leaves_it_a_link(tmp_path):
+    """latest.json -> reports/today.json, not there yet: the probe made the target through the link, then removed the
+    link in its place, so eval wrote a plain latest.json and left an empty today.json behind."""
+    from engines.durable import unwritable
+
+    (tmp_path / "reports").mkdir()
+    link = tmp_path / "latest.json"
+    link.symlink_to(tmp_path / "reports" / "today.json")
+    for parents in (False, True):
+        assert unwritable(link, parents=parents) is None
+        assert link.is_symlink() and os.listdir(tmp_path / "reports") == []
+
+
 def test_eval_prints_the_table_when_out_fails_once_written(tiny_bundle, tiny_data):
     """A --out that passes the check and fails when written (a disk filled while scoring: /dev/full) still leaves
     the result on stdout; the file was written first, so the table was lost."""

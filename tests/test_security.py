@@ -62,6 +62,13 @@ def test_keys_generate_cli_writes_a_private_pair_and_never_overwrites(tmp_path):
 def test_keys_generate_into_a_file_names_out_and_says_it_is_no_directory(tmp_path):
     """A file in --out's place printed the raw `[Errno 17] File exists`, naming neither --out nor what was expected."""
     (tmp_path / "f").write_text("")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    cmd = [sys.executable, "-m", "inspectd", "keys", "generate", "--out", str(tmp_path / "gone"), "--name", "server"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert done.stderr == (
+        f"inspectd keys: --out {tmp_path / 'gone'}: cannot create (a link to nothing, {tmp_path / 'nowhere'}), "
+        "expected a directory for the key pair\n"
+    )
     for out in (tmp_path / "f", tmp_path / "f" / "k"):
         cmd = [sys.executable, "-m", "inspectd", "keys", "generate", "--out", str(out), "--name", "server"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)

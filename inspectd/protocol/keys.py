@@ -71,6 +71,8 @@ def generate(out: str | Path, name: str) -> tuple[Path, Path]:
     except OSError as exc:
         # exist_ok still raises for a file of that name: EEXIST, which read as the key pair existing.
         why = "Not a directory" if exc.errno == errno.EEXIST else exc.strerror or str(exc)
+        if out.is_symlink() and not out.exists():
+            why = f"a link to nothing, {os.readlink(out)}"
         raise KeysError(f"--out {out}: cannot create ({why}), expected a directory for the key pair") from exc
     # The secret file must never exist with looser permissions, not even for a moment: umask covers the write.
     old = os.umask(0o077)
