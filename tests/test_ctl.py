@@ -124,8 +124,10 @@ def test_exit_codes_without_a_daemon(tmp_path):
     assert usage.returncode == 2
     # Input errors are usage errors (2, one line), never a traceback or 1 ("the daemon refused").
     for endpoint, extra, expected in (
-        ("foo", (), "--endpoint (or $INSPECTD_CONTROL) 'foo': cannot connect"),
-        ("tcp://127.0.0.1", (), "expected tcp://HOST:PORT or ipc://PATH"),
+        ("foo", (), "--endpoint (or $INSPECTD_CONTROL): expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)"),
+        ("tcp://127.0.0.1", (), "expected tcp://HOST:PORT, PORT a number up to 65535"),
+        # libzmq cuts the port to 16 bits: the whole timeout was waited out on port 34463, then told as no daemon.
+        ("tcp://127.0.0.1:99999", (), "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got"),
         (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "nan"), "--timeout nan: expected a finite number"),
         (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "inf"), "--timeout inf: expected a finite number"),
         (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "-1"), "--timeout -1.0: expected a finite number"),
@@ -135,6 +137,32 @@ def test_exit_codes_without_a_daemon(tmp_path):
         bad = ctl(endpoint, *extra, "status", timeout=20)
         assert bad.returncode == 2 and expected in bad.stderr, (endpoint, extra, bad.stderr)
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_ctls_options_work_after_the_action_and_an_empty_endpoint_variable_is_unset(tmp_path):
+    """`ctl status --json` was refused with inspectd's top-level usage ("unrecognized arguments"), and
+    INSPECTD_CONTROL set but empty was the endpoint ''."""
+    socket = f"ipc://{tmp_path}/nobody.sock"
+    after = subprocess.run(
+        [sys.executable, "-m", "inspectd", "ctl", "status", "--json", "--endpoint", socket, "--timeout", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    assert after.returncode == 3 and f"control {socket}: no reply within 0.5 s" in after.stderr, after.stderr
+    # Before the action and after it: the one after wins.
+    both = ctl("tcp://127.0.0.1:99999", "status", "--endpoint", socket, "--timeout", "0.5", timeout=30)
+    assert both.returncode == 3 and f"control {socket}:" in both.stderr, both.stderr
+    empty = subprocess.run(
+        [sys.executable, "-m", "inspectd", "ctl", "status", "--timeout", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        env={**os.environ, "INSPECTD_CONTROL": ""},
+    )
+    assert empty.returncode == 3 and "control ipc:///var/lib/inspectd/control.sock:" in empty.stderr, empty.stderr
 
 
 def test_ctl_pointed_at_another_socket_kind_or_a_left_socket_file_says_which_in_one_line(tmp_path):

@@ -33,27 +33,20 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--endpoint",
-        default=os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT),
-        metavar="EP",
-        help=f"the daemon's control.endpoint (default ${ENDPOINT_ENV}, else {DEFAULT_ENDPOINT})",
-    )
-    parser.add_argument(
-        "--server-key", type=Path, metavar="PATH", help="CurveZMQ: the daemon's control public key file"
-    )
-    parser.add_argument(
-        "--client-key", type=Path, metavar="PATH", help="CurveZMQ: this operator's .key_secret, in the allow-list"
-    )
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to wait for the daemon")
-    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout (one JSON document)")
+    _options(parser, default=True)
+    # The same options after the action too (`ctl status --json`, as `archive list --json` takes them): refused
+    # there, they read as unknown to inspectd altogether. Given twice, the one after the action wins.
+    after = argparse.ArgumentParser(add_help=False)
+    _options(after, default=False)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    actions.add_parser("status", help="health, model, thresholds, cameras, alarms")
+    actions.add_parser("status", parents=[after], help="health, model, thresholds, cameras, alarms")
     for verb in ("pause", "resume"):
-        sub = actions.add_parser(verb, help=f"{verb} a camera's ingest")
+        sub = actions.add_parser(verb, parents=[after], help=f"{verb} a camera's ingest")
         sub.add_argument("camera", metavar="CAMERA")
-    actions.add_parser("reload", help="reload the model bundle from disk, swapped in between batches")
-    sub = actions.add_parser("set-thresholds", help="judge with a thresholds document (JSON file) from now on")
+    actions.add_parser("reload", parents=[after], help="reload the model bundle from disk, swapped in between batches")
+    sub = actions.add_parser(
+        "set-thresholds", parents=[after], help="judge with a thresholds document (JSON file) from now on"
+    )
     sub.add_argument("file", type=Path, metavar="FILE", help="a thresholds.json whose version is above the current")
     sub.add_argument(
         "--force",
@@ -63,8 +56,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "must still be above the current, and a reduced-precision engine still refuses thresholds its score shift "
         "is too large for",
     )
-    sub = actions.add_parser("rollback", help="a new thresholds version with an earlier version's values")
+    sub = actions.add_parser(
+        "rollback", parents=[after], help="a new thresholds version with an earlier version's values"
+    )
     sub.add_argument("version", type=int, metavar="VERSION", help="the earlier version (ctl status shows the current)")
+
+
+def _options(parser: argparse.ArgumentParser, default: bool) -> None:
+    """ctl's own options; without `default`, one left out sets nothing (argparse.SUPPRESS), so that it does not
+    undo the same option given before the action."""
+
+    def value(given: Any) -> Any:
+        return given if default else argparse.SUPPRESS
+
+    # Set but empty (`INSPECTD_CONTROL= inspectd ctl ...`) is unset, as for most tools, not the endpoint ''.
+    endpoint = os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+    parser.add_argument(
+        "--endpoint",
+        default=value(endpoint),
+        metavar="EP",
+        help=f"the daemon's control.endpoint (default ${ENDPOINT_ENV}, else {DEFAULT_ENDPOINT})",
+    )
+    parser.add_argument(
+        "--server-key",
+        type=Path,
+        default=value(None),
+        metavar="PATH",
+        help="CurveZMQ: the daemon's control public key file",
+    )
+    parser.add_argument(
+        "--client-key",
+        type=Path,
+        default=value(None),
+        metavar="PATH",
+        help="CurveZMQ: this operator's .key_secret, in the allow-list",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=value(10.0), metavar="S", help="seconds to wait for the daemon"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=value(False),
+        help="machine-readable output on stdout (one JSON document)",
+    )
 
 
 def _request(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,6 +135,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         request = _request(args)
         flag = f"--endpoint (or ${ENDPOINT_ENV})"
+        from inspectd.configfile import endpoint_problem
+
+        # As the daemon's config checks control.endpoint: a tcp port above 65535, which libzmq cuts to 16 bits,
+        # waited out the whole timeout on whatever listens there, and was then told as no daemon answering.
+        problem = endpoint_problem(args.endpoint)
+        if problem is not None:
+            raise InspectdError(f"{flag}: {problem}")
         client = client_for(args.endpoint, args.timeout, args.server_key, args.client_key, endpoint_flag=flag)
     except InspectdError as exc:
         print(f"inspectd ctl: {exc}", file=sys.stderr)
