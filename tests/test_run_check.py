@@ -293,3 +293,40 @@ def test_check_as_root_refuses_an_allow_list_key_the_service_user_would_refuse(o
     other = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert other.returncode == 2 and "as the service user nobody" in other.stderr, other.stderr
     assert "client.key" in other.stderr and len(other.stderr.strip().splitlines()) == 1, other.stderr
+
+
+@pytest.mark.parametrize("damage", ["newer-ir-version", "not-a-graph"])
+def test_check_opens_the_engine_and_refuses_a_graph_onnx_runtime_cannot_load(tmp_path, damage):
+    """A graph exported on a newer machine (an IR version this onnxruntime does not know) matches every checksum:
+    --check said valid, and the unit's start failed (exit 1, retried)."""
+    import hashlib
+    import json
+
+    import onnx
+
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    graph = bundle / "model.onnx"
+    if damage == "newer-ir-version":
+        model = onnx.load(str(graph))
+        model.ir_version = 99
+        onnx.save(model, str(graph))
+    else:
+        graph.write_bytes(os.urandom(2000))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = hashlib.sha256(graph.read_bytes()).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    config = {
+        "station": "line1",
+        "model": {"bundle": "bundle"},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+        "engine": {"options": {"providers": "cpu"}},
+    }
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checked = inspectd("run", "--check", "--config", str(path))
+    assert checked.returncode == 2, checked.stdout
+    assert checked.stderr.startswith(f"inspectd run --check: {graph}: ONNX Runtime cannot load it ("), checked.stderr
+    assert checked.stderr.count("\n") == 1 and not (tmp_path / "state").exists()

@@ -52,6 +52,13 @@ class Engine(ABC):
         """BundleError when `bundle` lacks a file these `options` need (an FP16 graph, a named plan), decided without
         opening anything: `inspectd run --check` asks here, and opening the engine refuses through the same code."""
 
+    @classmethod
+    def needs_device(cls, options) -> bool:
+        """Whether opening an engine with these `options` needs a GPU, which `inspectd run --check` does not
+        assume is there yet (the start waits for it): where it does not, --check opens the engine as the start
+        does."""
+        return True
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of the uint8 frames `infer` takes."""

@@ -72,9 +72,7 @@ class OnnxRuntimeEngine(Engine):
     def __init__(self, bundle, options: Options, max_batch: int = 8) -> None:
         super().__init__(bundle, options, max_batch)
         self.precision = options.precision
-        want_cuda = options.providers == "cuda" or (
-            options.providers == "auto" and CUDA in ort.get_available_providers()
-        )
+        want_cuda = self.needs_device(options)
         if want_cuda and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu finds the CUDA and cuDNN libraries of the nvidia-* wheels only once they are loaded
             # (torch does that when it is imported first; a runtime station has no torch).
@@ -127,6 +125,10 @@ class OnnxRuntimeEngine(Engine):
         self._binding = self.session.io_binding()
         self._param_values: dict[str, ort.OrtValue] = {}
         self.set_scorer_params(bundle.scorer_params())
+
+    @classmethod
+    def needs_device(cls, options: Options) -> bool:
+        return options.providers == "cuda" or (options.providers == "auto" and CUDA in ort.get_available_providers())
 
     @classmethod
     def check_bundle(cls, bundle, options: Options) -> None:

@@ -33,6 +33,10 @@ class TorchEngine(Engine):
         # > 0 sets torch's intra-op threads for the whole process.
         threads: Annotated[Int, Field(ge=0, le=MAX_THREADS)] = 0
 
+    @classmethod
+    def needs_device(cls, options: Options) -> bool:
+        return options.device != "cpu"
+
     def __init__(self, bundle, options: Options, max_batch: int = 8) -> None:
         super().__init__(bundle, options, max_batch)
         try:

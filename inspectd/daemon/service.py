@@ -1050,6 +1050,7 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
     from engines.errors import EngineError
     from engines.runtime import backend_class
     from inspectd.daemon.config import load_config
+    from inspectd.daemon.inference import ModelState
     from inspectd.daemon.security import load_keys
 
     try:
@@ -1065,7 +1066,19 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
         thresholds = bundle.thresholds()
         # What the backend needs of the bundle (an FP16 graph, a named plan), by the rule opening the engine applies.
         backend = backend_class(config.engine.backend)
-        backend.check_bundle(bundle, backend.parse_options(config.engine.options, where="engine.options"))
+        options = backend.parse_options(config.engine.options, where="engine.options")
+        backend.check_bundle(bundle, options)
+        opened = not backend.needs_device(options)
+        if opened:
+            # Opened and run once on blank frames as the start does: a graph this onnxruntime cannot load (a newer
+            # IR version, exported on another machine) matched every checksum and failed only the unit's start.
+            state = ModelState.open(
+                config.model.bundle, config.engine.backend, config.engine.options, config.batching.max_batch
+            )
+            try:
+                state.warm_up()
+            finally:
+                state.close()
         checked_as = os.geteuid() == 0 and service_user != ""
         as_user = _as_service_user(service_user, Path(path).absolute()) if checked_as else None
         if as_user not in (None, "no user"):
@@ -1083,6 +1096,8 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
         "genicam cameras' by their pixel format"
     )
     print(f"  engine {config.engine.backend}, publish {config.publish.endpoint}, control {config.control.endpoint}")
+    if not opened:
+        print("  note: the engine needs the GPU, so it was not opened here; the start opens it and runs it once")
     if unknown:
         print(f"  note: thresholds.per_camera names cameras not in this config: {', '.join(unknown)}")
     for directory in empty:
