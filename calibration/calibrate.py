@@ -41,7 +41,9 @@ import numpy as np
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import inspectd_version, scores_pool_the_map
 from engines.bundle.plans import PRECISIONS
+from engines.schema import show
 from inspectd.errors import InspectdError
+from inspectd.protocol.archive import camera_id_problem
 from inspectd.protocol.control import ControlClient, ControlTimeout, HandshakeFailed, client_for
 
 if TYPE_CHECKING:
@@ -714,6 +716,9 @@ def run(args: argparse.Namespace) -> int:
         if args.camera is not None and not args.camera.strip():
             # An unset $CAM in a script: taken as no --camera, it would set every camera's threshold from one's frames.
             raise CalibrationError(f"--camera {args.camera!r}: expected a camera id")
+        if args.camera is not None and (problem := camera_id_problem(args.camera, show(args.camera))) is not None:
+            # Written into per_camera, an id no camera can have ('cam 0') is an override the daemon never applies.
+            raise CalibrationError(f"--camera: {problem}")
         # The pair itself is client_for's to check, with --apply.
         if (args.server_key is not None or args.client_key is not None) and not args.apply:
             raise CalibrationError("--server-key/--client-key are for --apply: give the daemon's control endpoint")

@@ -124,6 +124,7 @@ from engines.runtime import open_engine
 from engines.runtime.features import FeatureExtractor
 from engines.runtime.preprocess import fit_all, mean_level
 from engines.runtime.scorer_fit import augmented, fit_scorer
+from engines.schema import show
 from inspectd.errors import InspectdError
 from inspectd.protocol.archive import (
     DEFAULT_ARCHIVE,
@@ -133,6 +134,7 @@ from inspectd.protocol.archive import (
     ArchiveReader,
     Entry,
     UnreadableFrame,
+    camera_id_problem,
     parse_time,
 )
 from inspectd.protocol.control import BUNDLE_REFUSED, ControlClient, ControlTimeout, allow_list_errors, client_for
@@ -574,13 +576,19 @@ def _iso(t: float | None) -> str | None:
 
 
 def parse_span(since: str, until: str | None) -> tuple[float, float | None]:
-    """(since, until) as epoch seconds, refusing an `until` at or before `since`: such a span holds nothing, and
-    the count it leads to would send the operator after a longer one."""
-    t_since = parse_time(since, "--since")
-    t_until = parse_time(until, "--until") if until is not None else None
+    """(since, until) as epoch seconds, both read against one now, refusing an `until` at or before `since` and a
+    `since` not before now (a day mistyped): such a span holds nothing, and the count it leads to would send the
+    operator after a longer one."""
+    now = time.time()
+    t_since = parse_time(since, "--since", now)
+    t_until = parse_time(until, "--until", now) if until is not None else None
     if t_until is not None and t_until <= t_since:
         raise TeachError(
             f"--since {since} --until {until}: the span ends at or before it starts, expected --until after --since"
+        )
+    if t_since >= now:
+        raise TeachError(
+            f"--since {since}: now or in the future, expected a time in the past (nothing is archived from then yet)"
         )
     return t_since, t_until
 
@@ -628,6 +636,12 @@ def archive_frames(
             if not entries and other:
                 instead = "teach on a span after the line switched to it"
                 raise TeachError(_no_lineage_frames(where, models, other, instead))
+        # The camera's frames of any verdict: one with none in the span is a --camera typo, one whose every frame
+        # was rejected (a product the model rejects every good part of, what teach is run for) is not.
+        held = 0
+        if camera is not None and not entries:
+            # At least its rejects: the archive's age bound may have expired some of them since they were read.
+            held = max(reader.counts(None, t_since, t_until).get(camera, 0), len(rejects))
         # The order an export of these frames lists in, so both sources fit alike. A frame the archive's age or size
         # bound deleted since the query is left out, and so is one whose file is empty or not a whole PNG (a power
         # cut), as export leaves it out: named, not fitted. A structural check, not a decode: the fit decodes each
@@ -654,10 +668,23 @@ def archive_frames(
     ids = dict((path, entry_id) for entry_id, path in kept)
     span = {"camera": camera, "since": _iso(t_since), "until": _iso(t_until)}
     hint = "; the archive keeps one good frame in archive.good_every per camera: a longer span holds more"
-    if camera is not None and not entries and not other and other_cameras:
+    if held:
+        # Not "a longer span holds more": the model that rejected all of these would reject its parts there too.
+        judged = [
+            f"{n} {verdict}" for verdict, n in (("defect", len(rejects)), ("error", held - len(rejects))) if n > 0
+        ]
+        hint = f"; the span holds {held} frame(s) of camera {camera}, none judged ok ({', '.join(judged)})"
+        if rejects:
+            hint += (
+                f": if good parts are among them, review them (`inspectd archive export DIR {where} --verdict defect "
+                "--split train`), move the good ones into DIR/train/good, and teach with --good DIR"
+            )
+    elif camera is not None and not entries and not other and other_cameras:
         # A --camera typo: no span is long enough, so the cameras the span does hold are named instead.
-        held = ", ".join(f"{cam} ({n})" for cam, n in sorted(other_cameras.items()))
-        hint = f"; no good frame of camera {camera} in the span, which holds {held}: expected one of those --camera ids"
+        held_by = ", ".join(f"{cam} ({n})" for cam, n in sorted(other_cameras.items()))
+        hint = (
+            f"; no good frame of camera {camera} in the span, which holds {held_by}: expected one of those --camera ids"
+        )
     if other:
         hint += f" ({_counted(other)} left out: --any-model takes them)"
     return GoodFrames(
@@ -1705,6 +1732,8 @@ def run(args: argparse.Namespace) -> int:
         if camera is not None and not camera.strip():
             # An unset $CAM in a script: taken as no --camera, it would teach on every camera's frames.
             raise TeachError(f"--camera {camera!r}: expected a camera id")
+        if camera is not None and (problem := camera_id_problem(camera, show(camera))) is not None:
+            raise TeachError(f"--camera: {problem}")
         if [bool(args.good), archive is not None, bool(args.rollback)].count(True) != 1:
             raise TeachError("expected exactly one of --good DIR, --archive [DIR] and --rollback")
         selected = since is not None or until is not None or camera is not None

@@ -27,8 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from engines import schema
 from inspectd.errors import ConfigError
-from inspectd.protocol.archive import LIVE_DIR
-from inspectd.protocol.journal import CAMERA_RE
+from inspectd.protocol.archive import camera_id_problem
 
 T = TypeVar("T")
 
@@ -68,11 +67,24 @@ def endpoint_problem(value: Any) -> str | None:
     """Why `value` is not an endpoint the daemon's config takes, None when it is: for a client's --endpoint, which
     names what a daemon was configured with, so a typo is refused in the same words rather than connected to (libzmq
     takes a tcp port above 65535 cut to 16 bits, another daemon's or nobody's, and an inproc:// that nothing outside
-    its own process can reach)."""
+    its own process can reach). A connect's tcp endpoint may also name the address it leaves from, as libzmq takes it
+    (tcp://SOURCE;HOST:PORT, split at the last ';', as tcp://eth1:0;192.168.1.1:5556 on a station with two networks):
+    its destination is checked as a daemon's endpoint, the source only for its port: without one libzmq never
+    connects, in silence; the host (an interface name, an address) is libzmq's to resolve."""
+    shown = None
+    if isinstance(value, str) and value.startswith("tcp://") and ";" in value:
+        source, _, destination = value[len("tcp://") :].rpartition(";")
+        host, sep, port = source.rpartition(":")
+        if not sep or not host or not (port == "*" or (port.isascii() and port.isdigit() and int(port) <= 65535)):
+            return (
+                f"expected SOURCE:PORT before ';' (PORT up to 65535, 0 for any), as tcp://eth1:0;192.168.1.1:5556, "
+                f"got {schema.show(value)}"
+            )
+        shown, value = schema.show(value), f"tcp://{destination}"
     try:
         _endpoint(value)
     except PydanticCustomError as exc:
-        return exc.message()
+        return exc.message() if shown is None else f"{exc.message()} (the destination of {shown}, after its ';')"
     return None
 
 
@@ -138,39 +150,16 @@ def written_path(value: Any) -> Path:
 Endpoint = Annotated[str, PlainValidator(_endpoint)]
 ConfigPath = Annotated[Path, PlainValidator(_path)]
 WrittenPath = Annotated[Path, PlainValidator(written_path)]
-# A camera id begins the names of its archive files and journal folder (`<id>-<time>-<n>.overlay.jpg.tmp`, some 60
-# bytes past the id): bounded so that every such name stays well under the 255 bytes a file name may have.
-MAX_CAMERA_ID = 64
-# Not a camera id: the image archive's folder of live frames, beside the cameras' folders, which a camera's entries
-# would share (and its day folders escape the sweep of what a kill left).
-RESERVED_CAMERA_IDS = (LIVE_DIR,)
-_CAMERA_ID_RE = re.compile(rf"(?={CAMERA_RE.pattern}\Z).{{1,{MAX_CAMERA_ID}}}")
 
 
 def _camera_id(value: Any) -> str:
-    if not isinstance(value, str) or not _CAMERA_ID_RE.fullmatch(value):
-        raise schema.invalid(
-            f"expected a camera id ({CAMERA_RE.pattern}, at most {MAX_CAMERA_ID} characters: it begins file names), "
-            f"got {schema.show(value)}"
-        )
-    if value in RESERVED_CAMERA_IDS:
-        raise schema.invalid(
-            f"{schema.show(value)} is reserved (the image archive's live-frame folder), expected another camera id"
-        )
+    problem = camera_id_problem(value, schema.show(value))
+    if problem is not None:
+        raise schema.invalid(problem)
     return value
 
 
 CameraId = Annotated[str, PlainValidator(_camera_id)]
-
-
-def camera_id_problem(value: Any) -> str | None:
-    """Why `value` cannot be the id of a daemon's camera, None when it can: for a client's --camera, which would
-    otherwise wait in silence for results that never come."""
-    try:
-        _camera_id(value)
-    except PydanticCustomError as exc:
-        return exc.message()
-    return None
 
 
 def parse(declaration: type[T], raw: Any, where: str = "", base_dir: str | Path | None = None) -> T:

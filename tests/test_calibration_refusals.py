@@ -73,6 +73,7 @@ BAD_APPLY = [
         # An unset $CAM in a script: taken as no --camera, every camera's frames.
         (["--camera", ""], "--camera '': expected a camera id"),
         (["--camera", " "], "--camera ' ': expected a camera id"),
+        (["--camera", "cam 0"], "--camera: expected a camera id ([a-zA-Z0-9_-]+, at most 64 characters"),
         *BAD_APPLY,
     ],
 )
@@ -282,6 +283,21 @@ def test_calibrate_refuses_a_bad_apply_before_scoring(tmp_path, capsys, extra, e
     captured = capsys.readouterr()
     assert code == 2 and expected in captured.err and captured.err.count("\n") == 1, captured.err
     assert "scored" not in captured.out and load_bundle(bundle).thresholds().version == 1
+
+
+@pytest.mark.parametrize("camera", ["cam 0", "cam0 ", "x" * 65, "live"])
+def test_calibrate_refuses_a_camera_id_no_camera_can_have_before_scoring(tmp_path, capsys, camera):
+    """Written into per_camera, such an id ('cam 0' pasted with its space) was an override the daemon never applied,
+    while the operator took that camera for calibrated."""
+    from inspectd.cli import main
+
+    bundle = make(tmp_path / "b")
+    code = main(["calibrate", str(bundle), "--good", str(frames(tmp_path / "good")), "--camera", camera])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.startswith("inspectd calibrate: --camera: "), captured.err
+    assert "expected a camera id" in captured.err or "expected another camera id" in captured.err, captured.err
+    assert camera[:20] in captured.err and captured.err.count("\n") == 1 and "scored" not in captured.out
+    assert load_bundle(bundle).thresholds().version == 1
 
 
 class Reloads:

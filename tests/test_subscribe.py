@@ -581,6 +581,21 @@ def _refused(*args: str) -> tuple[int, str, str]:
         ("tcp://[::1:5556", "expected an IPv6 host in brackets, as tcp://[::1]:5556, got 'tcp://[::1:5556'"),
         ("tcp://127.0.0.1:", "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got 'tcp://127.0.0.1:'"),
         ("ipc://pub.sock", "expected an absolute socket path, as ipc:///var/lib/inspectd/NAME.sock"),
+        # libzmq's source-address form (tcp://SOURCE;HOST:PORT): its destination is checked, in its own words.
+        (
+            "tcp://lo:0;127.0.0.1:65536",
+            "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got 'tcp://127.0.0.1:65536' (the destination "
+            "of 'tcp://lo:0;127.0.0.1:65536', after its ';')",
+        ),
+        *(
+            (
+                endpoint,
+                "expected SOURCE:PORT before ';' (PORT up to 65535, 0 for any), as tcp://eth1:0;192.168.1.1:5556, got "
+                f"'{endpoint}'",
+            )
+            # libzmq never connects from a source without a port, in silence.
+            for endpoint in ("tcp://;127.0.0.1:5556", "tcp://lo;127.0.0.1:5556", "tcp://lo:65536;127.0.0.1:5556")
+        ),
     ],
 )
 def test_an_endpoint_no_daemon_could_be_configured_with_is_refused_in_one_line(endpoint, expected):
@@ -617,6 +632,42 @@ def test_a_tcp_port_above_65535_is_refused_not_cut_to_another_daemons_port():
         f"inspectd subscribe: --endpoint: expected tcp://HOST:PORT, PORT a number up to 65535 or *, got "
         f"'tcp://127.0.0.1:{port + 65536}'\n"
     )
+
+
+@pytest.mark.parametrize("source", ["127.0.0.1:0", "lo:0"])
+def test_a_connect_endpoint_naming_the_address_it_leaves_from_is_taken_as_libzmq_takes_it(source):
+    """libzmq's tcp://SOURCE;HOST:PORT picks the network a station with two of them subscribes from: the check meant
+    for the daemon's binds refused it, asking for an IPv6 host in brackets."""
+    context = zmq.Context.instance()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def publish() -> None:
+        seq = 0
+        while not stop.wait(0.05):
+            pub.send_multipart(result_frames("cam0", seq))
+            seq += 1
+
+    sender = threading.Thread(target=publish)
+    sender.start()
+    try:
+        endpoint = f"tcp://{source};127.0.0.1:{port}"
+        proc = subprocess.run(
+            inspectd_argv("subscribe", "--endpoint", endpoint, "--count", "2", "--timeout", "20"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+    finally:
+        stop.set()
+        sender.join()
+        pub.close()
+    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all("cam0" in line for line in lines), proc.stdout
 
 
 @pytest.mark.parametrize("camera", ["bad/id", "c" * 65, "live", ""])

@@ -1501,6 +1501,63 @@ def test_a_camera_the_span_does_not_hold_is_named_with_the_cameras_it_does_and_a
     assert load_bundle(bundle).model_id == original
 
 
+def test_a_camera_whose_every_frame_in_the_span_was_rejected_is_not_taken_for_a_typo(trained, good, tmp_path, capsys):
+    """After a product change the model rejects every good part of a camera: its frames are all in the span, judged
+    defect. The refusal says so, with how many, and how to review them into a --good folder; neither a --camera typo
+    nor a longer span, which the same model's rejects would fill as well. Nothing is written."""
+    import shlex
+
+    from calibration import teach
+    from inspectd.cli import main
+
+    bundle, original, images = memory_copy(trained, good, tmp_path)
+    rejected = tuple(range(1, 12, 2))  # cam1's, as cam0 takes the even frames
+    archive_of(tmp_path / "archive", [(image, original) for image in images[:12]], rejected, cameras=("cam0", "cam1"))
+    archive = str(tmp_path / "archive")
+
+    assert teach.run(args(bundle, archive=archive, since="1h", camera="cam1")) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "the span holds 6 frame(s) of camera cam1, none judged ok (6 defect)" in line, line
+    assert "--camera ids" not in line and "a longer span" not in line, line
+    assert load_bundle(bundle).model_id == original
+    # The review it points at runs as written.
+    command = shlex.split(line.split("`")[1].replace("DIR", str(tmp_path / "review"), 1))
+    assert command[:3] == ["inspectd", "archive", "export"] and main(command[1:]) == 0, command
+    assert len(list((tmp_path / "review" / "train" / "defect").glob("*.png"))) == 6
+
+
+@pytest.mark.parametrize(
+    "since, until",
+    [
+        ("1h", "1h"),
+        ("2h", "120m"),
+        ("0s", "0s"),
+        ("0s", None),
+        ("2099-01-01T08:00", None),
+        ("2099-01-01T08:00", "2099-01-02T08:00"),
+    ],
+)
+def test_a_span_of_relative_times_that_holds_nothing_or_starts_in_the_future_is_refused(tmp_path, capsys, since, until):
+    """Each relative time read the clock on its own, so --since 1h --until 1h was a span microseconds long, and a
+    --since in the future (a day mistyped) a span ending before it starts: both were counted as too few frames, with
+    the advice of a longer span. Refused up front in one line, before the bundle is read."""
+    from calibration import teach
+
+    code = teach.run(args(tmp_path / "no-bundle", archive=str(tmp_path / "archive"), since=since, until=until))
+    line = capsys.readouterr().err
+    assert code == 2 and line.count("\n") == 1, line
+    if until is not None and not until.startswith("2099"):
+        assert line == (
+            f"inspectd teach: --since {since} --until {until}: the span ends at or before it starts, expected --until "
+            "after --since\n"
+        )
+    else:
+        assert line == (
+            f"inspectd teach: --since {since}: now or in the future, expected a time in the past (nothing is archived "
+            "from then yet)\n"
+        )
+
+
 def test_a_camera_teach_warns_of_the_other_cameras_good_frames_it_leaves_out_of_the_one_scorer(
     trained, good, tmp_path, capsys
 ):

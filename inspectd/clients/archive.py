@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 from inspectd.protocol.archive import (
@@ -81,8 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _query(reader: ArchiveReader, args: argparse.Namespace) -> list[Entry]:
-    since = parse_time(args.since, "--since") if args.since else None
-    until = parse_time(args.until, "--until") if args.until else None
+    now = time.time()  # one reading for both ends: `--since 1h --until 1h` is no span at all
+    since = parse_time(args.since, "--since", now) if args.since else None
+    until = parse_time(args.until, "--until", now) if args.until else None
     if args.limit is not None and args.limit < 1:
         raise ArchiveError(f"--limit: {args.limit}, expected a positive number of frames")
     return reader.query(args.camera, args.verdict, since, until, args.limit, newest_first=args.newest)

@@ -1133,7 +1133,9 @@ def run(args: argparse.Namespace) -> int:
     if args.since is not None and args.journal is None:
         print("inspectd subscribe: --since: expected --journal DIR too (the journal it replays from)", file=sys.stderr)
         return 2
-    from inspectd.configfile import camera_id_problem, endpoint_problem
+    from engines.schema import show
+    from inspectd.configfile import endpoint_problem
+    from inspectd.protocol.archive import camera_id_problem
 
     # As the daemon's config checks them: what it could not be configured with would only be waited on in silence
     # (a tcp port above 65535 libzmq cuts to 16 bits, and connects to whatever listens there).
@@ -1142,7 +1144,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd subscribe: --endpoint: {problem}", file=sys.stderr)
         return 2
     for camera in args.camera or ():
-        problem = camera_id_problem(camera)
+        problem = camera_id_problem(camera, show(camera))
         if problem is not None:
             print(f"inspectd subscribe: --camera: {problem}", file=sys.stderr)
             return 2

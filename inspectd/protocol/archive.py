@@ -43,6 +43,13 @@ from inspectd.protocol.journal import CAMERA_RE
 
 INDEX_NAME = "index.sqlite3"
 LIVE_DIR = "live"
+# A camera id begins the names of its archive files and journal folder (`<id>-<time>-<n>.overlay.jpg.tmp`, some 60
+# bytes past the id): bounded so that every such name stays well under the 255 bytes a file name may have.
+MAX_CAMERA_ID = 64
+# Not a camera id: the image archive's folder of live frames, beside the cameras' folders, which a camera's entries
+# would share (and its day folders escape the sweep of what a kill left).
+RESERVED_CAMERA_IDS = (LIVE_DIR,)
+_CAMERA_ID_RE = re.compile(rf"(?={CAMERA_RE.pattern}\Z).{{1,{MAX_CAMERA_ID}}}")
 ID_RE = re.compile(rf"{CAMERA_RE.pattern}-\d{{8}}T\d{{9}}-\d+")
 _ID_TIME_RE = re.compile(r"-(\d{8}T\d{6})(\d{3})-\d+\Z")
 EXPORT_SPLITS = ("train", "test")
@@ -83,6 +90,20 @@ CREATE INDEX IF NOT EXISTS frames_by_time ON frames (t_capture);
 CREATE INDEX IF NOT EXISTS frames_by_camera ON frames (camera, t_capture);
 CREATE INDEX IF NOT EXISTS frames_by_written ON frames (t_written);
 """
+
+
+def camera_id_problem(value: Any, shown: str) -> str | None:
+    """Why `value` (written in messages as `shown`) cannot be the id of a daemon's camera, None when it can: the
+    config's rule, and a client's for its --camera, which would otherwise wait in silence for results that never
+    come, or write an override no camera ever takes."""
+    if not isinstance(value, str) or not _CAMERA_ID_RE.fullmatch(value):
+        return (
+            f"expected a camera id ({CAMERA_RE.pattern}, at most {MAX_CAMERA_ID} characters: it begins file names), "
+            f"got {shown}"
+        )
+    if value in RESERVED_CAMERA_IDS:
+        return f"{shown} is reserved (the image archive's live-frame folder), expected another camera id"
+    return None
 
 
 class ArchiveError(InspectdError):
@@ -180,13 +201,14 @@ def connect(root: Path) -> sqlite3.Connection:
     return db
 
 
-def parse_time(text: str, what: str) -> float:
+def parse_time(text: str, what: str, now: float | None = None) -> float:
     """Epoch seconds from an ISO 8601 time (`2026-03-01T14:00`, local time when no zone is given) or a span back
-    from now (`90s`, `15m`, `1h`, `2d`)."""
+    from `now` (`90s`, `15m`, `1h`, `2d`; epoch seconds, the clock when None). Both ends of one span are parsed
+    against one `now`: each reading the clock itself, `--since 1h --until 1h` would be a span microseconds long."""
     span = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
     if span:
         seconds = float(span.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[span.group(2)]
-        return datetime.datetime.now().timestamp() - seconds
+        return (datetime.datetime.now().timestamp() if now is None else now) - seconds
     try:
         return datetime.datetime.fromisoformat(text.strip()).timestamp()
     except ValueError:
