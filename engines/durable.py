@@ -16,6 +16,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def replace_file(path: Path, data: bytes, mode: int = 0o600, temporary: Path | N
     fsync_dir(path.parent)
 
 
-_RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
@@ -90,24 +92,39 @@ _AT_FDCWD = -100
 # problem makes the two renames fail with the same error, and replace_dir undoes a half-done one. EXDEV is not here:
 # the two entries are on different file systems, which the renames cannot cross either, so it is raised with nothing
 # moved.
-_EXCHANGE_UNAVAILABLE = frozenset((errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM))
+RENAMEAT2_UNAVAILABLE = frozenset((errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM))
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """renameat2(a, b, flags): False, with nothing changed, where the kernel, C library, file system or a seccomp
+    filter does not allow it; OSError for anything else (EEXIST, EXDEV, ENOENT)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in RENAMEAT2_UNAVAILABLE:
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def exchange(a: Path, b: Path) -> bool:
     """Swap the directory entries `a` and `b` (both must exist) in one step, so a reader of either name finds the
     old entry or the new one, never nothing (Linux renameat2 RENAME_EXCHANGE). False, with nothing changed, where the
     kernel, C library, file system or a seccomp filter does not allow it; the caller then falls back to replace_dir."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in _EXCHANGE_UNAVAILABLE:
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` only if no `dst` exists at that instant (Linux renameat2 RENAME_NOREPLACE):
+    FileExistsError when one does, so two writers of one name cannot replace each other's file. False, with nothing
+    changed, where it is not allowed here (as exchange)."""
+    # Raised as os.rename raises it, so audit hooks see every rename.
+    sys.audit("os.rename", src, dst, -1, -1)
+    return _renameat2(src, dst, _RENAME_NOREPLACE)
 
 
 def replace_dir(path: Path, incoming: Path, aside: Path) -> None:

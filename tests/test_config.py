@@ -938,6 +938,8 @@ def test_a_camera_id_too_long_for_a_file_name_is_refused_saying_the_limit():
         ("[*.png", "expected a glob on the file name whose every [ is closed by a ] (a set such as [pj]; a [ of"),
         ("*.[pj][np", "expected a glob on the file name whose every [ is closed by a ]"),
         ("*[!]", "expected a glob on the file name whose every [ is closed by a ]"),
+        ("img_[9-0].bmp", "expected a glob on the file name whose every [...] set holds a character, got 'img_[9-0]"),
+        ("*.[z-a]*", "expected a glob on the file name whose every [...] set holds a character, got '*.[z-a]*': a "),
     ],
 )
 def test_a_folder_pattern_fnmatch_cannot_match_is_refused_naming_the_key(pattern, message):
@@ -945,7 +947,7 @@ def test_a_folder_pattern_fnmatch_cannot_match_is_refused_naming_the_key(pattern
     with pytest.raises(ConfigError) as refused:
         parse_config(with_value(["cameras", 1, "source", "pattern"], pattern))
     assert str(refused.value).startswith(f"cameras[1].source.pattern: {message}"), refused.value
-    for pattern in ("*.[pj][np]g", "*", "{x}.png", "[[]a].png", "[]]*", "[!]]*", "a]b"):
+    for pattern in ("*.[pj][np]g", "*", "{x}.png", "[[]a].png", "[]]*", "[!]]*", "a]b", "[!9-0]*", "[x(?!)]*"):
         assert parse_config(with_value(["cameras", 1, "source", "pattern"], pattern)).cameras[1].source.pattern
 
 

@@ -684,27 +684,32 @@ def test_a_file_appended_to_while_other_files_arrive_is_taken_once_whole_and_onl
 
 
 def test_a_preallocated_file_stalled_mid_write_is_waited_for_and_not_deleted(tmp_path, ingest_threads):
-    """A writer that sets the file's final size first (an SMB copy, fallocate) and stalls for several polls: the
-    tail is zero bytes of the right length. A BMP decoded with its zero rows was judged and deleted mid-write, a TIFF
-    whose directory (written last) was still zeros was an error and deleted, as was any file stalled before its first
-    byte. Each is waited for, then taken once, whole; a complete BMP that does end in zeros (a black last row) is
-    still taken, once it has held still for the write grace."""
-    image = np.full((48, 64), 200, np.uint8)
+    """A writer that sets the file's final size first (an SMB copy: ftruncate; or posix_fallocate) and stalls for
+    several polls: the file has a hole where it is not written yet. A BMP decoded with its zero rows was judged and
+    deleted mid-write, a TIFF whose directory (written last) was still zeros was an error and deleted, as was any file
+    stalled before its first byte. Each is waited for, then taken once, whole. A complete BMP that ends in zeros (a
+    black last row) has no hole and is taken at once: it was held for the whole write grace, after newer files."""
+    image = np.full((480, 640), 200, np.uint8)
     files = {
-        "a.bmp": (cv2.imencode(".bmp", image)[1].tobytes(), 0.5),
-        "b.tiff": (cv2.imencode(".tiff", image)[1].tobytes(), 0.5),
-        "c.png": (cv2.imencode(".png", image)[1].tobytes(), 0.0),  # nothing written yet
+        "a.bmp": (cv2.imencode(".bmp", image)[1].tobytes(), 0.5, "ftruncate"),
+        "b.tiff": (cv2.imencode(".tiff", image)[1].tobytes(), 0.5, "ftruncate"),
+        "c.png": (cv2.imencode(".png", image)[1].tobytes(), 0.0, "ftruncate"),  # nothing written yet
+        "e.bmp": (cv2.imencode(".bmp", image)[1].tobytes(), 0.3, "fallocate"),
     }
     black = np.zeros_like(image)
     queue = FrameQueue(8, "block")
     start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 50, "delete_after": True}), queue)
     taken: list[Frame] = []
-    for name, (data, written) in files.items():
+    for name, (data, written, how) in files.items():
         cut = int(len(data) * written)
         with open(tmp_path / name, "wb") as out:
-            out.truncate(len(data))
+            if how == "fallocate":
+                os.posix_fallocate(out.fileno(), 0, len(data))
+            else:
+                out.truncate(len(data))
             out.write(data[:cut])
             out.flush()
+            os.fsync(out.fileno())  # written to the disk: a hole is still a hole
             time.sleep(0.5)  # ten polls: the file holds still at its final size
             for got in drain(queue):
                 got.on_published()  # an earlier file's result goes out, as the publisher's would
@@ -713,17 +718,138 @@ def test_a_preallocated_file_stalled_mid_write_is_waited_for_and_not_deleted(tmp
             out.write(data[cut:])
     assert cv2.imwrite(str(tmp_path / "d.bmp"), black)
     ready = time.monotonic()
-    assert wait_for(lambda: len(taken) + len(queue) == 4)
-    assert time.monotonic() - ready > 1.5  # the black one held for the grace, taken from the writer's last change
-    assert not wait_for(lambda: len(queue) > 4 - len(taken), timeout=0.3)
+    assert wait_for(lambda: len(taken) + len(queue) == 5)
+    assert time.monotonic() - ready < 1.0  # the black one has no hole: taken after one still poll, not the grace
+    assert not wait_for(lambda: len(queue) > 5 - len(taken), timeout=0.3)
     published = {f.frame_id for f in taken}
     frames = {f.frame_id: f for f in taken + drain(queue)}
-    assert sorted(frames) == ["a.bmp", "b.tiff", "c.png", "d.bmp"], [(f.frame_id, f.error) for f in frames.values()]
+    assert sorted(frames) == ["a.bmp", "b.tiff", "c.png", "d.bmp", "e.bmp"], [
+        (f.frame_id, f.error) for f in frames.values()
+    ]
     for name, f in frames.items():
         assert f.error is None and np.array_equal(f.image, black if name == "d.bmp" else image), (name, f.error)
         if name not in published:
             f.on_published()
     assert wait_for(lambda: not list(tmp_path.iterdir()))
+
+
+def test_complete_bmp_and_tiff_ending_in_zero_bytes_are_taken_at_once_and_oldest_first(tmp_path, ingest_threads):
+    """Images that end in zero bytes without a black last row: an 8-bit BMP whose top-right pixel is black (three
+    of its last four bytes are row padding), a 24-bit one whose top-right pixel has no red, a multi-page TIFF whose
+    last directory ends the file. Each was held for the write grace, read again at every poll, and published after
+    the newer files written next to it."""
+    image_module = pytest.importorskip("PIL.Image")
+    gray = np.full((48, 641), 120, np.uint8)
+    gray[0, -1] = 0
+    bgr = np.full((48, 643, 3), 200, np.uint8)
+    bgr[0, -1] = (255, 255, 0)
+    pages = [image_module.fromarray(np.full((48, 64), v, np.uint8)) for v in (60, 90)]
+    tiff = tmp_path.parent / f"{tmp_path.name}-pages.tiff"
+    pages[0].save(tiff, save_all=True, append_images=pages[1:])
+    files = {
+        "part0.bmp": cv2.imencode(".bmp", gray)[1].tobytes(),
+        "part1.bmp": cv2.imencode(".bmp", bgr)[1].tobytes(),
+        "part2.tiff": tiff.read_bytes(),
+        "part3.png": cv2.imencode(".png", gray)[1].tobytes(),
+    }
+    assert all(not any(data[-4:]) for name, data in files.items() if name != "part3.png")
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 50}), queue)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        time.sleep(0.1)
+    written = time.monotonic()
+    assert wait_for(lambda: len(queue) == 4, timeout=1.0), [f.frame_id for f in drain(queue)]
+    assert time.monotonic() - written < 1.0
+    frames = drain(queue)
+    assert [f.frame_id for f in frames] == list(files), [(f.frame_id, f.error) for f in frames]
+    assert all(f.error is None for f in frames), [(f.frame_id, f.error) for f in frames]
+    assert np.array_equal(frames[0].image, gray) and np.array_equal(frames[2].image, np.full((48, 64), 60, np.uint8))
+
+
+def test_a_finished_file_that_starts_with_zero_bytes_is_disposed_of_and_a_stalled_preallocated_one_kept(
+    tmp_path, ingest_threads
+):
+    """A raw dump whose first bytes are zero, finished and left alone: one error result after the write grace, then
+    deleted, as any file that is no image is (it was kept for ever, "not written yet" at every start). A file set to
+    its final size with nothing written, stalled past the grace, still has its hole: its error result says so and it
+    is kept, to be read again once its writer finishes it."""
+    dump = bytes(8) + bytes(range(256)) * 64
+    (tmp_path / "dump.raw").write_bytes(dump)
+    with open(tmp_path / "stalled.png", "wb") as out:
+        out.truncate(len(dump))
+    queue = FrameQueue(8, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(tmp_path), "poll_ms": 50, "delete_after": True}), queue)
+    assert wait_for(lambda: len(queue) == 2, timeout=5.0)
+    frames = {f.frame_id: f for f in drain(queue)}
+    assert frames["stalled.png"].on_published is None
+    frames["dump.raw"].on_published()
+    assert wait_for(lambda: sorted(p.name for p in tmp_path.iterdir()) == ["stalled.png"])
+    time.sleep(0.3)  # a second result, or a disposal, would have come by now
+    assert len(queue) == 0 and (tmp_path / "stalled.png").exists()
+    for name, f in frames.items():
+        assert f.error == (
+            f"{name}: zero bytes where its image header should be (not written yet?), expected a complete "
+            "JPEG/PNG/BMP/TIFF image"
+        )
+
+
+SECCOMP_MOVES = """
+import json, os, sys, time
+import cv2, numpy as np
+from inspectd.daemon.config import parse_config
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.supervisor import CameraIngest
+inbox, done = sys.argv[1] + "/in", sys.argv[1] + "/done"
+source = {"kind": "folder", "path": inbox, "done_dir": done, "pattern": "*.png", "poll_ms": 50}
+cam = parse_config({"station": "s", "model": {"bundle": "b"}, "cameras": [{"id": "cam0", "source": source}]}).cameras[0]
+queue = FrameQueue(8, "block")
+ingest = CameraIngest(cam, queue, backoff_s=(0.05, 0.2))
+ingest.start()
+for i in range(3):
+    cv2.imwrite(f"{inbox}/p{i}.png", np.full((8, 8), 200, np.uint8))
+deadline, frames = time.monotonic() + 5, 0
+while time.monotonic() < deadline and len(os.listdir(done)) < 3:
+    while (frame := queue.get_nowait()) is not None:
+        frames += 1
+        frame.on_published()
+    time.sleep(0.05)
+time.sleep(0.3)
+state = ingest.stats()
+ingest.stop()
+ingest.join(5)
+print(json.dumps({"frames": frames, "inbox": sorted(os.listdir(inbox)), "done": sorted(os.listdir(done)),
+                  "state": state["state"], "last_error": state["last_error"]}))
+"""
+
+
+def test_a_done_dir_move_that_a_seccomp_filter_refuses_renameat2_falls_back_and_the_camera_runs_on(tmp_path):
+    """The shipped units answer a system call they do not allow with EPERM (SystemCallErrorNumber=EPERM); an older
+    systemd's @system-service, or a container profile, may not allow renameat2. That EPERM was taken as the folder's
+    own: every move into done_dir failed and the camera reopened for ever. It means "not here", as for the bundle
+    writes (engines.durable), and the move falls back to a link or a rename. strace answers renameat2 as such a
+    filter would."""
+    strace = shutil.which("strace")
+    assert strace, "strace is not installed: `make test` installs it (apt-get install strace)"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "done").mkdir()
+    command = [strace, "-f", "-qq", "-o", "/dev/null", "-e", "trace=renameat2", "-e", "inject=renameat2:error=EPERM"]
+    run = subprocess.run(
+        [*command, sys.executable, "-c", SECCOMP_MOVES, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result == {
+        "frames": 3,
+        "inbox": [],
+        "done": ["p0.png", "p1.png", "p2.png"],
+        "state": "running",
+        "last_error": None,
+    }, run.stderr
 
 
 def test_a_writer_whose_clock_is_behind_pausing_mid_file_does_not_get_it_published_as_truncated(
@@ -838,7 +964,9 @@ def test_a_file_is_read_at_its_own_size_and_one_memory_cannot_hold_is_its_own_er
     inbox.mkdir()
     assert cv2.imwrite(str(inbox / "b-small.png"), SyntheticLine(64, 48, seed=11).next()[0])
     with open(inbox / "a-huge.png", "wb") as f:
-        f.truncate(5 << 28)  # sparse 1.25 GiB: under max_bytes, over the memory left
+        # Sparse 1.25 GiB: under max_bytes, over the memory left. All hole, it is held for the write grace as a
+        # file still being filled would be, so it comes after the small one.
+        f.truncate(5 << 28)
     old = time.time() - 60
     os.utime(inbox / "a-huge.png", (old, old))
     script = tmp_path / "oom.py"
@@ -848,8 +976,8 @@ def test_a_file_is_read_at_its_own_size_and_one_memory_cannot_hold_is_its_own_er
     report = json.loads(out.stdout.decode().strip().splitlines()[-1])
     assert report == {
         "frames": [
-            ["a-huge.png", f"a-huge.png: cannot read its {5 << 28} bytes (out of memory)", None],
             ["b-small.png", None, [48, 64]],
+            ["a-huge.png", f"a-huge.png: cannot read its {5 << 28} bytes (out of memory)", None],
         ],
         "reopen_count": 0,
     }

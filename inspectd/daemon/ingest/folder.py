@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fnmatch
 import functools
@@ -11,7 +10,6 @@ import hashlib
 import math
 import os
 import re
-import sys
 import threading
 import time
 from collections import deque
@@ -23,11 +21,12 @@ import structlog
 from pydantic import Field, field_validator, model_validator
 
 from engines.data.images import DEFAULT_BIT_DEPTH
+from engines.durable import rename_noreplace
 from engines.errors import DataError
 from engines.schema import Flag, Number, Text, declared, invalid, refuse, show
 from inspectd.configfile import ConfigPath
 from inspectd.daemon.frames import Frame
-from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode, max_frame_bytes, unwritten_tail
+from inspectd.daemon.ingest.headers import HeaderUnwritten, IncompleteImage, check_and_decode, max_frame_bytes
 from inspectd.daemon.ingest.source import Source, SourceFatal, frame_id_of
 from inspectd.errors import one_line
 from inspectd.protocol.messages import printable
@@ -49,17 +48,9 @@ REPLACED_LOG_QUIET_S = 60.0
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", "~")
 TEMP_PREFIXES = (".", "~$")
 SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini"})
-# A move into done_dir that never replaces a file there (move_keeping): renameat2's flag, and what it and link() say
-# where the filesystem or the kernel cannot do it (FAT has no hard links: EPERM, as a link to another owner's file
-# under fs.protected_hardlinks is).
-AT_FDCWD = -100
-RENAME_NOREPLACE = 1
-NO_RENAME_NOREPLACE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+# What link() says where the filesystem cannot make a hard link (FAT: EPERM, as a link to another owner's file under
+# fs.protected_hardlinks is): move_keeping then renames after a look, as before.
 NO_HARD_LINK = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK})
-_RENAMEAT2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28 and later
-if _RENAMEAT2 is not None:
-    _RENAMEAT2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-    _RENAMEAT2.restype = ctypes.c_int
 
 log = structlog.get_logger("inspectd.ingest")
 
@@ -94,6 +85,11 @@ class FolderSource:
                 f"expected a glob on the file name whose every [ is closed by a ] (a set such as [pj]; a [ of the "
                 f"name itself as [[]), got {show(pattern)}"
             )
+        if any(part is not None and fnmatch.translate(part) == _NO_NAME for part in _sets(pattern)):
+            raise invalid(
+                f"expected a glob on the file name whose every [...] set holds a character, got {show(pattern)}: a "
+                "range whose start is after its end, such as [9-0], holds none, so no name matches"
+            )
         return pattern
 
     @model_validator(mode="after")
@@ -108,8 +104,14 @@ class FolderSource:
 
 
 def _unclosed_set(pattern: str) -> bool:
-    """Whether a [ opens no set: fnmatch then matches it as a plain [, which no intended name holds. Walked as
-    fnmatch.translate walks it: a ! and a ] straight after the [ belong to the set."""
+    """Whether a [ opens no set: fnmatch then matches it as a plain [, which no intended name holds."""
+    return None in _sets(pattern)
+
+
+def _sets(pattern: str) -> list[str | None]:
+    """Each [...] set of `pattern` as its own text, None for a [ that no ] closes. Walked as fnmatch.translate walks
+    it: a ! and a ] straight after the [ belong to the set."""
+    found: list[str | None] = []
     i, n = 0, len(pattern)
     while i < n:
         if pattern[i] == "[":
@@ -120,10 +122,17 @@ def _unclosed_set(pattern: str) -> bool:
                 j += 1
             j = pattern.find("]", j)
             if j < 0:
-                return True
+                found.append(None)
+                break
+            found.append(pattern[i : j + 1])
             i = j
         i += 1
-    return False
+    return found
+
+
+# fnmatch's own translation of a set that holds no character (a reversed range), which matches nothing: a set is
+# translated alone and compared with it, so fnmatch's parser decides, and a set holding the text (?!) is no match.
+_NO_NAME = fnmatch.translate("[1-0]")
 
 
 class FolderWatcher(Source):
@@ -342,8 +351,15 @@ class FolderWatcher(Source):
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
-                # Only what the file holds is read (a read of max_bytes would reserve that much for every file).
-                data = f.read(st.st_size + 1) if (st.st_size, st.st_mtime_ns) == (size, mtime_ns) else None
+                data, holed = None, False
+                if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                    holed = _has_hole(f.fileno(), size)
+                    if holed and time.monotonic() - since < WRITE_GRACE_S:
+                        # A writer that set the file's final size first (an SMB copy, fallocate) and has not filled
+                        # it yet: it must hold still for the grace first, and is not read meanwhile.
+                        return None
+                    # Only what the file holds is read (a read of max_bytes would reserve that much for every file).
+                    data = f.read(st.st_size + 1)
         except FileNotFoundError:
             return None  # taken away by someone else between the scan and now
         except OSError as exc:
@@ -361,15 +377,17 @@ class FolderWatcher(Source):
             self._replaced(name, self.seen[name], (st.st_size, st.st_mtime_ns), st.st_ino)
             self.seen.pop(name, None)
             return None
-        if unwritten_tail(data) and time.monotonic() - since < WRITE_GRACE_S:
-            return None  # perhaps a preallocated file still being filled: it must hold still for the grace first
         try:
             image, error = check_and_decode(data, shown, self.camera.max_pixels, bit_depth=self.bit_depth), None
         except IncompleteImage as exc:
             if time.monotonic() - since < WRITE_GRACE_S:
                 return None  # tried again at the next scans while it holds still, until the grace is over
-            # Its writer may only have paused (a share's hiccup): kept, it is read again once finished.
-            return self._taken(path, mtime_ns, None, str(exc), dispose=False)
+            if holed or not isinstance(exc, HeaderUnwritten):
+                # Its writer may only have paused (a share's hiccup): kept, it is read again once finished.
+                return self._taken(path, mtime_ns, None, str(exc), dispose=False)
+            # Zeros where a header would be in a file with no hole left, unchanged over the grace: a finished file
+            # that is no image (a raw dump, a vendor's sidecar), judged and disposed of as any broken file is.
+            image, error = None, str(exc)
         except DataError as exc:
             image, error = None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a reopen would meet the same file at every scan, forever
@@ -542,6 +560,20 @@ class FolderWatcher(Source):
                 )
 
 
+def _has_hole(fd: int, size: int) -> bool:
+    """Whether the open file has a hole before its end: a file set to its final size (ftruncate, fallocate) whose
+    writer has not filled it yet. One call; a filesystem that cannot tell reports none (its end), as does one whose
+    call fails. The file's offset is put back to its start."""
+    if size <= 0:
+        return False
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < size
+    except OSError:
+        return False
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+
+
 def _link_mtime_ns(entry: os.DirEntry[str]) -> int:
     """The entry's own mtime, not its target's (a symlink loop has none), or 0 when that fails too."""
     try:
@@ -569,14 +601,8 @@ def _move_no_replace(path: Path, candidate: Path) -> None:
     """Rename without replacing (renameat2 RENAME_NOREPLACE); where the filesystem cannot (some shares), a hard link
     then an unlink of the source, which fails alike on a name that exists; where it has no hard links either (FAT), or
     refuses one to a file of another owner (fs.protected_hardlinks), a plain rename after the look, as before."""
-    if _RENAMEAT2 is not None:
-        # Raised as os.rename raises it, so audit hooks see every rename.
-        sys.audit("os.rename", path, candidate, -1, -1)
-        if _RENAMEAT2(AT_FDCWD, os.fsencode(path), AT_FDCWD, os.fsencode(candidate), RENAME_NOREPLACE) == 0:
-            return
-        code = ctypes.get_errno()
-        if code not in NO_RENAME_NOREPLACE:
-            raise OSError(code, os.strerror(code), str(path), None, str(candidate))
+    if rename_noreplace(path, candidate):
+        return
     try:
         os.link(path, candidate, follow_symlinks=False)
     except OSError as exc:

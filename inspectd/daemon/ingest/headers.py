@@ -194,27 +194,6 @@ def _bmp_size(view: memoryview) -> int:
     return offset + (abs(width) * bits + 31) // 32 * 4 * abs(height)
 
 
-def unwritten_tail(data: bytes | memoryview) -> bool:
-    """Whether a BMP or TIFF, formats with no end marker, ends in four zero bytes: its writer may have set the file's
-    final size first (an SMB copy, fallocate) and not reached them yet. A complete image may end so too (a black last
-    pixel), so a folder only holds such a file until it has held still for its write grace. A TIFF's own last four
-    bytes when its directory ends the file are the next directory's offset, zero in a file of one image: no sign."""
-    view = memoryview(data)
-    if len(view) < 8:
-        return False
-    if view[:2] == b"BM":
-        end = min(len(view), _bmp_size(view)) if len(view) >= 18 else len(view)
-        return end >= 4 and not any(view[end - 4 : end])
-    if view[:4] in TIFF_MAGIC and not any(view[-4:]):
-        order = "<" if view[:2] == b"II" else ">"
-        (ifd,) = struct.unpack(order + "I", view[4:8])
-        if ifd + 2 > len(view):
-            return True
-        (entries,) = struct.unpack(order + "H", view[ifd : ifd + 2])
-        return ifd + 2 + 12 * entries + 4 != len(view)
-    return False
-
-
 def max_frame_bytes(max_pixels: int) -> int:
     """The most bytes one frame of at most max_pixels can take: raw RGB, or an encoded image up to twice that, plus
     room for a header. Larger input is refused before it is read."""
@@ -223,6 +202,12 @@ def max_frame_bytes(max_pixels: int) -> int:
 
 class IncompleteImage(DataError):
     """Empty or cut short: for a file, possibly one still being written."""
+
+
+class HeaderUnwritten(IncompleteImage):
+    """Zero bytes where any image's header would be: a file whose writer set its final size first and has written
+    nothing yet, or a finished file that is no image (a raw dump). A folder tells them apart by whether the file
+    still has a hole."""
 
 
 def check_and_decode(
@@ -244,8 +229,8 @@ def check_and_decode(
     if dims is None:
         if not any(memoryview(data)[:8]):
             # No format starts so: a file whose writer set its final size first and has written nothing yet.
-            raise IncompleteImage(
-                f"{what}: zero bytes where its image header should be (not written yet), expected a complete "
+            raise HeaderUnwritten(
+                f"{what}: zero bytes where its image header should be (not written yet?), expected a complete "
                 f"{expected or 'JPEG/PNG/BMP/TIFF'} image"
             )
         raise DataError(
