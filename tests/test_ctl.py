@@ -35,6 +35,22 @@ def ctl(endpoint: str, *args: str, timeout: float = 60) -> subprocess.CompletedP
     )
 
 
+def ctl_status_of(reply: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`inspectd ctl status` against a real control server whose status is `reply`."""
+    from inspectd.daemon.control import ControlServer
+
+    class Handler:
+        def status(self):
+            return reply
+
+    server = ControlServer(f"ipc://{tmp_path}/control.sock", Handler())
+    server.start()
+    try:
+        return ctl(server.endpoint, "status")
+    finally:
+        server.stop()
+
+
 def test_status_pause_resume_thresholds_rollback_and_reload(tmp_path):
     bundle = write_grey_bundle(tmp_path / "bundle")
     inbox = tmp_path / "inbox"
@@ -480,7 +496,6 @@ def test_set_thresholds_outside_the_scores_seen_at_calibration_is_refused_unless
 def test_status_text_shows_every_alarm_last_errors_and_auth_refusals(tmp_path):
     """What `ctl status` prints agrees with the web view: a drift alarm, a false-reject warning, a camera's last
     error and CurveZMQ refusals are on the human output, not only in --json."""
-    from inspectd.daemon.control import ControlServer
 
     reply = {
         "station": "line1", "healthy": True, "uptime_s": 3600, "throughput_fps": 9.8, "published": 35000,
@@ -495,16 +510,7 @@ def test_status_text_shows_every_alarm_last_errors_and_auth_refusals(tmp_path):
         },
     }  # fmt: skip
 
-    class Handler:
-        def status(self):
-            return reply
-
-    server = ControlServer(f"ipc://{tmp_path}/control.sock", Handler())
-    server.start()
-    try:
-        out = ctl(server.endpoint, "status")
-    finally:
-        server.stop()
+    out = ctl_status_of(reply, tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "last error: folder /srv/cam0 is gone" in lines[3], out.stdout
@@ -525,7 +531,6 @@ def test_status_text_says_what_a_holding_drift_alarm_waits_for_and_which_drift_w
     score test is off but brightness test watches, and one whose false-reject warning is not armed, say that."""
     import numpy as np
 
-    from inspectd.daemon.control import ControlServer
     from inspectd.daemon.drift import DriftMonitor
     from test_drift import in_hysteresis
 
@@ -544,16 +549,7 @@ def test_status_text_says_what_a_holding_drift_alarm_waits_for_and_which_drift_w
         "cameras": {camera: {"state": "running", "drift": d} for camera, d in drift.items()},
     }  # fmt: skip
 
-    class Handler:
-        def status(self):
-            return reply
-
-    server = ControlServer(f"ipc://{tmp_path}/control.sock", Handler())
-    server.start()
-    try:
-        out = ctl(server.endpoint, "status")
-    finally:
-        server.stop()
+    out = ctl_status_of(reply, tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     holding = [line for line in lines if line.startswith("ALARM ")]

@@ -34,16 +34,21 @@ def inspectd(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_check_validates_the_config_and_its_bundle_without_starting(tmp_path):
-    bundle = write_grey_bundle(tmp_path / "bundle")
-    config = {
+def line_config(tmp_path: Path) -> dict:
+    """One synthetic camera on the bundle at tmp_path/bundle (relative to the config file, written beside it)."""
+    return {
         "station": "line1",
-        "model": {"bundle": "bundle"},  # relative to the config file
+        "model": {"bundle": "bundle"},
         "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
         "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
         "metrics": {"listen": None},
         "state_dir": str(tmp_path / "state"),
     }
+
+
+def test_check_validates_the_config_and_its_bundle_without_starting(tmp_path):
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    config = line_config(tmp_path)
     path = tmp_path / "inspectd.yaml"
     path.write_text(yaml.safe_dump(config))
     ok = inspectd("run", "--check", "--config", str(path))
@@ -87,14 +92,7 @@ def test_check_validates_the_config_and_its_bundle_without_starting(tmp_path):
 def test_check_refuses_what_run_refuses(tmp_path, change, refused):
     """`--check` is what an operator runs before a restart: a config it calls valid must not be one `run` refuses."""
     write_grey_bundle(tmp_path / "bundle")  # FP32 only: no FP16 graph
-    config = {
-        "station": "line1",
-        "model": {"bundle": "bundle"},
-        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
-        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
-        "metrics": {"listen": None},
-        "state_dir": str(tmp_path / "state"),
-    }
+    config = line_config(tmp_path)
     for section, value in change.items():
         config[section] = {**config.get(section, {}), **value}
     path = tmp_path / "inspectd.yaml"
@@ -315,15 +313,7 @@ def test_check_opens_the_engine_and_refuses_a_graph_onnx_runtime_cannot_load(tmp
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["files"]["model.onnx"] = hashlib.sha256(graph.read_bytes()).hexdigest()
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    config = {
-        "station": "line1",
-        "model": {"bundle": "bundle"},
-        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
-        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
-        "metrics": {"listen": None},
-        "state_dir": str(tmp_path / "state"),
-        "engine": {"options": {"providers": "cpu"}},
-    }
+    config = {**line_config(tmp_path), "engine": {"options": {"providers": "cpu"}}}
     path = tmp_path / "inspectd.yaml"
     path.write_text(yaml.safe_dump(config))
     checked = inspectd("run", "--check", "--config", str(path))

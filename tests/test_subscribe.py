@@ -605,10 +605,10 @@ def test_an_endpoint_no_daemon_could_be_configured_with_is_refused_in_one_line(e
     assert len(err.splitlines()) == 1, err
 
 
-def test_a_tcp_port_above_65535_is_refused_not_cut_to_another_daemons_port():
-    """libzmq cuts the port to 16 bits: port + 65536 reached whatever published on port, and printed its results."""
-    context = zmq.Context.instance()
-    pub = context.socket(zmq.PUB)
+@contextlib.contextmanager
+def publishing_on_tcp():
+    """A PUB on a free tcp port of 127.0.0.1 sending cam0's results every 50 ms until the block ends: the port."""
+    pub = zmq.Context.instance().socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     stop = threading.Event()
@@ -622,11 +622,17 @@ def test_a_tcp_port_above_65535_is_refused_not_cut_to_another_daemons_port():
     sender = threading.Thread(target=publish)
     sender.start()
     try:
-        code, out, err = _refused("--endpoint", f"tcp://127.0.0.1:{port + 65536}")
+        yield port
     finally:
         stop.set()
         sender.join()
         pub.close()
+
+
+def test_a_tcp_port_above_65535_is_refused_not_cut_to_another_daemons_port():
+    """libzmq cuts the port to 16 bits: port + 65536 reached whatever published on port, and printed its results."""
+    with publishing_on_tcp() as port:
+        code, out, err = _refused("--endpoint", f"tcp://127.0.0.1:{port + 65536}")
     assert (code, out) == (2, ""), (code, out, err)
     assert err == (
         f"inspectd subscribe: --endpoint: expected tcp://HOST:PORT, PORT a number up to 65535 or *, got "
@@ -638,21 +644,7 @@ def test_a_tcp_port_above_65535_is_refused_not_cut_to_another_daemons_port():
 def test_a_connect_endpoint_naming_the_address_it_leaves_from_is_taken_as_libzmq_takes_it(source):
     """libzmq's tcp://SOURCE;HOST:PORT picks the network a station with two of them subscribes from: the check meant
     for the daemon's binds refused it, asking for an IPv6 host in brackets."""
-    context = zmq.Context.instance()
-    pub = context.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    port = pub.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
-
-    def publish() -> None:
-        seq = 0
-        while not stop.wait(0.05):
-            pub.send_multipart(result_frames("cam0", seq))
-            seq += 1
-
-    sender = threading.Thread(target=publish)
-    sender.start()
-    try:
+    with publishing_on_tcp() as port:
         endpoint = f"tcp://{source};127.0.0.1:{port}"
         proc = subprocess.run(
             inspectd_argv("subscribe", "--endpoint", endpoint, "--count", "2", "--timeout", "20"),
@@ -661,10 +653,6 @@ def test_a_connect_endpoint_naming_the_address_it_leaves_from_is_taken_as_libzmq
             timeout=60,
             cwd=REPO,
         )
-    finally:
-        stop.set()
-        sender.join()
-        pub.close()
     assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and all("cam0" in line for line in lines), proc.stdout
