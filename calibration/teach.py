@@ -670,14 +670,15 @@ def archive_frames(
     hint = "; the archive keeps one good frame in archive.good_every per camera: a longer span holds more"
     if held:
         # Not "a longer span holds more": the model that rejected all of these would reject its parts there too.
-        judged = [
-            f"{n} {verdict}" for verdict, n in (("defect", len(rejects)), ("error", held - len(rejects))) if n > 0
-        ]
-        hint = f"; the span holds {held} frame(s) of camera {camera}, none judged ok ({', '.join(judged)})"
+        # The archive keeps ok and defect frames only: every one held here was judged defect (counted by two
+        # queries, the daemon archiving between them, so not split further).
+        hint = f"; the span holds {held} frame(s) of camera {camera}, none judged ok"
         if rejects:
+            export = ["inspectd", "archive", "export", "DIR", "--archive", str(archive), "--camera", str(camera)]
+            export += ["--since", since, *(["--until", until] if until is not None else [])]
             hint += (
-                f": if good parts are among them, review them (`inspectd archive export DIR {where} --verdict defect "
-                "--split train`), move the good ones into DIR/train/good, and teach with --good DIR"
+                f": if good parts are among them, review them (`{shlex.join(export)} --verdict defect --split "
+                "train`), move the good ones into DIR/train/good, and teach with --good DIR"
             )
     elif camera is not None and not entries and not other and other_cameras:
         # A --camera typo: no span is long enough, so the cameras the span does hold are named instead.

@@ -471,6 +471,14 @@ pip_install() {
 # --- the service's state folders: checked before anything is created --------------------------------------------
 # Refused here, not when the state is reached: by then pip has replaced the venv and stamped it, and a rerun after the
 # operator's fix would skip the check of the units' configs against the new version.
+# The state folder itself may be a link (to a folder on another disk), but to one that is there: a disk not mounted
+# left a link to nothing, and the install died late in a bare `mkdir: File exists`.
+if [ -L "$STATE" ] && [ ! -d "$STATE" ]; then
+    die "$STATE: a symbolic link to nothing ($(readlink "$STATE")), expected a directory: mount what it names and rerun"
+fi
+if [ -e "$STATE" ] && [ ! -d "$STATE" ]; then
+    die "$STATE: not a directory, expected the service's state folder; move it away and rerun"
+fi
 for sub in bundles engines journal; do
     check_service_dir "$STATE/$sub"
 done

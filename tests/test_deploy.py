@@ -133,6 +133,27 @@ def test_a_link_or_file_the_service_put_in_place_of_a_state_folder_is_refused_an
     assert stat.S_IMODE(victim.stat().st_mode) == 0o755 and not (root / "etc/inspectd/clients").exists()
 
 
+@pytest.mark.parametrize("planted", ["dangling-link", "file"])
+def test_a_state_folder_that_is_a_link_to_nothing_or_a_file_is_refused_before_anything_is_made(tmp_path, planted):
+    """State moved to a disk that is not mounted: the install went on and died late, in a bare `mkdir: File exists`."""
+    root = tmp_path / "root"
+    assert _install(root).returncode == 0
+    state = root / "var/lib/inspectd"
+    shutil.rmtree(state)
+    if planted == "dangling-link":
+        gone = tmp_path / "unmounted" / "inspectd"
+        state.symlink_to(gone)
+        expected = f"install.sh: {state}: a symbolic link to nothing ({gone}), expected a directory: mount what it "
+        expected += "names and rerun"
+    else:
+        state.write_text("")
+        expected = f"install.sh: {state}: not a directory, expected the service's state folder; move it away and rerun"
+    (root / "etc/inspectd/clients").rmdir()
+    rerun = _install(root)
+    assert (rerun.returncode, rerun.stderr.strip()) == (2, expected)
+    assert not (root / "etc/inspectd/clients").exists()
+
+
 def test_a_gpu_station_install_without_the_venv_installs_the_tree(tmp_path):
     """--with-gpu cu12 merges the CUDA 12 pins for pip; with --no-venv there is no pip to read them."""
     result = _install(tmp_path / "root", "--with-gpu", "cu12")
