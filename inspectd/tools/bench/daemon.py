@@ -550,13 +550,19 @@ def load_label(load: str) -> str:
 def row_failure(row: dict) -> str | None:
     """Why a measured row cannot count towards any goal: it judged no frame, or too many of its results were error
     verdicts (a failing engine or undecodable frames publish errors fast)."""
-    if row["judged"] == 0:
-        what = f"{row['delivered']} results, all error verdicts" if row["delivered"] else "no result at all"
-        return f"no frame judged in the {row['seconds']:.1f}s window ({what})"
-    quiet = row.get("quiet_end_s")
     # Both: results come in bursts, one per batch, so a quiet end alone is also a long batch's; files left alone are
     # also a daemon that starved for another reason.
     ran_dry = row.get("backlog_left") is None or row["backlog_left"] <= 0  # not known (no status): the quiet end alone
+    if row["judged"] == 0:
+        if row["source"] == "folder" and not row["delivered"] and row.get("backlog_left") == 0:
+            # A daemon faster than the backlog was sized for took all of it during the warm-up.
+            return (
+                f"the folder backlog ran out before the {row['seconds']:.1f}s window: no file was left to judge, "
+                "so the run measured nothing"
+            )
+        what = f"{row['delivered']} results, all error verdicts" if row["delivered"] else "no result at all"
+        return f"no frame judged in the {row['seconds']:.1f}s window ({what})"
+    quiet = row.get("quiet_end_s")
     if (
         row["source"] == "folder"
         and ran_dry
