@@ -18,9 +18,9 @@ eval) is left out with a WARNING saying which file, and counted (provenance
 n_skipped_good/n_skipped_defective); an image in both --good and --defective is refused before scoring; a threshold
 that rejects more than half the good frames, and a pixel threshold above the image one (whatever the model's
 pooling), are WARNINGs recorded in observed["warning"]; with --apply the first is neither written nor applied
-(exit 1), since a daemon loads whatever its bundle holds at its next reload or restart. A --camera id is checked
-against the cameras of the daemon at --apply (refused when not one of them); unchecked, a WARNING names the cameras
-the bundle's thresholds know.
+(exit 1), since a daemon loads whatever its bundle holds at its next reload or restart. A --camera id must be one a
+camera can have (the config's rule), and is checked against the cameras of the daemon at --apply (refused when not one
+of them); unchecked there, a WARNING names the cameras the bundle's thresholds know.
 Scoring is engines.training.evaluate.score_images; the document is engines.bundle.thresholds (next_version,
 rollback); the bundle file is rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol
 (set_thresholds) through inspectd.protocol, so calibrating needs nothing of the daemon itself.

@@ -6,7 +6,8 @@ is on a network address. Human output by default; `--json` prints the daemon's r
 
 Exit codes, for scripts: 0 the daemon did it; 1 the daemon refused (its one-line reason on stderr), or did part of
 it (a `reload` whose allow-list reload failed: the model is reloaded, the old list stays in force); 2 bad arguments
-(an endpoint ZeroMQ cannot use, a timeout that is not a positive number) or an unreadable file; 3 no daemon answered
+(an endpoint the daemon's config would refuse: a tcp port above 65535, inproc://, a relative ipc:// path; a timeout
+that is not a positive number) or an unreadable file; 3 no daemon answered
 within --timeout (the line says whether one took the request: a reload, and every request behind it, is answered only
 once the reload ends), or the peer there ended the security handshake (the line says why: a key it does not let in,
 ...).

@@ -72,8 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="validate the config and the bundle it names (every checksum, the thresholds), print what would run, "
-        "and exit (0 valid, 2 not) without starting anything; allowed as root",
+        help="validate the config and the bundle it names (every checksum, the thresholds; the engine opened and run "
+        "once on blank frames where that needs no GPU), print what would run, and exit (0 valid, 2 not) without "
+        "starting the daemon; allowed as root",
     )
     parser.add_argument(
         "--service-user",
@@ -1043,8 +1044,9 @@ def _curves(config) -> list[tuple[str, Any]]:
 
 
 def check(path: Path, service_user: str = SERVICE_USER) -> int:
-    """`inspectd run --check`: the config as the daemon would load it, its CurveZMQ keys and its bundle verified;
-    nothing started. As root, also whether `service_user` (where that user exists) may read each of those files."""
+    """`inspectd run --check`: the config as the daemon would load it, its CurveZMQ keys and its bundle verified,
+    and its engine opened and run once on blank frames where that needs no GPU; the daemon is not started. As root,
+    also whether `service_user` (where that user exists) may read each of those files."""
 
     from engines.bundle.store import load_bundle
     from engines.errors import EngineError
