@@ -1151,7 +1151,7 @@ def _regionless_warning(current, camera: str | None, image: float, pixel: float 
     return (
         f"WARNING: {which} pixel threshold {pixel:.6g} is above the image threshold {image:.6g}, and an image score "
         f"is at most its map's maximum: frames scored from {image:.6g} to below {pixel:.6g} can be defects with no "
-        "region (an empty mask)"
+        "region (an empty mask); calibrate with --pixel to set both from the same frames"
     )
 
 

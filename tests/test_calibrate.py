@@ -973,7 +973,7 @@ def test_a_pixel_threshold_above_the_image_one_is_warned_of_whatever_the_pooling
     assert warning == [
         f"WARNING: the pixel threshold 0.5 is above the image threshold {image:.6g}, and an image score is at most "
         f"its map's maximum: frames scored from {image:.6g} to below 0.5 can be defects with no region (an empty "
-        "mask)"
+        "mask); calibrate with --pixel to set both from the same frames"
     ], out
     assert "can be defects with no region" in written.provenance["observed"]["warning"]
 

@@ -179,6 +179,9 @@ def test_ctls_options_work_after_the_action_and_an_empty_endpoint_variable_is_un
         env={**os.environ, "INSPECTD_CONTROL": ""},
     )
     assert empty.returncode == 3 and "control ipc:///var/lib/inspectd/control.sock:" in empty.stderr, empty.stderr
+    # At the default, the daemon asked for may be one whose state_dir is elsewhere: the line says how to name it.
+    assert empty.stderr.rstrip().endswith("(another daemon: --endpoint EP or $INSPECTD_CONTROL)"), empty.stderr
+    assert "another daemon" not in after.stderr, "an endpoint given is the one meant"
 
 
 def test_ctl_pointed_at_another_socket_kind_or_a_left_socket_file_says_which_in_one_line(tmp_path):

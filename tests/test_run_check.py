@@ -320,3 +320,17 @@ def test_check_opens_the_engine_and_refuses_a_graph_onnx_runtime_cannot_load(tmp
     assert checked.returncode == 2, checked.stdout
     assert checked.stderr.startswith(f"inspectd run --check: {graph}: ONNX Runtime cannot load it ("), checked.stderr
     assert checked.stderr.count("\n") == 1 and not (tmp_path / "state").exists()
+
+
+def test_check_notes_a_bundle_outside_state_dir_whose_thresholds_the_units_would_not_let_it_write(tmp_path):
+    """Under the units the daemon writes only its state_dir: a bundle elsewhere ran, and the first ctl set-thresholds
+    failed with "Read-only file system", far from the config that caused it."""
+    write_grey_bundle(tmp_path / "bundle")
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(line_config(tmp_path)))
+    outside = inspectd("run", "--check", "--config", str(path))
+    assert outside.returncode == 0, outside.stderr
+    assert f"  note: model.bundle {tmp_path / 'bundle'} is outside state_dir {tmp_path / 'state'}: " in outside.stdout
+    path.write_text(yaml.safe_dump({**line_config(tmp_path), "state_dir": str(tmp_path)}))
+    inside = inspectd("run", "--check", "--config", str(path))
+    assert inside.returncode == 0 and "is outside state_dir" not in inside.stdout, inside.stdout

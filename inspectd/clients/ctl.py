@@ -151,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
         with client:
             reply = client.request(request)
     except (ControlTimeout, HandshakeFailed) as exc:  # no answer: not done, or (a slow reload) not done yet
-        print(f"inspectd ctl: {exc}", file=sys.stderr)
+        # Asked at the default, the daemon may be one whose state_dir is elsewhere: say how to name it.
+        other = f" (another daemon: --endpoint EP or ${ENDPOINT_ENV})" if args.endpoint == DEFAULT_ENDPOINT else ""
+        print(f"inspectd ctl: {exc}{other}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except InspectdError as exc:
         print(f"inspectd ctl: {exc}", file=sys.stderr)

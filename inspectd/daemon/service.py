@@ -1102,6 +1102,13 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
         print("  note: the engine needs the GPU, so it was not opened here; the start opens it and runs it once")
     if unknown:
         print(f"  note: thresholds.per_camera names cameras not in this config: {', '.join(unknown)}")
+    if not Path(config.model.bundle).resolve().is_relative_to(Path(config.state_dir).resolve()):
+        # Under the units the daemon may write only its state_dir: the bundle runs, its thresholds cannot be set.
+        print(
+            f"  note: model.bundle {config.model.bundle} is outside state_dir {config.state_dir}: under the systemd "
+            "units, which let the daemon write only there, ctl set-thresholds and calibrate/teach --apply cannot "
+            "write its thresholds (Read-only file system)"
+        )
     for directory in empty:
         print(f"  note: {directory} holds no client key (*.key): every client is refused there")
     if as_user == "no user":
