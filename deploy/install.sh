@@ -472,7 +472,7 @@ pip_install() {
 # Refused here, not when the state is reached: by then pip has replaced the venv and stamped it, and a rerun after the
 # operator's fix would skip the check of the units' configs against the new version.
 # The state folder itself may be a link (to a folder on another disk), but to one that is there: a disk not mounted
-# left a link to nothing, and the install died late in a bare `mkdir: File exists`.
+# leaves a link to nothing, which would end the install late, in a bare `mkdir: File exists`.
 if [ -L "$STATE" ] && [ ! -d "$STATE" ]; then
     die "$STATE: a symbolic link to nothing ($(readlink "$STATE")), expected a directory: mount what it names and rerun"
 fi

@@ -14,11 +14,13 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def try_lock(fd: int) -> bool | None:
@@ -92,21 +94,31 @@ _AT_FDCWD = -100
 # problem makes the two renames fail with the same error, and replace_dir undoes a half-done one. EXDEV is not here:
 # the two entries are on different file systems, which the renames cannot cross either, so it is raised with nothing
 # moved.
-RENAMEAT2_UNAVAILABLE = frozenset((errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM))
+_RENAMEAT2_UNAVAILABLE = frozenset((errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM))
+
+
+@functools.cache
+def _renameat2_function() -> Any:
+    """The C library's renameat2, looked up once (a folder camera moves every file through it), or None where the C
+    library has none (glibc before 2.28, musl)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2
 
 
 def _renameat2(a: Path, b: Path, flags: int) -> bool:
     """renameat2(a, b, flags): False, with nothing changed, where the kernel, C library, file system or a seccomp
     filter does not allow it; OSError for anything else (EEXIST, EXDEV, ENOENT)."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    renameat2 = _renameat2_function()
+    if renameat2 is None:
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
-    if err in RENAMEAT2_UNAVAILABLE:
+    if err in _RENAMEAT2_UNAVAILABLE:
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 

@@ -538,7 +538,7 @@ def _non_negative_int(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from engines.bundle.store import load_bundle
 
-    # Said before the scoring, not after: minutes of it were lost to a mistyped output, with no table printed.
+    # Said before the scoring, not after: a mistyped output would cost minutes of it, with no table printed.
     outputs = [("out", args.out, False), ("overlays", args.overlays if args.n_overlays > 0 else None, True)]
     for option, path, directory in outputs:
         why = unwritable(path, directory, parents=True) if path else None

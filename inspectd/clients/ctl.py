@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
         flag = f"--endpoint (or ${ENDPOINT_ENV})"
         from inspectd.configfile import endpoint_problem
 
-        # As the daemon's config checks control.endpoint: a tcp port above 65535, which libzmq cuts to 16 bits,
-        # waited out the whole timeout on whatever listens there, and was then told as no daemon answering.
+        # As the daemon's config checks control.endpoint: libzmq cuts a tcp port above 65535 to 16 bits, so the
+        # request would wait out the whole timeout on whatever listens there and be told as no daemon answering.
         problem = endpoint_problem(args.endpoint)
         if problem is not None:
             raise InspectdError(f"{flag}: {problem}")

@@ -1073,7 +1073,7 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
         opened = not backend.needs_device(options)
         if opened:
             # Opened and run once on blank frames as the start does: a graph this onnxruntime cannot load (a newer
-            # IR version, exported on another machine) matched every checksum and failed only the unit's start.
+            # IR version, exported on another machine) matches every checksum and would fail only the unit's start.
             state = ModelState.open(
                 config.model.bundle, config.engine.backend, config.engine.options, config.batching.max_batch
             )

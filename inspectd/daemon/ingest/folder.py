@@ -49,7 +49,7 @@ TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".filepart", ".crdownload", "~")
 TEMP_PREFIXES = (".", "~$")
 SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 # What link() says where the filesystem cannot make a hard link (FAT: EPERM, as a link to another owner's file under
-# fs.protected_hardlinks is): move_keeping then renames after a look, as before.
+# fs.protected_hardlinks is): move_keeping then renames after a look, the one move left there.
 NO_HARD_LINK = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK})
 
 log = structlog.get_logger("inspectd.ingest")
@@ -600,7 +600,7 @@ def move_keeping(path: Path, target: Path, mtime_ns: int) -> None:
 def _move_no_replace(path: Path, candidate: Path) -> None:
     """Rename without replacing (renameat2 RENAME_NOREPLACE); where the filesystem cannot (some shares), a hard link
     then an unlink of the source, which fails alike on a name that exists; where it has no hard links either (FAT), or
-    refuses one to a file of another owner (fs.protected_hardlinks), a plain rename after the look, as before."""
+    refuses one to a file of another owner (fs.protected_hardlinks), a plain rename after the look."""
     if rename_noreplace(path, candidate):
         return
     try:

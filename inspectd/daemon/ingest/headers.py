@@ -177,7 +177,7 @@ def _tiff_dims(view: memoryview) -> tuple[str, int, int] | None:
 def _bmp_size(view: memoryview) -> int:
     """The bytes a BMP needs: its header's file size, or, where a writer left that 0, the end of its pixel rows
     (uncompressed ones: a compressed BMP's size is not known before it is decoded), at least its headers'. A size
-    the header gives is taken as it is, as it always was."""
+    the header gives is taken as it is."""
     (size, _, offset, header_size) = struct.unpack("<IIII", view[2:18])
     if size:
         return size
@@ -190,7 +190,7 @@ def _bmp_size(view: memoryview) -> int:
     else:
         width, height, _, bits, compression = struct.unpack("<iiHHI", view[18:34])
     if compression not in (0, 3, 6):  # BI_RGB, BI_BITFIELDS, BI_ALPHABITFIELDS: rows of a fixed size
-        return size
+        return 0  # a compressed BMP's length is known only once decoded: not checked here
     return offset + (abs(width) * bits + 31) // 32 * 4 * abs(height)
 
 
