@@ -21,84 +21,27 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-import zmq
 from pydantic import PlainValidator, ValidationInfo
-from pydantic_core import PydanticCustomError
 
 from engines import schema
 from inspectd.errors import ConfigError
 from inspectd.protocol.archive import camera_id_problem
+from inspectd.protocol.endpoints import endpoint_problem
+from inspectd.protocol.endpoints import ipc_path_problem as _ipc_path_problem
 
 T = TypeVar("T")
 
-ENDPOINT_FORMS = "tcp://HOST:PORT or ipc://PATH"
-
 
 def _endpoint(value: Any) -> str:
-    """A ZeroMQ endpoint another process can reach, checked as far as a bind would check it, so `run --check` refuses
-    what `run` could not bind. inproc:// reaches nothing outside the daemon's own process. An ipc:// path is absolute
-    or abstract (ipc://@name): clients are given the endpoint as a string on their own command line, so only a path
-    that means the same file from any working directory lets both ends meet, and a relative one would land in the
-    working directory or the config file's folder, neither of which is sure to be writable."""
-    if not isinstance(value, str) or not value.startswith(("tcp://", "ipc://")) or value.endswith("://"):
-        raise schema.invalid(f"expected a ZeroMQ endpoint ({ENDPOINT_FORMS}), got {schema.show(value)}")
-    if "\0" in value:  # ZeroMQ binds an ipc path cut at the NUL: past the check that no address is bound twice
-        raise schema.invalid(f"{schema.show(value)} holds a NUL byte, expected a ZeroMQ endpoint ({ENDPOINT_FORMS})")
-    if value.startswith("tcp://"):
-        host, sep, port = value[len("tcp://") :].rpartition(":")
-        if not sep or not host or not (port == "*" or (port.isascii() and port.isdigit() and int(port) <= 65535)):
-            raise schema.invalid(f"expected tcp://HOST:PORT, PORT a number up to 65535 or *, got {schema.show(value)}")
-        if ":" in host and not (host.startswith("[") and host.endswith("]")):
-            # As in a URL: without brackets, where the address ends and the port begins is a guess.
-            raise schema.invalid(f"expected an IPv6 host in brackets, as tcp://[::1]:5556, got {schema.show(value)}")
-    elif not value.startswith(("ipc:///", "ipc://@")):
-        raise schema.invalid(
-            f"expected an absolute socket path, as ipc:///var/lib/inspectd/NAME.sock (or an abstract ipc://@NAME), "
-            f"got {schema.show(value)}"
-        )
-    else:
-        problem = ipc_path_problem(value)
-        if problem is not None:
-            raise schema.invalid(problem)
+    problem = endpoint_problem(value, schema.show)
+    if problem is not None:
+        raise schema.invalid(problem)
     return value
 
 
-def endpoint_problem(value: Any) -> str | None:
-    """Why `value` is not an endpoint the daemon's config takes, None when it is: for a client's --endpoint, which
-    names what a daemon was configured with, so a typo is refused in the same words rather than connected to (libzmq
-    takes a tcp port above 65535 cut to 16 bits, another daemon's or nobody's, and an inproc:// that nothing outside
-    its own process can reach). A connect's tcp endpoint may also name the address it leaves from, as libzmq takes it
-    (tcp://SOURCE;HOST:PORT, split at the last ';', as tcp://eth1:0;192.168.1.1:5556 on a station with two networks):
-    its destination is checked as a daemon's endpoint, the source only for its port: without one libzmq never
-    connects, in silence; the host (an interface name, an address) is libzmq's to resolve."""
-    shown = None
-    if isinstance(value, str) and value.startswith("tcp://") and ";" in value:
-        source, _, destination = value[len("tcp://") :].rpartition(";")
-        host, sep, port = source.rpartition(":")
-        if not sep or not host or not (port == "*" or (port.isascii() and port.isdigit() and int(port) <= 65535)):
-            return (
-                f"expected SOURCE:PORT before ';' (PORT up to 65535, 0 for any), as tcp://eth1:0;192.168.1.1:5556, "
-                f"got {schema.show(value)}"
-            )
-        shown, value = schema.show(value), f"tcp://{destination}"
-    try:
-        _endpoint(value)
-    except PydanticCustomError as exc:
-        return exc.message() if shown is None else f"{exc.message()} (the destination of {shown}, after its ';')"
-    return None
-
-
 def ipc_path_problem(endpoint: str) -> str | None:
-    """Why a bind or connect could not take the ipc `endpoint`, as far as its length says; None when it fits. A socket
-    address holds the path in sun_path (108 bytes with its NUL), as bytes: an abstract name's @ counts as one."""
-    path = endpoint.removeprefix("ipc://")
-    if path == "@":
-        return f"{schema.show(endpoint)}: an abstract socket with no name, expected ipc://@NAME"
-    size = len(path.encode("utf-8", "surrogateescape"))
-    if size <= zmq.IPC_PATH_MAX_LEN:
-        return None
-    limit = zmq.IPC_PATH_MAX_LEN
-    return f"{schema.show(endpoint)}: its path is {size} bytes, expected at most {limit} (all a socket address holds)"
+    """inspectd.protocol.endpoints.ipc_path_problem, showing the endpoint as config errors show values."""
+    return _ipc_path_problem(endpoint, schema.show)
 
 
 def _expanded(path: str | Path) -> Path:

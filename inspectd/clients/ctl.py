@@ -136,13 +136,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         request = _request(args)
         flag = f"--endpoint (or ${ENDPOINT_ENV})"
-        from inspectd.configfile import endpoint_problem
-
-        # As the daemon's config checks control.endpoint: libzmq cuts a tcp port above 65535 to 16 bits, so the
-        # request would wait out the whole timeout on whatever listens there and be told as no daemon answering.
-        problem = endpoint_problem(args.endpoint)
-        if problem is not None:
-            raise InspectdError(f"{flag}: {problem}")
         client = client_for(args.endpoint, args.timeout, args.server_key, args.client_key, endpoint_flag=flag)
     except InspectdError as exc:
         print(f"inspectd ctl: {exc}", file=sys.stderr)

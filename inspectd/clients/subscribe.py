@@ -1134,12 +1134,12 @@ def run(args: argparse.Namespace) -> int:
         print("inspectd subscribe: --since: expected --journal DIR too (the journal it replays from)", file=sys.stderr)
         return 2
     from engines.schema import show
-    from inspectd.configfile import endpoint_problem
     from inspectd.protocol.archive import camera_id_problem
+    from inspectd.protocol.endpoints import connect_endpoint_problem
 
     # As the daemon's config checks them: what it could not be configured with would only be waited on in silence
     # (a tcp port above 65535 libzmq cuts to 16 bits, and connects to whatever listens there).
-    problem = endpoint_problem(args.endpoint)
+    problem = connect_endpoint_problem(args.endpoint, show)
     if problem is not None:
         print(f"inspectd subscribe: --endpoint: {problem}", file=sys.stderr)
         return 2

@@ -326,12 +326,18 @@ def client_for(
     endpoint_flag: str = "--apply",
 ) -> ControlClient:
     """A connected ControlClient for a command's flags, every input checked and nothing sent yet: InspectdError (one
-    line naming the flag) for a timeout ControlClient would refuse, an endpoint ZeroMQ cannot connect to, only one
-    of the two CurveZMQ keys, a network endpoint without them, or a key file that is missing, malformed or readable
-    by others. Commands call it before their work, so a typo never costs the work or leaves it done and not
+    line naming the flag) for a timeout ControlClient would refuse, an endpoint the daemon's config would refuse,
+    only one of the two CurveZMQ keys, a network endpoint without them, or a key file that is missing, malformed or
+    readable by others. Commands call it before their work, so a typo never costs the work or leaves it done and not
     applied."""
+    from inspectd.protocol.endpoints import connect_endpoint_problem
     from inspectd.protocol.keys import is_local_endpoint
 
+    # As the daemon's config checks control.endpoint: libzmq cuts a tcp port above 65535 to 16 bits, so the request
+    # would wait out the whole timeout on whatever listens there and be told as no daemon answering.
+    problem = connect_endpoint_problem(endpoint)
+    if problem is not None:
+        raise InspectdError(f"{endpoint_flag}: {problem}")
     check_timeout(timeout_s, "--timeout")
     curve = curve_from_flags(server_key, client_key)
     client = ControlClient(endpoint, timeout_s=timeout_s, curve=curve, name=endpoint_flag).connect()
