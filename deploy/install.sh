@@ -262,6 +262,9 @@ USER_NAME=inspectd
 OPT="$ROOT/opt/inspectd"
 ETC="$ROOT/etc/inspectd"
 STATE="$ROOT/var/lib/inspectd"
+# The service's folders inside it: bundles/ holds model bundles (each with its own thresholds.json), engines/ built
+# TensorRT plans, journal/ the per-camera sequence journal.
+STATE_SUBDIRS="bundles engines journal"
 UNITS="$ROOT/etc/systemd/system"
 CHANGED=0
 
@@ -479,7 +482,7 @@ fi
 if [ -e "$STATE" ] && [ ! -d "$STATE" ]; then
     die "$STATE: not a directory, expected the service's state folder; move it away and rerun"
 fi
-for sub in bundles engines journal; do
+for sub in $STATE_SUBDIRS; do
     check_service_dir "$STATE/$sub"
 done
 
@@ -676,9 +679,7 @@ ensure_file "$SRC/deploy/bridge.example.env" "$ETC/bridge.env.example" 0640 "roo
 ensure_dir "$ROOT/var" 0755 root:root
 ensure_dir "$ROOT/var/lib" 0755 root:root
 ensure_dir "$STATE" 0750 "$USER_NAME:$USER_NAME"
-# bundles/ holds model bundles (each with its own thresholds.json), engines/ built TensorRT plans, journal/ the
-# per-camera sequence journal.
-for sub in bundles engines journal; do
+for sub in $STATE_SUBDIRS; do
     ensure_service_dir "$STATE/$sub" 0750
 done
 

@@ -80,12 +80,13 @@ class FolderSource:
                 f"expected a glob on the file name (*, ?, [...]), got {show(pattern)}: there are no {{a,b}} "
                 "alternatives (for .png and .jpg: *.[pj][np]g, or *)"
             )
-        if _unclosed_set(pattern):
+        sets = _sets(pattern)
+        if None in sets:  # a [ no ] closes: fnmatch matches it as a plain [, which no intended name holds
             raise invalid(
                 f"expected a glob on the file name whose every [ is closed by a ] (a set such as [pj]; a [ of the "
                 f"name itself as [[]), got {show(pattern)}"
             )
-        if any(part is not None and fnmatch.translate(part) == _NO_NAME for part in _sets(pattern)):
+        if any(part is not None and fnmatch.translate(part) == _NO_NAME for part in sets):
             raise invalid(
                 f"expected a glob on the file name whose every [...] set holds a character, got {show(pattern)}: a "
                 "range whose start is after its end, such as [9-0], holds none, so no name matches"
@@ -101,11 +102,6 @@ class FolderSource:
             if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
                 refuse(key, f"{folder} is a file, expected a folder", str(folder))
         return self
-
-
-def _unclosed_set(pattern: str) -> bool:
-    """Whether a [ opens no set: fnmatch then matches it as a plain [, which no intended name holds."""
-    return None in _sets(pattern)
 
 
 def _sets(pattern: str) -> list[str | None]:
