@@ -218,3 +218,44 @@ def test_an_override_for_a_camera_the_daemon_does_not_run_is_told_at_start_and_a
     told = [e for e in logs if e["event"] == "thresholds_unknown_cameras"]
     assert [(e["cameras"], e["thresholds_version"], e["log_level"]) for e in told] == [(["cam01"], 2, "warning")] * 2
     assert told[0]["running"] == [camera], told
+
+
+def test_a_bundle_copied_over_again_is_judged_under_a_new_version_and_rollback_reaches_the_stations_own(daemon):
+    """Re-deploying the same model over the bundle brings its version 1 back: results would name version 1 again
+    with other values than the first ones, and the station's versions 2 and 3 would be gone from `ctl rollback`."""
+    set_own_versions(daemon)
+    bundle = daemon.config.model.bundle
+    with structlog.testing.capture_logs() as logs:
+        write_grey_bundle(bundle)
+        assert on_disk(daemon).version == 1
+        assert daemon.reload()["thresholds_version"] == 4
+        assert daemon.reload()["thresholds_version"] == 4, "the same files reloaded keep their number"
+    written = on_disk(daemon)
+    assert (written.version, written.image_threshold) == (4, 0.5)
+    assert versions(written) == [(3, 0.4), (2, 0.45), (1, 0.5)]
+    assert daemon.stage.state.thresholds == written
+    told = [e for e in logs if e["event"] == "thresholds_renumbered"]
+    assert [(e["bundle_version"], e["thresholds_version"], e["log_level"]) for e in told] == [(1, 4, "warning")]
+    assert ask(daemon, {"cmd": "rollback", "version": 3})["thresholds_version"] == 5
+    assert on_disk(daemon).image_threshold == 0.4
+
+
+def test_a_copied_over_bundle_the_daemon_cannot_write_keeps_its_number_and_says_so(daemon):
+    import fcntl
+
+    set_own_versions(daemon)
+    bundle = daemon.config.model.bundle
+    write_grey_bundle(bundle)
+    fd = os.open(bundle, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another writer (a calibrate) holding the bundle past the daemon's wait
+        with structlog.testing.capture_logs() as logs:
+            assert daemon.reload()["thresholds_version"] == 1
+    finally:
+        os.close(fd)
+    told = [e for e in logs if e["event"] == "thresholds_version_went_back"]
+    assert [(e["thresholds_version"], e["previous_thresholds_version"], e["log_level"]) for e in told] == [
+        (1, 3, "warning")
+    ]
+    assert "not written" in told[0]["error"], told
+    assert on_disk(daemon).version == 1

@@ -688,6 +688,7 @@ class Daemon:
                     # Shutdown closes the engines once, under this lock: one swapped in after it would never be
                     # closed.
                     self._refuse_when_stopping()
+                    new = self._keep_version_rising(old, new)
                 except BaseException:
                     new.close()
                     raise
@@ -716,6 +717,46 @@ class Daemon:
             previous_thresholds_version=old.thresholds_version,
         )
         return {"model_id": new.model_id, "thresholds_version": new.thresholds_version, "allow_lists": allow_lists}
+
+    def _keep_version_rising(self, old: ModelState, new: ModelState) -> ModelState:
+        """`new` judged by a thresholds version above the running one where the reload brings another document of
+        the same model under the same or a lower number (the bundle copied over again, a link pointed back at an
+        older copy): results are keyed by model and version, so one number must never name two documents, and the
+        station's own versions stay reachable by `ctl rollback`. Written into the new bundle before the swap, as
+        set-thresholds writes, so a restart reads the same; a bundle the daemon may not write in keeps its number,
+        said as a warning."""
+        from engines.bundle import thresholds as thresholds_doc
+        from engines.bundle.store import NotDurable
+        from engines.errors import BundleError
+        from inspectd.daemon.control import BUNDLE_LOCK_WAIT_S
+
+        running, loaded = old.thresholds, new.thresholds
+        if new.model_id != old.model_id or loaded.version > running.version or loaded == running:
+            return new
+        doc = dataclasses.replace(loaded, version=running.version + 1, history=thresholds_doc.history_after(running))
+        try:
+            new.bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(doc), wait_s=BUNDLE_LOCK_WAIT_S)
+        except NotDurable as exc:
+            self.log.warning("thresholds_not_durable", thresholds_version=doc.version, error=str(exc))
+        except (BundleError, OSError, thresholds_doc.ThresholdsError) as exc:
+            self.log.warning(
+                "thresholds_version_went_back",
+                model_id=new.model_id,
+                thresholds_version=loaded.version,
+                previous_thresholds_version=running.version,
+                error=str(exc),
+                effect=f"results name version {loaded.version} again, now with this bundle's values",
+            )
+            return new
+        self.log.warning(
+            "thresholds_renumbered",
+            model_id=new.model_id,
+            bundle_version=loaded.version,
+            thresholds_version=doc.version,
+            previous_thresholds_version=running.version,
+            effect="the reloaded bundle's thresholds under a new number; ctl rollback reaches the earlier versions",
+        )
+        return new.with_thresholds(doc)
 
     def _tell_unknown_cameras(self, state: ModelState) -> None:
         """A camera override the daemon has no camera for judges nothing: written by `calibrate --camera` without
