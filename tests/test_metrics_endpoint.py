@@ -422,3 +422,37 @@ def test_the_backlog_throughput_and_frames_lost_or_discarded_outside_the_queue_a
     assert samples[("inspectd_frames_not_accepted_total", (("camera", "cam1"),))] == 2
     assert ("inspectd_frames_not_accepted_total", (("camera", "cam0"),)) not in samples  # no zmq camera there
     assert types["inspectd_queued"] == "gauge" and types["inspectd_frames_not_accepted_total"] == "counter"
+
+
+def test_every_drift_gauge_is_served_with_the_status_figure_and_named_in_deploy_md():
+    """An operator graphing how far D is from clearing reads clear_at beside the statistic; DEPLOY.md's list of drift
+    metrics is the one they look names up in."""
+    from inspectd.daemon.metrics import DRIFT_GAUGES
+
+    drift = {
+        "alarm": True,
+        "statistic": 0.31,
+        "raise_at": 0.25,
+        "clear_at": 0.2,
+        "brightness_statistic": 0.05,
+        "brightness_raise_at": 0.26,
+        "brightness_clear_at": 0.21,
+        "false_reject_estimate": 0.01,
+        "false_reject_warning": False,
+    }
+
+    class Drifting:
+        def status(self) -> dict:
+            return {"cameras": {"a": {"drift": drift}}}
+
+    metrics = Metrics(("127.0.0.1", 0), Drifting())
+    try:
+        samples, _ = scrape(metrics.url)
+    finally:
+        metrics.stop()
+    served = {name: samples[(name, (("camera", "a"),))] for name, _, _ in DRIFT_GAUGES}
+    assert served == {name: float(drift[key]) for name, _, key in DRIFT_GAUGES}
+    assert {"inspectd_drift_clear_at", "inspectd_drift_brightness_clear_at"} <= set(served)
+    section = (REPO / "docs" / "DEPLOY.md").read_text().split("## Score drift", 1)[1]
+    documented = set(re.findall(r"`(inspectd_drift_\w+)`", section))
+    assert documented == set(served), documented ^ set(served)

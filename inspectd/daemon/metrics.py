@@ -189,9 +189,24 @@ DRIFT_GAUGES = (
     ),
     ("inspectd_drift_raise_at", "The D above which the drift alarm rises, for the window's size.", "raise_at"),
     (
+        "inspectd_drift_clear_at",
+        "The D a raised score alarm must fall below to clear (lower than raise_at: the hysteresis).",
+        "clear_at",
+    ),
+    (
         "inspectd_drift_brightness_statistic",
         "KS statistic D of the good frames' mean grey level against the reference (last check).",
         "brightness_statistic",
+    ),
+    (
+        "inspectd_drift_brightness_raise_at",
+        "The brightness D above which the drift alarm rises, for the window's size.",
+        "brightness_raise_at",
+    ),
+    (
+        "inspectd_drift_brightness_clear_at",
+        "The brightness D a raised brightness alarm must fall below to clear.",
+        "brightness_clear_at",
     ),
     (
         "inspectd_drift_false_reject_estimate",
