@@ -713,10 +713,9 @@ class Journal:
     def _trim(self, incoming: int, keep: Path | None = None) -> None:
         """Delete the oldest closed segments (but `keep`, about to be written on) until the journal plus `incoming`
         bytes fits its cap."""
-        live = sum(a.size for a in self._active.values())
         self._closed.sort()
         candidates = [c for c in self._closed if c[1] != keep]
-        while candidates and self._total + live + incoming > self.max_bytes:
+        while candidates and self._total + self._active_bytes + incoming > self.max_bytes:
             entry = candidates.pop(0)
             _, path, size = entry
             try:
