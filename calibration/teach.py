@@ -135,7 +135,7 @@ from inspectd.protocol.archive import (
     Entry,
     UnreadableFrame,
     camera_id_problem,
-    parse_time,
+    parse_span,
 )
 from inspectd.protocol.control import BUNDLE_REFUSED, ControlClient, ControlTimeout, allow_list_errors, client_for
 
@@ -573,24 +573,6 @@ def _iso(t: float | None) -> str | None:
     if t is None:
         return None
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def parse_span(since: str, until: str | None) -> tuple[float, float | None]:
-    """(since, until) as epoch seconds, both read against one now, refusing an `until` at or before `since` and a
-    `since` not before now (a day mistyped): such a span holds nothing, and the count it leads to would send the
-    operator after a longer one."""
-    now = time.time()
-    t_since = parse_time(since, "--since", now)
-    t_until = parse_time(until, "--until", now) if until is not None else None
-    if t_until is not None and t_until <= t_since:
-        raise TeachError(
-            f"--since {since} --until {until}: the span ends at or before it starts, expected --until after --since"
-        )
-    if t_since >= now:
-        raise TeachError(
-            f"--since {since}: now or in the future, expected a time in the past (nothing is archived from then yet)"
-        )
-    return t_since, t_until
 
 
 def archive_frames(

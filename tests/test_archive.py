@@ -427,6 +427,16 @@ def test_daemon_archives_what_it_publishes_and_export_feeds_calibrate(tmp_path):
     assert missing.returncode == 2 and "expected an inspectd image archive" in missing.stderr
     bad_time = inspectd("archive", "list", "--archive", str(archive_dir), "--since", "yesterday")
     assert bad_time.returncode == 2 and "--since: 'yesterday', expected an ISO time" in bad_time.stderr
+    # A span that holds nothing by its own ends (a day mistyped) is refused, not answered with an empty list.
+    backwards = inspectd("archive", "list", "--archive", str(archive_dir), "--since", "1h", "--until", "2h")
+    assert backwards.returncode == 2 and backwards.stderr.strip().splitlines() == [
+        "inspectd archive: --since 1h --until 2h: the span ends at or before it starts, expected --until after --since"
+    ]
+    ahead = inspectd(
+        "archive", "export", str(tmp_path / "ahead"), "--archive", str(archive_dir), "--since", "2999-01-01"
+    )
+    assert ahead.returncode == 2 and "--since 2999-01-01: now or in the future" in ahead.stderr, ahead.stderr
+    assert not (tmp_path / "ahead").exists()
 
 
 def wait_until(predicate, what: str, timeout: float = 10.0):

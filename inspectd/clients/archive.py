@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 from inspectd.protocol.archive import (
@@ -28,7 +27,7 @@ from inspectd.protocol.archive import (
     ArchiveError,
     ArchiveReader,
     Entry,
-    parse_time,
+    parse_span,
     split_frames,
 )
 
@@ -82,9 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _query(reader: ArchiveReader, args: argparse.Namespace) -> list[Entry]:
-    now = time.time()  # one reading for both ends: `--since 1h --until 1h` is no span at all
-    since = parse_time(args.since, "--since", now) if args.since else None
-    until = parse_time(args.until, "--until", now) if args.until else None
+    since, until = parse_span(args.since or None, args.until or None)
     if args.limit is not None and args.limit < 1:
         raise ArchiveError(f"--limit: {args.limit}, expected a positive number of frames")
     return reader.query(args.camera, args.verdict, since, until, args.limit, newest_first=args.newest)

@@ -33,10 +33,11 @@ import datetime
 import json
 import re
 import sqlite3
+import time
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from inspectd.errors import InspectdError
 from inspectd.protocol.journal import CAMERA_RE
@@ -215,6 +216,30 @@ def parse_time(text: str, what: str, now: float | None = None) -> float:
         raise ArchiveError(
             f"{what}: {text!r}, expected an ISO time (2026-03-01T14:00) or a span back from now (90s, 15m, 1h, 2d)"
         ) from None
+
+
+@overload
+def parse_span(since: str, until: str | None, now: float | None = None) -> tuple[float, float | None]: ...
+@overload
+def parse_span(since: str | None, until: str | None, now: float | None = None) -> tuple[float | None, float | None]: ...
+
+
+def parse_span(since: str | None, until: str | None, now: float | None = None) -> tuple[float | None, float | None]:
+    """(since, until) as epoch seconds (None where not given), both read against one `now` (the clock when None),
+    refusing an `until` at or before `since` and a `since` not before now (a day mistyped): such a span holds
+    nothing, and the empty answer would send the operator after a longer one."""
+    now = time.time() if now is None else now
+    t_since = parse_time(since, "--since", now) if since is not None else None
+    t_until = parse_time(until, "--until", now) if until is not None else None
+    if t_since is not None and t_until is not None and t_until <= t_since:
+        raise ArchiveError(
+            f"--since {since} --until {until}: the span ends at or before it starts, expected --until after --since"
+        )
+    if t_since is not None and t_since >= now:
+        raise ArchiveError(
+            f"--since {since}: now or in the future, expected a time in the past (nothing is archived from then yet)"
+        )
+    return t_since, t_until
 
 
 class ArchiveReader:
