@@ -46,9 +46,6 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 def datasets(root: Path, only: list[str] | None = None, report: Callable[[str], None] | None = None) -> list[Path]:
     """The dataset folders under `root`, or those of them named in `only` (each name must be one). Without `only`,
     `report(line)` gets one line for each other folder, saying why it is not a dataset (default: nothing)."""
-    if only is not None and not only:
-        # `--only $DATASETS` with the variable empty: all of them would take hours, where none were asked for.
-        raise EngineError("--only: expected at least one dataset name")
     if not root.is_dir():
         raise EngineError(f"--data-root {root}: not a directory, expected a folder of datasets")
     found, skipped = [], {}
@@ -412,6 +409,10 @@ def run(args: argparse.Namespace) -> int:
     # SIGINT is claimed by `inspectd` (inspectd.cli STOPPED_BY_SIGINT), also where a script started the suite in the
     # background with it ignored.
     started = time.monotonic()
+    if args.only is not None and not args.only:
+        # `--only $DATASETS` with the variable empty: all of them would take hours, where none were asked for.
+        print("inspectd eval-suite: --only: expected at least one dataset name", file=sys.stderr)
+        return 2
     try:
         table = run_suite(Path(args.data_root), Path(args.out), args.recipe, args.only, args.seed)
     except (EngineError, ValueError) as exc:
