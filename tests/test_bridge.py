@@ -799,18 +799,47 @@ def test_an_endpoint_zeromq_cannot_use_is_one_line_before_the_plc_is_touched(plc
     plc.acking.clear()  # the PLC program writes nothing itself, so any change is the bridge's
     before = list(range(1, 15))  # a value in every register, which the bridge's start would clear or overwrite
     assert not plc.client.write_registers(0, before, device_id=1).isError()
-    for endpoint in ("tcp://nohost", "127.0.0.1:5556"):
+    # Past the endpoint rule every client checks, ZeroMQ's own refusal is the last check.
+    endpoint = "tcp://no host:5556"
+    result = subprocess.run(
+        bridge_command(endpoint, plc, bridge_config),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith(f"inspectd bridge: --endpoint {endpoint!r}: cannot connect ("), line
+    assert line.endswith("expected tcp://HOST:PORT or ipc://PATH"), line
+    assert plc.registers() == before
+
+
+def test_an_endpoint_no_daemon_could_be_configured_with_is_refused_in_the_other_clients_words(plc, bridge_config):
+    """libzmq took a tcp port above 65535 cut to 16 bits (another daemon's or nobody's) and port 0, and the bridge
+    opened and wrote the PLC, then waited on them in silence; '', a wildcard and a path too long for a socket were
+    each told in ZeroMQ's words, not in those of subscribe, web and ctl."""
+    plc.acking.clear()  # the PLC program writes nothing itself, so any change is the bridge's
+    before = list(range(1, 15))
+    assert not plc.client.write_registers(0, before, device_id=1).isError()
+    port = "a number from 1 to 65535 (* and 0 are only for a bind)"
+    long_ipc = "ipc:///" + "a" * 120
+    for endpoint, expected in (
+        (
+            "tcp://127.0.0.1:71092",
+            f"expected tcp://HOST:PORT, PORT the daemon's port, {port}, got 'tcp://127.0.0.1:71092'",
+        ),
+        ("tcp://127.0.0.1:0", f"expected tcp://HOST:PORT, PORT the daemon's port, {port}, got 'tcp://127.0.0.1:0'"),
+        ("tcp://127.0.0.1:*", f"expected tcp://HOST:PORT, PORT the daemon's port, {port}, got 'tcp://127.0.0.1:*'"),
+        ("", "expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH), got ''"),
+        (long_ipc, "'ipc:///aaaaaaaaaaaaaaa...aaaaaaaaaaaaaaaaaaaaaaa': its path is 121 bytes, expected at most"),
+    ):
         result = subprocess.run(
-            bridge_command(endpoint, plc, bridge_config),
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=30,
+            bridge_command(endpoint, plc, bridge_config), cwd=REPO, capture_output=True, text=True, timeout=30
         )
-        assert result.returncode == 2, result.stderr
         line = result.stderr.strip()
-        assert "\n" not in line and f"--endpoint {endpoint!r}: cannot connect" in line, line
-        assert "expected tcp://HOST:PORT or ipc://PATH" in line
+        assert result.returncode == 2 and "\n" not in line, (endpoint, result.stderr)
+        assert line.startswith(f"inspectd bridge: --endpoint: {expected}"), line
         assert plc.registers() == before
 
 

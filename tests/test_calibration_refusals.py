@@ -53,7 +53,10 @@ BAD_APPLY = [
     ),
     (["--apply", "nowhere.sock"], "--apply: expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)"),
     # libzmq cuts the port to 16 bits: the version was written, then applied to whatever listened on port 4464.
-    (["--apply", "tcp://127.0.0.1:70000"], "--apply: expected tcp://HOST:PORT, PORT a number up to 65535 or *"),
+    (
+        ["--apply", "tcp://127.0.0.1:70000"],
+        "--apply: expected tcp://HOST:PORT, PORT the daemon's port, a number from 1 to 65535",
+    ),
     (["--apply", "tcp://10.1.2.3:5555"], "--apply tcp://10.1.2.3:5555: a network address, expected --server-key"),
     (
         ["--apply", "ipc:///nowhere.sock", "--server-key", "missing.key", "--client-key", "missing.key_secret"],

@@ -141,9 +141,14 @@ def test_exit_codes_without_a_daemon(tmp_path):
     # Input errors are usage errors (2, one line), never a traceback or 1 ("the daemon refused").
     for endpoint, extra, expected in (
         ("foo", (), "--endpoint (or $INSPECTD_CONTROL): expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)"),
-        ("tcp://127.0.0.1", (), "expected tcp://HOST:PORT, PORT a number up to 65535"),
+        ("tcp://127.0.0.1", (), "expected tcp://HOST:PORT, PORT the daemon's port, a number from 1 to 65535"),
         # libzmq cuts the port to 16 bits: the whole timeout was waited out on port 34463, then told as no daemon.
-        ("tcp://127.0.0.1:99999", (), "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got"),
+        ("tcp://127.0.0.1:99999", (), "expected tcp://HOST:PORT, PORT the daemon's port, a number from 1 to 65535"),
+        # A bind's wildcards: the message offered * as a port, and libzmq then refused it as an "Invalid argument";
+        # port 0 was waited on for the whole timeout.
+        ("tcp://127.0.0.1:*", (), "a number from 1 to 65535 (* and 0 are only for a bind), got 'tcp://127.0.0.1:*'"),
+        ("tcp://127.0.0.1:0", (), "a number from 1 to 65535 (* and 0 are only for a bind), got 'tcp://127.0.0.1:0'"),
+        ("tcp://*:5557", (), "expected tcp://HOST:PORT, HOST the daemon's address (* is only for a bind), got"),
         (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "nan"), "--timeout nan: expected a finite number"),
         (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "inf"), "--timeout inf: expected a finite number"),
         (f"ipc://{tmp_path}/nobody.sock", ("--timeout", "-1"), "--timeout -1.0: expected a finite number"),

@@ -379,8 +379,8 @@ def test_subscribe_command_json_and_timeout(tmp_path):
 
 
 def test_subscribe_refuses_an_endpoint_zeromq_cannot_use_in_one_line():
-    """A wildcard port the daemon's config takes for its bind, which no connect can take: in the words `inspectd web`
-    and the control clients use for the same mistake. One the config refuses is refused in the config's words."""
+    """A wildcard port the daemon's config takes for its bind, which no connect can take: refused by the rule every
+    client applies, in the same words. One the config refuses is refused in the config's words."""
     out = subprocess.run(
         [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", "tcp://127.0.0.1:*", "--timeout", "1"],
         capture_output=True,
@@ -389,8 +389,10 @@ def test_subscribe_refuses_an_endpoint_zeromq_cannot_use_in_one_line():
     )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr
-    assert lines[0].startswith("inspectd subscribe: --endpoint 'tcp://127.0.0.1:*': cannot connect ("), lines
-    assert lines[0].endswith("expected tcp://HOST:PORT or ipc://PATH"), lines
+    assert lines[0] == (
+        "inspectd subscribe: --endpoint: expected tcp://HOST:PORT, PORT the daemon's port, a number from 1 to 65535 "
+        "(* and 0 are only for a bind), got 'tcp://127.0.0.1:*'"
+    ), lines
     out = subprocess.run(
         [sys.executable, "-m", "inspectd", "subscribe", "--endpoint", "127.0.0.1:5556", "--timeout", "1"],
         capture_output=True,

@@ -574,18 +574,23 @@ def _refused(*args: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
+DESTINATION_PORT = (
+    "expected tcp://HOST:PORT, PORT the daemon's port, a number from 1 to 65535 (* and 0 are only for a bind), got "
+)
+
+
 @pytest.mark.parametrize(
     "endpoint, expected",
     [
         ("inproc://line1", "expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH), got 'inproc://line1'"),
         ("tcp://[::1:5556", "expected an IPv6 host in brackets, as tcp://[::1]:5556, got 'tcp://[::1:5556'"),
-        ("tcp://127.0.0.1:", "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got 'tcp://127.0.0.1:'"),
+        ("tcp://127.0.0.1:", f"{DESTINATION_PORT}'tcp://127.0.0.1:'"),
         ("ipc://pub.sock", "expected an absolute socket path, as ipc:///var/lib/inspectd/NAME.sock"),
         # libzmq's source-address form (tcp://SOURCE;HOST:PORT): its destination is checked, in its own words.
         (
             "tcp://lo:0;127.0.0.1:65536",
-            "expected tcp://HOST:PORT, PORT a number up to 65535 or *, got 'tcp://127.0.0.1:65536' (the destination "
-            "of 'tcp://lo:0;127.0.0.1:65536', after its ';')",
+            f"{DESTINATION_PORT}'tcp://127.0.0.1:65536' (the destination of 'tcp://lo:0;127.0.0.1:65536', after its "
+            "';')",
         ),
         *(
             (
@@ -634,10 +639,7 @@ def test_a_tcp_port_above_65535_is_refused_not_cut_to_another_daemons_port():
     with publishing_on_tcp() as port:
         code, out, err = _refused("--endpoint", f"tcp://127.0.0.1:{port + 65536}")
     assert (code, out) == (2, ""), (code, out, err)
-    assert err == (
-        f"inspectd subscribe: --endpoint: expected tcp://HOST:PORT, PORT a number up to 65535 or *, got "
-        f"'tcp://127.0.0.1:{port + 65536}'\n"
-    )
+    assert err == (f"inspectd subscribe: --endpoint: {DESTINATION_PORT}'tcp://127.0.0.1:{port + 65536}'\n")
 
 
 @pytest.mark.parametrize("source", ["127.0.0.1:0", "lo:0"])

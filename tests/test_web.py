@@ -268,16 +268,50 @@ def test_an_overlay_not_yet_on_disk_is_asked_for_again_and_shown_when_it_is(tmp_
     assert web.returncode == 0, output
 
 
-def test_web_start_refuses_an_endpoint_zeromq_cannot_use_in_one_line(tmp_path):
+def _web_start(endpoint: str, archive: Path) -> tuple[int, list[str]]:
     out = subprocess.run(
-        [sys.executable, "-m", "inspectd", "web", "--endpoint", "127.0.0.1:5556", "--listen", "127.0.0.1:0",
-         "--archive", str(tmp_path)],
+        [sys.executable, "-m", "inspectd", "web", "--endpoint", endpoint, "--listen", "127.0.0.1:0",
+         "--archive", str(archive)],
         capture_output=True, text=True, timeout=30, cwd=REPO,
     )  # fmt: skip
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("inspectd web: --endpoint '127.0.0.1:5556': cannot connect ("), lines
+    return out.returncode, out.stderr.strip().splitlines()
+
+
+def test_web_start_refuses_an_endpoint_zeromq_cannot_use_in_one_line(tmp_path):
+    # Past the endpoint rule every client checks, ZeroMQ's own refusal is the last check.
+    code, lines = _web_start("tcp://no host:5556", tmp_path)
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("inspectd web: --endpoint 'tcp://no host:5556': cannot connect ("), lines
     assert lines[0].endswith("expected tcp://HOST:PORT or ipc://PATH"), lines
+
+
+_CONNECT_PORT = (
+    "expected tcp://HOST:PORT, PORT the daemon's port, a number from 1 to 65535 (* and 0 are only for a bind)"
+)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        # libzmq cut the port to 16 bits and the page showed another daemon's line, or a silent one.
+        ("tcp://127.0.0.1:71092", f"{_CONNECT_PORT}, got 'tcp://127.0.0.1:71092'"),
+        ("tcp://127.0.0.1:0", f"{_CONNECT_PORT}, got 'tcp://127.0.0.1:0'"),
+        ("tcp://127.0.0.1:*", f"{_CONNECT_PORT}, got 'tcp://127.0.0.1:*'"),
+        ("127.0.0.1:5556", "expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH), got '127.0.0.1:5556'"),
+        ("", "expected a ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH), got ''"),
+        (
+            "ipc:///" + "a" * 120,
+            "'ipc:///aaaaaaaaaaaaaaa...aaaaaaaaaaaaaaaaaaaaaaa': its path is 121 bytes, expected at most",
+        ),
+    ],
+)
+def test_web_start_refuses_an_endpoint_no_daemon_could_be_configured_with_in_the_other_clients_words(
+    tmp_path, endpoint, expected
+):
+    code, lines = _web_start(endpoint, tmp_path)
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith(f"inspectd web: --endpoint: {expected}"), lines
 
 
 def test_web_feed_survives_unreadable_messages_shows_them_and_escapes_status_text(tmp_path):

@@ -46,7 +46,7 @@ from inspectd.durable import hold_lock, replace_file
 from inspectd.errors import ConfigError, InspectdError, MessageError
 from inspectd.logs import LOG_FORMATS, configure_logging
 from inspectd.protocol.control import connect_error
-from inspectd.protocol.endpoints import take_endpoint
+from inspectd.protocol.endpoints import connect_endpoint_problem, take_endpoint
 from inspectd.protocol.journal import CAMERA_RE, check_readable
 from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
 from inspectd.protocol.messages import Result, decode, status_interval, subscriptions
@@ -172,7 +172,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_endpoint(endpoint: str) -> None:
-    """Refuse an endpoint ZeroMQ cannot connect to before the PLC side is opened and written to."""
+    """Refuse an endpoint no daemon could be configured with (in the words of subscribe and ctl), then one ZeroMQ
+    cannot connect to, before the PLC side is opened and written to: the bridge would otherwise wait in silence on a
+    tcp port above 65535 (libzmq cuts it to 16 bits, another daemon's or nobody's) or on port 0."""
+    from engines.schema import show
+
+    problem = connect_endpoint_problem(endpoint, show)
+    if problem is not None:
+        raise InspectdError(f"--endpoint: {problem}")
     context = zmq.Context()
     sock = context.socket(zmq.SUB)
     take_endpoint(sock, endpoint)

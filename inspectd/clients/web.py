@@ -639,12 +639,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _subscribe(endpoint: str, curve):
-    """The SUB socket, connected here so that an endpoint ZeroMQ refuses is a one-line error at start."""
+    """The SUB socket, connected here so that an endpoint no daemon could be configured with (in the words of
+    subscribe and ctl), or one ZeroMQ refuses, is a one-line error at start: the view would otherwise show a daemon
+    that never speaks for a tcp port above 65535 (libzmq cuts it to 16 bits, another daemon's or nobody's) or 0."""
     import zmq
 
+    from engines.schema import show
     from inspectd.clients.subscribe import Subscriber
     from inspectd.protocol.control import connect_error
+    from inspectd.protocol.endpoints import connect_endpoint_problem
 
+    problem = connect_endpoint_problem(endpoint, show)
+    if problem is not None:
+        raise InspectdError(f"--endpoint: {problem}")
     try:
         return Subscriber(endpoint, curve=curve)
     except zmq.ZMQError as exc:

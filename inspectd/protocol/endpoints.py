@@ -27,14 +27,27 @@ def endpoint_problem(value: Any, show: Callable[[Any], str] = repr) -> str | Non
     that means the same file from any working directory lets both ends meet, and a relative one would land in the
     working directory or the config file's folder, neither of which is sure to be writable. `show` writes a value
     into the message."""
+    return _problem(value, show, connect=False)
+
+
+def _problem(value: Any, show: Callable[[Any], str], connect: bool) -> str | None:
     if not isinstance(value, str) or not value.startswith(("tcp://", "ipc://")) or value.endswith("://"):
         return f"expected a ZeroMQ endpoint ({ENDPOINT_FORMS}), got {show(value)}"
     if "\0" in value:  # ZeroMQ binds an ipc path cut at the NUL: past the check that no address is bound twice
         return f"{show(value)} holds a NUL byte, expected a ZeroMQ endpoint ({ENDPOINT_FORMS})"
     if value.startswith("tcp://"):
         host, sep, port = value[len("tcp://") :].rpartition(":")
+        if connect and (not sep or not host or not _connect_port(port)):
+            # A wildcard only tells a bind to pick: libzmq refuses * for a connect ("Invalid argument") and connects
+            # to port 0, where it waits in silence.
+            return (
+                f"expected tcp://HOST:PORT, PORT the daemon's port, a number from 1 to 65535 (* and 0 are only for a "
+                f"bind), got {show(value)}"
+            )
         if not sep or not host or not _port(port):
             return f"expected tcp://HOST:PORT, PORT a number up to 65535 or *, got {show(value)}"
+        if connect and host == "*":
+            return f"expected tcp://HOST:PORT, HOST the daemon's address (* is only for a bind), got {show(value)}"
         if ":" in host and not (host.startswith("[") and host.endswith("]")):
             # As in a URL: without brackets, where the address ends and the port begins is a guess.
             return f"expected an IPv6 host in brackets, as tcp://[::1]:5556, got {show(value)}"
@@ -54,9 +67,10 @@ def connect_endpoint_problem(value: Any, show: Callable[[Any], str] = repr) -> s
     endpoint may also name the address it leaves from, as libzmq takes it (tcp://SOURCE;HOST:PORT, split at the last
     ';', as tcp://eth1:0;192.168.1.1:5556 on a station with two networks): its destination is checked as a daemon's
     endpoint, the source only for its port: without one libzmq never connects, in silence; the host (an interface
-    name, an address) is libzmq's to resolve."""
+    name, an address) is libzmq's to resolve. The destination names the daemon's host and port, never a wildcard (*,
+    port 0), which only a bind can take."""
     if not (isinstance(value, str) and value.startswith("tcp://") and ";" in value):
-        return endpoint_problem(value, show)
+        return _problem(value, show, connect=True)
     source, _, destination = value[len("tcp://") :].rpartition(";")
     host, sep, port = source.rpartition(":")
     if not sep or not host or not _port(port):
@@ -64,7 +78,7 @@ def connect_endpoint_problem(value: Any, show: Callable[[Any], str] = repr) -> s
             f"expected SOURCE:PORT before ';' (PORT up to 65535, 0 for any), as tcp://eth1:0;192.168.1.1:5556, "
             f"got {show(value)}"
         )
-    problem = endpoint_problem(f"tcp://{destination}", show)
+    problem = _problem(f"tcp://{destination}", show, connect=True)
     return None if problem is None else f"{problem} (the destination of {show(value)}, after its ';')"
 
 
@@ -82,4 +96,16 @@ def ipc_path_problem(endpoint: str, show: Callable[[Any], str] = repr) -> str | 
 
 
 def _port(port: str) -> bool:
-    return port == "*" or (port.isascii() and port.isdigit() and int(port) <= 65535)
+    return port == "*" or _port_number(port) is not None
+
+
+def _connect_port(port: str) -> bool:
+    return bool(_port_number(port))
+
+
+def _port_number(port: str) -> int | None:
+    # Length first: int() refuses a string of thousands of digits with a ValueError, not a refusal in words.
+    if not (port.isascii() and port.isdigit() and len(port.lstrip("0")) <= 5):
+        return None
+    number = int(port)
+    return number if number <= 65535 else None
