@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 
 class Progress:
@@ -50,6 +51,18 @@ class Progress:
         else:
             self.stream.write(message + "\n")
         self.stream.flush()
+
+    def around(self, write: Callable[[str], None], line: str) -> None:
+        """`write(line)` to another stream (a table on stdout) while the progress line shows: on a terminal the line
+        is erased first and drawn again below, so the two do not share a row."""
+        drawn = self.enabled and self.tty and self.last >= 0
+        if drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        write(line)
+        if drawn:
+            self.stream.write(self.line)
+            self.stream.flush()
 
     def finish(self) -> None:
         if self.enabled and self.tty and self.last >= 0:

@@ -161,7 +161,7 @@ def test_a_bad_weights_file_or_method_flag_is_refused_before_any_image_is_read(t
     for flags, said in (
         (
             ["--method", "cse", "--cse-defects", "foo:1"],
-            "defect mix 'foo:1': unknown defect 'foo', expected one of cutpaste, scar, cutout, perlin, shading",
+            "--cse-defects foo:1: unknown defect 'foo', expected one of cutpaste, scar, cutout, perlin, shading",
         ),
         (["--method", "cse", "--cse-defect-fraction", "2"], "--cse-defect-fraction 2.0: expected a fraction in [0, 1]"),
         (["--method", "sla", "--sla-dim", "-1"], "--sla-dim -1: expected an integer >= 1"),
@@ -169,6 +169,61 @@ def test_a_bad_weights_file_or_method_flag_is_refused_before_any_image_is_read(t
         assert run(parse("--data", str(data), "--out", str(out), "--size", "64", *flags)) == 2
         assert capsys.readouterr().err == f"inspectd train: {said}\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--method", "sla", "--sla-lr", "nan"], "--sla-lr nan: expected a finite learning rate > 0"),
+        (["--method", "sla", "--sla-lr", "inf"], "--sla-lr inf: expected a finite learning rate > 0"),
+        (["--method", "sla", "--sla-lr", "0"], "--sla-lr 0.0: expected a finite learning rate > 0"),
+        (["--method", "sla", "--sla-lr", "-1"], "--sla-lr -1.0: expected a finite learning rate > 0"),
+        (["--method", "sla", "--sla-pool", "0"], "--sla-pool 0: expected an integer >= 1"),
+        (["--method", "sla", "--sla-pool", "-1"], "--sla-pool -1: expected an integer >= 1"),
+        (["--method", "cse", "--cse-lr", "nan"], "--cse-lr nan: expected a finite learning rate > 0"),
+        (["--method", "cse", "--cse-lr", "inf"], "--cse-lr inf: expected a finite learning rate > 0"),
+        (
+            ["--method", "cse", "--cse-defects", "perlin:nan"],
+            "--cse-defects perlin:nan: weight nan of 'perlin', expected a finite number >= 0",
+        ),
+        (
+            ["--method", "cse", "--cse-defects", "perlin:1,scar:inf"],
+            "--cse-defects perlin:1,scar:inf: weight inf of 'scar', expected a finite number >= 0",
+        ),
+        (
+            ["--method", "cse", "--cse-defects", "perlin:-1"],
+            "--cse-defects perlin:-1: weight -1 of 'perlin', expected a finite number >= 0",
+        ),
+        (
+            ["--method", "cse", "--cse-defects", "perlin:1e308,scar:1e308"],
+            "--cse-defects perlin:1e308,scar:1e308: the weights overflow when added, expected smaller ones "
+            "(perlin:3,scar:1)",
+        ),
+        (["--method", "frozen", "--batch", "0"], "--batch 0: expected an integer >= 1"),
+        (["--method", "frozen", "--epochs", "-1"], "--epochs -1: expected an integer >= 0"),
+    ],
+)
+def test_a_method_flag_that_would_fail_in_training_is_refused_before_any_image_is_read(tmp_path, capsys, flags, said):
+    """A learning rate of nan or inf, a pool of 0 and a defect weight of nan or inf were taken until the method first
+    used them, after every image was read and decoded (and with nan, trained to a NaN head without a word). --data
+    names no folder here: reading it would be refused first ("not a directory")."""
+    out = tmp_path / "b"
+    assert run(parse("--data", str(tmp_path / "no-such-data"), "--out", str(out), "--size", "64", *flags)) == 2
+    assert capsys.readouterr().err == f"inspectd train: {said}\n"
+    assert not out.exists()
+
+
+def test_a_seed_torch_cannot_take_is_refused_naming_the_flag(tmp_path, capsys):
+    """torch.manual_seed takes at most 2**64 - 1: above it train stopped in torch's words ("Overflow when unpacking
+    long long"), naming no flag."""
+    top = str(2**64 - 1)
+    assert parse("--data", "d", "--out", "o", "--seed", top).seed == 2**64 - 1
+    with pytest.raises(SystemExit) as stop:
+        parse("--data", "d", "--out", "o", "--seed", str(2**64))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: argument --seed: {2**64}: expected an integer 0 to {top}\n")
+    with pytest.raises(ValueError, match=rf"^--seed {2**64}: expected an integer 0 to {top}$"):
+        train_bundle(tmp_path / "no-such-data", tmp_path / "b", method="frozen", size=(64, 64), seed=2**64)
 
 
 def test_weights_this_user_may_not_read_are_refused_before_any_image_is_read(open_tmp_path):

@@ -340,10 +340,15 @@ def parse_mix(text: str) -> dict[str, float]:
             value = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(f"defect mix {text!r}: weight {weight!r} of {name!r} is not a number") from None
-        if value < 0:
-            raise ValueError(f"defect mix {text!r}: weight of {name!r} is negative")
+        if not (math.isfinite(value) and value >= 0):
+            # NaN or infinity would fail only at the first draw, after every image is decoded and fitted.
+            raise ValueError(f"defect mix {text!r}: weight {weight.strip()} of {name!r}, expected a finite number >= 0")
         weights[name] = value
     total = sum(weights.values())
+    if not math.isfinite(total):
+        raise ValueError(
+            f"defect mix {text!r}: the weights overflow when added, expected smaller ones (perlin:3,scar:1)"
+        )
     if total <= 0:
         raise ValueError(f"defect mix {text!r}: expected at least one defect with a positive weight")
     return {name: value / total for name, value in weights.items()}

@@ -65,6 +65,7 @@ from engines.model.graph import (
 )
 from engines.model.methods import get_method
 from engines.model.recipes import SCORE_SHARES, Recipe
+from engines.progress import Progress
 from engines.runtime.preprocess import fit_all, fit_frame
 from engines.runtime.scorer_fit import AUGMENTS, check_augment
 from engines.training import metrics
@@ -260,13 +261,16 @@ def select_recipe(
     report: Callable[[str], None] | None = None,
     score_shares: Sequence[float] = SCORE_SHARES,
     augment: str | None = None,
+    progress: Progress | None = None,
 ) -> Selection:
     """Score every candidate on planted defects in held-out frames and pick one by `choose`. `frames` are the
     training images at their own size (uint8 HxW or HxWxC), read in order per model input and at random while
     planting (engines.data.images.ImageFiles decodes each as it is read); `score_shares` the image-score pools to try
     on each candidate (one: that pool for all); `augment` the copies every candidate is fitted with, in place of
-    the candidates' own (None: auto judges AUTO_AUGMENT per candidate when cross-fitting, step 4)."""
-    report = report or (lambda _line: None)
+    the candidates' own (None: auto judges AUTO_AUGMENT per candidate when cross-fitting, step 4); `progress` shows
+    the candidates scored so far and the time left, beside the table `report` writes."""
+    progress = progress or Progress(enabled=False)
+    report = partial(progress.around, report or (lambda _line: None))
     if augment is not None:
         check_augment(augment)
     folds = validation_folds(len(frames), holdout, seed)
@@ -295,6 +299,9 @@ def select_recipe(
     )
     report(format_header())
     scored: list[Scored] = []
+    # Counted in candidates: each group's features come before its first candidate, so the ETA includes them.
+    progress.start(len(candidates), "recipe auto")
+    progress.update(0)
     for (backbone, size, resize), members in groups.items():
         shape = (size[0], size[1], channels)
         taps = sorted({t for r in members for t in r.tap_indices})
@@ -330,6 +337,8 @@ def select_recipe(
                 )
             )
             report(format_row(scored[-1]))
+            progress.update(len(scored))
+    progress.finish()
     order = {r.name: i for i, r in enumerate(candidates)}
     scored.sort(key=lambda s: order[s.recipe.name])
     chosen, reason = choose(scored)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import random
 import signal
 import sys
@@ -36,6 +37,7 @@ from engines.bundle.format import (
     valid_bit_depth,
 )
 from engines.bundle.store import load_bundle, model_id_for, not_replaceable, write_bundle
+from engines.data import defects
 from engines.data.images import (
     SPLIT_HOLDOUT,
     VALIDATION_FOLDS,
@@ -77,6 +79,7 @@ PIXEL_QUANTILE = 0.999
 PIXEL_RULE = f"{PIXEL_QUANTILE:.1%} quantile of held-out anomaly-map values"
 DEFAULT_K = 2  # k = 1/2/4/8 gave image AUROC 0.678/0.711/0.709/0.691 (frozen Lite0, magnetic_tile, 256)
 CUSTOM_SIZE = (256, 256)
+MAX_SEED = 2**64 - 1  # torch.manual_seed's largest
 # The fields a recipe flag may set; None means "not given".
 RECIPE_FIELDS = (
     "method",
@@ -216,15 +219,43 @@ def check_weights(weights: str | Path | None, backbones: set[str]) -> None:
         ) from None
 
 
+# Each method's learning rate and pool flags: the method reads them only once the images are decoded and fitted.
+METHOD_RATES = {"cse": "--cse-lr", "sla": "--sla-lr"}
+METHOD_POOLS = {"cse": "--cse-pool", "sla": "--sla-pool"}
+
+
 def check_method_args(methods: set[str], method_args: argparse.Namespace | None) -> None:
-    """ValueError for the method's own flags (--cse-defects, --sla-dim ...) that the method would refuse once the
-    images are read and decoded: each method's head configuration, and CSE's options with its defect mix."""
+    """ValueError for the method's own flags (--cse-defects, --sla-lr, --sla-dim ...) that the method would refuse, or
+    train on to NaN, once the images are read and decoded: each method's head configuration, learning rate and pool,
+    and CSE's options with its defect mix."""
     for name in sorted(methods):
         get_method(name).head_config(method_args)
+        lr = _method_flag(method_args, METHOD_RATES.get(name))
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{METHOD_RATES[name]} {lr}: expected a finite learning rate > 0")
+        pool = _method_flag(method_args, METHOD_POOLS.get(name))
+        if pool is not None and pool < 1:
+            raise ValueError(f"{METHOD_POOLS[name]} {pool}: expected an integer >= 1")
         if name == "cse":
             from engines.model.methods.cse import CseOptions
 
+            check_defect_mix(getattr(method_args, "cse_defects", None))
             CseOptions.from_args(method_args)
+
+
+def check_defect_mix(text: str | None, flag: str = "--cse-defects") -> None:
+    """ValueError naming `flag` unless `text` is a defect mix parse_mix takes (before any image is read: the mix is
+    first parsed once the images are decoded and their taps computed)."""
+    if text is None:
+        return
+    try:
+        defects.parse_mix(text)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {text}: {str(exc).removeprefix(f'defect mix {text!r}: ')}") from None
+
+
+def _method_flag(args: argparse.Namespace | None, flag: str | None):
+    return getattr(args, flag.removeprefix("--").replace("-", "_"), None) if flag else None
 
 
 def _resolved_flag(path: str | Path, flag: str) -> Path:
@@ -373,6 +404,8 @@ def train_bundle(
     check_out(out, data)
     progress = progress or Progress()
     report = report or (lambda _line: None)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed {seed}: expected an integer 0 to {MAX_SEED}")
     seed_everything(seed)
     overrides = dict(
         method=method,
@@ -395,8 +428,10 @@ def train_bundle(
         # otherwise not know that nothing was chosen.
         keep_choosing = "; add --recipe auto to keep choosing with these flags" * (candidates[0].method == "frozen")
         report(f"recipe flags without --recipe: a custom recipe from the flags, not auto{keep_choosing}")
-    if batch is not None and batch < 1 or epochs is not None and epochs < 0:
-        raise ValueError("--batch must be >= 1 and --epochs >= 0")
+    if batch is not None and batch < 1:
+        raise ValueError(f"--batch {batch}: expected an integer >= 1")
+    if epochs is not None and epochs < 0:
+        raise ValueError(f"--epochs {epochs}: expected an integer >= 0")
     check_opset(opset)
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"--holdout {holdout}: expected a fraction in [0, 1)")
@@ -458,6 +493,7 @@ def train_bundle(
             report,
             SCORE_SHARES if score_share is None else (score_share,),
             augment,
+            progress,
         )
         chosen = selection.chosen.recipe
     trainer = get_method(chosen.method)
@@ -672,9 +708,12 @@ def _odd_window(text: str) -> int:
 
 
 def parse_seed(text: str) -> int:
-    # numpy refuses a negative seed only after every image is decoded, and in words that name no flag.
-    if not text.strip().isdigit():
+    # numpy refuses a negative seed only after every image is decoded, and torch one above MAX_SEED, in words that
+    # name no flag.
+    if not text.strip().isdecimal():
         raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 0")
+    if int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer 0 to {MAX_SEED}")
     return int(text)
 
 
