@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import random
 import signal
 import sys
@@ -37,7 +36,6 @@ from engines.bundle.format import (
     valid_bit_depth,
 )
 from engines.bundle.store import load_bundle, model_id_for, not_replaceable, write_bundle
-from engines.data import defects
 from engines.data.images import (
     SPLIT_HOLDOUT,
     VALIDATION_FOLDS,
@@ -219,43 +217,13 @@ def check_weights(weights: str | Path | None, backbones: set[str]) -> None:
         ) from None
 
 
-# Each method's learning rate and pool flags: the method reads them only once the images are decoded and fitted.
-METHOD_RATES = {"cse": "--cse-lr", "sla": "--sla-lr"}
-METHOD_POOLS = {"cse": "--cse-pool", "sla": "--sla-pool"}
-
-
 def check_method_args(methods: set[str], method_args: argparse.Namespace | None) -> None:
     """ValueError for the method's own flags (--cse-defects, --sla-lr, --sla-dim ...) that the method would refuse, or
-    train on to NaN, once the images are read and decoded: each method's head configuration, learning rate and pool,
-    and CSE's options with its defect mix."""
+    train on to NaN, once the images are read and decoded: each method's head configuration and its own checks."""
     for name in sorted(methods):
-        get_method(name).head_config(method_args)
-        lr = _method_flag(method_args, METHOD_RATES.get(name))
-        if lr is not None and not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"{METHOD_RATES[name]} {lr}: expected a finite learning rate > 0")
-        pool = _method_flag(method_args, METHOD_POOLS.get(name))
-        if pool is not None and pool < 1:
-            raise ValueError(f"{METHOD_POOLS[name]} {pool}: expected an integer >= 1")
-        if name == "cse":
-            from engines.model.methods.cse import CseOptions
-
-            check_defect_mix(getattr(method_args, "cse_defects", None))
-            CseOptions.from_args(method_args)
-
-
-def check_defect_mix(text: str | None, flag: str = "--cse-defects") -> None:
-    """ValueError naming `flag` unless `text` is a defect mix parse_mix takes (before any image is read: the mix is
-    first parsed once the images are decoded and their taps computed)."""
-    if text is None:
-        return
-    try:
-        defects.parse_mix(text)
-    except ValueError as exc:
-        raise ValueError(f"{flag} {text}: {str(exc).removeprefix(f'defect mix {text!r}: ')}") from None
-
-
-def _method_flag(args: argparse.Namespace | None, flag: str | None):
-    return getattr(args, flag.removeprefix("--").replace("-", "_"), None) if flag else None
+        method = get_method(name)
+        method.head_config(method_args)
+        method.check_args(method_args)
 
 
 def _resolved_flag(path: str | Path, flag: str) -> Path:

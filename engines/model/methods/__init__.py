@@ -64,6 +64,10 @@ class Method:
         """JSON-able configuration of the head, stored in the manifest and given back to build_head."""
         return {}
 
+    def check_args(self, args: argparse.Namespace | None) -> None:
+        """ValueError naming the flag for any of this method's own flags it would refuse in `train`: called before
+        any image is read, so a typo costs no decoding and fitting."""
+
     def build_head(self, backbone: nn.Module, config: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -133,6 +134,9 @@ class CseMethod(Method):
         channels = list(backbone.channels)
         return CseHead(channels, head_widths(sum(channels)), int(config.get("pool_stride", 2)))
 
+    def check_args(self, args: argparse.Namespace | None) -> None:
+        CseOptions.from_args(args)
+
     def train(self, graph: nn.Module, images: np.ndarray, settings: TrainSettings, progress) -> None:
         options = CseOptions.from_args(settings.args)
         for p in graph.backbone.parameters():
@@ -165,7 +169,7 @@ class CseOptions:
     def from_args(cls, args: argparse.Namespace | None) -> CseOptions:
         options = cls(
             lr=float(getattr(args, "cse_lr", LEARNING_RATE)),
-            mix=defects.parse_mix(getattr(args, "cse_defects", DEFAULT_MIX)),
+            mix=_mix(getattr(args, "cse_defects", DEFAULT_MIX)),
             fraction=float(getattr(args, "cse_defect_fraction", 0.5)),
             per_image=int(getattr(args, "cse_pool", 2)),
             regenerate=bool(getattr(args, "cse_regenerate", False)),
@@ -174,9 +178,16 @@ class CseOptions:
             raise ValueError(f"--cse-defect-fraction {options.fraction}: expected a fraction in [0, 1]")
         if options.per_image < 1:
             raise ValueError(f"--cse-pool {options.per_image}: expected an integer >= 1")
-        if options.lr <= 0:
-            raise ValueError(f"--cse-lr {options.lr}: expected a positive learning rate")
+        if not (math.isfinite(options.lr) and options.lr > 0):
+            raise ValueError(f"--cse-lr {options.lr}: expected a finite learning rate > 0")
         return options
+
+
+def _mix(text: str) -> dict[str, float]:
+    try:
+        return defects.parse_mix(text)
+    except ValueError as exc:
+        raise ValueError(f"--cse-defects {text}: {str(exc).removeprefix(f'defect mix {text!r}: ')}") from None
 
 
 def fit_head(

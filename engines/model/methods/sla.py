@@ -23,6 +23,7 @@ Mahalanobis distance per location -> upsampled, smoothed map; the image score is
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import numpy as np
@@ -122,16 +123,14 @@ class SlaMethod(Method):
     def build_head(self, backbone: nn.Module, config: dict[str, Any]) -> nn.Module:
         return SlaHead(list(backbone.channels), int(config.get("dim", FEATURE_DIM)))
 
+    def check_args(self, args: argparse.Namespace | None) -> None:
+        _rate_and_pool(args)
+
     def train(self, graph: nn.Module, images: np.ndarray, settings: TrainSettings, progress) -> None:
         args = settings.args
-        lr = float(getattr(args, "sla_lr", LEARNING_RATE))
-        per_image = int(getattr(args, "sla_pool", 2))
+        lr, per_image = _rate_and_pool(args)
         regenerate = bool(getattr(args, "sla_regenerate", False))
         hard = bool(getattr(args, "sla_hard_labels", False))
-        if per_image < 1:
-            raise ValueError(f"--sla-pool {per_image}: expected an integer >= 1")
-        if lr <= 0:
-            raise ValueError(f"--sla-lr {lr}: expected a positive learning rate")
         head: SlaHead = graph.head
         for p in graph.backbone.parameters():
             p.requires_grad_(False)
@@ -210,3 +209,14 @@ class SlaMethod(Method):
             # [M, 3, h, w]: class axis where cross-entropy over a conv's logits wants it.
             "dense_target": soft_targets(dense_kind, cells).permute(0, 3, 1, 2).contiguous(),
         }
+
+
+def _rate_and_pool(args: argparse.Namespace | None) -> tuple[float, int]:
+    """--sla-lr and --sla-pool, or ValueError naming the flag (a NaN rate would train the head to NaN)."""
+    lr = float(getattr(args, "sla_lr", LEARNING_RATE))
+    per_image = int(getattr(args, "sla_pool", 2))
+    if per_image < 1:
+        raise ValueError(f"--sla-pool {per_image}: expected an integer >= 1")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--sla-lr {lr}: expected a finite learning rate > 0")
+    return lr, per_image
