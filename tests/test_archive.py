@@ -26,6 +26,7 @@ import pytest
 import structlog
 
 from daemon_harness import Station, in_process_config
+from engines.schema import show
 from inspectd.clients import archive as archive_cli
 from inspectd.daemon import archive as archive_module
 from inspectd.daemon.archive import Archive
@@ -948,3 +949,102 @@ def test_frames_queued_as_shutdown_reaches_the_archive_get_a_grace_of_their_own(
         written = {e.id for e in reader.query(camera="cam9")}
     assert set(queued) <= written, f"{len(written)} of the {len(queued)} frames results name were written"
     assert timeouts[0] >= archive_module.CLOSE_GRACE_S
+
+
+def test_a_limit_or_camera_that_cannot_select_is_refused_and_a_camera_not_archived_names_those_that_are(
+    tmp_path, capsys
+):
+    """A --limit above what SQLite takes, or a --camera no camera can have, is refused in one line (exit 2); a camera
+    the index holds no frame of gets the cameras it does hold named, so a typo does not read as an empty archive; an
+    export that matched nothing leaves no OUT behind."""
+    root = tmp_path / "archive"
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=1).start()
+    ids = write_all(archive, [judged(camera, 0, good_frame(0)) for camera in ("cam1", "cam0")])
+    assert archive.close()
+    parser = argparse.ArgumentParser()
+    archive_cli.add_arguments(parser)
+
+    def cli(*argv: str) -> tuple[int, list[str]]:
+        code = archive_cli.run(parser.parse_args([*argv, "--archive", str(root)]))
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return code, captured.err.splitlines()
+
+    out = tmp_path / "out"
+    huge = str(2**63)
+    for argv in (["list"], ["export", str(out)]):
+        assert cli(*argv, "--limit", huge) == (
+            2,
+            [f"inspectd archive: --limit: {huge}, expected a positive number of frames (at most {2**63 - 1})"],
+        )
+    assert cli("list", "--limit", str(2**63 - 1), "--json")[0] == 0, "the largest SQLite takes is a bound"
+    expected = f"expected a camera id ({fmt.CAMERA_RE.pattern}, at most {fmt.MAX_CAMERA_ID} characters: it begins"
+    for camera in ("../x", "cam0 ", "x" * 65):
+        assert cli("list", "--camera", camera) == (
+            2,
+            [f"inspectd archive: --camera: {expected} file names), got {show(camera)}"],
+        )
+    assert cli("export", str(out), "--camera", "live") == (
+        2,
+        [
+            "inspectd archive: --camera: 'live' is reserved (the image archive's live-frame folder), expected another "
+            "camera id"
+        ],
+    )
+    holds = "inspectd archive: no frame of camera cam9 in the archive, which holds cam0, cam1"
+    assert cli("list", "--camera", "cam9") == (0, ["0 frame(s)", holds])
+    assert cli("export", str(out), "--camera", "cam9") == (1, ["inspectd archive: no archived frame matched", holds])
+    assert not out.exists(), "an export that matched nothing leaves no folder that looks like an export"
+    assert cli("list", "--camera", "cam0", "--until", "2000-01-01") == (0, ["0 frame(s)"]), "cam0 is archived"
+
+    # Added to, a folder keeps what it held when the export matched nothing.
+    assert cli("export", str(out), "--camera", "cam0")[0] == 0
+    manifest = (out / "archive.jsonl").read_bytes()
+    assert cli("export", str(out), "--add", "--camera", "cam9") == (
+        1,
+        ["inspectd archive: no archived frame matched", holds],
+    )
+    assert (out / "archive.jsonl").read_bytes() == manifest
+    assert sorted(p.stem for p in out.rglob("*.png")) == [ids[1]]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fmt.connect(empty).close()  # an index the daemon created and has written nothing into yet
+    assert archive_cli.run(parser.parse_args(["list", "--camera", "cam0", "--archive", str(empty)])) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "0 frame(s)",
+        "inspectd archive: no frame of camera cam0 in the archive, which holds none yet",
+    ]
+
+
+def test_a_live_folder_this_user_cannot_enter_is_an_archive_error_naming_it(shared_dir):
+    """Path.is_file() raises what is not "not there" (EACCES: a live/ folder restored under umask 077): the web view
+    asks for every live frame once a second, so it must get the archive's own one-line error, not an OSError."""
+    root = shared_dir / "archive"
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=1).start()
+    write_all(archive, [judged("cam0", 0, good_frame(0))])
+    wait_until(lambda: live_frame(root, "cam0"), "the live frame")
+    assert archive.close()
+    live = root / "live"
+    live.chmod(0o700 if os.geteuid() == 0 else 0o000)
+    probe = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from inspectd.protocol.archive import ArchiveError, live_frame\n"
+        "try:\n"
+        "    print('found', live_frame(Path(sys.argv[1]), 'cam0'))\n"
+        "except ArchiveError as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    try:
+        looked = subprocess.run(
+            as_nobody([sys.executable, "-c", probe, str(root)], group=os.getegid()),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
+    finally:
+        live.chmod(0o750)
+    assert looked.returncode == 0 and looked.stderr == "", looked.stderr
+    assert looked.stdout.strip() == f"ArchiveError {live / 'cam0.jpg'}: cannot read the live frame (Permission denied)"

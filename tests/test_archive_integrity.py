@@ -6,6 +6,7 @@ index, the writer's own thread; the config's reservation of the live-frame folde
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -19,9 +20,9 @@ from inspectd.daemon import archive as archive_module
 from inspectd.daemon.archive import Archive
 from inspectd.daemon.config import parse_config
 from inspectd.errors import ConfigError
-from inspectd.protocol.archive import INDEX_NAME, ArchiveReader, live_frame
-from station_model import defect_frame, judged
-from test_archive import wait_until, write_all
+from inspectd.protocol.archive import INDEX_NAME, ArchiveReader, UnreadableFrame, live_frame
+from station_model import defect_frame, good_frame, judged
+from test_archive import inspectd, wait_until, write_all
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -237,3 +238,31 @@ def test_a_line_scan_overlay_frames_its_defect_without_covering_it():
     drawn = overlay(item)
     assert tuple(drawn[10000, 20]) == BOX_COLOUR  # the box's edge
     assert tuple(drawn[10012, 32]) != BOX_COLOUR  # its inside shows the frame
+
+
+def test_a_frame_whose_path_is_a_symlink_loop_is_skipped_and_named_by_export(tmp_path):
+    """A loop resolving a frame's path (someone with write access to the archive made it) is that frame's failure:
+    export skips it and names it as it does a frame cut short, and copies the others."""
+    root = tmp_path / "archive"
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=1).start()
+    ids = write_all(archive, [judged("cam0", seq, good_frame(seq)) for seq in range(2)])
+    assert archive.close()
+    with ArchiveReader(root) as reader:
+        first, second = reader.query()
+        looped = reader.file(first)
+        looped.unlink()
+        looped.symlink_to(looped.name)
+        with pytest.raises(UnreadableFrame) as refused:
+            reader.file(first)
+        assert str(refused.value) == (
+            f"archive id {ids[0]!r}: frame file {root / first.frame_file} cannot be resolved (a symlink loop)"
+        )
+        assert reader.file(second).is_file()
+    out = tmp_path / "out"
+    done = inspectd("archive", "export", str(out), "--archive", str(root), "--json")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads(done.stdout)["unreadable"] == [ids[0]]
+    assert (
+        done.stderr.strip() == f"inspectd archive: skipped 1 frame(s) whose file is empty or not a whole PNG: {ids[0]}"
+    )
+    assert [p.stem for p in out.rglob("*.png")] == [ids[1]]

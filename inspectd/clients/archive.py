@@ -8,8 +8,11 @@ query and its copy is counted as expired, not as exported.
 An export into an OUT whose split folder already holds frames it would not write itself (an earlier export's, or
 copied in) is refused unless --add says to add to them: calibrate, train and teach read the whole folder, so a
 recipe exporting into the same folder every time would otherwise set thresholds on every earlier span too.
-Exit codes: 0 done, 1 export matched no frame (or none that could be copied), 2 bad arguments, no archive there (or
-unreadable), an OUT that cannot be written (one line naming it and why), or one already holding other frames.
+A --camera the index holds no frame of is named on stderr with the cameras it does hold, so a mistyped id does not
+read as an empty archive; an export that matched nothing creates no OUT.
+Exit codes: 0 done, 1 export matched no frame (or none that could be copied), 2 bad arguments (a span that holds
+nothing, a --camera no camera can have), no archive there (or unreadable), an OUT that cannot be written (one line
+naming it and why), or one already holding other frames.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from inspectd.protocol.archive import (
     ArchiveError,
     ArchiveReader,
     Entry,
+    camera_id_problem,
     parse_span,
     split_frames,
 )
 
 VERDICTS = ("ok", "defect")
+MAX_LIMIT = 2**63 - 1  # the largest integer SQLite takes: a larger --limit is a typo, not a bound
+MAX_NAMED = 20  # cameras named when a --camera matched none of them
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,10 +87,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _query(reader: ArchiveReader, args: argparse.Namespace) -> list[Entry]:
+    """The entries the arguments select. A filter that cannot match anything (a span ending before it starts, a
+    camera id no camera can have) is refused rather than answered with an empty list the operator would read as an
+    empty archive."""
+    from engines.schema import show
+
     since, until = parse_span(args.since or None, args.until or None)
-    if args.limit is not None and args.limit < 1:
-        raise ArchiveError(f"--limit: {args.limit}, expected a positive number of frames")
+    if args.limit is not None and not 1 <= args.limit <= MAX_LIMIT:
+        raise ArchiveError(f"--limit: {args.limit}, expected a positive number of frames (at most {MAX_LIMIT})")
+    if args.camera is not None:
+        problem = camera_id_problem(args.camera, show(args.camera))
+        if problem is not None:
+            raise ArchiveError(f"--camera: {problem}")
     return reader.query(args.camera, args.verdict, since, until, args.limit, newest_first=args.newest)
+
+
+def _no_such_camera(reader: ArchiveReader, camera: str | None) -> str | None:
+    """Why nothing matched, where it is that the index holds no frame of `camera` at all: the cameras it does hold,
+    so a mistyped id does not read as an empty archive."""
+    if camera is None:
+        return None
+    held = reader.cameras()
+    if camera in held:
+        return None
+    named = ", ".join(held[:MAX_NAMED]) + (f" and {len(held) - MAX_NAMED} more" if len(held) > MAX_NAMED else "")
+    return f"no frame of camera {camera} in the archive, which holds {named or 'none yet'}"
 
 
 def _when(t: float) -> str:
@@ -95,9 +122,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         with ArchiveReader(args.archive) as reader:
             entries = _query(reader, args)
+            hint = None if entries else _no_such_camera(reader, args.camera)
             if args.action == "list":
-                return _list(entries, args.json)
-            return _export(reader, entries, args)
+                code = _list(entries, args.json)
+            else:
+                code = _export(reader, entries, args)
+            if hint is not None:
+                print(f"inspectd archive: {hint}", file=sys.stderr)
+            return code
     except ArchiveError as exc:
         print(f"inspectd archive: {exc}", file=sys.stderr)
         return 2
@@ -128,8 +160,9 @@ def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespac
         )
     unreadable: list[str] = []
     expired: list[str] = []
-    copied = reader.export(entries, args.out, args.split, unreadable, expired)
     matched = [e for e in entries if e.verdict in EXPORT_FOLDERS]
+    # Nothing to copy leaves no OUT (nor a manifest) behind: a folder that only looks like an export.
+    copied = reader.export(matched, args.out, args.split, unreadable, expired) if matched else 0
     skipped = {*unreadable, *expired}
     done = [e for e in matched if e.id not in skipped]
     counts = {v: sum(1 for e in done if e.verdict == v) for v in VERDICTS}

@@ -121,7 +121,8 @@ class NotArchived(ArchiveError):
 
 
 class UnreadableFrame(ArchiveError):
-    """An entry's frame file is empty or not a whole PNG (cut short): not a frame to copy or to train on."""
+    """An entry's frame file is empty, not a whole PNG (cut short) or its path cannot be resolved (a symlink loop):
+    not a frame to copy or to train on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +185,15 @@ def day_dir(camera: str, t_capture: float) -> str:
 
 def live_frame(root: Path, camera: str) -> Path | None:
     """The camera's latest frame under the archive `root` (written before, and without, any archived entry: no index
-    needed); None for a name that is no camera id (never a path) or while there is none."""
+    needed); None for a name that is no camera id (never a path) or while there is none. ArchiveError when it cannot
+    be looked for (a folder on the way this user may not enter)."""
+    if not CAMERA_RE.fullmatch(camera):
+        return None
     path = root / LIVE_DIR / f"{camera}.jpg"
-    return path if CAMERA_RE.fullmatch(camera) and path.is_file() else None
+    try:
+        return path if path.is_file() else None
+    except OSError as exc:  # is_file() raises what is not "not there": e.g. a live/ folder this user cannot enter
+        raise ArchiveError(f"{path}: cannot read the live frame ({exc.strerror or exc})") from None
 
 
 def connect(root: Path) -> sqlite3.Connection:
@@ -322,17 +329,26 @@ class ArchiveReader:
         return Entry(*row)
 
     def file(self, entry: Entry, kind: str = "frame") -> Path:
-        """The frame or overlay file of an entry; never a path outside the archive, whatever the index says."""
+        """The frame or overlay file of an entry; never a path outside the archive, whatever the index says.
+        UnreadableFrame when its path cannot be resolved (a symlink loop)."""
         name = entry.frame_file if kind == "frame" else entry.overlay_file
         if name is None:
             raise ArchiveError(f"archive id {entry.id!r}: has no {kind} image")
-        path = (self.root / name).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        try:
+            path = (self.root / name).resolve()
+            root = self.root.resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError on 3.11): one frame to skip, not a crash
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "a symlink loop"
+            raise UnreadableFrame(
+                f"archive id {entry.id!r}: {kind} file {self.root / name} cannot be resolved ({why})"
+            ) from None
+        if not path.is_relative_to(root):
             raise ArchiveError(f"archive id {entry.id!r}: {kind} file outside the archive")
         return path
 
     def cameras(self) -> list[str]:
-        return [row[0] for row in self._db.execute("SELECT DISTINCT camera FROM frames ORDER BY camera")]
+        """The cameras the index holds a frame of, by id."""
+        return [row[0] for row in self._rows("SELECT DISTINCT camera FROM frames ORDER BY camera", [])]
 
     def export(
         self,
