@@ -1,5 +1,18 @@
 """Error types of the model side. Every refusal is one line naming the thing and what was expected."""
 
+import reprlib
+from typing import Any
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 50
+_SHOW.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """A short one-line repr of a refused value (bounded however large or deep the value is)."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 def one_line(exc: BaseException) -> str:
     """An exception that was not raised on purpose, as one line of an error message: its type and first line."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import reprlib
 from collections.abc import Iterable
 from typing import Annotated, Any, NoReturn, TypeVar, cast
 
@@ -24,6 +23,8 @@ from pydantic import Field, PlainValidator, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from typing_extensions import dataclass_transform
+
+from engines.errors import show
 
 T = TypeVar("T")
 
@@ -143,17 +144,6 @@ def key_path(where: str, key: Any) -> str:
     if not key.isprintable():
         key = repr(key)
     return f"{where}.{key}" if where else key
-
-
-_SHOW = reprlib.Repr()
-_SHOW.maxstring = _SHOW.maxother = 50
-_SHOW.maxlevel = 3
-
-
-def show(value: Any) -> str:
-    """A short one-line repr of a refused value (bounded however large or deep the value is)."""
-    text = _SHOW.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _EXPECTED = {

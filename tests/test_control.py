@@ -167,6 +167,31 @@ def test_malformed_and_failing_requests_get_ok_false_and_the_server_keeps_answer
     assert srv.refused == len(BAD_REQUESTS) + 3
 
 
+def test_a_refusal_repeating_a_huge_request_stays_a_short_line_in_the_reply_and_the_log(server):
+    """A handler's refusal that quotes the client's input whole (a 200 KB camera id) made a reply and a log line of
+    the request's size: journald splits a line past 48K into fragments that are no longer JSON. Cut at ERROR_CHARS,
+    and a string version in `control_command` like a camera id."""
+    import structlog
+
+    from inspectd.daemon.control import ERROR_CHARS
+
+    srv, _ = server
+    with structlog.testing.capture_logs() as logs, ControlClient(srv.endpoint, timeout_s=5) as client:
+        paused = client.request({"cmd": "pause", "camera": "x" * 200_000})
+        versioned = client.request({"cmd": "set_thresholds", "thresholds": {"version": "v" * 100_000}})
+        assert client.request({"cmd": "status"})["ok"] is True
+    assert paused["ok"] is False and paused["error"].startswith("camera 'xxx")
+    assert len(paused["error"]) == ERROR_CHARS and paused["error"].endswith("...")
+    assert versioned["ok"] is False and len(versioned["error"]) <= ERROR_CHARS
+    failed = [event for event in logs if event["event"] == "control_request_failed"]
+    assert [len(event["error"]) for event in failed] == [ERROR_CHARS, len(versioned["error"])]
+    commands = [event for event in logs if event["event"] == "control_command"]
+    assert len(commands[0]["camera"]) == 64 and len(commands[1]["version"]) == 64
+    assert all(len(json.dumps(event, default=str)) < 2 * ERROR_CHARS for event in logs), [
+        (event["event"], len(json.dumps(event, default=str))) for event in logs
+    ]
+
+
 def test_a_multipart_request_gets_ok_false_and_the_server_keeps_answering(server):
     """A REP socket that read one frame of a multipart request cannot reply: the whole message is read and refused,
     so one such request from anyone who can connect never ends the control thread."""

@@ -284,7 +284,8 @@ def test_a_thresholds_file_ctl_cannot_send_is_one_line_and_exit_2_with_nothing_s
 
     from inspectd.protocol.control import MAX_REQUEST_BYTES
 
-    pad = "x" * MAX_REQUEST_BYTES
+    # A file of exactly the limit (ctl reads no further), whose request is over it.
+    pad = "x" * (MAX_REQUEST_BYTES - len(json.dumps({"version": 2, "pad": ""}, separators=(",", ":"))))
     sent = len(json.dumps({"cmd": "set_thresholds", "thresholds": {"version": 2, "pad": pad}}).encode())
     files = {
         "deep.json": ("[" * 100000 + "]" * 100000, "deep.json: not JSON (nested too deeply), expected a thresholds"),
@@ -292,7 +293,7 @@ def test_a_thresholds_file_ctl_cannot_send_is_one_line_and_exit_2_with_nothing_s
         "nan.json": ('{"version": 2, "image_threshold": NaN}', "nan.json: not JSON (NaN, expected a finite number)"),
         "dup.json": ('{"version": 2, "version": 3}', "dup.json: key 'version' given twice in one object"),
         "big.json": (
-            json.dumps({"version": 2, "pad": pad}),
+            json.dumps({"version": 2, "pad": pad}, separators=(",", ":")),
             f"'set_thresholds': request of {sent} bytes, expected at most 1 MiB",
         ),
     }
@@ -412,6 +413,16 @@ def test_ctl_over_tcp_with_curve_keys(tmp_path):
         fixed = ctl(endpoint, *keyed, str(operator_secret), "reload")
         assert fixed.returncode == 0, fixed.stderr
         assert "allow-list control: added colleague.key (" in fixed.stdout
+        # Revoking the colleague by deleting its file while a copy under another name keeps its key in: said, not
+        # "unchanged".
+        (allow / "colleague-old.key").write_bytes(loose.read_bytes())
+        (allow / "colleague-old.key").chmod(0o644)
+        loose.unlink()
+        kept = ctl(endpoint, *keyed, str(operator_secret), "reload")
+        assert kept.returncode == 0, kept.stderr
+        said = [line for line in kept.stdout.splitlines() if line.startswith("allow-list control: ")]
+        assert len(said) == 1 and said[0].startswith("allow-list control: deleted colleague.key ("), kept.stdout
+        assert said[0].endswith("): still allowed, the same key is in colleague-old.key"), said
         assert s.stop() == 0, s.log_tail()
     finally:
         s.close()
@@ -789,3 +800,47 @@ def test_a_server_key_that_is_a_named_pipe_is_refused_in_one_line_not_waited_on(
     assert refused.stderr.strip() == (
         f"inspectd ctl: server public key {fifo}: not a regular file, expected a key file from `inspectd keys generate`"
     )
+
+
+def test_a_thresholds_file_that_is_no_regular_file_or_over_the_cap_is_refused_in_one_line_unread(tmp_path):
+    """A named pipe blocked ctl past --timeout, and /dev/zero was read whole into memory (a MemoryError traceback
+    under a memory limit): what is not a regular file is refused before any read, and a file is read no further than
+    the request limit. The children run under a memory limit, so that a whole read cannot take the machine's."""
+    import resource
+
+    import zmq
+
+    from inspectd.protocol.control import MAX_REQUEST_BYTES
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    fifo = tmp_path / "thresholds.fifo"
+    os.mkfifo(fifo)
+    padded = tmp_path / "padded.json"  # under the request limit once parsed, over it as a file
+    padded.write_bytes(b'{"version": 2}' + b" " * MAX_REQUEST_BYTES)
+    cases = {
+        fifo: f"{fifo}: a named pipe, expected a thresholds document (a regular file)",
+        Path("/dev/zero"): "/dev/zero: a character device, expected a thresholds document (a regular file)",
+        tmp_path: f"{tmp_path}: a directory, expected a thresholds document (a regular file)",
+        padded: f"{padded}: a thresholds document of over {MAX_REQUEST_BYTES} bytes, expected at most 1 MiB",
+    }
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    daemon = zmq.Context.instance().socket(zmq.REP)  # a daemon's socket, to see that nothing reaches it
+    daemon.linger = 0
+    daemon.bind(endpoint)
+    try:
+        for path, expected in cases.items():
+            refused = subprocess.run(
+                [sys.executable, "-m", "inspectd", "ctl", "--endpoint", endpoint, "--timeout", "2"]
+                + ["set-thresholds", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=REPO,
+                preexec_fn=limited,
+            )
+            assert (refused.returncode, refused.stderr) == (2, f"inspectd ctl: {expected}\n"), (path, refused)
+        assert not daemon.poll(500), "a file ctl refused reached the daemon"
+    finally:
+        daemon.close()

@@ -5,7 +5,8 @@ allowed to import only the ones listed for it (and itself):
 
     engines.progress, engines.durable   nothing, and every layer may import them (the one progress line; the one
                                         durable file write, which the bundle store, the journal and the bridges share)
-    engines.errors, engines.schema      nothing
+    engines.errors                      nothing
+    engines.schema                      engines.errors (show: one rule for quoting a refused value)
     engines.bundle, engines.data        engines.errors
     engines.runtime                     + engines.bundle, engines.schema
     engines.model                       + engines.runtime, engines.data
@@ -48,7 +49,7 @@ LAYERS: dict[str, set[str]] = {
     "engines.progress": set(),
     "engines.durable": set(),
     "engines.errors": set(),
-    "engines.schema": set(),
+    "engines.schema": {"engines.errors"},
     "engines.bundle": {"engines.errors"},
     "engines.data": {"engines.errors"},
     "engines.runtime": {"engines.errors", "engines.schema", "engines.bundle"},

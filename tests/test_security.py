@@ -1136,6 +1136,122 @@ def test_each_refused_key_is_logged_even_while_another_keeps_retrying(pki, tmp_p
     assert len(guard.refusals._last) == security.REFUSALS_TRACKED
 
 
+def test_made_up_keys_by_the_hundred_log_a_budget_then_one_summary(pki, tmp_path, capsys, monkeypatch):
+    """The server's public key goes to every client, so anyone holding it can make up a key per connection: a line
+    for each (hundreds a second) would have journald's rate limit drop the daemon's own lines. At most
+    NEW_LOGGED_PER_INTERVAL new keys are logged per interval, then one line counts the rest; every refusal counts."""
+    from inspectd.daemon import security
+
+    monkeypatch.setattr(security, "REPEAT_LOG_S", 3.0)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    server_key = keys.load_public(pki["server"][0])
+    context = zmq.Context()
+    made_up = 150
+    try:
+        for _ in range(made_up // 10):
+            socks = []
+            for _ in range(10):
+                public, secret = zmq.curve_keypair()
+                sock = context.socket(zmq.DEALER)
+                sock.linger = 0
+                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
+                sock.connect(endpoint)
+                socks.append(sock)
+            time.sleep(0.05)
+            for sock in socks:
+                sock.close(0)
+        deadline = time.monotonic() + 10
+        while guard.refused < made_up and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert guard.refused >= made_up
+        flood = [line for line in capsys.readouterr().out.splitlines() if "auth_refused" in line]
+        assert len(flood) == security.NEW_LOGGED_PER_INTERVAL, len(flood)
+        # The interval ends: one line counts the keys not named, with nothing more refused meanwhile.
+        deadline = time.monotonic() + 8
+        summary: list[str] = []
+        while not summary and time.monotonic() < deadline:
+            time.sleep(0.2)
+            summary = [line for line in capsys.readouterr().out.splitlines() if "auth_refused" in line]
+        assert len(summary) == 1, summary
+        not_named = re.search(r"new_keys_not_logged\W+(\d+)", summary[0])
+        not_logged = re.search(r"refusals_not_logged\W+(\d+)", summary[0])
+        assert not_named and not_logged, summary
+        assert int(not_named[1]) + security.NEW_LOGGED_PER_INTERVAL >= made_up, summary
+        assert int(not_logged[1]) + security.NEW_LOGGED_PER_INTERVAL == guard.refused, summary
+        # A new interval names new keys again.
+        with ControlClient(endpoint, timeout_s=0.5, curve=curve_client(pki["server"][0], pki["intruder"][1])) as c:
+            with pytest.raises(InspectdError, match="refused this client's key"):
+                c.request({"cmd": "status"})
+        named = [line for line in capsys.readouterr().out.splitlines() if "auth_refused" in line]
+        assert sum(keys.load_public(pki["intruder"][0]).decode() in line for line in named) == 1, named
+    finally:
+        context.destroy(0)
+        server.stop()
+        guard.stop()
+
+
+def test_a_key_in_two_allow_list_files_is_named_at_start_and_a_reload_says_which_file_keeps_it_in(pki, tmp_path):
+    """Revoking is deleting the key's file and reloading; with the same key also under another name (an old laptop's
+    copy), the key stayed in, the reload said `removed=[]` and ctl "unchanged", and nothing named the other file."""
+    import structlog
+
+    allow = pki["allow_dir"]
+    (allow / "laptop-old.key").write_bytes((allow / "bridge1.key").read_bytes())
+    os.chmod(allow / "laptop-old.key", 0o644)
+    key = keys.load_public(pki["allowed"][0]).decode()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with structlog.testing.capture_logs() as logs:
+        guard = CurveServer("control", pki["server"][1], allow)
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    try:
+        warned = [event for event in logs if event["event"] == "allow_list_duplicate_key"]
+        assert [(e["client_key"], e["files"]) for e in warned] == [(key, ["bridge1.key", "laptop-old.key"])], logs
+        (allow / "bridge1.key").unlink()
+        with structlog.testing.capture_logs() as logs:
+            changes = guard.reload()
+        assert changes == {
+            "added": [],
+            "removed": [],
+            "kept": [f"bridge1.key ({key}): still allowed, the same key is in laptop-old.key"],
+        }
+        reloaded = [event for event in logs if event["event"] == "allow_list_reloaded"]
+        assert reloaded[0]["kept"] == changes["kept"]
+        assert not [event for event in logs if event["event"] == "allow_list_duplicate_key"]  # one file left
+        # What the reload said is so: the key still gets in, through the other file.
+        with ControlClient(endpoint, timeout_s=3, curve=curve_client(pki["server"][0], pki["allowed"][1])) as client:
+            assert client.request({"cmd": "status"})["ok"] is True
+        (allow / "laptop-old.key").unlink()
+        assert guard.reload()["removed"] == [f"laptop-old.key ({key})"]
+    finally:
+        server.stop()
+        guard.stop()
+
+
+def test_check_notes_a_key_that_two_allow_list_files_hold(tmp_path, pki):
+    """`run --check` loads the allow-lists by the loader the daemon starts with, and says when two files hold one key:
+    deleting one of them would revoke nothing."""
+    from test_run_check import _curve_config, inspectd
+
+    allow = pki["allow_dir"]
+    (allow / "laptop-old.key").write_bytes((allow / "bridge1.key").read_bytes())
+    os.chmod(allow / "laptop-old.key", 0o644)
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(_curve_config(tmp_path, pki)))
+    checked = inspectd("run", "--check", "--config", str(path))
+    assert checked.returncode == 0, checked.stderr
+    key = keys.load_public(pki["allowed"][0]).decode()
+    notes = [line for line in checked.stdout.splitlines() if "hold the same key" in line]
+    assert notes == [
+        f"  note: {where}.curve.allowed_clients_dir {allow}: bridge1.key, laptop-old.key hold the same key {key}: "
+        "it stays allowed until every one of them is deleted"
+        for where in ("control", "publish", "cameras[cam1].source")
+    ], checked.stdout
+
+
 def test_an_unread_handshake_watch_never_stalls_the_context(pki):
     """A client shut out retries its handshake without end, and each try is a monitor event. Queued in a bounded
     monitor socket, a few thousand unread ones stopped the context's I/O thread: every other socket of the process

@@ -259,3 +259,37 @@ def test_a_copied_over_bundle_the_daemon_cannot_write_keeps_its_number_and_says_
     ]
     assert "not written" in told[0]["error"], told
     assert on_disk(daemon).version == 1
+
+
+def test_refusals_of_huge_documents_and_camera_ids_quote_them_cut_short(daemon):
+    """A refusal repeated the client's input at full length: 20000 unknown cameras listed one by one, a 100 KB key or
+    model id whole, a 200 KB camera id in a pause; each in the reply and in the daemon's log line. The first few
+    names then how many more, and each name cut."""
+    version = ask(daemon, {"cmd": "status"})["thresholds_version"] + 1
+    base = {"version": version, "image_threshold": 0.5, "pixel_threshold": 0.5}
+    many = {f"c{i:06d}": {"image_threshold": 0.5} for i in range(20_000)}
+    with structlog.testing.capture_logs() as logs:
+        cameras = ask(daemon, {"cmd": "set_thresholds", "thresholds": {**base, "per_camera": many}})
+        key = ask(daemon, {"cmd": "set_thresholds", "thresholds": {**base, "k" * 100_000: 1}})
+        model = ask(
+            daemon, {"cmd": "set_thresholds", "thresholds": {**base, "provenance": {"model_id": "m" * 100_000}}}
+        )
+        camera = ask(daemon, {"cmd": "pause", "camera": "x" * 200_000})
+        override = ask(daemon, {"cmd": "set_thresholds", "thresholds": {**base, "per_camera": {"y" * 100_000: 1}}})
+    assert cameras["error"].startswith(
+        "thresholds.per_camera: c000000, c000001, c000002, c000003, c000004 and 19995 more: not a camera of this daemon"
+    )
+    assert key["error"].startswith("thresholds.kkk") and "...: unknown key (known: " in key["error"]
+    assert (
+        model["error"].startswith("thresholds.provenance.model_id: mmm")
+        and "..., expected the running" in model["error"]
+    )
+    assert camera["error"].startswith("camera 'xxx") and camera["error"].endswith("xxx': unknown, expected one of cam0")
+    assert (
+        override["error"].startswith("thresholds.per_camera.yyy")
+        and "...: expected image_threshold" in override["error"]
+    )
+    for reply in (cameras, key, model, camera, override):
+        assert reply["ok"] is False and len(reply["error"]) < 300, reply["error"][:300]
+    failed = [event for event in logs if event["event"] == "control_request_failed"]
+    assert len(failed) == 5 and all(len(event["error"]) < 300 for event in failed)

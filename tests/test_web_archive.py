@@ -1,12 +1,19 @@
 """The web view's archive side over real HTTP (aiohttp's test server, in this process): which image requests are
 waited on and which are answered at once, what an error reply may be cached for, and the alarm for a view whose
---archive is not the daemon's archive. The archive itself is written by the real writer."""
+--archive is not the daemon's archive; and, run as another user (tests/other_user.py), a view that may not enter a
+folder of the archive or of the daemon's state_dir. The archive itself is written by the real writer."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path, PosixPath
 
 import pytest
@@ -16,6 +23,8 @@ from inspectd.clients import web as web_module
 from inspectd.clients.web import ConnectionCap, LineState, WebView
 from inspectd.daemon.archive import Archive
 from inspectd.protocol.archive import archive_id
+from other_user import REPO, as_nobody
+from ports import free_port
 from station_model import defect_frame, judged
 
 pytestmark = pytest.mark.timeout(60)
@@ -139,3 +148,100 @@ def test_a_view_reading_another_archive_than_the_daemons_says_so(tmp_path, monke
     # A daemon without an archive, or one naming no absolute path: nothing to compare.
     assert asyncio.run(alarms(WebView(LineState(), typo), status_naming(None))) == []
     assert asyncio.run(alarms(WebView(LineState(), typo), status_naming("archive"))) == []
+
+
+def closed_to_others(folder: Path) -> None:
+    """`folder` closed to the user as_nobody runs as (root enters any folder whatever its mode; another user only its
+    own folders, mode 0 then)."""
+    folder.chmod(0o700 if os.geteuid() == 0 else 0o000)
+
+
+def test_an_image_behind_a_folder_the_view_may_not_enter_is_a_403_and_an_alarm_logged_once(open_tmp_path):
+    """Path.is_file() raises for a folder on the way this user may not enter (a live/ or day folder restored under
+    umask 077): every live frame and overlay the page asked for was a 500 with aiohttp's traceback in the log, once a
+    second per camera and tab, and the page showed no alarm."""
+    root = open_tmp_path / "archive"
+    (entry,) = archived(root, judged("cam0", 1, defect_frame(1)))
+    assert entry and (root / "live" / "cam0.jpg").is_file()
+    (overlay,) = root.glob(f"cam0/*/{entry}.overlay.jpg")
+    day = overlay.parent
+    live = root / "live"
+    port = free_port()
+    log_file = open_tmp_path / "web.log"
+    closed_to_others(live)
+    closed_to_others(day)
+    with log_file.open("wb") as log_out:
+        web = subprocess.Popen(
+            as_nobody(
+                [sys.executable, "-m", "inspectd", "web", "--endpoint", "tcp://127.0.0.1:1", "--archive", str(root)]
+                + ["--listen", f"127.0.0.1:{port}", "--log-format", "json"],
+                group=os.getegid(),  # in the archive's group: it may read all but the closed folders
+            ),
+            stdout=log_out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+
+        def get(path: str) -> tuple[int, str | None, str]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+                    return reply.status, reply.headers.get("Cache-Control"), reply.read().decode()
+            except urllib.error.HTTPError as reply:
+                return reply.code, reply.headers.get("Cache-Control"), reply.read().decode()
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert get("/api/state")[0] == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline and web.poll() is None, log_file.read_text()
+                time.sleep(0.2)
+        live_error = f"{live / 'cam0.jpg'}: cannot read the live frame (Permission denied)"
+        for _ in range(10):  # the page's asks: each refused alike
+            assert get("/live/cam0.jpg?t=1") == (403, "no-store", live_error)
+        assert f"archive unreadable: {live_error}" in json.loads(get("/api/state")[2])["alarms"]
+        overlay_error = f"{overlay}: cannot read the overlay image (Permission denied)"
+        for _ in range(5):
+            assert get(f"/archive/{entry}/overlay") == (403, "no-store", overlay_error)
+        assert f"archive unreadable: {overlay_error}" in json.loads(get("/api/state")[2])["alarms"]
+    finally:
+        web.terminate()
+        web.wait(10)
+    logged = log_file.read_text()
+    assert "Traceback" not in logged and "Error handling request" not in logged, logged[-3000:]
+    events = [json.loads(line).get("event") for line in logged.splitlines() if line.startswith("{")]
+    assert events.count("live_frame_unreadable") == 1 and events.count("image_unreadable") == 1, logged[-3000:]
+
+
+def test_a_daemons_archive_under_a_folder_the_view_may_not_enter_is_an_archive_elsewhere_alarm(open_tmp_path):
+    """The installed state_dir (0750) seen by a user outside its group: Path.exists() raised PermissionError, so the
+    alarm with its `not seen from here` hint, written for this very case, never showed, and the view logged a
+    traceback every minute instead."""
+    state_dir = open_tmp_path / "state"
+    daemons = state_dir / "archive"
+    daemons.mkdir(parents=True)
+    ours = open_tmp_path / "archive"
+    ours.mkdir(mode=0o755)
+    closed_to_others(state_dir)
+    probe = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from inspectd.clients.web import LineState, WebView\n"
+        "state = LineState()\n"
+        "state.on_message(json.loads(sys.argv[1]))\n"
+        "print(WebView(state, Path(sys.argv[2])).archive_elsewhere())\n"
+    )
+    looked = subprocess.run(
+        as_nobody([sys.executable, "-c", probe, json.dumps(status_naming(daemons)), str(ours)]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert looked.returncode == 0 and looked.stderr == "", looked.stderr
+    assert looked.stdout.strip() == (
+        f"archive elsewhere: the daemon archives to {daemons} (not there yet, or not seen from here), this view reads "
+        f"--archive {ours}: its overlays and live frames are not shown here"
+    )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.bundle.format import THRESHOLDS
+from engines.errors import show
 
 FILE_NAME = THRESHOLDS
 MAX_HISTORY = 50
@@ -233,10 +234,29 @@ def calibrated_range(thresholds: Thresholds, kind: str, history: bool = True) ->
     return (min(seen), max(seen)) if seen else None
 
 
+NAME_CHARS = 64  # the most of a key or camera id from a document that a refusal repeats
+NAMES_LISTED = 5  # the most names a refusal lists before "and N more"
+
+
+def shown_name(name: Any) -> str:
+    """A key, camera id or model id from a document as a refusal repeats it: one line, at most NAME_CHARS long. The
+    document comes from a client, and its refusal goes back to it and into the daemon's log whole."""
+    text = str(name)
+    if not text.isprintable():
+        text = repr(text)
+    return text if len(text) <= NAME_CHARS else text[: NAME_CHARS - 3] + "..."
+
+
+def shown_names(names: list[Any]) -> str:
+    """The first NAMES_LISTED of `names` (each as shown_name), then how many more."""
+    listed = ", ".join(shown_name(name) for name in names[:NAMES_LISTED])
+    return listed if len(names) <= NAMES_LISTED else f"{listed} and {len(names) - NAMES_LISTED} more"
+
+
 def _number(doc: dict, key: str, where: str) -> float:
     value = doc.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ThresholdsError(f"{where}{key}: expected a finite number, got {value!r}")
+        raise ThresholdsError(f"{where}{key}: expected a finite number, got {show(value)}")
     return float(value)
 
 
@@ -246,23 +266,22 @@ def parse(doc: Any, where: str = "thresholds") -> Thresholds:
     known = {f.name for f in dataclasses.fields(Thresholds)}
     for key in doc:
         if key not in known:
-            raise ThresholdsError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise ThresholdsError(f"{where}.{shown_name(key)}: unknown key (known: {', '.join(sorted(known))})")
     version = doc.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ThresholdsError(f"{where}.version: expected an integer >= 1, got {version!r}")
+        raise ThresholdsError(f"{where}.version: expected an integer >= 1, got {show(version)}")
     per_camera = doc.get("per_camera", {})
     if not isinstance(per_camera, dict):
         raise ThresholdsError(f"{where}.per_camera: expected a mapping of camera id to overrides")
     clean_per_camera: dict[str, dict[str, float]] = {}
     for camera, override in per_camera.items():
+        at = f"{where}.per_camera.{shown_name(camera)}"
         if not isinstance(override, dict) or not override:
-            raise ThresholdsError(f"{where}.per_camera.{camera}: expected image_threshold and/or pixel_threshold")
+            raise ThresholdsError(f"{at}: expected image_threshold and/or pixel_threshold")
         for key in override:
             if key not in ("image_threshold", "pixel_threshold"):
-                raise ThresholdsError(
-                    f"{where}.per_camera.{camera}.{key}: unknown key (known: image_threshold, pixel_threshold)"
-                )
-        clean_per_camera[str(camera)] = {k: _number(override, k, f"{where}.per_camera.{camera}.") for k in override}
+                raise ThresholdsError(f"{at}.{shown_name(key)}: unknown key (known: image_threshold, pixel_threshold)")
+        clean_per_camera[str(camera)] = {k: _number(override, k, f"{at}.") for k in override}
     provenance = doc.get("provenance", {})
     history = doc.get("history", [])
     if not isinstance(provenance, dict):

@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,14 @@ from typing import Any
 from inspectd.errors import InspectdError
 from inspectd.protocol import wirejson
 from inspectd.protocol.alarms import status_alarms
-from inspectd.protocol.control import ControlTimeout, HandshakeFailed, allow_list_errors, client_for, encode_request
+from inspectd.protocol.control import (
+    MAX_REQUEST_BYTES,
+    ControlTimeout,
+    HandshakeFailed,
+    allow_list_errors,
+    client_for,
+    encode_request,
+)
 
 DEFAULT_ENDPOINT = "ipc:///var/lib/inspectd/control.sock"
 ENDPOINT_ENV = "INSPECTD_CONTROL"
@@ -107,10 +115,7 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     if args.action in ("pause", "resume"):
         return {"cmd": args.action, "camera": args.camera}
     if args.action == "set-thresholds":
-        try:
-            data = args.file.read_bytes()
-        except OSError as exc:
-            raise InspectdError(f"{args.file}: cannot read a thresholds document ({exc})") from None
+        data = _read_thresholds_file(args.file)
         # The daemon's own parser: one MessageError line for what json.loads would raise anything for (deep nesting,
         # a 5000-digit integer), and NaN refused here rather than by the daemon.
         doc = wirejson.loads(data, str(args.file), "a thresholds document", unique_keys=True)
@@ -130,6 +135,44 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
             )
         return {"cmd": "rollback", "version": args.version}
     return {"cmd": args.action}
+
+
+def _read_thresholds_file(path: Path) -> bytes:
+    """The bytes of a thresholds document, at most MAX_REQUEST_BYTES: a FIFO would block the open or the read past
+    --timeout, and a device or a huge file by mistake would be read whole into memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # no effect on a regular file; a FIFO's open returns at once
+    except OSError as exc:
+        raise InspectdError(f"{path}: cannot read a thresholds document ({exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise InspectdError(f"{path}: {_kind(mode)}, expected a thresholds document (a regular file)")
+        with open(fd, "rb", closefd=False) as file:
+            data = file.read(MAX_REQUEST_BYTES + 1)
+    except OSError as exc:
+        raise InspectdError(f"{path}: cannot read a thresholds document ({exc})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_REQUEST_BYTES:
+        raise InspectdError(
+            f"{path}: a thresholds document of over {MAX_REQUEST_BYTES} bytes, expected at most "
+            f"{MAX_REQUEST_BYTES / (1 << 20):g} MiB"
+        )
+    return data
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,6 +246,8 @@ def _allow_list_lines(reply: dict[str, Any]) -> list[str]:
             continue
         changes = [f"added {key}" for key in part.get("added") or []]
         changes += [f"removed {key}" for key in part.get("removed") or []]
+        # A deleted file whose key another file still holds: the operator believes it revoked.
+        changes += [f"deleted {entry}" for entry in part.get("kept") or []]
         lines.append(f"allow-list {role}: {', '.join(changes) if changes else 'unchanged'}")
     return lines
 

@@ -93,6 +93,9 @@ MAX_CONNECTIONS = 64
 # make room: each logged at most this often, with the count since.
 REFUSED_LOG_S = 60.0
 REFUSED_ALARM_S = 60.0  # the page shows refused messages for this long after the last one
+# ... and an image it could not read for this long after the last: the page asks for each live frame once a second,
+# so a folder still closed keeps the alarm up, and one opened again (chmod g+rX) lets it go.
+UNREADABLE_ALARM_S = 60.0
 
 
 class CameraView:
@@ -190,6 +193,9 @@ class LineState:
         self.refused = 0  # messages that did not decode
         self.last_refused: tuple[str, float] | None = None  # (why, time.monotonic()) of the last one
         self.archive_error: str | None = None  # why the archive cannot be read (not: there is none yet)
+        # (why, time.monotonic()) of the last image (a live frame, an archived frame or overlay) that could not be
+        # read though the index could: a folder in the archive this user may not enter
+        self.image_unreadable: tuple[str, float] | None = None
         self.archive_elsewhere: str | None = None  # the daemon's archive is not this view's --archive: why we think so
 
     def on_message(self, message: Result | dict[str, Any] | MessageError) -> None:
@@ -239,6 +245,8 @@ class LineState:
 
     def alarms(self, silent: float | None) -> list[str]:
         out = [f"archive unreadable: {self.archive_error}"] if self.archive_error else []
+        if self.image_unreadable is not None and time.monotonic() - self.image_unreadable[1] < UNREADABLE_ALARM_S:
+            out.append(f"archive unreadable: {self.image_unreadable[0]}")
         if self.archive_elsewhere:
             out.append(self.archive_elsewhere)
         if silent is None:
@@ -379,7 +387,9 @@ class WebView:
         except OSError:
             if _resolved(daemons) == _resolved(ours):
                 return None
-            hint = "" if daemons.exists() else " (not there yet, or not seen from here)"
+            # os.path.exists, not Path.exists: that raises for a path under a folder this user may not enter (the
+            # installed 0750 state_dir seen from outside its group), the very case the hint is for.
+            hint = "" if os.path.exists(daemons) else " (not there yet, or not seen from here)"
         else:
             if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
                 return None
@@ -389,11 +399,23 @@ class WebView:
             "overlays and live frames are not shown here"
         )
 
-    def _log_failure(self, event: str, exc: Exception) -> None:
+    def _log_failure(self, event: str, exc: Exception, traceback: bool = True) -> None:
         now = time.monotonic()
         if now - self._failed_at.get(event, -REFUSED_LOG_S) >= REFUSED_LOG_S:
-            log.exception(event, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            if traceback:
+                log.exception(event, error=error)
+            else:
+                log.warning(event, error=error)
             self._failed_at[event] = now
+
+    def _unreadable(self, event: str, error: Exception) -> web.HTTPForbidden:
+        """The reply for an image this user may not read (a folder on its way closed to it): an alarm on the page and
+        a log line at most once per REFUSED_LOG_S, where aiohttp would log a traceback for each of the page's asks."""
+        why = str(error).splitlines()[0][:300]
+        self.state.image_unreadable = (why, time.monotonic())
+        self._log_failure(event, error, traceback=False)
+        return web.HTTPForbidden(text=why, headers={"Cache-Control": "no-store"})
 
     def _archive_reader(self) -> ArchiveReader | None:
         """The reader of the archive's index, opened anew when the index was replaced (the directory cleared, moved
@@ -438,7 +460,12 @@ class WebView:
                     coming = named is not None and abs(time.time() - named) <= ARCHIVE_FRESH_S
                     raise
                 path = reader.file(entry, kind)
-                if path.is_file():
+                try:
+                    found = path.is_file()
+                except OSError as exc:  # not "not there" (is_file() says False to that): e.g. a day folder closed
+                    why = ArchiveError(f"{path}: cannot read the {kind} image ({exc.strerror or exc})")
+                    raise self._unreadable("image_unreadable", why) from None
+                if found:
                     return web.FileResponse(path, headers={"Cache-Control": IMMUTABLE})
                 error = f"archive id {entry_id!r}: {kind} file missing"
             except ArchiveError as exc:
@@ -448,7 +475,13 @@ class WebView:
             await asyncio.sleep(0.05)
 
     async def live(self, request: web.Request) -> web.StreamResponse:
-        path = live_frame(self.archive, request.match_info["camera"])
+        try:
+            path = live_frame(self.archive, request.match_info["camera"])
+        except ArchiveError as exc:  # e.g. a live/ folder this user may not enter
+            raise self._unreadable("live_frame_unreadable", exc) from None
+        except OSError as exc:
+            why = ArchiveError(f"{exc.filename or self.archive}: cannot read the live frame ({exc.strerror or exc})")
+            raise self._unreadable("live_frame_unreadable", why) from None
         if path is None:
             raise web.HTTPNotFound(text="no live frame for this camera (yet)")
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})

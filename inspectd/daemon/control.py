@@ -43,13 +43,24 @@ BUNDLE_LOCK_WAIT_S = 2.0
 RECEIVE_QUEUE = 16
 
 
+# The longest error a reply or a log line carries. Refusals repeat what the client sent, and each is meant to shorten
+# it; this is the backstop for one that does not: a request of up to 1 MiB must not give a reply, nor a log line,
+# of its own size (journald splits lines past its LineMax, 48K by default, and the log is one JSON object per line).
+ERROR_CHARS = 1000
+
+
 def error_line(exc: BaseException) -> str:
-    """`exc` as one line for a reply or a log line; never fails (an exception with no text is named by its type)."""
+    """`exc` as one line for a reply or a log line, at most ERROR_CHARS long; never fails (an exception with no text
+    is named by its type)."""
     lines = str(exc).strip().splitlines()
     if not lines:
         return type(exc).__name__
     # Errors we raise on purpose already read as a sentence; anything else is a bug worth naming by type.
-    return lines[0] if isinstance(exc, (InspectdError, ValueError)) else f"{type(exc).__name__}: {lines[0]}"
+    return _capped(lines[0] if isinstance(exc, (InspectdError, ValueError)) else f"{type(exc).__name__}: {lines[0]}")
+
+
+def _capped(text: str, most: int = ERROR_CHARS) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 REPLY_FIELDS = "control_reply_fields"  # the attribute mark_refusal sets on a handler's exception
@@ -178,8 +189,9 @@ class ControlServer:
             request = parse_request(data)
         except MessageError as exc:
             self.refused += 1
-            log.warning("control_request_refused", client=client, error=str(exc))
-            return _dumps({"ok": False, "error": str(exc)})
+            error = _capped(str(exc))
+            log.warning("control_request_refused", client=client, error=error)
+            return _dumps({"ok": False, "error": error})
         log.info("control_command", client=client, **_summary(request))
         try:
             if request.cmd in ("pause", "resume"):
@@ -227,8 +239,10 @@ def _summary(request: Any) -> dict:
     if request.thresholds is not None:
         doc = request.thresholds
         for key in ("version", "image_threshold", "pixel_threshold"):
-            if isinstance(doc.get(key), (int, float, str)):
-                fields[key] = doc[key]
+            value = doc.get(key)
+            if isinstance(value, (int, float, str)):
+                # A string, or an integer of thousands of digits, is the client's to size: cut like a camera id.
+                fields[key] = value if len(str(value)) <= 64 else _capped(str(value), 64)
         fields["force"] = request.force
     return fields
 

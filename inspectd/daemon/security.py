@@ -5,10 +5,11 @@ makes the socket a CURVE server with the daemon's secret key and a ZAP domain wh
 public keys in an allow-list directory. One ZAP authenticator thread serves every domain of the process. Each refused
 attempt (unknown key, or a client that does not speak CURVE at all) is counted and logged as `auth_refused` with the
 reason; repeats of the same refusal from the same key are summarised once a minute, because a refused REQ client
-reconnects every 100 ms and would otherwise flood the log, while a key not seen before is always logged. A handshake
-that fails before any key is seen (no CURVE, another server key) names no client: libzmq's socket monitor gives only
-the daemon's own endpoint for it (`socket`) and no peer address, so those are summarised per reason and socket, and
-the count of the repeats covers every client that failed that way meanwhile.
+reconnects every 100 ms and would otherwise flood the log, while a key not seen before is logged, up to
+NEW_LOGGED_PER_INTERVAL of them a minute per domain (past that, one line a minute counts the keys not named). A
+handshake that fails before any key is seen (no CURVE, another server key) names no client: libzmq's socket monitor
+gives only the daemon's own endpoint for it (`socket`) and no peer address, so those are summarised per reason and
+socket, and the count of the repeats covers every client that failed that way meanwhile.
 
 An empty allow-list directory lets nobody in, with a warning: at start (a station whose last client was revoked must
 still start after a power cut) and at reload (how the last client is revoked).
@@ -61,6 +62,7 @@ log = structlog.get_logger("inspectd.daemon.security")
 ALLOW_ROOT_ENV = "INSPECTD_ALLOW_ROOT"
 REPEAT_LOG_S = 60.0
 REFUSALS_TRACKED = 1024  # (reason, key or socket) pairs whose repeats are summarised
+NEW_LOGGED_PER_INTERVAL = 20  # pairs logged for the first time per REPEAT_LOG_S and domain; the rest are summed
 REMOVED = "client key removed from the allow-list"
 # Keyed by plain int: the monitor hands event numbers over as ints.
 _REFUSALS: dict[int, str] = {
@@ -208,33 +210,85 @@ def _shown_name(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def _shown_entry(key: bytes, files: list[str]) -> str:
+    """An allow-list key as a reload reports it: its file names, then the key."""
+    return f"{', '.join(map(_shown_name, files))} ({key.decode()})"
+
+
 class _Refusals:
     """Counts refused attempts and logs each (reason, client key, or the socket where no key was seen) once per
     REPEAT_LOG_S.
 
     Grouped by who as well as why: a revoked client retrying every 100 ms must not hide the first refusal of
     another key. At most REFUSALS_TRACKED pairs are remembered (the least recently refused goes first), so keys
-    made up by the thousand cannot grow the table."""
+    made up by the thousand cannot grow the table. Nor the log: the server's public key goes to every client, so
+    anyone holding it can make up a key per connection, and a line for each would have journald's rate limit drop
+    the daemon's other lines. So at most NEW_LOGGED_PER_INTERVAL pairs never logged before are logged per
+    REPEAT_LOG_S; the ones past that are counted, and once the interval ends one `auth_refused` line says how many
+    (`new_keys_not_logged`). The count of refusals takes every one."""
 
     def __init__(self, domain: str) -> None:
         self.domain = domain
         self.count = 0
-        self._last: collections.OrderedDict[tuple[str, str], tuple[float, int]] = collections.OrderedDict()
+        # (reason, who) -> (when last logged or first seen, refusals since, whether its who was ever logged)
+        self._last: collections.OrderedDict[tuple[str, str], tuple[float, int, bool]] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._interval_start = -REPEAT_LOG_S
+        self._new_logged = 0  # pairs logged for the first time in this interval
+        self._new_unlogged = 0  # pairs past the budget in this interval
+        self._unlogged_refusals = 0  # refusals of pairs never logged, since the last summary
 
     def refused(self, reason: str, **fields) -> None:
         slot = (reason, str(fields.get("client_key", fields.get("socket", ""))))
+        now = time.monotonic()
         with self._lock:
             self.count += 1
-            when, repeats = self._last.pop(slot, (-REPEAT_LOG_S, 0))
-            now = time.monotonic()
+            summary = self._roll(now)
+            when, repeats, logged = self._last.pop(slot, (-REPEAT_LOG_S, 0, False))
             if now - when < REPEAT_LOG_S:
-                self._last[slot] = (when, repeats + 1)
-                return
-            self._last[slot] = (now, 0)
+                line = False
+                self._last[slot] = (when, repeats + 1, logged)
+            elif logged or self._new_logged < NEW_LOGGED_PER_INTERVAL:
+                # Repeats of a logged pair come once per interval each, at most REFUSALS_TRACKED of them: not budgeted.
+                line = True
+                self._new_logged += not logged
+                self._last[slot] = (now, 0, True)
+            else:
+                line = False
+                self._new_unlogged += 1
+                self._last[slot] = (now, repeats + 1, False)
+            if not line and not logged:
+                self._unlogged_refusals += 1
             while len(self._last) > REFUSALS_TRACKED:
                 self._last.popitem(last=False)
-        log.warning("auth_refused", domain=self.domain, reason=reason, repeats_since_last_log=repeats, **fields)
+        if summary is not None:
+            self._log_summary(*summary)
+        if line:
+            log.warning("auth_refused", domain=self.domain, reason=reason, repeats_since_last_log=repeats, **fields)
+
+    def flush(self) -> None:
+        """Log the summary of an interval that ended with keys past the budget, when no refusal came since to do it."""
+        with self._lock:
+            summary = self._roll(time.monotonic())
+        if summary is not None:
+            self._log_summary(*summary)
+
+    def _roll(self, now: float) -> tuple[int, int] | None:
+        """Start a new interval when the last one has ended: (keys not logged, their refusals) when it had any."""
+        if now - self._interval_start < REPEAT_LOG_S:
+            return None
+        summary = (self._new_unlogged, self._unlogged_refusals) if self._unlogged_refusals else None
+        self._interval_start, self._new_logged, self._new_unlogged, self._unlogged_refusals = now, 0, 0, 0
+        return summary
+
+    def _log_summary(self, keys_not_logged: int, refusals: int) -> None:
+        log.warning(
+            "auth_refused",
+            domain=self.domain,
+            reason=f"more than {NEW_LOGGED_PER_INTERVAL} keys or sockets not seen before in {REPEAT_LOG_S:g} s",
+            new_keys_not_logged=keys_not_logged,
+            refusals_not_logged=refusals,
+        )
 
 
 class _AllowList:
@@ -272,8 +326,8 @@ def _zap(context: zmq.Context) -> ThreadAuthenticator:
 
 def load_keys(
     secret_key: str | Path, allowed_clients_dir: str | Path, where: str, owner_checked: bool = True
-) -> tuple[bytes, bytes, dict[bytes, str]]:
-    """The key pair and the allow-list (z85 key -> file name) of one `curve:` of the config at `where` (`control`,
+) -> tuple[bytes, bytes, dict[bytes, list[str]]]:
+    """The key pair and the allow-list (z85 key -> its file names) of one `curve:` of the config at `where` (`control`,
     `publish`, `cameras[ID].source`), checked as `inspectd run` checks them at start and `run --check` beforehand.
     KeysError names the config key and the file. `owner_checked` False: the owners are left out, for a check run as
     another user than the daemon's."""
@@ -308,6 +362,7 @@ class CurveServer:
         self.allowed = frozenset(self._names)
         if not self._names:
             self._warn_empty()
+        self._warn_duplicates(self._names)
         self.refusals = _Refusals(domain)
         self._allow_list = _AllowList(self.allowed, self.refusals)
         self._authenticators = [_zap(self.context)]
@@ -366,6 +421,7 @@ class CurveServer:
         try:
             while not self._stop.is_set():
                 if not monitor.poll(200):
+                    self.refusals.flush()  # a flood that stopped still gets its summary line
                     continue
                 event = recv_monitor_message(monitor)
                 if event["event"] == zmq.EVENT_MONITOR_STOPPED:
@@ -388,22 +444,48 @@ class CurveServer:
 
         A directory that fails its checks now raises KeysError and the list in force stays as it was; an empty one
         is taken (every client refused), with a warning. Who was added and who removed is logged
-        (`allow_list_reloaded`) and returned, by key file (a byte of its name that is not UTF-8 as \\xNN) and key.
+        (`allow_list_reloaded`) and returned, by key file (a byte of its name that is not UTF-8 as \\xNN) and key;
+        `kept` too, when there is one: a key whose file was deleted and that another file still lets in. A key that
+        several files hold is logged as `allow_list_duplicate_key`, here and at start.
 
         The server's own key pair is not reloaded: see _warn_server_key_changed."""
         self._warn_server_key_changed()
         names = keys.read_allow_list(self.allowed_clients_dir, self._where)
-        added = [f"{_shown_name(names[k])} ({k.decode()})" for k in names.keys() - self._names.keys()]
-        removed = [f"{_shown_name(self._names[k])} ({k.decode()})" for k in self._names.keys() - names.keys()]
+        added = [_shown_entry(k, names[k]) for k in names.keys() - self._names.keys()]
+        removed = [_shown_entry(k, self._names[k]) for k in self._names.keys() - names.keys()]
+        # A file deleted to revoke its key revokes nothing while another file holds the same key: said, naming it.
+        kept = [
+            f"{_shown_entry(k, gone)}: still allowed, the same key is in {', '.join(map(_shown_name, names[k]))}"
+            for k in self._names.keys() & names.keys()
+            if (gone := sorted(set(self._names[k]) - set(names[k])))
+        ]
         self._names = names
         self.allowed = frozenset(names)
         self._allow_list.allowed = self.allowed  # one attribute swap: the ZAP thread sees the old set or the new
         log.info(
-            "allow_list_reloaded", domain=self.domain, keys=len(names), added=sorted(added), removed=sorted(removed)
+            "allow_list_reloaded",
+            domain=self.domain,
+            keys=len(names),
+            added=sorted(added),
+            removed=sorted(removed),
+            **({"kept": sorted(kept)} if kept else {}),
         )
         if not names:
             self._warn_empty()
-        return {"added": sorted(added), "removed": sorted(removed)}
+        self._warn_duplicates(names)
+        changes = {"added": sorted(added), "removed": sorted(removed)}
+        return {**changes, "kept": sorted(kept)} if kept else changes
+
+    def _warn_duplicates(self, names: dict[bytes, list[str]]) -> None:
+        for key, files in sorted(keys.duplicate_keys(names).items()):
+            log.warning(
+                "allow_list_duplicate_key",
+                domain=self.domain,
+                directory=str(self.allowed_clients_dir),
+                client_key=key.decode(),
+                files=[_shown_name(name) for name in files],
+                effect="the key stays allowed until every one of these files is deleted",
+            )
 
     def _warn_server_key_changed(self) -> None:
         """Log `server_key_changed` when the secret key file no longer holds the key this socket serves with (a key

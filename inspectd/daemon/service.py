@@ -911,16 +911,18 @@ class Daemon:
         """InspectdError unless `new` was made for this daemon: thresholds calibrated on another model's scores (an
         operator's stale copy, a document from another station) and overrides for cameras it does not run judge
         nothing as intended. Overrides already in force are kept as they are (a camera taken out of the config)."""
+        from engines.bundle.thresholds import shown_name, shown_names
+
         recorded = new.provenance.get("model_id")
         if isinstance(recorded, str) and recorded != state.model_id:
             raise InspectdError(
-                f"thresholds.provenance.model_id: {recorded}, expected the running model {state.model_id} "
-                "(calibrated on another model's scores), or force"
+                f"thresholds.provenance.model_id: {shown_name(recorded)}, expected the running model "
+                f"{state.model_id} (calibrated on another model's scores), or force"
             )
         unknown = cameras_not_run(set(new.per_camera) - set(state.thresholds.per_camera), self.ingest)
         if unknown:
             raise InspectdError(
-                f"thresholds.per_camera: {', '.join(unknown)}: not a camera of this daemon, expected one of "
+                f"thresholds.per_camera: {shown_names(unknown)}: not a camera of this daemon, expected one of "
                 f"{', '.join(self.ingest)}, or force"
             )
 
@@ -938,7 +940,9 @@ class Daemon:
 
     def _ingest_for(self, camera: Any):
         if camera not in self.ingest:
-            raise InspectdError(f"camera {camera!r}: unknown, expected one of {', '.join(self.ingest)}")
+            from engines.schema import show
+
+            raise InspectdError(f"camera {show(camera)}: unknown, expected one of {', '.join(self.ingest)}")
         return self.ingest[camera]
 
     def pause(self, camera: Any) -> dict[str, Any]:
@@ -1095,16 +1099,24 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
     from inspectd.daemon.config import load_config
     from inspectd.daemon.inference import ModelState
     from inspectd.daemon.security import load_keys
+    from inspectd.protocol.keys import duplicate_keys
 
     try:
         config = load_config(path)
-        empty = []
+        empty, duplicates = [], []
         for where, curve in _curves(config):
             # By the loader the daemon starts with; as root (which may read anything) the owners are left out, since
             # the files belong to the service user: those are checked at start.
             names = load_keys(curve.server_secret_key, curve.allowed_clients_dir, where, os.geteuid() != 0)[2]
             if not names:
                 empty.append(f"{where}.curve.allowed_clients_dir {curve.allowed_clients_dir}")
+            for key, files in sorted(duplicate_keys(names).items()):
+                # A file name with bytes that are not UTF-8 cannot be printed as it is: those bytes as \\xNN.
+                shown = ", ".join(os.fsencode(name).decode("utf-8", "backslashreplace") for name in files)
+                duplicates.append(
+                    f"{where}.curve.allowed_clients_dir {curve.allowed_clients_dir}: {shown} hold the same key "
+                    f"{key.decode()}: it stays allowed until every one of them is deleted"
+                )
         bundle = load_bundle(config.model.bundle)
         thresholds = bundle.thresholds()
         # What the backend needs of the bundle (an FP16 graph, a named plan), by the rule opening the engine applies.
@@ -1152,6 +1164,8 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
         )
     for directory in empty:
         print(f"  note: {directory} holds no client key (*.key): every client is refused there")
+    for duplicate in duplicates:
+        print(f"  note: {duplicate}")
     if as_user == "no user":
         print(
             f"  note: no user {service_user} here, so what the unit's daemon may read was not checked "

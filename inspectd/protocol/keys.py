@@ -214,9 +214,11 @@ def load_allow_list(directory: str | Path, what: str = "allowed_clients_dir") ->
 
 def read_allow_list(
     directory: str | Path, what: str = "allowed_clients_dir", owner_checked: bool = True
-) -> dict[bytes, str]:
-    """z85 public key -> the file it came from, for each `*.key` in `directory` (checked as load_allow_list says).
-    An empty directory gives an empty list, which lets nobody in: how the last client is revoked."""
+) -> dict[bytes, list[str]]:
+    """z85 public key -> the files it came from (sorted), for each `*.key` in `directory` (checked as load_allow_list
+    says). An empty directory gives an empty list, which lets nobody in: how the last client is revoked. Every file of
+    a key is kept, not the last one read: a key copied in under a second name stays allowed when one of its files is
+    deleted to revoke it, and whoever revokes must be told which other file keeps it in (duplicate_keys)."""
     directory = Path(directory)
     st = _lstat(directory, what, "a directory of client public keys (*.key)")
     try:
@@ -227,7 +229,7 @@ def read_allow_list(
             f"public keys (*.key)"
         ) from None
     check_trusted(directory, st, what, owner_checked)
-    keys: dict[bytes, str] = {}
+    keys: dict[bytes, list[str]] = {}
     for name in names:
         path = directory / name
         if name.endswith(SECRET_SUFFIX):
@@ -235,8 +237,13 @@ def read_allow_list(
         if name.endswith(PUBLIC_SUFFIX):
             key_st = _regular_file(path, what, "a client public key file")
             check_trusted(path, key_st, what, owner_checked)
-            keys[load_public(path, what)] = name
+            keys.setdefault(load_public(path, what), []).append(name)
     return keys
+
+
+def duplicate_keys(allow_list: dict[bytes, list[str]]) -> dict[bytes, list[str]]:
+    """The keys of a read_allow_list result that more than one file holds, with those files."""
+    return {key: files for key, files in allow_list.items() if len(files) > 1}
 
 
 def curve_client(server_public_key: str | Path, client_secret_key: str | Path) -> Callable[[zmq.Socket], None]:
