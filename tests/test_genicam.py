@@ -11,6 +11,7 @@ import gc
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -251,6 +252,27 @@ def test_a_camera_restart_is_survived_with_backoff(fake_camera, ingest_threads):
     assert any(f.error is None for f in frames), [f.error for f in frames][:3]
 
 
+def test_a_software_triggered_camera_that_vanishes_is_let_go_off_the_ingest_thread(fake_camera, ingest_threads):
+    """Under a software trigger the first sign of a vanished camera is the trigger write failing: that is a camera
+    that stopped answering, released on a thread of its own, not control-channel timeouts on the ingest thread."""
+    ingest, queue = run(ingest_threads, trigger="software", software_rate_hz=20, stall_s=1.0, backoff=(30, 30))
+    take(queue, 3)
+    assert fake_camera.proc is not None
+    fake_camera.proc.send_signal(signal.SIGSTOP)  # on the network still, answering nothing
+    try:
+        assert _wait(lambda: ingest.stats()["state"] == "reopening", 15), ingest.stats()
+        error = ingest.stats()["last_error"] or ""
+        assert error.startswith("OSError: genicam ") and "not answering" in error and "\n" not in error, error
+        # The source was closed before the state changed; the thread now waits out the backoff, which stop() ends.
+        started = time.monotonic()
+        ingest.stop()
+        ingest.join(5)
+        assert not ingest.is_alive(), "the ingest thread is still letting go of the dead camera"
+        assert time.monotonic() - started < 1.0
+    finally:
+        fake_camera.proc.kill()
+
+
 def test_frames_lost_on_the_wire_become_error_frames(ingest_threads):
     camera = FakeCamera("-r", "300")  # the fake camera drops 30% of its stream packets
     try:
@@ -341,6 +363,16 @@ def test_pixel_formats_convert_to_the_engines_uint8():
     assert to_image(np.array([[1023, 1024]], "<u2").tobytes(), 2, 1, "Mono10").tolist() == [[255, 255]]
     bgr = np.array([[[1, 2, 3]]], np.uint8)
     assert to_image(bgr.tobytes(), 1, 1, "BGR8").tolist() == [[[3, 2, 1]]]
+    # Mono8 and RGB8 need no conversion: the frame is the bytes PyGObject already copied, not a second copy of them.
+    for pixel_format, shape in [("Mono8", (3, 4)), ("RGB8", (3, 4, 3))]:
+        data = np.arange(np.prod(shape), dtype=np.uint8).tobytes()
+        image = to_image(data, 4, 3, pixel_format)
+        assert image.shape == shape and image.tobytes() == data
+        assert np.shares_memory(image, np.frombuffer(data, np.uint8)), pixel_format
+        assert not image.flags.writeable
+        chunked = data + b"CHUNKDATA"  # chunk data after the image is left out of it, and the pixels still not copied
+        image = to_image(chunked, 4, 3, pixel_format, tail=9)
+        assert image.tobytes() == data and np.shares_memory(image, np.frombuffer(chunked, np.uint8)), pixel_format
     with pytest.raises(ValueError, match="expected 2x2x1 for Mono8"):
         to_image(b"\0" * 3, 2, 2, "Mono8")
 

@@ -19,7 +19,7 @@ log.debug("d"); log.info("i"); log.warning("w", camera="cam0"); log.error("e")
 """
 
 
-def run_logging(tmp_path: Path, journal: str | None) -> list[str]:
+def run_logging(tmp_path: Path, journal: str | None, script: str = SCRIPT, *args: str) -> list[str]:
     out = tmp_path / "stdout"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("JOURNAL_STREAM", None)
@@ -29,7 +29,7 @@ def run_logging(tmp_path: Path, journal: str | None) -> list[str]:
             env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
         elif journal is not None:
             env["JOURNAL_STREAM"] = journal
-        subprocess.run([sys.executable, "-c", SCRIPT], stdout=f, env=env, check=True, timeout=60)
+        subprocess.run([sys.executable, "-c", script, *args], stdout=f, env=env, check=True, timeout=60)
     return out.read_text().splitlines()
 
 
@@ -44,3 +44,48 @@ def test_plain_json_lines_otherwise(tmp_path):
     for journal in (None, "1:2"):  # not under systemd; or a journal stream that is not our stdout (a pipe)
         lines = run_logging(tmp_path, journal)
         assert [json.loads(line)["event"] for line in lines] == ["d", "i", "w", "e"]
+
+
+CAMERAS = """
+import os, sys, time
+from inspectd.logs import configure_logging
+from inspectd.daemon.config import parse_config
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.supervisor import CameraIngest
+
+configure_logging("info", "json")
+watched, alias, absent = sys.argv[1:]
+cameras = parse_config({"station": "s", "model": {"bundle": "b"}, "cameras": [
+    {"id": "gone", "source": {"kind": "folder", "path": absent}},
+    {"id": "fatal", "source": {"kind": "folder", "path": watched, "done_dir": alias}},
+    {"id": "line", "source": {"kind": "synthetic", "width": 8, "height": 8}},
+]}).cameras
+os.symlink(watched, alias)  # after the load, which refuses the watched folder as done_dir: the open fails for good
+ingests = [CameraIngest(cam, FrameQueue(8, "drop_oldest"), backoff_s=(0.05, 0.1)) for cam in cameras]
+for ingest in ingests:
+    ingest.start()
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and [i.state for i in ingests] != ["reopening", "failed", "running"]:
+    time.sleep(0.02)
+for ingest in ingests:
+    ingest.stop()
+    ingest.join(10)
+"""
+
+
+def test_a_camera_that_lost_its_source_is_a_warning_and_one_failed_for_good_an_error(tmp_path):
+    """`journalctl -u inspectd -p warning` must show a camera that is reopening, and one that failed for good (a
+    misconfiguration no retry mends) as an error: every camera_state was logged at info, so a station with a dead
+    camera showed nothing there."""
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    lines = run_logging(tmp_path, "this", CAMERAS, str(watched), str(tmp_path / "alias"), str(tmp_path / "absent"))
+    states = {}
+    for line in lines:
+        event = json.loads(line[3:])
+        if event["event"] == "camera_state":
+            states.setdefault((event["camera"], event["state"]), (line[:3], event["level"]))
+    assert states[("gone", "reopening")] == ("<4>", "warning"), states
+    assert states[("fatal", "failed")] == ("<3>", "error"), states
+    assert states[("line", "running")] == ("<6>", "info"), states
+    assert states[("line", "stopped")] == ("<6>", "info"), states

@@ -3,9 +3,11 @@ config loader."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from inspectd.daemon.config import load_config
 from inspectd.daemon.frames import Frame
@@ -45,13 +48,14 @@ def bar(frame: Frame) -> int:
     return (int((frame.image[24, :, 1] > 128).sum()) - 4) // 4
 
 
-def corrupt_frame(path: Path, index: int) -> None:
-    """Overwrite the start of frame `index`'s JPEG (its SOI marker and headers) with zeros, as a bad sector or a cut
-    write leaves it: FFmpeg cannot decode that frame and goes on with the next."""
+def corrupt_frame(path: Path, *indices: int) -> None:
+    """Overwrite the start of the JPEG of each frame `indices` names (its SOI marker and headers) with zeros, as a bad
+    sector or a cut write leaves it: FFmpeg cannot decode that frame and goes on with the next."""
     data = bytearray(path.read_bytes())
     starts = [i for i in range(len(data) - 2) if data[i : i + 3] == b"\xff\xd8\xff"]
     assert len(starts) == FRAMES, len(starts)
-    data[starts[index] : starts[index] + 200] = bytes(200)
+    for index in indices:
+        data[starts[index] : starts[index] + 200] = bytes(200)
     path.write_bytes(bytes(data))
 
 
@@ -69,6 +73,33 @@ def test_an_undecodable_frame_in_a_video_file_is_its_own_error_and_the_file_play
     good = [f for f in frames if f.error is None]
     assert [bar(f) for f in good] == [i for i in range(FRAMES) if i != 5]  # each id names its place in the file
     assert ingest.stats()["reopen_count"] == 0 and ingest.stats()["errors"] == 1
+
+
+def test_frames_a_stop_leaves_queued_behind_an_undecodable_run_are_each_logged_as_not_accepted(
+    tmp_path, ingest_threads
+):
+    """Frames 1 and 2 do not decode: reading frame 3 queues their error frames ahead of it in the source. A stop while
+    the first waits for room in a full `block` queue refuses that one (frame_not_accepted, as ever); the error frame
+    and the whole frame 3 still held in the source vanished without a line. Each must be logged as not accepted, and
+    lost (a video frame is not given again)."""
+    path = write_video(tmp_path / "line.avi")
+    corrupt_frame(path, 1, 2)
+    queue = FrameQueue(1, "block")
+    ingest = CameraIngest(camera({"kind": "opencv", "url": str(path)}), queue, backoff_s=(0.05, 0.2))
+    ingest_threads.append(ingest)
+    with capture_logs() as logs:
+        ingest.start()
+        # Frame 0 fills the queue; frame 1's error waits for room, frame 2's and frame 3 wait in the source.
+        assert wait_for(lambda: len(ingest._source.pending) == 2 and len(queue) == 1), ingest.stats()
+        time.sleep(0.2)
+        ingest.stop()
+        ingest.join(5)
+    assert not ingest.is_alive()
+    assert [f.frame_id for f in drain(queue)] == ["0"]
+    refused = [(e["frame_id"], e["seq"], e["lost"], e["log_level"]) for e in logs if e["event"] == "frame_not_accepted"]
+    assert refused == [("1", 1, True, "warning"), ("2", None, True, "warning"), ("3", None, True, "warning")]
+    assert all(e["reason"] == "the daemon is stopping" for e in logs if e["event"] == "frame_not_accepted")
+    assert len(ingest._source.pending) == 0
 
 
 def test_an_empty_frame_reported_as_read_is_an_error_frame_not_a_replay_from_the_start(tmp_path):
@@ -390,7 +421,9 @@ def test_a_url_naming_a_video_device_is_opened_as_that_device(tmp_path, ingest_t
     ingest_threads.append(ingest)
     ingest.start()
     assert wait_for(lambda: ingest.stats()["reopen_count"] >= 1, 5), ingest.stats()
-    assert ingest.stats()["last_error"] == f"OSError: {url}: cv2.VideoCapture cannot open it (video device 1023)"
+    assert ingest.stats()["last_error"] == (
+        f"OSError: {url}: cv2.VideoCapture cannot open it (video device 1023): no {node} (unplugged, or another index)"
+    )
     assert ingest._source.live is True and ingest._source.finite is False
 
 
@@ -506,3 +539,74 @@ def test_a_named_pipe_whose_writer_stops_writing_times_its_read_out_and_the_came
         assert not ingest.is_alive()
     finally:
         held_open.set()
+
+
+OPEN_FAILURES = """
+import json, sys, time
+import structlog
+from inspectd.logs import configure_logging
+from inspectd.daemon.config import parse_config
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.supervisor import CameraIngest
+
+configure_logging("info", "json")
+sources = json.loads(sys.argv[1])
+cameras = parse_config(
+    {"station": "s", "model": {"bundle": "b"},
+     "cameras": [{"id": f"cam{i}", "source": source} for i, source in enumerate(sources)]}
+).cameras
+ingests = [CameraIngest(cam, FrameQueue(64, "drop_oldest"), backoff_s=(0.05, 0.1)) for cam in cameras]
+for ingest in ingests:
+    ingest.start()
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and not all(
+    ingest.reopen_count >= 3 or ingest.state == "ended" for ingest in ingests
+):
+    time.sleep(0.05)
+for ingest in ingests:
+    ingest.stop()
+    ingest.join(10)
+log = structlog.get_logger("t")
+for ingest in ingests:
+    log.info("camera_result", camera=ingest.camera.id, last_error=ingest.last_error, reopen_count=ingest.reopen_count)
+"""
+
+
+def test_cameras_that_cannot_open_or_decode_write_nothing_but_json_lines(tmp_path):
+    """The daemon's output is read with `journalctl -o cat | jq` (docs/DEPLOY.md, Logs), which stops at the first line
+    that is not JSON. OpenCV's V4L2 warning and FFmpeg's "Connection refused" or corrupt-frame errors were written as
+    plain text at every reopen; the reason a device cannot open belongs in the camera's one-line last_error instead."""
+    from ports import free_port
+
+    video = write_video(tmp_path / "line.avi")
+    corrupt_frame(video, 5)
+    sources = [
+        {"kind": "opencv", "url": f"rtsp://127.0.0.1:{free_port()}/line"},  # nobody serves it: Connection refused
+        {"kind": "opencv", "url": f"http://127.0.0.1:{free_port()}/line.mjpg"},
+        {"kind": "opencv", "device": MAX_DEVICE},  # /dev/video1023: no machine has it
+        {"kind": "opencv", "url": str(video)},
+    ]
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parents[1]}{os.pathsep}{Path(__file__).parent}"}
+    for name in ("OPENCV_LOG_LEVEL", "OPENCV_FFMPEG_LOGLEVEL", "JOURNAL_STREAM"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-c", OPEN_FAILURES, json.dumps(sources)], capture_output=True, env=env, timeout=50
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    output = done.stdout.decode(errors="replace").splitlines() + done.stderr.decode(errors="replace").splitlines()
+    plain = []
+    for line in output:
+        try:
+            json.loads(line)
+        except ValueError:
+            plain.append(line)
+    assert plain == []
+    events = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    result = {e["camera"]: e for e in events if e["event"] == "camera_result"}
+    assert all(result[f"cam{i}"]["reopen_count"] >= 3 for i in range(3)), result
+    assert result["cam0"]["last_error"] == f"OSError: {sources[0]['url']}: cv2.VideoCapture cannot open it"
+    assert result["cam2"]["last_error"] == (
+        f"OSError: {MAX_DEVICE}: cv2.VideoCapture cannot open it: no /dev/video{MAX_DEVICE} "
+        "(unplugged, or another index)"
+    )
+    assert result["cam3"]["last_error"].startswith("frame 5: empty frame"), result["cam3"]

@@ -10,8 +10,9 @@ overrun): each lost frame becomes an error Frame naming the jump, so the loss sh
 error count instead of vanishing; a frame that arrived incomplete is an error Frame too. A counter that goes back
 (the camera restarted) is not a loss.
 
-A camera that stops answering (Aravis' control-lost, or a frame `stall_s` late in free-run or software trigger) is
-an OSError, so the ingest supervisor reopens it with backoff. With a hardware trigger no frame simply means no part.
+A camera that stops answering (Aravis' control-lost, a software trigger it does not acknowledge, or a frame `stall_s`
+late in free-run or software trigger) is an OSError, so the ingest supervisor reopens it with backoff, and letting go
+of it happens on a thread of its own. With a hardware trigger no frame simply means no part.
 """
 
 from __future__ import annotations
@@ -120,14 +121,20 @@ def to_image(
         rows = f" in rows of {stride} bytes" if row_padding else ""
         raise ValueError(f"{len(data)} bytes, expected {layout} for {pixel_format}{rows}")
     shape = (height, width, channels) if channels == 3 else (height, width)
+    if pixel_format in ("Mono8", "RGB8") and not row_padding:
+        # `data` is already this frame's own copy (PyGObject hands a buffer's pixels over as bytes), so the pixels
+        # are used in place: read-only, as every source's frames may be.
+        image = np.frombuffer(data, np.uint8, count=needed).reshape(shape)
+        image.flags.writeable = False
+        return image
     strides = (stride, channels * itemsize, itemsize) if channels == 3 else (stride, itemsize)
-    # A view of the pixels in place, whatever the padding: only the conversion below copies.
     image = np.ndarray(shape, "<u2" if wide else np.uint8, buffer=data, strides=strides)
     if wide:
         # Values above the format's full scale (a camera that sets the unused high bits, or aligns its words to the
         # top) saturate at 255, as on every other source, instead of wrapping around to dark.
         return narrow_to_uint8(image, int(pixel_format[4:]))
-    return np.ascontiguousarray(image[..., ::-1]) if pixel_format == "BGR8" else image.copy()
+    # BGR8 turned to RGB, or rows with padding between them: one copy makes the contiguous image the engine fits.
+    return np.ascontiguousarray(image[..., ::-1]) if pixel_format == "BGR8" else np.ascontiguousarray(image)
 
 
 class GenICamCamera(Source):
@@ -246,10 +253,16 @@ class GenICamCamera(Source):
             self._gone = True
             raise OSError(f"genicam {self.applied.get('device')}: control lost (camera unplugged or restarted)")
         now = time.monotonic()
-        if self.spec.trigger == "software" and now >= self._next_trigger:
-            self.cam.software_trigger()
-            self._next_trigger = max(self._next_trigger + 1 / self.spec.software_rate_hz, now)
-        buffer = self.stream.timeout_pop_buffer(int(READ_TIMEOUT_S * 1e6))
+        try:
+            if self.spec.trigger == "software" and now >= self._next_trigger:
+                # A camera that vanished is first seen here under a software trigger: the write waits out Aravis'
+                # control-channel retries (5 s, not stall_s; Aravis 0.8 gives no setting for them) and raises.
+                self.cam.software_trigger()
+                self._next_trigger = max(self._next_trigger + 1 / self.spec.software_rate_hz, now)
+            buffer = self.stream.timeout_pop_buffer(int(READ_TIMEOUT_S * 1e6))
+        except Exception as exc:  # GLib.GError: the camera no longer answers, so closing must not wait on it
+            self._gone = True
+            raise OSError(f"genicam {self.applied.get('device')}: not answering ({_gerror(exc)})") from exc
         if buffer is None:
             stall = self.spec.stall_after_s
             if self.spec.trigger != "line" and time.monotonic() - self._last_frame > stall:
@@ -259,7 +272,7 @@ class GenICamCamera(Source):
         try:
             return self._take(buffer)
         finally:
-            self.stream.push_buffer(buffer)  # back to the camera's pool only once its pixels were copied
+            self.stream.push_buffer(buffer)  # the frame holds its own bytes of the pixels (PyGObject copies them)
 
     def _take(self, buffer: Any) -> Frame:
         self._last_frame = time.monotonic()
@@ -316,6 +329,11 @@ class GenICamCamera(Source):
             self.pending.append(frame)
             return self.pending.popleft()
         return frame
+
+    def unread(self) -> list[Frame]:
+        frames = list(self.pending)
+        self.pending.clear()
+        return frames
 
     def close(self) -> None:
         held = [self.stream, self.cam]

@@ -39,6 +39,22 @@ TIMEOUTS = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ
 GSTREAMER_TIMEOUTS = tuple(int(part) for part in cv2.__version__.split(".")[:2] if part.isdigit()) >= (4, 7)
 
 
+def silence_opencv() -> None:
+    """Keep OpenCV's and FFmpeg's own messages (a refused RTSP connection, a V4L2 device that is not there, once per
+    reopen) out of the daemon's output, whose every line must be JSON (docs/DEPLOY.md, Logs). OpenCV read
+    OPENCV_LOG_LEVEL when cv2 loaded, so its level is set here unless the operator set that variable; FFmpeg's is read
+    from OPENCV_FFMPEG_LOGLEVEL once, at the first capture FFmpeg opens. A level FFmpeg would print at goes to stdout,
+    the log itself, so it is quiet (-8) unless the operator asks for it."""
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+
+# At import, on the thread that loads the config: before any camera thread opens a capture, and before any thread that
+# could read the environment while it is written.
+silence_opencv()
+
+
 # The schemes of the urls FFmpeg (OpenCV's backend for them) reads: the names of libavformat's protocols
 # (libavformat/protocols.c; those on external libraries by the names they register: libsrt srt, librist rist, libssh
 # sftp, libsmbclient smb, libzmq zmq, libamqp amqp, librtmfp rtmfp, android_content content) less the write-only ones
@@ -297,8 +313,27 @@ class VideoCaptureSource(Source):
         if not cap.isOpened():
             cap.release()
             self.close()
-            raise OSError(f"{target}: cv2.VideoCapture cannot open it{self.opened_as}")
+            raise OSError(f"{target}: cv2.VideoCapture cannot open it{self.opened_as}{self._why_not_opened()}")
         self.cap = cap
+
+    def _why_not_opened(self) -> str:
+        """What can be told of a failed open beyond OpenCV's word: for a device, what its node says; nothing for a url
+        or a pipeline, as OpenCV gives no reason (its setExceptionMode error is "could not open" too) and FFmpeg's
+        (Connection refused, 404) went only to FFmpeg's log, silenced above."""
+        device = self.spec.device
+        if device is None and self.path is not None:
+            device = video_device_of(self.path)
+        if device is None:
+            return ""
+        node = f"/dev/video{device}"
+        try:
+            # The kernel's word on the node, which OpenCV's V4L2 backend only writes to its own log.
+            os.close(os.open(node, os.O_RDWR | os.O_NONBLOCK))
+        except FileNotFoundError:
+            return f": no {node} (unplugged, or another index)"
+        except OSError as exc:
+            return f": {node}: {exc.strerror}"
+        return f": {node} opens, but gives no video (a metadata node, or in use by another process)"
 
     def _open_path(self, stop: threading.Event) -> cv2.VideoCapture | None:
         """The capture of the file a path or file:// url names, opened as what it is now: a video file; a V4L2 device
@@ -330,6 +365,11 @@ class VideoCaptureSource(Source):
         # any timeout, whenever the writer had already written its whole pass and gone. The descriptor stays
         # non-blocking, so a writer that stops writing times the read out as a dead stream's does.
         return cv2.VideoCapture(f"pipe:{self.pipe_fd}", cv2.CAP_ANY, TIMEOUTS)
+
+    def unread(self) -> list[Frame]:
+        frames = list(self.pending)
+        self.pending.clear()
+        return frames
 
     def close(self) -> None:
         if self.cap is not None:

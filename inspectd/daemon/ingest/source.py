@@ -64,6 +64,12 @@ class Source:
     def close(self) -> None:
         pass
 
+    def unread(self) -> list[Frame]:
+        """When the camera's thread ends (a stop, the source's end or failure), before its last close(): the frames
+        the source has read but not returned yet (a whole frame queued behind the error frames of those lost before
+        it), given up so that each is logged as not accepted rather than dropped unseen."""
+        return []
+
     def stop_receiving(self) -> threading.Event | None:
         """Before a stop: a source whose producers have already handed frames over (a zmq socket's buffer) stops
         taking new ones and returns an event set once those are read; None for a source that holds nothing."""

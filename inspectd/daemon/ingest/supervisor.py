@@ -122,7 +122,9 @@ class CameraIngest:
         self.state = state
         if state != self._logged_state:
             self._logged_state = state
-            self._log.info("camera_state", state=state, **fields)
+            # A camera that lost its source, or lost it for good, is what `journalctl -p warning` is read for.
+            emit = {"reopening": self._log.warning, "failed": self._log.error}.get(state, self._log.info)
+            emit("camera_state", state=state, **fields)
 
     def _run(self) -> None:
         failures = 0
@@ -172,6 +174,9 @@ class CameraIngest:
                         break
                     self.reopen_count += 1
         finally:
+            reason = "the daemon is stopping" if self._stop.is_set() else f"the camera {self.state}"
+            for frame in self._source.unread():
+                self._not_accepted(frame, seq=None, reason=reason)
             self._source.close()
             if self.state not in ("ended", "failed"):
                 self._set_state("stopped")
@@ -195,10 +200,10 @@ class CameraIngest:
             self.mark_seq(frame.seq - 1)  # stopping: the frame was never queued, its seq is not used
             self._not_accepted(frame, seq=frame.seq)
 
-    def _not_accepted(self, frame: Frame, seq: int | None) -> None:
+    def _not_accepted(self, frame: Frame, seq: int | None, reason: str = "the daemon is stopping") -> None:
         lost = not self._source.redelivers  # a camera's frame is gone, which an alarm should see
         (self._log.warning if lost else self._log.info)(
-            "frame_not_accepted", frame_id=frame.frame_id, seq=seq, lost=lost, reason="the daemon is stopping"
+            "frame_not_accepted", frame_id=frame.frame_id, seq=seq, lost=lost, reason=reason
         )
 
 
