@@ -334,3 +334,41 @@ def test_check_notes_a_bundle_outside_state_dir_whose_thresholds_the_units_would
     path.write_text(yaml.safe_dump({**line_config(tmp_path), "state_dir": str(tmp_path)}))
     inside = inspectd("run", "--check", "--config", str(path))
     assert inside.returncode == 0 and "is outside state_dir" not in inside.stdout, inside.stdout
+
+
+def test_check_says_a_genicam_camera_cannot_open_where_aravis_does_not_import(tmp_path):
+    """install.sh leaves Aravis to deploy/aravis.sh: a genicam station installed without it passed `run --check` and
+    then ran with that camera failed for good."""
+    write_grey_bundle(tmp_path / "bundle")
+    config = line_config(tmp_path)
+    config["cameras"] = [*config["cameras"], {"id": "cam1", "source": {"kind": "genicam"}}]
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # This machine's Aravis hidden, as on a station without deploy/aravis.sh (make test links it into the venv).
+    without_gi = "import runpy, sys; sys.modules['gi'] = None; runpy.run_module('inspectd', run_name='__main__')"
+    env = {k: v for k, v in os.environ.items() if k != ALLOW_ROOT_ENV}
+    checked = subprocess.run(
+        [sys.executable, "-c", without_gi, "run", "--check", "--config", str(path), "--service-user", ""],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+    )
+    assert checked.returncode == 0, checked.stderr
+    notes = [line for line in checked.stdout.splitlines() if "Aravis" in line]
+    assert len(notes) == 1 and notes[0].startswith("  note: cameras cam1: genicam: Aravis through PyGObject is not"), (
+        checked.stdout
+    )
+    assert "run deploy/aravis.sh VENV" in notes[0] and notes[0].endswith("they fail at start, not retried")
+    config["cameras"] = config["cameras"][:1]
+    path.write_text(yaml.safe_dump(config))
+    plain = subprocess.run(
+        [sys.executable, "-c", without_gi, "run", "--check", "--config", str(path), "--service-user", ""],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+    )
+    assert plain.returncode == 0 and "Aravis" not in plain.stdout, "no genicam camera, nothing said"

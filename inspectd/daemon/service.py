@@ -1142,6 +1142,8 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
         print(f"inspectd run --check: {exc}", file=sys.stderr)
         return 2
     unknown = cameras_not_run(thresholds.per_camera, [camera.id for camera in config.cameras])
+    genicam = [camera.id for camera in config.cameras if camera.source.kind == "genicam"]
+    genicam_missing = _aravis_missing() if genicam else None
     print(f"{path}: valid")
     print(f"  station {config.station}: cameras {', '.join(camera.id for camera in config.cameras)}")
     print(f"  bundle {config.model.bundle}: model {bundle.model_id}, thresholds version {thresholds.version}")
@@ -1164,6 +1166,9 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
         )
     for directory in empty:
         print(f"  note: {directory} holds no client key (*.key): every client is refused there")
+    if genicam_missing is not None:
+        # Not a refusal: the config loads and the other cameras run; these fail at start and are not retried.
+        print(f"  note: cameras {', '.join(genicam)}: {genicam_missing}: they fail at start, not retried")
     for duplicate in duplicates:
         print(f"  note: {duplicate}")
     if as_user == "no user":
@@ -1172,6 +1177,17 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
             "(--service-user NAME: the unit's User=)"
         )
     return 0
+
+
+def _aravis_missing() -> str | None:
+    """Why genicam cameras cannot open with this Python, as their open says it; None where Aravis imports."""
+    from inspectd.daemon.ingest.genicam import aravis_missing, import_aravis
+
+    try:
+        import_aravis()
+    except (ImportError, ValueError) as exc:
+        return aravis_missing(exc)
+    return None
 
 
 def cameras_not_run(named: Iterable[str], cameras: Iterable[str]) -> list[str]:

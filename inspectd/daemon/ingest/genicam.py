@@ -76,6 +76,24 @@ class GenICamSource:
         return self.stall_s
 
 
+def import_aravis() -> Any:
+    """The Aravis 0.8 module through PyGObject; ImportError or ValueError where this Python cannot import it."""
+    import gi
+
+    gi.require_version("Aravis", "0.8")
+    from gi.repository import Aravis
+
+    return Aravis
+
+
+def aravis_missing(exc: BaseException) -> str:
+    """Why a genicam camera cannot open here, and what to install: said at open and by `run --check`."""
+    return (
+        f"genicam: Aravis through PyGObject is not importable ({exc}); install gir1.2-aravis-0.8 and python3-gi and "
+        "run deploy/aravis.sh VENV (docs/CAMERAS.md)"
+    )
+
+
 def short_socket_buffer(frame_bytes: int, rmem_max: Path = RMEM_MAX) -> str | None:
     """Why a GigE Vision stream socket cannot hold one frame of `frame_bytes`, or None when it can (or the limit
     cannot be read)."""
@@ -163,15 +181,9 @@ class GenICamCamera(Source):
 
     def open(self, stop: threading.Event) -> None:
         try:
-            import gi
-
-            gi.require_version("Aravis", "0.8")
-            from gi.repository import Aravis
+            Aravis = import_aravis()
         except (ImportError, ValueError) as exc:
-            raise SourceFatal(
-                f"genicam: Aravis through PyGObject is not importable ({exc}); install gir1.2-aravis-0.8 and "
-                "python3-gi and run deploy/aravis.sh VENV (docs/CAMERAS.md)"
-            ) from exc
+            raise SourceFatal(aravis_missing(exc)) from exc
         self._aravis = Aravis
         self._image_part = hasattr(Aravis.Buffer, "get_image_data")
         self._padding = hasattr(Aravis.Buffer, "get_image_padding")
