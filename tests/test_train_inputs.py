@@ -200,6 +200,22 @@ def test_a_bad_weights_file_or_method_flag_is_refused_before_any_image_is_read(t
             "(perlin:3,scar:1)",
         ),
         (["--method", "frozen", "--batch", "0"], "--batch 0: expected an integer >= 1"),
+        # auto's candidates are all frozen: a CSE or SLA flag would be dropped without a word.
+        (
+            ["--cse-lr", "nan"],
+            "--cse-lr nan: a flag of --method cse, which no recipe here trains with (frozen), expected --method cse or "
+            "no --cse-lr",
+        ),
+        (
+            ["--sla-pool", "3"],
+            "--sla-pool 3: a flag of --method sla, which no recipe here trains with (frozen), expected --method sla or "
+            "no --sla-pool",
+        ),
+        (
+            ["--method", "cse", "--sla-lr", "0.1"],
+            "--sla-lr 0.1: a flag of --method sla, which no recipe here trains with (cse), expected --method sla or "
+            "no --sla-lr",
+        ),
         (["--method", "frozen", "--epochs", "-1"], "--epochs -1: expected an integer >= 0"),
     ],
 )

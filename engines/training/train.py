@@ -224,6 +224,23 @@ def check_method_args(methods: set[str], method_args: argparse.Namespace | None)
         method = get_method(name)
         method.head_config(method_args)
         method.check_args(method_args)
+    if method_args is None:
+        return
+    for method_class in available_methods():
+        if method_class.name in methods:
+            continue
+        # A method's flag set where no recipe trains with that method (auto's candidates are all frozen) would be
+        # dropped without a word, and the bundle taken for one trained as asked.
+        probe = argparse.ArgumentParser(add_help=False)
+        method_class.add_arguments(probe)
+        for dest, default in sorted(vars(probe.parse_args([])).items()):
+            given = getattr(method_args, dest, default)
+            if given != default:
+                flag = "--" + dest.replace("_", "-")
+                raise ValueError(
+                    f"{flag} {given}: a flag of --method {method_class.name}, which no recipe here trains with "
+                    f"({', '.join(sorted(methods))}), expected --method {method_class.name} or no {flag}"
+                )
 
 
 def _resolved_flag(path: str | Path, flag: str) -> Path:
