@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -228,15 +230,34 @@ def test_a_bundle_copied_over_again_is_judged_under_a_new_version_and_rollback_r
     with structlog.testing.capture_logs() as logs:
         write_grey_bundle(bundle)
         assert on_disk(daemon).version == 1
-        assert daemon.reload()["thresholds_version"] == 4
-        assert daemon.reload()["thresholds_version"] == 4, "the same files reloaded keep their number"
+        reply = daemon.reload()
+        assert reply["thresholds_renumbered"] == {"loaded_version": 1, "version": 4, "previous_version": 3}, reply
+        write_grey_bundle(bundle)  # and again, reloaded by the operator's command, which says what it did
+        endpoint = daemon.config.control.endpoint
+        said = subprocess.run(
+            [sys.executable, "-m", "inspectd", "ctl", "--endpoint", endpoint, "reload"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert said.returncode == 0, said.stderr
+        assert said.stdout.splitlines()[:2] == [
+            f"reloaded: model {daemon.stage.state.model_id}, thresholds version 5",
+            "thresholds: the bundle's version 1 judged as version 5 (the running one was 4, and a number never names "
+            "two documents); ctl rollback reaches the earlier versions",
+        ], said.stdout
+        again = daemon.reload()
+        assert again["thresholds_version"] == 5, "the same files reloaded keep their number"
+        assert "thresholds_renumbered" not in again
     written = on_disk(daemon)
-    assert (written.version, written.image_threshold) == (4, 0.5)
-    assert versions(written) == [(3, 0.4), (2, 0.45), (1, 0.5)]
+    assert (written.version, written.image_threshold) == (5, 0.5)
+    assert versions(written) == [(4, 0.5), (3, 0.4), (2, 0.45), (1, 0.5)]
     assert daemon.stage.state.thresholds == written
     told = [e for e in logs if e["event"] == "thresholds_renumbered"]
-    assert [(e["bundle_version"], e["thresholds_version"], e["log_level"]) for e in told] == [(1, 4, "warning")]
-    assert ask(daemon, {"cmd": "rollback", "version": 3})["thresholds_version"] == 5
+    assert [(e["loaded_version"], e["thresholds_version"], e["log_level"]) for e in told] == [(1, 4, "warning")] * 1 + [
+        (1, 5, "warning")
+    ]
+    assert ask(daemon, {"cmd": "rollback", "version": 3})["thresholds_version"] == 6
     assert on_disk(daemon).image_threshold == 0.4
 
 
@@ -250,7 +271,7 @@ def test_a_copied_over_bundle_the_daemon_cannot_write_keeps_its_number_and_says_
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # another writer (a calibrate) holding the bundle past the daemon's wait
         with structlog.testing.capture_logs() as logs:
-            assert daemon.reload()["thresholds_version"] == 1
+            reply = daemon.reload()
     finally:
         os.close(fd)
     told = [e for e in logs if e["event"] == "thresholds_version_went_back"]
@@ -258,6 +279,8 @@ def test_a_copied_over_bundle_the_daemon_cannot_write_keeps_its_number_and_says_
         (1, 3, "warning")
     ]
     assert "not written" in told[0]["error"], told
+    assert reply["thresholds_version"] == 1
+    assert reply["thresholds_version_went_back"] == {"previous_version": 3, "version": 1, "error": told[0]["error"]}
     assert on_disk(daemon).version == 1
 
 

@@ -228,10 +228,29 @@ def describe(action: str, reply: dict[str, Any]) -> str:
         return f"camera {reply.get('camera')}: {'paused' if reply.get('paused') else 'running'}"
     if action == "reload":
         lines = [f"reloaded: model {reply.get('model_id')}, thresholds version {reply.get('thresholds_version')}"]
-        return "\n".join(lines + _allow_list_lines(reply))
+        return "\n".join(lines + _numbering_lines(reply) + _allow_list_lines(reply))
     if action in ("set-thresholds", "rollback"):
         return f"thresholds version {reply.get('thresholds_version')} in use"
     return _status(reply)
+
+
+def _numbering_lines(reply: dict[str, Any]) -> list[str]:
+    """What a reload of the running model's bundle under a version not above the running one did to the number: the
+    operator copied a bundle whose thresholds.json says another."""
+    renumbered, went_back = reply.get("thresholds_renumbered"), reply.get("thresholds_version_went_back")
+    if isinstance(renumbered, dict):
+        return [
+            f"thresholds: the bundle's version {renumbered.get('loaded_version')} judged as version "
+            f"{renumbered.get('version')} (the running one was {renumbered.get('previous_version')}, and a number "
+            "never names two documents); ctl rollback reaches the earlier versions"
+        ]
+    if isinstance(went_back, dict):
+        return [
+            f"thresholds: version {went_back.get('version')} again after {went_back.get('previous_version')}: the "
+            f"bundle could not be renumbered ({went_back.get('error')}); results name that number again, with this "
+            "bundle's values, and ctl rollback no longer reaches the earlier versions"
+        ]
+    return []
 
 
 def _allow_list_lines(reply: dict[str, Any]) -> list[str]:

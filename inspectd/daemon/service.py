@@ -688,7 +688,7 @@ class Daemon:
                     # Shutdown closes the engines once, under this lock: one swapped in after it would never be
                     # closed.
                     self._refuse_when_stopping()
-                    new = self._keep_version_rising(old, new)
+                    new, numbering = self._keep_version_rising(old, new)
                 except BaseException:
                     new.close()
                     raise
@@ -716,15 +716,17 @@ class Daemon:
             previous_model_id=old.model_id,
             previous_thresholds_version=old.thresholds_version,
         )
-        return {"model_id": new.model_id, "thresholds_version": new.thresholds_version, "allow_lists": allow_lists}
+        reply = {"model_id": new.model_id, "thresholds_version": new.thresholds_version, "allow_lists": allow_lists}
+        return {**reply, **numbering}
 
-    def _keep_version_rising(self, old: ModelState, new: ModelState) -> ModelState:
+    def _keep_version_rising(self, old: ModelState, new: ModelState) -> tuple[ModelState, dict[str, Any]]:
         """`new` judged by a thresholds version above the running one where the reload brings another document of
         the same model under the same or a lower number (the bundle copied over again, a link pointed back at an
         older copy): results are keyed by model and version, so one number must never name two documents, and the
         station's own versions stay reachable by `ctl rollback`. Written into the new bundle before the swap, as
         set-thresholds writes, so a restart reads the same; a bundle the daemon may not write in keeps its number,
-        said as a warning."""
+        said as a warning. What was done goes into the reload's reply too (`thresholds_renumbered` or
+        `thresholds_version_went_back`), for `ctl reload` to print."""
         from engines.bundle import thresholds as thresholds_doc
         from engines.bundle.store import NotDurable
         from engines.errors import BundleError
@@ -732,7 +734,7 @@ class Daemon:
 
         running, loaded = old.thresholds, new.thresholds
         if new.model_id != old.model_id or loaded.version > running.version or loaded == running:
-            return new
+            return new, {}
         doc = dataclasses.replace(loaded, version=running.version + 1, history=thresholds_doc.history_after(running))
         try:
             new.bundle.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(doc), wait_s=BUNDLE_LOCK_WAIT_S)
@@ -747,16 +749,18 @@ class Daemon:
                 error=str(exc),
                 effect=f"results name version {loaded.version} again, now with this bundle's values",
             )
-            return new
+            went_back = {"previous_version": running.version, "version": loaded.version, "error": str(exc)}
+            return new, {"thresholds_version_went_back": went_back}
         self.log.warning(
             "thresholds_renumbered",
             model_id=new.model_id,
-            bundle_version=loaded.version,
+            loaded_version=loaded.version,
             thresholds_version=doc.version,
             previous_thresholds_version=running.version,
             effect="the reloaded bundle's thresholds under a new number; ctl rollback reaches the earlier versions",
         )
-        return new.with_thresholds(doc)
+        renumbered = {"loaded_version": loaded.version, "version": doc.version, "previous_version": running.version}
+        return new.with_thresholds(doc), {"thresholds_renumbered": renumbered}
 
     def _tell_unknown_cameras(self, state: ModelState) -> None:
         """A camera override the daemon has no camera for judges nothing: written by `calibrate --camera` without
