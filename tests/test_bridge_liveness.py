@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +28,8 @@ from inspectd.clients import bridge as bridge_module  # noqa: E402
 from inspectd.clients.handshake import Handshake, HandshakeSettings  # noqa: E402
 from inspectd.protocol.messages import decode, encode_status  # noqa: E402
 from plc_peers import CAMERA, STATION, Daemon, Memory, wait  # noqa: E402
-from test_bridge import BIT, Bridge, Plc  # noqa: E402
+from ports import free_port  # noqa: E402
+from test_bridge import BIT, Bridge, Plc, bridge_command  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 REPO = Path(__file__).resolve().parents[1]
@@ -196,6 +200,89 @@ def test_a_daemon_gone_drops_trigger_ready_at_once_whatever_its_status_interval(
         bridge.stop()
     [silent] = events(bridge, "daemon_silent")
     assert silent["connection"] == "closed", silent
+
+
+def test_a_daemon_gone_drops_trigger_ready_at_once_at_a_long_heartbeat_too(plc, daemon, tmp_path):
+    """heartbeat_ms set high to cut the PLC's traffic: the heartbeat register keeps its period, but trigger_ready
+    still drops when the daemon closes its connection, not at the next heartbeat (up to a minute later)."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 3000\npoll_ms: 5\nheartbeat_ms: 5000\n")
+    bridge = Bridge(daemon, plc, config)
+    try:
+        wait(lambda: status(daemon, interval_s=5.0) or ready(plc), 10, "trigger_ready")
+        beat = plc.field("heartbeat")
+        # Closed just after a heartbeat: a drop that waits for the next one comes about 5 s later.
+        wait(lambda: status(daemon, interval_s=5.0) or plc.field("heartbeat") != beat, 12, "a heartbeat")
+        assert ready(plc)
+        daemon.pub.close(linger=0)
+        gone = time.monotonic()
+        wait(lambda: not ready(plc), 15, "trigger_ready to drop with the connection", interval=0.02)
+        dropped = time.monotonic() - gone
+        assert dropped < 1.5, f"trigger_ready dropped {dropped:.1f} s after the daemon closed its connection"
+        beats = {plc.field("heartbeat")}
+        for _ in range(20):  # 2 s of a 5 s heartbeat: one beat at most, the closing woke no more of them
+            time.sleep(0.1)
+            beats.add(plc.field("heartbeat"))
+        assert len(beats) <= 2, beats
+        wait(lambda: events(bridge, "daemon_silent"), 5, "daemon_silent")
+    finally:
+        bridge.stop()
+    [silent] = events(bridge, "daemon_silent")
+    assert silent["connection"] == "closed", silent
+
+
+def test_a_silent_daemon_drops_trigger_ready_when_the_limit_runs_out_at_a_long_heartbeat_too(plc, daemon, tmp_path):
+    """A daemon still connected that publishes nothing (hung): trigger_ready drops once three status intervals (3 s
+    here) have passed, not at the first heartbeat after them (5 s here, up to a minute)."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 3000\npoll_ms: 5\nheartbeat_ms: 5000\n")
+    bridge = Bridge(daemon, plc, config)
+    try:
+        wait(lambda: status(daemon) or ready(plc), 10, "trigger_ready")
+        beat = plc.field("heartbeat")
+        wait(lambda: status(daemon) or plc.field("heartbeat") != beat, 12, "a heartbeat")
+        status(daemon)  # the last message, just after a heartbeat: the next one is 5 s away
+        sent = time.monotonic()
+        wait(lambda: not ready(plc), 15, "trigger_ready to drop once the daemon is silent", interval=0.02)
+        dropped = time.monotonic() - sent
+        assert 2.9 <= dropped <= 4.0, f"trigger_ready dropped {dropped:.1f} s after the last status"
+    finally:
+        bridge.stop()
+    [silent] = events(bridge, "daemon_silent")
+    assert silent["connection"] == "up" and silent["silent_after_s"] == 3.0, silent
+
+
+def test_a_daemon_never_reached_is_logged_as_no_connection_made(plc, config):
+    """--endpoint names a port where nothing listens (a typo, or the daemon not started yet): the silence warning
+    must not say the connection is up, which would point at the daemon's publishing instead of the endpoint."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        bridge_command(endpoint, plc, config, "--topic", f"inspect.{STATION}.{CAMERA}."),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    out = proc.stdout
+    assert out is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(out.readline, "")))
+    reader.start()
+
+    def silent() -> list[dict]:
+        logged = [json.loads(line) for line in list(lines) if line.startswith("{")]
+        return [event for event in logged if event.get("event") == "daemon_silent"]
+
+    try:
+        wait(lambda: proc.poll() is None and silent(), 20, "daemon_silent")
+        assert not ready(plc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        reader.join(10)
+    [told] = silent()
+    assert told["since"] == "the start" and told["connection"] == "never made", told
 
 
 def test_each_camera_whose_results_the_bridge_refuses_is_one_warning_within_a_minute(plc, daemon, config):

@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,8 @@ SILENT_GAPS = 3
 # A message the bridge has been taking in for this long waits on a journal read that is stuck (a failing disk), not
 # slow (a full segment parses in a fraction of a second): trigger_ready drops, as for a silent daemon.
 READ_STUCK_S = 10.0
+# The bridge's wait for a liveness limit ends this long after it, so the limit is past when it is looked at.
+LIMIT_SLACK_S = 0.01
 # A restart's replay of a camera waits this long at most for the camera's first live result, which shows whether the
 # journal is the daemon's current numbering before any of it is handed over (a quiet line: then it goes unchecked).
 # Counted from the end of the restart's reads, it leaves room for the other cameras' first results to be checked first
@@ -206,6 +208,9 @@ class Subscription:
         self._readmission = Readmission()
         self.reopened = 0  # sockets opened in place of one the daemon refused
         self.socket, self._watch = self._open()
+        self._linked_once = False  # a connection to the daemon was up at some point, on this socket or one before
+        self._wake: Callable[[], None] | None = None
+        self._told: tuple = ()  # the watch's state when `_wake` was last called for it
 
     def _open(self) -> tuple[zmq.asyncio.Socket, HandshakeWatch]:
         return open_watched_sub(self._context, self.endpoint, self._curve, self._topics)
@@ -214,7 +219,9 @@ class Subscription:
         """Read the handshake events (which must not pile up) and replace a socket the daemon refused when it is
         due; why the daemon shuts the bridge out (a phrase after "the daemon"), None while it lets it in."""
         # What the refused socket still holds (published before the refusal) is taken in before it is let go.
-        if self._readmission.look(self._watch) and not int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        due = self._readmission.look(self._watch)
+        self._note_link(self._watch)
+        if due and not int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._readmission.reopened()
             try:
                 sock, watch = self._open()
@@ -222,10 +229,57 @@ class Subscription:
                 return self._readmission.failure  # the endpoint took a connect before: tried again when next due
             old, old_watch = self.socket, self._watch
             self.socket, self._watch = sock, watch
+            self._unlisten(old_watch)
             old_watch.close()
+            self._listen()
             old.close(0)  # cancels the receive waiting on it: `recv` takes it up on the new socket
             self.reopened += 1
         return self._readmission.failure
+
+    def _note_link(self, watch: HandshakeWatch) -> None:
+        self._linked_once = self._linked_once or watch.linked or watch.closed_at is not None
+
+    def wake_on_change(self, wake: Callable[[], None]) -> None:
+        """Call `wake` when the connection or its handshake changes (up, closed, refused), read as the monitor tells
+        it: a daemon that closed it is acted on then, not at the next `look` a heartbeat later."""
+        self._wake = wake
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._wake is None:
+            return
+        watch = self._watch
+        self._told = self._state(watch)
+        asyncio.get_running_loop().add_reader(int(watch.monitor.getsockopt(zmq.FD)), self._changed, watch)
+
+    def _unlisten(self, watch: HandshakeWatch) -> None:
+        if self._wake is None:
+            return
+        try:
+            asyncio.get_running_loop().remove_reader(int(watch.monitor.getsockopt(zmq.FD)))
+        except (RuntimeError, zmq.ZMQError):
+            pass  # no loop running any more, or the monitor already closed: nothing left to listen to
+
+    @staticmethod
+    def _state(watch: HandshakeWatch) -> tuple:
+        return watch.linked, watch.closed_at, watch.failure()
+
+    def _changed(self, watch: HandshakeWatch) -> None:
+        # libzmq's FD stays readable until the monitor's pending commands are taken in, which reading its events
+        # (failure) does: one call per batch of events, not a busy loop. A connect retried (nothing listening, every
+        # 100 ms) changes none of this state, so it wakes nobody.
+        state = self._state(watch)
+        self._note_link(watch)
+        if state != self._told and self._wake is not None:
+            self._told = state
+            self._wake()
+
+    def connection(self) -> str:
+        """The daemon's connection as of the last `look`, for the log: "up" (connected, handshake done), "closed" (one
+        was up, none is now) or "never made" (none ever was up: nothing there, another port, refused)."""
+        if self._watch.linked:
+            return "up"
+        return "closed" if self._linked_once else "never made"
 
     def closed_since(self, heard: float) -> bool:
         """Whether the daemon's connection was seen closed (as of the last `look`) after `heard`, the last message, and
@@ -248,6 +302,7 @@ class Subscription:
                 return received.result()
 
     def close(self) -> None:
+        self._unlisten(self._watch)
         self._watch.close()
         self.socket.close(0)
 
@@ -1133,6 +1188,11 @@ async def _bridge(
     # What the log last said of the daemon, for one line per change: heard (the start counts as heard, so a daemon
     # never heard is told once the silence limit has passed since the start) and healthy.
     told_heard, told_healthy = [True], [True]
+    # Liveness is written as it changes, not only at the next heartbeat (up to a minute away): set by a message while
+    # trigger_ready is down for the daemon, a change of its health, and the connection's changes (Subscription).
+    wake = asyncio.Event()
+    written_alive = [False]
+    sub.wake_on_change(wake.set)
     log.info(
         "bridge_started",
         endpoint=args.endpoint,
@@ -1145,6 +1205,8 @@ async def _bridge(
 
     async def take(frames: list[bytes]) -> None:
         last_heard[0] = time.monotonic()
+        if not written_alive[0]:
+            wake.set()
         if refused[0] is not None:
             log.info("readmitted", endpoint=args.endpoint, reopened=sub.reopened)
             refused[0] = None
@@ -1174,6 +1236,8 @@ async def _bridge(
         silent_after[0] = DAEMON_SILENT_S if interval is None else max(DAEMON_SILENT_S, SILENT_GAPS * interval)
         if message.get("healthy") is not None:
             healthy[0] = message["healthy"] is True  # a string "false" is no health either
+            if healthy[0] != told_healthy[0]:
+                wake.set()
         for handshake in handshakes:  # written with the next result or heartbeat
             handshake.follow_daemon(message)
 
@@ -1200,10 +1264,14 @@ async def _bridge(
             await take(await sub.recv())
 
     async def tick() -> None:
+        from inspectd.clients.handshake import either
+
         beat = 0
         started = time.monotonic()
+        beat_due = started
         while not stop.is_set():
-            beat += 1
+            wake.clear()
+            failure = sub.look()  # first: the connection as the monitor tells it now; the events must not pile up
             now = time.monotonic()
             waited = None if feeding[0] is None else now - feeding[0]
             if waited is not None and waited >= READ_STUCK_S and not stuck_told[0]:
@@ -1232,7 +1300,7 @@ async def _bridge(
                         silent_s=round(quiet, 1),
                         since="the start" if last_heard[0] == -DAEMON_SILENT_S else "the last message",
                         silent_after_s=silent_after[0],
-                        connection="closed" if closed else "up",
+                        connection=sub.connection(),
                         trigger_ready="down until the daemon is heard again",
                     )
             if healthy[0] != told_healthy[0]:
@@ -1245,18 +1313,30 @@ async def _bridge(
                         endpoint=args.endpoint,
                         trigger_ready="down while the daemon's status says healthy: false",
                     )
-            failure = sub.look()  # every beat: the events must not pile up, and a refused socket is replaced
             if failure is not None and not alive and failure != refused[0]:
                 # A daemon that shuts the bridge out would otherwise look like one that is down.
                 log.warning("handshake_failed", endpoint=args.endpoint, error=f"the daemon {failure}")
                 refused[0] = failure
+            written_alive[0] = alive
             for handshake in handshakes:
-                await handshake.set_status(daemon_alive=alive, daemon_healthy=healthy[0])
-                await handshake.service(beat)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=config.heartbeat_ms / 1000)
-            except asyncio.TimeoutError:
-                pass
+                await handshake.set_status(daemon_alive=alive, daemon_healthy=healthy[0])  # written when changed
+            if time.monotonic() >= beat_due:
+                beat += 1
+                for handshake in handshakes:
+                    await handshake.service(beat)
+                beat_due = time.monotonic() + config.heartbeat_ms / 1000
+            # Awake again at the next heartbeat, or sooner when a limit this pass saw ahead runs out first: the
+            # silence limit, the whole-start limit of a daemon never heard, a journal read turning stuck. Each limit
+            # wakes the loop once (once past, it is no longer ahead), so the PLC sees no more writes than changes.
+            soonest = beat_due
+            for limit in (
+                last_heard[0] + silent_after[0],
+                max(last_heard[0], started) + silent_after[0],
+                None if feeding[0] is None or stuck_told[0] else feeding[0] + READ_STUCK_S,
+            ):
+                if limit is not None and now < limit < soonest:
+                    soonest = limit
+            await either(wake, stop, max(0.0, soonest - time.monotonic()) + LIMIT_SLACK_S)
 
     runs = [asyncio.ensure_future(h.run(stop)) for h in handshakes]
     refill = asyncio.ensure_future(feeder.run(stop))
