@@ -641,8 +641,8 @@ def archive_frames(
         root = str(reader.root.resolve())
     if unreadable:
         print(
-            f"inspectd teach: WARNING: {where}: skipped {len(unreadable)} frame(s) whose file is empty or not a whole "
-            f"PNG: {', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}",
+            f"inspectd teach: WARNING: {where}: skipped {len(unreadable)} frame(s) whose file is empty, not a whole "
+            f"PNG or a link loop: {', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}",
             file=sys.stderr,
         )
     # As an export of the span is read (folder_frames): a stuck camera's copies of one frame are one frame.

@@ -743,7 +743,7 @@ def test_export_skips_a_frame_whose_file_is_empty_or_cut_short(tmp_path):
     report = json.loads(done.stdout)
     assert report["exported"] == 1 and report["unreadable"] == ids[:2], report
     assert done.stderr.strip() == (
-        f"inspectd archive: skipped 2 frame(s) whose file is empty or not a whole PNG: {ids[0]} {ids[1]}"
+        f"inspectd archive: skipped 2 frame(s) whose file is empty, not a whole PNG or a link loop: {ids[0]} {ids[1]}"
     )
     assert [p.stem for p in out.rglob("*.png")] == [ids[2]], "nothing unreadable copied into a training folder"
     rows = [json.loads(line) for line in (out / "archive.jsonl").read_text().splitlines()]
@@ -995,6 +995,11 @@ def test_a_limit_or_camera_that_cannot_select_is_refused_and_a_camera_not_archiv
     assert cli("list", "--camera", "cam9") == (0, ["0 frame(s)", holds])
     assert cli("export", str(out), "--camera", "cam9") == (1, ["inspectd archive: no archived frame matched", holds])
     assert not out.exists(), "an export that matched nothing leaves no folder that looks like an export"
+    for extra, said in (([], ""), (["--json"], None)):
+        archive_cli.run(parser.parse_args(["export", str(out), "--camera", "cam9", *extra, "--archive", str(root)]))
+        printed = capsys.readouterr().out
+        # No line names a folder that was not made: the exported line for text, "out": null for JSON.
+        assert (printed if said is not None else json.loads(printed)["out"]) == said, printed
     assert cli("list", "--camera", "cam0", "--until", "2000-01-01") == (0, ["0 frame(s)"]), "cam0 is archived"
 
     # Added to, a folder keeps what it held when the export matched nothing.

@@ -263,6 +263,7 @@ def test_a_frame_whose_path_is_a_symlink_loop_is_skipped_and_named_by_export(tmp
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert json.loads(done.stdout)["unreadable"] == [ids[0]]
     assert (
-        done.stderr.strip() == f"inspectd archive: skipped 1 frame(s) whose file is empty or not a whole PNG: {ids[0]}"
+        done.stderr.strip()
+        == f"inspectd archive: skipped 1 frame(s) whose file is empty, not a whole PNG or a link loop: {ids[0]}"
     )
     assert [p.stem for p in out.rglob("*.png")] == [ids[1]]

@@ -170,14 +170,15 @@ def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespac
     holds = {folder: len(names) for folder, names in split_frames(args.out, args.split).items() if names}
     if unreadable:
         print(
-            f"inspectd archive: skipped {len(unreadable)} frame(s) whose file is empty or not a whole PNG: "
+            f"inspectd archive: skipped {len(unreadable)} frame(s) whose file is empty, not a whole PNG or a link "
+            f"loop: "
             f"{' '.join(unreadable)}",
             file=sys.stderr,
         )
     if args.json:
         json.dump(
             {
-                "out": str(args.out),
+                "out": str(args.out) if Path(args.out).exists() else None,  # none made for nothing to copy
                 "split": args.split,
                 "exported": copied,
                 "copied": counts,
@@ -190,7 +191,7 @@ def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespac
             sys.stdout,
         )
         print()
-    else:
+    elif matched:  # nothing matched: the line below says so, and no OUT was made to name
         line = f"exported {copied} frame(s) to {where} (good: {counts['ok']}, defect: {counts['defect']})"
         if expired:
             line += f"; {len(expired)} matched frame(s) expired (deleted by retention) before they could be copied"
