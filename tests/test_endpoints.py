@@ -46,3 +46,16 @@ def test_a_port_of_thousands_of_digits_is_refused_in_words(check):
     problem = check(endpoint)
     assert problem is not None and problem.startswith("expected tcp://HOST:PORT, PORT "), problem
     assert check("tcp://127.0.0.1:005556") is None  # leading zeros, as before: the number is what counts
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://:5556", "tcp://:0", "tcp://:*"])
+def test_a_connect_with_no_host_is_refused_in_words_about_the_host(endpoint):
+    """The port was fine and the host missing, yet the refusal spoke of the port."""
+    problem = connect_endpoint_problem(endpoint)
+    assert problem == f"expected tcp://HOST:PORT, HOST the daemon's address (none given), got {endpoint!r}", problem
+    # A bind's refusal of the same is unchanged (tests/test_config.py quotes it); so is a connect with no port.
+    assert endpoint_problem(endpoint) == f"expected tcp://HOST:PORT, PORT a number up to 65535 or *, got {endpoint!r}"
+    assert connect_endpoint_problem("tcp://127.0.0.1") == (
+        "expected tcp://HOST:PORT, PORT the daemon's port, a number from 1 to 65535 (* and 0 are only for a bind), "
+        "got 'tcp://127.0.0.1'"
+    )

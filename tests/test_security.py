@@ -1193,6 +1193,67 @@ def test_made_up_keys_by_the_hundred_log_a_budget_then_one_summary(pki, tmp_path
         guard.stop()
 
 
+def test_a_key_retrying_through_a_flood_of_made_up_keys_is_named_within_an_interval(pki, capsys, monkeypatch):
+    """A flood of one-shot made-up keys spends each interval's budget of new keys in its first moments. A client whose
+    key is not listed (an operator's ctl, a revoked bridge) retries all along; before, its slot came due again a
+    whole interval after its first refusal, at the same phase, when the budget was already spent, so the log never
+    named it. The summary names the keys refused most: a made-up key once, the retrying one every time."""
+    from inspectd.daemon import security
+
+    monkeypatch.setattr(security, "REPEAT_LOG_S", 3.0)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    server_key = keys.load_public(pki["server"][0])
+    context = zmq.Context()
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            socks = []
+            for _ in range(10):
+                public, secret = zmq.curve_keypair()
+                sock = context.socket(zmq.DEALER)
+                sock.linger = 0
+                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
+                sock.connect(endpoint)
+                socks.append(sock)
+            time.sleep(0.2)
+            for sock in socks:
+                sock.close(0)
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    operator = keys.load_public(pki["intruder"][0]).decode()
+    try:
+        deadline = time.monotonic() + 5
+        while guard.refused < 2 * security.NEW_LOGGED_PER_INTERVAL and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert guard.refused >= 2 * security.NEW_LOGGED_PER_INTERVAL  # this interval's budget is spent
+        began = time.monotonic()
+        tries = 0
+        while time.monotonic() - began < 2.5 * security.REPEAT_LOG_S:
+            with ControlClient(endpoint, timeout_s=0.5, curve=curve_client(pki["server"][0], pki["intruder"][1])) as c:
+                with pytest.raises(InspectdError, match="refused this client's key"):
+                    c.request({"cmd": "status"})
+            tries += 1
+            time.sleep(0.3)
+        assert tries >= 6, tries
+        lines = [line for line in capsys.readouterr().out.splitlines() if "auth_refused" in line]
+        assert stop.is_set() is False and flooder.is_alive()  # named while the flood still ran
+        assert any(operator in line for line in lines), [line for line in lines if "new_keys_not_logged" in line]
+        # Still bounded: per interval, the budget, the keys each summary named, and the summary itself.
+        intervals = (time.monotonic() - began) / security.REPEAT_LOG_S + 2
+        assert len(lines) <= intervals * (security.NEW_LOGGED_PER_INTERVAL + 2 * security.SUMMARY_NAMED + 1), len(lines)
+    finally:
+        stop.set()
+        flooder.join(timeout=5)
+        context.destroy(0)
+        server.stop()
+        guard.stop()
+
+
 def test_a_key_in_two_allow_list_files_is_named_at_start_and_a_reload_says_which_file_keeps_it_in(pki, tmp_path):
     """Revoking is deleting the key's file and reloading; with the same key also under another name (an old laptop's
     copy), the key stayed in, the reload said `removed=[]` and ctl "unchanged", and nothing named the other file."""

@@ -466,7 +466,12 @@ class WebView:
                     why = ArchiveError(f"{path}: cannot read the {kind} image ({exc.strerror or exc})")
                     raise self._unreadable("image_unreadable", why) from None
                 if found:
-                    return web.FileResponse(path, headers={"Cache-Control": IMMUTABLE})
+                    failure = _open_failure(path)
+                    if failure is None:
+                        return web.FileResponse(path, headers={"Cache-Control": IMMUTABLE})
+                    if not isinstance(failure, FileNotFoundError):  # gone since: missing, as below
+                        why = ArchiveError(f"{path}: cannot read the {kind} image ({failure.strerror or failure})")
+                        raise self._unreadable("image_unreadable", why) from None
                 error = f"archive id {entry_id!r}: {kind} file missing"
             except ArchiveError as exc:
                 error = str(exc)
@@ -482,12 +487,27 @@ class WebView:
         except OSError as exc:
             why = ArchiveError(f"{exc.filename or self.archive}: cannot read the live frame ({exc.strerror or exc})")
             raise self._unreadable("live_frame_unreadable", why) from None
-        if path is None:
+        failure = None if path is None else _open_failure(path)
+        if path is None or isinstance(failure, FileNotFoundError):
             raise web.HTTPNotFound(text="no live frame for this camera (yet)")
+        if failure is not None:
+            why = ArchiveError(f"{path}: cannot read the live frame ({failure.strerror or failure})")
+            raise self._unreadable("live_frame_unreadable", why) from None
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 
 
 _json = functools.partial(json.dumps, separators=(",", ":"), default=str)
+
+
+def _open_failure(path: Path) -> OSError | None:
+    """Why this user cannot open the file `path` for reading, None when it can. A file it may not read (mode 0600 in a
+    folder it may enter) passes is_file(), and aiohttp would answer it with an empty 403 that neither the page nor the
+    log hears of. Opened rather than asked of os.access(), which answers for the real user, not the effective one."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _resolved(path: Path) -> Path:

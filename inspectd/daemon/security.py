@@ -6,7 +6,8 @@ public keys in an allow-list directory. One ZAP authenticator thread serves ever
 attempt (unknown key, or a client that does not speak CURVE at all) is counted and logged as `auth_refused` with the
 reason; repeats of the same refusal from the same key are summarised once a minute, because a refused REQ client
 reconnects every 100 ms and would otherwise flood the log, while a key not seen before is logged, up to
-NEW_LOGGED_PER_INTERVAL of them a minute per domain (past that, one line a minute counts the keys not named). A
+NEW_LOGGED_PER_INTERVAL of them a minute per domain (past that, one line a minute counts the keys not named and
+names the few of them refused most, so that a client retrying through a flood of made-up keys is named too). A
 handshake that fails before any key is seen (no CURVE, another server key) names no client: libzmq's socket monitor
 gives only the daemon's own endpoint for it (`socket`) and no peer address, so those are summarised per reason and
 socket, and the count of the repeats covers every client that failed that way meanwhile.
@@ -36,6 +37,7 @@ socket file another live process serves (`refuse_served_ipc`), which ZeroMQ alon
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import os
 import socket
@@ -63,6 +65,7 @@ ALLOW_ROOT_ENV = "INSPECTD_ALLOW_ROOT"
 REPEAT_LOG_S = 60.0
 REFUSALS_TRACKED = 1024  # (reason, key or socket) pairs whose repeats are summarised
 NEW_LOGGED_PER_INTERVAL = 20  # pairs logged for the first time per REPEAT_LOG_S and domain; the rest are summed
+SUMMARY_NAMED = 3  # pairs past that budget that the interval's summary names: those refused most
 REMOVED = "client key removed from the allow-list"
 # Keyed by plain int: the monitor hands event numbers over as ints.
 _REFUSALS: dict[int, str] = {
@@ -225,13 +228,18 @@ class _Refusals:
     anyone holding it can make up a key per connection, and a line for each would have journald's rate limit drop
     the daemon's other lines. So at most NEW_LOGGED_PER_INTERVAL pairs never logged before are logged per
     REPEAT_LOG_S; the ones past that are counted, and once the interval ends one `auth_refused` line says how many
-    (`new_keys_not_logged`). The count of refusals takes every one."""
+    (`new_keys_not_logged`) and names the SUMMARY_NAMED of them refused most (`most_refused_not_logged`), which are
+    logged as any other pair from then on. A made-up key is refused once and a real client retries, so a flood
+    that spends every interval's budget cannot keep a retrying key out of the log for more than an interval. The
+    count of refusals takes every one."""
 
     def __init__(self, domain: str) -> None:
         self.domain = domain
         self.count = 0
-        # (reason, who) -> (when last logged or first seen, refusals since, whether its who was ever logged)
-        self._last: collections.OrderedDict[tuple[str, str], tuple[float, int, bool]] = collections.OrderedDict()
+        # (reason, field, who) -> (when last logged or first seen; for a pair never logged, the start of the interval
+        # it was last refused in, so that it may take the next interval's budget from that interval's start on,
+        # refusals since, whether its who was ever logged)
+        self._last: collections.OrderedDict[tuple[str, str, str], tuple[float, int, bool]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._interval_start = -REPEAT_LOG_S
         self._new_logged = 0  # pairs logged for the first time in this interval
@@ -239,7 +247,8 @@ class _Refusals:
         self._unlogged_refusals = 0  # refusals of pairs never logged, since the last summary
 
     def refused(self, reason: str, **fields) -> None:
-        slot = (reason, str(fields.get("client_key", fields.get("socket", ""))))
+        field = "client_key" if "client_key" in fields else "socket"
+        slot = (reason, field, str(fields.get(field, "")))
         now = time.monotonic()
         with self._lock:
             self.count += 1
@@ -256,7 +265,7 @@ class _Refusals:
             else:
                 line = False
                 self._new_unlogged += 1
-                self._last[slot] = (now, repeats + 1, False)
+                self._last[slot] = (self._interval_start, repeats + 1, False)
             if not line and not logged:
                 self._unlogged_refusals += 1
             while len(self._last) > REFUSALS_TRACKED:
@@ -273,21 +282,34 @@ class _Refusals:
         if summary is not None:
             self._log_summary(*summary)
 
-    def _roll(self, now: float) -> tuple[int, int] | None:
-        """Start a new interval when the last one has ended: (keys not logged, their refusals) when it had any."""
+    def _roll(self, now: float) -> tuple[int, int, list[dict[str, object]]] | None:
+        """Start a new interval when the last one has ended: (keys not logged, their refusals, the most refused of
+        them, now counted as logged) when it had any."""
         if now - self._interval_start < REPEAT_LOG_S:
             return None
-        summary = (self._new_unlogged, self._unlogged_refusals) if self._unlogged_refusals else None
+        summary = None
+        if self._unlogged_refusals:
+            # Once an interval, over at most REFUSALS_TRACKED pairs: the ones refused in the interval that ends.
+            ended = self._interval_start
+            unlogged = (item for item in self._last.items() if not item[1][2] and item[1][0] >= ended)
+            most = heapq.nlargest(SUMMARY_NAMED, unlogged, key=lambda item: item[1][1])
+            named: list[dict[str, object]] = []
+            for slot, (_, repeats, _) in most:
+                reason, field, who = slot
+                named.append({field: who, "reason": reason, "refusals": repeats})
+                self._last[slot] = (now, 0, True)
+            summary = (self._new_unlogged, self._unlogged_refusals, named)
         self._interval_start, self._new_logged, self._new_unlogged, self._unlogged_refusals = now, 0, 0, 0
         return summary
 
-    def _log_summary(self, keys_not_logged: int, refusals: int) -> None:
+    def _log_summary(self, keys_not_logged: int, refusals: int, named: list[dict[str, object]]) -> None:
         log.warning(
             "auth_refused",
             domain=self.domain,
             reason=f"more than {NEW_LOGGED_PER_INTERVAL} keys or sockets not seen before in {REPEAT_LOG_S:g} s",
             new_keys_not_logged=keys_not_logged,
             refusals_not_logged=refusals,
+            most_refused_not_logged=named,
         )
 
 

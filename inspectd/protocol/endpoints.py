@@ -37,6 +37,8 @@ def _problem(value: Any, show: Callable[[Any], str], connect: bool) -> str | Non
         return f"{show(value)} holds a NUL byte, expected a ZeroMQ endpoint ({ENDPOINT_FORMS})"
     if value.startswith("tcp://"):
         host, sep, port = value[len("tcp://") :].rpartition(":")
+        if connect and sep and not host:  # tcp://:5556: the port is there, the host is what is missing
+            return f"expected tcp://HOST:PORT, HOST the daemon's address (none given), got {show(value)}"
         if connect and (not sep or not host or not _connect_port(port)):
             # A wildcard only tells a bind to pick: libzmq refuses * for a connect ("Invalid argument") and connects
             # to port 0, where it waits in silence.
