@@ -347,14 +347,18 @@ def test_check_says_a_genicam_camera_cannot_open_where_aravis_does_not_import(tm
     # This machine's Aravis hidden, as on a station without deploy/aravis.sh (make test links it into the venv).
     without_gi = "import runpy, sys; sys.modules['gi'] = None; runpy.run_module('inspectd', run_name='__main__')"
     env = {k: v for k, v in os.environ.items() if k != ALLOW_ROOT_ENV}
-    checked = subprocess.run(
-        [sys.executable, "-c", without_gi, "run", "--check", "--config", str(path), "--service-user", ""],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env=env,
-    )
+
+    def check_without_gi() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", without_gi, "run", "--check", "--config", str(path), "--service-user", ""],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env=env,
+        )
+
+    checked = check_without_gi()
     assert checked.returncode == 0, checked.stderr
     notes = [line for line in checked.stdout.splitlines() if "Aravis" in line]
     assert len(notes) == 1 and notes[0].startswith("  note: cameras cam1: genicam: Aravis through PyGObject is not"), (
@@ -363,12 +367,5 @@ def test_check_says_a_genicam_camera_cannot_open_where_aravis_does_not_import(tm
     assert "run deploy/aravis.sh VENV" in notes[0] and notes[0].endswith("they fail at start, not retried")
     config["cameras"] = config["cameras"][:1]
     path.write_text(yaml.safe_dump(config))
-    plain = subprocess.run(
-        [sys.executable, "-c", without_gi, "run", "--check", "--config", str(path), "--service-user", ""],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env=env,
-    )
+    plain = check_without_gi()
     assert plain.returncode == 0 and "Aravis" not in plain.stdout, "no genicam camera, nothing said"

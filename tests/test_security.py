@@ -1136,6 +1136,22 @@ def test_each_refused_key_is_logged_even_while_another_keeps_retrying(pki, tmp_p
     assert len(guard.refusals._last) == security.REFUSALS_TRACKED
 
 
+def made_up_keys_connect(context: zmq.Context, endpoint: str, server_key: bytes, n: int, hold_s: float) -> None:
+    """`n` DEALER sockets, each with a key made up on the spot, connected to `endpoint` for `hold_s`: what anyone
+    holding the server's public key can do."""
+    socks = []
+    for _ in range(n):
+        public, secret = zmq.curve_keypair()
+        sock = context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
+        sock.connect(endpoint)
+        socks.append(sock)
+    time.sleep(hold_s)
+    for sock in socks:
+        sock.close(0)
+
+
 def test_made_up_keys_by_the_hundred_log_a_budget_then_one_summary(pki, tmp_path, capsys, monkeypatch):
     """The server's public key goes to every client, so anyone holding it can make up a key per connection: a line
     for each (hundreds a second) would have journald's rate limit drop the daemon's own lines. At most
@@ -1152,17 +1168,7 @@ def test_made_up_keys_by_the_hundred_log_a_budget_then_one_summary(pki, tmp_path
     made_up = 150
     try:
         for _ in range(made_up // 10):
-            socks = []
-            for _ in range(10):
-                public, secret = zmq.curve_keypair()
-                sock = context.socket(zmq.DEALER)
-                sock.linger = 0
-                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
-                sock.connect(endpoint)
-                socks.append(sock)
-            time.sleep(0.05)
-            for sock in socks:
-                sock.close(0)
+            made_up_keys_connect(context, endpoint, server_key, 10, 0.05)
         deadline = time.monotonic() + 10
         while guard.refused < made_up and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -1211,17 +1217,7 @@ def test_a_key_retrying_through_a_flood_of_made_up_keys_is_named_within_an_inter
 
     def flood() -> None:
         while not stop.is_set():
-            socks = []
-            for _ in range(10):
-                public, secret = zmq.curve_keypair()
-                sock = context.socket(zmq.DEALER)
-                sock.linger = 0
-                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_key, public, secret
-                sock.connect(endpoint)
-                socks.append(sock)
-            time.sleep(0.2)
-            for sock in socks:
-                sock.close(0)
+            made_up_keys_connect(context, endpoint, server_key, 10, 0.2)
 
     flooder = threading.Thread(target=flood, daemon=True)
     flooder.start()
