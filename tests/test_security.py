@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -1131,9 +1132,33 @@ def test_each_refused_key_is_logged_even_while_another_keeps_retrying(pki, tmp_p
     logged = [line for line in capsys.readouterr().out.splitlines() if "auth_refused" in line]
     assert sum(keys.load_public(pki["intruder"][0]).decode() in line for line in logged) == 1, logged
     assert sum(keys.load_public(second[0]).decode() in line for line in logged) == 1, logged
-    for i in range(security.REFUSALS_TRACKED + 500):
+    for i in range(security.ONCE_TRACKED + 500):
         guard.refusals.refused("client key not in the allow-list", client_key=f"made-up-{i}")
-    assert len(guard.refusals._last) == security.REFUSALS_TRACKED
+    assert len(guard.refusals._last) <= security.ONCE_TRACKED + security.REFUSALS_TRACKED
+
+
+def test_a_key_refused_every_few_seconds_is_named_through_a_flood_that_turns_the_table_over(monkeypatch, capsys):
+    """A flood of hundreds of made-up keys a second turned the table of refused pairs over every few seconds: an
+    operator re-running ctl every 4 s was pushed out before its next refusal, so no summary ever named it. Pairs
+    refused once are kept apart, many more of them, and go first; a second refusal keeps a pair."""
+    from inspectd.daemon import security
+
+    clock = [1000.0]
+    monkeypatch.setattr(security, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    # Scaled down with the flood: one table of 50 turns over in 0.15 s; the once-refused, 2000 of them, in 6 s.
+    monkeypatch.setattr(security, "REFUSALS_TRACKED", 50)
+    monkeypatch.setattr(security, "ONCE_TRACKED", 2000)
+    refusals = security._Refusals("control")
+    reason = "client key not in the allow-list"
+    for tenth in range(3000):  # 300 s of a flood at 320 keys a second, the operator's ctl every 4 s
+        clock[0] += 0.1
+        for i in range(32):
+            refusals.refused(reason, client_key=f"made-up-{tenth}-{i}")
+        if tenth % 40 == 0:
+            refusals.refused(reason, client_key="operator")
+    named = [line for line in capsys.readouterr().out.splitlines() if "operator" in line]
+    assert named, "the operator's key was never named"
+    assert len(refusals._last) <= 2050
 
 
 def made_up_keys_connect(context: zmq.Context, endpoint: str, server_key: bytes, n: int, hold_s: float) -> None:

@@ -63,7 +63,10 @@ log = structlog.get_logger("inspectd.daemon.security")
 # Tests and throwaway containers run everything as root; a station never should. Set only where root is the sandbox.
 ALLOW_ROOT_ENV = "INSPECTD_ALLOW_ROOT"
 REPEAT_LOG_S = 60.0
-REFUSALS_TRACKED = 1024  # (reason, key or socket) pairs whose repeats are summarised
+REFUSALS_TRACKED = 1024  # (reason, key or socket) pairs refused more than once or logged, whose repeats are summarised
+# Pairs refused once and never logged (a flood's made-up keys), kept apart and dropped first: a client that retries only
+# every few seconds (an operator re-running ctl) must still be told from them by its second refusal. A few MB at most.
+ONCE_TRACKED = 16384
 NEW_LOGGED_PER_INTERVAL = 20  # pairs logged for the first time per REPEAT_LOG_S and domain; the rest are summed
 SUMMARY_NAMED = 3  # pairs past that budget that the interval's summary names: those refused most
 REMOVED = "client key removed from the allow-list"
@@ -223,8 +226,10 @@ class _Refusals:
     REPEAT_LOG_S.
 
     Grouped by who as well as why: a revoked client retrying every 100 ms must not hide the first refusal of
-    another key. At most REFUSALS_TRACKED pairs are remembered (the least recently refused goes first), so keys
-    made up by the thousand cannot grow the table. Nor the log: the server's public key goes to every client, so
+    another key. At most REFUSALS_TRACKED pairs refused again or logged, and ONCE_TRACKED refused once, are
+    remembered (the least recently refused of each goes first; the once-refused before the others), so keys made up
+    by the thousand cannot grow the table, nor push out a client seen twice. Nor the log: the server's public key
+    goes to every client, so
     anyone holding it can make up a key per connection, and a line for each would have journald's rate limit drop
     the daemon's other lines. So at most NEW_LOGGED_PER_INTERVAL pairs never logged before are logged per
     REPEAT_LOG_S; the ones past that are counted, and once the interval ends one `auth_refused` line says how many
@@ -240,6 +245,9 @@ class _Refusals:
         # it was last refused in, so that it may take the next interval's budget from that interval's start on,
         # refusals since, whether its who was ever logged)
         self._last: collections.OrderedDict[tuple[str, str, str], tuple[float, int, bool]] = collections.OrderedDict()
+        # _last's pairs by when last refused, apart: those refused once and never logged, and the others.
+        self._once: collections.OrderedDict[tuple[str, str, str], None] = collections.OrderedDict()
+        self._again: collections.OrderedDict[tuple[str, str, str], None] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._interval_start = -REPEAT_LOG_S
         self._new_logged = 0  # pairs logged for the first time in this interval
@@ -253,7 +261,10 @@ class _Refusals:
         with self._lock:
             self.count += 1
             summary = self._roll(now)
+            seen = slot in self._last
             when, repeats, logged = self._last.pop(slot, (-REPEAT_LOG_S, 0, False))
+            self._once.pop(slot, None)
+            self._again.pop(slot, None)
             if now - when < REPEAT_LOG_S:
                 line = False
                 self._last[slot] = (when, repeats + 1, logged)
@@ -268,8 +279,11 @@ class _Refusals:
                 self._last[slot] = (self._interval_start, repeats + 1, False)
             if not line and not logged:
                 self._unlogged_refusals += 1
-            while len(self._last) > REFUSALS_TRACKED:
-                self._last.popitem(last=False)
+            (self._again if seen or line or logged else self._once)[slot] = None
+            while len(self._once) > ONCE_TRACKED:
+                del self._last[self._once.popitem(last=False)[0]]
+            while len(self._again) > REFUSALS_TRACKED:
+                del self._last[self._again.popitem(last=False)[0]]
         if summary is not None:
             self._log_summary(*summary)
         if line:
@@ -289,7 +303,7 @@ class _Refusals:
             return None
         summary = None
         if self._unlogged_refusals:
-            # Once an interval, over at most REFUSALS_TRACKED pairs: the ones refused in the interval that ends.
+            # Once an interval, over the pairs remembered: the ones refused in the interval that ends.
             ended = self._interval_start
             unlogged = (item for item in self._last.items() if not item[1][2] and item[1][0] >= ended)
             most = heapq.nlargest(SUMMARY_NAMED, unlogged, key=lambda item: item[1][1])
@@ -298,6 +312,8 @@ class _Refusals:
                 reason, field, who = slot
                 named.append({field: who, "reason": reason, "refusals": repeats})
                 self._last[slot] = (now, 0, True)
+                self._once.pop(slot, None)
+                self._again[slot] = None
             summary = (self._new_unlogged, self._unlogged_refusals, named)
         self._interval_start, self._new_logged, self._new_unlogged, self._unlogged_refusals = now, 0, 0, 0
         return summary
