@@ -282,6 +282,12 @@ def test_a_copied_over_bundle_the_daemon_cannot_write_keeps_its_number_and_says_
     assert reply["thresholds_version"] == 1
     assert reply["thresholds_version_went_back"] == {"previous_version": 3, "version": 1, "error": told[0]["error"]}
     assert on_disk(daemon).version == 1
+    # The writer gone, the reload tried again mends it: numbered above the station's version 3, with its history.
+    again = daemon.reload()
+    assert again["thresholds_renumbered"] == {"loaded_version": 1, "version": 4, "previous_version": 3}, again
+    assert versions(on_disk(daemon)) == [(3, 0.4), (2, 0.45), (1, 0.5)]
+    assert ask(daemon, {"cmd": "rollback", "version": 3})["thresholds_version"] == 5
+    assert "thresholds_renumbered" not in daemon.reload(), "mended once"
 
 
 def test_refusals_of_huge_documents_and_camera_ids_quote_them_cut_short(daemon):

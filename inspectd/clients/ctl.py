@@ -248,7 +248,8 @@ def _numbering_lines(reply: dict[str, Any]) -> list[str]:
         return [
             f"thresholds: version {went_back.get('version')} again after {went_back.get('previous_version')}: the "
             f"bundle could not be renumbered ({went_back.get('error')}); results name that number again, with this "
-            "bundle's values, and ctl rollback no longer reaches the earlier versions"
+            f"bundle's values, until a reload that can write the bundle numbers it above "
+            f"{went_back.get('previous_version')} (ctl rollback reaches the earlier versions again then)"
         ]
     return []
 

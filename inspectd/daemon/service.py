@@ -98,6 +98,9 @@ class Daemon:
         self.t_start = time.monotonic()
         self._reload_lock = threading.Lock()
         self._retired: list[ModelState] = []
+        # model id -> the document that ran before a reload took the version back (its bundle could not be written):
+        # a later reload of that model numbers above it and keeps its history, so retrying the reload mends it.
+        self._went_back: dict[str, Any] = {}
         self._stopping = threading.Event()
         self._in_flight: list = []  # the frames of the batch the engine is running
         self._abandon = threading.Event()  # set when shutdown ran out of time: queued frames go out as errors
@@ -733,6 +736,9 @@ class Daemon:
         from inspectd.daemon.control import BUNDLE_LOCK_WAIT_S
 
         running, loaded = old.thresholds, new.thresholds
+        behind = self._went_back.get(new.model_id) if new.model_id == old.model_id else None
+        if behind is not None and behind.version > running.version:
+            running = behind
         if new.model_id != old.model_id or loaded.version > running.version or loaded == running:
             return new, {}
         doc = dataclasses.replace(loaded, version=running.version + 1, history=thresholds_doc.history_after(running))
@@ -749,6 +755,7 @@ class Daemon:
                 error=str(exc),
                 effect=f"results name version {loaded.version} again, now with this bundle's values",
             )
+            self._went_back[new.model_id] = running
             went_back = {"previous_version": running.version, "version": loaded.version, "error": str(exc)}
             return new, {"thresholds_version_went_back": went_back}
         self.log.warning(
@@ -759,6 +766,7 @@ class Daemon:
             previous_thresholds_version=running.version,
             effect="the reloaded bundle's thresholds under a new number; ctl rollback reaches the earlier versions",
         )
+        self._went_back.pop(new.model_id, None)
         renumbered = {"loaded_version": loaded.version, "version": doc.version, "previous_version": running.version}
         return new.with_thresholds(doc), {"thresholds_renumbered": renumbered}
 
