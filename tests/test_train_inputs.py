@@ -211,6 +211,12 @@ def test_a_bad_weights_file_or_method_flag_is_refused_before_any_image_is_read(t
             "--sla-pool 3: a flag of --method sla, which no recipe here trains with (frozen), expected --method sla or "
             "no --sla-pool",
         ),
+        (["--method", "sla", "--sla-dim", "0"], "--sla-dim 0: expected an integer >= 1"),
+        (
+            ["--cse-regenerate"],
+            "--cse-regenerate: a flag of --method cse, which no recipe here trains with (frozen), expected --method "
+            "cse or no --cse-regenerate",
+        ),
         (
             ["--method", "cse", "--sla-lr", "0.1"],
             "--sla-lr 0.1: a flag of --method sla, which no recipe here trains with (cse), expected --method sla or "

@@ -115,7 +115,8 @@ class SlaMethod(Method):
         )
 
     def head_config(self, args: argparse.Namespace | None) -> dict[str, Any]:
-        dim = int(getattr(args, "sla_dim", FEATURE_DIM) or FEATURE_DIM)
+        given = getattr(args, "sla_dim", None)
+        dim = FEATURE_DIM if given is None else int(given)
         if dim < 1:
             raise ValueError(f"--sla-dim {dim}: expected an integer >= 1")
         return {"dim": dim}
