@@ -1579,3 +1579,28 @@ def test_a_server_key_pair_rotated_on_disk_is_warned_of_at_reload_and_not_switch
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_a_reason_known_for_an_outage_is_not_replaced_by_a_later_socket_hanging_up_without_one():
+    """Each socket a long-lived client (a PLC bridge) opens in place of a refused one may first hear the peer hang up
+    without a reason, then why (no CurveZMQ there): the reason known flipped to the vaguer one and back at every
+    reopen, and the bridge logged both each time (about 240 warnings an hour) where one report per outage is meant.
+    The watches stand in for HandshakeWatch as the bridge's reopens leave it between two looks."""
+    vague = "ended the CurveZMQ handshake without a reason: ..."
+    why = "does not use CurveZMQ there, expected no --server-key/--client-key"
+
+    def watch(failure: str | None, definitive: bool, admitted: bool = False) -> types.SimpleNamespace:
+        return types.SimpleNamespace(failure=lambda: failure, _definitive=definitive, admitted=admitted, ended=True)
+
+    readmission = keys.Readmission(first_s=0.0, most_s=0.0)
+    known = []
+    for _ in range(3):  # three sockets, each vague first, then the reason
+        for seen in (watch(vague, False), watch(why, True)):
+            readmission.look(seen)
+            if not known or known[-1] != readmission.failure:
+                known.append(readmission.failure)
+    assert known == [vague, why], known
+    readmission.look(watch(None, False, admitted=True))  # let in: the outage is over
+    assert readmission.failure is None
+    readmission.look(watch(vague, False))
+    assert readmission.failure == vague, "a new outage starts with what is known of it"

@@ -66,7 +66,8 @@ SILENT_GAPS = 3
 # A message the bridge has been taking in for this long waits on a journal read that is stuck (a failing disk), not
 # slow (a full segment parses in a fraction of a second): trigger_ready drops, as for a silent daemon.
 READ_STUCK_S = 10.0
-# The bridge's wait for a liveness limit ends this long after it, so the limit is past when it is looked at.
+# The bridge's wait for a liveness limit ends this long after it, so the limit is past when it is looked at (the
+# heartbeat keeps its own schedule).
 LIMIT_SLACK_S = 0.01
 # A restart's replay of a camera waits this long at most for the camera's first live result, which shows whether the
 # journal is the daemon's current numbering before any of it is handed over (a quiet line: then it goes unchecked).
@@ -1324,7 +1325,8 @@ async def _bridge(
                 beat += 1
                 for handshake in handshakes:
                     await handshake.service(beat)
-                beat_due = time.monotonic() + config.heartbeat_ms / 1000
+                # On its own schedule, so the PLC's watchdog sees the period it was set to; after a stall, from now.
+                beat_due = max(beat_due + config.heartbeat_ms / 1000, time.monotonic())
             # Awake again at the next heartbeat, or sooner when a limit this pass saw ahead runs out first: the
             # silence limit, the whole-start limit of a daemon never heard, a journal read turning stuck. Each limit
             # wakes the loop once (once past, it is no longer ahead), so the PLC sees no more writes than changes.
@@ -1335,8 +1337,8 @@ async def _bridge(
                 None if feeding[0] is None or stuck_told[0] else feeding[0] + READ_STUCK_S,
             ):
                 if limit is not None and now < limit < soonest:
-                    soonest = limit
-            await either(wake, stop, max(0.0, soonest - time.monotonic()) + LIMIT_SLACK_S)
+                    soonest = limit + LIMIT_SLACK_S  # past the limit when it is looked at
+            await either(wake, stop, max(0.0, soonest - time.monotonic()))
 
     runs = [asyncio.ensure_future(h.run(stop)) for h in handshakes]
     refill = asyncio.ensure_future(feeder.run(stop))

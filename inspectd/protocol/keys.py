@@ -495,16 +495,19 @@ class Readmission:
     def __init__(self, first_s: float = READMIT_FIRST_S, most_s: float = READMIT_MOST_S) -> None:
         self.first_s, self.most_s = first_s, most_s
         self.failure: str | None = None
+        self._definitive = False  # `failure` is one the peer gives every time (a key refused, no CurveZMQ)
         self._wait = first_s
         self._due: float | None = None  # when the refused socket is to be replaced; None while none is refused
 
     def look(self, watch: HandshakeWatch) -> bool:
         """Read `watch`'s events: whether its socket is to be replaced now."""
         failure = watch.failure()
-        if failure is not None:
-            self.failure = failure
-        elif watch.admitted:
-            self.failure = None
+        # A new socket's first failure is often one without a reason (the peer hung up mid-greeting) before the one
+        # that says why: within an outage it does not replace a reason already known, or each reopen reports twice.
+        if failure is not None and (watch._definitive or not self._definitive):
+            self.failure, self._definitive = failure, watch._definitive
+        elif failure is None and watch.admitted:
+            self.failure, self._definitive = None, False
             self._wait = self.first_s
         if not watch.ended:
             return False
