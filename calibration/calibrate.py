@@ -11,8 +11,11 @@ Owns the statistics of threshold choice (all numpy, on score arrays, so they are
     or the F1-max threshold (engines.training.metrics.f1_max); the confusion matrix is printed. Without
     defects these two targets are refused: a threshold chosen "from defects" with no defects would flag everything;
   - pixel threshold: the quantile of good frames' pixel scores at a target pixel false-positive rate, or the pixel
-    F1-max over ground-truth masks when the defective folders have them (both streamed through
+    F1-max over ground-truth masks when any defective image has one (those without are left out of the pixel
+    histograms, as eval leaves them out, with a WARNING counting them; both streamed through
     engines.training.metrics.PixelHistograms, so maps are never held).
+16-bit --good and --defective images of another depth than the bundle narrows them as are a WARNING, and a set
+mixing 8- and 16-bit images is refused, as train refuses one.
 An image that cannot be read or does not decode (or, with --pixel, whose mask cannot be read or does not decode, as in
 eval) is left out with a WARNING saying which file, and counted (provenance
 n_skipped_good/n_skipped_defective); an image in both --good and --defective is refused before scoring; a threshold
@@ -565,7 +568,7 @@ def _score(
             brightness[i] = mean_level(fitted)
         if pixels is not None and i < len(good):
             pixels.add(scored.frame_map, None, what=str(scored.path))
-        elif pixels is not None and has_masks:
+        elif pixels is not None and mask is not None:
             pixels.add(scored.frame_map, mask, what=str(scored.path))
         progress.update(at)
     progress.finish()
@@ -599,7 +602,27 @@ def _score(
 
 
 def _has_masks(defective: list[tuple[Path, Path | None]]) -> bool:
-    return bool(defective) and all(mask is not None for _, mask in defective)
+    """Whether --pixel takes the pixel F1-max over ground-truth masks: when any defective image has one, as eval
+    scores its pixel metrics over the images with masks. The images without one are left out of the pixel histograms
+    (their pixels are neither defect nor defect-free), not a reason to set aside every mask given for the good
+    pixels' rate."""
+    return any(mask is not None for _, mask in defective)
+
+
+def _maskless_warning(defective: list[tuple[Path, Path | None]]) -> str | None:
+    """The WARNING for --pixel when some defective images, not all, have a mask: the pixel threshold is set on fewer
+    defects than the image threshold (a defect type not labelled yet is not in it)."""
+    maskless = [path for path, mask in defective if mask is None]
+    if not maskless or len(maskless) == len(defective):
+        return None
+    shown = ", ".join(str(path) for path in maskless[:3]) + (
+        f" and {len(maskless) - 3} more" if len(maskless) > 3 else ""
+    )
+    return (
+        f"WARNING: {len(maskless)} of {len(defective)} defective images have no ground-truth mask ({shown}): they are "
+        f"left out of the pixel threshold, the pixel F1-max over the {len(defective) - len(maskless)} with masks, as "
+        "eval leaves them out of its pixel metrics; give each its mask for the pixel threshold to cover them"
+    )
 
 
 def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
@@ -729,7 +752,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.dry_run:
             check_writable(bundle.path)  # before minutes of scoring, not after
         if client is not None:  # a status request writes nothing: a dry run checks the model and --camera too
-            camera_checked = _check_daemon(args, client, bundle)
+            camera_checked = _check_daemon(args, client, bundle, current, out)
         if args.rollback is not None:
             given = [flag for flag, value in _scoring_flags(args) if value]
             if given:
@@ -818,6 +841,13 @@ def run(args: argparse.Namespace) -> int:
         f"wrote thresholds version {new.version} (was {current.version}) to {bundle.path / thresholds_doc.FILE_NAME}",
         file=out,
     )
+    if applied == UNREACHABLE:
+        # Written, not in service: the daemon reads its bundle's thresholds.json only when it loads the bundle.
+        print(
+            f"inspectd calibrate: version {new.version} not applied: it goes into service at the daemon's next "
+            f"reload (`inspectd ctl --endpoint {args.apply} reload`, or systemctl reload) or start",
+            file=sys.stderr,
+        )
     return 0 if applied in (None, APPLIED) else 1
 
 
@@ -920,15 +950,29 @@ def _unchecked_camera_warning(args, bundle, current) -> str:
     )
 
 
-def _check_daemon(args, client: ControlClient, bundle) -> bool:
+def _check_daemon(args, client: ControlClient, bundle, current, out) -> bool:
     """CalibrationError, before any scoring, when the daemon --apply names runs another model than BUNDLE (thresholds
-    for other scores; e.g. teach switched the bundle since, or this is a stale copy) or no camera --camera (a typo
-    would become an override nobody uses); whether it checked --camera against the daemon's cameras. A daemon that
-    does not answer is left to --apply itself to report (the version is still written, for its next start); a reply
-    that is not the protocol's, or a handshake the daemon ended, is refused here."""
+    for other scores; e.g. teach switched the bundle since, or this is a stale copy), no camera --camera (a typo
+    would become an override nobody uses), or would refuse the new version for an override it carries of a camera the
+    daemon does not run (_refuse_overrides_not_run); whether it checked --camera against the daemon's cameras. A
+    daemon that does not answer is a WARNING here, since nothing was checked, and is left to --apply itself to report
+    (the version is still written, for its next start); a reply that is not the protocol's, or a handshake the daemon
+    ended, is refused here."""
     try:
         reply = client.request({"cmd": "status"})
     except ControlTimeout:
+        # A dry run with --apply is how an operator checks the model and camera before a long run: its clean ending
+        # must not pass for a check that never happened.
+        then = (
+            "a dry run checks nothing more"
+            if args.dry_run
+            else "the version is still written, and goes into service at the daemon's next reload or start"
+        )
+        print(
+            f"WARNING: the daemon at {args.apply} did not answer within {args.timeout:g} s: the model it runs and "
+            f"the cameras of the overrides were not checked; {then}",
+            file=out,
+        )
         return False
     if not reply.get("ok"):
         # It answered, and said no: set_thresholds would be refused the same way. (A key it does not let in, or a
@@ -941,12 +985,97 @@ def _check_daemon(args, client: ControlClient, bundle) -> bool:
             "the bundle the daemon runs (reload it first, or calibrate its bundle)"
         )
     cameras = reply.get("cameras")
-    if args.camera is not None and isinstance(cameras, dict) and args.camera not in cameras:
+    if not isinstance(cameras, dict):
+        return False
+    if args.camera is not None and args.camera not in cameras:
         raise CalibrationError(
             f"--camera {args.camera}: the daemon at {args.apply} has no such camera, expected one of "
             f"{', '.join(sorted(cameras)) or 'its cameras (it has none)'}"
         )
-    return args.camera is not None and isinstance(cameras, dict)
+    _refuse_overrides_not_run(args, bundle, current, sorted(cameras), reply.get("thresholds_version"))
+    return args.camera is not None
+
+
+def _versions(current) -> list[dict[str, Any]]:
+    """Every version thresholds document `current` knows, itself first, then its history newest first."""
+    return [current.to_dict(), *current.history]
+
+
+def _overrides_of(doc: dict[str, Any]) -> set[str]:
+    per_camera = doc.get("per_camera")
+    return {str(camera) for camera in per_camera} if isinstance(per_camera, dict) else set()
+
+
+def _overrides_sent(args, current) -> set[str] | None:
+    """The cameras with an override in the version this run would send; None for a --rollback that cannot be made
+    (refused later in its own words)."""
+    if args.rollback is not None:
+        try:
+            return set(thresholds_doc.rollback(current, args.rollback).per_camera)
+        except thresholds_doc.ThresholdsError:
+            return None
+    carried = set() if _overrides_to_drop(current, args, args.precision or "fp32") else set(current.per_camera)
+    return carried | ({args.camera} if args.camera is not None else set())
+
+
+def _can_roll_back(current, version: int) -> bool:
+    """Whether `calibrate --rollback version` may restore it (not one set on a scorer teach has replaced since)."""
+    try:
+        thresholds_doc.rollback(current, version)
+    except thresholds_doc.ThresholdsError:
+        return False
+    return True
+
+
+def _refuse_overrides_not_run(args, bundle, current, cameras: list[str], running_version: Any) -> None:
+    """CalibrationError, before any scoring, naming the overrides the new version would carry for cameras the
+    daemon does not run, where the daemon's set_thresholds would refuse them: those not already in force there (it
+    keeps an override in force for a camera taken out of its config). A `--camera cam01` written without --apply is
+    carried into every later version, and each later --apply was refused only after minutes of scoring."""
+    sent = _overrides_sent(args, current)
+    if not sent:
+        return
+    # The daemon's running version, as the bundle's history holds it: its overrides are in force there. One the
+    # history no longer holds is taken as having none, so every carried override is checked.
+    in_force = next((_overrides_of(doc) for doc in _versions(current) if doc.get("version") == running_version), set())
+    stale = sorted(sent - in_force - set(cameras))
+    if not stale:
+        return
+    without = [
+        doc["version"]
+        for doc in _versions(current)
+        if isinstance(doc.get("version"), int) and not _overrides_of(doc) & set(stale)
+    ]
+    earlier = [
+        version
+        for version in without
+        if version not in (current.version, args.rollback) and _can_roll_back(current, version)
+    ]
+    if args.rollback is not None:
+        what = f"version {args.rollback} holds"
+        way = (
+            f"roll back to a version without them (the newest is version {earlier[0]})"
+            if earlier
+            else "no earlier version is without them"
+        )
+        if current.version in without:
+            way += f"; calibrate anew keeps version {current.version}'s overrides, which are none of them"
+    else:
+        what = "the new version would carry"
+        way = (
+            f"restore version {earlier[0]}, the newest without them, with `inspectd calibrate {bundle.path} "
+            f"--rollback {earlier[0]}` (a rollback is calibrate's one way to remove an override), then calibrate "
+            "again, --camera under the camera's right id"
+            if earlier
+            else f"no version of {bundle.path} is without them, and calibrate removes an override only by a "
+            f"rollback: `inspectd ctl --endpoint {args.apply} reload` puts the bundle's version in service as it is, "
+            "after which --apply takes them"
+        )
+    raise CalibrationError(
+        f"--apply {args.apply}: {what} the override(s) of camera(s) {', '.join(stale)}, which the daemon does not "
+        f"run (it runs {', '.join(cameras) or 'no camera'}) and refuses to take on (a --camera typo written without "
+        f"--apply, or a camera renamed since): {way}"
+    )
 
 
 def _user() -> str:
@@ -1016,12 +1145,17 @@ def _calibrate(bundle, current, args, out):
         )
     if warning := _fitted_frames_warning(bundle, good):
         print(warning, file=out)
+    for flag, paths in (("--good", good), ("--defective", [path for path, _ in defective])):
+        if warning := _bit_depth_warning(bundle, flag, paths):
+            print(warning, file=out)
     if args.pixel and args.pixel_fpr is not None and _has_masks(defective):
         print(
             f"note: --pixel-fpr {args.pixel_fpr:g} not used: the defects have masks, the pixel threshold is their "
             "pixel F1-max",
             file=out,
         )
+    if args.pixel and (warning := _maskless_warning(defective)):
+        print(warning, file=out)
     scored = _score(bundle, args, good, defective, options)
     if skipped := scored.skipped_good + scored.skipped_defect:
         from engines.training.evaluate import skipped_lines
@@ -1046,6 +1180,11 @@ def _calibrate(bundle, current, args, out):
         "n_defective": int(scored.defect.size),
         "n_skipped_defective": len(scored.skipped_defect),
         "n_duplicates_defective": len(duplicates[1]) + len(scored.twins_defect),
+        **(
+            {"n_defective_without_mask": sum(mask is None for _, mask in defective)}
+            if args.pixel and scored.has_masks
+            else {}
+        ),
         "model_id": bundle.model_id,
         # What the scores were computed in: a daemon whose engine runs the same precision judges by them as they are.
         thresholds_doc.ENGINE_PRECISION: precision,
@@ -1114,6 +1253,48 @@ def _calibrate(bundle, current, args, out):
         current, image_threshold=image, pixel_threshold=pixel, per_camera=per_camera, provenance=provenance
     )
     return new, hold
+
+
+def _bit_depth_warning(bundle, flag: str, paths: list[Path]) -> str | None:
+    """The WARNING when the 16-bit images of `paths` (the --good or --defective set) hold another depth than BUNDLE
+    narrows 16-bit frames as (its input.bit_depth, 16 where it declares none): scored narrowed that way, 12-bit frames
+    on a bundle trained on 8-bit ones came out near black, and the threshold set on them was ten times the one their
+    camera's frames score at. A set mixing 8- and 16-bit images is refused in train's words (detect_bit_depth's)."""
+    from engines.data.images import detect_bit_depth
+    from engines.errors import DataError
+
+    try:
+        detected = detect_bit_depth(paths)
+    except DataError:
+        # A file that does not decode is scoring's to leave out and name; the depth is that of those that decode
+        # (and a mixed set is refused by this second look).
+        detected = detect_bit_depth([path for path in paths if _depth_readable(path)])
+    if detected is None or detected.bits == bundle.bit_depth:
+        return None
+    why = (
+        f"low {detected.padding} bits 0 in every value (left-aligned)"
+        if detected.padding >= 2 and not detected.ambiguous
+        else f"largest value {detected.largest}"
+    )
+    declared = "its input.bit_depth" if bundle.declared_bit_depth else "it declares no input.bit_depth"
+    seen = "darker" if detected.bits < bundle.bit_depth else "brighter (saturating above full scale)"
+    return (
+        f"WARNING: {flag}: 16-bit images, {why}: {detected.bits}-bit, and {bundle.path} narrows 16-bit frames as "
+        f"{bundle.bit_depth}-bit ({declared}, >> {bundle.bit_depth - 8}): the model sees them {seen} than "
+        f"{detected.bits}-bit frames are, and the threshold is set on scores the line may not give; calibrate on "
+        f"frames as the daemon receives them (an archive export), or a bundle trained with --bit-depth {detected.bits}"
+    )
+
+
+def _depth_readable(path: Path) -> bool:
+    from engines.data.images import detect_bit_depth
+    from engines.errors import DataError
+
+    try:
+        detect_bit_depth([path])
+    except DataError:
+        return False
+    return True
 
 
 def _in_both(good: list[Path], defective: list[tuple[Path, Path | None]]) -> list[str]:

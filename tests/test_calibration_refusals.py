@@ -579,3 +579,43 @@ def test_apply_of_a_threshold_that_rejects_most_good_frames_neither_writes_nor_a
     assert main(flags) == 0
     written = load_bundle(bundle).thresholds()
     assert written.version == 2 and "rejects 30 of 30 good frames" in written.provenance["observed"]["warning"]
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "apply"])
+def test_calibrate_says_when_the_daemon_at_apply_did_not_answer_and_so_checked_nothing(tmp_path, capsys, dry_run):
+    """`--apply EP --dry-run` is how an operator checks the model and camera before a long run; with nothing
+    answering at EP it printed a clean dry run, exit 0, and a real run ended on `wrote thresholds version 2` without
+    saying it was not in service."""
+    import cv2
+
+    from inspectd.cli import main
+    from station_model import good_frame, write_grey_bundle
+
+    bundle = write_grey_bundle(tmp_path / "grey")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(12):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    flags = ["calibrate", str(bundle), "--good", str(good), "--target-false-reject", "0.3"]
+    code = main([*flags, "--apply", endpoint, "--timeout", "0.5", *(["--dry-run"] if dry_run else [])])
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    then = (
+        "a dry run checks nothing more"
+        if dry_run
+        else "the version is still written, and goes into service at the daemon's next reload or start"
+    )
+    assert lines[0] == (
+        f"WARNING: the daemon at {endpoint} did not answer within 0.5 s: the model it runs and the cameras of the "
+        f"overrides were not checked; {then}"
+    ), captured.out
+    assert lines[1].startswith("image threshold "), captured.out  # said before scoring
+    if dry_run:
+        assert code == 0 and lines[-1] == "dry run: version 2 not written, not applied", captured.out
+        return
+    assert code == 1 and "wrote thresholds version 2 (was 1)" in lines[-1], captured.out
+    assert captured.err.splitlines()[-1] == (
+        f"inspectd calibrate: version 2 not applied: it goes into service at the daemon's next reload "
+        f"(`inspectd ctl --endpoint {endpoint} reload`, or systemctl reload) or start"
+    ), captured.err

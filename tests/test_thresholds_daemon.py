@@ -322,3 +322,66 @@ def test_refusals_of_huge_documents_and_camera_ids_quote_them_cut_short(daemon):
         assert reply["ok"] is False and len(reply["error"]) < 300, reply["error"][:300]
     failed = [event for event in logs if event["event"] == "control_request_failed"]
     assert len(failed) == 5 and all(len(event["error"]) < 300 for event in failed)
+
+
+def test_an_override_written_for_a_camera_the_daemon_does_not_run_is_refused_by_calibrate_before_scoring(
+    daemon, tmp_path, capsys
+):
+    """`calibrate --camera cam01` (for cam0) without --apply writes an override that every later version carries; the
+    daemon refuses a version that adds it, so each later `calibrate --apply` scored every image, was refused, and was
+    told "or force", which calibrate has no flag for; `calibrate --rollback N --apply` to a version holding it too.
+    Now both are refused before scoring with the way out, which then goes through. An override the daemon already
+    runs for a camera taken out of its config is no refusal, as the daemon takes it."""
+    import cv2
+
+    from inspectd.cli import main
+    from station_model import good_frame
+
+    bundle = daemon.config.model.bundle
+    endpoint = daemon.config.control.endpoint
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(12):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    flags = ["calibrate", str(bundle), "--good", str(good), "--target-false-reject", "0.3"]
+
+    def calibrate(*extra: str) -> tuple[int, str, str]:
+        code = main([*flags, *extra])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    assert calibrate("--camera", "cam01")[0] == 0  # the typo, written without --apply: version 2
+    assert calibrate()[0] == 0  # a global calibration without --apply carries it: version 3
+    refusal = (
+        f"inspectd calibrate: --apply {endpoint}: {{what}} the override(s) of camera(s) cam01, which the daemon does "
+        "not run (it runs cam0) and refuses to take on (a --camera typo written without --apply, or a camera renamed "
+        "since): {way}\n"
+    )
+    for extra in ((), ("--camera", "cam0"), ("--dry-run",)):
+        code, out, err = calibrate("--apply", endpoint, *extra)
+        assert code == 2 and "image threshold" not in out, out  # before scoring
+        assert err == refusal.format(
+            what="the new version would carry",
+            way=f"restore version 1, the newest without them, with `inspectd calibrate {bundle} --rollback 1` (a "
+            "rollback is calibrate's one way to remove an override), then calibrate again, --camera under the "
+            "camera's right id",
+        ), err
+    code = main(["calibrate", str(bundle), "--rollback", "2", "--apply", endpoint])
+    err = capsys.readouterr().err
+    assert code == 2 and err == refusal.format(
+        what="version 2 holds", way="roll back to a version without them (the newest is version 1)"
+    ), err
+    assert on_disk(daemon).version == 3 and daemon.stage.state.thresholds_version == 1
+
+    # The way out it names.
+    assert main(["calibrate", str(bundle), "--rollback", "1"]) == 0
+    code, out, err = calibrate("--apply", endpoint)
+    assert code == 0 and "applied: the daemon at" in out, err
+    assert on_disk(daemon).per_camera == {} and daemon.stage.state.thresholds_version == 5
+
+    # An override already in force for a camera the daemon does not run (taken out of its config): it keeps it.
+    assert calibrate("--camera", "cam9")[0] == 0
+    daemon.reload()
+    code, out, err = calibrate("--apply", endpoint)
+    assert code == 0 and "applied: the daemon at" in out, err
+    assert set(on_disk(daemon).per_camera) == {"cam9"} and daemon.stage.state.thresholds_version == 7
