@@ -14,7 +14,7 @@ import os
 import select
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from inspectd.errors import Terminated, one_line
 
@@ -68,7 +68,8 @@ def _terminate(signum, _frame):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser, save that a help or --version text whose reader went away is not taken for written."""
+    """argparse's parser, save that a help or --version text whose reader went away is not taken for written, and
+    that an option given `--` as its value is refused."""
 
     def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         # argparse drops an OSError of the write. With stdout unbuffered (PYTHONUNBUFFERED=1) the write itself is
@@ -83,6 +84,20 @@ class _Parser(argparse.ArgumentParser):
             raise
         except OSError:
             pass  # argparse's rule for any other failed write
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # `--camera=--` (a script's `--camera="$CAM"` with CAM set to `--`): argparse takes the `--` for the end of
+        # the options and strips it, and the option's value comes back as [] with its type and choices never
+        # applied: a traceback in the command, or a falsy value that silently drops the option (`--apply=--`).
+        # Refused here, for every command and its subcommands (built of this class too), on every Python version.
+        if (
+            action.option_strings
+            and arg_strings == ["--"]
+            and action.nargs not in (argparse.PARSER, argparse.REMAINDER)
+        ):
+            flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+            self.exit(2, f"{self.prog}: {flag}: expected a value, got '--'\n")
+        return super()._get_values(action, arg_strings)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -306,7 +306,9 @@ class DaemonSockets:
     results and status on its publish endpoint, control `status` replies. `warmup` goes out once the subscriber has
     joined; `window` once the bench asks for its first status, which it does when its warm-up ends."""
 
-    def __init__(self, scenario, warmup: list[list[bytes]], window: list[list[bytes]]) -> None:
+    def __init__(
+        self, scenario, warmup: list[list[bytes]], window: list[list[bytes]], replies: list[dict] | None = None
+    ) -> None:
         import threading
 
         import zmq
@@ -326,6 +328,10 @@ class DaemonSockets:
         for frames in warmup:
             self.pub.send_multipart(frames)
         self.window = window
+        self.replies = replies or [
+            {"ok": True, "batches": 0, "published": 0},
+            {"ok": True, "batches": 10, "published": 40},
+        ]
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -333,8 +339,7 @@ class DaemonSockets:
     def _serve(self) -> None:
         # The bench may stop asking (the daemon it measured exited): wait in slices, and the sockets are closed only
         # once this thread is done with them (a socket closed under a blocked recv aborts libzmq).
-        replies = [{"ok": True, "batches": 0, "published": 0}, {"ok": True, "batches": 10, "published": 40}]
-        for k, reply in enumerate(replies):
+        for k, reply in enumerate(self.replies):
             while not self.rep.poll(50):
                 if self.stop.is_set():
                     return
@@ -454,6 +459,28 @@ def test_a_window_of_error_verdicts_is_no_throughput_and_fails_the_scenario(scen
     headers, (cells,) = daemon.rows_for_table({"rows": [row]})
     shown = dict(zip(headers, cells))
     assert shown["errors"] == 10 and shown["sent/s"] == row["sent_fps"] and shown["offered/s"] == 20.0
+
+
+def test_drops_are_counted_from_the_control_replies_at_the_window_edges_not_the_status_messages_inside(scenario):
+    """The status messages come every half second: the drops before the first and after the last one in the window
+    were never counted, and a window of one status interval always read 0 (here 12 drops: 3 before the window's
+    first status message, 2 after its last)."""
+    s = scenario()
+    window = [status(3)] + [result(seq, "ok") for seq in range(6, 46)] + [status(10)]
+    replies = [
+        {"ok": True, "batches": 0, "published": 0, "cameras": {"cam0": {"dropped": 0}}},
+        {"ok": True, "batches": 10, "published": 40, "cameras": {"cam0": {"dropped": 12}}},
+    ]
+    sockets = DaemonSockets(s, [result(5, "ok")], window, replies)
+    proc = sleeper(s, "import time; time.sleep(60)")
+    try:
+        row = s._measure(proc, sockets.sub, 1.0, None)
+    finally:
+        proc.kill()
+        proc.wait()
+        sockets.close()
+    assert row["dropped_in_queue"] == 12
+    assert row["sent_fps"] == pytest.approx((40 + 12) / row["seconds"])
 
 
 def test_a_daemon_that_exits_during_the_window_fails_the_scenario_with_its_code_and_log(scenario):
@@ -884,3 +911,23 @@ def test_the_folder_backlog_is_sized_from_the_engines_best_rate(tiny_bundle, tmp
     (tmp_path / "w").mkdir()
     daemon.Scenario(tiny_bundle, "folder", 1, frames, tmp_path / "w", saturate=True, duration_s=1.0, folder_fps=2000.0)
     assert len(list((tmp_path / "w" / "cam0").glob("*.jpg"))) == int(2000 * (daemon.WARMUP_S + 1.0 + 5))
+
+
+def test_a_train_data_that_is_not_here_is_named_as_the_path_and_the_flag_given(tiny_bundle, tmp_path):
+    """`--train-data /nonexistent` was named as "the bundle's training data PosixPath('/nonexistent')"."""
+    from engines.bundle.store import load_bundle
+    from inspectd.tools.bench.engine import bundle_at_size
+
+    bundle = load_bundle(tiny_bundle)
+    with pytest.raises(ValueError) as given:
+        bundle_at_size(bundle, (64, 64), tmp_path / "w", Path("/nonexistent"))
+    assert str(given.value) == (
+        "--size 64x64: --train-data /nonexistent: not here, expected a folder of defect-free images"
+    )
+    bundle.manifest.setdefault("training", {})["data"] = str(tmp_path / "pruned")
+    with pytest.raises(ValueError) as recorded:
+        bundle_at_size(bundle, (64, 64), tmp_path / "w", None)
+    assert str(recorded.value) == (
+        f"--size 64x64: the bundle's training data {tmp_path / 'pruned'} is not here; give --train-data DIR (a "
+        "folder of defect-free images)"
+    )

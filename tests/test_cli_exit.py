@@ -106,3 +106,27 @@ def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line_and_130():
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, err) == (130, "inspectd train: interrupted\n"), err[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["calibrate", "/nonexistent", "--good", "/nonexistent", "--camera=--", "--dry-run"],
+        ["calibrate", "/nonexistent", "--good", "/nonexistent", "--apply=--"],
+        ["teach", "/nonexistent", "--since=--"],
+        ["bench", "engine", "/nonexistent", "--batch=--"],
+    ],
+    ids=["calibrate-camera", "calibrate-apply", "teach-since", "bench-engine-batch"],
+)
+def test_an_option_given_dash_dash_as_its_value_is_refused_in_one_line(args):
+    """Python 3.11's argparse strips the `--` of `--camera=--` and hands the command [] with no type or choices
+    applied: a traceback (`--camera`), a TypeError (`--backend`), a refusal that names no flag, or `--apply` dropped
+    without a word, exit 0."""
+    flag = next(a for a in args if a.endswith("=--")).split("=")[0]
+    prog = " ".join(a for a in args[:2] if not a.startswith("/"))
+    done = subprocess.run(
+        [sys.executable, "-m", "inspectd", *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert (done.returncode, done.stderr) == (2, f"inspectd {prog}: {flag}: expected a value, got '--'\n"), done.stderr[
+        -2000:
+    ]

@@ -422,7 +422,26 @@ def test_the_verdict_rate_counts_the_intervals_the_first_verdict_opens():
     arrivals = [100.0 + k / 10 for k in range(11)]  # 10 frames/s, from 100.0 to 101.0
     assert verdict_rate(arrivals, 101.05) == pytest.approx((1.05, 10 / 1.05))
     assert verdict_rate(arrivals, None) == pytest.approx((1.0, 10.0)), "ended early: to the last verdict"
-    assert verdict_rate([], 5.0) == (0.0, 0.0)
+    assert verdict_rate([], 5.0) == (0.0, None)
+
+
+def test_a_demo_stopped_early_takes_its_rate_from_batch_to_batch_and_gives_none_for_one_batch():
+    """Without the demo's own stop (interrupted, or the daemon ended early) the rate ran from the first verdict to
+    the last: two cameras' verdicts come a batch at a time, microseconds apart, so a Ctrl-C after the first batch
+    printed 11331 frames/s over 0.0 s, and longer runs read high (2 batches of 2 at 10 frames/s read 15)."""
+    from inspectd.clients.subscribe import GapTracker
+    from inspectd.tools.demo import summarise, summary_lines, verdict_rate
+
+    assert verdict_rate([100.0, 100.000088], None) == (pytest.approx(0.000088), None)
+    assert verdict_rate([100.0, 100.0037, 100.2, 100.2001], None) == pytest.approx((0.2, 10.0))
+    # 2 cameras at 5 frames/s each for 4 s, each batch's pair a millisecond apart: the 10 offered.
+    pairs = [t for k in range(21) for t in (100.0 + k / 5, 100.001 + k / 5)]
+    assert verdict_rate(pairs, None) == pytest.approx((4.0, 10.0))
+    s = summarise([], GapTracker(), None)
+    assert summary_lines({**s, "frames": 2}, 2, 0.000088, "the last batch")[0] == (
+        "summary: 2 frames from 2 camera(s), frames/s - (one batch of verdicts: no interval to take a rate over), "
+        "0 errors, 0 lost"
+    )
 
 
 def test_a_demo_that_showed_error_verdicts_fails_naming_how_many_and_the_first():

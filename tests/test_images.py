@@ -253,3 +253,28 @@ def test_names_are_hashed_as_their_bytes_with_the_digests_utf8_names_always_had(
     # What OpenCV's captions get: ASCII, the name's bytes that are not UTF-8 as \xNN.
     assert ascii_name(latin1[0].name) == "Pr\\xfcfteil_0.png"
     assert ascii_name("Prüf 部品.png") == "Pr\\xfcf \\u90e8\\u54c1.png"
+
+
+def test_a_link_whose_target_is_gone_is_listed_and_named_as_an_image_that_cannot_be_read(tmp_path):
+    """A folder of links into an archive since pruned: the dangling links were left out of the list with no word,
+    the set simply smaller, while a file that does not decode or cannot be read is named in a WARNING."""
+    from engines.data.images import list_images, load_image, skipped_warnings
+
+    folder = tmp_path / "good"
+    _write(folder / "a.png", 1)
+    _write(tmp_path / "archive" / "b.png", 2)
+    (folder / "b.png").symlink_to(tmp_path / "archive" / "b.png")
+    (folder / "gone.png").symlink_to(tmp_path / "archive" / "pruned.png")
+    (folder / "loop.png").symlink_to("loop.png")  # resolve() raises on a loop: still not an image to list
+    (folder / "dir.png").mkdir()
+    listed = list_images(folder)
+    assert [p.name for p in listed] == ["a.png", "b.png", "gone.png"]
+    failures = []
+    for path in listed:
+        try:
+            load_image(path)
+        except DataError as exc:
+            failures.append((path, exc))
+    assert skipped_warnings(failures) == [
+        f"WARNING: skipped 1 image(s) that cannot be read: {folder / 'gone.png'} (No such file or directory)"
+    ]

@@ -217,7 +217,9 @@ def good_folder(root: str | Path, splits: Sequence[str] = ("train", "test")) -> 
 
 def list_images(folder: str | Path) -> list[Path]:
     """The image files of a folder, sorted; hidden names are not images: a copy to exFAT, SMB or a USB stick from a
-    Mac leaves an AppleDouble `._name.png` of metadata beside each image."""
+    Mac leaves an AppleDouble `._name.png` of metadata beside each image. A link whose target is gone (a folder of
+    links into an archive since pruned) is listed: reading it fails, and each reader names it as it names any file
+    that cannot be read ("No such file or directory"), where leaving it out made the set smaller without a word."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory, expected a folder of images")
@@ -225,10 +227,22 @@ def list_images(folder: str | Path) -> list[Path]:
         return sorted(
             p
             for p in folder.iterdir()
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and (p.is_file() or _dangling(p))
         )
     except OSError as exc:  # a folder another user keeps to itself: is_dir() passes, listing it does not
         raise DataError(f"{folder}: cannot read ({exc.strerror or exc})") from None
+
+
+def _dangling(path: Path) -> bool:
+    # Not a link in a loop: Path.resolve() raises on one (RuntimeError in Python 3.11), and callers resolve the
+    # images they are given.
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return path.is_symlink()
+    except OSError:
+        return False
+    return False
 
 
 def image_folders(

@@ -194,21 +194,32 @@ def write_config(workdir: Path, bundle: Path, cameras: int, rate: float) -> tupl
     return path, endpoint
 
 
-def verdict_rate(arrivals: list[float], stopped_at: float | None) -> tuple[float, float]:
+# A batch's verdicts are published together, microseconds apart, or a few milliseconds where the demo is
+# descheduled between them; the line's frames reach the daemon at --rate, tens of milliseconds apart at most rates.
+BATCH_GAP_S = 0.02
+
+
+def verdict_rate(arrivals: list[float], stopped_at: float | None) -> tuple[float, float | None]:
     """(seconds, frames/s) of the verdicts' own window: from the first result to the demo's stop, counting the
     results that arrived after the first and before the stop (the first opens the window: counted too, a short run
-    read 10.8 for 10 offered); without a stop (ended early, interrupted), to the last result. The drain after the
-    stop and the quiet wait that ends the demo are no part of the line's rate."""
+    read 10.8 for 10 offered). Without a stop (ended early, interrupted), from the first batch of verdicts to the
+    start of the last, counting the frames before the last batch: the last batch's frames belong to the interval
+    after it, and two cameras' first verdicts, a batch microseconds apart, read thousands of frames/s. None for the
+    rate where fewer than two batches arrived: no interval to take it over. The drain after the stop and the quiet
+    wait that ends the demo are no part of the line's rate."""
     if not arrivals:
-        return 0.0, 0.0
+        return 0.0, None
     if stopped_at is not None and stopped_at > arrivals[0]:
         seconds = stopped_at - arrivals[0]
         return seconds, (sum(1 for t in arrivals if t <= stopped_at) - 1) / seconds
-    seconds = arrivals[-1] - arrivals[0]
-    return seconds, (len(arrivals) - 1) / seconds if seconds > 0 else 0.0
+    last_batch = next((k for k in range(len(arrivals) - 1, 0, -1) if arrivals[k] - arrivals[k - 1] > BATCH_GAP_S), None)
+    if last_batch is None:
+        return arrivals[-1] - arrivals[0], None
+    seconds = arrivals[last_batch] - arrivals[0]
+    return seconds, last_batch / seconds
 
 
-def summarise(results: list[Result], gaps: GapTracker, fps: float) -> dict:
+def summarise(results: list[Result], gaps: GapTracker, fps: float | None) -> dict:
     judged = [r for r in results if r.verdict != "error"]
     planted = [r for r in judged if r.truth]
     caught = [r for r in planted if r.verdict == "defect"]
@@ -247,9 +258,12 @@ def summary_lines(s: dict, cameras: int, wall: float, until: str = "the stop") -
         latency = f"latency p50 {lat['p50']:.1f} ms, {p99_text(lat)} (ingest to publish)"
     else:
         latency = "latency: no result received"
+    if s["fps"] is None:
+        fps = "frames/s - (one batch of verdicts: no interval to take a rate over)"
+    else:
+        fps = f"{s['fps']:.1f} frames/s over the {wall:.1f} s from the first verdict to {until}"
     return [
-        f"summary: {s['frames']} frames from {cameras} camera(s), {s['fps']:.1f} frames/s over the {wall:.1f} s from "
-        f"the first verdict to {until}, {s['errors']} errors, {s['missed_seq']} lost",
+        f"summary: {s['frames']} frames from {cameras} camera(s), {fps}, {s['errors']} errors, {s['missed_seq']} lost",
         f"summary: defects planted {s['planted']}, caught {s['caught']} "
         f"(catch rate {rate}), false alarms {s['false_alarms']} of {s['good']} good frames",
         f"summary: {latency}",
@@ -430,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
     elif ended_early is not None:
         print("summary: ended early: the daemon stopped on its own; what follows covers the results shown until then")
     if results:
-        until = "the stop" if arrivals and stopped_at is not None and stopped_at > arrivals[0] else "the last verdict"
+        until = "the stop" if arrivals and stopped_at is not None and stopped_at > arrivals[0] else "the last batch"
         print(*summary_lines(s, args.cameras, wall, until), sep="\n")
     else:
         print("summary: no result received before the stop, so no figures")

@@ -249,6 +249,15 @@ def arrival_rate(arrivals: list[float], max_batch: int) -> float | None:
     return (last_burst - first_burst) / (times[last_burst] - times[first_burst])
 
 
+def queue_drops(status: dict | None) -> int | None:
+    """The frames every camera's queue has dropped since the daemon started, from a status message or the control
+    `status` reply (the same `cameras` block); None when it holds no such count."""
+    cameras = (status or {}).get("cameras")
+    if not isinstance(cameras, dict) or not cameras:
+        return None
+    return sum(cam.get("dropped", 0) for cam in cameras.values() if isinstance(cam, dict))
+
+
 def control_status(endpoint: str, timeout_ms: int = 2000) -> dict | None:
     """The daemon's `{"cmd": "status"}` reply (None if it does not answer in time)."""
     ctx = zmq.Context.instance()
@@ -458,11 +467,14 @@ class Scenario:
         if before and after:
             batches = after["batches"] - before["batches"]
             published = after["published"] - before["published"]
+        # The control replies are read at the window's edges; the status messages only every status interval inside
+        # it, which left up to an interval's drops uncounted at each end (all of them in a window of one interval).
         dropped = None
-        if first_status and last_status:
-            dropped = sum(cam.get("dropped", 0) for cam in last_status["cameras"].values()) - sum(
-                cam.get("dropped", 0) for cam in first_status["cameras"].values()
-            )
+        edges = [queue_drops(before), queue_drops(after)]
+        if edges[0] is None or edges[1] is None:
+            edges = [queue_drops(first_status), queue_drops(last_status)]
+        if edges[0] is not None and edges[1] is not None:
+            dropped = edges[1] - edges[0]
         # What reached the daemon at a fixed rate: the pusher's count, or for a source inside the daemon what it
         # produced (published or dropped from a queue). The offered rate is only what was asked for.
         sent = pushed

@@ -142,12 +142,14 @@ def bundle_at_size(
             f"{name}: training a bundle at another size than the bundle's needs the Python package 'torch', which is "
             "not installed (pip install 'inspectd[train]')"
         )
+    wanted = "a folder of defect-free images"
     data = train_data or bundle.manifest.get("training", {}).get("data")
-    if not data or not Path(data).exists():
-        raise ValueError(
-            f"{name}: the bundle's training data {data!r} is not here; give --train-data DIR (a folder of defect-free "
-            "images)"
-        )
+    if train_data and not Path(train_data).exists():
+        raise ValueError(f"{name}: --train-data {train_data}: not here, expected {wanted}")
+    if not data:
+        raise ValueError(f"{name}: the bundle names no training data; give --train-data DIR ({wanted})")
+    if not Path(data).exists():
+        raise ValueError(f"{name}: the bundle's training data {data} is not here; give --train-data DIR ({wanted})")
     images = workdir / "images"
     images.mkdir(parents=True, exist_ok=True)
     # A few images suffice: the figures measure the graph's cost at this size, not its accuracy.
