@@ -936,7 +936,11 @@ def _unchecked_camera_warning(args, bundle, current) -> str:
     the one that counts; calibrate reaches the daemon only through its protocol): written for a camera the daemon
     does not run, the override judges nothing, and nothing else tells the operator so (a reload by the documented
     `systemctl reload` answers no one)."""
-    how = "give --apply ENDPOINT (the running daemon's control socket) to check it"
+    how = (
+        "the daemon at --apply did not answer, so reload it once it runs and watch its thresholds_unknown_cameras line"
+        if args.apply
+        else "give --apply ENDPOINT (the running daemon's control socket) to check it"
+    )
     named = _cameras_named(current)
     if args.camera in named:
         return (

@@ -157,6 +157,13 @@ def test_bench_naive_refuses_an_empty_frames_folder(tiny_bundle, tmp_path):
     proc = bench("naive", str(tiny_bundle), "--frames", str(tmp_path), timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and str(tmp_path) in proc.stderr and "expected" in proc.stderr
+    # A link whose target is gone is named as such (it read as an image that does not decode, with OpenCV's warning).
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    gone = bench("naive", str(tiny_bundle), "--frames", str(tmp_path), timeout=60)
+    assert gone.returncode == 1 and gone.stderr.strip().splitlines() == [
+        f"inspectd bench naive: {tmp_path / 'gone.png'}: cannot read (No such file or directory), expected a JPEG/PNG "
+        "image"
+    ], gone.stderr
 
 
 def test_arrival_rate_counts_whole_batches_only():

@@ -613,6 +613,11 @@ def test_calibrate_says_when_the_daemon_at_apply_did_not_answer_and_so_checked_n
     assert lines[1].startswith("image threshold "), captured.out  # said before scoring
     if dry_run:
         assert code == 0 and lines[-1] == "dry run: version 2 not written, not applied", captured.out
+        # With --camera, the camera's line does not ask for the --apply that was given.
+        main([*flags, "--apply", endpoint, "--timeout", "0.5", "--dry-run", "--camera", "cam7"])
+        said = [line for line in capsys.readouterr().out.splitlines() if "--camera cam7 was not checked" in line]
+        assert len(said) == 1 and "give --apply" not in said[0], said
+        assert said[0].endswith("so reload it once it runs and watch its thresholds_unknown_cameras line"), said
         return
     assert code == 1 and "wrote thresholds version 2 (was 1)" in lines[-1], captured.out
     assert captured.err.splitlines()[-1] == (

@@ -81,6 +81,11 @@ def naive_loop(bundle_path: str | Path, paths: list[Path], duration_s: float = 0
     """Run the naive loop over `paths` (again and again until `duration_s` has passed; at least once)."""
     if not paths:
         raise ValueError("bench naive: no frames, expected --frames DIR with images or --synthetic N > 0")
+    for path in paths:  # a link whose target is gone: named as such, before the loop reads it as undecodable
+        try:
+            path.stat()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read ({exc.strerror or exc}), expected a JPEG/PNG image") from None
     bundle = load_bundle(bundle_path)
     h, w, c = bundle.input_shape
     thresholds = bundle.thresholds()
