@@ -1161,6 +1161,24 @@ def test_a_key_refused_every_few_seconds_is_named_through_a_flood_that_turns_the
     assert len(refusals._last) <= 2050
 
 
+@pytest.fixture
+def flood_target(pki, monkeypatch):
+    """A control socket with CurveZMQ on tcp, its summary interval cut to 3 s: (endpoint, its CurveServer, the
+    server's public key a flood needs, a context for the flood's sockets)."""
+    from inspectd.daemon import security
+
+    monkeypatch.setattr(security, "REPEAT_LOG_S", 3.0)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    try:
+        yield endpoint, guard, keys.load_public(pki["server"][0]), zmq.Context()
+    finally:
+        server.stop()
+        guard.stop()
+
+
 def made_up_keys_connect(context: zmq.Context, endpoint: str, server_key: bytes, n: int, hold_s: float) -> None:
     """`n` DEALER sockets, each with a key made up on the spot, connected to `endpoint` for `hold_s`: what anyone
     holding the server's public key can do."""
@@ -1177,19 +1195,13 @@ def made_up_keys_connect(context: zmq.Context, endpoint: str, server_key: bytes,
         sock.close(0)
 
 
-def test_made_up_keys_by_the_hundred_log_a_budget_then_one_summary(pki, tmp_path, capsys, monkeypatch):
+def test_made_up_keys_by_the_hundred_log_a_budget_then_one_summary(pki, capsys, flood_target):
     """The server's public key goes to every client, so anyone holding it can make up a key per connection: a line
     for each (hundreds a second) would have journald's rate limit drop the daemon's own lines. At most
     NEW_LOGGED_PER_INTERVAL new keys are logged per interval, then one line counts the rest; every refusal counts."""
     from inspectd.daemon import security
 
-    monkeypatch.setattr(security, "REPEAT_LOG_S", 3.0)
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
-    server = ControlServer(endpoint, Handler(), curve=guard)
-    server.start()
-    server_key = keys.load_public(pki["server"][0])
-    context = zmq.Context()
+    endpoint, guard, server_key, context = flood_target
     made_up = 150
     try:
         for _ in range(made_up // 10):
@@ -1220,24 +1232,16 @@ def test_made_up_keys_by_the_hundred_log_a_budget_then_one_summary(pki, tmp_path
         assert sum(keys.load_public(pki["intruder"][0]).decode() in line for line in named) == 1, named
     finally:
         context.destroy(0)
-        server.stop()
-        guard.stop()
 
 
-def test_a_key_retrying_through_a_flood_of_made_up_keys_is_named_within_an_interval(pki, capsys, monkeypatch):
+def test_a_key_retrying_through_a_flood_of_made_up_keys_is_named_within_an_interval(pki, capsys, flood_target):
     """A flood of one-shot made-up keys spends each interval's budget of new keys in its first moments. A client whose
     key is not listed (an operator's ctl, a revoked bridge) retries all along; before, its slot came due again a
     whole interval after its first refusal, at the same phase, when the budget was already spent, so the log never
     named it. The summary names the keys refused most: a made-up key once, the retrying one every time."""
     from inspectd.daemon import security
 
-    monkeypatch.setattr(security, "REPEAT_LOG_S", 3.0)
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
-    server = ControlServer(endpoint, Handler(), curve=guard)
-    server.start()
-    server_key = keys.load_public(pki["server"][0])
-    context = zmq.Context()
+    endpoint, guard, server_key, context = flood_target
     stop = threading.Event()
 
     def flood() -> None:
@@ -1271,8 +1275,6 @@ def test_a_key_retrying_through_a_flood_of_made_up_keys_is_named_within_an_inter
         stop.set()
         flooder.join(timeout=5)
         context.destroy(0)
-        server.stop()
-        guard.stop()
 
 
 def test_a_key_in_two_allow_list_files_is_named_at_start_and_a_reload_says_which_file_keeps_it_in(pki, tmp_path):
