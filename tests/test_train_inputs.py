@@ -213,6 +213,11 @@ def test_a_bad_weights_file_or_method_flag_is_refused_before_any_image_is_read(t
         ),
         (["--method", "sla", "--sla-dim", "0"], "--sla-dim 0: expected an integer >= 1"),
         (
+            ["--cse-lr", "0.0004"],  # its default value, given: still not what auto trains with
+            "--cse-lr 0.0004: a flag of --method cse, which no recipe here trains with (frozen), expected --method cse "
+            "or no --cse-lr",
+        ),
+        (
             ["--cse-regenerate"],
             "--cse-regenerate: a flag of --method cse, which no recipe here trains with (frozen), expected --method "
             "cse or no --cse-regenerate",

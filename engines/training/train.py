@@ -237,7 +237,7 @@ def check_method_args(methods: set[str], method_args: argparse.Namespace | None)
             given = getattr(method_args, dest, default)
             if given != default:
                 flag = "--" + dest.replace("_", "-")
-                shown = flag if isinstance(default, bool) else f"{flag} {given}"  # a switch, typed without a value
+                shown = flag if isinstance(given, bool) else f"{flag} {given}"  # a switch, typed without a value
                 raise ValueError(
                     f"{shown}: a flag of --method {method_class.name}, which no recipe here trains with "
                     f"({', '.join(sorted(methods))}), expected --method {method_class.name} or no {flag}"

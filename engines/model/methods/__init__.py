@@ -75,6 +75,14 @@ class Method:
         """Default: nothing to learn."""
 
 
+def flag(args: argparse.Namespace | None, name: str, default: Any) -> Any:
+    """A method's flag `name` from `args`, `default` where it was not given. The flags are declared with default None,
+    so that train can tell one given at its default value from one not given (and refuse it where no recipe trains
+    with the method)."""
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"method {name!r}: expected one of {', '.join(METHODS)}")

@@ -32,7 +32,7 @@ from torch import nn
 
 from engines.data import defects
 from engines.model.graph import TapConcat
-from engines.model.methods import Method, TrainSettings
+from engines.model.methods import Method, TrainSettings, flag
 from engines.model.methods.cached import DefectPool, backbone_taps
 
 EMBED_DIM = 64
@@ -97,38 +97,37 @@ class CseMethod(Method):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("cse")
-        group.add_argument("--cse-lr", type=float, default=LEARNING_RATE, help="Adam peak learning rate (4e-4)")
+        group.add_argument("--cse-lr", type=float, help="Adam peak learning rate (4e-4)")
         group.add_argument(
             "--cse-defects",
-            default=DEFAULT_MIX,
             help=f"synthetic defect mix name:weight,... of {', '.join(defects.DEFECTS)} (default {DEFAULT_MIX})",
         )
         group.add_argument(
             "--cse-defect-fraction",
             type=float,
-            default=0.5,
             help="share of pairs whose second image is defective (default 0.5)",
         )
         group.add_argument(
             "--cse-pool",
             type=int,
-            default=2,
             help="defect variants drawn per training image, taps cached once (default 2)",
         )
         group.add_argument(
-            "--cse-regenerate", action="store_true", help="redraw the defect pool (and recompute its taps) every epoch"
+            "--cse-regenerate",
+            action="store_true",
+            default=None,
+            help="redraw the defect pool (and recompute its taps) every epoch",
         )
         group.add_argument(
             "--cse-pool-stride",
             type=int,
             choices=(1, 2),
-            default=2,
             help="stride of the 2x2 average pool of the embedding: 2 as the paper, 1 keeps the "
             "stride-16 grid for finer maps (default 2)",
         )
 
     def head_config(self, args: argparse.Namespace | None) -> dict[str, Any]:
-        return {"pool_stride": int(getattr(args, "cse_pool_stride", 2) or 2)}
+        return {"pool_stride": int(flag(args, "cse_pool_stride", 2))}
 
     def build_head(self, backbone: nn.Module, config: dict[str, Any]) -> nn.Module:
         channels = list(backbone.channels)
@@ -168,11 +167,11 @@ class CseOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace | None) -> CseOptions:
         options = cls(
-            lr=float(getattr(args, "cse_lr", LEARNING_RATE)),
-            mix=_mix(getattr(args, "cse_defects", DEFAULT_MIX)),
-            fraction=float(getattr(args, "cse_defect_fraction", 0.5)),
-            per_image=int(getattr(args, "cse_pool", 2)),
-            regenerate=bool(getattr(args, "cse_regenerate", False)),
+            lr=float(flag(args, "cse_lr", LEARNING_RATE)),
+            mix=_mix(flag(args, "cse_defects", DEFAULT_MIX)),
+            fraction=float(flag(args, "cse_defect_fraction", 0.5)),
+            per_image=int(flag(args, "cse_pool", 2)),
+            regenerate=bool(flag(args, "cse_regenerate", False)),
         )
         if not 0.0 <= options.fraction <= 1.0:
             raise ValueError(f"--cse-defect-fraction {options.fraction}: expected a fraction in [0, 1]")

@@ -33,7 +33,7 @@ from torch import nn
 
 from engines.data import defects
 from engines.model.graph import TapConcat
-from engines.model.methods import Method, TrainSettings
+from engines.model.methods import Method, TrainSettings, flag
 from engines.model.methods.cached import DefectPool, backbone_taps
 
 CLASSES = ("normal", "cutpaste", "scar")
@@ -93,30 +93,28 @@ class SlaMethod(Method):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("sla")
-        group.add_argument("--sla-lr", type=float, default=LEARNING_RATE, help="SGD learning rate (0.03)")
-        group.add_argument(
-            "--sla-dim", type=int, default=FEATURE_DIM, help=f"learned feature channels (default {FEATURE_DIM})"
-        )
+        group.add_argument("--sla-lr", type=float, help="SGD learning rate (0.03)")
+        group.add_argument("--sla-dim", type=int, help=f"learned feature channels (default {FEATURE_DIM})")
         group.add_argument(
             "--sla-pool",
             type=int,
-            default=2,
             help="transformed variants drawn per training image, taps cached once (default 2)",
         )
         group.add_argument(
             "--sla-regenerate",
             action="store_true",
+            default=None,
             help="redraw the transformed pool (and recompute its taps) every epoch",
         )
         group.add_argument(
             "--sla-hard-labels",
             action="store_true",
+            default=None,
             help="ablation: hard labels (y = 1 for every transformed sample) instead of SLA",
         )
 
     def head_config(self, args: argparse.Namespace | None) -> dict[str, Any]:
-        given = getattr(args, "sla_dim", None)
-        dim = FEATURE_DIM if given is None else int(given)
+        dim = int(flag(args, "sla_dim", FEATURE_DIM))
         if dim < 1:
             raise ValueError(f"--sla-dim {dim}: expected an integer >= 1")
         return {"dim": dim}
@@ -214,8 +212,8 @@ class SlaMethod(Method):
 
 def _rate_and_pool(args: argparse.Namespace | None) -> tuple[float, int]:
     """--sla-lr and --sla-pool, or ValueError naming the flag (a NaN rate would train the head to NaN)."""
-    lr = float(getattr(args, "sla_lr", LEARNING_RATE))
-    per_image = int(getattr(args, "sla_pool", 2))
+    lr = float(flag(args, "sla_lr", LEARNING_RATE))
+    per_image = int(flag(args, "sla_pool", 2))
     if per_image < 1:
         raise ValueError(f"--sla-pool {per_image}: expected an integer >= 1")
     if not (math.isfinite(lr) and lr > 0):
