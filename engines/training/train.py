@@ -230,12 +230,10 @@ def check_method_args(methods: set[str], method_args: argparse.Namespace | None)
         if method_class.name in methods:
             continue
         # A method's flag set where no recipe trains with that method (auto's candidates are all frozen) would be
-        # dropped without a word, and the bundle taken for one trained as asked.
-        probe = argparse.ArgumentParser(add_help=False)
-        method_class.add_arguments(probe)
-        for dest, default in sorted(vars(probe.parse_args([])).items()):
-            given = getattr(method_args, dest, default)
-            if given != default:
+        # dropped without a word, and the bundle taken for one trained as asked. Its flags are named after it
+        # (Method.add_arguments) and default to None (methods.flag), so a flag given is one that is not None.
+        for dest, given in sorted(vars(method_args).items()):
+            if dest.startswith(f"{method_class.name}_") and given is not None:
                 flag = "--" + dest.replace("_", "-")
                 shown = flag if isinstance(given, bool) else f"{flag} {given}"  # a switch, typed without a value
                 raise ValueError(

@@ -58,7 +58,8 @@ class Method:
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add this method's own flags to `inspectd train` (prefix them with the method name: --cse-lr)."""
+        """Add this method's own flags to `inspectd train`: prefixed with the method name (--cse-lr) and defaulting to
+        None (read with `flag`), so train can tell which were given and refuse them where no recipe uses the method."""
 
     def head_config(self, args: argparse.Namespace | None) -> dict[str, Any]:
         """JSON-able configuration of the head, stored in the manifest and given back to build_head."""
