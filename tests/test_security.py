@@ -1592,7 +1592,7 @@ def test_a_reason_known_for_an_outage_is_not_replaced_by_a_later_socket_hanging_
     why = "does not use CurveZMQ there, expected no --server-key/--client-key"
 
     def watch(failure: str | None, definitive: bool, admitted: bool = False) -> types.SimpleNamespace:
-        return types.SimpleNamespace(failure=lambda: failure, _definitive=definitive, admitted=admitted, ended=True)
+        return types.SimpleNamespace(failure=lambda: failure, definitive=definitive, admitted=admitted, ended=True)
 
     readmission = keys.Readmission(first_s=0.0, most_s=0.0)
     known = []

@@ -282,6 +282,11 @@ def test_a_copied_over_bundle_the_daemon_cannot_write_keeps_its_number_and_says_
     assert reply["thresholds_version"] == 1
     assert reply["thresholds_version_went_back"] == {"previous_version": 3, "version": 1, "error": told[0]["error"]}
     assert on_disk(daemon).version == 1
+    # Nor may a set-thresholds name version 2 or 3 again: they named the station's own documents.
+    model = daemon.stage.state.model_id
+    two = thresholds_doc.next_version(on_disk(daemon), image_threshold=0.45, provenance={"model_id": model})
+    refused = ask(daemon, {"cmd": "set_thresholds", "thresholds": two.to_dict()})
+    assert refused["ok"] is False and refused["error"] == "thresholds.version: 2, expected more than the current 3"
     # The writer gone, the reload tried again mends it: numbered above the station's version 3, with its history.
     again = daemon.reload()
     assert again["thresholds_renumbered"] == {"loaded_version": 1, "version": 4, "previous_version": 3}, again

@@ -882,10 +882,12 @@ class Daemon:
             )
         try:
             state = self.stage.state
-            if new.version <= state.thresholds_version:
-                raise InspectdError(
-                    f"thresholds.version: {new.version}, expected more than the current {state.thresholds_version}"
-                )
+            # Above a version a reload took back too (the bundle could not be written then): that number and those
+            # below it already named other documents of this model.
+            behind = self._went_back.get(state.model_id)
+            floor = max(state.thresholds_version, behind.version if behind is not None else 0)
+            if new.version <= floor:
+                raise InspectdError(f"thresholds.version: {new.version}, expected more than the current {floor}")
             kept = own_history or _builds_on(new, state.thresholds)
             if not kept:
                 new = dataclasses.replace(new, history=thresholds_doc.history_after(state.thresholds))
@@ -905,6 +907,7 @@ class Daemon:
                 # Written, and what the next load reads: judged by from now on too, or the disk and the line differ.
                 self.log.warning("thresholds_not_durable", thresholds_version=new.version, error=str(exc))
             self.stage.swap(judged_by)
+            self._went_back.pop(state.model_id, None)
         finally:
             self._reload_lock.release()
         for camera in self.ingest:

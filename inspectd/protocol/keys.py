@@ -435,6 +435,11 @@ class HandshakeWatch:
                 self.closed_at = time.monotonic()
             self.linked = self._shaken = False
 
+    @property
+    def definitive(self) -> bool:
+        """Whether the last failure is one the peer gives every time (a key refused, CurveZMQ on one side only)."""
+        return self._definitive
+
     def refused(self) -> bool:
         """Whether the peer refuses for good: a key refused or CurveZMQ on one side only at once, a handshake ended
         without a reason only once it has happened REFUSED_AFTER times in a row (one alone may be a daemon
@@ -504,8 +509,8 @@ class Readmission:
         failure = watch.failure()
         # A new socket's first failure is often one without a reason (the peer hung up mid-greeting) before the one
         # that says why: within an outage it does not replace a reason already known, or each reopen reports twice.
-        if failure is not None and (watch._definitive or not self._definitive):
-            self.failure, self._definitive = failure, watch._definitive
+        if failure is not None and (watch.definitive or not self._definitive):
+            self.failure, self._definitive = failure, watch.definitive
         elif failure is None and watch.admitted:
             self.failure, self._definitive = None, False
             self._wait = self.first_s

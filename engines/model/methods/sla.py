@@ -128,8 +128,8 @@ class SlaMethod(Method):
     def train(self, graph: nn.Module, images: np.ndarray, settings: TrainSettings, progress) -> None:
         args = settings.args
         lr, per_image = _rate_and_pool(args)
-        regenerate = bool(getattr(args, "sla_regenerate", False))
-        hard = bool(getattr(args, "sla_hard_labels", False))
+        regenerate = bool(flag(args, "sla_regenerate", False))
+        hard = bool(flag(args, "sla_hard_labels", False))
         head: SlaHead = graph.head
         for p in graph.backbone.parameters():
             p.requires_grad_(False)
