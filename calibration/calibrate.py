@@ -44,7 +44,7 @@ import numpy as np
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import inspectd_version, scores_pool_the_map
 from engines.bundle.plans import PRECISIONS
-from engines.schema import show
+from engines.schema import listed, show
 from inspectd.errors import InspectdError
 from inspectd.protocol.archive import camera_id_problem
 from inspectd.protocol.control import ControlClient, ControlTimeout, HandshakeFailed, client_for
@@ -412,7 +412,7 @@ def refuse_non_finite(scores, paths, what: str) -> None:
     names = [str(p) for p in paths] if paths is not None else [f"image #{i}" for i in range(values.size)]
     bad = [name for name, value in zip(names, values, strict=True) if not np.isfinite(value)]
     if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        shown = listed(bad, 3)
         raise CalibrationError(
             f"{what}: {len(bad)} image(s) scored NaN or infinity ({shown}), expected finite scores: "
             "check those images and the engine"
@@ -615,9 +615,7 @@ def _maskless_warning(defective: list[tuple[Path, Path | None]]) -> str | None:
     maskless = [path for path, mask in defective if mask is None]
     if not maskless or len(maskless) == len(defective):
         return None
-    shown = ", ".join(str(path) for path in maskless[:3]) + (
-        f" and {len(maskless) - 3} more" if len(maskless) > 3 else ""
-    )
+    shown = listed(maskless, 3)
     return (
         f"WARNING: {len(maskless)} of {len(defective)} defective images have no ground-truth mask ({shown}): they are "
         f"left out of the pixel threshold, the pixel F1-max over the {len(defective) - len(maskless)} with masks, as "

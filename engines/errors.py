@@ -14,6 +14,13 @@ def show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def listed(names: Any, most: int, shown: Any = str) -> str:
+    """The first `most` of `names` (each as `shown` gives it), then how many more: a message names a few of many."""
+    names = list(names)
+    text = ", ".join(shown(name) for name in names[:most])
+    return text if len(names) <= most else f"{text} and {len(names) - most} more"
+
+
 def one_line(exc: BaseException) -> str:
     """An exception that was not raised on purpose, as one line of an error message: its type and first line."""
     text = str(exc).strip().splitlines()

@@ -24,6 +24,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from typing_extensions import dataclass_transform
 
+from engines.errors import listed as listed  # re-exported for the clients, which import no error module
 from engines.errors import show
 
 T = TypeVar("T")

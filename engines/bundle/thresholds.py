@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.bundle.format import THRESHOLDS
-from engines.errors import show
+from engines.errors import listed, show
 
 FILE_NAME = THRESHOLDS
 MAX_HISTORY = 50
@@ -249,8 +249,7 @@ def shown_name(name: Any) -> str:
 
 def shown_names(names: list[Any]) -> str:
     """The first NAMES_LISTED of `names` (each as shown_name), then how many more."""
-    listed = ", ".join(shown_name(name) for name in names[:NAMES_LISTED])
-    return listed if len(names) <= NAMES_LISTED else f"{listed} and {len(names) - NAMES_LISTED} more"
+    return listed(names, NAMES_LISTED, shown_name)
 
 
 def _number(doc: dict, key: str, where: str) -> float:

@@ -23,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+from engines.schema import listed
 from inspectd.protocol.archive import (
     DEFAULT_ARCHIVE,
     EXPORT_FOLDERS,
@@ -110,7 +111,7 @@ def _no_such_camera(reader: ArchiveReader, camera: str | None) -> str | None:
     held = reader.cameras()
     if camera in held:
         return None
-    named = ", ".join(held[:MAX_NAMED]) + (f" and {len(held) - MAX_NAMED} more" if len(held) > MAX_NAMED else "")
+    named = listed(held, MAX_NAMED)
     return f"no frame of camera {camera} in the archive, which holds {named or 'none yet'}"
 
 

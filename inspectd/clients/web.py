@@ -57,6 +57,7 @@ from inspectd.protocol.archive import (
     NotArchived,
     id_time,
     live_frame,
+    unreadable,
 )
 from inspectd.protocol.messages import Result, status_interval
 
@@ -463,14 +464,13 @@ class WebView:
                 try:
                     found = path.is_file()
                 except OSError as exc:  # not "not there" (is_file() says False to that): e.g. a day folder closed
-                    why = ArchiveError(f"{path}: cannot read the {kind} image ({exc.strerror or exc})")
-                    raise self._unreadable("image_unreadable", why) from None
+                    raise self._unreadable("image_unreadable", unreadable(path, f"{kind} image", exc)) from None
                 if found:
                     failure = _open_failure(path)
                     if failure is None:
                         return web.FileResponse(path, headers={"Cache-Control": IMMUTABLE})
                     if not isinstance(failure, FileNotFoundError):  # gone since: missing, as below
-                        why = ArchiveError(f"{path}: cannot read the {kind} image ({failure.strerror or failure})")
+                        why = unreadable(path, f"{kind} image", failure)
                         raise self._unreadable("image_unreadable", why) from None
                 error = f"archive id {entry_id!r}: {kind} file missing"
             except ArchiveError as exc:
@@ -484,15 +484,11 @@ class WebView:
             path = live_frame(self.archive, request.match_info["camera"])
         except ArchiveError as exc:  # e.g. a live/ folder this user may not enter
             raise self._unreadable("live_frame_unreadable", exc) from None
-        except OSError as exc:
-            why = ArchiveError(f"{exc.filename or self.archive}: cannot read the live frame ({exc.strerror or exc})")
-            raise self._unreadable("live_frame_unreadable", why) from None
         failure = None if path is None else _open_failure(path)
         if path is None or isinstance(failure, FileNotFoundError):
             raise web.HTTPNotFound(text="no live frame for this camera (yet)")
         if failure is not None:
-            why = ArchiveError(f"{path}: cannot read the live frame ({failure.strerror or failure})")
-            raise self._unreadable("live_frame_unreadable", why) from None
+            raise self._unreadable("live_frame_unreadable", unreadable(path, "live frame", failure)) from None
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 
 

@@ -183,6 +183,11 @@ def day_dir(camera: str, t_capture: float) -> str:
     return f"{camera}/{datetime.datetime.fromtimestamp(t_capture, datetime.timezone.utc):%Y-%m-%d}"
 
 
+def unreadable(path: Path, what: str, exc: OSError) -> ArchiveError:
+    """The refusal for a file of the archive this user cannot read (`what`: "archive", "frame image", "live frame")."""
+    return ArchiveError(f"{path}: cannot read the {what} ({exc.strerror or exc})")
+
+
 def live_frame(root: Path, camera: str) -> Path | None:
     """The camera's latest frame under the archive `root` (written before, and without, any archived entry: no index
     needed); None for a name that is no camera id (never a path) or while there is none. ArchiveError when it cannot
@@ -193,7 +198,7 @@ def live_frame(root: Path, camera: str) -> Path | None:
     try:
         return path if path.is_file() else None
     except OSError as exc:  # is_file() raises what is not "not there": e.g. a live/ folder this user cannot enter
-        raise ArchiveError(f"{path}: cannot read the live frame ({exc.strerror or exc})") from None
+        raise unreadable(path, "live frame", exc) from None
 
 
 def connect(root: Path) -> sqlite3.Connection:
@@ -261,7 +266,7 @@ class ArchiveReader:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NoArchive(f"{self.root}: no {INDEX_NAME}, expected an inspectd image archive directory") from None
         except OSError as exc:  # e.g. the daemon's, and this user neither its user nor in its group
-            raise ArchiveError(f"{index}: cannot read the archive ({exc.strerror or exc})") from None
+            raise unreadable(index, "archive", exc) from None
         try:
             self._db = sqlite3.connect(index, timeout=5.0, check_same_thread=False)
         except sqlite3.Error as exc:
