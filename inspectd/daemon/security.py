@@ -243,11 +243,10 @@ class _Refusals:
         self.count = 0
         # (reason, field, who) -> (when last logged or first seen; for a pair never logged, the start of the interval
         # it was last refused in, so that it may take the next interval's budget from that interval's start on,
-        # refusals since, whether its who was ever logged)
-        self._last: collections.OrderedDict[tuple[str, str, str], tuple[float, int, bool]] = collections.OrderedDict()
-        # _last's pairs by when last refused, apart: those refused once and never logged, and the others.
-        self._once: collections.OrderedDict[tuple[str, str, str], None] = collections.OrderedDict()
-        self._again: collections.OrderedDict[tuple[str, str, str], None] = collections.OrderedDict()
+        # refusals since, whether its who was ever logged), by when last refused, in two tables: the pairs refused
+        # once and never logged, and the others.
+        self._once: collections.OrderedDict[tuple[str, str, str], tuple[float, int, bool]] = collections.OrderedDict()
+        self._again: collections.OrderedDict[tuple[str, str, str], tuple[float, int, bool]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._interval_start = -REPEAT_LOG_S
         self._new_logged = 0  # pairs logged for the first time in this interval
@@ -261,29 +260,27 @@ class _Refusals:
         with self._lock:
             self.count += 1
             summary = self._roll(now)
-            seen = slot in self._last
-            when, repeats, logged = self._last.pop(slot, (-REPEAT_LOG_S, 0, False))
-            self._once.pop(slot, None)
-            self._again.pop(slot, None)
+            known = self._once.pop(slot, None) or self._again.pop(slot, None)
+            when, repeats, logged = known or (-REPEAT_LOG_S, 0, False)
             if now - when < REPEAT_LOG_S:
                 line = False
-                self._last[slot] = (when, repeats + 1, logged)
+                state = (when, repeats + 1, logged)
             elif logged or self._new_logged < NEW_LOGGED_PER_INTERVAL:
                 # Repeats of a logged pair come once per interval each, at most REFUSALS_TRACKED of them: not budgeted.
                 line = True
                 self._new_logged += not logged
-                self._last[slot] = (now, 0, True)
+                state = (now, 0, True)
             else:
                 line = False
                 self._new_unlogged += 1
-                self._last[slot] = (self._interval_start, repeats + 1, False)
+                state = (self._interval_start, repeats + 1, False)
             if not line and not logged:
                 self._unlogged_refusals += 1
-            (self._again if seen or line or logged else self._once)[slot] = None
+            (self._again if known or line or logged else self._once)[slot] = state
             while len(self._once) > ONCE_TRACKED:
-                del self._last[self._once.popitem(last=False)[0]]
+                self._once.popitem(last=False)
             while len(self._again) > REFUSALS_TRACKED:
-                del self._last[self._again.popitem(last=False)[0]]
+                self._again.popitem(last=False)
         if summary is not None:
             self._log_summary(*summary)
         if line:
@@ -305,15 +302,15 @@ class _Refusals:
         if self._unlogged_refusals:
             # Once an interval, over the pairs remembered: the ones refused in the interval that ends.
             ended = self._interval_start
-            unlogged = (item for item in self._last.items() if not item[1][2] and item[1][0] >= ended)
+            pairs = itertools.chain(self._once.items(), self._again.items())
+            unlogged = (item for item in pairs if not item[1][2] and item[1][0] >= ended)
             most = heapq.nlargest(SUMMARY_NAMED, unlogged, key=lambda item: item[1][1])
             named: list[dict[str, object]] = []
             for slot, (_, repeats, _) in most:
                 reason, field, who = slot
                 named.append({field: who, "reason": reason, "refusals": repeats})
-                self._last[slot] = (now, 0, True)
                 self._once.pop(slot, None)
-                self._again[slot] = None
+                self._again[slot] = (now, 0, True)
             summary = (self._new_unlogged, self._unlogged_refusals, named)
         self._interval_start, self._new_logged, self._new_unlogged, self._unlogged_refusals = now, 0, 0, 0
         return summary
