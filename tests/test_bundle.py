@@ -321,8 +321,9 @@ def test_onnxruntime_refuses_a_graph_whose_pixels_do_not_fit_the_manifest_input(
          "the manifest's input is 48x64x1"),
         (lambda m: m["input"].__setitem__("channels", 3), "its architecture builds a graph for 64x64x1 pixels, "
          "the manifest's input is 64x64x3"),
-        (lambda m: m["architecture"].__setitem__("scorer", "gaussian"), "its architecture builds a graph with "
-         "scorer inputs"),
+        # Without the recipe, which load compares the architecture with (below), as a bundle written before it.
+        (lambda m: (m.pop("recipe"), m["architecture"].__setitem__("scorer", "gaussian")), "its architecture "
+         "builds a graph with scorer inputs"),
     ],
 )  # fmt: skip
 def test_the_torch_backend_refuses_a_manifest_that_does_not_fit_the_graph_it_rebuilds(bundle_dir, edit, message):
@@ -359,6 +360,108 @@ def test_an_npz_that_is_not_one_is_refused_in_one_line_even_with_its_checksum(bu
         bundle.scorer_params() if name == "scorer.npz" else bundle.weights()
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value), str(info.value)
     assert "holds pickled objects" not in str(info.value), str(info.value)
+
+
+def set_architecture(field, value):
+    return lambda m: m["architecture"].__setitem__(field, value)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("smoothing_sigma", 1.0, "expected the recorded recipe's smoothing_sigma 4.0"),
+        ("aggregation", 5, "expected the recorded recipe's aggregation "),
+        ("score_share", 0.5, "expected the recorded recipe's score_share 0.0"),
+        ("scorer", "gaussian", "expected the recorded recipe's scorer 'kmeans'"),
+        ("taps", [1, 2], "(strides [4, 8]), expected the recorded recipe's taps "),
+        ("input_shape", [32, 64, 1], "expected the recorded recipe's size [64, 64]"),
+        ("method", "trained", "expected the recorded recipe's method 'frozen'"),
+        ("backbone", "resnet18", "expected the recorded recipe's backbone 'lite0'"),
+    ],
+)
+def test_an_architecture_edited_away_from_the_recorded_recipe_is_refused(bundle_dir, field, value, expected):
+    """The torch backend and export rebuild the graph from the architecture, which has no checksum and which ONNX
+    Runtime never reads: such an edit moved the torch backend's (and a re-export's) scores away from ONNX Runtime's
+    under the same model_id and thresholds."""
+    rewrite_manifest(bundle_dir, set_architecture(field, value))
+    message = refusal(bundle_dir)
+    assert message.startswith(f"{bundle_dir / 'manifest.json'}: architecture.{field} {value!r}"), message
+    assert expected in message, message
+
+
+def test_an_architecture_lacking_a_field_is_compared_as_the_graph_defaults_it(bundle_dir):
+    """No aggregation: a memory scorer's graph aggregates 15x15 (what bundles did before recipes recorded it)."""
+    rewrite_manifest(bundle_dir, lambda m: (m["architecture"].pop("aggregation"), m["recipe"].update(scorer="memory"),
+                                            m["architecture"].update(scorer="memory")))  # fmt: skip
+    assert refusal(bundle_dir) == (
+        f"{bundle_dir / 'manifest.json'}: architecture.aggregation 15, expected the recorded recipe's aggregation "
+        f"{load_recipe(bundle_dir)['aggregation']}"
+    )
+
+
+def load_recipe(bundle_dir):
+    return json.loads((bundle_dir / "manifest.json").read_text())["recipe"]
+
+
+def test_an_architecture_without_a_recipe_to_compare_with_loads_as_before(bundle_dir):
+    rewrite_manifest(bundle_dir, lambda m: (m.pop("recipe"), m["architecture"].update(smoothing_sigma=1.0)))
+    assert load_bundle(bundle_dir).architecture["smoothing_sigma"] == 1.0
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recipe", "no-recipe"])
+@pytest.mark.parametrize(
+    "edit, field, expected",
+    [
+        (lambda m: m.__setitem__("architecture", "x"), "architecture", "the mapping train recorded"),
+        (set_architecture("taps", "23"), "architecture.taps", "a list of backbone feature indices"),
+        (set_architecture("taps", [2, True]), "architecture.taps", "a list of backbone feature indices"),
+        (set_architecture("taps", [2, 7]), "architecture.taps", "a list of backbone feature indices"),
+        (set_architecture("input_shape", "64"), "architecture.input_shape", "[height, width, channels]"),
+        (set_architecture("head", []), "architecture.head", "a mapping"),
+        (set_architecture("scorer", 3), "architecture.scorer", "a non-empty string"),
+        (set_architecture("aggregation", 2), "architecture.aggregation", "an odd window"),
+        (set_architecture("smoothing_sigma", "4"), "architecture.smoothing_sigma", "a number > 0"),
+        (set_architecture("smoothing_sigma", 0), "architecture.smoothing_sigma", "a number > 0"),
+        (set_architecture("smoothing_sigma", -1), "architecture.smoothing_sigma", "a number > 0"),
+        (set_architecture("score_share", 2), "architecture.score_share", "a share in [0, 1]"),
+    ],
+)
+def test_a_wrong_typed_architecture_is_refused_at_load_in_one_line(bundle_dir, edit, field, expected, recorded):
+    """A string architecture, or taps as a string, was a TypeError inside timm at the torch backend's start (a
+    traceback from `inspectd run --check`); sigma 0 gave NaN maps. Refused at load, every path gets it."""
+    rewrite_manifest(bundle_dir, edit if recorded else lambda m: (m.pop("recipe"), edit(m)))
+    message = refusal(bundle_dir)
+    assert message.startswith(f"{bundle_dir / 'manifest.json'}: {field} "), message
+    assert message.endswith(expected) or f"expected {expected}" in message, message
+
+
+# The torch backend takes its parameters' shapes from scorer.npz itself: only ONNX Runtime has a shape to refuse.
+@pytest.mark.parametrize(
+    "backend, damage",
+    [("onnxruntime", "shape")] + [(b, d) for b in ("onnxruntime", "torch") for d in ("nan", "inf", "empty")],
+)
+def test_a_scorer_npz_an_engine_refuses_is_named_by_its_path(bundle_dir, backend, damage):
+    """Load checks only its arrays' names and dtype; the engine checks their shapes and values, and its refusal named
+    neither the bundle nor the file."""
+    path = bundle_dir / "scorer.npz"
+    with np.load(path) as npz:
+        arrays = {name: npz[name].astype(np.float32) for name in npz.files}
+    references = arrays["references"]
+    arrays["references"] = {
+        "shape": references[..., None],
+        "nan": np.where(np.arange(references.size).reshape(references.shape) == 0, np.nan, references),
+        "inf": np.full_like(references, np.inf),
+        "empty": references[:0],
+    }[damage]
+    with path.open("wb") as out:
+        np.savez(out, **arrays)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    rewrite_manifest(bundle_dir, lambda m: m["files"].__setitem__("scorer.npz", digest))
+    with pytest.raises(EngineError) as info:
+        open_engine(load_bundle(bundle_dir), backend, {})
+    message = str(info.value)
+    assert message.startswith(f"{path}: references "), message
+    assert "\n" not in message
 
 
 def test_a_missing_architecture_is_blamed_on_the_manifest_not_the_weights(bundle_dir):

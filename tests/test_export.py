@@ -367,3 +367,104 @@ def test_the_opset_range_is_the_one_this_torch_exports():
     from engines.model.export import MAX_OPSET
 
     assert MAX_OPSET == _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+
+
+@pytest.fixture(scope="module")
+def kmeans_bundle(data, tmp_path_factory) -> Path:
+    from engines.training.train import Progress, train_bundle
+
+    out = tmp_path_factory.mktemp("edited") / "kmeans"
+    train_bundle(data, out, size=(SIZE, SIZE), scorer="kmeans", k=2, progress=Progress(enabled=False))
+    return out
+
+
+def edited_copy(source: Path, where: Path, edit) -> Path:
+    copy = Path(shutil.copytree(source, where))
+    doc = json.loads((copy / "manifest.json").read_text())
+    edit(doc)
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    return copy
+
+
+def test_export_refuses_an_architecture_edited_away_from_its_recipe(kmeans_bundle, tmp_path, capsys):
+    """Export rebuilds the graph from the architecture: a sigma edited there moved ONNX Runtime's scores too, under
+    the same model_id and thresholds, and nothing was said."""
+    from engines.model.export import add_arguments, run
+
+    copy = edited_copy(kmeans_bundle, tmp_path / "copy", lambda m: m["architecture"].update(smoothing_sigma=1.0))
+    graph = (copy / "model.onnx").read_bytes()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    capsys.readouterr()
+    assert run(parser.parse_args([str(copy)])) == 2
+    assert capsys.readouterr().err == (
+        f"inspectd export: {copy / 'manifest.json'}: architecture.smoothing_sigma 1.0, expected the recorded "
+        "recipe's smoothing_sigma 4.0\n"
+    )
+    assert (copy / "model.onnx").read_bytes() == graph
+
+
+@pytest.mark.parametrize("sigma", [0, -1.0, float("nan"), float("inf")])
+def test_build_graph_refuses_a_smoothing_sigma_a_recipe_would_refuse(kmeans_bundle, sigma):
+    """A bundle without a recipe to compare with reaches build_graph as it is: sigma 0 made every map NaN."""
+    from engines.model.graph import build_graph
+
+    architecture = {**load_bundle(kmeans_bundle).architecture, "smoothing_sigma": sigma}
+    with pytest.raises(ValueError, match=r"^architecture: smoothing_sigma .*, expected a number > 0$"):
+        build_graph(architecture, pretrained=False)
+
+
+def test_an_architecture_the_graph_cannot_be_built_from_is_blamed_on_the_manifest(kmeans_bundle):
+    """What load does not check (a method's own head settings) still ends in one line naming the manifest, not in a
+    TypeError from timm: here taps as a string, in a Bundle made without load's checks."""
+    from engines.bundle.store import Bundle
+    from engines.errors import BundleError
+    from engines.model.export import graph_from_bundle
+
+    loaded = load_bundle(kmeans_bundle)
+    manifest = {**loaded.manifest, "architecture": {**loaded.architecture, "taps": "23"}}
+    with pytest.raises(BundleError) as info:
+        graph_from_bundle(Bundle(kmeans_bundle, manifest))
+    message = str(info.value)
+    assert message.startswith(f"{kmeans_bundle / 'manifest.json'}: architecture does not build a graph ("), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("edit", ["architecture", "taps"])
+def test_run_check_on_the_torch_backend_refuses_a_wrong_typed_architecture_in_one_line(kmeans_bundle, tmp_path, edit):
+    """Either edit ended `inspectd run --check` (and the start) in a traceback from inside timm or build_graph."""
+    import yaml
+
+    from inspectd.daemon.security import ALLOW_ROOT_ENV
+
+    def change(m):
+        if edit == "architecture":
+            m["architecture"] = "x"
+        else:
+            m["architecture"]["taps"] = "23"
+
+    edited_copy(kmeans_bundle, tmp_path / "bundle", change)
+    config = {
+        "station": "line1",
+        "model": {"bundle": "bundle"},
+        "engine": {"backend": "torch"},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+    }
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "inspectd", "run", "--check", "--config", str(path), "--service-user", ""],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != ALLOW_ROOT_ENV} | {"OMP_NUM_THREADS": "1"},
+    )
+    field = "architecture" if edit == "architecture" else "architecture.taps"
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and f"{tmp_path / 'bundle' / 'manifest.json'}: {field} " in done.stderr, (
+        done.stderr
+    )

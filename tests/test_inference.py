@@ -385,6 +385,45 @@ def test_probe_frames_read_a_training_set_whose_defect_free_folder_is_ok(tmp_pat
     assert source == str(ok) and len(frames) == 3
 
 
+@pytest.mark.parametrize("provenance", [None, "hand edit", ["good"]])
+def test_probe_frames_pass_over_a_history_entry_whose_provenance_is_not_a_mapping(tmp_path, provenance):
+    """The thresholds document checks only that each history entry is a mapping: a provenance of null there ended a
+    reduced-precision engine's start with an AttributeError, where an FP32 one loaded the same bundle."""
+    import dataclasses
+
+    from engines.bundle.store import load_bundle
+    from inspectd.daemon.inference import probe_frames
+
+    older = tmp_path / "older"
+    older.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        assert cv2.imwrite(str(older / f"{i}.png"), rng.integers(0, 256, (40, 50), dtype=np.uint8))
+    first = thresholds_doc.first_version(0.5, 0.5, {"tool": "test"})
+    history = [
+        {"version": 2, "image_threshold": 0.5, "pixel_threshold": 0.5, "provenance": provenance},
+        {"version": 1, "image_threshold": 0.5, "pixel_threshold": 0.5, "provenance": {"good_dir": str(older)}},
+    ]
+    path = write_bundle(
+        tmp_path / "bundle",
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": H, "width": W, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+            "training": {"data": str(tmp_path / "gone")},
+        },
+        grey_graph(H),
+        {"centre": np.array([128.0], np.float32)},
+        {},
+        dataclasses.replace(first, version=3, history=history),
+    )
+    bundle = load_bundle(path)
+    assert bundle.thresholds().history[0]["provenance"] == provenance  # the document itself takes it
+    frames, source = probe_frames(bundle, bundle.thresholds(), count=4)
+    assert source == str(older) and len(frames) == 2
+
+
 class MapOf:
     """Wraps the real engine and turns its maps by `change` (rows, dtype), as a graph's own fault would."""
 

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -41,6 +42,7 @@ from engines.bundle.format import (
     SCORER,
     THRESHOLDS,
     WEIGHTS,
+    aggregation_of,
     recipe_of,
     valid_bit_depth,
 )
@@ -274,6 +276,15 @@ def _safe_member(root: Path, name: Any) -> Path:
     return member
 
 
+class ScorerParams(dict[str, np.ndarray]):
+    """A bundle's scorer arrays and the file they were read from, which an engine refusing them names
+    (engines.runtime.base.check_scorer_params); a refit's plain dict has no file to name."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], source: Path) -> None:
+        super().__init__(arrays)
+        self.source = source
+
+
 class Bundle:
     """A verified bundle. Construct with `load_bundle`."""
 
@@ -374,7 +385,7 @@ class Bundle:
                 if params[n].dtype.kind not in REAL_KINDS:
                     raise BundleError(f"{self.path / SCORER}: {n} has dtype {params[n].dtype}, expected real numbers")
             self._scorer_params = {n: np.ascontiguousarray(params[n], dtype=np.float32) for n in self.scorer_inputs}
-        return dict(self._scorer_params)
+        return ScorerParams(self._scorer_params, self.path / SCORER)
 
     def weights(self) -> dict[str, np.ndarray]:
         return self._arrays(WEIGHTS)
@@ -829,6 +840,74 @@ def _check_identity(manifest_path: Path, manifest: dict[str, Any]) -> None:
         )
 
 
+# engines.model.graph.SMOOTHING_SIGMA, the blur of an architecture that names none (that module needs torch).
+_DEFAULT_SIGMA = 4.0
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_architecture(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse an `architecture` section the torch backend and export could not rebuild a graph from, or would rebuild
+    otherwise than the recorded recipe: it is what they build from, it has no checksum, and the ONNX Runtime and
+    TensorRT backends never read it, so an edit there would move the torch backend's (and a re-export's) scores
+    away from theirs under the same model_id and thresholds. Not required: older bundles may lack it."""
+    if "architecture" not in manifest:
+        return
+    architecture = manifest["architecture"]
+    if not isinstance(architecture, dict):
+        raise BundleError(f"{manifest_path}: architecture {architecture!r}, expected the mapping train recorded")
+    checks: dict[str, tuple[Any, str]] = {
+        "method": (lambda v: isinstance(v, str) and v, "a non-empty string"),
+        "backbone": (lambda v: isinstance(v, str) and v, "a non-empty string"),
+        "scorer": (lambda v: isinstance(v, str) and v, "a non-empty string"),
+        "head": (lambda v: isinstance(v, dict), "a mapping"),
+        "taps": (
+            lambda v: isinstance(v, list) and v and all(_count(t) and 0 <= t <= 4 for t in v),
+            "a list of backbone feature indices 0..4 (stride 2..32)",
+        ),
+        "input_shape": (
+            lambda v: isinstance(v, list) and len(v) == 3 and all(_count(d) and d > 0 for d in v),
+            "[height, width, channels], positive integers",
+        ),
+        "aggregation": (lambda v: _count(v) and v >= 1 and v % 2 == 1, "an odd window >= 1"),
+        "smoothing_sigma": (lambda v: _number(v) and v > 0, "a number > 0"),
+        "score_share": (lambda v: _number(v) and 0 <= v <= 1, "a share in [0, 1]"),
+    }
+    for field, (valid, expected) in checks.items():
+        if field in architecture and not valid(architecture[field]):
+            raise BundleError(f"{manifest_path}: architecture.{field} {architecture[field]!r}, expected {expected}")
+    if "recipe" not in manifest:  # older bundles: nothing recorded to compare with
+        return
+    recipe = recipe_of(manifest)  # _check_identity made sure it is a mapping
+    taps, shape = architecture.get("taps"), architecture.get("input_shape")
+    # field: (the recipe's field that set it, what build_graph makes of it in that field's terms, an absent one as it
+    # defaults it; None where build_graph refuses it missing by itself)
+    built: dict[str, tuple[str, Any]] = {
+        "method": ("method", architecture.get("method")),
+        "backbone": ("backbone", architecture.get("backbone")),
+        "scorer": ("scorer", architecture.get("scorer")),
+        "taps": ("taps", None if taps is None else [2 ** (i + 1) for i in taps]),
+        "input_shape": ("size", None if shape is None else shape[:2]),
+        "aggregation": ("aggregation", aggregation_of(architecture)),
+        "smoothing_sigma": ("smoothing_sigma", architecture.get("smoothing_sigma", _DEFAULT_SIGMA)),
+        "score_share": ("score_share", architecture.get("score_share", 0.0)),
+    }
+    for field, (key, value) in built.items():
+        if value is None or key not in recipe or value == recipe[key]:  # an older recipe may lack the field
+            continue
+        strides = f" (strides {value})" if field == "taps" else ""
+        raise BundleError(
+            f"{manifest_path}: architecture.{field} {architecture.get(field, value)!r}{strides}, expected the "
+            f"recorded recipe's {key} {recipe[key]!r}"
+        )
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Open and verify the bundle at `path`; BundleError (one line naming the file) if anything is off, a file or
     folder this user may not read included (a model.onnx left 0600 by another user's copy)."""
@@ -944,6 +1023,7 @@ def _load_bundle(path: Path) -> Bundle:
     if not isinstance(manifest.get("training", {}), dict):
         raise BundleError(f"{manifest_path}: training {manifest['training']!r}, expected the mapping train recorded")
     _check_identity(manifest_path, manifest)
+    _check_architecture(manifest_path, manifest)
     manifest.pop(PENDING, None)
     bundle = Bundle(path, manifest)
     bundle.scorer_params()  # refuses a pickled or incomplete scorer.npz now, not at the first frame

@@ -20,9 +20,19 @@ import warnings
 import numpy as np
 import torch
 
-from engines.bundle.format import ANOMALY_MAP, FEATURE_GRAPH, FEATURES, GRAPH, PIXELS, SCORE, VARIABLE_ROWS, WEIGHTS
+from engines.bundle.format import (
+    ANOMALY_MAP,
+    FEATURE_GRAPH,
+    FEATURES,
+    GRAPH,
+    MANIFEST,
+    PIXELS,
+    SCORE,
+    VARIABLE_ROWS,
+    WEIGHTS,
+)
 from engines.bundle.store import Bundle, load_bundle
-from engines.errors import BundleError
+from engines.errors import BundleError, one_line
 from engines.model.graph import InferenceGraph, build_graph, load_state_arrays
 
 DEFAULT_OPSET = 17
@@ -116,6 +126,11 @@ def graph_from_bundle(bundle: Bundle) -> InferenceGraph:
     except (KeyError, RuntimeError, ValueError) as exc:
         raise BundleError(
             f"{bundle.path / WEIGHTS}: does not fit the manifest's architecture ({str(exc).splitlines()[0]})"
+        ) from exc
+    except (TypeError, AttributeError) as exc:  # a method's head setting of the wrong type (load checks the rest)
+        raise BundleError(
+            f"{bundle.path / MANIFEST}: architecture does not build a graph ({one_line(exc)}), expected what train "
+            "recorded"
         ) from exc
     return graph.eval()
 

@@ -386,6 +386,9 @@ def build_graph(architecture: dict, pretrained: bool = True, weights: str | None
     (a bundle's weights.npz); `weights` is the user's --weights for the backbone."""
     from engines.model.methods import get_method
 
+    sigma = architecture.get("smoothing_sigma", SMOOTHING_SIGMA)
+    if not 0 < sigma < math.inf:  # as a recipe's is (engines.model.recipes): 0 makes every map NaN
+        raise ValueError(f"architecture: smoothing_sigma {sigma!r}, expected a number > 0")
     method = get_method(architecture["method"])
     backbone = create_backbone(
         architecture["backbone"], weights=weights, pretrained=pretrained, taps=tuple(architecture["taps"])
@@ -397,7 +400,7 @@ def build_graph(architecture: dict, pretrained: bool = True, weights: str | None
         head,
         scorer,
         tuple(architecture["input_shape"]),
-        architecture.get("smoothing_sigma", SMOOTHING_SIGMA),
+        sigma,
         aggregation_of(architecture),
         float(architecture.get("score_share", 0.0)),
     )

@@ -102,16 +102,18 @@ def check_scorer_params(params: dict[str, np.ndarray], expected: dict[str, list]
 
     Always copies: the backends bind these arrays without copying (ONNX Runtime, torch.from_numpy), so an array the
     caller still holds and later writes would change the running engine past these checks."""
+    # The bundle's scorer.npz where they were read from one (engines.bundle.store.ScorerParams), not a refit's.
+    where = getattr(params, "source", "scorer params")
     checked = {}
     for name, shape in expected.items():
         if name not in params:
-            raise EngineError(f"scorer params: {name!r} missing, expected {', '.join(expected)}")
+            raise EngineError(f"{where}: {name!r} missing, expected {', '.join(expected)}")
         value = np.array(params[name], dtype=np.float32, order="C", copy=True)
         if value.ndim != len(shape) or any(isinstance(d, int) and d != v for d, v in zip(shape, value.shape)):
-            raise EngineError(f"scorer params: {name} has shape {tuple(value.shape)}, expected {list(shape)}")
+            raise EngineError(f"{where}: {name} has shape {tuple(value.shape)}, expected {list(shape)}")
         if 0 in value.shape:
-            raise EngineError(f"scorer params: {name} has shape {tuple(value.shape)}, expected at least one row")
+            raise EngineError(f"{where}: {name} has shape {tuple(value.shape)}, expected at least one row")
         if not np.isfinite(value).all():  # every frame would score NaN: refused before it replaces a running model
-            raise EngineError(f"scorer params: {name} holds NaN or infinity, expected finite numbers")
+            raise EngineError(f"{where}: {name} holds NaN or infinity, expected finite numbers")
         checked[name] = value
     return checked

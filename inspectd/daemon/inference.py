@@ -236,7 +236,10 @@ def probe_frames(bundle, thresholds, count: int = SHIFT_PROBE_FRAMES) -> tuple[n
     from engines.runtime.preprocess import fit_all
 
     named = [thresholds.provenance.get("good_dir")]
-    named += [entry.get("provenance", {}).get("good_dir") for entry in thresholds.history]
+    # A hand-edited history entry's provenance may be anything: it only points to images, so one that is not a
+    # mapping names none.
+    provenances = (entry.get("provenance") for entry in thresholds.history)
+    named += [p.get("good_dir") for p in provenances if isinstance(p, dict)]
     named.append(bundle.manifest.get("training", {}).get("data"))
     folders = [Path(d) for d in dict.fromkeys(n for n in named if isinstance(n, str) and n)]
     for named_folder in folders:
