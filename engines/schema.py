@@ -77,7 +77,7 @@ def refuse(loc: str | int | tuple[str | int, ...], message: str, value: Any) -> 
 
 def _check_keys(cls: type, data: Any) -> Any:
     if data is None:
-        return {}  # a section left empty in YAML (`metrics:` with every line under it commented out)
+        return {}  # a section left empty in YAML (every line under it commented out): its defaults
     if isinstance(data, dict):
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = [key for key in data if key not in known]

@@ -75,12 +75,23 @@ def _path(value: Any, info: ValidationInfo) -> Path:
     return resolve(value, info)
 
 
+def _not_a_variable(value: str | Path) -> None:
+    """Refuses a $ in a path the program writes to: ${STATE_DIRECTORY} (what systemd sets for StateDirectory=) or
+    $HOME/x was taken literally, a folder of that name beside the config file."""
+    if "$" in str(value):
+        raise schema.invalid(
+            f"{schema.show(str(value))} holds a $, expected the path written out: environment variables are not "
+            "expanded"
+        )
+
+
 def written_path(value: Any) -> Path:
     """A path the program writes to while it runs: absolute (after ~), never resolved against the config file's
     folder, which the service units make read-only (ProtectSystem=strict), nor against a working directory the
     config file does not show."""
     if not isinstance(value, (str, Path)) or not str(value):
         raise schema.invalid(f"expected a path string, got {schema.show(value)}")
+    _not_a_variable(value)
     path = _expanded(value)
     if not path.is_absolute():
         raise schema.invalid(
@@ -90,9 +101,18 @@ def written_path(value: Any) -> Path:
     return path
 
 
+def _state_path(value: Any, info: ValidationInfo) -> Path:
+    if isinstance(value, (str, Path)):
+        _not_a_variable(value)
+    return _path(value, info)
+
+
 Endpoint = Annotated[str, PlainValidator(_endpoint)]
 ConfigPath = Annotated[Path, PlainValidator(_path)]
 WrittenPath = Annotated[Path, PlainValidator(written_path)]
+# The daemon's state_dir, journal and archive: a ConfigPath (a relative one is read against the config file's folder,
+# as it always was) without $.
+StatePath = Annotated[Path, PlainValidator(_state_path)]
 
 
 def _camera_id(value: Any) -> str:

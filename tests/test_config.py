@@ -271,6 +271,21 @@ SHARED = [
         "tcp://127.0.0.1:5557",
         "control.endpoint: tcp port 5557 on 127.0.0.1 is already used by publish.endpoint",
     ),
+    # A port with a leading zero is the same port to libzmq and to the metrics server.
+    (
+        ["control", "endpoint"],
+        "tcp://127.0.0.1:20001",
+        ["publish", "endpoint"],
+        "tcp://127.0.0.1:020001",
+        "control.endpoint: tcp port 20001 on 127.0.0.1 is already used by publish.endpoint",
+    ),
+    (
+        ["publish", "endpoint"],
+        "tcp://127.0.0.1:09108",
+        ["station"],
+        "line1",
+        "metrics.listen: tcp port 9108 on 127.0.0.1 is already used by publish.endpoint",
+    ),
     (
         ["cameras", 3],
         {"id": "cam3", "source": {"kind": "zmq", "endpoint": "ipc:///tmp/x.sock"}},
@@ -288,7 +303,9 @@ SHARED = [
 ]
 
 
-@pytest.mark.parametrize("path,value,other,other_value,message", SHARED, ids=[m.split(":")[0] for *_, m in SHARED])
+@pytest.mark.parametrize(
+    "path,value,other,other_value,message", SHARED, ids=[f"{n}-{m.split(':')[0]}" for n, (*_, m) in enumerate(SHARED)]
+)
 def test_an_address_bound_twice_is_refused_naming_both_keys(path, value, other, other_value, message):
     """A second ZeroMQ bind to an ipc path takes the socket over without a word: a camera copied onto
     publish.endpoint left every subscriber without results while status said healthy."""
@@ -491,7 +508,12 @@ def test_a_control_socket_left_out_whose_default_path_is_too_long_is_refused_nam
 
 
 def test_endpoints_of_every_form_a_bind_takes_are_accepted():
-    for endpoint in ("tcp://127.0.0.1:*", "tcp://*:5556", "tcp://[::1]:5556", "tcp://eth0:5556", "tcp://host:0"):
+    import socket
+
+    # A host name or interface this machine has: one the resolver calls unknown is refused (the test below).
+    interface = socket.if_nameindex()[-1][1]
+    forms = ("tcp://127.0.0.1:*", "tcp://*:5556", "tcp://[::1]:5556", f"tcp://{interface}:5556", "tcp://localhost:0")
+    for endpoint in forms:
         assert parse_config(with_value(["publish", "endpoint"], endpoint)).publish.endpoint == endpoint
 
 
@@ -698,11 +720,15 @@ def test_a_section_left_empty_takes_its_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(
         "station: s\nmodel: {bundle: b}\ncameras: [{id: c, source: {kind: synthetic}}]\n"
-        "publish:\n  # endpoint: tcp://127.0.0.1:5556\nmetrics:\nengine: {options: null}\n"
+        "publish:\n  # endpoint: tcp://127.0.0.1:5556\nengine: {options: null}\n"
     )
     config = load_config(path)
     assert config.publish.endpoint == "tcp://127.0.0.1:5556" and config.metrics.listen == "127.0.0.1:9108"
     assert config.engine.options == {}
+    # Except the sections whose null would read as off (`listen: null` is off): there the operator says which.
+    path.write_text(path.read_text() + "metrics:\n  # listen: 127.0.0.1:9108\n")
+    with pytest.raises(ConfigError, match="^metrics: null, expected listen: null to turn it off, or the section left"):
+        load_config(path)
 
 
 @pytest.mark.parametrize(
@@ -1137,3 +1163,85 @@ def test_run_check_refuses_in_one_line_what_run_would_fail_on(tmp_path, text, me
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("key", [["state_dir"], ["publish", "journal", "path"], ["archive", "path"]])
+@pytest.mark.parametrize("value", ["${STATE_DIRECTORY}", "$HOME/x", "/var/lib/inspectd/$STATION"])
+def test_a_written_path_holding_a_dollar_is_refused_as_not_expanded(key, value):
+    """`state_dir: ${STATE_DIRECTORY}` (what systemd sets for StateDirectory=) was taken literally: a folder of that
+    name beside the config file, read-only under the units, and `run --check` passed it."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(key, value))
+    assert str(refused.value) == (
+        f"{'.'.join(key)}: {value!r} holds a $, expected the path written out: environment variables are not expanded"
+    )
+
+
+def test_the_bridges_written_paths_refuse_a_dollar_too():
+    from pydantic_core import PydanticCustomError
+
+    from inspectd.configfile import written_path
+
+    with pytest.raises(PydanticCustomError, match="environment variables are not expanded"):
+        written_path("${STATE_DIRECTORY}/opcua.json")
+    assert written_path("/var/lib/inspectd/opcua.json") == Path("/var/lib/inspectd/opcua.json")
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://nosuchhost.invalid:5556", "tcp://${HOST}:20001"])
+@pytest.mark.parametrize("key", ["publish", "control", "camera"])
+def test_a_bind_endpoint_whose_host_the_resolver_does_not_know_is_refused_at_load(pki, key, endpoint):
+    """libzmq looks a bind's host name up: one no machine has passed `run --check` and failed every start (exit 1,
+    retried by the unit)."""
+    curve = {"server_secret_key": str(pki["server"][1]), "allowed_clients_dir": str(pki["allow_dir"])}
+    where = {"publish": ["publish"], "control": ["control"], "camera": ["cameras", 2, "source"]}[key]
+    doc = with_value([*where, "endpoint"], endpoint)
+    if key != "publish":  # a network address: without CurveZMQ that is the refusal
+        node = doc
+        for part in where:
+            node = node[part]
+        node["curve"] = curve
+    with pytest.raises(ConfigError) as refused:
+        parse_config(doc)
+    message = str(refused.value)
+    name = {"publish": "publish.endpoint", "control": "control.endpoint", "camera": "cameras[2].source.endpoint"}[key]
+    host = endpoint[len("tcp://") :].rpartition(":")[0]
+    assert message.startswith(f"{name}: cannot resolve host {host!r} ("), message
+    assert "\n" not in message and f"got {endpoint!r}" in message
+    assert message.endswith(": environment variables are not expanded") == ("$" in endpoint), message
+
+
+def test_a_bind_endpoint_on_an_address_a_wildcard_or_an_interface_is_not_looked_up():
+    import socket
+
+    interface = socket.if_nameindex()[0][1]  # lo, which no resolver knows as a host name
+    for endpoint in ("tcp://*:5556", "tcp://0.0.0.0:5556", "tcp://[::1]:5556", "tcp://localhost:5556"):
+        assert parse_config(with_value(["publish", "endpoint"], endpoint)).publish.endpoint == endpoint
+    endpoint = f"tcp://{interface}:5556"
+    assert parse_config(with_value(["publish", "endpoint"], endpoint)).publish.endpoint == endpoint
+
+
+@pytest.mark.parametrize(
+    "key,off",
+    [(["metrics"], "listen: null"), (["archive"], "enabled: false"), (["publish", "journal"], "enabled: false")],
+)
+def test_a_null_section_that_would_turn_a_feature_on_is_refused_with_the_words_to_write(key, off):
+    """`metrics: null` read as the defaults turned metrics on at 127.0.0.1:9108, where `curve: null` and
+    `listen: null` turn things off: the second instance on a station then failed to bind 9108 (exit 1, retried)."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(with_value(key, None))
+    assert str(refused.value) == (
+        f"{'.'.join(key)}: null, expected {off} to turn it off, or the section left out for its defaults"
+    )
+    assert parse_config(with_value(key, {})) is not None  # an empty mapping is still the defaults
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "station\n", "5\n"])
+def test_a_list_or_scalar_at_the_top_of_a_config_names_the_file(tmp_path, text):
+    """It said `<top>: expected a mapping`: in an inspectd@ instance's journal, nothing said which config was read."""
+    path = tmp_path / "line2.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value).startswith(
+        f"{path}: expected a mapping with at least station, model and cameras, got "
+    ), refused.value

@@ -29,6 +29,7 @@ from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import encoded_dims
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.supervisor import CameraIngest
+from other_user import REPO, as_nobody
 from tiny_dataset import good_images
 
 FAST_BACKOFF = (0.05, 0.2)
@@ -1656,3 +1657,90 @@ def test_a_camera_is_running_and_says_so_once_its_first_open_succeeds(tmp_path, 
         assert ingest.stats()["state"] == "paused"
     states = [(e["state"], e.get("reopen_count")) for e in logs if e["event"] == "camera_state"]
     assert states == [("running", 0)], states
+
+
+ANOTHER_DAEMON = """
+import sys, time
+from inspectd.daemon.config import parse_config
+from inspectd.daemon.ingest.queue import FrameQueue
+from inspectd.daemon.ingest.supervisor import CameraIngest
+source = {"kind": "folder", "path": sys.argv[1], "poll_ms": 20}
+cam = parse_config({"station": "s", "model": {"bundle": "b"}, "cameras": [{"id": "cam0", "source": source}]}).cameras[0]
+ingest = CameraIngest(cam, FrameQueue(8, "block"), backoff_s=(0.05, 0.2))
+ingest.start()
+while ingest.stats()["state"] != "running":
+    time.sleep(0.02)
+print("running", flush=True)
+sys.stdin.read()
+ingest.stop()
+ingest.join(5)
+"""
+
+
+def test_a_folder_another_daemon_watches_keeps_the_camera_reopening_in_one_line_until_it_lets_go(
+    open_tmp_path, ingest_threads
+):
+    """Two daemons (a config copied for inspectd@line2, its folder left unchanged) both took the folder's files: each
+    part got a result on two stations, or one on the station that did not see it. The other daemon here watches a
+    folder it may only read (the lock needs no write access), as another user where this test runs as root."""
+    inbox = open_tmp_path / "in"
+    inbox.mkdir()
+    SyntheticLine(32, 32, seed=3).write_folder(inbox, 2)
+    inbox.chmod(0o555)
+    other = subprocess.Popen(
+        as_nobody([sys.executable, "-c", ANOTHER_DAEMON, str(inbox)]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        while (line := other.stdout.readline()) not in ("running\n", ""):
+            pass  # its log lines
+        assert line == "running\n", "the other daemon's camera ended before it ran"
+        queue = FrameQueue(8, "block")
+        ingest = start(ingest_threads, camera({"kind": "folder", "path": str(inbox), "poll_ms": 20}), queue)
+        assert wait_for(lambda: ingest.stats()["reopen_count"] >= 2), ingest.stats()
+        stats = ingest.stats()
+        assert stats["state"] == "reopening" and len(queue) == 0, stats
+        assert stats["last_error"] == (
+            f"OSError: {inbox}: watched by another process (another daemon's folder camera), expected a folder no "
+            "other camera watches"
+        )
+    finally:
+        other.communicate(timeout=20)
+    assert other.returncode == 0, other.stderr
+    assert wait_for(lambda: len(queue) == 2), ingest.stats()
+    assert ingest.stats()["state"] == "running"
+
+
+def test_a_folder_cameras_own_reopen_and_a_new_camera_after_its_close_are_not_locked_out(tmp_path, ingest_threads):
+    """The lock is this camera's while it is open: a reopen (close, then open) of the same camera takes it again, and
+    after its close another camera on the folder (a daemon started after this one stopped) runs."""
+    from inspectd.daemon.ingest.folder import FolderWatcher
+
+    inbox, done = tmp_path / "in", tmp_path / "done"
+    inbox.mkdir()
+    done.mkdir()
+    SyntheticLine(32, 32, seed=3).write_folder(inbox, 2)
+    source = {"kind": "folder", "path": str(inbox), "done_dir": str(done), "poll_ms": 20}
+    stop = threading.Event()
+    first = FolderWatcher(camera(source), time.time)
+    first.open(stop)
+    second = FolderWatcher(camera(source), time.time)
+    with pytest.raises(OSError, match="watched by another process"):
+        second.open(stop)
+    second.close()
+    first.close()
+    first.open(stop)  # a reopen of the same camera
+    first.close()
+    second.open(stop)
+    second.close()
+    # Through the supervisor: an outage (done_dir made unwritable) reopens the camera, which then runs and moves.
+    queue = FrameQueue(8, "block")
+    with unwritable(done):
+        ingest = start(ingest_threads, camera(source), queue)
+        assert wait_for(lambda: ingest.stats()["reopen_count"] >= 2), ingest.stats()
+        assert "cannot move files there" in ingest.stats()["last_error"]
+    assert wait_for(lambda: len(queue) == 2), ingest.stats()
+    assert ingest.stats()["state"] == "running"
+    for frame in drain(queue):
+        frame.on_published()
+    assert wait_for(lambda: len(list(done.iterdir())) == 2)

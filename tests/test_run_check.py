@@ -215,7 +215,42 @@ def readable_station(root: Path) -> tuple[Path, dict]:
         "metrics": {"listen": None},
         "state_dir": str(root / "state"),
     }
+    (root / "state").mkdir()
+    if os.geteuid() == 0:
+        os.chown(root / "state", 65534, 65534)  # the service user's, as StateDirectory= leaves it
     return bundle, config
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a folder the unit cannot write")
+def test_check_as_root_refuses_a_state_dir_the_service_user_cannot_write(open_tmp_path):
+    """A hand-made /var/lib/inspectd/line2 left root's passed `sudo inspectd run --check`; the start then failed
+    (exit 1, retried) naming publish.journal.path."""
+    config = readable_station(open_tmp_path)[1]
+    path = open_tmp_path / "line2.yaml"
+    env = {k: v for k, v in os.environ.items() if k != ALLOW_ROOT_ENV}
+    argv = [sys.executable, "-m", "inspectd", "run", "--check", "--config", str(path), "--service-user", "nobody"]
+    own = open_tmp_path / "own"
+    own.mkdir()
+    own.chmod(0o755)
+    for state, said in (
+        (open_tmp_path / "state", "not writable by this user, expected"),
+        (open_tmp_path / "made" / "state", f"not writable by this user (it would be created in {open_tmp_path}, "),
+        (own / "made" / "state", None),
+    ):
+        if state.parent != own / "made":
+            os.chown(open_tmp_path / "state", 0, 0)
+        else:
+            os.chown(own, 65534, 65534)
+        path.write_text(yaml.safe_dump({**config, "state_dir": str(state)}))
+        path.chmod(0o644)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+        if said is None:
+            assert done.returncode == 0, done.stderr
+            continue
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.stderr.startswith(
+            f"inspectd run --check: as the service user nobody (the unit's User=), state_dir {state}: {said}"
+        ), done.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a file the unit cannot read")

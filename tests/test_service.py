@@ -25,6 +25,7 @@ from engines.errors import EngineError
 from engines.runtime.onnxruntime_backend import OnnxRuntimeEngine
 from engines.runtime.score_shift import ScoreShift
 from inspectd.daemon.service import Daemon
+from other_user import NOBODY, as_nobody
 from station_model import M, grey_graph, write_grey_bundle
 
 pytestmark = pytest.mark.timeout(60)
@@ -430,6 +431,34 @@ def test_a_state_dir_that_cannot_be_created_is_named_as_such():
     with pytest.raises(InspectdError) as refused:
         hold_state_dir(Path("/proc/1/inspectd-state"))
     assert str(refused.value).startswith("state_dir /proc/1/inspectd-state: cannot create it ("), refused.value
+
+
+def test_a_state_dir_this_user_cannot_write_is_named_as_such(open_tmp_path):
+    """A hand-made /var/lib/inspectd/line2 left root's: the lock was skipped without a word and the journal's open
+    failed next, naming publish.journal.path, a key the operator never set."""
+    state = open_tmp_path / "state"
+    state.mkdir(mode=0o755)
+    if os.geteuid() != 0:
+        state.chmod(0o555)
+    hold = "import sys; from pathlib import Path; from inspectd.daemon.service import hold_state_dir; "
+    hold += "hold_state_dir(Path(sys.argv[1])); print('held')"
+    done = subprocess.run(
+        as_nobody([sys.executable, "-c", hold, str(state)]), capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"inspectd.errors.InspectdError: state_dir {state}: not writable by this user, expected a directory it owns "
+        "or may write (chown it to the service user)"
+    ), done.stderr
+    # Its own folder: held.
+    if os.geteuid() == 0:
+        os.chown(state, NOBODY, NOBODY)
+    else:
+        state.chmod(0o755)
+    done = subprocess.run(
+        as_nobody([sys.executable, "-c", hold, str(state)]), capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode == 0 and done.stdout == "held\n", done.stderr
 
 
 def test_a_stop_during_the_model_load_starts_no_camera_and_exits_cleanly(tmp_path):

@@ -36,7 +36,16 @@ from pydantic_core import PydanticCustomError
 from engines.errors import EngineError
 from engines.runtime import BACKENDS, backend_class
 from engines.schema import Flag, Int, Number, check, declared, invalid, matching, one_of, refuse, show
-from inspectd.configfile import CameraId, ConfigPath, Endpoint, ipc_path_problem, parse, read_yaml, resolve
+from inspectd.configfile import (
+    CameraId,
+    ConfigPath,
+    Endpoint,
+    StatePath,
+    ipc_path_problem,
+    parse,
+    read_yaml,
+    resolve,
+)
 from inspectd.daemon.inference import MASK_POLICIES
 from inspectd.daemon.ingest import SOURCES
 from inspectd.daemon.ingest.opencv import is_finite_url, scheme_of, video_device_of, video_path
@@ -187,7 +196,7 @@ class JournalConfig:
     # On by default: without a journal seq restarts at 0 after every restart, and subscribers and PLC bridges that
     # remember the last seq they saw would drop the new results as stale.
     enabled: Flag = True
-    path: ConfigPath | None = None  # a directory (inspectd.protocol.journal); None: <state_dir>/journal
+    path: StatePath | None = None  # a directory (inspectd.protocol.journal); None: <state_dir>/journal
     max_mb: Annotated[Number, Field(ge=MIN_JOURNAL_MB, le=MAX_MB)] = 256.0
     fsync_interval_s: Annotated[Number, Field(gt=0, le=60)] = 1.0  # the most a power cut may cost
 
@@ -203,6 +212,14 @@ def _bounded_hwm(sndhwm: int) -> int:
     return sndhwm
 
 
+def _not_null(raw: Any, off: str) -> Any:
+    # A null section is read as an empty one elsewhere (all defaults), but here that is the section turned on, while
+    # `curve: null` and `listen: null` turn things off: which one was meant is a guess, so the operator writes it.
+    if raw is None:
+        raise invalid(f"null, expected {off} to turn it off, or the section left out for its defaults")
+    return raw
+
+
 @declared
 class PublishConfig:
     endpoint: Endpoint = "tcp://127.0.0.1:5556"
@@ -212,6 +229,11 @@ class PublishConfig:
     status_interval_s: Annotated[Number, Field(gt=0, le=3600)] = 1.0
     journal: JournalConfig = JournalConfig()
     curve: Curve = None  # None: results published in the clear
+
+    @field_validator("journal", mode="before")
+    @classmethod
+    def _journal_not_null(cls, raw: Any) -> Any:
+        return _not_null(raw, "enabled: false")
 
 
 @declared
@@ -283,6 +305,34 @@ def _listen(raw: Any) -> str:
     return raw
 
 
+def _bind_host_problem(endpoint: str) -> str | None:
+    """Why a bind to tcp `endpoint` always fails at start, None when it may bind: its host is not an IP address, `*`
+    nor a network interface, and the resolver says no machine has that name (libzmq looks a bind's host name up)."""
+    scheme, _, rest = endpoint.partition("://")
+    host = rest.rpartition(":")[0]
+    if scheme != "tcp" or host == "*" or host.startswith("["):  # bracketed: an IPv6 address (endpoint_problem)
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        if host in {name for _, name in socket.if_nameindex()}:
+            return None
+    except OSError:
+        pass
+    exc = _lookup(host)
+    if not (isinstance(exc, UnicodeError) or (isinstance(exc, socket.gaierror) and exc.errno in _UNKNOWN_NAME)):
+        return None
+    reason = getattr(exc, "strerror", None) or exc
+    unexpanded = ": environment variables are not expanded" if "$" in host else ""
+    return (
+        f"cannot resolve host {host!r} ({reason}), expected an IP address, * or a network interface, or a host name "
+        f"this machine resolves, got {show(endpoint)}{unexpanded}"
+    )
+
+
 @declared
 class MetricsConfig:
     listen: Annotated[str, PlainValidator(_listen)] | None = "127.0.0.1:9108"  # None: no metrics endpoint
@@ -300,7 +350,7 @@ class ArchiveConfig:
     """The image archive (inspectd.daemon.archive): defect frames with overlays and a sample of good frames."""
 
     enabled: Flag = True
-    path: ConfigPath | None = None  # None: <state_dir>/archive
+    path: StatePath | None = None  # None: <state_dir>/archive
     max_mb: Annotated[Number, Field(gt=0, le=MAX_MB)] = 2048.0  # oldest frames deleted beyond it
     max_age_h: Annotated[Number, Field(gt=0)] = 168.0  # frames older than this are deleted
     good_every: Annotated[Int, Field(ge=0)] = 200  # keep one good frame in this many per camera; 0: none
@@ -317,11 +367,21 @@ class Config:
     publish: PublishConfig = PublishConfig()
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
-    state_dir: ConfigPath = DEFAULT_STATE_DIR
+    state_dir: StatePath = DEFAULT_STATE_DIR
     # After state_dir, which its default endpoint lives in; validated when left out too, to fill that default in.
     control: Annotated[ControlConfig, Field(validate_default=True)] = ControlConfig()
     archive: Annotated[ArchiveConfig, Field(validate_default=True)] = ArchiveConfig()
     shutdown_timeout_s: Annotated[Number, Field(gt=0, le=MAX_SHUTDOWN_TIMEOUT_S)] = 10.0
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics_not_null(cls, raw: Any) -> Any:
+        return _not_null(raw, "listen: null")
+
+    @field_validator("archive", mode="before")
+    @classmethod
+    def _archive_not_null(cls, raw: Any) -> Any:
+        return _not_null(raw, "enabled: false")
 
     @property
     def journal_path(self) -> Path | None:
@@ -411,6 +471,25 @@ class Config:
             problem = None if path is None else _not_a_directory(path)
             if problem is not None:
                 refuse(loc, problem, str(path))
+        return self
+
+    @model_validator(mode="after")
+    def _bind_hosts_known(self) -> Config:
+        # A name the resolver says no machine has fails every start's bind (exit 1, retried): said at load, so that
+        # `run --check` refuses it, as it refuses one in metrics.listen.
+        binds: list[tuple[str | None, tuple[str | int, ...]]] = [
+            (self.publish.endpoint, ("publish", "endpoint")),
+            (self.control.endpoint, ("control", "endpoint")),
+        ]
+        binds += [
+            (getattr(camera.source, "endpoint", None), ("cameras", i, "source", "endpoint"))
+            for i, camera in enumerate(self.cameras)
+            if camera.source.kind == "zmq"
+        ]
+        for endpoint, loc in binds:
+            problem = _bind_host_problem(endpoint) if isinstance(endpoint, str) else None
+            if problem is not None:
+                refuse(loc, problem, None)
         return self
 
     @model_validator(mode="after")
@@ -543,7 +622,7 @@ def _not_a_directory(directory: Path) -> str | None:
     return f"{beneath}{existing} is not a directory, expected a directory (made at start when missing)"
 
 
-def _address(endpoint: str) -> tuple[str, ...]:
+def _address(endpoint: str) -> tuple[str | int, ...]:
     """What binding `endpoint` takes: an ipc socket file, a tcp port on a host, else the endpoint as written."""
     scheme, _, rest = endpoint.partition("://")
     if scheme == "ipc":
@@ -555,7 +634,8 @@ def _address(endpoint: str) -> tuple[str, ...]:
         return ("ipc", os.path.join(os.path.realpath(folder), name))
     if scheme == "tcp":
         host, _, port = rest.rpartition(":")
-        return ("tcp", LOOPBACK_NAMES.get(host.lower(), host), port)
+        # As a number: libzmq and the metrics server read 05556 as 5556, the port 5556 takes.
+        return ("tcp", LOOPBACK_NAMES.get(host.lower(), host), int(port) if port.isdigit() else port)
     return (endpoint,)
 
 
@@ -578,11 +658,11 @@ def _same_address(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
         return bool(a[2] == b[2])
     if a[0] == b[0] == "tcp":
         # Port * or 0 asks libzmq (and the metrics server) for an ephemeral port: never one another bind holds.
-        return a[2] == b[2] and a[2] not in ("*", "0") and (a[1] == b[1] or bool({a[1], b[1]} & ANY_HOST))
+        return a[2] == b[2] and a[2] not in ("*", 0) and (a[1] == b[1] or bool({a[1], b[1]} & ANY_HOST))
     return a == b
 
 
-def address_text(address: tuple[str, ...]) -> str:
+def address_text(address: tuple[Any, ...]) -> str:
     if address[0] == "ipc":
         return f"ipc socket {address[1]}"
     if address[0] == "tcp":
@@ -607,4 +687,6 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: str | Path | None =
     """Validate a plain mapping (as YAML gives it). Relative paths resolve against `base_dir` (default: cwd)."""
     if raw is None:
         raise ConfigError(f"{source}: empty config, expected a mapping with at least station, model and cameras")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with at least station, model and cameras, got {show(raw)}")
     return parse(Config, raw, base_dir=base_dir)

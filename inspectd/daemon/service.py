@@ -1094,6 +1094,19 @@ def _load_as_the_daemon(config_path: Path) -> None:
     for where, curve in _curves(config):
         load_keys(curve.server_secret_key, curve.allowed_clients_dir, where)
     load_bundle(config.model.bundle).thresholds()
+    # The start makes state_dir (with the folders missing above it) and locks it: where this user may not, the start
+    # fails (exit 1, retried), naming a key the operator never set (publish.journal.path).
+    existing = next(path for path in (config.state_dir, *config.state_dir.parents) if os.path.lexists(path))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        made = (
+            ""
+            if existing == config.state_dir
+            else f" (it would be created in {existing}, which this user may not write)"
+        )
+        raise InspectdError(
+            f"state_dir {config.state_dir}: not writable by this user{made}, expected a directory it owns or may "
+            "write (chown it to the service user)"
+        )
 
 
 def _curves(config) -> list[tuple[str, Any]]:
@@ -1236,7 +1249,7 @@ def hold_state_dir(state_dir: Path) -> None:
         with contextlib.suppress(OSError):
             fsync_dir(directory.parent)
     try:
-        hold_pid_lock(path)
+        lock = hold_pid_lock(path)
     except LockHeld as held:
         raise InspectdError(
             f"state_dir {state_dir} is in use by inspectd pid {held.holder or '(not yet written)'}, expected a "
@@ -1247,6 +1260,13 @@ def hold_state_dir(state_dir: Path) -> None:
             f"state_dir {state_dir}: cannot open its {STATE_LOCK} ({exc.strerror}), expected one this user may read: "
             "remove it (left by a run as another user)"
         ) from None
+    if lock is None and not os.access(state_dir, os.W_OK | os.X_OK):
+        # No lock for want of rights (not a file system without locks): the journal's open would fail next, naming
+        # publish.journal.path, a key the operator may never have set.
+        raise InspectdError(
+            f"state_dir {state_dir}: not writable by this user, expected a directory it owns or may write (chown it "
+            "to the service user)"
+        )
 
 
 def _reload(daemon: Daemon, log) -> None:

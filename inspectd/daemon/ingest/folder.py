@@ -21,7 +21,7 @@ import structlog
 from pydantic import Field, field_validator, model_validator
 
 from engines.data.images import DEFAULT_BIT_DEPTH
-from engines.durable import rename_noreplace
+from engines.durable import rename_noreplace, try_lock
 from engines.errors import DataError
 from engines.schema import Flag, Number, Text, declared, invalid, refuse, show
 from inspectd.configfile import ConfigPath
@@ -179,10 +179,12 @@ class FolderWatcher(Source):
         self._dispose_errors: set[str] = set()  # kinds of unexpected failure already logged
         self._pending_logged = False  # a stop left files undisposed and said so: once until they are done
         self._backlog_logged = False  # the backlog that holds up new files was logged: once until it is gone
+        self._folder_lock: int | None = None  # a descriptor of the folder, flocked while open (_hold_folder)
 
     def open(self, stop: threading.Event) -> None:
         if not self.spec.path.is_dir():
             raise FileNotFoundError(f"{self.spec.path}: folder not found, expected a directory to watch")
+        self._hold_folder()
         if self.spec.delete_after or self.spec.done_dir is not None:
             self._check_disposal()
             self._dispose_again()
@@ -195,6 +197,34 @@ class FolderWatcher(Source):
                 effect="files stay in the folder: each is inspected once per run, and again after a restart; set "
                 "delete_after or done_dir",
             )
+
+    def _hold_folder(self) -> None:
+        """Lock the folder while this camera watches it: a second daemon on it (a copied config left naming it) would
+        take a share of its files, and each part would get a result on two stations, or none where it was deleted
+        under the other. Read-only is enough for a flock, so a folder the daemon may not write is locked too. One that
+        cannot be opened or locked (a file system without locks) is watched unlocked, as before."""
+        if self._folder_lock is not None:
+            return
+        try:
+            fd = os.open(self.spec.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # the scan meets the same error and says it in its own words
+        locked = try_lock(fd)
+        if locked is False:
+            os.close(fd)
+            raise OSError(
+                f"{self.spec.path}: watched by another process (another daemon's folder camera), expected a folder "
+                "no other camera watches"
+            )
+        if locked is None:
+            os.close(fd)
+            return
+        self._folder_lock = fd
+
+    def _release_folder(self) -> None:
+        fd, self._folder_lock = self._folder_lock, None
+        if fd is not None:
+            os.close(fd)  # the flock goes with the last descriptor of its open file
 
     def _check_disposal(self) -> None:
         """Files are deleted, or moved to done_dir by rename (at once and whole): try it now on a hidden file, which
@@ -501,6 +531,7 @@ class FolderWatcher(Source):
         # A reopen, or a stop before its last results are out: those are waited for, and named, by settle.
         with self._disposals:
             self._disposals.wait_for(lambda: not self._to_dispose, DISPOSE_WAIT_S)
+        self._release_folder()
 
     def settle(self, timeout: float) -> bool:
         """Wait up to `timeout` for the files whose results are out to be deleted or moved, and name what is not."""
