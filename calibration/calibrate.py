@@ -426,12 +426,19 @@ def _cannot_read(folder: Path, exc: OSError) -> Exception:
     return DataError(f"{folder}: cannot read ({exc.strerror or exc})")
 
 
-def _good_paths(folder: Path) -> list[Path]:
-    from engines.data.images import good_folder, list_images
+# What calibrate's note on images in sub-folders it leaves out says (engines.data.images.nested_note).
+CALIBRATED_ON = "calibrated on"
+MOVE_UP = "move them up into it to calibrate on them"
+
+
+def _good_paths(folder: Path) -> tuple[list[Path], str | None]:
+    """The --good images, and the note on those in sub-folders of the folder read, which are left out."""
+    from engines.data.images import good_folder, list_images, nested_note
 
     try:
         # train/good of an MVTec root fitted the model; only test/good is held out.
-        return list_images(good_folder(folder, ("test",)))
+        read = good_folder(folder, ("test",))
+        return list_images(read), nested_note(read, folder, CALIBRATED_ON, MOVE_UP)
     except OSError as exc:
         raise _cannot_read(folder, exc) from None
 
@@ -479,24 +486,40 @@ def _distinct(
     return good, distinct, (good_copies, defect_copies)
 
 
-def _defective_items(folders: list[str]) -> list[tuple[Path, Path | None]]:
-    """(image, mask or None) for every defective image named by --defective."""
-    from engines.data.images import MaskFolder, MvtecFolder, list_images, mask_folder
+def _defective_items(folders: list[str]) -> tuple[list[tuple[Path, Path | None]], list[str], list[str]]:
+    """(image, mask or None) for every defective image named by --defective; the unmatched-mask notes eval prints
+    (ground_truth/<type>/ folders holding files, none of them a mask of the type's images); the notes on images in
+    sub-folders of a type folder, which are left out."""
+    from engines.data.images import MaskFolder, MvtecFolder, list_images, mask_folder, nested_note
 
     items: list[tuple[Path, Path | None]] = []
+    unmatched: list[str] = []
+    nested: list[str] = []
     for name in folders:
         folder = Path(name)
         try:
             if (folder / "test").is_dir():
-                items += [(i.path, i.mask_path) for i in MvtecFolder(folder).test_items() if i.is_defective]
+                dataset = MvtecFolder(folder)
+                items += [(i.path, i.mask_path) for i in dataset.test_items() if i.is_defective]
+                unmatched += [u.note() for u in dataset.unmatched_masks()]
+                # test/good is --good's to read, and said there.
+                nested += dataset.nested_notes(CALIBRATED_ON, MOVE_UP, good=False)
                 continue
             # An MVTec test/<type> folder: its masks live in ../../ground_truth/<type>/, found and named as eval reads
-            # them.
-            masks = MaskFolder(mask_folder(folder.parent.parent, folder.name))
-            items += [(path, masks.mask_for(path)) for path in list_images(folder)]
+            # them. Made absolute first: `hole` typed inside test/ (or `.` inside test/hole) has no parents of its
+            # own, and every mask went unused without a word.
+            absolute = Path(os.path.abspath(folder))
+            masks = MaskFolder(mask_folder(absolute.parent.parent, absolute.name))
+            paths = list_images(folder)
+            found = [masks.mask_for(path) for path in paths]
+            items += list(zip(paths, found))
+            if none := masks.unmatched(paths, found):
+                unmatched.append(none.note())
+            if note := nested_note(folder, folder, CALIBRATED_ON, MOVE_UP):
+                nested.append(note)
         except OSError as exc:
             raise _cannot_read(folder, exc) from None
-    return items
+    return items, unmatched, nested
 
 
 def _score(
@@ -1112,8 +1135,8 @@ def _calibrate(bundle, current, args, out):
             "--pixel-fpr sets the pixel threshold's good-pixel rate: expected --pixel too (without it the pixel "
             "threshold is not set)"
         )
-    good = _good_paths(Path(args.good))
-    defective = _defective_items(args.defective)
+    good, good_nested = _good_paths(Path(args.good))
+    defective, unmatched, nested = _defective_items(args.defective)
     if also := _in_both(good, defective):
         shown = ", ".join(str(p) for p in also[:3]) + (" ..." if len(also) > 3 else "")
         raise CalibrationError(
@@ -1130,11 +1153,18 @@ def _calibrate(bundle, current, args, out):
         hint = _no_good_hint(args.good)
         raise DataError(f"{args.good}: no images found, expected held-out defect-free images{hint}")
     if args.defective and not defective:
-        raise DataError(f"{', '.join(args.defective)}: no defective images found")
+        below = "".join(f"; {line.removeprefix('note: ')}" for line in nested)
+        raise DataError(f"{', '.join(args.defective)}: no defective images found{below}")
     good, defective, duplicates = _distinct(good, defective)
+    for line in ([good_nested] if good_nested else []) + nested:
+        print(line, file=out)
     for left_out in duplicates:
         if left_out:
             print(duplicates_note(left_out), file=out)
+    if args.pixel:
+        # Else the pixel threshold is set on the good pixels' rate, as if no mask had been given.
+        for line in unmatched:
+            print(line, file=out)
     options, precision = _engine_options(bundle, current, args)
     overrides = _overrides_to_drop(current, args, precision)
     if overrides:

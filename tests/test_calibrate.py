@@ -1436,3 +1436,85 @@ def _largest(folder: Path) -> int:
     import cv2
 
     return max(int(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).max()) for path in folder.iterdir())
+
+
+@pytest.mark.parametrize(("cwd", "typed"), [("mv/test", "crack"), ("mv/test/crack", "."), ("mv/test/good", "../crack")])
+def test_a_type_folder_typed_relative_finds_its_masks(tmp_path, capsys, monkeypatch, cwd, typed):
+    """`--defective crack` typed inside test/ (or `.`, `../crack`) looked for ground_truth/ beside the working
+    folder: no mask was found, and --pixel set the pixel threshold on the good pixels' rate without a word."""
+    bundle, good, crack = grey_station(tmp_path, n_good=20, n_defect=6)
+    (crack.parent / "good").mkdir()
+    monkeypatch.chdir(tmp_path / cwd)
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", typed, "--pixel", "--dry-run")
+    assert code == 0, err
+    assert "over ground-truth masks" in out and "good pixels at or above it" not in out, out
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_masks_named_otherwise_are_noted_as_eval_notes_them(tmp_path, capsys, whole):
+    """Masks named `<stem>_GT.png` (KolektorSDD2): eval said none of them was the mask of an image; calibrate --pixel
+    set the pixel threshold on the good pixels' rate without a word, for a dataset root and a type folder alike."""
+    bundle, good, crack = grey_station(tmp_path, n_good=20, n_defect=6)
+    masks = crack.parent.parent / "ground_truth" / "crack"
+    for mask in masks.iterdir():
+        mask.rename(masks / mask.name.replace("_mask", "_GT"))
+    defective = crack.parent.parent if whole else crack
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", defective, "--pixel", "--dry-run")
+    assert code == 0, err
+    assert (
+        f"note: {masks} holds 6 file(s), none of them the mask of an image in test/crack/, so that type has no pixel "
+        "metrics: expected 000_mask.png or 000.png (any image extension, any case)"
+    ) in out.splitlines(), out
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", defective, "--dry-run")
+    assert code == 0 and "none of them the mask" not in out, out  # without --pixel the masks are not read
+
+
+def test_images_in_sub_folders_of_good_and_of_a_type_folder_are_noted(tmp_path, capsys):
+    """Calibrate read only the images directly in --good and in test/<type>: the false-reject bound and the drift
+    reference were set on a third of the good frames given, and a type's images in batch1/ went unused, without a
+    word (train says so of train/good)."""
+    import cv2
+
+    from station_model import defect_frame, good_frame
+
+    bundle, good, crack = grey_station(tmp_path, n_good=20, n_defect=4)
+    (good / "day2").mkdir()
+    for i in range(3):
+        cv2.imwrite(str(good / "day2" / f"d{i}.png"), good_frame(100 + i))
+    (crack / "batch1").mkdir()
+    cv2.imwrite(str(crack / "batch1" / "b0.png"), defect_frame(50))
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", crack, "--dry-run")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert (
+        f"note: 3 images in sub-folders of {good} left out, only the images directly in it are calibrated on: "
+        "day2/ (3); move them up into it to calibrate on them"
+    ) in lines, out
+    assert (
+        f"note: 1 image in sub-folders of {crack} left out, only the images directly in it are calibrated on: "
+        "batch1/ (1); move them up into it to calibrate on them"
+    ) in lines, out
+    for image in crack.glob("*.png"):
+        image.unlink()
+    code, out, err = calibrate(capsys, bundle, "--good", good, "--defective", crack, "--dry-run")
+    assert code == 2 and "no defective images found; 1 image in sub-folders of" in err, err
+
+
+def test_eval_notes_images_in_sub_folders_of_test_good_and_a_type_folder(tmp_path):
+    """Eval read only the images directly in test/good and test/<type>, as calibrate did, without a word."""
+    import cv2
+
+    from engines.training.evaluate import evaluate
+    from station_model import good_frame
+
+    bundle, good, crack = grey_station(tmp_path, n_good=2, n_defect=3)
+    root = crack.parent.parent
+    (root / "test" / "good" / "day2").mkdir(parents=True)
+    for i in range(2):
+        cv2.imwrite(str(root / "test" / "good" / f"g{i}.png"), good_frame(i))
+        cv2.imwrite(str(root / "test" / "good" / "day2" / f"d{i}.png"), good_frame(10 + i))
+    notes = evaluate(bundle, root)["notes"]
+    assert (
+        f"note: 2 images in sub-folders of {root / 'test' / 'good'} left out, only the images directly in it are "
+        "evaluated: test/good/day2/ (2); move them up into it to evaluate them"
+    ) in notes, notes

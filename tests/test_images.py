@@ -16,9 +16,12 @@ from engines.data.images import (
     HEAD_BYTES,
     MvtecFolder,
     ascii_name,
+    detect_bit_depth,
     duplicates_note,
     frames_checksums,
     good_folder,
+    list_images,
+    load_image,
     load_mask,
     subfolder_hint,
     without_duplicates,
@@ -278,3 +281,106 @@ def test_a_link_whose_target_is_gone_is_listed_and_named_as_an_image_that_cannot
     assert skipped_warnings(failures) == [
         f"WARNING: skipped 1 image(s) that cannot be read: {folder / 'gone.png'} (No such file or directory)"
     ]
+
+
+def test_images_in_sub_folders_of_test_good_and_a_type_folder_are_noted_one_line_each(tmp_path):
+    """Eval and calibrate read only the images directly in test/good and test/<type>: 9 good frames in day2/ and a
+    type's 6 in batch1/ were left out without a word, while train said so of train/good."""
+    root = tmp_path / "set"
+    for i in range(2):
+        _write(root / "test" / "good" / f"g{i}.png", i)
+        _write(root / "test" / "good" / "day2" / f"d{i}.png", 10 + i)
+    _write(root / "test" / "crack" / "batch1" / "c0.png", 20)
+    _write(root / "test" / "hole" / "h0.png", 30)  # nothing below it: no line
+    notes = MvtecFolder(root).nested_notes("evaluated", "move them up into it to evaluate them")
+    good, crack = root / "test" / "good", root / "test" / "crack"
+    assert notes == [
+        f"note: 2 images in sub-folders of {good} left out, only the images directly in it are evaluated: "
+        "test/good/day2/ (2); move them up into it to evaluate them",
+        f"note: 1 image in sub-folders of {crack} left out, only the images directly in it are evaluated: "
+        "test/crack/batch1/ (1); move them up into it to evaluate them",
+    ]
+    assert len(MvtecFolder(root).nested_notes("evaluated", "", good=False)) == 1
+
+
+def _disc_and_line() -> np.ndarray:
+    mask = np.zeros((96, 96), np.uint8)
+    cv2.circle(mask, (40, 40), 12, 255, -1)
+    mask[70:72, 10:90] = 255  # a thin scratch, which compression noise widens the most
+    return mask
+
+
+def test_a_jpeg_mask_is_defect_above_half_its_range_and_a_lossless_one_wherever_non_zero(tmp_path):
+    """Around every edge a JPEG holds values of 1-30: read as `> 0` a mask saved as JPEG grew by a third, a thin
+    scratch by more. 0/1 and label masks are lossless files and keep `> 0`."""
+    truth = _disc_and_line()
+    jpeg = tmp_path / "m.jpg"
+    assert cv2.imwrite(str(jpeg), truth, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    read = load_mask(jpeg, truth.shape)
+    assert abs(int(read.sum()) - int((truth > 0).sum())) <= 20, (read.sum(), (truth > 0).sum())
+    labels = tmp_path / "labels.png"
+    assert cv2.imwrite(str(labels), (truth > 0).astype(np.uint8) * np.uint8(1))  # 0/1
+    assert np.array_equal(load_mask(labels, truth.shape), truth > 0)
+
+
+def test_a_photo_under_the_images_name_in_ground_truth_is_not_its_mask_and_the_note_says_so(tmp_path):
+    """KolektorSDD2's folder copied into ground_truth/ while test/ holds the photos re-saved as JPEG: the PNG photo
+    differs in its bytes and was taken as the mask, nearly every pixel a defect, without a note. A JPEG mask (0/255
+    and its compression noise) is still a mask."""
+    root = tmp_path / "set"
+    gt = root / "ground_truth" / "crack"
+    for i in range(2):
+        photo = np.random.default_rng(i).integers(30, 220, (24, 32), dtype=np.uint8)
+        (root / "test" / "crack").mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(root / "test" / "crack" / f"{i}.jpg"), photo)
+        gt.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(gt / f"{i}.png"), photo)
+    folder = MvtecFolder(root)
+    assert [item.mask_path for item in folder.test_items()] == [None, None]
+    (unmatched,) = folder.unmatched_masks()
+    assert "(2 of them photos named as the images, most of their pixels neither black nor the defect's value)" in (
+        unmatched.note()
+    )
+    _write(root / "test" / "hole" / "0.png", 5)
+    mask = np.zeros((24, 32), np.uint8)
+    cv2.circle(mask, (16, 12), 6, 255, -1)
+    (root / "ground_truth" / "hole").mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(root / "ground_truth" / "hole" / "0.jpg"), mask, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    items = {item.path.name: item.mask_path for item in MvtecFolder(root).test_items()}
+    assert items["0.png"] == root / "ground_truth" / "hole" / "0.jpg"
+
+
+def test_a_16_bit_bigtiff_counts_as_16_bit(tmp_path):
+    """BigTIFF (`II+`) decodes as uint16 but was taken as 8-bit: 12-bit frames narrowed >> 8 to grey levels 0-15,
+    and a set mixing classic and BigTIFF files refused as of two depths."""
+    from PIL import Image
+
+    frame = np.full((16, 16), 4095, np.uint16)
+    big, classic = tmp_path / "big.tif", tmp_path / "classic.tif"
+    Image.fromarray(frame).save(big, big_tiff=True)
+    Image.fromarray(frame).save(classic)
+    assert big.read_bytes()[:4] == b"II+\x00"
+    depth = detect_bit_depth([big, classic])
+    assert depth is not None and depth.bits == 12
+    assert int(load_image(big, depth.bits).max()) == 255
+
+
+def test_files_opencv_decodes_under_other_suffixes_are_images(tmp_path):
+    """.webp, .pgm/.ppm/.pnm and .jfif (what Windows and Chrome save a JPEG as) decode, and vanished from a folder
+    beside PNGs without a word; a 16-bit PGM says its depth as a 16-bit PNG does."""
+    grey = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    colour = np.dstack([grey] * 3)
+    _write(tmp_path / "a.png", 1, (16, 16))
+    assert cv2.imwrite(str(tmp_path / "b.webp"), colour)
+    assert cv2.imwrite(str(tmp_path / "c.pgm"), grey)
+    assert cv2.imwrite(str(tmp_path / "d.ppm"), colour)
+    assert cv2.imwrite(str(tmp_path / "e.pnm"), grey)
+    (tmp_path / "f.JFIF").write_bytes(cv2.imencode(".jpg", grey)[1].tobytes())
+    found = list_images(tmp_path)
+    assert [p.name for p in found] == ["a.png", "b.webp", "c.pgm", "d.ppm", "e.pnm", "f.JFIF"]
+    assert all(load_image(p).shape[:2] == (16, 16) for p in found)
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    assert cv2.imwrite(str(deep / "g.pgm"), np.full((8, 8), 4095, np.uint16))
+    depth = detect_bit_depth(list_images(deep))
+    assert depth is not None and depth.bits == 12

@@ -308,18 +308,18 @@ def test_auto_records_its_table_and_choice(tmp_path):
     result = train_bundle(data, tmp_path / "b", recipe="auto", size=(64, 64), progress=QUIET, report=lines.append)
     manifest = load_bundle(result.bundle).manifest
     selection = manifest["recipe_selection"]
-    assert [c["recipe"] for c in selection["candidates"]] == list(CATALOGUE)
+    # At 64x64 the grid of stride 16 is 4x4: context's and wide's windows do not fit it and are left out.
+    names = [r.name for r in auto_candidates({"size": (64, 64)})]
+    assert [c["recipe"] for c in selection["candidates"]] == names == ["patchcore", "fine", "local", "aligned"]
     assert selection["chosen"] == manifest["recipe"]["name"] == result.recipe.name
     assert all(0 <= c["image_auroc"] <= 1 and set(c["per_kind"]) for c in selection["candidates"])
     # Each candidate records the pools it tried and the one it keeps, whose image AUROC is its own.
     for c in selection["candidates"]:
         assert set(c["image_auroc_by_score"]) == {"max", "top 0.1%", "top 1%", "top 5%", "mean"}
         assert c["image_auroc"] == max(c["image_auroc_by_score"].values())
-    assert (
-        manifest["recipe"]["score_share"]
-        == selection["candidates"][list(CATALOGUE).index(result.recipe.name)]["score_share"]
-    )
-    assert any(line.startswith("chosen: ") for line in lines) and len(lines) >= len(CATALOGUE) + 3
+    assert manifest["recipe"]["score_share"] == selection["candidates"][names.index(result.recipe.name)]["score_share"]
+    assert any(line.startswith("chosen: ") for line in lines) and len(lines) >= len(names) + 3
+    assert "auto: context, wide left out: their window is wider than the feature grid at 64x64" in lines
     assert manifest["recipe"]["size"] == [64, 64]  # the size flag changed every candidate
     json.dumps(manifest)
 
@@ -362,10 +362,30 @@ def test_resolve_recipe_from_flags():
         resolve_recipe("local", {"augment": "rot90"})
     # A blur wider than the map failed in torch after the whole fit, as a traceback.
     with pytest.raises(ValueError, match="smoothing_sigma 8.0 at 32x32, expected at most 7.75"):
-        resolve_recipe("local", {"size": (32, 32), "smoothing_sigma": 8})
-    assert resolve_recipe("local", {"size": (32, 32), "smoothing_sigma": 7.75})[0].smoothing_sigma == 7.75
+        resolve_recipe("fine", {"size": (32, 32), "smoothing_sigma": 8})
+    assert resolve_recipe("fine", {"size": (32, 32), "smoothing_sigma": 7.75})[0].smoothing_sigma == 7.75
     with pytest.raises(ValueError, match="unknown field\\(s\\) window"):
         Recipe.from_json({**CATALOGUE["wide"].to_json(), "window": 3})
+
+
+def test_a_window_wider_than_the_finest_grid_is_refused_and_auto_leaves_such_candidates_out():
+    """`--recipe wide --size 64` put a 15x15 window on a 4x4 grid: every location averaged the whole map, which then
+    localised nothing, without a word."""
+    with pytest.raises(ValueError) as refused:
+        resolve_recipe("wide", {"size": (64, 64)})
+    assert str(refused.value) == (
+        "recipe wide: --aggregation 15 at --size 64x64 is wider than the 4x4 grid of the finest tap (stride 16), "
+        "expected an odd window of at most 3: a wider one averages the whole map, which then localises nothing; a "
+        "smaller --aggregation or a larger --size"
+    )
+    with pytest.raises(ValueError, match="--aggregation 5 at --size 32x64 is wider than the 2x4 grid"):
+        Recipe("r", taps=(16, 32), size=(32, 64), aggregation=5).validate()
+    assert Recipe("r", taps=(8, 16), size=(32, 64), aggregation=3).validate().grid == (4, 8)
+    # Auto leaves out the candidates whose window does not fit at the size asked for, all of them where none does
+    # (validate then says why).
+    assert [r.name for r in auto_candidates({"size": (64, 64)})] == ["patchcore", "fine", "local", "aligned"]
+    assert [r.name for r in auto_candidates({"size": (256, 256)})] == list(CATALOGUE)
+    assert len(auto_candidates({"size": (64, 64), "aggregation": 15})) == len(CATALOGUE)
 
 
 def test_cli_refuses_an_unknown_recipe_in_one_line(tmp_path):

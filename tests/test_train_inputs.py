@@ -228,6 +228,17 @@ def test_a_bad_weights_file_or_method_flag_is_refused_before_any_image_is_read(t
             "no --sla-lr",
         ),
         (["--method", "frozen", "--epochs", "-1"], "--epochs -1: expected an integer >= 0"),
+        # CSE pools its embedding 2x2: a 1-cell grid gave a traceback after decoding, taps and the defect pool.
+        (
+            ["--method", "cse", "--taps", "32", "--size", "32x64"],
+            "recipe custom: --size 32x64 with --taps 32 gives a 1x2 grid at the finest tap, expected at least 2 cells "
+            "a side for --method cse: a larger --size or finer --taps",
+        ),
+        (
+            ["--method", "cse", "--taps", "32", "--size", "32", "--cse-pool-stride", "1"],
+            "recipe custom: --size 32x32 with --taps 32 gives a 1x1 grid at the finest tap, expected at least 2 cells "
+            "a side for --method cse: a larger --size or finer --taps",
+        ),
     ],
 )
 def test_a_method_flag_that_would_fail_in_training_is_refused_before_any_image_is_read(tmp_path, capsys, flags, said):

@@ -26,7 +26,9 @@ import numpy as np
 
 from engines.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# Every file OpenCV decodes that cameras, tools and browsers save frames as: `.jfif` is what Windows and Chrome save a
+# JPEG as, and a suffix left out here made its images vanish from a folder without a word.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm"}
 
 # A 16-bit file holds as many significant bits as its camera gave: 12-bit pixels (0-4095) shifted down by 8 would be
 # 0-15, nearly black. Without a depth, 16-bit pixels are taken as using all 16 bits.
@@ -92,12 +94,15 @@ def load_image(path: str | Path, bit_depth: int = DEFAULT_BIT_DEPTH) -> np.ndarr
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TIFF_MAGIC = (b"II*\x00", b"MM\x00*")  # little- and big-endian
+# Little- and big-endian, classic and BigTIFF (`+`: 64-bit offsets, which OpenCV decodes as it does classic TIFF).
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Binary and text PGM/PPM: 16-bit when their maximum value is above 255, which only decoding reads back simply.
+PNM_MAGIC = (b"P2", b"P3", b"P5", b"P6")
 
 
 def _sixteen_bit(path: Path) -> np.ndarray | None:
     """The image at `path` as decoded when it holds 16-bit pixels, else None. A PNG says its depth in its header and
-    is decoded only when 16-bit; JPEG and BMP hold 8 bits."""
+    is decoded only when 16-bit; JPEG, BMP and WebP hold 8 bits."""
     try:
         with path.open("rb") as f:
             head = f.read(26)
@@ -106,7 +111,7 @@ def _sixteen_bit(path: Path) -> np.ndarray | None:
     if head.startswith(PNG_SIGNATURE):
         if len(head) < 25 or head[24] != 16:  # IHDR's bit depth
             return None
-    elif head[:4] not in TIFF_MAGIC:
+    elif head[:4] not in TIFF_MAGIC and head[:2] not in PNM_MAGIC:
         return None
     image = decode_native(read_file(path), str(path))
     return image if image.dtype == np.uint16 else None
@@ -272,6 +277,22 @@ def image_folders(
                 if len(found) == most:
                     return found
     return found
+
+
+def nested_note(folder: Path, named_from: Path, read_as: str, hint: str, most: int = 3) -> str | None:
+    """The note for images in sub-folders of `folder`, which a command reads only the images directly in (train's
+    train/good, eval's and calibrate's test/good and test/<type>, calibrate's --good), the sub-folders named from
+    `named_from` as the user typed it; None when there are none. Frames copied day by day into good/day1/, day2/
+    beside a few loose ones were trained on, or calibrated on, the loose ones alone without a word."""
+    found = image_folders(folder, most=1_000_000)
+    if not found:
+        return None
+    n = sum(count for _, count in found)
+    shown = ", ".join(f"{sub.relative_to(named_from).as_posix()}/ ({count})" for sub, count in found[:most])
+    return (
+        f"note: {n} image{'s' * (n != 1)} in sub-folders of {folder} left out, only the images directly in it are "
+        f"{read_as}: {shown}{' ...' if len(found) > most else ''}; {hint}"
+    )
 
 
 SPLIT_NAMES = ("train", "test")  # the folders of an MVTec-layout root or an export that sort frames by kind
@@ -440,7 +461,28 @@ def skipped_warnings(failures: Sequence[tuple[Path, DataError]]) -> list[str]:
     return ([skipped_warning(undecoded)] if undecoded else []) + ([unread_warning(unread)] if unread else [])
 
 
-LOSSY_SUFFIXES = {".jpg", ".jpeg"}
+LOSSY_SUFFIXES = {".jpg", ".jpeg", ".jfif"}
+# A mask file is plainly a photo, not a mask, when more than this share of its pixels lie strictly between PHOTO_LEVELS
+# of its dtype's range: a mask is 0 and its defect's value (255, 1, a label), JPEG's noise about the edges included,
+# while a photo of a part is mostly mid-grey.
+PHOTO_SHARE = 0.5
+PHOTO_LEVELS = (0.1, 0.9)
+
+
+def looks_like_photo(path: Path) -> bool:
+    """Whether the mask file at `path` is plainly a photo (PHOTO_SHARE, PHOTO_LEVELS); False where it cannot be read
+    or decoded, which whoever reads it as a mask names."""
+    try:
+        image = read_mask(path)
+    except DataError:
+        return False
+    if image.dtype.kind != "u":
+        return False
+    if image.ndim == 3:
+        image = image[..., :3].max(axis=2) if image.shape[2] in (3, 4) else image.max(axis=2)  # not the alpha
+    top = float(np.iinfo(image.dtype).max)
+    low, high = PHOTO_LEVELS[0] * top, PHOTO_LEVELS[1] * top
+    return bool(np.count_nonzero((image > low) & (image < high)) > PHOTO_SHARE * image.size)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
@@ -459,6 +501,7 @@ class MaskFolder:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.photos: set[Path] = set()  # candidates left out as photos (looks_like_photo)
         self.by_stem: dict[str, list[Path]] = {}
         if folder.is_dir():
             for path in sorted(list_images(folder), key=lambda p: (p.suffix.lower() in LOSSY_SUFFIXES, p.name)):
@@ -468,9 +511,23 @@ class MaskFolder:
         for stem in (f"{image.stem}_mask", image.stem):
             # The name as spelt first: `a.png` takes `a_mask.png` over an `A_mask.png` beside it.
             for path in sorted(self.by_stem.get(stem.lower(), []), key=lambda p: p.stem != stem):
-                if not _same_bytes(path, image):
-                    return path
+                if _same_bytes(path, image):
+                    continue
+                # Only a file named as the image itself can be its photo in another encoding (KolektorSDD2's
+                # `10000.png` copied into ground_truth/ while test/ holds it as JPEG): `_mask` names are masks by
+                # name, and decoding each of them here would read every mask twice.
+                if stem == image.stem and (path in self.photos or looks_like_photo(path)):
+                    self.photos.add(path)
+                    continue
+                return path
         return None
+
+    def unmatched(self, images: Sequence[Path], masks: Sequence[Path | None]) -> UnmatchedMasks | None:
+        """What says none of `images` (a test/<type>/ folder's) found its mask (`masks`, mask_for's for each) in a
+        folder that holds files; None where one did, or where there are no images or no files."""
+        if not images or any(masks) or not (n_files := self.n_files()):
+            return None
+        return UnmatchedMasks(self.folder, n_files, self.expected_names(images[0]), len(self.photos))
 
     def n_files(self) -> int:
         """Entries of any kind in the folder (masks saved as .npy or .gif, or in a folder per image, are masks too);
@@ -570,11 +627,18 @@ class UnmatchedMasks:
     folder: Path
     n_files: int
     expected: str  # the names looked for, for the first image: "000_mask.png or 000.png"
+    photos: int = 0  # of them, files named as an image that are photos, not masks (looks_like_photo)
 
     def note(self) -> str:
+        photos = (
+            f" ({self.photos} of them photos named as the images, most of their pixels neither black nor the "
+            "defect's value)"
+            if self.photos
+            else ""
+        )
         return (
             f"note: {self.folder} holds {self.n_files} file(s), none of them the mask of an image in test/"
-            f"{self.folder.name}/, so that type has no pixel metrics: expected {self.expected} (any image "
+            f"{self.folder.name}/{photos}, so that type has no pixel metrics: expected {self.expected} (any image "
             "extension, any case)"
         )
 
@@ -622,15 +686,24 @@ class MvtecFolder:
             masks = MaskFolder(mask_folder(self.root, defect_type))
             found = [masks.mask_for(path) for path in paths]
             items += [TestItem(path, defect_type, mask) for path, mask in zip(paths, found)]
-            if paths and not any(found) and (n_files := masks.n_files()):
-                unmatched.append(UnmatchedMasks(masks.folder, n_files, masks.expected_names(paths[0])))
+            if none := masks.unmatched(paths, found):
+                unmatched.append(none)
         return items, unmatched
+
+    def nested_notes(self, read_as: str, hint: str, good: bool = True) -> list[str]:
+        """nested_note's line for test/good (unless not `good`) and for each test/<type>/ with images in its
+        sub-folders, which are left out of test_items as train leaves out those below train/good/."""
+        folders = ([self.good_dir] if good and self.good_dir is not None else []) + [
+            self.root / "test" / t for t in self.defect_types()
+        ]
+        return [note for folder in folders if (note := nested_note(folder, self.root, read_as, hint))]
 
 
 def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     """Binary mask (bool HxW) for a test item; all False when there is none. Any non-zero value is a defect pixel, as
     in MVTec AD's evaluation: 0/255, 0/1, label indices, 16-bit or coloured masks all read the same (with an alpha
-    channel: a transparent pixel is no defect, and a mask of one colour is read from its varying alpha). A mask of
+    channel: a transparent pixel is no defect, and a mask of one colour is read from its varying alpha). A lossy file
+    (JPEG) is defect above half its range instead: its compression noise around every edge is no defect. A mask of
     another size is scaled to the image only if it has the image's aspect ratio (a mask saved at another
     resolution); any other size is refused, since it belongs to another image or crop."""
     if path is None:
@@ -648,6 +721,7 @@ def read_mask(path: Path) -> np.ndarray:
 def binary_mask(mask: np.ndarray, shape: tuple[int, int], path: Path) -> np.ndarray:
     """A decoded mask (read_mask's) as load_mask gives it: bool HxW at `shape`; a DataError when its size is
     another image's."""
+    level = _defect_level(mask, path)
     if mask.ndim == 3 and mask.shape[2] == 4:
         colour, alpha = mask[..., :3].max(axis=2), mask[..., 3]
         # A transparent pixel is no defect whatever colour an editor left under it; a mask drawn in the alpha alone
@@ -661,8 +735,17 @@ def binary_mask(mask: np.ndarray, shape: tuple[int, int], path: Path) -> np.ndar
         (mh, mw), (fh, fw) = mask.shape, shape
         if abs(mh * fw - mw * fh) > max(mh, mw, fh, fw):  # more than a pixel's rounding apart
             raise DataError(f"{path}: mask {mw}x{mh}, expected the image's size {fw}x{fh} (or the same aspect ratio)")
-        mask = cv2.resize((mask > 0).astype(np.uint8), (fw, fh), interpolation=cv2.INTER_NEAREST_EXACT)
-    return mask > 0
+        mask = cv2.resize((mask > level).astype(np.uint8), (fw, fh), interpolation=cv2.INTER_NEAREST_EXACT)
+        level = 0
+    return mask > level
+
+
+def _defect_level(mask: np.ndarray, path: Path) -> int:
+    """The value above which a mask's pixel is defect: 0 in a lossless file (0/1 and label masks), half the range in a
+    lossy one, whose values of 1-30 around every edge widened a JPEG mask by a third, a thin scratch's by more."""
+    if path.suffix.lower() in LOSSY_SUFFIXES and mask.dtype.kind == "u":
+        return int(np.iinfo(mask.dtype).max) // 2
+    return 0
 
 
 # The split's name as bundles record it (training.split, a teach record's frames.split): fixed strings, so that a

@@ -34,6 +34,10 @@ TOPK_LIMIT = 3840
 # The image-score pools auto tries on each candidate's maps, sharpest first: the maximum, the mean of the highest
 # 0.1 %, 1 % and 5 % of the map, and the whole map's mean.
 SCORE_SHARES = (0.0, 0.001, 0.01, 0.05, 1.0)
+# Cells a side of the finest tap's grid a method's head needs: CSE pools its embedding 2x2
+# (engines.model.methods.cse.CseHead), which a 1-cell grid cannot feed (at pool stride 1 its map's margin would be
+# half the frame).
+MIN_GRID_CELLS = {"cse": 2}
 
 
 def pooled_count(share: float, height: int, width: int) -> int:
@@ -81,6 +85,21 @@ class Recipe:
             raise ValueError(f"recipe {self.name}: resize {self.resize!r}, expected one of {expected}")
         if self.aggregation < 1 or self.aggregation % 2 == 0:
             raise ValueError(f"recipe {self.name}: aggregation {self.aggregation}, expected an odd window >= 1")
+        grid = self.grid
+        size = f"{self.size[0]}x{self.size[1]}"
+        if min(grid) < MIN_GRID_CELLS.get(self.method, 1):
+            raise ValueError(
+                f"recipe {self.name}: --size {size} with --taps {'+'.join(map(str, self.taps))} gives a "
+                f"{grid[0]}x{grid[1]} grid at the finest tap, expected at least {MIN_GRID_CELLS[self.method]} cells a "
+                f"side for --method {self.method}: a larger --size or finer --taps"
+            )
+        if not self.window_fits():
+            raise ValueError(
+                f"recipe {self.name}: --aggregation {self.aggregation} at --size {size} is wider than the "
+                f"{grid[0]}x{grid[1]} grid of the finest tap (stride {min(self.taps)}), expected an odd window of at "
+                f"most {min(grid) - 1 + min(grid) % 2}: a wider one averages the whole map, which then localises "
+                "nothing; a smaller --aggregation or a larger --size"
+            )
         if self.memory_size < 1 or self.k < 1:
             raise ValueError(f"recipe {self.name}: memory_size {self.memory_size}, k {self.k}: expected each >= 1")
         if not 0 < self.smoothing_sigma <= 64:
@@ -100,6 +119,17 @@ class Recipe:
                 f"{self.size[0]}x{self.size[1]}, expected at most {TOPK_LIMIT} (TensorRT's TopK): a smaller share"
             )
         return self
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Cells of the finest tap's grid, height x width: the map the aggregation window moves over."""
+        stride = max(1, min(self.taps, default=1))  # validate refuses taps below 2
+        return self.size[0] // stride, self.size[1] // stride
+
+    def window_fits(self) -> bool:
+        """Whether the aggregation window is no wider than the finest tap's grid (auto leaves out the candidates
+        whose window does not fit at the size asked for)."""
+        return self.aggregation <= min(self.grid)
 
     @property
     def score_count(self) -> int:
@@ -184,5 +214,9 @@ def catalogue_recipe(name: str) -> Recipe:
     return CATALOGUE[name]
 
 
-def auto_candidates() -> list[Recipe]:
-    return [CATALOGUE[name] for name in AUTO_CANDIDATES]
+def auto_candidates(given: dict[str, Any] | None = None) -> list[Recipe]:
+    """The auto candidates with the fields `given` (flags) set, less those whose window is wider than the finest
+    tap's grid at the size given (Recipe.window_fits: `wide` at 64x64 would average the whole map); all of them where
+    none fits, so that validate says why."""
+    candidates = [CATALOGUE[name].replace(**(given or {})) for name in AUTO_CANDIDATES]
+    return [r for r in candidates if r.window_fits()] or candidates

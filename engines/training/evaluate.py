@@ -378,6 +378,7 @@ def _notes(
     else:
         notes += [f"note: {test / t} holds no images, so its row is blank" for t in defect_types if t not in found]
     notes += [u.note() for u in folder.unmatched_masks()]
+    notes += folder.nested_notes("evaluated", "move them up into it to evaluate them")
     return notes
 
 

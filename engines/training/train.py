@@ -44,8 +44,8 @@ from engines.data.images import (
     duplicates_note,
     frames_checksums,
     good_folder,
-    image_folders,
     list_images,
+    nested_note,
     pixels_key,
     split_holdout,
     subfolder_hint,
@@ -58,6 +58,7 @@ from engines.model.graph import SCORERS, InferenceGraph, build_graph, state_arra
 from engines.model.methods import METHODS, TrainSettings, available_methods, get_method
 from engines.model.recipes import (
     AUTO,
+    AUTO_CANDIDATES,
     CATALOGUE,
     DEFAULT_MEMORY_SIZE,
     SCORE_SHARES,
@@ -171,7 +172,7 @@ def _resolved(name: str | None, overrides: dict) -> list[Recipe]:
         )
         return [base.replace(**given).validate()]
     if name is None or name == AUTO:
-        candidates = [r.replace(**given).validate() for r in auto_candidates()]
+        candidates = [r.validate() for r in auto_candidates(given)]
         if any(r.method != "frozen" for r in candidates):
             raise ValueError("--recipe auto: chooses among frozen-backbone recipes; give --method with other flags")
         return candidates
@@ -273,21 +274,10 @@ def training_images(data: str | Path) -> list[Path]:
     return paths
 
 
-def nested_note(data: str | Path, most: int = 3) -> str | None:
-    """The note for images in sub-folders of the folder training reads (training_images'), which it leaves out as
-    eval leaves out those below test/<type>/; None when there are none. Frames copied day by day into
-    train/good/day1/, day2/ beside a few loose ones were trained on the loose ones alone, without a word."""
+def training_nested_note(data: str | Path) -> str | None:
+    """nested_note's line for the folder training reads (training_images'), whose sub-folders it leaves out."""
     data = Path(data)
-    folder = good_folder(data, ("train",))
-    found = image_folders(folder, most=1_000_000)
-    if not found:
-        return None
-    n = sum(count for _, count in found)
-    shown = ", ".join(f"{sub.relative_to(data).as_posix()}/ ({count})" for sub, count in found[:most])
-    return (
-        f"note: {n} image{'s' * (n != 1)} in sub-folders of {folder} left out, only the images directly in it are "
-        f"trained on: {shown}{' ...' if len(found) > most else ''}; point --data at a sub-folder to train on it"
-    )
+    return nested_note(good_folder(data, ("train",)), data, "trained on", "point --data at a sub-folder to train on it")
 
 
 def seed_everything(seed: int) -> None:
@@ -412,6 +402,10 @@ def train_bundle(
         # otherwise not know that nothing was chosen.
         keep_choosing = "; add --recipe auto to keep choosing with these flags" * (candidates[0].method == "frozen")
         report(f"recipe flags without --recipe: a custom recipe from the flags, not auto{keep_choosing}")
+    if auto and len(candidates) < len(AUTO_CANDIDATES):
+        left = [name for name in AUTO_CANDIDATES if name not in {r.name for r in candidates}]
+        grid = "x".join(map(str, candidates[0].size))
+        report(f"auto: {', '.join(left)} left out: their window is wider than the feature grid at {grid}")
     if batch is not None and batch < 1:
         raise ValueError(f"--batch {batch}: expected an integer >= 1")
     if epochs is not None and epochs < 0:
@@ -426,7 +420,7 @@ def train_bundle(
     check_method_args({c.method for c in candidates}, method_args)
     # Before the split and auto's folds: a held-out image's twin in the fit would score it about 0.
     paths, duplicates = without_duplicates(training_images(data))
-    if note := nested_note(data):
+    if note := training_nested_note(data):
         report(note)
     if duplicates:
         report(duplicates_note(duplicates))
