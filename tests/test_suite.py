@@ -427,3 +427,42 @@ def test_only_runs_merge_into_the_table_and_no_run_pushes_the_last_whole_table_o
     assert f"eval-suite: {out / 'suite.json'}: a table of recipe aligned (this run: patchcore), not merged" in said
     assert table()[0][-1] == "PART: no row for tile_b (not run by this --only run)"
     assert (out / "suite.prev.md").read_text() == whole
+
+
+def test_an_interrupt_while_a_dataset_trains_names_its_part_trained_bundle(tmp_path, monkeypatch, capsys):
+    """Train writes its Ctrl-C checkpoint at OUT/<dataset>/bundle, which the suite never scores: the table said the
+    dataset was not measured, but the bundle, complete-looking beside the measured ones, was not mentioned."""
+    import dataclasses
+
+    from engines.training import train
+
+    root = tmp_path / "data"
+    for name in ("tile_a", "tile_b"):
+        make_tiny_mvtec(root / name, n_train=6, n_test_good=2, n_test_defect=2)
+    out = tmp_path / "suite"
+    real = train.train_bundle
+
+    def stopped_in(name: str):
+        def train_bundle(data, *args, **kwargs):
+            result = real(data, *args, **kwargs)  # what a Ctrl-C in the training returns: a checkpoint written
+            return dataclasses.replace(result, interrupted=data.name == name)
+
+        return train_bundle
+
+    checkpoint = out / "tile_b" / "bundle"
+    monkeypatch.setattr(train, "train_bundle", stopped_in("tile_b"))
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_suite(root, out, "aligned", None)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"eval-suite: interrupted; {out / 'suite.md'} holds the 1 dataset(s) done; {checkpoint} is a part-trained "
+        "checkpoint, not measured (a later --only replaces it)"
+    )
+    assert (checkpoint / "manifest.json").is_file()  # kept: a later --only tile_b replaces it
+    shutil.rmtree(out)
+    monkeypatch.setattr(train, "train_bundle", stopped_in("tile_a"))
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_suite(root, out, "aligned", None)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "eval-suite: interrupted before the first dataset was measured, no table written; "
+        f"{out / 'tile_a' / 'bundle'} is a part-trained checkpoint, not measured (a later --only replaces it)"
+    )

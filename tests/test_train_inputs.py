@@ -280,3 +280,56 @@ def test_weights_this_user_may_not_read_are_refused_before_any_image_is_read(ope
         f"inspectd train: --weights {weights}: cannot read (Permission denied), expected a torch state dict for "
         "tf_efficientnet_lite0\n"
     )
+
+
+def test_an_empty_weights_file_is_refused_before_any_image_is_read(tmp_path, capsys):
+    """A 0-byte --weights (a failed download's or copy's remains) was opened fine, then torch's message-less
+    EOFError ended train in an IndexError traceback once every training image was read and decoded."""
+    weights = tmp_path / "lite0.pth"
+    weights.touch()
+    argv = ["--data", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "b"), "--method", "frozen"]
+    assert run(parse(*argv, "--size", "64", "--weights", str(weights))) == 2
+    assert capsys.readouterr().err == (
+        f"inspectd train: --weights {weights}: empty file, expected a torch state dict for tf_efficientnet_lite0\n"
+    )
+
+
+HOLDOUT_0 = (
+    "inspectd train: --holdout 0: the first thresholds would be set on the fitted images, which score about 0 against "
+    "the model fitted on them, so every frame would be a defect; expected a fraction > 0 (default 0.1), or --recipe "
+    "auto (thresholds from out-of-fold scores)\n"
+)
+
+
+@pytest.mark.parametrize("recipe", [["--recipe", "patchcore"], ["--method", "frozen"]], ids=["forced", "custom"])
+def test_holdout_0_with_a_given_recipe_is_refused_before_any_image_is_read(tmp_path, capsys, recipe):
+    """With nothing held out the first thresholds were set on the images just fitted: each scores about 0 against its
+    own memory, so image threshold 1e-06 and pixel threshold 0 made every frame on the line a defect, and train
+    said nothing. --data names no folder here: reading it would be refused first ("not a directory")."""
+    out = tmp_path / "b"
+    argv = ["--data", str(tmp_path / "no-such-data"), "--out", str(out), *recipe, "--size", "64", "--holdout", "0"]
+    assert run(parse(*argv)) == 2
+    assert capsys.readouterr().err == HOLDOUT_0
+    assert not out.exists()
+
+
+def test_auto_with_holdout_0_sets_its_thresholds_out_of_fold(tmp_path, capsys):
+    """Auto scores its held-out images out of fold whatever --holdout says, so --holdout 0 is no reason to refuse."""
+    data, out = tmp_path / "data", tmp_path / "b"
+    good_images(data, 4)
+    assert run(parse("--data", str(data), "--out", str(out), "--recipe", "auto", "--size", "64", "--holdout", "0")) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    provenance = load_bundle(out).thresholds().provenance
+    assert provenance["images"] == "out-of-fold" and provenance["n_good"] == 4
+
+
+def test_the_recipe_line_gives_the_memory_banks_fitted_size_beside_its_cap(tmp_path, capsys):
+    """`memory bank 16384` was printed for a bank of a few hundred patches: the recipe's cap, not what was fitted."""
+    data, out = tmp_path / "data", tmp_path / "b"
+    good_images(data, 4)
+    argv = ["--data", str(data), "--out", str(out), "--recipe", "patchcore", "--size", "64", "--holdout", "0.25"]
+    assert run(parse(*argv)) == 0
+    fitted = load_bundle(out).manifest["training"]["memory_size"]
+    assert 0 < fitted < 16384
+    (recipe_line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe patchcore: ")]
+    assert f", memory bank {fitted} (cap 16384), " in recipe_line

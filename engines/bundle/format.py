@@ -128,12 +128,15 @@ def describe_score_share(share: float) -> str:
     return "mean" if share == 1.0 else f"top {share * 100:g}%"
 
 
-def describe_recipe(recipe: dict) -> str:
+def describe_recipe(recipe: dict, memory_bank: int | None = None) -> str:
     """One line: 'patchcore: frozen lite0 taps 8+16 320x320 stretch, memory bank 16384, window 3, sigma 4, score
-    top 1%' (and ', fitted with rot180 copies' when the recipe has copies)."""
+    top 1%' (and ', fitted with rot180 copies' when the recipe has copies). `memory_bank`: the patches the fitted
+    bank holds (a manifest's training.memory_size), shown before the recipe's cap where it is less, 'memory bank 448
+    (cap 16384)': a small set fills far less than the cap, which alone read as the bank's size."""
     scorer = recipe.get("scorer")
     if scorer == "memory":
-        scorer = f"memory bank {recipe.get('memory_size')}"
+        cap = recipe.get("memory_size")
+        scorer = f"memory bank {cap}" if memory_bank in (None, cap) else f"memory bank {memory_bank} (cap {cap})"
     elif scorer in ("kmeans", "kmeans_local"):
         scorer = f"{scorer} k={recipe.get('k')}"
     size = recipe.get("size") or ["?", "?"]
@@ -144,6 +147,14 @@ def describe_recipe(recipe: dict) -> str:
         f"sigma {recipe.get('smoothing_sigma'):g}, score {describe_score_share(recipe.get('score_share', 0.0))}"
         + ("" if recipe.get("augment", "none") == "none" else f", fitted with {describe_augment(recipe['augment'])}")
     )
+
+
+def fitted_memory_bank(manifest: dict) -> int | None:
+    """The patches a bundle's fitted memory bank holds, where its manifest records them beside a recorded recipe (a
+    bundle written before recipes were recorded has only that count, which recipe_of already reads as its size)."""
+    training = manifest.get("training")
+    size = training.get("memory_size") if "recipe" in manifest and isinstance(training, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def inspectd_version() -> str:

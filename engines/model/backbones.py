@@ -151,12 +151,17 @@ def map_in_order(
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A torch state dict file, read without unpickling arbitrary objects (weights_only)."""
     path = Path(path)
+    # torch says an empty file (a failed download's or copy's remains) by an EOFError with no message at all.
+    if path.is_file() and path.stat().st_size == 0:
+        raise WeightsError(f"{path}: empty file, expected a torch state dict")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise WeightsError(f"{path}: no such weights file") from exc
     except Exception as exc:  # torch raises a zoo of types for a corrupt or non-weights file
-        raise WeightsError(f"{path}: cannot load as a torch state dict ({str(exc).splitlines()[0]})") from exc
+        raise WeightsError(
+            f"{path}: cannot load as a torch state dict ({load_failure(exc)}), expected a file torch.save wrote"
+        ) from exc
     for wrapper in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
@@ -164,6 +169,25 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors")
     return OrderedDict((k.removeprefix("module."), v) for k, v in state.items())
+
+
+# What follows this in torch's weights_only refusal is the one line that says what was wrong; the lines before it
+# advise loading with weights_only=False, which runs whatever code the file holds.
+UNPICKLER_ERROR = "WeightsUnpickler error:"
+
+
+def load_failure(exc: Exception) -> str:
+    """A few words of why torch.load refused a file: the unpickler's own reason, or the first sentence of torch's
+    message (a corrupt zip archive's), or the exception's type where torch gave no message."""
+    text = str(exc)
+    if UNPICKLER_ERROR in text:
+        detail = next((line.strip() for line in text.split(UNPICKLER_ERROR, 1)[1].splitlines() if line.strip()), "")
+        return f"not a pickle of tensors: {detail}" if detail else "not a pickle of tensors"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.split(". ", 1)[0].rstrip(".")
+    if not first:
+        return type(exc).__name__
+    return first if len(first) <= 120 else first[:117] + "..."
 
 
 def hub_checkpoint_dir() -> Path:

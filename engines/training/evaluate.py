@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engines.bundle.format import describe_recipe
+from engines.bundle.format import describe_recipe, fitted_memory_bank
 from engines.data.images import (
     DEFECT_FREE_WORDS,
     GOOD,
@@ -142,6 +142,7 @@ class _TypeTally:
     scores: list[float] = dataclasses.field(default_factory=list)
     pixels: metrics.PixelHistograms | None = None  # created on the first image with a usable ground truth
     without_mask: int = 0
+    empty_masks: int = 0  # defective images whose mask decodes with no defect pixel
 
 
 @dataclasses.dataclass(order=True)
@@ -249,6 +250,8 @@ def evaluate(
                 continue
             mask = truth
         tally = tallies[item.defect_type]
+        if mask is not None and not mask.any():
+            tally.empty_masks += 1  # its pixels go into the defect-free histogram (metrics.PixelHistograms.add)
         tally.scores.append(scored.score)
         per_image.append({"path": str(item.path), "type": item.defect_type, "score": scored.score})
         if item.is_defective and item.mask_path is None:
@@ -280,6 +283,7 @@ def evaluate(
         "resize": bundle.resize_policy,
         "bit_depth": bundle.declared_bit_depth,
         "recipe": bundle.recipe,
+        "memory_bank": fitted_memory_bank(bundle.manifest),  # the recipe's memory_size is the bank's cap
         "recipe_choice": (bundle.manifest.get("recipe_selection") or {}).get("reason"),
         "backend": backend,
         "batch": batch,
@@ -309,6 +313,7 @@ def evaluate(
     report["overall"] = _row([good] + [tallies[t] for t in defect_types], n_good=len(good.scores))
     for defect_type in defect_types:
         report["per_type"][defect_type] = _row([good, tallies[defect_type]], n_good=len(good.scores))
+    report["notes"] += _empty_mask_notes(folder, tallies)
 
     if overlay_dir is not None and n_overlays > 0:
         histograms = [h for h in [*(t.pixels for t in tallies.values()), maskless_pixels] if h is not None]
@@ -379,6 +384,28 @@ def _notes(
         notes += [f"note: {test / t} holds no images, so its row is blank" for t in defect_types if t not in found]
     notes += [u.note() for u in folder.unmatched_masks()]
     notes += folder.nested_notes("evaluated", "move them up into it to evaluate them")
+    return notes
+
+
+def _empty_mask_notes(folder: MvtecFolder, tallies: dict[str, _TypeTally]) -> list[str]:
+    """A line for each defect type with masks that decode but hold no defect pixel (an export at the wrong level, a
+    label tool's empty layer): their pixels are counted as defect-free, and where no mask of the type has a defect
+    pixel its pixel columns are blank, which a row of dashes alone would read as a model that failed."""
+    notes = []
+    anywhere = any(t.pixels is not None and t.pixels.n_defect for t in tallies.values())
+    for defect_type, tally in tallies.items():
+        if not tally.empty_masks:
+            continue
+        line = (
+            f"note: {tally.empty_masks} defective image(s) in {folder.root / 'test' / defect_type} have a mask with "
+            "no defect pixel: their pixels count as defect-free"
+        )
+        if tally.pixels is None or not tally.pixels.n_defect:
+            whose = "its row's" if anywhere else "its row's and overall's"
+            line += f", and with no defect pixel in any of its masks {whose} pix AUROC and AUPRO are blank"
+        else:
+            line += " in pix AUROC and AUPRO"
+        notes.append(line)
     return notes
 
 
@@ -606,7 +633,7 @@ def format_table(report: dict) -> str:
         f"{'x'.join(map(str, report['input']))}{_narrowed(report.get('bit_depth'))}) on {report['data']}: "
         f"{report['n_images']} images, "
         f"{report['images_per_s']} images/s ({report['backend']}, batch {report['batch']})",
-        f"recipe {describe_recipe(report['recipe'])}"
+        f"recipe {describe_recipe(report['recipe'], report.get('memory_bank'))}"
         + (f" (auto: {report['recipe_choice']})" if report.get("recipe_choice") else ""),
     ]
     rows = [("overall", report["overall"])] + list(report["per_type"].items())

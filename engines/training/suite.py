@@ -43,6 +43,16 @@ DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
+class StoppedInTraining(KeyboardInterrupt):
+    """Ctrl-C while a dataset trained: train wrote its checkpoint bundle (`"interrupted": true`) at `bundle`, which
+    the suite never scores. Left there (a later --only run replaces it), and named in the interrupt line: it looks
+    like the measured bundles beside it."""
+
+    def __init__(self, bundle: Path) -> None:
+        super().__init__(str(bundle))
+        self.bundle = bundle
+
+
 def datasets(root: Path, only: list[str] | None = None, report: Callable[[str], None] | None = None) -> list[Path]:
     """The dataset folders under `root`, or those of them named in `only` (each name must be one). Without `only`,
     `report(line)` gets one line for each other folder, saying why it is not a dataset (default: nothing)."""
@@ -106,15 +116,21 @@ def run_suite(root: Path, out: Path, recipe: str | None, only: list[str] | None,
     reports: dict[str, dict] = {}
     try:
         _run_each(found, out, recipe, seed, rows, reports, this["created"])
-    except (KeyboardInterrupt, SystemExit):  # SystemExit: `inspectd`'s SIGTERM
+    except (KeyboardInterrupt, SystemExit) as stop:  # SystemExit: `inspectd`'s SIGTERM
+        part = ""
+        if isinstance(stop, StoppedInTraining):
+            part = f"; {stop.bundle} is a part-trained checkpoint, not measured (a later --only replaces it)"
         if not rows:  # an earlier run's table is worth more than an empty one
             kept = f"; {out / 'suite.md'} left as it was" if (out / "suite.md").exists() else ""
-            print(f"eval-suite: interrupted before the first dataset was measured, no table written{kept}", flush=True)
+            print(
+                f"eval-suite: interrupted before the first dataset was measured, no table written{kept}{part}",
+                flush=True,
+            )
             raise
         # What was measured before the Ctrl-C is kept, marked as a part.
         not_measured = [d.name for d in found if d.name not in reports]
         _write(out, rows, reports, recipe, root, seed, this, earlier, not_measured=not_measured)
-        print(f"eval-suite: interrupted; {out / 'suite.md'} holds the {len(rows)} dataset(s) done", flush=True)
+        print(f"eval-suite: interrupted; {out / 'suite.md'} holds the {len(rows)} dataset(s) done{part}", flush=True)
         raise
     return _write(out, rows, reports, recipe, root, seed, this, earlier)
 
@@ -157,7 +173,7 @@ def _run_each(
                 report=lambda line: print(line, flush=True),
             )
             if result.interrupted:  # train keeps what it fitted on a Ctrl-C; the suite stops, not scores a part-model
-                raise KeyboardInterrupt
+                raise StoppedInTraining(result.bundle)
             print(f"== {data.name}: eval", flush=True)
             step = "eval"
             report = evaluate(result.bundle, data)

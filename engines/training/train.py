@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
 import signal
 import sys
@@ -31,6 +32,7 @@ from engines.bundle.format import (
     BIT_DEPTH_RANGE,
     EACH_AXIS,
     LEGACY_BIT_DEPTH,
+    describe_recipe,
     inspectd_version,
     parse_size,
     valid_bit_depth,
@@ -119,6 +121,7 @@ class TrainResult:
     n_reference: int  # good images whose scores are the drift alarm's reference
     held_in_fit: bool = False  # the held-out images were fitted too (auto: scored out of fold for the thresholds)
     n_scorer_fit: int | None = None  # images the scorer was fitted on (fewer than n_fit when interrupted)
+    memory_bank: int | None = None  # patches in the fitted memory bank (the recipe's memory_size is its cap)
 
 
 def aligned_to_taps(recipes: list[Recipe]) -> list[Recipe]:
@@ -182,6 +185,24 @@ def _resolved(name: str | None, overrides: dict) -> list[Recipe]:
     return [recipe.replace(**given, description=recipe.description + " (changed by flags)").validate()]
 
 
+def chooses_auto(recipe: str | None, overrides: dict) -> bool:
+    """Whether train chooses the recipe (auto): asked by name, or neither a recipe nor a recipe flag given."""
+    return recipe == AUTO or (recipe is None and all(v is None for v in overrides.values()))
+
+
+def check_holdout(holdout: float, auto: bool) -> None:
+    """ValueError for --holdout 0 where the recipe is given: its first thresholds would be set on the images the
+    scorer was fitted on, which score about 0 against it (a memory bank holds their own patches), so on the line
+    every frame would be a defect. Auto sets them on out-of-fold scores whatever --holdout says. The Python API
+    (train_bundle) still takes 0 for a caller that calibrates the bundle before it judges anything."""
+    if holdout == 0 and not auto:
+        raise ValueError(
+            "--holdout 0: the first thresholds would be set on the fitted images, which score about 0 against the "
+            "model fitted on them, so every frame would be a defect; expected a fraction > 0 (default 0.1), or "
+            "--recipe auto (thresholds from out-of-fold scores)"
+        )
+
+
 def check_out(out: str | Path, data: str | Path) -> None:
     """ValueError naming --out when the bundle must not be written there: the bundle replaces what --out holds, so
     --out must be nothing yet, an empty folder or a bundle (engines.bundle.store.not_replaceable), and apart from
@@ -210,12 +231,14 @@ def check_weights(weights: str | Path | None, backbones: set[str]) -> None:
     expected = ", ".join(sorted(spec_for(name).timm_name for name in backbones))
     try:
         # Opened, not stat()ed: as root access() says yes to anything, and a folder opens only to fail here.
-        with open(weights, "rb"):
-            pass
+        with open(weights, "rb") as file:
+            empty = os.fstat(file.fileno()).st_size == 0
     except OSError as exc:
         raise WeightsError(
             f"--weights {weights}: cannot read ({exc.strerror or exc}), expected a torch state dict for {expected}"
         ) from None
+    if empty:  # the remains of a failed download or copy
+        raise WeightsError(f"--weights {weights}: empty file, expected a torch state dict for {expected}")
 
 
 def check_method_args(methods: set[str], method_args: argparse.Namespace | None) -> None:
@@ -396,7 +419,7 @@ def train_bundle(
         augment=augment,
     )
     candidates = resolve_recipe(recipe, overrides)
-    auto = recipe == AUTO or (recipe is None and all(v is None for v in overrides.values()))
+    auto = chooses_auto(recipe, overrides)
     if recipe is None and not auto:
         # Recipe flags alone describe a custom recipe: a user who gave --resize pad only to letterbox would
         # otherwise not know that nothing was chosen.
@@ -632,6 +655,7 @@ def train_bundle(
         int(len(scores)),
         every_image,
         n_scored,
+        int(params["memory_bank"].shape[0]) if "memory_bank" in params else None,
     )
 
 
@@ -781,10 +805,7 @@ def run(args: argparse.Namespace) -> int:
     # ignored, is claimed by `inspectd` itself: inspectd.cli STOPPED_BY_SIGINT.)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        result = train_bundle(
-            args.data,
-            args.out,
-            recipe=args.recipe,
+        overrides = dict(
             method=args.method,
             backbone=args.backbone,
             size=parse_size(args.size) if args.size is not None else None,
@@ -797,6 +818,13 @@ def run(args: argparse.Namespace) -> int:
             smoothing_sigma=args.sigma,
             score_share=args.score_share,
             augment=args.augment,
+        )
+        check_holdout(args.holdout, chooses_auto(args.recipe, overrides))
+        result = train_bundle(
+            args.data,
+            args.out,
+            recipe=args.recipe,
+            **overrides,
             epochs=args.epochs,
             batch=args.batch,
             seed=args.seed,
@@ -831,7 +859,7 @@ def run(args: argparse.Namespace) -> int:
         f"{result.bundle}: {result.model_id}{state}, {result.n_fit} images fitted, {result.n_holdout} "
         f"{'of them scored out of fold' if result.held_in_fit else 'held out'}, "
         f"image threshold {result.image_threshold:.4g}, pixel threshold {result.pixel_threshold:.4g}, "
-        f"{result.seconds:.1f}s\nrecipe {result.recipe.summary()}"
+        f"{result.seconds:.1f}s\nrecipe {describe_recipe(result.recipe.to_json(), result.memory_bank)}"
     )
     warning = thresholds_doc.reference_warning(result.n_reference, "good images scored for the first thresholds")
     if warning:
