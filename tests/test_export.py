@@ -430,6 +430,30 @@ def test_an_architecture_the_graph_cannot_be_built_from_is_blamed_on_the_manifes
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"method": "cse", "head": {"pool_stride": "x"}},  # int("x") in the method's head: a ValueError
+        {"head": {}, "taps": None},  # a field build_graph indexes, gone: a KeyError
+    ],
+    ids=["head-setting", "no-taps"],
+)
+def test_a_graph_the_manifest_cannot_build_is_never_blamed_on_the_weights(kmeans_bundle, change):
+    """A ValueError or KeyError from building the graph was taken as the weights not fitting: `weights.npz: does not
+    fit the manifest's architecture (invalid literal for int() ...)`, the wrong file and a bare reason."""
+    from engines.bundle.store import Bundle
+    from engines.errors import BundleError
+    from engines.model.export import graph_from_bundle
+
+    loaded = load_bundle(kmeans_bundle)
+    architecture = {k: v for k, v in {**loaded.architecture, **change}.items() if v is not None}
+    with pytest.raises(BundleError) as info:
+        graph_from_bundle(Bundle(kmeans_bundle, {**loaded.manifest, "architecture": architecture}))
+    message = str(info.value)
+    assert message.startswith(f"{kmeans_bundle / 'manifest.json'}: architecture does not build a graph ("), message
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("edit", ["architecture", "taps"])
 def test_run_check_on_the_torch_backend_refuses_a_wrong_typed_architecture_in_one_line(kmeans_bundle, tmp_path, edit):
     """Either edit ended `inspectd run --check` (and the start) in a traceback from inside timm or build_graph."""

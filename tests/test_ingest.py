@@ -1682,7 +1682,7 @@ def test_a_folder_another_daemon_watches_keeps_the_camera_reopening_in_one_line_
 ):
     """Two daemons (a config copied for inspectd@line2, its folder left unchanged) both took the folder's files: each
     part got a result on two stations, or one on the station that did not see it. The other daemon here watches a
-    folder it may only read (the lock needs no write access), as another user where this test runs as root."""
+    folder it may only read (the lock needs no rights on the folder), as another user where this test runs as root."""
     inbox = open_tmp_path / "in"
     inbox.mkdir()
     SyntheticLine(32, 32, seed=3).write_folder(inbox, 2)
@@ -1744,3 +1744,72 @@ def test_a_folder_cameras_own_reopen_and_a_new_camera_after_its_close_are_not_lo
     for frame in drain(queue):
         frame.on_published()
     assert wait_for(lambda: len(list(done.iterdir())) == 2)
+
+
+def test_a_folder_put_anew_at_the_watched_path_is_still_refused_to_a_second_camera(tmp_path):
+    """The lock was taken on the folder's inode at open, while every scan reads the path: after `mv in in.old; mkdir
+    in` (or a share mounted over it) the first camera kept watching the path and a second daemon locked the new
+    folder and watched it too."""
+    from inspectd.daemon.ingest.folder import FolderWatcher
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_ms": 20}
+    stop = threading.Event()
+    first = FolderWatcher(camera(source), time.time)
+    first.open(stop)
+    try:
+        inbox.rename(tmp_path / "in.old")
+        inbox.mkdir()
+        second = FolderWatcher(camera(source), time.time)
+        with pytest.raises(OSError, match="watched by another process"):
+            second.open(stop)
+        # And by another spelling of the same path, through a symlinked parent.
+        (tmp_path / "link").symlink_to(tmp_path)
+        third = FolderWatcher(camera({**source, "path": str(tmp_path / "link" / "in")}), time.time)
+        with pytest.raises(OSError, match="watched by another process"):
+            third.open(stop)
+    finally:
+        first.close()
+    second.open(stop)
+    second.close()
+
+
+def test_a_watching_folder_camera_holds_nothing_in_its_folder_so_its_mount_can_be_unmounted(tmp_path):
+    """The lock held a descriptor of the watched folder for as long as the camera was open: `umount` of a camera
+    share or disk failed with "target is busy" until the daemon stopped."""
+    from inspectd.daemon.ingest.folder import FolderWatcher
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    stop = threading.Event()
+
+    def held_in(folder: Path) -> list[str]:
+        held = []
+        for entry in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{entry}")
+                if target == str(folder) or target.startswith(f"{folder}/"):
+                    held.append(target)
+        return held
+
+    watcher = FolderWatcher(camera({"kind": "folder", "path": str(inbox), "poll_ms": 20}), time.time)
+    watcher.open(stop)
+    try:
+        assert held_in(inbox) == []
+    finally:
+        watcher.close()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(inbox)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"no tmpfs mount here (as uid {os.geteuid()}): the umount part needs one")
+    try:
+        watcher = FolderWatcher(camera({"kind": "folder", "path": str(inbox), "poll_ms": 20}), time.time)
+        watcher.open(stop)
+        try:
+            done = subprocess.run(["umount", str(inbox)], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+        finally:
+            watcher.close()
+    finally:
+        if os.path.ismount(inbox):
+            subprocess.run(["umount", "-l", str(inbox)], check=False)

@@ -121,16 +121,19 @@ def add_feature_graph(bundle: Bundle, graph: InferenceGraph, opset: int = DEFAUL
 def graph_from_bundle(bundle: Bundle) -> InferenceGraph:
     """Rebuild the torch graph of `bundle` from its manifest and weights.npz (no pickle, no ImageNet file needed)."""
     try:
+        # No weights read yet: what fails here is the manifest's (a method's head setting of the wrong type or value,
+        # which load does not check; load checks the rest).
         graph = build_graph(bundle.architecture, pretrained=False)
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, OverflowError) as exc:
+        raise BundleError(
+            f"{bundle.path / MANIFEST}: architecture does not build a graph ({one_line(exc)}), expected what train "
+            "recorded"
+        ) from exc
+    try:
         load_state_arrays(graph, bundle.weights())
     except (KeyError, RuntimeError, ValueError) as exc:
         raise BundleError(
             f"{bundle.path / WEIGHTS}: does not fit the manifest's architecture ({str(exc).splitlines()[0]})"
-        ) from exc
-    except (TypeError, AttributeError) as exc:  # a method's head setting of the wrong type (load checks the rest)
-        raise BundleError(
-            f"{bundle.path / MANIFEST}: architecture does not build a graph ({one_line(exc)}), expected what train "
-            "recorded"
         ) from exc
     return graph.eval()
 

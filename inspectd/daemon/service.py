@@ -1046,10 +1046,10 @@ def check_threshold_range(new: Any, current: Any) -> None:
                 )
 
 
-def _as_service_user(user: str, config_path: Path) -> str | None:
+def _as_service_user(user: str, config_path: Path) -> tuple[str | None, str | None]:
     """Load the config, its CurveZMQ keys (owners checked) and its bundle as the daemon does at start, in a child that
-    takes `user`'s ids (with its groups): the refusal the daemon would meet, in its own words, or None. "no user"
-    when no such user exists here.
+    takes `user`'s ids (with its groups): (the refusal the daemon would meet, in its own words, or None; a note for
+    run --check to print, or None). The refusal is "no user" when no such user exists here.
 
     Root reads anything, so only this sees what the service user may not: modes, owners, groups, ACLs, folders it
     cannot enter or list, a manifest only root may read."""
@@ -1058,7 +1058,7 @@ def _as_service_user(user: str, config_path: Path) -> str | None:
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        return "no user"
+        return "no user", None
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into the caller's code
@@ -1069,9 +1069,12 @@ def _as_service_user(user: str, config_path: Path) -> str | None:
             os.setgid(entry.pw_gid)
             os.setuid(entry.pw_uid)
             try:
-                _load_as_the_daemon(config_path)
+                note = _load_as_the_daemon(config_path)
             except Exception as exc:  # any refusal is the answer, sent back as text
-                os.write(writer, str(exc).encode(errors="backslashreplace"))
+                os.write(writer, b"refused " + str(exc).encode(errors="backslashreplace"))
+            else:
+                if note is not None:
+                    os.write(writer, b"note " + note.encode(errors="backslashreplace"))
         except BaseException:
             code = 1
         finally:
@@ -1082,10 +1085,13 @@ def _as_service_user(user: str, config_path: Path) -> str | None:
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise InspectdError(f"--service-user {user}: could not take that user's ids to check what it may read")
-    return said or None
+    kind, _, text = said.partition(" ")
+    return (text, None) if kind == "refused" else (None, text or None)
 
 
-def _load_as_the_daemon(config_path: Path) -> None:
+def _load_as_the_daemon(config_path: Path) -> str | None:
+    """What the daemon loads at start, loaded as this user: raises what it would refuse; returns a note for run
+    --check where state_dir is not this user's to write yet."""
     from engines.bundle.store import load_bundle
     from inspectd.daemon.config import load_config
     from inspectd.daemon.security import load_keys
@@ -1094,19 +1100,19 @@ def _load_as_the_daemon(config_path: Path) -> None:
     for where, curve in _curves(config):
         load_keys(curve.server_secret_key, curve.allowed_clients_dir, where)
     load_bundle(config.model.bundle).thresholds()
-    # The start makes state_dir (with the folders missing above it) and locks it: where this user may not, the start
-    # fails (exit 1, retried), naming a key the operator never set (publish.journal.path).
+    # The start makes state_dir (with the folders missing above it) and locks it, and fails (exit 1, retried) where
+    # this user may not. Only a note: the unit's StateDirectory= creates its folder, or hands an existing one to User=,
+    # before the daemon starts, so a folder root's now may well be this user's then.
     existing = next(path for path in (config.state_dir, *config.state_dir.parents) if os.path.lexists(path))
-    if not os.access(existing, os.W_OK | os.X_OK):
-        made = (
-            ""
-            if existing == config.state_dir
-            else f" (it would be created in {existing}, which this user may not write)"
-        )
-        raise InspectdError(
-            f"state_dir {config.state_dir}: not writable by this user{made}, expected a directory it owns or may "
-            "write (chown it to the service user)"
-        )
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    made = "" if existing == config.state_dir else f" (it would be created in {existing}, which it may not write)"
+    return (
+        f"state_dir {config.state_dir}: not writable by this user now{made}: a unit's StateDirectory= gives "
+        "/var/lib/inspectd (inspectd.service) or /var/lib/inspectd/NAME (inspectd@NAME) to its User= at start, "
+        "creating it where missing; any other folder must be chowned to that user, or the start fails (exit 1, "
+        "retried)"
+    )
 
 
 def _curves(config) -> list[tuple[str, Any]]:
@@ -1163,7 +1169,7 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
             finally:
                 state.close()
         checked_as = os.geteuid() == 0 and service_user != ""
-        as_user = _as_service_user(service_user, Path(path).absolute()) if checked_as else None
+        as_user, user_note = _as_service_user(service_user, Path(path).absolute()) if checked_as else (None, None)
         if as_user not in (None, "no user"):
             raise InspectdError(f"as the service user {service_user} (the unit's User=), {as_user}")
     except (InspectdError, EngineError, OSError, ValueError) as exc:
@@ -1204,6 +1210,8 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
             f"  note: no user {service_user} here, so what the unit's daemon may read was not checked "
             "(--service-user NAME: the unit's User=)"
         )
+    if user_note is not None:
+        print(f"  note: as the service user {service_user} (the unit's User=), {user_note}")
     return 0
 
 

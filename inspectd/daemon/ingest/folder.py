@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -21,7 +22,7 @@ import structlog
 from pydantic import Field, field_validator, model_validator
 
 from engines.data.images import DEFAULT_BIT_DEPTH
-from engines.durable import rename_noreplace, try_lock
+from engines.durable import rename_noreplace
 from engines.errors import DataError
 from engines.schema import Flag, Number, Text, declared, invalid, refuse, show
 from inspectd.configfile import ConfigPath
@@ -179,7 +180,7 @@ class FolderWatcher(Source):
         self._dispose_errors: set[str] = set()  # kinds of unexpected failure already logged
         self._pending_logged = False  # a stop left files undisposed and said so: once until they are done
         self._backlog_logged = False  # the backlog that holds up new files was logged: once until it is gone
-        self._folder_lock: int | None = None  # a descriptor of the folder, flocked while open (_hold_folder)
+        self._folder_lock: socket.socket | None = None  # bound while open, naming the folder's path (_hold_folder)
 
     def open(self, stop: threading.Event) -> None:
         if not self.spec.path.is_dir():
@@ -199,32 +200,36 @@ class FolderWatcher(Source):
             )
 
     def _hold_folder(self) -> None:
-        """Lock the folder while this camera watches it: a second daemon on it (a copied config left naming it) would
-        take a share of its files, and each part would get a result on two stations, or none where it was deleted
-        under the other. Read-only is enough for a flock, so a folder the daemon may not write is locked too. One that
-        cannot be opened or locked (a file system without locks) is watched unlocked, as before."""
+        """Lock the folder's path while this camera watches it: a second daemon on it (a copied config left naming it)
+        would take a share of its files, and each part would get a result on two stations, or none where it was deleted
+        under the other. The lock is an abstract Unix socket named by the resolved path, not a descriptor of the folder:
+        that would keep a share or disk from being unmounted while the daemon runs, and would lock the folder that was
+        there at open, not one put at the same path since (a share mounted over it, a rename and a new mkdir). It
+        needs no rights on the folder and goes with the process however that ends. Where no such socket can be bound,
+        the folder is watched unlocked, as before."""
         if self._folder_lock is not None:
             return
+        digest = hashlib.sha256(os.fsencode(os.path.realpath(self.spec.path))).hexdigest()
         try:
-            fd = os.open(self.spec.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         except OSError:
-            return  # the scan meets the same error and says it in its own words
-        locked = try_lock(fd)
-        if locked is False:
-            os.close(fd)
-            raise OSError(
-                f"{self.spec.path}: watched by another process (another daemon's folder camera), expected a folder "
-                "no other camera watches"
-            )
-        if locked is None:
-            os.close(fd)
             return
-        self._folder_lock = fd
+        try:
+            lock.bind(b"\0inspectd-folder-" + digest.encode())
+        except OSError as exc:
+            lock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(
+                    f"{self.spec.path}: watched by another process (another daemon's folder camera), expected a "
+                    "folder no other camera watches"
+                ) from None
+            return
+        self._folder_lock = lock
 
     def _release_folder(self) -> None:
-        fd, self._folder_lock = self._folder_lock, None
-        if fd is not None:
-            os.close(fd)  # the flock goes with the last descriptor of its open file
+        lock, self._folder_lock = self._folder_lock, None
+        if lock is not None:
+            lock.close()  # the name is free again at once: an abstract socket leaves no file behind
 
     def _check_disposal(self) -> None:
         """Files are deleted, or moved to done_dir by rename (at once and whole): try it now on a hidden file, which
