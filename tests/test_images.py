@@ -321,6 +321,16 @@ def test_a_jpeg_mask_is_defect_above_half_its_range_and_a_lossless_one_wherever_
     labels = tmp_path / "labels.png"
     assert cv2.imwrite(str(labels), (truth > 0).astype(np.uint8) * np.uint8(1))  # 0/1
     assert np.array_equal(load_mask(labels, truth.shape), truth > 0)
+    # A 0/1 or label mask saved as JPEG has no value above half the range: its defect is where it is not 0.
+    for values, name in (((truth > 0).astype(np.uint8), "01.jpg"), ((truth > 0).astype(np.uint8) * 5, "label5.jpg")):
+        assert cv2.imwrite(str(tmp_path / name), values, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        read = load_mask(tmp_path / name, truth.shape)
+        assert abs(int(read.sum()) - int((truth > 0).sum())) <= 0.1 * (truth > 0).sum(), (name, read.sum())
+    # A lossy WebP, as a JPEG.
+    webp = tmp_path / "m.webp"
+    assert cv2.imwrite(str(webp), truth, [cv2.IMWRITE_WEBP_QUALITY, 30])
+    read = load_mask(webp, truth.shape)
+    assert abs(int(read.sum()) - int((truth > 0).sum())) <= 0.05 * (truth > 0).sum(), (read.sum(), (truth > 0).sum())
 
 
 def test_a_photo_under_the_images_name_in_ground_truth_is_not_its_mask_and_the_note_says_so(tmp_path):
@@ -337,6 +347,17 @@ def test_a_photo_under_the_images_name_in_ground_truth_is_not_its_mask_and_the_n
         assert cv2.imwrite(str(gt / f"{i}.png"), photo)
     folder = MvtecFolder(root)
     assert [item.mask_path for item in folder.test_items()] == [None, None]
+    # A class mask named as its image, its class value mid-grey over most of it, is one level: a mask, not a photo.
+    class_mask = np.zeros((24, 32), np.uint8)
+    class_mask[:, 4:] = 128
+    other = root / "ground_truth" / "stain"
+    other.mkdir(parents=True)
+    (root / "test" / "stain").mkdir()
+    assert cv2.imwrite(str(root / "test" / "stain" / "s.jpg"), np.full((24, 32), 90, np.uint8))
+    assert cv2.imwrite(str(other / "s.png"), class_mask)
+    assert [item.mask_path for item in MvtecFolder(root).test_items() if item.defect_type == "stain"] == [
+        other / "s.png"
+    ]
     (unmatched,) = folder.unmatched_masks()
     assert "(2 of them photos named as the images, most of their pixels neither black nor the defect's value)" in (
         unmatched.note()

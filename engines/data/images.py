@@ -462,11 +462,13 @@ def skipped_warnings(failures: Sequence[tuple[Path, DataError]]) -> list[str]:
 
 
 LOSSY_SUFFIXES = {".jpg", ".jpeg", ".jfif"}
+LOSSY_MASK_SUFFIXES = LOSSY_SUFFIXES | {".webp"}  # WebP may be lossy: read as a JPEG mask is
 # A mask file is plainly a photo, not a mask, when more than this share of its pixels lie strictly between PHOTO_LEVELS
 # of its dtype's range: a mask is 0 and its defect's value (255, 1, a label), JPEG's noise about the edges included,
 # while a photo of a part is mostly mid-grey.
 PHOTO_SHARE = 0.5
 PHOTO_LEVELS = (0.1, 0.9)
+PHOTO_MASK_LEVELS = 4  # ... and its PHOTO_MASK_LEVELS most frequent values cover under PHOTO_SHARE of it
 
 
 def looks_like_photo(path: Path) -> bool:
@@ -482,7 +484,12 @@ def looks_like_photo(path: Path) -> bool:
         image = image[..., :3].max(axis=2) if image.shape[2] in (3, 4) else image.max(axis=2)  # not the alpha
     top = float(np.iinfo(image.dtype).max)
     low, high = PHOTO_LEVELS[0] * top, PHOTO_LEVELS[1] * top
-    return bool(np.count_nonzero((image > low) & (image < high)) > PHOTO_SHARE * image.size)
+    if np.count_nonzero((image > low) & (image < high)) <= PHOTO_SHARE * image.size:
+        return False
+    # Mid-level values alone are no photo: a class value of 128 or a palette colour over most of a mask is one level.
+    # A mask, JPEG noise and all, is a few levels; a photo spreads over many.
+    _, counts = np.unique(image, return_counts=True)
+    return bool(np.sort(counts)[-PHOTO_MASK_LEVELS:].sum() < PHOTO_SHARE * image.size)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
@@ -741,11 +748,14 @@ def binary_mask(mask: np.ndarray, shape: tuple[int, int], path: Path) -> np.ndar
 
 
 def _defect_level(mask: np.ndarray, path: Path) -> int:
-    """The value above which a mask's pixel is defect: 0 in a lossless file (0/1 and label masks), half the range in a
-    lossy one, whose values of 1-30 around every edge widened a JPEG mask by a third, a thin scratch's by more."""
-    if path.suffix.lower() in LOSSY_SUFFIXES and mask.dtype.kind == "u":
-        return int(np.iinfo(mask.dtype).max) // 2
-    return 0
+    """The value above which a mask's pixel is defect: 0 in a lossless file (0/1 and label masks), half its defect's
+    value in a lossy one, whose noise around every edge (1-30 in a 0/255 JPEG) widened a JPEG mask by a third, a thin
+    scratch's by more. The defect's value is the mask's most frequent one above 0 (255, or 1 or a label in a 0/1 or
+    label mask saved as JPEG), not its peak, which the noise overshoots."""
+    if path.suffix.lower() not in LOSSY_MASK_SUFFIXES or mask.dtype.kind != "u":
+        return 0
+    values, counts = np.unique(mask[mask > 0], return_counts=True)
+    return int(values[counts.argmax()]) // 2 if values.size else 0
 
 
 # The split's name as bundles record it (training.split, a teach record's frames.split): fixed strings, so that a
