@@ -880,13 +880,6 @@ def _check_architecture(manifest_path: Path, manifest: dict[str, Any]) -> None:
         "smoothing_sigma": (lambda v: _number(v) and 0 < v <= 64, "a number in (0, 64], as a recipe's"),
         "score_share": (lambda v: _number(v) and 0 <= v <= 1, "a share in [0, 1]"),
     }
-    # The fields build_graph reads without a default: a graph rebuilt without one fails naming a bare key.
-    missing = [field for field in ("method", "backbone", "scorer", "taps", "input_shape") if field not in architecture]
-    if missing:
-        raise BundleError(
-            f"{manifest_path}: architecture has no {', '.join(missing)}, expected each of method, backbone, scorer, "
-            "taps and input_shape as train recorded them"
-        )
     for field, (valid, expected) in checks.items():
         if field in architecture and not valid(architecture[field]):
             raise BundleError(f"{manifest_path}: architecture.{field} {architecture[field]!r}, expected {expected}")
