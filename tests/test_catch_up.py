@@ -431,9 +431,29 @@ def test_a_replay_of_another_numbering_does_not_swallow_the_live_results_below_i
     assert len(source.notices) == 1 and "another numbering's results for cam0" in source.notices[0]
 
 
-def test_a_first_live_seq_at_or_below_since_is_a_new_numbering_and_delivered(line):
-    """The journal was wiped (it holds this numbering's 0-4 only) and the reader resumes after 100, a seq of the
-    numbering before: 5 and 6, published after it subscribed, are delivered, not dropped as already had."""
+def test_a_first_live_seq_at_or_below_since_the_journal_lacks_is_a_new_numbering_and_delivered(line):
+    """The journal holds 0-4 of some numbering but not the live results (the daemon restarted without it): the
+    reader resumes after 100, a seq of the numbering before, and 5 and 6, published after it subscribed, are
+    delivered, not dropped as already had."""
+    for seq in range(5):
+        line.emit("cam0", seq, send=False)
+    with Subscriber(line.endpoint) as sub:
+        line.join(sub)
+        source = CatchUpSubscriber(sub, JournalCatchUp(line.journal_dir))
+        line.pub.send_multipart(encode_status(STATION, STATUS))
+        source.start(100, settle_s=0.5)
+        line.emit("cam0", 5, journal=False)
+        line.emit("cam0", 6, journal=False)
+        got = drain(source, 2)
+    assert [r.seq for r in got] == [5, 6]
+    assert len(source.notices) == 1 and "seq 5 on cam0 is at or below --since 100" in source.notices[0]
+    assert "the daemon numbers anew" in source.notices[0]
+
+
+def test_since_past_the_numbering_the_journal_holds_is_said_so_not_blamed_on_a_restart(line):
+    """The journal holds 0-4 and each live result as it is published: this numbering's, healthy. --since 100 lies
+    past it (mistyped, or taken from a numbering since wiped): 5 and 6 are delivered, and the notice says where the
+    numbering is instead of sending the engineer looking for a restart without the journal."""
     for seq in range(5):
         line.emit("cam0", seq, send=False)
     with Subscriber(line.endpoint) as sub:
@@ -442,10 +462,34 @@ def test_a_first_live_seq_at_or_below_since_is_a_new_numbering_and_delivered(lin
         line.pub.send_multipart(encode_status(STATION, STATUS))
         source.start(100, settle_s=0.5)
         line.emit("cam0", 5)
+        got = drain(source, 1)
         line.emit("cam0", 6)
-        got = drain(source, 2)
+        got += drain(source, 1)
     assert [r.seq for r in got] == [5, 6]
-    assert len(source.notices) == 1 and "seq 5 on cam0 is at or below --since 100" in source.notices[0]
+    assert source.notices == ["--since 100 is past cam0's numbering (journal newest 5): delivered from seq 5"]
+
+
+def test_a_catch_up_at_the_oldest_edge_while_rotation_takes_it_reports_rotation_not_a_crash(tmp_path, monkeypatch):
+    """The reader starts from the oldest seq held, and the writer's rotation deletes that segment just after the
+    reader first lists the segments: the results it held are a gap whose reason is rotation. Decided from a second
+    listing, made after the deletion, they were "never journalled", sending the engineer after a crash."""
+    directory, segments = journal_of(tmp_path, 200, 4 << 10)
+    starts = first_seqs(segments)
+    listing = journal_format.segment_files
+    listed = []
+
+    def list_then_rotate(camera_dir):
+        found = listing(camera_dir)
+        if not listed:
+            segments[0].unlink()  # what the writer's rotation does right after the first listing
+        listed.append(found)
+        return found
+
+    monkeypatch.setattr(journal_format, "segment_files", list_then_rotate)
+    catch_up = JournalCatchUp(directory)
+    seqs = [r.seq for r in catch_up.resume(starts[0] - 1)]
+    assert seqs == list(range(starts[1], 200))
+    assert catch_up.missed == [Gap("cam0", 0, starts[1] - 1, ROTATED)]
 
 
 def test_a_disowned_journal_is_filled_from_again_once_it_holds_live_results(line, monkeypatch):

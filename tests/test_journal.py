@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from inspectd.daemon.journal import Journal
+from inspectd.daemon.journal import BOOT_ID, Journal
 from inspectd.protocol import journal as journal_format
 from inspectd.protocol.journal import JournalError, read_since
 from inspectd.protocol.messages import decode_result, encode_result
@@ -239,7 +239,7 @@ def test_many_cameras_share_the_cap_and_each_keeps_its_newest_results(tmp_path):
 SCRIPT_PRELUDE = """
 import sys
 sys.path.insert(0, {repo!r})
-from inspectd.daemon.journal import Journal
+from inspectd.daemon.journal import BOOT_ID, Journal
 from inspectd.protocol.messages import encode_result
 def res(seq, mask=None):
     return encode_result(station="s", camera="cam0", seq=seq, frame_id="f", t_capture=1.0, t_publish=2.0,
@@ -670,3 +670,140 @@ def test_a_segment_whose_delete_fails_stays_counted_and_the_journal_goes_on(tmp_
         assert report["bytes"] <= 300_000 and len(seqs) > 100 and logged == 1, report
     else:  # nothing could be deleted: every record kept, each segment named once
         assert len(seqs) == 600 and logged == report["segments"] - 1, (report, logged)
+
+
+def test_a_journal_directory_renamed_and_replaced_while_writing_goes_on_in_the_configured_one(tmp_path, capsys):
+    """`mv j j.old && mkdir j` under a running writer: what went into the moved segment stays there, whole (nothing
+    lost), and the next round of the syncer sends the segments, the marks and the boot mark back to `j`, so the next
+    start on `j` carries the numbering on instead of starting again at 0."""
+    path = tmp_path / "j"
+    journal = Journal(path, max_bytes=1 << 20, fsync_interval_s=0.2)
+
+    def put(seqs: range) -> None:
+        for seq in seqs:
+            journal.mark_accepted("cam0", seq)
+            journal.append("cam0", seq, result("cam0", seq))
+
+    def synced() -> None:
+        deadline = time.monotonic() + 10
+        while journal.status()["unsynced"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert journal.status()["unsynced"] == 0
+
+    put(range(50))
+    synced()
+    path.rename(tmp_path / "j.old")  # kept aside, a journal restored from a copy of a cleanly closed one in its place
+    path.mkdir()
+    (path / journal_format.CLEAN_MARK).touch()
+    put(range(50, 60))  # into the moved segment, which the next round of the syncer finds
+    synced()
+    put(range(60, 100))
+    status = journal.status()
+    assert (status["written"], status["lost"], status["degraded"]) == (100, 0, False), status
+    out = capsys.readouterr().out
+    assert out.count("journal_directory_replaced") == 1 and "journal_segment_removed" not in out, out
+    assert [s for s, _ in read_since(tmp_path / "j.old", "cam0", -1)] == list(range(60))
+    assert [s for s, _ in read_since(path, "cam0", -1)] == list(range(60, 100))
+    assert journal_format.read_mark(path / "cam0", journal_format.RESERVED_MARK) >= 99
+    assert (path / journal_format.BOOT_MARK).exists() or not BOOT_ID.exists()
+    assert not (path / journal_format.CLEAN_MARK).exists()  # a crash of this run must not look like a clean stop
+    journal.close()
+    assert (path / journal_format.CLEAN_MARK).exists()
+    reopened = Journal(path, max_bytes=1 << 20)
+    assert reopened.resume("cam0") == (100, range(100, 100))
+    reopened.close()
+
+
+def test_a_journal_directory_renamed_just_before_close_still_leaves_the_numbering_in_the_configured_one(tmp_path):
+    """The move comes after the syncer's last round: close finds it, and writes the marks into the configured
+    directory, so the next start resumes past every seq given out (those in the moved folder a gap)."""
+    path = tmp_path / "j"
+    journal = Journal(path, max_bytes=1 << 20, fsync_interval_s=600)
+    for seq in range(30):
+        journal.mark_accepted("cam0", seq)
+        journal.append("cam0", seq, result("cam0", seq))
+    path.rename(tmp_path / "j.old")
+    path.mkdir()
+    journal.close()
+    assert journal.status()["lost"] == 0
+    reopened = Journal(path, max_bytes=1 << 20)
+    assert reopened.resume("cam0") == (30, range(0, 30))
+    reopened.close()
+
+
+def test_rotation_faster_than_fsync_keeps_the_descriptors_waiting_to_close_bounded(tmp_path, monkeypatch):
+    """Segments of one record each (a small cap, results with masks) on a disk whose fsync takes 10 ms: rotation
+    outruns the syncer, and the descriptors it leaves to close must not grow towards EMFILE."""
+    fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.01)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    baseline = len(os.listdir("/proc/self/fd"))
+    journal = Journal(tmp_path / "j", max_bytes=4 << 20, segment_bytes=1 << 10, fsync_interval_s=0.2)
+    peak = 0
+    for seq in range(300):
+        journal.append("cam0", seq, result("cam0", seq, b"m" * 1500))
+        peak = max(peak, len(os.listdir("/proc/self/fd")) - baseline)
+    # At most MAX_PENDING_CLOSE waiting, as many more in the syncer's round, and the active segment with its dups.
+    assert peak <= 2 * 64 + 16, peak
+    assert journal.status()["lost"] == 0
+    journal.close()
+    assert [s for s, _ in read_since(tmp_path / "j", "cam0", -1)] == list(range(300))
+
+
+def test_a_record_past_the_readers_limit_is_refused_counted_lost_and_told_once(tmp_path, monkeypatch, capsys):
+    """The writer takes the readers' MAX_BODY (made small here, so the test need not build 256 MiB): a body past it
+    is not written, where no reader would see it and the next start would cut it as torn, but counted lost."""
+    monkeypatch.setattr(journal_format, "MAX_BODY", 4096)
+    journal = Journal(tmp_path / "j", max_bytes=1 << 20)
+    for seq in range(5):
+        journal.append("cam0", seq, result("cam0", seq, b"m" * 5000 if seq in (1, 2) else None))
+    status = journal.status()
+    assert (status["written"], status["lost"]) == (3, 2), status
+    out = capsys.readouterr().out
+    assert out.count("journal_record_too_big") == 1 and "seq=1" in out, out
+    assert [s for s, _ in read_since(tmp_path / "j", "cam0", -1)] == [0, 3, 4]
+    journal._stop.set()  # no clean close: the next start checks the newest segment's tail
+    journal._syncer.join(5)
+    reopened = Journal(tmp_path / "j", max_bytes=1 << 20)
+    assert "journal_torn_record_cut" not in capsys.readouterr().out
+    assert [s for s, _ in read_since(tmp_path / "j", "cam0", -1)] == [0, 3, 4]
+    reopened.close()
+
+
+def test_a_replay_from_before_the_oldest_segment_is_told_rotated_from_its_own_listing(tmp_path):
+    j = Journal(tmp_path / "j", max_bytes=1 << 20, segment_bytes=8 << 10)
+    for seq in range(100):
+        j.append("cam0", seq, result("cam0", seq, b"m" * 500))
+    j.close()
+    segments = sorted((tmp_path / "j" / "cam0").glob("*.seg"))
+    segments[0].unlink()  # rotated away before the replay listed the segments
+    rotated: list[Path] = []
+    seqs = [s for s, _ in read_since(tmp_path / "j", "cam0", -1, on_rotated=rotated.append)]
+    assert rotated == [segments[1]]
+    assert seqs == list(range(int(segments[1].stem), 100))
+    rotated.clear()
+    assert [s for s, _ in read_since(tmp_path / "j", "cam0", int(segments[1].stem) - 1, on_rotated=rotated.append)]
+    assert rotated == []  # from the oldest seq held: nothing rotated out of the range asked for
+
+
+def test_a_journal_directory_removed_on_an_idle_line_and_then_stopped_still_carries_the_numbering_on(tmp_path):
+    """The folder goes (an operator freeing space) after the last frame, and the daemon stops before another: close
+    finds the segment deleted and writes the marks into the re-created folder, so the next start numbers on past
+    every seq given out (what was in the folder a gap, counted lost) instead of from 0 as after a wipe."""
+    import shutil
+
+    path = tmp_path / "j"
+    journal = Journal(path, max_bytes=1 << 20, fsync_interval_s=600)
+    for seq in range(30):
+        journal.mark_accepted("cam0", seq)
+        journal.append("cam0", seq, result("cam0", seq))
+    shutil.rmtree(path)
+    journal.close()
+    assert journal.status()["lost"] == 30
+    reopened = Journal(path, max_bytes=1 << 20)
+    assert reopened.resume("cam0") == (30, range(0, 30))
+    reopened.close()

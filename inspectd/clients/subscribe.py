@@ -619,6 +619,18 @@ class JournalCatchUp:
         except (InspectdError, OSError):
             return None
 
+    def newest(self, camera: str) -> int | None:
+        """The last seq the journal holds for `camera`, None without a record of it or where it cannot be read."""
+        from inspectd.protocol import journal
+
+        if self.directory is None:
+            return None
+        try:
+            journal.check_camera(camera)
+            return journal.newest_seq(self.directory, camera)
+        except (InspectdError, OSError):
+            return None
+
     def signature(self, camera: str) -> tuple[str, int, int] | None:
         """(name, size, change time) of `camera`'s newest journal segment: what changes whenever a record is appended.
         None without one."""
@@ -677,9 +689,6 @@ class JournalCatchUp:
                 why(f"{UNDECODABLE} ({cause})")
 
         try:
-            segments = journal.segment_files(self.directory / camera)
-            if segments and segments[0][0] > after + 1:
-                why(ROTATED)  # the oldest segment kept starts after the hole: rotation took the start of it
             records = journal.read_since(
                 self.directory,
                 camera,
@@ -987,10 +996,19 @@ class CatchUpSubscriber:
             # The daemon publishes each seq once, this one after the subscription took hold: not the numbering
             # `since` was taken from. Dropped as delivered otherwise, every result up to `since`.
             catch_up.renumbered(camera, seq)
-            self.notices.append(
-                f"seq {seq} on {camera} is at or below --since {since}: the daemon numbers anew (restarted without "
-                "its journal, or it was wiped); delivered from here on"
-            )
+            if held is not None:
+                # The journal holds this live result, so it is this numbering's: `since` lies past it, whether
+                # mistyped or taken from a numbering since wiped; a restart is not what the journal shows.
+                newest = catch_up.newest(camera)
+                self.notices.append(
+                    f"--since {since} is past {camera}'s numbering (journal newest "
+                    f"{seq if newest is None else newest}): delivered from seq {seq}"
+                )
+            else:
+                self.notices.append(
+                    f"seq {seq} on {camera} is at or below --since {since}: the daemon numbers anew (restarted "
+                    "without its journal, or it was wiped); delivered from here on"
+                )
         return False
 
     def close(self) -> None:

@@ -56,6 +56,7 @@ from pathlib import Path
 import structlog
 
 from inspectd.durable import FILE_MODE, fsync_dir, make_dirs, replace_file
+from inspectd.protocol import journal as journal_format
 from inspectd.protocol.journal import (
     ACCEPTED,
     ACCEPTED_MARK,
@@ -85,18 +86,42 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 # How far a segment's stamp goes past the newest one when the clock is behind it (well above mtime's resolution).
 STAMP_STEP_S = 0.001
+# Rotated segments waiting for the syncer's fsync and close. Past this, rotation fsyncs and closes the oldest itself:
+# with segments of about one record (a small max_mb, results with masks) and a slow fsync (SD card, eMMC), rotation
+# outruns the syncer and the descriptors would grow to EMFILE, failing the journal and the daemon's sockets with it.
+MAX_PENDING_CLOSE = 64
 
 
 class _Active:
     """A segment open for appending: an unbuffered O_APPEND descriptor and the size of its whole records; the records
-    this run appended, how many of them the syncer saw in a file still linked, and whether it saw the file deleted."""
+    this run appended, how many of them the syncer saw in a file still linked, whether it saw the file gone from its
+    path, and whether it was moved (still linked elsewhere: a renamed journal directory) rather than deleted."""
 
-    __slots__ = ("path", "fd", "size", "records", "checked", "unlinked")
+    __slots__ = ("path", "fd", "size", "records", "checked", "unlinked", "moved")
 
     def __init__(self, path: Path, fd: int, size: int) -> None:
         self.path, self.fd, self.size = path, fd, size
         self.records = self.checked = 0
-        self.unlinked = False
+        self.unlinked = self.moved = False
+
+
+MOVED_EFFECT = (
+    "the journal's segments were moved away (its directory renamed or replaced): what was written stays where it was "
+    "moved; writing, marks and numbering go on in the configured directory"
+)
+
+
+def _at_path(path: Path, found: os.stat_result) -> bool:
+    """Whether `path` still names the file `found` (fstat of a descriptor on it). False where it names another file
+    or none: a renamed or replaced journal directory, the file living on elsewhere. True where it cannot be told
+    (a folder above it made unreadable): not taken for a move."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return (named.st_dev, named.st_ino) == (found.st_dev, found.st_ino)
 
 
 def _read_text(path: Path) -> str | None:
@@ -223,6 +248,12 @@ class Journal:
         self._dirs_dirty: set[Path] = set()
         self._marks_dirty: set[str] = set()
         self._fsync_error: str | None = None
+        self._oversize: set[str] = set()  # cameras whose record over MAX_BODY was logged (once each)
+        # Each camera's accepted mark as this run last wrote it: written again into the configured directory at
+        # close where the journal was moved away since.
+        self._given: dict[str, int] = {}
+        self._marks_unmoved = False  # a camera's marks could not be written again after a move: no clean mark
+        self._replaced = False  # the journal's directory was found replaced: a clean mark in the new one goes
         # Cameras whose mark files may have been deleted with their folder: reopened at the camera's next frame.
         self._marks_stale: set[str] = set()
         # The writes the open owes the disk, made before any later append: each camera's accepted mark raised to its
@@ -322,6 +353,12 @@ class Journal:
             created = make_dirs(self.directory)
             with self._lock:  # the syncer iterates the set it takes
                 self._dirs_dirty.update(c.parent for c in created)
+            if self._replaced:
+                # A directory put in place of the journal while it was open (restored from a copy) may hold a clean
+                # mark, which would make a crash of this run look like a clean stop; gone before the boot mark (whose
+                # rename fsyncs the directory).
+                (self.directory / CLEAN_MARK).unlink(missing_ok=True)
+                self._replaced = False
             replace_file(self.directory / BOOT_MARK, self._boot.encode(), FILE_MODE)
         self._boot_owed = False
 
@@ -545,22 +582,7 @@ class Journal:
             with lock:
                 if self._stop.is_set():
                     return
-                if camera in self._marks_stale:
-                    self._drop_marks(camera)
-                fd = self._accepted_fd.get(camera)
-                if fd is None:
-                    check_camera(camera)
-                    with self._lock:
-                        self._made(make_dirs(self.directory / camera), camera)
-                        fd = self._accepted_fd[camera] = _open(self.directory / camera / ACCEPTED_MARK, os.O_WRONLY)
-                        self._dirs_dirty.update((self.directory, self.directory / camera))
-                # First: a reservation that fails (its file cannot be made, its fsync fails) must not also cost the
-                # mark that covers a SIGKILL. A power cut that keeps this mark but not the reservation only makes the
-                # next start number further on.
-                os.pwrite(fd, ACCEPTED.pack(seq), 0)
-                self._marks_dirty.add(camera)
-                if seq > self._reserved_to.get(camera, -1):
-                    self._reserve(camera, seq + RESERVE)
+                self._write_mark(camera, seq)
         except (OSError, struct.error) as exc:  # struct.error: a seq past what the mark holds
             if not self._accepted_failed:
                 self._accepted_failed = True
@@ -570,6 +592,27 @@ class Journal:
                     error=f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc),
                     effect="frames in flight at a crash will not show as a seq gap after the restart",
                 )
+
+    def _write_mark(self, camera: str, seq: int) -> None:
+        """Write `camera`'s accepted mark, and its reservation where `seq` passes it, under its mark lock; marks whose
+        files went with their folder are opened again first."""
+        if camera in self._marks_stale:
+            self._drop_marks(camera)
+        fd = self._accepted_fd.get(camera)
+        if fd is None:
+            check_camera(camera)
+            with self._lock:
+                self._made(make_dirs(self.directory / camera), camera)
+                fd = self._accepted_fd[camera] = _open(self.directory / camera / ACCEPTED_MARK, os.O_WRONLY)
+                self._dirs_dirty.update((self.directory, self.directory / camera))
+        # First: a reservation that fails (its file cannot be made, its fsync fails) must not also cost the mark that
+        # covers a SIGKILL. A power cut that keeps this mark but not the reservation only makes the next start number
+        # further on.
+        os.pwrite(fd, ACCEPTED.pack(seq), 0)
+        self._given[camera] = seq
+        self._marks_dirty.add(camera)
+        if seq > self._reserved_to.get(camera, -1):
+            self._reserve(camera, seq + RESERVE)
 
     def _drop_marks(self, camera: str) -> None:
         """Close `camera`'s mark descriptors (their files were deleted with its folder), under its mark lock: the
@@ -599,6 +642,9 @@ class Journal:
     def append(self, camera: str, seq: int, frames: list) -> None:
         """Journal one published result. Never raises for disk trouble: that degrades the journal instead."""
         record = encode_record(seq, frames)
+        if len(record) - journal_format.RECORD.size > journal_format.MAX_BODY:
+            self._too_big(camera, seq, len(record) - journal_format.RECORD.size)
+            return
         if (self._floors_owed or self._boot_owed) and time.monotonic() >= self._retry_at and not self._retry_open():
             with self._lock:
                 self.lost += 1
@@ -624,6 +670,25 @@ class Journal:
             if self.degraded is not None and not (self._floors_owed or self._boot_owed):
                 log.warning("journal_recovered", lost=self.lost)
                 self.degraded = None
+
+    def _too_big(self, camera: str, seq: int, size: int) -> None:
+        """Refuse a record whose body is past the readers' limit: written, no reader would see it or anything after
+        it in its segment, and the next start would cut it as a torn tail. Counted lost, as a record the disk
+        refused; logged once per camera, as a camera that makes one makes more."""
+        with self._lock:
+            self.lost += 1
+            first = camera not in self._oversize
+            self._oversize.add(camera)
+        if first:
+            log.error(
+                "journal_record_too_big",
+                camera=camera,
+                seq=seq,
+                bytes=size,
+                limit=journal_format.MAX_BODY,
+                effect="published but not journalled (counted lost): no reader takes a record past the limit; "
+                "logged once for this camera",
+            )
 
     def _segment_for(self, camera: str, seq: int, size: int) -> _Active:
         active = self._active.get(camera)
@@ -678,6 +743,8 @@ class Journal:
         """Retire the active segment; the syncer fsyncs and closes its descriptor, off the publishing thread."""
         active = self._active.pop(camera)
         self._to_close.append(active.fd)
+        if len(self._to_close) > MAX_PENDING_CLOSE:
+            self._close_oldest()
         # The stamp is its age here and, as its mtime (fsynced with it), at the next open: the clock where it is
         # ahead of every stamp, else just past the newest, so a clock set back never ranks it before older ones.
         self._age = max(time.time(), self._age + STAMP_STEP_S)
@@ -689,18 +756,40 @@ class Journal:
         self._total += active.size
         self._active_bytes -= active.size
 
+    def _close_oldest(self) -> None:
+        """fsync and close the oldest rotated segment waiting for the syncer, on the rotating thread (under the
+        lock): the backlog stays bounded however slow the disk, at the cost of this append waiting for one fsync."""
+        fd = self._to_close.pop(0)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self.fsync_failed += 1
+            reason = f"{exc.strerror or exc} (errno {exc.errno})"
+            if reason != self._fsync_error:
+                log.error(
+                    "journal_fsync_failed",
+                    error=reason,
+                    effect="results written since the last good fsync may not survive a power cut",
+                )
+            self._fsync_error = reason
+        finally:
+            os.close(fd)
+
     def _removed(self, camera: str, active: _Active) -> None:
-        """Retire an active segment found deleted: the records written to it since the syncer last saw it linked may
-        have gone to the deleted file, so they count as lost; closed segments deleted with it leave the count."""
+        """Retire an active segment found deleted or moved: the records written to a deleted one since the syncer
+        last saw it linked may have gone to the deleted file, so they count as lost (one moved away keeps them:
+        none lost); closed segments gone with it leave the count."""
         self._active.pop(camera)
         self._active_bytes -= active.size
         self._to_close.append(active.fd)
-        gone = active.records - active.checked
-        self.written -= gone
-        self.lost += gone
         self._closed = [c for c in self._closed if c[1].exists()]
         self._total = sum(c[2] for c in self._closed)
         self._marks_stale.add(camera)
+        if active.moved:
+            return  # told once, for the whole journal, by the syncer round that found it
+        gone = active.records - active.checked
+        self.written -= gone
+        self.lost += gone
         log.error(
             "journal_segment_removed",
             camera=camera,
@@ -788,8 +877,8 @@ class Journal:
                 return True
             # Duplicates, so a segment rotated or closed meanwhile cannot take the descriptor from under the fsync.
             # Each is also checked for having been deleted: here, twice per interval, rather than per record.
-            actives = [(a, a.records) for a in self._active.values()] if self.unsynced else []
-            fds = [os.dup(a.fd) for a, _ in actives]
+            actives = [(c, a, a.records) for c, a in self._active.items()] if self.unsynced else []
+            fds = [os.dup(a.fd) for _, a, _ in actives]
             # Ingest threads add to the set without the lock: take a copy and remove what it holds (each one C call
             # under the GIL). Iterating the set itself can meet a camera added meanwhile, and replacing it can lose
             # an add made to the old object; either way a quiet line's last mark would never be fsynced. A camera
@@ -802,11 +891,15 @@ class Journal:
             pending = self.unsynced
         failed = None
         linked = []
-        for (active, count), fd in zip(actives, fds):
+        for (camera, active, count), fd in zip(actives, fds):
             try:
-                linked.append((active, count, os.fstat(fd).st_nlink > 0))
+                found = os.fstat(fd)
             except OSError:
-                pass
+                continue
+            # Still at its path, or moved with a renamed or replaced journal directory (`mv journal journal.old`):
+            # the file lives on elsewhere, and the directory the readers and the next start use gets nothing more.
+            at_path = found.st_nlink > 0 and _at_path(active.path, found)
+            linked.append((camera, active, count, at_path, found.st_nlink > 0))
         for fd in fds + closing:
             try:
                 os.fsync(fd)
@@ -821,13 +914,27 @@ class Journal:
                 pass
             except OSError as exc:
                 failed = exc
+        moved = []
         with self._lock:
             self.unsynced = max(0, self.unsynced - pending)
-            for active, count, still in linked:
-                if still:
+            for camera, active, count, at_path, still in linked:
+                if at_path:
                     active.checked = max(active.checked, count)
-                else:
-                    active.unlinked = True
+                    continue
+                if self._active.get(camera) is not active or active.unlinked:
+                    continue  # retired since it was listed (its path trimmed meanwhile), or found before
+                active.unlinked = True
+                if still:
+                    # What was written went to the moved file, intact: nothing lost. The marks follow the segment
+                    # into the configured directory at the camera's next frame, the boot mark with the next append.
+                    active.moved = True
+                    active.checked = max(active.checked, count)
+                    self._marks_stale.add(camera)
+                    self._boot_owed = self._boot is not None
+                    self._replaced = True
+                    moved.append(camera)
+        if moved:
+            log.warning("journal_directory_replaced", path=str(self.directory), cameras=moved, effect=MOVED_EFFECT)
         if failed is not None:
             self.fsync_failed += 1
             reason = f"{failed.strerror or failed} (errno {failed.errno})"
@@ -842,6 +949,25 @@ class Journal:
         self._fsync_error = None
         return True
 
+    def _marks_moved(self, camera: str) -> None:
+        """At close, under `camera`'s mark lock: its marks were moved away with the journal and no frame since wrote
+        them again; written into the configured directory now, or the next start finds none there and numbers the
+        camera from 0 again."""
+        seq = max(self._given.get(camera, -1), self._last.get(camera, -1))
+        try:
+            if seq >= 0:
+                self._write_mark(camera, seq)
+            else:
+                self._drop_marks(camera)
+        except (OSError, struct.error) as exc:
+            self._marks_unmoved = True
+            log.error(
+                "journal_accepted_mark_failed",
+                camera=camera,
+                error=f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc),
+                effect="the journal was moved away: the next start may number this camera anew",
+            )
+
     def flush(self) -> None:
         self.sync()
 
@@ -850,11 +976,18 @@ class Journal:
         if self._syncer.is_alive() and self._syncer is not threading.current_thread():
             self._syncer.join(5.0)
         with self._lock:
+            moved = []
             for camera, active in list(self._active.items()):
                 try:
-                    unlinked = active.unlinked or os.fstat(active.fd).st_nlink == 0
+                    found = os.fstat(active.fd)
                 except OSError:
-                    unlinked = False
+                    found = None
+                unlinked = active.unlinked or (found is not None and found.st_nlink == 0)
+                if not unlinked and found is not None and not _at_path(active.path, found):
+                    # Moved since the syncer's last round: its marks go to the configured directory below.
+                    active.unlinked = active.moved = unlinked = True
+                    self._marks_stale.add(camera)
+                    moved.append(camera)
                 if unlinked:
                     self._removed(camera, active)
                 else:
@@ -864,7 +997,12 @@ class Journal:
         # disk keeps its descriptors open (the process is ending) rather than have them closed under it.
         give_up = time.monotonic() + 5.0
         held = [(camera, lock) for camera, lock in locks if lock.acquire(timeout=max(0.0, give_up - time.monotonic()))]
+        if moved:
+            log.warning("journal_directory_replaced", path=str(self.directory), cameras=moved, effect=MOVED_EFFECT)
         try:
+            for camera, _ in held:
+                if camera in self._marks_stale:
+                    self._marks_moved(camera)
             synced = self.sync()
             with self._lock:
                 for camera, _ in held:
@@ -884,6 +1022,8 @@ class Journal:
                 log.warning(
                     "journal_clean_mark_withheld", reason="what the unclean stop before this run left was not fsynced"
                 )
+            elif self._marks_unmoved:
+                log.warning("journal_clean_mark_withheld", reason="a camera's marks could not be written again")
             elif not synced:
                 # The marks may not be on disk: the next start must resume past the reservation, not trust them.
                 log.warning("journal_clean_mark_withheld", reason="this run's last fsync failed")

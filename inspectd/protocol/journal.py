@@ -191,11 +191,15 @@ def read_since(
     goes (one record in memory at a time), so a long replay costs no more memory than a short one.
 
     Works on a journal another process is writing: a record still being written ends the iteration. Corruption
-    inside a segment goes to `on_corrupt` (see read_records), or raises JournalCorrupt without one. A segment the
-    writer's rotation deleted after this listing found it is told to `on_rotated(path)`: its results are a gap whose
-    reason is rotation, not loss in transit."""
+    inside a segment goes to `on_corrupt` (see read_records), or raises JournalCorrupt without one. What rotation took
+    is told to `on_rotated(path)`, its results a gap whose reason is rotation, not loss in transit: a segment the
+    writer deleted after this listing found it (its path), and results after `seq` older than the oldest segment
+    listed (that segment's path). Both come from this one listing: a second one, made before or after, can see
+    another rotation and disagree with what is read."""
     check_camera(camera)
     segments = segment_files(Path(directory) / camera)
+    if segments and segments[0][0] > seq + 1 and on_rotated is not None:
+        on_rotated(segments[0][1])
     # Skip whole segments that end before `seq`: a segment ends where the next one begins.
     start = 0
     for i in range(len(segments) - 1):
