@@ -124,3 +124,26 @@ def test_an_empty_or_junk_weights_file_is_one_short_line_naming_it(tmp_path):
     said = str(refused.value)
     assert said.startswith(f"{cut}: cannot load as a torch state dict (PytorchStreamReader failed"), said
     assert "\n" not in said and "checkpoint" not in said, said
+
+
+def test_a_zip_or_pickle_torch_did_not_write_is_refused_with_its_reason_and_no_warning(tmp_path):
+    """An .npz gave `([enforce fail at inline_container.cc:180] )`, torch's source line without the reason; a plain
+    pickle printed torch's two-line UserWarning before the refusal."""
+    import pickle
+    import warnings
+
+    npz = tmp_path / "w.npz"
+    np.savez(npz, a=np.zeros(3))
+    with pytest.raises(WeightsError) as refused:
+        load_weights_file(npz)
+    assert str(refused.value) == (
+        f"{npz}: cannot load as a torch state dict (file in archive is not in a subdirectory: a.npy), expected a file "
+        "torch.save wrote"
+    )
+    plain = tmp_path / "pick.pth"
+    plain.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")  # as on a fresh interpreter, where torch's warning shows once
+        with pytest.raises(WeightsError):
+            load_weights_file(plain)
+    assert [str(w.message) for w in shown] == []

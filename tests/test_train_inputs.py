@@ -239,6 +239,13 @@ def test_a_bad_weights_file_or_method_flag_is_refused_before_any_image_is_read(t
             "recipe custom: --size 32x32 with --taps 32 gives a 1x1 grid at the finest tap, expected at least 2 cells "
             "a side for --method cse: a larger --size or finer --taps",
         ),
+        # auto leaves out the candidates whose window does not fit; where none does, it says so as auto.
+        (
+            ["--recipe", "auto", "--size", "32", "--aggregation", "5"],
+            "recipe auto: no candidate's window fits (recipe patchcore: --aggregation 5 at --size 32x32 is wider than "
+            "the 4x4 grid of the finest tap (stride 8), expected an odd window of at most 3: a wider one averages the "
+            "whole map, which then localises nothing; a smaller --aggregation or a larger --size)",
+        ),
     ],
 )
 def test_a_method_flag_that_would_fail_in_training_is_refused_before_any_image_is_read(tmp_path, capsys, flags, said):

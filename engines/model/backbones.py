@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -155,7 +157,9 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_file() and path.stat().st_size == 0:
         raise WeightsError(f"{path}: empty file, expected a torch state dict")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its pickle-protocol UserWarning would print before the refusal's one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise WeightsError(f"{path}: no such weights file") from exc
     except Exception as exc:  # torch raises a zoo of types for a corrupt or non-weights file
@@ -183,6 +187,9 @@ def load_failure(exc: Exception) -> str:
     if UNPICKLER_ERROR in text:
         detail = next((line.strip() for line in text.split(UNPICKLER_ERROR, 1)[1].splitlines() if line.strip()), "")
         return f"not a pickle of tensors: {detail}" if detail else "not a pickle of tensors"
+    # A zip archive torch did not write (an .npz) is told as `[enforce fail at inline_container.cc:180] . file in
+    # archive is not in a subdirectory: a.npy`: the bracket is torch's source line, the reason comes after it.
+    text = re.sub(r"^\s*\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     first = first.split(". ", 1)[0].rstrip(".")
     if not first:

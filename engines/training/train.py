@@ -175,7 +175,14 @@ def _resolved(name: str | None, overrides: dict) -> list[Recipe]:
         )
         return [base.replace(**given).validate()]
     if name is None or name == AUTO:
-        candidates = [r.validate() for r in auto_candidates(given)]
+        fitting = auto_candidates(given)
+        try:
+            candidates = [r.validate() for r in fitting]
+        except ValueError as exc:
+            if any(r.window_fits() for r in fitting):
+                raise
+            # None fits (auto_candidates gave them all back): the first one's refusal says why, for auto.
+            raise ValueError(f"recipe auto: no candidate's window fits ({exc})") from None
         if any(r.method != "frozen" for r in candidates):
             raise ValueError("--recipe auto: chooses among frozen-backbone recipes; give --method with other flags")
         return candidates
