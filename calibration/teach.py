@@ -1276,6 +1276,8 @@ def write_version(
             break
         staging = beside.with_name(f".{beside.name}.teach-{os.getpid()}-{n}")
     weights = bundle.weights() if weights is None else weights
+    new_dir: Path | None = None
+    claim = naming_claim(path)
     write_bundle(staging, manifest, bundle.graph_path, params, weights, thresholds)
     try:
         written = load_bundle(staging)
@@ -1287,12 +1289,19 @@ def write_version(
         if keep is None:  # chosen only where BUNDLE is a directory: here it is a link
 
             def named() -> Path:
+                nonlocal new_dir
+                remove_unswitched(path)  # under the lock: no teach of this link is between its claim and switch
                 new_dir = next_dir(beside, version)
+                # Claimed before it is named: killed before the switch, the named version is a full bundle that
+                # only this claim tells from a version that was in service.
+                os.symlink(new_dir.name, claim)
+                fsync_dir(claim.parent)
                 os.replace(staging, new_dir)
                 fsync_dir(new_dir.parent)
                 return new_dir
 
             switch_checked(path, beside, bundle.manifest, named)
+            claim.unlink(missing_ok=True)
             return load_bundle(path)
         keep.parent.mkdir(exist_ok=True)
         swap_in(path, staging, keep, bundle.manifest)
@@ -1304,8 +1313,83 @@ def write_version(
         # in service, which the error names.
         if not _holds(staging, bundle.model_id):
             shutil.rmtree(staging, ignore_errors=True)
+        if keep is None and new_dir is not None and not _linked_to(path, new_dir):
+            # Named but never switched in: no daemon ran it, and left there it would pass for a version in service.
+            shutil.rmtree(new_dir, ignore_errors=True)
+            claim.unlink(missing_ok=True)
         raise
     return load_bundle(path)
+
+
+def naming_claim(link: Path) -> Path:
+    """Where a teach of `link` says which version folder it is naming, from before the name until the link points
+    to it: `.LINK.naming-PID`, a symlink to the folder's name."""
+    return link.with_name(f".{link.name}.naming-{os.getpid()}")
+
+
+def _linked_to(link: Path, folder: Path) -> bool:
+    """Whether `link`, or another link in its folder or in `folder`'s (a second name for the line), points to
+    `folder`; hidden names are teach's own and not counted."""
+    for where in dict.fromkeys((link.parent, folder.parent)):
+        try:
+            entries = list(os.scandir(where))
+        except OSError:
+            return True  # cannot tell: counts as in service
+        for entry in entries:
+            # Not the hidden ones: teach's own claims and links not yet switched in.
+            if not entry.name.startswith(".") and entry.is_symlink() and Path(entry.path).resolve() == folder.resolve():
+                return True
+    return False
+
+
+def remove_unswitched(link: Path) -> None:
+    """Remove the version folders that teaches of `link` killed between naming them and switching the link left
+    (their claims, `.LINK.naming-PID`, with no such process left): a full bundle each that no link ever pointed to.
+    A claimed folder a link points to was switched in and stays; only its claim goes. Called under the lock of the
+    directory `link` points to, which every teach and rollback of `link` holds while it switches, so a claim left
+    there is a dead teach's whose folder stayed unswitched (a rollback away from a switched-in one settles its claim
+    first). A folder is removed only where it is beside the link's target, is a teach's linked version (a teach
+    record naming the directory it was taught from) and no record beside it names it as the one taught from."""
+    from engines.bundle.store import manifest_of
+
+    pattern = re.compile(rf"\.{re.escape(link.name)}\.naming-(\d+)")
+    target = link.resolve()
+    removed = []
+    for claim in sorted(link.parent.glob(f".{glob.escape(link.name)}.naming-*")):
+        match = pattern.fullmatch(claim.name)
+        try:
+            if match is None or not claim.is_symlink() or not pid_gone(int(match.group(1))):
+                continue
+            name = os.readlink(claim)
+            folder = target.with_name(name)
+            if os.sep in name or folder == target or not folder.is_dir() or folder.is_symlink():
+                claim.unlink(missing_ok=True)  # nothing of ours to remove
+                continue
+            if _linked_to(link, folder):
+                claim.unlink(missing_ok=True)  # switched in: in service, or it was
+                continue
+            taught = (manifest_of(folder) or {}).get("teach")
+            named = {
+                record.get("previous_dir")
+                for record in (
+                    (manifest_of(Path(entry.path)) or {}).get("teach") for entry in os.scandir(folder.parent)
+                )
+                if isinstance(record, dict)
+            }
+            if not isinstance(taught, dict) or not taught.get("previous_dir") or folder.name in named:
+                continue  # not provably a teach's version no one was taught from: left, claim and all
+            shutil.rmtree(folder)
+            claim.unlink(missing_ok=True)
+        except OSError:
+            continue  # left for the next teach: clearing it is no reason to refuse this one
+        removed.append(folder)
+    if removed:
+        fsync_dir(target.parent)
+        print(
+            f"inspectd teach: note: removed {len(removed)} version(s) that teaches killed before their switch "
+            f"left, which no link ever pointed to: {', '.join(str(folder) for folder in removed)}",
+            file=sys.stderr,
+        )
 
 
 def _holds(path: Path, model_id: str) -> bool:
@@ -1447,9 +1531,14 @@ def cut_off_teach(beside: Path, record: dict[str, Any]) -> Path | None:
     return None
 
 
-def rollback(bundle_path: str | Path, out=None, renumber: bool = True) -> Bundle:
+def rollback(
+    bundle_path: str | Path, out=None, renumber: bool = True, reload: str | None = "`inspectd ctl reload`"
+) -> Bundle:
     """Put back the version the current bundle was taught from, with its own thresholds as a new version numbered
     above the current one's; a directory BUNDLE's current version moves to a free name in BUNDLE.versions.
+
+    `reload`: the command that has the daemon load it, for the line of a rollback stopped after its switch; None
+    where the daemon still runs the version put back.
 
     `renumber=False` puts it back as it was, thresholds file included: for a taught version no daemon ever ran (one
     the daemon refused to reload), whose thresholds version no result carries, so the one running and the one on
@@ -1497,23 +1586,77 @@ def rollback(bundle_path: str | Path, out=None, renumber: bool = True) -> Bundle
         thresholds = restored_thresholds(restored, bundle)
         restored.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(thresholds))
     again = "run --rollback again"
-    if target is not None:
-        switch_checked(path, target, bundle.manifest, lambda: previous, again)
-        where = f"the link points to {previous}"
-    else:
-        keep = free_version_dir(versions_dir(path), bundle_version(bundle))
-        keep.parent.mkdir(exist_ok=True)
-        swap_in(path, previous, keep, bundle.manifest, again)
-        where = f"version {bundle_version(bundle)} ({bundle.model_id}) kept in {keep}"
-    if cut_off is not None:
-        where += f" (the version taught from was at {cut_off}, where a teach cut off between its renames left it)"
-    restored = load_bundle(path)
-    print(
-        f"{path}: rolled back to version {bundle_version(restored)} ({restored.model_id}), thresholds version "
-        f"{thresholds.version}; {where}",
-        file=out,
-    )
+    put_back = (restored.model_id, bundle_version(restored))
+    held = None
+    try:
+        if target is not None:
+
+            def back() -> Path:
+                remove_unswitched(path)  # settles the claim of a teach killed right after switching to `target`
+                return previous
+
+            switch_checked(path, target, bundle.manifest, back, again)
+            where = f"the link points to {previous}"
+        else:
+            keep = free_version_dir(versions_dir(path), bundle_version(bundle))
+            keep.parent.mkdir(exist_ok=True)
+            swap_in(path, previous, keep, bundle.manifest, again)
+            where = f"version {bundle_version(bundle)} ({bundle.model_id}) kept in {keep}"
+        # Switched: a stop now would cut off the line that says so, and a retry would roll back one version more.
+        held = _hold_stop_signals()
+        if cut_off is not None:
+            where += f" (the version taught from was at {cut_off}, where a teach cut off between its renames left it)"
+        restored = load_bundle(path)
+        print(
+            f"{path}: rolled back to version {bundle_version(restored)} ({restored.model_id}), thresholds version "
+            f"{thresholds.version}; {where}",
+            file=out,
+        )
+    except BaseException:
+        # Stopped or failed within the switch, after its rename: read from disk whether BUNDLE holds it by now.
+        if (note := rolled_back_note(path, put_back, bundle, reload)) is not None:
+            print(note, file=sys.stderr)
+        raise
+    finally:
+        _release_stop_signals(held)
     return restored
+
+
+def rolled_back_note(path: Path, put_back: tuple[str, int], replaced: Bundle, reload: str | None) -> str | None:
+    """The line for a rollback stopped after its switch: BUNDLE holds `put_back` (model, version) again, which a
+    second rollback would not see as done and go back from; None where BUNDLE does not hold it."""
+    from engines.bundle.store import manifest_of
+
+    manifest = manifest_of(path) or {}
+    if (manifest.get("model_id"), manifest.get("bundle_version", 1)) != put_back:
+        return None
+    then = (
+        "which the daemon still runs"
+        if reload is None
+        else f"which the daemon's next start or reload opens: reload it ({reload})"
+    )
+    return (
+        f"inspectd teach: stopped after the rollback: {path} holds version {put_back[1]} ({put_back[0]}) again, the "
+        f"one version {bundle_version(replaced)} ({replaced.model_id}) was taught from, {then}; --rollback again "
+        "would go back one version more"
+    )
+
+
+def _hold_stop_signals() -> dict[signal.Signals, Any] | None:
+    """Hold off Ctrl-C and SIGTERM (_ignore_stop_signals, as at exit) until _release_stop_signals(what this gave):
+    the handlers they had, or None where this thread cannot set them."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
+    _ignore_stop_signals()
+    return handlers
+
+
+def _release_stop_signals(handlers: dict[signal.Signals, Any] | None) -> None:
+    for stop, handler in (handlers or {}).items():
+        signal.signal(stop, signal.SIG_DFL if handler is None else handler)
 
 
 def restored_thresholds(restored: Bundle, replaced: Bundle) -> thresholds_doc.Thresholds:
@@ -1759,7 +1902,11 @@ def run(args: argparse.Namespace) -> int:
                 "expected the bundle the daemon runs (teach its model.bundle, or --apply the daemon running this one)"
             )
         if args.rollback:
-            done = rollback(args.bundle)
+            reload = "`inspectd ctl reload`"
+            if args.apply:
+                keys = _key_flags(args.server_key, args.client_key)
+                reload = f"`inspectd ctl --endpoint {shlex.quote(args.apply)}{keys} reload`"
+            done = rollback(args.bundle, reload=reload)
         else:
             lineage = None if args.any_model else teach_lineage(bundle)
             if since is not None:
@@ -1825,7 +1972,7 @@ def _undo(path: Path) -> None:
         # Where rollback leaves it: a linked one where the link pointed, one in place at the name rollback picks.
         linked = linked_dir(path)
         stays = linked if linked is not None else free_version_dir(versions_dir(path), bundle_version(taught))
-        restored = rollback(path, renumber=False)
+        restored = rollback(path, renumber=False, reload=None)
     except (TeachError, BundleError, DataError, InspectdError, OSError) as exc:
         print(
             f"inspectd teach: {path} still holds the refused version, which the daemon's next start would refuse "

@@ -2273,3 +2273,163 @@ def test_an_archive_teach_records_each_cameras_own_drift_reference(trained, good
         assert np.array_equal(monitor_for(thresholds, camera).brightness.reference, own[camera])
     pooled = thresholds_doc.reference_scores(thresholds, thresholds_doc.GOOD_BRIGHTNESS)[1]
     assert not np.array_equal(pooled, own["cam0"]) and not np.array_equal(pooled, own["cam1"])
+
+
+# `inspectd teach BUNDLE --rollback` (argv[1]) stopped by a real SIGINT at a point of its switch (argv[2]): "link",
+# the moment switch_link's rename returns, in its fsync of the link's folder; "load", as it reads the bundle put back
+# after the switch (the whole bundle hashed: the longest step between the switch and its line). "kill-before" and
+# "stop-before" stop a teach --good DIR (argv[3]) of a linked BUNDLE just before its link switches, after its new
+# version was named: by SIGKILL, by SIGINT.
+STOPPED_IN_ROLLBACK = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a test run in the background ignores it
+from pathlib import Path
+from calibration import teach
+from engines.bundle.store import manifest_of
+from inspectd.cli import main
+
+bundle, where = Path(sys.argv[1]), sys.argv[2]
+switch_link, load_bundle, rename = teach.switch_link, teach.load_bundle, os.replace
+
+def link(at, new_dir):
+    if where in ("kill-before", "stop-before"):
+        os.kill(os.getpid(), signal.SIGKILL if where == "kill-before" else signal.SIGINT)
+    def replace(src, dst, *a, **k):
+        rename(src, dst, *a, **k)
+        if os.fspath(dst) == os.fspath(at):
+            os.kill(os.getpid(), signal.SIGINT)
+    os.replace = replace
+    try:
+        switch_link(at, new_dir)
+    finally:
+        os.replace = rename
+
+def load(path, *a, **k):
+    if Path(path) == bundle and (manifest_of(bundle) or {}).get("bundle_version", 1) == 1:
+        print("SIGINT", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGINT)  # the version taught from is back
+    return load_bundle(path, *a, **k)
+
+if where == "load":
+    teach.load_bundle = load
+else:
+    teach.switch_link = link
+if where.endswith("-before"):
+    sys.exit(main(["teach", str(bundle), "--good", sys.argv[3], "--holdout", "0.25"]))
+sys.exit(main(["teach", str(bundle), "--rollback"]))
+"""
+
+
+def stopped_in(where: str, bundle: Path, *rest: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", STOPPED_IN_ROLLBACK, str(bundle), where, *rest],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_a_rollback_stopped_within_its_switch_says_it_took_effect_and_to_reload_not_to_roll_back_again(
+    trained, good, tmp_path
+):
+    """Ctrl-C as the link switches back (after the rename, in its fsync) once printed only "interrupted" while the
+    link already pointed to the version taught from: the natural retry rolled back one version more, or was refused
+    where that one was not taught. Now one line says BUNDLE holds the version put back and that the daemon needs a
+    reload, not a second rollback."""
+    import shutil
+
+    from calibration.teach import teach
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    shutil.copytree(trained, bundles / "b1")
+    (bundles / "current").symlink_to("b1")
+    original = load_bundle(bundles / "b1")
+    taught = teach(bundles / "current", good, holdout=HOLDOUT, by="tester", out=io.StringIO())
+
+    stopped = stopped_in("link", bundles / "current")
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert os.readlink(bundles / "current") == "b1"
+    lines = stopped.stderr.strip().splitlines()
+    assert lines[-1].startswith("inspectd teach: interrupted"), stopped.stderr
+    assert lines[-2] == (
+        f"inspectd teach: stopped after the rollback: {bundles / 'current'} holds version 1 ({original.model_id}) "
+        f"again, the one version 2 ({taught.model_id}) was taught from, which the daemon's next start or reload "
+        "opens: reload it (`inspectd ctl reload`); --rollback again would go back one version more"
+    ), stopped.stderr
+
+
+def test_a_rollback_stopped_after_its_switch_finishes_and_says_what_it_put_back(trained, good, tmp_path):
+    """Ctrl-C while the rollback reads the bundle it put back (a directory BUNDLE, swapped in place): once
+    "interrupted" with BUNDLE already back on the version taught from. Stop signals are held off from the switch
+    to the line that says so, as at exit: the rollback ends with its line and exit 0."""
+    from calibration.teach import teach
+
+    bundle, original, _ = memory_copy(trained, good, tmp_path)
+    teach(bundle, good, holdout=HOLDOUT, by="tester", out=io.StringIO())
+
+    done = stopped_in("load", bundle)
+    assert done.returncode == 0 and done.stderr == "SIGINT\n", done.stdout + done.stderr
+    back = load_bundle(bundle)
+    assert back.model_id == original and back.manifest.get("bundle_version", 1) == 1
+    assert done.stdout.startswith(f"{bundle}: rolled back to version 1 ({original})"), done.stdout + done.stderr
+
+
+def test_a_linked_teach_stopped_before_its_switch_leaves_no_version_beside(trained, good, tmp_path):
+    """Ctrl-C between naming the new version (b1-v2) and switching the link to it: the link stays, and the named
+    version, a full bundle no daemon ever ran under a name like a version in service, once stayed for good."""
+    import shutil
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    shutil.copytree(trained, bundles / "b1")
+    (bundles / "current").symlink_to("b1")
+
+    stopped = stopped_in("stop-before", bundles / "current", str(good))
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == "inspectd teach: interrupted", stopped.stderr
+    assert os.readlink(bundles / "current") == "b1"
+    assert sorted(p.name for p in bundles.iterdir()) == ["b1", "current"]
+
+
+def test_the_next_teach_removes_a_version_a_killed_teach_named_but_never_switched_to(trained, good, tmp_path):
+    """A teach killed (SIGKILL: nothing of it runs) between naming its new version and switching the link leaves
+    that version beside the others. The next teach removes it, with a line, and only it: a version rolled back
+    from, which was in service, stays."""
+    import shutil
+
+    from calibration.teach import rollback, teach
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    shutil.copytree(trained, bundles / "b1")
+    (bundles / "current").symlink_to("b1")
+    first = teach(bundles / "current", good, holdout=HOLDOUT, by="tester", out=io.StringIO())
+    rollback(bundles / "current", out=io.StringIO())  # b1-v2 was in service: it stays
+
+    killed = stopped_in("kill-before", bundles / "current", str(good))
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert os.readlink(bundles / "current") == "b1"
+    assert (bundles / "b1-v2-2").is_dir()  # the killed teach's version, never switched to
+
+    err = io.StringIO()
+    sys.stderr, saved = err, sys.stderr
+    try:
+        again = teach(bundles / "current", good, holdout=HOLDOUT, by="tester", out=io.StringIO())
+    finally:
+        sys.stderr = saved
+    assert err.getvalue().splitlines() == [
+        "inspectd teach: note: removed 1 version(s) that teaches killed before their switch left, which no link "
+        f"ever pointed to: {bundles / 'b1-v2-2'}"
+    ]
+    assert os.readlink(bundles / "current") == "b1-v2-2"  # the name is free again
+    assert sorted(p.name for p in bundles.iterdir()) == ["b1", "b1-v2", "b1-v2-2", "current"]
+    assert load_bundle(bundles / "b1-v2").model_id == first.model_id
+    assert load_bundle(bundles / "current").model_id == again.model_id
