@@ -112,6 +112,7 @@ from engines.data.images import (
     frames_checksums,
     good_folder,
     list_images,
+    nested_note,
     pixels_key,
     split_holdout,
     subfolder_hint,
@@ -345,6 +346,7 @@ class GoodFrames:
     duplicates: Sequence[tuple[Path, Path]] = ()
     # frame -> the camera that took it, where known (the archive's index): each camera's drift reference of its own
     cameras: Mapping[Path, str] = dataclasses.field(default_factory=dict)
+    notes: Sequence[str] = ()  # printed before the teach: what the folder held that teach leaves out
 
 
 def export_root(folder: Path) -> Path | None:
@@ -447,9 +449,12 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     if root is None:
         # Images a level down (a folder per day or camera): train's hint, not a bare "0 good frame(s)".
         hint = "" if paths else subfolder_hint(Path(good), folder, "--good")
+        move_up = "move them up into it to teach on them"
+        nested = nested_note(folder, Path(good), "taught on", move_up) if paths else None
         paths, duplicates = without_duplicates(paths)
         record = {"folder": resolved, **_counted_duplicates(duplicates)}
-        return GoodFrames(paths, source, record, {"good_dir": resolved}, hint, duplicates)
+        notes = [nested] if nested else []
+        return GoodFrames(paths, source, record, {"good_dir": resolved}, hint, duplicates, notes=notes)
     # None where nothing was looked up (--any-model), so the record does not claim "checked, none".
     other: dict[str, int] | None = None
     unnamed: int | None = None
@@ -805,6 +810,8 @@ def teach(
     frames = good if isinstance(good, GoodFrames) else folder_frames(good, teach_lineage(bundle))
     if frames.duplicates:
         print(duplicates_note(frames.duplicates), file=out)
+    for line in frames.notes:
+        print(line, file=out)
     paths = frames.paths
     if len(paths) < MIN_FRAMES:
         raise TeachError(

@@ -1959,6 +1959,27 @@ def test_a_good_folder_whose_frames_sit_a_level_down_names_them_as_train_does(tm
     )
 
 
+def test_frames_in_sub_folders_beside_loose_ones_are_noted_as_left_out(tmp_path):
+    """Train, eval and calibrate say so; teach taught on the loose frames alone without a word."""
+    import cv2
+
+    from calibration.teach import folder_frames
+    from station_model import good_frame
+
+    good = tmp_path / "good"
+    (good / "day2").mkdir(parents=True)
+    for i in range(3):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    for i in range(4):
+        cv2.imwrite(str(good / "day2" / f"{i:03d}.png"), good_frame(10 + i))
+    frames = folder_frames(good)
+    assert len(frames.paths) == 3
+    assert list(frames.notes) == [
+        f"note: 4 images in sub-folders of {good} left out, only the images directly in it are taught on: day2/ (4); "
+        "move them up into it to teach on them"
+    ]
+
+
 def test_an_archive_teach_warns_when_the_span_holds_many_rejects_near_the_threshold(trained, good, tmp_path):
     """`teach --archive` learns only the frames the current model let pass: where it also rejected many in the span
     that could be good parts (the false rejects teach is meant for: scored above the threshold by no more than the
