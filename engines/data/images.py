@@ -728,7 +728,6 @@ def read_mask(path: Path) -> np.ndarray:
 def binary_mask(mask: np.ndarray, shape: tuple[int, int], path: Path) -> np.ndarray:
     """A decoded mask (read_mask's) as load_mask gives it: bool HxW at `shape`; a DataError when its size is
     another image's."""
-    level = _defect_level(mask, path)
     if mask.ndim == 3 and mask.shape[2] == 4:
         colour, alpha = mask[..., :3].max(axis=2), mask[..., 3]
         # A transparent pixel is no defect whatever colour an editor left under it; a mask drawn in the alpha alone
@@ -738,6 +737,7 @@ def binary_mask(mask: np.ndarray, shape: tuple[int, int], path: Path) -> np.ndar
         mask = alpha if drawn_in_alpha else np.where(alpha > 0, colour, 0)
     elif mask.ndim == 3:
         mask = mask.max(axis=2)
+    level = _defect_level(mask, path)
     if mask.shape != shape:
         (mh, mw), (fh, fw) = mask.shape, shape
         if abs(mh * fw - mw * fh) > max(mh, mw, fh, fw):  # more than a pixel's rounding apart
@@ -748,14 +748,16 @@ def binary_mask(mask: np.ndarray, shape: tuple[int, int], path: Path) -> np.ndar
 
 
 def _defect_level(mask: np.ndarray, path: Path) -> int:
-    """The value above which a mask's pixel is defect: 0 in a lossless file (0/1 and label masks), half its defect's
-    value in a lossy one, whose noise around every edge (1-30 in a 0/255 JPEG) widened a JPEG mask by a third, a thin
-    scratch's by more. The defect's value is the mask's most frequent one above 0 (255, or 1 or a label in a 0/1 or
-    label mask saved as JPEG), not its peak, which the noise overshoots."""
+    """The value above which a pixel of a (one-channel) mask is defect: 0 in a lossless file (0/1 and label masks),
+    half its defect's value in a lossy one, whose noise around every edge (1-30 in a 0/255 JPEG) widened a JPEG mask by
+    a third, a thin scratch's by more. The defect's value is the most frequent one in the top half of the mask's range
+    (255, or 1 or a label in a 0/1 or label mask saved as JPEG): not the peak, which the noise overshoots, nor the most
+    frequent of all, which the noise is around a 1-pixel scratch."""
     if path.suffix.lower() not in LOSSY_MASK_SUFFIXES or mask.dtype.kind != "u":
         return 0
-    values, counts = np.unique(mask[mask > 0], return_counts=True)
-    return int(values[counts.argmax()]) // 2 if values.size else 0
+    peak = int(mask.max())
+    values, counts = np.unique(mask[mask >= (peak + 1) // 2], return_counts=True)
+    return int(values[counts.argmax()]) // 2 if peak else 0
 
 
 # The split's name as bundles record it (training.split, a teach record's frames.split): fixed strings, so that a
