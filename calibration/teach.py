@@ -1284,7 +1284,6 @@ def write_version(
         staging = beside.with_name(f".{beside.name}.teach-{os.getpid()}-{n}")
     weights = bundle.weights() if weights is None else weights
     new_dir: Path | None = None
-    claim = naming_claim(path)
     write_bundle(staging, manifest, bundle.graph_path, params, weights, thresholds)
     try:
         written = load_bundle(staging)
@@ -1297,18 +1296,12 @@ def write_version(
 
             def named() -> Path:
                 nonlocal new_dir
-                remove_unswitched(path)  # under the lock: no teach of this link is between its claim and switch
                 new_dir = next_dir(beside, version)
-                # Claimed before it is named: killed before the switch, the named version is a full bundle that
-                # only this claim tells from a version that was in service.
-                os.symlink(new_dir.name, claim)
-                fsync_dir(claim.parent)
                 os.replace(staging, new_dir)
                 fsync_dir(new_dir.parent)
                 return new_dir
 
             switch_checked(path, beside, bundle.manifest, named)
-            claim.unlink(missing_ok=True)
             return load_bundle(path)
         keep.parent.mkdir(exist_ok=True)
         swap_in(path, staging, keep, bundle.manifest)
@@ -1323,80 +1316,22 @@ def write_version(
         if keep is None and new_dir is not None and not _linked_to(path, new_dir):
             # Named but never switched in: no daemon ran it, and left there it would pass for a version in service.
             shutil.rmtree(new_dir, ignore_errors=True)
-            claim.unlink(missing_ok=True)
         raise
     return load_bundle(path)
 
 
-def naming_claim(link: Path) -> Path:
-    """Where a teach of `link` says which version folder it is naming, from before the name until the link points
-    to it: `.LINK.naming-PID`, a symlink to the folder's name."""
-    return link.with_name(f".{link.name}.naming-{os.getpid()}")
-
-
 def _linked_to(link: Path, folder: Path) -> bool:
     """Whether `link`, or another link in its folder or in `folder`'s (a second name for the line), points to
-    `folder`; hidden names are teach's own and not counted."""
+    `folder`; hidden names (a link not switched in yet) are not counted."""
     for where in dict.fromkeys((link.parent, folder.parent)):
         try:
             entries = list(os.scandir(where))
         except OSError:
             return True  # cannot tell: counts as in service
         for entry in entries:
-            # Not the hidden ones: teach's own claims and links not yet switched in.
             if not entry.name.startswith(".") and entry.is_symlink() and Path(entry.path).resolve() == folder.resolve():
                 return True
     return False
-
-
-def remove_unswitched(link: Path) -> None:
-    """Remove the version folders that teaches of `link` killed between naming them and switching the link left
-    (their claims, `.LINK.naming-PID`, with no such process left): a full bundle each that no link ever pointed to.
-    A claimed folder a link points to was switched in and stays; only its claim goes. Called under the lock of the
-    directory `link` points to, which every teach and rollback of `link` holds while it switches, so a claim left
-    there is a dead teach's whose folder stayed unswitched (a rollback away from a switched-in one settles its claim
-    first). A folder is removed only where it is beside the link's target, is a teach's linked version (a teach
-    record naming the directory it was taught from) and no record beside it names it as the one taught from."""
-    from engines.bundle.store import manifest_of
-
-    pattern = re.compile(rf"\.{re.escape(link.name)}\.naming-(\d+)")
-    target = link.resolve()
-    removed = []
-    for claim in sorted(link.parent.glob(f".{glob.escape(link.name)}.naming-*")):
-        match = pattern.fullmatch(claim.name)
-        try:
-            if match is None or not claim.is_symlink() or not pid_gone(int(match.group(1))):
-                continue
-            name = os.readlink(claim)
-            folder = target.with_name(name)
-            if os.sep in name or folder == target or not folder.is_dir() or folder.is_symlink():
-                claim.unlink(missing_ok=True)  # nothing of ours to remove
-                continue
-            if _linked_to(link, folder):
-                claim.unlink(missing_ok=True)  # switched in: in service, or it was
-                continue
-            taught = (manifest_of(folder) or {}).get("teach")
-            named = {
-                record.get("previous_dir")
-                for record in (
-                    (manifest_of(Path(entry.path)) or {}).get("teach") for entry in os.scandir(folder.parent)
-                )
-                if isinstance(record, dict)
-            }
-            if not isinstance(taught, dict) or not taught.get("previous_dir") or folder.name in named:
-                continue  # not provably a teach's version no one was taught from: left, claim and all
-            shutil.rmtree(folder)
-            claim.unlink(missing_ok=True)
-        except OSError:
-            continue  # left for the next teach: clearing it is no reason to refuse this one
-        removed.append(folder)
-    if removed:
-        fsync_dir(target.parent)
-        print(
-            f"inspectd teach: note: removed {len(removed)} version(s) that teaches killed before their switch "
-            f"left, which no link ever pointed to: {', '.join(str(folder) for folder in removed)}",
-            file=sys.stderr,
-        )
 
 
 def _holds(path: Path, model_id: str) -> bool:
@@ -1597,12 +1532,7 @@ def rollback(
     held = None
     try:
         if target is not None:
-
-            def back() -> Path:
-                remove_unswitched(path)  # settles the claim of a teach killed right after switching to `target`
-                return previous
-
-            switch_checked(path, target, bundle.manifest, back, again)
+            switch_checked(path, target, bundle.manifest, lambda: previous, again)
             where = f"the link points to {previous}"
         else:
             keep = free_version_dir(versions_dir(path), bundle_version(bundle))
