@@ -29,7 +29,7 @@ from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import encoded_dims
 from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.supervisor import CameraIngest
-from other_user import REPO, as_nobody
+from other_user import NOBODY, REPO, as_nobody
 from tiny_dataset import good_images
 
 FAST_BACKOFF = (0.05, 0.2)
@@ -1678,17 +1678,16 @@ ingest.join(5)
 
 
 def test_a_folder_another_daemon_watches_keeps_the_camera_reopening_in_one_line_until_it_lets_go(
-    open_tmp_path, ingest_threads
+    tmp_path, ingest_threads
 ):
     """Two daemons (a config copied for inspectd@line2, its folder left unchanged) both took the folder's files: each
-    part got a result on two stations, or one on the station that did not see it. The other daemon here watches a
-    folder it may only read (the lock needs no rights on the folder), as another user where this test runs as root."""
-    inbox = open_tmp_path / "in"
+    part got a result on two stations, or one on the station that did not see it. The other daemon runs as this
+    test's user, as every shipped unit runs as the one service user; its camera answers each probe of its lock."""
+    inbox = tmp_path / "in"
     inbox.mkdir()
     SyntheticLine(32, 32, seed=3).write_folder(inbox, 2)
-    inbox.chmod(0o555)
     other = subprocess.Popen(
-        as_nobody([sys.executable, "-c", ANOTHER_DAEMON, str(inbox)]),
+        [sys.executable, "-c", ANOTHER_DAEMON, str(inbox)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     try:
@@ -1697,18 +1696,58 @@ def test_a_folder_another_daemon_watches_keeps_the_camera_reopening_in_one_line_
         assert line == "running\n", "the other daemon's camera ended before it ran"
         queue = FrameQueue(8, "block")
         ingest = start(ingest_threads, camera({"kind": "folder", "path": str(inbox), "poll_ms": 20}), queue)
-        assert wait_for(lambda: ingest.stats()["reopen_count"] >= 2), ingest.stats()
+        # More reopens, each a probe of the lock, than its backlog holds: the holder closes them as it scans.
+        assert wait_for(lambda: ingest.stats()["reopen_count"] >= 20, 30), ingest.stats()
         stats = ingest.stats()
         assert stats["state"] == "reopening" and len(queue) == 0, stats
         assert stats["last_error"] == (
-            f"OSError: {inbox}: watched by another process (another daemon's folder camera), expected a folder no "
-            "other camera watches"
+            f"OSError: {inbox}: watched by another process of this user (pid {other.pid}: another daemon's folder "
+            "camera), expected a folder no other camera watches"
         )
     finally:
         other.communicate(timeout=20)
     assert other.returncode == 0, other.stderr
     assert wait_for(lambda: len(queue) == 2), ingest.stats()
     assert ingest.stats()["state"] == "running"
+
+
+SQUATTER = """
+import hashlib, os, socket, sys
+digest = hashlib.sha256(os.fsencode(os.path.realpath(sys.argv[1]))).hexdigest()
+held = []
+for name in (f"inspectd-folder-{digest}", f"inspectd-folder-0-{digest}"):  # every name a root camera might use
+    held.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    held[-1].bind(b"\\0" + name.encode())
+    if sys.argv[2] == "listening":
+        held[-1].listen(16)
+print("bound", os.geteuid(), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs another user to hold the name, so the test must run as root")
+@pytest.mark.parametrize("listening", [True, False])
+def test_a_folder_lock_name_held_by_another_user_does_not_keep_the_camera_from_opening(open_tmp_path, listening):
+    """The lock's name is predictable and an abstract socket has no permissions: user nobody, who may not even list
+    the folder, bound it first and kept the camera `reopening` for as long as it lived, blamed on another daemon."""
+    from inspectd.daemon.ingest.folder import FolderWatcher
+
+    inbox = open_tmp_path / "in"
+    inbox.mkdir(mode=0o700)
+    other = subprocess.Popen(
+        as_nobody([sys.executable, "-c", SQUATTER, str(inbox), "listening" if listening else "bound"]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert other.stdout.readline() == f"bound {NOBODY}\n", other.stderr.read() if other.poll() else ""
+        watcher = FolderWatcher(camera({"kind": "folder", "path": str(inbox), "poll_ms": 20}), time.time)
+        with capture_logs() as logs:
+            watcher.open(threading.Event())
+        watcher.close()
+        taken = [entry for entry in logs if entry["event"] == "folder_lock_taken"]
+        assert [entry["holder_uid"] for entry in taken] == [NOBODY if listening else None], logs
+    finally:
+        other.communicate("", timeout=20)
 
 
 def test_a_folder_cameras_own_reopen_and_a_new_camera_after_its_close_are_not_locked_out(tmp_path, ingest_threads):

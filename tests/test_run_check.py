@@ -221,44 +221,66 @@ def readable_station(root: Path) -> tuple[Path, dict]:
     return bundle, config
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a folder the unit cannot write")
-def test_check_as_root_notes_a_state_dir_the_service_user_cannot_write_yet(open_tmp_path):
-    """A hand-made /var/lib/inspectd/line2 left root's passed `sudo inspectd run --check` with no word; the start
-    then failed (exit 1, retried) where no StateDirectory= hands it to the service user. The check refused it
-    (exit 2), though the unit's StateDirectory= gives an existing /var/lib/inspectd/NAME to User= at start: a note."""
-    config = readable_station(open_tmp_path)[1]
-    path = open_tmp_path / "line2.yaml"
+def _check_as_nobody(root: Path, config: dict, state: Path) -> subprocess.CompletedProcess:
+    """`sudo inspectd run --check --service-user nobody` of `config` (a readable_station in `root`) with state_dir
+    `state`."""
+    path = root / "line2.yaml"
+    path.write_text(yaml.safe_dump({**config, "state_dir": str(state)}))
+    path.chmod(0o644)
     env = {k: v for k, v in os.environ.items() if k != ALLOW_ROOT_ENV}
     argv = [sys.executable, "-m", "inspectd", "run", "--check", "--config", str(path), "--service-user", "nobody"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a folder the unit cannot write")
+def test_check_as_root_notes_a_state_dir_under_var_lib_inspectd_the_service_user_cannot_write_yet(open_tmp_path):
+    """A hand-made /var/lib/inspectd/line2 left root's passed `sudo inspectd run --check` with no word; the start
+    then failed (exit 1, retried) where no StateDirectory= hands it to the service user. The check refused it
+    (exit 2), though the unit's StateDirectory= gives an existing /var/lib/inspectd/NAME to User= at start: a note.
+    A name not there yet, so that the test makes nothing under /var/lib."""
+    from inspectd.daemon.config import DEFAULT_STATE_DIR
+
+    state = DEFAULT_STATE_DIR / f"check-test-{os.getpid()}-{open_tmp_path.name}"
+    existing = next(path for path in (state, *state.parents) if path.exists())
+    if existing.stat().st_uid == 65534:
+        pytest.skip(f"{existing} is nobody's here: nobody may write it")
+    done = _check_as_nobody(open_tmp_path, readable_station(open_tmp_path)[1], state)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    notes = [line for line in done.stdout.splitlines() if line.startswith("  note: as the service user")]
+    assert notes == [
+        f"  note: as the service user nobody (the unit's User=), state_dir {state}: not writable by this user now (it "
+        f"would be created in {existing}, which it may not write): a unit's StateDirectory= gives /var/lib/inspectd "
+        "(inspectd.service) or /var/lib/inspectd/NAME (inspectd@NAME) to its User= at start, creating it where missing"
+    ], done.stdout
+    assert not state.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a folder the unit cannot write")
+def test_check_as_root_refuses_a_state_dir_elsewhere_the_service_user_cannot_write(open_tmp_path):
+    """A state_dir outside /var/lib/inspectd the service user could not write passed the check with a note telling
+    to chown it; the units' ProtectSystem=strict keeps it read-only whoever owns it, and the start failed anyway."""
     own = open_tmp_path / "own"
     own.mkdir()
     own.chmod(0o755)
-    unit = (
-        "a unit's StateDirectory= gives /var/lib/inspectd (inspectd.service) or /var/lib/inspectd/NAME "
-        "(inspectd@NAME) to its User= at start, creating it where missing; any other folder must be chowned to that "
-        "user, or the start fails (exit 1, retried)"
-    )
-    for state, said in (
-        (open_tmp_path / "state", "not writable by this user now: "),
-        (open_tmp_path / "made" / "state", f"not writable by this user now (it would be created in {open_tmp_path}, "),
+    os.chown(own, 65534, 65534)
+    config = readable_station(open_tmp_path)[1]
+    os.chown(open_tmp_path / "state", 0, 0)
+    for state, made in (
+        (open_tmp_path / "state", ""),
+        (open_tmp_path / "made" / "state", f" (it would be created in {open_tmp_path}, which it may not write)"),
         (own / "made" / "state", None),
     ):
-        if state.parent != own / "made":
-            os.chown(open_tmp_path / "state", 0, 0)
-        else:
-            os.chown(own, 65534, 65534)
-        path.write_text(yaml.safe_dump({**config, "state_dir": str(state)}))
-        path.chmod(0o644)
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
-        assert done.returncode == 0 and done.stderr == "", done.stderr
-        notes = [line for line in done.stdout.splitlines() if line.startswith("  note: as the service user")]
-        if said is None:
-            assert notes == [], done.stdout
+        done = _check_as_nobody(open_tmp_path, config, state)
+        if made is None:
+            assert done.returncode == 0 and done.stderr == "", done.stderr
+            assert "  note: as the service user" not in done.stdout, done.stdout
             continue
-        assert len(notes) == 1 and notes[0].startswith(
-            f"  note: as the service user nobody (the unit's User=), state_dir {state}: {said}"
-        ), done.stdout
-        assert notes[0].endswith(unit), notes[0]
+        assert done.returncode == 2, done.stdout
+        assert done.stderr == (
+            f"inspectd run --check: as the service user nobody (the unit's User=), state_dir {state}: not writable by "
+            f"this user{made}, expected a directory it owns or may write (chown it to the service user; the units "
+            "also leave any folder outside /var/lib/inspectd read-only: add it to ReadWritePaths= in a drop-in)\n"
+        )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a check run as root can pass a file the unit cannot read")

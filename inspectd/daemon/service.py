@@ -1093,7 +1093,7 @@ def _load_as_the_daemon(config_path: Path) -> str | None:
     """What the daemon loads at start, loaded as this user: raises what it would refuse; returns a note for run
     --check where state_dir is not this user's to write yet."""
     from engines.bundle.store import load_bundle
-    from inspectd.daemon.config import load_config
+    from inspectd.daemon.config import DEFAULT_STATE_DIR, load_config
     from inspectd.daemon.security import load_keys
 
     config = load_config(config_path)
@@ -1101,17 +1101,24 @@ def _load_as_the_daemon(config_path: Path) -> str | None:
         load_keys(curve.server_secret_key, curve.allowed_clients_dir, where)
     load_bundle(config.model.bundle).thresholds()
     # The start makes state_dir (with the folders missing above it) and locks it, and fails (exit 1, retried) where
-    # this user may not. Only a note: the unit's StateDirectory= creates its folder, or hands an existing one to User=,
-    # before the daemon starts, so a folder root's now may well be this user's then.
+    # this user may not. Under DEFAULT_STATE_DIR only a note: the unit's StateDirectory= creates its folder, or hands
+    # an existing one to User=, before the daemon starts, so a folder root's now may well be this user's then. Any
+    # other folder the units leave read-only (ProtectSystem=strict) whoever owns it: refused.
     existing = next(path for path in (config.state_dir, *config.state_dir.parents) if os.path.lexists(path))
     if os.access(existing, os.W_OK | os.X_OK):
         return None
     made = "" if existing == config.state_dir else f" (it would be created in {existing}, which it may not write)"
+    units = Path(os.path.realpath(DEFAULT_STATE_DIR))
+    if not Path(os.path.realpath(config.state_dir)).is_relative_to(units):
+        raise InspectdError(
+            f"state_dir {config.state_dir}: not writable by this user{made}, expected a directory it owns or may "
+            f"write (chown it to the service user; the units also leave any folder outside {DEFAULT_STATE_DIR} "
+            "read-only: add it to ReadWritePaths= in a drop-in)"
+        )
     return (
         f"state_dir {config.state_dir}: not writable by this user now{made}: a unit's StateDirectory= gives "
-        "/var/lib/inspectd (inspectd.service) or /var/lib/inspectd/NAME (inspectd@NAME) to its User= at start, "
-        "creating it where missing; any other folder must be chowned to that user, or the start fails (exit 1, "
-        "retried)"
+        f"{DEFAULT_STATE_DIR} (inspectd.service) or {DEFAULT_STATE_DIR}/NAME (inspectd@NAME) to its User= at start, "
+        "creating it where missing"
     )
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -202,29 +203,54 @@ class FolderWatcher(Source):
     def _hold_folder(self) -> None:
         """Lock the folder's path while this camera watches it: a second daemon on it (a copied config left naming it)
         would take a share of its files, and each part would get a result on two stations, or none where it was deleted
-        under the other. The lock is an abstract Unix socket named by the resolved path, not a descriptor of the folder:
-        that would keep a share or disk from being unmounted while the daemon runs, and would lock the folder that was
-        there at open, not one put at the same path since (a share mounted over it, a rename and a new mkdir). It
-        needs no rights on the folder and goes with the process however that ends. Where no such socket can be bound,
-        the folder is watched unlocked, as before."""
+        under the other. The lock is an abstract Unix socket named by this user and the resolved path, not a
+        descriptor of the folder: that would keep a share or disk from being unmounted while the daemon runs, and would
+        lock the folder that was there at open, not one put at the same path since (a share mounted over it, a rename
+        and a new mkdir). It needs no rights on the folder and goes with the process however that ends. An abstract
+        name has no permissions, so any local user can bind it first: a taken name refuses the camera only where the
+        process listening on it runs as this user (the kernel's SO_PEERCRED); under another user's, or one that does
+        not listen (no camera of ours), the folder is watched unlocked, as it is where no such socket can be bound."""
         if self._folder_lock is not None:
             return
         digest = hashlib.sha256(os.fsencode(os.path.realpath(self.spec.path))).hexdigest()
+        name = f"\0inspectd-folder-{os.geteuid()}-{digest}".encode()
         try:
-            lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         except OSError:
             return
         try:
-            lock.bind(b"\0inspectd-folder-" + digest.encode())
+            lock.bind(name)
+            lock.listen(16)
         except OSError as exc:
             lock.close()
-            if exc.errno == errno.EADDRINUSE:
+            if exc.errno != errno.EADDRINUSE:
+                return
+            holder = _listener_of(name)
+            if holder is not None and holder[1] == os.geteuid():
                 raise OSError(
-                    f"{self.spec.path}: watched by another process (another daemon's folder camera), expected a "
-                    "folder no other camera watches"
+                    f"{self.spec.path}: watched by another process of this user (pid {holder[0]}: another daemon's "
+                    "folder camera), expected a folder no other camera watches"
                 ) from None
+            log.warning(
+                "folder_lock_taken",
+                camera=self.camera.id,
+                folder=str(self.spec.path),
+                holder_uid=None if holder is None else holder[1],
+                effect="the folder's lock name is held by a process of another user, or one not listening: watched "
+                "unlocked, so a second daemon of this user on the folder is not refused",
+            )
             return
         self._folder_lock = lock
+
+    def _drop_probes(self) -> None:
+        """Close the connections a second camera made to read this lock's owner: left queued, they would fill the
+        backlog, and a later probe could no longer tell who holds the name."""
+        lock = self._folder_lock
+        if lock is None:
+            return
+        with contextlib.suppress(OSError):  # BlockingIOError once none is left
+            while True:
+                lock.accept()[0].close()
 
     def _release_folder(self) -> None:
         lock, self._folder_lock = self._folder_lock, None
@@ -301,6 +327,7 @@ class FolderWatcher(Source):
             raise OSError(failed)
 
     def _scan(self) -> None:
+        self._drop_probes()
         start = time.monotonic()
         listed: dict[str, tuple[int, int, int]] = {}
         unstattable: dict[str, str] = {}
@@ -590,6 +617,22 @@ class FolderWatcher(Source):
                     effect="the camera reopens until it can delete or move it; if the daemon stops first, the "
                     "next start inspects it again",
                 )
+
+
+def _listener_of(name: bytes) -> tuple[int, int] | None:
+    """(pid, uid) of the process listening on abstract Unix socket `name`, or None where none answers at once (bound
+    but not listening, or its backlog full)."""
+    try:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    except OSError:
+        return None
+    with probe:
+        try:
+            probe.connect(name)
+            pid, uid, _ = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError:
+            return None
+    return pid, uid
 
 
 def _has_hole(fd: int, size: int) -> bool:
