@@ -28,9 +28,12 @@ the open makes (the boot mark, and after a reboot each camera's accepted mark ra
 at the first start after a reboot starts degraded, not refused, so the archive can free room; those writes are
 retried with the next append, and until they are made the clean mark is withheld, so the next start on this boot
 handles the reboot again (numbering resumes past the reservation either way). A segment deleted while open (the
-journal's directory removed) is noticed by the syncer (one fstat per active segment per round, none per record) or at
-rotation: the records written to it since the last check are counted lost, not written, and the journal re-creates
-its directories and goes on in a new segment; each camera's marks are opened again at its next frame.
+journal's directory removed) is noticed by the syncer (an fstat and a stat of its path per active segment per round,
+on an idle line too, none per record) or at rotation: the records written to it since the last check are counted
+lost, not written, and the journal re-creates its directories and goes on in a new segment; each camera's marks are
+opened again at its next frame. One moved away instead (the directory renamed, or replaced by a copy) loses nothing:
+the round that finds it writes each camera's marks and the boot mark into the configured directory at once, and
+removes a clean mark the copy brought, so a crash any time after that round numbers on there.
 
 Trimming deletes the oldest closed segments of any camera by their write order: a segment closed is stamped (its
 mtime) with a time that never goes back, the later of the clock and just past the newest stamp found, so after the
@@ -261,6 +264,8 @@ class Journal:
         self._floors_owed = False
         self._boot_owed = False
         self._resumed_unsynced = False  # what an unclean stop left could not all be fsynced at open
+        self._settle_lock = threading.Lock()
+        self._to_follow: set[str] = set()  # cameras whose segment a sync round found moved: marks to write again
         self._boot = _read_text(BOOT_ID)
         self._stop = threading.Event()
         try:
@@ -345,7 +350,11 @@ class Journal:
     def _settle(self) -> None:
         """Make the writes the open owes, in order: the floors durable before the boot mark, or a start that ends
         before each camera's next reservation (a failed start, an idle run stopped) would make the next one, on the
-        same boot, take the stale marks again."""
+        same boot, take the stale marks again. Serialised: the publisher and the syncer (after a move) both call it."""
+        with self._settle_lock:
+            self._settle_owed()
+
+    def _settle_owed(self) -> None:
         if self._floors_owed:
             self._raise_floors()
             self._floors_owed = False
@@ -784,9 +793,10 @@ class Journal:
         self._to_close.append(active.fd)
         self._closed = [c for c in self._closed if c[1].exists()]
         self._total = sum(c[2] for c in self._closed)
-        self._marks_stale.add(camera)
         if active.moved:
+            # Its marks were made stale where the move was found, and may have been written again since.
             return  # told once, for the whole journal, by the syncer round that found it
+        self._marks_stale.add(camera)
         gone = active.records - active.checked
         self.written -= gone
         self.lost += gone
@@ -857,6 +867,8 @@ class Journal:
         while not self._stop.wait(self.fsync_interval_s / 2):
             try:
                 self.sync()
+                if self._to_follow:
+                    self._follow_move()
             except Exception as exc:  # noqa: BLE001 - one bad round must not end every later fsync
                 self.fsync_failed += 1
                 log.exception(
@@ -873,22 +885,25 @@ class Journal:
         """fsync everything written since the last sync; False where an fsync failed. Called by the syncer thread,
         and at close."""
         with self._lock:
-            if not (self.unsynced or self._to_close or self._dirs_dirty or self._marks_dirty):
-                return True
             # Duplicates, so a segment rotated or closed meanwhile cannot take the descriptor from under the fsync.
-            # Each is also checked for having been deleted: here, twice per interval, rather than per record.
-            actives = [(c, a, a.records) for c, a in self._active.items()] if self.unsynced else []
+            # Each is also checked for having been deleted or moved: here, twice per interval, rather than per record,
+            # and on an idle line too (a dup, an fstat and a stat per camera), where a folder moved or restored from
+            # a copy would otherwise go unseen until the next frame and a crash meanwhile reuse seqs.
+            actives = [(c, a, a.records) for c, a in self._active.items()]
+            if not (actives or self.unsynced or self._to_close or self._dirs_dirty or self._marks_dirty):
+                return True
             fds = [os.dup(a.fd) for _, a, _ in actives]
+            pending = self.unsynced
+            synced = fds if pending else []  # nothing written since: the actives are only checked, not fsynced
             # Ingest threads add to the set without the lock: take a copy and remove what it holds (each one C call
             # under the GIL). Iterating the set itself can meet a camera added meanwhile, and replacing it can lose
             # an add made to the old object; either way a quiet line's last mark would never be fsynced. A camera
             # added again after the copy had its mark written before that, so this round's fsync covers it.
             marks = self._marks_dirty.copy()
             self._marks_dirty.difference_update(marks)
-            fds += [os.dup(self._accepted_fd[c]) for c in marks if c in self._accepted_fd]
+            marked = [os.dup(self._accepted_fd[c]) for c in marks if c in self._accepted_fd]
             closing, self._to_close = self._to_close, []
             dirs, self._dirs_dirty = self._dirs_dirty, set()
-            pending = self.unsynced
         failed = None
         linked = []
         for (camera, active, count), fd in zip(actives, fds):
@@ -900,12 +915,15 @@ class Journal:
             # the file lives on elsewhere, and the directory the readers and the next start use gets nothing more.
             at_path = found.st_nlink > 0 and _at_path(active.path, found)
             linked.append((camera, active, count, at_path, found.st_nlink > 0))
-        for fd in fds + closing:
+        for fd in synced + marked + closing:
             try:
                 os.fsync(fd)
             except OSError as exc:
                 failed = exc
             finally:
+                os.close(fd)
+        if not pending:
+            for fd in fds:
                 os.close(fd)
         for directory in dirs:
             try:
@@ -925,13 +943,15 @@ class Journal:
                     continue  # retired since it was listed (its path trimmed meanwhile), or found before
                 active.unlinked = True
                 if still:
-                    # What was written went to the moved file, intact: nothing lost. The marks follow the segment
-                    # into the configured directory at the camera's next frame, the boot mark with the next append.
+                    # What was written went to the moved file, intact: nothing lost. The marks and the boot mark
+                    # follow into the configured directory at the syncer's next step (`_follow_move`), or at the
+                    # camera's next frame, whichever comes first.
                     active.moved = True
                     active.checked = max(active.checked, count)
                     self._marks_stale.add(camera)
                     self._boot_owed = self._boot is not None
                     self._replaced = True
+                    self._to_follow.add(camera)
                     moved.append(camera)
         if moved:
             log.warning("journal_directory_replaced", path=str(self.directory), cameras=moved, effect=MOVED_EFFECT)
@@ -948,6 +968,37 @@ class Journal:
             return False
         self._fsync_error = None
         return True
+
+    def _follow_move(self) -> None:
+        """On the syncer, right after a round found the journal's directory moved away: write each moved camera's
+        marks, then the boot mark, into the configured directory, and remove a `clean` mark a restored copy brought,
+        without waiting for a frame. On an idle line that frame may be hours away, and a crash meanwhile would have
+        the next start number from 0 (nothing there) or from a copy's marks taken for a clean stop. What fails here is
+        left to the camera's next frame and to close, as before."""
+        with self._lock:
+            cameras_moved, self._to_follow = self._to_follow, set()
+        for camera in sorted(cameras_moved):
+            with self._mark_lock(camera):
+                if self._stop.is_set() or camera not in self._marks_stale:
+                    continue  # closing (close writes them), or a frame since wrote them
+                seq = max(self._given.get(camera, -1), self._last.get(camera, -1))
+                try:
+                    if seq >= 0:
+                        self._write_mark(camera, seq)
+                    else:  # nothing given out or journalled yet: no marks to carry
+                        self._drop_marks(camera)
+                except (OSError, struct.error) as exc:
+                    with self._lock:
+                        self._marks_stale.add(camera)  # its next frame, or close, tries again
+                    log.error(
+                        "journal_accepted_mark_failed",
+                        camera=camera,
+                        error=f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc),
+                        effect="the journal was moved away: until this camera's next frame or a stop, a crash may "
+                        "number it anew",
+                    )
+        if (self._floors_owed or self._boot_owed) and not self._stop.is_set():
+            self._retry_open()
 
     def _marks_moved(self, camera: str) -> None:
         """At close, under `camera`'s mark lock: its marks were moved away with the journal and no frame since wrote
