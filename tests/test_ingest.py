@@ -1750,6 +1750,28 @@ def test_a_folder_lock_name_held_by_another_user_does_not_keep_the_camera_from_o
         other.communicate("", timeout=20)
 
 
+def test_a_folder_lock_that_cannot_be_made_is_said_and_the_folder_watched(tmp_path, monkeypatch):
+    """A unit whose RestrictAddressFamilies= left out AF_UNIX, or a full descriptor table: the folder was watched
+    unlocked without a word, so two daemons on it were not kept apart and nothing said why."""
+    import errno
+
+    from inspectd.daemon.ingest import folder as folder_source
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(folder_source.socket, "socket", refused)
+    watcher = folder_source.FolderWatcher(camera({"kind": "folder", "path": str(inbox), "poll_ms": 20}), time.time)
+    with capture_logs() as logs:
+        watcher.open(threading.Event())
+    watcher.close()
+    said = [entry for entry in logs if entry["event"] == "folder_lock_unavailable"]
+    assert len(said) == 1 and "Address family not supported" in said[0]["error"], logs
+
+
 def test_a_folder_cameras_own_reopen_and_a_new_camera_after_its_close_are_not_locked_out(tmp_path, ingest_threads):
     """The lock is this camera's while it is open: a reopen (close, then open) of the same camera takes it again, and
     after its close another camera on the folder (a daemon started after this one stopped) runs."""

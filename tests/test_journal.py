@@ -4,6 +4,7 @@ degrades to an alarm while appends keep returning."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -858,3 +859,33 @@ def test_a_journal_directory_removed_on_an_idle_line_and_then_stopped_still_carr
     reopened = Journal(path, max_bytes=1 << 20)
     assert reopened.resume("cam0") == (30, range(0, 30))
     reopened.close()
+
+
+@pytest.mark.parametrize("failing", [2, 5], ids=["segments", "marks"])
+def test_a_dup_that_fails_part_way_leaks_no_descriptor_and_keeps_the_marks_to_fsync(tmp_path, monkeypatch, failing):
+    """A round duplicates each active segment's and each dirty mark's descriptor to fsync them outside the lock: one
+    failing part way (EMFILE) left the ones already made open for good, and the marks it had taken off the dirty set
+    were never fsynced."""
+    journal = Journal(tmp_path / "j", 2**22, fsync_interval_s=3600)  # no syncer round of its own: driven here
+    for camera in ("cam0", "cam1", "cam2"):
+        journal.mark_accepted(camera, 1)
+        journal.append(camera, 1, result(camera, 1))
+    journal.sync()
+    for camera in ("cam0", "cam1", "cam2"):
+        journal.mark_accepted(camera, 2)
+    before = len(os.listdir("/proc/self/fd"))
+    real, calls = os.dup, [0]
+
+    def dup(fd):
+        calls[0] += 1
+        if calls[0] == failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(fd)
+
+    monkeypatch.setattr(os, "dup", dup)
+    with pytest.raises(OSError):
+        journal.sync()
+    monkeypatch.setattr(os, "dup", real)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert sorted(journal._marks_dirty) == ["cam0", "cam1", "cam2"]
+    journal.close()

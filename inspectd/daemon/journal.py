@@ -114,6 +114,19 @@ MOVED_EFFECT = (
 )
 
 
+def _dups(fds: list[int]) -> list[int]:
+    """A duplicate of each of `fds`, for an fsync outside the lock; none left open where one fails (EMFILE)."""
+    made: list[int] = []
+    try:
+        for fd in fds:
+            made.append(os.dup(fd))
+    except OSError:
+        for fd in made:
+            os.close(fd)
+        raise
+    return made
+
+
 def _at_path(path: Path, found: os.stat_result) -> bool:
     """Whether `path` still names the file `found` (fstat of a descriptor on it). False where it names another file
     or none: a renamed or replaced journal directory, the file living on elsewhere. True where it cannot be told
@@ -892,7 +905,7 @@ class Journal:
             actives = [(c, a, a.records) for c, a in self._active.items()]
             if not (actives or self.unsynced or self._to_close or self._dirs_dirty or self._marks_dirty):
                 return True
-            fds = [os.dup(a.fd) for _, a, _ in actives]
+            fds = _dups([a.fd for _, a, _ in actives])
             pending = self.unsynced
             synced = fds if pending else []  # nothing written since: the actives are only checked, not fsynced
             # Ingest threads add to the set without the lock: take a copy and remove what it holds (each one C call
@@ -900,8 +913,13 @@ class Journal:
             # an add made to the old object; either way a quiet line's last mark would never be fsynced. A camera
             # added again after the copy had its mark written before that, so this round's fsync covers it.
             marks = self._marks_dirty.copy()
-            self._marks_dirty.difference_update(marks)
-            marked = [os.dup(self._accepted_fd[c]) for c in marks if c in self._accepted_fd]
+            try:
+                marked = _dups([self._accepted_fd[c] for c in marks if c in self._accepted_fd])
+            except OSError:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            self._marks_dirty.difference_update(marks)  # only once their fsync is sure to be tried
             closing, self._to_close = self._to_close, []
             dirs, self._dirs_dirty = self._dirs_dirty, set()
         failed = None

@@ -133,6 +133,9 @@ def _sets(pattern: str) -> list[str | None]:
 _NO_NAME = fnmatch.translate("[1-0]")
 
 
+PROBE_BACKLOG = 1024  # pending probes of the folder lock a holder keeps between two scans
+
+
 class FolderWatcher(Source):
     """New image files in a folder, each once, oldest first (mtime, then name); half-written files are waited for."""
 
@@ -216,14 +219,23 @@ class FolderWatcher(Source):
         name = f"\0inspectd-folder-{os.geteuid()}-{digest}".encode()
         try:
             lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        except OSError:
-            return
-        try:
-            lock.bind(name)
-            lock.listen(16)
+            try:
+                lock.bind(name)
+                # Probes are drained at each scan: a holder busy with a backlog of files for minutes must not fill
+                # the queue, or a refused camera's retries would find no answer and take the folder unlocked.
+                lock.listen(PROBE_BACKLOG)
+            except OSError:
+                lock.close()
+                raise
         except OSError as exc:
-            lock.close()
             if exc.errno != errno.EADDRINUSE:
+                log.warning(
+                    "folder_lock_unavailable",
+                    camera=self.camera.id,
+                    folder=str(self.spec.path),
+                    error=f"{type(exc).__name__}: {exc}",
+                    effect="watched unlocked: a second daemon of this user on the folder is not refused",
+                )
                 return
             holder = _listener_of(name)
             if holder is not None and holder[1] == os.geteuid():
