@@ -1321,17 +1321,12 @@ def write_version(
 
 
 def _linked_to(link: Path, folder: Path) -> bool:
-    """Whether `link`, or another link in its folder or in `folder`'s (a second name for the line), points to
-    `folder`; hidden names (a link not switched in yet) are not counted."""
-    for where in dict.fromkeys((link.parent, folder.parent)):
-        try:
-            entries = list(os.scandir(where))
-        except OSError:
-            return True  # cannot tell: counts as in service
-        for entry in entries:
-            if not entry.name.startswith(".") and entry.is_symlink() and Path(entry.path).resolve() == folder.resolve():
-                return True
-    return False
+    """Whether `link` points to `folder` by now (its switch got as far as the rename); True where that cannot be
+    told, so that a version possibly in service is never removed."""
+    try:
+        return link.resolve() == folder.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a link loop
+        return True
 
 
 def _holds(path: Path, model_id: str) -> bool:

@@ -18,6 +18,8 @@ SCORER = "scorer.npz"
 WEIGHTS = "weights.npz"
 THRESHOLDS = "thresholds.json"
 REQUIRED_FILES = (GRAPH, SCORER, WEIGHTS, THRESHOLDS)
+# The map's blur (Gaussian sigma, map pixels) of a recipe or an architecture that names none.
+DEFAULT_SIGMA = 4.0
 # How a frame is fitted to the model input (engines.runtime.preprocess): stretched, or letterboxed.
 RESIZE_POLICIES = ("stretch", "pad")
 # `input.resample` of a bundle whose frames are resized axis by axis, averaged along an axis that shrinks wherever the

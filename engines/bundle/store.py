@@ -30,6 +30,7 @@ import numpy as np
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import (
     BIT_DEPTH_RANGE,
+    DEFAULT_SIGMA,
     EACH_AXIS,
     FORMAT,
     FORMAT_VERSION,
@@ -840,10 +841,6 @@ def _check_identity(manifest_path: Path, manifest: dict[str, Any]) -> None:
         )
 
 
-# engines.model.graph.SMOOTHING_SIGMA, the blur of an architecture that names none (that module needs torch).
-_DEFAULT_SIGMA = 4.0
-
-
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -896,7 +893,7 @@ def _check_architecture(manifest_path: Path, manifest: dict[str, Any]) -> None:
         "taps": ("taps", None if taps is None else [2 ** (i + 1) for i in taps]),
         "input_shape": ("size", None if shape is None else shape[:2]),
         "aggregation": ("aggregation", aggregation_of(architecture)),
-        "smoothing_sigma": ("smoothing_sigma", architecture.get("smoothing_sigma", _DEFAULT_SIGMA)),
+        "smoothing_sigma": ("smoothing_sigma", architecture.get("smoothing_sigma", DEFAULT_SIGMA)),
         "score_share": ("score_share", architecture.get("score_share", 0.0)),
     }
     for field, (key, value) in built.items():

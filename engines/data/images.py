@@ -710,7 +710,8 @@ def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     """Binary mask (bool HxW) for a test item; all False when there is none. Any non-zero value is a defect pixel, as
     in MVTec AD's evaluation: 0/255, 0/1, label indices, 16-bit or coloured masks all read the same (with an alpha
     channel: a transparent pixel is no defect, and a mask of one colour is read from its varying alpha). A lossy file
-    (JPEG) is defect above half its range instead: its compression noise around every edge is no defect. A mask of
+    (JPEG, WebP) is defect above half its defect's value instead (_defect_level): its compression noise around every
+    edge is no defect. A mask of
     another size is scaled to the image only if it has the image's aspect ratio (a mask saved at another
     resolution); any other size is refused, since it belongs to another image or crop."""
     if path is None:

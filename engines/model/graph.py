@@ -27,13 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.bundle.format import aggregation_of
+from engines.bundle.format import DEFAULT_SIGMA, aggregation_of
 from engines.model.backbones import Backbone, create_backbone
 from engines.model.recipes import POOL_BLOCK, pooled_count
 from engines.runtime import scorer_fit
 from engines.runtime.scorer_fit import DEFAULT_MEMORY_SIZE
-
-SMOOTHING_SIGMA = 4.0
 
 
 class Preprocess(nn.Module):
@@ -117,7 +115,7 @@ class GaussianSmoothing(nn.Module):
     kernel_y: torch.Tensor
     kernel_x: torch.Tensor
 
-    def __init__(self, sigma: float = SMOOTHING_SIGMA) -> None:
+    def __init__(self, sigma: float = DEFAULT_SIGMA) -> None:
         super().__init__()
         radius = max(1, int(math.ceil(4 * sigma)))
         x = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -329,7 +327,7 @@ class InferenceGraph(nn.Module):
         head: nn.Module,
         scorer: Scorer,
         input_shape: tuple[int, int, int],
-        sigma: float = SMOOTHING_SIGMA,
+        sigma: float = DEFAULT_SIGMA,
         aggregation: int = 1,
         score_share: float = 0.0,
     ) -> None:
@@ -386,7 +384,7 @@ def build_graph(architecture: dict, pretrained: bool = True, weights: str | None
     (a bundle's weights.npz); `weights` is the user's --weights for the backbone."""
     from engines.model.methods import get_method
 
-    sigma = architecture.get("smoothing_sigma", SMOOTHING_SIGMA)
+    sigma = architecture.get("smoothing_sigma", DEFAULT_SIGMA)
     if not 0 < sigma < math.inf:  # as a recipe's is (engines.model.recipes): 0 makes every map NaN
         raise ValueError(f"architecture: smoothing_sigma {sigma!r}, expected a number > 0")
     method = get_method(architecture["method"])

@@ -22,11 +22,11 @@ import dataclasses
 import math
 from typing import Any
 
+from engines.bundle.format import DEFAULT_SIGMA
 from engines.runtime.preprocess import RESIZE_POLICIES
 from engines.runtime.scorer_fit import AUGMENTS, DEFAULT_MEMORY_SIZE
 
 AUTO = "auto"
-DEFAULT_SIGMA = 4.0
 # The image score's pooling (engines.model.graph.ImageScore) averages POOL_BLOCK x POOL_BLOCK block means of the map,
 # at most TOPK_LIMIT of them (TensorRT's TopK).
 POOL_BLOCK = 4

@@ -993,8 +993,9 @@ class CatchUpSubscriber:
             return True
         since = self._since.get(camera) if isinstance(self._since, dict) else self._since
         if previous is None and since is not None and seq <= since:
-            # The daemon publishes each seq once, this one after the subscription took hold: not the numbering
-            # `since` was taken from. Dropped as delivered otherwise, every result up to `since`.
+            # The daemon publishes each seq once, this one after the subscription took hold: either `since` lies past
+            # this numbering's end or it was taken from another numbering. Dropped as delivered otherwise, every
+            # result up to `since`.
             catch_up.renumbered(camera, seq)
             if held is not None:
                 # The journal holds this live result, so it is this numbering's: `since` lies past it, whether

@@ -248,8 +248,8 @@ class LoggingConfig:
     format: Annotated[str, one_of(LOG_FORMATS)] = "json"
 
 
-# How long the load waits on the lookup of a metrics.listen host name: a resolver that drops packets holds
-# getaddrinfo for its timeout times its attempts times its servers (10-30 s with glibc's defaults).
+# How long the load waits on the lookup of a host name (metrics.listen's, a tcp bind endpoint's): a resolver that
+# drops packets holds getaddrinfo for its timeout times its attempts times its servers (10-30 s with glibc's defaults).
 LISTEN_LOOKUP_S = 3.0
 # getaddrinfo's answers that the name has no IPv4 address (none at all, or none of that family): the resolver was
 # reached and answered, so a restart would get the same answer. Every other failure (EAI_AGAIN: no DNS server reached
@@ -261,7 +261,7 @@ _UNKNOWN_NAME = frozenset(
 
 
 def _lookup(host: str) -> BaseException | None:
-    """getaddrinfo's error for `host` in the family the metrics server binds a host name with (IPv4), None when it
+    """getaddrinfo's error for `host` in the family a host name is bound with (IPv4), None when it
     resolves or did not answer within LISTEN_LOOKUP_S (the thread is left to finish on its own: it holds nothing)."""
     failed: list[BaseException | None] = []
 
@@ -272,7 +272,7 @@ def _lookup(host: str) -> BaseException | None:
         except (OSError, UnicodeError) as exc:
             failed.append(exc)
 
-    thread = threading.Thread(target=look, name="metrics-listen-lookup", daemon=True)
+    thread = threading.Thread(target=look, name="config-host-lookup", daemon=True)
     thread.start()
     thread.join(LISTEN_LOOKUP_S)
     return failed[0] if failed else None

@@ -637,8 +637,8 @@ class Journal:
             self._reserve(camera, seq + RESERVE)
 
     def _drop_marks(self, camera: str) -> None:
-        """Close `camera`'s mark descriptors (their files were deleted with its folder), under its mark lock: the
-        caller opens them again and writes a new reservation at once, as for a camera's first frame."""
+        """Close `camera`'s mark descriptors (their files were deleted or moved with its folder), under its mark
+        lock: the caller opens them again and writes a new reservation at once, as for a camera's first frame."""
         with self._lock:
             self._marks_stale.discard(camera)
             fds = [self._accepted_fd.pop(camera, None), self._reserved_fd.pop(camera, None)]
@@ -1019,9 +1019,9 @@ class Journal:
             self._retry_open()
 
     def _marks_moved(self, camera: str) -> None:
-        """At close, under `camera`'s mark lock: its marks were moved away with the journal and no frame since wrote
-        them again; written into the configured directory now, or the next start finds none there and numbers the
-        camera from 0 again."""
+        """At close, under `camera`'s mark lock: its marks were moved away or deleted with the journal and no frame
+        since wrote them again; written into the configured directory now, or the next start finds none there and
+        numbers the camera from 0 again."""
         seq = max(self._given.get(camera, -1), self._last.get(camera, -1))
         try:
             if seq >= 0:

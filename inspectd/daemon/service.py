@@ -1103,7 +1103,7 @@ def _load_as_the_daemon(config_path: Path) -> str | None:
     # The start makes state_dir (with the folders missing above it) and locks it, and fails (exit 1, retried) where
     # this user may not. Under DEFAULT_STATE_DIR only a note: the unit's StateDirectory= creates its folder, or hands
     # an existing one to User=, before the daemon starts, so a folder root's now may well be this user's then. Any
-    # other folder the units leave read-only (ProtectSystem=strict) whoever owns it: refused.
+    # other folder this user cannot write is refused: the units also leave it read-only (ProtectSystem=strict).
     existing = next(path for path in (config.state_dir, *config.state_dir.parents) if os.path.lexists(path))
     if os.access(existing, os.W_OK | os.X_OK):
         return None

@@ -184,7 +184,8 @@ def day_dir(camera: str, t_capture: float) -> str:
 
 
 def unreadable(path: Path, what: str, exc: OSError) -> ArchiveError:
-    """The refusal for a file of the archive this user cannot read (`what`: "archive", "frame image", "live frame")."""
+    """The refusal for a file of the archive this user cannot read (`what`: "archive", "frame image", "overlay
+    image", "live frame")."""
     return ArchiveError(f"{path}: cannot read the {what} ({exc.strerror or exc})")
 
 
