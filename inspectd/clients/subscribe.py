@@ -609,25 +609,20 @@ class JournalCatchUp:
 
     def oldest(self, camera: str) -> int | None:
         """The first seq the journal holds for `camera`, None without a record of it or where it cannot be read."""
-        from inspectd.protocol import journal
-
-        if self.directory is None:
-            return None
-        try:
-            journal.check_camera(camera)
-            return journal.oldest_seq(self.directory, camera)
-        except (InspectdError, OSError):
-            return None
+        return self._end(camera, newest=False)
 
     def newest(self, camera: str) -> int | None:
         """The last seq the journal holds for `camera`, None without a record of it or where it cannot be read."""
+        return self._end(camera, newest=True)
+
+    def _end(self, camera: str, newest: bool) -> int | None:
         from inspectd.protocol import journal
 
         if self.directory is None:
             return None
         try:
             journal.check_camera(camera)
-            return journal.newest_seq(self.directory, camera)
+            return (journal.newest_seq if newest else journal.oldest_seq)(self.directory, camera)
         except (InspectdError, OSError):
             return None
 

@@ -278,6 +278,15 @@ def _lookup(host: str) -> BaseException | None:
     return failed[0] if failed else None
 
 
+def _unknown_host(host: str) -> str | None:
+    """The resolver's reason where it says no machine has the name `host`; None where it resolves or cannot answer
+    yet (left to the start)."""
+    exc = _lookup(host)
+    if isinstance(exc, UnicodeError) or (isinstance(exc, socket.gaierror) and exc.errno in _UNKNOWN_NAME):
+        return str(getattr(exc, "strerror", None) or exc)
+    return None
+
+
 def _listen(raw: Any) -> str:
     """host:port as the metrics server binds it (inspectd.daemon.metrics): an IP address, or a host name not known to
     be unknown (looked up here, so that `run --check` refuses a name the resolver says no machine has)."""
@@ -295,9 +304,7 @@ def _listen(raw: Any) -> str:
     except ValueError:
         if host.startswith("["):
             raise invalid(f'expected an IPv6 address in the brackets, as "[::1]:9108", got {show(raw)}') from None
-        exc = _lookup(bare)
-        if isinstance(exc, UnicodeError) or (isinstance(exc, socket.gaierror) and exc.errno in _UNKNOWN_NAME):
-            reason = getattr(exc, "strerror", None) or exc
+        if (reason := _unknown_host(bare)) is not None:
             raise invalid(
                 f"cannot resolve host {bare!r} ({reason}), expected an IP address or a host name this machine "
                 f'resolves, as "127.0.0.1:9108" ("0.0.0.0:{port}" for every address), got {show(raw)}'
@@ -322,10 +329,8 @@ def _bind_host_problem(endpoint: str) -> str | None:
             return None
     except OSError:
         pass
-    exc = _lookup(host)
-    if not (isinstance(exc, UnicodeError) or (isinstance(exc, socket.gaierror) and exc.errno in _UNKNOWN_NAME)):
+    if (reason := _unknown_host(host)) is None:
         return None
-    reason = getattr(exc, "strerror", None) or exc
     unexpanded = ": environment variables are not expanded" if "$" in host else ""
     return (
         f"cannot resolve host {host!r} ({reason}), expected an IP address, * or a network interface, or a host name "

@@ -114,6 +114,11 @@ MOVED_EFFECT = (
 )
 
 
+def _mark_failed(camera: str, exc: OSError | struct.error, effect: str) -> None:
+    error = f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+    log.error("journal_accepted_mark_failed", camera=camera, error=error, effect=effect)
+
+
 def _dups(fds: list[int]) -> list[int]:
     """A duplicate of each of `fds`, for an fsync outside the lock; none left open where one fails (EMFILE)."""
     made: list[int] = []
@@ -608,12 +613,7 @@ class Journal:
         except (OSError, struct.error) as exc:  # struct.error: a seq past what the mark holds
             if not self._accepted_failed:
                 self._accepted_failed = True
-                log.error(
-                    "journal_accepted_mark_failed",
-                    camera=camera,
-                    error=f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc),
-                    effect="frames in flight at a crash will not show as a seq gap after the restart",
-                )
+                _mark_failed(camera, exc, "frames in flight at a crash will not show as a seq gap after the restart")
 
     def _write_mark(self, camera: str, seq: int) -> None:
         """Write `camera`'s accepted mark, and its reservation where `seq` passes it, under its mark lock; marks whose
@@ -999,21 +999,16 @@ class Journal:
             with self._mark_lock(camera):
                 if self._stop.is_set() or camera not in self._marks_stale:
                     continue  # closing (close writes them), or a frame since wrote them
-                seq = max(self._given.get(camera, -1), self._last.get(camera, -1))
                 try:
-                    if seq >= 0:
-                        self._write_mark(camera, seq)
-                    else:  # nothing given out or journalled yet: no marks to carry
-                        self._drop_marks(camera)
+                    self._carry_marks(camera)
                 except (OSError, struct.error) as exc:
                     with self._lock:
                         self._marks_stale.add(camera)  # its next frame, or close, tries again
-                    log.error(
-                        "journal_accepted_mark_failed",
-                        camera=camera,
-                        error=f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc),
-                        effect="the journal was moved away: until this camera's next frame or a stop, a crash may "
-                        "number it anew",
+                    _mark_failed(
+                        camera,
+                        exc,
+                        "the journal was moved away: until this camera's next frame or a stop, a crash may number it "
+                        "anew",
                     )
         if (self._floors_owed or self._boot_owed) and not self._stop.is_set():
             self._retry_open()
@@ -1022,20 +1017,20 @@ class Journal:
         """At close, under `camera`'s mark lock: its marks were moved away or deleted with the journal and no frame
         since wrote them again; written into the configured directory now, or the next start finds none there and
         numbers the camera from 0 again."""
-        seq = max(self._given.get(camera, -1), self._last.get(camera, -1))
         try:
-            if seq >= 0:
-                self._write_mark(camera, seq)
-            else:
-                self._drop_marks(camera)
+            self._carry_marks(camera)
         except (OSError, struct.error) as exc:
             self._marks_unmoved = True
-            log.error(
-                "journal_accepted_mark_failed",
-                camera=camera,
-                error=f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc),
-                effect="the journal was moved away: the next start may number this camera anew",
-            )
+            _mark_failed(camera, exc, "the journal was moved away: the next start may number this camera anew")
+
+    def _carry_marks(self, camera: str) -> None:
+        """Under `camera`'s mark lock: its marks, moved or deleted with the journal's folder, written into the
+        configured one (the highest seq given out or journalled); none where nothing was given out yet."""
+        seq = max(self._given.get(camera, -1), self._last.get(camera, -1))
+        if seq >= 0:
+            self._write_mark(camera, seq)
+        else:
+            self._drop_marks(camera)
 
     def flush(self) -> None:
         self.sync()
