@@ -1053,3 +1053,23 @@ def test_a_live_folder_this_user_cannot_enter_is_an_archive_error_naming_it(shar
         live.chmod(0o750)
     assert looked.returncode == 0 and looked.stderr == "", looked.stderr
     assert looked.stdout.strip() == f"ArchiveError {live / 'cam0.jpg'}: cannot read the live frame (Permission denied)"
+
+
+def test_the_index_write_ahead_log_stays_about_a_mebibyte_however_many_rows_are_written(tmp_path):
+    """archive.max_mb counts the images; the index's write-ahead log beside them grew to SQLite's default
+    checkpoint (1000 pages, about 4 MiB) and was never truncated, uncounted, on a small archive as large as its
+    images. Checkpointed every 256 pages and truncated to 1 MiB, it stays about that."""
+    db = fmt.connect(tmp_path)
+    try:
+        row = {name: 0 for name in fmt.FIELDS}
+        insert = f"INSERT INTO frames ({', '.join(fmt.FIELDS)}) VALUES ({', '.join('?' * len(fmt.FIELDS))})"
+        for i in range(1200):
+            values = {**row, "id": f"cam0-{i:08d}", "camera": "cam0", "frame_id": f"f{i}" * 20, "verdict": "defect"}
+            values.update(frame_file=f"cam0/2026-12-07/{i}.png" * 3, t_written=float(i))
+            with db:
+                db.execute(insert, [values[name] for name in fmt.FIELDS])
+        wal = tmp_path / (fmt.INDEX_NAME + "-wal")
+        assert db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 1200
+        assert wal.stat().st_size <= 1.5 * 2**20, wal.stat().st_size
+    finally:
+        db.close()

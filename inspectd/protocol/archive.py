@@ -202,12 +202,20 @@ def live_frame(root: Path, camera: str) -> Path | None:
         raise unreadable(path, "live frame", exc) from None
 
 
+WAL_CHECKPOINT_PAGES = 256  # pages of the index's write-ahead log before a checkpoint (4 KiB each)
+WAL_MAX_BYTES = 1 << 20  # what a checkpoint truncates the log to
+
+
 def connect(root: Path) -> sqlite3.Connection:
     """The index, created if missing (the writer's way in; readers use ArchiveReader)."""
     db = sqlite3.connect(root / INDEX_NAME, timeout=5.0, check_same_thread=False)
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the last rows, never corrupt the index
+        # archive.max_mb counts the images; the log beside the index would otherwise grow to SQLite's default
+        # checkpoint (1000 pages, about 4 MiB) and keep that size, uncounted.
+        db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+        db.execute(f"PRAGMA journal_size_limit={WAL_MAX_BYTES}")
         db.executescript(SCHEMA)
     except BaseException:  # e.g. a full disk: the caller retries, and must not leak a connection each time
         db.close()
