@@ -1847,3 +1847,164 @@ def test_a_state_file_in_a_folder_this_user_may_not_write_stops_the_bridge_at_st
     finally:
         folder.chmod(0o755)
         shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("security", [False, True], ids=["unsigned", "sign-and-encrypt"])
+def test_server_mode_refuses_a_user_name_login_so_no_client_can_forge_a_verdict_or_delete_a_variable(
+    tmp_path, shelf_server, security
+):
+    """asyncua's default server made any session logged in as `admin`, whatever its password, an Admin: it could write
+    Verdict, Pass and ResultValid (a forged "pass" for a part never judged) and delete the bridge's variables, on the
+    unsigned endpoint and, with a trusted certificate, on the signed and encrypted one. Only anonymous sessions are
+    offered: the login is refused, and an anonymous session still acks."""
+    from inspectd.clients.opcua import ServerLink
+
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/x/"
+    more: dict = {}
+    secure = None
+    if security:
+        bridge_cert, bridge_key = _certificate(tmp_path / "pki", "bridge", "urn:inspectd:bridge", server=True)
+        plc_cert, plc_key = _certificate(tmp_path / "pki", "plc", "urn:test:plc", server=False)
+        trusted = tmp_path / "trusted"
+        trusted.mkdir()
+        (trusted / "plc.der").write_bytes(plc_cert.read_bytes())
+        more["security"] = {"certificate": str(bridge_cert), "private_key": str(bridge_key), "trusted": str(trusted)}
+        secure = f"Basic256Sha256,SignAndEncrypt,{plc_cert},{plc_key},{bridge_cert}"
+    config = link_config(tmp_path, port, **more)
+
+    async def session(user: str | None) -> asyncua.Client:
+        client = asyncua.Client(url, timeout=5)
+        client.application_uri = "urn:test:plc"
+        if secure:
+            await client.set_security_string(secure)
+        if user:
+            client.set_user(user)
+            client.set_password("not-the-password")
+        try:
+            await client.connect()
+        except BaseException:
+            client.disconnect_socket()
+            raise
+        return client
+
+    async def attempts() -> tuple[dict, dict]:
+        link = ServerLink(config)
+        await link.start()
+        target = link.targets[CAMERA]
+        outcomes: dict[str, str] = {}
+        try:
+            try:
+                admin = await session("admin")
+            except ua.UaStatusCodeError as exc:
+                outcomes["login"] = type(exc).__name__
+            else:
+                outcomes["login"] = "accepted"
+                try:
+                    index = await admin.get_namespace_index("urn:inspectd:bridge")
+                    for name, variant in (
+                        ("Verdict", ua.Variant("ok", ua.VariantType.String)),
+                        ("Pass", ua.Variant(True, ua.VariantType.Boolean)),
+                        ("ResultValid", ua.Variant(True, ua.VariantType.Boolean)),
+                    ):
+                        try:
+                            await admin.get_node(f"ns={index};s={CAMERA}.{name}").write_value(ua.DataValue(variant))
+                            outcomes[name] = "written"
+                        except ua.UaStatusCodeError as exc:
+                            outcomes[name] = type(exc).__name__
+                    try:
+                        await admin.delete_nodes([admin.get_node(f"ns={index};s={CAMERA}.TriggerReady")])
+                        outcomes["delete"] = "deleted"
+                    except ua.UaStatusCodeError as exc:
+                        outcomes["delete"] = type(exc).__name__
+                finally:
+                    await admin.disconnect()
+            anonymous = await session(None)
+            try:
+                index = await anonymous.get_namespace_index("urn:inspectd:bridge")
+                await anonymous.get_node(f"ns={index};s={CAMERA}.Ack").write_value(ua.Variant(7, ua.VariantType.UInt32))
+            finally:
+                await anonymous.disconnect()
+            held = {name: await target.read(name) for name in ("ack", "pass", "result_valid", "trigger_ready")}
+            verdict = link.server.read_attribute_value(target.nodes["verdict"].nodeid)
+            held["verdict"] = verdict.Value.Value
+        finally:
+            await link.close()
+        return outcomes, held
+
+    outcomes, held = asyncio.run(attempts())
+    assert outcomes == {"login": "BadIdentityTokenRejected"}, outcomes
+    assert held == {"ack": 7, "pass": 0, "result_valid": 0, "trigger_ready": 0, "verdict": ""}, held
+
+
+def test_server_mode_a_write_to_its_own_variable_that_the_address_space_refuses_ends_the_bridge_in_one_line(
+    tmp_path, shelf_server
+):
+    """A write of the bridge's to a variable that is gone was dropped without a word: the PLC read the last value
+    while the bridge believed it handed over a new one. It ends the bridge (exit 1, restarted with its variables
+    built anew), as a write the PLC's server refuses does in client mode."""
+    from inspectd.clients.handshake import PlcError
+    from inspectd.clients.opcua import ServerLink
+
+    config = link_config(tmp_path, free_port())
+
+    async def write() -> str:
+        link = ServerLink(config)
+        await link.start()
+        target = link.targets[CAMERA]
+        try:
+            await target.write({"verdict": "ok"})  # the variable there: written
+            await link.server.delete_nodes([target.nodes["verdict"]])
+            with pytest.raises(PlcError) as ended:
+                await target.write({"verdict": "defect"})
+        finally:
+            await link.close()
+        return str(ended.value)
+
+    assert asyncio.run(write()) == f"OPC UA write of {CAMERA} Verdict (ns=1;s={CAMERA}.Verdict): BadNodeIdUnknown"
+
+
+def test_a_certificate_whose_uri_is_not_application_uri_is_a_config_error_in_one_line_in_both_modes(daemon, tmp_path):
+    """asyncua started with it and said nothing; every peer validating certificates then refused each session
+    (BadCertificateUriInvalid), a restart loop in client mode."""
+    from inspectd.clients.opcua import Security, check_security
+
+    other_cert, other_key = _certificate(tmp_path / "pki", "bridge", "urn:plant:other", server=True)
+    plc_cert, _ = _certificate(tmp_path / "pki", "plc", "urn:test:plc", server=False)
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "plc.der").write_bytes(plc_cert.read_bytes())
+    expected = (
+        f"security.certificate {other_cert}: its subject alternative name carries urn:plant:other, "
+        "expected application_uri urn:inspectd:bridge"
+    )
+    for mode, trusted_path in (("server", trusted), ("client", plc_cert)):
+        security = f"security:\n  certificate: {other_cert}\n  private_key: {other_key}\n  trusted: {trusted_path}\n"
+        config = write_config(tmp_path, f"mode: {mode}\n{security}")
+        url = f"opc.tcp://127.0.0.1:{free_port()}/inspectd/"
+        proc = run_bridge(daemon, ["--config", str(config), "--opcua", url, "--state-file", str(tmp_path / "s.json")])
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (mode, proc.stderr)
+        assert expected in proc.stderr, (mode, proc.stderr)
+        # The same files, with application_uri set to the certificate's URI: taken.
+        files = Security(certificate=other_cert, private_key=other_key, trusted=trusted_path)
+        check_security(files, mode, "urn:plant:other")
+
+
+def test_the_camera_id_of_the_servers_root_object_is_refused_in_server_mode_in_one_line(daemon, tmp_path):
+    """`inspectd` is the node id of Objects/inspectd, so a camera of that id (whose object takes its id) ended the
+    server's start with a BadNodeIdExists traceback. The variables' ids, `<camera>.<Name>`, are what PLC programs
+    read, so they stay, and the one id that collides is refused; client mode names no such object and takes it."""
+    with pytest.raises(ConfigError) as refused:
+        parse_opcua_config({"cameras": [CAMERA, "inspectd"]})
+    expected = (
+        "cameras: 'inspectd' is the node id of the server's root object (Objects/inspectd), expected another camera "
+        "id in server mode"
+    )
+    assert str(refused.value) == f"bridge: {expected}"
+    assert parse_opcua_config({"mode": "client", "cameras": ["inspectd"]}).cameras == ["inspectd"]
+    url = f"opc.tcp://127.0.0.1:{free_port()}/inspectd/"
+    state = ["--state-file", str(tmp_path / "s.json"), "--opcua", url]
+    for args in (["--camera", "inspectd", *state], ["--topic", f"inspect.{STATION}.inspectd.", *state]):
+        proc = run_bridge(daemon, args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+        assert "'inspectd' is the node id of the server's root object" in proc.stderr, (args, proc.stderr)

@@ -24,10 +24,13 @@ the flags ResultValid is written last when it rises and first when it falls (`_e
 data-change notifications never sees it valid next to the previous result's Pass/Fail/Defect. The handshake itself is
 inspectd.clients.handshake's, shared with Modbus.
 
-In server mode Ack and AlarmReset are the only variables a client may write. A whole number of another type that fits
-(an Ack written as a PLC's Int32, an AlarmReset written as 1) is taken as the variable's type; anything else (an
-array: asyncua checks a write's type, not its rank; a fraction; a negative Ack) is refused with BadTypeMismatch and a
-warning, and the bridge serves on.
+In server mode Ack and AlarmReset are the only variables a client may write: the server offers anonymous sessions
+only (a user name is refused, never taken, so no one becomes asyncua's Admin, who may write any variable and delete
+nodes), and with `security` those sessions come only over a channel whose certificate is trusted. A whole number of
+another type that fits (an Ack written as a PLC's Int32, an AlarmReset written as 1) is taken as the variable's type;
+anything else (an array: asyncua checks a write's type, not its rank; a fraction; a negative Ack) is refused with
+BadTypeMismatch and a warning, and the bridge serves on. A write the bridge makes to its own variables that the
+address space refuses ends the bridge (exit 1), as a refused write does in client mode.
 
 Security (`security`): Basic256Sha256 with SignAndEncrypt, with this bridge's certificate and key; in server mode
 only that endpoint is offered and a client's certificate must be in the `trusted` folder; in client mode `trusted`
@@ -147,6 +150,8 @@ class OpcUaConfig(HandshakeSettings):
             )
         if len(set(self.cameras)) != len(self.cameras):
             raise invalid("cameras: expected each camera once")
+        if self.mode == "server" and ROOT_NODE in self.cameras:
+            raise invalid(f"cameras: {ROOT_CAMERA_REFUSED}")
         if self.mode == "client" and _template_fields(self.node_id) != {"camera", "name"}:
             # Checked here: str.format on any other field, or a stray brace, raises at connect and ends the bridge.
             raise invalid(
@@ -154,6 +159,15 @@ class OpcUaConfig(HandshakeSettings):
                 f"literal brace written {{{{ or }}}}), got {self.node_id!r}"
             )
         return self
+
+
+# Server mode: the node id of the object that holds the cameras' objects, each of which has its camera id as node id
+# (the variables' ids, `<camera>.<Name>`, are documented for PLC programs, so they stay as they are).
+ROOT_NODE = "inspectd"
+ROOT_CAMERA_REFUSED = (
+    f"{ROOT_NODE!r} is the node id of the server's root object (Objects/{ROOT_NODE}), expected another camera id in "
+    "server mode"
+)
 
 
 def _endpoint_ok(endpoint: str) -> bool:
@@ -233,6 +247,8 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
         camera = topic_camera(args.topic)
         if camera is None:
             raise ConfigError("cameras: expected at least one camera id (--camera, or a --topic naming one camera)")
+        if config.mode == "server" and camera == ROOT_NODE:
+            raise ConfigError(f"--topic {args.topic!r}: camera {ROOT_CAMERA_REFUSED}")
         config = dataclasses.replace(config, cameras=[camera])
     if config.cache_dir is None:
         # systemd joins several CacheDirectory= entries with ':'; the unit names one
@@ -271,11 +287,11 @@ def configure(args: argparse.Namespace) -> OpcUaConfig:
             ) from None
         load_state(state_file)  # a bad one stops the bridge here: a config error, not the PLC's
     if config.security is not None:
-        check_security(config.security, config.mode)
+        check_security(config.security, config.mode, config.application_uri)
     return config
 
 
-def check_security(security: Security, mode: str) -> None:
+def check_security(security: Security, mode: str, application_uri: str) -> None:
     """Read and parse the security files as asyncua will when the PLC side opens; raises ConfigError naming the key.
 
     Here rather than at start so that a wrong file is a configuration error (exit 2) that the service manager does not
@@ -287,6 +303,15 @@ def check_security(security: Security, mode: str) -> None:
             f"security.private_key {security.private_key}: expected the private key of security.certificate "
             f"{security.certificate}, got another one"
         )
+    if certificate is not None:
+        # asyncua starts with a mismatch and says nothing; every peer that validates certificates then refuses each
+        # session (BadCertificateUriInvalid), which in client mode is a restart loop rather than a config error.
+        uris = _certificate_uris(certificate)
+        if application_uri not in uris:
+            raise ConfigError(
+                f"security.certificate {security.certificate}: its subject alternative name carries "
+                f"{', '.join(uris) or 'no URI'}, expected application_uri {application_uri}"
+            )
     if mode == "client":
         _security_file("trusted", str(security.trusted), "certificate")  # the PLC server's certificate
         return
@@ -343,6 +368,16 @@ def _security_file(key: str, path: str, what: str) -> Any:
     if not isinstance(parsed.public_key(), rsa.RSAPublicKey):
         raise ConfigError(f"security.{key} {path}: expected an RSA {what} (Basic256Sha256), got another kind of key")
     return parsed
+
+
+def _certificate_uris(certificate: Any) -> list[str]:
+    from cryptography import x509
+
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(uri) for uri in names.get_values_for_type(x509.UniformResourceIdentifier)]
 
 
 def _numbers(item: Any) -> Any:
@@ -446,7 +481,16 @@ class ServerTarget:
             for name, value in group.items():
                 node = self.nodes[name]
                 variant = _variant(ua, value, NAMES[name][1], self.link.config)
-                await self.link.server.write_attribute_value(node.nodeid, ua.DataValue(variant))
+                # The address space's own write, for its status: Server.write_attribute_value drops it.
+                status = await self.link.server.iserver.aspace.write_attribute_value(
+                    node.nodeid, ua.AttributeIds.Value, ua.DataValue(variant)
+                )
+                if status is not None and not status.is_good():
+                    # As a refused write in client mode: the bridge ends (exit 1) and its restart builds the variables
+                    # anew, rather than the PLC reading a value that was never written.
+                    raise PlcError(
+                        f"OPC UA write of {self.camera} {NAMES[name][0]} ({node.nodeid.to_string()}): {status.name}"
+                    )
         remembered = self.link.state.get(self.camera, {})
         update = {}
         counts = {name: int(data[name]) & U32 for name in ("missed_acks", "sequence_gaps") if name in data}
@@ -574,6 +618,14 @@ class ServerLink:
         server.set_endpoint(self.config.endpoint)
         server.set_server_name("inspectd bridge")
         await server.set_application_uri(self.config.application_uri)
+        # asyncua's default makes any session that logs in as "admin", whatever its password, an Admin that may write
+        # every variable (a forged Pass) and delete nodes. The certificates are the access control: only anonymous
+        # sessions are offered, so a user name is refused at activation rather than taken.
+        server.allow_remote_admin(False)
+        if hasattr(server, "set_identity_tokens"):
+            server.set_identity_tokens([ua.AnonymousIdentityToken])
+        else:  # asyncua before set_identity_tokens
+            server.set_security_IDs(["Anonymous"])
         security = self.config.security
         if security is None:
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
@@ -599,8 +651,25 @@ class ServerLink:
                     CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT, store
                 )
             )
+        try:
+            await self._add_cameras(server)
+        except ua.UaStatusCodeError as exc:  # a node id taken twice: _consistent refuses the case it knows of
+            raise PlcError(
+                f"OPC UA server {self.config.endpoint}: cannot build the cameras' nodes ({one_line(exc)})"
+            ) from exc
+        from asyncua.common.callback import CallbackType
+
+        server.subscribe_server_callback(CallbackType.PreWrite, self._screen)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise PlcError(f"OPC UA server {self.config.endpoint}: cannot listen ({exc})") from exc
+        self.started = True
+
+    async def _add_cameras(self, server: Any) -> None:
+        ua = self.ua
         index = await server.register_namespace(self.config.namespace)
-        root = await server.nodes.objects.add_object(ua.NodeId("inspectd", index), f"{index}:inspectd")
+        root = await server.nodes.objects.add_object(ua.NodeId(ROOT_NODE, index), f"{index}:{ROOT_NODE}")
         for camera in self.config.cameras:
             folder = await root.add_object(ua.NodeId(camera, index), f"{index}:{camera}")
             nodes = {}
@@ -622,14 +691,6 @@ class ServerLink:
             for name in ("inspection_id", "missed_acks", "sequence_gaps"):
                 value = int(remembered.get(name, 0)) & U32
                 await nodes[name].write_value(_variant(ua, value, NAMES[name][1], self.config))
-        from asyncua.common.callback import CallbackType
-
-        server.subscribe_server_callback(CallbackType.PreWrite, self._screen)
-        try:
-            await server.start()
-        except OSError as exc:
-            raise PlcError(f"OPC UA server {self.config.endpoint}: cannot listen ({exc})") from exc
-        self.started = True
 
     def slots(self) -> list[tuple[str | None, ServerTarget]]:
         return [(camera, target) for camera, target in self.targets.items()]
