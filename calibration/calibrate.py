@@ -403,6 +403,7 @@ class _Scored:
     # (image, the earlier image of its set with its pixels) of those whose bytes differ from it: left out
     twins_good: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
     twins_defect: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
+    n_masked: int = 0  # defective images whose masks went into the pixel histograms
 
 
 def refuse_non_finite(scores, paths, what: str) -> None:
@@ -555,6 +556,7 @@ def _score(
     progress = Progress()
     progress.start(len(paths), "calibrate: images scored")
     at = 0
+    n_masked = 0
     scored_images = score_images(
         bundle,
         paths,
@@ -593,6 +595,7 @@ def _score(
             pixels.add(scored.frame_map, None, what=str(scored.path))
         elif pixels is not None and mask is not None:
             pixels.add(scored.frame_map, mask, what=str(scored.path))
+            n_masked += 1
         progress.update(at)
     progress.finish()
     n = len(good)
@@ -621,6 +624,7 @@ def _score(
         set(unusable_masks.values()),
         firsts[0].left_out,
         firsts[1].left_out,
+        n_masked,
     )
 
 
@@ -641,7 +645,7 @@ def _maskless_warning(defective: list[tuple[Path, Path | None]]) -> str | None:
     shown = listed(maskless, 3)
     return (
         f"WARNING: {len(maskless)} of {len(defective)} defective images have no ground-truth mask ({shown}): they are "
-        f"left out of the pixel threshold, the pixel F1-max over the {len(defective) - len(maskless)} with masks, as "
+        f"left out of the pixel threshold, the pixel F1-max over those with masks, as "
         "eval leaves them out of its pixel metrics; give each its mask for the pixel threshold to cover them"
     )
 
@@ -718,7 +722,11 @@ def _choose(args, scored: _Scored, out) -> tuple[float, float | None, dict]:
         if scored.has_masks:
             f1, pixel = pixel_threshold_for_f1(scored.pixels)
             target["pixel"] = {"kind": "max_f1", "f1": round(f1, 6)}
-            print(f"pixel threshold {pixel:.6g}: pixel F1-max {f1:.4f} over ground-truth masks", file=out)
+            print(
+                f"pixel threshold {pixel:.6g}: pixel F1-max {f1:.4f} over ground-truth masks "
+                f"({scored.n_masked} defective image{'s' * (scored.n_masked != 1)})",
+                file=out,
+            )
         else:
             fpr = DEFAULT_PIXEL_FPR if args.pixel_fpr is None else args.pixel_fpr
             pixel = pixel_threshold_for_fpr(scored.pixels, fpr)

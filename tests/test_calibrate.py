@@ -1376,13 +1376,14 @@ def test_a_defective_image_without_a_mask_leaves_the_pixel_rule_on_the_masks_wit
     assert "note: --pixel-fpr 0.01 not used: the defects have masks, the pixel threshold is their pixel F1-max" in lines
     assert (
         f"WARNING: 1 of 10 defective images have no ground-truth mask ({crack / '000.png'}): they are left out of the "
-        "pixel threshold, the pixel F1-max over the 9 with masks, as eval leaves them out of its pixel metrics; give "
+        "pixel threshold, the pixel F1-max over those with masks, as eval leaves them out of its pixel metrics; give "
         "each its mask for the pixel threshold to cover them"
     ) in lines, out
     assert f"WARNING: skipped 1 image(s) that do not decode: {masks / '001_mask.png'}" in lines, out
     pixel = [line for line in lines if line.startswith("pixel threshold")]
     assert [line.split(":")[0] for line in pixel] == [every_mask[0].split(":")[0]], out
-    assert "over ground-truth masks" in pixel[0], out
+    # Over the 8 whose masks were read, not the 9 with masks named before scoring (one did not decode).
+    assert "over ground-truth masks (8 defective images)" in pixel[0], out
     written = thresholds_doc.read(bundle / thresholds_doc.FILE_NAME)
     assert written.provenance["target"]["pixel"]["kind"] == "max_f1"
     prov = written.provenance
