@@ -1,8 +1,9 @@
 """ONNX export and the two runtime backends: the exported graph (uint8 pixels -> score, map; scorer params as inputs;
 dynamic batch) agrees with torch on real frames at batch 1 and 3, for every scorer, and for a top-share image score at
 a size with partial pooling blocks on padded frames; `inspectd export` rewrites a bundle's graph; swapping scorer
-params needs no export and keeps its own copy; bad input is refused with one line; a spot in a stretched or padded
-frame comes back to its own place in the frame-sized map."""
+params needs no export and keeps its own copy; bad input (pixels, a scorer.npz or weights.npz that does not fit the
+graph) is refused with one line; a spot in a stretched or padded frame comes back to its own place in the frame-sized
+map."""
 
 from __future__ import annotations
 
@@ -492,3 +493,127 @@ def test_run_check_on_the_torch_backend_refuses_a_wrong_typed_architecture_in_on
     assert done.stderr.count("\n") == 1 and f"{tmp_path / 'bundle' / 'manifest.json'}: {field} " in done.stderr, (
         done.stderr
     )
+
+
+def with_file(source: Path, where: Path, name: str, arrays: dict[str, np.ndarray]) -> Path:
+    """A copy of `source` whose `name` holds `arrays`, its checksum fixed so the bundle loads (a hand edit)."""
+    from engines.bundle.store import _npz_bytes
+
+    data = _npz_bytes(arrays)
+    copy = edited_copy(source, where, lambda m: m["files"].update({name: hashlib.sha256(data).hexdigest()}))
+    (copy / name).write_bytes(data)
+    return copy
+
+
+def test_the_torch_backend_checks_scorer_shapes_against_its_graph_as_onnx_runtime_does(bundle, tmp_path):
+    """The torch backend took its expected shapes from the scorer.npz it checked, so a file trimmed along a fixed
+    dimension opened, then failed every batch (`inspectd eval --backend torch` ended in a traceback). Both backends
+    must refuse it in the same line naming scorer.npz."""
+    params = dict(bundle.scorer_params())
+    name = bundle.scorer_inputs[-1]  # gauss_precision [D, D] for the Gaussian; D of the others
+    value = params[name]
+    params[name] = value[:-1, :-1] if name == "gauss_precision" else value[:, : value.shape[1] - 1]
+    if "gauss_mean" in params:  # the grid too: its h and w come from the graph's features alone
+        trimmed = {**params, "gauss_mean": params["gauss_mean"][:, :-1, :-1]}
+        trimmed["gauss_precision"] = bundle.scorer_params()["gauss_precision"]
+        cases = [params, trimmed]
+    else:
+        cases = [params]
+    for i, case in enumerate(cases):
+        copy = load_bundle(with_file(bundle.path, tmp_path / f"copy{i}", "scorer.npz", case))
+        messages = {}
+        for backend, options in (("onnxruntime", {"intra_op_threads": 1}), ("torch", {})):
+            with pytest.raises(EngineError) as info:
+                open_engine(copy, backend, options, max_batch=2)
+            messages[backend] = str(info.value)
+        assert messages["torch"] == messages["onnxruntime"], messages
+        assert messages["torch"].startswith(f"{copy.path / 'scorer.npz'}: "), messages
+        assert " has shape " in messages["torch"] and "\n" not in messages["torch"], messages
+
+
+@pytest.fixture(scope="module")
+def kmeans_weights(kmeans_bundle) -> dict[str, np.ndarray]:
+    return load_bundle(kmeans_bundle).weights()
+
+
+def _first(weights: dict[str, np.ndarray], ndim: int) -> str:
+    return next(key for key, value in weights.items() if value.ndim == ndim and value.dtype.kind == "f")
+
+
+WEIGHT_EDITS = {
+    "missing": (
+        lambda w, k: {n: v for n, v in w.items() if n != k},
+        lambda w, k: f"{k} missing, expected the {len(w)} tensors of the architecture",
+    ),
+    "unexpected": (
+        lambda w, k: {**w, "extra.weight": np.zeros(3, np.float32)},
+        lambda w, k: "extra.weight is not a tensor of the architecture, expected only its tensors",
+    ),
+    "shape": (
+        lambda w, k: {**w, k: w[k][:1]},
+        lambda w, k: f"{k} has shape {(1, *w[k].shape[1:])}, expected {list(w[k].shape)}",
+    ),
+    "nan": (
+        lambda w, k: {**w, k: np.full_like(w[k], np.nan)},
+        lambda w, k: f"{k} holds NaN or infinity, expected finite numbers",
+    ),
+    "past-float32": (
+        lambda w, k: {**w, k: np.full(w[k].shape, 1e300)},
+        lambda w, k: f"{k} holds numbers past float32's range, expected finite numbers",
+    ),
+    "complex": (
+        lambda w, k: {**w, k: w[k].astype(np.complex64)},
+        lambda w, k: f"{k} has dtype complex64, expected real floating point numbers",
+    ),
+    "bool": (lambda w, k: {**w, k: w[k] > 0}, lambda w, k: f"{k} has dtype bool, expected real floating point numbers"),
+    "int": (
+        lambda w, k: {**w, k: w[k].astype(np.int32)},
+        lambda w, k: f"{k} has dtype int32, expected real floating point numbers",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", list(WEIGHT_EDITS))
+def test_weights_that_do_not_fit_the_graph_are_refused_naming_the_key(kmeans_bundle, kmeans_weights, tmp_path, edit):
+    """torch's own refusal was cut to its header (`Error(s) in loading state_dict for InferenceGraph:`), naming no
+    tensor; NaN, complex, bool and integer weights were cast or taken, and export wrote a graph that scored NaN."""
+    from engines.errors import BundleError
+    from engines.model.export import graph_from_bundle
+
+    change, reason = WEIGHT_EDITS[edit]
+    key = _first(kmeans_weights, 4)  # a convolution's weight
+    copy = load_bundle(with_file(kmeans_bundle, tmp_path / "copy", "weights.npz", change(kmeans_weights, key)))
+    with pytest.raises(BundleError) as info:
+        graph_from_bundle(copy)
+    message = str(info.value)
+    assert message == f"{copy.path / 'weights.npz'}: {reason(kmeans_weights, key)}", message
+
+
+def test_export_refuses_nan_weights_in_one_line_and_keeps_the_graph(kmeans_bundle, kmeans_weights, tmp_path, capsys):
+    from engines.model.export import add_arguments, run
+
+    key = _first(kmeans_weights, 1)
+    copy = with_file(
+        kmeans_bundle, tmp_path / "copy", "weights.npz", {**kmeans_weights, key: kmeans_weights[key] * np.nan}
+    )
+    graph = (copy / "model.onnx").read_bytes()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    capsys.readouterr()
+    assert run(parser.parse_args([str(copy)])) == 2
+    assert capsys.readouterr().err == (
+        f"inspectd export: {copy / 'weights.npz'}: {key} holds NaN or infinity, expected finite numbers\n"
+    )
+    assert (copy / "model.onnx").read_bytes() == graph
+
+
+def test_weights_torch_loads_as_they_are_still_load(kmeans_bundle, kmeans_weights, tmp_path):
+    """float64 weights (cast to the graph's float32) and BatchNorm's counters stored with one element, as the
+    pretrained files store them, are what torch loads: no refusal."""
+    from engines.model.export import graph_from_bundle
+
+    widened = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in kmeans_weights.items()}
+    assert any(v.shape == (1,) and v.dtype.kind == "i" for v in widened.values())
+    graph = graph_from_bundle(load_bundle(with_file(kmeans_bundle, tmp_path / "copy", "weights.npz", widened)))
+    key = _first(kmeans_weights, 4)
+    assert np.array_equal(graph.state_dict()[key].numpy(), kmeans_weights[key])

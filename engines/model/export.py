@@ -16,6 +16,7 @@ import argparse
 import io
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -129,13 +130,43 @@ def graph_from_bundle(bundle: Bundle) -> InferenceGraph:
             f"{bundle.path / MANIFEST}: architecture does not build a graph ({one_line(exc)}), expected what train "
             "recorded"
         ) from exc
+    weights = bundle.weights()
+    check_weights(weights, graph, bundle.path / WEIGHTS)
     try:
-        load_state_arrays(graph, bundle.weights())
-    except (KeyError, RuntimeError, ValueError) as exc:
+        load_state_arrays(graph, weights)
+    except (KeyError, RuntimeError, ValueError) as exc:  # past check_weights: torch's own reasons, first line
         raise BundleError(
-            f"{bundle.path / WEIGHTS}: does not fit the manifest's architecture ({str(exc).splitlines()[0]})"
+            f"{bundle.path / WEIGHTS}: does not fit the manifest's architecture ({one_line(exc)})"
         ) from exc
     return graph.eval()
+
+
+def check_weights(arrays: dict[str, np.ndarray], graph: InferenceGraph, where: Path) -> None:
+    """BundleError in one line naming `where` (weights.npz) and the first key that `graph` would not load as it is:
+    torch's own refusal lists every key on lines after a bare header, and it casts complex (dropping the imaginary
+    part), bool and integer arrays, and takes NaN, without a word."""
+    expected = graph.state_dict()
+    for key, tensor in expected.items():
+        if key not in arrays:
+            raise BundleError(f"{where}: {key} missing, expected the {len(expected)} tensors of the architecture")
+        value = arrays[key]
+        # torch loads a scalar from one element too, and the pretrained files store BatchNorm's counters that way.
+        if tuple(value.shape) != tuple(tensor.shape) and not (tensor.dim() == 0 and tuple(value.shape) == (1,)):
+            raise BundleError(f"{where}: {key} has shape {tuple(value.shape)}, expected {list(tensor.shape)}")
+        if tensor.is_floating_point():
+            if value.dtype.kind != "f":
+                raise BundleError(f"{where}: {key} has dtype {value.dtype}, expected real floating point numbers")
+            if not np.isfinite(value).all():
+                raise BundleError(f"{where}: {key} holds NaN or infinity, expected finite numbers")
+            # A wider float would load as infinity past the graph's own range.
+            if value.size and float(np.abs(value).max()) > torch.finfo(tensor.dtype).max:
+                kind = str(tensor.dtype).removeprefix("torch.")
+                raise BundleError(f"{where}: {key} holds numbers past {kind}'s range, expected finite numbers")
+        elif value.dtype.kind not in "iu":  # a counter kept beside the weights (BatchNorm's num_batches_tracked)
+            raise BundleError(f"{where}: {key} has dtype {value.dtype}, expected integers")
+    unexpected = [key for key in arrays if key not in expected]
+    if unexpected:
+        raise BundleError(f"{where}: {unexpected[0]} is not a tensor of the architecture, expected only its tensors")
 
 
 def export_bundle(path, opset: int = DEFAULT_OPSET) -> Bundle:

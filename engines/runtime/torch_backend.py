@@ -16,8 +16,7 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field
 
-from engines.bundle.format import VARIABLE_ROWS
-from engines.errors import EngineError
+from engines.errors import EngineError, one_line
 from engines.runtime.base import MAX_THREADS, Engine, InferenceResult, check_pixels, check_scorer_params
 from engines.schema import Int, declared, matching
 
@@ -71,13 +70,31 @@ class TorchEngine(Engine):
                 f"{bundle.path}: its architecture builds a graph with scorer inputs {list(self.graph.scorer_inputs)}, "
                 f"the manifest's scorer_inputs are {list(bundle.scorer_inputs)}"
             )
-        example = bundle.scorer_params()
-        # Shapes as the exported graph declares them: the row count of a VARIABLE_ROWS input may change on a refit.
-        self._param_shapes = {
-            n: ["dynamic" if n in VARIABLE_ROWS and i == 0 else d for i, d in enumerate(example[n].shape)]
-            for n in bundle.scorer_inputs
+        self._param_shapes = self._graph_param_shapes(torch)
+        self.set_scorer_params(bundle.scorer_params())
+
+    def _graph_param_shapes(self, torch) -> dict[str, list]:
+        """The scorer inputs' shapes as the exported graph declares them (what the ONNX Runtime backend reads off
+        model.onnx), from the features [1, D, h, w] of one blank frame: never from the scorer.npz being checked."""
+        try:
+            with torch.inference_mode():
+                blank = torch.zeros((1, *self.graph.input_shape), dtype=torch.uint8, device=self.device)
+                _, depth, height, width = self.graph.embed(blank).shape
+        except RuntimeError as exc:
+            raise EngineError(
+                f"{self.bundle.path}: the graph fails on one blank frame ({one_line(exc)}), expected a graph that "
+                "runs at its input size"
+            ) from exc
+        # A VARIABLE_ROWS input's first dimension (engines.bundle.format) is dynamic, named after the input as export
+        # names it. Every scorer in engines.model.graph.SCORERS is opened on this backend by tests/test_export.py, so
+        # none is missing here.
+        shapes: dict[str, list] = {
+            "references": ["references", depth, height, width],
+            "memory_bank": ["memory_bank", depth],
+            "gauss_mean": [depth, height, width],
+            "gauss_precision": [depth, depth],
         }
-        self.set_scorer_params(example)
+        return {n: shapes[n] for n in self.bundle.scorer_inputs}
 
     def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:
         import torch  # imported by __init__ already: a dictionary lookup
