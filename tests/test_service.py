@@ -12,11 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 
 from daemon_harness import REPO, Station, in_process_config
 from engines.bundle import thresholds as thresholds_doc
@@ -24,6 +26,7 @@ from engines.bundle.store import write_bundle
 from engines.errors import EngineError
 from engines.runtime.onnxruntime_backend import OnnxRuntimeEngine
 from engines.runtime.score_shift import ScoreShift
+from inspectd.daemon.inference import ModelState
 from inspectd.daemon.service import Daemon
 from other_user import NOBODY, as_nobody
 from station_model import M, grey_graph, write_grey_bundle
@@ -300,6 +303,69 @@ def test_an_archive_writer_that_dies_makes_the_daemon_unhealthy(daemon):
     assert daemon.status()["healthy"] is False and not daemon.progressing()
 
 
+def stop_in_thread(daemon) -> tuple[threading.Thread, list]:
+    """daemon.shutdown() on a thread of its own, so a stop that never ends fails the test instead of hanging it."""
+    outcome: list = []
+
+    def stop() -> None:
+        try:
+            outcome.append(daemon.shutdown())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=stop, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_an_engine_close_that_hangs_at_stop_ends_the_stop_unclean_within_a_grace(daemon, monkeypatch):
+    """Closing the engine is the stop's last step (a CUDA/TensorRT teardown on a GPU station). Hung, it held the stop
+    until systemd's SIGKILL at TimeoutStopSec, with no `stopped` line. Now the stop waits for it a grace at most, says
+    so in one line and ends unclean (exit 1), every result out."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hung_close(state):
+        entered.set()
+        release.wait(120)
+
+    monkeypatch.setattr(ModelState, "close", hung_close)
+    wait_for(lambda: daemon.publisher.published >= 2, 20, "results")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            thread, outcome = stop_in_thread(daemon)
+            # shutdown_timeout_s is 5 and ENGINE_CLOSE_GRACE_S 5: far more than either, for a loaded machine.
+            thread.join(35)
+        assert not thread.is_alive(), "the stop waited for the hung close"
+        assert entered.is_set() and outcome == [False], outcome
+        events = [e["event"] for e in logs]
+        assert "engine_close_timeout" in events, logs
+        stopped = [e for e in logs if e["event"] == "stopped"]
+        assert stopped and stopped[0]["clean"] is False and stopped[0]["drained"] is True, stopped
+        assert stopped[0]["engines_closed"] is False, stopped
+    finally:
+        release.set()
+
+
+def test_an_engine_close_that_fails_at_stop_is_one_line_and_an_unclean_stop(daemon, monkeypatch):
+    """A close that raises (a CUDA error in the teardown) ended the stop in a traceback with no `stopped` line. Now it
+    is one `engine_close_failed` line naming the error, and the stop ends unclean (exit 1) with its `stopped` line."""
+
+    def failing_close(state):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    monkeypatch.setattr(ModelState, "close", failing_close)
+    wait_for(lambda: daemon.publisher.published >= 2, 20, "results")
+    with structlog.testing.capture_logs() as logs:
+        thread, outcome = stop_in_thread(daemon)
+        thread.join(35)
+    assert not thread.is_alive() and outcome == [False], outcome
+    failed = [e for e in logs if e["event"] == "engine_close_failed"]
+    assert len(failed) == 1 and "RuntimeError: CUDA error" in failed[0]["error"], logs
+    stopped = [e for e in logs if e["event"] == "stopped"]
+    assert stopped and stopped[0]["clean"] is False and stopped[0]["engines_closed"] is False, stopped
+
+
 def slow_manifest_opens(bundle: Path) -> tuple[str, ...]:
     """The command prefix (strace's syscall delay) under which every open of the bundle's manifest takes 2.5 s."""
     strace = shutil.which("strace")
@@ -353,6 +419,81 @@ def test_a_sighup_reload_caught_by_a_stop_gives_its_engine_up_and_the_stop_waits
         failed = s.events("reload_failed")
         assert failed and "the daemon is stopping" in failed[0]["error"], s.log_tail()
         assert s.events("stopped")[-1]["engines_closed"] is True, s.log_tail()
+    finally:
+        s.close()
+
+
+def test_a_stop_that_catches_a_reload_slower_than_shutdown_timeout_waits_for_it_and_exits_0(tmp_path):
+    """As above with shutdown_timeout_s 1, shorter than the reload's slowed open: the stop drained in time, then gave
+    up on the reload at the drain's deadline, left the running engine unclosed and exited 1 inside the engine open,
+    a "failed" unit after a plain stop. Now a stop that drained waits for the reload (RELOAD_GRACE_S past the
+    deadline), which gives its engine up; the engines are closed and the exit is 0."""
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    delay = slow_manifest_opens(bundle)
+    camera = {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}
+    s = Station(tmp_path, bundle, [camera], wrap=delay, shutdown_timeout_s=1)
+    try:
+        s.wait_ready(timeout=60)
+        os.kill(s.daemon_pid, signal.SIGHUP)
+        wait_for(lambda: s.events("reload_started"), 30, "the reload to begin")
+        assert s.stop(timeout=60) == 0, s.log_tail()
+        assert not s.events("reloaded") and not s.events("reload_still_running"), s.log_tail()
+        failed = s.events("reload_failed")
+        assert failed and "the daemon is stopping" in failed[0]["error"], s.log_tail()
+        stopped = s.events("stopped")[-1]
+        assert stopped["drained"] is True and stopped["engines_closed"] is True and stopped["clean"] is True, stopped
+    finally:
+        s.close()
+
+
+def test_a_stop_during_the_bundle_verification_ends_the_start_before_the_engine_opens(tmp_path):
+    """SIGTERM while the bundle is verified (each open of its manifest slowed to 2.5 s): the load went on through the
+    engine open and the warm-up, minutes on a GPU station, past the units' TimeoutStopSec and into SIGKILL. Now the
+    start checks the stop between its steps: no model loaded, no READY=1, STOPPING=1, a clean stop and exit 0."""
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    camera = {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}
+    s = Station(tmp_path, bundle, [camera], wrap=slow_manifest_opens(bundle))
+    try:
+        # The state_dir lock is taken after the signal handlers are in place and just before the bundle's open.
+        wait_for(lambda: (tmp_path / "state" / "inspectd.lock").exists(), 30, "the state_dir lock")
+        assert not s.events("model_loaded"), s.log_tail()
+        os.kill(s.daemon_pid, signal.SIGTERM)
+        assert s.proc.wait(60) == 0, s.log_tail()
+        s.read_notes()
+        assert "READY=1" not in s.note_lines and "STOPPING=1" in s.note_lines, s.note_lines
+        assert not s.events("model_loaded") and not s.events("started"), s.log_tail()
+        stopped = s.events("stopped")
+        assert stopped and stopped[-1]["clean"] is True, s.log_tail()
+        assert "Traceback" not in s.log_path.read_text(), s.log_tail()
+    finally:
+        s.close()
+
+
+def test_the_daemon_raises_its_soft_open_files_limit_to_the_hard_one(tmp_path):
+    """Outside the units' LimitNOFILE (run by hand, another supervisor) the daemon had the soft limit it was given,
+    1024 as a rule, which idle connections to a CURVE tcp port can fill (journal fsyncs then fail). It raises the
+    soft limit to the hard one at start, without a word."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 256
+    assert hard == resource.RLIM_INFINITY or hard > low, f"hard RLIMIT_NOFILE {hard}: nothing to raise to here"
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    camera = {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}
+    s = Station(
+        tmp_path,
+        bundle,
+        [camera],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)),
+    )
+    try:
+        s.wait_ready(timeout=60)
+        limits = Path(f"/proc/{s.daemon_pid}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        got_soft, got_hard = row.split()[3:5]
+        assert got_soft == got_hard and got_soft != str(low), row
+        assert not s.events("open_files_limit_not_raised"), s.log_tail()
+        assert s.stop() == 0, s.log_tail()
     finally:
         s.close()
 

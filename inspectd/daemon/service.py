@@ -10,7 +10,9 @@ Lifecycle:
   reload   (SIGHUP or control `reload`) build a new model state beside the running one and swap it between batches;
            the engine it replaced is closed by the inference thread once its last batch has finished.
   stop     (SIGTERM/SIGINT) stop ingest, drain every queued and in-flight frame through the engine, publish the
-           results, close the PUB socket with a short linger, exit 0, all within shutdown_timeout_s.
+           results, close the PUB socket with a short linger, close the engines, exit 0: the drain within
+           shutdown_timeout_s, the rest within graces of their own past it (see Daemon.shutdown). A stop during
+           the model load ends it between its steps (bundle verified, engine opened, warmed up): no READY=1, exit 0.
   watchdog WATCHDOG=1 is sent only while the pipeline makes progress (a batch finished recently, or nothing is waiting)
            and the inference stage is healthy; a stuck engine therefore gets the service restarted by systemd.
   drift    every published `ok` score (and the mean grey level of its model input) feeds its camera's drift monitor
@@ -52,6 +54,15 @@ PUBLISH_GRACE_S = 2.0  # how long results already judged (or refused at shutdown
 # deletes and moves, on a share that may stall).
 SETTLE_S = 1.0
 PUB_LINGER_MS = 1000  # long enough for the last results to leave on shutdown, short enough to never hang
+# How long a stop waits at least for the engines' close (a CUDA/TensorRT teardown), past shutdown_timeout_s: a close
+# that hangs must not hold the process up to systemd's SIGKILL.
+ENGINE_CLOSE_GRACE_S = 5.0
+# How long past shutdown_timeout_s a stop that drained in time waits for a reload it caught (SIGHUP's or control's,
+# opening its engine) to give that engine up, so the running one can be closed and the stop end clean.
+RELOAD_GRACE_S = 15.0
+# A reload that has given its engine up (shutdown then took the lock from it) only logs its refusal: its thread ends
+# within this.
+RELOAD_END_S = 1.0
 IDLE_TICK_S = 0.5  # how often an idle inference thread reports progress
 STUCK_AFTER_S = 10.0  # a batch older than this without finishing means the pipeline is stuck...
 # ...or, for a batch this many times as long as its frames took in recent batches (a full batch of hundreds of frames
@@ -86,10 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class StartStopped(Exception):
+    """A stop asked for while the model loaded: the start ends between two of its steps, with nothing taken in."""
+
+
 class Daemon:
     """The running pipeline; also the control handler (status/reload/set_thresholds/pause/resume)."""
 
-    def __init__(self, config, log=None) -> None:
+    def __init__(self, config, log=None, stop: threading.Event | None = None) -> None:
+        """Opens the journal and loads the model; StartStopped where `stop` is set between the load's steps (the
+        bundle verified, the engine opened), each of which may take minutes on a GPU station."""
         from inspectd.daemon.ingest.queue import FrameQueue
         from inspectd.daemon.ingest.supervisor import CameraIngest
 
@@ -118,9 +135,25 @@ class Daemon:
         self.control_curve = self._curve("control", config.control.curve)
         self.publish_curve = self._curve("publish", config.publish.curve)
         self.journal = self._open_journal()
-        state = ModelState.open(
-            config.model.bundle, config.engine.backend, config.engine.options, config.batching.max_batch
-        )
+        try:
+            _stop_check(stop)
+            state = ModelState.open(
+                config.model.bundle,
+                config.engine.backend,
+                config.engine.options,
+                config.batching.max_batch,
+                accept=lambda _bundle: _stop_check(stop),
+            )
+            try:
+                _stop_check(stop)
+                warm_s = self._timed_warm_up(state)  # READY=1 then means the engine is warm
+            except BaseException:
+                state.close()
+                raise
+        except StartStopped:
+            if self.journal is not None:
+                self.journal.close()  # nothing written: the next start need not take this run for a crash
+            raise
         self.stage = InferenceStage(state, config.batching.max_batch, config.publish.masks)
         # camera -> ((model_id, thresholds_version) its reference belongs to, monitor)
         self._drift: dict[str, tuple[tuple[str, int], DriftMonitor]] = {}
@@ -139,7 +172,7 @@ class Daemon:
                     thresholds_version=state.thresholds_version,
                     samples_needed=monitor.min_samples,
                 )
-        self._frame_s = self._timed_warm_up(state)  # READY=1 then means the engine is warm
+        self._frame_s = warm_s
         self.log.info(
             "model_loaded",
             model_id=state.model_id,
@@ -218,7 +251,8 @@ class Daemon:
         )
 
     def shutdown(self) -> bool:
-        """Stop ingest, drain, publish, close. True when everything finished within shutdown_timeout_s."""
+        """Stop ingest, drain, publish, close. True when the drain finished within shutdown_timeout_s, and the
+        publish and the engines' close within their graces past it."""
         deadline = time.monotonic() + self.config.shutdown_timeout_s
         self.log.info("stopping", pending=self.batcher.pending())
         # A zmq camera first unbinds, so its producers keep what they have not handed over for the next start, and
@@ -256,21 +290,24 @@ class Daemon:
         if self.archive is not None:
             from inspectd.daemon.archive import CLOSE_GRACE_S
 
-            # Its queued frames are named in results already out: a grace of their own, as those results had. A
-            # stop takes at most 8 s past shutdown_timeout_s (2 x PUBLISH_GRACE_S, PUB_LINGER_MS, SETTLE_S,
-            # CLOSE_GRACE_S), which the units' TimeoutStopSec allows for.
+            # Its queued frames are named in results already out: a grace of their own, as those results had.
             self.archive.close(max(CLOSE_GRACE_S, deadline - time.monotonic()))
+        # A stop takes at most about 21 s past shutdown_timeout_s, which the units' TimeoutStopSec=90 allows for
+        # with shutdown_timeout_s at its 60 s maximum: up to about 12 s of the graces above and below (2 x
+        # PUBLISH_GRACE_S, PUB_LINGER_MS, SETTLE_S, archive's CLOSE_GRACE_S, control's and metrics' stops); where
+        # the drain finished, up to RELOAD_GRACE_S (those graces within it) for a reload it caught, then
+        # ENGINE_CLOSE_GRACE_S for the engines' close and RELOAD_END_S for the reload's thread to end.
         if self.control is not None:
             self.control.stop()
         if self.metrics is not None:
             self.metrics.stop()
-        # A reload still opening its engine (SIGHUP's thread, or control's) would swap it in after this close.
+        # A reload still opening its engine (SIGHUP's thread, or control's) would swap it in after this close. Once
+        # every result is out it is waited for past the deadline: it sees the stop when its open ends and gives
+        # that engine up, and exiting under it would end the process inside the engine's native code.
         closed = False
-        if drained and self._reload_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        if drained and self._reload_lock.acquire(timeout=max(0.0, deadline + RELOAD_GRACE_S - time.monotonic())):
             try:
-                self._close_retired(wait=True)
-                self.stage.state.close()
-                closed = True
+                closed = self._close_engines(max(ENGINE_CLOSE_GRACE_S, deadline - time.monotonic()))
             finally:
                 self._reload_lock.release()
         clean = drained and published and closed
@@ -372,21 +409,51 @@ class Daemon:
         if was_healthy != self.stage.healthy:
             self.log.warning("health_changed", healthy=self.stage.healthy, last_error=self.stage.last_error)
 
-    def _close_retired(self, wait: bool = False) -> None:
+    def _close_retired(self) -> None:
         """Close engines a reload replaced; called between batches, so none is in use. The closing itself (the
         session's teardown and malloc_trim over every arena, tens of ms with a real model) runs on its own thread:
         on the inference thread it was a stall every reload, long enough to overflow a live camera's queue."""
+        retired = self._take_retired()
+        if retired:
+            threading.Thread(target=_close_all, args=(retired,), name="retire-engine", daemon=True).start()
+
+    def _take_retired(self) -> list[ModelState]:
         retired = []
         while self._retired:
             old = self._retired.pop()
             if old.engine is not self.stage.state.engine:
                 retired.append(old)
-        if not retired:
-            return
-        closer = threading.Thread(target=_close_all, args=(retired,), name="retire-engine", daemon=True)
+        return retired
+
+    def _close_engines(self, wait_s: float) -> bool:
+        """At stop: close the replaced engines and the running one, waiting `wait_s` at most. False, said in one
+        line, where the running one's close failed or did not end in time (a hung GPU teardown is left to the
+        process exit rather than holding the stop up to systemd's SIGKILL)."""
+        from inspectd.daemon.control import error_line
+
+        retired = self._take_retired()
+        state = self.stage.state
+        failed: list[BaseException] = []
+
+        def close() -> None:
+            _close_all(retired)  # each failure logged as a warning: these engines judge nothing any more
+            try:
+                state.close()
+            except Exception as exc:
+                failed.append(exc)
+
+        closer = threading.Thread(target=close, name="close-engine", daemon=True)
         closer.start()
-        if wait:
-            closer.join()
+        closer.join(wait_s)
+        if closer.is_alive():
+            self.log.error(
+                "engine_close_timeout", waited_s=round(wait_s, 1), effect="the process exits with the engine closing"
+            )
+            return False
+        if failed:
+            self.log.error("engine_close_failed", error=error_line(failed[0]))
+            return False
+        return True
 
     def _on_published(self, judged: Judged, latency_ms: float) -> None:
         if self.metrics is not None:
@@ -989,6 +1056,11 @@ def _builds_on(new: Any, current: Any) -> bool:
     return bool(earlier) and earlier == thresholds_doc.history_after(current)[: len(earlier)]
 
 
+def _stop_check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise StartStopped("the daemon was stopped during its start")
+
+
 def _close_all(states: list[ModelState]) -> None:
     for state in states:
         try:
@@ -1284,6 +1356,27 @@ def hold_state_dir(state_dir: Path) -> None:
         )
 
 
+def raise_open_files_limit(log) -> None:
+    """The soft RLIMIT_NOFILE raised to the hard one: a daemon run outside the units' LimitNOFILE (by hand, another
+    supervisor) would otherwise have the usual 1024, which idle connections to a CURVE tcp endpoint can fill, and the
+    journal's fsyncs and the archive's writes then fail. Never lowered; one warning line where it cannot be raised."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "open_files_limit_not_raised",
+            soft=soft,
+            hard=hard,
+            error=str(exc),
+            effect=f"the daemon may hold {soft} descriptors at most",
+        )
+
+
 def _reload(daemon: Daemon, log) -> None:
     try:
         daemon.reload()
@@ -1340,14 +1433,19 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     log = structlog.get_logger("inspectd")
     notifier = Notifier.from_env()
+    raise_open_files_limit(log)
 
     try:
         hold_state_dir(Path(config.state_dir))
         if stop.is_set():  # stopped while the config loaded: no model to load, nothing taken in
             log.info("stopped", before="the start", clean=True)
             return 0
-        daemon = Daemon(config, log)
-        daemon.start(stop)  # a stop during the model load starts no camera
+        daemon = Daemon(config, log, stop)  # a stop between the load's steps ends the start there
+        daemon.start(stop)  # a stop during the last step (the warm-up) starts no camera
+    except StartStopped:
+        notifier.stopping()
+        log.info("stopped", during="the model load", clean=True)
+        return 0
     except KeysError as exc:
         # A key file the config names, refused as `run --check` refuses it: exit 2 like the config's own refusals,
         # which the units do not retry (it would be refused again every RestartSec until someone mends the file).
@@ -1399,9 +1497,9 @@ def run(args: argparse.Namespace) -> int:
     clean = daemon.shutdown()
     if reloader is not None and reloader.is_alive():
         # A reload caught opening a bundle gives its engine up when it sees the stop; exiting under it would end
-        # the process inside the engine's native code. Within the same deadline: the units' TimeoutStopSec allows
-        # for shutdown_timeout_s, not twice it.
-        reloader.join(max(0.0, deadline - time.monotonic()))
+        # the process inside the engine's native code. Where the stop drained, shutdown waited for it (up to
+        # RELOAD_GRACE_S) and it only has its refusal to log.
+        reloader.join(max(RELOAD_END_S, deadline - time.monotonic()))
         if reloader.is_alive():
             log.warning("reload_still_running", effect="exiting while it opens an engine")
             clean = False
