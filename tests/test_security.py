@@ -79,6 +79,56 @@ def test_keys_generate_into_a_file_names_out_and_says_it_is_no_directory(tmp_pat
         )
 
 
+def _generate(out: Path, name: str = "server", preexec_fn=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "inspectd", "keys", "generate", "--out", str(out), "--name", name]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO, preexec_fn=preexec_fn)
+
+
+@pytest.mark.parametrize("cut", ["first file", "second file"])
+def test_keys_generate_that_cannot_write_leaves_nothing_and_a_rerun_makes_the_pair(tmp_path, cut):
+    """A disk that filled up mid-write (RLIMIT_FSIZE here) left a truncated server.key, or a whole one and a cut
+    secret, and the rerun refused with "keys are never overwritten" as if a real pair were protected. Now the run
+    says nothing was left, leaves no file at all, and the rerun writes the pair."""
+    sizes = sorted(path.stat().st_size for path in keys.generate(tmp_path / "sizes", "server"))
+    assert sizes[0] < sizes[1], sizes  # a limit between the two lets one file through whole
+    limit = 64 if cut == "first file" else (sizes[0] + sizes[1]) // 2
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "k"
+    failed = _generate(out, preexec_fn=small_files)
+    assert sorted(os.listdir(out)) == [], failed.stderr
+    assert (failed.returncode, failed.stderr) == (
+        1,
+        f"inspectd keys: --out {out}: cannot write the key pair (File too large); nothing was left behind\n",
+    )
+    again = _generate(out)
+    assert again.returncode == 0, again.stderr
+    public, secret = keys.load_secret(out / "server.key_secret")
+    assert keys.load_public(out / "server.key") == public and len(secret) == 40
+    assert sorted(os.listdir(out)) == ["server.key", "server.key_secret"]
+
+
+def test_keys_generate_refuses_a_link_at_the_secret_name_and_writes_nothing_through_it(tmp_path):
+    """A link to nothing at NAME.key_secret passed the existence check, got the secret written to its target, and ctl
+    reported the link as the secret (which the daemon then refuses as a link). A name taken by a link, dangling or
+    not, is taken: refused, nothing created there or at the target."""
+    out, target = tmp_path / "k", tmp_path / "elsewhere" / "stolen"
+    out.mkdir()
+    target.parent.mkdir()
+    (out / "server.key_secret").symlink_to(target)
+    done = _generate(out)
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"inspectd keys: {out / 'server.key_secret'}: already exists, expected a new key name (keys are never "
+        "overwritten)\n",
+    )
+    assert not target.exists() and not os.listdir(target.parent)
+    assert sorted(os.listdir(out)) == ["server.key_secret"] and (out / "server.key_secret").is_symlink()
+
+
 def test_key_files_with_loose_permissions_are_refused(pki, tmp_path):
     secret = pki["server"][1]
     os.chmod(secret, 0o640)
@@ -289,6 +339,45 @@ def test_curve_control_lets_in_only_listed_keys_and_logs_refusals(pki, capsys):
     out = capsys.readouterr().out
     intruder_key = keys.load_public(pki["intruder"][0]).decode()
     assert "auth_refused" in out and intruder_key in out and "handshake failed: " in out
+
+
+def test_a_tcp_connection_that_never_starts_its_curve_handshake_is_dropped_within_seconds(pki):
+    """libzmq holds every accepted tcp connection, one descriptor each, until its handshake ends or 30 s pass: about a
+    thousand idle connects by anyone who can reach the port, with no key, used up the daemon's 1024 descriptors and its
+    journal fsyncs failed. A CURVE server socket now drops a connection that has not finished its handshake within
+    security.HANDSHAKE_IVL_S; a listed client is answered all along."""
+    import socket
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    host, port = endpoint[len("tcp://") :].rsplit(":", 1)
+    guard = CurveServer("control", pki["server"][1], pki["allow_dir"])
+    server = ControlServer(endpoint, Handler(), curve=guard)
+    server.start()
+    idle = []
+    try:
+        idle = [socket.create_connection((host, int(port)), timeout=1) for _ in range(20)]
+        # Bounded wait, well under libzmq's 30 s default: each idle connection must be closed by the server.
+        deadline = time.monotonic() + 15
+        closed = 0
+        for conn in idle:
+            while True:
+                conn.settimeout(max(0.05, deadline - time.monotonic()))
+                try:
+                    if not conn.recv(4096):  # the server's greeting comes first, then the close
+                        break
+                except (ConnectionResetError, BrokenPipeError):
+                    break
+                except TimeoutError:
+                    raise AssertionError(f"{closed} of {len(idle)} idle connections closed within 15 s") from None
+            closed += 1
+        good = curve_client(pki["server"][0], pki["allowed"][1])
+        with ControlClient(endpoint, timeout_s=5, curve=good) as client:
+            assert client.request({"cmd": "status"}) == {"ok": True, "healthy": True}
+    finally:
+        for conn in idle:
+            conn.close()
+        server.stop()
+        guard.stop()
 
 
 def _judged(seq: int) -> Judged:
@@ -1476,9 +1565,11 @@ def _curve_control_daemon(pki, tmp_path: Path) -> tuple[subprocess.Popen, Path, 
             assert time.monotonic() < deadline, log.read_text()[-2000:]
 
 
-def _ctl(pki, endpoint: str, *argv: str) -> subprocess.CompletedProcess:
-    """The real `inspectd ctl` with the listed client's key, writing to a UTF-8 pipe as an operator's terminal."""
-    command = [sys.executable, "-m", "inspectd", "ctl", "--endpoint", endpoint, "--server-key", str(pki["server"][0])]
+def _ctl(pki, endpoint: str, *argv: str, server_key: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `inspectd ctl` with the listed client's key (and pki's server key, or `server_key`), writing to a UTF-8
+    pipe as an operator's terminal."""
+    server_key = server_key or pki["server"][0]
+    command = [sys.executable, "-m", "inspectd", "ctl", "--endpoint", endpoint, "--server-key", str(server_key)]
     command += ["--client-key", str(pki["allowed"][1]), "--timeout", "30", *argv]
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
@@ -1563,21 +1654,32 @@ def test_a_server_key_pair_rotated_on_disk_is_warned_of_at_reload_and_not_switch
         ):
             client.request({"cmd": "status"})
 
+        # The operator who reloads is told too, not only the journal: `ctl reload` said "unchanged", exit 0.
+        on_disk = keys.load_public(new_public).decode()
+        rotated = _ctl(pki, control, "reload", server_key=old_public)
+        assert (rotated.returncode, rotated.stderr) == (
+            1,
+            f"inspectd ctl: reload: control: the server key file {pki['server'][1]} now holds another key "
+            f"({on_disk}); still serving with the key loaded at start ({in_use}), restart the daemon to serve the "
+            "new one\n",
+        ), rotated
+        assert "allow-list control: unchanged" in rotated.stdout.splitlines(), rotated
+        assert len(warnings()) == 2
+
         pki["server"][1].unlink()  # a key file now refused: said so, and the reload goes on
-        gone = subprocess.run(
-            [sys.executable, "-m", "inspectd", "ctl", "--endpoint", control, "--server-key", str(old_public),
-             "--client-key", str(pki["allowed"][1]), "--timeout", "30", "reload"],
-            capture_output=True, text=True, cwd=REPO, timeout=60,
-        )  # fmt: skip
-        assert gone.returncode == 0, gone
-        assert len(warnings()) == 2 and str(pki["server"][1]) in warnings()[1]["error"], warnings()
-        assert "refuse to start" in warnings()[1]["effect"]
+        gone = _ctl(pki, control, "reload", server_key=old_public)
+        assert gone.returncode == 1 and gone.stderr.count("\n") == 1, gone
+        assert gone.stderr.startswith("inspectd ctl: reload: control: the server key file is now refused: "), gone
+        assert str(pki["server"][1]) in gone.stderr and "refuse to start until the file is fixed" in gone.stderr
+        assert len(warnings()) == 3 and str(pki["server"][1]) in warnings()[2]["error"], warnings()
+        assert "refuse to start" in warnings()[2]["effect"]
 
         pki["server"][1].write_bytes(old_secret)  # the pair in use put back: nothing more to say
         pki["server"][1].chmod(0o600)
         pki["server"][0].write_bytes(old_public.read_bytes())
-        assert _ctl(pki, control, "reload").returncode == 0
-        assert len(warnings()) == 2
+        restored = _ctl(pki, control, "reload")
+        assert (restored.returncode, restored.stderr) == (0, ""), restored
+        assert len(warnings()) == 3
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

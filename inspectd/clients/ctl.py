@@ -5,9 +5,10 @@ Speaks inspectd.protocol.control only (nothing of the daemon is imported), with 
 is on a network address. Human output by default; `--json` prints the daemon's reply as one JSON object on stdout.
 
 Exit codes, for scripts: 0 the daemon did it; 1 the daemon refused (its one-line reason on stderr), or did part of
-it (a `reload` whose allow-list reload failed: the model is reloaded, the old list stays in force); 2 bad arguments
-(an endpoint the daemon's config would refuse: a tcp port above 65535, inproc://, a relative ipc:// path; a timeout
-that is not a positive number) or an unreadable file; 3 no daemon answered
+it (a `reload` whose allow-list reload failed: the model is reloaded, the old list stays in force; a `reload` that
+finds a server key file holding another key, or refused, since start: the daemon still serves with the key it
+started with until restarted); 2 bad arguments (an endpoint the daemon's config would refuse: a tcp port above 65535,
+inproc://, a relative ipc:// path; a timeout that is not a positive number) or an unreadable file; 3 no daemon answered
 within --timeout (the line says whether one took the request: a reload, and every request behind it, is answered only
 once the reload ends), or the peer there ended the security handshake (the line says why: a key it does not let in,
 ...).
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     if not reply.get("ok"):
         if args.action == "reload" and not args.json:
             # The bundle was refused, but the allow-lists were reloaded before it: a revoked key is out all the same.
-            for line in _allow_list_lines(reply):
+            for line in _allow_list_lines(reply) + _server_key_lines(reply):
                 print(f"inspectd ctl: reload: {line}", file=sys.stderr)
         print(f"inspectd ctl: {args.action}: {reply.get('error', 'refused')}", file=sys.stderr)
         return EXIT_REFUSED
@@ -210,7 +211,12 @@ def run(args: argparse.Namespace) -> int:
     for role, error in failed:
         # The model was reloaded but this list was not: a key meant to be revoked may still get in.
         print(f"inspectd ctl: reload: allow-list {role} not reloaded, the previous one stays: {error}", file=sys.stderr)
-    return EXIT_REFUSED if failed else EXIT_OK
+    # A server key pair rotated on disk (a leaked one, say) is not served until a restart: a reload that said nothing
+    # of it, exit 0, would leave the operator believing the old key retired.
+    server_key = _server_key_lines(reply) if args.action == "reload" else []
+    for line in server_key:
+        print(f"inspectd ctl: reload: {line}", file=sys.stderr)
+    return EXIT_REFUSED if failed or server_key else EXIT_OK
 
 
 def _printable(text: str) -> str:
@@ -269,6 +275,29 @@ def _allow_list_lines(reply: dict[str, Any]) -> list[str]:
         # A deleted file whose key another file still holds: the operator believes it revoked.
         changes += [f"deleted {entry}" for entry in part.get("kept") or []]
         lines.append(f"allow-list {role}: {', '.join(changes) if changes else 'unchanged'}")
+    return lines
+
+
+def _server_key_lines(reply: dict[str, Any]) -> list[str]:
+    """One line per role whose server secret key file no longer holds the key the daemon serves with (`server_key`
+    of a reload's allow-list part): another key there, or the file now refused."""
+    lines = []
+    lists = reply.get("allow_lists")
+    for role, part in (lists if isinstance(lists, dict) else {}).items():
+        changed = part.get("server_key") if isinstance(part, dict) else None
+        if not isinstance(changed, dict):
+            continue
+        kept = f"still serving with the key loaded at start ({changed.get('public_key_in_use')})"
+        if "error" in changed:
+            lines.append(
+                f"{role}: the server key file is now refused: {changed['error']}; {kept}, and a restart would "
+                "refuse to start until the file is fixed"
+            )
+        else:
+            lines.append(
+                f"{role}: the server key file {changed.get('key_file')} now holds another key "
+                f"({changed.get('public_key_on_disk')}); {kept}, restart the daemon to serve the new one"
+            )
     return lines
 
 

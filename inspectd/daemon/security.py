@@ -340,6 +340,13 @@ class _AllowList:
         return False
 
 
+# How long a connection to a CURVE server socket may take to finish its handshake before libzmq drops it (libzmq's
+# default is 30 s). libzmq accepts every TCP connection and holds its descriptor until the handshake ends, with no cap
+# per listener: anyone who can reach a tcp endpoint, with no key at all, could hold a thousand idle connections open and
+# run the daemon out of descriptors (journal fsyncs and archive writes then fail). A CURVE handshake is a few round
+# trips and one ZAP answer, well under a second on a plant network; a client dropped by a stall past this reconnects.
+HANDSHAKE_IVL_S = 5
+
 _auth_lock = threading.Lock()
 # pyzmq names a monitor's inproc endpoint after its socket's fd, which the OS hands to the next socket as soon as the
 # first is closed, while libzmq's reaper may not yet have unbound that endpoint: the next monitor's bind then fails
@@ -438,6 +445,7 @@ class CurveServer:
         # Without this libzmq lets every client in when no ZAP handler answers (its backwards-compatible default):
         # with it, a stopped or missing authenticator refuses every handshake instead. Fail closed.
         sock.zap_enforce_domain = True
+        sock.handshake_ivl = HANDSHAKE_IVL_S * 1000
         # libzmq tells the monitor that its socket closed only when MONITOR_STOPPED is in the mask: without it the
         # watcher, and its PAIR socket's fd, would outlive the socket, one more at every reopen of a zmq camera.
         events = zmq.EVENT_MONITOR_STOPPED
@@ -473,7 +481,7 @@ class CurveServer:
         finally:
             monitor.close(linger=0)
 
-    def reload(self) -> dict[str, list[str]]:
+    def reload(self) -> dict[str, Any]:
         """Read the allow-list directory again (SIGHUP, control `reload`); the next handshake and the next message
         checked with `admits` use the new list.
 
@@ -483,8 +491,10 @@ class CurveServer:
         `kept` too, when there is one: a key whose file was deleted and that another file still lets in. A key that
         several files hold is logged as `allow_list_duplicate_key`, here and at start.
 
-        The server's own key pair is not reloaded: see _warn_server_key_changed."""
-        self._warn_server_key_changed()
+        The server's own key pair is not reloaded: when its file no longer holds the key in use, the fields of the
+        `server_key_changed` warning are returned too, as `server_key` (see _warn_server_key_changed), so that the
+        one who reloaded is told, not only the journal."""
+        server_key = self._warn_server_key_changed()
         names = keys.read_allow_list(self.allowed_clients_dir, self._where)
         added = [_shown_entry(k, names[k]) for k in names.keys() - self._names.keys()]
         removed = [_shown_entry(k, self._names[k]) for k in self._names.keys() - names.keys()]
@@ -508,8 +518,12 @@ class CurveServer:
         if not names:
             self._warn_empty()
         self._warn_duplicates(names)
-        changes = {"added": sorted(added), "removed": sorted(removed)}
-        return {**changes, "kept": sorted(kept)} if kept else changes
+        changes: dict[str, Any] = {"added": sorted(added), "removed": sorted(removed)}
+        if kept:
+            changes["kept"] = sorted(kept)
+        if server_key is not None:
+            changes["server_key"] = server_key
+        return changes
 
     def _warn_duplicates(self, names: dict[bytes, list[str]]) -> None:
         for key, files in sorted(keys.duplicate_keys(names).items()):
@@ -522,11 +536,13 @@ class CurveServer:
                 effect="the key stays allowed until every one of these files is deleted",
             )
 
-    def _warn_server_key_changed(self) -> None:
+    def _warn_server_key_changed(self) -> dict[str, str] | None:
         """Log `server_key_changed` when the secret key file no longer holds the key this socket serves with (a key
-        pair rotated on disk, or the file now refused). The socket keeps the key it was bound with: switched at a
-        reload, it would shut out at once every client not yet given the new public key, and need binding again. An
-        operator who rotated the pair and reloaded learns here that only a restart serves with the new one."""
+        pair rotated on disk, or the file now refused), and return what it logged (key_file, public_key_in_use, then
+        public_key_on_disk or error, and effect); None when the file holds the key in use. The socket keeps the key it
+        was bound with: switched at a reload, it would shut out at once every client not yet given the new public key,
+        and need binding again. An operator who rotated the pair and reloaded learns here that only a restart serves
+        with the new one."""
         kept = "still serving with the key loaded at start"
         try:
             public, secret = keys.load_secret(self.secret_key_file, self._key_where, "the daemon's own user")
@@ -535,16 +551,12 @@ class CurveServer:
             fields = {"error": str(exc), "effect": f"{kept}; {restart}"}
         else:
             if secret == self.secret:
-                return
+                return None
             restart = "restart the daemon to serve with the new key (a reload does not change it)"
             fields = {"public_key_on_disk": public.decode(), "effect": f"{kept}; {restart}"}
-        log.warning(
-            "server_key_changed",
-            domain=self.domain,
-            key_file=str(self.secret_key_file),
-            public_key_in_use=self.public.decode(),
-            **fields,
-        )
+        fields = {"key_file": str(self.secret_key_file), "public_key_in_use": self.public.decode(), **fields}
+        log.warning("server_key_changed", domain=self.domain, **fields)
+        return fields
 
     def _warn_empty(self) -> None:
         log.warning(

@@ -19,9 +19,11 @@ import errno
 import ipaddress
 import itertools
 import os
+import shutil
 import stat
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+from engines.durable import fsync_dir
 from inspectd.errors import InspectdError
 
 
@@ -58,13 +61,17 @@ class KeysError(InspectdError):
 
 
 def generate(out: str | Path, name: str) -> tuple[Path, Path]:
-    """Write `<out>/<name>.key` (0644) and `<out>/<name>.key_secret` (0600); never overwrites an existing pair."""
+    """Write `<out>/<name>.key` (0644) and `<out>/<name>.key_secret` (0600); never overwrites an existing file or link
+    of either name, and leaves both or neither: each is written whole under a temporary name, then linked to its own
+    (which fails on a name taken meanwhile, by a concurrent run too). KeysError in one line on any failure, saying
+    what, if anything, this run could not remove again."""
     if not name or not all(c.isalnum() or c in "-_" for c in name):
         raise KeysError(f"--name {name!r}: expected letters, digits, '-' or '_'")
     out = Path(out)
     public, secret = out / f"{name}{PUBLIC_SUFFIX}", out / f"{name}{SECRET_SUFFIX}"
     for path in (public, secret):
-        if path.exists():
+        # lexists: a link to nothing is a name taken too, and writing through it would put the secret elsewhere.
+        if os.path.lexists(path):
             raise KeysError(f"{path}: already exists, expected a new key name (keys are never overwritten)")
     try:
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -74,15 +81,54 @@ def generate(out: str | Path, name: str) -> tuple[Path, Path]:
         if out.is_symlink() and not out.exists():
             why = f"a link to nothing, {os.readlink(out)}"
         raise KeysError(f"--out {out}: cannot create ({why}), expected a directory for the key pair") from exc
-    # The secret file must never exist with looser permissions, not even for a moment: umask covers the write.
-    old = os.umask(0o077)
+    # pyzmq writes the pair into a folder of this run's own (0700, not *.key: a pair generated straight into an
+    # allow-list directory must not show a reload a half-written key), and each file is then linked to its name.
+    made: list[Path] = []
+    private: Path | None = None
     try:
-        made_public, made_secret = zmq.auth.create_certificates(str(out), name)
-    finally:
-        os.umask(old)
-    os.chmod(made_secret, 0o600)
-    os.chmod(made_public, 0o644)
-    return Path(made_public), Path(made_secret)
+        private = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out))
+        old = os.umask(0o077)  # the secret file is never readable by others, not even for a moment
+        try:
+            written = [Path(p) for p in zmq.auth.create_certificates(str(private), name)]
+        finally:
+            os.umask(old)
+        for path, mode in zip(written, (0o644, 0o600), strict=True):
+            os.chmod(path, mode)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        for path, final in zip(written, (public, secret), strict=True):
+            os.link(path, final)  # refuses a name that exists, as a link (dangling or not) or anything else
+            made.append(final)
+        shutil.rmtree(private)
+        private = None
+        fsync_dir(out)
+    except BaseException as exc:
+        left = _remove(made)
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+            if private.exists():
+                left.append(private)
+        if isinstance(exc, FileExistsError) and exc.filename2 is not None:
+            what = f"{exc.filename2}: already exists, expected a new key name (keys are never overwritten)"
+        elif isinstance(exc, OSError):
+            what = f"--out {out}: cannot write the key pair ({exc.strerror or exc})"
+        else:
+            raise  # Ctrl-C: removed all the same
+        them = "it" if len(left) == 1 else "them"
+        where = f"left behind {', '.join(map(str, left))}, delete {them}" if left else "nothing was left behind"
+        raise KeysError(f"{what}; {where}") from exc
+    return public, secret
+
+
+def _remove(paths: list[Path]) -> list[Path]:
+    """Unlink what a failed run made; those that remain."""
+    left = []
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            left.append(path)
+    return left
 
 
 def _lstat(path: Path, what: str, expected: str) -> os.stat_result:
