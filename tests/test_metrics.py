@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from scipy.ndimage import label
@@ -237,6 +239,39 @@ def test_pixel_metrics_do_not_depend_on_the_maps_offset(offset, outlier):
     assert both.aupro() == pytest.approx(_exact_aupro(maps, masks), abs=1e-4)
     # The colour scale's quantiles come back in the maps' own values, not relative to the reference.
     assert both.quantile(0.5) == pytest.approx(float(np.median(np.concatenate(maps))), abs=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_pixel_threshold_far_from_zero_flags_at_most_the_good_pixels_it_promises(seed):
+    """The daemon compares float32 maps with the threshold (`frame_map >= pixel_thr`), which NumPy 2 casts to float32
+    to the nearest value. At 1000 +- 0.05 a float32 step is 6e-5, and a threshold rounded down onto the bin below
+    flagged pixels calibrate had counted under it; the threshold is the smallest float32 at or above the bin's floor."""
+    from calibration.calibrate import pixel_threshold_for_fpr
+
+    rng = np.random.default_rng(seed)
+    maps = [(1000.0 + rng.normal(0, 0.05, (64, 64))).astype(np.float32) for _ in range(4)]
+    good = PixelHistograms(reference=None)
+    for m in maps:
+        good.add(m)
+    pixels = np.concatenate([m.ravel() for m in maps])
+    for fpr in (0.5, 0.3, 0.1, 0.05, 0.01, 0.001):
+        threshold = pixel_threshold_for_fpr(good, fpr)
+        flagged = int(np.count_nonzero(pixels >= threshold))
+        assert flagged <= math.floor(fpr * pixels.size), (fpr, threshold, flagged)
+        assert float(np.float32(threshold)) == threshold
+
+
+def test_a_pixel_threshold_just_above_the_reference_is_above_it_in_float32():
+    """The bin just above the reference's own has a floor of 1e-40 or so, which vanishes when added to 1000 in float64:
+    the threshold must still sit above the pixels at the reference, which were counted below it."""
+    from calibration.calibrate import pixel_threshold_for_fpr
+
+    good = PixelHistograms(reference=None)
+    good.add(np.array([[999.0, 1000.0, 1001.0]], np.float32))
+    assert good.reference == 1000.0
+    threshold = pixel_threshold_for_fpr(good, 0.5)  # at most 1 of the 3 at or above it
+    assert threshold == float(np.nextafter(np.float32(1000.0), np.float32(np.inf)))
+    assert int(np.count_nonzero(np.array([999.0, 1000.0, 1001.0], np.float32) >= threshold)) == 1
 
 
 def test_histograms_on_different_references_refuse_to_add():

@@ -118,9 +118,9 @@ class PixelHistograms:
     """Per-bin pixel counts of defect-free pixels (`normal`), defect pixels (`defect`), and defect pixels weighted by
     1/(size of their ground-truth region) (`region_weight`), plus the number of regions.
 
-    Bins are keyed on `value - reference`. None fixes the reference at the first added map's median, so bins follow
-    the maps' spread; histograms that will be added must then be made with the first one's `reference`. The default
-    0.0 keys the raw value, whose bins `bin_floor` reads back directly."""
+    Bins are keyed on `value - reference` (a reference is kept as a float32 value). None fixes the reference at the
+    first added map's median, so bins follow the maps' spread; histograms that will be added must then be made with
+    the first one's `reference`. The default 0.0 keys the raw value, whose bins `bin_floor` reads back directly."""
 
     reference: float | None = 0.0
     normal: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(N_BINS, np.int64))
@@ -130,9 +130,10 @@ class PixelHistograms:
 
     def __post_init__(self) -> None:
         if self.reference is not None:
-            if not np.isfinite(self.reference):
-                raise ValueError(f"pixel histograms: reference {self.reference}, expected a finite number")
-            self.reference = float(self.reference)
+            if not (np.isfinite(self.reference) and abs(self.reference) <= np.finfo(np.float32).max):
+                raise ValueError(f"pixel histograms: reference {self.reference}, expected a finite number in float32")
+            # A float32 value: float32 maps subtract it as float32, so keys and `bin_floor` use the same number.
+            self.reference = float(np.float32(self.reference))
         self._pending_normal: list[np.ndarray] = []
         self._pending_defect: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_pixels = 0
@@ -147,7 +148,7 @@ class PixelHistograms:
             raise ValueError(f"{what}: contains NaN or infinity, expected finite scores")
         if self.reference is None:
             # The median, not the minimum: one outlying pixel must not widen every bin of every map.
-            self.reference = float(np.median(anomaly_map))
+            self.reference = float(np.float32(np.median(anomaly_map)))
         keys = order_keys(anomaly_map - self.reference)
         if mask is None or not mask.any():
             self._pending_normal.append(keys.ravel())
@@ -248,8 +249,18 @@ class PixelHistograms:
         return float(self.bin_floor(used[index : index + 1])[0])
 
     def bin_floor(self, bins: np.ndarray) -> np.ndarray:
-        """The smallest map value (float64) in each of these bins of this histogram."""
-        return bin_floor(bins).astype(np.float64) + (self.reference or 0.0)
+        """The smallest float32 value at or above each of these bins' floors in map values (as float64): a threshold
+        read back here flags, as `float32 map >= threshold`, no pixel counted below its bin."""
+        floor = bin_floor(bins).astype(np.float64)
+        reference = self.reference or 0.0
+        total = floor + reference
+        # The exact sum is total + error (two-sum): a float32 floor far below the reference can vanish in float64.
+        error = (floor - (total - (total - floor))) + (reference - (total - floor))
+        # The daemon compares float32 maps, which casts the threshold to float32 (NumPy 2) to the nearest value,
+        # sometimes below the floor: pixels of the bin below, counted as under the threshold, would be flagged.
+        nearest = total.astype(np.float32)
+        below = (nearest.astype(np.float64) < total) | ((nearest.astype(np.float64) == total) & (error > 0))
+        return np.where(below, np.nextafter(nearest, np.float32(np.inf)), nearest).astype(np.float64)
 
 
 def partial_area(x: np.ndarray, y: np.ndarray, x_max: float) -> float:

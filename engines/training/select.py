@@ -6,12 +6,16 @@
    folds, each image held out exactly once and fitting the others.
 2. Planted defects. Into held-out images go synthetic defects of every kind in PLANTS (engines.data.defects): large
    and small, sharp and diffuse, pasted, filled and shaded. They are drawn in the frame's own coordinates, once, and
-   fitted to each candidate's input like real frames, so every candidate faces the same defects.
+   fitted to each candidate's input like real frames, so every candidate faces the same defects. A defect with no
+   pixel left at some model input (a scar across a strip's short side) is dropped, and a kind left with fewer than
+   MIN_KEPT_PER_KIND defects is not planted at all; the `recipe auto:` line names every kind that lost defects, with
+   how many it kept. Both are decided after the whole draw, so the same seed plants the same defects.
 3. Candidates. The backbone runs once per (backbone, size, resize) group over the fitting, held-out and planted
    images (and the images' copies, step 4); each candidate then only re-runs its head, aggregation and scorer on
    those taps.
 4. Metrics per candidate, per plant kind (each kind against the clean held-out images): image AUROC, pixel AUROC and
-   AUPRO (engines.training.metrics); then their means over kinds, so a frequent easy kind cannot hide a failing one.
+   AUPRO (engines.training.metrics); then their means over the kinds planted (step 2), so a frequent easy kind cannot
+   hide a failing one.
    False alarms: the share of clean held-out images that score at or above the median planted image.
    The image score's pooling (the maximum of the map, the mean of its highest share, or its mean: SCORE_SHARES) is
    chosen per candidate here, as the one with the best mean image AUROC (ties to the sharper pool). It changes only
@@ -71,6 +75,10 @@ from engines.runtime.scorer_fit import AUGMENTS, check_augment
 from engines.training import metrics
 
 PLANTED_PER_KIND = 21
+# A kind with fewer of its defects left at the model input is left out, like a kind with none. One defect moves its
+# kind's image AUROC by up to 1/n, so the mean over seven kinds by 1/(7n): at 11 at most 0.013, inside IMAGE_TOLERANCE;
+# at 5 (scars of 100x3000 frames stretched to 320x320) 0.029, noise larger than the tolerance is set for.
+MIN_KEPT_PER_KIND = 11
 MAX_FALSE_ALARMS = 0.2
 IMAGE_TOLERANCE = 0.02
 PRO_TOLERANCE = 0.02
@@ -113,6 +121,10 @@ class Planted:
     kind: list[str]
     images: dict[Input, np.ndarray]  # N x H x W x C uint8
     masks: dict[Input, np.ndarray]  # N x H x W bool
+    # Per kind in PLANTS: defects drawn, and those with pixels at every input (a kind below MIN_KEPT_PER_KIND is then
+    # not among `kind`).
+    drawn: dict[str, int] = dataclasses.field(default_factory=dict)
+    kept: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.kind)
@@ -124,6 +136,7 @@ class Planted:
         images: dict[Input, list[np.ndarray]] = {i: [] for i in inputs}
         masks: dict[Input, list[np.ndarray]] = {i: [] for i in inputs}
         per_fold = math.ceil(PLANTED_PER_KIND / len(folds))
+        out.drawn = {kind: per_fold * len(folds) for kind in PLANTS}
         for f, fold in enumerate(folds):
             for kind, plant in PLANTS.items():
                 for j in range(per_fold):
@@ -143,9 +156,27 @@ class Planted:
                     for shape, resize in inputs:
                         images[shape, resize].append(fit_frame(defect.image, shape, resize)[0])
                         masks[shape, resize].append(fitted[shape, resize])
+        out.kept = {kind: out.kind.count(kind) for kind in PLANTS}
+        # Left out once everything is drawn, so that the other kinds' defects are the same either way.
+        keep = [out.kept[kind] >= MIN_KEPT_PER_KIND for kind in out.kind]
+        out.fold = [v for v, k in zip(out.fold, keep) if k]
+        out.source = [v for v, k in zip(out.source, keep) if k]
+        out.kind = [v for v, k in zip(out.kind, keep) if k]
+        images = {i: [v for v, k in zip(values, keep) if k] for i, values in images.items()}
+        masks = {i: [v for v, k in zip(values, keep) if k] for i, values in masks.items()}
         out.images = {i: np.stack(v) if v else np.zeros((0, *i[0]), np.uint8) for i, v in images.items()}
         out.masks = {i: np.stack(v) if v else np.zeros((0, *i[0][:2]), bool) for i, v in masks.items()}
         return out
+
+    def shortfall(self) -> str:
+        """'scar 5 of 21 kept, fewer than 11: left out; perlin 20 of 21 kept': each kind that lost defects at the
+        model input, in PLANTS' order; empty when none did."""
+        return "; ".join(
+            f"{kind} {self.kept[kind]} of {self.drawn[kind]} kept"
+            + ("" if self.kept[kind] >= MIN_KEPT_PER_KIND else f", fewer than {MIN_KEPT_PER_KIND}: left out")
+            for kind in PLANTS
+            if self.kept[kind] < self.drawn[kind]
+        )
 
 
 @dataclasses.dataclass
@@ -189,7 +220,8 @@ class Selection:
     candidates: list[Scored]
     folds: list[Fold]
     reason: str
-    # The kinds planted, in PLANTS' order: a kind whose every defect vanished at the model input is not among them.
+    # The kinds planted, in PLANTS' order: a kind left with fewer than MIN_KEPT_PER_KIND defects at the model input
+    # (Planted.draw) is not among them.
     kinds: list[str]
 
     def to_json(self) -> dict:
@@ -283,8 +315,13 @@ def select_recipe(
         height, width = frames[int(folds[0].held[0])].shape[:2]
         fitted = ", ".join(f"{h}x{w} (HxW) {resize}" for (h, w, _), resize in inputs)
         other = "stretch" if all(resize == "pad" for _, resize in inputs) else "pad"
+        lost = (
+            "no planted defect keeps a pixel"
+            if not any(planted.kept.values())
+            else f"no plant kind keeps {MIN_KEPT_PER_KIND} defects with a pixel ({planted.shortfall()})"
+        )
         raise DataError(
-            f"--recipe auto: no planted defect keeps a pixel once frames {height} high and {width} wide are fitted "
+            f"--recipe auto: {lost} once frames {height} high and {width} wide are fitted "
             f"to the model input {fitted}, so auto cannot compare recipes: give --size HxW nearer the frames' shape "
             f"or --resize {other}, or force a recipe, e.g. --recipe patchcore"
         )
@@ -292,10 +329,11 @@ def select_recipe(
     if judge and len(frames) < MIN_COPY_CHECK:
         judge, augment = False, "none"
     trial = AUTO_AUGMENT if judge else augment or "none"
+    shortfall = planted.shortfall()
     report(
         f"recipe auto: {len(candidates)} candidates, {len(folds)} fold(s), "
         f"{sum(len(f.held) for f in folds)} held-out images, {len(planted)} planted defects "
-        f"({len(dict.fromkeys(planted.kind))} kinds)"
+        f"({len(dict.fromkeys(planted.kind))} kinds{'; ' + shortfall if shortfall else ''})"
     )
     report(format_header())
     scored: list[Scored] = []
