@@ -785,17 +785,21 @@ class Journal:
         try:
             os.fsync(fd)
         except OSError as exc:
-            self.fsync_failed += 1
-            reason = f"{exc.strerror or exc} (errno {exc.errno})"
-            if reason != self._fsync_error:
-                log.error(
-                    "journal_fsync_failed",
-                    error=reason,
-                    effect="results written since the last good fsync may not survive a power cut",
-                )
-            self._fsync_error = reason
+            self._fsync_failed(exc)
         finally:
             os.close(fd)
+
+    def _fsync_failed(self, exc: OSError) -> None:
+        """Count a failed fsync of results written, and log it once per distinct error (not once a second)."""
+        self.fsync_failed += 1
+        reason = f"{exc.strerror or exc} (errno {exc.errno})"
+        if reason != self._fsync_error:
+            log.error(
+                "journal_fsync_failed",
+                error=reason,
+                effect="results written since the last good fsync may not survive a power cut",
+            )
+        self._fsync_error = reason
 
     def _removed(self, camera: str, active: _Active) -> None:
         """Retire an active segment found deleted or moved: the records written to a deleted one since the syncer
@@ -974,15 +978,7 @@ class Journal:
         if moved:
             log.warning("journal_directory_replaced", path=str(self.directory), cameras=moved, effect=MOVED_EFFECT)
         if failed is not None:
-            self.fsync_failed += 1
-            reason = f"{failed.strerror or failed} (errno {failed.errno})"
-            if reason != self._fsync_error:  # once per distinct error, not once a second
-                log.error(
-                    "journal_fsync_failed",
-                    error=reason,
-                    effect="results written since the last good fsync may not survive a power cut",
-                )
-            self._fsync_error = reason
+            self._fsync_failed(failed)
             return False
         self._fsync_error = None
         return True
