@@ -26,6 +26,7 @@ from engines.bundle.store import write_bundle
 from engines.errors import EngineError
 from engines.runtime.onnxruntime_backend import OnnxRuntimeEngine
 from engines.runtime.score_shift import ScoreShift
+from inspectd.daemon import service
 from inspectd.daemon.inference import ModelState
 from inspectd.daemon.service import Daemon
 from other_user import NOBODY, as_nobody
@@ -345,6 +346,68 @@ def test_an_engine_close_that_hangs_at_stop_ends_the_stop_unclean_within_a_grace
         assert stopped[0]["engines_closed"] is False, stopped
     finally:
         release.set()
+
+
+def test_a_stop_that_gives_up_on_a_reload_says_so_in_one_line_whoever_asked_for_it(daemon, monkeypatch):
+    """A reload still holding the engines past RELOAD_GRACE_S makes the stop unclean. Only SIGHUP's thread was
+    named (`reload_still_running`, by run); a control `reload` left an exit 1 with no line saying why. Now the stop
+    says it, for either."""
+    monkeypatch.setattr(service, "RELOAD_GRACE_S", 0.5)
+    wait_for(lambda: daemon.publisher.published >= 2, 20, "results")
+    held = threading.Event()
+    release = threading.Event()
+
+    def reload_in_progress():  # as a control reload opening its engine holds the lock
+        with daemon._reload_lock:
+            held.set()
+            release.wait(60)
+
+    threading.Thread(target=reload_in_progress, daemon=True).start()
+    assert held.wait(10)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            thread, outcome = stop_in_thread(daemon)
+            thread.join(35)
+        assert not thread.is_alive() and outcome == [False], outcome
+        still = [e for e in logs if e["event"] == "reload_still_running"]
+        assert len(still) == 1 and "running engine unclosed" in still[0]["effect"], logs
+        assert daemon.reload_left_running, "run() would say it a second time"
+        stopped = [e for e in logs if e["event"] == "stopped"]
+        assert stopped and stopped[0]["drained"] is True and stopped[0]["engines_closed"] is False, stopped
+    finally:
+        release.set()
+
+
+def test_a_start_refused_after_the_journal_opened_leaves_it_closed(tmp_path):
+    """A bundle refused at start (exit 1, `start_failed`) left the journal open, so the next start took that run for
+    a crash (`unclean_shutdown`, and its fsyncs), every RestartSec while a bad bundle was mended. Now the refused
+    start closes it: nothing was taken in."""
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    camera = {"id": "cam0", "source": {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}}
+    first = Station(tmp_path, bundle, [camera])
+    try:
+        first.wait_ready(timeout=60)
+        first.sub.results(3, 20)
+        assert first.stop() == 0, first.log_tail()
+    finally:
+        first.close()
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "model.onnx").write_bytes(b"not a model")  # its checksum no longer matches: refused at open
+    refused = Station(tmp_path, broken, [camera])
+    try:
+        assert refused.proc.wait(60) == 1, refused.log_tail()
+        assert refused.events("start_failed"), refused.log_tail()
+    finally:
+        refused.close()
+    again = Station(tmp_path, bundle, [camera])
+    try:
+        again.wait_ready(timeout=60)
+        resumed = again.events("seq_resumed")
+        assert resumed and resumed[-1]["unclean_shutdown"] is False, again.log_tail()
+        assert again.stop() == 0, again.log_tail()
+    finally:
+        again.close()
 
 
 def test_an_engine_close_that_fails_at_stop_is_one_line_and_an_unclean_stop(daemon, monkeypatch):

@@ -135,6 +135,7 @@ class Daemon:
         self.control_curve = self._curve("control", config.control.curve)
         self.publish_curve = self._curve("publish", config.publish.curve)
         self.journal = self._open_journal()
+        self.reload_left_running = False  # a stop gave up waiting for a reload (said once, by shutdown)
         try:
             _stop_check(stop)
             state = ModelState.open(
@@ -150,9 +151,11 @@ class Daemon:
             except BaseException:
                 state.close()
                 raise
-        except StartStopped:
+        except BaseException:
+            # Stopped, or the bundle refused: nothing was taken in, and the next start must not take this run for a
+            # crash (`unclean_shutdown` and its fsyncs) every RestartSec while a bad bundle is mended.
             if self.journal is not None:
-                self.journal.close()  # nothing written: the next start need not take this run for a crash
+                self.journal.close()
             raise
         self.stage = InferenceStage(state, config.batching.max_batch, config.publish.masks)
         # camera -> ((model_id, thresholds_version) its reference belongs to, monitor)
@@ -305,11 +308,20 @@ class Daemon:
         # every result is out it is waited for past the deadline: it sees the stop when its open ends and gives
         # that engine up, and exiting under it would end the process inside the engine's native code.
         closed = False
-        if drained and self._reload_lock.acquire(timeout=max(0.0, deadline + RELOAD_GRACE_S - time.monotonic())):
-            try:
-                closed = self._close_engines(max(ENGINE_CLOSE_GRACE_S, deadline - time.monotonic()))
-            finally:
-                self._reload_lock.release()
+        if drained:
+            waited = time.monotonic()
+            if self._reload_lock.acquire(timeout=max(0.0, deadline + RELOAD_GRACE_S - time.monotonic())):
+                try:
+                    closed = self._close_engines(max(ENGINE_CLOSE_GRACE_S, deadline - time.monotonic()))
+                finally:
+                    self._reload_lock.release()
+            else:  # SIGHUP's reload or control's, said here for either
+                self.reload_left_running = True
+                self.log.warning(
+                    "reload_still_running",
+                    waited_s=round(time.monotonic() - waited, 1),
+                    effect="a reload still holds the engines: the process exits with the running engine unclosed",
+                )
         clean = drained and published and closed
         self.log.info(
             "stopped",
@@ -1501,6 +1513,7 @@ def run(args: argparse.Namespace) -> int:
         # RELOAD_GRACE_S) and it only has its refusal to log.
         reloader.join(max(RELOAD_END_S, deadline - time.monotonic()))
         if reloader.is_alive():
-            log.warning("reload_still_running", effect="exiting while it opens an engine")
+            if not daemon.reload_left_running:  # a stop that did not drain: shutdown did not wait for it
+                log.warning("reload_still_running", effect="the process exits while the reload's thread runs")
             clean = False
     return 0 if clean else 1
