@@ -37,6 +37,7 @@ socket file another live process serves (`refuse_served_ipc`), which ZeroMQ alon
 from __future__ import annotations
 
 import collections
+import errno
 import heapq
 import itertools
 import os
@@ -76,6 +77,8 @@ _REFUSALS: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed: the client does not speak CURVE with our key",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed: the client broke it off (no CURVE, or not our key)",
 }
+# libzmq's handshake timer ending it (EAGAIN), not the client.
+TIMED_OUT = "handshake failed: not finished within the handshake limit (a client that sent nothing, or a link too slow)"
 
 
 @declared
@@ -344,8 +347,9 @@ class _AllowList:
 # default is 30 s). libzmq accepts every TCP connection and holds its descriptor until the handshake ends, with no cap
 # per listener: anyone who can reach a tcp endpoint, with no key at all, could hold a thousand idle connections open and
 # run the daemon out of descriptors (journal fsyncs and archive writes then fail). A CURVE handshake is a few round
-# trips and one ZAP answer, well under a second on a plant network; a client dropped by a stall past this reconnects.
-HANDSHAKE_IVL_S = 5
+# trips and one ZAP answer, well under a second on a plant network, and seconds over a slow VPN; a client dropped by a
+# stall past this reconnects. protocol.keys' handshake message names this limit.
+HANDSHAKE_IVL_S = 10
 
 _auth_lock = threading.Lock()
 # pyzmq names a monitor's inproc endpoint after its socket's fd, which the OS hands to the next socket as soon as the
@@ -471,8 +475,9 @@ class CurveServer:
                     return
                 if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     continue  # the allow-list callback already counted and logged it, with the key
+                timed_out = event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and event["value"] == errno.EAGAIN
                 self.refusals.refused(
-                    _REFUSALS.get(event["event"], "handshake failed"),
+                    TIMED_OUT if timed_out else _REFUSALS.get(event["event"], "handshake failed"),
                     socket=event["endpoint"].decode(errors="replace"),
                     detail=int(event["value"]),
                 )

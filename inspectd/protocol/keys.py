@@ -509,8 +509,8 @@ class HandshakeWatch:
         if self.curve:
             return (
                 "ended the CurveZMQ handshake without a reason: a --server-key that is not its public key, no CurveZMQ "
-                "there (expected no --server-key/--client-key), its authenticator down or hung, or no inspectd "
-                "endpoint there"
+                "there (expected no --server-key/--client-key), its authenticator down or hung, a link too slow for "
+                "its handshake limit (10 s), or no inspectd endpoint there"
             )
         # A socket of another kind hangs up too when it reads this side's kind before this side reads its own.
         return (
