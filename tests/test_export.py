@@ -563,12 +563,16 @@ WEIGHT_EDITS = {
     ),
     "complex": (
         lambda w, k: {**w, k: w[k].astype(np.complex64)},
-        lambda w, k: f"{k} has dtype complex64, expected real floating point numbers",
+        lambda w, k: f"{k} has dtype complex64, expected float16, float32 or float64",
     ),
-    "bool": (lambda w, k: {**w, k: w[k] > 0}, lambda w, k: f"{k} has dtype bool, expected real floating point numbers"),
+    "bool": (lambda w, k: {**w, k: w[k] > 0}, lambda w, k: f"{k} has dtype bool, expected float16, float32 or float64"),
+    "float128": (
+        lambda w, k: {**w, k: w[k].astype(np.longdouble)},
+        lambda w, k: f"{k} has dtype {np.dtype(np.longdouble)}, expected float16, float32 or float64",
+    ),
     "int": (
         lambda w, k: {**w, k: w[k].astype(np.int32)},
-        lambda w, k: f"{k} has dtype int32, expected real floating point numbers",
+        lambda w, k: f"{k} has dtype int32, expected float16, float32 or float64",
     ),
 }
 

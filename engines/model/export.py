@@ -154,8 +154,8 @@ def check_weights(arrays: dict[str, np.ndarray], graph: InferenceGraph, where: P
         if tuple(value.shape) != tuple(tensor.shape) and not (tensor.dim() == 0 and tuple(value.shape) == (1,)):
             raise BundleError(f"{where}: {key} has shape {tuple(value.shape)}, expected {list(tensor.shape)}")
         if tensor.is_floating_point():
-            if value.dtype.kind != "f":
-                raise BundleError(f"{where}: {key} has dtype {value.dtype}, expected real floating point numbers")
+            if value.dtype not in (np.float16, np.float32, np.float64):  # torch takes no wider float
+                raise BundleError(f"{where}: {key} has dtype {value.dtype}, expected float16, float32 or float64")
             if not np.isfinite(value).all():
                 raise BundleError(f"{where}: {key} holds NaN or infinity, expected finite numbers")
             # A wider float would load as infinity past the graph's own range.
