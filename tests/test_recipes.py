@@ -382,6 +382,8 @@ def test_a_window_wider_than_the_finest_grid_is_refused_and_auto_leaves_such_can
     with pytest.raises(ValueError, match="--aggregation 5 at --size 32x64 is wider than the 2x4 grid"):
         Recipe("r", taps=(16, 32), size=(32, 64), aggregation=5).validate()
     assert Recipe("r", taps=(8, 16), size=(32, 64), aggregation=3).validate().grid == (4, 8)
+    # The backbone rounds each halving up: 200 px at stride 16 is a 13-cell grid, which a 13x13 window fits.
+    assert Recipe("r", taps=(16, 32), size=(200, 200), aggregation=13).validate().grid == (13, 13)
     # Auto leaves out the candidates whose window does not fit at the size asked for, all of them where none does
     # (validate then says why).
     assert [r.name for r in auto_candidates({"size": (64, 64)})] == ["patchcore", "fine", "local", "aligned"]

@@ -122,9 +122,10 @@ class Recipe:
 
     @property
     def grid(self) -> tuple[int, int]:
-        """Cells of the finest tap's grid, height x width: the map the aggregation window moves over."""
+        """Cells of the finest tap's grid, height x width: the map the aggregation window moves over. Rounded up, as
+        the backbone's padded stride-2 convolutions round each halving (200 px at stride 16: 13 cells, not 12)."""
         stride = max(1, min(self.taps, default=1))  # validate refuses taps below 2
-        return self.size[0] // stride, self.size[1] // stride
+        return -(-self.size[0] // stride), -(-self.size[1] // stride)
 
     def window_fits(self) -> bool:
         """Whether the aggregation window is no wider than the finest tap's grid (auto leaves out the candidates
