@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, TypeGuard
 import zmq
 
 from inspectd.errors import InspectdError, MessageError
+from inspectd.protocol.alarms import status_line
 from inspectd.protocol.control import connect_error
 from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
 from inspectd.protocol.messages import Result, decode, printable, subscriptions
@@ -1031,7 +1032,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic", default="inspect.", help="topic prefix to subscribe to [inspect.]")
     parser.add_argument("--count", type=int, default=None, help="exit after this many results")
     parser.add_argument("--json", action="store_true", help="print each message's raw JSON header")
-    parser.add_argument("--status", action="store_true", help="also print status messages")
+    parser.add_argument(
+        "--status", action="store_true", help="also print each status message (one line; its raw JSON with --json)"
+    )
     parser.add_argument(
         "--save-masks",
         type=Path,
@@ -1242,7 +1245,10 @@ def run(args: argparse.Namespace) -> int:
                 _report(catch_up, source)  # a status, too, may show results that never came
                 if not isinstance(message, Result):
                     if args.status:
-                        print(json.dumps(message, separators=(",", ":")), flush=True)
+                        print(
+                            json.dumps(message, separators=(",", ":")) if args.json else status_line(message),
+                            flush=True,
+                        )
                     continue
                 received += 1
                 if args.save_masks is not None and message.mask_png is not None:

@@ -1,9 +1,11 @@
 """What in a daemon's status calls for an operator, as one line each: shared by `inspectd ctl status` and the web view
-so that both say the same during an incident. Reads the status message and the control `status` reply
-(docs/PROTOCOL.md); a field that is missing or of another type is taken as nothing to report."""
+so that both say the same during an incident; and the one-line summary `inspectd subscribe --status` prints. Reads
+the status message and the control `status` reply (docs/PROTOCOL.md); a field that is missing or of another type is
+taken as nothing to report."""
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 
@@ -44,6 +46,26 @@ def status_alarms(status: dict[str, Any]) -> list[str]:
             goal = f", target {100 * target:.2g} %" if rate is not None and target is not None else ""
             out.append(f"camera {camera} false rejects rising{about}{goal}")
     return out
+
+
+def status_line(status: dict[str, Any]) -> str:
+    """A status message in one line, for a terminal beside the result lines: health, uptime, throughput, model and
+    thresholds version, each camera's state and counters, then the alarms (status_alarms')."""
+    up = datetime.timedelta(seconds=int(_number(status.get("uptime_s")) or 0))
+    fps = _number(status.get("throughput_fps"))
+    parts = [
+        f"status {status.get('station')}: {'healthy' if status.get('healthy') is not False else 'UNHEALTHY'}, up {up}, "
+        f"{fps or 0:.1f} frames/s, model {status.get('model_id')} thresholds v{status.get('thresholds_version')}"
+    ]
+    cameras = status.get("cameras")
+    for camera, c in (cameras if isinstance(cameras, dict) else {}).items():
+        if isinstance(c, dict):
+            parts.append(
+                f"{camera} {c.get('state', '?')} in {c.get('frames_in', 0)} published {c.get('published', 0)} "
+                f"defects {c.get('defects', 0)} errors {c.get('errors', 0)} dropped {c.get('dropped', 0)}"
+            )
+    parts += [f"ALARM {alarm}" for alarm in status_alarms(status)]
+    return "; ".join(parts)
 
 
 def _figures(drift: dict[str, Any], prefix: str) -> str:
