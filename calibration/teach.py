@@ -131,6 +131,7 @@ from inspectd.protocol.archive import (
     DEFAULT_ARCHIVE,
     EXPORT_RUN,
     EXPORT_SPLITS,
+    ID_RE,
     MANIFEST_NAME,
     ArchiveReader,
     Entry,
@@ -370,12 +371,14 @@ class Exported(NamedTuple):
     camera: str | None  # the camera that took it
 
 
-def exported_rows(root: Path) -> dict[str, Exported]:
+def exported_rows(root: Path) -> tuple[dict[str, Exported], dict[str | None, tuple[float, float]]]:
     """What the manifest of an export at `root` says of each frame it wrote, by the file name the export gave it
-    (`<archive id>.png`, whichever folder it is in now). A row that does not parse (an export cut off while it
-    appended) is skipped: its frame is then one the manifest does not name."""
+    (`<archive id>.png`, whichever folder it is in now), and each export run's span: the first and last capture time
+    of every row it wrote. A row that does not parse (an export cut off while it appended) is skipped: its frame is
+    then one the manifest does not name."""
     path = root / MANIFEST_NAME
     rows: dict[str, Exported] = {}
+    runs: dict[str | None, tuple[float, float]] = {}
     try:
         # Bytes: a line that is not UTF-8 is one more row that does not parse, not a failure of the whole file.
         with open(path, "rb") as manifest:
@@ -383,7 +386,7 @@ def exported_rows(root: Path) -> dict[str, Exported]:
                 try:
                     row = json.loads(line)
                     model, run, camera = row.get("model_id"), row.get(EXPORT_RUN), row.get("camera")
-                    rows[f"{row['id']}.png"] = Exported(
+                    exported = rows[f"{row['id']}.png"] = Exported(
                         model if isinstance(model, str) else None,
                         _capture_time(row),
                         run if isinstance(run, str) else None,
@@ -391,9 +394,12 @@ def exported_rows(root: Path) -> dict[str, Exported]:
                     )
                 except (ValueError, TypeError, KeyError, AttributeError):
                     continue
+                if (t := exported.t_capture) is not None:
+                    low, high = runs.get(exported.run, (t, t))
+                    runs[exported.run] = (min(low, t), max(high, t))
     except OSError as exc:  # an export another user keeps to itself (0600, read by `sudo -u inspectd`)
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return rows
+    return rows, runs
 
 
 def _capture_time(row: dict) -> float | None:
@@ -418,18 +424,13 @@ def captured_span(times: list[float]) -> dict[str, str | None]:
     return {"since": _iso(min(times)), "until": _iso(math.floor(max(times)) + 1)}
 
 
-def separate_spans(rows: list[Exported]) -> int:
-    """How many separate spans of capture time the export runs of `rows` cover: runs whose spans (first to last
-    capture of the frames kept) overlap count as one, as the per-camera exports of one span do (`archive export
-    --camera`, once per camera, into one folder); only a run of a span apart from the others' makes one more. A run
-    none of whose rows has a capture time is not counted."""
-    ranges: dict[str | None, tuple[float, float]] = {}
-    for row in rows:
-        if row.t_capture is not None:
-            low, high = ranges.get(row.run, (row.t_capture, row.t_capture))
-            ranges[row.run] = (min(low, row.t_capture), max(high, row.t_capture))
+def separate_spans(runs: Sequence[tuple[float, float]]) -> int:
+    """How many separate spans of capture time export `runs` (each one's first and last capture) cover: runs whose
+    spans overlap count as one, as the per-camera exports of one span do (`archive export --camera`, once per camera,
+    into one folder), and as the ok and the defect export of one span the review makes (`--verdict defect --add`);
+    only a run of a span apart from the others' makes one more."""
     spans, end = 0, -math.inf
-    for low, high in sorted(ranges.values()):
+    for low, high in sorted(runs):
         if low > end:
             spans += 1
         end = max(end, high)
@@ -458,7 +459,7 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
     # None where nothing was looked up (--any-model), so the record does not claim "checked, none".
     other: dict[str, int] | None = None
     unnamed: int | None = None
-    rows = exported_rows(root)
+    rows, run_spans = exported_rows(root)
     if models is not None:
         other, unnamed = {}, 0
         # The same changeover as --archive's: an export of a span that crosses it holds the previous product's
@@ -500,7 +501,10 @@ def folder_frames(good: str | Path, models: list[str] | None = None) -> GoodFram
         **captured_span(times),
         "n_captured": len(times),
         "export_runs": len({row.run for row in named}),
-        "export_spans": separate_spans(named),
+        # Each run's span from every row it wrote, not only the frames kept: of a defect export, only the few false
+        # rejects the review moved into good are kept, and those (clustered at one end after a product change) may
+        # lie outside the ok export's span over the very same time.
+        "export_spans": separate_spans([run_spans[run] for run in {row.run for row in named} if run in run_spans]),
         "judged_by": judged,
     }
     record = {
@@ -882,6 +886,9 @@ def teach(
     out_of_fold = any(not np.array_equal(fit, fit_idx) for fit, _ in folds)
     checksums = frames_checksums(paths, images)
     fitted = current_fit(bundle, checksums, len(paths))
+    # Where the current fit was of other frames, an --archive teach's record still names each by archive id: an
+    # export's frames carry theirs in their file names, an --archive teach's in its record.
+    held_ids = archive_ids(frames)
     current = bundle.thresholds()
     old_threshold = current.image_threshold
     fr_target = DEFAULT_FALSE_REJECT if target_false_reject is None else target_false_reject
@@ -899,7 +906,9 @@ def teach(
             "score_median": float(np.median(old_scores)),
             "score_max": float(old_scores.max()),
             # How many of these frames it was fitted on (it scores those lower than a new frame); None: not known.
-            "in_sample": None if fitted is None else int(np.isin(hold_idx, fitted).sum()),
+            "in_sample": int(np.isin(hold_idx, fitted).sum())
+            if fitted is not None
+            else in_sample_by_id(bundle, [held_ids[i] for i in hold_idx]),
         },
         "taught": {
             # Out-of-fold: each frame's score is the fold fit's that left it out, not the taught fit's.
@@ -1158,18 +1167,20 @@ def without_twins(frames: GoodFrames, distinct: list[Path], twins: list[tuple[Pa
     return dataclasses.replace(frames, paths=distinct, record=record, duplicates=[*frames.duplicates, *twins])
 
 
-def current_fit(bundle: Bundle, checksums: dict[str, str], n: int) -> np.ndarray | None:
-    """The frames (indices into these `n`) BUNDLE's scorer was fitted on, where the record of the fit that made it
-    names these very frames (`frames_checksums`: their names and their pixels, both): its teach record, else train's;
-    None where it does not."""
+def _fit_record(bundle: Bundle) -> dict | None:
+    """The record of the fit that made BUNDLE's scorer: its teach record's frames, else train's; None where there is
+    none to go by."""
     taught = bundle.manifest.get("teach")
     # A taught scorer is its teach's fit alone: train's frames say nothing of it.
     record = taught.get("frames") if isinstance(taught, dict) else bundle.manifest.get("training")
     if not isinstance(record, dict) or taught is None and bundle.manifest.get("interrupted"):
         return None  # an interrupted train's n_fit counts frames its scorer may not have been fitted on
-    # Names alone (000.png, 001.png, ...) would match another folder's frames.
-    if any(record.get(key) != value for key, value in checksums.items()):
-        return None
+    return record
+
+
+def _recorded_fit(bundle: Bundle, record: dict, n: int) -> np.ndarray | None:
+    """The frames (indices into the `n` in `record`'s order) `record`'s split fitted, rebuilt from its kind, share and
+    BUNDLE's seed; None where the record does not say."""
     kind, share = record.get("split"), record.get("holdout")
     if kind not in SPLITS or isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
         return None
@@ -1177,6 +1188,44 @@ def current_fit(bundle: Bundle, checksums: dict[str, str], n: int) -> np.ndarray
     fit, _ = split.folds(n, scorer_settings(bundle)[1]["seed"])
     # A record whose count disagrees (a fit cut short) does not say which frames were fitted.
     return fit if record.get("n_fit") == len(fit) else None
+
+
+def current_fit(bundle: Bundle, checksums: dict[str, str], n: int) -> np.ndarray | None:
+    """The frames (indices into these `n`) BUNDLE's scorer was fitted on, where the record of the fit that made it
+    names these very frames (`frames_checksums`: their names and their pixels, both): its teach record, else train's;
+    None where it does not."""
+    record = _fit_record(bundle)
+    # Names alone (000.png, 001.png, ...) would match another folder's frames.
+    if record is None or any(record.get(key) != value for key, value in checksums.items()):
+        return None
+    return _recorded_fit(bundle, record, n)
+
+
+def archive_ids(frames: GoodFrames) -> list[str | None]:
+    """Each of `frames`' archive id, None where it has none: an --archive teach's from its record, an export's from
+    the file name the export gave it (`<archive id>.png`, wherever the review moved it)."""
+    if "ids" in frames.record:
+        return list(frames.record["ids"])
+    if "export" not in frames.record:
+        return [None] * len(frames.paths)
+    return [path.stem if path.suffix == ".png" and ID_RE.fullmatch(path.stem) else None for path in frames.paths]
+
+
+def in_sample_by_id(bundle: Bundle, held_ids: list[str | None]) -> int | None:
+    """How many of the held-out frames (by archive id, None where a frame has none) BUNDLE's scorer was fitted on,
+    where the record of its fit names its frames by archive id (an --archive teach's); None where that cannot be
+    told."""
+    record = _fit_record(bundle)
+    if record is None or None in held_ids:
+        return None
+    ids = record.get("ids")
+    if not isinstance(ids, list) or record.get("n") != len(ids):
+        return None
+    fit = _recorded_fit(bundle, record, len(ids))
+    if fit is None:
+        return None
+    fitted = {ids[i] for i in fit}
+    return sum(frame in fitted for frame in held_ids)
 
 
 def rows_of(features: np.ndarray, fit_idx: np.ndarray, subset: np.ndarray) -> np.ndarray:
@@ -1719,7 +1768,9 @@ def _report(out, bundle: Bundle, record: dict, warnings: list[str | None], secon
             "lower than new ones: a lower row here does not make the taught model worse",
             file=out,
         )
-    elif out_of_fold and in_sample is None:
+    elif in_sample is None:
+        # On every split: a frame it was fitted on may be held out here whatever the split, and a silent row reads as
+        # the two models on frames neither saw.
         print(
             "  current: in-sample (scored lower than new frames) on any of these frames it was fitted on; its "
             "record does not say which frames those were",

@@ -1468,6 +1468,80 @@ def test_one_span_exported_camera_by_camera_into_one_fresh_folder_gets_no_fresh_
     assert "frame(s) taught on were captured from" in out and "fresh folder" not in out, out
 
 
+def test_the_reviews_ok_and_defect_exports_of_one_span_are_one_span_whichever_false_rejects_are_moved_into_good(
+    trained, good, tmp_path, capsys
+):
+    """The review DEPLOY.md prescribes: the span's ok frames exported with --split train, its defect frames over the
+    same span with --add into the same folder, the false rejects moved into train/good. Here those are the first
+    three frames, captured before any ok frame, so the frames kept of the defect export lie apart from the ok
+    export's; yet both runs wrote rows over one span (a later defect too), so it is one span, and the advice to
+    export each span into a fresh folder is not given."""
+    from calibration import teach
+    from inspectd.protocol.archive import ArchiveReader
+
+    bundle, original, images = memory_copy(trained, good, tmp_path)
+    ids = archive_of(tmp_path / "archive", [(image, original) for image in images], defects=(0, 1, 2, 9))
+    export = tmp_path / "review"
+    with ArchiveReader(tmp_path / "archive") as reader:
+        assert reader.export(reader.query(verdict="ok"), export, "train") == 12
+        assert reader.export(reader.query(verdict="defect"), export, "train") == 4
+    for moved in ids[:3]:
+        (export / "train" / "defect" / f"{moved}.png").rename(export / "train" / "good" / f"{moved}.png")
+    assert teach.run(args(bundle, good=str(export))) == 0
+    frames = load_bundle(bundle).manifest["teach"]["frames"]
+    assert frames["n"] == 15 and frames["export_runs"] == 2 and frames["export_spans"] == 1, frames
+    out = capsys.readouterr().out
+    assert "frame(s) taught on were captured from" in out and "fresh folder" not in out, out
+
+
+def test_a_teach_on_a_wider_export_than_the_archive_teach_before_it_counts_the_frames_that_teach_fitted(
+    trained, good, tmp_path, capsys
+):
+    """DEPLOY.md's flow: teach --archive on a span, then teach --good on an export of a wider span. Not the frames
+    the current scorer was fitted on, but some of them: its record names them by archive id, the export by file
+    name, so the held-out ones it was fitted on are counted and said (its row is in-sample for them). Taught again on
+    that export less a few frames, the current record (the export teach's) names no ids: the row says its record
+    does not say which frames it was fitted on, on a one-share split as on cross-fitted ones."""
+    import datetime
+    import math
+
+    from calibration import teach
+    from engines.data.images import split_holdout
+    from inspectd.protocol.archive import ArchiveReader
+
+    bundle, original, images = memory_copy(trained, good, tmp_path)
+    ids = archive_of(tmp_path / "archive", [(image, original) for image in images])
+    with ArchiveReader(tmp_path / "archive") as reader:
+        twelfth = reader.get(ids[12]).t_capture
+    until = datetime.datetime.fromtimestamp(math.floor(twelfth), datetime.timezone.utc).isoformat(timespec="seconds")
+    assert teach.run(args(bundle, archive=str(tmp_path / "archive"), since="1h", until=until)) == 0
+    first = load_bundle(bundle).manifest["teach"]["frames"]
+    assert sorted(first["ids"]) == sorted(ids[:12]) and first["split"] == "split_holdout", first
+    capsys.readouterr()
+
+    export = export_of(tmp_path / "archive", tmp_path / "export")
+    fit, _ = split_holdout(12, HOLDOUT, 5)
+    fitted = {first["ids"][i] for i in fit}
+    names = sorted(path.stem for path in (export / "train" / "good").glob("*.png"))
+    _, held = split_holdout(16, HOLDOUT, 5)
+    expected = sum(names[i] in fitted for i in held)
+    assert 0 < expected < len(held)  # some of each, so a wrong split or order shows
+    assert teach.run(args(bundle, good=str(export))) == 0
+    assert load_bundle(bundle).manifest["teach"]["comparison"]["current"]["in_sample"] == expected
+    out = capsys.readouterr().out
+    assert f"  current (in-sample): fitted on {expected} of these {len(held)} frames" in out, out
+
+    for name in names[:3]:
+        (export / "train" / "good" / f"{name}.png").unlink()
+    assert teach.run(args(bundle, good=str(export))) == 0
+    assert load_bundle(bundle).manifest["teach"]["comparison"]["current"]["in_sample"] is None
+    out = capsys.readouterr().out
+    assert (
+        "  current: in-sample (scored lower than new frames) on any of these frames it was fitted on; its record "
+        "does not say which frames those were"
+    ) in out, out
+
+
 def test_a_camera_the_span_does_not_hold_is_named_with_the_cameras_it_does_and_a_backwards_span_is_refused(
     trained, good, tmp_path, capsys
 ):
