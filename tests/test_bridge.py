@@ -1345,6 +1345,92 @@ def test_a_fresh_plcs_leftover_counter_registers_are_not_carried_on(plc, daemon,
     bridge.stop()
 
 
+def test_an_inspection_id_cleared_beside_a_live_heartbeat_keeps_the_counters_the_plc_holds(plc, daemon, bridge_config):
+    """docs/PLC.md: a fresh PLC is id 0 with heartbeat 0. An id a PLC program or an operator cleared after a bridge ran
+    leaves its heartbeat beside it, and the counters there are the bridge's: the PLC's trend must not drop to 0."""
+    plc.write("heartbeat", 321)
+    plc.write("missed_acks", 17)
+    plc.write("sequence_gaps", 5)
+    bridge = Bridge(daemon, plc, bridge_config)
+    daemon.result(101)
+    wait(lambda: len(plc.received) == 1, 10, "101 handed over")
+    assert (plc.field("missed_acks"), plc.field("sequence_gaps")) == (17, 5)
+    events = bridge.stop()
+    assert events["plc_adopted"]["resume_after"] is None  # still no id to resume after: no gap up to 101
+    assert events["bridge_stopped"]["sequence_gaps"] == 0
+
+
+@pytest.mark.parametrize("acks_meanwhile", [False, True], ids=["plc-not-acking", "plc-acks-before-restart"])
+def test_a_bridge_killed_while_a_result_waits_for_its_ack_counts_it_missed_at_restart_unless_the_plc_acked(
+    plc, daemon, tmp_path, acks_meanwhile
+):
+    """The restart resumes after the PLC's id, so a result a killed bridge left on display is never handed over again:
+    unacked by then, it is a missed ack with the alarm, as after a stop (not a verdict lost without a trace). A PLC
+    that took it from the registers the killed bridge left has acked it: nothing to count."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 20000\npoll_ms: 5\nheartbeat_ms: 100\n")
+    extra = ("--state-dir", str(tmp_path / "state"))
+    bridge = Bridge(daemon, plc, config, extra=extra)
+    try:
+        daemon.result(1)
+        wait(lambda: len(plc.received) == 1, 10, "result 1 acked")
+        plc.acking.clear()
+        daemon.result(2)
+        wait(lambda: plc.field("inspection_id") == 2 and plc.field("status") & BIT["result_valid"], 10, "result 2 up")
+    finally:
+        bridge.proc.kill()
+        bridge.proc.wait(10)
+    assert plc.field("ack") == 1
+    if acks_meanwhile:
+        plc.acking.set()
+        wait(lambda: plc.field("ack") == 2, 5, "the PLC to ack 2 from the registers left")
+    bridge = Bridge(daemon, plc, config, extra=extra)
+    try:
+        status = plc.field("status")
+        assert not status & BIT["result_valid"]
+        assert bool(status & BIT["alarm"]) != acks_meanwhile, bin(status)
+        assert plc.field("missed_acks") == (0 if acks_meanwhile else 1)
+        plc.acking.set()
+        daemon.result(3)
+        wait(lambda: plc.received[-1]["id"] == 3, 10, "result 3 after the restart")
+    finally:
+        events = bridge.stop()
+    assert [r["id"] for r in plc.received] == ([1, 2, 3] if acks_meanwhile else [1, 3])
+    assert plc.field("sequence_gaps") == 0
+    stopped = events["bridge_stopped"]
+    assert stopped["missed_acks"] == (0 if acks_meanwhile else 1), stopped
+    if acks_meanwhile:
+        assert "stop_before_ack" not in events and not events["plc_adopted"]["alarm"]
+    else:
+        cut = events["stop_before_ack"]
+        assert cut["seq"] == 2 and cut["level"] == "warning" and events["plc_adopted"]["alarm"], cut
+
+
+def test_a_missed_ack_counted_before_a_stop_is_not_counted_again_at_restart(plc, daemon, tmp_path):
+    """Its ack timed out: counted then, result_valid dropped, the PLC's id still past the recorded ack and its ack
+    register short of it. The restart must neither count it twice nor latch again an alarm the PLC reset."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 300\npoll_ms: 5\nheartbeat_ms: 100\n")
+    extra = ("--state-dir", str(tmp_path / "state"))
+    bridge = Bridge(daemon, plc, config, extra=extra)
+    try:
+        daemon.result(1)
+        wait(lambda: len(plc.received) == 1, 10, "result 1 acked")
+        plc.acking.clear()
+        daemon.result(2)
+        wait(lambda: plc.field("missed_acks") == 1, 10, "2 counted as a missed ack")
+        plc.write("alarm_reset", 1)
+        wait(lambda: not plc.field("status") & BIT["alarm"], 5, "the alarm reset")
+    finally:
+        bridge.stop()
+    bridge = Bridge(daemon, plc, config, extra=extra)
+    try:
+        assert plc.field("missed_acks") == 1 and not plc.field("status") & BIT["alarm"]
+    finally:
+        events = bridge.stop()
+    assert "stop_before_ack" not in events and events["bridge_stopped"]["missed_acks"] == 0
+
+
 class LogLines:
     """A bridge's JSON log lines as they come (read on a thread), for a test that waits on what the bridge did."""
 

@@ -16,10 +16,13 @@ jump in inspection ids, counted in sequence_gaps and latched in alarm like any o
 
 Restart rule: on start the bridge reads the target's inspection_id and drops result_valid, and resumes after the later
 of that id and the last id the PLC acknowledged as the bridge's own state file recorded it (`acked`, kept outside the
-PLC so a PLC whose registers were reset does not get everything again). An id of 0 next to a heartbeat of 0 means a
-fresh PLC (the bridge never writes heartbeat 0), any other 0 is an id like the others. The daemon publishes each seq
-once, after the bridge subscribed, so a resume point ahead of the daemon's numbering (its state wiped or renumbered, a
-journal switched off, an id the bridge never wrote) cannot be a replay: it is warned about
+PLC so a PLC whose registers were reset does not get everything again). An id of 0 is no id to resume after, except
+a narrow id's residue 0 with no recorded ack beside a heartbeat (`place`); only next to a heartbeat of 0 (which the
+bridge never writes) is it a fresh PLC, whose counter registers are not carried on. A PLC id past the recorded ack
+with result_valid still up and no ack of it is a result a killed or crashed bridge left waiting: the resume point is
+after it, so it counts as a missed ack with alarm (`stop_before_ack`), as a stop counts it. The daemon publishes each
+seq once, after the bridge subscribed, so a resume point ahead of the daemon's numbering (its state wiped or
+renumbered, a journal switched off, an id the bridge never wrote) cannot be a replay: it is warned about
 (`resume_ahead_of_daemon`), latches alarm, and the bridge resumes on the daemon's numbering (at a first result at or
 below it, after the recorded ack where that lies before the result; at start, after the journal's newest); a seq
 that goes back under a running bridge likewise (`sequence_backwards`). Nothing is skipped as stale. A resume point
@@ -148,7 +151,7 @@ class Target(Protocol):
     """One camera's values in the PLC, as a protocol adapter reaches them.
 
     `read` names: inspection_id (0 when the PLC holds none), heartbeat, ack, alarm_reset (non-zero: reset requested),
-    alarm (1 while the latched alarm flag is set in the PLC), missed_acks and sequence_gaps (as last written).
+    alarm and result_valid (1 while that flag is set in the PLC), missed_acks and sequence_gaps (as last written).
     `write` names: status (a Status), inspection_id, result_code, verdict, score (float or None), threshold (float or
     None), region_count, model_id (str or None), thresholds_version (int or None), missed_acks, sequence_gaps,
     heartbeat, alarm_reset. Values an adapter has no
@@ -277,12 +280,14 @@ class Handshake:
         which the daemon's journal has reserved this camera's numbering (None when unknown), likewise, and only for a
         resume point past the journal: one past that too was never given out in this numbering."""
         plc_id = await self.target.read("inspection_id")
-        # An id of 0 is no id (a fresh PLC, registers reset, a program or an operator that cleared it), as it always
-        # was, except where a narrow id's residue 0 (every `modulus` seqs) has nothing else to place it by: no
-        # recorded ack. There a PLC the bridge wrote to reads a heartbeat, which it never writes as 0.
+        # A fresh PLC reads id 0 beside heartbeat 0, which the bridge never writes. An id of 0 beside a heartbeat is
+        # one a PLC program or an operator cleared: its counters are the bridge's, kept for the PLC's trends.
+        fresh = plc_id == 0 and await self.target.read("heartbeat") == 0
+        # An id of 0 is no id to resume after (fresh or cleared), except where a narrow id's residue 0 (every
+        # `modulus` seqs) has nothing else to place it by, no recorded ack, and the heartbeat says the bridge wrote it.
         narrow_unplaced = plc_id == 0 and self.modulus() < ID_MODULUS and not acked
-        fresh = plc_id == 0 and (not narrow_unplaced or await self.target.read("heartbeat") == 0)
-        self._plc_residue = None if fresh else plc_id % self.modulus()
+        no_id = plc_id == 0 and (not narrow_unplaced or fresh)
+        self._plc_residue = None if no_id else plc_id % self.modulus()
         self._plc_id, self._recorded_ack = plc_id, acked
         for name in self._carried:
             if fresh:  # no result was ever written here: what the registers hold is no count of this bridge's
@@ -302,10 +307,13 @@ class Handshake:
         # A latched alarm survives a bridge restart; not counted as a new latch, so a reset the PLC wrote meanwhile
         # clears it.
         self._alarm = bool(await self.target.read("alarm"))
+        missed = not no_id and await self._left_unacked(plc_id, acked)
         if newest is not None and self.last_id is not None and (known is None or self.last_id > known):
             mark = None if reserved is None else await asyncio.to_thread(reserved)
             self._past_journal(known, mark)
         await self._write_status(force=True)
+        if missed:  # after the alarm, as at a hand-over's missed ack
+            await self.target.write({"missed_acks": self.shown("missed_acks")})
         await self._cover_latches()
         self.log(
             "plc_adopted",
@@ -315,6 +323,29 @@ class Handshake:
             resume_after=self.last_id,
             alarm=self.alarm,
         )
+
+    async def _left_unacked(self, plc_id: int, acked: int | None) -> bool:
+        """At start: a bridge killed or crashed while the PLC's id waited for its ack left result_valid up. The resume
+        point is after that id, so unacked it is a missed ack, counted as the stop counts one. A result_valid that is
+        down says the hand-over ended (its missed ack counted then), an ack equal to the id that the PLC took it."""
+        if self.last_id is None or (acked is not None and self.last_id <= acked):
+            return False  # no id past the recorded ack: nothing of the PLC's is skipped
+        ack = await self.target.read("ack")
+        if (ack - plc_id) % self.modulus() == 0 or not await self.target.read("result_valid"):
+            return False
+        self.counters.missed_acks += 1
+        self.alarm = True  # a new latch: a reset the PLC wrote while no bridge ran predates it
+        self.log(
+            "stop_before_ack",
+            level="warning",
+            camera=self.camera,
+            seq=self.last_id,
+            ack=ack,
+            recorded_ack=acked,
+            effect="found at start: the bridge before ended (killed or crashed) with result_valid up and no ack; "
+            "a missed ack, alarm latched, not handed over again",
+        )
+        return True
 
     def place(self, acked: int | None, newest: int | None = None) -> None:
         """Where to resume (restart rule): after the later of the PLC's inspection id and `acked`.

@@ -156,8 +156,8 @@ class ModbusTarget:
         self._refused: type[Exception] = ModbusException
 
     async def read(self, name: str) -> int:
-        if name == "alarm":
-            return int(bool(await self.read("status") & 1 << self.config.status_bits["alarm"]))
+        if name in STATUS_FLAGS:  # a bit of the status word (alarm, result_valid)
+            return int(bool(await self.read("status") & 1 << self.config.status_bits[name]))
         address, count = self.config.registers[name], self.config.width(name)
         async with self._lock:
             try:
