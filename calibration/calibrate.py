@@ -25,8 +25,9 @@ pooling), are WARNINGs recorded in observed["warning"]; with --apply the first i
 camera can have (the config's rule), and is checked against the cameras of the daemon at --apply (refused when not one
 of them); unchecked there, a WARNING names the cameras the bundle's thresholds know.
 Scoring is engines.training.evaluate.score_images; the document is engines.bundle.thresholds (next_version,
-rollback); the bundle file is rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol
-(set_thresholds) through inspectd.protocol, so calibrating needs nothing of the daemon itself.
+rollback; the Clopper-Pearson bound and the regionless WARNING, which train prints too); the bundle file is
+rewritten through Bundle.replace_file; --apply speaks the daemon's control protocol (set_thresholds)
+through inspectd.protocol, so calibrating needs nothing of the daemon itself.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import inspectd_version, scores_pool_the_map
 from engines.bundle.plans import PRECISIONS
+from engines.bundle.thresholds import clopper_pearson_upper, frames_needed, regionless_warning, supported_rate
 from engines.schema import listed, show
 from inspectd.errors import InspectdError
 from inspectd.protocol.archive import camera_id_problem
@@ -53,7 +55,6 @@ if TYPE_CHECKING:
     from engines.errors import DataError
     from engines.training.metrics import PixelHistograms
 
-CONFIDENCE = 0.95
 DEFAULT_FALSE_REJECT = 0.001
 DEFAULT_PIXEL_FPR = 0.01
 # The batch is one buffer allocated up front (engines.runtime.predictor), the engine's float copy of it and its maps:
@@ -90,48 +91,10 @@ def _just_above(value: float) -> float:
     return float(np.nextafter(np.float32(value), np.float32(np.inf)))
 
 
-def binom_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p), summed in log space (no scipy on a runtime-only station)."""
-    if p <= 0.0 or k >= n:
-        return 1.0
-    if p >= 1.0:
-        return 0.0
-    i = np.arange(1, k + 1, dtype=np.float64)
-    log_choose = np.concatenate(([0.0], np.cumsum(np.log(n - i + 1) - np.log(i))))  # log C(n, 0..k)
-    j = np.arange(0, k + 1, dtype=np.float64)
-    log_terms = log_choose + j * math.log(p) + (n - j) * math.log1p(-p)
-    top = log_terms.max()
-    return float(min(1.0, math.exp(top) * np.exp(log_terms - top).sum()))
-
-
-def clopper_pearson_upper(k: int, n: int, confidence: float = CONFIDENCE) -> float:
-    """One-sided upper confidence bound on a rate after k events in n trials (exact, Clopper-Pearson)."""
-    if n <= 0:
-        return 1.0
-    if k >= n:
-        return 1.0
-    alpha = 1.0 - confidence
-    if k == 0:
-        return 1.0 - alpha ** (1.0 / n)
-    lo, hi = k / n, 1.0
-    for _ in range(100):  # bisection: binom_cdf(k, n, p) falls as p rises
-        mid = (lo + hi) / 2
-        if binom_cdf(k, n, mid) > alpha:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def frames_needed(rate: float, confidence: float = CONFIDENCE) -> int:
-    """Good frames needed so that zero false rejects bound the rate below `rate` at `confidence`."""
-    return math.ceil(math.log(1.0 - confidence) / math.log1p(-rate))
-
-
 def _bound_warning(n: int, frames: str, rate: str, upper: float, target: float, needed: int, none: str) -> str:
     return (
-        f"WARNING: {n} {frames} frames support {rate} rate of at most {upper:.4g} (95% upper bound), not the target "
-        f"{target:g}; the target needs >= {needed} {frames} frames with none {none}"
+        f"WARNING: {supported_rate(n, frames, rate, upper)}, not the target {target:g}; the target needs >= {needed} "
+        f"{frames} frames with none {none}"
     )
 
 
@@ -1207,7 +1170,12 @@ def _calibrate(bundle, current, args, out):
             print(duplicates_note(left_out, pixels=True), file=out)
     image, pixel, chosen = _choose(args, scored, out)
     hold = rejects_most(scored.good, image)
-    if scores_pool_the_map(bundle.manifest) and (warning := _regionless_warning(current, args.camera, image, pixel)):
+    if pixel is None:  # the pixel threshold in force after this write: the camera's override's, else the document's
+        override = current.per_camera.get(args.camera, {}) if args.camera is not None else {}
+        in_force = override.get("pixel_threshold", current.pixel_threshold)
+    else:
+        in_force = pixel
+    if scores_pool_the_map(bundle.manifest) and (warning := regionless_warning(image, in_force, args.camera)):
         print(warning, file=out)
         _add_warning(chosen["observed"], warning.removeprefix("WARNING: "))
     provenance = {
@@ -1355,25 +1323,6 @@ def _in_both(good: list[Path], defective: list[tuple[Path, Path | None]]) -> lis
         for path, earlier in copies
         if id(earlier) in goods_given and id(path) not in goods_given
     ]
-
-
-def _regionless_warning(current, camera: str | None, image: float, pixel: float | None) -> str | None:
-    """The WARNING when the thresholds in force after this write (`camera`'s, with its override's or the document's
-    pixel threshold; else the document's) have the pixel threshold above the image one. Every pooling (the maximum,
-    the top k %, the mean) scores an image at most its map's maximum, so a frame scored from the image threshold to
-    below the pixel one may have no pixel at or above the pixel threshold: a defect published with no region and an
-    empty mask. At or below the image threshold, the pixel threshold always leaves a defect a region."""
-    if pixel is None:
-        override = current.per_camera.get(camera, {}) if camera is not None else {}
-        pixel = override.get("pixel_threshold", current.pixel_threshold)
-    if pixel <= image:
-        return None
-    which = f"camera {camera}'s" if camera is not None else "the"
-    return (
-        f"WARNING: {which} pixel threshold {pixel:.6g} is above the image threshold {image:.6g}, and an image score "
-        f"is at most its map's maximum: frames scored from {image:.6g} to below {pixel:.6g} can be defects with no "
-        "region (an empty mask); calibrate with --pixel to set both from the same frames"
-    )
 
 
 def _set_on(thresholds) -> str:

@@ -19,10 +19,7 @@ import yaml
 
 from calibration.calibrate import (
     CalibrationError,
-    binom_cdf,
-    clopper_pearson_upper,
     confusion,
-    frames_needed,
     pixel_threshold_for_f1,
     pixel_threshold_for_fpr,
     threshold_for_escape,
@@ -31,6 +28,7 @@ from calibration.calibrate import (
 )
 from engines.bundle import thresholds as thresholds_doc
 from engines.bundle.format import describe_score_share
+from engines.bundle.thresholds import binom_cdf, clopper_pearson_upper, frames_needed
 from engines.training.metrics import PixelHistograms
 from inspectd.cli import main
 from ports import free_port

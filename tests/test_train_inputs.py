@@ -228,6 +228,17 @@ def test_a_bad_weights_file_or_method_flag_is_refused_before_any_image_is_read(t
             "no --sla-lr",
         ),
         (["--method", "frozen", "--epochs", "-1"], "--epochs -1: expected an integer >= 0"),
+        # A frozen backbone trains nothing: the epochs were dropped, and written into the manifest as if trained.
+        (
+            ["--method", "frozen", "--epochs", "50"],
+            "--epochs 50: no recipe here trains a head (frozen fits only its scorer), expected --method cse or "
+            "--method sla, or no --epochs",
+        ),
+        (
+            ["--epochs", "5"],  # auto's candidates are all frozen
+            "--epochs 5: no recipe here trains a head (frozen fits only its scorer), expected --method cse or "
+            "--method sla, or no --epochs",
+        ),
         # CSE pools its embedding 2x2: a 1-cell grid gave a traceback after decoding, taps and the defect pool.
         (
             ["--method", "cse", "--taps", "32", "--size", "32x64"],
@@ -325,9 +336,21 @@ def test_auto_with_holdout_0_sets_its_thresholds_out_of_fold(tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "b"
     good_images(data, 4)
     assert run(parse("--data", str(data), "--out", str(out), "--recipe", "auto", "--size", "64", "--holdout", "0")) == 0
-    assert "Traceback" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
     provenance = load_bundle(out).thresholds().provenance
     assert provenance["images"] == "out-of-fold" and provenance["n_good"] == 4
+    # The bound of its out-of-fold scores is said as for a held-out share; already auto, it is not told to use auto.
+    lines = captured.out.splitlines()
+    assert (
+        "first image threshold above the 4 out-of-fold good image score(s): 4 good frames support a false-reject "
+        "rate of at most 0.5271 (95% upper bound)"
+    ) in lines, captured.out
+    assert (
+        "WARNING: the first image threshold is set on 4 out-of-fold image(s), fewer than 24: on the line it may reject "
+        f"far more good frames than they did; `inspectd calibrate {out} --good DIR` on good frames the model was not "
+        "fitted on"
+    ) in lines, captured.out
 
 
 def test_the_recipe_line_gives_the_memory_banks_fitted_size_beside_its_cap(tmp_path, capsys):
@@ -340,3 +363,51 @@ def test_the_recipe_line_gives_the_memory_banks_fitted_size_beside_its_cap(tmp_p
     assert 0 < fitted < 16384
     (recipe_line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe patchcore: ")]
     assert f", memory bank {fitted} (cap 16384), " in recipe_line
+
+
+def test_thresholds_set_on_few_held_out_images_say_the_rate_they_support(tmp_path, capsys):
+    """A custom recipe (--size alone) on 12 images holds out 1, and the first image threshold is that image's score:
+    a daemon on it rejected 85 % of a line's good frames, while train said only that the drift alarm was off. Train
+    now says what those images support, as calibrate says it, and what sets the threshold on more."""
+    data, out = tmp_path / "data", tmp_path / "b"
+    good_images(data, 12)
+    assert run(parse("--data", str(data), "--out", str(out), "--size", "64", "--batch", "4")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert load_bundle(out).thresholds().provenance["n_holdout"] == 1
+    assert (
+        "first image threshold above the 1 held-out good image score(s): 1 good frames support a false-reject rate "
+        "of at most 0.95 (95% upper bound)"
+    ) in lines, lines
+    assert (
+        "WARNING: the first image threshold is set on 1 held-out image(s), fewer than 24: on the line it may reject "
+        "far more good frames than they did; `--recipe auto` with the same recipe flags (its threshold is set on "
+        "out-of-fold scores: of every image below 60 images, of 24 or more above), or `inspectd calibrate "
+        f"{out} --good DIR` on good frames the model was not fitted on"
+    ) in lines, lines
+
+
+def test_a_pixel_threshold_above_the_image_one_is_warned_of_by_train_as_by_calibrate():
+    """Train wrote image threshold 36.82 and pixel threshold 51.59 (a mean-pooled score) without a word, and real
+    defects were then published with no region; only calibrate warned. Both now print the one rule's WARNING, for
+    models whose image score pools the map."""
+    import dataclasses
+
+    from engines.bundle.thresholds import regionless_warning
+    from engines.model.recipes import catalogue_recipe
+    from engines.training.train import TrainResult, threshold_lines
+
+    bundle = Path("/srv/b")
+    result = TrainResult(bundle, "m", False, 100, 30, 36.82, 51.59, 1.0, catalogue_recipe("patchcore"), 30)
+    remedy = (
+        f"`inspectd calibrate {bundle} --good DIR --pixel` sets the pixel threshold at a good-pixel rate (--pixel-fpr) "
+        "on the same frames as the image one"
+    )
+    assert threshold_lines(result, auto=False)[1:] == [
+        "WARNING: the pixel threshold 51.59 is above the image threshold 36.82, and an image score is at most its "
+        "map's maximum: frames scored from 36.82 to below 51.59 can be defects with no region (an empty mask); "
+        + remedy
+    ]
+    assert threshold_lines(result, auto=False)[1:] == [regionless_warning(36.82, 51.59, remedy=remedy)]
+    # At or below the image threshold every defect keeps a region; a scorer's own image score is not a pooled map.
+    assert threshold_lines(dataclasses.replace(result, pixel_threshold=36.82), auto=False)[1:] == []
+    assert threshold_lines(dataclasses.replace(result, pools_the_map=False), auto=False)[1:] == []

@@ -202,6 +202,77 @@ def reference_warning(n: int, what: str) -> str | None:
     )
 
 
+# The statistics of a rate seen on a few frames, shared by the writers of thresholds: `inspectd calibrate` chooses
+# its thresholds by them and train says what the held-out images of its first thresholds support.
+CONFIDENCE = 0.95
+
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (no scipy on a runtime-only station)."""
+    import numpy as np
+
+    if p <= 0.0 or k >= n:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    i = np.arange(1, k + 1, dtype=np.float64)
+    log_choose = np.concatenate(([0.0], np.cumsum(np.log(n - i + 1) - np.log(i))))  # log C(n, 0..k)
+    j = np.arange(0, k + 1, dtype=np.float64)
+    log_terms = log_choose + j * math.log(p) + (n - j) * math.log1p(-p)
+    top = log_terms.max()
+    return float(min(1.0, math.exp(top) * np.exp(log_terms - top).sum()))
+
+
+def clopper_pearson_upper(k: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided upper confidence bound on a rate after k events in n trials (exact, Clopper-Pearson)."""
+    if n <= 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    alpha = 1.0 - confidence
+    if k == 0:
+        return 1.0 - alpha ** (1.0 / n)
+    lo, hi = k / n, 1.0
+    for _ in range(100):  # bisection: binom_cdf(k, n, p) falls as p rises
+        mid = (lo + hi) / 2
+        if binom_cdf(k, n, mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def frames_needed(rate: float, confidence: float = CONFIDENCE) -> int:
+    """Good frames needed so that zero false rejects bound the rate below `rate` at `confidence`."""
+    return math.ceil(math.log(1.0 - confidence) / math.log1p(-rate))
+
+
+def supported_rate(n: int, frames: str, rate: str, upper: float) -> str:
+    """What n frames support: "8 good frames support a false-reject rate of at most 0.3123 (95% upper bound)"."""
+    return f"{n} {frames} frames support {rate} rate of at most {upper:.4g} ({CONFIDENCE:.0%} upper bound)"
+
+
+REGIONLESS_REMEDY = "calibrate with --pixel to set both from the same frames"
+
+
+def regionless_warning(
+    image: float, pixel: float, camera: str | None = None, remedy: str = REGIONLESS_REMEDY
+) -> str | None:
+    """The WARNING when pixel threshold `pixel` is above image threshold `image` (`camera`'s, or the document's when
+    None), for a model whose image score pools its map (engines.bundle.format.scores_pool_the_map). Every pooling
+    (the maximum, the top k %, the mean) scores an image at most its map's maximum, so a frame scored from the image
+    threshold to below the pixel one may have no pixel at or above the pixel threshold: a defect published with no
+    region and an empty mask. At or below the image threshold, the pixel threshold always leaves a defect a region."""
+    if pixel <= image:
+        return None
+    which = f"camera {camera}'s" if camera is not None else "the"
+    return (
+        f"WARNING: {which} pixel threshold {pixel:.6g} is above the image threshold {image:.6g}, and an image score "
+        f"is at most its map's maximum: frames scored from {image:.6g} to below {pixel:.6g} can be defects with no "
+        f"region (an empty mask); {remedy}"
+    )
+
+
 def score_range(lowest: float, highest: float, n: int) -> dict[str, Any]:
     """provenance["image_scores"] / ["pixel_scores"] for scores from `lowest` to `highest`."""
     return {"n": int(n), "min": float(f"{lowest:.7g}"), "max": float(f"{highest:.7g}")}

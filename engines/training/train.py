@@ -35,10 +35,13 @@ from engines.bundle.format import (
     describe_recipe,
     inspectd_version,
     parse_size,
+    scores_pool_the_map,
     valid_bit_depth,
 )
 from engines.bundle.store import load_bundle, model_id_for, not_replaceable, write_bundle
 from engines.data.images import (
+    CROSS_FIT_BELOW,
+    MIN_HELD_OUT,
     SPLIT_HOLDOUT,
     VALIDATION_FOLDS,
     ImageFiles,
@@ -122,6 +125,8 @@ class TrainResult:
     held_in_fit: bool = False  # the held-out images were fitted too (auto: scored out of fold for the thresholds)
     n_scorer_fit: int | None = None  # images the scorer was fitted on (fewer than n_fit when interrupted)
     memory_bank: int | None = None  # patches in the fitted memory bank (the recipe's memory_size is its cap)
+    threshold_images: str = "held-out"  # what the first thresholds were set on: held-out, out-of-fold or training
+    pools_the_map: bool = True  # the image score pools the map (engines.bundle.format.scores_pool_the_map)
 
 
 def aligned_to_taps(recipes: list[Recipe]) -> list[Recipe]:
@@ -271,6 +276,18 @@ def check_method_args(methods: set[str], method_args: argparse.Namespace | None)
                     f"{shown}: a flag of --method {method_class.name}, which no recipe here trains with "
                     f"({', '.join(sorted(methods))}), expected --method {method_class.name} or no {flag}"
                 )
+
+
+def check_epochs(epochs: int | None, methods: set[str]) -> None:
+    """ValueError for --epochs where no recipe trains anything: a frozen backbone fits only its scorer, so the epochs
+    would be dropped without a word and written into the manifest as if trained, as a method's flag would be."""
+    if not epochs or any(get_method(name).default_epochs for name in methods):
+        return
+    trainers = [method.name for method in available_methods() if method.default_epochs]
+    raise ValueError(
+        f"--epochs {epochs}: no recipe here trains a head ({', '.join(sorted(methods))} fits only its scorer), "
+        f"expected {' or '.join('--method ' + name for name in trainers)}, or no --epochs"
+    )
 
 
 def _resolved_flag(path: str | Path, flag: str) -> Path:
@@ -448,6 +465,7 @@ def train_bundle(
         raise ValueError(f"--bit-depth {bit_depth!r}: expected {BIT_DEPTH_RANGE}")
     check_weights(weights, {c.backbone for c in candidates})
     check_method_args({c.method for c in candidates}, method_args)
+    check_epochs(epochs, {c.method for c in candidates})
     # Before the split and auto's folds: a held-out image's twin in the fit would score it about 0.
     paths, duplicates = without_duplicates(training_images(data))
     if note := training_nested_note(data):
@@ -663,6 +681,8 @@ def train_bundle(
         every_image,
         n_scored,
         int(params["memory_bank"].shape[0]) if "memory_bank" in params else None,
+        check_kind,
+        scores_pool_the_map(manifest),
     )
 
 
@@ -802,6 +822,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         method_class.add_arguments(parser)
 
 
+def threshold_lines(result: TrainResult, auto: bool) -> list[str]:
+    """What the first thresholds rest on, after the summary: the false-reject rate their good images support (as
+    calibrate says it), a WARNING where those are fewer than auto's fewest held-out share, and the regionless WARNING
+    calibrate gives. Set on one held-out image, the image threshold is that image's score plus a hair, which most of
+    a line's good frames can exceed: the count of images it rests on is what tells the operator to set it again."""
+    lines = []
+    n, kind = result.n_reference, result.threshold_images
+    if kind != "training":  # fitted images score about 0 against their own fit: they bound nothing
+        upper = thresholds_doc.clopper_pearson_upper(0, n)
+        lines.append(
+            f"first image threshold above the {n} {kind} good image score(s): "
+            + thresholds_doc.supported_rate(n, "good", "a false-reject", upper)
+        )
+        if n < MIN_HELD_OUT:
+            instead = (
+                f"`--recipe auto` with the same recipe flags (its threshold is set on out-of-fold scores: of every "
+                f"image below {CROSS_FIT_BELOW} images, of {MIN_HELD_OUT} or more above), or "
+                if not auto and result.recipe.method == "frozen"
+                else ""
+            )
+            lines.append(
+                f"WARNING: the first image threshold is set on {n} {kind} image(s), fewer than {MIN_HELD_OUT}: on the "
+                f"line it may reject far more good frames than they did; {instead}`inspectd calibrate "
+                f"{result.bundle} --good DIR` on good frames the model was not fitted on"
+            )
+    if result.pools_the_map and (
+        warning := thresholds_doc.regionless_warning(
+            result.image_threshold,
+            result.pixel_threshold,
+            remedy=f"`inspectd calibrate {result.bundle} --good DIR --pixel` sets the pixel threshold at a good-pixel "
+            "rate (--pixel-fpr) on the same frames as the image one",
+        )
+    ):
+        lines.append(warning)
+    return lines
+
+
 def _interrupt(signum, _frame):
     raise KeyboardInterrupt
 
@@ -868,6 +925,8 @@ def run(args: argparse.Namespace) -> int:
         f"image threshold {result.image_threshold:.4g}, pixel threshold {result.pixel_threshold:.4g}, "
         f"{result.seconds:.1f}s\nrecipe {describe_recipe(result.recipe.to_json(), result.memory_bank)}"
     )
+    for line in threshold_lines(result, chooses_auto(args.recipe, overrides)):
+        print(line)
     warning = thresholds_doc.reference_warning(result.n_reference, "good images scored for the first thresholds")
     if warning:
         print(f"{warning} (`inspectd calibrate` on >= {thresholds_doc.MIN_REFERENCE} good images records one)")
