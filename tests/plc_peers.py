@@ -134,6 +134,8 @@ class Memory:
             elif self.statuses and "result_valid" in self.status and held != self.values["ack"]:
                 self.acted.append(held)
                 self.values["ack"] = held
+        if name == "result_valid":  # a status bit, as ModbusTarget reads one
+            return int(bool(self.statuses) and name in self.status)
         return self.values[name]
 
     async def write(self, fields: dict, last: str | None = None) -> None:

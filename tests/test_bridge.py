@@ -1406,6 +1406,34 @@ def test_a_bridge_killed_while_a_result_waits_for_its_ack_counts_it_missed_at_re
         assert cut["seq"] == 2 and cut["level"] == "warning" and events["plc_adopted"]["alarm"], cut
 
 
+def test_seq_0_left_on_display_by_a_killed_bridge_is_a_missed_ack_at_restart(plc, daemon, tmp_path):
+    """A fresh daemon's first result is seq 0, and an id of 0 reads as no id (a fresh or cleared PLC): killed with it
+    on display and unacked, the restart handed over 1 next and counted 0 nowhere. The ack := id - 1 the bridge wrote
+    before it, beside result_valid, says it was this bridge's result."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("ack_timeout_ms: 20000\npoll_ms: 5\nheartbeat_ms: 100\n")
+    extra = ("--state-dir", str(tmp_path / "state"))
+    plc.acking.clear()
+    bridge = Bridge(daemon, plc, config, extra=extra)
+    try:
+        daemon.result(0)
+        wait(lambda: plc.field("status") & BIT["result_valid"] and plc.field("heartbeat"), 10, "result 0 up")
+    finally:
+        bridge.proc.kill()
+        bridge.proc.wait(10)
+    assert plc.field("inspection_id") == 0 and plc.field("ack") == 0xFFFFFFFF
+    bridge = Bridge(daemon, plc, config, extra=extra)
+    try:
+        assert plc.field("missed_acks") == 1 and plc.field("status") & BIT["alarm"], bin(plc.field("status"))
+        plc.acking.set()
+        daemon.result(1)
+        wait(lambda: plc.received and plc.received[-1]["id"] == 1, 10, "result 1 after the restart")
+    finally:
+        events = bridge.stop()
+    assert [r["id"] for r in plc.received] == [1] and plc.field("sequence_gaps") == 0
+    assert events["stop_before_ack"]["seq"] == 0 and events["bridge_stopped"]["missed_acks"] == 1, events
+
+
 def test_a_missed_ack_counted_before_a_stop_is_not_counted_again_at_restart(plc, daemon, tmp_path):
     """Its ack timed out: counted then, result_valid dropped, the PLC's id still past the recorded ack and its ack
     register short of it. The restart must neither count it twice nor latch again an alarm the PLC reset."""

@@ -283,10 +283,18 @@ class Handshake:
         # A fresh PLC reads id 0 beside heartbeat 0, which the bridge never writes. An id of 0 beside a heartbeat is
         # one a PLC program or an operator cleared: its counters are the bridge's, kept for the PLC's trends.
         fresh = plc_id == 0 and await self.target.read("heartbeat") == 0
+        # Or seq 0 itself (a fresh daemon's first result) left on display by a killed bridge: result_valid up beside
+        # the ack := id - 1 the bridge writes before such a result, so that only the PLC's echo acknowledges it.
+        written_zero = (
+            plc_id == 0
+            and not fresh
+            and (await self.target.read("ack") + 1) % self.modulus() == 0
+            and bool(await self.target.read("result_valid"))
+        )
         # An id of 0 is no id to resume after (fresh or cleared), except where a narrow id's residue 0 (every
         # `modulus` seqs) has nothing else to place it by, no recorded ack, and the heartbeat says the bridge wrote it.
         narrow_unplaced = plc_id == 0 and self.modulus() < ID_MODULUS and not acked
-        no_id = plc_id == 0 and (not narrow_unplaced or fresh)
+        no_id = plc_id == 0 and (not narrow_unplaced or fresh) and not written_zero
         self._plc_residue = None if no_id else plc_id % self.modulus()
         self._plc_id, self._recorded_ack = plc_id, acked
         for name in self._carried:
