@@ -4,6 +4,9 @@ separates clean frames from synthetic defects it has not seen."""
 from __future__ import annotations
 
 import argparse
+import io
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +19,7 @@ import torch
 from engines.bundle.store import load_bundle
 from engines.data import defects
 from engines.data.synthline import SyntheticLine
-from engines.model.graph import build_graph
+from engines.model.graph import InferenceGraph, build_graph
 from engines.model.methods import TrainSettings, get_method
 from engines.model.recipes import Recipe
 from engines.runtime import open_engine
@@ -182,3 +185,121 @@ def test_local_reference_scorer_is_the_nearest_location_of_any_reference():
     assert score is None
     assert torch.allclose(low, brute, atol=1e-4)
     assert low[1, 0, 0].item() == pytest.approx(0.0, abs=1e-4) and low[0].min().item() > 0.1
+
+
+def _train_cli(args: list[str], good_dir: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "inspectd", "train", "--data", str(good_dir), "--out", str(out), "--size", "64", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def _graph_for(method: str, args: argparse.Namespace) -> InferenceGraph:
+    trainer = get_method(method)
+    recipe = Recipe(method, method=method, taps=(16, 32), size=(64, 64), scorer="kmeans")
+    return build_graph(recipe.architecture(trainer.head_config(args), 1), pretrained=True)
+
+
+@pytest.mark.parametrize("method", ["cse", "sla"])
+def test_a_regenerated_pool_keeps_the_training_progress_line(method):
+    # The redraw's own line used to replace the training's: "defect taps 9/8 loss ... ETA -0s", and off a terminal
+    # (this StringIO) one line per step past its total.
+    args = argparse.Namespace(**{f"{method}_pool": 1, f"{method}_regenerate": True})
+    stream = io.StringIO()
+    get_method(method).train(
+        _graph_for(method, args),
+        line_frames(8, 64, seed=1),
+        TrainSettings(epochs=3, batch=2, seed=0, args=args),
+        Progress(stream=stream),
+    )
+    lines = stream.getvalue().splitlines()
+    with_loss = [line for line in lines if " loss " in line]
+    assert with_loss and all(line.startswith(f"{method} ") for line in with_loss), lines
+    counts = [tuple(map(int, m.groups())) for m in (re.search(r" (\d+)/(\d+) ", line) for line in lines) if m]
+    assert counts and all(step <= total for step, total in counts), lines
+    steps = 3 * 8 // (2 if method == "cse" else 1)  # sla's batch 2 is one clean image and one variant a step
+    assert with_loss[-1].startswith(f"{method} {steps}/{steps} "), lines
+
+
+@pytest.mark.parametrize("method", ["cse", "sla"])
+def test_a_diverged_training_is_refused_naming_the_learning_rate(method, good_dir, tmp_path):
+    # At 1e6 SLA's ReLUs die (a bundle scoring every frame 0, exit 0) and CSE's features overflow float32 distances
+    # (a NaN thresholds message); neither loss is NaN, so the trained features are what shows it.
+    out = tmp_path / "bundle"
+    proc = _train_cli(
+        ["--method", method, "--epochs", "1", "--batch", "4", f"--{method}-lr", "1e6", f"--{method}-pool", "1"],
+        good_dir,
+        out,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"inspectd train: --{method}-lr 1e+06: the {method} training diverged"), proc.stderr
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["cse", "sla"])
+def test_a_nan_loss_stops_the_training_at_its_epoch(method):
+    args = argparse.Namespace(**{f"{method}_pool": 1, f"{method}_lr": 1e20})
+    stream = io.StringIO()
+    with pytest.raises(ValueError) as raised:
+        get_method(method).train(
+            _graph_for(method, args),
+            line_frames(8, 64, seed=1),
+            TrainSettings(epochs=2, batch=4, seed=0, args=args),
+            Progress(stream=stream),
+        )
+    message = str(raised.value)
+    assert message == (
+        f"--{method}-lr 1e+20: the {method} training diverged, the loss became nan at epoch 1 of 2; "
+        "expected a smaller learning rate"
+    )
+    assert " loss nan" not in stream.getvalue()  # stopped at the step, not after the epochs
+
+
+def _memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        pytest.skip("no physical memory size on this platform")
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--cse-pool", "--sla-pool", "--sla-dim"],
+)
+def test_a_pool_or_head_larger_than_the_machine_is_refused_before_the_images_are_read(flag, good_dir, tmp_path):
+    _memory()
+    proc = _train_cli(["--method", flag[2:5], "--epochs", "1", flag, str(10**12)], good_dir, tmp_path / "x")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"inspectd train: {flag} {10**12}: ") and "expected at most" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # no "clean taps" line: nothing was decoded
+    assert "8-bit images" not in proc.stdout  # nor looked at
+
+
+@pytest.mark.parametrize("method", ["cse", "sla"])
+def test_a_pool_larger_than_the_machine_for_these_images_is_refused_before_it_is_drawn(method, good_dir, tmp_path):
+    # Half the machine's memory in 32x32 grey variants of one image passes the check made before the images are read;
+    # at 64x64 of 7 images with their taps it is far more than the machine has.
+    pool = _memory() // 2048 // 2
+    proc = _train_cli(["--method", method, "--epochs", "1", f"--{method}-pool", str(pool)], good_dir, tmp_path / "x")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"inspectd train: --{method}-pool {pool}: the \w+ pool of 7 images would need about .* more than this "
+        r"machine's .*; expected at most \d+",
+        last,
+    ), proc.stderr
+    assert "taps" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_exporting_the_feature_graph_leaves_the_graph_in_eval_mode():
+    from engines.model.export import export_feature_graph
+
+    graph = _graph_for("cse", argparse.Namespace()).eval()
+    export_feature_graph(graph)
+    # In training mode BatchNorm would score with batch statistics and move its running ones.
+    assert [name for name, module in graph.named_modules() if module.training] == []

@@ -100,8 +100,10 @@ def export_feature_graph(graph: InferenceGraph, opset: int = DEFAULT_OPSET) -> b
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # as in export_graph
+        # In eval mode like the graph: the export puts its module back in the mode it had, and a new Module is in
+        # training mode, which would set the graph's BatchNorm to batch statistics for whoever scores with it next.
         torch.onnx.export(
-            _Embed(graph),
+            _Embed(graph).eval(),
             (torch.zeros((2, height, width, channels), dtype=torch.uint8),),
             buffer,
             input_names=[PIXELS],

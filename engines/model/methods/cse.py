@@ -33,7 +33,16 @@ from torch import nn
 from engines.data import defects
 from engines.model.graph import TapConcat
 from engines.model.methods import Method, TrainSettings, flag
-from engines.model.methods.cached import DefectPool, backbone_taps
+from engines.model.methods.cached import (
+    DefectPool,
+    backbone_taps,
+    check_fits,
+    check_loss,
+    check_not_collapsed,
+    check_pool_flag,
+    pool_bytes,
+    tap_bytes,
+)
 
 EMBED_DIM = 64
 INTRA_WEIGHT = 10.0
@@ -144,14 +153,25 @@ class CseMethod(Method):
         if settings.epochs == 0 or len(images) == 0:
             return
         rng = np.random.default_rng(settings.seed)
+        per_image_taps, _ = tap_bytes(graph, images)
+        per_variant, fixed = pool_bytes(images, per_image_taps, regenerate=options.regenerate)
+        check_fits(
+            "--cse-pool",
+            options.per_image,
+            len(images) * per_variant,
+            fixed,
+            f"the defect pool of {len(images)} images",
+        )
 
-        def draw_pool() -> list[torch.Tensor]:
+        def draw_pool(shown: bool) -> list[torch.Tensor]:
             variants = DefectPool.draw(images, rng, options.mix, options.per_image).images
-            return backbone_taps(graph, variants, settings.batch * 2, progress, "defect taps")
+            # A redraw belongs to the training phase: its own line would take over the training's step/total.
+            return backbone_taps(graph, variants, settings.batch * 2, progress if shown else None, "defect taps")
 
         clean = backbone_taps(graph, images, settings.batch * 2, progress, "clean taps")
         try:
             fit_head(graph.head, clean, draw_pool, options, settings.epochs, settings.batch, rng, progress)
+            check_not_collapsed(graph.head, clean, "--cse-lr", options.lr)
         finally:
             graph.eval()
 
@@ -177,6 +197,7 @@ class CseOptions:
             raise ValueError(f"--cse-defect-fraction {options.fraction}: expected a fraction in [0, 1]")
         if options.per_image < 1:
             raise ValueError(f"--cse-pool {options.per_image}: expected an integer >= 1")
+        check_pool_flag("--cse-pool", options.per_image)
         if not (math.isfinite(options.lr) and options.lr > 0):
             raise ValueError(f"--cse-lr {options.lr}: expected a finite learning rate > 0")
         return options
@@ -192,17 +213,18 @@ def _mix(text: str) -> dict[str, float]:
 def fit_head(
     head: CseHead,
     clean: list[torch.Tensor],
-    draw_pool: Callable[[], list[torch.Tensor]],
+    draw_pool: Callable[[bool], list[torch.Tensor]],
     options: CseOptions,
     epochs: int,
     batch: int,
     rng: np.random.Generator,
     progress,
 ) -> None:
-    """Train `head` on cached taps: `clean` [N, ...] per tap, and `draw_pool()` giving the taps of
-    options.per_image defect variants per clean image (variant v of image i at row i * per_image + v)."""
+    """Train `head` on cached taps: `clean` [N, ...] per tap, and `draw_pool(shown)` giving the taps of
+    options.per_image defect variants per clean image (variant v of image i at row i * per_image + v), with its own
+    progress line when `shown`. ValueError naming --cse-lr when the loss is no longer finite."""
     n = len(clean[0])
-    pool = draw_pool()
+    pool = draw_pool(True)
     batch = min(batch, n)
     total = -(-n // batch) * epochs
     optimizer = torch.optim.Adam(head.parameters(), lr=options.lr)
@@ -211,7 +233,7 @@ def fit_head(
     step = 0
     for epoch in range(epochs):
         if options.regenerate and epoch > 0:
-            pool = draw_pool()
+            pool = draw_pool(False)
         head.train()
         order = torch.from_numpy(rng.permutation(n))
         for start in range(0, n, batch):
@@ -228,7 +250,7 @@ def fit_head(
             optimizer.step()
             schedule.step()
             step += 1
-            progress.update(step, loss.item())
+            progress.update(step, check_loss(loss, "--cse-lr", options.lr, epoch, epochs))
     head.eval()
 
 

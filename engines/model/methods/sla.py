@@ -34,7 +34,18 @@ from torch import nn
 from engines.data import defects
 from engines.model.graph import TapConcat
 from engines.model.methods import Method, TrainSettings, flag
-from engines.model.methods.cached import DefectPool, backbone_taps
+from engines.model.methods.cached import (
+    DefectPool,
+    backbone_taps,
+    check_fits,
+    check_loss,
+    check_not_collapsed,
+    check_pool_flag,
+    gib,
+    machine_memory,
+    pool_bytes,
+    tap_bytes,
+)
 
 CLASSES = ("normal", "cutpaste", "scar")
 FEATURE_DIM = 128
@@ -117,6 +128,7 @@ class SlaMethod(Method):
         dim = int(flag(args, "sla_dim", FEATURE_DIM))
         if dim < 1:
             raise ValueError(f"--sla-dim {dim}: expected an integer >= 1")
+        _check_dim(dim)
         return {"dim": dim}
 
     def build_head(self, backbone: nn.Module, config: dict[str, Any]) -> nn.Module:
@@ -139,12 +151,19 @@ class SlaMethod(Method):
             return
         rng = np.random.default_rng(settings.seed)
         mix = {name: 1.0 / (len(CLASSES) - 1) for name in CLASSES[1:]}
+        # Half of every batch transformed: each step takes `half` clean images and `half` pool variants.
+        half = max(1, min(settings.batch // 2, n))
+        per_image_taps, shapes = tap_bytes(graph, images)
+        cells = shapes[0][1] * shapes[0][2]  # TapConcat brings every tap to the first one's grid
+        _check_dim(head.features[3].out_channels, sum(s[0] for s in shapes), 2 * half * cells)
+        # Per variant: its dense targets (made [h, w, 3], then copied to [3, h, w]) and its cell labels, float32.
+        extra = (2 * len(CLASSES) + 1) * cells * 4
+        per_variant, fixed = pool_bytes(images, per_image_taps, extra, regenerate)
+        check_fits("--sla-pool", per_image, n * per_variant, fixed, f"the transformed pool of {n} images")
 
         clean = backbone_taps(graph, images, 32, progress, "clean taps")
         grid = tuple(clean[0].shape[-2:])
         pool = self._pool(graph, images, rng, mix, per_image, grid, hard, progress)
-        # Half of every batch transformed: each step takes `half` clean images and `half` pool variants.
-        half = max(1, min(settings.batch // 2, n))
         steps_per_epoch = -(-n // half)
         total = steps_per_epoch * settings.epochs
         params = [p for p in head.parameters() if p.requires_grad]
@@ -159,7 +178,8 @@ class SlaMethod(Method):
         try:
             for epoch in range(settings.epochs):
                 if regenerate and epoch > 0:
-                    pool = self._pool(graph, images, rng, mix, per_image, grid, hard, progress)
+                    # A redraw belongs to the training phase: its own line would take over the training's step/total.
+                    pool = self._pool(graph, images, rng, mix, per_image, grid, hard, None)
                 head.train()
                 order = torch.from_numpy(rng.permutation(n))
                 for start in range(0, n, half):
@@ -178,7 +198,8 @@ class SlaMethod(Method):
                     optimizer.step()
                     schedule.step()
                     step += 1
-                    progress.update(step, loss.item())
+                    progress.update(step, check_loss(loss, "--sla-lr", lr, epoch, settings.epochs))
+            check_not_collapsed(head, clean, "--sla-lr", lr)
         finally:
             graph.eval()
 
@@ -216,6 +237,23 @@ def _rate_and_pool(args: argparse.Namespace | None) -> tuple[float, int]:
     per_image = int(flag(args, "sla_pool", 2))
     if per_image < 1:
         raise ValueError(f"--sla-pool {per_image}: expected an integer >= 1")
+    check_pool_flag("--sla-pool", per_image)
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"--sla-lr {lr}: expected a finite learning rate > 0")
     return lr, per_image
+
+
+def _check_dim(dim: int, in_channels: int = 0, activations: int = 0) -> None:
+    """ValueError naming --sla-dim when the head cannot be held: its two 1x1 convolutions (in_channels x 2 dim and
+    2 dim x dim float32 weights, each with its gradient and SGD momentum) and one step's activations (about six maps
+    of `dim` channels over `activations` sample cells, float32). Before the images are read in_channels and
+    activations are unknown (0): the second convolution alone, which is what grows with dim^2."""
+    memory = machine_memory()
+    a, b = 2 * 4 * 3, 2 * 4 * 3 * in_channels + 6 * 4 * activations  # bytes = a dim^2 + b dim
+    needed = a * dim * dim + b * dim
+    if memory and needed > memory:
+        largest = int((-b + math.sqrt(b * b + 4 * a * memory)) / (2 * a))
+        raise ValueError(
+            f"--sla-dim {dim}: the feature head would need about {gib(needed)} to train, more than this machine's "
+            f"{gib(memory)}; expected at most {largest}"
+        )
