@@ -267,6 +267,13 @@ def _memory() -> int:
         pytest.skip("no physical memory size on this platform")
 
 
+def test_memory_sizes_are_said_in_their_binary_unit():
+    """The refusal said 2 TiB of a 2 GiB need, and the machine's 23.5 GiB as 23.5 TiB: each unit a power too high."""
+    from engines.model.methods.cached import gib
+
+    assert [gib(2 * 1024**3), gib(3 * 1024**4), gib(1.5 * 1024**5)] == ["2 GiB", "3 TiB", "1.5 PiB"]
+
+
 @pytest.mark.parametrize(
     "flag",
     ["--cse-pool", "--sla-pool", "--sla-dim"],

@@ -380,8 +380,8 @@ def test_thresholds_set_on_few_held_out_images_say_the_rate_they_support(tmp_pat
     ) in lines, lines
     assert (
         "WARNING: the first image threshold is set on 1 held-out image(s), fewer than 24: on the line it may reject "
-        "far more good frames than they did; `--recipe auto` with the same recipe flags (its threshold is set on "
-        "out-of-fold scores: of every image below 60 images, of 24 or more above), or `inspectd calibrate "
+        "far more good frames than they did; `--recipe auto`, with any recipe flags given here (its threshold is set "
+        "on out-of-fold scores: of every image below 60 images, of 24 or more above), or `inspectd calibrate "
         f"{out} --good DIR` on good frames the model was not fitted on"
     ) in lines, lines
 

@@ -837,8 +837,8 @@ def threshold_lines(result: TrainResult, auto: bool) -> list[str]:
         )
         if n < MIN_HELD_OUT:
             instead = (
-                f"`--recipe auto` with the same recipe flags (its threshold is set on out-of-fold scores: of every "
-                f"image below {CROSS_FIT_BELOW} images, of {MIN_HELD_OUT} or more above), or "
+                f"`--recipe auto`, with any recipe flags given here (its threshold is set on out-of-fold scores: of "
+                f"every image below {CROSS_FIT_BELOW} images, of {MIN_HELD_OUT} or more above), or "
                 if not auto and result.recipe.method == "frozen"
                 else ""
             )

@@ -47,7 +47,7 @@ def machine_memory() -> int:
 
 def gib(n: float) -> str:
     """Bytes in binary units, from GiB up."""
-    for power, unit in ((5, "EiB"), (4, "PiB"), (3, "TiB")):
+    for power, unit in ((6, "EiB"), (5, "PiB"), (4, "TiB")):
         if n >= 1024**power:
             return f"{n / 1024**power:.3g} {unit}"
     return f"{n / 1024**3:.3g} GiB"
