@@ -602,10 +602,11 @@ def test_the_units_stop_timeout_holds_the_longest_shutdown_the_config_accepts(un
     the archive, control and metrics stops, the engine's teardown and the interpreter's exit), or the drain of
     accepted frames is cut off half-way. The example says the pair as it is."""
     from inspectd.daemon.config import MAX_SHUTDOWN_TIMEOUT_S
-    from inspectd.daemon.service import PUB_LINGER_MS, PUBLISH_GRACE_S
+    from inspectd.daemon.service import ENGINE_CLOSE_GRACE_S, PUB_LINGER_MS, PUBLISH_GRACE_S, RELOAD_GRACE_S
 
     stop = _seconds(unit, "TimeoutStopSec")
-    past_deadline = 2 * PUBLISH_GRACE_S + PUB_LINGER_MS / 1000 + 20  # 20 s for the rest, none of it bounded alone
+    # The reload grace holds the graces before it; the engines' close and the interpreter's exit come after it.
+    past_deadline = max(2 * PUBLISH_GRACE_S + PUB_LINGER_MS / 1000 + 10, RELOAD_GRACE_S) + ENGINE_CLOSE_GRACE_S + 5
     assert stop >= MAX_SHUTDOWN_TIMEOUT_S + past_deadline, (stop, MAX_SHUTDOWN_TIMEOUT_S)
     example = (REPO / "deploy" / "inspectd.example.yaml").read_text()
     assert f"at most {MAX_SHUTDOWN_TIMEOUT_S:g}: the units' TimeoutStopSec={stop:g}" in example

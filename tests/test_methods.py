@@ -274,6 +274,17 @@ def test_memory_sizes_are_said_in_their_binary_unit():
     assert [gib(2 * 1024**3), gib(3 * 1024**4), gib(1.5 * 1024**5)] == ["2 GiB", "3 TiB", "1.5 PiB"]
 
 
+def test_a_set_whose_own_features_do_not_fit_is_told_so_not_offered_a_pool_of_0(monkeypatch):
+    """The clean images' taps alone past the machine's memory: "expected at most 0" named a flag no value of which
+    could help."""
+    from engines.model.methods import cached
+
+    monkeypatch.setattr(cached, "machine_memory", lambda: 8 * 1024**3)
+    with pytest.raises(ValueError) as info:
+        cached.check_fits("--cse-pool", 1, 1024**2, 9 * 1024**3, "the defect pool of 500 images")
+    assert "expected fewer images or a smaller --size" in str(info.value) and "at most 0" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     "flag",
     ["--cse-pool", "--sla-pool", "--sla-dim"],

@@ -346,7 +346,7 @@ def test_a_tcp_connection_that_never_starts_its_curve_handshake_is_dropped_withi
     """libzmq holds every accepted tcp connection, one descriptor each, until its handshake ends or 30 s pass: about a
     thousand idle connects by anyone who can reach the port, with no key, used up the daemon's 1024 descriptors and its
     journal fsyncs failed. A CURVE server socket now drops a connection that has not finished its handshake within
-    security.HANDSHAKE_IVL_S; a listed client is answered all along."""
+    keys.HANDSHAKE_IVL_S; a listed client is answered all along."""
     import socket
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"

@@ -190,6 +190,12 @@ class Scorer(nn.Module):
     def fit(features: torch.Tensor, **settings) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    @staticmethod
+    def input_shapes(depth: int, height: int, width: int) -> dict[str, list]:
+        """Each input's shape for features [N, depth, height, width], as export declares it: a row count that a refit
+        may change (engines.bundle.format.VARIABLE_ROWS) is named after its input."""
+        raise NotImplementedError
+
 
 class NearestReferenceScorer(Scorer):
     """CSE's scorer. Input `references` [K,D,h,w]: real training feature maps nearest to k-means centroids.
@@ -201,6 +207,10 @@ class NearestReferenceScorer(Scorer):
     kind = "kmeans"  # in engines.bundle.format.OWN_IMAGE_SCORE
     input_names = ("references",)
     has_global_score = True
+
+    @staticmethod
+    def input_shapes(depth: int, height: int, width: int) -> dict[str, list]:
+        return {"references": ["references", depth, height, width]}
 
     def forward(self, features: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = F.normalize(features.flatten(1), dim=1)
@@ -225,6 +235,7 @@ class LocalReferenceScorer(Scorer):
     kind = "kmeans_local"
     input_names = ("references",)
     has_global_score = False
+    input_shapes = NearestReferenceScorer.input_shapes
 
     def forward(self, features: torch.Tensor, references: torch.Tensor) -> tuple[None, torch.Tensor]:
         n, d, h, w = features.shape
@@ -258,6 +269,10 @@ class MemoryBankScorer(Scorer):
     input_names = ("memory_bank",)
     has_global_score = False
 
+    @staticmethod
+    def input_shapes(depth: int, height: int, width: int) -> dict[str, list]:
+        return {"memory_bank": ["memory_bank", depth]}
+
     def forward(self, features: torch.Tensor, memory_bank: torch.Tensor) -> tuple[None, torch.Tensor]:
         n, d, h, w = features.shape
         query = features.permute(0, 2, 3, 1).reshape(n, h * w, d)
@@ -289,6 +304,10 @@ class GaussianScorer(Scorer):
     kind = "gaussian"
     input_names = ("gauss_mean", "gauss_precision")
     has_global_score = False
+
+    @staticmethod
+    def input_shapes(depth: int, height: int, width: int) -> dict[str, list]:
+        return {"gauss_mean": [depth, height, width], "gauss_precision": [depth, depth]}
 
     def forward(self, features: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> tuple[None, torch.Tensor]:
         n, d, h, w = features.shape

@@ -85,15 +85,7 @@ class TorchEngine(Engine):
                 f"{self.bundle.path}: the graph fails on one blank frame ({one_line(exc)}), expected a graph that "
                 "runs at its input size"
             ) from exc
-        # A VARIABLE_ROWS input's first dimension (engines.bundle.format) is dynamic, named after the input as export
-        # names it. Every scorer in engines.model.graph.SCORERS is opened on this backend by tests/test_export.py, so
-        # none is missing here.
-        shapes: dict[str, list] = {
-            "references": ["references", depth, height, width],
-            "memory_bank": ["memory_bank", depth],
-            "gauss_mean": [depth, height, width],
-            "gauss_precision": [depth, depth],
-        }
+        shapes = self.graph.scorer.input_shapes(depth, height, width)
         return {n: shapes[n] for n in self.bundle.scorer_inputs}
 
     def set_scorer_params(self, params: dict[str, np.ndarray]) -> None:

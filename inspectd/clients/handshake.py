@@ -16,25 +16,25 @@ jump in inspection ids, counted in sequence_gaps and latched in alarm like any o
 
 Restart rule: on start the bridge reads the target's inspection_id and drops result_valid, and resumes after the later
 of that id and the last id the PLC acknowledged as the bridge's own state file recorded it (`acked`, kept outside the
-PLC so a PLC whose registers were reset does not get everything again). An id of 0 is no id to resume after, except
-a narrow id's residue 0 with no recorded ack beside a heartbeat (`place`); only next to a heartbeat of 0 (which the
-bridge never writes) is it a fresh PLC, whose counter registers are not carried on. A PLC id past the recorded ack
-with result_valid still up and no ack of it is a result a killed or crashed bridge left waiting: the resume point is
-after it, so it counts as a missed ack with alarm (`stop_before_ack`), as a stop counts it. The daemon publishes each
-seq once, after the bridge subscribed, so a resume point ahead of the daemon's numbering (its state wiped or
-renumbered, a journal switched off, an id the bridge never wrote) cannot be a replay: it is warned about
-(`resume_ahead_of_daemon`), latches alarm, and the bridge resumes on the daemon's numbering (at a first result at or
-below it, after the recorded ack where that lies before the result; at start, after the journal's newest); a seq
-that goes back under a running bridge likewise (`sequence_backwards`). Nothing is skipped as stale. A resume point
-past the daemon's journal at start is not proof of that: the state file is fsynced at each ack and the journal only
-every fsync_interval_s, so a power cut leaves the ack ahead of the journal's newest. Only a PLC id past the journal
-and past the one the bridge writes after the recorded ack, with that ack within the journal, is decided at start
-(missed acks leave such an id too, so the ack does not say what the PLC took); otherwise the point is kept
-(`resume_past_journal`) and the first result decides: at or below it, the numbering is not the one resumed on; above
-it, the journal lost its tail, and what lies between is a gap like any other. A point past the journal's reservation
-mark as well (which every seq the daemon gave out in its numbering lies at or below, a power cut's lost tail too)
-is not this numbering's: that line is a warning and latches alarm at start, and the first result still decides
-where to resume.
+PLC so a PLC whose registers were reset does not get everything again). An id of 0 is no id to resume after, except a
+narrow id's residue 0 with no recorded ack beside a heartbeat (`place`), and seq 0 itself left on display by a killed
+bridge (result_valid up beside the ack := id - 1 the bridge wrote before it); only next to a heartbeat of 0 (which the
+bridge never writes) is it a fresh PLC, whose counter registers are not carried on. A PLC id past the recorded ack with
+result_valid still up and no ack of it is a result a killed or crashed bridge left waiting: the resume point is after
+it, so it counts as a missed ack with alarm (`stop_before_ack`), as a stop counts it. The daemon publishes each seq
+once, after the bridge subscribed, so a resume point ahead of the daemon's numbering (its state wiped or renumbered, a
+journal switched off, an id the bridge never wrote) cannot be a replay: it is warned about (`resume_ahead_of_daemon`),
+latches alarm, and the bridge resumes on the daemon's numbering (at a first result at or below it, after the recorded
+ack where that lies before the result; at start, after the journal's newest); a seq that goes back under a running
+bridge likewise (`sequence_backwards`). Nothing is skipped as stale. A resume point past the daemon's journal at start
+is not proof of that: the state file is fsynced at each ack and the journal only every fsync_interval_s, so a power cut
+leaves the ack ahead of the journal's newest. Only a PLC id past the journal and past the one the bridge writes after
+the recorded ack, with that ack within the journal, is decided at start (missed acks leave such an id too, so the ack
+does not say what the PLC took); otherwise the point is kept (`resume_past_journal`) and the first result decides: at or
+below it, the numbering is not the one resumed on; above it, the journal lost its tail, and what lies between is a gap
+like any other. A point past the journal's reservation mark as well (which every seq the daemon gave out in its
+numbering lies at or below, a power cut's lost tail too) is not this numbering's: that line is a warning and latches
+alarm at start, and the first result still decides where to resume.
 
 Id width: a target holds ids modulo 2**32, or modulo less (`id_modulus`, e.g. 2**15 for an S7 Int): what the PLC holds
 and echoes is the seq modulo that, so the ack is compared in that width, and the PLC's inspection id read at start
@@ -291,8 +291,9 @@ class Handshake:
             and (await self.target.read("ack") + 1) % self.modulus() == 0
             and bool(await self.target.read("result_valid"))
         )
-        # An id of 0 is no id to resume after (fresh or cleared), except where a narrow id's residue 0 (every
-        # `modulus` seqs) has nothing else to place it by, no recorded ack, and the heartbeat says the bridge wrote it.
+        # An id of 0 is no id to resume after (fresh or cleared), except seq 0 just above and where a narrow id's
+        # residue 0 (every `modulus` seqs) has nothing else to place it by, no recorded ack, and the heartbeat says the
+        # bridge wrote it.
         narrow_unplaced = plc_id == 0 and self.modulus() < ID_MODULUS and not acked
         no_id = plc_id == 0 and (not narrow_unplaced or fresh) and not written_zero
         self._plc_residue = None if no_id else plc_id % self.modulus()

@@ -343,14 +343,6 @@ class _AllowList:
         return False
 
 
-# How long a connection to a CURVE server socket may take to finish its handshake before libzmq drops it (libzmq's
-# default is 30 s). libzmq accepts every TCP connection and holds its descriptor until the handshake ends, with no cap
-# per listener: anyone who can reach a tcp endpoint, with no key at all, could hold a thousand idle connections open and
-# run the daemon out of descriptors (journal fsyncs and archive writes then fail). A CURVE handshake is a few round
-# trips and one ZAP answer, well under a second on a plant network, and seconds over a slow VPN; a client dropped by a
-# stall past this reconnects. protocol.keys' handshake message names this limit.
-HANDSHAKE_IVL_S = 10
-
 _auth_lock = threading.Lock()
 # pyzmq names a monitor's inproc endpoint after its socket's fd, which the OS hands to the next socket as soon as the
 # first is closed, while libzmq's reaper may not yet have unbound that endpoint: the next monitor's bind then fails
@@ -449,7 +441,7 @@ class CurveServer:
         # Without this libzmq lets every client in when no ZAP handler answers (its backwards-compatible default):
         # with it, a stopped or missing authenticator refuses every handshake instead. Fail closed.
         sock.zap_enforce_domain = True
-        sock.handshake_ivl = HANDSHAKE_IVL_S * 1000
+        sock.handshake_ivl = keys.HANDSHAKE_IVL_S * 1000
         # libzmq tells the monitor that its socket closed only when MONITOR_STOPPED is in the mask: without it the
         # watcher, and its PAIR socket's fd, would outlive the socket, one more at every reopen of a zmq camera.
         events = zmq.EVENT_MONITOR_STOPPED

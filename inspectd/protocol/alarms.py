@@ -54,7 +54,7 @@ def status_line(status: dict[str, Any]) -> str:
     up = datetime.timedelta(seconds=int(_number(status.get("uptime_s")) or 0))
     fps = _number(status.get("throughput_fps"))
     parts = [
-        f"status {status.get('station')}: {'healthy' if status.get('healthy') is not False else 'UNHEALTHY'}, up {up}, "
+        f"status {status.get('station')}: {'healthy' if status.get('healthy') else 'UNHEALTHY'}, up {up}, "
         f"{fps or 0:.1f} frames/s, model {status.get('model_id')} thresholds v{status.get('thresholds_version')}"
     ]
     cameras = status.get("cameras")

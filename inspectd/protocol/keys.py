@@ -52,6 +52,14 @@ def is_local_endpoint(endpoint: str) -> bool:
         return False  # an interface name or '*': a network address
 
 
+# How long a connection to a CURVE server socket may take to finish its handshake before libzmq drops it (libzmq's
+# default is 30 s). libzmq accepts every TCP connection and holds its descriptor until the handshake ends, with no cap
+# per listener: anyone who can reach a tcp endpoint, with no key at all, could hold a thousand idle connections open and
+# run the daemon out of descriptors (journal fsyncs and archive writes then fail). A CURVE handshake is a few round
+# trips and one ZAP answer, well under a second on a plant network, and seconds over a slow VPN; a client dropped by a
+# stall past this reconnects. The client's handshake message (HandshakeWatch) names it.
+HANDSHAKE_IVL_S = 10  # set by inspectd.daemon.security on every CURVE server socket
+
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 
@@ -510,7 +518,7 @@ class HandshakeWatch:
             return (
                 "ended the CurveZMQ handshake without a reason: a --server-key that is not its public key, no CurveZMQ "
                 "there (expected no --server-key/--client-key), its authenticator down or hung, a link too slow for "
-                "its handshake limit (10 s), or no inspectd endpoint there"
+                f"its handshake limit ({HANDSHAKE_IVL_S} s), or no inspectd endpoint there"
             )
         # A socket of another kind hangs up too when it reads this side's kind before this side reads its own.
         return (

@@ -58,6 +58,11 @@ def check_fits(flag: str, value: int, unit_bytes: float, fixed_bytes: float, wha
     value that would fit."""
     memory = machine_memory()
     needed = fixed_bytes + value * unit_bytes
+    if memory and fixed_bytes + unit_bytes > memory:  # not even one: no value of the flag helps
+        raise ValueError(
+            f"{flag} {value}: {what} would need about {gib(needed)}, and the images' own features alone about "
+            f"{gib(fixed_bytes)}, more than this machine's {gib(memory)}; expected fewer images or a smaller --size"
+        )
     if memory and needed > memory:
         largest = max(0, int((memory - fixed_bytes) // unit_bytes)) if unit_bytes else 0
         raise ValueError(
