@@ -235,7 +235,7 @@ class LocalReferenceScorer(Scorer):
     kind = "kmeans_local"
     input_names = ("references",)
     has_global_score = False
-    input_shapes = NearestReferenceScorer.input_shapes
+    input_shapes = staticmethod(NearestReferenceScorer.input_shapes)
 
     def forward(self, features: torch.Tensor, references: torch.Tensor) -> tuple[None, torch.Tensor]:
         n, d, h, w = features.shape
