@@ -91,20 +91,25 @@ def test_a_command_started_with_stdout_closed_exits_as_it_would_with_one():
 def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line_and_130():
     """Train's module pulls in torch and timm before its options are even parsed: a Ctrl-C right after Enter ended in
     a 60-line traceback through the imports, killed by the signal, instead of the line every later Ctrl-C gives."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "inspectd", "train", "--data", "/nonexistent", "--out", "/nonexistent-out"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    maps = Path(f"/proc/{proc.pid}/maps")
-    deadline = time.monotonic() + 60
-    # torch's native library mapped: its Python half, then timm's, are still being imported.
-    while "libtorch_cpu" not in maps.read_text() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    late = (2, "inspectd train: /nonexistent: not a directory, expected a folder of images\n")
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "train", "--data", "/nonexistent", "--out", "/nonexistent-out"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        maps = Path(f"/proc/{proc.pid}/maps")
+        deadline = time.monotonic() + 60
+        # torch's native library mapped: its Python half, then timm's, are still being imported.
+        while "libtorch_cpu" not in maps.read_text() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        # On a loaded machine the signal can land after the imports and the refusal: that run tested nothing.
+        if (proc.returncode, err) != late:
+            break
     assert (proc.returncode, err) == (130, "inspectd train: interrupted\n"), err[-2000:]
 
 
