@@ -175,6 +175,10 @@ def _main(argv: list[str] | None) -> int:
         # `systemctl reload` soon after the start would kill the daemon (SIGHUP's default) while it imports, before
         # run() installs its own handler; until then a reload has nothing to reload.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if command in STOPPED_BY_SIGINT:
+        # Claimed before the command's module is imported: a background job's `kill -INT` during train's seconds of
+        # torch and timm was dropped (SIGINT inherited ignored) and the run went on.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         # The command's module is imported here (train's: torch and timm, seconds on a cold disk): a Ctrl-C right
         # after Enter lands in it, and is the same one line as later.
@@ -192,8 +196,6 @@ def _main(argv: list[str] | None) -> int:
         return 2
     if args.command not in OWN_SIGTERM:
         signal.signal(signal.SIGTERM, _terminate)
-    if args.command in STOPPED_BY_SIGINT:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

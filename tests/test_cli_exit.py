@@ -88,9 +88,12 @@ def test_a_command_started_with_stdout_closed_exits_as_it_would_with_one():
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
 
 
-def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line_and_130():
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["foreground", "background-job"])
+def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line_and_130(inherited):
     """Train's module pulls in torch and timm before its options are even parsed: a Ctrl-C right after Enter ended in
-    a 60-line traceback through the imports, killed by the signal, instead of the line every later Ctrl-C gives."""
+    a 60-line traceback through the imports, killed by the signal, instead of the line every later Ctrl-C gives. A
+    background job of a shell without job control inherits SIGINT ignored: its `kill -INT` during the imports was
+    dropped and the run went on."""
     late = (2, "inspectd train: /nonexistent: not a directory, expected a folder of images\n")
     for _ in range(3):
         proc = subprocess.Popen(
@@ -99,6 +102,7 @@ def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line_and_130():
             stderr=subprocess.PIPE,
             text=True,
             cwd=REPO,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, inherited),
         )
         maps = Path(f"/proc/{proc.pid}/maps")
         deadline = time.monotonic() + 60
