@@ -670,3 +670,38 @@ def test_a_camera_id_no_daemon_could_have_is_refused_in_one_line(tmp_path, camer
     code, out, err = _refused("--endpoint", f"ipc://{tmp_path}/pub.sock", "--camera", "cam0", "--camera", camera)
     assert code == 2 and out == "" and err.startswith("inspectd subscribe: --camera: "), (code, out, err)
     assert len(err.splitlines()) == 1 and "expected" in err, err
+
+
+def test_a_subscriber_started_before_its_daemon_says_so_once_then_that_it_receives(tmp_path):
+    """libzmq retries a refused connect in silence: a subscriber started before the daemon (or at a wrong ipc path)
+    printed nothing at all, the same as a quiet line. It says once that nothing listens there, and when the daemon
+    comes that it receives; a result then prints as ever."""
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    proc = subprocess.Popen(
+        inspectd_argv("subscribe", "--endpoint", endpoint, "--count", "1", "--timeout", "60"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pub = zmq.Context.instance().socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert first == (
+            f"inspectd subscribe: --endpoint {endpoint}: nothing listens there (no daemon running, or another "
+            "publish.endpoint); waiting for it\n"
+        ), first
+        pub.bind(endpoint)
+        assert pub.poll(20_000) and pub.recv()[0] == 1, "the subscriber never subscribed"
+        pub.send_multipart(result_frames("cam0", 0))
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        pub.close(0)
+    assert proc.returncode == 0, err
+    assert out.startswith("cam0 seq=0 ok"), out + err
+    assert err == f"inspectd subscribe: --endpoint {endpoint}: connected, receiving\n", err

@@ -130,6 +130,12 @@ class Subscriber:
         self._look()
         return self._readmission.failure
 
+    def nothing_listens(self) -> bool:
+        """Whether the endpoint refused every connection since the last one made (no daemon started there yet, or
+        it stopped): libzmq retries in silence, so a subscriber started first would only hear nothing."""
+        self._look()
+        return self._watch.connects_refused > 0
+
     def recv(self, timeout_s: float | None) -> Result | dict[str, Any] | None:
         """The next result (Result) or status (dict); None when nothing arrives within `timeout_s`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -1220,6 +1226,7 @@ def run(args: argparse.Namespace) -> int:
             raise
     received = 0
     refused: str | None = None  # the handshake failure reported, until a message comes: once per outage
+    absent = False  # nothing listening reported, until a message comes: once per outage
     try:
         with subscriber:
             while args.count is None or received < args.count:
@@ -1238,10 +1245,21 @@ def run(args: argparse.Namespace) -> int:
                     if failure is not None and failure != refused:
                         print(f"inspectd subscribe: --endpoint {args.endpoint}: the daemon {failure}", file=sys.stderr)
                         refused = failure
+                    if not absent and subscriber.nothing_listens():
+                        print(
+                            f"inspectd subscribe: --endpoint {args.endpoint}: nothing listens there (no daemon "
+                            "running, or another publish.endpoint); waiting for it",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        absent = True
                     continue
                 if refused is not None:
                     print(f"inspectd subscribe: --endpoint {args.endpoint}: let in again, receiving", file=sys.stderr)
                     refused = None
+                if absent:
+                    print(f"inspectd subscribe: --endpoint {args.endpoint}: connected, receiving", file=sys.stderr)
+                    absent = False
                 _report(catch_up, source)  # a status, too, may show results that never came
                 if not isinstance(message, Result):
                     if args.status:
