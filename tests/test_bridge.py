@@ -347,7 +347,9 @@ def test_a_plc_that_stops_acking_counts_missed_acks_and_raises_the_alarm(plc, da
         assert plc.field("alarm_reset") == 0
         assert plc.field("missed_acks") == 2
     finally:
-        bridge.stop()
+        events = bridge.stop()
+    # A warning, as every event that latches the alarm: a log filtered to warnings must say why it is up.
+    assert events["ack_missed"]["seq"] == 3 and events["ack_missed"]["level"] == "warning", events["ack_missed"]
 
 
 def test_a_sequence_gap_is_counted_and_raises_the_alarm(plc, daemon, bridge_config):

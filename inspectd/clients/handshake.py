@@ -676,7 +676,14 @@ class Handshake:
         else:
             self.counters.missed_acks += 1
             self.alarm = True
-            self.log("ack_missed", camera=self.camera, seq=seq, ack_timeout_ms=self.settings.ack_timeout_ms)
+            # A warning as every other event that latches the alarm: the operator's log filter must show why it is up.
+            self.log(
+                "ack_missed",
+                level="warning",
+                camera=self.camera,
+                seq=seq,
+                ack_timeout_ms=self.settings.ack_timeout_ms,
+            )
         # Falling edge of result_valid: the next result is a fresh rising edge for the PLC. Before the counter, as at
         # a stop: a PLC that sees missed_acks move finds the alarm already up and no valid result left.
         self.showing = None
