@@ -91,7 +91,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from engines.bundle import thresholds as thresholds_doc
-from engines.bundle.format import REQUIRED_FILES, inspectd_version
+from engines.bundle.format import REQUIRED_FILES, inspectd_version, scores_pool_the_map
 from engines.bundle.store import (
     Bundle,
     ChangedOnDisk,
@@ -994,6 +994,15 @@ def teach(
             warnings[2] += _teach_on(thresholds_doc.MIN_REFERENCE, split)
         if (warning := rejects_warning(frames)) is not None:
             warnings.append(warning)
+        if scores_pool_the_map(taught.manifest):
+            warnings.append(
+                thresholds_doc.regionless_warning(
+                    fr.threshold,
+                    pixel,
+                    remedy="a higher --pixel-fpr sets a lower pixel threshold (teach again with it, or `inspectd "
+                    f"calibrate {bundle_path} --good DIR --pixel --pixel-fpr RATE`)",
+                )
+            )
         if len(by_camera) > 1:
             what = "out-of-fold frames" if out_of_fold else "held-out frames"
             warnings += [
@@ -1843,6 +1852,9 @@ def run(args: argparse.Namespace) -> int:
             raise TeachError(f"--camera {camera!r}: expected a camera id")
         if camera is not None and (problem := camera_id_problem(camera, show(camera))) is not None:
             raise TeachError(f"--camera: {problem}")
+        if args.by is not None and not args.by.strip():
+            # An unset $OPERATOR in a script: taken as no --by, the record would name the account teach ran as.
+            raise TeachError(f"--by {args.by!r}: expected who confirmed the frames (a name)")
         if [bool(args.good), archive is not None, bool(args.rollback)].count(True) != 1:
             raise TeachError("expected exactly one of --good DIR, --archive [DIR] and --rollback")
         selected = since is not None or until is not None or camera is not None

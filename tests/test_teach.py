@@ -2490,3 +2490,46 @@ def test_a_linked_teach_stopped_before_its_switch_leaves_no_version_beside(train
     assert stopped.stderr.strip().splitlines()[-1] == "inspectd teach: interrupted", stopped.stderr
     assert os.readlink(bundles / "current") == "b1"
     assert sorted(p.name for p in bundles.iterdir()) == ["b1", "current"]
+
+
+def test_a_teach_whose_pixel_threshold_lands_above_its_image_threshold_says_defects_may_have_no_region(
+    trained, good, tmp_path
+):
+    """Teach sets both thresholds, as train does: where the pixel one lands above the image one (a pooled image score
+    is at most its map's maximum), a frame scored between them is a defect with no region, and teach says so as
+    train and calibrate do. Thresholds the other way round are not warned of."""
+    import shutil
+
+    from calibration import teach
+
+    if "memory" not in trained.name:
+        pytest.skip("once is enough")
+    for name, false_reject, pixel_fpr, warned in (("high", 0.5, 1e-9, True), ("low", 1e-3, 0.5, False)):
+        bundle = tmp_path / name
+        shutil.copytree(trained, bundle)
+        out = io.StringIO()
+        taught = teach.teach(
+            bundle, good, holdout=HOLDOUT, by="tester", target_false_reject=false_reject, pixel_fpr=pixel_fpr, out=out
+        )
+        image, pixel = taught.thresholds().image_threshold, taught.thresholds().pixel_threshold
+        assert (pixel > image) == warned, (image, pixel)
+        lines = [line for line in out.getvalue().splitlines() if "can be defects with no region" in line]
+        if warned:
+            assert lines == [
+                f"WARNING: the pixel threshold {pixel:.6g} is above the image threshold {image:.6g}, and an image "
+                f"score is at most its map's maximum: frames scored from {image:.6g} to below {pixel:.6g} can be "
+                f"defects with no region (an empty mask); a higher --pixel-fpr sets a lower pixel threshold (teach "
+                f"again with it, or `inspectd calibrate {bundle} --good DIR --pixel --pixel-fpr RATE`)"
+            ], out.getvalue()
+        else:
+            assert lines == [], out.getvalue()
+
+
+@pytest.mark.parametrize("by", ["", "  "])
+def test_a_blank_by_is_refused_not_taken_for_the_account_teach_runs_as(by, tmp_path, capsys):
+    """An unset $OPERATOR in a script gives `--by ""`: taken as no --by, the record named the account teach ran as
+    (often root or the service user) as the one who confirmed the frames."""
+    from calibration import teach
+
+    assert teach.run(args(tmp_path / "bundle", good=str(tmp_path), by=by)) == 2
+    assert capsys.readouterr().err == f"inspectd teach: --by {by!r}: expected who confirmed the frames (a name)\n"
