@@ -647,6 +647,29 @@ def test_the_age_bound_is_kept_with_nothing_written_and_emptied_day_folders_go(t
     assert list((root / "cam0").iterdir()) == []
 
 
+def test_a_lowered_max_mb_is_kept_with_nothing_written(tmp_path):
+    """An operator lowers archive.max_mb because the disk fills, and restarts while the line stands still (or keeps
+    nothing: good_every 0, no defect): the size bound was kept only before a write, so the archive stayed over it,
+    without an alarm. The writer's minute check keeps it as it keeps the age bound, the oldest frames first."""
+    root = tmp_path / "archive"
+    archive = Archive(root, max_mb=100, max_age_h=24, good_every=0).start()
+    ids = write_all(archive, [noisy_defect("cam0", seq) for seq in range(20)])
+    assert archive.close()
+    before = archive.status()["bytes"]
+    lowered = before / 4 / 2**20
+    archive = Archive(root, max_mb=lowered, max_age_h=24, good_every=0).start()
+    try:
+        wait_until(lambda: archive.status()["pruned"] > 0, "the size bound with no frame offered")
+        status = archive.status()
+        assert 0 < status["bytes"] <= lowered * 2**20 < before, status
+    finally:
+        assert archive.close()
+    with ArchiveReader(root) as reader:
+        kept = [e.id for e in reader.query()]
+    assert kept == ids[-len(kept) :] and len(kept) == status["entries"], "the newest kept, the oldest deleted"
+    assert sorted(p.name.split(".")[0] for p in root.glob("cam0/*/*.png")) == sorted(kept)
+
+
 def test_what_a_kill_left_is_removed_at_open_and_nothing_else(tmp_path):
     root = tmp_path / "archive"
     archive = Archive(root, max_mb=100, max_age_h=24, good_every=1).start()

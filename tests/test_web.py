@@ -93,13 +93,13 @@ def fetch(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def start_web(endpoint: str, archive: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """`inspectd web` on `port` (by default a free one), logging JSON lines to its stdout: the process and its page's
-    URL."""
+def start_web(endpoint: str, archive: Path, port: int | None = None, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`inspectd web` on `port` (by default a free one) with `extra` arguments, logging JSON lines to its stdout: the
+    process and its page's URL."""
     port = port or free_port()
     web = subprocess.Popen(
         [sys.executable, "-m", "inspectd", "web", "--endpoint", endpoint, "--archive", str(archive),
-         "--listen", f"127.0.0.1:{port}", "--log-format", "json"],
+         "--listen", f"127.0.0.1:{port}", "--log-format", "json", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True,
     )  # fmt: skip
     return web, f"http://127.0.0.1:{port}/"
@@ -268,10 +268,10 @@ def test_an_overlay_not_yet_on_disk_is_asked_for_again_and_shown_when_it_is(tmp_
     assert web.returncode == 0, output
 
 
-def _web_start(endpoint: str, archive: Path) -> tuple[int, list[str]]:
+def _web_start(endpoint: str, archive: Path, *extra: str) -> tuple[int, list[str]]:
     out = subprocess.run(
         [sys.executable, "-m", "inspectd", "web", "--endpoint", endpoint, "--listen", "127.0.0.1:0",
-         "--archive", str(archive)],
+         "--archive", str(archive), *extra],
         capture_output=True, text=True, timeout=30, cwd=REPO,
     )  # fmt: skip
     return out.returncode, out.stderr.strip().splitlines()
@@ -747,6 +747,48 @@ def test_a_malformed_request_is_one_json_warning_and_a_silent_connection_is_clos
     assert refused[0]["error"].startswith("LineTooLong: ") and "exception" not in refused[0], refused
 
 
+def test_a_host_that_is_no_name_of_the_view_is_refused_421_and_logged_once(tmp_path):
+    """The view answered any Host: a page elsewhere, open in a browser that reaches the view (an SSH tunnel puts it on
+    the operator's own localhost), could rebind its own name to the view's address and read the state and every
+    image as its own origin's. Only an IP address, localhost, the --listen host and --allow-host's names are served;
+    any other Host is a 421 (never cached), logged once."""
+    port = free_port()
+    root = live_frames(tmp_path / "archive", "cam0")
+    web, url = start_web(f"tcp://127.0.0.1:{free_port()}", root, port, "--allow-host", "station.example")
+
+    def get(path: str, host: str) -> tuple[int, str | None, bytes]:
+        ask = urllib.request.Request(url.rstrip("/") + path, headers={"Host": host})
+        try:
+            with urllib.request.urlopen(ask, timeout=10) as reply:
+                return reply.status, reply.headers.get("Cache-Control"), reply.read()
+        except urllib.error.HTTPError as reply:
+            return reply.code, reply.headers.get("Cache-Control"), reply.read()
+
+    try:
+        wait_served(web, url)
+        names = [f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LocalHost.", f"[::1]:{port}"]
+        for host in [*names, f"station.example:{port}", "Station.Example."]:
+            code, _, body = get("/live/cam0.jpg", host)
+            assert code == 200 and body[:2] == b"\xff\xd8", (host, code, body[:200])
+        for host in (f"rebind.attacker.example:{port}", "localhost.attacker.example", "127.0.0.1.nip.io", "[::1]x"):
+            for path in ("/", "/api/state", "/live/cam0.jpg"):
+                code, cache, body = get(path, host)
+                assert (code, cache) == (421, "no-store"), (host, path, code, cache, body[:200])
+                assert body.decode() == (
+                    f"Host {host!r} is not a name of this view: expected an IP address, localhost, the --listen host "
+                    "or a name given with --allow-host\n"
+                ), body
+    finally:
+        output = stop_web(web)
+    refused = [json.loads(line) for line in output.splitlines() if '"host_refused"' in line]
+    assert len(refused) == 1 and refused[0]["level"] == "warning", refused  # once a minute, not per request
+    code, lines = _web_start(f"tcp://127.0.0.1:{free_port()}", tmp_path, "--allow-host", "station.example:8088")
+    assert code == 2 and lines == [
+        "inspectd web: --allow-host 'station.example:8088', expected a host name without a port "
+        "(e.g. station.example.com)"
+    ], lines
+
+
 def live_frames(root: Path, *cameras: str) -> Path:
     """`root`, an archive holding a live frame of each of `cameras` and no archived entry (good_every 0)."""
     from inspectd.daemon.archive import Archive
@@ -893,7 +935,7 @@ async def open_slow(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
 async def ask(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], path: str) -> tuple[int, int]:
     """GET `path` on `connection` and read the reply's head: its status and body length, the body left unread."""
     reader, writer = connection
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode().split("\r\n")
     length = next(int(line.split(":")[1]) for line in head if line.lower().startswith("content-length:"))
     return int(head[0].split()[1]), length

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from inspectd.clients import web as web_module
 from inspectd.clients.web import ConnectionCap, LineState, WebView
 from inspectd.daemon.archive import Archive
-from inspectd.protocol.archive import archive_id
+from inspectd.protocol.archive import archive_id, live_frame
 from other_user import REPO, as_nobody
 from ports import free_port
 from station_model import defect_frame, judged
@@ -145,9 +145,63 @@ def test_a_view_reading_another_archive_than_the_daemons_says_so(tmp_path, monke
     assert asyncio.run(alarms(WebView(LineState(), tmp_path / "link"), status_naming(daemons))) == []
     (alarm,) = asyncio.run(alarms(WebView(LineState(), typo), status_naming(daemons)))
     assert alarm.startswith(f"archive elsewhere: the daemon archives to {daemons}, this view reads"), alarm
-    # A daemon without an archive, or one naming no absolute path: nothing to compare.
-    assert asyncio.run(alarms(WebView(LineState(), typo), status_naming(None))) == []
+    # A daemon without an archive (that alarm of its own), or one naming no absolute path: nothing to compare.
+    assert asyncio.run(alarms(WebView(LineState(), typo), status_naming(None))) == [web_module.ARCHIVE_OFF]
     assert asyncio.run(alarms(WebView(LineState(), typo), status_naming("archive"))) == []
+
+
+def test_a_daemon_archiving_nothing_has_no_live_frame_served_and_the_page_says_why(tmp_path):
+    """A station restarted with archive.enabled false keeps live/ from its earlier runs: the view served that old frame
+    as the camera's live frame, once a second, with no alarm. A status naming no archive now has no live frame
+    served, and an alarm says why; a status naming the archive, or none yet, or one without the field, serves it."""
+    root = tmp_path / "archive"
+    archived(root, judged("cam0", 1, defect_frame(1)))
+    assert (root / "live" / "cam0.jpg").is_file()
+
+    async def asks(status: dict | None) -> tuple[int, str, list[str]]:
+        state = LineState()
+        if status is not None:
+            state.on_message(status)
+        async with serve(WebView(state, root)) as client:
+            async with client.get("/live/cam0.jpg?t=1") as reply:
+                live = reply.status, (await reply.read()).decode(errors="replace")
+            async with client.get("/api/state") as reply:
+                return (*live, (await reply.json())["alarms"])
+
+    status, text, alarms = asyncio.run(asks(status_naming(None)))
+    assert (status, text) == (404, "the daemon archives nothing (its archive is off): no live frames"), (status, text)
+    assert alarms == [web_module.ARCHIVE_OFF], alarms
+    status, _, alarms = asyncio.run(asks(status_naming(root)))
+    assert status == 200 and alarms == [], alarms
+    status, _, alarms = asyncio.run(asks(None))
+    assert status == 200 and alarms == ["no status from the daemon yet"], alarms
+    without_field = status_naming(None)
+    del without_field["archive"]
+    status, _, alarms = asyncio.run(asks(without_field))
+    assert status == 200 and alarms == [], alarms
+
+
+def test_a_name_no_camera_could_have_is_no_live_frame_not_an_unreadable_archive(tmp_path):
+    """A name past the camera id's 64 characters reached the disk, which refused it (ENAMETOOLONG, past 255 bytes):
+    any client raised the page's "archive unreadable" alarm for a minute with one request. Such a name is not there,
+    as is one under an archive path too long for the disk."""
+    root = tmp_path / "archive"
+    archived(root, judged("cam0", 1, defect_frame(1)))
+    assert (root / "live").is_dir()
+
+    async def asks() -> list[tuple[int, list[str]]]:
+        state = LineState()
+        async with serve(WebView(state, root)) as client:
+            seen = []
+            for name in ("a" * 65, "a" * 300, "live"):
+                async with client.get(f"/live/{name}.jpg") as reply:
+                    seen.append((reply.status, state.snapshot()["alarms"]))
+            return seen
+
+    for status, alarms in asyncio.run(asks()):
+        assert (status, alarms) == (404, ["no status from the daemon yet"]), (status, alarms)
+    assert live_frame(root, "a" * 64) is None and live_frame(root, "cam0") == root / "live" / "cam0.jpg"
+    assert live_frame(Path("/" + "a/" * 2100), "cam0") is None  # past PATH_MAX
 
 
 def closed_to_others(folder: Path) -> None:

@@ -6,17 +6,23 @@ reads frames and overlays from the image archive directory (inspectd.protocol.ar
 last frame, the last defects with their overlays, counts (the daemon's, from its status messages), throughput,
 latency and a histogram of the scores this view received since it started, against the threshold; for the station,
 the daemon's health, model, thresholds and alarms, and its own: an archive it cannot read, or one that is not the
-archive the daemon's status names (a wrong --archive). The page asks for the state (`/api/state`) every half second with
-a plain request: a stream held open per page would take one of the browser's six connections to this host for good,
-and six open tabs would leave none for the frames, the overlays or a seventh tab. Nothing is lost between two asks:
-the state is cumulative (counts, histogram, the newest defects). A daemon that restarts is picked up again by the SUB
-socket's own reconnect; while no status arrives the page says so.
+archive the daemon's status names (a wrong --archive), or a daemon that archives nothing (its status names no
+archive: no live frame is then served, as what live/ holds is from an earlier run). The page asks for the state
+(`/api/state`) every half second with a plain request: a stream held open per page would take one of the browser's six
+connections to this host for good, and six open tabs would leave none for the frames, the overlays or a seventh tab.
+Nothing is lost between two asks: the state is cumulative (counts, histogram, the newest defects). A daemon that
+restarts is picked up again by the SUB socket's own reconnect; while no status arrives the page says so.
 
 Routes: `/` the page (inspectd.clients.web_page, no build step), `/api/state` the state as JSON,
 `/archive/<id>/frame|overlay` an archived image, `/live/<camera>.jpg` a camera's latest frame. An archived image is
 cached for a day (its id never names another image), an error reply never; a request for one is held up to
 ARCHIVE_WAIT_S only when that can help (an id of the last seconds the index does not name yet), else answered at once:
 each held request takes one of the browser's six connections to this host.
+
+Host names: a request whose Host is not an IP address, localhost, the --listen host or a name given with --allow-host
+is answered 421. Read-only does not keep the images private: a page from elsewhere in a browser that can reach the
+view (an SSH tunnel puts it on the operator's own localhost) could rebind its own name to the view's address and read
+the state and every image as its own origin's; the Host it sends is that name.
 
 Connections: at most MAX_CONNECTIONS at once (one more closes the one quiet longest, never one whose response is still
 being written while another is idle), and one without a request for IDLE_TIMEOUT_S is closed, as for the daemon's
@@ -29,13 +35,16 @@ import argparse
 import asyncio
 import collections
 import functools
+import ipaddress
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +106,12 @@ REFUSED_ALARM_S = 60.0  # the page shows refused messages for this long after th
 # ... and an image it could not read for this long after the last: the page asks for each live frame once a second,
 # so a folder still closed keeps the alarm up, and one opened again (chmod g+rX) lets it go.
 UNREADABLE_ALARM_S = 60.0
+# The daemon's status says it archives nothing (archive.enabled false): live/ holds only an earlier run's frames.
+ARCHIVE_OFF = "the daemon archives nothing (its archive is off): no live frames or defect overlays are shown"
+# An --allow-host name: a DNS name, no port or scheme.
+_HOST_NAME_RE = re.compile(
+    r"(?=.{1,253}\.?\Z)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*\.?", re.I
+)
 
 
 class CameraView:
@@ -199,6 +214,12 @@ class LineState:
         self.image_unreadable: tuple[str, float] | None = None
         self.archive_elsewhere: str | None = None  # the daemon's archive is not this view's --archive: why we think so
 
+    def archives_nothing(self) -> bool:
+        """The daemon's last status names no archive (`"archive": null`): what live/ holds is an earlier run's. A
+        status without the field (another publisher) says nothing either way, and before the first status the page
+        says there is none yet."""
+        return self.status is not None and "archive" in self.status and self.status["archive"] is None
+
     def on_message(self, message: Result | dict[str, Any] | MessageError) -> None:
         now = time.monotonic()
         if isinstance(message, MessageError):
@@ -255,6 +276,8 @@ class LineState:
             return out + ["no status from the daemon yet"]
         if silent >= self.stale_after():
             out.append(f"no status from the daemon for {silent:.0f} s")
+        if self.archives_nothing():
+            out.append(ARCHIVE_OFF)
         return out + self._refused_alarm() + status_alarms(self.status or {})
 
     def stale_after(self) -> float:
@@ -324,15 +347,18 @@ class Feed(threading.Thread):
 
 
 class WebView:
-    def __init__(self, state: LineState, archive: Path) -> None:
+    def __init__(self, state: LineState, archive: Path, hosts: Iterable[str] = ()) -> None:
+        """`hosts`: the names besides IP addresses and localhost that a request's Host may give (--listen's host,
+        --allow-host's names)."""
         self.state = state
         self.archive = archive
+        self.hosts = frozenset({"localhost", *(_host_key(name) for name in hosts)})
         self._reader: ArchiveReader | None = None
         self._reader_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the index the reader has open
         self._failed_at: dict[str, float] = {}  # event -> when last logged
 
     def app(self, cap: ConnectionCap) -> web.Application:
-        app = web.Application(middlewares=[cap.middleware])
+        app = web.Application(middlewares=[cap.middleware, self._check_host])
         app.router.add_get("/", self.page)
         app.router.add_get("/api/state", self.api_state)
         app.router.add_get("/archive/{entry_id}/{kind}", self.archived)
@@ -341,6 +367,36 @@ class WebView:
         app.on_response_prepare.append(_no_caching_errors)
         app.on_cleanup.append(self._stop_watch)
         return app
+
+    @web.middleware
+    async def _check_host(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """421 for a Host that is no name of this view's: a page elsewhere that rebound its own name to this address
+        sends that name. No Host at all (HTTP/1.0, not a browser) passes."""
+        for value in request.headers.getall("Host", ()):
+            if not self._host_allowed(value):
+                shown = repr(value[:100])
+                self._log_failure("host_refused", InspectdError(f"Host {shown}"), traceback=False)
+                raise web.HTTPMisdirectedRequest(
+                    text=f"Host {shown} is not a name of this view: expected an IP address, localhost, the --listen "
+                    "host or a name given with --allow-host\n",
+                    headers={"Cache-Control": "no-store"},
+                )
+        return await handler(request)
+
+    def _host_allowed(self, value: str) -> bool:
+        host = value.strip()
+        if host.startswith("["):  # an IPv6 literal, its port after the bracket
+            end = host.find("]")
+            rest = host[end + 1 :] if end > 0 else ":x"
+            if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+                return False
+            return _is_ip(host[1:end])
+        name, colon, port = host.rpartition(":")
+        if colon:
+            if port and not port.isdigit():
+                return False
+            host = name
+        return _is_ip(host) or _host_key(host) in self.hosts
 
     async def page(self, request: web.Request) -> web.Response:
         from inspectd.clients.web_page import PAGE
@@ -480,6 +536,11 @@ class WebView:
             await asyncio.sleep(0.05)
 
     async def live(self, request: web.Request) -> web.StreamResponse:
+        if self.state.archives_nothing():  # live/ holds an earlier run's frames, which are no camera's present
+            raise web.HTTPNotFound(
+                text="the daemon archives nothing (its archive is off): no live frames",
+                headers={"Cache-Control": "no-store"},
+            )
         try:
             path = live_frame(self.archive, request.match_info["camera"])
         except ArchiveError as exc:  # e.g. a live/ folder this user may not enter
@@ -504,6 +565,19 @@ def _open_failure(path: Path) -> OSError | None:
     except OSError as exc:
         return exc
     return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_key(name: str) -> str:
+    """A host name as compared: case and a trailing dot make no other host."""
+    return name.lower().removesuffix(".")
 
 
 def _resolved(path: Path) -> Path:
@@ -649,6 +723,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help=f"where to serve the page (default {DEFAULT_LISTEN}: this machine only; port 0 picks a free one)",
     )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the page may be opened by, besides IP addresses, localhost and the --listen host "
+        "(repeatable): a request for any other Host is refused (421), as a page elsewhere that rebinds its own name "
+        "to this view's address would send",
+    )
     parser.add_argument("--defects", type=int, default=12, metavar="N", help="defects shown per camera (default 12)")
     parser.add_argument("--server-key", type=Path, metavar="PATH", help="CurveZMQ: the daemon's publish public key")
     parser.add_argument("--client-key", type=Path, metavar="PATH", help="CurveZMQ: this client's .key_secret")
@@ -663,6 +746,13 @@ def run(args: argparse.Namespace) -> int:
     if args.defects < 1:
         print(f"inspectd web: --defects {args.defects}, expected at least 1", file=sys.stderr)
         return 2
+    for name in args.allow_host:
+        if not (_HOST_NAME_RE.fullmatch(name) or _is_ip(name)):
+            print(
+                f"inspectd web: --allow-host {name!r}, expected a host name without a port (e.g. station.example.com)",
+                file=sys.stderr,
+            )
+            return 2
     # aiohttp's and asyncio's own records (a request it could not parse, an accept() that failed) as log lines
     configure_logging("info", args.log_format, stdlib=("aiohttp", "asyncio"))
     server_log = logging.getLogger("aiohttp.server")
@@ -728,7 +818,7 @@ async def _serve(args: argparse.Namespace, host: str, port: int, sub) -> None:
     state = LineState(args.defects)
     feed = Feed(sub, asyncio.get_running_loop(), state)
     feed.start()
-    runner = await view_runner(WebView(state, args.archive))
+    runner = await view_runner(WebView(state, args.archive, (host, *args.allow_host)))
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()

@@ -19,8 +19,9 @@ entries could not restore the floor, it deletes nothing for it and skips that wr
 the journal's. The alarm clears when a write, or the age check, finds the free space above the floor again.
 A full disk (ENOSPC, EDQUOT) nonetheless is the archive's to relieve: it deletes its own oldest entries, enough for
 the entry, and retries that entry once. A restart on a full disk, where even the index cannot be opened for writing,
-first deletes the oldest entries' files (read through a read-only connection), then their rows. The age bound is
-checked every AGE_CHECK_S on the writer's own schedule, whatever is written.
+first deletes the oldest entries' files (read through a read-only connection), then their rows. The age bound, and
+the size bound with it, are checked every AGE_CHECK_S on the writer's own schedule, whatever is written: a max_mb
+lowered for a filling disk takes effect within a minute of the restart, not at the next frame kept.
 
 Retention deletes in the order frames were written (the index's rowid, which SQLite numbers upwards across runs),
 never by the wall clock, which a station without a battery clock may have stepped back by NTP: the newest frame,
@@ -615,8 +616,9 @@ class Archive:
             self._prune(rows, budget)
 
     def _check_age(self, now: float) -> None:
-        """Every AGE_CHECK_S, delete the entries past the age bound: on the writer's schedule, not only after a
-        write, so a disk that refuses writes still loses its expired frames."""
+        """Every AGE_CHECK_S, delete the entries past the age bound, then the oldest beyond the size bound: on the
+        writer's schedule, not only after a write, so a disk that refuses writes still loses its expired frames, and
+        an archive.max_mb lowered while the line is idle (or keeps nothing: good_every 0, no defects) is kept to."""
         if now < self._next_age_check:
             return
         self._next_age_check = now + AGE_CHECK_S
@@ -632,6 +634,7 @@ class Archive:
             cutoff = self._wall_clock(db) - self.max_age_s
             while rows := db.execute(_OLDER_THAN, (cutoff, PRUNE_BATCH)).fetchall():
                 self._prune(rows)
+            self._prune_to(self.max_bytes)
         except (OSError, sqlite3.Error) as exc:
             self._failed(exc, lost=False)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import json
 import re
 import sqlite3
@@ -192,13 +193,17 @@ def unreadable(path: Path, what: str, exc: OSError) -> ArchiveError:
 def live_frame(root: Path, camera: str) -> Path | None:
     """The camera's latest frame under the archive `root` (written before, and without, any archived entry: no index
     needed); None for a name that is no camera id (never a path) or while there is none. ArchiveError when it cannot
-    be looked for (a folder on the way this user may not enter)."""
-    if not CAMERA_RE.fullmatch(camera):
+    be looked for (a folder on the way this user may not enter). A name no camera could have (too long for one, or
+    reserved) is not there either: asked of the disk, a long one fails with ENAMETOOLONG, which is no fault of the
+    archive, and anyone who can reach the web view could raise its "archive unreadable" alarm with it."""
+    if not _CAMERA_ID_RE.fullmatch(camera) or camera in RESERVED_CAMERA_IDS:
         return None
     path = root / LIVE_DIR / f"{camera}.jpg"
     try:
         return path if path.is_file() else None
     except OSError as exc:  # is_file() raises what is not "not there": e.g. a live/ folder this user cannot enter
+        if exc.errno == errno.ENAMETOOLONG:  # a long archive path: no file can be there
+            return None
         raise unreadable(path, "live frame", exc) from None
 
 
