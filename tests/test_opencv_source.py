@@ -3,6 +3,8 @@ config loader."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import stat
@@ -25,6 +27,7 @@ from inspectd.daemon.ingest.queue import FrameQueue
 from inspectd.daemon.ingest.source import SourceEnded
 from inspectd.daemon.ingest.supervisor import CameraIngest
 from inspectd.errors import ConfigError
+from ports import free_port
 from test_ingest import camera, drain, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -255,6 +258,99 @@ def test_a_file_url_video_plays_once_and_ends_as_its_plain_path_does(tmp_path, i
     assert [bar(f) for f in frames] == list(range(FRAMES))
     stats = ingest.stats()
     assert stats["reopen_count"] == 0 and stats["last_error"] is None and stats["frames_in"] == FRAMES, stats
+
+
+@pytest.fixture
+def http_server():
+    """Serve with a real http.server on a free port: serve(handler class) gives the url of its root."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> str:
+        handler.log_message = lambda *args: None  # type: ignore[method-assign]
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+        server.daemon_threads = True
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_http_url_of_a_recorded_clip_plays_once_and_ends_as_a_video_file_does(tmp_path, ingest_threads, http_server):
+    """Taken for a stream, the clip's end was a dropped stream: reopened after the backoff and played again from its
+    first frame, each pass judged as new parts under new ids, for as long as the daemon ran."""
+    write_video(tmp_path / "clip.avi")
+    root = http_server(functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    queue = FrameQueue(4 * FRAMES, "block")
+    ingest = CameraIngest(camera({"kind": "opencv", "url": f"{root}/clip.avi"}), queue, backoff_s=(0.05, 0.2))
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["state"] == "ended", 5), ingest.stats()
+    frames = drain(queue)
+    assert [f.frame_id for f in frames] == [str(i) for i in range(FRAMES)]
+    assert [bar(f) for f in frames] == list(range(FRAMES))
+    stats = ingest.stats()
+    assert stats["reopen_count"] == 0 and stats["last_error"] is None and stats["frames_in"] == FRAMES, stats
+    assert not ingest._source.live  # not read while paused: a recording has no current frame to keep up with
+
+
+def test_an_http_clip_whose_connection_drops_ends_there_saying_how_many_of_its_frames_came(
+    tmp_path, ingest_threads, http_server
+):
+    """A reopen would play it again from its first frame."""
+    writer = cv2.VideoWriter(str(tmp_path / "long.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    noise = np.random.default_rng(0)
+    for _ in range(120):  # noise, so the half sent is far more than what FFmpeg reads ahead to open it
+        writer.write(noise.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    data = (tmp_path / "long.avi").read_bytes()
+
+    class HalfSent(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+
+    url = f"{http_server(HalfSent)}/long.avi"
+    queue = FrameQueue(240, "block")
+    ingest = CameraIngest(camera({"kind": "opencv", "url": url}), queue, backoff_s=(0.05, 0.2))
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["state"] == "ended", 10), ingest.stats()
+    frames = drain(queue)
+    assert 0 < len(frames) < 120 and [f.frame_id for f in frames] == [str(i) for i in range(len(frames))]
+    stats = ingest.stats()
+    assert stats["reopen_count"] == 0, stats
+    assert stats["last_error"] == (
+        f"{url}: ended after {len(frames)} frames, expected 120 (the clip's frame count): its connection dropped or "
+        "stalled, or the count was an estimate"
+    )
+
+
+def test_a_live_mjpeg_stream_over_http_counts_no_frames_and_is_reopened_when_it_drops(ingest_threads, http_server):
+    class Mjpeg(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            for level in range(5):
+                jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), 40 * level, np.uint8))[1].tobytes()
+                head = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg)
+                self.wfile.write(head + jpeg + b"\r\n")
+            self.close_connection = True
+
+    queue = FrameQueue(1000, "block")
+    url = f"{http_server(Mjpeg)}/stream.mjpg"
+    ingest = CameraIngest(camera({"kind": "opencv", "url": url}), queue, backoff_s=(0.05, 0.2))
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["reopen_count"] >= 2 and ingest.stats()["frames_in"] > 10), ingest.stats()
+    assert ingest.stats()["state"] != "ended" and ingest._source.live
 
 
 def test_a_file_url_whose_file_is_missing_is_retried_naming_it_as_a_path_is(tmp_path, ingest_threads):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import time
 
+import cv2
+import numpy as np
 import pytest
 import zmq
 from structlog.testing import capture_logs
@@ -193,3 +195,52 @@ def test_frame_ids_with_lone_surrogates_become_encodable_or_are_refused(zmq_came
         f.frame_id.encode("utf-8")
         json.dumps(f.frame_id, ensure_ascii=False).encode("utf-8")
         assert f.error is None or f.error.isprintable()
+
+
+def test_a_png_whose_bit_depth_disagrees_with_its_declared_dtype_is_refused_naming_both(zmq_camera):
+    """Accepted and narrowed unsaid, a producer sending 16-bit PNGs it believed narrowed to 8 bits never learnt it."""
+    queue, push = zmq_camera
+    sixteen = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)
+    png16 = cv2.imencode(".png", sixteen)[1].tobytes()
+    png8 = cv2.imencode(".png", (sixteen >> 8).astype(np.uint8))[1].tobytes()
+
+    def header(frame_id: str, **fields) -> bytes:
+        return json.dumps({"frame_id": frame_id, "encoding": "png", **fields}).encode()
+
+    frames = frames_of(
+        queue,
+        push,
+        [
+            [header("a", dtype="uint8"), png16],
+            [header("b", dtype="uint16"), png8],
+            [header("c", dtype="uint16"), png16],
+            [header("d", dtype="uint8"), png8],
+            [header("e"), png16],  # no dtype: the PNG's own depth is taken
+            [header("f", dtype="uint8"), b"\x89PNG\r\n\x1a\n" + bytes(30)],  # no IHDR: refused as not a PNG
+        ],
+    )
+    assert [f.frame_id for f in frames] == list("abcdef")
+    assert frames[0].image is None
+    assert frames[0].error == "frame a: dtype 'uint8' for a png of bit depth 16, expected \"uint16\" (or no dtype)"
+    assert frames[1].image is None
+    assert frames[1].error == "frame b: dtype 'uint16' for a png of bit depth 8, expected \"uint8\" (or no dtype)"
+    for f in frames[2:5]:
+        assert f.error is None and f.image.shape == (64, 64) and f.image.dtype == np.uint8, f.error
+    assert frames[5].image is None and "dtype" not in frames[5].error, frames[5].error
+
+
+def test_an_empty_frame_id_is_refused_as_a_missing_one_is_under_its_message_number(zmq_camera):
+    queue, push = zmq_camera
+    frames = frames_of(
+        queue,
+        push,
+        [
+            [b'{"frame_id":"","dtype":"uint8","shape":[4,4]}', bytes(16)],
+            [b'{"frame_id":0,"dtype":"uint8","shape":[4,4]}', bytes(16)],
+            GOOD,
+        ],
+    )
+    assert [f.frame_id for f in frames] == ["msg1", "0", "good"]
+    assert frames[0].image is None
+    assert frames[0].error == "frame msg1: frame_id is empty, expected a non-empty string or an integer"
+    assert frames[1].error is None and frames[2].error is None

@@ -8,6 +8,7 @@ import re
 import select
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 from urllib.parse import unquote
@@ -32,6 +33,9 @@ _VIDEO_NODE = re.compile(r"/dev/video(\d+)")
 # Undecodable frames in a row a video file may hold before the rest counts as its end: the reads that find the end
 # return at once, so looking this far ahead costs nothing.
 MAX_UNDECODABLE_RUN = 64
+# A failed read of a clip over the network that took this long was a stalled peer, not an undecodable frame: looking
+# further would block stop() for a read timeout per frame.
+STALLED_READ_S = STREAM_TIMEOUT_MS / 2000
 # A dead RTSP/HTTP peer, or a pipeline whose appsink stops delivering, would otherwise block open/read for the
 # backend's default (30 s), and with it stop() and the reopen backoff.
 TIMEOUTS = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS]
@@ -97,6 +101,15 @@ def is_finite_url(url: str) -> bool:
     if outer == "crypto" and inner == "file":
         return _ffmpeg_url_ends(url[len("crypto+") :])
     return scheme in LOCAL_SCHEMES or (outer == "crypto" and inner in LOCAL_SCHEMES)
+
+
+def over_network(url: str) -> bool:
+    """Whether FFmpeg reads the url over a network protocol (http, rtsp, ...; hls+http), not local data."""
+    scheme = scheme_of(url)
+    if scheme is None:
+        return False
+    outer, _, inner = scheme.partition("+")
+    return scheme not in LOCAL_SCHEMES and not (outer in FFMPEG_NESTING and inner in LOCAL_SCHEMES)
 
 
 def _ends(path: str) -> bool:
@@ -285,6 +298,8 @@ class VideoCaptureSource(Source):
         self.pipe_fd: int | None = None  # a named pipe's read descriptor, FFmpeg's to read and ours to close
         self.opened_as = ""  # what the capture was opened as, where the url does not say it: " (video device N)"
         self.counter = 0
+        self.counted = 0  # the frames a clip over the network counts (http://nas/shift.avi); 0 for any other video
+        self.first = 0  # the id of the first frame this open read
         self.pending: collections.deque[Frame] = collections.deque()
 
     def _ends_or_not(self) -> None:
@@ -315,6 +330,18 @@ class VideoCaptureSource(Source):
             self.close()
             raise OSError(f"{target}: cv2.VideoCapture cannot open it{self.opened_as}{self._why_not_opened()}")
         self.cap = cap
+        self.counted = 0
+        self.first = self.counter
+        if not self.finite and self.spec.url is not None and over_network(self.spec.url):
+            # A recorded clip on a web server or NAS counts its frames; a live stream (rtsp, MJPEG over http) does
+            # not (FFmpeg gives it a negative count). Taken as a stream, the clip's end was a drop: reopened and
+            # played again from its first frame, each pass judged as new parts. A local url is judged by what it
+            # names on disk instead: a named pipe's clip counts its frames too, and its writer's next pass follows.
+            counted = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+            if counted > 0:
+                self.counted = int(counted)
+                self.finite = True
+                self.live = False
 
     def _why_not_opened(self) -> str:
         """What can be told of a failed open beyond OpenCV's word: for a device, what its node says; nothing for a url
@@ -418,13 +445,23 @@ class VideoCaptureSource(Source):
         """After a video file's read failed: the next frame that decodes, with an error Frame queued for each one
         before it that did not (FFmpeg skips a corrupt frame and goes on with the next), or SourceEnded when none
         does. Undecodable frames at the very end cannot be told from the end: the container's frame count may be
-        an estimate."""
+        an estimate. A clip over the network ends too where its connection dropped or stalled (a reopen would play
+        it again from its first frame), and says so when that is short of its count."""
         assert self.cap is not None
         for skipped in range(1, MAX_UNDECODABLE_RUN + 1):
+            started = time.monotonic()
             ok, image = self.cap.read()
             if ok:
                 self.pending.extend(self._frame(None) for _ in range(skipped))
                 return ok, image
+            if self.counted and time.monotonic() - started >= STALLED_READ_S:
+                break
+        taken = self.counter - self.first
+        if taken < self.counted:
+            self.report_error(
+                f"{self.spec.target}: ended after {taken} frames, expected {self.counted} (the clip's frame count): "
+                "its connection dropped or stalled, or the count was an estimate"
+            )
         raise SourceEnded()
 
 

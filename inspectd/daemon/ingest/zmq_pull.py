@@ -13,7 +13,7 @@ import numpy as np
 import structlog
 from pydantic import model_validator
 
-from engines.data.images import DEFAULT_BIT_DEPTH
+from engines.data.images import DEFAULT_BIT_DEPTH, PNG_SIGNATURE
 from engines.errors import DataError
 from engines.schema import declared, refuse
 from inspectd.configfile import Endpoint
@@ -130,8 +130,9 @@ class ZmqPullSource(Source):
         sock.linger = 0
         take_endpoint(sock, self.endpoint)
         sock.rcvhwm = RCVHWM
-        # A producer sending more than the largest frame this camera accepts is disconnected by ZeroMQ before the
-        # message is buffered, not parsed after.
+        # A message part larger than the largest frame this camera accepts makes ZeroMQ disconnect its producer
+        # before the part is buffered, not parsed after. The limit is per part: a message of many parts, each under
+        # it, is buffered whole before parse() sees how many it has (docs/PROTOCOL.md, Frame ingest).
         sock.maxmsgsize = max_frame_bytes(self.camera.max_pixels)
         if self.curve is not None:
             self.curve(sock)
@@ -303,6 +304,7 @@ class ZmqPullSource(Source):
             return self._refused(fallback_id, now, f"header: {type(header).__name__}, expected a JSON object")
         frame_id = header.get("frame_id")
         frame_id = str(frame_id) if isinstance(frame_id, (str, int)) and not isinstance(frame_id, bool) else fallback_id
+        frame_id = frame_id or fallback_id  # an empty id names nothing: refused in _decode under msg<N>
         t_capture = header.get("t_capture")
         t_capture = (
             float(t_capture)
@@ -344,6 +346,8 @@ class ZmqPullSource(Source):
             raise DataError(f"{what}: header has no frame_id, expected a string or integer")
         if not isinstance(header["frame_id"], (str, int)) or isinstance(header["frame_id"], bool):
             raise DataError(f"{what}: frame_id {header['frame_id']!r}, expected a string or integer")
+        if header["frame_id"] == "":
+            raise DataError(f"{what}: frame_id is empty, expected a non-empty string or an integer")
         if "t_capture" in header and not (
             isinstance(header["t_capture"], (int, float))
             and not isinstance(header["t_capture"], bool)
@@ -382,6 +386,15 @@ class ZmqPullSource(Source):
                     f"{what}: shape {shape} is {shape[0] * shape[1]} pixels, "
                     f"expected at most max_pixels={self.camera.max_pixels}"
                 )
+        if encoding == "png" and "dtype" in header:
+            # A PNG names its own depth; a label that disagrees is a producer wrong about what it sends (frames it
+            # believes narrowed to 8 bits going out as 16-bit), told here rather than narrowed unsaid.
+            depth = _png_depth(payload)
+            if depth is not None and (depth == 16) != (dtype == "uint16"):
+                said = "uint16" if depth == 16 else "uint8"
+                raise DataError(
+                    f'{what}: dtype {dtype!r} for a png of bit depth {depth}, expected "{said}" (or no dtype)'
+                )
         if encoding == "raw":
             if shape is None:
                 raise DataError(f"{what}: raw frame without shape, expected shape [height, width(, channels)]")
@@ -399,6 +412,14 @@ class ZmqPullSource(Source):
             if image.shape[:2] != (h, w) or got_c != c:
                 raise DataError(f"{what}: decoded {encoding} is {list(image.shape)}, expected header shape {shape}")
         return image
+
+
+def _png_depth(payload: memoryview) -> int | None:
+    """The bit depth a PNG's IHDR declares (1, 2, 4, 8 or 16), before decoding; None for a payload that is not a PNG,
+    which check_and_decode refuses naming what it is."""
+    if len(payload) < 25 or payload[:8] != PNG_SIGNATURE or payload[12:16] != b"IHDR":
+        return None
+    return int(payload[24])
 
 
 def _shown(frame_id: str) -> str:
