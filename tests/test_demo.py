@@ -242,6 +242,83 @@ def test_a_second_stop_while_the_daemon_drains_kills_it_and_ends_the_demo_at_onc
         assert f"daemon exit status {-signal.SIGKILL}" in out_text
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_stop_while_the_daemon_drains_after_the_duration_kills_it_and_keeps_the_summary_whole(
+    trained_workdir, tmp_path, signum
+):
+    """At the end of --duration the demo SIGTERMs its daemon and shows its drain's results. A stop then went
+    unclaimed: the demo sent another SIGTERM, waited the whole 30 s and marked a run that had reached its duration
+    interrupted. The daemon is held stopped (SIGSTOP) here: a drain that does not end."""
+    workdir = tmp_path / "w"  # its own: the killed daemon leaves its journal unclean for the next demo in it
+    shutil.copytree(trained_workdir / "bundle", workdir / "bundle")
+    args = ["demo", "--workdir", str(workdir), "--duration", "8", "--cameras", "1", "--rate", "8"]
+    with demo_showing_verdicts(args, tmp_path) as (proc, daemon):
+        os.kill(daemon, signal.SIGSTOP)
+        wait_for(lambda: held_stopped(daemon), 10, "the daemon to be held stopped")
+        wait_for(lambda: signal_pending(daemon, signal.SIGTERM), 30, "the demo's own stop at the end of --duration")
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)  # Ctrl-C at a terminal: to the demo and its daemon
+        else:
+            proc.send_signal(signum)
+        code, said = stopped_by(signum)
+        try:
+            assert proc.wait(10) == code, (tmp_path / "err").read_text()[-2000:]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the demo still waits for its daemon 10 s after {signal.Signals(signum).name}")
+        err_text, out_text = (tmp_path / "err").read_text(), (tmp_path / "out").read_text()
+        assert err_text.strip().splitlines()[-2:] == [
+            "inspectd demo: stopped during its daemon's drain after the 8 s asked: daemon killed",
+            f"inspectd demo: {said}",
+        ], err_text[-2000:]
+        assert "Traceback" not in err_text
+        wait_for(lambda: not is_daemon(daemon), 10, "the daemon to be gone")
+        assert "summary: interrupted" not in out_text
+        assert re.search(
+            r"summary: \d+ frames from 1 camera\(s\), [\d.]+ frames/s over the [\d.]+ s from the first "
+            r"verdict to the stop",
+            out_text,
+        ), out_text[-2000:]
+        assert f"daemon exit status {-signal.SIGKILL}" in out_text
+
+
+def test_a_daemon_whose_drain_after_the_duration_does_not_end_is_killed_after_the_wait(trained_workdir, tmp_path):
+    """The demo's end-of-run wait for its daemon had no bound: a drain that hung (an engine close stuck in native code)
+    kept `make demo` waiting until the CI job's own timeout. It is STOP_WAIT_S, set to 2 s here to keep the test
+    short; the daemon is held stopped (SIGSTOP), a drain that does not end."""
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_workdir / "bundle", workdir / "bundle")
+    launch = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); import inspectd.tools.demo as demo; "
+        "demo.STOP_WAIT_S = 2; from inspectd.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = [sys.executable, "-c", launch, "demo", "--workdir", str(workdir), "--duration", "8", "--cameras", "1"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([*argv, "--rate", "8"], cwd=REPO, stdout=out, stderr=err, start_new_session=True)
+    daemons: list[int] = []
+    try:
+        wait_for(lambda: len(VERDICT.findall((tmp_path / "out").read_text())) >= 3, 150, "three verdicts shown")
+        daemons = daemon_children(proc.pid)
+        assert len(daemons) == 1
+        os.kill(daemons[0], signal.SIGSTOP)
+        wait_for(lambda: held_stopped(daemons[0]), 10, "the daemon to be held stopped")
+        try:
+            assert proc.wait(30) == 1, (tmp_path / "err").read_text()[-2000:]
+        except subprocess.TimeoutExpired:
+            pytest.fail("the demo still waits for its daemon's drain 30 s after a stop it bounds at 2 s")
+        err_text, out_text = (tmp_path / "err").read_text(), (tmp_path / "out").read_text()
+        assert err_text.strip().splitlines()[-1] == (
+            "inspectd demo: the daemon did not stop within 2 s of its SIGTERM: killed (its daemon.log says how far "
+            "its drain got)"
+        ), err_text[-2000:]
+        assert "summary: interrupted" not in out_text and f"daemon exit status {-signal.SIGKILL}" in out_text
+        wait_for(lambda: not is_daemon(daemons[0]), 10, "the daemon to be gone")
+    finally:
+        daemons = daemons or daemon_children(proc.pid)
+        proc.kill()
+        proc.wait()
+        kill_daemons(daemons)
+
+
 def test_a_demo_killed_outright_does_not_leave_its_daemon_streaming(trained_workdir, tmp_path):
     """SIGKILL (an OOM kill, `kill -9`, a CI runner torn down) gives the demo no chance to stop its daemon: the daemon
     must notice its parent is gone and stop itself, or it streams on and holds its endpoints under the next demo."""

@@ -151,6 +151,33 @@ def test_the_brightness_test_is_inactive_without_its_reference():
     assert not monitor.status()["brightness_active"]
 
 
+def test_an_inactive_test_is_one_drift_inactive_warning_naming_the_test():
+    """DEPLOY.md names one `drift_inactive` line for a drift test that cannot run; the brightness test logged
+    `drift_brightness_inactive` at info, which a search for the documented name, or a log filtered to warnings,
+    missed, while it may be the station's only drift alarm."""
+    from structlog.testing import capture_logs
+
+    from engines.bundle import thresholds as thresholds_doc
+    from inspectd.daemon.drift import monitor_for
+
+    rng = np.random.default_rng(0)
+    scores = thresholds_doc.good_score_reference(rng.normal(1.0, 0.1, 100))
+    few = thresholds_doc.good_score_reference(rng.normal(1.0, 0.1, 3))
+    brightness = thresholds_doc.good_score_reference(rng.normal(120.0, 2.0, 100))
+    cases = {
+        "score": {thresholds_doc.GOOD_SCORES: few, thresholds_doc.GOOD_BRIGHTNESS: brightness},
+        "brightness": {thresholds_doc.GOOD_SCORES: scores, thresholds_doc.GOOD_BRIGHTNESS: few},
+    }
+    for test, provenance in cases.items():
+        with capture_logs() as logs:
+            monitor_for(thresholds_doc.first_version(2.0, 2.0, provenance), "cam1")
+        inactive = [e for e in logs if e["event"].startswith("drift")]
+        assert [(e["event"], e["log_level"], e["test"], e["camera"]) for e in inactive] == [
+            ("drift_inactive", "warning", test, "cam1")
+        ], logs
+        assert "3 good frame(s), expected at least 8" in inactive[0]["reason"] and inactive[0]["thresholds_version"]
+
+
 def test_daemon_raises_drift_in_status_metrics_log_and_the_plc_flag_and_clears_it(taught: Path, tmp_path: Path):
     """A real daemon process streaming the synthetic line through the taught bundle, its lighting changed mid-stream
     by the source's schedule: nothing over the first LIGHT_ON unchanged frames; the alarm within

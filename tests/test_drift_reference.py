@@ -38,7 +38,8 @@ def test_a_reference_too_small_to_raise_is_not_armed_and_says_why():
     status = monitor.status()
     assert status["active"] is False and status["brightness_active"] is False
     assert "6 good frame(s), expected at least 8" in status["inactive_reason"]
-    assert [e["event"] for e in logs] == ["drift_inactive", "drift_brightness_inactive"] and logs[0]["camera"] == "cam0"
+    assert [(e["event"], e["test"]) for e in logs] == [("drift_inactive", "score"), ("drift_inactive", "brightness")]
+    assert logs[0]["camera"] == "cam0" and logs[0]["log_level"] == logs[1]["log_level"] == "warning"
     assert "expected at least 8" in logs[0]["reason"]
     # Fed frames far off the reference it stays quiet: it is off, and says so, rather than on and deaf.
     assert all(monitor.add(5.0, 250.0) is None for _ in range(400))

@@ -46,10 +46,10 @@ an unchanged line and never clear. So each test compares like with like:
 Small references: D never exceeds 1, and with the 200-frame window the critical value at RAISE_ALPHA is above 1 for
 a reference of 7 frames or fewer (m = 2: 1.91, m = 7: 1.04, m = 8: 0.97, m = 20: 0.63). A test on such a reference
 could never raise, so it is not armed: it reports `active: false` (the score test) or `brightness_active: false`,
-with the reason in the status (`inactive_reason`, `brightness_inactive_reason`) and a `drift_inactive` log line,
-rather than an alarm shown active that cannot rise. calibrate and teach warn when they record such a reference
-(engines.bundle.thresholds.MIN_REFERENCE). Just above the minimum it still rises only on a large shift (m = 20: D
-must exceed 0.63).
+with the reason in the status (`inactive_reason`, `brightness_inactive_reason`) and a `drift_inactive` warning whose
+`test` says which (score, brightness), rather than an alarm shown active that cannot rise. calibrate and teach warn
+when they record such a reference (engines.bundle.thresholds.MIN_REFERENCE). Just above the minimum it still rises
+only on a large shift (m = 20: D must exceed 0.63).
 
 False-reject warning: do the good frames now put the image threshold measurably closer to them than the reference
 did? Each side is summed up by how many of its standard deviations the threshold lies above its mean, z. The window
@@ -479,9 +479,15 @@ def monitor_for(thresholds, camera: str) -> DriftMonitor:
     monitor = DriftMonitor(
         inputs.reference, inputs.threshold, inputs.target, brightness_reference=inputs.brightness_reference
     )
+    # One event for either test, `test` saying which, and a warning for both: where the score reference is small the
+    # brightness test is the station's only drift alarm, and one off must show in a log filtered to warnings.
     if not monitor.active:
         log.warning(
-            "drift_inactive", camera=camera, thresholds_version=thresholds.version, reason=monitor.score.inactive
+            "drift_inactive",
+            camera=camera,
+            test="score",
+            thresholds_version=thresholds.version,
+            reason=monitor.score.inactive,
         )
     elif monitor.warning_inactive is not None:  # with the score test off, drift_inactive has said it
         log.warning(
@@ -491,9 +497,10 @@ def monitor_for(thresholds, camera: str) -> DriftMonitor:
             reason=monitor.warning_inactive,
         )
     if not monitor.brightness.active:
-        log.info(
-            "drift_brightness_inactive",
+        log.warning(
+            "drift_inactive",
             camera=camera,
+            test="brightness",
             thresholds_version=thresholds.version,
             reason=monitor.brightness.inactive,
         )

@@ -11,9 +11,10 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def killed_on_a_stop(proc: subprocess.Popen) -> Iterator[None]:
+def killed_on_a_stop(proc: subprocess.Popen) -> Iterator[list[int]]:
     """SIGTERM and SIGINT kill `proc` (SIGKILL) for as long as this lasts, and then do here what they would have done
-    (`inspectd`'s stop, KeyboardInterrupt).
+    (`inspectd`'s stop, KeyboardInterrupt). Yields the signals taken so far: a wait that reads as it waits can see
+    that its child was killed and end then.
 
     For a tool's clean-up around its daemon's drain: the daemon is told to stop, so a stop asked for then (the
     operator's second, or a first one during the tool's own end of run) is one not to wait for. Ignored, as
@@ -22,7 +23,7 @@ def killed_on_a_stop(proc: subprocess.Popen) -> Iterator[None]:
     binds. SIGINT left ignored (a background job of a shell) stays ignored. Only the main thread can claim a signal:
     elsewhere the wait is as it was."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     caught: list[int] = []
 
@@ -43,7 +44,7 @@ def killed_on_a_stop(proc: subprocess.Popen) -> Iterator[None]:
             # A stop taken by the old handler between two claims: the same stop as one that comes a moment later.
             proc.kill()
             raise
-        yield
+        yield caught
     finally:
         _give_back(previous, kill)
         for signum in claimed:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -358,6 +359,19 @@ def run(args: argparse.Namespace) -> int:
     ended_early: float | None = None  # when the daemon was seen gone before the demo stopped it
     arrivals: list[float] = []
     stopped_at: float | None = None  # the demo's SIGTERM to its daemon at the end of --duration
+    cut_drain: KeyboardInterrupt | Terminated | None = None  # a stop during that drain: the run itself was whole
+
+    def show(message: Result) -> float:
+        arrived = time.monotonic()
+        results.append(message)
+        arrivals.append(arrived)
+        missed = gaps.see(message.camera, message.seq)
+        if missed:
+            print(f"gap: {message.camera} missed seq {missed[0]}..{missed[1]}", flush=True)
+        if not args.quiet:
+            print(format_result(message) + ("  [planted]" if message.truth else ""), flush=True)
+        return arrived
+
     with log, Subscriber(endpoint, topic="inspect.demo.") as subscriber:
         try:
             # Inside the try: a Ctrl-C while it starts (its child forked, Popen not yet returned) still ends in the
@@ -382,12 +396,7 @@ def run(args: argparse.Namespace) -> int:
                     tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
                     print(f"inspectd demo: {reason}; last lines of {log_path}:", *tail, sep="\n", file=sys.stderr)
                     return 1
-                if stop_at is not None and now >= stop_at and daemon.poll() is None:
-                    daemon.send_signal(signal.SIGTERM)  # drains: every accepted frame still gets its result
-                    stop_at = float("inf")
-                    stopped_at = now
-                exited = daemon.poll() is not None
-                if exited and stop_at != float("inf"):
+                if daemon.poll() is not None:
                     # It ended before it was told to: what still arrives on the endpoint is not its to show.
                     ended_early = now
                     log.flush()
@@ -400,24 +409,23 @@ def run(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                     break
-                message = subscriber.recv(0.2 if not exited else 0.5)
-                if message is None:
-                    if exited:
-                        break
-                    continue
+                if stop_at is not None and now >= stop_at:
+                    break
+                message = subscriber.recv(0.2)
                 if not isinstance(message, Result):
                     continue
-                arrived = time.monotonic()
+                arrived = show(message)
                 if started is None:
                     started = arrived
                     stop_at = started + args.duration
-                results.append(message)
-                arrivals.append(arrived)
-                missed = gaps.see(message.camera, message.seq)
-                if missed:
-                    print(f"gap: {message.camera} missed seq {missed[0]}..{missed[1]}", flush=True)
-                if not args.quiet:
-                    print(format_result(message) + ("  [planted]" if message.truth else ""), flush=True)
+            if ended_early is None:
+                stopped_at = time.monotonic()  # taken out here: a stop during the drain ends _drain in its exception
+                try:
+                    _drain(daemon, subscriber, show, stopped_at + STOP_WAIT_S)
+                except (KeyboardInterrupt, Terminated) as stop:
+                    # Taken once the daemon it killed is reaped: the demo ends as the stop says, its run summarised
+                    # as whole, since it had reached its --duration.
+                    cut_drain = stop
         except (KeyboardInterrupt, Terminated) as stop:
             # Ctrl-C or `kill PID` (a job's timeout) ends the demo early: the summary of what was shown still follows.
             interrupted = stop
@@ -452,6 +460,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"summary: daemon exit status {status}; log {log_path}", flush=True)
     if interrupted is not None:
         raise interrupted
+    if cut_drain is not None:
+        # Said, so that the daemon's exit status -9 is not read as its crash; the exit status is the stop's.
+        print(
+            f"inspectd demo: stopped during its daemon's drain after the {args.duration:g} s asked: daemon killed",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise cut_drain
     if ended_early is not None and started is not None:
         # Whatever its exit status: a script must not take a demo that ran part of its time for a passed one.
         print(
@@ -468,6 +484,39 @@ def run(args: argparse.Namespace) -> int:
     return 0 if daemon is not None and daemon.returncode == 0 and s["frames"] > 0 else 1
 
 
+def _drain(daemon: subprocess.Popen, subscriber: Subscriber, show: Callable[[Result], float], deadline: float) -> None:
+    """The end of --duration: SIGTERM to the daemon, then its drain's results shown until it exits, or until
+    `deadline` (then killed, and said). Claimed before the daemon is told, so that a stop during the drain kills it at
+    once; that stop is raised once it is reaped."""
+    with killed_on_a_stop(daemon) as caught:
+        daemon.send_signal(signal.SIGTERM)  # drains: every accepted frame still gets its result
+        while not caught:
+            exited = daemon.poll() is not None
+            if not exited and time.monotonic() >= deadline:
+                _killed_after_wait(daemon)
+                break
+            message = subscriber.recv(0.5 if exited else 0.2)
+            if message is None:
+                if exited:
+                    break
+                continue
+            if isinstance(message, Result):
+                show(message)
+        daemon.wait()
+
+
+def _killed_after_wait(daemon: subprocess.Popen) -> None:
+    # Said, so that exit status -9 in the summary is not read as the demo's own crash or a second stop.
+    print(
+        f"inspectd demo: the daemon did not stop within {STOP_WAIT_S} s of its SIGTERM: killed "
+        "(its daemon.log says how far its drain got)",
+        file=sys.stderr,
+        flush=True,
+    )
+    daemon.kill()
+    daemon.wait()
+
+
 def _stop(daemon: subprocess.Popen) -> None:
     """SIGTERM to the daemon and wait for its drain; claimed before the daemon is told, so that a second stop during
     its drain kills it at once."""
@@ -479,12 +528,4 @@ def _stop(daemon: subprocess.Popen) -> None:
                 # sooner, it leaves its journal unclean for the next demo.
                 daemon.wait(STOP_WAIT_S)
             except subprocess.TimeoutExpired:
-                # Said, so that exit status -9 in the summary is not read as the demo's own crash or a second stop.
-                print(
-                    f"inspectd demo: the daemon did not stop within {STOP_WAIT_S} s of its SIGTERM: killed "
-                    "(its daemon.log says how far its drain got)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                daemon.kill()
-                daemon.wait()
+                _killed_after_wait(daemon)
