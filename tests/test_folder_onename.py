@@ -283,3 +283,114 @@ def test_a_writer_that_stages_each_part_under_one_name_then_renames_it_loses_non
     finally:
         stop.set()
         source.close()
+
+
+def _pumped(source, stop: threading.Event, frames: list, seconds: float = 0.3) -> None:
+    """Read the camera for `seconds` (a dozen polls), keeping each frame."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        frame = source.read(stop)
+        if frame is not None:
+            frames.append(frame)
+
+
+def _save_as_one_name(folder: Path, data: bytes, mtime_ns: int) -> None:
+    """A camera's save: written under a name the folder never reads, stamped, renamed into place as current.bmp."""
+    staged = folder / "current.bmp.tmp"
+    staged.write_bytes(data)
+    os.utime(staged, ns=(mtime_ns, mtime_ns))
+    os.replace(staged, folder / "current.bmp")
+
+
+def _bmps(count: int, seed: int) -> list[bytes]:
+    """Parts of one resolution: BMPs of one size, as a fixed-resolution camera saves them."""
+    rng = np.random.default_rng(seed)
+    parts = [cv2.imencode(".bmp", rng.integers(0, 255, (48, 64), np.uint8))[1].tobytes() for _ in range(count)]
+    assert len({len(p) for p in parts}) == 1
+    return parts
+
+
+def test_parts_under_one_name_with_whole_second_times_are_each_read(tmp_path):
+    """Where times have whole seconds (FAT, ext3, an uploader that sets them so), parts of one resolution renamed into
+    place under one name have one size and mtime: the second and later in a second were never read, with nothing
+    counted (a review: 1 of 3 parts 0.6 s apart). Each new file under the name is a new part."""
+    cam = camera({"kind": "folder", "path": str(tmp_path), "pattern": "*.bmp", "poll_ms": 20})
+    source = make_source(cam, time.time)
+    stop = threading.Event()
+    source.open(stop)
+    parts = _bmps(3, 1)
+    second = (time.time_ns() // 10**9) * 10**9
+    frames: list = []
+    try:
+        for part in parts:
+            _save_as_one_name(tmp_path, part, second)
+            _pumped(source, stop, frames)
+    finally:
+        stop.set()
+        source.close()
+    decoded = [cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_GRAYSCALE) for p in parts]
+    assert [f.frame_id for f in frames] == ["current.bmp"] * 3
+    assert [np.array_equal(f.image, d) for f, d in zip(frames, decoded)] == [True] * 3
+    assert source.stats()["replaced_unread"] == 0
+
+
+def test_delete_after_never_deletes_the_next_part_saved_under_the_name_with_the_same_time(tmp_path):
+    """The disposer compared only the mtime: a part renamed into place under the name while the part before's result
+    was computed, in the same second and of the same size, was deleted unread. A file is deleted only while it is
+    still the one read; the next part stays, is read, and is deleted once its own result is out."""
+    cam = camera({"kind": "folder", "path": str(tmp_path), "pattern": "*.bmp", "poll_ms": 20, "delete_after": True})
+    source = make_source(cam, time.time)
+    stop = threading.Event()
+    source.open(stop)
+    parts = _bmps(2, 2)
+    second = (time.time_ns() // 10**9) * 10**9
+    frames: list = []
+    try:
+        with capture_logs() as logs:
+            _save_as_one_name(tmp_path, parts[0], second)
+            _pumped(source, stop, frames)
+            assert len(frames) == 1
+            _save_as_one_name(tmp_path, parts[1], second)  # before part 1's result is out
+            frames[0].on_published()
+            assert wait_for(lambda: source.stats()["disposal_backlog"] == 0)
+            assert (tmp_path / "current.bmp").read_bytes() == parts[1]
+            _pumped(source, stop, frames)
+            assert len(frames) == 2
+            frames[1].on_published()
+            assert wait_for(lambda: not (tmp_path / "current.bmp").exists())
+    finally:
+        stop.set()
+        source.close()
+    decoded = cv2.imdecode(np.frombuffer(parts[1], np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(frames[1].image, decoded)
+    assert [e["event"] for e in logs if e["event"] == "folder_file_rewritten"] == ["folder_file_rewritten"]
+
+
+@pytest.mark.parametrize("delete_after", [False, True])
+def test_a_file_a_share_gives_a_new_number_is_neither_read_again_nor_kept_from_deletion(tmp_path, delete_after):
+    """A share that numbers files itself (CIFS noserverino, FUSE without use_ino) may give a file a new inode number
+    after a while: the same size, mtime and content under a new number is the file read before. It is not judged a
+    second time, and, read before its result went out, is still deleted then. A copy of it under a new inode stands
+    in for the renumbered file."""
+    source_cfg = {"kind": "folder", "path": str(tmp_path), "pattern": "*.bmp", "poll_ms": 20}
+    source = make_source(camera({**source_cfg, "delete_after": delete_after}), time.time)
+    stop = threading.Event()
+    source.open(stop)
+    (part,) = _bmps(1, 3)
+    second = (time.time_ns() // 10**9) * 10**9
+    frames: list = []
+    try:
+        _save_as_one_name(tmp_path, part, second)
+        _pumped(source, stop, frames)
+        inode = (tmp_path / "current.bmp").stat().st_ino
+        _save_as_one_name(tmp_path, part, second)  # renumbered: the same bytes and times, another inode
+        assert (tmp_path / "current.bmp").stat().st_ino != inode
+        _pumped(source, stop, frames)
+        assert len(frames) == 1
+        if delete_after:
+            frames[0].on_published()
+            assert wait_for(lambda: not (tmp_path / "current.bmp").exists())
+    finally:
+        stop.set()
+        source.close()
+    assert source.stats()["replaced_unread"] == 0

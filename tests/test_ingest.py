@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -258,7 +259,7 @@ def test_two_cameras_moving_one_name_into_a_shared_done_dir_at_once_keep_both_pa
     """Two cameras of one model write every part as current.bmp and share a done_dir. Camera B moves its part in
     after camera A found current.bmp free and before A's own rename: A's rename replaced B's part, the only copy of an
     inspected part. Either part is kept, under its own name."""
-    from inspectd.daemon.ingest.folder import FolderWatcher
+    from inspectd.daemon.ingest.folder import FolderWatcher, _stamp
 
     done = tmp_path / "done"
     cams = parse_config(
@@ -278,9 +279,9 @@ def test_two_cameras_moving_one_name_into_a_shared_done_dir_at_once_keep_both_pa
         parts[x].write_bytes(f"part of camera {x}".encode())
     a, b = (FolderWatcher(cam, time.time) for cam in cams)
     done.mkdir()
-    BEFORE_RENAME_TO[str(done / "current.bmp")] = [lambda: b._dispose(parts["b"], os.stat(parts["b"]).st_mtime_ns)]
+    BEFORE_RENAME_TO[str(done / "current.bmp")] = [lambda: b._dispose(parts["b"], _stamp(os.stat(parts["b"])), None)]
     try:
-        a._dispose(parts["a"], os.stat(parts["a"]).st_mtime_ns)
+        a._dispose(parts["a"], _stamp(os.stat(parts["a"])), None)
     finally:
         BEFORE_RENAME_TO.clear()
     assert not parts["a"].exists() and not parts["b"].exists()
@@ -791,7 +792,7 @@ def test_a_finished_file_that_starts_with_zero_bytes_is_disposed_of_and_a_stalle
     for name, f in frames.items():
         assert f.error == (
             f"{name}: zero bytes where its image header should be (not written yet?), expected a complete "
-            "JPEG/PNG/BMP/TIFF image"
+            "JPEG/PNG/BMP/TIFF/PNM/WebP image"
         )
 
 
@@ -924,7 +925,7 @@ def test_images_with_bytes_after_their_end_decode_and_cut_ones_are_still_cut_sho
         "exif-mid-scan.jpg": "exif-mid-scan.jpg: truncated JPEG (no end-of-image marker), expected a complete file",
         "between-scans.jpg": "between-scans.jpg: truncated JPEG (no end-of-image marker), expected a complete file",
         "exif-after-thumbnail.jpg": "exif-after-thumbnail.jpg: ends before its image header, expected a complete "
-        "JPEG/PNG/BMP/TIFF image",
+        "JPEG/PNG/BMP/TIFF/PNM/WebP image",
         "mid-chunk.png": "mid-chunk.png: truncated PNG (no IEND chunk), expected a complete file",
     }
 
@@ -1118,8 +1119,8 @@ def test_odd_file_names_give_one_line_errors_and_frame_ids_any_json_decoder_take
     assert wait_for(lambda: len(queue) == 2)
     bad, good = sorted(drain(queue), key=lambda f: f.frame_id)
     assert (
-        bad.error == "'a\\nb.png': no image header found (JPEG SOF, PNG IHDR, BMP or TIFF), expected a complete "
-        "JPEG/PNG/BMP/TIFF image"
+        bad.error == "'a\\nb.png': no image header found (JPEG SOF, PNG IHDR, BMP, TIFF, PNM or WebP), expected a "
+        "complete JPEG/PNG/BMP/TIFF/PNM/WebP image"
     )
     assert good.error is None and good.frame_id == "c\\xffd.png"
     for f in (bad, good):
@@ -1445,6 +1446,93 @@ def test_folder_decodes_bmp_and_tiff_and_refuses_bad_files(tmp_path, ingest_thre
     assert c.image is None and c.error == "c.png: truncated PNG (no IEND chunk), expected a complete file"
     assert d.image is None and "expected at most max_pixels=50000000" in d.error
     assert e.image is None and e.error.startswith("e.gif: no image header found")
+
+
+def _every_format(image: np.ndarray) -> dict[str, bytes]:
+    """`image` (8-bit grey) saved as every file kind `inspectd train` reads, by OpenCV and Pillow as cameras' tools
+    save them: 8- and 16-bit, binary and text PNM, and each kind of WebP (lossless VP8L, lossy VP8, extended VP8X)."""
+    from PIL import Image
+
+    rgb = np.dstack([image, 255 - image, image // 2])
+    wide = image.astype(np.uint16) << 4  # a 12-bit camera's words
+    files = {
+        # A .jfif is a JPEG under the name Windows and browsers save it as.
+        name: cv2.imencode(Path(name.replace(".jfif", ".jpg")).suffix, pixels, params)[1].tobytes()
+        for name, pixels, params in (
+            ("a.png", image, []),
+            ("b.jpg", image, []),
+            ("c.jpeg", rgb, []),
+            ("d.jfif", image, []),
+            ("e.bmp", rgb, []),
+            ("f.tif", image, []),
+            ("g.tiff", wide, []),
+            ("h.pgm", image, []),
+            ("i.pgm", wide, []),
+            ("j.ppm", rgb, []),
+            ("k.pnm", image, []),
+            ("l.pgm", image, [cv2.IMWRITE_PXM_BINARY, 0]),
+            ("m.ppm", rgb, [cv2.IMWRITE_PXM_BINARY, 0]),
+            ("n.webp", image, []),
+            ("o.webp", rgb, [cv2.IMWRITE_WEBP_QUALITY, 90]),
+        )
+    }
+    extended = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, image])).save(extended, "WEBP", exif=b"Exif\0\0MM\0*")
+    files["p.webp"] = extended.getvalue()
+    assert files["n.webp"][12:16] == b"VP8L" and files["o.webp"][12:16] == b"VP8 " and files["p.webp"][12:16] == b"VP8X"
+    return files
+
+
+def test_every_format_train_reads_a_folder_camera_reads_and_does_not_dispose_of_unjudged(tmp_path, ingest_threads):
+    """The folder camera refused PGM/PPM/PNM/WebP (`no image header found`), which `inspectd train` reads, and with
+    delete_after then deleted each such part after its error result. Every suffix train reads is read here, decoded
+    as train's loader decodes it (a 16-bit PGM narrowed as a 16-bit PNG is), and deleted only once judged."""
+    from engines.data.images import IMAGE_SUFFIXES, load_image
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    files = _every_format(SyntheticLine(40, 30, seed=21).next()[0])
+    assert {Path(name).suffix for name in files} == IMAGE_SUFFIXES
+    old = time.time() - 60
+    for i, (name, data) in enumerate(files.items()):
+        (inbox / name).write_bytes(data)
+        os.utime(inbox / name, (old + i, old + i))
+    expected = {name: load_image(inbox / name) for name in files}
+    queue = FrameQueue(32, "block")
+    start(ingest_threads, camera({"kind": "folder", "path": str(inbox), "poll_ms": 20, "delete_after": True}), queue)
+    assert wait_for(lambda: len(queue) == len(files))
+    frames = drain(queue)
+    assert [f.frame_id for f in frames] == list(files)  # oldest first
+    assert {f.frame_id: f.error for f in frames} == dict.fromkeys(files)
+    for f in frames:
+        assert np.array_equal(f.image, expected[f.frame_id]), f.frame_id
+        f.on_published()
+    assert wait_for(lambda: not list(inbox.iterdir()))
+
+
+def test_a_cut_pnm_or_webp_is_told_from_a_complete_one():
+    """A PNM's raster length follows from its header (2 bytes a value over maxval 255; text values counted), and a
+    WebP's from its RIFF size: a file cut anywhere is incomplete (a folder waits for it), never decoded to grey."""
+    from inspectd.daemon.ingest.headers import IncompleteImage, check_and_decode
+
+    files = _every_format(SyntheticLine(40, 30, seed=22).next()[0])
+    for name, data in files.items():
+        kind = Path(name).suffix
+        if kind not in {".pgm", ".ppm", ".pnm", ".webp"}:
+            continue
+        assert encoded_dims(data) == (("webp" if kind == ".webp" else "pnm"), 30, 40), name
+        check_and_decode(data, name, 1200)
+        with pytest.raises(DataError, match="expected at most max_pixels=1199"):
+            check_and_decode(data, name, 1199)
+        # Cut after its last byte but one, inside its raster, and inside its header.
+        text = data[1] in b"23"
+        for cut in (len(data) - (20 if text else 1), len(data) // 2, 5):
+            with pytest.raises(IncompleteImage):
+                check_and_decode(data[:cut], name, 1200)
+        assert check_and_decode(data + b"\0" * 16, name, 1200) is not None  # bytes after its end do not matter
+    assert encoded_dims(b"P5\n# GIMP\n40 30\n255\n") == ("pnm", 30, 40)
+    assert encoded_dims(b"P5\n40 30\n70000\n") is None  # no maxval a PNM can have
+    assert encoded_dims(b"RIFF\0\0\0\0AVI LIST" + bytes(32)) is None
 
 
 def test_a_complete_tiff_of_pixels_frames_cannot_have_is_refused_at_once_not_waited_for():

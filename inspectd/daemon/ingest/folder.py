@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,25 @@ SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 NO_HARD_LINK = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK})
 
 log = structlog.get_logger("inspectd.ingest")
+
+# A file as a stat sees it: (size, mtime_ns, st_dev, st_ino, ctime_ns). Size and mtime alone cannot tell parts saved
+# under one name apart where times have whole seconds (FAT, ext3, an uploader that sets them so): parts of one
+# resolution often have one size. The inode says which file holds the name, and the ctime, which a rename sets, tells a
+# new file apart from an earlier one whose freed inode number it was given.
+Stamp = tuple[int, int, int, int, int]
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    return st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _digest_of(path: Path) -> int:
+    """The CRC-32 of the file's content, read a MiB at a time."""
+    digest = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest = zlib.crc32(chunk, digest)
+    return digest
 
 
 @declared
@@ -153,13 +173,15 @@ class FolderWatcher(Source):
         # Cameras and Windows tools write .JPG as often as .jpg.
         self._matches = re.compile(fnmatch.translate(self.spec.pattern), re.IGNORECASE).match
         self.max_bytes = max_frame_bytes(camera.max_pixels)
-        # name -> (size, mtime_ns) when inspected (files left in place): a file rewritten under the same name is new
-        # again, also one finished by a writer that keeps the source's times (a copy that preserves them).
-        self.done: dict[str, tuple[int, int]] = {}
-        # name -> (size, mtime_ns, since, inode): the file as the latest scan saw it, and this host's monotonic time
-        # when it was first seen so. Stillness and the cut-short grace are timed by `since`, never by the mtime: a
-        # writer's clock may be behind or ahead of this host's.
-        self.seen: dict[str, tuple[int, int, float, int]] = {}
+        # name -> (stamp, CRC-32 of the content, None if not read) when inspected (files left in place): another file
+        # under the name, or the file rewritten, is new again, also one finished by a writer that keeps the source's
+        # times (a copy that preserves them). One of the same size, mtime and content under a new inode is the file
+        # read before, renumbered (a share that numbers files itself, anew after a while): read, and not judged again.
+        self.done: dict[str, tuple[Stamp, int | None]] = {}
+        # name -> (stamp, since): the file as the latest scan saw it, and this host's monotonic time when it was first
+        # seen so. Stillness and the cut-short grace are timed by `since`, never by the mtime: a writer's clock may be
+        # behind or ahead of this host's.
+        self.seen: dict[str, tuple[Stamp, float]] = {}
         self.replaced_unread = 0  # parts another file took the name of before they were read: lost (_replaced)
         self._replaced_at = -math.inf  # monotonic time of the latest one
         # inode -> name of parts another file took the name of, unread: lost unless a listing still finds the inode
@@ -171,14 +193,17 @@ class FolderWatcher(Source):
         self._warned = False
         # Files whose result is out but which could not be deleted or moved (disposer thread), and why the first
         # of them could not: the camera is reopened on it, once, rather than fail again at every file after it.
-        self._undisposed: list[tuple[Path, int]] = []
+        self._undisposed: list[tuple[Path, Stamp, int | None]] = []
+        # (name, stamp) of files the disposer deleted or moved, for the ingest thread to forget: a part saved under
+        # the name next is new, even with the same size, mtime and content.
+        self._disposed: list[tuple[str, Stamp]] = []
         self._disposal_failed: str | None = None
         self._disposal_logged = False  # this outage's warning was logged: once, however many reopens it lasts
         self._disposal_lock = threading.Lock()
         # Files whose result is out, oldest first, deleted or moved by a thread of this camera's own: the publisher,
         # which serves every camera, must never wait on this folder's filesystem (a share that stalls). The file being
         # disposed of stays first until it is done.
-        self._to_dispose: deque[tuple[Path, int]] = deque()
+        self._to_dispose: deque[tuple[Path, Stamp, int | None]] = deque()
         self._disposals = threading.Condition()
         self._disposer: threading.Thread | None = None
         self._dispose_errors: set[str] = set()  # kinds of unexpected failure already logged
@@ -326,8 +351,8 @@ class FolderWatcher(Source):
         with self._disposal_lock:
             retry, self._undisposed = self._undisposed, []
             self._disposal_failed = None
-        for path, mtime_ns in retry:
-            self._dispose(path, mtime_ns)
+        for path, stamp, digest in retry:
+            self._dispose(path, stamp, digest)
         with self._disposal_lock:
             if self._disposal_failed is None and not self._undisposed:
                 self._disposal_logged = False  # the outage is over: the next one is said again
@@ -341,7 +366,7 @@ class FolderWatcher(Source):
     def _scan(self) -> None:
         self._drop_probes()
         start = time.monotonic()
-        listed: dict[str, tuple[int, int, int]] = {}
+        listed: dict[str, Stamp] = {}
         unstattable: dict[str, str] = {}
         with os.scandir(self.spec.path) as entries:
             for entry in entries:
@@ -365,30 +390,35 @@ class FolderWatcher(Source):
                     # at every scan, no file inspected. It is listed under a stamp of its own (size -1) with
                     # its link's mtime where there is one: one error result (read), then done until it changes.
                     unstattable[name] = exc.strerror or one_line(exc)
-                    listed[name] = (-1, _link_mtime_ns(entry), 0)
+                    listed[name] = (-1, _link_mtime_ns(entry), 0, 0, 0)
                     continue
-                listed[name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+                listed[name] = _stamp(st)
         self._unstattable = unstattable
         # `since` is taken after every stat of this scan and compared with the start of a later one, so a file is
         # ready only when two stats at least a poll apart saw it the same: the writer is done with it.
         self._scanned = time.monotonic()
-        seen: dict[str, tuple[int, int, float, int]] = {}
-        for name, (size, mtime, inode) in listed.items():
+        seen: dict[str, tuple[Stamp, float]] = {}
+        for name, stamp in listed.items():
             before = self.seen.get(name)
-            if before is not None and before[:2] == (size, mtime):
+            if before is not None and before[0] == stamp:
                 seen[name] = before
                 continue
             if before is not None:
-                self._replaced(name, before, (size, mtime), inode)
-            seen[name] = (size, mtime, self._scanned, inode)
+                self._replaced(name, before[0], stamp)
+            seen[name] = (stamp, self._scanned)
         self.seen = seen
-        self._count_replaced({inode for _, _, inode in listed.values()})
+        self._count_replaced({stamp[3] for stamp in listed.values()})
+        with self._disposal_lock:
+            disposed, self._disposed = self._disposed, []
+        for name, stamp in disposed:
+            if name in self.done and self.done[name][0] == stamp:
+                del self.done[name]
         # Forget files that left the folder, so memory follows the folder's content.
-        self.done = {name: stamp for name, stamp in self.done.items() if name in seen}
+        self.done = {name: read for name, read in self.done.items() if name in seen}
         ready = [
-            (mtime, name)
-            for name, (size, mtime, since, _) in seen.items()
-            if since + self.poll_s <= start and self.done.get(name) != (size, mtime)
+            (stamp[1], name)
+            for name, (stamp, since) in seen.items()
+            if since + self.poll_s <= start and (name not in self.done or self.done[name][0] != stamp)
         ]
         ready.sort(reverse=True)
         self.pending = ready
@@ -411,18 +441,19 @@ class FolderWatcher(Source):
         mtime_ns, name = self.pending.pop()
         path = self.spec.path / name
         shown = printable(frame_id_of(name))
-        size, _, since, _ = self.seen[name]
+        stamp, since = self.seen[name]
+        size = stamp[0]
         cannot_stat = self._unstattable.get(name)
         if cannot_stat is not None:  # never inspected: kept, as an unreadable file is
-            return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({cannot_stat})", dispose=False)
+            return self._taken(path, stamp, None, f"{shown}: cannot read ({cannot_stat})", dispose=False)
         if size > self.max_bytes:  # not read at all: a stray video or archive in the inbox would fill the memory
             expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
-            return self._taken(path, mtime_ns, None, f"{shown}: {size} bytes, {expected}")
+            return self._taken(path, stamp, None, f"{shown}: {size} bytes, {expected}")
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 data, holed = None, False
-                if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                if _stamp(st) == stamp:
                     holed = _has_hole(f.fileno(), size)
                     if holed and time.monotonic() - since < WRITE_GRACE_S:
                         # A writer that set the file's final size first (an SMB copy, fallocate) and has not filled
@@ -435,17 +466,23 @@ class FolderWatcher(Source):
         except OSError as exc:
             # Unreadable (permissions, an I/O error): its result says so, once. Raising would reopen the folder and
             # meet the same file at every scan. Never inspected, it is kept (see _taken).
-            return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({exc.strerror or exc})", dispose=False)
+            return self._taken(path, stamp, None, f"{shown}: cannot read ({exc.strerror or exc})", dispose=False)
         except MemoryError:
             short = f"{shown}: cannot read its {size} bytes (out of memory)"
-            return self._taken(path, mtime_ns, None, short, dispose=False)
+            return self._taken(path, stamp, None, short, dispose=False)
         except Exception as exc:  # noqa: BLE001 - a reopen would meet the same file at every scan, forever
-            return self._taken(path, mtime_ns, None, f"{shown}: cannot read ({one_line(exc)})", dispose=False)
+            return self._taken(path, stamp, None, f"{shown}: cannot read ({one_line(exc)})", dispose=False)
         if data is None or len(data) != size:
             # Written to since the scan found it still (a backlog can take a while to drain): it must hold still
             # over a poll again before it is read. Replaced by another file since, it is lost.
-            self._replaced(name, self.seen[name], (st.st_size, st.st_mtime_ns), st.st_ino)
+            self._replaced(name, stamp, _stamp(st))
             self.seen.pop(name, None)
+            return None
+        digest = zlib.crc32(data)
+        before = self.done.get(name)
+        if before is not None and before[0][:2] == stamp[:2] and before[1] == digest:
+            # The file read before under a new number (a share that numbers files itself): not a new part.
+            self.done[name] = (stamp, digest)
             return None
         try:
             image, error = check_and_decode(data, shown, self.camera.max_pixels, bit_depth=self.bit_depth), None
@@ -454,7 +491,7 @@ class FolderWatcher(Source):
                 return None  # tried again at the next scans while it holds still, until the grace is over
             if holed or not isinstance(exc, HeaderUnwritten):
                 # Its writer may only have paused (a share's hiccup): kept, it is read again once finished.
-                return self._taken(path, mtime_ns, None, str(exc), dispose=False)
+                return self._taken(path, stamp, None, str(exc), digest, dispose=False)
             # Zeros where a header would be in a file with no hole left, unchanged over the grace: a finished file
             # that is no image (a raw dump, a vendor's sidecar), judged and disposed of as any broken file is.
             image, error = None, str(exc)
@@ -462,17 +499,18 @@ class FolderWatcher(Source):
             image, error = None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a reopen would meet the same file at every scan, forever
             image, error = None, f"{shown}: cannot decode ({one_line(exc)})"
-        return self._taken(path, mtime_ns, image, error)
+        return self._taken(path, stamp, image, error, digest)
 
-    def _replaced(self, name: str, before: tuple[int, int, float, int], stamp: tuple[int, int], inode: int) -> None:
-        """Count the part seen as `before` as lost when another file now holds its name (`stamp`, `inode`) and it
-        was never read: a writer that renames each part into place under one name faster than it can hold still over
-        a poll. Only a new inode is sure: a file rewritten in place cannot be told from one still being written, so
-        such a writer's losses, and a second replacement between two listings, are not counted."""
-        if not (inode and before[3]) or inode == before[3]:
+    def _replaced(self, name: str, before: Stamp, stamp: Stamp) -> None:
+        """Count the part seen as `before` as lost when another file now holds its name (`stamp`) and it was never
+        read: a writer that renames each part into place under one name faster than it can hold still over a poll.
+        Only a new inode is sure: a file rewritten in place cannot be told from one still being written, so such a
+        writer's losses, and a second replacement between two listings, are not counted."""
+        if not (stamp[3] and before[3]) or stamp[2:4] == before[2:4]:
             return  # a filesystem with no inode numbers (0), or the same file written to
-        if stamp == before[:2] or self.done.get(name) == before[:2]:
-            # Unchanged content under a new number (a share that numbers files itself, anew after a while), or read.
+        if stamp[:2] == before[:2] or (name in self.done and self.done[name][0] == before):
+            # Read; or of the same size and mtime, which a share that numbers files itself anew after a while gives
+            # the same file under a new number: never counted on a guess (the new file is read all the same).
             return
         self._replaced_pending[before[3]] = name
 
@@ -502,18 +540,20 @@ class FolderWatcher(Source):
         # The backlog's length is read without its lock: a count for the status, as good a moment later.
         return {"replaced_unread": self.replaced_unread, "disposal_backlog": len(self._to_dispose)}
 
-    def _taken(self, path: Path, mtime_ns: int, image, error: str | None, dispose: bool = True) -> Frame:
+    def _taken(
+        self, path: Path, stamp: Stamp, image, error: str | None, digest: int | None = None, dispose: bool = True
+    ) -> Frame:
         """The file's frame, the file marked done (and disposed of once its result is out, if so configured).
-        `dispose` False: its content was never inspected (unreadable, or cut short by a writer that may only have
-        paused), so it stays: a writer that finishes it changes its mtime and it is read again, else the next start
-        tries it again."""
+        `digest`: the CRC-32 of the content judged, None where none was read. `dispose` False: its content was never
+        inspected (unreadable, or cut short by a writer that may only have paused), so it stays: a writer that
+        finishes it changes its mtime and it is read again, else the next start tries it again."""
         name = path.name
-        self.done[name] = (self.seen[name][0], mtime_ns)
-        frame = self.frame(frame_id_of(name), mtime_ns / 1e9, image, error)
+        self.done[name] = (stamp, digest)
+        frame = self.frame(frame_id_of(name), stamp[1] / 1e9, image, error)
         if dispose and (self.spec.delete_after or self.spec.done_dir is not None):
             # Only once the result is journalled and published: a crash before that leaves the file in the folder,
             # to be inspected again at the next start, instead of gone without a result.
-            frame.on_published = functools.partial(self._queue_disposal, path, mtime_ns)
+            frame.on_published = functools.partial(self._queue_disposal, path, stamp, digest)
         return frame
 
     def _disposal_backlog(self, stop: threading.Event) -> bool:
@@ -535,10 +575,10 @@ class FolderWatcher(Source):
             self._disposals.wait_for(lambda: len(self._to_dispose) < limit or stop.is_set(), self.poll_s)
             return len(self._to_dispose) >= limit
 
-    def _queue_disposal(self, path: Path, mtime_ns: int) -> None:
+    def _queue_disposal(self, path: Path, stamp: Stamp, digest: int | None) -> None:
         """On the publisher thread: hand the file to this camera's disposer, with no filesystem call here."""
         with self._disposals:
-            self._to_dispose.append((path, mtime_ns))
+            self._to_dispose.append((path, stamp, digest))
             if self._disposer is None:
                 # Started once and kept for the daemon's life: results still go out after the camera's close at a
                 # stop, and their files are still disposed of.
@@ -552,9 +592,9 @@ class FolderWatcher(Source):
         while True:
             with self._disposals:
                 self._disposals.wait_for(lambda: bool(self._to_dispose))
-                path, mtime_ns = self._to_dispose[0]
+                path, stamp, digest = self._to_dispose[0]
             try:
-                self._dispose(path, mtime_ns)
+                self._dispose(path, stamp, digest)
             except Exception as exc:  # noqa: BLE001 - one file's failure must not leave every later file in place
                 kind = type(exc).__name__
                 if kind not in self._dispose_errors:
@@ -597,26 +637,31 @@ class FolderWatcher(Source):
         )
         return False
 
-    def _dispose(self, path: Path, mtime_ns: int) -> None:
-        """Delete or move the file (the disposer thread, once its result is out). A failure is kept for the ingest
-        thread, whose next read raises it: the camera's state and last_error say so, once, where a log line per
-        file would say it at every part and no status would."""
+    def _dispose(self, path: Path, stamp: Stamp, digest: int | None) -> None:
+        """Delete or move the file (the disposer thread, once its result is out), if it is still the file read. A
+        failure is kept for the ingest thread, whose next read raises it: the camera's state and last_error say so,
+        once, where a log line per file would say it at every part and no status would."""
         try:
-            if os.stat(path).st_mtime_ns != mtime_ns:
-                # Rewritten under the same name since it was read: the new content was not inspected. It stays,
-                # and the next scan sees it as a new file.
+            now = _stamp(os.stat(path))
+            if now != stamp and not (now[:2] == stamp[:2] and digest is not None and _digest_of(path) == digest):
+                # Rewritten under the same name since it was read, or another file renamed into place (with
+                # whole-second times, of the same size and mtime): the new content was not inspected. It stays, and
+                # the next scan sees it as a new file. Only the same size, mtime and content is the file read under
+                # a new number (a share that numbers files itself).
                 log.warning("folder_file_rewritten", camera=self.camera.id, file=printable(frame_id_of(path.name)))
                 return
             if self.spec.delete_after:
                 path.unlink()
             elif self.spec.done_dir is not None:
                 self.spec.done_dir.mkdir(parents=True, exist_ok=True)
-                move_keeping(path, self.spec.done_dir / path.name, mtime_ns)
+                move_keeping(path, self.spec.done_dir / path.name, stamp[1])
+            with self._disposal_lock:
+                self._disposed.append((path.name, stamp))
         except FileNotFoundError:
             return  # taken away by someone else
         except OSError as exc:
             with self._disposal_lock:
-                self._undisposed.append((path, mtime_ns))
+                self._undisposed.append((path, stamp, digest))
                 if self._disposal_failed is None:
                     self._disposal_failed = self._cannot_dispose(printable(frame_id_of(path.name)), exc)
                 first, self._disposal_logged = not self._disposal_logged, True

@@ -1,10 +1,12 @@
-"""Refusing bad encoded frames before decoding: image dimensions read from the PNG IHDR, JPEG SOF, BMP or TIFF header,
-checked against max_pixels, and truncated files recognised by their missing trailer."""
+"""Refusing bad encoded frames before decoding: image dimensions read from the PNG IHDR, JPEG SOF, BMP, TIFF, PNM
+(PGM/PPM/PBM) or WebP header, checked against max_pixels, and truncated files recognised by their missing trailer or
+the length their header gives."""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import cast
 
 import numpy as np
 
@@ -21,6 +23,23 @@ JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0x
 JPEG_STANDALONE = {0x01, *range(0xD0, 0xDA)}
 # Bytes of entropy-coded JPEG data searched for a marker at a time.
 MARKER_WINDOW = 1 << 18
+# What this module reads, as its messages name it.
+FORMATS = "JPEG/PNG/BMP/TIFF/PNM/WebP"
+# PNM (netpbm) headers: P1-P6, then width, height and (but for bitmaps) maxval as decimal text, each after whitespace
+# or comments. A header longer than this is no camera's.
+PNM_HEADER_MAX = 4096
+PNM_SPACE = b" \t\n\r\v\f"
+# Per PNM kind: values per pixel, and whether the raster is text (P1-P3) or binary (P4-P6).
+PNM_KINDS = {
+    ord("1"): (1, True),
+    ord("2"): (1, True),
+    ord("3"): (3, True),
+    ord("4"): (1, False),
+    ord("5"): (1, False),
+    ord("6"): (3, False),
+}
+_PNM_IS_SPACE = np.zeros(256, dtype=bool)
+_PNM_IS_SPACE[list(PNM_SPACE)] = True
 
 
 class _CutShort(Exception):
@@ -29,8 +48,8 @@ class _CutShort(Exception):
 
 
 def encoded_dims(data: bytes | memoryview) -> tuple[str, int, int] | None:
-    """(format, height, width) read from a PNG, JPEG, BMP or TIFF header without decoding anything; None if none
-    (also when the data ends before the header)."""
+    """(format, height, width) read from a PNG, JPEG, BMP, TIFF, PNM or WebP header without decoding anything; None if
+    none (also when the data ends before the header)."""
     try:
         return _dims(memoryview(data))
     except _CutShort:
@@ -46,6 +65,10 @@ def _dims(view: memoryview) -> tuple[str, int, int] | None:
         return _bmp_dims(view)
     if view[:4] in TIFF_MAGIC:
         return _tiff_dims(view)
+    if len(view) >= 2 and view[0] == ord("P") and view[1] in PNM_KINDS:
+        return _pnm_dims(view)
+    if view[:4] == b"RIFF" and (len(view) < 12 or view[8:12] == b"WEBP"):
+        return _webp_dims(view)
     return None
 
 
@@ -174,6 +197,104 @@ def _tiff_dims(view: memoryview) -> tuple[str, int, int] | None:
     return "tiff", dims[257], dims[256]
 
 
+def _pnm_header(view: memoryview) -> tuple[int, int, int, int] | None:
+    """(width, height, maxval, offset of the raster) of a PNM header (maxval 1 for a bitmap); None where the bytes
+    after the magic are no such header."""
+    n = min(len(view), PNM_HEADER_MAX)
+    values: list[int] = []
+    pos = 2
+    for _ in range(2 if view[1] in (ord("1"), ord("4")) else 3):
+        while True:  # whitespace and comments (# to the end of the line) before each value
+            if pos >= n:
+                raise _CutShort if n < PNM_HEADER_MAX else _NotPnm
+            if view[pos] in PNM_SPACE:
+                pos += 1
+            elif view[pos] == ord("#"):
+                while pos < n and view[pos] not in b"\r\n":
+                    pos += 1
+            else:
+                break
+        start = pos
+        while pos < n and 0x30 <= view[pos] <= 0x39:
+            pos += 1
+        if pos == start or pos - start > 9:
+            return None
+        values.append(int(bytes(view[start:pos])))
+    # One whitespace byte ends the header; at the end of the data, the last value may still go on.
+    if pos >= len(view):
+        raise _CutShort
+    if view[pos] not in PNM_SPACE:
+        return None
+    width, height = values[0], values[1]
+    maxval = values[2] if len(values) == 3 else 1
+    if not 1 <= maxval <= 0xFFFF:
+        return None
+    return width, height, maxval, pos + 1
+
+
+class _NotPnm(Exception):
+    """More header than any PNM writer makes: not one."""
+
+
+def _pnm_dims(view: memoryview) -> tuple[str, int, int] | None:
+    try:
+        header = _pnm_header(view)
+    except _NotPnm:
+        return None
+    if header is None:
+        return None
+    return "pnm", header[1], header[0]
+
+
+def _pnm_complete(view: memoryview) -> bool:
+    """Whether the raster holds every value its header declares: a binary one's length is known (2 bytes a value
+    where maxval is over 255); a text one is counted in values (P2/P3) or 0/1 digits (P1). Bytes after the raster do
+    not matter. A text raster cut inside its last value is not told apart."""
+    width, height, maxval, offset = cast(tuple[int, int, int, int], _pnm_header(view))
+    channels, text = PNM_KINDS[view[1]]
+    if not text:
+        if view[1] == ord("4"):
+            need = (width + 7) // 8 * height
+        else:
+            need = width * height * channels * (2 if maxval > 255 else 1)
+        return len(view) - offset >= need
+    raster = np.frombuffer(view, dtype=np.uint8)[offset:]
+    if view[1] == ord("1"):
+        found = int(np.count_nonzero((raster == 0x30) | (raster == 0x31)))
+    else:
+        spaces = _PNM_IS_SPACE[raster]
+        found = int(np.count_nonzero(~spaces[1:] & spaces[:-1])) + int(len(raster) > 0 and not spaces[0])
+    return found >= width * height * channels
+
+
+def _webp_dims(view: memoryview) -> tuple[str, int, int] | None:
+    """The canvas of a WebP: its first chunk, VP8 (lossy), VP8L (lossless) or VP8X (extended)."""
+    if len(view) < 30:
+        raise _CutShort
+    chunk = bytes(view[12:16])
+    if chunk == b"VP8 ":
+        if view[23:26] != b"\x9d\x01\x2a":  # a key frame's start code
+            return None
+        width, height = struct.unpack("<HH", view[26:30])
+        return "webp", height & 0x3FFF, width & 0x3FFF
+    if chunk == b"VP8L":
+        if view[20] != 0x2F:
+            return None
+        (bits,) = struct.unpack("<I", view[21:25])
+        return "webp", ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        width = int.from_bytes(view[24:27], "little") + 1
+        height = int.from_bytes(view[27:30], "little") + 1
+        return "webp", height, width
+    return None
+
+
+def _webp_complete(view: memoryview) -> bool:
+    """Whether the data holds the whole RIFF container its header gives the length of: bytes after it do not matter."""
+    (size,) = struct.unpack("<I", view[4:8])
+    return len(view) >= 8 + size + (size & 1)
+
+
 def _bmp_size(view: memoryview) -> int:
     """The bytes a BMP needs: its header's file size, or, where a writer left that 0, the end of its pixel rows
     (uncompressed ones: a compressed BMP's size is not known before it is decoded), at least its headers'. A size
@@ -218,24 +339,23 @@ def check_and_decode(
     `expected` ("jpeg", "png"): the format the sender declared; anything else is refused. `bit_depth`: the
     significant bits of 16-bit pixels (engines.data.images.narrow_to_uint8)."""
     if len(data) == 0:
-        raise IncompleteImage(f"{what}: empty (0 bytes), expected an encoded {expected or 'JPEG/PNG/BMP/TIFF'} image")
+        raise IncompleteImage(f"{what}: empty (0 bytes), expected an encoded {expected or FORMATS} image")
     try:
         dims = _dims(memoryview(data))
     except _CutShort as exc:
         raise IncompleteImage(
-            f"{what}: {str(exc) or 'ends before its image header'}, expected a complete "
-            f"{expected or 'JPEG/PNG/BMP/TIFF'} image"
+            f"{what}: {str(exc) or 'ends before its image header'}, expected a complete {expected or FORMATS} image"
         ) from None
     if dims is None:
         if not any(memoryview(data)[:8]):
             # No format starts so: a file whose writer set its final size first and has written nothing yet.
             raise HeaderUnwritten(
                 f"{what}: zero bytes where its image header should be (not written yet?), expected a complete "
-                f"{expected or 'JPEG/PNG/BMP/TIFF'} image"
+                f"{expected or FORMATS} image"
             )
         raise DataError(
-            f"{what}: no image header found (JPEG SOF, PNG IHDR, BMP or TIFF), expected a complete "
-            f"{expected or 'JPEG/PNG/BMP/TIFF'} image"
+            f"{what}: no image header found (JPEG SOF, PNG IHDR, BMP, TIFF, PNM or WebP), expected a complete "
+            f"{expected or FORMATS} image"
         )
     fmt, height, width = dims
     if expected is not None and fmt != expected:
@@ -259,6 +379,12 @@ def check_and_decode(
         raise IncompleteImage(
             f"{what}: truncated BMP (shorter than its header's file size, or its pixel rows), expected a complete file"
         )
+    if fmt == "pnm" and not _pnm_complete(memoryview(data)):
+        raise IncompleteImage(
+            f"{what}: truncated PNM (fewer pixel values than its header declares), expected a complete file"
+        )
+    if fmt == "webp" and not _webp_complete(memoryview(data)):
+        raise IncompleteImage(f"{what}: truncated WebP (shorter than its RIFF size), expected a complete file")
     if fmt == "tiff":
         # No trailer to look for, and the strips can lie anywhere: a TIFF that does not decode may be one still
         # being written (a folder gives it time), else it is broken. A TIFF that decodes to pixels of a kind frames
