@@ -654,3 +654,75 @@ def test_subscribe_camera_keeps_only_that_cameras_results_and_gaps(tmp_path):
     assert producer.proc.returncode == 0, err
     assert [line.split()[:2] for line in out.splitlines()] == [["cam0", "seq=1"], ["cam0", "seq=2"], ["cam0", "seq=3"]]
     assert err == "", err  # cam1 is left out: its hole 3-4 is not reported either
+
+
+def _status() -> dict:
+    return {
+        "t": time.time(),
+        "uptime_s": 1.0,
+        "healthy": True,
+        "model_id": "m-1",
+        "thresholds_version": 1,
+        "throughput_fps": 0.0,
+        "cameras": {},
+    }
+
+
+def test_a_removed_publish_socket_file_is_bound_again_and_connected_subscribers_keep_theirs(tmp_path):
+    """An operator or a tmp cleaner removing the socket file shut out every new subscriber (`subscribe`, the web view,
+    a restarted PLC bridge), while the daemon logged nothing and stayed healthy. The path is bound again at the next
+    status tick, on the same socket: the subscriber connected before keeps receiving, with no gap."""
+    path = tmp_path / "pub.sock"
+    endpoint = f"ipc://{path}"
+    publisher = Publisher(endpoint, "line1", status_interval_s=0.1, status=_status).start()
+    try:
+        with structlog.testing.capture_logs() as logs, Subscriber(endpoint) as old:
+            _wait_connected(old, publisher)
+            for round_ in range(2):  # a second removal is found too
+                path.unlink()
+                _wait(lambda: path.exists(), "the socket file bound again")
+                _wait(lambda n=round_ + 1: len(_events(logs, "socket_file_rebound")) == n, "its log line")
+                assert oct(path.stat().st_mode & 0o777) == "0o660"  # the group's subscribers may connect
+            with Subscriber(endpoint) as new:
+                _wait(lambda: new.recv(0.1) is not None, "a new subscriber's first message")
+                while old.recv(0) is not None:
+                    pass
+                for seq in range(1, 6):
+                    publisher.submit(judged(seq))
+                assert [r.seq for r in new.results(5, timeout_s=10)] == [1, 2, 3, 4, 5]
+                assert [r.seq for r in old.results(5, timeout_s=10)] == [1, 2, 3, 4, 5]
+        event = _events(logs, "socket_file_rebound")[0]
+        assert event["log_level"] == "warning" and event["error"] == (
+            f"{endpoint}: its socket file is gone (No such file or directory), expected it there while bound: new "
+            "subscribers could not connect, bound again"
+        ), event
+        assert publisher.rebinds == 0 and publisher.bound  # no subscriber was disconnected
+    finally:
+        assert publisher.stop(timeout=5)
+
+
+def test_a_publish_socket_file_removed_again_and_again_is_bound_afresh(tmp_path, monkeypatch):
+    """Each bind in place leaves a listener on the removed file: past the limit the endpoint is unbound (closing
+    them all) and bound afresh, the subscribers reconnecting by themselves."""
+    from inspectd.daemon import publish
+
+    monkeypatch.setattr(publish, "MAX_SOCKET_FILE_REBINDS", 1)
+    path = tmp_path / "pub.sock"
+    endpoint = f"ipc://{path}"
+    publisher = Publisher(endpoint, "line1", status_interval_s=0.1, status=_status).start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            path.unlink()
+            _wait(lambda: len(_events(logs, "socket_file_rebound")) == 1, "the bind in place")
+            path.unlink()
+            _wait(lambda: publisher.rebinds == 1, "the endpoint bound afresh")
+            _wait(lambda: path.exists(), "the socket file")
+            path.unlink()  # counted from the fresh bind: bound in place again
+            _wait(lambda: len(_events(logs, "socket_file_rebound")) == 3 and path.exists(), "the bind in place")
+        with Subscriber(endpoint) as sub:
+            _wait_connected(sub, publisher)
+        assert publisher.rebinds == 1 and [e["reason"] for e in _events(logs, "publish_rebound")] == [
+            "its socket file was removed too often"
+        ]
+    finally:
+        assert publisher.stop(timeout=5)

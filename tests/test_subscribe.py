@@ -705,3 +705,102 @@ def test_a_subscriber_started_before_its_daemon_says_so_once_then_that_it_receiv
     assert proc.returncode == 0, err
     assert out.startswith("cam0 seq=0 ok"), out + err
     assert err == f"inspectd subscribe: --endpoint {endpoint}: connected, receiving\n", err
+
+
+def test_a_directory_that_is_not_the_journal_is_refused_in_one_line(tmp_path):
+    """Any readable directory was taken for the journal, its sub-folders for cameras: the state dir above it
+    (`--journal /var/lib/inspectd`, an easy slip) replayed nothing of --since and exited 0, without a word. The
+    journal itself, and an empty one a daemon has just made, are still taken."""
+    state = tmp_path / "state"
+    journal = Journal(state / "journal", max_bytes=1 << 20)
+    journal.append("cam0", 0, result_frames("cam0", 0))
+    journal.close()
+    (state / "archive" / "cam0").mkdir(parents=True)
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    code, out, err = _refused("--endpoint", endpoint, "--since", "-1", "--journal", str(state))
+    assert (code, out) == (2, ""), (code, out, err)
+    assert err == (
+        f"inspectd subscribe: journal {state}: not a journal directory (no boot mark, no camera folder with "
+        "segments), expected the daemon's publish.journal.path (by default <state_dir>/journal)\n"
+    ), err
+    from inspectd.protocol.journal import check_readable
+
+    check_readable(state / "journal")
+    (tmp_path / "empty").mkdir()
+    check_readable(tmp_path / "empty")  # made by a daemon that has not written its boot mark yet
+    # A journal whose only camera folder holds segments (the boot mark lost) is a journal too.
+    (state / "journal" / "boot").unlink()
+    (state / "journal" / "clean").unlink(missing_ok=True)
+    check_readable(state / "journal")
+
+
+def test_a_status_whose_uptime_no_timedelta_holds_is_printed_in_seconds(tmp_path):
+    """A status with uptime_s past 999999999 days (a foreign or broken publisher) ended `subscribe --status` with an
+    OverflowError traceback; the statuses after it were never printed."""
+    sub = Inspectd(tmp_path, "--status")
+    try:
+        for uptime in (5, 1e15, 6):
+            doc = {**STATUS, "t": 1795435881.0, "uptime_s": uptime}
+            sub.pub.send_multipart(encode_status(STATION, doc))
+        printed = [sub.stdout_line() for _ in range(3)]
+        out, err = sub.interrupt()
+    finally:
+        sub.close()
+    assert [line.split(",")[1] for line in printed] == [" up 0:00:05", " up 1e+15 s", " up 0:00:06"], printed + [err]
+    assert "Traceback" not in err, err
+
+
+def test_gap_tracker_restarts_counting_where_the_numbering_went_back():
+    """A daemon restarted without its journal numbers from 0 again: the tracker kept the old maximum and found no
+    hole in the new numbering until it passed that maximum."""
+    gaps = subscribe.GapTracker()
+    assert [gaps.see("cam0", s) for s in (4998, 4999, 5000)] == [None, None, None]
+    assert gaps.see("cam0", 0) is None and gaps.see("cam0", 1) is None
+    assert gaps.see("cam0", 20) == (2, 19)
+    assert gaps.missed == {"cam0": 18} and gaps.backwards == [("cam0", 5000, 0)]
+    assert gaps.see("cam1", 3) is None and gaps.see("cam1", 3) is None  # the same seq again: a new numbering too
+    assert gaps.backwards[-1] == ("cam1", 3, 3)
+
+
+TOPIC_EXPECTED = (
+    "expected a prefix of inspect.<station>.<camera>.result, as inspect.line1. (every topic the daemon publishes "
+    "starts with inspect.)"
+)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--topic", "t1."], f"--topic 't1.': {TOPIC_EXPECTED}"),
+        (["--topic", "t1.cam0"], f"--topic 't1.cam0': {TOPIC_EXPECTED}"),
+        (["--topic", "inspectt1."], f"--topic 'inspectt1.': {TOPIC_EXPECTED}"),
+        (
+            ["--topic", "inspect.t1.cam0.result", "--camera", "cam1"],
+            "--camera cam1: --topic 'inspect.t1.cam0.result' leaves out its results (inspect.<station>.cam1.result), "
+            "expected a topic that takes them",
+        ),
+        (
+            ["--topic", "inspect.t1.ca", "--camera", "cam0", "--camera", "line2"],
+            "--camera line2: --topic 'inspect.t1.ca' leaves out its results (inspect.<station>.line2.result), "
+            "expected a topic that takes them",
+        ),
+    ],
+)
+def test_a_topic_no_result_could_match_is_refused_in_one_line(tmp_path, args, expected):
+    """Subscribed as given, it heard nothing at all: waited on in silence (forever without --timeout)."""
+    code, out, err = _refused("--endpoint", f"ipc://{tmp_path}/pub.sock", *args)
+    assert (code, out, err) == (2, "", f"inspectd subscribe: {expected}\n")
+
+
+@pytest.mark.parametrize(
+    "topic, camera",
+    [("", "cam0"), ("insp", "cam0"), ("inspect.", "cam0"), ("inspect.t1.ca", "cam0"), ("inspect.t1.cam0.", "cam0")],
+)
+def test_a_topic_that_may_match_the_camera_subscribes(tmp_path, topic, camera):
+    sub = Inspectd(tmp_path, "--topic", topic, "--camera", camera, "--count", "1")
+    try:
+        sub.pub.send_multipart(result_frames("cam0", 0))
+        out, err = sub.proc.communicate(timeout=30)
+    finally:
+        sub.close()
+    assert sub.proc.returncode == 0 and out.startswith("cam0 seq=0 ok"), (out, err)

@@ -32,7 +32,7 @@ from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.alarms import status_line
 from inspectd.protocol.control import connect_error
 from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
-from inspectd.protocol.messages import Result, decode, printable, subscriptions
+from inspectd.protocol.messages import TOPIC_ROOT, Result, decode, printable, subscriptions
 
 WAITING_MOST = 10000  # live messages held while a replay is pulled: Subscriber's default RCVHWM
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
@@ -49,16 +49,25 @@ MALFORMED_EVERY_S = 10.0
 
 
 class GapTracker:
-    """Per-camera sequence tracking: seq increases by one per frame, so a jump is a loss (slow subscriber, HWM)."""
+    """Per-camera sequence tracking: seq increases by one per frame, so a jump is a loss (slow subscriber, HWM).
+
+    A seq at or below the last one seen means the daemon's numbering went back (restarted without its journal, or
+    with it wiped): counting restarts at it, so holes in the new numbering are found at once, and the step is listed
+    in `backwards` as (camera, previous seq, the lower seq) for the caller to report."""
 
     def __init__(self) -> None:
         self.last: dict[str, int] = {}
         self.missed: dict[str, int] = {}
+        self.backwards: list[tuple[str, int, int]] = []
 
     def see(self, camera: str, seq: int) -> tuple[int, int] | None:
-        """Record `seq`; returns the missing range (first, last) when frames were skipped, else None."""
+        """Record `seq`; returns the missing range (first, last) when frames were skipped, else None (also where
+        the numbering went back: listed in `backwards`)."""
         last = self.last.get(camera)
-        self.last[camera] = seq if last is None else max(last, seq)
+        self.last[camera] = seq
+        if last is not None and seq <= last:
+            self.backwards.append((camera, last, seq))
+            return None
         if last is not None and seq > last + 1:
             self.missed[camera] = self.missed.get(camera, 0) + seq - last - 1
             return last + 1, seq - 1
@@ -306,14 +315,18 @@ class JournalCatchUp:
         self._window: dict[str, _Window] = {}  # camera -> what came since its station's last status
         self._counted: dict[str, int] = {}  # camera -> results reported by count only, inside the next hole found
         self._station: dict[str, str] = {}  # camera -> the station of its last live result
+        # The seq `resume` was given for every camera: one the journal's listing lacked (no folder yet, or it was
+        # removed) counts as delivered up to it too, once first heard live, so its hole is a gap, not the stream's
+        # start.
+        self._since_all: int | None = None
 
     def resume(self, since: int | dict[str, int], before: dict[str, int] | None = None) -> Iterator[Result]:
         """Everything journalled after `since` (one seq for every camera, or a seq per camera), camera by camera, read
         as it is pulled, up to the seq in `before` of the cameras it names (a result already heard live, taken after
         the replay: a hole before it is filled then, and one it is the only copy of is not passed over; the caller
         may add to `before` while it pulls); every
-        camera counts as delivered up to `since` at once. InspectdError when there is no journal or its directory
-        cannot be listed."""
+        camera counts as delivered up to `since` at once, and with one seq for all so does a camera the listing
+        lacks, once it is heard live. InspectdError when there is no journal or its directory cannot be listed."""
         from inspectd.protocol import journal
 
         if self.directory is None:
@@ -321,6 +334,8 @@ class JournalCatchUp:
         wanted = self.cameras if self.cameras is not None else set(journal.cameras(self.directory))
         if isinstance(since, dict):
             wanted = {camera for camera in since if self.cameras is None or camera in self.cameras}
+        else:
+            self._since_all = since
         for camera in wanted:
             last = since[camera] if isinstance(since, dict) else since
             self.delivered[camera] = max(self.delivered.get(camera, last), last)
@@ -341,6 +356,10 @@ class JournalCatchUp:
             yield message
             return
         camera = message.camera
+        if self._since_all is not None and camera not in self.delivered:
+            if self.cameras is None or camera in self.cameras:
+                self.delivered[camera] = self._since_all
+                self.gaps.last.setdefault(camera, self._since_all)
         previous = self.live.get(camera)
         self.live[camera] = message.seq
         went_back = False
@@ -1171,6 +1190,10 @@ def run(args: argparse.Namespace) -> int:
         if problem is not None:
             print(f"inspectd subscribe: --camera: {problem}", file=sys.stderr)
             return 2
+    problem = topic_problem(args.topic, args.camera or ())
+    if problem is not None:
+        print(f"inspectd subscribe: {problem}", file=sys.stderr)
+        return 2
     if args.since is not None and args.since < -1:
         print("inspectd subscribe: --since: expected a seq >= -1 (-1: everything the journal holds)", file=sys.stderr)
         return 2
@@ -1290,6 +1313,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd subscribe: {received} of {args.count} results before the timeout", file=sys.stderr)
         return 1
     return 0
+
+
+def topic_problem(topic: str, cameras: Iterable[str]) -> str | None:
+    """Why a subscriber to `topic` would never hear a result (of `cameras`, where given), None where it may: every
+    topic a daemon publishes under starts with inspect., so any other prefix (the station's name alone, a slip for
+    inspect.<station>.) only waits in silence, as does a camera the topic's camera part leaves out."""
+    root = TOPIC_ROOT + "."
+    if not (topic.startswith(root) or root.startswith(topic)):
+        return (
+            f"--topic {topic!r}: expected a prefix of {root}<station>.<camera>.result, as {root}line1. "
+            f"(every topic the daemon publishes starts with {root})"
+        )
+    parts = topic.split(".")
+    for camera in cameras:
+        # inspect.<station>.<part: a camera id's start> or inspect.<station>.<camera>.<...>: the camera named so far.
+        if (len(parts) >= 4 and camera != parts[2]) or (len(parts) == 3 and not camera.startswith(parts[2])):
+            return (
+                f"--camera {camera}: --topic {topic!r} leaves out its results "
+                f"({root}<station>.{camera}.result), expected a topic that takes them"
+            )
+    return None
 
 
 def _say(line: str | None) -> None:

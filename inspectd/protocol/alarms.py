@@ -6,6 +6,7 @@ taken as nothing to report."""
 from __future__ import annotations
 
 import datetime
+import math
 from typing import Any
 
 
@@ -51,7 +52,7 @@ def status_alarms(status: dict[str, Any]) -> list[str]:
 def status_line(status: dict[str, Any]) -> str:
     """A status message in one line, for a terminal beside the result lines: health, uptime, throughput, model and
     thresholds version, each camera's state and counters, then the alarms (status_alarms')."""
-    up = datetime.timedelta(seconds=int(_number(status.get("uptime_s")) or 0))
+    up = _uptime(_number(status.get("uptime_s")) or 0)
     fps = _number(status.get("throughput_fps"))
     parts = [
         f"status {status.get('station')}: {'healthy' if status.get('healthy') else 'UNHEALTHY'}, up {up}, "
@@ -66,6 +67,18 @@ def status_line(status: dict[str, Any]) -> str:
             )
     parts += [f"ALARM {alarm}" for alarm in status_alarms(status)]
     return "; ".join(parts)
+
+
+# What timedelta takes, in whole seconds: a status from a foreign or broken publisher may claim far more.
+_MOST_UPTIME_S = datetime.timedelta.max.days * 86400
+
+
+def _uptime(seconds: float) -> str:
+    """`seconds` as days and h:mm:ss, or as plain seconds where it is not a count timedelta takes (negative, past
+    its 999999999 days, not finite), so one malformed status is still printed, not the end of the subscriber."""
+    if math.isfinite(seconds) and 0 <= seconds < _MOST_UPTIME_S:
+        return str(datetime.timedelta(seconds=int(seconds)))
+    return f"{seconds:g} s"
 
 
 def _figures(drift: dict[str, Any], prefix: str) -> str:

@@ -228,8 +228,9 @@ def cameras(directory: str | Path) -> list[str]:
 def check_readable(directory: str | Path, only: list[str] | None = None) -> None:
     """JournalError, naming what and why, where `directory` is not a journal directory this user can read: the
     directory (or a folder above it), a camera's folder or a segment in it, of the cameras `only` (default every
-    camera). What a reader checks before it relies on the journal: the writer makes it group-readable, so the usual
-    cause is a user outside the service user's group."""
+    camera), or a directory not laid out as a journal (the state dir above it). What a reader checks before it relies
+    on the journal: the writer makes it group-readable, so the usual cause is a user outside the service user's
+    group."""
     directory = Path(directory)
     try:
         is_dir = stat.S_ISDIR(os.stat(directory).st_mode)
@@ -239,7 +240,15 @@ def check_readable(directory: str | Path, only: list[str] | None = None) -> None
         raise _unreadable(directory, directory, exc) from None
     if not is_dir:
         raise JournalError(f"journal {directory}: not a directory, expected the daemon's journal directory")
-    for camera in cameras(directory):
+    found = cameras(directory)
+    if not _looks_like_journal(directory, found):
+        # Any directory would otherwise do, its sub-folders taken for cameras: the state dir above the journal (an
+        # easy slip) replays nothing, and the results it was meant to fill in look like the start of the stream.
+        raise JournalError(
+            f"journal {directory}: not a journal directory (no {BOOT_MARK} mark, no camera folder with segments), "
+            f"expected the daemon's publish.journal.path (by default <state_dir>/journal)"
+        )
+    for camera in found:
         if only is not None and camera not in only:
             continue
         try:
@@ -253,6 +262,29 @@ def check_readable(directory: str | Path, only: list[str] | None = None) -> None
                 pass  # rotated away meanwhile
             except OSError as exc:
                 raise _unreadable(directory, path, exc) from None
+
+
+def _looks_like_journal(directory: Path, found: list[str]) -> bool:
+    """Whether `directory` is laid out as the writer lays out a journal: empty (just made, before the disk took
+    its boot mark, or on a machine without a boot id), or holding the boot or clean mark, or a camera folder with a
+    segment or a mark in it."""
+    try:
+        with os.scandir(directory) as entries:
+            names = {e.name for e in entries}
+    except OSError as exc:
+        raise _unreadable(directory, directory, exc) from None
+    if not names or BOOT_MARK in names or CLEAN_MARK in names:
+        return True
+    for camera in found:
+        try:
+            with os.scandir(directory / camera) as entries:
+                if any(e.name in (ACCEPTED_MARK, RESERVED_MARK) or SEGMENT_RE.fullmatch(e.name) for e in entries):
+                    return True
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True  # a camera folder this user may not list: check_readable names it where it matters
+    return False
 
 
 def _unreadable(directory: Path, path: Path, exc: OSError) -> JournalError:
