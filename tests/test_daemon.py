@@ -267,6 +267,27 @@ def test_the_daemon_judges_frames_and_stops_cleanly_under_the_units_seccomp_rest
     assert [e for e in s.events() if e.get("event") == "stopped"][0]["clean"], s.log_tail()
 
 
+def test_the_torch_backend_judges_frames_under_the_units_write_execute_rule(station):
+    """oneDNN builds its CPU kernels in writable and executable memory, which the unit's MemoryDenyWriteExecute=yes
+    refuses: the torch backend finds that out when it opens, runs torch's own kernels instead and says why."""
+    pytest.importorskip("torch")
+    sandbox = (sys.executable, "-m", "tests.unit_sandbox", str(REPO / "systemd" / "inspectd.service"))
+    camera = {"kind": "synthetic", "rate_hz": 50, "width": FRAME, "height": FRAME, "defect_rate": 0.3, "seed": 3}
+    s = station(
+        [{"id": "cam0", "source": camera}],
+        exec_under=sandbox,
+        engine={"backend": "torch", "options": {"device": "cpu", "threads": 1}},
+    )
+    s.wait_ready()
+    results = s.results(20, timeout=30)
+    assert len(results) == 20 and all(r.error is None for r in results), [r.error for r in results]
+    assert {"ok", "defect"} <= {r.verdict for r in results}, [r.verdict for r in results]
+    [disabled] = s.events("onednn_disabled")
+    assert "PROT_WRITE|PROT_EXEC" in disabled["reason"], disabled
+    assert s.stop() == 0, s.log_tail()
+    assert s.events("stopped")[0]["clean"], s.log_tail()
+
+
 def test_set_thresholds_and_reload_mid_stream_without_gaps(station, bundle, tmp_path):
     from engines.bundle import thresholds as thresholds_doc
     from engines.bundle.store import load_bundle, write_bundle

@@ -403,10 +403,22 @@ def test_config_errors_name_the_key():
         ({"trigger": "hardware"}, "cameras[0].source.trigger: expected one of"),
         ({"exposure_us": 0}, "cameras[0].source.exposure_us: expected more than 0"),
         ({"exposur_us": 10}, "cameras[0].source.exposur_us: unknown key"),
+        # Only free_run sets the camera's frame rate: under a trigger it went unused, and 10 Hz ran in its place.
+        (
+            {"trigger": "software", "frame_rate_hz": 30},
+            "cameras[0].source.frame_rate_hz: applies only with trigger: free_run (trigger is software), expected "
+            "null; for software triggering set software_rate_hz",
+        ),
+        ({"trigger": "line", "frame_rate_hz": 30}, "cameras[0].source.frame_rate_hz: applies only with trigger: "),
     ]:
         with pytest.raises(ConfigError) as err:
             camera_config(**source)
         assert message in str(err.value), str(err.value)
+        assert "\n" not in str(err.value)
+    assert camera_config(trigger="free_run", frame_rate_hz=30).source.frame_rate_hz == 30
+    assert (
+        camera_config(trigger="software", software_rate_hz=30, frame_rate_hz=None).source.stall_after_s == 5.0 + 1 / 30
+    )
 
 
 def _wait(predicate, timeout: float) -> bool:

@@ -401,6 +401,50 @@ def test_check_notes_a_bundle_outside_state_dir_whose_thresholds_the_units_would
     assert inside.returncode == 0 and "is outside state_dir" not in inside.stdout, inside.stdout
 
 
+def test_check_notes_ipc_sockets_the_units_hide_or_make_read_only(tmp_path):
+    """Under the units the daemon has a /tmp of its own (PrivateTmp=yes), no /home (ProtectHome=yes) and a read-only
+    tree outside state_dir and /run/inspectd (ProtectSystem=strict): a socket bound in the private /tmp ran healthy
+    and no subscriber, client or producer outside ever found it; one elsewhere failed every start's bind."""
+    state = tmp_path / "state"
+    write_grey_bundle(state / "bundle")
+    config = {
+        **line_config(tmp_path),
+        "model": {"bundle": str(state / "bundle")},
+        "cameras": [
+            {"id": "cam0", "source": {"kind": "synthetic"}},
+            {"id": "cam1", "source": {"kind": "zmq", "endpoint": "ipc:///home/line/cam1.sock"}},
+            {"id": "cam2", "source": {"kind": "zmq", "endpoint": "ipc://@cam2"}},
+            {"id": "cam3", "source": {"kind": "zmq", "endpoint": "tcp://127.0.0.1:5560"}},
+        ],
+        "publish": {"endpoint": "ipc:///tmp/inspectd/pub.sock"},
+        "control": {"endpoint": "ipc:///etc/inspectd/control.sock"},
+        "state_dir": str(state),
+    }
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checked = inspectd("run", "--check", "--config", str(path))
+    assert checked.returncode == 0, checked.stderr
+    notes = [line for line in checked.stdout.splitlines() if "under the systemd units" in line and "sock" in line]
+    expected = f"; expected a socket under /run/inspectd or state_dir {state}"
+    assert notes == [
+        "  note: publish.endpoint ipc:///tmp/inspectd/pub.sock: under the systemd units PrivateTmp=yes gives the "
+        f"daemon a /tmp of its own, so nothing outside the unit finds the socket{expected}",
+        "  note: control.endpoint ipc:///etc/inspectd/control.sock: under the systemd units ProtectSystem=strict makes "
+        "it read-only to the daemon, which may write only state_dir and /run/inspectd, so its bind fails at every "
+        f"start{expected}",
+        "  note: cameras[1].source.endpoint ipc:///home/line/cam1.sock: under the systemd units ProtectHome=yes makes "
+        f"/home inaccessible to the daemon, so its bind fails at every start{expected}",
+    ], checked.stdout
+
+    # Where the units leave them (the default control socket is in state_dir): nothing to say.
+    config["publish"] = {"endpoint": "ipc:///run/inspectd/pub.sock"}
+    config["control"] = {"endpoint": None}
+    config["cameras"][1]["source"]["endpoint"] = f"ipc://{state}/cam1.sock"
+    path.write_text(yaml.safe_dump(config))
+    placed = inspectd("run", "--check", "--config", str(path))
+    assert placed.returncode == 0 and "under the systemd units" not in placed.stdout, placed.stdout
+
+
 def test_check_says_a_genicam_camera_cannot_open_where_aravis_does_not_import(tmp_path):
     """install.sh leaves Aravis to deploy/aravis.sh: a genicam station installed without it passed `run --check` and
     then ran with that camera failed for good."""

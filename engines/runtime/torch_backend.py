@@ -11,14 +11,30 @@ module at config load to check its `Options`, on a runtime-only station too, whi
 
 from __future__ import annotations
 
+import mmap
 from typing import Annotated
 
 import numpy as np
+import structlog
 from pydantic import Field
 
 from engines.errors import EngineError, one_line
 from engines.runtime.base import MAX_THREADS, Engine, InferenceResult, check_pixels, check_scorer_params
 from engines.schema import Int, declared, matching
+
+log = structlog.get_logger("engines.runtime.torch")
+
+
+def write_execute_refused() -> str | None:
+    """Why this process may not map memory writable and executable (None: it may). systemd's
+    MemoryDenyWriteExecute=yes (every shipped daemon unit), the kernel's PR_SET_MDWE and SELinux's execmem rule refuse
+    such a mapping, and oneDNN builds its CPU kernels in one."""
+    try:
+        probe = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except OSError as exc:
+        return f"mmap(PROT_WRITE|PROT_EXEC) failed: {exc.strerror or exc}"
+    probe.close()
+    return None
 
 
 class TorchEngine(Engine):
@@ -51,6 +67,19 @@ class TorchEngine(Engine):
             raise EngineError(f"engine.options.device: {options.device!r} but torch sees no CUDA device")
         if options.threads:
             torch.set_num_threads(options.threads)
+        # oneDNN JIT-compiles its convolution kernels into writable and executable memory: under a W^X rule the first
+        # convolution fails with "could not create a primitive", which reads as a broken graph. Torch's own kernels
+        # need no such memory. Probed, not assumed, so that a process allowed W+X keeps oneDNN's speed.
+        self.onednn_off = write_execute_refused() if self.device.type == "cpu" else None
+        if self.onednn_off is not None:
+            # Per process, as the TF32 switches below. Typed as the descriptor (ContextProp) that takes the bool.
+            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
+            log.info(
+                "onednn_disabled",
+                backend="torch",
+                reason=self.onednn_off,
+                effect="torch's own CPU kernels, slower; MemoryDenyWriteExecute=no in a drop-in keeps oneDNN",
+            )
         # cuDNN convolutions default to TF32 on Ampere and later, which keeps 10 mantissa bits: the FP32 graph would
         # not compute in FP32, and its scores would drift from the ONNX graph's that the thresholds were set on.
         # The switches are per process; an engine that runs FP32 sets them for every torch user in it.

@@ -683,6 +683,56 @@ def address_text(address: tuple[Any, ...]) -> str:
     return repr(address[0])
 
 
+# Where the daemon units (systemd/inspectd.service, inspectd@.service) leave a socket file the daemon binds where
+# others find it: its state_dir (ReadWritePaths=) and its RuntimeDirectory= under /run/inspectd. The rest of the tree
+# is read-only to it (ProtectSystem=strict), and these folders it sees in a form of its own.
+RUNTIME_DIR = Path("/run/inspectd")
+_PRIVATE_TMP = "PrivateTmp=yes gives the daemon a {} of its own, so nothing outside the unit finds the socket"
+_PROTECT_HOME = "ProtectHome=yes makes {} inaccessible to the daemon, so its bind fails at every start"
+UNIT_HIDDEN_FOLDERS = {
+    Path("/tmp"): _PRIVATE_TMP.format("/tmp"),
+    Path("/var/tmp"): _PRIVATE_TMP.format("/var/tmp"),
+    Path("/home"): _PROTECT_HOME.format("/home"),
+    Path("/root"): _PROTECT_HOME.format("/root"),
+    Path("/run/user"): _PROTECT_HOME.format("/run/user"),
+}
+
+
+def ipc_hidden_by_the_units(config: Config) -> list[str]:
+    """For each ipc socket the daemon binds (publish, control, zmq cameras) where the units' sandbox hides it or makes
+    it read-only, a line saying so: valid as a config, and it runs outside the units, where `run --check` runs."""
+    binds = [("publish.endpoint", config.publish.endpoint)]
+    if config.control.endpoint is not None:
+        binds.append(("control.endpoint", config.control.endpoint))
+    binds += [
+        (f"cameras[{i}].source.endpoint", camera.source.endpoint)
+        for i, camera in enumerate(config.cameras)
+        if camera.source.kind == "zmq" and isinstance(getattr(camera.source, "endpoint", None), str)
+    ]
+    state_dir = Path(os.path.realpath(config.state_dir))
+    lines = []
+    for key, endpoint in binds:
+        scheme, where = _address(endpoint)[:2]
+        if scheme != "ipc" or not isinstance(where, str) or not where.startswith("/"):  # an abstract name: no folder
+            continue
+        path = Path(where)
+        # A socket in state_dir goes where state_dir goes: a state_dir the units do not give the daemon (one under
+        # /tmp, a test's) is the whole config's matter, not each socket's.
+        if path.is_relative_to(state_dir) or path.is_relative_to(RUNTIME_DIR):
+            continue
+        why = next((why for folder, why in UNIT_HIDDEN_FOLDERS.items() if path.is_relative_to(folder)), None)
+        if why is None:
+            why = (
+                "ProtectSystem=strict makes it read-only to the daemon, which may write only state_dir and "
+                f"{RUNTIME_DIR}, so its bind fails at every start"
+            )
+        lines.append(
+            f"{key} {endpoint}: under the systemd units {why}; expected a socket under {RUNTIME_DIR} or "
+            f"state_dir {config.state_dir}"
+        )
+    return lines
+
+
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     return parse_config(read_yaml(path), source=str(path), base_dir=path.resolve().parent)

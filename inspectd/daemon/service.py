@@ -1221,7 +1221,7 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
     from engines.bundle.store import load_bundle
     from engines.errors import EngineError
     from engines.runtime import backend_class
-    from inspectd.daemon.config import load_config
+    from inspectd.daemon.config import ipc_hidden_by_the_units, load_config
     from inspectd.daemon.inference import ModelState
     from inspectd.daemon.security import load_keys
     from inspectd.protocol.keys import duplicate_keys
@@ -1289,6 +1289,8 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
             "units, which let the daemon write only there, ctl set-thresholds and calibrate/teach --apply cannot "
             "write its thresholds (Read-only file system)"
         )
+    for hidden in ipc_hidden_by_the_units(config):
+        print(f"  note: {hidden}")
     for directory in empty:
         print(f"  note: {directory} holds no client key (*.key): every client is refused there")
     if genicam_missing is not None:

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import numpy as np
 import structlog
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engines.data.images import DEFAULT_BIT_DEPTH, narrow_to_uint8
-from engines.schema import Int, Number, Text, declared, one_of
+from engines.schema import Int, Number, Text, declared, one_of, refuse
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal
 
@@ -64,6 +64,19 @@ class GenICamSource:
     # free_run/software: a frame this late (past when the configured rate makes it due) means the camera is gone
     stall_s: Annotated[Number, Field(gt=0)] = 5.0
     kind: Literal["genicam"] = "genicam"
+
+    @model_validator(mode="after")
+    def _frame_rate_for_free_run(self) -> GenICamSource:
+        # Only free_run sets AcquisitionFrameRate: with a trigger the frames come when triggered, and a rate set
+        # here would sit in the config unused while another one ran.
+        if self.frame_rate_hz is not None and self.trigger != "free_run":
+            refuse(
+                "frame_rate_hz",
+                f"applies only with trigger: free_run (trigger is {self.trigger}), expected null; for software "
+                "triggering set software_rate_hz",
+                self.frame_rate_hz,
+            )
+        return self
 
     @property
     def stall_after_s(self) -> float:
