@@ -47,7 +47,7 @@ from engines.bundle.format import inspectd_version, scores_pool_the_map
 from engines.bundle.plans import PRECISIONS
 from engines.bundle.thresholds import clopper_pearson_upper, frames_needed, regionless_warning, supported_rate
 from engines.schema import listed, show
-from inspectd.errors import InspectdError
+from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.archive import camera_id_problem
 from inspectd.protocol.control import ControlClient, ControlTimeout, HandshakeFailed, client_for
 
@@ -847,8 +847,11 @@ def _override_changes(current, new) -> list[str]:
     """What the version `new` does to each camera's override in `current`, a line each: the global values alone said
     nothing of a camera whose override a rollback removes or changes, and that camera judges by other thresholds."""
     lines = []
-    for camera in sorted(set(current.per_camera) | set(new.per_camera)):
-        was, now = current.per_camera.get(camera), new.per_camera.get(camera)
+    for key in sorted(set(current.per_camera) | set(new.per_camera)):
+        was, now = current.per_camera.get(key), new.per_camera.get(key)
+        # A key `ctl set-thresholds --force` stored may be no camera id at all (a lone surrogate from a JSON escape,
+        # which no stdout encodes): shown escaped, as the daemon's refusals show it, not a codec error ending the run.
+        camera = thresholds_doc.shown_name(key)
         if now is None:
             lines.append(
                 f"camera {camera}: override removed (was {_override_values(was)}): it judges by the global "
@@ -937,9 +940,13 @@ def _unchecked_camera_warning(args, bundle, current) -> str:
     if args.camera in named:
         return (
             f"note: --camera {args.camera} was not checked against the station's cameras ({how}); the thresholds of "
-            f"{bundle.path} name camera(s) {', '.join(named)}"
+            f"{bundle.path} name camera(s) {', '.join(map(thresholds_doc.shown_name, named))}"
         )
-    known = f"they name camera(s) {', '.join(named)}" if named else "they name no camera yet"
+    known = (
+        f"they name camera(s) {', '.join(map(thresholds_doc.shown_name, named))}"
+        if named
+        else "they name no camera yet"
+    )
     return (
         f"WARNING: --camera {args.camera} was not checked against the station's cameras, and no thresholds version "
         f"of {bundle.path} names it ({known}): an override for a camera the daemon does not run judges nothing; {how}"
@@ -956,7 +963,7 @@ def _check_daemon(args, client: ControlClient, bundle, current, out) -> bool:
     ended, is refused here."""
     try:
         reply = client.request({"cmd": "status"})
-    except ControlTimeout:
+    except ControlTimeout as exc:
         # A dry run with --apply is how an operator checks the model and camera before a long run: its clean ending
         # must not pass for a check that never happened.
         then = (
@@ -964,9 +971,10 @@ def _check_daemon(args, client: ControlClient, bundle, current, out) -> bool:
             if args.dry_run
             else "the version is still written, and goes into service at the daemon's next reload or start"
         )
+        # The client's own line, as ctl prints it: on an ipc:// path it says whether a socket file is there at
+        # all, so a mistyped --apply is told as one before the scoring, not only at its end.
         print(
-            f"WARNING: the daemon at {args.apply} did not answer within {args.timeout:g} s: the model it runs and "
-            f"the cameras of the overrides were not checked; {then}",
+            f"WARNING: {exc}; the model the daemon runs and the cameras of the overrides were not checked; {then}",
             file=out,
         )
         return False
@@ -1139,8 +1147,9 @@ def _calibrate(bundle, current, args, out):
     options, precision = _engine_options(bundle, current, args)
     overrides = _overrides_to_drop(current, args, precision)
     if overrides:
+        dropping = ", ".join(map(thresholds_doc.shown_name, overrides))
         print(
-            f"WARNING: every camera on {precision} scores: the per-camera overrides of {', '.join(overrides)} "
+            f"WARNING: every camera on {precision} scores: the per-camera overrides of {dropping} "
             f"(thresholds version {current.version}) were set on {_set_on(current)} scores and are dropped, so "
             f"those cameras judge by the new {precision} thresholds: set them again with `inspectd calibrate "
             f"{bundle.path} --camera ID --precision {precision}`",
@@ -1163,6 +1172,13 @@ def _calibrate(bundle, current, args, out):
     if skipped := scored.skipped_good + scored.skipped_defect:
         from engines.training.evaluate import skipped_lines
 
+        refused, skipped = _pixels_refused(skipped, scored.masks_left_out)
+        if refused:
+            shown = "; ".join(_one_line(exc) for exc in refused[:5]) + (" ..." if len(refused) > 5 else "")
+            print(
+                f"WARNING: skipped {len(refused)} image(s) that decode to pixels the model cannot take: {shown}",
+                file=out,
+            )
         for line in skipped_lines(skipped, scored.masks_left_out):
             print(line, file=out)
     for left_out in (scored.twins_good, scored.twins_defect):
@@ -1250,8 +1266,9 @@ def _calibrate(bundle, current, args, out):
     if references := thresholds_doc.carried_camera_references(current, provenance):
         provenance[thresholds_doc.PER_CAMERA_REFERENCE] = references
     elif isinstance(dropped := current.provenance.get(thresholds_doc.PER_CAMERA_REFERENCE), dict) and dropped:
+        shown = ", ".join(map(thresholds_doc.shown_name, sorted(dropped)))
         print(
-            f"note: the drift references of camera(s) {', '.join(sorted(dropped))} were set on other scores "
+            f"note: the drift references of camera(s) {shown} were set on other scores "
             f"({_set_on(current)}, model {current.provenance.get('model_id')}) and are dropped: their drift alarms "
             f"compare with this calibration's references until `inspectd calibrate {bundle.path} --camera ID` "
             "records their own again",
@@ -1294,15 +1311,51 @@ def _bit_depth_warning(bundle, flag: str, paths: list[Path]) -> str | None:
     )
 
 
+# Headers of the formats OpenCV decodes to 8-bit pixels only: PNG (its header gives its depth, which
+# detect_bit_depth reads), JPEG and BMP.
+EIGHT_BIT_ONLY = (b"\x89PNG", b"\xff\xd8", b"BM")
+
+
 def _depth_readable(path: Path) -> bool:
-    from engines.data.images import detect_bit_depth
+    """Whether the image at `path` counts toward its set's bit depth: it decodes, to unsigned 8- or 16-bit pixels.
+    detect_bit_depth counts every image that is not 16-bit as 8-bit, a float32 TIFF too, which then stood as the
+    8-bit half of a set refused as mixed; scoring leaves such an image out and names it with its reason."""
+    from engines.data.images import detect_bit_depth, load_image
     from engines.errors import DataError
 
     try:
-        detect_bit_depth([path])
-    except DataError:
+        if detect_bit_depth([path]) is None:
+            with path.open("rb") as file:
+                head = file.read(4)
+            if not head.startswith(EIGHT_BIT_ONLY):
+                load_image(path)  # refuses pixels of any other type (float, signed, 32-bit), naming it
+    except (DataError, OSError):
         return False
     return True
+
+
+def _pixels_refused(
+    skipped: list[tuple[Path, DataError]], masks: set[Path]
+) -> tuple[list[DataError], list[tuple[Path, DataError]]]:
+    """The reasons of the images scoring left out that decode, to pixels the model cannot take (a float32 TIFF: its
+    DataError names the dtype), and the rest of `skipped` (the image or its mask, why), which skipped_lines says do
+    not decode or cannot be read: "does not decode" of a float TIFF sent the operator to look for a damaged file.
+    Only the images left out are decoded again, each as scoring decoded it once."""
+    from engines.data.images import decode_native, read_error, read_file
+    from engines.errors import DataError
+
+    refused, rest = [], []
+    for path, exc in skipped:
+        if path not in masks and read_error(exc) is None:
+            try:
+                decode_native(read_file(path), str(path))
+            except DataError:
+                pass
+            else:
+                refused.append(exc)
+                continue
+        rest.append((path, exc))
+    return refused, rest
 
 
 def _in_both(good: list[Path], defective: list[tuple[Path, Path | None]]) -> list[str]:
@@ -1561,6 +1614,15 @@ def _apply(endpoint: str, client: ControlClient, new, out) -> str:
     except ControlTimeout as exc:
         print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)
         return TAKEN if exc.sent else UNREACHABLE
+    except MessageError as exc:
+        # It answered, so it took the version and may have applied it (and written it into its bundle): not a
+        # daemon that was never reached, whose version calibrate writes for its next start.
+        print(
+            f"inspectd calibrate: --apply {endpoint}: {exc}: the daemon answered in a reply calibrate cannot read, "
+            f"so version {new.version} may have been applied",
+            file=sys.stderr,
+        )
+        return TAKEN
     except InspectdError as exc:
         print(f"inspectd calibrate: --apply {endpoint}: {exc}", file=sys.stderr)
         return UNREACHABLE

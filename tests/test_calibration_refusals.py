@@ -419,7 +419,10 @@ def taught_document(bundle: Path) -> T.Thresholds:
     [
         ("-1", "thresholds: version -1: expected a version number >= 1"),
         ("0", "thresholds: version 0: expected a version number >= 1"),
-        ("3", "thresholds: no version 3 in history (known: 2, 1)"),
+        (
+            "3",
+            "thresholds: version 3 is the one in use, nothing to roll back: expected an earlier version (known: 2, 1)",
+        ),
         ("9", "thresholds: no version 9 in history (known: 2, 1)"),
         ("1", "thresholds: version 1 was set on the scores of the scorer `inspectd teach` replaced at version 2"),
     ],
@@ -581,11 +584,16 @@ def test_apply_of_a_threshold_that_rejects_most_good_frames_neither_writes_nor_a
     assert written.version == 2 and "rejects 30 of 30 good frames" in written.provenance["observed"]["warning"]
 
 
-@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "apply"])
-def test_calibrate_says_when_the_daemon_at_apply_did_not_answer_and_so_checked_nothing(tmp_path, capsys, dry_run):
+@pytest.mark.parametrize(
+    ("dry_run", "where"), [(True, "tcp"), (False, "tcp"), (True, "ipc")], ids=["dry-run", "apply", "no-socket-file"]
+)
+def test_calibrate_says_when_the_daemon_at_apply_did_not_answer_and_so_checked_nothing(
+    tmp_path, capsys, dry_run, where
+):
     """`--apply EP --dry-run` is how an operator checks the model and camera before a long run; with nothing
     answering at EP it printed a clean dry run, exit 0, and a real run ended on `wrote thresholds version 2` without
-    saying it was not in service."""
+    saying it was not in service. The line is ctl's for the same silence: at an ipc:// path without a socket file
+    it says so, where calibrate's own line dropped it and a mistyped path read as a daemon that is slow."""
     import cv2
 
     from inspectd.cli import main
@@ -596,7 +604,8 @@ def test_calibrate_says_when_the_daemon_at_apply_did_not_answer_and_so_checked_n
     good.mkdir()
     for i in range(12):
         cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
-    endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    # Nothing listens there.
+    endpoint = f"tcp://127.0.0.1:{free_port()}" if where == "tcp" else f"ipc://{tmp_path}/nope.sock"
     flags = ["calibrate", str(bundle), "--good", str(good), "--target-false-reject", "0.3"]
     code = main([*flags, "--apply", endpoint, "--timeout", "0.5", *(["--dry-run"] if dry_run else [])])
     captured = capsys.readouterr()
@@ -606,9 +615,11 @@ def test_calibrate_says_when_the_daemon_at_apply_did_not_answer_and_so_checked_n
         if dry_run
         else "the version is still written, and goes into service at the daemon's next reload or start"
     )
-    assert lines[0] == (
-        f"WARNING: the daemon at {endpoint} did not answer within 0.5 s: the model it runs and the cameras of the "
-        f"overrides were not checked; {then}"
+    assert lines[0].startswith(f"WARNING: control {endpoint}: no reply within 0.5 s to 'status'"), captured.out
+    why = f": no socket file {tmp_path}/nope.sock, so no daemon is bound there" if where == "ipc" else ""
+    assert lines[0].endswith(
+        f", expected a running inspectd{why}; the model the daemon runs and the cameras of the overrides were not "
+        f"checked; {then}"
     ), captured.out
     assert lines[1].startswith("image threshold "), captured.out  # said before scoring
     if dry_run:
@@ -624,3 +635,101 @@ def test_calibrate_says_when_the_daemon_at_apply_did_not_answer_and_so_checked_n
         f"inspectd calibrate: version 2 not applied: it goes into service at the daemon's next reload "
         f"(`inspectd ctl --endpoint {endpoint} reload`, or systemctl reload) or start"
     ), captured.err
+
+
+def test_calibrate_rollback_names_an_override_id_stdout_cannot_encode_escaped(tmp_path):
+    """`ctl set-thresholds --force` stores any per_camera key, a lone surrogate from a JSON escape too; `calibrate
+    --rollback` to that version printed its first line, then ended in "'utf-8' codec can't encode character" (exit 2)
+    under a stdout that escapes only undecodable bytes (a C locale's), naming neither the camera nor the file."""
+    bundle = make(tmp_path / "b")
+    loaded = load_bundle(bundle)
+    odd = T.next_version(loaded.thresholds(), per_camera={"cam\ud800": {"image_threshold": 0.4}})
+    loaded.replace_file(T.FILE_NAME, T.dumps(T.next_version(odd, per_camera={})))
+    said = subprocess.run(
+        [sys.executable, "-m", "inspectd", "calibrate", str(bundle), "--rollback", "2", "--dry-run"],
+        capture_output=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:surrogateescape"},
+    )
+    assert said.returncode == 0, said.stderr
+    lines = said.stdout.decode().splitlines()
+    assert lines[1:] == [
+        "camera 'cam\\ud800': override restored: image 0.4, pixel global",
+        "dry run: version 4 not written, not applied",
+    ], lines
+
+
+def write_float_tiff(path: Path, shape: tuple[int, int]) -> None:
+    import cv2
+
+    assert cv2.imwrite(str(path), np.full(shape, 0.5, np.float32))
+    assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).dtype == np.float32
+
+
+@pytest.mark.parametrize("depth", [8, 16])
+def test_calibrate_names_a_float_tiff_among_the_good_frames_by_its_pixels(tmp_path, capsys, depth):
+    """A float32 TIFF decodes and is refused for its pixels. Among 8-bit frames it was said to "not decode", which
+    sends the operator looking for a damaged file; among 16-bit frames it counted as 8-bit, and the set was refused
+    as mixing "8-bit pixels" (the TIFF) with 16-bit ones."""
+    import cv2
+
+    from inspectd.cli import main
+    from station_model import good_frame, write_grey_bundle
+
+    bundle = write_grey_bundle(tmp_path / "grey")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(12):
+        frame = good_frame(i)
+        cv2.imwrite(str(good / f"{i:03d}.png"), frame if depth == 8 else frame.astype(np.uint16) * 257)
+    write_float_tiff(good / "f.tiff", good_frame(0).shape[:2])
+    code = main(["calibrate", str(bundle), "--good", str(good), "--target-false-reject", "0.3", "--dry-run"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (
+        f"WARNING: skipped 1 image(s) that decode to pixels the model cannot take: {good / 'f.tiff'}: dtype float32, "
+        "expected unsigned 8- or 16-bit pixels (uint8 or uint16)"
+    ) in captured.out.splitlines(), captured.out
+    assert "do not decode" not in captured.out and "8-bit pixels" not in captured.err, captured
+
+
+def test_calibrate_apply_answered_in_a_reply_it_cannot_read_writes_nothing_and_says_it_may_be_applied(tmp_path, capsys):
+    """A daemon that answers set_thresholds took the version, and may have applied it and written it into its bundle;
+    a reply calibrate could not read was told as a daemon never reached ("not applied"), and calibrate wrote the
+    version into the bundle itself."""
+    import cv2
+
+    from inspectd.cli import main
+    from inspectd.daemon.control import ControlServer
+    from station_model import good_frame, write_grey_bundle
+
+    class AnswersUnreadably(StatusOnly):
+        def set_thresholds(self, doc, force=False):
+            return {"thresholds_version": 10**20}  # 21 digits: past every client's parser
+
+    bundle = write_grey_bundle(tmp_path / "grey")
+    before = (bundle / "thresholds.json").read_bytes()
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(12):
+        cv2.imwrite(str(good / f"{i:03d}.png"), good_frame(i))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server = ControlServer(endpoint, AnswersUnreadably(load_bundle(bundle).model_id))
+    server.start()
+    try:
+        code = main(
+            ["calibrate", str(bundle), "--good", str(good), "--target-false-reject", "0.3", "--apply", endpoint]
+        )
+    finally:
+        server.stop()
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if "images scored" not in line]
+    assert code == 1 and (bundle / "thresholds.json").read_bytes() == before, captured.err
+    assert lines == [
+        f"inspectd calibrate: --apply {endpoint}: control {endpoint}: reply: not JSON (an integer of 21 digits, "
+        'expected at most 20), expected {"ok": ...}: the daemon answered in a reply calibrate cannot read, so '
+        "version 2 may have been applied",
+        f"inspectd calibrate: version 2 not written to {bundle} by calibrate: the daemon writes it when it accepts it "
+        f"(`inspectd ctl --endpoint {endpoint} status` shows its thresholds_version)",
+    ], lines

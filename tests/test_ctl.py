@@ -844,3 +844,72 @@ def test_a_thresholds_file_that_is_no_regular_file_or_over_the_cap_is_refused_in
         assert not daemon.poll(500), "a file ctl refused reached the daemon"
     finally:
         daemon.close()
+
+
+@contextlib.contextmanager
+def answering(endpoint: str, reply: bytes):
+    """A control socket at `endpoint` that answers every request with `reply`; yields the requests it got."""
+    import threading
+
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.REP)
+    sock.linger = 0
+    sock.bind(endpoint)
+    got: list[dict] = []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            if sock.poll(50):
+                got.append(json.loads(sock.recv()))
+                sock.send(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield got
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close()
+
+
+def test_a_write_answered_in_a_reply_ctl_cannot_read_may_have_been_applied_not_refused(tmp_path):
+    """A daemon that took a rollback and answered it with a version no client parser reads (21 digits) had applied
+    it; ctl said "refused" (exit 1 with the parser's reason only), and the operator sent it again or believed the old
+    thresholds still judged. A read (status) with the same reply is still just a reply it cannot read."""
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    document = tmp_path / "v2.json"
+    document.write_text('{"version": 2, "image_threshold": 0.5, "pixel_threshold": 0.5}')
+    reply = b'{"ok": true, "thresholds_version": 100000000000000000000}'
+    with answering(endpoint, reply) as got:
+        for args, action in ((("rollback", "1"), "rollback"), (("set-thresholds", str(document)), "set-thresholds")):
+            said = ctl(endpoint, "--timeout", "5", *args)
+            line = said.stderr.strip()
+            assert said.returncode == 1 and "\n" not in line and said.stdout == "", (said.returncode, said.stderr)
+            assert line == (
+                f"inspectd ctl: control {endpoint}: reply: not JSON (an integer of 21 digits, expected at most 20), "
+                f'expected {{"ok": ...}}: the daemon answered the {action} in a reply ctl cannot read, so it may '
+                "have been applied: check `inspectd ctl status` (its thresholds version) before sending it again"
+            ), line
+        status = ctl(endpoint, "--timeout", "5", "status")
+        assert status.returncode == 1 and "may have been applied" not in status.stderr, status.stderr
+        assert [request["cmd"] for request in got] == ["rollback", "set_thresholds", "status"]
+
+
+def test_a_thresholds_file_saved_with_a_byte_order_mark_is_sent_without_it(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark: ctl refused such a file as "not JSON (Expecting value)",
+    naming neither the mark nor a position, in a file with no syntax error to find."""
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    document = tmp_path / "bom.json"
+    document.write_bytes(b'\xef\xbb\xbf{"version": 41, "image_threshold": 0.6, "pixel_threshold": 0.5}')
+    with answering(endpoint, b'{"ok": true, "thresholds_version": 41}') as got:
+        sent = ctl(endpoint, "--timeout", "5", "set-thresholds", str(document))
+        assert sent.returncode == 0 and sent.stdout.strip() == "thresholds version 41 in use", sent.stderr
+    assert got == [
+        {
+            "cmd": "set_thresholds",
+            "thresholds": {"version": 41, "image_threshold": 0.6, "pixel_threshold": 0.5},
+        }
+    ]

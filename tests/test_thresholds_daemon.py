@@ -3,6 +3,7 @@ ONNX Runtime session, a synthetic camera, requests through ControlClient."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -390,3 +391,73 @@ def test_an_override_written_for_a_camera_the_daemon_does_not_run_is_refused_by_
     code, out, err = calibrate("--apply", endpoint)
     assert code == 0 and "applied: the daemon at" in out, err
     assert set(on_disk(daemon).per_camera) == {"cam9"} and daemon.stage.state.thresholds_version == 7
+
+
+def test_a_version_past_the_cap_is_refused_and_every_reply_stays_readable(daemon):
+    """A version of 20 digits passed the wire parser and the thresholds parser; the rollback after it made one of 21
+    digits, in the daemon, which then wrote it and sent it in every reply and header: no client could read one again,
+    ctl told the applied rollback as refused, and no command could undo it. The cap keeps every version, and the
+    next one, within what every client reads."""
+    from inspectd.protocol import wirejson
+
+    assert len(str(thresholds_doc.MAX_VERSION + 1)) <= wirejson.MAX_INT_DIGITS
+    assert float(thresholds_doc.MAX_VERSION) == thresholds_doc.MAX_VERSION  # a browser's JSON.parse reads it exactly
+    for version in (10**20 - 1, thresholds_doc.MAX_VERSION + 1):
+        doc = {"version": version, "image_threshold": 0.45, "pixel_threshold": 0.5}
+        refused = ask(daemon, {"cmd": "set_thresholds", "thresholds": doc})
+        assert refused["ok"] is False, refused
+        assert refused["error"] == (
+            f"thresholds.version: expected an integer from 1 to {thresholds_doc.MAX_VERSION} (2**53-1: the next "
+            f"version must stay within what every client's JSON parser reads exactly), got {version}"
+        ), refused
+        assert ask(daemon, {"cmd": "status"})["thresholds_version"] == 1
+    assert on_disk(daemon).version == 1
+
+
+def test_a_bundle_at_the_highest_version_loads_and_what_would_follow_it_is_refused_in_one_line(tmp_path):
+    """A version at the cap, on disk from before it, still loads at start; a rollback, which would go past it, is
+    refused in one line, and status answers after it; a reload of a copy of the bundle at a lower version keeps that
+    version's number (said in the reply) rather than writing one past the cap, which the next start would refuse."""
+    from engines.bundle.store import load_bundle
+    from inspectd.daemon.service import Daemon
+
+    top = thresholds_doc.MAX_VERSION
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    loaded = load_bundle(bundle)
+    below = thresholds_doc.next_version(loaded.thresholds(), image_threshold=0.45)
+    at_top = dataclasses.replace(thresholds_doc.next_version(below, image_threshold=0.4), version=top)
+    loaded.replace_file(thresholds_doc.FILE_NAME, thresholds_doc.dumps(at_top))
+    source = {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64}
+    running = Daemon(in_process_config(tmp_path, bundle, source))
+    running.start()
+    try:
+        assert ask(running, {"cmd": "status"})["thresholds_version"] == top
+        refused = ask(running, {"cmd": "rollback", "version": 2})
+        assert refused["ok"] is False and "\n" not in refused["error"], refused
+        assert refused["error"].startswith(
+            f"thresholds.version: {top} is the highest a version may be, so no version can follow it: "
+        ), refused
+        assert ask(running, {"cmd": "status"})["thresholds_version"] == top
+        assert on_disk(running).version == top
+        write_grey_bundle(bundle)  # the bundle copied over again: version 1 of the same model
+        with structlog.testing.capture_logs():
+            reply = running.reload()
+        assert reply["thresholds_version"] == 1 and "thresholds_renumbered" not in reply, reply
+        assert reply["thresholds_version_went_back"]["previous_version"] == top, reply
+        assert on_disk(running).version == 1
+        assert ask(running, {"cmd": "status"})["thresholds_version"] == 1
+    finally:
+        running.shutdown()
+
+
+def test_rolling_back_to_the_version_in_use_says_so(daemon):
+    """`ctl rollback 3` while version 3 runs said "no version 3 in history": the operator had just read version 3 in
+    `ctl status`."""
+    set_own_versions(daemon)
+    refused = ask(daemon, {"cmd": "rollback", "version": 3})
+    assert refused == {
+        "ok": False,
+        "error": "thresholds: version 3 is the one in use, nothing to roll back: expected an earlier version "
+        "(known: 2, 1)",
+    }, refused
+    assert on_disk(daemon).version == 3

@@ -34,6 +34,13 @@ REFERENCE_POINTS = 200
 # critical KS distance at the full window exceeds 1, which no window reaches (inspectd.daemon.drift refuses to arm
 # on them; tests/test_drift_reference.py holds this number to the test's constants). calibrate and teach warn.
 MIN_REFERENCE = 8
+# The highest version number: every version goes out on the wire (control replies, result and status headers) and into
+# the web view's JSON.parse, which reads a number as a double, exact only up to 2**53. The next version (+1, which a
+# rollback, calibrate or a reload's renumbering makes) is still far inside the wire parser's 20 digits
+# (inspectd.protocol.wirejson.MAX_INT_DIGITS) and the archive's 64-bit SQLite integers: a version past those turned
+# every client deaf, its own replies included. parse and dumps refuse any version above it, so none is ever sent,
+# written or loaded.
+MAX_VERSION = 2**53 - 1
 
 
 class ThresholdsError(ValueError):
@@ -338,8 +345,8 @@ def parse(doc: Any, where: str = "thresholds") -> Thresholds:
         if key not in known:
             raise ThresholdsError(f"{where}.{shown_name(key)}: unknown key (known: {', '.join(sorted(known))})")
     version = doc.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ThresholdsError(f"{where}.version: expected an integer >= 1, got {show(version)}")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise ThresholdsError(f"{where}.version: {_version_range()}, got {show(version)}")
     per_camera = doc.get("per_camera", {})
     if not isinstance(per_camera, dict):
         raise ThresholdsError(f"{where}.per_camera: expected a mapping of camera id to overrides")
@@ -368,18 +375,29 @@ def parse(doc: Any, where: str = "thresholds") -> Thresholds:
     )
 
 
+def _version_range() -> str:
+    return (
+        f"expected an integer from 1 to {MAX_VERSION} (2**53-1: the next version must stay within what every "
+        "client's JSON parser reads exactly)"
+    )
+
+
 def read(path: str | Path) -> Thresholds:
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ThresholdsError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ThresholdsError(f"{path}: not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, an integer past Python's 4300 digits
+        raise ThresholdsError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:200]})") from exc
     return parse(doc, where=str(path))
 
 
 def dumps(thresholds: Thresholds) -> bytes:
+    # A document built without parse (a reload's renumbering replaces the version in place) is checked here: written
+    # past MAX_VERSION, it would be what the next start refuses to load.
+    if not 1 <= thresholds.version <= MAX_VERSION:
+        raise ThresholdsError(f"thresholds.version: {_version_range()}, got {thresholds.version}")
     try:  # NaN or infinity in the provenance is not JSON: jq, browsers and PLC-side parsers refuse it
         text = json.dumps(thresholds.to_dict(), indent=2, sort_keys=True, allow_nan=False)
     except ValueError as exc:
@@ -407,6 +425,11 @@ def next_version(
     provenance: dict[str, Any] | None = None,
 ) -> Thresholds:
     """A new version on top of `current`, which goes into history. Unset values are carried over."""
+    if current.version >= MAX_VERSION:
+        raise ThresholdsError(
+            f"thresholds.version: {current.version} is the highest a version may be, so no version can follow it: "
+            "expected thresholds of a lower version to build on"
+        )
     doc = {
         "version": current.version + 1,
         "image_threshold": current.image_threshold if image_threshold is None else image_threshold,
@@ -456,6 +479,12 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
     found = next((old for old in current.history if old.get("version") == version), None)
     if found is None:
         known = ", ".join(str(h.get("version")) for h in current.history) or "none"
+        if version == current.version:
+            # The number the operator has just read in `ctl status`: "no version 5" would tell them it does not exist.
+            raise ThresholdsError(
+                f"thresholds: version {version} is the one in use, nothing to roll back: expected an earlier version "
+                f"(known: {known})"
+            )
         raise ThresholdsError(f"thresholds: no version {version} in history (known: {known})")
     taught = _taught_at(current)
     if taught is not None and version < taught:

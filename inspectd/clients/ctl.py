@@ -7,16 +7,18 @@ is on a network address. Human output by default; `--json` prints the daemon's r
 Exit codes, for scripts: 0 the daemon did it; 1 the daemon refused (its one-line reason on stderr), or did part of
 it (a `reload` whose allow-list reload failed: the model is reloaded, the old list stays in force; a `reload` that
 finds a server key file holding another key, or refused, since start: the daemon still serves with the key it
-started with until restarted); 2 bad arguments (an endpoint the daemon's config would refuse: a tcp port above 65535,
-inproc://, a relative ipc:// path; a timeout that is not a positive number) or an unreadable file; 3 no daemon answered
-within --timeout (the line says whether one took the request: a reload, and every request behind it, is answered only
-once the reload ends), or the peer there ended the security handshake (the line says why: a key it does not let in,
-...).
+started with until restarted), or answered a set-thresholds or rollback in a reply ctl cannot read (the line says
+it may have been applied: check status); 2 bad arguments (an endpoint the daemon's config would refuse: a tcp port
+above 65535, inproc://, a relative ipc:// path; a timeout that is not a positive number) or an unreadable file; 3 no
+daemon answered within --timeout (the line says whether one took the request: a reload, and every request behind it,
+is answered only once the reload ends), or the peer there ended the security handshake (the line says why: a key it
+does not let in, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import datetime
 import json
 import os
@@ -25,11 +27,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inspectd.errors import InspectdError
+from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol import wirejson
 from inspectd.protocol.alarms import status_alarms
 from inspectd.protocol.control import (
     MAX_REQUEST_BYTES,
+    WRITES,
     ControlTimeout,
     HandshakeFailed,
     allow_list_errors,
@@ -117,6 +120,10 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         return {"cmd": args.action, "camera": args.camera}
     if args.action == "set-thresholds":
         data = _read_thresholds_file(args.file)
+        # Windows editors (Notepad before 2019, and others on request) save UTF-8 with a byte-order mark, which JSON
+        # gives no meaning (RFC 8259 lets a parser ignore it): refused, the file read as "not JSON (Expecting value)"
+        # with no syntax error in it to find. Dropped here; the daemon's parser never sees one.
+        data = data.removeprefix(codecs.BOM_UTF8)
         # The daemon's own parser: one MessageError line for what json.loads would raise anything for (deep nesting,
         # a 5000-digit integer), and NaN refused here rather than by the daemon.
         doc = wirejson.loads(data, str(args.file), "a thresholds document", unique_keys=True)
@@ -192,6 +199,18 @@ def run(args: argparse.Namespace) -> int:
         other = f" (another daemon: --endpoint EP or ${ENDPOINT_ENV})" if args.endpoint == DEFAULT_ENDPOINT else ""
         print(f"inspectd ctl: {exc}{other}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except MessageError as exc:
+        if request["cmd"] not in WRITES:
+            print(f"inspectd ctl: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        # A reply came, so the daemon took the request and may well have done it: told as refused, the operator
+        # would send it again (refused then as a stale version) or believe the old thresholds still judge.
+        print(
+            f"inspectd ctl: {exc}: the daemon answered the {args.action} in a reply ctl cannot read, so it may have "
+            "been applied: check `inspectd ctl status` (its thresholds version) before sending it again",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
     except InspectdError as exc:
         print(f"inspectd ctl: {exc}", file=sys.stderr)
         return EXIT_REFUSED
