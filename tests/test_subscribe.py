@@ -6,9 +6,12 @@ write the tail), and a flood of messages it cannot read."""
 from __future__ import annotations
 
 import contextlib
+import grp
+import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from inspectd.clients import subscribe
 from inspectd.clients.subscribe import CatchUpSubscriber, JournalCatchUp, Subscriber
 from inspectd.daemon.journal import Journal
 from inspectd.protocol.messages import encode_status
+from ports import free_port
 from test_catch_up import REPO, STATION, STATUS, Line, drain, result_frames, until_status
 
 
@@ -690,8 +694,8 @@ def test_a_subscriber_started_before_its_daemon_says_so_once_then_that_it_receiv
         assert proc.stderr is not None
         first = proc.stderr.readline()
         assert first == (
-            f"inspectd subscribe: --endpoint {endpoint}: nothing listens there (no daemon running, or another "
-            "publish.endpoint); waiting for it\n"
+            f"inspectd subscribe: --endpoint {endpoint}, expected a running inspectd: no socket file "
+            f"{tmp_path}/pub.sock, so no daemon is bound there; waiting for it\n"
         ), first
         pub.bind(endpoint)
         assert pub.poll(20_000) and pub.recv()[0] == 1, "the subscriber never subscribed"
@@ -804,3 +808,51 @@ def test_a_topic_that_may_match_the_camera_subscribes(tmp_path, topic, camera):
     finally:
         sub.close()
     assert sub.proc.returncode == 0 and out.startswith("cam0 seq=0 ok"), (out, err)
+
+
+def test_a_subscriber_the_socket_files_mode_shuts_out_is_told_so_not_that_no_daemon_runs(open_tmp_path):
+    """libzmq retries a connect the socket file's mode refuses (a user outside the daemon's group) as it retries one
+    nothing listens to: saying no daemon runs sent the operator to the daemon, not to their groups."""
+    from other_user import as_nobody
+
+    path = open_tmp_path / "pub.sock"
+    endpoint = f"ipc://{path}"
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(endpoint)
+    path.chmod(0o600)
+    proc = subprocess.Popen(
+        as_nobody([sys.executable, "-m", "inspectd", "subscribe", "--endpoint", endpoint, "--timeout", "30"]),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+    finally:
+        proc.kill()
+        proc.wait()
+        pub.close(0)
+    group = grp.getgrgid(os.stat(path).st_gid).gr_name
+    assert first == (
+        f"inspectd subscribe: --endpoint {endpoint}: the socket file {path} exists but this user may not connect to it "
+        f"(mode 0600, group {group}): run as its owner or a member of group {group}; waiting for it\n"
+    ), first
+
+
+def test_a_tcp_endpoint_nothing_listens_on_is_said_once():
+    port = free_port()
+    done = subprocess.run(
+        inspectd_argv("subscribe", "--endpoint", f"tcp://127.0.0.1:{port}", "--count", "1", "--timeout", "3"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        f"inspectd subscribe: --endpoint tcp://127.0.0.1:{port}: every connection was refused, so nothing listens "
+        "there, expected a running inspectd; waiting for it",
+        "inspectd subscribe: 0 of 1 results before the timeout",
+    ], done.stderr

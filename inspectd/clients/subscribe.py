@@ -30,7 +30,7 @@ import zmq
 
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.alarms import status_line
-from inspectd.protocol.control import connect_error
+from inspectd.protocol.control import connect_error, no_daemon_took
 from inspectd.protocol.keys import HandshakeWatch, Readmission, curve_from_flags, open_watched_sub
 from inspectd.protocol.messages import TOPIC_ROOT, Result, decode, printable, subscriptions
 
@@ -1267,15 +1267,17 @@ def run(args: argparse.Namespace) -> int:
                     failure = subscriber.handshake_failure()
                     if failure is not None and failure != refused:
                         print(f"inspectd subscribe: --endpoint {args.endpoint}: the daemon {failure}", file=sys.stderr)
-                        refused = failure
+                        refused, absent = failure, False  # nothing listening after it is said again
                     if not absent and subscriber.nothing_listens():
+                        # What the socket file says too: libzmq retries a connect the file's mode refuses as it
+                        # retries one nothing listens to, and the two want different remedies.
                         print(
-                            f"inspectd subscribe: --endpoint {args.endpoint}: nothing listens there (no daemon "
-                            "running, or another publish.endpoint); waiting for it",
+                            f"inspectd subscribe: --endpoint {args.endpoint}"
+                            f"{no_daemon_took(args.endpoint, refused=True)}; waiting for it",
                             file=sys.stderr,
                             flush=True,
                         )
-                        absent = True
+                        absent, refused = True, None  # a refusal after it is said again
                     continue
                 if refused is not None:
                     print(f"inspectd subscribe: --endpoint {args.endpoint}: let in again, receiving", file=sys.stderr)

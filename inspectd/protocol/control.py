@@ -238,7 +238,7 @@ class ControlClient:
         the timeout, and until then the daemon answers nothing else."""
         where = f"control {self.endpoint}: no reply within {wait_s:g} s to {cmd!r}"
         if not sent:
-            return where + _no_daemon_took(self.endpoint, refused)
+            return where + no_daemon_took(self.endpoint, refused)
         if cmd == "reload":
             return (
                 f"{where}, which the daemon took: it may still be reloading (it answers nothing else until the "
@@ -287,10 +287,11 @@ class ControlClient:
         self.close()
 
 
-def _no_daemon_took(endpoint: str, refused: bool = False) -> str:
-    """The end of the line for a request no daemon took at `endpoint`: what its ipc:// socket file tells, and whether
-    every connection was refused (`refused`: nothing listens there). ZeroMQ retries a connect the file's mode refuses
-    without a word, so without this a user outside the daemon's group would be told the daemon is not running."""
+def no_daemon_took(endpoint: str, refused: bool = False) -> str:
+    """The end of the line for a request (or a subscriber) no daemon took at `endpoint`: what its ipc:// socket file
+    tells, and whether every connection was refused (`refused`: nothing listens there). ZeroMQ retries a connect the
+    file's mode refuses without a word, so without this a user outside the daemon's group would be told the daemon is
+    not running."""
     running = ", expected a running inspectd"
     path = endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else ""
     if not path or path.startswith("@"):  # not ipc, or Linux's abstract namespace: no file to look at
