@@ -108,9 +108,10 @@ REFUSED_ALARM_S = 60.0  # the page shows refused messages for this long after th
 UNREADABLE_ALARM_S = 60.0
 # The daemon's status says it archives nothing (archive.enabled false): live/ holds only an earlier run's frames.
 ARCHIVE_OFF = "the daemon archives nothing (its archive is off): no live frames or defect overlays are shown"
-# An --allow-host name: a DNS name, no port or scheme.
+# An --allow-host name: a host name, no port or scheme. Underscores too: DNS refuses them in host names, but a name
+# from /etc/hosts, NetBIOS or mDNS may hold one, and browsers send it as typed.
 _HOST_NAME_RE = re.compile(
-    r"(?=.{1,253}\.?\Z)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*\.?", re.I
+    r"(?=.{1,253}\.?\Z)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?", re.I
 )
 
 
@@ -746,13 +747,21 @@ def run(args: argparse.Namespace) -> int:
     if args.defects < 1:
         print(f"inspectd web: --defects {args.defects}, expected at least 1", file=sys.stderr)
         return 2
+    allowed = []
     for name in args.allow_host:
-        if not (_HOST_NAME_RE.fullmatch(name) or _is_ip(name)):
+        try:
+            # A browser sends a name of other letters (prüfstand.local) in its ASCII form (xn--prfstand-...).
+            ascii_name = name if name.isascii() else name.encode("idna").decode("ascii")
+        except UnicodeError:
+            ascii_name = ""
+        if not (_HOST_NAME_RE.fullmatch(ascii_name) or _is_ip(ascii_name)):
             print(
                 f"inspectd web: --allow-host {name!r}, expected a host name without a port (e.g. station.example.com)",
                 file=sys.stderr,
             )
             return 2
+        allowed.append(ascii_name)
+    args.allow_host = allowed
     # aiohttp's and asyncio's own records (a request it could not parse, an accept() that failed) as log lines
     configure_logging("info", args.log_format, stdlib=("aiohttp", "asyncio"))
     server_log = logging.getLogger("aiohttp.server")
