@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -351,6 +352,43 @@ def test_a_live_mjpeg_stream_over_http_counts_no_frames_and_is_reopened_when_it_
     ingest.start()
     assert wait_for(lambda: ingest.stats()["reopen_count"] >= 2 and ingest.stats()["frames_in"] > 10), ingest.stats()
     assert ingest.stats()["state"] != "ended" and ingest._source.live
+
+
+def test_a_stream_over_http_that_gives_more_frames_than_its_container_counts_is_reopened_at_a_drop(
+    tmp_path, ingest_threads, http_server
+):
+    """An endless AVI (a camera's live stream in a container that states a count) first looks like a recorded clip:
+    at its first drop it was ended for good, the camera silent from then on. Past its count it is a live stream."""
+    data = write_video(tmp_path / "clip.avi").read_bytes()
+    movi, index = data.find(b"movi"), data.find(b"idx1")
+    header = bytearray(data[: movi + 4])
+    struct.pack_into("<I", header, 4, 0xFFFFFFF0)  # RIFF and movi sizes of a stream that does not end
+    struct.pack_into("<I", header, movi - 4, 0xFFFFFFF0)
+    body, chunks, at = data[movi + 4 : index], [], 0
+    while at + 8 <= len(body):
+        size = struct.unpack("<I", body[at + 4 : at + 8])[0]
+        chunks.append(body[at : at + 8 + size + (size & 1)])
+        at += 8 + size + (size & 1)
+    assert len(chunks) == FRAMES
+
+    class Endless(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "video/x-msvideo")
+            self.end_headers()
+            self.wfile.write(bytes(header))
+            for k in range(3 * FRAMES):  # then the connection drops
+                self.wfile.write(chunks[k % FRAMES])
+            self.close_connection = True
+
+    queue = FrameQueue(1000, "block")
+    url = f"{http_server(Endless)}/live.avi"
+    ingest = CameraIngest(camera({"kind": "opencv", "url": url}), queue, backoff_s=(0.05, 0.2))
+    ingest_threads.append(ingest)
+    ingest.start()
+    assert wait_for(lambda: ingest.stats()["reopen_count"] >= 2, 10), ingest.stats()
+    assert ingest.stats()["state"] != "ended" and ingest.stats()["frames_in"] > 3 * FRAMES, ingest.stats()
+    assert ingest._source.live
 
 
 def test_a_file_url_whose_file_is_missing_is_retried_naming_it_as_a_path_is(tmp_path, ingest_threads):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 from urllib.parse import unquote
 
 import cv2
+import structlog
 from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, model_validator
 
 from engines.data.images import DEFAULT_BIT_DEPTH, as_uint8_gray_or_rgb
@@ -36,6 +37,7 @@ MAX_UNDECODABLE_RUN = 64
 # A failed read of a clip over the network that took this long was a stalled peer, not an undecodable frame: looking
 # further would block stop() for a read timeout per frame.
 STALLED_READ_S = STREAM_TIMEOUT_MS / 2000
+log = structlog.get_logger("inspectd.ingest")
 # A dead RTSP/HTTP peer, or a pipeline whose appsink stops delivering, would otherwise block open/read for the
 # backend's default (30 s), and with it stop() and the reopen backoff.
 TIMEOUTS = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS]
@@ -300,6 +302,9 @@ class VideoCaptureSource(Source):
         self.counter = 0
         self.counted = 0  # the frames a clip over the network counts (http://nas/shift.avi); 0 for any other video
         self.first = 0  # the id of the first frame this open read
+        # A url over the network that gave more frames than it counted: a live stream whose container states a count
+        # (an endless AVI), reopened at each drop from then on rather than ended for good.
+        self.outran_count = False
         self.pending: collections.deque[Frame] = collections.deque()
 
     def _ends_or_not(self) -> None:
@@ -332,7 +337,7 @@ class VideoCaptureSource(Source):
         self.cap = cap
         self.counted = 0
         self.first = self.counter
-        if not self.finite and self.spec.url is not None and over_network(self.spec.url):
+        if not self.finite and not self.outran_count and self.spec.url is not None and over_network(self.spec.url):
             # A recorded clip on a web server or NAS counts its frames; a live stream (rtsp, MJPEG over http) does
             # not (FFmpeg gives it a negative count). Taken as a stream, the clip's end was a drop: reopened and
             # played again from its first frame, each pass judged as new parts. A local url is judged by what it
@@ -411,7 +416,16 @@ class VideoCaptureSource(Source):
         if self.pending:
             return self.pending.popleft()
         ok, image = self.cap.read()
-        if not ok and self.finite:
+        if not ok and self.counted and self.counter - self.first > self.counted:
+            self.outran_count = True
+            self.counted, self.finite, self.live = 0, False, True
+            log.warning(
+                "video_outran_count",
+                camera=self.camera.id,
+                url=self.spec.target,
+                effect="taken for a live stream: reopened at each drop, never ended",
+            )
+        elif not ok and self.finite:
             ok, image = self._past_undecodable()
         if not ok:
             raise OSError(f"{self.spec.target}: no frame (stream dropped or device unplugged)")
@@ -458,10 +472,12 @@ class VideoCaptureSource(Source):
                 break
         taken = self.counter - self.first
         if taken < self.counted:
-            self.report_error(
+            cut = (
                 f"{self.spec.target}: ended after {taken} frames, expected {self.counted} (the clip's frame count): "
                 "its connection dropped or stalled, or the count was an estimate"
             )
+            self.report_error(cut)
+            log.warning("video_cut_short", camera=self.camera.id, error=cut)
         raise SourceEnded()
 
 

@@ -386,15 +386,14 @@ class ZmqPullSource(Source):
                     f"{what}: shape {shape} is {shape[0] * shape[1]} pixels, "
                     f"expected at most max_pixels={self.camera.max_pixels}"
                 )
-        if encoding == "png" and "dtype" in header:
-            # A PNG names its own depth; a label that disagrees is a producer wrong about what it sends (frames it
-            # believes narrowed to 8 bits going out as 16-bit), told here rather than narrowed unsaid.
+        if encoding == "png" and header.get("dtype") == "uint8":
+            # A PNG names its own depth: 16 bits under a "uint8" label is a producer wrong about what it sends
+            # (frames it believes narrowed to 8 bits going out as 16-bit), told here rather than narrowed unsaid.
+            # "uint16" is a ceiling a producer of mixed depths may state for every frame: an 8-bit PNG under it is
+            # taken as it is.
             depth = _png_depth(payload)
-            if depth is not None and (depth == 16) != (dtype == "uint16"):
-                said = "uint16" if depth == 16 else "uint8"
-                raise DataError(
-                    f'{what}: dtype {dtype!r} for a png of bit depth {depth}, expected "{said}" (or no dtype)'
-                )
+            if depth == 16:
+                raise DataError(f'{what}: dtype "uint8" for a png of bit depth 16, expected "uint16" (or no dtype)')
         if encoding == "raw":
             if shape is None:
                 raise DataError(f"{what}: raw frame without shape, expected shape [height, width(, channels)]")
