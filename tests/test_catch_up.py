@@ -204,27 +204,16 @@ def test_resume_per_camera_and_only_the_cameras_asked_for(line):
         JournalCatchUp(None).resume(0)
 
 
-def test_a_camera_the_listing_lacked_counts_as_delivered_up_to_since_when_first_heard(line):
-    """resume(SEQ) counted only the cameras the journal listed as delivered up to SEQ: one it lacked (a journal
-    pointed at the wrong folder, a camera whose folder the listing missed) had its first live result taken for the
-    start of the stream, so its history was skipped without a gap. Now its hole is filled from the journal where it
-    holds the results by then, and is a gap otherwise."""
-    for seq in range(3):
+def test_a_camera_that_journalled_nothing_before_the_resume_gets_its_results_from_seq_0(line):
+    """A camera the listing lacks has journalled nothing yet (new since, added by a reload): its seqs start at 0,
+    whatever --since says of the others. Counted as delivered up to SEQ, its first SEQ+1 results were dropped with no
+    gap and no count."""
+    for seq in range(7):
         line.emit("cam0", seq, send=False)
     catch_up = JournalCatchUp(line.journal_dir)
-    assert [(r.camera, r.seq) for r in catch_up.resume(-1)] == [("cam0", s) for s in range(3)]
-    # cam1 is journalled only after the listing: its results are filled in before its first live one.
-    for seq in range(4):
-        line.emit("cam1", seq, send=False)
-    assert [r.seq for r in catch_up.take(decode(result_frames("cam1", 4)))] == [0, 1, 2, 3, 4]
-    # cam2 is not in the journal at all: the seqs before its first live result are a gap, not passed over.
-    assert [r.seq for r in catch_up.take(decode(result_frames("cam2", 7)))] == [7]
-    assert catch_up.missed == [Gap("cam2", 0, 6, NOT_JOURNALLED)]
-    assert catch_up.gaps.missed == {"cam2": 7}
-    # With a seq per camera (the PLC bridge's resume) only the cameras named are counted: another is unchanged.
-    per_camera = JournalCatchUp(line.journal_dir)
-    list(per_camera.resume({"cam0": 1}))
-    assert [r.seq for r in per_camera.take(decode(result_frames("cam2", 7)))] == [7] and not per_camera.missed
+    assert [(r.camera, r.seq) for r in catch_up.resume(5)] == [("cam0", 6)]
+    taken = [r.seq for seq in range(8) for r in catch_up.take(decode(result_frames("cam1", seq)))]
+    assert taken == list(range(8)) and not catch_up.missed and not catch_up.gaps.missed
 
 
 def journal_of(tmp_path, count: int, segment_bytes: int) -> tuple[Path, list[Path]]:

@@ -732,6 +732,8 @@ def test_a_directory_that_is_not_the_journal_is_refused_in_one_line(tmp_path):
     check_readable(state / "journal")
     (tmp_path / "empty").mkdir()
     check_readable(tmp_path / "empty")  # made by a daemon that has not written its boot mark yet
+    (tmp_path / "disk" / "lost+found").mkdir(parents=True)
+    check_readable(tmp_path / "disk")  # a disk of its own, freshly formatted, before the daemon's first start
     # A journal whose only camera folder holds segments (the boot mark lost) is a journal too.
     (state / "journal" / "boot").unlink()
     (state / "journal" / "clean").unlink(missing_ok=True)

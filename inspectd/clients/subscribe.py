@@ -315,18 +315,15 @@ class JournalCatchUp:
         self._window: dict[str, _Window] = {}  # camera -> what came since its station's last status
         self._counted: dict[str, int] = {}  # camera -> results reported by count only, inside the next hole found
         self._station: dict[str, str] = {}  # camera -> the station of its last live result
-        # The seq `resume` was given for every camera: one the journal's listing lacked (no folder yet, or it was
-        # removed) counts as delivered up to it too, once first heard live, so its hole is a gap, not the stream's
-        # start.
-        self._since_all: int | None = None
 
     def resume(self, since: int | dict[str, int], before: dict[str, int] | None = None) -> Iterator[Result]:
         """Everything journalled after `since` (one seq for every camera, or a seq per camera), camera by camera, read
         as it is pulled, up to the seq in `before` of the cameras it names (a result already heard live, taken after
         the replay: a hole before it is filled then, and one it is the only copy of is not passed over; the caller
         may add to `before` while it pulls); every
-        camera counts as delivered up to `since` at once, and with one seq for all so does a camera the listing
-        lacks, once it is heard live. InspectdError when there is no journal or its directory cannot be listed."""
+        camera counts as delivered up to `since` at once. A camera the listing lacks has journalled nothing yet
+        (new since, or added by a reload): its first live result starts its stream, seq 0 included. InspectdError
+        when there is no journal or its directory cannot be listed."""
         from inspectd.protocol import journal
 
         if self.directory is None:
@@ -334,8 +331,6 @@ class JournalCatchUp:
         wanted = self.cameras if self.cameras is not None else set(journal.cameras(self.directory))
         if isinstance(since, dict):
             wanted = {camera for camera in since if self.cameras is None or camera in self.cameras}
-        else:
-            self._since_all = since
         for camera in wanted:
             last = since[camera] if isinstance(since, dict) else since
             self.delivered[camera] = max(self.delivered.get(camera, last), last)
@@ -356,10 +351,6 @@ class JournalCatchUp:
             yield message
             return
         camera = message.camera
-        if self._since_all is not None and camera not in self.delivered:
-            if self.cameras is None or camera in self.cameras:
-                self.delivered[camera] = self._since_all
-                self.gaps.last.setdefault(camera, self._since_all)
         previous = self.live.get(camera)
         self.live[camera] = message.seq
         went_back = False

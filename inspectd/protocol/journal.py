@@ -265,15 +265,16 @@ def check_readable(directory: str | Path, only: list[str] | None = None) -> None
 
 
 def _looks_like_journal(directory: Path, found: list[str]) -> bool:
-    """Whether `directory` is laid out as the writer lays out a journal: empty (just made, before the disk took
-    its boot mark, or on a machine without a boot id), or holding the boot or clean mark, or a camera folder with a
-    segment or a mark in it."""
+    """Whether `directory` is laid out as the writer lays out a journal: empty (just made, or a freshly formatted
+    disk's mount point, before the disk took its boot mark, or on a machine without a boot id), or holding the boot
+    or clean mark, or a camera folder with a segment or a mark in it."""
     try:
         with os.scandir(directory) as entries:
             names = {e.name for e in entries}
     except OSError as exc:
         raise _unreadable(directory, directory, exc) from None
-    if not names or BOOT_MARK in names or CLEAN_MARK in names:
+    # A journal on a disk of its own before the daemon's first start holds the filesystem's lost+found alone.
+    if not names - {"lost+found"} or BOOT_MARK in names or CLEAN_MARK in names:
         return True
     for camera in found:
         try:
