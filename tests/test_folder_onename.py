@@ -394,3 +394,73 @@ def test_a_file_a_share_gives_a_new_number_is_neither_read_again_nor_kept_from_d
         stop.set()
         source.close()
     assert source.stats()["replaced_unread"] == 0
+
+
+@pytest.mark.parametrize("when", ["left in place", "before its deletion"])
+def test_a_file_too_large_to_read_is_judged_once_whatever_touches_its_change_time(tmp_path, when):
+    """A file judged by its size alone has no content to compare: a chmod or a backup's hard link (a new change time)
+    made it a new file, judged a second time under a new seq, and before its deletion a false rewritten warning."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    big = inbox / "big.png"
+    big.write_bytes(cv2.imencode(".png", np.full((16, 16), 128, np.uint8))[1].tobytes() + bytes(70000))
+    spec = {"kind": "folder", "path": str(inbox), "poll_ms": 20, "delete_after": when == "before its deletion"}
+    source = make_source(camera(spec, max_pixels=100))
+    stop = threading.Event()
+    source.open(stop)
+    errors = []
+    try:
+        with capture_logs() as logs:
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                frame = source.read(stop)
+                if frame is not None:
+                    errors.append(frame.error)
+                    os.chmod(big, 0o640)  # a new change time, before the next listing and before the deletion
+                    if frame.on_published is not None:
+                        frame.on_published()
+                time.sleep(0.02)
+            time.sleep(0.3)  # the disposer's turn
+    finally:
+        source.close()
+    assert len(errors) == 1 and errors[0].startswith("big.png: 70"), errors
+    assert big.exists() == (when == "left in place")
+    assert not [e for e in logs if e["event"] == "folder_file_rewritten"], logs
+
+
+def test_a_part_read_whose_change_time_moves_before_the_next_replaces_it_is_not_counted_lost(tmp_path):
+    """A backup's hard link changes a read part's ctime only: when the next part then took the name, the read part
+    was counted replaced_unread, with a warning telling the operator to save parts more slowly."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    source = make_source(camera({"kind": "folder", "path": str(inbox), "poll_ms": 20}))
+    stop = threading.Event()
+    source.open(stop)
+    levels: list[int] = []
+
+    def part(level: int) -> None:
+        staged = inbox / "cur.png.tmp"
+        staged.write_bytes(cv2.imencode(".png", np.full((8, 8), level, np.uint8))[1].tobytes())
+        os.replace(staged, inbox / "cur.png")
+
+    def pump(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            frame = source.read(stop)
+            if frame is None:
+                time.sleep(0.005)
+            else:
+                levels.append(int(frame.image.max()))
+
+    try:
+        with capture_logs() as logs:
+            part(10)
+            pump(0.3)
+            os.link(inbox / "cur.png", tmp_path / "backup.png")
+            source._scan()  # a listing sees the read part with its new ctime, as the ingest loop's next one would
+            part(20)
+            pump(0.3)
+    finally:
+        source.close()
+    assert levels == [10, 20] and source.stats()["replaced_unread"] == 0, (levels, source.stats())
+    assert not [e for e in logs if e["event"] == "folder_file_replaced_unread"], logs

@@ -68,6 +68,11 @@ def _stamp(st: os.stat_result) -> Stamp:
     return st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns
 
 
+# The digest of a file judged by its size alone (too large to read): one of the same size and mtime under a new
+# inode or change time is that file (a chmod, a backup's hard link, a share's renumbering), not a new part.
+SIZE_ONLY = -1
+
+
 def _digest_of(path: Path) -> int:
     """The CRC-32 of the file's content, read a MiB at a time."""
     digest = 0
@@ -418,7 +423,7 @@ class FolderWatcher(Source):
         ready = [
             (stamp[1], name)
             for name, (stamp, since) in seen.items()
-            if since + self.poll_s <= start and (name not in self.done or self.done[name][0] != stamp)
+            if since + self.poll_s <= start and not self._done_already(name, stamp)
         ]
         ready.sort(reverse=True)
         self.pending = ready
@@ -448,7 +453,7 @@ class FolderWatcher(Source):
             return self._taken(path, stamp, None, f"{shown}: cannot read ({cannot_stat})", dispose=False)
         if size > self.max_bytes:  # not read at all: a stray video or archive in the inbox would fill the memory
             expected = f"expected at most {self.max_bytes} for max_pixels={self.camera.max_pixels}"
-            return self._taken(path, stamp, None, f"{shown}: {size} bytes, {expected}")
+            return self._taken(path, stamp, None, f"{shown}: {size} bytes, {expected}", SIZE_ONLY)
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -501,6 +506,12 @@ class FolderWatcher(Source):
             image, error = None, f"{shown}: cannot decode ({one_line(exc)})"
         return self._taken(path, stamp, image, error, digest)
 
+    def _done_already(self, name: str, stamp: Stamp) -> bool:
+        """Whether the file listed as `stamp` under `name` was judged already: the same file, or one judged by its
+        size alone (never read, no digest to compare) with the same size and mtime."""
+        done = self.done.get(name)
+        return done is not None and (done[0] == stamp or (done[1] == SIZE_ONLY and done[0][:2] == stamp[:2]))
+
     def _replaced(self, name: str, before: Stamp, stamp: Stamp) -> None:
         """Count the part seen as `before` as lost when another file now holds its name (`stamp`) and it was never
         read: a writer that renames each part into place under one name faster than it can hold still over a poll.
@@ -508,7 +519,8 @@ class FolderWatcher(Source):
         writer's losses, and a second replacement between two listings, are not counted."""
         if not (stamp[3] and before[3]) or stamp[2:4] == before[2:4]:
             return  # a filesystem with no inode numbers (0), or the same file written to
-        if stamp[:2] == before[:2] or (name in self.done and self.done[name][0] == before):
+        # Read: the done file by inode, size and mtime (a chmod or a backup's hard link since changes only its ctime).
+        if stamp[:2] == before[:2] or (name in self.done and self.done[name][0][:4] == before[:4]):
             # Read; or of the same size and mtime, which a share that numbers files itself anew after a while gives
             # the same file under a new number: never counted on a guess (the new file is read all the same).
             return
@@ -643,7 +655,8 @@ class FolderWatcher(Source):
         once, where a log line per file would say it at every part and no status would."""
         try:
             now = _stamp(os.stat(path))
-            if now != stamp and not (now[:2] == stamp[:2] and digest is not None and _digest_of(path) == digest):
+            same = digest == SIZE_ONLY or (digest is not None and _digest_of(path) == digest)
+            if now != stamp and not (now[:2] == stamp[:2] and same):
                 # Rewritten under the same name since it was read, or another file renamed into place (with
                 # whole-second times, of the same size and mtime): the new content was not inspected. It stays, and
                 # the next scan sees it as a new file. Only the same size, mtime and content is the file read under
