@@ -17,6 +17,7 @@ import structlog
 
 from daemon_harness import in_process_config
 from engines.bundle import thresholds as thresholds_doc
+from engines.errors import BundleError
 from inspectd.protocol.control import ControlClient
 from station_model import write_grey_bundle
 
@@ -448,6 +449,31 @@ def test_a_bundle_at_the_highest_version_loads_and_what_would_follow_it_is_refus
         assert ask(running, {"cmd": "status"})["thresholds_version"] == 1
     finally:
         running.shutdown()
+
+
+def test_a_bundle_set_past_the_cap_before_it_existed_still_loads_and_runs(tmp_path):
+    """ctl set-thresholds took any version of up to 20 digits before the cap: a station left at 10**17 refused its
+    own bundle at the next start, and no command could load it to put it right."""
+    from engines.bundle.store import load_bundle
+    from inspectd.daemon.service import Daemon
+
+    bundle = write_grey_bundle(tmp_path / "bundle")
+    loaded = load_bundle(bundle)
+    doc = {**thresholds_doc.next_version(loaded.thresholds(), image_threshold=0.45).to_dict(), "version": 10**17}
+    loaded.replace_file(thresholds_doc.FILE_NAME, json.dumps(doc).encode())
+    assert load_bundle(bundle).thresholds().version == 10**17
+    running = Daemon(
+        in_process_config(tmp_path, bundle, {"kind": "synthetic", "rate_hz": 20, "width": 64, "height": 64})
+    )
+    running.start()
+    try:
+        assert ask(running, {"cmd": "status"})["thresholds_version"] == 10**17
+    finally:
+        running.shutdown()
+    doc["version"] = 10**20
+    loaded.replace_file(thresholds_doc.FILE_NAME, json.dumps(doc).encode())
+    with pytest.raises(BundleError, match=r"version: expected an integer from 1 to 99999999999999999999 \(what"):
+        load_bundle(bundle).thresholds()
 
 
 def test_rolling_back_to_the_version_in_use_says_so(daemon):

@@ -656,7 +656,7 @@ def _supersedes(member: Path, on_disk: str | None, data: bytes) -> bool:
         there = member.read_bytes()
         if hashlib.sha256(there).hexdigest() != on_disk:
             return False
-        current = thresholds_doc.parse(json.loads(there))
+        current = thresholds_doc.parse(json.loads(there), most=thresholds_doc.LOADED_MAX_VERSION)
         new = thresholds_doc.parse(json.loads(data))
         if new.version <= current.version:
             return False

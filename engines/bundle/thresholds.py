@@ -41,6 +41,9 @@ MIN_REFERENCE = 8
 # every client deaf, its own replies included. parse and dumps refuse any version above it, so none is ever sent,
 # written or loaded.
 MAX_VERSION = 2**53 - 1
+# The highest version a document already on disk may hold and still load: one set before the cap above existed (by
+# hand, at most the wire's 20 digits) keeps its station running, though no version can follow it.
+LOADED_MAX_VERSION = 10**20 - 1
 
 
 class ThresholdsError(ValueError):
@@ -337,7 +340,8 @@ def _number(doc: dict, key: str, where: str) -> float:
     return float(value)
 
 
-def parse(doc: Any, where: str = "thresholds") -> Thresholds:
+def parse(doc: Any, where: str = "thresholds", most: int = MAX_VERSION) -> Thresholds:
+    """The document `doc`, checked; `most`: the highest version taken (LOADED_MAX_VERSION for one read from disk)."""
     if not isinstance(doc, dict):
         raise ThresholdsError(f"{where}: expected a JSON object, got {type(doc).__name__}")
     known = {f.name for f in dataclasses.fields(Thresholds)}
@@ -345,8 +349,8 @@ def parse(doc: Any, where: str = "thresholds") -> Thresholds:
         if key not in known:
             raise ThresholdsError(f"{where}.{shown_name(key)}: unknown key (known: {', '.join(sorted(known))})")
     version = doc.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
-        raise ThresholdsError(f"{where}.version: {_version_range()}, got {show(version)}")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= most:
+        raise ThresholdsError(f"{where}.version: {_version_range(most)}, got {show(version)}")
     per_camera = doc.get("per_camera", {})
     if not isinstance(per_camera, dict):
         raise ThresholdsError(f"{where}.per_camera: expected a mapping of camera id to overrides")
@@ -375,7 +379,9 @@ def parse(doc: Any, where: str = "thresholds") -> Thresholds:
     )
 
 
-def _version_range() -> str:
+def _version_range(most: int = MAX_VERSION) -> str:
+    if most != MAX_VERSION:
+        return f"expected an integer from 1 to {most} (what every client's parser reads)"
     return (
         f"expected an integer from 1 to {MAX_VERSION} (2**53-1: the next version must stay within what every "
         "client's JSON parser reads exactly)"
@@ -390,7 +396,7 @@ def read(path: str | Path) -> Thresholds:
         raise ThresholdsError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, an integer past Python's 4300 digits
         raise ThresholdsError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:200]})") from exc
-    return parse(doc, where=str(path))
+    return parse(doc, where=str(path), most=LOADED_MAX_VERSION)
 
 
 def dumps(thresholds: Thresholds) -> bytes:

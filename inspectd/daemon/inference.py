@@ -224,7 +224,7 @@ def _parse_thresholds(bundle, data: bytes):
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{member}: not valid JSON ({exc})") from exc
     try:
-        return thresholds_doc.parse(doc, where=str(member))
+        return thresholds_doc.parse(doc, where=str(member), most=thresholds_doc.LOADED_MAX_VERSION)
     except thresholds_doc.ThresholdsError as exc:
         raise BundleError(str(exc)) from exc
 
