@@ -718,13 +718,15 @@ def ipc_hidden_by_the_units(config: Config) -> list[str]:
         path = Path(where)
         # A socket in state_dir goes where state_dir goes: a state_dir the units do not give the daemon (one under
         # /tmp, a test's) is the whole config's matter, not each socket's.
-        if path.is_relative_to(state_dir) or path.is_relative_to(RUNTIME_DIR):
+        # /dev (its shm among it) the units leave as it is: the camera and GPU devices live there.
+        if path.is_relative_to(state_dir) or path.is_relative_to(RUNTIME_DIR) or path.is_relative_to("/dev"):
             continue
         why = next((why for folder, why in UNIT_HIDDEN_FOLDERS.items() if path.is_relative_to(folder)), None)
         if why is None:
             why = (
                 "ProtectSystem=strict makes it read-only to the daemon, which may write only state_dir and "
-                f"{RUNTIME_DIR}, so its bind fails at every start"
+                f"{RUNTIME_DIR}, so its bind fails at every start (unless a drop-in lists its folder in "
+                "ReadWritePaths=)"
             )
         lines.append(
             f"{key} {endpoint}: under the systemd units {why}; expected a socket under {RUNTIME_DIR} or "
