@@ -131,6 +131,59 @@ def set_own_versions(daemon) -> thresholds_doc.Thresholds:
     return current
 
 
+def test_a_rollback_that_waited_out_a_reload_bringing_another_model_is_refused_not_put_on_that_model(
+    daemon, tmp_path, monkeypatch
+):
+    """The rollback was built from the running model's history before the reload's lock was taken: once a reload to
+    another model had finished meanwhile, the old model's values judged the new one, its thresholds.json held them and
+    their history, and the reply said it went through."""
+    import shutil
+
+    import numpy as np
+
+    from engines.bundle.store import write_bundle
+    from inspectd.errors import InspectdError
+    from station_model import M, grey_graph
+
+    set_own_versions(daemon)
+    old_model = daemon.stage.state.model_id
+    other = write_bundle(
+        tmp_path / "other",
+        {
+            "method": "test",
+            "backbone": "none",
+            "input": {"height": M, "width": M, "channels": 1, "resize": "stretch"},
+            "scorer_inputs": ["centre"],
+            "score_kind": "max",
+        },
+        grey_graph(),
+        {"centre": np.array([100.0], np.float32)},
+        {},
+        thresholds_doc.first_version(0.7, 0.7, {"tool": "test"}),
+    )
+    bundle = daemon.config.model.bundle
+    shutil.rmtree(bundle)
+    other.rename(bundle)
+    opening = daemon._open_reloaded
+
+    def slowly():  # a real model takes seconds to open and warm
+        time.sleep(0.5)
+        return opening()
+
+    monkeypatch.setattr(daemon, "_open_reloaded", slowly)
+    reloader = threading.Thread(target=daemon.reload)
+    reloader.start()
+    try:
+        wait_for(daemon._reload_lock.locked, 10, "the reload to hold the model")
+        with pytest.raises(InspectdError, match=r"^rollback: a reload changed the running thresholds while it waited"):
+            daemon.rollback(2)
+    finally:
+        reloader.join(30)
+    state = daemon.stage.state
+    assert state.model_id != old_model and state.thresholds_version == 1 and state.thresholds.image_threshold == 0.7
+    assert on_disk(daemon).image_threshold == 0.7 and on_disk(daemon).history == []
+
+
 def test_another_models_document_without_a_model_id_keeps_the_daemons_history_so_rollback_restores_its_own(daemon):
     """A document of another model that records no model_id (train's version 1, a rollback to it) passes the fit
     check; its history must not replace the daemon's: `ctl rollback 2` afterwards means this model's version 2, not

@@ -11,7 +11,7 @@ thresholds_version that judged it.
 
 Engine faults fail that batch's frames with verdict "error" and the next batch runs; `unhealthy_after` failed
 batches in a row mark the stage unhealthy until a batch succeeds again. A non-finite score (or region peak) is an
-engine fault too: that frame gets verdict "error" and its batch counts as failed.
+engine fault too: that frame gets verdict "error", and its batch counts as failed when no frame in it was judged.
 
 A reduced-precision engine (an FP16 graph or plan, an INT8 plan) judges with thresholds set on FP32 scores only after
 its scores were measured against the FP32 graph's on defect-free frames the bundle names (the thresholds'

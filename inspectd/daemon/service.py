@@ -937,11 +937,14 @@ class Daemon:
             self.publisher.drop_peers()  # a PUB socket cannot refuse one peer's messages: everyone handshakes again
         return changes
 
-    def set_thresholds(self, doc: Any, force: bool = False, own_history: bool = False) -> dict[str, Any]:
+    def set_thresholds(
+        self, doc: Any, force: bool = False, own_history: bool = False, built_on: tuple[str, int] | None = None
+    ) -> dict[str, Any]:
         """Check, write and swap in a thresholds document. `force` (`ctl set-thresholds --force`) skips the fit
         checks (model, cameras) and the range check, not the version's nor the engine's score shift. `own_history`: a
         version restored from the running document's history (rollback), made for this daemon when it was set, so
-        not checked for fit again."""
+        not checked for fit again; `built_on`: the (model id, thresholds version) it was built from, which must still
+        run once the reload lock is held."""
         from engines.bundle import thresholds as thresholds_doc
         from engines.bundle.store import NotDurable
         from inspectd.daemon.control import BUNDLE_LOCK_WAIT_S
@@ -961,6 +964,14 @@ class Daemon:
             )
         try:
             state = self.stage.state
+            if built_on is not None and built_on != (state.model_id, state.thresholds_version):
+                # A reload finished while this waited for its lock: restored onto another model, the old model's
+                # values and history would judge (and be written into) the new one, unchecked for fit.
+                raise InspectdError(
+                    f"rollback: a reload changed the running thresholds while it waited (now model {state.model_id}, "
+                    f"version {state.thresholds_version}), nothing written: expected the request again against "
+                    "what runs now (`inspectd ctl status`)"
+                )
             # Above a version a reload took back too (the bundle could not be written then): that number and those
             # below it already named other documents of this model.
             behind = self._went_back.get(state.model_id)
@@ -1026,11 +1037,13 @@ class Daemon:
 
         if isinstance(version, bool) or not isinstance(version, int):
             raise InspectdError(f"rollback.version: {version!r}, expected an earlier thresholds version (integer)")
+        state = self.stage.state
         try:
-            new = thresholds_doc.rollback(self.stage.state.thresholds, version)
+            new = thresholds_doc.rollback(state.thresholds, version)
         except thresholds_doc.ThresholdsError as exc:
             raise InspectdError(str(exc)) from None
-        return {**self.set_thresholds(new.to_dict(), own_history=True), "rolled_back_to": version}
+        built_on = (state.model_id, state.thresholds_version)
+        return {**self.set_thresholds(new.to_dict(), own_history=True, built_on=built_on), "rolled_back_to": version}
 
     def _ingest_for(self, camera: Any):
         if camera not in self.ingest:
