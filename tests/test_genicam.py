@@ -154,6 +154,23 @@ def take(queue: FrameQueue, count: int, timeout: float = 20.0) -> list:
     return frames
 
 
+def take_whole(queue: FrameQueue, count: int, timeout: float = 20.0) -> list:
+    """`count` frames that arrived whole. On a loaded machine the fake camera's UDP stream can drop a packet, and a
+    frame that did not arrive whole is an error frame, as the module says: passed over, any other error fails."""
+    whole: list = []
+    deadline = time.monotonic() + timeout
+    while len(whole) < count and time.monotonic() < deadline:
+        frame = queue.get_nowait()
+        if frame is None:
+            time.sleep(0.01)
+        elif frame.error is None:
+            whole.append(frame)
+        else:
+            assert "incomplete" in frame.error or "lost between camera and host" in frame.error, frame.error
+    assert len(whole) == count, f"{len(whole)} of {count} whole frames within {timeout} s"
+    return whole
+
+
 def stop(ingest_threads, ingest: CameraIngest) -> None:
     ingest.stop()
     ingest.join(10)
@@ -162,17 +179,20 @@ def stop(ingest_threads, ingest: CameraIngest) -> None:
 
 def test_frames_arrive_with_the_configured_exposure_gain_and_format(fake_camera, ingest_threads):
     ingest, queue = run(ingest_threads, pixel_format="Mono8", exposure_us=10000, gain_db=0, frame_rate_hz=50)
-    plain = take(queue, 5)
+    taken = take(queue, 5)
     settings = ingest._source.applied  # read back from the camera's registers after open
     stop(ingest_threads, ingest)
-    assert all(f.error is None and f.image.shape == (512, 512) and f.image.dtype == np.uint8 for f in plain)
+    # A frame a loaded machine's UDP stream dropped a packet of is an error frame with its own id: only that.
+    plain = [f for f in taken if f.error is None]
+    assert plain and all("incomplete" in f.error or "lost between" in f.error for f in taken if f.error), taken
+    assert all(f.image.shape == (512, 512) and f.image.dtype == np.uint8 for f in plain)
     assert settings["exposure_us"] == 10000 and settings["gain_db"] == 0 and settings["trigger_mode"] == "Off"
     assert settings["pixel_format"] == "Mono8" and settings["model"].startswith("Aravis")
-    counters = [int(f.frame_id) for f in plain]
+    counters = [int(f.frame_id) for f in taken]
     assert all(frames_lost(a, b) == 0 for a, b in zip(counters, counters[1:])), counters  # the camera's own ids
 
     ingest, queue = run(ingest_threads, pixel_format="Mono8", exposure_us=20000, gain_db=8, frame_rate_hz=50)
-    bright = take(queue, 5)
+    bright = take_whole(queue, 5)
     settings = ingest._source.applied
     assert settings["exposure_us"] == 20000 and settings["gain_db"] == 8
     assert np.mean([f.image.mean() for f in bright]) > 1.5 * np.mean([f.image.mean() for f in plain])
@@ -219,10 +239,9 @@ def test_a_stream_socket_too_small_for_a_frame_is_named_with_the_setting_to_rais
 
 def test_software_and_hardware_line_trigger(fake_camera, ingest_threads):
     ingest, queue = run(ingest_threads, trigger="software", software_rate_hz=20)
-    frames = take(queue, 6)
+    take_whole(queue, 6)
     settings = ingest._source.applied
     assert (settings["trigger_mode"], settings["trigger_source"]) == ("On", "Software")
-    assert all(f.error is None for f in frames)
     stop(ingest_threads, ingest)
 
     # A hardware line trigger with no part passing: no frames, and that is not a dead camera.
@@ -298,7 +317,7 @@ def test_mono10_and_mono12_values_above_full_scale_saturate(tmp_path, ingest_thr
     camera = FakeCamera("-g", str(xml))
     try:
         ingest, queue = run(ingest_threads, pixel_format=pixel_format, exposure_us=10000, gain_db=0, frame_rate_hz=50)
-        frames = take(queue, 3)
+        frames = take_whole(queue, 3)
         assert ingest._source.applied["pixel_format"] == pixel_format
         stop(ingest_threads, ingest)
     finally:
@@ -322,8 +341,7 @@ def test_mono10_and_mono12_values_above_full_scale_saturate(tmp_path, ingest_thr
 )
 def test_a_frame_period_longer_than_stall_s_is_not_taken_for_a_dead_camera(fake_camera, ingest_threads, source):
     ingest, queue = run(ingest_threads, stall_s=0.3, **source)
-    frames = take(queue, 3, timeout=15)
-    assert all(f.error is None for f in frames), [f.error for f in frames]
+    take_whole(queue, 3, timeout=15)
     assert ingest.reopen_count == 0 and ingest.stats()["state"] == "running", ingest.stats()
 
 
