@@ -30,6 +30,35 @@ def stdout_is_journal() -> bool:
     return stream == f"{st.st_dev}:{st.st_ino}"
 
 
+class _LineLogger(structlog.PrintLogger):
+    """A PrintLogger whose failed write loses that line, not the thread that logged it: with stdout's reader gone (a
+    supervisor restarted, `| tee` killed) or its file on a full disk, a control request's log line ended the control
+    thread, a reload's the reload, a stop's the stop, with frames already accepted left unjudged."""
+
+    lost = 0  # lines no write took, over every logger of the process
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):  # EPIPE, ENOSPC, EIO; ValueError: stdout closed
+            _LineLogger.lost += 1
+
+    log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
+
+
+class _LineHandler(logging.StreamHandler):
+    """The standard-library records' handler, losing a line it cannot write as _LineLogger does (logging's own
+    handleError would print a traceback per record to stderr, which a lost stdout often shares)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        _LineLogger.lost += 1
+
+
+def lines_lost() -> int:
+    """Log lines the process could not write (stdout's reader gone, a full disk)."""
+    return _LineLogger.lost
+
+
 def _priority_prefix(_logger: Any, method_name: str, line: Any) -> Any:
     return f"<{PRIORITIES.get(method_name, 6)}>{line}"
 
@@ -52,12 +81,12 @@ def configure_logging(level: str = "info", fmt: str = "json", stdlib: tuple[str,
     structlog.configure(
         processors=[*first, *last],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=lambda *_args: _LineLogger(sys.stdout),
         cache_logger_on_first_use=False,
     )
     if not stdlib:
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _LineHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*first, structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder()],

@@ -843,3 +843,51 @@ def test_short_soak_flat_memory_no_frame_lost(bundle, tmp_path):
     # 12 MB over ~1500 results is the same 8 kB a result (and 1.25 MB a second) a longer run would be held to. A
     # leak-free daemon's RSS moves by about 1 MB here.
     assert report["rss_growth_mb"] < 12, json.dumps(report)
+
+
+def test_a_daemon_whose_stdout_reader_went_away_keeps_serving_and_stops_cleanly(bundle, tmp_path):
+    """Its log lines go to stdout: with the reader gone (a supervisor other than journald restarted, `| tee` killed),
+    the first line a control request logged ended the control thread (BrokenPipeError), a reload's the reload, and
+    the stop's the stop, with frames already accepted left unjudged. Such lines are lost; the daemon goes on."""
+    import yaml
+
+    from inspectd.protocol.control import ControlClient
+
+    control = f"ipc://{tmp_path}/control.sock"
+    config = {
+        "station": "f1",
+        "model": {"bundle": str(bundle)},
+        "engine": {"backend": "onnxruntime", "options": {"intra_op_threads": 1}},
+        "cameras": [synthetic("cam0", 20)],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+        "control": {"endpoint": control},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+        "shutdown_timeout_s": 10.0,
+    }
+    (tmp_path / "inspectd.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inspectd", "run", "--config", str(tmp_path / "inspectd.yaml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        assert any(b'"ready"' in line for line in proc.stdout), "the daemon never logged ready"
+        proc.stdout.close()  # the reader goes away
+        for _ in range(3):  # each request logs a line
+            with ControlClient(control, timeout_s=10) as client:
+                assert client.request({"cmd": "status"})["ok"] is True
+            time.sleep(0.3)
+        with ControlClient(control, timeout_s=10) as client:
+            published = client.request({"cmd": "status"})["cameras"]["cam0"]["published"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    journalled = [seq for seq, _ in read_since(tmp_path / "state" / "journal", "cam0", -1)]
+    assert published > 0 and journalled == list(range(len(journalled))) and len(journalled) >= published
