@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import cv2
@@ -854,6 +855,7 @@ def test_a_daemon_whose_stdout_reader_went_away_keeps_serving_and_stops_cleanly(
     from inspectd.protocol.control import ControlClient
 
     control = f"ipc://{tmp_path}/control.sock"
+    metrics = f"127.0.0.1:{free_port()}"
     config = {
         "station": "f1",
         "model": {"bundle": str(bundle)},
@@ -861,7 +863,7 @@ def test_a_daemon_whose_stdout_reader_went_away_keeps_serving_and_stops_cleanly(
         "cameras": [synthetic("cam0", 20)],
         "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
         "control": {"endpoint": control},
-        "metrics": {"listen": None},
+        "metrics": {"listen": metrics},
         "state_dir": str(tmp_path / "state"),
         "shutdown_timeout_s": 10.0,
     }
@@ -883,6 +885,9 @@ def test_a_daemon_whose_stdout_reader_went_away_keeps_serving_and_stops_cleanly(
             time.sleep(0.3)
         with ControlClient(control, timeout_s=10) as client:
             published = client.request({"cmd": "status"})["cameras"]["cam0"]["published"]
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as reply:
+            lost = [line for line in reply.read().decode().splitlines() if line.startswith("inspectd_log_lines_lost")]
+        assert len(lost) == 1 and float(lost[0].split()[1]) >= 3, lost  # a line per request at least
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:

@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import Collector
 
 from inspectd.daemon.drift import CLEAR_SE, RAISE_SE, WARNING_FACTOR
+from inspectd.logs import lines_lost
 
 log = structlog.get_logger("inspectd.daemon.metrics")
 
@@ -167,6 +168,11 @@ class _StatusCollector(Collector):
             yield GaugeMetricFamily(
                 "inspectd_archive_bytes", "Bytes the image archive holds on disk.", value=int(archive["bytes"])
             )
+        yield CounterMetricFamily(
+            "inspectd_log_lines_lost",
+            "Log lines stdout did not take (its reader gone, a full disk): lost, the daemon goes on.",
+            value=lines_lost(),
+        )
         refused = CounterMetricFamily(
             "inspectd_auth_refused", "CurveZMQ connection attempts refused per socket.", labels=["socket"]
         )
