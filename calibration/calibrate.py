@@ -1172,13 +1172,6 @@ def _calibrate(bundle, current, args, out):
     if skipped := scored.skipped_good + scored.skipped_defect:
         from engines.training.evaluate import skipped_lines
 
-        refused, skipped = _pixels_refused(skipped, scored.masks_left_out)
-        if refused:
-            shown = "; ".join(_one_line(exc) for exc in refused[:5]) + (" ..." if len(refused) > 5 else "")
-            print(
-                f"WARNING: skipped {len(refused)} image(s) that decode to pixels the model cannot take: {shown}",
-                file=out,
-            )
         for line in skipped_lines(skipped, scored.masks_left_out):
             print(line, file=out)
     for left_out in (scored.twins_good, scored.twins_defect):
@@ -1311,51 +1304,17 @@ def _bit_depth_warning(bundle, flag: str, paths: list[Path]) -> str | None:
     )
 
 
-# Headers of the formats OpenCV decodes to 8-bit pixels only: PNG (its header gives its depth, which
-# detect_bit_depth reads), JPEG and BMP.
-EIGHT_BIT_ONLY = (b"\x89PNG", b"\xff\xd8", b"BM")
-
-
 def _depth_readable(path: Path) -> bool:
-    """Whether the image at `path` counts toward its set's bit depth: it decodes, to unsigned 8- or 16-bit pixels.
-    detect_bit_depth counts every image that is not 16-bit as 8-bit, a float32 TIFF too, which then stood as the
-    8-bit half of a set refused as mixed; scoring leaves such an image out and names it with its reason."""
-    from engines.data.images import detect_bit_depth, load_image
+    """Whether the image at `path` counts toward its set's bit depth: it decodes, to unsigned 8- or 16-bit pixels (a
+    float32 TIFF would stand as the 8-bit half of a set refused as mixed; scoring leaves it out and names it)."""
+    from engines.data.images import detect_bit_depth
     from engines.errors import DataError
 
     try:
-        if detect_bit_depth([path]) is None:
-            with path.open("rb") as file:
-                head = file.read(4)
-            if not head.startswith(EIGHT_BIT_ONLY):
-                load_image(path)  # refuses pixels of any other type (float, signed, 32-bit), naming it
+        detect_bit_depth([path])
     except (DataError, OSError):
         return False
     return True
-
-
-def _pixels_refused(
-    skipped: list[tuple[Path, DataError]], masks: set[Path]
-) -> tuple[list[DataError], list[tuple[Path, DataError]]]:
-    """The reasons of the images scoring left out that decode, to pixels the model cannot take (a float32 TIFF: its
-    DataError names the dtype), and the rest of `skipped` (the image or its mask, why), which skipped_lines says do
-    not decode or cannot be read: "does not decode" of a float TIFF sent the operator to look for a damaged file.
-    Only the images left out are decoded again, each as scoring decoded it once."""
-    from engines.data.images import decode_native, read_error, read_file
-    from engines.errors import DataError
-
-    refused, rest = [], []
-    for path, exc in skipped:
-        if path not in masks and read_error(exc) is None:
-            try:
-                decode_native(read_file(path), str(path))
-            except DataError:
-                pass
-            else:
-                refused.append(exc)
-                continue
-        rest.append((path, exc))
-    return refused, rest
 
 
 def _in_both(good: list[Path], defective: list[tuple[Path, Path | None]]) -> list[str]:

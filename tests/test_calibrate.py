@@ -888,7 +888,7 @@ def test_a_run_where_every_good_image_fails_to_decode_is_still_refused(tmp_path,
     code, out, err = calibrate(capsys, bundle, "--good", good)
     assert code == 2
     assert err.strip().splitlines()[-1] == (
-        f"inspectd calibrate: {good / '0000.png'}: cannot decode, expected a JPEG/PNG/BMP/TIFF image"
+        f"inspectd calibrate: {good / '0000.png'}: cannot decode, expected a JPEG/PNG/BMP/TIFF/PNM/WebP image"
     ), err
     assert thresholds_doc.read(bundle / thresholds_doc.FILE_NAME).version == 1
 

@@ -463,3 +463,66 @@ def test_a_peer_that_sends_without_reading_replies_is_held_back_not_buffered(tmp
         flood.close()
         slow.close()
         srv.stop()
+
+
+def _wait_for(check, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_removed_control_socket_file_is_bound_again_and_a_connected_client_keeps_its_connection(server):
+    """An operator clearing a "stale" socket or a tmp cleaner removing the control socket file left `inspectd ctl`
+    unable to reach the daemon, which stayed healthy and logged nothing. The path is bound again within about a
+    second, on the same socket: a client connected before keeps being answered."""
+    import structlog.testing
+
+    srv, _ = server
+    path = srv.endpoint[len("ipc://") :]
+    with structlog.testing.capture_logs() as logs, ControlClient(srv.endpoint, timeout_s=3) as old:
+        assert old.request({"cmd": "status"})["ok"] is True
+        for round_ in range(2):  # a second removal is found too
+            os.unlink(path)
+            _wait_for(lambda: os.path.exists(path), "the socket file bound again")
+            _wait_for(
+                lambda n=round_ + 1: len([e for e in logs if e["event"] == "socket_file_rebound"]) == n, "its log line"
+            )
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660  # the group's clients may connect
+            with ControlClient(srv.endpoint, timeout_s=3) as new:
+                assert new.request({"cmd": "status"})["ok"] is True
+            assert old.request({"cmd": "status"})["ok"] is True
+    event = next(e for e in logs if e["event"] == "socket_file_rebound")
+    assert event["log_level"] == "warning" and event["error"] == (
+        f"{srv.endpoint}: its socket file is gone (No such file or directory), expected it there while bound: new "
+        "control clients (`inspectd ctl`, calibrate --apply) could not connect, bound again"
+    ), event
+
+
+def test_a_control_socket_file_removed_again_and_again_is_bound_afresh(server, monkeypatch):
+    """Each bind in place leaves a listener on the removed file: past the limit the endpoint is unbound (closing them
+    all) and bound afresh at the next check."""
+    import structlog.testing
+
+    from inspectd.daemon import socket_file
+
+    monkeypatch.setattr(socket_file, "MAX_REBINDS", 1)
+    srv, _ = server
+    path = srv.endpoint[len("ipc://") :]
+    with structlog.testing.capture_logs() as logs:
+
+        def rebound() -> int:
+            return len([e for e in logs if e["event"] == "socket_file_rebound"])
+
+        os.unlink(path)
+        _wait_for(lambda: rebound() == 1 and os.path.exists(path), "the bind in place")
+        os.unlink(path)
+        _wait_for(lambda: rebound() == 3 and os.path.exists(path), "the endpoint bound afresh")
+        with ControlClient(srv.endpoint, timeout_s=3) as client:
+            assert client.request({"cmd": "status"})["ok"] is True
+    errors = [e["error"] for e in logs if e["event"] == "socket_file_rebound"]
+    assert errors[1] == (
+        f"{srv.endpoint}: its socket file is gone (No such file or directory), expected it there while bound, bound "
+        "again 1 times: binding it afresh (the control clients (`inspectd ctl`, calibrate --apply) connected reconnect)"
+    ), errors
+    assert not [e for e in logs if e["log_level"] == "error"], logs

@@ -561,8 +561,8 @@ def test_an_image_that_does_not_decode_is_skipped_with_a_warning_and_counted(
     shutil.copy(broken[0], only_broken / "test" / "good")
     proc = _eval(str(tiny_bundle), "--data", str(only_broken))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
-        f"inspectd eval: {only_broken / 'test' / 'good' / 'broken.png'}: cannot decode, expected a JPEG/PNG/BMP/TIFF "
-        "image"
+        f"inspectd eval: {only_broken / 'test' / 'good' / 'broken.png'}: cannot decode, expected a "
+        "JPEG/PNG/BMP/TIFF/PNM/WebP image"
     ), proc.stderr
 
 

@@ -413,3 +413,48 @@ def test_files_opencv_decodes_under_other_suffixes_are_images(tmp_path):
     assert cv2.imwrite(str(deep / "g.pgm"), np.full((8, 8), 4095, np.uint16))
     depth = detect_bit_depth(list_images(deep))
     assert depth is not None and depth.bits == 12
+
+
+def _float_tiff(path: Path) -> Path:
+    assert cv2.imwrite(str(path), np.full((16, 16), 0.5, np.float32))
+    assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).dtype == np.float32
+    return path
+
+
+@pytest.mark.parametrize("others", ["8-bit", "16-bit", "none"])
+def test_a_float_tiff_is_named_by_its_pixels_not_counted_as_8_bit(tmp_path, others):
+    """A float32 TIFF decodes, to pixels the model cannot take: detect_bit_depth counted it as 8-bit (beside 16-bit
+    frames the set was refused as mixing "8-bit pixels" with 16-bit ones), and train, eval and teach said it did "not
+    decode", sending the operator to look for a damaged file."""
+    from engines.data.images import skipped_warnings
+
+    paths = [_float_tiff(tmp_path / "f.tiff")]
+    if others == "8-bit":
+        paths.append(_write(tmp_path / "a.png", 1, (16, 16)))
+    elif others == "16-bit":
+        assert cv2.imwrite(str(tmp_path / "a.png"), np.full((16, 16), 4095, np.uint16))
+        paths.append(tmp_path / "a.png")
+    reason = f"{paths[0]}: dtype float32, expected unsigned 8- or 16-bit pixels (uint8 or uint16)"
+    with pytest.raises(DataError) as raised:
+        detect_bit_depth(paths)
+    assert str(raised.value) == reason
+    with pytest.raises(DataError) as loaded:
+        load_image(paths[0])
+    assert str(loaded.value) == reason  # one wording, whichever meets it first
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(cv2.imencode(".png", np.zeros((16, 16), np.uint8))[1].tobytes()[:40])
+    with pytest.raises(DataError) as undecoded:
+        load_image(cut)
+    assert skipped_warnings([(paths[0], loaded.value), (cut, undecoded.value)]) == [
+        f"WARNING: skipped 1 image(s) that decode to pixels the model cannot take: {reason}",
+        f"WARNING: skipped 1 image(s) that do not decode: {cut}",
+    ]
+
+
+def test_a_file_that_does_not_decode_is_refused_naming_every_format_images_may_be(tmp_path):
+    """The refusal named JPEG/PNG/BMP/TIFF only, while .webp, .pgm/.ppm/.pnm files are read as images too."""
+    bad = tmp_path / "bad.webp"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(DataError) as raised:
+        load_image(bad)
+    assert str(raised.value) == f"{bad}: cannot decode, expected a JPEG/PNG/BMP/TIFF/PNM/WebP image"

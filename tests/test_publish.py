@@ -704,9 +704,9 @@ def test_a_removed_publish_socket_file_is_bound_again_and_connected_subscribers_
 def test_a_publish_socket_file_removed_again_and_again_is_bound_afresh(tmp_path, monkeypatch):
     """Each bind in place leaves a listener on the removed file: past the limit the endpoint is unbound (closing
     them all) and bound afresh, the subscribers reconnecting by themselves."""
-    from inspectd.daemon import publish
+    from inspectd.daemon import socket_file
 
-    monkeypatch.setattr(publish, "MAX_SOCKET_FILE_REBINDS", 1)
+    monkeypatch.setattr(socket_file, "MAX_REBINDS", 1)
     path = tmp_path / "pub.sock"
     endpoint = f"ipc://{path}"
     publisher = Publisher(endpoint, "line1", status_interval_s=0.1, status=_status).start()

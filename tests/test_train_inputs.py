@@ -411,3 +411,16 @@ def test_a_pixel_threshold_above_the_image_one_is_warned_of_by_train_as_by_calib
     # At or below the image threshold every defect keeps a region; a scorer's own image score is not a pooled map.
     assert threshold_lines(dataclasses.replace(result, pixel_threshold=36.82), auto=False)[1:] == []
     assert threshold_lines(dataclasses.replace(result, pools_the_map=False), auto=False)[1:] == []
+
+
+def test_a_float_tiff_among_16_bit_images_is_refused_by_its_pixels_not_as_an_8_bit_one(tmp_path):
+    """A float32 TIFF counted as 8-bit: beside 16-bit frames train refused the set as mixing "8-bit pixels" (the TIFF)
+    with 16-bit ones, sending the operator to look for an 8-bit frame."""
+    from engines.errors import DataError
+
+    paths = _sixteen_bit(tmp_path / "good", 2, 0, 4000)
+    tiff = tmp_path / "good" / "f.tiff"
+    assert cv2.imwrite(str(tiff), np.full((32, 32), 0.5, np.float32))
+    with pytest.raises(DataError) as raised:
+        _bit_depth([*paths, tiff], None, print)
+    assert str(raised.value) == f"{tiff}: dtype float32, expected unsigned 8- or 16-bit pixels (uint8 or uint16)"

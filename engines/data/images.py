@@ -30,6 +30,9 @@ from engines.errors import DataError
 # JPEG as, and a suffix left out here made its images vanish from a folder without a word.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm"}
 
+# How a refusal names the formats IMAGE_SUFFIXES holds: OpenCV decodes each by its content, whatever its suffix.
+FORMATS = "JPEG/PNG/BMP/TIFF/PNM/WebP"
+
 # A 16-bit file holds as many significant bits as its camera gave: 12-bit pixels (0-4095) shifted down by 8 would be
 # 0-15, nearly black. Without a depth, 16-bit pixels are taken as using all 16 bits.
 DEFAULT_BIT_DEPTH = 16  # engines.bundle.format.LEGACY_BIT_DEPTH: what a bundle that declares no depth narrows by
@@ -49,10 +52,15 @@ def decode_native(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
         image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # its own limits (size, memory) raise instead of returning None
         reason = (getattr(exc, "err", None) or str(exc)).strip().splitlines()[-1]
-        raise DataError(f"{what}: cannot decode ({reason}), expected a JPEG/PNG/BMP/TIFF image") from None
+        raise DataError(f"{what}: cannot decode ({reason}), expected a {FORMATS} image") from None
     if image is None:
-        raise DataError(f"{what}: cannot decode, expected a JPEG/PNG/BMP/TIFF image")
+        raise DataError(f"{what}: cannot decode, expected a {FORMATS} image")
     return image
+
+
+class PixelsRefused(DataError):
+    """An image that decodes, to pixels the model cannot take (float, signed or 32-bit, two channels): told apart from
+    a file that does not decode, which sends the operator looking for a damaged file."""
 
 
 def narrow_to_uint8(image: np.ndarray, bit_depth: int = DEFAULT_BIT_DEPTH) -> np.ndarray:
@@ -69,7 +77,7 @@ def as_uint8_gray_or_rgb(image: np.ndarray, what: str = "image", bit_depth: int 
     if image.dtype == np.uint16:
         image = narrow_to_uint8(image, bit_depth)
     if image.dtype != np.uint8:
-        raise DataError(f"{what}: dtype {image.dtype}, expected unsigned 8- or 16-bit pixels (uint8 or uint16)")
+        raise PixelsRefused(f"{what}: dtype {image.dtype}, expected unsigned 8- or 16-bit pixels (uint8 or uint16)")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     elif image.ndim == 3 and image.shape[2] == 4:
@@ -77,7 +85,7 @@ def as_uint8_gray_or_rgb(image: np.ndarray, what: str = "image", bit_depth: int 
     elif image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     elif image.ndim != 2:
-        raise DataError(f"{what}: shape {image.shape}, expected HxW or HxWx3")
+        raise PixelsRefused(f"{what}: shape {image.shape}, expected HxW or HxWx3")
     return image
 
 
@@ -98,23 +106,36 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Binary and text PGM/PPM: 16-bit when their maximum value is above 255, which only decoding reads back simply.
 PNM_MAGIC = (b"P2", b"P3", b"P5", b"P6")
+JPEG_MAGIC = b"\xff\xd8"
+BMP_MAGIC = b"BM"
+
+
+def _eight_bit_only(head: bytes) -> bool:
+    """Whether a file starting with `head` (26 bytes) decodes to 8-bit pixels whatever it holds: JPEG, BMP and WebP
+    always do, a PNG by its header (IHDR's bit depth)."""
+    if head.startswith(PNG_SIGNATURE):
+        return len(head) >= 25 and head[24] != 16
+    return head.startswith((JPEG_MAGIC, BMP_MAGIC)) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def _sixteen_bit(path: Path) -> np.ndarray | None:
-    """The image at `path` as decoded when it holds 16-bit pixels, else None. A PNG says its depth in its header and
-    is decoded only when 16-bit; JPEG, BMP and WebP hold 8 bits."""
+    """The image at `path` as decoded when it holds 16-bit pixels, None when 8-bit; a DataError when it does not
+    decode, and PixelsRefused (as_uint8_gray_or_rgb's words) when it decodes to pixels of another type: a float32
+    TIFF counted as 8-bit stood as the 8-bit half of a set refused as mixed. Only files whose header does not say
+    8 bits (TIFF, PNM, a 16-bit PNG, anything unknown) are decoded."""
     try:
         with path.open("rb") as f:
             head = f.read(26)
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    if head.startswith(PNG_SIGNATURE):
-        if len(head) < 25 or head[24] != 16:  # IHDR's bit depth
-            return None
-    elif head[:4] not in TIFF_MAGIC and head[:2] not in PNM_MAGIC:
+    if _eight_bit_only(head):
         return None
     image = decode_native(read_file(path), str(path))
-    return image if image.dtype == np.uint16 else None
+    if image.dtype == np.uint16:
+        return image
+    if image.dtype != np.uint8:
+        as_uint8_gray_or_rgb(image, str(path))  # raises, naming the dtype as loading the image would
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +176,8 @@ def detect_bit_depth(paths: Sequence[str | Path]) -> DetectedDepth | None:
     else the fewest even number of bits, at least 8, that holds the largest colour or grey value
     (DetectedDepth.by_value). Where both readings fit (DetectedDepth.ambiguous) it is the value's, which keeps every
     grey level; train says so. None when every image is 8-bit; a DataError naming one of each when 8- and 16-bit
-    images are mixed (they would be narrowed unlike each other)."""
+    images are mixed (they would be narrowed unlike each other), and one naming an image that does not decode or
+    decodes to pixels of another type (PixelsRefused: a float32 TIFF)."""
     largest, ored, first_16, first_8 = 0, 0, None, None
     for path in map(Path, paths):
         image = _sixteen_bit(path)
@@ -438,6 +460,13 @@ def skipped_warning(paths: Sequence[Path]) -> str:
     return f"WARNING: skipped {len(paths)} image(s) that do not decode: {shown}"
 
 
+def refused_warning(refused: Sequence[DataError]) -> str:
+    """The WARNING for images left out because they decode to pixels the model cannot take (PixelsRefused), each
+    with its reason, which names the file and its dtype or shape."""
+    shown = "; ".join(str(exc).splitlines()[0] for exc in refused[:5]) + (" ..." if len(refused) > 5 else "")
+    return f"WARNING: skipped {len(refused)} image(s) that decode to pixels the model cannot take: {shown}"
+
+
 def read_error(exc: DataError) -> str | None:
     """The system's reason (`Permission denied`) when `exc` says a file could not be read at all, None when it was
     read and does not decode: "does not decode" of a file this user may not read sends them to look at a sound
@@ -453,12 +482,18 @@ def unread_warning(unread: Sequence[tuple[Path, str]], which: str = "that cannot
 
 
 def skipped_warnings(failures: Sequence[tuple[Path, DataError]]) -> list[str]:
-    """The WARNING lines for images left out, (the image, why) each: those that do not decode, then those that
-    cannot be read, with the system's reason."""
-    reasons = [(path, read_error(exc)) for path, exc in failures]
+    """The WARNING lines for images left out, (the image, why) each: those that decode to pixels the model cannot
+    take (a float32 TIFF, which "does not decode" sent the operator to look at as a damaged file), those that do not
+    decode, then those that cannot be read, with the system's reason."""
+    refused = [exc for _, exc in failures if isinstance(exc, PixelsRefused)]
+    reasons = [(path, read_error(exc)) for path, exc in failures if not isinstance(exc, PixelsRefused)]
     undecoded = [path for path, why in reasons if why is None]
     unread = [(path, why) for path, why in reasons if why is not None]
-    return ([skipped_warning(undecoded)] if undecoded else []) + ([unread_warning(unread)] if unread else [])
+    return (
+        ([refused_warning(refused)] if refused else [])
+        + ([skipped_warning(undecoded)] if undecoded else [])
+        + ([unread_warning(unread)] if unread else [])
+    )
 
 
 LOSSY_SUFFIXES = {".jpg", ".jpeg", ".jfif"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import structlog
 import zmq
 
 from inspectd.daemon.security import open_ipc_to_group, refuse_served_ipc
+from inspectd.daemon.socket_file import SocketFile
 from inspectd.durable import make_dirs
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import MAX_REQUEST_BYTES, parse_request
@@ -41,6 +43,9 @@ BUNDLE_LOCK_WAIT_S = 2.0
 # for replies (a DEALER) park 1000 requests of up to 1 MiB (~1 GB) in the daemon while one slow request is handled;
 # past this many, libzmq stops reading that connection and the sender blocks. A REQ client has one in flight at a time.
 RECEIVE_QUEUE = 16
+# How often the ipc socket file is looked at (one stat): removed, `inspectd ctl` could no longer reach a daemon that
+# stayed healthy and logged nothing.
+SOCKET_FILE_CHECK_S = 1.0
 
 
 # The longest error a reply or a log line carries. Refusals repeat what the client sent, and each is meant to shorten
@@ -101,6 +106,7 @@ class ControlServer:
         self.requests = 0
         self.refused = 0
         self._sock: zmq.Socket | None = None
+        self._socket_file = SocketFile(log, "control clients (`inspectd ctl`, calibrate --apply)", "every second")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
 
@@ -129,6 +135,7 @@ class ControlServer:
             sock.close()
             raise OSError(f"control.endpoint {exc}") from None
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._socket_file.bound(self.endpoint)
         self._sock = sock
         self._thread.start()  # the socket moves to the server thread; only it touches the socket from now on
         log.info("control_listening", endpoint=self.endpoint)
@@ -141,8 +148,13 @@ class ControlServer:
     def _serve(self) -> None:
         sock = self._sock
         assert sock is not None, "the thread starts only after start() has bound the socket"
+        next_check = time.monotonic() + SOCKET_FILE_CHECK_S
         try:
             while not self._stop.is_set():
+                # Busy or idle: a client that keeps sending must not keep every new one out.
+                if time.monotonic() >= next_check:
+                    self._check_socket_file(sock)
+                    next_check = time.monotonic() + SOCKET_FILE_CHECK_S
                 if not sock.poll(POLL_MS):
                     continue
                 # The whole message: a REP socket left mid-message (RCVMORE) cannot send, so reading one frame of a
@@ -177,6 +189,22 @@ class ControlServer:
             raise
         finally:
             sock.close(linger=0)
+
+    def _check_socket_file(self, sock: zmq.Socket) -> None:
+        """Bind the ipc socket file again where it was removed or replaced (SocketFile.check), between requests; past
+        its limit unbound, which closes every listener on the path and the connections through them (a client
+        mid-request times out and may retry), and bound again at the next check."""
+        try:
+            if self._socket_file.check(sock, self.endpoint) is None:
+                return
+            try:
+                sock.unbind(self.endpoint)
+            except zmq.ZMQError as exc:
+                log.error("control_unbind_failed", endpoint=self.endpoint, error=str(exc), effect="still bound")
+                return
+            self._socket_file.unbound()
+        except Exception as exc:  # a check that fails must not end the control channel
+            log.error("socket_file_check_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
 
     def alive(self) -> bool:
         """The server thread is answering (or has not been started yet)."""

@@ -12,7 +12,6 @@ path. None is configured by default.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -24,6 +23,7 @@ import zmq
 
 from inspectd.daemon.inference import Judged
 from inspectd.daemon.security import open_ipc_to_group, refuse_served_ipc
+from inspectd.daemon.socket_file import SocketFile
 from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.messages import encode_mask, encode_result, encode_status
 
@@ -32,9 +32,6 @@ _WAKE = object()  # wakes the thread to look at its flags (a re-bind asked for)
 REBIND_WAIT_S = 5.0  # how long the endpoint may take to come free again after unbind
 BIND_RETRY_S = 3.0  # how often a bind that failed is tried again, results still journalled meanwhile
 SUBMIT_CHECK_S = 0.5  # how often a submit waiting on a full queue looks whether the thread is still there to empty it
-# Socket files bound again in place before the endpoint is unbound and bound afresh instead: each one leaves a listener
-# on the file that was removed, open until the socket unbinds, so that the subscribers connected through it stay.
-MAX_SOCKET_FILE_REBINDS = 16
 log = structlog.get_logger("inspectd.daemon.publish")
 
 
@@ -116,12 +113,9 @@ class Publisher:
         self.bound = True  # False while a rebind has failed: results are journalled, not sent
         self._unbound_since: float | None = None  # monotonic time the endpoint was given up, while it is
         self._bind_retry_at = 0.0  # when a failed bind is tried again
-        # The ipc socket file bound (its path, device and inode), None for an endpoint without one; looked at each
-        # status tick, as a zmq camera looks at its own.
-        self._socket_file: tuple[str, int, int] | None = None
-        self._socket_file_rebinds = 0  # since the endpoint was last bound afresh
-        self._socket_file_trouble: str | None = None  # what was last logged of it, so an outage is logged once
-        self._note_socket_file()
+        # Looked at each status tick, as a zmq camera looks at its own.
+        self._socket_file = SocketFile(log, "subscribers", "at each status")
+        self._socket_file.bound(self.bound_endpoint)
 
     def start(self) -> Publisher:
         self._thread.start()
@@ -287,87 +281,16 @@ class Publisher:
         if self._on_published is not None:
             self._on_published(judged, latency_ms)
 
-    def _note_socket_file(self) -> None:
-        """Remember the ipc socket file the endpoint was just bound to (none for tcp, inproc or an abstract name)."""
-        endpoint = self.bound_endpoint
-        if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
-            self._socket_file = None
-            return
-        path = endpoint[len("ipc://") :]
-        try:
-            st = os.stat(path)
-        except OSError:  # removed already: no file is the one bound, so the next status tick binds the path again
-            self._socket_file = (path, -1, -1)
-            return
-        self._socket_file = (path, st.st_dev, st.st_ino)
-
     def _check_socket_file(self) -> None:
-        """Bind the path again when the ipc socket file bound is gone or is another file: new subscribers (`inspectd
-        subscribe`, the web view, a restarted PLC bridge) could no longer connect (an operator or a tmp cleaner
-        removed it, or a process bound the path, which ZeroMQ unlinks first), while the daemon went on as if healthy.
-        Bound once more on the same socket, not unbound: the subscribers connected through the old file keep their
-        connections and lose nothing. Past MAX_SOCKET_FILE_REBINDS the endpoint is bound afresh (`_bind_again`),
-        which drops the old listeners, and with them those subscribers, who reconnect. A path another live process
-        serves now is left to it and logged, and looked at again at each tick until it is free."""
-        if self._socket_file is None or not self.bound:
+        """Bind the path again when the ipc socket file bound is gone or is another file (SocketFile.check): new
+        subscribers (`inspectd subscribe`, the web view, a restarted PLC bridge) could no longer connect, while the
+        daemon went on as if healthy. The subscribers connected through the old file keep their connections and lose
+        nothing; past socket_file.MAX_REBINDS the endpoint is bound afresh (`_bind_again`), which drops the old
+        listeners, and with them those subscribers, who reconnect."""
+        if not self.bound:
             return
-        path, device, inode = self._socket_file
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            what = f"is gone ({exc.strerror or exc}), expected it there while bound"
-        else:
-            if (st.st_dev, st.st_ino) == (device, inode):
-                return
-            what = "is another one now, expected the one bound"
-        endpoint = self.bound_endpoint
-        try:
-            refuse_served_ipc(endpoint)
-        except zmq.ZMQError:
-            trouble = "taken"
-            if self._socket_file_trouble != trouble:
-                self._socket_file_trouble = trouble
-                log.error(
-                    "socket_file_taken",
-                    endpoint=endpoint,
-                    error=f"{endpoint}: its socket file was bound by another process, which serves it now",
-                    effect="new subscribers reach that process, not this daemon; bound again once the path is free",
-                )
-            return
-        if self._socket_file_rebinds >= MAX_SOCKET_FILE_REBINDS:
-            log.warning(
-                "socket_file_rebound",
-                endpoint=endpoint,
-                error=f"{endpoint}: its socket file {what}, bound again {self._socket_file_rebinds} times: binding it "
-                "afresh (the subscribers connected reconnect)",
-            )
-            self._bind_again("its socket file was removed too often")
-            return
-        try:
-            self._socket.bind(endpoint)
-        except zmq.ZMQError as exc:
-            trouble = f"bind: {exc}"
-            if self._socket_file_trouble != trouble:
-                self._socket_file_trouble = trouble
-                log.error(
-                    "socket_file_rebind_failed",
-                    endpoint=endpoint,
-                    error=f"{endpoint}: its socket file {what}; binding it again failed ({exc})",
-                    effect="new subscribers cannot connect; tried again at each status",
-                )
-            return
-        self._socket_file_rebinds += 1
-        self._socket_file_trouble = None
-        try:
-            open_ipc_to_group(self._socket)
-        except OSError as exc:
-            log.error("publish_mode_failed", endpoint=endpoint, error=str(exc), effect="group members cannot connect")
-        self._note_socket_file()
-        log.warning(
-            "socket_file_rebound",
-            endpoint=endpoint,
-            error=f"{endpoint}: its socket file {what}: new subscribers could not connect, bound again",
-        )
+        if (reason := self._socket_file.check(self._socket, self.bound_endpoint)) is not None:
+            self._bind_again(reason)
 
     def _bind_again(self, reason: str = "a key was removed from the allow-list") -> None:
         """Unbind (libzmq closes every connection accepted on the endpoint with it) and bind the same endpoint. The
@@ -427,10 +350,7 @@ class Publisher:
             # Only the group's subscribers are shut out: the journal and the service user's own clients still get
             # every result, so publishing goes on.
             log.error("publish_mode_failed", endpoint=endpoint, error=str(exc), effect="group members cannot connect")
-        # The unbind closed every listener on the path, those of files bound again in place among them.
-        self._socket_file_rebinds = 0
-        self._socket_file_trouble = None
-        self._note_socket_file()
+        self._socket_file.bound(self.bound_endpoint)
         self.rebinds += 1
         log.info("publish_rebound", endpoint=endpoint, reason=reason)
 
