@@ -10,7 +10,14 @@ from typing import cast
 
 import numpy as np
 
-from engines.data.images import PNG_SIGNATURE, TIFF_MAGIC, as_uint8_gray_or_rgb, decode_image, decode_native
+from engines.data.images import (
+    FORMATS,
+    PNG_SIGNATURE,
+    TIFF_MAGIC,
+    as_uint8_gray_or_rgb,
+    decode_image,
+    decode_native,
+)
 from engines.errors import DataError
 
 # How a frame's pixels travel: raw uint8 arrays, or an encoded image decoded here.
@@ -23,8 +30,6 @@ JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0x
 JPEG_STANDALONE = {0x01, *range(0xD0, 0xDA)}
 # Bytes of entropy-coded JPEG data searched for a marker at a time.
 MARKER_WINDOW = 1 << 18
-# What this module reads, as its messages name it.
-FORMATS = "JPEG/PNG/BMP/TIFF/PNM/WebP"
 # PNM (netpbm) headers: P1-P6, then width, height and (but for bitmaps) maxval as decimal text, each after whitespace
 # or comments. A header longer than this is no camera's.
 PNM_HEADER_MAX = 4096
