@@ -214,6 +214,13 @@ def test_a_camera_that_journalled_nothing_before_the_resume_gets_its_results_fro
     assert [(r.camera, r.seq) for r in catch_up.resume(5)] == [("cam0", 6)]
     taken = [r.seq for seq in range(8) for r in catch_up.take(decode(result_frames("cam1", seq)))]
     assert taken == list(range(8)) and not catch_up.missed and not catch_up.gaps.missed
+    # cam2 journalled 0..3 before its first live result (the subscription not yet joined): filled from the journal.
+    for seq in range(4):
+        line.emit("cam2", seq, send=False)
+    assert [r.seq for r in catch_up.take(decode(result_frames("cam2", 4)))] == [0, 1, 2, 3, 4]
+    # cam3 journalled nothing before its first live result 2: the seqs before it are a gap, not passed over.
+    assert [r.seq for r in catch_up.take(decode(result_frames("cam3", 2)))] == [2]
+    assert catch_up.missed == [Gap("cam3", 0, 1, NOT_JOURNALLED)] and catch_up.gaps.missed == {"cam3": 2}
 
 
 def journal_of(tmp_path, count: int, segment_bytes: int) -> tuple[Path, list[Path]]:

@@ -315,6 +315,10 @@ class JournalCatchUp:
         self._window: dict[str, _Window] = {}  # camera -> what came since its station's last status
         self._counted: dict[str, int] = {}  # camera -> results reported by count only, inside the next hole found
         self._station: dict[str, str] = {}  # camera -> the station of its last live result
+        # resume(SEQ) for every camera: one the listing lacked had journalled nothing then, so its stream starts at
+        # seq 0, and what it journalled since, before its first live result (a reload added it, the subscription not
+        # yet joined), is filled from the journal.
+        self._from_zero = False
 
     def resume(self, since: int | dict[str, int], before: dict[str, int] | None = None) -> Iterator[Result]:
         """Everything journalled after `since` (one seq for every camera, or a seq per camera), camera by camera, read
@@ -322,7 +326,7 @@ class JournalCatchUp:
         the replay: a hole before it is filled then, and one it is the only copy of is not passed over; the caller
         may add to `before` while it pulls); every
         camera counts as delivered up to `since` at once. A camera the listing lacks has journalled nothing yet
-        (new since, or added by a reload): its first live result starts its stream, seq 0 included. InspectdError
+        (new since, or added by a reload): its stream starts at seq 0, whatever `since` says. InspectdError
         when there is no journal or its directory cannot be listed."""
         from inspectd.protocol import journal
 
@@ -331,6 +335,8 @@ class JournalCatchUp:
         wanted = self.cameras if self.cameras is not None else set(journal.cameras(self.directory))
         if isinstance(since, dict):
             wanted = {camera for camera in since if self.cameras is None or camera in self.cameras}
+        else:
+            self._from_zero = True
         for camera in wanted:
             last = since[camera] if isinstance(since, dict) else since
             self.delivered[camera] = max(self.delivered.get(camera, last), last)
@@ -351,6 +357,9 @@ class JournalCatchUp:
             yield message
             return
         camera = message.camera
+        if self._from_zero and camera not in self.delivered and (self.cameras is None or camera in self.cameras):
+            self.delivered[camera] = -1
+            self.gaps.last.setdefault(camera, -1)
         previous = self.live.get(camera)
         self.live[camera] = message.seq
         went_back = False
