@@ -51,7 +51,10 @@ class _LineHandler(logging.StreamHandler):
     handleError would print a traceback per record to stderr, which a lost stdout often shares)."""
 
     def handleError(self, record: logging.LogRecord) -> None:
-        _LineLogger.lost += 1
+        if isinstance(sys.exc_info()[1], (OSError, ValueError)):
+            _LineLogger.lost += 1
+        else:  # a record that cannot be formatted (its arguments): said as logging says it
+            super().handleError(record)
 
 
 def lines_lost() -> int:

@@ -464,3 +464,38 @@ def test_a_part_read_whose_change_time_moves_before_the_next_replaces_it_is_not_
         source.close()
     assert levels == [10, 20] and source.stats()["replaced_unread"] == 0, (levels, source.stats())
     assert not [e for e in logs if e["event"] == "folder_file_replaced_unread"], logs
+
+
+def test_the_next_part_renamed_in_over_one_too_large_to_read_is_judged_and_kept_until_then(tmp_path):
+    """Judged by its size alone, a part has no content to compare: the next part renamed into its name in the same
+    second with the same size was deleted unjudged in its place."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+
+    def part(fill: int) -> None:
+        staged = inbox / "cur.png.tmp"
+        staged.write_bytes(bytes([fill]) * 70000)
+        os.utime(staged, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))  # whole seconds, as a share gives
+        os.replace(staged, inbox / "cur.png")
+
+    part(1)
+    spec = {"kind": "folder", "path": str(inbox), "poll_ms": 20, "delete_after": True}
+    source = make_source(camera(spec, max_pixels=100))
+    stop = threading.Event()
+    source.open(stop)
+    errors = []
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            frame = source.read(stop)
+            if frame is not None:
+                errors.append(frame.error)
+                if len(errors) == 1:
+                    part(2)  # another file, same size and mtime, before the first one's result is out
+                frame.on_published()
+            time.sleep(0.02)
+        time.sleep(0.3)
+    finally:
+        source.close()
+    assert len(errors) == 2 and all(e.startswith("cur.png: 70000 bytes") for e in errors), errors
+    assert not (inbox / "cur.png").exists()

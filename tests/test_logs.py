@@ -89,3 +89,32 @@ def test_a_camera_that_lost_its_source_is_a_warning_and_one_failed_for_good_an_e
     assert states[("fatal", "failed")] == ("<3>", "error"), states
     assert states[("line", "running")] == ("<6>", "info"), states
     assert states[("line", "stopped")] == ("<6>", "info"), states
+
+
+def test_a_line_stdout_cannot_take_is_lost_and_counted_and_a_bad_record_is_still_said(tmp_path):
+    """With stdout's reader gone, a log call raised BrokenPipeError in the thread that logged (the control thread, a
+    reload, the stop). Such lines are lost and counted; a record that cannot be formatted is not a lost line and is
+    still reported as logging reports it."""
+    script = """
+import logging, os, sys
+import structlog
+from inspectd.logs import configure_logging, lines_lost
+read, write = os.pipe()
+os.close(read)
+sys.stdout = os.fdopen(write, "w")
+configure_logging("info", "json", stdlib=("lib",))
+structlog.get_logger("t").info("one")
+structlog.get_logger("t").warning("two")
+logging.getLogger("lib").warning("three")
+print(lines_lost(), file=sys.stderr)
+logging.getLogger("lib").warning("%s and %s", "one argument")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.stderr.splitlines()[0] == "3", done.stderr
+    assert "--- Logging error ---" in done.stderr and "not enough arguments" in done.stderr, done.stderr

@@ -756,6 +756,7 @@ def test_a_host_that_is_no_name_of_the_view_is_refused_421_and_logged_once(tmp_p
     root = live_frames(tmp_path / "archive", "cam0")
     # A name with an underscore (from /etc/hosts or mDNS) is sent as typed; one of other letters in its ASCII form.
     allowed = ("--allow-host", "station.example", "--allow-host", "line_3", "--allow-host", "prüfstand.local")
+    allowed += ("--allow-host", "straße.local")  # IDNA 2008 as browsers: xn--strae-oqa, not IDNA 2003's strasse
     web, url = start_web(f"tcp://127.0.0.1:{free_port()}", root, port, *allowed)
 
     def get(path: str, host: str) -> tuple[int, str | None, bytes]:
@@ -769,7 +770,8 @@ def test_a_host_that_is_no_name_of_the_view_is_refused_421_and_logged_once(tmp_p
     try:
         wait_served(web, url)
         names = [f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LocalHost.", f"[::1]:{port}"]
-        for host in [*names, f"station.example:{port}", "Station.Example.", "line_3", "xn--prfstand-75a.local"]:
+        names += [f"station.example:{port}", "Station.Example.", "line_3", "xn--prfstand-75a.local"]
+        for host in [*names, "xn--strae-oqa.local"]:
             code, _, body = get("/live/cam0.jpg", host)
             assert code == 200 and body[:2] == b"\xff\xd8", (host, code, body[:200])
         for host in (f"rebind.attacker.example:{port}", "localhost.attacker.example", "127.0.0.1.nip.io", "[::1]x"):

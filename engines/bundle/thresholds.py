@@ -42,8 +42,9 @@ MIN_REFERENCE = 8
 # written or loaded.
 MAX_VERSION = 2**53 - 1
 # The highest version a document already on disk may hold and still load: one set before the cap above existed (by
-# hand, at most the wire's 20 digits) keeps its station running, though no version can follow it.
-LOADED_MAX_VERSION = 10**20 - 1
+# hand) keeps its station running, though no version can follow it, up to the archive's 64-bit SQLite integers (past
+# them every archive write failed).
+LOADED_MAX_VERSION = 2**63 - 1
 
 
 class ThresholdsError(ValueError):

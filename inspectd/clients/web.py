@@ -48,6 +48,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import idna
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -750,9 +751,10 @@ def run(args: argparse.Namespace) -> int:
     allowed = []
     for name in args.allow_host:
         try:
-            # A browser sends a name of other letters (prüfstand.local) in its ASCII form (xn--prfstand-...).
-            ascii_name = name if name.isascii() else name.encode("idna").decode("ascii")
-        except UnicodeError:
+            # A browser sends a name of other letters (prüfstand.local) in its ASCII form (xn--prfstand-...), by
+            # IDNA 2008 as UTS 46 maps it: Python's own codec is IDNA 2003's, which makes straße strasse.
+            ascii_name = name if name.isascii() else idna.encode(name, uts46=True, transitional=False).decode("ascii")
+        except (UnicodeError, idna.IDNAError):
             ascii_name = ""
         if not (_HOST_NAME_RE.fullmatch(ascii_name) or _is_ip(ascii_name)):
             print(

@@ -68,8 +68,8 @@ def _stamp(st: os.stat_result) -> Stamp:
     return st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-# The digest of a file judged by its size alone (too large to read): one of the same size and mtime under a new
-# inode or change time is that file (a chmod, a backup's hard link, a share's renumbering), not a new part.
+# The digest of a file judged by its size alone (too large to read): one of the same inode, size and mtime under a new
+# change time is that file (a chmod, a backup's hard link), not a new part.
 SIZE_ONLY = -1
 
 
@@ -508,9 +508,10 @@ class FolderWatcher(Source):
 
     def _done_already(self, name: str, stamp: Stamp) -> bool:
         """Whether the file listed as `stamp` under `name` was judged already: the same file, or one judged by its
-        size alone (never read, no digest to compare) with the same size and mtime."""
+        size alone (never read, no digest to compare) with the same inode, size and mtime (its ctime moved by a chmod
+        or a backup's hard link)."""
         done = self.done.get(name)
-        return done is not None and (done[0] == stamp or (done[1] == SIZE_ONLY and done[0][:2] == stamp[:2]))
+        return done is not None and (done[0] == stamp or (done[1] == SIZE_ONLY and done[0][:4] == stamp[:4]))
 
     def _replaced(self, name: str, before: Stamp, stamp: Stamp) -> None:
         """Count the part seen as `before` as lost when another file now holds its name (`stamp`) and it was never
@@ -655,7 +656,11 @@ class FolderWatcher(Source):
         once, where a log line per file would say it at every part and no status would."""
         try:
             now = _stamp(os.stat(path))
-            same = digest == SIZE_ONLY or (digest is not None and _digest_of(path) == digest)
+            # Judged by size alone: the same file only by its inode too (the next part renamed into place in the same
+            # second, of the same size, is another).
+            same = (digest == SIZE_ONLY and now[2:4] == stamp[2:4]) or (
+                digest is not None and digest != SIZE_ONLY and _digest_of(path) == digest
+            )
             if now != stamp and not (now[:2] == stamp[:2] and same):
                 # Rewritten under the same name since it was read, or another file renamed into place (with
                 # whole-second times, of the same size and mtime): the new content was not inspected. It stays, and

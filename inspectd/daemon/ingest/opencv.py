@@ -37,6 +37,9 @@ MAX_UNDECODABLE_RUN = 64
 # A failed read of a clip over the network that took this long was a stalled peer, not an undecodable frame: looking
 # further would block stop() for a read timeout per frame.
 STALLED_READ_S = STREAM_TIMEOUT_MS / 2000
+# Frames past its count after which a url over the network is a live stream (an endless AVI), not a clip whose count
+# was an estimate a little short (ended, never replayed): this many, or a quarter of the count if more.
+OUTRUN_MARGIN = 30
 log = structlog.get_logger("inspectd.ingest")
 # A dead RTSP/HTTP peer, or a pipeline whose appsink stops delivering, would otherwise block open/read for the
 # backend's default (30 s), and with it stop() and the reopen backoff.
@@ -416,7 +419,7 @@ class VideoCaptureSource(Source):
         if self.pending:
             return self.pending.popleft()
         ok, image = self.cap.read()
-        if not ok and self.counted and self.counter - self.first > self.counted:
+        if not ok and self.counted and self.counter - self.first > self.counted + max(OUTRUN_MARGIN, self.counted // 4):
             self.outran_count = True
             self.counted, self.finite, self.live = 0, False, True
             log.warning(
