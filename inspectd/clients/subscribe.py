@@ -37,6 +37,7 @@ from inspectd.protocol.messages import TOPIC_ROOT, Result, decode, printable, su
 WAITING_MOST = 10000  # live messages held while a replay is pulled: Subscriber's default RCVHWM
 SETTLE_S = 5.0  # longest wait for the subscription to take hold before the journal is read
 WATCH_S = 1.0  # longest a Subscriber (and `inspectd subscribe` for a refused handshake) waits between looks
+NOTHING_LISTENS_AFTER = 3  # connects refused in a row (libzmq retries every 100 ms) before the subscriber says so
 # A journal found to hold another numbering's results is looked at again at a jump in the live stream at most this
 # often: one that another daemon writes changes at every record, and each look may parse a segment.
 RECHECK_S = 1.0
@@ -141,9 +142,11 @@ class Subscriber:
 
     def nothing_listens(self) -> bool:
         """Whether the endpoint refused every connection since the last one made (no daemon started there yet, or
-        it stopped): libzmq retries in silence, so a subscriber started first would only hear nothing."""
+        it stopped): libzmq retries in silence, so a subscriber started first would only hear nothing. Three retries
+        in a row: libzmq also retries once after a connection it made was closed (a handshake the daemon ended), and
+        connects again at once where something listens."""
         self._look()
-        return self._watch.connects_refused > 0
+        return self._watch.connects_refused >= NOTHING_LISTENS_AFTER
 
     def recv(self, timeout_s: float | None) -> Result | dict[str, Any] | None:
         """The next result (Result) or status (dict); None when nothing arrives within `timeout_s`."""
