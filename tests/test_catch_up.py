@@ -221,6 +221,10 @@ def test_a_camera_that_journalled_nothing_before_the_resume_gets_its_results_fro
     # cam3 journalled nothing before its first live result 2: the seqs before it are a gap, not passed over.
     assert [r.seq for r in catch_up.take(decode(result_frames("cam3", 2)))] == [2]
     assert catch_up.missed == [Gap("cam3", 0, 1, NOT_JOURNALLED)] and catch_up.gaps.missed == {"cam3": 2}
+    # Named with --camera too: cam4 journalled nothing before the resume, so its seqs from 0 are delivered.
+    named = JournalCatchUp(line.journal_dir, cameras={"cam0", "cam4"})
+    assert [(r.camera, r.seq) for r in named.resume(5)] == [("cam0", 6)]
+    assert [r.seq for seq in range(3) for r in named.take(decode(result_frames("cam4", seq)))] == [0, 1, 2]
 
 
 def journal_of(tmp_path, count: int, segment_bytes: int) -> tuple[Path, list[Path]]:

@@ -285,8 +285,14 @@ def test_a_writer_that_stages_each_part_under_one_name_then_renames_it_loses_non
         source.close()
 
 
-def _pumped(source, stop: threading.Event, frames: list, seconds: float = 0.3) -> None:
-    """Read the camera for `seconds` (a dozen polls), keeping each frame."""
+def _pumped(source, stop: threading.Event, frames: list, count: int | None = None, seconds: float = 0.3) -> None:
+    """Read the camera until `frames` holds `count` (within 10 s: a loaded machine's polls come late), then for
+    `seconds` more (a dozen polls), keeping each frame."""
+    deadline = time.monotonic() + 10
+    while count is not None and len(frames) < count and time.monotonic() < deadline:
+        frame = source.read(stop)
+        if frame is not None:
+            frames.append(frame)
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         frame = source.read(stop)
@@ -322,9 +328,9 @@ def test_parts_under_one_name_with_whole_second_times_are_each_read(tmp_path):
     second = (time.time_ns() // 10**9) * 10**9
     frames: list = []
     try:
-        for part in parts:
+        for n, part in enumerate(parts, 1):
             _save_as_one_name(tmp_path, part, second)
-            _pumped(source, stop, frames)
+            _pumped(source, stop, frames, count=n)
     finally:
         stop.set()
         source.close()
@@ -348,13 +354,13 @@ def test_delete_after_never_deletes_the_next_part_saved_under_the_name_with_the_
     try:
         with capture_logs() as logs:
             _save_as_one_name(tmp_path, parts[0], second)
-            _pumped(source, stop, frames)
+            _pumped(source, stop, frames, count=1)
             assert len(frames) == 1
             _save_as_one_name(tmp_path, parts[1], second)  # before part 1's result is out
             frames[0].on_published()
             assert wait_for(lambda: source.stats()["disposal_backlog"] == 0)
             assert (tmp_path / "current.bmp").read_bytes() == parts[1]
-            _pumped(source, stop, frames)
+            _pumped(source, stop, frames, count=2)
             assert len(frames) == 2
             frames[1].on_published()
             assert wait_for(lambda: not (tmp_path / "current.bmp").exists())
@@ -381,7 +387,7 @@ def test_a_file_a_share_gives_a_new_number_is_neither_read_again_nor_kept_from_d
     frames: list = []
     try:
         _save_as_one_name(tmp_path, part, second)
-        _pumped(source, stop, frames)
+        _pumped(source, stop, frames, count=1)
         inode = (tmp_path / "current.bmp").stat().st_ino
         _save_as_one_name(tmp_path, part, second)  # renumbered: the same bytes and times, another inode
         assert (tmp_path / "current.bmp").stat().st_ino != inode
@@ -411,17 +417,20 @@ def test_a_file_too_large_to_read_is_judged_once_whatever_touches_its_change_tim
     errors = []
     try:
         with capture_logs() as logs:
-            deadline = time.monotonic() + 1.5
-            while time.monotonic() < deadline:
+            deadline, settled = time.monotonic() + 10, None
+            while time.monotonic() < (deadline if settled is None else settled):
                 frame = source.read(stop)
                 if frame is not None:
                     errors.append(frame.error)
                     os.chmod(big, 0o640)  # a new change time, before the next listing and before the deletion
                     if frame.on_published is not None:
                         frame.on_published()
+                    settled = time.monotonic() + 0.5  # a dozen polls more: no second result
                 time.sleep(0.02)
-            time.sleep(0.3)  # the disposer's turn
+            if when == "before its deletion":
+                assert wait_for(lambda: not big.exists())
     finally:
+        stop.set()
         source.close()
     assert len(errors) == 1 and errors[0].startswith("big.png: 70"), errors
     assert big.exists() == (when == "left in place")
@@ -485,8 +494,8 @@ def test_the_next_part_renamed_in_over_one_too_large_to_read_is_judged_and_kept_
     source.open(stop)
     errors = []
     try:
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 10
+        while len(errors) < 2 and time.monotonic() < deadline:
             frame = source.read(stop)
             if frame is not None:
                 errors.append(frame.error)
@@ -494,8 +503,9 @@ def test_the_next_part_renamed_in_over_one_too_large_to_read_is_judged_and_kept_
                     part(2)  # another file, same size and mtime, before the first one's result is out
                 frame.on_published()
             time.sleep(0.02)
-        time.sleep(0.3)
+        assert wait_for(lambda: not (inbox / "cur.png").exists())
     finally:
+        stop.set()
         source.close()
     assert len(errors) == 2 and all(e.startswith("cur.png: 70000 bytes") for e in errors), errors
     assert not (inbox / "cur.png").exists()

@@ -382,7 +382,7 @@ def parse(doc: Any, where: str = "thresholds", most: int = MAX_VERSION) -> Thres
 
 def _version_range(most: int = MAX_VERSION) -> str:
     if most != MAX_VERSION:
-        return f"expected an integer from 1 to {most} (what every client's parser reads)"
+        return f"expected an integer from 1 to {most} (the archive's 64-bit integers)"
     return (
         f"expected an integer from 1 to {MAX_VERSION} (2**53-1: the next version must stay within what every "
         "client's JSON parser reads exactly)"

@@ -335,7 +335,9 @@ class JournalCatchUp:
 
         if self.directory is None:
             raise InspectdError("resume: no journal directory to replay from")
-        wanted = self.cameras if self.cameras is not None else set(journal.cameras(self.directory))
+        listed = set(journal.cameras(self.directory))
+        # A named camera the listing lacks has journalled nothing yet, as any other: it starts at seq 0 (take).
+        wanted = listed & self.cameras if self.cameras is not None else listed
         if isinstance(since, dict):
             wanted = {camera for camera in since if self.cameras is None or camera in self.cameras}
         else:
