@@ -148,7 +148,7 @@ def test_a_socket_file_removed_more_often_than_it_may_be_bound_again_in_place_re
 ):
     """Each rebind in place keeps a listener open on the removed file until the socket closes: past the bound, the
     camera is reopened, which closes them."""
-    monkeypatch.setattr("inspectd.daemon.ingest.zmq_pull.MAX_REBINDS", 1)
+    monkeypatch.setattr("inspectd.daemon.socket_file.MAX_REBINDS", 1)
     path = tmp_path / "cam0.sock"
     endpoint = f"ipc://{path}"
     queue = FrameQueue(16, "block")
@@ -172,7 +172,7 @@ def test_past_the_rebind_bound_a_busy_camera_is_reopened_only_once_its_producers
 ):
     """Reopened at once, the camera closed its socket under load: what it still held was logged lost, and what was on
     its way in the OS buffers was dropped unseen."""
-    monkeypatch.setattr("inspectd.daemon.ingest.zmq_pull.MAX_REBINDS", 1)
+    monkeypatch.setattr("inspectd.daemon.socket_file.MAX_REBINDS", 1)
     path = tmp_path / "cam0.sock"
     endpoint = f"ipc://{path}"
     queue = FrameQueue(100_000, "block")

@@ -23,7 +23,7 @@ import structlog
 import zmq
 
 from inspectd.daemon.security import open_ipc_to_group, refuse_served_ipc
-from inspectd.daemon.socket_file import SocketFile
+from inspectd.daemon.socket_file import SOCKET_FILE_CHECK_S, SocketFile
 from inspectd.durable import make_dirs
 from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol.control import MAX_REQUEST_BYTES, parse_request
@@ -43,9 +43,6 @@ BUNDLE_LOCK_WAIT_S = 2.0
 # for replies (a DEALER) park 1000 requests of up to 1 MiB (~1 GB) in the daemon while one slow request is handled;
 # past this many, libzmq stops reading that connection and the sender blocks. A REQ client has one in flight at a time.
 RECEIVE_QUEUE = 16
-# How often the ipc socket file is looked at (one stat): removed, `inspectd ctl` could no longer reach a daemon that
-# stayed healthy and logged nothing.
-SOCKET_FILE_CHECK_S = 1.0
 
 
 # The longest error a reply or a log line carries. Refusals repeat what the client sent, and each is meant to shorten

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from inspectd.daemon.frames import Frame
 from inspectd.daemon.ingest.headers import ENCODINGS, check_and_decode, max_frame_bytes
 from inspectd.daemon.ingest.source import READ_TIMEOUT_S, Source, SourceFatal, frame_id_of
 from inspectd.daemon.security import Curve, CurveServer, open_ipc_to_group, refuse_served_ipc
+from inspectd.daemon.socket_file import SOCKET_FILE_CHECK_S, SocketFile
 from inspectd.errors import MessageError, one_line
 from inspectd.protocol import wirejson
 from inspectd.protocol.endpoints import take_endpoint
@@ -44,12 +44,6 @@ CLOSE_DRAIN_MAX = 100_000
 MAX_FRAME_ID = 256
 # A refusal quotes producer values and is repeated as the camera's last_error in every status message.
 MAX_REASON = 300
-# How often a camera bound to an ipc socket file checks that the file is still the one it bound: one stat.
-SOCKET_FILE_CHECK_S = 1.0
-# Socket files a camera may bind again in place before it is reopened instead, once its socket is idle: each one
-# leaves a listener on the file that was removed, open until the socket closes, so that the producers connected
-# through it lose nothing.
-MAX_REBINDS = 16
 
 log = structlog.get_logger("inspectd.ingest")
 
@@ -104,10 +98,11 @@ class ZmqPullSource(Source):
         self.received = 0
         self.not_accepted = 0  # messages received but never handed on: still in the socket when it closed
         self._bound: str | None = None  # the address to unbind, while bound
-        # The ipc socket file bound (its path, device and inode), and when it was last seen to be that file.
-        self._socket_file: tuple[str, int, int] | None = None
+        # The ipc socket file bound, and when it was last looked at. Bound again in place at most
+        # socket_file.MAX_REBINDS times since the open: each leaves a listener on the file that was removed, open until
+        # the socket closes, so that the producers connected through it lose nothing.
+        self._socket_file = SocketFile()
         self._socket_file_seen = 0.0
-        self._rebinds = 0  # since the open: the listeners left on files that were removed
         self._reopen_when_idle: str | None = None  # why the socket is to be reopened at its next idle read
         self._stop: threading.Event | None = None
         self._receiving = True
@@ -148,11 +143,10 @@ class ZmqPullSource(Source):
         self._bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = stop
         open_ipc_to_group(sock)  # frame producers run as other users in the service's group
-        self._socket_file = None
-        self._rebinds = 0
         self._reopen_when_idle = None
-        if self._bound.startswith("ipc://") and not self._bound.startswith("ipc://@"):  # "@": abstract, no file
-            self._note_socket_file(self._bound[len("ipc://") :])
+        self._socket_file_seen = time.monotonic()
+        if (gone := self._socket_file.bound(self._bound)) is not None:
+            raise gone
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
 
@@ -207,9 +201,9 @@ class ZmqPullSource(Source):
             self._unbind()
         # Checked busy or idle: a camera that always has a message waiting never idles, and new producers could not
         # connect for as long as its load lasted.
-        if self._bound is not None and self._socket_file is not None and self._reopen_when_idle is None:
+        if self._bound is not None and self._socket_file.watched and self._reopen_when_idle is None:
             if time.monotonic() - self._socket_file_seen >= SOCKET_FILE_CHECK_S:
-                self._check_socket_file(self._socket_file)
+                self._check_socket_file()
         if not self.poller.poll(int(READ_TIMEOUT_S * 1000)):
             if not self._receiving:
                 self.drained.set()
@@ -218,55 +212,38 @@ class ZmqPullSource(Source):
             return None
         return self._take(self.sock.recv_multipart(copy=False))
 
-    def _note_socket_file(self, path: str) -> None:
-        st = os.stat(path)
-        self._socket_file = (path, st.st_dev, st.st_ino)
-        self._socket_file_seen = time.monotonic()
-
-    def _check_socket_file(self, bound: tuple[str, int, int]) -> None:
-        """Bind the path again when the ipc socket file bound is gone or is another file: producers can no longer
-        connect (a tmp cleaner or an operator removed it, or a process bound the path, which ZeroMQ unlinks first),
-        while the socket itself would go on waiting without an error. The socket is bound to the path once more
-        rather than closed: the producers connected through the old file stay connected, and nothing they handed
-        over (in the socket, or on its way in the OS buffers, which a close drops) is lost. OSError, for the
+    def _check_socket_file(self) -> None:
+        """Bind the path again when the ipc socket file bound is gone or is another file (SocketFile.look): producers
+        can no longer connect (a tmp cleaner or an operator removed it, or a process bound the path, which ZeroMQ
+        unlinks first), while the socket itself would go on waiting without an error. The socket is bound to the path
+        once more rather than closed: the producers connected through the old file stay connected, and nothing they
+        handed over (in the socket, or on its way in the OS buffers, which a close drops) is lost. OSError, for the
         supervisor to reopen, where another process serves the path now (the reopen retries naming it, as for a
-        taken port) or where the bind fails; past MAX_REBINDS, at the first read that finds the socket idle."""
-        import zmq
-
-        path, device, inode = bound
+        taken port) or where the bind fails; past socket_file.MAX_REBINDS, at the first read that finds the socket
+        idle."""
+        assert self.sock is not None
         self._socket_file_seen = time.monotonic()
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            what = f"is gone ({exc.strerror or exc}), expected it there while bound"
-        else:
-            if (st.st_dev, st.st_ino) == (device, inode):
-                return
-            what = "is another one now, expected the one bound"
-        try:
-            refuse_served_ipc(self.endpoint)
-        except zmq.ZMQError:
+        found = self._socket_file.look(self.sock, self.endpoint)
+        if found.kind == "unchanged":
+            return
+        if found.kind == "taken":
             raise OSError(
                 f"{self.endpoint}: its socket file was bound by another process, which serves it now: producers "
                 "reach that process, not this camera; binding again once the path is free"
-            ) from None
-        if self._rebinds >= MAX_REBINDS:
+            )
+        if found.kind == "over_limit":
             # Not at once: a close drops what producers handed over that is still on its way in the OS buffers.
-            self._reopen_when_idle = f"{self.endpoint}: its socket file {what}, bound again {self._rebinds} times: "
+            self._reopen_when_idle = (
+                f"{self.endpoint}: its socket file {found.what}, bound again {self._socket_file.rebinds} times: "
+            )
             self._reopen_when_idle += "reopening"
             error = f"{self._reopen_when_idle} once no producer sends"
             self._log.warning("socket_file_gone", endpoint=self.endpoint, error=error)
             self.report_error(error)
             return
-        assert self.sock is not None
-        try:
-            self.sock.bind(self.endpoint)
-            self._rebinds += 1
-            open_ipc_to_group(self.sock)
-            self._note_socket_file(path)
-        except (zmq.ZMQError, OSError) as exc:
-            raise OSError(f"{self.endpoint}: its socket file {what}; binding it again failed ({exc})") from None
-        error = f"{self.endpoint}: its socket file {what}: producers could not connect, bound again"
+        if (failed := found.error or found.gone) is not None:  # the bind, the group's mode, or the file gone at once
+            raise OSError(f"{self.endpoint}: its socket file {found.what}; binding it again failed ({failed})")
+        error = f"{self.endpoint}: its socket file {found.what}: producers could not connect, bound again"
         self._log.warning("socket_file_rebound", endpoint=self.endpoint, error=error)
         self.report_error(error)
 
