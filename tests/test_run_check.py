@@ -55,11 +55,12 @@ def test_check_validates_the_config_and_its_bundle_without_starting(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert f"{path}: valid" in ok.stdout and "cameras cam0" in ok.stdout and "thresholds version 1" in ok.stdout
     assert (
-        "16-bit frames of folder, zmq and opencv cameras narrowed as 16-bit (the bundle declares no input.bit_depth)"
+        "16-bit frames of folder, zmq and opencv cameras narrowed as 16-bit, >> 8 (the bundle declares no "
+        "input.bit_depth)"
     ) in ok.stdout
     write_grey_bundle(bundle, bit_depth=12)
     twelve = inspectd("run", "--check", "--config", str(path))
-    assert "cameras narrowed as 12-bit (input.bit_depth); genicam cameras' by their pixel format" in twelve.stdout
+    assert "cameras narrowed as 12-bit, >> 4 (input.bit_depth); genicam cameras' by their pixel format" in twelve.stdout
     assert not (tmp_path / "pub.sock").exists() and not (tmp_path / "state").exists(), "nothing was started"
 
     path.write_text(yaml.safe_dump({**config, "cameras": [{"id": "cam0", "source": {"kind": "synthetc"}}]}))

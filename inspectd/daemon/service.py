@@ -1287,7 +1287,8 @@ def check(path: Path, service_user: str = SERVICE_USER) -> int:
     print(f"  bundle {config.model.bundle}: model {bundle.model_id}, thresholds version {thresholds.version}")
     declared = "input.bit_depth" if bundle.declared_bit_depth is not None else "the bundle declares no input.bit_depth"
     print(
-        f"  16-bit frames of folder, zmq and opencv cameras narrowed as {bundle.bit_depth}-bit ({declared}); "
+        f"  16-bit frames of folder, zmq and opencv cameras narrowed as {bundle.bit_depth}-bit, >> "
+        f"{bundle.bit_depth - 8} ({declared}); "
         "genicam cameras' by their pixel format"
     )
     print(f"  engine {config.engine.backend}, publish {config.publish.endpoint}, control {config.control.endpoint}")
