@@ -245,12 +245,10 @@ def test_every_protocol_this_opencvs_ffmpeg_reads_is_a_known_scheme():
     assert set(read) - FFMPEG_SCHEMES == set()
 
 
-def test_a_file_url_video_plays_once_and_ends_as_its_plain_path_does(tmp_path, ingest_threads):
-    """Taken for a stream, a file:// video's end was a dropped stream: reopened, and played again from its first
-    frame, each replay judged as new parts, for as long as the daemon ran."""
-    path = write_video(tmp_path / "line.avi")
+def played_once(ingest_threads, url: str) -> CameraIngest:
+    """The camera at `url` (write_video's clip), once it has ended: every frame once, in order, never reopened."""
     queue = FrameQueue(4 * FRAMES, "block")
-    ingest = CameraIngest(camera({"kind": "opencv", "url": f"file://{path}"}), queue, backoff_s=(0.05, 0.2))
+    ingest = CameraIngest(camera({"kind": "opencv", "url": url}), queue, backoff_s=(0.05, 0.2))
     ingest_threads.append(ingest)
     ingest.start()
     assert wait_for(lambda: ingest.stats()["state"] == "ended", 5), ingest.stats()
@@ -259,6 +257,13 @@ def test_a_file_url_video_plays_once_and_ends_as_its_plain_path_does(tmp_path, i
     assert [bar(f) for f in frames] == list(range(FRAMES))
     stats = ingest.stats()
     assert stats["reopen_count"] == 0 and stats["last_error"] is None and stats["frames_in"] == FRAMES, stats
+    return ingest
+
+
+def test_a_file_url_video_plays_once_and_ends_as_its_plain_path_does(tmp_path, ingest_threads):
+    """Taken for a stream, a file:// video's end was a dropped stream: reopened, and played again from its first
+    frame, each replay judged as new parts, for as long as the daemon ran."""
+    played_once(ingest_threads, f"file://{write_video(tmp_path / 'line.avi')}")
 
 
 @pytest.fixture
@@ -285,16 +290,7 @@ def test_an_http_url_of_a_recorded_clip_plays_once_and_ends_as_a_video_file_does
     first frame, each pass judged as new parts under new ids, for as long as the daemon ran."""
     write_video(tmp_path / "clip.avi")
     root = http_server(functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)))
-    queue = FrameQueue(4 * FRAMES, "block")
-    ingest = CameraIngest(camera({"kind": "opencv", "url": f"{root}/clip.avi"}), queue, backoff_s=(0.05, 0.2))
-    ingest_threads.append(ingest)
-    ingest.start()
-    assert wait_for(lambda: ingest.stats()["state"] == "ended", 5), ingest.stats()
-    frames = drain(queue)
-    assert [f.frame_id for f in frames] == [str(i) for i in range(FRAMES)]
-    assert [bar(f) for f in frames] == list(range(FRAMES))
-    stats = ingest.stats()
-    assert stats["reopen_count"] == 0 and stats["last_error"] is None and stats["frames_in"] == FRAMES, stats
+    ingest = played_once(ingest_threads, f"{root}/clip.avi")
     assert not ingest._source.live  # not read while paused: a recording has no current frame to keep up with
 
 
@@ -364,13 +360,7 @@ def test_an_http_clip_whose_container_counts_a_few_frames_short_plays_once_and_e
         struct.pack_into("<I", data, data.find(chunk) + 8 + at, FRAMES - 2)
     (tmp_path / "clip.avi").write_bytes(data)
     root = http_server(functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)))
-    queue = FrameQueue(1000, "block")
-    ingest = CameraIngest(camera({"kind": "opencv", "url": f"{root}/clip.avi"}), queue, backoff_s=(0.05, 0.2))
-    ingest_threads.append(ingest)
-    ingest.start()
-    assert wait_for(lambda: ingest.stats()["state"] == "ended", 5), ingest.stats()
-    assert [f.frame_id for f in drain(queue)] == [str(i) for i in range(FRAMES)]
-    assert ingest.stats()["reopen_count"] == 0, ingest.stats()
+    played_once(ingest_threads, f"{root}/clip.avi")
 
 
 def test_a_stream_over_http_that_gives_more_frames_than_its_container_counts_is_reopened_at_a_drop(

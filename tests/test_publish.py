@@ -209,15 +209,7 @@ def test_publisher_sends_every_result_in_order_with_masks(tmp_path):
         endpoint,
         "line1",
         status_interval_s=0.2,
-        status=lambda: {
-            "t": time.time(),
-            "uptime_s": 1.0,
-            "healthy": True,
-            "model_id": "m-1",
-            "thresholds_version": 1,
-            "throughput_fps": 0.0,
-            "cameras": {},
-        },
+        status=_status,
     ).start()
     with Subscriber(endpoint) as sub:
         _wait_connected(sub, publisher)
