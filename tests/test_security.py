@@ -1541,6 +1541,83 @@ def test_reopening_a_curve_zmq_camera_leaves_no_thread_or_descriptor_behind(pki,
                 guard.stop()
 
 
+_STOPPED_BEFORE_ITS_SOCKET = """
+import os, sys, threading, time
+from pathlib import Path
+import zmq
+from inspectd.daemon.security import CurveServer
+
+secret, allow, ipc = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+context = zmq.Context.instance()
+
+def open_close(guard, endpoint):
+    sock = context.socket(zmq.PULL)
+    sock.linger = 0
+    guard(sock)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError:
+        pass
+    sock.close()
+
+def counts():
+    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+
+def settled(before):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (counts()[0] > before[0] or counts()[1] > before[1]):
+        time.sleep(0.05)
+    return counts()
+
+open_close(CurveServer("warm", secret, allow), "tcp://192.0.2.1:5999")  # libzmq's own threads, for the process
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline and any(t.name.startswith("auth-") for t in threading.enumerate()):
+    time.sleep(0.05)
+before = counts()
+stopped = CurveServer("control", secret, allow)
+sock = context.socket(zmq.REP)
+sock.linger = 0
+stopped(sock)
+sock.bind(ipc)
+stopped.stop()  # the socket is still open: its owner's thread had not ended yet
+time.sleep(0.5)
+sock.close()
+guard = CurveServer("ingest-cam0", secret, allow)
+for _ in range(20):
+    open_close(guard, "tcp://192.0.2.1:5999")
+after = settled(before)
+watching = sum(t.name.startswith("auth-") for t in threading.enumerate())
+print(f"threads {before[0]} -> {after[0]}, fds {before[1]} -> {after[1]}, watchers {watching}", flush=True)
+os._exit(0)
+"""
+
+
+def test_a_server_stopped_before_its_socket_closed_leaves_later_sockets_nothing_behind(pki, tmp_path):
+    """A refusal watcher that closed its end of the monitor while its socket was still open (a CurveServer stopped
+    before its owner closed the socket, or a watcher ended by an error) blocked libzmq's reaper thread for good: from
+    then on no socket of the process was freed, and every later reopen of a zmq camera kept its watcher and its
+    descriptors. Run in a child process: a blocked reaper would stay for the rest of this one."""
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _STOPPED_BEFORE_ITS_SOCKET,
+            str(pki["server"][1]),
+            str(pki["allow_dir"]),
+            f"ipc://{tmp_path}/control.sock",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert child.returncode == 0, child.stderr
+    found = re.fullmatch(r"threads (\d+) -> (\d+), fds (\d+) -> (\d+), watchers (\d+)\n", child.stdout)
+    assert found, child.stdout + child.stderr
+    threads_before, threads_after, fds_before, fds_after, watching = map(int, found.groups())
+    assert threads_after <= threads_before and fds_after <= fds_before and watching == 0, child.stdout
+
+
 def _curve_control_daemon(pki, tmp_path: Path) -> tuple[subprocess.Popen, Path, str]:
     """A real daemon (the grey bundle of tests/station_model.py) whose control socket is CURVE on loopback tcp with
     pki's server key and allow-list, answering a listed client: the process, its log and the control endpoint."""

@@ -456,25 +456,43 @@ class CurveServer:
 
     def _watch(self, monitor: zmq.Socket) -> None:
         """Handshake failures on the socket: the refusals a ZAP callback never sees. libzmq gives the bound endpoint
-        with them, not the peer's (nor anything that ties the failure to the connection it accepted)."""
+        with them, not the peer's (nor anything that ties the failure to the connection it accepted).
+
+        The watcher ends only when its socket has closed (MONITOR_STOPPED) or the context is terminating: libzmq
+        sends MONITOR_STOPPED from the closing socket's destructor on its one reaper thread, and a monitor end closed
+        before that blocks the reaper for good, after which no socket of the process is ever freed (each reopen of a
+        zmq camera then keeps its descriptors and its watcher until the daemon runs out of them). So a stopped
+        server's watchers, and one whose reporting failed, keep draining until their sockets close."""
+        failed = False
         try:
-            while not self._stop.is_set():
-                if not monitor.poll(200):
-                    self.refusals.flush()  # a flood that stopped still gets its summary line
-                    continue
-                event = recv_monitor_message(monitor)
-                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+            while True:
+                try:
+                    if not monitor.poll(200):
+                        if not self._stop.is_set():
+                            self.refusals.flush()  # a flood that stopped still gets its summary line
+                        continue
+                    event = recv_monitor_message(monitor)
+                    if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                        return
+                    if self._stop.is_set():
+                        continue  # drained unreported until the socket closes
+                    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                        continue  # the allow-list callback already counted and logged it, with the key
+                    timed_out = (
+                        event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and event["value"] == errno.EAGAIN
+                    )
+                    self.refusals.refused(
+                        TIMED_OUT if timed_out else _REFUSALS.get(event["event"], "handshake failed"),
+                        socket=event["endpoint"].decode(errors="replace"),
+                        detail=int(event["value"]),
+                    )
+                except zmq.ContextTerminated:
                     return
-                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    continue  # the allow-list callback already counted and logged it, with the key
-                timed_out = event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and event["value"] == errno.EAGAIN
-                self.refusals.refused(
-                    TIMED_OUT if timed_out else _REFUSALS.get(event["event"], "handshake failed"),
-                    socket=event["endpoint"].decode(errors="replace"),
-                    detail=int(event["value"]),
-                )
-        except zmq.ZMQError:
-            return
+                except Exception as exc:  # ending here would leak every later socket (see the docstring)
+                    if not failed:
+                        log.warning("refusal_monitor_failed", domain=self.domain, error=f"{type(exc).__name__}: {exc}")
+                        failed = True
+                    time.sleep(0.2)
         finally:
             monitor.close(linger=0)
 
@@ -569,11 +587,13 @@ class CurveServer:
         return all(authenticator.is_alive() for authenticator in self._authenticators)
 
     def stop(self) -> None:
-        """Stop the refusal monitors, and the ZAP handlers started for other contexts than the process's own: a
-        handler's socket left open would keep that context's term() waiting forever."""
+        """Stop reporting refusals, and stop the ZAP handlers started for other contexts than the process's own: a
+        handler's socket left open would keep that context's term() waiting forever. Each refusal watcher ends when
+        its socket closes (see _watch); those already closed are waited for briefly here."""
         self._stop.set()
+        deadline = time.monotonic() + 1.0
         for thread in self._monitors:
-            thread.join(1.0)
+            thread.join(max(0.0, deadline - time.monotonic()))
         with _auth_lock:
             for context in self._foreign:
                 authenticator = _authenticators.pop(context, None)
