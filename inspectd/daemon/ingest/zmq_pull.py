@@ -122,16 +122,16 @@ class ZmqPullSource(Source):
         import zmq
 
         sock = zmq.Context.instance().socket(zmq.PULL)
-        sock.linger = 0
-        take_endpoint(sock, self.endpoint)
-        sock.rcvhwm = RCVHWM
-        # A message part larger than the largest frame this camera accepts makes ZeroMQ disconnect its producer
-        # before the part is buffered, not parsed after. The limit is per part: a message of many parts, each under
-        # it, is buffered whole before parse() sees how many it has (docs/PROTOCOL.md, Frame ingest).
-        sock.maxmsgsize = max_frame_bytes(self.camera.max_pixels)
-        if self.curve is not None:
-            self.curve(sock)
         try:
+            sock.linger = 0
+            take_endpoint(sock, self.endpoint)
+            sock.rcvhwm = RCVHWM
+            # A message part larger than the largest frame this camera accepts makes ZeroMQ disconnect its producer
+            # before the part is buffered, not parsed after. The limit is per part: a message of many parts, each
+            # under it, is buffered whole before parse() sees how many it has (docs/PROTOCOL.md, Frame ingest).
+            sock.maxmsgsize = max_frame_bytes(self.camera.max_pixels)
+            if self.curve is not None:
+                self.curve(sock)
             refuse_served_ipc(self.endpoint)  # another daemon's socket file: retried as a taken port is
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
@@ -139,6 +139,9 @@ class ZmqPullSource(Source):
             if exc.errno in (zmq.EPROTONOSUPPORT, zmq.EINVAL):
                 raise SourceFatal(f"{self.endpoint}: cannot bind ({exc}), expected a bindable ZeroMQ endpoint") from exc
             raise  # address in use (or an ipc path another process serves), ipc dir missing, ...: retry with backoff
+        except BaseException:
+            sock.close()  # at once, not at garbage collection: its watcher and descriptors go with it
+            raise
         self.sock = sock  # close() closes it should the mode below fail: the supervisor reopens
         self._bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = stop
