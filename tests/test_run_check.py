@@ -154,11 +154,11 @@ def _damage(pki, tmp_path: Path, config: dict, how: str) -> tuple[str, str]:
         return "control.curve.server_secret_key", "cannot read (No such file or directory)"
     if how == "secret-mode-0644":
         os.chmod(own[1], 0o644)
-        return "cameras[cam1].source.curve.server_secret_key", "mode 0644 lets group/others read it"
+        return "cameras[1].source.curve.server_secret_key", "mode 0644 lets group/others read it"
     if how == "secret-cut":
         secret = re.search(r'secret-key = "([^"]*)"', own[1].read_text()).group(1)  # type: ignore[union-attr]
         own[1].write_text(own[1].read_text().replace(secret, secret[:30]))
-        return "cameras[cam1].source.curve.server_secret_key", "its secret key is not the 40-character Z85 secret"
+        return "cameras[1].source.curve.server_secret_key", "its secret key is not the 40-character Z85 secret"
     if how == "allow-list-missing":
         config["publish"]["curve"] = {**config["publish"]["curve"], "allowed_clients_dir": str(tmp_path / "none")}
         return "publish.curve.allowed_clients_dir", "cannot read (No such file or directory)"
@@ -183,6 +183,34 @@ def test_check_refuses_the_key_material_run_refuses(tmp_path, pki, how):
     assert checked.returncode == 2, checked.stdout
     assert checked.stderr.startswith(f"inspectd run --check: {where} ") and said in checked.stderr, checked.stderr
     assert checked.stderr.count("\n") == 1
+
+
+def test_a_zmq_cameras_key_is_named_by_its_position_in_check_and_at_start(tmp_path, pki):
+    """Every error names a camera by its position in the file (`cameras[0]`), as the loader does: a zmq camera's key
+    errors named it by id, and an id may be a number, so `cameras[1]` pointed at another camera."""
+    config = _curve_config(tmp_path, pki)
+    config["cameras"] = [{**config["cameras"][1], "id": "1"}, {**config["cameras"][0], "id": "0"}]
+    own = keys.generate(tmp_path / "cam-keys", "cam")
+    os.chmod(own[1], 0o644)
+    config["cameras"][0]["source"] = {**config["cameras"][0]["source"]}
+    config["cameras"][0]["source"]["curve"] = {
+        **config["cameras"][0]["source"]["curve"],
+        "server_secret_key": str(own[1]),
+    }
+    path = tmp_path / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    where = "cameras[0].source.curve.server_secret_key "
+    checked = inspectd("run", "--check", "--config", str(path))
+    assert checked.returncode == 2 and checked.stderr.startswith(f"inspectd run --check: {where}"), checked.stderr
+    started = subprocess.run(
+        [sys.executable, "-m", "inspectd", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, ALLOW_ROOT_ENV: "1"},
+    )
+    assert started.returncode == 2 and where in started.stderr, started.stderr
 
 
 def test_check_notes_an_allow_list_that_lets_nobody_in(tmp_path, pki):

@@ -1429,7 +1429,7 @@ def test_check_notes_a_key_that_two_allow_list_files_hold(tmp_path, pki):
     assert notes == [
         f"  note: {where}.curve.allowed_clients_dir {allow}: bridge1.key, laptop-old.key hold the same key {key}: "
         "it stays allowed until every one of them is deleted"
-        for where in ("control", "publish", "cameras[cam1].source")
+        for where in ("control", "publish", "cameras[1].source")
     ], checked.stdout
 
 

@@ -219,8 +219,9 @@ class Daemon:
                 first_seq=self._first_seq(cam.id),
                 mark_seq=self._seq_marker(cam.id),
                 bit_depth=state.bundle.bit_depth,
+                where=f"cameras[{i}]",
             )
-            for cam in config.cameras
+            for i, cam in enumerate(config.cameras)
         }
         self._inference_thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         self.control: ControlServer | None = None
@@ -1222,7 +1223,9 @@ def _load_as_the_daemon(config_path: Path) -> str | None:
 def _curves(config) -> list[tuple[str, Any]]:
     """(where, curve) of every socket of `config` that has CurveZMQ, in the order the daemon loads them."""
     curves = [("control", config.control.curve), ("publish", config.publish.curve)]
-    curves += [(f"cameras[{camera.id}].source", getattr(camera.source, "curve", None)) for camera in config.cameras]
+    curves += [
+        (f"cameras[{i}].source", getattr(camera.source, "curve", None)) for i, camera in enumerate(config.cameras)
+    ]
     return [(where, curve) for where, curve in curves if curve is not None]
 
 

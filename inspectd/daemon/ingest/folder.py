@@ -170,9 +170,13 @@ class FolderWatcher(Source):
     narrows_16_bit = True
 
     def __init__(
-        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+        self,
+        camera: cfg.CameraConfig,
+        clock: Callable[[], float],
+        bit_depth: int = DEFAULT_BIT_DEPTH,
+        where: str | None = None,
     ) -> None:
-        super().__init__(camera, clock, bit_depth)
+        super().__init__(camera, clock, bit_depth, where)
         self.spec = cast(FolderSource, camera.source)  # the supervisor builds this class for kind folder only
         self.poll_s = self.spec.poll_ms / 1000.0
         # Cameras and Windows tools write .JPG as often as .jpg.

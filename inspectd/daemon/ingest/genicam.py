@@ -174,9 +174,13 @@ class GenICamCamera(Source):
     Options = GenICamSource
 
     def __init__(
-        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+        self,
+        camera: cfg.CameraConfig,
+        clock: Callable[[], float],
+        bit_depth: int = DEFAULT_BIT_DEPTH,
+        where: str | None = None,
     ) -> None:
-        super().__init__(camera, clock, bit_depth)
+        super().__init__(camera, clock, bit_depth, where)
         self.spec = cast(GenICamSource, camera.source)  # the supervisor builds this class for kind genicam only
         self.cam: Any = None
         self.stream: Any = None

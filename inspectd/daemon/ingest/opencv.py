@@ -287,9 +287,13 @@ class VideoCaptureSource(Source):
     Options = OpenCVSource
 
     def __init__(
-        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+        self,
+        camera: cfg.CameraConfig,
+        clock: Callable[[], float],
+        bit_depth: int = DEFAULT_BIT_DEPTH,
+        where: str | None = None,
     ) -> None:
-        super().__init__(camera, clock, bit_depth)
+        super().__init__(camera, clock, bit_depth, where)
         self.spec = cast(OpenCVSource, camera.source)  # the supervisor builds this class for kind opencv only
         # Only a GStreamer pipeline can deliver 16-bit frames (GRAY16_LE); a url or device gives 8-bit BGR, so such a
         # camera does not tie the daemon to the bit depth of the bundle it started with.

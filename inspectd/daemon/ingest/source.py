@@ -46,9 +46,16 @@ class Source:
     curve: CurveServer | None = None
 
     def __init__(
-        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+        self,
+        camera: cfg.CameraConfig,
+        clock: Callable[[], float],
+        bit_depth: int = DEFAULT_BIT_DEPTH,
+        where: str | None = None,
     ) -> None:
         self.camera = camera
+        # The camera's key in the config file (`cameras[1]`), for errors about its options: by position, as every
+        # error at load names it, since an id may itself be a number.
+        self.where = where if where is not None else f"camera {camera.id!r}"
         self.clock = clock
         self.bit_depth = bit_depth
         # A fault the source got over by itself, without a reopen (a zmq camera binding its removed socket file

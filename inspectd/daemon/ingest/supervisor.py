@@ -43,6 +43,7 @@ class CameraIngest:
         backoff_s: tuple[float, float] = (BACKOFF_FIRST_S, BACKOFF_MAX_S),
         mark_seq: Callable[[int], None] | None = None,
         bit_depth: int = DEFAULT_BIT_DEPTH,
+        where: str | None = None,
     ) -> None:
         self.camera = camera
         self.mark_seq = mark_seq or (lambda seq: None)
@@ -63,7 +64,7 @@ class CameraIngest:
         self._logged_state: str | None = None  # the state last logged: the first open's outcome is logged too
         self.last_error: str | None = None
         self._stop = threading.Event()
-        self._source = make_source(camera, clock, bit_depth)
+        self._source = make_source(camera, clock, bit_depth, where)
         self._source.report_error = self._reported
         self._log = log.bind(camera=camera.id, source=camera.source.kind)
         self._thread = threading.Thread(target=self._run, name=f"ingest-{camera.id}", daemon=True)
@@ -208,6 +209,9 @@ class CameraIngest:
 
 
 def make_source(
-    camera: cfg.CameraConfig, clock: Callable[[], float] = time.time, bit_depth: int = DEFAULT_BIT_DEPTH
+    camera: cfg.CameraConfig,
+    clock: Callable[[], float] = time.time,
+    bit_depth: int = DEFAULT_BIT_DEPTH,
+    where: str | None = None,
 ) -> Source:
-    return SOURCES[camera.source.kind](camera, clock, bit_depth)
+    return SOURCES[camera.source.kind](camera, clock, bit_depth, where)

@@ -52,9 +52,13 @@ class SyntheticLineSource(Source):
     redelivers = True
 
     def __init__(
-        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+        self,
+        camera: cfg.CameraConfig,
+        clock: Callable[[], float],
+        bit_depth: int = DEFAULT_BIT_DEPTH,
+        where: str | None = None,
     ) -> None:
-        super().__init__(camera, clock, bit_depth)
+        super().__init__(camera, clock, bit_depth, where)
         from engines.data.synthline import SyntheticLine
 
         s = cast(SyntheticSource, camera.source)  # the supervisor builds this class for kind synthetic only

@@ -76,9 +76,13 @@ class ZmqPullSource(Source):
     narrows_16_bit = True
 
     def __init__(
-        self, camera: cfg.CameraConfig, clock: Callable[[], float], bit_depth: int = DEFAULT_BIT_DEPTH
+        self,
+        camera: cfg.CameraConfig,
+        clock: Callable[[], float],
+        bit_depth: int = DEFAULT_BIT_DEPTH,
+        where: str | None = None,
     ) -> None:
-        super().__init__(camera, clock, bit_depth)
+        super().__init__(camera, clock, bit_depth, where)
         spec = cast(ZmqSource, camera.source)
         self.endpoint = spec.endpoint
         # Keys loaded (and their permissions checked) here, when the daemon builds its cameras: a bad key fails the
@@ -90,7 +94,7 @@ class ZmqPullSource(Source):
                 f"ingest-{camera.id}",
                 spec.curve.server_secret_key,
                 spec.curve.allowed_clients_dir,
-                where=f"cameras[{camera.id}].source",
+                where=f"{self.where}.source",
             )
         )
         self.sock: zmq.Socket | None = None
