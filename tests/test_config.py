@@ -1248,3 +1248,25 @@ def test_a_list_or_scalar_at_the_top_of_a_config_names_the_file(tmp_path, text):
     assert str(refused.value).startswith(
         f"{path}: expected a mapping with at least station, model and cameras, got "
     ), refused.value
+
+
+def test_a_synthetic_camera_larger_than_its_max_pixels_is_refused_at_load():
+    """max_pixels refuses larger frames of every other source as they come; a synthetic camera ignored it and made
+    frames of any size the example config said were refused."""
+    raw = {
+        "station": "s",
+        "model": {"bundle": "b"},
+        "state_dir": "/var/lib/inspectd",
+        "cameras": [
+            {"id": "cam0", "source": {"kind": "synthetic"}},
+            {"id": "cam1", "source": {"kind": "synthetic", "width": 2000, "height": 1000}, "max_pixels": 1999999},
+        ],
+    }
+    with pytest.raises(ConfigError) as refused:
+        parse_config(raw)
+    assert str(refused.value) == (
+        "cameras[1].source: frames of 2000x1000 (2000000 pixels) are larger than this camera's max_pixels 1999999, "
+        "expected at most that many pixels"
+    )
+    raw["cameras"][1]["max_pixels"] = 2000000
+    assert parse_config(raw).cameras[1].max_pixels == 2000000

@@ -50,6 +50,7 @@ from inspectd.daemon.inference import MASK_POLICIES
 from inspectd.daemon.ingest import SOURCES
 from inspectd.daemon.ingest.opencv import is_finite_url, scheme_of, video_device_of, video_path
 from inspectd.daemon.ingest.queue import QUEUE_POLICIES
+from inspectd.daemon.ingest.synthetic import SyntheticSource
 from inspectd.daemon.security import Curve
 from inspectd.errors import ConfigError
 from inspectd.logs import LOG_FORMATS, LOG_LEVELS
@@ -420,6 +421,23 @@ class Config:
                 used = f"{camera.id!r} is already used by cameras[{seen[camera.id]}], expected unique ids"
                 refuse((i, "id"), used, camera.id)
             seen[camera.id] = i
+        return cameras
+
+    @field_validator("cameras", mode="after")
+    @classmethod
+    def _synthetic_within_max_pixels(cls, cameras: tuple[CameraConfig, ...]) -> tuple[CameraConfig, ...]:
+        # Every other source refuses a frame over max_pixels as it comes; a synthetic camera's frames are all one
+        # size, known now.
+        for i, camera in enumerate(cameras):
+            source = camera.source
+            if isinstance(source, SyntheticSource) and source.width * source.height > camera.max_pixels:
+                pixels = source.width * source.height
+                refuse(
+                    (i, "source"),
+                    f"frames of {source.width}x{source.height} ({pixels} pixels) are larger than this camera's "
+                    f"max_pixels {camera.max_pixels}, expected at most that many pixels",
+                    f"{source.width}x{source.height}",
+                )
         return cameras
 
     @field_validator("control", mode="after")
