@@ -205,3 +205,51 @@ def test_build_engine_help_says_what_streams_are_for(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--streams STREAMS optimisation profiles in the plan, 1..8 (default 1: inspectd runs one batch" in help_text
     assert "in flight" not in help_text
+
+
+# ------------------------------------------------------------------------------------ device index: bounded at load
+@pytest.mark.parametrize(
+    "backend, device, message",
+    [
+        ("torch", "cuda:99999999999999999999", "expected cuda:N with N at most 127, got 'cuda:99999999999999999999'"),
+        ("torch", "cuda:128", "expected cuda:N with N at most 127, got 'cuda:128'"),
+        ("torch", "cuda:007", "expected cpu, cuda or cuda:N, got 'cuda:007'"),
+        ("onnxruntime", 128, "expected at most 127, got 128"),
+        ("onnxruntime", 2**64, f"expected at most 127, got {2**64}"),
+        ("tensorrt", 128, "expected at most 127, got 128"),
+    ],
+)
+def test_a_device_index_no_gpu_can_have_is_refused_at_load(backend, device, message):
+    """torch took cuda:99999999999999999999 at load and raised its own RuntimeError at open, a traceback from
+    `inspectd run` after `run --check` (which opens no GPU engine) said valid; cuda:128 it wraps to cuda:-128."""
+    from engines.runtime import backend_class
+
+    with pytest.raises(EngineError) as refused:
+        backend_class(backend).parse_options({"device": device}, where="engine.options")
+    assert str(refused.value) == f"engine.options.device: {message}"
+    highest = "cuda:127" if backend == "torch" else 127
+    assert backend_class(backend).parse_options({"device": highest}, where="engine.options").device == highest
+
+
+def test_run_check_refuses_a_torch_device_index_torch_cannot_take(tmp_path, capsys):
+    import yaml
+
+    write_grey_bundle(tmp_path / "bundle")
+    path = tmp_path / "inspectd.yaml"
+    config = {
+        "station": "line1",
+        "model": {"bundle": "bundle"},
+        "engine": {"backend": "torch", "options": {"device": "cuda:99999999999999999999"}},
+        "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+        "publish": {"endpoint": f"ipc://{tmp_path}/pub.sock"},
+        "metrics": {"listen": None},
+        "state_dir": str(tmp_path / "state"),
+    }
+    path.write_text(yaml.safe_dump(config))
+    code = main(["run", "--check", "--config", str(path), "--service-user", ""])
+    captured = capsys.readouterr()
+    assert code == 2, captured.out
+    assert captured.err.strip() == (
+        "inspectd run --check: engine.options.device: expected cuda:N with N at most 127, got "
+        "'cuda:99999999999999999999'"
+    )

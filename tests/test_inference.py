@@ -490,21 +490,72 @@ def test_a_graph_of_a_fixed_batch_other_than_one_is_refused_at_open(tmp_path):
     assert str(refused.value) == f"{path / 'model.onnx'}: takes a fixed batch of 2 frames, expected a dynamic batch (N)"
 
 
-def test_a_graph_fixed_at_one_frame_is_refused_by_the_warm_up_in_one_line(tmp_path):
-    """ONNX Runtime's own multi-line RuntimeError escaped the warm-up: `inspectd run` ended in a traceback."""
+def test_a_graph_fixed_at_one_frame_is_refused_at_open_unless_no_batch_is_larger(tmp_path):
+    """It opened and ran single frames, then failed the first larger batch with ONNX Runtime's multi-line error:
+    calibrate, eval and bench run no warm-up, and ended in a traceback that named no file."""
     from engines.errors import EngineError
 
     path = fixed_batch_bundle(tmp_path / "fixed", 1)
-    state = open_state(path)
+    with pytest.raises(EngineError) as refused:
+        open_state(path, max_batch=4)
+    assert str(refused.value) == f"{path / 'model.onnx'}: takes a fixed batch of 1 frame, expected a dynamic batch (N)"
+    state = open_state(path, max_batch=1)
     try:
-        with pytest.raises(EngineError) as refused:
-            state.warm_up()
+        state.warm_up()
+        assert state.engine.infer(np.full((1, H, W, 1), 128, np.uint8)).scores.tolist() == [0.0]
     finally:
         state.close()
-    message = str(refused.value)
-    assert message.startswith(f"{path}: the engine fails on a batch of 2 blank frames (") and "\n" not in message
-    assert message.endswith(
-        "expected a graph that takes a batch of any size (one exported with a fixed batch takes only that)"
+
+
+def retyped_bundle(path, name: str, elem_type: str):
+    """The brightness bundle with its graph's input `name` declared as `elem_type` (onnx's name) and cast to float32
+    inside, as another exporter could write it: ONNX Runtime loads it, and fails each run given what the engine
+    binds."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load_from_string(grey_graph(H))
+    graph_input = next(i for i in model.graph.input if i.name == name)
+    graph_input.type.tensor_type.elem_type = TensorProto.DataType.Value(elem_type)
+    for node in model.graph.node:
+        node.input[:] = [f"{name}_cast" if value == name else value for value in node.input]
+    model.graph.node.insert(0, helper.make_node("Cast", [name], [f"{name}_cast"], to=TensorProto.FLOAT))
+    return write_brightness_bundle(path, model.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    "name, elem_type, shown",
+    [
+        ("centre", "DOUBLE", "input centre is tensor(double), expected tensor(float) (float32)"),
+        ("centre", "FLOAT16", "input centre is tensor(float16), expected tensor(float) (float32)"),
+        ("pixels", "FLOAT", "input pixels is tensor(float), expected tensor(uint8)"),
+        ("pixels", "UINT16", "input pixels is tensor(uint16), expected tensor(uint8)"),
+    ],
+)
+def test_a_graph_input_of_another_type_than_the_engine_binds_is_refused_at_open(tmp_path, name, elem_type, shown):
+    """It opened, and the first batch failed with ONNX Runtime's multi-line error: a traceback in calibrate, eval
+    and bench, and in the daemon a warm-up error that blamed a fixed batch."""
+    from engines.errors import EngineError
+
+    path = retyped_bundle(tmp_path / "retyped", name, elem_type)
+    with pytest.raises(EngineError) as refused:
+        open_state(path)
+    assert str(refused.value) == f"{path / 'model.onnx'}: {shown}"
+
+
+def test_calibrate_on_a_graph_of_another_input_type_ends_in_one_line(tmp_path, capsys):
+    from inspectd.cli import main
+
+    path = retyped_bundle(tmp_path / "retyped", "centre", "DOUBLE")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(good / f"{i}.png"), grey(H, W, blob=(i, i, 2)))
+    code = main(["calibrate", str(path), "--good", str(good), "--dry-run", "--batch", "4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (
+        f"inspectd calibrate: {path / 'model.onnx'}: input centre is tensor(double), expected tensor(float) (float32)"
     )
 
 

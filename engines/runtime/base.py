@@ -14,6 +14,10 @@ from engines.schema import declared, validate
 # creation or the first batch, long after the config loaded, and the runtimes take a C int (2**31 failed there with a
 # traceback that named no key).
 MAX_THREADS = 1024
+# The highest CUDA device index a backend takes: torch keeps an index in a signed byte and wraps a larger one without
+# a word (cuda:128 becomes cuda:-128), and no process sees anywhere near that many GPUs. One past the GPUs present is
+# refused when an engine opens.
+MAX_DEVICE_INDEX = 127
 
 
 class InferenceResult(NamedTuple):

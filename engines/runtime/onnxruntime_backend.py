@@ -34,7 +34,14 @@ from pydantic import Field  # noqa: E402
 from engines.bundle.format import OUTPUTS, PIXELS
 from engines.bundle.plans import fp16_graph_name
 from engines.errors import BundleError, EngineError
-from engines.runtime.base import MAX_THREADS, Engine, InferenceResult, check_pixels, check_scorer_params
+from engines.runtime.base import (
+    MAX_DEVICE_INDEX,
+    MAX_THREADS,
+    Engine,
+    InferenceResult,
+    check_pixels,
+    check_scorer_params,
+)
 from engines.schema import Flag, Int, declared, one_of
 
 ort.disable_telemetry_events()
@@ -47,6 +54,10 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("fp32", "fp16")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# ONNX Runtime's names for the types the engine binds: uint8 pixels, float32 scorer parameters.
+PIXELS_TYPE = "tensor(uint8)"
+SCORER_TYPE = "tensor(float)"
+SHOWN_TYPES = {PIXELS_TYPE: PIXELS_TYPE, SCORER_TYPE: f"{SCORER_TYPE} (float32)"}
 
 
 class OnnxRuntimeEngine(Engine):
@@ -61,7 +72,7 @@ class OnnxRuntimeEngine(Engine):
         # auto: CUDA when this onnxruntime build has the CUDA provider, else CPU. Whenever CUDA is asked for (cuda, or
         # auto on a GPU build) and does not start, the engine is refused rather than run on the CPU.
         providers: Annotated[str, one_of(PROVIDER_CHOICES)] = "auto"
-        device: Annotated[Int, Field(ge=0)] = 0  # CUDA device index
+        device: Annotated[Int, Field(ge=0, le=MAX_DEVICE_INDEX)] = 0  # CUDA device index
         # fp16: the bundle's FP16 graph (written by `inspectd build-engine BUNDLE --fp16 --onnxruntime`)
         precision: Annotated[str, one_of(PRECISION_CHOICES)] = "fp32"
         # ONNX Runtime's workers busy-wait between runs by default. In a daemon that waits for frames, and on a station
@@ -102,14 +113,27 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError(
                 f"{self.graph_path}: graph inputs {list(inputs)}, expected {expected_names} and outputs {list(OUTPUTS)}"
             )
+        # A graph from another exporter can take other types than the ones bound here (uint8 frames, float32 scorer
+        # parameters, as `inspectd export` writes them): it would open, then fail every batch with ONNX Runtime's
+        # multi-line error in tools that run no warm-up (calibrate, eval, bench).
+        for graph_input in self.session.get_inputs():
+            expected_type = PIXELS_TYPE if graph_input.name == PIXELS else SCORER_TYPE
+            if graph_input.type != expected_type:
+                self.session = None
+                raise EngineError(
+                    f"{self.graph_path}: input {graph_input.name} is {graph_input.type}, expected "
+                    f"{SHOWN_TYPES[expected_type]}"
+                )
         # The manifest has no checksum of its own: an input size edited there would open, then fail every batch with
         # ONNX Runtime's multi-line dimension error. A symbolic dimension (the batch) takes any size.
         pixel_dims = list(inputs[PIXELS])
-        if len(pixel_dims) == 4 and isinstance(pixel_dims[0], int) and pixel_dims[0] != 1:
-            # Exported without a dynamic batch: only batches of exactly that size would run.
+        if len(pixel_dims) == 4 and isinstance(pixel_dims[0], int) and not pixel_dims[0] == max_batch == 1:
+            # Exported without a dynamic batch: only batches of exactly that size would run. Fixed at 1, it serves an
+            # engine that is never given more than one frame.
             self.session = None
             raise EngineError(
-                f"{self.graph_path}: takes a fixed batch of {pixel_dims[0]} frames, expected a dynamic batch (N)"
+                f"{self.graph_path}: takes a fixed batch of {pixel_dims[0]} frame{'s' * (pixel_dims[0] != 1)}, "
+                "expected a dynamic batch (N)"
             )
         if len(pixel_dims) != 4 or any(
             isinstance(dim, int) and dim != size for dim, size in zip(pixel_dims[1:], bundle.input_shape)

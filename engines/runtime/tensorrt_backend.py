@@ -34,7 +34,7 @@ from engines.bundle.plans import (
 )
 from engines.errors import BundleError, EngineError
 from engines.runtime import cuda_buffers
-from engines.runtime.base import Engine, InferenceResult, check_pixels, check_scorer_params
+from engines.runtime.base import MAX_DEVICE_INDEX, Engine, InferenceResult, check_pixels, check_scorer_params
 from engines.schema import Int, declared, one_of
 
 PROFILE = 0  # the optimisation profile the context runs on (the first; a plan holds at least one)
@@ -66,7 +66,7 @@ class TensorRTEngine(Engine):
         plan: Annotated[str, Field(strict=True)] = ""
         # with plan "": only plans of this precision (fp32, fp16, int8); "" any
         precision: Annotated[str, one_of(("", *PRECISIONS))] = ""
-        device: Annotated[Int, Field(ge=0)] = 0  # CUDA device index
+        device: Annotated[Int, Field(ge=0, le=MAX_DEVICE_INDEX)] = 0  # CUDA device index
 
     def __init__(self, bundle, options: Options, max_batch: int = 8) -> None:
         super().__init__(bundle, options, max_batch)

@@ -16,13 +16,28 @@ from typing import Annotated
 
 import numpy as np
 import structlog
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
-from engines.errors import EngineError, one_line
-from engines.runtime.base import MAX_THREADS, Engine, InferenceResult, check_pixels, check_scorer_params
-from engines.schema import Int, declared, matching
+from engines.errors import EngineError, one_line, show
+from engines.runtime.base import (
+    MAX_DEVICE_INDEX,
+    MAX_THREADS,
+    Engine,
+    InferenceResult,
+    check_pixels,
+    check_scorer_params,
+)
+from engines.schema import Int, declared, invalid, matching
 
 log = structlog.get_logger("engines.runtime.torch")
+
+
+def bounded_device(value: str) -> str:
+    index = value.partition(":")[2]
+    # The length first: int() refuses a string of thousands of digits with its own error.
+    if index and (len(index) > len(str(MAX_DEVICE_INDEX)) or int(index) > MAX_DEVICE_INDEX):
+        raise invalid(f"expected cuda:N with N at most {MAX_DEVICE_INDEX}, got {show(value)}")
+    return value
 
 
 def write_execute_refused() -> str | None:
@@ -44,7 +59,9 @@ class TorchEngine(Engine):
     class Options:
         """`engine.options` when `engine.backend` is torch."""
 
-        device: Annotated[str, matching(r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N")] = "cpu"
+        device: Annotated[
+            str, matching(r"cpu|cuda(:(0|[1-9][0-9]*))?", "cpu, cuda or cuda:N"), AfterValidator(bounded_device)
+        ] = "cpu"
         # > 0 sets torch's intra-op threads for the whole process.
         threads: Annotated[Int, Field(ge=0, le=MAX_THREADS)] = 0
 
@@ -62,9 +79,22 @@ class TorchEngine(Engine):
             raise EngineError(
                 f"engine backend 'torch': cannot import {exc.name} ({exc}); pip install 'inspectd[train]'"
             ) from exc
-        self.device = torch.device(options.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise EngineError(f"engine.options.device: {options.device!r} but torch sees no CUDA device")
+        try:
+            self.device = torch.device(options.device)
+        except RuntimeError as exc:
+            raise EngineError(
+                f"engine.options.device: {options.device!r}, expected a device torch can take ({one_line(exc)})"
+            ) from exc
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise EngineError(f"engine.options.device: {options.device!r} but torch sees no CUDA device")
+            # torch refuses an index past the last GPU only when the graph moves there, in its own words.
+            count = torch.cuda.device_count()
+            if self.device.index is not None and self.device.index >= count:
+                raise EngineError(
+                    f"engine.options.device: {options.device!r}, expected cuda:0..cuda:{count - 1} "
+                    f"({count} CUDA device(s))"
+                )
         if options.threads:
             torch.set_num_threads(options.threads)
         # oneDNN JIT-compiles its convolution kernels into writable and executable memory: under a W^X rule the first
@@ -85,7 +115,14 @@ class TorchEngine(Engine):
         # The switches are per process; an engine that runs FP32 sets them for every torch user in it.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-        self.graph = graph_from_bundle(bundle).to(self.device)
+        graph = graph_from_bundle(bundle)
+        try:
+            self.graph = graph.to(self.device)
+        except RuntimeError as exc:
+            raise EngineError(
+                f"engine.options.device: {options.device!r}, expected a device the graph can be placed on "
+                f"({one_line(exc)})"
+            ) from exc
         # As the ONNX Runtime backend checks its graph: the manifest has no checksum of its own, and an input or
         # scorer inputs edited there would run with maps placed at the wrong size, or fail every batch.
         if tuple(self.graph.input_shape) != tuple(bundle.input_shape):

@@ -117,8 +117,8 @@ class ModelState:
     def warm_up(self) -> None:
         """One inference on two blank frames (one where max_batch is 1), so the first real batch pays no lazy
         initialisation. Two, not one: an engine that runs one frame but no more (a graph whose batch dimension is
-        fixed at 1) is then refused at start or reload, while the running model is kept, rather than failing every
-        multi-frame batch once it is swapped in. Not max_batch: ONNX Runtime keeps the memory of the largest batch
+        fixed at 1, in a backend that does not refuse it at open as ONNX Runtime's does) is then refused at start or
+        reload, while the running model is kept, rather than failing every multi-frame batch once it is swapped in. Not max_batch: ONNX Runtime keeps the memory of the largest batch
         it ran for good (the catalogue's patchcore at 320: 2.1 GB at max_batch 8 against 0.4 GB), which a line that
         never fills its batches should not pay for at start."""
         h, w, c = self.bundle.input_shape
@@ -131,7 +131,7 @@ class ModelState:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             raise EngineError(
                 f"{self.bundle.path}: the engine fails on a batch of {n} blank frames ({type(exc).__name__}: {first}), "
-                "expected a graph that takes a batch of any size (one exported with a fixed batch takes only that)"
+                "expected a graph that runs any batch of uint8 frames with the bundle's scorer parameters"
             ) from None
         # A graph from another tool can run yet give outputs the stage cannot use (a float16 map cv2.resize refuses,
         # a map of another size): every defect frame would then be an error on the line.
