@@ -408,6 +408,77 @@ def test_an_architecture_without_a_recipe_to_compare_with_loads_as_before(bundle
     assert load_bundle(bundle_dir).architecture["smoothing_sigma"] == 1.0
 
 
+@pytest.mark.parametrize("architecture", [True, False], ids=["architecture", "no-architecture"])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("smoothing_sigma", "x", "a number in (0, 64]"),
+        ("smoothing_sigma", 0, "a number in (0, 64]"),
+        ("smoothing_sigma", 10**400, "a number in (0, 64]"),
+        ("score_share", "y", "a share in [0, 1]"),
+        ("score_share", 1.5, "a share in [0, 1]"),
+        ("k", "x", "an integer >= 1"),
+        ("k", 0, "an integer >= 1"),
+        ("k", 2.5, "an integer >= 1"),
+        ("k", True, "an integer >= 1"),
+        ("memory_size", None, "an integer >= 1"),
+        ("memory_size", "16384", "an integer >= 1"),
+        ("augment", 5, "a non-empty string naming the copies"),
+        ("augment", "", "a non-empty string naming the copies"),
+        ("name", 7, "a non-empty string"),
+        ("description", None, "a string"),
+        ("taps", 7, "increasing strides from 2,4,..,32"),
+        ("taps", [32, 16], "increasing strides from 2,4,..,32"),
+        ("taps", [12], "increasing strides from 2,4,..,32"),
+        ("taps", [16, 64], "increasing strides from 2,4,..,32"),
+        ("size", 5, "height and width in 32..4096"),
+        ("size", [64, "64"], "height and width in 32..4096"),
+        ("size", [64, 64, 1], "height and width in 32..4096"),
+        ("aggregation", 4, "an odd window >= 1"),
+        ("scorer", "", "a non-empty string"),
+        ("resize", "crop", "one of stretch, pad"),
+        ("method", 3, "a non-empty string"),
+        ("backbone", None, "a non-empty string"),
+    ],
+)
+def test_a_hand_edited_recipe_field_is_refused_at_load_naming_the_key(bundle_dir, field, value, expected, architecture):
+    """The recipe has no checksum, and only its fields that set the architecture were compared with it: `k: "x"` or
+    `smoothing_sigma: "x"` loaded, and with no architecture section any recipe did, until teach's int(), the TensorRT
+    profile's row ceilings or eval's report took the value on trust and failed with a traceback."""
+    rewrite_manifest(
+        bundle_dir, lambda m: (m["recipe"].__setitem__(field, value), architecture or m.pop("architecture"))
+    )
+    assert refusal(bundle_dir) == f"{bundle_dir / 'manifest.json'}: recipe.{field} {value!r}, expected {expected}"
+
+
+def test_a_recipe_recorded_before_some_fields_or_after_new_ones_still_loads(bundle_dir):
+    """Older trains recorded fewer fields, and a later one may record more: load asks only that those it knows be
+    what they must be."""
+
+    def edit(m):
+        for field in ("score_share", "augment", "aggregation", "description", "memory_size"):
+            m["recipe"].pop(field)
+        m["recipe"]["later_field"] = {"anything": 1}
+        m.pop("architecture")
+
+    rewrite_manifest(bundle_dir, edit)
+    recipe = load_bundle(bundle_dir).recipe
+    assert (recipe["score_share"], recipe["augment"], recipe["later_field"]) == (0.0, "none", {"anything": 1})
+
+
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None, []])
+def test_an_interrupted_flag_that_is_not_a_json_boolean_is_refused(bundle_dir, value):
+    """bool() read the string "false" as interrupted."""
+    rewrite_manifest(bundle_dir, lambda m: m.__setitem__("interrupted", value))
+    assert refusal(bundle_dir) == f"{bundle_dir / 'manifest.json'}: interrupted {value!r}, expected true or false"
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_an_interrupted_flag_loads_as_recorded(bundle_dir, value):
+    rewrite_manifest(bundle_dir, lambda m: m.__setitem__("interrupted", value))
+    assert load_bundle(bundle_dir).interrupted is value
+
+
 @pytest.mark.parametrize("recorded", [True, False], ids=["recipe", "no-recipe"])
 @pytest.mark.parametrize(
     "edit, field, expected",

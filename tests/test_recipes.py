@@ -369,6 +369,35 @@ def test_resolve_recipe_from_flags():
         Recipe.from_json({**CATALOGUE["wide"].to_json(), "window": 3})
 
 
+def test_the_fields_load_checks_are_the_recipes_fields():
+    """One declaration of what each field must be, read by load_bundle (which cannot import this layer) and by
+    Recipe.validate: a field added to Recipe without a check would go unchecked in every manifest."""
+    import dataclasses
+
+    from engines.bundle.store import RECIPE_FIELD_CHECKS
+
+    assert list(RECIPE_FIELD_CHECKS) == [f.name for f in dataclasses.fields(Recipe)]
+    for recipe in CATALOGUE.values():
+        assert Recipe.from_json(recipe.to_json()) == recipe
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("smoothing_sigma", "4", "smoothing_sigma '4', expected a number in (0, 64]"),
+        ("taps", 16, "taps 16, expected increasing strides from 2,4,..,32"),
+        ("size", ["64", "64"], "size ['64', '64'], expected height and width in 32..4096"),
+        ("k", 2.0, "k 2.0, expected an integer >= 1"),
+        ("memory_size", 0, "memory_size 0, expected an integer >= 1"),
+    ],
+)
+def test_a_recipe_read_from_json_is_checked_before_it_is_converted(field, value, expected):
+    """__post_init__'s float() and int() read the text "4" as a number and failed with a TypeError on a bare int."""
+    with pytest.raises(ValueError) as refused:
+        Recipe.from_json({**CATALOGUE["wide"].to_json(), field: value})
+    assert str(refused.value) == f"recipe wide: {expected}"
+
+
 def test_a_window_wider_than_the_finest_grid_is_refused_and_auto_leaves_such_candidates_out():
     """`--recipe wide --size 64` put a 15x15 window on a 4x4 grid: every location averaged the whole map, which then
     localised nothing, without a word."""

@@ -21,7 +21,7 @@ import stat
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -823,6 +823,11 @@ def _check_identity(manifest_path: Path, manifest: dict[str, Any]) -> None:
         recipe = manifest["recipe"]
         if not isinstance(recipe, dict):
             raise BundleError(f"{manifest_path}: recipe {recipe!r}, expected the mapping train recorded")
+        # teach refits with its k and memory_size, the TensorRT profile takes its row ceilings from them and eval
+        # prints it: none of them checks it again.
+        if refused := recipe_refusal(recipe):
+            field, expected = refused
+            raise BundleError(f"{manifest_path}: recipe.{field} {recipe[field]!r}, expected {expected}")
         recorded = {
             "method": manifest["method"],
             "backbone": manifest["backbone"],
@@ -850,6 +855,56 @@ def _number(value: Any) -> bool:
     return _count(value) or (isinstance(value, float) and math.isfinite(value))
 
 
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _strides(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(_count(t) and t in (2, 4, 8, 16, 32) for t in value)
+        and list(value) == sorted(set(value))
+    )
+
+
+# What each field of a recipe (engines.model.recipes.Recipe) must be, and what a refusal says was expected: checked
+# here on a manifest's recorded recipe, which has no checksum, and by Recipe.validate on every recipe train builds.
+# It lives in the bundle layer, which cannot import the model's. A field's relation to the others (a window that fits
+# the grid, a blur within the map) is Recipe.validate's alone: load compares the architecture with the recipe instead.
+RECIPE_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (_text, "a non-empty string"),
+    "method": (_text, "a non-empty string"),
+    "backbone": (_text, "a non-empty string"),
+    "taps": (_strides, "increasing strides from 2,4,..,32"),
+    "size": (
+        lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_count(d) and 32 <= d <= 4096 for d in v),
+        "height and width in 32..4096",
+    ),
+    "resize": (lambda v: isinstance(v, str) and v in RESIZE_POLICIES, f"one of {', '.join(RESIZE_POLICIES)}"),
+    "scorer": (_text, "a non-empty string"),
+    "aggregation": (lambda v: _count(v) and v >= 1 and v % 2 == 1, "an odd window >= 1"),
+    "memory_size": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
+    "k": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
+    "smoothing_sigma": (lambda v: _number(v) and 0 < v <= 64, "a number in (0, 64]"),
+    "score_share": (lambda v: _number(v) and 0 <= v <= 1, "a share in [0, 1]"),
+    # Which names are copies is the scorer fit's (engines.runtime.scorer_fit.AUGMENTS), above this layer: teach
+    # refuses an unknown one in a line, and Recipe.validate refuses it in train.
+    "augment": (_text, "a non-empty string naming the copies"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def recipe_refusal(recipe: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first field of `recipe` that RECIPE_FIELD_CHECKS refuses, as (field, what was expected); None if none is.
+    Fields it does not hold are not asked for (a recipe recorded before a field existed), nor are fields it does not
+    know (a recipe recorded by a later version)."""
+    for field, (valid, expected) in RECIPE_FIELD_CHECKS.items():
+        if field in recipe and not valid(recipe[field]):
+            return field, expected
+    return None
+
+
 def _check_architecture(manifest_path: Path, manifest: dict[str, Any]) -> None:
     """Refuse an `architecture` section the torch backend and export could not rebuild a graph from, or would rebuild
     otherwise than the recorded recipe: it is what they build from, it has no checksum, and the ONNX Runtime and
@@ -873,9 +928,10 @@ def _check_architecture(manifest_path: Path, manifest: dict[str, Any]) -> None:
             lambda v: isinstance(v, list) and len(v) == 3 and all(_count(d) and d > 0 for d in v),
             "[height, width, channels], positive integers",
         ),
-        "aggregation": (lambda v: _count(v) and v >= 1 and v % 2 == 1, "an odd window >= 1"),
-        "smoothing_sigma": (lambda v: _number(v) and 0 < v <= 64, "a number in (0, 64], as a recipe's"),
-        "score_share": (lambda v: _number(v) and 0 <= v <= 1, "a share in [0, 1]"),
+        # As the recipe's fields that set them.
+        "aggregation": RECIPE_FIELD_CHECKS["aggregation"],
+        "smoothing_sigma": RECIPE_FIELD_CHECKS["smoothing_sigma"],
+        "score_share": RECIPE_FIELD_CHECKS["score_share"],
     }
     for field, (valid, expected) in checks.items():
         if field in architecture and not valid(architecture[field]):
@@ -1020,6 +1076,9 @@ def _load_bundle(path: Path) -> Bundle:
     # What train recorded of its data: read by the reduced-precision probe, bench, teach and calibrate as a mapping.
     if not isinstance(manifest.get("training", {}), dict):
         raise BundleError(f"{manifest_path}: training {manifest['training']!r}, expected the mapping train recorded")
+    # Bundle.interrupted takes bool() of it, which reads the string "false" as true.
+    if not isinstance(interrupted := manifest.get("interrupted", False), bool):
+        raise BundleError(f"{manifest_path}: interrupted {interrupted!r}, expected true or false")
     _check_identity(manifest_path, manifest)
     _check_architecture(manifest_path, manifest)
     manifest.pop(PENDING, None)

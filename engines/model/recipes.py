@@ -23,7 +23,7 @@ import math
 from typing import Any
 
 from engines.bundle.format import DEFAULT_SIGMA
-from engines.runtime.preprocess import RESIZE_POLICIES
+from engines.bundle.store import recipe_refusal
 from engines.runtime.scorer_fit import AUGMENTS, DEFAULT_MEMORY_SIZE
 
 AUTO = "auto"
@@ -74,17 +74,11 @@ class Recipe:
 
     def validate(self) -> Recipe:
         """Raise ValueError naming the field and what was expected; return self."""
-        if not self.taps or any(t < 2 or t & (t - 1) for t in self.taps) or list(self.taps) != sorted(set(self.taps)):
-            raise ValueError(f"recipe {self.name}: taps {list(self.taps)}, expected increasing strides from 2,4,..,32")
-        if max(self.taps) > 32:
-            raise ValueError(f"recipe {self.name}: taps {list(self.taps)}, expected strides up to 32")
-        if len(self.size) != 2 or not all(32 <= v <= 4096 for v in self.size):
-            raise ValueError(f"recipe {self.name}: size {list(self.size)}, expected height and width in 32..4096")
-        if self.resize not in RESIZE_POLICIES:
-            expected = ", ".join(RESIZE_POLICIES)
-            raise ValueError(f"recipe {self.name}: resize {self.resize!r}, expected one of {expected}")
-        if self.aggregation < 1 or self.aggregation % 2 == 0:
-            raise ValueError(f"recipe {self.name}: aggregation {self.aggregation}, expected an odd window >= 1")
+        # Each field alone: the checks load_bundle makes on a manifest's recorded recipe.
+        data = self.to_json()
+        if refused := recipe_refusal(data):
+            field, expected = refused
+            raise ValueError(f"recipe {self.name}: {field} {data[field]!r}, expected {expected}")
         grid = self.grid
         size = f"{self.size[0]}x{self.size[1]}"
         if min(grid) < MIN_GRID_CELLS.get(self.method, 1):
@@ -100,17 +94,11 @@ class Recipe:
                 f"most {min(grid) - 1 + min(grid) % 2}: a wider one averages the whole map, which then localises "
                 "nothing; a smaller --aggregation or a larger --size"
             )
-        if self.memory_size < 1 or self.k < 1:
-            raise ValueError(f"recipe {self.name}: memory_size {self.memory_size}, k {self.k}: expected each >= 1")
-        if not 0 < self.smoothing_sigma <= 64:
-            raise ValueError(f"recipe {self.name}: smoothing_sigma {self.smoothing_sigma}, expected in (0, 64]")
         if max(1, math.ceil(4 * self.smoothing_sigma)) >= min(self.size):  # the blur reaches 4 sigma, reflected
             raise ValueError(
                 f"recipe {self.name}: smoothing_sigma {self.smoothing_sigma} at {self.size[0]}x{self.size[1]}, "
                 f"expected at most {(min(self.size) - 1) / 4:g} (the blur reaches 4 sigma into a map of that size)"
             )
-        if not 0.0 <= self.score_share <= 1.0:
-            raise ValueError(f"recipe {self.name}: score_share {self.score_share}, expected a share in [0, 1]")
         if self.augment not in AUGMENTS:
             raise ValueError(f"recipe {self.name}: augment {self.augment!r}, expected one of {', '.join(AUGMENTS)}")
         if not self.score_share_fits(self.score_share):
@@ -160,6 +148,10 @@ class Recipe:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise ValueError(f"recipe: unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(fields))}")
+        # Before __post_init__, whose float() and int() would read the text "4" as a number or fail on a bare one.
+        if refused := recipe_refusal(data):
+            field, expected = refused
+            raise ValueError(f"recipe {data.get('name')}: {field} {data[field]!r}, expected {expected}")
         return cls(**data).validate()
 
     def architecture(self, head: dict[str, Any], channels: int) -> dict[str, Any]:
