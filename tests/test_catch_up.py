@@ -277,6 +277,86 @@ def test_a_replay_from_before_the_oldest_segment_and_a_corrupt_record_are_gaps_w
     ]
 
 
+def flip_header_seq(segment: Path, record: int, bit: int) -> None:
+    """Flip one bit of the header seq of record `record` (from 0) of `segment`: outside the CRC, which covers the
+    body alone."""
+    ends = [0] + [end for end, _, _ in journal_format.read_records(segment)]
+    data = bytearray(segment.read_bytes())
+    data[ends[record] + 8 + bit // 8] ^= 1 << bit % 8  # the seq is the u64 at offset 8 of a record's header
+    segment.write_bytes(bytes(data))
+
+
+def test_a_fill_across_a_record_whose_header_seq_was_damaged_reports_that_record_alone(tmp_path):
+    """Bit 40 of record 15's header seq flipped. Read by its header, the fill of 11..24 stopped there (seq >= 25) and
+    16..24, all in the journal, were reported never journalled. The record is corrupt: the rest of the fill comes."""
+    directory = tmp_path / "journal"
+    journal = Journal(directory, max_bytes=1 << 20)
+    for seq in range(30):
+        journal.append("cam0", seq, result_frames("cam0", seq))
+    journal.close()
+    flip_header_seq(journal_format.segment_files(directory / "cam0")[-1][1], 15, 40)
+    catch_up = JournalCatchUp(directory)
+    assert [r.seq for seq in range(11) for r in catch_up.take(decode(result_frames("cam0", seq)))] == list(range(11))
+    filled = [r.seq for r in catch_up.take(decode(result_frames("cam0", 25)))]
+    assert filled == [s for s in range(11, 26) if s != 15]
+    assert catch_up.missed == [Gap("cam0", 15, 15, CORRUPT)] and catch_up.gaps.missed == {"cam0": 1}
+
+
+def test_a_damaged_header_seq_in_the_last_record_neither_moves_the_numbering_nor_repeats_a_result(tmp_path):
+    """Bit 40 of the last record's header seq flipped while the daemon is down. Before, it restarted at 2**40 + 30,
+    and the fill up to its first result delivered the damaged record (result 29) a second time, then reported a gap
+    of 2**40 results. Now the restarted writer numbers on at 30 and the subscriber gets 30 alone; a replay from an
+    earlier seq reports the record as corrupt instead of returning it."""
+    directory = tmp_path / "journal"
+    journal = Journal(directory, max_bytes=1 << 20)
+    catch_up = JournalCatchUp(directory)
+    for seq in range(30):
+        journal.mark_accepted("cam0", seq)
+        journal.append("cam0", seq, result_frames("cam0", seq))
+        assert [r.seq for r in catch_up.take(decode(result_frames("cam0", seq)))] == [seq]
+    journal.close()
+    flip_header_seq(journal_format.segment_files(directory / "cam0")[-1][1], 29, 40)
+    restarted = Journal(directory, max_bytes=1 << 20)
+    try:
+        seq, skipped = restarted.resume("cam0")
+        assert (seq, skipped) == (30, range(29, 30)) and restarted.status()["corrupt"] == 1
+        restarted.mark_accepted("cam0", seq)
+        restarted.append("cam0", seq, result_frames("cam0", seq))
+    finally:
+        restarted.close()
+    assert [r.seq for r in catch_up.take(decode(result_frames("cam0", seq)))] == [30]
+    assert catch_up.missed == [] and catch_up.gaps.missed == {}
+    replay = JournalCatchUp(directory)
+    assert [r.seq for r in replay.resume(20)] == [*range(21, 29), 30]
+    assert replay.missed == [Gap("cam0", 29, 29, CORRUPT)]
+
+
+@pytest.mark.parametrize("damage", ["flipped", "cut-short"])
+def test_damage_at_the_end_of_a_closed_segment_is_a_corrupt_record_not_a_torn_tail(tmp_path, damage):
+    """The writer finishes a segment before it starts the next, so only the newest can end in a torn record. Before,
+    a bad last record of an older segment ended that segment's read without a word, and the hole was put down to a
+    crash or a full queue ("never journalled")."""
+    directory, segments = journal_of(tmp_path, 200, 4 << 10)
+    starts = first_seqs(segments)
+    bad = starts[1] - 1  # the last record of the first segment
+    ends = [0] + [end for end, _, _ in journal_format.read_records(segments[0])]
+    data = bytearray(segments[0].read_bytes())
+    if damage == "flipped":
+        data[ends[-2] + 40] ^= 0x01  # inside its body: the CRC no longer matches, its whole length is there
+    else:
+        del data[(ends[-2] + ends[-1]) // 2 :]
+    segments[0].write_bytes(bytes(data))
+    with pytest.raises(journal_format.JournalCorrupt, match=rf"corrupt bytes at offset {ends[-2]}"):
+        list(journal_format.read_since(directory, "cam0", -1))
+    reported: list[tuple[Path, int, int]] = []
+    seqs = [s for s, _ in journal_format.read_since(directory, "cam0", -1, on_corrupt=lambda *a: reported.append(a))]
+    assert seqs == [s for s in range(200) if s != bad]
+    assert [(path, offset) for path, offset, _ in reported] == [(segments[0], ends[-2])]
+    catch_up = JournalCatchUp(directory)
+    assert [r.seq for r in catch_up.resume(-1)] == seqs
+    assert catch_up.missed == [Gap("cam0", bad, bad, CORRUPT)]
+
+
 def test_subscribe_since_streams_the_replay_and_reports_segments_rotated_away_during_it(tmp_path):
     """`inspectd subscribe --journal DIR --since -1` as a real process whose stdout nobody reads: it blocks writing
     the replay (a pipe holds 64 kB), the journal loses segments further on, and the gap comes out with its reason.

@@ -570,6 +570,44 @@ def test_corruption_inside_a_segment_is_reported_and_the_records_after_it_are_ke
     assert [s for s, _ in read_since(tmp_path / "j", "cam0", 28, on_corrupt=lambda *a: None)] == [29, 30]
 
 
+def test_a_whole_last_record_that_fails_its_crc_is_corrupt_not_a_torn_tail(tmp_path, capsys):
+    """A kill or a failed write cuts a record short; one whose whole length is there but whose CRC no longer matches
+    is damage. Before, the open cut it as a torn tail without counting it, and readers ended there without a word.
+    Now it is counted, logged and kept (the records appended after it are read past it), and readers report it;
+    a record cut short is still cut at open."""
+    path = tmp_path / "j"
+    j = Journal(path, max_bytes=1 << 20)
+    for seq in range(10):
+        j.mark_accepted("cam0", seq)
+        j.append("cam0", seq, result("cam0", seq, b"m" * 200))
+    j.close()
+    (segment,) = (path / "cam0").glob("*.seg")
+    ends = [0] + [end for end, _, _ in journal_format.read_records(segment)]
+    data = bytearray(segment.read_bytes())
+    data[ends[-2] + 100] ^= 0x01  # inside the last record's body
+    segment.write_bytes(bytes(data))
+    with pytest.raises(journal_format.JournalCorrupt, match=rf"corrupt bytes at offset {ends[-2]}"):
+        list(read_since(path, "cam0", -1))
+    capsys.readouterr()
+    reopened = Journal(path, max_bytes=1 << 20)
+    assert reopened.status()["corrupt"] == 1 and "journal_corrupt_record" in capsys.readouterr().out
+    assert segment.stat().st_size == ends[-1]
+    assert reopened.last_seq("cam0") == 8 and reopened.resume("cam0") == (10, range(9, 10))
+    reopened.mark_accepted("cam0", 10)
+    reopened.append("cam0", 10, result("cam0", 10))
+    reopened.close()
+    reported = []
+    seqs = [s for s, _ in read_since(path, "cam0", -1, on_corrupt=lambda *a: reported.append(a))]
+    assert seqs == [*range(9), 10] and reported == [(segment, ends[-2], ends[-1] - ends[-2])]
+    with open(segment, "ab") as f:  # a record cut short at the end of the newest segment: a torn tail
+        f.write(journal_format.encode_record(11, result("cam0", 11))[:30])
+    torn = Journal(path, max_bytes=1 << 20)
+    assert torn.status()["corrupt"] == 1 and torn.last_seq("cam0") == 10
+    torn.close()
+    assert [s for s, _ in read_since(path, "cam0", 9, on_corrupt=lambda *a: None)] == [10]
+    assert segment.stat().st_size == [end for end, _, _ in journal_format.read_records(segment, lambda *_: None)][-1]
+
+
 def test_a_segment_rotated_away_during_a_replay_is_reported_not_skipped_silently(tmp_path):
     j = Journal(tmp_path / "j", max_bytes=1 << 20, segment_bytes=8 << 10)
     for seq in range(100):

@@ -196,3 +196,53 @@ def test_the_plc_bridge_reads_a_damaged_reserved_mark_as_none_as_the_daemon_igno
     for value, read in ((300, 300), (-5, None), (2**62 + 1, None), (2**32 + 10, 2**32 + 10)):
         (folder / RESERVED_MARK).write_bytes(ACCEPTED.pack(value))
         assert _journal_reserved(tmp_path / "journal", "cam0") == read, value
+
+
+def flip_header_seq(segment: Path, record: int, bit: int) -> None:
+    """Flip one bit of the header seq of record `record` (from 0) of `segment`: outside the CRC, which covers the
+    body alone."""
+    ends = [0] + [end for end, _, _ in journal_format.read_records(segment)]
+    data = bytearray(segment.read_bytes())
+    data[ends[record] + 8 + bit // 8] ^= 1 << bit % 8  # the seq is the u64 at offset 8 of a record's header
+    segment.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("unclean", [False, True], ids=["clean", "unclean"])
+def test_a_record_whose_header_seq_was_damaged_is_corrupt_and_does_not_move_the_numbering(tmp_path, capsys, unclean):
+    """Bit 40 of the newest record's header seq flipped: the body's CRC still matches. Trusted, the daemon resumed at
+    2**40 + 30 with nothing counted or logged, and every subscriber then saw a duplicate and a gap of 2**40 results.
+    The record is counted corrupt and kept (it is whole: not cut as a torn tail), numbering resumes after the accepted
+    mark, and readers report it instead of returning it under the damaged seq."""
+    path = tmp_path / "j"
+    j = Journal(path, max_bytes=1 << 20)
+    for seq in range(30):
+        j.mark_accepted("cam0", seq)
+        j.append("cam0", seq, result("cam0", seq))
+    j.close()
+    if unclean:
+        (path / journal_format.CLEAN_MARK).unlink()
+    segment = journal_format.segment_files(path / "cam0")[-1][1]
+    flip_header_seq(segment, 29, 40)
+    size = segment.stat().st_size
+    capsys.readouterr()
+    reopened = Journal(path, max_bytes=1 << 20)
+    assert reopened.status()["corrupt"] == 1
+    assert "journal_corrupt_record" in capsys.readouterr().out
+    assert reopened.last_seq("cam0") == 28
+    assert reopened.resume("cam0") == (30, range(29, 30))
+    assert segment.stat().st_size == size
+    reopened.mark_accepted("cam0", 30)
+    reopened.append("cam0", 30, result("cam0", 30))
+    reopened.close()
+    with pytest.raises(journal_format.JournalCorrupt, match=r"header seq 1099511627805 is not its result's 29"):
+        list(read_since(path, "cam0", 20))
+    reported: list[tuple[Path, int, int]] = []
+    assert [s for s, _ in read_since(path, "cam0", 20, on_corrupt=lambda *a: reported.append(a))] == [
+        *range(21, 29),
+        30,
+    ]
+    assert len(reported) == 1 and reported[0][0] == segment
+    assert journal_format.newest_seq(path, "cam0") == 30
+    again = Journal(path, max_bytes=1 << 20)
+    assert again.status()["corrupt"] == 1 and again.resume("cam0")[0] == 31
+    again.close()

@@ -67,6 +67,7 @@ from inspectd.protocol.journal import (
     CLEAN_MARK,
     RESERVED_MARK,
     JournalError,
+    OnCorrupt,
     cameras,
     check_camera,
     encode_record,
@@ -195,12 +196,27 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _whole_records_end(path: Path) -> int:
-    """Where the last whole record of a segment ends (0 for none): what a torn or half-written tail is cut to."""
+def _kept_end(path: Path, on_corrupt: OnCorrupt, check_seq: bool = True) -> tuple[int, int | None]:
+    """Where a camera's newest segment ends once a torn tail is cut (0 for nothing kept), and its last seq (None for
+    none). Corrupt stretches are kept, as readers skip them and report them, at the end as anywhere else: only a
+    record cut short is a torn tail, and a damaged record is not the last seq."""
     end = 0
-    for end, _, _ in read_records(path, on_corrupt=lambda *_: None):  # noqa: B007 - the last `end` is the answer
-        pass
-    return end
+    last = None
+
+    def corrupt(found: Path, offset: int, skipped: int) -> None:
+        nonlocal end
+        on_corrupt(found, offset, skipped)
+        end = max(end, offset + skipped)
+
+    for end, seq, _ in read_records(path, on_corrupt=corrupt, check_seq=check_seq):  # noqa: B007 - `end` is kept
+        last = seq
+    return end, last
+
+
+def _whole_records_end(path: Path) -> int:
+    """What a torn or half-written tail of the newest segment is cut to before appending (see _kept_end): found
+    corruption is counted at open already, and the seqs are not needed here."""
+    return _kept_end(path, lambda *_: None, check_seq=False)[0]
 
 
 class Journal:
@@ -427,17 +443,14 @@ class Journal:
                 self._closed.append((age, path, size))
                 self._total += size
                 continue
-            end = 0
-            last = None
-            for end, seq, _ in read_records(path, on_corrupt=self._corrupt_found):  # noqa: B007 - `end` is used below
-                last = seq
+            end, last = _kept_end(path, self._corrupt_found)
             if end < size:
                 with open(path, "r+b") as f:
                     f.truncate(end)
                 log.warning("journal_torn_record_cut", camera=camera, segment=path.name, bytes=size - end)
             if last is None and i > 0:
                 # An empty newest segment: the last seq is in the one before it.
-                for _, seq, _ in read_records(segments[i - 1][1], on_corrupt=self._corrupt_found):
+                for _, seq, _ in read_records(segments[i - 1][1], on_corrupt=self._corrupt_found, newest=False):
                     last = seq
             if last is not None:
                 self._last[camera] = last

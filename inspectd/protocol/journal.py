@@ -10,7 +10,9 @@ Layout: `<dir>/<camera>/<first seq, 12 digits or more>.seg`, one active segment 
     magic "IJR1" | u32 body length | u64 seq | u32 crc32(body) | body
     body = u16 frame count, then per frame: u32 length | bytes      (the multipart message exactly as published)
 
-so a record torn by a kill mid-write is recognised (short or bad CRC) and readers stop at it. Beside the segments each
+so a record torn by a kill mid-write is recognised (cut short) and readers stop at it. The CRC covers the body alone:
+the header's seq is checked against the seq of the result the body holds, and a record where they differ is corrupt
+(the format, and every journal already written, stay as they are). Beside the segments each
 camera has an `accepted` mark: the seq most recently given to a frame (8 bytes, little-endian), and a `reserved` mark
 in the same form: the seq up to which its numbering may have been given out, fsynced before any seq past it is, so
 while its writes succeed every seq of the numbering lies at or below it (a PLC bridge checks its resume point against
@@ -28,7 +30,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from inspectd.errors import InspectdError
+from inspectd.errors import InspectdError, MessageError
+from inspectd.protocol import wirejson
 
 MAGIC = b"IJR1"
 RECORD = struct.Struct("<4sIQI")  # magic, body length, seq, crc32(body)
@@ -63,20 +66,32 @@ def segment_files(camera_dir: Path) -> list[tuple[int, Path]]:
 
 
 class JournalCorrupt(JournalError):
-    """A segment holds bytes that are not whole records, followed by whole records: damage, not a torn tail."""
+    """A segment holds bytes that are not whole records where no write can still be under way: damage, not a torn
+    tail."""
 
 
 # Called with (segment path, offset of the damage, bytes skipped) for each corrupt stretch inside a segment.
 OnCorrupt = Callable[[Path, int, int], None]
 
+# Where a result header gives its seq: compact JSON, as the writer's encoder makes it. Only a match with the header's
+# seq is taken on sight; anything else is settled by parsing the whole header (a mismatch is rare: damage).
+_BODY_SEQ = re.compile(rb'[{,]"seq":(\d{1,20})[,}]')
 
-def read_records(path: Path, on_corrupt: OnCorrupt | None = None) -> Iterator[tuple[int, int, list[bytes]]]:
+
+def read_records(
+    path: Path, on_corrupt: OnCorrupt | None = None, newest: bool = True, check_seq: bool = True
+) -> Iterator[tuple[int, int, list[bytes]]]:
     """(end offset, seq, frames) of each complete record, in order.
 
-    A bad record (wrong magic, impossible length, short, CRC mismatch) with nothing valid after it is a torn tail (a
-    kill mid-write, or a record still being written): the iteration ends there. One with valid records after it is
-    corruption inside the segment: `on_corrupt(path, offset, skipped)` is told, and the records after it are still
-    returned; without `on_corrupt` it raises JournalCorrupt, so damage is never a silent end of a replay."""
+    A record cut short (a short header or body) with nothing whole after it, in the `newest` segment of its camera
+    (the one a writer may still be appending to), is a torn tail (a kill mid-write, or a record still being written):
+    the iteration ends there. Any other bad record is corruption: wrong magic, an impossible length, or a CRC or
+    layout mismatch followed by whole records; a record whose whole declared length is there but fails its checks;
+    anything bad at the end of a segment that is not the newest (the writer finishes one before it starts the next);
+    and, with `check_seq`, a whole record whose header seq is not the seq of the result in its body (the CRC does not
+    cover the header: a flipped bit there would move a replay's bounds, or the numbering at the next start).
+    `on_corrupt(path, offset, skipped)` is told of each, and the records after it are still returned; without
+    `on_corrupt` it raises JournalCorrupt, so damage is never a silent end of a replay."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -87,39 +102,77 @@ def read_records(path: Path, on_corrupt: OnCorrupt | None = None) -> Iterator[tu
             head = f.read(RECORD.size)
             if not head:
                 return
-            record = _record(head, f)
+            record, whole = _record(head, f)
             if record is None:
                 f.seek(offset)
                 rest = f.read()
                 found = _resync(rest)
-                if found is None:
+                if found is not None:
+                    skipped, what = found, "followed by whole records"
+                elif whole is not None:
+                    skipped, what = whole, "a record whose whole length is there but whose CRC or layout is wrong"
+                elif newest:
                     return  # a torn or unfinished tail
-                skipped = found
-                if on_corrupt is None:
-                    raise JournalCorrupt(
-                        f"journal segment {path}: {skipped} corrupt bytes at offset {offset}, followed by whole "
-                        f"records, expected only whole records"
-                    )
-                on_corrupt(path, offset, skipped)
+                else:
+                    skipped, what = len(rest), "at the end of a segment a newer one follows (no write can be under way)"
+                _corrupt(path, offset, skipped, what, on_corrupt)
                 offset += skipped
                 f.seek(offset)
                 continue
             seq, body = record
-            offset += RECORD.size + len(body)
-            yield offset, seq, _split(body)
+            size = RECORD.size + len(body)
+            frames = _split(body)
+            if check_seq:
+                given = _body_seq(seq, frames)
+                if given is not None:
+                    _corrupt(
+                        path, offset, size, f"a record whose header seq {seq} is not its result's {given}", on_corrupt
+                    )
+                    offset += size
+                    continue
+            offset += size
+            yield offset, seq, frames
 
 
-def _record(head: bytes, f) -> tuple[int, bytes] | None:
-    """The (seq, body) of the record whose header is `head`, the body read from `f`; None if it is not whole."""
-    if len(head) < RECORD.size:
+def _corrupt(path: Path, offset: int, skipped: int, what: str, on_corrupt: OnCorrupt | None) -> None:
+    if on_corrupt is None:
+        raise JournalCorrupt(
+            f"journal segment {path}: {skipped} corrupt bytes at offset {offset} ({what}), expected only whole records"
+        )
+    on_corrupt(path, offset, skipped)
+
+
+def _body_seq(seq: int, frames: list[bytes]) -> int | None:
+    """The seq of the result in a record's body where it is not `seq` (its header's), None where they agree or the
+    body gives none (not a result header: the decoder refuses it, as it refuses any message it cannot read)."""
+    if len(frames) < 2:
         return None
+    header = frames[1]
+    found = _BODY_SEQ.search(header)
+    if found is not None and int(found.group(1)) == seq:
+        return None
+    try:
+        doc = wirejson.loads(header, "journal record header", "a result header")
+    except MessageError:
+        return None
+    given = doc.get("seq") if isinstance(doc, dict) else None
+    return given if type(given) is int and given != seq else None
+
+
+def _record(head: bytes, f) -> tuple[tuple[int, bytes] | None, int | None]:
+    """The (seq, body) of the record whose header is `head`, the body read from `f`, or None if it is not whole; and
+    where it is not, its size when all of its declared length was there (damage, not a write cut short)."""
+    if len(head) < RECORD.size:
+        return None, None
     magic, length, seq, crc = RECORD.unpack(head)
     if magic != MAGIC or length > MAX_BODY:
-        return None
+        return None, None
     body = f.read(length)
-    if len(body) < length or zlib.crc32(body) != crc or not _well_formed(body):
-        return None
-    return seq, body
+    if len(body) < length:
+        return None, None
+    if zlib.crc32(body) != crc or not _well_formed(body):
+        return None, RECORD.size + length
+    return (seq, body), None
 
 
 def _resync(data: bytes) -> int | None:
@@ -205,9 +258,9 @@ def read_since(
     for i in range(len(segments) - 1):
         if segments[i + 1][0] <= seq + 1:
             start = i + 1
-    for _, path in segments[start:]:
+    for i, (_, path) in enumerate(segments[start:], start):
         read = False
-        for _, record_seq, frames in read_records(path, on_corrupt):
+        for _, record_seq, frames in read_records(path, on_corrupt, newest=i == len(segments) - 1):
             read = True
             if record_seq > seq:
                 yield record_seq, frames
@@ -329,8 +382,9 @@ def read_mark(camera_dir: Path, name: str) -> int | None:
 def oldest_seq(directory: str | Path, camera: str) -> int | None:
     """The first seq still held for `camera` (older ones were rotated away), or None when there is none."""
     check_camera(camera)
-    for _, path in segment_files(Path(directory) / camera):
-        for _, seq, _ in read_records(path, on_corrupt=lambda *_: None):
+    segments = segment_files(Path(directory) / camera)
+    for i, (_, path) in enumerate(segments):
+        for _, seq, _ in read_records(path, on_corrupt=lambda *_: None, newest=i == len(segments) - 1):
             return seq
     return None
 
@@ -339,9 +393,9 @@ def newest_seq(directory: str | Path, camera: str) -> int | None:
     """The last seq journalled for `camera` (read from its newest segment that holds a record), or None when there
     is none. A torn tail is not a record; corruption inside the segment is skipped."""
     check_camera(camera)
-    for _, path in reversed(segment_files(Path(directory) / camera)):
+    for i, (_, path) in enumerate(reversed(segment_files(Path(directory) / camera))):
         last = None
-        for _, seq, _ in read_records(path, on_corrupt=lambda *_: None):
+        for _, seq, _ in read_records(path, on_corrupt=lambda *_: None, newest=i == 0):
             last = seq
         if last is not None:
             return last
