@@ -270,6 +270,80 @@ def test_eval_refuses_an_output_it_cannot_write_before_scoring_any_image(tiny_bu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]
 
 
+def test_eval_refuses_outputs_inside_a_bundle_or_overlays_inside_the_data_before_scoring(
+    tiny_bundle, tiny_data, tmp_path
+):
+    """`--out BUNDLE/manifest.json` replaced the manifest with the report (the bundle then no longer loaded, the
+    daemon's at its next reload), files added to a bundle made train refuse to replace it, and overlays written into
+    the test set were scored by the next eval as test images."""
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    other = Path(shutil.copytree(tiny_bundle, tmp_path / "other"))
+    data = _copy(tiny_data, tmp_path)
+    manifest = (bundle / "manifest.json").read_bytes()
+    outside_any = "expected a path outside any bundle folder"
+    evaluated = f"inside the bundle being evaluated ({bundle}), {outside_any}"
+    cases = [
+        ("--out", bundle / "manifest.json", evaluated),
+        ("--out", bundle / "reports" / "eval.json", evaluated),
+        ("--out", tmp_path / "bundle" / ".." / "bundle" / "eval.json", evaluated),
+        ("--out", other / "eval.json", f"inside the bundle {other}, {outside_any}"),
+        ("--overlays", bundle, evaluated),
+        ("--overlays", other / "overlays", f"inside the bundle {other}, {outside_any}"),
+        (
+            "--overlays",
+            data / "test" / "good",
+            f"inside --data {data}, expected a folder outside the dataset (the next eval would score the overlays as "
+            "test images)",
+        ),
+    ]
+    (tmp_path / "link").symlink_to(other)
+    cases.append(("--out", tmp_path / "link" / "eval.json", f"inside the bundle {other}, {outside_any}"))
+    for option, path, why in cases:
+        proc = _eval(str(bundle), "--data", str(data), option, str(path), "--batch", "4")
+        assert proc.returncode == 2 and proc.stdout == "", (option, path, proc.stderr[-500:])
+        assert proc.stderr == f"inspectd eval: {option} {path}: {why}\n"
+    assert (bundle / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in tiny_bundle.iterdir())
+    assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in tiny_bundle.iterdir())
+    assert sorted(p.name for p in (data / "test" / "good").iterdir()) == sorted(
+        p.name for p in (tiny_data / "test" / "good").iterdir()
+    )
+    # Beside the bundles and the data, and a JSON report inside --data (never scored), are fine.
+    proc = _eval(
+        str(bundle), "--data", str(data), "--out", str(data / "eval.json"), "--overlays", str(tmp_path / "ov"),
+        "--n-overlays", "1", "--batch", "4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert len(list((tmp_path / "ov").iterdir())) == 1 and (data / "eval.json").is_file()
+
+
+def test_eval_refuses_overlays_with_n_overlays_0_which_would_write_none(tiny_bundle, tiny_data, tmp_path):
+    """`--overlays DIR --n-overlays 0` scored the set and wrote nothing, not even the folder, without a word."""
+    overlays = tmp_path / "ov"
+    proc = _eval(str(tiny_bundle), "--data", str(tiny_data), "--overlays", str(overlays), "--n-overlays", "0")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-500:]
+    assert proc.stderr == (
+        f"inspectd eval: --overlays {overlays} with --n-overlays 0: nothing would be written there, expected "
+        "--n-overlays 1 or more, or no --overlays\n"
+    )
+
+
+def test_masks_kept_beside_their_images_in_test_are_refused_not_scored_as_images(tiny_data, tiny_bundle, tmp_path):
+    """Each mask moved beside its image (no ground_truth/) was scored as one more defective image: the defect count
+    doubled, image AUROC and F1-max changed, the pixel columns went blank, and only the "no mask" footnote hinted."""
+    data = _copy(tiny_data, tmp_path)
+    for mask in sorted((data / "ground_truth" / "blowhole").iterdir()):
+        mask.rename(data / "test" / "blowhole" / mask.name)
+    first = sorted((data / "test" / "blowhole").glob("*_mask.png"))[0]
+    (image,) = [p for p in (data / "test" / "blowhole").iterdir() if p.stem == first.stem.removesuffix("_mask")]
+    proc = _eval(str(tiny_bundle), "--data", str(data), "--batch", "4")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-500:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"inspectd eval: {first}: a mask beside its image {image.name}, expected masks "
+        "in ground_truth/blowhole/<name>_mask.png and only images in test/blowhole/"
+    ), proc.stderr
+
+
 def test_the_output_check_probes_through_a_link_and_leaves_it_a_link(tmp_path):
     """latest.json -> reports/today.json, not there yet: the probe made the target through the link, then removed the
     link in its place, so eval wrote a plain latest.json and left an empty today.json behind."""

@@ -99,6 +99,48 @@ def test_a_photo_copied_into_ground_truth_is_never_its_own_mask_and_stems_match_
     }
 
 
+def test_masks_kept_beside_their_images_in_test_are_refused_naming_the_first_and_the_layout(tmp_path):
+    """Labelling tools save `x.jpg` and `x_mask.png` side by side: each mask was scored as one more defective image,
+    which doubled the defect count and changed every metric, with nothing said."""
+    root = tmp_path / "set"
+    _write(root / "test" / "good" / "g.png", 0)
+    _write(root / "test" / "scratch" / "b.jpg", 1)
+    _mask(root / "test" / "scratch" / "b_mask.png", slice(0, 4))  # another extension than its image's
+    _write(root / "test" / "scratch" / "c.png", 2)
+    _mask(root / "test" / "scratch" / "c_mask.png", slice(0, 4))
+    with pytest.raises(DataError) as refused:
+        MvtecFolder(root).test_items()
+    assert str(refused.value) == (
+        f"{root / 'test' / 'scratch' / 'b_mask.png'}: a mask beside its image b.jpg, expected masks in "
+        "ground_truth/scratch/<name>_mask.png and only images in test/scratch/"
+    )
+    # In test/good too: there each would be one more good image.
+    shutil.rmtree(root / "test" / "scratch")
+    _mask(root / "test" / "good" / "G_MASK.png", slice(0, 4))
+    with pytest.raises(
+        DataError, match=r"G_MASK\.png: a mask beside its image g\.png, expected masks in ground_truth/"
+    ):
+        MvtecFolder(root).test_items()
+
+
+def test_images_whose_names_end_in_mask_without_their_image_beside_them_are_images(tmp_path):
+    """Only a `_mask` name with its image beside it is a mask: a set whose images are named so (`face_mask.png`,
+    a product) is read as before."""
+    root = tmp_path / "set"
+    _write(root / "test" / "good" / "face_mask.png", 0)
+    _write(root / "test" / "torn" / "gas_mask.png", 1)
+    _write(root / "test" / "torn" / "mask.png", 2)  # no stem before `_mask`
+    _write(root / "test" / "torn" / "ski_mask_2.png", 3)
+    _mask(root / "ground_truth" / "torn" / "gas_mask_mask.png", slice(0, 4))
+    items = {item.path.name: item.mask_path for item in MvtecFolder(root).test_items()}
+    assert items == {
+        "face_mask.png": None,
+        "gas_mask.png": root / "ground_truth" / "torn" / "gas_mask_mask.png",
+        "mask.png": None,
+        "ski_mask_2.png": None,
+    }
+
+
 def test_masks_kept_in_a_folder_per_image_are_reported_not_skipped_without_a_word(tmp_path):
     """MVTec LOCO keeps each image's masks in a sub-folder of its own, which eval does not read."""
     root = tmp_path / "set"

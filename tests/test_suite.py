@@ -129,6 +129,27 @@ def test_suite_refuses_a_root_without_datasets_or_no_root_in_one_line(tmp_path):
     )
 
 
+def test_a_data_root_that_is_itself_a_dataset_is_said_to_be_one_with_the_root_to_give(tmp_path):
+    """Its train/, test/ and ground_truth/ were each skipped as "not a dataset", then "no datasets": nothing said
+    that the folder given was one, nor which --data-root was meant."""
+    root = tmp_path / "data"
+    make_tiny_mvtec(root / "tile_a", n_train=2, n_test_good=1, n_test_defect=1)
+    out = tmp_path / "o"
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, "eval-suite", "--data-root", str(root / "tile_a"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr == (
+        f"inspectd eval-suite: --data-root {root / 'tile_a'}: is itself a dataset (train/good/ and test/), expected "
+        f"the folder of datasets that holds it: --data-root {root} --only tile_a (or `inspectd eval BUNDLE --data "
+        f"{root / 'tile_a'}`)\n"
+    )
+    assert not out.exists()
+
+
 def test_suite_refuses_a_dataset_name_it_does_not_have_before_training_any(tmp_path):
     root = tmp_path / "data"
     make_tiny_mvtec(root / "tile_a", n_train=6, n_test_good=2, n_test_defect=2)

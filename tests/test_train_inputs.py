@@ -269,6 +269,64 @@ def test_a_method_flag_that_would_fail_in_training_is_refused_before_any_image_i
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (
+            ["--recipe", "patchcore", "--k", "16"],
+            "--k 16: used only by the kmeans and kmeans_local scorers, and no recipe here scores with them (memory), "
+            "expected --scorer kmeans or --scorer kmeans_local, or no --k",
+        ),
+        # Auto's candidates keep a memory bank or a Gaussian: none of them has references to count.
+        (
+            ["--recipe", "auto", "--k", "16"],
+            "--k 16: used only by the kmeans and kmeans_local scorers, and no recipe here scores with them (gaussian, "
+            "memory), expected --scorer kmeans or --scorer kmeans_local, or no --k",
+        ),
+        (
+            ["--method", "frozen", "--k", "4"],
+            "--k 4: used only by the kmeans and kmeans_local scorers, and no recipe here scores with them (gaussian), "
+            "expected --scorer kmeans or --scorer kmeans_local, or no --k",
+        ),
+        (
+            ["--scorer", "gaussian", "--memory-size", "100"],
+            "--memory-size 100: used only by the memory scorer, and no recipe here scores with it (gaussian), "
+            "expected --scorer memory, or no --memory-size",
+        ),
+        (
+            ["--recipe", "patchcore", "--scorer", "kmeans", "--memory-size", "100"],
+            "--memory-size 100: used only by the memory scorer, and no recipe here scores with it (kmeans), "
+            "expected --scorer memory, or no --memory-size",
+        ),
+    ],
+)
+def test_a_scorer_flag_no_recipe_here_uses_is_refused_before_any_image_is_read(tmp_path, capsys, flags, said):
+    """--k with a memory bank or a Gaussian, --memory-size with k-means or a Gaussian: dropped by the scorer without
+    a word, the model the same as without it, while the manifest's recipe recorded the value as if it had shaped
+    it. --data names no folder here: reading it would be refused first ("not a directory")."""
+    out = tmp_path / "b"
+    assert run(parse("--data", str(tmp_path / "no-such-data"), "--out", str(out), "--size", "64", *flags)) == 2
+    assert capsys.readouterr().err == f"inspectd train: {said}\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--recipe", "patchcore", "--memory-size", "100"],
+        ["--recipe", "auto", "--memory-size", "100"],  # most candidates keep a memory bank
+        ["--scorer", "kmeans", "--k", "4"],
+        ["--recipe", "auto", "--scorer", "kmeans_local", "--k", "4"],
+    ],
+)
+def test_a_scorer_flag_a_recipe_here_uses_is_taken(tmp_path, capsys, flags):
+    """The refusal above is for flags no candidate uses: one that some scorer fits with goes on to the data."""
+    data = tmp_path / "no-such-data"
+    assert run(parse("--data", str(data), "--out", str(tmp_path / "b"), "--size", "64", *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"inspectd train: {data}") and err.count("\n") == 1, err
+
+
 def test_a_seed_torch_cannot_take_is_refused_naming_the_flag(tmp_path, capsys):
     """torch.manual_seed takes at most 2**64 - 1: above it train stopped in torch's words ("Overflow when unpacking
     long long"), naming no flag."""

@@ -721,10 +721,10 @@ class MvtecFolder:
     def _scan(self) -> tuple[list[TestItem], list[UnmatchedMasks]]:
         items: list[TestItem] = []
         if self.good_dir is not None:
-            items += [TestItem(path, GOOD, None) for path in list_images(self.good_dir)]
+            items += [TestItem(path, GOOD, None) for path in _without_masks_beside(list_images(self.good_dir))]
         unmatched = []
         for defect_type in self.defect_types():
-            paths = list_images(self.root / "test" / defect_type)
+            paths = _without_masks_beside(list_images(self.root / "test" / defect_type))
             masks = MaskFolder(mask_folder(self.root, defect_type))
             found = [masks.mask_for(path) for path in paths]
             items += [TestItem(path, defect_type, mask) for path, mask in zip(paths, found)]
@@ -739,6 +739,27 @@ class MvtecFolder:
             self.root / "test" / t for t in self.defect_types()
         ]
         return [note for folder in folders if (note := nested_note(folder, self.root, read_as, hint))]
+
+
+MASK_SUFFIX = "_mask"
+
+
+def _without_masks_beside(paths: list[Path]) -> list[Path]:
+    """`paths` (one test/ folder's images), or a DataError naming the first mask kept beside its image there
+    (`x_mask.png` by `x.png`, as labelling tools save them): scored as one more image it doubled the defect count and
+    changed every metric without a word, and which of two layouts was meant is the user's to say, not a guess. Only a
+    `_mask` name with its image beside it: a dataset whose images merely end in `_mask` is read as before."""
+    stems = {path.stem.lower() for path in paths}
+    for path in paths:
+        stem = path.stem.lower()
+        if stem.endswith(MASK_SUFFIX) and stem[: -len(MASK_SUFFIX)] in stems:
+            image = next(p for p in paths if p.stem.lower() == stem[: -len(MASK_SUFFIX)])
+            folder = path.parent.name
+            raise DataError(
+                f"{path}: a mask beside its image {image.name}, expected masks in "
+                f"{GROUND_TRUTH}/{folder}/<name>{MASK_SUFFIX}.png and only images in test/{folder}/"
+            )
+    return paths
 
 
 def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:

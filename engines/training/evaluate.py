@@ -16,6 +16,7 @@ import dataclasses
 import heapq
 import itertools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engines.bundle.format import describe_recipe, fitted_memory_bank
+from engines.bundle.format import FORMAT, describe_recipe, fitted_memory_bank
 from engines.data.images import (
     DEFECT_FREE_WORDS,
     GOOD,
@@ -567,8 +568,19 @@ def run(args: argparse.Namespace) -> int:
     from engines.bundle.store import load_bundle
 
     # Said before the scoring, not after: a mistyped output would cost minutes of it, with no table printed.
-    outputs = [("out", args.out, False), ("overlays", args.overlays if args.n_overlays > 0 else None, True)]
+    if args.overlays and args.n_overlays == 0:
+        print(
+            f"inspectd eval: --overlays {args.overlays} with --n-overlays 0: nothing would be written there, expected "
+            "--n-overlays 1 or more, or no --overlays",
+            file=sys.stderr,
+        )
+        return 2
+    outputs = [("out", args.out, False), ("overlays", args.overlays, True)]
     for option, path, directory in outputs:
+        why = misplaced(path, directory, args.bundle, args.data) if path else None
+        if why is not None:
+            print(f"inspectd eval: --{option} {path}: {why}", file=sys.stderr)
+            return 2
         why = unwritable(path, directory, parents=True) if path else None
         if why is not None:
             print(f"inspectd eval: --{option} {path}: cannot write ({why})", file=sys.stderr)
@@ -607,6 +619,30 @@ def run(args: argparse.Namespace) -> int:
             _write_out(args.out, text)
         raise
     return _write_out(args.out, text) if args.out else 0
+
+
+def misplaced(path: str | Path, directory: bool, bundle: str | Path, data: str | Path) -> str | None:
+    """Why eval must not write `path` (--out's file, or with `directory` --overlays' folder), None where it may: not
+    into a bundle (the one evaluated or any other), whose manifest --out would replace and whose folder train would
+    then refuse to replace for the files it does not list; overlays not into --data, whose next eval would score
+    them as test images. Paths are compared resolved, so a link or `..` does not get round it."""
+    from engines.bundle.store import manifest_of
+
+    target = Path(os.path.realpath(path))
+    folders = [target, *target.parents] if directory else list(target.parents)
+    evaluated = Path(os.path.realpath(bundle))
+    for folder in folders:
+        if folder == evaluated:
+            return f"inside the bundle being evaluated ({bundle}), expected a path outside any bundle folder"
+        manifest = manifest_of(folder)
+        if manifest is not None and manifest.get("format") == FORMAT:
+            return f"inside the bundle {folder}, expected a path outside any bundle folder"
+    if directory and Path(os.path.realpath(data)) in folders:
+        return (
+            f"inside --data {data}, expected a folder outside the dataset (the next eval would score the overlays as "
+            "test images)"
+        )
+    return None
 
 
 def _write_out(out: str, text: str) -> int:

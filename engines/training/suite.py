@@ -67,6 +67,14 @@ def datasets(root: Path, only: list[str] | None = None, report: Callable[[str], 
             found.append(folder)
         else:
             skipped[folder.name] = reason
+    if not found and not_a_dataset(root) is None:
+        # A dataset's own folder: its train/, test/ and ground_truth/ said one by one as "not a dataset" hid that the
+        # folder above it was meant.
+        whole = root.resolve()
+        raise EngineError(
+            f"--data-root {root}: is itself a dataset (train/good/ and test/), expected the folder of datasets that "
+            f"holds it: --data-root {whole.parent} --only {whole.name} (or `inspectd eval BUNDLE --data {root}`)"
+        )
     for name in only or []:
         if name in skipped:
             raise EngineError(f"--only {name}: {root / name} is not a dataset: {skipped[name]}")

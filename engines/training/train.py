@@ -290,6 +290,27 @@ def check_epochs(epochs: int | None, methods: set[str]) -> None:
     )
 
 
+# The recipe fields only some scorers use (engines.runtime.scorer_fit ignores the others' settings): k-means' references
+# and the memory bank's cap.
+SCORER_FIELDS = {"k": ("--k", ("kmeans", "kmeans_local")), "memory_size": ("--memory-size", ("memory",))}
+
+
+def check_scorer_flags(candidates: list[Recipe], overrides: dict) -> None:
+    """ValueError for --k or --memory-size where no candidate's scorer uses it: it would be dropped without a word
+    and written into the manifest's recipe as if it had shaped the model, as a method's flag would be. The Python API
+    (train_bundle) still takes either with any scorer."""
+    scorers = sorted({recipe.scorer for recipe in candidates})
+    for field, (flag, users) in SCORER_FIELDS.items():
+        value = overrides.get(field)
+        if value is None or any(scorer in users for scorer in scorers):
+            continue
+        raise ValueError(
+            f"{flag} {value}: used only by the {' and '.join(users)} scorer{'s' * (len(users) > 1)}, and no recipe "
+            f"here scores with {'them' if len(users) > 1 else 'it'} ({', '.join(scorers)}), expected "
+            f"{' or '.join('--scorer ' + name for name in users)}, or no {flag}"
+        )
+
+
 def _resolved_flag(path: str | Path, flag: str) -> Path:
     try:
         return Path(path).resolve()
@@ -884,6 +905,7 @@ def run(args: argparse.Namespace) -> int:
             augment=args.augment,
         )
         check_holdout(args.holdout, chooses_auto(args.recipe, overrides))
+        check_scorer_flags(resolve_recipe(args.recipe, overrides), overrides)
         result = train_bundle(
             args.data,
             args.out,
