@@ -331,29 +331,38 @@ def test_a_damaged_header_seq_in_the_last_record_neither_moves_the_numbering_nor
     assert replay.missed == [Gap("cam0", 29, 29, CORRUPT)]
 
 
-@pytest.mark.parametrize("damage", ["flipped", "cut-short"])
-def test_damage_at_the_end_of_a_closed_segment_is_a_corrupt_record_not_a_torn_tail(tmp_path, damage):
-    """The writer finishes a segment before it starts the next, so only the newest can end in a torn record. Before,
-    a bad last record of an older segment ended that segment's read without a word, and the hole was put down to a
-    crash or a full queue ("never journalled")."""
-    directory, segments = journal_of(tmp_path, 200, 4 << 10)
+@pytest.mark.parametrize("damage", ["flipped", "cut-short", "zero-filled"])
+def test_damage_at_the_end_of_a_closed_segment_is_a_corrupt_record_a_tear_is_not(tmp_path, damage):
+    """A bad last record of an older segment whose whole length is there is damage: before, it ended that segment's
+    read without a word, and the hole was put down to a crash or a full queue ("never journalled"). One cut short, or
+    ending in a page of zeros, is what a power cut leaves (a round of fsyncs covers the segment just closed and the
+    new one): a tear, whose results were never durable."""
+    directory, segments = journal_of(tmp_path, 400, 3 * journal_format.PAGE)
     starts = first_seqs(segments)
-    bad = starts[1] - 1  # the last record of the first segment
+    lost = [starts[1] - 1]  # the last record of the first segment
     ends = [0] + [end for end, _, _ in journal_format.read_records(segments[0])]
     data = bytearray(segments[0].read_bytes())
     if damage == "flipped":
         data[ends[-2] + 40] ^= 0x01  # inside its body: the CRC no longer matches, its whole length is there
-    else:
+    elif damage == "cut-short":
         del data[(ends[-2] + ends[-1]) // 2 :]
+    else:  # the size on disk, its last pages never written: every record from the one across that boundary on
+        page = 2 * journal_format.PAGE
+        lost = [starts[0] + i for i, end in enumerate(ends[1:]) if end > page]
+        data[page:] = bytes(len(data) - page)
     segments[0].write_bytes(bytes(data))
-    with pytest.raises(journal_format.JournalCorrupt, match=rf"corrupt bytes at offset {ends[-2]}"):
-        list(journal_format.read_since(directory, "cam0", -1))
     reported: list[tuple[Path, int, int]] = []
     seqs = [s for s, _ in journal_format.read_since(directory, "cam0", -1, on_corrupt=lambda *a: reported.append(a))]
-    assert seqs == [s for s in range(200) if s != bad]
-    assert [(path, offset) for path, offset, _ in reported] == [(segments[0], ends[-2])]
+    assert seqs == [s for s in range(400) if s not in lost] and len(lost) >= 1
+    bad = lost[0]
     catch_up = JournalCatchUp(directory)
     assert [r.seq for r in catch_up.resume(-1)] == seqs
+    if damage != "flipped":
+        assert reported == [] and [gap.reason for gap in catch_up.missed] != [CORRUPT], catch_up.missed
+        return
+    with pytest.raises(journal_format.JournalCorrupt, match=rf"corrupt bytes at offset {ends[-2]}"):
+        list(journal_format.read_since(directory, "cam0", -1))
+    assert [(path, offset) for path, offset, _ in reported] == [(segments[0], ends[-2])]
     assert catch_up.missed == [Gap("cam0", bad, bad, CORRUPT)]
 
 

@@ -927,3 +927,28 @@ def test_a_dup_that_fails_part_way_leaks_no_descriptor_and_keeps_the_marks_to_fs
     assert len(os.listdir("/proc/self/fd")) == before
     assert sorted(journal._marks_dirty) == ["cam0", "cam1", "cam2"]
     journal.close()
+
+
+def test_a_newest_segment_ending_in_a_page_of_zeros_is_a_torn_tail_cut_without_a_corrupt_count(tmp_path, capsys):
+    """What a power cut can leave on a file system that allocates before it writes: the segment's new size on disk,
+    its last pages zeros. A tear, not damage: cut at open as a kill's torn record is, nothing counted as corrupt."""
+    path = tmp_path / "j"
+    j = Journal(path, max_bytes=1 << 20)
+    for seq in range(40):
+        j.mark_accepted("cam0", seq)
+        j.append("cam0", seq, result("cam0", seq, b"m" * 300))
+    j.close()
+    (segment,) = (path / "cam0").glob("*.seg")
+    ends = [end for end, _, _ in journal_format.read_records(segment)]
+    page = journal_format.PAGE * (ends[-1] // journal_format.PAGE)
+    kept = [end for end in ends if end <= page]
+    assert len(kept) < len(ends), ends  # some record lies across that page boundary
+    data = bytearray(segment.read_bytes())
+    data[page:] = bytes(len(data) - page)
+    segment.write_bytes(bytes(data))
+    assert [s for s, _ in read_since(path, "cam0", -1)] == list(range(len(kept)))  # no JournalCorrupt
+    capsys.readouterr()
+    reopened = Journal(path, max_bytes=1 << 20)
+    assert reopened.status()["corrupt"] == 0 and "journal_corrupt_record" not in capsys.readouterr().out
+    assert segment.stat().st_size == kept[-1] and reopened.last_seq("cam0") == len(kept) - 1
+    reopened.close()

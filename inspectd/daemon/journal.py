@@ -450,7 +450,7 @@ class Journal:
                 log.warning("journal_torn_record_cut", camera=camera, segment=path.name, bytes=size - end)
             if last is None and i > 0:
                 # An empty newest segment: the last seq is in the one before it.
-                for _, seq, _ in read_records(segments[i - 1][1], on_corrupt=self._corrupt_found, newest=False):
+                for _, seq, _ in read_records(segments[i - 1][1], on_corrupt=self._corrupt_found):
                     last = seq
             if last is not None:
                 self._last[camera] = last

@@ -34,6 +34,7 @@ from inspectd.errors import InspectdError, MessageError
 from inspectd.protocol import wirejson
 
 MAGIC = b"IJR1"
+PAGE = 4096  # the least a kernel writes back of a file: what a power cut leaves unwritten comes in pages
 RECORD = struct.Struct("<4sIQI")  # magic, body length, seq, crc32(body)
 COUNT = struct.Struct("<H")
 LENGTH = struct.Struct("<I")
@@ -79,17 +80,17 @@ _BODY_SEQ = re.compile(rb'[{,]"seq":(\d{1,20})[,}]')
 
 
 def read_records(
-    path: Path, on_corrupt: OnCorrupt | None = None, newest: bool = True, check_seq: bool = True
+    path: Path, on_corrupt: OnCorrupt | None = None, check_seq: bool = True
 ) -> Iterator[tuple[int, int, list[bytes]]]:
     """(end offset, seq, frames) of each complete record, in order.
 
-    A record cut short (a short header or body) with nothing whole after it, in the `newest` segment of its camera
-    (the one a writer may still be appending to), is a torn tail (a kill mid-write, or a record still being written):
-    the iteration ends there. Any other bad record is corruption: wrong magic, an impossible length, or a CRC or
-    layout mismatch followed by whole records; a record whose whole declared length is there but fails its checks;
-    anything bad at the end of a segment that is not the newest (the writer finishes one before it starts the next);
-    and, with `check_seq`, a whole record whose header seq is not the seq of the result in its body (the CRC does not
-    cover the header: a flipped bit there would move a replay's bounds, or the numbering at the next start).
+    A bad record with nothing whole after it that is cut short (a short header or body), or whose bytes from a page
+    boundary to the end of the file are all zero, is a torn tail (a kill mid-write, a record still being written, or
+    a power cut that left the file's new size on disk before its last pages): the iteration ends there. Any other bad
+    record is corruption: wrong magic, an impossible length, or a CRC or layout mismatch followed by whole records; a
+    last record whose whole declared length is there but fails its checks; and, with `check_seq`, a whole record whose
+    header seq is not the seq of the result in its body (the CRC does not cover the header: a flipped bit there would
+    move a replay's bounds, or the numbering at the next start).
     `on_corrupt(path, offset, skipped)` is told of each, and the records after it are still returned; without
     `on_corrupt` it raises JournalCorrupt, so damage is never a silent end of a replay."""
     try:
@@ -109,12 +110,10 @@ def read_records(
                 found = _resync(rest)
                 if found is not None:
                     skipped, what = found, "followed by whole records"
-                elif whole is not None:
-                    skipped, what = whole, "a record whose whole length is there but whose CRC or layout is wrong"
-                elif newest:
+                elif whole is None or _zero_filled(rest, offset):
                     return  # a torn or unfinished tail
                 else:
-                    skipped, what = len(rest), "at the end of a segment a newer one follows (no write can be under way)"
+                    skipped, what = whole, "a record whose whole length is there but whose CRC or layout is wrong"
                 _corrupt(path, offset, skipped, what, on_corrupt)
                 offset += skipped
                 f.seek(offset)
@@ -132,6 +131,15 @@ def read_records(
                     continue
             offset += size
             yield offset, seq, frames
+
+
+def _zero_filled(rest: bytes, offset: int) -> bool:
+    """Whether `rest` (the file from `offset` on) ends in zeros from a page boundary on: the file's size reached the
+    disk before its last pages did (a power cut on a file system that allocates before it writes). A flipped bit
+    leaves no page of zeros; a page is the least that writeback writes."""
+    zeros_from = offset + len(rest.rstrip(b"\0"))
+    boundary = -(-zeros_from // PAGE) * PAGE
+    return boundary < offset + len(rest)
 
 
 def _corrupt(path: Path, offset: int, skipped: int, what: str, on_corrupt: OnCorrupt | None) -> None:
@@ -258,9 +266,9 @@ def read_since(
     for i in range(len(segments) - 1):
         if segments[i + 1][0] <= seq + 1:
             start = i + 1
-    for i, (_, path) in enumerate(segments[start:], start):
+    for _, path in segments[start:]:
         read = False
-        for _, record_seq, frames in read_records(path, on_corrupt, newest=i == len(segments) - 1):
+        for _, record_seq, frames in read_records(path, on_corrupt):
             read = True
             if record_seq > seq:
                 yield record_seq, frames
@@ -382,9 +390,8 @@ def read_mark(camera_dir: Path, name: str) -> int | None:
 def oldest_seq(directory: str | Path, camera: str) -> int | None:
     """The first seq still held for `camera` (older ones were rotated away), or None when there is none."""
     check_camera(camera)
-    segments = segment_files(Path(directory) / camera)
-    for i, (_, path) in enumerate(segments):
-        for _, seq, _ in read_records(path, on_corrupt=lambda *_: None, newest=i == len(segments) - 1):
+    for _, path in segment_files(Path(directory) / camera):
+        for _, seq, _ in read_records(path, on_corrupt=lambda *_: None):
             return seq
     return None
 
@@ -393,9 +400,9 @@ def newest_seq(directory: str | Path, camera: str) -> int | None:
     """The last seq journalled for `camera` (read from its newest segment that holds a record), or None when there
     is none. A torn tail is not a record; corruption inside the segment is skipped."""
     check_camera(camera)
-    for i, (_, path) in enumerate(reversed(segment_files(Path(directory) / camera))):
+    for _, path in reversed(segment_files(Path(directory) / camera)):
         last = None
-        for _, seq, _ in read_records(path, on_corrupt=lambda *_: None, newest=i == 0):
+        for _, seq, _ in read_records(path, on_corrupt=lambda *_: None):
             last = seq
         if last is not None:
             return last
