@@ -276,12 +276,13 @@ def reset_alarm(plc: Plc, timeout: float = 5) -> None:
     written before the PLC saw the latch, which a loaded machine's timing can make of a single request."""
     deadline = time.monotonic() + timeout
     while plc.field("status") & BIT["alarm"]:
-        assert time.monotonic() < deadline, (
-            f"timed out after {timeout}s waiting for the alarm to clear after alarm_reset"
-        )
-        if not plc.field("alarm_reset"):
-            plc.write("alarm_reset", 1)
-        time.sleep(0.01)
+        plc.write("alarm_reset", 1)
+        wait(lambda: not plc.field("alarm_reset"), deadline - time.monotonic(), "the bridge to take alarm_reset")
+        # It writes alarm_reset back, then the status word: a moment between the two is no kept alarm.
+        settle = min(deadline, time.monotonic() + 1)
+        while plc.field("status") & BIT["alarm"] and time.monotonic() < settle:
+            time.sleep(0.01)
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for the alarm to clear"
 
 
 def test_every_verdict_lands_in_the_registers_in_order(plc, daemon, bridge_config):
@@ -793,7 +794,10 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
         (["--plc", "127.0.0.1:502", "--server-key", str(bad)], "expected both (CurveZMQ) or neither"),
         ([*plc, "--topic", "inspect.st1.cam 0."], "--topic 'inspect.st1.cam 0.': expected a camera id"),
         ([*plc, "--topic", "inspect.st1.cam0.", "--config", str(config)], "camera cam1: --topic 'inspect.st1.cam0.'"),
-        ([*plc, "--topic", "inspect.st1.cam0", "--config", str(config)], "camera cam1: --topic 'inspect.st1.cam0'"),
+        ([*plc, "--topic", "inspect.st1.ca", "--config", str(config)], "--topic 'inspect.st1.ca': expected inspect."),
+        # Without the dot after it a camera's prefix takes cam10..cam19 as well, and a block without a camera bound to
+        # whichever was heard first, and kept that binding in acked.json across restarts.
+        ([*plc, "--topic", "inspect.st1.cam1"], "--topic 'inspect.st1.cam1': expected inspect.<station>.<camera>. "),
     ]:
         result = subprocess.run(
             [sys.executable, "-m", "inspectd", "bridge", "modbus", "--endpoint", "tcp://127.0.0.1:1", *args],

@@ -310,12 +310,19 @@ class Subscription:
 
 def topic_camera(prefix: str) -> str | None:
     """The camera a topic prefix names in full (inspect.<station>.<camera>.), else None; ConfigError naming --topic
-    when that is no camera id."""
+    when that is no camera id, or a camera without the dot after it."""
     parts = prefix.split(".")
-    if len(parts) < 4 or not parts[2]:
+    if len(parts) < 3 or not parts[2]:
         return None
     if not CAMERA_RE.fullmatch(parts[2]):
         raise ConfigError(f"--topic {prefix!r}: expected a camera id ({CAMERA_RE.pattern}), got {parts[2]!r}")
+    if len(parts) == 3:
+        # Topics are matched by prefix and a camera id is not followed by a dot only at the topic's end: cam1 would
+        # take cam10..cam19 too, and a block without a camera would bind to whichever of them is heard first.
+        raise ConfigError(
+            f"--topic {prefix!r}: expected inspect.<station>.<camera>. with the dot after the camera "
+            f"(without it every camera whose id starts with {parts[2]!r} matches too)"
+        )
     return parts[2]
 
 
