@@ -493,6 +493,51 @@ def test_an_alarm_counted_before_the_plc_is_shown_its_cause_stays_through_a_rese
     assert asyncio.run(reset()) == [True, False]
 
 
+def test_a_reset_request_the_plc_holds_is_logged_once_and_again_only_when_it_clears_or_keeps_an_alarm():
+    """A PLC that writes alarm_reset every scan (an HMI button stuck or forced) had a line logged at every heartbeat,
+    each claiming a reset with no alarm set: 86,400 a day. The request is still written back to 0 at each heartbeat,
+    and an alarm that latches while it is held is still shown before it is cleared."""
+    logged: list[tuple[str, dict]] = []
+
+    async def held() -> list[tuple[int, list[dict], bool]]:
+        plc = Memory(ID_MODULUS)
+        handshake = Handshake(
+            plc,
+            HandshakeSettings(ack_timeout_ms=20),
+            "cam0",
+            log=lambda event, **kw: logged.append((event, kw)),
+        )
+        await handshake.start()
+        await hand_over(handshake, result(1))
+        seen = []
+
+        async def beats(first: int, count: int) -> None:
+            for beat in range(first, first + count):
+                plc.values["alarm_reset"] = 1  # the PLC writes it again before every read
+                await tick(handshake, beat)
+                assert plc.values["alarm_reset"] == 0
+            seen.append((first, events(logged, "alarm_reset"), "alarm" in plc.status))
+            logged.clear()
+
+        await beats(1, 10)  # no alarm: one line for the request
+        plc.values["alarm_reset"] = 1  # still held when the gap below is shown
+        await hand_over(handshake, result(3))  # 2 missing: latched while the request is held
+        await beats(11, 10)  # kept (the request may predate the gap), then cleared at the next read: two lines
+        await beats(21, 10)  # nothing changed since: quiet
+        await tick(handshake, 31)  # alarm_reset reads 0: the request ended
+        await beats(32, 3)  # a new request: logged again
+        return seen
+
+    seen = asyncio.run(held())
+    assert [(first, [line.get("alarm_kept", False) for line in lines], alarm) for first, lines, alarm in seen] == [
+        (1, [False], False),
+        (11, [True, False], False),
+        (21, [], False),
+        (32, [False], False),
+    ], seen
+    assert [line["alarm_was_set"] for line in seen[0][1] + seen[1][1][1:] + seen[3][1]] == [False, True, False]
+
+
 @pytest.mark.parametrize(
     "acked, newest, reserved, renumbered",
     [

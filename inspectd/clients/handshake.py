@@ -233,6 +233,11 @@ class Handshake:
         self._latches = 0
         self._latches_shown = 0
         self._latches_before_request = 0
+        # A request found at the last read of alarm_reset, and the latches counted when it was last logged: a PLC that
+        # holds the request (a stuck or forced HMI button written every scan) is logged once, and again only when a
+        # read clears an alarm or finds a latch since, not at every heartbeat.
+        self._request_held = False
+        self._request_told_latches = 0
         self._renumbering_latched = False  # the start latched the alarm for a numbering the journal never reached
         self._reset_lock = asyncio.Lock()  # a read of alarm_reset must not fall between service's read and write-back
         self.daemon_alive = False
@@ -796,6 +801,7 @@ class Handshake:
             shown = self._latches_shown
             if not await self.target.read("alarm_reset"):
                 self._latches_before_request = shown
+                self._request_held = False
 
     async def service(self, heartbeat: int) -> None:
         """Once per heartbeat period: heartbeat (the `heartbeat`th beat), the status word again, and the PLC's alarm
@@ -811,6 +817,7 @@ class Handshake:
             shown = self._latches_shown
             if not await self.target.read("alarm_reset"):
                 self._latches_before_request = shown
+                self._request_held = False
                 return
             shown = self._latches_shown
             await self.target.write({"alarm_reset": 0})
@@ -819,8 +826,13 @@ class Handshake:
             # to see and reset again.
             unseen = self._latches - self._latches_before_request
             self._latches_before_request = shown
+            cleared = self._alarm and not unseen
             if not unseen:
                 self.alarm = False  # here, with the count it was decided on: a latch after this stays
+            held, self._request_held = self._request_held, True
+            if held and not cleared and self._latches == self._request_told_latches:
+                return  # the same request, still held, and nothing to clear or keep since it was logged
+            self._request_told_latches = self._latches
         if unseen:
             self.log(
                 "alarm_reset",
@@ -831,4 +843,4 @@ class Handshake:
             )
             return
         await self._write_status()
-        self.log("alarm_reset", camera=self.camera)
+        self.log("alarm_reset", camera=self.camera, alarm_was_set=cleared)
