@@ -1780,6 +1780,56 @@ def test_server_mode_keeps_missed_acks_and_sequence_gaps_in_its_state_file_acros
     assert state[CAMERA]["missed_acks"] == 17 and state[CAMERA]["sequence_gaps"] == 6, state
 
 
+def test_server_mode_records_an_acked_id_when_its_ack_is_read_before_result_valid_drops(tmp_path, shelf_server):
+    """The PLC's Ack lives only in the bridge's process: recorded at the falling edge, a bridge killed after the ack
+    was read and before that write resumed before the id, and a --journal handed the PLC that verdict again (a
+    reject gate firing twice). The ack's read records it, with the counters it was handed over with; the restart
+    resumes after it."""
+    from inspectd.clients.handshake import Handshake
+    from inspectd.clients.opcua import ServerLink
+
+    port = free_port()
+    config = link_config(tmp_path, port)
+    state_file = tmp_path / "state.json"
+    state_file.write_text(json.dumps({CAMERA: {"inspection_id": 5, "alarm": 0, "missed_acks": 0, "sequence_gaps": 0}}))
+    shown = frozenset({"trigger_ready", "result_valid", "fail", "defect", "alarm"})
+
+    async def killed_after_the_ack() -> tuple[dict, bool]:
+        link = ServerLink(config)
+        await link.start()
+        target = link.targets[CAMERA]
+        client = asyncua.Client(f"opc.tcp://127.0.0.1:{port}/x/", timeout=5)
+        try:
+            # 6 never came: 7 is handed over with its gap counted, as the handshake writes it.
+            fields = {"inspection_id": 7, "result_code": 1, "verdict": "defect", "score": 0.9, "threshold": 0.5}
+            fields |= {"region_count": 1, "model_id": "m", "thresholds_version": 1, "missed_acks": 0}
+            await target.write({**fields, "sequence_gaps": 1, "status": shown}, last="status")
+            assert json.loads(state_file.read_text())[CAMERA]["inspection_id"] == 5  # not acked yet: not recorded
+            await client.connect()
+            index = await client.get_namespace_index("urn:inspectd:bridge")
+            await client.get_node(f"ns={index};s={CAMERA}.Ack").write_value(ua.Variant(7, ua.VariantType.UInt32))
+            assert await target.read("ack") == 7  # the handshake's poll: next it drops ResultValid
+            result_valid = await client.get_node(f"ns={index};s={CAMERA}.ResultValid").read_value()
+            return json.loads(state_file.read_text())[CAMERA], result_valid
+        finally:
+            await client.disconnect()
+            await link.close()  # the kill: no falling edge is written
+
+    async def restarted() -> tuple[int | None, int]:
+        link = ServerLink(config)
+        await link.start()
+        try:
+            handshake = Handshake(link.targets[CAMERA], config, CAMERA)
+            await handshake.start()
+            return handshake.last_id, await link.targets[CAMERA].read("sequence_gaps")
+        finally:
+            await link.close()
+
+    recorded, result_valid = asyncio.run(killed_after_the_ack())
+    assert result_valid and recorded["inspection_id"] == 7 and recorded["sequence_gaps"] == 1, recorded
+    assert asyncio.run(restarted()) == (7, 1)
+
+
 @pytest.mark.parametrize(
     "endpoint",
     [

@@ -3,9 +3,10 @@
 Two modes (config `mode`):
 
     server   the bridge runs an OPC UA server (asyncua) at `endpoint`; the PLC/MES connects, reads each camera's
-             variables and writes Ack / AlarmReset. The last inspection id whose hand-over ended (acked, or its ack
-             timed out) and the latched alarm of each camera are kept in `state_file`, so a restarted bridge applies
-             the restart rule like the Modbus one;
+             variables and writes Ack / AlarmReset. The last inspection id whose hand-over ended (acked: recorded
+             as soon as its Ack is read, before ResultValid drops; or its ack timed out) and the latched alarm of
+             each camera are kept in `state_file`, so a restarted bridge applies the restart rule like the Modbus
+             one;
              a write of it that fails (a full disk) is logged once and the bridge goes on, as with acked.json.
              The server's standard address space comes from a cache in `cache_dir` when there is one
              (inspectd.clients.opcua_cache; default $CACHE_DIRECTORY), else it is built at each start.
@@ -472,7 +473,22 @@ class ServerTarget:
             self.link.refused_write(self.camera, name, value)
             return self._read.get(name, 0)
         self._read[name] = number
+        if name == "ack" and self._on_display is not None and number == self._on_display:
+            await self._keep_acked(self._on_display)
         return number
+
+    async def _keep_acked(self, acked: int) -> None:
+        """The PLC acked the id on display: recorded in state_file now, before the handshake drops ResultValid, as
+        the Modbus PLC keeps its own Ack. This Ack lives only in the process, so a bridge killed between the ack and
+        the falling edge would resume before the id and hand that result over again (a --journal replays it)."""
+        update = {"inspection_id": acked}
+        remembered = self.link.state.get(self.camera, {})
+        update |= {name: value for name, value in self._counts_on_display.items() if value != remembered.get(name, 0)}
+        self._on_display, self._counts_on_display = None, {}
+        try:
+            await asyncio.to_thread(self.link.remember, self.camera, update)
+        except OSError as exc:
+            self.link.remember_failed(exc)
 
     async def write(self, fields: dict[str, Any], last: str | None = None) -> None:
         ua = self.link.ua
@@ -499,9 +515,10 @@ class ServerTarget:
             # Kept with the id they were handed over with: a restart that hands that result over again counts its
             # gap again, so the count it resumes from must be the one before it.
             self._counts_on_display, counts = counts, {}
-        # Kept at the falling edge (after the ack or its timeout), not at the hand-over: the variables die with the
-        # process, so a bridge killed while the id waited for its ack resumes before it, and the restart replays it
-        # from the journal or counts it as a gap, where recording it would lose it without a trace.
+        # Kept when its Ack is read (_keep_acked), else at the falling edge (its ack timed out), never at the
+        # hand-over: the variables die with the process, so a bridge killed while the id waited for its ack resumes
+        # before it, and the restart replays it from the journal or counts it as a gap, where recording it would
+        # lose it without a trace.
         if flags and not flags["result_valid"] and self._on_display is not None:
             update["inspection_id"] = self._on_display
             self._on_display = None
