@@ -81,6 +81,7 @@ def generate(out: str | Path, name: str) -> tuple[Path, Path]:
         # lexists: a link to nothing is a name taken too, and writing through it would put the secret elsewhere.
         if os.path.lexists(path):
             raise KeysError(f"{path}: already exists, expected a new key name (keys are never overwritten)")
+    _refuse_allow_list(out, name)
     try:
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -89,8 +90,9 @@ def generate(out: str | Path, name: str) -> tuple[Path, Path]:
         if out.is_symlink() and not out.exists():
             why = f"a link to nothing, {os.readlink(out)}"
         raise KeysError(f"--out {out}: cannot create ({why}), expected a directory for the key pair") from exc
-    # pyzmq writes the pair into a folder of this run's own (0700, not *.key: a pair generated straight into an
-    # allow-list directory must not show a reload a half-written key), and each file is then linked to its name.
+    # pyzmq writes the pair into a folder of this run's own (0700, not *.key: a reader scanning --out for *.key, a
+    # client's key folder read by a script, must not find a half-written key), and each file is then linked to its
+    # name.
     made: list[Path] = []
     private: Path | None = None
     try:
@@ -126,6 +128,27 @@ def generate(out: str | Path, name: str) -> tuple[Path, Path]:
         where = f"left behind {', '.join(map(str, left))}, delete {them}" if left else "nothing was left behind"
         raise KeysError(f"{what}; {where}") from exc
     return public, secret
+
+
+def _refuse_allow_list(out: Path, name: str) -> None:
+    """Refuse an --out that holds several public keys and no secret key: what a daemon's allow-list holds, and
+    read_allow_list refuses the whole list for the secret key written there (at the daemon's next start or reload,
+    long after this run said nothing). One public key alone is a client's folder as often (the copy of the daemon's
+    server.key a bridge connects with), and a folder without one (new, empty) cannot be told from a client's own:
+    both are generated into."""
+    try:
+        with os.scandir(out) as entries:
+            names = sorted(e.name for e in entries if e.name.endswith((PUBLIC_SUFFIX, SECRET_SUFFIX)))
+    except OSError:
+        return  # no folder yet, or not one: creating it says why
+    public = [n for n in names if n.endswith(PUBLIC_SUFFIX)]
+    if len(public) >= 2 and len(public) == len(names):
+        shown = ", ".join(public[:3]) + (", ..." if len(public) > 3 else "")
+        raise KeysError(
+            f"--out {out}: holds public keys ({shown}) and no secret key, as a daemon's allow-list does, which a "
+            f"{name}{SECRET_SUFFIX} there would make it refuse whole; expected a folder for the pair: generate into "
+            f"another one and copy {name}{PUBLIC_SUFFIX} in"
+        )
 
 
 def _remove(paths: list[Path]) -> list[Path]:
