@@ -366,7 +366,7 @@ def load_keys(
     secret_key: str | Path, allowed_clients_dir: str | Path, where: str, owner_checked: bool = True
 ) -> tuple[bytes, bytes, dict[bytes, list[str]]]:
     """The key pair and the allow-list (z85 key -> its file names) of one `curve:` of the config at `where` (`control`,
-    `publish`, `cameras[ID].source`), checked as `inspectd run` checks them at start and `run --check` beforehand.
+    `publish`, `cameras[N].source`), checked as `inspectd run` checks them at start and `run --check` beforehand.
     KeysError names the config key and the file. `owner_checked` False: the owners are left out, for a check run as
     another user than the daemon's."""
     public, secret = keys.load_secret(
@@ -489,6 +489,8 @@ class CurveServer:
                 except zmq.ContextTerminated:
                     return
                 except Exception as exc:  # ending here would leak every later socket (see the docstring)
+                    if monitor.closed:  # closed by another (Context.destroy): nothing is left to watch or to close
+                        return
                     if not failed:
                         log.warning("refusal_monitor_failed", domain=self.domain, error=f"{type(exc).__name__}: {exc}")
                         failed = True
