@@ -794,7 +794,7 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
         (["--plc", "127.0.0.1:502", "--server-key", str(bad)], "expected both (CurveZMQ) or neither"),
         ([*plc, "--topic", "inspect.st1.cam 0."], "--topic 'inspect.st1.cam 0.': expected a camera id"),
         ([*plc, "--topic", "inspect.st1.cam0.", "--config", str(config)], "camera cam1: --topic 'inspect.st1.cam0.'"),
-        ([*plc, "--topic", "inspect.st1.ca", "--config", str(config)], "--topic 'inspect.st1.ca': expected inspect."),
+        ([*plc, "--topic", "inspect.st1.cam0", "--config", str(config)], "camera cam1: --topic 'inspect.st1.cam0'"),
         # Without the dot after it a camera's prefix takes cam10..cam19 as well, and a block without a camera bound to
         # whichever was heard first, and kept that binding in acked.json across restarts.
         ([*plc, "--topic", "inspect.st1.cam1"], "--topic 'inspect.st1.cam1': expected inspect.<station>.<camera>. "),

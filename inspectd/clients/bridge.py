@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         topic_camera(args.topic)
         config = protocol.configure(args)
         _check_cameras(config, args.topic)
+        _check_unbound_prefix(config, args.topic)
         if args.journal is not None:
             try:
                 check_readable(args.journal)
@@ -310,20 +311,26 @@ class Subscription:
 
 def topic_camera(prefix: str) -> str | None:
     """The camera a topic prefix names in full (inspect.<station>.<camera>.), else None; ConfigError naming --topic
-    when that is no camera id, or a camera without the dot after it."""
+    when that is no camera id."""
     parts = prefix.split(".")
     if len(parts) < 3 or not parts[2]:
         return None
     if not CAMERA_RE.fullmatch(parts[2]):
         raise ConfigError(f"--topic {prefix!r}: expected a camera id ({CAMERA_RE.pattern}), got {parts[2]!r}")
-    if len(parts) == 3:
-        # Topics are matched by prefix and a camera id is not followed by a dot only at the topic's end: cam1 would
-        # take cam10..cam19 too, and a block without a camera would bind to whichever of them is heard first.
+    return parts[2] if len(parts) >= 4 else None
+
+
+def _check_unbound_prefix(config: Any, prefix: str) -> None:
+    """Refuse a topic that names a camera without the dot after it where no camera is configured: it takes cam10..
+    cam19 with cam1, and the block would bind to whichever is heard first (and record it, for every restart). With a
+    camera configured the others' results are refused, as before."""
+    parts = prefix.split(".")
+    cameras = getattr(config, "cameras", None) or [getattr(config, "camera", None)]
+    if len(parts) == 3 and parts[2] and all(camera is None for camera in cameras):
         raise ConfigError(
-            f"--topic {prefix!r}: expected inspect.<station>.<camera>. with the dot after the camera "
-            f"(without it every camera whose id starts with {parts[2]!r} matches too)"
+            f"--topic {prefix!r}: expected inspect.<station>.<camera>. with the dot after the camera, or a camera in "
+            f"the config (without either, every camera whose id starts with {parts[2]!r} matches too)"
         )
-    return parts[2]
 
 
 def _check_cameras(config: Any, prefix: str) -> None:
