@@ -826,8 +826,7 @@ def _check_identity(manifest_path: Path, manifest: dict[str, Any]) -> None:
         # teach refits with its k and memory_size, the TensorRT profile takes its row ceilings from them and eval
         # prints it: none of them checks it again.
         if refused := recipe_refusal(recipe):
-            field, expected = refused
-            raise BundleError(f"{manifest_path}: recipe.{field} {recipe[field]!r}, expected {expected}")
+            raise BundleError(f"{manifest_path}: recipe.{refused}")
         recorded = {
             "method": manifest["method"],
             "backbone": manifest["backbone"],
@@ -895,13 +894,20 @@ RECIPE_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def recipe_refusal(recipe: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The first field of `recipe` that RECIPE_FIELD_CHECKS refuses, as (field, what was expected); None if none is.
-    Fields it does not hold are not asked for (a recipe recorded before a field existed), nor are fields it does not
-    know (a recipe recorded by a later version)."""
+# The fields a recipe recorded before they existed lacks; every other field has been recorded since recipes were.
+LATER_RECIPE_FIELDS = ("score_share", "augment")
+
+
+def recipe_refusal(recipe: Mapping[str, Any]) -> str | None:
+    """What is wrong with the first field of `recipe` that RECIPE_FIELD_CHECKS refuses, or that it lacks (`field
+    value, expected ...`); None if nothing is. Only LATER_RECIPE_FIELDS may be missing (a recipe recorded before they
+    existed: their defaults); fields it does not know are not refused (a recipe recorded by a later version)."""
     for field, (valid, expected) in RECIPE_FIELD_CHECKS.items():
-        if field in recipe and not valid(recipe[field]):
-            return field, expected
+        if field not in recipe:
+            if field not in LATER_RECIPE_FIELDS:
+                return f"{field} missing, expected {expected} (every recorded recipe holds it)"
+        elif not valid(recipe[field]):
+            return f"{field} {recipe[field]!r}, expected {expected}"
     return None
 
 

@@ -77,8 +77,7 @@ class Recipe:
         # Each field alone: the checks load_bundle makes on a manifest's recorded recipe.
         data = self.to_json()
         if refused := recipe_refusal(data):
-            field, expected = refused
-            raise ValueError(f"recipe {self.name}: {field} {data[field]!r}, expected {expected}")
+            raise ValueError(f"recipe {self.name}: {refused}")
         grid = self.grid
         size = f"{self.size[0]}x{self.size[1]}"
         if min(grid) < MIN_GRID_CELLS.get(self.method, 1):
@@ -150,8 +149,7 @@ class Recipe:
             raise ValueError(f"recipe: unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(fields))}")
         # Before __post_init__, whose float() and int() would read the text "4" as a number or fail on a bare one.
         if refused := recipe_refusal(data):
-            field, expected = refused
-            raise ValueError(f"recipe {data.get('name')}: {field} {data[field]!r}, expected {expected}")
+            raise ValueError(f"recipe {data.get('name')}: {refused}")
         return cls(**data).validate()
 
     def architecture(self, head: dict[str, Any], channels: int) -> dict[str, Any]:
