@@ -397,12 +397,13 @@ MOVE_UP = "move them up into it to calibrate on them"
 
 def _good_paths(folder: Path) -> tuple[list[Path], str | None]:
     """The --good images, and the note on those in sub-folders of the folder read, which are left out."""
-    from engines.data.images import good_folder, list_images, nested_note
+    from engines.data.images import good_folder, list_test_images, nested_note
 
     try:
-        # train/good of an MVTec root fitted the model; only test/good is held out.
+        # train/good of an MVTec root fitted the model; only test/good is held out. Read as eval reads test/good: a
+        # mask kept beside its image would be one more good image.
         read = good_folder(folder, ("test",))
-        return list_images(read), nested_note(read, folder, CALIBRATED_ON, MOVE_UP)
+        return list_test_images(read), nested_note(read, folder, CALIBRATED_ON, MOVE_UP)
     except OSError as exc:
         raise _cannot_read(folder, exc) from None
 
@@ -454,7 +455,7 @@ def _defective_items(folders: list[str]) -> tuple[list[tuple[Path, Path | None]]
     """(image, mask or None) for every defective image named by --defective; the unmatched-mask notes eval prints
     (ground_truth/<type>/ folders holding files, none of them a mask of the type's images); the notes on images in
     sub-folders of a type folder, which are left out."""
-    from engines.data.images import MaskFolder, MvtecFolder, list_images, mask_folder, nested_note
+    from engines.data.images import MaskFolder, MvtecFolder, list_test_images, mask_folder, nested_note
 
     items: list[tuple[Path, Path | None]] = []
     unmatched: list[str] = []
@@ -464,7 +465,8 @@ def _defective_items(folders: list[str]) -> tuple[list[tuple[Path, Path | None]]
         try:
             if (folder / "test").is_dir():
                 dataset = MvtecFolder(folder)
-                items += [(i.path, i.mask_path) for i in dataset.test_items() if i.is_defective]
+                # test/good is --good's to read (and to refuse, where it holds masks), not read here.
+                items += [(i.path, i.mask_path) for i in dataset.test_items(good=False)]
                 unmatched += [u.note() for u in dataset.unmatched_masks()]
                 # test/good is --good's to read, and said there.
                 nested += dataset.nested_notes(CALIBRATED_ON, MOVE_UP, good=False)
@@ -474,7 +476,8 @@ def _defective_items(folders: list[str]) -> tuple[list[tuple[Path, Path | None]]
             # own, and every mask went unused without a word.
             absolute = Path(os.path.abspath(folder))
             masks = MaskFolder(mask_folder(absolute.parent.parent, absolute.name))
-            paths = list_images(folder)
+            # Refused as the same folder is read through its root: a mask kept beside its image is no defect.
+            paths = list_test_images(folder)
             found = [masks.mask_for(path) for path in paths]
             items += list(zip(paths, found))
             if none := masks.unmatched(paths, found):

@@ -246,6 +246,46 @@ def test_defects_give_escape_and_f1_thresholds_with_a_confusion_matrix(bundle, d
     assert observed["escape_upper_95"] == pytest.approx(1 - 0.05 ** (1 / 4))
 
 
+def test_masks_beside_their_images_are_refused_in_a_type_folder_given_directly_and_only_where_read(
+    bundle, data, tmp_path, capsys
+):
+    """`--defective ROOT/test/<type>` scored each mask kept beside its image as one more defect (8 defects for 4),
+    which moved the --max-f1 threshold and the escape rate, while `--defective ROOT` refused the same folder; and
+    `--defective ROOT` refused a mask kept in test/good, which it does not read (--good does)."""
+    from engines.bundle.store import load_bundle
+
+    version = load_bundle(bundle).thresholds().version
+    copy = Path(shutil.copytree(data, tmp_path / "set"))
+    blowhole = copy / "test" / "blowhole"
+    for mask in sorted((copy / "ground_truth" / "blowhole").iterdir()):
+        mask.rename(blowhole / mask.name.replace("_mask", "_GT"))
+    first = sorted(blowhole.glob("*_GT.png"))[0]
+    image = blowhole / (first.stem.removesuffix("_GT") + ".jpg")
+    expected = (
+        f"inspectd calibrate: {first}: a mask beside its image {image.name}, expected masks in "
+        "ground_truth/blowhole/<name>_mask.png and only images in test/blowhole/\n"
+    )
+    for defective in (blowhole, copy):
+        code, out, err = calibrate(capsys, bundle, "--good", data, "--defective", defective, "--max-f1", "--dry-run")
+        assert (code, err) == (2, expected), (defective, out)
+
+    # A mask kept in test/good: refused where --good reads it, not where only --defective names the root.
+    good = copy / "test" / "good"
+    kept = sorted(good.iterdir())[0]
+    shutil.rmtree(copy / "test" / "blowhole")
+    shutil.copytree(data / "test" / "blowhole", copy / "test" / "blowhole")
+    shutil.copy(kept, good / f"{kept.stem}_mask.png")
+    code, out, err = calibrate(capsys, bundle, "--good", data, "--defective", copy, "--max-f1", "--dry-run")
+    assert code == 0, err
+    code, out, err = calibrate(capsys, bundle, "--good", copy, "--max-f1", "--defective", copy, "--dry-run")
+    assert (code, err) == (
+        2,
+        f"inspectd calibrate: {good / (kept.stem + '_mask.png')}: a mask beside its image {kept.name}, expected "
+        "masks in ground_truth/good/<name>_mask.png and only images in test/good/\n",
+    )
+    assert load_bundle(bundle).thresholds().version == version
+
+
 def test_escape_and_f1_targets_are_refused_without_defects(bundle, data, capsys):
     from engines.bundle.store import load_bundle
 

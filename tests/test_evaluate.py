@@ -317,6 +317,24 @@ def test_eval_refuses_outputs_inside_a_bundle_or_overlays_inside_the_data_before
     assert len(list((tmp_path / "ov").iterdir())) == 1 and (data / "eval.json").is_file()
 
 
+@pytest.mark.parametrize(("option", "what"), [("--out", "a file"), ("--overlays", "a folder")])
+def test_eval_refuses_an_empty_out_or_overlays_before_scoring(tiny_bundle, tiny_data, tmp_path, option, what):
+    """A script's `--overlays "$DIR"` with the variable unset wrote the overlays into the working directory (here
+    the bundle) past the check that refuses `--overlays .` there; `--out ""` wrote no report and exited 0."""
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "inspectd", "eval", str(bundle), "--data", str(tiny_data), option, "", "--batch", "4"],
+        cwd=bundle,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-500:]
+    assert proc.stderr == f"inspectd eval: {option}: an empty path, expected {what} to write\n"
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in tiny_bundle.iterdir())
+
+
 def test_eval_refuses_overlays_with_n_overlays_0_which_would_write_none(tiny_bundle, tiny_data, tmp_path):
     """`--overlays DIR --n-overlays 0` scored the set and wrote nothing, not even the folder, without a word."""
     overlays = tmp_path / "ov"

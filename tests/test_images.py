@@ -141,6 +141,67 @@ def test_images_whose_names_end_in_mask_without_their_image_beside_them_are_imag
     }
 
 
+@pytest.mark.parametrize(
+    ("image", "mask"),
+    [("10000.png", "10000_GT.png"), ("Part0.jpg", "Part0_label.bmp"), ("x.png", "X_gt.png"), ("y.png", "y_Label.png")],
+)
+def test_gt_and_label_masks_kept_beside_their_images_are_refused_as_mask_ones_are(tmp_path, image, mask):
+    """KolektorSDD2 keeps `10000_GT.png` beside `10000.png`, KolektorSDD `Part0_label.bmp` beside `Part0.jpg`: copied
+    into test/<type>/, each mask was scored as one more defective image, with nothing said."""
+    root = tmp_path / "set"
+    _write(root / "test" / "crack" / image, 1)
+    _mask(root / "test" / "crack" / mask, slice(0, 4))
+    with pytest.raises(DataError) as refused:
+        MvtecFolder(root).test_items()
+    assert str(refused.value) == (
+        f"{root / 'test' / 'crack' / mask}: a mask beside its image {image}, expected masks in "
+        "ground_truth/crack/<name>_mask.png and only images in test/crack/"
+    )
+
+
+@pytest.mark.parametrize(("first", "second"), [("exp1_num_1.jpg", "exp1_num_1.png"), ("A.png", "a.png")])
+def test_two_files_of_one_name_in_a_test_folder_are_refused_naming_both(tmp_path, first, second):
+    """The raw Magnetic-tile release keeps each mask as `x.png` beside its photo `x.jpg`: copied into test/<type>/,
+    each was scored as one more image. Masks are found by name, so two images of one name (in any case) could not be
+    told apart either."""
+    root = tmp_path / "set"
+    _write(root / "test" / "blowhole" / first, 1)
+    _mask(root / "test" / "blowhole" / second, slice(0, 4))
+    _write(root / "test" / "blowhole" / "other.png", 2)
+    with pytest.raises(DataError) as refused:
+        MvtecFolder(root).test_items()
+    assert str(refused.value) == (
+        f"{root / 'test' / 'blowhole' / first}: {first} and {second} share one name, expected one image per name in "
+        "test/blowhole/ (masks are found by name; a mask kept beside its image goes in "
+        "ground_truth/blowhole/<name>_mask.png)"
+    )
+
+
+def test_images_whose_names_merely_end_in_gt_or_label_are_images(tmp_path):
+    """Only a suffixed name with its image beside it is a mask."""
+    root = tmp_path / "set"
+    for i, name in enumerate(["bolt_gt.png", "cable_label.png", "gt.png", "label_2.png"]):
+        _write(root / "test" / "torn" / name, i)
+    assert [item.path.name for item in MvtecFolder(root).test_items()] == [
+        "bolt_gt.png",
+        "cable_label.png",
+        "gt.png",
+        "label_2.png",
+    ]
+
+
+def test_test_good_is_not_read_where_only_the_defect_types_are_asked_for(tmp_path):
+    """calibrate --defective ROOT reads the defect types only (test/good is --good's): a mask kept in test/good, which
+    it does not read, refused it."""
+    root = tmp_path / "set"
+    _write(root / "test" / "good" / "g.png", 0)
+    _mask(root / "test" / "good" / "g_mask.png", slice(0, 4))
+    _write(root / "test" / "scratch" / "b.png", 1)
+    assert [item.path.name for item in MvtecFolder(root).test_items(good=False)] == ["b.png"]
+    with pytest.raises(DataError, match=r"g_mask\.png: a mask beside its image g\.png"):
+        MvtecFolder(root).test_items()
+
+
 def test_masks_kept_in_a_folder_per_image_are_reported_not_skipped_without_a_word(tmp_path):
     """MVTec LOCO keeps each image's masks in a sub-folder of its own, which eval does not read."""
     root = tmp_path / "set"

@@ -709,8 +709,10 @@ class MvtecFolder:
         good = self.good_dir
         return sorted(p.name for p in test.iterdir() if not p.name.startswith(".") and p.is_dir() and p != good)
 
-    def test_items(self) -> list[TestItem]:
-        return list(self._scan[0])
+    def test_items(self, good: bool = True) -> list[TestItem]:
+        """test/good's items (unless not `good`: then test/good is not read at all, as by calibrate's --defective,
+        which leaves it to --good) then each test/<type>/'s."""
+        return (list(self._good_items) if good else []) + list(self._scan[0])
 
     def unmatched_masks(self) -> list[UnmatchedMasks]:
         """ground_truth/<type>/ folders that hold files but no mask of that type's images (masks named some other
@@ -718,13 +720,15 @@ class MvtecFolder:
         return list(self._scan[1])
 
     @functools.cached_property
+    def _good_items(self) -> list[TestItem]:
+        return [] if self.good_dir is None else [TestItem(p, GOOD, None) for p in list_test_images(self.good_dir)]
+
+    @functools.cached_property
     def _scan(self) -> tuple[list[TestItem], list[UnmatchedMasks]]:
         items: list[TestItem] = []
-        if self.good_dir is not None:
-            items += [TestItem(path, GOOD, None) for path in _without_masks_beside(list_images(self.good_dir))]
         unmatched = []
         for defect_type in self.defect_types():
-            paths = _without_masks_beside(list_images(self.root / "test" / defect_type))
+            paths = list_test_images(self.root / "test" / defect_type)
             masks = MaskFolder(mask_folder(self.root, defect_type))
             found = [masks.mask_for(path) for path in paths]
             items += [TestItem(path, defect_type, mask) for path, mask in zip(paths, found)]
@@ -741,24 +745,45 @@ class MvtecFolder:
         return [note for folder in folders if (note := nested_note(folder, self.root, read_as, hint))]
 
 
-MASK_SUFFIX = "_mask"
+# Names labelling tools and public sets give a mask kept beside its image: `x_mask.png` (labelling tools),
+# `x_GT.png` (KolektorSDD2), `x_label.bmp` (KolektorSDD).
+MASK_SUFFIXES = ("_mask", "_gt", "_label")
 
 
-def _without_masks_beside(paths: list[Path]) -> list[Path]:
-    """`paths` (one test/ folder's images), or a DataError naming the first mask kept beside its image there
-    (`x_mask.png` by `x.png`, as labelling tools save them): scored as one more image it doubled the defect count and
-    changed every metric without a word, and which of two layouts was meant is the user's to say, not a guess. Only a
-    `_mask` name with its image beside it: a dataset whose images merely end in `_mask` is read as before."""
-    stems = {path.stem.lower() for path in paths}
+def list_test_images(folder: str | Path) -> list[Path]:
+    """list_images' of one test folder (test/good, a test/<type>/, or such a folder given directly), or a DataError
+    naming the first mask kept beside its image there (`x_mask.png`, `x_GT.png` or `x_label.png` by `x.png`, any
+    case), or the first two files with one name (`x.jpg` and `x.png`, the raw Magnetic-tile layout): each mask
+    scored as one more image doubled the defect count and changed every metric without a word, masks are found by
+    name so two images of one name could not tell theirs apart, and which layout was meant is the user's to say,
+    not a guess. Only a suffixed name with its image beside it: a set whose images merely end in `_mask` is read as
+    before."""
+    paths = list_images(folder)
+    by_stem: dict[str, Path] = {}
+    twins: list[tuple[Path, Path]] = []
     for path in paths:
         stem = path.stem.lower()
-        if stem.endswith(MASK_SUFFIX) and stem[: -len(MASK_SUFFIX)] in stems:
-            image = next(p for p in paths if p.stem.lower() == stem[: -len(MASK_SUFFIX)])
-            folder = path.parent.name
-            raise DataError(
-                f"{path}: a mask beside its image {image.name}, expected masks in "
-                f"{GROUND_TRUTH}/{folder}/<name>{MASK_SUFFIX}.png and only images in test/{folder}/"
-            )
+        if stem in by_stem:
+            twins.append((by_stem[stem], path))
+        else:
+            by_stem[stem] = path
+    for path in paths:
+        stem = path.stem.lower()
+        for suffix in MASK_SUFFIXES:
+            image = by_stem.get(stem[: -len(suffix)]) if stem.endswith(suffix) else None
+            if image is not None:
+                kind = path.parent.name
+                raise DataError(
+                    f"{path}: a mask beside its image {image.name}, expected masks in "
+                    f"{GROUND_TRUTH}/{kind}/<name>_mask.png and only images in test/{kind}/"
+                )
+    if twins:
+        first, second = twins[0]
+        kind = first.parent.name
+        raise DataError(
+            f"{first}: {first.name} and {second.name} share one name, expected one image per name in test/{kind}/ "
+            f"(masks are found by name; a mask kept beside its image goes in {GROUND_TRUTH}/{kind}/<name>_mask.png)"
+        )
     return paths
 
 

@@ -568,6 +568,12 @@ def run(args: argparse.Namespace) -> int:
     from engines.bundle.store import load_bundle
 
     # Said before the scoring, not after: a mistyped output would cost minutes of it, with no table printed.
+    for option, path, what in (("out", args.out, "a file"), ("overlays", args.overlays, "a folder")):
+        # A script's `--out "$REPORT"` with the variable unset: taken for no --out, the report went nowhere with
+        # exit 0, and overlays went into the working directory (the bundle or the test set) past every check below.
+        if path == "":
+            print(f"inspectd eval: --{option}: an empty path, expected {what} to write", file=sys.stderr)
+            return 2
     if args.overlays and args.n_overlays == 0:
         print(
             f"inspectd eval: --overlays {args.overlays} with --n-overlays 0: nothing would be written there, expected "
