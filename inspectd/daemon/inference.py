@@ -118,9 +118,10 @@ class ModelState:
         """One inference on two blank frames (one where max_batch is 1), so the first real batch pays no lazy
         initialisation. Two, not one: an engine that runs one frame but no more (a graph whose batch dimension is
         fixed at 1, in a backend that does not refuse it at open as ONNX Runtime's does) is then refused at start or
-        reload, while the running model is kept, rather than failing every multi-frame batch once it is swapped in. Not max_batch: ONNX Runtime keeps the memory of the largest batch
-        it ran for good (the catalogue's patchcore at 320: 2.1 GB at max_batch 8 against 0.4 GB), which a line that
-        never fills its batches should not pay for at start."""
+        reload, while the running model is kept, rather than failing every multi-frame batch once it is swapped in.
+        Not max_batch: ONNX Runtime keeps the memory of the largest batch it ran for good (the catalogue's patchcore
+        at 320: 2.1 GB at max_batch 8 against 0.4 GB), which a line that never fills its batches should not pay for
+        at start."""
         h, w, c = self.bundle.input_shape
         n = min(2, self.engine.max_batch)
         try:
