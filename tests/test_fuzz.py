@@ -74,7 +74,7 @@ MINIMAL = {
             "id": "cam0",
             "source": {"kind": "synthetic", "rate_hz": 5, "count": 3},
             "queue": {"size": 4, "policy": "block"},
-            "max_pixels": 100,
+            "max_pixels": 65536,
         },
         {"id": "cam1", "source": {"kind": "folder", "path": "in", "pattern": "*.png", "done_dir": "d"}},
         {"id": "cam2", "source": {"kind": "zmq", "endpoint": "ipc:///tmp/x.sock"}},

@@ -1906,6 +1906,7 @@ def stand_in(path: Path) -> Path:
     """A bundle that teach reads up to its feature graph, which it lacks (write_bundle with a stand-in graph)."""
     from engines.bundle import thresholds as T
     from engines.bundle.store import write_bundle
+    from engines.model.recipes import Recipe
 
     manifest = {
         "method": "frozen",
@@ -1913,7 +1914,7 @@ def stand_in(path: Path) -> Path:
         "input": {"height": 32, "width": 32, "channels": 1, "resize": "stretch"},
         "scorer_inputs": ["memory_bank"],
         "architecture": {"scorer": "memory"},
-        "recipe": {"name": "t", "scorer": "memory", "memory_size": 8, "augment": "none"},
+        "recipe": Recipe(name="t", scorer="memory", memory_size=8, size=(32, 32), aggregation=15).to_json(),
     }
     scorer = {"memory_bank": np.zeros((4, 2), np.float32)}
     return write_bundle(
