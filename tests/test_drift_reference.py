@@ -4,6 +4,8 @@ on the restored version's reference (or the current one's, where that version re
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from structlog.testing import capture_logs
 
@@ -111,3 +113,70 @@ def test_a_camera_with_its_own_calibrated_override_warns_against_its_own_target_
     escape = {"target": {"kind": "escape", "value": 0.01}}
     doc = T.parse({**doc.to_dict(), "provenance": {**doc.provenance, T.PER_CAMERA_TARGET: {"cam3": escape}}})
     assert monitor_for(doc, "cam3").status()["target"] == 0.001
+
+
+def station(cameras: int) -> T.Thresholds:
+    """Version 1 of a station whose good frames were calibrated per camera, as `calibrate --camera` records them."""
+    return T.first_version(
+        0.8,
+        0.5,
+        {
+            "model_id": "m",
+            T.GOOD_SCORES: reference(500),
+            T.GOOD_BRIGHTNESS: reference(500, seed=1, mean=120.0),
+            T.PER_CAMERA_REFERENCE: {
+                f"cam{i}": {
+                    T.GOOD_SCORES: reference(500, seed=10 + i),
+                    T.GOOD_BRIGHTNESS: reference(500, seed=50 + i, mean=120.0),
+                }
+                for i in range(cameras)
+            },
+        },
+    )
+
+
+def test_the_next_version_of_a_long_history_still_fits_a_control_request():
+    """Every version copied the drift references of the ones before into its history: on 16 cameras a few versions,
+    on 4 about 40, made the next one larger than a control request, and `calibrate --apply` could never send one
+    again. Rollbacks back and forth (each carrying every camera's references) fill the history fastest."""
+    from inspectd.protocol.control import MAX_REQUEST_BYTES, encode_request
+
+    doc = T.next_version(station(16), image_threshold=0.85, provenance=station(16).provenance)
+    while doc.version < 80:
+        doc = T.rollback(doc, doc.version - 1)
+    assert len(doc.history) == T.MAX_HISTORY
+    request = encode_request(
+        {"cmd": "set_thresholds", "thresholds": T.next_version(doc, image_threshold=0.82).to_dict()}
+    )
+    assert len(request) < MAX_REQUEST_BYTES // 2, len(request)
+    kept = [h["version"] for h in doc.history if T.PER_CAMERA_REFERENCE in h["provenance"]]
+    assert kept == [h["version"] for h in doc.history[: T.KEPT_REFERENCES]]
+    # The document as the daemon writes it loads again, references and all.
+    again = T.parse(json.loads(T.dumps(doc)))
+    assert again == doc and T.reference_scores(again, camera="cam3") == T.reference_scores(station(16), camera="cam3")
+
+
+def test_a_rollback_to_a_version_whose_references_were_dropped_keeps_the_current_ones():
+    v1 = station(2)
+    doc = v1
+    for threshold in (0.9, 0.91, 0.92, 0.93):  # global recalibrations of the same model: cameras' references carried
+        provenance = {"model_id": "m", T.GOOD_SCORES: reference(60, seed=7), T.GOOD_BRIGHTNESS: reference(60, seed=8)}
+        provenance[T.PER_CAMERA_REFERENCE] = T.carried_camera_references(doc, provenance)
+        doc = T.next_version(doc, image_threshold=threshold, provenance=provenance)
+    old = next(h for h in doc.history if h["version"] == 1)
+    back = T.rollback(doc, 1)
+    assert back.image_threshold == v1.image_threshold
+    assert T.reference_scores(back) == T.reference_scores(doc)
+    assert T.reference_scores(back, camera="cam1") == T.reference_scores(v1, camera="cam1")
+    assert back.provenance["references_from"] == {
+        T.GOOD_SCORES: doc.version,
+        T.GOOD_BRIGHTNESS: doc.version,
+        T.PER_CAMERA_REFERENCE: doc.version,
+    }
+    assert monitor_for(back, "cam1").status()["active"] is True
+    assert sorted(old["provenance"][T.REFERENCES_DROPPED]) == sorted(T.REFERENCES)
+    assert T.REFERENCES_DROPPED in back.provenance["rolled_back_provenance"]
+    # What the range check reads of a dropped reference stays: the good scores' lowest and highest.
+    lows = [min(reference(n, seed)["quantiles"]) for n, seed in ((500, 0), (60, 7))]
+    assert old["provenance"][T.GOOD_SCORES]["min"] == lows[0]
+    assert T.calibrated_range(doc, "image")[0] == min(lows)

@@ -2,7 +2,8 @@
 
 It lives with the bundle, at the bottom layer (no torch, nothing of the daemon), because training writes the first
 version, the daemon reads it on every reload and `inspectd calibrate` writes the next ones. Versions only go up; each
-new version carries the previous ones in `history` (without their own history) so an operator can roll back.
+new version carries the previous ones in `history` (without their own history, and past the newest few without
+their drift references) so an operator can roll back.
 """
 
 from __future__ import annotations
@@ -134,6 +135,17 @@ SET_ON = (ENGINE_PRECISION, "model_id")
 # another precision drops them, and a global recalibration of the same model keeps them, its pooled good frames
 # describing no one camera better than the camera's own did.
 PER_CAMERA_REFERENCE = "per_camera_reference"
+# The drift references: hundreds of numbers per camera. Copied into every later version's history, some 40 versions
+# of a 4-camera station make the next one larger than a control request (1 MiB), which neither `calibrate --apply`
+# nor `ctl set-thresholds` can then send. Only the newest KEPT_REFERENCES history entries keep
+# them (history_after): a rollback mostly undoes the last calibration or two, or goes back across a rollback, and
+# those keep the references they were set with; one further back takes the current version's, as a rollback to a
+# version recorded before references existed does (rollback). Kept, they cost (cameras + 1) x 2 x REFERENCE_POINTS
+# numbers each, so the document stays within a few of those however many versions are made.
+REFERENCES = (GOOD_SCORES, GOOD_BRIGHTNESS, PER_CAMERA_REFERENCE)
+KEPT_REFERENCES = 3
+# provenance["references_dropped"]: the REFERENCES a history entry had and history_after dropped.
+REFERENCES_DROPPED = "references_dropped"
 
 
 def camera_targets(thresholds: Thresholds, per_camera: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -303,10 +315,8 @@ def calibrated_range(thresholds: Thresholds, kind: str, history: bool = True) ->
         provenance = version.get("provenance")
         if not isinstance(provenance, dict):
             continue
-        if kind == "image":
-            reference = _reference(provenance, GOOD_SCORES)
-            if reference is not None:
-                seen += [reference[1][0], reference[1][-1]]
+        if kind == "image" and (good := _reference_bounds(provenance, GOOD_SCORES)) is not None:
+            seen += [good["min"], good["max"]]
         for name in (IMAGE_SCORES,) if kind == "image" else (PIXEL_SCORES,):
             recorded = provenance.get(name)
             if isinstance(recorded, dict):
@@ -450,8 +460,58 @@ def next_version(
 
 def history_after(current: Thresholds) -> list[dict[str, Any]]:
     """The history of the version after `current`: `current` without its own history, then that history, at most
-    MAX_HISTORY versions."""
-    return ([_without_history(current)] + copy.deepcopy(current.history))[:MAX_HISTORY]
+    MAX_HISTORY versions, those past the newest KEPT_REFERENCES without their drift references (_thinned)."""
+    history = ([_without_history(current)] + copy.deepcopy(current.history))[:MAX_HISTORY]
+    for entry in history[KEPT_REFERENCES:]:
+        if isinstance(entry.get("provenance"), dict):
+            entry["provenance"] = _thinned(entry["provenance"])
+    return history
+
+
+def same_history(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """Whether two histories hold the same versions, one side's entries perhaps still with drift references the
+    other's dropped (history_after thins an entry once it is KEPT_REFERENCES versions back: a document built on a
+    later version than the one it is compared with has thinned more of them)."""
+
+    def comparable(entry: dict[str, Any]) -> dict[str, Any]:
+        provenance = entry.get("provenance")
+        return {**entry, "provenance": _thinned(provenance)} if isinstance(provenance, dict) else entry
+
+    return len(a) == len(b) and all(comparable(x) == comparable(y) for x, y in zip(a, b))
+
+
+def _thinned(provenance: dict[str, Any]) -> dict[str, Any]:
+    """A history entry's `provenance` without its drift references (REFERENCES, in it and in the provenance it rolled
+    back to): each reference becomes its {"n", "min", "max"} (what calibrated_range reads of it), and
+    `references_dropped` names what went. A rollback to the entry then takes the current version's, as for a version
+    recorded before references existed."""
+    thin = {k: v for k, v in provenance.items() if k not in REFERENCES}
+    dropped = [key for key in REFERENCES if key in provenance]
+    for key in (GOOD_SCORES, GOOD_BRIGHTNESS):
+        if key in provenance and (bounds := _reference_bounds(provenance, key)) is not None:
+            thin[key] = bounds
+    if dropped:
+        earlier = provenance.get(REFERENCES_DROPPED)
+        earlier = [k for k in earlier if isinstance(k, str)] if isinstance(earlier, list) else []
+        thin[REFERENCES_DROPPED] = sorted({*earlier, *dropped})
+    if isinstance(nested := provenance.get("rolled_back_provenance"), dict):
+        thin["rolled_back_provenance"] = _thinned(nested)
+    return thin
+
+
+def _reference_bounds(provenance: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """{"n", "min", "max"} of provenance[key]: a whole reference, or one _thinned already made into its bounds."""
+    if (reference := _reference(provenance, key)) is not None:
+        return score_range(reference[1][0], reference[1][-1], reference[0])
+    bounds = provenance.get(key)
+    if not isinstance(bounds, dict) or "quantiles" in bounds:
+        return None
+    n, lo, hi = bounds.get("n"), bounds.get("min"), bounds.get("max")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return None
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in (lo, hi)):
+        return None
+    return score_range(lo, hi, n)  # type: ignore[arg-type]
 
 
 def _taught_at(current: Thresholds) -> int | None:
@@ -475,10 +535,10 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
     were computed on (SET_ON) come to the top of the new provenance, where the daemon's drift monitor, range check and
     score-shift check read them: left nested under rolled_back_provenance they would switch the drift alarm off, and
     thresholds set on fp16 scores would count as fp32 ones, which the fp16 engine that ran them refuses. A reference
-    that version lacks (recorded before references existed) is kept from `current`: the model is the same, so its
-    good frames' scores still describe it; `references_from` says so (the cameras' own references too, where both
-    were set on the same model and precision). What it was set on is never taken from
-    `current`: absent, the version was set on fp32 scores."""
+    that version lacks (recorded before references existed, or dropped from the history: KEPT_REFERENCES) is kept
+    from `current`: the model is the same, so its good frames' scores still describe it; `references_from` says so
+    (the cameras' own references too, where both were set on the same model and precision). What it was set on is
+    never taken from `current`: absent, the version was set on fp32 scores."""
     # Whether the version exists comes first: below a teach, a number never written (0, -1, a typo) would be told it
     # was set on the replaced scorer's scores.
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -503,8 +563,9 @@ def rollback(current: Thresholds, version: int) -> Thresholds:
     earlier = parse({**found, "history": []}, where=f"thresholds.history[version {version}]")
     # Without its own chain: a version that was itself a rollback would nest every earlier one, so toggling
     # between two versions grew the document without bound (history bounds how many versions, not their
-    # size). Its rollback_to still names where that one came from.
-    shown = {k: v for k, v in earlier.provenance.items() if k != "rolled_back_provenance"}
+    # size). Its rollback_to still names where that one came from. Nor its references: they come to the top below
+    # (where it had none, the current version's, as references_from says), and a second copy doubled every rollback.
+    shown = {k: v for k, v in earlier.provenance.items() if k != "rolled_back_provenance" and k not in REFERENCES}
     provenance: dict[str, Any] = {"rollback_to": version, "rolled_back_provenance": shown}
     for key in ("target", PER_CAMERA_TARGET, IMAGE_SCORES, PIXEL_SCORES, *SET_ON):
         if key in earlier.provenance:

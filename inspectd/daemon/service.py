@@ -1079,7 +1079,7 @@ def _builds_on(new: Any, current: Any) -> bool:
     ]
     from engines.bundle import thresholds as thresholds_doc
 
-    return bool(earlier) and earlier == thresholds_doc.history_after(current)[: len(earlier)]
+    return bool(earlier) and thresholds_doc.same_history(earlier, thresholds_doc.history_after(current)[: len(earlier)])
 
 
 def _stop_check(stop: threading.Event | None) -> None:

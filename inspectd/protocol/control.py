@@ -36,7 +36,9 @@ from inspectd.protocol.endpoints import take_endpoint
 from inspectd.protocol.keys import HandshakeWatch, curve_from_flags
 
 POLL_S = 0.25
-MAX_REQUEST_BYTES = 1 << 20  # a thresholds document with history is a few kB; anything near this is not a request
+# A thresholds document with its history: ~110 kB on 4 cameras, ~320 kB on 16 (drift references only in the newest
+# history entries: engines.bundle.thresholds.KEPT_REFERENCES); anything near this is not a request.
+MAX_REQUEST_BYTES = 1 << 20
 # Commands that write into the bundle: one the daemon took and left unanswered at the timeout may still be applied.
 WRITES = ("set_thresholds", "rollback")
 BUNDLE_REFUSED = "bundle_refused"  # in a refused reload's reply: the bundle itself failed, not the moment
