@@ -776,6 +776,37 @@ def test_export_skips_a_frame_whose_file_is_empty_or_cut_short(tmp_path):
     assert list((tmp_path / "bad").rglob("*.png")) == []
 
 
+def test_an_export_whose_index_names_images_that_are_not_there_says_so_and_leaves_no_out(tmp_path):
+    """An index restored or copied without its images (or an image folder not mounted): every frame was called
+    "expired (deleted by retention)", and an OUT holding only an empty archive.jsonl was left behind, a folder that
+    looks like an export."""
+    archive_dir = tmp_path / "archive"
+    archive = Archive(archive_dir, max_mb=100, max_age_h=24, good_every=1).start()
+    ids = write_all(archive, [judged("cam0", seq, good_frame(seq)) for seq in range(3)])
+    assert archive.close()
+    shutil.rmtree(archive_dir / "cam0")
+    out = tmp_path / "restored" / "export"
+    done = inspectd("archive", "export", str(out), "--archive", str(archive_dir), "--camera", "cam0")
+    assert done.returncode == 1, done.stderr
+    assert "retention" not in done.stdout + done.stderr, (done.stdout, done.stderr)
+    assert done.stdout.strip() == (
+        f"exported 0 frame(s) to {out}/test/ (good: 0, defect: 0); 3 matched frame(s) have no image file though the "
+        "index names them"
+    )
+    assert done.stderr.strip() == (
+        "inspectd archive: no archived frame could be copied: 3 of the 3 that matched have no image file though the "
+        "index names them (an index restored or copied without its images, or an image folder not mounted?)"
+    )
+    assert not (tmp_path / "restored").exists(), list(tmp_path.rglob("*"))
+    as_json = inspectd("archive", "export", str(out), "--archive", str(archive_dir), "--json")
+    report = json.loads(as_json.stdout)
+    assert (report["out"], report["missing"], report["expired"]) == (None, ids, []), report
+    # An OUT that was there before is left, as it was.
+    out.mkdir(parents=True)
+    assert inspectd("archive", "export", str(out), "--archive", str(archive_dir)).returncode == 1
+    assert out.is_dir()
+
+
 def manifest_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "archive.jsonl").read_text().splitlines()]
 

@@ -170,6 +170,14 @@ def test_web_view_in_a_real_browser_shows_defects_live_and_survives_a_daemon_res
             await browser.wait_for(
                 "Array.from(document.querySelectorAll('img.live')).every(i => i.naturalWidth > 0)", 10, "live frames"
             )
+            # The live frame is sampled, not the `last` result beside it: the page says how old it is.
+            await browser.wait_for(
+                "document.querySelectorAll('section.camera').length === 2 && Array.from("
+                "document.querySelectorAll('section.camera')).every(s => /live frame\\tsampled, \\d+ s old/"
+                ".test(s.innerText))",
+                10,
+                "the live frames' age",
+            )
             shot = SCREENSHOT if os.environ.get("INSPECTD_UPDATE_DOCS") == "1" else tmp_path / "web-view.png"
             await browser.screenshot(shot)
             assert shot.stat().st_size > 10_000
@@ -284,6 +292,23 @@ def test_web_start_refuses_an_endpoint_zeromq_cannot_use_in_one_line(tmp_path):
     assert len(lines) == 1, lines
     assert lines[0].startswith("inspectd web: --endpoint 'tcp://no host:5556': cannot connect ("), lines
     assert lines[0].endswith("expected tcp://HOST:PORT or ipc://PATH"), lines
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        # deque(maxlen=...) raised OverflowError in every message's callback: a traceback per status, no cameras.
+        (["--defects", "100000000000000000000"], "inspectd web: --defects 100000000000000000000, expected 1 to 1000"),
+        (["--defects", "0"], "inspectd web: --defects 0, expected 1 to 1000"),
+        # str.isdigit() took '²' (int() refused it with a traceback) and other scripts' digits.
+        (["--listen", "127.0.0.1:\u00b2"], "inspectd web: --listen '127.0.0.1:\u00b2', expected HOST:PORT"),
+        (["--listen", "127.0.0.1:\u0668\u0660\u0668\u0668"], "inspectd web: --listen '127.0.0.1:\u0668\u0660"),
+        (["--listen", "127.0.0.1:" + "1" * 5000], "inspectd web: --listen '127.0.0.1:11111"),
+    ],
+)
+def test_web_start_refuses_a_number_it_cannot_use_in_one_line(tmp_path, flags, expected):
+    code, lines = _web_start("tcp://127.0.0.1:5556", tmp_path, *flags)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
 
 
 _CONNECT_PORT = (

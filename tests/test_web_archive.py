@@ -306,3 +306,92 @@ def test_a_daemons_archive_under_a_folder_the_view_may_not_enter_is_an_archive_e
         f"archive elsewhere: the daemon archives to {daemons} (not there yet, or not seen from here), this view reads "
         f"--archive {ours}: its overlays and live frames are not shown here"
     )
+
+
+def test_a_view_reading_another_archive_serves_none_of_its_live_frames(tmp_path, monkeypatch):
+    """Another station's archive (a typo, the instance next door, whose cameras are also cam0): its live frame was
+    served in this daemon's cam0 tile, under this daemon's verdicts, while the alarm said live frames were not shown."""
+    monkeypatch.setattr(web_module, "ARCHIVE_CHECK_S", 0.05)
+    daemons, other = tmp_path / "run1" / "archive", tmp_path / "run2" / "archive"
+    archived(daemons, judged("cam0", 1, defect_frame(1)))
+    archived(other, judged("cam0", 1, defect_frame(2)))
+
+    async def asks(root: Path) -> tuple[int, str | None, list[str], float | None]:
+        view = WebView(LineState(), root)
+        view.state.on_message({**status_naming(daemons), "cameras": {"cam0": {}}})
+        async with serve(view) as client:
+            await asyncio.sleep(0.3)  # a few of the view's archive checks
+            async with client.get("/live/cam0.jpg?t=1") as reply:
+                await reply.read()
+                live = reply.status, reply.headers.get("Cache-Control")
+            async with client.get("/api/state") as reply:
+                state = await reply.json()
+        return (*live, state["alarms"], state["cameras"]["cam0"].get("live_age_s"))
+
+    status, cache, alarms, age = asyncio.run(asks(other))
+    assert alarms and alarms[0].startswith("archive elsewhere: "), alarms
+    assert (status, cache) == (404, "no-store")
+    assert age is None
+    status, _, alarms, age = asyncio.run(asks(daemons))
+    assert (status, alarms) == (200, []) and age is not None
+
+
+def test_a_link_at_a_live_frame_is_not_followed_out_of_the_archive(tmp_path):
+    """aiohttp's FileResponse followed a symlink planted at live/<camera>.jpg: any file the view's user could read was
+    served as image/jpeg to whoever could reach the view. Archived images were already kept inside the archive."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-of-web-user")
+    root = tmp_path / "archive"
+    archived(root, judged("cam0", 1, defect_frame(1)), judged("cam1", 1, defect_frame(2)))
+    frame = (root / "live" / "cam1.jpg").read_bytes()
+    (root / "live" / "cam0.jpg").unlink()
+    (root / "live" / "cam0.jpg").symlink_to(secret)
+    # live/ itself a link to a folder elsewhere, holding a cam0.jpg
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "live").mkdir(parents=True)
+    (elsewhere / "live" / "cam0.jpg").write_text("SECRET-elsewhere")
+    linked = tmp_path / "linked"
+    archived(linked, judged("cam0", 1, defect_frame(1)))
+    live_dir = linked / "live"
+    for f in live_dir.iterdir():
+        f.unlink()
+    live_dir.rmdir()
+    live_dir.symlink_to(elsewhere / "live")
+
+    async def ask(root: Path, camera: str) -> tuple[int, bytes, list[str], float | None]:
+        state = LineState()
+        state.on_message({**status_naming(root), "cameras": {camera: {}}})
+        async with serve(WebView(state, root)) as client:
+            async with client.get(f"/live/{camera}.jpg") as reply:
+                seen = reply.status, await reply.read()
+            async with client.get("/api/state") as reply:
+                body = await reply.json()
+        return (*seen, body["alarms"], body["cameras"][camera].get("live_age_s"))
+
+    status, body, alarms, age = asyncio.run(ask(root, "cam0"))
+    assert status == 404 and b"SECRET" not in body and age is None, (status, body, age)
+    assert b"a link" in body and alarms == [], (body, alarms)
+    status, body, _, _ = asyncio.run(ask(linked, "cam0"))
+    assert status == 404 and b"SECRET" not in body, (status, body)
+    status, body, _, age = asyncio.run(ask(root, "cam1"))
+    assert (status, body) == (200, frame) and age is not None and 0 <= age < 60, age
+
+
+def test_the_state_gives_each_live_frames_age_as_it_is_sampled_not_the_last_result(tmp_path):
+    """The live tile sat beside "last: <verdict>" with nothing saying which frame it was: it is one frame a second at
+    most, and a camera that stopped sending kept its last one. The state gives its age (from its mtime)."""
+    root = tmp_path / "archive"
+    archived(root, judged("cam0", 1, defect_frame(1)))
+    old = time.time() - 42
+    os.utime(root / "live" / "cam0.jpg", (old, old))
+    state = LineState()
+    state.on_message({**status_naming(root), "cameras": {"cam0": {}, "cam1": {}}})
+
+    async def ask() -> dict:
+        async with serve(WebView(state, root)) as client:
+            async with client.get("/api/state") as reply:
+                return (await reply.json())["cameras"]
+
+    cameras = asyncio.run(ask())
+    assert 41 <= cameras["cam0"]["live_age_s"] < 50, cameras["cam0"]
+    assert cameras["cam1"]["live_age_s"] is None  # no live frame (yet)

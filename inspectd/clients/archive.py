@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,9 +29,11 @@ from inspectd.protocol.archive import (
     DEFAULT_ARCHIVE,
     EXPORT_FOLDERS,
     EXPORT_SPLITS,
+    MANIFEST_NAME,
     ArchiveError,
     ArchiveReader,
     Entry,
+    NotArchived,
     camera_id_problem,
     parse_span,
     split_frames,
@@ -162,9 +165,16 @@ def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespac
     unreadable: list[str] = []
     expired: list[str] = []
     matched = [e for e in entries if e.verdict in EXPORT_FOLDERS]
+    made = _first_missing(Path(args.out))
     # Nothing to copy leaves no OUT (nor a manifest) behind: a folder that only looks like an export.
     copied = reader.export(matched, args.out, args.split, unreadable, expired) if matched else 0
-    skipped = {*unreadable, *expired}
+    if copied == 0 and made is not None:
+        _unmake(Path(args.out), made)
+    # A frame whose file was not there expired only if retention also took its row; a row still in the index names an
+    # image that is missing (an index restored or copied without its images, an image folder not mounted).
+    missing = [i for i in expired if _indexed(reader, i)]
+    expired = [i for i in expired if i not in {*missing}]
+    skipped = {*unreadable, *expired, *missing}
     done = [e for e in matched if e.id not in skipped]
     counts = {v: sum(1 for e in done if e.verdict == v) for v in VERDICTS}
     already = sum(1 for e in done if e.export_name in before.get(EXPORT_FOLDERS[e.verdict], ()))
@@ -186,6 +196,7 @@ def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespac
                 "matched": {v: sum(1 for e in matched if e.verdict == v) for v in VERDICTS},
                 "unreadable": unreadable,
                 "expired": expired,
+                "missing": missing,
                 "already_there": already,
                 "holds": holds,
             },
@@ -196,20 +207,69 @@ def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespac
         line = f"exported {copied} frame(s) to {where} (good: {counts['ok']}, defect: {counts['defect']})"
         if expired:
             line += f"; {len(expired)} matched frame(s) expired (deleted by retention) before they could be copied"
+        if missing:
+            line += f"; {len(missing)} matched frame(s) have no image file though the index names them"
         if any(before.values()):
             held = ", ".join(f"{f}: {n}" for f, n in sorted(holds.items(), key=lambda h: (h[0] != "good", h)))
             line += f"; {already} of them were there already; {where} now holds {sum(holds.values())} frame(s) ({held})"
         print(line)
     if copied == 0:
-        print(f"inspectd archive: {_none_copied(len(matched), len(unreadable), len(expired))}", file=sys.stderr)
+        print(
+            f"inspectd archive: {_none_copied(len(matched), len(unreadable), len(expired), len(missing))}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
-def _none_copied(matched: int, unreadable: int, expired: int) -> str:
+def _none_copied(matched: int, unreadable: int, expired: int, missing: int = 0) -> str:
     if not matched:
         return "no archived frame matched"
-    if not expired:
+    if not expired and not missing:
         return "no archived frame could be read"
-    why = f"{expired} of the {matched} that matched expired during the export (deleted by retention)"
-    return f"no archived frame could be copied: {why}" + (f", {unreadable} unreadable" if unreadable else "")
+    whys = []
+    if missing:
+        whys.append(
+            f"{missing} of the {matched} that matched have no image file though the index names them (an index "
+            "restored or copied without its images, or an image folder not mounted?)"
+        )
+    if expired:
+        whys.append(f"{expired} of the {matched} that matched expired during the export (deleted by retention)")
+    if unreadable:
+        whys.append(f"{unreadable} unreadable")
+    return "no archived frame could be copied: " + ", ".join(whys)
+
+
+def _indexed(reader: ArchiveReader, entry_id: str) -> bool:
+    try:
+        reader.get(entry_id)
+    except NotArchived:
+        return False
+    return True
+
+
+def _first_missing(out: Path) -> Path | None:
+    """The topmost folder of `out` (itself included) not there yet, which an export makes: None when `out` is."""
+    missing = None
+    for folder in (out, *out.parents):
+        if os.path.lexists(folder):
+            break
+        missing = folder
+    return missing
+
+
+def _unmake(out: Path, made: Path) -> None:
+    """Remove what an export that copied nothing made, from `out` up to `made` (the first folder it made): its empty
+    manifest and empty folders, nothing else (a folder something else wrote into meanwhile is kept)."""
+    manifest = out / MANIFEST_NAME
+    try:
+        if manifest.is_file() and manifest.stat().st_size == 0:
+            manifest.unlink()
+        for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            folder.rmdir()
+        for folder in (out, *out.parents):
+            folder.rmdir()
+            if folder == made:
+                break
+    except OSError:  # not empty, or not ours to remove: left as it is
+        pass

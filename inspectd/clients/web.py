@@ -34,12 +34,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import errno
 import functools
 import ipaddress
 import json
 import logging
 import os
 import re
+import stat
 import statistics
 import sys
 import threading
@@ -61,6 +63,7 @@ from inspectd.protocol.archive import (
     DEFAULT_ARCHIVE,
     ID_RE,
     INDEX_NAME,
+    LIVE_DIR,
     ArchiveError,
     ArchiveReader,
     NoArchive,
@@ -103,6 +106,9 @@ MAX_CONNECTIONS = 64
 # A message that cannot be read (a schema mismatch is every one), a request that is no HTTP, a connection closed to
 # make room: each logged at most this often, with the count since.
 REFUSED_LOG_S = 60.0
+# --defects at most: each camera's defects go out with every state reply (twice a second per open page), and a
+# deque's maxlen must fit a C ssize_t.
+MAX_DEFECTS = 1000
 REFUSED_ALARM_S = 60.0  # the page shows refused messages for this long after the last one
 # ... and an image it could not read for this long after the last: the page asks for each live frame once a second,
 # so a folder still closed keeps the alarm up, and one opened again (chmod g+rX) lets it go.
@@ -409,7 +415,10 @@ class WebView:
         # Built anew for each ask: a state that cannot be built (a bug, a status nothing foresaw) fails that one
         # reply, logged, and the page's next ask is answered as usual.
         try:
-            body = _json(self.state.snapshot())
+            snapshot = self.state.snapshot()
+            for name, camera in snapshot["cameras"].items():
+                camera["live_age_s"] = self.live_age(name)
+            body = _json(snapshot)
         except Exception as exc:
             self._log_failure("state_failed", exc)
             raise web.HTTPInternalServerError(text="the web view could not build its state (see its log)") from None
@@ -543,16 +552,70 @@ class WebView:
                 text="the daemon archives nothing (its archive is off): no live frames",
                 headers={"Cache-Control": "no-store"},
             )
+        if self.state.archive_elsewhere:  # another station's line under this daemon's camera names and verdicts
+            raise web.HTTPNotFound(
+                text="this view reads another archive than the daemon's (--archive): its live frames are not shown",
+                headers={"Cache-Control": "no-store"},
+            )
         try:
             path = live_frame(self.archive, request.match_info["camera"])
         except ArchiveError as exc:  # e.g. a live/ folder this user may not enter
             raise self._unreadable("live_frame_unreadable", exc) from None
-        failure = None if path is None else _open_failure(path)
-        if path is None or isinstance(failure, FileNotFoundError):
-            raise web.HTTPNotFound(text="no live frame for this camera (yet)")
-        if failure is not None:
-            raise self._unreadable("live_frame_unreadable", unreadable(path, "live frame", failure)) from None
+        if path is None:
+            raise web.HTTPNotFound(text="no live frame for this camera (yet)", headers={"Cache-Control": "no-store"})
+        try:
+            self._check_live(path)
+        except FileNotFoundError:
+            raise web.HTTPNotFound(
+                text="no live frame for this camera (yet)", headers={"Cache-Control": "no-store"}
+            ) from None
+        except _NotInArchive as exc:
+            self._log_failure("live_frame_refused", exc, traceback=False)
+            raise web.HTTPNotFound(text=str(exc), headers={"Cache-Control": "no-store"}) from None
+        except OSError as exc:
+            raise self._unreadable("live_frame_unreadable", unreadable(path, "live frame", exc)) from None
+        # FileResponse, not the bytes read here: it sends a large frame as the link takes it, its request in flight
+        # meanwhile (ConnectionCap), and holds no copy of it in memory.
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
+
+    def _check_live(self, path: Path) -> None:
+        """Refuses (_NotInArchive) a live frame that is a link, or not a regular file, or under a live/ that is not the
+        archive's own: the writer only ever renames a regular file into live/, and a link planted there would serve
+        any file this user may read as a camera's frame. OSError when it cannot be opened for reading (an unreadable
+        file passes is_file(), and aiohttp would answer it with an empty 403 that neither the page nor the log hears
+        of)."""
+        if _resolved(path.parent) != _resolved(self.archive) / LIVE_DIR:
+            raise _NotInArchive(f"{path.parent}: not the archive's own live folder (a link?): live frames not served")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _NotInArchive(f"{path}: a link, not a frame the daemon wrote: not served") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _NotInArchive(f"{path}: not a regular file: not served")
+        finally:
+            os.close(fd)
+
+    def live_age(self, camera: str) -> float | None:
+        """Seconds since the camera's live frame was written (its mtime), None while none is served: the frame is
+        sampled (at most one per LIVE_INTERVAL_S), so it is not the result the page prints beside it, and a camera
+        that stopped sending keeps its last one."""
+        if self.state.archives_nothing() or self.state.archive_elsewhere:
+            return None
+        try:
+            path = live_frame(self.archive, camera)
+            st = None if path is None else os.lstat(path)
+        except (ArchiveError, OSError):
+            return None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return None
+        return round(max(0.0, time.time() - st.st_mtime), 1)
+
+
+class _NotInArchive(Exception):
+    """A live frame path that is not a regular file inside the archive's live folder."""
 
 
 _json = functools.partial(json.dumps, separators=(",", ":"), default=str)
@@ -734,7 +797,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(repeatable): a request for any other Host is refused (421), as a page elsewhere that rebinds its own name "
         "to this view's address would send",
     )
-    parser.add_argument("--defects", type=int, default=12, metavar="N", help="defects shown per camera (default 12)")
+    parser.add_argument(
+        "--defects",
+        type=int,
+        default=12,
+        metavar="N",
+        help=f"defects shown per camera, 1 to {MAX_DEFECTS} (default 12)",
+    )
     parser.add_argument("--server-key", type=Path, metavar="PATH", help="CurveZMQ: the daemon's publish public key")
     parser.add_argument("--client-key", type=Path, metavar="PATH", help="CurveZMQ: this client's .key_secret")
     parser.add_argument("--log-format", choices=("json", "console"), default="console")
@@ -742,11 +811,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
+    # ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and other scripts' digits.
+    if not host or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535:
         print(f"inspectd web: --listen {args.listen!r}, expected HOST:PORT (e.g. {DEFAULT_LISTEN})", file=sys.stderr)
         return 2
-    if args.defects < 1:
-        print(f"inspectd web: --defects {args.defects}, expected at least 1", file=sys.stderr)
+    if not 1 <= args.defects <= MAX_DEFECTS:
+        print(f"inspectd web: --defects {args.defects}, expected 1 to {MAX_DEFECTS}", file=sys.stderr)
         return 2
     allowed = []
     for name in args.allow_host:

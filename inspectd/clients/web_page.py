@@ -3,9 +3,11 @@ fetched from elsewhere. It asks /api/state for the state every POLL_MS with a pl
 no connection is held per open page) and renders it; each defect's overlay <img> carries `data-archive-id`,
 `data-loaded-at` (epoch ms) once the browser has drawn it, `data-retries` while it is asked for again and
 `data-missing` once the page has given up on it; each live frame's <img> carries `data-asked-at` (epoch ms) while an
-ask for it is pending. A camera the daemon's status no longer lists has its section marked `gone` (greyed, labelled,
-its live frame hidden and no longer asked for), and so has a section the page drew from a web view since restarted,
-whose state no longer names that camera."""
+ask for it is pending, and class `stale` (greyed) unless the state gives it an age under LIVE_STALE_S. The live frame
+is sampled (one a second at most), not the `last` result printed beside it: the camera's stats say how old it is. A
+camera the daemon's status no longer lists has its section marked `gone` (greyed, labelled, its live frame hidden and
+no longer asked for), and so has a section the page drew from a web view since restarted, whose state no longer names
+that camera."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -30,6 +32,7 @@ PAGE = """<!doctype html>
   .top { display: grid; grid-template-columns: 200px 1fr; gap: .8em; }
   .live { width: 200px; height: 200px; object-fit: contain; background: #222; border-radius: 4px; }
   img.live.absent, section.camera.gone img.live { visibility: hidden; }
+  img.live.stale { filter: grayscale(1); opacity: .5; }
   table.stats td { padding: 0 .8em 0 0; } table.stats td:first-child { color: var(--muted); }
   svg.hist { width: 100%; height: 90px; margin-top: .4em; }
   .defects { display: flex; gap: .5em; overflow-x: auto; margin-top: .6em; min-height: 150px; }
@@ -74,7 +77,7 @@ function cameraSection(name) {
   section.innerHTML = `
     <h2><span class="name"></span> <span class="gone-note muted">not in the daemon's config</span></h2>
     <div class="top">
-      <img class="live" alt="last frame">
+      <img class="live" alt="live frame (sampled)">
       <div>
         <table class="stats"><tbody></tbody></table>
         <svg class="hist" viewBox="0 0 210 90" preserveAspectRatio="none"></svg>
@@ -100,6 +103,8 @@ function stats(view, cameraStatus, since) {
     ["ok / defect / error", `${c.ok} / ${c.defect} / ${c.error} <span class="muted">(${scope})</span>`],
     ["throughput", rate(view.throughput_fps)],
     ["latency p50 / p99", `${fmt(view.latency_ms.p50)} / ${fmt(view.latency_ms.p99)} ms`],
+    // The live frame is one frame a second at most, not the result in the row below: its age says which is which.
+    ["live frame", typeof view.live_age_s === "number" ? `sampled, ${view.live_age_s.toFixed(0)} s old` : "-"],
     ["last", last.verdict ? `<span class="verdict-${last.verdict}">${last.verdict}</span> ` +
                             `score ${fmt(last.score)} (threshold ${fmt(last.threshold)})` : "-"],
   ];
@@ -193,6 +198,7 @@ function render(state) {
     // A camera the daemon no longer runs keeps its tile, greyed and labelled, rather than vanishing without a word:
     // the operator sees what was removed (by intent or by a wrong config) and that its figures are no longer live.
     section.classList.toggle("gone", Boolean(view.gone));
+    $("img.live", section).classList.toggle("stale", !(view.live_age_s <= LIVE_STALE_S));
     $("table.stats tbody", section).innerHTML = stats(view, cameraStatus[name], state.view_started);
     histogram($("svg.hist", section), view.histogram);
     $(".hist-note", section).textContent = `scores received by this view since ${when(state.view_started)}`;
@@ -218,6 +224,8 @@ function render(state) {
 // LIVE_MS, and the next ask would cut it off (no newer frame ever drawn, and a connection lost each time). An ask the
 // link never answers is given up on after LIVE_GIVE_UP_MS, so the frame is not stopped for good.
 const LIVE_MS = 1000, LIVE_GIVE_UP_MS = 10000;
+// A live frame this much older than its camera's sampling (once a second) is greyed: the camera stopped sending.
+const LIVE_STALE_S = 5;
 
 function refreshLive() {
   const now = Date.now();
