@@ -77,5 +77,7 @@ constraints:
 	$(PY) deploy/freeze_constraints.py --extras $(EXTRAS) --keep $(CONSTRAINTS) $(ALSO) > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
+# The venv only: runs/ holds what was trained and measured (the demo's model, eval-suite's tables and bundles), which
+# a rebuild of the venv (`make clean && make test PYTHON=...`) must not throw away.
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)
