@@ -27,6 +27,7 @@ from inspectd.daemon.config import parse_config
 from inspectd.daemon.control import ControlServer
 from inspectd.daemon.frames import Frame
 from inspectd.daemon.inference import Judged
+from inspectd.daemon.notify import PARENT_PID_ENV
 from inspectd.daemon.publish import Publisher
 from inspectd.daemon.security import ALLOW_ROOT_ENV, CurveServer, refuse_root
 from inspectd.errors import ConfigError, InspectdError
@@ -524,9 +525,22 @@ def _daemon(tmp_path: Path, config: dict) -> tuple[subprocess.Popen, Path]:
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        # A test that fails before its own stop must not leave the daemon running once pytest has gone.
+        env={**os.environ, "PYTHONPATH": str(REPO), PARENT_PID_ENV: str(os.getpid())},
     )
     return proc, log
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    """SIGTERM, as systemd stops the daemon: its exit status; killed, then TimeoutExpired, where it has not ended in
+    30 s (a daemon left running would outlive the test and its files)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
@@ -644,8 +658,7 @@ def test_daemon_on_a_network_address_lets_in_only_allowed_keys(pki, tmp_path):
                 pass
             assert held_sub.recv(1.5) is None, "a subscriber whose key was removed still gets results"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert _stop(proc) == 0
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     reloads = [e for e in events if e.get("event") == "allow_list_reloaded" and e["domain"] == "control"]
     intruder_key = keys.load_public(pki["intruder"][0]).decode()
@@ -1640,14 +1653,19 @@ def _curve_control_daemon(pki, tmp_path: Path) -> tuple[subprocess.Popen, Path, 
     )
     good = curve_client(pki["server"][0], pki["allowed"][1])
     deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            with ControlClient(control, timeout_s=2, curve=good) as client:
-                if client.request({"cmd": "status"})["ok"]:
-                    return proc, log, control
-        except ControlTimeout:
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
+    try:
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                with ControlClient(control, timeout_s=2, curve=good) as client:
+                    if client.request({"cmd": "status"})["ok"]:
+                        return proc, log, control
+            except ControlTimeout:
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+    except BaseException:
+        proc.kill()  # the caller's finally never runs: its try starts with what this returns
+        proc.wait()
+        raise
 
 
 def _ctl(pki, endpoint: str, *argv: str, server_key: Path | None = None) -> subprocess.CompletedProcess:
@@ -1689,8 +1707,7 @@ def test_ctl_reload_names_a_key_file_whose_name_is_not_utf8_with_escapes_and_nev
         assert (removed.returncode, removed.stderr) == (0, ""), removed
         assert f"allow-list control: removed op\\xe9rateur.key ({intruder_key})" in removed.stdout.splitlines()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert _stop(proc) == 0
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     reloads = [e for e in events if e.get("event") == "allow_list_reloaded" and e["domain"] == "control"]
     assert [(e["added"], e["removed"]) for e in reloads] == [
@@ -1766,8 +1783,7 @@ def test_a_server_key_pair_rotated_on_disk_is_warned_of_at_reload_and_not_switch
         assert (restored.returncode, restored.stderr) == (0, ""), restored
         assert len(warnings()) == 3
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert _stop(proc) == 0
 
 
 def test_a_reason_known_for_an_outage_is_not_replaced_by_a_later_socket_hanging_up_without_one():
