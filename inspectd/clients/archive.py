@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from inspectd.protocol.archive import (
     DEFAULT_ARCHIVE,
     EXPORT_FOLDERS,
     EXPORT_SPLITS,
-    MANIFEST_NAME,
     ArchiveError,
     ArchiveReader,
     Entry,
@@ -165,15 +163,11 @@ def _export(reader: ArchiveReader, entries: list[Entry], args: argparse.Namespac
     unreadable: list[str] = []
     expired: list[str] = []
     matched = [e for e in entries if e.verdict in EXPORT_FOLDERS]
-    made = _first_missing(Path(args.out))
-    # Nothing to copy leaves no OUT (nor a manifest) behind: a folder that only looks like an export.
     copied = reader.export(matched, args.out, args.split, unreadable, expired) if matched else 0
-    if copied == 0 and made is not None:
-        _unmake(Path(args.out), made)
     # A frame whose file was not there expired only if retention also took its row; a row still in the index names an
     # image that is missing (an index restored or copied without its images, an image folder not mounted).
     missing = [i for i in expired if _indexed(reader, i)]
-    expired = [i for i in expired if i not in {*missing}]
+    expired = [i for i in expired if i not in set(missing)]
     skipped = {*unreadable, *expired, *missing}
     done = [e for e in matched if e.id not in skipped]
     counts = {v: sum(1 for e in done if e.verdict == v) for v in VERDICTS}
@@ -246,30 +240,3 @@ def _indexed(reader: ArchiveReader, entry_id: str) -> bool:
     except NotArchived:
         return False
     return True
-
-
-def _first_missing(out: Path) -> Path | None:
-    """The topmost folder of `out` (itself included) not there yet, which an export makes: None when `out` is."""
-    missing = None
-    for folder in (out, *out.parents):
-        if os.path.lexists(folder):
-            break
-        missing = folder
-    return missing
-
-
-def _unmake(out: Path, made: Path) -> None:
-    """Remove what an export that copied nothing made, from `out` up to `made` (the first folder it made): its empty
-    manifest and empty folders, nothing else (a folder something else wrote into meanwhile is kept)."""
-    manifest = out / MANIFEST_NAME
-    try:
-        if manifest.is_file() and manifest.stat().st_size == 0:
-            manifest.unlink()
-        for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-            folder.rmdir()
-        for folder in (out, *out.parents):
-            folder.rmdir()
-            if folder == made:
-                break
-    except OSError:  # not empty, or not ours to remove: left as it is
-        pass

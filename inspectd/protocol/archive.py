@@ -28,6 +28,7 @@ holds frames of an earlier export is the caller's to decide (`split_frames` says
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -389,11 +390,11 @@ class ArchiveReader:
         copied = 0
         run = uuid.uuid4().hex
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            named, whole = _manifest_rows(out / MANIFEST_NAME)
-            with open(out / MANIFEST_NAME, "a", encoding="utf-8") as manifest:
-                if not whole:  # a row cut off by a kill: ours must not be appended to it and lost with it
-                    manifest.write("\n")
+            with contextlib.ExitStack() as stack:
+                # OUT and its manifest are made at the first frame that reads: an export that copies nothing leaves
+                # nothing behind that looks like an export.
+                manifest = None
+                named: set[tuple[str, str]] = set()
                 for entry in entries:
                     if entry.verdict not in EXPORT_FOLDERS:
                         continue
@@ -407,6 +408,12 @@ class ArchiveReader:
                         if expired is not None:
                             expired.append(entry.id)
                         continue
+                    if manifest is None:
+                        out.mkdir(parents=True, exist_ok=True)
+                        named, whole = _manifest_rows(out / MANIFEST_NAME)
+                        manifest = stack.enter_context(open(out / MANIFEST_NAME, "a", encoding="utf-8"))
+                        if not whole:  # a row cut off by a kill: ours must not be appended to it and lost with it
+                            manifest.write("\n")
                     folder = out / split / EXPORT_FOLDERS[entry.verdict]
                     folder.mkdir(parents=True, exist_ok=True)
                     _write_whole(folder / entry.export_name, data)
