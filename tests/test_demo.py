@@ -7,10 +7,12 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -535,3 +537,59 @@ def test_a_demo_that_showed_error_verdicts_fails_naming_how_many_and_the_first()
     assert line == (
         "inspectd demo: 2 of 3 verdicts were errors, not judged (the first, cam0 seq 1: engine: out of memory)"
     )
+
+
+def _path_without_this_environment() -> str:
+    """PATH as after `make demo` in a shell that never activated the venv: no folder holding this environment's
+    inspectd script."""
+    scripts = Path(sysconfig.get_path("scripts")).resolve()
+    return os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != scripts
+    )
+
+
+def test_a_demo_writes_the_frames_it_says_and_hints_at_commands_the_user_can_run(tmp_path):
+    """`--train-frames 5` said "writing 5" and wrote 4 (4 cameras, integer division). Its hints named a bare
+    `inspectd`, which a shell that did not activate the venv (`make demo`) does not find."""
+    workdir = tmp_path / "w"
+    env = {**os.environ, "PATH": _path_without_this_environment()}
+    args = ["demo", "--workdir", str(workdir), "--train-frames", "5", "--size", "32", "--duration", "1", "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "inspectd", *args], capture_output=True, text=True, timeout=200, cwd=REPO, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "demo: writing 5 defect-free synthetic frames" in proc.stdout
+    assert len(list((workdir / "train_good").iterdir())) == 5
+    training = json.loads((workdir / "bundle" / "manifest.json").read_text())["training"]
+    assert training["n_fit"] + training["n_holdout"] == 5, training
+
+    hints = re.findall(
+        r"^demo: (?:in another shell|watch it in a browser|steer it): (.*) (subscribe|web|ctl) ", proc.stdout, re.M
+    )
+    assert len(hints) == 3 and len({command for command, _ in hints}) == 1, proc.stdout
+    command = hints[0][0]
+    assert command != "inspectd", proc.stdout
+    for _, sub in hints:
+        ran = subprocess.run(
+            [*shlex.split(command), sub, "--help"], capture_output=True, text=True, timeout=60, cwd=REPO, env=env
+        )
+        assert ran.returncode == 0 and ran.stdout.startswith(f"usage: inspectd {sub}"), ran.stderr[-2000:]
+
+
+def test_the_demo_hint_is_a_bare_inspectd_only_where_path_finds_this_environment_s_own(tmp_path):
+    """Relative below the current directory, absolute elsewhere, bare where PATH leads to this environment's script."""
+    script = Path(sysconfig.get_path("scripts")) / "inspectd"
+    if not script.is_file():
+        pytest.skip("this environment has no inspectd script (the package runs from the source tree)")
+    code = "from inspectd.tools.demo import inspectd_command; print(inspectd_command())"
+
+    def hint(cwd: Path, path: str) -> str:
+        env = {**os.environ, "PATH": path}
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=cwd, env=env, check=True
+        ).stdout.strip()
+
+    bare = _path_without_this_environment()
+    assert hint(script.parent, bare) == "./inspectd"
+    assert hint(tmp_path, bare) == shlex.quote(os.path.abspath(script))
+    assert hint(tmp_path, os.pathsep.join([str(script.parent), bare])) == "inspectd"

@@ -487,3 +487,57 @@ def test_an_interrupt_while_a_dataset_trains_names_its_part_trained_bundle(tmp_p
         "eval-suite: interrupted before the first dataset was measured, no table written; "
         f"{out / 'tile_a' / 'bundle'} is a part-trained checkpoint, not measured (a later --only replaces it)"
     )
+
+
+def _installed_copy(tmp_path: Path) -> Path:
+    """The packages copied into a venv's site-packages, as `deploy/install.sh --with-train` leaves them: no checkout
+    around them. The folder to put on PYTHONPATH."""
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    repo = Path(__file__).resolve().parents[1]
+    for package in ("inspectd", "engines", "calibration"):
+        shutil.copytree(repo / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+def test_an_installed_copy_takes_the_default_data_root_beside_the_checkout_it_is_run_in_or_asks_for_one(tmp_path):
+    """The default --data-root came from the package's own place, so an installed copy looked inside its venv
+    (venv/lib/python3.11/shared/data). It is README's ../shared/data beside the checkout the command is run in, and
+    where there is none, one line asks for --data-root."""
+    site = _installed_copy(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def refusal(cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", WITHOUT_TORCH, "eval-suite", "--out", str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=cwd,
+            env=env,
+        )
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = refusal(elsewhere)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert proc.stderr == (
+        "inspectd eval-suite: --data-root needed: the default is ../shared/data beside the inspectd checkout, and "
+        f"none holds the current directory ({elsewhere}) or this package ({site / 'engines' / 'training'})\n"
+    )
+
+    checkout = tmp_path / "work" / "inspectd"
+    (checkout / "sub").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text('[project]\nname = "inspectd"\n')
+    proc = refusal(checkout / "sub")
+    data = tmp_path / "work" / "shared" / "data"
+    assert proc.returncode == 2 and proc.stderr == (
+        f"inspectd eval-suite: --data-root needed: no folder of datasets at {data} (the default, ../shared/data "
+        "beside the inspectd checkout)\n"
+    ), proc.stderr[-2000:]
+
+    (data / "notes").mkdir(parents=True)
+    proc = refusal(checkout / "sub")
+    assert proc.returncode == 2 and proc.stderr == (
+        f"inspectd eval-suite: {data}: no datasets, expected folders with train/good/ and test/\n"
+    ), proc.stderr[-2000:]
+    assert proc.stdout.startswith("eval-suite: skipped notes: ")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +40,12 @@ from engines.bundle.format import describe_augment, describe_score_share
 from engines.data.images import DEFECT_FREE_WORDS, defect_free_folders, image_folders
 from engines.errors import EngineError
 
-DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# README's default: the data folder beside the checkout, ../shared/data from its root.
+DEFAULT_ROOT_BESIDE = Path("..") / "shared" / "data"
+DEFAULT_ROOT_HELP = (
+    f"folder of datasets (default {DEFAULT_ROOT_BESIDE} from the root of the inspectd checkout that holds the current "
+    "directory, else of the one this package runs from)"
+)
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
@@ -51,6 +57,44 @@ class StoppedInTraining(KeyboardInterrupt):
     def __init__(self, bundle: Path) -> None:
         super().__init__(str(bundle))
         self.bundle = bundle
+
+
+def checkout_of(folder: Path) -> Path | None:
+    """The inspectd checkout (a folder whose pyproject.toml names the project inspectd) that is `folder` or holds it."""
+    for candidate in (folder, *folder.parents):
+        try:
+            text = (candidate / "pyproject.toml").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if re.search(r'^name\s*=\s*"inspectd"\s*$', text, re.M):
+            return candidate
+    return None
+
+
+def default_root() -> Path:
+    """README's ../shared/data beside the checkout: the current directory's, which an installed copy (its package in
+    a venv's site-packages) has no other way to find, then the package's own, for an editable install run from
+    elsewhere. EngineError naming what was looked for where neither has one."""
+    here, package = Path.cwd(), Path(__file__).resolve().parent
+    looked: list[str] = []
+    for start in (here, package):
+        checkout = checkout_of(start)
+        if checkout is None:
+            continue
+        root = checkout.parent / "shared" / "data"
+        if root.is_dir():
+            return root
+        if str(root) not in looked:
+            looked.append(str(root))
+    if looked:
+        raise EngineError(
+            f"--data-root needed: no folder of datasets at {' nor '.join(looked)} (the default, "
+            f"{DEFAULT_ROOT_BESIDE} beside the inspectd checkout)"
+        )
+    raise EngineError(
+        f"--data-root needed: the default is {DEFAULT_ROOT_BESIDE} beside the inspectd checkout, and none holds the "
+        f"current directory ({here}) or this package ({package})"
+    )
 
 
 def datasets(root: Path, only: list[str] | None = None, report: Callable[[str], None] | None = None) -> list[Path]:
@@ -403,7 +447,7 @@ def format_table(table: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-root", default=str(DEFAULT_ROOT), help=f"folder of datasets (default {DEFAULT_ROOT})")
+    parser.add_argument("--data-root", default=None, help=DEFAULT_ROOT_HELP)
     parser.add_argument(
         "--out",
         default="runs/suite",
@@ -438,7 +482,8 @@ def run(args: argparse.Namespace) -> int:
         print("inspectd eval-suite: --only: expected at least one dataset name", file=sys.stderr)
         return 2
     try:
-        table = run_suite(Path(args.data_root), Path(args.out), args.recipe, args.only, args.seed)
+        root = default_root() if args.data_root is None else Path(args.data_root)
+        table = run_suite(root, Path(args.out), args.recipe, args.only, args.seed)
     except (EngineError, ValueError) as exc:
         print(f"inspectd eval-suite: {exc}", file=sys.stderr)
         return 2

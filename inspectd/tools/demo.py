@@ -15,10 +15,12 @@ import argparse
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,13 +108,13 @@ def build_model(workdir: Path, size: int = MODEL_SIZE[0], frames: int = TRAIN_FR
     good = workdir / "train_good"
     _clear_training_frames(workdir, good)
     print(f"demo: writing {frames} defect-free synthetic frames to {good}", flush=True)
-    per_camera = max(1, frames // MAX_CAMERAS)
     for i in range(MAX_CAMERAS):
         # The seed fixes a camera's surface texture and grain bank; the crops and lighting the model trains on come
         # from another stream, so the camera never replays a training frame.
         line = SyntheticLine(width=FRAME_SIZE[1], height=FRAME_SIZE[0], seed=FIRST_SEED + i)
         line.rng = np.random.default_rng(FIRST_SEED + 100 + i)
-        for path in line.write_folder(good / f"cam{i}", per_camera):
+        # The first cameras take the remainder: exactly the frames said, and each camera's frames the same as before.
+        for path in line.write_folder(good / f"cam{i}", frames // MAX_CAMERAS + (i < frames % MAX_CAMERAS)):
             path.replace(good / f"cam{i}_{path.name}")
         (good / f"cam{i}").rmdir()
     print(f"demo: training a frozen EfficientNet-Lite0 model at {size}x{size}", flush=True)
@@ -306,6 +308,33 @@ def take_workdir(workdir: Path) -> str | None:
     return None
 
 
+def inspectd_command() -> str:
+    """`inspectd` as the user can type it in another shell: `make demo` runs .venv/bin/inspectd without activating the
+    venv, so a bare `inspectd` is found only where PATH leads to this environment's own script. Otherwise its path,
+    relative where it lies under the current directory; `python -m inspectd` where this environment has no script
+    (the package run from a source tree)."""
+    script = Path(sysconfig.get_path("scripts")) / "inspectd"
+    if not script.is_file():
+        return f"{_shown(Path(sys.executable))} -m inspectd"
+    on_path = shutil.which("inspectd")
+    if on_path is not None and Path(on_path).resolve() == script.resolve():
+        return "inspectd"
+    return _shown(script)
+
+
+def _shown(path: Path) -> str:
+    """`path` for a shell in the current directory: relative below it (with ./ where a bare name would be looked up
+    on PATH), else absolute; quoted where it needs to be."""
+    path = Path(os.path.abspath(path))  # not resolved: a venv's python is a link whose target is no venv
+    try:
+        shown = str(path.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(path)
+    if os.sep not in shown:
+        shown = f".{os.sep}{shown}"
+    return shlex.quote(shown)
+
+
 def run(args: argparse.Namespace) -> int:
     bad = bad_option(args)
     if bad is not None:
@@ -332,14 +361,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"inspectd demo: --workdir {workdir}: cannot write ({exc.strerror or exc}{where})", file=sys.stderr)
         return 1
     print(f"demo: starting the daemon (config {config_path}, log {log_path}); results on {endpoint}", flush=True)
-    print(f"demo: in another shell: inspectd subscribe --endpoint {endpoint}", flush=True)
+    command = inspectd_command()
+    print(f"demo: in another shell: {command} subscribe --endpoint {endpoint}", flush=True)
     archive = workdir.resolve() / "state" / "archive"
     print(
-        f"demo: watch it in a browser: inspectd web --endpoint {endpoint} --archive {archive}, "
+        f"demo: watch it in a browser: {command} web --endpoint {endpoint} --archive {archive}, "
         f"then open http://127.0.0.1:8088/",
         flush=True,
     )
-    print(f"demo: steer it: inspectd ctl --endpoint ipc://{workdir.resolve()}/control.sock pause cam0", flush=True)
+    print(f"demo: steer it: {command} ctl --endpoint ipc://{workdir.resolve()}/control.sock pause cam0", flush=True)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if os.geteuid() == 0 and env.get(ALLOW_ROOT_ENV) != "1":
