@@ -465,10 +465,9 @@ def _defective_items(folders: list[str]) -> tuple[list[tuple[Path, Path | None]]
         try:
             if (folder / "test").is_dir():
                 dataset = MvtecFolder(folder)
-                # test/good is --good's to read (and to refuse, where it holds masks), not read here.
+                # test/good is --good's to read (to refuse where it holds masks, and to say what it leaves out).
                 items += [(i.path, i.mask_path) for i in dataset.test_items(good=False)]
                 unmatched += [u.note() for u in dataset.unmatched_masks()]
-                # test/good is --good's to read, and said there.
                 nested += dataset.nested_notes(CALIBRATED_ON, MOVE_UP, good=False)
                 continue
             # An MVTec test/<type> folder: its masks live in ../../ground_truth/<type>/, found and named as eval reads

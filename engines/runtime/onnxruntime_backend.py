@@ -57,7 +57,6 @@ CPU = "CPUExecutionProvider"
 # ONNX Runtime's names for the types the engine binds: uint8 pixels, float32 scorer parameters.
 PIXELS_TYPE = "tensor(uint8)"
 SCORER_TYPE = "tensor(float)"
-SHOWN_TYPES = {PIXELS_TYPE: PIXELS_TYPE, SCORER_TYPE: f"{SCORER_TYPE} (float32)"}
 
 
 class OnnxRuntimeEngine(Engine):
@@ -122,7 +121,7 @@ class OnnxRuntimeEngine(Engine):
                 self.session = None
                 raise EngineError(
                     f"{self.graph_path}: input {graph_input.name} is {graph_input.type}, expected "
-                    f"{SHOWN_TYPES[expected_type]}"
+                    f"{expected_type}{' (float32)' * (expected_type == SCORER_TYPE)}"
                 )
         # The manifest has no checksum of its own: an input size edited there would open, then fail every batch with
         # ONNX Runtime's multi-line dimension error. A symbolic dimension (the batch) takes any size.

@@ -79,12 +79,7 @@ class TorchEngine(Engine):
             raise EngineError(
                 f"engine backend 'torch': cannot import {exc.name} ({exc}); pip install 'inspectd[train]'"
             ) from exc
-        try:
-            self.device = torch.device(options.device)
-        except RuntimeError as exc:
-            raise EngineError(
-                f"engine.options.device: {options.device!r}, expected a device torch can take ({one_line(exc)})"
-            ) from exc
+        self.device = torch.device(options.device)  # the form and the index were checked at load
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise EngineError(f"engine.options.device: {options.device!r} but torch sees no CUDA device")
@@ -118,10 +113,9 @@ class TorchEngine(Engine):
         graph = graph_from_bundle(bundle)
         try:
             self.graph = graph.to(self.device)
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # out of memory on the GPU, a device torch's CUDA cannot start: one line
             raise EngineError(
-                f"engine.options.device: {options.device!r}, expected a device the graph can be placed on "
-                f"({one_line(exc)})"
+                f"engine backend 'torch': cannot place the graph on {self.device} ({one_line(exc)})"
             ) from exc
         # As the ONNX Runtime backend checks its graph: the manifest has no checksum of its own, and an input or
         # scorer inputs edited there would run with maps placed at the wrong size, or fail every batch.

@@ -148,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
         topic_camera(args.topic)
         config = protocol.configure(args)
         _check_cameras(config, args.topic)
-        _check_unbound_prefix(config, args.topic)
         if args.journal is not None:
             try:
                 check_readable(args.journal)
@@ -320,23 +319,18 @@ def topic_camera(prefix: str) -> str | None:
     return parts[2] if len(parts) >= 4 else None
 
 
-def _check_unbound_prefix(config: Any, prefix: str) -> None:
-    """Refuse a topic that names a camera without the dot after it where no camera is configured: it takes cam10..
-    cam19 with cam1, and the block would bind to whichever is heard first (and record it, for every restart). With a
-    camera configured the others' results are refused, as before."""
-    parts = prefix.split(".")
+def _check_cameras(config: Any, prefix: str) -> None:
+    """Refuse a configured camera (Modbus `camera`, OPC UA `cameras`) whose results the topic prefix leaves out: the
+    bridge would hold trigger_ready up for a camera it can never hand a verdict of. Without a configured camera,
+    refuse a prefix that names one without the dot after it: it takes cam10..cam19 with cam1, and the block would
+    bind to whichever is heard first (and record it, for every restart)."""
     cameras = getattr(config, "cameras", None) or [getattr(config, "camera", None)]
+    parts = prefix.split(".")
     if len(parts) == 3 and parts[2] and all(camera is None for camera in cameras):
         raise ConfigError(
             f"--topic {prefix!r}: expected inspect.<station>.<camera>. with the dot after the camera, or a camera in "
             f"the config (without either, every camera whose id starts with {parts[2]!r} matches too)"
         )
-
-
-def _check_cameras(config: Any, prefix: str) -> None:
-    """Refuse a configured camera (Modbus `camera`, OPC UA `cameras`) whose results the topic prefix leaves out: the
-    bridge would hold trigger_ready up for a camera it can never hand a verdict of."""
-    cameras = getattr(config, "cameras", None) or [getattr(config, "camera", None)]
     for camera in cameras:
         if camera is not None and not _takes(prefix, camera):
             raise ConfigError(
