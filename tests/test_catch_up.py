@@ -34,6 +34,7 @@ from inspectd.errors import InspectdError
 from inspectd.protocol import journal as journal_format
 from inspectd.protocol.journal import encode_record
 from inspectd.protocol.messages import Result, decode, encode_result, encode_status
+from test_journal_open import flip_header_seq
 
 REPO = Path(__file__).resolve().parents[1]
 STATION = "t1"
@@ -275,15 +276,6 @@ def test_a_replay_from_before_the_oldest_segment_and_a_corrupt_record_are_gaps_w
         Gap("cam0", 0, starts[1] - 1, ROTATED),
         Gap("cam0", bad, bad, CORRUPT),
     ]
-
-
-def flip_header_seq(segment: Path, record: int, bit: int) -> None:
-    """Flip one bit of the header seq of record `record` (from 0) of `segment`: outside the CRC, which covers the
-    body alone."""
-    ends = [0] + [end for end, _, _ in journal_format.read_records(segment)]
-    data = bytearray(segment.read_bytes())
-    data[ends[record] + 8 + bit // 8] ^= 1 << bit % 8  # the seq is the u64 at offset 8 of a record's header
-    segment.write_bytes(bytes(data))
 
 
 def test_a_fill_across_a_record_whose_header_seq_was_damaged_reports_that_record_alone(tmp_path):
