@@ -570,18 +570,24 @@ def test_corruption_inside_a_segment_is_reported_and_the_records_after_it_are_ke
     assert [s for s, _ in read_since(tmp_path / "j", "cam0", 28, on_corrupt=lambda *a: None)] == [29, 30]
 
 
+def _one_segment(path: Path, count: int, mask: bytes) -> Path:
+    """A journal at `path` of results 0..count-1 on cam0, each accepted, closed cleanly: its one segment."""
+    j = Journal(path, max_bytes=1 << 20)
+    for seq in range(count):
+        j.mark_accepted("cam0", seq)
+        j.append("cam0", seq, result("cam0", seq, mask))
+    j.close()
+    (segment,) = (path / "cam0").glob("*.seg")
+    return segment
+
+
 def test_a_whole_last_record_that_fails_its_crc_is_corrupt_not_a_torn_tail(tmp_path, capsys):
     """A kill or a failed write cuts a record short; one whose whole length is there but whose CRC no longer matches
     is damage. Before, the open cut it as a torn tail without counting it, and readers ended there without a word.
     Now it is counted, logged and kept (the records appended after it are read past it), and readers report it;
     a record cut short is still cut at open."""
     path = tmp_path / "j"
-    j = Journal(path, max_bytes=1 << 20)
-    for seq in range(10):
-        j.mark_accepted("cam0", seq)
-        j.append("cam0", seq, result("cam0", seq, b"m" * 200))
-    j.close()
-    (segment,) = (path / "cam0").glob("*.seg")
+    segment = _one_segment(path, 10, b"m" * 200)
     ends = [0] + [end for end, _, _ in journal_format.read_records(segment)]
     data = bytearray(segment.read_bytes())
     data[ends[-2] + 100] ^= 0x01  # inside the last record's body
@@ -933,12 +939,7 @@ def test_a_newest_segment_ending_in_a_page_of_zeros_is_a_torn_tail_cut_without_a
     """What a power cut can leave on a file system that allocates before it writes: the segment's new size on disk,
     its last pages zeros. A tear, not damage: cut at open as a kill's torn record is, nothing counted as corrupt."""
     path = tmp_path / "j"
-    j = Journal(path, max_bytes=1 << 20)
-    for seq in range(40):
-        j.mark_accepted("cam0", seq)
-        j.append("cam0", seq, result("cam0", seq, b"m" * 300))
-    j.close()
-    (segment,) = (path / "cam0").glob("*.seg")
+    segment = _one_segment(path, 40, b"m" * 300)
     ends = [end for end, _, _ in journal_format.read_records(segment)]
     page = journal_format.PAGE * (ends[-1] // journal_format.PAGE)
     kept = [end for end in ends if end <= page]

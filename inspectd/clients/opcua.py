@@ -485,6 +485,10 @@ class ServerTarget:
         remembered = self.link.state.get(self.camera, {})
         update |= {name: value for name, value in self._counts_on_display.items() if value != remembered.get(name, 0)}
         self._on_display, self._counts_on_display = None, {}
+        await self._remember(update)
+
+    async def _remember(self, update: dict[str, int]) -> None:
+        """`update` into state_file, off the event loop: two fsyncs must not hold up the other cameras' handshakes."""
         try:
             await asyncio.to_thread(self.link.remember, self.camera, update)
         except OSError as exc:
@@ -528,11 +532,7 @@ class ServerTarget:
         # What the PLC sees goes on across a restart; a missed ack's count, written after the fall, at once.
         update |= {name: value for name, value in counts.items() if value != remembered.get(name, 0)}
         if update:
-            # Off the event loop: two fsyncs must not hold up the other cameras' handshakes.
-            try:
-                await asyncio.to_thread(self.link.remember, self.camera, update)
-            except OSError as exc:
-                self.link.remember_failed(exc)
+            await self._remember(update)
 
 
 class ServerLink:
